@@ -1,0 +1,3 @@
+//! The agent's `config.yaml`: schema, defaults and validation, as pure functions.
+//!
+//! kas validates a new file before sending it; each agent module validates its own part again.

@@ -1,0 +1,13 @@
+// Compiles the protobuf files with protox (pure Rust), so building needs no `protoc`.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/tunnel.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    // No `connect` constructor: it would clash with the Connect RPC, and we dial ourselves.
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! Wire types shared by kas and agentk.
+//!
+//! Holds the gRPC services and messages of every capability (reverse tunnel, agent
+//! configuration, GitOps, Kubernetes API access). Both binaries depend on it; it depends on
+//! neither half of any capability.
+
+/// Generated code does not follow our lint rules; keep it contained.
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod tunnel {
+    tonic::include_proto!("tether.tunnel.v1");
+}
+
+/// gRPC metadata keys agentk sends on every RPC so kas can show who is connected.
+pub mod metadata {
+    /// `authorization: Bearer <agent token>`.
+    pub const AUTHORIZATION: &str = "authorization";
+    pub const AGENT_VERSION: &str = "x-tether-agent-version";
+    pub const POD_NAME: &str = "x-tether-pod-name";
+    pub const POD_NAMESPACE: &str = "x-tether-pod-namespace";
+}
+
+/// Names of the services an agent serves over the tunnel.
+pub mod services {
+    /// Copies every byte back: a health check and a benchmark of the tunnel itself.
+    pub const ECHO: &str = "echo";
+}
+
+/// Largest gRPC message either side accepts (data frames are much smaller; this bounds abuse).
+pub const MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
+/// Size of the data frames the tunnel sends.
+pub const DATA_CHUNK: usize = 32 * 1024;

@@ -1,0 +1,292 @@
+//! Starting the control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
+//! kwok on 127.0.0.1 free ports, plus one fake Node so that Pods really run.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use crate::supervisor::{Group, requested};
+use crate::{Error, Result, io_err, pki};
+
+/// How long the apiserver may take to become ready (2 cores, cold caches).
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// The fake node kwok keeps Ready.
+pub const NODE_NAME: &str = "kwok-node-0";
+
+/// Where to find the programs and where to keep state.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub bin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Folder for etcd's data; tmpfs is much faster than disk.
+    pub etcd_dir: PathBuf,
+}
+
+/// Facts a client needs, also written to `cluster.json` in the state directory.
+#[derive(Debug, Clone)]
+pub struct Info {
+    pub server: String,
+    pub kubeconfig: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+fn free_port() -> Result<u16> {
+    // The port is released before the component binds it; on a loopback-only test machine the
+    // window for another process to take it is negligible, and a clash fails loudly at start.
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
+    Ok(l.local_addr()
+        .map_err(io_err("finding a free port"))?
+        .port())
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(io_err(format!("writing {}", path.display())))
+}
+
+/// Waits until `probe` succeeds, failing early if a child exits or shutdown is requested.
+fn wait_for(
+    what: &str,
+    group: &mut Group,
+    stop: &AtomicBool,
+    timeout: Duration,
+    mut probe: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if probe() {
+            return Ok(());
+        }
+        if let Some((name, status, log)) = group.exited() {
+            return Err(Error::Other(format!(
+                "{name} exited ({status}) while waiting for {what}; see {}:\n{}",
+                log.display(),
+                tail(&log, 30)
+            )));
+        }
+        if requested(stop) {
+            return Err(Error::Other(format!(
+                "interrupted while waiting for {what}"
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Other(format!(
+                "timed out after {timeout:?} waiting for {what}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The last `n` lines of a log file, for error messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn kubeconfig(server: &str, p: &pki::Pki) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: tether-testenv\n  cluster:\n    server: {server}\n    certificate-authority: {}\n\
+users:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\n\
+contexts:\n- name: tether-testenv\n  context:\n    cluster: tether-testenv\n    user: admin\n    namespace: default\n\
+current-context: tether-testenv\n",
+        p.ca_cert.display(),
+        p.admin_cert.display(),
+        p.admin_key.display()
+    )
+}
+
+fn node_yaml() -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\n  annotations:\n    kwok.x-k8s.io/node: fake\n    node.alpha.kubernetes.io/ttl: \"0\"\n\
+  labels:\n    kubernetes.io/hostname: {NODE_NAME}\n    kubernetes.io/os: linux\n    kubernetes.io/arch: amd64\n    type: kwok\n\
+status:\n  allocatable:\n    cpu: \"32\"\n    memory: 256Gi\n    pods: \"250\"\n  capacity:\n    cpu: \"32\"\n    memory: 256Gi\n    pods: \"250\"\n"
+    )
+}
+
+/// Starts every component into `group` and returns once the API server is ready and the fake
+/// node is Ready. Writes `kubeconfig` and `cluster.json` into the state directory.
+pub fn start(opts: &Options, group: &mut Group, stop: &AtomicBool) -> Result<Info> {
+    let dir = &opts.state_dir;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(io_err("creating the log folder"))?;
+    let p = pki::generate(&dir.join("pki"))?;
+    let bin = |n: &str| opts.bin_dir.join(n);
+    for n in [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubectl",
+        "kwok",
+    ] {
+        if !bin(n).exists() {
+            return Err(Error::Other(format!(
+                "{} is missing: build the control plane with testenv/build.sh",
+                bin(n).display()
+            )));
+        }
+    }
+
+    // etcd
+    let (client, peer) = (free_port()?, free_port()?);
+    let etcd_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    group.spawn(
+        "etcd",
+        &bin("etcd"),
+        [
+            "--name=tether".to_string(),
+            format!("--data-dir={}", opts.etcd_dir.display()),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=tether={peer_url}"),
+            "--unsafe-no-fsync=true".into(),
+            "--log-level=warn".into(),
+        ],
+        &logs.join("etcd.log"),
+    )?;
+
+    // kube-apiserver
+    let port = free_port()?;
+    let server = format!("https://127.0.0.1:{port}");
+    group.spawn(
+        "kube-apiserver",
+        &bin("kube-apiserver"),
+        [
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={port}"),
+            format!("--tls-cert-file={}", p.serving_cert.display()),
+            format!("--tls-private-key-file={}", p.serving_key.display()),
+            format!("--client-ca-file={}", p.ca_cert.display()),
+            "--authorization-mode=RBAC".into(),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", p.sa_pub.display()),
+            format!("--service-account-signing-key-file={}", p.sa_key.display()),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--allow-privileged=true".into(),
+            // The `kubernetes` Service would point at a loopback address, which the API refuses.
+            "--endpoint-reconciler-type=none".into(),
+            format!("--cert-dir={}", dir.join("apiserver-certs").display()),
+            "--profiling=false".into(),
+        ],
+        &logs.join("kube-apiserver.log"),
+    )?;
+
+    let kc = dir.join("kubeconfig");
+    write(&kc, &kubeconfig(&server, &p))?;
+    let kubectl = |args: &[&str]| {
+        let mut c = Command::new(bin("kubectl"));
+        c.arg("--kubeconfig").arg(&kc).args(args);
+        c
+    };
+    wait_for(
+        "the API server's /readyz",
+        group,
+        stop,
+        READY_TIMEOUT,
+        || {
+            kubectl(&["get", "--raw=/readyz", "--request-timeout=5s"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        },
+    )?;
+
+    // Controllers (Deployments → ReplicaSets → Pods, namespace deletion, GC, ServiceAccounts),
+    // the scheduler, and kwok playing the kubelet of a fake node.
+    group.spawn(
+        "kube-controller-manager",
+        &bin("kube-controller-manager"),
+        [
+            format!("--kubeconfig={}", kc.display()),
+            "--leader-elect=false".into(),
+            format!("--root-ca-file={}", p.ca_cert.display()),
+            format!("--service-account-private-key-file={}", p.sa_key.display()),
+            "--use-service-account-credentials=true".into(),
+            "--secure-port=0".into(),
+            "--concurrent-deployment-syncs=10".into(),
+        ],
+        &logs.join("kube-controller-manager.log"),
+    )?;
+    group.spawn(
+        "kube-scheduler",
+        &bin("kube-scheduler"),
+        [
+            format!("--kubeconfig={}", kc.display()),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", free_port()?),
+        ],
+        &logs.join("kube-scheduler.log"),
+    )?;
+    group.spawn(
+        "kwok",
+        &bin("kwok"),
+        [
+            format!("--kubeconfig={}", kc.display()),
+            format!("--config={}", bin("kwok-stages.yaml").display()),
+            "--manage-all-nodes=false".into(),
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+            format!("--server-address=127.0.0.1:{}", free_port()?),
+            "--cidr=10.244.0.0/16".into(),
+            "--node-ip=127.0.0.1".into(),
+        ],
+        &logs.join("kwok.log"),
+    )?;
+
+    let node = dir.join("node.yaml");
+    write(&node, &node_yaml())?;
+    crate::run_output(&mut kubectl(&["apply", "-f", &node.display().to_string()]))?;
+    wait_for(
+        "the fake node to become Ready",
+        group,
+        stop,
+        READY_TIMEOUT,
+        || {
+            kubectl(&[
+                "get",
+                "node",
+                NODE_NAME,
+                "-o=jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ])
+            .output()
+            .map(|o| o.status.success() && o.stdout == b"True")
+            .unwrap_or(false)
+        },
+    )?;
+    // Pods need the namespace's default ServiceAccount: wait for the controller to make it, so
+    // the first Deployment of a run does not start with admission retries.
+    wait_for(
+        "the default ServiceAccount",
+        group,
+        stop,
+        READY_TIMEOUT,
+        || {
+            kubectl(&["get", "serviceaccount", "default", "-n", "default"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        },
+    )?;
+
+    let info = serde_json::json!({
+        "server": server,
+        "kubeconfig": kc,
+        "ca_file": p.ca_cert,
+        "bin_dir": opts.bin_dir,
+        "logs": logs,
+    });
+    write(&dir.join("cluster.json"), &format!("{info:#}\n"))?;
+    Ok(Info {
+        server,
+        kubeconfig: kc,
+        ca_file: p.ca_cert,
+    })
+}

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Builds the real control-plane programs (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, kwok) from Go modules at the versions pinned in versions.env, into a
+# cache outside the repository. Each program lives in a folder keyed by its version, so a build
+# happens only when a binary is missing or a pin changed. Prints the bin directory on stdout.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+cache=${TETHER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tether}
+bin="$cache/bin"
+mkdir -p "$bin"
+
+log() { echo "testenv/build: $*" >&2; }
+
+command -v go >/dev/null || { log "Go is required (go1.26 or newer)"; exit 1; }
+export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-buildvcs=false
+
+# Kubernetes: `go install k8s.io/kubernetes/...@v` cannot work because its go.mod replaces every
+# staging module with a local path. A wrapper module of our own requires k8s.io/kubernetes and
+# maps each staging module (required there at the v0.0.0 placeholder) to its published v0.X.Y.
+build_k8s() {
+  local v=$K8S_VERSION out="$bin/k8s-$K8S_VERSION"
+  if [ -f "$out/.complete" ]; then return; fi
+  log "building Kubernetes $v (cold builds take 10-25 minutes on 2 cores)"
+  local staging="v0.${v#v1.}" minor
+  minor=$(echo "$v" | cut -d. -f2)
+  local work="$cache/work/k8s-$v"
+  rm -rf "$work" && mkdir -p "$work" "$out"
+  local gomod
+  gomod=$(cd "$work" && go mod download -json "k8s.io/kubernetes@$v" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  {
+    echo "module tether.local/testenv/k8s"
+    echo
+    echo "go 1.26.0"
+    echo
+    echo "require k8s.io/kubernetes $v"
+    echo
+    grep -E '^[[:space:]]*k8s\.io/[A-Za-z0-9._/-]+ v0\.0\.0([[:space:]]*(//.*)?)?$' "$gomod" | awk -v s="$staging" '{print "replace " $1 " => " $1 " " s}' | sort -u
+    echo
+    echo "tool ("
+    for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+      echo "	k8s.io/kubernetes/cmd/$c"
+    done
+    echo ")"
+  } >"$work/go.mod"
+  (cd "$work" && go mod tidy >&2)
+  local ld="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld="$ld -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+  done
+  (cd "$work" && go build -trimpath -ldflags "$ld" -o "$out/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl >&2)
+  touch "$out/.complete"
+}
+
+# etcd: also carries replace directives of its own, so it gets a separate wrapper module
+# (dependency modules' replaces are ignored, the published siblings are used instead).
+build_etcd() {
+  local v=$ETCD_VERSION out="$bin/etcd-$ETCD_VERSION"
+  if [ -f "$out/.complete" ]; then return; fi
+  log "building etcd $v"
+  local work="$cache/work/etcd-$v"
+  rm -rf "$work" && mkdir -p "$work" "$out"
+  printf 'module tether.local/testenv/etcd\n\ngo 1.26.0\n' >"$work/go.mod"
+  (cd "$work" && go get -tool "go.etcd.io/etcd/server/v3@$v" >&2 \
+    && go build -trimpath -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3 >&2)
+  touch "$out/.complete"
+}
+
+# kwok plays the kubelet for fake Nodes; it refuses to start without Stage definitions, so the
+# default stages shipped inside the module are gathered into one config file beside the binary.
+build_kwok() {
+  local v=$KWOK_VERSION out="$bin/kwok-$KWOK_VERSION"
+  if [ -f "$out/.complete" ]; then return; fi
+  log "building kwok $v"
+  mkdir -p "$out"
+  GOBIN="$out" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$v" >&2
+  local dir
+  dir=$(cd "$out" && go mod download -json "sigs.k8s.io/kwok@$v" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  local s="$dir/kustomize/stage"
+  {
+    for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+      pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+      [ -f "$s/$f" ] || { log "kwok stage $f not found in $s"; exit 1; }
+      echo "---"
+      cat "$s/$f"
+    done
+  } >"$out/stages.yaml"
+  touch "$out/.complete"
+}
+
+build_etcd
+build_kwok
+build_k8s
+
+# A stable folder of links, so callers need one path whatever the versions are.
+cur="$bin/current"
+mkdir -p "$cur"
+ln -sfn "$bin/etcd-$ETCD_VERSION/etcd" "$cur/etcd"
+ln -sfn "$bin/kwok-$KWOK_VERSION/kwok" "$cur/kwok"
+ln -sfn "$bin/kwok-$KWOK_VERSION/stages.yaml" "$cur/kwok-stages.yaml"
+for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  ln -sfn "$bin/k8s-$K8S_VERSION/$c" "$cur/$c"
+done
+echo "$cur"
