@@ -1,2 +1,22 @@
 //! Bare Git mirrors of the projects kas needs, fetched on a poll interval or a push webhook,
 //! and reads of files at a commit straight from the object database.
+//!
+//! - [`Remote`]: where a repository is (`https://`, `http://`, `git://`, `file://`, or a local
+//!   path) and optional [`Credentials`].
+//! - [`Mirror`]: one bare repository per project in a cache directory; [`Mirror::fetch`]
+//!   (blocking) or [`Mirror::fetch_async`], then [`Mirror::resolve`], [`Mirror::read_file`] and
+//!   [`Mirror::list_files`] at a [`CommitId`].
+//! - [`webhook`]: verification of GitLab, GitHub and Gitea push webhooks, as pure functions.
+//!
+//! gix (gitoxide) does all Git work. Local remotes are fetched through gix's file transport,
+//! which runs the `git-upload-pack` program, so the `git` CLI must be installed for those.
+
+mod error;
+mod mirror;
+mod remote;
+pub mod webhook;
+
+pub use error::{Error, FetchError};
+pub use mirror::{CommitId, FetchOutcome, FileEntry, GitRef, Mirror, RefChange};
+pub use remote::{Credentials, Remote, RemoteError, RemoteKind};
+pub use webhook::{PushEvent, WebhookError, WebhookKind, verify_webhook};

@@ -1,6 +1,258 @@
-//! kas, the agent server. The foundation only reserves its place in the crate graph; the
-//! listeners, store and modules arrive with the tunnel issue.
+//! kas, the agent server.
+//!
+//! `kas [--configuration-file kas.yaml]` serves; the other subcommands are admin commands that
+//! talk to a running kas through its internal API (address and admin token from the same
+//! configuration file).
 
-fn main() {
-    println!("kas {}: not yet implemented", env!("CARGO_PKG_VERSION"));
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kas::admin::AdminClient;
+use kas::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kas",
+    version,
+    about = "The agent server: accepts agentk connections and routes work to them"
+)]
+struct Cli {
+    /// kas configuration (YAML). Without it kas runs on its embedded default: SQLite in
+    /// ./kas-data, listeners on 127.0.0.1 (agents 8150, internal API 8153, observability 8151).
+    #[arg(long, global = true, env = "KAS_CONFIGURATION_FILE")]
+    configuration_file: Option<PathBuf>,
+    /// Internal API URL for admin commands (default: from the configuration).
+    #[arg(long, global = true)]
+    api_url: Option<String>,
+    /// Admin token file for admin commands (default: from the configuration).
+    #[arg(long, global = true)]
+    admin_token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the server (the default).
+    Serve,
+    /// Manage agents.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Manage agent tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCmd {
+    /// Register an agent in a project and print its first token (shown once).
+    Register {
+        /// Configuration project path, like `group/sub/project` (created if missing).
+        #[arg(long)]
+        project: String,
+        /// Agent name: an RFC 1123 label (lowercase letters, digits, '-'; at most 63).
+        #[arg(long)]
+        name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List agents with their connection state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send bytes through an agent's tunnel and back; prints the round-trip time.
+    Ping {
+        agent_id: i64,
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Create another token for an agent (for rotation); printed once.
+    Create {
+        #[arg(long)]
+        agent_id: i64,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List an agent's tokens (never their values).
+    List {
+        #[arg(long)]
+        agent_id: i64,
+    },
+    /// Revoke a token; streams opened with it end at once.
+    Revoke { token_id: i64 },
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    })
+}
+
+fn admin_client(cli: &Cli, cfg: &Config) -> Result<AdminClient> {
+    let url = cli.api_url.clone().unwrap_or_else(|| {
+        let a = cfg.api.listen.address;
+        format!("http://{a}")
+    });
+    let file = cli
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| cfg.admin_token_file());
+    AdminClient::from_token_file(&url, &file)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kas: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let cfg = load_config(cli.configuration_file.as_ref())?;
+    match &cli.cmd {
+        None | Some(Cmd::Serve) => serve(cfg).await,
+        Some(Cmd::Agent(a)) => agent_cmd(&admin_client(&cli, &cfg)?, a).await,
+        Some(Cmd::Token(t)) => token_cmd(&admin_client(&cli, &cfg)?, t).await,
+    }
+}
+
+async fn serve(cfg: Config) -> Result<()> {
+    let level = tether_observability::parse_level(&cfg.observability.logging.level)?;
+    let _log = tether_observability::init_logging(level);
+    // One crypto provider for every TLS use in the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let running = kas::server::start(cfg).await.context("starting kas")?;
+    tracing::info!(
+        agent = %running.agent_addr,
+        api = %running.api_addr,
+        observability = %running.observability_addr,
+        "kas is up"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        () = running.stopped() => {}
+    }
+    tracing::info!("kas is stopping");
+    running.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
+    match cmd {
+        AgentCmd::Register {
+            project,
+            name,
+            json,
+        } => {
+            let t = c.register_agent(project, name).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!(
+                    "agent_id: {}\ntoken_id: {}\ntoken: {}",
+                    t.agent_id, t.token_id, t.token
+                );
+                eprintln!(
+                    "Store the token now (for example in a Kubernetes Secret): kas keeps only its hash."
+                );
+            }
+        }
+        AgentCmd::List { json } => {
+            let agents = c.list_agents().await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&agents)?);
+                return Ok(());
+            }
+            println!(
+                "{:<6} {:<30} {:<20} {:<10} {:<22} {:<12} POD",
+                "ID", "PROJECT", "NAME", "STATE", "SINCE", "VERSION"
+            );
+            for a in agents {
+                if a.connections.is_empty() {
+                    println!(
+                        "{:<6} {:<30} {:<20} {:<10}",
+                        a.id, a.project, a.name, "offline"
+                    );
+                }
+                for con in &a.connections {
+                    println!(
+                        "{:<6} {:<30} {:<20} {:<10} {:<22} {:<12} {}/{}",
+                        a.id,
+                        a.project,
+                        a.name,
+                        "connected",
+                        con.connected_since,
+                        con.agent_version,
+                        con.pod_namespace,
+                        con.pod_name
+                    );
+                }
+            }
+        }
+        AgentCmd::Ping { agent_id, bytes } => {
+            let payload: Vec<u8> = (0..*bytes).map(|i| (i % 251) as u8).collect();
+            let t0 = Instant::now();
+            let back = c.echo(*agent_id, payload.clone()).await?;
+            let dt = t0.elapsed();
+            anyhow::ensure!(
+                back.as_ref() == payload.as_slice(),
+                "the echo came back altered"
+            );
+            println!(
+                "{} bytes through agent {agent_id} and back in {dt:?}",
+                back.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::Create {
+            agent_id,
+            description,
+        } => {
+            let t = c.create_token(*agent_id, description).await?;
+            println!("token_id: {}\ntoken: {}", t.token_id, t.token);
+        }
+        TokenCmd::List { agent_id } => {
+            println!("{:<8} {:<10} {:<12} DESCRIPTION", "ID", "STATE", "CREATED");
+            for t in c.list_tokens(*agent_id).await? {
+                let state = if t.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<8} {:<10} {:<12} {}",
+                    t.id, state, t.created_at, t.description
+                );
+            }
+        }
+        TokenCmd::Revoke { token_id } => {
+            let r = c.revoke_token(*token_id).await?;
+            println!(
+                "token {} revoked (was active: {}, live streams ended: {})",
+                r.token_id, r.was_active, r.streams_ended
+            );
+        }
+    }
+    Ok(())
 }

@@ -11,6 +11,8 @@ pub mod tunnel {
 }
 
 /// gRPC metadata keys agentk sends on every RPC so kas can show who is connected.
+pub mod frames;
+
 pub mod metadata {
     /// `authorization: Bearer <agent token>`.
     pub const AUTHORIZATION: &str = "authorization";

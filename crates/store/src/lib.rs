@@ -1,2 +1,76 @@
 //! kas's records: projects, agents and tokens (stored only as SHA-256 digests). SQLite embedded
 //! by default; PostgreSQL when kas scales out.
+//!
+//! kas holds an `Arc<dyn Store>`; [`SqliteStore`] is the only implementation so far.
+
+mod error;
+mod model;
+mod sqlite;
+mod token;
+mod validate;
+
+pub use error::{Error, Result};
+pub use model::{Agent, AgentRow, AuthenticatedAgent, Project, TokenInfo};
+pub use sqlite::SqliteStore;
+pub use token::{AgentToken, TOKEN_PREFIX, TOKEN_RANDOM_LEN};
+pub use validate::{
+    MAX_AGENT_NAME_LEN, MAX_PROJECT_PATH_LEN, validate_agent_name, validate_project_path,
+};
+
+/// kas's persistent records.
+///
+/// Object-safe (through `async_trait`'s boxed futures) so kas can pick the backend at start-up
+/// and share it as `Arc<dyn Store>`. Name arguments are validated by every method, so malformed
+/// input yields [`Error::InvalidName`] rather than "not found".
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Returns the project with this path, creating it first if it does not exist.
+    async fn ensure_project(&self, path: &str) -> Result<Project>;
+
+    /// Looks a project up by its full path.
+    async fn get_project_by_path(&self, path: &str) -> Result<Option<Project>>;
+
+    /// All projects, ordered by path.
+    async fn list_projects(&self) -> Result<Vec<Project>>;
+
+    /// Registers a new agent, creating its project if needed.
+    /// Fails with [`Error::AlreadyExists`] if the project already has an agent of that name.
+    async fn register_agent(&self, project_path: &str, name: &str) -> Result<Agent>;
+
+    /// Looks an agent up by id.
+    async fn get_agent(&self, id: i64) -> Result<Option<Agent>>;
+
+    /// Looks an agent up by project path and name.
+    async fn find_agent(&self, project_path: &str, name: &str) -> Result<Option<Agent>>;
+
+    /// All agents with their project paths, ordered by project path then name.
+    async fn list_agents(&self) -> Result<Vec<AgentRow>>;
+
+    /// Creates a token for the agent. The plaintext is returned here and never again; only its
+    /// digest is stored. Fails with [`Error::NotFound`] if the agent does not exist.
+    async fn create_token(
+        &self,
+        agent_id: i64,
+        description: &str,
+    ) -> Result<(TokenInfo, AgentToken)>;
+
+    /// The agent's tokens (active and revoked), oldest first.
+    /// Fails with [`Error::NotFound`] if the agent does not exist.
+    async fn list_tokens(&self, agent_id: i64) -> Result<Vec<TokenInfo>>;
+
+    /// Revokes a token. Idempotent: returns `true` if this call revoked it, `false` if it was
+    /// already revoked. Fails with [`Error::NotFound`] if there is no such token.
+    async fn revoke_token(&self, token_id: i64) -> Result<bool>;
+
+    /// Whether the token exists and is not revoked; kas polls this for long-lived agent streams
+    /// so that a revocation also cuts connections that authenticated before it.
+    async fn token_active(&self, token_id: i64) -> Result<bool>;
+
+    /// Resolves a presented token to its agent. `Ok(None)` for unknown, malformed or revoked
+    /// tokens: callers must not be able to tell those apart, so neither can this API.
+    async fn authenticate(&self, token: &str) -> Result<Option<AuthenticatedAgent>>;
+
+    /// Closes the underlying connections; further calls fail. Lets kas flush the database
+    /// cleanly on shutdown.
+    async fn close(&self);
+}

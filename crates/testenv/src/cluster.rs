@@ -98,12 +98,26 @@ current-context: tether-testenv\n",
     )
 }
 
-fn node_yaml() -> String {
-    format!(
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\n  annotations:\n    kwok.x-k8s.io/node: fake\n    node.alpha.kubernetes.io/ttl: \"0\"\n\
-  labels:\n    kubernetes.io/hostname: {NODE_NAME}\n    kubernetes.io/os: linux\n    kubernetes.io/arch: amd64\n    type: kwok\n\
-status:\n  allocatable:\n    cpu: \"32\"\n    memory: 256Gi\n    pods: \"250\"\n  capacity:\n    cpu: \"32\"\n    memory: 256Gi\n    pods: \"250\"\n"
-    )
+fn node_manifest() -> String {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": NODE_NAME,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {
+                "kubernetes.io/hostname": NODE_NAME,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok"
+            }
+        },
+        "status": {
+            "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "250"},
+            "capacity": {"cpu": "32", "memory": "256Gi", "pods": "250"}
+        }
+    })
+    .to_string()
 }
 
 /// Starts every component into `group` and returns once the API server is ready and the fake
@@ -241,8 +255,8 @@ pub fn start(opts: &Options, group: &mut Group, stop: &AtomicBool) -> Result<Inf
         &logs.join("kwok.log"),
     )?;
 
-    let node = dir.join("node.yaml");
-    write(&node, &node_yaml())?;
+    let node = dir.join("node.json");
+    write(&node, &node_manifest())?;
     crate::run_output(&mut kubectl(&["apply", "-f", &node.display().to_string()]))?;
     wait_for(
         "the fake node to become Ready",

@@ -246,9 +246,8 @@ mod tests {
     }
 
     #[test]
-    fn from_env_without_a_cluster_is_an_error_not_a_skip() {
-        // SAFETY-free: a test-local check of the error text users see.
+    fn the_missing_cluster_error_says_how_to_run_tests() {
         let e = Error::NotRunning.to_string();
-        assert!(e.contains("scripts/test"));
+        assert!(e.contains("scripts/test"), "{e}");
     }
 }

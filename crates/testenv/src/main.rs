@@ -266,6 +266,23 @@ fn run(bin: &Path, keep: bool, command: &[String]) -> Result<u8> {
     Ok(code)
 }
 
+/// etcd data of supervisors that were killed outright (SIGKILL leaves no chance to clean up).
+fn remove_stale_etcd_dirs(shm: &Path) {
+    let Ok(entries) = std::fs::read_dir(shm) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name
+            .strip_prefix("tether-etcd-")
+            .and_then(|p| p.parse::<i32>().ok())
+            && !supervisor::alive(pid)
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn supervise(bin: &Path, state_dir: &Path) -> Result<u8> {
     let stop = supervisor::shutdown_flag()?;
     std::fs::create_dir_all(state_dir)?;
@@ -274,6 +291,7 @@ fn supervise(bin: &Path, state_dir: &Path) -> Result<u8> {
         std::process::id().to_string(),
     )?;
     let shm = Path::new("/dev/shm");
+    remove_stale_etcd_dirs(shm);
     let etcd_dir = if shm.is_dir() {
         shm.join(format!("tether-etcd-{}", std::process::id()))
     } else {
@@ -291,6 +309,12 @@ fn supervise(bin: &Path, state_dir: &Path) -> Result<u8> {
             1
         }
         Ok(info) => {
+            let pids: String = group
+                .pids()
+                .iter()
+                .map(|(name, pid)| format!("{pid} {name}\n"))
+                .collect();
+            std::fs::write(state_dir.join("pids"), pids)?;
             std::fs::write(state_dir.join("ready"), "")?;
             eprintln!("testenv: ready at {}", info.server);
             loop {

@@ -70,6 +70,14 @@ impl Group {
         Ok(pid)
     }
 
+    /// Name and pid of every running child, in start order.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.members
+            .iter()
+            .map(|m| (m.name.clone(), m.child.id()))
+            .collect()
+    }
+
     /// The first child found to have exited, with its status and log file.
     pub fn exited(&mut self) -> Option<(String, ExitStatus, PathBuf)> {
         for m in &mut self.members {

@@ -62,6 +62,8 @@ fn deployment_becomes_available_with_one_replica() {
 
 #[tokio::test]
 async fn seed_agent_rbac_allows_dude_and_forbids_naww() {
+    // Several crypto providers are compiled into the workspace's test builds; pick one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let agent_ns = env.create_namespace("gitlab-k8s-agent").expect("ns");
     let dude = env.create_namespace("dude").expect("ns");

@@ -1,2 +1,115 @@
 //! How agentk reaches kas: gRPC over HTTP/2 (`grpc://`, `grpcs://`) or the same HTTP/2 carried
 //! inside a WebSocket (`ws://`, `wss://`) for networks that only pass HTTP/1.1, with TLS.
+//!
+//! - Client (agentk): [`KasAddress`] + [`ClientOptions`] → [`connect`] → a tonic
+//!   [`Channel`](tonic::transport::Channel).
+//! - Server (kas): [`incoming`] turns a TCP listener into a stream of [`AgentIo`] for
+//!   `tonic::transport::Server::serve_with_incoming*`, serving gRPC and WebSocket on one port.
+//!
+//! TLS uses rustls with the `ring` provider chosen explicitly, so nothing depends on a
+//! process-wide default provider being installed.
+
+use std::io;
+use std::path::PathBuf;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+mod address;
+mod client;
+mod server;
+mod tls;
+mod ws;
+
+pub use address::{KasAddress, Scheme};
+pub use client::{ClientOptions, connect, connect_lazy};
+pub use server::{AgentConnectInfo, AgentIo, Incoming, incoming, remote_addr_of};
+pub use tls::{ServerTls, load_server_tls};
+pub use ws::{WS_MAX_MESSAGE_SIZE, WS_SUBPROTOCOL, WsIo};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// HTTP/2 flow-control window of one stream (one tunnelled request).
+///
+/// In Rust's h2, bytes a stream has received but nobody has read yet hold *connection* window
+/// too. If the connection window were no larger than a stream's, one request whose reader
+/// stalls would stop every other request on the connection (head-of-line blocking, the flaw of
+/// multiplexed tunnels). So the connection window is many stream windows wide: 128 requests
+/// can stall at once before the others feel it.
+pub const STREAM_WINDOW: u32 = 512 * 1024;
+/// HTTP/2 flow-control window of a whole agent connection; see [`STREAM_WINDOW`].
+pub const CONNECTION_WINDOW: u32 = 128 * STREAM_WINDOW;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid kas address {address:?}: {reason}")]
+    InvalidAddress { address: String, reason: String },
+
+    #[error("reading {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no PEM certificates found in {0}")]
+    NoCertificates(PathBuf),
+    #[error("invalid PEM in {path}: {source}")]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("no usable root certificates in the system store: {0}")]
+    NoNativeRoots(String),
+    #[error("invalid TLS server name {0:?}")]
+    InvalidServerName(String),
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[from] rustls::Error),
+
+    #[error("connecting to {address}: {source}")]
+    Connect {
+        address: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS handshake: {0}")]
+    TlsHandshake(#[source] io::Error),
+    #[error("WebSocket handshake: {0}")]
+    WebSocketHandshake(#[source] Box<tokio_tungstenite::tungstenite::Error>),
+    #[error("the server did not select the {WS_SUBPROTOCOL:?} WebSocket subprotocol")]
+    SubprotocolNotSelected,
+    #[error("connection closed during the handshake")]
+    ClosedDuringHandshake,
+    #[error("handshake I/O: {0}")]
+    HandshakeIo(#[source] io::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl Error {
+    /// Finds a transport [`Error`] in the source chain of any error, e.g. the
+    /// `tonic::transport::Error` that [`connect`] or an RPC on its channel returns, so callers
+    /// can tell a TLS failure from a refused connection.
+    pub fn find_in<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a Error> {
+        let mut cur = Some(err);
+        while let Some(e) = cur {
+            if let Some(found) = e.downcast_ref::<Error>() {
+                // A `Transport` wrapper may itself wrap the interesting error further down.
+                if !matches!(found, Error::Transport(_)) {
+                    return Some(found);
+                }
+            }
+            cur = e.source();
+        }
+        None
+    }
+}
+
+/// Any byte stream a connection ends up as (TCP, TLS, WebSocket over either). Boxed so the
+/// four transport combinations share one type without generics leaking into callers.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+pub(crate) type BoxIo = Box<dyn Io>;

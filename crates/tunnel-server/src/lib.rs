@@ -1,2 +1,21 @@
 //! Server half of the reverse tunnel: the registry of connected agents and their idle streams,
 //! from which kas's modules take a tunnel to reach an agent.
+//!
+//! Every `Connect` stream an agent opens is authenticated, announces what it serves and then
+//! waits, idle, in the [`Registry`]. A module that needs the agent calls
+//! [`Registry::get_tunnel`], which hands it one idle stream for its request alone (waiting up to
+//! a timeout for one to appear) and then [`Tunnel::request`] turns it into a byte pipe.
+
+mod registry;
+mod service;
+
+pub use registry::{
+    AgentConnections, ConnectionInfo, Registry, RegistryError, RegistryStats, Tunnel, TunnelConn,
+    TunnelError, TunnelExtra,
+};
+pub use service::{AgentIdentity, AuthError, Authenticator, TunnelService, authenticate_metadata};
+
+/// The boxed future type [`Authenticator`] methods return.
+pub mod service_future {
+    pub use crate::service::BoxFuture;
+}

@@ -1,0 +1,360 @@
+//! `gitops:` — which projects' manifests the agent applies, and how.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::check::{
+    check_full_path, check_namespace, check_non_empty, is_commit_id, null_as_default, one_of_error,
+};
+use crate::duration::serde_go;
+use crate::{ConfigError, DEFAULT_NAMESPACE};
+
+/// Upstream's limit on `paths` entries per manifest project; each path is a separate tree walk
+/// on the server, so the count is bounded.
+pub const MAX_PATHS_PER_PROJECT: usize = 100;
+
+/// The glob used when a manifest project lists no `paths`.
+pub const DEFAULT_GLOB: &str = "**/*.{yaml,yml,json}";
+
+/// Default for both `reconcile_timeout` and `prune_timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The `gitops` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gitops {
+    /// Projects whose manifests are synchronized into the cluster.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub manifest_projects: Vec<ManifestProject>,
+}
+
+/// One `gitops.manifest_projects[]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestProject {
+    /// The project holding the manifests.
+    pub id: ProjectRef,
+    /// Namespace for namespaced objects that do not name one.
+    #[serde(default = "default_namespace")]
+    pub default_namespace: String,
+    /// Which files to apply; never empty after deserialization.
+    #[serde(default = "default_paths", deserialize_with = "paths_or_default")]
+    pub paths: Vec<PathGlob>,
+    /// How long to wait for applied objects to become Current.
+    #[serde(default = "default_timeout", with = "serde_go")]
+    pub reconcile_timeout: Duration,
+    /// Whether to apply for real or only dry-run.
+    #[serde(default)]
+    pub dry_run_strategy: DryRunStrategy,
+    /// Whether objects that left the manifest set are deleted.
+    #[serde(default = "default_true")]
+    pub prune: bool,
+    /// How long to wait for pruned objects to be gone.
+    #[serde(default = "default_timeout", with = "serde_go")]
+    pub prune_timeout: Duration,
+    /// Deletion propagation used when pruning.
+    #[serde(default)]
+    pub prune_propagation_policy: PrunePropagationPolicy,
+    /// What to do with objects already owned by another inventory (or none).
+    #[serde(default)]
+    pub inventory_policy: InventoryPolicy,
+    /// The Git reference to follow; `None` means the project's default branch.
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<GitRef>,
+}
+
+impl ManifestProject {
+    /// A manifest project with every optional key at its documented default.
+    pub fn new(id: ProjectRef) -> Self {
+        ManifestProject {
+            id,
+            default_namespace: default_namespace(),
+            paths: default_paths(),
+            reconcile_timeout: DEFAULT_TIMEOUT,
+            dry_run_strategy: DryRunStrategy::default(),
+            prune: true,
+            prune_timeout: DEFAULT_TIMEOUT,
+            prune_propagation_policy: PrunePropagationPolicy::default(),
+            inventory_policy: InventoryPolicy::default(),
+            git_ref: None,
+        }
+    }
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_owned()
+}
+
+fn default_paths() -> Vec<PathGlob> {
+    vec![PathGlob {
+        glob: DEFAULT_GLOB.to_owned(),
+    }]
+}
+
+const fn default_timeout() -> Duration {
+    DEFAULT_TIMEOUT
+}
+
+const fn default_true() -> bool {
+    true
+}
+
+/// Upstream treats an empty `paths` list like a missing one, so both get the default glob.
+fn paths_or_default<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathGlob>, D::Error> {
+    let paths = Option::<Vec<PathGlob>>::deserialize(d)?.unwrap_or_default();
+    Ok(if paths.is_empty() {
+        default_paths()
+    } else {
+        paths
+    })
+}
+
+/// One `paths[]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathGlob {
+    /// A doublestar glob (`**`, `{a,b}`, `?`, `[...]`) relative to the repository root.
+    pub glob: String,
+}
+
+/// A GitLab project named by full path or by numeric id.
+///
+/// A string made only of digits is read as a numeric id, as GitLab's API does for `:id`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ProjectRef {
+    /// Full path such as `group/subgroup/project`.
+    Path(String),
+    /// Numeric project id.
+    Numeric(i64),
+}
+
+impl fmt::Display for ProjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProjectRef::Path(path) => f.write_str(path),
+            ProjectRef::Numeric(id) => write!(f, "{id}"),
+        }
+    }
+}
+
+impl Serialize for ProjectRef {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ProjectRef::Path(path) => s.serialize_str(path),
+            ProjectRef::Numeric(id) => s.serialize_i64(*id),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ProjectRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ProjectRef;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a project path (group/project) or a numeric project id")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ProjectRef, E> {
+                Ok(ProjectRef::Numeric(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ProjectRef, E> {
+                i64::try_from(v)
+                    .map(ProjectRef::Numeric)
+                    .map_err(|_| E::custom(format!("project id {v} is out of range")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ProjectRef, E> {
+                if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+                    v.parse()
+                        .map(ProjectRef::Numeric)
+                        .map_err(|_| E::custom(format!("project id {v} is out of range")))
+                } else {
+                    Ok(ProjectRef::Path(v.to_owned()))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl ProjectRef {
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        match self {
+            ProjectRef::Numeric(id) if *id > 0 => Ok(()),
+            ProjectRef::Numeric(id) => Err(ConfigError::invalid(
+                path,
+                format!("project id {id} must be positive"),
+            )),
+            ProjectRef::Path(p) => check_full_path(path, "project", p),
+        }
+    }
+
+    /// Key for duplicate detection: GitLab paths are case-insensitive, so `Group/App` and
+    /// `group/app` are the same project and would be synchronized twice.
+    fn identity(&self) -> String {
+        match self {
+            ProjectRef::Path(p) => p.to_ascii_lowercase(),
+            ProjectRef::Numeric(id) => id.to_string(),
+        }
+    }
+}
+
+/// `dry_run_strategy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DryRunStrategy {
+    /// Apply for real.
+    #[default]
+    None,
+    /// Client-side dry run.
+    Client,
+    /// Server-side dry run.
+    Server,
+}
+
+/// `prune_propagation_policy` (Kubernetes `DeleteOptions.propagationPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrunePropagationPolicy {
+    /// Leave dependents behind.
+    Orphan,
+    /// Delete dependents in the background.
+    Background,
+    /// Delete dependents first.
+    #[default]
+    Foreground,
+}
+
+impl PrunePropagationPolicy {
+    /// The value Kubernetes expects in `DeleteOptions.propagationPolicy`.
+    pub fn as_kubernetes(self) -> &'static str {
+        match self {
+            PrunePropagationPolicy::Orphan => "Orphan",
+            PrunePropagationPolicy::Background => "Background",
+            PrunePropagationPolicy::Foreground => "Foreground",
+        }
+    }
+}
+
+/// `inventory_policy`: how objects not (yet) in this project's inventory are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InventoryPolicy {
+    /// Only touch objects that belong to this inventory.
+    #[default]
+    MustMatch,
+    /// Also adopt objects that belong to no inventory.
+    AdoptIfNoInventory,
+    /// Adopt any object, even one owned by another inventory.
+    AdoptAll,
+}
+
+/// `ref`: the Git reference to synchronize.
+///
+/// Written as a mapping with exactly one of `branch`, `tag` or `commit`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", try_from = "RawGitRef")]
+pub enum GitRef {
+    /// Follow the tip of a branch.
+    Branch(String),
+    /// A tag.
+    Tag(String),
+    /// A fixed commit: 40 hexadecimal digits.
+    Commit(String),
+}
+
+/// The on-disk shape of `ref`; the "exactly one" rule turns it into [`GitRef`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGitRef {
+    branch: Option<String>,
+    tag: Option<String>,
+    commit: Option<String>,
+}
+
+impl TryFrom<RawGitRef> for GitRef {
+    type Error = String;
+
+    fn try_from(raw: RawGitRef) -> Result<Self, String> {
+        match (raw.branch, raw.tag, raw.commit) {
+            (Some(b), None, None) => Ok(GitRef::Branch(b)),
+            (None, Some(t), None) => Ok(GitRef::Tag(t)),
+            (None, None, Some(c)) => Ok(GitRef::Commit(c)),
+            (b, t, c) => {
+                let set: Vec<&str> = [
+                    ("branch", b.is_some()),
+                    ("tag", t.is_some()),
+                    ("commit", c.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(name, is_set)| is_set.then_some(name))
+                .collect();
+                Err(one_of_error(&["branch", "tag", "commit"], &set))
+            }
+        }
+    }
+}
+
+impl GitRef {
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        match self {
+            GitRef::Branch(name) => check_non_empty(&format!("{path}.branch"), name),
+            GitRef::Tag(name) => check_non_empty(&format!("{path}.tag"), name),
+            GitRef::Commit(id) if is_commit_id(id) => Ok(()),
+            GitRef::Commit(id) => Err(ConfigError::invalid(
+                format!("{path}.commit"),
+                format!("{id:?} is not a commit id (expected 40 hexadecimal digits)"),
+            )),
+        }
+    }
+}
+
+impl Gitops {
+    /// Checks the rules serde cannot: id and namespace syntax, globs, limits, duplicates.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, project) in self.manifest_projects.iter().enumerate() {
+            let base = format!("gitops.manifest_projects[{i}]");
+            project.validate(&base)?;
+            if let Some(first) = seen.insert(project.id.identity(), i) {
+                return Err(ConfigError::invalid(
+                    format!("{base}.id"),
+                    format!(
+                        "duplicate project id {:?}, already used by gitops.manifest_projects[{first}]",
+                        project.id.to_string()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ManifestProject {
+    fn validate(&self, base: &str) -> Result<(), ConfigError> {
+        self.id.validate(&format!("{base}.id"))?;
+        check_namespace(
+            &format!("{base}.default_namespace"),
+            &self.default_namespace,
+        )?;
+        if self.paths.len() > MAX_PATHS_PER_PROJECT {
+            return Err(ConfigError::invalid(
+                format!("{base}.paths"),
+                format!(
+                    "{} paths, at most {MAX_PATHS_PER_PROJECT} are allowed",
+                    self.paths.len()
+                ),
+            ));
+        }
+        for (j, p) in self.paths.iter().enumerate() {
+            check_non_empty(&format!("{base}.paths[{j}].glob"), &p.glob)?;
+        }
+        if let Some(git_ref) = &self.git_ref {
+            git_ref.validate(&format!("{base}.ref"))?;
+        }
+        Ok(())
+    }
+}

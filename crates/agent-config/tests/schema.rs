@@ -1,0 +1,894 @@
+//! Table tests of the documented `config.yaml` schema: defaults, enum values, validation rules,
+//! and the shape of error messages (key path and line).
+
+use std::time::Duration;
+
+use tether_agent_config::{
+    AgentConfig, AsAgent, AsCiJob, AsUser, CiAccessAs, CiAccessEntry, ConfigError, DryRunStrategy,
+    ExtraKeyVal, GitRef, Gitops, Impersonate, InventoryPolicy, LogLevel, MAX_CONFIG_SIZE,
+    MAX_PATHS_PER_PROJECT, MAX_USER_ACCESS_ENTRIES, ManifestProject, PathGlob, ProjectRef,
+    PrunePropagationPolicy, UserAccess, UserAccessAs, UserAccessEntry, parse, parse_bytes,
+};
+
+fn ok(yaml: &str) -> AgentConfig {
+    match parse(yaml) {
+        Ok(config) => config,
+        Err(e) => panic!("expected {yaml:?} to parse, got: {e}"),
+    }
+}
+
+fn err(yaml: &str) -> ConfigError {
+    match parse(yaml) {
+        Ok(config) => panic!("expected {yaml:?} to be refused, got {config:?}"),
+        Err(e) => e,
+    }
+}
+
+/// Wraps one manifest project's extra lines (indented 4 spaces) after `id: a/b`.
+fn project(extra: &str) -> String {
+    format!("gitops:\n  manifest_projects:\n  - id: a/b\n{extra}")
+}
+
+fn only_project(yaml: &str) -> ManifestProject {
+    let mut config = ok(yaml);
+    assert_eq!(config.gitops.manifest_projects.len(), 1);
+    config.gitops.manifest_projects.remove(0)
+}
+
+const SEED: &str = "\
+gitops:
+  manifest_projects:
+  - id: group/manifests
+    paths:
+    - glob: '/manifests/*.{yaml,yml,json}'
+";
+
+#[test]
+fn empty_documents_are_the_default_config() {
+    for yaml in [
+        "",
+        "\n\n   \n",
+        "# just a comment\n# and another\n",
+        "null\n",
+        "~\n",
+        "---\n",
+        "gitops:\nci_access:\nobservability:\n",
+        "gitops: {}\nci_access: {}\nobservability: {logging: {}}\n",
+    ] {
+        assert_eq!(ok(yaml), AgentConfig::default(), "{yaml:?}");
+    }
+    let empty = AgentConfig::default();
+    assert!(empty.gitops.manifest_projects.is_empty());
+    assert!(empty.ci_access.projects.is_empty());
+    assert!(empty.ci_access.groups.is_empty());
+    assert_eq!(empty.user_access, None);
+    assert_eq!(empty.observability.logging.level, LogLevel::Info);
+    assert_eq!(empty.observability.logging.grpc_level, LogLevel::Error);
+}
+
+#[test]
+fn seed_config_parses_with_defaults() {
+    let p = only_project(SEED);
+    assert_eq!(p.id, ProjectRef::Path("group/manifests".to_owned()));
+    assert_eq!(
+        p.paths,
+        vec![PathGlob {
+            glob: "/manifests/*.{yaml,yml,json}".to_owned()
+        }]
+    );
+    let mut want = ManifestProject::new(ProjectRef::Path("group/manifests".to_owned()));
+    want.paths = p.paths.clone();
+    assert_eq!(p, want);
+}
+
+#[test]
+fn manifest_project_defaults() {
+    let p = only_project(&project(""));
+    assert_eq!(p.default_namespace, "default");
+    assert_eq!(
+        p.paths,
+        vec![PathGlob {
+            glob: "**/*.{yaml,yml,json}".to_owned()
+        }]
+    );
+    assert_eq!(p.reconcile_timeout, Duration::from_secs(3600));
+    assert_eq!(p.dry_run_strategy, DryRunStrategy::None);
+    assert!(p.prune);
+    assert_eq!(p.prune_timeout, Duration::from_secs(3600));
+    assert_eq!(
+        p.prune_propagation_policy,
+        PrunePropagationPolicy::Foreground
+    );
+    assert_eq!(p.inventory_policy, InventoryPolicy::MustMatch);
+    assert_eq!(p.git_ref, None);
+    assert_eq!(p, ManifestProject::new(ProjectRef::Path("a/b".to_owned())));
+    // An empty or null `paths` list gets the default glob too, as upstream.
+    for extra in ["    paths: []\n", "    paths:\n", "    ref:\n"] {
+        assert_eq!(
+            only_project(&project(extra)),
+            ManifestProject::new(ProjectRef::Path("a/b".to_owned())),
+            "{extra:?}"
+        );
+    }
+}
+
+#[test]
+fn manifest_project_explicit_values() {
+    let p = only_project(&project(
+        "    default_namespace: apps
+    paths:
+    - glob: 'a/**/*.yaml'
+    - glob: b/*.json
+    reconcile_timeout: 10m
+    dry_run_strategy: server
+    prune: false
+    prune_timeout: 1h30m
+    prune_propagation_policy: orphan
+    inventory_policy: adopt_all
+    ref:
+      tag: v1.2.3
+",
+    ));
+    assert_eq!(p.default_namespace, "apps");
+    assert_eq!(p.paths.len(), 2);
+    assert_eq!(p.paths[1].glob, "b/*.json");
+    assert_eq!(p.reconcile_timeout, Duration::from_secs(600));
+    assert_eq!(p.dry_run_strategy, DryRunStrategy::Server);
+    assert!(!p.prune);
+    assert_eq!(p.prune_timeout, Duration::from_secs(5400));
+    assert_eq!(p.prune_propagation_policy, PrunePropagationPolicy::Orphan);
+    assert_eq!(p.inventory_policy, InventoryPolicy::AdoptAll);
+    assert_eq!(p.git_ref, Some(GitRef::Tag("v1.2.3".to_owned())));
+}
+
+#[test]
+fn enum_values() {
+    for (text, want) in [
+        ("none", DryRunStrategy::None),
+        ("client", DryRunStrategy::Client),
+        ("server", DryRunStrategy::Server),
+    ] {
+        let p = only_project(&project(&format!("    dry_run_strategy: {text}\n")));
+        assert_eq!(p.dry_run_strategy, want);
+    }
+    for (text, want) in [
+        ("orphan", PrunePropagationPolicy::Orphan),
+        ("background", PrunePropagationPolicy::Background),
+        ("foreground", PrunePropagationPolicy::Foreground),
+    ] {
+        let p = only_project(&project(&format!("    prune_propagation_policy: {text}\n")));
+        assert_eq!(p.prune_propagation_policy, want);
+    }
+    for (text, want) in [
+        ("must_match", InventoryPolicy::MustMatch),
+        ("adopt_if_no_inventory", InventoryPolicy::AdoptIfNoInventory),
+        ("adopt_all", InventoryPolicy::AdoptAll),
+    ] {
+        let p = only_project(&project(&format!("    inventory_policy: {text}\n")));
+        assert_eq!(p.inventory_policy, want);
+    }
+    for (text, want) in [
+        ("info", LogLevel::Info),
+        ("debug", LogLevel::Debug),
+        ("warn", LogLevel::Warn),
+        ("error", LogLevel::Error),
+    ] {
+        let c = ok(&format!(
+            "observability:\n  logging:\n    level: {text}\n    grpc_level: {text}\n"
+        ));
+        assert_eq!(c.observability.logging.level, want);
+        assert_eq!(c.observability.logging.grpc_level, want);
+        assert_eq!(want.as_str(), text);
+    }
+}
+
+#[test]
+fn bad_enum_values_name_path_line_and_choices() {
+    let cases = [
+        (
+            project("    prune: false\n    dry_run_strategy: sometimes\n"),
+            "gitops.manifest_projects[0].dry_run_strategy: unknown variant \"sometimes\", \
+             expected one of none, client, server (line 5)",
+        ),
+        (
+            project("    prune_propagation_policy: Foreground\n"),
+            "gitops.manifest_projects[0].prune_propagation_policy: unknown variant \
+             \"Foreground\", expected one of orphan, background, foreground (line 4)",
+        ),
+        (
+            project("    inventory_policy: adopt\n"),
+            "gitops.manifest_projects[0].inventory_policy: unknown variant \"adopt\", \
+             expected one of must_match, adopt_if_no_inventory, adopt_all (line 4)",
+        ),
+        (
+            "observability:\n  logging:\n    level: trace\n".to_owned(),
+            "observability.logging.level: unknown variant \"trace\", \
+             expected one of info, debug, warn, error (line 3)",
+        ),
+        (
+            "observability:\n  logging:\n    grpc_level: fatal\n".to_owned(),
+            "observability.logging.grpc_level: unknown variant \"fatal\", \
+             expected one of info, debug, warn, error (line 3)",
+        ),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(err(&yaml).to_string(), want);
+    }
+}
+
+#[test]
+fn unknown_keys_are_refused_with_path_and_line() {
+    let cases = [
+        ("foo: 1\n", "foo", 1),
+        ("# header\n\ngitopz: {}\n", "gitopz", 3),
+        ("gitops:\n  projects: []\n", "gitops.projects", 2),
+        (
+            &*project("    pathz: []\n"),
+            "gitops.manifest_projects[0].pathz",
+            4,
+        ),
+        (
+            &*project("    paths:\n    - glob: x\n      recursive: true\n"),
+            "gitops.manifest_projects[0].paths[0].recursive",
+            6,
+        ),
+        (
+            &*project("    ref:\n      sha: abc\n"),
+            "gitops.manifest_projects[0].ref.sha",
+            5,
+        ),
+        (
+            "ci_access:\n  projects:\n  - id: a/b\n    access_as:\n      agent: {x: 1}\n",
+            "ci_access.projects[0].access_as.agent.x",
+            5,
+        ),
+        (
+            "user_access:\n  access_as: {user: {}}\n  projects:\n  - id: a/b\n    name: b\n",
+            "user_access.projects[0].name",
+            5,
+        ),
+        (
+            "observability:\n  logging:\n    levle: debug\n",
+            "observability.logging.levle",
+            3,
+        ),
+    ];
+    for (yaml, path, line) in cases {
+        let e = err(yaml);
+        assert_eq!(e.path(), Some(path), "{yaml:?}: {e}");
+        assert_eq!(e.line(), Some(line), "{yaml:?}: {e}");
+        let text = e.to_string();
+        assert!(text.starts_with(&format!("{path}: unknown key ")), "{text}");
+        assert!(text.ends_with(&format!("(line {line})")), "{text}");
+    }
+    assert_eq!(
+        err("foo: 1\n").to_string(),
+        "foo: unknown key \"foo\", expected one of gitops, ci_access, user_access, \
+         observability (line 1)"
+    );
+}
+
+#[test]
+fn git_ref() {
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    for (yaml, want) in [
+        ("branch: main", GitRef::Branch("main".to_owned())),
+        ("tag: v1", GitRef::Tag("v1".to_owned())),
+        (
+            &*format!("commit: {commit}"),
+            GitRef::Commit(commit.to_owned()),
+        ),
+    ] {
+        let p = only_project(&project(&format!("    ref:\n      {yaml}\n")));
+        assert_eq!(p.git_ref, Some(want));
+    }
+
+    let cases = [
+        (
+            project("    ref: {}\n"),
+            "gitops.manifest_projects[0].ref: exactly one of branch, tag, commit must be set, \
+             found none (line 4)",
+        ),
+        (
+            project("    ref:\n      branch: main\n      tag: v1\n"),
+            "gitops.manifest_projects[0].ref: exactly one of branch, tag, commit must be set, \
+             found 2: branch, tag (line 4)",
+        ),
+        (
+            project(&format!(
+                "    ref: {{branch: a, tag: b, commit: {commit}}}\n"
+            )),
+            "gitops.manifest_projects[0].ref: exactly one of branch, tag, commit must be set, \
+             found 3: branch, tag, commit (line 4)",
+        ),
+        (
+            project("    ref:\n      commit: abc123\n"),
+            "gitops.manifest_projects[0].ref.commit: \"abc123\" is not a commit id \
+             (expected 40 hexadecimal digits) (line 5)",
+        ),
+        (
+            project(&format!("    ref:\n      commit: {}z\n", &commit[..39])),
+            "gitops.manifest_projects[0].ref.commit: \"0123456789abcdef0123456789abcdef0123456z\" \
+             is not a commit id (expected 40 hexadecimal digits) (line 5)",
+        ),
+        (
+            project("    ref:\n      branch: ''\n"),
+            "gitops.manifest_projects[0].ref.branch: must not be empty (line 5)",
+        ),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(err(&yaml).to_string(), want);
+    }
+}
+
+#[test]
+fn project_ids_numeric_and_path() {
+    let c = ok("gitops:
+  manifest_projects:
+  - id: 123
+  - id: '456'
+  - id: group/sub/name
+  - id: top
+");
+    let ids: Vec<_> = c
+        .gitops
+        .manifest_projects
+        .iter()
+        .map(|p| p.id.clone())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            ProjectRef::Numeric(123),
+            ProjectRef::Numeric(456),
+            ProjectRef::Path("group/sub/name".to_owned()),
+            ProjectRef::Path("top".to_owned()),
+        ]
+    );
+    assert_eq!(ProjectRef::Numeric(7).to_string(), "7");
+
+    let cases = [
+        (
+            "gitops:\n  manifest_projects:\n  - default_namespace: x\n",
+            "gitops.manifest_projects[0]: missing required key \"id\" (line 3)",
+        ),
+        (
+            "gitops:\n  manifest_projects:\n  - id: -5\n",
+            "gitops.manifest_projects[0].id: project id -5 must be positive (line 3)",
+        ),
+        (
+            "gitops:\n  manifest_projects:\n  - id: 'group//name'\n",
+            "gitops.manifest_projects[0].id: \"group//name\" is not a valid project path \
+             (expected e.g. \"group/subgroup/name\") (line 3)",
+        ),
+        (
+            "gitops:\n  manifest_projects:\n  - id: ''\n",
+            "gitops.manifest_projects[0].id: \"\" is not a valid project path \
+             (expected e.g. \"group/subgroup/name\") (line 3)",
+        ),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(err(yaml).to_string(), want);
+    }
+}
+
+#[test]
+fn duplicate_ids_are_refused() {
+    let cases = [
+        (
+            "gitops:\n  manifest_projects:\n  - id: a/b\n  - id: c/d\n  - id: a/b\n",
+            "gitops.manifest_projects[2].id: duplicate project id \"a/b\", \
+             already used by gitops.manifest_projects[0] (line 5)",
+        ),
+        (
+            // GitLab paths are case-insensitive.
+            "gitops:\n  manifest_projects:\n  - id: Group/App\n  - id: group/app\n",
+            "gitops.manifest_projects[1].id: duplicate project id \"group/app\", \
+             already used by gitops.manifest_projects[0] (line 4)",
+        ),
+        (
+            "gitops:\n  manifest_projects:\n  - id: 42\n  - id: '42'\n",
+            "gitops.manifest_projects[1].id: duplicate project id \"42\", \
+             already used by gitops.manifest_projects[0] (line 4)",
+        ),
+        (
+            "ci_access:\n  projects:\n  - id: a/b\n  - id: a/b\n",
+            "ci_access.projects[1].id: duplicate project id \"a/b\", \
+             already used by ci_access.projects[0] (line 4)",
+        ),
+        (
+            "ci_access:\n  groups:\n  - id: g\n  - id: h\n  - id: g\n",
+            "ci_access.groups[2].id: duplicate group id \"g\", \
+             already used by ci_access.groups[0] (line 5)",
+        ),
+        (
+            "user_access:\n  access_as: {agent: {}}\n  groups:\n  - id: g\n  - id: g\n",
+            "user_access.groups[1].id: duplicate group id \"g\", \
+             already used by user_access.groups[0] (line 5)",
+        ),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(err(yaml).to_string(), want);
+    }
+    // The same path as a project and as a group is fine: they are different lists.
+    ok("ci_access:\n  projects:\n  - id: a/b\n  groups:\n  - id: a/b\n");
+    // Different manifest projects may share nothing but their defaults.
+    ok("gitops:\n  manifest_projects:\n  - id: a/b\n  - id: a/c\n");
+}
+
+#[test]
+fn namespaces_must_be_rfc1123_labels() {
+    for good in ["default", "gitlab-agent", "ns1", "a"] {
+        let p = only_project(&project(&format!("    default_namespace: {good}\n")));
+        assert_eq!(p.default_namespace, good);
+    }
+    for bad in ["Default", "my_ns", "-ns", "ns-", "a.b", "''"] {
+        let e = err(&project(&format!("    default_namespace: {bad}\n")));
+        assert_eq!(
+            e.path(),
+            Some("gitops.manifest_projects[0].default_namespace"),
+            "{bad}"
+        );
+        assert_eq!(e.line(), Some(4), "{bad}");
+        assert!(
+            e.to_string().contains("is not a valid namespace name"),
+            "{e}"
+        );
+    }
+    let long = "a".repeat(64);
+    assert!(parse(&project(&format!("    default_namespace: {long}\n"))).is_err());
+    let e = err("ci_access:\n  groups:\n  - id: g\n    default_namespace: Bad\n");
+    assert_eq!(e.path(), Some("ci_access.groups[0].default_namespace"));
+    assert_eq!(e.line(), Some(4));
+}
+
+#[test]
+fn paths_rules() {
+    let e = err(&project("    paths:\n    - glob: ''\n"));
+    assert_eq!(
+        e.to_string(),
+        "gitops.manifest_projects[0].paths[0].glob: must not be empty (line 5)"
+    );
+    let e = err(&project("    paths:\n    - {}\n"));
+    assert_eq!(
+        e.to_string(),
+        "gitops.manifest_projects[0].paths[0]: missing required key \"glob\" (line 5)"
+    );
+
+    let list = |n: usize| -> String {
+        let mut s = String::from("    paths:\n");
+        for i in 0..n {
+            s.push_str(&format!("    - glob: 'dir{i}/*.yaml'\n"));
+        }
+        project(&s)
+    };
+    assert_eq!(
+        only_project(&list(MAX_PATHS_PER_PROJECT)).paths.len(),
+        MAX_PATHS_PER_PROJECT
+    );
+    assert_eq!(
+        err(&list(MAX_PATHS_PER_PROJECT + 1)).to_string(),
+        "gitops.manifest_projects[0].paths: 101 paths, at most 100 are allowed (line 4)"
+    );
+}
+
+#[test]
+fn durations() {
+    for (text, secs) in [
+        ("3600s", 3600),
+        ("1h", 3600),
+        ("10m", 600),
+        ("1h30m", 5400),
+        ("90s", 90),
+        ("'1h 30m'", 5400),
+        ("2hours", 7200),
+        ("0s", 0),
+    ] {
+        let p = only_project(&project(&format!(
+            "    reconcile_timeout: {text}\n    prune_timeout: {text}\n"
+        )));
+        assert_eq!(p.reconcile_timeout, Duration::from_secs(secs), "{text}");
+        assert_eq!(p.prune_timeout, Duration::from_secs(secs), "{text}");
+    }
+    let p = only_project(&project("    reconcile_timeout: 1.5s\n"));
+    assert_eq!(p.reconcile_timeout, Duration::from_millis(1500));
+
+    for bad in ["forever", "-1h", "3600", "1y2"] {
+        let e = err(&project(&format!("    prune_timeout: {bad}\n")));
+        assert_eq!(
+            e.path(),
+            Some("gitops.manifest_projects[0].prune_timeout"),
+            "{bad}: {e}"
+        );
+        assert_eq!(e.line(), Some(4), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn wrong_types_name_path_and_line() {
+    let cases = [
+        (
+            project("    prune: maybe\n"),
+            "gitops.manifest_projects[0].prune: invalid value, expected true or false (line 4)",
+        ),
+        (
+            "gitops:\n  manifest_projects: x\n".to_owned(),
+            "gitops.manifest_projects: invalid type, expected a list (line 2)",
+        ),
+        (
+            "gitops: 5\n".to_owned(),
+            "gitops: invalid type, expected a mapping (key: value) (line 1)",
+        ),
+        (
+            "- a\n- b\n".to_owned(),
+            "(top level): invalid type, expected a mapping (key: value) (line 1)",
+        ),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(err(&yaml).to_string(), want);
+    }
+}
+
+#[test]
+fn yaml_syntax_errors() {
+    let e = err("gitops:\n  manifest_projects:\n  - id: a/b\n   bad: indent\n");
+    match &e {
+        ConfigError::Syntax { line, column, .. } => {
+            assert_eq!((*line, *column), (4, 4));
+        }
+        other => panic!("expected a syntax error, got {other:?}"),
+    }
+    assert!(
+        e.to_string()
+            .starts_with("invalid YAML at line 4, column 4: "),
+        "{e}"
+    );
+    for yaml in [
+        "gitops: 'unterminated\n",
+        "gitops: {a: 1\n",
+        "gitops: [\n",
+        "gitops: {}\n---\ngitops: {}\n",
+    ] {
+        let e = err(yaml);
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{yaml:?}: {e:?}");
+    }
+    let e = err("gitops: {}\ngitops: {}\n");
+    assert_eq!(e.to_string(), "gitops: duplicate key \"gitops\" (line 2)");
+}
+
+#[test]
+fn ci_access() {
+    let c = ok("ci_access:
+  projects:
+  - id: group/app
+  - id: group/other
+    default_namespace: other
+    environments: [production, review/*]
+    access_as:
+      ci_job: {}
+  groups:
+  - id: group
+    access_as:
+      impersonate:
+        username: deployer
+        groups: [deployers, gitlab]
+        uid: '1234'
+        extra:
+        - key: reason
+          val: [deploy]
+        - key: empty
+  - id: group/sub
+    access_as:
+      agent: {}
+");
+    let mut want_first = CiAccessEntry::new("group/app");
+    assert_eq!(c.ci_access.projects[0], want_first);
+    assert_eq!(
+        c.ci_access.projects[0].access_as,
+        CiAccessAs::Agent(AsAgent {})
+    );
+    assert_eq!(c.ci_access.projects[0].default_namespace, None);
+    assert!(c.ci_access.projects[0].environments.is_empty());
+    want_first.id = "group/other".to_owned();
+    want_first.default_namespace = Some("other".to_owned());
+    want_first.environments = vec!["production".to_owned(), "review/*".to_owned()];
+    want_first.access_as = CiAccessAs::CiJob(AsCiJob {});
+    assert_eq!(c.ci_access.projects[1], want_first);
+    assert_eq!(
+        c.ci_access.groups[0].access_as,
+        CiAccessAs::Impersonate(Impersonate {
+            username: "deployer".to_owned(),
+            groups: vec!["deployers".to_owned(), "gitlab".to_owned()],
+            uid: Some("1234".to_owned()),
+            extra: vec![
+                ExtraKeyVal {
+                    key: "reason".to_owned(),
+                    val: vec!["deploy".to_owned()],
+                },
+                ExtraKeyVal {
+                    key: "empty".to_owned(),
+                    val: vec![],
+                },
+            ],
+        })
+    );
+    assert_eq!(
+        c.ci_access.groups[1].access_as,
+        CiAccessAs::Agent(AsAgent {})
+    );
+
+    let cases = [
+        (
+            "ci_access:\n  projects:\n  - id: a/b\n    access_as:\n      agent: {}\n      ci_job: {}\n",
+            "ci_access.projects[0].access_as: exactly one of agent, impersonate, ci_job must \
+             be set, found 2: agent, ci_job (line 4)",
+        ),
+        (
+            "ci_access:\n  projects:\n  - id: a/b\n    access_as: {}\n",
+            "ci_access.projects[0].access_as: exactly one of agent, impersonate, ci_job must \
+             be set, found none (line 4)",
+        ),
+        (
+            "ci_access:\n  groups:\n  - id: g\n    access_as:\n      impersonate:\n        groups: [x]\n",
+            "ci_access.groups[0].access_as.impersonate: missing required key \"username\" (line 5)",
+        ),
+        (
+            "ci_access:\n  groups:\n  - id: g\n    access_as:\n      impersonate:\n        username: ''\n",
+            "ci_access.groups[0].access_as.impersonate.username: must not be empty (line 6)",
+        ),
+        (
+            "ci_access:\n  projects:\n  - default_namespace: x\n",
+            "ci_access.projects[0]: missing required key \"id\" (line 3)",
+        ),
+        (
+            "ci_access:\n  projects:\n  - id: a/b\n    environments: ['']\n",
+            "ci_access.projects[0].environments[0]: must not be empty (line 4)",
+        ),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(err(yaml).to_string(), want);
+    }
+}
+
+#[test]
+fn user_access() {
+    let c = ok("user_access:
+  access_as:
+    user: {}
+  projects:
+  - id: group/app
+  groups:
+  - id: group
+");
+    assert_eq!(
+        c.user_access,
+        Some(UserAccess {
+            access_as: UserAccessAs::User(AsUser {}),
+            projects: vec![UserAccessEntry {
+                id: "group/app".to_owned()
+            }],
+            groups: vec![UserAccessEntry {
+                id: "group".to_owned()
+            }],
+        })
+    );
+    let c = ok("user_access:\n  access_as: {agent: {}}\n");
+    assert_eq!(
+        c.user_access.map(|u| u.access_as),
+        Some(UserAccessAs::Agent(AsAgent {}))
+    );
+
+    let cases = [
+        (
+            "user_access:\n  projects:\n  - id: a/b\n",
+            "user_access: missing required key \"access_as\" (line 1)",
+        ),
+        (
+            "user_access:\n  access_as:\n    agent: {}\n    user: {}\n",
+            "user_access.access_as: exactly one of agent, user must be set, found 2: agent, user \
+             (line 2)",
+        ),
+        (
+            "user_access:\n  access_as: {}\n",
+            "user_access.access_as: exactly one of agent, user must be set, found none (line 2)",
+        ),
+        (
+            "user_access:\n  access_as:\n    ci_job: {}\n",
+            "user_access.access_as.ci_job: unknown key \"ci_job\", expected one of agent, user \
+             (line 3)",
+        ),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(err(yaml).to_string(), want);
+    }
+
+    let entries = |projects: usize, groups: usize| -> String {
+        let mut s = String::from("user_access:\n  access_as: {user: {}}\n  projects:\n");
+        for i in 0..projects {
+            s.push_str(&format!("  - id: p/{i}\n"));
+        }
+        s.push_str("  groups:\n");
+        for i in 0..groups {
+            s.push_str(&format!("  - id: g{i}\n"));
+        }
+        s
+    };
+    let c = ok(&entries(300, MAX_USER_ACCESS_ENTRIES - 300));
+    assert_eq!(c.user_access.map(|u| u.projects.len()), Some(300));
+    assert_eq!(
+        err(&entries(300, MAX_USER_ACCESS_ENTRIES - 299)).to_string(),
+        "user_access: 501 projects and groups, at most 500 are allowed (line 1)"
+    );
+}
+
+const REALISTIC: &str = "\
+# Agent configuration for the production cluster.
+gitops:
+  manifest_projects:
+  - id: platform/manifests
+    default_namespace: platform
+    paths:
+    - glob: 'base/**/*.yaml'
+    - glob: 'overlays/prod/*.{yaml,yml}'
+    reconcile_timeout: 3600s
+    dry_run_strategy: none
+    prune: true
+    prune_timeout: 360s
+    prune_propagation_policy: foreground
+    inventory_policy: must_match
+    ref:
+      branch: production
+  - id: 4711
+    ref:
+      commit: 0123456789abcdef0123456789abcdef01234567
+ci_access:
+  projects:
+  - id: platform/app
+    default_namespace: app
+    environments:
+    - production
+    access_as:
+      ci_job: {}
+  groups:
+  - id: platform
+    access_as:
+      impersonate:
+        username: gitlab-ci
+        groups: [ci]
+user_access:
+  access_as:
+    user: {}
+  groups:
+  - id: platform/sre
+observability:
+  logging:
+    level: debug
+    grpc_level: warn
+";
+
+#[test]
+fn realistic_config() {
+    let c = ok(REALISTIC);
+    assert_eq!(c.gitops.manifest_projects.len(), 2);
+    let first = &c.gitops.manifest_projects[0];
+    assert_eq!(first.prune_timeout, Duration::from_secs(360));
+    assert_eq!(first.git_ref, Some(GitRef::Branch("production".to_owned())));
+    let second = &c.gitops.manifest_projects[1];
+    assert_eq!(second.id, ProjectRef::Numeric(4711));
+    assert_eq!(second.default_namespace, "default");
+    assert_eq!(c.ci_access.projects.len(), 1);
+    assert_eq!(c.ci_access.groups.len(), 1);
+    assert_eq!(c.user_access.as_ref().map(|u| u.groups.len()), Some(1));
+    assert_eq!(c.observability.logging.level, LogLevel::Debug);
+    assert_eq!(c.observability.logging.grpc_level, LogLevel::Warn);
+    assert_eq!(c.validate(), Ok(()));
+    assert_eq!(c.gitops.validate(), Ok(()));
+    assert_eq!(c.ci_access.validate(), Ok(()));
+    assert_eq!(
+        c.user_access.as_ref().map(UserAccess::validate),
+        Some(Ok(()))
+    );
+    assert_eq!(c.observability.validate(), Ok(()));
+}
+
+#[test]
+fn json_round_trip_for_kas_to_agentk() -> Result<(), serde_json::Error> {
+    for yaml in [REALISTIC, SEED, ""] {
+        let c = ok(yaml);
+        let json = serde_json::to_string(&c)?;
+        let back: AgentConfig = serde_json::from_str(&json)?;
+        assert_eq!(back, c, "{json}");
+    }
+    let json = serde_json::to_value(ok(REALISTIC))?;
+    let p = &json["gitops"]["manifest_projects"];
+    assert_eq!(p[0]["reconcile_timeout"], "3600s");
+    assert_eq!(p[0]["ref"], serde_json::json!({"branch": "production"}));
+    assert_eq!(p[1]["id"], 4711);
+    assert_eq!(
+        json["ci_access"]["projects"][0]["access_as"],
+        serde_json::json!({"ci_job": {}})
+    );
+    assert_eq!(
+        json["user_access"]["access_as"],
+        serde_json::json!({"user": {}})
+    );
+    Ok(())
+}
+
+#[test]
+fn validate_on_built_values_names_paths_without_lines() {
+    let mut gitops = Gitops::default();
+    gitops
+        .manifest_projects
+        .push(ManifestProject::new(ProjectRef::Path("a/b".to_owned())));
+    let mut bad = ManifestProject::new(ProjectRef::Numeric(0));
+    bad.default_namespace = "x".to_owned();
+    gitops.manifest_projects.push(bad);
+    let e = gitops.validate().err();
+    assert_eq!(
+        e,
+        Some(ConfigError::Invalid {
+            path: "gitops.manifest_projects[1].id".to_owned(),
+            line: None,
+            message: "project id 0 must be positive".to_owned(),
+        })
+    );
+
+    let config = AgentConfig {
+        gitops: Gitops::default(),
+        user_access: Some(UserAccess {
+            access_as: UserAccessAs::Agent(AsAgent {}),
+            projects: vec![UserAccessEntry {
+                id: "not a path".to_owned(),
+            }],
+            groups: vec![],
+        }),
+        ..AgentConfig::default()
+    };
+    assert_eq!(
+        config.validate().map_err(|e| e.to_string()),
+        Err(
+            "user_access.projects[0].id: \"not a path\" is not a valid project path \
+             (expected e.g. \"group/subgroup/name\")"
+                .to_owned()
+        )
+    );
+}
+
+#[test]
+fn size_limit_and_utf8() {
+    assert_eq!(MAX_CONFIG_SIZE, 128 * 1024);
+    // Exactly at the limit: a valid document padded with a comment.
+    let mut at_limit = SEED.as_bytes().to_vec();
+    at_limit.extend_from_slice(b"# ");
+    at_limit.resize(MAX_CONFIG_SIZE - 1, b'x');
+    at_limit.push(b'\n');
+    assert_eq!(at_limit.len(), MAX_CONFIG_SIZE);
+    let c = match parse_bytes(&at_limit) {
+        Ok(c) => c,
+        Err(e) => panic!("a file of exactly the limit must be accepted: {e}"),
+    };
+    assert_eq!(c.gitops.manifest_projects.len(), 1);
+
+    let mut over = at_limit.clone();
+    over.insert(0, b'\n');
+    let e = parse_bytes(&over).err();
+    assert_eq!(
+        e,
+        Some(ConfigError::TooLarge {
+            size: MAX_CONFIG_SIZE + 1,
+            limit: MAX_CONFIG_SIZE,
+        })
+    );
+    assert_eq!(
+        e.map(|e| e.to_string()),
+        Some("config file is 131073 bytes, over the limit of 131072 bytes".to_owned())
+    );
+
+    assert_eq!(
+        parse_bytes(b"gitops: \xff\n").err(),
+        Some(ConfigError::NotUtf8 { valid_up_to: 8 })
+    );
+    assert_eq!(parse_bytes(b""), Ok(AgentConfig::default()));
+    assert_eq!(parse_bytes(b"# nothing\n"), Ok(AgentConfig::default()));
+}

@@ -1,0 +1,198 @@
+//! Errors of this crate. gix's own error types never appear in signatures: they are boxed as
+//! sources, so a gix upgrade cannot break callers.
+
+use std::path::PathBuf;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of [`Mirror`](crate::Mirror).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Fetching from the remote failed; the mirror keeps its previous state.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The mirror directory could not be opened or created.
+    #[error("cannot open or create the mirror at {path}: {source}")]
+    Open {
+        /// The mirror directory.
+        path: PathBuf,
+        /// Why.
+        source: BoxError,
+    },
+    /// The mirror directory holds a repository with a work tree; mirrors are bare.
+    #[error("{path} is not a bare repository")]
+    NotBare {
+        /// The mirror directory.
+        path: PathBuf,
+    },
+    /// A branch, tag, or commit that the mirror does not have.
+    #[error("{0} not found in the mirror (has it been fetched?)")]
+    NotFound(String),
+    /// Not a full hex commit id.
+    #[error("invalid commit id {0:?}: expected a full hex object id")]
+    InvalidCommitId(String),
+    /// A branch or tag name that is not a valid ref name.
+    #[error("invalid branch or tag name {0:?}")]
+    InvalidRefName(String),
+    /// A path with empty, `.` or `..` components.
+    #[error("invalid path {0:?}: empty, '.' and '..' components are not allowed")]
+    InvalidPath(String),
+    /// The file is over the caller's size limit; its content was not read.
+    #[error("file {path} is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// The requested path.
+        path: String,
+        /// The blob's size.
+        size: u64,
+        /// The caller's limit.
+        limit: u64,
+    },
+    /// A listing visited more tree entries than allowed.
+    #[error(
+        "listing files under {prefix:?} visited more than {limit} entries; use a narrower path or raise the limit"
+    )]
+    TooManyEntries {
+        /// The requested prefix.
+        prefix: String,
+        /// The caller's limit.
+        limit: usize,
+    },
+    /// Reading the repository failed (corruption, I/O).
+    #[error("{context}: {source}")]
+    Git {
+        /// What was being done.
+        context: &'static str,
+        /// The underlying error.
+        source: BoxError,
+    },
+    /// The blocking task running a fetch panicked or was cancelled.
+    #[error("the fetch task failed: {0}")]
+    Task(String),
+}
+
+/// Why a fetch failed, in terms a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The remote could not be reached (DNS, connection refused, timeout).
+    #[error("cannot reach {remote}: {detail}")]
+    Unreachable {
+        /// The remote (without credentials).
+        remote: String,
+        /// The underlying error chain.
+        detail: String,
+    },
+    /// The remote rejected or required credentials.
+    #[error("authentication to {remote} failed: {detail}")]
+    Auth {
+        /// The remote (without credentials).
+        remote: String,
+        /// The underlying error chain.
+        detail: String,
+    },
+    /// The remote is reachable but there is no repository there (or it is not exported to us).
+    #[error("{remote} is not a Git repository or does not exist: {detail}")]
+    NotARepository {
+        /// The remote (without credentials).
+        remote: String,
+        /// The underlying error chain.
+        detail: String,
+    },
+    /// Anything else (protocol errors, a corrupt pack, local disk errors).
+    #[error("fetching from {remote} failed: {detail}")]
+    Other {
+        /// The remote (without credentials).
+        remote: String,
+        /// The underlying error chain.
+        detail: String,
+    },
+}
+
+/// Maps a gix fetch error to a [`FetchError`].
+///
+/// gix reports transport failures through several layers (its classified errors, `std::io`
+/// errors, HTTP statuses as text, and stderr of a spawned `git-upload-pack` for local remotes),
+/// so this looks at all of them: first typed signals, then well-known messages.
+pub(crate) fn classify_fetch_error(
+    remote: &str,
+    has_credentials: bool,
+    err: gix::Error,
+) -> FetchError {
+    // Outer messages often already embed their source's text; keep each piece once.
+    let mut detail = String::new();
+    for message in err.iter_errors().map(ToString::to_string) {
+        if !detail.contains(&message) {
+            if !detail.is_empty() {
+                detail.push_str(": ");
+            }
+            detail.push_str(&message);
+        }
+    }
+    let remote = remote.to_owned();
+    let lower = detail.to_lowercase();
+
+    let io_kind = err
+        .iter_errors()
+        .find_map(|e| e.downcast_ref::<std::io::Error>().map(std::io::Error::kind));
+    use std::io::ErrorKind as K;
+    let unreachable_io = matches!(
+        io_kind,
+        Some(
+            K::ConnectionRefused
+                | K::ConnectionReset
+                | K::ConnectionAborted
+                | K::TimedOut
+                | K::HostUnreachable
+                | K::NetworkUnreachable
+                | K::AddrNotAvailable
+        )
+    );
+
+    let auth_text = [
+        "authentication",
+        "unauthorized",
+        "401",
+        "403",
+        "forbidden",
+        "credentials",
+        "permission denied",
+    ];
+    let not_repo_text = [
+        "not a git repository",
+        "no such repository",
+        "does not appear to be a git repository",
+        "repository not found",
+        "not exported",
+        "access denied",
+        "404",
+        "not found",
+        "no such file or directory",
+    ];
+    let unreachable_text = [
+        "connection refused",
+        "could not resolve",
+        "failed to lookup address",
+        "dns error",
+        "timed out",
+        "no route to host",
+        "network is unreachable",
+        "error trying to connect",
+        "connection reset",
+    ];
+
+    if err.is_unauthenticated()
+        || err.is_permission_denied()
+        || auth_text.iter().any(|t| lower.contains(t))
+    {
+        if !has_credentials {
+            // gix's own wording here is about credential helpers, which we never use.
+            detail = format!("the remote requires credentials and none are configured ({detail})");
+        }
+        FetchError::Auth { remote, detail }
+    } else if unreachable_io || unreachable_text.iter().any(|t| lower.contains(t)) {
+        FetchError::Unreachable { remote, detail }
+    } else if not_repo_text.iter().any(|t| lower.contains(t)) {
+        FetchError::NotARepository { remote, detail }
+    } else {
+        FetchError::Other { remote, detail }
+    }
+}

@@ -1,0 +1,671 @@
+//! Bare mirrors of remote repositories and reads straight from their object database.
+//!
+//! Everything gix-specific stays in this module: gix has frequent breaking releases, and the rest
+//! of tether should only see [`Mirror`], [`CommitId`] and plain data.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use gix::bstr::{BStr, ByteSlice};
+use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
+use gix::remote::Direction;
+
+use crate::error::{BoxError, Error, FetchError, classify_fetch_error};
+use crate::remote::Remote;
+
+/// Refspecs of a mirror: every branch and tag, force-updated (`+`) so rewritten history on the
+/// remote replaces ours, as `git clone --mirror` does.
+const MIRROR_REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
+
+/// Config applied in memory to every opened mirror. The identity is only used for reflog
+/// entries; it avoids depending on the server's global Git configuration, which an isolated
+/// open does not read anyway.
+const CONFIG_OVERRIDES: [&str; 3] = [
+    "user.name=tether",
+    "user.email=tether@localhost",
+    "core.logAllRefUpdates=false",
+];
+
+/// A full commit id (hex SHA-1).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CommitId(gix::ObjectId);
+
+impl CommitId {
+    /// Parses a full hex commit id (40 characters for SHA-1).
+    pub fn from_hex(hex: &str) -> Result<CommitId, Error> {
+        gix::ObjectId::from_hex(hex.trim().as_bytes())
+            .map(CommitId)
+            .map_err(|_| Error::InvalidCommitId(hex.to_owned()))
+    }
+
+    /// The id as lowercase hex.
+    pub fn to_hex(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+impl fmt::Display for CommitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for CommitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CommitId({})", self.0)
+    }
+}
+
+impl std::str::FromStr for CommitId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        CommitId::from_hex(s)
+    }
+}
+
+/// What to read from: a branch, a tag, a commit, or the remote's default branch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GitRef {
+    /// The branch the remote's `HEAD` pointed at when last fetched.
+    DefaultBranch,
+    /// A branch name, without `refs/heads/`.
+    Branch(String),
+    /// A tag name, without `refs/tags/`; annotated tags are peeled to their commit.
+    Tag(String),
+    /// A full commit id; it must have been fetched (be reachable from a branch or tag).
+    Commit(String),
+}
+
+/// A file found by [`Mirror::list_files`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Path from the repository root, `/`-separated.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// One reference that a fetch created, moved or deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefChange {
+    /// Full name, like `refs/heads/main`.
+    pub name: String,
+    /// Object id (hex) before the fetch; `None` if the ref is new.
+    pub old: Option<String>,
+    /// Object id (hex) after the fetch; `None` if the ref was deleted on the remote.
+    pub new: Option<String>,
+}
+
+/// The result of [`Mirror::fetch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchOutcome {
+    /// Refs that changed, sorted by name.
+    pub changes: Vec<RefChange>,
+    /// The default branch after the fetch.
+    pub default_branch: Option<String>,
+}
+
+impl FetchOutcome {
+    /// Whether any branch or tag changed.
+    pub fn changed(&self) -> bool {
+        !self.changes.is_empty()
+    }
+}
+
+/// A bare mirror of one remote repository in a local directory.
+///
+/// Cheap to clone (shared inside). Reads may run concurrently with a fetch: new objects arrive
+/// in new pack files and refs are replaced atomically, so a reader sees either the old or the new
+/// state. Use one `Mirror` per directory: fetches are serialized per instance only.
+#[derive(Clone)]
+pub struct Mirror {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    remote: Remote,
+    repo: gix::ThreadSafeRepository,
+    /// Two fetches into one repository at once would race on ref locks and fail; queue them.
+    fetch_lock: Mutex<()>,
+}
+
+impl fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mirror")
+            .field("dir", &self.inner.dir)
+            .field("remote", &self.inner.remote)
+            .finish()
+    }
+}
+
+fn git_err<E: std::error::Error + Send + Sync + 'static>(
+    context: &'static str,
+) -> impl FnOnce(E) -> Error {
+    move |e| Error::Git {
+        context,
+        source: Box::new(e) as BoxError,
+    }
+}
+
+impl Mirror {
+    /// Opens the bare repository in `dir`, or creates it (and missing parents) if `dir` does not
+    /// exist or is empty. Nothing is fetched yet.
+    ///
+    /// The mirror is opened isolated from the server's global and system Git configuration and
+    /// environment, so a user's `~/.gitconfig` (URL rewrites, credential helpers) cannot change
+    /// what the server fetches.
+    pub fn open_or_init(dir: impl Into<PathBuf>, remote: Remote) -> Result<Mirror, Error> {
+        let dir = dir.into();
+        let open_err = |source: BoxError| Error::Open {
+            path: dir.clone(),
+            source,
+        };
+        let is_empty_dir = std::fs::read_dir(&dir)
+            .map(|mut entries| entries.next().is_none())
+            .unwrap_or(false);
+        if !dir.exists() || is_empty_dir {
+            std::fs::create_dir_all(&dir).map_err(|e| open_err(Box::new(e)))?;
+            gix::init_bare(&dir).map_err(|e| open_err(Box::new(e)))?;
+        }
+        let options = gix::open::Options::isolated().config_overrides(CONFIG_OVERRIDES);
+        let repo = gix::open_opts(&dir, options).map_err(|e| open_err(Box::new(e)))?;
+        if !repo.is_bare() {
+            return Err(Error::NotBare { path: dir });
+        }
+        Ok(Mirror {
+            inner: Arc::new(Inner {
+                dir,
+                remote,
+                repo: repo.into_sync(),
+                fetch_lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The mirror's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The remote this mirror fetches from.
+    pub fn remote(&self) -> &Remote {
+        &self.inner.remote
+    }
+
+    fn repo(&self) -> gix::Repository {
+        self.inner.repo.to_thread_local()
+    }
+
+    /// Fetches all branches and tags from the remote, force-updating local refs, removing refs
+    /// deleted on the remote, and recording the remote's default branch.
+    ///
+    /// Blocking (network and disk I/O): from async code use [`Mirror::fetch_async`]. On failure
+    /// the mirror is left as it was, so previously fetched commits stay readable.
+    pub fn fetch(&self) -> Result<FetchOutcome, Error> {
+        // A poisoned lock only means another fetch panicked; the repository itself is consistent
+        // because ref updates are transactional.
+        let _guard = self
+            .inner
+            .fetch_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let remote = &self.inner.remote;
+        if let Some(path) = remote.local_path()
+            && !path.exists()
+        {
+            // Checked here because the file transport's own error for this case is an opaque
+            // failure of a spawned `git-upload-pack`.
+            return Err(FetchError::NotARepository {
+                remote: remote.to_string(),
+                detail: "the path does not exist".to_owned(),
+            }
+            .into());
+        }
+
+        let repo = self.repo();
+        let before = branch_and_tag_ids(&repo)?;
+        let remote_refs = self.receive(&repo)?;
+
+        // Prune: refs under refs/heads and refs/tags that the remote no longer advertises. The
+        // advertisement was filtered to exactly these prefixes (plus HEAD), so anything absent
+        // was deleted upstream.
+        let advertised: BTreeSet<&BStr> = remote_refs
+            .iter()
+            .map(|r| r.unpack().0)
+            .filter(|name| name.starts_with(b"refs/heads/") || name.starts_with(b"refs/tags/"))
+            .collect();
+        let deletions: Vec<RefEdit> = branch_and_tag_ids(&repo)?
+            .into_iter()
+            .filter(|(name, _)| !advertised.contains(name.as_bytes().as_bstr()))
+            .filter_map(|(name, id)| {
+                Some(RefEdit {
+                    change: Change::Delete {
+                        expected: PreviousValue::MustExistAndMatch(gix::refs::Target::Object(id)),
+                        log: RefLog::AndReference,
+                    },
+                    name: name.try_into().ok()?,
+                    deref: false,
+                })
+            })
+            .collect();
+        if !deletions.is_empty() {
+            repo.edit_references(deletions)
+                .map_err(git_err("deleting refs removed on the remote"))?;
+        }
+
+        // Record the remote's default branch as our HEAD, as `git clone --mirror` does.
+        let remote_head = remote_refs.iter().find_map(|r| match r {
+            gix::protocol::handshake::Ref::Symbolic {
+                full_ref_name,
+                target,
+                ..
+            }
+            | gix::protocol::handshake::Ref::Unborn {
+                full_ref_name,
+                target,
+            } if full_ref_name == "HEAD" && target.starts_with(b"refs/heads/") => Some(target),
+            _ => None,
+        });
+        if let Some(target) = remote_head
+            && repo
+                .head_name()
+                .ok()
+                .flatten()
+                .is_none_or(|current| current.as_bstr() != target.as_bstr())
+        {
+            let target: gix::refs::FullName = target
+                .as_bstr()
+                .try_into()
+                .map_err(git_err("recording the remote's HEAD"))?;
+            let head: gix::refs::FullName = "HEAD"
+                .try_into()
+                .map_err(git_err("recording the remote's HEAD"))?;
+            repo.edit_reference(RefEdit {
+                change: Change::Update {
+                    log: LogChange::default(),
+                    expected: PreviousValue::Any,
+                    new: gix::refs::Target::Symbolic(target),
+                },
+                name: head,
+                deref: false,
+            })
+            .map_err(git_err("recording the remote's HEAD"))?;
+        }
+
+        let after = branch_and_tag_ids(&repo)?;
+        let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+        let changes = names
+            .into_iter()
+            .filter_map(|name| {
+                let old = before.get(name);
+                let new = after.get(name);
+                (old != new).then(|| RefChange {
+                    name: name.clone(),
+                    old: old.map(ToString::to_string),
+                    new: new.map(ToString::to_string),
+                })
+            })
+            .collect();
+        let outcome = FetchOutcome {
+            changes,
+            default_branch: self.default_branch()?,
+        };
+        tracing::debug!(remote = %remote, dir = %self.inner.dir.display(), changes = outcome.changes.len(), "fetched mirror");
+        Ok(outcome)
+    }
+
+    /// Connects, negotiates and receives the pack; returns the remote's advertised refs.
+    fn receive(&self, repo: &gix::Repository) -> Result<Vec<gix::protocol::handshake::Ref>, Error> {
+        let remote = &self.inner.remote;
+        let has_credentials = remote.credentials().is_some();
+        let classify = |e: gix::Error| {
+            Error::from(classify_fetch_error(
+                &remote.to_string(),
+                has_credentials,
+                e,
+            ))
+        };
+        let git_remote = repo
+            .remote_at(remote.transport_url().as_str())
+            .map_err(classify)?
+            .with_refspecs(MIRROR_REFSPECS, Direction::Fetch)
+            .map_err(git_err("configuring refspecs"))?
+            // Tags come from the explicit refspec; gix's tag following would duplicate them.
+            .with_fetch_tags(gix::remote::fetch::Tags::None);
+        let account = remote.credentials().map(|c| {
+            let (username, password) = c.basic_auth();
+            gix::sec::identity::Account {
+                username: username.to_owned(),
+                password: password.to_owned(),
+                oauth_refresh_token: None,
+            }
+        });
+        let connection = git_remote
+            .connect(Direction::Fetch)
+            .map_err(classify)?
+            // Always override gix's default (configured helpers, then a terminal prompt): a
+            // server must never prompt, and only uses the credentials it was given.
+            .with_credentials(move |action| match action {
+                gix::credentials::helper::Action::Get(ctx) => {
+                    Ok(account
+                        .clone()
+                        .map(|identity| gix::credentials::protocol::Outcome {
+                            identity,
+                            next: ctx.into(),
+                        }))
+                }
+                gix::credentials::helper::Action::Store(_)
+                | gix::credentials::helper::Action::Erase(_) => Ok(None),
+            });
+        // HEAD without a destination: fetched for its symref target only, like `git clone`.
+        let head_spec = gix::refspec::parse("HEAD".into(), gix::refspec::parse::Operation::Fetch)
+            .map_err(git_err("parsing the HEAD refspec"))?
+            .to_owned();
+        let options = gix::remote::ref_map::Options {
+            extra_refspecs: vec![head_spec],
+            ..Default::default()
+        };
+        let outcome = connection
+            .prepare_fetch(gix::progress::Discard, options)
+            .map_err(classify)?
+            .with_reflog_message(gix::remote::fetch::RefLogMessage::Prefixed {
+                action: "tether mirror fetch".into(),
+            })
+            .receive(gix::progress::Discard, &AtomicBool::new(false))
+            .map_err(classify)?;
+        Ok(outcome.ref_map.remote_refs)
+    }
+
+    /// [`Mirror::fetch`] on tokio's blocking pool, so network I/O does not stall the runtime.
+    pub async fn fetch_async(&self) -> Result<FetchOutcome, Error> {
+        let mirror = self.clone();
+        tokio::task::spawn_blocking(move || mirror.fetch())
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    /// The remote's default branch as seen at the last fetch (its `HEAD` symref). Falls back to
+    /// `main`, then `master`, when the remote did not advertise `HEAD` or it points at a branch
+    /// that does not exist. `None` if none of these exist (for example before the first fetch).
+    pub fn default_branch(&self) -> Result<Option<String>, Error> {
+        let repo = self.repo();
+        let head = repo
+            .head_name()
+            .map_err(git_err("reading HEAD"))?
+            .and_then(|name| {
+                name.as_bstr()
+                    .strip_prefix(b"refs/heads/")
+                    .map(|b| b.to_str_lossy().into_owned())
+            });
+        for candidate in head
+            .into_iter()
+            .chain(["main".to_owned(), "master".to_owned()])
+        {
+            if find_ref(&repo, &format!("refs/heads/{candidate}"))?.is_some() {
+                return Ok(Some(candidate));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Resolves `git_ref` to a commit present in the mirror.
+    pub fn resolve(&self, git_ref: &GitRef) -> Result<CommitId, Error> {
+        let repo = self.repo();
+        let full_name = match git_ref {
+            GitRef::DefaultBranch => {
+                let branch = self
+                    .default_branch()?
+                    .ok_or_else(|| Error::NotFound("the default branch".to_owned()))?;
+                format!("refs/heads/{branch}")
+            }
+            GitRef::Branch(name) => format!("refs/heads/{}", check_ref_name(name)?),
+            GitRef::Tag(name) => format!("refs/tags/{}", check_ref_name(name)?),
+            GitRef::Commit(hex) => {
+                let id = CommitId::from_hex(hex)?;
+                return match repo.try_find_object(id.0) {
+                    Ok(Some(object)) if object.kind == gix::object::Kind::Commit => Ok(id),
+                    Ok(Some(_)) => Err(Error::NotFound(format!(
+                        "commit {id} (the object is not a commit)"
+                    ))),
+                    Ok(None) => Err(Error::NotFound(format!("commit {id}"))),
+                    Err(e) => Err(git_err("looking up a commit")(e)),
+                };
+            }
+        };
+        let mut reference =
+            find_ref(&repo, &full_name)?.ok_or_else(|| Error::NotFound(full_name.clone()))?;
+        let commit = reference
+            .peel_to_commit()
+            .map_err(git_err("peeling a ref to its commit"))?;
+        Ok(CommitId(commit.id))
+    }
+
+    /// Reads the file at `path` in `commit`, straight from the object database.
+    ///
+    /// `None` when there is no file at `path` (missing, or a directory or submodule). Fails with
+    /// [`Error::TooLarge`] when the blob is over `max_size` bytes, checked from the object's
+    /// header before its content is inflated.
+    pub fn read_file(
+        &self,
+        commit: &CommitId,
+        path: &str,
+        max_size: u64,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let components = split_path(path)?;
+        if components.is_empty() {
+            return Ok(None);
+        }
+        let repo = self.repo();
+        let tree = commit_tree(&repo, commit)?;
+        let Some(entry) = tree
+            .lookup_entry(components.iter().map(|c| c.as_bytes()))
+            .map_err(git_err("looking up a path"))?
+        else {
+            return Ok(None);
+        };
+        if !entry.mode().is_blob() {
+            return Ok(None);
+        }
+        let header = repo
+            .find_header(entry.object_id())
+            .map_err(git_err("reading an object header"))?;
+        if header.size() > max_size {
+            return Err(Error::TooLarge {
+                path: path.to_owned(),
+                size: header.size(),
+                limit: max_size,
+            });
+        }
+        let object = repo
+            .find_object(entry.object_id())
+            .map_err(git_err("reading a blob"))?;
+        Ok(Some(object.detach().data))
+    }
+
+    /// Lists regular and executable files under the directory `prefix` (`""` or `"/"` for the
+    /// whole tree) at `commit`, recursively, sorted by path.
+    ///
+    /// Directories whose name starts with `.` (`.git*`, `.gitlab`, ...) are skipped; symlinks and
+    /// submodules are not files and are skipped too. Every tree entry looked at counts towards
+    /// `visit_limit`; past it the listing fails with [`Error::TooManyEntries`] rather than
+    /// returning a silently truncated list. A missing prefix gives an empty list.
+    pub fn list_files(
+        &self,
+        commit: &CommitId,
+        prefix: &str,
+        visit_limit: usize,
+    ) -> Result<Vec<FileEntry>, Error> {
+        let components = split_path(prefix)?;
+        let repo = self.repo();
+        let root = commit_tree(&repo, commit)?;
+        let start = if components.is_empty() {
+            root.id
+        } else {
+            match root
+                .lookup_entry(components.iter().map(|c| c.as_bytes()))
+                .map_err(git_err("looking up a path"))?
+            {
+                Some(entry) if entry.mode().is_tree() => entry.object_id(),
+                _ => return Ok(Vec::new()),
+            }
+        };
+        let base = components.join("/");
+        let mut visited = 0usize;
+        let mut files = Vec::new();
+        let mut stack = vec![(base, start)];
+        while let Some((dir, tree_id)) = stack.pop() {
+            let tree = repo.find_tree(tree_id).map_err(git_err("reading a tree"))?;
+            let decoded = tree.decode().map_err(git_err("decoding a tree"))?;
+            for entry in &decoded.entries {
+                visited += 1;
+                if visited > visit_limit {
+                    return Err(Error::TooManyEntries {
+                        prefix: prefix.to_owned(),
+                        limit: visit_limit,
+                    });
+                }
+                let name = entry.filename.to_str_lossy();
+                let path = if dir.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{dir}/{name}")
+                };
+                if entry.mode.is_tree() {
+                    if !name.starts_with('.') {
+                        stack.push((path, entry.oid.to_owned()));
+                    }
+                } else if entry.mode.is_blob() {
+                    let header = repo
+                        .find_header(entry.oid.to_owned())
+                        .map_err(git_err("reading an object header"))?;
+                    files.push(FileEntry {
+                        path,
+                        size: header.size(),
+                    });
+                }
+            }
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(files)
+    }
+}
+
+/// All refs under `refs/heads/` and `refs/tags/`, by full name, with the object they point to.
+fn branch_and_tag_ids(repo: &gix::Repository) -> Result<BTreeMap<String, gix::ObjectId>, Error> {
+    let platform = repo.references().map_err(git_err("listing refs"))?;
+    let mut out = BTreeMap::new();
+    for iter in [
+        platform.local_branches().map_err(git_err("listing refs"))?,
+        platform.tags().map_err(git_err("listing refs"))?,
+    ] {
+        for reference in iter {
+            let reference = reference.map_err(git_err("listing refs"))?;
+            if let Some(id) = reference.target().try_id() {
+                out.insert(reference.name().as_bstr().to_string(), id.to_owned());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn find_ref<'r>(
+    repo: &'r gix::Repository,
+    full_name: &str,
+) -> Result<Option<gix::Reference<'r>>, Error> {
+    repo.try_find_reference(full_name)
+        .map_err(git_err("looking up a ref"))
+}
+
+fn commit_tree<'r>(repo: &'r gix::Repository, commit: &CommitId) -> Result<gix::Tree<'r>, Error> {
+    let commit_obj = match repo.try_find_object(commit.0) {
+        Ok(Some(object)) => object.try_into_commit().map_err(|_| {
+            Error::NotFound(format!("commit {commit} (the object is not a commit)"))
+        })?,
+        Ok(None) => return Err(Error::NotFound(format!("commit {commit}"))),
+        Err(e) => return Err(git_err("looking up a commit")(e)),
+    };
+    commit_obj
+        .tree()
+        .map_err(git_err("reading a commit's tree"))
+}
+
+/// Rejects ref names that would escape `refs/heads/` or `refs/tags/` or look up something else.
+fn check_ref_name(name: &str) -> Result<&str, Error> {
+    let bad = name.is_empty()
+        || name.starts_with('/')
+        || name.ends_with('/')
+        || name
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        || name.contains(|c: char| c.is_control() || " ~^:?*[\\".contains(c))
+        || name.contains("@{");
+    if bad {
+        return Err(Error::InvalidRefName(name.to_owned()));
+    }
+    Ok(name)
+}
+
+/// Splits a repository path into components. A leading or trailing `/` is accepted (`"/"` and
+/// `""` are the root); `.`/`..` components are rejected because trees never contain them and a
+/// caller using them is probably trying to escape a directory it was confined to.
+fn split_path(path: &str) -> Result<Vec<&str>, Error> {
+    let trimmed = path.trim_matches('/');
+    if trimmed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let components: Vec<&str> = trimmed.split('/').collect();
+    if components
+        .iter()
+        .any(|c| c.is_empty() || *c == "." || *c == "..")
+    {
+        return Err(Error::InvalidPath(path.to_owned()));
+    }
+    Ok(components)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split() {
+        assert_eq!(split_path("").ok(), Some(vec![]));
+        assert_eq!(split_path("/").ok(), Some(vec![]));
+        assert_eq!(split_path("a/b/").ok(), Some(vec!["a", "b"]));
+        assert_eq!(split_path("/a").ok(), Some(vec!["a"]));
+        for bad in ["a//b", "../a", "a/./b", "a/.."] {
+            assert!(
+                matches!(split_path(bad), Err(Error::InvalidPath(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn ref_names_checked() {
+        for good in ["main", "feature/x", "v1.0.0"] {
+            assert!(check_ref_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "/x", "x/", "a/../b", "a b", "a:b", "HEAD@{1}", "a//b"] {
+            assert!(check_ref_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn commit_ids_parse() {
+        let hex = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(
+            CommitId::from_hex(hex).map(|c| c.to_hex()).ok(),
+            Some(hex.to_owned())
+        );
+        assert!(matches!(
+            CommitId::from_hex("xyz"),
+            Err(Error::InvalidCommitId(_))
+        ));
+        assert!(CommitId::from_hex("0123").is_err());
+    }
+}

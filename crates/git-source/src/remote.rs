@@ -1,0 +1,459 @@
+//! Where a project's repository lives, and the credentials used to reach it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Errors from parsing a [`Remote`] or loading [`Credentials`].
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The remote string was empty.
+    #[error("the remote is empty")]
+    Empty,
+    /// A URL scheme this crate does not fetch from.
+    #[error(
+        "unsupported remote {input:?}: expected an https://, http://, git:// or file:// URL or an absolute path (SSH remotes are not supported)"
+    )]
+    Unsupported {
+        /// The string as given.
+        input: String,
+    },
+    /// A URL with no host part.
+    #[error("remote {input:?} has no host")]
+    MissingHost {
+        /// The string as given.
+        input: String,
+    },
+    /// Credentials embedded in the URL. They would end up in logs and in the mirror's
+    /// configuration, so they must come from a credentials file instead.
+    #[error(
+        "remote {input:?} contains user information; put credentials in a credentials file instead of the URL"
+    )]
+    CredentialsInUrl {
+        /// The string as given, with the user information removed.
+        input: String,
+    },
+    /// `file://` URLs must name an absolute path on this machine.
+    #[error("file remote {input:?} must be of the form file:///absolute/path")]
+    BadFileUrl {
+        /// The string as given.
+        input: String,
+    },
+    /// A relative local path: it would depend on the server's working directory.
+    #[error("local remote path {input:?} must be absolute")]
+    RelativePath {
+        /// The string as given.
+        input: String,
+    },
+    /// Credentials were attached to a remote that would send them in clear text (or not at all).
+    #[error("credentials can only be used with https:// remotes, not {remote}")]
+    CredentialsNeedHttps {
+        /// The remote, without credentials.
+        remote: String,
+    },
+    /// The credentials file could not be read.
+    #[error("cannot read credentials file {path}: {source}")]
+    CredentialsRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The credentials file did not have a usable shape.
+    #[error("invalid credentials file {path}: {reason}")]
+    CredentialsInvalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (never includes the secret).
+        reason: &'static str,
+    },
+}
+
+/// Credentials for an `https://` remote.
+///
+/// A token is sent as HTTP basic auth with user `oauth2` and the token as password: GitLab accepts
+/// personal, project, group and OAuth tokens that way, and GitHub/Gitea accept tokens as the
+/// password for any user name. Basic auth (rather than a custom header) is what gix's HTTP
+/// transport supports natively, including answering a `401` challenge.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// An access token.
+    Token(String),
+    /// A user name and password.
+    Basic {
+        /// The user name.
+        username: String,
+        /// The password (or a token used as password).
+        password: String,
+    },
+}
+
+impl fmt::Debug for Credentials {
+    // Never print secrets, even in debug logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Token(_) => f.write_str("Credentials::Token(<redacted>)"),
+            Credentials::Basic { username, .. } => f
+                .debug_struct("Credentials::Basic")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
+impl Credentials {
+    /// The user name and password sent as HTTP basic auth.
+    pub fn basic_auth(&self) -> (&str, &str) {
+        match self {
+            Credentials::Token(token) => ("oauth2", token),
+            Credentials::Basic { username, password } => (username, password),
+        }
+    }
+
+    /// Reads credentials from a file, as mounted from a Kubernetes secret for example.
+    ///
+    /// Two shapes are accepted:
+    /// - the whole file (trimmed) is a token, on one line;
+    /// - `key=value` lines, like Git's credential protocol: `token=...`, or `username=...` and
+    ///   `password=...`. Blank lines and lines starting with `#` are ignored.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Credentials, RemoteError> {
+        let path = path.as_ref();
+        let text =
+            std::fs::read_to_string(path).map_err(|source| RemoteError::CredentialsRead {
+                path: path.to_owned(),
+                source,
+            })?;
+        Self::parse(&text).map_err(|reason| RemoteError::CredentialsInvalid {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+
+    fn parse(text: &str) -> Result<Credentials, &'static str> {
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        let is_key_value = lines.first().is_some_and(|l| {
+            l.starts_with("token=") || l.starts_with("username=") || l.starts_with("password=")
+        });
+        if !is_key_value {
+            return match lines.as_slice() {
+                [] => Err("the file is empty"),
+                [token] => Ok(Credentials::Token((*token).to_owned())),
+                _ => Err("expected a single token line or key=value lines"),
+            };
+        }
+        let (mut token, mut username, mut password) = (None, None, None);
+        for line in lines {
+            let Some((key, value)) = line.split_once('=') else {
+                return Err("a line is not of the form key=value");
+            };
+            let slot = match key.trim() {
+                "token" => &mut token,
+                "username" => &mut username,
+                "password" => &mut password,
+                _ => return Err("unknown key (expected token, username or password)"),
+            };
+            if slot.replace(value.trim().to_owned()).is_some() {
+                return Err("a key is repeated");
+            }
+        }
+        match (token, username, password) {
+            (Some(t), None, None) if !t.is_empty() => Ok(Credentials::Token(t)),
+            (None, Some(username), Some(password)) if !username.is_empty() => {
+                Ok(Credentials::Basic { username, password })
+            }
+            (Some(_), _, _) => Err("token cannot be combined with username/password"),
+            _ => Err("expected token=..., or both username=... and password=..."),
+        }
+    }
+}
+
+/// The kind of transport a [`Remote`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteKind {
+    /// `https://`
+    Https,
+    /// `http://` (no credentials allowed; meant for local servers and tests).
+    Http,
+    /// `git://` (the Git daemon protocol, unauthenticated).
+    Git,
+    /// A repository on this machine, given as `file:///path` or as an absolute path.
+    Local,
+}
+
+/// Where a project's repository is, plus optional credentials.
+///
+/// `Display` shows the location without credentials, so it is safe to log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Remote {
+    kind: RemoteKind,
+    /// For network remotes, the URL as given; for local ones, the absolute path.
+    location: String,
+    credentials: Option<Credentials>,
+}
+
+impl fmt::Debug for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Remote")
+            .field("kind", &self.kind)
+            .field("location", &self.location)
+            .field("credentials", &self.credentials)
+            .finish()
+    }
+}
+
+impl fmt::Display for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.location)
+    }
+}
+
+impl std::str::FromStr for Remote {
+    type Err = RemoteError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Remote::parse(s)
+    }
+}
+
+impl Remote {
+    /// Parses `https://host/path`, `http://host/path`, `git://host[:port]/path`,
+    /// `file:///abs/path` or `/abs/path`. User information in URLs is rejected (see
+    /// [`RemoteError::CredentialsInUrl`]); use [`Remote::with_credentials`].
+    pub fn parse(input: &str) -> Result<Remote, RemoteError> {
+        let s = input.trim();
+        if s.is_empty() {
+            return Err(RemoteError::Empty);
+        }
+        if let Some((scheme, rest)) = s.split_once("://") {
+            let kind = match scheme.to_ascii_lowercase().as_str() {
+                "https" => RemoteKind::Https,
+                "http" => RemoteKind::Http,
+                "git" => RemoteKind::Git,
+                "file" => {
+                    // Only `file:///abs`: a host part would silently be ignored by Git.
+                    if !rest.starts_with('/') {
+                        return Err(RemoteError::BadFileUrl {
+                            input: s.to_owned(),
+                        });
+                    }
+                    return Ok(Remote::local(PathBuf::from(rest)));
+                }
+                _ => {
+                    return Err(RemoteError::Unsupported {
+                        input: s.to_owned(),
+                    });
+                }
+            };
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            if let Some((_userinfo, host)) = authority.rsplit_once('@') {
+                return Err(RemoteError::CredentialsInUrl {
+                    input: format!("{scheme}://{host}{}", &rest[authority.len()..]),
+                });
+            }
+            let host = authority.rsplit_once(':').map_or(authority, |(h, _port)| h);
+            if host.is_empty() {
+                return Err(RemoteError::MissingHost {
+                    input: s.to_owned(),
+                });
+            }
+            return Ok(Remote {
+                kind,
+                location: s.to_owned(),
+                credentials: None,
+            });
+        }
+        let path = Path::new(s);
+        if path.is_absolute() {
+            return Ok(Remote::local(path.to_owned()));
+        }
+        // `user@host:path` is SSH's scp-like syntax; anything else is a relative path.
+        if s.contains(':') && !s.starts_with('.') {
+            return Err(RemoteError::Unsupported {
+                input: s.to_owned(),
+            });
+        }
+        Err(RemoteError::RelativePath {
+            input: s.to_owned(),
+        })
+    }
+
+    /// A repository on this machine.
+    pub fn local(path: impl Into<PathBuf>) -> Remote {
+        Remote {
+            kind: RemoteKind::Local,
+            location: path.into().to_string_lossy().into_owned(),
+            credentials: None,
+        }
+    }
+
+    /// Attaches credentials; only `https://` remotes accept them, so secrets never travel in
+    /// clear text.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Result<Remote, RemoteError> {
+        if self.kind != RemoteKind::Https {
+            return Err(RemoteError::CredentialsNeedHttps {
+                remote: self.location,
+            });
+        }
+        self.credentials = Some(credentials);
+        Ok(self)
+    }
+
+    /// The transport kind.
+    pub fn kind(&self) -> RemoteKind {
+        self.kind
+    }
+
+    /// The credentials, if any.
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
+    }
+
+    /// For local remotes, the repository's path.
+    pub fn local_path(&self) -> Option<&Path> {
+        (self.kind == RemoteKind::Local).then(|| Path::new(&self.location))
+    }
+
+    /// The URL handed to the Git transport (never contains credentials).
+    pub(crate) fn transport_url(&self) -> String {
+        match self.kind {
+            RemoteKind::Local => format!("file://{}", self.location),
+            _ => self.location.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_supported_remotes() {
+        let cases = [
+            ("https://gitlab.com/g/p.git", RemoteKind::Https),
+            ("http://127.0.0.1:8080/p.git", RemoteKind::Http),
+            ("git://127.0.0.1:9418/p.git", RemoteKind::Git),
+            ("file:///srv/repos/p.git", RemoteKind::Local),
+            ("/srv/repos/p.git", RemoteKind::Local),
+            ("  https://gitlab.com/g/p  ", RemoteKind::Https),
+        ];
+        for (input, kind) in cases {
+            let remote = Remote::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(remote.kind(), kind, "{input}");
+        }
+        assert_eq!(
+            Remote::parse("file:///srv/p.git")
+                .map(|r| r.transport_url())
+                .ok(),
+            Some("file:///srv/p.git".to_owned())
+        );
+    }
+
+    #[test]
+    fn rejects_bad_remotes() {
+        type Check = fn(&RemoteError) -> bool;
+        let cases: [(&str, Check); 8] = [
+            ("", |e| matches!(e, RemoteError::Empty)),
+            ("ssh://git@gitlab.com/g/p.git", |e| {
+                matches!(e, RemoteError::Unsupported { .. })
+            }),
+            ("git@gitlab.com:g/p.git", |e| {
+                matches!(e, RemoteError::Unsupported { .. })
+            }),
+            ("relative/path", |e| {
+                matches!(e, RemoteError::RelativePath { .. })
+            }),
+            ("file://host/path", |e| {
+                matches!(e, RemoteError::BadFileUrl { .. })
+            }),
+            ("https:///path", |e| {
+                matches!(e, RemoteError::MissingHost { .. })
+            }),
+            ("https://:443/path", |e| {
+                matches!(e, RemoteError::MissingHost { .. })
+            }),
+            (
+                "https://user:secret@gitlab.com/g/p.git",
+                |e| matches!(e, RemoteError::CredentialsInUrl { input } if !input.contains("secret")),
+            ),
+        ];
+        for (input, check) in cases {
+            match Remote::parse(input) {
+                Ok(r) => panic!("{input:?} parsed as {r:?}"),
+                Err(e) => assert!(check(&e), "{input:?}: unexpected error {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn credentials_only_over_https() {
+        let token = Credentials::Token("t".into());
+        assert!(
+            Remote::parse("https://gitlab.com/p")
+                .and_then(|r| r.with_credentials(token.clone()))
+                .is_ok()
+        );
+        for input in ["http://h/p", "git://h/p", "/p"] {
+            let err = Remote::parse(input).and_then(|r| r.with_credentials(token.clone()));
+            assert!(
+                matches!(err, Err(RemoteError::CredentialsNeedHttps { .. })),
+                "{input}"
+            );
+        }
+    }
+
+    #[test]
+    fn credentials_file_shapes() {
+        assert_eq!(
+            Credentials::parse("glpat-abc\n"),
+            Ok(Credentials::Token("glpat-abc".into()))
+        );
+        assert_eq!(
+            Credentials::parse("# comment\ntoken=abc=\n"),
+            Ok(Credentials::Token("abc=".into()))
+        );
+        assert_eq!(
+            Credentials::parse("username=bot\npassword=p=w\n"),
+            Ok(Credentials::Basic {
+                username: "bot".into(),
+                password: "p=w".into()
+            })
+        );
+        for bad in [
+            "",
+            "a\nb",
+            "username=bot",
+            "token=a\nusername=b\npassword=c",
+            "token=a\ntoken=b",
+            "token=a\nfoo=b",
+        ] {
+            assert!(Credentials::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(Credentials::Token("x".into()).basic_auth(), ("oauth2", "x"));
+        let debug = format!(
+            "{:?}",
+            Credentials::Basic {
+                username: "u".into(),
+                password: "hunter2".into()
+            }
+        );
+        assert!(!debug.contains("hunter2"));
+    }
+
+    #[test]
+    fn credentials_from_file() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("creds");
+        std::fs::write(&path, "token=abc\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            Credentials::from_file(&path).ok(),
+            Some(Credentials::Token("abc".into()))
+        );
+        assert!(matches!(
+            Credentials::from_file(dir.path().join("missing")),
+            Err(RemoteError::CredentialsRead { .. })
+        ));
+    }
+}

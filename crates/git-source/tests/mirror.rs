@@ -1,0 +1,832 @@
+//! Mirrors of real repositories made with the `git` CLI: local paths, `file://`, `git://` through
+//! a real `git daemon`, and an HTTP server that demands authentication.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tether_git_source::{
+    CommitId, Error, FetchError, FileEntry, GitRef, Mirror, Remote, RemoteKind,
+};
+
+const MAX: u64 = 1 << 20;
+
+/// Runs `git` isolated from the machine's configuration, failing the test on error.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=Test",
+            "-c",
+            "user.email=test@example.com",
+            "-c",
+            "commit.gpgsign=false",
+            "-c",
+            "tag.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A work-tree repository to push commits into, plus a cache directory for mirrors.
+struct Fixture {
+    tmp: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(default_branch: &str) -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(tmp.path().join("repos/project")).expect("mkdir");
+        let f = Fixture { tmp };
+        git(&f.src(), &["init", "-q", "-b", default_branch]);
+        f
+    }
+
+    fn repos(&self) -> PathBuf {
+        self.tmp.path().join("repos")
+    }
+
+    fn src(&self) -> PathBuf {
+        self.repos().join("project")
+    }
+
+    fn cache(&self, name: &str) -> PathBuf {
+        self.tmp.path().join("cache").join(format!("{name}.git"))
+    }
+
+    /// Writes `files`, removes `remove`, commits everything; returns the commit id.
+    fn commit(&self, files: &[(&str, &[u8])], remove: &[&str], message: &str) -> CommitId {
+        for (path, content) in files {
+            let full = self.src().join(path);
+            std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+            std::fs::write(full, content).expect("write");
+        }
+        for path in remove {
+            std::fs::remove_file(self.src().join(path)).expect("rm");
+        }
+        git(&self.src(), &["add", "-A"]);
+        git(
+            &self.src(),
+            &["commit", "-q", "--allow-empty", "-m", message],
+        );
+        self.head()
+    }
+
+    fn head(&self) -> CommitId {
+        CommitId::from_hex(&git(&self.src(), &["rev-parse", "HEAD"])).expect("commit id")
+    }
+
+    fn local_mirror(&self) -> Mirror {
+        Mirror::open_or_init(self.cache("local"), Remote::local(self.src())).expect("mirror")
+    }
+}
+
+fn read(mirror: &Mirror, commit: &CommitId, path: &str) -> Option<String> {
+    mirror
+        .read_file(commit, path, MAX)
+        .expect("read_file")
+        .map(|b| String::from_utf8(b).expect("utf-8"))
+}
+
+#[test]
+fn local_path_fetch_read_and_history() {
+    let f = Fixture::new("main");
+    let first = f.commit(&[("app.yaml", b"v1"), ("README", b"hi")], &[], "one");
+    let mirror = f.local_mirror();
+
+    let outcome = mirror.fetch().expect("first fetch");
+    assert!(outcome.changed());
+    assert_eq!(outcome.default_branch.as_deref(), Some("main"));
+    assert_eq!(
+        mirror
+            .resolve(&GitRef::Branch("main".into()))
+            .expect("resolve"),
+        first
+    );
+    assert_eq!(read(&mirror, &first, "app.yaml").as_deref(), Some("v1"));
+    assert_eq!(read(&mirror, &first, "/app.yaml").as_deref(), Some("v1"));
+    assert_eq!(read(&mirror, &first, "missing.yaml"), None);
+    assert_eq!(read(&mirror, &first, "app.yaml/deeper"), None);
+
+    // Nothing new: no ref changes.
+    assert!(!mirror.fetch().expect("idle fetch").changed());
+
+    let second = f.commit(&[("app.yaml", b"v2")], &["README"], "two");
+    // Not visible before the next fetch.
+    assert_eq!(
+        mirror.resolve(&GitRef::DefaultBranch).expect("resolve"),
+        first
+    );
+    let outcome = mirror.fetch().expect("second fetch");
+    assert_eq!(outcome.changes.len(), 1);
+    assert_eq!(outcome.changes[0].name, "refs/heads/main");
+    assert_eq!(
+        outcome.changes[0].old.as_deref(),
+        Some(first.to_hex().as_str())
+    );
+    assert_eq!(
+        outcome.changes[0].new.as_deref(),
+        Some(second.to_hex().as_str())
+    );
+    assert_eq!(
+        mirror.resolve(&GitRef::DefaultBranch).expect("resolve"),
+        second
+    );
+    assert_eq!(read(&mirror, &second, "app.yaml").as_deref(), Some("v2"));
+    assert_eq!(read(&mirror, &second, "README"), None);
+    // The old commit stays readable.
+    assert_eq!(read(&mirror, &first, "app.yaml").as_deref(), Some("v1"));
+    assert_eq!(read(&mirror, &first, "README").as_deref(), Some("hi"));
+
+    // Reopening an existing mirror keeps its content.
+    drop(mirror);
+    let reopened = f.local_mirror();
+    assert_eq!(read(&reopened, &second, "app.yaml").as_deref(), Some("v2"));
+}
+
+#[test]
+fn file_url_remote() {
+    let f = Fixture::new("main");
+    let commit = f.commit(&[("a.txt", b"from file url")], &[], "one");
+    let remote = Remote::parse(&format!("file://{}", f.src().display())).expect("remote");
+    assert_eq!(remote.kind(), RemoteKind::Local);
+    let mirror = Mirror::open_or_init(f.cache("file"), remote).expect("mirror");
+    mirror.fetch().expect("fetch");
+    assert_eq!(
+        read(&mirror, &commit, "a.txt").as_deref(),
+        Some("from file url")
+    );
+}
+
+#[test]
+fn branches_tags_commits_and_default_branch() {
+    let f = Fixture::new("trunk");
+    let first = f.commit(&[("f", b"1")], &[], "one");
+    git(&f.src(), &["tag", "light"]);
+    git(
+        &f.src(),
+        &["tag", "-a", "annotated", "-m", "an annotated tag"],
+    );
+    git(&f.src(), &["checkout", "-q", "-b", "main"]);
+    let on_main = f.commit(&[("f", b"main")], &[], "main");
+    git(&f.src(), &["checkout", "-q", "-b", "master"]);
+    git(&f.src(), &["checkout", "-q", "trunk"]);
+    let second = f.commit(&[("f", b"2")], &[], "two");
+
+    let mirror = f.local_mirror();
+    // Before any fetch there is no default branch.
+    assert_eq!(mirror.default_branch().expect("default"), None);
+    assert!(matches!(
+        mirror.resolve(&GitRef::DefaultBranch),
+        Err(Error::NotFound(_))
+    ));
+
+    mirror.fetch().expect("fetch");
+    // `trunk` although `main` and `master` exist: it comes from the remote's HEAD.
+    assert_eq!(
+        mirror.default_branch().expect("default").as_deref(),
+        Some("trunk")
+    );
+    let resolve = |r: GitRef| mirror.resolve(&r);
+    assert_eq!(resolve(GitRef::DefaultBranch).expect("default"), second);
+    assert_eq!(
+        resolve(GitRef::Branch("trunk".into())).expect("trunk"),
+        second
+    );
+    assert_eq!(
+        resolve(GitRef::Branch("main".into())).expect("main"),
+        on_main
+    );
+    assert_eq!(resolve(GitRef::Tag("light".into())).expect("light"), first);
+    assert_eq!(
+        resolve(GitRef::Tag("annotated".into())).expect("annotated"),
+        first
+    );
+    assert_eq!(
+        resolve(GitRef::Commit(first.to_hex())).expect("commit"),
+        first
+    );
+    assert!(matches!(
+        resolve(GitRef::Branch("nope".into())),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        resolve(GitRef::Tag("nope".into())),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        resolve(GitRef::Commit("0".repeat(40))),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        resolve(GitRef::Commit("abc".into())),
+        Err(Error::InvalidCommitId(_))
+    ));
+    assert!(matches!(
+        resolve(GitRef::Branch("../HEAD".into())),
+        Err(Error::InvalidRefName(_))
+    ));
+
+    // The remote switches its default branch: the next fetch follows.
+    git(&f.src(), &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let outcome = mirror.fetch().expect("fetch");
+    assert_eq!(outcome.default_branch.as_deref(), Some("main"));
+    assert_eq!(resolve(GitRef::DefaultBranch).expect("default"), on_main);
+}
+
+#[test]
+fn default_branch_falls_back_to_main_then_master() {
+    let f = Fixture::new("master");
+    f.commit(&[("f", b"1")], &[], "one");
+    let mirror = f.local_mirror();
+    mirror.fetch().expect("fetch");
+    assert_eq!(
+        mirror.default_branch().expect("default").as_deref(),
+        Some("master")
+    );
+    // The remote's HEAD points at a branch that does not exist: fall back.
+    git(&f.src(), &["branch", "-q", "main"]);
+    git(&f.src(), &["symbolic-ref", "HEAD", "refs/heads/gone"]);
+    mirror.fetch().expect("fetch");
+    assert_eq!(
+        mirror.default_branch().expect("default").as_deref(),
+        Some("main")
+    );
+}
+
+#[test]
+fn force_updates_and_prunes_like_a_mirror() {
+    let f = Fixture::new("main");
+    f.commit(&[("f", b"1")], &[], "one");
+    git(&f.src(), &["branch", "-q", "feature"]);
+    git(&f.src(), &["tag", "v1"]);
+    let rewritten_away = f.commit(&[("f", b"2")], &[], "two");
+    let mirror = f.local_mirror();
+    mirror.fetch().expect("fetch");
+    assert_eq!(
+        mirror.resolve(&GitRef::DefaultBranch).expect("main"),
+        rewritten_away
+    );
+
+    // Rewrite history (non-fast-forward) and delete a branch and a tag.
+    git(&f.src(), &["commit", "-q", "--amend", "-m", "two, amended"]);
+    let amended = f.head();
+    git(&f.src(), &["branch", "-q", "-D", "feature"]);
+    git(&f.src(), &["tag", "-d", "v1"]);
+    let outcome = mirror.fetch().expect("fetch");
+    let mut names: Vec<&str> = outcome.changes.iter().map(|c| c.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["refs/heads/feature", "refs/heads/main", "refs/tags/v1"]
+    );
+    assert_eq!(
+        mirror.resolve(&GitRef::DefaultBranch).expect("main"),
+        amended
+    );
+    assert!(matches!(
+        mirror.resolve(&GitRef::Branch("feature".into())),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        mirror.resolve(&GitRef::Tag("v1".into())),
+        Err(Error::NotFound(_))
+    ));
+    // The rewritten-away commit's objects are still there (nothing is garbage-collected).
+    assert_eq!(read(&mirror, &rewritten_away, "f").as_deref(), Some("2"));
+}
+
+#[test]
+fn list_files_prefix_dot_dirs_and_limit() {
+    let f = Fixture::new("main");
+    let commit = f.commit(
+        &[
+            ("root.yaml", b"r"),
+            (".gitignore", b"x"),
+            (".gitlab/ci.yml", b"ci"),
+            (".git-hidden/x.yaml", b"x"),
+            ("manifests/a.yaml", b"aaa"),
+            ("manifests/sub/b.yaml", b"bb"),
+            ("manifests/.hidden/c.yaml", b"c"),
+            ("manifests-other/d.yaml", b"d"),
+        ],
+        &[],
+        "tree",
+    );
+    std::os::unix::fs::symlink("root.yaml", f.src().join("manifests/link")).expect("symlink");
+    let commit_with_link = f.commit(&[], &[], "link");
+    let mirror = f.local_mirror();
+    mirror.fetch().expect("fetch");
+
+    let entry = |path: &str, size: u64| FileEntry {
+        path: path.to_owned(),
+        size,
+    };
+    assert_eq!(
+        mirror.list_files(&commit, "", 100).expect("list"),
+        vec![
+            entry(".gitignore", 1),
+            entry("manifests-other/d.yaml", 1),
+            entry("manifests/a.yaml", 3),
+            entry("manifests/sub/b.yaml", 2),
+            entry("root.yaml", 1),
+        ]
+    );
+    let under_manifests = vec![
+        entry("manifests/a.yaml", 3),
+        entry("manifests/sub/b.yaml", 2),
+    ];
+    for prefix in ["manifests", "manifests/", "/manifests/"] {
+        assert_eq!(
+            mirror.list_files(&commit, prefix, 100).expect("list"),
+            under_manifests,
+            "{prefix}"
+        );
+    }
+    // Symlinks are not files.
+    assert_eq!(
+        mirror
+            .list_files(&commit_with_link, "manifests", 100)
+            .expect("list"),
+        under_manifests
+    );
+    assert_eq!(
+        mirror
+            .list_files(&commit, "manifests/sub", 100)
+            .expect("list"),
+        vec![entry("manifests/sub/b.yaml", 2)]
+    );
+    assert_eq!(
+        mirror.list_files(&commit, "nope", 100).expect("list"),
+        vec![]
+    );
+    assert_eq!(
+        mirror.list_files(&commit, "root.yaml", 100).expect("list"),
+        vec![]
+    );
+    assert!(matches!(
+        mirror.list_files(&commit, "../x", 100),
+        Err(Error::InvalidPath(_))
+    ));
+
+    // manifests/ has a.yaml, sub, .hidden (3), then sub/ has b.yaml (1): 4 visits.
+    assert_eq!(
+        mirror
+            .list_files(&commit, "manifests", 4)
+            .map(|v| v.len())
+            .ok(),
+        Some(2)
+    );
+    let err = mirror
+        .list_files(&commit, "manifests", 3)
+        .expect_err("over the limit");
+    assert!(
+        matches!(err, Error::TooManyEntries { limit: 3, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("narrower path"), "{err}");
+}
+
+#[test]
+fn too_large_is_checked_before_reading() {
+    let f = Fixture::new("main");
+    let commit = f.commit(&[("big", &[b'x'; 100])], &[], "big");
+    let mirror = f.local_mirror();
+    mirror.fetch().expect("fetch");
+    let err = mirror.read_file(&commit, "big", 99).expect_err("too large");
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                size: 100,
+                limit: 99,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        mirror
+            .read_file(&commit, "big", 100)
+            .expect("read")
+            .map(|b| b.len()),
+        Some(100)
+    );
+}
+
+#[test]
+fn failed_fetch_keeps_previous_data() {
+    let f = Fixture::new("main");
+    let commit = f.commit(&[("app.yaml", b"kept")], &[], "one");
+    let mirror = f.local_mirror();
+    mirror.fetch().expect("fetch");
+
+    // The remote disappears.
+    std::fs::rename(f.src(), f.repos().join("moved")).expect("rename");
+    let err = mirror.fetch().expect_err("remote is gone");
+    assert!(
+        matches!(err, Error::Fetch(FetchError::NotARepository { .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("not a Git repository"), "{err}");
+    assert_eq!(read(&mirror, &commit, "app.yaml").as_deref(), Some("kept"));
+    assert_eq!(
+        mirror.resolve(&GitRef::DefaultBranch).expect("resolve"),
+        commit
+    );
+
+    // A path that exists but is not a repository.
+    let not_repo = f.tmp.path().join("empty");
+    std::fs::create_dir_all(&not_repo).expect("mkdir");
+    let other = Mirror::open_or_init(f.cache("local"), Remote::local(&not_repo)).expect("mirror");
+    let err = other.fetch().expect_err("not a repository");
+    assert!(
+        matches!(err, Error::Fetch(FetchError::NotARepository { .. })),
+        "{err:?}"
+    );
+    assert_eq!(read(&other, &commit, "app.yaml").as_deref(), Some("kept"));
+}
+
+#[test]
+fn open_rejects_non_mirror_directories() {
+    let f = Fixture::new("main");
+    f.commit(&[("f", b"1")], &[], "one");
+    // A work-tree repository is not a mirror.
+    assert!(matches!(
+        Mirror::open_or_init(f.src(), Remote::local("/nonexistent")),
+        Err(Error::NotBare { .. })
+    ));
+    // A directory with unrelated content is left alone.
+    let junk = f.tmp.path().join("junk");
+    std::fs::create_dir_all(&junk).expect("mkdir");
+    std::fs::write(junk.join("file"), "x").expect("write");
+    assert!(matches!(
+        Mirror::open_or_init(&junk, Remote::local("/nonexistent")),
+        Err(Error::Open { .. })
+    ));
+    assert!(junk.join("file").exists());
+}
+
+#[tokio::test]
+async fn fetch_async_runs_on_the_blocking_pool() {
+    let f = Fixture::new("main");
+    let commit = f.commit(&[("a", b"async")], &[], "one");
+    let mirror = f.local_mirror();
+    let outcome = mirror.fetch_async().await.expect("fetch");
+    assert!(outcome.changed());
+    assert_eq!(read(&mirror, &commit, "a").as_deref(), Some("async"));
+}
+
+/// A `git daemon` on a free loopback port, killed on drop.
+struct GitDaemon {
+    child: Child,
+    port: u16,
+}
+
+impl GitDaemon {
+    fn start(base: &Path) -> GitDaemon {
+        let port = free_port();
+        let child = Command::new("git")
+            .args([
+                "daemon",
+                "--export-all",
+                "--informative-errors",
+                "--reuseaddr",
+                "--listen=127.0.0.1",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()))
+            .arg(base)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group, so dropping the guard also ends the per-connection
+            // children it forks.
+            .process_group(0)
+            .spawn()
+            .expect("git daemon starts");
+        let daemon = GitDaemon { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "git daemon did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    fn url(&self, repo: &str) -> String {
+        format!("git://127.0.0.1:{}/{repo}", self.port)
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+#[test]
+fn git_daemon_transport() {
+    let f = Fixture::new("trunk");
+    let first = f.commit(&[("deploy/app.yaml", b"v1")], &[], "one");
+    let daemon = GitDaemon::start(&f.repos());
+    let remote = Remote::parse(&daemon.url("project")).expect("remote");
+    assert_eq!(remote.kind(), RemoteKind::Git);
+    let mirror = Mirror::open_or_init(f.cache("daemon"), remote).expect("mirror");
+
+    let outcome = mirror.fetch().expect("fetch over git://");
+    assert_eq!(outcome.default_branch.as_deref(), Some("trunk"));
+    assert_eq!(
+        read(&mirror, &first, "deploy/app.yaml").as_deref(),
+        Some("v1")
+    );
+
+    let second = f.commit(&[("deploy/app.yaml", b"v2")], &[], "two");
+    mirror.fetch().expect("second fetch over git://");
+    assert_eq!(
+        mirror.resolve(&GitRef::DefaultBranch).expect("resolve"),
+        second
+    );
+    assert_eq!(
+        read(&mirror, &second, "deploy/app.yaml").as_deref(),
+        Some("v2")
+    );
+    assert_eq!(
+        read(&mirror, &first, "deploy/app.yaml").as_deref(),
+        Some("v1")
+    );
+
+    // A repository the daemon does not have.
+    let missing = Mirror::open_or_init(
+        f.cache("daemon-missing"),
+        Remote::parse(&daemon.url("nope")).expect("remote"),
+    )
+    .expect("mirror");
+    let err = missing.fetch().expect_err("no such repository");
+    assert!(
+        matches!(err, Error::Fetch(FetchError::NotARepository { .. })),
+        "{err:?}"
+    );
+
+    // Nothing listens: unreachable, and the mirror keeps what it had.
+    drop(daemon);
+    let remote = Remote::parse("git://127.0.0.1:1/project").expect("remote");
+    let unreachable = Mirror::open_or_init(f.cache("daemon"), remote).expect("mirror");
+    let err = unreachable.fetch().expect_err("nothing listens");
+    assert!(
+        matches!(err, Error::Fetch(FetchError::Unreachable { .. })),
+        "{err:?}"
+    );
+    assert_eq!(
+        read(&unreachable, &second, "deploy/app.yaml").as_deref(),
+        Some("v2")
+    );
+}
+
+/// An HTTP server that answers every request with `401`, as a forge does for a private project
+/// without credentials. Serves requests until the test process ends.
+fn unauthorized_http_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(
+                b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn http_auth_and_unreachable_errors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = unauthorized_http_server();
+    let remote =
+        Remote::parse(&format!("http://127.0.0.1:{port}/group/project.git")).expect("remote");
+    let mirror = Mirror::open_or_init(tmp.path().join("http.git"), remote).expect("mirror");
+    let err = mirror.fetch().expect_err("401");
+    assert!(
+        matches!(err, Error::Fetch(FetchError::Auth { .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("none are configured"), "{err}");
+
+    // Port 1 (tcpmux) has no listener on a test machine, unlike a "free" port picked
+    // earlier, which a parallel test may take in between.
+    let closed = 1;
+    let remote = Remote::parse(&format!("http://127.0.0.1:{closed}/p.git")).expect("remote");
+    let mirror = Mirror::open_or_init(tmp.path().join("closed.git"), remote).expect("mirror");
+    let err = mirror.fetch().expect_err("nothing listens");
+    assert!(
+        matches!(err, Error::Fetch(FetchError::Unreachable { .. })),
+        "{err:?}"
+    );
+}
+
+/// A minimal HTTP/1.1 server running `git http-backend` as a CGI program per request, one
+/// connection per request (`Connection: close`). Serves until the test process ends.
+fn git_http_server(project_root: PathBuf) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let root = project_root.clone();
+            std::thread::spawn(move || {
+                let _ = serve_cgi(stream, &root);
+            });
+        }
+    });
+    port
+}
+
+fn serve_cgi(mut stream: TcpStream, root: &Path) -> std::io::Result<()> {
+    use std::io::BufRead;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = std::io::BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_owned();
+    let target = parts.next().unwrap_or_default().to_owned();
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if let Some(len) = header("content-length") {
+        let len: usize = len.parse().unwrap_or(0);
+        body.resize(len, 0);
+        reader.read_exact(&mut body)?;
+    } else if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let mut size_line = String::new();
+            reader.read_line(&mut size_line)?;
+            let size = usize::from_str_radix(size_line.trim().split(';').next().unwrap_or("0"), 16)
+                .unwrap_or(0);
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk)?;
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    }
+    let mut cmd = Command::new("git");
+    cmd.arg("http-backend")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_PROJECT_ROOT", root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("REQUEST_METHOD", &method)
+        .env("PATH_INFO", path)
+        .env("QUERY_STRING", query)
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("CONTENT_TYPE", header("content-type").unwrap_or_default())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some(protocol) = header("git-protocol") {
+        cmd.env("GIT_PROTOCOL", protocol);
+    }
+    if let Some(encoding) = header("content-encoding") {
+        cmd.env("HTTP_CONTENT_ENCODING", encoding);
+    }
+    let mut child = cmd.spawn()?;
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(&body));
+    let output = child.wait_with_output()?;
+    let _ = writer.join();
+    // CGI output: headers, blank line, body. `Status:` becomes the status line.
+    let out = output.stdout;
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, i + 4))
+        .or_else(|| {
+            out.windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|i| (i, i + 2))
+        })
+        .unwrap_or((out.len(), out.len()));
+    let cgi_headers = String::from_utf8_lossy(&out[..split.0]).into_owned();
+    let mut status = "200 OK".to_owned();
+    let mut response = Vec::new();
+    for line in cgi_headers.lines() {
+        if let Some(s) = line.strip_prefix("Status:") {
+            status = s.trim().to_owned();
+        } else if !line.is_empty() {
+            response.extend_from_slice(line.as_bytes());
+            response.extend_from_slice(b"\r\n");
+        }
+    }
+    let body = &out[split.1..];
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(&response)?;
+    stream.write_all(b"\r\n")?;
+    stream.write_all(body)?;
+    stream.flush()
+}
+
+#[test]
+fn http_smart_transport_via_git_http_backend() {
+    let f = Fixture::new("trunk");
+    let first = f.commit(&[("k8s/app.yaml", b"http v1")], &[], "one");
+    let port = git_http_server(f.repos());
+    let url = format!("http://127.0.0.1:{port}/project");
+    let mirror = Mirror::open_or_init(f.cache("http"), Remote::parse(&url).expect("remote"))
+        .expect("mirror");
+    let outcome = mirror.fetch().expect("fetch over http");
+    assert_eq!(outcome.default_branch.as_deref(), Some("trunk"));
+    assert_eq!(
+        read(&mirror, &first, "k8s/app.yaml").as_deref(),
+        Some("http v1")
+    );
+
+    let second = f.commit(&[("k8s/app.yaml", b"http v2")], &[], "two");
+    mirror.fetch().expect("second fetch over http");
+    assert_eq!(
+        mirror.resolve(&GitRef::DefaultBranch).expect("resolve"),
+        second
+    );
+    assert_eq!(
+        read(&mirror, &second, "k8s/app.yaml").as_deref(),
+        Some("http v2")
+    );
+
+    let missing = Mirror::open_or_init(
+        f.cache("http-missing"),
+        Remote::parse(&format!("http://127.0.0.1:{port}/nope")).expect("remote"),
+    )
+    .expect("mirror");
+    let err = missing.fetch().expect_err("no such repository");
+    assert!(
+        matches!(err, Error::Fetch(FetchError::NotARepository { .. })),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn empty_remote_is_not_an_error() {
+    let f = Fixture::new("main");
+    let mirror = f.local_mirror();
+    let outcome = mirror.fetch().expect("fetch of an empty repository");
+    assert!(!outcome.changed());
+    assert_eq!(outcome.default_branch, None);
+    // The first commit arrives later.
+    let commit = f.commit(&[("a", b"1")], &[], "one");
+    mirror.fetch().expect("fetch");
+    assert_eq!(
+        mirror.resolve(&GitRef::DefaultBranch).expect("resolve"),
+        commit
+    );
+}

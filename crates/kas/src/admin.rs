@@ -1,0 +1,146 @@
+//! The admin commands' client for kas's internal API.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::{AgentView, Revoked, Stats, TokenCreated, TokenView};
+
+/// Talks to one kas's internal API with its admin token.
+#[derive(Clone)]
+pub struct AdminClient {
+    base: String,
+    token: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminClient {
+    /// `base` is like `http://127.0.0.1:8153`.
+    pub fn new(base: &str, token: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// Reads the admin token from a file (as kas writes it).
+    pub fn from_token_file(base: &str, file: &Path) -> Result<Self> {
+        let token = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the admin token from {}", file.display()))?;
+        Ok(Self::new(base, &token))
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes)> {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path))
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .with_context(|| format!("calling kas at {}", self.base))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, bytes))
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T> {
+        let body = body.map(serde_json::to_vec).transpose()?;
+        let (status, bytes) = self.call(method, path, body).await?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("kas answered {status}: {msg}");
+        }
+        serde_json::from_slice(&bytes).context("decoding kas's answer")
+    }
+
+    pub async fn register_agent(&self, project: &str, name: &str) -> Result<TokenCreated> {
+        let body = serde_json::json!({"project": project, "name": name});
+        self.json(Method::POST, "/api/v1/agents", Some(&body)).await
+    }
+
+    pub async fn list_agents(&self) -> Result<Vec<AgentView>> {
+        self.json(Method::GET, "/api/v1/agents", None::<&()>).await
+    }
+
+    pub async fn create_token(&self, agent_id: i64, description: &str) -> Result<TokenCreated> {
+        let body = serde_json::json!({"description": description});
+        self.json(
+            Method::POST,
+            &format!("/api/v1/agents/{agent_id}/tokens"),
+            Some(&body),
+        )
+        .await
+    }
+
+    pub async fn list_tokens(&self, agent_id: i64) -> Result<Vec<TokenView>> {
+        self.json(
+            Method::GET,
+            &format!("/api/v1/agents/{agent_id}/tokens"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn revoke_token(&self, token_id: i64) -> Result<Revoked> {
+        self.json(
+            Method::DELETE,
+            &format!("/api/v1/tokens/{token_id}"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn stats(&self) -> Result<Stats> {
+        self.json(Method::GET, "/api/v1/debug/stats", None::<&()>)
+            .await
+    }
+
+    /// Sends `payload` through the agent's echo service and returns what came back.
+    pub async fn echo(&self, agent_id: i64, payload: Vec<u8>) -> Result<Bytes> {
+        let (status, bytes) = self
+            .call(
+                Method::POST,
+                &format!("/api/v1/agents/{agent_id}/echo"),
+                Some(payload),
+            )
+            .await?;
+        if !status.is_success() {
+            bail!("kas answered {status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        Ok(bytes)
+    }
+}

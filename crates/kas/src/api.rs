@@ -1,0 +1,329 @@
+//! kas's internal HTTP API, used by the admin commands (`kas agent …`, `kas token …`).
+//!
+//! Every route needs `Authorization: Bearer <admin token>`. Agent tokens appear in exactly one
+//! response: the one that creates them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures_util::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use tether_store::Store;
+use tether_tunnel_server::{Registry, RegistryError};
+use tokio::io::AsyncWriteExt;
+use tokio_util::io::{ReaderStream, StreamReader};
+
+use crate::auth::AdminToken;
+use crate::server::ConnectionCount;
+
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub admin: AdminToken,
+    pub tunnel_wait: Duration,
+    pub connections: Arc<ConnectionCount>,
+}
+
+/// An error response: `{"error": "..."}` with a status code.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<tether_store::Error> for ApiError {
+    fn from(e: tether_store::Error) -> Self {
+        use tether_store::Error as E;
+        let code = match &e {
+            E::InvalidName { .. } => StatusCode::BAD_REQUEST,
+            E::NotFound(_) => StatusCode::NOT_FOUND,
+            E::AlreadyExists(_) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ConnectionView {
+    pub connected_since: String,
+    pub agent_version: String,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub remote_addr: String,
+    pub streams: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentView {
+    pub id: i64,
+    pub project: String,
+    pub name: String,
+    pub connected: bool,
+    pub idle_tunnels: usize,
+    pub connections: Vec<ConnectionView>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub project: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub agent_id: i64,
+    pub token_id: i64,
+    /// Shown once; kas keeps only its SHA-256.
+    pub token: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: i64,
+    pub agent_id: i64,
+    pub description: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct CreateTokenRequest {
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Revoked {
+    pub token_id: i64,
+    pub was_active: bool,
+    pub streams_ended: usize,
+}
+
+/// Numbers for leak checks and dashboards.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone, Copy)]
+pub struct Stats {
+    pub tasks: usize,
+    pub agent_connections: usize,
+    pub open_streams: usize,
+    pub idle_streams: usize,
+    pub connected_agents: usize,
+    pub rss_bytes: u64,
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).unwrap_or(0))
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+async fn require_admin(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| st.admin.matches(t.trim()));
+    if !ok {
+        return ApiError(StatusCode::UNAUTHORIZED, "admin token required".into()).into_response();
+    }
+    next.run(req).await
+}
+
+async fn list_agents(State(st): State<ApiState>) -> Result<Json<Vec<AgentView>>, ApiError> {
+    let rows = st.store.list_agents().await?;
+    let live: HashMap<i64, _> = st
+        .registry
+        .connections()
+        .into_iter()
+        .map(|c| (c.agent_id, c))
+        .collect();
+    let out = rows
+        .into_iter()
+        .map(|r| {
+            let c = live.get(&r.id);
+            let connections: Vec<ConnectionView> = c
+                .map(|c| {
+                    c.connections
+                        .iter()
+                        .map(|x| ConnectionView {
+                            connected_since: rfc3339(x.connected_since),
+                            agent_version: x.agent_version.clone(),
+                            pod_name: x.pod_name.clone(),
+                            pod_namespace: x.pod_namespace.clone(),
+                            remote_addr: x.remote_addr.clone(),
+                            streams: x.streams,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            AgentView {
+                id: r.id,
+                project: r.project_path,
+                name: r.name,
+                connected: !connections.is_empty(),
+                idle_tunnels: c.map_or(0, |c| c.idle_tunnels),
+                connections,
+            }
+        })
+        .collect();
+    Ok(Json(out))
+}
+
+async fn register_agent(
+    State(st): State<ApiState>,
+    Json(req): Json<RegisterRequest>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+    let agent = st.store.register_agent(&req.project, &req.name).await?;
+    let (info, token) = st.store.create_token(agent.id, &req.description).await?;
+    tracing::info!(agent_id = agent.id, project = %req.project, agent_name = %req.name, "Agent registered");
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenCreated {
+            agent_id: agent.id,
+            token_id: info.id,
+            token: token.expose().to_string(),
+        }),
+    ))
+}
+
+async fn create_token(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+    body: Option<Json<CreateTokenRequest>>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+    let description = body.map(|b| b.0.description).unwrap_or_default();
+    let (info, token) = st.store.create_token(agent_id, &description).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenCreated {
+            agent_id,
+            token_id: info.id,
+            token: token.expose().to_string(),
+        }),
+    ))
+}
+
+async fn list_tokens(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    let tokens = st.store.list_tokens(agent_id).await?;
+    Ok(Json(
+        tokens
+            .into_iter()
+            .map(|t| TokenView {
+                id: t.id,
+                agent_id: t.agent_id,
+                description: t.description,
+                created_at: t.created_at,
+                revoked_at: t.revoked_at,
+            })
+            .collect(),
+    ))
+}
+
+async fn revoke_token(
+    State(st): State<ApiState>,
+    Path(token_id): Path<i64>,
+) -> Result<Json<Revoked>, ApiError> {
+    let was_active = st.store.revoke_token(token_id).await?;
+    // End this kas's live streams now; other replicas notice at their next re-check.
+    let streams_ended = st.registry.revoke_token(token_id);
+    tracing::info!(token_id, streams_ended, "Agent token revoked");
+    Ok(Json(Revoked {
+        token_id,
+        was_active,
+        streams_ended,
+    }))
+}
+
+/// Streams the request body through the agent's `echo` service and back: proves the whole
+/// path (kas → tunnel → agentk → tunnel → kas) and measures it.
+async fn echo(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let tunnel = st
+        .registry
+        .get_tunnel(agent_id, st.tunnel_wait)
+        .await
+        .map_err(|e| match e {
+            RegistryError::AgentNotConnected(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            RegistryError::ShuttingDown => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        })?;
+    let conn = tunnel
+        .request(tether_protocol::services::ECHO, HashMap::new())
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let (reader, mut writer) = tokio::io::split(conn);
+    tokio::spawn(async move {
+        let mut body = StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
+        if tokio::io::copy(&mut body, &mut writer).await.is_ok() {
+            let _ = writer.shutdown().await;
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Body::from_stream(ReaderStream::new(reader)))
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+fn rss_bytes() -> u64 {
+    // /proc/self/statm: sizes in pages; the second field is resident.
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+async fn stats(State(st): State<ApiState>) -> Json<Stats> {
+    let r = st.registry.stats();
+    Json(Stats {
+        tasks: tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks(),
+        agent_connections: st.connections.get(),
+        open_streams: r.open_streams,
+        idle_streams: r.idle_streams,
+        connected_agents: r.agents,
+        rss_bytes: rss_bytes(),
+    })
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/agents", get(list_agents).post(register_agent))
+        .route(
+            "/api/v1/agents/{id}/tokens",
+            get(list_tokens).post(create_token),
+        )
+        .route("/api/v1/agents/{id}/echo", post(echo))
+        .route("/api/v1/tokens/{id}", delete(revoke_token))
+        .route("/api/v1/debug/stats", get(stats))
+        .layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        .with_state(state)
+}

@@ -1,0 +1,284 @@
+//! kas's configuration file (`--configuration-file`), with an embedded default.
+//!
+//! Every key is optional; unknown keys are errors so a typo never silently falls back to a
+//! default. Durations are written like `20s`, `5m`, `2h`. `docs/kas-configuration.md` documents
+//! every key and `docs/examples/kas.yaml` is loaded by a test.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Folder for the SQLite database and the admin token.
+    pub data_dir: PathBuf,
+    pub database: Database,
+    pub agent: AgentListener,
+    pub api: Api,
+    pub observability: Observability,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Database {
+    /// SQLite file; default `<data_dir>/kas.sqlite`.
+    pub sqlite_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    pub address: SocketAddr,
+    /// PEM certificate chain; with `key_file`, the listener speaks TLS.
+    pub certificate_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentListener {
+    /// gRPC over HTTP/2 and gRPC inside a WebSocket share this listener.
+    pub listen: Listen,
+    /// How long a request waits for an idle tunnel of its agent.
+    #[serde(with = "humantime_serde")]
+    pub tunnel_wait_timeout: Duration,
+    /// Upper bound on an agent connection's age, so load balancers can rebalance.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// Time given to requests in flight when a connection reaches its age.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Duration,
+    /// Server-side HTTP/2 pings.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// How often tokens of live streams are re-checked; bounds how long a revoked token's
+    /// streams live when it was revoked by another kas (the local admin API ends them at once).
+    #[serde(with = "humantime_serde")]
+    pub token_recheck_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Api {
+    /// The internal API used by the admin commands.
+    pub listen: Listen,
+    /// File holding the admin token; created (mode 0600) on first start if missing.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Observability {
+    pub listen: Listen,
+    pub logging: Logging,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Logging {
+    pub level: String,
+}
+
+fn listen(port: u16) -> Listen {
+    Listen {
+        address: SocketAddr::from(([127, 0, 0, 1], port)),
+        certificate_file: None,
+        key_file: None,
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        listen(0)
+    }
+}
+
+impl Default for AgentListener {
+    fn default() -> Self {
+        Self {
+            listen: listen(8150),
+            tunnel_wait_timeout: Duration::from_secs(20),
+            max_connection_age: Duration::from_secs(2 * 3600),
+            max_connection_age_grace: Duration::from_secs(5 * 60),
+            keepalive_interval: Duration::from_secs(50),
+            token_recheck_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Self {
+            listen: listen(8153),
+            admin_token_file: None,
+        }
+    }
+}
+
+impl Default for Observability {
+    fn default() -> Self {
+        Self {
+            listen: listen(8151),
+            logging: Logging::default(),
+        }
+    }
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("kas-data"),
+            database: Database::default(),
+            agent: AgentListener::default(),
+            api: Api::default(),
+            observability: Observability::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses YAML text; `path` is only for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let cfg: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| invalid(e.to_string()))?
+        };
+        cfg.validate().map_err(invalid)?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (name, l) in [
+            ("agent.listen", &self.agent.listen),
+            ("api.listen", &self.api.listen),
+            ("observability.listen", &self.observability.listen),
+        ] {
+            if l.certificate_file.is_some() != l.key_file.is_some() {
+                return Err(format!("{name}: certificate_file and key_file go together"));
+            }
+        }
+        if self.api.listen.certificate_file.is_some()
+            || self.observability.listen.certificate_file.is_some()
+        {
+            return Err(
+                "api.listen and observability.listen do not support TLS yet: keep them on loopback or a private network"
+                    .into(),
+            );
+        }
+        if self.agent.tunnel_wait_timeout.is_zero() {
+            return Err("agent.tunnel_wait_timeout must be positive".into());
+        }
+        if self.agent.token_recheck_interval.is_zero() {
+            return Err("agent.token_recheck_interval must be positive".into());
+        }
+        tether_observability::parse_level(&self.observability.logging.level)
+            .map_err(|e| format!("observability.logging.level: {e}"))?;
+        Ok(())
+    }
+
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.database
+            .sqlite_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("kas.sqlite"))
+    }
+
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.api
+            .admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin-token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("kas.yaml"))
+    }
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let c = parse("").expect("valid");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.agent.listen.address.to_string(), "127.0.0.1:8150");
+        assert_eq!(c.agent.tunnel_wait_timeout, Duration::from_secs(20));
+        assert_eq!(c.sqlite_path(), PathBuf::from("kas-data/kas.sqlite"));
+    }
+
+    #[test]
+    fn durations_and_addresses_parse() {
+        let c = parse(
+            "agent:\n  listen:\n    address: 127.0.0.1:9000\n  tunnel_wait_timeout: 3s\n  token_recheck_interval: 500ms\n",
+        )
+        .expect("valid");
+        assert_eq!(c.agent.listen.address.port(), 9000);
+        assert_eq!(c.agent.tunnel_wait_timeout, Duration::from_secs(3));
+        assert_eq!(c.agent.token_recheck_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = parse("agent:\n  tunel_wait_timeout: 3s\n").expect_err("typo");
+        assert!(e.to_string().contains("tunel_wait_timeout"), "{e}");
+        assert!(e.to_string().contains("kas.yaml"), "{e}");
+    }
+
+    #[test]
+    fn half_a_tls_pair_is_an_error() {
+        let e = parse("agent:\n  listen:\n    certificate_file: /x.pem\n").expect_err("no key");
+        assert!(e.to_string().contains("agent.listen"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_log_level_is_an_error() {
+        let e = parse("observability:\n  logging:\n    level: loud\n").expect_err("level");
+        assert!(e.to_string().contains("observability.logging.level"), "{e}");
+    }
+
+    #[test]
+    fn the_example_configuration_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples/kas.yaml");
+        let c = Config::load(&p).expect("example config");
+        assert_eq!(c.agent.tunnel_wait_timeout, Duration::from_secs(20));
+    }
+}

@@ -1,0 +1,270 @@
+//! Starting kas: store, registry, the agent listener (gRPC and WebSocket on one port), the
+//! internal API and the observability endpoint; and stopping it cleanly.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use futures_util::StreamExt;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tether_protocol::tunnel::reverse_tunnel_server::ReverseTunnelServer;
+use tether_store::{SqliteStore, Store};
+use tether_transport::{AgentConnectInfo, AgentIo};
+use tether_tunnel_server::{Registry, TunnelService};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use crate::api::{self, ApiState};
+use crate::auth::{AdminToken, StoreAuthenticator};
+use crate::config::Config;
+
+/// A running kas.
+#[derive(Debug)]
+pub struct Running {
+    pub agent_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub observability_addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    pub store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Asks every part to stop.
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Stops and waits (bounded) for the parts to finish.
+    pub async fn shutdown(self, grace: Duration) {
+        self.registry.shutdown();
+        self.shutdown.cancel();
+        let all = futures_util::future::join_all(self.tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("Some listeners did not stop within the grace period");
+        }
+        self.store.close().await;
+    }
+
+    /// Resolves when shutdown was requested.
+    pub async fn stopped(&self) {
+        self.shutdown.cancelled().await;
+    }
+}
+
+/// Live transport connections from agents, for metrics and leak checks.
+#[derive(Debug, Default)]
+pub struct ConnectionCount(AtomicUsize);
+
+impl ConnectionCount {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// An agent connection that keeps [`ConnectionCount`] right however it ends.
+struct Counted {
+    io: AgentIo,
+    count: Arc<ConnectionCount>,
+    gauge: Gauge,
+}
+
+impl Counted {
+    fn new(io: AgentIo, count: Arc<ConnectionCount>, gauge: Gauge) -> Self {
+        count.0.fetch_add(1, Ordering::Relaxed);
+        gauge.inc();
+        Self { io, count, gauge }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.count.0.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+impl Connected for Counted {
+    type ConnectInfo = AgentConnectInfo;
+    fn connect_info(&self) -> AgentConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} listener to {addr}"))
+}
+
+/// Starts every part of kas and returns once all listeners are bound.
+pub async fn start(cfg: Config) -> Result<Running> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
+    let sqlite = cfg.sqlite_path();
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&sqlite)
+            .await
+            .with_context(|| format!("opening the database {}", sqlite.display()))?,
+    );
+    let admin_file = cfg.admin_token_file();
+    let admin = AdminToken::load_or_create(&admin_file)
+        .with_context(|| format!("reading or creating {}", admin_file.display()))?;
+
+    let shutdown = CancellationToken::new();
+    let registry = Arc::new(Registry::new());
+    let auth = Arc::new(StoreAuthenticator {
+        store: Arc::clone(&store),
+    });
+    let connections = Arc::new(ConnectionCount::default());
+    let conn_gauge = Gauge::default();
+    let mut metrics = MetricsRegistry::with_prefix("kas");
+    registry.register_metrics(&mut metrics);
+    metrics.register(
+        "agent_connections",
+        "Open transport connections from agents",
+        conn_gauge.clone(),
+    );
+    let metrics = Arc::new(Mutex::new(metrics));
+    let mut tasks = Vec::new();
+
+    // Agent listener: gRPC over HTTP/2 and over WebSocket on one port, TLS when configured.
+    let l = &cfg.agent.listen;
+    let tls = match (&l.certificate_file, &l.key_file) {
+        (Some(c), Some(k)) => {
+            Some(tether_transport::load_server_tls(c, k).with_context(|| {
+                format!("loading the agent listener's TLS files {}", c.display())
+            })?)
+        }
+        _ => None,
+    };
+    let listener = bind("agent", l.address).await?;
+    let agent_addr = listener.local_addr()?;
+    let conns = Arc::clone(&connections);
+    let incoming = tether_transport::incoming(listener, tls)
+        .map(move |r| r.map(|io| Counted::new(io, Arc::clone(&conns), conn_gauge.clone())));
+    let service = ReverseTunnelServer::new(TunnelService::new(Arc::clone(&registry), auth.clone()))
+        .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE);
+    let router = tonic::transport::Server::builder()
+        .initial_stream_window_size(tether_transport::STREAM_WINDOW)
+        .initial_connection_window_size(tether_transport::CONNECTION_WINDOW)
+        .http2_keepalive_interval(Some(cfg.agent.keepalive_interval))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_connection_age(cfg.agent.max_connection_age)
+        .max_connection_age_grace(cfg.agent.max_connection_age_grace)
+        .add_service(service);
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "Agent listener failed");
+        }
+    }));
+    tracing::info!(net_address = %agent_addr, "Agent listener is up");
+
+    // Re-check tokens of live streams: bounds the life of streams of a token revoked elsewhere.
+    let (reg, a, stop, every) = (
+        Arc::clone(&registry),
+        auth.clone(),
+        shutdown.clone(),
+        cfg.agent.token_recheck_interval,
+    );
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let ended = reg.recheck_tokens(a.as_ref()).await;
+                    if ended > 0 {
+                        tracing::info!(streams = ended, "Ended streams of revoked tokens");
+                    }
+                }
+                () = stop.cancelled() => break,
+            }
+        }
+    }));
+
+    // Internal API for the admin commands.
+    let api_listener = bind("internal API", cfg.api.listen.address).await?;
+    let api_addr = api_listener.local_addr()?;
+    let state = ApiState {
+        store: Arc::clone(&store),
+        registry: Arc::clone(&registry),
+        admin,
+        tunnel_wait: cfg.agent.tunnel_wait_timeout,
+        connections: Arc::clone(&connections),
+    };
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let app = api::router(state);
+        if let Err(e) = axum::serve(api_listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "Internal API failed");
+        }
+    }));
+    tracing::info!(net_address = %api_addr, "Internal API is up");
+
+    // Observability.
+    let obs_listener = bind("observability", cfg.observability.listen.address).await?;
+    let observability_addr = obs_listener.local_addr()?;
+    let (_ready_tx, ready) = watch::channel(true);
+    let ep = tether_observability::Endpoint { metrics, ready };
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = tether_observability::serve(obs_listener, ep, stop).await {
+            tracing::error!(error = %e, "Observability endpoint failed");
+        }
+    }));
+
+    Ok(Running {
+        agent_addr,
+        api_addr,
+        observability_addr,
+        registry,
+        store,
+        shutdown,
+        tasks,
+    })
+}

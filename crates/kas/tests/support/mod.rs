@@ -1,0 +1,384 @@
+//! Real kas and agentk processes on 127.0.0.1 for end-to-end tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kas::admin::AdminClient;
+use kas::api::AgentView;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `probe` until it returns `Some`, failing the test with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A CA and a certificate for `localhost`/127.0.0.1.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    pub fn generate(dir: &Path) -> Pki {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let p = Pki {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("kas.pem"),
+            key: dir.join("kas-key.pem"),
+        };
+        std::fs::write(&p.ca, ca_cert.pem()).unwrap();
+        std::fs::write(&p.cert, cert.pem()).unwrap();
+        std::fs::write(&p.key, key.serialize_pem()).unwrap();
+        p
+    }
+}
+
+fn target_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kas"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn agentk_bin() -> PathBuf {
+    let p = target_dir().join("agentk");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+pub struct KasOptions {
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub tunnel_wait: &'static str,
+    pub token_recheck: &'static str,
+}
+
+impl Default for KasOptions {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            tunnel_wait: "5s",
+            token_recheck: "1m",
+        }
+    }
+}
+
+/// A kas process with its own data directory and ports.
+pub struct Kas {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub agent_port: u16,
+    pub api_port: u16,
+    pub admin: AdminClient,
+    child: Option<Child>,
+}
+
+impl Kas {
+    pub async fn start(dir: &Path, opts: KasOptions) -> Kas {
+        std::fs::create_dir_all(dir).unwrap();
+        let (agent_port, api_port, obs_port) = (free_port(), free_port(), free_port());
+        let tls = opts
+            .tls
+            .as_ref()
+            .map(|(c, k)| {
+                format!(
+                    "    certificate_file: {}\n    key_file: {}\n",
+                    c.display(),
+                    k.display()
+                )
+            })
+            .unwrap_or_default();
+        let config = dir.join("kas.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir: {data}\nagent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}  tunnel_wait_timeout: {wait}\n  token_recheck_interval: {recheck}\n\
+api:\n  listen:\n    address: 127.0.0.1:{api_port}\nobservability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
+                data = dir.join("data").display(),
+                wait = opts.tunnel_wait,
+                recheck = opts.token_recheck,
+            ),
+        )
+        .unwrap();
+        let mut kas = Kas {
+            dir: dir.to_path_buf(),
+            config,
+            agent_port,
+            api_port,
+            admin: AdminClient::new(&format!("http://127.0.0.1:{api_port}"), "unset"),
+            child: None,
+        };
+        kas.spawn().await;
+        kas
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("kas.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kas"))
+            .arg("--configuration-file")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let token_file = self.dir.join("data/admin-token");
+        let api = format!("http://127.0.0.1:{}", self.api_port);
+        self.admin = wait_for("kas's internal API", Duration::from_secs(30), || {
+            let (token_file, api) = (token_file.clone(), api.clone());
+            async move {
+                let c = AdminClient::from_token_file(&api, &token_file).ok()?;
+                c.stats().await.ok().map(|_| c)
+            }
+        })
+        .await;
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let status = c.wait().unwrap();
+            assert!(status.success(), "kas exited with {status}");
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    pub fn url(&self, scheme: &str) -> String {
+        let host = if scheme.ends_with('s') {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        format!("{scheme}://{host}:{}", self.agent_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("kas.log")).unwrap_or_default()
+    }
+
+    /// POSTs a streaming body to the agent's echo service; the response streams back.
+    pub async fn echo_streaming<B>(
+        &self,
+        agent_id: i64,
+        body: B,
+    ) -> http::Response<hyper::body::Incoming>
+    where
+        B: hyper::body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let client: hyper_util::client::legacy::Client<_, B> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let token = std::fs::read_to_string(self.dir.join("data/admin-token")).unwrap();
+        let req = http::Request::post(format!(
+            "http://127.0.0.1:{}/api/v1/agents/{agent_id}/echo",
+            self.api_port
+        ))
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .body(body)
+        .unwrap();
+        client.request(req).await.unwrap()
+    }
+
+    pub async fn agent(&self, id: i64) -> AgentView {
+        self.admin
+            .list_agents()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|a| a.id == id)
+            .expect("agent listed")
+    }
+
+    pub async fn wait_connected(&self, id: i64) -> AgentView {
+        wait_for(
+            &format!("agent {id} to connect"),
+            Duration::from_secs(30),
+            || async {
+                let a = self.agent(id).await;
+                (a.connected && a.idle_tunnels > 0).then_some(a)
+            },
+        )
+        .await
+    }
+
+    pub async fn wait_disconnected(&self, id: i64) {
+        wait_for(
+            &format!("agent {id} to disconnect"),
+            Duration::from_secs(30),
+            || async { (!self.agent(id).await.connected).then_some(()) },
+        )
+        .await;
+    }
+}
+
+impl Drop for Kas {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// An agentk process.
+pub struct Agent {
+    pub log_path: PathBuf,
+    pub obs_port: u16,
+    child: Option<Child>,
+}
+
+impl Agent {
+    pub fn start(dir: &Path, name: &str, kas_url: &str, token: &str, ca: Option<&Path>) -> Agent {
+        Self::start_with(dir, name, kas_url, token, ca, &[])
+    }
+
+    pub fn start_with(
+        dir: &Path,
+        name: &str,
+        kas_url: &str,
+        token: &str,
+        ca: Option<&Path>,
+        extra: &[&str],
+    ) -> Agent {
+        let token_file = dir.join(format!("{name}.token"));
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        let log_path = dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let obs_port = free_port();
+        let mut cmd = Command::new(agentk_bin());
+        cmd.arg("--kas-address")
+            .arg(kas_url)
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--observability-listen-address")
+            .arg(format!("127.0.0.1:{obs_port}"))
+            .args(extra)
+            .env("POD_NAME", name)
+            .env("POD_NAMESPACE", "gitlab-agent")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(ca) = ca {
+            cmd.arg("--ca-cert-file").arg(ca);
+        }
+        Agent {
+            log_path,
+            obs_port,
+            child: Some(cmd.spawn().unwrap()),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Log lines as JSON objects.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// GET on the agent's observability endpoint; returns the status code.
+    pub async fn probe(&self, path: &str) -> Option<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.obs_port))
+            .await
+            .ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        out.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.obs_port))
+            .await
+            .ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        out.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,439 @@
+//! kas ⇄ agentk end to end, as real processes on 127.0.0.1: transports, authentication,
+//! revocation, restarts, concurrency, flow control and leaks.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use support::{Agent, Kas, KasOptions, Pki, wait_for};
+
+fn payload(seed: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i * 31 + seed * 7) % 251) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentk_connects_over_grpc_grpcs_ws_and_wss() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let plain = Kas::start(&dir.path().join("plain"), KasOptions::default()).await;
+    let tls = Kas::start(
+        &dir.path().join("tls"),
+        KasOptions {
+            tls: Some((pki.cert.clone(), pki.key.clone())),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    for (scheme, kas) in [
+        ("grpc", &plain),
+        ("ws", &plain),
+        ("grpcs", &tls),
+        ("wss", &tls),
+    ] {
+        let t = kas
+            .admin
+            .register_agent("group/app", &format!("agent-{scheme}"))
+            .await
+            .unwrap();
+        let ca = scheme.ends_with('s').then_some(pki.ca.as_path());
+        let mut agent = Agent::start(
+            dir.path(),
+            &format!("agentk-{scheme}"),
+            &kas.url(scheme),
+            &t.token,
+            ca,
+        );
+        let view = kas.wait_connected(t.agent_id).await;
+        assert_eq!(view.connections.len(), 1, "{scheme}: {view:?}");
+        let c = &view.connections[0];
+        assert_eq!(c.pod_name, format!("agentk-{scheme}"));
+        assert_eq!(c.pod_namespace, "gitlab-agent");
+        assert_eq!(c.agent_version, env!("CARGO_PKG_VERSION"));
+        assert!(c.remote_addr.starts_with("127.0.0.1:"), "{c:?}");
+        // A request really crosses the tunnel and comes back.
+        let p = payload(1, 100_000);
+        let back = kas.admin.echo(t.agent_id, p.clone()).await.unwrap();
+        assert_eq!(back.as_ref(), p.as_slice(), "{scheme}");
+        wait_for("readiness", Duration::from_secs(10), || async {
+            (agent.probe("/readiness").await == Some(200)).then_some(())
+        })
+        .await;
+        let lines = agent.log_lines();
+        assert!(
+            lines.iter().any(|l| l["msg"] == "Feature status change"
+                && l["feature_name"] == "tunnel"
+                && l["mod_name"] == "reverse_tunnel"),
+            "{}",
+            agent.log()
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["msg"] == "Observability endpoint is up")
+        );
+        agent.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_is_refused_with_one_clear_log_line_and_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let t = kas.admin.register_agent("group/app", "good").await.unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        "bad",
+        &kas.url("grpc"),
+        "tether_not-a-real-token",
+        None,
+    );
+    let first = Instant::now();
+    wait_for(
+        "the agent's refusal log line",
+        Duration::from_secs(20),
+        || async {
+            agent
+                .log()
+                .contains("kas refused the agent token (unauthenticated)")
+                .then_some(())
+        },
+    )
+    .await;
+    // Retries back off: three failed attempts take at least 0.8 s + 1.28 s (1 s and 1.6 s
+    // minus 20 % jitter). A lower bound cannot be flaky.
+    wait_for("three failed attempts", Duration::from_secs(30), || async {
+        (agent.metric("agentk_tunnel_open_failures_total").await? >= 3.0).then_some(())
+    })
+    .await;
+    assert!(
+        first.elapsed() >= Duration::from_millis(2000),
+        "{:?}",
+        first.elapsed()
+    );
+    let refusals = agent
+        .log_lines()
+        .iter()
+        .filter(|l| l["level"] == "error")
+        .count();
+    assert_eq!(
+        refusals,
+        1,
+        "one clear error, not one per retry:\n{}",
+        agent.log()
+    );
+    assert!(
+        !agent.log().contains("tether_not-a-real-token"),
+        "the token must never be logged"
+    );
+    assert_eq!(agent.probe("/readiness").await, Some(503));
+    assert_eq!(agent.probe("/liveness").await, Some(200));
+    assert!(!kas.agent(t.agent_id).await.connected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_ends_idle_and_busy_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(
+        dir.path(),
+        KasOptions {
+            tunnel_wait: "1s",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "revokee")
+        .await
+        .unwrap();
+    let agent = Agent::start(dir.path(), "revokee", &kas.url("grpc"), &t.token, None);
+    kas.wait_connected(t.agent_id).await;
+
+    // A busy stream: an echo whose request body stays open.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+    tx.send(Ok(Frame::data(Bytes::from_static(b"hello"))))
+        .await
+        .unwrap();
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let resp = kas.echo_streaming(t.agent_id, body).await;
+    assert_eq!(resp.status(), 200);
+    let mut resp_body = resp.into_body();
+    let first = resp_body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(first.as_ref(), b"hello");
+
+    let r = kas.admin.revoke_token(t.token_id).await.unwrap();
+    assert!(r.was_active);
+    assert!(r.streams_ended >= 2, "{r:?}");
+    // The busy stream ends (with an error: it was cut, not finished).
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = resp_body.frame().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the busy stream did not end after revocation"
+    );
+    drop(tx);
+    kas.wait_disconnected(t.agent_id).await;
+    wait_for("the agent's log line", Duration::from_secs(10), || async {
+        agent
+            .log()
+            .contains("kas refused the agent token")
+            .then_some(())
+    })
+    .await;
+    let err = kas.admin.echo(t.agent_id, b"x".to_vec()).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("agent {} is not connected", t.agent_id)),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_behind_kas_is_noticed_within_the_recheck_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(
+        dir.path(),
+        KasOptions {
+            token_recheck: "300ms",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "elsewhere")
+        .await
+        .unwrap();
+    let _agent = Agent::start(dir.path(), "elsewhere", &kas.url("grpc"), &t.token, None);
+    kas.wait_connected(t.agent_id).await;
+    // Another kas replica (here: the store directly) revokes the token.
+    use tether_store::Store;
+    let store = tether_store::SqliteStore::open(&dir.path().join("data/kas.sqlite"))
+        .await
+        .unwrap();
+    assert!(store.revoke_token(t.token_id).await.unwrap());
+    store.close().await;
+    let t0 = Instant::now();
+    kas.wait_disconnected(t.agent_id).await;
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentk_reconnects_by_itself_after_a_kas_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "steady")
+        .await
+        .unwrap();
+    let agent = Agent::start(dir.path(), "steady", &kas.url("ws"), &t.token, None);
+    kas.wait_connected(t.agent_id).await;
+    assert_eq!(
+        kas.admin
+            .echo(t.agent_id, b"before".to_vec())
+            .await
+            .unwrap()
+            .as_ref(),
+        b"before"
+    );
+
+    kas.restart().await;
+    kas.wait_connected(t.agent_id).await;
+    assert_eq!(
+        kas.admin
+            .echo(t.agent_id, b"after".to_vec())
+            .await
+            .unwrap()
+            .as_ref(),
+        b"after"
+    );
+    let lines = agent.log_lines();
+    let changes: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["msg"] == "Feature status change")
+        .map(|l| &l["feature_status"])
+        .collect();
+    assert_eq!(
+        changes,
+        ["enabled", "disabled", "enabled"],
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_requests_through_one_agent_all_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(
+        dir.path(),
+        KasOptions {
+            tunnel_wait: "60s",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let t = kas.admin.register_agent("group/app", "busy").await.unwrap();
+    let _agent = Agent::start(dir.path(), "busy", &kas.url("grpc"), &t.token, None);
+    kas.wait_connected(t.agent_id).await;
+    let admin = Arc::new(kas.admin.clone());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let admin = Arc::clone(&admin);
+            let id = t.agent_id;
+            tokio::spawn(async move {
+                let p = payload(i, 512 + (i % 7) * 1000);
+                let back = admin.echo(id, p.clone()).await?;
+                anyhow::ensure!(
+                    back.as_ref() == p.as_slice(),
+                    "request {i} came back altered"
+                );
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        t.await.unwrap().unwrap();
+        ok += 1;
+    }
+    assert_eq!(ok, 1000);
+    eprintln!("1000 concurrent echo requests in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_does_not_slow_other_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let t = kas.admin.register_agent("group/app", "fair").await.unwrap();
+    let _agent = Agent::start(dir.path(), "fair", &kas.url("grpc"), &t.token, None);
+    kas.wait_connected(t.agent_id).await;
+
+    // Request A uploads up to 256 MiB to the echo service and never reads the echo.
+    const TOTAL: usize = 256 * 1024 * 1024;
+    let produced = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&produced);
+    let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+    let stream = futures_util::stream::iter(0..TOTAL / chunk.len()).map(move |_| {
+        counter.fetch_add(chunk.len(), Ordering::Relaxed);
+        Ok::<_, std::io::Error>(Frame::data(chunk.clone()))
+    });
+    let stalled = kas
+        .echo_streaming(t.agent_id, StreamBody::new(stream))
+        .await;
+    assert_eq!(stalled.status(), 200);
+    // Wait until A has pushed enough to fill every buffer on its path and stopped.
+    let mut last = 0;
+    let plateau = wait_for(
+        "the stalled upload to stop growing",
+        Duration::from_secs(60),
+        || {
+            let now = produced.load(Ordering::Relaxed);
+            let grown = now != last;
+            last = now;
+            async move {
+                if grown || now == 0 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    None
+                } else {
+                    Some(now)
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        plateau < TOTAL / 4,
+        "A was not held back: {plateau} bytes produced"
+    );
+
+    // Meanwhile, other requests flow normally.
+    for i in 0..50 {
+        let p = payload(i, 200_000);
+        let back = tokio::time::timeout(
+            Duration::from_secs(10),
+            kas.admin.echo(t.agent_id, p.clone()),
+        )
+        .await
+        .expect("an unrelated request was blocked by the stalled one")
+        .unwrap();
+        assert_eq!(back.as_ref(), p.as_slice());
+    }
+    // A is still held where it was: nothing read it.
+    assert!(produced.load(Ordering::Relaxed) < TOTAL / 4);
+    eprintln!("stalled request held at {plateau} bytes in flight");
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_returns_connections_streams_and_tasks_to_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "churn")
+        .await
+        .unwrap();
+    let baseline = kas.admin.stats().await.unwrap();
+    assert_eq!(baseline.agent_connections, 0);
+    let mut peak_tasks = 0;
+    for round in 0..12 {
+        let url = kas.url(if round % 2 == 0 { "grpc" } else { "ws" });
+        let mut agent = Agent::start(dir.path(), &format!("churn-{round}"), &url, &t.token, None);
+        kas.wait_connected(t.agent_id).await;
+        let p = payload(round, 10_000);
+        assert_eq!(
+            kas.admin
+                .echo(t.agent_id, p.clone())
+                .await
+                .unwrap()
+                .as_ref(),
+            p.as_slice()
+        );
+        peak_tasks = peak_tasks.max(kas.admin.stats().await.unwrap().tasks);
+        // Half leave cleanly, half are killed outright.
+        if round % 3 == 0 {
+            agent.kill9();
+        } else {
+            agent.stop();
+        }
+        kas.wait_disconnected(t.agent_id).await;
+    }
+    let settled = wait_for(
+        "kas to return to its baseline",
+        Duration::from_secs(30),
+        || async {
+            let s = kas.admin.stats().await.ok()?;
+            (s.agent_connections == 0
+                && s.open_streams == 0
+                && s.idle_streams == 0
+                && s.connected_agents == 0
+                && s.tasks <= baseline.tasks + 2)
+                .then_some(s)
+        },
+    )
+    .await;
+    eprintln!("baseline {baseline:?}; peak tasks {peak_tasks}; after churn {settled:?}");
+    assert!(
+        peak_tasks > baseline.tasks,
+        "the measure saw the agents' tasks"
+    );
+}

@@ -1,0 +1,11 @@
+//! Logs and the observability endpoint, shared by kas and agentk.
+//!
+//! Logs are JSON lines on stderr with the keys users of GitLab's agent know: `level`, `time`,
+//! `msg`, `mod_name`, plus every field of the event and of its spans (`agent_id`, ...). The level
+//! can change while running (agentk follows `observability.logging.level` from its config).
+
+pub mod endpoint;
+mod logging;
+
+pub use endpoint::{Endpoint, serve};
+pub use logging::{JsonLayer, LogHandle, init_logging, parse_level};

@@ -1,0 +1,280 @@
+//! A JSON-lines `tracing` layer and a reloadable level filter.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, reload};
+
+/// Writes one JSON object per event.
+pub struct JsonLayer<W: Write + Send + 'static> {
+    out: Mutex<W>,
+}
+
+impl<W: Write + Send + 'static> std::fmt::Debug for JsonLayer<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonLayer").finish_non_exhaustive()
+    }
+}
+
+impl<W: Write + Send + 'static> JsonLayer<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            out: Mutex::new(out),
+        }
+    }
+}
+
+struct Fields(Map<String, Value>);
+
+struct SpanFields(Map<String, Value>);
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.insert(field, Value::String(format!("{value:?}")));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.insert(field, Value::String(value.to_string()));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.insert(field, Value::from(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.insert(field, Value::from(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.insert(field, Value::from(value));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.insert(field, Value::from(value));
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.insert(field, Value::String(value.to_string()));
+    }
+}
+
+impl Fields {
+    fn insert(&mut self, field: &Field, value: Value) {
+        let key = match field.name() {
+            "message" => "msg",
+            other => other,
+        };
+        self.0.insert(key.to_string(), value);
+    }
+}
+
+fn level_name(l: &Level) -> &'static str {
+    match *l {
+        Level::ERROR => "error",
+        Level::WARN => "warn",
+        Level::INFO => "info",
+        Level::DEBUG => "debug",
+        Level::TRACE => "trace",
+    }
+}
+
+/// `tether_tunnel_agent::pool` → `tunnel_agent`: a readable module name when no span set one.
+fn mod_from_target(target: &str) -> String {
+    let first = target.split("::").next().unwrap_or(target);
+    first.strip_prefix("tether_").unwrap_or(first).to_string()
+}
+
+impl<S, W> Layer<S> for JsonLayer<W>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: Write + Send + 'static,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let mut f = Fields(Map::new());
+        attrs.record(&mut f);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(SpanFields(f.0));
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            let mut ext = span.extensions_mut();
+            if let Some(SpanFields(map)) = ext.get_mut::<SpanFields>() {
+                let mut f = Fields(std::mem::take(map));
+                values.record(&mut f);
+                *map = f.0;
+            }
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let meta = event.metadata();
+        let mut obj = Map::new();
+        obj.insert("level".into(), Value::from(level_name(meta.level())));
+        let now = time::OffsetDateTime::now_utc();
+        let ts = now
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        obj.insert("time".into(), Value::from(ts));
+        // Span fields first (outermost to innermost), so the event's own fields win.
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope.from_root() {
+                if let Some(SpanFields(m)) = span.extensions().get::<SpanFields>() {
+                    for (k, v) in m {
+                        obj.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        let mut f = Fields(Map::new());
+        event.record(&mut f);
+        for (k, v) in f.0 {
+            obj.insert(k, v);
+        }
+        if !obj.contains_key("mod_name") {
+            obj.insert(
+                "mod_name".into(),
+                Value::from(mod_from_target(meta.target())),
+            );
+        }
+        let mut line = Value::Object(obj).to_string();
+        line.push('\n');
+        let mut out = self
+            .out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = out.write_all(line.as_bytes());
+        let _ = out.flush();
+    }
+}
+
+/// Changes the log level of a running program.
+#[derive(Clone)]
+pub struct LogHandle {
+    handle: reload::Handle<LevelFilter, tracing_subscriber::Registry>,
+}
+
+impl std::fmt::Debug for LogHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogHandle").finish_non_exhaustive()
+    }
+}
+
+/// A level name was not one of error, warn, info, debug, trace.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown log level {0:?} (expected error, warn, info, debug or trace)")]
+pub struct BadLevel(pub String);
+
+/// Parses `error`, `warn`, `info`, `debug`, `trace` (case-insensitive).
+pub fn parse_level(s: &str) -> Result<LevelFilter, BadLevel> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "error" => Ok(LevelFilter::ERROR),
+        "warn" | "warning" => Ok(LevelFilter::WARN),
+        "info" => Ok(LevelFilter::INFO),
+        "debug" => Ok(LevelFilter::DEBUG),
+        "trace" => Ok(LevelFilter::TRACE),
+        _ => Err(BadLevel(s.to_string())),
+    }
+}
+
+impl LogHandle {
+    pub fn set_level(&self, level: LevelFilter) {
+        let _ = self.handle.modify(|f| *f = level);
+    }
+    pub fn level(&self) -> Option<LevelFilter> {
+        self.handle.clone_current()
+    }
+}
+
+/// Installs the JSON logger on stderr as the global subscriber.
+pub fn init_logging(level: LevelFilter) -> LogHandle {
+    let (filter, handle) = reload::Layer::new(level);
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(JsonLayer::new(std::io::stderr()))
+        .try_init();
+    LogHandle { handle }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(buf: &Buf) -> Vec<Value> {
+        let bytes = buf.0.lock().expect("lock").clone();
+        String::from_utf8(bytes)
+            .expect("utf-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect()
+    }
+
+    #[test]
+    fn events_carry_level_time_msg_mod_name_and_span_fields() {
+        let buf = Buf::default();
+        let (filter, _h) = reload::Layer::new(LevelFilter::INFO);
+        let sub = tracing_subscriber::registry()
+            .with(filter)
+            .with(JsonLayer::new(buf.clone()));
+        tracing::subscriber::with_default(sub, || {
+            let span = tracing::info_span!("m", mod_name = "reverse_tunnel", agent_id = 7_i64);
+            let _g = span.enter();
+            tracing::info!(feature_name = "tunnel", "Feature status change");
+            tracing::debug!("hidden at info");
+        });
+        let l = lines(&buf);
+        assert_eq!(l.len(), 1, "{l:?}");
+        assert_eq!(l[0]["level"], "info");
+        assert_eq!(l[0]["msg"], "Feature status change");
+        assert_eq!(l[0]["mod_name"], "reverse_tunnel");
+        assert_eq!(l[0]["agent_id"], 7);
+        assert_eq!(l[0]["feature_name"], "tunnel");
+        assert!(l[0]["time"].as_str().is_some_and(|t| t.contains('T')));
+    }
+
+    #[test]
+    fn the_level_changes_at_run_time() {
+        let buf = Buf::default();
+        let (filter, handle) = reload::Layer::new(LevelFilter::INFO);
+        let sub = tracing_subscriber::registry()
+            .with(filter)
+            .with(JsonLayer::new(buf.clone()));
+        let handle = LogHandle { handle };
+        tracing::subscriber::with_default(sub, || {
+            tracing::debug!("before");
+            handle.set_level(LevelFilter::DEBUG);
+            tracing::debug!("after");
+        });
+        let l = lines(&buf);
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0]["msg"], "after");
+        assert_eq!(l[0]["level"], "debug");
+        assert_eq!(l[0]["mod_name"], "observability");
+    }
+
+    #[test]
+    fn levels_parse_by_name() {
+        assert_eq!(parse_level("DEBUG").ok(), Some(LevelFilter::DEBUG));
+        assert_eq!(parse_level("warn").ok(), Some(LevelFilter::WARN));
+        assert!(parse_level("loud").is_err());
+    }
+}

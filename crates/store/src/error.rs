@@ -1,0 +1,32 @@
+//! The store's error type.
+
+/// Everything a [`Store`](crate::Store) operation can fail with.
+///
+/// Callers are expected to match on the first three variants (they map to user-facing answers
+/// such as HTTP 400/404/409); the last two are operational failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A project path or agent name does not have the required shape.
+    #[error("invalid {what}: {reason}")]
+    InvalidName {
+        /// What was being validated, e.g. "agent name".
+        what: &'static str,
+        /// Why it was rejected, including the offending value.
+        reason: String,
+    },
+    /// The record the operation refers to does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A record with the same unique key already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The database driver failed (I/O, locking, constraint, ...).
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The embedded schema migrations could not be applied.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,64 @@
+//! The records the store hands out. Ids are `i64` because that is what both SQLite `INTEGER`
+//! and PostgreSQL `BIGINT` map to; timestamps are Unix seconds for the same portability reason.
+
+/// A GitLab-style project, identified by its full path (`group/sub/name`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Project {
+    pub id: i64,
+    pub path: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// An agent registered under a project.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Agent {
+    pub id: i64,
+    pub project_id: i64,
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// An agent together with its project's path, for listings.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AgentRow {
+    pub id: i64,
+    pub name: String,
+    pub project_id: i64,
+    pub project_path: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// Metadata about an agent token. Deliberately carries neither the token nor its digest: the
+/// plaintext only exists once, in the [`AgentToken`](crate::AgentToken) returned at creation.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TokenInfo {
+    pub id: i64,
+    pub agent_id: i64,
+    pub description: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; `None` while the token is usable.
+    pub revoked_at: Option<i64>,
+}
+
+impl TokenInfo {
+    /// Whether the token can still authenticate.
+    pub fn is_active(&self) -> bool {
+        self.revoked_at.is_none()
+    }
+}
+
+/// Who a successfully authenticated token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthenticatedAgent {
+    pub agent_id: i64,
+    pub agent_name: String,
+    pub project_id: i64,
+    pub project_path: String,
+    /// The token used, so kas can re-check it with [`Store::token_active`](crate::Store::token_active)
+    /// while the agent's streams stay open.
+    pub token_id: i64,
+}

@@ -1,0 +1,321 @@
+//! The SQLite backend.
+//!
+//! The SQL here sticks to what PostgreSQL also accepts (`$n` placeholders, `RETURNING`,
+//! `ON CONFLICT ... DO NOTHING`, no SQLite-only functions) so the PostgreSQL backend can reuse the
+//! statements nearly verbatim.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+};
+use subtle::ConstantTimeEq;
+
+use crate::Store;
+use crate::error::{Error, Result};
+use crate::model::{Agent, AgentRow, AuthenticatedAgent, Project, TokenInfo};
+use crate::token::{self, AgentToken};
+use crate::validate::{validate_agent_name, validate_project_path};
+
+/// Schema migrations compiled into the binary, so a fresh kas needs no files besides its database.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a connection waits for another writer before failing with "database is locked".
+/// Writes are tiny, so contention should clear well within this.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// SQLite allows a single writer at a time; a few connections are enough for concurrent readers
+/// (WAL lets them proceed during a write) without piling up waiters on the write lock.
+const MAX_CONNECTIONS: u32 = 4;
+
+/// [`Store`] backed by a SQLite database file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `path` and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            // WAL lets authentication reads continue while a token is being written.
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(BUSY_TIMEOUT)
+            // SQLite ignores REFERENCES clauses unless told otherwise, per connection.
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Copies the write-ahead log into the main database file and truncates the log. Useful
+    /// before taking a file-level backup.
+    pub async fn checkpoint(&self) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Current time in Unix seconds. A clock before 1970 is a misconfiguration we record as 0 rather
+/// than fail on: timestamps are informational, never used for authorization.
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Insert-if-missing then read back, on a caller-provided connection so that `register_agent`
+/// can run it inside its transaction. The insert comes first on purpose: in SQLite a transaction
+/// that starts by reading and later writes can fail with SQLITE_BUSY without waiting, whereas
+/// one that starts by writing takes the write lock (honouring busy_timeout) up front.
+async fn ensure_project_on(conn: &mut SqliteConnection, path: &str) -> Result<Project> {
+    sqlx::query(
+        "INSERT INTO projects (path, created_at) VALUES ($1, $2) ON CONFLICT (path) DO NOTHING",
+    )
+    .bind(path)
+    .bind(now())
+    .execute(&mut *conn)
+    .await?;
+    let project =
+        sqlx::query_as::<_, Project>("SELECT id, path, created_at FROM projects WHERE path = $1")
+            .bind(path)
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(project)
+}
+
+/// Row shape of the authentication query; the digest is compared in constant time before any
+/// of it is returned.
+#[derive(sqlx::FromRow)]
+struct AuthRow {
+    token_id: i64,
+    digest: String,
+    agent_id: i64,
+    agent_name: String,
+    project_id: i64,
+    project_path: String,
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn ensure_project(&self, path: &str) -> Result<Project> {
+        validate_project_path(path)?;
+        let mut tx = self.pool.begin().await?;
+        let project = ensure_project_on(&mut tx, path).await?;
+        tx.commit().await?;
+        Ok(project)
+    }
+
+    async fn get_project_by_path(&self, path: &str) -> Result<Option<Project>> {
+        validate_project_path(path)?;
+        let project = sqlx::query_as::<_, Project>(
+            "SELECT id, path, created_at FROM projects WHERE path = $1",
+        )
+        .bind(path)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(project)
+    }
+
+    async fn list_projects(&self) -> Result<Vec<Project>> {
+        let projects =
+            sqlx::query_as::<_, Project>("SELECT id, path, created_at FROM projects ORDER BY path")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(projects)
+    }
+
+    async fn register_agent(&self, project_path: &str, name: &str) -> Result<Agent> {
+        validate_project_path(project_path)?;
+        validate_agent_name(name)?;
+        // One transaction so a rejected agent does not leave a freshly created project behind.
+        let mut tx = self.pool.begin().await?;
+        let project = ensure_project_on(&mut tx, project_path).await?;
+        let inserted = sqlx::query_as::<_, Agent>(
+            "INSERT INTO agents (project_id, name, created_at) VALUES ($1, $2, $3) \
+             RETURNING id, project_id, name, created_at",
+        )
+        .bind(project.id)
+        .bind(name)
+        .bind(now())
+        .fetch_one(&mut *tx)
+        .await;
+        let agent = match inserted {
+            Ok(agent) => agent,
+            // Rely on the UNIQUE constraint rather than a prior SELECT: it is race-free.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(Error::AlreadyExists(format!(
+                    "agent {name:?} in project {project_path:?}"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn get_agent(&self, id: i64) -> Result<Option<Agent>> {
+        let agent = sqlx::query_as::<_, Agent>(
+            "SELECT id, project_id, name, created_at FROM agents WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(agent)
+    }
+
+    async fn find_agent(&self, project_path: &str, name: &str) -> Result<Option<Agent>> {
+        validate_project_path(project_path)?;
+        validate_agent_name(name)?;
+        let agent = sqlx::query_as::<_, Agent>(
+            "SELECT a.id, a.project_id, a.name, a.created_at \
+             FROM agents a JOIN projects p ON p.id = a.project_id \
+             WHERE p.path = $1 AND a.name = $2",
+        )
+        .bind(project_path)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(agent)
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AgentRow>> {
+        let agents = sqlx::query_as::<_, AgentRow>(
+            "SELECT a.id, a.name, a.project_id, p.path AS project_path, a.created_at \
+             FROM agents a JOIN projects p ON p.id = a.project_id \
+             ORDER BY p.path, a.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(agents)
+    }
+
+    async fn create_token(
+        &self,
+        agent_id: i64,
+        description: &str,
+    ) -> Result<(TokenInfo, AgentToken)> {
+        let token = AgentToken::generate();
+        let digest = hex::encode(token::digest(token.expose()));
+        let inserted = sqlx::query_as::<_, TokenInfo>(
+            "INSERT INTO agent_tokens (agent_id, digest, description, created_at) \
+             VALUES ($1, $2, $3, $4) \
+             RETURNING id, agent_id, description, created_at, revoked_at",
+        )
+        .bind(agent_id)
+        .bind(&digest)
+        .bind(description)
+        .bind(now())
+        .fetch_one(&self.pool)
+        .await;
+        match inserted {
+            Ok(info) => Ok((info, token)),
+            // The foreign key is the existence check, so there is no window between check and insert.
+            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
+                Err(Error::NotFound(format!("agent {agent_id}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn list_tokens(&self, agent_id: i64) -> Result<Vec<TokenInfo>> {
+        if self.get_agent(agent_id).await?.is_none() {
+            return Err(Error::NotFound(format!("agent {agent_id}")));
+        }
+        let tokens = sqlx::query_as::<_, TokenInfo>(
+            "SELECT id, agent_id, description, created_at, revoked_at \
+             FROM agent_tokens WHERE agent_id = $1 ORDER BY id",
+        )
+        .bind(agent_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(tokens)
+    }
+
+    async fn revoke_token(&self, token_id: i64) -> Result<bool> {
+        // The `revoked_at IS NULL` guard keeps the first revocation time and makes the row count
+        // say whether this call was the one that revoked it.
+        let result = sqlx::query(
+            "UPDATE agent_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now())
+        .bind(token_id)
+        .execute(&self.pool)
+        .await?;
+        if result.rows_affected() > 0 {
+            return Ok(true);
+        }
+        let exists = sqlx::query_scalar::<_, i64>("SELECT id FROM agent_tokens WHERE id = $1")
+            .bind(token_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some();
+        if exists {
+            Ok(false)
+        } else {
+            Err(Error::NotFound(format!("token {token_id}")))
+        }
+    }
+
+    async fn token_active(&self, token_id: i64) -> Result<bool> {
+        // Outer Option: does the row exist; inner: is revoked_at set. A missing token is simply
+        // not active, which is the only thing kas needs to know to drop a stream.
+        let revoked_at = sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT revoked_at FROM agent_tokens WHERE id = $1",
+        )
+        .bind(token_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(matches!(revoked_at, Some(None)))
+    }
+
+    async fn authenticate(&self, token: &str) -> Result<Option<AuthenticatedAgent>> {
+        if !token::has_token_shape(token) {
+            return Ok(None);
+        }
+        let presented = token::digest(token);
+        // Looking up by digest is an indexed equality match on a hash of the secret; any timing
+        // difference it has depends on the digest, which does not help recover a token.
+        let row = sqlx::query_as::<_, AuthRow>(
+            "SELECT t.id AS token_id, t.digest, a.id AS agent_id, a.name AS agent_name, \
+                    p.id AS project_id, p.path AS project_path \
+             FROM agent_tokens t \
+             JOIN agents a ON a.id = t.agent_id \
+             JOIN projects p ON p.id = a.project_id \
+             WHERE t.digest = $1 AND t.revoked_at IS NULL",
+        )
+        .bind(hex::encode(presented))
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        // Confirm on the raw bytes in constant time rather than trusting the SQL text match
+        // (collation, case folding) alone. A digest that does not decode fails closed.
+        let mut stored = [0u8; 32];
+        if hex::decode_to_slice(&row.digest, &mut stored).is_err()
+            || !bool::from(stored.ct_eq(&presented))
+        {
+            return Ok(None);
+        }
+        Ok(Some(AuthenticatedAgent {
+            agent_id: row.agent_id,
+            agent_name: row.agent_name,
+            project_id: row.project_id,
+            project_path: row.project_path,
+            token_id: row.token_id,
+        }))
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,423 @@
+//! End-to-end tests of `SqliteStore` against real database files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tempfile::TempDir;
+use tether_store::{Error, SqliteStore, Store, TOKEN_PREFIX, TOKEN_RANDOM_LEN};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A store on a fresh file, used through `Arc<dyn Store>` as kas does. The `TempDir` must be kept
+/// alive for the duration of the test.
+async fn open() -> Result<(TempDir, PathBuf, Arc<dyn Store>), Error> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("kas.db");
+    let store = SqliteStore::open(&path).await?;
+    Ok((dir, path, Arc::new(store)))
+}
+
+/// Every file SQLite may keep data in for this database.
+fn database_files(db: &Path) -> Vec<PathBuf> {
+    let mut files = vec![db.to_path_buf()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        files.push(PathBuf::from(name));
+    }
+    files.into_iter().filter(|p| p.exists()).collect()
+}
+
+fn files_contain(db: &Path, needle: &[u8]) -> bool {
+    database_files(db).iter().any(|file| {
+        let bytes = std::fs::read(file).expect("read database file");
+        bytes.windows(needle.len()).any(|w| w == needle)
+    })
+}
+
+#[tokio::test]
+async fn register_token_authenticate() -> TestResult {
+    let (_dir, _path, store) = open().await?;
+    let agent = store
+        .register_agent("group/sub/project", "my-agent")
+        .await?;
+    assert_eq!(agent.name, "my-agent");
+    let project = store
+        .get_project_by_path("group/sub/project")
+        .await?
+        .expect("project created by register_agent");
+    assert_eq!(agent.project_id, project.id);
+
+    let (info, token) = store.create_token(agent.id, "first").await?;
+    assert_eq!(info.agent_id, agent.id);
+    assert_eq!(info.description, "first");
+    assert!(info.is_active());
+    assert!(token.expose().starts_with(TOKEN_PREFIX));
+    assert_eq!(token.expose().len(), TOKEN_PREFIX.len() + TOKEN_RANDOM_LEN);
+
+    let auth = store
+        .authenticate(token.expose())
+        .await?
+        .expect("fresh token authenticates");
+    assert_eq!(auth.agent_id, agent.id);
+    assert_eq!(auth.agent_name, "my-agent");
+    assert_eq!(auth.project_id, project.id);
+    assert_eq!(auth.project_path, "group/sub/project");
+    assert_eq!(auth.token_id, info.id);
+    assert!(store.token_active(info.id).await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_tokens_are_rejected() -> TestResult {
+    let (_dir, _path, store) = open().await?;
+    let agent = store.register_agent("g/p", "a").await?;
+    let (_info, token) = store.create_token(agent.id, "").await?;
+
+    // Same shape as a real token, one character different.
+    let mut wrong = token.expose().to_string();
+    let last = wrong.pop().expect("non-empty");
+    wrong.push(if last == 'a' { 'b' } else { 'a' });
+    let uppercase = token.expose().to_uppercase();
+    let with_newline = format!("{}\n", token.expose());
+    let prefix_only = &token.expose()[..TOKEN_PREFIX.len() + 10];
+    for bad in [
+        wrong.as_str(),
+        uppercase.as_str(),
+        with_newline.as_str(),
+        prefix_only,
+        "",
+        "tether_",
+        "not a token",
+    ] {
+        assert!(store.authenticate(bad).await?.is_none(), "{bad:?} accepted");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn revoked_token_is_rejected() -> TestResult {
+    let (_dir, _path, store) = open().await?;
+    let agent = store.register_agent("g/p", "a").await?;
+    let (info, token) = store.create_token(agent.id, "to revoke").await?;
+    assert!(store.authenticate(token.expose()).await?.is_some());
+
+    assert!(store.revoke_token(info.id).await?, "first revocation");
+    assert!(store.authenticate(token.expose()).await?.is_none());
+    assert!(!store.token_active(info.id).await?);
+    // Idempotent: a second revocation succeeds but reports the token was no longer active.
+    assert!(!store.revoke_token(info.id).await?);
+    assert!(!store.token_active(info.id).await?);
+
+    let listed = store.list_tokens(agent.id).await?;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].revoked_at.is_some());
+    assert!(!listed[0].is_active());
+
+    assert!(matches!(
+        store.revoke_token(info.id + 1000).await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(!store.token_active(info.id + 1000).await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_tokens_per_agent() -> TestResult {
+    let (_dir, _path, store) = open().await?;
+    let agent = store.register_agent("g/p", "a").await?;
+    let (info1, token1) = store.create_token(agent.id, "one").await?;
+    let (info2, token2) = store.create_token(agent.id, "two").await?;
+    assert_ne!(info1.id, info2.id);
+    assert_ne!(token1.expose(), token2.expose());
+
+    let auth1 = store.authenticate(token1.expose()).await?.expect("token1");
+    let auth2 = store.authenticate(token2.expose()).await?.expect("token2");
+    assert_eq!((auth1.agent_id, auth1.token_id), (agent.id, info1.id));
+    assert_eq!((auth2.agent_id, auth2.token_id), (agent.id, info2.id));
+
+    assert!(store.revoke_token(info1.id).await?);
+    assert!(store.authenticate(token1.expose()).await?.is_none());
+    assert!(store.authenticate(token2.expose()).await?.is_some());
+    assert!(!store.token_active(info1.id).await?);
+    assert!(store.token_active(info2.id).await?);
+
+    let listed = store.list_tokens(agent.id).await?;
+    let summary: Vec<_> = listed
+        .iter()
+        .map(|t| (t.id, t.description.as_str(), t.is_active()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![(info1.id, "one", false), (info2.id, "two", true)]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn tokens_of_different_agents_are_kept_apart() -> TestResult {
+    let (_dir, _path, store) = open().await?;
+    let a = store.register_agent("g/p", "a").await?;
+    let b = store.register_agent("g/q", "a").await?;
+    let (_, token_a) = store.create_token(a.id, "").await?;
+    let (_, token_b) = store.create_token(b.id, "").await?;
+    let auth_a = store.authenticate(token_a.expose()).await?.expect("a");
+    let auth_b = store.authenticate(token_b.expose()).await?.expect("b");
+    assert_eq!(
+        (auth_a.agent_id, auth_a.project_path.as_str()),
+        (a.id, "g/p")
+    );
+    assert_eq!(
+        (auth_b.agent_id, auth_b.project_path.as_str()),
+        (b.id, "g/q")
+    );
+    assert_eq!(store.list_tokens(a.id).await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn database_never_holds_the_plaintext_token() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kas.db");
+    let store = SqliteStore::open(&path).await?;
+    let agent = store.register_agent("g/p", "a").await?;
+    let (_info, token) = store.create_token(agent.id, "secret check").await?;
+    let random_part = token.expose().as_bytes()[TOKEN_PREFIX.len()..].to_vec();
+    let digest_hex = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(token.expose().as_bytes()))
+    };
+
+    // While running: data may sit in the WAL, so search every file SQLite uses. The WAL file's
+    // presence also confirms `open` switched the journal mode.
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    assert!(Path::new(&wal).exists(), "journal mode is not WAL");
+    assert!(!files_contain(&path, token.expose().as_bytes()));
+    assert!(!files_contain(&path, &random_part));
+    // Sanity check that the search would find what is stored: the digest and the description.
+    assert!(files_contain(&path, digest_hex.as_bytes()));
+    assert!(files_contain(&path, b"secret check"));
+
+    // After the WAL is folded into the main file and the store closed.
+    store.checkpoint().await?;
+    store.close().await;
+    assert!(!files_contain(&path, token.expose().as_bytes()));
+    assert!(!files_contain(&path, &random_part));
+    let main_file = std::fs::read(&path)?;
+    assert!(
+        main_file
+            .windows(digest_hex.len())
+            .any(|w| w == digest_hex.as_bytes()),
+        "digest should be in the main file after a checkpoint"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_names_are_rejected() -> TestResult {
+    let (_dir, _path, store) = open().await?;
+    let too_long = "a".repeat(64);
+    for name in [
+        "MyAgent",
+        "-agent",
+        "agent-",
+        "",
+        "my_agent",
+        too_long.as_str(),
+    ] {
+        let got = store.register_agent("g/p", name).await;
+        assert!(
+            matches!(
+                got,
+                Err(Error::InvalidName {
+                    what: "agent name",
+                    ..
+                })
+            ),
+            "{name:?}: {got:?}"
+        );
+        let got = store.find_agent("g/p", name).await;
+        assert!(
+            matches!(got, Err(Error::InvalidName { .. })),
+            "{name:?}: {got:?}"
+        );
+    }
+    for path in ["", "/g/p", "g/p/", "g//p", "g/p q", "g/../p", "g/ü"] {
+        let got = store.register_agent(path, "agent").await;
+        assert!(
+            matches!(
+                got,
+                Err(Error::InvalidName {
+                    what: "project path",
+                    ..
+                })
+            ),
+            "{path:?}: {got:?}"
+        );
+        let got = store.ensure_project(path).await;
+        assert!(
+            matches!(got, Err(Error::InvalidName { .. })),
+            "{path:?}: {got:?}"
+        );
+    }
+    // Nothing was written by the rejected calls.
+    assert!(store.list_projects().await?.is_empty());
+    assert!(store.list_agents().await?.is_empty());
+    // 63 characters is the limit, not past it.
+    let longest = "a".repeat(63);
+    store.register_agent("g/p", &longest).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn duplicate_agent_is_rejected_and_leaves_no_trace() -> TestResult {
+    let (_dir, _path, store) = open().await?;
+    let first = store.register_agent("g/p", "a").await?;
+    let again = store.register_agent("g/p", "a").await;
+    assert!(matches!(again, Err(Error::AlreadyExists(_))), "{again:?}");
+    // The same name in another project is a different agent.
+    let other = store.register_agent("g/other", "a").await?;
+    assert_ne!(first.id, other.id);
+    assert_ne!(first.project_id, other.project_id);
+
+    let found = store.find_agent("g/p", "a").await?.expect("found");
+    assert_eq!(found, first);
+    assert_eq!(store.get_agent(first.id).await?, Some(first.clone()));
+    assert!(store.find_agent("g/p", "b").await?.is_none());
+    assert!(store.find_agent("g/nope", "a").await?.is_none());
+    assert!(store.get_agent(first.id + 1000).await?.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn projects_and_listings() -> TestResult {
+    let (_dir, _path, store) = open().await?;
+    let p1 = store.ensure_project("b/project").await?;
+    let p1_again = store.ensure_project("b/project").await?;
+    assert_eq!(p1, p1_again, "ensure_project returns the existing project");
+    let p2 = store.ensure_project("a/project").await?;
+    assert!(store.get_project_by_path("c/none").await?.is_none());
+
+    let paths: Vec<_> = store
+        .list_projects()
+        .await?
+        .into_iter()
+        .map(|p| (p.id, p.path))
+        .collect();
+    assert_eq!(
+        paths,
+        vec![
+            (p2.id, "a/project".to_string()),
+            (p1.id, "b/project".to_string())
+        ]
+    );
+
+    // register_agent reuses an existing project.
+    let z = store.register_agent("b/project", "z").await?;
+    let y = store.register_agent("a/project", "y").await?;
+    let x = store.register_agent("b/project", "x").await?;
+    assert_eq!(z.project_id, p1.id);
+    let agents: Vec<_> = store
+        .list_agents()
+        .await?
+        .into_iter()
+        .map(|a| (a.id, a.name, a.project_id, a.project_path))
+        .collect();
+    assert_eq!(
+        agents,
+        vec![
+            (y.id, "y".into(), p2.id, "a/project".into()),
+            (x.id, "x".into(), p1.id, "b/project".into()),
+            (z.id, "z".into(), p1.id, "b/project".into()),
+        ]
+    );
+    assert_eq!(store.list_projects().await?.len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_agent_for_tokens() -> TestResult {
+    let (_dir, _path, store) = open().await?;
+    assert!(matches!(
+        store.create_token(42, "x").await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        store.list_tokens(42).await,
+        Err(Error::NotFound(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn reopening_keeps_the_data() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("nested-name.sqlite");
+    let (agent, info, token) = {
+        let store = SqliteStore::open(&path).await?;
+        let agent = store.register_agent("group/project", "agent-1").await?;
+        let (info, token) = store.create_token(agent.id, "kept").await?;
+        let (revoked, _) = store.create_token(agent.id, "revoked").await?;
+        store.revoke_token(revoked.id).await?;
+        store.close().await;
+        (agent, info, token)
+    };
+
+    // Opening again also re-runs the migrator, which must accept an up-to-date schema.
+    let store = SqliteStore::open(&path).await?;
+    assert_eq!(
+        store.find_agent("group/project", "agent-1").await?,
+        Some(agent.clone())
+    );
+    let auth = store
+        .authenticate(token.expose())
+        .await?
+        .expect("token survives");
+    assert_eq!((auth.agent_id, auth.token_id), (agent.id, info.id));
+    let tokens = store.list_tokens(agent.id).await?;
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens[0].is_active());
+    assert!(!tokens[1].is_active());
+    assert!(matches!(
+        store.register_agent("group/project", "agent-1").await,
+        Err(Error::AlreadyExists(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn token_debug_and_display_are_redacted() -> TestResult {
+    let (_dir, _path, store) = open().await?;
+    let agent = store.register_agent("g/p", "a").await?;
+    let created = store.create_token(agent.id, "debug").await?;
+    let secret = &created.1.expose()[TOKEN_PREFIX.len()..];
+    for shown in [
+        format!("{created:?}"),
+        format!("{created:#?}"),
+        format!("{}", created.1),
+    ] {
+        assert!(!shown.contains(secret), "secret leaked: {shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_wait_instead_of_failing() -> TestResult {
+    let (_dir, _path, store) = open().await?;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let agent = store.register_agent("g/p", &format!("agent-{i}")).await?;
+            let (_, token) = store.create_token(agent.id, "").await?;
+            store.authenticate(token.expose()).await
+        }));
+    }
+    for task in tasks {
+        assert!(task.await??.is_some());
+    }
+    assert_eq!(store.list_agents().await?.len(), 16);
+    Ok(())
+}

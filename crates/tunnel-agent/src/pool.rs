@@ -1,0 +1,509 @@
+//! The pool of tunnel streams and the dispatch of routed requests to handlers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tether_protocol::frames::{FrameReader, FrameWriter, Pipe};
+use tether_protocol::metadata;
+use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
+use tether_protocol::tunnel::{
+    AgentFrame, Descriptor, RequestInfo, ResponseHeader, ServerFrame, agent_frame, server_frame,
+};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+use tracing::Instrument;
+
+use crate::Backoff;
+
+/// Pool sizing; defaults follow GitLab's agent.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Idle streams kept open, ready for requests.
+    pub min_idle: usize,
+    /// Upper bound on open streams (idle and busy).
+    pub max_streams: usize,
+    /// Streams opened at once when the idle ones run low.
+    pub scale_up_step: usize,
+    /// Idle streams above `min_idle` are closed after this long.
+    pub idle_timeout: Duration,
+    pub backoff: Backoff,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            min_idle: 2,
+            max_streams: 500,
+            scale_up_step: 10,
+            idle_timeout: Duration::from_secs(60),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Who this agent is, sent on every RPC so kas can show it.
+#[derive(Clone, Default)]
+pub struct AgentMeta {
+    pub token: String,
+    pub version: String,
+    pub pod_name: String,
+    pub pod_namespace: String,
+}
+
+impl std::fmt::Debug for AgentMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("AgentMeta")
+            .field("version", &self.version)
+            .field("pod_name", &self.pod_name)
+            .field("pod_namespace", &self.pod_namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Serves one kind of routed request (`RequestInfo::service`).
+pub trait Handler: Send + Sync + 'static {
+    fn serve(&self, request: RequestInfo, conn: AgentConn) -> BoxFuture<'static, io::Result<()>>;
+}
+
+/// The connection state the agent reports (readiness, logs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnState {
+    Connecting,
+    Connected,
+    /// The last attempt failed; carries the gRPC code and message.
+    Failed {
+        code: Code,
+        message: String,
+    },
+}
+
+/// Current counts, for tests and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub opening: usize,
+    pub idle: usize,
+    pub busy: usize,
+    pub failures: u32,
+    /// The last attempt to open a stream succeeded.
+    pub connected: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Metrics {
+    idle: Gauge,
+    busy: Gauge,
+    served: Counter,
+    open_failures: Counter,
+}
+
+struct Shared {
+    cfg: PoolConfig,
+    client: ReverseTunnelClient<Channel>,
+    meta: AgentMeta,
+    services: Vec<String>,
+    handlers: HashMap<String, Arc<dyn Handler>>,
+    counts: Mutex<PoolStats>,
+    wake: Notify,
+    state: watch::Sender<ConnState>,
+    metrics: Metrics,
+}
+
+impl Shared {
+    fn counts(&self) -> MutexGuard<'_, PoolStats> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut PoolStats)) {
+        let snapshot = {
+            let mut c = self.counts();
+            f(&mut c);
+            *c
+        };
+        self.metrics
+            .idle
+            .set(i64::try_from(snapshot.idle).unwrap_or(i64::MAX));
+        self.metrics
+            .busy
+            .set(i64::try_from(snapshot.busy).unwrap_or(i64::MAX));
+        self.wake.notify_one();
+    }
+
+    fn set_state(&self, new: ConnState) {
+        self.state.send_if_modified(|s| {
+            if *s == new {
+                return false;
+            }
+            match (&*s, &new) {
+                (_, ConnState::Connected) => {
+                    tracing::info!(
+                        feature_name = "tunnel",
+                        feature_status = "enabled",
+                        "Feature status change"
+                    );
+                }
+                (ConnState::Connected, ConnState::Failed { code, message }) => {
+                    tracing::info!(
+                        feature_name = "tunnel",
+                        feature_status = "disabled",
+                        "Feature status change"
+                    );
+                    log_failure(*code, message);
+                }
+                // Same failure again (each retry): stay quiet, the first line said it.
+                (ConnState::Failed { code: old, .. }, ConnState::Failed { code, .. })
+                    if old == code => {}
+                (_, ConnState::Failed { code, message }) => log_failure(*code, message),
+                _ => {}
+            }
+            *s = new;
+            true
+        });
+    }
+}
+
+fn log_failure(code: Code, message: &str) {
+    // One clear line per change of state, not one per stream or retry.
+    match code {
+        Code::Unauthenticated => tracing::error!(
+            error = message,
+            "kas refused the agent token (unauthenticated): check the token file and that the token was not revoked"
+        ),
+        Code::PermissionDenied => {
+            tracing::error!(error = message, "kas denied the agent (permission denied)");
+        }
+        _ => {
+            tracing::warn!(code = ?code, error = message, "Cannot reach kas; retrying with backoff")
+        }
+    }
+}
+
+/// The agent's pool of tunnel streams.
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// A pool over `channel` (a lazily connecting channel to kas) serving `handlers`.
+    pub fn new(
+        cfg: PoolConfig,
+        channel: Channel,
+        meta: AgentMeta,
+        handlers: HashMap<String, Arc<dyn Handler>>,
+    ) -> Self {
+        let client = ReverseTunnelClient::new(channel)
+            .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE);
+        let mut services: Vec<String> = handlers.keys().cloned().collect();
+        services.sort();
+        let (state, _) = watch::channel(ConnState::Connecting);
+        Self {
+            shared: Arc::new(Shared {
+                cfg,
+                client,
+                meta,
+                services,
+                handlers,
+                counts: Mutex::new(PoolStats::default()),
+                wake: Notify::new(),
+                state,
+                metrics: Metrics::default(),
+            }),
+        }
+    }
+
+    pub fn register_metrics(&self, reg: &mut MetricsRegistry) {
+        let m = &self.shared.metrics;
+        reg.register("tunnel_idle_streams", "Idle tunnel streams", m.idle.clone());
+        reg.register(
+            "tunnel_busy_streams",
+            "Tunnel streams serving a request",
+            m.busy.clone(),
+        );
+        reg.register(
+            "tunnel_requests_served",
+            "Requests served through the tunnel",
+            m.served.clone(),
+        );
+        reg.register(
+            "tunnel_open_failures",
+            "Failed attempts to open a tunnel stream",
+            m.open_failures.clone(),
+        );
+    }
+
+    /// Follows the connection state (readiness is `Connected`).
+    pub fn state(&self) -> watch::Receiver<ConnState> {
+        self.shared.state.subscribe()
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        *self.shared.counts()
+    }
+
+    /// Keeps the pool at its target size until `shutdown` fires.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let shared = &self.shared;
+        loop {
+            let failures = shared.counts().failures;
+            if failures > 0 {
+                let delay = shared.cfg.backoff.delay(failures, rand::random::<f64>());
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => break,
+                }
+            }
+            let to_open = {
+                let mut c = shared.counts();
+                let total = c.opening + c.idle + c.busy;
+                let room = shared.cfg.max_streams.saturating_sub(total);
+                let n = if c.opening + c.idle >= shared.cfg.min_idle.max(1) {
+                    0
+                } else if c.failures > 0 || !c.connected {
+                    // Until a stream gets through, probe with one instead of a burst: a refused
+                    // token or an unreachable kas then costs one attempt per backoff step.
+                    usize::from(c.opening == 0)
+                } else {
+                    let deficit = shared.cfg.min_idle.max(1) - (c.opening + c.idle);
+                    deficit.max(shared.cfg.scale_up_step)
+                };
+                let n = n.min(room);
+                c.opening += n;
+                n
+            };
+            for _ in 0..to_open {
+                tokio::spawn(
+                    stream_task(Arc::clone(shared), shutdown.clone())
+                        .instrument(tracing::Span::current()),
+                );
+            }
+            tokio::select! {
+                () = shared.wake.notified() => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+    }
+}
+
+fn header_value(v: &str) -> Option<AsciiMetadataValue> {
+    MetadataValue::try_from(v).ok()
+}
+
+/// Opens one stream, waits idle for a request, serves it, and ends.
+async fn stream_task(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let (tx, rx) = mpsc::channel::<AgentFrame>(2);
+    let descriptor = AgentFrame {
+        frame: Some(agent_frame::Frame::Descriptor(Descriptor {
+            services: shared.services.clone(),
+        })),
+    };
+    if tx.send(descriptor).await.is_err() {
+        shared.update(|c| c.opening -= 1);
+        return;
+    }
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    let md = req.metadata_mut();
+    if let Some(mut v) = header_value(&format!("Bearer {}", shared.meta.token)) {
+        v.set_sensitive(true);
+        md.insert(metadata::AUTHORIZATION, v);
+    }
+    for (k, v) in [
+        (metadata::AGENT_VERSION, &shared.meta.version),
+        (metadata::POD_NAME, &shared.meta.pod_name),
+        (metadata::POD_NAMESPACE, &shared.meta.pod_namespace),
+    ] {
+        if let Some(v) = header_value(v) {
+            md.insert(k, v);
+        }
+    }
+    let mut client = shared.client.clone();
+    let opened = tokio::select! {
+        r = client.connect(req) => r,
+        () = shutdown.cancelled() => {
+            shared.update(|c| c.opening -= 1);
+            return;
+        }
+    };
+    let mut inbound = match opened {
+        Ok(resp) => resp.into_inner(),
+        Err(status) => {
+            shared.metrics.open_failures.inc();
+            shared.update(|c| {
+                c.opening -= 1;
+                c.failures = c.failures.saturating_add(1);
+                c.connected = false;
+            });
+            shared.set_state(ConnState::Failed {
+                code: status.code(),
+                message: status.message().to_string(),
+            });
+            return;
+        }
+    };
+    shared.update(|c| {
+        c.opening -= 1;
+        c.idle += 1;
+        c.failures = 0;
+        c.connected = true;
+    });
+    shared.set_state(ConnState::Connected);
+
+    // Idle until kas routes a request here.
+    let request = loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Request(info)) })) => break info,
+                Ok(other) => {
+                    // kas closed the stream (shutdown, connection age) or sent nonsense.
+                    if let Some(f) = other {
+                        tracing::warn!(frame = ?f, "Unexpected frame on an idle tunnel stream");
+                    }
+                    shared.update(|c| c.idle -= 1);
+                    return;
+                }
+                Err(status) => {
+                    shared.update(|c| c.idle -= 1);
+                    if status.code() != Code::Cancelled {
+                        shared.set_state(ConnState::Failed {
+                            code: status.code(),
+                            message: status.message().to_string(),
+                        });
+                    }
+                    return;
+                }
+            },
+            () = tokio::time::sleep(shared.cfg.idle_timeout) => {
+                let mut c = shared.counts();
+                if c.idle > shared.cfg.min_idle {
+                    c.idle -= 1;
+                    drop(c);
+                    shared.update(|_| {});
+                    return; // dropping tx half-closes; kas forgets the stream
+                }
+            }
+            () = shutdown.cancelled() => {
+                shared.update(|c| c.idle -= 1);
+                return;
+            }
+        }
+    };
+    shared.update(|c| {
+        c.idle -= 1;
+        c.busy += 1;
+    });
+    shared.metrics.served.inc();
+    serve(&shared, request, inbound, tx).await;
+    shared.update(|c| c.busy -= 1);
+}
+
+async fn serve(
+    shared: &Shared,
+    request: RequestInfo,
+    inbound: Streaming<ServerFrame>,
+    tx: mpsc::Sender<AgentFrame>,
+) {
+    let Some(handler) = shared.handlers.get(&request.service).cloned() else {
+        let refuse = AgentFrame {
+            frame: Some(agent_frame::Frame::Error(tether_protocol::tunnel::Error {
+                code: Code::Unimplemented as i32,
+                message: format!("this agent does not serve {:?}", request.service),
+            })),
+        };
+        let _ = tx.send(refuse).await;
+        return;
+    };
+    let accept = AgentFrame {
+        frame: Some(agent_frame::Frame::Header(ResponseHeader {
+            metadata: HashMap::new(),
+        })),
+    };
+    if tx.send(accept).await.is_err() {
+        return;
+    }
+    let service = request.service.clone();
+    // Frames reach the handler through a one-slot channel fed by a pump that owns the gRPC
+    // response stream. Dropping that stream early would reset the HTTP/2 stream, and a reset
+    // discards data kas has not read yet (the tail of a response); so the pump keeps reading,
+    // and discarding, until kas ends the stream. The single slot keeps flow control end to end.
+    let (ftx, frx) = mpsc::channel::<Result<ServerFrame, tonic::Status>>(1);
+    let pump = tokio::spawn(async move {
+        let mut inbound = inbound;
+        let mut forward = true;
+        loop {
+            match inbound.message().await {
+                Ok(Some(f)) => {
+                    if forward && ftx.send(Ok(f)).await.is_err() {
+                        forward = false;
+                    }
+                }
+                Ok(None) => break,
+                Err(s) => {
+                    if forward {
+                        let _ = ftx.send(Err(s)).await;
+                    }
+                    break;
+                }
+            }
+        }
+    });
+    let conn = AgentConn {
+        reader: FrameReader::new(ReceiverStream::new(frx)),
+        writer: FrameWriter::plain(tx),
+        extra: (),
+    };
+    if let Err(e) = handler.serve(request, conn).await {
+        tracing::debug!(service, error = %e, "Tunnelled request ended with an error");
+    }
+    // kas ends its side once it has read ours; do not let a misbehaving peer pin the task.
+    let abort = pump.abort_handle();
+    if tokio::time::timeout(DRAIN_TIMEOUT, pump).await.is_err() {
+        abort.abort();
+        tracing::debug!(service, "kas did not end the tunnel stream in time");
+    }
+}
+
+/// How long a finished request waits for kas to end its side of the stream.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Frames from kas as the handler sees them.
+pub type Inbound = ReceiverStream<Result<ServerFrame, tonic::Status>>;
+
+/// A routed request on the agent side: a bidirectional byte pipe to the caller in kas.
+pub type AgentConn = Pipe<Inbound, AgentFrame>;
+
+/// The `echo` service: copies every byte back, then closes. Used to check the tunnel end to end.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EchoHandler;
+
+impl Handler for EchoHandler {
+    fn serve(&self, _request: RequestInfo, conn: AgentConn) -> BoxFuture<'static, io::Result<()>> {
+        Box::pin(async move {
+            use tokio::io::AsyncWriteExt;
+            let (mut r, mut w) = conn.into_split();
+            tokio::io::copy(&mut r, &mut w).await?;
+            w.shutdown().await
+        })
+    }
+}

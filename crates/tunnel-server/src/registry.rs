@@ -1,0 +1,584 @@
+//! agent id → idle tunnel streams, and the hand-over of one stream to one request.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tether_protocol::frames::{FrameReader, FrameWriter, Pipe};
+use tether_protocol::tunnel::{AgentFrame, RequestInfo, ServerFrame, agent_frame, server_frame};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tonic::{Status, Streaming};
+
+use crate::service::{AgentIdentity, Authenticator};
+
+/// Why no tunnel could be had.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("agent {0} is not connected")]
+    AgentNotConnected(i64),
+    #[error("kas is shutting down")]
+    ShuttingDown,
+}
+
+/// Why a taken tunnel could not carry the request.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("the tunnel closed before the agent answered")]
+    Closed,
+    #[error("the agent refused the request (code {code}): {message}")]
+    Refused { code: i32, message: String },
+    #[error("the agent sent an unexpected frame: {0}")]
+    Protocol(String),
+    #[error("tunnel stream failed: {0}")]
+    Stream(#[from] Status),
+}
+
+/// One agentk connection as kas sees it (a pod, over one transport connection).
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub agent_version: String,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub remote_addr: String,
+    pub connected_since: SystemTime,
+    /// Open tunnel streams (idle and busy) of this connection.
+    pub streams: usize,
+}
+
+/// What the admin commands show for an agent.
+#[derive(Debug, Clone)]
+pub struct AgentConnections {
+    pub agent_id: i64,
+    pub idle_tunnels: usize,
+    pub connections: Vec<ConnectionInfo>,
+}
+
+/// Counters for tests and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegistryStats {
+    pub agents: usize,
+    pub open_streams: usize,
+    pub idle_streams: usize,
+    pub waiters: usize,
+}
+
+/// A parked stream's way to be claimed: send it a reply channel, it answers with the tunnel.
+struct IdleHandle {
+    stream_id: u64,
+    claim: oneshot::Sender<oneshot::Sender<Tunnel>>,
+}
+
+#[derive(Default)]
+struct AgentState {
+    idle: VecDeque<IdleHandle>,
+    waiters: VecDeque<oneshot::Sender<IdleHandle>>,
+    connections: HashMap<(String, String), ConnectionInfo>,
+}
+
+#[derive(Default)]
+struct Inner {
+    agents: HashMap<i64, AgentState>,
+    /// Cancellation of every live stream, grouped by the token that opened it.
+    by_token: HashMap<i64, HashMap<u64, CancellationToken>>,
+    open_streams: usize,
+    shutting_down: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Metrics {
+    open_streams: Gauge,
+    idle_streams: Gauge,
+    connected_agents: Gauge,
+    routed: Counter,
+    not_connected: Counter,
+    revoked: Counter,
+}
+
+/// The registry of connected agents. Cheap to share behind an `Arc`.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            next_id: AtomicU64::new(1),
+            metrics: Metrics::default(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Registers the registry's metrics under `reg` (prefix `tunnel_`).
+    pub fn register_metrics(&self, reg: &mut MetricsRegistry) {
+        let m = &self.metrics;
+        reg.register(
+            "tunnel_open_streams",
+            "Tunnel streams open from agents (idle and busy)",
+            m.open_streams.clone(),
+        );
+        reg.register(
+            "tunnel_idle_streams",
+            "Idle tunnel streams waiting for a request",
+            m.idle_streams.clone(),
+        );
+        reg.register(
+            "tunnel_connected_agents",
+            "Agents with at least one open tunnel stream",
+            m.connected_agents.clone(),
+        );
+        reg.register(
+            "tunnel_requests_routed",
+            "Requests handed a tunnel",
+            m.routed.clone(),
+        );
+        reg.register(
+            "tunnel_agent_not_connected",
+            "Requests that found no tunnel in time",
+            m.not_connected.clone(),
+        );
+        reg.register(
+            "tunnel_streams_revoked",
+            "Streams ended because their token was revoked",
+            m.revoked.clone(),
+        );
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than losing the registry, so poisoning is ignored.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn refresh_gauges(&self, inner: &Inner) {
+        let idle: usize = inner.agents.values().map(|a| a.idle.len()).sum();
+        self.metrics
+            .open_streams
+            .set(i64::try_from(inner.open_streams).unwrap_or(i64::MAX));
+        self.metrics
+            .idle_streams
+            .set(i64::try_from(idle).unwrap_or(i64::MAX));
+        self.metrics
+            .connected_agents
+            .set(i64::try_from(inner.agents.len()).unwrap_or(i64::MAX));
+    }
+
+    pub fn stats(&self) -> RegistryStats {
+        let inner = self.lock();
+        RegistryStats {
+            agents: inner.agents.len(),
+            open_streams: inner.open_streams,
+            idle_streams: inner.agents.values().map(|a| a.idle.len()).sum(),
+            waiters: inner.agents.values().map(|a| a.waiters.len()).sum(),
+        }
+    }
+
+    /// Connection state of every connected agent.
+    pub fn connections(&self) -> Vec<AgentConnections> {
+        let inner = self.lock();
+        let mut out: Vec<AgentConnections> = inner
+            .agents
+            .iter()
+            .filter(|(_, a)| !a.connections.is_empty())
+            .map(|(id, a)| AgentConnections {
+                agent_id: *id,
+                idle_tunnels: a.idle.len(),
+                connections: a.connections.values().cloned().collect(),
+            })
+            .collect();
+        out.sort_by_key(|a| a.agent_id);
+        out
+    }
+
+    /// Ends every stream opened with `token_id` (its token was revoked).
+    pub fn revoke_token(&self, token_id: i64) -> usize {
+        let cancelled: Vec<CancellationToken> = {
+            let mut inner = self.lock();
+            inner
+                .by_token
+                .remove(&token_id)
+                .map(|m| m.into_values().collect())
+                .unwrap_or_default()
+        };
+        for c in &cancelled {
+            c.cancel();
+        }
+        self.metrics.revoked.inc_by(cancelled.len() as u64);
+        cancelled.len()
+    }
+
+    /// Checks every token with live streams against `auth` and ends the streams of revoked ones.
+    /// Returns how many streams were ended.
+    pub async fn recheck_tokens(&self, auth: &dyn Authenticator) -> usize {
+        let tokens: Vec<i64> = self.lock().by_token.keys().copied().collect();
+        let mut ended = 0;
+        for t in tokens {
+            match auth.token_active(t).await {
+                Ok(true) => {}
+                Ok(false) => ended += self.revoke_token(t),
+                // Keep streams when the store cannot answer: an outage is not a revocation.
+                Err(e) => tracing::warn!(error = %e, token_id = t, "Token re-check failed"),
+            }
+        }
+        ended
+    }
+
+    /// Ends every stream and refuses new ones (kas is stopping).
+    pub fn shutdown(&self) {
+        self.lock().shutting_down = true;
+        self.shutdown.cancel();
+    }
+
+    /// Takes one idle tunnel of `agent_id`, waiting up to `timeout` for one to appear.
+    pub async fn get_tunnel(
+        &self,
+        agent_id: i64,
+        timeout: Duration,
+    ) -> Result<Tunnel, RegistryError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let waiter = {
+                let mut inner = self.lock();
+                if inner.shutting_down {
+                    return Err(RegistryError::ShuttingDown);
+                }
+                let state = inner.agents.entry(agent_id).or_default();
+                let mut found = None;
+                while let Some(h) = state.idle.pop_front() {
+                    if !h.claim.is_closed() {
+                        found = Some(h);
+                        break;
+                    }
+                }
+                let res = match found {
+                    Some(h) => Ok(h),
+                    None => {
+                        let (tx, rx) = oneshot::channel();
+                        state.waiters.push_back(tx);
+                        Err(rx)
+                    }
+                };
+                if state.idle.is_empty() && state.waiters.is_empty() && state.connections.is_empty()
+                {
+                    inner.agents.remove(&agent_id);
+                }
+                self.refresh_gauges(&inner);
+                res
+            };
+            let handle = match waiter {
+                Ok(h) => h,
+                Err(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(h)) => h,
+                    // The sender side was dropped (shutdown) or the time is up.
+                    Ok(Err(_)) | Err(_) => {
+                        self.prune_waiters(agent_id);
+                        self.metrics.not_connected.inc();
+                        return Err(RegistryError::AgentNotConnected(agent_id));
+                    }
+                },
+            };
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if handle.claim.send(reply_tx).is_err() {
+                continue; // that stream just ended; try the next one
+            }
+            if let Ok(t) = reply_rx.await {
+                self.metrics.routed.inc();
+                return Ok(t);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.metrics.not_connected.inc();
+                return Err(RegistryError::AgentNotConnected(agent_id));
+            }
+        }
+    }
+
+    fn prune_waiters(&self, agent_id: i64) {
+        let mut inner = self.lock();
+        if let Some(state) = inner.agents.get_mut(&agent_id) {
+            state.waiters.retain(|w| !w.is_closed());
+            if state.idle.is_empty() && state.waiters.is_empty() && state.connections.is_empty() {
+                inner.agents.remove(&agent_id);
+            }
+        }
+    }
+
+    /// Gives an idle stream to a waiting request, or parks it.
+    fn offer(&self, agent_id: i64, mut handle: IdleHandle) {
+        let mut inner = self.lock();
+        let state = inner.agents.entry(agent_id).or_default();
+        while let Some(w) = state.waiters.pop_front() {
+            match w.send(handle) {
+                Ok(()) => {
+                    self.refresh_gauges(&inner);
+                    return;
+                }
+                Err(h) => handle = h, // that waiter gave up; try the next
+            }
+        }
+        state.idle.push_back(handle);
+        self.refresh_gauges(&inner);
+    }
+
+    fn remove_idle(&self, agent_id: i64, stream_id: u64) {
+        let mut inner = self.lock();
+        if let Some(state) = inner.agents.get_mut(&agent_id) {
+            state.idle.retain(|h| h.stream_id != stream_id);
+        }
+        self.refresh_gauges(&inner);
+    }
+
+    fn stream_opened(
+        &self,
+        id: &AgentIdentity,
+        info: &ConnectionInfo,
+        stream_id: u64,
+        cancel: CancellationToken,
+    ) -> bool {
+        let mut inner = self.lock();
+        if inner.shutting_down {
+            return false;
+        }
+        inner.open_streams += 1;
+        inner
+            .by_token
+            .entry(id.token_id)
+            .or_default()
+            .insert(stream_id, cancel);
+        let state = inner.agents.entry(id.agent_id).or_default();
+        let key = (info.remote_addr.clone(), info.pod_name.clone());
+        state
+            .connections
+            .entry(key)
+            .or_insert_with(|| info.clone())
+            .streams += 1;
+        self.refresh_gauges(&inner);
+        true
+    }
+
+    fn stream_closed(&self, id: &AgentIdentity, info: &ConnectionInfo, stream_id: u64) {
+        let mut inner = self.lock();
+        inner.open_streams = inner.open_streams.saturating_sub(1);
+        if let Some(m) = inner.by_token.get_mut(&id.token_id) {
+            m.remove(&stream_id);
+            if m.is_empty() {
+                inner.by_token.remove(&id.token_id);
+            }
+        }
+        if let Some(state) = inner.agents.get_mut(&id.agent_id) {
+            let key = (info.remote_addr.clone(), info.pod_name.clone());
+            if let Some(c) = state.connections.get_mut(&key) {
+                c.streams = c.streams.saturating_sub(1);
+                if c.streams == 0 {
+                    state.connections.remove(&key);
+                }
+            }
+            state.idle.retain(|h| h.stream_id != stream_id);
+            if state.idle.is_empty() && state.waiters.is_empty() && state.connections.is_empty() {
+                inner.agents.remove(&id.agent_id);
+            }
+        }
+        self.refresh_gauges(&inner);
+    }
+
+    /// Runs one authenticated stream: parks it idle until a request claims it, the agent goes
+    /// away, its token is revoked or kas shuts down.
+    pub(crate) async fn park(
+        self: Arc<Self>,
+        identity: AgentIdentity,
+        info: ConnectionInfo,
+        _services: Vec<String>,
+        mut inbound: Streaming<AgentFrame>,
+        tx: mpsc::Sender<Result<ServerFrame, Status>>,
+    ) {
+        let stream_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = self.shutdown.child_token();
+        if !self.stream_opened(&identity, &info, stream_id, cancel.clone()) {
+            let _ = tx
+                .send(Err(Status::unavailable("kas is shutting down")))
+                .await;
+            return;
+        }
+        let guard = StreamGuard {
+            registry: Arc::clone(&self),
+            identity: identity.clone(),
+            info,
+            stream_id,
+        };
+        let (claim_tx, claim_rx) = oneshot::channel();
+        self.offer(
+            identity.agent_id,
+            IdleHandle {
+                stream_id,
+                claim: claim_tx,
+            },
+        );
+        tokio::select! {
+            claimed = claim_rx => {
+                let Ok(reply) = claimed else { return };
+                // While busy, revocation or shutdown still ends the stream: a watcher holds a
+                // weak sender (so it never keeps the stream open) until the tunnel is dropped.
+                let done = CancellationToken::new();
+                let weak = tx.downgrade();
+                let watcher_done = done.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = cancel.cancelled() => {
+                            if let Some(tx) = weak.upgrade() {
+                                let _ = tx.send(Err(Status::unauthenticated("agent token revoked or kas stopping"))).await;
+                            }
+                        }
+                        () = watcher_done.cancelled() => {}
+                    }
+                });
+                let tunnel = Tunnel {
+                    agent_id: identity.agent_id,
+                    tx,
+                    inbound,
+                    _guard: guard,
+                    _done: done.drop_guard(),
+                };
+                // If the caller vanished meanwhile, dropping the tunnel ends the stream and the
+                // agent opens a fresh one.
+                let _ = reply.send(tunnel);
+            }
+            msg = inbound.message() => {
+                // Idle streams carry nothing from the agent; anything here is its end.
+                self.remove_idle(identity.agent_id, stream_id);
+                if let Ok(Some(frame)) = msg {
+                    tracing::debug!(agent_id = identity.agent_id, ?frame, "Unexpected frame on an idle tunnel");
+                    let _ = tx.send(Err(Status::invalid_argument("unexpected frame on an idle tunnel"))).await;
+                }
+                drop(guard);
+            }
+            () = cancel.cancelled() => {
+                self.remove_idle(identity.agent_id, stream_id);
+                let _ = tx.send(Err(Status::unauthenticated("agent token revoked or kas stopping"))).await;
+                drop(guard);
+            }
+            () = tx.closed() => {
+                self.remove_idle(identity.agent_id, stream_id);
+                drop(guard);
+            }
+        }
+    }
+}
+
+/// Keeps the registry's accounting right however a stream ends.
+struct StreamGuard {
+    registry: Arc<Registry>,
+    identity: AgentIdentity,
+    info: ConnectionInfo,
+    stream_id: u64,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.registry
+            .stream_closed(&self.identity, &self.info, self.stream_id);
+    }
+}
+
+/// A tunnel stream taken for one request.
+pub struct Tunnel {
+    pub agent_id: i64,
+    tx: mpsc::Sender<Result<ServerFrame, Status>>,
+    inbound: Streaming<AgentFrame>,
+    _guard: StreamGuard,
+    _done: DropGuard,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("agent_id", &self.agent_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tunnel {
+    /// Sends the request to the agent and waits for it to accept; the result is a byte pipe.
+    pub async fn request(
+        mut self,
+        service: &str,
+        metadata: HashMap<String, String>,
+    ) -> Result<TunnelConn, TunnelError> {
+        let req = ServerFrame {
+            frame: Some(server_frame::Frame::Request(RequestInfo {
+                service: service.to_string(),
+                metadata,
+            })),
+        };
+        self.tx
+            .send(Ok(req))
+            .await
+            .map_err(|_| TunnelError::Closed)?;
+        let header = match self.inbound.message().await? {
+            None => return Err(TunnelError::Closed),
+            Some(f) => match f.frame {
+                Some(agent_frame::Frame::Header(h)) => h.metadata,
+                Some(agent_frame::Frame::Error(e)) => {
+                    return Err(TunnelError::Refused {
+                        code: e.code,
+                        message: e.message,
+                    });
+                }
+                other => return Err(TunnelError::Protocol(format!("{other:?}"))),
+            },
+        };
+        Ok(TunnelConn {
+            reader: FrameReader::new(self.inbound),
+            writer: FrameWriter::wrapped(self.tx),
+            extra: TunnelExtra {
+                agent_id: self.agent_id,
+                metadata: header,
+                _guard: self._guard,
+                _done: self._done,
+            },
+        })
+    }
+}
+
+/// What a [`TunnelConn`] carries beside its bytes.
+pub struct TunnelExtra {
+    pub agent_id: i64,
+    /// What the agent put in its response header.
+    pub metadata: HashMap<String, String>,
+    _guard: StreamGuard,
+    _done: DropGuard,
+}
+
+impl std::fmt::Debug for TunnelExtra {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelExtra")
+            .field("agent_id", &self.agent_id)
+            .field("metadata", &self.metadata)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An accepted request: a bidirectional byte pipe to the agent's service.
+pub type TunnelConn = Pipe<Streaming<AgentFrame>, Result<ServerFrame, Status>, TunnelExtra>;
