@@ -15,6 +15,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod configuration;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "agentk",
@@ -105,7 +107,9 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     let level = tether_observability::parse_level(&cli.log_level)?;
-    let _log = tether_observability::init_logging(level);
+    let log = tether_observability::init_logging(level);
+    // Every module logs inside this span, so `agent_id` appears on every line once kas told us.
+    let agent_span = tracing::info_span!("agentk", agent_id = tracing::field::Empty);
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let token = read_token(&cli.token_file)?;
@@ -117,12 +121,14 @@ async fn run(cli: Cli) -> Result<()> {
         ..ClientOptions::default()
     };
     let channel = tether_transport::connect_lazy(&address, &opts)?;
+    let config_channel = channel.clone();
     let meta = AgentMeta {
         token,
         version: env!("CARGO_PKG_VERSION").to_string(),
         pod_name: std::env::var("POD_NAME").unwrap_or_default(),
         pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
     };
+    let config_meta = meta.clone();
     let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
     handlers.insert(
         tether_protocol::services::ECHO.to_string(),
@@ -177,8 +183,27 @@ async fn run(cli: Cli) -> Result<()> {
     let p = Arc::clone(&pool);
     let stop = shutdown.clone();
     let tunnel = tokio::spawn(
-        async move { p.run(stop).await }
-            .instrument(tracing::info_span!("tunnel", mod_name = "reverse_tunnel")),
+        async move { p.run(stop).await }.instrument(tracing::info_span!(
+            parent: &agent_span,
+            "tunnel",
+            mod_name = "reverse_tunnel"
+        )),
+    );
+    let (config_tx, _config_rx) = watch::channel(None);
+    let config = tokio::spawn(
+        configuration::run(
+            config_channel,
+            config_meta,
+            log.clone(),
+            config_tx,
+            agent_span.clone(),
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!(
+            parent: &agent_span,
+            "configuration",
+            mod_name = "agent_configuration"
+        )),
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -189,6 +214,7 @@ async fn run(cli: Cli) -> Result<()> {
     tracing::info!("agentk is stopping");
     shutdown.cancel();
     let _ = tunnel.await;
+    let _ = config.await;
     let _ = obs.await;
     Ok(())
 }

@@ -6,6 +6,8 @@
 //! - [`Mirror`]: one bare repository per project in a cache directory; [`Mirror::fetch`]
 //!   (blocking) or [`Mirror::fetch_async`], then [`Mirror::resolve`], [`Mirror::read_file`] and
 //!   [`Mirror::list_files`] at a [`CommitId`].
+//! - [`Sources`]: the set of mirrors kas keeps fresh (poll interval, webhook triggers,
+//!   backoff on failure), publishing each project's default-branch commit.
 //! - [`webhook`]: verification of GitLab, GitHub and Gitea push webhooks, as pure functions.
 //!
 //! gix (gitoxide) does all Git work. Local remotes are fetched through gix's file transport,
@@ -14,9 +16,11 @@
 mod error;
 mod mirror;
 mod remote;
+mod sources;
 pub mod webhook;
 
 pub use error::{Error, FetchError};
 pub use mirror::{CommitId, FetchOutcome, FileEntry, GitRef, Mirror, RefChange};
 pub use remote::{Credentials, Remote, RemoteError, RemoteKind};
+pub use sources::{ProjectHead, ProjectSpec, Sources};
 pub use webhook::{PushEvent, WebhookError, WebhookKind, verify_webhook};

@@ -830,3 +830,49 @@ fn empty_remote_is_not_an_error() {
         commit
     );
 }
+
+/// A server that accepts connections and never answers must not stop updates: the fetch
+/// times out, the error is published, and the last good commit stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_time_out_a_silent_server_and_keep_the_last_good_commit() {
+    use std::time::Duration;
+    use tether_git_source::{ProjectSpec, Sources};
+
+    let f = Fixture::new("main");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let sources = Sources::new(
+        f.cache("sources"),
+        Duration::from_millis(200),
+        Duration::from_millis(500),
+    );
+    let mut head = sources.watch(7);
+    sources
+        .upsert(ProjectSpec {
+            id: 7,
+            path: "group/silent".into(),
+            remote: Some(Remote::parse(&format!("git://127.0.0.1:{port}/r")).expect("remote")),
+        })
+        .expect("upsert");
+    let seen = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            head.changed().await.expect("head");
+            let h = head.borrow().clone();
+            if h.error.is_some() {
+                break h;
+            }
+        }
+    })
+    .await
+    .expect("the silent server's fetch should time out");
+    assert!(
+        seen.error
+            .as_deref()
+            .is_some_and(|e| e.contains("no answer within")),
+        "{seen:?}"
+    );
+    assert_eq!(seen.commit, None);
+    assert_eq!(seen.fetches, 0);
+    sources.shutdown();
+    drop(silent);
+}

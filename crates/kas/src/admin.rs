@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::{AgentView, Revoked, Stats, TokenCreated, TokenView};
+use crate::api::{AgentView, ProjectRequest, ProjectView, Revoked, Stats, TokenCreated, TokenView};
 
 /// Talks to one kas's internal API with its admin token.
 #[derive(Clone)]
@@ -124,6 +124,29 @@ impl AdminClient {
         .await
     }
 
+    pub async fn set_project(&self, req: &ProjectRequest) -> Result<ProjectView> {
+        self.json(Method::PUT, "/api/v1/projects", Some(req)).await
+    }
+
+    pub async fn list_projects(&self) -> Result<Vec<ProjectView>> {
+        self.json(Method::GET, "/api/v1/projects", None::<&()>)
+            .await
+    }
+
+    pub async fn remove_project(&self, path: &str) -> Result<()> {
+        let (status, bytes) = self
+            .call(
+                Method::DELETE,
+                &format!("/api/v1/projects?path={}", urlencode(path)),
+                None,
+            )
+            .await?;
+        if !status.is_success() {
+            bail!("kas answered {status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        Ok(())
+    }
+
     pub async fn stats(&self) -> Result<Stats> {
         self.json(Method::GET, "/api/v1/debug/stats", None::<&()>)
             .await
@@ -143,4 +166,16 @@ impl AdminClient {
         }
         Ok(bytes)
     }
+}
+
+/// Percent-encodes a query value (project paths contain `/`).
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -22,7 +22,9 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::auth::AdminToken;
+use crate::configuration::{ConfigState, ConfigStates};
 use crate::server::ConnectionCount;
+use tether_git_source::Sources;
 
 #[derive(Clone, Debug)]
 pub struct ApiState {
@@ -31,6 +33,8 @@ pub struct ApiState {
     pub admin: AdminToken,
     pub tunnel_wait: Duration,
     pub connections: Arc<ConnectionCount>,
+    pub sources: Arc<Sources>,
+    pub config_states: Arc<ConfigStates>,
 }
 
 /// An error response: `{"error": "..."}` with a status code.
@@ -74,6 +78,32 @@ pub struct AgentView {
     pub connected: bool,
     pub idle_tunnels: usize,
     pub connections: Vec<ConnectionView>,
+    /// The configuration in force and the last refusal, as kas knows them.
+    pub config: Option<ConfigState>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct ProjectRequest {
+    pub path: String,
+    pub remote: Option<String>,
+    #[serde(default)]
+    pub credentials_file: Option<String>,
+    #[serde(default)]
+    pub webhook_secret_file: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProjectView {
+    pub id: i64,
+    pub path: String,
+    pub remote: Option<String>,
+    pub webhooks: bool,
+    /// Default branch commit at the last successful fetch.
+    pub commit: Option<String>,
+    pub last_fetch: Option<String>,
+    pub fetch_error: Option<String>,
+    pub fetches: u64,
+    pub fetch_failures: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -186,6 +216,7 @@ async fn list_agents(State(st): State<ApiState>) -> Result<Json<Vec<AgentView>>,
                 connected: !connections.is_empty(),
                 idle_tunnels: c.map_or(0, |c| c.idle_tunnels),
                 connections,
+                config: st.config_states.get(r.id),
             }
         })
         .collect();
@@ -292,6 +323,132 @@ async fn echo(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
+fn project_view(st: &ApiState, p: tether_store::Project) -> ProjectView {
+    let head = st.sources.head(p.id);
+    ProjectView {
+        id: p.id,
+        webhooks: p.webhook_secret_file.is_some(),
+        path: p.path,
+        remote: p.remote,
+        commit: head.commit.map(|c| c.to_hex()),
+        last_fetch: head.fetched_at.map(rfc3339),
+        fetch_error: head.error,
+        fetches: head.fetches,
+        fetch_failures: head.failures,
+    }
+}
+
+async fn list_projects(State(st): State<ApiState>) -> Result<Json<Vec<ProjectView>>, ApiError> {
+    let projects = st.store.list_projects().await?;
+    Ok(Json(
+        projects.into_iter().map(|p| project_view(&st, p)).collect(),
+    ))
+}
+
+/// Adds a project or changes where its repository is.
+async fn put_project(
+    State(st): State<ApiState>,
+    Json(req): Json<ProjectRequest>,
+) -> Result<Json<ProjectView>, ApiError> {
+    // Check everything before storing, so a bad remote is refused rather than stored broken.
+    if let Some(r) = &req.remote {
+        tether_git_source::Remote::parse(r)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("remote {r}: {e}")))?;
+    }
+    for f in [&req.credentials_file, &req.webhook_secret_file]
+        .into_iter()
+        .flatten()
+    {
+        if !std::path::Path::new(f).is_absolute() {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("{f}: secret files must be given as absolute paths"),
+            ));
+        }
+    }
+    let source = tether_store::ProjectSource {
+        remote: req.remote,
+        credentials_file: req.credentials_file,
+        webhook_secret_file: req.webhook_secret_file,
+    };
+    let spec_check = tether_store::Project {
+        id: 0,
+        path: req.path.clone(),
+        created_at: 0,
+        remote: source.remote.clone(),
+        credentials_file: source.credentials_file.clone(),
+        webhook_secret_file: source.webhook_secret_file.clone(),
+    };
+    crate::server::project_spec(&spec_check)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    let p = st.store.set_project_source(&req.path, &source).await?;
+    let spec = crate::server::project_spec(&p)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    st.sources
+        .upsert(spec)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    tracing::info!(project = %p.path, remote = p.remote.as_deref().unwrap_or(""), "Project source set");
+    Ok(Json(project_view(&st, p)))
+}
+
+async fn delete_project(
+    State(st): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Result<StatusCode, ApiError> {
+    let path = q
+        .get("path")
+        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "path is required".into()))?;
+    let id = st.store.get_project_by_path(path).await?.map(|p| p.id);
+    if st.store.remove_project(path).await? {
+        if let Some(id) = id {
+            st.sources.remove(id);
+        }
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("project {path} not found"),
+        ))
+    }
+}
+
+/// A push webhook: checked against the project's secret, then an immediate fetch.
+async fn webhook(
+    State(st): State<ApiState>,
+    Path(project_id): Path<i64>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let unauthorized = || ApiError(StatusCode::UNAUTHORIZED, "webhook not authorized".into());
+    let project = st
+        .store
+        .get_project(project_id)
+        .await?
+        .ok_or_else(unauthorized)?;
+    let secret_file = project
+        .webhook_secret_file
+        .as_ref()
+        .ok_or_else(unauthorized)?;
+    let secret = std::fs::read_to_string(secret_file).map_err(|e| {
+        tracing::error!(project = %project.path, error = %e, "Cannot read the webhook secret file");
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "webhook secret unavailable".into(),
+        )
+    })?;
+    let kind = tether_git_source::verify_webhook(&headers, &body, secret.trim().as_bytes())
+        .map_err(|e| {
+            tracing::warn!(project = %project.path, error = %e, "Webhook refused");
+            unauthorized()
+        })?;
+    let event = tether_git_source::PushEvent::from_body(&body);
+    let triggered = st.sources.trigger(project.id);
+    tracing::info!(project = %project.path, kind = ?kind, git_ref = event.as_ref().map(|e| e.git_ref.clone()).unwrap_or_default(), "Push webhook: fetching now");
+    Ok(Json(
+        serde_json::json!({"project": project.path, "fetching": triggered}),
+    ))
+}
+
 fn rss_bytes() -> u64 {
     // /proc/self/statm: sizes in pages; the second field is resident.
     std::fs::read_to_string("/proc/self/statm")
@@ -324,6 +481,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/agents/{id}/echo", post(echo))
         .route("/api/v1/tokens/{id}", delete(revoke_token))
         .route("/api/v1/debug/stats", get(stats))
+        .route(
+            "/api/v1/projects",
+            get(list_projects).put(put_project).delete(delete_project),
+        )
         .layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        // Webhooks come from Git servers: they carry the project's secret, not the admin token.
+        .route("/webhooks/projects/{id}", post(webhook))
         .with_state(state)
 }

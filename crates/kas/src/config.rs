@@ -30,7 +30,31 @@ pub struct Config {
     pub database: Database,
     pub agent: AgentListener,
     pub api: Api,
+    pub git: Git,
     pub observability: Observability,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Git {
+    /// How often each project's repository is fetched (push webhooks fetch at once).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Longest one fetch may take before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// Folder of the bare mirrors; default `<data_dir>/git`.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for Git {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(20),
+            fetch_timeout: Duration::from_secs(120),
+            cache_dir: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -154,6 +178,7 @@ impl Default for Config {
             database: Database::default(),
             agent: AgentListener::default(),
             api: Api::default(),
+            git: Git::default(),
             observability: Observability::default(),
         }
     }
@@ -205,6 +230,9 @@ impl Config {
         if self.agent.tunnel_wait_timeout.is_zero() {
             return Err("agent.tunnel_wait_timeout must be positive".into());
         }
+        if self.git.poll_interval.is_zero() {
+            return Err("git.poll_interval must be positive".into());
+        }
         if self.agent.token_recheck_interval.is_zero() {
             return Err("agent.token_recheck_interval must be positive".into());
         }
@@ -218,6 +246,13 @@ impl Config {
             .sqlite_path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("kas.sqlite"))
+    }
+
+    pub fn git_cache_dir(&self) -> PathBuf {
+        self.git
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("git"))
     }
 
     pub fn admin_token_file(&self) -> PathBuf {

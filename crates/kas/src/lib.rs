@@ -7,4 +7,5 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod configuration;
 pub mod server;

@@ -43,6 +43,38 @@ enum Cmd {
     /// Manage agent tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Manage projects (where their Git repositories are).
+    #[command(subcommand)]
+    Project(ProjectCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ProjectCmd {
+    /// Add a project or change where its repository is.
+    Add {
+        /// Project path, like `group/sub/project`.
+        #[arg(long)]
+        path: String,
+        /// Git remote: https://…, git://…, file://… or an absolute path.
+        #[arg(long)]
+        remote: String,
+        /// File with credentials for an https remote (a token, or username=/password= lines).
+        #[arg(long)]
+        credentials_file: Option<PathBuf>,
+        /// File with the secret push webhooks must present (GitLab token or GitHub/Gitea HMAC key).
+        #[arg(long)]
+        webhook_secret_file: Option<PathBuf>,
+    },
+    /// List projects with the state of their mirrors.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a project (refused while agents belong to it).
+    Remove {
+        #[arg(long)]
+        path: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,6 +159,7 @@ async fn run(cli: Cli) -> Result<()> {
         None | Some(Cmd::Serve) => serve(cfg).await,
         Some(Cmd::Agent(a)) => agent_cmd(&admin_client(&cli, &cfg)?, a).await,
         Some(Cmd::Token(t)) => token_cmd(&admin_client(&cli, &cfg)?, t).await,
+        Some(Cmd::Project(p)) => project_cmd(&admin_client(&cli, &cfg)?, p).await,
     }
 }
 
@@ -203,6 +236,17 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
                         con.pod_name
                     );
                 }
+                if let Some(cfg) = &a.config {
+                    let commit = if cfg.commit.is_empty() {
+                        "(none)"
+                    } else {
+                        &cfg.commit[..cfg.commit.len().min(12)]
+                    };
+                    println!("       config in force: commit {commit}");
+                    if let (Some(e), Some(c)) = (&cfg.error, &cfg.error_commit) {
+                        println!("       refused at commit {}: {e}", &c[..c.len().min(12)]);
+                    }
+                }
             }
         }
         AgentCmd::Ping { agent_id, bytes } => {
@@ -218,6 +262,69 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
                 "{} bytes through agent {agent_id} and back in {dt:?}",
                 back.len()
             );
+        }
+    }
+    Ok(())
+}
+
+fn absolute(p: &std::path::Path) -> Result<String> {
+    let abs = std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?;
+    Ok(abs.display().to_string())
+}
+
+async fn project_cmd(c: &AdminClient, cmd: &ProjectCmd) -> Result<()> {
+    match cmd {
+        ProjectCmd::Add {
+            path,
+            remote,
+            credentials_file,
+            webhook_secret_file,
+        } => {
+            let req = kas::api::ProjectRequest {
+                path: path.clone(),
+                remote: Some(remote.clone()),
+                credentials_file: credentials_file.as_deref().map(absolute).transpose()?,
+                webhook_secret_file: webhook_secret_file.as_deref().map(absolute).transpose()?,
+            };
+            let p = c.set_project(&req).await?;
+            println!("project {} (id {}) mirrors {}", p.path, p.id, remote);
+            if p.webhooks {
+                println!(
+                    "push webhook URL: <kas internal API>/webhooks/projects/{}",
+                    p.id
+                );
+            }
+        }
+        ProjectCmd::List { json } => {
+            let projects = c.list_projects().await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&projects)?);
+                return Ok(());
+            }
+            println!(
+                "{:<6} {:<30} {:<12} {:<22} REMOTE / ERROR",
+                "ID", "PATH", "COMMIT", "FETCHED"
+            );
+            for p in projects {
+                println!(
+                    "{:<6} {:<30} {:<12} {:<22} {}{}",
+                    p.id,
+                    p.path,
+                    p.commit
+                        .as_deref()
+                        .map(|c| &c[..c.len().min(12)])
+                        .unwrap_or("-"),
+                    p.last_fetch.as_deref().unwrap_or("-"),
+                    p.remote.as_deref().unwrap_or("(no repository)"),
+                    p.fetch_error
+                        .map(|e| format!("  error: {e}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        ProjectCmd::Remove { path } => {
+            c.remove_project(path).await?;
+            println!("project {path} removed");
         }
     }
     Ok(())

@@ -27,6 +27,9 @@ use tonic::transport::server::Connected;
 use crate::api::{self, ApiState};
 use crate::auth::{AdminToken, StoreAuthenticator};
 use crate::config::Config;
+use crate::configuration::{ConfigService, ConfigStates};
+use tether_git_source::{ProjectSpec, Sources};
+use tether_protocol::agent_configuration::agent_configuration_server::AgentConfigurationServer;
 
 /// A running kas.
 #[derive(Debug)]
@@ -36,6 +39,7 @@ pub struct Running {
     pub observability_addr: SocketAddr,
     pub registry: Arc<Registry>,
     pub store: Arc<dyn Store>,
+    pub sources: Arc<Sources>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -49,6 +53,7 @@ impl Running {
     /// Stops and waits (bounded) for the parts to finish.
     pub async fn shutdown(self, grace: Duration) {
         self.registry.shutdown();
+        self.sources.shutdown();
         self.shutdown.cancel();
         let all = futures_util::future::join_all(self.tasks);
         if tokio::time::timeout(grace, all).await.is_err() {
@@ -165,6 +170,19 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let metrics = Arc::new(Mutex::new(metrics));
     let mut tasks = Vec::new();
 
+    // Git mirrors of every project with a repository.
+    let sources = Sources::new(
+        cfg.git_cache_dir(),
+        cfg.git.poll_interval,
+        cfg.git.fetch_timeout,
+    );
+    for p in store.list_projects().await.context("listing projects")? {
+        if let Err(e) = sources.upsert(project_spec(&p)?) {
+            tracing::error!(project = %p.path, error = %e, "Cannot mirror the project");
+        }
+    }
+    let config_states = Arc::new(ConfigStates::default());
+
     // Agent listener: gRPC over HTTP/2 and over WebSocket on one port, TLS when configured.
     let l = &cfg.agent.listen;
     let tls = match (&l.certificate_file, &l.key_file) {
@@ -189,7 +207,14 @@ pub async fn start(cfg: Config) -> Result<Running> {
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_connection_age(cfg.agent.max_connection_age)
         .max_connection_age_grace(cfg.agent.max_connection_age_grace)
-        .add_service(service);
+        .add_service(service)
+        .add_service(AgentConfigurationServer::new(ConfigService {
+            auth: auth.clone(),
+            store: Arc::clone(&store),
+            sources: Arc::clone(&sources),
+            registry: Arc::clone(&registry),
+            states: Arc::clone(&config_states),
+        }));
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = router
@@ -233,6 +258,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
         admin,
         tunnel_wait: cfg.agent.tunnel_wait_timeout,
         connections: Arc::clone(&connections),
+        sources: Arc::clone(&sources),
+        config_states: Arc::clone(&config_states),
     };
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
@@ -264,7 +291,32 @@ pub async fn start(cfg: Config) -> Result<Running> {
         observability_addr,
         registry,
         store,
+        sources,
         shutdown,
         tasks,
+    })
+}
+
+/// What the mirrors need to know of a stored project.
+pub fn project_spec(p: &tether_store::Project) -> Result<ProjectSpec> {
+    let remote = match &p.remote {
+        None => None,
+        Some(r) => {
+            let mut remote = tether_git_source::Remote::parse(r)
+                .with_context(|| format!("project {}: remote {r}", p.path))?;
+            if let Some(file) = &p.credentials_file {
+                let creds = tether_git_source::Credentials::from_file(file)
+                    .with_context(|| format!("project {}: credentials file {file}", p.path))?;
+                remote = remote
+                    .with_credentials(creds)
+                    .with_context(|| format!("project {}: credentials", p.path))?;
+            }
+            Some(remote)
+        }
+    };
+    Ok(ProjectSpec {
+        id: p.id,
+        path: p.path.clone(),
+        remote,
     })
 }

@@ -11,6 +11,12 @@ pub mod tunnel {
 }
 
 /// gRPC metadata keys agentk sends on every RPC so kas can show who is connected.
+/// The agent configuration stream.
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod agent_configuration {
+    tonic::include_proto!("tether.agent_configuration.v1");
+}
+
 pub mod frames;
 
 pub mod metadata {

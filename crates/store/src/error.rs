@@ -20,6 +20,10 @@ pub enum Error {
     /// A record with the same unique key already exists.
     #[error("{0} already exists")]
     AlreadyExists(String),
+
+    /// The record is still referenced and cannot be removed.
+    #[error("{0}")]
+    InUse(String),
     /// The database driver failed (I/O, locking, constraint, ...).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

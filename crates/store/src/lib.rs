@@ -10,7 +10,7 @@ mod token;
 mod validate;
 
 pub use error::{Error, Result};
-pub use model::{Agent, AgentRow, AuthenticatedAgent, Project, TokenInfo};
+pub use model::{Agent, AgentRow, AuthenticatedAgent, Project, ProjectSource, TokenInfo};
 pub use sqlite::SqliteStore;
 pub use token::{AgentToken, TOKEN_PREFIX, TOKEN_RANDOM_LEN};
 pub use validate::{
@@ -35,6 +35,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Registers a new agent, creating its project if needed.
     /// Fails with [`Error::AlreadyExists`] if the project already has an agent of that name.
+    /// A project by numeric id.
+    async fn get_project(&self, id: i64) -> Result<Option<Project>>;
+
+    /// Sets where a project's repository is (creating the project if missing).
+    async fn set_project_source(&self, path: &str, source: &ProjectSource) -> Result<Project>;
+
+    /// Removes a project; refused (`InUse`) while agents belong to it. `false` if it did not
+    /// exist.
+    async fn remove_project(&self, path: &str) -> Result<bool>;
+
     async fn register_agent(&self, project_path: &str, name: &str) -> Result<Agent>;
 
     /// Looks an agent up by id.

@@ -8,6 +8,20 @@ pub struct Project {
     pub path: String,
     /// Unix seconds.
     pub created_at: i64,
+    /// Git remote (`https://…`, `git://…`, `file://…` or an absolute path); `None` until set.
+    pub remote: Option<String>,
+    /// File with credentials for an `https://` remote.
+    pub credentials_file: Option<String>,
+    /// File with the secret push webhooks must present.
+    pub webhook_secret_file: Option<String>,
+}
+
+/// Where a project's repository is and where its secrets live (see [`Project`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProjectSource {
+    pub remote: Option<String>,
+    pub credentials_file: Option<String>,
+    pub webhook_secret_file: Option<String>,
 }
 
 /// An agent registered under a project.

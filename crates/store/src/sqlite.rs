@@ -14,6 +14,7 @@ use subtle::ConstantTimeEq;
 
 use crate::Store;
 use crate::error::{Error, Result};
+use crate::model::ProjectSource;
 use crate::model::{Agent, AgentRow, AuthenticatedAgent, Project, TokenInfo};
 use crate::token::{self, AgentToken};
 use crate::validate::{validate_agent_name, validate_project_path};
@@ -85,7 +86,7 @@ async fn ensure_project_on(conn: &mut SqliteConnection, path: &str) -> Result<Pr
     .execute(&mut *conn)
     .await?;
     let project =
-        sqlx::query_as::<_, Project>("SELECT id, path, created_at FROM projects WHERE path = $1")
+        sqlx::query_as::<_, Project>("SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects WHERE path = $1")
             .bind(path)
             .fetch_one(&mut *conn)
             .await?;
@@ -117,7 +118,7 @@ impl Store for SqliteStore {
     async fn get_project_by_path(&self, path: &str) -> Result<Option<Project>> {
         validate_project_path(path)?;
         let project = sqlx::query_as::<_, Project>(
-            "SELECT id, path, created_at FROM projects WHERE path = $1",
+            "SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects WHERE path = $1",
         )
         .bind(path)
         .fetch_optional(&self.pool)
@@ -127,10 +128,64 @@ impl Store for SqliteStore {
 
     async fn list_projects(&self) -> Result<Vec<Project>> {
         let projects =
-            sqlx::query_as::<_, Project>("SELECT id, path, created_at FROM projects ORDER BY path")
+            sqlx::query_as::<_, Project>("SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects ORDER BY path")
                 .fetch_all(&self.pool)
                 .await?;
         Ok(projects)
+    }
+
+    async fn get_project(&self, id: i64) -> Result<Option<Project>> {
+        let project = sqlx::query_as::<_, Project>(
+            "SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(project)
+    }
+
+    async fn set_project_source(&self, path: &str, source: &ProjectSource) -> Result<Project> {
+        validate_project_path(path)?;
+        let mut tx = self.pool.begin().await?;
+        let project = ensure_project_on(&mut tx, path).await?;
+        sqlx::query(
+            "UPDATE projects SET remote = $1, credentials_file = $2, webhook_secret_file = $3 WHERE id = $4",
+        )
+        .bind(&source.remote)
+        .bind(&source.credentials_file)
+        .bind(&source.webhook_secret_file)
+        .bind(project.id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Project {
+            remote: source.remote.clone(),
+            credentials_file: source.credentials_file.clone(),
+            webhook_secret_file: source.webhook_secret_file.clone(),
+            ..project
+        })
+    }
+
+    async fn remove_project(&self, path: &str) -> Result<bool> {
+        validate_project_path(path)?;
+        let mut tx = self.pool.begin().await?;
+        let agents: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM agents a JOIN projects p ON p.id = a.project_id WHERE p.path = $1",
+        )
+        .bind(path)
+        .fetch_one(&mut *tx)
+        .await?;
+        if agents > 0 {
+            return Err(Error::InUse(format!(
+                "project {path} still has {agents} agent(s); their tokens and records would go with it"
+            )));
+        }
+        let done = sqlx::query("DELETE FROM projects WHERE path = $1")
+            .bind(path)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn register_agent(&self, project_path: &str, name: &str) -> Result<Agent> {

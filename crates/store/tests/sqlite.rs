@@ -421,3 +421,49 @@ async fn concurrent_writers_wait_instead_of_failing() -> TestResult {
     assert_eq!(store.list_agents().await?.len(), 16);
     Ok(())
 }
+
+#[tokio::test]
+async fn project_sources_are_set_read_and_removed() -> TestResult {
+    let (_dir, _db, store) = open().await?;
+    let src = tether_store::ProjectSource {
+        remote: Some("git://127.0.0.1:9418/group/app".into()),
+        credentials_file: None,
+        webhook_secret_file: Some("/etc/kas/hook-secret".into()),
+    };
+    let p = store.set_project_source("group/app", &src).await?;
+    assert_eq!(p.remote.as_deref(), Some("git://127.0.0.1:9418/group/app"));
+    let again = store.get_project(p.id).await?.ok_or("project")?;
+    assert_eq!(again, p);
+    assert_eq!(
+        again.webhook_secret_file.as_deref(),
+        Some("/etc/kas/hook-secret")
+    );
+    // Updating keeps the id.
+    let moved = store
+        .set_project_source(
+            "group/app",
+            &tether_store::ProjectSource {
+                remote: Some("file:///srv/git/app".into()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert_eq!(moved.id, p.id);
+    assert_eq!(moved.webhook_secret_file, None);
+
+    // A project with agents cannot be removed; an empty one can.
+    store.register_agent("group/app", "a1").await?;
+    let err = store
+        .remove_project("group/app")
+        .await
+        .err()
+        .ok_or("refused")?;
+    assert!(matches!(err, Error::InUse(_)), "{err}");
+    store
+        .set_project_source("group/other", &Default::default())
+        .await?;
+    assert!(store.remove_project("group/other").await?);
+    assert!(!store.remove_project("group/other").await?);
+    assert!(store.get_project_by_path("group/other").await?.is_none());
+    Ok(())
+}

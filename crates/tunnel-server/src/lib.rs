@@ -10,8 +10,8 @@ mod registry;
 mod service;
 
 pub use registry::{
-    AgentConnections, ConnectionInfo, Registry, RegistryError, RegistryStats, Tunnel, TunnelConn,
-    TunnelError, TunnelExtra,
+    AgentConnections, ConnectionInfo, Lease, Registry, RegistryError, RegistryStats, Tunnel,
+    TunnelConn, TunnelError, TunnelExtra,
 };
 pub use service::{AgentIdentity, AuthError, Authenticator, TunnelService, authenticate_metadata};
 

@@ -247,6 +247,34 @@ impl Registry {
         ended
     }
 
+    /// Tracks a long-lived stream of another module (e.g. the configuration stream) so that
+    /// revoking its token or stopping kas ends it like a tunnel stream.
+    pub fn lease(self: &Arc<Self>, token_id: i64) -> Lease {
+        let stream_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = self.shutdown.child_token();
+        self.lock()
+            .by_token
+            .entry(token_id)
+            .or_default()
+            .insert(stream_id, cancel.clone());
+        Lease {
+            registry: Arc::clone(self),
+            token_id,
+            stream_id,
+            cancel,
+        }
+    }
+
+    fn release(&self, token_id: i64, stream_id: u64) {
+        let mut inner = self.lock();
+        if let Some(m) = inner.by_token.get_mut(&token_id) {
+            m.remove(&stream_id);
+            if m.is_empty() {
+                inner.by_token.remove(&token_id);
+            }
+        }
+    }
+
     /// Ends every stream and refuses new ones (kas is stopping).
     pub fn shutdown(&self) {
         self.lock().shutting_down = true;
@@ -484,6 +512,35 @@ impl Registry {
                 drop(guard);
             }
         }
+    }
+}
+
+/// A tracked stream's handle: cancelled when its token is revoked or kas stops.
+pub struct Lease {
+    registry: Arc<Registry>,
+    token_id: i64,
+    stream_id: u64,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("token_id", &self.token_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    /// Resolves when the stream must end.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.registry.release(self.token_id, self.stream_id);
     }
 }
 

@@ -87,6 +87,7 @@ pub struct KasOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub tunnel_wait: &'static str,
     pub token_recheck: &'static str,
+    pub git_poll: &'static str,
 }
 
 impl Default for KasOptions {
@@ -95,6 +96,7 @@ impl Default for KasOptions {
             tls: None,
             tunnel_wait: "5s",
             token_recheck: "1m",
+            git_poll: "20s",
         }
     }
 }
@@ -129,10 +131,11 @@ impl Kas {
             &config,
             format!(
                 "data_dir: {data}\nagent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}  tunnel_wait_timeout: {wait}\n  token_recheck_interval: {recheck}\n\
-api:\n  listen:\n    address: 127.0.0.1:{api_port}\nobservability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
+api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll}\nobservability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
                 data = dir.join("data").display(),
                 wait = opts.tunnel_wait,
                 recheck = opts.token_recheck,
+                poll = opts.git_poll,
             ),
         )
         .unwrap();
@@ -261,8 +264,21 @@ api:\n  listen:\n    address: 127.0.0.1:{api_port}\nobservability:\n  listen:\n 
     }
 }
 
+/// The last lines of a log, for failure messages.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 impl Drop for Kas {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- kas log ({}):\n{}",
+                self.dir.display(),
+                tail(&self.log(), 40)
+            );
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -379,6 +395,153 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agentk log ({}):\n{}",
+                self.log_path.display(),
+                tail(&self.log(), 30)
+            );
+        }
         self.kill9();
+    }
+}
+
+/// A work-tree Git repository driven with the `git` CLI.
+pub struct GitRepo {
+    pub dir: PathBuf,
+}
+
+impl GitRepo {
+    pub fn init(dir: &Path) -> GitRepo {
+        std::fs::create_dir_all(dir).unwrap();
+        let r = GitRepo {
+            dir: dir.to_path_buf(),
+        };
+        r.git(&["init", "-q", "-b", "main"]);
+        r
+    }
+
+    pub fn git(&self, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&self.dir)
+            .args(["-c", "user.name=Test", "-c", "user.email=test@example.com"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Writes (or with `None`, deletes) files and commits; returns the commit id.
+    pub fn commit(&self, files: &[(&str, Option<&[u8]>)], message: &str) -> String {
+        for (path, content) in files {
+            let p = self.dir.join(path);
+            match content {
+                Some(c) => {
+                    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                    std::fs::write(&p, c).unwrap();
+                }
+                None => {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        self.git(&["add", "-A"]);
+        self.git(&["commit", "-q", "--allow-empty", "-m", message]);
+        self.git(&["rev-parse", "HEAD"])
+    }
+}
+
+/// `git daemon` serving every repository under `base` over git:// on 127.0.0.1.
+pub struct GitDaemon {
+    pub port: u16,
+    child: Child,
+}
+
+impl GitDaemon {
+    pub async fn start(base: &Path) -> GitDaemon {
+        use std::os::unix::process::CommandExt;
+        let port = free_port();
+        let child = Command::new("git")
+            // Its own process group, so stopping it also stops the per-connection children.
+            .process_group(0)
+            .args([
+                "daemon",
+                "--export-all",
+                "--reuseaddr",
+                "--listen=127.0.0.1",
+                &format!("--port={port}"),
+                &format!("--base-path={}", base.display()),
+            ])
+            .arg(base)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("git daemon", Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        GitDaemon { port, child }
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Kas {
+    /// POSTs a webhook for a project with the given headers; returns the HTTP status.
+    pub async fn webhook(&self, project_id: i64, headers: &[(&str, String)], body: &[u8]) -> u16 {
+        use http_body_util::Full;
+        let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let mut req = http::Request::post(format!(
+            "http://127.0.0.1:{}/webhooks/projects/{project_id}",
+            self.api_port
+        ));
+        for (k, v) in headers {
+            req = req.header(*k, v.as_str());
+        }
+        let resp = client
+            .request(
+                req.body(Full::new(bytes::Bytes::copy_from_slice(body)))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        resp.status().as_u16()
+    }
+}
+
+impl Agent {
+    /// Waits for a JSON log line with this `msg` and `commit_id`; returns it.
+    pub async fn wait_log(&self, msg: &str, commit: &str) -> serde_json::Value {
+        wait_for(
+            &format!("agent log {msg:?} for {commit}"),
+            Duration::from_secs(30),
+            || async move {
+                self.log_lines()
+                    .into_iter()
+                    .find(|l| l["msg"] == msg && l["commit_id"] == commit)
+            },
+        )
+        .await
     }
 }

@@ -1,0 +1,275 @@
+//! The mirrors kas keeps up to date: one task per project fetches on a poll interval or when a
+//! push webhook asks, retries failures with backoff, and publishes the default branch's commit.
+//!
+//! A failed fetch never takes the last good commit away: readers keep using it, and the error
+//! is published beside it so admins can see it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{CommitId, GitRef, Mirror, Remote};
+
+/// What readers see of a project's repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProjectHead {
+    /// The default branch's commit at the last successful fetch.
+    pub commit: Option<CommitId>,
+    /// When the last fetch (successful or not) ended.
+    pub fetched_at: Option<SystemTime>,
+    /// Why the last fetch failed; `None` after a success.
+    pub error: Option<String>,
+    /// Successful fetches so far.
+    pub fetches: u64,
+    /// Failed fetches so far.
+    pub failures: u64,
+}
+
+/// A project to mirror.
+#[derive(Debug, Clone)]
+pub struct ProjectSpec {
+    pub id: i64,
+    pub path: String,
+    /// `None`: the project has no repository yet (its head stays empty).
+    pub remote: Option<Remote>,
+}
+
+struct Entry {
+    head: watch::Sender<ProjectHead>,
+    trigger: Arc<Notify>,
+    mirror: Mutex<Option<Mirror>>,
+    /// Stops the poll task of the current remote.
+    task: Mutex<Option<CancellationToken>>,
+}
+
+/// All mirrors of one kas.
+pub struct Sources {
+    cache_dir: PathBuf,
+    poll_interval: Duration,
+    fetch_timeout: Duration,
+    max_backoff: Duration,
+    entries: Mutex<HashMap<i64, Arc<Entry>>>,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources")
+            .field("cache_dir", &self.cache_dir)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Delay before retry `n` (1-based) after failures: 1 s doubling, capped.
+fn retry_delay(n: u64, cap: Duration) -> Duration {
+    let exp = u32::try_from(n.saturating_sub(1).min(16)).unwrap_or(16);
+    Duration::from_secs(1u64 << exp).min(cap)
+}
+
+impl Sources {
+    /// `fetch_timeout` bounds one fetch: a server that accepts the connection and then says
+    /// nothing must not stop the project's updates (and error reports) forever.
+    pub fn new(cache_dir: PathBuf, poll_interval: Duration, fetch_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            cache_dir,
+            poll_interval,
+            fetch_timeout,
+            max_backoff: Duration::from_secs(300),
+            entries: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    fn entry(&self, id: i64) -> Arc<Entry> {
+        Arc::clone(lock(&self.entries).entry(id).or_insert_with(|| {
+            let (head, _) = watch::channel(ProjectHead::default());
+            Arc::new(Entry {
+                head,
+                trigger: Arc::new(Notify::new()),
+                mirror: Mutex::new(None),
+                task: Mutex::new(None),
+            })
+        }))
+    }
+
+    /// Starts (or restarts, when the remote changed) mirroring a project.
+    pub fn upsert(self: &Arc<Self>, spec: ProjectSpec) -> Result<(), crate::Error> {
+        let entry = self.entry(spec.id);
+        let same_remote = lock(&entry.mirror)
+            .as_ref()
+            .map(|m| Some(m.remote()) == spec.remote.as_ref())
+            .unwrap_or(spec.remote.is_none());
+        if same_remote {
+            return Ok(());
+        }
+        if let Some(old) = lock(&entry.task).take() {
+            old.cancel();
+        }
+        let Some(remote) = spec.remote else {
+            *lock(&entry.mirror) = None;
+            entry.head.send_replace(ProjectHead::default());
+            return Ok(());
+        };
+        // A new remote gets a fresh folder, so objects of the old one never mix in.
+        let dir = self.cache_dir.join(format!(
+            "{}-{}.git",
+            spec.id,
+            short_hash(&remote.to_string())
+        ));
+        let mirror = Mirror::open_or_init(dir, remote)?;
+        *lock(&entry.mirror) = Some(mirror.clone());
+        let cancel = self.shutdown.child_token();
+        *lock(&entry.task) = Some(cancel.clone());
+        let this = Arc::clone(self);
+        let path = spec.path;
+        tokio::spawn(async move {
+            this.poll(entry, mirror, path, cancel).await;
+        });
+        Ok(())
+    }
+
+    /// Stops mirroring a project (its folder stays, as a cache).
+    pub fn remove(&self, id: i64) {
+        if let Some(e) = lock(&self.entries).remove(&id)
+            && let Some(t) = lock(&e.task).take()
+        {
+            t.cancel();
+        }
+    }
+
+    /// Asks for an immediate fetch (a push webhook arrived). False if the project is unknown.
+    pub fn trigger(&self, id: i64) -> bool {
+        match lock(&self.entries).get(&id) {
+            Some(e) => {
+                e.trigger.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Follows a project's head (created empty if the project is not mirrored yet).
+    pub fn watch(&self, id: i64) -> watch::Receiver<ProjectHead> {
+        self.entry(id).head.subscribe()
+    }
+
+    /// The project's current head.
+    pub fn head(&self, id: i64) -> ProjectHead {
+        lock(&self.entries)
+            .get(&id)
+            .map(|e| e.head.borrow().clone())
+            .unwrap_or_default()
+    }
+
+    /// The project's mirror, for reading files at a commit.
+    pub fn mirror(&self, id: i64) -> Option<Mirror> {
+        lock(&self.entries)
+            .get(&id)
+            .and_then(|e| lock(&e.mirror).clone())
+    }
+
+    /// Stops every poll task.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    async fn poll(
+        &self,
+        entry: Arc<Entry>,
+        mirror: Mirror,
+        path: String,
+        cancel: CancellationToken,
+    ) {
+        let mut failures: u64 = 0;
+        loop {
+            tracing::debug!(project = %path, "Fetching");
+            let result = tokio::select! {
+                r = tokio::time::timeout(self.fetch_timeout, mirror.fetch_async()) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(crate::Error::Fetch(crate::FetchError::Other {
+                        remote: mirror.remote().to_string(),
+                        detail: format!("no answer within {:?}", self.fetch_timeout),
+                    })),
+                },
+                () = cancel.cancelled() => return,
+            };
+            tracing::debug!(project = %path, ok = result.is_ok(), "Fetch ended");
+            let now = Some(SystemTime::now());
+            match result.and_then(|_| {
+                mirror
+                    .resolve(&GitRef::DefaultBranch)
+                    .map(Some)
+                    .or_else(|e| {
+                        // An empty repository has no default branch yet: not an error.
+                        if matches!(e, crate::Error::NotFound(_)) {
+                            Ok(None)
+                        } else {
+                            Err(e)
+                        }
+                    })
+            }) {
+                Ok(commit) => {
+                    failures = 0;
+                    entry.head.send_modify(|h| {
+                        if h.commit != commit {
+                            tracing::info!(project = %path, commit_id = commit.as_ref().map(CommitId::to_hex).unwrap_or_default(), "Project has a new commit");
+                        }
+                        h.commit = commit;
+                        h.error = None;
+                        h.fetched_at = now;
+                        h.fetches += 1;
+                    });
+                }
+                Err(e) => {
+                    failures += 1;
+                    let msg = e.to_string();
+                    tracing::warn!(project = %path, error = %msg, attempt = failures, "Fetching the project failed; the last good commit stays in use");
+                    entry.head.send_modify(|h| {
+                        h.error = Some(msg);
+                        h.fetched_at = now;
+                        h.failures += 1;
+                    });
+                }
+            }
+            let delay = if failures == 0 {
+                self.poll_interval
+            } else {
+                retry_delay(failures, self.max_backoff)
+                    .min(self.poll_interval.max(Duration::from_secs(1)) * 16)
+            };
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = entry.trigger.notified() => {}
+                () = cancel.cancelled() => return,
+            }
+        }
+    }
+}
+
+fn short_hash(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(s.as_bytes())[..6])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_and_stop_at_the_cap() {
+        let cap = Duration::from_secs(300);
+        assert_eq!(retry_delay(1, cap), Duration::from_secs(1));
+        assert_eq!(retry_delay(2, cap), Duration::from_secs(2));
+        assert_eq!(retry_delay(5, cap), Duration::from_secs(16));
+        assert_eq!(retry_delay(40, cap), cap);
+    }
+}

@@ -1,0 +1,365 @@
+//! Selecting the manifest files of a manifest project at a commit.
+
+use std::collections::{BTreeMap, HashMap};
+
+use sha2::{Digest, Sha256};
+use tether_git_source::{CommitId, Error as GitError, FileEntry, Mirror};
+
+use crate::glob::{InvalidGlob, ManifestGlob};
+
+/// Bounds on what one manifest project may select; the defaults are upstream's.
+///
+/// They protect kas (memory, tree walks) and the agent (apply size) from a repository that grew
+/// past what GitOps is meant for; exceeding one is a user error, not an outage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest single manifest file, in bytes.
+    pub max_file_size: u64,
+    /// Largest sum of the selected files' sizes for one project, in bytes.
+    pub max_total_size: u64,
+    /// Most `paths` (globs) per project: each is a separate tree walk.
+    pub max_paths: usize,
+    /// Most tree entries (files, directories, symlinks, submodules) one glob's listing may
+    /// visit. Per listing, not per project: globs sharing a literal prefix share one listing,
+    /// so the walk of a whole project is at most `max_paths` times this.
+    pub max_visited_entries: usize,
+    /// Most files the project may select across all its globs.
+    pub max_files: usize,
+}
+
+impl Limits {
+    /// Upstream: 5 MiB per file.
+    pub const DEFAULT_MAX_FILE_SIZE: u64 = 5 << 20;
+    /// Upstream: 20 MiB per project.
+    pub const DEFAULT_MAX_TOTAL_SIZE: u64 = 20 << 20;
+    /// Upstream: 100 paths per project (also checked when the agent config is validated).
+    pub const DEFAULT_MAX_PATHS: usize = 100;
+    /// Upstream: 1000 files visited.
+    pub const DEFAULT_MAX_VISITED_ENTRIES: usize = 1000;
+    /// Not an upstream limit (upstream only bounded visits); as many as can be visited.
+    pub const DEFAULT_MAX_FILES: usize = 1000;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_file_size: Self::DEFAULT_MAX_FILE_SIZE,
+            max_total_size: Self::DEFAULT_MAX_TOTAL_SIZE,
+            max_paths: Self::DEFAULT_MAX_PATHS,
+            max_visited_entries: Self::DEFAULT_MAX_VISITED_ENTRIES,
+            max_files: Self::DEFAULT_MAX_FILES,
+        }
+    }
+}
+
+/// One selected manifest file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestFile {
+    /// Path from the repository root, `/`-separated, no leading `/`.
+    pub path: String,
+    /// The file's content.
+    pub bytes: Vec<u8>,
+}
+
+/// The manifest files of one project at one commit, sorted by path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// The commit the files were read from.
+    pub commit: CommitId,
+    /// The selected files, sorted by path, each once.
+    pub files: Vec<ManifestFile>,
+}
+
+impl Selection {
+    /// Sum of the files' sizes in bytes.
+    pub fn total_size(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes.len() as u64).sum()
+    }
+
+    /// See [`fingerprint`].
+    pub fn fingerprint(&self) -> String {
+        fingerprint(self)
+    }
+}
+
+/// Why a selection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    /// A glob does not compile.
+    #[error(transparent)]
+    InvalidGlob(#[from] InvalidGlob),
+    /// More globs than allowed.
+    #[error("{count} paths are configured for the manifest project, at most {limit} are allowed")]
+    TooManyPaths {
+        /// Configured globs.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Listing for a glob visited too many tree entries.
+    #[error(
+        "glob {glob:?} makes kas walk more than {limit} entries under {dir}; use a narrower glob (with a longer literal directory prefix)",
+        dir = display_dir(prefix)
+    )]
+    TooManyEntries {
+        /// The glob.
+        glob: String,
+        /// The directory that was listed (its literal prefix).
+        prefix: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// A selected file is over the per-file limit.
+    #[error("manifest file {path} is {size} bytes, over the limit of {limit} bytes per file")]
+    FileTooLarge {
+        /// The file.
+        path: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The selected files together are over the per-project limit.
+    #[error(
+        "the selected manifest files total more than {limit} bytes (at least {size}), over the limit per project"
+    )]
+    TotalTooLarge {
+        /// The total size counted when the limit was crossed (a lower bound of the full total).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// More files selected than allowed.
+    #[error("the globs select more than {limit} manifest files (at least {count})")]
+    TooManyFiles {
+        /// Files counted when the limit was crossed (a lower bound of the full count).
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// One file is selected by two globs; upstream refuses this because the file would be
+    /// applied twice, and which glob "owns" it is ambiguous.
+    #[error("manifest file {path} is matched by two globs: {first:?} and {second:?}")]
+    MatchedByTwoGlobs {
+        /// The file.
+        path: String,
+        /// The first glob (in configuration order) that matched it.
+        first: String,
+        /// A later glob that matched it too.
+        second: String,
+    },
+    /// Reading the mirror failed.
+    #[error(transparent)]
+    Git(GitError),
+}
+
+impl SelectError {
+    /// Whether the error comes from the repository contents or the configuration, so it is
+    /// reported to the user as theirs to fix rather than retried as an outage.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            SelectError::InvalidGlob(_)
+            | SelectError::TooManyPaths { .. }
+            | SelectError::TooManyEntries { .. }
+            | SelectError::FileTooLarge { .. }
+            | SelectError::TotalTooLarge { .. }
+            | SelectError::TooManyFiles { .. }
+            | SelectError::MatchedByTwoGlobs { .. } => true,
+            SelectError::Git(_) => false,
+        }
+    }
+}
+
+fn display_dir(prefix: &str) -> String {
+    if prefix.is_empty() {
+        "the repository root".to_owned()
+    } else {
+        format!("{prefix:?}")
+    }
+}
+
+/// Selects the files of `commit` matched by `globs`, enforcing `limits`.
+///
+/// Every glob is compiled before any I/O, so a config error is reported even when the repository
+/// is unreadable. Each glob lists only its literal prefix (see [`crate::literal_prefix`]); globs
+/// with the same prefix share one listing. Sizes come from object headers, so the size limits
+/// are enforced before any content is inflated. An empty `globs` selects nothing: substituting
+/// the default glob is the configuration's job.
+///
+/// Blocking (object database reads): from async code run it on the blocking pool.
+pub fn select_manifests<S: AsRef<str>>(
+    mirror: &Mirror,
+    commit: &CommitId,
+    globs: &[S],
+    limits: &Limits,
+) -> Result<Selection, SelectError> {
+    if globs.len() > limits.max_paths {
+        return Err(SelectError::TooManyPaths {
+            count: globs.len(),
+            limit: limits.max_paths,
+        });
+    }
+    let compiled = globs
+        .iter()
+        .map(|g| ManifestGlob::new(g.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut listings: HashMap<&str, Vec<FileEntry>> = HashMap::new();
+    // path -> (index of the glob that matched it, size)
+    let mut matched: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    let mut total: u64 = 0;
+    for (index, glob) in compiled.iter().enumerate() {
+        let prefix = glob.literal_prefix();
+        if !listings.contains_key(prefix) {
+            let listing = mirror
+                .list_files(commit, prefix, limits.max_visited_entries)
+                .map_err(|e| match e {
+                    GitError::TooManyEntries { limit, .. } => SelectError::TooManyEntries {
+                        glob: glob.as_str().to_owned(),
+                        prefix: prefix.to_owned(),
+                        limit,
+                    },
+                    other => SelectError::Git(other),
+                })?;
+            listings.insert(prefix, listing);
+        }
+        let entries = listings.get(prefix).map(Vec::as_slice).unwrap_or_default();
+        for entry in entries.iter().filter(|e| glob.is_match(&e.path)) {
+            if let Some(&(first, _)) = matched.get(&entry.path) {
+                return Err(SelectError::MatchedByTwoGlobs {
+                    path: entry.path.clone(),
+                    first: compiled[first].as_str().to_owned(),
+                    second: glob.as_str().to_owned(),
+                });
+            }
+            if entry.size > limits.max_file_size {
+                return Err(SelectError::FileTooLarge {
+                    path: entry.path.clone(),
+                    size: entry.size,
+                    limit: limits.max_file_size,
+                });
+            }
+            total = total.saturating_add(entry.size);
+            if total > limits.max_total_size {
+                return Err(SelectError::TotalTooLarge {
+                    size: total,
+                    limit: limits.max_total_size,
+                });
+            }
+            matched.insert(entry.path.clone(), (index, entry.size));
+            if matched.len() > limits.max_files {
+                return Err(SelectError::TooManyFiles {
+                    count: matched.len(),
+                    limit: limits.max_files,
+                });
+            }
+        }
+    }
+
+    // BTreeMap iteration is sorted by path, which is the order the selection promises.
+    let mut files = Vec::with_capacity(matched.len());
+    for (path, _) in matched {
+        let bytes = match mirror.read_file(commit, &path, limits.max_file_size) {
+            Ok(Some(bytes)) => bytes,
+            // The listing saw this blob at this (immutable) commit, so it cannot be missing
+            // unless the object database is damaged.
+            Ok(None) => {
+                return Err(SelectError::Git(GitError::NotFound(format!(
+                    "file {path} at commit {commit}"
+                ))));
+            }
+            Err(GitError::TooLarge { path, size, limit }) => {
+                return Err(SelectError::FileTooLarge { path, size, limit });
+            }
+            Err(e) => return Err(SelectError::Git(e)),
+        };
+        files.push(ManifestFile { path, bytes });
+    }
+    Ok(Selection {
+        commit: *commit,
+        files,
+    })
+}
+
+/// A stable SHA-256 (lowercase hex) of the selected files' paths and contents, not of the commit:
+/// equal fingerprints mean the agent would receive exactly the same manifests, so a commit that
+/// touched nothing selected need not be sent again.
+///
+/// Each path and content is length-prefixed, so no two different selections encode the same
+/// bytes (e.g. moving bytes from one file's end to the next file's path).
+pub fn fingerprint(selection: &Selection) -> String {
+    let mut hasher = Sha256::new();
+    // A version tag, so changing this encoding later cannot collide with old fingerprints.
+    hasher.update(b"tether-manifests-v1\0");
+    hasher.update((selection.files.len() as u64).to_be_bytes());
+    for file in &selection.files {
+        hasher.update((file.path.len() as u64).to_be_bytes());
+        hasher.update(file.path.as_bytes());
+        hasher.update((file.bytes.len() as u64).to_be_bytes());
+        hasher.update(&file.bytes);
+    }
+    hex::encode(hasher.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selection(files: &[(&str, &[u8])]) -> Selection {
+        Selection {
+            commit: CommitId::from_hex("0123456789abcdef0123456789abcdef01234567")
+                .unwrap_or_else(|e| panic!("{e}")),
+            files: files
+                .iter()
+                .map(|(p, b)| ManifestFile {
+                    path: (*p).to_owned(),
+                    bytes: b.to_vec(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn fingerprint_is_length_prefixed_and_content_sensitive() {
+        let a = selection(&[("a", b"xy"), ("b", b"z")]);
+        assert_eq!(fingerprint(&a), fingerprint(&a.clone()));
+        assert_eq!(fingerprint(&a).len(), 64);
+        for other in [
+            selection(&[("a", b"x"), ("yb", b"z")]),
+            selection(&[("a", b"xy"), ("b", b"Z")]),
+            selection(&[("a", b"xy")]),
+            selection(&[("a", b"xy"), ("c", b"z")]),
+            selection(&[]),
+        ] {
+            assert_ne!(fingerprint(&a), fingerprint(&other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn user_errors() {
+        let user = [
+            SelectError::TooManyPaths { count: 2, limit: 1 },
+            SelectError::FileTooLarge {
+                path: "a".into(),
+                size: 2,
+                limit: 1,
+            },
+            SelectError::MatchedByTwoGlobs {
+                path: "a".into(),
+                first: "*".into(),
+                second: "a".into(),
+            },
+        ];
+        assert!(user.iter().all(SelectError::is_user_error));
+        assert!(!SelectError::Git(GitError::NotFound("x".into())).is_user_error());
+    }
+
+    #[test]
+    fn defaults_are_upstreams() {
+        let l = Limits::default();
+        assert_eq!(l.max_file_size, 5 * 1024 * 1024);
+        assert_eq!(l.max_total_size, 20 * 1024 * 1024);
+        assert_eq!(l.max_paths, 100);
+        assert_eq!(l.max_visited_entries, 1000);
+    }
+}

@@ -1,0 +1,249 @@
+//! Server half of agent configuration: reads `.gitlab/agents/<name>/config.yaml` from the agent's
+//! configuration project at the default branch's newest commit, validates it, and streams it to
+//! the agent whenever that commit changes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tether_agent_config::MAX_CONFIG_SIZE;
+use tether_git_source::{CommitId, Sources};
+use tether_protocol::agent_configuration::agent_configuration_server::AgentConfiguration;
+use tether_protocol::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
+use tether_store::Store;
+use tether_tunnel_server::{AgentIdentity, Authenticator, Registry, authenticate_metadata};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// Where an agent's configuration file may be, in order (the second form is in the seed).
+pub fn config_paths(agent_name: &str) -> [String; 2] {
+    [
+        format!(".gitlab/agents/{agent_name}/config.yaml"),
+        format!(".gitlab/agent/{agent_name}/config.yaml"),
+    ]
+}
+
+/// What kas knows of an agent's configuration, for the admin commands.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ConfigState {
+    /// Commit of the configuration in force ("" when none was sent yet).
+    pub commit: String,
+    /// The file it came from ("" for the empty default).
+    pub file: String,
+    /// Why the newest commit's file was refused, if it was.
+    pub error: Option<String>,
+    pub error_commit: Option<String>,
+    /// Unix seconds of the last change of this state.
+    pub updated_at: u64,
+}
+
+/// Per-agent configuration states.
+#[derive(Debug, Default)]
+pub struct ConfigStates(Mutex<HashMap<i64, ConfigState>>);
+
+impl ConfigStates {
+    pub fn get(&self, agent_id: i64) -> Option<ConfigState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&agent_id)
+            .cloned()
+    }
+
+    fn update(&self, agent_id: i64, f: impl FnOnce(&mut ConfigState)) {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let s = m.entry(agent_id).or_default();
+        f(s);
+        s.updated_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+    }
+}
+
+/// The outcome of reading an agent's file at a commit.
+#[derive(Debug)]
+pub enum Loaded {
+    Valid {
+        file: String,
+        config: tether_agent_config::AgentConfig,
+    },
+    Invalid {
+        file: String,
+        error: String,
+    },
+}
+
+/// Reads and validates an agent's configuration at `commit`. An absent file is the empty
+/// (default) configuration; a file over the size limit or that does not validate is refused.
+pub async fn load(
+    sources: &Sources,
+    project_id: i64,
+    commit: &CommitId,
+    agent_name: &str,
+) -> Result<Loaded, String> {
+    let Some(mirror) = sources.mirror(project_id) else {
+        return Err("the project has no repository".into());
+    };
+    let commit = *commit;
+    let paths = config_paths(agent_name);
+    tokio::task::spawn_blocking(move || {
+        for file in paths {
+            // One byte over the limit is enough to tell "too large" apart.
+            let limit = u64::try_from(MAX_CONFIG_SIZE).unwrap_or(u64::MAX);
+            match mirror.read_file(&commit, &file, limit) {
+                Ok(None) => continue,
+                Ok(Some(bytes)) => {
+                    return Ok(match tether_agent_config::parse_bytes(&bytes) {
+                        Ok(config) => Loaded::Valid { file, config },
+                        Err(e) => Loaded::Invalid {
+                            error: format!("{file}: {e}"),
+                            file,
+                        },
+                    });
+                }
+                Err(tether_git_source::Error::TooLarge { .. }) => {
+                    return Ok(Loaded::Invalid {
+                        error: format!(
+                            "{file}: the file is larger than the {} KiB limit",
+                            MAX_CONFIG_SIZE / 1024
+                        ),
+                        file,
+                    });
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(Loaded::Valid {
+            file: String::new(),
+            config: tether_agent_config::AgentConfig::default(),
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct ConfigService {
+    pub auth: Arc<dyn Authenticator>,
+    pub store: Arc<dyn Store>,
+    pub sources: Arc<Sources>,
+    pub registry: Arc<Registry>,
+    pub states: Arc<ConfigStates>,
+}
+
+impl std::fmt::Debug for ConfigService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigService").finish_non_exhaustive()
+    }
+}
+
+type Tx = mpsc::Sender<Result<ConfigurationResponse, Status>>;
+
+impl ConfigService {
+    async fn run(self, id: AgentIdentity, project_id: i64, mut last: String, tx: Tx) {
+        let lease = self.registry.lease(id.token_id);
+        let mut heads = self.sources.watch(project_id);
+        loop {
+            let head = heads.borrow_and_update().clone();
+            if let Some(commit) = head.commit
+                && commit.to_hex() != last
+            {
+                let hex = commit.to_hex();
+                let mut resp = ConfigurationResponse {
+                    agent_id: id.agent_id,
+                    project_path: id.project_path.clone(),
+                    commit_id: hex.clone(),
+                    ..ConfigurationResponse::default()
+                };
+                match load(&self.sources, project_id, &commit, &id.agent_name).await {
+                    Ok(Loaded::Valid { file, config }) => match serde_json::to_string(&config) {
+                        Ok(json) => {
+                            resp.file_path = file.clone();
+                            resp.config_json = json;
+                            self.states.update(id.agent_id, |s| {
+                                s.commit = hex.clone();
+                                s.file = file;
+                                s.error = None;
+                                s.error_commit = None;
+                            });
+                            tracing::info!(agent_id = id.agent_id, commit_id = %hex, "Sending agent configuration");
+                        }
+                        Err(e) => {
+                            resp.error = format!("encoding the configuration: {e}");
+                        }
+                    },
+                    Ok(Loaded::Invalid { file, error }) => {
+                        tracing::warn!(agent_id = id.agent_id, commit_id = %hex, error = %error, "Agent configuration refused; the last good one stays in force");
+                        resp.file_path = file;
+                        resp.error = error.clone();
+                        self.states.update(id.agent_id, |s| {
+                            s.error = Some(error);
+                            s.error_commit = Some(hex.clone());
+                        });
+                    }
+                    // Reading failed (not the user's fault): try again at the next change.
+                    Err(e) => {
+                        tracing::warn!(agent_id = id.agent_id, commit_id = %hex, error = %e, "Reading the agent configuration failed");
+                        resp.error = e;
+                    }
+                }
+                last = hex;
+                if tx.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                changed = heads.changed() => if changed.is_err() { return },
+                () = lease.cancelled() => {
+                    let _ = tx.send(Err(Status::unauthenticated("agent token revoked or kas stopping"))).await;
+                    return;
+                }
+                () = tx.closed() => return,
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AgentConfiguration for ConfigService {
+    type GetConfigurationStream = ReceiverStream<Result<ConfigurationResponse, Status>>;
+
+    async fn get_configuration(
+        &self,
+        request: Request<ConfigurationRequest>,
+    ) -> Result<Response<Self::GetConfigurationStream>, Status> {
+        let id = authenticate_metadata(self.auth.as_ref(), request.metadata()).await?;
+        let project = self
+            .store
+            .get_project_by_path(&id.project_path)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::not_found("the agent's project is gone"))?;
+        let last = request.into_inner().commit_id;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(self.clone().run(id, project.id, last, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_config_locations_are_tried_in_order() {
+        assert_eq!(
+            config_paths("dude"),
+            [
+                ".gitlab/agents/dude/config.yaml".to_string(),
+                ".gitlab/agent/dude/config.yaml".to_string()
+            ]
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! The agent's configuration from Git, end to end: real repositories (one served by
+//! `git daemon` over git://), real kas and agentk processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kas::api::ProjectRequest;
+use support::{Agent, GitDaemon, GitRepo, Kas, KasOptions, wait_for};
+
+const APPLIED: &str = "Agent configuration applied";
+const REFUSED: &str = "kas refused the agent configuration at this commit; the last good configuration stays in force";
+
+fn config(level: &str) -> Vec<u8> {
+    format!(
+        "gitops:\n  manifest_projects:\n  - id: group/manifests\n    paths:\n    - glob: '/manifests/*.{{yaml,yml,json}}'\nobservability:\n  logging:\n    level: {level}\n"
+    )
+    .into_bytes()
+}
+
+async fn project(kas: &Kas, path: &str, remote: &str, secret: Option<&std::path::Path>) -> i64 {
+    kas.admin
+        .set_project(&ProjectRequest {
+            path: path.into(),
+            remote: Some(remote.into()),
+            credentials_file: None,
+            webhook_secret_file: secret.map(|p| p.display().to_string()),
+        })
+        .await
+        .unwrap()
+        .id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_change_reaches_the_agent_within_a_poll_interval_over_git_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::init(&dir.path().join("git/config.git"));
+    let c1 = repo.commit(
+        &[(".gitlab/agents/alpha/config.yaml", Some(&config("info")))],
+        "agent config",
+    );
+    let daemon = GitDaemon::start(&dir.path().join("git")).await;
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            git_poll: "1s",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let remote = format!("git://127.0.0.1:{}/config.git", daemon.port);
+    project(&kas, "group/config", &remote, None).await;
+    let t = kas
+        .admin
+        .register_agent("group/config", "alpha")
+        .await
+        .unwrap();
+    let agent = Agent::start(dir.path(), "alpha", &kas.url("grpc"), &t.token, None);
+    let applied = agent.wait_log(APPLIED, &c1).await;
+    assert_eq!(applied["log_level"], "info");
+    assert_eq!(
+        applied["agent_id"], t.agent_id,
+        "agent_id is a context field"
+    );
+    assert_eq!(applied["mod_name"], "agent_configuration");
+    // At info, the debug line with the full configuration is not written.
+    assert!(!agent.log().contains("Agent configuration in force"));
+
+    // Change the log level in Git: the agent has it within one poll interval (1 s) plus the
+    // fetch and the stream, and logs at debug from then on.
+    let c2 = repo.commit(
+        &[(".gitlab/agents/alpha/config.yaml", Some(&config("debug")))],
+        "debug logs",
+    );
+    let t0 = Instant::now();
+    let applied = agent.wait_log(APPLIED, &c2).await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert_eq!(applied["log_level"], "debug");
+    agent.wait_log("Agent configuration in force", &c2).await;
+
+    let view = kas.agent(t.agent_id).await;
+    let state = view.config.expect("config state");
+    assert_eq!(state.commit, c2);
+    assert_eq!(state.file, ".gitlab/agents/alpha/config.yaml");
+    assert_eq!(state.error, None);
+    let projects = kas.admin.list_projects().await.unwrap();
+    assert_eq!(projects[0].commit.as_deref(), Some(c2.as_str()));
+    eprintln!("config change reached the agent in {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_fetch_at_once_and_a_wrong_secret_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::init(&dir.path().join("repo"));
+    // The seed's form of the path: .gitlab/agent/<name>/config.yaml.
+    let c1 = repo.commit(
+        &[(".gitlab/agent/beta/config.yaml", Some(&config("info")))],
+        "agent config",
+    );
+    let secret = dir.path().join("hook-secret");
+    std::fs::write(&secret, "s3cret-hook\n").unwrap();
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            git_poll: "1h",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let pid = project(
+        &kas,
+        "group/hooked",
+        &repo.dir.display().to_string(),
+        Some(&secret),
+    )
+    .await;
+    let t = kas
+        .admin
+        .register_agent("group/hooked", "beta")
+        .await
+        .unwrap();
+    let agent = Agent::start(dir.path(), "beta", &kas.url("ws"), &t.token, None);
+    let applied = agent.wait_log(APPLIED, &c1).await;
+    assert_eq!(applied["file"], ".gitlab/agent/beta/config.yaml");
+
+    let c2 = repo.commit(
+        &[(".gitlab/agent/beta/config.yaml", Some(&config("debug")))],
+        "debug",
+    );
+    let fetches = kas.admin.list_projects().await.unwrap()[0].fetches;
+    // Wrong and missing secrets: 401, nothing fetched.
+    let wrong = kas
+        .webhook(pid, &[("x-gitlab-token", "guess".into())], b"{}")
+        .await;
+    assert_eq!(wrong, 401);
+    assert_eq!(kas.webhook(pid, &[], b"{}").await, 401);
+    let body = br#"{"ref":"refs/heads/main","after":"0"}"#;
+    let bad_sig = kas
+        .webhook(
+            pid,
+            &[("x-hub-signature-256", format!("sha256={}", "0".repeat(64)))],
+            body,
+        )
+        .await;
+    assert_eq!(bad_sig, 401);
+    let p = &kas.admin.list_projects().await.unwrap()[0];
+    assert_eq!(p.fetches, fetches, "a refused webhook must not fetch");
+    assert_eq!(p.commit.as_deref(), Some(c1.as_str()));
+
+    // The right GitLab token: fetched at once.
+    let t0 = Instant::now();
+    let ok = kas
+        .webhook(
+            pid,
+            &[
+                ("x-gitlab-token", "s3cret-hook".into()),
+                ("x-gitlab-event", "Push Hook".into()),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(ok, 200);
+    agent.wait_log(APPLIED, &c2).await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+
+    // A GitHub-style HMAC signature works too.
+    let c3 = repo.commit(
+        &[(".gitlab/agent/beta/config.yaml", Some(&config("info")))],
+        "info",
+    );
+    let sig = hmac_sha256_hex(b"s3cret-hook", body);
+    let ok = kas
+        .webhook(
+            pid,
+            &[("x-hub-signature-256", format!("sha256={sig}"))],
+            body,
+        )
+        .await;
+    assert_eq!(ok, 200);
+    agent.wait_log(APPLIED, &c3).await;
+    eprintln!("webhook to applied config in {took:?}");
+}
+
+/// HMAC-SHA256 written out from its definition, independent of the code under test.
+fn hmac_sha256_hex(key: &[u8], msg: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut k = [0u8; 64];
+    k[..key.len()].copy_from_slice(key);
+    let ipad: Vec<u8> = k.iter().map(|b| b ^ 0x36).collect();
+    let opad: Vec<u8> = k.iter().map(|b| b ^ 0x5c).collect();
+    let inner = Sha256::new()
+        .chain_update(&ipad)
+        .chain_update(msg)
+        .finalize();
+    let outer = Sha256::new()
+        .chain_update(&opad)
+        .chain_update(inner)
+        .finalize();
+    hex::encode(outer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_configurations_are_refused_and_the_last_good_one_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::init(&dir.path().join("repo"));
+    // An empty file is a valid, empty configuration.
+    let good = repo.commit(&[(".gitlab/agents/gamma/config.yaml", Some(b""))], "empty");
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            git_poll: "300ms",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    project(&kas, "group/strict", &repo.dir.display().to_string(), None).await;
+    let t = kas
+        .admin
+        .register_agent("group/strict", "gamma")
+        .await
+        .unwrap();
+    let agent = Agent::start(dir.path(), "gamma", &kas.url("grpc"), &t.token, None);
+    agent.wait_log(APPLIED, &good).await;
+
+    let oversize = {
+        let mut v = b"# padding\n".repeat(13_200);
+        v.extend_from_slice(b"gitops: {}\n");
+        v
+    };
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> =
+        vec![
+        ("invalid YAML", b"gitops:\n  manifest_projects: [\n".to_vec(), vec!["line"]),
+        (
+            "unknown key",
+            b"gitops:\n  manifest_projects:\n  - id: group/m\n    pathz: []\n".to_vec(),
+            vec!["gitops.manifest_projects[0]", "pathz", "line 4"],
+        ),
+        (
+            "bad enum",
+            b"gitops:\n  manifest_projects:\n  - id: group/m\n    dry_run_strategy: sometimes\n"
+                .to_vec(),
+            vec!["dry_run_strategy", "sometimes", "line 4"],
+        ),
+        ("over 128 KiB", oversize, vec!["128 KiB"]),
+    ];
+    for (what, content, expected) in cases {
+        let bad = repo.commit(
+            &[(".gitlab/agents/gamma/config.yaml", Some(&content))],
+            what,
+        );
+        let line = agent.wait_log(REFUSED, &bad).await;
+        let error = line["error"].as_str().unwrap().to_string();
+        for e in &expected {
+            assert!(error.contains(e), "{what}: {error:?} should mention {e:?}");
+        }
+        assert!(
+            error.contains(".gitlab/agents/gamma/config.yaml"),
+            "{what}: {error}"
+        );
+        // kas shows the refusal, and the good commit is still the one in force.
+        let state = wait_for(
+            "kas to record the refusal",
+            Duration::from_secs(10),
+            || async {
+                let s = kas.agent(t.agent_id).await.config?;
+                (s.error_commit.as_deref() == Some(bad.as_str())).then_some(s)
+            },
+        )
+        .await;
+        assert_eq!(state.commit, good, "{what}");
+        assert!(state.error.unwrap().contains(expected[0]));
+        assert!(
+            !agent
+                .log_lines()
+                .iter()
+                .any(|l| l["msg"] == APPLIED && l["commit_id"] == bad.as_str()),
+            "{what} must not be applied"
+        );
+        assert!(kas.log().contains("Agent configuration refused"));
+    }
+
+    // Fixing it in a later commit recovers.
+    let fixed = repo.commit(
+        &[(".gitlab/agents/gamma/config.yaml", Some(&config("info")))],
+        "fixed",
+    );
+    agent.wait_log(APPLIED, &fixed).await;
+    let state = kas.agent(t.agent_id).await.config.unwrap();
+    assert_eq!(state.commit, fixed);
+    assert_eq!(state.error, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_failure_keeps_the_last_good_commit_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::init(&dir.path().join("git/config.git"));
+    let c1 = repo.commit(
+        &[(".gitlab/agents/delta/config.yaml", Some(&config("info")))],
+        "config",
+    );
+    let daemon = GitDaemon::start(&dir.path().join("git")).await;
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            git_poll: "300ms",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let remote = format!("git://127.0.0.1:{}/config.git", daemon.port);
+    project(&kas, "group/flaky", &remote, None).await;
+    let t = kas
+        .admin
+        .register_agent("group/flaky", "delta")
+        .await
+        .unwrap();
+    let agent = Agent::start(dir.path(), "delta", &kas.url("grpc"), &t.token, None);
+    agent.wait_log(APPLIED, &c1).await;
+    drop(daemon); // the Git server goes away
+    let p = wait_for(
+        "the fetch error to be reported",
+        Duration::from_secs(15),
+        || async {
+            let p = kas.admin.list_projects().await.ok()?.pop()?;
+            p.fetch_error.is_some().then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(
+        p.commit.as_deref(),
+        Some(c1.as_str()),
+        "the last good commit stays"
+    );
+    assert!(kas.log().contains("Fetching the project failed"));
+    assert_eq!(kas.agent(t.agent_id).await.config.unwrap().commit, c1);
+}
