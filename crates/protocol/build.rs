@@ -1,6 +1,10 @@
 // Compiles the protobuf files with protox (pure Rust), so building needs no `protoc`.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/tunnel.proto", "proto/agent_configuration.proto"];
+    let files = [
+        "proto/tunnel.proto",
+        "proto/agent_configuration.proto",
+        "proto/gitops.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

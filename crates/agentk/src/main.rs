@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 mod configuration;
+mod gitops;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -57,6 +58,12 @@ struct Cli {
     /// Idle streams above the minimum close after this long.
     #[arg(long, default_value = "1m", value_parser = humantime_duration)]
     tunnel_idle_timeout: Duration,
+    /// Re-apply each manifest project's last commit this often, to correct drift.
+    #[arg(long, default_value = "5m", value_parser = humantime_duration)]
+    gitops_resync_interval: Duration,
+    /// First retry delay of a failed synchronization (doubling up to 1 minute).
+    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    gitops_retry_interval: Duration,
     /// Interval of HTTP/2 pings to kas (below typical 60 s load-balancer idle timeouts).
     #[arg(long, default_value = "55s", value_parser = humantime_duration)]
     keepalive_interval: Duration,
@@ -92,6 +99,24 @@ fn read_token(path: &Path) -> Result<String> {
     Ok(token)
 }
 
+/// A Kubernetes client: from `--kubeconfig` when given, else the in-cluster configuration (or
+/// `KUBECONFIG` / `~/.kube/config` when not in a cluster).
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading the kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster configuration and no kubeconfig")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -122,6 +147,7 @@ async fn run(cli: Cli) -> Result<()> {
     };
     let channel = tether_transport::connect_lazy(&address, &opts)?;
     let config_channel = channel.clone();
+    let gitops_channel = channel.clone();
     let meta = AgentMeta {
         token,
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -129,6 +155,7 @@ async fn run(cli: Cli) -> Result<()> {
         pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
     };
     let config_meta = meta.clone();
+    let meta_for_gitops = meta.clone();
     let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
     handlers.insert(
         tether_protocol::services::ECHO.to_string(),
@@ -189,7 +216,33 @@ async fn run(cli: Cli) -> Result<()> {
             mod_name = "reverse_tunnel"
         )),
     );
-    let (config_tx, _config_rx) = watch::channel(None);
+    let (config_tx, config_rx) = watch::channel(None);
+    let kube = kube_client(cli.kubeconfig.as_deref()).await?;
+    let syncer = Arc::new(tether_gitops_agent::sync::Syncer::new(kube));
+    let timing = gitops::Timing {
+        resync_interval: cli.gitops_resync_interval,
+        retry: tether_tunnel_agent::Backoff {
+            initial: cli.gitops_retry_interval,
+            max: cli.gitops_retry_interval.max(Duration::from_secs(60)),
+            factor: 2.0,
+            jitter: 0.1,
+        },
+    };
+    let gitops_task = tokio::spawn(
+        gitops::run(
+            gitops_channel,
+            meta_for_gitops,
+            syncer,
+            config_rx,
+            timing,
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!(
+            parent: &agent_span,
+            "gitops",
+            mod_name = "gitops"
+        )),
+    );
     let config = tokio::spawn(
         configuration::run(
             config_channel,
@@ -215,6 +268,7 @@ async fn run(cli: Cli) -> Result<()> {
     shutdown.cancel();
     let _ = tunnel.await;
     let _ = config.await;
+    let _ = gitops_task.await;
     let _ = obs.await;
     Ok(())
 }

@@ -1,48 +1,29 @@
-//! scratch
-#[cfg(test)]
-mod probe {
-    fn p(s: &str) {
-        let r = serde_saphyr::from_str::<Option<serde_json::Value>>(s);
-        match r {
-            Ok(v) => println!("{s:?} => OK {v:?}"),
-            Err(e) => println!(
-                "{s:?} => ERR loc={:?} disp={}",
-                e.location().map(|l| (l.line(), l.column())),
-                e.without_snippet()
-            ),
-        }
-    }
-    #[test]
-    fn probe() {
-        p("");
-        p("# only comment\n");
-        p("---\n");
-        p("--- # c\n# x\n");
-        p("a: 1\n1: x\ntrue: y\nn: null\nf: 1.5\nbig: 123456789012345678901234\nyes: on\n");
-        p("a: [1, 2\nb: 3\n");
-        p("a: 1\na: 2\n");
-        p("a:\n  b: 1\n c: 2\n");
-        p("a: &x [1,2]\nb: *x\nc: *y\n");
-        p("- 1\n- 2\n");
-        p("just a string\n");
-        p("a: !!binary aGVsbG8=\nb: 0x1F\nc: 010\nd: 1_000\ne: .inf\n");
-        let mut lol = String::from(
-            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
-        );
-        for i in 0..9u8 {
-            let prev = (b'a' + i) as char;
-            let cur = (b'b' + i) as char;
-            lol.push_str(&format!("{cur}: &{cur} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"));
-        }
-        let r = serde_saphyr::from_str::<Option<serde_json::Value>>(&lol);
-        println!(
-            "lol => {:?}",
-            r.as_ref().err().map(|e| e.without_snippet().to_string())
-        );
-        let r = serde_saphyr::from_str::<Option<serde_json::Value>>("a: 1\n---\nb: 2\n");
-        println!(
-            "multi => {:?}",
-            r.as_ref().map_err(|e| e.without_snippet().to_string())
-        );
-    }
-}
+//! Agent half of GitOps: decode manifests, apply them with server-side apply, keep the
+//! inventory, prune what left Git and report each object's status.
+//!
+//! The pure (I/O-free) rules live in the modules below; [`sync`] is the one module that talks
+//! to the cluster, wiring them together. Objects are plain `serde_json::Value`s. One sync, in order:
+//!
+//! 1. [`decode::decode_file`] every fetched file — any error aborts the sync (and with it
+//!    pruning: an incomplete set must never drive deletions);
+//! 2. [`plan::set_default_namespace`], then refuse [`plan::duplicates`];
+//! 3. check ownership of existing objects ([`inventory::may_take_over`]) and mark ours
+//!    ([`inventory::set_owner`]);
+//! 4. apply [`plan::apply_stages`] in order, emitting [`events`];
+//! 5. write the inventory ([`inventory::encode`]) and prune [`prune::to_prune`];
+//! 6. poll [`status::compute_status`] until [`status::sync_outcome`] is no longer waiting
+//!    or `reconcile_timeout` passes.
+
+pub mod decode;
+pub mod events;
+pub mod inventory;
+pub mod object_ref;
+pub mod plan;
+pub mod prune;
+pub mod status;
+pub mod sync;
+
+pub use decode::{DecodeError, Manifest, decode_file};
+pub use inventory::{InventoryError, OwnershipConflict};
+pub use object_ref::{ObjRef, ParseObjRefError};
+pub use status::{Outcome, ResourceStatus, Status, SyncState, compute_status, sync_outcome};

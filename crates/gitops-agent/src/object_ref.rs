@@ -201,8 +201,13 @@ mod tests {
             "/ConfigMap/dude/settings"
         );
         assert_eq!(
-            ObjRef::new("rbac.authorization.k8s.io", "ClusterRole", None, "system:viewer")
-                .to_string(),
+            ObjRef::new(
+                "rbac.authorization.k8s.io",
+                "ClusterRole",
+                None,
+                "system:viewer"
+            )
+            .to_string(),
             "rbac.authorization.k8s.io/ClusterRole//system:viewer"
         );
     }
@@ -263,7 +268,7 @@ mod tests {
 
     #[test]
     fn ordering_groups_by_group_kind_namespace() {
-        let mut v = vec![
+        let mut v = [
             ObjRef::new("apps", "Deployment", Some("b"), "x"),
             ObjRef::new("", "Namespace", None, "b"),
             ObjRef::new("apps", "Deployment", Some("a"), "y"),

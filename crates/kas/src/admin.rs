@@ -12,7 +12,9 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::{AgentView, ProjectRequest, ProjectView, Revoked, Stats, TokenCreated, TokenView};
+use crate::api::{
+    AgentView, ProjectRequest, ProjectView, Revoked, Stats, SyncView, TokenCreated, TokenView,
+};
 
 /// Talks to one kas's internal API with its admin token.
 #[derive(Clone)]
@@ -145,6 +147,16 @@ impl AdminClient {
             bail!("kas answered {status}: {}", String::from_utf8_lossy(&bytes));
         }
         Ok(())
+    }
+
+    /// Each manifest project's last synchronization, as the agent reported it.
+    pub async fn gitops_status(&self, agent_id: i64) -> Result<Vec<SyncView>> {
+        self.json(
+            Method::GET,
+            &format!("/api/v1/agents/{agent_id}/gitops"),
+            None::<&()>,
+        )
+        .await
     }
 
     pub async fn stats(&self) -> Result<Stats> {

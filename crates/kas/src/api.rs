@@ -35,6 +35,7 @@ pub struct ApiState {
     pub connections: Arc<ConnectionCount>,
     pub sources: Arc<Sources>,
     pub config_states: Arc<ConfigStates>,
+    pub sync_states: Arc<crate::gitops::SyncStates>,
 }
 
 /// An error response: `{"error": "..."}` with a status code.
@@ -449,6 +450,62 @@ async fn webhook(
     ))
 }
 
+/// One manifest project's last synchronization as an agent reported it.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct SyncView {
+    pub project_id: String,
+    pub commit_id: String,
+    pub outcome: String,
+    pub error: String,
+    pub finished_at: String,
+    pub dry_run: bool,
+    pub objects: Vec<ObjectView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct ObjectView {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub status: String,
+    pub message: String,
+}
+
+async fn agent_gitops(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+) -> Json<Vec<SyncView>> {
+    Json(
+        st.sync_states
+            .for_agent(agent_id)
+            .into_iter()
+            .map(|r| SyncView {
+                project_id: r.project_id,
+                commit_id: r.commit_id,
+                outcome: r.outcome,
+                error: r.error,
+                finished_at: rfc3339(
+                    UNIX_EPOCH + Duration::from_secs(u64::try_from(r.finished_at).unwrap_or(0)),
+                ),
+                dry_run: r.dry_run,
+                objects: r
+                    .objects
+                    .into_iter()
+                    .map(|o| ObjectView {
+                        group: o.group,
+                        kind: o.kind,
+                        namespace: o.namespace,
+                        name: o.name,
+                        status: o.status,
+                        message: o.message,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    )
+}
+
 fn rss_bytes() -> u64 {
     // /proc/self/statm: sizes in pages; the second field is resident.
     std::fs::read_to_string("/proc/self/statm")
@@ -479,6 +536,7 @@ pub fn router(state: ApiState) -> Router {
             get(list_tokens).post(create_token),
         )
         .route("/api/v1/agents/{id}/echo", post(echo))
+        .route("/api/v1/agents/{id}/gitops", get(agent_gitops))
         .route("/api/v1/tokens/{id}", delete(revoke_token))
         .route("/api/v1/debug/stats", get(stats))
         .route(

@@ -8,4 +8,5 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod configuration;
+pub mod gitops;
 pub mod server;

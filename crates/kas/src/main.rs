@@ -96,6 +96,12 @@ enum AgentCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show each manifest project's last synchronization: commit, when, every object's status.
+    Status {
+        agent_id: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Send bytes through an agent's tunnel and back; prints the round-trip time.
     Ping {
         agent_id: i64,
@@ -246,6 +252,46 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
                     if let (Some(e), Some(c)) = (&cfg.error, &cfg.error_commit) {
                         println!("       refused at commit {}: {e}", &c[..c.len().min(12)]);
                     }
+                }
+            }
+        }
+        AgentCmd::Status { agent_id, json } => {
+            let syncs = c.gitops_status(*agent_id).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&syncs)?);
+                return Ok(());
+            }
+            if syncs.is_empty() {
+                println!("agent {agent_id} has reported no synchronization yet");
+            }
+            for s in syncs {
+                println!(
+                    "{}  commit {}  {}{}  at {}{}",
+                    s.project_id,
+                    &s.commit_id[..s.commit_id.len().min(12)],
+                    s.outcome,
+                    if s.dry_run { " (dry run)" } else { "" },
+                    s.finished_at,
+                    if s.error.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  error: {}", s.error)
+                    }
+                );
+                for o in s.objects {
+                    println!(
+                        "    {:<12} {}/{} {}/{}  {}",
+                        o.status,
+                        if o.group.is_empty() { "core" } else { &o.group },
+                        o.kind,
+                        if o.namespace.is_empty() {
+                            "-"
+                        } else {
+                            &o.namespace
+                        },
+                        o.name,
+                        o.message
+                    );
                 }
             }
         }

@@ -28,8 +28,10 @@ use crate::api::{self, ApiState};
 use crate::auth::{AdminToken, StoreAuthenticator};
 use crate::config::Config;
 use crate::configuration::{ConfigService, ConfigStates};
+use crate::gitops::{GitOpsService, SyncStates};
 use tether_git_source::{ProjectSpec, Sources};
 use tether_protocol::agent_configuration::agent_configuration_server::AgentConfigurationServer;
+use tether_protocol::gitops::git_ops_server::GitOpsServer;
 
 /// A running kas.
 #[derive(Debug)]
@@ -182,6 +184,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         }
     }
     let config_states = Arc::new(ConfigStates::default());
+    let sync_states = Arc::new(SyncStates::default());
 
     // Agent listener: gRPC over HTTP/2 and over WebSocket on one port, TLS when configured.
     let l = &cfg.agent.listen;
@@ -214,7 +217,18 @@ pub async fn start(cfg: Config) -> Result<Running> {
             sources: Arc::clone(&sources),
             registry: Arc::clone(&registry),
             states: Arc::clone(&config_states),
-        }));
+        }))
+        .add_service(
+            GitOpsServer::new(GitOpsService {
+                auth: auth.clone(),
+                store: Arc::clone(&store),
+                sources: Arc::clone(&sources),
+                registry: Arc::clone(&registry),
+                limits: tether_gitops_server::Limits::default(),
+                reports: Arc::clone(&sync_states),
+            })
+            .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE),
+        );
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = router
@@ -260,6 +274,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         connections: Arc::clone(&connections),
         sources: Arc::clone(&sources),
         config_states: Arc::clone(&config_states),
+        sync_states: Arc::clone(&sync_states),
     };
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {

@@ -13,6 +13,9 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, reload};
 
+/// Name of the field whose JSON object value is spread into the log line.
+pub const FIELDS_JSON: &str = "fields_json";
+
 /// Writes one JSON object per event.
 pub struct JsonLayer<W: Write + Send + 'static> {
     out: Mutex<W>,
@@ -132,6 +135,17 @@ where
         let mut f = Fields(Map::new());
         event.record(&mut f);
         for (k, v) in f.0 {
+            // A field holding a whole JSON object (structured events such as per-resource
+            // GitOps events) is spread into the line, so consumers see flat keys.
+            if k == FIELDS_JSON
+                && let Value::String(text) = &v
+                && let Ok(Value::Object(extra)) = serde_json::from_str::<Value>(text)
+            {
+                for (ek, ev) in extra {
+                    obj.insert(ek, ev);
+                }
+                continue;
+            }
             obj.insert(k, v);
         }
         if !obj.contains_key("mod_name") {
@@ -269,6 +283,23 @@ mod tests {
         assert_eq!(l[0]["msg"], "after");
         assert_eq!(l[0]["level"], "debug");
         assert_eq!(l[0]["mod_name"], "observability");
+    }
+
+    #[test]
+    fn a_fields_json_object_is_spread_into_the_line() {
+        let buf = Buf::default();
+        let (filter, _h) = reload::Layer::new(LevelFilter::INFO);
+        let sub = tracing_subscriber::registry()
+            .with(filter)
+            .with(JsonLayer::new(buf.clone()));
+        tracing::subscriber::with_default(sub, || {
+            let ev = serde_json::json!({"eventType": "resourceStatus", "kind": "Deployment"});
+            tracing::info!(fields_json = %ev, "resourceStatus");
+        });
+        let l = lines(&buf);
+        assert_eq!(l[0]["eventType"], "resourceStatus");
+        assert_eq!(l[0]["kind"], "Deployment");
+        assert!(l[0].get("fields_json").is_none());
     }
 
     #[test]

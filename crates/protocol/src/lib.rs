@@ -17,6 +17,12 @@ pub mod agent_configuration {
     tonic::include_proto!("tether.agent_configuration.v1");
 }
 
+/// GitOps: manifests from kas, sync reports from the agent.
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod gitops {
+    tonic::include_proto!("tether.gitops.v1");
+}
+
 pub mod frames;
 
 pub mod metadata {

@@ -545,3 +545,18 @@ impl Agent {
         .await
     }
 }
+
+impl Agent {
+    /// Waits for a JSON log line matching `pred`; returns it.
+    pub async fn wait_line(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let pred = &pred;
+        wait_for(what, Duration::from_secs(120), || async move {
+            self.log_lines().into_iter().find(|l| pred(l))
+        })
+        .await
+    }
+}

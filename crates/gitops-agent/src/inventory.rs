@@ -1,0 +1,710 @@
+//! The inventory: which objects a manifest project applied, stored in a ConfigMap so that
+//! the next sync can prune what left Git; plus object ownership between inventories.
+//!
+//! # ConfigMap layout (format `tether.inventory/v1`)
+//!
+//! | data key  | value                                                |
+//! |-----------|------------------------------------------------------|
+//! | `format`  | `tether.inventory/v1`                                |
+//! | `count`   | number of objects, to detect truncation               |
+//! | `objects` | the objects, grouped (see below)                      |
+//!
+//! `objects` lists each `(group, kind, namespace)` once as a header line
+//! `group/kind/namespace` (always two `/`), followed by the names in that group, one per
+//! line (names never contain a `/` after escaping, which tells the two line kinds apart).
+//! Components use [`ObjRef`]'s percent-escaping. Sorted, so the same set always encodes to
+//! the same bytes and an unchanged sync does not rewrite the ConfigMap.
+//!
+//! ```text
+//! /Namespace/
+//! dude
+//! apps/Deployment/dude
+//! nginx
+//! web
+//! ```
+//!
+//! Grouping keeps the inventory small: 10,000 typical objects take well under 300 KiB,
+//! far below the 1 MiB a ConfigMap may hold (etcd's request limit is 1.5 MiB).
+//!
+//! ConfigMaps written by upstream's cli-utils (one data key per object, such as
+//! `dude_nginx_apps_Deployment`) are also read, so that a cluster migrated from GitLab's
+//! agent keeps pruning correctly; they are rewritten in the new format on the next sync.
+//!
+//! A corrupted inventory is always an error and never an empty set: an empty "previous"
+//! set is harmless, but a wrong one makes the caller prune objects, or keep orphans.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tether_agent_config::InventoryPolicy;
+use thiserror::Error;
+
+use crate::object_ref::{ObjRef, escape, unescape};
+
+/// Label on the inventory ConfigMap carrying the inventory id (upstream cli-utils name).
+pub const INVENTORY_LABEL: &str = "cli-utils.sigs.k8s.io/inventory-id";
+
+/// Annotation on every applied object naming the inventory that owns it (cli-utils name).
+pub const OWNING_INVENTORY_ANNOTATION: &str = "config.k8s.io/owning-inventory";
+
+/// The most a ConfigMap's data may hold (keys plus values), enforced by the API server.
+pub const CONFIGMAP_MAX_BYTES: usize = 1024 * 1024;
+
+const FORMAT_KEY: &str = "format";
+const COUNT_KEY: &str = "count";
+const OBJECTS_KEY: &str = "objects";
+const FORMAT_V1: &str = "tether.inventory/v1";
+
+/// Label values are at most 63 characters; the id is used as one, and so that the
+/// ConfigMap name (`inventory-<id>`) can serve as one too, ids stay within 63 - 10.
+const MAX_ID_LEN: usize = 63 - "inventory-".len();
+/// Hex digits of SHA-256 kept when a project key has to be hashed (48 bits: collisions
+/// among one agent's projects are not a practical concern).
+const HASH_LEN: usize = 12;
+
+/// The inventory id of one manifest project of one agent: the value of
+/// [`INVENTORY_LABEL`] and [`OWNING_INVENTORY_ANNOTATION`].
+///
+/// For a numeric project id this is upstream's `<agentId>-<projectId>` (so the inventory
+/// name matches GitLab's agent). Other keys (project paths) are lowercased (GitLab paths
+/// are case-insensitive, so `Group/App` and `group/app` share an inventory), reduced to
+/// `[a-z0-9-]` and suffixed with a hash of the key, so different paths never collide
+/// (`a/b-c` and `a-b/c`). The result is always a valid label value (≤ 53 characters,
+/// alphanumeric at both ends).
+pub fn inventory_id(agent_id: i64, project_key: &str) -> String {
+    let key = project_key.to_ascii_lowercase();
+    if agent_id >= 0 && !key.is_empty() && key.bytes().all(|b| b.is_ascii_digit()) {
+        let plain = format!("{agent_id}-{key}");
+        if plain.len() <= MAX_ID_LEN {
+            return plain;
+        }
+    }
+    let agent = if agent_id < 0 {
+        format!("n{}", agent_id.unsigned_abs())
+    } else {
+        agent_id.to_string()
+    };
+    let digest = hex::encode(Sha256::digest(format!("{agent_id}\n{key}").as_bytes()));
+    let hash = &digest[..HASH_LEN];
+    let mut readable = String::new();
+    for c in key.chars() {
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && (readable.is_empty() || readable.ends_with('-'))) {
+            readable.push(c);
+        }
+    }
+    // Room for "<agent>-" and "-<hash>"; at least something readable is kept.
+    let room = MAX_ID_LEN.saturating_sub(agent.len() + HASH_LEN + 2);
+    readable.truncate(room);
+    let readable = readable.trim_end_matches('-');
+    let readable = if readable.is_empty() {
+        "project"
+    } else {
+        readable
+    };
+    let mut id = format!("{agent}-{readable}-{hash}");
+    // Only reachable with absurd agent ids; the hash alone is still unique and valid.
+    if id.len() > MAX_ID_LEN {
+        id = format!("p{hash}");
+    }
+    id
+}
+
+/// The inventory ConfigMap's name: `inventory-<inventory id>` (upstream's
+/// `inventory-<agentId>-<projectId>` for numeric project ids). At most 63 characters: a
+/// valid DNS-1123 name and also a valid label value.
+pub fn inventory_name(agent_id: i64, project_key: &str) -> String {
+    format!("inventory-{}", inventory_id(agent_id, project_key))
+}
+
+/// The inventory ConfigMap to create or server-side apply.
+pub fn configmap(
+    name: &str,
+    namespace: &str,
+    inventory_id: &str,
+    data: &BTreeMap<String, String>,
+) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": { INVENTORY_LABEL: inventory_id },
+        },
+        "data": data,
+    })
+}
+
+/// Encodes a set of objects as ConfigMap data (see the module docs). Refs must have a
+/// non-empty kind and name, as every decoded manifest has.
+pub fn encode(refs: &BTreeSet<ObjRef>) -> BTreeMap<String, String> {
+    let mut text = String::new();
+    let mut current: Option<(&str, &str, Option<&str>)> = None;
+    for r in refs {
+        let group = (r.group.as_str(), r.kind.as_str(), r.namespace.as_deref());
+        if current != Some(group) {
+            text.push_str(&format!(
+                "{}/{}/{}\n",
+                escape(&r.group),
+                escape(&r.kind),
+                escape(r.namespace_or_empty())
+            ));
+            current = Some(group);
+        }
+        text.push_str(&escape(&r.name));
+        text.push('\n');
+    }
+    BTreeMap::from([
+        (FORMAT_KEY.to_owned(), FORMAT_V1.to_owned()),
+        (COUNT_KEY.to_owned(), refs.len().to_string()),
+        (OBJECTS_KEY.to_owned(), text),
+    ])
+}
+
+/// How many bytes of the ConfigMap's size limit `data` uses.
+pub fn data_size(data: &BTreeMap<String, String>) -> usize {
+    data.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+/// Fails when `data` would be rejected by the API server for size, so the caller can report
+/// it before applying anything (rather than after the objects are already in the cluster
+/// and untracked).
+pub fn check_size(data: &BTreeMap<String, String>) -> Result<(), InventoryError> {
+    let bytes = data_size(data);
+    if bytes > CONFIGMAP_MAX_BYTES {
+        return Err(InventoryError::TooLarge {
+            bytes,
+            limit: CONFIGMAP_MAX_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// Why an inventory could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum InventoryError {
+    /// The ConfigMap has no format marker and is not a cli-utils inventory either.
+    #[error("inventory ConfigMap is not in a known format (no {FORMAT_KEY:?} key)")]
+    UnknownFormat,
+    /// A format this version does not understand (written by a newer agent?).
+    #[error("inventory format {0:?} is not supported")]
+    UnsupportedFormat(String),
+    /// The content does not parse.
+    #[error("inventory is corrupted: {0}")]
+    Corrupted(String),
+    /// The encoded inventory does not fit in a ConfigMap.
+    #[error("inventory needs {bytes} bytes, more than a ConfigMap may hold ({limit})")]
+    TooLarge {
+        /// Encoded size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// Decodes ConfigMap data written by [`encode`] (or by upstream cli-utils).
+pub fn decode(data: &BTreeMap<String, String>) -> Result<BTreeSet<ObjRef>, InventoryError> {
+    let Some(format) = data.get(FORMAT_KEY) else {
+        return decode_cli_utils(data);
+    };
+    if format != FORMAT_V1 {
+        return Err(InventoryError::UnsupportedFormat(format.clone()));
+    }
+    let corrupted = |m: String| InventoryError::Corrupted(m);
+    let count: usize = data
+        .get(COUNT_KEY)
+        .ok_or_else(|| corrupted(format!("no {COUNT_KEY:?} key")))?
+        .parse()
+        .map_err(|_| corrupted(format!("{COUNT_KEY:?} is not a number")))?;
+    let text = data
+        .get(OBJECTS_KEY)
+        .ok_or_else(|| corrupted(format!("no {OBJECTS_KEY:?} key")))?;
+    let mut refs = BTreeSet::new();
+    let mut lines = 0;
+    let mut header: Option<(String, String, Option<String>)> = None;
+    for (i, line) in text.split_terminator('\n').enumerate() {
+        let at = |m: &str| corrupted(format!("line {}: {m}", i + 1));
+        let un = |s: &str| unescape(s).ok_or_else(|| at("invalid %-escape"));
+        if line.contains('/') {
+            let mut parts = line.split('/');
+            let (Some(g), Some(k), Some(ns), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(at("expected group/kind/namespace"));
+            };
+            let kind = un(k)?;
+            if kind.is_empty() {
+                return Err(at("empty kind"));
+            }
+            let ns = un(ns)?;
+            header = Some((un(g)?, kind, (!ns.is_empty()).then_some(ns)));
+        } else {
+            let Some((group, kind, ns)) = &header else {
+                return Err(at("name before any group/kind/namespace line"));
+            };
+            let name = un(line)?;
+            if name.is_empty() {
+                return Err(at("empty name"));
+            }
+            refs.insert(ObjRef {
+                group: group.clone(),
+                kind: kind.clone(),
+                namespace: ns.clone(),
+                name,
+            });
+            lines += 1;
+        }
+    }
+    // A mismatch means truncation, duplicated lines or hand edits: not trustworthy.
+    if lines != count || refs.len() != count {
+        return Err(corrupted(format!(
+            "{COUNT_KEY:?} says {count} objects, found {} ({} distinct)",
+            lines,
+            refs.len()
+        )));
+    }
+    Ok(refs)
+}
+
+/// Upstream cli-utils' ConfigMap inventory: each data key is
+/// `<namespace>_<name>_<group>_<kind>` with `:` in names written as `__`.
+fn decode_cli_utils(data: &BTreeMap<String, String>) -> Result<BTreeSet<ObjRef>, InventoryError> {
+    // An empty data map might be an empty cli-utils inventory, or something else entirely;
+    // guessing "empty" could mean pruning nothing or everything later, so refuse.
+    if data.is_empty() {
+        return Err(InventoryError::UnknownFormat);
+    }
+    data.keys()
+        .map(|key| parse_cli_utils_key(key).ok_or(InventoryError::UnknownFormat))
+        .collect()
+}
+
+fn parse_cli_utils_key(key: &str) -> Option<ObjRef> {
+    let (namespace, rest) = key.split_once('_')?;
+    let (rest, kind) = rest.rsplit_once('_')?;
+    let (name, group) = rest.rsplit_once('_')?;
+    let name = name.replace("__", ":");
+    if name.is_empty() || kind.is_empty() || name.contains('_') {
+        return None;
+    }
+    Some(ObjRef::new(group, kind, Some(namespace), name))
+}
+
+/// The inventory that owns an object (its [`OWNING_INVENTORY_ANNOTATION`]), if any; an
+/// empty annotation counts as none.
+pub fn owner(obj: &Value) -> Option<&str> {
+    obj.get("metadata")?
+        .get("annotations")?
+        .get(OWNING_INVENTORY_ANNOTATION)?
+        .as_str()
+        .filter(|s| !s.is_empty())
+}
+
+/// Marks an object as owned by `inventory_id` before it is applied. Objects without a
+/// `metadata` mapping are left alone (decoding rejects them anyway).
+pub fn set_owner(obj: &mut Value, inventory_id: &str) {
+    let Some(metadata) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let annotations = metadata
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    if !annotations.is_object() {
+        *annotations = Value::Object(serde_json::Map::new());
+    }
+    if let Some(map) = annotations.as_object_mut() {
+        map.insert(
+            OWNING_INVENTORY_ANNOTATION.to_owned(),
+            Value::String(inventory_id.to_owned()),
+        );
+    }
+}
+
+/// Why an existing object may not be applied by this inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum OwnershipConflict {
+    /// Another inventory owns the object.
+    #[error(
+        "object is owned by inventory {owner:?}, not {ours:?}; inventory_policy {policy} does not take it over (adopt_all would)"
+    )]
+    OwnedByOther {
+        /// The owning inventory's id.
+        owner: String,
+        /// Our inventory id.
+        ours: String,
+        /// The policy in force, as written in the configuration.
+        policy: &'static str,
+    },
+    /// The object exists but belongs to no inventory, and the policy is `must_match`.
+    #[error(
+        "object already exists and is not owned by inventory {ours:?}; inventory_policy must_match does not adopt it (adopt_if_no_inventory would)"
+    )]
+    NotOwned {
+        /// Our inventory id.
+        ours: String,
+    },
+}
+
+fn policy_name(policy: InventoryPolicy) -> &'static str {
+    match policy {
+        InventoryPolicy::MustMatch => "must_match",
+        InventoryPolicy::AdoptIfNoInventory => "adopt_if_no_inventory",
+        InventoryPolicy::AdoptAll => "adopt_all",
+    }
+}
+
+/// Whether this inventory may apply an object that already exists in the cluster, given the
+/// object's current owner (see [`owner`]). Objects that do not exist yet are always ours to
+/// create; do not call this for them.
+///
+/// - `must_match`: only objects already owned by us.
+/// - `adopt_if_no_inventory`: also objects owned by no inventory.
+/// - `adopt_all`: anything, even objects owned by another inventory.
+pub fn may_take_over(
+    policy: InventoryPolicy,
+    current_owner: Option<&str>,
+    our_id: &str,
+) -> Result<(), OwnershipConflict> {
+    let current_owner = current_owner.filter(|o| !o.is_empty());
+    match (policy, current_owner) {
+        (_, Some(owner)) if owner == our_id => Ok(()),
+        (InventoryPolicy::AdoptAll, _) => Ok(()),
+        (InventoryPolicy::AdoptIfNoInventory, None) => Ok(()),
+        (InventoryPolicy::MustMatch, None) => Err(OwnershipConflict::NotOwned {
+            ours: our_id.to_owned(),
+        }),
+        (policy, Some(owner)) => Err(OwnershipConflict::OwnedByOther {
+            owner: owner.to_owned(),
+            ours: our_id.to_owned(),
+            policy: policy_name(policy),
+        }),
+    }
+}
+
+/// Whether a pruning candidate may be deleted: only when it is still owned by us. An object
+/// adopted by another inventory since (or whose annotation was removed by a user to keep
+/// it) is left alone and only dropped from our inventory.
+pub fn may_prune(current_owner: Option<&str>, our_id: &str) -> bool {
+    current_owner == Some(our_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(g: &str, k: &str, ns: Option<&str>, n: &str) -> ObjRef {
+        ObjRef::new(g, k, ns, n)
+    }
+
+    fn is_label_value(s: &str) -> bool {
+        s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+    }
+
+    fn is_dns1123_subdomain(s: &str) -> bool {
+        s.len() <= 253
+            && s.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
+    }
+
+    #[test]
+    fn numeric_project_ids_match_upstream() {
+        assert_eq!(inventory_id(5, "42"), "5-42");
+        assert_eq!(inventory_name(5, "42"), "inventory-5-42");
+    }
+
+    #[test]
+    fn paths_are_sanitized_hashed_and_case_insensitive() {
+        let id = inventory_id(5, "Group/Sub_Group/app.name");
+        assert!(id.starts_with("5-group-sub-group-app-name-"), "{id}");
+        assert_eq!(id, inventory_id(5, "group/sub_group/app.name"));
+        assert_ne!(inventory_id(5, "a/b-c"), inventory_id(5, "a-b/c"));
+        assert_ne!(inventory_id(5, "a/b"), inventory_id(6, "a/b"));
+    }
+
+    #[test]
+    fn ids_and_names_are_always_valid() {
+        let long = "very-long-group-name/".repeat(30) + "project";
+        let keys = [
+            "42",
+            "group/project",
+            "G/P",
+            long.as_str(),
+            "///",
+            "",
+            "ünïcode/prøject",
+            &"9".repeat(80),
+            "-leading/trailing-",
+        ];
+        for agent in [1, 0, 123_456_789, -7, i64::MAX, i64::MIN] {
+            for key in keys {
+                let id = inventory_id(agent, key);
+                assert!(is_label_value(&id), "{agent} {key:?} -> {id}");
+                assert!(id.len() <= 53, "{agent} {key:?} -> {id}");
+                let name = inventory_name(agent, key);
+                assert!(is_dns1123_subdomain(&name), "{agent} {key:?} -> {name}");
+                assert!(is_label_value(&name), "{agent} {key:?} -> {name}");
+            }
+        }
+        assert_ne!(
+            inventory_id(1, &long),
+            inventory_id(1, &(long.clone() + "2"))
+        );
+    }
+
+    #[test]
+    fn configmap_shape() {
+        let data = encode(&BTreeSet::new());
+        let cm = configmap("inventory-5-42", "gitlab-agent", "5-42", &data);
+        assert_eq!(cm["metadata"]["labels"][INVENTORY_LABEL], "5-42");
+        assert_eq!(cm["metadata"]["namespace"], "gitlab-agent");
+        assert_eq!(cm["data"]["format"], FORMAT_V1);
+        assert_eq!(cm["data"]["count"], "0");
+    }
+
+    #[test]
+    fn encode_layout_is_grouped_and_sorted() {
+        let refs = BTreeSet::from([
+            r("apps", "Deployment", Some("dude"), "web"),
+            r("", "Namespace", None, "dude"),
+            r("apps", "Deployment", Some("dude"), "nginx"),
+            r("", "ConfigMap", Some("dude"), "cfg"),
+        ]);
+        let data = encode(&refs);
+        assert_eq!(
+            data["objects"],
+            "/ConfigMap/dude\ncfg\n/Namespace/\ndude\napps/Deployment/dude\nnginx\nweb\n"
+        );
+        assert_eq!(data["count"], "4");
+        assert_eq!(decode(&data), Ok(refs));
+    }
+
+    #[test]
+    fn round_trip_including_odd_names_and_empty() {
+        let refs = BTreeSet::from([
+            r(
+                "rbac.authorization.k8s.io",
+                "ClusterRole",
+                None,
+                "system:viewer",
+            ),
+            r("x.io", "Weird", Some("n/s"), "with/slash%and\nnewline"),
+            r("", "ConfigMap", Some("ns"), "dude"),
+        ]);
+        assert_eq!(decode(&encode(&refs)), Ok(refs));
+        assert_eq!(decode(&encode(&BTreeSet::new())), Ok(BTreeSet::new()));
+    }
+
+    #[test]
+    fn ten_thousand_objects_fit_comfortably() {
+        let mut refs = BTreeSet::new();
+        for i in 0..10_000 {
+            let (group, kind) = match i % 4 {
+                0 => ("apps", "Deployment"),
+                1 => ("", "Service"),
+                2 => ("", "ConfigMap"),
+                _ => ("networking.k8s.io", "Ingress"),
+            };
+            refs.insert(r(
+                group,
+                kind,
+                Some(&format!("team-namespace-{}", i % 97)),
+                &format!("service-name-{i}"),
+            ));
+        }
+        let data = encode(&refs);
+        let size = data_size(&data);
+        assert!(size < 1024 * 1024, "{size}");
+        assert!(size < 300 * 1024, "{size}");
+        assert_eq!(check_size(&data), Ok(()));
+        assert_eq!(decode(&data), Ok(refs));
+
+        // Worst case: every object in its own namespace, so no grouping helps.
+        let worst: BTreeSet<ObjRef> = (0..10_000)
+            .map(|i| {
+                r(
+                    "apps",
+                    "Deployment",
+                    Some(&format!("team-namespace-{i}")),
+                    &format!("service-name-{i}"),
+                )
+            })
+            .collect();
+        let size = data_size(&encode(&worst));
+        assert!(size < 1024 * 1024, "{size}");
+    }
+
+    #[test]
+    fn too_large_is_reported() {
+        let data = BTreeMap::from([("objects".to_owned(), "x".repeat(CONFIGMAP_MAX_BYTES))]);
+        assert!(matches!(
+            check_size(&data),
+            Err(InventoryError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn corruption_is_an_error_never_empty() {
+        let good = encode(&BTreeSet::from([
+            r("apps", "Deployment", Some("dude"), "a"),
+            r("apps", "Deployment", Some("dude"), "b"),
+        ]));
+        let with = |key: &str, value: &str| {
+            let mut d = good.clone();
+            d.insert(key.to_owned(), value.to_owned());
+            d
+        };
+        let without = |key: &str| {
+            let mut d = good.clone();
+            d.remove(key);
+            d
+        };
+        let corrupted = [
+            with("objects", "apps/Deployment/dude\na\n"),
+            with("objects", "apps/Deployment/dude\na\na\n"),
+            with("objects", "a\nb\n"),
+            with("objects", "apps/Deployment\na\nb\n"),
+            with("objects", "apps/Deployment/dude/x\na\nb\n"),
+            with("objects", "apps//dude\na\nb\n"),
+            with("objects", "apps/Deployment/dude\na\n\nb\n"),
+            with("objects", "apps/Deployment/dude\na%G1\nb\n"),
+            with("objects", ""),
+            with("count", "two"),
+            with("count", "3"),
+            without("count"),
+            without("objects"),
+        ];
+        for data in corrupted {
+            assert!(
+                matches!(decode(&data), Err(InventoryError::Corrupted(_))),
+                "{data:?} -> {:?}",
+                decode(&data)
+            );
+        }
+        assert_eq!(
+            decode(&with("format", "tether.inventory/v2")),
+            Err(InventoryError::UnsupportedFormat(
+                "tether.inventory/v2".into()
+            ))
+        );
+        assert_eq!(decode(&BTreeMap::new()), Err(InventoryError::UnknownFormat));
+        let garbage = BTreeMap::from([("hello".to_owned(), "world".to_owned())]);
+        assert_eq!(decode(&garbage), Err(InventoryError::UnknownFormat));
+    }
+
+    #[test]
+    fn reads_upstream_cli_utils_inventories() {
+        let data = BTreeMap::from([
+            ("dude_nginx_apps_Deployment".to_owned(), String::new()),
+            ("_dude__Namespace".to_owned(), String::new()),
+            (
+                "_system__controller__x_rbac.authorization.k8s.io_ClusterRole".to_owned(),
+                String::new(),
+            ),
+            ("dude_my-config__ConfigMap".to_owned(), String::new()),
+        ]);
+        let refs = decode(&data);
+        assert_eq!(
+            refs,
+            Ok(BTreeSet::from([
+                r("apps", "Deployment", Some("dude"), "nginx"),
+                r("", "Namespace", None, "dude"),
+                r(
+                    "rbac.authorization.k8s.io",
+                    "ClusterRole",
+                    None,
+                    "system:controller:x"
+                ),
+                r("", "ConfigMap", Some("dude"), "my-config"),
+            ]))
+        );
+        let bad = BTreeMap::from([
+            ("dude_nginx_apps_Deployment".to_owned(), String::new()),
+            ("nonsense".to_owned(), String::new()),
+        ]);
+        assert_eq!(decode(&bad), Err(InventoryError::UnknownFormat));
+    }
+
+    #[test]
+    fn owner_annotation() {
+        let mut obj = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}});
+        assert_eq!(owner(&obj), None);
+        set_owner(&mut obj, "5-42");
+        assert_eq!(owner(&obj), Some("5-42"));
+        assert_eq!(
+            obj["metadata"]["annotations"][OWNING_INVENTORY_ANNOTATION],
+            "5-42"
+        );
+        obj["metadata"]["annotations"]["keep"] = json!("me");
+        set_owner(&mut obj, "5-43");
+        assert_eq!(owner(&obj), Some("5-43"));
+        assert_eq!(obj["metadata"]["annotations"]["keep"], "me");
+        let mut empty = json!({"metadata": {"annotations": {OWNING_INVENTORY_ANNOTATION: ""}}});
+        assert_eq!(owner(&empty), None);
+        empty["metadata"]["annotations"] = json!(null);
+        set_owner(&mut empty, "x");
+        assert_eq!(owner(&empty), Some("x"));
+    }
+
+    #[test]
+    fn take_over_policies() {
+        use InventoryPolicy::*;
+        let ours = "5-42";
+        // (policy, current owner, allowed)
+        let table = [
+            (MustMatch, Some(ours), true),
+            (MustMatch, None, false),
+            (MustMatch, Some(""), false),
+            (MustMatch, Some("5-43"), false),
+            (AdoptIfNoInventory, Some(ours), true),
+            (AdoptIfNoInventory, None, true),
+            (AdoptIfNoInventory, Some("5-43"), false),
+            (AdoptAll, Some(ours), true),
+            (AdoptAll, None, true),
+            (AdoptAll, Some("5-43"), true),
+        ];
+        for (policy, owner, allowed) in table {
+            assert_eq!(
+                may_take_over(policy, owner, ours).is_ok(),
+                allowed,
+                "{policy:?} {owner:?}"
+            );
+        }
+        let e = may_take_over(MustMatch, Some("7-1"), ours).err();
+        assert_eq!(
+            e.map(|e| e.to_string()),
+            Some("object is owned by inventory \"7-1\", not \"5-42\"; inventory_policy must_match does not take it over (adopt_all would)".to_owned())
+        );
+        let e = may_take_over(MustMatch, None, ours).err();
+        assert_eq!(e, Some(OwnershipConflict::NotOwned { ours: ours.into() }));
+        assert!(matches!(
+            may_take_over(AdoptIfNoInventory, Some("7-1"), ours),
+            Err(OwnershipConflict::OwnedByOther {
+                policy: "adopt_if_no_inventory",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn prune_only_what_we_own() {
+        assert!(may_prune(Some("5-42"), "5-42"));
+        assert!(!may_prune(Some("7-1"), "5-42"));
+        assert!(!may_prune(None, "5-42"));
+    }
+}

@@ -1,0 +1,229 @@
+//! What to apply, and in which order.
+//!
+//! Typical use by the caller:
+//! 1. decode every file ([`crate::decode_file`]);
+//! 2. [`set_default_namespace`] on each object (scope from API discovery);
+//! 3. refuse the sync if [`duplicates`] is not empty;
+//! 4. apply [`apply_stages`] one after the other, waiting for each stage's objects to be
+//!    Current before the next one: objects of a custom kind can only be applied once their
+//!    CRD is Established, and namespaced objects once their Namespace exists.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::decode::Manifest;
+use crate::object_ref::ObjRef;
+
+/// Whether an object must exist before the others can be applied: CRDs (their kinds are
+/// not served before) and Namespaces (objects in them are rejected before).
+pub fn is_prerequisite(group: &str, kind: &str) -> bool {
+    matches!(
+        (group, kind),
+        ("apiextensions.k8s.io", "CustomResourceDefinition") | ("", "Namespace")
+    )
+}
+
+/// Indexes into `objects`, grouped into stages to apply one after the other: first CRDs and
+/// Namespaces, then everything else. File order is kept within a stage (so users control
+/// ordering inside one), and empty stages are left out so there is nothing to wait for.
+pub fn apply_stages(objects: &[Manifest]) -> Vec<Vec<usize>> {
+    let (first, rest): (Vec<usize>, Vec<usize>) =
+        (0..objects.len()).partition(|&i| is_prerequisite(objects[i].group(), objects[i].kind()));
+    [first, rest]
+        .into_iter()
+        .filter(|stage| !stage.is_empty())
+        .collect()
+}
+
+/// Objects defined more than once (in two files, or twice in one), with every place they
+/// are defined (`path:line`), ordered by object. Applying both would make the result depend
+/// on order, so the caller reports these as an error and applies nothing.
+///
+/// Call this after [`set_default_namespace`], so that an object without a namespace and
+/// the same object naming the default namespace are recognized as one.
+pub fn duplicates(objects: &[Manifest]) -> Vec<(ObjRef, Vec<String>)> {
+    let mut seen: BTreeMap<ObjRef, Vec<String>> = BTreeMap::new();
+    for m in objects {
+        seen.entry(m.obj_ref()).or_default().push(m.source());
+    }
+    seen.into_iter()
+        .filter(|(_, sources)| sources.len() > 1)
+        .collect()
+}
+
+/// Gives a namespaced object without `metadata.namespace` (or with an empty one) the
+/// project's `default_namespace`. Cluster-scoped objects get none: a namespace there is
+/// removed, so the object's identity (and the inventory entry) matches what the API server
+/// stores. Whether a kind is namespaced comes from API discovery, hence the flag.
+///
+/// Objects without a `metadata` mapping are left alone (decoding rejects them anyway).
+pub fn set_default_namespace(obj: &mut Value, default_namespace: &str, namespaced: bool) {
+    let Some(metadata) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if !namespaced {
+        metadata.remove("namespace");
+        return;
+    }
+    let has_namespace = metadata
+        .get("namespace")
+        .and_then(Value::as_str)
+        .is_some_and(|ns| !ns.is_empty());
+    if !has_namespace {
+        metadata.insert(
+            "namespace".to_owned(),
+            Value::String(default_namespace.to_owned()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn manifest(path: &str, line: usize, object: Value) -> Manifest {
+        Manifest {
+            source_path: path.to_owned(),
+            doc_index: 0,
+            line,
+            object,
+        }
+    }
+
+    fn obj(api: &str, kind: &str, ns: Option<&str>, name: &str) -> Value {
+        let mut o = json!({"apiVersion": api, "kind": kind, "metadata": {"name": name}});
+        if let Some(ns) = ns {
+            o["metadata"]["namespace"] = json!(ns);
+        }
+        o
+    }
+
+    #[test]
+    fn stages_put_crds_and_namespaces_first_keeping_file_order() {
+        let objects = vec![
+            manifest("a", 1, obj("apps/v1", "Deployment", Some("dude"), "web")),
+            manifest("a", 2, obj("v1", "Namespace", None, "dude")),
+            manifest("a", 3, obj("example.com/v1", "Widget", Some("dude"), "w")),
+            manifest(
+                "a",
+                4,
+                obj(
+                    "apiextensions.k8s.io/v1",
+                    "CustomResourceDefinition",
+                    None,
+                    "widgets.example.com",
+                ),
+            ),
+            manifest("a", 5, obj("v1", "ConfigMap", Some("dude"), "cfg")),
+            manifest(
+                "a",
+                6,
+                obj("rbac.authorization.k8s.io/v1", "ClusterRole", None, "r"),
+            ),
+            // A CRD-defined kind that happens to be called Namespace is not a Namespace.
+            manifest("a", 7, obj("example.com/v1", "Namespace", None, "x")),
+        ];
+        assert_eq!(
+            apply_stages(&objects),
+            vec![vec![1, 3], vec![0, 2, 4, 5, 6]]
+        );
+    }
+
+    #[test]
+    fn empty_stages_are_left_out() {
+        let only_rest = vec![manifest("a", 1, obj("v1", "ConfigMap", Some("x"), "c"))];
+        assert_eq!(apply_stages(&only_rest), vec![vec![0]]);
+        let only_first = vec![manifest("a", 1, obj("v1", "Namespace", None, "x"))];
+        assert_eq!(apply_stages(&only_first), vec![vec![0]]);
+        assert!(apply_stages(&[]).is_empty());
+    }
+
+    #[test]
+    fn duplicates_across_files_versions_and_within_a_file() {
+        let objects = vec![
+            manifest(
+                "a.yaml",
+                1,
+                obj("apps/v1", "Deployment", Some("dude"), "web"),
+            ),
+            manifest(
+                "b.yaml",
+                7,
+                obj("apps/v1beta2", "Deployment", Some("dude"), "web"),
+            ),
+            manifest(
+                "b.yaml",
+                20,
+                obj("apps/v1", "Deployment", Some("other"), "web"),
+            ),
+            manifest("c.yaml", 1, obj("v1", "ConfigMap", Some("x"), "c")),
+            manifest("c.yaml", 9, obj("v1", "ConfigMap", Some("x"), "c")),
+            manifest("c.yaml", 15, obj("v1", "Secret", Some("x"), "c")),
+        ];
+        let d = duplicates(&objects);
+        let got: Vec<(String, Vec<String>)> =
+            d.into_iter().map(|(r, s)| (r.to_string(), s)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "/ConfigMap/x/c".to_owned(),
+                    vec!["c.yaml:1".to_owned(), "c.yaml:9".to_owned()]
+                ),
+                (
+                    "apps/Deployment/dude/web".to_owned(),
+                    vec!["a.yaml:1".to_owned(), "b.yaml:7".to_owned()]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn defaulting_then_duplicates_sees_through_missing_namespace() {
+        let mut objects = vec![
+            manifest("a.yaml", 1, obj("v1", "ConfigMap", None, "c")),
+            manifest("b.yaml", 1, obj("v1", "ConfigMap", Some("default"), "c")),
+        ];
+        assert!(duplicates(&objects).is_empty());
+        for m in &mut objects {
+            set_default_namespace(&mut m.object, "default", true);
+        }
+        assert_eq!(duplicates(&objects).len(), 1);
+    }
+
+    #[test]
+    fn set_default_namespace_rules() {
+        let mut o = obj("v1", "ConfigMap", None, "c");
+        set_default_namespace(&mut o, "dflt", true);
+        assert_eq!(o["metadata"]["namespace"], json!("dflt"));
+
+        let mut o = obj("v1", "ConfigMap", Some(""), "c");
+        set_default_namespace(&mut o, "dflt", true);
+        assert_eq!(o["metadata"]["namespace"], json!("dflt"));
+
+        let mut o = obj("v1", "ConfigMap", Some("mine"), "c");
+        o["metadata"]["labels"] = json!({"a": "b"});
+        set_default_namespace(&mut o, "dflt", true);
+        assert_eq!(o["metadata"]["namespace"], json!("mine"));
+        assert_eq!(o["metadata"]["labels"], json!({"a": "b"}));
+
+        let mut o = obj("v1", "Namespace", None, "dude");
+        set_default_namespace(&mut o, "dflt", false);
+        assert_eq!(o["metadata"].get("namespace"), None);
+
+        let mut o = obj(
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRole",
+            Some("oops"),
+            "r",
+        );
+        set_default_namespace(&mut o, "dflt", false);
+        assert_eq!(o["metadata"].get("namespace"), None);
+
+        let mut o = json!({"kind": "X"});
+        set_default_namespace(&mut o, "dflt", true);
+        assert_eq!(o, json!({"kind": "X"}));
+    }
+}

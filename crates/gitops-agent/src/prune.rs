@@ -1,0 +1,167 @@
+//! Which objects to delete because they left Git, and in which order.
+//!
+//! **The caller must never prune when the current set is incomplete**: if any manifest file
+//! failed to decode (or the file list could not be fetched), objects from that file are
+//! missing from `current` and would be deleted. Likewise never prune when the previous
+//! inventory failed to decode ([`crate::inventory::decode`] errors rather than returning an
+//! empty set for exactly this reason). Before deleting each object, check that it is still
+//! ours with [`crate::inventory::may_prune`].
+
+use std::collections::BTreeSet;
+
+use crate::object_ref::ObjRef;
+
+/// Objects in `previous` but not in `current`, ordered for deletion so that nothing is
+/// deleted before the things that still need it (the reverse of the apply order):
+///
+/// 1. custom resources — while their CRD and their operator still exist, so that the
+///    operator can run their finalizers (deleting the CRD first orphans them or hangs);
+/// 2. other objects (workloads, Services, ConfigMaps, cluster-scoped objects, ...);
+/// 3. RBAC objects and ServiceAccounts — an operator being removed in step 2 may still need
+///    its permissions while it finalizes;
+/// 4. Namespaces — everything inside them is gone by then;
+/// 5. CustomResourceDefinitions — last, as deleting one deletes all its resources.
+///
+/// A custom resource is an object whose `(group, kind)` is in `crd_kinds` (the kinds served
+/// by CRDs, from API discovery or the CRD objects), or whose group is served by a CRD in
+/// `previous` (a CRD's name is `<plural>.<group>`, so this needs no discovery). Within a
+/// step, objects keep `ObjRef` order, so the result is deterministic.
+pub fn to_prune(
+    previous: &BTreeSet<ObjRef>,
+    current: &BTreeSet<ObjRef>,
+    crd_kinds: &[(String, String)],
+) -> Vec<ObjRef> {
+    let crd_groups: BTreeSet<&str> = previous
+        .iter()
+        .filter(|r| r.is_crd())
+        .filter_map(|r| r.name.split_once('.').map(|(_, group)| group))
+        .collect();
+    let is_custom = |r: &ObjRef| {
+        crd_groups.contains(r.group.as_str())
+            || crd_kinds
+                .iter()
+                .any(|(group, kind)| *group == r.group && *kind == r.kind)
+    };
+    let tier = |r: &ObjRef| -> u8 {
+        if r.is_crd() {
+            5
+        } else if r.is_namespace() {
+            4
+        } else if is_custom(r) {
+            1
+        } else if is_rbac(r) {
+            3
+        } else {
+            2
+        }
+    };
+    let mut out: Vec<ObjRef> = previous.difference(current).cloned().collect();
+    // Stable sort: ObjRef order from the set is kept within a tier.
+    out.sort_by_key(|r| tier(r));
+    out
+}
+
+fn is_rbac(r: &ObjRef) -> bool {
+    (r.group == "rbac.authorization.k8s.io"
+        && matches!(
+            r.kind.as_str(),
+            "Role" | "RoleBinding" | "ClusterRole" | "ClusterRoleBinding"
+        ))
+        || (r.group.is_empty() && r.kind == "ServiceAccount")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(s: &str) -> ObjRef {
+        match s.parse() {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<ObjRef> {
+        items.iter().map(|s| r(s)).collect()
+    }
+
+    fn names(v: &[ObjRef]) -> Vec<String> {
+        v.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn nothing_to_prune() {
+        let s = set(&["apps/Deployment/dude/web", "/Namespace//dude"]);
+        assert!(to_prune(&s, &s, &[]).is_empty());
+        assert!(to_prune(&BTreeSet::new(), &s, &[]).is_empty());
+    }
+
+    #[test]
+    fn only_removed_objects() {
+        let previous = set(&["apps/Deployment/dude/web", "/ConfigMap/dude/cfg"]);
+        let current = set(&["apps/Deployment/dude/web", "/ConfigMap/dude/new"]);
+        assert_eq!(
+            names(&to_prune(&previous, &current, &[])),
+            ["/ConfigMap/dude/cfg"]
+        );
+    }
+
+    #[test]
+    fn reverse_dependency_order() {
+        let previous = set(&[
+            "apiextensions.k8s.io/CustomResourceDefinition//widgets.example.com",
+            "/Namespace//dude",
+            "/Namespace//ops",
+            "apps/Deployment/ops/widget-operator",
+            "rbac.authorization.k8s.io/ClusterRole//widget-operator",
+            "rbac.authorization.k8s.io/ClusterRoleBinding//widget-operator",
+            "/ServiceAccount/ops/widget-operator",
+            "example.com/Widget/dude/w1",
+            "example.com/Gadget//g1",
+            "cert-manager.io/Certificate/dude/tls",
+            "/ConfigMap/dude/cfg",
+            "scheduling.k8s.io/PriorityClass//high",
+            "apps/Deployment/dude/kept",
+        ]);
+        let current = set(&["apps/Deployment/dude/kept"]);
+        let crd_kinds = [("cert-manager.io".to_owned(), "Certificate".to_owned())];
+        assert_eq!(
+            names(&to_prune(&previous, &current, &crd_kinds)),
+            [
+                // 1. custom resources (by CRD in the set, and by discovery)
+                "cert-manager.io/Certificate/dude/tls",
+                "example.com/Gadget//g1",
+                "example.com/Widget/dude/w1",
+                // 2. everything else
+                "/ConfigMap/dude/cfg",
+                "apps/Deployment/ops/widget-operator",
+                "scheduling.k8s.io/PriorityClass//high",
+                // 3. RBAC and service accounts
+                "/ServiceAccount/ops/widget-operator",
+                "rbac.authorization.k8s.io/ClusterRole//widget-operator",
+                "rbac.authorization.k8s.io/ClusterRoleBinding//widget-operator",
+                // 4. namespaces
+                "/Namespace//dude",
+                "/Namespace//ops",
+                // 5. CRDs
+                "apiextensions.k8s.io/CustomResourceDefinition//widgets.example.com",
+            ]
+        );
+    }
+
+    #[test]
+    fn crd_kept_means_its_resources_are_not_tiered_by_it() {
+        // The CRD stays (it is in `current` and `previous`): its group is still detected
+        // from `previous`, which only affects ordering, never membership.
+        let previous = set(&[
+            "apiextensions.k8s.io/CustomResourceDefinition//widgets.example.com",
+            "example.com/Widget/dude/w1",
+            "/ConfigMap/dude/cfg",
+        ]);
+        let current = set(&["apiextensions.k8s.io/CustomResourceDefinition//widgets.example.com"]);
+        assert_eq!(
+            names(&to_prune(&previous, &current, &[])),
+            ["example.com/Widget/dude/w1", "/ConfigMap/dude/cfg"]
+        );
+    }
+}

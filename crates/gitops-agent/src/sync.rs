@@ -1,0 +1,805 @@
+//! One synchronization of a manifest project against the cluster: the I/O around the pure
+//! rules of this crate. Decode everything first (bad input never writes or deletes anything),
+//! apply with server-side apply in stages, record the inventory, prune what left Git in reverse
+//! dependency order, then watch status until everything is Current or Failed, or time runs out.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use kube::Client;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
+use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
+use serde_json::{Value, json};
+use tether_agent_config::{DryRunStrategy, InventoryPolicy, PrunePropagationPolicy};
+use tokio_util::sync::CancellationToken;
+
+use crate::decode::{Manifest, decode_file};
+use crate::events;
+use crate::inventory;
+use crate::object_ref::ObjRef;
+use crate::plan;
+use crate::prune;
+use crate::status::{ResourceStatus, Status, compute_status};
+
+/// The field manager of every write.
+pub const FIELD_MANAGER: &str = "agentk";
+/// How many API requests one sync keeps in flight.
+const CONCURRENCY: usize = 16;
+/// Status polling period.
+const POLL: Duration = Duration::from_millis(500);
+
+/// What to do for one manifest project.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub agent_id: i64,
+    /// The project as written in the configuration (path or numeric id).
+    pub project_id: String,
+    pub default_namespace: String,
+    pub prune: bool,
+    pub prune_timeout: Duration,
+    pub prune_propagation_policy: PrunePropagationPolicy,
+    pub inventory_policy: InventoryPolicy,
+    pub reconcile_timeout: Duration,
+    pub dry_run: DryRunStrategy,
+}
+
+/// One object's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectOutcome {
+    pub obj: ObjRef,
+    /// `Current`, `InProgress`, `Failed`, …, or `Pruned`.
+    pub status: String,
+    pub message: String,
+}
+
+/// The outcome of a synchronization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncOutcome {
+    pub commit_id: String,
+    pub succeeded: bool,
+    /// Why it failed (`N resources failed`, or the decode/inventory error).
+    pub error: Option<String>,
+    pub objects: Vec<ObjectOutcome>,
+    /// Write requests sent (apply, delete, inventory), for the benchmarks.
+    pub writes: usize,
+    pub dry_run: bool,
+}
+
+impl SyncOutcome {
+    fn failed_before_writes(commit_id: &str, error: String, dry_run: bool) -> Self {
+        Self {
+            commit_id: commit_id.to_string(),
+            succeeded: false,
+            error: Some(error),
+            objects: Vec::new(),
+            writes: 0,
+            dry_run,
+        }
+    }
+}
+
+/// Logs one per-resource event as a JSON log line: the event's own fields (the shapes users of
+/// GitLab's agent know, built by [`events`]) merged into the line.
+fn log_event(level: tracing::Level, event: &Value) {
+    let fields = event.to_string();
+    let event_type = event["eventType"].as_str().unwrap_or("event");
+    // `fields_json` is merged into the line by the JSON log layer.
+    if level == tracing::Level::ERROR {
+        tracing::warn!(fields_json = %fields, "{event_type}");
+    } else {
+        tracing::info!(fields_json = %fields, "{event_type}");
+    }
+}
+
+fn event_applied(obj: &ObjRef) {
+    log_event(
+        tracing::Level::INFO,
+        &events::resource_applied(
+            obj,
+            events::ApplyOperation::ServersideApplied,
+            std::time::SystemTime::now(),
+        ),
+    );
+}
+
+fn event_failed(obj: &ObjRef, phase: &str, message: &str) {
+    let phase = if phase == "prune" {
+        events::Phase::Prune
+    } else {
+        events::Phase::Apply
+    };
+    log_event(
+        tracing::Level::ERROR,
+        &events::resource_failed(obj, phase, message, std::time::SystemTime::now()),
+    );
+}
+
+fn event_pruned(obj: &ObjRef) {
+    log_event(
+        tracing::Level::INFO,
+        &events::resource_pruned(
+            obj,
+            events::PruneOperation::Pruned,
+            std::time::SystemTime::now(),
+        ),
+    );
+}
+
+fn event_status(obj: &ObjRef, st: &ResourceStatus) {
+    log_event(
+        tracing::Level::INFO,
+        &events::resource_status(obj, st, std::time::SystemTime::now()),
+    );
+}
+
+/// Kubernetes' answer as a readable reason ("deployments.apps is forbidden: …").
+fn api_reason(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+        other => other.to_string(),
+    }
+}
+
+/// The cluster side of synchronizations.
+#[derive(Clone)]
+pub struct Syncer {
+    client: Client,
+}
+
+impl std::fmt::Debug for Syncer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Syncer").finish_non_exhaustive()
+    }
+}
+
+struct Resolved {
+    idx: usize,
+    ar: ApiResource,
+    namespaced: bool,
+}
+
+impl Syncer {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    fn api(&self, ar: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
+        match namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
+            None => Api::all_with(self.client.clone(), ar),
+        }
+    }
+
+    async fn discover(&self) -> Result<Discovery, String> {
+        Discovery::new(self.client.clone())
+            .run()
+            .await
+            .map_err(|e| format!("API discovery failed: {e}"))
+    }
+
+    fn resolve(disc: &Discovery, m: &Manifest) -> Option<(ApiResource, ApiCapabilities)> {
+        let gvk = kube::core::GroupVersionKind::gvk(m.group(), m.version(), m.kind());
+        disc.resolve_gvk(&gvk)
+    }
+
+    fn resolve_ref(disc: &Discovery, r: &ObjRef) -> Option<(ApiResource, ApiCapabilities)> {
+        disc.get(&r.group)?.recommended_kind(&r.kind)
+    }
+
+    /// Synchronizes `files` (path, bytes) of `commit_id`. Never prunes or deletes anything when
+    /// a file fails to decode or the inventory cannot be read.
+    pub async fn sync(
+        &self,
+        s: &Settings,
+        commit_id: &str,
+        files: &[(String, Vec<u8>)],
+        cancel: &CancellationToken,
+    ) -> SyncOutcome {
+        let dry = s.dry_run != DryRunStrategy::None;
+        // 1. Decode everything before touching the cluster.
+        let mut manifests: Vec<Manifest> = Vec::new();
+        for (path, bytes) in files {
+            match decode_file(path, bytes) {
+                Ok(mut m) => manifests.append(&mut m),
+                Err(e) => {
+                    return SyncOutcome::failed_before_writes(commit_id, e.to_string(), dry);
+                }
+            }
+        }
+        if s.dry_run == DryRunStrategy::Client {
+            // Client-side dry run: the files decode and are consistent; nothing is sent.
+            let objects = manifests
+                .iter()
+                .map(|m| ObjectOutcome {
+                    obj: m.obj_ref(),
+                    status: "Unknown".into(),
+                    message: "client dry run: decoded, not sent".into(),
+                })
+                .collect();
+            return SyncOutcome {
+                commit_id: commit_id.to_string(),
+                succeeded: true,
+                error: None,
+                objects,
+                writes: 0,
+                dry_run: true,
+            };
+        }
+
+        // 2. The previous inventory: unreadable means we cannot know what to prune, so stop.
+        let inv_name = inventory::inventory_name(s.agent_id, &s.project_id);
+        let inv_id = inv_name.clone();
+        let cms: Api<DynamicObject> = self.api(
+            &ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
+            Some(&s.default_namespace),
+        );
+        let previous: BTreeSet<ObjRef> = match cms.get_opt(&inv_name).await {
+            Ok(None) => BTreeSet::new(),
+            Ok(Some(cm)) => {
+                let data: BTreeMap<String, String> = cm
+                    .data
+                    .get("data")
+                    .and_then(|d| serde_json::from_value(d.clone()).ok())
+                    .unwrap_or_default();
+                match inventory::decode(&data) {
+                    Ok(set) => set,
+                    Err(e) => {
+                        return SyncOutcome::failed_before_writes(
+                            commit_id,
+                            format!(
+                                "inventory {}/{inv_name} is unreadable: {e}",
+                                s.default_namespace
+                            ),
+                            dry,
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                return SyncOutcome::failed_before_writes(
+                    commit_id,
+                    format!(
+                        "reading inventory {}/{inv_name}: {}",
+                        s.default_namespace,
+                        api_reason(&e)
+                    ),
+                    dry,
+                );
+            }
+        };
+
+        let mut disc = match self.discover().await {
+            Ok(d) => d,
+            Err(e) => return SyncOutcome::failed_before_writes(commit_id, e, dry),
+        };
+        // Namespaces are defaulted from discovery (the scope of a kind is the cluster's to say),
+        // before identities are compared: `dude/nginx` and a `nginx` defaulted into `dude` are
+        // the same object. Kinds a CRD of this very commit introduces are resolved after stage 1.
+        for m in manifests.iter_mut() {
+            if let Some((_, caps)) = Self::resolve(&disc, m) {
+                plan::set_default_namespace(
+                    &mut m.object,
+                    &s.default_namespace,
+                    caps.scope == Scope::Namespaced,
+                );
+            }
+        }
+        let dups = plan::duplicates(&manifests);
+        if let Some((obj, sources)) = dups.first() {
+            return SyncOutcome::failed_before_writes(
+                commit_id,
+                format!("{obj} is defined more than once: {}", sources.join(", ")),
+                dry,
+            );
+        }
+        let mut results: HashMap<ObjRef, ObjectOutcome> = HashMap::new();
+        let mut applied: BTreeSet<ObjRef> = BTreeSet::new();
+        let mut writes = 0usize;
+
+        // 3. Apply in stages: CRDs and Namespaces first, then (after discovery sees the new
+        // types) everything else.
+        let stages = plan::apply_stages(&manifests);
+        for (n, stage) in stages.iter().enumerate() {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if n > 0 {
+                match self.discover().await {
+                    Ok(d) => disc = d,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Re-running discovery failed; using the previous one")
+                    }
+                }
+            }
+            let mut resolved = Vec::new();
+            for &idx in stage {
+                let m = &mut manifests[idx];
+                match Self::resolve(&disc, m) {
+                    Some((ar, caps)) => {
+                        let namespaced = caps.scope == Scope::Namespaced;
+                        plan::set_default_namespace(
+                            &mut m.object,
+                            &s.default_namespace,
+                            namespaced,
+                        );
+                        resolved.push(Resolved {
+                            idx,
+                            ar,
+                            namespaced,
+                        });
+                    }
+                    None => {
+                        let obj = m.obj_ref();
+                        let message = format!(
+                            "the cluster has no resource type for {} in API version {}",
+                            m.kind(),
+                            m.api_version()
+                        );
+                        event_failed(&obj, "apply", &message);
+                        results.insert(
+                            obj.clone(),
+                            ObjectOutcome {
+                                obj,
+                                status: "Failed".into(),
+                                message,
+                            },
+                        );
+                    }
+                }
+            }
+            let outcomes = futures_util::stream::iter(resolved.into_iter().map(|r| {
+                let m = &manifests[r.idx];
+                self.apply_one(s, &inv_id, m, r.ar.clone(), r.namespaced)
+            }))
+            .buffer_unordered(CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+            for (obj, res) in outcomes {
+                match res {
+                    Ok(wrote) => {
+                        writes += usize::from(wrote);
+                        event_applied(&obj);
+                        applied.insert(obj.clone());
+                        results.insert(
+                            obj.clone(),
+                            ObjectOutcome {
+                                obj,
+                                status: "InProgress".into(),
+                                message: "applied".into(),
+                            },
+                        );
+                    }
+                    Err(message) => {
+                        event_failed(&obj, "apply", &message);
+                        results.insert(
+                            obj.clone(),
+                            ObjectOutcome {
+                                obj,
+                                status: "Failed".into(),
+                                message,
+                            },
+                        );
+                    }
+                }
+            }
+            if n == 0 && !dry {
+                self.wait_established(&manifests, stage, &disc, cancel)
+                    .await;
+            }
+        }
+
+        let desired: BTreeSet<ObjRef> = manifests.iter().map(Manifest::obj_ref).collect();
+        // 4. Inventory: what we applied, plus what we applied before and still want but could
+        // not apply this time (it stays ours, not orphaned). Then prune what left Git.
+        let mut inventory_now: BTreeSet<ObjRef> = applied.clone();
+        inventory_now.extend(previous.intersection(&desired).cloned());
+        let crd_kinds = crd_kinds(&manifests, &previous);
+        let prune_list = if s.prune {
+            prune::to_prune(&previous, &desired, &crd_kinds)
+        } else {
+            Vec::new()
+        };
+        if !dry {
+            let mut with_pending = inventory_now.clone();
+            with_pending.extend(prune_list.iter().cloned());
+            if let Err(e) = self.write_inventory(s, &inv_name, &with_pending).await {
+                let mut out = self.finish(commit_id, results, writes, dry);
+                out.succeeded = false;
+                out.error = Some(format!(
+                    "writing inventory {}/{inv_name}: {e}",
+                    s.default_namespace
+                ));
+                return out;
+            }
+            writes += 1;
+            let mut pruned_ok = BTreeSet::new();
+            for obj in &prune_list {
+                if cancel.is_cancelled() {
+                    break;
+                }
+                match self.prune_one(s, &inv_id, obj, &disc).await {
+                    Ok(wrote) => {
+                        writes += usize::from(wrote);
+                        event_pruned(obj);
+                        pruned_ok.insert(obj.clone());
+                        results.insert(
+                            obj.clone(),
+                            ObjectOutcome {
+                                obj: obj.clone(),
+                                status: "Pruned".into(),
+                                message: String::new(),
+                            },
+                        );
+                    }
+                    Err(message) => {
+                        event_failed(obj, "prune", &message);
+                        results.insert(
+                            obj.clone(),
+                            ObjectOutcome {
+                                obj: obj.clone(),
+                                status: "Failed".into(),
+                                message,
+                            },
+                        );
+                    }
+                }
+            }
+            let mut final_inv = inventory_now.clone();
+            final_inv.extend(
+                prune_list
+                    .iter()
+                    .filter(|o| !pruned_ok.contains(*o))
+                    .cloned(),
+            );
+            if final_inv != with_pending {
+                if let Err(e) = self.write_inventory(s, &inv_name, &final_inv).await {
+                    tracing::warn!(error = %e, "Updating the inventory after pruning failed; the next sync retries");
+                } else {
+                    writes += 1;
+                }
+            }
+        }
+
+        // 5. Status until everything is Current or Failed, or the reconcile timeout.
+        if !dry {
+            self.wait_status(&applied, &disc, s.reconcile_timeout, cancel, &mut results)
+                .await;
+        } else {
+            for obj in &applied {
+                if let Some(r) = results.get_mut(obj) {
+                    r.status = "Unknown".into();
+                    r.message =
+                        "server dry run: accepted by the API server, nothing changed".into();
+                }
+            }
+        }
+        self.finish(commit_id, results, writes, dry)
+    }
+
+    fn finish(
+        &self,
+        commit_id: &str,
+        results: HashMap<ObjRef, ObjectOutcome>,
+        writes: usize,
+        dry: bool,
+    ) -> SyncOutcome {
+        let mut objects: Vec<ObjectOutcome> = results.into_values().collect();
+        objects.sort_by(|a, b| a.obj.cmp(&b.obj));
+        let failed = objects
+            .iter()
+            .filter(|o| {
+                o.status != "Current" && o.status != "Pruned" && !(dry && o.status == "Unknown")
+            })
+            .count();
+        SyncOutcome {
+            commit_id: commit_id.to_string(),
+            succeeded: failed == 0,
+            error: (failed > 0).then(|| format!("{failed} resources failed")),
+            objects,
+            writes,
+            dry_run: dry,
+        }
+    }
+
+    /// Applies one object with server-side apply, after checking who owns it. Returns whether
+    /// a write was sent, or the reason it failed.
+    async fn apply_one(
+        &self,
+        s: &Settings,
+        inv_id: &str,
+        m: &Manifest,
+        ar: ApiResource,
+        namespaced: bool,
+    ) -> (ObjRef, Result<bool, String>) {
+        let obj_ref = m.obj_ref();
+        let ns = if namespaced {
+            m.object["metadata"]["namespace"]
+                .as_str()
+                .map(str::to_owned)
+        } else {
+            None
+        };
+        let api = self.api(&ar, ns.as_deref());
+        let name = m.name().to_string();
+        // Ownership: another inventory's object is not taken over unless the policy allows.
+        match api.get_opt(&name).await {
+            Ok(Some(current)) => {
+                let owner = current
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(inventory::OWNING_INVENTORY_ANNOTATION))
+                    .map(String::as_str);
+                if let Err(conflict) = inventory::may_take_over(s.inventory_policy, owner, inv_id) {
+                    return (obj_ref, Err(conflict.to_string()));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return (obj_ref, Err(api_reason(&e))),
+        }
+        let mut obj = m.object.clone();
+        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            let ann = meta.entry("annotations").or_insert_with(|| json!({}));
+            if let Some(a) = ann.as_object_mut() {
+                a.insert(
+                    inventory::OWNING_INVENTORY_ANNOTATION.into(),
+                    Value::String(inv_id.to_string()),
+                );
+            }
+        }
+        let mut pp = PatchParams::apply(FIELD_MANAGER).force();
+        if s.dry_run == DryRunStrategy::Server {
+            pp = pp.dry_run();
+        }
+        match api.patch(&name, &pp, &Patch::Apply(&obj)).await {
+            Ok(_) => (obj_ref, Ok(s.dry_run == DryRunStrategy::None)),
+            Err(e) => (obj_ref, Err(api_reason(&e))),
+        }
+    }
+
+    /// Waits (bounded) until the stage's CRDs are Established and Namespaces Active.
+    async fn wait_established(
+        &self,
+        manifests: &[Manifest],
+        stage: &[usize],
+        disc: &Discovery,
+        cancel: &CancellationToken,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        for &idx in stage {
+            let m = &manifests[idx];
+            let Some((ar, _)) = Self::resolve(disc, m) else {
+                continue;
+            };
+            let api = self.api(&ar, None);
+            loop {
+                if cancel.is_cancelled() || tokio::time::Instant::now() > deadline {
+                    return;
+                }
+                let ready = match api.get_opt(m.name()).await {
+                    Ok(Some(o)) => {
+                        let v = serde_json::to_value(&o).unwrap_or(Value::Null);
+                        compute_status(&v).status == Status::Current
+                    }
+                    _ => true, // failed to apply or not visible to us: nothing to wait for
+                };
+                if ready {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    async fn write_inventory(
+        &self,
+        s: &Settings,
+        name: &str,
+        set: &BTreeSet<ObjRef>,
+    ) -> Result<(), String> {
+        let data = inventory::encode(set);
+        let cm = json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": s.default_namespace,
+                "labels": {inventory::INVENTORY_LABEL: name},
+            },
+            "data": data,
+        });
+        let api: Api<DynamicObject> = self.api(
+            &ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
+            Some(&s.default_namespace),
+        );
+        api.patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&cm),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| api_reason(&e))
+    }
+
+    /// Deletes one object that left Git, if it is still ours; waits for it to go (bounded).
+    async fn prune_one(
+        &self,
+        s: &Settings,
+        inv_id: &str,
+        obj: &ObjRef,
+        disc: &Discovery,
+    ) -> Result<bool, String> {
+        let Some((ar, caps)) = Self::resolve_ref(disc, obj) else {
+            // Its type is gone (e.g. its CRD was pruned first): nothing left to delete.
+            return Ok(false);
+        };
+        let ns = if caps.scope == Scope::Namespaced {
+            obj.namespace.as_deref()
+        } else {
+            None
+        };
+        let api = self.api(&ar, ns);
+        match api.get_opt(&obj.name).await {
+            Ok(None) => return Ok(false),
+            Ok(Some(current)) => {
+                let owner = current
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(inventory::OWNING_INVENTORY_ANNOTATION));
+                if owner.map(String::as_str) != Some(inv_id) {
+                    // Someone else took it over: not ours to delete.
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(api_reason(&e)),
+        }
+        let policy = match s.prune_propagation_policy {
+            PrunePropagationPolicy::Orphan => PropagationPolicy::Orphan,
+            PrunePropagationPolicy::Background => PropagationPolicy::Background,
+            PrunePropagationPolicy::Foreground => PropagationPolicy::Foreground,
+        };
+        let dp = DeleteParams {
+            propagation_policy: Some(policy),
+            ..DeleteParams::default()
+        };
+        match api.delete(&obj.name, &dp).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(st)) if st.code == 404 => return Ok(true),
+            Err(e) => return Err(api_reason(&e)),
+        }
+        let deadline = tokio::time::Instant::now() + s.prune_timeout;
+        loop {
+            match api.get_opt(&obj.name).await {
+                Ok(None) => return Ok(true),
+                Ok(Some(_)) if tokio::time::Instant::now() > deadline => {
+                    return Err(format!(
+                        "still present after prune_timeout ({:?})",
+                        s.prune_timeout
+                    ));
+                }
+                Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => return Err(api_reason(&e)),
+            }
+        }
+    }
+
+    /// Polls every applied object's status until all are Current or Failed, or `timeout`.
+    async fn wait_status(
+        &self,
+        applied: &BTreeSet<ObjRef>,
+        disc: &Discovery,
+        timeout: Duration,
+        cancel: &CancellationToken,
+        results: &mut HashMap<ObjRef, ObjectOutcome>,
+    ) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last: HashMap<ObjRef, ResourceStatus> = HashMap::new();
+        let targets: Vec<(ObjRef, Api<DynamicObject>)> = applied
+            .iter()
+            .filter_map(|o| {
+                let (ar, caps) = Self::resolve_ref(disc, o)?;
+                let ns = if caps.scope == Scope::Namespaced {
+                    o.namespace.as_deref()
+                } else {
+                    None
+                };
+                Some((o.clone(), self.api(&ar, ns)))
+            })
+            .collect();
+        loop {
+            // Owned copies: a stream of futures borrowing from here would not be `Send` for
+            // every lifetime the spawned sync needs.
+            let pending: Vec<(ObjRef, Api<DynamicObject>)> = targets
+                .iter()
+                .filter(|(o, _)| {
+                    !last
+                        .get(o)
+                        .is_some_and(|r| matches!(r.status, Status::Current | Status::Failed))
+                })
+                .cloned()
+                .collect();
+            if pending.is_empty() || cancel.is_cancelled() {
+                break;
+            }
+            let polled =
+                futures_util::stream::iter(pending.into_iter().map(|(o, api)| async move {
+                    let st = match api.get_opt(&o.name).await {
+                        Ok(Some(obj)) => {
+                            compute_status(&serde_json::to_value(&obj).unwrap_or(Value::Null))
+                        }
+                        Ok(None) => ResourceStatus {
+                            status: Status::NotFound,
+                            message: "Resource not found".into(),
+                        },
+                        Err(e) => ResourceStatus {
+                            status: Status::Unknown,
+                            message: api_reason(&e),
+                        },
+                    };
+                    (o, st)
+                }))
+                .buffer_unordered(CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await;
+            for (o, st) in polled {
+                if last.get(&o) != Some(&st) {
+                    event_status(&o, &st);
+                    results.insert(
+                        o.clone(),
+                        ObjectOutcome {
+                            obj: o.clone(),
+                            status: st.status.to_string(),
+                            message: st.message.clone(),
+                        },
+                    );
+                    last.insert(o, st);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                for (o, st) in &last {
+                    if !matches!(st.status, Status::Current | Status::Failed) {
+                        results.insert(
+                            o.clone(),
+                            ObjectOutcome {
+                                obj: o.clone(),
+                                status: st.status.to_string(),
+                                message: format!(
+                                    "{} (not Current after reconcile_timeout {:?})",
+                                    st.message, timeout
+                                ),
+                            },
+                        );
+                    }
+                }
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(POLL) => {}
+                () = cancel.cancelled() => break,
+            }
+        }
+    }
+}
+
+/// (group, kind) pairs served by CRDs in this sync or the previous one, for prune ordering.
+fn crd_kinds(manifests: &[Manifest], previous: &BTreeSet<ObjRef>) -> Vec<(String, String)> {
+    let _ = previous;
+    manifests
+        .iter()
+        .filter(|m| m.kind() == "CustomResourceDefinition")
+        .filter_map(|m| {
+            let spec = &m.object["spec"];
+            Some((
+                spec["group"].as_str()?.to_string(),
+                spec["names"]["kind"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// For callers holding a shared syncer.
+pub type SharedSyncer = Arc<Syncer>;

@@ -1,0 +1,261 @@
+//! Server half of GitOps as kas runs it: for each manifest project an agent asks about, select
+//! the files at the newest commit of the requested ref and stream them whenever that commit
+//! changes; keep the agents' sync reports for the admin commands.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tether_git_source::{CommitId, GitRef, Sources};
+use tether_gitops_server::{Limits, select_manifests};
+use tether_protocol::gitops::git_ops_server::GitOps;
+use tether_protocol::gitops::{
+    Header, ObjectChunk, ObjectsRequest, ObjectsResponse, ReportAck, SelectionError, SyncReport,
+    Trailer, git_ref, objects_response,
+};
+use tether_store::Store;
+use tether_tunnel_server::{Authenticator, Registry, authenticate_metadata};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// Size of the file chunks on the wire (well under gRPC's message limit).
+const CHUNK: usize = 512 * 1024;
+
+/// The last sync report of each (agent, manifest project).
+#[derive(Debug, Default)]
+pub struct SyncStates(Mutex<HashMap<i64, HashMap<String, SyncReport>>>);
+
+impl SyncStates {
+    pub fn for_agent(&self, agent_id: i64) -> Vec<SyncReport> {
+        let m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v: Vec<SyncReport> = m
+            .get(&agent_id)
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.project_id.cmp(&b.project_id));
+        v
+    }
+
+    fn put(&self, agent_id: i64, report: SyncReport) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(agent_id)
+            .or_default()
+            .insert(report.project_id.clone(), report);
+    }
+}
+
+#[derive(Clone)]
+pub struct GitOpsService {
+    pub auth: Arc<dyn Authenticator>,
+    pub store: Arc<dyn Store>,
+    pub sources: Arc<Sources>,
+    pub registry: Arc<Registry>,
+    pub limits: Limits,
+    pub reports: Arc<SyncStates>,
+}
+
+impl std::fmt::Debug for GitOpsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitOpsService").finish_non_exhaustive()
+    }
+}
+
+type Tx = mpsc::Sender<Result<ObjectsResponse, Status>>;
+
+fn msg(m: objects_response::Message) -> Result<ObjectsResponse, Status> {
+    Ok(ObjectsResponse { message: Some(m) })
+}
+
+impl GitOpsService {
+    async fn find_project(&self, id: &str) -> Result<tether_store::Project, Status> {
+        let found = match id.parse::<i64>() {
+            Ok(n) => self.store.get_project(n).await,
+            Err(_) => self.store.get_project_by_path(id).await,
+        }
+        .map_err(|e| match e {
+            tether_store::Error::InvalidName { .. } => Status::invalid_argument(e.to_string()),
+            _ => Status::unavailable(e.to_string()),
+        })?;
+        let project = found.ok_or_else(|| {
+            Status::not_found(format!("manifest project {id} is not known to kas"))
+        })?;
+        if project.remote.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "manifest project {} has no Git repository configured",
+                project.path
+            )));
+        }
+        Ok(project)
+    }
+
+    /// Streams the selection at each new commit until the agent goes away.
+    async fn run(
+        self,
+        agent_id: i64,
+        token_id: i64,
+        project: tether_store::Project,
+        req: ObjectsRequest,
+        tx: Tx,
+    ) {
+        let lease = self.registry.lease(token_id);
+        let git_ref = match req.r#ref.and_then(|r| r.r#ref) {
+            None => GitRef::DefaultBranch,
+            Some(git_ref::Ref::Branch(b)) => GitRef::Branch(b),
+            Some(git_ref::Ref::Tag(t)) => GitRef::Tag(t),
+            Some(git_ref::Ref::Commit(c)) => GitRef::Commit(c),
+        };
+        let mut last = req.commit_id;
+        let mut heads = self.sources.watch(project.id);
+        loop {
+            // Every successful fetch wakes us; the ref may have moved even if the default
+            // branch did not.
+            let fetched = heads.borrow_and_update().fetches > 0;
+            if fetched && let Some(mirror) = self.sources.mirror(project.id) {
+                match mirror.resolve(&git_ref) {
+                    Ok(commit) if commit.to_hex() != last => {
+                        if !self
+                            .send_commit(agent_id, &project, &mirror, commit, &req.globs, &tx)
+                            .await
+                        {
+                            return;
+                        }
+                        last = commit.to_hex();
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let message = format!("ref {git_ref:?} of {}: {e}", project.path);
+                        if tx
+                            .send(msg(objects_response::Message::Error(SelectionError {
+                                commit_id: String::new(),
+                                message,
+                            })))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        last = String::new();
+                    }
+                }
+            }
+            tokio::select! {
+                changed = heads.changed() => if changed.is_err() { return },
+                () = lease.cancelled() => {
+                    let _ = tx.send(Err(Status::unauthenticated("agent token revoked or kas stopping"))).await;
+                    return;
+                }
+                () = tx.closed() => return,
+            }
+        }
+    }
+
+    /// Sends one commit's files; false when the agent is gone.
+    async fn send_commit(
+        &self,
+        agent_id: i64,
+        project: &tether_store::Project,
+        mirror: &tether_git_source::Mirror,
+        commit: CommitId,
+        globs: &[String],
+        tx: &Tx,
+    ) -> bool {
+        let (m, g, l) = (mirror.clone(), globs.to_vec(), self.limits.clone());
+        let selection =
+            tokio::task::spawn_blocking(move || select_manifests(&m, &commit, &g, &l)).await;
+        let selection = match selection {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(agent_id, project = %project.path, commit_id = %commit, error = %e, user_error = e.is_user_error(), "Manifest selection failed");
+                return tx
+                    .send(msg(objects_response::Message::Error(SelectionError {
+                        commit_id: commit.to_hex(),
+                        message: e.to_string(),
+                    })))
+                    .await
+                    .is_ok();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Manifest selection task failed");
+                return true;
+            }
+        };
+        tracing::info!(agent_id, project = %project.path, commit_id = %commit, files = selection.files.len(), "Sending manifests");
+        let header = Header {
+            commit_id: commit.to_hex(),
+            project_numeric_id: project.id,
+            project_path: project.path.clone(),
+        };
+        if tx
+            .send(msg(objects_response::Message::Header(header)))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let files = u32::try_from(selection.files.len()).unwrap_or(u32::MAX);
+        for f in selection.files {
+            // An empty file still announces itself (one empty chunk).
+            let chunks: Vec<&[u8]> = if f.bytes.is_empty() {
+                vec![&[][..]]
+            } else {
+                f.bytes.chunks(CHUNK).collect()
+            };
+            for c in chunks {
+                let chunk = ObjectChunk {
+                    source: f.path.clone(),
+                    data: c.to_vec(),
+                };
+                if tx
+                    .send(msg(objects_response::Message::Object(chunk)))
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+        }
+        tx.send(msg(objects_response::Message::Trailer(Trailer { files })))
+            .await
+            .is_ok()
+    }
+}
+
+#[tonic::async_trait]
+impl GitOps for GitOpsService {
+    type GetObjectsToSynchronizeStream = ReceiverStream<Result<ObjectsResponse, Status>>;
+
+    async fn get_objects_to_synchronize(
+        &self,
+        request: Request<ObjectsRequest>,
+    ) -> Result<Response<Self::GetObjectsToSynchronizeStream>, Status> {
+        let id = authenticate_metadata(self.auth.as_ref(), request.metadata()).await?;
+        let req = request.into_inner();
+        let project = self.find_project(&req.project_id).await?;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(self.clone().run(id.agent_id, id.token_id, project, req, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report_sync(
+        &self,
+        request: Request<SyncReport>,
+    ) -> Result<Response<ReportAck>, Status> {
+        let id = authenticate_metadata(self.auth.as_ref(), request.metadata()).await?;
+        let report = request.into_inner();
+        tracing::info!(
+            agent_id = id.agent_id,
+            project_id = %report.project_id,
+            commit_id = %report.commit_id,
+            outcome = %report.outcome,
+            objects = report.objects.len(),
+            "Synchronization reported"
+        );
+        self.reports.put(id.agent_id, report);
+        Ok(Response::new(ReportAck {}))
+    }
+}
