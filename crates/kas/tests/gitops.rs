@@ -36,15 +36,26 @@ fn get_json(env: &TestEnv, args: &[&str]) -> Option<Value> {
         .flatten()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seed_walkthrough() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let env = TestEnv::from_env().expect("a running control plane");
-    let agent_ns = env.create_namespace("gitlab-k8s-agent").unwrap();
-    let dude = env.create_namespace("dude").unwrap();
-    let naww = env.create_namespace("naww").unwrap();
-    env.apply_yaml(&seed_agent_rbac(&agent_ns, "gitlab-agent", &dude))
-        .unwrap();
+/// kas, an agent and two repositories (configuration, manifests) against the real cluster.
+struct Rig {
+    env: TestEnv,
+    kas: Kas,
+    agent: Agent,
+    agent_id: i64,
+    manifests: GitRepo,
+    _dir: tempfile::TempDir,
+}
+
+/// `project_extra` is appended to the manifest project's entry in config.yaml; `rbac` is the
+/// YAML giving the agent's ServiceAccount its rights (in `agent_ns`).
+async fn rig(
+    env: TestEnv,
+    agent_ns: String,
+    rbac: &str,
+    project_extra: &str,
+    initial: &[(&str, Option<&[u8]>)],
+) -> (Rig, String) {
+    env.apply_yaml(rbac).unwrap();
     let token = run_output(env.kubectl().args([
         "create",
         "token",
@@ -61,15 +72,13 @@ async fn the_seed_walkthrough() {
         env.token_kubeconfig(String::from_utf8(token).unwrap().trim()),
     )
     .unwrap();
-
-    // The agent's configuration project and the manifest project.
     let config_repo = GitRepo::init(&dir.path().join("config"));
     config_repo.commit(
         &[(
             ".gitlab/agents/seed/config.yaml",
             Some(
                 format!(
-                    "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {agent_ns}\n    paths:\n    - glob: '/manifests/*.{{yaml,yml,json}}'\n"
+                    "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {agent_ns}\n    paths:\n    - glob: '/manifests/*.{{yaml,yml,json}}'\n{project_extra}"
                 )
                 .as_bytes(),
             ),
@@ -77,14 +86,7 @@ async fn the_seed_walkthrough() {
         "agent config",
     );
     let manifests = GitRepo::init(&dir.path().join("manifests"));
-    let c1 = manifests.commit(
-        &[
-            ("manifests/dude.yaml", Some(&deployment("nginx", &dude, 1))),
-            ("manifests/naww.yaml", Some(&deployment("nginx", &naww, 1))),
-        ],
-        "two deployments",
-    );
-
+    let c1 = manifests.commit(initial, "initial manifests");
     let kas = Kas::start(
         &dir.path().join("kas"),
         KasOptions {
@@ -124,6 +126,228 @@ async fn the_seed_walkthrough() {
             "2s",
         ],
     );
+    (
+        Rig {
+            env,
+            kas,
+            agent,
+            agent_id: t.agent_id,
+            manifests,
+            _dir: dir,
+        },
+        c1,
+    )
+}
+
+impl Rig {
+    /// Waits until kas shows a finished sync of `commit`.
+    async fn synced(&self, commit: &str) -> kas::api::SyncView {
+        wait_for(
+            &format!("kas to show the sync of {commit}"),
+            Duration::from_secs(90),
+            || async {
+                self.kas
+                    .admin
+                    .gitops_status(self.agent_id)
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .find(|s| s.commit_id == commit)
+            },
+        )
+        .await
+    }
+}
+
+struct AgentRef {
+    agent_id: i64,
+}
+
+/// An agent whose ServiceAccount may do anything (to test what the seed's rights forbid).
+fn admin_rbac(agent_ns: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: gitlab-agent\n  namespace: {agent_ns}\n---\n\
+apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {agent_ns}-admin\n\
+roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: cluster-admin\n\
+subjects:\n- kind: ServiceAccount\n  name: gitlab-agent\n  namespace: {agent_ns}\n"
+    )
+}
+
+fn configmap(name: &str, ns: &str, value: &str) -> Vec<u8> {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {ns}\ndata:\n  value: \"{value}\"\n").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_dry_run_changes_nothing() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("dry").unwrap();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "    dry_run_strategy: server\n",
+        &[("manifests/cm.yaml", Some(&configmap("dry", &ns, "v1")))],
+    )
+    .await;
+    let s = rig.synced(&c1).await;
+    assert!(s.dry_run, "{s:?}");
+    assert_eq!(s.outcome, "succeeded", "{s:?}");
+    assert!(get_json(&rig.env, &["get", "configmap", "dry", "-n", &ns]).is_none());
+    let inventories = get_json(
+        &rig.env,
+        &[
+            "get",
+            "configmaps",
+            "-n",
+            &ns,
+            "-l",
+            "cli-utils.sigs.k8s.io/inventory-id",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        inventories["items"].as_array().unwrap().len(),
+        0,
+        "no inventory in a dry run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn must_match_leaves_objects_of_another_inventory_alone() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("owned").unwrap();
+    // Someone else's object, and an unowned one.
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: theirs\n  namespace: {ns}\n  annotations:\n    config.k8s.io/owning-inventory: someone-else\ndata:\n  value: original\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: unowned\n  namespace: {ns}\ndata:\n  value: original\n"
+    ))
+    .unwrap();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[
+            (
+                "manifests/theirs.yaml",
+                Some(&configmap("theirs", &ns, "ours")),
+            ),
+            (
+                "manifests/unowned.yaml",
+                Some(&configmap("unowned", &ns, "ours")),
+            ),
+            ("manifests/mine.yaml", Some(&configmap("mine", &ns, "ours"))),
+        ],
+    )
+    .await;
+    let s = rig.synced(&c1).await;
+    assert_eq!(s.error, "2 resources failed", "{s:?}");
+    let theirs = s.objects.iter().find(|o| o.name == "theirs").unwrap();
+    assert_eq!(theirs.status, "Failed");
+    assert!(theirs.message.contains("someone-else"), "{theirs:?}");
+    let unowned = s.objects.iter().find(|o| o.name == "unowned").unwrap();
+    assert_eq!(unowned.status, "Failed");
+    for name in ["theirs", "unowned"] {
+        let cm = get_json(&rig.env, &["get", "configmap", name, "-n", &ns]).unwrap();
+        assert_eq!(
+            cm["data"]["value"], "original",
+            "{name} must not be taken over"
+        );
+    }
+    let mine = get_json(&rig.env, &["get", "configmap", "mine", "-n", &ns]).unwrap();
+    assert_eq!(mine["data"]["value"], "ours");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crds_apply_before_their_resources_and_are_pruned_after_them() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("crd").unwrap();
+    // A CRD unique to this test run, and one of its objects, in the same commit.
+    let group = format!("{ns}.tether.test");
+    let crd = format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names:\n    plural: widgets\n    singular: widget\n    kind: Widget\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        x-kubernetes-preserve-unknown-fields: true\n"
+    );
+    let widget =
+        format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w1\nspec:\n  size: 3\n");
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[
+            ("manifests/crd.yaml", Some(crd.as_bytes())),
+            ("manifests/widget.yaml", Some(widget.as_bytes())),
+        ],
+    )
+    .await;
+    let s = rig.synced(&c1).await;
+    assert_eq!(s.outcome, "succeeded", "{s:?}");
+    let w = s.objects.iter().find(|o| o.kind == "Widget").unwrap();
+    assert_eq!(w.status, "Current");
+    assert_eq!(
+        w.namespace, ns,
+        "the custom resource got the default namespace"
+    );
+    assert!(
+        get_json(
+            &rig.env,
+            &["get", &format!("widgets.{group}"), "w1", "-n", &ns]
+        )
+        .is_some()
+    );
+
+    // Both leave Git: the Widget is pruned before its CRD.
+    let c2 = rig.manifests.commit(
+        &[
+            ("manifests/crd.yaml", None),
+            ("manifests/widget.yaml", None),
+        ],
+        "remove",
+    );
+    rig.synced(&c2).await;
+    let lines = rig.agent.log_lines();
+    let pos = |kind: &str| {
+        lines
+            .iter()
+            .position(|l| l["eventType"] == "resourcePruned" && l["kind"] == kind)
+            .unwrap_or_else(|| panic!("no prune event for {kind}"))
+    };
+    assert!(pos("Widget") < pos("CustomResourceDefinition"));
+    assert!(get_json(&rig.env, &["get", "crd", &format!("widgets.{group}")]).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_walkthrough() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let agent_ns = env.create_namespace("gitlab-k8s-agent").unwrap();
+    let dude = env.create_namespace("dude").unwrap();
+    let naww = env.create_namespace("naww").unwrap();
+    let rbac = seed_agent_rbac(&agent_ns, "gitlab-agent", &dude);
+    let (rig, c1) = rig(
+        env,
+        agent_ns.clone(),
+        &rbac,
+        "",
+        &[
+            ("manifests/dude.yaml", Some(&deployment("nginx", &dude, 1))),
+            ("manifests/naww.yaml", Some(&deployment("nginx", &naww, 1))),
+        ],
+    )
+    .await;
+    let Rig {
+        env,
+        kas,
+        agent,
+        manifests,
+        agent_id,
+        ..
+    } = &rig;
+    let t = AgentRef {
+        agent_id: *agent_id,
+    };
 
     // 1. dude becomes Available and is reported Current; naww fails as forbidden, alone.
     agent
@@ -147,7 +371,7 @@ async fn the_seed_walkthrough() {
     assert_eq!(current["group"], "apps");
     assert_eq!(current["type"], "status");
     let d = get_json(
-        &env,
+        env,
         &[
             "get",
             "deployment",
@@ -178,7 +402,7 @@ async fn the_seed_walkthrough() {
         })
         .await;
     assert_eq!(summary["error"], "1 resources failed");
-    let none = get_json(&env, &["get", "deployments", "-n", &naww]).unwrap();
+    let none = get_json(env, &["get", "deployments", "-n", &naww]).unwrap();
     assert_eq!(none["items"].as_array().unwrap().len(), 0);
 
     // kas shows the commit applied and every object's last status.
@@ -212,7 +436,7 @@ async fn the_seed_walkthrough() {
         })
         .await;
     assert_eq!(two["status"], "Current");
-    let d = get_json(&env, &["get", "deployment", "nginx", "-n", &dude]).unwrap();
+    let d = get_json(env, &["get", "deployment", "nginx", "-n", &dude]).unwrap();
     assert_eq!(d["spec"]["replicas"], 2);
     let _ = c2;
 
@@ -227,7 +451,7 @@ async fn the_seed_walkthrough() {
         "the Deployment to be gone",
         Duration::from_secs(60),
         || async {
-            get_json(&env, &["get", "deployments", "-n", &dude])
+            get_json(env, &["get", "deployments", "-n", &dude])
                 .filter(|v| v["items"].as_array().is_some_and(Vec::is_empty))
         },
     )
@@ -272,7 +496,7 @@ async fn the_seed_walkthrough() {
     let error = broken["error"].as_str().unwrap();
     assert!(error.contains("manifests/broken.yaml"), "{error}");
     assert!(error.contains(":4:") || error.contains("line"), "{error}");
-    let d = get_json(&env, &["get", "deployment", "nginx", "-n", &dude]);
+    let d = get_json(env, &["get", "deployment", "nginx", "-n", &dude]);
     assert!(
         d.is_some(),
         "nothing may be deleted because of a broken file"
@@ -322,5 +546,5 @@ async fn the_seed_walkthrough() {
         cm.namespace, agent_ns,
         "default_namespace applied to the namespaced object"
     );
-    assert!(get_json(&env, &["get", "configmap", "fixed", "-n", &agent_ns]).is_some());
+    assert!(get_json(env, &["get", "configmap", "fixed", "-n", &agent_ns]).is_some());
 }
