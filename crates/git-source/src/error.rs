@@ -147,11 +147,13 @@ pub(crate) fn classify_fetch_error(
         )
     );
 
+    // HTTP statuses are matched with their "status" prefix: a bare "403" also occurs in port
+    // numbers and addresses (127.0.0.1:40317), which must not decide the classification.
     let auth_text = [
         "authentication",
         "unauthorized",
-        "401",
-        "403",
+        "status 401",
+        "status 403",
         "forbidden",
         "credentials",
         "permission denied",
@@ -163,7 +165,7 @@ pub(crate) fn classify_fetch_error(
         "repository not found",
         "not exported",
         "access denied",
-        "404",
+        "status 404",
         "not found",
         "no such file or directory",
     ];
