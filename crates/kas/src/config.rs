@@ -31,7 +31,49 @@ pub struct Config {
     pub agent: AgentListener,
     pub api: Api,
     pub git: Git,
+    pub gitops: GitOps,
     pub observability: Observability,
+}
+
+/// Limits on what one manifest project may make kas read and send (upstream's defaults).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitOps {
+    /// Largest manifest file, in bytes.
+    pub max_file_size: u64,
+    /// Largest total of a project's selected files, in bytes.
+    pub max_total_size: u64,
+    /// Most `paths` (globs) per manifest project.
+    pub max_paths: usize,
+    /// Most tree entries one glob's listing may visit.
+    pub max_files_visited: usize,
+    /// Most files one manifest project may select.
+    pub max_files: usize,
+}
+
+impl Default for GitOps {
+    fn default() -> Self {
+        let l = tether_gitops_server::Limits::default();
+        Self {
+            max_file_size: l.max_file_size,
+            max_total_size: l.max_total_size,
+            max_paths: l.max_paths,
+            max_files_visited: l.max_visited_entries,
+            max_files: l.max_files,
+        }
+    }
+}
+
+impl GitOps {
+    pub fn limits(&self) -> tether_gitops_server::Limits {
+        tether_gitops_server::Limits {
+            max_file_size: self.max_file_size,
+            max_total_size: self.max_total_size,
+            max_paths: self.max_paths,
+            max_visited_entries: self.max_files_visited,
+            max_files: self.max_files,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -179,6 +221,7 @@ impl Default for Config {
             agent: AgentListener::default(),
             api: Api::default(),
             git: Git::default(),
+            gitops: GitOps::default(),
             observability: Observability::default(),
         }
     }

@@ -224,7 +224,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
                 store: Arc::clone(&store),
                 sources: Arc::clone(&sources),
                 registry: Arc::clone(&registry),
-                limits: tether_gitops_server::Limits::default(),
+                limits: cfg.gitops.limits(),
                 reports: Arc::clone(&sync_states),
             })
             .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE),
