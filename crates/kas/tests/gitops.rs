@@ -54,6 +54,7 @@ async fn rig(
     rbac: &str,
     project_extra: &str,
     initial: &[(&str, Option<&[u8]>)],
+    agent_args: &[&str],
 ) -> (Rig, String) {
     env.apply_yaml(rbac).unwrap();
     let token = run_output(env.kubectl().args([
@@ -124,7 +125,10 @@ async fn rig(
             kubeconfig.to_str().unwrap(),
             "--gitops-retry-interval",
             "2s",
-        ],
+        ]
+        .into_iter()
+        .chain(agent_args.iter().copied())
+        .collect::<Vec<_>>(),
     );
     (
         Rig {
@@ -188,6 +192,7 @@ async fn a_server_dry_run_changes_nothing() {
         &admin_rbac(&ns),
         "    dry_run_strategy: server\n",
         &[("manifests/cm.yaml", Some(&configmap("dry", &ns, "v1")))],
+        &[],
     )
     .await;
     let s = rig.synced(&c1).await;
@@ -239,6 +244,7 @@ async fn must_match_leaves_objects_of_another_inventory_alone() {
             ),
             ("manifests/mine.yaml", Some(&configmap("mine", &ns, "ours"))),
         ],
+        &[],
     )
     .await;
     let s = rig.synced(&c1).await;
@@ -280,6 +286,7 @@ async fn crds_apply_before_their_resources_and_are_pruned_after_them() {
             ("manifests/crd.yaml", Some(crd.as_bytes())),
             ("manifests/widget.yaml", Some(widget.as_bytes())),
         ],
+        &[],
     )
     .await;
     let s = rig.synced(&c1).await;
@@ -319,6 +326,48 @@ async fn crds_apply_before_their_resources_and_are_pruned_after_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_corrected_by_the_periodic_resync() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("drift").unwrap();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[(
+            "manifests/cm.yaml",
+            Some(&configmap("settings", &ns, "from-git")),
+        )],
+        &["--gitops-resync-interval", "1s"],
+    )
+    .await;
+    rig.synced(&c1).await;
+    // Someone changes the object by hand…
+    run_output(rig.env.kubectl().args([
+        "patch",
+        "configmap",
+        "settings",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"value":"by-hand"}}"#,
+    ]))
+    .unwrap();
+    // …and the next re-apply of the same commit puts Git's value back.
+    wait_for(
+        "the drift to be corrected",
+        Duration::from_secs(30),
+        || async {
+            let cm = get_json(&rig.env, &["get", "configmap", "settings", "-n", &ns])?;
+            (cm["data"]["value"] == "from-git").then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_walkthrough() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
@@ -335,6 +384,7 @@ async fn the_seed_walkthrough() {
             ("manifests/dude.yaml", Some(&deployment("nginx", &dude, 1))),
             ("manifests/naww.yaml", Some(&deployment("nginx", &naww, 1))),
         ],
+        &[],
     )
     .await;
     let Rig {
