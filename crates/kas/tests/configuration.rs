@@ -76,7 +76,9 @@ async fn a_committed_change_reaches_the_agent_within_a_poll_interval_over_git_da
     let t0 = Instant::now();
     let applied = agent.wait_log(APPLIED, &c2).await;
     let took = t0.elapsed();
-    assert!(took < Duration::from_secs(4), "took {took:?}");
+    // One poll interval plus fetch, stream and apply; generous so a loaded CI machine passes,
+    // while the 20 s default interval would still fail it.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
     assert_eq!(applied["log_level"], "debug");
     agent.wait_log("Agent configuration in force", &c2).await;
 
@@ -162,9 +164,9 @@ async fn webhooks_fetch_at_once_and_a_wrong_secret_changes_nothing() {
         )
         .await;
     assert_eq!(ok, 200);
+    // With a one-hour poll interval, arriving at all proves the webhook made kas fetch.
     agent.wait_log(APPLIED, &c2).await;
     let took = t0.elapsed();
-    assert!(took < Duration::from_secs(3), "took {took:?}");
 
     // A GitHub-style HMAC signature works too.
     let c3 = repo.commit(
