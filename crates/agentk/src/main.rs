@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 mod configuration;
 mod gitops;
+mod kubeproxy;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -101,7 +102,7 @@ fn read_token(path: &Path) -> Result<String> {
 
 /// A Kubernetes client: from `--kubeconfig` when given, else the in-cluster configuration (or
 /// `KUBECONFIG` / `~/.kube/config` when not in a cluster).
-async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+async fn kube_config(kubeconfig: Option<&Path>) -> Result<kube::Config> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -114,7 +115,7 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
             .await
             .context("no in-cluster configuration and no kubeconfig")?,
     };
-    kube::Client::try_from(config).context("building the Kubernetes client")
+    Ok(config)
 }
 
 #[tokio::main]
@@ -154,12 +155,17 @@ async fn run(cli: Cli) -> Result<()> {
         pod_name: std::env::var("POD_NAME").unwrap_or_default(),
         pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
     };
+    let kube_cfg = kube_config(cli.kubeconfig.as_deref()).await?;
     let config_meta = meta.clone();
     let meta_for_gitops = meta.clone();
     let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
     handlers.insert(
         tether_protocol::services::ECHO.to_string(),
         Arc::new(EchoHandler),
+    );
+    handlers.insert(
+        tether_protocol::services::KUBERNETES_API.to_string(),
+        Arc::new(kubeproxy::KubeApiHandler::new(&kube_cfg)?),
     );
     let pool = Arc::new(Pool::new(
         PoolConfig {
@@ -217,7 +223,8 @@ async fn run(cli: Cli) -> Result<()> {
         )),
     );
     let (config_tx, config_rx) = watch::channel(None);
-    let kube = kube_client(cli.kubeconfig.as_deref()).await?;
+    let kube =
+        kube::Client::try_from(kube_cfg.clone()).context("building the Kubernetes client")?;
     let syncer = Arc::new(tether_gitops_agent::sync::Syncer::new(kube));
     let timing = gitops::Timing {
         resync_interval: cli.gitops_resync_interval,

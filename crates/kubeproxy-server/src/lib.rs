@@ -1,2 +1,87 @@
 //! Server half of Kubernetes API access: authenticate CI jobs and users, authorize them against
 //! the agent's configuration, and route their requests through the reverse tunnel.
+//!
+//! This crate holds the pure decisions; kas owns the listener and the tunnel:
+//!
+//! 1. [`Credential::from_headers`] — which agent, and which kind of secret (`ci:` / `pat:`).
+//! 2. [`OidcVerifier::verify`] — a CI job's ID token becomes a [`CiIdentity`] (signature, issuer,
+//!    audience, lifetime checked against keys from the issuer's JWKS).
+//! 3. [`authorize_ci`] / [`authorize_user`] — the agent's `ci_access` / `user_access` decide
+//!    whether, and as whom ([`Authorized::access_as`]), the request goes to the cluster.
+//!
+//! Errors carry the HTTP status the proxy answers with ([`AuthError::status`]: 401, or 503 when
+//! the signing keys cannot be loaded; [`Denied::status`]: 403).
+
+mod authorize;
+mod credentials;
+mod gitlab;
+mod oidc;
+
+pub use authorize::{
+    AccessLevel, Authorized, Denied, MatchedBy, Membership, MembershipKind, RoleGrant,
+    UserAuthorized, UserIdentity, authorize_ci, authorize_user, environment_matches,
+};
+pub use credentials::Credential;
+pub use gitlab::{environment_slug, roles_up_to};
+pub use oidc::{
+    CiIdentity, ClaimMapping, DEFAULT_LEEWAY, DEFAULT_MIN_REFRESH_INTERVAL,
+    DEFAULT_REFRESH_INTERVAL, FetchError, JwksCache, JwksFetcher, JwksSource, NoFetcher,
+    OidcVerifier, TrustedIssuer,
+};
+
+/// Why a request could not be authenticated. No variant carries a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization` header.
+    #[error(
+        "no credentials: expected Authorization: Bearer ci:<agent id>:<token> or pat:<agent id>:<token>"
+    )]
+    Missing,
+    /// The credential or token does not have the expected shape.
+    #[error("malformed credentials: {0}")]
+    Malformed(&'static str),
+    /// The token's `exp` is past (beyond the leeway).
+    #[error("token expired")]
+    Expired,
+    /// The token's `nbf` is in the future (beyond the leeway).
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// The token's `aud` does not contain the issuer's configured audience.
+    #[error("token audience does not match")]
+    WrongAudience,
+    /// The token's `iss` is not one of the trusted issuers.
+    #[error("token issuer is not trusted")]
+    UnknownIssuer,
+    /// The signature does not verify with the issuer's key.
+    #[error("token signature is invalid")]
+    BadSignature,
+    /// The issuer's key set has no key for the token (unknown `kid`, or no key of its kind).
+    #[error("token signing key is unknown")]
+    UnknownKey,
+    /// The token's `alg` is not an accepted asymmetric algorithm, or does not fit the key.
+    #[error("token algorithm {0} is not accepted")]
+    UnsupportedAlgorithm(String),
+    /// A claim the identity needs is absent.
+    #[error("token lacks the {0:?} claim")]
+    MissingClaim(String),
+    /// A claim has the wrong type or value (for example a non-numeric `job_id`).
+    #[error("token claim {0:?} has an invalid value")]
+    InvalidClaim(String),
+    /// The issuer's key set could not be loaded at all (never loaded, or every load failed).
+    #[error("signing keys of issuer {issuer} are unavailable")]
+    KeysUnavailable {
+        /// The trusted issuer whose keys are missing.
+        issuer: String,
+    },
+}
+
+impl AuthError {
+    /// The status the proxy answers with: 401, except 503 for key sets that cannot be loaded
+    /// (the client's credential may well be fine; retrying later can succeed).
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            AuthError::KeysUnavailable { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
+            _ => http::StatusCode::UNAUTHORIZED,
+        }
+    }
+}

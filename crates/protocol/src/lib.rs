@@ -37,6 +37,8 @@ pub mod metadata {
 pub mod services {
     /// Copies every byte back: a health check and a benchmark of the tunnel itself.
     pub const ECHO: &str = "echo";
+    /// One HTTP/1.1 connection to the Kubernetes API, replayed by the agent with impersonation.
+    pub const KUBERNETES_API: &str = "kubernetes_api";
 }
 
 /// Largest gRPC message either side accepts (data frames are much smaller; this bounds abuse).
