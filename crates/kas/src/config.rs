@@ -32,7 +32,29 @@ pub struct Config {
     pub api: Api,
     pub git: Git,
     pub gitops: GitOps,
+    pub kubernetes_api: KubernetesApi,
     pub observability: Observability,
+}
+
+/// The Kubernetes API proxy for CI jobs and users.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesApi {
+    pub listen: Listen,
+    /// Path under which the Kubernetes API is served (e.g. `/k8s-proxy`).
+    pub path_prefix: String,
+    /// OIDC issuers whose CI job ID tokens are accepted (`Bearer ci:<agent id>:<token>`).
+    pub ci_issuers: Vec<tether_kubeproxy_server::TrustedIssuer>,
+}
+
+impl Default for KubernetesApi {
+    fn default() -> Self {
+        Self {
+            listen: listen(8154),
+            path_prefix: "/".into(),
+            ci_issuers: Vec::new(),
+        }
+    }
 }
 
 /// Limits on what one manifest project may make kas read and send (upstream's defaults).
@@ -222,6 +244,7 @@ impl Default for Config {
             api: Api::default(),
             git: Git::default(),
             gitops: GitOps::default(),
+            kubernetes_api: KubernetesApi::default(),
             observability: Observability::default(),
         }
     }
@@ -255,6 +278,7 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         for (name, l) in [
             ("agent.listen", &self.agent.listen),
+            ("kubernetes_api.listen", &self.kubernetes_api.listen),
             ("api.listen", &self.api.listen),
             ("observability.listen", &self.observability.listen),
         ] {
@@ -272,6 +296,9 @@ impl Config {
         }
         if self.agent.tunnel_wait_timeout.is_zero() {
             return Err("agent.tunnel_wait_timeout must be positive".into());
+        }
+        if !self.kubernetes_api.path_prefix.starts_with('/') {
+            return Err("kubernetes_api.path_prefix must start with /".into());
         }
         if self.git.poll_interval.is_zero() {
             return Err("git.poll_interval must be positive".into());

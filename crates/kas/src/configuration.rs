@@ -38,11 +38,31 @@ pub struct ConfigState {
     pub updated_at: u64,
 }
 
-/// Per-agent configuration states.
+/// Per-agent configuration states, and the configuration in force (for authorizing requests
+/// of CI jobs and users against `ci_access` / `user_access`).
 #[derive(Debug, Default)]
-pub struct ConfigStates(Mutex<HashMap<i64, ConfigState>>);
+pub struct ConfigStates(
+    Mutex<HashMap<i64, ConfigState>>,
+    Mutex<HashMap<i64, Arc<tether_agent_config::AgentConfig>>>,
+);
 
 impl ConfigStates {
+    /// The configuration in force for an agent, if one was sent.
+    pub fn config(&self, agent_id: i64) -> Option<Arc<tether_agent_config::AgentConfig>> {
+        self.1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&agent_id)
+            .cloned()
+    }
+
+    fn set_config(&self, agent_id: i64, config: tether_agent_config::AgentConfig) {
+        self.1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(agent_id, Arc::new(config));
+    }
+
     pub fn get(&self, agent_id: i64) -> Option<ConfigState> {
         self.0
             .lock()
@@ -164,6 +184,7 @@ impl ConfigService {
                 match load(&self.sources, project_id, &commit, &id.agent_name).await {
                     Ok(Loaded::Valid { file, config }) => match serde_json::to_string(&config) {
                         Ok(json) => {
+                            self.states.set_config(id.agent_id, config);
                             resp.file_path = file.clone();
                             resp.config_json = json;
                             self.states.update(id.agent_id, |s| {

@@ -9,4 +9,5 @@ pub mod auth;
 pub mod config;
 pub mod configuration;
 pub mod gitops;
+pub mod kubeproxy;
 pub mod server;

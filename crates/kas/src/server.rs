@@ -39,6 +39,7 @@ pub struct Running {
     pub agent_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub observability_addr: SocketAddr,
+    pub kubernetes_api_addr: SocketAddr,
     pub registry: Arc<Registry>,
     pub store: Arc<dyn Store>,
     pub sources: Arc<Sources>,
@@ -288,6 +289,45 @@ pub async fn start(cfg: Config) -> Result<Running> {
     }));
     tracing::info!(net_address = %api_addr, "Internal API is up");
 
+    // Kubernetes API proxy for CI jobs (and later users).
+    let k = &cfg.kubernetes_api;
+    let k_tls = match (&k.listen.certificate_file, &k.listen.key_file) {
+        (Some(c), Some(key)) => {
+            Some(tether_transport::load_server_tls(c, key).with_context(|| {
+                format!(
+                    "loading the Kubernetes API proxy's TLS files {}",
+                    c.display()
+                )
+            })?)
+        }
+        _ => None,
+    };
+    let k_listener = bind("Kubernetes API proxy", k.listen.address).await?;
+    let kubernetes_api_addr = k_listener.local_addr()?;
+    let proxy_metrics = crate::kubeproxy::ProxyMetrics::default();
+    if let Ok(mut m) = metrics.lock() {
+        proxy_metrics.register(&mut m);
+    }
+    let proxy = crate::kubeproxy::Proxy {
+        store: Arc::clone(&store),
+        registry: Arc::clone(&registry),
+        configs: Arc::clone(&config_states),
+        verifier: Arc::new(tether_kubeproxy_server::OidcVerifier::new(
+            k.ci_issuers.clone(),
+            Arc::new(tether_kubeproxy_server::NoFetcher),
+        )),
+        tunnel_wait: cfg.agent.tunnel_wait_timeout,
+        path_prefix: k.path_prefix.clone(),
+        metrics: proxy_metrics,
+    };
+    tasks.push(tokio::spawn(crate::kubeproxy::serve(
+        k_listener,
+        k_tls,
+        proxy,
+        shutdown.clone(),
+    )));
+    tracing::info!(net_address = %kubernetes_api_addr, "Kubernetes API proxy is up");
+
     // Observability.
     let obs_listener = bind("observability", cfg.observability.listen.address).await?;
     let observability_addr = obs_listener.local_addr()?;
@@ -304,6 +344,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         agent_addr,
         api_addr,
         observability_addr,
+        kubernetes_api_addr,
         registry,
         store,
         sources,

@@ -88,6 +88,8 @@ pub struct KasOptions {
     pub tunnel_wait: &'static str,
     pub token_recheck: &'static str,
     pub git_poll: &'static str,
+    /// YAML lines appended under `kubernetes_api:` (indented by two spaces).
+    pub kubernetes_api_extra: String,
 }
 
 impl Default for KasOptions {
@@ -97,6 +99,7 @@ impl Default for KasOptions {
             tunnel_wait: "5s",
             token_recheck: "1m",
             git_poll: "20s",
+            kubernetes_api_extra: String::new(),
         }
     }
 }
@@ -107,6 +110,7 @@ pub struct Kas {
     pub config: PathBuf,
     pub agent_port: u16,
     pub api_port: u16,
+    pub k8s_port: u16,
     pub admin: AdminClient,
     child: Option<Child>,
 }
@@ -114,7 +118,8 @@ pub struct Kas {
 impl Kas {
     pub async fn start(dir: &Path, opts: KasOptions) -> Kas {
         std::fs::create_dir_all(dir).unwrap();
-        let (agent_port, api_port, obs_port) = (free_port(), free_port(), free_port());
+        let (agent_port, api_port, obs_port, k8s_port) =
+            (free_port(), free_port(), free_port(), free_port());
         let tls = opts
             .tls
             .as_ref()
@@ -131,11 +136,12 @@ impl Kas {
             &config,
             format!(
                 "data_dir: {data}\nagent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}  tunnel_wait_timeout: {wait}\n  token_recheck_interval: {recheck}\n\
-api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll}\nobservability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
+api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll}\nkubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n{k8s_extra}observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
                 data = dir.join("data").display(),
                 wait = opts.tunnel_wait,
                 recheck = opts.token_recheck,
                 poll = opts.git_poll,
+                k8s_extra = opts.kubernetes_api_extra,
             ),
         )
         .unwrap();
@@ -144,6 +150,7 @@ api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll
             config,
             agent_port,
             api_port,
+            k8s_port,
             admin: AdminClient::new(&format!("http://127.0.0.1:{api_port}"), "unset"),
             child: None,
         };

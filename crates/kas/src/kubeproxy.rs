@@ -1,0 +1,394 @@
+//! Server half of Kubernetes API access: an HTTP(S) listener that serves the Kubernetes API to CI
+//! jobs (and, later, users). kas authenticates the caller, authorizes it against the agent's
+//! `ci_access`, and sends the request through one of the agent's tunnels; agentk replays it with
+//! impersonation. Cluster credentials never leave the cluster.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tether_kubeproxy_agent::{
+    AccessAs, CiJobContext, EnvironmentContext, RequestContext, sanitize_request_headers,
+};
+use tether_kubeproxy_server::{Credential, OidcVerifier, authorize_ci, environment_slug};
+use tether_store::Store;
+use tether_tunnel_server::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::configuration::ConfigStates;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub agent_id: i64,
+    pub access_as: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub reason: String,
+}
+
+/// The proxy's metrics.
+#[derive(Debug, Default, Clone)]
+pub struct ProxyMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub denials: Family<DenialLabels, Counter>,
+}
+
+impl ProxyMetrics {
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register(
+            "k8s_proxy_requests",
+            "Requests routed to agents, by agent, identity mode and status code",
+            self.requests.clone(),
+        );
+        reg.register(
+            "k8s_proxy_denials",
+            "Requests refused before reaching an agent, by reason",
+            self.denials.clone(),
+        );
+    }
+}
+
+/// What the proxy needs.
+#[derive(Clone)]
+pub struct Proxy {
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub configs: Arc<ConfigStates>,
+    pub verifier: Arc<OidcVerifier>,
+    pub tunnel_wait: std::time::Duration,
+    pub path_prefix: String,
+    pub metrics: ProxyMetrics,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("path_prefix", &self.path_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A Kubernetes `Status` error, so kubectl prints the reason well.
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16(),
+    })
+    .to_string();
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn deny(p: &Proxy, code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    p.metrics
+        .denials
+        .get_or_create(&DenialLabels {
+            reason: reason.to_string(),
+        })
+        .inc();
+    tracing::info!(
+        code = code.as_u16(),
+        reason,
+        message,
+        "Kubernetes API request refused"
+    );
+    status(code, reason, message)
+}
+
+/// Who the caller is and how its requests run, once authorized.
+struct Routed {
+    agent_id: i64,
+    access_as: AccessAs,
+    context: RequestContext,
+}
+
+impl Proxy {
+    async fn authorize(&self, req: &Request<Incoming>) -> Result<Routed, Response<Body>> {
+        let cred = Credential::from_headers(req.headers())
+            .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
+        match cred {
+            Credential::CiJob { agent_id, jwt } => {
+                let job = self
+                    .verifier
+                    .verify(&jwt, SystemTime::now())
+                    .await
+                    .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
+                let forbidden = |m: String| deny(self, StatusCode::FORBIDDEN, "Forbidden", &m);
+                let agent = self
+                    .store
+                    .get_agent(agent_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        forbidden(format!("agent {agent_id} is not available to this job"))
+                    })?;
+                let project = self
+                    .store
+                    .get_project(agent.project_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        forbidden(format!("agent {agent_id} is not available to this job"))
+                    })?;
+                let config = self.configs.config(agent_id).unwrap_or_default();
+                let ok = authorize_ci(&config.ci_access, &project.path, &job).map_err(|d| {
+                    deny(
+                        self,
+                        d.status(),
+                        "Forbidden",
+                        &format!("agent {agent_id}: {d}"),
+                    )
+                })?;
+                let context = RequestContext {
+                    agent_id,
+                    config_project_id: Some(project.id),
+                    ci_job: Some(CiJobContext {
+                        job_id: job.job_id,
+                        pipeline_id: job.pipeline_id,
+                        project_id: job.project_id.unwrap_or_default(),
+                        group_ids: Vec::new(),
+                        username: job.user.clone(),
+                        environment: job.environment.as_ref().map(|e| EnvironmentContext {
+                            slug: environment_slug(e),
+                            tier: job.environment_tier.clone(),
+                        }),
+                    }),
+                    user: None,
+                };
+                Ok(Routed {
+                    agent_id,
+                    access_as: AccessAs::from(&ok.access_as),
+                    context,
+                })
+            }
+            Credential::Personal { .. } => Err(deny(
+                self,
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "personal access tokens are not supported by this kas yet",
+            )),
+        }
+    }
+
+    async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
+        let path = req.uri().path().to_string();
+        let Some(rest) = path.strip_prefix(self.path_prefix.trim_end_matches('/')) else {
+            return Ok(status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "not under the proxy's path prefix",
+            ));
+        };
+        let rest = if rest.is_empty() { "/" } else { rest }.to_string();
+        let routed = match self.authorize(&req).await {
+            Ok(r) => r,
+            Err(resp) => return Ok(resp),
+        };
+        // The caller's own credentials and any attempt to pick an identity stop here: the
+        // request must reach the agent with nothing but what kas decided.
+        let headers = match sanitize_request_headers(req.headers()) {
+            Ok(h) => h,
+            Err(e) => {
+                return Ok(deny(
+                    &self,
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &e.to_string(),
+                ));
+            }
+        };
+        let mode = match &routed.access_as {
+            AccessAs::Agent => "agent",
+            AccessAs::Impersonate(_) => "impersonate",
+            AccessAs::CiJob => "ci_job",
+            AccessAs::User => "user",
+        };
+        let tunnel = match self
+            .registry
+            .get_tunnel(routed.agent_id, self.tunnel_wait)
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                return Ok(status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &e.to_string(),
+                ));
+            }
+        };
+        let mut meta = HashMap::new();
+        meta.insert(
+            "access_as".to_string(),
+            serde_json::to_string(&routed.access_as).unwrap_or_default(),
+        );
+        meta.insert(
+            "context".to_string(),
+            serde_json::to_string(&routed.context).unwrap_or_default(),
+        );
+        let conn = match tunnel
+            .request(tether_protocol::services::KUBERNETES_API, meta)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                return Ok(status(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    &e.to_string(),
+                ));
+            }
+        };
+        let (mut sender, connection) =
+            match hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(conn)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    return Ok(status(
+                        StatusCode::BAD_GATEWAY,
+                        "ServiceUnavailable",
+                        &e.to_string(),
+                    ));
+                }
+            };
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "Tunnelled HTTP connection ended with an error");
+            }
+        });
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let upgrade = headers.contains_key(header::UPGRADE);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let mut out = Request::builder()
+            .method(parts.method)
+            .uri(format!("{rest}{query}"))
+            .version(http::Version::HTTP_11);
+        if let Some(h) = out.headers_mut() {
+            *h = headers;
+            h.insert(header::HOST, HeaderValue::from_static("kubernetes"));
+        }
+        let out = match out.body(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &e.to_string(),
+                ));
+            }
+        };
+        let mut resp = match sender.send_request(out).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(status(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    &e.to_string(),
+                ));
+            }
+        };
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                agent_id: routed.agent_id,
+                access_as: mode.to_string(),
+                code: resp.status().as_u16(),
+            })
+            .inc();
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let agent_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let Ok((c, a)) = tokio::try_join!(client_upgrade, agent_upgrade) {
+                    let (mut c, mut a) = (TokioIo::new(c), TokioIo::new(a));
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut a).await;
+                }
+            });
+        }
+        let (parts, body) = resp.into_parts();
+        Ok(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+/// Serves the proxy on `listener` (TLS when `tls` is set) until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tether_transport::ServerTls>,
+    proxy: Proxy,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Accepting a Kubernetes API connection failed");
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let proxy = proxy.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| proxy.clone().handle(req));
+            // HTTP/1.1 only: upgrades (exec, attach, port-forward) need it, and kubectl speaks it.
+            let builder = hyper::server::conn::http1::Builder::new();
+            let result = match acceptor {
+                Some(a) => match a.accept(tcp).await {
+                    Ok(s) => {
+                        builder
+                            .serve_connection(TokioIo::new(s), service)
+                            .with_upgrades()
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades()
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "Kubernetes API connection ended with an error");
+            }
+        });
+    }
+}
+
+#[allow(dead_code)]
+fn _executor() -> TokioExecutor {
+    TokioExecutor::new()
+}
