@@ -343,7 +343,13 @@ pub async fn serve(
     proxy: Proxy,
     shutdown: CancellationToken,
 ) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    // HTTP/1.1 only on this listener (upgrades need it), so ALPN must not offer h2: a client
+    // that negotiated h2 would speak a protocol the server does not.
+    let acceptor = tls.map(|t| {
+        let mut cfg = (*t).clone();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+    });
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {

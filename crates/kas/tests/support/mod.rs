@@ -90,6 +90,8 @@ pub struct KasOptions {
     pub git_poll: &'static str,
     /// YAML lines appended under `kubernetes_api:` (indented by two spaces).
     pub kubernetes_api_extra: String,
+    /// TLS for the Kubernetes API proxy listener.
+    pub k8s_tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for KasOptions {
@@ -100,6 +102,7 @@ impl Default for KasOptions {
             token_recheck: "1m",
             git_poll: "20s",
             kubernetes_api_extra: String::new(),
+            k8s_tls: None,
         }
     }
 }
@@ -118,6 +121,20 @@ pub struct Kas {
 impl Kas {
     pub async fn start(dir: &Path, opts: KasOptions) -> Kas {
         std::fs::create_dir_all(dir).unwrap();
+        // A "free" port can be taken by a parallel test before kas binds it; then kas exits
+        // and we try again with new ports.
+        for _ in 0..5 {
+            if let Some(kas) = Self::try_start(dir, &opts).await {
+                return kas;
+            }
+        }
+        panic!(
+            "kas did not start; log:\n{}",
+            std::fs::read_to_string(dir.join("kas.log")).unwrap_or_default()
+        );
+    }
+
+    async fn try_start(dir: &Path, opts: &KasOptions) -> Option<Kas> {
         let (agent_port, api_port, obs_port, k8s_port) =
             (free_port(), free_port(), free_port(), free_port());
         let tls = opts
@@ -136,12 +153,21 @@ impl Kas {
             &config,
             format!(
                 "data_dir: {data}\nagent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}  tunnel_wait_timeout: {wait}\n  token_recheck_interval: {recheck}\n\
-api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll}\nkubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n{k8s_extra}observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
+api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll}\nkubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n{k8s_tls}{k8s_extra}observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
                 data = dir.join("data").display(),
                 wait = opts.tunnel_wait,
                 recheck = opts.token_recheck,
                 poll = opts.git_poll,
-                k8s_extra = opts.kubernetes_api_extra,
+                k8s_extra = &opts.kubernetes_api_extra,
+                k8s_tls = opts
+                    .k8s_tls
+                    .as_ref()
+                    .map(|(c, k)| format!(
+                        "    certificate_file: {}\n    key_file: {}\n",
+                        c.display(),
+                        k.display()
+                    ))
+                    .unwrap_or_default(),
             ),
         )
         .unwrap();
@@ -154,11 +180,11 @@ api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll
             admin: AdminClient::new(&format!("http://127.0.0.1:{api_port}"), "unset"),
             child: None,
         };
-        kas.spawn().await;
-        kas
+        kas.spawn().await.then_some(kas)
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the process; false if it exited before its API answered (e.g. a port clash).
+    async fn spawn(&mut self) -> bool {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -175,14 +201,26 @@ api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll
         self.child = Some(child);
         let token_file = self.dir.join("data/admin-token");
         let api = format!("http://127.0.0.1:{}", self.api_port);
-        self.admin = wait_for("kas's internal API", Duration::from_secs(30), || {
-            let (token_file, api) = (token_file.clone(), api.clone());
-            async move {
-                let c = AdminClient::from_token_file(&api, &token_file).ok()?;
-                c.stats().await.ok().map(|_| c)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(c) = AdminClient::from_token_file(&api, &token_file)
+                && c.stats().await.is_ok()
+            {
+                self.admin = c;
+                return true;
             }
-        })
-        .await;
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                self.child = None;
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for kas's internal API"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// SIGTERM and wait for a clean exit.
@@ -198,7 +236,7 @@ api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll
 
     pub async fn restart(&mut self) {
         self.stop();
-        self.spawn().await;
+        assert!(self.spawn().await, "kas did not restart:\n{}", self.log());
     }
 
     pub fn url(&self, scheme: &str) -> String {

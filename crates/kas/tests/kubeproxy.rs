@@ -1,0 +1,390 @@
+//! Kubernetes API access through the agent, end to end: real kubectl → kas (CI job ID token,
+//! `ci_access` authorization) → tunnel → agentk (impersonation) → real kube-apiserver.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use kas::api::ProjectRequest;
+use serde_json::{Value, json};
+use support::{Agent, GitRepo, Kas, KasOptions, Pki, wait_for};
+use tether_testenv::{TestEnv, run_output};
+
+const ISSUER: &str = "https://gitlab.test.local";
+const AUDIENCE: &str = "https://kas.test.local";
+
+struct SigningKey {
+    encoding: EncodingKey,
+    jwk: Jwk,
+}
+
+impl SigningKey {
+    fn new(kid: &str) -> SigningKey {
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let encoding = EncodingKey::from_ec_der(&pair.serialize_der());
+        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::ES256).unwrap();
+        jwk.common.key_id = Some(kid.into());
+        SigningKey { encoding, jwk }
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = self.jwk.common.key_id.clone();
+        jsonwebtoken::encode(&h, claims, &self.encoding).unwrap()
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// GitLab CI ID token claims for job 777 of project `group/app` (id 42).
+fn claims(project: &str) -> Value {
+    let t = now();
+    json!({
+        "iss": ISSUER, "aud": AUDIENCE, "iat": t, "nbf": t - 5, "exp": t + 600,
+        "project_path": project, "project_id": "42", "namespace_path": "group",
+        "job_id": "777", "pipeline_id": "555", "user_login": "alice",
+    })
+}
+
+struct Setup {
+    env: TestEnv,
+    kas: Kas,
+    _agent: Agent,
+    agent_id: i64,
+    key: SigningKey,
+    ca: std::path::PathBuf,
+    allowed: String,
+    denied: String,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// A kubeconfig that uses `token` against kas's proxy, as a CI job would.
+    fn kubectl(&self, token: &str) -> Command {
+        let mut c = Command::new(self.env.bin_dir.join("kubectl"));
+        // HTTPS: kubectl (client-go) sends no bearer token over plain HTTP.
+        c.args([
+            "--kubeconfig=/dev/null",
+            &format!("--server=https://localhost:{}", self.kas.k8s_port),
+            &format!("--certificate-authority={}", self.ca.display()),
+            &format!("--token=ci:{}:{token}", self.agent_id),
+        ]);
+        c
+    }
+}
+
+async fn setup() -> Setup {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let agent_ns = env.create_namespace("proxy-agent").unwrap();
+    let allowed = env.create_namespace("ci-allowed").unwrap();
+    let denied = env.create_namespace("ci-denied").unwrap();
+    // The agent may impersonate (cluster-admin includes it); the job's rights come from
+    // RoleBindings to GitLab's identity strings, exactly as with GitLab's agent.
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: gitlab-agent\n  namespace: {agent_ns}\n---\n\
+apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {agent_ns}-admin\n\
+roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: cluster-admin\n\
+subjects:\n- kind: ServiceAccount\n  name: gitlab-agent\n  namespace: {agent_ns}\n---\n\
+apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: ci-project-42\n  namespace: {allowed}\n\
+roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: edit\n\
+subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorization.k8s.io\n"
+    ))
+    .unwrap();
+    let token = run_output(env.kubectl().args([
+        "create",
+        "token",
+        "gitlab-agent",
+        "-n",
+        &agent_ns,
+        "--duration=2h",
+    ]))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("agent.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        env.token_kubeconfig(String::from_utf8(token).unwrap().trim()),
+    )
+    .unwrap();
+
+    let key = SigningKey::new("ci-key");
+    let pki = Pki::generate(dir.path());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [&key.jwk]}).to_string()).unwrap();
+
+    let config_repo = GitRepo::init(&dir.path().join("config"));
+    let c1 = config_repo.commit(
+        &[(
+            ".gitlab/agents/proxy/config.yaml",
+            Some(b"ci_access:\n  projects:\n  - id: group/app\n    access_as:\n      ci_job: {}\n"),
+        )],
+        "ci access",
+    );
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            git_poll: "1s",
+            kubernetes_api_extra: format!(
+                "  ci_issuers:\n  - issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks:\n      file: {}\n",
+                jwks.display()
+            ),
+            k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    kas.admin
+        .set_project(&ProjectRequest {
+            path: "group/config".into(),
+            remote: Some(config_repo.dir.display().to_string()),
+            ..ProjectRequest::default()
+        })
+        .await
+        .unwrap();
+    let t = kas
+        .admin
+        .register_agent("group/config", "proxy")
+        .await
+        .unwrap();
+    let agent = Agent::start_with(
+        dir.path(),
+        "proxy",
+        &kas.url("grpc"),
+        &t.token,
+        None,
+        &["--kubeconfig", kubeconfig.to_str().unwrap()],
+    );
+    agent.wait_log("Agent configuration applied", &c1).await;
+    // kas authorizes with the configuration it sent: wait until it has one.
+    wait_for(
+        "kas to hold the configuration",
+        Duration::from_secs(30),
+        || async {
+            let a = kas.agent(t.agent_id).await;
+            (a.config.is_some_and(|c| c.commit == c1) && a.connected).then_some(())
+        },
+    )
+    .await;
+    Setup {
+        env,
+        kas,
+        _agent: agent,
+        agent_id: t.agent_id,
+        key,
+        ca: pki.ca.clone(),
+        allowed,
+        denied,
+        dir,
+    }
+}
+
+fn output(mut c: Command) -> (bool, String, String) {
+    let o = c.output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_works_through_kas_as_the_ci_job() {
+    let s = setup().await;
+    let jwt = s.key.sign(&claims("group/app"));
+
+    // apply --server-side, get, delete in the namespace the job's project may use.
+    let manifest = s.dir.path().join("cm.yaml");
+    std::fs::write(
+        &manifest,
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-ci\n  namespace: {}\ndata:\n  k: v\n", s.allowed),
+    )
+    .unwrap();
+    let mut c = s.kubectl(&jwt);
+    c.args(["apply", "--server-side", "-f", manifest.to_str().unwrap()]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "apply: {out}{err}");
+    let mut c = s.kubectl(&jwt);
+    c.args([
+        "get",
+        "configmap",
+        "from-ci",
+        "-n",
+        &s.allowed,
+        "-o",
+        "json",
+    ]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "get: {err}");
+    let cm: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(cm["data"]["k"], "v");
+
+    // The real API server saw the CI job's identity: refused in the other namespace.
+    let mut c = s.kubectl(&jwt);
+    c.args(["get", "configmaps", "-n", &s.denied]);
+    let (ok, _, err) = output(c);
+    assert!(!ok);
+    assert!(err.contains("Forbidden"), "{err}");
+    assert!(err.contains("gitlab:ci_job:777"), "{err}");
+
+    // A LIST of several MB streams through.
+    let big = "x".repeat(20_000);
+    let items: Vec<Value> = (0..200)
+        .map(|i| {
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("big-{i}"), "namespace": s.allowed}, "data": {"v": big}})
+        })
+        .collect();
+    s.env
+        .apply_yaml(&json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string())
+        .unwrap();
+    let mut c = s.kubectl(&jwt);
+    c.args(["get", "configmaps", "-n", &s.allowed, "-o", "json"]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{err}");
+    assert!(out.len() > 4_000_000, "{} bytes", out.len());
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert!(list["items"].as_array().unwrap().len() >= 200);
+
+    // get -w sees a change made later.
+    let mut watch = s.kubectl(&jwt);
+    let mut child = watch
+        .args([
+            "get",
+            "configmaps",
+            "-n",
+            &s.allowed,
+            "-w",
+            "-o",
+            "name",
+            "--watch-only",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Create until the watch reports it (the watch may start after the first create).
+    wait_for("the watch to see the new ConfigMap", Duration::from_secs(30), || {
+        let _ = s.env.apply_yaml(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: watched\n  namespace: {}\ndata:\n  t: \"{}\"\n",
+            s.allowed,
+            now()
+        ));
+        let got = rx.try_iter().any(|l| l.contains("watched"));
+        async move { got.then_some(()) }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let mut c = s.kubectl(&jwt);
+    c.args(["delete", "configmap", "from-ci", "-n", &s.allowed]);
+    let (ok, _, err) = output(c);
+    assert!(ok, "delete: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_and_unauthorized_jobs_never_reach_the_agent() {
+    let s = setup().await;
+    let served = || async {
+        s._agent
+            .metric("agentk_tunnel_requests_served_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    let before = served().await;
+
+    // A project not in ci_access: 403.
+    let other = s.key.sign(&claims("group/other"));
+    let mut c = s.kubectl(&other);
+    c.args(["get", "configmaps", "-n", &s.allowed]);
+    let (ok, _, err) = output(c);
+    assert!(!ok);
+    assert!(err.contains("Forbidden"), "{err}");
+
+    // Forged (another key), expired and wrong-audience tokens: 401.
+    let forged = SigningKey::new("ci-key").sign(&claims("group/app"));
+    let mut expired_claims = claims("group/app");
+    expired_claims["exp"] = json!(now() - 3600);
+    expired_claims["nbf"] = json!(now() - 7200);
+    let expired = s.key.sign(&expired_claims);
+    let mut aud_claims = claims("group/app");
+    aud_claims["aud"] = json!("https://someone-else");
+    let wrong_aud = s.key.sign(&aud_claims);
+    for (what, token) in [
+        ("forged", forged),
+        ("expired", expired),
+        ("wrong audience", wrong_aud),
+    ] {
+        let mut c = s.kubectl(&token);
+        c.args(["get", "configmaps", "-n", &s.allowed]);
+        let (ok, _, err) = output(c);
+        assert!(!ok, "{what}");
+        // kubectl's wording for HTTP 401.
+        assert!(
+            err.contains("Unauthorized")
+                || err.contains("asked for the client to provide credentials"),
+            "{what}: {err}"
+        );
+    }
+
+    // A client picking its own identity is refused.
+    let jwt = s.key.sign(&claims("group/app"));
+    let mut c = s.kubectl(&jwt);
+    c.args(["get", "configmaps", "-n", &s.allowed, "--as=system:admin"]);
+    let (ok, _, _) = output(c);
+    assert!(!ok);
+    // kubectl only says "unknown" for a refused discovery request; kas says why.
+    assert!(
+        s.kas
+            .log()
+            .contains("nested impersonation is not supported"),
+        "{}",
+        s.kas.log()
+    );
+
+    assert_eq!(served().await, before, "nothing reached the agent");
+    let m = kas_metrics(&s).await;
+    assert!(m.contains("kas_k8s_proxy_denials_total"), "{m}");
+}
+
+/// kas's /metrics via the observability endpoint found in the config file.
+async fn kas_metrics(s: &Setup) -> String {
+    let cfg = std::fs::read_to_string(&s.kas.config).unwrap();
+    let port = cfg
+        .split("observability:\n  listen:\n    address: 127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.lines().next())
+        .unwrap()
+        .trim()
+        .to_string();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    out
+}
