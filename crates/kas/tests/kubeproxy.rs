@@ -84,6 +84,12 @@ impl Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(None).await
+}
+
+/// `agent_kubeconfig`: where agentk sends requests (default: the real API server as the agent's
+/// ServiceAccount).
+async fn setup_with(agent_kubeconfig: Option<std::path::PathBuf>) -> Setup {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let agent_ns = env.create_namespace("proxy-agent").unwrap();
@@ -163,7 +169,14 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
         &kas.url("grpc"),
         &t.token,
         None,
-        &["--kubeconfig", kubeconfig.to_str().unwrap()],
+        &[
+            "--kubeconfig",
+            agent_kubeconfig
+                .as_deref()
+                .unwrap_or(&kubeconfig)
+                .to_str()
+                .unwrap(),
+        ],
     );
     agent.wait_log("Agent configuration applied", &c1).await;
     // kas authorizes with the configuration it sent: wait until it has one.
@@ -387,4 +400,127 @@ async fn kas_metrics(s: &Setup) -> String {
     let mut out = String::new();
     c.read_to_string(&mut out).await.unwrap();
     out
+}
+
+/// A stand-in API server that answers upgrade requests with 101 and then echoes raw bytes, and
+/// reports in a response header the impersonated user it was sent.
+async fn upgrading_server() -> u16 {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+                    let user = req
+                        .headers()
+                        .get("impersonate-user")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let upgraded = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(u) = upgraded.await {
+                            let mut io = TokioIo::new(u);
+                            let (mut r, mut w) = tokio::io::split(&mut io);
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                        }
+                    });
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .status(101)
+                            .header("connection", "Upgrade")
+                            .header("upgrade", "SPDY/3.1")
+                            .header("x-seen-impersonate-user", user)
+                            .body(http_body_util::Empty::<bytes::Bytes>::new())
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connections_pass_through_as_raw_bytes() {
+    // No pod here can really exec (kwok's fake pods run nothing), so the upgrade path is proven
+    // against a real upgrading HTTP endpoint standing in for the API server behind the agent.
+    let port = upgrading_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake.kubeconfig");
+    std::fs::write(
+        &fake,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: f\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+users:\n- name: u\n  user:\n    token: fake\ncontexts:\n- name: f\n  context:\n    cluster: f\n    user: u\ncurrent-context: f\n"
+        ),
+    )
+    .unwrap();
+    let s = setup_with(Some(fake)).await;
+    let jwt = s.key.sign(&claims("group/app"));
+
+    // TLS to kas's proxy, then an upgrade request like kubectl exec's (SPDY).
+    let ca = std::fs::read(&s.ca).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.kas.k8s_port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let req = http::Request::post(format!(
+        "/api/v1/namespaces/{}/pods/p/exec?command=sh&stdin=true",
+        s.allowed
+    ))
+    .header("host", "localhost")
+    .header("authorization", format!("Bearer ci:{}:{jwt}", s.agent_id))
+    .header("connection", "Upgrade")
+    .header("upgrade", "SPDY/3.1")
+    .header("x-stream-protocol-version", "v4.channel.k8s.io")
+    .body(http_body_util::Empty::<bytes::Bytes>::new())
+    .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    assert_eq!(
+        resp.headers()["x-seen-impersonate-user"],
+        "gitlab:ci_job:777",
+        "the agent impersonated the CI job"
+    );
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(&mut io);
+    let p2 = payload.clone();
+    let writer = async move {
+        w.write_all(&p2).await.unwrap();
+        w.flush().await.unwrap();
+    };
+    let reader = async move {
+        let mut got = vec![0u8; payload.len()];
+        r.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, payload, "bytes came back unchanged");
+    };
+    tokio::join!(writer, reader);
 }
