@@ -45,6 +45,11 @@ pub struct KubernetesApi {
     pub path_prefix: String,
     /// OIDC issuers whose CI job ID tokens are accepted (`Bearer ci:<agent id>:<token>`).
     pub ci_issuers: Vec<tether_kubeproxy_server::TrustedIssuer>,
+    /// URL clients use to reach this listener, for generated kubeconfigs (default: from the
+    /// request's Host header).
+    pub public_url: Option<String>,
+    /// PEM CA that signed this listener's certificate, embedded in generated kubeconfigs.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for KubernetesApi {
@@ -53,6 +58,8 @@ impl Default for KubernetesApi {
             listen: listen(8154),
             path_prefix: "/".into(),
             ci_issuers: Vec::new(),
+            public_url: None,
+            ca_file: None,
         }
     }
 }

@@ -72,7 +72,13 @@ pub struct Proxy {
     pub tunnel_wait: std::time::Duration,
     pub path_prefix: String,
     pub metrics: ProxyMetrics,
+    pub public_url: Option<String>,
+    pub ca_pem: Option<Vec<u8>>,
+    pub tls: bool,
 }
+
+/// Path (under the prefix) where a CI job gets a kubeconfig for every agent it may use.
+pub const KUBECONFIG_PATH: &str = "/.tether/kubeconfig";
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -201,6 +207,9 @@ impl Proxy {
             ));
         };
         let rest = if rest.is_empty() { "/" } else { rest }.to_string();
+        if rest == KUBECONFIG_PATH {
+            return Ok(self.kubeconfig(&req).await);
+        }
         let routed = match self.authorize(&req).await {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
@@ -333,6 +342,103 @@ impl Proxy {
         }
         let (parts, body) = resp.into_parts();
         Ok(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+impl Proxy {
+    /// A kubeconfig with one context per agent the CI job (plain `Bearer <ID token>`) may use,
+    /// named `<config project path>:<agent name>`, namespace = the entry's `default_namespace`.
+    async fn kubeconfig(&self, req: &Request<Incoming>) -> Response<Body> {
+        let Some(jwt) = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return deny(
+                self,
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "a CI job ID token is required",
+            );
+        };
+        let job = match self.verifier.verify(jwt.trim(), SystemTime::now()).await {
+            Ok(j) => j,
+            Err(e) => return deny(self, e.status(), "Unauthorized", &e.to_string()),
+        };
+        let agents = match self.store.list_agents().await {
+            Ok(a) => a,
+            Err(e) => {
+                return status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &e.to_string(),
+                );
+            }
+        };
+        let server = self.public_url.clone().unwrap_or_else(|| {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
+            let scheme = if self.tls { "https" } else { "http" };
+            format!(
+                "{scheme}://{host}{}",
+                self.path_prefix.trim_end_matches('/')
+            )
+        });
+        let mut cluster = serde_json::json!({"server": server});
+        if let Some(ca) = &self.ca_pem {
+            use base64::Engine;
+            cluster["certificate-authority-data"] =
+                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(ca));
+        }
+        let mut contexts = Vec::new();
+        let mut users = Vec::new();
+        for a in agents {
+            let config = self.configs.config(a.id).unwrap_or_default();
+            let Ok(ok) = authorize_ci(&config.ci_access, &a.project_path, &job) else {
+                continue;
+            };
+            let name = format!("{}:{}", a.project_path, a.name);
+            let mut ctx = serde_json::json!({"cluster": "kas", "user": name});
+            if let Some(ns) = ok.default_namespace {
+                ctx["namespace"] = serde_json::Value::String(ns);
+            }
+            contexts.push(serde_json::json!({"name": name, "context": ctx}));
+            users.push(serde_json::json!({
+                "name": name,
+                "user": {"token": format!("ci:{}:{}", a.id, jwt.trim())},
+            }));
+        }
+        if contexts.is_empty() {
+            return deny(
+                self,
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "this job may use no agent",
+            );
+        }
+        let current = contexts[0]["name"].clone();
+        let kc = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "kas", "cluster": cluster}],
+            "users": users,
+            "contexts": contexts,
+            "current-context": current,
+        });
+        let mut r = Response::new(
+            Full::new(Bytes::from(kc.to_string()))
+                .map_err(|n| match n {})
+                .boxed(),
+        );
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
     }
 }
 

@@ -319,6 +319,15 @@ pub async fn start(cfg: Config) -> Result<Running> {
         tunnel_wait: cfg.agent.tunnel_wait_timeout,
         path_prefix: k.path_prefix.clone(),
         metrics: proxy_metrics,
+        public_url: k.public_url.clone(),
+        ca_pem: match &k.ca_file {
+            Some(f) => Some(
+                std::fs::read(f)
+                    .with_context(|| format!("reading kubernetes_api.ca_file {}", f.display()))?,
+            ),
+            None => None,
+        },
+        tls: k.listen.certificate_file.is_some(),
     };
     tasks.push(tokio::spawn(crate::kubeproxy::serve(
         k_listener,

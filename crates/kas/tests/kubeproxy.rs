@@ -69,6 +69,48 @@ struct Setup {
 }
 
 impl Setup {
+    /// An HTTP/1.1 connection to kas's proxy over TLS (trusting the test CA).
+    async fn connect(
+        &self,
+    ) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+        let ca = std::fs::read(&self.ca).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.kas.k8s_port))
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        sender
+    }
+
+    /// GETs kas's generated kubeconfig with a CI job ID token.
+    async fn kubeconfig(&self, jwt: &str) -> (u16, String) {
+        use http_body_util::BodyExt;
+        let mut sender = self.connect().await;
+        let req = http::Request::get("/.tether/kubeconfig")
+            .header("host", format!("localhost:{}", self.kas.k8s_port))
+            .header("authorization", format!("Bearer {jwt}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let code = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (code, String::from_utf8_lossy(&body).into_owned())
+    }
+
     /// A kubeconfig that uses `token` against kas's proxy, as a CI job would.
     fn kubectl(&self, token: &str) -> Command {
         let mut c = Command::new(self.env.bin_dir.join("kubectl"));
@@ -133,7 +175,10 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
     let c1 = config_repo.commit(
         &[(
             ".gitlab/agents/proxy/config.yaml",
-            Some(b"ci_access:\n  projects:\n  - id: group/app\n    access_as:\n      ci_job: {}\n"),
+            Some(
+                format!("ci_access:\n  projects:\n  - id: group/app\n    default_namespace: {allowed}\n    access_as:\n      ci_job: {{}}\n")
+                    .as_bytes(),
+            ),
         )],
         "ci access",
     );
@@ -469,26 +514,7 @@ users:\n- name: u\n  user:\n    token: fake\ncontexts:\n- name: f\n  context:\n 
     let jwt = s.key.sign(&claims("group/app"));
 
     // TLS to kas's proxy, then an upgrade request like kubectl exec's (SPDY).
-    let ca = std::fs::read(&s.ca).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.kas.k8s_port))
-        .await
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn.with_upgrades());
+    let mut sender = s.connect().await;
     let req = http::Request::post(format!(
         "/api/v1/namespaces/{}/pods/p/exec?command=sh&stdin=true",
         s.allowed
@@ -523,4 +549,45 @@ users:\n- name: u\n  user:\n    token: fake\ncontexts:\n- name: f\n  context:\n 
         assert_eq!(got, payload, "bytes came back unchanged");
     };
     tokio::join!(writer, reader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ci_job_gets_a_kubeconfig_for_the_agents_it_may_use() {
+    let s = setup().await;
+    let jwt = s.key.sign(&claims("group/app"));
+    let (code, body) = s.kubeconfig(&jwt).await;
+    assert_eq!(code, 200, "{body}");
+    let kc: Value = serde_json::from_str(&body).unwrap();
+    let ctx = &kc["contexts"][0];
+    assert_eq!(ctx["name"], "group/config:proxy");
+    assert_eq!(ctx["context"]["namespace"], s.allowed.as_str());
+    let file = s.dir.path().join("ci.kubeconfig");
+    std::fs::write(&file, &body).unwrap();
+    // kubectl uses it as is: the context's namespace, kas's URL, the job's token.
+    let mut c = Command::new(s.env.bin_dir.join("kubectl"));
+    c.args([
+        "--kubeconfig",
+        file.to_str().unwrap(),
+        &format!("--certificate-authority={}", s.ca.display()),
+        "create",
+        "configmap",
+        "via-kubeconfig",
+    ]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{out}{err}");
+    assert!(get_cm(&s.env, &s.allowed, "via-kubeconfig"));
+
+    // A job no agent authorizes gets no kubeconfig.
+    let (code, _) = s.kubeconfig(&s.key.sign(&claims("group/other"))).await;
+    assert_eq!(code, 403);
+    let (code, _) = s.kubeconfig("not-a-jwt").await;
+    assert_eq!(code, 401);
+}
+
+fn get_cm(env: &TestEnv, ns: &str, name: &str) -> bool {
+    env.kubectl()
+        .args(["get", "configmap", name, "-n", ns])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
