@@ -159,6 +159,28 @@ impl AdminClient {
         .await
     }
 
+    pub async fn create_user_token(
+        &self,
+        agent_id: i64,
+        req: &crate::api::UserTokenRequest,
+    ) -> Result<crate::api::UserTokenCreated> {
+        self.json(
+            Method::POST,
+            &format!("/api/v1/agents/{agent_id}/user-tokens"),
+            Some(req),
+        )
+        .await
+    }
+
+    pub async fn revoke_user_token(&self, id: i64) -> Result<serde_json::Value> {
+        self.json(
+            Method::DELETE,
+            &format!("/api/v1/user-tokens/{id}"),
+            None::<&()>,
+        )
+        .await
+    }
+
     pub async fn stats(&self) -> Result<Stats> {
         self.json(Method::GET, "/api/v1/debug/stats", None::<&()>)
             .await

@@ -277,6 +277,76 @@ async fn list_tokens(
     ))
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UserTokenRequest {
+    pub username: String,
+    /// GitLab-style memberships (`{"kind":"project","path":"group/app","id":42,"access_level":"developer"}`).
+    #[serde(default)]
+    pub memberships: Vec<serde_json::Value>,
+    /// Lifetime in seconds (default 30 days, at most 1 year).
+    #[serde(default)]
+    pub expires_in_seconds: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UserTokenCreated {
+    pub token_id: i64,
+    pub agent_id: i64,
+    pub username: String,
+    /// Shown once; kas keeps only its SHA-256.
+    pub token: String,
+    pub expires_at: i64,
+}
+
+async fn create_user_token(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+    Json(req): Json<UserTokenRequest>,
+) -> Result<(StatusCode, Json<UserTokenCreated>), ApiError> {
+    let ttl = req.expires_in_seconds.unwrap_or(30 * 86_400);
+    if !(1..=366 * 86_400).contains(&ttl) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "expires_in_seconds must be between 1 and one year".into(),
+        ));
+    }
+    // Validate the memberships now, so a typo is refused instead of silently granting nothing.
+    let memberships: Vec<tether_kubeproxy_server::Membership> =
+        serde_json::from_value(serde_json::Value::Array(req.memberships))
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("memberships: {e}")))?;
+    let json = serde_json::to_string(&memberships)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
+        .unwrap_or(0);
+    let (info, token) = st
+        .store
+        .create_user_token(agent_id, &req.username, &json, now + ttl)
+        .await?;
+    tracing::info!(agent_id, username = %info.username, token_id = info.id, "Personal access token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(UserTokenCreated {
+            token_id: info.id,
+            agent_id,
+            username: info.username,
+            token: token.expose().to_string(),
+            expires_at: info.expires_at,
+        }),
+    ))
+}
+
+async fn revoke_user_token(
+    State(st): State<ApiState>,
+    Path(id): Path<i64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let was_active = st.store.revoke_user_token(id).await?;
+    Ok(Json(
+        serde_json::json!({"token_id": id, "was_active": was_active}),
+    ))
+}
+
 async fn revoke_token(
     State(st): State<ApiState>,
     Path(token_id): Path<i64>,
@@ -538,6 +608,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/agents/{id}/echo", post(echo))
         .route("/api/v1/agents/{id}/gitops", get(agent_gitops))
         .route("/api/v1/tokens/{id}", delete(revoke_token))
+        .route("/api/v1/agents/{id}/user-tokens", post(create_user_token))
+        .route("/api/v1/user-tokens/{id}", delete(revoke_user_token))
         .route("/api/v1/debug/stats", get(stats))
         .route(
             "/api/v1/projects",

@@ -188,12 +188,81 @@ impl Proxy {
                     context,
                 })
             }
-            Credential::Personal { .. } => Err(deny(
-                self,
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                "personal access tokens are not supported by this kas yet",
-            )),
+            Credential::Personal { agent_id, token } => {
+                let record = self
+                    .store
+                    .authenticate_user_token(&token)
+                    .await
+                    .map_err(|e| {
+                        status(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "ServiceUnavailable",
+                            &e.to_string(),
+                        )
+                    })?
+                    .ok_or_else(|| {
+                        deny(
+                            self,
+                            StatusCode::UNAUTHORIZED,
+                            "Unauthorized",
+                            "unknown, revoked or expired personal access token",
+                        )
+                    })?;
+                let memberships: Vec<tether_kubeproxy_server::Membership> =
+                    serde_json::from_str(&record.memberships).unwrap_or_default();
+                let user = tether_kubeproxy_server::UserIdentity {
+                    username: record.username.clone(),
+                    token_agent_id: record.agent_id,
+                    memberships,
+                };
+                let config = self.configs.config(agent_id).unwrap_or_default();
+                let ok = tether_kubeproxy_server::authorize_user(
+                    config.user_access.as_ref(),
+                    agent_id,
+                    &user,
+                )
+                .map_err(|d| {
+                    deny(
+                        self,
+                        d.status(),
+                        "Forbidden",
+                        &format!("agent {agent_id}: {d}"),
+                    )
+                })?;
+                let roles = |grants: &[tether_kubeproxy_server::RoleGrant]| {
+                    grants
+                        .iter()
+                        .filter_map(|g| {
+                            Some(tether_kubeproxy_agent::Roles {
+                                id: g.id?,
+                                roles: g.roles.clone(),
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                };
+                let project_id = self
+                    .store
+                    .get_agent(agent_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|a| a.project_id);
+                Ok(Routed {
+                    agent_id,
+                    access_as: AccessAs::from(&ok.access_as),
+                    context: RequestContext {
+                        agent_id,
+                        config_project_id: project_id,
+                        ci_job: None,
+                        user: Some(tether_kubeproxy_agent::UserContext {
+                            username: record.username,
+                            project_roles: roles(&ok.project_roles),
+                            group_roles: roles(&ok.group_roles),
+                            access_type: Some("personal_access_token".into()),
+                        }),
+                    },
+                })
+            }
         }
     }
 

@@ -46,6 +46,30 @@ enum Cmd {
     /// Manage projects (where their Git repositories are).
     #[command(subcommand)]
     Project(ProjectCmd),
+    /// Manage personal access tokens of people using the Kubernetes API through an agent.
+    #[command(subcommand)]
+    UserToken(UserTokenCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum UserTokenCmd {
+    /// Issue a token for one user on one agent (printed once). Use it as
+    /// `Authorization: Bearer pat:<agent id>:<token>`.
+    Create {
+        #[arg(long)]
+        agent_id: i64,
+        #[arg(long)]
+        username: String,
+        /// A membership, `project:<path>[:<id>]:<role>` or `group:<path>[:<id>]:<role>`
+        /// (role: guest, reporter, developer, maintainer, owner); repeatable.
+        #[arg(long = "member")]
+        members: Vec<String>,
+        /// Lifetime, like 8h or 30d (default 30 days).
+        #[arg(long, default_value = "30d")]
+        expires_in: String,
+    },
+    /// Revoke a personal access token.
+    Revoke { token_id: i64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -166,6 +190,7 @@ async fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Agent(a)) => agent_cmd(&admin_client(&cli, &cfg)?, a).await,
         Some(Cmd::Token(t)) => token_cmd(&admin_client(&cli, &cfg)?, t).await,
         Some(Cmd::Project(p)) => project_cmd(&admin_client(&cli, &cfg)?, p).await,
+        Some(Cmd::UserToken(u)) => user_token_cmd(&admin_client(&cli, &cfg)?, u).await,
     }
 }
 
@@ -371,6 +396,61 @@ async fn project_cmd(c: &AdminClient, cmd: &ProjectCmd) -> Result<()> {
         ProjectCmd::Remove { path } => {
             c.remove_project(path).await?;
             println!("project {path} removed");
+        }
+    }
+    Ok(())
+}
+
+/// `project:group/app:42:developer` or `group:group:maintainer` → a membership.
+fn membership(spec: &str) -> Result<serde_json::Value> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (kind, path, id, role) = match parts.as_slice() {
+        [k, p, r] => (*k, *p, None, *r),
+        [k, p, i, r] => (
+            *k,
+            *p,
+            Some(
+                i.parse::<i64>()
+                    .with_context(|| format!("{spec}: id must be a number"))?,
+            ),
+            *r,
+        ),
+        _ => anyhow::bail!("{spec}: expected project|group:<path>[:<id>]:<role>"),
+    };
+    anyhow::ensure!(
+        matches!(kind, "project" | "group"),
+        "{spec}: kind must be project or group"
+    );
+    Ok(serde_json::json!({"kind": kind, "path": path, "id": id, "access_level": role}))
+}
+
+async fn user_token_cmd(c: &AdminClient, cmd: &UserTokenCmd) -> Result<()> {
+    match cmd {
+        UserTokenCmd::Create {
+            agent_id,
+            username,
+            members,
+            expires_in,
+        } => {
+            let ttl = humantime::parse_duration(expires_in)
+                .with_context(|| format!("{expires_in} is not a duration like 8h or 30d"))?;
+            let req = kas::api::UserTokenRequest {
+                username: username.clone(),
+                memberships: members
+                    .iter()
+                    .map(|m| membership(m))
+                    .collect::<Result<_>>()?,
+                expires_in_seconds: Some(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+            };
+            let t = c.create_user_token(*agent_id, &req).await?;
+            println!(
+                "token_id: {}\ntoken: pat:{}:{}\nexpires_at: {}",
+                t.token_id, t.agent_id, t.token, t.expires_at
+            );
+        }
+        UserTokenCmd::Revoke { token_id } => {
+            let r = c.revoke_user_token(*token_id).await?;
+            println!("{r}");
         }
     }
     Ok(())

@@ -146,7 +146,7 @@ roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: cl
 subjects:\n- kind: ServiceAccount\n  name: gitlab-agent\n  namespace: {agent_ns}\n---\n\
 apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: ci-project-42\n  namespace: {allowed}\n\
 roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: edit\n\
-subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorization.k8s.io\n"
+subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorization.k8s.io\n- kind: User\n  name: gitlab:user:alice\n  apiGroup: rbac.authorization.k8s.io\n"
     ))
     .unwrap();
     let token = run_output(env.kubectl().args([
@@ -176,7 +176,7 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
         &[(
             ".gitlab/agents/proxy/config.yaml",
             Some(
-                format!("ci_access:\n  projects:\n  - id: group/app\n    default_namespace: {allowed}\n    access_as:\n      ci_job: {{}}\n")
+                format!("ci_access:\n  projects:\n  - id: group/app\n    default_namespace: {allowed}\n    access_as:\n      ci_job: {{}}\nuser_access:\n  access_as:\n    user: {{}}\n  projects:\n  - id: group/app\n")
                     .as_bytes(),
             ),
         )],
@@ -590,4 +590,71 @@ fn get_cm(env: &TestEnv, ns: &str, name: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn people_use_personal_access_tokens_scoped_to_one_agent() {
+    let s = setup().await;
+    let alice = s
+        .kas
+        .admin
+        .create_user_token(
+            s.agent_id,
+            &kas::api::UserTokenRequest {
+                username: "alice".into(),
+                memberships: vec![json!({"kind": "project", "path": "group/app", "id": 42, "access_level": "developer"})],
+                expires_in_seconds: Some(3600),
+            },
+        )
+        .await
+        .unwrap();
+    let pat = |agent_id: i64, token: &str| {
+        let mut c = Command::new(s.env.bin_dir.join("kubectl"));
+        c.args([
+            "--kubeconfig=/dev/null",
+            &format!("--server=https://localhost:{}", s.kas.k8s_port),
+            &format!("--certificate-authority={}", s.ca.display()),
+            &format!("--token=pat:{agent_id}:{token}"),
+        ]);
+        c
+    };
+    // Alice, as gitlab:user:alice, may work where RBAC lets that user.
+    let mut c = pat(s.agent_id, &alice.token);
+    c.args(["get", "configmaps", "-n", &s.allowed]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{out}{err}");
+    let mut c = pat(s.agent_id, &alice.token);
+    c.args(["get", "configmaps", "-n", &s.denied]);
+    let (ok, _, err) = output(c);
+    assert!(!ok);
+    assert!(err.contains("gitlab:user:alice"), "{err}");
+
+    // The same token for another agent: 403.
+    let other = s
+        .kas
+        .admin
+        .register_agent("group/config", "other")
+        .await
+        .unwrap();
+    let mut c = pat(other.agent_id, &alice.token);
+    c.args(["get", "configmaps", "-n", &s.allowed]);
+    let (ok, _, _) = output(c);
+    assert!(!ok);
+    assert!(
+        s.kas.log().contains("was issued for agent"),
+        "{}",
+        s.kas.log()
+    );
+
+    // Revoked: 401.
+    s.kas.admin.revoke_user_token(alice.token_id).await.unwrap();
+    let mut c = pat(s.agent_id, &alice.token);
+    c.args(["get", "configmaps", "-n", &s.allowed]);
+    let (ok, _, err) = output(c);
+    assert!(!ok);
+    assert!(err.contains("You must be logged in"), "{err}");
+    assert!(
+        err.contains("revoked"),
+        "kas's 401 message reaches the user: {err}"
+    );
 }

@@ -10,7 +10,9 @@ mod token;
 mod validate;
 
 pub use error::{Error, Result};
-pub use model::{Agent, AgentRow, AuthenticatedAgent, Project, ProjectSource, TokenInfo};
+pub use model::{
+    Agent, AgentRow, AuthenticatedAgent, Project, ProjectSource, TokenInfo, UserTokenInfo,
+};
 pub use sqlite::SqliteStore;
 pub use token::{AgentToken, TOKEN_PREFIX, TOKEN_RANDOM_LEN};
 pub use validate::{
@@ -82,5 +84,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Closes the underlying connections; further calls fail. Lets kas flush the database
     /// cleanly on shutdown.
+    /// Issues a personal access token for `username` on one agent, valid until `expires_at`
+    /// (Unix seconds). `memberships` is JSON kept for authorization. Returned once.
+    async fn create_user_token(
+        &self,
+        agent_id: i64,
+        username: &str,
+        memberships: &str,
+        expires_at: i64,
+    ) -> Result<(UserTokenInfo, AgentToken)>;
+
+    /// The record of a presented personal access token: `None` if unknown, revoked or expired.
+    async fn authenticate_user_token(&self, token: &str) -> Result<Option<UserTokenInfo>>;
+
+    /// Revokes a personal access token; whether it was active.
+    async fn revoke_user_token(&self, id: i64) -> Result<bool>;
+
     async fn close(&self);
 }

@@ -76,3 +76,18 @@ pub struct AuthenticatedAgent {
     /// while the agent's streams stay open.
     pub token_id: i64,
 }
+
+/// A personal access token's record (never the token or its digest).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct UserTokenInfo {
+    pub id: i64,
+    pub agent_id: i64,
+    pub username: String,
+    /// JSON list of memberships, as given at creation.
+    pub memberships: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}

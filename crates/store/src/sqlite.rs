@@ -14,8 +14,8 @@ use subtle::ConstantTimeEq;
 
 use crate::Store;
 use crate::error::{Error, Result};
-use crate::model::ProjectSource;
 use crate::model::{Agent, AgentRow, AuthenticatedAgent, Project, TokenInfo};
+use crate::model::{ProjectSource, UserTokenInfo};
 use crate::token::{self, AgentToken};
 use crate::validate::{validate_agent_name, validate_project_path};
 
@@ -368,6 +368,88 @@ impl Store for SqliteStore {
             project_path: row.project_path,
             token_id: row.token_id,
         }))
+    }
+
+    async fn create_user_token(
+        &self,
+        agent_id: i64,
+        username: &str,
+        memberships: &str,
+        expires_at: i64,
+    ) -> Result<(UserTokenInfo, AgentToken)> {
+        if username.is_empty() || username.len() > 255 || username.chars().any(char::is_control) {
+            return Err(Error::InvalidName {
+                what: "username",
+                reason: "must be 1 to 255 printable characters".into(),
+            });
+        }
+        let token = AgentToken::generate();
+        let digest = hex::encode(token::digest(token.expose()));
+        let inserted = sqlx::query_as::<_, UserTokenInfo>(
+            "INSERT INTO user_tokens (agent_id, username, digest, memberships, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             RETURNING id, agent_id, username, memberships, created_at, expires_at, revoked_at",
+        )
+        .bind(agent_id)
+        .bind(username)
+        .bind(&digest)
+        .bind(memberships)
+        .bind(now())
+        .bind(expires_at)
+        .fetch_one(&self.pool)
+        .await;
+        match inserted {
+            Ok(info) => Ok((info, token)),
+            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
+                Err(Error::NotFound(format!("agent {agent_id}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn authenticate_user_token(&self, token: &str) -> Result<Option<UserTokenInfo>> {
+        if !token::has_token_shape(token) {
+            return Ok(None);
+        }
+        let presented = token::digest(token);
+        let row = sqlx::query_as::<_, (String, i64, i64, String, String, i64, i64)>(
+            "SELECT digest, id, agent_id, username, memberships, created_at, expires_at \
+             FROM user_tokens WHERE digest = $1 AND revoked_at IS NULL AND expires_at > $2",
+        )
+        .bind(hex::encode(presented))
+        .bind(now())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((stored_hex, id, agent_id, username, memberships, created_at, expires_at)) = row
+        else {
+            return Ok(None);
+        };
+        let mut stored = [0u8; 32];
+        if hex::decode_to_slice(&stored_hex, &mut stored).is_err()
+            || !bool::from(stored.ct_eq(&presented))
+        {
+            return Ok(None);
+        }
+        Ok(Some(UserTokenInfo {
+            id,
+            agent_id,
+            username,
+            memberships,
+            created_at,
+            expires_at,
+            revoked_at: None,
+        }))
+    }
+
+    async fn revoke_user_token(&self, id: i64) -> Result<bool> {
+        let result = sqlx::query(
+            "UPDATE user_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
     }
 
     async fn close(&self) {

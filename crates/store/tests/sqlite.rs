@@ -467,3 +467,37 @@ async fn project_sources_are_set_read_and_removed() -> TestResult {
     assert!(store.get_project_by_path("group/other").await?.is_none());
     Ok(())
 }
+
+#[tokio::test]
+async fn user_tokens_authenticate_until_revoked_or_expired() -> TestResult {
+    let (_dir, db, store) = open().await?;
+    let agent = store.register_agent("group/app", "a1").await?;
+    let far = 4_000_000_000;
+    let (info, token) = store
+        .create_user_token(agent.id, "alice", "[]", far)
+        .await?;
+    let found = store
+        .authenticate_user_token(token.expose())
+        .await?
+        .ok_or("valid token")?;
+    assert_eq!(found.username, "alice");
+    assert_eq!(found.agent_id, agent.id);
+    assert!(!files_contain(&db, token.expose().as_bytes()));
+    // Agent tokens and user tokens are different things.
+    assert!(store.authenticate(token.expose()).await?.is_none());
+    assert!(store.revoke_user_token(info.id).await?);
+    assert!(
+        store
+            .authenticate_user_token(token.expose())
+            .await?
+            .is_none()
+    );
+    let (_, expired) = store.create_user_token(agent.id, "bob", "[]", 1).await?;
+    assert!(
+        store
+            .authenticate_user_token(expired.expose())
+            .await?
+            .is_none()
+    );
+    Ok(())
+}
