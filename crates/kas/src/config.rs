@@ -50,6 +50,8 @@ pub struct KubernetesApi {
     pub public_url: Option<String>,
     /// PEM CA that signed this listener's certificate, embedded in generated kubeconfigs.
     pub ca_file: Option<PathBuf>,
+    /// Extra PEM CA trusted when fetching issuers' JWKS URLs (besides the system's roots).
+    pub jwks_ca_file: Option<PathBuf>,
 }
 
 impl Default for KubernetesApi {
@@ -60,6 +62,7 @@ impl Default for KubernetesApi {
             ci_issuers: Vec::new(),
             public_url: None,
             ca_file: None,
+            jwks_ca_file: None,
         }
     }
 }

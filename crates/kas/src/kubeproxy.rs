@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tether_kubeproxy_agent::{
     AccessAs, CiJobContext, EnvironmentContext, RequestContext, sanitize_request_headers,
 };
@@ -40,11 +41,43 @@ pub struct DenialLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    pub agent_id: i64,
+    pub access_as: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub agent_id: i64,
+    pub access_as: String,
+    /// `request` (to the cluster) or `response` (from it).
+    pub direction: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
 /// The proxy's metrics.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct ProxyMetrics {
     pub requests: Family<RequestLabels, Counter>,
     pub denials: Family<DenialLabels, Counter>,
+    /// Seconds until the response headers came back through the tunnel.
+    pub latency: Family<ModeLabels, Histogram, fn() -> Histogram>,
+    pub bytes: Family<BytesLabels, Counter>,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            denials: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            bytes: Family::default(),
+        }
+    }
 }
 
 impl ProxyMetrics {
@@ -58,6 +91,16 @@ impl ProxyMetrics {
             "k8s_proxy_denials",
             "Requests refused before reaching an agent, by reason",
             self.denials.clone(),
+        );
+        reg.register(
+            "k8s_proxy_latency_seconds",
+            "Time until the response headers came back from the agent",
+            self.latency.clone(),
+        );
+        reg.register(
+            "k8s_proxy_bytes",
+            "Body bytes carried through agents, by direction",
+            self.bytes.clone(),
         );
     }
 }
@@ -339,7 +382,7 @@ impl Proxy {
             }
         };
         let (mut sender, connection) =
-            match hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(conn)).await {
+            match hyper::client::conn::http1::handshake(TokioIo::new(conn)).await {
                 Ok(x) => x,
                 Err(e) => {
                     return Ok(status(
@@ -370,6 +413,19 @@ impl Proxy {
             *h = headers;
             h.insert(header::HOST, HeaderValue::from_static("kubernetes"));
         }
+        let labels = |direction: &str| BytesLabels {
+            agent_id: routed.agent_id,
+            access_as: mode.to_string(),
+            direction: direction.to_string(),
+        };
+        let up = self.metrics.bytes.get_or_create(&labels("request")).clone();
+        let body = body.map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                up.inc_by(d.len() as u64);
+            }
+            f
+        });
+        let started = std::time::Instant::now();
         let out = match out.body(body) {
             Ok(r) => r,
             Err(e) => {
@@ -391,6 +447,13 @@ impl Proxy {
             }
         };
         self.metrics
+            .latency
+            .get_or_create(&ModeLabels {
+                agent_id: routed.agent_id,
+                access_as: mode.to_string(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
             .requests
             .get_or_create(&RequestLabels {
                 agent_id: routed.agent_id,
@@ -409,7 +472,18 @@ impl Proxy {
                 }
             });
         }
+        let down = self
+            .metrics
+            .bytes
+            .get_or_create(&labels("response"))
+            .clone();
         let (parts, body) = resp.into_parts();
+        let body = body.map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                down.inc_by(d.len() as u64);
+            }
+            f
+        });
         Ok(Response::from_parts(parts, body.boxed()))
     }
 }

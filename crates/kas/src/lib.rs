@@ -9,5 +9,6 @@ pub mod auth;
 pub mod config;
 pub mod configuration;
 pub mod gitops;
+pub mod jwks;
 pub mod kubeproxy;
 pub mod server;

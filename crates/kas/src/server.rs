@@ -314,7 +314,15 @@ pub async fn start(cfg: Config) -> Result<Running> {
         configs: Arc::clone(&config_states),
         verifier: Arc::new(tether_kubeproxy_server::OidcVerifier::new(
             k.ci_issuers.clone(),
-            Arc::new(tether_kubeproxy_server::NoFetcher),
+            Arc::new(crate::jwks::HttpJwksFetcher::new(
+                match &k.jwks_ca_file {
+                    Some(f) => Some(std::fs::read(f).with_context(|| {
+                        format!("reading kubernetes_api.jwks_ca_file {}", f.display())
+                    })?),
+                    None => None,
+                }
+                .as_deref(),
+            )?),
         )),
         tunnel_wait: cfg.agent.tunnel_wait_timeout,
         path_prefix: k.path_prefix.clone(),

@@ -126,12 +126,40 @@ impl Setup {
 }
 
 async fn setup() -> Setup {
-    setup_with(None).await
+    setup_with(None, false).await
+}
+
+/// Serves `body` at any path over plain HTTP on 127.0.0.1 (a stand-in for an issuer's JWKS URL).
+async fn serve_document(body: String) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    port
 }
 
 /// `agent_kubeconfig`: where agentk sends requests (default: the real API server as the agent's
 /// ServiceAccount).
-async fn setup_with(agent_kubeconfig: Option<std::path::PathBuf>) -> Setup {
+async fn setup_with(agent_kubeconfig: Option<std::path::PathBuf>, jwks_by_url: bool) -> Setup {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let agent_ns = env.create_namespace("proxy-agent").unwrap();
@@ -170,6 +198,12 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
     let pki = Pki::generate(dir.path());
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, json!({"keys": [&key.jwk]}).to_string()).unwrap();
+    let jwks_source = if jwks_by_url {
+        let port = serve_document(json!({"keys": [&key.jwk]}).to_string()).await;
+        format!("url: http://127.0.0.1:{port}/oauth/discovery/keys")
+    } else {
+        format!("file: {}", jwks.display())
+    };
 
     let config_repo = GitRepo::init(&dir.path().join("config"));
     let c1 = config_repo.commit(
@@ -187,8 +221,7 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
         KasOptions {
             git_poll: "1s",
             kubernetes_api_extra: format!(
-                "  ci_issuers:\n  - issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks:\n      file: {}\n",
-                jwks.display()
+                "  ci_issuers:\n  - issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks:\n      {jwks_source}\n"
             ),
             k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
             ..KasOptions::default()
@@ -358,6 +391,25 @@ async fn kubectl_works_through_kas_as_the_ci_job() {
     c.args(["delete", "configmap", "from-ci", "-n", &s.allowed]);
     let (ok, _, err) = output(c);
     assert!(ok, "delete: {err}");
+
+    // Requests, latency and bytes are counted per agent and identity mode.
+    let m = kas_metrics(&s).await;
+    let line = |prefix: &str| {
+        m.lines()
+            .find(|l| l.starts_with(prefix) && l.contains("access_as=\"ci_job\""))
+            .map(str::to_owned)
+    };
+    assert!(line("kas_k8s_proxy_requests_total").is_some(), "{m}");
+    assert!(line("kas_k8s_proxy_latency_seconds_count").is_some(), "{m}");
+    let down: f64 = m
+        .lines()
+        .find(|l| {
+            l.starts_with("kas_k8s_proxy_bytes_total") && l.contains("direction=\"response\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    // The API server gzips the multi-MB LIST; what crosses the tunnel is counted as carried.
+    assert!(down > 1_000_000.0, "{down}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -467,6 +519,12 @@ async fn upgrading_server() -> u16 {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("")
                         .to_string();
+                    let protocol = req
+                        .headers()
+                        .get("upgrade")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
                     let upgraded = hyper::upgrade::on(&mut req);
                     tokio::spawn(async move {
                         if let Ok(u) = upgraded.await {
@@ -479,7 +537,7 @@ async fn upgrading_server() -> u16 {
                         http::Response::builder()
                             .status(101)
                             .header("connection", "Upgrade")
-                            .header("upgrade", "SPDY/3.1")
+                            .header("upgrade", protocol)
                             .header("x-seen-impersonate-user", user)
                             .body(http_body_util::Empty::<bytes::Bytes>::new())
                             .unwrap(),
@@ -510,45 +568,55 @@ users:\n- name: u\n  user:\n    token: fake\ncontexts:\n- name: f\n  context:\n 
         ),
     )
     .unwrap();
-    let s = setup_with(Some(fake)).await;
+    let s = setup_with(Some(fake), false).await;
     let jwt = s.key.sign(&claims("group/app"));
 
-    // TLS to kas's proxy, then an upgrade request like kubectl exec's (SPDY).
-    let mut sender = s.connect().await;
-    let req = http::Request::post(format!(
-        "/api/v1/namespaces/{}/pods/p/exec?command=sh&stdin=true",
-        s.allowed
-    ))
-    .header("host", "localhost")
-    .header("authorization", format!("Bearer ci:{}:{jwt}", s.agent_id))
-    .header("connection", "Upgrade")
-    .header("upgrade", "SPDY/3.1")
-    .header("x-stream-protocol-version", "v4.channel.k8s.io")
-    .body(http_body_util::Empty::<bytes::Bytes>::new())
-    .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 101);
-    assert_eq!(
-        resp.headers()["x-seen-impersonate-user"],
-        "gitlab:ci_job:777",
-        "the agent impersonated the CI job"
-    );
-    let upgraded = hyper::upgrade::on(resp).await.unwrap();
-    let mut io = hyper_util::rt::TokioIo::new(upgraded);
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
-    let (mut r, mut w) = tokio::io::split(&mut io);
-    let p2 = payload.clone();
-    let writer = async move {
-        w.write_all(&p2).await.unwrap();
-        w.flush().await.unwrap();
-    };
-    let reader = async move {
-        let mut got = vec![0u8; payload.len()];
-        r.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, payload, "bytes came back unchanged");
-    };
-    tokio::join!(writer, reader);
+    // kubectl exec/attach/port-forward upgrade with WebSockets (its default since 1.31) or SPDY.
+    for protocol in ["websocket", "SPDY/3.1"] {
+        let mut sender = s.connect().await;
+        let mut req = http::Request::post(format!(
+            "/api/v1/namespaces/{}/pods/p/exec?command=sh&stdin=true",
+            s.allowed
+        ))
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer ci:{}:{jwt}", s.agent_id))
+        .header("connection", "Upgrade")
+        .header("upgrade", protocol)
+        .header("x-stream-protocol-version", "v4.channel.k8s.io");
+        if protocol == "websocket" {
+            req = req
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-protocol", "v5.channel.k8s.io");
+        }
+        let req = req
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 101, "{protocol}");
+        assert_eq!(resp.headers()["upgrade"], protocol);
+        assert_eq!(
+            resp.headers()["x-seen-impersonate-user"],
+            "gitlab:ci_job:777",
+            "the agent impersonated the CI job"
+        );
+        let upgraded = hyper::upgrade::on(resp).await.unwrap();
+        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let (mut r, mut w) = tokio::io::split(&mut io);
+        let p2 = payload.clone();
+        let writer = async move {
+            w.write_all(&p2).await.unwrap();
+            w.flush().await.unwrap();
+        };
+        let reader = async move {
+            let mut got = vec![0u8; payload.len()];
+            r.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, payload, "bytes came back unchanged");
+        };
+        tokio::join!(writer, reader);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -657,4 +725,14 @@ async fn people_use_personal_access_tokens_scoped_to_one_agent() {
         err.contains("revoked"),
         "kas's 401 message reaches the user: {err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuer_keys_can_come_from_a_jwks_url() {
+    let s = setup_with(None, true).await;
+    let jwt = s.key.sign(&claims("group/app"));
+    let mut c = s.kubectl(&jwt);
+    c.args(["get", "configmaps", "-n", &s.allowed]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{out}{err}");
 }

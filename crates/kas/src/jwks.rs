@@ -1,0 +1,76 @@
+//! Fetching the JWKS documents of trusted CI issuers over HTTP(S).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tether_kubeproxy_server::{FetchError, JwksFetcher};
+
+/// Largest JWKS document accepted (real ones are a few KiB).
+const MAX_JWKS: usize = 1024 * 1024;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Fetches with the system's trust roots (plus an optional extra CA for private issuers).
+pub struct HttpJwksFetcher {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
+}
+
+impl std::fmt::Debug for HttpJwksFetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpJwksFetcher").finish_non_exhaustive()
+    }
+}
+
+impl HttpJwksFetcher {
+    pub fn new(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A system bundle with one unparsable certificate should not stop kas.
+            let _ = roots.add(cert);
+        }
+        if let Some(pem) = extra_ca_pem {
+            use rustls_pki_types::pem::PemObject;
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+                roots.add(cert?)?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl JwksFetcher for HttpJwksFetcher {
+    async fn fetch(&self, url: &str) -> Result<Vec<u8>, FetchError> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| FetchError::with_source(format!("invalid JWKS URL {url}"), e))?;
+        let resp = tokio::time::timeout(TIMEOUT, self.client.get(uri))
+            .await
+            .map_err(|_| FetchError::new(format!("{url}: no answer within {TIMEOUT:?}")))?
+            .map_err(|e| FetchError::with_source(format!("fetching {url}"), e))?;
+        if !resp.status().is_success() {
+            return Err(FetchError::new(format!("{url} answered {}", resp.status())));
+        }
+        let body = Limited::new(resp.into_body(), MAX_JWKS)
+            .collect()
+            .await
+            .map_err(|e| FetchError::new(format!("reading {url}: {e}")))?;
+        Ok(body.to_bytes().to_vec())
+    }
+}
