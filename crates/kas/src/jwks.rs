@@ -54,6 +54,25 @@ impl HttpJwksFetcher {
     }
 }
 
+impl HttpJwksFetcher {
+    /// GETs `url` with a bearer token; the body as text, or an error naming the status.
+    pub async fn get_with_bearer(&self, url: &str, token: &str) -> anyhow::Result<String> {
+        let req = http::Request::get(url)
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Empty::new())?;
+        let resp = tokio::time::timeout(TIMEOUT, self.client.request(req)).await??;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_JWKS)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading {url}: {e}"))?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        anyhow::ensure!(status.is_success(), "{url} answered {status}: {text}");
+        Ok(text)
+    }
+}
+
 #[tonic::async_trait]
 impl JwksFetcher for HttpJwksFetcher {
     async fn fetch(&self, url: &str) -> Result<Vec<u8>, FetchError> {

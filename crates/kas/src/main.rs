@@ -49,6 +49,23 @@ enum Cmd {
     /// Manage personal access tokens of people using the Kubernetes API through an agent.
     #[command(subcommand)]
     UserToken(UserTokenCmd),
+    /// Write a kubeconfig for a CI job: one context per agent its ID token may use, named
+    /// `<config project path>:<agent name>` (runs in the job; talks to kas's Kubernetes API
+    /// proxy, not to the internal API).
+    Kubeconfig {
+        /// kas's Kubernetes API proxy URL, e.g. https://kas.example.com:8154/k8s-proxy.
+        #[arg(long)]
+        server: String,
+        /// File with the job's OIDC ID token (GitLab `id_tokens`, GitHub Actions OIDC).
+        #[arg(long)]
+        id_token_file: PathBuf,
+        /// PEM CA of the proxy's certificate (default: the system's roots).
+        #[arg(long)]
+        ca_cert_file: Option<PathBuf>,
+        /// Where to write it (default: standard output).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -67,6 +84,12 @@ enum UserTokenCmd {
         /// Lifetime, like 8h or 30d (default 30 days).
         #[arg(long, default_value = "30d")]
         expires_in: String,
+        /// Also write a kubeconfig using the token to this file…
+        #[arg(long, requires = "server")]
+        kubeconfig: Option<PathBuf>,
+        /// …pointing at kas's Kubernetes API proxy URL.
+        #[arg(long)]
+        server: Option<String>,
     },
     /// Revoke a personal access token.
     Revoke { token_id: i64 },
@@ -191,6 +214,20 @@ async fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Token(t)) => token_cmd(&admin_client(&cli, &cfg)?, t).await,
         Some(Cmd::Project(p)) => project_cmd(&admin_client(&cli, &cfg)?, p).await,
         Some(Cmd::UserToken(u)) => user_token_cmd(&admin_client(&cli, &cfg)?, u).await,
+        Some(Cmd::Kubeconfig {
+            server,
+            id_token_file,
+            ca_cert_file,
+            output,
+        }) => {
+            ci_kubeconfig(
+                server,
+                id_token_file,
+                ca_cert_file.as_deref(),
+                output.as_deref(),
+            )
+            .await
+        }
     }
 }
 
@@ -401,6 +438,33 @@ async fn project_cmd(c: &AdminClient, cmd: &ProjectCmd) -> Result<()> {
     Ok(())
 }
 
+/// Fetches the CI job's kubeconfig from kas's proxy.
+async fn ci_kubeconfig(
+    server: &str,
+    id_token_file: &std::path::Path,
+    ca: Option<&std::path::Path>,
+    output: Option<&std::path::Path>,
+) -> Result<()> {
+    let token = std::fs::read_to_string(id_token_file)
+        .with_context(|| format!("reading {}", id_token_file.display()))?;
+    let ca_pem = ca
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fetcher = kas::jwks::HttpJwksFetcher::new(ca_pem.as_deref())?;
+    let url = format!(
+        "{}{}",
+        server.trim_end_matches('/'),
+        kas::kubeproxy::KUBECONFIG_PATH
+    );
+    let body = fetcher.get_with_bearer(&url, token.trim()).await?;
+    match output {
+        Some(p) => kas::auth::write_private(p, &body)?,
+        None => print!("{body}"),
+    }
+    Ok(())
+}
+
 /// `project:group/app:42:developer` or `group:group:maintainer` → a membership.
 fn membership(spec: &str) -> Result<serde_json::Value> {
     let parts: Vec<&str> = spec.split(':').collect();
@@ -431,6 +495,8 @@ async fn user_token_cmd(c: &AdminClient, cmd: &UserTokenCmd) -> Result<()> {
             username,
             members,
             expires_in,
+            kubeconfig,
+            server,
         } => {
             let ttl = humantime::parse_duration(expires_in)
                 .with_context(|| format!("{expires_in} is not a duration like 8h or 30d"))?;
@@ -447,6 +513,25 @@ async fn user_token_cmd(c: &AdminClient, cmd: &UserTokenCmd) -> Result<()> {
                 "token_id: {}\ntoken: pat:{}:{}\nexpires_at: {}",
                 t.token_id, t.agent_id, t.token, t.expires_at
             );
+            if let (Some(file), Some(server)) = (kubeconfig, server) {
+                let agent = c
+                    .list_agents()
+                    .await?
+                    .into_iter()
+                    .find(|a| a.id == *agent_id)
+                    .context("the agent disappeared")?;
+                let name = format!("{}:{}", agent.project, agent.name);
+                let kc = serde_json::json!({
+                    "apiVersion": "v1", "kind": "Config",
+                    "clusters": [{"name": "kas", "cluster": {"server": server}}],
+                    "users": [{"name": name, "user": {"token": format!("pat:{}:{}", t.agent_id, t.token)}}],
+                    "contexts": [{"name": name, "context": {"cluster": "kas", "user": name}}],
+                    "current-context": name,
+                });
+                kas::auth::write_private(file, &format!("{kc:#}\n"))
+                    .with_context(|| format!("writing {}", file.display()))?;
+                eprintln!("kubeconfig written to {} (context {name})", file.display());
+            }
         }
         UserTokenCmd::Revoke { token_id } => {
             let r = c.revoke_user_token(*token_id).await?;

@@ -645,6 +645,33 @@ async fn a_ci_job_gets_a_kubeconfig_for_the_agents_it_may_use() {
     assert!(ok, "{out}{err}");
     assert!(get_cm(&s.env, &s.allowed, "via-kubeconfig"));
 
+    // The same through `kas kubeconfig`, as a CI job would run it.
+    let id_token = s.dir.path().join("id_token");
+    std::fs::write(&id_token, &jwt).unwrap();
+    let out_file = s.dir.path().join("from-cli.kubeconfig");
+    let o = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args([
+            "kubeconfig",
+            &format!("--server=https://localhost:{}", s.kas.k8s_port),
+            &format!("--id-token-file={}", id_token.display()),
+            &format!("--ca-cert-file={}", s.ca.display()),
+            &format!("--output={}", out_file.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut c = Command::new(s.env.bin_dir.join("kubectl"));
+    c.args([
+        "--kubeconfig",
+        out_file.to_str().unwrap(),
+        &format!("--certificate-authority={}", s.ca.display()),
+        "get",
+        "configmap",
+        "via-kubeconfig",
+    ]);
+    let (ok, _, err) = output(c);
+    assert!(ok, "{err}");
+
     // A job no agent authorizes gets no kubeconfig.
     let (code, _) = s.kubeconfig(&s.key.sign(&claims("group/other"))).await;
     assert_eq!(code, 403);
@@ -696,6 +723,37 @@ async fn people_use_personal_access_tokens_scoped_to_one_agent() {
     let (ok, _, err) = output(c);
     assert!(!ok);
     assert!(err.contains("gitlab:user:alice"), "{err}");
+
+    // `kas user-token create --kubeconfig` hands a person a ready kubeconfig.
+    let kc = s.dir.path().join("bob.kubeconfig");
+    let o = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .arg("--configuration-file")
+        .arg(&s.kas.config)
+        .args([
+            "user-token",
+            "create",
+            &format!("--agent-id={}", s.agent_id),
+            "--username=alice",
+            "--member=group:group:maintainer",
+            "--expires-in=1h",
+            &format!("--kubeconfig={}", kc.display()),
+            &format!("--server=https://localhost:{}", s.kas.k8s_port),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut c = Command::new(s.env.bin_dir.join("kubectl"));
+    c.args([
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+        &format!("--certificate-authority={}", s.ca.display()),
+        "get",
+        "configmaps",
+        "-n",
+        &s.allowed,
+    ]);
+    let (ok, _, err) = output(c);
+    assert!(ok, "{err}");
 
     // The same token for another agent: 403.
     let other = s
