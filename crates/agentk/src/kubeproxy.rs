@@ -48,7 +48,11 @@ impl std::fmt::Debug for KubeApiHandler {
 impl KubeApiHandler {
     pub fn new(config: &kube::Config) -> anyhow::Result<Self> {
         use secrecy::ExposeSecret;
-        let connector = config.rustls_https_connector()?;
+        // No Nagle delay on small API requests (watch events, exec frames).
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        let connector = config.rustls_https_connector_with_connector(http)?;
         let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Self(Arc::new(Inner {
             base: config.cluster_url.clone(),

@@ -610,6 +610,7 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => return,
         };
+        let _ = tcp.set_nodelay(true);
         let proxy = proxy.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
