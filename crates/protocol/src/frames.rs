@@ -48,9 +48,7 @@ pub trait InFrame: Send + 'static {
 impl OutFrame for ServerFrame {
     fn data(bytes: Bytes) -> Self {
         ServerFrame {
-            frame: Some(server_frame::Frame::Data(Data {
-                data: bytes.to_vec(),
-            })),
+            frame: Some(server_frame::Frame::Data(Data { data: bytes })),
         }
     }
     fn close_send() -> Self {
@@ -63,9 +61,7 @@ impl OutFrame for ServerFrame {
 impl OutFrame for AgentFrame {
     fn data(bytes: Bytes) -> Self {
         AgentFrame {
-            frame: Some(agent_frame::Frame::Data(Data {
-                data: bytes.to_vec(),
-            })),
+            frame: Some(agent_frame::Frame::Data(Data { data: bytes })),
         }
     }
     fn close_send() -> Self {
@@ -78,7 +74,7 @@ impl OutFrame for AgentFrame {
 impl InFrame for AgentFrame {
     fn classify(self) -> Incoming {
         match self.frame {
-            Some(agent_frame::Frame::Data(d)) => Incoming::Data(Bytes::from(d.data)),
+            Some(agent_frame::Frame::Data(d)) => Incoming::Data(d.data),
             Some(agent_frame::Frame::CloseSend(_)) => Incoming::CloseSend,
             Some(agent_frame::Frame::Error(e)) => Incoming::Error(e.code, e.message),
             Some(agent_frame::Frame::Descriptor(_)) => Incoming::Unexpected("descriptor"),
@@ -91,7 +87,7 @@ impl InFrame for AgentFrame {
 impl InFrame for ServerFrame {
     fn classify(self) -> Incoming {
         match self.frame {
-            Some(server_frame::Frame::Data(d)) => Incoming::Data(Bytes::from(d.data)),
+            Some(server_frame::Frame::Data(d)) => Incoming::Data(d.data),
             Some(server_frame::Frame::CloseSend(_)) => Incoming::CloseSend,
             Some(server_frame::Frame::Request(_)) => Incoming::Unexpected("request"),
             None => Incoming::Unexpected("empty frame"),

@@ -44,4 +44,4 @@ pub mod services {
 /// Largest gRPC message either side accepts (data frames are much smaller; this bounds abuse).
 pub const MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
 /// Size of the data frames the tunnel sends.
-pub const DATA_CHUNK: usize = 32 * 1024;
+pub const DATA_CHUNK: usize = 64 * 1024;

@@ -162,7 +162,7 @@ impl Drop for TestServer {
 
 pub fn data_frame(bytes: Vec<u8>) -> AgentFrame {
     AgentFrame {
-        frame: Some(agent_frame::Frame::Data(Data { data: bytes })),
+        frame: Some(agent_frame::Frame::Data(Data { data: bytes.into() })),
     }
 }
 
