@@ -19,6 +19,11 @@ fn config(level: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Just the id, where a test reads `t.agent_id`.
+struct AgentId {
+    agent_id: i64,
+}
+
 async fn project(kas: &Kas, path: &str, remote: &str, secret: Option<&std::path::Path>) -> i64 {
     kas.admin
         .set_project(&ProjectRequest {
@@ -32,31 +37,69 @@ async fn project(kas: &Kas, path: &str, remote: &str, secret: Option<&std::path:
         .id
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_committed_change_reaches_the_agent_within_a_poll_interval_over_git_daemon() {
+/// A configuration repository served by `git daemon`, a kas polling it, and one agent that
+/// has applied the first commit.
+struct DaemonRig {
+    repo: GitRepo,
+    daemon: Option<GitDaemon>,
+    kas: Kas,
+    agent: Agent,
+    agent_id: i64,
+    c1: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn daemon_rig(agent_name: &str, project_path: &str, poll: &'static str) -> DaemonRig {
     let dir = tempfile::tempdir().unwrap();
     let repo = GitRepo::init(&dir.path().join("git/config.git"));
     let c1 = repo.commit(
-        &[(".gitlab/agents/alpha/config.yaml", Some(&config("info")))],
+        &[(
+            &format!(".gitlab/agents/{agent_name}/config.yaml"),
+            Some(&config("info")),
+        )],
         "agent config",
     );
     let daemon = GitDaemon::start(&dir.path().join("git")).await;
     let kas = Kas::start(
         &dir.path().join("kas"),
         KasOptions {
-            git_poll: "1s",
+            git_poll: poll,
             ..KasOptions::default()
         },
     )
     .await;
     let remote = format!("git://127.0.0.1:{}/config.git", daemon.port);
-    project(&kas, "group/config", &remote, None).await;
+    project(&kas, project_path, &remote, None).await;
     let t = kas
         .admin
-        .register_agent("group/config", "alpha")
+        .register_agent(project_path, agent_name)
         .await
         .unwrap();
-    let agent = Agent::start(dir.path(), "alpha", &kas.url("grpc"), &t.token, None);
+    let agent = Agent::start(dir.path(), agent_name, &kas.url("grpc"), &t.token, None);
+    DaemonRig {
+        repo,
+        daemon: Some(daemon),
+        kas,
+        agent,
+        agent_id: t.agent_id,
+        c1,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_change_reaches_the_agent_within_a_poll_interval_over_git_daemon() {
+    let rig = daemon_rig("alpha", "group/config", "1s").await;
+    let DaemonRig {
+        repo,
+        kas,
+        agent,
+        c1,
+        ..
+    } = &rig;
+    let t = AgentId {
+        agent_id: rig.agent_id,
+    };
     let applied = agent.wait_log(APPLIED, &c1).await;
     assert_eq!(applied["log_level"], "info");
     assert_eq!(
@@ -297,31 +340,13 @@ async fn invalid_configurations_are_refused_and_the_last_good_one_stays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_failure_keeps_the_last_good_commit_and_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = GitRepo::init(&dir.path().join("git/config.git"));
-    let c1 = repo.commit(
-        &[(".gitlab/agents/delta/config.yaml", Some(&config("info")))],
-        "config",
-    );
-    let daemon = GitDaemon::start(&dir.path().join("git")).await;
-    let kas = Kas::start(
-        &dir.path().join("kas"),
-        KasOptions {
-            git_poll: "300ms",
-            ..KasOptions::default()
-        },
-    )
-    .await;
-    let remote = format!("git://127.0.0.1:{}/config.git", daemon.port);
-    project(&kas, "group/flaky", &remote, None).await;
-    let t = kas
-        .admin
-        .register_agent("group/flaky", "delta")
-        .await
-        .unwrap();
-    let agent = Agent::start(dir.path(), "delta", &kas.url("grpc"), &t.token, None);
+    let mut rig = daemon_rig("delta", "group/flaky", "300ms").await;
+    let (kas, agent, c1) = (&rig.kas, &rig.agent, rig.c1.clone());
+    let t = AgentId {
+        agent_id: rig.agent_id,
+    };
     agent.wait_log(APPLIED, &c1).await;
-    drop(daemon); // the Git server goes away
+    drop(rig.daemon.take()); // the Git server goes away
     let p = wait_for(
         "the fetch error to be reported",
         Duration::from_secs(15),
