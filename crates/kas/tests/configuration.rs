@@ -100,7 +100,7 @@ async fn a_committed_change_reaches_the_agent_within_a_poll_interval_over_git_da
     let t = AgentId {
         agent_id: rig.agent_id,
     };
-    let applied = agent.wait_log(APPLIED, &c1).await;
+    let applied = agent.wait_log(APPLIED, c1).await;
     assert_eq!(applied["log_level"], "info");
     assert_eq!(
         applied["agent_id"], t.agent_id,
