@@ -80,17 +80,7 @@ impl Inner {
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    // A Kubernetes Status object, so kubectl prints the message well.
-    let body = serde_json::json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code.as_u16(),
-    })
-    .to_string();
+    let body = tether_kubeproxy_agent::status_json(code, reason, message);
     let mut r = Response::new(
         Full::new(Bytes::from(body))
             .map_err(|never| match never {})

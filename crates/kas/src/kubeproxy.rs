@@ -133,11 +133,7 @@ impl std::fmt::Debug for Proxy {
 
 /// A Kubernetes `Status` error, so kubectl prints the reason well.
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": message, "reason": reason, "code": code.as_u16(),
-    })
-    .to_string();
+    let body = tether_kubeproxy_agent::status_json(code, reason, message);
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
     *r.status_mut() = code;
     r.headers_mut().insert(

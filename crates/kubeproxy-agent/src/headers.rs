@@ -351,3 +351,35 @@ mod tests {
         );
     }
 }
+
+/// A Kubernetes `Status` failure object as JSON text, so kubectl prints the reason well. Used by
+/// both kas's proxy and agentk for the errors they answer themselves.
+pub fn status_json(code: http::StatusCode, reason: &str, message: &str) -> String {
+    serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code.as_u16(),
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn status_json_is_a_kubernetes_failure_status() {
+        let v: serde_json::Value =
+            serde_json::from_str(&status_json(http::StatusCode::FORBIDDEN, "Forbidden", "no"))
+                .expect("JSON");
+        assert_eq!(v["kind"], "Status");
+        assert_eq!(v["status"], "Failure");
+        assert_eq!(v["code"], 403);
+        assert_eq!(v["reason"], "Forbidden");
+        assert_eq!(v["message"], "no");
+    }
+}

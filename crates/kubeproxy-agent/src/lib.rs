@@ -11,7 +11,7 @@
 mod headers;
 mod impersonation;
 
-pub use headers::{Refused, sanitize_request_headers};
+pub use headers::{Refused, sanitize_request_headers, status_json};
 pub use impersonation::{
     AccessAs, CiJobContext, EnvironmentContext, IMPERSONATE_EXTRA_PREFIX, IMPERSONATE_GROUP,
     IMPERSONATE_UID, IMPERSONATE_USER, ImpersonationError, RequestContext, Roles, UserContext,
