@@ -7,14 +7,17 @@
 //! 1. [`decode::decode_file`] every fetched file — any error aborts the sync (and with it
 //!    pruning: an incomplete set must never drive deletions);
 //! 2. [`plan::set_default_namespace`], then refuse [`plan::duplicates`];
-//! 3. check ownership of existing objects ([`inventory::may_take_over`]) and mark ours
-//!    ([`inventory::set_owner`]);
-//! 4. apply [`plan::apply_stages`] in order, emitting [`events`];
-//! 5. write the inventory ([`inventory::encode`]) and prune [`prune::to_prune`];
+//! 3. check ownership of existing objects ([`inventory::may_take_over`]), mark ours
+//!    ([`inventory::set_owner`]) and stamp the digest ([`drift::stamp_digest`]);
+//! 4. apply [`plan::apply_stages`] in order, skipping objects [`drift::is_up_to_date`] says
+//!    need no write, emitting [`events`];
+//! 5. write the inventory ([`inventory::encode`]) when its set changed, and prune
+//!    [`prune::to_prune`];
 //! 6. poll [`status::compute_status`] until [`status::sync_outcome`] is no longer waiting
 //!    or `reconcile_timeout` passes.
 
 pub mod decode;
+pub mod drift;
 pub mod events;
 pub mod inventory;
 pub mod object_ref;

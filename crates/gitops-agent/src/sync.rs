@@ -9,13 +9,16 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use kube::Client;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
+};
 use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
 use serde_json::{Value, json};
 use tether_agent_config::{DryRunStrategy, InventoryPolicy, PrunePropagationPolicy};
 use tokio_util::sync::CancellationToken;
 
 use crate::decode::{Manifest, decode_file};
+use crate::drift;
 use crate::events;
 use crate::inventory;
 use crate::object_ref::ObjRef;
@@ -27,8 +30,12 @@ use crate::status::{ResourceStatus, Status, compute_status};
 pub const FIELD_MANAGER: &str = "agentk";
 /// How many API requests one sync keeps in flight.
 const CONCURRENCY: usize = 16;
-/// Status polling period.
-const POLL: Duration = Duration::from_millis(500);
+/// First status poll after applying; the period then doubles up to [`POLL_MAX`]. Most objects
+/// are Current at once (or within a second), a few take minutes.
+const POLL_MIN: Duration = Duration::from_millis(100);
+const POLL_MAX: Duration = Duration::from_secs(2);
+/// From this many objects of one type in one namespace, one LIST replaces a GET per object.
+const LIST_THRESHOLD: usize = 4;
 
 /// What to do for one manifest project.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,14 +100,15 @@ fn log_event(level: tracing::Level, event: &Value) {
     }
 }
 
-fn event_applied(obj: &ObjRef) {
+fn event_applied(obj: &ObjRef, wrote: bool) {
+    let op = if wrote {
+        events::ApplyOperation::ServersideApplied
+    } else {
+        events::ApplyOperation::Unchanged
+    };
     log_event(
         tracing::Level::INFO,
-        &events::resource_applied(
-            obj,
-            events::ApplyOperation::ServersideApplied,
-            std::time::SystemTime::now(),
-        ),
+        &events::resource_applied(obj, op, std::time::SystemTime::now()),
     );
 }
 
@@ -158,6 +166,35 @@ struct Resolved {
     idx: usize,
     ar: ApiResource,
     namespaced: bool,
+}
+
+/// One applied object: whether a write was sent, and the object as the API server returned
+/// it (the apply's answer, or the live object when nothing needed writing).
+struct Applied {
+    wrote: bool,
+    object: Option<Value>,
+}
+
+/// What is known of an object before applying it.
+enum Known {
+    /// Not looked up yet: GET it.
+    Unknown,
+    /// A LIST of its type and namespace did not contain it.
+    Absent,
+    Live(Box<Value>),
+}
+
+/// Groups objects by resource type and namespace: one LIST per group instead of one GET per
+/// object.
+type GroupKey = (String, String, String, Option<String>);
+
+fn group_key(ar: &ApiResource, ns: Option<&str>) -> GroupKey {
+    (
+        ar.group.clone(),
+        ar.version.clone(),
+        ar.plural.clone(),
+        ns.map(str::to_owned),
+    )
 }
 
 impl Syncer {
@@ -235,9 +272,11 @@ impl Syncer {
             &ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
             Some(&s.default_namespace),
         );
+        let mut inventory_exists = false;
         let previous: BTreeSet<ObjRef> = match cms.get_opt(&inv_name).await {
             Ok(None) => BTreeSet::new(),
             Ok(Some(cm)) => {
+                inventory_exists = true;
                 let data: BTreeMap<String, String> = cm
                     .data
                     .get("data")
@@ -297,6 +336,7 @@ impl Syncer {
         let mut results: HashMap<ObjRef, ObjectOutcome> = HashMap::new();
         let mut applied: BTreeSet<ObjRef> = BTreeSet::new();
         let mut writes = 0usize;
+        let mut seeded: HashMap<ObjRef, ResourceStatus> = HashMap::new();
 
         // 3. Apply in stages: CRDs and Namespaces first, then (after discovery sees the new
         // types) everything else.
@@ -349,19 +389,39 @@ impl Syncer {
                     }
                 }
             }
+            let mut live = self
+                .list_groups(resolved.iter().map(|r| {
+                    let m = &manifests[r.idx];
+                    (r.ar.clone(), r.namespaced.then(|| m.namespace()).flatten())
+                }))
+                .await;
             let outcomes = futures_util::stream::iter(resolved.into_iter().map(|r| {
                 let m = &manifests[r.idx];
-                self.apply_one(s, &inv_id, m, r.ar.clone(), r.namespaced)
+                let ns = r.namespaced.then(|| m.namespace()).flatten();
+                let known = match live.get_mut(&group_key(&r.ar, ns)) {
+                    Some(objects) => objects
+                        .remove(m.name())
+                        .map_or(Known::Absent, |o| Known::Live(Box::new(o))),
+                    None => Known::Unknown,
+                };
+                self.apply_one(s, &inv_id, m, r.ar.clone(), r.namespaced, known)
             }))
             .buffer_unordered(CONCURRENCY)
             .collect::<Vec<_>>()
             .await;
+            drop(live);
             for (obj, res) in outcomes {
                 match res {
-                    Ok(wrote) => {
-                        writes += usize::from(wrote);
-                        event_applied(&obj);
+                    Ok(a) => {
+                        writes += usize::from(a.wrote);
+                        event_applied(&obj, a.wrote);
                         applied.insert(obj.clone());
+                        // The API server's answer already tells most objects' status (a
+                        // ConfigMap is Current at once); the rest are polled below.
+                        let st = a.object.as_ref().map(compute_status);
+                        if let Some(st) = &st {
+                            seeded.insert(obj.clone(), st.clone());
+                        }
                         results.insert(
                             obj.clone(),
                             ObjectOutcome {
@@ -404,7 +464,11 @@ impl Syncer {
         if !dry {
             let mut with_pending = inventory_now.clone();
             with_pending.extend(prune_list.iter().cloned());
-            if let Err(e) = self.write_inventory(s, &inv_name, &with_pending).await {
+            // An unchanged set needs no write (a re-sync of the same commit writes nothing).
+            let inventory_unchanged = inventory_exists && with_pending == previous;
+            if inventory_unchanged {
+                // Nothing to record.
+            } else if let Err(e) = self.write_inventory(s, &inv_name, &with_pending).await {
                 let mut out = self.finish(commit_id, results, writes, dry);
                 out.succeeded = false;
                 out.error = Some(format!(
@@ -412,8 +476,9 @@ impl Syncer {
                     s.default_namespace
                 ));
                 return out;
+            } else {
+                writes += 1;
             }
-            writes += 1;
             let mut pruned_ok = BTreeSet::new();
             for obj in &prune_list {
                 if cancel.is_cancelled() {
@@ -464,8 +529,15 @@ impl Syncer {
 
         // 5. Status until everything is Current or Failed, or the reconcile timeout.
         if !dry {
-            self.wait_status(&applied, &disc, s.reconcile_timeout, cancel, &mut results)
-                .await;
+            self.wait_status(
+                &applied,
+                seeded,
+                &disc,
+                s.reconcile_timeout,
+                cancel,
+                &mut results,
+            )
+            .await;
         } else {
             for obj in &applied {
                 if let Some(r) = results.get_mut(obj) {
@@ -503,8 +575,57 @@ impl Syncer {
         }
     }
 
-    /// Applies one object with server-side apply, after checking who owns it. Returns whether
-    /// a write was sent, or the reason it failed.
+    /// LISTs each resource type and namespace that holds at least [`LIST_THRESHOLD`] of the
+    /// given objects: name → live object. A group whose LIST fails (e.g. RBAC allows GET but
+    /// not LIST) is left out, so its objects are looked up one by one.
+    async fn list_groups(
+        &self,
+        objects: impl Iterator<Item = (ApiResource, Option<&str>)>,
+    ) -> HashMap<GroupKey, HashMap<String, Value>> {
+        let mut counts: HashMap<GroupKey, (ApiResource, usize)> = HashMap::new();
+        for (ar, ns) in objects {
+            counts
+                .entry(group_key(&ar, ns))
+                .or_insert_with(|| (ar.clone(), 0))
+                .1 += 1;
+        }
+        let lists = futures_util::stream::iter(
+            counts
+                .into_iter()
+                .filter(|(_, (_, n))| *n >= LIST_THRESHOLD)
+                .map(|(key, (ar, _))| async move {
+                    let api = self.api(&ar, key.3.as_deref());
+                    let list = api.list(&ListParams::default()).await;
+                    (key, list)
+                }),
+        )
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        let mut out = HashMap::new();
+        for (key, list) in lists {
+            match list {
+                Ok(list) => {
+                    let objects = list
+                        .items
+                        .into_iter()
+                        .filter_map(|o| {
+                            let name = o.metadata.name.clone()?;
+                            Some((name, serde_json::to_value(o).ok()?))
+                        })
+                        .collect();
+                    out.insert(key, objects);
+                }
+                Err(e) => {
+                    tracing::debug!(resource = %key.2, namespace = ?key.3, error = %api_reason(&e), "LIST failed; looking objects up one by one");
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies one object with server-side apply, after checking who owns it, unless the live
+    /// object already is what we would apply ([`drift::is_up_to_date`]).
     async fn apply_one(
         &self,
         s: &Settings,
@@ -512,40 +633,37 @@ impl Syncer {
         m: &Manifest,
         ar: ApiResource,
         namespaced: bool,
-    ) -> (ObjRef, Result<bool, String>) {
+        known: Known,
+    ) -> (ObjRef, Result<Applied, String>) {
         let obj_ref = m.obj_ref();
-        let ns = if namespaced {
-            m.object["metadata"]["namespace"]
-                .as_str()
-                .map(str::to_owned)
-        } else {
-            None
+        let ns = if namespaced { m.namespace() } else { None };
+        let api = self.api(&ar, ns);
+        let name = m.name();
+        let live = match known {
+            Known::Live(v) => Some(*v),
+            Known::Absent => None,
+            Known::Unknown => match api.get_opt(name).await {
+                Ok(o) => o.and_then(|o| serde_json::to_value(o).ok()),
+                Err(e) => return (obj_ref, Err(api_reason(&e))),
+            },
         };
-        let api = self.api(&ar, ns.as_deref());
-        let name = m.name().to_string();
-        // Ownership: another inventory's object is not taken over unless the policy allows.
-        match api.get_opt(&name).await {
-            Ok(Some(current)) => {
-                let owner = current
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(inventory::OWNING_INVENTORY_ANNOTATION))
-                    .map(String::as_str);
-                if let Err(conflict) = inventory::may_take_over(s.inventory_policy, owner, inv_id) {
-                    return (obj_ref, Err(conflict.to_string()));
-                }
-            }
-            Ok(None) => {}
-            Err(e) => return (obj_ref, Err(api_reason(&e))),
-        }
         let mut obj = m.object.clone();
-        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
-            let ann = meta.entry("annotations").or_insert_with(|| json!({}));
-            if let Some(a) = ann.as_object_mut() {
-                a.insert(
-                    inventory::OWNING_INVENTORY_ANNOTATION.into(),
-                    Value::String(inv_id.to_string()),
+        inventory::set_owner(&mut obj, inv_id);
+        drift::stamp_digest(&mut obj);
+        if let Some(current) = &live {
+            // Ownership: another inventory's object is not taken over unless the policy allows.
+            if let Err(conflict) =
+                inventory::may_take_over(s.inventory_policy, inventory::owner(current), inv_id)
+            {
+                return (obj_ref, Err(conflict.to_string()));
+            }
+            if s.dry_run == DryRunStrategy::None && drift::is_up_to_date(&obj, current) {
+                return (
+                    obj_ref,
+                    Ok(Applied {
+                        wrote: false,
+                        object: live,
+                    }),
                 );
             }
         }
@@ -553,8 +671,16 @@ impl Syncer {
         if s.dry_run == DryRunStrategy::Server {
             pp = pp.dry_run();
         }
-        match api.patch(&name, &pp, &Patch::Apply(&obj)).await {
-            Ok(_) => (obj_ref, Ok(s.dry_run == DryRunStrategy::None)),
+        match api.patch(name, &pp, &Patch::Apply(&obj)).await {
+            Ok(o) => {
+                let wrote = s.dry_run == DryRunStrategy::None;
+                let object = if wrote {
+                    serde_json::to_value(o).ok()
+                } else {
+                    None
+                };
+                (obj_ref, Ok(Applied { wrote, object }))
+            }
             Err(e) => (obj_ref, Err(api_reason(&e))),
         }
     }
@@ -688,9 +814,13 @@ impl Syncer {
     }
 
     /// Polls every applied object's status until all are Current or Failed, or `timeout`.
+    /// `seeded` holds statuses already known from the apply (not polled again unless still in
+    /// progress). Objects are polled by one LIST per type and namespace when enough of them are
+    /// pending, by GET otherwise.
     async fn wait_status(
         &self,
         applied: &BTreeSet<ObjRef>,
+        seeded: HashMap<ObjRef, ResourceStatus>,
         disc: &Discovery,
         timeout: Duration,
         cancel: &CancellationToken,
@@ -698,66 +828,47 @@ impl Syncer {
     ) {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last: HashMap<ObjRef, ResourceStatus> = HashMap::new();
-        let targets: Vec<(ObjRef, Api<DynamicObject>)> = applied
+        let targets: Vec<(ObjRef, ApiResource, Option<String>)> = applied
             .iter()
             .filter_map(|o| {
                 let (ar, caps) = Self::resolve_ref(disc, o)?;
                 let ns = if caps.scope == Scope::Namespaced {
-                    o.namespace.as_deref()
+                    o.namespace.clone()
                 } else {
                     None
                 };
-                Some((o.clone(), self.api(&ar, ns)))
+                Some((o.clone(), ar, ns))
             })
             .collect();
+        let mut record = |o: ObjRef, st: ResourceStatus, last: &mut HashMap<_, ResourceStatus>| {
+            if last.get(&o) != Some(&st) {
+                event_status(&o, &st);
+                results.insert(
+                    o.clone(),
+                    ObjectOutcome {
+                        obj: o.clone(),
+                        status: st.status.to_string(),
+                        message: st.message.clone(),
+                    },
+                );
+                last.insert(o, st);
+            }
+        };
+        for (o, st) in seeded {
+            record(o, st, &mut last);
+        }
+        let mut period = POLL_MIN;
         loop {
-            // Owned copies: a stream of futures borrowing from here would not be `Send` for
-            // every lifetime the spawned sync needs.
-            let pending: Vec<(ObjRef, Api<DynamicObject>)> = targets
+            let pending: Vec<&(ObjRef, ApiResource, Option<String>)> = targets
                 .iter()
-                .filter(|(o, _)| {
+                .filter(|(o, _, _)| {
                     !last
                         .get(o)
                         .is_some_and(|r| matches!(r.status, Status::Current | Status::Failed))
                 })
-                .cloned()
                 .collect();
             if pending.is_empty() || cancel.is_cancelled() {
                 break;
-            }
-            let polled =
-                futures_util::stream::iter(pending.into_iter().map(|(o, api)| async move {
-                    let st = match api.get_opt(&o.name).await {
-                        Ok(Some(obj)) => {
-                            compute_status(&serde_json::to_value(&obj).unwrap_or(Value::Null))
-                        }
-                        Ok(None) => ResourceStatus {
-                            status: Status::NotFound,
-                            message: "Resource not found".into(),
-                        },
-                        Err(e) => ResourceStatus {
-                            status: Status::Unknown,
-                            message: api_reason(&e),
-                        },
-                    };
-                    (o, st)
-                }))
-                .buffer_unordered(CONCURRENCY)
-                .collect::<Vec<_>>()
-                .await;
-            for (o, st) in polled {
-                if last.get(&o) != Some(&st) {
-                    event_status(&o, &st);
-                    results.insert(
-                        o.clone(),
-                        ObjectOutcome {
-                            obj: o.clone(),
-                            status: st.status.to_string(),
-                            message: st.message.clone(),
-                        },
-                    );
-                    last.insert(o, st);
-                }
             }
             if tokio::time::Instant::now() > deadline {
                 for (o, st) in &last {
@@ -778,10 +889,58 @@ impl Syncer {
                 break;
             }
             tokio::select! {
-                () = tokio::time::sleep(POLL) => {}
+                () = tokio::time::sleep(period) => {}
                 () = cancel.cancelled() => break,
             }
+            period = (period * 2).min(POLL_MAX);
+            for (o, st) in self.poll_statuses(&pending).await {
+                record(o, st, &mut last);
+            }
         }
+    }
+
+    /// The current status of each object: LISTs for groups of [`LIST_THRESHOLD`] or more, GETs
+    /// for the rest (and for groups whose LIST failed).
+    async fn poll_statuses(
+        &self,
+        pending: &[&(ObjRef, ApiResource, Option<String>)],
+    ) -> Vec<(ObjRef, ResourceStatus)> {
+        let mut live = self
+            .list_groups(
+                pending
+                    .iter()
+                    .map(|(_, ar, ns)| (ar.clone(), ns.as_deref())),
+            )
+            .await;
+        let mut out = Vec::with_capacity(pending.len());
+        let mut singles = Vec::new();
+        for (o, ar, ns) in pending.iter().copied() {
+            match live.get_mut(&group_key(ar, ns.as_deref())) {
+                Some(objects) => {
+                    let st = objects
+                        .remove(&o.name)
+                        .map_or_else(ResourceStatus::not_found, |v| compute_status(&v));
+                    out.push((o.clone(), st));
+                }
+                None => singles.push((o.clone(), self.api(ar, ns.as_deref()))),
+            }
+        }
+        let polled = futures_util::stream::iter(singles.into_iter().map(|(o, api)| async move {
+            let st = match api.get_opt(&o.name).await {
+                Ok(Some(obj)) => compute_status(&serde_json::to_value(&obj).unwrap_or(Value::Null)),
+                Ok(None) => ResourceStatus::not_found(),
+                Err(e) => ResourceStatus {
+                    status: Status::Unknown,
+                    message: api_reason(&e),
+                },
+            };
+            (o, st)
+        }))
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        out.extend(polled);
+        out
     }
 }
 

@@ -367,6 +367,96 @@ async fn drift_is_corrected_by_the_periodic_resync() {
     .await;
 }
 
+/// The `writes` of agentk's "Synchronization done" lines for `commit`, oldest first.
+fn sync_writes(agent: &Agent, commit: &str) -> Vec<u64> {
+    agent
+        .log_lines()
+        .iter()
+        .filter(|l| l["msg"] == "Synchronization done" && l["commit_id"] == commit)
+        .filter_map(|l| l["writes"].as_u64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_writes_only_what_changed() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("writes").unwrap();
+    // Five ConfigMaps (looked up with one LIST) and a Deployment (looked up with a GET).
+    let mut many = Vec::new();
+    for i in 0..5 {
+        many.extend(configmap(&format!("cm-{i}"), &ns, "v1"));
+        many.extend(b"---\n");
+    }
+    let two_keys = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: two\n  namespace: {ns}\ndata:\n  keep: a\n  drop: b\n"
+    );
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[
+            ("manifests/many.yaml", Some(&many)),
+            ("manifests/two.yaml", Some(two_keys.as_bytes())),
+            ("manifests/web.yaml", Some(&deployment("web", &ns, 1))),
+        ],
+        &["--gitops-resync-interval", "1s"],
+    )
+    .await;
+    rig.synced(&c1).await;
+    // First sync: seven objects and the inventory; the re-syncs of the same commit: nothing.
+    let writes = wait_for(
+        "two re-syncs of the first commit",
+        Duration::from_secs(60),
+        || async {
+            let w = sync_writes(&rig.agent, &c1);
+            (w.len() >= 3).then_some(w)
+        },
+    )
+    .await;
+    assert_eq!(
+        writes[0], 8,
+        "first sync: 7 objects + inventory ({writes:?})"
+    );
+    assert!(
+        writes[1..].iter().all(|&w| w == 0),
+        "re-syncs wrote: {writes:?}"
+    );
+
+    // A commit that removes one key of one ConfigMap: one write, and the key is gone (the
+    // live object is a superset of the new manifest; the digest says it changed).
+    let one_key = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: two\n  namespace: {ns}\ndata:\n  keep: a\n"
+    );
+    let c2 = rig.manifests.commit(
+        &[("manifests/two.yaml", Some(one_key.as_bytes()))],
+        "drop a key",
+    );
+    let writes = wait_for(
+        "the sync of the one-object change",
+        Duration::from_secs(60),
+        || async {
+            let w = sync_writes(&rig.agent, &c2);
+            (w.len() >= 2).then_some(w)
+        },
+    )
+    .await;
+    assert_eq!(writes[0], 1, "one object changed ({writes:?})");
+    assert_eq!(writes[1], 0, "re-sync after it ({writes:?})");
+    let cm = get_json(&rig.env, &["get", "configmap", "two", "-n", &ns]).unwrap();
+    assert_eq!(cm["data"], serde_json::json!({"keep": "a"}));
+    // Unchanged objects are reported as such, not re-applied.
+    assert!(
+        rig.agent
+            .log_lines()
+            .iter()
+            .any(|l| l["eventType"] == "resourceApplied"
+                && l["name"] == "cm-0"
+                && l["operation"] == "Unchanged")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_walkthrough() {
     let _ = rustls::crypto::ring::default_provider().install_default();
