@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         // Tunnel bytes as `Bytes`: frames then move through the pipe without another copy.
         .bytes(".tether.tunnel.v1.Data")
+        // Small per-RPC buffers: kas holds two idle RPCs per connected agent (src/codec.rs).
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -12,8 +12,6 @@ use tether_protocol::agent_configuration::agent_configuration_server::AgentConfi
 use tether_protocol::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
 use tether_store::Store;
 use tether_tunnel_server::{AgentIdentity, Authenticator, Registry, authenticate_metadata};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 /// Where an agent's configuration file may be, in order (the second form is in the seed).
@@ -163,77 +161,98 @@ impl std::fmt::Debug for ConfigService {
     }
 }
 
-type Tx = mpsc::Sender<Result<ConfigurationResponse, Status>>;
+/// One agent's configuration stream. It is the response stream itself (no task, no channel):
+/// tonic polls it when the agent can take a message, and drops it when the agent goes, which
+/// keeps an idle stream to a few hundred bytes — it exists once per connected agent.
+struct StreamState {
+    svc: ConfigService,
+    id: AgentIdentity,
+    project_id: i64,
+    last: String,
+    heads: tokio::sync::watch::Receiver<tether_git_source::ProjectHead>,
+    lease: tether_tunnel_server::Lease,
+    ended: bool,
+}
 
-impl ConfigService {
-    async fn run(self, id: AgentIdentity, project_id: i64, mut last: String, tx: Tx) {
-        let lease = self.registry.lease(id.token_id);
-        let mut heads = self.sources.watch(project_id);
+impl StreamState {
+    /// The next message: a configuration (or why there is none) when the head commit changes,
+    /// an error when the token is revoked or kas stops, `None` when the stream is over.
+    async fn next(&mut self) -> Option<Result<ConfigurationResponse, Status>> {
+        if self.ended {
+            return None;
+        }
         loop {
-            let head = heads.borrow_and_update().clone();
+            let head = self.heads.borrow_and_update().clone();
             if let Some(commit) = head.commit
-                && commit.to_hex() != last
+                && commit.to_hex() != self.last
             {
-                let hex = commit.to_hex();
-                let mut resp = ConfigurationResponse {
-                    agent_id: id.agent_id,
-                    project_path: id.project_path.clone(),
-                    commit_id: hex.clone(),
-                    ..ConfigurationResponse::default()
-                };
-                match load(&self.sources, project_id, &commit, &id.agent_name).await {
-                    Ok(Loaded::Valid { file, config }) => match serde_json::to_string(&config) {
-                        Ok(json) => {
-                            self.states.set_config(id.agent_id, config);
-                            resp.file_path = file.clone();
-                            resp.config_json = json;
-                            self.states.update(id.agent_id, |s| {
-                                s.commit = hex.clone();
-                                s.file = file;
-                                s.error = None;
-                                s.error_commit = None;
-                            });
-                            tracing::info!(agent_id = id.agent_id, commit_id = %hex, "Sending agent configuration");
-                        }
-                        Err(e) => {
-                            resp.error = format!("encoding the configuration: {e}");
-                        }
-                    },
-                    Ok(Loaded::Invalid { file, error }) => {
-                        tracing::warn!(agent_id = id.agent_id, commit_id = %hex, error = %error, "Agent configuration refused; the last good one stays in force");
-                        resp.file_path = file;
-                        resp.error = error.clone();
-                        self.states.update(id.agent_id, |s| {
-                            s.error = Some(error);
-                            s.error_commit = Some(hex.clone());
-                        });
-                    }
-                    // Reading failed (not the user's fault): try again at the next change.
-                    Err(e) => {
-                        tracing::warn!(agent_id = id.agent_id, commit_id = %hex, error = %e, "Reading the agent configuration failed");
-                        resp.error = e;
-                    }
-                }
-                last = hex;
-                if tx.send(Ok(resp)).await.is_err() {
-                    return;
-                }
+                return Some(Ok(self.response(&commit).await));
             }
             tokio::select! {
-                changed = heads.changed() => if changed.is_err() { return },
-                () = lease.cancelled() => {
-                    let _ = tx.send(Err(Status::unauthenticated("agent token revoked or kas stopping"))).await;
-                    return;
+                changed = self.heads.changed() => if changed.is_err() { return None },
+                () = self.lease.cancelled() => {
+                    self.ended = true;
+                    return Some(Err(Status::unauthenticated("agent token revoked or kas stopping")));
                 }
-                () = tx.closed() => return,
             }
         }
     }
+
+    async fn response(&mut self, commit: &CommitId) -> ConfigurationResponse {
+        let id = &self.id;
+        let hex = commit.to_hex();
+        let mut resp = ConfigurationResponse {
+            agent_id: id.agent_id,
+            project_path: id.project_path.clone(),
+            commit_id: hex.clone(),
+            ..ConfigurationResponse::default()
+        };
+        let states = &self.svc.states;
+        match load(&self.svc.sources, self.project_id, commit, &id.agent_name).await {
+            Ok(Loaded::Valid { file, config }) => match serde_json::to_string(&config) {
+                Ok(json) => {
+                    states.set_config(id.agent_id, config);
+                    resp.file_path = file.clone();
+                    resp.config_json = json;
+                    states.update(id.agent_id, |s| {
+                        s.commit = hex.clone();
+                        s.file = file;
+                        s.error = None;
+                        s.error_commit = None;
+                    });
+                    tracing::info!(agent_id = id.agent_id, commit_id = %hex, "Sending agent configuration");
+                }
+                Err(e) => {
+                    resp.error = format!("encoding the configuration: {e}");
+                }
+            },
+            Ok(Loaded::Invalid { file, error }) => {
+                tracing::warn!(agent_id = id.agent_id, commit_id = %hex, error = %error, "Agent configuration refused; the last good one stays in force");
+                resp.file_path = file;
+                resp.error = error.clone();
+                states.update(id.agent_id, |s| {
+                    s.error = Some(error);
+                    s.error_commit = Some(hex.clone());
+                });
+            }
+            // Reading failed (not the user's fault): try again at the next change.
+            Err(e) => {
+                tracing::warn!(agent_id = id.agent_id, commit_id = %hex, error = %e, "Reading the agent configuration failed");
+                resp.error = e;
+            }
+        }
+        self.last = hex;
+        resp
+    }
 }
+
+type ConfigStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<ConfigurationResponse, Status>> + Send>,
+>;
 
 #[tonic::async_trait]
 impl AgentConfiguration for ConfigService {
-    type GetConfigurationStream = ReceiverStream<Result<ConfigurationResponse, Status>>;
+    type GetConfigurationStream = ConfigStream;
 
     async fn get_configuration(
         &self,
@@ -246,10 +265,20 @@ impl AgentConfiguration for ConfigService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found("the agent's project is gone"))?;
-        let last = request.into_inner().commit_id;
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(self.clone().run(id, project.id, last, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let state = StreamState {
+            svc: self.clone(),
+            lease: self.registry.lease(id.token_id),
+            heads: self.sources.watch(project.id),
+            id,
+            project_id: project.id,
+            last: request.into_inner().commit_id,
+            ended: false,
+        };
+        let stream = futures_util::stream::unfold(state, |mut st| async move {
+            let item = st.next().await?;
+            Some((item, st))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

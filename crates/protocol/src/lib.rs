@@ -10,7 +10,6 @@ pub mod tunnel {
     tonic::include_proto!("tether.tunnel.v1");
 }
 
-/// gRPC metadata keys agentk sends on every RPC so kas can show who is connected.
 /// The agent configuration stream.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod agent_configuration {
@@ -23,8 +22,10 @@ pub mod gitops {
     tonic::include_proto!("tether.gitops.v1");
 }
 
+pub mod codec;
 pub mod frames;
 
+/// gRPC metadata keys agentk sends on every RPC so kas can show who is connected.
 pub mod metadata {
     /// `authorization: Bearer <agent token>`.
     pub const AUTHORIZATION: &str = "authorization";
