@@ -26,7 +26,7 @@ pub use gitlab::{environment_slug, roles_up_to};
 pub use oidc::{
     CiIdentity, ClaimMapping, DEFAULT_LEEWAY, DEFAULT_MIN_REFRESH_INTERVAL,
     DEFAULT_REFRESH_INTERVAL, FetchError, JwksCache, JwksFetcher, JwksSource, NoFetcher,
-    OidcVerifier, TrustedIssuer,
+    OidcVerifier, TrustedIssuer, VERIFIED_TOKEN_TTL,
 };
 
 /// Why a request could not be authenticated. No variant carries a secret.

@@ -483,6 +483,25 @@ pub struct OidcVerifier {
     issuers: Vec<TrustedIssuer>,
     cache: JwksCache,
     leeway: Duration,
+    /// Tokens verified recently (by SHA-256, never the token itself).
+    verified: std::sync::Mutex<HashMap<[u8; 32], Verified>>,
+}
+
+/// How long a verified token is trusted without checking its signature again. A CI job sends
+/// the same ID token with every request; checking an ES256/RS256 signature costs more than the
+/// rest of the proxy's work per request. A key withdrawn from the issuer's key set stops
+/// verifying new tokens at once and cached ones within this time; `exp` and `nbf` are checked on
+/// every use.
+pub const VERIFIED_TOKEN_TTL: Duration = Duration::from_secs(30);
+/// Bound on remembered tokens (expired entries are dropped first, then everything).
+const VERIFIED_TOKEN_MAX: usize = 4096;
+
+#[derive(Debug, Clone)]
+struct Verified {
+    identity: CiIdentity,
+    claims_exp: f64,
+    claims_nbf: Option<f64>,
+    until: SystemTime,
 }
 
 impl OidcVerifier {
@@ -508,6 +527,7 @@ impl OidcVerifier {
             issuers,
             cache,
             leeway: DEFAULT_LEEWAY,
+            verified: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -517,8 +537,51 @@ impl OidcVerifier {
         self
     }
 
-    /// Verifies `token` at time `now` and extracts the job's identity.
+    /// Verifies `token` at time `now` and extracts the job's identity. A token verified within
+    /// [`VERIFIED_TOKEN_TTL`] is not verified again, but its lifetime is.
     pub async fn verify(&self, token: &str, now: SystemTime) -> Result<CiIdentity, AuthError> {
+        use sha2::Digest;
+        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let hit = self.remembered().get(&key).cloned();
+        if let Some(v) = hit
+            && now < v.until
+        {
+            check_times(v.claims_exp, v.claims_nbf, now, self.leeway)?;
+            return Ok(v.identity);
+        }
+        let (identity, claims_exp, claims_nbf) = self.verify_uncached(token, now).await?;
+        let mut map = self.remembered();
+        if map.len() >= VERIFIED_TOKEN_MAX {
+            map.retain(|_, v| now < v.until);
+            if map.len() >= VERIFIED_TOKEN_MAX {
+                map.clear();
+            }
+        }
+        map.insert(
+            key,
+            Verified {
+                identity: identity.clone(),
+                claims_exp,
+                claims_nbf,
+                until: now + VERIFIED_TOKEN_TTL,
+            },
+        );
+        Ok(identity)
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Verified>> {
+        // A panic while holding the lock leaves a map that is still consistent.
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The full check; returns the identity and the token's `exp` and `nbf`.
+    async fn verify_uncached(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<(CiIdentity, f64, Option<f64>), AuthError> {
         const NOT_A_JWT: AuthError = AuthError::Malformed("token is not a JWT");
         let header = jsonwebtoken::decode_header(token).map_err(|_| NOT_A_JWT)?;
         let alg = header.alg;
@@ -580,8 +643,9 @@ impl OidcVerifier {
             }
         }
         let claims = result?;
-        check_lifetime(&claims, now, self.leeway)?;
-        identity(issuer, &claims)
+        let (exp, nbf) = lifetime(&claims)?;
+        check_times(exp, nbf, now, self.leeway)?;
+        Ok((identity(issuer, &claims)?, exp, nbf))
     }
 }
 
@@ -603,18 +667,28 @@ fn map_jwt_error(err: jsonwebtoken::errors::Error) -> AuthError {
     }
 }
 
-fn check_lifetime(claims: &Value, now: SystemTime, leeway: Duration) -> Result<(), AuthError> {
+/// The token's `exp` (required) and `nbf`.
+fn lifetime(claims: &Value) -> Result<(f64, Option<f64>), AuthError> {
+    let exp = numeric_date(claims, "exp")?.ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
+    Ok((exp, numeric_date(claims, "nbf")?))
+}
+
+fn check_times(
+    exp: f64,
+    nbf: Option<f64>,
+    now: SystemTime,
+    leeway: Duration,
+) -> Result<(), AuthError> {
     let now = now
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs_f64();
     let leeway = leeway.as_secs_f64();
-    let exp = numeric_date(claims, "exp")?.ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
     // RFC 7519 §4.1.4: the token must not be accepted "on or after" exp.
     if now >= exp + leeway {
         return Err(AuthError::Expired);
     }
-    if let Some(nbf) = numeric_date(claims, "nbf")?
+    if let Some(nbf) = nbf
         && now + leeway < nbf
     {
         return Err(AuthError::NotYetValid);

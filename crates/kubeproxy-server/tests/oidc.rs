@@ -669,3 +669,55 @@ async fn url_sources_go_through_the_fetcher() {
     );
     assert_eq!(fetcher.fetches.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn a_remembered_token_is_still_refused_once_expired() {
+    let s = setup();
+    let t = secs(now());
+    let token = s
+        .gitlab_key
+        .sign(&with(gitlab_claims(), "exp", json!(t + 60)));
+    let first = s.verifier.verify(&token, now()).await.expect("valid");
+    // Within the cache's lifetime the same identity comes back…
+    let again = s
+        .verifier
+        .verify(&token, now() + Duration::from_secs(5))
+        .await
+        .expect("still valid");
+    assert_eq!(first, again);
+    // …but the token's own expiry still applies to the remembered entry.
+    assert!(matches!(
+        s.verifier
+            .verify(&token, now() + Duration::from_secs(91))
+            .await,
+        Err(AuthError::Expired)
+    ));
+}
+
+#[tokio::test]
+async fn a_remembered_token_is_checked_again_after_the_cache_lifetime() {
+    // The key set is a file; once the issuer withdraws the key, a token verified before is
+    // refused when its cache entry runs out.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("jwks.json");
+    let key = Key::ec("gl-1");
+    write_jwks(&path, &[&key]);
+    let source = JwksSource::File(path.clone());
+    let cache = JwksCache::new([(GITLAB.to_owned(), source.clone())], Arc::new(NoFetcher))
+        .with_refresh_interval(Duration::from_secs(1))
+        .with_min_refresh_interval(Duration::ZERO);
+    let verifier =
+        OidcVerifier::with_cache(vec![issuer(GITLAB, source, ClaimMapping::gitlab())], cache);
+    let t = secs(now());
+    let token = key.sign(&with(gitlab_claims(), "exp", json!(t + 3600)));
+    verifier.verify(&token, now()).await.expect("valid");
+    write_jwks(&path, &[&Key::ec("gl-2")]);
+    // The key set is reloaded (older than 1 s), yet the token was verified 2 s ago.
+    let soon = now() + Duration::from_secs(2);
+    verifier.verify(&token, soon).await.expect("remembered");
+    let later = now() + tether_kubeproxy_server::VERIFIED_TOKEN_TTL + Duration::from_secs(1);
+    assert_eq!(
+        verifier.verify(&token, later).await,
+        Err(AuthError::UnknownKey)
+    );
+}
