@@ -444,8 +444,15 @@ impl Syncer {
                     }
                 }
             }
-            if n == 0 && !dry {
-                self.wait_established(&manifests, stage, &disc, cancel)
+            // Only a stage of prerequisites is waited for here (with no CRD or Namespace in
+            // the commit, the first stage is everything, and its status is the job of step 5).
+            let prerequisites: Vec<usize> = stage
+                .iter()
+                .copied()
+                .filter(|&i| plan::is_prerequisite(manifests[i].group(), manifests[i].kind()))
+                .collect();
+            if stages.len() > 1 && n == 0 && !dry && !prerequisites.is_empty() {
+                self.wait_established(&manifests, &prerequisites, &disc, cancel)
                     .await;
             }
         }
