@@ -168,11 +168,12 @@ struct Resolved {
     namespaced: bool,
 }
 
-/// One applied object: whether a write was sent, and the object as the API server returned
-/// it (the apply's answer, or the live object when nothing needed writing).
+/// One applied object: whether a write was sent, and its status as far as the API server's
+/// answer (or the live object, when nothing needed writing) tells. Only the status is kept:
+/// holding thousands of returned objects until the end of the stage would dominate memory.
 struct Applied {
     wrote: bool,
-    object: Option<Value>,
+    status: Option<ResourceStatus>,
 }
 
 /// What is known of an object before applying it.
@@ -418,9 +419,8 @@ impl Syncer {
                         applied.insert(obj.clone());
                         // The API server's answer already tells most objects' status (a
                         // ConfigMap is Current at once); the rest are polled below.
-                        let st = a.object.as_ref().map(compute_status);
-                        if let Some(st) = &st {
-                            seeded.insert(obj.clone(), st.clone());
+                        if let Some(st) = a.status {
+                            seeded.insert(obj.clone(), st);
                         }
                         results.insert(
                             obj.clone(),
@@ -669,7 +669,7 @@ impl Syncer {
                     obj_ref,
                     Ok(Applied {
                         wrote: false,
-                        object: live,
+                        status: Some(compute_status(current)),
                     }),
                 );
             }
@@ -681,12 +681,12 @@ impl Syncer {
         match api.patch(name, &pp, &Patch::Apply(&obj)).await {
             Ok(o) => {
                 let wrote = s.dry_run == DryRunStrategy::None;
-                let object = if wrote {
-                    serde_json::to_value(o).ok()
+                let status = if wrote {
+                    serde_json::to_value(o).ok().map(|v| compute_status(&v))
                 } else {
                     None
                 };
-                (obj_ref, Ok(Applied { wrote, object }))
+                (obj_ref, Ok(Applied { wrote, status }))
             }
             Err(e) => (obj_ref, Err(api_reason(&e))),
         }
