@@ -113,8 +113,9 @@ fn node_manifest() -> String {
             }
         },
         "status": {
-            "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "250"},
-            "capacity": {"cpu": "32", "memory": "256Gi", "pods": "250"}
+            // Room for the benchmark's thousands of Deployments (one Pod each).
+            "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "5000"},
+            "capacity": {"cpu": "32", "memory": "256Gi", "pods": "5000"}
         }
     })
     .to_string()
@@ -226,6 +227,10 @@ pub fn start(opts: &Options, group: &mut Group, stop: &AtomicBool) -> Result<Inf
             "--use-service-account-credentials=true".into(),
             "--secure-port=0".into(),
             "--concurrent-deployment-syncs=10".into(),
+            // The default client limit (20 requests/s) would make the controllers, not the
+            // clients under test, the bottleneck of Deployment-heavy runs.
+            "--kube-api-qps=100".into(),
+            "--kube-api-burst=200".into(),
         ],
         &logs.join("kube-controller-manager.log"),
     )?;
@@ -251,6 +256,10 @@ pub fn start(opts: &Options, group: &mut Group, stop: &AtomicBool) -> Result<Inf
             format!("--server-address=127.0.0.1:{}", free_port()?),
             "--cidr=10.244.0.0/16".into(),
             "--node-ip=127.0.0.1".into(),
+            // The stages renew the node's status only every 10 min and expect a Lease as its
+            // heartbeat; without one the node turns NotReady after the grace period (~50 s)
+            // and its Pods lose Ready.
+            "--node-lease-duration-seconds=40".into(),
         ],
         &logs.join("kwok.log"),
     )?;

@@ -1,0 +1,400 @@
+//! GitOps: time from a commit reaching kas (push webhook) until agentk has applied every object
+//! and every object is Current, against `kubectl apply --server-side` + `kubectl wait` of the
+//! same files; write requests per sync and re-sync; agentk's memory and the idle CPU of kas and
+//! agentk.
+//!
+//! One kas (grpc, `git.poll_interval` 1 h so only webhooks fetch) and one agentk (log level
+//! info, `--gitops-resync-interval` 1 h so no periodic re-sync runs during a measurement) with
+//! three manifest projects `bench/m100`, `bench/m1000` and `bench/m5000`, each its own Git
+//! repository and its own namespace.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+use crate::agent_log::{LogTail, phases, unix_now, wait_sync, wait_syncs};
+use crate::footprint::{cpu_seconds, status_bytes};
+use crate::kubectl::kubectl_baseline;
+use crate::servers::{Ctx, Kas, KasOptions, agentk_args};
+use crate::util::{Proc, check_runs, git_commit_all, git_init_commit, https_client, spawn};
+
+/// Objects per manifest project.
+pub const SIZES: [usize; 3] = [100, 1000, 5000];
+/// Objects per multi-document file (kas selects at most 1,000 files per project).
+const PER_FILE: usize = 50;
+/// Every tenth object is a Deployment, the rest are ConfigMaps.
+const DEPLOYMENT_EVERY: usize = 10;
+const IMAGE: &str = "registry.k8s.io/pause:3.10";
+/// The agent and kas sit idle this long while their CPU time is measured.
+const IDLE: Duration = Duration::from_secs(60);
+const HOOK_SECRET: &str = "bench-webhook-secret";
+/// Where the manifests live in each repository, and the glob that selects them.
+const MANIFEST_DIR: &str = "manifests";
+const GLOB: &str = "/manifests/**/*.yaml";
+
+fn object_yaml(i: usize, version: u32) -> String {
+    if i % DEPLOYMENT_EVERY == DEPLOYMENT_EVERY - 1 {
+        let name = format!("deploy-{i:05}");
+        [
+            "apiVersion: apps/v1",
+            "kind: Deployment",
+            "metadata:",
+            &format!("  name: {name}"),
+            "  labels:",
+            &format!("    app: {name}"),
+            "spec:",
+            "  replicas: 1",
+            "  selector:",
+            "    matchLabels:",
+            &format!("      app: {name}"),
+            "  template:",
+            "    metadata:",
+            "      labels:",
+            &format!("        app: {name}"),
+            "    spec:",
+            "      containers:",
+            "      - name: pause",
+            &format!("        image: {IMAGE}"),
+            "",
+        ]
+        .join("\n")
+    } else {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{i:05}\ndata:\n  index: \"{i}\"\n  version: \"{version}\"\n  greeting: hello from git\n"
+        )
+    }
+}
+
+/// Writes `n` objects into `<repo>/manifests/objects-NNN.yaml`, `PER_FILE` per file, with no
+/// namespace (agentk uses the project's `default_namespace`, kubectl its `-n`). Object
+/// `changed` gets `version: "2"`. Returns the number of files.
+fn write_manifests(repo: &Path, n: usize, changed: Option<usize>) -> Result<usize> {
+    let dir = repo.join(MANIFEST_DIR);
+    std::fs::create_dir_all(&dir)?;
+    let mut files = 0;
+    for (f, start) in (0..n).step_by(PER_FILE).enumerate() {
+        let docs: Vec<String> = (start..(start + PER_FILE).min(n))
+            .map(|i| object_yaml(i, if changed == Some(i) { 2 } else { 1 }))
+            .collect();
+        std::fs::write(dir.join(format!("objects-{f:03}.yaml")), docs.join("---\n"))?;
+        files += 1;
+    }
+    Ok(files)
+}
+
+/// One manifest project: its repository, kas id and namespaces.
+struct Project {
+    objects: usize,
+    path: String,
+    repo: PathBuf,
+    kas_id: i64,
+    gitops_ns: String,
+    kubectl_ns: String,
+    head: String,
+}
+
+/// POSTs a GitLab push webhook for `project` to kas's API listener.
+async fn push_webhook(kas: &Kas, project: &Project) -> Result<()> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let body = json!({"object_kind": "push", "ref": "refs/heads/main", "after": project.head});
+    let req = http::Request::post(format!(
+        "http://127.0.0.1:{}/webhooks/projects/{}",
+        kas.api_port, project.kas_id
+    ))
+    .header("x-gitlab-token", HOOK_SECRET)
+    .header("x-gitlab-event", "Push Hook")
+    .header(http::header::CONTENT_TYPE, "application/json")
+    .body(Full::new(Bytes::from(body.to_string())))?;
+    let resp = client.request(req).await?;
+    let status = resp.status();
+    let text = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!(
+            "webhook for {}: {status}: {}",
+            project.path,
+            String::from_utf8_lossy(&text)
+        );
+    }
+    Ok(())
+}
+
+/// The agent process with its log, restarted for the re-sync measurement.
+struct Agent {
+    proc: Proc,
+    tail: LogTail,
+}
+
+impl Agent {
+    async fn start(ctx: &Ctx, args: &[String], log: &Path) -> Result<Agent> {
+        let proc = spawn(&ctx.agentk_bin, args, log)?;
+        // `Proc` runs setpriv, which execs agentk: the pid must be agentk's own.
+        check_runs(proc.pid(), &ctx.agentk_bin).await?;
+        Ok(Agent {
+            proc,
+            tail: LogTail::new(log),
+        })
+    }
+}
+
+pub async fn run(ctx: &Ctx) -> Result<Value> {
+    let dir = ctx.work.join("gitops");
+    std::fs::create_dir_all(&dir)?;
+    let http = https_client(&std::fs::read(&ctx.env.ca_file)?)?;
+    let auth = format!("Bearer {}", ctx.sa_token);
+    let secret = dir.join("webhook-secret");
+    std::fs::write(&secret, HOOK_SECRET)?;
+
+    // Repositories that start with one commit without YAML, and a namespace per size and path.
+    let mut projects = Vec::new();
+    for n in SIZES {
+        let repo = dir.join(format!("m{n}"));
+        std::fs::create_dir_all(&repo)?;
+        std::fs::write(repo.join("README.md"), "Benchmark manifests.\n")?;
+        let head = git_init_commit(&repo, "empty")?;
+        projects.push(Project {
+            objects: n,
+            path: format!("bench/m{n}"),
+            repo,
+            kas_id: 0,
+            gitops_ns: ctx.env.create_namespace(&format!("gitops-{n}"))?,
+            kubectl_ns: ctx.env.create_namespace(&format!("kubectl-{n}"))?,
+            head,
+        });
+    }
+    let config = dir.join("config");
+    let agent_dir = config.join(".gitlab/agents/gitops");
+    std::fs::create_dir_all(&agent_dir)?;
+    let mut yaml = String::from("gitops:\n  manifest_projects:\n");
+    for p in &projects {
+        yaml.push_str(&format!(
+            "  - id: {}\n    default_namespace: {}\n    paths:\n    - glob: '{GLOB}'\n",
+            p.path, p.gitops_ns
+        ));
+    }
+    yaml.push_str("observability:\n  logging:\n    level: info\n");
+    std::fs::write(agent_dir.join("config.yaml"), yaml)?;
+    git_init_commit(&config, "agent configuration")?;
+
+    let kas = Kas::start(
+        ctx,
+        "kas-gitops",
+        &KasOptions {
+            agent_tls: false,
+            git_poll: "1h",
+            log_level: "warn",
+        },
+    )
+    .await?;
+    check_runs(kas.proc.pid(), &ctx.kas_bin).await?;
+    kas.admin
+        .set_project(&kas::api::ProjectRequest {
+            path: "bench/config".into(),
+            remote: Some(config.display().to_string()),
+            ..Default::default()
+        })
+        .await?;
+    for p in &mut projects {
+        p.kas_id = kas
+            .admin
+            .set_project(&kas::api::ProjectRequest {
+                path: p.path.clone(),
+                remote: Some(p.repo.display().to_string()),
+                webhook_secret_file: Some(secret.display().to_string()),
+                ..Default::default()
+            })
+            .await?
+            .id;
+    }
+    let (agent_id, token) = kas.register("bench/config", "gitops").await?;
+    let args = agentk_args(
+        ctx,
+        &format!("grpc://127.0.0.1:{}", kas.agent_port),
+        &token,
+        &["--log-level", "info", "--gitops-resync-interval", "1h"],
+    )?;
+    let mut agent = Agent::start(ctx, &args, &kas.dir.join("agentk-1.log")).await?;
+    kas.wait_configured(agent_id).await?;
+    // The first synchronization of each (empty) project, then idle memory.
+    let targets: Vec<(&str, &str)> = projects
+        .iter()
+        .map(|p| (p.path.as_str(), p.head.as_str()))
+        .collect();
+    wait_syncs(&mut agent.tail, &targets).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_rss = status_bytes(agent.proc.pid(), "VmRSS")?;
+    let kas_rss_idle = status_bytes(kas.proc.pid(), "VmRSS")?;
+    eprintln!(
+        "bench: agentk idle RSS {:.1} MiB",
+        idle_rss as f64 / 1048576.0
+    );
+
+    // Each size: kubectl first (into its own namespace), then agentk.
+    let mut syncs = Vec::new();
+    for p in &mut projects {
+        let n = p.objects;
+        let files = write_manifests(&p.repo, n, None)?;
+        p.head = git_commit_all(&p.repo, &format!("{n} objects"))?;
+
+        let k = kubectl_baseline(
+            &ctx.env,
+            (&http, &auth),
+            &p.repo.join(MANIFEST_DIR),
+            &p.kubectl_ns,
+            n / DEPLOYMENT_EVERY,
+        )
+        .await?;
+        eprintln!(
+            "bench: kubectl {n} objects: apply {:.2} s, all Available {:.2} s, kubectl wait \
+             returned {:.2} s",
+            k.apply, k.available, k.wait
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let (cpu_agent, cpu_kas) = (cpu_seconds(agent.proc.pid())?, cpu_seconds(kas.proc.pid())?);
+        let t0 = unix_now();
+        let t = Instant::now();
+        push_webhook(&kas, p).await?;
+        let seen = wait_sync(&mut agent.tail, &p.path, &p.head).await?;
+        let observed = t.elapsed().as_secs_f64();
+        let cpu_agent = cpu_seconds(agent.proc.pid())? - cpu_agent;
+        let cpu_kas = cpu_seconds(kas.proc.pid())? - cpu_kas;
+        let total = seen.done - t0;
+        eprintln!(
+            "bench: agentk {n} objects: {total:.2} s (seen after {observed:.2} s), {} writes, \
+             CPU agentk {cpu_agent:.2} s, kas {cpu_kas:.2} s",
+            seen.writes
+        );
+        if seen.objects != n as u64 {
+            bail!(
+                "agentk reported {} objects for {}, expected {n}",
+                seen.objects,
+                p.path
+            );
+        }
+        syncs.push(json!({
+            "objects": n,
+            "deployments": n / DEPLOYMENT_EVERY,
+            "files": files,
+            "kubectl_apply_seconds": k.apply,
+            "kubectl_available_seconds": k.available,
+            "kubectl_total_seconds": k.wait,
+            "agentk_total_seconds": total,
+            "agentk_started_seconds": seen.started.map(|s| s - t0),
+            "agentk_applied_seconds": seen.last_applied.map(|s| s - t0),
+            "agentk_cpu_seconds": cpu_agent,
+            "kas_cpu_seconds": cpu_kas,
+            "writes": seen.writes,
+        }));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let peak_rss = status_bytes(agent.proc.pid(), "VmHWM")?;
+    let rss_after = status_bytes(agent.proc.pid(), "VmRSS")?;
+    eprintln!(
+        "bench: agentk peak RSS {:.1} MiB",
+        peak_rss as f64 / 1048576.0
+    );
+
+    // (c) One ConfigMap changes in the largest project.
+    let one_change = {
+        let p = projects
+            .iter_mut()
+            .max_by_key(|p| p.objects)
+            .context("no projects")?;
+        write_manifests(&p.repo, p.objects, Some(0))?;
+        p.head = git_commit_all(&p.repo, "one ConfigMap changed")?;
+        let t0 = unix_now();
+        push_webhook(&kas, p).await?;
+        let seen = wait_sync(&mut agent.tail, &p.path, &p.head).await?;
+        eprintln!(
+            "bench: one ConfigMap changed in {}: {:.2} s, {} writes",
+            p.path,
+            seen.done - t0,
+            seen.writes
+        );
+        phases(p.objects, &seen, t0)
+    };
+
+    // (b) Re-sync of unchanged commits: restart agentk; its first sync of each project is a
+    // re-sync of the commit it already applied.
+    agent.proc.stop()?;
+    let t0 = unix_now();
+    let mut agent = Agent::start(ctx, &args, &kas.dir.join("agentk-2.log")).await?;
+    let targets: Vec<(&str, &str)> = projects
+        .iter()
+        .map(|p| (p.path.as_str(), p.head.as_str()))
+        .collect();
+    let seen = wait_syncs(&mut agent.tail, &targets).await?;
+    let mut resyncs = Vec::new();
+    for (p, seen) in projects.iter().zip(seen) {
+        eprintln!(
+            "bench: re-sync of {} after restart: {:.2} s, {} writes",
+            p.path,
+            seen.done - t0,
+            seen.writes
+        );
+        resyncs.push(phases(p.objects, &seen, t0));
+    }
+
+    // Idle CPU of both, everything synchronized.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (a0, k0) = (cpu_seconds(agent.proc.pid())?, cpu_seconds(kas.proc.pid())?);
+    let t = Instant::now();
+    tokio::time::sleep(IDLE).await;
+    let (a1, k1) = (cpu_seconds(agent.proc.pid())?, cpu_seconds(kas.proc.pid())?);
+    let idle_wall = t.elapsed().as_secs_f64();
+    let agent_rss_end = status_bytes(agent.proc.pid(), "VmRSS")?;
+    let kas_rss_end = status_bytes(kas.proc.pid(), "VmRSS")?;
+    eprintln!(
+        "bench: idle {idle_wall:.0} s: CPU agentk {:.2} s, kas {:.2} s",
+        a1 - a0,
+        k1 - k0
+    );
+    agent.proc.stop()?;
+
+    Ok(json!({
+        "syncs": syncs,
+        "resyncs": resyncs,
+        "one_change": one_change,
+        "footprint": {
+            "agentk_idle_rss_bytes": idle_rss,
+            "agentk_peak_rss_bytes": peak_rss,
+            "agentk_rss_after_syncs_bytes": rss_after,
+            "agentk_rss_end_bytes": agent_rss_end,
+            "kas_rss_idle_bytes": kas_rss_idle,
+            "kas_rss_end_bytes": kas_rss_end,
+            "idle_seconds": idle_wall,
+            "agentk_cpu_idle_seconds": a1 - a0,
+            "kas_cpu_idle_seconds": k1 - k0,
+        },
+    }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_are_split_and_mixed() {
+        let dir = std::env::temp_dir().join(format!("bench-manifests-{}", std::process::id()));
+        let files = write_manifests(&dir, 120, Some(0)).unwrap();
+        assert_eq!(files, 3);
+        let all: String = (0..3)
+            .map(|f| {
+                std::fs::read_to_string(dir.join(format!("manifests/objects-{f:03}.yaml"))).unwrap()
+            })
+            .collect::<Vec<_>>()
+            .join("---\n");
+        assert_eq!(all.matches("kind: Deployment").count(), 12);
+        assert_eq!(all.matches("kind: ConfigMap").count(), 108);
+        assert_eq!(all.matches("version: \"2\"").count(), 1);
+        assert!(all.contains("\n    spec:\n      containers:\n      - name: pause\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,167 @@
+//! What every section needs: the control plane, the release binaries, an agent identity with
+//! cluster-admin, kas's TLS material, and starting kas and agentk.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kas::admin::AdminClient;
+use tether_testenv::TestEnv;
+use tether_testenv::pki::Pki;
+
+use crate::util::{Proc, free_port, spawn};
+
+/// Shared by all sections.
+pub struct Ctx {
+    pub env: TestEnv,
+    pub kas_bin: PathBuf,
+    pub agentk_bin: PathBuf,
+    /// Scratch folder of this run.
+    pub work: PathBuf,
+    /// Throwaway PKI for kas's listeners.
+    pub pki: Pki,
+    /// JWKS file trusted by kas for CI job ID tokens.
+    pub jwks: PathBuf,
+    /// Kubeconfig of the `bench` ServiceAccount (cluster-admin), used by every agentk.
+    pub agent_kubeconfig: PathBuf,
+    /// Its bearer token, for the direct path.
+    pub sa_token: String,
+    /// Namespace of the ServiceAccount and of the tunnel section's objects.
+    pub ns: String,
+}
+
+pub struct KasOptions<'a> {
+    /// TLS on the agent listener (for `wss://`).
+    pub agent_tls: bool,
+    pub git_poll: &'a str,
+    pub log_level: &'a str,
+}
+
+/// A running kas (release binary) with free loopback ports and its own data folder.
+pub struct Kas {
+    pub proc: Proc,
+    pub admin: AdminClient,
+    pub dir: PathBuf,
+    pub agent_port: u16,
+    pub api_port: u16,
+    pub k8s_port: u16,
+}
+
+impl Kas {
+    pub async fn start(ctx: &Ctx, name: &str, o: &KasOptions<'_>) -> Result<Kas> {
+        let (agent_port, api_port, k8s_port, obs_port) =
+            (free_port()?, free_port()?, free_port()?, free_port()?);
+        let pki = &ctx.pki;
+        let tls = if o.agent_tls {
+            format!(
+                "    certificate_file: {}\n    key_file: {}\n",
+                pki.serving_cert.display(),
+                pki.serving_key.display()
+            )
+        } else {
+            String::new()
+        };
+        let dir = ctx.work.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let cfg = dir.join("kas.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                concat!(
+                    "data_dir: {data}\n",
+                    "agent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}",
+                    "api:\n  listen:\n    address: 127.0.0.1:{api_port}\n",
+                    "git:\n  poll_interval: {poll}\n",
+                    "kubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n",
+                    "    certificate_file: {cert}\n    key_file: {key}\n",
+                    "  ci_issuers:\n  - issuer: https://bench.local\n    audience: kas\n",
+                    "    jwks:\n      file: {jwks}\n",
+                    "observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
+                    "  logging:\n    level: {level}\n",
+                ),
+                agent_port = agent_port,
+                tls = tls,
+                api_port = api_port,
+                poll = o.git_poll,
+                k8s_port = k8s_port,
+                obs_port = obs_port,
+                level = o.log_level,
+                data = dir.join("data").display(),
+                cert = pki.serving_cert.display(),
+                key = pki.serving_key.display(),
+                jwks = ctx.jwks.display(),
+            ),
+        )?;
+        let proc = spawn(
+            &ctx.kas_bin,
+            &["--configuration-file".into(), cfg.display().to_string()],
+            &dir.join("kas.log"),
+        )?;
+        let api = format!("http://127.0.0.1:{api_port}");
+        let token_file = dir.join("data/admin-token");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let admin = loop {
+            if let Ok(c) = AdminClient::from_token_file(&api, &token_file)
+                && c.stats().await.is_ok()
+            {
+                break c;
+            }
+            if Instant::now() > deadline {
+                bail!("kas did not start; see {}", dir.join("kas.log").display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        Ok(Kas {
+            proc,
+            admin,
+            dir,
+            agent_port,
+            api_port,
+            k8s_port,
+        })
+    }
+
+    /// Registers agent `name` in `project`; writes its token next to kas's data; returns the
+    /// agent's id and the token file.
+    pub async fn register(&self, project: &str, name: &str) -> Result<(i64, PathBuf)> {
+        let t = self.admin.register_agent(project, name).await?;
+        let token_path = self.dir.join(format!("{name}.token"));
+        std::fs::write(&token_path, &t.token)?;
+        Ok((t.agent_id, token_path))
+    }
+
+    /// Waits until agent `id` is connected and has received a configuration.
+    pub async fn wait_configured(&self, id: i64) -> Result<()> {
+        crate::util::wait_until(
+            "the agent's configuration",
+            Duration::from_secs(120),
+            || async move {
+                self.admin
+                    .list_agents()
+                    .await
+                    .ok()
+                    .and_then(|v| v.into_iter().find(|a| a.id == id))
+                    .is_some_and(|a| a.connected && a.config.is_some_and(|c| !c.commit.is_empty()))
+            },
+        )
+        .await
+        .with_context(|| format!("see {}", self.dir.display()))
+    }
+}
+
+/// agentk's command line: `address`, the token file, the bench kubeconfig, a free metrics
+/// port, then `extra`.
+pub fn agentk_args(ctx: &Ctx, address: &str, token: &Path, extra: &[&str]) -> Result<Vec<String>> {
+    let mut args = vec![
+        "--kas-address".to_string(),
+        address.to_string(),
+        "--token-file".into(),
+        token.display().to_string(),
+        "--kubeconfig".into(),
+        ctx.agent_kubeconfig.display().to_string(),
+        "--observability-listen-address".into(),
+        format!("127.0.0.1:{}", free_port()?),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Ok(args)
+}
