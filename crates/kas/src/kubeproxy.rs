@@ -118,6 +118,50 @@ pub struct Proxy {
     pub public_url: Option<String>,
     pub ca_pem: Option<Vec<u8>>,
     pub tls: bool,
+    /// Agent → configuration project, remembered briefly (see [`AgentProjects`]).
+    pub agent_projects: Arc<AgentProjects>,
+}
+
+/// Agent id → (configuration project id, path), remembered for [`AGENT_PROJECT_TTL`]: every
+/// proxied request needs it, and two SQLite look-ups were a tenth of kas's CPU per request
+/// under load. Only found agents are remembered (a new agent works at once); a removed agent
+/// has no tunnel left to route to, so a stale entry routes nothing.
+#[derive(Debug, Default)]
+pub struct AgentProjects {
+    map: std::sync::Mutex<HashMap<i64, (std::time::Instant, i64, String)>>,
+}
+
+/// How long an agent's project is remembered.
+pub const AGENT_PROJECT_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+const AGENT_PROJECTS_MAX: usize = 16_384;
+
+impl AgentProjects {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, (std::time::Instant, i64, String)>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The agent's configuration project (id, path), from memory or the store.
+    pub async fn get(&self, store: &dyn Store, agent_id: i64) -> Option<(i64, String)> {
+        let now = std::time::Instant::now();
+        if let Some((at, id, path)) = self.lock().get(&agent_id)
+            && now.duration_since(*at) < AGENT_PROJECT_TTL
+        {
+            return Some((*id, path.clone()));
+        }
+        let agent = store.get_agent(agent_id).await.ok().flatten()?;
+        let project = store.get_project(agent.project_id).await.ok().flatten()?;
+        let mut map = self.lock();
+        if map.len() >= AGENT_PROJECTS_MAX {
+            map.retain(|_, (at, _, _)| now.duration_since(*at) < AGENT_PROJECT_TTL);
+            if map.len() >= AGENT_PROJECTS_MAX {
+                map.clear();
+            }
+        }
+        map.insert(agent_id, (now, project.id, project.path.clone()));
+        Some((project.id, project.path))
+    }
 }
 
 /// Path (under the prefix) where a CI job gets a kubeconfig for every agent it may use.
@@ -178,26 +222,15 @@ impl Proxy {
                     .await
                     .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
                 let forbidden = |m: String| deny(self, StatusCode::FORBIDDEN, "Forbidden", &m);
-                let agent = self
-                    .store
-                    .get_agent(agent_id)
+                let (project_id, project_path) = self
+                    .agent_projects
+                    .get(self.store.as_ref(), agent_id)
                     .await
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| {
-                        forbidden(format!("agent {agent_id} is not available to this job"))
-                    })?;
-                let project = self
-                    .store
-                    .get_project(agent.project_id)
-                    .await
-                    .ok()
-                    .flatten()
                     .ok_or_else(|| {
                         forbidden(format!("agent {agent_id} is not available to this job"))
                     })?;
                 let config = self.configs.config(agent_id).unwrap_or_default();
-                let ok = authorize_ci(&config.ci_access, &project.path, &job).map_err(|d| {
+                let ok = authorize_ci(&config.ci_access, &project_path, &job).map_err(|d| {
                     deny(
                         self,
                         d.status(),
@@ -207,7 +240,7 @@ impl Proxy {
                 })?;
                 let context = RequestContext {
                     agent_id,
-                    config_project_id: Some(project.id),
+                    config_project_id: Some(project_id),
                     ci_job: Some(CiJobContext {
                         job_id: job.job_id,
                         pipeline_id: job.pipeline_id,
@@ -280,12 +313,10 @@ impl Proxy {
                         .collect::<Vec<_>>()
                 };
                 let project_id = self
-                    .store
-                    .get_agent(agent_id)
+                    .agent_projects
+                    .get(self.store.as_ref(), agent_id)
                     .await
-                    .ok()
-                    .flatten()
-                    .map(|a| a.project_id);
+                    .map(|(id, _)| id);
                 Ok(Routed {
                     agent_id,
                     access_as: AccessAs::from(&ok.access_as),

@@ -336,6 +336,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
             None => None,
         },
         tls: k.listen.certificate_file.is_some(),
+        agent_projects: Arc::default(),
     };
     tasks.push(tokio::spawn(crate::kubeproxy::serve(
         k_listener,
