@@ -182,7 +182,37 @@ enum Known {
     Unknown,
     /// A LIST of its type and namespace did not contain it.
     Absent,
-    Live(Box<Value>),
+    Live(LiveSummary),
+}
+
+/// What the apply needs to know of a live object, so thousands of listed objects need not be
+/// held while the stage runs.
+struct LiveSummary {
+    owner: Option<String>,
+    up_to_date: bool,
+    status: ResourceStatus,
+}
+
+impl LiveSummary {
+    /// `desired` is the object as it would be sent (owner set, digest stamped).
+    fn of(desired: &Value, live: &Value) -> Self {
+        LiveSummary {
+            owner: inventory::owner(live).map(str::to_owned),
+            up_to_date: drift::is_up_to_date(desired, live),
+            status: compute_status(live),
+        }
+    }
+}
+
+/// Objects per LIST page: bounds what one response holds in memory.
+const LIST_PAGE: u32 = 500;
+
+/// The object to send for a manifest: marked as ours, then stamped with its digest.
+fn prepared(m: &Manifest, inv_id: &str) -> Value {
+    let mut obj = m.object.clone();
+    inventory::set_owner(&mut obj, inv_id);
+    drift::stamp_digest(&mut obj);
+    obj
 }
 
 /// Groups objects by resource type and namespace: one LIST per group instead of one GET per
@@ -390,22 +420,39 @@ impl Syncer {
                     }
                 }
             }
+            // The stage's objects by type+namespace and name: each listed object is compared
+            // with what would be sent for it as its page arrives, and only a summary is kept
+            // (preparing an object twice costs less than holding thousands of them).
+            let mut index: HashMap<GroupKey, HashMap<&str, usize>> = HashMap::new();
+            for r in &resolved {
+                let m = &manifests[r.idx];
+                let ns = r.namespaced.then(|| m.namespace()).flatten();
+                index
+                    .entry(group_key(&r.ar, ns))
+                    .or_default()
+                    .insert(m.name(), r.idx);
+            }
             let mut live = self
-                .list_groups(resolved.iter().map(|r| {
-                    let m = &manifests[r.idx];
-                    (r.ar.clone(), r.namespaced.then(|| m.namespace()).flatten())
-                }))
+                .list_groups(
+                    resolved.iter().map(|r| {
+                        let m = &manifests[r.idx];
+                        (r.ar.clone(), r.namespaced.then(|| m.namespace()).flatten())
+                    }),
+                    |key, name, obj| {
+                        let idx = *index.get(key)?.get(name)?;
+                        Some(LiveSummary::of(&prepared(&manifests[idx], &inv_id), obj))
+                    },
+                )
                 .await;
             let outcomes = futures_util::stream::iter(resolved.into_iter().map(|r| {
                 let m = &manifests[r.idx];
                 let ns = r.namespaced.then(|| m.namespace()).flatten();
                 let known = match live.get_mut(&group_key(&r.ar, ns)) {
-                    Some(objects) => objects
-                        .remove(m.name())
-                        .map_or(Known::Absent, |o| Known::Live(Box::new(o))),
+                    Some(objects) => objects.remove(m.name()).map_or(Known::Absent, Known::Live),
                     None => Known::Unknown,
                 };
-                self.apply_one(s, &inv_id, m, r.ar.clone(), r.namespaced, known)
+                let obj = prepared(m, &inv_id);
+                self.apply_one(s, &inv_id, m, obj, r.ar.clone(), r.namespaced, known)
             }))
             .buffer_unordered(CONCURRENCY)
             .collect::<Vec<_>>()
@@ -582,13 +629,18 @@ impl Syncer {
         }
     }
 
-    /// LISTs each resource type and namespace that holds at least [`LIST_THRESHOLD`] of the
-    /// given objects: name → live object. A group whose LIST fails (e.g. RBAC allows GET but
+    /// LISTs (in pages) each resource type and namespace that holds at least
+    /// [`LIST_THRESHOLD`] of the given objects, keeping `summarize(group, name, object)` of each
+    /// listed object it returns `Some` for. A group whose LIST fails (e.g. RBAC allows GET but
     /// not LIST) is left out, so its objects are looked up one by one.
-    async fn list_groups(
+    async fn list_groups<T, F>(
         &self,
         objects: impl Iterator<Item = (ApiResource, Option<&str>)>,
-    ) -> HashMap<GroupKey, HashMap<String, Value>> {
+        summarize: F,
+    ) -> HashMap<GroupKey, HashMap<String, T>>
+    where
+        F: Fn(&GroupKey, &str, &Value) -> Option<T>,
+    {
         let mut counts: HashMap<GroupKey, (ApiResource, usize)> = HashMap::new();
         for (ar, ns) in objects {
             counts
@@ -596,14 +648,38 @@ impl Syncer {
                 .or_insert_with(|| (ar.clone(), 0))
                 .1 += 1;
         }
+        let summarize = &summarize;
         let lists = futures_util::stream::iter(
             counts
                 .into_iter()
                 .filter(|(_, (_, n))| *n >= LIST_THRESHOLD)
                 .map(|(key, (ar, _))| async move {
                     let api = self.api(&ar, key.3.as_deref());
-                    let list = api.list(&ListParams::default()).await;
-                    (key, list)
+                    let mut found = HashMap::new();
+                    let mut params = ListParams::default().limit(LIST_PAGE);
+                    loop {
+                        let page = match api.list(&params).await {
+                            Ok(page) => page,
+                            Err(e) => return (key, Err(e)),
+                        };
+                        for o in page.items {
+                            let Some(name) = o.metadata.name.clone() else {
+                                continue;
+                            };
+                            let Ok(v) = serde_json::to_value(o) else {
+                                continue;
+                            };
+                            if let Some(t) = summarize(&key, &name, &v) {
+                                found.insert(name, t);
+                            }
+                        }
+                        match page.metadata.continue_ {
+                            Some(token) if !token.is_empty() => {
+                                params = params.continue_token(&token);
+                            }
+                            _ => return (key, Ok(found)),
+                        }
+                    }
                 }),
         )
         .buffer_unordered(CONCURRENCY)
@@ -612,16 +688,8 @@ impl Syncer {
         let mut out = HashMap::new();
         for (key, list) in lists {
             match list {
-                Ok(list) => {
-                    let objects = list
-                        .items
-                        .into_iter()
-                        .filter_map(|o| {
-                            let name = o.metadata.name.clone()?;
-                            Some((name, serde_json::to_value(o).ok()?))
-                        })
-                        .collect();
-                    out.insert(key, objects);
+                Ok(found) => {
+                    out.insert(key, found);
                 }
                 Err(e) => {
                     tracing::debug!(resource = %key.2, namespace = ?key.3, error = %api_reason(&e), "LIST failed; looking objects up one by one");
@@ -632,12 +700,15 @@ impl Syncer {
     }
 
     /// Applies one object with server-side apply, after checking who owns it, unless the live
-    /// object already is what we would apply ([`drift::is_up_to_date`]).
+    /// object already is what we would apply ([`drift::is_up_to_date`]). `obj` is the
+    /// manifest's object as it is to be sent ([`prepared`]).
+    #[allow(clippy::too_many_arguments)]
     async fn apply_one(
         &self,
         s: &Settings,
         inv_id: &str,
         m: &Manifest,
+        obj: Value,
         ar: ApiResource,
         namespaced: bool,
         known: Known,
@@ -647,29 +718,28 @@ impl Syncer {
         let api = self.api(&ar, ns);
         let name = m.name();
         let live = match known {
-            Known::Live(v) => Some(*v),
+            Known::Live(summary) => Some(summary),
             Known::Absent => None,
             Known::Unknown => match api.get_opt(name).await {
-                Ok(o) => o.and_then(|o| serde_json::to_value(o).ok()),
+                Ok(o) => o
+                    .and_then(|o| serde_json::to_value(o).ok())
+                    .map(|v| LiveSummary::of(&obj, &v)),
                 Err(e) => return (obj_ref, Err(api_reason(&e))),
             },
         };
-        let mut obj = m.object.clone();
-        inventory::set_owner(&mut obj, inv_id);
-        drift::stamp_digest(&mut obj);
-        if let Some(current) = &live {
+        if let Some(current) = live {
             // Ownership: another inventory's object is not taken over unless the policy allows.
             if let Err(conflict) =
-                inventory::may_take_over(s.inventory_policy, inventory::owner(current), inv_id)
+                inventory::may_take_over(s.inventory_policy, current.owner.as_deref(), inv_id)
             {
                 return (obj_ref, Err(conflict.to_string()));
             }
-            if s.dry_run == DryRunStrategy::None && drift::is_up_to_date(&obj, current) {
+            if s.dry_run == DryRunStrategy::None && current.up_to_date {
                 return (
                     obj_ref,
                     Ok(Applied {
                         wrote: false,
-                        status: Some(compute_status(current)),
+                        status: Some(current.status),
                     }),
                 );
             }
@@ -912,11 +982,22 @@ impl Syncer {
         &self,
         pending: &[&(ObjRef, ApiResource, Option<String>)],
     ) -> Vec<(ObjRef, ResourceStatus)> {
+        let wanted: std::collections::HashSet<(GroupKey, &str)> = pending
+            .iter()
+            .map(|(o, ar, ns)| (group_key(ar, ns.as_deref()), o.name.as_str()))
+            .collect();
         let mut live = self
             .list_groups(
                 pending
                     .iter()
                     .map(|(_, ar, ns)| (ar.clone(), ns.as_deref())),
+                |key, name, obj| {
+                    // Only the pending objects' statuses are kept (HashSet lookups by owned
+                    // key; a LIST holds few groups).
+                    wanted
+                        .contains(&(key.clone(), name))
+                        .then(|| compute_status(obj))
+                },
             )
             .await;
         let mut out = Vec::with_capacity(pending.len());
@@ -926,7 +1007,7 @@ impl Syncer {
                 Some(objects) => {
                     let st = objects
                         .remove(&o.name)
-                        .map_or_else(ResourceStatus::not_found, |v| compute_status(&v));
+                        .unwrap_or_else(ResourceStatus::not_found);
                     out.push((o.clone(), st));
                 }
                 None => singles.push((o.clone(), self.api(ar, ns.as_deref()))),
