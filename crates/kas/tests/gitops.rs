@@ -458,6 +458,41 @@ async fn a_resync_writes_only_what_changed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_across_list_pages_writes_nothing() {
+    // More ConfigMaps than one LIST page (500): the re-sync must see every page to find them
+    // all up to date.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("pages").unwrap();
+    let mut many = Vec::new();
+    for i in 0..520 {
+        many.extend(configmap(&format!("cm-{i}"), &ns, "v"));
+        many.extend(b"---\n");
+    }
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[("manifests/many.yaml", Some(&many))],
+        &["--gitops-resync-interval", "1s"],
+    )
+    .await;
+    rig.synced(&c1).await;
+    let writes = wait_for(
+        "a re-sync of the commit",
+        Duration::from_secs(120),
+        || async {
+            let w = sync_writes(&rig.agent, &c1);
+            (w.len() >= 2).then_some(w)
+        },
+    )
+    .await;
+    assert_eq!(writes[0], 521, "520 objects + inventory ({writes:?})");
+    assert_eq!(writes[1], 0, "re-sync ({writes:?})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_walkthrough() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
