@@ -192,24 +192,9 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
     )
     .await?;
     check_runs(kas.proc.pid(), &ctx.kas_bin).await?;
-    kas.admin
-        .set_project(&kas::api::ProjectRequest {
-            path: "bench/config".into(),
-            remote: Some(config.display().to_string()),
-            ..Default::default()
-        })
-        .await?;
+    kas.add_project("bench/config", &config, None).await?;
     for p in &mut projects {
-        p.kas_id = kas
-            .admin
-            .set_project(&kas::api::ProjectRequest {
-                path: p.path.clone(),
-                remote: Some(p.repo.display().to_string()),
-                webhook_secret_file: Some(secret.display().to_string()),
-                ..Default::default()
-            })
-            .await?
-            .id;
+        p.kas_id = kas.add_project(&p.path, &p.repo, Some(&secret)).await?;
     }
     let (agent_id, token) = kas.register("bench/config", "gitops").await?;
     let args = agentk_args(

@@ -121,6 +121,26 @@ impl Kas {
         })
     }
 
+    /// Adds project `path` mirrored from the Git repository at `repo`, with a push-webhook
+    /// secret when given; returns kas's id of the project.
+    pub async fn add_project(
+        &self,
+        path: &str,
+        repo: &std::path::Path,
+        webhook_secret: Option<&std::path::Path>,
+    ) -> Result<i64> {
+        Ok(self
+            .admin
+            .set_project(&kas::api::ProjectRequest {
+                path: path.into(),
+                remote: Some(repo.display().to_string()),
+                webhook_secret_file: webhook_secret.map(|f| f.display().to_string()),
+                ..Default::default()
+            })
+            .await?
+            .id)
+    }
+
     /// Registers agent `name` in `project`; writes its token next to kas's data; returns the
     /// agent's id and the token file.
     pub async fn register(&self, project: &str, name: &str) -> Result<(i64, PathBuf)> {

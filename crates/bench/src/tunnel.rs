@@ -113,13 +113,7 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
             },
         )
         .await?;
-        kas.admin
-            .set_project(&kas::api::ProjectRequest {
-                path: "bench/config".into(),
-                remote: Some(repo.display().to_string()),
-                ..Default::default()
-            })
-            .await?;
+        kas.add_project("bench/config", &repo, None).await?;
         let (id, token_path) = kas.register("bench/config", "bench").await?;
         let address = if transport == "wss" {
             format!("wss://localhost:{}", kas.agent_port)

@@ -982,20 +982,23 @@ impl Syncer {
         &self,
         pending: &[&(ObjRef, ApiResource, Option<String>)],
     ) -> Vec<(ObjRef, ResourceStatus)> {
-        let wanted: std::collections::HashSet<(GroupKey, &str)> = pending
-            .iter()
-            .map(|(o, ar, ns)| (group_key(ar, ns.as_deref()), o.name.as_str()))
-            .collect();
+        let mut wanted: HashMap<GroupKey, BTreeSet<&str>> = HashMap::new();
+        for (o, ar, ns) in pending.iter().copied() {
+            wanted
+                .entry(group_key(ar, ns.as_deref()))
+                .or_default()
+                .insert(o.name.as_str());
+        }
         let mut live = self
             .list_groups(
                 pending
                     .iter()
                     .map(|(_, ar, ns)| (ar.clone(), ns.as_deref())),
                 |key, name, obj| {
-                    // Only the pending objects' statuses are kept (HashSet lookups by owned
-                    // key; a LIST holds few groups).
+                    // Only the pending objects' statuses are kept.
                     wanted
-                        .contains(&(key.clone(), name))
+                        .get(key)
+                        .is_some_and(|names| names.contains(name))
                         .then(|| compute_status(obj))
                 },
             )

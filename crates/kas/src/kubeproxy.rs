@@ -19,7 +19,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tether_kubeproxy_agent::{
     AccessAs, CiJobContext, EnvironmentContext, RequestContext, sanitize_request_headers,
 };
-use tether_kubeproxy_server::{Credential, OidcVerifier, authorize_ci, environment_slug};
+use tether_kubeproxy_server::{
+    Credential, ExpiringMap, OidcVerifier, authorize_ci, environment_slug,
+};
 use tether_store::Store;
 use tether_tunnel_server::Registry;
 use tokio::net::TcpListener;
@@ -126,41 +128,30 @@ pub struct Proxy {
 /// proxied request needs it, and two SQLite look-ups were a tenth of kas's CPU per request
 /// under load. Only found agents are remembered (a new agent works at once); a removed agent
 /// has no tunnel left to route to, so a stale entry routes nothing.
-#[derive(Debug, Default)]
-pub struct AgentProjects {
-    map: std::sync::Mutex<HashMap<i64, (std::time::Instant, i64, String)>>,
-}
+#[derive(Debug)]
+pub struct AgentProjects(ExpiringMap<i64, (i64, String)>);
 
 /// How long an agent's project is remembered.
 pub const AGENT_PROJECT_TTL: std::time::Duration = std::time::Duration::from_secs(5);
-const AGENT_PROJECTS_MAX: usize = 16_384;
+
+impl Default for AgentProjects {
+    fn default() -> Self {
+        Self(ExpiringMap::new(AGENT_PROJECT_TTL, 16_384))
+    }
+}
 
 impl AgentProjects {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, (std::time::Instant, i64, String)>> {
-        self.map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// The agent's configuration project (id, path), from memory or the store.
     pub async fn get(&self, store: &dyn Store, agent_id: i64) -> Option<(i64, String)> {
-        let now = std::time::Instant::now();
-        if let Some((at, id, path)) = self.lock().get(&agent_id)
-            && now.duration_since(*at) < AGENT_PROJECT_TTL
-        {
-            return Some((*id, path.clone()));
+        let now = SystemTime::now();
+        if let Some(hit) = self.0.get(&agent_id, now) {
+            return Some(hit);
         }
         let agent = store.get_agent(agent_id).await.ok().flatten()?;
         let project = store.get_project(agent.project_id).await.ok().flatten()?;
-        let mut map = self.lock();
-        if map.len() >= AGENT_PROJECTS_MAX {
-            map.retain(|_, (at, _, _)| now.duration_since(*at) < AGENT_PROJECT_TTL);
-            if map.len() >= AGENT_PROJECTS_MAX {
-                map.clear();
-            }
-        }
-        map.insert(agent_id, (now, project.id, project.path.clone()));
-        Some((project.id, project.path))
+        let found = (project.id, project.path);
+        self.0.insert(agent_id, found.clone(), now);
+        Some(found)
     }
 }
 

@@ -367,14 +367,36 @@ async fn drift_is_corrected_by_the_periodic_resync() {
     .await;
 }
 
-/// The `writes` of agentk's "Synchronization done" lines for `commit`, oldest first.
-fn sync_writes(agent: &Agent, commit: &str) -> Vec<u64> {
-    agent
-        .log_lines()
-        .iter()
-        .filter(|l| l["msg"] == "Synchronization done" && l["commit_id"] == commit)
-        .filter_map(|l| l["writes"].as_u64())
-        .collect()
+/// `n` ConfigMaps `cm-0`, `cm-1`, … as one multi-document file.
+fn configmaps(n: usize, ns: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.extend(configmap(&format!("cm-{i}"), ns, "v"));
+        out.extend(b"---\n");
+    }
+    out
+}
+
+impl Rig {
+    /// The `writes` of agentk's first `syncs` "Synchronization done" lines for `commit` (the
+    /// first sync, then the periodic re-syncs), waiting for them.
+    async fn writes(&self, commit: &str, syncs: usize) -> Vec<u64> {
+        wait_for(
+            &format!("{syncs} syncs of {commit}"),
+            Duration::from_secs(120),
+            || async {
+                let w: Vec<u64> = self
+                    .agent
+                    .log_lines()
+                    .iter()
+                    .filter(|l| l["msg"] == "Synchronization done" && l["commit_id"] == commit)
+                    .filter_map(|l| l["writes"].as_u64())
+                    .collect();
+                (w.len() >= syncs).then_some(w)
+            },
+        )
+        .await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,11 +405,7 @@ async fn a_resync_writes_only_what_changed() {
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace("writes").unwrap();
     // Five ConfigMaps (looked up with one LIST) and a Deployment (looked up with a GET).
-    let mut many = Vec::new();
-    for i in 0..5 {
-        many.extend(configmap(&format!("cm-{i}"), &ns, "v1"));
-        many.extend(b"---\n");
-    }
+    let many = configmaps(5, &ns);
     let two_keys = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: two\n  namespace: {ns}\ndata:\n  keep: a\n  drop: b\n"
     );
@@ -406,15 +424,7 @@ async fn a_resync_writes_only_what_changed() {
     .await;
     rig.synced(&c1).await;
     // First sync: seven objects and the inventory; the re-syncs of the same commit: nothing.
-    let writes = wait_for(
-        "two re-syncs of the first commit",
-        Duration::from_secs(60),
-        || async {
-            let w = sync_writes(&rig.agent, &c1);
-            (w.len() >= 3).then_some(w)
-        },
-    )
-    .await;
+    let writes = rig.writes(&c1, 3).await;
     assert_eq!(
         writes[0], 8,
         "first sync: 7 objects + inventory ({writes:?})"
@@ -433,15 +443,7 @@ async fn a_resync_writes_only_what_changed() {
         &[("manifests/two.yaml", Some(one_key.as_bytes()))],
         "drop a key",
     );
-    let writes = wait_for(
-        "the sync of the one-object change",
-        Duration::from_secs(60),
-        || async {
-            let w = sync_writes(&rig.agent, &c2);
-            (w.len() >= 2).then_some(w)
-        },
-    )
-    .await;
+    let writes = rig.writes(&c2, 2).await;
     assert_eq!(writes[0], 1, "one object changed ({writes:?})");
     assert_eq!(writes[1], 0, "re-sync after it ({writes:?})");
     let cm = get_json(&rig.env, &["get", "configmap", "two", "-n", &ns]).unwrap();
@@ -464,11 +466,7 @@ async fn a_resync_across_list_pages_writes_nothing() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace("pages").unwrap();
-    let mut many = Vec::new();
-    for i in 0..520 {
-        many.extend(configmap(&format!("cm-{i}"), &ns, "v"));
-        many.extend(b"---\n");
-    }
+    let many = configmaps(520, &ns);
     let (rig, c1) = rig(
         env,
         ns.clone(),
@@ -479,15 +477,7 @@ async fn a_resync_across_list_pages_writes_nothing() {
     )
     .await;
     rig.synced(&c1).await;
-    let writes = wait_for(
-        "a re-sync of the commit",
-        Duration::from_secs(120),
-        || async {
-            let w = sync_writes(&rig.agent, &c1);
-            (w.len() >= 2).then_some(w)
-        },
-    )
-    .await;
+    let writes = rig.writes(&c1, 2).await;
     assert_eq!(writes[0], 521, "520 objects + inventory ({writes:?})");
     assert_eq!(writes[1], 0, "re-sync ({writes:?})");
 }

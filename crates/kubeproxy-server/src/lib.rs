@@ -14,6 +14,7 @@
 
 mod authorize;
 mod credentials;
+mod expiring;
 mod gitlab;
 mod oidc;
 
@@ -22,6 +23,7 @@ pub use authorize::{
     UserAuthorized, UserIdentity, authorize_ci, authorize_user, environment_matches,
 };
 pub use credentials::Credential;
+pub use expiring::ExpiringMap;
 pub use gitlab::{environment_slug, roles_up_to};
 pub use oidc::{
     CiIdentity, ClaimMapping, DEFAULT_LEEWAY, DEFAULT_MIN_REFRESH_INTERVAL,

@@ -484,7 +484,7 @@ pub struct OidcVerifier {
     cache: JwksCache,
     leeway: Duration,
     /// Tokens verified recently (by SHA-256, never the token itself).
-    verified: std::sync::Mutex<HashMap<[u8; 32], Verified>>,
+    verified: crate::ExpiringMap<[u8; 32], Verified>,
 }
 
 /// How long a verified token is trusted without checking its signature again. A CI job sends
@@ -501,7 +501,6 @@ struct Verified {
     identity: CiIdentity,
     claims_exp: f64,
     claims_nbf: Option<f64>,
-    until: SystemTime,
 }
 
 impl OidcVerifier {
@@ -527,7 +526,7 @@ impl OidcVerifier {
             issuers,
             cache,
             leeway: DEFAULT_LEEWAY,
-            verified: std::sync::Mutex::new(HashMap::new()),
+            verified: crate::ExpiringMap::new(VERIFIED_TOKEN_TTL, VERIFIED_TOKEN_MAX),
         }
     }
 
@@ -542,38 +541,21 @@ impl OidcVerifier {
     pub async fn verify(&self, token: &str, now: SystemTime) -> Result<CiIdentity, AuthError> {
         use sha2::Digest;
         let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-        let hit = self.remembered().get(&key).cloned();
-        if let Some(v) = hit
-            && now < v.until
-        {
+        if let Some(v) = self.verified.get(&key, now) {
             check_times(v.claims_exp, v.claims_nbf, now, self.leeway)?;
             return Ok(v.identity);
         }
         let (identity, claims_exp, claims_nbf) = self.verify_uncached(token, now).await?;
-        let mut map = self.remembered();
-        if map.len() >= VERIFIED_TOKEN_MAX {
-            map.retain(|_, v| now < v.until);
-            if map.len() >= VERIFIED_TOKEN_MAX {
-                map.clear();
-            }
-        }
-        map.insert(
+        self.verified.insert(
             key,
             Verified {
                 identity: identity.clone(),
                 claims_exp,
                 claims_nbf,
-                until: now + VERIFIED_TOKEN_TTL,
             },
+            now,
         );
         Ok(identity)
-    }
-
-    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Verified>> {
-        // A panic while holding the lock leaves a map that is still consistent.
-        self.verified
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The full check; returns the identity and the token's `exp` and `nbf`.
