@@ -69,7 +69,8 @@ pub async fn run(
         .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE);
     // Upstream retries the configuration stream more slowly than the tunnel.
     let backoff = Backoff {
-        initial: Duration::from_secs(1),
+        // Back within a second of a kas restart; a kas that stays down is retried less often.
+        initial: Duration::from_millis(500),
         max: Duration::from_secs(60),
         ..Backoff::default()
     };

@@ -11,12 +11,13 @@ use tether_agent_config::{GitRef, ManifestProject, ProjectRef};
 use tether_gitops_agent::sync::{Settings, SyncOutcome, Syncer};
 use tether_protocol::gitops::git_ops_client::GitOpsClient;
 use tether_protocol::gitops::{
-    ObjectStatus, ObjectsRequest, SyncReport, git_ref, objects_response,
+    ObjectStatus, ObjectsRequest, ObjectsResponse, SyncReport, git_ref, objects_response,
 };
 use tether_protocol::metadata;
 use tether_tunnel_agent::{AgentMeta, Backoff};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -69,30 +70,42 @@ pub async fn run(
     meta: AgentMeta,
     syncer: Arc<Syncer>,
     mut config: watch::Receiver<Option<Arc<Applied>>>,
+    mut leading: watch::Receiver<bool>,
     timing: Timing,
     shutdown: CancellationToken,
 ) {
     // project key → (its settings, the worker's stop token, its task)
     let mut workers: HashMap<String, (ManifestProject, CancellationToken, JoinHandle<()>)> =
         HashMap::new();
+    // The election's sender goes away when it is off (always leading) or stopped.
+    let mut election_running = true;
     loop {
         let applied = config.borrow_and_update().clone();
+        // Only the leader applies; a replica that is not (or no longer) leading runs no worker.
+        let lead = *leading.borrow_and_update();
         if let Some(applied) = applied {
             let wanted: HashMap<String, ManifestProject> = applied
                 .config
                 .gitops
                 .manifest_projects
                 .iter()
+                .filter(|_| lead)
                 .map(|p| (project_key(&p.id), p.clone()))
                 .collect();
             // Stop workers whose project left the configuration or whose settings changed.
-            workers.retain(|key, (p, stop, _)| {
-                let keep = wanted.get(key) == Some(p);
-                if !keep {
+            let gone: Vec<String> = workers
+                .iter()
+                .filter(|(key, (p, _, _))| wanted.get(*key) != Some(p))
+                .map(|(key, _)| key.clone())
+                .collect();
+            // A stopped worker must be gone before its successor (or another replica) applies
+            // the same objects.
+            for key in gone {
+                if let Some((_, stop, task)) = workers.remove(&key) {
                     stop.cancel();
+                    let _ = task.await;
                 }
-                keep
-            });
+            }
             for (key, p) in wanted {
                 if workers.contains_key(&key) {
                     continue;
@@ -128,6 +141,7 @@ pub async fn run(
         }
         tokio::select! {
             changed = config.changed() => if changed.is_err() { break },
+            changed = leading.changed(), if election_running => if changed.is_err() { election_running = false },
             () = shutdown.cancelled() => break,
         }
     }
@@ -153,6 +167,112 @@ struct Commit {
     files: Vec<(String, Vec<u8>)>,
 }
 
+/// How long a cancelled sync may take to wind down before its task is aborted. Cancellation is
+/// checked between requests; a request hanging on the API server must not hold agentk past
+/// Kubernetes' termination grace period (30 s by default), so it is dropped mid-flight — as
+/// safe as a crash, which the staged apply and the inventory are built to survive.
+const SYNC_STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Bound of one `ReportSync` call: kas answers in milliseconds, a hung kas must not stall the
+/// worker (it keeps the report and retries).
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The objects stream to kas and the commit being received on it.
+struct Stream {
+    open: Option<tonic::Streaming<ObjectsResponse>>,
+    failures: u32,
+    reconnect_at: Instant,
+    /// The stream was lost since it was last open: kas may have restarted and forgotten our
+    /// report, so the next open re-sends it.
+    lost: bool,
+    building: Option<Commit>,
+}
+
+/// The newest complete commit and the synchronization of it.
+struct SyncState {
+    current: Option<Commit>,
+    running: Option<(CancellationToken, JoinHandle<SyncOutcome>)>,
+    next_run: Option<Instant>,
+    failures: u32,
+}
+
+/// The last report and whether kas has confirmed it.
+struct Reports {
+    last: Option<SyncReport>,
+    pending: bool,
+    failures: u32,
+    retry_at: Instant,
+}
+
+/// What woke the worker.
+enum Event {
+    Message(Result<Option<ObjectsResponse>, tonic::Status>),
+    SyncDone(Result<SyncOutcome, tokio::task::JoinError>),
+    Timer,
+    Stop,
+}
+
+/// Cancels a running sync and waits for it, aborting it after [`SYNC_STOP_GRACE`].
+async fn stop_sync(running: Option<(CancellationToken, JoinHandle<SyncOutcome>)>) {
+    let Some((token, mut task)) = running else {
+        return;
+    };
+    token.cancel();
+    if tokio::time::timeout(SYNC_STOP_GRACE, &mut task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("The synchronization did not stop in time; abandoning its requests");
+        task.abort();
+        let _ = task.await;
+    }
+}
+
+fn stream_backoff() -> Backoff {
+    Backoff {
+        // Back within a second of a kas restart; a kas that stays down is retried less often.
+        initial: Duration::from_millis(500),
+        max: Duration::from_secs(60),
+        ..Backoff::default()
+    }
+}
+
+fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
+    let objects = outcome
+        .objects
+        .iter()
+        .map(|o| ObjectStatus {
+            group: o.obj.group.clone(),
+            kind: o.obj.kind.clone(),
+            namespace: o.obj.namespace.clone().unwrap_or_default(),
+            name: o.obj.name.clone(),
+            status: o.status.clone(),
+            message: o.message.clone(),
+        })
+        .collect();
+    SyncReport {
+        project_id: project_id.to_string(),
+        commit_id: outcome.commit_id.clone(),
+        outcome: if outcome.succeeded {
+            "succeeded"
+        } else {
+            "failed"
+        }
+        .to_string(),
+        error: outcome.error.clone().unwrap_or_default(),
+        objects,
+        finished_at: unix_now(),
+        dry_run: outcome.dry_run,
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
+        .unwrap_or(0)
+}
+
 impl Worker {
     fn request(&self, last: &str) -> ObjectsRequest {
         ObjectsRequest {
@@ -174,144 +294,213 @@ impl Worker {
     }
 
     async fn run(mut self, stop: CancellationToken) {
-        let backoff = Backoff {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(60),
-            ..Backoff::default()
+        let now = Instant::now();
+        let mut stream = Stream {
+            open: None,
+            failures: 0,
+            reconnect_at: now,
+            lost: false,
+            building: None,
         };
-        let mut stream_failures = 0u32;
-        // The newest complete commit, and the sync state for it.
-        let mut current: Option<Commit> = None;
-        let mut sync: Option<(CancellationToken, JoinHandle<SyncOutcome>)> = None;
-        let mut next_run: Option<tokio::time::Instant> = None;
-        let mut sync_failures = 0u32;
-        let mut stream: Option<tonic::Streaming<tether_protocol::gitops::ObjectsResponse>> = None;
-        let mut reconnect_at = tokio::time::Instant::now();
-        let mut building: Option<Commit> = None;
+        let mut sync = SyncState {
+            current: None,
+            running: None,
+            next_run: None,
+            failures: 0,
+        };
+        let mut reports = Reports {
+            last: None,
+            pending: false,
+            failures: 0,
+            retry_at: now,
+        };
         loop {
-            if stream.is_none() && tokio::time::Instant::now() >= reconnect_at {
-                let last = current.as_ref().map(|c| c.id.clone()).unwrap_or_default();
-                match self
-                    .client
-                    .get_objects_to_synchronize(with_token(&self.meta, self.request(&last)))
-                    .await
-                {
-                    Ok(s) => {
-                        stream = Some(s.into_inner());
-                        stream_failures = 0;
-                    }
-                    Err(status) => {
-                        stream_failures = stream_failures.saturating_add(1);
-                        if stream_failures == 1 {
-                            tracing::warn!(code = ?status.code(), error = status.message(), "Cannot get the manifests from kas; retrying");
-                        }
-                        reconnect_at =
-                            tokio::time::Instant::now() + backoff.delay(stream_failures, 0.5);
-                    }
+            self.open_stream(&mut stream, &mut reports, &sync, &stop)
+                .await;
+            self.start_due_sync(&mut sync, &stop);
+            self.retry_report(&mut reports, &stop).await;
+            match next_event(&mut stream, &mut sync, &reports, &stop).await {
+                Event::Message(m) => {
+                    self.on_message(m, &mut stream, &mut sync, &mut reports, &stop)
+                        .await;
                 }
-            }
-            // Start a sync when one is due and none runs.
-            if sync.is_none()
-                && let Some(c) = &current
-                && next_run.is_some_and(|t| tokio::time::Instant::now() >= t)
-            {
-                next_run = None;
-                let token = stop.child_token();
-                let (syncer, settings, commit, t) = (
-                    Arc::clone(&self.syncer),
-                    self.settings.clone(),
-                    c.clone(),
-                    token.clone(),
-                );
-                tracing::info!(agent_id = settings.agent_id, commit_id = %commit.id, "Synchronizing objects");
-                let task = tokio::spawn(
-                    async move { syncer.sync(&settings, &commit.id, &commit.files, &t).await }
-                        .in_current_span(),
-                );
-                sync = Some((token, task));
-            }
-            let wake_at = [next_run, (stream.is_none()).then_some(reconnect_at)]
-                .into_iter()
-                .flatten()
-                .min();
-            tokio::select! {
-                msg = async { match stream.as_mut() { Some(s) => s.message().await, None => std::future::pending().await } } => {
-                    match msg {
-                        Ok(Some(resp)) => match resp.message {
-                            Some(objects_response::Message::Header(h)) => {
-                                building = Some(Commit { id: h.commit_id, files: Vec::new() });
-                            }
-                            Some(objects_response::Message::Object(o)) => {
-                                if let Some(b) = building.as_mut() {
-                                    match b.files.last_mut() {
-                                        Some((path, data)) if *path == o.source => data.extend_from_slice(&o.data),
-                                        _ => b.files.push((o.source, o.data)),
-                                    }
-                                }
-                            }
-                            Some(objects_response::Message::Trailer(_)) => {
-                                if let Some(b) = building.take() {
-                                    // A new commit cancels the sync in progress.
-                                    if let Some((t, task)) = sync.take() {
-                                        t.cancel();
-                                        let _ = task.await;
-                                    }
-                                    current = Some(b);
-                                    sync_failures = 0;
-                                    next_run = Some(tokio::time::Instant::now());
-                                }
-                            }
-                            Some(objects_response::Message::Error(e)) => {
-                                building = None;
-                                tracing::error!(commit_id = %e.commit_id, error = %e.message, "Synchronization failed");
-                                self.report(&e.commit_id, "failed", &e.message, &[], false).await;
-                            }
-                            None => {}
-                        },
-                        Ok(None) => { stream = None; reconnect_at = tokio::time::Instant::now() + Duration::from_secs(1); }
-                        Err(status) => {
-                            stream_failures = stream_failures.saturating_add(1);
-                            tracing::warn!(code = ?status.code(), error = status.message(), "The manifests stream ended; reconnecting");
-                            stream = None;
-                            building = None;
-                            reconnect_at = tokio::time::Instant::now() + backoff.delay(stream_failures, 0.5);
-                        }
-                    }
+                Event::SyncDone(done) => {
+                    self.on_sync_done(done, &mut sync, &mut reports, &stop)
+                        .await;
                 }
-                done = async { match sync.as_mut() { Some((_, task)) => task.await, None => std::future::pending().await } } => {
-                    let cancelled = sync.as_ref().is_some_and(|(t, _)| t.is_cancelled());
-                    sync = None;
-                    if let Ok(outcome) = done && !cancelled {
-                        self.log_outcome(&outcome);
-                        let objects: Vec<ObjectStatus> = outcome.objects.iter().map(|o| ObjectStatus {
-                            group: o.obj.group.clone(),
-                            kind: o.obj.kind.clone(),
-                            namespace: o.obj.namespace.clone().unwrap_or_default(),
-                            name: o.obj.name.clone(),
-                            status: o.status.clone(),
-                            message: o.message.clone(),
-                        }).collect();
-                        let outcome_word = if outcome.succeeded { "succeeded" } else { "failed" };
-                        self.report(&outcome.commit_id, outcome_word, outcome.error.as_deref().unwrap_or(""), &objects, outcome.dry_run).await;
-                        next_run = Some(if outcome.succeeded {
-                            sync_failures = 0;
-                            tokio::time::Instant::now() + self.timing.resync_interval
-                        } else {
-                            sync_failures = sync_failures.saturating_add(1);
-                            tokio::time::Instant::now() + self.timing.retry.delay(sync_failures, 0.5)
-                        });
-                    }
-                }
-                () = async { match wake_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
-                () = stop.cancelled() => {
-                    if let Some((t, task)) = sync.take() {
-                        t.cancel();
-                        let _ = task.await;
-                    }
+                Event::Timer => {}
+                Event::Stop => {
+                    stop_sync(sync.running.take()).await;
                     return;
                 }
             }
         }
+    }
+
+    /// (Re)opens the objects stream when it is closed and its backoff has passed.
+    async fn open_stream(
+        &mut self,
+        stream: &mut Stream,
+        reports: &mut Reports,
+        sync: &SyncState,
+        stop: &CancellationToken,
+    ) {
+        if stream.open.is_some() || Instant::now() < stream.reconnect_at {
+            return;
+        }
+        let last = sync
+            .current
+            .as_ref()
+            .map(|c| c.id.clone())
+            .unwrap_or_default();
+        let req = with_token(&self.meta, self.request(&last));
+        let opened = tokio::select! {
+            r = self.client.get_objects_to_synchronize(req) => r,
+            () = stop.cancelled() => return,
+        };
+        match opened {
+            Ok(s) => {
+                stream.open = Some(s.into_inner());
+                stream.failures = 0;
+                if std::mem::take(&mut stream.lost) && reports.last.is_some() {
+                    reports.pending = true;
+                    reports.retry_at = Instant::now();
+                }
+            }
+            Err(status) => {
+                stream.failures = stream.failures.saturating_add(1);
+                stream.lost = true;
+                if stream.failures == 1 {
+                    tracing::warn!(code = ?status.code(), error = status.message(), "Cannot get the manifests from kas; retrying");
+                }
+                stream.reconnect_at = Instant::now() + stream_backoff().delay(stream.failures, 0.5);
+            }
+        }
+    }
+
+    /// Starts a sync of the newest commit when one is due and none runs.
+    fn start_due_sync(&self, sync: &mut SyncState, stop: &CancellationToken) {
+        if sync.running.is_some() || sync.next_run.is_none_or(|t| Instant::now() < t) {
+            return;
+        }
+        let Some(commit) = sync.current.clone() else {
+            return;
+        };
+        sync.next_run = None;
+        let token = stop.child_token();
+        let (syncer, settings, t) = (
+            Arc::clone(&self.syncer),
+            self.settings.clone(),
+            token.clone(),
+        );
+        tracing::info!(agent_id = settings.agent_id, commit_id = %commit.id, "Synchronizing objects");
+        let task = tokio::spawn(
+            async move { syncer.sync(&settings, &commit.id, &commit.files, &t).await }
+                .in_current_span(),
+        );
+        sync.running = Some((token, task));
+    }
+
+    async fn on_message(
+        &mut self,
+        msg: Result<Option<ObjectsResponse>, tonic::Status>,
+        stream: &mut Stream,
+        sync: &mut SyncState,
+        reports: &mut Reports,
+        stop: &CancellationToken,
+    ) {
+        let resp = match msg {
+            Ok(Some(resp)) => resp,
+            Ok(None) => {
+                stream.open = None;
+                stream.lost = true;
+                stream.reconnect_at = Instant::now() + Duration::from_secs(1);
+                return;
+            }
+            Err(status) => {
+                stream.failures = stream.failures.saturating_add(1);
+                tracing::warn!(code = ?status.code(), error = status.message(), "The manifests stream ended; reconnecting");
+                stream.open = None;
+                stream.lost = true;
+                stream.building = None;
+                stream.reconnect_at = Instant::now() + stream_backoff().delay(stream.failures, 0.5);
+                return;
+            }
+        };
+        match resp.message {
+            Some(objects_response::Message::Header(h)) => {
+                stream.building = Some(Commit {
+                    id: h.commit_id,
+                    files: Vec::new(),
+                });
+            }
+            Some(objects_response::Message::Object(o)) => {
+                if let Some(b) = stream.building.as_mut() {
+                    match b.files.last_mut() {
+                        Some((path, data)) if *path == o.source => {
+                            data.extend_from_slice(&o.data);
+                        }
+                        _ => b.files.push((o.source, o.data)),
+                    }
+                }
+            }
+            Some(objects_response::Message::Trailer(_)) => {
+                if let Some(b) = stream.building.take() {
+                    // A new commit cancels the sync in progress.
+                    stop_sync(sync.running.take()).await;
+                    sync.current = Some(b);
+                    sync.failures = 0;
+                    sync.next_run = Some(Instant::now());
+                }
+            }
+            Some(objects_response::Message::Error(e)) => {
+                stream.building = None;
+                tracing::error!(commit_id = %e.commit_id, error = %e.message, "Synchronization failed");
+                let report = SyncReport {
+                    project_id: self.settings.project_id.clone(),
+                    commit_id: e.commit_id,
+                    outcome: "failed".to_string(),
+                    error: e.message,
+                    objects: Vec::new(),
+                    finished_at: unix_now(),
+                    dry_run: false,
+                };
+                self.report(report, reports, stop).await;
+            }
+            None => {}
+        }
+    }
+
+    async fn on_sync_done(
+        &mut self,
+        done: Result<SyncOutcome, tokio::task::JoinError>,
+        sync: &mut SyncState,
+        reports: &mut Reports,
+        stop: &CancellationToken,
+    ) {
+        let cancelled = sync.running.as_ref().is_some_and(|(t, _)| t.is_cancelled());
+        sync.running = None;
+        let outcome = match done {
+            Ok(outcome) if !cancelled => outcome,
+            Ok(_) => return,
+            Err(e) => {
+                // A panic in the sync: say so, and retry like any failure.
+                tracing::error!(error = %e, "The synchronization task failed");
+                sync.failures = sync.failures.saturating_add(1);
+                sync.next_run = Some(Instant::now() + self.timing.retry.delay(sync.failures, 0.5));
+                return;
+            }
+        };
+        self.log_outcome(&outcome);
+        let report = report_of(&outcome, &self.settings.project_id);
+        self.report(report, reports, stop).await;
+        sync.next_run = Some(if outcome.succeeded {
+            sync.failures = 0;
+            Instant::now() + self.timing.resync_interval
+        } else {
+            sync.failures = sync.failures.saturating_add(1);
+            Instant::now() + self.timing.retry.delay(sync.failures, 0.5)
+        });
     }
 
     fn log_outcome(&self, o: &SyncOutcome) {
@@ -325,35 +514,99 @@ impl Worker {
         }
     }
 
+    /// Records `report` as the last one and sends it.
     async fn report(
         &mut self,
-        commit: &str,
-        outcome: &str,
-        error: &str,
-        objects: &[ObjectStatus],
-        dry_run: bool,
+        report: SyncReport,
+        reports: &mut Reports,
+        stop: &CancellationToken,
     ) {
-        let report = SyncReport {
-            project_id: self.settings.project_id.clone(),
-            commit_id: commit.to_string(),
-            outcome: outcome.to_string(),
-            error: error.to_string(),
-            objects: objects.to_vec(),
-            finished_at: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
-                .unwrap_or(0),
-            dry_run,
+        reports.last = Some(report);
+        reports.pending = true;
+        reports.failures = 0;
+        reports.retry_at = Instant::now();
+        self.retry_report(reports, stop).await;
+    }
+
+    /// Sends the last report if kas has not confirmed it yet and its retry time has come. A
+    /// report kas did not take is kept and retried with backoff: `kas agent status` must not
+    /// stay blank or stale because one call failed.
+    async fn retry_report(&mut self, reports: &mut Reports, stop: &CancellationToken) {
+        if !reports.pending || Instant::now() < reports.retry_at {
+            return;
+        }
+        let Some(report) = reports.last.clone() else {
+            reports.pending = false;
+            return;
         };
-        if let Err(e) = self
-            .client
-            .report_sync(with_token(&self.meta, report))
-            .await
-        {
+        let call = tokio::time::timeout(
+            REPORT_TIMEOUT,
+            self.client.report_sync(with_token(&self.meta, report)),
+        );
+        let result = tokio::select! {
+            r = call => r,
+            () = stop.cancelled() => return,
+        };
+        let error = match result {
+            Ok(Ok(_)) => {
+                if reports.failures > 0 {
+                    tracing::info!("The synchronization report reached kas");
+                }
+                reports.pending = false;
+                reports.failures = 0;
+                return;
+            }
+            Ok(Err(status)) => status.message().to_string(),
+            Err(_) => format!("no answer within {REPORT_TIMEOUT:?}"),
+        };
+        reports.failures = reports.failures.saturating_add(1);
+        if reports.failures == 1 {
             tracing::warn!(
-                error = e.message(),
-                "Reporting the synchronization to kas failed"
+                error,
+                "Reporting the synchronization to kas failed; retrying"
             );
         }
+        reports.retry_at = Instant::now() + stream_backoff().delay(reports.failures, 0.5);
+    }
+}
+
+/// Waits for the next thing the worker must act on.
+async fn next_event(
+    stream: &mut Stream,
+    sync: &mut SyncState,
+    reports: &Reports,
+    stop: &CancellationToken,
+) -> Event {
+    let wake_at = [
+        sync.next_run,
+        stream.open.is_none().then_some(stream.reconnect_at),
+        reports.pending.then_some(reports.retry_at),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    let message = async {
+        match stream.open.as_mut() {
+            Some(s) => s.message().await,
+            None => std::future::pending().await,
+        }
+    };
+    let sync_done = async {
+        match sync.running.as_mut() {
+            Some((_, task)) => task.await,
+            None => std::future::pending().await,
+        }
+    };
+    let timer = async {
+        match wake_at {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        m = message => Event::Message(m),
+        d = sync_done => Event::SyncDone(d),
+        () = timer => Event::Timer,
+        () = stop.cancelled() => Event::Stop,
     }
 }

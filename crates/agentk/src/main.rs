@@ -18,6 +18,7 @@ use tracing::Instrument;
 mod configuration;
 mod gitops;
 mod kubeproxy;
+mod leader;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -68,25 +69,96 @@ struct Cli {
     /// Interval of HTTP/2 pings to kas (below typical 60 s load-balancer idle timeouts).
     #[arg(long, default_value = "55s", value_parser = humantime_duration)]
     keepalive_interval: Duration,
+    /// Elect one replica (a Lease `agent-<id>-lock`) to apply GitOps; all replicas serve tunnels.
+    /// Turn off only when exactly one replica can ever run.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the leader Lease (default: POD_NAMESPACE, then the in-cluster namespace).
+    #[arg(long, env = "AGENTK_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// How long the leader's lease holds without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime_duration)]
+    leader_election_lease_duration: Duration,
+    /// A leader that could not renew for this long stops applying (below the lease duration).
+    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    leader_election_renew_deadline: Duration,
+    /// How often replicas try to acquire or renew the lease.
+    #[arg(long, default_value = "2s", value_parser = humantime_duration)]
+    leader_election_retry_period: Duration,
 }
 
+/// The in-cluster namespace file (a Pod's own namespace).
+const NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+/// Where the leader Lease lives: the flag, else the Pod's namespace. `None` when agentk cannot
+/// tell (outside a cluster without either), in which case there is no election.
+fn lease_namespace(cli: &Cli) -> Option<String> {
+    cli.leader_election_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .or_else(|| std::fs::read_to_string(NAMESPACE_FILE).ok())
+        .map(|ns| ns.trim().to_string())
+        .filter(|ns| !ns.is_empty())
+}
+
+/// Starts the leader election once the agent's id is known (from its first configuration);
+/// the returned watch says whether this replica applies GitOps.
+fn start_election(
+    cli: &Cli,
+    kube: kube::Client,
+    mut config: watch::Receiver<Option<Arc<configuration::Applied>>>,
+    identity: String,
+    shutdown: CancellationToken,
+) -> Result<(watch::Receiver<bool>, Option<tokio::task::JoinHandle<()>>)> {
+    if !cli.leader_election {
+        tracing::warn!("Leader election is off: this replica applies GitOps unconditionally");
+        return Ok((watch::channel(true).1, None));
+    }
+    let Some(namespace) = lease_namespace(cli) else {
+        tracing::warn!(
+            "No namespace for the leader Lease (set POD_NAMESPACE or --leader-election-namespace): this replica applies GitOps unconditionally"
+        );
+        return Ok((watch::channel(true).1, None));
+    };
+    let timing = leader::Timing {
+        lease_duration: cli.leader_election_lease_duration,
+        renew_deadline: cli.leader_election_renew_deadline,
+        retry_period: cli.leader_election_retry_period,
+    };
+    anyhow::ensure!(
+        timing.renew_deadline < timing.lease_duration,
+        "--leader-election-renew-deadline must be shorter than --leader-election-lease-duration"
+    );
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let agent_id = loop {
+            // Only agents with something to apply need a leader (and rights on Leases).
+            if let Some(applied) = config.borrow_and_update().as_ref()
+                && !applied.config.gitops.manifest_projects.is_empty()
+            {
+                break applied.agent_id;
+            }
+            tokio::select! {
+                changed = config.changed() => if changed.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
+        };
+        let elector = leader::Elector {
+            api: kube::Api::namespaced(kube, &namespace),
+            name: format!("agent-{agent_id}-lock"),
+            identity,
+            timing,
+        };
+        tracing::info!(lease = %elector.name, namespace, identity = %elector.identity, "Leader election started");
+        elector.run(tx, shutdown).await;
+    });
+    Ok((rx, Some(task)))
+}
+
+/// Durations on the command line read like those in the agent configuration (`30s`, `1m30s`),
+/// with the same parser.
 fn humantime_duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration like 30s, 1m or 500ms"))
-}
-
-/// `500ms`, `30s`, `1m`, `2h` (kept tiny to avoid a dependency for one flag type).
-fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    Some(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return None,
-    })
+    tether_agent_config::parse_duration(s)
 }
 
 /// Reads the token; a trailing newline (as `echo` or a Secret volume leaves) is not part of it.
@@ -118,17 +190,34 @@ async fn kube_config(kubeconfig: Option<&Path>) -> Result<kube::Config> {
     Ok(config)
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// Everything agentk does after SIGTERM must fit well inside Kubernetes' default 30 s grace
+/// period; modules get this long to stop before agentk exits regardless.
+const STOP_DEADLINE: Duration = Duration::from_secs(4);
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentk: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "agentk failed");
             eprintln!("agentk: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // Dropping a runtime waits for blocking tasks without limit; a stuck one (a DNS lookup, a
+    // file read) must not keep agentk alive past its grace period.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    code
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -225,6 +314,19 @@ async fn run(cli: Cli) -> Result<()> {
     let (config_tx, config_rx) = watch::channel(None);
     let kube =
         kube::Client::try_from(kube_cfg.clone()).context("building the Kubernetes client")?;
+    let identity = match std::env::var("POD_NAME") {
+        Ok(name) if !name.is_empty() => name,
+        _ => format!("agentk-{}", std::process::id()),
+    };
+    // Not a child of `shutdown`: the lease is handed back only after GitOps stopped.
+    let election_stop = CancellationToken::new();
+    let (leading, election) = start_election(
+        &cli,
+        kube.clone(),
+        config_rx.clone(),
+        identity,
+        election_stop.clone(),
+    )?;
     let syncer = Arc::new(tether_gitops_agent::sync::Syncer::new(kube));
     let timing = gitops::Timing {
         resync_interval: cli.gitops_resync_interval,
@@ -241,6 +343,7 @@ async fn run(cli: Cli) -> Result<()> {
             meta_for_gitops,
             syncer,
             config_rx,
+            leading,
             timing,
             shutdown.clone(),
         )
@@ -273,10 +376,23 @@ async fn run(cli: Cli) -> Result<()> {
     }
     tracing::info!("agentk is stopping");
     shutdown.cancel();
-    let _ = tunnel.await;
-    let _ = config.await;
-    let _ = gitops_task.await;
-    let _ = obs.await;
+    // Stopped in reverse order of start; whatever is still running at the deadline is dropped.
+    let stopped = tokio::time::timeout(STOP_DEADLINE, async {
+        let _ = config.await;
+        let _ = gitops_task.await;
+        // After GitOps stopped: the lease is handed back only once nothing applies here.
+        election_stop.cancel();
+        if let Some(election) = election {
+            let _ = election.await;
+        }
+        let _ = tunnel.await;
+        let _ = obs.await;
+    })
+    .await;
+    if stopped.is_err() {
+        tracing::warn!(deadline = ?STOP_DEADLINE, "Some modules did not stop in time; exiting anyway");
+    }
+    tracing::info!("agentk stopped");
     Ok(())
 }
 
@@ -298,10 +414,10 @@ mod tests {
 
     #[test]
     fn durations_parse() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("55s"), Some(Duration::from_secs(55)));
-        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
-        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("5 parsecs"), None);
+        assert_eq!(humantime_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(humantime_duration("55s"), Ok(Duration::from_secs(55)));
+        assert_eq!(humantime_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(humantime_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(humantime_duration("5 parsecs").is_err());
     }
 }

@@ -181,6 +181,9 @@ pub fn agentk_args(ctx: &Ctx, address: &str, token: &Path, extra: &[&str]) -> Re
         ctx.agent_kubeconfig.display().to_string(),
         "--observability-listen-address".into(),
         format!("127.0.0.1:{}", free_port()?),
+        // The leader Lease goes where the ServiceAccount may write.
+        "--leader-election-namespace".into(),
+        ctx.ns.clone(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     Ok(args)

@@ -31,6 +31,20 @@ pub fn to_prune(
     current: &BTreeSet<ObjRef>,
     crd_kinds: &[(String, String)],
 ) -> Vec<ObjRef> {
+    to_prune_in_tiers(previous, current, crd_kinds)
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// [`to_prune`] grouped by step: nothing in a tier depends on another object of the same tier,
+/// so a tier's objects may be deleted all at once, and the next tier starts once they are gone.
+/// Empty tiers are left out.
+pub fn to_prune_in_tiers(
+    previous: &BTreeSet<ObjRef>,
+    current: &BTreeSet<ObjRef>,
+    crd_kinds: &[(String, String)],
+) -> Vec<Vec<ObjRef>> {
     let crd_groups: BTreeSet<&str> = previous
         .iter()
         .filter(|r| r.is_crd())
@@ -55,10 +69,13 @@ pub fn to_prune(
             2
         }
     };
-    let mut out: Vec<ObjRef> = previous.difference(current).cloned().collect();
-    // Stable sort: ObjRef order from the set is kept within a tier.
-    out.sort_by_key(|r| tier(r));
-    out
+    let mut tiers: Vec<Vec<ObjRef>> = vec![Vec::new(); 5];
+    // The set iterates in ObjRef order, which is kept within a tier.
+    for r in previous.difference(current) {
+        tiers[usize::from(tier(r) - 1)].push(r.clone());
+    }
+    tiers.retain(|t| !t.is_empty());
+    tiers
 }
 
 fn is_rbac(r: &ObjRef) -> bool {
@@ -87,6 +104,32 @@ mod tests {
 
     fn names(v: &[ObjRef]) -> Vec<String> {
         v.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn tiers_group_the_deletion_order() {
+        let prev = set(&[
+            "apiextensions.k8s.io/CustomResourceDefinition//widgets.example.com",
+            "example.com/Widget/ns/w",
+            "/ConfigMap/ns/a",
+            "/ConfigMap/ns/b",
+            "/ServiceAccount/ns/sa",
+            "/Namespace//ns",
+        ]);
+        let tiers: Vec<Vec<String>> = to_prune_in_tiers(&prev, &BTreeSet::new(), &[])
+            .iter()
+            .map(|t| names(t))
+            .collect();
+        assert_eq!(
+            tiers,
+            [
+                vec!["example.com/Widget/ns/w"],
+                vec!["/ConfigMap/ns/a", "/ConfigMap/ns/b"],
+                vec!["/ServiceAccount/ns/sa"],
+                vec!["/Namespace//ns"],
+                vec!["apiextensions.k8s.io/CustomResourceDefinition//widgets.example.com"],
+            ]
+        );
     }
 
     #[test]

@@ -42,9 +42,34 @@ pub struct ConfigState {
 pub struct ConfigStates(
     Mutex<HashMap<i64, ConfigState>>,
     Mutex<HashMap<i64, Arc<tether_agent_config::AgentConfig>>>,
+    /// Woken whenever a configuration is recorded (see [`ConfigStates::wait_config`]).
+    tokio::sync::Notify,
 );
 
 impl ConfigStates {
+    /// The configuration in force for an agent, waiting up to `timeout` for it to become known.
+    ///
+    /// Right after a kas restart an agent's tunnels and its configuration stream come back
+    /// independently; a request arriving in between must wait for the configuration like it
+    /// waits for a tunnel, not be authorized against nothing (and refused).
+    pub async fn wait_config(
+        &self,
+        agent_id: i64,
+        timeout: std::time::Duration,
+    ) -> Option<Arc<tether_agent_config::AgentConfig>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the check, so a configuration recorded in between wakes us.
+            let notified = self.2.notified();
+            if let Some(config) = self.config(agent_id) {
+                return Some(config);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
     /// The configuration in force for an agent, if one was sent.
     pub fn config(&self, agent_id: i64) -> Option<Arc<tether_agent_config::AgentConfig>> {
         self.1
@@ -59,6 +84,7 @@ impl ConfigStates {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(agent_id, Arc::new(config));
+        self.2.notify_waiters();
     }
 
     pub fn get(&self, agent_id: i64) -> Option<ConfigState> {
@@ -145,6 +171,37 @@ pub async fn load(
     .map_err(|e| e.to_string())?
 }
 
+/// Finds a manifest project listed twice under different names — its path and its numeric id
+/// (`id: group/app` and `id: 42`). The file's own validation cannot see that; accepted, it gave
+/// two workers applying and pruning the same objects against each other. Projects unknown to
+/// kas are left for the GitOps stream to report.
+async fn resolved_duplicate(
+    store: &dyn Store,
+    config: &tether_agent_config::AgentConfig,
+) -> Result<Option<String>, String> {
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    for (i, p) in config.gitops.manifest_projects.iter().enumerate() {
+        let found = match &p.id {
+            tether_agent_config::ProjectRef::Numeric(n) => store.get_project(*n).await,
+            tether_agent_config::ProjectRef::Path(path) => store.get_project_by_path(path).await,
+        };
+        let project = match found {
+            Ok(Some(project)) => project,
+            Ok(None) | Err(tether_store::Error::InvalidName { .. }) => continue,
+            Err(e) => return Err(format!("reading kas's project records: {e}")),
+        };
+        if let Some(first) = seen.insert(project.id, i) {
+            return Ok(Some(format!(
+                "gitops.manifest_projects[{i}].id: {:?} is project {} ({}), already listed as gitops.manifest_projects[{first}]",
+                p.id.to_string(),
+                project.id,
+                project.path
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// The gRPC service.
 #[derive(Clone)]
 pub struct ConfigService {
@@ -192,8 +249,63 @@ impl StreamState {
                 changed = self.heads.changed() => if changed.is_err() { return None },
                 () = self.lease.cancelled() => {
                     self.ended = true;
-                    return Some(Err(Status::unauthenticated("agent token revoked or kas stopping")));
+                    return Some(Err(self.lease.end_status()));
                 }
+            }
+        }
+    }
+
+    /// [`load`], then the checks that need kas's records.
+    async fn load(&self, commit: &CommitId) -> Result<Loaded, String> {
+        let loaded = load(
+            &self.svc.sources,
+            self.project_id,
+            commit,
+            &self.id.agent_name,
+        )
+        .await?;
+        let Loaded::Valid { file, config } = loaded else {
+            return Ok(loaded);
+        };
+        Ok(
+            match resolved_duplicate(self.svc.store.as_ref(), &config).await? {
+                Some(error) => Loaded::Invalid {
+                    error: format!("{file}: {error}"),
+                    file,
+                },
+                None => Loaded::Valid { file, config },
+            },
+        )
+    }
+
+    /// Records the configuration the agent says it has in force (the commit it reconnected
+    /// with) without sending anything: after a kas restart the agent keeps its configuration and
+    /// kas must know it too, or every CI job and person would be refused until the next commit.
+    /// When kas cannot read that configuration (an unknown commit, a file that no longer
+    /// validates), it forgets the agent's commit so the head's configuration is sent instead —
+    /// then the agent and kas agree again.
+    async fn adopt_agent_commit(&mut self) {
+        let Ok(commit) = CommitId::from_hex(&self.last) else {
+            self.last.clear();
+            return;
+        };
+        let id = &self.id;
+        match self.load(&commit).await {
+            Ok(Loaded::Valid { file, config }) => {
+                self.svc.states.set_config(id.agent_id, config);
+                self.svc.states.update(id.agent_id, |s| {
+                    s.commit = commit.to_hex();
+                    s.file = file;
+                });
+                tracing::debug!(agent_id = id.agent_id, commit_id = %commit, "Agent reconnected with its configuration in force");
+            }
+            Ok(Loaded::Invalid { error, .. }) => {
+                tracing::info!(agent_id = id.agent_id, commit_id = %commit, error = %error, "The agent's configuration in force no longer validates; sending the newest one");
+                self.last.clear();
+            }
+            Err(e) => {
+                tracing::info!(agent_id = id.agent_id, commit_id = %commit, error = %e, "Cannot read the agent's configuration in force; sending the newest one");
+                self.last.clear();
             }
         }
     }
@@ -208,7 +320,7 @@ impl StreamState {
             ..ConfigurationResponse::default()
         };
         let states = &self.svc.states;
-        match load(&self.svc.sources, self.project_id, commit, &id.agent_name).await {
+        match self.load(commit).await {
             Ok(Loaded::Valid { file, config }) => match serde_json::to_string(&config) {
                 Ok(json) => {
                     states.set_config(id.agent_id, config);
@@ -265,7 +377,7 @@ impl AgentConfiguration for ConfigService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found("the agent's project is gone"))?;
-        let state = StreamState {
+        let mut state = StreamState {
             svc: self.clone(),
             lease: self.registry.lease(id.token_id),
             heads: self.sources.watch(project.id),
@@ -274,6 +386,9 @@ impl AgentConfiguration for ConfigService {
             last: request.into_inner().commit_id,
             ended: false,
         };
+        if !state.last.is_empty() {
+            state.adopt_agent_commit().await;
+        }
         let stream = futures_util::stream::unfold(state, |mut st| async move {
             let item = st.next().await?;
             Some((item, st))

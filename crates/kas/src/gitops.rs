@@ -146,7 +146,7 @@ impl GitOpsService {
             tokio::select! {
                 changed = heads.changed() => if changed.is_err() { return },
                 () = lease.cancelled() => {
-                    let _ = tx.send(Err(Status::unauthenticated("agent token revoked or kas stopping"))).await;
+                    let _ = tx.send(Err(lease.end_status())).await;
                     return;
                 }
                 () = tx.closed() => return,

@@ -202,6 +202,26 @@ struct Routed {
 }
 
 impl Proxy {
+    /// The agent's configuration in force, waiting for it as long as for a tunnel. Unknown
+    /// after that (the agent has not connected since kas started): 503, never an authorization
+    /// decision against an empty configuration.
+    async fn agent_config(
+        &self,
+        agent_id: i64,
+    ) -> Result<Arc<tether_agent_config::AgentConfig>, Response<Body>> {
+        self.configs
+            .wait_config(agent_id, self.tunnel_wait)
+            .await
+            .ok_or_else(|| {
+                deny(
+                    self,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &format!("agent {agent_id} has not connected since kas started: its configuration is not known yet"),
+                )
+            })
+    }
+
     async fn authorize(&self, req: &Request<Incoming>) -> Result<Routed, Response<Body>> {
         let cred = Credential::from_headers(req.headers())
             .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
@@ -220,7 +240,7 @@ impl Proxy {
                     .ok_or_else(|| {
                         forbidden(format!("agent {agent_id} is not available to this job"))
                     })?;
-                let config = self.configs.config(agent_id).unwrap_or_default();
+                let config = self.agent_config(agent_id).await?;
                 let ok = authorize_ci(&config.ci_access, &project_path, &job).map_err(|d| {
                     deny(
                         self,
@@ -278,7 +298,7 @@ impl Proxy {
                     token_agent_id: record.agent_id,
                     memberships,
                 };
-                let config = self.configs.config(agent_id).unwrap_or_default();
+                let config = self.agent_config(agent_id).await?;
                 let ok = tether_kubeproxy_server::authorize_user(
                     config.user_access.as_ref(),
                     agent_id,

@@ -194,11 +194,41 @@ fn admin_client(cli: &Cli, cfg: &Config) -> Result<AdminClient> {
     AdminClient::from_token_file(&url, &file)
 }
 
+/// `println!` that returns an error instead of panicking when stdout is gone
+/// (`kas agent list | head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+/// Whether `e` is only the reader of our output having gone away: not worth an error, as with
+/// any Unix tool whose output is cut short by `head`.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Unix seconds as an RFC 3339 UTC time, for people (raw epoch seconds in listings were not).
+fn when(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kas: {e:#}");
             std::process::ExitCode::FAILURE
@@ -263,12 +293,14 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
         } => {
             let t = c.register_agent(project, name).await?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&t)?);
+                out!("{}", serde_json::to_string_pretty(&t)?)?;
             } else {
-                println!(
+                out!(
                     "agent_id: {}\ntoken_id: {}\ntoken: {}",
-                    t.agent_id, t.token_id, t.token
-                );
+                    t.agent_id,
+                    t.token_id,
+                    t.token
+                )?;
                 eprintln!(
                     "Store the token now (for example in a Kubernetes Secret): kas keeps only its hash."
                 );
@@ -277,22 +309,30 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
         AgentCmd::List { json } => {
             let agents = c.list_agents().await?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&agents)?);
+                out!("{}", serde_json::to_string_pretty(&agents)?)?;
                 return Ok(());
             }
-            println!(
+            out!(
                 "{:<6} {:<30} {:<20} {:<10} {:<22} {:<12} POD",
-                "ID", "PROJECT", "NAME", "STATE", "SINCE", "VERSION"
-            );
+                "ID",
+                "PROJECT",
+                "NAME",
+                "STATE",
+                "SINCE",
+                "VERSION"
+            )?;
             for a in agents {
                 if a.connections.is_empty() {
-                    println!(
+                    out!(
                         "{:<6} {:<30} {:<20} {:<10}",
-                        a.id, a.project, a.name, "offline"
-                    );
+                        a.id,
+                        a.project,
+                        a.name,
+                        "offline"
+                    )?;
                 }
                 for con in &a.connections {
-                    println!(
+                    out!(
                         "{:<6} {:<30} {:<20} {:<10} {:<22} {:<12} {}/{}",
                         a.id,
                         a.project,
@@ -302,7 +342,7 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
                         con.agent_version,
                         con.pod_namespace,
                         con.pod_name
-                    );
+                    )?;
                 }
                 if let Some(cfg) = &a.config {
                     let commit = if cfg.commit.is_empty() {
@@ -310,9 +350,9 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
                     } else {
                         &cfg.commit[..cfg.commit.len().min(12)]
                     };
-                    println!("       config in force: commit {commit}");
+                    out!("       config in force: commit {commit}")?;
                     if let (Some(e), Some(c)) = (&cfg.error, &cfg.error_commit) {
-                        println!("       refused at commit {}: {e}", &c[..c.len().min(12)]);
+                        out!("       refused at commit {}: {e}", &c[..c.len().min(12)])?;
                     }
                 }
             }
@@ -320,14 +360,14 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
         AgentCmd::Status { agent_id, json } => {
             let syncs = c.gitops_status(*agent_id).await?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&syncs)?);
+                out!("{}", serde_json::to_string_pretty(&syncs)?)?;
                 return Ok(());
             }
             if syncs.is_empty() {
-                println!("agent {agent_id} has reported no synchronization yet");
+                out!("agent {agent_id} has reported no synchronization yet")?;
             }
             for s in syncs {
-                println!(
+                out!(
                     "{}  commit {}  {}{}  at {}{}",
                     s.project_id,
                     &s.commit_id[..s.commit_id.len().min(12)],
@@ -339,9 +379,9 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
                     } else {
                         format!("  error: {}", s.error)
                     }
-                );
+                )?;
                 for o in s.objects {
-                    println!(
+                    out!(
                         "    {:<12} {}/{} {}/{}  {}",
                         o.status,
                         if o.group.is_empty() { "core" } else { &o.group },
@@ -353,7 +393,7 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
                         },
                         o.name,
                         o.message
-                    );
+                    )?;
                 }
             }
         }
@@ -366,10 +406,10 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
                 back.as_ref() == payload.as_slice(),
                 "the echo came back altered"
             );
-            println!(
+            out!(
                 "{} bytes through agent {agent_id} and back in {dt:?}",
                 back.len()
-            );
+            )?;
         }
     }
     Ok(())
@@ -395,26 +435,29 @@ async fn project_cmd(c: &AdminClient, cmd: &ProjectCmd) -> Result<()> {
                 webhook_secret_file: webhook_secret_file.as_deref().map(absolute).transpose()?,
             };
             let p = c.set_project(&req).await?;
-            println!("project {} (id {}) mirrors {}", p.path, p.id, remote);
+            out!("project {} (id {}) mirrors {}", p.path, p.id, remote)?;
             if p.webhooks {
-                println!(
+                out!(
                     "push webhook URL: <kas internal API>/webhooks/projects/{}",
                     p.id
-                );
+                )?;
             }
         }
         ProjectCmd::List { json } => {
             let projects = c.list_projects().await?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&projects)?);
+                out!("{}", serde_json::to_string_pretty(&projects)?)?;
                 return Ok(());
             }
-            println!(
+            out!(
                 "{:<6} {:<30} {:<12} {:<22} REMOTE / ERROR",
-                "ID", "PATH", "COMMIT", "FETCHED"
-            );
+                "ID",
+                "PATH",
+                "COMMIT",
+                "FETCHED"
+            )?;
             for p in projects {
-                println!(
+                out!(
                     "{:<6} {:<30} {:<12} {:<22} {}{}",
                     p.id,
                     p.path,
@@ -427,12 +470,12 @@ async fn project_cmd(c: &AdminClient, cmd: &ProjectCmd) -> Result<()> {
                     p.fetch_error
                         .map(|e| format!("  error: {e}"))
                         .unwrap_or_default()
-                );
+                )?;
             }
         }
         ProjectCmd::Remove { path } => {
             c.remove_project(path).await?;
-            println!("project {path} removed");
+            out!("project {path} removed")?;
         }
     }
     Ok(())
@@ -509,10 +552,13 @@ async fn user_token_cmd(c: &AdminClient, cmd: &UserTokenCmd) -> Result<()> {
                 expires_in_seconds: Some(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
             };
             let t = c.create_user_token(*agent_id, &req).await?;
-            println!(
+            out!(
                 "token_id: {}\ntoken: pat:{}:{}\nexpires_at: {}",
-                t.token_id, t.agent_id, t.token, t.expires_at
-            );
+                t.token_id,
+                t.agent_id,
+                t.token,
+                t.expires_at
+            )?;
             if let (Some(file), Some(server)) = (kubeconfig, server) {
                 let agent = c
                     .list_agents()
@@ -535,7 +581,7 @@ async fn user_token_cmd(c: &AdminClient, cmd: &UserTokenCmd) -> Result<()> {
         }
         UserTokenCmd::Revoke { token_id } => {
             let r = c.revoke_user_token(*token_id).await?;
-            println!("{r}");
+            out!("{r}")?;
         }
     }
     Ok(())
@@ -548,28 +594,33 @@ async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
             description,
         } => {
             let t = c.create_token(*agent_id, description).await?;
-            println!("token_id: {}\ntoken: {}", t.token_id, t.token);
+            out!("token_id: {}\ntoken: {}", t.token_id, t.token)?;
         }
         TokenCmd::List { agent_id } => {
-            println!("{:<8} {:<10} {:<12} DESCRIPTION", "ID", "STATE", "CREATED");
+            out!("{:<8} {:<10} {:<21} DESCRIPTION", "ID", "STATE", "CREATED")?;
             for t in c.list_tokens(*agent_id).await? {
                 let state = if t.revoked_at.is_some() {
                     "revoked"
                 } else {
                     "active"
                 };
-                println!(
-                    "{:<8} {:<10} {:<12} {}",
-                    t.id, state, t.created_at, t.description
-                );
+                out!(
+                    "{:<8} {:<10} {:<21} {}",
+                    t.id,
+                    state,
+                    when(t.created_at),
+                    t.description
+                )?;
             }
         }
         TokenCmd::Revoke { token_id } => {
             let r = c.revoke_token(*token_id).await?;
-            println!(
+            out!(
                 "token {} revoked (was active: {}, live streams ended: {})",
-                r.token_id, r.was_active, r.streams_ended
-            );
+                r.token_id,
+                r.was_active,
+                r.streams_ended
+            )?;
         }
     }
     Ok(())

@@ -125,6 +125,8 @@ async fn rig(
             kubeconfig.to_str().unwrap(),
             "--gitops-retry-interval",
             "2s",
+            "--leader-election-namespace",
+            &agent_ns,
         ]
         .into_iter()
         .chain(agent_args.iter().copied())

@@ -6,7 +6,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -793,4 +793,80 @@ async fn issuer_keys_can_come_from_a_jwks_url() {
     c.args(["get", "configmaps", "-n", &s.allowed]);
     let (ok, out, err) = output(c);
     assert!(ok, "{out}{err}");
+}
+
+/// CI jobs and people keep their access across kas restarts (SIGTERM and kill -9) with nothing
+/// committed in between. Before, kas learnt an agent's configuration only when it sent a new
+/// one, so after a restart every request was refused (403) until the next commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ci_and_user_access_work_again_right_after_kas_restarts() {
+    let mut s = setup().await;
+    let jwt = s.key.sign(&claims("group/app"));
+    let alice = s
+        .kas
+        .admin
+        .create_user_token(
+            s.agent_id,
+            &kas::api::UserTokenRequest {
+                username: "alice".into(),
+                memberships: vec![json!({"kind": "project", "path": "group/app", "id": 42, "access_level": "developer"})],
+                expires_in_seconds: Some(3600),
+            },
+        )
+        .await
+        .unwrap();
+    // The same port after each restart: kas keeps its configuration file.
+    let (kubectl, port, ca, ns) = (
+        s.env.bin_dir.join("kubectl"),
+        s.kas.k8s_port,
+        s.ca.clone(),
+        s.allowed.clone(),
+    );
+    let get = |token: String| {
+        let mut c = Command::new(&kubectl);
+        c.args([
+            "--kubeconfig=/dev/null",
+            &format!("--server=https://localhost:{port}"),
+            &format!("--certificate-authority={}", ca.display()),
+            &format!("--token={token}"),
+            "get",
+            "configmaps",
+            "-n",
+            &ns,
+        ]);
+        output(c)
+    };
+    let ci = format!("ci:{}:{jwt}", s.agent_id);
+    let pat = format!("pat:{}:{}", s.agent_id, alice.token);
+    let commit = s.kas.agent(s.agent_id).await.config.unwrap().commit;
+    for kill9 in [false, true] {
+        s.kas.restart_by(kill9).await;
+        let up = Instant::now();
+        // Both identities work as soon as the agent is back; nothing was committed.
+        // Until the agent is back kas answers 503; a 403 here was the defect.
+        let (_, out, err) = wait_for(
+            "CI access after the restart",
+            Duration::from_secs(30),
+            || {
+                let r = get(ci.clone());
+                async move { (r.0 || r.2.contains("Forbidden")).then_some(r) }
+            },
+        )
+        .await;
+        assert!(
+            !err.contains("Forbidden"),
+            "CI job refused after restart (kill9: {kill9}): {out}{err}"
+        );
+        let (ok, out, err) = get(pat.clone());
+        assert!(
+            ok,
+            "person refused after restart (kill9: {kill9}): {out}{err}"
+        );
+        eprintln!(
+            "kill9: {kill9}: access back {:?} after kas was up",
+            up.elapsed()
+        );
+        let a = s.kas.agent(s.agent_id).await;
+        assert_eq!(a.config.map(|c| c.commit), Some(commit.clone()));
+    }
 }

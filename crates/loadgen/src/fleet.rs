@@ -227,6 +227,7 @@ async fn config_stream(
         .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE);
     // agentk retries this stream more slowly than the tunnel (up to 60 s).
     let backoff = Backoff {
+        initial: Duration::from_millis(500),
         max: Duration::from_secs(60),
         ..Backoff::default()
     };

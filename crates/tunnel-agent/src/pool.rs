@@ -47,7 +47,12 @@ impl Default for PoolConfig {
             max_streams: 500,
             scale_up_step: 10,
             idle_timeout: Duration::from_secs(60),
-            backoff: Backoff::default(),
+            // A first retry after 0.5 s brings agents back within about a second of a kas
+            // restart (a rollout); growth by 1.6 up to 20 s still spares a kas that stays down.
+            backoff: Backoff {
+                initial: Duration::from_millis(500),
+                ..Backoff::default()
+            },
         }
     }
 }
@@ -100,6 +105,12 @@ pub struct PoolStats {
     pub failures: u32,
     /// The last attempt to open a stream succeeded.
     pub connected: bool,
+    /// Attempts (batches of streams opened together) made so far.
+    pub attempts: u64,
+    /// The last attempt that has counted a failure: a batch of ten streams refused at once is
+    /// one failed attempt, not ten (counting each jumped the backoff to its ceiling, so every
+    /// kas restart cost each agent ~20 s of tunnel access).
+    pub failed_attempt: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -291,11 +302,15 @@ impl Pool {
                 };
                 let n = n.min(room);
                 c.opening += n;
-                n
+                if n > 0 {
+                    c.attempts += 1;
+                }
+                (n, c.attempts)
             };
+            let (to_open, attempt) = to_open;
             for _ in 0..to_open {
                 tokio::spawn(
-                    stream_task(Arc::clone(shared), shutdown.clone())
+                    stream_task(Arc::clone(shared), attempt, shutdown.clone())
                         .instrument(tracing::Span::current()),
                 );
             }
@@ -312,7 +327,7 @@ fn header_value(v: &str) -> Option<AsciiMetadataValue> {
 }
 
 /// Opens one stream, waits idle for a request, serves it, and ends.
-async fn stream_task(shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationToken) {
     let (tx, rx) = mpsc::channel::<AgentFrame>(2);
     let descriptor = AgentFrame {
         frame: Some(agent_frame::Frame::Descriptor(Descriptor {
@@ -352,7 +367,10 @@ async fn stream_task(shared: Arc<Shared>, shutdown: CancellationToken) {
             shared.metrics.open_failures.inc();
             shared.update(|c| {
                 c.opening -= 1;
-                c.failures = c.failures.saturating_add(1);
+                if c.failed_attempt != attempt {
+                    c.failed_attempt = attempt;
+                    c.failures = c.failures.saturating_add(1);
+                }
                 c.connected = false;
             });
             shared.set_state(ConnState::Failed {
@@ -384,7 +402,13 @@ async fn stream_task(shared: Arc<Shared>, shutdown: CancellationToken) {
                     return;
                 }
                 Err(status) => {
-                    shared.update(|c| c.idle -= 1);
+                    shared.update(|c| {
+                        c.idle -= 1;
+                        // kas went away: probe with one stream before opening a burst.
+                        if status.code() != Code::Cancelled {
+                            c.connected = false;
+                        }
+                    });
                     if status.code() != Code::Cancelled {
                         shared.set_state(ConnState::Failed {
                             code: status.code(),

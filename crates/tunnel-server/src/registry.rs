@@ -275,6 +275,18 @@ impl Registry {
         }
     }
 
+    /// The status a stream ends with when it is cancelled: `UNAVAILABLE` while kas stops (the
+    /// agent just reconnects, to this kas's successor), `UNAUTHENTICATED` when its token was
+    /// revoked (the agent tells its user to check the token). Telling them apart keeps every
+    /// normal kas rollout from logging a revocation error on every agent.
+    pub fn end_status(&self) -> Status {
+        if self.shutdown.is_cancelled() {
+            Status::unavailable("kas is shutting down")
+        } else {
+            Status::unauthenticated("agent token revoked")
+        }
+    }
+
     /// Ends every stream and refuses new ones (kas is stopping).
     pub fn shutdown(&self) {
         self.lock().shutting_down = true;
@@ -472,11 +484,12 @@ impl Registry {
                 let done = CancellationToken::new();
                 let weak = tx.downgrade();
                 let watcher_done = done.clone();
+                let registry = Arc::clone(&self);
                 tokio::spawn(async move {
                     tokio::select! {
                         () = cancel.cancelled() => {
                             if let Some(tx) = weak.upgrade() {
-                                let _ = tx.send(Err(Status::unauthenticated("agent token revoked or kas stopping"))).await;
+                                let _ = tx.send(Err(registry.end_status())).await;
                             }
                         }
                         () = watcher_done.cancelled() => {}
@@ -504,7 +517,7 @@ impl Registry {
             }
             () = cancel.cancelled() => {
                 self.remove_idle(identity.agent_id, stream_id);
-                let _ = tx.send(Err(Status::unauthenticated("agent token revoked or kas stopping"))).await;
+                let _ = tx.send(Err(self.end_status())).await;
                 drop(guard);
             }
             () = tx.closed() => {
@@ -535,6 +548,11 @@ impl Lease {
     /// Resolves when the stream must end.
     pub async fn cancelled(&self) {
         self.cancel.cancelled().await;
+    }
+
+    /// Why the stream ended, as the status to send the agent (see [`Registry::end_status`]).
+    pub fn end_status(&self) -> Status {
+        self.registry.end_status()
     }
 }
 

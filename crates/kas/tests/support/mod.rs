@@ -239,6 +239,24 @@ api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll
         assert!(self.spawn().await, "kas did not restart:\n{}", self.log());
     }
 
+    /// kill -9 (no shutdown at all), then start again on the same data and ports.
+    pub async fn kill9_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert!(self.spawn().await, "kas did not restart:\n{}", self.log());
+    }
+
+    /// Restarts kas by SIGTERM (`kill9: false`) or kill -9; returns when its API answers.
+    pub async fn restart_by(&mut self, kill9: bool) {
+        if kill9 {
+            self.kill9_restart().await;
+        } else {
+            self.restart().await;
+        }
+    }
+
     pub fn url(&self, scheme: &str) -> String {
         let host = if scheme.ends_with('s') {
             "localhost"

@@ -1,0 +1,342 @@
+//! Leader election among the replicas of one agent (a Deployment with `replicas: 2`, or the
+//! surge pod of a rollout): every replica serves tunnel requests, but only the holder of a
+//! Kubernetes Lease in the agent's namespace applies and prunes GitOps manifests. Two appliers
+//! would both apply and both prune every change.
+//!
+//! The numbers are client-go's defaults (lease 15 s, renew deadline 10 s, retry 2 s): a leader
+//! that cannot renew for the renew deadline stops applying at least 5 s before its lease
+//! expires and another replica may take it over.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Lease timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// How long a lease holds without renewal.
+    pub lease_duration: Duration,
+    /// A leader that has not renewed for this long stops leading (< `lease_duration`).
+    pub renew_deadline: Duration,
+    /// How often to try to acquire or renew.
+    pub retry_period: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What to do with the lease as read (pure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// There is no lease yet: create it, held by us.
+    Create,
+    /// We hold it: renew.
+    Renew,
+    /// Nobody holds it, or its holder let it expire: take it.
+    TakeOver,
+    /// Another replica holds a live lease.
+    Follow { holder: String },
+}
+
+/// Decides from the lease's spec (`None`: no lease) whether this replica (`me`) may lead.
+pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Step {
+    let Some(spec) = spec else {
+        return Step::Create;
+    };
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    if holder == me {
+        return Step::Renew;
+    }
+    if holder.is_empty() {
+        return Step::TakeOver;
+    }
+    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
+    let expired = match &spec.renew_time {
+        Some(MicroTime(renewed)) => renewed.as_second().saturating_add(duration) < now.as_second(),
+        None => true,
+    };
+    if expired {
+        Step::TakeOver
+    } else {
+        Step::Follow { holder }
+    }
+}
+
+/// The spec of a lease held by `me` from `acquired`, renewed `now`.
+fn held_spec(
+    me: &str,
+    timing: Timing,
+    acquired: Timestamp,
+    now: Timestamp,
+    transitions: i32,
+) -> LeaseSpec {
+    LeaseSpec {
+        holder_identity: Some(me.to_string()),
+        lease_duration_seconds: Some(
+            i32::try_from(timing.lease_duration.as_secs()).unwrap_or(i32::MAX),
+        ),
+        acquire_time: Some(MicroTime(acquired)),
+        renew_time: Some(MicroTime(now)),
+        lease_transitions: Some(transitions),
+        ..LeaseSpec::default()
+    }
+}
+
+/// Runs the election for one agent's lease in `namespace`, publishing whether this replica
+/// leads on `leading`, until `shutdown`; then hands the lease back so another replica takes
+/// over at its next try instead of after the lease expires.
+#[derive(Clone)]
+pub struct Elector {
+    pub api: Api<Lease>,
+    pub name: String,
+    pub identity: String,
+    pub timing: Timing,
+}
+
+impl std::fmt::Debug for Elector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Elector")
+            .field("name", &self.name)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+impl Elector {
+    pub async fn run(self, leading: watch::Sender<bool>, shutdown: CancellationToken) {
+        let mut last_renewal: Option<Instant> = None;
+        let mut last_error: Option<String> = None;
+        loop {
+            match self.try_lead().await {
+                Ok(true) => {
+                    last_renewal = Some(Instant::now());
+                    last_error = None;
+                }
+                Ok(false) => {
+                    last_renewal = None;
+                    last_error = None;
+                }
+                Err(e) => {
+                    let text = format!("{e:#}");
+                    if last_error.as_deref() != Some(text.as_str()) {
+                        tracing::error!(error = %text, "Leader election failed; GitOps applies only while this replica holds the lease");
+                        last_error = Some(text);
+                    }
+                }
+            }
+            // Leading only while the lease is provably ours: renewed within the deadline.
+            let lead = last_renewal.is_some_and(|t| t.elapsed() < self.timing.renew_deadline);
+            self.publish(&leading, lead);
+            tokio::select! {
+                () = tokio::time::sleep(self.timing.retry_period) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+        if *leading.borrow() {
+            leading.send_replace(false);
+            self.release().await;
+        }
+    }
+
+    fn publish(&self, leading: &watch::Sender<bool>, lead: bool) {
+        leading.send_if_modified(|current| {
+            if *current == lead {
+                return false;
+            }
+            if lead {
+                tracing::info!(lease = %self.name, identity = %self.identity, "Became the leader: this replica applies GitOps");
+            } else {
+                tracing::info!(lease = %self.name, identity = %self.identity, "No longer the leader: GitOps stops on this replica");
+            }
+            *current = lead;
+            true
+        });
+    }
+
+    /// One round: creates, renews or takes over the lease; whether we hold it now.
+    async fn try_lead(&self) -> anyhow::Result<bool> {
+        let err = |source: kube::Error| {
+            anyhow::Error::new(source).context(format!("lease {}", self.name))
+        };
+        let now = Timestamp::now();
+        let current = self.api.get_opt(&self.name).await.map_err(err)?;
+        let step = decide(
+            current.as_ref().and_then(|l| l.spec.as_ref()),
+            &self.identity,
+            now,
+        );
+        let lease = match (step, current) {
+            (Step::Follow { holder }, _) => {
+                tracing::debug!(%holder, "Another replica leads");
+                return Ok(false);
+            }
+            (Step::Create, _) | (_, None) => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(held_spec(&self.identity, self.timing, now, now, 0)),
+                };
+                return match self.api.create(&PostParams::default(), &lease).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if is_conflict(&e) => Ok(false),
+                    Err(e) => Err(err(e)),
+                };
+            }
+            (Step::Renew, Some(mut lease)) => {
+                let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+                let acquired = spec.acquire_time.clone().map_or(now, |t| t.0);
+                let transitions = spec.lease_transitions.unwrap_or(0);
+                lease.spec = Some(held_spec(
+                    &self.identity,
+                    self.timing,
+                    acquired,
+                    now,
+                    transitions,
+                ));
+                lease
+            }
+            (Step::TakeOver, Some(mut lease)) => {
+                let transitions = lease
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.lease_transitions)
+                    .unwrap_or(0)
+                    .saturating_add(1);
+                lease.spec = Some(held_spec(
+                    &self.identity,
+                    self.timing,
+                    now,
+                    now,
+                    transitions,
+                ));
+                lease
+            }
+        };
+        // The resourceVersion read above makes this a compare-and-swap: if another replica
+        // wrote the lease meanwhile, the API server answers 409 and we do not lead.
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_conflict(&e) => Ok(false),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Gives the lease up (holder cleared) so a follower takes over at its next retry.
+    async fn release(&self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+            return;
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => tracing::info!(lease = %self.name, "Released the leader lease"),
+            Err(e) => {
+                tracing::warn!(lease = %self.name, error = %e, "Releasing the leader lease failed; another replica takes over when it expires")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).expect("timestamp")
+    }
+
+    fn spec(holder: Option<&str>, renewed: Option<i64>, duration: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: holder.map(str::to_string),
+            renew_time: renewed.map(|s| MicroTime(at(s))),
+            lease_duration_seconds: Some(duration),
+            ..LeaseSpec::default()
+        }
+    }
+
+    #[test]
+    fn no_lease_is_created() {
+        assert_eq!(decide(None, "a", at(100)), Step::Create);
+    }
+
+    #[test]
+    fn our_lease_is_renewed_even_when_expired() {
+        assert_eq!(
+            decide(Some(&spec(Some("a"), Some(10), 15)), "a", at(100)),
+            Step::Renew
+        );
+    }
+
+    #[test]
+    fn a_live_lease_of_another_replica_is_followed() {
+        assert_eq!(
+            decide(Some(&spec(Some("b"), Some(90), 15)), "a", at(100)),
+            Step::Follow { holder: "b".into() }
+        );
+        // Exactly at expiry it still holds.
+        assert_eq!(
+            decide(Some(&spec(Some("b"), Some(85), 15)), "a", at(100)),
+            Step::Follow { holder: "b".into() }
+        );
+    }
+
+    #[test]
+    fn an_expired_released_or_never_renewed_lease_is_taken_over() {
+        assert_eq!(
+            decide(Some(&spec(Some("b"), Some(84), 15)), "a", at(100)),
+            Step::TakeOver
+        );
+        assert_eq!(
+            decide(Some(&spec(None, Some(99), 15)), "a", at(100)),
+            Step::TakeOver
+        );
+        assert_eq!(
+            decide(Some(&spec(Some(""), Some(99), 15)), "a", at(100)),
+            Step::TakeOver
+        );
+        assert_eq!(
+            decide(Some(&spec(Some("b"), None, 15)), "a", at(100)),
+            Step::TakeOver
+        );
+    }
+
+    #[test]
+    fn the_defaults_stop_leading_well_before_the_lease_expires() {
+        let t = Timing::default();
+        assert!(t.renew_deadline + t.retry_period < t.lease_duration);
+    }
+}
