@@ -10,16 +10,19 @@
 //!   backoff on failure), publishing each project's default-branch commit.
 //! - [`webhook`]: verification of GitLab, GitHub and Gitea push webhooks, as pure functions.
 //!
-//! gix (gitoxide) does all Git work. Local remotes are fetched through gix's file transport,
-//! which runs the `git-upload-pack` program, so the `git` CLI must be installed for those.
+//! gix (gitoxide) does all Git work but one: mirrors are repacked with the `git` CLI once
+//! fetches have piled up packs, so it must be installed. Local remotes are fetched through
+//! gix's file transport, which runs the `git-upload-pack` program.
 
 mod error;
+mod maintenance;
 mod mirror;
 mod remote;
 mod sources;
 pub mod webhook;
 
 pub use error::{Error, FetchError};
+pub use maintenance::{MaintenanceError, MaintenanceStatus, RepackReport};
 pub use mirror::{CommitId, FetchOutcome, FileEntry, GitRef, Mirror, RefChange};
 pub use remote::{Credentials, Remote, RemoteError, RemoteKind};
 pub use sources::{ProjectHead, ProjectSpec, Sources};

@@ -7,13 +7,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Instant, SystemTime};
 
 use gix::bstr::{BStr, ByteSlice};
 use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
 use gix::remote::Direction;
 
 use crate::error::{BoxError, Error, FetchError, classify_fetch_error};
+use crate::maintenance::{self, MaintenanceStatus, RepackReport};
 use crate::remote::Remote;
 
 /// Refspecs of a mirror: every branch and tag, force-updated (`+`) so rewritten history on the
@@ -106,6 +108,8 @@ pub struct FetchOutcome {
     pub changes: Vec<RefChange>,
     /// The default branch after the fetch.
     pub default_branch: Option<String>,
+    /// The repack that followed the fetch, if the mirror had piled up enough packs for one.
+    pub repack: Option<RepackReport>,
 }
 
 impl FetchOutcome {
@@ -117,9 +121,10 @@ impl FetchOutcome {
 
 /// A bare mirror of one remote repository in a local directory.
 ///
-/// Cheap to clone (shared inside). Reads may run concurrently with a fetch: new objects arrive
-/// in new pack files and refs are replaced atomically, so a reader sees either the old or the new
-/// state. Use one `Mirror` per directory: fetches are serialized per instance only.
+/// Cheap to clone (shared inside). Reads may run concurrently with a fetch and its maintenance:
+/// new objects arrive in new pack files, refs are replaced atomically, and a repack writes its
+/// pack before deleting the old ones, so a reader sees either the old or the new state. Use one
+/// `Mirror` per directory: fetches and maintenance are serialized per instance only.
 #[derive(Clone)]
 pub struct Mirror {
     inner: Arc<Inner>,
@@ -128,9 +133,20 @@ pub struct Mirror {
 struct Inner {
     dir: PathBuf,
     remote: Remote,
-    repo: gix::ThreadSafeRepository,
-    /// Two fetches into one repository at once would race on ref locks and fail; queue them.
+    /// Replaced after maintenance; readers take a handle under the read lock and drop the lock
+    /// at once, so a reader keeps the handle it started with, which stays valid.
+    repo: RwLock<gix::ThreadSafeRepository>,
+    /// Two fetches into one repository at once would race on ref locks and fail, and a repack
+    /// must not see a half-written pack; queue them.
     fetch_lock: Mutex<()>,
+    state: Mutex<State>,
+}
+
+/// What maintenance knows about the object directory.
+struct State {
+    status: MaintenanceStatus,
+    /// Packs on disk when the current handle was opened.
+    packs_at_open: usize,
 }
 
 impl fmt::Debug for Mirror {
@@ -151,7 +167,35 @@ fn git_err<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
+/// A poisoned lock only means another thread panicked while holding it; what it guards (a
+/// handle, counters) stays consistent, and the repository on disk is transactional.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Opens the mirror isolated from the server's global and system Git configuration.
+///
+/// gix sizes the object store's table of pack indices when it opens a repository (by default
+/// 1.1 × the packs on disk, at least 32) and cannot grow it: once fetches added more packs
+/// than that, every read failed with "too few index slots". The handle is reopened whenever
+/// the pack set changed (see [`Mirror::fetch`]), and twice the packs on disk plus 64 leaves room
+/// for many fetches in between even if repacks keep failing.
+fn open_repo(dir: &Path) -> Result<gix::ThreadSafeRepository, BoxError> {
+    let options = gix::open::Options::isolated()
+        .config_overrides(CONFIG_OVERRIDES)
+        .object_store_slots(gix::odb::store::init::Slots::AsNeededByDiskState {
+            multiplier: 2.0,
+            minimum: 64,
+        });
+    let repo = gix::open_opts(dir, options)?;
+    Ok(repo.into_sync())
+}
+
 impl Mirror {
+    /// A successful fetch repacks the mirror when it holds more packs than this (see the
+    /// reasoning at the constant's definition in the maintenance module).
+    pub const PACK_THRESHOLD: usize = maintenance::PACK_THRESHOLD;
+
     /// Opens the bare repository in `dir`, or creates it (and missing parents) if `dir` does not
     /// exist or is empty. Nothing is fetched yet.
     ///
@@ -171,17 +215,24 @@ impl Mirror {
             std::fs::create_dir_all(&dir).map_err(|e| open_err(Box::new(e)))?;
             gix::init_bare(&dir).map_err(|e| open_err(Box::new(e)))?;
         }
-        let options = gix::open::Options::isolated().config_overrides(CONFIG_OVERRIDES);
-        let repo = gix::open_opts(&dir, options).map_err(|e| open_err(Box::new(e)))?;
-        if !repo.is_bare() {
+        let repo = open_repo(&dir).map_err(open_err)?;
+        if !repo.to_thread_local().is_bare() {
             return Err(Error::NotBare { path: dir });
         }
+        let packs = maintenance::count_packs(&dir).map_err(|e| open_err(Box::new(e)))?;
         Ok(Mirror {
             inner: Arc::new(Inner {
                 dir,
                 remote,
-                repo: repo.into_sync(),
+                repo: RwLock::new(repo),
                 fetch_lock: Mutex::new(()),
+                state: Mutex::new(State {
+                    status: MaintenanceStatus {
+                        packs,
+                        ..MaintenanceStatus::default()
+                    },
+                    packs_at_open: packs,
+                }),
             }),
         })
     }
@@ -196,23 +247,55 @@ impl Mirror {
         &self.inner.remote
     }
 
+    /// Pack count and the last repack, as of the last fetch.
+    pub fn maintenance_status(&self) -> MaintenanceStatus {
+        lock(&self.inner.state).status.clone()
+    }
+
+    /// Waits for a running fetch (and its maintenance) to end, and keeps others from starting
+    /// while the guard lives.
+    pub(crate) fn lock_fetches(&self) -> MutexGuard<'_, ()> {
+        lock(&self.inner.fetch_lock)
+    }
+
     fn repo(&self) -> gix::Repository {
-        self.inner.repo.to_thread_local()
+        self.inner
+            .repo
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .to_thread_local()
     }
 
     /// Fetches all branches and tags from the remote, force-updating local refs, removing refs
-    /// deleted on the remote, and recording the remote's default branch.
+    /// deleted on the remote, and recording the remote's default branch. Then maintains the
+    /// mirror: removes what failed fetches left behind, and repacks when more than
+    /// [`Mirror::PACK_THRESHOLD`] packs have piled up.
     ///
     /// Blocking (network and disk I/O): from async code use [`Mirror::fetch_async`]. On failure
-    /// the mirror is left as it was, so previously fetched commits stay readable.
+    /// the mirror is left as it was, so previously fetched commits stay readable. A failed
+    /// repack does not fail the fetch: it is logged, and reported in
+    /// [`FetchOutcome::repack`] and [`Mirror::maintenance_status`].
     pub fn fetch(&self) -> Result<FetchOutcome, Error> {
-        // A poisoned lock only means another fetch panicked; the repository itself is consistent
-        // because ref updates are transactional.
-        let _guard = self
-            .inner
-            .fetch_lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = self.lock_fetches();
+        // Before: leftovers of a process that died mid-fetch. After: a failed fetch leaves its
+        // pack's `.keep`, and gix also leaves it when a pack arrived but no ref moved.
+        self.remove_leftovers();
+        let result = self.fetch_locked();
+        self.remove_leftovers();
+        let repack = if result.is_ok() {
+            self.maintain()
+        } else {
+            None
+        };
+        self.reopen_if_packs_changed(repack.is_some());
+        let mut outcome = result?;
+        outcome.repack = repack;
+        tracing::debug!(remote = %self.inner.remote, dir = %self.inner.dir.display(), changes = outcome.changes.len(), "fetched mirror");
+        Ok(outcome)
+    }
+
+    /// The fetch itself, under the fetch lock.
+    fn fetch_locked(&self) -> Result<FetchOutcome, Error> {
         let remote = &self.inner.remote;
         if let Some(path) = remote.local_path()
             && !path.exists()
@@ -225,97 +308,100 @@ impl Mirror {
             }
             .into());
         }
-
         let repo = self.repo();
         let before = branch_and_tag_ids(&repo)?;
         let remote_refs = self.receive(&repo)?;
-
-        // Prune: refs under refs/heads and refs/tags that the remote no longer advertises. The
-        // advertisement was filtered to exactly these prefixes (plus HEAD), so anything absent
-        // was deleted upstream.
-        let advertised: BTreeSet<&BStr> = remote_refs
-            .iter()
-            .map(|r| r.unpack().0)
-            .filter(|name| name.starts_with(b"refs/heads/") || name.starts_with(b"refs/tags/"))
-            .collect();
-        let deletions: Vec<RefEdit> = branch_and_tag_ids(&repo)?
-            .into_iter()
-            .filter(|(name, _)| !advertised.contains(name.as_bytes().as_bstr()))
-            .filter_map(|(name, id)| {
-                Some(RefEdit {
-                    change: Change::Delete {
-                        expected: PreviousValue::MustExistAndMatch(gix::refs::Target::Object(id)),
-                        log: RefLog::AndReference,
-                    },
-                    name: name.try_into().ok()?,
-                    deref: false,
-                })
-            })
-            .collect();
-        if !deletions.is_empty() {
-            repo.edit_references(deletions)
-                .map_err(git_err("deleting refs removed on the remote"))?;
-        }
-
-        // Record the remote's default branch as our HEAD, as `git clone --mirror` does.
-        let remote_head = remote_refs.iter().find_map(|r| match r {
-            gix::protocol::handshake::Ref::Symbolic {
-                full_ref_name,
-                target,
-                ..
-            }
-            | gix::protocol::handshake::Ref::Unborn {
-                full_ref_name,
-                target,
-            } if full_ref_name == "HEAD" && target.starts_with(b"refs/heads/") => Some(target),
-            _ => None,
-        });
-        if let Some(target) = remote_head
-            && repo
-                .head_name()
-                .ok()
-                .flatten()
-                .is_none_or(|current| current.as_bstr() != target.as_bstr())
-        {
-            let target: gix::refs::FullName = target
-                .as_bstr()
-                .try_into()
-                .map_err(git_err("recording the remote's HEAD"))?;
-            let head: gix::refs::FullName = "HEAD"
-                .try_into()
-                .map_err(git_err("recording the remote's HEAD"))?;
-            repo.edit_reference(RefEdit {
-                change: Change::Update {
-                    log: LogChange::default(),
-                    expected: PreviousValue::Any,
-                    new: gix::refs::Target::Symbolic(target),
-                },
-                name: head,
-                deref: false,
-            })
-            .map_err(git_err("recording the remote's HEAD"))?;
-        }
-
+        prune_refs(&repo, &remote_refs)?;
+        record_remote_head(&repo, &remote_refs)?;
         let after = branch_and_tag_ids(&repo)?;
-        let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
-        let changes = names
-            .into_iter()
-            .filter_map(|name| {
-                let old = before.get(name);
-                let new = after.get(name);
-                (old != new).then(|| RefChange {
-                    name: name.clone(),
-                    old: old.map(ToString::to_string),
-                    new: new.map(ToString::to_string),
-                })
-            })
-            .collect();
-        let outcome = FetchOutcome {
-            changes,
+        Ok(FetchOutcome {
+            changes: ref_changes(&before, &after),
             default_branch: self.default_branch()?,
+            repack: None,
+        })
+    }
+
+    /// Removes leftovers of failed fetches; a failure is logged and the fetch goes on, since
+    /// the leftovers only cost disk space (and keep one pack out of repacks).
+    fn remove_leftovers(&self) {
+        match maintenance::remove_leftovers(&self.inner.dir) {
+            Ok(removed) => lock(&self.inner.state).status.leftovers_removed += removed,
+            Err(e) => {
+                tracing::warn!(dir = %self.inner.dir.display(), error = %e, "Removing leftovers of failed fetches from the mirror failed");
+            }
+        }
+    }
+
+    /// Counts packs, logging a failure; `None` then.
+    fn count_packs(&self) -> Option<usize> {
+        maintenance::count_packs(&self.inner.dir)
+            .inspect_err(|e| {
+                tracing::warn!(dir = %self.inner.dir.display(), error = %e, "Counting the mirror's packs failed");
+            })
+            .ok()
+    }
+
+    /// Repacks when more than [`Mirror::PACK_THRESHOLD`] packs piled up; returns what happened
+    /// if it ran. Under the fetch lock, after a successful fetch.
+    fn maintain(&self) -> Option<RepackReport> {
+        let packs_before = self.count_packs()?;
+        lock(&self.inner.state).status.packs = packs_before;
+        if packs_before <= Self::PACK_THRESHOLD {
+            return None;
+        }
+        let started = Instant::now();
+        let result = maintenance::repack(&self.inner.dir);
+        // A killed repack may leave its temporary pack behind.
+        self.remove_leftovers();
+        let packs_after = self.count_packs().unwrap_or(packs_before);
+        let report = RepackReport {
+            ended_at: SystemTime::now(),
+            duration: started.elapsed(),
+            packs_before,
+            packs_after,
+            error: result.err().map(|e| e.to_string()),
         };
-        tracing::debug!(remote = %remote, dir = %self.inner.dir.display(), changes = outcome.changes.len(), "fetched mirror");
-        Ok(outcome)
+        match &report.error {
+            None => {
+                tracing::debug!(dir = %self.inner.dir.display(), packs_before, packs_after, duration = ?report.duration, "Repacked the mirror");
+            }
+            Some(error) => {
+                tracing::warn!(dir = %self.inner.dir.display(), packs = packs_before, %error, "Repacking the mirror failed; its packs stay as they were");
+            }
+        }
+        let mut state = lock(&self.inner.state);
+        state.status.packs = packs_after;
+        state.status.last_repack = Some(report.clone());
+        Some(report)
+    }
+
+    /// Replaces the repository handle after a repack or when packs were added or removed, so
+    /// the object store is sized for the packs now on disk. Readers holding the old handle
+    /// finish with it.
+    fn reopen_if_packs_changed(&self, repacked: bool) {
+        let Some(packs) = self.count_packs() else {
+            return;
+        };
+        {
+            let mut state = lock(&self.inner.state);
+            state.status.packs = packs;
+            if !repacked && packs == state.packs_at_open {
+                return;
+            }
+        }
+        match open_repo(&self.inner.dir) {
+            Ok(repo) => {
+                *self
+                    .inner
+                    .repo
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = repo;
+                lock(&self.inner.state).packs_at_open = packs;
+            }
+            Err(error) => {
+                tracing::warn!(dir = %self.inner.dir.display(), %error, "Reopening the mirror failed; the previous handle stays in use");
+            }
+        }
     }
 
     /// Connects, negotiates and receives the pack; returns the remote's advertised refs.
@@ -552,6 +638,107 @@ impl Mirror {
         files.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(files)
     }
+}
+
+/// Deletes refs under `refs/heads` and `refs/tags` that the remote no longer advertises. The
+/// advertisement was filtered to exactly these prefixes (plus HEAD), so anything absent was
+/// deleted upstream.
+fn prune_refs(
+    repo: &gix::Repository,
+    remote_refs: &[gix::protocol::handshake::Ref],
+) -> Result<(), Error> {
+    let advertised: BTreeSet<&BStr> = remote_refs
+        .iter()
+        .map(|r| r.unpack().0)
+        .filter(|name| name.starts_with(b"refs/heads/") || name.starts_with(b"refs/tags/"))
+        .collect();
+    let deletions: Vec<RefEdit> = branch_and_tag_ids(repo)?
+        .into_iter()
+        .filter(|(name, _)| !advertised.contains(name.as_bytes().as_bstr()))
+        .filter_map(|(name, id)| {
+            Some(RefEdit {
+                change: Change::Delete {
+                    expected: PreviousValue::MustExistAndMatch(gix::refs::Target::Object(id)),
+                    log: RefLog::AndReference,
+                },
+                name: name.try_into().ok()?,
+                deref: false,
+            })
+        })
+        .collect();
+    if !deletions.is_empty() {
+        repo.edit_references(deletions)
+            .map_err(git_err("deleting refs removed on the remote"))?;
+    }
+    Ok(())
+}
+
+/// Records the remote's default branch as our HEAD, as `git clone --mirror` does.
+fn record_remote_head(
+    repo: &gix::Repository,
+    remote_refs: &[gix::protocol::handshake::Ref],
+) -> Result<(), Error> {
+    let remote_head = remote_refs.iter().find_map(|r| match r {
+        gix::protocol::handshake::Ref::Symbolic {
+            full_ref_name,
+            target,
+            ..
+        }
+        | gix::protocol::handshake::Ref::Unborn {
+            full_ref_name,
+            target,
+        } if full_ref_name == "HEAD" && target.starts_with(b"refs/heads/") => Some(target),
+        _ => None,
+    });
+    let Some(target) = remote_head else {
+        return Ok(());
+    };
+    if repo
+        .head_name()
+        .ok()
+        .flatten()
+        .is_some_and(|current| current.as_bstr() == target.as_bstr())
+    {
+        return Ok(());
+    }
+    let target: gix::refs::FullName = target
+        .as_bstr()
+        .try_into()
+        .map_err(git_err("recording the remote's HEAD"))?;
+    let head: gix::refs::FullName = "HEAD"
+        .try_into()
+        .map_err(git_err("recording the remote's HEAD"))?;
+    repo.edit_reference(RefEdit {
+        change: Change::Update {
+            log: LogChange::default(),
+            expected: PreviousValue::Any,
+            new: gix::refs::Target::Symbolic(target),
+        },
+        name: head,
+        deref: false,
+    })
+    .map_err(git_err("recording the remote's HEAD"))?;
+    Ok(())
+}
+
+/// The refs that differ between `before` and `after`, sorted by name.
+fn ref_changes(
+    before: &BTreeMap<String, gix::ObjectId>,
+    after: &BTreeMap<String, gix::ObjectId>,
+) -> Vec<RefChange> {
+    let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let old = before.get(name);
+            let new = after.get(name);
+            (old != new).then(|| RefChange {
+                name: name.clone(),
+                old: old.map(ToString::to_string),
+                new: new.map(ToString::to_string),
+            })
+        })
+        .collect()
 }
 
 /// All refs under `refs/heads/` and `refs/tags/`, by full name, with the object they point to.

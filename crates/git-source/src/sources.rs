@@ -17,13 +17,20 @@ use crate::{CommitId, GitRef, Mirror, Remote};
 /// What readers see of a project's repository.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProjectHead {
-    /// The default branch's commit at the last successful fetch.
+    /// The default branch's commit at the last successful fetch, or, until the first fetch of
+    /// this process succeeds, the one in the mirror left on disk by an earlier run (`restored`).
     pub commit: Option<CommitId>,
-    /// When the last fetch (successful or not) ended.
+    /// When the last fetch attempt (successful or not) ended.
     pub fetched_at: Option<SystemTime>,
+    /// When the last successful fetch ended; `None` until one succeeded in this process.
+    pub succeeded_at: Option<SystemTime>,
+    /// `commit` was read from the mirror already on disk when it was opened (kas restarted), and
+    /// no fetch of this process has succeeded yet: it is the last commit known good, possibly
+    /// behind the remote. Cleared by the first successful fetch.
+    pub restored: bool,
     /// Why the last fetch failed; `None` after a success.
     pub error: Option<String>,
-    /// Successful fetches so far.
+    /// Successful fetches so far in this process (a restored commit does not count).
     pub fetches: u64,
     /// Failed fetches so far.
     pub failures: u64,
@@ -126,6 +133,7 @@ impl Sources {
             short_hash(&remote.to_string())
         ));
         let mirror = Mirror::open_or_init(dir, remote)?;
+        publish_restored(&entry, &mirror, &spec.path);
         *lock(&entry.mirror) = Some(mirror.clone());
         let cancel = self.shutdown.child_token();
         *lock(&entry.task) = Some(cancel.clone());
@@ -137,12 +145,60 @@ impl Sources {
         Ok(())
     }
 
-    /// Stops mirroring a project (its folder stays, as a cache).
+    /// Stops mirroring a project and deletes its mirror from disk.
+    ///
+    /// The directory is renamed away at once (a project added again gets a fresh mirror) and
+    /// deleted in the background, after a fetch still running in it has ended.
     pub fn remove(&self, id: i64) {
-        if let Some(e) = lock(&self.entries).remove(&id)
-            && let Some(t) = lock(&e.task).take()
-        {
+        let Some(entry) = lock(&self.entries).remove(&id) else {
+            return;
+        };
+        if let Some(t) = lock(&entry.task).take() {
             t.cancel();
+        }
+        if let Some(mirror) = lock(&entry.mirror).take() {
+            self.delete_mirror(id, mirror);
+        }
+    }
+
+    /// Deletes `mirror`'s directory, but only if it is one this `Sources` made: directly in the
+    /// cache directory, named after the project, and a real directory (not a symlink).
+    fn delete_mirror(&self, id: i64, mirror: Mirror) {
+        let dir = mirror.dir().to_owned();
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let ours = dir.parent() == Some(self.cache_dir.as_path())
+            && name.starts_with(&format!("{id}-"))
+            && name.ends_with(".git")
+            && std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
+        if !ours {
+            tracing::warn!(dir = %dir.display(), "Not deleting the mirror of a removed project: it is not a mirror directory of this kas");
+            return;
+        }
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let doomed = self.cache_dir.join(format!(".removed-{name}-{nanos}"));
+        if let Err(e) = std::fs::rename(&dir, &doomed) {
+            tracing::warn!(dir = %dir.display(), error = %e, "Deleting the mirror of a removed project failed");
+            return;
+        }
+        let delete = move || {
+            // A fetch that was running goes on in the renamed directory (and fails); wait for
+            // it, so nothing writes into the directory while it is deleted.
+            let _fetch = mirror.lock_fetches();
+            match std::fs::remove_dir_all(&doomed) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "Deleted the mirror of a removed project")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %doomed.display(), error = %e, "Deleting the mirror of a removed project failed")
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(delete)),
+            Err(_) => delete(),
         }
     }
 
@@ -226,6 +282,8 @@ impl Sources {
                         h.commit = commit;
                         h.error = None;
                         h.fetched_at = now;
+                        h.succeeded_at = now;
+                        h.restored = false;
                         h.fetches += 1;
                     });
                 }
@@ -253,6 +311,30 @@ impl Sources {
             }
         }
     }
+}
+
+/// Publishes the default branch's commit of a mirror already on disk, so readers have the last
+/// known good commit while the first fetch of this process is slow or failing. Only into a
+/// head that has nothing yet: a head fed by fetches is newer.
+fn publish_restored(entry: &Entry, mirror: &Mirror, path: &str) {
+    let commit = match mirror.resolve(&GitRef::DefaultBranch) {
+        Ok(commit) => commit,
+        // A new, empty mirror: nothing to restore.
+        Err(crate::Error::NotFound(_)) => return,
+        Err(e) => {
+            tracing::warn!(project = %path, error = %e, "Reading the mirror left on disk failed; waiting for the first fetch");
+            return;
+        }
+    };
+    entry.head.send_if_modified(|h| {
+        if h.commit.is_some() || h.fetches > 0 {
+            return false;
+        }
+        tracing::info!(project = %path, commit_id = %commit, "Using the commit in the mirror on disk until the first fetch");
+        h.commit = Some(commit);
+        h.restored = true;
+        true
+    });
 }
 
 fn short_hash(s: &str) -> String {

@@ -305,7 +305,8 @@ fn force_updates_and_prunes_like_a_mirror() {
         mirror.resolve(&GitRef::Tag("v1".into())),
         Err(Error::NotFound(_))
     ));
-    // The rewritten-away commit's objects are still there (nothing is garbage-collected).
+    // The rewritten-away commit's objects are still there: only a repack (after more fetches
+    // than this test makes) drops objects no ref reaches.
     assert_eq!(read(&mirror, &rewritten_away, "f").as_deref(), Some("2"));
 }
 
@@ -875,4 +876,399 @@ async fn sources_time_out_a_silent_server_and_keep_the_last_good_commit() {
     assert_eq!(seen.fetches, 0);
     sources.shutdown();
     drop(silent);
+}
+
+/// `.pack` and `.keep` files in a mirror's `objects/pack`.
+fn pack_files(mirror: &Mirror, ext: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(mirror.dir().join("objects/pack"))
+        .expect("objects/pack")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect()
+}
+
+/// Production defect: every fetch added a pack and gix's object store, sized when the mirror was
+/// opened, ran out of index slots after about 32 packs ("too few index slots"). Many fetches
+/// into one mirror must keep working, with the pack count bounded by maintenance.
+#[test]
+fn many_fetches_stay_readable_and_bounded() {
+    let f = Fixture::new("main");
+    let mirror = f.local_mirror();
+    let mut repacks = 0;
+    for i in 0..64 {
+        commit_fetch_and_check(&f, &mirror, i);
+        let packs = pack_files(&mirror, "pack").len();
+        assert!(
+            packs <= Mirror::PACK_THRESHOLD,
+            "{packs} packs after fetch {i}"
+        );
+        assert_eq!(mirror.maintenance_status().packs, packs);
+        assert_eq!(
+            pack_files(&mirror, "keep"),
+            Vec::<PathBuf>::new(),
+            "fetch {i}"
+        );
+        assert_eq!(temp_files(&mirror), Vec::<PathBuf>::new(), "fetch {i}");
+        if packs == 1 && i > 0 {
+            repacks += 1;
+        }
+    }
+    assert!(
+        repacks >= 64 / (Mirror::PACK_THRESHOLD + 1),
+        "{repacks} repacks"
+    );
+}
+
+/// Temporary files (gix's `.tmp*`, git's `tmp_*`) in a mirror's `objects/pack`.
+fn temp_files(mirror: &Mirror) -> Vec<PathBuf> {
+    std::fs::read_dir(mirror.dir().join("objects/pack"))
+        .expect("objects/pack")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".tmp") || n.starts_with("tmp_"))
+        })
+        .collect()
+}
+
+/// Commits `version {i}` of `app.yaml`, fetches, and checks the mirror serves it.
+fn commit_fetch_and_check(f: &Fixture, mirror: &Mirror, i: usize) -> CommitId {
+    let content = format!("version {i}");
+    let commit = f.commit(&[("app.yaml", content.as_bytes())], &[], &format!("c{i}"));
+    mirror.fetch().unwrap_or_else(|e| panic!("fetch {i}: {e}"));
+    let head = mirror
+        .resolve(&GitRef::DefaultBranch)
+        .unwrap_or_else(|e| panic!("resolve after fetch {i}: {e}"));
+    assert_eq!(head, commit, "fetch {i}");
+    assert_eq!(
+        read(mirror, &commit, "app.yaml").as_deref(),
+        Some(content.as_str()),
+        "fetch {i}"
+    );
+    commit
+}
+
+/// A failed fetch must not leave a `.keep` (it would pin its pack forever) or temporary files,
+/// and the next fetch must succeed.
+#[test]
+fn failed_fetches_leave_no_leftovers() {
+    let f = Fixture::new("main");
+    let mirror = f.local_mirror();
+    commit_fetch_and_check(&f, &mirror, 0);
+
+    // A stale ref lock (another git process, or one that crashed) makes the ref update fail
+    // after the pack was received: gix leaves that pack's `.keep`.
+    let new = f.commit(&[("app.yaml", b"locked out")], &[], "locked");
+    let ref_lock = mirror.dir().join("refs/heads/main.lock");
+    std::fs::write(&ref_lock, b"").expect("lock file");
+    let err = mirror.fetch().expect_err("the ref is locked");
+    assert!(matches!(err, Error::Fetch(_)), "{err:?}");
+    assert_eq!(pack_files(&mirror, "keep"), Vec::<PathBuf>::new());
+    assert_eq!(temp_files(&mirror), Vec::<PathBuf>::new());
+    std::fs::remove_file(&ref_lock).expect("unlock");
+    mirror.fetch().expect("fetch after the lock is gone");
+    assert_eq!(mirror.resolve(&GitRef::DefaultBranch).expect("head"), new);
+
+    // The remote disappears for a while.
+    std::fs::rename(f.src(), f.repos().join("away")).expect("rename");
+    mirror.fetch().expect_err("remote is gone");
+    std::fs::rename(f.repos().join("away"), f.src()).expect("rename back");
+    assert_eq!(pack_files(&mirror, "keep"), Vec::<PathBuf>::new());
+    commit_fetch_and_check(&f, &mirror, 1);
+
+    // What a killed fetch or repack leaves: temporary files, a pack without its index, and
+    // a `.keep` beside a live pack. The next fetch removes them and keeps the live pack.
+    let pack_dir = mirror.dir().join("objects/pack");
+    let live = pack_files(&mirror, "pack");
+    let planted = [
+        ".tmp8fGh2k",
+        "tmp_pack_Ab12Cd",
+        "tmp_idx_Ab12Cd",
+        "pack-0000000000000000000000000000000000000001.pack",
+    ];
+    for name in planted {
+        std::fs::write(pack_dir.join(name), b"junk").expect("plant");
+    }
+    std::fs::write(live[0].with_extension("keep"), b"").expect("plant keep");
+    commit_fetch_and_check(&f, &mirror, 2);
+    for name in planted {
+        assert!(!pack_dir.join(name).exists(), "{name} was not removed");
+    }
+    assert_eq!(pack_files(&mirror, "keep"), Vec::<PathBuf>::new());
+    // 5 planted here, and at least the `.keep` of the fetch that failed on the ref lock.
+    assert!(mirror.maintenance_status().leftovers_removed >= 6);
+    // Every commit stays readable.
+    let first = CommitId::from_hex(&git(&f.src(), &["rev-list", "--max-parents=0", "HEAD"]))
+        .expect("root commit");
+    assert_eq!(
+        read(&mirror, &first, "app.yaml").as_deref(),
+        Some("version 0")
+    );
+}
+
+/// Reads from other threads never fail while fetches and repacks replace packs under them.
+#[test]
+fn reads_during_fetches_and_repacks_never_fail() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let f = Fixture::new("main");
+    let mirror = f.local_mirror();
+    let first = commit_fetch_and_check(&f, &mirror, 0);
+    // What each fetched commit's app.yaml says, filled in before the commit is fetched.
+    let expected = Arc::new(Mutex::new(HashMap::from([(first, "version 0".to_owned())])));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (mirror, expected) = (mirror.clone(), expected.clone());
+            let (stop, reads) = (stop.clone(), reads.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let head = mirror.resolve(&GitRef::DefaultBranch).expect("resolve");
+                    let want = expected.lock().expect("map").get(&head).cloned();
+                    let got = mirror.read_file(&head, "app.yaml", MAX).expect("read head");
+                    assert_eq!(got.map(String::from_utf8), want.map(Ok), "at {head}");
+                    let old = mirror
+                        .read_file(&first, "app.yaml", MAX)
+                        .expect("read first");
+                    assert_eq!(old.as_deref(), Some(&b"version 0"[..]));
+                    let files = mirror.list_files(&head, "", 100).expect("list");
+                    assert_eq!(files.len(), 1);
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    wait_until(10, "the readers to start", || {
+        reads.load(Ordering::Relaxed) > 0
+    });
+    let reads_before = reads.load(Ordering::Relaxed);
+    let mut repacks = 0;
+    for i in 1..=40 {
+        let content = format!("version {i}");
+        let commit = f.commit(&[("app.yaml", content.as_bytes())], &[], &format!("c{i}"));
+        expected.lock().expect("map").insert(commit, content);
+        let outcome = mirror.fetch().expect("fetch");
+        if let Some(report) = outcome.repack {
+            assert_eq!(report.error, None);
+            repacks += 1;
+        }
+    }
+    let reads_during = reads.load(Ordering::Relaxed) - reads_before;
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        reader
+            .join()
+            .expect("a reader failed (see its panic above)");
+    }
+    assert!(repacks >= 4, "only {repacks} repacks ran");
+    assert!(
+        reads_during > 40,
+        "only {reads_during} reads ran during the fetches"
+    );
+}
+
+/// A mirror repacked many times and opened again (kas restarted) reads and fetches; so does a
+/// mirror left with many packs by a version without maintenance.
+#[test]
+fn reopened_mirrors_keep_working() {
+    let f = Fixture::new("main");
+    let mirror = f.local_mirror();
+    let mut last = commit_fetch_and_check(&f, &mirror, 0);
+    for i in 1..40 {
+        last = commit_fetch_and_check(&f, &mirror, i);
+    }
+    drop(mirror);
+    let reopened = f.local_mirror();
+    assert_eq!(
+        reopened.resolve(&GitRef::DefaultBranch).expect("head"),
+        last
+    );
+    assert_eq!(
+        read(&reopened, &last, "app.yaml").as_deref(),
+        Some("version 39")
+    );
+    for i in 40..50 {
+        commit_fetch_and_check(&f, &reopened, i);
+    }
+
+    // 40 packs, as the old code left them: real git keeping each fetch's pack.
+    let old = f.cache("old");
+    std::fs::create_dir_all(&old).expect("mkdir");
+    git(&old, &["init", "-q", "--bare"]);
+    let src = f.src().display().to_string();
+    for i in 50..90 {
+        f.commit(&[("app.yaml", format!("version {i}").as_bytes())], &[], "c");
+        git(
+            &old,
+            &[
+                "-c",
+                "fetch.unpackLimit=1",
+                "fetch",
+                "-q",
+                &src,
+                "+refs/heads/*:refs/heads/*",
+            ],
+        );
+    }
+    let adopted = Mirror::open_or_init(&old, Remote::local(f.src())).expect("open");
+    assert_eq!(pack_files(&adopted, "pack").len(), 40);
+    let head = f.head();
+    assert_eq!(
+        read(&adopted, &head, "app.yaml").as_deref(),
+        Some("version 89")
+    );
+    commit_fetch_and_check(&f, &adopted, 90);
+    assert_eq!(pack_files(&adopted, "pack").len(), 1);
+    assert_eq!(adopted.maintenance_status().packs, 1);
+}
+
+/// A repack that fails is reported, and the fetched commit stays readable.
+#[test]
+fn failed_repack_is_reported_and_keeps_the_fetched_commit() {
+    let f = Fixture::new("main");
+    let mirror = f.local_mirror();
+    commit_fetch_and_check(&f, &mirror, 0);
+    // git refuses to run with a bad value for a setting it reads; gix never reads it.
+    let config = mirror.dir().join("config");
+    let good = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        format!("{good}[repack]\n\tpackKeptObjects = maybe\n"),
+    )
+    .expect("bad");
+    let mut failed = None;
+    for i in 1..=Mirror::PACK_THRESHOLD {
+        let content = format!("version {i}");
+        let commit = f.commit(&[("app.yaml", content.as_bytes())], &[], "c");
+        let outcome = mirror.fetch().expect("the fetch succeeds");
+        assert_eq!(
+            mirror.resolve(&GitRef::DefaultBranch).expect("head"),
+            commit
+        );
+        assert_eq!(read(&mirror, &commit, "app.yaml"), Some(content));
+        failed = failed.or(outcome.repack);
+    }
+    let report = failed.expect("a repack ran");
+    let error = report.error.expect("and failed");
+    assert!(error.to_lowercase().contains("packkeptobjects"), "{error}");
+    assert_eq!(report.packs_after, report.packs_before);
+    let status = mirror.maintenance_status();
+    assert_eq!(status.last_repack.and_then(|r| r.error), Some(error));
+
+    std::fs::write(&config, good).expect("fix config");
+    let outcome = mirror.fetch().expect("fetch");
+    let report = outcome.repack.expect("repacks again");
+    assert_eq!((report.error, report.packs_after), (None, 1));
+}
+
+/// Polls `cond` until it holds, failing the test after `secs` seconds.
+fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// After a restart the commit of the mirror on disk is published at once, before any fetch,
+/// and stays while the remote is down; `succeeded_at` only moves on success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_publish_the_mirror_on_disk_at_once_after_a_restart() {
+    use tether_git_source::{ProjectSpec, Sources};
+
+    let f = Fixture::new("main");
+    let c1 = f.commit(&[("a", b"1")], &[], "one");
+    let spec = || ProjectSpec {
+        id: 3,
+        path: "group/p".into(),
+        remote: Some(Remote::local(f.src())),
+    };
+    let poll = Duration::from_secs(60);
+    let first = Sources::new(f.cache("sources"), poll, Duration::from_secs(10));
+    first.upsert(spec()).expect("upsert");
+    wait_until(20, "the first fetch", || first.head(3).fetches > 0);
+    let h = first.head(3);
+    assert_eq!((h.commit, h.restored), (Some(c1), false));
+    assert!(
+        h.succeeded_at.is_some() && h.succeeded_at == h.fetched_at,
+        "{h:?}"
+    );
+    first.shutdown();
+
+    // kas restarts while the remote is down.
+    std::fs::rename(f.src(), f.repos().join("away")).expect("rename");
+    let second = Sources::new(f.cache("sources"), poll, Duration::from_secs(10));
+    second.upsert(spec()).expect("upsert");
+    let h = second.head(3);
+    assert_eq!(
+        (h.commit, h.restored, h.fetches),
+        (Some(c1), true, 0),
+        "{h:?}"
+    );
+    wait_until(20, "a failed fetch", || second.head(3).failures > 0);
+    let h = second.head(3);
+    assert_eq!(
+        (h.commit, h.restored, h.succeeded_at),
+        (Some(c1), true, None),
+        "{h:?}"
+    );
+    assert!(h.fetched_at.is_some() && h.error.is_some(), "{h:?}");
+
+    // The remote is back.
+    std::fs::rename(f.repos().join("away"), f.src()).expect("rename back");
+    let c2 = f.commit(&[("a", b"2")], &[], "two");
+    second.trigger(3);
+    wait_until(20, "a successful fetch", || second.head(3).fetches > 0);
+    let h = second.head(3);
+    assert_eq!(
+        (h.commit, h.restored, h.error.clone()),
+        (Some(c2), false, None),
+        "{h:?}"
+    );
+    assert!(
+        h.succeeded_at.is_some() && h.succeeded_at == h.fetched_at,
+        "{h:?}"
+    );
+    second.shutdown();
+}
+
+/// Removing a project deletes its mirror, and only its mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_remove_deletes_the_mirror() {
+    use tether_git_source::{ProjectSpec, Sources};
+
+    let f = Fixture::new("main");
+    f.commit(&[("a", b"1")], &[], "one");
+    let cache = f.cache("sources");
+    let sources = Sources::new(
+        cache.clone(),
+        Duration::from_secs(60),
+        Duration::from_secs(10),
+    );
+    for id in [1, 2] {
+        sources
+            .upsert(ProjectSpec {
+                id,
+                path: format!("group/p{id}"),
+                remote: Some(Remote::local(f.src())),
+            })
+            .expect("upsert");
+    }
+    wait_until(20, "the first fetches", || {
+        sources.head(1).fetches > 0 && sources.head(2).fetches > 0
+    });
+    let removed = sources.mirror(1).expect("mirror 1").dir().to_owned();
+    let kept = sources.mirror(2).expect("mirror 2").dir().to_owned();
+    sources.remove(1);
+    wait_until(20, "the mirror's deletion", || {
+        std::fs::read_dir(&cache).expect("cache").count() == 1
+    });
+    assert!(!removed.exists());
+    assert!(kept.join("objects").is_dir());
+    assert!(sources.mirror(1).is_none());
+    sources.shutdown();
 }

@@ -402,7 +402,7 @@ fn project_view(st: &ApiState, p: tether_store::Project) -> ProjectView {
         path: p.path,
         remote: p.remote,
         commit: head.commit.map(|c| c.to_hex()),
-        last_fetch: head.fetched_at.map(rfc3339),
+        last_fetch: head.succeeded_at.map(rfc3339),
         fetch_error: head.error,
         fetches: head.fetches,
         fetch_failures: head.failures,
