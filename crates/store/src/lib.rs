@@ -7,6 +7,7 @@ mod error;
 mod model;
 mod sqlite;
 mod token;
+mod txn;
 mod validate;
 
 pub use error::{Error, Result};
@@ -24,6 +25,8 @@ pub use validate::{
 /// Object-safe (through `async_trait`'s boxed futures) so kas can pick the backend at start-up
 /// and share it as `Arc<dyn Store>`. Name arguments are validated by every method, so malformed
 /// input yields [`Error::InvalidName`] rather than "not found".
+///
+/// A write that returns `Ok` has been committed; one that returns `Err` has changed nothing.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Returns the project with this path, creating it first if it does not exist.
@@ -35,8 +38,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// All projects, ordered by path.
     async fn list_projects(&self) -> Result<Vec<Project>>;
 
-    /// Registers a new agent, creating its project if needed.
-    /// Fails with [`Error::AlreadyExists`] if the project already has an agent of that name.
     /// A project by numeric id.
     async fn get_project(&self, id: i64) -> Result<Option<Project>>;
 
@@ -47,6 +48,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// exist.
     async fn remove_project(&self, path: &str) -> Result<bool>;
 
+    /// Registers a new agent, creating its project if needed.
+    /// Fails with [`Error::AlreadyExists`] if the project already has an agent of that name.
     async fn register_agent(&self, project_path: &str, name: &str) -> Result<Agent>;
 
     /// Looks an agent up by id.
@@ -82,8 +85,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// tokens: callers must not be able to tell those apart, so neither can this API.
     async fn authenticate(&self, token: &str) -> Result<Option<AuthenticatedAgent>>;
 
-    /// Closes the underlying connections; further calls fail. Lets kas flush the database
-    /// cleanly on shutdown.
     /// Issues a personal access token for `username` on one agent, valid until `expires_at`
     /// (Unix seconds). `memberships` is JSON kept for authorization. Returned once.
     async fn create_user_token(
@@ -100,5 +101,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Revokes a personal access token; whether it was active.
     async fn revoke_user_token(&self, id: i64) -> Result<bool>;
 
+    /// Records the last sync report of one of the agent's manifest projects, replacing the one
+    /// before. `project` is the caller's key for the manifest project; `report` is an opaque
+    /// encoded record, kept byte for byte. Fails with [`Error::NotFound`] if the agent does not
+    /// exist. Reports go away with their agent.
+    async fn put_sync_report(&self, agent_id: i64, project: &str, report: &[u8]) -> Result<()>;
+
+    /// The agent's last sync reports as `(project, report)`, ordered by project (byte order).
+    /// Empty if there are none, including for an unknown agent.
+    async fn sync_reports(&self, agent_id: i64) -> Result<Vec<(String, Vec<u8>)>>;
+
+    /// Records the agent's configuration state (an opaque encoded record, kept byte for byte),
+    /// replacing the one before. Fails with [`Error::NotFound`] if the agent does not exist.
+    /// The state goes away with its agent.
+    async fn put_config_state(&self, agent_id: i64, state: &[u8]) -> Result<()>;
+
+    /// The agent's configuration state; `None` if none was recorded or the agent is unknown.
+    async fn config_state(&self, agent_id: i64) -> Result<Option<Vec<u8>>>;
+
+    /// Closes the underlying connections; further calls fail. Lets kas flush the database
+    /// cleanly on shutdown.
     async fn close(&self);
 }

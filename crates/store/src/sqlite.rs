@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::{Agent, AgentRow, AuthenticatedAgent, Project, TokenInfo};
 use crate::model::{ProjectSource, UserTokenInfo};
 use crate::token::{self, AgentToken};
+use crate::txn::WriteTxn;
 use crate::validate::{validate_agent_name, validate_project_path};
 
 /// Schema migrations compiled into the binary, so a fresh kas needs no files besides its database.
@@ -27,8 +28,13 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// SQLite allows a single writer at a time; a few connections are enough for concurrent readers
-/// (WAL lets them proceed during a write) without piling up waiters on the write lock.
+/// (they share the read lock) without piling up waiters on the write lock.
 const MAX_CONNECTIONS: u32 = 4;
+
+/// Connections a write tries before giving up on finding a writable one: one more than the pool
+/// holds, so every connection left over from a read-only spell can be replaced (see
+/// [`WriteTxn::begin`]).
+const WRITE_ATTEMPTS: u32 = MAX_CONNECTIONS + 1;
 
 /// [`Store`] backed by a SQLite database file.
 #[derive(Debug, Clone)]
@@ -42,8 +48,17 @@ impl SqliteStore {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
-            // WAL lets authentication reads continue while a token is being written.
-            .journal_mode(SqliteJournalMode::Wal)
+            // A rollback journal rather than WAL: WAL's index (`-shm`) is a memory-mapped file,
+            // and a mapped page the filesystem cannot back kills the process with SIGBUS, where
+            // file writes fail with an error we can report. Readers still share the database;
+            // they only wait (busy_timeout) during the few milliseconds a commit holds the
+            // exclusive lock. TRUNCATE rather than DELETE: no directory update per commit, and
+            // the journal's space is still given back after each one. An existing WAL database
+            // is converted on first open.
+            .journal_mode(SqliteJournalMode::Truncate)
+            // No memory-mapped I/O on the database file either, for the same reason; this is
+            // SQLite's default, stated so that no default elsewhere can turn it on.
+            .pragma("mmap_size", "0")
             .busy_timeout(BUSY_TIMEOUT)
             // SQLite ignores REFERENCES clauses unless told otherwise, per connection.
             .foreign_keys(true);
@@ -55,13 +70,38 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
-    /// Copies the write-ahead log into the main database file and truncates the log. Useful
-    /// before taking a file-level backup.
+    /// Copies a write-ahead log, if the database still has one, into the main database file and
+    /// truncates it. Useful before taking a file-level backup. The store itself no longer uses
+    /// WAL, so this is a no-op unless the database was opened elsewhere in WAL mode.
     pub async fn checkpoint(&self) -> Result<()> {
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Begins a write; see [`WriteTxn`] for why writes do not use sqlx's `Transaction`.
+    async fn write(&self) -> Result<WriteTxn> {
+        WriteTxn::begin(&self.pool, WRITE_ATTEMPTS).await
+    }
+}
+
+/// The one row an `INSERT … RETURNING` produced. Callers read rows with `fetch_all`, which steps
+/// the statement to completion: `fetch_one` stops after the first row, and in autocommit mode the
+/// commit then happens when sqlx resets the statement, where a failure (SQLITE_FULL) is dropped
+/// and the insert reported as done.
+fn single<T>(rows: Vec<T>) -> std::result::Result<T, sqlx::Error> {
+    rows.into_iter().next().ok_or(sqlx::Error::RowNotFound)
+}
+
+/// Maps a foreign-key violation on an agent reference to `NotFound`: the foreign key is the
+/// existence check, so there is no window between check and write.
+fn agent_ref_error(agent_id: i64, error: sqlx::Error) -> Error {
+    match error {
+        sqlx::Error::Database(e) if e.is_foreign_key_violation() => {
+            Error::NotFound(format!("agent {agent_id}"))
+        }
+        e => e.into(),
     }
 }
 
@@ -74,9 +114,8 @@ fn now() -> i64 {
 }
 
 /// Insert-if-missing then read back, on a caller-provided connection so that `register_agent`
-/// can run it inside its transaction. The insert comes first on purpose: in SQLite a transaction
-/// that starts by reading and later writes can fail with SQLITE_BUSY without waiting, whereas
-/// one that starts by writing takes the write lock (honouring busy_timeout) up front.
+/// can run it inside its transaction. (Writes begin IMMEDIATE, so reading first would be safe
+/// too; the insert-first order also suits PostgreSQL, where it avoids a check-then-insert race.)
 async fn ensure_project_on(conn: &mut SqliteConnection, path: &str) -> Result<Project> {
     sqlx::query(
         "INSERT INTO projects (path, created_at) VALUES ($1, $2) ON CONFLICT (path) DO NOTHING",
@@ -109,8 +148,8 @@ struct AuthRow {
 impl Store for SqliteStore {
     async fn ensure_project(&self, path: &str) -> Result<Project> {
         validate_project_path(path)?;
-        let mut tx = self.pool.begin().await?;
-        let project = ensure_project_on(&mut tx, path).await?;
+        let mut tx = self.write().await?;
+        let project = ensure_project_on(tx.conn(), path).await?;
         tx.commit().await?;
         Ok(project)
     }
@@ -146,8 +185,8 @@ impl Store for SqliteStore {
 
     async fn set_project_source(&self, path: &str, source: &ProjectSource) -> Result<Project> {
         validate_project_path(path)?;
-        let mut tx = self.pool.begin().await?;
-        let project = ensure_project_on(&mut tx, path).await?;
+        let mut tx = self.write().await?;
+        let project = ensure_project_on(tx.conn(), path).await?;
         sqlx::query(
             "UPDATE projects SET remote = $1, credentials_file = $2, webhook_secret_file = $3 WHERE id = $4",
         )
@@ -155,7 +194,7 @@ impl Store for SqliteStore {
         .bind(&source.credentials_file)
         .bind(&source.webhook_secret_file)
         .bind(project.id)
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await?;
         tx.commit().await?;
         Ok(Project {
@@ -168,12 +207,12 @@ impl Store for SqliteStore {
 
     async fn remove_project(&self, path: &str) -> Result<bool> {
         validate_project_path(path)?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let agents: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM agents a JOIN projects p ON p.id = a.project_id WHERE p.path = $1",
         )
         .bind(path)
-        .fetch_one(&mut *tx)
+        .fetch_one(tx.conn())
         .await?;
         if agents > 0 {
             return Err(Error::InUse(format!(
@@ -182,7 +221,7 @@ impl Store for SqliteStore {
         }
         let done = sqlx::query("DELETE FROM projects WHERE path = $1")
             .bind(path)
-            .execute(&mut *tx)
+            .execute(tx.conn())
             .await?;
         tx.commit().await?;
         Ok(done.rows_affected() > 0)
@@ -192,8 +231,8 @@ impl Store for SqliteStore {
         validate_project_path(project_path)?;
         validate_agent_name(name)?;
         // One transaction so a rejected agent does not leave a freshly created project behind.
-        let mut tx = self.pool.begin().await?;
-        let project = ensure_project_on(&mut tx, project_path).await?;
+        let mut tx = self.write().await?;
+        let project = ensure_project_on(tx.conn(), project_path).await?;
         let inserted = sqlx::query_as::<_, Agent>(
             "INSERT INTO agents (project_id, name, created_at) VALUES ($1, $2, $3) \
              RETURNING id, project_id, name, created_at",
@@ -201,8 +240,9 @@ impl Store for SqliteStore {
         .bind(project.id)
         .bind(name)
         .bind(now())
-        .fetch_one(&mut *tx)
-        .await;
+        .fetch_all(tx.conn())
+        .await
+        .and_then(single);
         let agent = match inserted {
             Ok(agent) => agent,
             // Rely on the UNIQUE constraint rather than a prior SELECT: it is race-free.
@@ -260,7 +300,8 @@ impl Store for SqliteStore {
     ) -> Result<(TokenInfo, AgentToken)> {
         let token = AgentToken::generate();
         let digest = hex::encode(token::digest(token.expose()));
-        let inserted = sqlx::query_as::<_, TokenInfo>(
+        let mut tx = self.write().await?;
+        let info = sqlx::query_as::<_, TokenInfo>(
             "INSERT INTO agent_tokens (agent_id, digest, description, created_at) \
              VALUES ($1, $2, $3, $4) \
              RETURNING id, agent_id, description, created_at, revoked_at",
@@ -269,16 +310,12 @@ impl Store for SqliteStore {
         .bind(&digest)
         .bind(description)
         .bind(now())
-        .fetch_one(&self.pool)
-        .await;
-        match inserted {
-            Ok(info) => Ok((info, token)),
-            // The foreign key is the existence check, so there is no window between check and insert.
-            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
-                Err(Error::NotFound(format!("agent {agent_id}")))
-            }
-            Err(e) => Err(e.into()),
-        }
+        .fetch_all(tx.conn())
+        .await
+        .and_then(single)
+        .map_err(|e| agent_ref_error(agent_id, e))?;
+        tx.commit().await?;
+        Ok((info, token))
     }
 
     async fn list_tokens(&self, agent_id: i64) -> Result<Vec<TokenInfo>> {
@@ -298,21 +335,25 @@ impl Store for SqliteStore {
     async fn revoke_token(&self, token_id: i64) -> Result<bool> {
         // The `revoked_at IS NULL` guard keeps the first revocation time and makes the row count
         // say whether this call was the one that revoked it.
+        let mut tx = self.write().await?;
         let result = sqlx::query(
             "UPDATE agent_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
         )
         .bind(now())
         .bind(token_id)
-        .execute(&self.pool)
+        .execute(tx.conn())
         .await?;
         if result.rows_affected() > 0 {
+            // "Revoked" is only said once the revocation is on disk.
+            tx.commit().await?;
             return Ok(true);
         }
         let exists = sqlx::query_scalar::<_, i64>("SELECT id FROM agent_tokens WHERE id = $1")
             .bind(token_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(tx.conn())
             .await?
             .is_some();
+        tx.commit().await?;
         if exists {
             Ok(false)
         } else {
@@ -385,7 +426,8 @@ impl Store for SqliteStore {
         }
         let token = AgentToken::generate();
         let digest = hex::encode(token::digest(token.expose()));
-        let inserted = sqlx::query_as::<_, UserTokenInfo>(
+        let mut tx = self.write().await?;
+        let info = sqlx::query_as::<_, UserTokenInfo>(
             "INSERT INTO user_tokens (agent_id, username, digest, memberships, created_at, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6) \
              RETURNING id, agent_id, username, memberships, created_at, expires_at, revoked_at",
@@ -396,15 +438,12 @@ impl Store for SqliteStore {
         .bind(memberships)
         .bind(now())
         .bind(expires_at)
-        .fetch_one(&self.pool)
-        .await;
-        match inserted {
-            Ok(info) => Ok((info, token)),
-            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
-                Err(Error::NotFound(format!("agent {agent_id}")))
-            }
-            Err(e) => Err(e.into()),
-        }
+        .fetch_all(tx.conn())
+        .await
+        .and_then(single)
+        .map_err(|e| agent_ref_error(agent_id, e))?;
+        tx.commit().await?;
+        Ok((info, token))
     }
 
     async fn authenticate_user_token(&self, token: &str) -> Result<Option<UserTokenInfo>> {
@@ -442,14 +481,71 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_user_token(&self, id: i64) -> Result<bool> {
+        let mut tx = self.write().await?;
         let result = sqlx::query(
             "UPDATE user_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
         )
         .bind(now())
         .bind(id)
-        .execute(&self.pool)
+        .execute(tx.conn())
         .await?;
+        tx.commit().await?;
         Ok(result.rows_affected() > 0)
+    }
+
+    async fn put_sync_report(&self, agent_id: i64, project: &str, report: &[u8]) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO sync_reports (agent_id, project, report, updated_at) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (agent_id, project) \
+             DO UPDATE SET report = excluded.report, updated_at = excluded.updated_at",
+        )
+        .bind(agent_id)
+        .bind(project)
+        .bind(report)
+        .bind(now())
+        .execute(tx.conn())
+        .await
+        .map_err(|e| agent_ref_error(agent_id, e))?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn sync_reports(&self, agent_id: i64) -> Result<Vec<(String, Vec<u8>)>> {
+        let reports = sqlx::query_as::<_, (String, Vec<u8>)>(
+            "SELECT project, report FROM sync_reports WHERE agent_id = $1 ORDER BY project",
+        )
+        .bind(agent_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(reports)
+    }
+
+    async fn put_config_state(&self, agent_id: i64, state: &[u8]) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO config_states (agent_id, state, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (agent_id) \
+             DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+        )
+        .bind(agent_id)
+        .bind(state)
+        .bind(now())
+        .execute(tx.conn())
+        .await
+        .map_err(|e| agent_ref_error(agent_id, e))?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn config_state(&self, agent_id: i64) -> Result<Option<Vec<u8>>> {
+        let state =
+            sqlx::query_scalar::<_, Vec<u8>>("SELECT state FROM config_states WHERE agent_id = $1")
+                .bind(agent_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(state)
     }
 
     async fn close(&self) {

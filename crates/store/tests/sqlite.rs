@@ -188,19 +188,21 @@ async fn database_never_holds_the_plaintext_token() -> TestResult {
         hex::encode(sha2::Sha256::digest(token.expose().as_bytes()))
     };
 
-    // While running: data may sit in the WAL, so search every file SQLite uses. The WAL file's
-    // presence also confirms `open` switched the journal mode.
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    assert!(Path::new(&wal).exists(), "journal mode is not WAL");
+    // Rollback journal, not WAL: no `-wal`, and above all no memory-mapped `-shm` index.
+    for suffix in ["-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        assert!(
+            !Path::new(&file).exists(),
+            "{suffix} exists: journal mode is WAL"
+        );
+    }
     assert!(!files_contain(&path, token.expose().as_bytes()));
     assert!(!files_contain(&path, &random_part));
     // Sanity check that the search would find what is stored: the digest and the description.
     assert!(files_contain(&path, digest_hex.as_bytes()));
     assert!(files_contain(&path, b"secret check"));
 
-    // After the WAL is folded into the main file and the store closed.
-    store.checkpoint().await?;
     store.close().await;
     assert!(!files_contain(&path, token.expose().as_bytes()));
     assert!(!files_contain(&path, &random_part));
@@ -209,7 +211,7 @@ async fn database_never_holds_the_plaintext_token() -> TestResult {
         main_file
             .windows(digest_hex.len())
             .any(|w| w == digest_hex.as_bytes()),
-        "digest should be in the main file after a checkpoint"
+        "a committed digest should be in the main file"
     );
     Ok(())
 }
@@ -498,6 +500,116 @@ async fn user_tokens_authenticate_until_revoked_or_expired() -> TestResult {
             .authenticate_user_token(expired.expose())
             .await?
             .is_none()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sync_reports_and_config_state_survive_reopening() -> TestResult {
+    let (_dir, path, store) = open().await?;
+    let agent = store.register_agent("group/project", "agent").await?;
+    let other = store.register_agent("group/project", "other").await?;
+    assert!(store.sync_reports(agent.id).await?.is_empty());
+    assert_eq!(store.config_state(agent.id).await?, None);
+
+    // Bytes that are not UTF-8 (a NUL, 0xff) must come back unchanged.
+    store
+        .put_sync_report(agent.id, "b/manifests", &[0, 1, 0xff])
+        .await?;
+    store
+        .put_sync_report(agent.id, "a/manifests", b"first")
+        .await?;
+    store
+        .put_sync_report(agent.id, "a/manifests", b"second")
+        .await?;
+    store
+        .put_sync_report(other.id, "a/manifests", b"other's")
+        .await?;
+    store.put_config_state(agent.id, b"state 1").await?;
+    store.put_config_state(agent.id, &[0, 0xfe]).await?;
+    store.close().await;
+
+    let store = SqliteStore::open(&path).await?;
+    let expected = [
+        ("a/manifests".to_owned(), b"second".to_vec()),
+        ("b/manifests".to_owned(), vec![0, 1, 0xff]),
+    ];
+    assert_eq!(store.sync_reports(agent.id).await?, expected);
+    assert_eq!(
+        store.sync_reports(other.id).await?,
+        [("a/manifests".to_owned(), b"other's".to_vec())]
+    );
+    assert_eq!(store.config_state(agent.id).await?, Some(vec![0, 0xfe]));
+    assert_eq!(store.config_state(other.id).await?, None);
+    store.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_state_needs_an_agent_and_goes_away_with_it() -> TestResult {
+    let (_dir, path, store) = open().await?;
+    let missing = store.put_sync_report(999, "a/manifests", b"r").await;
+    assert!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
+    let missing = store.put_config_state(999, b"s").await;
+    assert!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
+    assert!(store.sync_reports(999).await?.is_empty());
+    assert_eq!(store.config_state(999).await?, None);
+
+    let agent = store.register_agent("group/project", "agent").await?;
+    store.put_sync_report(agent.id, "a/manifests", b"r").await?;
+    store.put_config_state(agent.id, b"s").await?;
+    store.close().await;
+
+    // The store has no way to delete an agent yet, so delete it the way a future one would.
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .foreign_keys(true);
+    let mut conn = sqlx::ConnectOptions::connect(&options).await?;
+    sqlx::query("DELETE FROM agents WHERE id = $1")
+        .bind(agent.id)
+        .execute(&mut conn)
+        .await?;
+    sqlx::Connection::close(conn).await?;
+
+    let store = SqliteStore::open(&path).await?;
+    assert!(store.sync_reports(agent.id).await?.is_empty());
+    assert_eq!(store.config_state(agent.id).await?, None);
+    store.close().await;
+    Ok(())
+}
+
+/// Databases written by earlier versions are in WAL mode; opening one must switch it to the
+/// rollback journal (no memory-mapped index) and keep its records.
+#[tokio::test]
+async fn a_wal_database_is_converted_on_open() -> TestResult {
+    let (_dir, path, store) = open().await?;
+    let agent = store.register_agent("group/project", "agent").await?;
+    let (_, token) = store.create_token(agent.id, "before").await?;
+    store.close().await;
+    let journal_mode = |mode: &'static str| {
+        let path = path.clone();
+        async move {
+            let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
+            let mut conn = sqlx::ConnectOptions::connect(&options).await?;
+            let query = format!("PRAGMA journal_mode{mode}");
+            let mode: String = sqlx::query_scalar(sqlx::AssertSqlSafe(query))
+                .fetch_one(&mut conn)
+                .await?;
+            sqlx::Connection::close(conn).await?;
+            Ok::<_, sqlx::Error>(mode)
+        }
+    };
+    assert_eq!(journal_mode(" = WAL").await?, "wal");
+
+    let store = SqliteStore::open(&path).await?;
+    assert!(store.authenticate(token.expose()).await?.is_some());
+    store.create_token(agent.id, "after").await?;
+    store.close().await;
+    // Only WAL is recorded in the file; a connection that sets nothing reports the default.
+    assert_eq!(
+        journal_mode("").await?,
+        "delete",
+        "the file is still in WAL mode"
     );
     Ok(())
 }
