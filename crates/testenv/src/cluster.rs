@@ -301,6 +301,7 @@ pub fn start(opts: &Options, group: &mut Group, stop: &AtomicBool) -> Result<Inf
 
     let info = serde_json::json!({
         "server": server,
+        "etcd": etcd_url,
         "kubeconfig": kc,
         "ca_file": p.ca_cert,
         "bin_dir": opts.bin_dir,

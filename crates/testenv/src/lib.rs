@@ -4,10 +4,35 @@
 //! built from Go modules by `testenv/build.sh` into a cache outside the repository. [`cluster`]
 //! starts them on 127.0.0.1 with generated PKI and RBAC, [`supervisor`] keeps them tied to one
 //! parent so nothing outlives a run, and [`TestEnv`] is what test code uses to reach the cluster.
+//!
+//! # Restarting a component
+//!
+//! A running supervisor takes requests on `control.sock` in its state directory (see
+//! [`control`]) to stop one component and start it again with the same flags, hence the same
+//! ports, PKI and etcd data, so the product can be tested across restarts of its dependencies:
+//!
+//! - from a test: [`TestEnv::restart_component`] (`"kube-apiserver"`, `"etcd"`, …) with
+//!   [`StopSignal::Term`] or [`StopSignal::Kill`], or [`TestEnv::stop_component`] then
+//!   [`TestEnv::start_component`]; each start returns once the component is healthy again
+//!   (`/readyz` for the apiserver, `/health` for etcd);
+//! - from a shell: `testenv restart kube-apiserver --signal KILL`, `testenv stop etcd`,
+//!   `testenv start etcd`, `testenv status` (state directory from `--state-dir`,
+//!   `TETHER_TESTENV_DIR` or `TETHER_TESTENV_STATE`).
+//!
+//! A deliberately stopped component is not an error. A component that exits on its own still
+//! tears the whole control plane down (see `watch` in `main.rs` for why). Restart
+//! components only on a control plane of your own (`testenv up` into a temporary state
+//! directory, as `tests/restart.rs` does): the one `testenv run` gives a test run is shared by
+//! every test running in parallel.
 
 pub mod cluster;
+pub mod control;
+mod health;
 pub mod pki;
 pub mod supervisor;
+
+pub use health::HEALTHY_TIMEOUT;
+pub use supervisor::StopSignal;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -75,6 +100,8 @@ pub struct TestEnv {
     pub server: String,
     /// PEM file of the cluster CA.
     pub ca_file: PathBuf,
+    /// `http://127.0.0.1:PORT` of etcd (absent in state written by an older `testenv`).
+    pub etcd_url: Option<String>,
 }
 
 impl TestEnv {
@@ -108,6 +135,7 @@ impl TestEnv {
             bin_dir: PathBuf::from(field("bin_dir")?),
             server: field("server")?,
             ca_file: PathBuf::from(field("ca_file")?),
+            etcd_url: field("etcd").ok(),
         })
     }
 

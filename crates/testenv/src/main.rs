@@ -5,6 +5,11 @@
 //!   `testenv down` stops it.
 //! - `testenv run -- CMD…` starts a fresh one, runs CMD with `KUBECONFIG` and
 //!   `TETHER_TESTENV_DIR` set, stops it and exits with CMD's status.
+//! - `testenv stop NAME [--signal TERM|KILL]`, `testenv start NAME`,
+//!   `testenv restart NAME [--signal TERM|KILL]` and `testenv status` ask a running supervisor
+//!   to stop or start one component (etcd, kube-apiserver, kube-controller-manager,
+//!   kube-scheduler, kwok) with the same flags, ports and data; `start` and `restart` return
+//!   once it is healthy again.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -13,7 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use tether_testenv::cluster::{self, tail};
-use tether_testenv::supervisor::{self, Group, requested};
+use tether_testenv::control::{self, Request};
+use tether_testenv::supervisor::{self, Group, StopSignal, requested};
 use tether_testenv::{ENV_DIR, TestEnv};
 
 #[derive(Parser, Debug)]
@@ -61,12 +67,60 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
+    /// Stop one component of a running control plane; it stays stopped until `start`.
+    Stop {
+        name: String,
+        #[arg(long, default_value = "TERM")]
+        signal: StopSignal,
+        #[command(flatten)]
+        at: Running,
+    },
+    /// Start a stopped component again (same flags, ports and data) and wait until it is healthy.
+    Start {
+        name: String,
+        #[command(flatten)]
+        at: Running,
+    },
+    /// Stop one component and start it again, then wait until it is healthy.
+    Restart {
+        name: String,
+        #[arg(long, default_value = "TERM")]
+        signal: StopSignal,
+        #[command(flatten)]
+        at: Running,
+    },
+    /// Print each component's pid, or `stopped`.
+    Status {
+        #[command(flatten)]
+        at: Running,
+    },
     /// Run the control plane in the foreground (used by `up` and `run`).
     #[command(hide = true)]
     Supervise {
         #[arg(long)]
         state_dir: PathBuf,
     },
+}
+
+/// Which running control plane a `stop`/`start`/`restart`/`status` talks to.
+#[derive(clap::Args, Debug)]
+struct Running {
+    /// State folder of the control plane. Default: `TETHER_TESTENV_DIR` (set inside
+    /// `testenv run`), else `TETHER_TESTENV_STATE`, else the folder `up` uses.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+impl Running {
+    fn env(&self) -> Result<TestEnv> {
+        let dir = self
+            .state_dir
+            .clone()
+            .or_else(|| std::env::var_os(ENV_DIR).map(PathBuf::from))
+            .or_else(|| std::env::var_os("TETHER_TESTENV_STATE").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/tmp/tether-testenv"));
+        Ok(TestEnv::open(&dir)?)
+    }
 }
 
 fn main() -> ExitCode {
@@ -90,6 +144,26 @@ fn real_main(cli: Cli) -> Result<u8> {
         Cmd::Down { state_dir } => down(&state_dir),
         Cmd::Run { keep, command } => run(&bin_dir(cli.bin_dir)?, keep, &command),
         Cmd::Supervise { state_dir } => supervise(&bin_dir(cli.bin_dir)?, &state_dir),
+        Cmd::Stop { name, signal, at } => {
+            at.env()?.stop_component(&name, signal)?;
+            eprintln!("testenv: {name} stopped");
+            Ok(0)
+        }
+        Cmd::Start { name, at } => {
+            at.env()?.start_component(&name)?;
+            eprintln!("testenv: {name} started and healthy");
+            Ok(0)
+        }
+        Cmd::Restart { name, signal, at } => {
+            at.env()?.restart_component(&name, signal)?;
+            eprintln!("testenv: {name} restarted and healthy");
+            Ok(0)
+        }
+        Cmd::Status { at } => {
+            let env = at.env()?;
+            println!("{}", control::request(&env.dir, &Request::Status)?);
+            Ok(0)
+        }
     }
 }
 
@@ -292,6 +366,7 @@ fn supervise(bin: &Path, state_dir: &Path) -> Result<u8> {
     )?;
     let shm = Path::new("/dev/shm");
     remove_stale_etcd_dirs(shm);
+    // The data outlives a restart of etcd (only this process removes it, on its way out).
     let etcd_dir = if shm.is_dir() {
         shm.join(format!("tether-etcd-{}", std::process::id()))
     } else {
@@ -309,27 +384,11 @@ fn supervise(bin: &Path, state_dir: &Path) -> Result<u8> {
             1
         }
         Ok(info) => {
-            let pids: String = group
-                .pids()
-                .iter()
-                .map(|(name, pid)| format!("{pid} {name}\n"))
-                .collect();
-            std::fs::write(state_dir.join("pids"), pids)?;
-            std::fs::write(state_dir.join("ready"), "")?;
             eprintln!("testenv: ready at {}", info.server);
-            loop {
-                if requested(&stop) {
-                    break 0;
-                }
-                if let Some((name, status, log)) = group.exited() {
-                    eprintln!(
-                        "testenv: {name} exited unexpectedly ({status}); see {}",
-                        log.display()
-                    );
-                    break 1;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            watch(state_dir, &mut group, &stop).unwrap_or_else(|e| {
+                eprintln!("testenv: {e:#}");
+                1
+            })
         }
     };
     group.shutdown();
@@ -338,4 +397,37 @@ fn supervise(bin: &Path, state_dir: &Path) -> Result<u8> {
     let _ = std::fs::remove_file(state_dir.join("supervisor.pid"));
     eprintln!("testenv: stopped");
     Ok(code)
+}
+
+/// Serves control requests and watches the children until shutdown is requested (exit code 0)
+/// or a component exits on its own (1).
+///
+/// An unexpected exit tears everything down, as before restarts existed, rather than being
+/// restarted the way a kubelet would: this cluster is a test fixture, and a component that
+/// crashes (or is killed by something other than a control request) means the run is no longer
+/// testing what it thinks it is. Restarting it quietly would let a suite pass across a crash
+/// nobody asked for, with the crash visible only in a log. Tests that want a restart ask for
+/// one, and the supervisor then knows the exit is deliberate.
+fn watch(state_dir: &Path, group: &mut Group, stop: &std::sync::atomic::AtomicBool) -> Result<u8> {
+    let server = control::Server::bind(state_dir)?;
+    control::write_pids(state_dir, group)?;
+    std::fs::write(state_dir.join("ready"), "")?;
+    loop {
+        if requested(stop) {
+            return Ok(0);
+        }
+        server.serve_pending(group);
+        if let Some((name, status, log)) = group.exited() {
+            eprintln!(
+                "testenv: {name} exited unexpectedly ({status}); stopping the control plane. \
+                 Last lines of {}:\n{}",
+                log.display(),
+                tail(&log, 20)
+            );
+            return Ok(1);
+        }
+        // Polling keeps the supervisor one thread (every spawn must come from it: see
+        // `Group::spawn`); 100 ms is quick enough for a control request.
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -138,3 +138,27 @@ fn programs_report_the_pinned_versions() {
         String::from_utf8_lossy(&out)
     );
 }
+
+#[test]
+fn a_component_that_exits_on_its_own_is_logged_and_stops_the_control_plane() {
+    let env = TestEnv::from_env().expect("a running control plane (for its programs)");
+    let state = tempfile::tempdir().expect("tempdir");
+    up(&env, state.path());
+    let running = pids(state.path());
+    let (scheduler, _) = running
+        .iter()
+        .find(|(_, n)| n == "kube-scheduler")
+        .expect("a kube-scheduler");
+    // Killed behind the supervisor's back, not through `testenv stop`: a crash.
+    let killed = Command::new("kill")
+        .args(["-KILL", &scheduler.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    assert_eq!(wait_all_gone(&running), Vec::<String>::new());
+    let log = std::fs::read_to_string(state.path().join("supervisor.log")).expect("log");
+    assert!(
+        log.contains("kube-scheduler exited unexpectedly (signal: 9 (SIGKILL))"),
+        "{log}"
+    );
+}
