@@ -340,12 +340,29 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
         a1 - a0,
         k1 - k0
     );
+    // (d) Pruning: the 1,000-object project drops to one object; 999 are deleted.
+    let prune = {
+        let p = projects
+            .iter_mut()
+            .find(|p| p.objects == 1000)
+            .context("no 1,000-object project")?;
+        std::fs::remove_dir_all(p.repo.join(MANIFEST_DIR))?;
+        write_manifests(&p.repo, 1, None)?;
+        p.head = git_commit_all(&p.repo, "999 objects removed")?;
+        let t0 = unix_now();
+        push_webhook(&kas, p).await?;
+        let seen = wait_sync(&mut agent.tail, &p.path, &p.head).await?;
+        let seconds = seen.done - t0;
+        eprintln!("bench: pruning 999 objects of {}: {seconds:.2} s", p.path);
+        json!({"pruned": p.objects - 1, "seconds": seconds})
+    };
     agent.proc.stop()?;
 
     Ok(json!({
         "syncs": syncs,
         "resyncs": resyncs,
         "one_change": one_change,
+        "prune": prune,
         "footprint": {
             "agentk_idle_rss_bytes": idle_rss,
             "agentk_peak_rss_bytes": peak_rss,

@@ -14,6 +14,8 @@ use serde_json::Value;
 const TUNNEL_OVERHEAD_MS: f64 = 1.0;
 const THROUGHPUT_SHARE: f64 = 0.70;
 const GITOPS_RATIO: f64 = 1.5;
+/// Pruning 1,000 objects within this many times the time to apply them.
+const PRUNE_RATIO: f64 = 3.0;
 const AGENTK_IDLE_RSS_MIB: f64 = 20.0;
 const KAS_BYTES_PER_AGENT: f64 = 50.0 * 1024.0;
 const RECONNECT_SECONDS: f64 = 10.0;
@@ -440,6 +442,23 @@ fn targets(out: &mut String, c: &Value, runs: &[Value]) {
         )
     });
     let _ = writeln!(out, "- Throughput ≥ 70 % of direct: {line}.");
+    let apply_1000 = c["gitops"]["syncs"]
+        .as_array()
+        .and_then(|v| v.iter().find(|s| s["objects"].as_u64() == Some(1000)))
+        .and_then(|s| f(&s["agentk_total_seconds"]));
+    let prune = &c["gitops"]["prune"];
+    let line = match (f(&prune["seconds"]), apply_1000) {
+        (Some(p), Some(a)) if a > 0.0 => format!(
+            "{} (pruning {} objects {p:.2} s, applying 1,000 {a:.2} s)",
+            verdict(p / a, PRUNE_RATIO, true, "×", 2),
+            thousands(prune["pruned"].as_u64().unwrap_or(0))
+        ),
+        _ => missing.into(),
+    };
+    let _ = writeln!(
+        out,
+        "- Pruning 1,000 objects within 3× the time to apply them: {line}."
+    );
     let syncs = c["gitops"]["syncs"].as_array().cloned().unwrap_or_default();
     let worst = |base: &str| {
         let ratios: Vec<(u64, f64)> = syncs

@@ -377,7 +377,7 @@ impl Syncer {
                 break;
             }
             if n > 0 {
-                match self.discover().await {
+                match self.discover_stage(&manifests, stage, cancel).await {
                     Ok(d) => disc = d,
                     Err(e) => {
                         tracing::warn!(error = %e, "Re-running discovery failed; using the previous one")
@@ -766,6 +766,37 @@ impl Syncer {
     }
 
     /// Waits (bounded) until the stage's CRDs are Established and Namespaces Active.
+    /// Discovery for a stage after the first. The API server publishes a new CRD's type in
+    /// discovery shortly *after* the CRD is Established, so when an object of a CRD from this
+    /// commit does not resolve yet, discovery is retried (200 ms apart, up to 10 s) instead of
+    /// failing the object with "no resource type".
+    async fn discover_stage(
+        &self,
+        manifests: &[Manifest],
+        stage: &[usize],
+        cancel: &CancellationToken,
+    ) -> Result<Discovery, String> {
+        let crd_groups: BTreeSet<String> = manifests
+            .iter()
+            .filter(|m| {
+                m.group() == "apiextensions.k8s.io" && m.kind() == "CustomResourceDefinition"
+            })
+            .filter_map(|m| m.name().split_once('.').map(|(_, g)| g.to_string()))
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let disc = self.discover().await?;
+            let waiting = stage.iter().any(|&i| {
+                let m = &manifests[i];
+                crd_groups.contains(m.group()) && Self::resolve(&disc, m).is_none()
+            });
+            if !waiting || cancel.is_cancelled() || tokio::time::Instant::now() > deadline {
+                return Ok(disc);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     async fn wait_established(
         &self,
         manifests: &[Manifest],

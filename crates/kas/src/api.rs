@@ -44,6 +44,11 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // A failure of kas itself (the database, above all) must show in kas's log, not only
+        // in the one CLI that happened to ask.
+        if self.0.is_server_error() {
+            tracing::error!(code = self.0.as_u16(), error = %self.1, "Admin API request failed");
+        }
         (self.0, Json(serde_json::json!({"error": self.1}))).into_response()
     }
 }
@@ -545,10 +550,11 @@ pub struct ObjectView {
 async fn agent_gitops(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
-) -> Json<Vec<SyncView>> {
-    Json(
+) -> Result<Json<Vec<SyncView>>, ApiError> {
+    Ok(Json(
         st.sync_states
             .for_agent(agent_id)
+            .await?
             .into_iter()
             .map(|r| SyncView {
                 project_id: r.project_id,
@@ -573,7 +579,7 @@ async fn agent_gitops(
                     .collect(),
             })
             .collect(),
-    )
+    ))
 }
 
 fn rss_bytes() -> u64 {

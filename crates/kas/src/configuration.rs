@@ -107,6 +107,57 @@ impl ConfigStates {
             .map(|d| d.as_secs())
             .unwrap_or(0);
     }
+
+    /// Loads every agent's stored state and configuration in force, so that kas shows them and
+    /// authorizes CI jobs and people right after a restart, before the agent is back.
+    pub async fn load(&self, store: &dyn Store) -> Result<(), tether_store::Error> {
+        for agent in store.list_agents().await? {
+            let Some(bytes) = store.config_state(agent.id).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<Persisted>(&bytes) {
+                Ok(p) => {
+                    if let Some(config) = p.config {
+                        self.set_config(agent.id, config);
+                    }
+                    self.0
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(agent.id, p.state);
+                }
+                Err(e) => {
+                    tracing::warn!(agent_id = agent.id, error = %e, "Ignoring an undecodable stored configuration state; the agent's next connection replaces it");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the agent's state and configuration in force. A failure is logged (kas keeps
+    /// working from memory; the stored copy only matters after a restart).
+    async fn persist(&self, store: &dyn Store, agent_id: i64) {
+        let persisted = Persisted {
+            state: self.get(agent_id).unwrap_or_default(),
+            config: self.config(agent_id).map(|c| (*c).clone()),
+        };
+        let stored = match serde_json::to_vec(&persisted) {
+            Ok(bytes) => store
+                .put_config_state(agent_id, &bytes)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = stored {
+            tracing::error!(agent_id, error = %e, "Storing the agent's configuration state failed; after a kas restart it is known again once the agent reconnects");
+        }
+    }
+}
+
+/// An agent's configuration record as stored.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    state: ConfigState,
+    config: Option<tether_agent_config::AgentConfig>,
 }
 
 /// The outcome of reading an agent's file at a commit.
@@ -292,11 +343,21 @@ impl StreamState {
         let id = &self.id;
         match self.load(&commit).await {
             Ok(Loaded::Valid { file, config }) => {
-                self.svc.states.set_config(id.agent_id, config);
-                self.svc.states.update(id.agent_id, |s| {
+                let states = &self.svc.states;
+                // Unchanged after a restart (loaded from the store): no write, which keeps a
+                // reconnect storm of thousands of agents off the database.
+                let known = states
+                    .get(id.agent_id)
+                    .is_some_and(|s| s.commit == commit.to_hex())
+                    && states.config(id.agent_id).is_some_and(|c| *c == config);
+                states.set_config(id.agent_id, config);
+                states.update(id.agent_id, |s| {
                     s.commit = commit.to_hex();
                     s.file = file;
                 });
+                if !known {
+                    states.persist(self.svc.store.as_ref(), id.agent_id).await;
+                }
                 tracing::debug!(agent_id = id.agent_id, commit_id = %commit, "Agent reconnected with its configuration in force");
             }
             Ok(Loaded::Invalid { error, .. }) => {
@@ -353,6 +414,7 @@ impl StreamState {
                 resp.error = e;
             }
         }
+        states.persist(self.svc.store.as_ref(), id.agent_id).await;
         self.last = hex;
         resp
     }

@@ -2,8 +2,9 @@
 //! the files at the newest commit of the requested ref and stream them whenever that commit
 //! changes; keep the agents' sync reports for the admin commands.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use prost::Message;
 
 use tether_git_source::{CommitId, GitRef, Sources};
 use tether_gitops_server::{Limits, select_manifests};
@@ -21,31 +22,35 @@ use tonic::{Request, Response, Status};
 /// Size of the file chunks on the wire (well under gRPC's message limit).
 const CHUNK: usize = 512 * 1024;
 
-/// The last sync report of each (agent, manifest project).
-#[derive(Debug, Default)]
-pub struct SyncStates(Mutex<HashMap<i64, HashMap<String, SyncReport>>>);
+/// The last sync report of each (agent, manifest project), kept in the store so that
+/// `kas agent status` shows them across kas restarts (and from any replica).
+#[derive(Debug)]
+pub struct SyncStates(Arc<dyn Store>);
 
 impl SyncStates {
-    pub fn for_agent(&self, agent_id: i64) -> Vec<SyncReport> {
-        let m = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut v: Vec<SyncReport> = m
-            .get(&agent_id)
-            .map(|p| p.values().cloned().collect())
-            .unwrap_or_default();
-        v.sort_by(|a, b| a.project_id.cmp(&b.project_id));
-        v
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self(store)
     }
 
-    fn put(&self, agent_id: i64, report: SyncReport) {
+    /// The agent's reports, by project. A stored report that no longer decodes is skipped
+    /// with a warning (the next sync replaces it).
+    pub async fn for_agent(&self, agent_id: i64) -> Result<Vec<SyncReport>, tether_store::Error> {
+        let mut out = Vec::new();
+        for (project, bytes) in self.0.sync_reports(agent_id).await? {
+            match SyncReport::decode(bytes.as_slice()) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    tracing::warn!(agent_id, project, error = %e, "Skipping an undecodable stored sync report");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put(&self, agent_id: i64, report: &SyncReport) -> Result<(), tether_store::Error> {
         self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(agent_id)
-            .or_default()
-            .insert(report.project_id.clone(), report);
+            .put_sync_report(agent_id, &report.project_id, &report.encode_to_vec())
+            .await
     }
 }
 
@@ -114,7 +119,12 @@ impl GitOpsService {
         loop {
             // Every successful fetch wakes us; the ref may have moved even if the default
             // branch did not.
-            let fetched = heads.borrow_and_update().fetches > 0;
+            // A mirror restored from disk after a restart serves its commit before the first
+            // fetch of this process (the remote may be slow or down).
+            let fetched = {
+                let h = heads.borrow_and_update();
+                h.fetches > 0 || h.restored
+            };
             if fetched && let Some(mirror) = self.sources.mirror(project.id) {
                 match mirror.resolve(&git_ref) {
                     Ok(commit) if commit.to_hex() != last => {
@@ -255,7 +265,11 @@ impl GitOps for GitOpsService {
             objects = report.objects.len(),
             "Synchronization reported"
         );
-        self.reports.put(id.agent_id, report);
+        // Acknowledged only once stored: otherwise agentk keeps the report and retries.
+        self.reports.put(id.agent_id, &report).await.map_err(|e| {
+            tracing::error!(agent_id = id.agent_id, project_id = %report.project_id, error = %e, "Storing a sync report failed");
+            Status::unavailable(format!("storing the report: {e}"))
+        })?;
         Ok(Response::new(ReportAck {}))
     }
 }

@@ -298,6 +298,19 @@ impl Proxy {
                     token_agent_id: record.agent_id,
                     memberships,
                 };
+                // Checked before waiting for the configuration: it does not need one.
+                if user.token_agent_id != agent_id {
+                    let d = tether_kubeproxy_server::Denied::WrongAgent {
+                        agent_id,
+                        token_agent_id: user.token_agent_id,
+                    };
+                    return Err(deny(
+                        self,
+                        d.status(),
+                        "Forbidden",
+                        &format!("agent {agent_id}: {d}"),
+                    ));
+                }
                 let config = self.agent_config(agent_id).await?;
                 let ok = tether_kubeproxy_server::authorize_user(
                     config.user_access.as_ref(),

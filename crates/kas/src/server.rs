@@ -185,7 +185,11 @@ pub async fn start(cfg: Config) -> Result<Running> {
         }
     }
     let config_states = Arc::new(ConfigStates::default());
-    let sync_states = Arc::new(SyncStates::default());
+    let sync_states = Arc::new(SyncStates::new(Arc::clone(&store)));
+    config_states
+        .load(store.as_ref())
+        .await
+        .context("loading the agents' configurations in force")?;
 
     // Agent listener: gRPC over HTTP/2 and over WebSocket on one port, TLS when configured.
     let l = &cfg.agent.listen;

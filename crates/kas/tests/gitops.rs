@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kas::api::ProjectRequest;
 use serde_json::Value;
@@ -43,6 +43,9 @@ struct Rig {
     agent: Agent,
     agent_id: i64,
     manifests: GitRepo,
+    /// The agent's token and kubeconfig, to start more replicas.
+    token: String,
+    kubeconfig: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -139,6 +142,8 @@ async fn rig(
             agent,
             agent_id: t.agent_id,
             manifests,
+            token: t.token,
+            kubeconfig,
             _dir: dir,
         },
         c1,
@@ -714,4 +719,266 @@ async fn the_seed_walkthrough() {
         "default_namespace applied to the namespaced object"
     );
     assert!(get_json(env, &["get", "configmap", "fixed", "-n", &agent_ns]).is_some());
+}
+
+/// `kas agent status` and the configuration in force survive kas restarts (SIGTERM and
+/// kill -9), even while the agent is away: they are stored, not only in kas's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_configuration_survive_kas_restarts_while_the_agent_is_away() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("persist").unwrap();
+    let (mut rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[("manifests/cm.yaml", Some(&configmap("kept", &ns, "v1")))],
+        &[],
+    )
+    .await;
+    let before = rig.synced(&c1).await;
+    let config_commit = rig.kas.agent(rig.agent_id).await.config.unwrap().commit;
+    rig.agent.stop();
+    for kill9 in [false, true] {
+        rig.kas.restart_by(kill9).await;
+        // At once, with no agent connected.
+        let after = rig.kas.admin.gitops_status(rig.agent_id).await.unwrap();
+        assert_eq!(after.len(), 1, "kill9: {kill9}");
+        assert_eq!(after[0].commit_id, c1);
+        assert_eq!(after[0].outcome, before.outcome);
+        assert_eq!(after[0].objects, before.objects);
+        let a = rig.kas.agent(rig.agent_id).await;
+        assert!(!a.connected);
+        assert_eq!(a.config.map(|c| c.commit), Some(config_commit.clone()));
+    }
+}
+
+fn mirror_pack_counts(kas_dir: &std::path::Path) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    let mut stack = vec![kas_dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.ends_with("objects/pack") {
+                let packs = std::fs::read_dir(&p)
+                    .unwrap()
+                    .flatten()
+                    .filter(|f| f.path().extension().is_some_and(|x| x == "pack"))
+                    .count();
+                out.push((p.display().to_string(), packs));
+            } else if p.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Hundreds of commits over time, fetched by poll and by push webhook, with kas restarted
+/// (SIGTERM and kill -9) along the way: every commit is applied, each mirror stays at a
+/// bounded number of packs, and kas's memory and open files stay flat. GitOps used to stop
+/// after ~32 fetches. Bounded for CI: `TETHER_SOAK_COMMITS` (default 300); `scripts/soak`
+/// runs a long version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_commit_is_applied_across_hundreds_of_fetches_and_kas_restarts() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let commits: usize = std::env::var("TETHER_SOAK_COMMITS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("soak").unwrap();
+    let (mut rig, c0) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[("manifests/cm.yaml", Some(&configmap("soak", &ns, "0")))],
+        &[],
+    )
+    .await;
+    rig.synced(&c0).await;
+    let secret = rig._dir.path().join("hook-secret");
+    std::fs::write(&secret, "soak-hook\n").unwrap();
+    let project = rig
+        .kas
+        .admin
+        .set_project(&ProjectRequest {
+            path: "group/manifests".into(),
+            remote: Some(rig.manifests.dir.display().to_string()),
+            webhook_secret_file: Some(secret.display().to_string()),
+            ..ProjectRequest::default()
+        })
+        .await
+        .unwrap();
+    let (first_restart, second_restart) = (commits / 4, commits / 2);
+    let mut baseline = None;
+    let t0 = Instant::now();
+    for i in 1..=commits {
+        let value = i.to_string();
+        let c = rig.manifests.commit(
+            &[("manifests/cm.yaml", Some(&configmap("soak", &ns, &value)))],
+            &format!("soak {i}"),
+        );
+        if i % 2 == 0 {
+            let code = rig
+                .kas
+                .webhook(
+                    project.id,
+                    &[
+                        ("x-gitlab-token", "soak-hook".into()),
+                        ("x-gitlab-event", "Push Hook".into()),
+                    ],
+                    br#"{"ref":"refs/heads/main","after":"0"}"#,
+                )
+                .await;
+            assert_eq!(code, 200, "webhook for commit {i}");
+        }
+        let synced = rig.synced(&c).await;
+        assert_eq!(synced.outcome, "succeeded", "commit {i}: {synced:?}");
+        if i == first_restart || i == second_restart {
+            rig.kas.restart_by(i == second_restart).await;
+        }
+        if i == second_restart + 10 {
+            baseline = Some(rig.kas.footprint());
+        }
+    }
+    let cm = get_json(&rig.env, &["get", "configmap", "soak", "-n", &ns]).unwrap();
+    assert_eq!(cm["data"]["value"], commits.to_string());
+    for (dir, packs) in mirror_pack_counts(&rig.kas.dir) {
+        assert!(packs <= 9, "{dir} holds {packs} packs");
+    }
+    let (rss0, fds0) = baseline.expect("a baseline");
+    let (rss1, fds1) = rig.kas.footprint();
+    eprintln!(
+        "soak: {commits} commits in {:?}; kas RSS {} → {} KiB, open files {fds0} → {fds1}",
+        t0.elapsed(),
+        rss0 / 1024,
+        rss1 / 1024
+    );
+    assert!(fds1 <= fds0 + 8, "open files grew from {fds0} to {fds1}");
+    assert!(
+        rss1 <= rss0 + rss0 / 2 + (8 << 20),
+        "memory grew from {rss0} to {rss1} bytes"
+    );
+}
+
+fn synchronizing(agent: &Agent, commit: &str) -> bool {
+    agent
+        .log_lines()
+        .iter()
+        .any(|l| l["msg"] == "Synchronizing objects" && l["commit_id"] == commit)
+}
+
+/// Two agentk replicas with one token (`replicas: 2`, or a rollout's surge pod): both serve
+/// tunnels, exactly one — the holder of the Lease — applies; when it is killed the other takes
+/// over within the lease duration. Before, both applied and both pruned every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_replicas_one_applies_and_the_other_takes_over() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("replicas").unwrap();
+    let lease_flags = [
+        "--leader-election-lease-duration",
+        "4s",
+        "--leader-election-renew-deadline",
+        "3s",
+        "--leader-election-retry-period",
+        "500ms",
+    ];
+    let (mut rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[("manifests/cm.yaml", Some(&configmap("one", &ns, "1")))],
+        &lease_flags,
+    )
+    .await;
+    rig.synced(&c1).await;
+    let args: Vec<&str> = [
+        "--kubeconfig",
+        rig.kubeconfig.to_str().unwrap(),
+        "--leader-election-namespace",
+        &ns,
+    ]
+    .into_iter()
+    .chain(lease_flags)
+    .collect();
+    let mut second = Agent::start_with(
+        rig._dir.path(),
+        "replica-2",
+        &rig.kas.url("grpc"),
+        &rig.token,
+        None,
+        &args,
+    );
+    wait_for(
+        "both replicas connected",
+        Duration::from_secs(30),
+        || async {
+            let a = rig.kas.agent(rig.agent_id).await;
+            (a.connections.len() == 2).then_some(())
+        },
+    )
+    .await;
+    let lease = get_json(
+        &rig.env,
+        &[
+            "get",
+            "lease",
+            &format!("agent-{}-lock", rig.agent_id),
+            "-n",
+            &ns,
+        ],
+    )
+    .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "seed");
+
+    let c2 = rig.manifests.commit(
+        &[("manifests/cm.yaml", Some(&configmap("one", &ns, "2")))],
+        "two",
+    );
+    rig.synced(&c2).await;
+    assert!(synchronizing(&rig.agent, &c2));
+    assert!(
+        !second
+            .log_lines()
+            .iter()
+            .any(|l| l["msg"] == "Synchronizing objects"),
+        "the follower applied:\n{}",
+        second.log()
+    );
+    // Both serve tunnels.
+    for _ in 0..8 {
+        assert_eq!(
+            rig.kas
+                .admin
+                .echo(rig.agent_id, b"x".to_vec())
+                .await
+                .unwrap()
+                .as_ref(),
+            b"x"
+        );
+    }
+
+    rig.agent.kill9();
+    let killed = Instant::now();
+    let c3 = rig.manifests.commit(
+        &[("manifests/cm.yaml", Some(&configmap("one", &ns, "3")))],
+        "three",
+    );
+    rig.synced(&c3).await;
+    eprintln!(
+        "the follower applied the next commit {:?} after the leader was killed",
+        killed.elapsed()
+    );
+    assert!(synchronizing(&second, &c3), "{}", second.log());
+    let cm = get_json(&rig.env, &["get", "configmap", "one", "-n", &ns]).unwrap();
+    assert_eq!(cm["data"]["value"], "3");
+    second.stop();
 }

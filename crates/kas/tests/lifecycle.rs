@@ -4,10 +4,12 @@
 
 mod support;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kas::api::ProjectRequest;
 use support::{Agent, GitRepo, Kas, KasOptions};
+use tether_testenv::tmpfs::Tmpfs;
 
 /// Error-level lines of an agentk log.
 fn errors(agent: &Agent) -> Vec<serde_json::Value> {
@@ -156,4 +158,73 @@ users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: h\n  context:\n    
         "agentk did not stop cleanly:\n{}",
         agent.log()
     );
+}
+
+/// With kas's disk full, `kas token create`, `kas user-token create` and `kas token revoke`
+/// fail — a non-zero exit, the reason on stderr and in kas's log — instead of printing a token
+/// that was never stored (or "revoked" for a token that stays active). Once the disk has room
+/// again, writes work without restarting kas, and what they reported survives a kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_writes_loudly_and_kas_recovers_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(16 * 1024);
+    // Only kas's data (its database) lives on the small disk; its log stays readable.
+    std::os::unix::fs::symlink(disk.path(), dir.path().join("data")).unwrap();
+    let mut kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let t = kas.admin.register_agent("group/app", "disk").await.unwrap();
+    let agent = t.agent_id.to_string();
+    let config = kas.config.clone();
+    let cli = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_kas"))
+            .arg("--configuration-file")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let user_token = [
+        "user-token",
+        "create",
+        "--agent-id",
+        &agent,
+        "--username=alice",
+        "--member=group:group:maintainer",
+        "--expires-in=1h",
+    ];
+
+    let filler = disk.fill();
+    let (ok, out, err) = cli(&["token", "create", "--agent-id", &agent]);
+    assert!(!ok, "token create succeeded on a full disk: {out}");
+    assert!(!out.contains("token:"), "{out}");
+    assert!(!err.is_empty());
+    let (ok, out, _) = cli(&user_token);
+    assert!(!ok, "user-token create succeeded on a full disk: {out}");
+    let (ok, out, _) = cli(&["token", "revoke", &t.token_id.to_string()]);
+    assert!(!ok, "revoke reported on a full disk: {out}");
+    assert!(
+        kas.log().contains("Admin API request failed"),
+        "{}",
+        kas.log()
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    let (ok, out, err) = cli(&["token", "create", "--agent-id", &agent]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&user_token);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&["token", "revoke", &t.token_id.to_string()]);
+    assert!(ok, "{out}{err}");
+
+    kas.kill9_restart().await;
+    let tokens = kas.admin.list_tokens(t.agent_id).await.unwrap();
+    let states: Vec<(i64, bool)> = tokens
+        .iter()
+        .map(|t| (t.id, t.revoked_at.is_some()))
+        .collect();
+    assert_eq!(states, [(t.token_id, true), (t.token_id + 1, false)]);
 }

@@ -5,94 +5,11 @@
 //! skip, when mounting is impossible: a green run must mean the behaviour was checked.
 
 use std::fmt::Debug;
-use std::fs::File;
-use std::io::{ErrorKind, Write};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use tempfile::TempDir;
 use tether_store::{Error, ProjectSource, SqliteStore, Store};
+use tether_testenv::tmpfs::Tmpfs;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-/// A tmpfs mounted on a fresh temporary directory; unmounted when dropped, also when the test
-/// panics with the store still open (hence the lazy unmount).
-struct Tmpfs {
-    dir: TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size_kib: u32) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        run_mount(&[
-            "-t",
-            "tmpfs",
-            "-o",
-            &format!("size={size_kib}k,mode=0700"),
-            "tether-store-test",
-            &dir.path().to_string_lossy(),
-        ]);
-        Self { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Remounts with `options` ("ro" or "rw").
-    fn remount(&self, options: &str) {
-        run_mount(&[
-            "-o",
-            &format!("remount,{options}"),
-            &self.path().to_string_lossy(),
-        ]);
-    }
-
-    /// Fills every free byte with a file and returns its path; deleting it frees the space.
-    fn fill(&self) -> PathBuf {
-        let path = self.path().join("filler");
-        let mut file = File::create(&path).expect("create filler");
-        let chunk = vec![0xa5_u8; 64 * 1024];
-        loop {
-            match file.write(&chunk) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::StorageFull => break,
-                Err(e) => panic!("filling the tmpfs: {e}"),
-            }
-        }
-        // Prove it is full rather than trusting the loop: one more byte must not fit.
-        let err = file
-            .write_all(&[0])
-            .expect_err("tmpfs still had room after filling");
-        assert_eq!(err.kind(), ErrorKind::StorageFull, "{err}");
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // Lazy, so that an early panic with database files still open does not leave the mount
-        // behind; the TempDir then removes the (empty) mount point.
-        let status = Command::new("umount").arg("-l").arg(self.path()).status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("could not unmount {}: {status:?}", self.path().display());
-        }
-    }
-}
-
-fn run_mount(args: &[&str]) {
-    let out = Command::new("mount")
-        .args(args)
-        .output()
-        .expect("run mount(8)");
-    assert!(
-        out.status.success(),
-        "mount {args:?} failed ({}): {}. These tests need root to mount a tmpfs.",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-}
 
 /// Records which of the expected failures did not happen, so one run reports all of them.
 #[derive(Default)]

@@ -30,6 +30,7 @@ pub mod control;
 mod health;
 pub mod pki;
 pub mod supervisor;
+pub mod tmpfs;
 
 pub use health::HEALTHY_TIMEOUT;
 pub use supervisor::StopSignal;

@@ -239,6 +239,26 @@ api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll
         assert!(self.spawn().await, "kas did not restart:\n{}", self.log());
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Resident memory (bytes) and open file descriptors of the running process.
+    pub fn footprint(&self) -> (u64, usize) {
+        let pid = self.pid().expect("kas is running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count();
+        (rss_kib * 1024, fds)
+    }
+
     /// kill -9 (no shutdown at all), then start again on the same data and ports.
     pub async fn kill9_restart(&mut self) {
         if let Some(mut c) = self.child.take() {
