@@ -92,11 +92,10 @@ impl Fleet {
                 Arc::new(EchoHandler),
             );
             let pool = Arc::new(Pool::new(
+                // agentk's own pool settings (scale-up step, backoff): with a step of 1 here
+                // the reconnect storm once looked fast while real agents took ~20 s.
                 PoolConfig {
                     min_idle: opts.min_idle,
-                    // Nothing is routed to these agents; small bounds keep a bug from fanning out.
-                    max_streams: opts.min_idle.max(1) * 4,
-                    scale_up_step: 1,
                     ..PoolConfig::default()
                 },
                 channel.clone(),
