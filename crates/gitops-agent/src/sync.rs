@@ -241,10 +241,19 @@ impl Syncer {
     }
 
     async fn discover(&self) -> Result<Discovery, String> {
-        Discovery::new(self.client.clone())
-            .run()
-            .await
-            .map_err(|e| format!("API discovery failed: {e}"))
+        // A group can vanish between discovery's listing of groups and its read of one (a CRD
+        // deleted meanwhile answers 404); a fresh discovery a moment later succeeds.
+        let mut last = String::new();
+        for attempt in 1..=3u32 {
+            match Discovery::new(self.client.clone()).run().await {
+                Ok(d) => return Ok(d),
+                Err(e) => last = e.to_string(),
+            }
+            if attempt < 3 {
+                tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+            }
+        }
+        Err(format!("API discovery failed: {last}"))
     }
 
     fn resolve(disc: &Discovery, m: &Manifest) -> Option<(ApiResource, ApiCapabilities)> {
