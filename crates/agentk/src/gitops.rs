@@ -160,11 +160,12 @@ struct Worker {
     timing: Timing,
 }
 
-/// A commit's files, complete.
+/// A commit's files, complete, and what kas warned about them.
 #[derive(Clone)]
 struct Commit {
     id: String,
     files: Vec<(String, Vec<u8>)>,
+    warnings: Vec<String>,
 }
 
 /// How long a cancelled sync may take to wind down before its task is aborted. Cancellation is
@@ -263,6 +264,7 @@ fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
         objects,
         finished_at: unix_now(),
         dry_run: outcome.dry_run,
+        warnings: Vec::new(),
     }
 }
 
@@ -432,6 +434,7 @@ impl Worker {
                 stream.building = Some(Commit {
                     id: h.commit_id,
                     files: Vec::new(),
+                    warnings: Vec::new(),
                 });
             }
             Some(objects_response::Message::Object(o)) => {
@@ -444,8 +447,12 @@ impl Worker {
                     }
                 }
             }
-            Some(objects_response::Message::Trailer(_)) => {
-                if let Some(b) = stream.building.take() {
+            Some(objects_response::Message::Trailer(t)) => {
+                if let Some(mut b) = stream.building.take() {
+                    for warning in &t.warnings {
+                        tracing::warn!(commit_id = %b.id, warning, "kas warns about this commit's manifests");
+                    }
+                    b.warnings = t.warnings;
                     // A new commit cancels the sync in progress.
                     stop_sync(sync.running.take()).await;
                     sync.current = Some(b);
@@ -464,6 +471,7 @@ impl Worker {
                     objects: Vec::new(),
                     finished_at: unix_now(),
                     dry_run: false,
+                    warnings: Vec::new(),
                 };
                 self.report(report, reports, stop).await;
             }
@@ -492,7 +500,10 @@ impl Worker {
             }
         };
         self.log_outcome(&outcome);
-        let report = report_of(&outcome, &self.settings.project_id);
+        let mut report = report_of(&outcome, &self.settings.project_id);
+        if let Some(c) = sync.current.as_ref().filter(|c| c.id == outcome.commit_id) {
+            report.warnings.clone_from(&c.warnings);
+        }
         self.report(report, reports, stop).await;
         sync.next_run = Some(if outcome.succeeded {
             sync.failures = 0;

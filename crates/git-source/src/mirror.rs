@@ -86,8 +86,11 @@ pub enum GitRef {
 pub struct FileEntry {
     /// Path from the repository root, `/`-separated.
     pub path: String,
-    /// Size in bytes.
+    /// Size in bytes (of the link's target path, for a symlink).
     pub size: u64,
+    /// A symbolic link rather than a file: listed so callers can say they skip it (its target
+    /// may lie outside the repository, so nothing should read through it).
+    pub symlink: bool,
 }
 
 /// One reference that a fetch created, moved or deleted.
@@ -575,8 +578,8 @@ impl Mirror {
     /// Lists regular and executable files under the directory `prefix` (`""` or `"/"` for the
     /// whole tree) at `commit`, recursively, sorted by path.
     ///
-    /// Directories whose name starts with `.` (`.git*`, `.gitlab`, ...) are skipped; symlinks and
-    /// submodules are not files and are skipped too. Every tree entry looked at counts towards
+    /// Directories whose name starts with `.` (`.git*`, `.gitlab`, ...) are skipped; submodules
+    /// are skipped too; symlinks are listed with [`FileEntry::symlink`] set. Every tree entry looked at counts towards
     /// `visit_limit`; past it the listing fails with [`Error::TooManyEntries`] rather than
     /// returning a silently truncated list. A missing prefix gives an empty list.
     pub fn list_files(
@@ -624,13 +627,14 @@ impl Mirror {
                     if !name.starts_with('.') {
                         stack.push((path, entry.oid.to_owned()));
                     }
-                } else if entry.mode.is_blob() {
+                } else if entry.mode.is_blob() || entry.mode.is_link() {
                     let header = repo
                         .find_header(entry.oid.to_owned())
                         .map_err(git_err("reading an object header"))?;
                     files.push(FileEntry {
                         path,
                         size: header.size(),
+                        symlink: entry.mode.is_link(),
                     });
                 }
             }

@@ -335,6 +335,7 @@ fn list_files_prefix_dot_dirs_and_limit() {
     let entry = |path: &str, size: u64| FileEntry {
         path: path.to_owned(),
         size,
+        symlink: false,
     };
     assert_eq!(
         mirror.list_files(&commit, "", 100).expect("list"),
@@ -357,12 +358,21 @@ fn list_files_prefix_dot_dirs_and_limit() {
             "{prefix}"
         );
     }
-    // Symlinks are not files.
+    // Symlinks are listed as such (the caller says it skips them).
+    let mut with_link = under_manifests.clone();
+    with_link.insert(
+        1,
+        FileEntry {
+            path: "manifests/link".to_owned(),
+            size: "root.yaml".len() as u64,
+            symlink: true,
+        },
+    );
     assert_eq!(
         mirror
             .list_files(&commit_with_link, "manifests", 100)
             .expect("list"),
-        under_manifests
+        with_link
     );
     assert_eq!(
         mirror

@@ -68,6 +68,9 @@ pub struct Selection {
     pub commit: CommitId,
     /// The selected files, sorted by path, each once.
     pub files: Vec<ManifestFile>,
+    /// What the user should know although nothing failed: symlinks a glob matched (skipped),
+    /// or globs that matched nothing (so everything applied before is pruned).
+    pub warnings: Vec<String>,
 }
 
 impl Selection {
@@ -208,6 +211,7 @@ pub fn select_manifests<S: AsRef<str>>(
     // path -> (index of the glob that matched it, size)
     let mut matched: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     let mut total: u64 = 0;
+    let mut warnings = Vec::new();
     for (index, glob) in compiled.iter().enumerate() {
         let prefix = glob.literal_prefix();
         if !listings.contains_key(prefix) {
@@ -225,6 +229,15 @@ pub fn select_manifests<S: AsRef<str>>(
         }
         let entries = listings.get(prefix).map(Vec::as_slice).unwrap_or_default();
         for entry in entries.iter().filter(|e| glob.is_match(&e.path)) {
+            if entry.symlink {
+                // Never followed: its target may be outside the repository or the glob.
+                warnings.push(format!(
+                    "{} is a symbolic link matched by {}: skipped (links are not followed)",
+                    entry.path,
+                    glob.as_str()
+                ));
+                continue;
+            }
             if let Some(&(first, _)) = matched.get(&entry.path) {
                 return Err(SelectError::MatchedByTwoGlobs {
                     path: entry.path.clone(),
@@ -256,6 +269,12 @@ pub fn select_manifests<S: AsRef<str>>(
         }
     }
 
+    if matched.is_empty() {
+        let globs: Vec<&str> = compiled.iter().map(ManifestGlob::as_str).collect();
+        warnings.push(format!(
+            "no file matches {globs:?} at this commit: every object this project applied before is pruned"
+        ));
+    }
     // BTreeMap iteration is sorted by path, which is the order the selection promises.
     let mut files = Vec::with_capacity(matched.len());
     for (path, _) in matched {
@@ -278,6 +297,7 @@ pub fn select_manifests<S: AsRef<str>>(
     Ok(Selection {
         commit: *commit,
         files,
+        warnings,
     })
 }
 
@@ -316,6 +336,7 @@ mod tests {
                     bytes: b.to_vec(),
                 })
                 .collect(),
+            warnings: Vec::new(),
         }
     }
 

@@ -433,3 +433,40 @@ fn fingerprint_follows_selected_content_not_commits() {
         base
     );
 }
+
+#[test]
+fn symlinks_are_skipped_with_a_warning_not_silently() {
+    let (f, _) = seed();
+    std::os::unix::fs::symlink("dude.yaml", f.src().join("manifests/link.yaml")).expect("symlink");
+    let commit = f.commit(&[], &[]);
+    let selection = f.select(&commit, &[SEED_GLOB]).expect("select");
+    assert_eq!(
+        paths(&selection),
+        ["manifests/dude.yaml", "manifests/naww.yaml"]
+    );
+    assert_eq!(selection.warnings.len(), 1, "{:?}", selection.warnings);
+    assert!(
+        selection.warnings[0].contains("manifests/link.yaml is a symbolic link"),
+        "{:?}",
+        selection.warnings
+    );
+}
+
+#[test]
+fn globs_matching_nothing_warn_that_everything_is_pruned() {
+    let (f, commit) = seed();
+    let selection = f
+        .select(&commit, &["/nothing-here/*.yaml"])
+        .expect("select");
+    assert!(selection.files.is_empty());
+    assert_eq!(selection.warnings.len(), 1, "{:?}", selection.warnings);
+    assert!(
+        selection.warnings[0].contains("no file matches")
+            && selection.warnings[0].contains("pruned"),
+        "{:?}",
+        selection.warnings
+    );
+    // A normal selection warns about nothing.
+    let selection = f.select(&commit, &[SEED_GLOB]).expect("select");
+    assert!(selection.warnings.is_empty(), "{:?}", selection.warnings);
+}

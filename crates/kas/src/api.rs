@@ -535,6 +535,9 @@ pub struct SyncView {
     pub finished_at: String,
     pub dry_run: bool,
     pub objects: Vec<ObjectView>,
+    /// What kas warned about the commit's manifests (symlinks skipped, nothing matched).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
@@ -565,6 +568,7 @@ async fn agent_gitops(
                     UNIX_EPOCH + Duration::from_secs(u64::try_from(r.finished_at).unwrap_or(0)),
                 ),
                 dry_run: r.dry_run,
+                warnings: r.warnings,
                 objects: r
                     .objects
                     .into_iter()

@@ -195,6 +195,10 @@ impl GitOpsService {
             }
         };
         tracing::info!(agent_id, project = %project.path, commit_id = %commit, files = selection.files.len(), "Sending manifests");
+        for warning in &selection.warnings {
+            tracing::warn!(agent_id, project = %project.path, commit_id = %commit, warning, "Manifest selection warning");
+        }
+        let warnings = selection.warnings;
         let header = Header {
             commit_id: commit.to_hex(),
             project_numeric_id: project.id,
@@ -229,9 +233,12 @@ impl GitOpsService {
                 }
             }
         }
-        tx.send(msg(objects_response::Message::Trailer(Trailer { files })))
-            .await
-            .is_ok()
+        tx.send(msg(objects_response::Message::Trailer(Trailer {
+            files,
+            warnings,
+        })))
+        .await
+        .is_ok()
     }
 }
 

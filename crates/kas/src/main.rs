@@ -380,6 +380,9 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
                         format!("  error: {}", s.error)
                     }
                 )?;
+                for w in &s.warnings {
+                    out!("    warning: {w}")?;
+                }
                 for o in s.objects {
                     out!(
                         "    {:<12} {}/{} {}/{}  {}",

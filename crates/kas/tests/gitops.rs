@@ -992,3 +992,47 @@ async fn of_two_replicas_one_applies_and_the_other_takes_over() {
     assert_eq!(cm["data"]["value"], "3");
     second.stop();
 }
+
+/// A symlink matched by a glob, and a commit whose globs match nothing (which prunes
+/// everything), are said in `kas agent status`, not silently skipped or pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipped_symlinks_and_empty_selections_are_reported() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("warned").unwrap();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[("manifests/cm.yaml", Some(&configmap("warned", &ns, "1")))],
+        &[],
+    )
+    .await;
+    assert!(rig.synced(&c1).await.warnings.is_empty());
+    std::os::unix::fs::symlink("cm.yaml", rig.manifests.dir.join("manifests/link.yaml")).unwrap();
+    let c2 = rig.manifests.commit(&[], "a symlink");
+    let s2 = rig.synced(&c2).await;
+    assert_eq!(s2.outcome, "succeeded");
+    assert!(
+        s2.warnings
+            .iter()
+            .any(|w| w.contains("manifests/link.yaml is a symbolic link")),
+        "{s2:?}"
+    );
+    let c3 = rig.manifests.commit(
+        &[("manifests/cm.yaml", None), ("manifests/link.yaml", None)],
+        "everything removed",
+    );
+    let s3 = rig.synced(&c3).await;
+    assert!(
+        s3.warnings.iter().any(|w| w.contains("no file matches")),
+        "{s3:?}"
+    );
+    assert!(
+        s3.objects
+            .iter()
+            .any(|o| o.name == "warned" && o.status == "Pruned"),
+        "{s3:?}"
+    );
+}
