@@ -22,6 +22,9 @@ use tonic::{Request, Response, Status};
 /// Size of the file chunks on the wire (well under gRPC's message limit).
 const CHUNK: usize = 512 * 1024;
 
+/// How a report that applied nothing says whose objects it shows.
+const CARRIED: &str = "nothing was applied at this commit; the objects are as of commit";
+
 /// The last sync report of each (agent, manifest project), kept in the store so that
 /// `kas agent status` shows them across kas restarts (and from any replica).
 #[derive(Debug)]
@@ -48,9 +51,41 @@ impl SyncStates {
     }
 
     async fn put(&self, agent_id: i64, report: &SyncReport) -> Result<(), tether_store::Error> {
+        let report = self.keep_applied_objects(agent_id, report).await?;
         self.0
             .put_sync_report(agent_id, &report.project_id, &report.encode_to_vec())
             .await
+    }
+
+    /// A sync that failed before applying anything (a manifest that does not decode, a
+    /// selection error) reports no objects; the objects of the previous sync are still in the
+    /// cluster, so they stay in the status, said to be from that commit.
+    async fn keep_applied_objects(
+        &self,
+        agent_id: i64,
+        report: &SyncReport,
+    ) -> Result<SyncReport, tether_store::Error> {
+        let mut report = report.clone();
+        if report.outcome != "failed" || !report.objects.is_empty() {
+            return Ok(report);
+        }
+        let previous = self
+            .for_agent(agent_id)
+            .await?
+            .into_iter()
+            .find(|r| r.project_id == report.project_id && !r.objects.is_empty());
+        if let Some(previous) = previous {
+            // After several failures in a row, still the commit they were applied at.
+            let note = previous
+                .warnings
+                .iter()
+                .find(|w| w.starts_with(CARRIED))
+                .cloned()
+                .unwrap_or_else(|| format!("{CARRIED} {}", previous.commit_id));
+            report.warnings.push(note);
+            report.objects = previous.objects;
+        }
+        Ok(report)
     }
 }
 

@@ -364,3 +364,57 @@ async fn a_fetch_failure_keeps_the_last_good_commit_and_is_reported() {
     assert!(kas.log().contains("Fetching the project failed"));
     assert_eq!(kas.agent(t.agent_id).await.config.unwrap().commit, c1);
 }
+
+/// One manifest project listed twice — by path and by numeric id — is refused, naming both
+/// entries: accepted, it gave two workers applying and pruning the same objects against each
+/// other, and a stale inventory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_listed_by_path_and_by_id_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::init(&dir.path().join("repo"));
+    let good = repo.commit(&[(".gitlab/agents/delta/config.yaml", Some(b""))], "empty");
+    let manifests = GitRepo::init(&dir.path().join("manifests"));
+    manifests.commit(&[("m.yaml", Some(b""))], "manifests");
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            git_poll: "300ms",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    project(&kas, "group/twice", &repo.dir.display().to_string(), None).await;
+    let id = project(
+        &kas,
+        "group/manifests",
+        &manifests.dir.display().to_string(),
+        None,
+    )
+    .await;
+    let t = kas
+        .admin
+        .register_agent("group/twice", "delta")
+        .await
+        .unwrap();
+    let agent = Agent::start(dir.path(), "delta", &kas.url("grpc"), &t.token, None);
+    agent.wait_log(APPLIED, &good).await;
+
+    let twice = format!("gitops:\n  manifest_projects:\n  - id: group/manifests\n  - id: {id}\n");
+    let bad = repo.commit(
+        &[(".gitlab/agents/delta/config.yaml", Some(twice.as_bytes()))],
+        "one project twice",
+    );
+    let line = agent.wait_log(REFUSED, &bad).await;
+    let error = line["error"].as_str().unwrap();
+    for part in [
+        ".gitlab/agents/delta/config.yaml",
+        "gitops.manifest_projects[1].id",
+        "group/manifests",
+        "already listed as gitops.manifest_projects[0]",
+    ] {
+        assert!(error.contains(part), "{error:?} should mention {part:?}");
+    }
+    let state = kas.agent(t.agent_id).await.config.unwrap();
+    assert_eq!(state.commit, good);
+    assert_eq!(state.error_commit.as_deref(), Some(bad.as_str()));
+}

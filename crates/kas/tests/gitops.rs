@@ -1036,3 +1036,35 @@ async fn skipped_symlinks_and_empty_selections_are_reported() {
         "{s3:?}"
     );
 }
+
+/// A commit that fails before applying anything (a manifest that does not decode) still shows,
+/// in `kas agent status`, the objects that are in the cluster — said to be from the last
+/// commit that applied them — instead of an empty list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_still_shows_the_objects_in_the_cluster() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("kept").unwrap();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[("manifests/cm.yaml", Some(&configmap("kept", &ns, "1")))],
+        &[],
+    )
+    .await;
+    rig.synced(&c1).await;
+    let bad = rig.manifests.commit(
+        &[("manifests/broken.yaml", Some(b"kind: [unclosed\n"))],
+        "a broken manifest",
+    );
+    let s = rig.synced(&bad).await;
+    assert_eq!(s.outcome, "failed");
+    assert!(s.error.contains("manifests/broken.yaml"), "{s:?}");
+    assert!(s.objects.iter().any(|o| o.name == "kept"), "{s:?}");
+    assert!(
+        s.warnings.iter().any(|w| w.contains(&c1)),
+        "the objects are said to be from {c1}: {s:?}"
+    );
+}

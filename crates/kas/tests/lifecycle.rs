@@ -228,3 +228,29 @@ async fn a_full_disk_fails_writes_loudly_and_kas_recovers_by_itself() {
         .collect();
     assert_eq!(states, [(t.token_id, true), (t.token_id + 1, false)]);
 }
+
+/// `kas agent list | head` must not panic when the reader goes away: the CLI ends quietly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_ends_quietly_when_its_reader_goes_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(dir.path(), KasOptions::default()).await;
+    for i in 0..50 {
+        kas.admin
+            .register_agent("group/app", &format!("agent-{i}"))
+            .await
+            .unwrap();
+    }
+    let (reader, writer) = std::io::pipe().unwrap();
+    // The reader is gone before kas writes a byte: every write fails with EPIPE.
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .arg("--configuration-file")
+        .arg(&kas.config)
+        .args(["agent", "list"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+}
