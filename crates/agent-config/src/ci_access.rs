@@ -10,7 +10,7 @@ use crate::check::{
 };
 
 /// The `ci_access` section.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CiAccess {
     /// Projects whose CI jobs may use the agent.
@@ -19,6 +19,34 @@ pub struct CiAccess {
     /// Groups whose projects' CI jobs may use the agent.
     #[serde(default, deserialize_with = "null_as_default")]
     pub groups: Vec<CiAccessEntry>,
+    /// Whether CI jobs of the agent's own configuration project may use the agent without a
+    /// `projects` entry — as the agent itself (its ServiceAccount's rights), in any
+    /// environment. `true` by default, as with GitLab's agent, where this access is implicit.
+    /// `false` treats the configuration project like any other project: it needs a `projects`
+    /// entry, or a `groups` entry holding it. A boolean and nothing else (`null` or `"no"` are
+    /// errors), since the safe reading of a typo here is not obvious.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub configuration_project: bool,
+}
+
+impl Default for CiAccess {
+    fn default() -> Self {
+        Self {
+            projects: Vec::new(),
+            groups: Vec::new(),
+            configuration_project: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+// Serde's `skip_serializing_if` passes a reference.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_yes(b: &bool) -> bool {
+    *b
 }
 
 /// One `ci_access.projects[]` or `ci_access.groups[]` entry (both have the same keys).

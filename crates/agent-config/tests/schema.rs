@@ -557,6 +557,39 @@ fn yaml_syntax_errors() {
 }
 
 #[test]
+fn ci_access_configuration_project() {
+    // On unless turned off, as GitLab's implicit access is always on.
+    assert!(ok("").ci_access.configuration_project);
+    assert!(ok("ci_access: {}\n").ci_access.configuration_project);
+    assert!(
+        ok("ci_access:\n  configuration_project: true\n")
+            .ci_access
+            .configuration_project
+    );
+    let off = ok("ci_access:\n  configuration_project: false\n");
+    assert!(!off.ci_access.configuration_project);
+    // Only a boolean: a null or a word is an error naming the key, not a silent default.
+    for yaml in [
+        "ci_access:\n  configuration_project:\n",
+        "ci_access:\n  configuration_project: off-please\n",
+        "ci_access:\n  configuration_project: 0\n",
+        "ci_access:\n  configuration_project: [false]\n",
+    ] {
+        let e = err(yaml);
+        assert_eq!(
+            e.path(),
+            Some("ci_access.configuration_project"),
+            "{yaml:?}: {e}"
+        );
+    }
+    // The default is left out when written back, so existing documents stay as they were.
+    let json = serde_json::to_value(&ok("ci_access: {}\n").ci_access).expect("serializes");
+    assert_eq!(json, serde_json::json!({"projects": [], "groups": []}));
+    let json = serde_json::to_value(&off.ci_access).expect("serializes");
+    assert_eq!(json["configuration_project"], false);
+}
+
+#[test]
 fn ci_access() {
     let c = ok("ci_access:
   projects:

@@ -36,6 +36,8 @@ pub struct ApiState {
     pub sources: Arc<Sources>,
     pub config_states: Arc<ConfigStates>,
     pub sync_states: Arc<crate::gitops::SyncStates>,
+    /// The proxy's live requests per personal access token (ended on revocation).
+    pub live_user_requests: Arc<crate::revocation::LiveUserRequests>,
 }
 
 /// An error response: `{"error": "..."}` with a status code.
@@ -347,8 +349,17 @@ async fn revoke_user_token(
     Path(id): Path<i64>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let was_active = st.store.revoke_user_token(id).await?;
+    // Stored first, so a request authenticating from now on is refused; then the live ones
+    // (watches, exec sessions) end, and any authenticated a moment ago is refused when it
+    // starts (see `LiveUserRequests`).
+    let requests_ended = st.live_user_requests.revoke(id);
+    tracing::info!(
+        token_id = id,
+        requests_ended,
+        "Personal access token revoked"
+    );
     Ok(Json(
-        serde_json::json!({"token_id": id, "was_active": was_active}),
+        serde_json::json!({"token_id": id, "was_active": was_active, "requests_ended": requests_ended}),
     ))
 }
 

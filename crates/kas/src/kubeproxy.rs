@@ -3,8 +3,10 @@
 //! `ci_access`, and sends the request through one of the agent's tunnels; agentk replays it with
 //! impersonation. Cluster credentials never leave the cluster.
 
-use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -17,10 +19,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tether_kubeproxy_agent::{
-    AccessAs, CiJobContext, EnvironmentContext, RequestContext, sanitize_request_headers,
+    AccessAs, CiJobContext, EnvironmentContext, RequestContext, RoutedRequest,
+    sanitize_request_headers,
 };
 use tether_kubeproxy_server::{
-    Credential, ExpiringMap, OidcVerifier, authorize_ci, environment_slug,
+    Credential, ExpiringMap, Kubeconfig, OidcVerifier, authorize_ci, environment_slug,
+    strip_path_prefix,
 };
 use tether_store::Store;
 use tether_tunnel_server::Registry;
@@ -28,8 +32,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::configuration::ConfigStates;
+use crate::revocation::{LiveRequest, LiveUserRequests};
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type Body = BoxBody<Bytes, BoxError>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -122,6 +127,8 @@ pub struct Proxy {
     pub tls: bool,
     /// Agent → configuration project, remembered briefly (see [`AgentProjects`]).
     pub agent_projects: Arc<AgentProjects>,
+    /// Live requests per personal access token, ended when the token is revoked.
+    pub live_user_requests: Arc<LiveUserRequests>,
 }
 
 /// Agent id → (configuration project id, path), remembered for [`AGENT_PROJECT_TTL`]: every
@@ -199,6 +206,8 @@ struct Routed {
     agent_id: i64,
     access_as: AccessAs,
     context: RequestContext,
+    /// The personal access token's id, for requests made with one.
+    user_token_id: Option<i64>,
 }
 
 impl Proxy {
@@ -269,6 +278,7 @@ impl Proxy {
                     agent_id,
                     access_as: AccessAs::from(&ok.access_as),
                     context,
+                    user_token_id: None,
                 })
             }
             Credential::Personal { agent_id, token } => {
@@ -344,6 +354,7 @@ impl Proxy {
                 Ok(Routed {
                     agent_id,
                     access_as: AccessAs::from(&ok.access_as),
+                    user_token_id: Some(record.id),
                     context: RequestContext {
                         agent_id,
                         config_project_id: project_id,
@@ -361,15 +372,14 @@ impl Proxy {
     }
 
     async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
-        let path = req.uri().path().to_string();
-        let Some(rest) = path.strip_prefix(self.path_prefix.trim_end_matches('/')) else {
+        let Some(rest) = strip_path_prefix(&self.path_prefix, req.uri().path()).map(str::to_owned)
+        else {
             return Ok(status(
                 StatusCode::NOT_FOUND,
                 "NotFound",
                 "not under the proxy's path prefix",
             ));
         };
-        let rest = if rest.is_empty() { "/" } else { rest }.to_string();
         if rest == KUBECONFIG_PATH {
             return Ok(self.kubeconfig(&req).await);
         }
@@ -381,14 +391,12 @@ impl Proxy {
         // request must reach the agent with nothing but what kas decided.
         let headers = match sanitize_request_headers(req.headers()) {
             Ok(h) => h,
-            Err(e) => {
-                return Ok(deny(
-                    &self,
-                    StatusCode::FORBIDDEN,
-                    "Forbidden",
-                    &e.to_string(),
-                ));
-            }
+            Err(e) => return Ok(deny(&self, e.status(), e.reason(), &e.to_string())),
+        };
+        // Tracked until the response and any upgrade end, so revoking the credential ends it.
+        let (live, revoked) = match self.track(&routed) {
+            Ok(l) => l,
+            Err(resp) => return Ok(resp),
         };
         let mode = match &routed.access_as {
             AccessAs::Agent => "agent",
@@ -396,58 +404,10 @@ impl Proxy {
             AccessAs::CiJob => "ci_job",
             AccessAs::User => "user",
         };
-        let tunnel = match self
-            .registry
-            .get_tunnel(routed.agent_id, self.tunnel_wait)
-            .await
-        {
-            Ok(t) => t,
-            Err(e) => {
-                return Ok(status(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    &e.to_string(),
-                ));
-            }
+        let mut sender = match self.open_tunnel(&routed, revoked.clone()).await {
+            Ok(s) => s,
+            Err(resp) => return Ok(resp),
         };
-        let mut meta = HashMap::new();
-        meta.insert(
-            "access_as".to_string(),
-            serde_json::to_string(&routed.access_as).unwrap_or_default(),
-        );
-        meta.insert(
-            "context".to_string(),
-            serde_json::to_string(&routed.context).unwrap_or_default(),
-        );
-        let conn = match tunnel
-            .request(tether_protocol::services::KUBERNETES_API, meta)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                return Ok(status(
-                    StatusCode::BAD_GATEWAY,
-                    "ServiceUnavailable",
-                    &e.to_string(),
-                ));
-            }
-        };
-        let (mut sender, connection) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(conn)).await {
-                Ok(x) => x,
-                Err(e) => {
-                    return Ok(status(
-                        StatusCode::BAD_GATEWAY,
-                        "ServiceUnavailable",
-                        &e.to_string(),
-                    ));
-                }
-            };
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "Tunnelled HTTP connection ended with an error");
-            }
-        });
         let query = req
             .uri()
             .query()
@@ -516,10 +476,15 @@ impl Proxy {
             && let Some(client_upgrade) = client_upgrade
         {
             let agent_upgrade = hyper::upgrade::on(&mut resp);
+            let (revoked, live) = (revoked.clone(), live.clone());
             tokio::spawn(async move {
+                let _live = live;
                 if let Ok((c, a)) = tokio::try_join!(client_upgrade, agent_upgrade) {
                     let (mut c, mut a) = (TokioIo::new(c), TokioIo::new(a));
-                    let _ = tokio::io::copy_bidirectional(&mut c, &mut a).await;
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut c, &mut a) => {}
+                        () = revoked.cancelled() => {}
+                    }
                 }
             });
         }
@@ -529,13 +494,146 @@ impl Proxy {
             .get_or_create(&labels("response"))
             .clone();
         let (parts, body) = resp.into_parts();
-        let body = body.map_frame(move |f| {
-            if let Some(d) = f.data_ref() {
-                down.inc_by(d.len() as u64);
+        let body = body
+            .map_frame(move |f| {
+                if let Some(d) = f.data_ref() {
+                    down.inc_by(d.len() as u64);
+                }
+                f
+            })
+            .map_err(BoxError::from);
+        let body = match live {
+            Some(live) => Revocable::new(body, live).boxed(),
+            None => body.boxed(),
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// Starts tracking a request made with a revocable credential (a personal access token):
+    /// the tracking handle, to keep until the request ends, and the token that fires on
+    /// revocation. CI job tokens cannot be revoked by kas: no handle, a token that never fires.
+    // The error is the refusal response itself, built once on a rare path: boxing buys nothing.
+    #[allow(clippy::result_large_err)]
+    fn track(
+        &self,
+        routed: &Routed,
+    ) -> Result<(Option<Arc<LiveRequest>>, CancellationToken), Response<Body>> {
+        let Some(token_id) = routed.user_token_id else {
+            return Ok((None, CancellationToken::new()));
+        };
+        match self.live_user_requests.track(token_id) {
+            Some(live) => {
+                let revoked = live.cancellation();
+                Ok((Some(Arc::new(live)), revoked))
             }
-            f
+            // Revoked between authentication and now.
+            None => Err(deny(
+                self,
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "unknown, revoked or expired personal access token",
+            )),
+        }
+    }
+
+    /// An HTTP/1.1 connection to agentk's `kubernetes_api` service through one of the agent's
+    /// tunnels, carrying what kas decided about the request. The connection (and so the
+    /// tunnel stream, and agentk's request to the API server) is dropped when `revoked` fires.
+    async fn open_tunnel<B>(
+        &self,
+        routed: &Routed,
+        revoked: CancellationToken,
+    ) -> Result<hyper::client::conn::http1::SendRequest<B>, Response<Body>>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let unavailable =
+            |code, e: &dyn std::fmt::Display| status(code, "ServiceUnavailable", &e.to_string());
+        let tunnel = self
+            .registry
+            .get_tunnel(routed.agent_id, self.tunnel_wait)
+            .await
+            .map_err(|e| unavailable(StatusCode::SERVICE_UNAVAILABLE, &e))?;
+        // An empty value here once made agentk fall back to the agent's rights; now both
+        // sides use one contract, and an encoding failure stops the request.
+        let meta = RoutedRequest {
+            access_as: routed.access_as.clone(),
+            context: routed.context.clone(),
+        }
+        .encode()
+        .map_err(|e| {
+            tracing::error!(error = %e, "Encoding a Kubernetes API request for the agent failed");
+            status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                &e.to_string(),
+            )
+        })?;
+        let conn = tunnel
+            .request(tether_protocol::services::KUBERNETES_API, meta)
+            .await
+            .map_err(|e| unavailable(StatusCode::BAD_GATEWAY, &e))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+            .await
+            .map_err(|e| unavailable(StatusCode::BAD_GATEWAY, &e))?;
+        tokio::spawn(async move {
+            tokio::select! {
+                r = connection.with_upgrades() => if let Err(e) = r {
+                    tracing::debug!(error = %e, "Tunnelled HTTP connection ended with an error");
+                },
+                () = revoked.cancelled() => {}
+            }
         });
-        Ok(Response::from_parts(parts, body.boxed()))
+        Ok(sender)
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body that fails as soon as its request's credential is revoked: hyper then
+/// closes the client's connection, which ends a watch or a log follow mid-stream. It holds the
+/// request's tracking handle, so tracking ends with the body.
+struct Revocable<B> {
+    inner: B,
+    revoked: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    _live: Arc<LiveRequest>,
+}
+
+impl<B> Revocable<B> {
+    fn new(inner: B, live: Arc<LiveRequest>) -> Self {
+        Self {
+            inner,
+            revoked: Box::pin(live.cancellation().cancelled_owned()),
+            _live: live,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for Revocable<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err("the credential was revoked".into())));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -582,57 +680,62 @@ impl Proxy {
                 self.path_prefix.trim_end_matches('/')
             )
         });
-        let mut cluster = serde_json::json!({"server": server});
-        if let Some(ca) = &self.ca_pem {
-            use base64::Engine;
-            cluster["certificate-authority-data"] =
-                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(ca));
-        }
-        let mut contexts = Vec::new();
-        let mut users = Vec::new();
-        for a in agents {
-            let config = self.configs.config(a.id).unwrap_or_default();
-            let Ok(ok) = authorize_ci(&config.ci_access, &a.project_path, &job) else {
-                continue;
-            };
-            let name = format!("{}:{}", a.project_path, a.name);
-            let mut ctx = serde_json::json!({"cluster": "kas", "user": name});
-            if let Some(ns) = ok.default_namespace {
-                ctx["namespace"] = serde_json::Value::String(ns);
+        let body = match self.ci_kubeconfig(&server, jwt.trim(), &job, &agents) {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                return deny(
+                    self,
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    "this job may use no agent",
+                );
             }
-            contexts.push(serde_json::json!({"name": name, "context": ctx}));
-            users.push(serde_json::json!({
-                "name": name,
-                "user": {"token": format!("ci:{}:{}", a.id, jwt.trim())},
-            }));
-        }
-        if contexts.is_empty() {
-            return deny(
-                self,
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-                "this job may use no agent",
-            );
-        }
-        let current = contexts[0]["name"].clone();
-        let kc = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "kas", "cluster": cluster}],
-            "users": users,
-            "contexts": contexts,
-            "current-context": current,
-        });
-        let mut r = Response::new(
-            Full::new(Bytes::from(kc.to_string()))
-                .map_err(|n| match n {})
-                .boxed(),
-        );
+            Err(e) => {
+                tracing::error!(error = %e, "Building a CI job's kubeconfig failed");
+                return status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    &e.to_string(),
+                );
+            }
+        };
+        let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
         r
+    }
+
+    /// The kubeconfig (JSON) with a context for each of `agents` the job may use; `None` when
+    /// it may use none.
+    fn ci_kubeconfig(
+        &self,
+        server: &str,
+        jwt: &str,
+        job: &tether_kubeproxy_server::CiIdentity,
+        agents: &[tether_store::AgentRow],
+    ) -> Result<Option<String>, tether_kubeproxy_server::KubeconfigError> {
+        let mut kc = Kubeconfig::new(server, self.ca_pem.as_deref())?;
+        let mut any = false;
+        for a in agents {
+            let config = self.configs.config(a.id).unwrap_or_default();
+            let Ok(ok) = authorize_ci(&config.ci_access, &a.project_path, job) else {
+                continue;
+            };
+            let name = format!("{}:{}", a.project_path, a.name);
+            kc.add_context(
+                &name,
+                &format!("ci:{}:{jwt}", a.id),
+                ok.default_namespace.as_deref(),
+            )?;
+            any = true;
+        }
+        if any {
+            kc.to_json().map(Some)
+        } else {
+            Ok(None)
+        }
     }
 }
 

@@ -85,11 +85,14 @@ enum UserTokenCmd {
         #[arg(long, default_value = "30d")]
         expires_in: String,
         /// Also write a kubeconfig using the token to this file…
-        #[arg(long, requires = "server")]
+        #[arg(long)]
         kubeconfig: Option<PathBuf>,
-        /// …pointing at kas's Kubernetes API proxy URL.
+        /// …pointing at kas's Kubernetes API proxy URL (default: `kubernetes_api.public_url`)…
         #[arg(long)]
         server: Option<String>,
+        /// …trusting this PEM CA (default: `kubernetes_api.ca_file`, else the system's roots).
+        #[arg(long)]
+        ca_cert_file: Option<PathBuf>,
     },
     /// Revoke a personal access token.
     Revoke { token_id: i64 },
@@ -243,7 +246,7 @@ async fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Agent(a)) => agent_cmd(&admin_client(&cli, &cfg)?, a).await,
         Some(Cmd::Token(t)) => token_cmd(&admin_client(&cli, &cfg)?, t).await,
         Some(Cmd::Project(p)) => project_cmd(&admin_client(&cli, &cfg)?, p).await,
-        Some(Cmd::UserToken(u)) => user_token_cmd(&admin_client(&cli, &cfg)?, u).await,
+        Some(Cmd::UserToken(u)) => user_token_cmd(&admin_client(&cli, &cfg)?, &cfg, u).await,
         Some(Cmd::Kubeconfig {
             server,
             id_token_file,
@@ -534,7 +537,7 @@ fn membership(spec: &str) -> Result<serde_json::Value> {
     Ok(serde_json::json!({"kind": kind, "path": path, "id": id, "access_level": role}))
 }
 
-async fn user_token_cmd(c: &AdminClient, cmd: &UserTokenCmd) -> Result<()> {
+async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -> Result<()> {
     match cmd {
         UserTokenCmd::Create {
             agent_id,
@@ -543,7 +546,17 @@ async fn user_token_cmd(c: &AdminClient, cmd: &UserTokenCmd) -> Result<()> {
             expires_in,
             kubeconfig,
             server,
+            ca_cert_file,
         } => {
+            // Settle where the kubeconfig goes and what it trusts before issuing a token, so a
+            // mistake here leaves no token behind.
+            let kc_target = kubeconfig
+                .as_ref()
+                .map(|file| {
+                    person_kubeconfig_target(cfg, server.as_deref(), ca_cert_file.as_deref())
+                        .map(|t| (file, t))
+                })
+                .transpose()?;
             let ttl = humantime::parse_duration(expires_in)
                 .with_context(|| format!("{expires_in} is not a duration like 8h or 30d"))?;
             let req = kas::api::UserTokenRequest {
@@ -562,24 +575,8 @@ async fn user_token_cmd(c: &AdminClient, cmd: &UserTokenCmd) -> Result<()> {
                 t.token,
                 t.expires_at
             )?;
-            if let (Some(file), Some(server)) = (kubeconfig, server) {
-                let agent = c
-                    .list_agents()
-                    .await?
-                    .into_iter()
-                    .find(|a| a.id == *agent_id)
-                    .context("the agent disappeared")?;
-                let name = format!("{}:{}", agent.project, agent.name);
-                let kc = serde_json::json!({
-                    "apiVersion": "v1", "kind": "Config",
-                    "clusters": [{"name": "kas", "cluster": {"server": server}}],
-                    "users": [{"name": name, "user": {"token": format!("pat:{}:{}", t.agent_id, t.token)}}],
-                    "contexts": [{"name": name, "context": {"cluster": "kas", "user": name}}],
-                    "current-context": name,
-                });
-                kas::auth::write_private(file, &format!("{kc:#}\n"))
-                    .with_context(|| format!("writing {}", file.display()))?;
-                eprintln!("kubeconfig written to {} (context {name})", file.display());
+            if let Some((file, target)) = kc_target {
+                write_person_kubeconfig(c, &t, file, &target).await?;
             }
         }
         UserTokenCmd::Revoke { token_id } => {
@@ -587,6 +584,52 @@ async fn user_token_cmd(c: &AdminClient, cmd: &UserTokenCmd) -> Result<()> {
             out!("{r}")?;
         }
     }
+    Ok(())
+}
+
+/// Where a person's kubeconfig points and the CA it trusts (PEM).
+struct KubeconfigTarget {
+    server: String,
+    ca_pem: Option<Vec<u8>>,
+}
+
+fn person_kubeconfig_target(
+    cfg: &Config,
+    server: Option<&str>,
+    ca_cert_file: Option<&std::path::Path>,
+) -> Result<KubeconfigTarget> {
+    let server = server
+        .map(str::to_owned)
+        .or_else(|| cfg.kubernetes_api.public_url.clone())
+        .context(
+            "--kubeconfig needs --server (or kubernetes_api.public_url in kas's configuration)",
+        )?;
+    let ca_file = ca_cert_file.or(cfg.kubernetes_api.ca_file.as_deref());
+    let ca_pem = ca_file
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    Ok(KubeconfigTarget { server, ca_pem })
+}
+
+async fn write_person_kubeconfig(
+    c: &AdminClient,
+    t: &kas::api::UserTokenCreated,
+    file: &std::path::Path,
+    target: &KubeconfigTarget,
+) -> Result<()> {
+    let agent = c
+        .list_agents()
+        .await?
+        .into_iter()
+        .find(|a| a.id == t.agent_id)
+        .context("the agent disappeared")?;
+    let name = format!("{}:{}", agent.project, agent.name);
+    let mut kc =
+        tether_kubeproxy_server::Kubeconfig::new(&target.server, target.ca_pem.as_deref())?;
+    kc.add_context(&name, &format!("pat:{}:{}", t.agent_id, t.token), None)?;
+    kas::auth::write_private(file, &format!("{}\n", kc.to_json()?))
+        .with_context(|| format!("writing {}", file.display()))?;
+    eprintln!("kubeconfig written to {} (context {name})", file.display());
     Ok(())
 }
 

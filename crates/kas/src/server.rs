@@ -268,6 +268,9 @@ pub async fn start(cfg: Config) -> Result<Running> {
         }
     }));
 
+    // Shared by the proxy (tracks) and the internal API (revokes).
+    let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
+
     // Internal API for the admin commands.
     let api_listener = bind("internal API", cfg.api.listen.address).await?;
     let api_addr = api_listener.local_addr()?;
@@ -280,6 +283,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         sources: Arc::clone(&sources),
         config_states: Arc::clone(&config_states),
         sync_states: Arc::clone(&sync_states),
+        live_user_requests: Arc::clone(&live_user_requests),
     };
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
@@ -333,14 +337,20 @@ pub async fn start(cfg: Config) -> Result<Running> {
         metrics: proxy_metrics,
         public_url: k.public_url.clone(),
         ca_pem: match &k.ca_file {
-            Some(f) => Some(
-                std::fs::read(f)
-                    .with_context(|| format!("reading kubernetes_api.ca_file {}", f.display()))?,
-            ),
+            Some(f) => {
+                let pem = std::fs::read(f)
+                    .with_context(|| format!("reading kubernetes_api.ca_file {}", f.display()))?;
+                // Every kubeconfig kas hands out embeds it: refuse to start rather than serve
+                // kubeconfigs kubectl cannot use.
+                tether_kubeproxy_server::check_ca_pem(&pem)
+                    .with_context(|| format!("kubernetes_api.ca_file {}", f.display()))?;
+                Some(pem)
+            }
             None => None,
         },
         tls: k.listen.certificate_file.is_some(),
         agent_projects: Arc::default(),
+        live_user_requests,
     };
     tasks.push(tokio::spawn(crate::kubeproxy::serve(
         k_listener,

@@ -160,6 +160,15 @@ async fn serve_document(body: String) -> u16 {
 /// `agent_kubeconfig`: where agentk sends requests (default: the real API server as the agent's
 /// ServiceAccount).
 async fn setup_with(agent_kubeconfig: Option<std::path::PathBuf>, jwks_by_url: bool) -> Setup {
+    setup_full(agent_kubeconfig, jwks_by_url, "").await
+}
+
+/// As [`setup_with`], with `kubernetes_api_extra` lines added under `kubernetes_api:`.
+async fn setup_full(
+    agent_kubeconfig: Option<std::path::PathBuf>,
+    jwks_by_url: bool,
+    kubernetes_api_extra: &str,
+) -> Setup {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let agent_ns = env.create_namespace("proxy-agent").unwrap();
@@ -220,8 +229,10 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
         &dir.path().join("kas"),
         KasOptions {
             git_poll: "1s",
+            // The proxy's CA goes into every kubeconfig kas hands out.
             kubernetes_api_extra: format!(
-                "  ci_issuers:\n  - issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks:\n      {jwks_source}\n"
+                "  ci_issuers:\n  - issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks:\n      {jwks_source}\n  ca_file: {}\n{kubernetes_api_extra}",
+                pki.ca.display()
             ),
             k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
             ..KasOptions::default()
@@ -631,12 +642,12 @@ async fn a_ci_job_gets_a_kubeconfig_for_the_agents_it_may_use() {
     assert_eq!(ctx["context"]["namespace"], s.allowed.as_str());
     let file = s.dir.path().join("ci.kubeconfig");
     std::fs::write(&file, &body).unwrap();
-    // kubectl uses it as is: the context's namespace, kas's URL, the job's token.
+    // kubectl uses it as is: the context's namespace, kas's URL, the job's token, and the
+    // proxy's CA (kubernetes_api.ca_file) — no --certificate-authority.
     let mut c = Command::new(s.env.bin_dir.join("kubectl"));
     c.args([
         "--kubeconfig",
         file.to_str().unwrap(),
-        &format!("--certificate-authority={}", s.ca.display()),
         "create",
         "configmap",
         "via-kubeconfig",
@@ -664,7 +675,6 @@ async fn a_ci_job_gets_a_kubeconfig_for_the_agents_it_may_use() {
     c.args([
         "--kubeconfig",
         out_file.to_str().unwrap(),
-        &format!("--certificate-authority={}", s.ca.display()),
         "get",
         "configmap",
         "via-kubeconfig",
@@ -724,7 +734,9 @@ async fn people_use_personal_access_tokens_scoped_to_one_agent() {
     assert!(!ok);
     assert!(err.contains("gitlab:user:alice"), "{err}");
 
-    // `kas user-token create --kubeconfig` hands a person a ready kubeconfig.
+    // `kas user-token create --kubeconfig` hands a person a ready kubeconfig, trusting the
+    // proxy's CA from kas's configuration (kubernetes_api.ca_file): kubectl needs nothing else.
+    // Before, it had no CA and kubectl failed with "certificate signed by unknown authority".
     let kc = s.dir.path().join("bob.kubeconfig");
     let o = Command::new(env!("CARGO_BIN_EXE_kas"))
         .arg("--configuration-file")
@@ -746,7 +758,6 @@ async fn people_use_personal_access_tokens_scoped_to_one_agent() {
     c.args([
         "--kubeconfig",
         kc.to_str().unwrap(),
-        &format!("--certificate-authority={}", s.ca.display()),
         "get",
         "configmaps",
         "-n",
@@ -783,6 +794,258 @@ async fn people_use_personal_access_tokens_scoped_to_one_agent() {
         err.contains("revoked"),
         "kas's 401 message reaches the user: {err}"
     );
+}
+
+/// `kubectl get configmaps -w` in `ns` with `token`; its stdout lines arrive on the receiver.
+fn spawn_watch(
+    s: &Setup,
+    token: &str,
+    ns: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(s.env.bin_dir.join("kubectl"))
+        .args([
+            "--kubeconfig=/dev/null",
+            &format!("--server=https://localhost:{}", s.kas.k8s_port),
+            &format!("--certificate-authority={}", s.ca.display()),
+            &format!("--token={token}"),
+            "get",
+            "configmaps",
+            "-n",
+            ns,
+            "-w",
+            "-o",
+            "name",
+            "--watch-only",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Changes ConfigMap `name` until every watch in `watches` has reported it: they are open.
+async fn wait_watches_see(s: &Setup, name: &str, watches: &[&std::sync::mpsc::Receiver<String>]) {
+    let mut seen = vec![false; watches.len()];
+    wait_for("the watches to see a change", Duration::from_secs(30), || {
+        let _ = s.env.apply_yaml(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {}\ndata:\n  t: \"{}\"\n",
+            s.allowed,
+            SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        for (i, rx) in watches.iter().enumerate() {
+            seen[i] |= rx.try_iter().any(|l| l.contains(name));
+        }
+        let all = seen.iter().all(|x| *x);
+        async move { all.then_some(()) }
+    })
+    .await;
+}
+
+fn user_token_request(username: &str) -> kas::api::UserTokenRequest {
+    kas::api::UserTokenRequest {
+        username: username.into(),
+        memberships: vec![
+            json!({"kind": "project", "path": "group/app", "id": 42, "access_level": "developer"}),
+        ],
+        expires_in_seconds: Some(3600),
+    }
+}
+
+/// Revoking a personal access token ends its open watches at once (before, an event still
+/// arrived 3 s after revocation and the watch was open 37 s later); another token's watch
+/// goes on, and the agent's side of the revoked watch ends too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_personal_access_token_ends_its_open_watches_within_a_second() {
+    let s = setup().await;
+    let alice = s
+        .kas
+        .admin
+        .create_user_token(s.agent_id, &user_token_request("alice"))
+        .await
+        .unwrap();
+    let bob = s
+        .kas
+        .admin
+        .create_user_token(s.agent_id, &user_token_request("alice"))
+        .await
+        .unwrap();
+    let (mut revoked_watch, rx_a) = spawn_watch(
+        &s,
+        &format!("pat:{}:{}", s.agent_id, alice.token),
+        &s.allowed,
+    );
+    let (mut other_watch, rx_b) =
+        spawn_watch(&s, &format!("pat:{}:{}", s.agent_id, bob.token), &s.allowed);
+    wait_watches_see(&s, "watched", &[&rx_a, &rx_b]).await;
+    let busy = || async {
+        s._agent
+            .metric("agentk_tunnel_busy_streams")
+            .await
+            .unwrap_or(-1.0)
+    };
+    let busy_before = busy().await;
+
+    let t0 = Instant::now();
+    let r = s.kas.admin.revoke_user_token(alice.token_id).await.unwrap();
+    let status = loop {
+        if let Some(st) = revoked_watch.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the revoked token's watch is still open after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let ended_after = t0.elapsed();
+    eprintln!("watch ended {ended_after:?} after revocation began ({status}); kas: {r}");
+    assert!(
+        ended_after < Duration::from_secs(1),
+        "the watch ended {ended_after:?} after revocation"
+    );
+    assert!(r["requests_ended"].as_u64().unwrap() >= 1, "{r}");
+    assert!(s.kas.log().contains("Personal access token revoked"));
+
+    // The agent's end of the watch (its request to the API server) is gone too.
+    wait_for(
+        "the agent's stream of the revoked watch to end",
+        Duration::from_secs(5),
+        || async {
+            let now = busy().await;
+            (now >= 0.0 && now < busy_before).then_some(())
+        },
+    )
+    .await;
+    // The other token's watch is untouched: it still sees changes.
+    wait_watches_see(&s, "watched-again", &[&rx_b]).await;
+    assert!(other_watch.try_wait().unwrap().is_none());
+    let _ = other_watch.kill();
+    let _ = other_watch.wait();
+}
+
+/// `kubernetes_api.path_prefix` matches whole path segments: `/k8s-proxyX/...` and
+/// `/k8s-proxy*` are not under `/k8s-proxy` (before, they went on to the agent as `X/...` and
+/// `*`, answered 400 and 502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_path_prefix_matches_whole_segments() {
+    let s = setup_full(None, false, "  path_prefix: /k8s-proxy\n").await;
+    let jwt = s.key.sign(&claims("group/app"));
+    let auth = format!("Bearer ci:{}:{jwt}", s.agent_id);
+    let get = |path: &'static str| {
+        let auth = auth.clone();
+        let s = &s;
+        async move {
+            use http_body_util::BodyExt;
+            let mut sender = s.connect().await;
+            let req = http::Request::get(path)
+                .header("host", "localhost")
+                .header("authorization", auth)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            let code = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (code, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    const OUTSIDE: &str = "not under the proxy's path prefix";
+    let (code, body) = get("/k8s-proxy/api").await;
+    assert_eq!(code, 200, "{body}");
+    // The prefix alone is the API server's `/` (which RBAC does not let the job read).
+    let (_, body) = get("/k8s-proxy").await;
+    assert!(!body.contains(OUTSIDE), "{body}");
+    for path in ["/k8s-proxyX/api", "/k8s-proxy*", "/k8s-prox", "/api"] {
+        let (code, body) = get(path).await;
+        assert_eq!(
+            (code, body.contains(OUTSIDE)),
+            (404, true),
+            "{path}: {body}"
+        );
+    }
+
+    // kubectl works under the prefix.
+    let mut c = Command::new(s.env.bin_dir.join("kubectl"));
+    c.args([
+        "--kubeconfig=/dev/null",
+        &format!("--server=https://localhost:{}/k8s-proxy", s.kas.k8s_port),
+        &format!("--certificate-authority={}", s.ca.display()),
+        &format!("--token=ci:{}:{jwt}", s.agent_id),
+        "get",
+        "configmaps",
+        "-n",
+        &s.allowed,
+    ]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{out}{err}");
+}
+
+/// CI jobs of the agent's own configuration project may use it without a `ci_access` entry,
+/// with the agent's own rights (as with GitLab's agent), until `ci_access.configuration_project:
+/// false` turns that off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_project_jobs_run_as_the_agent_unless_ci_access_opts_out() {
+    let s = setup().await;
+    let jwt = s.key.sign(&claims("group/config"));
+    // The agent's ServiceAccount is cluster-admin here; the job's own identities are not.
+    let can_do_anything = || {
+        let mut c = s.kubectl(&jwt);
+        c.args(["auth", "can-i", "*", "*", "--all-namespaces"]);
+        output(c)
+    };
+    // Not listed in ci_access, yet allowed, with the agent's rights.
+    let (ok, out, err) = can_do_anything();
+    assert!(ok && out.trim() == "yes", "{out}{err}");
+    let mut c = s.kubectl(&jwt);
+    c.args(["get", "configmaps", "-n", &s.denied]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{out}{err}");
+
+    let repo = GitRepo {
+        dir: s.dir.path().join("config"),
+    };
+    let c2 = repo.commit(
+        &[(
+            ".gitlab/agents/proxy/config.yaml",
+            Some(
+                format!("ci_access:\n  configuration_project: false\n  projects:\n  - id: group/app\n    default_namespace: {}\n    access_as:\n      ci_job: {{}}\n", s.allowed)
+                    .as_bytes(),
+            ),
+        )],
+        "configuration project opts out",
+    );
+    wait_for(
+        "kas to hold the new configuration",
+        Duration::from_secs(30),
+        || async {
+            let a = s.kas.agent(s.agent_id).await;
+            a.config.is_some_and(|c| c.commit == c2).then_some(())
+        },
+    )
+    .await;
+    let (ok, out, err) = can_do_anything();
+    assert!(!ok, "still allowed: {out}");
+    assert!(err.contains("Forbidden"), "{err}");
+    assert!(
+        s.kas
+            .log()
+            .contains("ci_access.configuration_project is false"),
+        "kas says why"
+    );
+    // Other projects' access is unchanged.
+    let mut c = s.kubectl(&s.key.sign(&claims("group/app")));
+    c.args(["get", "configmaps", "-n", &s.allowed]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{out}{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //!
 //! - `Impersonate-*` from the client is refused: agentk talks to the API server as its own
 //!   ServiceAccount, so honouring them would let any caller become anyone the agent may
-//!   impersonate. Upstream refuses them too ("nested impersonation is not supported").
+//!   impersonate. Upstream refuses them too ("nested impersonation is not supported"), and
+//!   the answer is 403 as the API server's own for an impersonation its caller may not do.
 //! - Hop-by-hop headers (RFC 9110 §7.6.1) describe the client's connection to kas, not agentk's
 //!   to the API server: `Connection` and every header it names, `Keep-Alive`, `Proxy-*`, `TE`,
 //!   `Trailer`, `Transfer-Encoding`, `Upgrade`. An upgrade request (exec, attach, port-forward
@@ -32,7 +33,7 @@ const HOP_BY_HOP: &[&str] = &[
 /// Subprotocol prefix Kubernetes reads a bearer token from.
 const WEBSOCKET_BEARER_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
 
-/// A request that must not be forwarded (HTTP 400).
+/// A request that must not be forwarded ([`Refused::status`] says with what).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
     /// The client sent an `Impersonate-*` header.
@@ -50,9 +51,23 @@ pub enum Refused {
 }
 
 impl Refused {
-    /// The status the proxy answers with.
+    /// The status kas and agentk answer with. Picking an identity is a well-formed request the
+    /// caller is not allowed to make, which Kubernetes answers with 403 (the API server refuses
+    /// an impersonation its caller may not do with 403 Forbidden, not 400); a header that is
+    /// not ASCII is malformed: 400.
     pub fn status(&self) -> http::StatusCode {
-        http::StatusCode::BAD_REQUEST
+        match self {
+            Refused::NestedImpersonation { .. } => http::StatusCode::FORBIDDEN,
+            Refused::InvalidHeader { .. } => http::StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The Kubernetes `Status` reason matching [`Refused::status`].
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refused::NestedImpersonation { .. } => "Forbidden",
+            Refused::InvalidHeader { .. } => "BadRequest",
+        }
     }
 }
 
@@ -328,7 +343,9 @@ mod tests {
         ];
         for (input, want) in cases {
             assert_eq!(sanitize_request_headers(&map(input)), Err(want.clone()));
-            assert_eq!(want.status(), http::StatusCode::BAD_REQUEST);
+            // Kubernetes answers a forbidden impersonation with 403; so do kas and agentk.
+            assert_eq!(want.status(), http::StatusCode::FORBIDDEN);
+            assert_eq!(want.reason(), "Forbidden");
         }
         assert!(
             Refused::NestedImpersonation {
@@ -349,6 +366,11 @@ mod tests {
                 header: "connection".into()
             })
         );
+        let malformed = Refused::InvalidHeader {
+            header: "connection".into(),
+        };
+        assert_eq!(malformed.status(), http::StatusCode::BAD_REQUEST);
+        assert_eq!(malformed.reason(), "BadRequest");
     }
 }
 

@@ -6,10 +6,13 @@
 //! - [`sanitize_request_headers`] — what of the client's request may reach the API server
 //!   (no client impersonation, no hop-by-hop headers except an upgrade's, no kas credentials);
 //! - [`impersonation_headers`] — the `Impersonate-*` headers for the `access_as` kas chose,
-//!   with GitLab's identity strings (listed in `IDENTITIES.md`).
+//!   with GitLab's identity strings (listed in `IDENTITIES.md`);
+//! - [`RoutedRequest`] — the tunnel metadata kas sends and agentk reads (one contract, decoded
+//!   strictly: missing or malformed metadata is an error, never the agent's own rights).
 
 mod headers;
 mod impersonation;
+mod metadata;
 
 pub use headers::{Refused, sanitize_request_headers, status_json};
 pub use impersonation::{
@@ -17,3 +20,4 @@ pub use impersonation::{
     IMPERSONATE_UID, IMPERSONATE_USER, ImpersonationError, RequestContext, Roles, UserContext,
     escape_extra_key, impersonation_headers,
 };
+pub use metadata::{META_ACCESS_AS, META_CONTEXT, MetadataError, RoutedRequest};

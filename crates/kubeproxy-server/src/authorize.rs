@@ -9,7 +9,9 @@
 //! 2. otherwise, when the job runs in the agent's own configuration project, an implicit
 //!    authorization: `access_as: agent`, no default namespace, all environments (GitLab lets the
 //!    configuration project's pipelines use its agents without listing it; listing it anyway
-//!    is how to give those jobs another `access_as` or environment filter);
+//!    is how to give those jobs another `access_as` or environment filter). With
+//!    `ci_access.configuration_project: false` there is none, and the configuration project
+//!    goes on to step 3 like any other project;
 //! 3. otherwise the innermost `ci_access.groups` entry holding the project (`a/b` beats `a`).
 //!
 //! The environment filter is applied to that one authorization only: if its `environments` do
@@ -87,6 +89,16 @@ pub enum Denied {
         /// The job's project path.
         project: String,
     },
+    /// The job runs in the agent's configuration project, whose implicit access is turned
+    /// off, and no entry lists it.
+    #[error(
+        "project {project:?} is this agent's configuration project, and ci_access.configuration_project \
+         is false: it needs a ci_access.projects entry or a group in ci_access.groups"
+    )]
+    ConfigurationProjectOptedOut {
+        /// The job's project path.
+        project: String,
+    },
     /// The job's project is in another top-level namespace than the configuration project.
     #[error(
         "project {project:?} cannot use this agent: only projects under {root:?}, the agent's \
@@ -160,7 +172,7 @@ pub fn authorize_ci(
         .find(|e| e.id.eq_ignore_ascii_case(project))
     {
         (Some(entry), MatchedBy::Project(entry.id.clone()))
-    } else if project.eq_ignore_ascii_case(config_project_path) {
+    } else if ci_access.configuration_project && project.eq_ignore_ascii_case(config_project_path) {
         (
             None,
             MatchedBy::ConfigProject(config_project_path.to_owned()),
@@ -172,6 +184,10 @@ pub fn authorize_ci(
         .max_by_key(|e| e.id.len())
     {
         (Some(entry), MatchedBy::Group(entry.id.clone()))
+    } else if project.eq_ignore_ascii_case(config_project_path) {
+        return Err(Denied::ConfigurationProjectOptedOut {
+            project: project.to_owned(),
+        });
     } else {
         return Err(Denied::NotAuthorized {
             project: project.to_owned(),

@@ -16,7 +16,9 @@ mod authorize;
 mod credentials;
 mod expiring;
 mod gitlab;
+mod kubeconfig;
 mod oidc;
+mod path;
 
 pub use authorize::{
     AccessLevel, Authorized, Denied, MatchedBy, Membership, MembershipKind, RoleGrant,
@@ -25,11 +27,13 @@ pub use authorize::{
 pub use credentials::Credential;
 pub use expiring::ExpiringMap;
 pub use gitlab::{environment_slug, roles_up_to};
+pub use kubeconfig::{CLUSTER_NAME, Kubeconfig, KubeconfigError, check_ca_pem};
 pub use oidc::{
     CiIdentity, ClaimMapping, DEFAULT_LEEWAY, DEFAULT_MIN_REFRESH_INTERVAL,
     DEFAULT_REFRESH_INTERVAL, FetchError, JwksCache, JwksFetcher, JwksSource, NoFetcher,
     OidcVerifier, TrustedIssuer, VERIFIED_TOKEN_TTL,
 };
+pub use path::strip_path_prefix;
 
 /// Why a request could not be authenticated. No variant carries a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -242,6 +242,73 @@ ci_access:
 }
 
 #[test]
+fn the_configuration_project_can_opt_out_of_its_implicit_access() {
+    let off = config("ci_access:\n  configuration_project: false\n");
+    let denied = authorize_ci(&off.ci_access, CONFIG_PROJECT, &job(CONFIG_PROJECT, None))
+        .expect_err("opted out");
+    assert_eq!(
+        denied,
+        Denied::ConfigurationProjectOptedOut {
+            project: CONFIG_PROJECT.into()
+        }
+    );
+    assert_eq!(denied.status(), http::StatusCode::FORBIDDEN);
+    assert!(
+        denied.to_string().contains("configuration_project"),
+        "the message names the setting: {denied}"
+    );
+
+    // Listed anyway, the entry decides (with its own access_as).
+    let listed = config(
+        "ci_access:\n  configuration_project: false\n  projects:\n  - id: acme/infra/agents\n    access_as:\n      ci_job: {}\n",
+    );
+    assert_eq!(
+        authorize_ci(
+            &listed.ci_access,
+            CONFIG_PROJECT,
+            &job(CONFIG_PROJECT, None)
+        ),
+        Ok(Authorized {
+            access_as: ci_job(),
+            default_namespace: None,
+            matched: MatchedBy::Project(CONFIG_PROJECT.into()),
+        })
+    );
+    // A group holding it now applies, like to any other project; with the implicit access on,
+    // the implicit access wins over the group (GitLab's order).
+    let group = |on: bool| {
+        config(&format!(
+            "ci_access:\n  configuration_project: {on}\n  groups:\n  - id: acme/infra\n    access_as:\n      ci_job: {{}}\n"
+        ))
+    };
+    let by_group = authorize_ci(
+        &group(false).ci_access,
+        CONFIG_PROJECT,
+        &job(CONFIG_PROJECT, None),
+    );
+    assert_eq!(
+        by_group.map(|a| (a.access_as, a.matched)),
+        Ok((ci_job(), MatchedBy::Group("acme/infra".into())))
+    );
+    let implicit = authorize_ci(
+        &group(true).ci_access,
+        CONFIG_PROJECT,
+        &job(CONFIG_PROJECT, None),
+    );
+    assert_eq!(
+        implicit.map(|a| (a.access_as, a.matched)),
+        Ok((agent(), MatchedBy::ConfigProject(CONFIG_PROJECT.into())))
+    );
+    // Other projects are unaffected.
+    assert_eq!(
+        authorize_ci(&off.ci_access, CONFIG_PROJECT, &job("acme/app", None)),
+        Err(Denied::NotAuthorized {
+            project: "acme/app".into()
+        })
+    );
+}
+
+#[test]
 fn environment_patterns() {
     let cases = [
         ("production", "production", true),
