@@ -11,4 +11,5 @@ pub mod configuration;
 pub mod gitops;
 pub mod jwks;
 pub mod kubeproxy;
+pub mod listener;
 pub mod server;
