@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -16,12 +17,20 @@ use crate::api::{
     AgentView, ProjectRequest, ProjectView, Revoked, Stats, SyncView, TokenCreated, TokenView,
 };
 
-/// Talks to one kas's internal API with its admin token.
+/// Talks to one kas's internal API with its admin token, over HTTP or HTTPS.
 #[derive(Clone)]
 pub struct AdminClient {
     base: String,
     token: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Http,
+}
+
+/// Plain HTTP needs no trust roots, so it gets its own client: hosts without a system bundle
+/// must still reach a loopback API.
+#[derive(Clone)]
+enum Http {
+    Plain(Client<HttpConnector, Full<Bytes>>),
+    Tls(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
 }
 
 impl std::fmt::Debug for AdminClient {
@@ -33,13 +42,34 @@ impl std::fmt::Debug for AdminClient {
 }
 
 impl AdminClient {
-    /// `base` is like `http://127.0.0.1:8153`.
+    /// `base` is like `http://127.0.0.1:8153`; for an `https://` base call
+    /// [`AdminClient::trusting`].
     pub fn new(base: &str, token: &str) -> Self {
         Self {
             base: base.trim_end_matches('/').to_string(),
             token: token.trim().to_string(),
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            http: Http::Plain(Client::builder(TokioExecutor::new()).build_http()),
         }
+    }
+
+    /// For an `https://` base: trusts only `ca_file` when given, else the system's roots. A
+    /// plain `http://` base is returned unchanged.
+    pub fn trusting(mut self, ca_file: Option<&Path>) -> Result<Self> {
+        if !self.base.starts_with("https://") {
+            return Ok(self);
+        }
+        let tls = tether_transport::load_client_tls(ca_file)
+            .context("loading the CA trusted for the internal API")?;
+        let mut tls = (*tls).clone();
+        // The connector sets ALPN itself (and refuses a config that already has it).
+        tls.alpn_protocols.clear();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
+        self.http = Http::Tls(Client::builder(TokioExecutor::new()).build(connector));
+        Ok(self)
     }
 
     /// Reads the admin token from a file (as kas writes it).
@@ -61,11 +91,11 @@ impl AdminClient {
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = self
-            .http
-            .request(req)
-            .await
-            .with_context(|| format!("calling kas at {}", self.base))?;
+        let resp = match &self.http {
+            Http::Plain(c) => c.request(req).await,
+            Http::Tls(c) => c.request(req).await,
+        }
+        .with_context(|| format!("calling kas at {}", self.base))?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         Ok((status, bytes))

@@ -619,7 +619,13 @@ async fn stats(State(st): State<ApiState>) -> Json<Stats> {
     })
 }
 
+/// The admin API and the webhooks on one listener (when no `webhooks.listen` is configured).
 pub fn router(state: ApiState) -> Router {
+    admin_router(state.clone()).merge(webhook_router(state))
+}
+
+/// The admin API alone: every route needs the admin token.
+pub fn admin_router(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/agents", get(list_agents).post(register_agent))
         .route(
@@ -637,7 +643,13 @@ pub fn router(state: ApiState) -> Router {
             get(list_projects).put(put_project).delete(delete_project),
         )
         .layer(middleware::from_fn_with_state(state.clone(), require_admin))
-        // Webhooks come from Git servers: they carry the project's secret, not the admin token.
+        .with_state(state)
+}
+
+/// The push webhooks alone. They come from Git servers: they carry the project's secret, not
+/// the admin token.
+pub fn webhook_router(state: ApiState) -> Router {
+    Router::new()
         .route("/webhooks/projects/{id}", post(webhook))
         .with_state(state)
 }

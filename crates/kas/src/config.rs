@@ -34,6 +34,16 @@ pub struct Config {
     pub gitops: GitOps,
     pub kubernetes_api: KubernetesApi,
     pub observability: Observability,
+    pub webhooks: Webhooks,
+}
+
+/// Push webhooks from Git hosts. Without `listen`, they are served on the internal API's
+/// listener (as before this section existed); with it, only here, so the internal API can
+/// stay on loopback while Git hosts reach this listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Webhooks {
+    pub listen: Option<Listen>,
 }
 
 /// The Kubernetes API proxy for CI jobs and users.
@@ -145,6 +155,99 @@ pub struct Listen {
     /// PEM certificate chain; with `key_file`, the listener speaks TLS.
     pub certificate_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// The limits below default per listener (see [`ListenLimits`] and the `*_LIMITS`
+    /// constants), so each is optional here.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_address: Option<usize>,
+}
+
+/// A listener's abuse limits, resolved from its `listen` section and its defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenLimits {
+    /// Longest TLS handshake (agent listener: also protocol detection and WebSocket upgrade).
+    pub handshake_timeout: Duration,
+    /// Longest time for a request's headers (HTTP listeners only).
+    pub header_timeout: Duration,
+    /// Longest silence between requests of a keep-alive connection (HTTP listeners only).
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
+}
+
+impl ListenLimits {
+    pub fn connections(&self) -> tether_transport::ConnectionLimits {
+        tether_transport::ConnectionLimits {
+            max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
+        }
+    }
+}
+
+const fn limits(max_connections: usize, max_connections_per_address: usize) -> ListenLimits {
+    ListenLimits {
+        handshake_timeout: Duration::from_secs(10),
+        header_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(90),
+        max_connections,
+        max_connections_per_address,
+    }
+}
+
+/// Agents behind one NAT share an address and each holds a few connections, hence the
+/// generous per-address cap. Agent connections are long-lived HTTP/2: no header or idle
+/// timeout (HTTP/2 pings find dead peers).
+pub const AGENT_LIMITS: ListenLimits = limits(4096, 512);
+/// CI runners run many jobs from one address.
+pub const KUBERNETES_API_LIMITS: ListenLimits = limits(2048, 256);
+/// Admin commands: few clients.
+pub const API_LIMITS: ListenLimits = limits(256, 64);
+/// Git hosts send a request per push.
+pub const WEBHOOKS_LIMITS: ListenLimits = limits(256, 32);
+
+impl Listen {
+    /// This listener's limits: what is set here, the rest from `defaults`.
+    pub fn limits(&self, defaults: ListenLimits) -> ListenLimits {
+        ListenLimits {
+            handshake_timeout: self.handshake_timeout.unwrap_or(defaults.handshake_timeout),
+            header_timeout: self.header_timeout.unwrap_or(defaults.header_timeout),
+            idle_timeout: self.idle_timeout.unwrap_or(defaults.idle_timeout),
+            max_connections: self.max_connections.unwrap_or(defaults.max_connections),
+            max_connections_per_address: self
+                .max_connections_per_address
+                .unwrap_or(defaults.max_connections_per_address),
+        }
+    }
+
+    pub fn has_limits(&self) -> bool {
+        self.handshake_timeout.is_some()
+            || self.header_timeout.is_some()
+            || self.idle_timeout.is_some()
+            || self.max_connections.is_some()
+            || self.max_connections_per_address.is_some()
+    }
+
+    fn validate_limits(&self, name: &str) -> Result<(), String> {
+        let zero_timeout = [
+            ("handshake_timeout", self.handshake_timeout),
+            ("header_timeout", self.header_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ]
+        .into_iter()
+        .find(|(_, d)| d.is_some_and(|d| d.is_zero()));
+        if let Some((key, _)) = zero_timeout {
+            return Err(format!("{name}.{key} must be positive"));
+        }
+        if self.max_connections == Some(0) || self.max_connections_per_address == Some(0) {
+            return Err(format!("{name}: connection caps must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -177,6 +280,9 @@ pub struct Api {
     pub listen: Listen,
     /// File holding the admin token; created (mode 0600) on first start if missing.
     pub admin_token_file: Option<PathBuf>,
+    /// PEM CA that signed `listen.certificate_file`; the admin commands trust it (default:
+    /// the system's roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -197,6 +303,11 @@ fn listen(port: u16) -> Listen {
         address: SocketAddr::from(([127, 0, 0, 1], port)),
         certificate_file: None,
         key_file: None,
+        handshake_timeout: None,
+        header_timeout: None,
+        idle_timeout: None,
+        max_connections: None,
+        max_connections_per_address: None,
     }
 }
 
@@ -224,6 +335,7 @@ impl Default for Api {
         Self {
             listen: listen(8153),
             admin_token_file: None,
+            ca_file: None,
         }
     }
 }
@@ -256,6 +368,7 @@ impl Default for Config {
             gitops: GitOps::default(),
             kubernetes_api: KubernetesApi::default(),
             observability: Observability::default(),
+            webhooks: Webhooks::default(),
         }
     }
 }
@@ -286,24 +399,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
-        for (name, l) in [
-            ("agent.listen", &self.agent.listen),
-            ("kubernetes_api.listen", &self.kubernetes_api.listen),
-            ("api.listen", &self.api.listen),
-            ("observability.listen", &self.observability.listen),
-        ] {
-            if l.certificate_file.is_some() != l.key_file.is_some() {
-                return Err(format!("{name}: certificate_file and key_file go together"));
-            }
-        }
-        if self.api.listen.certificate_file.is_some()
-            || self.observability.listen.certificate_file.is_some()
-        {
-            return Err(
-                "api.listen and observability.listen do not support TLS yet: keep them on loopback or a private network"
-                    .into(),
-            );
-        }
+        self.validate_listeners()?;
         if self.agent.tunnel_wait_timeout.is_zero() {
             return Err("agent.tunnel_wait_timeout must be positive".into());
         }
@@ -319,6 +415,41 @@ impl Config {
         tether_observability::parse_level(&self.observability.logging.level)
             .map_err(|e| format!("observability.logging.level: {e}"))?;
         Ok(())
+    }
+
+    fn validate_listeners(&self) -> Result<(), String> {
+        let mut all = vec![
+            ("agent.listen", &self.agent.listen),
+            ("kubernetes_api.listen", &self.kubernetes_api.listen),
+            ("api.listen", &self.api.listen),
+            ("observability.listen", &self.observability.listen),
+        ];
+        if let Some(w) = &self.webhooks.listen {
+            all.push(("webhooks.listen", w));
+        }
+        for (name, l) in all {
+            if l.certificate_file.is_some() != l.key_file.is_some() {
+                return Err(format!("{name}: certificate_file and key_file go together"));
+            }
+            l.validate_limits(name)?;
+        }
+        let o = &self.observability.listen;
+        if o.certificate_file.is_some() || o.has_limits() {
+            return Err(
+                "observability.listen supports neither TLS nor limits yet: keep it on loopback or a private network"
+                    .into(),
+            );
+        }
+        let a = &self.agent.listen;
+        if a.header_timeout.is_some() || a.idle_timeout.is_some() {
+            return Err("agent.listen: header_timeout and idle_timeout do not apply to agents' long-lived HTTP/2 connections (handshake_timeout covers their start)".into());
+        }
+        Ok(())
+    }
+
+    /// Whether webhooks have their own listener (else they share the internal API's).
+    pub fn separate_webhooks(&self) -> bool {
+        self.webhooks.listen.is_some()
     }
 
     pub fn sqlite_path(&self) -> PathBuf {
@@ -388,6 +519,46 @@ mod tests {
     fn a_bad_log_level_is_an_error() {
         let e = parse("observability:\n  logging:\n    level: loud\n").expect_err("level");
         assert!(e.to_string().contains("observability.logging.level"), "{e}");
+    }
+
+    #[test]
+    fn listener_limits_default_per_listener_and_override_per_key() {
+        let c = parse(
+            "kubernetes_api:\n  listen:\n    header_timeout: 2s\n    max_connections_per_address: 3\n",
+        )
+        .expect("valid");
+        let k = c.kubernetes_api.listen.limits(KUBERNETES_API_LIMITS);
+        assert_eq!(k.header_timeout, Duration::from_secs(2));
+        assert_eq!(k.max_connections_per_address, 3);
+        assert_eq!(k.idle_timeout, KUBERNETES_API_LIMITS.idle_timeout);
+        assert_eq!(k.max_connections, KUBERNETES_API_LIMITS.max_connections);
+        assert_eq!(c.api.listen.limits(API_LIMITS), API_LIMITS);
+        assert!(!c.separate_webhooks());
+    }
+
+    #[test]
+    fn limits_that_cannot_work_are_errors() {
+        let e = parse("api:\n  listen:\n    max_connections: 0\n").expect_err("zero cap");
+        assert!(e.to_string().contains("api.listen"), "{e}");
+        let e = parse("kubernetes_api:\n  listen:\n    header_timeout: 0s\n").expect_err("zero");
+        assert!(e.to_string().contains("header_timeout"), "{e}");
+        let e = parse("agent:\n  listen:\n    idle_timeout: 5s\n").expect_err("agent idle");
+        assert!(e.to_string().contains("agent.listen"), "{e}");
+        let e = parse("observability:\n  listen:\n    max_connections: 5\n").expect_err("obs");
+        assert!(e.to_string().contains("observability.listen"), "{e}");
+    }
+
+    #[test]
+    fn a_webhooks_listener_with_tls_parses() {
+        let c = parse(
+            "webhooks:\n  listen:\n    address: 0.0.0.0:8155\n    certificate_file: /c.pem\n    key_file: /k.pem\n",
+        )
+        .expect("valid");
+        assert!(c.separate_webhooks());
+        let w = c.webhooks.listen.expect("listen");
+        assert_eq!(w.address.port(), 8155);
+        let e = parse("webhooks:\n  listen:\n    key_file: /k.pem\n").expect_err("half pair");
+        assert!(e.to_string().contains("webhooks.listen"), "{e}");
     }
 
     #[test]

@@ -28,7 +28,6 @@ use tether_kubeproxy_server::{
 };
 use tether_store::Store;
 use tether_tunnel_server::Registry;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::configuration::ConfigStates;
@@ -739,63 +738,16 @@ impl Proxy {
     }
 }
 
-/// Serves the proxy on `listener` (TLS when `tls` is set) until `shutdown`.
+/// Serves the proxy on `listener` (with its TLS and limits) until `shutdown`. HTTP/1.1 only:
+/// upgrades (exec, attach, port-forward) need it, and kubectl speaks it. Each request carries
+/// the client's address as an `axum::extract::ConnectInfo<SocketAddr>` extension.
 pub async fn serve(
-    listener: TcpListener,
-    tls: Option<tether_transport::ServerTls>,
+    listener: crate::listener::HttpListener,
     proxy: Proxy,
     shutdown: CancellationToken,
 ) {
-    // HTTP/1.1 only on this listener (upgrades need it), so ALPN must not offer h2: a client
-    // that negotiated h2 would speak a protocol the server does not.
-    let acceptor = tls.map(|t| {
-        let mut cfg = (*t).clone();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
-    });
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Accepting a Kubernetes API connection failed");
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
-        let _ = tcp.set_nodelay(true);
-        let proxy = proxy.clone();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| proxy.clone().handle(req));
-            // HTTP/1.1 only: upgrades (exec, attach, port-forward) need it, and kubectl speaks it.
-            let builder = hyper::server::conn::http1::Builder::new();
-            let result = match acceptor {
-                Some(a) => match a.accept(tcp).await {
-                    Ok(s) => {
-                        builder
-                            .serve_connection(TokioIo::new(s), service)
-                            .with_upgrades()
-                            .await
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        return;
-                    }
-                },
-                None => {
-                    builder
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .with_upgrades()
-                        .await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "Kubernetes API connection ended with an error");
-            }
-        });
-    }
+    let handler = move |req| proxy.clone().handle(req);
+    crate::listener::serve_http(listener, handler, shutdown).await;
 }
 
 #[allow(dead_code)]

@@ -11,5 +11,6 @@ pub mod configuration;
 pub mod gitops;
 pub mod jwks;
 pub mod kubeproxy;
+pub mod listener;
 pub mod revocation;
 pub mod server;

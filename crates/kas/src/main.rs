@@ -29,6 +29,9 @@ struct Cli {
     /// Admin token file for admin commands (default: from the configuration).
     #[arg(long, global = true)]
     admin_token_file: Option<PathBuf>,
+    /// PEM CA trusted for an https internal API (default: `api.ca_file`, else system roots).
+    #[arg(long, global = true)]
+    api_ca_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -186,15 +189,32 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
 }
 
 fn admin_client(cli: &Cli, cfg: &Config) -> Result<AdminClient> {
-    let url = cli.api_url.clone().unwrap_or_else(|| {
-        let a = cfg.api.listen.address;
-        format!("http://{a}")
-    });
+    let url = cli.api_url.clone().unwrap_or_else(|| default_api_url(cfg));
     let file = cli
         .admin_token_file
         .clone()
         .unwrap_or_else(|| cfg.admin_token_file());
-    AdminClient::from_token_file(&url, &file)
+    let ca = cli.api_ca_file.as_ref().or(cfg.api.ca_file.as_ref());
+    AdminClient::from_token_file(&url, &file)?.trusting(ca.map(PathBuf::as_path))
+}
+
+/// The internal API's URL from the configuration: https when its listener has TLS, and a
+/// wildcard bind address (0.0.0.0, ::) reached on loopback.
+fn default_api_url(cfg: &Config) -> String {
+    let l = &cfg.api.listen;
+    let mut a = l.address;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let scheme = if l.certificate_file.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{a}")
 }
 
 /// `println!` that returns an error instead of panicking when stdout is gone

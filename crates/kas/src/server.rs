@@ -40,6 +40,8 @@ pub struct Running {
     pub api_addr: SocketAddr,
     pub observability_addr: SocketAddr,
     pub kubernetes_api_addr: SocketAddr,
+    /// The webhook listener, when `webhooks.listen` is configured.
+    pub webhooks_addr: Option<SocketAddr>,
     pub registry: Arc<Registry>,
     pub store: Arc<dyn Store>,
     pub sources: Arc<Sources>,
@@ -170,8 +172,11 @@ pub async fn start(cfg: Config) -> Result<Running> {
         "Open transport connections from agents",
         conn_gauge.clone(),
     );
+    let listener_metrics = crate::listener::ListenerMetrics::default();
+    listener_metrics.register(&mut metrics);
     let metrics = Arc::new(Mutex::new(metrics));
     let mut tasks = Vec::new();
+    check_limits(&cfg);
 
     // Git mirrors of every project with a repository.
     let sources = Sources::new(
@@ -204,7 +209,13 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let listener = bind("agent", l.address).await?;
     let agent_addr = listener.local_addr()?;
     let conns = Arc::clone(&connections);
-    let incoming = tether_transport::incoming(listener, tls)
+    let limits = l.limits(crate::config::AGENT_LIMITS);
+    let options = tether_transport::AcceptOptions {
+        handshake_timeout: limits.handshake_timeout,
+        limits: limits.connections(),
+        events: Arc::new(listener_metrics.events("agent")),
+    };
+    let incoming = tether_transport::incoming_with(listener, tls, options)
         .map(move |r| r.map(|io| Counted::new(io, Arc::clone(&conns), conn_gauge.clone())));
     let service = ReverseTunnelServer::new(TunnelService::new(Arc::clone(&registry), auth.clone()))
         .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE);
@@ -271,9 +282,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     // Shared by the proxy (tracks) and the internal API (revokes).
     let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
 
-    // Internal API for the admin commands.
-    let api_listener = bind("internal API", cfg.api.listen.address).await?;
-    let api_addr = api_listener.local_addr()?;
+    // Internal API for the admin commands, and the webhooks on it or on their own listener.
     let state = ApiState {
         store: Arc::clone(&store),
         registry: Arc::clone(&registry),
@@ -285,33 +294,19 @@ pub async fn start(cfg: Config) -> Result<Running> {
         sync_states: Arc::clone(&sync_states),
         live_user_requests: Arc::clone(&live_user_requests),
     };
-    let stop = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
-        let app = api::router(state);
-        if let Err(e) = axum::serve(api_listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "Internal API failed");
-        }
-    }));
-    tracing::info!(net_address = %api_addr, "Internal API is up");
+    let (api_addr, webhooks_addr) =
+        start_api(&cfg, state, &listener_metrics, &shutdown, &mut tasks).await?;
 
     // Kubernetes API proxy for CI jobs (and later users).
     let k = &cfg.kubernetes_api;
-    let k_tls = match (&k.listen.certificate_file, &k.listen.key_file) {
-        (Some(c), Some(key)) => {
-            Some(tether_transport::load_server_tls(c, key).with_context(|| {
-                format!(
-                    "loading the Kubernetes API proxy's TLS files {}",
-                    c.display()
-                )
-            })?)
-        }
-        _ => None,
-    };
-    let k_listener = bind("Kubernetes API proxy", k.listen.address).await?;
-    let kubernetes_api_addr = k_listener.local_addr()?;
+    let k_listener = crate::listener::bind_http(
+        "kubernetes_api",
+        &k.listen,
+        crate::config::KUBERNETES_API_LIMITS,
+        &listener_metrics,
+    )
+    .await?;
+    let kubernetes_api_addr = k_listener.listener.local_addr()?;
     let proxy_metrics = crate::kubeproxy::ProxyMetrics::default();
     if let Ok(mut m) = metrics.lock() {
         proxy_metrics.register(&mut m);
@@ -354,7 +349,6 @@ pub async fn start(cfg: Config) -> Result<Running> {
     };
     tasks.push(tokio::spawn(crate::kubeproxy::serve(
         k_listener,
-        k_tls,
         proxy,
         shutdown.clone(),
     )));
@@ -377,12 +371,67 @@ pub async fn start(cfg: Config) -> Result<Running> {
         api_addr,
         observability_addr,
         kubernetes_api_addr,
+        webhooks_addr,
         registry,
         store,
         sources,
         shutdown,
         tasks,
     })
+}
+
+/// Serves the internal API (admin commands; webhooks too unless they have their own
+/// listener) and the webhook listener if configured; returns their addresses.
+async fn start_api(
+    cfg: &Config,
+    state: ApiState,
+    metrics: &crate::listener::ListenerMetrics,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<(SocketAddr, Option<SocketAddr>)> {
+    use crate::listener::{axum_handler, bind_http, serve_http};
+    let l = &cfg.api.listen;
+    let api = bind_http("api", l, crate::config::API_LIMITS, metrics).await?;
+    let api_addr = api.listener.local_addr()?;
+    if !api_addr.ip().is_loopback() && api.tls.is_none() {
+        tracing::warn!(net_address = %api_addr, "The internal API is plain HTTP on a non-loopback address: configure api.listen TLS or keep it on loopback");
+    }
+    let app = if cfg.separate_webhooks() {
+        api::admin_router(state.clone())
+    } else {
+        api::router(state.clone())
+    };
+    tasks.push(tokio::spawn(serve_http(
+        api,
+        axum_handler(app),
+        shutdown.clone(),
+    )));
+    tracing::info!(net_address = %api_addr, "Internal API is up");
+    let Some(w) = &cfg.webhooks.listen else {
+        return Ok((api_addr, None));
+    };
+    let hooks = bind_http("webhooks", w, crate::config::WEBHOOKS_LIMITS, metrics).await?;
+    let hooks_addr = hooks.listener.local_addr()?;
+    let app = axum_handler(api::webhook_router(state));
+    tasks.push(tokio::spawn(serve_http(hooks, app, shutdown.clone())));
+    tracing::info!(net_address = %hooks_addr, "Webhook listener is up");
+    Ok((api_addr, Some(hooks_addr)))
+}
+
+/// Warns if the listeners' caps together could exhaust the process's file descriptors.
+fn check_limits(cfg: &Config) {
+    use crate::config::{AGENT_LIMITS, API_LIMITS, KUBERNETES_API_LIMITS, WEBHOOKS_LIMITS};
+    let mut total = [
+        cfg.agent.listen.limits(AGENT_LIMITS),
+        cfg.kubernetes_api.listen.limits(KUBERNETES_API_LIMITS),
+        cfg.api.listen.limits(API_LIMITS),
+    ]
+    .iter()
+    .fold(0usize, |sum, l| sum.saturating_add(l.max_connections));
+    if let Some(w) = &cfg.webhooks.listen {
+        total = total.saturating_add(w.limits(WEBHOOKS_LIMITS).max_connections);
+    }
+    crate::listener::check_descriptor_budget(total);
 }
 
 /// What the mirrors need to know of a stored project.

@@ -437,3 +437,47 @@ async fn churn_returns_connections_streams_and_tasks_to_baseline() {
         "the measure saw the agents' tasks"
     );
 }
+
+/// The listeners' header and idle timeouts bound only the time *between* requests: a request
+/// in flight longer than both (a slow streamed upload here, a watch in real life) completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_outlives_the_header_and_idle_timeouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(
+        dir.path(),
+        KasOptions {
+            api_listen_extra: "    header_timeout: 1s\n    idle_timeout: 1s\n".into(),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let t = kas.admin.register_agent("group/app", "slow").await.unwrap();
+    let _agent = Agent::start(dir.path(), "slow", &kas.url("grpc"), &t.token, None);
+    kas.wait_connected(t.agent_id).await;
+
+    // Six chunks, one every 500 ms: the request lasts about 3 s.
+    let chunks: Vec<Bytes> = (0..6).map(|i| Bytes::from(payload(i, 1000))).collect();
+    let expected: Vec<u8> = chunks.iter().flat_map(|c| c.to_vec()).collect();
+    let tick = tokio::time::interval(Duration::from_millis(500));
+    let stream = futures_util::stream::unfold(
+        (chunks.into_iter(), tick),
+        |(mut it, mut tick)| async move {
+            tick.tick().await;
+            let c = it.next()?;
+            Some((Ok::<_, std::io::Error>(Frame::data(c)), (it, tick)))
+        },
+    );
+    let started = Instant::now();
+    let resp = kas
+        .echo_streaming(t.agent_id, StreamBody::new(Box::pin(stream)))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let back = resp.into_body().collect().await.unwrap().to_bytes();
+    let took = started.elapsed();
+    assert_eq!(back.as_ref(), expected.as_slice());
+    assert!(
+        took > Duration::from_millis(2400),
+        "the request was not slow: {took:?}"
+    );
+    eprintln!("a {took:?} request completed under 1 s header and idle timeouts");
+}

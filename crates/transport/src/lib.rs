@@ -16,14 +16,21 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 mod address;
 mod client;
+mod gate;
+pub mod limits;
 mod server;
 mod tls;
 mod ws;
 
 pub use address::{KasAddress, Scheme};
 pub use client::{ClientOptions, connect, connect_lazy};
-pub use server::{AgentConnectInfo, AgentIo, Incoming, incoming, remote_addr_of};
-pub use tls::{ServerTls, load_server_tls};
+pub use gate::{Admission, Gate};
+pub use limits::{CloseReason, ConnectionLimits, ListenerEvents, LogThrottle, Refusal};
+pub use server::{
+    AcceptOptions, AgentConnectInfo, AgentIo, DEFAULT_HANDSHAKE_TIMEOUT, Incoming, incoming,
+    incoming_with, remote_addr_of,
+};
+pub use tls::{ServerTls, load_client_tls, load_server_tls};
 pub use ws::{WS_MAX_MESSAGE_SIZE, WS_SUBPROTOCOL, WsIo};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -19,17 +19,17 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tonic::transport::server::Connected;
 
+use crate::gate::{Admission, Gate};
+use crate::limits::{CloseReason, ConnectionLimits, ListenerEvents, NoEvents};
 use crate::ws::{WS_SUBPROTOCOL, WsIo, ws_config};
 use crate::{BoxIo, Error, Result, Scheme, ServerTls};
 
-/// How long a new connection may take for TLS, protocol detection and the WebSocket upgrade.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for how long a new connection may take for TLS, protocol detection and the
+/// WebSocket upgrade.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections still in their handshake at once; beyond this we stop accepting for a moment
 /// rather than let a flood of idle sockets eat memory and file descriptors.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
-/// Pause after an accept error such as EMFILE: retrying at once would spin while nothing frees
-/// descriptors.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(500);
 
 /// What every HTTP/2 connection starts with (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -68,6 +68,8 @@ pub fn remote_addr_of<T>(request: &tonic::Request<T>) -> Option<SocketAddr> {
 pub struct AgentIo {
     io: BoxIo,
     info: AgentConnectInfo,
+    /// The connection's slot under the listener's caps, freed when the connection ends.
+    admission: Option<Admission>,
 }
 
 impl std::fmt::Debug for AgentIo {
@@ -167,17 +169,64 @@ impl Drop for Incoming {
 ///
 /// Must be called within a tokio runtime.
 pub fn incoming(listener: TcpListener, tls: Option<ServerTls>) -> Incoming {
+    incoming_with(listener, tls, AcceptOptions::default())
+}
+
+/// Limits and reporting for [`incoming_with`].
+#[derive(Clone)]
+pub struct AcceptOptions {
+    /// Longest a new connection may take for TLS, protocol detection and WebSocket upgrade.
+    pub handshake_timeout: Duration,
+    pub limits: ConnectionLimits,
+    pub events: Arc<dyn ListenerEvents>,
+}
+
+impl std::fmt::Debug for AcceptOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcceptOptions")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for AcceptOptions {
+    /// The historical behaviour: a 10 s handshake limit and no connection caps.
+    fn default() -> Self {
+        Self {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            limits: ConnectionLimits {
+                max_connections: usize::MAX,
+                max_connections_per_address: usize::MAX,
+            },
+            events: Arc::new(NoEvents),
+        }
+    }
+}
+
+/// [`incoming`] with configurable handshake timeout, connection caps and event reporting.
+pub fn incoming_with(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    options: AcceptOptions,
+) -> Incoming {
     // Small: connections wait here only until tonic picks them up, which it does eagerly.
     let (tx, rx) = mpsc::channel(32);
     let acceptor = tls.map(TlsAcceptor::from);
-    let task = tokio::spawn(accept_loop(listener, acceptor, tx));
+    let task = tokio::spawn(accept_loop(listener, acceptor, tx, options));
     Incoming {
         rx,
         accept_task: task.abort_handle(),
     }
 }
 
-async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, tx: mpsc::Sender<AgentIo>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    tx: mpsc::Sender<AgentIo>,
+    options: AcceptOptions,
+) {
+    let gate = Gate::new(options.limits, Arc::clone(&options.events));
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         let permit = tokio::select! {
@@ -188,54 +237,30 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, tx: mpsc::
                 Err(_) => return,
             },
         };
-        let accepted = tokio::select! {
+        let (tcp, remote_addr, admission) = tokio::select! {
             () = tx.closed() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, remote_addr) = match accepted {
-            Ok(a) => a,
-            Err(e) if is_connection_error(&e) => {
-                tracing::debug!(error = %e, "accepting a connection failed");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting connections failed; retrying");
-                tokio::select! {
-                    () = tx.closed() => return,
-                    () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
-                }
-            }
+            accepted = gate.accept(&listener) => accepted,
         };
         let tx = tx.clone();
         let tls = tls.clone();
+        let events = Arc::clone(&options.events);
+        let limit = options.handshake_timeout;
         tokio::spawn(async move {
-            let result =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, remote_addr, tls)).await;
+            let result = tokio::time::timeout(limit, handshake(tcp, remote_addr, tls)).await;
             drop(permit);
             match result {
-                Ok(Ok(io)) => {
+                Ok(Ok(mut io)) => {
+                    io.admission = Some(admission);
                     // Fails only when the server stopped; the connection is dropped with it.
                     let _ = tx.send(io).await;
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(remote_addr = %remote_addr, error = %e, "agent handshake failed");
                 }
-                Err(_) => {
-                    tracing::debug!(remote_addr = %remote_addr, "agent handshake timed out");
-                }
+                Err(_) => events.closed(CloseReason::HandshakeTimeout, remote_addr),
             }
         });
     }
-}
-
-/// Errors about one connection that was already gone when accepted, not about the listener.
-fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
 }
 
 async fn handshake(
@@ -288,6 +313,7 @@ where
                 remote_addr,
                 scheme,
             },
+            admission: None,
         });
     }
 
@@ -305,6 +331,7 @@ where
             remote_addr,
             scheme,
         },
+        admission: None,
     })
 }
 

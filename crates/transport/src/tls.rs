@@ -64,6 +64,12 @@ pub fn load_server_tls(cert_file: &Path, key_file: &Path) -> Result<ServerTls> {
     Ok(Arc::new(config))
 }
 
+/// An HTTP/1.1 client config trusting only `ca_file` when given, otherwise the system's roots
+/// (for clients of kas's HTTPS listeners, such as the admin commands).
+pub fn load_client_tls(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>> {
+    client_config(ca_file, ALPN_HTTP11)
+}
+
 /// A client config trusting only `ca_file` when given (a private kas CA should not be
 /// combined with every public CA), otherwise the system's roots.
 pub(crate) fn client_config(ca_file: Option<&Path>, alpn: &[u8]) -> Result<Arc<ClientConfig>> {

@@ -92,6 +92,18 @@ pub struct KasOptions {
     pub kubernetes_api_extra: String,
     /// TLS for the Kubernetes API proxy listener.
     pub k8s_tls: Option<(PathBuf, PathBuf)>,
+    /// YAML lines appended under each listener's `listen:` (indented by four spaces), e.g.
+    /// limits such as `    header_timeout: 1s\n`.
+    pub agent_listen_extra: String,
+    pub k8s_listen_extra: String,
+    pub api_listen_extra: String,
+    pub webhooks_listen_extra: String,
+    /// Webhooks on their own listener (`webhooks.listen`); otherwise on the internal API.
+    pub webhooks_listener: bool,
+    /// TLS for the webhook listener.
+    pub webhooks_tls: Option<(PathBuf, PathBuf)>,
+    /// TLS for the internal API: certificate, key and the CA the admin client trusts.
+    pub api_tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Default for KasOptions {
@@ -103,6 +115,13 @@ impl Default for KasOptions {
             git_poll: "20s",
             kubernetes_api_extra: String::new(),
             k8s_tls: None,
+            agent_listen_extra: String::new(),
+            k8s_listen_extra: String::new(),
+            api_listen_extra: String::new(),
+            webhooks_listen_extra: String::new(),
+            webhooks_listener: true,
+            webhooks_tls: None,
+            api_tls: None,
         }
     }
 }
@@ -114,6 +133,13 @@ pub struct Kas {
     pub agent_port: u16,
     pub api_port: u16,
     pub k8s_port: u16,
+    /// The webhook listener's port (the internal API's when webhooks share it).
+    pub webhook_port: u16,
+    pub obs_port: u16,
+    /// The internal API's base URL (https://localhost:… with TLS).
+    pub api_url: String,
+    /// CA the admin client trusts when the internal API has TLS.
+    pub api_ca: Option<PathBuf>,
     pub admin: AdminClient,
     child: Option<Child>,
 }
@@ -137,47 +163,38 @@ impl Kas {
     async fn try_start(dir: &Path, opts: &KasOptions) -> Option<Kas> {
         let (agent_port, api_port, obs_port, k8s_port) =
             (free_port(), free_port(), free_port(), free_port());
-        let tls = opts
-            .tls
-            .as_ref()
-            .map(|(c, k)| {
-                format!(
-                    "    certificate_file: {}\n    key_file: {}\n",
-                    c.display(),
-                    k.display()
-                )
-            })
-            .unwrap_or_default();
+        let webhook_port = if opts.webhooks_listener {
+            free_port()
+        } else {
+            api_port
+        };
         let config = dir.join("kas.yaml");
         std::fs::write(
             &config,
-            format!(
-                "data_dir: {data}\nagent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}  tunnel_wait_timeout: {wait}\n  token_recheck_interval: {recheck}\n\
-api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll}\nkubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n{k8s_tls}{k8s_extra}observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
-                data = dir.join("data").display(),
-                wait = opts.tunnel_wait,
-                recheck = opts.token_recheck,
-                poll = opts.git_poll,
-                k8s_extra = &opts.kubernetes_api_extra,
-                k8s_tls = opts
-                    .k8s_tls
-                    .as_ref()
-                    .map(|(c, k)| format!(
-                        "    certificate_file: {}\n    key_file: {}\n",
-                        c.display(),
-                        k.display()
-                    ))
-                    .unwrap_or_default(),
+            config_yaml(
+                dir,
+                opts,
+                [agent_port, api_port, obs_port, k8s_port, webhook_port],
             ),
         )
         .unwrap();
+        let scheme = if opts.api_tls.is_some() {
+            "https://localhost"
+        } else {
+            "http://127.0.0.1"
+        };
+        let api_url = format!("{scheme}:{api_port}");
         let mut kas = Kas {
             dir: dir.to_path_buf(),
             config,
             agent_port,
             api_port,
             k8s_port,
-            admin: AdminClient::new(&format!("http://127.0.0.1:{api_port}"), "unset"),
+            webhook_port,
+            obs_port,
+            admin: AdminClient::new(&api_url, "unset"),
+            api_url,
+            api_ca: opts.api_tls.as_ref().map(|(_, _, ca)| ca.clone()),
             child: None,
         };
         kas.spawn().await.then_some(kas)
@@ -200,10 +217,10 @@ api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll
             .unwrap();
         self.child = Some(child);
         let token_file = self.dir.join("data/admin-token");
-        let api = format!("http://127.0.0.1:{}", self.api_port);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(c) = AdminClient::from_token_file(&api, &token_file)
+            if let Ok(c) = AdminClient::from_token_file(&self.api_url, &token_file)
+                && let Ok(c) = c.trusting(self.api_ca.as_deref())
                 && c.stats().await.is_ok()
             {
                 self.admin = c;
@@ -345,6 +362,53 @@ api:\n  listen:\n    address: 127.0.0.1:{api_port}\ngit:\n  poll_interval: {poll
         )
         .await;
     }
+}
+
+/// `    certificate_file: …\n    key_file: …\n` for a `listen:` section.
+fn tls_yaml(tls: Option<(&PathBuf, &PathBuf)>) -> String {
+    tls.map(|(c, k)| {
+        format!(
+            "    certificate_file: {}\n    key_file: {}\n",
+            c.display(),
+            k.display()
+        )
+    })
+    .unwrap_or_default()
+}
+
+/// kas's configuration file for a test; `ports` are agent, api, observability, Kubernetes
+/// API proxy and webhooks.
+fn config_yaml(dir: &Path, opts: &KasOptions, ports: [u16; 5]) -> String {
+    let [agent_port, api_port, obs_port, k8s_port, webhook_port] = ports;
+    let tls = tls_yaml(opts.tls.as_ref().map(|(c, k)| (c, k)));
+    let k8s_tls = tls_yaml(opts.k8s_tls.as_ref().map(|(c, k)| (c, k)));
+    let api_tls = tls_yaml(opts.api_tls.as_ref().map(|(c, k, _)| (c, k)));
+    let api_ca = opts
+        .api_tls
+        .as_ref()
+        .map(|(_, _, ca)| format!("  ca_file: {}\n", ca.display()))
+        .unwrap_or_default();
+    let webhooks = if opts.webhooks_listener {
+        format!(
+            "webhooks:\n  listen:\n    address: 127.0.0.1:{webhook_port}\n{}{}",
+            tls_yaml(opts.webhooks_tls.as_ref().map(|(c, k)| (c, k))),
+            opts.webhooks_listen_extra
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "data_dir: {data}\nagent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}{agent_extra}  tunnel_wait_timeout: {wait}\n  token_recheck_interval: {recheck}\n\
+api:\n  listen:\n    address: 127.0.0.1:{api_port}\n{api_tls}{api_extra}{api_ca}git:\n  poll_interval: {poll}\nkubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n{k8s_tls}{k8s_listen_extra}{k8s_extra}observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n{webhooks}",
+        data = dir.join("data").display(),
+        wait = opts.tunnel_wait,
+        recheck = opts.token_recheck,
+        poll = opts.git_poll,
+        agent_extra = opts.agent_listen_extra,
+        api_extra = opts.api_listen_extra,
+        k8s_listen_extra = opts.k8s_listen_extra,
+        k8s_extra = &opts.kubernetes_api_extra,
+    )
 }
 
 /// The last lines of a log, for failure messages.
@@ -589,7 +653,8 @@ impl Drop for GitDaemon {
 }
 
 impl Kas {
-    /// POSTs a webhook for a project with the given headers; returns the HTTP status.
+    /// POSTs a webhook for a project with the given headers to the webhook listener (or the
+    /// internal API when webhooks share it); returns the HTTP status.
     pub async fn webhook(&self, project_id: i64, headers: &[(&str, String)], body: &[u8]) -> u16 {
         use http_body_util::Full;
         let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
@@ -597,7 +662,7 @@ impl Kas {
                 .build_http();
         let mut req = http::Request::post(format!(
             "http://127.0.0.1:{}/webhooks/projects/{project_id}",
-            self.api_port
+            self.webhook_port
         ));
         for (k, v) in headers {
             req = req.header(*k, v.as_str());
@@ -610,6 +675,29 @@ impl Kas {
             .await
             .unwrap();
         resp.status().as_u16()
+    }
+}
+
+impl Kas {
+    /// A sample of kas's `/metrics`: the value of the line starting with `series` (name and
+    /// labels exactly as kas prints them), or `None` if there is no such line yet.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.obs_port))
+            .await
+            .ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        out.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 }
 
