@@ -236,6 +236,24 @@ impl Target for ImpersonationMetadata {
     fn run(&self, input: &[u8]) -> bool {
         let access = serde_json_from::<tether_kubeproxy_agent::AccessAs>(input);
         let context = serde_json_from::<tether_kubeproxy_agent::RequestContext>(input);
+        // The tunnel metadata contract as agentk decodes it: the input split in two values.
+        let text = String::from_utf8_lossy(input);
+        let mid = (0..=text.len() / 2)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        let (a, c) = text.split_at(mid);
+        let meta = std::collections::HashMap::from([
+            (
+                tether_kubeproxy_agent::META_ACCESS_AS.to_string(),
+                a.to_string(),
+            ),
+            (
+                tether_kubeproxy_agent::META_CONTEXT.to_string(),
+                c.to_string(),
+            ),
+        ]);
+        let routed = tether_kubeproxy_agent::RoutedRequest::decode(&meta).is_ok();
         let mut headers = http::HeaderMap::new();
         for line in input.split(|&b| b == b'\n') {
             let Some(colon) = line.iter().position(|&b| b == b':') else {
@@ -250,7 +268,7 @@ impl Target for ImpersonationMetadata {
             }
         }
         let sanitized = tether_kubeproxy_agent::sanitize_request_headers(&headers).is_ok();
-        access || context || sanitized
+        access || context || routed || sanitized
     }
 }
 
