@@ -286,6 +286,10 @@ async fn a_thousand_concurrent_requests_through_one_agent_all_complete() {
         dir.path(),
         KasOptions {
             tunnel_wait: "60s",
+            // A thousand admin connections at once from one address: above the internal
+            // API's default caps (256, 64 per address), which would close the excess.
+            api_listen_extra: "    max_connections: 2048\n    max_connections_per_address: 2048\n"
+                .into(),
             ..KasOptions::default()
         },
     )
