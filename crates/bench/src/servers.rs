@@ -69,10 +69,15 @@ impl Kas {
             format!(
                 concat!(
                     "data_dir: {data}\n",
+                    // Every benchmark client is on loopback: the per-address caps, meant
+                    // for the internet, would refuse the high-concurrency runs.
                     "agent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}",
+                    "    max_connections: 30000\n    max_connections_per_address: 30000\n",
                     "api:\n  listen:\n    address: 127.0.0.1:{api_port}\n",
+                    "    max_connections: 30000\n    max_connections_per_address: 30000\n",
                     "git:\n  poll_interval: {poll}\n",
                     "kubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n",
+                    "    max_connections: 30000\n    max_connections_per_address: 30000\n",
                     "    certificate_file: {cert}\n    key_file: {key}\n",
                     "  ci_issuers:\n  - issuer: https://bench.local\n    audience: kas\n",
                     "    jwks:\n      file: {jwks}\n",

@@ -27,11 +27,13 @@ impl KasSetup {
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let [agent_port, api_port, obs_port, k8s_port] = free_ports()?;
         let config = dir.join("kas.yaml");
-        // Git is never polled during a run (no project has a repository anyway); 1h keeps any
-        // background fetch out of the CPU numbers.
+        // Every fake agent connects from loopback: the agent listener's per-address cap (meant
+        // for the internet) is lifted. Git is never polled during a run (no project has a
+        // repository anyway); 1h keeps any background fetch out of the CPU numbers.
         let yaml = format!(
             "data_dir: {data}\n\
              agent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n\
+             \x20   max_connections: 30000\n    max_connections_per_address: 30000\n\
              api:\n  listen:\n    address: 127.0.0.1:{api_port}\n\
              git:\n  poll_interval: 1h\n\
              kubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n\
