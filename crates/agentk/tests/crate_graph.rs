@@ -4,7 +4,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 
 fn is_server_crate(name: &str) -> bool {
-    name.ends_with("-server") || matches!(name, "kas" | "tether-store" | "tether-git-source")
+    name.ends_with("-server")
+        || matches!(
+            name,
+            "kas" | "tether-store" | "tether-git-source" | "tether-guard"
+        )
 }
 
 #[test]
