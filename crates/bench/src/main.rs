@@ -5,10 +5,11 @@
 //! `scripts/bench` runs everything and writes `target/bench/report.md`:
 //!
 //! ```text
-//! tether-bench [--out FILE] [--only tunnel|gitops]
+//! tether-bench [--out FILE] [--only tunnel|gitops|flood]
 //!                                        under `testenv run`: tunnel latency and throughput,
 //!                                        GitOps sync vs kubectl, write requests, agentk's
-//!                                        footprint; results as JSON in FILE
+//!                                        footprint, valid requests during a flood of bad
+//!                                        credentials; results as JSON in FILE
 //!                                        (default target/bench/cluster.json)
 //! tether-bench report --cluster FILE [--loadgen FILE]... [--elapsed SECONDS] [--out FILE]
 //!                                        the Markdown report from those results and the
@@ -23,6 +24,7 @@ use serde_json::{Value, json};
 use tether_testenv::{TestEnv, run_output};
 
 mod agent_log;
+mod flood;
 mod footprint;
 mod gitops;
 mod kubectl;
@@ -33,7 +35,7 @@ mod util;
 
 use servers::Ctx;
 
-const USAGE: &str = "usage: tether-bench [--out FILE] [--only tunnel|gitops]\n       tether-bench report --cluster FILE [--loadgen FILE]... [--elapsed SECONDS] [--out FILE]";
+const USAGE: &str = "usage: tether-bench [--out FILE] [--only tunnel|gitops|flood]\n       tether-bench report --cluster FILE [--loadgen FILE]... [--elapsed SECONDS] [--out FILE]";
 
 fn bin_dir() -> Result<PathBuf> {
     Ok(std::env::current_exe()?
@@ -131,10 +133,9 @@ fn kubectl_versions(env: &TestEnv) -> Result<Value> {
 
 async fn run(out: &std::path::Path, only: Option<&str>) -> Result<()> {
     if let Some(o) = only
-        && o != "tunnel"
-        && o != "gitops"
+        && !["tunnel", "gitops", "flood"].contains(&o)
     {
-        bail!("--only takes tunnel or gitops\n{USAGE}");
+        bail!("--only takes tunnel, gitops or flood\n{USAGE}");
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let started = Instant::now();
@@ -189,10 +190,16 @@ apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: one\n  namespace: {ns}\ndata
     } else {
         Value::Null
     };
+    let flood = if only.is_none_or(|o| o == "flood") {
+        flood::run(&ctx).await?
+    } else {
+        Value::Null
+    };
     let results = json!({
         "versions": versions,
         "tunnel": tunnel,
         "gitops": gitops,
+        "flood": flood,
         "seconds": started.elapsed().as_secs_f64(),
     });
     if let Some(dir) = out.parent() {

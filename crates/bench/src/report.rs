@@ -540,6 +540,13 @@ fn targets(out: &mut String, c: &Value, runs: &[Value]) {
         out,
         "- All agents back within 10 s of a kas restart: {line}."
     );
+    let line = crate::flood::ratio(c).map_or(missing.into(), |r| {
+        verdict(r, crate::flood::FLOOD_RATIO, true, "×", 2)
+    });
+    let _ = writeln!(
+        out,
+        "- Valid requests during a 6-way flood of bad credentials not slower than 2× (median): {line}."
+    );
 }
 
 /// The whole report.
@@ -581,6 +588,8 @@ pub fn render(h: &Header, cluster: &Value, loadgen: &[Value]) -> String {
     footprint_table(&mut out, cluster);
     out.push_str("## 6. kas per connected agent, and the reconnect storm (`loadgen`)\n\n");
     loadgen_table(&mut out, loadgen);
+    out.push_str("## 7. Valid requests during a flood of bad credentials\n\n");
+    crate::flood::table(&mut out, cluster);
     out.push_str("## Targets\n\n");
     targets(&mut out, cluster, loadgen);
     out
@@ -597,6 +606,7 @@ mod tests {
         let h = Header::default();
         let empty = render(&h, &Value::Null, &[]);
         assert!(empty.contains("Tunnel p50 overhead ≤ 1 ms (concurrency 1): not measured."));
+        assert!(empty.contains("not slower than 2× (median): not measured."));
         let c = json!({
             "tunnel": {"latency": [{"transport": "grpc", "concurrency": 1, "requests": 400,
                 "direct_p50_ms": 0.6, "direct_p99_ms": 1.0, "kas_p50_ms": 1.5, "kas_p99_ms": 3.0}],
@@ -608,6 +618,8 @@ mod tests {
                 "resyncs": [{"objects": 100, "writes": 0, "seconds": 1.0}],
                 "one_change": {"objects": 5000, "writes": 1, "seconds": 3.0},
                 "footprint": {"agentk_idle_rss_bytes": 15.0 * 1048576.0}},
+            "flood": {"limited": {"alone_p50_ms": 2.0, "flood_p50_ms": 2.5, "ratio": 1.25,
+                "flood_refused": 150, "flood_limited": 9000, "flood_other": 0}},
         });
         let lg = [
             json!({"agents": 1000, "idle_seconds": 60.0, "kas_bytes_per_agent": 60_000.0,
@@ -639,6 +651,14 @@ mod tests {
             "{r}"
         );
         assert!(r.contains("| 100 | 101 | 0 | — / — / 1.00 |"), "{r}");
+        assert!(
+            r.contains("| default | 2.00 | 2.50 | **1.25×** | 9150 | 150 | 9000 |"),
+            "{r}"
+        );
+        assert!(
+            r.contains("not slower than 2× (median): **met**: 1.25×, 0.75× under the target."),
+            "{r}"
+        );
         assert_eq!(thousands(1_234_567), "1,234,567");
     }
 }

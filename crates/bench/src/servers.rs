@@ -49,6 +49,17 @@ pub struct Kas {
 
 impl Kas {
     pub async fn start(ctx: &Ctx, name: &str, o: &KasOptions<'_>) -> Result<Kas> {
+        Self::start_with_yaml(ctx, name, o, "").await
+    }
+
+    /// [`Kas::start`] with `extra` (top-level YAML, e.g. `rate_limits:`) appended to the
+    /// configuration.
+    pub async fn start_with_yaml(
+        ctx: &Ctx,
+        name: &str,
+        o: &KasOptions<'_>,
+        extra: &str,
+    ) -> Result<Kas> {
         let (agent_port, api_port, k8s_port, obs_port) =
             (free_port()?, free_port()?, free_port()?, free_port()?);
         let pki = &ctx.pki;
@@ -83,7 +94,9 @@ impl Kas {
                     "    jwks:\n      file: {jwks}\n",
                     "observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
                     "  logging:\n    level: {level}\n",
+                    "{extra}",
                 ),
+                extra = extra,
                 agent_port = agent_port,
                 tls = tls,
                 api_port = api_port,

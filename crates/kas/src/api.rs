@@ -23,6 +23,7 @@ use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::auth::AdminToken;
 use crate::configuration::{ConfigState, ConfigStates};
+use crate::limits::{HttpGuard, guard_http};
 use crate::server::ConnectionCount;
 use tether_git_source::Sources;
 
@@ -38,6 +39,8 @@ pub struct ApiState {
     pub sync_states: Arc<crate::gitops::SyncStates>,
     /// The proxy's live requests per personal access token (ended on revocation).
     pub live_user_requests: Arc<crate::revocation::LiveUserRequests>,
+    /// Limits on failed authentication (admin token, webhook secrets).
+    pub guards: crate::limits::Guards,
 }
 
 /// An error response: `{"error": "..."}` with a status code.
@@ -525,7 +528,8 @@ async fn webhook(
     })?;
     let kind = tether_git_source::verify_webhook(&headers, &body, secret.trim().as_bytes())
         .map_err(|e| {
-            tracing::warn!(project = %project.path, error = %e, "Webhook refused");
+            // Debug only: the guard logs refusals with the client address, sampled.
+            tracing::debug!(project = %project.path, error = %e, "Webhook refused");
             unauthorized()
         })?;
     let event = tether_git_source::PushEvent::from_body(&body);
@@ -643,6 +647,14 @@ pub fn admin_router(state: ApiState) -> Router {
             get(list_projects).put(put_project).delete(delete_project),
         )
         .layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        // Outside the admin check, so a client over its failure limit is refused before it.
+        .layer(middleware::from_fn_with_state(
+            HttpGuard {
+                guard: Arc::clone(&state.guards.admin),
+                credential: crate::limits::bearer_credential,
+            },
+            guard_http,
+        ))
         .with_state(state)
 }
 
@@ -651,5 +663,12 @@ pub fn admin_router(state: ApiState) -> Router {
 pub fn webhook_router(state: ApiState) -> Router {
     Router::new()
         .route("/webhooks/projects/{id}", post(webhook))
+        .layer(middleware::from_fn_with_state(
+            HttpGuard {
+                guard: Arc::clone(&state.guards.webhooks),
+                credential: crate::limits::webhook_credential,
+            },
+            guard_http,
+        ))
         .with_state(state)
 }

@@ -8,10 +8,11 @@ use subtle::ConstantTimeEq;
 use tether_store::Store;
 use tether_tunnel_server::{AgentIdentity, AuthError, Authenticator};
 
-/// Looks agent tokens up in the store.
+/// Looks agent tokens up in the store, behind the agent listener's limits.
 #[derive(Debug, Clone)]
 pub struct StoreAuthenticator {
     pub store: Arc<dyn Store>,
+    pub guard: Arc<tether_guard::AuthGuard>,
 }
 
 impl Authenticator for StoreAuthenticator {
@@ -45,6 +46,10 @@ impl Authenticator for StoreAuthenticator {
                 .await
                 .map_err(|e| AuthError(e.to_string()))
         })
+    }
+
+    fn guard(&self) -> Option<&tether_guard::AuthGuard> {
+        Some(&self.guard)
     }
 }
 

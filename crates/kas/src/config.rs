@@ -35,6 +35,8 @@ pub struct Config {
     pub kubernetes_api: KubernetesApi,
     pub observability: Observability,
     pub webhooks: Webhooks,
+    /// Limits on failed authentication and agent token use (see [`crate::limits`]).
+    pub rate_limits: crate::limits::RateLimits,
 }
 
 /// Push webhooks from Git hosts. Without `listen`, they are served on the internal API's
@@ -369,6 +371,7 @@ impl Default for Config {
             kubernetes_api: KubernetesApi::default(),
             observability: Observability::default(),
             webhooks: Webhooks::default(),
+            rate_limits: crate::limits::RateLimits::default(),
         }
     }
 }
@@ -412,6 +415,7 @@ impl Config {
         if self.agent.token_recheck_interval.is_zero() {
             return Err("agent.token_recheck_interval must be positive".into());
         }
+        self.rate_limits.validate()?;
         tether_observability::parse_level(&self.observability.logging.level)
             .map_err(|e| format!("observability.logging.level: {e}"))?;
         Ok(())

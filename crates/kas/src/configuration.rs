@@ -11,7 +11,7 @@ use tether_git_source::{CommitId, Sources};
 use tether_protocol::agent_configuration::agent_configuration_server::AgentConfiguration;
 use tether_protocol::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
 use tether_store::Store;
-use tether_tunnel_server::{AgentIdentity, Authenticator, Registry, authenticate_metadata};
+use tether_tunnel_server::{AgentIdentity, Authenticator, Registry, authenticate_request};
 use tonic::{Request, Response, Status};
 
 /// Where an agent's configuration file may be, in order (the second form is in the seed).
@@ -432,7 +432,7 @@ impl AgentConfiguration for ConfigService {
         &self,
         request: Request<ConfigurationRequest>,
     ) -> Result<Response<Self::GetConfigurationStream>, Status> {
-        let id = authenticate_metadata(self.auth.as_ref(), request.metadata()).await?;
+        let id = authenticate_request(self.auth.as_ref(), &request).await?;
         let project = self
             .store
             .get_project_by_path(&id.project_path)

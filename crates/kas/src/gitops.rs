@@ -14,7 +14,7 @@ use tether_protocol::gitops::{
     Trailer, git_ref, objects_response,
 };
 use tether_store::Store;
-use tether_tunnel_server::{Authenticator, Registry, authenticate_metadata};
+use tether_tunnel_server::{Authenticator, Registry, authenticate_request};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -285,7 +285,7 @@ impl GitOps for GitOpsService {
         &self,
         request: Request<ObjectsRequest>,
     ) -> Result<Response<Self::GetObjectsToSynchronizeStream>, Status> {
-        let id = authenticate_metadata(self.auth.as_ref(), request.metadata()).await?;
+        let id = authenticate_request(self.auth.as_ref(), &request).await?;
         let req = request.into_inner();
         let project = self.find_project(&req.project_id).await?;
         let (tx, rx) = mpsc::channel(8);
@@ -297,7 +297,7 @@ impl GitOps for GitOpsService {
         &self,
         request: Request<SyncReport>,
     ) -> Result<Response<ReportAck>, Status> {
-        let id = authenticate_metadata(self.auth.as_ref(), request.metadata()).await?;
+        let id = authenticate_request(self.auth.as_ref(), &request).await?;
         let report = request.into_inner();
         tracing::info!(
             agent_id = id.agent_id,

@@ -128,6 +128,8 @@ pub struct Proxy {
     pub agent_projects: Arc<AgentProjects>,
     /// Live requests per personal access token, ended when the token is revoked.
     pub live_user_requests: Arc<LiveUserRequests>,
+    /// Limits on failed authentication, and the sampled refusal log.
+    pub guard: Arc<tether_guard::AuthGuard>,
 }
 
 /// Agent id → (configuration project id, path), remembered for [`AGENT_PROJECT_TTL`]: every
@@ -184,6 +186,11 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     r
 }
 
+/// Why a request was refused, kept in the response's extensions: [`Proxy::handle`], which knows
+/// the client's address, logs it.
+#[derive(Debug, Clone)]
+struct Denial(String);
+
 fn deny(p: &Proxy, code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     p.metrics
         .denials
@@ -191,13 +198,9 @@ fn deny(p: &Proxy, code: StatusCode, reason: &str, message: &str) -> Response<Bo
             reason: reason.to_string(),
         })
         .inc();
-    tracing::info!(
-        code = code.as_u16(),
-        reason,
-        message,
-        "Kubernetes API request refused"
-    );
-    status(code, reason, message)
+    let mut r = status(code, reason, message);
+    r.extensions_mut().insert(Denial(message.to_string()));
+    r
 }
 
 /// Who the caller is and how its requests run, once authorized.
@@ -370,7 +373,53 @@ impl Proxy {
         }
     }
 
-    async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
+    /// Serves one request: refused early (429) while the address or credential is
+    /// over its failure limit, so a flood costs no JWT check or store look-up; 401s count as
+    /// failures and are logged sampled; other refusals (403, ...) come from authenticated callers
+    /// and are logged each, with the address.
+    async fn handle(self, req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
+        // The listener puts the client's address into every request.
+        let address = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        let credential = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| tether_guard::Fingerprint::of(v.as_bytes()));
+        if let Err(l) = self.guard.admit(address, credential) {
+            let mut r = status(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequests",
+                &l.message(),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(l.retry_after_secs()));
+            return Ok(r);
+        }
+        let guard = Arc::clone(&self.guard);
+        let resp = self.route(req).await?;
+        if let Some(Denial(message)) = resp.extensions().get::<Denial>() {
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                let reason = if credential.is_some() {
+                    "invalid_credentials"
+                } else {
+                    "missing_credentials"
+                };
+                guard.refused(address, credential, reason, message);
+            } else {
+                tracing::info!(
+                    code = resp.status().as_u16(),
+                    client_address = %address.map_or_else(|| "unknown".into(), |a| a.to_string()),
+                    message = %message,
+                    "Kubernetes API request refused"
+                );
+            }
+        }
+        Ok(resp)
+    }
+
+    async fn route(self, mut req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
         let Some(rest) = strip_path_prefix(&self.path_prefix, req.uri().path()).map(str::to_owned)
         else {
             return Ok(status(

@@ -11,6 +11,7 @@ pub mod configuration;
 pub mod gitops;
 pub mod jwks;
 pub mod kubeproxy;
+pub mod limits;
 pub mod listener;
 pub mod revocation;
 pub mod server;

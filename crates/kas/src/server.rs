@@ -160,12 +160,14 @@ pub async fn start(cfg: Config) -> Result<Running> {
 
     let shutdown = CancellationToken::new();
     let registry = Arc::new(Registry::new());
-    let auth = Arc::new(StoreAuthenticator {
-        store: Arc::clone(&store),
-    });
     let connections = Arc::new(ConnectionCount::default());
     let conn_gauge = Gauge::default();
     let mut metrics = MetricsRegistry::with_prefix("kas");
+    let guards = crate::limits::Guards::new(&cfg.rate_limits, &mut metrics);
+    let auth = Arc::new(StoreAuthenticator {
+        store: Arc::clone(&store),
+        guard: Arc::clone(&guards.agent),
+    });
     registry.register_metrics(&mut metrics);
     metrics.register(
         "agent_connections",
@@ -175,7 +177,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let listener_metrics = crate::listener::ListenerMetrics::default();
     listener_metrics.register(&mut metrics);
     let metrics = Arc::new(Mutex::new(metrics));
-    let mut tasks = Vec::new();
+    let mut tasks = vec![guards.spawn_summaries(shutdown.clone())];
     check_limits(&cfg);
 
     // Git mirrors of every project with a repository.
@@ -293,6 +295,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         config_states: Arc::clone(&config_states),
         sync_states: Arc::clone(&sync_states),
         live_user_requests: Arc::clone(&live_user_requests),
+        guards: guards.clone(),
     };
     let (api_addr, webhooks_addr) =
         start_api(&cfg, state, &listener_metrics, &shutdown, &mut tasks).await?;
@@ -346,6 +349,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         tls: k.listen.certificate_file.is_some(),
         agent_projects: Arc::default(),
         live_user_requests,
+        guard: Arc::clone(&guards.kubernetes_api),
     };
     tasks.push(tokio::spawn(crate::kubeproxy::serve(
         k_listener,

@@ -13,7 +13,10 @@ pub use registry::{
     AgentConnections, ConnectionInfo, Lease, Registry, RegistryError, RegistryStats, Tunnel,
     TunnelConn, TunnelError, TunnelExtra,
 };
-pub use service::{AgentIdentity, AuthError, Authenticator, TunnelService, authenticate_metadata};
+pub use service::{
+    AgentIdentity, AuthError, Authenticator, TunnelService, authenticate_metadata,
+    authenticate_request,
+};
 
 /// The boxed future type [`Authenticator`] methods return.
 pub mod service_future {

@@ -1,10 +1,12 @@
 //! The `ReverseTunnel` gRPC service: authenticates each stream and parks it in the registry.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tether_guard::{AuthGuard, Fingerprint, Limited};
 use tether_protocol::metadata;
 use tether_protocol::tunnel::reverse_tunnel_server::ReverseTunnel;
 use tether_protocol::tunnel::{AgentFrame, ServerFrame, agent_frame};
@@ -39,33 +41,99 @@ pub trait Authenticator: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<AgentIdentity>, AuthError>>;
     /// Whether a token (by id) is still valid; live streams are re-checked with this.
     fn token_active(&self, token_id: i64) -> BoxFuture<'_, Result<bool, AuthError>>;
+    /// The agent listener's limits and refusal log; `None`: no limits (tests, tools).
+    fn guard(&self) -> Option<&AuthGuard> {
+        None
+    }
 }
 
 /// Reads `authorization: Bearer <token>` and authenticates it, mapping failures to the gRPC
-/// codes agents expect: unknown/revoked → Unauthenticated, store trouble → Unavailable.
+/// codes agents expect: unknown/revoked → Unauthenticated, store trouble → Unavailable, over a
+/// limit → ResourceExhausted. Without the client's address only per-token limits apply; prefer
+/// [`authenticate_request`].
 pub async fn authenticate_metadata(
     auth: &dyn Authenticator,
     md: &tonic::metadata::MetadataMap,
 ) -> Result<AgentIdentity, Status> {
+    authenticate_from(auth, md, None).await
+}
+
+/// [`authenticate_metadata`] with the client's address from the request's connection, so
+/// failures count against the address too.
+///
+/// Not `async` on purpose: the future keeps only the metadata, so callers holding a request
+/// whose body is not `Sync` (a gRPC stream) still get a `Send` future.
+pub fn authenticate_request<'a, T>(
+    auth: &'a dyn Authenticator,
+    request: &'a Request<T>,
+) -> impl Future<Output = Result<AgentIdentity, Status>> + Send + 'a {
+    let address = tether_transport::remote_addr_of(request).map(|a| a.ip());
+    authenticate_from(auth, request.metadata(), address)
+}
+
+/// The bearer token, or why there is none (a metric label and a message).
+fn bearer(md: &tonic::metadata::MetadataMap) -> Result<&str, (&'static str, &'static str)> {
     let header = md
         .get(metadata::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?;
+        .ok_or(("missing_credentials", "missing authorization metadata"))?;
     let token = header
         .strip_prefix("Bearer ")
         .or_else(|| header.strip_prefix("bearer "))
-        .ok_or_else(|| Status::unauthenticated("authorization must be a Bearer token"))?
-        .trim();
+        .ok_or((
+            "malformed_credentials",
+            "authorization must be a Bearer token",
+        ))?;
+    Ok(token.trim())
+}
+
+async fn authenticate_from(
+    auth: &dyn Authenticator,
+    md: &tonic::metadata::MetadataMap,
+    address: Option<IpAddr>,
+) -> Result<AgentIdentity, Status> {
+    let guard = auth.guard();
+    let token = bearer(md);
+    // Hashed only when a guard will use it; the token itself is never kept or logged.
+    let fingerprint = match (&token, guard) {
+        (Ok(t), Some(_)) => Some(Fingerprint::of(t.as_bytes())),
+        _ => None,
+    };
+    // Before the store is asked: a flood of bad tokens must cost a hash, not a look-up.
+    if let Some(g) = guard {
+        g.admit(address, fingerprint).map_err(exhausted)?;
+    }
+    let refuse = |reason: &'static str, message: &'static str| {
+        if let Some(g) = guard {
+            g.refused(address, fingerprint, reason, message);
+        }
+        Status::unauthenticated(message)
+    };
+    let token = token.map_err(|(reason, message)| refuse(reason, message))?;
     match auth.authenticate(token).await {
         Ok(Some(id)) => Ok(id),
-        Ok(None) => Err(Status::unauthenticated("unknown or revoked agent token")),
+        Ok(None) => Err(refuse(
+            "invalid_credentials",
+            "unknown or revoked agent token",
+        )),
         Err(e) => {
+            // kas's own trouble, not the client's failure: not counted against it.
             tracing::warn!(error = %e, "Agent token lookup failed");
             Err(Status::unavailable(
                 "cannot check the agent token right now",
             ))
         }
     }
+}
+
+/// RESOURCE_EXHAUSTED with the wait in the message and in `retry-after` metadata (seconds, as
+/// HTTP's header), for clients and people reading logs alike.
+fn exhausted(l: Limited) -> Status {
+    let mut status = Status::resource_exhausted(l.message());
+    if let Ok(v) = l.retry_after_secs().to_string().parse() {
+        status.metadata_mut().insert("retry-after", v);
+    }
+    status
 }
 
 fn header(md: &tonic::metadata::MetadataMap, key: &str) -> String {
@@ -109,7 +177,7 @@ impl ReverseTunnel for TunnelService {
         &self,
         request: Request<Streaming<AgentFrame>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let identity = authenticate_metadata(self.auth.as_ref(), request.metadata()).await?;
+        let identity = authenticate_request(self.auth.as_ref(), &request).await?;
         let md = request.metadata();
         let info = ConnectionInfo {
             agent_version: header(md, metadata::AGENT_VERSION),

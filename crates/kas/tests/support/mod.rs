@@ -104,6 +104,8 @@ pub struct KasOptions {
     pub webhooks_tls: Option<(PathBuf, PathBuf)>,
     /// TLS for the internal API: certificate, key and the CA the admin client trusts.
     pub api_tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Top-level YAML appended to the configuration (e.g. a `rate_limits:` section).
+    pub extra_yaml: String,
 }
 
 impl Default for KasOptions {
@@ -122,6 +124,7 @@ impl Default for KasOptions {
             webhooks_listener: true,
             webhooks_tls: None,
             api_tls: None,
+            extra_yaml: String::new(),
         }
     }
 }
@@ -399,7 +402,8 @@ fn config_yaml(dir: &Path, opts: &KasOptions, ports: [u16; 5]) -> String {
     };
     format!(
         "data_dir: {data}\nagent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}{agent_extra}  tunnel_wait_timeout: {wait}\n  token_recheck_interval: {recheck}\n\
-api:\n  listen:\n    address: 127.0.0.1:{api_port}\n{api_tls}{api_extra}{api_ca}git:\n  poll_interval: {poll}\nkubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n{k8s_tls}{k8s_listen_extra}{k8s_extra}observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n{webhooks}",
+api:\n  listen:\n    address: 127.0.0.1:{api_port}\n{api_tls}{api_extra}{api_ca}git:\n  poll_interval: {poll}\nkubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n{k8s_tls}{k8s_listen_extra}{k8s_extra}observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n{webhooks}{extra}",
+        extra = opts.extra_yaml,
         data = dir.join("data").display(),
         wait = opts.tunnel_wait,
         recheck = opts.token_recheck,

@@ -1,0 +1,271 @@
+//! kas's abuse limits (`rate_limits` in the configuration): one [`AuthGuard`] per listener that
+//! authenticates callers, the periodic summary of sampled refusal logs, and the HTTP middleware
+//! that puts a guard in front of the admin API and the webhooks.
+//!
+//! Why these defaults:
+//! - **Failed authentications per client address: 300/min, burst 100.** Only failures count, so
+//!   a client with good credentials is never slowed, however busy. Once an address is over, every
+//!   request from it is refused before its credential is looked at (that is the point: no store
+//!   look-up, no JWT check), so the limit must leave room for several broken clients behind one
+//!   NAT: an agentk with a revoked token retries each of its streams with backoff capped at
+//!   20 s, a few failures a second at worst right after the revocation and well under one a
+//!   second after that. A flood (thousands a second) is cut to 5 a second.
+//! - **Failed authentications per credential: 60/min, burst 30.** The same wrong credential from
+//!   many addresses (a revoked token still deployed in many places).
+//! - **Agent RPCs per token: 600,000/min, burst 10,000.** What GitLab counts
+//!   (`agent.listen.connections_per_token_per_minute`, every RPC of a token, default 40,000 —
+//!   originally 100): here, too, every RPC presenting the token. Each request kas routes to an
+//!   agent uses up one idle tunnel stream and agentk opens a new one (the pool scales up 10 at a
+//!   time), so an agent's RPC rate *is* its request rate. One agent served 3,200 requests/s in
+//!   the tunnel benchmark on 2 cores; GitLab's 40,000/min (667/s) would throttle that. 10,000/s
+//!   is 3× that and more than one kas core can route, so a real agentk never meets it; it
+//!   bounds a copied or runaway token, while wrong tokens are the failure limits' job.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::registry::Registry as MetricsRegistry;
+use serde::Deserialize;
+use tether_guard::{
+    AuthGuard, Fingerprint, GuardLimits, GuardMetrics, Limited, Rate, RefusalSampler,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// `rate_limits` in kas's configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    /// Failed authentications per client address (IPv6: per /64), on each listener.
+    pub failed_auth_per_address: RateConfig,
+    /// Failed authentications per credential (by fingerprint), on each listener.
+    pub failed_auth_per_credential: RateConfig,
+    /// RPCs per agent token on the agent listener, failed or not.
+    pub agent_rpcs_per_token: RateConfig,
+    /// Addresses or credentials each limiter remembers at most (memory stays bounded).
+    pub max_tracked_keys: usize,
+    /// One refusal per client address and listener is logged per interval; the rest are
+    /// summarised at its end.
+    #[serde(with = "humantime_serde")]
+    pub refusal_log_interval: Duration,
+}
+
+/// A rate: `burst` at once, refilled at `per_minute`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+impl RateConfig {
+    fn rate(self) -> Rate {
+        Rate::new(self.per_minute, self.burst)
+    }
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            failed_auth_per_address: RateConfig {
+                per_minute: 300,
+                burst: 100,
+            },
+            failed_auth_per_credential: RateConfig {
+                per_minute: 60,
+                burst: 30,
+            },
+            agent_rpcs_per_token: RateConfig {
+                per_minute: 600_000,
+                burst: 10_000,
+            },
+            max_tracked_keys: 65_536,
+            refusal_log_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RateLimits {
+    /// Zero rates would lock everyone out; a tiny table would forget limits at once.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, r) in [
+            ("failed_auth_per_address", self.failed_auth_per_address),
+            (
+                "failed_auth_per_credential",
+                self.failed_auth_per_credential,
+            ),
+            ("agent_rpcs_per_token", self.agent_rpcs_per_token),
+        ] {
+            if r.per_minute == 0 || r.burst == 0 {
+                return Err(format!(
+                    "rate_limits.{name}: per_minute and burst must be positive"
+                ));
+            }
+        }
+        if self.max_tracked_keys < 1024 {
+            return Err("rate_limits.max_tracked_keys must be at least 1024".into());
+        }
+        if self.refusal_log_interval.is_zero() {
+            return Err("rate_limits.refusal_log_interval must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// The guards of kas's listeners; they share one refusal sampler and one set of counters.
+#[derive(Debug, Clone)]
+pub struct Guards {
+    pub agent: Arc<AuthGuard>,
+    pub kubernetes_api: Arc<AuthGuard>,
+    pub admin: Arc<AuthGuard>,
+    pub webhooks: Arc<AuthGuard>,
+    sampler: Arc<RefusalSampler>,
+}
+
+impl Guards {
+    /// Builds the guards and registers their metrics.
+    pub fn new(cfg: &RateLimits, metrics: &mut MetricsRegistry) -> Self {
+        let counters = GuardMetrics::default();
+        counters.register(metrics);
+        let sampler = Arc::new(RefusalSampler::new(
+            cfg.refusal_log_interval,
+            cfg.max_tracked_keys,
+        ));
+        let limits = GuardLimits {
+            failed_per_address: cfg.failed_auth_per_address.rate(),
+            failed_per_credential: cfg.failed_auth_per_credential.rate(),
+            per_credential: None,
+            max_keys: cfg.max_tracked_keys,
+        };
+        let guard = |listener, limits| {
+            Arc::new(AuthGuard::new(
+                listener,
+                limits,
+                Arc::clone(&sampler),
+                counters.clone(),
+            ))
+        };
+        let agent_limits = GuardLimits {
+            per_credential: Some(cfg.agent_rpcs_per_token.rate()),
+            ..limits
+        };
+        Self {
+            agent: guard("agent", agent_limits),
+            kubernetes_api: guard("kubernetes_api", limits),
+            admin: guard("admin", limits),
+            webhooks: guard("webhook", limits),
+            sampler: Arc::clone(&sampler),
+        }
+    }
+
+    /// Logs "N more refusals from X" for every sampling window that ended, until `stop`.
+    pub fn spawn_summaries(&self, stop: CancellationToken) -> JoinHandle<()> {
+        let sampler = Arc::clone(&self.sampler);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sampler.window());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => tether_guard::log_summaries(&sampler, Instant::now()),
+                    () = stop.cancelled() => break,
+                }
+            }
+        })
+    }
+}
+
+/// A guard in front of HTTP routes, with where their credential is.
+#[derive(Clone)]
+pub struct HttpGuard {
+    pub guard: Arc<AuthGuard>,
+    pub credential: fn(&HeaderMap) -> Option<&[u8]>,
+}
+
+impl std::fmt::Debug for HttpGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpGuard")
+            .field("listener", &self.guard.listener())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The admin API's credential: `Authorization: Bearer <admin token>`.
+pub fn bearer_credential(h: &HeaderMap) -> Option<&[u8]> {
+    let v = h.get(header::AUTHORIZATION)?.as_bytes();
+    Some(v.strip_prefix(b"Bearer ").unwrap_or(v))
+}
+
+/// A webhook's credential: GitLab's shared secret. Signatures (GitHub, Gitea) change with every
+/// body, so only the address counts for them.
+pub fn webhook_credential(h: &HeaderMap) -> Option<&[u8]> {
+    h.get(tether_git_source::webhook::GITLAB_TOKEN_HEADER)
+        .map(HeaderValue::as_bytes)
+}
+
+/// Middleware: refuses with 429 a client or credential over its failure limit before the route
+/// runs, and counts the route's 401s as failures. The client address comes from axum's
+/// `ConnectInfo<SocketAddr>` (the listener must be served with connect info; without it only
+/// per-credential limits apply).
+pub async fn guard_http(State(g): State<HttpGuard>, req: Request, next: Next) -> Response {
+    let address = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let credential = (g.credential)(req.headers()).map(Fingerprint::of);
+    if let Err(l) = g.guard.admit(address, credential) {
+        return too_many_requests(&l);
+    }
+    let response = next.run(req).await;
+    if response.status() == StatusCode::UNAUTHORIZED {
+        let reason = if credential.is_some() {
+            "invalid_credentials"
+        } else {
+            "missing_credentials"
+        };
+        g.guard
+            .refused(address, credential, reason, "401 Unauthorized");
+    }
+    response
+}
+
+/// 429 with `Retry-After` and a JSON error like the API's others.
+fn too_many_requests(l: &Limited) -> Response {
+    let mut r = (
+        StatusCode::TOO_MANY_REQUESTS,
+        axum::Json(serde_json::json!({"error": l.message()})),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(l.retry_after_secs()));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_zero_rates_do_not() {
+        assert_eq!(RateLimits::default().validate(), Ok(()));
+        let mut c = RateLimits::default();
+        c.agent_rpcs_per_token.burst = 0;
+        let e = c.validate().expect_err("zero burst");
+        assert!(e.contains("agent_rpcs_per_token"), "{e}");
+    }
+
+    #[test]
+    fn the_bearer_prefix_is_not_part_of_the_credential() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer_credential(&h), Some(&b"abc"[..]));
+        assert_eq!(webhook_credential(&h), None);
+    }
+}
