@@ -12,7 +12,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use bytes::Bytes;
@@ -29,17 +29,21 @@ use crate::tunnel::ci_job_token;
 use crate::util::{HttpsClient, get, git_init_commit, https_client, spawn};
 
 /// Valid requests measured per phase.
-const REQUESTS: usize = 200;
+const REQUESTS: usize = 400;
 /// Flooders per target (proxy, agent listener).
 const WAYS_EACH: usize = 3;
+/// The valid client measures for at least this long during the flood: past the flood's first
+/// burst, into its steady state.
+const FLOOD_TIME: Duration = Duration::from_secs(3);
 const FLOODER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 /// Limits no flood reaches: kas as it was before rate limiting.
 const NO_LIMITS: &str = "rate_limits:\n  failed_auth_per_address: {per_minute: 100000000, burst: 100000000}\n  failed_auth_per_credential: {per_minute: 100000000, burst: 100000000}\n";
 
-/// Median of `REQUESTS` sequential GETs, in milliseconds.
-async fn median(c: &HttpsClient, url: &str, auth: &str) -> Result<f64> {
+/// Median of sequential GETs (at least `REQUESTS`, for at least `min_time`), in milliseconds.
+async fn median(c: &HttpsClient, url: &str, auth: &str, min_time: Duration) -> Result<f64> {
     let mut v = Vec::with_capacity(REQUESTS);
-    for _ in 0..REQUESTS {
+    let started = Instant::now();
+    while v.len() < REQUESTS || started.elapsed() < min_time {
         let t = Instant::now();
         get(c, url, auth).await?;
         v.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -74,6 +78,12 @@ struct FloodCounts {
 }
 
 impl FloodCounts {
+    fn total(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+            + self.limited.load(Ordering::Relaxed)
+            + self.other.load(Ordering::Relaxed)
+    }
+
     fn count(&self, refused: bool, limited: bool) {
         let c = match (refused, limited) {
             (true, _) => &self.refused,
@@ -165,6 +175,23 @@ struct Target {
     wrong_agent_tokens: Arc<Vec<String>>,
 }
 
+/// Runs the six flooders on their own threads and runtime (as if on another machine: the
+/// valid client's runtime is not the one kept busy), until `stop` is set.
+fn spawn_flood(t: Target, stop: Arc<Stop>) -> std::thread::JoinHandle<Result<()>> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            for task in start_flood(&t, &stop).await? {
+                task.await?;
+            }
+            Ok(())
+        })
+    })
+}
+
 /// Starts the six flooders; they run until `stop` is set.
 async fn start_flood(t: &Target, stop: &Arc<Stop>) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let https = flooder_https(&t.ca_pem)?;
@@ -185,24 +212,28 @@ async fn start_flood(t: &Target, stop: &Arc<Stop>) -> Result<Vec<tokio::task::Jo
 }
 
 /// Median alone, median during the flood, and what the flood got.
-async fn measure(http: &HttpsClient, url: &str, auth: &str, t: &Target) -> Result<Value> {
+async fn measure(http: &HttpsClient, url: &str, auth: &str, t: Target) -> Result<Value> {
     // Warm: connections open, the CI token verified and remembered.
     for _ in 0..20 {
         get(http, url, auth).await?;
     }
-    let alone = median(http, url, auth).await?;
+    let alone = median(http, url, auth, Duration::ZERO).await?;
     let stop = Arc::new(Stop {
         stop: AtomicBool::new(false),
         counts: FloodCounts::default(),
     });
-    let flooders = start_flood(t, &stop).await?;
+    let flood = spawn_flood(t, Arc::clone(&stop));
+    // The flood under way before measuring, so no valid request runs before it starts.
+    while stop.counts.total() < 100 && !flood.is_finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let started = Instant::now();
-    let during = median(http, url, auth).await;
+    let during = median(http, url, auth, FLOOD_TIME).await;
     stop.stop.store(true, Ordering::Relaxed);
     let seconds = started.elapsed().as_secs_f64();
-    for f in flooders {
-        f.await?;
-    }
+    flood
+        .join()
+        .map_err(|_| anyhow::anyhow!("a flooder panicked"))??;
     let during = during?;
     let c = &stop.counts;
     let (refused, limited, other) = (
@@ -260,7 +291,7 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
             "https://localhost:{}/api/v1/namespaces/{}/configmaps/one",
             kas.k8s_port, ctx.ns
         );
-        out[name] = measure(&http, &url, &format!("Bearer ci:{id}:{jwt}"), &target).await?;
+        out[name] = measure(&http, &url, &format!("Bearer ci:{id}:{jwt}"), target).await?;
     }
     Ok(out)
 }
@@ -271,7 +302,7 @@ pub const FLOOD_RATIO: f64 = 2.0;
 /// The section's table.
 pub fn table(out: &mut String, c: &Value) {
     use std::fmt::Write as _;
-    out.push_str("Median of 200 sequential valid GETs of one ConfigMap through kas (CI job token, `grpc` tunnel) from 127.0.0.1, alone and while six flooders on 127.0.0.2 send bad credentials as fast as they can (three: CI job tokens with a forged ES256 signature to the proxy; three: wrong agent tokens of the right shape to the agent listener). With kas's default `rate_limits`, and with limits so high they never act.\n\n");
+    out.push_str("Median of sequential valid GETs of one ConfigMap through kas (CI job token, `grpc` tunnel) from 127.0.0.1: 400 alone, then at least 400 and for at least 3 s while six flooders on 127.0.0.2 (their own threads and runtime) send bad credentials as fast as kas answers them (three: CI job tokens with a forged ES256 signature to the proxy; three: wrong agent tokens of the right shape to the agent listener). With kas's default `rate_limits` (rate-limited answers held 1 s), and with limits so high they never act (kas before rate limiting). Each flooder waits for its answer, like the flood that found the problem; a flood over many more connections is bounded by the listeners' connection caps instead.\n\n");
     out.push_str("| limits | alone p50 ms | during flood p50 ms | **ratio** | flood requests | refused (401 / UNAUTHENTICATED) | rate-limited (429 / RESOURCE_EXHAUSTED) |\n|---|---|---|---|---|---|---|\n");
     for (name, label) in [("limited", "default"), ("unlimited", "none")] {
         let r = &c["flood"][name];

@@ -12,12 +12,15 @@
 //!   agent listener's per-token quota;
 //! - logs refusals with the client address, sampled by [`RefusalSampler`] so a flood cannot fill
 //!   the disk, and never with the credential;
-//! - counts refusals and rate-limited requests in [`GuardMetrics`].
+//! - counts refusals and rate-limited requests in [`GuardMetrics`];
+//! - holds the answer to a rate-limited request for a moment ([`Tarpit`]) so a client that
+//!   ignores `Retry-After` cannot turn cheap refusals into a flood at full speed.
 
 mod keys;
 mod limiter;
 mod metrics;
 mod sampler;
+mod tarpit;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -27,6 +30,7 @@ pub use keys::{Fingerprint, address_key};
 pub use limiter::{Rate, RateLimiter};
 pub use metrics::GuardMetrics;
 pub use sampler::{RefusalSampler, Sample, SampleKey, Summary};
+pub use tarpit::Tarpit;
 
 /// The limits of one listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +96,14 @@ impl Limited {
     }
 }
 
+/// What the guards of all listeners share.
+#[derive(Debug, Clone)]
+pub struct GuardShared {
+    pub sampler: Arc<RefusalSampler>,
+    pub metrics: GuardMetrics,
+    pub tarpit: Tarpit,
+}
+
 /// One listener's limits, sampled refusal log and counters.
 #[derive(Debug)]
 pub struct AuthGuard {
@@ -101,16 +113,12 @@ pub struct AuthGuard {
     by_credential: Option<RateLimiter<Fingerprint>>,
     sampler: Arc<RefusalSampler>,
     metrics: GuardMetrics,
+    tarpit: Tarpit,
 }
 
 impl AuthGuard {
-    /// `sampler` and `metrics` are shared by all listeners; `listener` labels this one.
-    pub fn new(
-        listener: &'static str,
-        limits: GuardLimits,
-        sampler: Arc<RefusalSampler>,
-        metrics: GuardMetrics,
-    ) -> Self {
+    /// `listener` labels this guard in logs and metrics.
+    pub fn new(listener: &'static str, limits: GuardLimits, shared: GuardShared) -> Self {
         Self {
             listener,
             failed_by_address: RateLimiter::new(limits.failed_per_address, limits.max_keys),
@@ -118,9 +126,16 @@ impl AuthGuard {
             by_credential: limits
                 .per_credential
                 .map(|r| RateLimiter::new(r, limits.max_keys)),
-            sampler,
-            metrics,
+            sampler: shared.sampler,
+            metrics: shared.metrics,
+            tarpit: shared.tarpit,
         }
+    }
+
+    /// Call before answering a request [`AuthGuard::admit`] refused: waits a moment (see
+    /// [`Tarpit`]).
+    pub async fn hold(&self) {
+        self.tarpit.hold().await;
     }
 
     pub fn listener(&self) -> &'static str {
@@ -296,8 +311,11 @@ mod tests {
                 per_credential: quota,
                 max_keys: 100,
             },
-            Arc::new(RefusalSampler::new(Duration::from_secs(60), 100)),
-            GuardMetrics::default(),
+            GuardShared {
+                sampler: Arc::new(RefusalSampler::new(Duration::from_secs(60), 100)),
+                metrics: GuardMetrics::default(),
+                tarpit: Tarpit::new(Duration::ZERO, 1),
+            },
         )
     }
 

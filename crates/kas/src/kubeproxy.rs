@@ -388,6 +388,7 @@ impl Proxy {
             .get(header::AUTHORIZATION)
             .map(|v| tether_guard::Fingerprint::of(v.as_bytes()));
         if let Err(l) = self.guard.admit(address, credential) {
+            self.guard.hold().await;
             let mut r = status(
                 StatusCode::TOO_MANY_REQUESTS,
                 "TooManyRequests",

@@ -20,6 +20,9 @@
 //!   the tunnel benchmark on 2 cores; GitLab's 40,000/min (667/s) would throttle that. 10,000/s
 //!   is 3× that and more than one kas core can route, so a real agentk never meets it; it
 //!   bounds a copied or runaway token, while wrong tokens are the failure limits' job.
+//! - **Rate-limited answers held 1 s** (at most 1,024 at once): a client that ignores
+//!   `Retry-After` then sends about one request a second per connection instead of thousands of
+//!   cheap refusals that still cost TLS and parsing; legitimate clients were refused anyway.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,7 +35,8 @@ use axum::response::{IntoResponse, Response};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use serde::Deserialize;
 use tether_guard::{
-    AuthGuard, Fingerprint, GuardLimits, GuardMetrics, Limited, Rate, RefusalSampler,
+    AuthGuard, Fingerprint, GuardLimits, GuardMetrics, GuardShared, Limited, Rate, RefusalSampler,
+    Tarpit,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -53,7 +57,14 @@ pub struct RateLimits {
     /// summarised at its end.
     #[serde(with = "humantime_serde")]
     pub refusal_log_interval: Duration,
+    /// How long the answer to a rate-limited request is held (zero: answered at once).
+    #[serde(with = "humantime_serde")]
+    pub limited_response_delay: Duration,
 }
+
+/// Rate-limited requests held at once (see [`tether_guard::Tarpit`]); beyond this they are
+/// answered at once, so a flood over many connections cannot pile up sleeping tasks.
+const MAX_HELD_REFUSALS: usize = 1024;
 
 /// A rate: `burst` at once, refilled at `per_minute`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -86,6 +97,7 @@ impl Default for RateLimits {
             },
             max_tracked_keys: 65_536,
             refusal_log_interval: Duration::from_secs(60),
+            limited_response_delay: Duration::from_secs(1),
         }
     }
 }
@@ -130,26 +142,22 @@ pub struct Guards {
 impl Guards {
     /// Builds the guards and registers their metrics.
     pub fn new(cfg: &RateLimits, metrics: &mut MetricsRegistry) -> Self {
-        let counters = GuardMetrics::default();
-        counters.register(metrics);
-        let sampler = Arc::new(RefusalSampler::new(
-            cfg.refusal_log_interval,
-            cfg.max_tracked_keys,
-        ));
+        let shared = GuardShared {
+            sampler: Arc::new(RefusalSampler::new(
+                cfg.refusal_log_interval,
+                cfg.max_tracked_keys,
+            )),
+            metrics: GuardMetrics::default(),
+            tarpit: Tarpit::new(cfg.limited_response_delay, MAX_HELD_REFUSALS),
+        };
+        shared.metrics.register(metrics);
         let limits = GuardLimits {
             failed_per_address: cfg.failed_auth_per_address.rate(),
             failed_per_credential: cfg.failed_auth_per_credential.rate(),
             per_credential: None,
             max_keys: cfg.max_tracked_keys,
         };
-        let guard = |listener, limits| {
-            Arc::new(AuthGuard::new(
-                listener,
-                limits,
-                Arc::clone(&sampler),
-                counters.clone(),
-            ))
-        };
+        let guard = |listener, limits| Arc::new(AuthGuard::new(listener, limits, shared.clone()));
         let agent_limits = GuardLimits {
             per_credential: Some(cfg.agent_rpcs_per_token.rate()),
             ..limits
@@ -159,7 +167,7 @@ impl Guards {
             kubernetes_api: guard("kubernetes_api", limits),
             admin: guard("admin", limits),
             webhooks: guard("webhook", limits),
-            sampler: Arc::clone(&sampler),
+            sampler: Arc::clone(&shared.sampler),
         }
     }
 
@@ -218,6 +226,7 @@ pub async fn guard_http(State(g): State<HttpGuard>, req: Request, next: Next) ->
         .map(|c| c.0.ip());
     let credential = (g.credential)(req.headers()).map(Fingerprint::of);
     if let Err(l) = g.guard.admit(address, credential) {
+        g.guard.hold().await;
         return too_many_requests(&l);
     }
     let response = next.run(req).await;

@@ -100,8 +100,11 @@ async fn authenticate_from(
         _ => None,
     };
     // Before the store is asked: a flood of bad tokens must cost a hash, not a look-up.
-    if let Some(g) = guard {
-        g.admit(address, fingerprint).map_err(exhausted)?;
+    if let Some(g) = guard
+        && let Err(l) = g.admit(address, fingerprint)
+    {
+        g.hold().await;
+        return Err(exhausted(l));
     }
     let refuse = |reason: &'static str, message: &'static str| {
         if let Some(g) = guard {
