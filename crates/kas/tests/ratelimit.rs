@@ -448,7 +448,7 @@ async fn wrong_admin_tokens_and_webhook_secrets_are_limited_per_address() {
         Client::builder(TokioExecutor::new()).build(connector(FLOODER));
     let hook = format!(
         "http://127.0.0.1:{}/webhooks/projects/{}",
-        kas.api_port, p.id
+        kas.webhook_port, p.id
     );
     let mut codes = std::collections::BTreeMap::<u16, usize>::new();
     let started = std::time::Instant::now();
