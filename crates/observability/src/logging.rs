@@ -73,6 +73,26 @@ impl Fields {
     }
 }
 
+/// One JSON object per line with `level`, `time` and `msg` first, as GitLab's agentk writes
+/// them (users grep for `{"level":"info","time":…,"msg":…`), then the other fields by name.
+fn json_line(mut obj: Map<String, Value>) -> String {
+    let mut line = String::from("{");
+    let leading: Vec<(String, Value)> = ["level", "time", "msg"]
+        .into_iter()
+        .filter_map(|k| obj.remove(k).map(|v| (k.to_string(), v)))
+        .collect();
+    for (i, (k, v)) in leading.into_iter().chain(obj).enumerate() {
+        if i > 0 {
+            line.push(',');
+        }
+        line.push_str(&Value::from(k).to_string());
+        line.push(':');
+        line.push_str(&v.to_string());
+    }
+    line.push_str("}\n");
+    line
+}
+
 fn level_name(l: &Level) -> &'static str {
     match *l {
         Level::ERROR => "error",
@@ -154,8 +174,7 @@ where
                 Value::from(mod_from_target(meta.target())),
             );
         }
-        let mut line = Value::Object(obj).to_string();
-        line.push('\n');
+        let line = json_line(obj);
         let mut out = self
             .out
             .lock()
@@ -263,6 +282,27 @@ mod tests {
         assert_eq!(l[0]["agent_id"], 7);
         assert_eq!(l[0]["feature_name"], "tunnel");
         assert!(l[0]["time"].as_str().is_some_and(|t| t.contains('T')));
+    }
+
+    #[test]
+    fn lines_start_with_level_time_and_msg_as_gitlab_agentk_writes_them() {
+        let buf = Buf::default();
+        let (filter, _h) = reload::Layer::new(LevelFilter::INFO);
+        let sub = tracing_subscriber::registry()
+            .with(filter)
+            .with(JsonLayer::new(buf.clone()));
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!(agent_id = 1_i64, commit_id = "abc", "Synchronizing objects");
+        });
+        let bytes = buf.0.lock().expect("lock").clone();
+        let text = String::from_utf8(bytes).expect("utf-8");
+        assert!(text.starts_with(r#"{"level":"info","time":""#), "{text}");
+        let msg_at = text
+            .find(r#","msg":"Synchronizing objects","#)
+            .expect("msg");
+        let agent_at = text.find(r#""agent_id":1"#).expect("agent_id");
+        assert!(msg_at < agent_at, "{text}");
+        assert_eq!(lines(&buf)[0]["commit_id"], "abc");
     }
 
     #[test]
