@@ -99,19 +99,11 @@ async fn rig(
         },
     )
     .await;
-    for (path, repo) in [
+    kas.set_projects(&[
         ("group/config", &config_repo),
         ("group/manifests", &manifests),
-    ] {
-        kas.admin
-            .set_project(&ProjectRequest {
-                path: path.into(),
-                remote: Some(repo.dir.display().to_string()),
-                ..ProjectRequest::default()
-            })
-            .await
-            .unwrap();
-    }
+    ])
+    .await;
     let t = kas
         .admin
         .register_agent("group/config", "seed")

@@ -359,31 +359,7 @@ async fn kubectl_works_through_kas_as_the_ci_job() {
     assert!(list["items"].as_array().unwrap().len() >= 200);
 
     // get -w sees a change made later.
-    let mut watch = s.kubectl(&jwt);
-    let mut child = watch
-        .args([
-            "get",
-            "configmaps",
-            "-n",
-            &s.allowed,
-            "-w",
-            "-o",
-            "name",
-            "--watch-only",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = spawn_watch(&s, &format!("ci:{}:{jwt}", s.agent_id), &s.allowed);
     // Create until the watch reports it (the watch may start after the first create).
     wait_for("the watch to see the new ConfigMap", Duration::from_secs(30), || {
         let _ = s.env.apply_yaml(&format!(

@@ -7,7 +7,6 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kas::api::ProjectRequest;
 use support::{Agent, GitRepo, Kas, KasOptions};
 use tether_testenv::tmpfs::Tmpfs;
 
@@ -114,16 +113,8 @@ users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: h\n  context:\n    
         },
     )
     .await;
-    for (path, repo) in [("group/config", &config), ("group/manifests", &manifests)] {
-        kas.admin
-            .set_project(&ProjectRequest {
-                path: path.into(),
-                remote: Some(repo.dir.display().to_string()),
-                ..ProjectRequest::default()
-            })
-            .await
-            .unwrap();
-    }
+    kas.set_projects(&[("group/config", &config), ("group/manifests", &manifests)])
+        .await;
     let t = kas
         .admin
         .register_agent("group/config", "stuck")

@@ -259,6 +259,20 @@ impl Kas {
         assert!(self.spawn().await, "kas did not restart:\n{}", self.log());
     }
 
+    /// Points each project `path` at the repository `repo`.
+    pub async fn set_projects(&self, projects: &[(&str, &GitRepo)]) {
+        for (path, repo) in projects {
+            self.admin
+                .set_project(&kas::api::ProjectRequest {
+                    path: (*path).into(),
+                    remote: Some(repo.dir.display().to_string()),
+                    ..kas::api::ProjectRequest::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+
     /// The running process's id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
