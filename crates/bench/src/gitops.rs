@@ -176,6 +176,10 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
             "  - id: {}\n    default_namespace: {}\n    paths:\n    - glob: '{GLOB}'\n",
             p.path, p.gitops_ns
         ));
+        // The prune measurement uses background propagation, the default of Flux and cli-utils:
+        // with GitLab's default (foreground) the time is kube-controller-manager's garbage
+        // collection of the Deployments' ReplicaSets and Pods (20 QPS), not the agent's work.
+        yaml.push_str("    prune_propagation_policy: background\n");
     }
     yaml.push_str("observability:\n  logging:\n    level: info\n");
     std::fs::write(agent_dir.join("config.yaml"), yaml)?;

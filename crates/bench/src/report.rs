@@ -449,7 +449,7 @@ fn targets(out: &mut String, c: &Value, runs: &[Value]) {
     let prune = &c["gitops"]["prune"];
     let line = match (f(&prune["seconds"]), apply_1000) {
         (Some(p), Some(a)) if a > 0.0 => format!(
-            "{} (pruning {} objects {p:.2} s, applying 1,000 {a:.2} s)",
+            "{} (pruning {} objects {p:.2} s with background propagation, applying 1,000 {a:.2} s)",
             verdict(p / a, PRUNE_RATIO, true, "×", 2),
             thousands(prune["pruned"].as_u64().unwrap_or(0))
         ),
