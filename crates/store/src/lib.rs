@@ -1,7 +1,9 @@
-//! kas's records: projects, agents and tokens (stored only as SHA-256 digests). SQLite embedded
-//! by default; PostgreSQL when kas scales out.
+//! kas's records: projects and where their repositories are, agents, agent tokens and personal
+//! access tokens (both stored only as SHA-256 digests), and each agent's last sync reports and
+//! configuration state (so `kas agent status` survives a restart).
 //!
-//! kas holds an `Arc<dyn Store>`; [`SqliteStore`] is the only implementation so far.
+//! kas holds an `Arc<dyn Store>`; [`SqliteStore`], embedded, is the only implementation today.
+//! The trait is the seam for a PostgreSQL backend (several kas replicas), which is not built.
 
 mod error;
 mod model;
