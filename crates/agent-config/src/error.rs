@@ -141,86 +141,30 @@ fn strip_location_suffix(message: String) -> String {
 pub(crate) fn from_yaml(err: &serde_saphyr::Error, path: &str) -> ConfigError {
     let err = err.without_snippet();
     let position = known_line(err.location());
-    let at = |path: String, message: String| ConfigError::Invalid {
-        path: root_if_empty(&path),
-        line: position.map(|(line, _)| line),
+    if let Some((path, message)) = key_problem(err, path) {
+        return ConfigError::Invalid {
+            path: root_if_empty(&path),
+            line: position.map(|(line, _)| line),
+            message,
+        };
+    }
+    let whole_mapping = |message: String| ConfigError::Invalid {
+        path: root_if_empty(path),
+        line: None,
         message,
     };
     match err {
-        serde_saphyr::Error::SerdeUnknownField {
-            field, expected, ..
-        } => at(
-            // The tracked path usually ends at the unknown key already; make sure it does.
-            if path == field.as_str() || path.ends_with(&format!(".{field}")) {
-                path.to_owned()
-            } else {
-                child_path(path, field)
-            },
-            format!("unknown key {field:?}, expected one of {}", list(expected)),
-        ),
-        serde_saphyr::Error::SerdeUnknownVariant {
-            variant, expected, ..
-        } => at(
-            path.to_owned(),
-            format!(
-                "unknown variant {variant:?}, expected one of {}",
-                list(expected)
-            ),
-        ),
         // The library notices a missing key at the end of its mapping, which can be several
         // lines further down; the line is left out here so that `locate` fills in the line
         // of the mapping's own key instead.
-        serde_saphyr::Error::SerdeMissingField { field, .. } => ConfigError::Invalid {
-            path: root_if_empty(path),
-            line: None,
-            message: format!("missing required key {field:?}"),
-        },
-        serde_saphyr::Error::SerdeInvalidType {
-            unexpected,
-            expected,
-            ..
-        } => at(
-            path.to_owned(),
-            format!("invalid type: {unexpected}, expected {expected}"),
-        ),
-        serde_saphyr::Error::SerdeInvalidValue {
-            unexpected,
-            expected,
-            ..
-        } => at(
-            path.to_owned(),
-            format!("invalid value: {unexpected}, expected {expected}"),
-        ),
-        serde_saphyr::Error::DuplicateMappingKey { key, .. } => {
-            // The path tracker could not name the repeated key (it ends in `?`); we can.
-            let parent = path.strip_suffix('?').unwrap_or(path).trim_end_matches('.');
-            match key {
-                Some(key) => at(child_path(parent, key), format!("duplicate key {key:?}")),
-                None => at(parent.to_owned(), "duplicate key".to_owned()),
-            }
+        serde_saphyr::Error::SerdeMissingField { field, .. } => {
+            whole_mapping(format!("missing required key {field:?}"))
         }
-        serde_saphyr::Error::Unexpected { expected, .. } => at(
-            path.to_owned(),
-            match *expected {
-                "mapping start" => "invalid type, expected a mapping (key: value)".to_owned(),
-                "sequence start" => "invalid type, expected a list".to_owned(),
-                other => format!("invalid type, expected {other}"),
-            },
-        ),
-        serde_saphyr::Error::InvalidBooleanStrict { .. } => at(
-            path.to_owned(),
-            "invalid boolean, expected true or false".to_owned(),
-        ),
-        serde_saphyr::Error::InvalidScalar { ty, .. } => {
-            let expected = match *ty {
-                "boolean" | "bool" => "true or false",
-                "integer" | "i64" | "u64" | "i32" | "u32" => "an integer",
-                other => other,
-            };
-            at(
-                path.to_owned(),
-                format!("invalid value, expected {expected}"),
-            )
+        // Custom messages come from our `TryFrom` conversions (one-of rules) and
+        // `deserialize_with` functions; like missing keys they are about a whole mapping, so
+        // they get the line of the mapping's key.
+        serde_saphyr::Error::Message { msg, .. } => {
+            whole_mapping(strip_location_suffix(msg.clone()))
         }
         // Parser (scanner) failures and structural problems are about the text, not a key.
         serde_saphyr::Error::ExternalMessage { source, msg, .. }
@@ -237,17 +181,73 @@ pub(crate) fn from_yaml(err: &serde_saphyr::Error, path: &str) -> ConfigError {
         | serde_saphyr::Error::IOError { .. } => {
             syntax(position, strip_location_suffix(err.to_string()))
         }
-        // Custom messages come from our `TryFrom` conversions (one-of rules) and
-        // `deserialize_with` functions; like missing keys they are about a whole mapping, so
-        // they get the line of the mapping's key.
-        serde_saphyr::Error::Message { msg, .. } => ConfigError::Invalid {
-            path: root_if_empty(path),
-            line: None,
-            message: strip_location_suffix(msg.clone()),
-        },
         // Anything else the library reports while a value is being read belongs to the key
         // being read.
-        _ => at(path.to_owned(), strip_location_suffix(err.to_string())),
+        _ => ConfigError::Invalid {
+            path: root_if_empty(path),
+            line: position.map(|(line, _)| line),
+            message: strip_location_suffix(err.to_string()),
+        },
+    }
+}
+
+/// The key path and message of an error about one key's name or value (reported at the line
+/// where the library found it); `None` for errors about a whole mapping or the text.
+fn key_problem(err: &serde_saphyr::Error, path: &str) -> Option<(String, String)> {
+    let here = |message: String| Some((path.to_owned(), message));
+    match err {
+        serde_saphyr::Error::SerdeUnknownField {
+            field, expected, ..
+        } => Some((
+            // The tracked path usually ends at the unknown key already; make sure it does.
+            if path == field.as_str() || path.ends_with(&format!(".{field}")) {
+                path.to_owned()
+            } else {
+                child_path(path, field)
+            },
+            format!("unknown key {field:?}, expected one of {}", list(expected)),
+        )),
+        serde_saphyr::Error::SerdeUnknownVariant {
+            variant, expected, ..
+        } => here(format!(
+            "unknown variant {variant:?}, expected one of {}",
+            list(expected)
+        )),
+        serde_saphyr::Error::SerdeInvalidType {
+            unexpected,
+            expected,
+            ..
+        } => here(format!("invalid type: {unexpected}, expected {expected}")),
+        serde_saphyr::Error::SerdeInvalidValue {
+            unexpected,
+            expected,
+            ..
+        } => here(format!("invalid value: {unexpected}, expected {expected}")),
+        serde_saphyr::Error::DuplicateMappingKey { key, .. } => {
+            // The path tracker could not name the repeated key (it ends in `?`); we can.
+            let parent = path.strip_suffix('?').unwrap_or(path).trim_end_matches('.');
+            Some(match key {
+                Some(key) => (child_path(parent, key), format!("duplicate key {key:?}")),
+                None => (parent.to_owned(), "duplicate key".to_owned()),
+            })
+        }
+        serde_saphyr::Error::Unexpected { expected, .. } => here(match *expected {
+            "mapping start" => "invalid type, expected a mapping (key: value)".to_owned(),
+            "sequence start" => "invalid type, expected a list".to_owned(),
+            other => format!("invalid type, expected {other}"),
+        }),
+        serde_saphyr::Error::InvalidBooleanStrict { .. } => {
+            here("invalid boolean, expected true or false".to_owned())
+        }
+        serde_saphyr::Error::InvalidScalar { ty, .. } => here(format!(
+            "invalid value, expected {}",
+            match *ty {
+                "boolean" | "bool" => "true or false",
+                "integer" | "i64" | "u64" | "i32" | "u32" => "an integer",
+                other => other,
+            }
+        )),
+        _ => None,
     }
 }
 

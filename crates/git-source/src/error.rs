@@ -107,6 +107,40 @@ pub enum FetchError {
     },
 }
 
+// HTTP statuses are matched with their "status" prefix: a bare "403" also occurs in port numbers
+// and addresses (127.0.0.1:40317), which must not decide the classification.
+const AUTH_TEXT: &[&str] = &[
+    "authentication",
+    "unauthorized",
+    "status 401",
+    "status 403",
+    "forbidden",
+    "credentials",
+    "permission denied",
+];
+const NOT_REPO_TEXT: &[&str] = &[
+    "not a git repository",
+    "no such repository",
+    "does not appear to be a git repository",
+    "repository not found",
+    "not exported",
+    "access denied",
+    "status 404",
+    "not found",
+    "no such file or directory",
+];
+const UNREACHABLE_TEXT: &[&str] = &[
+    "connection refused",
+    "could not resolve",
+    "failed to lookup address",
+    "dns error",
+    "timed out",
+    "no route to host",
+    "network is unreachable",
+    "error trying to connect",
+    "connection reset",
+];
+
 /// Maps a gix fetch error to a [`FetchError`].
 ///
 /// gix reports transport failures through several layers (its classified errors, `std::io`
@@ -117,7 +151,29 @@ pub(crate) fn classify_fetch_error(
     has_credentials: bool,
     err: gix::Error,
 ) -> FetchError {
-    // Outer messages often already embed their source's text; keep each piece once.
+    let mut detail = error_chain(&err);
+    let remote = remote.to_owned();
+    let lower = detail.to_lowercase();
+    let mentions = |texts: &[&str]| texts.iter().any(|t| lower.contains(t));
+
+    if err.is_unauthenticated() || err.is_permission_denied() || mentions(AUTH_TEXT) {
+        if !has_credentials {
+            // gix's own wording here is about credential helpers, which we never use.
+            detail = format!("the remote requires credentials and none are configured ({detail})");
+        }
+        FetchError::Auth { remote, detail }
+    } else if unreachable_io(&err) || mentions(UNREACHABLE_TEXT) {
+        FetchError::Unreachable { remote, detail }
+    } else if mentions(NOT_REPO_TEXT) {
+        FetchError::NotARepository { remote, detail }
+    } else {
+        FetchError::Other { remote, detail }
+    }
+}
+
+/// The messages of an error and its sources joined with `: `. Outer messages often already
+/// embed their source's text; each piece is kept once.
+fn error_chain(err: &gix::Error) -> String {
     let mut detail = String::new();
     for message in err.iter_errors().map(ToString::to_string) {
         if !detail.contains(&message) {
@@ -127,14 +183,16 @@ pub(crate) fn classify_fetch_error(
             detail.push_str(&message);
         }
     }
-    let remote = remote.to_owned();
-    let lower = detail.to_lowercase();
+    detail
+}
 
+/// Whether an `std::io` error in the chain says the remote could not be reached.
+fn unreachable_io(err: &gix::Error) -> bool {
+    use std::io::ErrorKind as K;
     let io_kind = err
         .iter_errors()
         .find_map(|e| e.downcast_ref::<std::io::Error>().map(std::io::Error::kind));
-    use std::io::ErrorKind as K;
-    let unreachable_io = matches!(
+    matches!(
         io_kind,
         Some(
             K::ConnectionRefused
@@ -145,56 +203,5 @@ pub(crate) fn classify_fetch_error(
                 | K::NetworkUnreachable
                 | K::AddrNotAvailable
         )
-    );
-
-    // HTTP statuses are matched with their "status" prefix: a bare "403" also occurs in port
-    // numbers and addresses (127.0.0.1:40317), which must not decide the classification.
-    let auth_text = [
-        "authentication",
-        "unauthorized",
-        "status 401",
-        "status 403",
-        "forbidden",
-        "credentials",
-        "permission denied",
-    ];
-    let not_repo_text = [
-        "not a git repository",
-        "no such repository",
-        "does not appear to be a git repository",
-        "repository not found",
-        "not exported",
-        "access denied",
-        "status 404",
-        "not found",
-        "no such file or directory",
-    ];
-    let unreachable_text = [
-        "connection refused",
-        "could not resolve",
-        "failed to lookup address",
-        "dns error",
-        "timed out",
-        "no route to host",
-        "network is unreachable",
-        "error trying to connect",
-        "connection reset",
-    ];
-
-    if err.is_unauthenticated()
-        || err.is_permission_denied()
-        || auth_text.iter().any(|t| lower.contains(t))
-    {
-        if !has_credentials {
-            // gix's own wording here is about credential helpers, which we never use.
-            detail = format!("the remote requires credentials and none are configured ({detail})");
-        }
-        FetchError::Auth { remote, detail }
-    } else if unreachable_io || unreachable_text.iter().any(|t| lower.contains(t)) {
-        FetchError::Unreachable { remote, detail }
-    } else if not_repo_text.iter().any(|t| lower.contains(t)) {
-        FetchError::NotARepository { remote, detail }
-    } else {
-        FetchError::Other { remote, detail }
-    }
+    )
 }
