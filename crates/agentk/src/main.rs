@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use tether_transport::{ClientOptions, KasAddress};
+use tether_transport::{ClientOptions, KasAddress, NoProxy, ProxySettings, ProxyUrl};
 use tether_tunnel_agent::{AgentMeta, ConnState, EchoHandler, Handler, Pool, PoolConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,10 @@ struct Cli {
     /// Server name to verify in kas's certificate, when it differs from the address's host.
     #[arg(long)]
     tls_server_name: Option<String>,
+    /// HTTP proxy to reach kas through with CONNECT, `http://[user:password@]host:port`
+    /// (default: HTTPS_PROXY for grpcs/wss, HTTP_PROXY for grpc/ws; NO_PROXY is honoured).
+    #[arg(long)]
+    proxy_url: Option<String>,
     /// Kubeconfig for running outside a cluster (default: in-cluster configuration).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -85,6 +89,25 @@ struct Cli {
     /// How often replicas try to acquire or renew the lease.
     #[arg(long, default_value = "2s", value_parser = humantime_duration)]
     leader_election_retry_period: Duration,
+}
+
+/// The HTTP proxy settings: the flag (for every scheme), else the environment. The proxy in use
+/// is logged (without credentials) because a wrong one otherwise shows only as connect errors.
+fn proxy_settings(flag: Option<&str>, kas: &KasAddress) -> Result<ProxySettings> {
+    let settings = match flag {
+        Some(url) => {
+            let url = url.parse::<ProxyUrl>().context("--proxy-url")?;
+            let no_proxy = std::env::var("no_proxy")
+                .or_else(|_| std::env::var("NO_PROXY"))
+                .unwrap_or_default();
+            ProxySettings::all(url, NoProxy::parse(&no_proxy))
+        }
+        None => ProxySettings::from_env().context("proxy environment variables")?,
+    };
+    if let Some(proxy) = settings.for_host(kas.host(), kas.scheme().is_tls()) {
+        tracing::info!(proxy = %proxy, "Connecting to kas through an HTTP proxy");
+    }
+    Ok(settings)
 }
 
 /// The in-cluster namespace file (a Pod's own namespace).
@@ -233,6 +256,7 @@ async fn run(cli: Cli) -> Result<()> {
         ca_cert_file: cli.ca_cert_file.clone(),
         tls_server_name: cli.tls_server_name.clone(),
         keepalive_interval: cli.keepalive_interval,
+        proxy: proxy_settings(cli.proxy_url.as_deref(), &address)?,
         ..ClientOptions::default()
     };
     let channel = tether_transport::connect_lazy(&address, &opts)?;

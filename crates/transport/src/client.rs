@@ -13,6 +13,7 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::proxy::{ProxySettings, ProxyUrl, connect_via};
 use crate::tls::{ALPN_H2, ALPN_HTTP11, client_config};
 use crate::ws::{WS_SUBPROTOCOL, WsIo, ws_config};
 use crate::{BoxIo, Error, KasAddress, Result, Scheme};
@@ -33,6 +34,8 @@ pub struct ClientOptions {
     pub keepalive_timeout: Duration,
     /// Limit for TCP connect plus TLS and WebSocket handshakes.
     pub connect_timeout: Duration,
+    /// HTTP proxies to reach kas through (`CONNECT`); empty means direct.
+    pub proxy: ProxySettings,
 }
 
 impl Default for ClientOptions {
@@ -43,6 +46,7 @@ impl Default for ClientOptions {
             keepalive_interval: Duration::from_secs(55),
             keepalive_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(10),
+            proxy: ProxySettings::default(),
         }
     }
 }
@@ -110,6 +114,10 @@ fn prepare(addr: &KasAddress, opts: &ClientOptions) -> Result<(Endpoint, Arc<Dia
         endpoint,
         Arc::new(Dialer {
             addr: addr.clone(),
+            proxy: opts
+                .proxy
+                .for_host(addr.host(), addr.scheme().is_tls())
+                .cloned(),
             tls,
             connect_timeout: opts.connect_timeout,
         }),
@@ -118,13 +126,17 @@ fn prepare(addr: &KasAddress, opts: &ClientOptions) -> Result<(Endpoint, Arc<Dia
 
 struct Dialer {
     addr: KasAddress,
+    proxy: Option<ProxyUrl>,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for Dialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dialer").field("addr", &self.addr).finish()
+        f.debug_struct("Dialer")
+            .field("addr", &self.addr)
+            .field("proxy", &self.proxy)
+            .finish()
     }
 }
 
@@ -139,12 +151,16 @@ impl Dialer {
     }
 
     async fn dial_inner(&self) -> Result<BoxIo> {
-        let tcp = TcpStream::connect((self.addr.host(), self.addr.port()))
-            .await
-            .map_err(|source| Error::Connect {
-                address: self.addr.authority(),
-                source,
-            })?;
+        let tcp = match &self.proxy {
+            // TLS and the WebSocket handshake run inside the tunnel, end to end with kas.
+            Some(proxy) => connect_via(proxy, self.addr.host(), self.addr.port()).await?,
+            None => TcpStream::connect((self.addr.host(), self.addr.port()))
+                .await
+                .map_err(|source| Error::Connect {
+                    address: self.addr.authority(),
+                    source,
+                })?,
+        };
         // gRPC frames are small and latency-sensitive; Nagle would delay them.
         tcp.set_nodelay(true).map_err(Error::HandshakeIo)?;
 

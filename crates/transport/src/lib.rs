@@ -18,6 +18,7 @@ mod address;
 mod client;
 mod gate;
 pub mod limits;
+mod proxy;
 mod server;
 mod tls;
 mod ws;
@@ -26,6 +27,7 @@ pub use address::{KasAddress, Scheme};
 pub use client::{ClientOptions, connect, connect_lazy};
 pub use gate::{Admission, Gate};
 pub use limits::{CloseReason, ConnectionLimits, ListenerEvents, LogThrottle, Refusal};
+pub use proxy::{NoProxy, ProxyError, ProxySettings, ProxyUrl};
 pub use server::{
     AcceptOptions, AgentConnectInfo, AgentIo, DEFAULT_HANDSHAKE_TIMEOUT, Incoming, incoming,
     incoming_with, remote_addr_of,
@@ -90,6 +92,8 @@ pub enum Error {
     HandshakeIo(#[source] io::Error),
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
 
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
