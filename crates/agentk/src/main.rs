@@ -23,7 +23,7 @@ mod leader;
 #[derive(Parser, Debug)]
 #[command(
     name = "agentk",
-    version,
+    version = tether_build_info::LONG_VERSION,
     about = "The agent: connects a Kubernetes cluster to kas"
 )]
 struct Cli {

@@ -15,7 +15,7 @@ use kas::config::Config;
 #[derive(Parser, Debug)]
 #[command(
     name = "kas",
-    version,
+    version = tether_build_info::LONG_VERSION,
     about = "The agent server: accepts agentk connections and routes work to them"
 )]
 struct Cli {
