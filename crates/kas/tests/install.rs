@@ -5,10 +5,15 @@
 //! controllers, not agentk's in-cluster code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use serde_json::Value;
+use kas::api::ProjectRequest;
+use serde_json::{Value, json};
+use support::{Agent, GitRepo, Kas, KasOptions, Pki, wait_for};
 use tether_testenv::{TestEnv, run_output};
 
 fn repo_root() -> PathBuf {
@@ -542,4 +547,207 @@ fn the_kas_chart_is_accepted_by_the_cluster() {
             "{volume} from {secret}: {volumes:?}"
         );
     }
+}
+
+const CI_ISSUER: &str = "https://gitlab.install.test";
+const CI_AUDIENCE: &str = "https://kas.install.test";
+
+/// A CI job's OIDC ID token for project `group/app`, signed with a fresh key whose JWKS is
+/// written to `jwks` (the issuer kas is told to trust).
+fn ci_job_id_token(jwks: &Path) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let key = EncodingKey::from_ec_der(&pair.serialize_der());
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("install".into());
+    std::fs::write(jwks, json!({ "keys": [jwk] }).to_string()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("install".into());
+    let claims = json!({
+        "iss": CI_ISSUER, "aud": CI_AUDIENCE, "iat": now, "nbf": now - 5, "exp": now + 900,
+        "project_path": "group/app", "project_id": "42", "namespace_path": "group",
+        "job_id": "901", "pipeline_id": "900", "user_login": "alice",
+    });
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ci_job_installs_the_agentk_chart_through_kas_with_helm() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let agent_ns = env.create_namespace("ci-agent").unwrap();
+    let target = env.create_namespace("ci-helm").unwrap();
+    // The agent serving the job: outside the cluster, as a ServiceAccount bound to
+    // cluster-admin (the chart's default RBAC creates cluster-wide bindings, which only a
+    // holder of those rights may create).
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: deployer\n  namespace: {agent_ns}\n---\n\
+apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {agent_ns}-deployer\n\
+roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: cluster-admin\n\
+subjects:\n- kind: ServiceAccount\n  name: deployer\n  namespace: {agent_ns}\n"
+    ))
+    .unwrap();
+    let sa_token = run_output(env.kubectl().args([
+        "create",
+        "token",
+        "deployer",
+        "-n",
+        &agent_ns,
+        "--duration=1h",
+    ]))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent_kubeconfig = write(
+        dir.path(),
+        "agent.kubeconfig",
+        &env.token_kubeconfig(String::from_utf8(sa_token).unwrap().trim()),
+    );
+    let pki = Pki::generate(dir.path());
+    let jwks = dir.path().join("jwks.json");
+    let id_token = ci_job_id_token(&jwks);
+
+    // The agent lets jobs of group/app act with its own rights in the target namespace.
+    let config_repo = GitRepo::init(&dir.path().join("config"));
+    let c1 = config_repo.commit(
+        &[(
+            ".gitlab/agents/deployer/config.yaml",
+            Some(
+                format!("ci_access:\n  projects:\n  - id: group/app\n    default_namespace: {target}\n    access_as:\n      agent: {{}}\n")
+                    .as_bytes(),
+            ),
+        )],
+        "ci access",
+    );
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            git_poll: "1s",
+            kubernetes_api_extra: format!(
+                "  ci_issuers:\n  - issuer: {CI_ISSUER}\n    audience: {CI_AUDIENCE}\n    jwks:\n      file: {}\n  ca_file: {}\n",
+                jwks.display(),
+                pki.ca.display()
+            ),
+            k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    kas.admin
+        .set_project(&ProjectRequest {
+            path: "group/config".into(),
+            remote: Some(config_repo.dir.display().to_string()),
+            ..ProjectRequest::default()
+        })
+        .await
+        .unwrap();
+    let registered = kas
+        .admin
+        .register_agent("group/config", "deployer")
+        .await
+        .unwrap();
+    let agent = Agent::start_with(
+        dir.path(),
+        "deployer",
+        &kas.url("grpc"),
+        &registered.token,
+        None,
+        &["--kubeconfig", agent_kubeconfig.to_str().unwrap()],
+    );
+    agent.wait_log("Agent configuration applied", &c1).await;
+    // kas authorizes jobs with the configuration it holds: wait until it has this one.
+    wait_for(
+        "kas to hold the agent's configuration",
+        Duration::from_secs(30),
+        || async {
+            let a = kas.agent(registered.agent_id).await;
+            (a.connected && a.config.is_some_and(|c| c.commit == c1)).then_some(())
+        },
+    )
+    .await;
+
+    // The job: its kubeconfig from kas, then helm as the client, all through the tunnel.
+    let id_token_file = write(dir.path(), "id_token", &id_token);
+    let ci_kubeconfig = dir.path().join("ci.kubeconfig");
+    run_output(Command::new(env!("CARGO_BIN_EXE_kas")).args([
+        "kubeconfig",
+        &format!("--server=https://localhost:{}", kas.k8s_port),
+        &format!("--id-token-file={}", id_token_file.display()),
+        &format!("--ca-cert-file={}", pki.ca.display()),
+        &format!("--output={}", ci_kubeconfig.display()),
+    ]))
+    .unwrap();
+    let kc = std::fs::read_to_string(&ci_kubeconfig).unwrap();
+    assert!(
+        kc.contains(&format!("https://localhost:{}", kas.k8s_port)),
+        "the job talks to kas, not the API server: {kc}"
+    );
+    let job_helm = |args: &[&str]| {
+        let mut c = helm(&env);
+        c.arg("--kubeconfig")
+            .arg(&ci_kubeconfig)
+            .args([
+                "--kube-context",
+                "group/config:deployer",
+                "--namespace",
+                &target,
+            ])
+            .args(args);
+        String::from_utf8(run_output(&mut c).unwrap_or_else(|e| panic!("helm {args:?}: {e}")))
+            .unwrap()
+    };
+    let chart_dir = chart("agentk");
+    let values = ci_values("agentk", "default-values.yaml");
+    let install = [
+        "upgrade",
+        "--install",
+        "agentk",
+        chart_dir.to_str().unwrap(),
+        "-f",
+        values.to_str().unwrap(),
+        "--wait",
+        "--timeout=2m",
+    ];
+    job_helm(&install);
+    // What the job installed is in the cluster, seen with the admin's credentials.
+    wait_available(&env, &target, "agentk");
+    let d = get_json(&env, &["get", "deployment", "agentk", "-n", &target]);
+    assert_eq!(
+        d["metadata"]["annotations"]["meta.helm.sh/release-name"],
+        "agentk"
+    );
+    let crb = get_json(
+        &env,
+        &["get", "clusterrolebinding", &format!("{target}-agentk")],
+    );
+    assert_eq!(crb["roleRef"]["name"], "cluster-admin");
+
+    // An upgrade through the tunnel: two replicas bring a PodDisruptionBudget.
+    let mut upgrade = install.to_vec();
+    upgrade.extend(["--set", "replicas=2"]);
+    job_helm(&upgrade);
+    let status: Value =
+        serde_json::from_str(&job_helm(&["status", "agentk", "-o", "json"])).unwrap();
+    assert_eq!(status["version"], 2);
+    assert_eq!(status["info"]["status"], "deployed");
+    get_json(
+        &env,
+        &["get", "poddisruptionbudget", "agentk", "-n", &target],
+    );
+
+    // And an uninstall removes what the release made.
+    job_helm(&["uninstall", "agentk", "--wait", "--timeout=2m"]);
+    let gone = env
+        .kubectl()
+        .args(["get", "deployment", "agentk", "-n", &target])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("NotFound"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
 }
