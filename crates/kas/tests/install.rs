@@ -365,6 +365,61 @@ fn the_least_privilege_agentk_chart_grants_exactly_the_seeds_rights() {
 }
 
 #[test]
+fn an_existing_role_and_cluster_read_only_grant_what_they_say() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let agent_ns = env.create_namespace("agentk-role").unwrap();
+    let apps = env.create_namespace("apps").unwrap();
+    let other = env.create_namespace("other").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let names = write(
+        dir.path(),
+        "namespaces.yaml",
+        &format!("rbac:\n  namespaces: [{apps}]\n"),
+    );
+    let yaml = template(
+        &env,
+        "agentk",
+        "agentk",
+        &agent_ns,
+        &[ci_values("agentk", "existing-role-values.yaml"), names],
+    );
+    let objs = objects(&yaml);
+    assert!(
+        !kinds(&objs).contains(&"ServiceAccount".to_string()),
+        "serviceAccount.create: false"
+    );
+    let rb = find(&objs, "RoleBinding", Some(&apps), "agentk-write");
+    assert_eq!(rb["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(rb["roleRef"]["name"], "edit");
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o["kind"] == "Role" && o["metadata"]["name"] == "agentk-write"),
+        "the existing role replaces the generated ones"
+    );
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: platform-agent\n  namespace: {agent_ns}\n"
+    ))
+    .unwrap();
+    env.apply_yaml(&yaml).unwrap();
+    wait_available(&env, &agent_ns, "agentk");
+
+    let sa = format!("system:serviceaccount:{agent_ns}:platform-agent");
+    let yes = |args: &[&str]| assert!(can_i(&env, &sa, args), "expected yes: {args:?}");
+    let no = |args: &[&str]| assert!(!can_i(&env, &sa, args), "expected no: {args:?}");
+    // `edit` in the managed namespace: workloads, not RBAC.
+    yes(&["create", "deployments.apps", "-n", &apps]);
+    no(&["create", "roles.rbac.authorization.k8s.io", "-n", &apps]);
+    // `view` everywhere: reads, but neither Secrets nor writes.
+    yes(&["list", "deployments.apps", "--all-namespaces"]);
+    no(&["get", "secrets", "-n", &other]);
+    no(&["create", "deployments.apps", "-n", &other]);
+    // Its own needs in its namespace.
+    yes(&["create", "leases.coordination.k8s.io", "-n", &agent_ns]);
+    yes(&["create", "configmaps", "-n", &agent_ns]);
+}
+
+#[test]
 fn the_existing_secret_values_add_a_ca_a_pdb_and_a_service_monitor() {
     let env = TestEnv::from_env().expect("a running control plane");
     let yaml = template(
