@@ -541,6 +541,21 @@ fn the_kas_chart_is_accepted_by_the_cluster() {
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/liveness");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readiness");
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    // kas (and the admin commands run with `kubectl exec`) read the ConfigMap's file.
+    let config_env = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "KAS_CONFIGURATION_FILE")
+        .unwrap();
+    assert_eq!(config_env["value"], "/etc/kas/config/kas.yaml");
+    assert!(
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "config" && m["mountPath"] == "/etc/kas/config")
+    );
     env.apply_yaml(&yaml).unwrap();
     // The StatefulSet controller accepted the template and made the Pod's claim.
     run_output(env.kubectl().args([
