@@ -127,6 +127,18 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 #[test]
 fn both_charts_pass_helm_lint_with_every_ci_values_file() {
     let env = TestEnv::from_env().expect("a running control plane");
+    // The helm of testenv/versions.env, not whichever one is on PATH.
+    let pins = std::fs::read_to_string(repo_root().join("testenv/versions.env")).unwrap();
+    let pinned = pins
+        .lines()
+        .find_map(|l| l.strip_prefix("HELM_VERSION="))
+        .unwrap();
+    let version = run_output(helm(&env).args(["version", "--short"])).unwrap();
+    assert!(
+        String::from_utf8_lossy(&version).starts_with(pinned),
+        "helm {} is not the pinned {pinned}",
+        String::from_utf8_lossy(&version)
+    );
     for chart_name in ["agentk", "kas"] {
         let ci = chart(chart_name).join("ci");
         let mut files: Vec<PathBuf> = std::fs::read_dir(&ci)
