@@ -82,22 +82,71 @@ fn ci_values(chart_name: &str, file: &str) -> PathBuf {
     chart(chart_name).join("ci").join(file)
 }
 
-/// `kubectl auth can-i` as a ServiceAccount: the API server's own RBAC answer.
-fn can_i(env: &TestEnv, sa: &str, args: &[&str]) -> bool {
-    let out = env
-        .kubectl()
-        .args(["auth", "can-i", "--as", sa])
-        .args(args)
-        .output()
-        .unwrap();
-    // Exit status 1 with "no" is a refusal; anything else on stderr is a broken question.
-    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        answer == "yes" || answer == "no",
-        "can-i {args:?}: {answer} {}",
-        String::from_utf8_lossy(&out.stderr)
+/// RBAC questions about one ServiceAccount, answered by the API server (`kubectl auth can-i`).
+struct Rights<'a> {
+    env: &'a TestEnv,
+    user: String,
+}
+
+impl Rights<'_> {
+    fn of<'a>(env: &'a TestEnv, namespace: &str, sa: &str) -> Rights<'a> {
+        Rights {
+            env,
+            user: format!("system:serviceaccount:{namespace}:{sa}"),
+        }
+    }
+
+    fn can(&self, args: &[&str]) -> bool {
+        let out = self
+            .env
+            .kubectl()
+            .args(["auth", "can-i", "--as", &self.user])
+            .args(args)
+            .output()
+            .unwrap();
+        // Exit status 1 with "no" is a refusal; anything else on stderr is a broken question.
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            answer == "yes" || answer == "no",
+            "can-i {args:?}: {answer} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        answer == "yes"
+    }
+
+    fn yes(&self, args: &[&str]) {
+        assert!(
+            self.can(args),
+            "{} expected to be allowed {args:?}",
+            self.user
+        );
+    }
+
+    fn no(&self, args: &[&str]) {
+        assert!(
+            !self.can(args),
+            "{} expected to be refused {args:?}",
+            self.user
+        );
+    }
+}
+
+/// The agentk chart with a committed ci values file, released in `agent_ns` and managing
+/// `managed`: this run's unique namespaces stand in for the names the file uses.
+fn agentk_managing(env: &TestEnv, values_file: &str, agent_ns: &str, managed: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let names = write(
+        dir.path(),
+        "namespaces.yaml",
+        &format!("rbac:\n  namespaces: [{}]\n", managed.join(", ")),
     );
-    answer == "yes"
+    template(
+        env,
+        "agentk",
+        "agentk",
+        agent_ns,
+        &[ci_values("agentk", values_file), names],
+    )
 }
 
 /// Waits (kubectl's own watch, no polling here) until a Deployment reports Available.
@@ -306,11 +355,8 @@ fn the_default_agentk_chart_runs_on_the_cluster_as_cluster_admin() {
         secret["data"]["token"].is_string(),
         "the chart made the token Secret"
     );
-    let sa = format!("system:serviceaccount:{ns}:agentk");
-    assert!(
-        can_i(&env, &sa, &["*", "*", "--all-namespaces"]),
-        "cluster-admin"
-    );
+    // cluster-admin
+    Rights::of(&env, &ns, "agentk").yes(&["*", "*", "--all-namespaces"]);
 }
 
 #[test]
@@ -319,19 +365,11 @@ fn the_least_privilege_agentk_chart_grants_exactly_the_seeds_rights() {
     let agent_ns = env.create_namespace("gitlab-k8s-agent").unwrap();
     let dude = env.create_namespace("dude").unwrap();
     let naww = env.create_namespace("naww").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    // The committed values name the seed's namespaces; this run's have unique names.
-    let names = write(
-        dir.path(),
-        "namespaces.yaml",
-        &format!("rbac:\n  namespaces: [{agent_ns}, {dude}]\n"),
-    );
-    let yaml = template(
+    let yaml = agentk_managing(
         &env,
-        "agentk",
-        "agentk",
+        "least-privilege-values.yaml",
         &agent_ns,
-        &[ci_values("agentk", "least-privilege-values.yaml"), names],
+        &[&agent_ns, &dude],
     );
     let objs = objects(&yaml);
     assert_hardened_agentk(
@@ -354,26 +392,24 @@ fn the_least_privilege_agentk_chart_grants_exactly_the_seeds_rights() {
     env.apply_yaml(&yaml).unwrap();
     wait_available(&env, &agent_ns, "agentk");
 
-    let sa = format!("system:serviceaccount:{agent_ns}:agentk");
-    let yes = |args: &[&str]| assert!(can_i(&env, &sa, args), "expected yes: {args:?}");
-    let no = |args: &[&str]| assert!(!can_i(&env, &sa, args), "expected no: {args:?}");
+    let sa = Rights::of(&env, &agent_ns, "agentk");
     // Everything in its own namespace and in dude.
-    yes(&["create", "deployments.apps", "-n", &dude]);
-    yes(&["delete", "secrets", "-n", &dude]);
-    yes(&["create", "deployments.apps", "-n", &agent_ns]);
+    sa.yes(&["create", "deployments.apps", "-n", &dude]);
+    sa.yes(&["delete", "secrets", "-n", &dude]);
+    sa.yes(&["create", "deployments.apps", "-n", &agent_ns]);
     // Nothing in naww but ConfigMaps, which it may use everywhere (inventories).
-    no(&["create", "deployments.apps", "-n", &naww]);
-    no(&["get", "secrets", "-n", &naww]);
-    yes(&["create", "configmaps", "-n", &naww]);
-    yes(&["get", "configmaps", "--all-namespaces"]);
+    sa.no(&["create", "deployments.apps", "-n", &naww]);
+    sa.no(&["get", "secrets", "-n", &naww]);
+    sa.yes(&["create", "configmaps", "-n", &naww]);
+    sa.yes(&["get", "configmaps", "--all-namespaces"]);
     // Leader election in its own namespace.
-    yes(&["create", "leases.coordination.k8s.io", "-n", &agent_ns]);
-    yes(&["update", "leases.coordination.k8s.io", "-n", &agent_ns]);
-    no(&["create", "leases.coordination.k8s.io", "-n", &naww]);
+    sa.yes(&["create", "leases.coordination.k8s.io", "-n", &agent_ns]);
+    sa.yes(&["update", "leases.coordination.k8s.io", "-n", &agent_ns]);
+    sa.no(&["create", "leases.coordination.k8s.io", "-n", &naww]);
     // Nothing cluster-scoped beyond that.
-    no(&["create", "namespaces"]);
-    no(&["create", "clusterroles.rbac.authorization.k8s.io"]);
-    no(&["list", "deployments.apps", "--all-namespaces"]);
+    sa.no(&["create", "namespaces"]);
+    sa.no(&["create", "clusterroles.rbac.authorization.k8s.io"]);
+    sa.no(&["list", "deployments.apps", "--all-namespaces"]);
 }
 
 #[test]
@@ -382,19 +418,7 @@ fn an_existing_role_and_cluster_read_only_grant_what_they_say() {
     let agent_ns = env.create_namespace("agentk-role").unwrap();
     let apps = env.create_namespace("apps").unwrap();
     let other = env.create_namespace("other").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let names = write(
-        dir.path(),
-        "namespaces.yaml",
-        &format!("rbac:\n  namespaces: [{apps}]\n"),
-    );
-    let yaml = template(
-        &env,
-        "agentk",
-        "agentk",
-        &agent_ns,
-        &[ci_values("agentk", "existing-role-values.yaml"), names],
-    );
+    let yaml = agentk_managing(&env, "existing-role-values.yaml", &agent_ns, &[&apps]);
     let objs = objects(&yaml);
     assert!(
         !kinds(&objs).contains(&"ServiceAccount".to_string()),
@@ -416,19 +440,17 @@ fn an_existing_role_and_cluster_read_only_grant_what_they_say() {
     env.apply_yaml(&yaml).unwrap();
     wait_available(&env, &agent_ns, "agentk");
 
-    let sa = format!("system:serviceaccount:{agent_ns}:platform-agent");
-    let yes = |args: &[&str]| assert!(can_i(&env, &sa, args), "expected yes: {args:?}");
-    let no = |args: &[&str]| assert!(!can_i(&env, &sa, args), "expected no: {args:?}");
+    let sa = Rights::of(&env, &agent_ns, "platform-agent");
     // `edit` in the managed namespace: workloads, not RBAC.
-    yes(&["create", "deployments.apps", "-n", &apps]);
-    no(&["create", "roles.rbac.authorization.k8s.io", "-n", &apps]);
+    sa.yes(&["create", "deployments.apps", "-n", &apps]);
+    sa.no(&["create", "roles.rbac.authorization.k8s.io", "-n", &apps]);
     // `view` everywhere: reads, but neither Secrets nor writes.
-    yes(&["list", "deployments.apps", "--all-namespaces"]);
-    no(&["get", "secrets", "-n", &other]);
-    no(&["create", "deployments.apps", "-n", &other]);
+    sa.yes(&["list", "deployments.apps", "--all-namespaces"]);
+    sa.no(&["get", "secrets", "-n", &other]);
+    sa.no(&["create", "deployments.apps", "-n", &other]);
     // Its own needs in its namespace.
-    yes(&["create", "leases.coordination.k8s.io", "-n", &agent_ns]);
-    yes(&["create", "configmaps", "-n", &agent_ns]);
+    sa.yes(&["create", "leases.coordination.k8s.io", "-n", &agent_ns]);
+    sa.yes(&["create", "configmaps", "-n", &agent_ns]);
 }
 
 #[test]
