@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the real control-plane programs (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok) from Go modules at the versions pinned in versions.env, into a
-# cache outside the repository. Each program lives in a folder keyed by its version, so a build
-# happens only when a binary is missing or a pin changed. Prints the bin directory on stdout.
+# kube-scheduler, kubectl, kwok), and helm for the install tests, from Go modules at the versions
+# pinned in versions.env, into a cache outside the repository. Each program lives in a folder
+# keyed by its version, so a build happens only when a binary is missing or a pin changed. Prints
+# the bin directory on stdout.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -95,9 +96,22 @@ build_kwok() {
   touch "$out/.complete"
 }
 
+# helm: only the install tests use it, as a real client of the charts under deploy/helm.
+build_helm() {
+  local v=$HELM_VERSION out="$bin/helm-$HELM_VERSION"
+  if [ -f "$out/.complete" ]; then return; fi
+  log "building helm $v"
+  mkdir -p "$out"
+  # Without the version ldflag, `helm version` reports only the minor version.
+  GOBIN="$out" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$v" \
+    "helm.sh/helm/v3/cmd/helm@$v" >&2
+  touch "$out/.complete"
+}
+
 build_etcd
 build_kwok
 build_k8s
+build_helm
 
 # A stable folder of links, so callers need one path whatever the versions are.
 cur="$bin/current"
@@ -105,6 +119,7 @@ mkdir -p "$cur"
 ln -sfn "$bin/etcd-$ETCD_VERSION/etcd" "$cur/etcd"
 ln -sfn "$bin/kwok-$KWOK_VERSION/kwok" "$cur/kwok"
 ln -sfn "$bin/kwok-$KWOK_VERSION/stages.yaml" "$cur/kwok-stages.yaml"
+ln -sfn "$bin/helm-$HELM_VERSION/helm" "$cur/helm"
 for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   ln -sfn "$bin/k8s-$K8S_VERSION/$c" "$cur/$c"
 done

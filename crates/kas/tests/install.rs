@@ -1,0 +1,857 @@
+//! Installing into a cluster: the Helm charts under deploy/helm and the plain manifests under
+//! deploy/manifests, checked with the real (pinned) helm and applied to the real control plane
+//! with server-side apply. Pods land on the kwok node, which marks them Running without running
+//! a container, so "the agent Deployment becomes Available" is real scheduling and real
+//! controllers, not agentk's in-cluster code.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kas::api::ProjectRequest;
+use serde_json::{Value, json};
+use support::{Agent, GitRepo, Kas, KasOptions, Pki, wait_for};
+use tether_testenv::{TestEnv, run_output};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn chart(name: &str) -> PathBuf {
+    repo_root().join("deploy/helm").join(name)
+}
+
+/// The pinned helm from the control plane's programs folder, with its own config, cache and data
+/// folders inside the run's state directory (nothing read from or written to the user's).
+fn helm(env: &TestEnv) -> Command {
+    let mut c = Command::new(env.bin_dir.join("helm"));
+    let home = env.dir.join("helm");
+    c.env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    c
+}
+
+/// `helm template` of a chart as release `release` in `namespace`, with values files in order.
+fn template(
+    env: &TestEnv,
+    chart_name: &str,
+    release: &str,
+    namespace: &str,
+    values: &[PathBuf],
+) -> String {
+    let mut c = helm(env);
+    c.args(["template", release])
+        .arg(chart(chart_name))
+        .args(["--namespace", namespace]);
+    for v in values {
+        c.arg("-f").arg(v);
+    }
+    String::from_utf8(run_output(&mut c).unwrap()).unwrap()
+}
+
+/// The objects of a multi-document YAML stream (empty documents dropped).
+fn objects(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .unwrap()
+        .into_iter()
+        .filter(|o| !o.is_null())
+        .collect()
+}
+
+fn find<'a>(objs: &'a [Value], kind: &str, namespace: Option<&str>, name: &str) -> &'a Value {
+    objs.iter()
+        .find(|o| {
+            o["kind"] == kind
+                && o["metadata"]["name"] == name
+                && o["metadata"]["namespace"].as_str() == namespace
+        })
+        .unwrap_or_else(|| panic!("no {kind} {namespace:?}/{name} in {objs:#?}"))
+}
+
+fn kinds(objs: &[Value]) -> Vec<String> {
+    objs.iter()
+        .map(|o| o["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn ci_values(chart_name: &str, file: &str) -> PathBuf {
+    chart(chart_name).join("ci").join(file)
+}
+
+/// RBAC questions about one ServiceAccount, answered by the API server (`kubectl auth can-i`).
+struct Rights<'a> {
+    env: &'a TestEnv,
+    user: String,
+}
+
+impl Rights<'_> {
+    fn of<'a>(env: &'a TestEnv, namespace: &str, sa: &str) -> Rights<'a> {
+        Rights {
+            env,
+            user: format!("system:serviceaccount:{namespace}:{sa}"),
+        }
+    }
+
+    fn can(&self, args: &[&str]) -> bool {
+        let out = self
+            .env
+            .kubectl()
+            .args(["auth", "can-i", "--as", &self.user])
+            .args(args)
+            .output()
+            .unwrap();
+        // Exit status 1 with "no" is a refusal; anything else on stderr is a broken question.
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            answer == "yes" || answer == "no",
+            "can-i {args:?}: {answer} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        answer == "yes"
+    }
+
+    fn yes(&self, args: &[&str]) {
+        assert!(
+            self.can(args),
+            "{} expected to be allowed {args:?}",
+            self.user
+        );
+    }
+
+    fn no(&self, args: &[&str]) {
+        assert!(
+            !self.can(args),
+            "{} expected to be refused {args:?}",
+            self.user
+        );
+    }
+}
+
+/// The agentk chart with a committed ci values file, released in `agent_ns` and managing
+/// `managed`: this run's unique namespaces stand in for the names the file uses.
+fn agentk_managing(env: &TestEnv, values_file: &str, agent_ns: &str, managed: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let names = write(
+        dir.path(),
+        "namespaces.yaml",
+        &format!("rbac:\n  namespaces: [{}]\n", managed.join(", ")),
+    );
+    template(
+        env,
+        "agentk",
+        "agentk",
+        agent_ns,
+        &[ci_values("agentk", values_file), names],
+    )
+}
+
+/// Waits (kubectl's own watch, no polling here) until a Deployment reports Available.
+fn wait_available(env: &TestEnv, namespace: &str, name: &str) {
+    run_output(env.kubectl().args([
+        "wait",
+        "--for=condition=Available",
+        "--timeout=120s",
+        "-n",
+        namespace,
+        &format!("deployment/{name}"),
+    ]))
+    .unwrap_or_else(|e| panic!("deployment {namespace}/{name} not Available: {e}"));
+}
+
+fn get_json(env: &TestEnv, args: &[&str]) -> Value {
+    let out = run_output(env.kubectl().args(args).args(["-o", "json"])).unwrap();
+    serde_json::from_slice(&out).unwrap()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn both_charts_pass_helm_lint_with_every_ci_values_file() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    // The helm of testenv/versions.env, not whichever one is on PATH.
+    let pins = std::fs::read_to_string(repo_root().join("testenv/versions.env")).unwrap();
+    let pinned = pins
+        .lines()
+        .find_map(|l| l.strip_prefix("HELM_VERSION="))
+        .unwrap();
+    let version = run_output(helm(&env).args(["version", "--short"])).unwrap();
+    assert!(
+        String::from_utf8_lossy(&version).starts_with(pinned),
+        "helm {} is not the pinned {pinned}",
+        String::from_utf8_lossy(&version)
+    );
+    for chart_name in ["agentk", "kas"] {
+        let ci = chart(chart_name).join("ci");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&ci)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert!(files.len() >= 2, "{chart_name} has ci values files");
+        for values in files {
+            let out = run_output(
+                helm(&env)
+                    .args(["lint", "--strict"])
+                    .arg(chart(chart_name))
+                    .arg("-f")
+                    .arg(&values),
+            )
+            .unwrap_or_else(|e| panic!("helm lint {chart_name} -f {}: {e}", values.display()));
+            let out = String::from_utf8_lossy(&out);
+            assert!(out.contains("0 chart(s) failed"), "{out}");
+        }
+    }
+}
+
+#[test]
+fn the_agentk_chart_says_which_value_is_missing() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let dir = tempfile::tempdir().unwrap();
+    let render = |values: &str| {
+        helm(&env)
+            .args(["template", "agentk"])
+            .arg(chart("agentk"))
+            .arg("-f")
+            .arg(write(dir.path(), "v.yaml", values))
+            .output()
+            .unwrap()
+    };
+    let out = render("{}");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("config.kasAddress is required"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = render("config:\n  kasAddress: grpcs://kas.example.com:8150\n");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("set config.secretName"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_plain_manifests_are_up_to_date_with_the_chart() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let mut c = Command::new(repo_root().join("scripts/render-manifests"));
+    c.arg("--check").env("HELM", env.bin_dir.join("helm"));
+    run_output(&mut c).unwrap_or_else(|e| panic!("run scripts/render-manifests: {e}"));
+    // And they are what a user would apply: the chart's objects plus the namespace.
+    let text = std::fs::read_to_string(repo_root().join("deploy/manifests/agentk.yaml")).unwrap();
+    let objs = objects(&text);
+    find(&objs, "Namespace", None, "gitlab-agent");
+    find(&objs, "Deployment", Some("gitlab-agent"), "agentk");
+}
+
+/// The Deployment every values file must give: the token as a file from a Secret, the
+/// observability port's probes, a restrictive securityContext, the Pod's name and namespace.
+fn assert_hardened_agentk(d: &Value, token_secret: &str) {
+    let pod = &d["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.contains(&"--token-file=/etc/agentk/token/token"),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--observability-listen-address=0.0.0.0:8080"),
+        "{args:?}"
+    );
+    let token_volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "token")
+        .unwrap();
+    assert_eq!(token_volume["secret"]["secretName"], token_secret);
+    let env: Vec<&Value> = c["env"].as_array().unwrap().iter().collect();
+    assert!(
+        env.iter().all(|e| e
+            .get("valueFrom")
+            .is_none_or(|v| v.get("secretKeyRef").is_none())),
+        "no Secret in the environment: {env:?}"
+    );
+    for (name, path) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let e = env.iter().find(|e| e["name"] == name).unwrap();
+        assert_eq!(e["valueFrom"]["fieldRef"]["fieldPath"], path);
+    }
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/liveness");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readiness");
+    assert_eq!(c["ports"][0]["containerPort"], 8080);
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+}
+
+#[test]
+fn the_default_agentk_chart_runs_on_the_cluster_as_cluster_admin() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("agentk-default").unwrap();
+    let yaml = template(
+        &env,
+        "agentk",
+        "agentk",
+        &ns,
+        &[ci_values("agentk", "default-values.yaml")],
+    );
+    let objs = objects(&yaml);
+    let d = find(&objs, "Deployment", Some(&ns), "agentk");
+    assert_hardened_agentk(d, "agentk-token");
+    // The image tag follows the chart's appVersion, which is the workspace's version.
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        format!("ghcr.io/tether-dev/agentk:{}", env!("CARGO_PKG_VERSION"))
+    );
+    let crb = find(&objs, "ClusterRoleBinding", None, &format!("{ns}-agentk"));
+    assert_eq!(crb["roleRef"]["name"], "cluster-admin");
+    assert!(
+        !kinds(&objs).contains(&"PodDisruptionBudget".to_string()),
+        "one replica, no PDB"
+    );
+
+    env.apply_yaml(&yaml).unwrap();
+    wait_available(&env, &ns, "agentk");
+    let pods = get_json(
+        &env,
+        &[
+            "get",
+            "pods",
+            "-n",
+            &ns,
+            "-l",
+            "app.kubernetes.io/name=agentk",
+        ],
+    );
+    assert_eq!(
+        pods["items"][0]["spec"]["nodeName"],
+        tether_testenv::cluster::NODE_NAME
+    );
+    let secret = get_json(&env, &["get", "secret", "agentk-token", "-n", &ns]);
+    assert!(
+        secret["data"]["token"].is_string(),
+        "the chart made the token Secret"
+    );
+    // cluster-admin
+    Rights::of(&env, &ns, "agentk").yes(&["*", "*", "--all-namespaces"]);
+}
+
+#[test]
+fn the_least_privilege_agentk_chart_grants_exactly_the_seeds_rights() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let agent_ns = env.create_namespace("gitlab-k8s-agent").unwrap();
+    let dude = env.create_namespace("dude").unwrap();
+    let naww = env.create_namespace("naww").unwrap();
+    let yaml = agentk_managing(
+        &env,
+        "least-privilege-values.yaml",
+        &agent_ns,
+        &[&agent_ns, &dude],
+    );
+    let objs = objects(&yaml);
+    assert_hardened_agentk(
+        find(&objs, "Deployment", Some(&agent_ns), "agentk"),
+        "gitlab-agent-token",
+    );
+    assert!(
+        !objs.iter().any(|o| o["kind"] == "Secret"),
+        "an existing Secret is used, none is made"
+    );
+    assert!(
+        !objs.iter().any(|o| o["roleRef"]["name"] == "cluster-admin"),
+        "no cluster-admin in least-privilege mode"
+    );
+    // The existing Secret, made beforehand as a user would.
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: gitlab-agent-token\n  namespace: {agent_ns}\nstringData:\n  token: some-agent-token\n"
+    ))
+    .unwrap();
+    env.apply_yaml(&yaml).unwrap();
+    wait_available(&env, &agent_ns, "agentk");
+
+    let sa = Rights::of(&env, &agent_ns, "agentk");
+    // Everything in its own namespace and in dude.
+    sa.yes(&["create", "deployments.apps", "-n", &dude]);
+    sa.yes(&["delete", "secrets", "-n", &dude]);
+    sa.yes(&["create", "deployments.apps", "-n", &agent_ns]);
+    // Nothing in naww but ConfigMaps, which it may use everywhere (inventories).
+    sa.no(&["create", "deployments.apps", "-n", &naww]);
+    sa.no(&["get", "secrets", "-n", &naww]);
+    sa.yes(&["create", "configmaps", "-n", &naww]);
+    sa.yes(&["get", "configmaps", "--all-namespaces"]);
+    // Leader election in its own namespace.
+    sa.yes(&["create", "leases.coordination.k8s.io", "-n", &agent_ns]);
+    sa.yes(&["update", "leases.coordination.k8s.io", "-n", &agent_ns]);
+    sa.no(&["create", "leases.coordination.k8s.io", "-n", &naww]);
+    // Nothing cluster-scoped beyond that.
+    sa.no(&["create", "namespaces"]);
+    sa.no(&["create", "clusterroles.rbac.authorization.k8s.io"]);
+    sa.no(&["list", "deployments.apps", "--all-namespaces"]);
+}
+
+#[test]
+fn an_existing_role_and_cluster_read_only_grant_what_they_say() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let agent_ns = env.create_namespace("agentk-role").unwrap();
+    let apps = env.create_namespace("apps").unwrap();
+    let other = env.create_namespace("other").unwrap();
+    let yaml = agentk_managing(&env, "existing-role-values.yaml", &agent_ns, &[&apps]);
+    let objs = objects(&yaml);
+    assert!(
+        !kinds(&objs).contains(&"ServiceAccount".to_string()),
+        "serviceAccount.create: false"
+    );
+    let rb = find(&objs, "RoleBinding", Some(&apps), "agentk-write");
+    assert_eq!(rb["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(rb["roleRef"]["name"], "edit");
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o["kind"] == "Role" && o["metadata"]["name"] == "agentk-write"),
+        "the existing role replaces the generated ones"
+    );
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: platform-agent\n  namespace: {agent_ns}\n"
+    ))
+    .unwrap();
+    env.apply_yaml(&yaml).unwrap();
+    wait_available(&env, &agent_ns, "agentk");
+
+    let sa = Rights::of(&env, &agent_ns, "platform-agent");
+    // `edit` in the managed namespace: workloads, not RBAC.
+    sa.yes(&["create", "deployments.apps", "-n", &apps]);
+    sa.no(&["create", "roles.rbac.authorization.k8s.io", "-n", &apps]);
+    // `view` everywhere: reads, but neither Secrets nor writes.
+    sa.yes(&["list", "deployments.apps", "--all-namespaces"]);
+    sa.no(&["get", "secrets", "-n", &other]);
+    sa.no(&["create", "deployments.apps", "-n", &other]);
+    // Its own needs in its namespace.
+    sa.yes(&["create", "leases.coordination.k8s.io", "-n", &agent_ns]);
+    sa.yes(&["create", "configmaps", "-n", &agent_ns]);
+}
+
+#[test]
+fn the_existing_secret_values_add_a_ca_a_pdb_and_a_service_monitor() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let yaml = template(
+        &env,
+        "agentk",
+        "gitlab-agent",
+        "agents",
+        &[ci_values("agentk", "existing-secret-values.yaml")],
+    );
+    let objs = objects(&yaml);
+    // The release name says agentk's role already; objects take it as it is.
+    let fullname = "gitlab-agent-agentk";
+    let d = find(&objs, "Deployment", Some("agents"), fullname);
+    assert_hardened_agentk(d, "gitlab-agent-token");
+    assert_eq!(d["spec"]["replicas"], 2);
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    let args = c["args"].as_array().unwrap();
+    for want in [
+        "--ca-cert-file=/etc/agentk/ca/ca.crt",
+        "--kas-address=wss://kas.example.com/agent",
+        "--tunnel-min-idle=4",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} in {args:?}");
+    }
+    assert!(
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "HTTPS_PROXY")
+    );
+    assert_eq!(
+        d["spec"]["template"]["metadata"]["annotations"]["example.com/team"],
+        "platform"
+    );
+    let ca = find(&objs, "Secret", Some("agents"), &format!("{fullname}-ca"));
+    assert!(ca["data"]["ca.crt"].is_string());
+    let pdb = find(&objs, "PodDisruptionBudget", Some("agents"), fullname);
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    let svc = find(
+        &objs,
+        "Service",
+        Some("agents"),
+        &format!("{fullname}-metrics"),
+    );
+    assert_eq!(svc["spec"]["ports"][0]["port"], 8080);
+    let sm = find(&objs, "ServiceMonitor", Some("agents"), fullname);
+    assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "observability");
+}
+
+/// The kas configuration the chart generates, parsed by kas's own loader (unknown keys are
+/// errors there, so a key the chart invents fails here).
+fn kas_configuration(objs: &[Value], ns: &str) -> kas::config::Config {
+    let cm = find(objs, "ConfigMap", Some(ns), "kas");
+    let text = cm["data"]["kas.yaml"].as_str().unwrap();
+    kas::config::Config::parse(text, Path::new("kas.yaml"))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+fn service_ports(objs: &[Value], ns: &str) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = objs
+        .iter()
+        .filter(|o| o["kind"] == "Service" && o["metadata"]["namespace"] == ns)
+        .filter(|o| o["spec"]["clusterIP"] != "None")
+        .map(|o| {
+            (
+                o["metadata"]["name"].as_str().unwrap().to_string(),
+                o["spec"]["ports"][0]["port"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_kas_chart_is_accepted_by_the_cluster() {
+    let env = TestEnv::from_env().expect("a running control plane");
+
+    // Defaults: plain listeners, a generated admin token, SQLite on a claim.
+    let ns = env.create_namespace("kas-default").unwrap();
+    let yaml = template(
+        &env,
+        "kas",
+        "kas",
+        &ns,
+        &[ci_values("kas", "default-values.yaml")],
+    );
+    let objs = objects(&yaml);
+    let cfg = kas_configuration(&objs, &ns);
+    assert_eq!(cfg.data_dir, Path::new("/var/lib/kas"));
+    assert_eq!(cfg.agent.listen.address.to_string(), "0.0.0.0:8150");
+    assert_eq!(
+        cfg.kubernetes_api.listen.address.to_string(),
+        "0.0.0.0:8154"
+    );
+    assert_eq!(
+        cfg.api.listen.address.to_string(),
+        "127.0.0.1:8153",
+        "the admin API stays on loopback"
+    );
+    assert!(cfg.webhooks.listen.is_none());
+    assert_eq!(
+        service_ports(&objs, &ns),
+        [
+            ("kas-agent".to_string(), 8150),
+            ("kas-k8s-api".to_string(), 8154),
+            ("kas-observability".to_string(), 8151),
+        ]
+    );
+    let sts = find(&objs, "StatefulSet", Some(&ns), "kas");
+    assert_eq!(sts["spec"]["replicas"], 1);
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
+        "data"
+    );
+    let c = &sts["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/liveness");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readiness");
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    // kas (and the admin commands run with `kubectl exec`) read the ConfigMap's file.
+    let config_env = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "KAS_CONFIGURATION_FILE")
+        .unwrap();
+    assert_eq!(config_env["value"], "/etc/kas/config/kas.yaml");
+    assert!(
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "config" && m["mountPath"] == "/etc/kas/config")
+    );
+    env.apply_yaml(&yaml).unwrap();
+    // The StatefulSet controller accepted the template and made the Pod's claim.
+    run_output(env.kubectl().args([
+        "wait",
+        "--for=create",
+        "--timeout=60s",
+        "-n",
+        &ns,
+        "pvc/data-kas-0",
+    ]))
+    .unwrap();
+
+    // TLS, an admin token Secret, webhooks, a path prefix and extra configuration.
+    let ns = env.create_namespace("kas-tls").unwrap();
+    let yaml = template(
+        &env,
+        "kas",
+        "kas",
+        &ns,
+        &[ci_values("kas", "tls-values.yaml")],
+    );
+    let objs = objects(&yaml);
+    let cfg = kas_configuration(&objs, &ns);
+    let tls_cert = Some(PathBuf::from("/etc/kas/tls/tls.crt"));
+    assert_eq!(cfg.agent.listen.certificate_file, tls_cert);
+    assert_eq!(cfg.kubernetes_api.listen.certificate_file, tls_cert);
+    let webhooks = cfg.webhooks.listen.as_ref().unwrap();
+    assert_eq!(webhooks.address.to_string(), "0.0.0.0:8155");
+    assert_eq!(webhooks.certificate_file, tls_cert);
+    assert_eq!(cfg.kubernetes_api.path_prefix, "/k8s-proxy");
+    assert_eq!(
+        cfg.kubernetes_api.ca_file,
+        Some(PathBuf::from("/etc/kas/tls/ca.crt"))
+    );
+    assert_eq!(
+        cfg.api.admin_token_file,
+        Some(PathBuf::from("/etc/kas/admin/admin-token"))
+    );
+    assert_eq!(
+        cfg.git.poll_interval,
+        std::time::Duration::from_secs(60),
+        "config merged in"
+    );
+    assert!(
+        service_ports(&objs, &ns).contains(&("kas-webhooks".to_string(), 8155)),
+        "{:?}",
+        service_ports(&objs, &ns)
+    );
+    env.apply_yaml(&yaml).unwrap();
+    let sts = get_json(&env, &["get", "statefulset", "kas", "-n", &ns]);
+    let volumes = sts["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    for (volume, secret) in [("tls", "kas-tls"), ("admin-token", "kas-admin-token")] {
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v["name"] == volume && v["secret"]["secretName"] == secret),
+            "{volume} from {secret}: {volumes:?}"
+        );
+    }
+}
+
+const CI_ISSUER: &str = "https://gitlab.install.test";
+const CI_AUDIENCE: &str = "https://kas.install.test";
+
+/// A CI job's OIDC ID token for project `group/app`, signed with a fresh key whose JWKS is
+/// written to `jwks` (the issuer kas is told to trust).
+fn ci_job_id_token(jwks: &Path) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let key = EncodingKey::from_ec_der(&pair.serialize_der());
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("install".into());
+    std::fs::write(jwks, json!({ "keys": [jwk] }).to_string()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("install".into());
+    let claims = json!({
+        "iss": CI_ISSUER, "aud": CI_AUDIENCE, "iat": now, "nbf": now - 5, "exp": now + 900,
+        "project_path": "group/app", "project_id": "42", "namespace_path": "group",
+        "job_id": "901", "pipeline_id": "900", "user_login": "alice",
+    });
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ci_job_installs_the_agentk_chart_through_kas_with_helm() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let agent_ns = env.create_namespace("ci-agent").unwrap();
+    let target = env.create_namespace("ci-helm").unwrap();
+    // The agent serving the job: outside the cluster, as a ServiceAccount bound to
+    // cluster-admin (the chart's default RBAC creates cluster-wide bindings, which only a
+    // holder of those rights may create).
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: deployer\n  namespace: {agent_ns}\n---\n\
+apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {agent_ns}-deployer\n\
+roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: cluster-admin\n\
+subjects:\n- kind: ServiceAccount\n  name: deployer\n  namespace: {agent_ns}\n"
+    ))
+    .unwrap();
+    let sa_token = run_output(env.kubectl().args([
+        "create",
+        "token",
+        "deployer",
+        "-n",
+        &agent_ns,
+        "--duration=1h",
+    ]))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent_kubeconfig = write(
+        dir.path(),
+        "agent.kubeconfig",
+        &env.token_kubeconfig(String::from_utf8(sa_token).unwrap().trim()),
+    );
+    let pki = Pki::generate(dir.path());
+    let jwks = dir.path().join("jwks.json");
+    let id_token = ci_job_id_token(&jwks);
+
+    // The agent lets jobs of group/app act with its own rights in the target namespace.
+    let config_repo = GitRepo::init(&dir.path().join("config"));
+    let c1 = config_repo.commit(
+        &[(
+            ".gitlab/agents/deployer/config.yaml",
+            Some(
+                format!("ci_access:\n  projects:\n  - id: group/app\n    default_namespace: {target}\n    access_as:\n      agent: {{}}\n")
+                    .as_bytes(),
+            ),
+        )],
+        "ci access",
+    );
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            git_poll: "1s",
+            kubernetes_api_extra: format!(
+                "  ci_issuers:\n  - issuer: {CI_ISSUER}\n    audience: {CI_AUDIENCE}\n    jwks:\n      file: {}\n  ca_file: {}\n",
+                jwks.display(),
+                pki.ca.display()
+            ),
+            k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    kas.admin
+        .set_project(&ProjectRequest {
+            path: "group/config".into(),
+            remote: Some(config_repo.dir.display().to_string()),
+            ..ProjectRequest::default()
+        })
+        .await
+        .unwrap();
+    let registered = kas
+        .admin
+        .register_agent("group/config", "deployer")
+        .await
+        .unwrap();
+    let agent = Agent::start_with(
+        dir.path(),
+        "deployer",
+        &kas.url("grpc"),
+        &registered.token,
+        None,
+        &["--kubeconfig", agent_kubeconfig.to_str().unwrap()],
+    );
+    agent.wait_log("Agent configuration applied", &c1).await;
+    // kas authorizes jobs with the configuration it holds: wait until it has this one.
+    wait_for(
+        "kas to hold the agent's configuration",
+        Duration::from_secs(30),
+        || async {
+            let a = kas.agent(registered.agent_id).await;
+            (a.connected && a.config.is_some_and(|c| c.commit == c1)).then_some(())
+        },
+    )
+    .await;
+
+    // The job: its kubeconfig from kas, then helm as the client, all through the tunnel.
+    let id_token_file = write(dir.path(), "id_token", &id_token);
+    let ci_kubeconfig = dir.path().join("ci.kubeconfig");
+    run_output(Command::new(env!("CARGO_BIN_EXE_kas")).args([
+        "kubeconfig",
+        &format!("--server=https://localhost:{}", kas.k8s_port),
+        &format!("--id-token-file={}", id_token_file.display()),
+        &format!("--ca-cert-file={}", pki.ca.display()),
+        &format!("--output={}", ci_kubeconfig.display()),
+    ]))
+    .unwrap();
+    let kc = std::fs::read_to_string(&ci_kubeconfig).unwrap();
+    assert!(
+        kc.contains(&format!("https://localhost:{}", kas.k8s_port)),
+        "the job talks to kas, not the API server: {kc}"
+    );
+    let job_helm = |args: &[&str]| {
+        let mut c = helm(&env);
+        c.arg("--kubeconfig")
+            .arg(&ci_kubeconfig)
+            .args([
+                "--kube-context",
+                "group/config:deployer",
+                "--namespace",
+                &target,
+            ])
+            .args(args);
+        String::from_utf8(run_output(&mut c).unwrap_or_else(|e| panic!("helm {args:?}: {e}")))
+            .unwrap()
+    };
+    let chart_dir = chart("agentk");
+    let values = ci_values("agentk", "default-values.yaml");
+    let install = [
+        "upgrade",
+        "--install",
+        "agentk",
+        chart_dir.to_str().unwrap(),
+        "-f",
+        values.to_str().unwrap(),
+        "--wait",
+        "--timeout=2m",
+    ];
+    job_helm(&install);
+    // What the job installed is in the cluster, seen with the admin's credentials.
+    wait_available(&env, &target, "agentk");
+    let d = get_json(&env, &["get", "deployment", "agentk", "-n", &target]);
+    assert_eq!(
+        d["metadata"]["annotations"]["meta.helm.sh/release-name"],
+        "agentk"
+    );
+    let crb = get_json(
+        &env,
+        &["get", "clusterrolebinding", &format!("{target}-agentk")],
+    );
+    assert_eq!(crb["roleRef"]["name"], "cluster-admin");
+
+    // An upgrade through the tunnel: two replicas bring a PodDisruptionBudget.
+    let mut upgrade = install.to_vec();
+    upgrade.extend(["--set", "replicas=2"]);
+    job_helm(&upgrade);
+    let status: Value =
+        serde_json::from_str(&job_helm(&["status", "agentk", "-o", "json"])).unwrap();
+    assert_eq!(status["version"], 2);
+    assert_eq!(status["info"]["status"], "deployed");
+    get_json(
+        &env,
+        &["get", "poddisruptionbudget", "agentk", "-n", &target],
+    );
+
+    // And an uninstall removes what the release made.
+    job_helm(&["uninstall", "agentk", "--wait", "--timeout=2m"]);
+    let gone = env
+        .kubectl()
+        .args(["get", "deployment", "agentk", "-n", &target])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("NotFound"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+}

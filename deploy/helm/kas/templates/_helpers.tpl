@@ -1,0 +1,78 @@
+{{- define "kas.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Name of the release's objects: the release name alone when it already says kas. */}}
+{{- define "kas.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := include "kas.name" . }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kas.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kas.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kas.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "kas.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "kas.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kas.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+kas.yaml: what the chart's values decide, with `config` merged over it. Paths point at the
+mounts of the StatefulSet (data on the volume, TLS and the admin token from Secrets).
+*/}}
+{{- define "kas.configuration" -}}
+{{- $v := .Values }}
+{{- $tls := dict }}
+{{- if $v.tls.secretName }}
+{{- $tls = dict "certificate_file" "/etc/kas/tls/tls.crt" "key_file" "/etc/kas/tls/tls.key" }}
+{{- end }}
+{{- $cfg := dict "data_dir" "/var/lib/kas" }}
+{{- $_ := set $cfg "agent" (dict "listen" (merge (dict "address" (printf "0.0.0.0:%v" $v.agent.port)) $tls)) }}
+{{- $api := dict "listen" (dict "address" (printf "127.0.0.1:%v" $v.api.port)) }}
+{{- if $v.api.expose }}
+{{- $_ := set $api "listen" (merge (dict "address" (printf "0.0.0.0:%v" $v.api.port)) $tls) }}
+{{- end }}
+{{- if $v.adminToken.secretName }}
+{{- $_ := set $api "admin_token_file" "/etc/kas/admin/admin-token" }}
+{{- end }}
+{{- $k8s := dict "path_prefix" $v.kubernetesApi.pathPrefix }}
+{{- if $v.kubernetesApi.enabled }}
+{{- $_ := set $k8s "listen" (merge (dict "address" (printf "0.0.0.0:%v" $v.kubernetesApi.port)) $tls) }}
+{{- else }}
+{{- $_ := set $k8s "listen" (dict "address" (printf "127.0.0.1:%v" $v.kubernetesApi.port)) }}
+{{- end }}
+{{- with $v.kubernetesApi.publicUrl }}
+{{- $_ := set $k8s "public_url" . }}
+{{- end }}
+{{- with $v.tls.caKey }}
+{{- $_ := set $api "ca_file" (printf "/etc/kas/tls/%s" .) }}
+{{- $_ := set $k8s "ca_file" (printf "/etc/kas/tls/%s" .) }}
+{{- end }}
+{{- $_ = set $cfg "api" $api }}
+{{- $_ = set $cfg "kubernetes_api" $k8s }}
+{{- if $v.webhooks.enabled }}
+{{- $_ = set $cfg "webhooks" (dict "listen" (merge (dict "address" (printf "0.0.0.0:%v" $v.webhooks.port)) $tls)) }}
+{{- end }}
+{{- $_ = set $cfg "observability" (dict "listen" (dict "address" (printf "0.0.0.0:%v" $v.observability.port)) "logging" (dict "level" $v.observability.logLevel)) }}
+{{- toYaml (mustMergeOverwrite $cfg (deepCopy $v.config)) }}
+{{- end }}
