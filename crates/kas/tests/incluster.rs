@@ -63,22 +63,43 @@ fn readable_dir(path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
-/// The images built from this build's binaries, tagged uniquely for this test run.
-fn build_images(tag: &str) -> String {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let bin_dir = agentk_bin().parent().unwrap().to_path_buf();
-    let out = run_output(
-        Command::new(repo.join("scripts/images"))
-            .current_dir(&repo)
-            .args(["--binaries", bin_dir.to_str().unwrap(), "--tag", tag]),
-    )
-    .expect("scripts/images");
-    let images = String::from_utf8(out).unwrap();
-    images
-        .lines()
-        .find(|l| l.contains("/agentk:"))
-        .expect("an agentk image")
-        .to_owned()
+/// The images built from this build's binaries, tagged uniquely for this test run and removed
+/// when dropped (every run would otherwise leave ~100 MB behind).
+struct Images(Vec<String>);
+
+impl Images {
+    fn build(tag: &str) -> Images {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let bin_dir = agentk_bin().parent().unwrap().to_path_buf();
+        let out = run_output(
+            Command::new(repo.join("scripts/images"))
+                .current_dir(&repo)
+                .args(["--binaries", bin_dir.to_str().unwrap(), "--tag", tag]),
+        )
+        .expect("scripts/images");
+        Images(
+            String::from_utf8(out)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+
+    fn agentk(&self) -> &str {
+        self.0
+            .iter()
+            .find(|l| l.contains("/agentk:"))
+            .expect("an agentk image")
+    }
+}
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        for image in &self.0 {
+            let _ = Command::new("podman").args(["rmi", "-f", image]).output();
+        }
+    }
 }
 
 /// A running container, removed when dropped.
@@ -161,7 +182,8 @@ async fn the_agentk_image_runs_in_cluster_mode_and_survives_a_token_rotation() {
     let secrets = readable_dir(&dir.path().join("agentk"));
     publish(&secrets.join("token"), t.token.as_bytes());
 
-    let image = build_images(&unique_name("t"));
+    let images = Images::build(&unique_name("t"));
+    let image = images.agentk().to_owned();
     let commit = image_label(&image, "org.opencontainers.image.revision");
     let version = run_output(Command::new(agentk_bin()).arg("--version")).unwrap();
     assert!(
