@@ -4,92 +4,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
 use common::{Pki, TestServer, ping_pong, scheme_seen};
+use tether_testenv::proxy::Tinyproxy;
 use tether_transport::{
     ClientOptions, Error, KasAddress, NoProxy, ProxyError, ProxySettings, ProxyUrl, connect,
 };
-
-/// A tinyproxy on 127.0.0.1, optionally requiring Basic credentials.
-struct Tinyproxy {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Tinyproxy {
-    fn start(basic_auth: Option<(&str, &str)>) -> Tinyproxy {
-        let dir = tempfile::tempdir().unwrap();
-        // tinyproxy cannot report a port it picked itself, so one is chosen here; the tiny
-        // window in which another process could take it only makes this test fail loudly.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = dir.path().join("tinyproxy.log");
-        // No `ConnectPort` line: CONNECT is allowed to any port (kas's test ports are random).
-        let mut conf = format!(
-            "Port {port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 20\nLogLevel Info\n\
-             LogFile \"{}\"\nAllow 127.0.0.1\n",
-            log.display()
-        );
-        if let Some((user, password)) = basic_auth {
-            conf.push_str(&format!("BasicAuth {user} {password}\n"));
-        }
-        let conf_path = dir.path().join("tinyproxy.conf");
-        std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("tinyproxy")
-            .arg("-d")
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tinyproxy is installed by scripts/setup");
-        let proxy = Tinyproxy {
-            child,
-            port,
-            log,
-            _dir: dir,
-        };
-        proxy.wait_listening();
-        proxy
-    }
-
-    /// Polls until the proxy accepts connections (it starts in milliseconds).
-    fn wait_listening(&self) {
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        panic!("tinyproxy did not listen on {}", self.port);
-    }
-
-    fn url(&self, credentials: Option<&str>) -> ProxyUrl {
-        let userinfo = credentials.map(|c| format!("{c}@")).unwrap_or_default();
-        format!("http://{userinfo}127.0.0.1:{}", self.port)
-            .parse()
-            .unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Tinyproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn through(pki: &Pki, proxy: ProxyUrl) -> ClientOptions {
     ClientOptions {
@@ -107,11 +26,11 @@ fn addr(scheme: &str, port: u16) -> KasAddress {
 async fn grpcs_and_wss_reach_kas_through_the_proxy() {
     let pki = Pki::generate();
     let server = TestServer::start(Some(pki.server_tls())).await;
-    let proxy = Tinyproxy::start(None);
+    let proxy = Tinyproxy::start(None).unwrap();
     for scheme in ["grpcs", "wss"] {
         let channel = connect(
             &addr(scheme, server.port()),
-            &through(&pki, proxy.url(None)),
+            &through(&pki, proxy.url(None).parse().unwrap()),
         )
         .await
         .unwrap();
@@ -133,16 +52,16 @@ async fn grpcs_and_wss_reach_kas_through_the_proxy() {
 async fn proxy_credentials_are_sent_and_wrong_ones_are_a_clear_error() {
     let pki = Pki::generate();
     let server = TestServer::start(Some(pki.server_tls())).await;
-    let proxy = Tinyproxy::start(Some(("agentk", "s3cret")));
+    let proxy = Tinyproxy::start(Some(("agentk", "s3cret"))).unwrap();
 
-    let good = through(&pki, proxy.url(Some("agentk:s3cret")));
+    let good = through(&pki, proxy.url(Some("agentk:s3cret")).parse().unwrap());
     let channel = connect(&addr("wss", server.port()), &good).await.unwrap();
     ping_pong(channel, 3).await;
 
     for creds in [None, Some("agentk:wrong")] {
         let err = connect(
             &addr("grpcs", server.port()),
-            &through(&pki, proxy.url(creds)),
+            &through(&pki, proxy.url(creds).parse().unwrap()),
         )
         .await
         .unwrap_err();
