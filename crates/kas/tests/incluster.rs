@@ -2,7 +2,8 @@
 //! with the in-cluster configuration only — a real ServiceAccount token, the cluster CA and the
 //! namespace mounted at /var/run/secrets/kubernetes.io/serviceaccount, KUBERNETES_SERVICE_HOST
 //! and _PORT, POD_NAME and no kubeconfig — connects to kas, applies, elects itself leader in its
-//! own namespace and keeps working when the kubelet would rotate the token.
+//! own namespace and keeps working when the kubelet would rotate the token. And kas's image:
+//! read-only root, data on a volume, admin commands inside, a clean stop on SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::{GitRepo, Kas, KasOptions, agentk_bin, wait_for};
+use support::{Agent, GitRepo, Kas, KasOptions, agentk_bin, free_port, wait_for};
 use tether_testenv::{TestEnv, run_output, unique_name};
 
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -87,10 +88,18 @@ impl Images {
     }
 
     fn agentk(&self) -> &str {
+        self.named("agentk")
+    }
+
+    fn kas(&self) -> &str {
+        self.named("kas")
+    }
+
+    fn named(&self, binary: &str) -> &str {
         self.0
             .iter()
-            .find(|l| l.contains("/agentk:"))
-            .expect("an agentk image")
+            .find(|l| l.contains(&format!("/{binary}:")))
+            .expect("an image per binary")
     }
 }
 
@@ -302,4 +311,143 @@ async fn the_agentk_image_runs_in_cluster_mode_and_survives_a_token_rotation() {
         .output()
         .unwrap();
     assert!(two.status.success(), "{}", container.logs());
+}
+
+/// `podman exec` of the kas binary inside the container (the image has no shell).
+fn kas_in(container: &str, args: &[&str]) -> String {
+    let out = run_output(
+        Command::new("podman")
+            .args(["exec", container, "/usr/local/bin/kas"])
+            .args(args),
+    )
+    .unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+fn run_kas_container(image: &str, name: &str, data: &Path, conf: &Path) {
+    run_output(Command::new("podman").args([
+        "--runtime",
+        "runc",
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "host",
+        "--read-only",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        "-v",
+        &format!("{}:/var/lib/kas", data.display()),
+        "-v",
+        &format!("{}:/etc/kas:ro", conf.display()),
+        "-e",
+        "KAS_CONFIGURATION_FILE=/etc/kas/kas.yaml",
+        image,
+    ]))
+    .expect("podman run kas");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kas_image_runs_read_only_with_its_data_on_a_volume_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    readable_dir(dir.path());
+    let data = readable_dir(&dir.path().join("data"));
+    // The image's user owns the data volume, as an fsGroup or an init step would arrange.
+    std::os::unix::fs::chown(&data, Some(65532), Some(65532)).unwrap();
+    let conf = readable_dir(&dir.path().join("conf"));
+    let agent_port = free_port();
+    publish(
+        &conf.join("kas.yaml"),
+        format!(
+            "data_dir: /var/lib/kas\nagent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n\
+             api:\n  listen:\n    address: 127.0.0.1:{}\nobservability:\n  listen:\n    address: 127.0.0.1:{}\n\
+             kubernetes_api:\n  listen:\n    address: 127.0.0.1:{}\n",
+            free_port(),
+            free_port(),
+            free_port()
+        )
+        .as_bytes(),
+    );
+    let images = Images::build(&unique_name("t"));
+    let name = unique_name("kas");
+    run_kas_container(images.kas(), &name, &data, &conf);
+    let container = Container(name.clone());
+
+    // The admin commands work inside the container (the admin token is on the volume).
+    let registered = wait_for(
+        "kas in the container to answer",
+        Duration::from_secs(30),
+        || async {
+            Command::new("podman")
+                .args([
+                    "exec",
+                    &name,
+                    "/usr/local/bin/kas",
+                    "agent",
+                    "register",
+                    "--project",
+                    "group/app",
+                    "--name",
+                    "a",
+                    "--json",
+                ])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        },
+    )
+    .await;
+    let t: serde_json::Value = serde_json::from_slice(&registered.stdout).unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        "agentk",
+        &format!("grpc://127.0.0.1:{agent_port}"),
+        t["token"].as_str().unwrap(),
+        None,
+    );
+    wait_for(
+        "the agent connected to the kas container",
+        Duration::from_secs(30),
+        || async {
+            let list = kas_in(&name, &["agent", "list"]);
+            list.lines()
+                .any(|l| l.contains("group/app") && l.contains("agentk"))
+                .then_some(())
+        },
+    )
+    .await;
+    drop(agent);
+
+    // SIGTERM (podman stop) ends kas cleanly; its records survive on the volume.
+    run_output(Command::new("podman").args(["stop", "-t", "10", &name])).unwrap();
+    let code = run_output(Command::new("podman").args([
+        "inspect",
+        &name,
+        "--format",
+        "{{.State.ExitCode}}",
+    ]))
+    .unwrap();
+    assert_eq!(
+        String::from_utf8(code).unwrap().trim(),
+        "0",
+        "{}",
+        container.logs()
+    );
+    run_output(Command::new("podman").args(["start", &name])).unwrap();
+    let list = wait_for("kas to start again", Duration::from_secs(30), || async {
+        Command::new("podman")
+            .args(["exec", &name, "/usr/local/bin/kas", "agent", "list"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    })
+    .await;
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("group/app"),
+        "{}",
+        container.logs()
+    );
 }
