@@ -22,6 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use tether_protocol::metadata;
 use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
 
 use crate::servers::{Ctx, Kas, KasOptions, agentk_args};
@@ -149,8 +150,8 @@ async fn flood_agent(channel: tonic::transport::Channel, tokens: Arc<Vec<String>
     while !s.stop.load(Ordering::Relaxed) {
         let mut client = ReverseTunnelClient::new(channel.clone());
         let mut req = tonic::Request::new(futures_util::stream::pending());
-        if let Ok(v) = format!("Bearer {}", tokens[i % tokens.len()]).parse() {
-            req.metadata_mut().insert("authorization", v);
+        if let Ok(v) = metadata::bearer(&tokens[i % tokens.len()]) {
+            req.metadata_mut().insert(metadata::AUTHORIZATION, v);
         }
         i += 1;
         let code = client.connect(req).await.err().map(|e| e.code());
