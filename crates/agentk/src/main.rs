@@ -50,6 +50,9 @@ struct Cli {
     /// Log level until the agent configuration sets one: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Log lines as `json` (for collectors) or `text` (for reading during local runs).
+    #[arg(long, env = "AGENTK_LOG_FORMAT", default_value = "json")]
+    log_format: tether_observability::LogFormat,
     /// Idle tunnel streams kept open for kas.
     #[arg(long, default_value_t = 2)]
     tunnel_min_idle: usize,
@@ -224,7 +227,7 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     let level = tether_observability::parse_level(&cli.log_level)?;
-    let log = tether_observability::init_logging(level);
+    let log = tether_observability::init_logging_as(level, cli.log_format);
     // Every module logs inside this span, so `agent_id` appears on every line once kas told us.
     let agent_span = tracing::info_span!("agentk", agent_id = tracing::field::Empty);
     let _ = rustls::crypto::ring::default_provider().install_default();
