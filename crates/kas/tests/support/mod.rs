@@ -1,5 +1,5 @@
 //! Real kas and agentk processes on 127.0.0.1 for end-to-end tests.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
