@@ -26,8 +26,8 @@ use tether_protocol::metadata;
 use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
 
 use crate::servers::{Ctx, Kas, KasOptions, agentk_args};
-use crate::tunnel::ci_job_token;
-use crate::util::{HttpsClient, get, git_init_commit, https_client, spawn};
+use crate::tunnel::{ci_access_repo, ci_job_token};
+use crate::util::{HttpsClient, get, https_client, spawn};
 
 /// Valid requests measured per phase.
 const REQUESTS: usize = 400;
@@ -255,13 +255,7 @@ async fn measure(http: &HttpsClient, url: &str, auth: &str, t: Target) -> Result
 /// Runs the flood with kas's default limits and with none; `{"limited": {...}, "unlimited": {...}}`.
 pub async fn run(ctx: &Ctx) -> Result<Value> {
     let jwt = ci_job_token(ctx)?;
-    let repo = ctx.work.join("flood-config");
-    std::fs::create_dir_all(repo.join(".gitlab/agents/bench"))?;
-    std::fs::write(
-        repo.join(".gitlab/agents/bench/config.yaml"),
-        "ci_access:\n  projects:\n  - id: bench/app\n",
-    )?;
-    git_init_commit(&repo, "bench")?;
+    let repo = ci_access_repo(ctx, "flood-config")?;
     let ca_pem = std::fs::read(&ctx.pki.ca_cert)?;
     let http = https_client(&ca_pem)?;
     let forged = Arc::new(forged_tokens(64)?);

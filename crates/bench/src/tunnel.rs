@@ -86,7 +86,7 @@ pub fn ci_job_token(ctx: &Ctx) -> Result<String> {
 pub async fn run(ctx: &Ctx) -> Result<Value> {
     let ns = &ctx.ns;
     let jwt = ci_job_token(ctx)?;
-    let repo = config_repo(ctx)?;
+    let repo = ci_access_repo(ctx, "config")?;
 
     // Trust both the cluster's CA (direct path) and the CA of kas's proxy certificate.
     let mut ca_pem = std::fs::read(&ctx.pki.ca_cert)?;
@@ -130,9 +130,9 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
     Ok(json!({"latency": rows, "throughput": throughput}))
 }
 
-/// The agent configuration project: CI jobs of `bench/app` may use the agent.
-fn config_repo(ctx: &Ctx) -> Result<PathBuf> {
-    let repo = ctx.work.join("config");
+/// An agent configuration project in `ctx.work/name`: CI jobs of `bench/app` may use the agent.
+pub fn ci_access_repo(ctx: &Ctx, name: &str) -> Result<PathBuf> {
+    let repo = ctx.work.join(name);
     std::fs::create_dir_all(repo.join(".gitlab/agents/bench"))?;
     std::fs::write(
         repo.join(".gitlab/agents/bench/config.yaml"),

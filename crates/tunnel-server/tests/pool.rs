@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{AGENT_ID, Agent, Server, Tokens, eventually, pool_config};
+use common::{AGENT_ID, Agent, Server, Tokens, eventually, failed_with, pool_config};
 use tether_protocol::services;
 use tether_tunnel_agent::{ConnState, PoolConfig};
 use tonic::Code;
@@ -62,18 +62,7 @@ async fn the_pool_backs_off_while_kas_is_down_and_reconnects_when_it_is_back() {
     .await;
 
     server.stop().await;
-    state
-        .wait_for(|s| {
-            matches!(
-                s,
-                ConnState::Failed {
-                    code: Code::Unavailable,
-                    ..
-                }
-            )
-        })
-        .await
-        .unwrap();
+    failed_with(&mut state, Code::Unavailable).await;
     // Several failed attempts, each a single probe stream, not a burst.
     eventually("repeated failed attempts", || {
         let s = agent.pool.stats();

@@ -7,9 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{AGENT_ID, Agent, Server, TOKEN_ID, Tokens, eventually, pool_config};
+use common::{AGENT_ID, Agent, Server, TOKEN_ID, Tokens, eventually, failed_with, pool_config};
 use tether_protocol::services;
-use tether_tunnel_agent::ConnState;
 use tether_tunnel_server::{RegistryError, RegistryStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -109,18 +108,7 @@ async fn revoking_a_token_ends_its_idle_and_busy_streams() {
     let mut rest = Vec::new();
     let read = busy.read_to_end(&mut rest).await;
     assert!(read.is_err(), "the busy stream must end abruptly: {read:?}");
-    state
-        .wait_for(|s| {
-            matches!(
-                s,
-                ConnState::Failed {
-                    code: Code::Unauthenticated,
-                    ..
-                }
-            )
-        })
-        .await
-        .unwrap();
+    failed_with(&mut state, Code::Unauthenticated).await;
     drop(busy);
     eventually("no streams left", || {
         server.registry.stats().open_streams == 0
@@ -141,18 +129,7 @@ async fn shutdown_ends_streams_as_unavailable_and_refuses_new_tunnels() {
     server.registry.shutdown();
     assert_eq!(server.registry.end_status().code(), Code::Unavailable);
     // The agent hears UNAVAILABLE (reconnect later), not a revocation.
-    state
-        .wait_for(|s| {
-            matches!(
-                s,
-                ConnState::Failed {
-                    code: Code::Unavailable,
-                    ..
-                }
-            )
-        })
-        .await
-        .unwrap();
+    failed_with(&mut state, Code::Unavailable).await;
     let err = server
         .registry
         .get_tunnel(AGENT_ID, Duration::from_secs(1))

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use tether_protocol::services;
 use tether_protocol::tunnel::reverse_tunnel_server::ReverseTunnelServer;
-use tether_tunnel_agent::{AgentMeta, Backoff, EchoHandler, Handler, Pool, PoolConfig};
+use tether_tunnel_agent::{AgentMeta, Backoff, ConnState, EchoHandler, Handler, Pool, PoolConfig};
 use tether_tunnel_server::service_future::BoxFuture;
 use tether_tunnel_server::{AgentIdentity, AuthError, Authenticator, Registry, TunnelService};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 use tonic::transport::Endpoint;
 
 pub const AGENT_ID: i64 = 7;
@@ -180,6 +181,14 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Waits until the agent's connection state is a failure with `code`.
+pub async fn failed_with(state: &mut watch::Receiver<ConnState>, code: Code) {
+    state
+        .wait_for(|s| matches!(s, ConnState::Failed { code: c, .. } if *c == code))
+        .await
+        .expect("the pool is running");
 }
 
 /// Polls `probe` (a look at counters other tasks update) until it holds; fails the test with
