@@ -18,7 +18,7 @@ async fn the_pool_keeps_min_idle_streams_and_closes_the_surplus_after_idle_timeo
     let server = Server::start(Arc::new(Tokens::default())).await;
     let cfg = PoolConfig {
         scale_up_step: 3,
-        idle_timeout: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(1),
         ..pool_config(1)
     };
     let agent = Agent::start(server.addr, cfg);
@@ -66,7 +66,8 @@ async fn the_pool_backs_off_while_kas_is_down_and_reconnects_when_it_is_back() {
     // Several failed attempts, each a single probe stream, not a burst.
     eventually("repeated failed attempts", || {
         let s = agent.pool.stats();
-        assert!(s.opening <= 1, "{s:?}");
+        // Once an attempt failed, the pool probes with one stream at a time.
+        assert!(s.failures == 0 || s.opening <= 1, "{s:?}");
         s.failures >= 3 && !s.connected && s.idle == 0
     })
     .await;
