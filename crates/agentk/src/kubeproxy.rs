@@ -95,19 +95,86 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     r
 }
 
+/// Why a request is answered by the agent itself instead of the Kubernetes API.
+struct Refusal {
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: StatusCode, reason: &'static str, message: impl ToString) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.to_string(),
+        }
+    }
+
+    fn response(&self) -> Response<Body> {
+        status(self.code, self.reason, &self.message)
+    }
+}
+
 async fn forward(
     h: Arc<Inner>,
     routed: Arc<RoutedRequest>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Body>, hyper::Error> {
-    let mut headers = match sanitize_request_headers(req.headers()) {
-        Ok(h) => h,
-        Err(e) => return Ok(status(e.status(), e.reason(), &e.to_string())),
-    };
-    let imp = match impersonation_headers(&routed.access_as, &routed.context) {
-        Ok(v) => v,
-        Err(e) => return Ok(status(StatusCode::FORBIDDEN, "Forbidden", &e.to_string())),
-    };
+    match try_forward(&h, &routed, req).await {
+        Ok(resp) => Ok(resp),
+        Err(refusal) => Ok(refusal.response()),
+    }
+}
+
+/// Sends the request to the Kubernetes API as the routed identity; joins upgraded connections.
+async fn try_forward(
+    h: &Inner,
+    routed: &RoutedRequest,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Refusal> {
+    let headers = upstream_headers(h, routed, req.headers())?;
+    let uri = upstream_uri(h, req.uri())?;
+    let upgrade = headers.contains_key(header::UPGRADE);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let mut out = Request::builder()
+        .method(parts.method)
+        .uri(uri)
+        .version(http::Version::HTTP_11);
+    if let Some(hm) = out.headers_mut() {
+        *hm = headers;
+    }
+    let out = out
+        .body(body.boxed())
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "BadRequest", e))?;
+    let mut resp = h.client.request(out).await.map_err(|e| {
+        Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            "ServiceUnavailable",
+            format!("the agent cannot reach the Kubernetes API: {e}"),
+        )
+    })?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        join_upgrades(client_upgrade, hyper::upgrade::on(&mut resp));
+    }
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// The caller's headers without credentials or hop-by-hop ones, plus impersonation of the
+/// routed identity and the agent's own credentials.
+fn upstream_headers(
+    h: &Inner,
+    routed: &RoutedRequest,
+    incoming: &http::HeaderMap,
+) -> Result<http::HeaderMap, Refusal> {
+    let mut headers =
+        sanitize_request_headers(incoming).map_err(|e| Refusal::new(e.status(), e.reason(), &e))?;
+    let imp = impersonation_headers(&routed.access_as, &routed.context)
+        .map_err(|e| Refusal::new(StatusCode::FORBIDDEN, "Forbidden", e))?;
     for (k, v) in imp {
         if let (Ok(name), Ok(value)) = (
             http::HeaderName::try_from(k.as_str()),
@@ -122,69 +189,29 @@ async fn forward(
         v.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, v);
     }
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    Ok(headers)
+}
+
+/// The request's path and query on the Kubernetes API's base URL.
+fn upstream_uri(h: &Inner, uri: &Uri) -> Result<Uri, Refusal> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let base = h.base.to_string();
-    let uri: Uri = match format!("{}{}", base.trim_end_matches('/'), path).parse() {
-        Ok(u) => u,
-        Err(e) => {
-            return Ok(status(
-                StatusCode::BAD_REQUEST,
-                "BadRequest",
-                &e.to_string(),
-            ));
-        }
-    };
-    let upgrade = headers.contains_key(header::UPGRADE);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
-    let mut out = Request::builder()
-        .method(parts.method)
-        .uri(uri)
-        .version(http::Version::HTTP_11);
-    if let Some(hm) = out.headers_mut() {
-        *hm = headers;
-    }
-    let out = match out.body(body.boxed()) {
-        Ok(r) => r,
-        Err(e) => {
-            return Ok(status(
-                StatusCode::BAD_REQUEST,
-                "BadRequest",
-                &e.to_string(),
-            ));
-        }
-    };
-    let mut resp = match h.client.request(out).await {
-        Ok(r) => r,
-        Err(e) => {
-            return Ok(status(
-                StatusCode::BAD_GATEWAY,
-                "ServiceUnavailable",
-                &format!("the agent cannot reach the Kubernetes API: {e}"),
-            ));
-        }
-    };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
-    {
-        // exec/attach/port-forward: join the two upgraded connections byte for byte.
-        let server_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            match tokio::try_join!(client_upgrade, server_upgrade) {
-                Ok((c, s)) => {
-                    let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
-                    let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
-                }
-                Err(e) => tracing::debug!(error = %e, "Upgrade failed"),
+    format!("{}{}", base.trim_end_matches('/'), path)
+        .parse()
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "BadRequest", e))
+}
+
+/// exec/attach/port-forward: joins the two upgraded connections byte for byte.
+fn join_upgrades(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, server) {
+            Ok((c, s)) => {
+                let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
             }
-        });
-    }
-    let (parts, body) = resp.into_parts();
-    Ok(Response::from_parts(parts, body.boxed()))
+            Err(e) => tracing::debug!(error = %e, "Upgrade failed"),
+        }
+    });
 }
 
 impl Handler for KubeApiHandler {

@@ -13,12 +13,14 @@ use tether_transport::{ClientOptions, KasAddress, NoProxy, ProxySettings, ProxyU
 use tether_tunnel_agent::{AgentMeta, ConnState, EchoHandler, Handler, Pool, PoolConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 mod configuration;
 mod gitops;
 mod kubeproxy;
 mod leader;
+mod modules;
+
+use modules::Modules;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +54,9 @@ struct Cli {
     /// Log level until the agent configuration sets one: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Log lines as `json` (for collectors) or `text` (for reading during local runs).
+    #[arg(long, env = "AGENTK_LOG_FORMAT", default_value = "json")]
+    log_format: tether_observability::LogFormat,
     /// Idle tunnel streams kept open for kas.
     #[arg(long, default_value_t = 2)]
     tunnel_min_idle: usize,
@@ -245,7 +250,7 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     let level = tether_observability::parse_level(&cli.log_level)?;
-    let log = tether_observability::init_logging(level);
+    let log = tether_observability::init_logging_as(level, cli.log_format);
     // Every module logs inside this span, so `agent_id` appears on every line once kas told us.
     let agent_span = tracing::info_span!("agentk", agent_id = tracing::field::Empty);
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -259,9 +264,8 @@ async fn run(cli: Cli) -> Result<()> {
         proxy: proxy_settings(cli.proxy_url.as_deref(), &address)?,
         ..ClientOptions::default()
     };
+    // One lazily connecting channel (one transport connection) for every module.
     let channel = tether_transport::connect_lazy(&address, &opts)?;
-    let config_channel = channel.clone();
-    let gitops_channel = channel.clone();
     let meta = AgentMeta {
         token,
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -269,8 +273,67 @@ async fn run(cli: Cli) -> Result<()> {
         pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
     };
     let kube_cfg = kube_config(cli.kubeconfig.as_deref()).await?;
-    let config_meta = meta.clone();
-    let meta_for_gitops = meta.clone();
+    let pool = tunnel_pool(&cli, channel.clone(), meta.clone(), &kube_cfg)?;
+    let kube =
+        kube::Client::try_from(kube_cfg.clone()).context("building the Kubernetes client")?;
+
+    // The module list: started in this order, stopped in reverse.
+    let mut modules = Modules::default();
+    start_observability(&mut modules, &cli, &pool).await?;
+    tracing::info!(
+        kas_address = %address,
+        kubeconfig = cli.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        "agentk is starting"
+    );
+    let p = Arc::clone(&pool);
+    modules.start(
+        "tunnel",
+        tracing::info_span!(parent: &agent_span, "tunnel", mod_name = "reverse_tunnel"),
+        |stop| async move { p.run(stop).await },
+    );
+    let (config_tx, config_rx) = watch::channel(None);
+    // Started before GitOps and stopped after it: the lease is handed back only once nothing
+    // applies here any more.
+    let leading = start_leader_election(&mut modules, &cli, kube.clone(), config_rx.clone())?;
+    let (gitops_channel, gitops_meta) = (channel.clone(), meta.clone());
+    let syncer = Arc::new(tether_gitops_agent::sync::Syncer::new(kube));
+    let timing = gitops_timing(&cli);
+    modules.start(
+        "gitops",
+        tracing::info_span!(parent: &agent_span, "gitops", mod_name = "gitops"),
+        |stop| {
+            gitops::run(
+                gitops_channel,
+                gitops_meta,
+                syncer,
+                config_rx,
+                leading,
+                timing,
+                stop,
+            )
+        },
+    );
+    let span = agent_span.clone();
+    modules.start(
+        "configuration",
+        tracing::info_span!(parent: &agent_span, "configuration", mod_name = "agent_configuration"),
+        |stop| configuration::run(channel, meta, log, config_tx, span, stop),
+    );
+
+    wait_for_termination().await?;
+    tracing::info!("agentk is stopping");
+    modules.stop(STOP_DEADLINE).await;
+    tracing::info!("agentk stopped");
+    Ok(())
+}
+
+/// The tunnel's stream pool, serving `echo` and the Kubernetes API.
+fn tunnel_pool(
+    cli: &Cli,
+    channel: tonic::transport::Channel,
+    meta: AgentMeta,
+    kube_cfg: &kube::Config,
+) -> Result<Arc<Pool>> {
     let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
     handlers.insert(
         tether_protocol::services::ECHO.to_string(),
@@ -278,26 +341,22 @@ async fn run(cli: Cli) -> Result<()> {
     );
     handlers.insert(
         tether_protocol::services::KUBERNETES_API.to_string(),
-        Arc::new(kubeproxy::KubeApiHandler::new(&kube_cfg)?),
+        Arc::new(kubeproxy::KubeApiHandler::new(kube_cfg)?),
     );
-    let pool = Arc::new(Pool::new(
-        PoolConfig {
-            min_idle: cli.tunnel_min_idle,
-            max_streams: cli.tunnel_max_streams,
-            scale_up_step: cli.tunnel_scale_up_step,
-            idle_timeout: cli.tunnel_idle_timeout,
-            ..PoolConfig::default()
-        },
-        channel,
-        meta,
-        handlers,
-    ));
+    let cfg = PoolConfig {
+        min_idle: cli.tunnel_min_idle,
+        max_streams: cli.tunnel_max_streams,
+        scale_up_step: cli.tunnel_scale_up_step,
+        idle_timeout: cli.tunnel_idle_timeout,
+        ..PoolConfig::default()
+    };
+    Ok(Arc::new(Pool::new(cfg, channel, meta, handlers)))
+}
 
+/// Starts /metrics, /liveness and /readiness; ready only while the tunnel is connected to kas.
+async fn start_observability(modules: &mut Modules, cli: &Cli, pool: &Pool) -> Result<()> {
     let mut metrics = prometheus_client::registry::Registry::with_prefix("agentk");
     pool.register_metrics(&mut metrics);
-    let shutdown = CancellationToken::new();
-
-    // Ready only while connected to kas.
     let (ready_tx, ready) = watch::channel(false);
     let mut state = pool.state();
     tokio::spawn(async move {
@@ -316,43 +375,40 @@ async fn run(cli: Cli) -> Result<()> {
         metrics: Arc::new(Mutex::new(metrics)),
         ready,
     };
-    let obs = tokio::spawn(
-        tether_observability::serve(listener, ep, shutdown.clone())
-            .instrument(tracing::info_span!("obs", mod_name = "observability")),
+    modules.start(
+        "observability",
+        tracing::info_span!("obs", mod_name = "observability"),
+        |stop| async move {
+            if let Err(e) = tether_observability::serve(listener, ep, stop).await {
+                tracing::error!(error = %e, "Observability endpoint failed");
+            }
+        },
     );
+    Ok(())
+}
 
-    tracing::info!(
-        kas_address = %address,
-        kubeconfig = cli.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-        "agentk is starting"
-    );
-    let p = Arc::clone(&pool);
-    let stop = shutdown.clone();
-    let tunnel = tokio::spawn(
-        async move { p.run(stop).await }.instrument(tracing::info_span!(
-            parent: &agent_span,
-            "tunnel",
-            mod_name = "reverse_tunnel"
-        )),
-    );
-    let (config_tx, config_rx) = watch::channel(None);
-    let kube =
-        kube::Client::try_from(kube_cfg.clone()).context("building the Kubernetes client")?;
+/// Starts the leader election (when there is one) as a module; the returned watch says whether
+/// this replica applies GitOps.
+fn start_leader_election(
+    modules: &mut Modules,
+    cli: &Cli,
+    kube: kube::Client,
+    config: watch::Receiver<Option<Arc<configuration::Applied>>>,
+) -> Result<watch::Receiver<bool>> {
     let identity = match std::env::var("POD_NAME") {
         Ok(name) if !name.is_empty() => name,
         _ => format!("agentk-{}", std::process::id()),
     };
-    // Not a child of `shutdown`: the lease is handed back only after GitOps stopped.
-    let election_stop = CancellationToken::new();
-    let (leading, election) = start_election(
-        &cli,
-        kube.clone(),
-        config_rx.clone(),
-        identity,
-        election_stop.clone(),
-    )?;
-    let syncer = Arc::new(tether_gitops_agent::sync::Syncer::new(kube));
-    let timing = gitops::Timing {
+    let stop = CancellationToken::new();
+    let (leading, election) = start_election(cli, kube, config, identity, stop.clone())?;
+    if let Some(task) = election {
+        modules.adopt("leader_election", stop, task);
+    }
+    Ok(leading)
+}
+
+fn gitops_timing(cli: &Cli) -> gitops::Timing {
+    gitops::Timing {
         resync_interval: cli.gitops_resync_interval,
         retry: tether_tunnel_agent::Backoff {
             initial: cli.gitops_retry_interval,
@@ -360,63 +416,16 @@ async fn run(cli: Cli) -> Result<()> {
             factor: 2.0,
             jitter: 0.1,
         },
-    };
-    let gitops_task = tokio::spawn(
-        gitops::run(
-            gitops_channel,
-            meta_for_gitops,
-            syncer,
-            config_rx,
-            leading,
-            timing,
-            shutdown.clone(),
-        )
-        .instrument(tracing::info_span!(
-            parent: &agent_span,
-            "gitops",
-            mod_name = "gitops"
-        )),
-    );
-    let config = tokio::spawn(
-        configuration::run(
-            config_channel,
-            config_meta,
-            log.clone(),
-            config_tx,
-            agent_span.clone(),
-            shutdown.clone(),
-        )
-        .instrument(tracing::info_span!(
-            parent: &agent_span,
-            "configuration",
-            mod_name = "agent_configuration"
-        )),
-    );
+    }
+}
 
+/// Resolves on SIGTERM (Kubernetes stopping the Pod) or Ctrl-C.
+async fn wait_for_termination() -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("agentk is stopping");
-    shutdown.cancel();
-    // Stopped in reverse order of start; whatever is still running at the deadline is dropped.
-    let stopped = tokio::time::timeout(STOP_DEADLINE, async {
-        let _ = config.await;
-        let _ = gitops_task.await;
-        // After GitOps stopped: the lease is handed back only once nothing applies here.
-        election_stop.cancel();
-        if let Some(election) = election {
-            let _ = election.await;
-        }
-        let _ = tunnel.await;
-        let _ = obs.await;
-    })
-    .await;
-    if stopped.is_err() {
-        tracing::warn!(deadline = ?STOP_DEADLINE, "Some modules did not stop in time; exiting anyway");
-    }
-    tracing::info!("agentk stopped");
     Ok(())
 }
 

@@ -22,11 +22,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use tether_protocol::metadata;
 use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
 
 use crate::servers::{Ctx, Kas, KasOptions, agentk_args};
-use crate::tunnel::ci_job_token;
-use crate::util::{HttpsClient, get, git_init_commit, https_client, spawn};
+use crate::tunnel::{ci_access_repo, ci_job_token};
+use crate::util::{HttpsClient, get, https_client, spawn};
 
 /// Valid requests measured per phase.
 const REQUESTS: usize = 400;
@@ -149,8 +150,8 @@ async fn flood_agent(channel: tonic::transport::Channel, tokens: Arc<Vec<String>
     while !s.stop.load(Ordering::Relaxed) {
         let mut client = ReverseTunnelClient::new(channel.clone());
         let mut req = tonic::Request::new(futures_util::stream::pending());
-        if let Ok(v) = format!("Bearer {}", tokens[i % tokens.len()]).parse() {
-            req.metadata_mut().insert("authorization", v);
+        if let Ok(v) = metadata::bearer(&tokens[i % tokens.len()]) {
+            req.metadata_mut().insert(metadata::AUTHORIZATION, v);
         }
         i += 1;
         let code = client.connect(req).await.err().map(|e| e.code());
@@ -254,13 +255,7 @@ async fn measure(http: &HttpsClient, url: &str, auth: &str, t: Target) -> Result
 /// Runs the flood with kas's default limits and with none; `{"limited": {...}, "unlimited": {...}}`.
 pub async fn run(ctx: &Ctx) -> Result<Value> {
     let jwt = ci_job_token(ctx)?;
-    let repo = ctx.work.join("flood-config");
-    std::fs::create_dir_all(repo.join(".gitlab/agents/bench"))?;
-    std::fs::write(
-        repo.join(".gitlab/agents/bench/config.yaml"),
-        "ci_access:\n  projects:\n  - id: bench/app\n",
-    )?;
-    git_init_commit(&repo, "bench")?;
+    let repo = ci_access_repo(ctx, "flood-config")?;
     let ca_pem = std::fs::read(&ctx.pki.ca_cert)?;
     let http = https_client(&ca_pem)?;
     let forged = Arc::new(forged_tokens(64)?);

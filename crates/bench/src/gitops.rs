@@ -22,7 +22,9 @@ use crate::agent_log::{LogTail, phases, unix_now, wait_sync, wait_syncs};
 use crate::footprint::{cpu_seconds, status_bytes};
 use crate::kubectl::kubectl_baseline;
 use crate::servers::{Ctx, Kas, KasOptions, agentk_args};
-use crate::util::{Proc, check_runs, git_commit_all, git_init_commit, https_client, spawn};
+use crate::util::{
+    HttpsClient, Proc, check_runs, git_commit_all, git_init_commit, https_client, spawn,
+};
 
 /// Objects per manifest project.
 pub const SIZES: [usize; 3] = [100, 1000, 5000];
@@ -147,10 +149,83 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
     std::fs::create_dir_all(&dir)?;
     let http = https_client(&std::fs::read(&ctx.env.ca_file)?)?;
     let auth = format!("Bearer {}", ctx.sa_token);
-    let secret = dir.join("webhook-secret");
-    std::fs::write(&secret, HOOK_SECRET)?;
+    let mut projects = create_projects(ctx, &dir)?;
+    let config = agent_config_repo(&dir, &projects)?;
+    let (kas, agent_id, token) = start_kas(ctx, &dir, &config, &mut projects).await?;
+    let args = agentk_args(
+        ctx,
+        &format!("grpc://127.0.0.1:{}", kas.agent_port),
+        &token,
+        &["--log-level", "info", "--gitops-resync-interval", "1h"],
+    )?;
+    let mut agent = Agent::start(ctx, &args, &kas.dir.join("agentk-1.log")).await?;
+    kas.wait_configured(agent_id).await?;
+    // The first synchronization of each (empty) project, then idle memory.
+    wait_syncs(&mut agent.tail, &sync_targets(&projects)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_rss = status_bytes(agent.proc.pid(), "VmRSS")?;
+    let kas_rss_idle = status_bytes(kas.proc.pid(), "VmRSS")?;
+    eprintln!(
+        "bench: agentk idle RSS {:.1} MiB",
+        idle_rss as f64 / 1048576.0
+    );
 
-    // Repositories that start with one commit without YAML, and a namespace per size and path.
+    // Each size: kubectl first (into its own namespace), then agentk.
+    let mut syncs = Vec::new();
+    for p in &mut projects {
+        syncs.push(measure_sync(ctx, (&http, &auth), &kas, &mut agent, p).await?);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let peak_rss = status_bytes(agent.proc.pid(), "VmHWM")?;
+    let rss_after = status_bytes(agent.proc.pid(), "VmRSS")?;
+    eprintln!(
+        "bench: agentk peak RSS {:.1} MiB",
+        peak_rss as f64 / 1048576.0
+    );
+
+    let one_change = measure_one_change(&kas, &mut agent, &mut projects).await?;
+    // (b) Re-sync of unchanged commits: restart agentk; its first sync of each project is a
+    // re-sync of the commit it already applied.
+    agent.proc.stop()?;
+    let t0 = unix_now();
+    let mut agent = Agent::start(ctx, &args, &kas.dir.join("agentk-2.log")).await?;
+    let seen = wait_syncs(&mut agent.tail, &sync_targets(&projects)).await?;
+    let mut resyncs = Vec::new();
+    for (p, seen) in projects.iter().zip(seen) {
+        eprintln!(
+            "bench: re-sync of {} after restart: {:.2} s, {} writes",
+            p.path,
+            seen.done - t0,
+            seen.writes
+        );
+        resyncs.push(phases(p.objects, &seen, t0));
+    }
+
+    let idle = measure_idle(&kas, &agent).await?;
+    let prune = measure_prune(&kas, &mut agent, &mut projects).await?;
+    agent.proc.stop()?;
+
+    Ok(json!({
+        "syncs": syncs,
+        "resyncs": resyncs,
+        "one_change": one_change,
+        "prune": prune,
+        "footprint": {
+            "agentk_idle_rss_bytes": idle_rss,
+            "agentk_peak_rss_bytes": peak_rss,
+            "agentk_rss_after_syncs_bytes": rss_after,
+            "agentk_rss_end_bytes": idle.agent_rss_end,
+            "kas_rss_idle_bytes": kas_rss_idle,
+            "kas_rss_end_bytes": idle.kas_rss_end,
+            "idle_seconds": idle.wall,
+            "agentk_cpu_idle_seconds": idle.agent_cpu,
+            "kas_cpu_idle_seconds": idle.kas_cpu,
+        },
+    }))
+}
+
+/// Repositories that start with one commit without YAML, and a namespace per size and path.
+fn create_projects(ctx: &Ctx, dir: &Path) -> Result<Vec<Project>> {
     let mut projects = Vec::new();
     for n in SIZES {
         let repo = dir.join(format!("m{n}"));
@@ -167,11 +242,16 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
             head,
         });
     }
+    Ok(projects)
+}
+
+/// The agent configuration project: every manifest project, each into its own namespace.
+fn agent_config_repo(dir: &Path, projects: &[Project]) -> Result<PathBuf> {
     let config = dir.join("config");
     let agent_dir = config.join(".gitlab/agents/gitops");
     std::fs::create_dir_all(&agent_dir)?;
     let mut yaml = String::from("gitops:\n  manifest_projects:\n");
-    for p in &projects {
+    for p in projects {
         yaml.push_str(&format!(
             "  - id: {}\n    default_namespace: {}\n    paths:\n    - glob: '{GLOB}'\n",
             p.path, p.gitops_ns
@@ -184,7 +264,19 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
     yaml.push_str("observability:\n  logging:\n    level: info\n");
     std::fs::write(agent_dir.join("config.yaml"), yaml)?;
     git_init_commit(&config, "agent configuration")?;
+    Ok(config)
+}
 
+/// kas with the projects (webhooks signed with [`HOOK_SECRET`]) and the agent registered;
+/// returns it, the agent's id and its token file.
+async fn start_kas(
+    ctx: &Ctx,
+    dir: &Path,
+    config: &Path,
+    projects: &mut [Project],
+) -> Result<(Kas, i64, PathBuf)> {
+    let secret = dir.join("webhook-secret");
+    std::fs::write(&secret, HOOK_SECRET)?;
     let kas = Kas::start(
         ctx,
         "kas-gitops",
@@ -196,189 +288,155 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
     )
     .await?;
     check_runs(kas.proc.pid(), &ctx.kas_bin).await?;
-    kas.add_project("bench/config", &config, None).await?;
-    for p in &mut projects {
+    kas.add_project("bench/config", config, None).await?;
+    for p in projects.iter_mut() {
         p.kas_id = kas.add_project(&p.path, &p.repo, Some(&secret)).await?;
     }
     let (agent_id, token) = kas.register("bench/config", "gitops").await?;
-    let args = agentk_args(
-        ctx,
-        &format!("grpc://127.0.0.1:{}", kas.agent_port),
-        &token,
-        &["--log-level", "info", "--gitops-resync-interval", "1h"],
-    )?;
-    let mut agent = Agent::start(ctx, &args, &kas.dir.join("agentk-1.log")).await?;
-    kas.wait_configured(agent_id).await?;
-    // The first synchronization of each (empty) project, then idle memory.
-    let targets: Vec<(&str, &str)> = projects
+    Ok((kas, agent_id, token))
+}
+
+/// (project path, commit) of every project's current head.
+fn sync_targets(projects: &[Project]) -> Vec<(&str, &str)> {
+    projects
         .iter()
         .map(|p| (p.path.as_str(), p.head.as_str()))
-        .collect();
-    wait_syncs(&mut agent.tail, &targets).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle_rss = status_bytes(agent.proc.pid(), "VmRSS")?;
-    let kas_rss_idle = status_bytes(kas.proc.pid(), "VmRSS")?;
+        .collect()
+}
+
+/// (a) `p.objects` objects: `kubectl apply` + wait into its own namespace, then the same commit
+/// through kas and agentk (push webhook until the agent reports it synchronized).
+async fn measure_sync(
+    ctx: &Ctx,
+    watch: (&HttpsClient, &str),
+    kas: &Kas,
+    agent: &mut Agent,
+    p: &mut Project,
+) -> Result<Value> {
+    let n = p.objects;
+    let files = write_manifests(&p.repo, n, None)?;
+    p.head = git_commit_all(&p.repo, &format!("{n} objects"))?;
+
+    let k = kubectl_baseline(
+        &ctx.env,
+        watch,
+        &p.repo.join(MANIFEST_DIR),
+        &p.kubectl_ns,
+        n / DEPLOYMENT_EVERY,
+    )
+    .await?;
     eprintln!(
-        "bench: agentk idle RSS {:.1} MiB",
-        idle_rss as f64 / 1048576.0
+        "bench: kubectl {n} objects: apply {:.2} s, all Available {:.2} s, kubectl wait \
+         returned {:.2} s",
+        k.apply, k.available, k.wait
     );
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // Each size: kubectl first (into its own namespace), then agentk.
-    let mut syncs = Vec::new();
-    for p in &mut projects {
-        let n = p.objects;
-        let files = write_manifests(&p.repo, n, None)?;
-        p.head = git_commit_all(&p.repo, &format!("{n} objects"))?;
-
-        let k = kubectl_baseline(
-            &ctx.env,
-            (&http, &auth),
-            &p.repo.join(MANIFEST_DIR),
-            &p.kubectl_ns,
-            n / DEPLOYMENT_EVERY,
-        )
-        .await?;
-        eprintln!(
-            "bench: kubectl {n} objects: apply {:.2} s, all Available {:.2} s, kubectl wait \
-             returned {:.2} s",
-            k.apply, k.available, k.wait
-        );
-        tokio::time::sleep(Duration::from_secs(2)).await;
-
-        let (cpu_agent, cpu_kas) = (cpu_seconds(agent.proc.pid())?, cpu_seconds(kas.proc.pid())?);
-        let t0 = unix_now();
-        let t = Instant::now();
-        push_webhook(&kas, p).await?;
-        let seen = wait_sync(&mut agent.tail, &p.path, &p.head).await?;
-        let observed = t.elapsed().as_secs_f64();
-        let cpu_agent = cpu_seconds(agent.proc.pid())? - cpu_agent;
-        let cpu_kas = cpu_seconds(kas.proc.pid())? - cpu_kas;
-        let total = seen.done - t0;
-        eprintln!(
-            "bench: agentk {n} objects: {total:.2} s (seen after {observed:.2} s), {} writes, \
-             CPU agentk {cpu_agent:.2} s, kas {cpu_kas:.2} s",
-            seen.writes
-        );
-        if seen.objects != n as u64 {
-            bail!(
-                "agentk reported {} objects for {}, expected {n}",
-                seen.objects,
-                p.path
-            );
-        }
-        syncs.push(json!({
-            "objects": n,
-            "deployments": n / DEPLOYMENT_EVERY,
-            "files": files,
-            "kubectl_apply_seconds": k.apply,
-            "kubectl_available_seconds": k.available,
-            "kubectl_total_seconds": k.wait,
-            "agentk_total_seconds": total,
-            "agentk_started_seconds": seen.started.map(|s| s - t0),
-            "agentk_applied_seconds": seen.last_applied.map(|s| s - t0),
-            "agentk_cpu_seconds": cpu_agent,
-            "kas_cpu_seconds": cpu_kas,
-            "writes": seen.writes,
-        }));
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    let peak_rss = status_bytes(agent.proc.pid(), "VmHWM")?;
-    let rss_after = status_bytes(agent.proc.pid(), "VmRSS")?;
-    eprintln!(
-        "bench: agentk peak RSS {:.1} MiB",
-        peak_rss as f64 / 1048576.0
-    );
-
-    // (c) One ConfigMap changes in the largest project.
-    let one_change = {
-        let p = projects
-            .iter_mut()
-            .max_by_key(|p| p.objects)
-            .context("no projects")?;
-        write_manifests(&p.repo, p.objects, Some(0))?;
-        p.head = git_commit_all(&p.repo, "one ConfigMap changed")?;
-        let t0 = unix_now();
-        push_webhook(&kas, p).await?;
-        let seen = wait_sync(&mut agent.tail, &p.path, &p.head).await?;
-        eprintln!(
-            "bench: one ConfigMap changed in {}: {:.2} s, {} writes",
-            p.path,
-            seen.done - t0,
-            seen.writes
-        );
-        phases(p.objects, &seen, t0)
-    };
-
-    // (b) Re-sync of unchanged commits: restart agentk; its first sync of each project is a
-    // re-sync of the commit it already applied.
-    agent.proc.stop()?;
+    let (cpu_agent, cpu_kas) = (cpu_seconds(agent.proc.pid())?, cpu_seconds(kas.proc.pid())?);
     let t0 = unix_now();
-    let mut agent = Agent::start(ctx, &args, &kas.dir.join("agentk-2.log")).await?;
-    let targets: Vec<(&str, &str)> = projects
-        .iter()
-        .map(|p| (p.path.as_str(), p.head.as_str()))
-        .collect();
-    let seen = wait_syncs(&mut agent.tail, &targets).await?;
-    let mut resyncs = Vec::new();
-    for (p, seen) in projects.iter().zip(seen) {
-        eprintln!(
-            "bench: re-sync of {} after restart: {:.2} s, {} writes",
-            p.path,
-            seen.done - t0,
-            seen.writes
+    let t = Instant::now();
+    push_webhook(kas, p).await?;
+    let seen = wait_sync(&mut agent.tail, &p.path, &p.head).await?;
+    let observed = t.elapsed().as_secs_f64();
+    let cpu_agent = cpu_seconds(agent.proc.pid())? - cpu_agent;
+    let cpu_kas = cpu_seconds(kas.proc.pid())? - cpu_kas;
+    let total = seen.done - t0;
+    eprintln!(
+        "bench: agentk {n} objects: {total:.2} s (seen after {observed:.2} s), {} writes, \
+         CPU agentk {cpu_agent:.2} s, kas {cpu_kas:.2} s",
+        seen.writes
+    );
+    if seen.objects != n as u64 {
+        bail!(
+            "agentk reported {} objects for {}, expected {n}",
+            seen.objects,
+            p.path
         );
-        resyncs.push(phases(p.objects, &seen, t0));
     }
+    Ok(json!({
+        "objects": n,
+        "deployments": n / DEPLOYMENT_EVERY,
+        "files": files,
+        "kubectl_apply_seconds": k.apply,
+        "kubectl_available_seconds": k.available,
+        "kubectl_total_seconds": k.wait,
+        "agentk_total_seconds": total,
+        "agentk_started_seconds": seen.started.map(|s| s - t0),
+        "agentk_applied_seconds": seen.last_applied.map(|s| s - t0),
+        "agentk_cpu_seconds": cpu_agent,
+        "kas_cpu_seconds": cpu_kas,
+        "writes": seen.writes,
+    }))
+}
 
-    // Idle CPU of both, everything synchronized.
+/// (c) One ConfigMap changes in the largest project.
+async fn measure_one_change(
+    kas: &Kas,
+    agent: &mut Agent,
+    projects: &mut [Project],
+) -> Result<Value> {
+    let p = projects
+        .iter_mut()
+        .max_by_key(|p| p.objects)
+        .context("no projects")?;
+    write_manifests(&p.repo, p.objects, Some(0))?;
+    p.head = git_commit_all(&p.repo, "one ConfigMap changed")?;
+    let t0 = unix_now();
+    push_webhook(kas, p).await?;
+    let seen = wait_sync(&mut agent.tail, &p.path, &p.head).await?;
+    eprintln!(
+        "bench: one ConfigMap changed in {}: {:.2} s, {} writes",
+        p.path,
+        seen.done - t0,
+        seen.writes
+    );
+    Ok(phases(p.objects, &seen, t0))
+}
+
+/// CPU and memory of agentk and kas sitting idle, everything synchronized.
+struct Idle {
+    wall: f64,
+    agent_cpu: f64,
+    kas_cpu: f64,
+    agent_rss_end: u64,
+    kas_rss_end: u64,
+}
+
+async fn measure_idle(kas: &Kas, agent: &Agent) -> Result<Idle> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (a0, k0) = (cpu_seconds(agent.proc.pid())?, cpu_seconds(kas.proc.pid())?);
     let t = Instant::now();
     tokio::time::sleep(IDLE).await;
     let (a1, k1) = (cpu_seconds(agent.proc.pid())?, cpu_seconds(kas.proc.pid())?);
-    let idle_wall = t.elapsed().as_secs_f64();
-    let agent_rss_end = status_bytes(agent.proc.pid(), "VmRSS")?;
-    let kas_rss_end = status_bytes(kas.proc.pid(), "VmRSS")?;
-    eprintln!(
-        "bench: idle {idle_wall:.0} s: CPU agentk {:.2} s, kas {:.2} s",
-        a1 - a0,
-        k1 - k0
-    );
-    // (d) Pruning: the 1,000-object project drops to one object; 999 are deleted.
-    let prune = {
-        let p = projects
-            .iter_mut()
-            .find(|p| p.objects == 1000)
-            .context("no 1,000-object project")?;
-        std::fs::remove_dir_all(p.repo.join(MANIFEST_DIR))?;
-        write_manifests(&p.repo, 1, None)?;
-        p.head = git_commit_all(&p.repo, "999 objects removed")?;
-        let t0 = unix_now();
-        push_webhook(&kas, p).await?;
-        let seen = wait_sync(&mut agent.tail, &p.path, &p.head).await?;
-        let seconds = seen.done - t0;
-        eprintln!("bench: pruning 999 objects of {}: {seconds:.2} s", p.path);
-        json!({"pruned": p.objects - 1, "seconds": seconds})
+    let idle = Idle {
+        wall: t.elapsed().as_secs_f64(),
+        agent_cpu: a1 - a0,
+        kas_cpu: k1 - k0,
+        agent_rss_end: status_bytes(agent.proc.pid(), "VmRSS")?,
+        kas_rss_end: status_bytes(kas.proc.pid(), "VmRSS")?,
     };
-    agent.proc.stop()?;
+    eprintln!(
+        "bench: idle {:.0} s: CPU agentk {:.2} s, kas {:.2} s",
+        idle.wall, idle.agent_cpu, idle.kas_cpu
+    );
+    Ok(idle)
+}
 
-    Ok(json!({
-        "syncs": syncs,
-        "resyncs": resyncs,
-        "one_change": one_change,
-        "prune": prune,
-        "footprint": {
-            "agentk_idle_rss_bytes": idle_rss,
-            "agentk_peak_rss_bytes": peak_rss,
-            "agentk_rss_after_syncs_bytes": rss_after,
-            "agentk_rss_end_bytes": agent_rss_end,
-            "kas_rss_idle_bytes": kas_rss_idle,
-            "kas_rss_end_bytes": kas_rss_end,
-            "idle_seconds": idle_wall,
-            "agentk_cpu_idle_seconds": a1 - a0,
-            "kas_cpu_idle_seconds": k1 - k0,
-        },
-    }))
+/// (d) Pruning: the 1,000-object project drops to one object; 999 are deleted.
+async fn measure_prune(kas: &Kas, agent: &mut Agent, projects: &mut [Project]) -> Result<Value> {
+    let p = projects
+        .iter_mut()
+        .find(|p| p.objects == 1000)
+        .context("no 1,000-object project")?;
+    std::fs::remove_dir_all(p.repo.join(MANIFEST_DIR))?;
+    write_manifests(&p.repo, 1, None)?;
+    p.head = git_commit_all(&p.repo, "999 objects removed")?;
+    let t0 = unix_now();
+    push_webhook(kas, p).await?;
+    let seen = wait_sync(&mut agent.tail, &p.path, &p.head).await?;
+    let seconds = seen.done - t0;
+    eprintln!("bench: pruning 999 objects of {}: {seconds:.2} s", p.path);
+    Ok(json!({"pruned": p.objects - 1, "seconds": seconds}))
 }
 
 #[cfg(test)]

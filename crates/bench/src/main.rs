@@ -141,12 +141,53 @@ async fn run(out: &std::path::Path, only: Option<&str>) -> Result<()> {
     let started = Instant::now();
     let env =
         TestEnv::from_env().context("run me through scripts/bench (it starts a control plane)")?;
-    let bin_dir = bin_dir()?;
     let work = std::env::temp_dir().join(format!("tether-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
+    let ctx = prepare(env, &work)?;
 
-    // An agent identity with cluster-admin (every agentk of the run uses it; the tunnel's
-    // direct path too), and a ConfigMap to GET.
+    let versions = kubectl_versions(&ctx.env)?;
+    let wanted = |section: &str| only.is_none_or(|o| o == section);
+    let tunnel = if wanted("tunnel") {
+        tunnel::run(&ctx).await?
+    } else {
+        Value::Null
+    };
+    let gitops = if wanted("gitops") {
+        gitops::run(&ctx).await?
+    } else {
+        Value::Null
+    };
+    let flood = if wanted("flood") {
+        flood::run(&ctx).await?
+    } else {
+        Value::Null
+    };
+    let results = json!({
+        "versions": versions,
+        "tunnel": tunnel,
+        "gitops": gitops,
+        "flood": flood,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    write_results(out, &results)?;
+    eprintln!(
+        "bench: results in {} ({:.0} s)",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    // Keep the GitOps section's logs (agentk's show where sync time goes); drop the rest.
+    if let Some(dir) = out.parent()
+        && !gitops.is_null()
+    {
+        keep_logs(&work.join("kas-gitops"), &dir.join("logs"))?;
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// The run's shared setup: an agent identity with cluster-admin (every agentk of the run uses
+/// it; the tunnel's direct path too), a ConfigMap to GET, a PKI, and where things live.
+fn prepare(env: TestEnv, work: &std::path::Path) -> Result<Ctx> {
     let ns = env.create_namespace("bench")?;
     env.apply_yaml(&format!(
         "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: bench\n  namespace: {ns}\n---\n\
@@ -167,66 +208,38 @@ apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: one\n  namespace: {ns}\ndata
     .to_string();
     let agent_kubeconfig = work.join("agent.kubeconfig");
     std::fs::write(&agent_kubeconfig, env.token_kubeconfig(&sa_token))?;
-    let ctx = Ctx {
+    let bin_dir = bin_dir()?;
+    Ok(Ctx {
         pki: tether_testenv::pki::generate(&work.join("pki"))?,
         env,
         kas_bin: bin_dir.join("kas"),
         agentk_bin: bin_dir.join("agentk"),
         jwks: work.join("jwks.json"),
-        work: work.clone(),
+        work: work.to_path_buf(),
         agent_kubeconfig,
         sa_token,
         ns,
-    };
+    })
+}
 
-    let versions = kubectl_versions(&ctx.env)?;
-    let tunnel = if only.is_none_or(|o| o == "tunnel") {
-        tunnel::run(&ctx).await?
-    } else {
-        Value::Null
-    };
-    let gitops = if only.is_none_or(|o| o == "gitops") {
-        gitops::run(&ctx).await?
-    } else {
-        Value::Null
-    };
-    let flood = if only.is_none_or(|o| o == "flood") {
-        flood::run(&ctx).await?
-    } else {
-        Value::Null
-    };
-    let results = json!({
-        "versions": versions,
-        "tunnel": tunnel,
-        "gitops": gitops,
-        "flood": flood,
-        "seconds": started.elapsed().as_secs_f64(),
-    });
+fn write_results(out: &std::path::Path, results: &Value) -> Result<()> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(out, format!("{results:#}\n"))
-        .with_context(|| format!("writing {}", out.display()))?;
-    eprintln!(
-        "bench: results in {} ({:.0} s)",
-        out.display(),
-        started.elapsed().as_secs_f64()
-    );
-    // Keep the GitOps section's logs (agentk's show where sync time goes); drop the rest.
-    if let Some(dir) = out.parent()
-        && !gitops.is_null()
-    {
-        let logs = dir.join("logs");
-        std::fs::create_dir_all(&logs)?;
-        for entry in std::fs::read_dir(work.join("kas-gitops"))? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "log")
-                && let Some(name) = path.file_name()
-            {
-                std::fs::copy(&path, logs.join(name))?;
-            }
+        .with_context(|| format!("writing {}", out.display()))
+}
+
+/// Copies the `*.log` files of `from` into `to`.
+fn keep_logs(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "log")
+            && let Some(name) = path.file_name()
+        {
+            std::fs::copy(&path, to.join(name))?;
         }
     }
-    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

@@ -60,75 +60,23 @@ impl Kas {
         o: &KasOptions<'_>,
         extra: &str,
     ) -> Result<Kas> {
-        let (agent_port, api_port, k8s_port, obs_port) =
-            (free_port()?, free_port()?, free_port()?, free_port()?);
-        let pki = &ctx.pki;
-        let tls = if o.agent_tls {
-            format!(
-                "    certificate_file: {}\n    key_file: {}\n",
-                pki.serving_cert.display(),
-                pki.serving_key.display()
-            )
-        } else {
-            String::new()
+        let ports = KasPorts {
+            agent: free_port()?,
+            api: free_port()?,
+            k8s: free_port()?,
+            obs: free_port()?,
         };
         let dir = ctx.work.join(name);
         std::fs::create_dir_all(&dir)?;
         let cfg = dir.join("kas.yaml");
-        std::fs::write(
-            &cfg,
-            format!(
-                concat!(
-                    "data_dir: {data}\n",
-                    // Every benchmark client is on loopback: the per-address caps, meant
-                    // for the internet, would refuse the high-concurrency runs.
-                    "agent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}",
-                    "    max_connections: 30000\n    max_connections_per_address: 30000\n",
-                    "api:\n  listen:\n    address: 127.0.0.1:{api_port}\n",
-                    "    max_connections: 30000\n    max_connections_per_address: 30000\n",
-                    "git:\n  poll_interval: {poll}\n",
-                    "kubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n",
-                    "    max_connections: 30000\n    max_connections_per_address: 30000\n",
-                    "    certificate_file: {cert}\n    key_file: {key}\n",
-                    "  ci_issuers:\n  - issuer: https://bench.local\n    audience: kas\n",
-                    "    jwks:\n      file: {jwks}\n",
-                    "observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
-                    "  logging:\n    level: {level}\n",
-                    "{extra}",
-                ),
-                extra = extra,
-                agent_port = agent_port,
-                tls = tls,
-                api_port = api_port,
-                poll = o.git_poll,
-                k8s_port = k8s_port,
-                obs_port = obs_port,
-                level = o.log_level,
-                data = dir.join("data").display(),
-                cert = pki.serving_cert.display(),
-                key = pki.serving_key.display(),
-                jwks = ctx.jwks.display(),
-            ),
-        )?;
+        std::fs::write(&cfg, kas_yaml(ctx, &dir, o, &ports, extra))?;
         let proc = spawn(
             &ctx.kas_bin,
             &["--configuration-file".into(), cfg.display().to_string()],
             &dir.join("kas.log"),
         )?;
-        let api = format!("http://127.0.0.1:{api_port}");
-        let token_file = dir.join("data/admin-token");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let admin = loop {
-            if let Ok(c) = AdminClient::from_token_file(&api, &token_file)
-                && c.stats().await.is_ok()
-            {
-                break c;
-            }
-            if Instant::now() > deadline {
-                bail!("kas did not start; see {}", dir.join("kas.log").display());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let admin = wait_for_admin(&dir, ports.api).await?;
+        let (agent_port, api_port, k8s_port) = (ports.agent, ports.api, ports.k8s);
         Ok(Kas {
             proc,
             admin,
@@ -205,4 +153,76 @@ pub fn agentk_args(ctx: &Ctx, address: &str, token: &Path, extra: &[&str]) -> Re
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     Ok(args)
+}
+
+/// The loopback ports of one kas.
+struct KasPorts {
+    agent: u16,
+    api: u16,
+    k8s: u16,
+    obs: u16,
+}
+
+/// kas's configuration for a benchmark run; `extra` is appended as top-level YAML.
+fn kas_yaml(ctx: &Ctx, dir: &Path, o: &KasOptions<'_>, ports: &KasPorts, extra: &str) -> String {
+    let pki = &ctx.pki;
+    let tls = if o.agent_tls {
+        format!(
+            "    certificate_file: {}\n    key_file: {}\n",
+            pki.serving_cert.display(),
+            pki.serving_key.display()
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        concat!(
+            "data_dir: {data}\n",
+            // Every benchmark client is on loopback: the per-address caps, meant
+            // for the internet, would refuse the high-concurrency runs.
+            "agent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}",
+            "    max_connections: 30000\n    max_connections_per_address: 30000\n",
+            "api:\n  listen:\n    address: 127.0.0.1:{api_port}\n",
+            "    max_connections: 30000\n    max_connections_per_address: 30000\n",
+            "git:\n  poll_interval: {poll}\n",
+            "kubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n",
+            "    max_connections: 30000\n    max_connections_per_address: 30000\n",
+            "    certificate_file: {cert}\n    key_file: {key}\n",
+            "  ci_issuers:\n  - issuer: https://bench.local\n    audience: kas\n",
+            "    jwks:\n      file: {jwks}\n",
+            "observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n",
+            "  logging:\n    level: {level}\n",
+            "{extra}",
+        ),
+        extra = extra,
+        agent_port = ports.agent,
+        tls = tls,
+        api_port = ports.api,
+        poll = o.git_poll,
+        k8s_port = ports.k8s,
+        obs_port = ports.obs,
+        level = o.log_level,
+        data = dir.join("data").display(),
+        cert = pki.serving_cert.display(),
+        key = pki.serving_key.display(),
+        jwks = ctx.jwks.display(),
+    )
+}
+
+/// The admin client of the kas in `dir` once its internal API answers (up to 60 s).
+async fn wait_for_admin(dir: &Path, api_port: u16) -> Result<AdminClient> {
+    let api = format!("http://127.0.0.1:{api_port}");
+    let token_file = dir.join("data/admin-token");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(c) = AdminClient::from_token_file(&api, &token_file)
+            && c.stats().await.is_ok()
+        {
+            return Ok(c);
+        }
+        if Instant::now() > deadline {
+            bail!("kas did not start; see {}", dir.join("kas.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -1,6 +1,7 @@
 //! Tunnel latency (GET of one ConfigMap at concurrency 1, 16, 128 over `grpc` and `wss`) and
 //! throughput (LIST of about 50 MB), each next to the direct path in the same run.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
@@ -9,7 +10,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 use crate::servers::{Ctx, Kas, KasOptions, agentk_args};
-use crate::util::{HttpsClient, get, git_init_commit, https_client, spawn};
+use crate::util::{HttpsClient, Proc, get, git_init_commit, https_client, spawn};
 
 /// (concurrency, requests)
 const LATENCY_RUNS: [(usize, usize); 3] = [(1, 400), (16, 3200), (128, 6400)];
@@ -85,13 +86,7 @@ pub fn ci_job_token(ctx: &Ctx) -> Result<String> {
 pub async fn run(ctx: &Ctx) -> Result<Value> {
     let ns = &ctx.ns;
     let jwt = ci_job_token(ctx)?;
-    let repo = ctx.work.join("config");
-    std::fs::create_dir_all(repo.join(".gitlab/agents/bench"))?;
-    std::fs::write(
-        repo.join(".gitlab/agents/bench/config.yaml"),
-        "ci_access:\n  projects:\n  - id: bench/app\n",
-    )?;
-    git_init_commit(&repo, "bench")?;
+    let repo = ci_access_repo(ctx, "config")?;
 
     // Trust both the cluster's CA (direct path) and the CA of kas's proxy certificate.
     let mut ca_pem = std::fs::read(&ctx.pki.ca_cert)?;
@@ -103,32 +98,7 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
     let mut rows = Vec::new();
     let mut throughput = Value::Null;
     for transport in ["grpc", "wss"] {
-        let kas = Kas::start(
-            ctx,
-            &format!("kas-{transport}"),
-            &KasOptions {
-                agent_tls: transport == "wss",
-                git_poll: "1s",
-                log_level: "warn",
-            },
-        )
-        .await?;
-        kas.add_project("bench/config", &repo, None).await?;
-        let (id, token_path) = kas.register("bench/config", "bench").await?;
-        let address = if transport == "wss" {
-            format!("wss://localhost:{}", kas.agent_port)
-        } else {
-            format!("grpc://127.0.0.1:{}", kas.agent_port)
-        };
-        let ca = ctx.pki.ca_cert.display().to_string();
-        let mut extra = vec!["--log-level", "warn", "--tunnel-min-idle", "16"];
-        if transport == "wss" {
-            extra.extend(["--ca-cert-file", &ca]);
-        }
-        let args = agentk_args(ctx, &address, &token_path, &extra)?;
-        let agent = spawn(&ctx.agentk_bin, &args, &kas.dir.join("agentk.log"))?;
-        kas.wait_configured(id).await?;
-
+        let (kas, agent, id) = start_pair(ctx, transport, &repo).await?;
         let kas_auth = format!("Bearer ci:{id}:{jwt}");
         let via = |path: &str| format!("https://localhost:{}{path}", kas.k8s_port);
         let one = format!("/api/v1/namespaces/{ns}/configmaps/one");
@@ -142,17 +112,7 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
                 "direct_p50_ms": dp50, "direct_p99_ms": dp99, "kas_p50_ms": kp50, "kas_p99_ms": kp99}));
         }
         if throughput.is_null() {
-            // About 50 MB: 5,000 ConfigMaps of 10 KB.
-            let big = "x".repeat(10_000);
-            for chunk in 0..10 {
-                let items: Vec<_> = (0..500)
-                    .map(|i| json!({"apiVersion": "v1", "kind": "ConfigMap",
-                        "metadata": {"name": format!("big-{}", chunk * 500 + i), "namespace": ns}, "data": {"v": big}}))
-                    .collect();
-                ctx.env.apply_yaml(
-                    &json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string(),
-                )?;
-            }
+            create_big_configmaps(ctx)?;
             let path = format!("/api/v1/namespaces/{ns}/configmaps");
             let (dt, size) = list(&http, &direct(&path), &direct_auth).await?;
             let (kt, ksize) = list(&http, &via(&path), &kas_auth).await?;
@@ -168,4 +128,61 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(json!({"latency": rows, "throughput": throughput}))
+}
+
+/// An agent configuration project in `ctx.work/name`: CI jobs of `bench/app` may use the agent.
+pub fn ci_access_repo(ctx: &Ctx, name: &str) -> Result<PathBuf> {
+    let repo = ctx.work.join(name);
+    std::fs::create_dir_all(repo.join(".gitlab/agents/bench"))?;
+    std::fs::write(
+        repo.join(".gitlab/agents/bench/config.yaml"),
+        "ci_access:\n  projects:\n  - id: bench/app\n",
+    )?;
+    git_init_commit(&repo, "bench")?;
+    Ok(repo)
+}
+
+/// A kas whose agent listener speaks `transport` and an agentk connected to it (configured);
+/// returns them and the agent's id.
+async fn start_pair(ctx: &Ctx, transport: &str, repo: &Path) -> Result<(Kas, Proc, i64)> {
+    let kas = Kas::start(
+        ctx,
+        &format!("kas-{transport}"),
+        &KasOptions {
+            agent_tls: transport == "wss",
+            git_poll: "1s",
+            log_level: "warn",
+        },
+    )
+    .await?;
+    kas.add_project("bench/config", repo, None).await?;
+    let (id, token_path) = kas.register("bench/config", "bench").await?;
+    let address = if transport == "wss" {
+        format!("wss://localhost:{}", kas.agent_port)
+    } else {
+        format!("grpc://127.0.0.1:{}", kas.agent_port)
+    };
+    let ca = ctx.pki.ca_cert.display().to_string();
+    let mut extra = vec!["--log-level", "warn", "--tunnel-min-idle", "16"];
+    if transport == "wss" {
+        extra.extend(["--ca-cert-file", &ca]);
+    }
+    let args = agentk_args(ctx, &address, &token_path, &extra)?;
+    let agent = spawn(&ctx.agentk_bin, &args, &kas.dir.join("agentk.log"))?;
+    kas.wait_configured(id).await?;
+    Ok((kas, agent, id))
+}
+
+/// About 50 MB to LIST: 5,000 ConfigMaps of 10 KB.
+fn create_big_configmaps(ctx: &Ctx) -> Result<()> {
+    let big = "x".repeat(10_000);
+    for chunk in 0..10 {
+        let items: Vec<_> = (0..500)
+            .map(|i| json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": format!("big-{}", chunk * 500 + i), "namespace": ctx.ns}, "data": {"v": big}}))
+            .collect();
+        ctx.env
+            .apply_yaml(&json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string())?;
+    }
+    Ok(())
 }

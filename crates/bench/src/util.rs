@@ -15,6 +15,9 @@ use tether_testenv::run_output;
 
 pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
+/// A loopback port for a kas or agentk child process, which takes a fixed address. The port is
+/// released before the child binds it, so another process could take it in between; the
+/// benchmark runs alone on the machine, and a clash makes the child exit and the run fail loudly.
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

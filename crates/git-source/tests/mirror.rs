@@ -2,57 +2,29 @@
 //! a real `git daemon`, and an HTTP server that demands authentication.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tether_git_source::{
     CommitId, Error, FetchError, FileEntry, GitRef, Mirror, Remote, RemoteKind,
 };
+use tether_test_support::{GitDaemon, GitRepo, git, listener};
 
 const MAX: u64 = 1 << 20;
-
-/// Runs `git` isolated from the machine's configuration, failing the test on error.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Test",
-            "-c",
-            "user.email=test@example.com",
-            "-c",
-            "commit.gpgsign=false",
-            "-c",
-            "tag.gpgsign=false",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// A work-tree repository to push commits into, plus a cache directory for mirrors.
 struct Fixture {
     tmp: tempfile::TempDir,
+    repo: GitRepo,
 }
 
 impl Fixture {
     fn new(default_branch: &str) -> Fixture {
         let tmp = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(tmp.path().join("repos/project")).expect("mkdir");
-        let f = Fixture { tmp };
-        git(&f.src(), &["init", "-q", "-b", default_branch]);
-        f
+        let repo = GitRepo::init_on(&tmp.path().join("repos/project"), default_branch);
+        Fixture { tmp, repo }
     }
 
     fn repos(&self) -> PathBuf {
@@ -60,7 +32,7 @@ impl Fixture {
     }
 
     fn src(&self) -> PathBuf {
-        self.repos().join("project")
+        self.repo.dir.clone()
     }
 
     fn cache(&self, name: &str) -> PathBuf {
@@ -69,24 +41,11 @@ impl Fixture {
 
     /// Writes `files`, removes `remove`, commits everything; returns the commit id.
     fn commit(&self, files: &[(&str, &[u8])], remove: &[&str], message: &str) -> CommitId {
-        for (path, content) in files {
-            let full = self.src().join(path);
-            std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
-            std::fs::write(full, content).expect("write");
-        }
-        for path in remove {
-            std::fs::remove_file(self.src().join(path)).expect("rm");
-        }
-        git(&self.src(), &["add", "-A"]);
-        git(
-            &self.src(),
-            &["commit", "-q", "--allow-empty", "-m", message],
-        );
-        self.head()
+        CommitId::from_hex(&self.repo.commit_files(files, remove, message)).expect("commit id")
     }
 
     fn head(&self) -> CommitId {
-        CommitId::from_hex(&git(&self.src(), &["rev-parse", "HEAD"])).expect("commit id")
+        CommitId::from_hex(&self.repo.head()).expect("commit id")
     }
 
     fn local_mirror(&self) -> Mirror {
@@ -501,66 +460,6 @@ async fn fetch_async_runs_on_the_blocking_pool() {
     assert_eq!(read(&mirror, &commit, "a").as_deref(), Some("async"));
 }
 
-/// A `git daemon` on a free loopback port, killed on drop.
-struct GitDaemon {
-    child: Child,
-    port: u16,
-}
-
-impl GitDaemon {
-    fn start(base: &Path) -> GitDaemon {
-        let port = free_port();
-        let child = Command::new("git")
-            .args([
-                "daemon",
-                "--export-all",
-                "--informative-errors",
-                "--reuseaddr",
-                "--listen=127.0.0.1",
-            ])
-            .arg(format!("--port={port}"))
-            .arg(format!("--base-path={}", base.display()))
-            .arg(base)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            // Its own process group, so dropping the guard also ends the per-connection
-            // children it forks.
-            .process_group(0)
-            .spawn()
-            .expect("git daemon starts");
-        let daemon = GitDaemon { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "git daemon did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        daemon
-    }
-
-    fn url(&self, repo: &str) -> String {
-        format!("git://127.0.0.1:{}/{repo}", self.port)
-    }
-}
-
-impl Drop for GitDaemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 #[test]
 fn git_daemon_transport() {
     let f = Fixture::new("trunk");
@@ -622,8 +521,8 @@ fn git_daemon_transport() {
 /// An HTTP server that answers every request with `401`, as a forge does for a private project
 /// without credentials. Serves requests until the test process ends.
 fn unauthorized_http_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
+    let (listener, addr) = listener();
+    let port = addr.port();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -667,8 +566,8 @@ fn http_auth_and_unreachable_errors() {
 /// A minimal HTTP/1.1 server running `git http-backend` as a CGI program per request, one
 /// connection per request (`Connection: close`). Serves until the test process ends.
 fn git_http_server(project_root: PathBuf) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
+    let (listener, addr) = listener();
+    let port = addr.port();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
@@ -850,8 +749,8 @@ async fn sources_time_out_a_silent_server_and_keep_the_last_good_commit() {
     use tether_git_source::{ProjectSpec, Sources};
 
     let f = Fixture::new("main");
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = silent.local_addr().expect("addr").port();
+    let (silent, addr) = listener();
+    let port = addr.port();
     let sources = Sources::new(
         f.cache("sources"),
         Duration::from_millis(200),

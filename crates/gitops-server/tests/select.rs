@@ -1,75 +1,44 @@
 //! Selecting manifests from real repositories made with the `git` CLI and mirrored by
 //! `tether-git-source`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use tether_git_source::{CommitId, GitRef, Mirror, Remote};
 use tether_gitops_server::{Limits, SelectError, Selection, fingerprint, select_manifests};
+use tether_test_support::GitRepo;
 
 const SEED_GLOB: &str = "/manifests/*.{yaml,yml,json}";
 
-/// Runs `git` isolated from the machine's configuration, failing the test on error.
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Test",
-            "-c",
-            "user.email=test@example.com",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A work-tree repository to commit into and a mirror of it.
 struct Fixture {
-    tmp: tempfile::TempDir,
+    _tmp: tempfile::TempDir,
+    repo: GitRepo,
     mirror: Mirror,
 }
 
 impl Fixture {
     fn new() -> Fixture {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let src = tmp.path().join("project");
-        std::fs::create_dir_all(&src).expect("mkdir");
-        git(&src, &["init", "-q", "-b", "main"]);
-        let mirror =
-            Mirror::open_or_init(tmp.path().join("cache/project.git"), Remote::local(&src))
-                .expect("mirror");
-        Fixture { tmp, mirror }
+        let repo = GitRepo::init(&tmp.path().join("project"));
+        let mirror = Mirror::open_or_init(
+            tmp.path().join("cache/project.git"),
+            Remote::local(&repo.dir),
+        )
+        .expect("mirror");
+        Fixture {
+            _tmp: tmp,
+            repo,
+            mirror,
+        }
     }
 
     fn src(&self) -> PathBuf {
-        self.tmp.path().join("project")
+        self.repo.dir.clone()
     }
 
     /// Writes `files`, removes `remove`, commits, fetches; returns the new default-branch commit.
     fn commit(&self, files: &[(&str, &[u8])], remove: &[&str]) -> CommitId {
-        for (path, content) in files {
-            let full = self.src().join(path);
-            std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
-            std::fs::write(full, content).expect("write");
-        }
-        for path in remove {
-            std::fs::remove_file(self.src().join(path)).expect("rm");
-        }
-        git(&self.src(), &["add", "-A"]);
-        git(
-            &self.src(),
-            &["commit", "-q", "--allow-empty", "-m", "change"],
-        );
+        self.repo.commit_files(files, remove, "change");
         self.mirror.fetch().expect("fetch");
         self.mirror
             .resolve(&GitRef::DefaultBranch)

@@ -32,6 +32,9 @@ struct Cli {
     /// PEM CA trusted for an https internal API (default: `api.ca_file`, else system roots).
     #[arg(long, global = true)]
     api_ca_file: Option<PathBuf>,
+    /// Log lines as `json` (for collectors) or `text` (for reading during local runs).
+    #[arg(long, global = true, default_value = "json")]
+    log_format: tether_observability::LogFormat,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -262,7 +265,7 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let cfg = load_config(cli.configuration_file.as_ref())?;
     match &cli.cmd {
-        None | Some(Cmd::Serve) => serve(cfg).await,
+        None | Some(Cmd::Serve) => serve(cfg, cli.log_format).await,
         Some(Cmd::Agent(a)) => agent_cmd(&admin_client(&cli, &cfg)?, a).await,
         Some(Cmd::Token(t)) => token_cmd(&admin_client(&cli, &cfg)?, t).await,
         Some(Cmd::Project(p)) => project_cmd(&admin_client(&cli, &cfg)?, p).await,
@@ -284,9 +287,9 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn serve(cfg: Config) -> Result<()> {
+async fn serve(cfg: Config, log_format: tether_observability::LogFormat) -> Result<()> {
     let level = tether_observability::parse_level(&cfg.observability.logging.level)?;
-    let _log = tether_observability::init_logging(level);
+    let _log = tether_observability::init_logging_as(level, log_format);
     // One crypto provider for every TLS use in the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let running = kas::server::start(cfg).await.context("starting kas")?;

@@ -59,7 +59,7 @@ async fn daemon_rig(agent_name: &str, project_path: &str, poll: &'static str) ->
         )],
         "agent config",
     );
-    let daemon = GitDaemon::start(&dir.path().join("git")).await;
+    let daemon = GitDaemon::start(&dir.path().join("git"));
     let kas = Kas::start(
         &dir.path().join("kas"),
         KasOptions {

@@ -3,9 +3,12 @@
 //! Logs are JSON lines on stderr with the keys users of GitLab's agent know: `level`, `time`,
 //! `msg`, `mod_name`, plus every field of the event and of its spans (`agent_id`, ...). The level
 //! can change while running (agentk follows `observability.logging.level` from its config).
+//! For local runs, [`LogFormat::Text`] writes the same content as `TIME LEVEL msg key=value`.
 
 pub mod endpoint;
 mod logging;
 
 pub use endpoint::{Endpoint, serve};
-pub use logging::{JsonLayer, LogHandle, init_logging, parse_level};
+pub use logging::{
+    BadFormat, JsonLayer, LogFormat, LogHandle, init_logging, init_logging_as, parse_level,
+};

@@ -1,4 +1,4 @@
-//! A JSON-lines `tracing` layer and a reloadable level filter.
+//! A `tracing` layer writing JSON lines (or human-readable text) and a reloadable level filter.
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -16,9 +16,46 @@ use tracing_subscriber::{Layer, reload};
 /// Name of the field whose JSON object value is spread into the log line.
 pub const FIELDS_JSON: &str = "fields_json";
 
-/// Writes one JSON object per event.
+/// How log lines look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (`level`, `time`, `msg` first): for log collectors.
+    #[default]
+    Json,
+    /// `TIME LEVEL msg key=value ...`: for people reading a terminal during local runs.
+    Text,
+}
+
+/// A format name was not `json` or `text`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown log format {0:?} (expected json or text)")]
+pub struct BadFormat(pub String);
+
+impl std::str::FromStr for LogFormat {
+    type Err = BadFormat;
+
+    fn from_str(s: &str) -> Result<Self, BadFormat> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "json" => Ok(LogFormat::Json),
+            "text" => Ok(LogFormat::Text),
+            _ => Err(BadFormat(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogFormat::Json => "json",
+            LogFormat::Text => "text",
+        })
+    }
+}
+
+/// Writes one line per event, as JSON or as text.
 pub struct JsonLayer<W: Write + Send + 'static> {
     out: Mutex<W>,
+    format: LogFormat,
 }
 
 impl<W: Write + Send + 'static> std::fmt::Debug for JsonLayer<W> {
@@ -28,9 +65,15 @@ impl<W: Write + Send + 'static> std::fmt::Debug for JsonLayer<W> {
 }
 
 impl<W: Write + Send + 'static> JsonLayer<W> {
+    /// JSON lines into `out`.
     pub fn new(out: W) -> Self {
+        Self::with_format(out, LogFormat::Json)
+    }
+
+    pub fn with_format(out: W, format: LogFormat) -> Self {
         Self {
             out: Mutex::new(out),
+            format,
         }
     }
 }
@@ -90,6 +133,37 @@ fn json_line(mut obj: Map<String, Value>) -> String {
         line.push_str(&v.to_string());
     }
     line.push_str("}\n");
+    line
+}
+
+/// `2026-11-26T05:00:00Z INFO  Synchronizing objects agent_id=1 project=group/app`: time, level
+/// (padded to five), message, then the other fields as `key=value`, values quoted when they hold
+/// spaces, quotes or `=` (or are empty), so a line still splits unambiguously.
+fn text_line(mut obj: Map<String, Value>) -> String {
+    let field = |obj: &mut Map<String, Value>, k: &str| match obj.remove(k) {
+        Some(Value::String(s)) => s,
+        Some(other) => other.to_string(),
+        None => String::new(),
+    };
+    let time = field(&mut obj, "time");
+    let level = field(&mut obj, "level").to_ascii_uppercase();
+    let msg = field(&mut obj, "msg");
+    let mut line = format!("{time} {level:<5} {msg}");
+    for (k, v) in obj {
+        let text = match v {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        line.push(' ');
+        line.push_str(&k);
+        line.push('=');
+        if text.is_empty() || text.contains([' ', '"', '=', '\n', '\t']) {
+            line.push_str(&Value::from(text).to_string());
+        } else {
+            line.push_str(&text);
+        }
+    }
+    line.push('\n');
     line
 }
 
@@ -174,7 +248,10 @@ where
                 Value::from(mod_from_target(meta.target())),
             );
         }
-        let line = json_line(obj);
+        let line = match self.format {
+            LogFormat::Json => json_line(obj),
+            LogFormat::Text => text_line(obj),
+        };
         let mut out = self
             .out
             .lock()
@@ -224,10 +301,15 @@ impl LogHandle {
 
 /// Installs the JSON logger on stderr as the global subscriber.
 pub fn init_logging(level: LevelFilter) -> LogHandle {
+    init_logging_as(level, LogFormat::Json)
+}
+
+/// Installs the logger on stderr, writing `format`, as the global subscriber.
+pub fn init_logging_as(level: LevelFilter, format: LogFormat) -> LogHandle {
     let (filter, handle) = reload::Layer::new(level);
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(JsonLayer::new(std::io::stderr()))
+        .with(JsonLayer::with_format(std::io::stderr(), format))
         .try_init();
     LogHandle { handle }
 }
@@ -340,6 +422,49 @@ mod tests {
         assert_eq!(l[0]["eventType"], "resourceStatus");
         assert_eq!(l[0]["kind"], "Deployment");
         assert!(l[0].get("fields_json").is_none());
+    }
+
+    #[test]
+    fn text_lines_read_time_level_msg_then_fields() {
+        let buf = Buf::default();
+        let (filter, _h) = reload::Layer::new(LevelFilter::INFO);
+        let sub = tracing_subscriber::registry()
+            .with(filter)
+            .with(JsonLayer::with_format(buf.clone(), LogFormat::Text));
+        tracing::subscriber::with_default(sub, || {
+            let span = tracing::info_span!("m", mod_name = "gitops", agent_id = 1_i64);
+            let _g = span.enter();
+            tracing::info!(project = "group/app", "Synchronizing objects");
+            tracing::warn!(error = "no route to host", empty = "", "Cannot reach kas");
+        });
+        let bytes = buf.0.lock().expect("lock").clone();
+        let text = String::from_utf8(bytes).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let (time, rest) = lines[0].split_once(' ').expect("time first");
+        // RFC 3339 in UTC, as in the JSON lines.
+        assert!(
+            time.len() >= 20 && time.as_bytes()[10] == b'T' && time.ends_with('Z'),
+            "{time}"
+        );
+        assert_eq!(
+            rest,
+            "INFO  Synchronizing objects agent_id=1 mod_name=gitops project=group/app"
+        );
+        let (_, rest) = lines[1].split_once(' ').expect("time first");
+        assert_eq!(
+            rest,
+            r#"WARN  Cannot reach kas agent_id=1 empty="" error="no route to host" mod_name=gitops"#
+        );
+    }
+
+    #[test]
+    fn formats_parse_by_name() {
+        assert_eq!("json".parse::<LogFormat>().ok(), Some(LogFormat::Json));
+        assert_eq!("TEXT".parse::<LogFormat>().ok(), Some(LogFormat::Text));
+        assert!("xml".parse::<LogFormat>().is_err());
+        assert_eq!(LogFormat::default(), LogFormat::Json);
+        assert_eq!(LogFormat::Text.to_string(), "text");
     }
 
     #[test]

@@ -32,6 +32,30 @@ pub mod metadata {
     pub const AGENT_VERSION: &str = "x-tether-agent-version";
     pub const POD_NAME: &str = "x-tether-pod-name";
     pub const POD_NAMESPACE: &str = "x-tether-pod-namespace";
+
+    use tonic::metadata::AsciiMetadataValue;
+    use tonic::metadata::errors::InvalidMetadataValue;
+
+    /// The [`AUTHORIZATION`] value for `token`: `Bearer <token>`, marked sensitive so that
+    /// tonic, hyper and `Debug` output never show the token. Fails only for a token with
+    /// characters not allowed in metadata (e.g. a newline).
+    pub fn bearer(token: &str) -> Result<AsciiMetadataValue, InvalidMetadataValue> {
+        let mut value = AsciiMetadataValue::try_from(format!("Bearer {token}"))?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn bearer_is_sensitive_and_refuses_control_characters() {
+            let v = super::bearer("abc").expect("valid token");
+            assert_eq!(v.to_str().ok(), Some("Bearer abc"));
+            assert!(v.is_sensitive());
+            assert!(!format!("{v:?}").contains("abc"));
+            assert!(super::bearer("a\nb").is_err());
+        }
+    }
 }
 
 /// Names of the services an agent serves over the tunnel.

@@ -128,176 +128,26 @@ pub fn start(opts: &Options, group: &mut Group, stop: &AtomicBool) -> Result<Inf
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(io_err("creating the log folder"))?;
     let p = pki::generate(&dir.join("pki"))?;
-    let bin = |n: &str| opts.bin_dir.join(n);
-    for n in [
-        "etcd",
-        "kube-apiserver",
-        "kube-controller-manager",
-        "kube-scheduler",
-        "kubectl",
-        "kwok",
-    ] {
-        if !bin(n).exists() {
-            return Err(Error::Other(format!(
-                "{} is missing: build the control plane with testenv/build.sh",
-                bin(n).display()
-            )));
-        }
-    }
+    check_binaries(opts)?;
+    let c = Components { opts, logs: &logs };
 
-    // etcd
-    let (client, peer) = (free_port()?, free_port()?);
-    let etcd_url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    group.spawn(
-        "etcd",
-        &bin("etcd"),
-        [
-            "--name=tether".to_string(),
-            format!("--data-dir={}", opts.etcd_dir.display()),
-            format!("--listen-client-urls={etcd_url}"),
-            format!("--advertise-client-urls={etcd_url}"),
-            format!("--listen-peer-urls={peer_url}"),
-            format!("--initial-advertise-peer-urls={peer_url}"),
-            format!("--initial-cluster=tether={peer_url}"),
-            "--unsafe-no-fsync=true".into(),
-            "--log-level=warn".into(),
-        ],
-        &logs.join("etcd.log"),
-    )?;
-
-    // kube-apiserver
-    let port = free_port()?;
-    let server = format!("https://127.0.0.1:{port}");
-    group.spawn(
-        "kube-apiserver",
-        &bin("kube-apiserver"),
-        [
-            format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            format!("--secure-port={port}"),
-            format!("--tls-cert-file={}", p.serving_cert.display()),
-            format!("--tls-private-key-file={}", p.serving_key.display()),
-            format!("--client-ca-file={}", p.ca_cert.display()),
-            "--authorization-mode=RBAC".into(),
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-            format!("--service-account-key-file={}", p.sa_pub.display()),
-            format!("--service-account-signing-key-file={}", p.sa_key.display()),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
-            "--allow-privileged=true".into(),
-            // The `kubernetes` Service would point at a loopback address, which the API refuses.
-            "--endpoint-reconciler-type=none".into(),
-            format!("--cert-dir={}", dir.join("apiserver-certs").display()),
-            "--profiling=false".into(),
-        ],
-        &logs.join("kube-apiserver.log"),
-    )?;
-
+    let etcd_url = c.start_etcd(group)?;
+    let server = c.start_apiserver(group, &etcd_url, &p)?;
     let kc = dir.join("kubeconfig");
     write(&kc, &kubeconfig(&server, &p))?;
-    let kubectl = |args: &[&str]| {
-        let mut c = Command::new(bin("kubectl"));
-        c.arg("--kubeconfig").arg(&kc).args(args);
-        c
+    let kubectl = Kubectl {
+        bin: opts.bin_dir.join("kubectl"),
+        kubeconfig: kc.clone(),
     };
     wait_for(
         "the API server's /readyz",
         group,
         stop,
         READY_TIMEOUT,
-        || {
-            kubectl(&["get", "--raw=/readyz", "--request-timeout=5s"])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        },
+        || kubectl.succeeds(&["get", "--raw=/readyz", "--request-timeout=5s"]),
     )?;
-
-    // Controllers (Deployments → ReplicaSets → Pods, namespace deletion, GC, ServiceAccounts),
-    // the scheduler, and kwok playing the kubelet of a fake node.
-    group.spawn(
-        "kube-controller-manager",
-        &bin("kube-controller-manager"),
-        [
-            format!("--kubeconfig={}", kc.display()),
-            "--leader-elect=false".into(),
-            format!("--root-ca-file={}", p.ca_cert.display()),
-            format!("--service-account-private-key-file={}", p.sa_key.display()),
-            "--use-service-account-credentials=true".into(),
-            "--secure-port=0".into(),
-            "--concurrent-deployment-syncs=10".into(),
-            // The default client limit (20 requests/s) would make the controllers, not the
-            // clients under test, the bottleneck of Deployment-heavy runs.
-            "--kube-api-qps=100".into(),
-            "--kube-api-burst=200".into(),
-        ],
-        &logs.join("kube-controller-manager.log"),
-    )?;
-    group.spawn(
-        "kube-scheduler",
-        &bin("kube-scheduler"),
-        [
-            format!("--kubeconfig={}", kc.display()),
-            "--leader-elect=false".into(),
-            "--bind-address=127.0.0.1".into(),
-            format!("--secure-port={}", free_port()?),
-        ],
-        &logs.join("kube-scheduler.log"),
-    )?;
-    group.spawn(
-        "kwok",
-        &bin("kwok"),
-        [
-            format!("--kubeconfig={}", kc.display()),
-            format!("--config={}", bin("kwok-stages.yaml").display()),
-            "--manage-all-nodes=false".into(),
-            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
-            format!("--server-address=127.0.0.1:{}", free_port()?),
-            "--cidr=10.244.0.0/16".into(),
-            "--node-ip=127.0.0.1".into(),
-            // The stages renew the node's status only every 10 min and expect a Lease as its
-            // heartbeat; without one the node turns NotReady after the grace period (~50 s)
-            // and its Pods lose Ready.
-            "--node-lease-duration-seconds=40".into(),
-        ],
-        &logs.join("kwok.log"),
-    )?;
-
-    let node = dir.join("node.json");
-    write(&node, &node_manifest())?;
-    crate::run_output(&mut kubectl(&["apply", "-f", &node.display().to_string()]))?;
-    wait_for(
-        "the fake node to become Ready",
-        group,
-        stop,
-        READY_TIMEOUT,
-        || {
-            kubectl(&[
-                "get",
-                "node",
-                NODE_NAME,
-                "-o=jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-            ])
-            .output()
-            .map(|o| o.status.success() && o.stdout == b"True")
-            .unwrap_or(false)
-        },
-    )?;
-    // Pods need the namespace's default ServiceAccount: wait for the controller to make it, so
-    // the first Deployment of a run does not start with admission retries.
-    wait_for(
-        "the default ServiceAccount",
-        group,
-        stop,
-        READY_TIMEOUT,
-        || {
-            kubectl(&["get", "serviceaccount", "default", "-n", "default"])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        },
-    )?;
+    c.start_controllers(group, &kc, &p)?;
+    add_fake_node(dir, &kubectl, group, stop)?;
 
     let info = serde_json::json!({
         "server": server,
@@ -313,4 +163,219 @@ pub fn start(opts: &Options, group: &mut Group, stop: &AtomicBool) -> Result<Inf
         kubeconfig: kc,
         ca_file: p.ca_cert,
     })
+}
+
+/// Fails early, with the fix, when a control-plane program was not built.
+fn check_binaries(opts: &Options) -> Result<()> {
+    for n in [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubectl",
+        "kwok",
+    ] {
+        let bin = opts.bin_dir.join(n);
+        if !bin.exists() {
+            return Err(Error::Other(format!(
+                "{} is missing: build the control plane with testenv/build.sh",
+                bin.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `kubectl --kubeconfig …` for the cluster being started.
+struct Kubectl {
+    bin: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        c
+    }
+
+    fn succeeds(&self, args: &[&str]) -> bool {
+        self.cmd(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+}
+
+/// Where the programs are and where their logs go.
+struct Components<'a> {
+    opts: &'a Options,
+    logs: &'a Path,
+}
+
+impl Components<'_> {
+    fn bin(&self, name: &str) -> PathBuf {
+        self.opts.bin_dir.join(name)
+    }
+
+    fn spawn<const N: usize>(
+        &self,
+        group: &mut Group,
+        name: &str,
+        args: [String; N],
+    ) -> Result<()> {
+        group
+            .spawn(
+                name,
+                &self.bin(name),
+                args,
+                &self.logs.join(format!("{name}.log")),
+            )
+            .map(|_pid| ())
+    }
+
+    /// Starts etcd; returns its client URL.
+    fn start_etcd(&self, group: &mut Group) -> Result<String> {
+        let (client, peer) = (free_port()?, free_port()?);
+        let etcd_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        self.spawn(
+            group,
+            "etcd",
+            [
+                "--name=tether".to_string(),
+                format!("--data-dir={}", self.opts.etcd_dir.display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=tether={peer_url}"),
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=warn".into(),
+            ],
+        )?;
+        Ok(etcd_url)
+    }
+
+    /// Starts kube-apiserver on etcd; returns its URL.
+    fn start_apiserver(&self, group: &mut Group, etcd_url: &str, p: &pki::Pki) -> Result<String> {
+        let port = free_port()?;
+        let server = format!("https://127.0.0.1:{port}");
+        self.spawn(
+            group,
+            "kube-apiserver",
+            [
+                format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={port}"),
+                format!("--tls-cert-file={}", p.serving_cert.display()),
+                format!("--tls-private-key-file={}", p.serving_key.display()),
+                format!("--client-ca-file={}", p.ca_cert.display()),
+                "--authorization-mode=RBAC".into(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", p.sa_pub.display()),
+                format!("--service-account-signing-key-file={}", p.sa_key.display()),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--allow-privileged=true".into(),
+                // The `kubernetes` Service would point at a loopback address, which the API
+                // refuses.
+                "--endpoint-reconciler-type=none".into(),
+                format!(
+                    "--cert-dir={}",
+                    self.opts.state_dir.join("apiserver-certs").display()
+                ),
+                "--profiling=false".into(),
+            ],
+        )?;
+        Ok(server)
+    }
+
+    /// Controllers (Deployments → ReplicaSets → Pods, namespace deletion, GC, ServiceAccounts),
+    /// the scheduler, and kwok playing the kubelet of a fake node.
+    fn start_controllers(&self, group: &mut Group, kc: &Path, p: &pki::Pki) -> Result<()> {
+        self.spawn(
+            group,
+            "kube-controller-manager",
+            [
+                format!("--kubeconfig={}", kc.display()),
+                "--leader-elect=false".into(),
+                format!("--root-ca-file={}", p.ca_cert.display()),
+                format!("--service-account-private-key-file={}", p.sa_key.display()),
+                "--use-service-account-credentials=true".into(),
+                "--secure-port=0".into(),
+                "--concurrent-deployment-syncs=10".into(),
+                // The default client limit (20 requests/s) would make the controllers, not the
+                // clients under test, the bottleneck of Deployment-heavy runs.
+                "--kube-api-qps=100".into(),
+                "--kube-api-burst=200".into(),
+            ],
+        )?;
+        self.spawn(
+            group,
+            "kube-scheduler",
+            [
+                format!("--kubeconfig={}", kc.display()),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={}", free_port()?),
+            ],
+        )?;
+        self.spawn(
+            group,
+            "kwok",
+            [
+                format!("--kubeconfig={}", kc.display()),
+                format!("--config={}", self.bin("kwok-stages.yaml").display()),
+                "--manage-all-nodes=false".into(),
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+                format!("--server-address=127.0.0.1:{}", free_port()?),
+                "--cidr=10.244.0.0/16".into(),
+                "--node-ip=127.0.0.1".into(),
+                // The stages renew the node's status only every 10 min and expect a Lease as
+                // its heartbeat; without one the node turns NotReady after the grace period
+                // (~50 s) and its Pods lose Ready.
+                "--node-lease-duration-seconds=40".into(),
+            ],
+        )
+    }
+}
+
+/// Creates the fake node and waits until it is Ready and the default ServiceAccount exists.
+fn add_fake_node(
+    dir: &Path,
+    kubectl: &Kubectl,
+    group: &mut Group,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let node = dir.join("node.json");
+    write(&node, &node_manifest())?;
+    crate::run_output(&mut kubectl.cmd(&["apply", "-f", &node.display().to_string()]))?;
+    wait_for(
+        "the fake node to become Ready",
+        group,
+        stop,
+        READY_TIMEOUT,
+        || {
+            kubectl
+                .cmd(&[
+                    "get",
+                    "node",
+                    NODE_NAME,
+                    "-o=jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+                ])
+                .output()
+                .map(|o| o.status.success() && o.stdout == b"True")
+                .unwrap_or(false)
+        },
+    )?;
+    // Pods need the namespace's default ServiceAccount: wait for the controller to make it, so
+    // the first Deployment of a run does not start with admission retries.
+    wait_for(
+        "the default ServiceAccount",
+        group,
+        stop,
+        READY_TIMEOUT,
+        || kubectl.succeeds(&["get", "serviceaccount", "default", "-n", "default"]),
+    )
 }

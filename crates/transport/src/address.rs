@@ -104,97 +104,108 @@ impl FromStr for KasAddress {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Error> {
-        let invalid = |reason: String| Error::InvalidAddress {
+        parse_address(s).map_err(|reason| Error::InvalidAddress {
             address: s.to_owned(),
             reason,
-        };
-
-        let (scheme, rest) = s
-            .split_once("://")
-            .ok_or_else(|| invalid("expected SCHEME://HOST:PORT".into()))?;
-        let scheme = match scheme.to_ascii_lowercase().as_str() {
-            "grpc" => Scheme::Grpc,
-            "grpcs" => Scheme::Grpcs,
-            "ws" => Scheme::Ws,
-            "wss" => Scheme::Wss,
-            other => {
-                return Err(invalid(format!(
-                    "unsupported scheme {other:?} (expected grpc, grpcs, ws or wss)"
-                )));
-            }
-        };
-
-        let (authority, path) = match rest.find(['/', '?']) {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        if authority.contains('@') {
-            return Err(invalid("user information is not supported".into()));
-        }
-
-        // An IPv6 literal is bracketed, so its colons are not mistaken for the port separator.
-        let (host, port) = if let Some(after_bracket) = authority.strip_prefix('[') {
-            let (host, after) = after_bracket
-                .split_once(']')
-                .ok_or_else(|| invalid("unterminated '[' in host".into()))?;
-            let port = match after {
-                "" => None,
-                p => Some(
-                    p.strip_prefix(':')
-                        .ok_or_else(|| invalid("unexpected characters after ']'".into()))?,
-                ),
-            };
-            (host, port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(invalid("missing host".into()));
-        }
-        if host.contains([':']) && !authority.starts_with('[') {
-            return Err(invalid("IPv6 addresses must be written in brackets".into()));
-        }
-
-        let port = match port {
-            Some(p) => match p.parse::<u16>() {
-                Ok(0) | Err(_) => return Err(invalid(format!("invalid port {p:?}"))),
-                Ok(p) => p,
-            },
-            None => match scheme {
-                Scheme::Ws => 80,
-                Scheme::Wss => 443,
-                Scheme::Grpc | Scheme::Grpcs => {
-                    return Err(invalid(format!(
-                        "missing port (expected {scheme}://HOST:PORT)"
-                    )));
-                }
-            },
-        };
-
-        let path = if scheme.is_websocket() {
-            if path.is_empty() {
-                "/".to_owned()
-            } else if path.starts_with('?') {
-                format!("/{path}")
-            } else {
-                path.to_owned()
-            }
-        } else {
-            // gRPC paths are /package.Service/Method: a prefix here would be silently ignored.
-            if !path.is_empty() && path != "/" {
-                return Err(invalid(format!("{scheme} addresses take no path")));
-            }
-            "/".to_owned()
-        };
-
-        Ok(KasAddress {
-            scheme,
-            host: host.to_owned(),
-            port,
-            path,
         })
+    }
+}
+
+/// The address, or why it is invalid.
+fn parse_address(s: &str) -> Result<KasAddress, String> {
+    let (scheme, rest) = s
+        .split_once("://")
+        .ok_or_else(|| "expected SCHEME://HOST:PORT".to_owned())?;
+    let scheme = parse_scheme(scheme)?;
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.contains('@') {
+        return Err("user information is not supported".into());
+    }
+    let (host, port) = split_authority(authority)?;
+    Ok(KasAddress {
+        scheme,
+        host: host.to_owned(),
+        port: parse_port(port, scheme)?,
+        path: normalize_path(path, scheme)?,
+    })
+}
+
+fn parse_scheme(scheme: &str) -> Result<Scheme, String> {
+    match scheme.to_ascii_lowercase().as_str() {
+        "grpc" => Ok(Scheme::Grpc),
+        "grpcs" => Ok(Scheme::Grpcs),
+        "ws" => Ok(Scheme::Ws),
+        "wss" => Ok(Scheme::Wss),
+        other => Err(format!(
+            "unsupported scheme {other:?} (expected grpc, grpcs, ws or wss)"
+        )),
+    }
+}
+
+/// `host[:port]` → host (without brackets) and the port as written, if any.
+fn split_authority(authority: &str) -> Result<(&str, Option<&str>), String> {
+    // An IPv6 literal is bracketed, so its colons are not mistaken for the port separator.
+    let (host, port) = if let Some(after_bracket) = authority.strip_prefix('[') {
+        let (host, after) = after_bracket
+            .split_once(']')
+            .ok_or_else(|| "unterminated '[' in host".to_owned())?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| "unexpected characters after ']'".to_owned())?,
+            ),
+        };
+        (host, port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("missing host".into());
+    }
+    if host.contains([':']) && !authority.starts_with('[') {
+        return Err("IPv6 addresses must be written in brackets".into());
+    }
+    Ok((host, port))
+}
+
+/// The port as written, else the WebSocket default; gRPC has no conventional port.
+fn parse_port(port: Option<&str>, scheme: Scheme) -> Result<u16, String> {
+    match port {
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("invalid port {p:?}")),
+            Ok(p) => Ok(p),
+        },
+        None => match scheme {
+            Scheme::Ws => Ok(80),
+            Scheme::Wss => Ok(443),
+            Scheme::Grpc | Scheme::Grpcs => {
+                Err(format!("missing port (expected {scheme}://HOST:PORT)"))
+            }
+        },
+    }
+}
+
+/// The WebSocket endpoint's path (with any query), always starting with `/`; `/` for gRPC.
+fn normalize_path(path: &str, scheme: Scheme) -> Result<String, String> {
+    if scheme.is_websocket() {
+        Ok(if path.is_empty() {
+            "/".to_owned()
+        } else if path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path.to_owned()
+        })
+    } else if !path.is_empty() && path != "/" {
+        // gRPC paths are /package.Service/Method: a prefix here would be silently ignored.
+        Err(format!("{scheme} addresses take no path"))
+    } else {
+        Ok("/".to_owned())
     }
 }

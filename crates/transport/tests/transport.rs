@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Pki, TestServer, close_frame, data_frame, open, ping_pong, scheme_seen};
+use common::{Pki, TestServer, close_frame, data_frame, open, ping_pong, scheme_seen, server_tls};
 use http::HeaderValue;
 use http::header::SEC_WEBSOCKET_PROTOCOL;
 use tether_protocol::tunnel::server_frame;
@@ -43,8 +43,8 @@ async fn grpc_round_trip() {
 
 #[tokio::test]
 async fn grpcs_round_trip() {
-    let pki = Pki::generate();
-    let server = TestServer::start(Some(pki.server_tls())).await;
+    let pki = Pki::temporary();
+    let server = TestServer::start(Some(server_tls(&pki))).await;
     let channel = connect(
         &addr(&format!("grpcs://127.0.0.1:{}", server.port())),
         &trusting(&pki),
@@ -57,8 +57,8 @@ async fn grpcs_round_trip() {
 
 #[tokio::test]
 async fn grpcs_with_tls_server_name_override() {
-    let pki = Pki::generate();
-    let server = TestServer::start(Some(pki.server_tls())).await;
+    let pki = Pki::temporary();
+    let server = TestServer::start(Some(server_tls(&pki))).await;
     let opts = ClientOptions {
         tls_server_name: Some("localhost".into()),
         ..trusting(&pki)
@@ -88,8 +88,8 @@ async fn ws_round_trip() {
 
 #[tokio::test]
 async fn wss_round_trip() {
-    let pki = Pki::generate();
-    let server = TestServer::start(Some(pki.server_tls())).await;
+    let pki = Pki::temporary();
+    let server = TestServer::start(Some(server_tls(&pki))).await;
     let channel = connect(
         &addr(&format!("wss://localhost:{}", server.port())),
         &trusting(&pki),
@@ -103,8 +103,8 @@ async fn wss_round_trip() {
 /// One TLS listener serves both gRPC and WebSocket clients at the same time.
 #[tokio::test]
 async fn one_port_serves_grpcs_and_wss() {
-    let pki = Pki::generate();
-    let server = TestServer::start(Some(pki.server_tls())).await;
+    let pki = Pki::temporary();
+    let server = TestServer::start(Some(server_tls(&pki))).await;
     let opts = trusting(&pki);
     let grpcs = connect(
         &addr(&format!("grpcs://localhost:{}", server.port())),
@@ -144,8 +144,8 @@ async fn many_concurrent_streams_over_one_ws_channel() {
 
 #[tokio::test]
 async fn many_concurrent_streams_over_one_grpcs_channel() {
-    let pki = Pki::generate();
-    let server = TestServer::start(Some(pki.server_tls())).await;
+    let pki = Pki::temporary();
+    let server = TestServer::start(Some(server_tls(&pki))).await;
     many_concurrent_streams(
         addr(&format!("grpcs://127.0.0.1:{}", server.port())),
         trusting(&pki),
@@ -200,9 +200,9 @@ async fn large_payload_over_ws() {
 
 #[tokio::test]
 async fn wss_with_wrong_ca_fails_with_tls_error() {
-    let pki = Pki::generate();
-    let other = Pki::generate();
-    let server = TestServer::start(Some(pki.server_tls())).await;
+    let pki = Pki::temporary();
+    let other = Pki::temporary();
+    let server = TestServer::start(Some(server_tls(&pki))).await;
     let err = connect(
         &addr(&format!("wss://localhost:{}", server.port())),
         &trusting(&other),
@@ -227,13 +227,7 @@ async fn wss_with_wrong_ca_fails_with_tls_error() {
 
 #[tokio::test]
 async fn grpc_client_to_unused_port_fails_with_connect_error() {
-    // Bind and drop to get a port nobody listens on.
-    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = tether_test_support::unused_port();
     let err = connect(
         &addr(&format!("grpc://127.0.0.1:{port}")),
         &ClientOptions::default(),
@@ -287,8 +281,8 @@ async fn websocket_without_ws_tunnel_subprotocol_is_refused() {
 /// Clients stuck in their handshake (silent, or sending garbage) do not hold up others.
 #[tokio::test]
 async fn stalled_handshakes_do_not_block_other_clients() {
-    let pki = Pki::generate();
-    let server = TestServer::start(Some(pki.server_tls())).await;
+    let pki = Pki::temporary();
+    let server = TestServer::start(Some(server_tls(&pki))).await;
     let _silent = TcpStream::connect(server.addr).await.unwrap();
     let mut garbage = TcpStream::connect(server.addr).await.unwrap();
     garbage.write_all(b"hello\r\n").await.unwrap();

@@ -19,7 +19,7 @@ use tether_protocol::tunnel::{
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 use tracing::Instrument;
@@ -322,63 +322,10 @@ impl Pool {
     }
 }
 
-fn header_value(v: &str) -> Option<AsciiMetadataValue> {
-    MetadataValue::try_from(v).ok()
-}
-
 /// Opens one stream, waits idle for a request, serves it, and ends.
 async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationToken) {
-    let (tx, rx) = mpsc::channel::<AgentFrame>(2);
-    let descriptor = AgentFrame {
-        frame: Some(agent_frame::Frame::Descriptor(Descriptor {
-            services: shared.services.clone(),
-        })),
-    };
-    if tx.send(descriptor).await.is_err() {
-        shared.update(|c| c.opening -= 1);
+    let Some((inbound, tx)) = open_stream(&shared, attempt, &shutdown).await else {
         return;
-    }
-    let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    let md = req.metadata_mut();
-    if let Some(mut v) = header_value(&format!("Bearer {}", shared.meta.token)) {
-        v.set_sensitive(true);
-        md.insert(metadata::AUTHORIZATION, v);
-    }
-    for (k, v) in [
-        (metadata::AGENT_VERSION, &shared.meta.version),
-        (metadata::POD_NAME, &shared.meta.pod_name),
-        (metadata::POD_NAMESPACE, &shared.meta.pod_namespace),
-    ] {
-        if let Some(v) = header_value(v) {
-            md.insert(k, v);
-        }
-    }
-    let mut client = shared.client.clone();
-    let opened = tokio::select! {
-        r = client.connect(req) => r,
-        () = shutdown.cancelled() => {
-            shared.update(|c| c.opening -= 1);
-            return;
-        }
-    };
-    let mut inbound = match opened {
-        Ok(resp) => resp.into_inner(),
-        Err(status) => {
-            shared.metrics.open_failures.inc();
-            shared.update(|c| {
-                c.opening -= 1;
-                if c.failed_attempt != attempt {
-                    c.failed_attempt = attempt;
-                    c.failures = c.failures.saturating_add(1);
-                }
-                c.connected = false;
-            });
-            shared.set_state(ConnState::Failed {
-                code: status.code(),
-                message: status.message().to_string(),
-            });
-            return;
-        }
     };
     shared.update(|c| {
         c.opening -= 1;
@@ -387,51 +334,8 @@ async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationTo
         c.connected = true;
     });
     shared.set_state(ConnState::Connected);
-
-    // Idle until kas routes a request here.
-    let request = loop {
-        tokio::select! {
-            msg = inbound.message() => match msg {
-                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Request(info)) })) => break info,
-                Ok(other) => {
-                    // kas closed the stream (shutdown, connection age) or sent nonsense.
-                    if let Some(f) = other {
-                        tracing::warn!(frame = ?f, "Unexpected frame on an idle tunnel stream");
-                    }
-                    shared.update(|c| c.idle -= 1);
-                    return;
-                }
-                Err(status) => {
-                    shared.update(|c| {
-                        c.idle -= 1;
-                        // kas went away: probe with one stream before opening a burst.
-                        if status.code() != Code::Cancelled {
-                            c.connected = false;
-                        }
-                    });
-                    if status.code() != Code::Cancelled {
-                        shared.set_state(ConnState::Failed {
-                            code: status.code(),
-                            message: status.message().to_string(),
-                        });
-                    }
-                    return;
-                }
-            },
-            () = tokio::time::sleep(shared.cfg.idle_timeout) => {
-                let mut c = shared.counts();
-                if c.idle > shared.cfg.min_idle {
-                    c.idle -= 1;
-                    drop(c);
-                    shared.update(|_| {});
-                    return; // dropping tx half-closes; kas forgets the stream
-                }
-            }
-            () = shutdown.cancelled() => {
-                shared.update(|c| c.idle -= 1);
-                return;
-            }
-        }
+    let Some((request, inbound)) = wait_for_request(&shared, inbound, &shutdown).await else {
+        return;
     };
     shared.update(|c| {
         c.idle -= 1;
@@ -440,6 +344,149 @@ async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationTo
     shared.metrics.served.inc();
     serve(&shared, request, inbound, tx).await;
     shared.update(|c| c.busy -= 1);
+}
+
+/// Sends the descriptor and opens the `Connect` stream: kas's frames and the sender of ours.
+/// `None` when it did not open; the stream's `opening` count is then already taken back.
+async fn open_stream(
+    shared: &Shared,
+    attempt: u64,
+    shutdown: &CancellationToken,
+) -> Option<(Streaming<ServerFrame>, mpsc::Sender<AgentFrame>)> {
+    let (tx, rx) = mpsc::channel::<AgentFrame>(2);
+    let descriptor = AgentFrame {
+        frame: Some(agent_frame::Frame::Descriptor(Descriptor {
+            services: shared.services.clone(),
+        })),
+    };
+    if tx.send(descriptor).await.is_err() {
+        shared.update(|c| c.opening -= 1);
+        return None;
+    }
+    let req = connect_request(&shared.meta, ReceiverStream::new(rx));
+    let mut client = shared.client.clone();
+    let opened = tokio::select! {
+        r = client.connect(req) => r,
+        () = shutdown.cancelled() => {
+            shared.update(|c| c.opening -= 1);
+            return None;
+        }
+    };
+    match opened {
+        Ok(resp) => Some((resp.into_inner(), tx)),
+        Err(status) => {
+            open_failed(shared, attempt, &status);
+            None
+        }
+    }
+}
+
+/// The `Connect` request: our frames plus who we are (token, version, pod) as metadata.
+fn connect_request<T>(meta: &AgentMeta, frames: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(frames);
+    let md = req.metadata_mut();
+    if let Ok(v) = metadata::bearer(&meta.token) {
+        md.insert(metadata::AUTHORIZATION, v);
+    }
+    for (k, v) in [
+        (metadata::AGENT_VERSION, &meta.version),
+        (metadata::POD_NAME, &meta.pod_name),
+        (metadata::POD_NAMESPACE, &meta.pod_namespace),
+    ] {
+        if let Ok(v) = AsciiMetadataValue::try_from(v.as_str()) {
+            md.insert(k, v);
+        }
+    }
+    req
+}
+
+/// Counts a refused or failed `Connect`: once per attempt (batch), so the backoff grows by one
+/// step however many streams of the batch fail.
+fn open_failed(shared: &Shared, attempt: u64, status: &tonic::Status) {
+    shared.metrics.open_failures.inc();
+    shared.update(|c| {
+        c.opening -= 1;
+        if c.failed_attempt != attempt {
+            c.failed_attempt = attempt;
+            c.failures = c.failures.saturating_add(1);
+        }
+        c.connected = false;
+    });
+    shared.set_state(ConnState::Failed {
+        code: status.code(),
+        message: status.message().to_string(),
+    });
+}
+
+/// Keeps the stream idle until kas routes a request to it. `None` when the stream ended first
+/// (kas closed it, it failed, it idled out above `min_idle`, or the agent stops); the stream's
+/// `idle` count is then already taken back.
+async fn wait_for_request(
+    shared: &Shared,
+    mut inbound: Streaming<ServerFrame>,
+    shutdown: &CancellationToken,
+) -> Option<(RequestInfo, Streaming<ServerFrame>)> {
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Request(info)) })) => {
+                    return Some((info, inbound));
+                }
+                Ok(other) => {
+                    // kas closed the stream (shutdown, connection age) or sent nonsense.
+                    if let Some(f) = other {
+                        tracing::warn!(frame = ?f, "Unexpected frame on an idle tunnel stream");
+                    }
+                    shared.update(|c| c.idle -= 1);
+                    return None;
+                }
+                Err(status) => {
+                    idle_stream_failed(shared, &status);
+                    return None;
+                }
+            },
+            () = tokio::time::sleep(shared.cfg.idle_timeout) => {
+                if release_surplus_idle(shared) {
+                    return None; // dropping tx half-closes; kas forgets the stream
+                }
+            }
+            () = shutdown.cancelled() => {
+                shared.update(|c| c.idle -= 1);
+                return None;
+            }
+        }
+    }
+}
+
+/// An idle stream ended with an error: unless we cancelled it, kas went away, so the pool
+/// probes with one stream before opening a burst.
+fn idle_stream_failed(shared: &Shared, status: &tonic::Status) {
+    let lost = status.code() != Code::Cancelled;
+    shared.update(|c| {
+        c.idle -= 1;
+        if lost {
+            c.connected = false;
+        }
+    });
+    if lost {
+        shared.set_state(ConnState::Failed {
+            code: status.code(),
+            message: status.message().to_string(),
+        });
+    }
+}
+
+/// After `idle_timeout`: true (and the stream no longer counted) if there are more idle
+/// streams than `min_idle`, so this one closes.
+fn release_surplus_idle(shared: &Shared) -> bool {
+    let mut c = shared.counts();
+    if c.idle <= shared.cfg.min_idle {
+        return false;
+    }
+    c.idle -= 1;
+    drop(c);
+    shared.update(|_| {});
+    true
 }
 
 async fn serve(

@@ -6,19 +6,18 @@
 //! [`Registry::get_tunnel`], which hands it one idle stream for its request alone (waiting up to
 //! a timeout for one to appear) and then [`Tunnel::request`] turns it into a byte pipe.
 
+mod auth;
 mod registry;
 mod service;
 
+pub use auth::{AgentIdentity, AuthError, Authenticator};
 pub use registry::{
     AgentConnections, ConnectionInfo, Lease, Registry, RegistryError, RegistryStats, Tunnel,
     TunnelConn, TunnelError, TunnelExtra,
 };
-pub use service::{
-    AgentIdentity, AuthError, Authenticator, TunnelService, authenticate_metadata,
-    authenticate_request,
-};
+pub use service::{TunnelService, authenticate_metadata, authenticate_request};
 
 /// The boxed future type [`Authenticator`] methods return.
 pub mod service_future {
-    pub use crate::service::BoxFuture;
+    pub use crate::auth::BoxFuture;
 }

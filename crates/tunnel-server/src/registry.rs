@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::{Status, Streaming};
 
-use crate::service::{AgentIdentity, Authenticator};
+use crate::auth::{AgentIdentity, Authenticator};
 
 /// Why no tunnel could be had.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

@@ -2,11 +2,10 @@
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_guard::{AuthGuard, Fingerprint, Limited};
+use tether_guard::{Fingerprint, Limited};
 use tether_protocol::metadata;
 use tether_protocol::tunnel::reverse_tunnel_server::ReverseTunnel;
 use tether_protocol::tunnel::{AgentFrame, ServerFrame, agent_frame};
@@ -14,38 +13,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{AgentIdentity, Authenticator};
 use crate::registry::{ConnectionInfo, Registry};
-
-/// Who an agent token belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentIdentity {
-    pub agent_id: i64,
-    pub agent_name: String,
-    pub project_path: String,
-    pub token_id: i64,
-}
-
-/// Why authentication could not be decided.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct AuthError(pub String);
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Looks agent tokens up (kas implements it over its store).
-pub trait Authenticator: Send + Sync + 'static {
-    /// `Ok(None)` for an unknown or revoked token.
-    fn authenticate<'a>(
-        &'a self,
-        token: &'a str,
-    ) -> BoxFuture<'a, Result<Option<AgentIdentity>, AuthError>>;
-    /// Whether a token (by id) is still valid; live streams are re-checked with this.
-    fn token_active(&self, token_id: i64) -> BoxFuture<'_, Result<bool, AuthError>>;
-    /// The agent listener's limits and refusal log; `None`: no limits (tests, tools).
-    fn guard(&self) -> Option<&AuthGuard> {
-        None
-    }
-}
 
 /// Reads `authorization: Bearer <token>` and authenticates it, mapping failures to the gRPC
 /// codes agents expect: unknown/revoked → Unauthenticated, store trouble → Unavailable, over a

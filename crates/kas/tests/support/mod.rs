@@ -1,22 +1,20 @@
 //! Real kas and agentk processes on 127.0.0.1 for end-to-end tests.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kas::admin::AdminClient;
 use kas::api::AgentView;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
+pub use tether_test_support::{GitDaemon, GitRepo, Pki};
+
+/// A port for a kas or agentk child process; see [`tether_test_support::unused_port`] for the
+/// race, which [`Kas::start`] handles by retrying.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    tether_test_support::unused_port()
 }
 
 /// Polls `probe` until it returns `Some`, failing the test with `what` after `timeout`.
@@ -32,37 +30,6 @@ where
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A CA and a certificate for `localhost`/127.0.0.1.
-pub struct Pki {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-impl Pki {
-    pub fn generate(dir: &Path) -> Pki {
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        let p = Pki {
-            ca: dir.join("ca.pem"),
-            cert: dir.join("kas.pem"),
-            key: dir.join("kas-key.pem"),
-        };
-        std::fs::write(&p.ca, ca_cert.pem()).unwrap();
-        std::fs::write(&p.cert, cert.pem()).unwrap();
-        std::fs::write(&p.key, key.serialize_pem()).unwrap();
-        p
     }
 }
 
@@ -568,105 +535,6 @@ impl Drop for Agent {
             );
         }
         self.kill9();
-    }
-}
-
-/// A work-tree Git repository driven with the `git` CLI.
-pub struct GitRepo {
-    pub dir: PathBuf,
-}
-
-impl GitRepo {
-    pub fn init(dir: &Path) -> GitRepo {
-        std::fs::create_dir_all(dir).unwrap();
-        let r = GitRepo {
-            dir: dir.to_path_buf(),
-        };
-        r.git(&["init", "-q", "-b", "main"]);
-        r
-    }
-
-    pub fn git(&self, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(&self.dir)
-            .args(["-c", "user.name=Test", "-c", "user.email=test@example.com"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    }
-
-    /// Writes (or with `None`, deletes) files and commits; returns the commit id.
-    pub fn commit(&self, files: &[(&str, Option<&[u8]>)], message: &str) -> String {
-        for (path, content) in files {
-            let p = self.dir.join(path);
-            match content {
-                Some(c) => {
-                    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-                    std::fs::write(&p, c).unwrap();
-                }
-                None => {
-                    let _ = std::fs::remove_file(&p);
-                }
-            }
-        }
-        self.git(&["add", "-A"]);
-        self.git(&["commit", "-q", "--allow-empty", "-m", message]);
-        self.git(&["rev-parse", "HEAD"])
-    }
-}
-
-/// `git daemon` serving every repository under `base` over git:// on 127.0.0.1.
-pub struct GitDaemon {
-    pub port: u16,
-    child: Child,
-}
-
-impl GitDaemon {
-    pub async fn start(base: &Path) -> GitDaemon {
-        use std::os::unix::process::CommandExt;
-        let port = free_port();
-        let child = Command::new("git")
-            // Its own process group, so stopping it also stops the per-connection children.
-            .process_group(0)
-            .args([
-                "daemon",
-                "--export-all",
-                "--reuseaddr",
-                "--listen=127.0.0.1",
-                &format!("--port={port}"),
-                &format!("--base-path={}", base.display()),
-            ])
-            .arg(base)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for("git daemon", Duration::from_secs(10), || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(|_| ())
-        })
-        .await;
-        GitDaemon { port, child }
-    }
-}
-
-impl Drop for GitDaemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -2,63 +2,24 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 
 use futures_util::{Stream, StreamExt};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
 use tether_protocol::tunnel::reverse_tunnel_server::{ReverseTunnel, ReverseTunnelServer};
 use tether_protocol::tunnel::{AgentFrame, Data, ServerFrame, agent_frame, server_frame};
 use tether_transport::{AgentConnectInfo, ServerTls, incoming, remote_addr_of};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-/// A CA and a server certificate for `localhost` and 127.0.0.1, as PEM files.
-pub struct Pki {
-    _dir: tempfile::TempDir,
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+pub use tether_test_support::Pki;
 
-impl Pki {
-    pub fn generate() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-
-        let key = KeyPair::generate().unwrap();
-        let params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        let cert = params.signed_by(&key, &issuer).unwrap();
-
-        let ca = dir.path().join("ca.pem");
-        let cert_path = dir.path().join("server.pem");
-        let key_path = dir.path().join("server-key.pem");
-        std::fs::write(&ca, ca_cert.pem()).unwrap();
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        Pki {
-            _dir: dir,
-            ca,
-            cert: cert_path,
-            key: key_path,
-        }
-    }
-
-    pub fn server_tls(&self) -> ServerTls {
-        tether_transport::load_server_tls(&self.cert, &self.key).unwrap()
-    }
+/// The server side of `pki`: its certificate and key.
+pub fn server_tls(pki: &Pki) -> ServerTls {
+    tether_transport::load_server_tls(&pki.cert, &pki.key).unwrap()
 }
 
 /// Replies to every Data frame with the same bytes and to CloseSend with CloseSend. Reports
@@ -120,8 +81,7 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(tls: Option<ServerTls>) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (listener, addr) = tether_test_support::tokio_listener().await;
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(
             tonic::transport::Server::builder()

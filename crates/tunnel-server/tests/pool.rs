@@ -1,0 +1,85 @@
+//! The agent's stream pool (`tether-tunnel-agent`) against the real tunnel service in-process:
+//! how many streams it keeps idle, and how it reconnects when kas goes away and comes back.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{AGENT_ID, Agent, Server, Tokens, eventually, failed_with, pool_config};
+use tether_protocol::services;
+use tether_tunnel_agent::{ConnState, PoolConfig};
+use tonic::Code;
+
+#[tokio::test]
+async fn the_pool_keeps_min_idle_streams_and_closes_the_surplus_after_idle_timeout() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let cfg = PoolConfig {
+        scale_up_step: 3,
+        idle_timeout: Duration::from_secs(1),
+        ..pool_config(1)
+    };
+    let agent = Agent::start(server.addr, cfg);
+    eventually("one idle stream", || agent.pool.stats().idle == 1).await;
+
+    // Taking the idle stream makes the pool scale up by a step of three.
+    let tunnel = server
+        .registry
+        .get_tunnel(AGENT_ID, Duration::from_secs(10))
+        .await
+        .expect("a tunnel");
+    let conn = tunnel
+        .request(services::ECHO, HashMap::new())
+        .await
+        .expect("echo accepted");
+    eventually("a step of three idle streams", || {
+        let s = agent.pool.stats();
+        s.busy == 1 && s.idle == 3
+    })
+    .await;
+
+    // Above min_idle, idle streams close after idle_timeout, on both sides.
+    eventually("the surplus to close", || {
+        agent.pool.stats().idle == 1 && server.registry.stats().idle_streams == 1
+    })
+    .await;
+    drop(conn);
+    eventually("the busy stream to end", || agent.pool.stats().busy == 0).await;
+}
+
+#[tokio::test]
+async fn the_pool_backs_off_while_kas_is_down_and_reconnects_when_it_is_back() {
+    let tokens = Arc::new(Tokens::default());
+    let server = Server::start(Arc::clone(&tokens)).await;
+    let addr = server.addr;
+    let agent = Agent::start(addr, pool_config(2));
+    let mut state = agent.pool.state();
+    eventually("two idle streams", || {
+        server.registry.stats().idle_streams == 2
+    })
+    .await;
+
+    server.stop().await;
+    failed_with(&mut state, Code::Unavailable).await;
+    // Several failed attempts, each a single probe stream, not a burst.
+    eventually("repeated failed attempts", || {
+        let s = agent.pool.stats();
+        // Once an attempt failed, the pool probes with one stream at a time.
+        assert!(s.failures == 0 || s.opening <= 1, "{s:?}");
+        s.failures >= 3 && !s.connected && s.idle == 0
+    })
+    .await;
+
+    let server = Server::restart_on(addr, tokens).await;
+    state
+        .wait_for(|s| *s == ConnState::Connected)
+        .await
+        .unwrap();
+    eventually("two idle streams again", || {
+        agent.pool.stats().idle == 2 && server.registry.stats().idle_streams == 2
+    })
+    .await;
+    assert_eq!(agent.pool.stats().failures, 0);
+}
