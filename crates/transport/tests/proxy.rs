@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Pki, TestServer, ping_pong, scheme_seen};
+use common::{Pki, TestServer, ping_pong, scheme_seen, server_tls};
 use tether_testenv::proxy::Tinyproxy;
 use tether_transport::{
     ClientOptions, Error, KasAddress, NoProxy, ProxyError, ProxySettings, ProxyUrl, connect,
@@ -24,8 +24,8 @@ fn addr(scheme: &str, port: u16) -> KasAddress {
 
 #[tokio::test]
 async fn grpcs_and_wss_reach_kas_through_the_proxy() {
-    let pki = Pki::generate();
-    let server = TestServer::start(Some(pki.server_tls())).await;
+    let pki = Pki::temporary();
+    let server = TestServer::start(Some(server_tls(&pki))).await;
     let proxy = Tinyproxy::start(None).unwrap();
     for scheme in ["grpcs", "wss"] {
         let channel = connect(
@@ -50,8 +50,8 @@ async fn grpcs_and_wss_reach_kas_through_the_proxy() {
 
 #[tokio::test]
 async fn proxy_credentials_are_sent_and_wrong_ones_are_a_clear_error() {
-    let pki = Pki::generate();
-    let server = TestServer::start(Some(pki.server_tls())).await;
+    let pki = Pki::temporary();
+    let server = TestServer::start(Some(server_tls(&pki))).await;
     let proxy = Tinyproxy::start(Some(("agentk", "s3cret"))).unwrap();
 
     let good = through(&pki, proxy.url(Some("agentk:s3cret")).parse().unwrap());
@@ -87,8 +87,8 @@ async fn proxy_credentials_are_sent_and_wrong_ones_are_a_clear_error() {
 
 #[tokio::test]
 async fn no_proxy_hosts_are_dialed_directly() {
-    let pki = Pki::generate();
-    let server = TestServer::start(Some(pki.server_tls())).await;
+    let pki = Pki::temporary();
+    let server = TestServer::start(Some(server_tls(&pki))).await;
     // A proxy address where nothing listens: using it would fail.
     let dead: ProxyUrl = "http://127.0.0.1:1".parse().unwrap();
     let opts = ClientOptions {
@@ -103,8 +103,8 @@ async fn no_proxy_hosts_are_dialed_directly() {
 
 #[tokio::test]
 async fn an_unreachable_proxy_is_named_in_the_error() {
-    let pki = Pki::generate();
-    let server = TestServer::start(Some(pki.server_tls())).await;
+    let pki = Pki::temporary();
+    let server = TestServer::start(Some(server_tls(&pki))).await;
     let dead: ProxyUrl = "http://127.0.0.1:1".parse().unwrap();
     let err = connect(&addr("wss", server.port()), &through(&pki, dead))
         .await
