@@ -36,7 +36,7 @@ pub struct ApiState {
     pub connections: Arc<ConnectionCount>,
     pub sources: Arc<Sources>,
     pub config_states: Arc<ConfigStates>,
-    pub sync_states: Arc<crate::gitops::SyncStates>,
+    pub sync_states: Arc<tether_gitops_server::SyncStates>,
     /// The proxy's live requests per personal access token (ended on revocation).
     pub live_user_requests: Arc<crate::revocation::LiveUserRequests>,
     /// Limits on failed authentication (admin token, webhook secrets).
