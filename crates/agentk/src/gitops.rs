@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tether_agent_config::{GitRef, ManifestProject, ProjectRef};
-use tether_gitops_agent::sync::{Settings, SyncOutcome, Syncer};
+use tether_gitops_agent::Status;
+use tether_gitops_agent::sync::{ObjectState, Settings, SyncOutcome, Syncer};
 use tether_protocol::gitops::git_ops_client::GitOpsClient;
 use tether_protocol::gitops::{
-    ObjectStatus, ObjectsRequest, ObjectsResponse, SyncReport, git_ref, objects_response,
+    self as wire, ObjectStatus, ObjectsRequest, ObjectsResponse, SyncReport, git_ref,
+    objects_response,
 };
 use tether_protocol::metadata;
 use tether_tunnel_agent::{AgentMeta, Backoff};
@@ -238,6 +240,18 @@ fn stream_backoff() -> Backoff {
     }
 }
 
+fn wire_state(state: ObjectState) -> wire::ObjectState {
+    match state {
+        ObjectState::Live(Status::InProgress) => wire::ObjectState::InProgress,
+        ObjectState::Live(Status::Current) => wire::ObjectState::Current,
+        ObjectState::Live(Status::Failed) => wire::ObjectState::Failed,
+        ObjectState::Live(Status::Terminating) => wire::ObjectState::Terminating,
+        ObjectState::Live(Status::NotFound) => wire::ObjectState::NotFound,
+        ObjectState::Live(Status::Unknown) => wire::ObjectState::Unknown,
+        ObjectState::Pruned => wire::ObjectState::Pruned,
+    }
+}
+
 fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
     let objects = outcome
         .objects
@@ -247,20 +261,24 @@ fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
             kind: o.obj.kind.clone(),
             namespace: o.obj.namespace.clone().unwrap_or_default(),
             name: o.obj.name.clone(),
-            status: o.status.clone(),
+            state: wire_state(o.status).into(),
             message: o.message.clone(),
         })
         .collect();
     SyncReport {
         project_id: project_id.to_string(),
         commit_id: outcome.commit_id.clone(),
-        outcome: if outcome.succeeded {
-            "succeeded"
+        sync_outcome: if outcome.succeeded() {
+            wire::SyncOutcome::Succeeded
         } else {
-            "failed"
+            wire::SyncOutcome::Failed
         }
-        .to_string(),
-        error: outcome.error.clone().unwrap_or_default(),
+        .into(),
+        error: outcome
+            .error
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         objects,
         finished_at: unix_now(),
         dry_run: outcome.dry_run,
@@ -466,7 +484,7 @@ impl Worker {
                 let report = SyncReport {
                     project_id: self.settings.project_id.clone(),
                     commit_id: e.commit_id,
-                    outcome: "failed".to_string(),
+                    sync_outcome: wire::SyncOutcome::Failed.into(),
                     error: e.message,
                     objects: Vec::new(),
                     finished_at: unix_now(),
@@ -505,7 +523,7 @@ impl Worker {
             report.warnings.clone_from(&c.warnings);
         }
         self.report(report, reports, stop).await;
-        sync.next_run = Some(if outcome.succeeded {
+        sync.next_run = Some(if outcome.succeeded() {
             sync.failures = 0;
             Instant::now() + self.timing.resync_interval
         } else {

@@ -4,7 +4,6 @@
 //! dependency order, then watch status until everything is Current or Failed, or time runs out.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -17,14 +16,14 @@ use serde_json::{Value, json};
 use tether_agent_config::{DryRunStrategy, InventoryPolicy, PrunePropagationPolicy};
 use tokio_util::sync::CancellationToken;
 
-use crate::decode::{Manifest, decode_file};
+use crate::decode::{DecodeError, Manifest, decode_file};
 use crate::drift;
-use crate::events;
-use crate::inventory;
+use crate::events::{self, Phase};
+use crate::inventory::{self, InventoryError, OwnershipConflict};
 use crate::object_ref::ObjRef;
 use crate::plan;
 use crate::prune;
-use crate::status::{ResourceStatus, Status, compute_status};
+use crate::status::{ResourceStatus, Status, compute_status, sync_outcome};
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "agentk";
@@ -52,22 +51,102 @@ pub struct Settings {
     pub dry_run: DryRunStrategy,
 }
 
+/// Where a sync left an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectState {
+    /// In the cluster, with this status (`Failed` also when it could not be applied).
+    Live(Status),
+    /// Deleted because it left Git.
+    Pruned,
+}
+
 /// One object's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectOutcome {
     pub obj: ObjRef,
-    /// `Current`, `InProgress`, `Failed`, …, or `Pruned`.
-    pub status: String,
+    pub status: ObjectState,
     pub message: String,
+}
+
+impl ObjectOutcome {
+    fn new(obj: ObjRef, status: Status, message: impl Into<String>) -> Self {
+        Self {
+            obj,
+            status: ObjectState::Live(status),
+            message: message.into(),
+        }
+    }
+}
+
+/// Kubernetes' answer to a failed request, as a readable reason
+/// ("deployments.apps is forbidden: … (403 Forbidden)").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ApiError(String);
+
+impl From<kube::Error> for ApiError {
+    fn from(e: kube::Error) -> Self {
+        ApiError(match e {
+            kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+            other => other.to_string(),
+        })
+    }
+}
+
+/// Why one object could not be applied or pruned (its outcome's message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObjectError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Ownership(#[from] OwnershipConflict),
+    #[error("the cluster has no resource type for {kind} in API version {api_version}")]
+    NoResourceType { kind: String, api_version: String },
+    #[error("still present after prune_timeout ({0:?})")]
+    StillPresent(Duration),
+}
+
+/// Why a synchronization failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    /// A file does not decode: nothing was applied or pruned.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("inventory {namespace}/{name} is unreadable: {source}")]
+    InventoryUnreadable {
+        namespace: String,
+        name: String,
+        source: InventoryError,
+    },
+    #[error("reading inventory {namespace}/{name}: {source}")]
+    ReadInventory {
+        namespace: String,
+        name: String,
+        source: ApiError,
+    },
+    #[error("writing inventory {namespace}/{name}: {source}")]
+    WriteInventory {
+        namespace: String,
+        name: String,
+        source: ApiError,
+    },
+    /// The last of several attempts' error.
+    #[error("API discovery failed: {0}")]
+    Discovery(String),
+    #[error("{obj} is defined more than once: {}", .sources.join(", "))]
+    Duplicate { obj: ObjRef, sources: Vec<String> },
+    /// Objects that are not Current (or Pruned) at the end. Upstream's wording, kept for
+    /// users' log queries (no singular form).
+    #[error("{0} resources failed")]
+    ResourcesFailed(usize),
 }
 
 /// The outcome of a synchronization.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncOutcome {
     pub commit_id: String,
-    pub succeeded: bool,
-    /// Why it failed (`N resources failed`, or the decode/inventory error).
-    pub error: Option<String>,
+    /// Why it failed; `None` when it succeeded.
+    pub error: Option<SyncError>,
     pub objects: Vec<ObjectOutcome>,
     /// Write requests sent (apply, delete, inventory), for the benchmarks.
     pub writes: usize,
@@ -75,10 +154,13 @@ pub struct SyncOutcome {
 }
 
 impl SyncOutcome {
-    fn failed_before_writes(commit_id: &str, error: String, dry_run: bool) -> Self {
+    pub fn succeeded(&self) -> bool {
+        self.error.is_none()
+    }
+
+    fn failed_before_writes(commit_id: &str, error: SyncError, dry_run: bool) -> Self {
         Self {
             commit_id: commit_id.to_string(),
-            succeeded: false,
             error: Some(error),
             objects: Vec::new(),
             writes: 0,
@@ -112,12 +194,7 @@ fn event_applied(obj: &ObjRef, wrote: bool) {
     );
 }
 
-fn event_failed(obj: &ObjRef, phase: &str, message: &str) {
-    let phase = if phase == "prune" {
-        events::Phase::Prune
-    } else {
-        events::Phase::Apply
-    };
+fn event_failed(obj: &ObjRef, phase: Phase, message: &str) {
     log_event(
         tracing::Level::ERROR,
         &events::resource_failed(obj, phase, message, std::time::SystemTime::now()),
@@ -140,14 +217,6 @@ fn event_status(obj: &ObjRef, st: &ResourceStatus) {
         tracing::Level::INFO,
         &events::resource_status(obj, st, std::time::SystemTime::now()),
     );
-}
-
-/// Kubernetes' answer as a readable reason ("deployments.apps is forbidden: …").
-fn api_reason(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
-        other => other.to_string(),
-    }
 }
 
 /// The cluster side of synchronizations.
@@ -240,7 +309,7 @@ impl Syncer {
         }
     }
 
-    async fn discover(&self) -> Result<Discovery, String> {
+    async fn discover(&self) -> Result<Discovery, SyncError> {
         // A group can vanish between discovery's listing of groups and its read of one (a CRD
         // deleted meanwhile answers 404); a fresh discovery a moment later succeeds.
         let mut last = String::new();
@@ -253,7 +322,7 @@ impl Syncer {
                 tokio::time::sleep(Duration::from_millis(200) * attempt).await;
             }
         }
-        Err(format!("API discovery failed: {last}"))
+        Err(SyncError::Discovery(last))
     }
 
     fn resolve(disc: &Discovery, m: &Manifest) -> Option<(ApiResource, ApiCapabilities)> {
@@ -281,7 +350,7 @@ impl Syncer {
             match decode_file(path, bytes) {
                 Ok(mut m) => manifests.append(&mut m),
                 Err(e) => {
-                    return SyncOutcome::failed_before_writes(commit_id, e.to_string(), dry);
+                    return SyncOutcome::failed_before_writes(commit_id, e.into(), dry);
                 }
             }
         }
@@ -289,15 +358,16 @@ impl Syncer {
             // Client-side dry run: the files decode and are consistent; nothing is sent.
             let objects = manifests
                 .iter()
-                .map(|m| ObjectOutcome {
-                    obj: m.obj_ref(),
-                    status: "Unknown".into(),
-                    message: "client dry run: decoded, not sent".into(),
+                .map(|m| {
+                    ObjectOutcome::new(
+                        m.obj_ref(),
+                        Status::Unknown,
+                        "client dry run: decoded, not sent",
+                    )
                 })
                 .collect();
             return SyncOutcome {
                 commit_id: commit_id.to_string(),
-                succeeded: true,
                 error: None,
                 objects,
                 writes: 0,
@@ -327,10 +397,11 @@ impl Syncer {
                     Err(e) => {
                         return SyncOutcome::failed_before_writes(
                             commit_id,
-                            format!(
-                                "inventory {}/{inv_name} is unreadable: {e}",
-                                s.default_namespace
-                            ),
+                            SyncError::InventoryUnreadable {
+                                namespace: s.default_namespace.clone(),
+                                name: inv_name,
+                                source: e,
+                            },
                             dry,
                         );
                     }
@@ -339,11 +410,11 @@ impl Syncer {
             Err(e) => {
                 return SyncOutcome::failed_before_writes(
                     commit_id,
-                    format!(
-                        "reading inventory {}/{inv_name}: {}",
-                        s.default_namespace,
-                        api_reason(&e)
-                    ),
+                    SyncError::ReadInventory {
+                        namespace: s.default_namespace.clone(),
+                        name: inv_name,
+                        source: e.into(),
+                    },
                     dry,
                 );
             }
@@ -366,10 +437,10 @@ impl Syncer {
             }
         }
         let dups = plan::duplicates(&manifests);
-        if let Some((obj, sources)) = dups.first() {
+        if let Some((obj, sources)) = dups.into_iter().next() {
             return SyncOutcome::failed_before_writes(
                 commit_id,
-                format!("{obj} is defined more than once: {}", sources.join(", ")),
+                SyncError::Duplicate { obj, sources },
                 dry,
             );
         }
@@ -412,19 +483,15 @@ impl Syncer {
                     }
                     None => {
                         let obj = m.obj_ref();
-                        let message = format!(
-                            "the cluster has no resource type for {} in API version {}",
-                            m.kind(),
-                            m.api_version()
-                        );
-                        event_failed(&obj, "apply", &message);
+                        let message = ObjectError::NoResourceType {
+                            kind: m.kind().to_string(),
+                            api_version: m.api_version().to_string(),
+                        }
+                        .to_string();
+                        event_failed(&obj, Phase::Apply, &message);
                         results.insert(
                             obj.clone(),
-                            ObjectOutcome {
-                                obj,
-                                status: "Failed".into(),
-                                message,
-                            },
+                            ObjectOutcome::new(obj, Status::Failed, message),
                         );
                     }
                 }
@@ -480,22 +547,15 @@ impl Syncer {
                         }
                         results.insert(
                             obj.clone(),
-                            ObjectOutcome {
-                                obj,
-                                status: "InProgress".into(),
-                                message: "applied".into(),
-                            },
+                            ObjectOutcome::new(obj, Status::InProgress, "applied"),
                         );
                     }
-                    Err(message) => {
-                        event_failed(&obj, "apply", &message);
+                    Err(e) => {
+                        let message = e.to_string();
+                        event_failed(&obj, Phase::Apply, &message);
                         results.insert(
                             obj.clone(),
-                            ObjectOutcome {
-                                obj,
-                                status: "Failed".into(),
-                                message,
-                            },
+                            ObjectOutcome::new(obj, Status::Failed, message),
                         );
                     }
                 }
@@ -518,7 +578,7 @@ impl Syncer {
         // not apply this time (it stays ours, not orphaned). Then prune what left Git.
         let mut inventory_now: BTreeSet<ObjRef> = applied.clone();
         inventory_now.extend(previous.intersection(&desired).cloned());
-        let crd_kinds = crd_kinds(&manifests, &previous);
+        let crd_kinds = crd_kinds(&manifests);
         let prune_tiers = if s.prune {
             prune::to_prune_in_tiers(&previous, &desired, &crd_kinds)
         } else {
@@ -533,12 +593,12 @@ impl Syncer {
             if inventory_unchanged {
                 // Nothing to record.
             } else if let Err(e) = self.write_inventory(s, &inv_name, &with_pending).await {
-                let mut out = self.finish(commit_id, results, writes, dry);
-                out.succeeded = false;
-                out.error = Some(format!(
-                    "writing inventory {}/{inv_name}: {e}",
-                    s.default_namespace
-                ));
+                let mut out = finish(commit_id, results, writes, dry);
+                out.error = Some(SyncError::WriteInventory {
+                    namespace: s.default_namespace.clone(),
+                    name: inv_name,
+                    source: e,
+                });
                 return out;
             } else {
                 writes += 1;
@@ -558,20 +618,17 @@ impl Syncer {
                                 obj.clone(),
                                 ObjectOutcome {
                                     obj,
-                                    status: "Pruned".into(),
+                                    status: ObjectState::Pruned,
                                     message: String::new(),
                                 },
                             );
                         }
-                        Err(message) => {
-                            event_failed(&obj, "prune", &message);
+                        Err(e) => {
+                            let message = e.to_string();
+                            event_failed(&obj, Phase::Prune, &message);
                             results.insert(
                                 obj.clone(),
-                                ObjectOutcome {
-                                    obj,
-                                    status: "Failed".into(),
-                                    message,
-                                },
+                                ObjectOutcome::new(obj, Status::Failed, message),
                             );
                         }
                     }
@@ -607,38 +664,13 @@ impl Syncer {
         } else {
             for obj in &applied {
                 if let Some(r) = results.get_mut(obj) {
-                    r.status = "Unknown".into();
+                    r.status = ObjectState::Live(Status::Unknown);
                     r.message =
                         "server dry run: accepted by the API server, nothing changed".into();
                 }
             }
         }
-        self.finish(commit_id, results, writes, dry)
-    }
-
-    fn finish(
-        &self,
-        commit_id: &str,
-        results: HashMap<ObjRef, ObjectOutcome>,
-        writes: usize,
-        dry: bool,
-    ) -> SyncOutcome {
-        let mut objects: Vec<ObjectOutcome> = results.into_values().collect();
-        objects.sort_by(|a, b| a.obj.cmp(&b.obj));
-        let failed = objects
-            .iter()
-            .filter(|o| {
-                o.status != "Current" && o.status != "Pruned" && !(dry && o.status == "Unknown")
-            })
-            .count();
-        SyncOutcome {
-            commit_id: commit_id.to_string(),
-            succeeded: failed == 0,
-            error: (failed > 0).then(|| format!("{failed} resources failed")),
-            objects,
-            writes,
-            dry_run: dry,
-        }
+        finish(commit_id, results, writes, dry)
     }
 
     /// LISTs (in pages) each resource type and namespace that holds at least
@@ -704,7 +736,7 @@ impl Syncer {
                     out.insert(key, found);
                 }
                 Err(e) => {
-                    tracing::debug!(resource = %key.2, namespace = ?key.3, error = %api_reason(&e), "LIST failed; looking objects up one by one");
+                    tracing::debug!(resource = %key.2, namespace = ?key.3, error = %ApiError::from(e), "LIST failed; looking objects up one by one");
                 }
             }
         }
@@ -724,7 +756,7 @@ impl Syncer {
         ar: ApiResource,
         namespaced: bool,
         known: Known,
-    ) -> (ObjRef, Result<Applied, String>) {
+    ) -> (ObjRef, Result<Applied, ObjectError>) {
         let obj_ref = m.obj_ref();
         let ns = if namespaced { m.namespace() } else { None };
         let api = self.api(&ar, ns);
@@ -736,7 +768,7 @@ impl Syncer {
                 Ok(o) => o
                     .and_then(|o| serde_json::to_value(o).ok())
                     .map(|v| LiveSummary::of(&obj, &v)),
-                Err(e) => return (obj_ref, Err(api_reason(&e))),
+                Err(e) => return (obj_ref, Err(ApiError::from(e).into())),
             },
         };
         if let Some(current) = live {
@@ -744,7 +776,7 @@ impl Syncer {
             if let Err(conflict) =
                 inventory::may_take_over(s.inventory_policy, current.owner.as_deref(), inv_id)
             {
-                return (obj_ref, Err(conflict.to_string()));
+                return (obj_ref, Err(conflict.into()));
             }
             if s.dry_run == DryRunStrategy::None && current.up_to_date {
                 return (
@@ -770,7 +802,7 @@ impl Syncer {
                 };
                 (obj_ref, Ok(Applied { wrote, status }))
             }
-            Err(e) => (obj_ref, Err(api_reason(&e))),
+            Err(e) => (obj_ref, Err(ApiError::from(e).into())),
         }
     }
 
@@ -784,7 +816,7 @@ impl Syncer {
         manifests: &[Manifest],
         stage: &[usize],
         cancel: &CancellationToken,
-    ) -> Result<Discovery, String> {
+    ) -> Result<Discovery, SyncError> {
         let crd_groups: BTreeSet<String> = manifests
             .iter()
             .filter(|m| {
@@ -844,7 +876,7 @@ impl Syncer {
         s: &Settings,
         name: &str,
         set: &BTreeSet<ObjRef>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ApiError> {
         let data = inventory::encode(set);
         let cm = json!({
             "apiVersion": "v1",
@@ -867,7 +899,7 @@ impl Syncer {
         )
         .await
         .map(|_| ())
-        .map_err(|e| api_reason(&e))
+        .map_err(ApiError::from)
     }
 
     /// Prunes one tier: deletes all its objects at once (bounded concurrency), then waits until
@@ -880,7 +912,7 @@ impl Syncer {
         inv_id: &str,
         tier: &[ObjRef],
         disc: &Discovery,
-    ) -> Vec<(ObjRef, Result<bool, String>)> {
+    ) -> Vec<(ObjRef, Result<bool, ObjectError>)> {
         // Owned items: a closure over `&ObjRef` makes the future not provably `Send`.
         let deleted = futures_util::stream::iter(tier.iter().cloned().map(|obj| async move {
             let res = self.delete_if_ours(s, inv_id, &obj, disc).await;
@@ -902,7 +934,7 @@ impl Syncer {
                         .push(obj);
                 }
                 Ok(None) => out.push((obj, Ok(false))),
-                Err(e) => out.push((obj, Err(e))),
+                Err(e) => out.push((obj, Err(e.into()))),
             }
         }
         let deadline = tokio::time::Instant::now() + s.prune_timeout;
@@ -931,7 +963,7 @@ impl Syncer {
         inv_id: &str,
         obj: &ObjRef,
         disc: &Discovery,
-    ) -> Result<Option<(ApiResource, Option<String>)>, String> {
+    ) -> Result<Option<(ApiResource, Option<String>)>, ApiError> {
         let Some((ar, caps)) = Self::resolve_ref(disc, obj) else {
             // Its type is gone (e.g. its CRD was pruned first): nothing left to delete.
             return Ok(None);
@@ -955,7 +987,7 @@ impl Syncer {
                     return Ok(None);
                 }
             }
-            Err(e) => return Err(api_reason(&e)),
+            Err(e) => return Err(e.into()),
         }
         let policy = match s.prune_propagation_policy {
             PrunePropagationPolicy::Orphan => PropagationPolicy::Orphan,
@@ -970,7 +1002,7 @@ impl Syncer {
             Ok(_) => Ok(Some((ar, ns))),
             // Gone between the read and the delete: a delete was still sent.
             Err(kube::Error::Api(st)) if st.code == 404 => Ok(None),
-            Err(e) => Err(api_reason(&e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -983,7 +1015,7 @@ impl Syncer {
         objs: Vec<ObjRef>,
         deadline: tokio::time::Instant,
         timeout: Duration,
-    ) -> Vec<(ObjRef, Result<bool, String>)> {
+    ) -> Vec<(ObjRef, Result<bool, ObjectError>)> {
         let api = self.api(ar, ns);
         let mut pending = objs;
         let mut out = Vec::with_capacity(pending.len());
@@ -991,8 +1023,9 @@ impl Syncer {
         loop {
             let present = match present_names(&api, &pending).await {
                 Ok(names) => names,
-                Err(reason) => {
-                    out.extend(pending.into_iter().map(|o| (o, Err(reason.clone()))));
+                Err(e) => {
+                    let e = ObjectError::from(e);
+                    out.extend(pending.into_iter().map(|o| (o, Err(e.clone()))));
                     return out;
                 }
             };
@@ -1004,8 +1037,8 @@ impl Syncer {
                 return out;
             }
             if tokio::time::Instant::now() + pause > deadline {
-                let message = format!("still present after prune_timeout ({timeout:?})");
-                out.extend(pending.into_iter().map(|o| (o, Err(message.clone()))));
+                let e = ObjectError::StillPresent(timeout);
+                out.extend(pending.into_iter().map(|o| (o, Err(e.clone()))));
                 return out;
             }
             tokio::time::sleep(pause).await;
@@ -1045,11 +1078,7 @@ impl Syncer {
                 event_status(&o, &st);
                 results.insert(
                     o.clone(),
-                    ObjectOutcome {
-                        obj: o.clone(),
-                        status: st.status.to_string(),
-                        message: st.message.clone(),
-                    },
+                    ObjectOutcome::new(o.clone(), st.status, st.message.clone()),
                 );
                 last.insert(o, st);
             }
@@ -1075,14 +1104,14 @@ impl Syncer {
                     if !matches!(st.status, Status::Current | Status::Failed) {
                         results.insert(
                             o.clone(),
-                            ObjectOutcome {
-                                obj: o.clone(),
-                                status: st.status.to_string(),
-                                message: format!(
+                            ObjectOutcome::new(
+                                o.clone(),
+                                st.status,
+                                format!(
                                     "{} (not Current after reconcile_timeout {:?})",
                                     st.message, timeout
                                 ),
-                            },
+                            ),
                         );
                     }
                 }
@@ -1143,10 +1172,7 @@ impl Syncer {
             let st = match api.get_opt(&o.name).await {
                 Ok(Some(obj)) => compute_status(&serde_json::to_value(&obj).unwrap_or(Value::Null)),
                 Ok(None) => ResourceStatus::not_found(),
-                Err(e) => ResourceStatus {
-                    status: Status::Unknown,
-                    message: api_reason(&e),
-                },
+                Err(e) => ResourceStatus::new(Status::Unknown, ApiError::from(e).to_string()),
             };
             (o, st)
         }))
@@ -1163,7 +1189,7 @@ impl Syncer {
 async fn present_names(
     api: &Api<DynamicObject>,
     objs: &[ObjRef],
-) -> Result<BTreeSet<String>, String> {
+) -> Result<BTreeSet<String>, ApiError> {
     match api.list_metadata(&ListParams::default()).await {
         Ok(list) => Ok(list
             .items
@@ -1181,19 +1207,18 @@ async fn present_names(
             .await;
             let mut names = BTreeSet::new();
             for f in found {
-                if let Some(name) = f.map_err(|e| api_reason(&e))? {
+                if let Some(name) = f? {
                     names.insert(name);
                 }
             }
             Ok(names)
         }
-        Err(e) => Err(api_reason(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
-/// (group, kind) pairs served by CRDs in this sync or the previous one, for prune ordering.
-fn crd_kinds(manifests: &[Manifest], previous: &BTreeSet<ObjRef>) -> Vec<(String, String)> {
-    let _ = previous;
+/// (group, kind) pairs served by CRDs in this sync, for prune ordering.
+fn crd_kinds(manifests: &[Manifest]) -> Vec<(String, String)> {
     manifests
         .iter()
         .filter(|m| m.kind() == "CustomResourceDefinition")
@@ -1207,5 +1232,125 @@ fn crd_kinds(manifests: &[Manifest], previous: &BTreeSet<ObjRef>) -> Vec<(String
         .collect()
 }
 
-/// For callers holding a shared syncer.
-pub type SharedSyncer = Arc<Syncer>;
+/// The outcome of a sync from its objects' outcomes: failed unless every object is Current or
+/// Pruned (or, in a server dry run, Unknown: nothing was changed, so nothing became Current).
+fn finish(
+    commit_id: &str,
+    results: HashMap<ObjRef, ObjectOutcome>,
+    writes: usize,
+    dry: bool,
+) -> SyncOutcome {
+    let mut objects: Vec<ObjectOutcome> = results.into_values().collect();
+    objects.sort_by(|a, b| a.obj.cmp(&b.obj));
+    let live: Vec<(ObjRef, ResourceStatus)> = objects
+        .iter()
+        .filter_map(|o| match o.status {
+            ObjectState::Live(Status::Unknown) if dry => None,
+            ObjectState::Live(status) => Some((
+                o.obj.clone(),
+                ResourceStatus::new(status, o.message.clone()),
+            )),
+            ObjectState::Pruned => None,
+        })
+        .collect();
+    // After the wait, objects still pending failed too: they did not become Current in time.
+    let failed = sync_outcome(&live).not_current();
+    SyncOutcome {
+        commit_id: commit_id.to_string(),
+        error: (failed > 0).then_some(SyncError::ResourcesFailed(failed)),
+        objects,
+        writes,
+        dry_run: dry,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(name: &str) -> ObjRef {
+        ObjRef::new("", "ConfigMap", Some("dude"), name)
+    }
+
+    fn results(states: &[(&str, ObjectState)]) -> HashMap<ObjRef, ObjectOutcome> {
+        states
+            .iter()
+            .map(|(name, status)| {
+                let o = ObjectOutcome {
+                    obj: obj(name),
+                    status: *status,
+                    message: String::new(),
+                };
+                (o.obj.clone(), o)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn finish_succeeds_when_every_object_is_current_or_pruned() {
+        let out = finish(
+            "c1",
+            results(&[
+                ("b", ObjectState::Live(Status::Current)),
+                ("a", ObjectState::Pruned),
+            ]),
+            3,
+            false,
+        );
+        assert!(out.succeeded(), "{out:?}");
+        assert_eq!((out.commit_id.as_str(), out.writes), ("c1", 3));
+        let names: Vec<&str> = out.objects.iter().map(|o| o.obj.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"], "sorted by object");
+    }
+
+    #[test]
+    fn finish_counts_failed_and_still_pending_objects_as_failed() {
+        let out = finish(
+            "c1",
+            results(&[
+                ("a", ObjectState::Live(Status::Current)),
+                ("b", ObjectState::Live(Status::Failed)),
+                ("c", ObjectState::Live(Status::InProgress)),
+                ("d", ObjectState::Live(Status::Unknown)),
+            ]),
+            0,
+            false,
+        );
+        assert_eq!(out.error, Some(SyncError::ResourcesFailed(3)));
+        assert_eq!(
+            out.error.map(|e| e.to_string()).as_deref(),
+            Some("3 resources failed")
+        );
+    }
+
+    #[test]
+    fn finish_of_a_dry_run_does_not_fail_on_unknown() {
+        let states = [("a", ObjectState::Live(Status::Unknown))];
+        assert!(finish("c1", results(&states), 0, true).succeeded());
+        assert!(!finish("c1", results(&states), 0, false).succeeded());
+    }
+
+    #[test]
+    fn errors_read_as_before() {
+        let dup = SyncError::Duplicate {
+            obj: obj("a"),
+            sources: vec!["x.yaml".into(), "y.yaml".into()],
+        };
+        assert_eq!(
+            dup.to_string(),
+            format!("{} is defined more than once: x.yaml, y.yaml", obj("a"))
+        );
+        let none = ObjectError::NoResourceType {
+            kind: "Widget".into(),
+            api_version: "example.com/v1".into(),
+        };
+        assert_eq!(
+            none.to_string(),
+            "the cluster has no resource type for Widget in API version example.com/v1"
+        );
+        assert_eq!(
+            ObjectError::StillPresent(Duration::from_secs(5)).to_string(),
+            "still present after prune_timeout (5s)"
+        );
+    }
+}

@@ -9,14 +9,17 @@
 //!
 //! - [`GitOpsModule`]: the `GitOps` gRPC service kas adds to its agent listener (streaming each
 //!   new commit's selection in chunks, taking sync reports), built from explicit
-//!   [`GitOpsDeps`]; and [`SyncStates`], the reports kept in the store for `kas agent status`.
+//!   [`GitOpsDeps`]; and [`SyncStates`], the reports kept in the store for `kas agent status`,
+//!   whose outcome and statuses read as [`ReportedOutcome`] / [`ReportedStatus`].
 
 pub mod glob;
+mod reported;
 mod reports;
 mod select;
 mod service;
 
 pub use glob::{InvalidGlob, ManifestGlob, literal_prefix};
+pub use reported::{ReportedOutcome, ReportedStatus};
 pub use reports::SyncStates;
 pub use select::{Limits, ManifestFile, SelectError, Selection, fingerprint, select_manifests};
 pub use service::{GitOpsDeps, GitOpsModule, GitOpsService};

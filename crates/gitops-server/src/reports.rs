@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use prost::Message;
-use tether_protocol::gitops::SyncReport;
+use tether_protocol::gitops::{ObjectState, SyncOutcome, SyncReport};
 use tether_store::Store;
+
+use crate::reported::{ReportedOutcome, ReportedStatus};
 
 /// How a report that applied nothing says whose objects it shows.
 const CARRIED: &str = "nothing was applied at this commit; the objects are as of commit";
@@ -24,7 +26,7 @@ impl SyncStates {
     pub async fn for_agent(&self, agent_id: i64) -> Result<Vec<SyncReport>, tether_store::Error> {
         let mut out = Vec::new();
         for (project, bytes) in self.0.sync_reports(agent_id).await? {
-            match SyncReport::decode(bytes.as_slice()) {
+            match decode_report(&bytes) {
                 Ok(r) => out.push(r),
                 Err(e) => {
                     tracing::warn!(agent_id, project, error = %e, "Skipping an undecodable stored sync report");
@@ -54,7 +56,7 @@ impl SyncStates {
         report: &SyncReport,
     ) -> Result<SyncReport, tether_store::Error> {
         let mut report = report.clone();
-        if report.outcome != "failed" || !report.objects.is_empty() {
+        if report.sync_outcome() != SyncOutcome::Failed || !report.objects.is_empty() {
             return Ok(report);
         }
         let previous = self
@@ -75,4 +77,37 @@ impl SyncStates {
         }
         Ok(report)
     }
+}
+
+/// The fields of a report stored before its outcome and statuses were enums; their tags are
+/// `reserved` in gitops.proto, so [`SyncReport`] skips them.
+#[derive(Clone, PartialEq, Message)]
+struct LegacyReport {
+    #[prost(string, tag = "3")]
+    outcome: String,
+    #[prost(message, repeated, tag = "5")]
+    objects: Vec<LegacyObject>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct LegacyObject {
+    #[prost(string, tag = "5")]
+    status: String,
+}
+
+/// Decodes a stored report, reading the words of one stored before the enums (kas keeps an
+/// agent's last report until its next sync, which may be long after an upgrade).
+pub(crate) fn decode_report(bytes: &[u8]) -> Result<SyncReport, prost::DecodeError> {
+    let mut report = SyncReport::decode(bytes)?;
+    if report.sync_outcome() != SyncOutcome::Unspecified {
+        return Ok(report);
+    }
+    let legacy = LegacyReport::decode(bytes)?;
+    report.set_sync_outcome(ReportedOutcome::from_word(&legacy.outcome).into());
+    for (o, old) in report.objects.iter_mut().zip(&legacy.objects) {
+        if o.state() == ObjectState::Unspecified {
+            o.set_state(ReportedStatus::from_word(&old.status).into());
+        }
+    }
+    Ok(report)
 }

@@ -283,7 +283,7 @@ impl GitOps for GitOpsService {
             agent_id = id.agent_id,
             project_id = %report.project_id,
             commit_id = %report.commit_id,
-            outcome = %report.outcome,
+            outcome = %crate::ReportedOutcome::from(report.sync_outcome()),
             objects = report.objects.len(),
             "Synchronization reported"
         );
