@@ -196,88 +196,143 @@ pub fn select_manifests<S: AsRef<str>>(
     globs: &[S],
     limits: &Limits,
 ) -> Result<Selection, SelectError> {
+    let compiled = compile_globs(globs, limits)?;
+    let mut matched = Matched::default();
+    let mut listings: HashMap<&str, Vec<FileEntry>> = HashMap::new();
+    for (index, glob) in compiled.iter().enumerate() {
+        let prefix = glob.literal_prefix();
+        if !listings.contains_key(prefix) {
+            listings.insert(prefix, list_prefix(mirror, commit, glob, limits)?);
+        }
+        let entries = listings.get(prefix).map(Vec::as_slice).unwrap_or_default();
+        for entry in entries.iter().filter(|e| glob.is_match(&e.path)) {
+            matched.add(entry, index, &compiled, limits)?;
+        }
+    }
+    let Matched {
+        files,
+        mut warnings,
+        ..
+    } = matched;
+    if files.is_empty() {
+        let globs: Vec<&str> = compiled.iter().map(ManifestGlob::as_str).collect();
+        warnings.push(format!(
+            "no file matches {globs:?} at this commit: every object this project applied before is pruned"
+        ));
+    }
+    Ok(Selection {
+        commit: *commit,
+        files: read_files(mirror, commit, files.into_keys(), limits)?,
+        warnings,
+    })
+}
+
+/// Compiles every glob (before any I/O), within `max_paths`.
+fn compile_globs<S: AsRef<str>>(
+    globs: &[S],
+    limits: &Limits,
+) -> Result<Vec<ManifestGlob>, SelectError> {
     if globs.len() > limits.max_paths {
         return Err(SelectError::TooManyPaths {
             count: globs.len(),
             limit: limits.max_paths,
         });
     }
-    let compiled = globs
+    Ok(globs
         .iter()
         .map(|g| ManifestGlob::new(g.as_ref()))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?)
+}
 
-    let mut listings: HashMap<&str, Vec<FileEntry>> = HashMap::new();
-    // path -> (index of the glob that matched it, size)
-    let mut matched: BTreeMap<String, (usize, u64)> = BTreeMap::new();
-    let mut total: u64 = 0;
-    let mut warnings = Vec::new();
-    for (index, glob) in compiled.iter().enumerate() {
-        let prefix = glob.literal_prefix();
-        if !listings.contains_key(prefix) {
-            let listing = mirror
-                .list_files(commit, prefix, limits.max_visited_entries)
-                .map_err(|e| match e {
-                    GitError::TooManyEntries { limit, .. } => SelectError::TooManyEntries {
-                        glob: glob.as_str().to_owned(),
-                        prefix: prefix.to_owned(),
-                        limit,
-                    },
-                    other => SelectError::Git(other),
-                })?;
-            listings.insert(prefix, listing);
-        }
-        let entries = listings.get(prefix).map(Vec::as_slice).unwrap_or_default();
-        for entry in entries.iter().filter(|e| glob.is_match(&e.path)) {
-            if entry.symlink {
-                // Never followed: its target may be outside the repository or the glob.
-                warnings.push(format!(
-                    "{} is a symbolic link matched by {}: skipped (links are not followed)",
-                    entry.path,
-                    glob.as_str()
-                ));
-                continue;
-            }
-            if let Some(&(first, _)) = matched.get(&entry.path) {
-                return Err(SelectError::MatchedByTwoGlobs {
-                    path: entry.path.clone(),
-                    first: compiled[first].as_str().to_owned(),
-                    second: glob.as_str().to_owned(),
-                });
-            }
-            if entry.size > limits.max_file_size {
-                return Err(SelectError::FileTooLarge {
-                    path: entry.path.clone(),
-                    size: entry.size,
-                    limit: limits.max_file_size,
-                });
-            }
-            total = total.saturating_add(entry.size);
-            if total > limits.max_total_size {
-                return Err(SelectError::TotalTooLarge {
-                    size: total,
-                    limit: limits.max_total_size,
-                });
-            }
-            matched.insert(entry.path.clone(), (index, entry.size));
-            if matched.len() > limits.max_files {
-                return Err(SelectError::TooManyFiles {
-                    count: matched.len(),
-                    limit: limits.max_files,
-                });
-            }
-        }
-    }
+/// The files under `glob`'s literal prefix, within `max_visited_entries`.
+fn list_prefix(
+    mirror: &Mirror,
+    commit: &CommitId,
+    glob: &ManifestGlob,
+    limits: &Limits,
+) -> Result<Vec<FileEntry>, SelectError> {
+    let prefix = glob.literal_prefix();
+    mirror
+        .list_files(commit, prefix, limits.max_visited_entries)
+        .map_err(|e| match e {
+            GitError::TooManyEntries { limit, .. } => SelectError::TooManyEntries {
+                glob: glob.as_str().to_owned(),
+                prefix: prefix.to_owned(),
+                limit,
+            },
+            other => SelectError::Git(other),
+        })
+}
 
-    if matched.is_empty() {
-        let globs: Vec<&str> = compiled.iter().map(ManifestGlob::as_str).collect();
-        warnings.push(format!(
-            "no file matches {globs:?} at this commit: every object this project applied before is pruned"
-        ));
+/// The files matched so far, within the limits.
+#[derive(Default)]
+struct Matched {
+    /// Path → index of the glob that matched it.
+    files: BTreeMap<String, usize>,
+    /// Sum of their sizes.
+    total: u64,
+    warnings: Vec<String>,
+}
+
+impl Matched {
+    /// Adds a file the glob `compiled[index]` matched.
+    fn add(
+        &mut self,
+        entry: &FileEntry,
+        index: usize,
+        compiled: &[ManifestGlob],
+        limits: &Limits,
+    ) -> Result<(), SelectError> {
+        let glob = compiled[index].as_str();
+        if entry.symlink {
+            // Never followed: its target may be outside the repository or the glob.
+            self.warnings.push(format!(
+                "{} is a symbolic link matched by {glob}: skipped (links are not followed)",
+                entry.path
+            ));
+            return Ok(());
+        }
+        if let Some(&first) = self.files.get(&entry.path) {
+            return Err(SelectError::MatchedByTwoGlobs {
+                path: entry.path.clone(),
+                first: compiled[first].as_str().to_owned(),
+                second: glob.to_owned(),
+            });
+        }
+        if entry.size > limits.max_file_size {
+            return Err(SelectError::FileTooLarge {
+                path: entry.path.clone(),
+                size: entry.size,
+                limit: limits.max_file_size,
+            });
+        }
+        self.total = self.total.saturating_add(entry.size);
+        if self.total > limits.max_total_size {
+            return Err(SelectError::TotalTooLarge {
+                size: self.total,
+                limit: limits.max_total_size,
+            });
+        }
+        self.files.insert(entry.path.clone(), index);
+        if self.files.len() > limits.max_files {
+            return Err(SelectError::TooManyFiles {
+                count: self.files.len(),
+                limit: limits.max_files,
+            });
+        }
+        Ok(())
     }
-    // BTreeMap iteration is sorted by path, which is the order the selection promises.
-    let mut files = Vec::with_capacity(matched.len());
-    for (path, _) in matched {
+}
+
+/// Reads the matched files, in the order given (the selection promises sorted paths).
+fn read_files(
+    mirror: &Mirror,
+    commit: &CommitId,
+    paths: impl Iterator<Item = String>,
+    limits: &Limits,
+) -> Result<Vec<ManifestFile>, SelectError> {
+    let mut files = Vec::new();
+    for path in paths {
         let bytes = match mirror.read_file(commit, &path, limits.max_file_size) {
             Ok(Some(bytes)) => bytes,
             // The listing saw this blob at this (immutable) commit, so it cannot be missing
@@ -294,11 +349,7 @@ pub fn select_manifests<S: AsRef<str>>(
         };
         files.push(ManifestFile { path, bytes });
     }
-    Ok(Selection {
-        commit: *commit,
-        files,
-        warnings,
-    })
+    Ok(files)
 }
 
 /// A stable SHA-256 (lowercase hex) of the selected files' paths and contents, not of the commit:
