@@ -5,8 +5,6 @@
 //! - [`select_manifests`]: the files of a manifest project at a commit, read through a
 //!   [`tether_git_source::Mirror`], within [`Limits`]; failures are [`SelectError`]s that say
 //!   whether they are the user's to fix ([`SelectError::is_user_error`]).
-//! - [`fingerprint`]: whether an agent's manifests actually changed between two commits.
-//!
 //! - [`GitOpsModule`]: the `GitOps` gRPC service kas adds to its agent listener (streaming each
 //!   new commit's selection in chunks, taking sync reports), built from explicit
 //!   [`GitOpsDeps`]; and [`SyncStates`], the reports kept in the store for `kas agent status`,
@@ -21,5 +19,5 @@ mod service;
 pub use glob::{InvalidGlob, ManifestGlob, literal_prefix};
 pub use reported::{ReportedOutcome, ReportedStatus};
 pub use reports::SyncStates;
-pub use select::{Limits, ManifestFile, SelectError, Selection, fingerprint, select_manifests};
+pub use select::{Limits, ManifestFile, SelectError, Selection, select_manifests};
 pub use service::{GitOpsDeps, GitOpsModule, GitOpsService};

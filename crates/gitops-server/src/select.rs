@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sha2::{Digest, Sha256};
 use tether_git_source::{CommitId, Error as GitError, FileEntry, Mirror};
 
 use crate::glob::{InvalidGlob, ManifestGlob};
@@ -77,11 +76,6 @@ impl Selection {
     /// Sum of the files' sizes in bytes.
     pub fn total_size(&self) -> u64 {
         self.files.iter().map(|f| f.bytes.len() as u64).sum()
-    }
-
-    /// See [`fingerprint`].
-    pub fn fingerprint(&self) -> String {
-        fingerprint(self)
     }
 }
 
@@ -352,60 +346,9 @@ fn read_files(
     Ok(files)
 }
 
-/// A stable SHA-256 (lowercase hex) of the selected files' paths and contents, not of the commit:
-/// equal fingerprints mean the agent would receive exactly the same manifests, so a commit that
-/// touched nothing selected need not be sent again.
-///
-/// Each path and content is length-prefixed, so no two different selections encode the same
-/// bytes (e.g. moving bytes from one file's end to the next file's path).
-pub fn fingerprint(selection: &Selection) -> String {
-    let mut hasher = Sha256::new();
-    // A version tag, so changing this encoding later cannot collide with old fingerprints.
-    hasher.update(b"tether-manifests-v1\0");
-    hasher.update((selection.files.len() as u64).to_be_bytes());
-    for file in &selection.files {
-        hasher.update((file.path.len() as u64).to_be_bytes());
-        hasher.update(file.path.as_bytes());
-        hasher.update((file.bytes.len() as u64).to_be_bytes());
-        hasher.update(&file.bytes);
-    }
-    hex::encode(hasher.finalize())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn selection(files: &[(&str, &[u8])]) -> Selection {
-        Selection {
-            commit: CommitId::from_hex("0123456789abcdef0123456789abcdef01234567")
-                .unwrap_or_else(|e| panic!("{e}")),
-            files: files
-                .iter()
-                .map(|(p, b)| ManifestFile {
-                    path: (*p).to_owned(),
-                    bytes: b.to_vec(),
-                })
-                .collect(),
-            warnings: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn fingerprint_is_length_prefixed_and_content_sensitive() {
-        let a = selection(&[("a", b"xy"), ("b", b"z")]);
-        assert_eq!(fingerprint(&a), fingerprint(&a.clone()));
-        assert_eq!(fingerprint(&a).len(), 64);
-        for other in [
-            selection(&[("a", b"x"), ("yb", b"z")]),
-            selection(&[("a", b"xy"), ("b", b"Z")]),
-            selection(&[("a", b"xy")]),
-            selection(&[("a", b"xy"), ("c", b"z")]),
-            selection(&[]),
-        ] {
-            assert_ne!(fingerprint(&a), fingerprint(&other), "{other:?}");
-        }
-    }
 
     #[test]
     fn user_errors() {

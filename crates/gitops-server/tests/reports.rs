@@ -57,6 +57,19 @@ async fn open_store(
     Ok((store, agent.id))
 }
 
+/// A report with one object and neither outcome nor status set.
+fn one_object_report() -> SyncReport {
+    SyncReport {
+        project_id: "group/manifests".into(),
+        commit_id: "c0ffee".into(),
+        objects: vec![ObjectStatus {
+            name: "a".into(),
+            ..ObjectStatus::default()
+        }],
+        ..SyncReport::default()
+    }
+}
+
 #[tokio::test]
 async fn a_report_stored_before_the_enums_loads_with_its_words() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -109,15 +122,7 @@ async fn a_report_stored_before_the_enums_loads_with_its_words() -> TestResult {
 async fn a_report_without_any_outcome_loads_as_unknown() -> TestResult {
     let dir = tempfile::tempdir()?;
     let (store, agent) = open_store(&dir).await?;
-    let bare = SyncReport {
-        project_id: "group/manifests".into(),
-        commit_id: "c0ffee".into(),
-        objects: vec![ObjectStatus {
-            name: "a".into(),
-            ..ObjectStatus::default()
-        }],
-        ..SyncReport::default()
-    };
+    let bare = one_object_report();
     store
         .put_sync_report(agent, &bare.project_id, &bare.encode_to_vec())
         .await?;
@@ -140,15 +145,7 @@ async fn a_report_without_any_outcome_loads_as_unknown() -> TestResult {
 async fn a_typed_report_loads_as_stored() -> TestResult {
     let dir = tempfile::tempdir()?;
     let (store, agent) = open_store(&dir).await?;
-    let mut report = SyncReport {
-        project_id: "group/manifests".into(),
-        commit_id: "c0ffee".into(),
-        objects: vec![ObjectStatus {
-            name: "a".into(),
-            ..ObjectStatus::default()
-        }],
-        ..SyncReport::default()
-    };
+    let mut report = one_object_report();
     report.set_sync_outcome(SyncOutcome::Succeeded);
     report.objects[0].set_state(ObjectState::Pruned);
     store
