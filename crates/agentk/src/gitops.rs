@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tether_agent_config::{GitRef, ManifestProject, ProjectRef};
-use tether_gitops_agent::sync::{Settings, SyncOutcome, Syncer};
+use tether_gitops_agent::Status;
+use tether_gitops_agent::sync::{ObjectState, Settings, SyncOutcome, Syncer};
 use tether_protocol::gitops::git_ops_client::GitOpsClient;
 use tether_protocol::gitops::{
-    ObjectStatus, ObjectsRequest, ObjectsResponse, SyncReport, git_ref, objects_response,
+    self as wire, ObjectStatus, ObjectsRequest, ObjectsResponse, SyncReport, git_ref,
+    objects_response,
 };
 use tether_protocol::metadata;
 use tether_tunnel_agent::{AgentMeta, Backoff};
@@ -74,9 +76,13 @@ pub async fn run(
     timing: Timing,
     shutdown: CancellationToken,
 ) {
-    // project key → (its settings, the worker's stop token, its task)
-    let mut workers: HashMap<String, (ManifestProject, CancellationToken, JoinHandle<()>)> =
-        HashMap::new();
+    let mut workers = Workers {
+        running: HashMap::new(),
+        channel,
+        meta,
+        syncer,
+        timing,
+    };
     // The election's sender goes away when it is off (always leading) or stopped.
     let mut election_running = true;
     loop {
@@ -84,60 +90,7 @@ pub async fn run(
         // Only the leader applies; a replica that is not (or no longer) leading runs no worker.
         let lead = *leading.borrow_and_update();
         if let Some(applied) = applied {
-            let wanted: HashMap<String, ManifestProject> = applied
-                .config
-                .gitops
-                .manifest_projects
-                .iter()
-                .filter(|_| lead)
-                .map(|p| (project_key(&p.id), p.clone()))
-                .collect();
-            // Stop workers whose project left the configuration or whose settings changed.
-            let gone: Vec<String> = workers
-                .iter()
-                .filter(|(key, (p, _, _))| wanted.get(*key) != Some(p))
-                .map(|(key, _)| key.clone())
-                .collect();
-            // A stopped worker must be gone before its successor (or another replica) applies
-            // the same objects.
-            for key in gone {
-                if let Some((_, stop, task)) = workers.remove(&key) {
-                    stop.cancel();
-                    let _ = task.await;
-                }
-            }
-            for (key, p) in wanted {
-                if workers.contains_key(&key) {
-                    continue;
-                }
-                tracing::info!(project_id = %key, "Starting synchronization worker");
-                let stop = shutdown.child_token();
-                let worker = Worker {
-                    client: GitOpsClient::new(channel.clone())
-                        .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE),
-                    meta: meta.clone(),
-                    syncer: Arc::clone(&syncer),
-                    settings: Settings {
-                        agent_id: applied.agent_id,
-                        project_id: key.clone(),
-                        default_namespace: p.default_namespace.clone(),
-                        prune: p.prune,
-                        prune_timeout: p.prune_timeout,
-                        prune_propagation_policy: p.prune_propagation_policy,
-                        inventory_policy: p.inventory_policy,
-                        reconcile_timeout: p.reconcile_timeout,
-                        dry_run: p.dry_run_strategy,
-                    },
-                    project: p.clone(),
-                    timing: timing.clone(),
-                };
-                let task = tokio::spawn(
-                    worker
-                        .run(stop.clone())
-                        .instrument(tracing::info_span!("worker", project_id = %key)),
-                );
-                workers.insert(key, (p, stop, task));
-            }
+            workers.reconcile(&applied, lead, &shutdown).await;
         }
         tokio::select! {
             changed = config.changed() => if changed.is_err() { break },
@@ -145,9 +98,90 @@ pub async fn run(
             () = shutdown.cancelled() => break,
         }
     }
-    for (_, (_, stop, task)) in workers {
+    for (_, (_, stop, task)) in workers.running {
         stop.cancel();
         let _ = task.await;
+    }
+}
+
+/// The running workers, and what new ones are made of.
+struct Workers {
+    /// project key → (its settings, the worker's stop token, its task)
+    running: HashMap<String, (ManifestProject, CancellationToken, JoinHandle<()>)>,
+    channel: Channel,
+    meta: AgentMeta,
+    syncer: Arc<Syncer>,
+    timing: Timing,
+}
+
+impl Workers {
+    /// Runs one worker per manifest project of `applied` (none unless `lead`): stops the
+    /// workers whose project left the configuration or whose settings changed, then starts the
+    /// missing ones.
+    async fn reconcile(&mut self, applied: &Applied, lead: bool, shutdown: &CancellationToken) {
+        let wanted: HashMap<String, ManifestProject> = applied
+            .config
+            .gitops
+            .manifest_projects
+            .iter()
+            .filter(|_| lead)
+            .map(|p| (project_key(&p.id), p.clone()))
+            .collect();
+        let gone: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(key, (p, _, _))| wanted.get(*key) != Some(p))
+            .map(|(key, _)| key.clone())
+            .collect();
+        // A stopped worker must be gone before its successor (or another replica) applies
+        // the same objects.
+        for key in gone {
+            if let Some((_, stop, task)) = self.running.remove(&key) {
+                stop.cancel();
+                let _ = task.await;
+            }
+        }
+        for (key, p) in wanted {
+            if !self.running.contains_key(&key) {
+                let stop = shutdown.child_token();
+                let task = self.start(&key, &p, applied.agent_id, stop.clone());
+                self.running.insert(key, (p, stop, task));
+            }
+        }
+    }
+
+    fn start(
+        &self,
+        key: &str,
+        p: &ManifestProject,
+        agent_id: i64,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
+        tracing::info!(project_id = %key, "Starting synchronization worker");
+        let worker = Worker {
+            client: GitOpsClient::new(self.channel.clone())
+                .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE),
+            meta: self.meta.clone(),
+            syncer: Arc::clone(&self.syncer),
+            settings: Settings {
+                agent_id,
+                project_id: key.to_string(),
+                default_namespace: p.default_namespace.clone(),
+                prune: p.prune,
+                prune_timeout: p.prune_timeout,
+                prune_propagation_policy: p.prune_propagation_policy,
+                inventory_policy: p.inventory_policy,
+                reconcile_timeout: p.reconcile_timeout,
+                dry_run: p.dry_run_strategy,
+            },
+            project: p.clone(),
+            timing: self.timing.clone(),
+        };
+        tokio::spawn(
+            worker
+                .run(stop)
+                .instrument(tracing::info_span!("worker", project_id = %key)),
+        )
     }
 }
 
@@ -238,6 +272,18 @@ fn stream_backoff() -> Backoff {
     }
 }
 
+fn wire_state(state: ObjectState) -> wire::ObjectState {
+    match state {
+        ObjectState::Live(Status::InProgress) => wire::ObjectState::InProgress,
+        ObjectState::Live(Status::Current) => wire::ObjectState::Current,
+        ObjectState::Live(Status::Failed) => wire::ObjectState::Failed,
+        ObjectState::Live(Status::Terminating) => wire::ObjectState::Terminating,
+        ObjectState::Live(Status::NotFound) => wire::ObjectState::NotFound,
+        ObjectState::Live(Status::Unknown) => wire::ObjectState::Unknown,
+        ObjectState::Pruned => wire::ObjectState::Pruned,
+    }
+}
+
 fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
     let objects = outcome
         .objects
@@ -247,20 +293,24 @@ fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
             kind: o.obj.kind.clone(),
             namespace: o.obj.namespace.clone().unwrap_or_default(),
             name: o.obj.name.clone(),
-            status: o.status.clone(),
+            state: wire_state(o.status).into(),
             message: o.message.clone(),
         })
         .collect();
     SyncReport {
         project_id: project_id.to_string(),
         commit_id: outcome.commit_id.clone(),
-        outcome: if outcome.succeeded {
-            "succeeded"
+        sync_outcome: if outcome.succeeded() {
+            wire::SyncOutcome::Succeeded
         } else {
-            "failed"
+            wire::SyncOutcome::Failed
         }
-        .to_string(),
-        error: outcome.error.clone().unwrap_or_default(),
+        .into(),
+        error: outcome
+            .error
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         objects,
         finished_at: unix_now(),
         dry_run: outcome.dry_run,
@@ -466,7 +516,7 @@ impl Worker {
                 let report = SyncReport {
                     project_id: self.settings.project_id.clone(),
                     commit_id: e.commit_id,
-                    outcome: "failed".to_string(),
+                    sync_outcome: wire::SyncOutcome::Failed.into(),
                     error: e.message,
                     objects: Vec::new(),
                     finished_at: unix_now(),
@@ -505,7 +555,7 @@ impl Worker {
             report.warnings.clone_from(&c.warnings);
         }
         self.report(report, reports, stop).await;
-        sync.next_run = Some(if outcome.succeeded {
+        sync.next_run = Some(if outcome.succeeded() {
             sync.failures = 0;
             Instant::now() + self.timing.resync_interval
         } else {

@@ -14,7 +14,8 @@
 //! 5. write the inventory ([`inventory::encode`]) when its set changed, and prune
 //!    [`prune::to_prune`];
 //! 6. poll [`status::compute_status`] until [`status::sync_outcome`] is no longer waiting
-//!    or `reconcile_timeout` passes.
+//!    or `reconcile_timeout` passes; the sync failed unless every object is Current or pruned
+//!    ([`sync::SyncError`]).
 
 pub mod decode;
 pub mod drift;
@@ -30,3 +31,4 @@ pub use decode::{DecodeError, Manifest, decode_file};
 pub use inventory::{InventoryError, OwnershipConflict};
 pub use object_ref::{ObjRef, ParseObjRefError};
 pub use status::{Outcome, ResourceStatus, Status, SyncState, compute_status, sync_outcome};
+pub use sync::{ObjectState, SyncError};

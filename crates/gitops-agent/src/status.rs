@@ -628,22 +628,11 @@ impl Outcome {
         self.in_progress + self.terminating + self.not_found + self.unknown
     }
 
-    /// Upstream's failure text, `N resources failed`, when anything failed.
-    pub fn failure_summary(&self) -> Option<String> {
-        (self.failed > 0).then(|| resources_failed(self.failed))
+    /// Objects that are not Current: once `reconcile_timeout` has passed, the pending ones
+    /// count as failed too, since they did not become Current in time.
+    pub fn not_current(&self) -> usize {
+        self.failed + self.pending()
     }
-
-    /// The failure text once `reconcile_timeout` has passed: objects still pending count as
-    /// failed too, since they did not become Current in time.
-    pub fn timeout_summary(&self) -> Option<String> {
-        let n = self.failed + self.pending();
-        (n > 0).then(|| resources_failed(n))
-    }
-}
-
-fn resources_failed(n: usize) -> String {
-    // Upstream's wording, kept for users' log queries (no singular form).
-    format!("{n} resources failed")
 }
 
 /// Aggregates the statuses of every object in a sync. Objects that failed to apply should

@@ -4,7 +4,6 @@
 //! dependency order, then watch status until everything is Current or Failed, or time runs out.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -17,14 +16,14 @@ use serde_json::{Value, json};
 use tether_agent_config::{DryRunStrategy, InventoryPolicy, PrunePropagationPolicy};
 use tokio_util::sync::CancellationToken;
 
-use crate::decode::{Manifest, decode_file};
+use crate::decode::{DecodeError, Manifest, decode_file};
 use crate::drift;
-use crate::events;
-use crate::inventory;
+use crate::events::{self, Phase};
+use crate::inventory::{self, InventoryError, OwnershipConflict};
 use crate::object_ref::ObjRef;
 use crate::plan;
 use crate::prune;
-use crate::status::{ResourceStatus, Status, compute_status};
+use crate::status::{ResourceStatus, Status, compute_status, sync_outcome};
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "agentk";
@@ -52,22 +51,102 @@ pub struct Settings {
     pub dry_run: DryRunStrategy,
 }
 
+/// Where a sync left an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectState {
+    /// In the cluster, with this status (`Failed` also when it could not be applied).
+    Live(Status),
+    /// Deleted because it left Git.
+    Pruned,
+}
+
 /// One object's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectOutcome {
     pub obj: ObjRef,
-    /// `Current`, `InProgress`, `Failed`, …, or `Pruned`.
-    pub status: String,
+    pub status: ObjectState,
     pub message: String,
+}
+
+impl ObjectOutcome {
+    fn new(obj: ObjRef, status: Status, message: impl Into<String>) -> Self {
+        Self {
+            obj,
+            status: ObjectState::Live(status),
+            message: message.into(),
+        }
+    }
+}
+
+/// Kubernetes' answer to a failed request, as a readable reason
+/// ("deployments.apps is forbidden: … (403 Forbidden)").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ApiError(String);
+
+impl From<kube::Error> for ApiError {
+    fn from(e: kube::Error) -> Self {
+        ApiError(match e {
+            kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+            other => other.to_string(),
+        })
+    }
+}
+
+/// Why one object could not be applied or pruned (its outcome's message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObjectError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Ownership(#[from] OwnershipConflict),
+    #[error("the cluster has no resource type for {kind} in API version {api_version}")]
+    NoResourceType { kind: String, api_version: String },
+    #[error("still present after prune_timeout ({0:?})")]
+    StillPresent(Duration),
+}
+
+/// Why a synchronization failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    /// A file does not decode: nothing was applied or pruned.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("inventory {namespace}/{name} is unreadable: {source}")]
+    InventoryUnreadable {
+        namespace: String,
+        name: String,
+        source: InventoryError,
+    },
+    #[error("reading inventory {namespace}/{name}: {source}")]
+    ReadInventory {
+        namespace: String,
+        name: String,
+        source: ApiError,
+    },
+    #[error("writing inventory {namespace}/{name}: {source}")]
+    WriteInventory {
+        namespace: String,
+        name: String,
+        source: ApiError,
+    },
+    /// The last of several attempts' error.
+    #[error("API discovery failed: {0}")]
+    Discovery(String),
+    #[error("{obj} is defined more than once: {}", .sources.join(", "))]
+    Duplicate { obj: ObjRef, sources: Vec<String> },
+    /// Objects that are not Current (or Pruned) at the end. Upstream's wording, kept for
+    /// users' log queries (no singular form).
+    #[error("{0} resources failed")]
+    ResourcesFailed(usize),
 }
 
 /// The outcome of a synchronization.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncOutcome {
     pub commit_id: String,
-    pub succeeded: bool,
-    /// Why it failed (`N resources failed`, or the decode/inventory error).
-    pub error: Option<String>,
+    /// Why it failed; `None` when it succeeded.
+    pub error: Option<SyncError>,
     pub objects: Vec<ObjectOutcome>,
     /// Write requests sent (apply, delete, inventory), for the benchmarks.
     pub writes: usize,
@@ -75,10 +154,13 @@ pub struct SyncOutcome {
 }
 
 impl SyncOutcome {
-    fn failed_before_writes(commit_id: &str, error: String, dry_run: bool) -> Self {
+    pub fn succeeded(&self) -> bool {
+        self.error.is_none()
+    }
+
+    fn failed_before_writes(commit_id: &str, error: SyncError, dry_run: bool) -> Self {
         Self {
             commit_id: commit_id.to_string(),
-            succeeded: false,
             error: Some(error),
             objects: Vec::new(),
             writes: 0,
@@ -112,12 +194,7 @@ fn event_applied(obj: &ObjRef, wrote: bool) {
     );
 }
 
-fn event_failed(obj: &ObjRef, phase: &str, message: &str) {
-    let phase = if phase == "prune" {
-        events::Phase::Prune
-    } else {
-        events::Phase::Apply
-    };
+fn event_failed(obj: &ObjRef, phase: Phase, message: &str) {
     log_event(
         tracing::Level::ERROR,
         &events::resource_failed(obj, phase, message, std::time::SystemTime::now()),
@@ -142,14 +219,6 @@ fn event_status(obj: &ObjRef, st: &ResourceStatus) {
     );
 }
 
-/// Kubernetes' answer as a readable reason ("deployments.apps is forbidden: …").
-fn api_reason(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
-        other => other.to_string(),
-    }
-}
-
 /// The cluster side of synchronizations.
 #[derive(Clone)]
 pub struct Syncer {
@@ -162,10 +231,17 @@ impl std::fmt::Debug for Syncer {
     }
 }
 
+/// A manifest whose type discovery knows.
 struct Resolved {
     idx: usize,
     ar: ApiResource,
     namespaced: bool,
+}
+
+impl Resolved {
+    fn namespace<'m>(&self, m: &'m Manifest) -> Option<&'m str> {
+        self.namespaced.then(|| m.namespace()).flatten()
+    }
 }
 
 /// One applied object: whether a write was sent, and its status as far as the API server's
@@ -240,7 +316,7 @@ impl Syncer {
         }
     }
 
-    async fn discover(&self) -> Result<Discovery, String> {
+    async fn discover(&self) -> Result<Discovery, SyncError> {
         // A group can vanish between discovery's listing of groups and its read of one (a CRD
         // deleted meanwhile answers 404); a fresh discovery a moment later succeeds.
         let mut last = String::new();
@@ -253,7 +329,7 @@ impl Syncer {
                 tokio::time::sleep(Duration::from_millis(200) * attempt).await;
             }
         }
-        Err(format!("API discovery failed: {last}"))
+        Err(SyncError::Discovery(last))
     }
 
     fn resolve(disc: &Discovery, m: &Manifest) -> Option<(ApiResource, ApiCapabilities)> {
@@ -275,231 +351,138 @@ impl Syncer {
         cancel: &CancellationToken,
     ) -> SyncOutcome {
         let dry = s.dry_run != DryRunStrategy::None;
-        // 1. Decode everything before touching the cluster.
-        let mut manifests: Vec<Manifest> = Vec::new();
-        for (path, bytes) in files {
-            match decode_file(path, bytes) {
-                Ok(mut m) => manifests.append(&mut m),
-                Err(e) => {
-                    return SyncOutcome::failed_before_writes(commit_id, e.to_string(), dry);
-                }
+        match self.sync_phases(s, commit_id, files, cancel).await {
+            Ok(out) => out,
+            Err(Aborted::BeforeWrites(e)) => SyncOutcome::failed_before_writes(commit_id, e, dry),
+            Err(Aborted::AfterWrites(e, p)) => {
+                let mut out = finish(commit_id, p.results, p.writes, dry);
+                out.error = Some(e);
+                out
             }
         }
-        if s.dry_run == DryRunStrategy::Client {
-            // Client-side dry run: the files decode and are consistent; nothing is sent.
-            let objects = manifests
-                .iter()
-                .map(|m| ObjectOutcome {
-                    obj: m.obj_ref(),
-                    status: "Unknown".into(),
-                    message: "client dry run: decoded, not sent".into(),
-                })
-                .collect();
-            return SyncOutcome {
-                commit_id: commit_id.to_string(),
-                succeeded: true,
-                error: None,
-                objects,
-                writes: 0,
-                dry_run: true,
-            };
-        }
+    }
 
-        // 2. The previous inventory: unreadable means we cannot know what to prune, so stop.
-        let inv_name = inventory::inventory_name(s.agent_id, &s.project_id);
-        let inv_id = inv_name.clone();
+    /// The phases of [`Syncer::sync`], in order; the first two read only.
+    async fn sync_phases(
+        &self,
+        s: &Settings,
+        commit_id: &str,
+        files: &[(String, Vec<u8>)],
+        cancel: &CancellationToken,
+    ) -> Result<SyncOutcome, Aborted> {
+        let dry = s.dry_run != DryRunStrategy::None;
+        // 1. Decode everything before touching the cluster.
+        let mut manifests = decode_all(files)?;
+        if s.dry_run == DryRunStrategy::Client {
+            return Ok(client_dry_run(commit_id, &manifests));
+        }
+        // 2. The previous inventory, and discovery.
+        let previous = self.read_inventory(s).await?;
+        let disc = self.discover().await?;
+        default_namespaces(&mut manifests, &disc, s);
+        if let Some((obj, sources)) = plan::duplicates(&manifests).into_iter().next() {
+            return Err(SyncError::Duplicate { obj, sources }.into());
+        }
+        // 3. Apply in stages.
+        let mut p = Progress::default();
+        let disc = self
+            .apply_stages(s, &previous.name, &mut manifests, disc, cancel, &mut p)
+            .await;
+        if dry {
+            p.mark_dry_run();
+        } else {
+            // 4. Inventory and prune; 5. status.
+            if let Err(e) = self
+                .record_and_prune(s, &previous, &manifests, &disc, cancel, &mut p)
+                .await
+            {
+                return Err(Aborted::AfterWrites(e, p));
+            }
+            let seeded = std::mem::take(&mut p.seeded);
+            self.wait_status(
+                &p.applied,
+                seeded,
+                &disc,
+                s.reconcile_timeout,
+                cancel,
+                &mut p.results,
+            )
+            .await;
+        }
+        Ok(finish(commit_id, p.results, p.writes, dry))
+    }
+
+    /// The previous inventory: unreadable means we cannot know what to prune, so the sync stops.
+    async fn read_inventory(&self, s: &Settings) -> Result<PreviousInventory, SyncError> {
+        let name = inventory::inventory_name(s.agent_id, &s.project_id);
         let cms: Api<DynamicObject> = self.api(
             &ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
             Some(&s.default_namespace),
         );
-        let mut inventory_exists = false;
-        let previous: BTreeSet<ObjRef> = match cms.get_opt(&inv_name).await {
-            Ok(None) => BTreeSet::new(),
-            Ok(Some(cm)) => {
-                inventory_exists = true;
-                let data: BTreeMap<String, String> = cm
-                    .data
-                    .get("data")
-                    .and_then(|d| serde_json::from_value(d.clone()).ok())
-                    .unwrap_or_default();
-                match inventory::decode(&data) {
-                    Ok(set) => set,
-                    Err(e) => {
-                        return SyncOutcome::failed_before_writes(
-                            commit_id,
-                            format!(
-                                "inventory {}/{inv_name} is unreadable: {e}",
-                                s.default_namespace
-                            ),
-                            dry,
-                        );
-                    }
-                }
+        let cm = match cms.get_opt(&name).await {
+            Ok(Some(cm)) => cm,
+            Ok(None) => {
+                return Ok(PreviousInventory {
+                    name,
+                    exists: false,
+                    objects: BTreeSet::new(),
+                });
             }
             Err(e) => {
-                return SyncOutcome::failed_before_writes(
-                    commit_id,
-                    format!(
-                        "reading inventory {}/{inv_name}: {}",
-                        s.default_namespace,
-                        api_reason(&e)
-                    ),
-                    dry,
-                );
+                return Err(SyncError::ReadInventory {
+                    namespace: s.default_namespace.clone(),
+                    name,
+                    source: e.into(),
+                });
             }
         };
-
-        let mut disc = match self.discover().await {
-            Ok(d) => d,
-            Err(e) => return SyncOutcome::failed_before_writes(commit_id, e, dry),
-        };
-        // Namespaces are defaulted from discovery (the scope of a kind is the cluster's to say),
-        // before identities are compared: `dude/nginx` and a `nginx` defaulted into `dude` are
-        // the same object. Kinds a CRD of this very commit introduces are resolved after stage 1.
-        for m in manifests.iter_mut() {
-            if let Some((_, caps)) = Self::resolve(&disc, m) {
-                plan::set_default_namespace(
-                    &mut m.object,
-                    &s.default_namespace,
-                    caps.scope == Scope::Namespaced,
-                );
-            }
+        let data: BTreeMap<String, String> = cm
+            .data
+            .get("data")
+            .and_then(|d| serde_json::from_value(d.clone()).ok())
+            .unwrap_or_default();
+        match inventory::decode(&data) {
+            Ok(objects) => Ok(PreviousInventory {
+                name,
+                exists: true,
+                objects,
+            }),
+            Err(e) => Err(SyncError::InventoryUnreadable {
+                namespace: s.default_namespace.clone(),
+                name,
+                source: e,
+            }),
         }
-        let dups = plan::duplicates(&manifests);
-        if let Some((obj, sources)) = dups.first() {
-            return SyncOutcome::failed_before_writes(
-                commit_id,
-                format!("{obj} is defined more than once: {}", sources.join(", ")),
-                dry,
-            );
-        }
-        let mut results: HashMap<ObjRef, ObjectOutcome> = HashMap::new();
-        let mut applied: BTreeSet<ObjRef> = BTreeSet::new();
-        let mut writes = 0usize;
-        let mut seeded: HashMap<ObjRef, ResourceStatus> = HashMap::new();
+    }
 
-        // 3. Apply in stages: CRDs and Namespaces first, then (after discovery sees the new
-        // types) everything else.
-        let stages = plan::apply_stages(&manifests);
+    /// Applies in stages: CRDs and Namespaces first, then (after discovery sees the new types)
+    /// everything else. Returns the discovery of the last stage.
+    async fn apply_stages(
+        &self,
+        s: &Settings,
+        inv_id: &str,
+        manifests: &mut [Manifest],
+        mut disc: Discovery,
+        cancel: &CancellationToken,
+        p: &mut Progress,
+    ) -> Discovery {
+        let dry = s.dry_run != DryRunStrategy::None;
+        let stages = plan::apply_stages(manifests);
         for (n, stage) in stages.iter().enumerate() {
             if cancel.is_cancelled() {
                 break;
             }
             if n > 0 {
-                match self.discover_stage(&manifests, stage, cancel).await {
+                match self.discover_stage(manifests, stage, cancel).await {
                     Ok(d) => disc = d,
                     Err(e) => {
                         tracing::warn!(error = %e, "Re-running discovery failed; using the previous one")
                     }
                 }
             }
-            let mut resolved = Vec::new();
-            for &idx in stage {
-                let m = &mut manifests[idx];
-                match Self::resolve(&disc, m) {
-                    Some((ar, caps)) => {
-                        let namespaced = caps.scope == Scope::Namespaced;
-                        plan::set_default_namespace(
-                            &mut m.object,
-                            &s.default_namespace,
-                            namespaced,
-                        );
-                        resolved.push(Resolved {
-                            idx,
-                            ar,
-                            namespaced,
-                        });
-                    }
-                    None => {
-                        let obj = m.obj_ref();
-                        let message = format!(
-                            "the cluster has no resource type for {} in API version {}",
-                            m.kind(),
-                            m.api_version()
-                        );
-                        event_failed(&obj, "apply", &message);
-                        results.insert(
-                            obj.clone(),
-                            ObjectOutcome {
-                                obj,
-                                status: "Failed".into(),
-                                message,
-                            },
-                        );
-                    }
-                }
-            }
-            // The stage's objects by type+namespace and name: each listed object is compared
-            // with what would be sent for it as its page arrives, and only a summary is kept
-            // (preparing an object twice costs less than holding thousands of them).
-            let mut index: HashMap<GroupKey, HashMap<&str, usize>> = HashMap::new();
-            for r in &resolved {
-                let m = &manifests[r.idx];
-                let ns = r.namespaced.then(|| m.namespace()).flatten();
-                index
-                    .entry(group_key(&r.ar, ns))
-                    .or_default()
-                    .insert(m.name(), r.idx);
-            }
-            let mut live = self
-                .list_groups(
-                    resolved.iter().map(|r| {
-                        let m = &manifests[r.idx];
-                        (r.ar.clone(), r.namespaced.then(|| m.namespace()).flatten())
-                    }),
-                    |key, name, obj| {
-                        let idx = *index.get(key)?.get(name)?;
-                        Some(LiveSummary::of(&prepared(&manifests[idx], &inv_id), obj))
-                    },
-                )
-                .await;
-            let outcomes = futures_util::stream::iter(resolved.into_iter().map(|r| {
-                let m = &manifests[r.idx];
-                let ns = r.namespaced.then(|| m.namespace()).flatten();
-                let known = match live.get_mut(&group_key(&r.ar, ns)) {
-                    Some(objects) => objects.remove(m.name()).map_or(Known::Absent, Known::Live),
-                    None => Known::Unknown,
-                };
-                let obj = prepared(m, &inv_id);
-                self.apply_one(s, &inv_id, m, obj, r.ar.clone(), r.namespaced, known)
-            }))
-            .buffer_unordered(CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await;
-            drop(live);
-            for (obj, res) in outcomes {
-                match res {
-                    Ok(a) => {
-                        writes += usize::from(a.wrote);
-                        event_applied(&obj, a.wrote);
-                        applied.insert(obj.clone());
-                        // The API server's answer already tells most objects' status (a
-                        // ConfigMap is Current at once); the rest are polled below.
-                        if let Some(st) = a.status {
-                            seeded.insert(obj.clone(), st);
-                        }
-                        results.insert(
-                            obj.clone(),
-                            ObjectOutcome {
-                                obj,
-                                status: "InProgress".into(),
-                                message: "applied".into(),
-                            },
-                        );
-                    }
-                    Err(message) => {
-                        event_failed(&obj, "apply", &message);
-                        results.insert(
-                            obj.clone(),
-                            ObjectOutcome {
-                                obj,
-                                status: "Failed".into(),
-                                message,
-                            },
-                        );
-                    }
-                }
-            }
+            let resolved = resolve_stage(s, manifests, stage, &disc, p);
+            let outcomes = self.apply_resolved(s, inv_id, manifests, resolved).await;
+            p.record_applied(outcomes);
             // Only a stage of prerequisites is waited for here (with no CRD or Namespace in
             // the commit, the first stage is everything, and its status is the job of step 5).
             let prerequisites: Vec<usize> = stage
@@ -508,137 +491,147 @@ impl Syncer {
                 .filter(|&i| plan::is_prerequisite(manifests[i].group(), manifests[i].kind()))
                 .collect();
             if stages.len() > 1 && n == 0 && !dry && !prerequisites.is_empty() {
-                self.wait_established(&manifests, &prerequisites, &disc, cancel)
+                self.wait_established(manifests, &prerequisites, &disc, cancel)
                     .await;
             }
         }
+        disc
+    }
 
+    /// Applies a stage's resolved objects, looking the live ones up by LIST where a type and
+    /// namespace holds enough of them.
+    async fn apply_resolved(
+        &self,
+        s: &Settings,
+        inv_id: &str,
+        manifests: &[Manifest],
+        resolved: Vec<Resolved>,
+    ) -> Vec<(ObjRef, Result<Applied, ObjectError>)> {
+        // The stage's objects by type+namespace and name: each listed object is compared
+        // with what would be sent for it as its page arrives, and only a summary is kept
+        // (preparing an object twice costs less than holding thousands of them).
+        let mut index: HashMap<GroupKey, HashMap<&str, usize>> = HashMap::new();
+        for r in &resolved {
+            let m = &manifests[r.idx];
+            index
+                .entry(group_key(&r.ar, r.namespace(m)))
+                .or_default()
+                .insert(m.name(), r.idx);
+        }
+        let mut live = self
+            .list_groups(
+                resolved
+                    .iter()
+                    .map(|r| (r.ar.clone(), r.namespace(&manifests[r.idx]))),
+                |key, name, obj| {
+                    let idx = *index.get(key)?.get(name)?;
+                    Some(LiveSummary::of(&prepared(&manifests[idx], inv_id), obj))
+                },
+            )
+            .await;
+        futures_util::stream::iter(resolved.into_iter().map(|r| {
+            let m = &manifests[r.idx];
+            let known = match live.get_mut(&group_key(&r.ar, r.namespace(m))) {
+                Some(objects) => objects.remove(m.name()).map_or(Known::Absent, Known::Live),
+                None => Known::Unknown,
+            };
+            let obj = prepared(m, inv_id);
+            self.apply_one(s, inv_id, m, obj, r.ar, r.namespaced, known)
+        }))
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+    }
+
+    /// Records the inventory — what we applied, plus what we applied before and still want but
+    /// could not apply this time (it stays ours, not orphaned) — and prunes what left Git.
+    /// Objects still to be pruned are in the inventory until they are gone.
+    async fn record_and_prune(
+        &self,
+        s: &Settings,
+        previous: &PreviousInventory,
+        manifests: &[Manifest],
+        disc: &Discovery,
+        cancel: &CancellationToken,
+        p: &mut Progress,
+    ) -> Result<(), SyncError> {
         let desired: BTreeSet<ObjRef> = manifests.iter().map(Manifest::obj_ref).collect();
-        // 4. Inventory: what we applied, plus what we applied before and still want but could
-        // not apply this time (it stays ours, not orphaned). Then prune what left Git.
-        let mut inventory_now: BTreeSet<ObjRef> = applied.clone();
-        inventory_now.extend(previous.intersection(&desired).cloned());
-        let crd_kinds = crd_kinds(&manifests, &previous);
+        let mut inventory_now: BTreeSet<ObjRef> = p.applied.clone();
+        inventory_now.extend(previous.objects.intersection(&desired).cloned());
         let prune_tiers = if s.prune {
-            prune::to_prune_in_tiers(&previous, &desired, &crd_kinds)
+            prune::to_prune_in_tiers(&previous.objects, &desired, &crd_kinds(manifests))
         } else {
             Vec::new()
         };
         let prune_list: Vec<ObjRef> = prune_tiers.iter().flatten().cloned().collect();
-        if !dry {
-            let mut with_pending = inventory_now.clone();
-            with_pending.extend(prune_list.iter().cloned());
-            // An unchanged set needs no write (a re-sync of the same commit writes nothing).
-            let inventory_unchanged = inventory_exists && with_pending == previous;
-            if inventory_unchanged {
-                // Nothing to record.
-            } else if let Err(e) = self.write_inventory(s, &inv_name, &with_pending).await {
-                let mut out = self.finish(commit_id, results, writes, dry);
-                out.succeeded = false;
-                out.error = Some(format!(
-                    "writing inventory {}/{inv_name}: {e}",
-                    s.default_namespace
-                ));
-                return out;
+        let mut with_pending = inventory_now.clone();
+        with_pending.extend(prune_list.iter().cloned());
+        // An unchanged set needs no write (a re-sync of the same commit writes nothing).
+        if !(previous.exists && with_pending == previous.objects) {
+            self.write_inventory(s, &previous.name, &with_pending)
+                .await
+                .map_err(|e| SyncError::WriteInventory {
+                    namespace: s.default_namespace.clone(),
+                    name: previous.name.clone(),
+                    source: e,
+                })?;
+            p.writes += 1;
+        }
+        let pruned = self
+            .prune_all(s, &previous.name, &prune_tiers, disc, cancel, p)
+            .await;
+        let mut final_inv = inventory_now;
+        final_inv.extend(prune_list.into_iter().filter(|o| !pruned.contains(o)));
+        if final_inv != with_pending {
+            if let Err(e) = self.write_inventory(s, &previous.name, &final_inv).await {
+                tracing::warn!(error = %e, "Updating the inventory after pruning failed; the next sync retries");
             } else {
-                writes += 1;
+                p.writes += 1;
             }
-            let mut pruned_ok = BTreeSet::new();
-            for tier in &prune_tiers {
-                if cancel.is_cancelled() {
-                    break;
-                }
-                for (obj, outcome) in self.prune_tier(s, &inv_id, tier, &disc).await {
-                    match outcome {
-                        Ok(wrote) => {
-                            writes += usize::from(wrote);
-                            event_pruned(&obj);
-                            pruned_ok.insert(obj.clone());
-                            results.insert(
-                                obj.clone(),
-                                ObjectOutcome {
-                                    obj,
-                                    status: "Pruned".into(),
-                                    message: String::new(),
-                                },
-                            );
-                        }
-                        Err(message) => {
-                            event_failed(&obj, "prune", &message);
-                            results.insert(
-                                obj.clone(),
-                                ObjectOutcome {
-                                    obj,
-                                    status: "Failed".into(),
-                                    message,
-                                },
-                            );
-                        }
+        }
+        Ok(())
+    }
+
+    /// Prunes tier by tier (reverse dependency order); returns the objects that are gone.
+    async fn prune_all(
+        &self,
+        s: &Settings,
+        inv_id: &str,
+        tiers: &[Vec<ObjRef>],
+        disc: &Discovery,
+        cancel: &CancellationToken,
+        p: &mut Progress,
+    ) -> BTreeSet<ObjRef> {
+        let mut pruned = BTreeSet::new();
+        for tier in tiers {
+            if cancel.is_cancelled() {
+                break;
+            }
+            for (obj, outcome) in self.prune_tier(s, inv_id, tier, disc).await {
+                match outcome {
+                    Ok(wrote) => {
+                        p.writes += usize::from(wrote);
+                        event_pruned(&obj);
+                        pruned.insert(obj.clone());
+                        let pruned = ObjectOutcome {
+                            obj: obj.clone(),
+                            status: ObjectState::Pruned,
+                            message: String::new(),
+                        };
+                        p.results.insert(obj, pruned);
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        event_failed(&obj, Phase::Prune, &message);
+                        p.results.insert(
+                            obj.clone(),
+                            ObjectOutcome::new(obj, Status::Failed, message),
+                        );
                     }
                 }
             }
-            let mut final_inv = inventory_now.clone();
-            final_inv.extend(
-                prune_list
-                    .iter()
-                    .filter(|o| !pruned_ok.contains(*o))
-                    .cloned(),
-            );
-            if final_inv != with_pending {
-                if let Err(e) = self.write_inventory(s, &inv_name, &final_inv).await {
-                    tracing::warn!(error = %e, "Updating the inventory after pruning failed; the next sync retries");
-                } else {
-                    writes += 1;
-                }
-            }
         }
-
-        // 5. Status until everything is Current or Failed, or the reconcile timeout.
-        if !dry {
-            self.wait_status(
-                &applied,
-                seeded,
-                &disc,
-                s.reconcile_timeout,
-                cancel,
-                &mut results,
-            )
-            .await;
-        } else {
-            for obj in &applied {
-                if let Some(r) = results.get_mut(obj) {
-                    r.status = "Unknown".into();
-                    r.message =
-                        "server dry run: accepted by the API server, nothing changed".into();
-                }
-            }
-        }
-        self.finish(commit_id, results, writes, dry)
-    }
-
-    fn finish(
-        &self,
-        commit_id: &str,
-        results: HashMap<ObjRef, ObjectOutcome>,
-        writes: usize,
-        dry: bool,
-    ) -> SyncOutcome {
-        let mut objects: Vec<ObjectOutcome> = results.into_values().collect();
-        objects.sort_by(|a, b| a.obj.cmp(&b.obj));
-        let failed = objects
-            .iter()
-            .filter(|o| {
-                o.status != "Current" && o.status != "Pruned" && !(dry && o.status == "Unknown")
-            })
-            .count();
-        SyncOutcome {
-            commit_id: commit_id.to_string(),
-            succeeded: failed == 0,
-            error: (failed > 0).then(|| format!("{failed} resources failed")),
-            objects,
-            writes,
-            dry_run: dry,
-        }
+        pruned
     }
 
     /// LISTs (in pages) each resource type and namespace that holds at least
@@ -704,7 +697,7 @@ impl Syncer {
                     out.insert(key, found);
                 }
                 Err(e) => {
-                    tracing::debug!(resource = %key.2, namespace = ?key.3, error = %api_reason(&e), "LIST failed; looking objects up one by one");
+                    tracing::debug!(resource = %key.2, namespace = ?key.3, error = %ApiError::from(e), "LIST failed; looking objects up one by one");
                 }
             }
         }
@@ -724,7 +717,7 @@ impl Syncer {
         ar: ApiResource,
         namespaced: bool,
         known: Known,
-    ) -> (ObjRef, Result<Applied, String>) {
+    ) -> (ObjRef, Result<Applied, ObjectError>) {
         let obj_ref = m.obj_ref();
         let ns = if namespaced { m.namespace() } else { None };
         let api = self.api(&ar, ns);
@@ -736,7 +729,7 @@ impl Syncer {
                 Ok(o) => o
                     .and_then(|o| serde_json::to_value(o).ok())
                     .map(|v| LiveSummary::of(&obj, &v)),
-                Err(e) => return (obj_ref, Err(api_reason(&e))),
+                Err(e) => return (obj_ref, Err(ApiError::from(e).into())),
             },
         };
         if let Some(current) = live {
@@ -744,7 +737,7 @@ impl Syncer {
             if let Err(conflict) =
                 inventory::may_take_over(s.inventory_policy, current.owner.as_deref(), inv_id)
             {
-                return (obj_ref, Err(conflict.to_string()));
+                return (obj_ref, Err(conflict.into()));
             }
             if s.dry_run == DryRunStrategy::None && current.up_to_date {
                 return (
@@ -770,7 +763,7 @@ impl Syncer {
                 };
                 (obj_ref, Ok(Applied { wrote, status }))
             }
-            Err(e) => (obj_ref, Err(api_reason(&e))),
+            Err(e) => (obj_ref, Err(ApiError::from(e).into())),
         }
     }
 
@@ -784,7 +777,7 @@ impl Syncer {
         manifests: &[Manifest],
         stage: &[usize],
         cancel: &CancellationToken,
-    ) -> Result<Discovery, String> {
+    ) -> Result<Discovery, SyncError> {
         let crd_groups: BTreeSet<String> = manifests
             .iter()
             .filter(|m| {
@@ -844,7 +837,7 @@ impl Syncer {
         s: &Settings,
         name: &str,
         set: &BTreeSet<ObjRef>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ApiError> {
         let data = inventory::encode(set);
         let cm = json!({
             "apiVersion": "v1",
@@ -867,7 +860,7 @@ impl Syncer {
         )
         .await
         .map(|_| ())
-        .map_err(|e| api_reason(&e))
+        .map_err(ApiError::from)
     }
 
     /// Prunes one tier: deletes all its objects at once (bounded concurrency), then waits until
@@ -880,7 +873,7 @@ impl Syncer {
         inv_id: &str,
         tier: &[ObjRef],
         disc: &Discovery,
-    ) -> Vec<(ObjRef, Result<bool, String>)> {
+    ) -> Vec<(ObjRef, Result<bool, ObjectError>)> {
         // Owned items: a closure over `&ObjRef` makes the future not provably `Send`.
         let deleted = futures_util::stream::iter(tier.iter().cloned().map(|obj| async move {
             let res = self.delete_if_ours(s, inv_id, &obj, disc).await;
@@ -902,7 +895,7 @@ impl Syncer {
                         .push(obj);
                 }
                 Ok(None) => out.push((obj, Ok(false))),
-                Err(e) => out.push((obj, Err(e))),
+                Err(e) => out.push((obj, Err(e.into()))),
             }
         }
         let deadline = tokio::time::Instant::now() + s.prune_timeout;
@@ -931,7 +924,7 @@ impl Syncer {
         inv_id: &str,
         obj: &ObjRef,
         disc: &Discovery,
-    ) -> Result<Option<(ApiResource, Option<String>)>, String> {
+    ) -> Result<Option<(ApiResource, Option<String>)>, ApiError> {
         let Some((ar, caps)) = Self::resolve_ref(disc, obj) else {
             // Its type is gone (e.g. its CRD was pruned first): nothing left to delete.
             return Ok(None);
@@ -955,7 +948,7 @@ impl Syncer {
                     return Ok(None);
                 }
             }
-            Err(e) => return Err(api_reason(&e)),
+            Err(e) => return Err(e.into()),
         }
         let policy = match s.prune_propagation_policy {
             PrunePropagationPolicy::Orphan => PropagationPolicy::Orphan,
@@ -970,7 +963,7 @@ impl Syncer {
             Ok(_) => Ok(Some((ar, ns))),
             // Gone between the read and the delete: a delete was still sent.
             Err(kube::Error::Api(st)) if st.code == 404 => Ok(None),
-            Err(e) => Err(api_reason(&e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -983,7 +976,7 @@ impl Syncer {
         objs: Vec<ObjRef>,
         deadline: tokio::time::Instant,
         timeout: Duration,
-    ) -> Vec<(ObjRef, Result<bool, String>)> {
+    ) -> Vec<(ObjRef, Result<bool, ObjectError>)> {
         let api = self.api(ar, ns);
         let mut pending = objs;
         let mut out = Vec::with_capacity(pending.len());
@@ -991,8 +984,9 @@ impl Syncer {
         loop {
             let present = match present_names(&api, &pending).await {
                 Ok(names) => names,
-                Err(reason) => {
-                    out.extend(pending.into_iter().map(|o| (o, Err(reason.clone()))));
+                Err(e) => {
+                    let e = ObjectError::from(e);
+                    out.extend(pending.into_iter().map(|o| (o, Err(e.clone()))));
                     return out;
                 }
             };
@@ -1004,8 +998,8 @@ impl Syncer {
                 return out;
             }
             if tokio::time::Instant::now() + pause > deadline {
-                let message = format!("still present after prune_timeout ({timeout:?})");
-                out.extend(pending.into_iter().map(|o| (o, Err(message.clone()))));
+                let e = ObjectError::StillPresent(timeout);
+                out.extend(pending.into_iter().map(|o| (o, Err(e.clone()))));
                 return out;
             }
             tokio::time::sleep(pause).await;
@@ -1027,65 +1021,22 @@ impl Syncer {
         results: &mut HashMap<ObjRef, ObjectOutcome>,
     ) {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut last: HashMap<ObjRef, ResourceStatus> = HashMap::new();
-        let targets: Vec<(ObjRef, ApiResource, Option<String>)> = applied
-            .iter()
-            .filter_map(|o| {
-                let (ar, caps) = Self::resolve_ref(disc, o)?;
-                let ns = if caps.scope == Scope::Namespaced {
-                    o.namespace.clone()
-                } else {
-                    None
-                };
-                Some((o.clone(), ar, ns))
-            })
-            .collect();
-        let mut record = |o: ObjRef, st: ResourceStatus, last: &mut HashMap<_, ResourceStatus>| {
-            if last.get(&o) != Some(&st) {
-                event_status(&o, &st);
-                results.insert(
-                    o.clone(),
-                    ObjectOutcome {
-                        obj: o.clone(),
-                        status: st.status.to_string(),
-                        message: st.message.clone(),
-                    },
-                );
-                last.insert(o, st);
-            }
+        let targets = status_targets(applied, disc);
+        let mut log = StatusLog {
+            last: HashMap::new(),
+            results,
         };
         for (o, st) in seeded {
-            record(o, st, &mut last);
+            log.record(o, st);
         }
         let mut period = POLL_MIN;
         loop {
-            let pending: Vec<&(ObjRef, ApiResource, Option<String>)> = targets
-                .iter()
-                .filter(|(o, _, _)| {
-                    !last
-                        .get(o)
-                        .is_some_and(|r| matches!(r.status, Status::Current | Status::Failed))
-                })
-                .collect();
+            let pending: Vec<&Target> = targets.iter().filter(|t| !log.settled(&t.0)).collect();
             if pending.is_empty() || cancel.is_cancelled() {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
-                for (o, st) in &last {
-                    if !matches!(st.status, Status::Current | Status::Failed) {
-                        results.insert(
-                            o.clone(),
-                            ObjectOutcome {
-                                obj: o.clone(),
-                                status: st.status.to_string(),
-                                message: format!(
-                                    "{} (not Current after reconcile_timeout {:?})",
-                                    st.message, timeout
-                                ),
-                            },
-                        );
-                    }
-                }
+                log.time_out(timeout);
                 break;
             }
             tokio::select! {
@@ -1094,17 +1045,14 @@ impl Syncer {
             }
             period = (period * 2).min(POLL_MAX);
             for (o, st) in self.poll_statuses(&pending).await {
-                record(o, st, &mut last);
+                log.record(o, st);
             }
         }
     }
 
     /// The current status of each object: LISTs for groups of [`LIST_THRESHOLD`] or more, GETs
     /// for the rest (and for groups whose LIST failed).
-    async fn poll_statuses(
-        &self,
-        pending: &[&(ObjRef, ApiResource, Option<String>)],
-    ) -> Vec<(ObjRef, ResourceStatus)> {
+    async fn poll_statuses(&self, pending: &[&Target]) -> Vec<(ObjRef, ResourceStatus)> {
         let mut wanted: HashMap<GroupKey, BTreeSet<&str>> = HashMap::new();
         for (o, ar, ns) in pending.iter().copied() {
             wanted
@@ -1143,10 +1091,7 @@ impl Syncer {
             let st = match api.get_opt(&o.name).await {
                 Ok(Some(obj)) => compute_status(&serde_json::to_value(&obj).unwrap_or(Value::Null)),
                 Ok(None) => ResourceStatus::not_found(),
-                Err(e) => ResourceStatus {
-                    status: Status::Unknown,
-                    message: api_reason(&e),
-                },
+                Err(e) => ResourceStatus::new(Status::Unknown, ApiError::from(e).to_string()),
             };
             (o, st)
         }))
@@ -1163,7 +1108,7 @@ impl Syncer {
 async fn present_names(
     api: &Api<DynamicObject>,
     objs: &[ObjRef],
-) -> Result<BTreeSet<String>, String> {
+) -> Result<BTreeSet<String>, ApiError> {
     match api.list_metadata(&ListParams::default()).await {
         Ok(list) => Ok(list
             .items
@@ -1181,19 +1126,235 @@ async fn present_names(
             .await;
             let mut names = BTreeSet::new();
             for f in found {
-                if let Some(name) = f.map_err(|e| api_reason(&e))? {
+                if let Some(name) = f? {
                     names.insert(name);
                 }
             }
             Ok(names)
         }
-        Err(e) => Err(api_reason(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
-/// (group, kind) pairs served by CRDs in this sync or the previous one, for prune ordering.
-fn crd_kinds(manifests: &[Manifest], previous: &BTreeSet<ObjRef>) -> Vec<(String, String)> {
-    let _ = previous;
+/// Why the phases of a sync stopped early.
+enum Aborted {
+    /// Before anything was written: the outcome lists no objects.
+    BeforeWrites(SyncError),
+    /// After applying: the outcome keeps what was done.
+    AfterWrites(SyncError, Progress),
+}
+
+impl From<SyncError> for Aborted {
+    fn from(e: SyncError) -> Self {
+        Aborted::BeforeWrites(e)
+    }
+}
+
+/// The inventory as the previous sync left it.
+struct PreviousInventory {
+    /// The inventory ConfigMap's name, which is also the owner mark of our objects.
+    name: String,
+    exists: bool,
+    objects: BTreeSet<ObjRef>,
+}
+
+/// What one sync has done so far.
+#[derive(Default)]
+struct Progress {
+    /// Each object's outcome so far.
+    results: HashMap<ObjRef, ObjectOutcome>,
+    /// Objects applied (or, in a server dry run, accepted).
+    applied: BTreeSet<ObjRef>,
+    /// Write requests sent.
+    writes: usize,
+    /// Statuses the API server's answers already told.
+    seeded: HashMap<ObjRef, ResourceStatus>,
+}
+
+impl Progress {
+    fn record_applied(&mut self, outcomes: Vec<(ObjRef, Result<Applied, ObjectError>)>) {
+        for (obj, res) in outcomes {
+            match res {
+                Ok(a) => {
+                    self.writes += usize::from(a.wrote);
+                    event_applied(&obj, a.wrote);
+                    self.applied.insert(obj.clone());
+                    // The API server's answer already tells most objects' status (a
+                    // ConfigMap is Current at once); the rest are polled later.
+                    if let Some(st) = a.status {
+                        self.seeded.insert(obj.clone(), st);
+                    }
+                    self.results.insert(
+                        obj.clone(),
+                        ObjectOutcome::new(obj, Status::InProgress, "applied"),
+                    );
+                }
+                Err(e) => self.apply_failed(obj, &e),
+            }
+        }
+    }
+
+    fn apply_failed(&mut self, obj: ObjRef, e: &ObjectError) {
+        let message = e.to_string();
+        event_failed(&obj, Phase::Apply, &message);
+        self.results.insert(
+            obj.clone(),
+            ObjectOutcome::new(obj, Status::Failed, message),
+        );
+    }
+
+    /// A server dry run changed nothing, so there is no status to wait for.
+    fn mark_dry_run(&mut self) {
+        for obj in &self.applied {
+            if let Some(r) = self.results.get_mut(obj) {
+                r.status = ObjectState::Live(Status::Unknown);
+                r.message = "server dry run: accepted by the API server, nothing changed".into();
+            }
+        }
+    }
+}
+
+/// Decodes every file; any error stops the sync before it touches the cluster.
+fn decode_all(files: &[(String, Vec<u8>)]) -> Result<Vec<Manifest>, SyncError> {
+    let mut manifests = Vec::new();
+    for (path, bytes) in files {
+        manifests.append(&mut decode_file(path, bytes)?);
+    }
+    Ok(manifests)
+}
+
+/// Client-side dry run: the files decode and are consistent; nothing is sent.
+fn client_dry_run(commit_id: &str, manifests: &[Manifest]) -> SyncOutcome {
+    let objects = manifests
+        .iter()
+        .map(|m| {
+            ObjectOutcome::new(
+                m.obj_ref(),
+                Status::Unknown,
+                "client dry run: decoded, not sent",
+            )
+        })
+        .collect();
+    SyncOutcome {
+        commit_id: commit_id.to_string(),
+        error: None,
+        objects,
+        writes: 0,
+        dry_run: true,
+    }
+}
+
+/// Namespaces are defaulted from discovery (the scope of a kind is the cluster's to say),
+/// before identities are compared: `dude/nginx` and a `nginx` defaulted into `dude` are the
+/// same object. Kinds a CRD of this very commit introduces are resolved after stage 1.
+fn default_namespaces(manifests: &mut [Manifest], disc: &Discovery, s: &Settings) {
+    for m in manifests.iter_mut() {
+        if let Some((_, caps)) = Syncer::resolve(disc, m) {
+            plan::set_default_namespace(
+                &mut m.object,
+                &s.default_namespace,
+                caps.scope == Scope::Namespaced,
+            );
+        }
+    }
+}
+
+/// Resolves a stage's objects against discovery, defaulting their namespaces; an object whose
+/// type the cluster does not serve fails here.
+fn resolve_stage(
+    s: &Settings,
+    manifests: &mut [Manifest],
+    stage: &[usize],
+    disc: &Discovery,
+    p: &mut Progress,
+) -> Vec<Resolved> {
+    let mut resolved = Vec::new();
+    for &idx in stage {
+        let m = &mut manifests[idx];
+        match Syncer::resolve(disc, m) {
+            Some((ar, caps)) => {
+                let namespaced = caps.scope == Scope::Namespaced;
+                plan::set_default_namespace(&mut m.object, &s.default_namespace, namespaced);
+                resolved.push(Resolved {
+                    idx,
+                    ar,
+                    namespaced,
+                });
+            }
+            None => {
+                let e = ObjectError::NoResourceType {
+                    kind: m.kind().to_string(),
+                    api_version: m.api_version().to_string(),
+                };
+                p.apply_failed(m.obj_ref(), &e);
+            }
+        }
+    }
+    resolved
+}
+
+/// An object whose status is awaited: its type and namespace.
+type Target = (ObjRef, ApiResource, Option<String>);
+
+/// The applied objects whose type discovery knows.
+fn status_targets(applied: &BTreeSet<ObjRef>, disc: &Discovery) -> Vec<Target> {
+    applied
+        .iter()
+        .filter_map(|o| {
+            let (ar, caps) = Syncer::resolve_ref(disc, o)?;
+            let ns = if caps.scope == Scope::Namespaced {
+                o.namespace.clone()
+            } else {
+                None
+            };
+            Some((o.clone(), ar, ns))
+        })
+        .collect()
+}
+
+/// The statuses seen while waiting, each change logged as an event and kept as the object's
+/// outcome.
+struct StatusLog<'a> {
+    last: HashMap<ObjRef, ResourceStatus>,
+    results: &'a mut HashMap<ObjRef, ObjectOutcome>,
+}
+
+impl StatusLog<'_> {
+    fn record(&mut self, o: ObjRef, st: ResourceStatus) {
+        if self.last.get(&o) != Some(&st) {
+            event_status(&o, &st);
+            self.results.insert(
+                o.clone(),
+                ObjectOutcome::new(o.clone(), st.status, st.message.clone()),
+            );
+            self.last.insert(o, st);
+        }
+    }
+
+    /// Current or Failed: nothing more to wait for.
+    fn settled(&self, o: &ObjRef) -> bool {
+        self.last
+            .get(o)
+            .is_some_and(|r| matches!(r.status, Status::Current | Status::Failed))
+    }
+
+    /// Says of every object still not settled that `timeout` passed.
+    fn time_out(&mut self, timeout: Duration) {
+        for (o, st) in &self.last {
+            if !matches!(st.status, Status::Current | Status::Failed) {
+                let message = format!(
+                    "{} (not Current after reconcile_timeout {:?})",
+                    st.message, timeout
+                );
+                self.results
+                    .insert(o.clone(), ObjectOutcome::new(o.clone(), st.status, message));
+            }
+        }
+    }
+}
+
+/// (group, kind) pairs served by CRDs in this sync, for prune ordering.
+fn crd_kinds(manifests: &[Manifest]) -> Vec<(String, String)> {
     manifests
         .iter()
         .filter(|m| m.kind() == "CustomResourceDefinition")
@@ -1207,5 +1368,125 @@ fn crd_kinds(manifests: &[Manifest], previous: &BTreeSet<ObjRef>) -> Vec<(String
         .collect()
 }
 
-/// For callers holding a shared syncer.
-pub type SharedSyncer = Arc<Syncer>;
+/// The outcome of a sync from its objects' outcomes: failed unless every object is Current or
+/// Pruned (or, in a server dry run, Unknown: nothing was changed, so nothing became Current).
+fn finish(
+    commit_id: &str,
+    results: HashMap<ObjRef, ObjectOutcome>,
+    writes: usize,
+    dry: bool,
+) -> SyncOutcome {
+    let mut objects: Vec<ObjectOutcome> = results.into_values().collect();
+    objects.sort_by(|a, b| a.obj.cmp(&b.obj));
+    let live: Vec<(ObjRef, ResourceStatus)> = objects
+        .iter()
+        .filter_map(|o| match o.status {
+            ObjectState::Live(Status::Unknown) if dry => None,
+            ObjectState::Live(status) => Some((
+                o.obj.clone(),
+                ResourceStatus::new(status, o.message.clone()),
+            )),
+            ObjectState::Pruned => None,
+        })
+        .collect();
+    // After the wait, objects still pending failed too: they did not become Current in time.
+    let failed = sync_outcome(&live).not_current();
+    SyncOutcome {
+        commit_id: commit_id.to_string(),
+        error: (failed > 0).then_some(SyncError::ResourcesFailed(failed)),
+        objects,
+        writes,
+        dry_run: dry,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(name: &str) -> ObjRef {
+        ObjRef::new("", "ConfigMap", Some("dude"), name)
+    }
+
+    fn results(states: &[(&str, ObjectState)]) -> HashMap<ObjRef, ObjectOutcome> {
+        states
+            .iter()
+            .map(|(name, status)| {
+                let o = ObjectOutcome {
+                    obj: obj(name),
+                    status: *status,
+                    message: String::new(),
+                };
+                (o.obj.clone(), o)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn finish_succeeds_when_every_object_is_current_or_pruned() {
+        let out = finish(
+            "c1",
+            results(&[
+                ("b", ObjectState::Live(Status::Current)),
+                ("a", ObjectState::Pruned),
+            ]),
+            3,
+            false,
+        );
+        assert!(out.succeeded(), "{out:?}");
+        assert_eq!((out.commit_id.as_str(), out.writes), ("c1", 3));
+        let names: Vec<&str> = out.objects.iter().map(|o| o.obj.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"], "sorted by object");
+    }
+
+    #[test]
+    fn finish_counts_failed_and_still_pending_objects_as_failed() {
+        let out = finish(
+            "c1",
+            results(&[
+                ("a", ObjectState::Live(Status::Current)),
+                ("b", ObjectState::Live(Status::Failed)),
+                ("c", ObjectState::Live(Status::InProgress)),
+                ("d", ObjectState::Live(Status::Unknown)),
+            ]),
+            0,
+            false,
+        );
+        assert_eq!(out.error, Some(SyncError::ResourcesFailed(3)));
+        assert_eq!(
+            out.error.map(|e| e.to_string()).as_deref(),
+            Some("3 resources failed")
+        );
+    }
+
+    #[test]
+    fn finish_of_a_dry_run_does_not_fail_on_unknown() {
+        let states = [("a", ObjectState::Live(Status::Unknown))];
+        assert!(finish("c1", results(&states), 0, true).succeeded());
+        assert!(!finish("c1", results(&states), 0, false).succeeded());
+    }
+
+    #[test]
+    fn errors_read_as_before() {
+        let dup = SyncError::Duplicate {
+            obj: obj("a"),
+            sources: vec!["x.yaml".into(), "y.yaml".into()],
+        };
+        assert_eq!(
+            dup.to_string(),
+            format!("{} is defined more than once: x.yaml, y.yaml", obj("a"))
+        );
+        let none = ObjectError::NoResourceType {
+            kind: "Widget".into(),
+            api_version: "example.com/v1".into(),
+        };
+        assert_eq!(
+            none.to_string(),
+            "the cluster has no resource type for Widget in API version example.com/v1"
+        );
+        assert_eq!(
+            ObjectError::StillPresent(Duration::from_secs(5)).to_string(),
+            "still present after prune_timeout (5s)"
+        );
+    }
+}

@@ -1,16 +1,23 @@
-//! Server half of GitOps: select manifest files by glob at a commit and stream them to agents.
+//! Server half of GitOps: select manifest files by glob at a commit, stream them to agents and
+//! keep the agents' sync reports.
 //!
 //! - [`ManifestGlob`] / [`literal_prefix`]: `paths[].glob` with doublestar semantics (pure).
 //! - [`select_manifests`]: the files of a manifest project at a commit, read through a
 //!   [`tether_git_source::Mirror`], within [`Limits`]; failures are [`SelectError`]s that say
 //!   whether they are the user's to fix ([`SelectError::is_user_error`]).
-//! - [`fingerprint`]: whether an agent's manifests actually changed between two commits.
-//!
-//! Streaming the selection to agents (chunking) is left to the protocol layer, which defines the
-//! message shapes.
+//! - [`GitOpsModule`]: the `GitOps` gRPC service kas adds to its agent listener (streaming each
+//!   new commit's selection in chunks, taking sync reports), built from explicit
+//!   [`GitOpsDeps`]; and [`SyncStates`], the reports kept in the store for `kas agent status`,
+//!   whose outcome and statuses read as [`ReportedOutcome`] / [`ReportedStatus`].
 
 pub mod glob;
+mod reported;
+mod reports;
 mod select;
+mod service;
 
 pub use glob::{InvalidGlob, ManifestGlob, literal_prefix};
-pub use select::{Limits, ManifestFile, SelectError, Selection, fingerprint, select_manifests};
+pub use reported::{ReportedOutcome, ReportedStatus};
+pub use reports::SyncStates;
+pub use select::{Limits, ManifestFile, SelectError, Selection, select_manifests};
+pub use service::{GitOpsDeps, GitOpsModule, GitOpsService};

@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sha2::{Digest, Sha256};
 use tether_git_source::{CommitId, Error as GitError, FileEntry, Mirror};
 
 use crate::glob::{InvalidGlob, ManifestGlob};
@@ -77,11 +76,6 @@ impl Selection {
     /// Sum of the files' sizes in bytes.
     pub fn total_size(&self) -> u64 {
         self.files.iter().map(|f| f.bytes.len() as u64).sum()
-    }
-
-    /// See [`fingerprint`].
-    pub fn fingerprint(&self) -> String {
-        fingerprint(self)
     }
 }
 
@@ -196,88 +190,143 @@ pub fn select_manifests<S: AsRef<str>>(
     globs: &[S],
     limits: &Limits,
 ) -> Result<Selection, SelectError> {
+    let compiled = compile_globs(globs, limits)?;
+    let mut matched = Matched::default();
+    let mut listings: HashMap<&str, Vec<FileEntry>> = HashMap::new();
+    for (index, glob) in compiled.iter().enumerate() {
+        let prefix = glob.literal_prefix();
+        if !listings.contains_key(prefix) {
+            listings.insert(prefix, list_prefix(mirror, commit, glob, limits)?);
+        }
+        let entries = listings.get(prefix).map(Vec::as_slice).unwrap_or_default();
+        for entry in entries.iter().filter(|e| glob.is_match(&e.path)) {
+            matched.add(entry, index, &compiled, limits)?;
+        }
+    }
+    let Matched {
+        files,
+        mut warnings,
+        ..
+    } = matched;
+    if files.is_empty() {
+        let globs: Vec<&str> = compiled.iter().map(ManifestGlob::as_str).collect();
+        warnings.push(format!(
+            "no file matches {globs:?} at this commit: every object this project applied before is pruned"
+        ));
+    }
+    Ok(Selection {
+        commit: *commit,
+        files: read_files(mirror, commit, files.into_keys(), limits)?,
+        warnings,
+    })
+}
+
+/// Compiles every glob (before any I/O), within `max_paths`.
+fn compile_globs<S: AsRef<str>>(
+    globs: &[S],
+    limits: &Limits,
+) -> Result<Vec<ManifestGlob>, SelectError> {
     if globs.len() > limits.max_paths {
         return Err(SelectError::TooManyPaths {
             count: globs.len(),
             limit: limits.max_paths,
         });
     }
-    let compiled = globs
+    Ok(globs
         .iter()
         .map(|g| ManifestGlob::new(g.as_ref()))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?)
+}
 
-    let mut listings: HashMap<&str, Vec<FileEntry>> = HashMap::new();
-    // path -> (index of the glob that matched it, size)
-    let mut matched: BTreeMap<String, (usize, u64)> = BTreeMap::new();
-    let mut total: u64 = 0;
-    let mut warnings = Vec::new();
-    for (index, glob) in compiled.iter().enumerate() {
-        let prefix = glob.literal_prefix();
-        if !listings.contains_key(prefix) {
-            let listing = mirror
-                .list_files(commit, prefix, limits.max_visited_entries)
-                .map_err(|e| match e {
-                    GitError::TooManyEntries { limit, .. } => SelectError::TooManyEntries {
-                        glob: glob.as_str().to_owned(),
-                        prefix: prefix.to_owned(),
-                        limit,
-                    },
-                    other => SelectError::Git(other),
-                })?;
-            listings.insert(prefix, listing);
-        }
-        let entries = listings.get(prefix).map(Vec::as_slice).unwrap_or_default();
-        for entry in entries.iter().filter(|e| glob.is_match(&e.path)) {
-            if entry.symlink {
-                // Never followed: its target may be outside the repository or the glob.
-                warnings.push(format!(
-                    "{} is a symbolic link matched by {}: skipped (links are not followed)",
-                    entry.path,
-                    glob.as_str()
-                ));
-                continue;
-            }
-            if let Some(&(first, _)) = matched.get(&entry.path) {
-                return Err(SelectError::MatchedByTwoGlobs {
-                    path: entry.path.clone(),
-                    first: compiled[first].as_str().to_owned(),
-                    second: glob.as_str().to_owned(),
-                });
-            }
-            if entry.size > limits.max_file_size {
-                return Err(SelectError::FileTooLarge {
-                    path: entry.path.clone(),
-                    size: entry.size,
-                    limit: limits.max_file_size,
-                });
-            }
-            total = total.saturating_add(entry.size);
-            if total > limits.max_total_size {
-                return Err(SelectError::TotalTooLarge {
-                    size: total,
-                    limit: limits.max_total_size,
-                });
-            }
-            matched.insert(entry.path.clone(), (index, entry.size));
-            if matched.len() > limits.max_files {
-                return Err(SelectError::TooManyFiles {
-                    count: matched.len(),
-                    limit: limits.max_files,
-                });
-            }
-        }
-    }
+/// The files under `glob`'s literal prefix, within `max_visited_entries`.
+fn list_prefix(
+    mirror: &Mirror,
+    commit: &CommitId,
+    glob: &ManifestGlob,
+    limits: &Limits,
+) -> Result<Vec<FileEntry>, SelectError> {
+    let prefix = glob.literal_prefix();
+    mirror
+        .list_files(commit, prefix, limits.max_visited_entries)
+        .map_err(|e| match e {
+            GitError::TooManyEntries { limit, .. } => SelectError::TooManyEntries {
+                glob: glob.as_str().to_owned(),
+                prefix: prefix.to_owned(),
+                limit,
+            },
+            other => SelectError::Git(other),
+        })
+}
 
-    if matched.is_empty() {
-        let globs: Vec<&str> = compiled.iter().map(ManifestGlob::as_str).collect();
-        warnings.push(format!(
-            "no file matches {globs:?} at this commit: every object this project applied before is pruned"
-        ));
+/// The files matched so far, within the limits.
+#[derive(Default)]
+struct Matched {
+    /// Path → index of the glob that matched it.
+    files: BTreeMap<String, usize>,
+    /// Sum of their sizes.
+    total: u64,
+    warnings: Vec<String>,
+}
+
+impl Matched {
+    /// Adds a file the glob `compiled[index]` matched.
+    fn add(
+        &mut self,
+        entry: &FileEntry,
+        index: usize,
+        compiled: &[ManifestGlob],
+        limits: &Limits,
+    ) -> Result<(), SelectError> {
+        let glob = compiled[index].as_str();
+        if entry.symlink {
+            // Never followed: its target may be outside the repository or the glob.
+            self.warnings.push(format!(
+                "{} is a symbolic link matched by {glob}: skipped (links are not followed)",
+                entry.path
+            ));
+            return Ok(());
+        }
+        if let Some(&first) = self.files.get(&entry.path) {
+            return Err(SelectError::MatchedByTwoGlobs {
+                path: entry.path.clone(),
+                first: compiled[first].as_str().to_owned(),
+                second: glob.to_owned(),
+            });
+        }
+        if entry.size > limits.max_file_size {
+            return Err(SelectError::FileTooLarge {
+                path: entry.path.clone(),
+                size: entry.size,
+                limit: limits.max_file_size,
+            });
+        }
+        self.total = self.total.saturating_add(entry.size);
+        if self.total > limits.max_total_size {
+            return Err(SelectError::TotalTooLarge {
+                size: self.total,
+                limit: limits.max_total_size,
+            });
+        }
+        self.files.insert(entry.path.clone(), index);
+        if self.files.len() > limits.max_files {
+            return Err(SelectError::TooManyFiles {
+                count: self.files.len(),
+                limit: limits.max_files,
+            });
+        }
+        Ok(())
     }
-    // BTreeMap iteration is sorted by path, which is the order the selection promises.
-    let mut files = Vec::with_capacity(matched.len());
-    for (path, _) in matched {
+}
+
+/// Reads the matched files, in the order given (the selection promises sorted paths).
+fn read_files(
+    mirror: &Mirror,
+    commit: &CommitId,
+    paths: impl Iterator<Item = String>,
+    limits: &Limits,
+) -> Result<Vec<ManifestFile>, SelectError> {
+    let mut files = Vec::new();
+    for path in paths {
         let bytes = match mirror.read_file(commit, &path, limits.max_file_size) {
             Ok(Some(bytes)) => bytes,
             // The listing saw this blob at this (immutable) commit, so it cannot be missing
@@ -294,67 +343,12 @@ pub fn select_manifests<S: AsRef<str>>(
         };
         files.push(ManifestFile { path, bytes });
     }
-    Ok(Selection {
-        commit: *commit,
-        files,
-        warnings,
-    })
-}
-
-/// A stable SHA-256 (lowercase hex) of the selected files' paths and contents, not of the commit:
-/// equal fingerprints mean the agent would receive exactly the same manifests, so a commit that
-/// touched nothing selected need not be sent again.
-///
-/// Each path and content is length-prefixed, so no two different selections encode the same
-/// bytes (e.g. moving bytes from one file's end to the next file's path).
-pub fn fingerprint(selection: &Selection) -> String {
-    let mut hasher = Sha256::new();
-    // A version tag, so changing this encoding later cannot collide with old fingerprints.
-    hasher.update(b"tether-manifests-v1\0");
-    hasher.update((selection.files.len() as u64).to_be_bytes());
-    for file in &selection.files {
-        hasher.update((file.path.len() as u64).to_be_bytes());
-        hasher.update(file.path.as_bytes());
-        hasher.update((file.bytes.len() as u64).to_be_bytes());
-        hasher.update(&file.bytes);
-    }
-    hex::encode(hasher.finalize())
+    Ok(files)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn selection(files: &[(&str, &[u8])]) -> Selection {
-        Selection {
-            commit: CommitId::from_hex("0123456789abcdef0123456789abcdef01234567")
-                .unwrap_or_else(|e| panic!("{e}")),
-            files: files
-                .iter()
-                .map(|(p, b)| ManifestFile {
-                    path: (*p).to_owned(),
-                    bytes: b.to_vec(),
-                })
-                .collect(),
-            warnings: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn fingerprint_is_length_prefixed_and_content_sensitive() {
-        let a = selection(&[("a", b"xy"), ("b", b"z")]);
-        assert_eq!(fingerprint(&a), fingerprint(&a.clone()));
-        assert_eq!(fingerprint(&a).len(), 64);
-        for other in [
-            selection(&[("a", b"x"), ("yb", b"z")]),
-            selection(&[("a", b"xy"), ("b", b"Z")]),
-            selection(&[("a", b"xy")]),
-            selection(&[("a", b"xy"), ("c", b"z")]),
-            selection(&[]),
-        ] {
-            assert_ne!(fingerprint(&a), fingerprint(&other), "{other:?}");
-        }
-    }
 
     #[test]
     fn user_errors() {

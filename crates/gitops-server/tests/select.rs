@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use tether_git_source::{CommitId, GitRef, Mirror, Remote};
-use tether_gitops_server::{Limits, SelectError, Selection, fingerprint, select_manifests};
+use tether_gitops_server::{Limits, SelectError, Selection, select_manifests};
 use tether_test_support::GitRepo;
 
 const SEED_GLOB: &str = "/manifests/*.{yaml,yml,json}";
@@ -350,57 +350,6 @@ fn visit_and_file_count_limits() {
     assert!(err.is_user_error());
     let selection = f.select(&commit, &[SEED_GLOB]).expect("default limits");
     assert_eq!(selection.files.len(), 30);
-}
-
-#[test]
-fn fingerprint_follows_selected_content_not_commits() {
-    let (f, first) = seed();
-    let base = fingerprint(&f.select(&first, &[SEED_GLOB]).expect("select"));
-
-    // Changes outside the selection: README, a nested manifest, agent config.
-    let unrelated = f.commit(
-        &[
-            ("README.md", b"# changed\n"),
-            ("manifests/sub/x.yaml", b"kind: Secret\n"),
-            (".gitlab/agents/x/config.yaml", b"gitops: {x: 1}\n"),
-        ],
-        &[],
-    );
-    assert_ne!(unrelated, first);
-    let selection = f.select(&unrelated, &[SEED_GLOB]).expect("select");
-    assert_eq!(selection.commit, unrelated);
-    assert_eq!(selection.fingerprint(), base);
-
-    // A selected file's content changes.
-    let edited = f.commit(
-        &[("manifests/dude.yaml", b"kind: Deployment\nname: dude2\n")],
-        &[],
-    );
-    let edited_fp = fingerprint(&f.select(&edited, &[SEED_GLOB]).expect("select"));
-    assert_ne!(edited_fp, base);
-
-    // A selected file is renamed with the same content.
-    let renamed = f.commit(
-        &[("manifests/dude2.yaml", b"kind: Deployment\nname: dude2\n")],
-        &["manifests/dude.yaml"],
-    );
-    let renamed_fp = fingerprint(&f.select(&renamed, &[SEED_GLOB]).expect("select"));
-    assert_ne!(renamed_fp, edited_fp);
-
-    // A new selected file appears.
-    let added = f.commit(&[("manifests/new.json", b"{}")], &[]);
-    let added_fp = fingerprint(&f.select(&added, &[SEED_GLOB]).expect("select"));
-    assert_ne!(added_fp, renamed_fp);
-
-    // Back to the original content: the original fingerprint again.
-    let reverted = f.commit(
-        &[("manifests/dude.yaml", b"kind: Deployment\nname: dude\n")],
-        &["manifests/dude2.yaml", "manifests/new.json"],
-    );
-    assert_eq!(
-        fingerprint(&f.select(&reverted, &[SEED_GLOB]).expect("select")),
-        base
-    );
 }
 
 #[test]

@@ -26,6 +26,7 @@ use crate::configuration::{ConfigState, ConfigStates};
 use crate::limits::{HttpGuard, guard_http};
 use crate::server::ConnectionCount;
 use tether_git_source::Sources;
+use tether_gitops_server::{ReportedOutcome, ReportedStatus};
 
 #[derive(Clone, Debug)]
 pub struct ApiState {
@@ -36,7 +37,7 @@ pub struct ApiState {
     pub connections: Arc<ConnectionCount>,
     pub sources: Arc<Sources>,
     pub config_states: Arc<ConfigStates>,
-    pub sync_states: Arc<crate::gitops::SyncStates>,
+    pub sync_states: Arc<tether_gitops_server::SyncStates>,
     /// The proxy's live requests per personal access token (ended on revocation).
     pub live_user_requests: Arc<crate::revocation::LiveUserRequests>,
     /// Limits on failed authentication (admin token, webhook secrets).
@@ -545,7 +546,7 @@ async fn webhook(
 pub struct SyncView {
     pub project_id: String,
     pub commit_id: String,
-    pub outcome: String,
+    pub outcome: ReportedOutcome,
     pub error: String,
     pub finished_at: String,
     pub dry_run: bool,
@@ -561,7 +562,7 @@ pub struct ObjectView {
     pub kind: String,
     pub namespace: String,
     pub name: String,
-    pub status: String,
+    pub status: ReportedStatus,
     pub message: String,
 }
 
@@ -575,9 +576,9 @@ async fn agent_gitops(
             .await?
             .into_iter()
             .map(|r| SyncView {
+                outcome: r.sync_outcome().into(),
                 project_id: r.project_id,
                 commit_id: r.commit_id,
-                outcome: r.outcome,
                 error: r.error,
                 finished_at: rfc3339(
                     UNIX_EPOCH + Duration::from_secs(u64::try_from(r.finished_at).unwrap_or(0)),
@@ -588,11 +589,11 @@ async fn agent_gitops(
                     .objects
                     .into_iter()
                     .map(|o| ObjectView {
+                        status: o.state().into(),
                         group: o.group,
                         kind: o.kind,
                         namespace: o.namespace,
                         name: o.name,
-                        status: o.status,
                         message: o.message,
                     })
                     .collect(),

@@ -8,7 +8,6 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod configuration;
-pub mod gitops;
 pub mod jwks;
 pub mod kubeproxy;
 pub mod limits;

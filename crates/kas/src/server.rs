@@ -28,10 +28,9 @@ use crate::api::{self, ApiState};
 use crate::auth::{AdminToken, StoreAuthenticator};
 use crate::config::Config;
 use crate::configuration::{ConfigService, ConfigStates};
-use crate::gitops::{GitOpsService, SyncStates};
 use tether_git_source::{ProjectSpec, Sources};
+use tether_gitops_server::{GitOpsDeps, GitOpsModule};
 use tether_protocol::agent_configuration::agent_configuration_server::AgentConfigurationServer;
-use tether_protocol::gitops::git_ops_server::GitOpsServer;
 
 /// A running kas.
 #[derive(Debug)]
@@ -192,7 +191,14 @@ pub async fn start(cfg: Config) -> Result<Running> {
         }
     }
     let config_states = Arc::new(ConfigStates::default());
-    let sync_states = Arc::new(SyncStates::new(Arc::clone(&store)));
+    let gitops = GitOpsModule::new(GitOpsDeps {
+        auth: auth.clone(),
+        store: Arc::clone(&store),
+        sources: Arc::clone(&sources),
+        registry: Arc::clone(&registry),
+        limits: cfg.gitops.limits(),
+    });
+    let sync_states = gitops.reports();
     config_states
         .load(store.as_ref())
         .await
@@ -236,17 +242,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
             registry: Arc::clone(&registry),
             states: Arc::clone(&config_states),
         }))
-        .add_service(
-            GitOpsServer::new(GitOpsService {
-                auth: auth.clone(),
-                store: Arc::clone(&store),
-                sources: Arc::clone(&sources),
-                registry: Arc::clone(&registry),
-                limits: cfg.gitops.limits(),
-                reports: Arc::clone(&sync_states),
-            })
-            .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE),
-        );
+        .add_service(gitops.service());
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = router

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use kas::api::ProjectRequest;
 use serde_json::Value;
 use support::{Agent, GitRepo, Kas, KasOptions, wait_for};
+use tether_gitops_server::{ReportedOutcome, ReportedStatus};
 use tether_testenv::{TestEnv, run_output, seed_agent_rbac};
 
 fn deployment(name: &str, ns: &str, replicas: u32) -> Vec<u8> {
@@ -196,7 +197,7 @@ async fn a_server_dry_run_changes_nothing() {
     .await;
     let s = rig.synced(&c1).await;
     assert!(s.dry_run, "{s:?}");
-    assert_eq!(s.outcome, "succeeded", "{s:?}");
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
     assert!(get_json(&rig.env, &["get", "configmap", "dry", "-n", &ns]).is_none());
     let inventories = get_json(
         &rig.env,
@@ -249,10 +250,10 @@ async fn must_match_leaves_objects_of_another_inventory_alone() {
     let s = rig.synced(&c1).await;
     assert_eq!(s.error, "2 resources failed", "{s:?}");
     let theirs = s.objects.iter().find(|o| o.name == "theirs").unwrap();
-    assert_eq!(theirs.status, "Failed");
+    assert_eq!(theirs.status, ReportedStatus::Failed);
     assert!(theirs.message.contains("someone-else"), "{theirs:?}");
     let unowned = s.objects.iter().find(|o| o.name == "unowned").unwrap();
-    assert_eq!(unowned.status, "Failed");
+    assert_eq!(unowned.status, ReportedStatus::Failed);
     for name in ["theirs", "unowned"] {
         let cm = get_json(&rig.env, &["get", "configmap", name, "-n", &ns]).unwrap();
         assert_eq!(
@@ -289,9 +290,9 @@ async fn crds_apply_before_their_resources_and_are_pruned_after_them() {
     )
     .await;
     let s = rig.synced(&c1).await;
-    assert_eq!(s.outcome, "succeeded", "{s:?}");
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
     let w = s.objects.iter().find(|o| o.kind == "Widget").unwrap();
-    assert_eq!(w.status, "Current");
+    assert_eq!(w.status, ReportedStatus::Current);
     assert_eq!(
         w.namespace, ns,
         "the custom resource got the default namespace"
@@ -576,7 +577,7 @@ async fn the_seed_walkthrough() {
     })
     .await;
     assert_eq!(status.project_id, "group/manifests");
-    assert_eq!(status.outcome, "failed");
+    assert_eq!(status.outcome, ReportedOutcome::Failed);
     let by_ns = |ns: &str| {
         status
             .objects
@@ -585,8 +586,8 @@ async fn the_seed_walkthrough() {
             .cloned()
             .unwrap()
     };
-    assert_eq!(by_ns(&dude).status, "Current");
-    assert_eq!(by_ns(&naww).status, "Failed");
+    assert_eq!(by_ns(&dude).status, ReportedStatus::Current);
+    assert_eq!(by_ns(&naww).status, ReportedStatus::Failed);
 
     // 2. Scale dude to 2 in Git: applied.
     let c2 = manifests.commit(
@@ -640,7 +641,7 @@ async fn the_seed_walkthrough() {
                     s.commit_id == c4
                         && s.objects
                             .iter()
-                            .any(|o| o.namespace == dude && o.status == "Current")
+                            .any(|o| o.namespace == dude && o.status == ReportedStatus::Current)
                 })
         },
     )
@@ -705,7 +706,7 @@ async fn the_seed_walkthrough() {
         .iter()
         .find(|o| o.kind == "ConfigMap" && o.name == "fixed")
         .unwrap();
-    assert_eq!(cm.status, "Current");
+    assert_eq!(cm.status, ReportedStatus::Current);
     assert_eq!(
         cm.namespace, agent_ns,
         "default_namespace applied to the namespaced object"
@@ -838,7 +839,7 @@ async fn every_commit_is_applied_across_hundreds_of_fetches_and_kas_restarts() {
             || async {
                 let s = rig.kas.admin.gitops_status(rig.agent_id).await.ok()?;
                 s.into_iter()
-                    .find(|s| s.commit_id == c && s.outcome == "succeeded")
+                    .find(|s| s.commit_id == c && s.outcome == ReportedOutcome::Succeeded)
             },
         )
         .await;
@@ -1005,7 +1006,7 @@ async fn skipped_symlinks_and_empty_selections_are_reported() {
     std::os::unix::fs::symlink("cm.yaml", rig.manifests.dir.join("manifests/link.yaml")).unwrap();
     let c2 = rig.manifests.commit(&[], "a symlink");
     let s2 = rig.synced(&c2).await;
-    assert_eq!(s2.outcome, "succeeded");
+    assert_eq!(s2.outcome, ReportedOutcome::Succeeded);
     assert!(
         s2.warnings
             .iter()
@@ -1024,7 +1025,7 @@ async fn skipped_symlinks_and_empty_selections_are_reported() {
     assert!(
         s3.objects
             .iter()
-            .any(|o| o.name == "warned" && o.status == "Pruned"),
+            .any(|o| o.name == "warned" && o.status == ReportedStatus::Pruned),
         "{s3:?}"
     );
 }
@@ -1052,7 +1053,7 @@ async fn a_failed_sync_still_shows_the_objects_in_the_cluster() {
         "a broken manifest",
     );
     let s = rig.synced(&bad).await;
-    assert_eq!(s.outcome, "failed");
+    assert_eq!(s.outcome, ReportedOutcome::Failed);
     assert!(s.error.contains("manifests/broken.yaml"), "{s:?}");
     assert!(s.objects.iter().any(|o| o.name == "kept"), "{s:?}");
     assert!(

@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::{Agent, GitRepo, Kas, KasOptions, agentk_bin, free_port, wait_for};
+use tether_gitops_server::ReportedOutcome;
 use tether_testenv::{TestEnv, run_output, unique_name};
 
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -255,7 +256,9 @@ async fn the_agentk_image_runs_in_cluster_mode_and_survives_a_token_rotation() {
                             .await
                             .ok()?
                             .into_iter()
-                            .find(|s| s.commit_id == commit && s.outcome == "succeeded")
+                            .find(|s| {
+                                s.commit_id == commit && s.outcome == ReportedOutcome::Succeeded
+                            })
                     }
                 },
             )

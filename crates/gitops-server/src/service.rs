@@ -1,14 +1,11 @@
-//! Server half of GitOps as kas runs it: for each manifest project an agent asks about, select
-//! the files at the newest commit of the requested ref and stream them whenever that commit
-//! changes; keep the agents' sync reports for the admin commands.
+//! The GitOps gRPC service as kas serves it: for each manifest project an agent asks about,
+//! select the files at the newest commit of the requested ref and stream them whenever that
+//! commit changes; keep the agents' sync reports for the admin commands.
 
 use std::sync::Arc;
 
-use prost::Message;
-
 use tether_git_source::{CommitId, GitRef, Sources};
-use tether_gitops_server::{Limits, select_manifests};
-use tether_protocol::gitops::git_ops_server::GitOps;
+use tether_protocol::gitops::git_ops_server::{GitOps, GitOpsServer};
 use tether_protocol::gitops::{
     Header, ObjectChunk, ObjectsRequest, ObjectsResponse, ReportAck, SelectionError, SyncReport,
     Trailer, git_ref, objects_response,
@@ -19,84 +16,67 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::reports::SyncStates;
+use crate::select::{Limits, select_manifests};
+
 /// Size of the file chunks on the wire (well under gRPC's message limit).
 const CHUNK: usize = 512 * 1024;
 
-/// How a report that applied nothing says whose objects it shows.
-const CARRIED: &str = "nothing was applied at this commit; the objects are as of commit";
+/// What the GitOps service needs from the rest of kas.
+#[derive(Clone)]
+pub struct GitOpsDeps {
+    /// Checks the agent token of every call.
+    pub auth: Arc<dyn Authenticator>,
+    /// Manifest projects and the sync reports.
+    pub store: Arc<dyn Store>,
+    /// The Git mirrors the manifests are read from.
+    pub sources: Arc<Sources>,
+    /// Ends an agent's streams when its token is revoked or kas stops.
+    pub registry: Arc<Registry>,
+    /// Bounds of one selection.
+    pub limits: Limits,
+}
 
-/// The last sync report of each (agent, manifest project), kept in the store so that
-/// `kas agent status` shows them across kas restarts (and from any replica).
-#[derive(Debug)]
-pub struct SyncStates(Arc<dyn Store>);
-
-impl SyncStates {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self(store)
-    }
-
-    /// The agent's reports, by project. A stored report that no longer decodes is skipped
-    /// with a warning (the next sync replaces it).
-    pub async fn for_agent(&self, agent_id: i64) -> Result<Vec<SyncReport>, tether_store::Error> {
-        let mut out = Vec::new();
-        for (project, bytes) in self.0.sync_reports(agent_id).await? {
-            match SyncReport::decode(bytes.as_slice()) {
-                Ok(r) => out.push(r),
-                Err(e) => {
-                    tracing::warn!(agent_id, project, error = %e, "Skipping an undecodable stored sync report");
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn put(&self, agent_id: i64, report: &SyncReport) -> Result<(), tether_store::Error> {
-        let report = self.keep_applied_objects(agent_id, report).await?;
-        self.0
-            .put_sync_report(agent_id, &report.project_id, &report.encode_to_vec())
-            .await
-    }
-
-    /// A sync that failed before applying anything (a manifest that does not decode, a
-    /// selection error) reports no objects; the objects of the previous sync are still in the
-    /// cluster, so they stay in the status, said to be from that commit.
-    async fn keep_applied_objects(
-        &self,
-        agent_id: i64,
-        report: &SyncReport,
-    ) -> Result<SyncReport, tether_store::Error> {
-        let mut report = report.clone();
-        if report.outcome != "failed" || !report.objects.is_empty() {
-            return Ok(report);
-        }
-        let previous = self
-            .for_agent(agent_id)
-            .await?
-            .into_iter()
-            .find(|r| r.project_id == report.project_id && !r.objects.is_empty());
-        if let Some(previous) = previous {
-            // After several failures in a row, still the commit they were applied at.
-            let note = previous
-                .warnings
-                .iter()
-                .find(|w| w.starts_with(CARRIED))
-                .cloned()
-                .unwrap_or_else(|| format!("{CARRIED} {}", previous.commit_id));
-            report.warnings.push(note);
-            report.objects = previous.objects;
-        }
-        Ok(report)
+impl std::fmt::Debug for GitOpsDeps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitOpsDeps")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
+/// The server half of GitOps, built once at startup: the gRPC service for the agent listener
+/// and the sync reports for the admin API.
+#[derive(Debug, Clone)]
+pub struct GitOpsModule {
+    service: GitOpsService,
+}
+
+impl GitOpsModule {
+    pub fn new(deps: GitOpsDeps) -> Self {
+        let reports = Arc::new(SyncStates::new(Arc::clone(&deps.store)));
+        Self {
+            service: GitOpsService { deps, reports },
+        }
+    }
+
+    /// The agents' last sync reports (what `kas agent status` shows).
+    pub fn reports(&self) -> Arc<SyncStates> {
+        Arc::clone(&self.service.reports)
+    }
+
+    /// The gRPC service, to add to the agent listener's router.
+    pub fn service(&self) -> GitOpsServer<GitOpsService> {
+        GitOpsServer::new(self.service.clone())
+            .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE)
+    }
+}
+
+/// The `GitOps` gRPC service; see [`GitOpsModule::service`].
 #[derive(Clone)]
 pub struct GitOpsService {
-    pub auth: Arc<dyn Authenticator>,
-    pub store: Arc<dyn Store>,
-    pub sources: Arc<Sources>,
-    pub registry: Arc<Registry>,
-    pub limits: Limits,
-    pub reports: Arc<SyncStates>,
+    deps: GitOpsDeps,
+    reports: Arc<SyncStates>,
 }
 
 impl std::fmt::Debug for GitOpsService {
@@ -114,8 +94,8 @@ fn msg(m: objects_response::Message) -> Result<ObjectsResponse, Status> {
 impl GitOpsService {
     async fn find_project(&self, id: &str) -> Result<tether_store::Project, Status> {
         let found = match id.parse::<i64>() {
-            Ok(n) => self.store.get_project(n).await,
-            Err(_) => self.store.get_project_by_path(id).await,
+            Ok(n) => self.deps.store.get_project(n).await,
+            Err(_) => self.deps.store.get_project_by_path(id).await,
         }
         .map_err(|e| match e {
             tether_store::Error::InvalidName { .. } => Status::invalid_argument(e.to_string()),
@@ -142,7 +122,7 @@ impl GitOpsService {
         req: ObjectsRequest,
         tx: Tx,
     ) {
-        let lease = self.registry.lease(token_id);
+        let lease = self.deps.registry.lease(token_id);
         let git_ref = match req.r#ref.and_then(|r| r.r#ref) {
             None => GitRef::DefaultBranch,
             Some(git_ref::Ref::Branch(b)) => GitRef::Branch(b),
@@ -150,7 +130,7 @@ impl GitOpsService {
             Some(git_ref::Ref::Commit(c)) => GitRef::Commit(c),
         };
         let mut last = req.commit_id;
-        let mut heads = self.sources.watch(project.id);
+        let mut heads = self.deps.sources.watch(project.id);
         loop {
             // Every successful fetch wakes us; the ref may have moved even if the default
             // branch did not.
@@ -160,7 +140,7 @@ impl GitOpsService {
                 let h = heads.borrow_and_update();
                 h.fetches > 0 || h.restored
             };
-            if fetched && let Some(mirror) = self.sources.mirror(project.id) {
+            if fetched && let Some(mirror) = self.deps.sources.mirror(project.id) {
                 match mirror.resolve(&git_ref) {
                     Ok(commit) if commit.to_hex() != last => {
                         if !self
@@ -209,7 +189,7 @@ impl GitOpsService {
         globs: &[String],
         tx: &Tx,
     ) -> bool {
-        let (m, g, l) = (mirror.clone(), globs.to_vec(), self.limits.clone());
+        let (m, g, l) = (mirror.clone(), globs.to_vec(), self.deps.limits.clone());
         let selection =
             tokio::task::spawn_blocking(move || select_manifests(&m, &commit, &g, &l)).await;
         let selection = match selection {
@@ -285,7 +265,7 @@ impl GitOps for GitOpsService {
         &self,
         request: Request<ObjectsRequest>,
     ) -> Result<Response<Self::GetObjectsToSynchronizeStream>, Status> {
-        let id = authenticate_request(self.auth.as_ref(), &request).await?;
+        let id = authenticate_request(self.deps.auth.as_ref(), &request).await?;
         let req = request.into_inner();
         let project = self.find_project(&req.project_id).await?;
         let (tx, rx) = mpsc::channel(8);
@@ -297,13 +277,13 @@ impl GitOps for GitOpsService {
         &self,
         request: Request<SyncReport>,
     ) -> Result<Response<ReportAck>, Status> {
-        let id = authenticate_request(self.auth.as_ref(), &request).await?;
+        let id = authenticate_request(self.deps.auth.as_ref(), &request).await?;
         let report = request.into_inner();
         tracing::info!(
             agent_id = id.agent_id,
             project_id = %report.project_id,
             commit_id = %report.commit_id,
-            outcome = %report.outcome,
+            outcome = %crate::ReportedOutcome::from(report.sync_outcome()),
             objects = report.objects.len(),
             "Synchronization reported"
         );

@@ -1,0 +1,113 @@
+//! The last sync report of each (agent, manifest project), kept in the store so that
+//! `kas agent status` shows them across kas restarts (and from any replica).
+
+use std::sync::Arc;
+
+use prost::Message;
+use tether_protocol::gitops::{ObjectState, SyncOutcome, SyncReport};
+use tether_store::Store;
+
+use crate::reported::{ReportedOutcome, ReportedStatus};
+
+/// How a report that applied nothing says whose objects it shows.
+const CARRIED: &str = "nothing was applied at this commit; the objects are as of commit";
+
+/// The agents' last sync reports, in the store.
+#[derive(Debug)]
+pub struct SyncStates(Arc<dyn Store>);
+
+impl SyncStates {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self(store)
+    }
+
+    /// The agent's reports, by project. A stored report that no longer decodes is skipped
+    /// with a warning (the next sync replaces it).
+    pub async fn for_agent(&self, agent_id: i64) -> Result<Vec<SyncReport>, tether_store::Error> {
+        let mut out = Vec::new();
+        for (project, bytes) in self.0.sync_reports(agent_id).await? {
+            match decode_report(&bytes) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    tracing::warn!(agent_id, project, error = %e, "Skipping an undecodable stored sync report");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn put(
+        &self,
+        agent_id: i64,
+        report: &SyncReport,
+    ) -> Result<(), tether_store::Error> {
+        let report = self.keep_applied_objects(agent_id, report).await?;
+        self.0
+            .put_sync_report(agent_id, &report.project_id, &report.encode_to_vec())
+            .await
+    }
+
+    /// A sync that failed before applying anything (a manifest that does not decode, a
+    /// selection error) reports no objects; the objects of the previous sync are still in the
+    /// cluster, so they stay in the status, said to be from that commit.
+    async fn keep_applied_objects(
+        &self,
+        agent_id: i64,
+        report: &SyncReport,
+    ) -> Result<SyncReport, tether_store::Error> {
+        let mut report = report.clone();
+        if report.sync_outcome() != SyncOutcome::Failed || !report.objects.is_empty() {
+            return Ok(report);
+        }
+        let previous = self
+            .for_agent(agent_id)
+            .await?
+            .into_iter()
+            .find(|r| r.project_id == report.project_id && !r.objects.is_empty());
+        if let Some(previous) = previous {
+            // After several failures in a row, still the commit they were applied at.
+            let note = previous
+                .warnings
+                .iter()
+                .find(|w| w.starts_with(CARRIED))
+                .cloned()
+                .unwrap_or_else(|| format!("{CARRIED} {}", previous.commit_id));
+            report.warnings.push(note);
+            report.objects = previous.objects;
+        }
+        Ok(report)
+    }
+}
+
+/// The fields of a report stored before its outcome and statuses were enums; their tags are
+/// `reserved` in gitops.proto, so [`SyncReport`] skips them.
+#[derive(Clone, PartialEq, Message)]
+struct LegacyReport {
+    #[prost(string, tag = "3")]
+    outcome: String,
+    #[prost(message, repeated, tag = "5")]
+    objects: Vec<LegacyObject>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct LegacyObject {
+    #[prost(string, tag = "5")]
+    status: String,
+}
+
+/// Decodes a stored report, reading the words of one stored before the enums (kas keeps an
+/// agent's last report until its next sync, which may be long after an upgrade).
+pub(crate) fn decode_report(bytes: &[u8]) -> Result<SyncReport, prost::DecodeError> {
+    let mut report = SyncReport::decode(bytes)?;
+    if report.sync_outcome() != SyncOutcome::Unspecified {
+        return Ok(report);
+    }
+    let legacy = LegacyReport::decode(bytes)?;
+    report.set_sync_outcome(ReportedOutcome::from_word(&legacy.outcome).into());
+    for (o, old) in report.objects.iter_mut().zip(&legacy.objects) {
+        if o.state() == ObjectState::Unspecified {
+            o.set_state(ReportedStatus::from_word(&old.status).into());
+        }
+    }
+    Ok(report)
+}
