@@ -22,9 +22,9 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::auth::AdminToken;
-use crate::configuration::{ConfigState, ConfigStates};
 use crate::limits::{HttpGuard, guard_http};
 use crate::server::ConnectionCount;
+use tether_configuration_server::{ConfigState, ConfigStates};
 use tether_git_source::Sources;
 
 #[derive(Clone, Debug)]

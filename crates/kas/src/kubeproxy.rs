@@ -18,20 +18,17 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use tether_kubeproxy_agent::{
-    AccessAs, CiJobContext, EnvironmentContext, RequestContext, RoutedRequest,
-    sanitize_request_headers,
-};
+use tether_kubeproxy_agent::{AccessAs, RequestContext, RoutedRequest, sanitize_request_headers};
 use tether_kubeproxy_server::{
-    Credential, ExpiringMap, Kubeconfig, OidcVerifier, authorize_ci, environment_slug,
-    strip_path_prefix,
+    Credential, ExpiringMap, KubeconfigAgent, OidcVerifier, authorize_ci, ci_job_context,
+    ci_kubeconfig, mode_name, strip_path_prefix, user_context,
 };
 use tether_store::Store;
 use tether_tunnel_server::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::configuration::ConfigStates;
 use crate::revocation::{LiveRequest, LiveUserRequests};
+use tether_configuration_server::ConfigStates;
 
 type Body = BoxBody<Bytes, BoxError>;
 
@@ -260,22 +257,7 @@ impl Proxy {
                         &format!("agent {agent_id}: {d}"),
                     )
                 })?;
-                let context = RequestContext {
-                    agent_id,
-                    config_project_id: Some(project_id),
-                    ci_job: Some(CiJobContext {
-                        job_id: job.job_id,
-                        pipeline_id: job.pipeline_id,
-                        project_id: job.project_id.unwrap_or_default(),
-                        group_ids: Vec::new(),
-                        username: job.user.clone(),
-                        environment: job.environment.as_ref().map(|e| EnvironmentContext {
-                            slug: environment_slug(e),
-                            tier: job.environment_tier.clone(),
-                        }),
-                    }),
-                    user: None,
-                };
+                let context = ci_job_context(agent_id, project_id, &job);
                 Ok(Routed {
                     agent_id,
                     access_as: AccessAs::from(&ok.access_as),
@@ -337,17 +319,6 @@ impl Proxy {
                         &format!("agent {agent_id}: {d}"),
                     )
                 })?;
-                let roles = |grants: &[tether_kubeproxy_server::RoleGrant]| {
-                    grants
-                        .iter()
-                        .filter_map(|g| {
-                            Some(tether_kubeproxy_agent::Roles {
-                                id: g.id?,
-                                roles: g.roles.clone(),
-                            })
-                        })
-                        .collect::<Vec<_>>()
-                };
                 let project_id = self
                     .agent_projects
                     .get(self.store.as_ref(), agent_id)
@@ -357,17 +328,7 @@ impl Proxy {
                     agent_id,
                     access_as: AccessAs::from(&ok.access_as),
                     user_token_id: Some(record.id),
-                    context: RequestContext {
-                        agent_id,
-                        config_project_id: project_id,
-                        ci_job: None,
-                        user: Some(tether_kubeproxy_agent::UserContext {
-                            username: record.username,
-                            project_roles: roles(&ok.project_roles),
-                            group_roles: roles(&ok.group_roles),
-                            access_type: Some("personal_access_token".into()),
-                        }),
-                    },
+                    context: user_context(agent_id, project_id, record.username, &ok),
                 })
             }
         }
@@ -447,12 +408,7 @@ impl Proxy {
             Ok(l) => l,
             Err(resp) => return Ok(resp),
         };
-        let mode = match &routed.access_as {
-            AccessAs::Agent => "agent",
-            AccessAs::Impersonate(_) => "impersonate",
-            AccessAs::CiJob => "ci_job",
-            AccessAs::User => "user",
-        };
+        let mode = mode_name(&routed.access_as);
         let mut sender = match self.open_tunnel(&routed, revoked.clone()).await {
             Ok(s) => s,
             Err(resp) => return Ok(resp),
@@ -765,26 +721,17 @@ impl Proxy {
         job: &tether_kubeproxy_server::CiIdentity,
         agents: &[tether_store::AgentRow],
     ) -> Result<Option<String>, tether_kubeproxy_server::KubeconfigError> {
-        let mut kc = Kubeconfig::new(server, self.ca_pem.as_deref())?;
-        let mut any = false;
-        for a in agents {
-            let config = self.configs.config(a.id).unwrap_or_default();
-            let Ok(ok) = authorize_ci(&config.ci_access, &a.project_path, job) else {
-                continue;
-            };
-            let name = format!("{}:{}", a.project_path, a.name);
-            kc.add_context(
-                &name,
-                &format!("ci:{}:{jwt}", a.id),
-                ok.default_namespace.as_deref(),
-            )?;
-            any = true;
-        }
-        if any {
-            kc.to_json().map(Some)
-        } else {
-            Ok(None)
-        }
+        let configs: Vec<_> = agents
+            .iter()
+            .map(|a| self.configs.config(a.id).unwrap_or_default())
+            .collect();
+        let entries = agents.iter().zip(&configs).map(|(a, c)| KubeconfigAgent {
+            id: a.id,
+            project_path: &a.project_path,
+            name: &a.name,
+            ci_access: &c.ci_access,
+        });
+        ci_kubeconfig(server, self.ca_pem.as_deref(), jwt, job, entries)
     }
 }
 

@@ -7,7 +7,6 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
-pub mod configuration;
 pub mod gitops;
 pub mod jwks;
 pub mod kubeproxy;
