@@ -22,8 +22,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::auth::AdminToken;
+use crate::connections::ConnectionCount;
 use crate::limits::{HttpGuard, guard_http};
-use crate::server::ConnectionCount;
 use tether_configuration_server::{ConfigState, ConfigStates};
 use tether_git_source::Sources;
 
@@ -469,10 +469,10 @@ async fn put_project(
         credentials_file: source.credentials_file.clone(),
         webhook_secret_file: source.webhook_secret_file.clone(),
     };
-    crate::server::project_spec(&spec_check)
+    crate::projects::project_spec(&spec_check)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
     let p = st.store.set_project_source(&req.path, &source).await?;
-    let spec = crate::server::project_spec(&p)
+    let spec = crate::projects::project_spec(&p)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
     st.sources
         .upsert(spec)
