@@ -1,9 +1,9 @@
 //! kas, the agent server, as a library: the binary in `main.rs` parses the command line and
-//! calls [`server::start`] (serve) or [`admin`] (admin commands against a running kas).
+//! calls [`server::start`] (serve) or `tether_kas_api::AdminClient` (admin commands against a
+//! running kas).
 //!
 //! Modules are wired explicitly here; each gets its dependencies injected.
 
-pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kas::admin::AdminClient;
 use kas::config::Config;
+use tether_kas_api::AdminClient;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -195,7 +195,7 @@ fn admin_client(cli: &Cli, cfg: &Config) -> Result<AdminClient> {
         .clone()
         .unwrap_or_else(|| cfg.admin_token_file());
     let ca = cli.api_ca_file.as_ref().or(cfg.api.ca_file.as_ref());
-    AdminClient::from_token_file(&url, &file)?.trusting(ca.map(PathBuf::as_path))
+    Ok(AdminClient::from_token_file(&url, &file)?.trusting(ca.map(PathBuf::as_path))?)
 }
 
 /// The internal API's URL from the configuration: https when its listener has TLS, and a

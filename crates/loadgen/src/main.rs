@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use futures_util::StreamExt;
-use kas::admin::AdminClient;
-use kas::api::Stats;
 use serde_json::{Value, json};
+use tether_kas_api::AdminClient;
+use tether_kas_api::Stats;
 use tether_transport::KasAddress;
 
 mod fleet;

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kas::admin::AdminClient;
 use kas::api::AgentView;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use tether_kas_api::AdminClient;
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
