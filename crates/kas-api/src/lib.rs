@@ -7,6 +7,8 @@ mod client;
 use serde::{Deserialize, Serialize};
 
 pub use client::{AdminClient, ClientError};
+// A user's memberships are the proxy's type from the command line to the store.
+pub use tether_kubeproxy_server::{AccessLevel, Membership, MembershipKind, MembershipSpecError};
 
 /// What kas knows of an agent's configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -122,7 +124,7 @@ pub struct UserTokenRequest {
     pub username: String,
     /// GitLab-style memberships (`{"kind":"project","path":"group/app","id":42,"access_level":"developer"}`).
     #[serde(default)]
-    pub memberships: Vec<serde_json::Value>,
+    pub memberships: Vec<Membership>,
     /// Lifetime in seconds (default 30 days, at most 1 year).
     #[serde(default)]
     pub expires_in_seconds: Option<i64>,

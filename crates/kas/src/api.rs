@@ -210,8 +210,12 @@ async fn list_tokens(
 async fn create_user_token(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
-    Json(req): Json<UserTokenRequest>,
+    Json(body): Json<serde_json::Value>,
 ) -> Result<(StatusCode, Json<UserTokenCreated>), ApiError> {
+    // Decoded here rather than by the extractor, so a typo in a membership is a 400 that says
+    // where it is, not a bare 422.
+    let req: UserTokenRequest = serde_path_to_error::deserialize(body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let ttl = req.expires_in_seconds.unwrap_or(30 * 86_400);
     if !(1..=366 * 86_400).contains(&ttl) {
         return Err(ApiError(
@@ -219,12 +223,7 @@ async fn create_user_token(
             "expires_in_seconds must be between 1 and one year".into(),
         ));
     }
-    // Validate the memberships now, so a typo is refused instead of silently granting nothing.
-    let memberships: Vec<tether_kubeproxy_server::Membership> =
-        serde_json::from_value(serde_json::Value::Array(req.memberships))
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("memberships: {e}")))?;
-    let json = serde_json::to_string(&memberships)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let json = tether_kubeproxy_server::memberships_to_json(&req.memberships);
     let now = std::time::SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))

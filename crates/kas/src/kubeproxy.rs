@@ -285,8 +285,15 @@ impl Proxy {
                             "unknown, revoked or expired personal access token",
                         )
                     })?;
-                let memberships: Vec<tether_kubeproxy_server::Membership> =
-                    serde_json::from_str(&record.memberships).unwrap_or_default();
+                let memberships = tether_kubeproxy_server::memberships_from_json(
+                    &record.memberships,
+                )
+                .unwrap_or_else(|e| {
+                    // Written by kas itself, so only a damaged database gets here: the user
+                    // then has no memberships, which grants nothing.
+                    tracing::error!(token_id = record.id, error = %e, "Undecodable stored memberships");
+                    Vec::new()
+                });
                 let user = tether_kubeproxy_server::UserIdentity {
                     username: record.username.clone(),
                     token_agent_id: record.agent_id,

@@ -83,7 +83,7 @@ enum UserTokenCmd {
         /// A membership, `project:<path>[:<id>]:<role>` or `group:<path>[:<id>]:<role>`
         /// (role: guest, reporter, developer, maintainer, owner); repeatable.
         #[arg(long = "member")]
-        members: Vec<String>,
+        members: Vec<tether_kas_api::Membership>,
         /// Lifetime, like 8h or 30d (default 30 days).
         #[arg(long, default_value = "30d")]
         expires_in: String,
@@ -534,29 +534,6 @@ async fn ci_kubeconfig(
     Ok(())
 }
 
-/// `project:group/app:42:developer` or `group:group:maintainer` → a membership.
-fn membership(spec: &str) -> Result<serde_json::Value> {
-    let parts: Vec<&str> = spec.split(':').collect();
-    let (kind, path, id, role) = match parts.as_slice() {
-        [k, p, r] => (*k, *p, None, *r),
-        [k, p, i, r] => (
-            *k,
-            *p,
-            Some(
-                i.parse::<i64>()
-                    .with_context(|| format!("{spec}: id must be a number"))?,
-            ),
-            *r,
-        ),
-        _ => anyhow::bail!("{spec}: expected project|group:<path>[:<id>]:<role>"),
-    };
-    anyhow::ensure!(
-        matches!(kind, "project" | "group"),
-        "{spec}: kind must be project or group"
-    );
-    Ok(serde_json::json!({"kind": kind, "path": path, "id": id, "access_level": role}))
-}
-
 async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -> Result<()> {
     match cmd {
         UserTokenCmd::Create {
@@ -581,10 +558,7 @@ async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -> Re
                 .with_context(|| format!("{expires_in} is not a duration like 8h or 30d"))?;
             let req = kas::api::UserTokenRequest {
                 username: username.clone(),
-                memberships: members
-                    .iter()
-                    .map(|m| membership(m))
-                    .collect::<Result<_>>()?,
+                memberships: members.clone(),
                 expires_in_seconds: Some(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
             };
             let t = c.create_user_token(*agent_id, &req).await?;
@@ -690,4 +664,29 @@ async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_membership_is_refused_when_the_command_line_is_parsed() {
+        let args = [
+            "kas",
+            "user-token",
+            "create",
+            "--agent-id=1",
+            "--username=alice",
+            "--member=group:group:boss",
+        ];
+        let e = Cli::try_parse_from(args).expect_err("bad role");
+        assert!(
+            e.to_string()
+                .contains("group:group:boss: role must be one of guest"),
+            "{e}"
+        );
+        let ok = Cli::try_parse_from(args.map(|a| a.replace("boss", "maintainer")));
+        assert!(ok.is_ok(), "{:?}", ok.err());
+    }
 }

@@ -20,6 +20,7 @@ mod credentials;
 mod expiring;
 mod gitlab;
 mod kubeconfig;
+mod membership;
 mod oidc;
 mod path;
 
@@ -32,6 +33,7 @@ pub use credentials::Credential;
 pub use expiring::ExpiringMap;
 pub use gitlab::{environment_slug, roles_up_to};
 pub use kubeconfig::{CLUSTER_NAME, Kubeconfig, KubeconfigError, check_ca_pem};
+pub use membership::{MembershipSpecError, memberships_from_json, memberships_to_json};
 pub use oidc::{
     CiIdentity, ClaimMapping, DEFAULT_LEEWAY, DEFAULT_MIN_REFRESH_INTERVAL,
     DEFAULT_REFRESH_INTERVAL, FetchError, JwksCache, JwksFetcher, JwksSource, NoFetcher,
