@@ -209,6 +209,12 @@ struct Routed {
     user_token_id: Option<i64>,
 }
 
+/// The owner of a personal access token, and the token.
+struct TokenUser {
+    token_id: i64,
+    identity: tether_kubeproxy_server::UserIdentity,
+}
+
 impl Proxy {
     /// The agent's configuration in force, waiting for it as long as for a tunnel. Unknown
     /// after that (the agent has not connected since kas started): 503, never an authorization
@@ -234,111 +240,120 @@ impl Proxy {
         let cred = Credential::from_headers(req.headers())
             .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
         match cred {
-            Credential::CiJob { agent_id, jwt } => {
-                let job = self
-                    .verifier
-                    .verify(&jwt, SystemTime::now())
-                    .await
-                    .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
-                let forbidden = |m: String| deny(self, StatusCode::FORBIDDEN, "Forbidden", &m);
-                let (project_id, project_path) = self
-                    .agent_projects
-                    .get(self.store.as_ref(), agent_id)
-                    .await
-                    .ok_or_else(|| {
-                        forbidden(format!("agent {agent_id} is not available to this job"))
-                    })?;
-                let config = self.agent_config(agent_id).await?;
-                let ok = authorize_ci(&config.ci_access, &project_path, &job).map_err(|d| {
-                    deny(
-                        self,
-                        d.status(),
-                        "Forbidden",
-                        &format!("agent {agent_id}: {d}"),
-                    )
-                })?;
-                let context = ci_job_context(agent_id, project_id, &job);
-                Ok(Routed {
-                    agent_id,
-                    access_as: AccessAs::from(&ok.access_as),
-                    context,
-                    user_token_id: None,
-                })
-            }
+            Credential::CiJob { agent_id, jwt } => self.authorize_ci_job(agent_id, &jwt).await,
             Credential::Personal { agent_id, token } => {
-                let record = self
-                    .store
-                    .authenticate_user_token(&token)
-                    .await
-                    .map_err(|e| {
-                        status(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "ServiceUnavailable",
-                            &e.to_string(),
-                        )
-                    })?
-                    .ok_or_else(|| {
-                        deny(
-                            self,
-                            StatusCode::UNAUTHORIZED,
-                            "Unauthorized",
-                            "unknown, revoked or expired personal access token",
-                        )
-                    })?;
-                let memberships = tether_kubeproxy_server::memberships_from_json(
-                    &record.memberships,
-                )
-                .unwrap_or_else(|e| {
-                    // Written by kas itself, so only a damaged database gets here: the user
-                    // then has no memberships, which grants nothing.
-                    tracing::error!(token_id = record.id, error = %e, "Undecodable stored memberships");
-                    Vec::new()
-                });
-                let user = tether_kubeproxy_server::UserIdentity {
-                    username: record.username.clone(),
-                    token_agent_id: record.agent_id,
-                    memberships,
-                };
-                // Checked before waiting for the configuration: it does not need one.
-                if user.token_agent_id != agent_id {
-                    let d = tether_kubeproxy_server::Denied::WrongAgent {
-                        agent_id,
-                        token_agent_id: user.token_agent_id,
-                    };
-                    return Err(deny(
-                        self,
-                        d.status(),
-                        "Forbidden",
-                        &format!("agent {agent_id}: {d}"),
-                    ));
-                }
-                let config = self.agent_config(agent_id).await?;
-                let ok = tether_kubeproxy_server::authorize_user(
-                    config.user_access.as_ref(),
-                    agent_id,
-                    &user,
-                )
-                .map_err(|d| {
-                    deny(
-                        self,
-                        d.status(),
-                        "Forbidden",
-                        &format!("agent {agent_id}: {d}"),
-                    )
-                })?;
-                let project_id = self
-                    .agent_projects
-                    .get(self.store.as_ref(), agent_id)
-                    .await
-                    .map(|(id, _)| id);
-                Ok(Routed {
-                    agent_id,
-                    access_as: AccessAs::from(&ok.access_as),
-                    user_token_id: Some(record.id),
-                    context: user_context(agent_id, project_id, record.username, &ok),
-                })
+                self.authorize_personal(agent_id, &token).await
             }
         }
+    }
+
+    /// The refusal of a request to `agent_id` that its configuration does not allow.
+    fn forbidden(&self, agent_id: i64, d: &tether_kubeproxy_server::Denied) -> Response<Body> {
+        deny(
+            self,
+            d.status(),
+            "Forbidden",
+            &format!("agent {agent_id}: {d}"),
+        )
+    }
+
+    /// A CI job's ID token, checked against the agent's `ci_access`.
+    async fn authorize_ci_job(&self, agent_id: i64, jwt: &str) -> Result<Routed, Response<Body>> {
+        let job = self
+            .verifier
+            .verify(jwt, SystemTime::now())
+            .await
+            .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
+        let (project_id, project_path) = self
+            .agent_projects
+            .get(self.store.as_ref(), agent_id)
+            .await
+            .ok_or_else(|| {
+                let m = format!("agent {agent_id} is not available to this job");
+                deny(self, StatusCode::FORBIDDEN, "Forbidden", &m)
+            })?;
+        let config = self.agent_config(agent_id).await?;
+        let ok = authorize_ci(&config.ci_access, &project_path, &job)
+            .map_err(|d| self.forbidden(agent_id, &d))?;
+        Ok(Routed {
+            agent_id,
+            access_as: AccessAs::from(&ok.access_as),
+            context: ci_job_context(agent_id, project_id, &job),
+            user_token_id: None,
+        })
+    }
+
+    /// A personal access token, checked against the agent's `user_access`.
+    async fn authorize_personal(
+        &self,
+        agent_id: i64,
+        token: &str,
+    ) -> Result<Routed, Response<Body>> {
+        let user = self.user_of(token).await?;
+        // Checked before waiting for the configuration: it does not need one.
+        if user.identity.token_agent_id != agent_id {
+            let d = tether_kubeproxy_server::Denied::WrongAgent {
+                agent_id,
+                token_agent_id: user.identity.token_agent_id,
+            };
+            return Err(self.forbidden(agent_id, &d));
+        }
+        let config = self.agent_config(agent_id).await?;
+        let ok = tether_kubeproxy_server::authorize_user(
+            config.user_access.as_ref(),
+            agent_id,
+            &user.identity,
+        )
+        .map_err(|d| self.forbidden(agent_id, &d))?;
+        let project_id = self
+            .agent_projects
+            .get(self.store.as_ref(), agent_id)
+            .await
+            .map(|(id, _)| id);
+        Ok(Routed {
+            agent_id,
+            access_as: AccessAs::from(&ok.access_as),
+            user_token_id: Some(user.token_id),
+            context: user_context(agent_id, project_id, user.identity.username, &ok),
+        })
+    }
+
+    /// The owner of a personal access token, if it is known, unrevoked and unexpired.
+    async fn user_of(&self, token: &str) -> Result<TokenUser, Response<Body>> {
+        let record = self
+            .store
+            .authenticate_user_token(token)
+            .await
+            .map_err(|e| {
+                status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &e.to_string(),
+                )
+            })?
+            .ok_or_else(|| {
+                deny(
+                    self,
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthorized",
+                    "unknown, revoked or expired personal access token",
+                )
+            })?;
+        let memberships = tether_kubeproxy_server::memberships_from_json(&record.memberships)
+            .unwrap_or_else(|e| {
+                // Written by kas itself, so only a damaged database gets here: the user then
+                // has no memberships, which grants nothing.
+                tracing::error!(token_id = record.id, error = %e, "Undecodable stored memberships");
+                Vec::new()
+            });
+        Ok(TokenUser {
+            token_id: record.id,
+            identity: tether_kubeproxy_server::UserIdentity {
+                username: record.username,
+                token_agent_id: record.agent_id,
+                memberships,
+            },
+        })
     }
 
     /// Serves one request: refused early (429) while the address or credential is
