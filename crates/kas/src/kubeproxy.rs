@@ -209,6 +209,16 @@ struct Routed {
     user_token_id: Option<i64>,
 }
 
+/// An authorized request on its way to the agent.
+struct Forward {
+    routed: Routed,
+    /// The path under the proxy's prefix.
+    path: String,
+    headers: http::HeaderMap,
+    live: Option<Arc<LiveRequest>>,
+    revoked: CancellationToken,
+}
+
 /// The owner of a personal access token, and the token.
 struct TokenUser {
     token_id: i64,
@@ -403,7 +413,7 @@ impl Proxy {
         Ok(resp)
     }
 
-    async fn route(self, mut req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
+    async fn route(self, req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
         let Some(rest) = strip_path_prefix(&self.path_prefix, req.uri().path()).map(str::to_owned)
         else {
             return Ok(status(
@@ -430,60 +440,132 @@ impl Proxy {
             Ok(l) => l,
             Err(resp) => return Ok(resp),
         };
-        let mode = mode_name(&routed.access_as);
-        let mut sender = match self.open_tunnel(&routed, revoked.clone()).await {
+        let sender = match self.open_tunnel(&routed, revoked.clone()).await {
             Ok(s) => s,
             Err(resp) => return Ok(resp),
         };
+        let forward = Forward {
+            routed,
+            path: rest,
+            headers,
+            live,
+            revoked,
+        };
+        Ok(self.forward(req, forward, sender).await)
+    }
+
+    /// Sends the request through the tunnel and streams the answer back, counting bytes,
+    /// latency and outcome; an upgrade (exec, port-forward) is spliced through until it ends
+    /// or the credential is revoked.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        f: Forward,
+        mut sender: hyper::client::conn::http1::SendRequest<Body>,
+    ) -> Response<Body> {
+        let mode = mode_name(&f.routed.access_as);
+        let client_upgrade = f
+            .headers
+            .contains_key(header::UPGRADE)
+            .then(|| hyper::upgrade::on(&mut req));
+        let out = match self.outgoing(req, &f, mode) {
+            Ok(r) => r,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        };
+        let started = std::time::Instant::now();
+        let mut resp = match sender.send_request(out).await {
+            Ok(r) => r,
+            Err(e) => {
+                return status(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    &e.to_string(),
+                );
+            }
+        };
+        self.record(&f.routed, mode, started, resp.status());
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let agent_upgrade = hyper::upgrade::on(&mut resp);
+            let (revoked, live) = (f.revoked.clone(), f.live.clone());
+            tokio::spawn(async move {
+                let _live = live;
+                if let Ok((c, a)) = tokio::try_join!(client_upgrade, agent_upgrade) {
+                    let (mut c, mut a) = (TokioIo::new(c), TokioIo::new(a));
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut c, &mut a) => {}
+                        () = revoked.cancelled() => {}
+                    }
+                }
+            });
+        }
+        let down = self.bytes(&f.routed, mode, "response");
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .map_frame(move |frame| {
+                if let Some(d) = frame.data_ref() {
+                    down.inc_by(d.len() as u64);
+                }
+                frame
+            })
+            .map_err(BoxError::from);
+        let body = match f.live {
+            Some(live) => Revocable::new(body, live).boxed(),
+            None => body.boxed(),
+        };
+        Response::from_parts(parts, body)
+    }
+
+    /// The request as agentk gets it: HTTP/1.1, the path under the prefix, the sanitized
+    /// headers, and a body whose bytes are counted.
+    fn outgoing(
+        &self,
+        req: Request<Incoming>,
+        f: &Forward,
+        mode: &str,
+    ) -> Result<Request<Body>, http::Error> {
         let query = req
             .uri()
             .query()
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
-        let upgrade = headers.contains_key(header::UPGRADE);
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let mut out = Request::builder()
             .method(parts.method)
-            .uri(format!("{rest}{query}"))
+            .uri(format!("{}{query}", f.path))
             .version(http::Version::HTTP_11);
         if let Some(h) = out.headers_mut() {
-            *h = headers;
+            *h = f.headers.clone();
             h.insert(header::HOST, HeaderValue::from_static("kubernetes"));
         }
-        let labels = |direction: &str| BytesLabels {
-            agent_id: routed.agent_id,
-            access_as: mode.to_string(),
-            direction: direction.to_string(),
-        };
-        let up = self.metrics.bytes.get_or_create(&labels("request")).clone();
-        let body = body.map_frame(move |f| {
-            if let Some(d) = f.data_ref() {
-                up.inc_by(d.len() as u64);
-            }
-            f
-        });
-        let started = std::time::Instant::now();
-        let out = match out.body(body) {
-            Ok(r) => r,
-            Err(e) => {
-                return Ok(status(
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                    &e.to_string(),
-                ));
-            }
-        };
-        let mut resp = match sender.send_request(out).await {
-            Ok(r) => r,
-            Err(e) => {
-                return Ok(status(
-                    StatusCode::BAD_GATEWAY,
-                    "ServiceUnavailable",
-                    &e.to_string(),
-                ));
-            }
-        };
+        let up = self.bytes(&f.routed, mode, "request");
+        let body = body
+            .map_frame(move |frame| {
+                if let Some(d) = frame.data_ref() {
+                    up.inc_by(d.len() as u64);
+                }
+                frame
+            })
+            .map_err(BoxError::from)
+            .boxed();
+        out.body(body)
+    }
+
+    /// The byte counter of one direction of the agent's traffic in this mode.
+    fn bytes(&self, routed: &Routed, mode: &str, direction: &str) -> Counter {
+        self.metrics
+            .bytes
+            .get_or_create(&BytesLabels {
+                agent_id: routed.agent_id,
+                access_as: mode.to_string(),
+                direction: direction.to_string(),
+            })
+            .clone()
+    }
+
+    /// Latency and outcome of a forwarded request.
+    fn record(&self, routed: &Routed, mode: &str, started: std::time::Instant, code: StatusCode) {
         self.metrics
             .latency
             .get_or_create(&ModeLabels {
@@ -496,44 +578,9 @@ impl Proxy {
             .get_or_create(&RequestLabels {
                 agent_id: routed.agent_id,
                 access_as: mode.to_string(),
-                code: resp.status().as_u16(),
+                code: code.as_u16(),
             })
             .inc();
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client_upgrade) = client_upgrade
-        {
-            let agent_upgrade = hyper::upgrade::on(&mut resp);
-            let (revoked, live) = (revoked.clone(), live.clone());
-            tokio::spawn(async move {
-                let _live = live;
-                if let Ok((c, a)) = tokio::try_join!(client_upgrade, agent_upgrade) {
-                    let (mut c, mut a) = (TokioIo::new(c), TokioIo::new(a));
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut c, &mut a) => {}
-                        () = revoked.cancelled() => {}
-                    }
-                }
-            });
-        }
-        let down = self
-            .metrics
-            .bytes
-            .get_or_create(&labels("response"))
-            .clone();
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .map_frame(move |f| {
-                if let Some(d) = f.data_ref() {
-                    down.inc_by(d.len() as u64);
-                }
-                f
-            })
-            .map_err(BoxError::from);
-        let body = match live {
-            Some(live) => Revocable::new(body, live).boxed(),
-            None => body.boxed(),
-        };
-        Ok(Response::from_parts(parts, body))
     }
 
     /// Starts tracking a request made with a revocable credential (a personal access token):
