@@ -23,7 +23,7 @@ mod fleet;
 mod kas_proc;
 
 use fleet::{Fleet, FleetOptions};
-use kas_proc::KasSetup;
+use kas_proc::{Kas, KasSetup};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -110,6 +110,75 @@ async fn run(cli: Cli) -> Result<()> {
         bail!("--agents must be at least 1");
     }
     let min_idle = cli.min_idle.max(1);
+    let kas_bin = kas_binary(&cli)?;
+    check_open_files(n)?;
+    let (dir, _temp) = work_dir(&cli)?;
+    let setup = KasSetup::write(&kas_bin, &dir, &cli.kas_log_level)?;
+    eprintln!(
+        "loadgen: starting {} (work dir {}, agents on 127.0.0.1:{})",
+        kas_bin.display(),
+        dir.display(),
+        setup.agent_port
+    );
+    let mut kas = setup.start().await?;
+    let mut report = Report {
+        n,
+        min_idle,
+        config_stream: cli.config_stream,
+        ..Report::default()
+    };
+
+    // Registration.
+    let t = Instant::now();
+    let tokens = register(&kas.admin, n, cli.register_concurrency).await?;
+    report.register = t.elapsed();
+    eprintln!(
+        "loadgen: registered {n} agents in {:.1} s",
+        report.register.as_secs_f64()
+    );
+
+    // Baseline: kas with N registered agents, none connected.
+    let settle = Duration::from_secs(cli.settle_seconds);
+    tokio::time::sleep(settle).await;
+    report.base = Some(kas.admin.stats().await?);
+    let cpu_base = kas.cpu_seconds()?;
+    let own_rss_base = kas_proc::rss_bytes("/proc/self/status").unwrap_or(0);
+
+    // Connect.
+    let goal = Goal {
+        min_idle,
+        config_stream: cli.config_stream,
+        timeout: Duration::from_secs(cli.timeout),
+    };
+    let (fleet, connect) = connect(&cli, &setup, &kas, tokens, &goal).await?;
+    report.cpu_connect = kas.cpu_seconds()? - cpu_base;
+    tokio::time::sleep(settle).await;
+    report.connected = Some(kas.admin.stats().await?);
+    report.fds = kas.open_fds();
+    let own_rss_connected = kas_proc::rss_bytes("/proc/self/status").unwrap_or(0);
+    report.own_rss_per_agent = (own_rss_connected as f64 - own_rss_base as f64) / n as f64;
+    eprintln!(
+        "loadgen: {n} agents connected in {:.2} s; idling {} s",
+        connect.total.as_secs_f64(),
+        cli.idle_seconds
+    );
+    report.connect = connect;
+
+    idle(&kas, Duration::from_secs(cli.idle_seconds), &mut report).await?;
+    if !cli.no_storm {
+        report.storm = Some(storm(&setup, &mut kas, &fleet, &goal, settle).await?);
+    }
+
+    // Clean shutdown: agents first (so they do not retry against a stopping kas), then kas.
+    fleet.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kas.stop(Duration::from_secs(60)).await?;
+    report.print();
+    Ok(())
+}
+
+/// The kas binary to run: `--kas-bin`, else the one next to loadgen.
+fn kas_binary(cli: &Cli) -> Result<PathBuf> {
     let kas_bin = match &cli.kas_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
@@ -123,6 +192,11 @@ async fn run(cli: Cli) -> Result<()> {
             kas_bin.display()
         );
     }
+    Ok(kas_bin)
+}
+
+/// Refuses to start when `n` agents would run out of file descriptors.
+fn check_open_files(n: usize) -> Result<()> {
     // One fd per agent connection on each side, plus sockets, files and epoll of the runtime.
     let need = u64::try_from(n).unwrap_or(u64::MAX).saturating_add(200);
     if let Some(limit) = kas_proc::open_files_limit()
@@ -133,140 +207,97 @@ async fn run(cli: Cli) -> Result<()> {
              {limit}: raise it (`ulimit -n {need}`, or `prlimit --nofile={need}:{need} -- loadgen …`)"
         );
     }
+    Ok(())
+}
 
-    let _temp;
-    let dir = match &cli.work_dir {
+/// kas's folder: `--work-dir`, else a temporary one (removed when the guard drops).
+fn work_dir(cli: &Cli) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match &cli.work_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
-            d.clone()
+            Ok((d.clone(), None))
         }
         None => {
             let t = tempfile::Builder::new()
                 .prefix("tether-loadgen-")
                 .tempdir()?;
-            let p = t.path().to_path_buf();
-            _temp = t;
-            p
+            Ok((t.path().to_path_buf(), Some(t)))
         }
-    };
-    let setup = KasSetup::write(&kas_bin, &dir, &cli.kas_log_level)?;
-    eprintln!(
-        "loadgen: starting {} (work dir {}, agents on 127.0.0.1:{})",
-        kas_bin.display(),
-        dir.display(),
-        setup.agent_port
-    );
-    let mut kas = setup.start().await?;
-    let mut report = Report::default();
+    }
+}
 
-    // Registration.
-    let t = Instant::now();
-    let tokens = register(&kas.admin, n, cli.register_concurrency).await?;
-    report.register = t.elapsed();
-    eprintln!(
-        "loadgen: registered {n} agents in {:.1} s",
-        report.register.as_secs_f64()
-    );
-
-    // Baseline: kas with N registered agents, none connected.
-    tokio::time::sleep(Duration::from_secs(cli.settle_seconds)).await;
-    let base = kas.admin.stats().await?;
-    let cpu_base = kas.cpu_seconds()?;
-    let own_rss_base = kas_proc::rss_bytes("/proc/self/status").unwrap_or(0);
-
-    // Connect.
+/// Starts the fleet, one agent per token, and waits until every agent is ready.
+async fn connect(
+    cli: &Cli,
+    setup: &KasSetup,
+    kas: &Kas,
+    tokens: Vec<String>,
+    goal: &Goal,
+) -> Result<(Fleet, Phase)> {
     let addr = KasAddress::parse(&format!("grpc://127.0.0.1:{}", setup.agent_port))?;
     let opts = FleetOptions {
-        min_idle,
+        min_idle: goal.min_idle,
         config_stream: cli.config_stream,
         start_rate: cli.start_rate,
     };
-    let goal = Goal {
-        min_idle,
-        config_stream: cli.config_stream,
-        timeout: Duration::from_secs(cli.timeout),
-    };
     let t = Instant::now();
     let fleet = Fleet::start(&addr, tokens, &opts).await?;
-    let connect = wait_connected(&kas.admin, &fleet, &goal, t, None, "connect").await?;
-    let cpu_connected = kas.cpu_seconds()?;
-    tokio::time::sleep(Duration::from_secs(cli.settle_seconds)).await;
-    let connected = kas.admin.stats().await?;
-    let fds = kas.open_fds();
-    let own_rss_connected = kas_proc::rss_bytes("/proc/self/status").unwrap_or(0);
-    eprintln!(
-        "loadgen: {n} agents connected in {:.2} s; idling {} s",
-        connect.total.as_secs_f64(),
-        cli.idle_seconds
-    );
+    let connect = wait_connected(&kas.admin, &fleet, goal, t, None, "connect").await?;
+    Ok((fleet, connect))
+}
 
-    // Idle: N connections with their idle streams and nothing else (HTTP/2 keepalive pings
-    // every 50–55 s each way are the only traffic).
+/// Idle: N connections with their idle streams and nothing else (HTTP/2 keepalive pings
+/// every 50–55 s each way are the only traffic).
+async fn idle(kas: &Kas, duration: Duration, report: &mut Report) -> Result<()> {
     let own_cpu_a = kas_proc::cpu_seconds("/proc/self/stat")?;
     let cpu_a = kas.cpu_seconds()?;
     let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs(cli.idle_seconds)).await;
-    let idle_wall = t.elapsed();
-    let cpu_b = kas.cpu_seconds()?;
-    let own_cpu_b = kas_proc::cpu_seconds("/proc/self/stat")?;
-    let after_idle = kas.admin.stats().await?;
-
-    // The reconnect storm.
-    let storm = if cli.no_storm {
-        None
-    } else {
-        let t_term = Instant::now();
-        let stop = kas.stop(Duration::from_secs(60)).await?;
-        eprintln!(
-            "loadgen: kas stopped in {:.2} s; waiting for the agents to notice",
-            stop.as_secs_f64()
-        );
-        let noticed = wait_down(&fleet, Duration::from_secs(30)).await;
-        let down = Instant::now();
-        kas = setup.start().await?;
-        let api_up = Instant::now();
-        eprintln!(
-            "loadgen: kas restarted ({:.2} s to its API); waiting for {n} agents",
-            kas.startup.as_secs_f64()
-        );
-        let back =
-            wait_connected(&kas.admin, &fleet, &goal, down, Some(api_up), "reconnect").await?;
-        let from_sigterm = t_term.elapsed();
-        let cpu = kas.cpu_seconds()?;
-        tokio::time::sleep(Duration::from_secs(cli.settle_seconds)).await;
-        let stats = kas.admin.stats().await?;
-        Some(Storm {
-            stop,
-            noticed,
-            startup: kas.startup,
-            back,
-            from_sigterm,
-            cpu,
-            stats,
-        })
-    };
-
-    // Clean shutdown: agents first (so they do not retry against a stopping kas), then kas.
-    fleet.stop();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    kas.stop(Duration::from_secs(60)).await?;
-
-    report.n = n;
-    report.min_idle = min_idle;
-    report.config_stream = cli.config_stream;
-    report.base = Some(base);
-    report.connected = Some(connected);
-    report.after_idle = Some(after_idle);
-    report.fds = fds;
-    report.connect = connect;
-    report.cpu_connect = cpu_connected - cpu_base;
-    report.cpu_idle = cpu_b - cpu_a;
-    report.idle_wall = idle_wall;
-    report.own_cpu_idle = own_cpu_b - own_cpu_a;
-    report.own_rss_per_agent = (own_rss_connected as f64 - own_rss_base as f64) / n as f64;
-    report.storm = storm;
-    report.print();
+    tokio::time::sleep(duration).await;
+    report.idle_wall = t.elapsed();
+    report.cpu_idle = kas.cpu_seconds()? - cpu_a;
+    report.own_cpu_idle = kas_proc::cpu_seconds("/proc/self/stat")? - own_cpu_a;
+    report.after_idle = Some(kas.admin.stats().await?);
     Ok(())
+}
+
+/// The reconnect storm: stops kas, waits for the agents to notice, restarts it and times
+/// every agent's return.
+async fn storm(
+    setup: &KasSetup,
+    kas: &mut Kas,
+    fleet: &Fleet,
+    goal: &Goal,
+    settle: Duration,
+) -> Result<Storm> {
+    let n = fleet.len();
+    let t_term = Instant::now();
+    let stop = kas.stop(Duration::from_secs(60)).await?;
+    eprintln!(
+        "loadgen: kas stopped in {:.2} s; waiting for the agents to notice",
+        stop.as_secs_f64()
+    );
+    let noticed = wait_down(fleet, Duration::from_secs(30)).await;
+    let down = Instant::now();
+    *kas = setup.start().await?;
+    let api_up = Instant::now();
+    eprintln!(
+        "loadgen: kas restarted ({:.2} s to its API); waiting for {n} agents",
+        kas.startup.as_secs_f64()
+    );
+    let back = wait_connected(&kas.admin, fleet, goal, down, Some(api_up), "reconnect").await?;
+    let from_sigterm = t_term.elapsed();
+    let cpu = kas.cpu_seconds()?;
+    tokio::time::sleep(settle).await;
+    let stats = kas.admin.stats().await?;
+    Ok(Storm {
+        stop,
+        noticed,
+        startup: kas.startup,
+        back,
+        from_sigterm,
+        cpu,
+        stats,
+    })
 }
 
 /// Registers `n` agents in one project; returns their tokens.
