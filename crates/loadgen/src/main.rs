@@ -341,6 +341,16 @@ impl Phase {
         self.ready.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     }
 
+    /// `p50 / p99 / max ms`, as the table shows them.
+    fn quantiles(&self) -> String {
+        format!(
+            "{:.0} / {:.0} / {:.0} ms",
+            self.quantile_ms(0.5),
+            self.quantile_ms(0.99),
+            self.quantile_ms(1.0)
+        )
+    }
+
     fn json(&self) -> Value {
         json!({
             "p50": round(self.quantile_ms(0.5), 0),
@@ -477,23 +487,81 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * f).round() / f
 }
 
+fn rss(s: &Option<Stats>) -> u64 {
+    s.map_or(0, |s| s.rss_bytes)
+}
+
+fn tasks(s: &Option<Stats>) -> usize {
+    s.map_or(0, |s| s.tasks)
+}
+
+/// One line of the table.
+fn row(k: &str, v: String) {
+    println!("  {k:<44} {v:>22}");
+}
+
+/// The table of the reconnect storm.
+fn print_storm(s: &Storm) {
+    println!("reconnect storm (kas restarted with N agents connected)");
+    row(
+        "kas stop (SIGTERM to exit)",
+        format!("{:.2} s", s.stop.as_secs_f64()),
+    );
+    row(
+        "agents all noticed",
+        format!("{:.2} s", s.noticed.as_secs_f64()),
+    );
+    row(
+        "new kas start (to its API answering)",
+        format!("{:.2} s", s.startup.as_secs_f64()),
+    );
+    row(
+        "all N back (from the new kas's API up)",
+        format!("{:.2} s", s.back.total.as_secs_f64()),
+    );
+    row("  per agent p50 / p99 / max", s.back.quantiles());
+    row(
+        "all N back (from SIGTERM)",
+        format!("{:.2} s", s.from_sigterm.as_secs_f64()),
+    );
+    row("new kas CPU until all back", format!("{:.2} s", s.cpu));
+    row("new kas RSS with N back", mib(s.stats.rss_bytes));
+}
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / 1048576.0)
 }
 
 impl Report {
     fn print(&self) {
-        let n = self.n as f64;
-        let rss = |s: &Option<Stats>| s.map_or(0, |s| s.rss_bytes);
-        let tasks = |s: &Option<Stats>| s.map_or(0, |s| s.tasks);
-        let per_agent = (rss(&self.connected) as f64 - rss(&self.base) as f64) / n;
+        self.print_footprint();
+        if let Some(s) = &self.storm {
+            print_storm(s);
+        }
+        println!();
+        println!("{}", self.json());
+    }
+
+    /// kas's RSS per connected agent, in bytes.
+    fn per_agent(&self) -> f64 {
+        (rss(&self.connected) as f64 - rss(&self.base) as f64) / self.n as f64
+    }
+
+    /// kas's CPU while idle, in percent of one core.
+    fn cpu_pct(&self) -> f64 {
         let idle_s = self.idle_wall.as_secs_f64();
-        let cpu_pct = if idle_s > 0.0 {
+        if idle_s > 0.0 {
             100.0 * self.cpu_idle / idle_s
         } else {
             0.0
-        };
-        let row = |k: &str, v: String| println!("  {k:<44} {v:>22}");
+        }
+    }
+
+    /// The table of kas's footprint.
+    fn print_footprint(&self) {
+        let per_agent = self.per_agent();
+        let idle_s = self.idle_wall.as_secs_f64();
+        let cpu_pct = self.cpu_pct();
         println!();
         println!(
             "kas footprint: {} agents, {} idle tunnel stream(s) each{}",
@@ -524,15 +592,7 @@ impl Report {
             "connect all N (until kas counts them)",
             format!("{:.2} s", self.connect.total.as_secs_f64()),
         );
-        row(
-            "  per agent p50 / p99 / max",
-            format!(
-                "{:.0} / {:.0} / {:.0} ms",
-                self.connect.quantile_ms(0.5),
-                self.connect.quantile_ms(0.99),
-                self.connect.quantile_ms(1.0)
-            ),
-        );
+        row("  per agent p50 / p99 / max", self.connect.quantiles());
         row(
             "kas CPU to accept N agents",
             format!("{:.2} s", self.cpu_connect),
@@ -548,40 +608,12 @@ impl Report {
                 self.own_rss_per_agent, self.own_cpu_idle
             ),
         );
-        if let Some(s) = &self.storm {
-            println!("reconnect storm (kas restarted with N agents connected)");
-            row(
-                "kas stop (SIGTERM to exit)",
-                format!("{:.2} s", s.stop.as_secs_f64()),
-            );
-            row(
-                "agents all noticed",
-                format!("{:.2} s", s.noticed.as_secs_f64()),
-            );
-            row(
-                "new kas start (to its API answering)",
-                format!("{:.2} s", s.startup.as_secs_f64()),
-            );
-            row(
-                "all N back (from the new kas's API up)",
-                format!("{:.2} s", s.back.total.as_secs_f64()),
-            );
-            row(
-                "  per agent p50 / p99 / max",
-                format!(
-                    "{:.0} / {:.0} / {:.0} ms",
-                    s.back.quantile_ms(0.5),
-                    s.back.quantile_ms(0.99),
-                    s.back.quantile_ms(1.0)
-                ),
-            );
-            row(
-                "all N back (from SIGTERM)",
-                format!("{:.2} s", s.from_sigterm.as_secs_f64()),
-            );
-            row("new kas CPU until all back", format!("{:.2} s", s.cpu));
-            row("new kas RSS with N back", mib(s.stats.rss_bytes));
-        }
+    }
+
+    /// The report as one JSON line, for scripts.
+    fn json(&self) -> Value {
+        let idle_s = self.idle_wall.as_secs_f64();
+        let (per_agent, cpu_pct) = (self.per_agent(), self.cpu_pct());
         let storm = self.storm.as_ref().map(|s| {
             json!({
                 "kas_stop_seconds": round(s.stop.as_secs_f64(), 3),
@@ -594,7 +626,7 @@ impl Report {
                 "kas_rss_bytes": s.stats.rss_bytes,
             })
         });
-        let j = json!({
+        json!({
             "agents": self.n,
             "min_idle": self.min_idle,
             "config_stream": self.config_stream,
@@ -615,8 +647,6 @@ impl Report {
             "loadgen_rss_bytes_per_agent": round(self.own_rss_per_agent, 0),
             "loadgen_cpu_idle_seconds": round(self.own_cpu_idle, 3),
             "storm": storm,
-        });
-        println!();
-        println!("{j}");
+        })
     }
 }
