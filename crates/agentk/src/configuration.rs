@@ -4,17 +4,15 @@
 //! last good one stays in force.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tether_agent_config::{AgentConfig, LogLevel};
+use tether_configuration_agent::StreamEvents;
 use tether_observability::LogHandle;
-use tether_protocol::agent_configuration::ConfigurationRequest;
-use tether_protocol::agent_configuration::agent_configuration_client::AgentConfigurationClient;
-use tether_protocol::metadata;
-use tether_tunnel_agent::{AgentMeta, Backoff};
+use tether_protocol::agent_configuration::ConfigurationResponse;
+use tether_tunnel_agent::AgentMeta;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataValue;
+use tonic::Status;
 use tonic::transport::Channel;
 use tracing::field;
 
@@ -65,114 +63,83 @@ pub async fn run(
     agent_span: tracing::Span,
     shutdown: CancellationToken,
 ) {
-    let mut client = AgentConfigurationClient::new(channel)
-        .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE);
-    // Upstream retries the configuration stream more slowly than the tunnel.
-    let backoff = Backoff {
-        // Back within a second of a kas restart; a kas that stays down is retried less often.
-        initial: Duration::from_millis(500),
-        max: Duration::from_secs(60),
-        ..Backoff::default()
+    let mut events = Apply {
+        log,
+        publish,
+        agent_span,
+        last_error: None,
     };
-    let mut failures = 0u32;
-    let mut last_error: Option<tonic::Code> = None;
-    loop {
-        if failures > 0 {
-            let delay = backoff.delay(failures, rand_unit());
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = shutdown.cancelled() => return,
-            }
-        }
-        let in_force = publish
+    tether_configuration_agent::run(channel, &meta.token, &mut events, shutdown).await;
+}
+
+/// agentk's side of the stream: validates and applies each configuration, and logs each new
+/// kind of failure once (not every retry).
+struct Apply {
+    log: LogHandle,
+    publish: watch::Sender<Option<Arc<Applied>>>,
+    agent_span: tracing::Span,
+    last_error: Option<tonic::Code>,
+}
+
+impl StreamEvents for Apply {
+    fn commit_in_force(&self) -> String {
+        self.publish
             .borrow()
             .as_ref()
             .map(|a| a.commit_id.clone())
-            .unwrap_or_default();
-        let mut req = tonic::Request::new(ConfigurationRequest {
-            commit_id: in_force,
-        });
-        if let Ok(mut v) = MetadataValue::try_from(format!("Bearer {}", meta.token)) {
-            v.set_sensitive(true);
-            req.metadata_mut().insert(metadata::AUTHORIZATION, v);
-        }
-        let opened = tokio::select! {
-            r = client.get_configuration(req) => r,
-            () = shutdown.cancelled() => return,
-        };
-        let mut stream = match opened {
-            Ok(s) => s.into_inner(),
-            Err(status) => {
-                failures = failures.saturating_add(1);
-                if last_error != Some(status.code()) {
-                    tracing::warn!(code = ?status.code(), error = status.message(), "Cannot open the configuration stream; retrying");
-                    last_error = Some(status.code());
-                }
-                continue;
-            }
-        };
-        loop {
-            let msg = tokio::select! {
-                m = stream.message() => m,
-                () = shutdown.cancelled() => return,
-            };
-            let resp = match msg {
-                Ok(Some(r)) => r,
-                Ok(None) => break,
-                Err(status) => {
-                    if last_error != Some(status.code()) {
-                        tracing::warn!(code = ?status.code(), error = status.message(), "The configuration stream ended; reconnecting");
-                        last_error = Some(status.code());
-                    }
-                    failures = failures.saturating_add(1);
-                    break;
-                }
-            };
-            failures = 0;
-            last_error = None;
-            agent_span.record("agent_id", resp.agent_id);
-            if !resp.error.is_empty() {
-                tracing::error!(commit_id = %resp.commit_id, error = %resp.error, "kas refused the agent configuration at this commit; the last good configuration stays in force");
-                continue;
-            }
-            let config = match check(&resp.config_json) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(commit_id = %resp.commit_id, error = %e, "Invalid agent configuration; the last good configuration stays in force");
-                    continue;
-                }
-            };
-            tracing::info!(
-                commit_id = %resp.commit_id,
-                project_path = %resp.project_path,
-                file = %resp.file_path,
-                log_level = %config.observability.logging.level,
-                "Agent configuration applied"
-            );
-            // After the line above, so it shows at the level that was in force until now.
-            log.set_level(level_filter(config.observability.logging.level));
-            tracing::debug!(
-                commit_id = %resp.commit_id,
-                config = field::display(&resp.config_json),
-                "Agent configuration in force"
-            );
-            publish.send_replace(Some(Arc::new(Applied {
-                agent_id: resp.agent_id,
-                project_path: resp.project_path,
-                commit_id: resp.commit_id,
-                config,
-            })));
+            .unwrap_or_default()
+    }
+
+    fn open_failed(&mut self, status: &Status) {
+        if self.last_error != Some(status.code()) {
+            tracing::warn!(code = ?status.code(), error = status.message(), "Cannot open the configuration stream; retrying");
+            self.last_error = Some(status.code());
         }
     }
-}
 
-fn rand_unit() -> f64 {
-    // Jitter only; not security relevant.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    f64::from(nanos % 1000) / 1000.0
+    fn failed(&mut self, status: &Status) {
+        if self.last_error != Some(status.code()) {
+            tracing::warn!(code = ?status.code(), error = status.message(), "The configuration stream ended; reconnecting");
+            self.last_error = Some(status.code());
+        }
+    }
+
+    fn received(&mut self, resp: ConfigurationResponse) {
+        self.last_error = None;
+        self.agent_span.record("agent_id", resp.agent_id);
+        if !resp.error.is_empty() {
+            tracing::error!(commit_id = %resp.commit_id, error = %resp.error, "kas refused the agent configuration at this commit; the last good configuration stays in force");
+            return;
+        }
+        let config = match check(&resp.config_json) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(commit_id = %resp.commit_id, error = %e, "Invalid agent configuration; the last good configuration stays in force");
+                return;
+            }
+        };
+        tracing::info!(
+            commit_id = %resp.commit_id,
+            project_path = %resp.project_path,
+            file = %resp.file_path,
+            log_level = %config.observability.logging.level,
+            "Agent configuration applied"
+        );
+        // After the line above, so it shows at the level that was in force until now.
+        self.log
+            .set_level(level_filter(config.observability.logging.level));
+        tracing::debug!(
+            commit_id = %resp.commit_id,
+            config = field::display(&resp.config_json),
+            "Agent configuration in force"
+        );
+        self.publish.send_replace(Some(Arc::new(Applied {
+            agent_id: resp.agent_id,
+            project_path: resp.project_path,
+            commit_id: resp.commit_id,
+            config,
+        })));
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kas::admin::AdminClient;
+use tether_kas_api::AdminClient;
 use tether_testenv::TestEnv;
 use tether_testenv::pki::Pki;
 
@@ -97,7 +97,7 @@ impl Kas {
     ) -> Result<i64> {
         Ok(self
             .admin
-            .set_project(&kas::api::ProjectRequest {
+            .set_project(&tether_kas_api::ProjectRequest {
                 path: path.into(),
                 remote: Some(repo.display().to_string()),
                 webhook_secret_file: webhook_secret.map(|f| f.display().to_string()),

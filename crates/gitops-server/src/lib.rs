@@ -11,13 +11,13 @@
 //!   whose outcome and statuses read as [`ReportedOutcome`] / [`ReportedStatus`].
 
 pub mod glob;
-mod reported;
 mod reports;
 mod select;
 mod service;
 
 pub use glob::{InvalidGlob, ManifestGlob, literal_prefix};
-pub use reported::{ReportedOutcome, ReportedStatus};
+// The admin API's words for outcomes and statuses; they live with the API types.
 pub use reports::SyncStates;
 pub use select::{Limits, ManifestFile, SelectError, Selection, select_manifests};
 pub use service::{GitOpsDeps, GitOpsModule, GitOpsService};
+pub use tether_kas_api::{ReportedOutcome, ReportedStatus};

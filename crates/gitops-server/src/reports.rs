@@ -7,7 +7,7 @@ use prost::Message;
 use tether_protocol::gitops::{ObjectState, SyncOutcome, SyncReport};
 use tether_store::Store;
 
-use crate::reported::{ReportedOutcome, ReportedStatus};
+use tether_kas_api::{ReportedOutcome, ReportedStatus};
 
 /// How a report that applied nothing says whose objects it shows.
 const CARRIED: &str = "nothing was applied at this commit; the objects are as of commit";

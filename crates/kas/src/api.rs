@@ -15,18 +15,22 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::TryStreamExt;
-use serde::{Deserialize, Serialize};
 use tether_store::Store;
 use tether_tunnel_server::{Registry, RegistryError};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::auth::AdminToken;
-use crate::configuration::{ConfigState, ConfigStates};
+use crate::connections::ConnectionCount;
 use crate::limits::{HttpGuard, guard_http};
-use crate::server::ConnectionCount;
+use tether_configuration_server::{ConfigState, ConfigStates};
+// The routes' request and response types live in their own crate, shared with the clients.
 use tether_git_source::Sources;
-use tether_gitops_server::{ReportedOutcome, ReportedStatus};
+pub use tether_kas_api::{
+    AgentView, ConfigView, ConnectionView, CreateTokenRequest, ObjectView, ProjectRequest,
+    ProjectView, RegisterRequest, ReportedOutcome, ReportedStatus, Revoked, Stats, SyncView,
+    TokenCreated, TokenView, UserTokenCreated, UserTokenRequest,
+};
 
 #[derive(Clone, Debug)]
 pub struct ApiState {
@@ -72,99 +76,14 @@ impl From<tether_store::Error> for ApiError {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ConnectionView {
-    pub connected_since: String,
-    pub agent_version: String,
-    pub pod_name: String,
-    pub pod_namespace: String,
-    pub remote_addr: String,
-    pub streams: usize,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AgentView {
-    pub id: i64,
-    pub project: String,
-    pub name: String,
-    pub connected: bool,
-    pub idle_tunnels: usize,
-    pub connections: Vec<ConnectionView>,
-    /// The configuration in force and the last refusal, as kas knows them.
-    pub config: Option<ConfigState>,
-}
-
-#[derive(Debug, Serialize, Deserialize, Default)]
-pub struct ProjectRequest {
-    pub path: String,
-    pub remote: Option<String>,
-    #[serde(default)]
-    pub credentials_file: Option<String>,
-    #[serde(default)]
-    pub webhook_secret_file: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ProjectView {
-    pub id: i64,
-    pub path: String,
-    pub remote: Option<String>,
-    pub webhooks: bool,
-    /// Default branch commit at the last successful fetch.
-    pub commit: Option<String>,
-    pub last_fetch: Option<String>,
-    pub fetch_error: Option<String>,
-    pub fetches: u64,
-    pub fetch_failures: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RegisterRequest {
-    pub project: String,
-    pub name: String,
-    #[serde(default)]
-    pub description: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct TokenCreated {
-    pub agent_id: i64,
-    pub token_id: i64,
-    /// Shown once; kas keeps only its SHA-256.
-    pub token: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct TokenView {
-    pub id: i64,
-    pub agent_id: i64,
-    pub description: String,
-    pub created_at: i64,
-    pub revoked_at: Option<i64>,
-}
-
-#[derive(Debug, Serialize, Deserialize, Default)]
-pub struct CreateTokenRequest {
-    #[serde(default)]
-    pub description: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Revoked {
-    pub token_id: i64,
-    pub was_active: bool,
-    pub streams_ended: usize,
-}
-
-/// Numbers for leak checks and dashboards.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone, Copy)]
-pub struct Stats {
-    pub tasks: usize,
-    pub agent_connections: usize,
-    pub open_streams: usize,
-    pub idle_streams: usize,
-    pub connected_agents: usize,
-    pub rss_bytes: u64,
+fn config_view(s: ConfigState) -> ConfigView {
+    ConfigView {
+        commit: s.commit,
+        file: s.file,
+        error: s.error,
+        error_commit: s.error_commit,
+        updated_at: s.updated_at,
+    }
 }
 
 fn rfc3339(t: std::time::SystemTime) -> String {
@@ -228,7 +147,7 @@ async fn list_agents(State(st): State<ApiState>) -> Result<Json<Vec<AgentView>>,
                 connected: !connections.is_empty(),
                 idle_tunnels: c.map_or(0, |c| c.idle_tunnels),
                 connections,
-                config: st.config_states.get(r.id),
+                config: st.config_states.get(r.id).map(config_view),
             }
         })
         .collect();
@@ -288,32 +207,15 @@ async fn list_tokens(
     ))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct UserTokenRequest {
-    pub username: String,
-    /// GitLab-style memberships (`{"kind":"project","path":"group/app","id":42,"access_level":"developer"}`).
-    #[serde(default)]
-    pub memberships: Vec<serde_json::Value>,
-    /// Lifetime in seconds (default 30 days, at most 1 year).
-    #[serde(default)]
-    pub expires_in_seconds: Option<i64>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct UserTokenCreated {
-    pub token_id: i64,
-    pub agent_id: i64,
-    pub username: String,
-    /// Shown once; kas keeps only its SHA-256.
-    pub token: String,
-    pub expires_at: i64,
-}
-
 async fn create_user_token(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
-    Json(req): Json<UserTokenRequest>,
+    Json(body): Json<serde_json::Value>,
 ) -> Result<(StatusCode, Json<UserTokenCreated>), ApiError> {
+    // Decoded here rather than by the extractor, so a typo in a membership is a 400 that says
+    // where it is, not a bare 422.
+    let req: UserTokenRequest = serde_path_to_error::deserialize(body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let ttl = req.expires_in_seconds.unwrap_or(30 * 86_400);
     if !(1..=366 * 86_400).contains(&ttl) {
         return Err(ApiError(
@@ -321,12 +223,7 @@ async fn create_user_token(
             "expires_in_seconds must be between 1 and one year".into(),
         ));
     }
-    // Validate the memberships now, so a typo is refused instead of silently granting nothing.
-    let memberships: Vec<tether_kubeproxy_server::Membership> =
-        serde_json::from_value(serde_json::Value::Array(req.memberships))
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("memberships: {e}")))?;
-    let json = serde_json::to_string(&memberships)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let json = tether_kubeproxy_server::memberships_to_json(&req.memberships);
     let now = std::time::SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
@@ -470,10 +367,10 @@ async fn put_project(
         credentials_file: source.credentials_file.clone(),
         webhook_secret_file: source.webhook_secret_file.clone(),
     };
-    crate::server::project_spec(&spec_check)
+    crate::projects::project_spec(&spec_check)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
     let p = st.store.set_project_source(&req.path, &source).await?;
-    let spec = crate::server::project_spec(&p)
+    let spec = crate::projects::project_spec(&p)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
     st.sources
         .upsert(spec)
@@ -539,31 +436,6 @@ async fn webhook(
     Ok(Json(
         serde_json::json!({"project": project.path, "fetching": triggered}),
     ))
-}
-
-/// One manifest project's last synchronization as an agent reported it.
-#[derive(Debug, Serialize, Deserialize, Clone)]
-pub struct SyncView {
-    pub project_id: String,
-    pub commit_id: String,
-    pub outcome: ReportedOutcome,
-    pub error: String,
-    pub finished_at: String,
-    pub dry_run: bool,
-    pub objects: Vec<ObjectView>,
-    /// What kas warned about the commit's manifests (symlinks skipped, nothing matched).
-    #[serde(default)]
-    pub warnings: Vec<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
-pub struct ObjectView {
-    pub group: String,
-    pub kind: String,
-    pub namespace: String,
-    pub name: String,
-    pub status: ReportedStatus,
-    pub message: String,
 }
 
 async fn agent_gitops(

@@ -18,20 +18,17 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use tether_kubeproxy_agent::{
-    AccessAs, CiJobContext, EnvironmentContext, RequestContext, RoutedRequest,
-    sanitize_request_headers,
-};
+use tether_kubeproxy_agent::{AccessAs, RequestContext, RoutedRequest, sanitize_request_headers};
 use tether_kubeproxy_server::{
-    Credential, ExpiringMap, Kubeconfig, OidcVerifier, authorize_ci, environment_slug,
-    strip_path_prefix,
+    Credential, ExpiringMap, KubeconfigAgent, OidcVerifier, authorize_ci, ci_job_context,
+    ci_kubeconfig, mode_name, strip_path_prefix, user_context,
 };
 use tether_store::Store;
 use tether_tunnel_server::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::configuration::ConfigStates;
 use crate::revocation::{LiveRequest, LiveUserRequests};
+use tether_configuration_server::ConfigStates;
 
 type Body = BoxBody<Bytes, BoxError>;
 
@@ -212,6 +209,22 @@ struct Routed {
     user_token_id: Option<i64>,
 }
 
+/// An authorized request on its way to the agent.
+struct Forward {
+    routed: Routed,
+    /// The path under the proxy's prefix.
+    path: String,
+    headers: http::HeaderMap,
+    live: Option<Arc<LiveRequest>>,
+    revoked: CancellationToken,
+}
+
+/// The owner of a personal access token, and the token.
+struct TokenUser {
+    token_id: i64,
+    identity: tether_kubeproxy_server::UserIdentity,
+}
+
 impl Proxy {
     /// The agent's configuration in force, waiting for it as long as for a tunnel. Unknown
     /// after that (the agent has not connected since kas started): 503, never an authorization
@@ -237,140 +250,120 @@ impl Proxy {
         let cred = Credential::from_headers(req.headers())
             .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
         match cred {
-            Credential::CiJob { agent_id, jwt } => {
-                let job = self
-                    .verifier
-                    .verify(&jwt, SystemTime::now())
-                    .await
-                    .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
-                let forbidden = |m: String| deny(self, StatusCode::FORBIDDEN, "Forbidden", &m);
-                let (project_id, project_path) = self
-                    .agent_projects
-                    .get(self.store.as_ref(), agent_id)
-                    .await
-                    .ok_or_else(|| {
-                        forbidden(format!("agent {agent_id} is not available to this job"))
-                    })?;
-                let config = self.agent_config(agent_id).await?;
-                let ok = authorize_ci(&config.ci_access, &project_path, &job).map_err(|d| {
-                    deny(
-                        self,
-                        d.status(),
-                        "Forbidden",
-                        &format!("agent {agent_id}: {d}"),
-                    )
-                })?;
-                let context = RequestContext {
-                    agent_id,
-                    config_project_id: Some(project_id),
-                    ci_job: Some(CiJobContext {
-                        job_id: job.job_id,
-                        pipeline_id: job.pipeline_id,
-                        project_id: job.project_id.unwrap_or_default(),
-                        group_ids: Vec::new(),
-                        username: job.user.clone(),
-                        environment: job.environment.as_ref().map(|e| EnvironmentContext {
-                            slug: environment_slug(e),
-                            tier: job.environment_tier.clone(),
-                        }),
-                    }),
-                    user: None,
-                };
-                Ok(Routed {
-                    agent_id,
-                    access_as: AccessAs::from(&ok.access_as),
-                    context,
-                    user_token_id: None,
-                })
-            }
+            Credential::CiJob { agent_id, jwt } => self.authorize_ci_job(agent_id, &jwt).await,
             Credential::Personal { agent_id, token } => {
-                let record = self
-                    .store
-                    .authenticate_user_token(&token)
-                    .await
-                    .map_err(|e| {
-                        status(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "ServiceUnavailable",
-                            &e.to_string(),
-                        )
-                    })?
-                    .ok_or_else(|| {
-                        deny(
-                            self,
-                            StatusCode::UNAUTHORIZED,
-                            "Unauthorized",
-                            "unknown, revoked or expired personal access token",
-                        )
-                    })?;
-                let memberships: Vec<tether_kubeproxy_server::Membership> =
-                    serde_json::from_str(&record.memberships).unwrap_or_default();
-                let user = tether_kubeproxy_server::UserIdentity {
-                    username: record.username.clone(),
-                    token_agent_id: record.agent_id,
-                    memberships,
-                };
-                // Checked before waiting for the configuration: it does not need one.
-                if user.token_agent_id != agent_id {
-                    let d = tether_kubeproxy_server::Denied::WrongAgent {
-                        agent_id,
-                        token_agent_id: user.token_agent_id,
-                    };
-                    return Err(deny(
-                        self,
-                        d.status(),
-                        "Forbidden",
-                        &format!("agent {agent_id}: {d}"),
-                    ));
-                }
-                let config = self.agent_config(agent_id).await?;
-                let ok = tether_kubeproxy_server::authorize_user(
-                    config.user_access.as_ref(),
-                    agent_id,
-                    &user,
-                )
-                .map_err(|d| {
-                    deny(
-                        self,
-                        d.status(),
-                        "Forbidden",
-                        &format!("agent {agent_id}: {d}"),
-                    )
-                })?;
-                let roles = |grants: &[tether_kubeproxy_server::RoleGrant]| {
-                    grants
-                        .iter()
-                        .filter_map(|g| {
-                            Some(tether_kubeproxy_agent::Roles {
-                                id: g.id?,
-                                roles: g.roles.clone(),
-                            })
-                        })
-                        .collect::<Vec<_>>()
-                };
-                let project_id = self
-                    .agent_projects
-                    .get(self.store.as_ref(), agent_id)
-                    .await
-                    .map(|(id, _)| id);
-                Ok(Routed {
-                    agent_id,
-                    access_as: AccessAs::from(&ok.access_as),
-                    user_token_id: Some(record.id),
-                    context: RequestContext {
-                        agent_id,
-                        config_project_id: project_id,
-                        ci_job: None,
-                        user: Some(tether_kubeproxy_agent::UserContext {
-                            username: record.username,
-                            project_roles: roles(&ok.project_roles),
-                            group_roles: roles(&ok.group_roles),
-                            access_type: Some("personal_access_token".into()),
-                        }),
-                    },
-                })
+                self.authorize_personal(agent_id, &token).await
             }
         }
+    }
+
+    /// The refusal of a request to `agent_id` that its configuration does not allow.
+    fn forbidden(&self, agent_id: i64, d: &tether_kubeproxy_server::Denied) -> Response<Body> {
+        deny(
+            self,
+            d.status(),
+            "Forbidden",
+            &format!("agent {agent_id}: {d}"),
+        )
+    }
+
+    /// A CI job's ID token, checked against the agent's `ci_access`.
+    async fn authorize_ci_job(&self, agent_id: i64, jwt: &str) -> Result<Routed, Response<Body>> {
+        let job = self
+            .verifier
+            .verify(jwt, SystemTime::now())
+            .await
+            .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
+        let (project_id, project_path) = self
+            .agent_projects
+            .get(self.store.as_ref(), agent_id)
+            .await
+            .ok_or_else(|| {
+                let m = format!("agent {agent_id} is not available to this job");
+                deny(self, StatusCode::FORBIDDEN, "Forbidden", &m)
+            })?;
+        let config = self.agent_config(agent_id).await?;
+        let ok = authorize_ci(&config.ci_access, &project_path, &job)
+            .map_err(|d| self.forbidden(agent_id, &d))?;
+        Ok(Routed {
+            agent_id,
+            access_as: AccessAs::from(&ok.access_as),
+            context: ci_job_context(agent_id, project_id, &job),
+            user_token_id: None,
+        })
+    }
+
+    /// A personal access token, checked against the agent's `user_access`.
+    async fn authorize_personal(
+        &self,
+        agent_id: i64,
+        token: &str,
+    ) -> Result<Routed, Response<Body>> {
+        let user = self.user_of(token).await?;
+        // Checked before waiting for the configuration: it does not need one.
+        if user.identity.token_agent_id != agent_id {
+            let d = tether_kubeproxy_server::Denied::WrongAgent {
+                agent_id,
+                token_agent_id: user.identity.token_agent_id,
+            };
+            return Err(self.forbidden(agent_id, &d));
+        }
+        let config = self.agent_config(agent_id).await?;
+        let ok = tether_kubeproxy_server::authorize_user(
+            config.user_access.as_ref(),
+            agent_id,
+            &user.identity,
+        )
+        .map_err(|d| self.forbidden(agent_id, &d))?;
+        let project_id = self
+            .agent_projects
+            .get(self.store.as_ref(), agent_id)
+            .await
+            .map(|(id, _)| id);
+        Ok(Routed {
+            agent_id,
+            access_as: AccessAs::from(&ok.access_as),
+            user_token_id: Some(user.token_id),
+            context: user_context(agent_id, project_id, user.identity.username, &ok),
+        })
+    }
+
+    /// The owner of a personal access token, if it is known, unrevoked and unexpired.
+    async fn user_of(&self, token: &str) -> Result<TokenUser, Response<Body>> {
+        let record = self
+            .store
+            .authenticate_user_token(token)
+            .await
+            .map_err(|e| {
+                status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &e.to_string(),
+                )
+            })?
+            .ok_or_else(|| {
+                deny(
+                    self,
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthorized",
+                    "unknown, revoked or expired personal access token",
+                )
+            })?;
+        let memberships = tether_kubeproxy_server::memberships_from_json(&record.memberships)
+            .unwrap_or_else(|e| {
+                // Written by kas itself, so only a damaged database gets here: the user then
+                // has no memberships, which grants nothing.
+                tracing::error!(token_id = record.id, error = %e, "Undecodable stored memberships");
+                Vec::new()
+            });
+        Ok(TokenUser {
+            token_id: record.id,
+            identity: tether_kubeproxy_server::UserIdentity {
+                username: record.username,
+                token_agent_id: record.agent_id,
+                memberships,
+            },
+        })
     }
 
     /// Serves one request: refused early (429) while the address or credential is
@@ -420,7 +413,7 @@ impl Proxy {
         Ok(resp)
     }
 
-    async fn route(self, mut req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
+    async fn route(self, req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
         let Some(rest) = strip_path_prefix(&self.path_prefix, req.uri().path()).map(str::to_owned)
         else {
             return Ok(status(
@@ -447,65 +440,132 @@ impl Proxy {
             Ok(l) => l,
             Err(resp) => return Ok(resp),
         };
-        let mode = match &routed.access_as {
-            AccessAs::Agent => "agent",
-            AccessAs::Impersonate(_) => "impersonate",
-            AccessAs::CiJob => "ci_job",
-            AccessAs::User => "user",
-        };
-        let mut sender = match self.open_tunnel(&routed, revoked.clone()).await {
+        let sender = match self.open_tunnel(&routed, revoked.clone()).await {
             Ok(s) => s,
             Err(resp) => return Ok(resp),
         };
+        let forward = Forward {
+            routed,
+            path: rest,
+            headers,
+            live,
+            revoked,
+        };
+        Ok(self.forward(req, forward, sender).await)
+    }
+
+    /// Sends the request through the tunnel and streams the answer back, counting bytes,
+    /// latency and outcome; an upgrade (exec, port-forward) is spliced through until it ends
+    /// or the credential is revoked.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        f: Forward,
+        mut sender: hyper::client::conn::http1::SendRequest<Body>,
+    ) -> Response<Body> {
+        let mode = mode_name(&f.routed.access_as);
+        let client_upgrade = f
+            .headers
+            .contains_key(header::UPGRADE)
+            .then(|| hyper::upgrade::on(&mut req));
+        let out = match self.outgoing(req, &f, mode) {
+            Ok(r) => r,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        };
+        let started = std::time::Instant::now();
+        let mut resp = match sender.send_request(out).await {
+            Ok(r) => r,
+            Err(e) => {
+                return status(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    &e.to_string(),
+                );
+            }
+        };
+        self.record(&f.routed, mode, started, resp.status());
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let agent_upgrade = hyper::upgrade::on(&mut resp);
+            let (revoked, live) = (f.revoked.clone(), f.live.clone());
+            tokio::spawn(async move {
+                let _live = live;
+                if let Ok((c, a)) = tokio::try_join!(client_upgrade, agent_upgrade) {
+                    let (mut c, mut a) = (TokioIo::new(c), TokioIo::new(a));
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut c, &mut a) => {}
+                        () = revoked.cancelled() => {}
+                    }
+                }
+            });
+        }
+        let down = self.bytes(&f.routed, mode, "response");
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .map_frame(move |frame| {
+                if let Some(d) = frame.data_ref() {
+                    down.inc_by(d.len() as u64);
+                }
+                frame
+            })
+            .map_err(BoxError::from);
+        let body = match f.live {
+            Some(live) => Revocable::new(body, live).boxed(),
+            None => body.boxed(),
+        };
+        Response::from_parts(parts, body)
+    }
+
+    /// The request as agentk gets it: HTTP/1.1, the path under the prefix, the sanitized
+    /// headers, and a body whose bytes are counted.
+    fn outgoing(
+        &self,
+        req: Request<Incoming>,
+        f: &Forward,
+        mode: &str,
+    ) -> Result<Request<Body>, http::Error> {
         let query = req
             .uri()
             .query()
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
-        let upgrade = headers.contains_key(header::UPGRADE);
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let mut out = Request::builder()
             .method(parts.method)
-            .uri(format!("{rest}{query}"))
+            .uri(format!("{}{query}", f.path))
             .version(http::Version::HTTP_11);
         if let Some(h) = out.headers_mut() {
-            *h = headers;
+            *h = f.headers.clone();
             h.insert(header::HOST, HeaderValue::from_static("kubernetes"));
         }
-        let labels = |direction: &str| BytesLabels {
-            agent_id: routed.agent_id,
-            access_as: mode.to_string(),
-            direction: direction.to_string(),
-        };
-        let up = self.metrics.bytes.get_or_create(&labels("request")).clone();
-        let body = body.map_frame(move |f| {
-            if let Some(d) = f.data_ref() {
-                up.inc_by(d.len() as u64);
-            }
-            f
-        });
-        let started = std::time::Instant::now();
-        let out = match out.body(body) {
-            Ok(r) => r,
-            Err(e) => {
-                return Ok(status(
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                    &e.to_string(),
-                ));
-            }
-        };
-        let mut resp = match sender.send_request(out).await {
-            Ok(r) => r,
-            Err(e) => {
-                return Ok(status(
-                    StatusCode::BAD_GATEWAY,
-                    "ServiceUnavailable",
-                    &e.to_string(),
-                ));
-            }
-        };
+        let up = self.bytes(&f.routed, mode, "request");
+        let body = body
+            .map_frame(move |frame| {
+                if let Some(d) = frame.data_ref() {
+                    up.inc_by(d.len() as u64);
+                }
+                frame
+            })
+            .map_err(BoxError::from)
+            .boxed();
+        out.body(body)
+    }
+
+    /// The byte counter of one direction of the agent's traffic in this mode.
+    fn bytes(&self, routed: &Routed, mode: &str, direction: &str) -> Counter {
+        self.metrics
+            .bytes
+            .get_or_create(&BytesLabels {
+                agent_id: routed.agent_id,
+                access_as: mode.to_string(),
+                direction: direction.to_string(),
+            })
+            .clone()
+    }
+
+    /// Latency and outcome of a forwarded request.
+    fn record(&self, routed: &Routed, mode: &str, started: std::time::Instant, code: StatusCode) {
         self.metrics
             .latency
             .get_or_create(&ModeLabels {
@@ -518,44 +578,9 @@ impl Proxy {
             .get_or_create(&RequestLabels {
                 agent_id: routed.agent_id,
                 access_as: mode.to_string(),
-                code: resp.status().as_u16(),
+                code: code.as_u16(),
             })
             .inc();
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client_upgrade) = client_upgrade
-        {
-            let agent_upgrade = hyper::upgrade::on(&mut resp);
-            let (revoked, live) = (revoked.clone(), live.clone());
-            tokio::spawn(async move {
-                let _live = live;
-                if let Ok((c, a)) = tokio::try_join!(client_upgrade, agent_upgrade) {
-                    let (mut c, mut a) = (TokioIo::new(c), TokioIo::new(a));
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut c, &mut a) => {}
-                        () = revoked.cancelled() => {}
-                    }
-                }
-            });
-        }
-        let down = self
-            .metrics
-            .bytes
-            .get_or_create(&labels("response"))
-            .clone();
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .map_frame(move |f| {
-                if let Some(d) = f.data_ref() {
-                    down.inc_by(d.len() as u64);
-                }
-                f
-            })
-            .map_err(BoxError::from);
-        let body = match live {
-            Some(live) => Revocable::new(body, live).boxed(),
-            None => body.boxed(),
-        };
-        Ok(Response::from_parts(parts, body))
     }
 
     /// Starts tracking a request made with a revocable credential (a personal access token):
@@ -765,26 +790,17 @@ impl Proxy {
         job: &tether_kubeproxy_server::CiIdentity,
         agents: &[tether_store::AgentRow],
     ) -> Result<Option<String>, tether_kubeproxy_server::KubeconfigError> {
-        let mut kc = Kubeconfig::new(server, self.ca_pem.as_deref())?;
-        let mut any = false;
-        for a in agents {
-            let config = self.configs.config(a.id).unwrap_or_default();
-            let Ok(ok) = authorize_ci(&config.ci_access, &a.project_path, job) else {
-                continue;
-            };
-            let name = format!("{}:{}", a.project_path, a.name);
-            kc.add_context(
-                &name,
-                &format!("ci:{}:{jwt}", a.id),
-                ok.default_namespace.as_deref(),
-            )?;
-            any = true;
-        }
-        if any {
-            kc.to_json().map(Some)
-        } else {
-            Ok(None)
-        }
+        let configs: Vec<_> = agents
+            .iter()
+            .map(|a| self.configs.config(a.id).unwrap_or_default())
+            .collect();
+        let entries = agents.iter().zip(&configs).map(|(a, c)| KubeconfigAgent {
+            id: a.id,
+            project_path: &a.project_path,
+            name: &a.name,
+            ci_access: &c.ci_access,
+        });
+        ci_kubeconfig(server, self.ca_pem.as_deref(), jwt, job, entries)
     }
 }
 

@@ -1,16 +1,18 @@
 //! kas, the agent server, as a library: the binary in `main.rs` parses the command line and
-//! calls [`server::start`] (serve) or [`admin`] (admin commands against a running kas).
+//! calls [`server::start`] (serve) or `tether_kas_api::AdminClient` (admin commands against a
+//! running kas).
 //!
 //! Modules are wired explicitly here; each gets its dependencies injected.
 
-pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
-pub mod configuration;
+pub mod connections;
 pub mod jwks;
 pub mod kubeproxy;
 pub mod limits;
 pub mod listener;
+pub mod modules;
+pub mod projects;
 pub mod revocation;
 pub mod server;

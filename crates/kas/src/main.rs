@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kas::admin::AdminClient;
 use kas::config::Config;
+use tether_kas_api::AdminClient;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -86,7 +86,7 @@ enum UserTokenCmd {
         /// A membership, `project:<path>[:<id>]:<role>` or `group:<path>[:<id>]:<role>`
         /// (role: guest, reporter, developer, maintainer, owner); repeatable.
         #[arg(long = "member")]
-        members: Vec<String>,
+        members: Vec<tether_kas_api::Membership>,
         /// Lifetime, like 8h or 30d (default 30 days).
         #[arg(long, default_value = "30d")]
         expires_in: String,
@@ -198,7 +198,7 @@ fn admin_client(cli: &Cli, cfg: &Config) -> Result<AdminClient> {
         .clone()
         .unwrap_or_else(|| cfg.admin_token_file());
     let ca = cli.api_ca_file.as_ref().or(cfg.api.ca_file.as_ref());
-    AdminClient::from_token_file(&url, &file)?.trusting(ca.map(PathBuf::as_path))
+    Ok(AdminClient::from_token_file(&url, &file)?.trusting(ca.map(PathBuf::as_path))?)
 }
 
 /// The internal API's URL from the configuration: https when its listener has TLS, and a
@@ -318,19 +318,7 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
             json,
         } => {
             let t = c.register_agent(project, name).await?;
-            if *json {
-                out!("{}", serde_json::to_string_pretty(&t)?)?;
-            } else {
-                out!(
-                    "agent_id: {}\ntoken_id: {}\ntoken: {}",
-                    t.agent_id,
-                    t.token_id,
-                    t.token
-                )?;
-                eprintln!(
-                    "Store the token now (for example in a Kubernetes Secret): kas keeps only its hash."
-                );
-            }
+            print_registered(&t, *json)
         }
         AgentCmd::List { json } => {
             let agents = c.list_agents().await?;
@@ -338,50 +326,7 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
                 out!("{}", serde_json::to_string_pretty(&agents)?)?;
                 return Ok(());
             }
-            out!(
-                "{:<6} {:<30} {:<20} {:<10} {:<22} {:<12} POD",
-                "ID",
-                "PROJECT",
-                "NAME",
-                "STATE",
-                "SINCE",
-                "VERSION"
-            )?;
-            for a in agents {
-                if a.connections.is_empty() {
-                    out!(
-                        "{:<6} {:<30} {:<20} {:<10}",
-                        a.id,
-                        a.project,
-                        a.name,
-                        "offline"
-                    )?;
-                }
-                for con in &a.connections {
-                    out!(
-                        "{:<6} {:<30} {:<20} {:<10} {:<22} {:<12} {}/{}",
-                        a.id,
-                        a.project,
-                        a.name,
-                        "connected",
-                        con.connected_since,
-                        con.agent_version,
-                        con.pod_namespace,
-                        con.pod_name
-                    )?;
-                }
-                if let Some(cfg) = &a.config {
-                    let commit = if cfg.commit.is_empty() {
-                        "(none)"
-                    } else {
-                        &cfg.commit[..cfg.commit.len().min(12)]
-                    };
-                    out!("       config in force: commit {commit}")?;
-                    if let (Some(e), Some(c)) = (&cfg.error, &cfg.error_commit) {
-                        out!("       refused at commit {}: {e}", &c[..c.len().min(12)])?;
-                    }
-                }
-            }
+            print_agents(agents)
         }
         AgentCmd::Status { agent_id, json } => {
             let syncs = c.gitops_status(*agent_id).await?;
@@ -389,58 +334,135 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
                 out!("{}", serde_json::to_string_pretty(&syncs)?)?;
                 return Ok(());
             }
-            if syncs.is_empty() {
-                out!("agent {agent_id} has reported no synchronization yet")?;
-            }
-            for s in syncs {
-                out!(
-                    "{}  commit {}  {}{}  at {}{}",
-                    s.project_id,
-                    &s.commit_id[..s.commit_id.len().min(12)],
-                    s.outcome,
-                    if s.dry_run { " (dry run)" } else { "" },
-                    s.finished_at,
-                    if s.error.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  error: {}", s.error)
-                    }
-                )?;
-                for w in &s.warnings {
-                    out!("    warning: {w}")?;
-                }
-                for o in s.objects {
-                    out!(
-                        "    {:<12} {}/{} {}/{}  {}",
-                        o.status,
-                        if o.group.is_empty() { "core" } else { &o.group },
-                        o.kind,
-                        if o.namespace.is_empty() {
-                            "-"
-                        } else {
-                            &o.namespace
-                        },
-                        o.name,
-                        o.message
-                    )?;
-                }
+            print_syncs(*agent_id, syncs)
+        }
+        AgentCmd::Ping { agent_id, bytes } => ping(c, *agent_id, *bytes).await,
+    }
+}
+
+/// `kas agent register`'s output: the token, shown once.
+fn print_registered(t: &tether_kas_api::TokenCreated, json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::to_string_pretty(&t)?)?;
+    } else {
+        out!(
+            "agent_id: {}\ntoken_id: {}\ntoken: {}",
+            t.agent_id,
+            t.token_id,
+            t.token
+        )?;
+        eprintln!(
+            "Store the token now (for example in a Kubernetes Secret): kas keeps only its hash."
+        );
+    }
+    Ok(())
+}
+
+/// `kas agent list`'s table: a line per connection (or one for an offline agent), then the
+/// configuration in force.
+fn print_agents(agents: Vec<tether_kas_api::AgentView>) -> Result<()> {
+    out!(
+        "{:<6} {:<30} {:<20} {:<10} {:<22} {:<12} POD",
+        "ID",
+        "PROJECT",
+        "NAME",
+        "STATE",
+        "SINCE",
+        "VERSION"
+    )?;
+    for a in agents {
+        if a.connections.is_empty() {
+            out!(
+                "{:<6} {:<30} {:<20} {:<10}",
+                a.id,
+                a.project,
+                a.name,
+                "offline"
+            )?;
+        }
+        for con in &a.connections {
+            out!(
+                "{:<6} {:<30} {:<20} {:<10} {:<22} {:<12} {}/{}",
+                a.id,
+                a.project,
+                a.name,
+                "connected",
+                con.connected_since,
+                con.agent_version,
+                con.pod_namespace,
+                con.pod_name
+            )?;
+        }
+        if let Some(cfg) = &a.config {
+            let commit = if cfg.commit.is_empty() {
+                "(none)"
+            } else {
+                &cfg.commit[..cfg.commit.len().min(12)]
+            };
+            out!("       config in force: commit {commit}")?;
+            if let (Some(e), Some(c)) = (&cfg.error, &cfg.error_commit) {
+                out!("       refused at commit {}: {e}", &c[..c.len().min(12)])?;
             }
         }
-        AgentCmd::Ping { agent_id, bytes } => {
-            let payload: Vec<u8> = (0..*bytes).map(|i| (i % 251) as u8).collect();
-            let t0 = Instant::now();
-            let back = c.echo(*agent_id, payload.clone()).await?;
-            let dt = t0.elapsed();
-            anyhow::ensure!(
-                back.as_ref() == payload.as_slice(),
-                "the echo came back altered"
-            );
+    }
+    Ok(())
+}
+
+/// `kas agent status`: each manifest project's last synchronization and its objects.
+fn print_syncs(agent_id: i64, syncs: Vec<tether_kas_api::SyncView>) -> Result<()> {
+    if syncs.is_empty() {
+        out!("agent {agent_id} has reported no synchronization yet")?;
+    }
+    for s in syncs {
+        out!(
+            "{}  commit {}  {}{}  at {}{}",
+            s.project_id,
+            &s.commit_id[..s.commit_id.len().min(12)],
+            s.outcome,
+            if s.dry_run { " (dry run)" } else { "" },
+            s.finished_at,
+            if s.error.is_empty() {
+                String::new()
+            } else {
+                format!("  error: {}", s.error)
+            }
+        )?;
+        for w in &s.warnings {
+            out!("    warning: {w}")?;
+        }
+        for o in s.objects {
             out!(
-                "{} bytes through agent {agent_id} and back in {dt:?}",
-                back.len()
+                "    {:<12} {}/{} {}/{}  {}",
+                o.status,
+                if o.group.is_empty() { "core" } else { &o.group },
+                o.kind,
+                if o.namespace.is_empty() {
+                    "-"
+                } else {
+                    &o.namespace
+                },
+                o.name,
+                o.message
             )?;
         }
     }
+    Ok(())
+}
+
+/// `kas agent ping`: a payload through the agent's echo service and back, timed.
+async fn ping(c: &AdminClient, agent_id: i64, bytes: usize) -> Result<()> {
+    let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let t0 = Instant::now();
+    let back = c.echo(agent_id, payload.clone()).await?;
+    let dt = t0.elapsed();
+    anyhow::ensure!(
+        back.as_ref() == payload.as_slice(),
+        "the echo came back altered"
+    );
+    out!(
+        "{} bytes through agent {agent_id} and back in {dt:?}",
+        back.len()
+    )?;
     Ok(())
 }
 
@@ -537,29 +559,6 @@ async fn ci_kubeconfig(
     Ok(())
 }
 
-/// `project:group/app:42:developer` or `group:group:maintainer` → a membership.
-fn membership(spec: &str) -> Result<serde_json::Value> {
-    let parts: Vec<&str> = spec.split(':').collect();
-    let (kind, path, id, role) = match parts.as_slice() {
-        [k, p, r] => (*k, *p, None, *r),
-        [k, p, i, r] => (
-            *k,
-            *p,
-            Some(
-                i.parse::<i64>()
-                    .with_context(|| format!("{spec}: id must be a number"))?,
-            ),
-            *r,
-        ),
-        _ => anyhow::bail!("{spec}: expected project|group:<path>[:<id>]:<role>"),
-    };
-    anyhow::ensure!(
-        matches!(kind, "project" | "group"),
-        "{spec}: kind must be project or group"
-    );
-    Ok(serde_json::json!({"kind": kind, "path": path, "id": id, "access_level": role}))
-}
-
 async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -> Result<()> {
     match cmd {
         UserTokenCmd::Create {
@@ -584,10 +583,7 @@ async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -> Re
                 .with_context(|| format!("{expires_in} is not a duration like 8h or 30d"))?;
             let req = kas::api::UserTokenRequest {
                 username: username.clone(),
-                memberships: members
-                    .iter()
-                    .map(|m| membership(m))
-                    .collect::<Result<_>>()?,
+                memberships: members.clone(),
                 expires_in_seconds: Some(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
             };
             let t = c.create_user_token(*agent_id, &req).await?;
@@ -693,4 +689,29 @@ async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_membership_is_refused_when_the_command_line_is_parsed() {
+        let args = [
+            "kas",
+            "user-token",
+            "create",
+            "--agent-id=1",
+            "--username=alice",
+            "--member=group:group:boss",
+        ];
+        let e = Cli::try_parse_from(args).expect_err("bad role");
+        assert!(
+            e.to_string()
+                .contains("group:group:boss: role must be one of guest"),
+            "{e}"
+        );
+        let ok = Cli::try_parse_from(args.map(|a| a.replace("boss", "maintainer")));
+        assert!(ok.is_ok(), "{:?}", ok.err());
+    }
 }

@@ -1,12 +1,9 @@
-//! Starting kas: store, registry, the agent listener (gRPC and WebSocket on one port), the
-//! internal API and the observability endpoint; and stopping it cleanly.
+//! Starting kas as an explicit list of modules — store, limits, registry, sources,
+//! configuration, gitops, agent listener (tunnel), internal API, webhooks, Kubernetes API proxy,
+//! observability — each started with its dependencies and stopped in reverse order.
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -15,22 +12,22 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tether_protocol::tunnel::reverse_tunnel_server::ReverseTunnelServer;
 use tether_store::{SqliteStore, Store};
-use tether_transport::{AgentConnectInfo, AgentIo};
-use tether_tunnel_server::{Registry, TunnelService};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tether_tunnel_server::{Authenticator, Registry, TunnelService};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Connected;
 
 use crate::api::{self, ApiState};
 use crate::auth::{AdminToken, StoreAuthenticator};
 use crate::config::Config;
-use crate::configuration::{ConfigService, ConfigStates};
-use tether_git_source::{ProjectSpec, Sources};
-use tether_gitops_server::{GitOpsDeps, GitOpsModule};
-use tether_protocol::agent_configuration::agent_configuration_server::AgentConfigurationServer;
+use crate::connections::{ConnectionCount, Counted};
+use crate::limits::Guards;
+use crate::listener::ListenerMetrics;
+use crate::modules::{Handle, Modules};
+use tether_configuration_server::{ConfigService, ConfigStates};
+use tether_git_source::Sources;
+use tether_gitops_server::{GitOpsDeps, GitOpsModule, GitOpsService, SyncStates};
+use tether_protocol::gitops::git_ops_server::GitOpsServer;
 
 /// A running kas.
 #[derive(Debug)]
@@ -45,7 +42,7 @@ pub struct Running {
     pub store: Arc<dyn Store>,
     pub sources: Arc<Sources>,
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    modules: Modules,
 }
 
 impl Running {
@@ -54,86 +51,14 @@ impl Running {
         self.shutdown.cancel();
     }
 
-    /// Stops and waits (bounded) for the parts to finish.
+    /// Stops the modules in reverse start order and waits (bounded) for them to finish.
     pub async fn shutdown(self, grace: Duration) {
-        self.registry.shutdown();
-        self.sources.shutdown();
-        self.shutdown.cancel();
-        let all = futures_util::future::join_all(self.tasks);
-        if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!("Some listeners did not stop within the grace period");
-        }
-        self.store.close().await;
+        self.modules.shutdown(grace).await;
     }
 
     /// Resolves when shutdown was requested.
     pub async fn stopped(&self) {
         self.shutdown.cancelled().await;
-    }
-}
-
-/// Live transport connections from agents, for metrics and leak checks.
-#[derive(Debug, Default)]
-pub struct ConnectionCount(AtomicUsize);
-
-impl ConnectionCount {
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// An agent connection that keeps [`ConnectionCount`] right however it ends.
-struct Counted {
-    io: AgentIo,
-    count: Arc<ConnectionCount>,
-    gauge: Gauge,
-}
-
-impl Counted {
-    fn new(io: AgentIo, count: Arc<ConnectionCount>, gauge: Gauge) -> Self {
-        count.0.fetch_add(1, Ordering::Relaxed);
-        gauge.inc();
-        Self { io, count, gauge }
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.count.0.fetch_sub(1, Ordering::Relaxed);
-        self.gauge.dec();
-    }
-}
-
-impl Connected for Counted {
-    type ConnectInfo = AgentConnectInfo;
-    fn connect_info(&self) -> AgentConnectInfo {
-        self.io.connect_info()
-    }
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -143,8 +68,115 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding the {what} listener to {addr}"))
 }
 
-/// Starts every part of kas and returns once all listeners are bound.
+/// What the modules share, filled in as they start.
+struct Shared {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    guards: Guards,
+    auth: Arc<dyn Authenticator>,
+    metrics: MetricsRegistry,
+    listener_metrics: ListenerMetrics,
+}
+
+/// Starts every module of kas, in order, and returns once all listeners are bound.
 pub async fn start(cfg: Config) -> Result<Running> {
+    let shutdown = CancellationToken::new();
+    let mut modules = Modules::new(shutdown.clone());
+    let (store, admin, h) = start_store(&cfg, modules.handle("store")).await?;
+    modules.push(h);
+    let mut metrics = MetricsRegistry::with_prefix("kas");
+    let (guards, h) = start_limits(&cfg, &mut metrics, modules.handle("limits"));
+    modules.push(h);
+    let auth: Arc<dyn Authenticator> = Arc::new(StoreAuthenticator {
+        store: Arc::clone(&store),
+        guard: Arc::clone(&guards.agent),
+    });
+    let (registry, h) = start_registry(&mut metrics, modules.handle("registry"));
+    modules.push(h);
+    let (connections, conn_gauge) = connection_count(&mut metrics);
+    let listener_metrics = ListenerMetrics::default();
+    listener_metrics.register(&mut metrics);
+    let mut sh = Shared {
+        store,
+        registry,
+        guards,
+        auth,
+        metrics,
+        listener_metrics,
+    };
+    check_limits(&cfg);
+    let (sources, h) = start_sources(&cfg, &sh, modules.handle("sources")).await?;
+    modules.push(h);
+    let (config_states, configuration, h) =
+        start_configuration(&sh, &sources, modules.handle("configuration")).await?;
+    modules.push(h);
+    let (sync_states, gitops, h) = start_gitops(&cfg, &sh, &sources, modules.handle("gitops"));
+    modules.push(h);
+    let agent = AgentServices {
+        connections: (Arc::clone(&connections), conn_gauge),
+        configuration,
+        gitops,
+    };
+    let (agent_addr, h) = start_agent_listener(&cfg, &sh, agent, modules.handle("tunnel")).await?;
+    modules.push(h);
+    // Shared by the proxy (tracks) and the internal API (revokes).
+    let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
+    let state = ApiState {
+        store: Arc::clone(&sh.store),
+        registry: Arc::clone(&sh.registry),
+        admin,
+        tunnel_wait: cfg.agent.tunnel_wait_timeout,
+        connections,
+        sources: Arc::clone(&sources),
+        config_states: Arc::clone(&config_states),
+        sync_states,
+        live_user_requests: Arc::clone(&live_user_requests),
+        guards: sh.guards.clone(),
+    };
+    let (api_addr, h) = start_api(&cfg, &sh, state.clone(), modules.handle("api")).await?;
+    modules.push(h);
+    let webhooks_addr = match &cfg.webhooks.listen {
+        Some(w) => {
+            let (addr, h) = start_webhooks(w, &sh, state, modules.handle("webhooks")).await?;
+            modules.push(h);
+            Some(addr)
+        }
+        None => None,
+    };
+    let proxy_deps = (config_states, live_user_requests);
+    let (kubernetes_api_addr, h) =
+        start_kubeproxy(&cfg, &mut sh, proxy_deps, modules.handle("kubeproxy")).await?;
+    modules.push(h);
+    let (observability_addr, h) =
+        start_observability(&cfg, sh.metrics, modules.handle("observability")).await?;
+    modules.push(h);
+    Ok(Running {
+        agent_addr,
+        api_addr,
+        observability_addr,
+        kubernetes_api_addr,
+        webhooks_addr,
+        registry: sh.registry,
+        store: sh.store,
+        sources,
+        shutdown,
+        modules,
+    })
+}
+
+/// The count of agent connections, and its gauge.
+fn connection_count(metrics: &mut MetricsRegistry) -> (Arc<ConnectionCount>, Gauge) {
+    let gauge = Gauge::default();
+    metrics.register(
+        "agent_connections",
+        "Open transport connections from agents",
+        gauge.clone(),
+    );
+    (Arc::new(ConnectionCount::default()), gauge)
+}
+
+/// The store and the admin token; the store closes last.
+async fn start_store(cfg: &Config, handle: Handle) -> Result<(Arc<dyn Store>, AdminToken, Handle)> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
     let sqlite = cfg.sqlite_path();
@@ -156,55 +188,100 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let admin_file = cfg.admin_token_file();
     let admin = AdminToken::load_or_create(&admin_file)
         .with_context(|| format!("reading or creating {}", admin_file.display()))?;
+    let closing = Arc::clone(&store);
+    let handle = handle.on_close(async move { closing.close().await });
+    Ok((store, admin, handle))
+}
 
-    let shutdown = CancellationToken::new();
+/// The limits on failed authentication, and their periodic summary log.
+fn start_limits(cfg: &Config, metrics: &mut MetricsRegistry, handle: Handle) -> (Guards, Handle) {
+    let guards = Guards::new(&cfg.rate_limits, metrics);
+    let task = guards.spawn_summaries(Modules::shutdown_of(&handle));
+    (guards, handle.task(task))
+}
+
+/// The registry of agents' tunnels; stopping it ends every tunnel.
+fn start_registry(metrics: &mut MetricsRegistry, handle: Handle) -> (Arc<Registry>, Handle) {
     let registry = Arc::new(Registry::new());
-    let connections = Arc::new(ConnectionCount::default());
-    let conn_gauge = Gauge::default();
-    let mut metrics = MetricsRegistry::with_prefix("kas");
-    let guards = crate::limits::Guards::new(&cfg.rate_limits, &mut metrics);
-    let auth = Arc::new(StoreAuthenticator {
-        store: Arc::clone(&store),
-        guard: Arc::clone(&guards.agent),
-    });
-    registry.register_metrics(&mut metrics);
-    metrics.register(
-        "agent_connections",
-        "Open transport connections from agents",
-        conn_gauge.clone(),
-    );
-    let listener_metrics = crate::listener::ListenerMetrics::default();
-    listener_metrics.register(&mut metrics);
-    let metrics = Arc::new(Mutex::new(metrics));
-    let mut tasks = vec![guards.spawn_summaries(shutdown.clone())];
-    check_limits(&cfg);
+    registry.register_metrics(metrics);
+    let stopping = Arc::clone(&registry);
+    (registry, handle.on_stop(move || stopping.shutdown()))
+}
 
-    // Git mirrors of every project with a repository.
+/// Git mirrors of every project with a repository, polled in the background.
+async fn start_sources(
+    cfg: &Config,
+    sh: &Shared,
+    handle: Handle,
+) -> Result<(Arc<Sources>, Handle)> {
     let sources = Sources::new(
         cfg.git_cache_dir(),
         cfg.git.poll_interval,
         cfg.git.fetch_timeout,
     );
-    for p in store.list_projects().await.context("listing projects")? {
-        if let Err(e) = sources.upsert(project_spec(&p)?) {
+    for p in sh.store.list_projects().await.context("listing projects")? {
+        if let Err(e) = sources.upsert(crate::projects::project_spec(&p)?) {
             tracing::error!(project = %p.path, error = %e, "Cannot mirror the project");
         }
     }
+    let stopping = Arc::clone(&sources);
+    Ok((sources, handle.on_stop(move || stopping.shutdown())))
+}
+
+/// The agents' configuration streams: the configurations in force, loaded from the store so
+/// kas authorizes requests right after a restart, and the gRPC service.
+async fn start_configuration(
+    sh: &Shared,
+    sources: &Arc<Sources>,
+    handle: Handle,
+) -> Result<(Arc<ConfigStates>, ConfigService, Handle)> {
     let config_states = Arc::new(ConfigStates::default());
-    let gitops = GitOpsModule::new(GitOpsDeps {
-        auth: auth.clone(),
-        store: Arc::clone(&store),
-        sources: Arc::clone(&sources),
-        registry: Arc::clone(&registry),
-        limits: cfg.gitops.limits(),
-    });
-    let sync_states = gitops.reports();
     config_states
-        .load(store.as_ref())
+        .load(sh.store.as_ref())
         .await
         .context("loading the agents' configurations in force")?;
+    let configuration = ConfigService {
+        auth: sh.auth.clone(),
+        store: Arc::clone(&sh.store),
+        sources: Arc::clone(sources),
+        registry: Arc::clone(&sh.registry),
+        states: Arc::clone(&config_states),
+    };
+    Ok((config_states, configuration, handle))
+}
 
-    // Agent listener: gRPC over HTTP/2 and over WebSocket on one port, TLS when configured.
+/// GitOps: the agents' sync reports and the gRPC service that sends them manifests.
+fn start_gitops(
+    cfg: &Config,
+    sh: &Shared,
+    sources: &Arc<Sources>,
+    handle: Handle,
+) -> (Arc<SyncStates>, GitOpsServer<GitOpsService>, Handle) {
+    let gitops = GitOpsModule::new(GitOpsDeps {
+        auth: sh.auth.clone(),
+        store: Arc::clone(&sh.store),
+        sources: Arc::clone(sources),
+        registry: Arc::clone(&sh.registry),
+        limits: cfg.gitops.limits(),
+    });
+    (gitops.reports(), gitops.service(), handle)
+}
+
+/// The gRPC services of the agent listener besides the tunnel, and its connection count.
+struct AgentServices {
+    connections: (Arc<ConnectionCount>, Gauge),
+    configuration: ConfigService,
+    gitops: GitOpsServer<GitOpsService>,
+}
+
+/// Agent listener: gRPC over HTTP/2 and over WebSocket on one port, TLS when configured;
+/// and the periodic re-check of the tokens of live streams.
+async fn start_agent_listener(
+    cfg: &Config,
+    sh: &Shared,
+    services: AgentServices,
+    handle: Handle,
+) -> Result<(SocketAddr, Handle)> {
     let l = &cfg.agent.listen;
     let tls = match (&l.certificate_file, &l.key_file) {
         (Some(c), Some(k)) => {
@@ -216,17 +293,20 @@ pub async fn start(cfg: Config) -> Result<Running> {
     };
     let listener = bind("agent", l.address).await?;
     let agent_addr = listener.local_addr()?;
-    let conns = Arc::clone(&connections);
+    let (conns, conn_gauge) = services.connections;
     let limits = l.limits(crate::config::AGENT_LIMITS);
     let options = tether_transport::AcceptOptions {
         handshake_timeout: limits.handshake_timeout,
         limits: limits.connections(),
-        events: Arc::new(listener_metrics.events("agent")),
+        events: Arc::new(sh.listener_metrics.events("agent")),
     };
     let incoming = tether_transport::incoming_with(listener, tls, options)
         .map(move |r| r.map(|io| Counted::new(io, Arc::clone(&conns), conn_gauge.clone())));
-    let service = ReverseTunnelServer::new(TunnelService::new(Arc::clone(&registry), auth.clone()))
-        .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE);
+    let service = ReverseTunnelServer::new(TunnelService::new(
+        Arc::clone(&sh.registry),
+        sh.auth.clone(),
+    ))
+    .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE);
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(tether_transport::STREAM_WINDOW)
         .initial_connection_window_size(tether_transport::CONNECTION_WINDOW)
@@ -235,39 +315,42 @@ pub async fn start(cfg: Config) -> Result<Running> {
         .max_connection_age(cfg.agent.max_connection_age)
         .max_connection_age_grace(cfg.agent.max_connection_age_grace)
         .add_service(service)
-        .add_service(AgentConfigurationServer::new(ConfigService {
-            auth: auth.clone(),
-            store: Arc::clone(&store),
-            sources: Arc::clone(&sources),
-            registry: Arc::clone(&registry),
-            states: Arc::clone(&config_states),
-        }))
-        .add_service(gitops.service());
-    let stop = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
+        .add_service(services.configuration.into_server())
+        .add_service(services.gitops);
+    let stop = Modules::shutdown_of(&handle);
+    let serving = tokio::spawn(async move {
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
         {
             tracing::error!(error = %e, "Agent listener failed");
         }
-    }));
+    });
     tracing::info!(net_address = %agent_addr, "Agent listener is up");
-
-    // Re-check tokens of live streams: bounds the life of streams of a token revoked elsewhere.
-    let (reg, a, stop, every) = (
-        Arc::clone(&registry),
-        auth.clone(),
-        shutdown.clone(),
+    let recheck = spawn_token_recheck(
+        Arc::clone(&sh.registry),
+        sh.auth.clone(),
         cfg.agent.token_recheck_interval,
+        Modules::shutdown_of(&handle),
     );
-    tasks.push(tokio::spawn(async move {
+    Ok((agent_addr, handle.task(serving).task(recheck)))
+}
+
+/// Re-checks the tokens of live streams: bounds the life of streams of a token revoked
+/// elsewhere.
+fn spawn_token_recheck(
+    reg: Arc<Registry>,
+    auth: Arc<dyn Authenticator>,
+    every: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    let ended = reg.recheck_tokens(a.as_ref()).await;
+                    let ended = reg.recheck_tokens(auth.as_ref()).await;
                     if ended > 0 {
                         tracing::info!(streams = ended, "Ended streams of revoked tokens");
                     }
@@ -275,45 +358,82 @@ pub async fn start(cfg: Config) -> Result<Running> {
                 () = stop.cancelled() => break,
             }
         }
-    }));
+    })
+}
 
-    // Shared by the proxy (tracks) and the internal API (revokes).
-    let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
-
-    // Internal API for the admin commands, and the webhooks on it or on their own listener.
-    let state = ApiState {
-        store: Arc::clone(&store),
-        registry: Arc::clone(&registry),
-        admin,
-        tunnel_wait: cfg.agent.tunnel_wait_timeout,
-        connections: Arc::clone(&connections),
-        sources: Arc::clone(&sources),
-        config_states: Arc::clone(&config_states),
-        sync_states: Arc::clone(&sync_states),
-        live_user_requests: Arc::clone(&live_user_requests),
-        guards: guards.clone(),
+/// The internal API for the admin commands (and the webhooks, unless they have their own
+/// listener).
+async fn start_api(
+    cfg: &Config,
+    sh: &Shared,
+    state: ApiState,
+    handle: Handle,
+) -> Result<(SocketAddr, Handle)> {
+    use crate::listener::{axum_handler, bind_http, serve_http};
+    let l = &cfg.api.listen;
+    let api = bind_http("api", l, crate::config::API_LIMITS, &sh.listener_metrics).await?;
+    let api_addr = api.listener.local_addr()?;
+    if !api_addr.ip().is_loopback() && api.tls.is_none() {
+        tracing::warn!(net_address = %api_addr, "The internal API is plain HTTP on a non-loopback address: configure api.listen TLS or keep it on loopback");
+    }
+    let app = if cfg.separate_webhooks() {
+        api::admin_router(state)
+    } else {
+        api::router(state)
     };
-    let (api_addr, webhooks_addr) =
-        start_api(&cfg, state, &listener_metrics, &shutdown, &mut tasks).await?;
+    let task = tokio::spawn(serve_http(
+        api,
+        axum_handler(app),
+        Modules::shutdown_of(&handle),
+    ));
+    tracing::info!(net_address = %api_addr, "Internal API is up");
+    Ok((api_addr, handle.task(task)))
+}
 
-    // Kubernetes API proxy for CI jobs (and later users).
+/// The webhook listener, when `webhooks.listen` is configured.
+async fn start_webhooks(
+    listen: &crate::config::Listen,
+    sh: &Shared,
+    state: ApiState,
+    handle: Handle,
+) -> Result<(SocketAddr, Handle)> {
+    use crate::listener::{axum_handler, bind_http, serve_http};
+    let hooks = bind_http(
+        "webhooks",
+        listen,
+        crate::config::WEBHOOKS_LIMITS,
+        &sh.listener_metrics,
+    )
+    .await?;
+    let hooks_addr = hooks.listener.local_addr()?;
+    let app = axum_handler(api::webhook_router(state));
+    let task = tokio::spawn(serve_http(hooks, app, Modules::shutdown_of(&handle)));
+    tracing::info!(net_address = %hooks_addr, "Webhook listener is up");
+    Ok((hooks_addr, handle.task(task)))
+}
+
+/// The Kubernetes API proxy for CI jobs and users.
+async fn start_kubeproxy(
+    cfg: &Config,
+    sh: &mut Shared,
+    (configs, live_user_requests): (Arc<ConfigStates>, Arc<crate::revocation::LiveUserRequests>),
+    handle: Handle,
+) -> Result<(SocketAddr, Handle)> {
     let k = &cfg.kubernetes_api;
     let k_listener = crate::listener::bind_http(
         "kubernetes_api",
         &k.listen,
         crate::config::KUBERNETES_API_LIMITS,
-        &listener_metrics,
+        &sh.listener_metrics,
     )
     .await?;
     let kubernetes_api_addr = k_listener.listener.local_addr()?;
     let proxy_metrics = crate::kubeproxy::ProxyMetrics::default();
-    if let Ok(mut m) = metrics.lock() {
-        proxy_metrics.register(&mut m);
-    }
+    proxy_metrics.register(&mut sh.metrics);
     let proxy = crate::kubeproxy::Proxy {
-        store: Arc::clone(&store),
-        registry: Arc::clone(&registry),
-        configs: Arc::clone(&config_states),
+        store: Arc::clone(&sh.store),
+        registry: Arc::clone(&sh.registry),
+        configs,
         verifier: Arc::new(tether_kubeproxy_server::OidcVerifier::new(
             k.ci_issuers.clone(),
             Arc::new(crate::jwks::HttpJwksFetcher::new(
@@ -345,77 +465,35 @@ pub async fn start(cfg: Config) -> Result<Running> {
         tls: k.listen.certificate_file.is_some(),
         agent_projects: Arc::default(),
         live_user_requests,
-        guard: Arc::clone(&guards.kubernetes_api),
+        guard: Arc::clone(&sh.guards.kubernetes_api),
     };
-    tasks.push(tokio::spawn(crate::kubeproxy::serve(
+    let task = tokio::spawn(crate::kubeproxy::serve(
         k_listener,
         proxy,
-        shutdown.clone(),
-    )));
+        Modules::shutdown_of(&handle),
+    ));
     tracing::info!(net_address = %kubernetes_api_addr, "Kubernetes API proxy is up");
+    Ok((kubernetes_api_addr, handle.task(task)))
+}
 
-    // Observability.
+/// The observability endpoint: metrics of every module, readiness.
+async fn start_observability(
+    cfg: &Config,
+    metrics: MetricsRegistry,
+    handle: Handle,
+) -> Result<(SocketAddr, Handle)> {
     let obs_listener = bind("observability", cfg.observability.listen.address).await?;
     let observability_addr = obs_listener.local_addr()?;
     let (_ready_tx, ready) = watch::channel(true);
+    let metrics = Arc::new(Mutex::new(metrics));
     let ep = tether_observability::Endpoint { metrics, ready };
-    let stop = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
+    let stop = Modules::shutdown_of(&handle);
+    let task = tokio::spawn(async move {
         if let Err(e) = tether_observability::serve(obs_listener, ep, stop).await {
             tracing::error!(error = %e, "Observability endpoint failed");
         }
-    }));
-
-    Ok(Running {
-        agent_addr,
-        api_addr,
-        observability_addr,
-        kubernetes_api_addr,
-        webhooks_addr,
-        registry,
-        store,
-        sources,
-        shutdown,
-        tasks,
-    })
-}
-
-/// Serves the internal API (admin commands; webhooks too unless they have their own
-/// listener) and the webhook listener if configured; returns their addresses.
-async fn start_api(
-    cfg: &Config,
-    state: ApiState,
-    metrics: &crate::listener::ListenerMetrics,
-    shutdown: &CancellationToken,
-    tasks: &mut Vec<JoinHandle<()>>,
-) -> Result<(SocketAddr, Option<SocketAddr>)> {
-    use crate::listener::{axum_handler, bind_http, serve_http};
-    let l = &cfg.api.listen;
-    let api = bind_http("api", l, crate::config::API_LIMITS, metrics).await?;
-    let api_addr = api.listener.local_addr()?;
-    if !api_addr.ip().is_loopback() && api.tls.is_none() {
-        tracing::warn!(net_address = %api_addr, "The internal API is plain HTTP on a non-loopback address: configure api.listen TLS or keep it on loopback");
-    }
-    let app = if cfg.separate_webhooks() {
-        api::admin_router(state.clone())
-    } else {
-        api::router(state.clone())
-    };
-    tasks.push(tokio::spawn(serve_http(
-        api,
-        axum_handler(app),
-        shutdown.clone(),
-    )));
-    tracing::info!(net_address = %api_addr, "Internal API is up");
-    let Some(w) = &cfg.webhooks.listen else {
-        return Ok((api_addr, None));
-    };
-    let hooks = bind_http("webhooks", w, crate::config::WEBHOOKS_LIMITS, metrics).await?;
-    let hooks_addr = hooks.listener.local_addr()?;
-    let app = axum_handler(api::webhook_router(state));
-    tasks.push(tokio::spawn(serve_http(hooks, app, shutdown.clone())));
-    tracing::info!(net_address = %hooks_addr, "Webhook listener is up");
-    Ok((api_addr, Some(hooks_addr)))
+    });
+    Ok((observability_addr, handle.task(task)))
 }
 
 /// Warns if the listeners' caps together could exhaust the process's file descriptors.
@@ -432,28 +510,4 @@ fn check_limits(cfg: &Config) {
         total = total.saturating_add(w.limits(WEBHOOKS_LIMITS).max_connections);
     }
     crate::listener::check_descriptor_budget(total);
-}
-
-/// What the mirrors need to know of a stored project.
-pub fn project_spec(p: &tether_store::Project) -> Result<ProjectSpec> {
-    let remote = match &p.remote {
-        None => None,
-        Some(r) => {
-            let mut remote = tether_git_source::Remote::parse(r)
-                .with_context(|| format!("project {}: remote {r}", p.path))?;
-            if let Some(file) = &p.credentials_file {
-                let creds = tether_git_source::Credentials::from_file(file)
-                    .with_context(|| format!("project {}: credentials file {file}", p.path))?;
-                remote = remote
-                    .with_credentials(creds)
-                    .with_context(|| format!("project {}: credentials", p.path))?;
-            }
-            Some(remote)
-        }
-    };
-    Ok(ProjectSpec {
-        id: p.id,
-        path: p.path.clone(),
-        remote,
-    })
 }

@@ -683,7 +683,7 @@ async fn people_use_personal_access_tokens_scoped_to_one_agent() {
             s.agent_id,
             &kas::api::UserTokenRequest {
                 username: "alice".into(),
-                memberships: vec![json!({"kind": "project", "path": "group/app", "id": 42, "access_level": "developer"})],
+                memberships: vec!["project:group/app:42:developer".parse().unwrap()],
                 expires_in_seconds: Some(3600),
             },
         )
@@ -830,9 +830,7 @@ async fn wait_watches_see(s: &Setup, name: &str, watches: &[&std::sync::mpsc::Re
 fn user_token_request(username: &str) -> kas::api::UserTokenRequest {
     kas::api::UserTokenRequest {
         username: username.into(),
-        memberships: vec![
-            json!({"kind": "project", "path": "group/app", "id": 42, "access_level": "developer"}),
-        ],
+        memberships: vec!["project:group/app:42:developer".parse().unwrap()],
         expires_in_seconds: Some(3600),
     }
 }
@@ -1048,7 +1046,7 @@ async fn ci_and_user_access_work_again_right_after_kas_restarts() {
             s.agent_id,
             &kas::api::UserTokenRequest {
                 username: "alice".into(),
-                memberships: vec![json!({"kind": "project", "path": "group/app", "id": 42, "access_level": "developer"})],
+                memberships: vec!["project:group/app:42:developer".parse().unwrap()],
                 expires_in_seconds: Some(3600),
             },
         )

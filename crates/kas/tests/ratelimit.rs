@@ -19,7 +19,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kas::api::ProjectRequest;
-use serde_json::json;
 use support::{Agent, GitRepo, Kas, KasOptions, wait_for};
 use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
 use tonic::Code;
@@ -343,7 +342,7 @@ async fn proxy_setup(dir: &std::path::Path) -> (Kas, Agent, i64, String) {
             t.agent_id,
             &kas::api::UserTokenRequest {
                 username: "alice".into(),
-                memberships: vec![json!({"kind": "project", "path": "group/app", "id": 42, "access_level": "developer"})],
+                memberships: vec!["project:group/app:42:developer".parse().unwrap()],
                 expires_in_seconds: Some(3600),
             },
         )

@@ -8,15 +8,19 @@
 //!    audience, lifetime checked against keys from the issuer's JWKS).
 //! 3. [`authorize_ci`] / [`authorize_user`] — the agent's `ci_access` / `user_access` decide
 //!    whether, and as whom ([`Authorized::access_as`]), the request goes to the cluster.
+//! 4. [`ci_job_context`] / [`user_context`] — what kas sends to agentk with the request;
+//!    [`ci_kubeconfig`] — the kubeconfig a CI job downloads.
 //!
 //! Errors carry the HTTP status the proxy answers with ([`AuthError::status`]: 401, or 503 when
 //! the signing keys cannot be loaded; [`Denied::status`]: 403).
 
 mod authorize;
+mod context;
 mod credentials;
 mod expiring;
 mod gitlab;
 mod kubeconfig;
+mod membership;
 mod oidc;
 mod path;
 
@@ -24,10 +28,12 @@ pub use authorize::{
     AccessLevel, Authorized, Denied, MatchedBy, Membership, MembershipKind, RoleGrant,
     UserAuthorized, UserIdentity, authorize_ci, authorize_user, environment_matches,
 };
+pub use context::{KubeconfigAgent, ci_job_context, ci_kubeconfig, mode_name, user_context};
 pub use credentials::Credential;
 pub use expiring::ExpiringMap;
 pub use gitlab::{environment_slug, roles_up_to};
 pub use kubeconfig::{CLUSTER_NAME, Kubeconfig, KubeconfigError, check_ca_pem};
+pub use membership::{MembershipSpecError, memberships_from_json, memberships_to_json};
 pub use oidc::{
     CiIdentity, ClaimMapping, DEFAULT_LEEWAY, DEFAULT_MIN_REFRESH_INTERVAL,
     DEFAULT_REFRESH_INTERVAL, FetchError, JwksCache, JwksFetcher, JwksSource, NoFetcher,

@@ -7,13 +7,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use tether_protocol::agent_configuration::ConfigurationRequest;
-use tether_protocol::agent_configuration::agent_configuration_client::AgentConfigurationClient;
-use tether_protocol::metadata;
 use tether_transport::{ClientOptions, KasAddress};
-use tether_tunnel_agent::{AgentMeta, Backoff, ConnState, EchoHandler, Handler, Pool, PoolConfig};
+use tether_tunnel_agent::{AgentMeta, ConnState, EchoHandler, Handler, Pool, PoolConfig};
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 #[derive(Debug, Clone)]
@@ -213,66 +209,26 @@ async fn watch_connected(
     }
 }
 
-/// A minimal agentk configuration stream: open it, read until it ends, reopen with backoff.
-/// It never gets a configuration (the project has no repository); it costs kas what a real
-/// agent's idle configuration stream costs.
+/// A minimal agentk configuration stream (agentk's own client): it never gets a configuration
+/// (the project has no repository); it costs kas what a real agent's idle configuration stream
+/// costs.
 async fn config_stream(
     channel: Channel,
     meta: AgentMeta,
     open: Arc<AtomicUsize>,
     shutdown: CancellationToken,
 ) {
-    let mut client = AgentConfigurationClient::new(channel)
-        .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE);
-    // agentk retries this stream more slowly than the tunnel (up to 60 s).
-    let backoff = Backoff {
-        initial: Duration::from_millis(500),
-        max: Duration::from_secs(60),
-        ..Backoff::default()
-    };
-    let mut failures = 0u32;
-    loop {
-        if failures > 0 {
-            tokio::select! {
-                () = tokio::time::sleep(backoff.delay(failures, rand::random::<f64>())) => {}
-                () = shutdown.cancelled() => return,
-            }
-        }
-        let mut req = tonic::Request::new(ConfigurationRequest::default());
-        if let Ok(mut v) = MetadataValue::try_from(format!("Bearer {}", meta.token)) {
-            v.set_sensitive(true);
-            req.metadata_mut().insert(metadata::AUTHORIZATION, v);
-        }
-        let opened = tokio::select! {
-            r = client.get_configuration(req) => r,
-            () = shutdown.cancelled() => return,
-        };
-        let mut stream = match opened {
-            Ok(s) => s.into_inner(),
-            Err(_) => {
-                failures = failures.saturating_add(1);
-                continue;
-            }
-        };
-        open.fetch_add(1, Ordering::Relaxed);
-        let ended_well = loop {
-            tokio::select! {
-                m = stream.message() => match m {
-                    Ok(Some(_)) => {}
-                    Ok(None) => break true,
-                    Err(_) => break false,
-                },
-                () = shutdown.cancelled() => {
-                    open.fetch_sub(1, Ordering::Relaxed);
-                    return;
-                }
-            }
-        };
-        open.fetch_sub(1, Ordering::Relaxed);
-        failures = if ended_well {
-            0
-        } else {
-            failures.saturating_add(1)
-        };
+    tether_configuration_agent::run(channel, &meta.token, &mut CountOpen(open), shutdown).await;
+}
+
+/// Counts the fleet's open configuration streams.
+struct CountOpen(Arc<AtomicUsize>);
+
+impl tether_configuration_agent::StreamEvents for CountOpen {
+    fn opened(&mut self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn closed(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kas::admin::AdminClient;
+use tether_kas_api::AdminClient;
 use tokio::process::{Child, Command};
 
 /// Ports and files of one kas setup; they stay the same across restarts so the agents can come

@@ -14,16 +14,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use futures_util::StreamExt;
-use kas::admin::AdminClient;
-use kas::api::Stats;
 use serde_json::{Value, json};
+use tether_kas_api::AdminClient;
+use tether_kas_api::Stats;
 use tether_transport::KasAddress;
 
 mod fleet;
 mod kas_proc;
 
 use fleet::{Fleet, FleetOptions};
-use kas_proc::KasSetup;
+use kas_proc::{Kas, KasSetup};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -110,6 +110,75 @@ async fn run(cli: Cli) -> Result<()> {
         bail!("--agents must be at least 1");
     }
     let min_idle = cli.min_idle.max(1);
+    let kas_bin = kas_binary(&cli)?;
+    check_open_files(n)?;
+    let (dir, _temp) = work_dir(&cli)?;
+    let setup = KasSetup::write(&kas_bin, &dir, &cli.kas_log_level)?;
+    eprintln!(
+        "loadgen: starting {} (work dir {}, agents on 127.0.0.1:{})",
+        kas_bin.display(),
+        dir.display(),
+        setup.agent_port
+    );
+    let mut kas = setup.start().await?;
+    let mut report = Report {
+        n,
+        min_idle,
+        config_stream: cli.config_stream,
+        ..Report::default()
+    };
+
+    // Registration.
+    let t = Instant::now();
+    let tokens = register(&kas.admin, n, cli.register_concurrency).await?;
+    report.register = t.elapsed();
+    eprintln!(
+        "loadgen: registered {n} agents in {:.1} s",
+        report.register.as_secs_f64()
+    );
+
+    // Baseline: kas with N registered agents, none connected.
+    let settle = Duration::from_secs(cli.settle_seconds);
+    tokio::time::sleep(settle).await;
+    report.base = Some(kas.admin.stats().await?);
+    let cpu_base = kas.cpu_seconds()?;
+    let own_rss_base = kas_proc::rss_bytes("/proc/self/status").unwrap_or(0);
+
+    // Connect.
+    let goal = Goal {
+        min_idle,
+        config_stream: cli.config_stream,
+        timeout: Duration::from_secs(cli.timeout),
+    };
+    let (fleet, connect) = connect(&cli, &setup, &kas, tokens, &goal).await?;
+    report.cpu_connect = kas.cpu_seconds()? - cpu_base;
+    tokio::time::sleep(settle).await;
+    report.connected = Some(kas.admin.stats().await?);
+    report.fds = kas.open_fds();
+    let own_rss_connected = kas_proc::rss_bytes("/proc/self/status").unwrap_or(0);
+    report.own_rss_per_agent = (own_rss_connected as f64 - own_rss_base as f64) / n as f64;
+    eprintln!(
+        "loadgen: {n} agents connected in {:.2} s; idling {} s",
+        connect.total.as_secs_f64(),
+        cli.idle_seconds
+    );
+    report.connect = connect;
+
+    idle(&kas, Duration::from_secs(cli.idle_seconds), &mut report).await?;
+    if !cli.no_storm {
+        report.storm = Some(storm(&setup, &mut kas, &fleet, &goal, settle).await?);
+    }
+
+    // Clean shutdown: agents first (so they do not retry against a stopping kas), then kas.
+    fleet.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kas.stop(Duration::from_secs(60)).await?;
+    report.print();
+    Ok(())
+}
+
+/// The kas binary to run: `--kas-bin`, else the one next to loadgen.
+fn kas_binary(cli: &Cli) -> Result<PathBuf> {
     let kas_bin = match &cli.kas_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
@@ -123,6 +192,11 @@ async fn run(cli: Cli) -> Result<()> {
             kas_bin.display()
         );
     }
+    Ok(kas_bin)
+}
+
+/// Refuses to start when `n` agents would run out of file descriptors.
+fn check_open_files(n: usize) -> Result<()> {
     // One fd per agent connection on each side, plus sockets, files and epoll of the runtime.
     let need = u64::try_from(n).unwrap_or(u64::MAX).saturating_add(200);
     if let Some(limit) = kas_proc::open_files_limit()
@@ -133,140 +207,97 @@ async fn run(cli: Cli) -> Result<()> {
              {limit}: raise it (`ulimit -n {need}`, or `prlimit --nofile={need}:{need} -- loadgen …`)"
         );
     }
+    Ok(())
+}
 
-    let _temp;
-    let dir = match &cli.work_dir {
+/// kas's folder: `--work-dir`, else a temporary one (removed when the guard drops).
+fn work_dir(cli: &Cli) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match &cli.work_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
-            d.clone()
+            Ok((d.clone(), None))
         }
         None => {
             let t = tempfile::Builder::new()
                 .prefix("tether-loadgen-")
                 .tempdir()?;
-            let p = t.path().to_path_buf();
-            _temp = t;
-            p
+            Ok((t.path().to_path_buf(), Some(t)))
         }
-    };
-    let setup = KasSetup::write(&kas_bin, &dir, &cli.kas_log_level)?;
-    eprintln!(
-        "loadgen: starting {} (work dir {}, agents on 127.0.0.1:{})",
-        kas_bin.display(),
-        dir.display(),
-        setup.agent_port
-    );
-    let mut kas = setup.start().await?;
-    let mut report = Report::default();
+    }
+}
 
-    // Registration.
-    let t = Instant::now();
-    let tokens = register(&kas.admin, n, cli.register_concurrency).await?;
-    report.register = t.elapsed();
-    eprintln!(
-        "loadgen: registered {n} agents in {:.1} s",
-        report.register.as_secs_f64()
-    );
-
-    // Baseline: kas with N registered agents, none connected.
-    tokio::time::sleep(Duration::from_secs(cli.settle_seconds)).await;
-    let base = kas.admin.stats().await?;
-    let cpu_base = kas.cpu_seconds()?;
-    let own_rss_base = kas_proc::rss_bytes("/proc/self/status").unwrap_or(0);
-
-    // Connect.
+/// Starts the fleet, one agent per token, and waits until every agent is ready.
+async fn connect(
+    cli: &Cli,
+    setup: &KasSetup,
+    kas: &Kas,
+    tokens: Vec<String>,
+    goal: &Goal,
+) -> Result<(Fleet, Phase)> {
     let addr = KasAddress::parse(&format!("grpc://127.0.0.1:{}", setup.agent_port))?;
     let opts = FleetOptions {
-        min_idle,
+        min_idle: goal.min_idle,
         config_stream: cli.config_stream,
         start_rate: cli.start_rate,
     };
-    let goal = Goal {
-        min_idle,
-        config_stream: cli.config_stream,
-        timeout: Duration::from_secs(cli.timeout),
-    };
     let t = Instant::now();
     let fleet = Fleet::start(&addr, tokens, &opts).await?;
-    let connect = wait_connected(&kas.admin, &fleet, &goal, t, None, "connect").await?;
-    let cpu_connected = kas.cpu_seconds()?;
-    tokio::time::sleep(Duration::from_secs(cli.settle_seconds)).await;
-    let connected = kas.admin.stats().await?;
-    let fds = kas.open_fds();
-    let own_rss_connected = kas_proc::rss_bytes("/proc/self/status").unwrap_or(0);
-    eprintln!(
-        "loadgen: {n} agents connected in {:.2} s; idling {} s",
-        connect.total.as_secs_f64(),
-        cli.idle_seconds
-    );
+    let connect = wait_connected(&kas.admin, &fleet, goal, t, None, "connect").await?;
+    Ok((fleet, connect))
+}
 
-    // Idle: N connections with their idle streams and nothing else (HTTP/2 keepalive pings
-    // every 50–55 s each way are the only traffic).
+/// Idle: N connections with their idle streams and nothing else (HTTP/2 keepalive pings
+/// every 50–55 s each way are the only traffic).
+async fn idle(kas: &Kas, duration: Duration, report: &mut Report) -> Result<()> {
     let own_cpu_a = kas_proc::cpu_seconds("/proc/self/stat")?;
     let cpu_a = kas.cpu_seconds()?;
     let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs(cli.idle_seconds)).await;
-    let idle_wall = t.elapsed();
-    let cpu_b = kas.cpu_seconds()?;
-    let own_cpu_b = kas_proc::cpu_seconds("/proc/self/stat")?;
-    let after_idle = kas.admin.stats().await?;
-
-    // The reconnect storm.
-    let storm = if cli.no_storm {
-        None
-    } else {
-        let t_term = Instant::now();
-        let stop = kas.stop(Duration::from_secs(60)).await?;
-        eprintln!(
-            "loadgen: kas stopped in {:.2} s; waiting for the agents to notice",
-            stop.as_secs_f64()
-        );
-        let noticed = wait_down(&fleet, Duration::from_secs(30)).await;
-        let down = Instant::now();
-        kas = setup.start().await?;
-        let api_up = Instant::now();
-        eprintln!(
-            "loadgen: kas restarted ({:.2} s to its API); waiting for {n} agents",
-            kas.startup.as_secs_f64()
-        );
-        let back =
-            wait_connected(&kas.admin, &fleet, &goal, down, Some(api_up), "reconnect").await?;
-        let from_sigterm = t_term.elapsed();
-        let cpu = kas.cpu_seconds()?;
-        tokio::time::sleep(Duration::from_secs(cli.settle_seconds)).await;
-        let stats = kas.admin.stats().await?;
-        Some(Storm {
-            stop,
-            noticed,
-            startup: kas.startup,
-            back,
-            from_sigterm,
-            cpu,
-            stats,
-        })
-    };
-
-    // Clean shutdown: agents first (so they do not retry against a stopping kas), then kas.
-    fleet.stop();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    kas.stop(Duration::from_secs(60)).await?;
-
-    report.n = n;
-    report.min_idle = min_idle;
-    report.config_stream = cli.config_stream;
-    report.base = Some(base);
-    report.connected = Some(connected);
-    report.after_idle = Some(after_idle);
-    report.fds = fds;
-    report.connect = connect;
-    report.cpu_connect = cpu_connected - cpu_base;
-    report.cpu_idle = cpu_b - cpu_a;
-    report.idle_wall = idle_wall;
-    report.own_cpu_idle = own_cpu_b - own_cpu_a;
-    report.own_rss_per_agent = (own_rss_connected as f64 - own_rss_base as f64) / n as f64;
-    report.storm = storm;
-    report.print();
+    tokio::time::sleep(duration).await;
+    report.idle_wall = t.elapsed();
+    report.cpu_idle = kas.cpu_seconds()? - cpu_a;
+    report.own_cpu_idle = kas_proc::cpu_seconds("/proc/self/stat")? - own_cpu_a;
+    report.after_idle = Some(kas.admin.stats().await?);
     Ok(())
+}
+
+/// The reconnect storm: stops kas, waits for the agents to notice, restarts it and times
+/// every agent's return.
+async fn storm(
+    setup: &KasSetup,
+    kas: &mut Kas,
+    fleet: &Fleet,
+    goal: &Goal,
+    settle: Duration,
+) -> Result<Storm> {
+    let n = fleet.len();
+    let t_term = Instant::now();
+    let stop = kas.stop(Duration::from_secs(60)).await?;
+    eprintln!(
+        "loadgen: kas stopped in {:.2} s; waiting for the agents to notice",
+        stop.as_secs_f64()
+    );
+    let noticed = wait_down(fleet, Duration::from_secs(30)).await;
+    let down = Instant::now();
+    *kas = setup.start().await?;
+    let api_up = Instant::now();
+    eprintln!(
+        "loadgen: kas restarted ({:.2} s to its API); waiting for {n} agents",
+        kas.startup.as_secs_f64()
+    );
+    let back = wait_connected(&kas.admin, fleet, goal, down, Some(api_up), "reconnect").await?;
+    let from_sigterm = t_term.elapsed();
+    let cpu = kas.cpu_seconds()?;
+    tokio::time::sleep(settle).await;
+    let stats = kas.admin.stats().await?;
+    Ok(Storm {
+        stop,
+        noticed,
+        startup: kas.startup,
+        back,
+        from_sigterm,
+        cpu,
+        stats,
+    })
 }
 
 /// Registers `n` agents in one project; returns their tokens.
@@ -308,6 +339,16 @@ impl Phase {
         }
         let i = ((self.ready.len() - 1) as f64 * q).round() as usize;
         self.ready.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    }
+
+    /// `p50 / p99 / max ms`, as the table shows them.
+    fn quantiles(&self) -> String {
+        format!(
+            "{:.0} / {:.0} / {:.0} ms",
+            self.quantile_ms(0.5),
+            self.quantile_ms(0.99),
+            self.quantile_ms(1.0)
+        )
     }
 
     fn json(&self) -> Value {
@@ -446,23 +487,81 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * f).round() / f
 }
 
+fn rss(s: &Option<Stats>) -> u64 {
+    s.map_or(0, |s| s.rss_bytes)
+}
+
+fn tasks(s: &Option<Stats>) -> usize {
+    s.map_or(0, |s| s.tasks)
+}
+
+/// One line of the table.
+fn row(k: &str, v: String) {
+    println!("  {k:<44} {v:>22}");
+}
+
+/// The table of the reconnect storm.
+fn print_storm(s: &Storm) {
+    println!("reconnect storm (kas restarted with N agents connected)");
+    row(
+        "kas stop (SIGTERM to exit)",
+        format!("{:.2} s", s.stop.as_secs_f64()),
+    );
+    row(
+        "agents all noticed",
+        format!("{:.2} s", s.noticed.as_secs_f64()),
+    );
+    row(
+        "new kas start (to its API answering)",
+        format!("{:.2} s", s.startup.as_secs_f64()),
+    );
+    row(
+        "all N back (from the new kas's API up)",
+        format!("{:.2} s", s.back.total.as_secs_f64()),
+    );
+    row("  per agent p50 / p99 / max", s.back.quantiles());
+    row(
+        "all N back (from SIGTERM)",
+        format!("{:.2} s", s.from_sigterm.as_secs_f64()),
+    );
+    row("new kas CPU until all back", format!("{:.2} s", s.cpu));
+    row("new kas RSS with N back", mib(s.stats.rss_bytes));
+}
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / 1048576.0)
 }
 
 impl Report {
     fn print(&self) {
-        let n = self.n as f64;
-        let rss = |s: &Option<Stats>| s.map_or(0, |s| s.rss_bytes);
-        let tasks = |s: &Option<Stats>| s.map_or(0, |s| s.tasks);
-        let per_agent = (rss(&self.connected) as f64 - rss(&self.base) as f64) / n;
+        self.print_footprint();
+        if let Some(s) = &self.storm {
+            print_storm(s);
+        }
+        println!();
+        println!("{}", self.json());
+    }
+
+    /// kas's RSS per connected agent, in bytes.
+    fn per_agent(&self) -> f64 {
+        (rss(&self.connected) as f64 - rss(&self.base) as f64) / self.n as f64
+    }
+
+    /// kas's CPU while idle, in percent of one core.
+    fn cpu_pct(&self) -> f64 {
         let idle_s = self.idle_wall.as_secs_f64();
-        let cpu_pct = if idle_s > 0.0 {
+        if idle_s > 0.0 {
             100.0 * self.cpu_idle / idle_s
         } else {
             0.0
-        };
-        let row = |k: &str, v: String| println!("  {k:<44} {v:>22}");
+        }
+    }
+
+    /// The table of kas's footprint.
+    fn print_footprint(&self) {
+        let per_agent = self.per_agent();
+        let idle_s = self.idle_wall.as_secs_f64();
+        let cpu_pct = self.cpu_pct();
         println!();
         println!(
             "kas footprint: {} agents, {} idle tunnel stream(s) each{}",
@@ -493,15 +592,7 @@ impl Report {
             "connect all N (until kas counts them)",
             format!("{:.2} s", self.connect.total.as_secs_f64()),
         );
-        row(
-            "  per agent p50 / p99 / max",
-            format!(
-                "{:.0} / {:.0} / {:.0} ms",
-                self.connect.quantile_ms(0.5),
-                self.connect.quantile_ms(0.99),
-                self.connect.quantile_ms(1.0)
-            ),
-        );
+        row("  per agent p50 / p99 / max", self.connect.quantiles());
         row(
             "kas CPU to accept N agents",
             format!("{:.2} s", self.cpu_connect),
@@ -517,40 +608,12 @@ impl Report {
                 self.own_rss_per_agent, self.own_cpu_idle
             ),
         );
-        if let Some(s) = &self.storm {
-            println!("reconnect storm (kas restarted with N agents connected)");
-            row(
-                "kas stop (SIGTERM to exit)",
-                format!("{:.2} s", s.stop.as_secs_f64()),
-            );
-            row(
-                "agents all noticed",
-                format!("{:.2} s", s.noticed.as_secs_f64()),
-            );
-            row(
-                "new kas start (to its API answering)",
-                format!("{:.2} s", s.startup.as_secs_f64()),
-            );
-            row(
-                "all N back (from the new kas's API up)",
-                format!("{:.2} s", s.back.total.as_secs_f64()),
-            );
-            row(
-                "  per agent p50 / p99 / max",
-                format!(
-                    "{:.0} / {:.0} / {:.0} ms",
-                    s.back.quantile_ms(0.5),
-                    s.back.quantile_ms(0.99),
-                    s.back.quantile_ms(1.0)
-                ),
-            );
-            row(
-                "all N back (from SIGTERM)",
-                format!("{:.2} s", s.from_sigterm.as_secs_f64()),
-            );
-            row("new kas CPU until all back", format!("{:.2} s", s.cpu));
-            row("new kas RSS with N back", mib(s.stats.rss_bytes));
-        }
+    }
+
+    /// The report as one JSON line, for scripts.
+    fn json(&self) -> Value {
+        let idle_s = self.idle_wall.as_secs_f64();
+        let (per_agent, cpu_pct) = (self.per_agent(), self.cpu_pct());
         let storm = self.storm.as_ref().map(|s| {
             json!({
                 "kas_stop_seconds": round(s.stop.as_secs_f64(), 3),
@@ -563,7 +626,7 @@ impl Report {
                 "kas_rss_bytes": s.stats.rss_bytes,
             })
         });
-        let j = json!({
+        json!({
             "agents": self.n,
             "min_idle": self.min_idle,
             "config_stream": self.config_stream,
@@ -584,8 +647,6 @@ impl Report {
             "loadgen_rss_bytes_per_agent": round(self.own_rss_per_agent, 0),
             "loadgen_cpu_idle_seconds": round(self.own_cpu_idle, 3),
             "storm": storm,
-        });
-        println!();
-        println!("{j}");
+        })
     }
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kas::admin::AdminClient;
 use kas::api::AgentView;
+use tether_kas_api::AdminClient;
 
 pub use tether_test_support::{GitDaemon, GitRepo, Pki};
 

@@ -8,7 +8,9 @@ use std::time::SystemTime;
 
 use tether_agent_config::MAX_CONFIG_SIZE;
 use tether_git_source::{CommitId, Sources};
-use tether_protocol::agent_configuration::agent_configuration_server::AgentConfiguration;
+use tether_protocol::agent_configuration::agent_configuration_server::{
+    AgentConfiguration, AgentConfigurationServer,
+};
 use tether_protocol::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
 use tether_store::Store;
 use tether_tunnel_server::{AgentIdentity, Authenticator, Registry, authenticate_request};
@@ -261,6 +263,13 @@ pub struct ConfigService {
     pub sources: Arc<Sources>,
     pub registry: Arc<Registry>,
     pub states: Arc<ConfigStates>,
+}
+
+impl ConfigService {
+    /// How the module registers itself: the gRPC service to add to the agent listener.
+    pub fn into_server(self) -> AgentConfigurationServer<Self> {
+        AgentConfigurationServer::new(self)
+    }
 }
 
 impl std::fmt::Debug for ConfigService {

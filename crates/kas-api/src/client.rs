@@ -1,8 +1,7 @@
 //! The admin commands' client for kas's internal API.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -13,9 +12,42 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::{
+use crate::{
     AgentView, ProjectRequest, ProjectView, Revoked, Stats, SyncView, TokenCreated, TokenView,
+    UserTokenCreated, UserTokenRequest,
 };
+
+/// Why a call to kas's internal API failed. Displayed as the admin commands print it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("loading the CA trusted for the internal API")]
+    Tls(#[source] tether_transport::Error),
+    #[error("reading the admin token from {}", .file.display())]
+    TokenFile {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("building the request")]
+    Request(#[from] http::Error),
+    #[error("calling kas at {base}")]
+    Call {
+        base: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("reading kas's answer")]
+    Body(#[source] hyper::Error),
+    #[error("encoding the request")]
+    Encode(#[source] serde_json::Error),
+    /// kas refused: its status and its error message.
+    #[error("kas answered {status}: {message}")]
+    Status { status: StatusCode, message: String },
+    #[error("decoding kas's answer")]
+    Decode(#[source] serde_json::Error),
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
 
 /// Talks to one kas's internal API with its admin token, over HTTP or HTTPS.
 #[derive(Clone)]
@@ -58,8 +90,7 @@ impl AdminClient {
         if !self.base.starts_with("https://") {
             return Ok(self);
         }
-        let tls = tether_transport::load_client_tls(ca_file)
-            .context("loading the CA trusted for the internal API")?;
+        let tls = tether_transport::load_client_tls(ca_file).map_err(ClientError::Tls)?;
         let mut tls = (*tls).clone();
         // The connector sets ALPN itself (and refuses a config that already has it).
         tls.alpn_protocols.clear();
@@ -74,8 +105,10 @@ impl AdminClient {
 
     /// Reads the admin token from a file (as kas writes it).
     pub fn from_token_file(base: &str, file: &Path) -> Result<Self> {
-        let token = std::fs::read_to_string(file)
-            .with_context(|| format!("reading the admin token from {}", file.display()))?;
+        let token = std::fs::read_to_string(file).map_err(|source| ClientError::TokenFile {
+            file: file.to_path_buf(),
+            source,
+        })?;
         Ok(Self::new(base, &token))
     }
 
@@ -95,9 +128,17 @@ impl AdminClient {
             Http::Plain(c) => c.request(req).await,
             Http::Tls(c) => c.request(req).await,
         }
-        .with_context(|| format!("calling kas at {}", self.base))?;
+        .map_err(|source| ClientError::Call {
+            base: self.base.clone(),
+            source,
+        })?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await?.to_bytes();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(ClientError::Body)?
+            .to_bytes();
         Ok((status, bytes))
     }
 
@@ -107,16 +148,22 @@ impl AdminClient {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T> {
-        let body = body.map(serde_json::to_vec).transpose()?;
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(ClientError::Encode)?;
         let (status, bytes) = self.call(method, path, body).await?;
         if !status.is_success() {
             let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
                 .and_then(|v| v["error"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("kas answered {status}: {msg}");
+            return Err(ClientError::Status {
+                status,
+                message: msg,
+            });
         }
-        serde_json::from_slice(&bytes).context("decoding kas's answer")
+        serde_json::from_slice(&bytes).map_err(ClientError::Decode)
     }
 
     pub async fn register_agent(&self, project: &str, name: &str) -> Result<TokenCreated> {
@@ -174,7 +221,10 @@ impl AdminClient {
             )
             .await?;
         if !status.is_success() {
-            bail!("kas answered {status}: {}", String::from_utf8_lossy(&bytes));
+            return Err(ClientError::Status {
+                status,
+                message: String::from_utf8_lossy(&bytes).into_owned(),
+            });
         }
         Ok(())
     }
@@ -192,8 +242,8 @@ impl AdminClient {
     pub async fn create_user_token(
         &self,
         agent_id: i64,
-        req: &crate::api::UserTokenRequest,
-    ) -> Result<crate::api::UserTokenCreated> {
+        req: &UserTokenRequest,
+    ) -> Result<UserTokenCreated> {
         self.json(
             Method::POST,
             &format!("/api/v1/agents/{agent_id}/user-tokens"),
@@ -226,7 +276,10 @@ impl AdminClient {
             )
             .await?;
         if !status.is_success() {
-            bail!("kas answered {status}: {}", String::from_utf8_lossy(&bytes));
+            return Err(ClientError::Status {
+                status,
+                message: String::from_utf8_lossy(&bytes).into_owned(),
+            });
         }
         Ok(bytes)
     }

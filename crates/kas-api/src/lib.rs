@@ -1,0 +1,168 @@
+//! kas's internal HTTP API as its clients see it: the request and response types of every
+//! route, and [`AdminClient`], which calls them with the admin token. kas serves these types;
+//! the admin commands, `tether-bench` and `tether-loadgen` use them without linking kas.
+
+mod client;
+mod reported;
+
+use serde::{Deserialize, Serialize};
+
+pub use client::{AdminClient, ClientError};
+pub use reported::{ReportedOutcome, ReportedStatus};
+// A user's memberships are the proxy's type from the command line to the store.
+pub use tether_kubeproxy_server::{AccessLevel, Membership, MembershipKind, MembershipSpecError};
+
+/// What kas knows of an agent's configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConfigView {
+    /// Commit of the configuration in force ("" when none was sent yet).
+    pub commit: String,
+    /// The file it came from ("" for the empty default).
+    pub file: String,
+    /// Why the newest commit's file was refused, if it was.
+    pub error: Option<String>,
+    pub error_commit: Option<String>,
+    /// Unix seconds of the last change of this state.
+    pub updated_at: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ConnectionView {
+    pub connected_since: String,
+    pub agent_version: String,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub remote_addr: String,
+    pub streams: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentView {
+    pub id: i64,
+    pub project: String,
+    pub name: String,
+    pub connected: bool,
+    pub idle_tunnels: usize,
+    pub connections: Vec<ConnectionView>,
+    /// The configuration in force and the last refusal, as kas knows them.
+    pub config: Option<ConfigView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct ProjectRequest {
+    pub path: String,
+    pub remote: Option<String>,
+    #[serde(default)]
+    pub credentials_file: Option<String>,
+    #[serde(default)]
+    pub webhook_secret_file: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProjectView {
+    pub id: i64,
+    pub path: String,
+    pub remote: Option<String>,
+    pub webhooks: bool,
+    /// Default branch commit at the last successful fetch.
+    pub commit: Option<String>,
+    pub last_fetch: Option<String>,
+    pub fetch_error: Option<String>,
+    pub fetches: u64,
+    pub fetch_failures: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub project: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub agent_id: i64,
+    pub token_id: i64,
+    /// Shown once; kas keeps only its SHA-256.
+    pub token: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: i64,
+    pub agent_id: i64,
+    pub description: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct CreateTokenRequest {
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Revoked {
+    pub token_id: i64,
+    pub was_active: bool,
+    pub streams_ended: usize,
+}
+
+/// Numbers for leak checks and dashboards.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone, Copy)]
+pub struct Stats {
+    pub tasks: usize,
+    pub agent_connections: usize,
+    pub open_streams: usize,
+    pub idle_streams: usize,
+    pub connected_agents: usize,
+    pub rss_bytes: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UserTokenRequest {
+    pub username: String,
+    /// GitLab-style memberships (`{"kind":"project","path":"group/app","id":42,"access_level":"developer"}`).
+    #[serde(default)]
+    pub memberships: Vec<Membership>,
+    /// Lifetime in seconds (default 30 days, at most 1 year).
+    #[serde(default)]
+    pub expires_in_seconds: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UserTokenCreated {
+    pub token_id: i64,
+    pub agent_id: i64,
+    pub username: String,
+    /// Shown once; kas keeps only its SHA-256.
+    pub token: String,
+    pub expires_at: i64,
+}
+
+/// One manifest project's last synchronization as an agent reported it.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct SyncView {
+    pub project_id: String,
+    pub commit_id: String,
+    pub outcome: ReportedOutcome,
+    pub error: String,
+    pub finished_at: String,
+    pub dry_run: bool,
+    pub objects: Vec<ObjectView>,
+    /// What kas warned about the commit's manifests (symlinks skipped, nothing matched).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct ObjectView {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub status: ReportedStatus,
+    pub message: String,
+}

@@ -1,0 +1,28 @@
+//! Stored projects as the Git mirrors see them.
+
+use anyhow::{Context as _, Result};
+use tether_git_source::ProjectSpec;
+
+/// What the mirrors need to know of a stored project.
+pub fn project_spec(p: &tether_store::Project) -> Result<ProjectSpec> {
+    let remote = match &p.remote {
+        None => None,
+        Some(r) => {
+            let mut remote = tether_git_source::Remote::parse(r)
+                .with_context(|| format!("project {}: remote {r}", p.path))?;
+            if let Some(file) = &p.credentials_file {
+                let creds = tether_git_source::Credentials::from_file(file)
+                    .with_context(|| format!("project {}: credentials file {file}", p.path))?;
+                remote = remote
+                    .with_credentials(creds)
+                    .with_context(|| format!("project {}: credentials", p.path))?;
+            }
+            Some(remote)
+        }
+    };
+    Ok(ProjectSpec {
+        id: p.id,
+        path: p.path.clone(),
+        remote,
+    })
+}
