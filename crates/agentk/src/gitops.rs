@@ -21,7 +21,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
@@ -59,8 +58,9 @@ fn project_key(id: &ProjectRef) -> String {
 
 fn with_token<T>(meta: &AgentMeta, msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    if let Ok(mut v) = MetadataValue::try_from(format!("Bearer {}", meta.token)) {
-        v.set_sensitive(true);
+    // A token metadata cannot carry goes without: kas then answers UNAUTHENTICATED, which
+    // the caller reports (agentk trims the token file, so this means a corrupt file).
+    if let Ok(v) = metadata::bearer(&meta.token) {
         req.metadata_mut().insert(metadata::AUTHORIZATION, v);
     }
     req

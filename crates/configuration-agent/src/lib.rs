@@ -11,7 +11,6 @@ use tether_protocol::metadata;
 use tether_tunnel_agent::Backoff;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 /// How the stream is retried: more slowly than the tunnel, as upstream does; back within a
@@ -104,8 +103,9 @@ pub async fn run(
 /// The request that opens the stream: the commit in force, and the agent's token.
 fn request(token: &str, commit_id: String) -> tonic::Request<ConfigurationRequest> {
     let mut req = tonic::Request::new(ConfigurationRequest { commit_id });
-    if let Ok(mut v) = MetadataValue::try_from(format!("Bearer {token}")) {
-        v.set_sensitive(true);
+    // A token metadata cannot carry goes without: kas then answers UNAUTHENTICATED, which
+    // the caller reports (agentk trims the token file, so this means a corrupt file).
+    if let Ok(v) = metadata::bearer(token) {
         req.metadata_mut().insert(metadata::AUTHORIZATION, v);
     }
     req

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kas::config::Config;
+use kas::install::{self, InstallTarget};
 use tether_kas_api::AdminClient;
 
 #[derive(Parser, Debug)]
@@ -146,6 +147,17 @@ enum AgentCmd {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// The address agentk dials, as the cluster sees kas, for the printed install commands
+        /// (default: this kas's agent listener, grpc:// or grpcs://).
+        #[arg(long)]
+        kas_address: Option<String>,
+        /// The namespace agentk is installed into.
+        #[arg(long, default_value = "gitlab-agent")]
+        namespace: String,
+        /// Also write ready-to-apply manifests (Namespace, token Secret, agentk) to FILE
+        /// (mode 0600: it holds the token).
+        #[arg(long, value_name = "FILE")]
+        output_manifests: Option<PathBuf>,
     },
     /// List agents with their connection state.
     List {
@@ -220,6 +232,36 @@ fn default_api_url(cfg: &Config) -> String {
     format!("{scheme}://{a}")
 }
 
+/// The agent listener's URL from the configuration, for install commands: grpcs:// when it has
+/// TLS. A loopback or wildcard address is what agents in a cluster cannot reach; `--kas-address`
+/// is then the way, which the printed commands cannot guess.
+fn default_agent_url(cfg: &Config) -> String {
+    let l = &cfg.agent.listen;
+    let scheme = if l.certificate_file.is_some() {
+        "grpcs"
+    } else {
+        "grpc"
+    };
+    format!("{scheme}://{}", l.address)
+}
+
+/// Writes a file only its owner may read (it holds a token).
+fn write_secret_file(path: &std::path::Path, content: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // An existing file keeps its mode on open; narrow it too.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .and_then(|()| f.write_all(content))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// `println!` that returns an error instead of panicking when stdout is gone
 /// (`kas agent list | head`).
 macro_rules! out {
@@ -266,7 +308,7 @@ async fn run(cli: Cli) -> Result<()> {
     let cfg = load_config(cli.configuration_file.as_ref())?;
     match &cli.cmd {
         None | Some(Cmd::Serve) => serve(cfg, cli.log_format).await,
-        Some(Cmd::Agent(a)) => agent_cmd(&admin_client(&cli, &cfg)?, a).await,
+        Some(Cmd::Agent(a)) => agent_cmd(&admin_client(&cli, &cfg)?, a, &cfg).await,
         Some(Cmd::Token(t)) => token_cmd(&admin_client(&cli, &cfg)?, t).await,
         Some(Cmd::Project(p)) => project_cmd(&admin_client(&cli, &cfg)?, p).await,
         Some(Cmd::UserToken(u)) => user_token_cmd(&admin_client(&cli, &cfg)?, &cfg, u).await,
@@ -310,15 +352,37 @@ async fn serve(cfg: Config, log_format: tether_observability::LogFormat) -> Resu
     Ok(())
 }
 
-async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd) -> Result<()> {
+async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<()> {
     match cmd {
         AgentCmd::Register {
             project,
             name,
             json,
+            kas_address,
+            namespace,
+            output_manifests,
         } => {
             let t = c.register_agent(project, name).await?;
-            print_registered(&t, *json)
+            let address = kas_address
+                .clone()
+                .unwrap_or_else(|| default_agent_url(cfg));
+            let target = InstallTarget {
+                kas_address: &address,
+                namespace,
+                release: name,
+            };
+            if let Some(file) = output_manifests {
+                write_secret_file(file, install::manifests(&target, &t.token).as_bytes())?;
+            }
+            print_registered(&t, *json)?;
+            if !*json {
+                let file = output_manifests.as_ref().map(|f| f.display().to_string());
+                out!(
+                    "{}",
+                    install::instructions(&target, &t.token, file.as_deref())
+                )?;
+            }
+            Ok(())
         }
         AgentCmd::List { json } => {
             let agents = c.list_agents().await?;

@@ -855,3 +855,69 @@ subjects:\n- kind: ServiceAccount\n  name: deployer\n  namespace: {agent_ns}\n"
         String::from_utf8_lossy(&gone.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_an_agent_prints_how_to_install_it_and_writes_manifests_that_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = TestEnv::from_env().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(&dir.path().join("kas"), KasOptions::default()).await;
+    let ns = tether_testenv::unique_name("registered");
+    let file = dir.path().join("agentk.yaml");
+    let out = run_output(
+        Command::new(env!("CARGO_BIN_EXE_kas"))
+            .arg("--configuration-file")
+            .arg(&kas.config)
+            .args([
+                "agent",
+                "register",
+                "--project",
+                "group/app",
+                "--name",
+                "reg",
+            ])
+            .args(["--kas-address", "grpcs://kas.corp.example:8150"])
+            .args(["--namespace", &ns, "--output-manifests"])
+            .arg(&file),
+    )
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let token = text
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .expect("the token line")
+        .to_owned();
+    for expected in [
+        "helm upgrade --install reg deploy/helm/agentk".to_owned(),
+        format!("--namespace {ns} --create-namespace"),
+        "--set config.kasAddress=grpcs://kas.corp.example:8150".to_owned(),
+        format!("--set config.token={token}"),
+        format!("kubectl apply --server-side -f {}", file.display()),
+    ] {
+        assert!(text.contains(&expected), "{expected:?} missing in:\n{text}");
+    }
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the manifests hold the token");
+
+    // The written manifests are accepted as they are and agentk's Deployment runs.
+    run_output(
+        env.kubectl()
+            .args(["apply", "--server-side", "-f"])
+            .arg(&file),
+    )
+    .unwrap();
+    wait_available(&env, &ns, "agentk");
+    let secret = get_json(&env, &["get", "secret", "agentk-token", "-n", &ns]);
+    let stored = secret["data"]["token"].as_str().unwrap();
+    use base64::Engine as _;
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(stored)
+        .unwrap();
+    assert_eq!(String::from_utf8(stored).unwrap(), token);
+    let d = get_json(&env, &["get", "deployment", "agentk", "-n", &ns]);
+    let args = d["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("--kas-address=grpcs://kas.corp.example:8150"),
+        "{args}"
+    );
+}
