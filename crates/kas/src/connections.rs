@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tether_transport::{AgentConnectInfo, AgentIo};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tonic::transport::server::Connected;
 
 /// Live transport connections from agents, for metrics and leak checks.
@@ -63,38 +63,12 @@ impl<Io: AsyncRead + Unpin> AsyncRead for Counted<Io> {
     }
 }
 
-// Every method is forwarded, the vectored ones too: without them hyper would write its frame
-// headers and bodies one small write (and one TLS record) at a time.
-impl<Io: AsyncWrite + Unpin> AsyncWrite for Counted<Io> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
+tether_transport::forward_async_write!(Counted, io);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncWrite, AsyncWriteExt};
 
     /// A writer that supports vectored writes and records how it was written to.
     #[derive(Default)]
