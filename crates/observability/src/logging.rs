@@ -335,22 +335,31 @@ mod tests {
     }
 
     fn lines(buf: &Buf) -> Vec<Value> {
-        let bytes = buf.0.lock().expect("lock").clone();
-        String::from_utf8(bytes)
-            .expect("utf-8")
+        text(buf)
             .lines()
             .map(|l| serde_json::from_str(l).expect("JSON line"))
             .collect()
     }
 
-    #[test]
-    fn events_carry_level_time_msg_mod_name_and_span_fields() {
+    fn text(buf: &Buf) -> String {
+        let bytes = buf.0.lock().expect("lock").clone();
+        String::from_utf8(bytes).expect("utf-8")
+    }
+
+    /// What `f` logs at level info in `format`.
+    fn capture(format: LogFormat, f: impl FnOnce()) -> Buf {
         let buf = Buf::default();
         let (filter, _h) = reload::Layer::new(LevelFilter::INFO);
         let sub = tracing_subscriber::registry()
             .with(filter)
-            .with(JsonLayer::new(buf.clone()));
-        tracing::subscriber::with_default(sub, || {
+            .with(JsonLayer::with_format(buf.clone(), format));
+        tracing::subscriber::with_default(sub, f);
+        buf
+    }
+
+    #[test]
+    fn events_carry_level_time_msg_mod_name_and_span_fields() {
+        let buf = capture(LogFormat::Json, || {
             let span = tracing::info_span!("m", mod_name = "reverse_tunnel", agent_id = 7_i64);
             let _g = span.enter();
             tracing::info!(feature_name = "tunnel", "Feature status change");
@@ -368,16 +377,10 @@ mod tests {
 
     #[test]
     fn lines_start_with_level_time_and_msg_as_gitlab_agentk_writes_them() {
-        let buf = Buf::default();
-        let (filter, _h) = reload::Layer::new(LevelFilter::INFO);
-        let sub = tracing_subscriber::registry()
-            .with(filter)
-            .with(JsonLayer::new(buf.clone()));
-        tracing::subscriber::with_default(sub, || {
+        let buf = capture(LogFormat::Json, || {
             tracing::info!(agent_id = 1_i64, commit_id = "abc", "Synchronizing objects");
         });
-        let bytes = buf.0.lock().expect("lock").clone();
-        let text = String::from_utf8(bytes).expect("utf-8");
+        let text = text(&buf);
         assert!(text.starts_with(r#"{"level":"info","time":""#), "{text}");
         let msg_at = text
             .find(r#","msg":"Synchronizing objects","#)
@@ -409,12 +412,7 @@ mod tests {
 
     #[test]
     fn a_fields_json_object_is_spread_into_the_line() {
-        let buf = Buf::default();
-        let (filter, _h) = reload::Layer::new(LevelFilter::INFO);
-        let sub = tracing_subscriber::registry()
-            .with(filter)
-            .with(JsonLayer::new(buf.clone()));
-        tracing::subscriber::with_default(sub, || {
+        let buf = capture(LogFormat::Json, || {
             let ev = serde_json::json!({"eventType": "resourceStatus", "kind": "Deployment"});
             tracing::info!(fields_json = %ev, "resourceStatus");
         });
@@ -426,19 +424,13 @@ mod tests {
 
     #[test]
     fn text_lines_read_time_level_msg_then_fields() {
-        let buf = Buf::default();
-        let (filter, _h) = reload::Layer::new(LevelFilter::INFO);
-        let sub = tracing_subscriber::registry()
-            .with(filter)
-            .with(JsonLayer::with_format(buf.clone(), LogFormat::Text));
-        tracing::subscriber::with_default(sub, || {
+        let buf = capture(LogFormat::Text, || {
             let span = tracing::info_span!("m", mod_name = "gitops", agent_id = 1_i64);
             let _g = span.enter();
             tracing::info!(project = "group/app", "Synchronizing objects");
             tracing::warn!(error = "no route to host", empty = "", "Cannot reach kas");
         });
-        let bytes = buf.0.lock().expect("lock").clone();
-        let text = String::from_utf8(bytes).expect("utf-8");
+        let text = text(&buf);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
         let (time, rest) = lines[0].split_once(' ').expect("time first");
