@@ -97,18 +97,7 @@ impl FloodCounts {
 
 /// An HTTPS client whose connections come from [`FLOODER`].
 fn flooder_https(ca_pem: &[u8]) -> Result<HttpsClient> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(
-        ca_pem,
-    ) {
-        roots.add(c?)?;
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = crate::util::tls_trusting(ca_pem)?;
     let mut http = HttpConnector::new();
     http.set_local_address(Some(FLOODER));
     http.enforce_http(false);

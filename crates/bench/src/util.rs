@@ -24,8 +24,8 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
-/// An HTTPS client (HTTP/1.1, pooled) trusting only the CAs in `ca_pem`.
-pub fn https_client(ca_pem: &[u8]) -> Result<HttpsClient> {
+/// A TLS client configuration trusting only the CAs in `ca_pem`.
+pub fn tls_trusting(ca_pem: &[u8]) -> Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(
         ca_pem,
@@ -38,6 +38,12 @@ pub fn https_client(ca_pem: &[u8]) -> Result<HttpsClient> {
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
+    Ok(tls)
+}
+
+/// An HTTPS client (HTTP/1.1, pooled) trusting only the CAs in `ca_pem`.
+pub fn https_client(ca_pem: &[u8]) -> Result<HttpsClient> {
+    let tls = tls_trusting(ca_pem)?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
