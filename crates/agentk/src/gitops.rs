@@ -5,10 +5,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tether_agent_config::{GitRef, ManifestProject, ProjectRef};
 use tether_gitops_agent::Status;
+use tether_gitops_agent::metrics::SyncMetrics;
 use tether_gitops_agent::sync::{ObjectState, Settings, SyncOutcome, Syncer};
 use tether_protocol::gitops::git_ops_client::GitOpsClient;
 use tether_protocol::gitops::{
@@ -49,6 +50,13 @@ impl Default for Timing {
     }
 }
 
+/// What every worker shares: the syncer that applies, and the metrics syncs are counted in.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub syncer: Arc<Syncer>,
+    pub metrics: SyncMetrics,
+}
+
 fn project_key(id: &ProjectRef) -> String {
     match id {
         ProjectRef::Path(p) => p.clone(),
@@ -70,7 +78,7 @@ fn with_token<T>(meta: &AgentMeta, msg: T) -> tonic::Request<T> {
 pub async fn run(
     channel: Channel,
     meta: AgentMeta,
-    syncer: Arc<Syncer>,
+    engine: Engine,
     mut config: watch::Receiver<Option<Arc<Applied>>>,
     mut leading: watch::Receiver<bool>,
     timing: Timing,
@@ -80,7 +88,7 @@ pub async fn run(
         running: HashMap::new(),
         channel,
         meta,
-        syncer,
+        engine,
         timing,
     };
     // The election's sender goes away when it is off (always leading) or stopped.
@@ -110,7 +118,7 @@ struct Workers {
     running: HashMap<String, (ManifestProject, CancellationToken, JoinHandle<()>)>,
     channel: Channel,
     meta: AgentMeta,
-    syncer: Arc<Syncer>,
+    engine: Engine,
     timing: Timing,
 }
 
@@ -162,7 +170,7 @@ impl Workers {
             client: GitOpsClient::new(self.channel.clone())
                 .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE),
             meta: self.meta.clone(),
-            syncer: Arc::clone(&self.syncer),
+            engine: self.engine.clone(),
             settings: Settings {
                 agent_id,
                 project_id: key.to_string(),
@@ -188,7 +196,7 @@ impl Workers {
 struct Worker {
     client: GitOpsClient<Channel>,
     meta: AgentMeta,
-    syncer: Arc<Syncer>,
+    engine: Engine,
     settings: Settings,
     project: ManifestProject,
     timing: Timing,
@@ -227,6 +235,8 @@ struct Stream {
 struct SyncState {
     current: Option<Commit>,
     running: Option<(CancellationToken, JoinHandle<SyncOutcome>)>,
+    /// When the running sync started, for its duration metric.
+    started: Instant,
     next_run: Option<Instant>,
     failures: u32,
 }
@@ -357,6 +367,7 @@ impl Worker {
         let mut sync = SyncState {
             current: None,
             running: None,
+            started: now,
             next_run: None,
             failures: 0,
         };
@@ -441,7 +452,7 @@ impl Worker {
         sync.next_run = None;
         let token = stop.child_token();
         let (syncer, settings, t) = (
-            Arc::clone(&self.syncer),
+            Arc::clone(&self.engine.syncer),
             self.settings.clone(),
             token.clone(),
         );
@@ -451,6 +462,7 @@ impl Worker {
                 .in_current_span(),
         );
         sync.running = Some((token, task));
+        sync.started = Instant::now();
     }
 
     async fn on_message(
@@ -550,6 +562,15 @@ impl Worker {
             }
         };
         self.log_outcome(&outcome);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.engine.metrics.record(
+            &self.settings.project_id,
+            &outcome,
+            sync.started.elapsed(),
+            now,
+        );
         let mut report = report_of(&outcome, &self.settings.project_id);
         if let Some(c) = sync.current.as_ref().filter(|c| c.id == outcome.commit_id) {
             report.warnings.clone_from(&c.warnings);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use tether_gitops_agent::metrics::SyncMetrics;
 use tether_transport::{ClientOptions, KasAddress, NoProxy, ProxySettings, ProxyUrl};
 use tether_tunnel_agent::{AgentMeta, ConnState, EchoHandler, Handler, Pool, PoolConfig};
 use tokio::sync::watch;
@@ -279,7 +280,8 @@ async fn run(cli: Cli) -> Result<()> {
 
     // The module list: started in this order, stopped in reverse.
     let mut modules = Modules::default();
-    start_observability(&mut modules, &cli, &pool).await?;
+    let sync_metrics = SyncMetrics::default();
+    start_observability(&mut modules, &cli, &pool, &sync_metrics).await?;
     tracing::info!(
         kas_address = %address,
         kubeconfig = cli.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
@@ -296,7 +298,10 @@ async fn run(cli: Cli) -> Result<()> {
     // applies here any more.
     let leading = start_leader_election(&mut modules, &cli, kube.clone(), config_rx.clone())?;
     let (gitops_channel, gitops_meta) = (channel.clone(), meta.clone());
-    let syncer = Arc::new(tether_gitops_agent::sync::Syncer::new(kube));
+    let engine = gitops::Engine {
+        syncer: Arc::new(tether_gitops_agent::sync::Syncer::new(kube)),
+        metrics: sync_metrics,
+    };
     let timing = gitops_timing(&cli);
     modules.start(
         "gitops",
@@ -305,7 +310,7 @@ async fn run(cli: Cli) -> Result<()> {
             gitops::run(
                 gitops_channel,
                 gitops_meta,
-                syncer,
+                engine,
                 config_rx,
                 leading,
                 timing,
@@ -354,9 +359,20 @@ fn tunnel_pool(
 }
 
 /// Starts /metrics, /liveness and /readiness; ready only while the tunnel is connected to kas.
-async fn start_observability(modules: &mut Modules, cli: &Cli, pool: &Pool) -> Result<()> {
+async fn start_observability(
+    modules: &mut Modules,
+    cli: &Cli,
+    pool: &Pool,
+    sync_metrics: &SyncMetrics,
+) -> Result<()> {
     let mut metrics = prometheus_client::registry::Registry::with_prefix("agentk");
     pool.register_metrics(&mut metrics);
+    sync_metrics.register(&mut metrics);
+    tether_observability::register_build_info(
+        &mut metrics,
+        tether_build_info::VERSION,
+        tether_build_info::COMMIT,
+    );
     let (ready_tx, ready) = watch::channel(false);
     let mut state = pool.state();
     tokio::spawn(async move {

@@ -85,6 +85,11 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (store, admin, h) = start_store(&cfg, modules.handle("store")).await?;
     modules.push(h);
     let mut metrics = MetricsRegistry::with_prefix("kas");
+    tether_observability::register_build_info(
+        &mut metrics,
+        tether_build_info::VERSION,
+        tether_build_info::COMMIT,
+    );
     let (guards, h) = start_limits(&cfg, &mut metrics, modules.handle("limits"));
     modules.push(h);
     let auth: Arc<dyn Authenticator> = Arc::new(StoreAuthenticator {

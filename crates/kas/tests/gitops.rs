@@ -588,6 +588,26 @@ async fn the_seed_walkthrough() {
     };
     assert_eq!(by_ns(&dude).status, ReportedStatus::Current);
     assert_eq!(by_ns(&naww).status, ReportedStatus::Failed);
+    // The same in agentk's metrics, which users alert on; and which build runs.
+    let series = |s: &str| format!("agentk_gitops_{s}");
+    assert!(
+        agent
+            .metric(&series(r#"syncs_total{outcome="failed"}"#))
+            .await
+            >= Some(1.0)
+    );
+    for (status, n) in [("Current", 1.0), ("Failed", 1.0), ("Pruned", 0.0)] {
+        let objects = series(&format!(
+            r#"objects{{project="group/manifests",status="{status}"}}"#
+        ));
+        assert_eq!(agent.metric(&objects).await, Some(n), "{objects}");
+    }
+    let build = format!(
+        r#"agentk_build_info{{version="{}",commit="{}"}}"#,
+        env!("CARGO_PKG_VERSION"),
+        tether_build_info::COMMIT
+    );
+    assert_eq!(agent.metric(&build).await, Some(1.0), "{build}");
 
     // 2. Scale dude to 2 in Git: applied.
     let c2 = manifests.commit(

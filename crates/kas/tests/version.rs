@@ -2,8 +2,14 @@
 //! to its source (the images carry the same commit in their labels).
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::PathBuf;
 use std::process::Command;
+
+use std::time::Duration;
+
+use support::{Kas, KasOptions, wait_for};
 
 fn version_of(binary: &PathBuf) -> String {
     let out = Command::new(binary).arg("--version").output().unwrap();
@@ -34,4 +40,18 @@ fn both_binaries_name_the_commit_they_were_built_from() {
             binary.display()
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kas_says_its_build_in_its_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let series = format!(
+        r#"kas_build_info{{version="{}",commit="{}"}}"#,
+        env!("CARGO_PKG_VERSION"),
+        tether_build_info::COMMIT
+    );
+    // The observability listener is the last module kas starts; wait for it.
+    let value = wait_for(&series, Duration::from_secs(10), || kas.metric(&series)).await;
+    assert_eq!(value, 1.0, "{series}");
 }

@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -129,4 +130,26 @@ mod tests {
         stop.cancel();
         task.await.expect("join").expect("serve");
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    commit: &'static str,
+}
+
+/// `<prefix>_build_info{version, commit} 1`: which build runs where, for dashboards and for
+/// alerts on version skew between replicas.
+pub fn register_build_info(
+    reg: &mut prometheus_client::registry::Registry,
+    version: &'static str,
+    commit: &'static str,
+) {
+    let info = prometheus_client::metrics::family::Family::<BuildLabels, Gauge>::default();
+    info.get_or_create(&BuildLabels { version, commit }).set(1);
+    reg.register(
+        "build_info",
+        "The version and commit of this build (always 1)",
+        info,
+    );
 }

@@ -8,7 +8,7 @@
 pub mod endpoint;
 mod logging;
 
-pub use endpoint::{Endpoint, serve};
+pub use endpoint::{Endpoint, register_build_info, serve};
 pub use logging::{
     BadFormat, JsonLayer, LogFormat, LogHandle, init_logging, init_logging_as, parse_level,
 };

@@ -1,0 +1,252 @@
+//! What users alert on about GitOps, as Prometheus metrics: how syncs end and how long they
+//! take, when each manifest project last synced successfully, and its objects by status.
+//!
+//! Histograms carry only the outcome as a label (10,000 agents must not make 10,000 series per
+//! bucket in a central Prometheus); the per-project series are gauges, bounded by the manifest
+//! projects of one agent's configuration.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::status::Status;
+use crate::sync::{ObjectState, SyncOutcome};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProjectLabel {
+    project: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ObjectsLabel {
+    project: String,
+    status: &'static str,
+}
+
+/// Every status an object can be reported with, so a status that no object has any more reads
+/// 0 instead of keeping its last value.
+const STATUSES: [&str; 7] = [
+    "InProgress",
+    "Current",
+    "Failed",
+    "Terminating",
+    "NotFound",
+    "Unknown",
+    "Pruned",
+];
+
+/// The GitOps metrics of one agent; cheap to clone (the series are shared).
+#[derive(Clone, Debug)]
+pub struct SyncMetrics {
+    syncs: Family<OutcomeLabel, Counter>,
+    duration: Family<OutcomeLabel, Histogram>,
+    last_success: Family<ProjectLabel, Gauge<f64, AtomicU64>>,
+    objects: Family<ObjectsLabel, Gauge>,
+}
+
+impl Default for SyncMetrics {
+    fn default() -> Self {
+        Self {
+            syncs: Family::default(),
+            // 50 ms to ~27 min: a sync of a handful of objects up to a reconcile timeout.
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.05, 2.0, 16))
+            }),
+            last_success: Family::default(),
+            objects: Family::default(),
+        }
+    }
+}
+
+impl SyncMetrics {
+    /// Registers the series (names get the registry's prefix, e.g. `agentk_`).
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "gitops_syncs",
+            "Synchronizations of manifest projects, by outcome",
+            self.syncs.clone(),
+        );
+        reg.register(
+            "gitops_sync_duration_seconds",
+            "How long synchronizations took, by outcome",
+            self.duration.clone(),
+        );
+        reg.register(
+            "gitops_last_successful_sync_timestamp_seconds",
+            "When each manifest project last synchronized successfully (Unix seconds)",
+            self.last_success.clone(),
+        );
+        reg.register(
+            "gitops_objects",
+            "Objects of each manifest project at its last synchronization, by status",
+            self.objects.clone(),
+        );
+    }
+
+    /// Records a finished synchronization of `project` that took `took`, ending at `now_unix`.
+    pub fn record(&self, project: &str, outcome: &SyncOutcome, took: Duration, now_unix: f64) {
+        let label = OutcomeLabel {
+            outcome: if outcome.succeeded() {
+                "succeeded"
+            } else {
+                "failed"
+            },
+        };
+        self.syncs.get_or_create(&label).inc();
+        self.duration
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+        if outcome.succeeded() {
+            self.last_success
+                .get_or_create(&ProjectLabel {
+                    project: project.to_owned(),
+                })
+                .set(now_unix);
+        }
+        // A failure before anything was applied says nothing about the objects: keep the
+        // counts of the last sync that had them.
+        if outcome.objects.is_empty() && !outcome.succeeded() {
+            return;
+        }
+        for status in STATUSES {
+            let n = outcome
+                .objects
+                .iter()
+                .filter(|o| state_word(o.status) == status)
+                .count();
+            self.objects
+                .get_or_create(&ObjectsLabel {
+                    project: project.to_owned(),
+                    status,
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+fn state_word(state: ObjectState) -> &'static str {
+    match state {
+        ObjectState::Live(s) => Status::as_str(s),
+        ObjectState::Pruned => "Pruned",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::object_ref::ObjRef;
+    use crate::sync::{ObjectOutcome, SyncError};
+
+    fn text(m: &SyncMetrics) -> String {
+        let mut reg = Registry::with_prefix("agentk");
+        m.register(&mut reg);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        out
+    }
+
+    fn object(name: &str, status: ObjectState) -> ObjectOutcome {
+        ObjectOutcome {
+            obj: ObjRef {
+                group: String::new(),
+                kind: "ConfigMap".into(),
+                namespace: Some("ns".into()),
+                name: name.into(),
+            },
+            status,
+            message: String::new(),
+        }
+    }
+
+    fn outcome(error: Option<SyncError>, objects: Vec<ObjectOutcome>) -> SyncOutcome {
+        SyncOutcome {
+            commit_id: "c".into(),
+            error,
+            objects,
+            writes: 0,
+            dry_run: false,
+        }
+    }
+
+    #[test]
+    fn a_successful_sync_counts_its_objects_and_its_time() {
+        let m = SyncMetrics::default();
+        let ok = outcome(
+            None,
+            vec![
+                object("a", ObjectState::Live(Status::Current)),
+                object("b", ObjectState::Live(Status::Current)),
+                object("c", ObjectState::Pruned),
+            ],
+        );
+        m.record(
+            "group/app",
+            &ok,
+            Duration::from_millis(300),
+            1_700_000_000.0,
+        );
+        let t = text(&m);
+        assert!(
+            t.contains(r#"agentk_gitops_syncs_total{outcome="succeeded"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"agentk_gitops_sync_duration_seconds_count{outcome="succeeded"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"agentk_gitops_objects{project="group/app",status="Current"} 2"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"agentk_gitops_objects{project="group/app",status="Pruned"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"agentk_gitops_objects{project="group/app",status="Failed"} 0"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"agentk_gitops_last_successful_sync_timestamp_seconds{project="group/app"} 1700000000"#),
+            "{t}"
+        );
+        assert!(
+            !t.contains("duration_seconds_bucket{project"),
+            "no project label on histograms"
+        );
+    }
+
+    #[test]
+    fn a_failure_before_any_object_keeps_the_last_counts_and_the_last_success_time() {
+        let m = SyncMetrics::default();
+        let ok = outcome(None, vec![object("a", ObjectState::Live(Status::Current))]);
+        m.record("p", &ok, Duration::from_secs(1), 100.0);
+        let failed = outcome(Some(SyncError::Discovery("down".into())), Vec::new());
+        m.record("p", &failed, Duration::from_secs(1), 200.0);
+        let t = text(&m);
+        assert!(
+            t.contains(r#"agentk_gitops_syncs_total{outcome="failed"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"agentk_gitops_objects{project="p",status="Current"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"agentk_gitops_last_successful_sync_timestamp_seconds{project="p"} 100"#),
+            "{t}"
+        );
+    }
+}
