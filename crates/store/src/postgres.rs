@@ -34,6 +34,9 @@ impl PgStore {
     /// the pool reconnects by itself and each operation reports the outage as an error.
     pub async fn connect(url: &str) -> Result<Self> {
         let options: PgConnectOptions = url.parse()?;
+        // The server's NOTICEs ("relation … already exists, skipping" from the migrator) would
+        // land in kas's log as noise; warnings and errors still come through.
+        let options = options.options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
