@@ -20,16 +20,8 @@ fn on_postgres(url: &str) -> KasOptions {
 
 /// The status of kas's `/readiness`, or `None` if the endpoint does not answer.
 async fn readiness(kas: &Kas) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", kas.obs_port))
-        .await
-        .ok()?;
-    s.write_all(b"GET /readiness HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
+    let response = kas.observability_get("/readiness").await?;
+    response.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Runs `kas` with these arguments to completion.
