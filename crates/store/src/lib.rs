@@ -4,7 +4,7 @@
 //!
 //! kas holds an `Arc<dyn Store>`: [`SqliteStore`], embedded, is the default; [`PgStore`] keeps
 //! the same records on a PostgreSQL server (for several kas replicas). Both run the same SQL
-//! ([`backend`]); [`copy`] moves an installation from the first to the second.
+//! (`backend`); [`copy`] moves an installation from the first to the second.
 
 mod backend;
 pub mod copy;

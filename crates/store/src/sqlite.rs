@@ -29,7 +29,7 @@ const MAX_CONNECTIONS: u32 = 4;
 /// [`WriteTxn::begin`]).
 const WRITE_ATTEMPTS: u32 = MAX_CONNECTIONS + 1;
 
-/// [`Store`] backed by a SQLite database file.
+/// [`Store`](crate::Store) backed by a SQLite database file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
