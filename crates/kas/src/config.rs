@@ -148,6 +148,63 @@ impl Default for Git {
 pub struct Database {
     /// SQLite file; default `<data_dir>/kas.sqlite`.
     pub sqlite_path: Option<PathBuf>,
+    /// PostgreSQL instead of SQLite: `postgres://user[:password]@host[:port]/database`
+    /// (with `?sslmode=verify-full` and friends for TLS). Exclusive with `sqlite_path`.
+    pub url: Option<String>,
+}
+
+/// Which database kas keeps its records in (see [`Config::database_location`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseLocation {
+    /// The embedded default: a SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server, by URL.
+    Postgres(String),
+}
+
+impl DatabaseLocation {
+    /// Parses `sqlite:PATH` or a `postgres://` / `postgresql://` URL, as `kas store copy`
+    /// takes them.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("sqlite:") {
+            if path.is_empty() {
+                return Err("sqlite: needs a path, e.g. sqlite:kas-data/kas.sqlite".into());
+            }
+            return Ok(Self::Sqlite(PathBuf::from(path)));
+        }
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            return Ok(Self::Postgres(text.to_owned()));
+        }
+        Err(format!(
+            "{:?} is neither sqlite:PATH nor a postgres:// URL",
+            redact_url(text)
+        ))
+    }
+}
+
+impl std::fmt::Display for DatabaseLocation {
+    /// For messages and logs: the SQLite path, or the URL without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
+            Self::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+/// `scheme://user:password@host…` with the password replaced, so a URL can be logged.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_owned(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -416,9 +473,31 @@ impl Config {
             return Err("agent.token_recheck_interval must be positive".into());
         }
         self.rate_limits.validate()?;
+        self.validate_database()?;
         tether_observability::parse_level(&self.observability.logging.level)
             .map_err(|e| format!("observability.logging.level: {e}"))?;
         Ok(())
+    }
+
+    fn validate_database(&self) -> Result<(), String> {
+        let Some(url) = &self.database.url else {
+            return Ok(());
+        };
+        if self.database.sqlite_path.is_some() {
+            return Err(
+                "database.url and database.sqlite_path are exclusive: kas keeps its \
+                        records in one database (url for PostgreSQL, sqlite_path for the embedded \
+                        SQLite)"
+                    .into(),
+            );
+        }
+        match DatabaseLocation::parse(url) {
+            Ok(DatabaseLocation::Postgres(_)) => Ok(()),
+            _ => Err(format!(
+                "database.url must be a postgres:// URL, not {:?}",
+                redact_url(url)
+            )),
+        }
     }
 
     fn validate_listeners(&self) -> Result<(), String> {
@@ -454,6 +533,14 @@ impl Config {
     /// Whether webhooks have their own listener (else they share the internal API's).
     pub fn separate_webhooks(&self) -> bool {
         self.webhooks.listen.is_some()
+    }
+
+    /// The configured database: PostgreSQL when `database.url` is set, else SQLite.
+    pub fn database_location(&self) -> DatabaseLocation {
+        match &self.database.url {
+            Some(url) => DatabaseLocation::Postgres(url.clone()),
+            None => DatabaseLocation::Sqlite(self.sqlite_path()),
+        }
     }
 
     pub fn sqlite_path(&self) -> PathBuf {
@@ -493,6 +580,32 @@ mod tests {
         assert_eq!(c.agent.listen.address.to_string(), "127.0.0.1:8150");
         assert_eq!(c.agent.tunnel_wait_timeout, Duration::from_secs(20));
         assert_eq!(c.sqlite_path(), PathBuf::from("kas-data/kas.sqlite"));
+    }
+
+    #[test]
+    fn database_is_sqlite_unless_a_postgres_url_is_set() {
+        let c = parse("data_dir: /d\n").expect("valid");
+        assert_eq!(
+            c.database_location(),
+            DatabaseLocation::Sqlite(PathBuf::from("/d/kas.sqlite"))
+        );
+        let c = parse("database:\n  url: postgres://kas:pw@db:5432/kas\n").expect("valid");
+        assert_eq!(
+            c.database_location(),
+            DatabaseLocation::Postgres("postgres://kas:pw@db:5432/kas".into())
+        );
+        assert_eq!(
+            c.database_location().to_string(),
+            "postgres://kas:***@db:5432/kas"
+        );
+        let both = parse("database:\n  url: postgres://db/kas\n  sqlite_path: /d/kas.sqlite\n");
+        let err = both.expect_err("both at once").to_string();
+        assert!(err.contains("exclusive"), "{err}");
+        let err = parse("database:\n  url: mysql://u:secret@db/kas\n")
+            .expect_err("not postgres")
+            .to_string();
+        assert!(err.contains("postgres://"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod connections;
+pub mod database;
 pub mod install;
 pub mod jwks;
 pub mod kubeproxy;

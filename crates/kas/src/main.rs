@@ -56,6 +56,9 @@ enum Cmd {
     /// Manage personal access tokens of people using the Kubernetes API through an agent.
     #[command(subcommand)]
     UserToken(UserTokenCmd),
+    /// Work on kas's database directly (no running kas needed).
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Write a kubeconfig for a CI job: one context per agent its ID token may use, named
     /// `<config project path>:<agent name>` (runs in the job; talks to kas's Kubernetes API
     /// proxy, not to the internal API).
@@ -72,6 +75,23 @@ enum Cmd {
         /// Where to write it (default: standard output).
         #[arg(long)]
         output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCmd {
+    /// Apply the schema migrations the configured database lacks, then exit (kas also applies
+    /// them when it starts; this does it ahead of a rollout).
+    Migrate,
+    /// Copy every record of a stopped kas's SQLite database into an empty PostgreSQL database
+    /// (tokens keep working: their digests are copied). Refuses a target that holds records.
+    Copy {
+        /// The source: sqlite:PATH.
+        #[arg(long)]
+        from: String,
+        /// The target: postgres://user[:password]@host[:port]/database.
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -312,6 +332,7 @@ async fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Token(t)) => token_cmd(&admin_client(&cli, &cfg)?, t).await,
         Some(Cmd::Project(p)) => project_cmd(&admin_client(&cli, &cfg)?, p).await,
         Some(Cmd::UserToken(u)) => user_token_cmd(&admin_client(&cli, &cfg)?, &cfg, u).await,
+        Some(Cmd::Store(s)) => store_cmd(&cfg, s).await,
         Some(Cmd::Kubeconfig {
             server,
             id_token_file,
@@ -327,6 +348,28 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
     }
+}
+
+async fn store_cmd(cfg: &Config, cmd: &StoreCmd) -> Result<()> {
+    use kas::config::DatabaseLocation;
+    match cmd {
+        StoreCmd::Migrate => {
+            let location = cfg.database_location();
+            kas::database::migrate(&location).await?;
+            out!("{location}: schema up to date")?;
+        }
+        StoreCmd::Copy { from, to } => {
+            let from = DatabaseLocation::parse(from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
+            let to = DatabaseLocation::parse(to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+            let counts = kas::database::copy(&from, &to).await?;
+            for c in &counts {
+                out!("{:<16}{:>8}", c.table, c.rows)?;
+            }
+            let total: u64 = counts.iter().map(|c| c.rows).sum();
+            out!("copied {total} records from {from} to {to}")?;
+        }
+    }
+    Ok(())
 }
 
 async fn serve(cfg: Config, log_format: tether_observability::LogFormat) -> Result<()> {

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tether_protocol::tunnel::reverse_tunnel_server::ReverseTunnelServer;
-use tether_store::{SqliteStore, Store};
+use tether_store::Store;
 use tether_tunnel_server::{Authenticator, Registry, TunnelService};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -153,7 +153,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         start_kubeproxy(&cfg, &mut sh, proxy_deps, modules.handle("kubeproxy")).await?;
     modules.push(h);
     let (observability_addr, h) =
-        start_observability(&cfg, sh.metrics, modules.handle("observability")).await?;
+        start_observability(&cfg, sh.metrics, &sh.store, modules.handle("observability")).await?;
     modules.push(h);
     Ok(Running {
         agent_addr,
@@ -184,12 +184,10 @@ fn connection_count(metrics: &mut MetricsRegistry) -> (Arc<ConnectionCount>, Gau
 async fn start_store(cfg: &Config, handle: Handle) -> Result<(Arc<dyn Store>, AdminToken, Handle)> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
-    let sqlite = cfg.sqlite_path();
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&sqlite)
-            .await
-            .with_context(|| format!("opening the database {}", sqlite.display()))?,
-    );
+    let location = cfg.database_location();
+    let store = crate::database::open(&location)
+        .await
+        .with_context(|| format!("opening the database {location}"))?;
     let admin_file = cfg.admin_token_file();
     let admin = AdminToken::load_or_create(&admin_file)
         .with_context(|| format!("reading or creating {}", admin_file.display()))?;
@@ -481,15 +479,24 @@ async fn start_kubeproxy(
     Ok((kubernetes_api_addr, handle.task(task)))
 }
 
-/// The observability endpoint: metrics of every module, readiness.
+/// The observability endpoint: metrics of every module, readiness (whether the database
+/// answers; see [`crate::database::spawn_readiness`]).
 async fn start_observability(
     cfg: &Config,
     metrics: MetricsRegistry,
+    store: &Arc<dyn Store>,
     handle: Handle,
 ) -> Result<(SocketAddr, Handle)> {
     let obs_listener = bind("observability", cfg.observability.listen.address).await?;
     let observability_addr = obs_listener.local_addr()?;
-    let (_ready_tx, ready) = watch::channel(true);
+    // Ready from the start: the database was just opened, or kas would not be starting.
+    let (ready_tx, ready) = watch::channel(true);
+    let checks = crate::database::spawn_readiness(
+        Arc::clone(store),
+        ready_tx,
+        Modules::shutdown_of(&handle),
+    );
+    let handle = handle.task(checks);
     let metrics = Arc::new(Mutex::new(metrics));
     let ep = tether_observability::Endpoint { metrics, ready };
     let stop = Modules::shutdown_of(&handle);

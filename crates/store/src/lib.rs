@@ -2,11 +2,15 @@
 //! access tokens (both stored only as SHA-256 digests), and each agent's last sync reports and
 //! configuration state (so `kas agent status` survives a restart).
 //!
-//! kas holds an `Arc<dyn Store>`; [`SqliteStore`], embedded, is the only implementation today.
-//! The trait is the seam for a PostgreSQL backend (several kas replicas), which is not built.
+//! kas holds an `Arc<dyn Store>`: [`SqliteStore`], embedded, is the default; [`PgStore`] keeps
+//! the same records on a PostgreSQL server (for several kas replicas). Both run the same SQL
+//! (`backend`); [`copy`] moves an installation from the first to the second.
 
+mod backend;
+pub mod copy;
 mod error;
 mod model;
+mod postgres;
 mod sqlite;
 mod token;
 mod txn;
@@ -16,6 +20,7 @@ pub use error::{Error, Result};
 pub use model::{
     Agent, AgentRow, AuthenticatedAgent, Project, ProjectSource, TokenInfo, UserTokenInfo,
 };
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use token::{AgentToken, TOKEN_PREFIX, TOKEN_RANDOM_LEN};
 pub use validate::{
@@ -120,6 +125,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// The agent's configuration state; `None` if none was recorded or the agent is unknown.
     async fn config_state(&self, agent_id: i64) -> Result<Option<Vec<u8>>>;
+
+    /// Runs a trivial query: `Ok` when the database answers now. kas's readiness uses it, so a
+    /// replica that cannot reach its database stops receiving traffic.
+    async fn check(&self) -> Result<()>;
 
     /// Closes the underlying connections; further calls fail. Lets kas flush the database
     /// cleanly on shutdown.

@@ -8,23 +8,54 @@
 //!
 //! So writes here issue BEGIN/COMMIT themselves, and a connection goes back to the pool only
 //! after a COMMIT succeeded. Any other outcome (an error, an early return, a cancelled future)
-//! closes the connection, which makes SQLite discard whatever transaction it still had, and
-//! the pool opens a fresh one when needed. Reads run in autocommit mode and are unaffected.
+//! closes the connection, which makes the server (or SQLite) discard whatever transaction it
+//! still had, and the pool opens a fresh one when needed. Reads run in autocommit mode and are
+//! unaffected. PostgreSQL gets the same treatment: one rule for both engines, and a failed
+//! statement there leaves the transaction aborted anyway, so the connection is of no further use
+//! to it.
 
-use sqlx::Sqlite;
 use sqlx::pool::PoolConnection;
-use sqlx::sqlite::{SqliteConnection, SqlitePool};
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
+use sqlx::{Database, Postgres, Sqlite};
 
 use crate::error::Result;
 
 /// An open write transaction on a connection taken from the pool.
 #[derive(Debug)]
-pub(crate) struct WriteTxn {
-    conn: PoolConnection<Sqlite>,
+pub(crate) struct WriteTxn<DB: Database> {
+    conn: PoolConnection<DB>,
     committed: bool,
 }
 
-impl WriteTxn {
+impl<DB: Database> WriteTxn<DB> {
+    /// The connection to run the transaction's statements on.
+    pub(crate) fn conn(&mut self) -> &mut DB::Connection {
+        &mut self.conn
+    }
+}
+
+impl<DB: Database> WriteTxn<DB>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    /// Commits; on error nothing was written and the connection is discarded.
+    pub(crate) async fn commit(mut self) -> Result<()> {
+        sqlx::Executor::execute(&mut *self.conn, "COMMIT").await?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl<DB: Database> Drop for WriteTxn<DB> {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+impl WriteTxn<Sqlite> {
     /// Begins a write transaction, trying up to `attempts` connections.
     ///
     /// A connection opened while the filesystem was read-only stays read-only for its lifetime
@@ -54,30 +85,37 @@ impl WriteTxn {
             }
         }
     }
-
-    /// The connection to run the transaction's statements on.
-    pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
-        &mut self.conn
-    }
-
-    /// Commits; on error nothing was written and the connection is discarded.
-    pub(crate) async fn commit(mut self) -> Result<()> {
-        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
-        self.committed = true;
-        Ok(())
-    }
 }
 
-impl Drop for WriteTxn {
-    fn drop(&mut self) {
-        if !self.committed {
-            self.conn.close_on_drop();
-        }
+/// The advisory lock every PostgreSQL write takes (an arbitrary constant: "tether" in ASCII).
+const PG_WRITE_LOCK: i64 = 0x7465_7468_6572;
+
+impl WriteTxn<Postgres> {
+    /// Begins a write transaction holding kas's write lock until it commits or rolls back.
+    ///
+    /// The lock makes writes run one at a time, across every kas replica sharing the database,
+    /// just as SQLite's `BEGIN IMMEDIATE` does: the shared SQL checks and then writes in places
+    /// (`remove_project` counts agents before deleting, whose cascade would otherwise take an
+    /// agent registered in between), which is only correct with a single writer. kas's writes
+    /// are a few small rows each, so the queue stays short; reads do not take the lock.
+    pub(crate) async fn begin(pool: &PgPool) -> Result<Self> {
+        let conn = pool.acquire().await?;
+        let mut txn = Self {
+            conn,
+            committed: false,
+        };
+        // Dropping `txn` on error closes the connection, which ends the transaction.
+        sqlx::query("BEGIN").execute(txn.conn()).await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PG_WRITE_LOCK)
+            .execute(txn.conn())
+            .await?;
+        Ok(txn)
     }
 }
 
 /// Starts a write transaction and checks that the connection can write at all.
-async fn begin_on(conn: &mut SqliteConnection) -> std::result::Result<(), sqlx::Error> {
+async fn begin_on(conn: &mut sqlx::SqliteConnection) -> std::result::Result<(), sqlx::Error> {
     // IMMEDIATE takes the write lock up front, waiting up to busy_timeout for it, so a
     // transaction that reads before writing cannot fail half-way with SQLITE_BUSY.
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;

@@ -29,6 +29,7 @@ pub mod cluster;
 pub mod control;
 mod health;
 pub mod pki;
+pub mod postgres;
 pub mod proxy;
 pub mod supervisor;
 pub mod tmpfs;

@@ -568,15 +568,7 @@ impl Kas {
     /// A sample of kas's `/metrics`: the value of the line starting with `series` (name and
     /// labels exactly as kas prints them), or `None` if there is no such line yet.
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.obs_port))
-            .await
-            .ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.ok()?;
+        let out = self.observability_get("/metrics").await?;
         out.lines().find_map(|l| {
             l.strip_prefix(series)?
                 .strip_prefix(' ')?
@@ -584,6 +576,22 @@ impl Kas {
                 .parse()
                 .ok()
         })
+    }
+}
+
+impl Kas {
+    /// The whole HTTP response (status line, headers, body) to a GET of `path` on kas's
+    /// observability endpoint, or `None` if it does not answer.
+    pub async fn observability_get(&self, path: &str) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.obs_port))
+            .await
+            .ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        Some(out)
     }
 }
 

@@ -1,20 +1,137 @@
-//! End-to-end tests of `SqliteStore` against real database files.
+//! End-to-end tests of the store, each run against both backends: SQLite on a real database
+//! file and PostgreSQL on a real server started for the test (see
+//! `tether_testenv::postgres`). A few tests about SQLite's files run against SQLite only.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tempfile::TempDir;
-use tether_store::{Error, SqliteStore, Store, TOKEN_PREFIX, TOKEN_RANDOM_LEN};
+use tether_store::{Error, PgStore, SqliteStore, Store, TOKEN_PREFIX, TOKEN_RANDOM_LEN};
+use tether_testenv::postgres::Postgres;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-/// A store on a fresh file, used through `Arc<dyn Store>` as kas does. The `TempDir` must be kept
-/// alive for the duration of the test.
-async fn open() -> Result<(TempDir, PathBuf, Arc<dyn Store>), Error> {
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Where a test's database lives; keeps the file or the server alive for the test.
+enum Db {
+    File { _dir: TempDir, path: PathBuf },
+    Server(Postgres, String),
+}
+
+/// A store on a fresh, empty database, used through `Arc<dyn Store>` as kas does.
+async fn open(backend: Backend) -> Result<(Db, Arc<dyn Store>), Box<dyn std::error::Error>> {
+    let db = match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("kas.db");
+            Db::File { _dir: dir, path }
+        }
+        Backend::Postgres => {
+            let server = Postgres::start()?;
+            let url = server.create_database("kas")?;
+            Db::Server(server, url)
+        }
+    };
+    let store = db.reopen().await?;
+    Ok((db, store))
+}
+
+impl Db {
+    /// Opens the database (again), as a restarted kas would.
+    async fn reopen(&self) -> Result<Arc<dyn Store>, Error> {
+        Ok(match self {
+            Db::File { path, .. } => Arc::new(SqliteStore::open(path).await?),
+            Db::Server(_, url) => Arc::new(PgStore::connect(url).await?),
+        })
+    }
+
+    /// Deletes an agent the way a future store method would (the store has none yet).
+    async fn delete_agent(&self, id: i64) -> TestResult {
+        match self {
+            Db::File { path, .. } => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(path)
+                    .foreign_keys(true);
+                let mut conn = sqlx::ConnectOptions::connect(&options).await?;
+                sqlx::query("DELETE FROM agents WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut conn)
+                    .await?;
+                sqlx::Connection::close(conn).await?;
+            }
+            Db::Server(_, url) => {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await?;
+                sqlx::query("DELETE FROM agents WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut conn)
+                    .await?;
+                sqlx::Connection::close(conn).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any file the database engine keeps data in holds `needle` (for PostgreSQL the
+    /// whole cluster directory, write-ahead log included).
+    fn holds(&self, needle: &[u8]) -> bool {
+        let files = match self {
+            Db::File { path, .. } => database_files(path),
+            Db::Server(server, _) => files_under(server.data_dir()),
+        };
+        files.iter().any(|file| {
+            let bytes = std::fs::read(file).expect("read database file");
+            bytes.windows(needle.len()).any(|w| w == needle)
+        })
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read database directory") {
+        let path = entry.expect("directory entry").path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else if path.is_file() {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Runs each named test (an `async fn(Backend) -> TestResult`) once per backend, as
+/// `sqlite::name` and `postgres::name`.
+macro_rules! on_both_backends {
+    ($($(($($args:tt)*))? $name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test $(($($args)*))?]
+                async fn $name() -> super::TestResult {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test $(($($args)*))?]
+                async fn $name() -> super::TestResult {
+                    super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// A SQLite store on a fresh file, for the tests about SQLite's files.
+async fn open_sqlite() -> Result<(TempDir, PathBuf, SqliteStore), Error> {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("kas.db");
     let store = SqliteStore::open(&path).await?;
-    Ok((dir, path, Arc::new(store)))
+    Ok((dir, path, store))
 }
 
 /// Every file SQLite may keep data in for this database.
@@ -35,9 +152,8 @@ fn files_contain(db: &Path, needle: &[u8]) -> bool {
     })
 }
 
-#[tokio::test]
-async fn register_token_authenticate() -> TestResult {
-    let (_dir, _path, store) = open().await?;
+async fn register_token_authenticate(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     let agent = store
         .register_agent("group/sub/project", "my-agent")
         .await?;
@@ -68,9 +184,8 @@ async fn register_token_authenticate() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn wrong_tokens_are_rejected() -> TestResult {
-    let (_dir, _path, store) = open().await?;
+async fn wrong_tokens_are_rejected(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     let agent = store.register_agent("g/p", "a").await?;
     let (_info, token) = store.create_token(agent.id, "").await?;
 
@@ -95,9 +210,8 @@ async fn wrong_tokens_are_rejected() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn revoked_token_is_rejected() -> TestResult {
-    let (_dir, _path, store) = open().await?;
+async fn revoked_token_is_rejected(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     let agent = store.register_agent("g/p", "a").await?;
     let (info, token) = store.create_token(agent.id, "to revoke").await?;
     assert!(store.authenticate(token.expose()).await?.is_some());
@@ -122,9 +236,8 @@ async fn revoked_token_is_rejected() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn two_tokens_per_agent() -> TestResult {
-    let (_dir, _path, store) = open().await?;
+async fn two_tokens_per_agent(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     let agent = store.register_agent("g/p", "a").await?;
     let (info1, token1) = store.create_token(agent.id, "one").await?;
     let (info2, token2) = store.create_token(agent.id, "two").await?;
@@ -154,9 +267,8 @@ async fn two_tokens_per_agent() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn tokens_of_different_agents_are_kept_apart() -> TestResult {
-    let (_dir, _path, store) = open().await?;
+async fn tokens_of_different_agents_are_kept_apart(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     let a = store.register_agent("g/p", "a").await?;
     let b = store.register_agent("g/q", "a").await?;
     let (_, token_a) = store.create_token(a.id, "").await?;
@@ -216,9 +328,8 @@ async fn database_never_holds_the_plaintext_token() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn invalid_names_are_rejected() -> TestResult {
-    let (_dir, _path, store) = open().await?;
+async fn invalid_names_are_rejected(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     let too_long = "a".repeat(64);
     for name in [
         "MyAgent",
@@ -272,9 +383,8 @@ async fn invalid_names_are_rejected() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn duplicate_agent_is_rejected_and_leaves_no_trace() -> TestResult {
-    let (_dir, _path, store) = open().await?;
+async fn duplicate_agent_is_rejected_and_leaves_no_trace(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     let first = store.register_agent("g/p", "a").await?;
     let again = store.register_agent("g/p", "a").await;
     assert!(matches!(again, Err(Error::AlreadyExists(_))), "{again:?}");
@@ -292,9 +402,8 @@ async fn duplicate_agent_is_rejected_and_leaves_no_trace() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn projects_and_listings() -> TestResult {
-    let (_dir, _path, store) = open().await?;
+async fn projects_and_listings(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     let p1 = store.ensure_project("b/project").await?;
     let p1_again = store.ensure_project("b/project").await?;
     assert_eq!(p1, p1_again, "ensure_project returns the existing project");
@@ -338,9 +447,8 @@ async fn projects_and_listings() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn unknown_agent_for_tokens() -> TestResult {
-    let (_dir, _path, store) = open().await?;
+async fn unknown_agent_for_tokens(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     assert!(matches!(
         store.create_token(42, "x").await,
         Err(Error::NotFound(_))
@@ -352,12 +460,9 @@ async fn unknown_agent_for_tokens() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn reopening_keeps_the_data() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("nested-name.sqlite");
+async fn reopening_keeps_the_data(backend: Backend) -> TestResult {
+    let (db, store) = open(backend).await?;
     let (agent, info, token) = {
-        let store = SqliteStore::open(&path).await?;
         let agent = store.register_agent("group/project", "agent-1").await?;
         let (info, token) = store.create_token(agent.id, "kept").await?;
         let (revoked, _) = store.create_token(agent.id, "revoked").await?;
@@ -367,7 +472,7 @@ async fn reopening_keeps_the_data() -> TestResult {
     };
 
     // Opening again also re-runs the migrator, which must accept an up-to-date schema.
-    let store = SqliteStore::open(&path).await?;
+    let store = db.reopen().await?;
     assert_eq!(
         store.find_agent("group/project", "agent-1").await?,
         Some(agent.clone())
@@ -388,9 +493,8 @@ async fn reopening_keeps_the_data() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn token_debug_and_display_are_redacted() -> TestResult {
-    let (_dir, _path, store) = open().await?;
+async fn token_debug_and_display_are_redacted(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     let agent = store.register_agent("g/p", "a").await?;
     let created = store.create_token(agent.id, "debug").await?;
     let secret = &created.1.expose()[TOKEN_PREFIX.len()..];
@@ -405,9 +509,8 @@ async fn token_debug_and_display_are_redacted() -> TestResult {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_writers_wait_instead_of_failing() -> TestResult {
-    let (_dir, _path, store) = open().await?;
+async fn concurrent_writers_wait_instead_of_failing(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     let mut tasks = Vec::new();
     for i in 0..16 {
         let store = Arc::clone(&store);
@@ -424,9 +527,8 @@ async fn concurrent_writers_wait_instead_of_failing() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn project_sources_are_set_read_and_removed() -> TestResult {
-    let (_dir, _db, store) = open().await?;
+async fn project_sources_are_set_read_and_removed(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
     let src = tether_store::ProjectSource {
         remote: Some("git://127.0.0.1:9418/group/app".into()),
         credentials_file: None,
@@ -470,9 +572,8 @@ async fn project_sources_are_set_read_and_removed() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn user_tokens_authenticate_until_revoked_or_expired() -> TestResult {
-    let (_dir, db, store) = open().await?;
+async fn user_tokens_authenticate_until_revoked_or_expired(backend: Backend) -> TestResult {
+    let (db, store) = open(backend).await?;
     let agent = store.register_agent("group/app", "a1").await?;
     let far = 4_000_000_000;
     let (info, token) = store
@@ -484,7 +585,7 @@ async fn user_tokens_authenticate_until_revoked_or_expired() -> TestResult {
         .ok_or("valid token")?;
     assert_eq!(found.username, "alice");
     assert_eq!(found.agent_id, agent.id);
-    assert!(!files_contain(&db, token.expose().as_bytes()));
+    assert!(!db.holds(token.expose().as_bytes()));
     // Agent tokens and user tokens are different things.
     assert!(store.authenticate(token.expose()).await?.is_none());
     assert!(store.revoke_user_token(info.id).await?);
@@ -504,9 +605,8 @@ async fn user_tokens_authenticate_until_revoked_or_expired() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn sync_reports_and_config_state_survive_reopening() -> TestResult {
-    let (_dir, path, store) = open().await?;
+async fn sync_reports_and_config_state_survive_reopening(backend: Backend) -> TestResult {
+    let (db, store) = open(backend).await?;
     let agent = store.register_agent("group/project", "agent").await?;
     let other = store.register_agent("group/project", "other").await?;
     assert!(store.sync_reports(agent.id).await?.is_empty());
@@ -529,7 +629,7 @@ async fn sync_reports_and_config_state_survive_reopening() -> TestResult {
     store.put_config_state(agent.id, &[0, 0xfe]).await?;
     store.close().await;
 
-    let store = SqliteStore::open(&path).await?;
+    let store = db.reopen().await?;
     let expected = [
         ("a/manifests".to_owned(), b"second".to_vec()),
         ("b/manifests".to_owned(), vec![0, 1, 0xff]),
@@ -545,9 +645,8 @@ async fn sync_reports_and_config_state_survive_reopening() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn agent_state_needs_an_agent_and_goes_away_with_it() -> TestResult {
-    let (_dir, path, store) = open().await?;
+async fn agent_state_needs_an_agent_and_goes_away_with_it(backend: Backend) -> TestResult {
+    let (db, store) = open(backend).await?;
     let missing = store.put_sync_report(999, "a/manifests", b"r").await;
     assert!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
     let missing = store.put_config_state(999, b"s").await;
@@ -560,18 +659,9 @@ async fn agent_state_needs_an_agent_and_goes_away_with_it() -> TestResult {
     store.put_config_state(agent.id, b"s").await?;
     store.close().await;
 
-    // The store has no way to delete an agent yet, so delete it the way a future one would.
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&path)
-        .foreign_keys(true);
-    let mut conn = sqlx::ConnectOptions::connect(&options).await?;
-    sqlx::query("DELETE FROM agents WHERE id = $1")
-        .bind(agent.id)
-        .execute(&mut conn)
-        .await?;
-    sqlx::Connection::close(conn).await?;
+    db.delete_agent(agent.id).await?;
 
-    let store = SqliteStore::open(&path).await?;
+    let store = db.reopen().await?;
     assert!(store.sync_reports(agent.id).await?.is_empty());
     assert_eq!(store.config_state(agent.id).await?, None);
     store.close().await;
@@ -582,7 +672,7 @@ async fn agent_state_needs_an_agent_and_goes_away_with_it() -> TestResult {
 /// rollback journal (no memory-mapped index) and keep its records.
 #[tokio::test]
 async fn a_wal_database_is_converted_on_open() -> TestResult {
-    let (_dir, path, store) = open().await?;
+    let (_dir, path, store) = open_sqlite().await?;
     let agent = store.register_agent("group/project", "agent").await?;
     let (_, token) = store.create_token(agent.id, "before").await?;
     store.close().await;
@@ -613,3 +703,22 @@ async fn a_wal_database_is_converted_on_open() -> TestResult {
     );
     Ok(())
 }
+
+on_both_backends!(
+    register_token_authenticate,
+    wrong_tokens_are_rejected,
+    revoked_token_is_rejected,
+    two_tokens_per_agent,
+    tokens_of_different_agents_are_kept_apart,
+    invalid_names_are_rejected,
+    duplicate_agent_is_rejected_and_leaves_no_trace,
+    projects_and_listings,
+    unknown_agent_for_tokens,
+    reopening_keeps_the_data,
+    token_debug_and_display_are_redacted,
+    (flavor = "multi_thread", worker_threads = 2) concurrent_writers_wait_instead_of_failing,
+    project_sources_are_set_read_and_removed,
+    user_tokens_authenticate_until_revoked_or_expired,
+    sync_reports_and_config_state_survive_reopening,
+    agent_state_needs_an_agent_and_goes_away_with_it,
+);

@@ -1,0 +1,98 @@
+//! kas's database: opening the configured one (SQLite or PostgreSQL), the commands that work on
+//! it without serving (`kas store migrate`, `kas store copy`), and readiness, which follows
+//! whether the database answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use tether_store::copy::TableCount;
+use tether_store::{PgStore, SqliteStore, Store};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DatabaseLocation;
+
+/// How often readiness asks the database whether it answers.
+pub const READINESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long one readiness check may take before it counts as "not answering". Below the
+/// interval, so checks never pile up.
+const READINESS_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Opens the database and brings its schema up to date (both backends migrate on open).
+pub async fn open(location: &DatabaseLocation) -> Result<Arc<dyn Store>> {
+    let store: Arc<dyn Store> = match location {
+        DatabaseLocation::Sqlite(path) => Arc::new(SqliteStore::open(path).await?),
+        DatabaseLocation::Postgres(url) => Arc::new(PgStore::connect(url).await?),
+    };
+    Ok(store)
+}
+
+/// `kas store migrate`: applies the schema migrations the database lacks, then closes it.
+pub async fn migrate(location: &DatabaseLocation) -> Result<()> {
+    let store = open(location)
+        .await
+        .with_context(|| format!("migrating the database {location}"))?;
+    store.close().await;
+    Ok(())
+}
+
+/// `kas store copy`: every record of a SQLite database (of a stopped kas) into an empty
+/// PostgreSQL database. Returns the rows copied per table.
+pub async fn copy(from: &DatabaseLocation, to: &DatabaseLocation) -> Result<Vec<TableCount>> {
+    let (DatabaseLocation::Sqlite(path), DatabaseLocation::Postgres(url)) = (from, to) else {
+        bail!("kas store copy copies from sqlite:PATH to a postgres:// URL (got {from} to {to})");
+    };
+    // Opening would create an empty database: a mistyped path must not "copy" nothing.
+    if !path.is_file() {
+        bail!("{from}: no such database file");
+    }
+    let source = SqliteStore::open(path)
+        .await
+        .with_context(|| format!("opening {from}"))?;
+    let target = PgStore::connect(url)
+        .await
+        .with_context(|| format!("opening {to}"))?;
+    let copied = tether_store::copy::sqlite_to_postgres(&source, &target)
+        .await
+        .with_context(|| format!("copying {from} to {to}"));
+    source.close().await;
+    target.close().await;
+    copied
+}
+
+/// Keeps `ready` equal to "the database answered its last check" until `stop`. A replica that
+/// cannot reach its database would fail every request that needs a record, so it should leave
+/// the load balancer's rotation rather than take traffic.
+pub fn spawn_readiness(
+    store: Arc<dyn Store>,
+    ready: watch::Sender<bool>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(READINESS_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let answered = match tokio::time::timeout(READINESS_TIMEOUT, store.check()).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "Database check failed: not ready");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!("Database did not answer in time: not ready");
+                    false
+                }
+            };
+            let was = ready.send_replace(answered);
+            if answered && !was {
+                tracing::info!("Database answers again: ready");
+            }
+        }
+    })
+}

@@ -1,0 +1,158 @@
+//! kas on PostgreSQL, as real processes: a kas whose records are in a PostgreSQL server started
+//! for the test, restarts, readiness following the database, and moving a SQLite kas over with
+//! `kas store copy`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::{Agent, Kas, KasOptions, wait_for};
+use tether_testenv::postgres::Postgres;
+
+fn on_postgres(url: &str) -> KasOptions {
+    KasOptions {
+        extra_yaml: format!("database:\n  url: {url}\n"),
+        ..KasOptions::default()
+    }
+}
+
+/// The status of kas's `/readiness`, or `None` if the endpoint does not answer.
+async fn readiness(kas: &Kas) -> Option<u16> {
+    let response = kas.observability_get("/readiness").await?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs `kas` with these arguments to completion.
+fn kas_cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kas_on_postgres_keeps_its_agents_across_restarts_and_is_ready_only_with_its_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("kas").unwrap();
+    let mut kas = Kas::start(&dir.path().join("kas"), on_postgres(&url)).await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "agent")
+        .await
+        .unwrap();
+    let _agent = Agent::start(dir.path(), "agentk", &kas.url("grpc"), &t.token, None);
+    kas.wait_connected(t.agent_id).await;
+    // The records are in PostgreSQL: no SQLite file appeared next to the admin token.
+    assert!(!kas.dir.join("data/kas.sqlite").exists());
+
+    kas.restart().await;
+    let view = kas.wait_connected(t.agent_id).await;
+    assert_eq!(view.name, "agent");
+    let agents = kas.admin.list_agents().await.unwrap();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+
+    assert_eq!(readiness(&kas).await, Some(200));
+    pg.stop().unwrap();
+    wait_for("kas not ready", Duration::from_secs(10), || async {
+        (readiness(&kas).await == Some(503)).then_some(())
+    })
+    .await;
+    pg.restart().unwrap();
+    wait_for("kas ready again", Duration::from_secs(10), || async {
+        (readiness(&kas).await == Some(200)).then_some(())
+    })
+    .await;
+    assert!(kas.log().contains("not ready"), "{}", kas.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_kas_copied_to_postgres_keeps_its_agents_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sqlite_kas = Kas::start(&dir.path().join("sqlite"), KasOptions::default()).await;
+    let t = sqlite_kas
+        .admin
+        .register_agent("group/app", "agent")
+        .await
+        .unwrap();
+    sqlite_kas
+        .admin
+        .register_agent("group/other", "second")
+        .await
+        .unwrap();
+    sqlite_kas.stop();
+    let sqlite = format!(
+        "sqlite:{}",
+        sqlite_kas.dir.join("data/kas.sqlite").display()
+    );
+
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("kas").unwrap();
+    // The schema can be created ahead of the copy; the copy needs it empty, not absent.
+    let config = dir.path().join("migrate.yaml");
+    std::fs::write(&config, format!("database:\n  url: {url}\n")).unwrap();
+    let migrated = kas_cli(&[
+        "--configuration-file",
+        config.to_str().unwrap(),
+        "store",
+        "migrate",
+    ]);
+    assert!(migrated.status.success(), "{}", text(&migrated));
+    assert!(
+        text(&migrated).contains("schema up to date"),
+        "{}",
+        text(&migrated)
+    );
+
+    let copied = kas_cli(&["store", "copy", "--from", &sqlite, "--to", &url]);
+    assert!(copied.status.success(), "{}", text(&copied));
+    let out = text(&copied);
+    let count = |table: &str| -> Option<u64> {
+        out.lines().find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next()? == table).then(|| words.next()?.parse().ok())?
+        })
+    };
+    assert_eq!(count("projects"), Some(2), "{out}");
+    assert_eq!(count("agents"), Some(2), "{out}");
+    assert_eq!(count("agent_tokens"), Some(2), "{out}");
+    assert_eq!(count("user_tokens"), Some(0), "{out}");
+
+    let again = kas_cli(&["store", "copy", "--from", &sqlite, "--to", &url]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("not empty"), "{}", text(&again));
+    let missing = dir.path().join("missing.sqlite");
+    let from_missing = kas_cli(&[
+        "store",
+        "copy",
+        "--from",
+        &format!("sqlite:{}", missing.display()),
+        "--to",
+        &url,
+    ]);
+    assert!(!from_missing.status.success());
+    assert!(!missing.exists(), "a missing source must not be created");
+
+    let pg_kas = Kas::start(&dir.path().join("pg"), on_postgres(&url)).await;
+    let _agent = Agent::start(dir.path(), "agentk", &pg_kas.url("grpc"), &t.token, None);
+    let view = pg_kas.wait_connected(t.agent_id).await;
+    assert_eq!(view.name, "agent");
+    assert_eq!(pg_kas.admin.list_agents().await.unwrap().len(), 2);
+    // New records continue after the copied ones.
+    let third = pg_kas
+        .admin
+        .register_agent("group/app", "third")
+        .await
+        .unwrap();
+    assert!(third.agent_id > t.agent_id);
+}

@@ -1,0 +1,510 @@
+//! What the SQLite and PostgreSQL backends share: the SQL (written once, in the dialect both
+//! accept: `$n` placeholders, `RETURNING`, `ON CONFLICT`, no engine-specific functions), the
+//! row-to-record mapping and the checks around it (name validation, constant-time digest
+//! comparison, foreign keys as existence checks).
+//!
+//! The [`Store`](crate::Store) methods are generated per backend by [`impl_store!`] rather than
+//! written once as generic functions over `sqlx::Database`: the generic version needs a bound for
+//! every type bound or decoded, per statement, and hides the SQL behind them. Expanded per
+//! backend, each copy is type-checked against its own driver. A backend provides a `pool` field
+//! and an `async fn write(&self) -> Result<WriteTxn<_>>` (see [`crate::txn`]), which is where the
+//! engines really differ.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::Error;
+
+/// The one row an `INSERT … RETURNING` produced. Callers read rows with `fetch_all`, which steps
+/// the statement to completion: `fetch_one` stops after the first row, and in autocommit mode the
+/// commit then happens when sqlx resets the statement, where a failure (SQLITE_FULL) is dropped
+/// and the insert reported as done. (Harmless on PostgreSQL, which returns the one row either way.)
+pub(crate) fn single<T>(rows: Vec<T>) -> std::result::Result<T, sqlx::Error> {
+    rows.into_iter().next().ok_or(sqlx::Error::RowNotFound)
+}
+
+/// Maps a foreign-key violation on an agent reference to `NotFound`: the foreign key is the
+/// existence check, so there is no window between check and write.
+pub(crate) fn agent_ref_error(agent_id: i64, error: sqlx::Error) -> Error {
+    match error {
+        sqlx::Error::Database(e) if e.is_foreign_key_violation() => {
+            Error::NotFound(format!("agent {agent_id}"))
+        }
+        e => e.into(),
+    }
+}
+
+/// Current time in Unix seconds. A clock before 1970 is a misconfiguration we record as 0 rather
+/// than fail on: timestamps are informational, never used for authorization.
+pub(crate) fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Row shape of the authentication query; the digest is compared in constant time before any
+/// of it is returned.
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuthRow {
+    pub(crate) token_id: i64,
+    pub(crate) digest: String,
+    pub(crate) agent_id: i64,
+    pub(crate) agent_name: String,
+    pub(crate) project_id: i64,
+    pub(crate) project_path: String,
+}
+
+/// Implements [`Store`](crate::Store) for `$store`, whose write transactions run on `$conn`.
+macro_rules! impl_store {
+    ($store:ty, $conn:ty) => {
+        // In a const block so the imports the expansion needs do not clash with the backend's.
+        const _: () = {
+            use subtle::ConstantTimeEq;
+
+            use crate::Store;
+            use crate::backend::{AuthRow, agent_ref_error, now, single};
+            use crate::error::{Error, Result};
+            use crate::model::{
+                Agent, AgentRow, AuthenticatedAgent, Project, ProjectSource, TokenInfo, UserTokenInfo,
+            };
+            use crate::token::{self, AgentToken};
+            use crate::validate::{validate_agent_name, validate_project_path};
+
+            impl $store {
+                /// Insert-if-missing then read back, on a caller-provided connection so that `register_agent`
+                /// can run it inside its transaction. (Writes are serialized on both engines, so reading first
+                /// would be safe too; inserting first keeps it race-free even without that.)
+                async fn ensure_project_on(conn: &mut $conn, path: &str) -> Result<Project> {
+                    sqlx::query(
+                        "INSERT INTO projects (path, created_at) VALUES ($1, $2) ON CONFLICT (path) DO NOTHING",
+                    )
+                    .bind(path)
+                    .bind(now())
+                    .execute(&mut *conn)
+                    .await?;
+                    let project =
+                        sqlx::query_as::<_, Project>("SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects WHERE path = $1")
+                            .bind(path)
+                            .fetch_one(&mut *conn)
+                            .await?;
+                    Ok(project)
+                }
+            }
+
+            #[async_trait::async_trait]
+            impl Store for $store {
+                async fn ensure_project(&self, path: &str) -> Result<Project> {
+                    validate_project_path(path)?;
+                    let mut tx = self.write().await?;
+                    let project = Self::ensure_project_on(tx.conn(), path).await?;
+                    tx.commit().await?;
+                    Ok(project)
+                }
+
+                async fn get_project_by_path(&self, path: &str) -> Result<Option<Project>> {
+                    validate_project_path(path)?;
+                    let project = sqlx::query_as::<_, Project>(
+                        "SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects WHERE path = $1",
+                    )
+                    .bind(path)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    Ok(project)
+                }
+
+                async fn list_projects(&self) -> Result<Vec<Project>> {
+                    let projects =
+                        sqlx::query_as::<_, Project>("SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects ORDER BY path")
+                            .fetch_all(&self.pool)
+                            .await?;
+                    Ok(projects)
+                }
+
+                async fn get_project(&self, id: i64) -> Result<Option<Project>> {
+                    let project = sqlx::query_as::<_, Project>(
+                        "SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects WHERE id = $1",
+                    )
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    Ok(project)
+                }
+
+                async fn set_project_source(&self, path: &str, source: &ProjectSource) -> Result<Project> {
+                    validate_project_path(path)?;
+                    let mut tx = self.write().await?;
+                    let project = Self::ensure_project_on(tx.conn(), path).await?;
+                    sqlx::query(
+                        "UPDATE projects SET remote = $1, credentials_file = $2, webhook_secret_file = $3 WHERE id = $4",
+                    )
+                    .bind(&source.remote)
+                    .bind(&source.credentials_file)
+                    .bind(&source.webhook_secret_file)
+                    .bind(project.id)
+                    .execute(tx.conn())
+                    .await?;
+                    tx.commit().await?;
+                    Ok(Project {
+                        remote: source.remote.clone(),
+                        credentials_file: source.credentials_file.clone(),
+                        webhook_secret_file: source.webhook_secret_file.clone(),
+                        ..project
+                    })
+                }
+
+                async fn remove_project(&self, path: &str) -> Result<bool> {
+                    validate_project_path(path)?;
+                    let mut tx = self.write().await?;
+                    let agents: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM agents a JOIN projects p ON p.id = a.project_id WHERE p.path = $1",
+                    )
+                    .bind(path)
+                    .fetch_one(tx.conn())
+                    .await?;
+                    if agents > 0 {
+                        return Err(Error::InUse(format!(
+                            "project {path} still has {agents} agent(s); their tokens and records would go with it"
+                        )));
+                    }
+                    let done = sqlx::query("DELETE FROM projects WHERE path = $1")
+                        .bind(path)
+                        .execute(tx.conn())
+                        .await?;
+                    tx.commit().await?;
+                    Ok(done.rows_affected() > 0)
+                }
+
+                async fn register_agent(&self, project_path: &str, name: &str) -> Result<Agent> {
+                    validate_project_path(project_path)?;
+                    validate_agent_name(name)?;
+                    // One transaction so a rejected agent does not leave a freshly created project behind.
+                    let mut tx = self.write().await?;
+                    let project = Self::ensure_project_on(tx.conn(), project_path).await?;
+                    let inserted = sqlx::query_as::<_, Agent>(
+                        "INSERT INTO agents (project_id, name, created_at) VALUES ($1, $2, $3) \
+                         RETURNING id, project_id, name, created_at",
+                    )
+                    .bind(project.id)
+                    .bind(name)
+                    .bind(now())
+                    .fetch_all(tx.conn())
+                    .await
+                    .and_then(single);
+                    let agent = match inserted {
+                        Ok(agent) => agent,
+                        // Rely on the UNIQUE constraint rather than a prior SELECT: it is race-free.
+                        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                            return Err(Error::AlreadyExists(format!(
+                                "agent {name:?} in project {project_path:?}"
+                            )));
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    tx.commit().await?;
+                    Ok(agent)
+                }
+
+                async fn get_agent(&self, id: i64) -> Result<Option<Agent>> {
+                    let agent = sqlx::query_as::<_, Agent>(
+                        "SELECT id, project_id, name, created_at FROM agents WHERE id = $1",
+                    )
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    Ok(agent)
+                }
+
+                async fn find_agent(&self, project_path: &str, name: &str) -> Result<Option<Agent>> {
+                    validate_project_path(project_path)?;
+                    validate_agent_name(name)?;
+                    let agent = sqlx::query_as::<_, Agent>(
+                        "SELECT a.id, a.project_id, a.name, a.created_at \
+                         FROM agents a JOIN projects p ON p.id = a.project_id \
+                         WHERE p.path = $1 AND a.name = $2",
+                    )
+                    .bind(project_path)
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    Ok(agent)
+                }
+
+                async fn list_agents(&self) -> Result<Vec<AgentRow>> {
+                    let agents = sqlx::query_as::<_, AgentRow>(
+                        "SELECT a.id, a.name, a.project_id, p.path AS project_path, a.created_at \
+                         FROM agents a JOIN projects p ON p.id = a.project_id \
+                         ORDER BY p.path, a.name",
+                    )
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(agents)
+                }
+
+                async fn create_token(
+                    &self,
+                    agent_id: i64,
+                    description: &str,
+                ) -> Result<(TokenInfo, AgentToken)> {
+                    let token = AgentToken::generate();
+                    let digest = hex::encode(token::digest(token.expose()));
+                    let mut tx = self.write().await?;
+                    let info = sqlx::query_as::<_, TokenInfo>(
+                        "INSERT INTO agent_tokens (agent_id, digest, description, created_at) \
+                         VALUES ($1, $2, $3, $4) \
+                         RETURNING id, agent_id, description, created_at, revoked_at",
+                    )
+                    .bind(agent_id)
+                    .bind(&digest)
+                    .bind(description)
+                    .bind(now())
+                    .fetch_all(tx.conn())
+                    .await
+                    .and_then(single)
+                    .map_err(|e| agent_ref_error(agent_id, e))?;
+                    tx.commit().await?;
+                    Ok((info, token))
+                }
+
+                async fn list_tokens(&self, agent_id: i64) -> Result<Vec<TokenInfo>> {
+                    if self.get_agent(agent_id).await?.is_none() {
+                        return Err(Error::NotFound(format!("agent {agent_id}")));
+                    }
+                    let tokens = sqlx::query_as::<_, TokenInfo>(
+                        "SELECT id, agent_id, description, created_at, revoked_at \
+                         FROM agent_tokens WHERE agent_id = $1 ORDER BY id",
+                    )
+                    .bind(agent_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(tokens)
+                }
+
+                async fn revoke_token(&self, token_id: i64) -> Result<bool> {
+                    // The `revoked_at IS NULL` guard keeps the first revocation time and makes the row count
+                    // say whether this call was the one that revoked it.
+                    let mut tx = self.write().await?;
+                    let result = sqlx::query(
+                        "UPDATE agent_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                    )
+                    .bind(now())
+                    .bind(token_id)
+                    .execute(tx.conn())
+                    .await?;
+                    if result.rows_affected() > 0 {
+                        // "Revoked" is only said once the revocation is on disk.
+                        tx.commit().await?;
+                        return Ok(true);
+                    }
+                    let exists = sqlx::query_scalar::<_, i64>("SELECT id FROM agent_tokens WHERE id = $1")
+                        .bind(token_id)
+                        .fetch_optional(tx.conn())
+                        .await?
+                        .is_some();
+                    tx.commit().await?;
+                    if exists {
+                        Ok(false)
+                    } else {
+                        Err(Error::NotFound(format!("token {token_id}")))
+                    }
+                }
+
+                async fn token_active(&self, token_id: i64) -> Result<bool> {
+                    // Outer Option: does the row exist; inner: is revoked_at set. A missing token is simply
+                    // not active, which is the only thing kas needs to know to drop a stream.
+                    let revoked_at = sqlx::query_scalar::<_, Option<i64>>(
+                        "SELECT revoked_at FROM agent_tokens WHERE id = $1",
+                    )
+                    .bind(token_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    Ok(matches!(revoked_at, Some(None)))
+                }
+
+                async fn authenticate(&self, token: &str) -> Result<Option<AuthenticatedAgent>> {
+                    if !token::has_token_shape(token) {
+                        return Ok(None);
+                    }
+                    let presented = token::digest(token);
+                    // Looking up by digest is an indexed equality match on a hash of the secret; any timing
+                    // difference it has depends on the digest, which does not help recover a token.
+                    let row = sqlx::query_as::<_, AuthRow>(
+                        "SELECT t.id AS token_id, t.digest, a.id AS agent_id, a.name AS agent_name, \
+                                p.id AS project_id, p.path AS project_path \
+                         FROM agent_tokens t \
+                         JOIN agents a ON a.id = t.agent_id \
+                         JOIN projects p ON p.id = a.project_id \
+                         WHERE t.digest = $1 AND t.revoked_at IS NULL",
+                    )
+                    .bind(hex::encode(presented))
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    let Some(row) = row else {
+                        return Ok(None);
+                    };
+                    // Confirm on the raw bytes in constant time rather than trusting the SQL text match
+                    // (collation, case folding) alone. A digest that does not decode fails closed.
+                    let mut stored = [0u8; 32];
+                    if hex::decode_to_slice(&row.digest, &mut stored).is_err()
+                        || !bool::from(stored.ct_eq(&presented))
+                    {
+                        return Ok(None);
+                    }
+                    Ok(Some(AuthenticatedAgent {
+                        agent_id: row.agent_id,
+                        agent_name: row.agent_name,
+                        project_id: row.project_id,
+                        project_path: row.project_path,
+                        token_id: row.token_id,
+                    }))
+                }
+
+                async fn create_user_token(
+                    &self,
+                    agent_id: i64,
+                    username: &str,
+                    memberships: &str,
+                    expires_at: i64,
+                ) -> Result<(UserTokenInfo, AgentToken)> {
+                    if username.is_empty() || username.len() > 255 || username.chars().any(char::is_control) {
+                        return Err(Error::InvalidName {
+                            what: "username",
+                            reason: "must be 1 to 255 printable characters".into(),
+                        });
+                    }
+                    let token = AgentToken::generate();
+                    let digest = hex::encode(token::digest(token.expose()));
+                    let mut tx = self.write().await?;
+                    let info = sqlx::query_as::<_, UserTokenInfo>(
+                        "INSERT INTO user_tokens (agent_id, username, digest, memberships, created_at, expires_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6) \
+                         RETURNING id, agent_id, username, memberships, created_at, expires_at, revoked_at",
+                    )
+                    .bind(agent_id)
+                    .bind(username)
+                    .bind(&digest)
+                    .bind(memberships)
+                    .bind(now())
+                    .bind(expires_at)
+                    .fetch_all(tx.conn())
+                    .await
+                    .and_then(single)
+                    .map_err(|e| agent_ref_error(agent_id, e))?;
+                    tx.commit().await?;
+                    Ok((info, token))
+                }
+
+                async fn authenticate_user_token(&self, token: &str) -> Result<Option<UserTokenInfo>> {
+                    if !token::has_token_shape(token) {
+                        return Ok(None);
+                    }
+                    let presented = token::digest(token);
+                    let row = sqlx::query_as::<_, (String, i64, i64, String, String, i64, i64)>(
+                        "SELECT digest, id, agent_id, username, memberships, created_at, expires_at \
+                         FROM user_tokens WHERE digest = $1 AND revoked_at IS NULL AND expires_at > $2",
+                    )
+                    .bind(hex::encode(presented))
+                    .bind(now())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    let Some((stored_hex, id, agent_id, username, memberships, created_at, expires_at)) = row
+                    else {
+                        return Ok(None);
+                    };
+                    let mut stored = [0u8; 32];
+                    if hex::decode_to_slice(&stored_hex, &mut stored).is_err()
+                        || !bool::from(stored.ct_eq(&presented))
+                    {
+                        return Ok(None);
+                    }
+                    Ok(Some(UserTokenInfo {
+                        id,
+                        agent_id,
+                        username,
+                        memberships,
+                        created_at,
+                        expires_at,
+                        revoked_at: None,
+                    }))
+                }
+
+                async fn revoke_user_token(&self, id: i64) -> Result<bool> {
+                    let mut tx = self.write().await?;
+                    let result = sqlx::query(
+                        "UPDATE user_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                    )
+                    .bind(now())
+                    .bind(id)
+                    .execute(tx.conn())
+                    .await?;
+                    tx.commit().await?;
+                    Ok(result.rows_affected() > 0)
+                }
+
+                async fn put_sync_report(&self, agent_id: i64, project: &str, report: &[u8]) -> Result<()> {
+                    let mut tx = self.write().await?;
+                    sqlx::query(
+                        "INSERT INTO sync_reports (agent_id, project, report, updated_at) \
+                         VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (agent_id, project) \
+                         DO UPDATE SET report = excluded.report, updated_at = excluded.updated_at",
+                    )
+                    .bind(agent_id)
+                    .bind(project)
+                    .bind(report)
+                    .bind(now())
+                    .execute(tx.conn())
+                    .await
+                    .map_err(|e| agent_ref_error(agent_id, e))?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn sync_reports(&self, agent_id: i64) -> Result<Vec<(String, Vec<u8>)>> {
+                    let reports = sqlx::query_as::<_, (String, Vec<u8>)>(
+                        "SELECT project, report FROM sync_reports WHERE agent_id = $1 ORDER BY project",
+                    )
+                    .bind(agent_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(reports)
+                }
+
+                async fn put_config_state(&self, agent_id: i64, state: &[u8]) -> Result<()> {
+                    let mut tx = self.write().await?;
+                    sqlx::query(
+                        "INSERT INTO config_states (agent_id, state, updated_at) VALUES ($1, $2, $3) \
+                         ON CONFLICT (agent_id) \
+                         DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+                    )
+                    .bind(agent_id)
+                    .bind(state)
+                    .bind(now())
+                    .execute(tx.conn())
+                    .await
+                    .map_err(|e| agent_ref_error(agent_id, e))?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn config_state(&self, agent_id: i64) -> Result<Option<Vec<u8>>> {
+                    let state =
+                        sqlx::query_scalar::<_, Vec<u8>>("SELECT state FROM config_states WHERE agent_id = $1")
+                            .bind(agent_id)
+                            .fetch_optional(&self.pool)
+                            .await?;
+                    Ok(state)
+                }
+
+                async fn check(&self) -> Result<()> {
+                    sqlx::query("SELECT 1").execute(&self.pool).await?;
+                    Ok(())
+                }
+
+                async fn close(&self) {
+                    self.pool.close().await;
+                }
+            }
+        };
+    };
+}
+
+pub(crate) use impl_store;

@@ -1,0 +1,112 @@
+//! What is particular to the PostgreSQL backend: a server that goes away, and moving an
+//! installation from SQLite (`tether_store::copy`). Each test starts its own server.
+
+use tether_store::copy;
+use tether_store::{Error, PgStore, ProjectSource, SqliteStore, Store};
+use tether_testenv::postgres::Postgres;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+#[tokio::test]
+async fn an_unreachable_server_is_an_error_never_a_missing_record() -> TestResult {
+    let server = Postgres::start()?;
+    let store = PgStore::connect(&server.create_database("kas")?).await?;
+    let agent = store.register_agent("group/project", "agent").await?;
+    let (_, token) = store.create_token(agent.id, "t").await?;
+    store.check().await?;
+
+    server.stop()?;
+    let got = store.get_agent(agent.id).await;
+    assert!(matches!(got, Err(Error::Database(_))), "{got:?}");
+    let got = store.authenticate(token.expose()).await;
+    assert!(matches!(got, Err(Error::Database(_))), "{got:?}");
+    let got = store.find_agent("group/project", "agent").await;
+    assert!(matches!(got, Err(Error::Database(_))), "{got:?}");
+    let got = store.register_agent("group/project", "other").await;
+    assert!(matches!(got, Err(Error::Database(_))), "{got:?}");
+    assert!(store.check().await.is_err());
+
+    // The pool reconnects by itself once the server is back.
+    server.restart()?;
+    store.check().await?;
+    assert_eq!(store.get_agent(agent.id).await?, Some(agent));
+    assert!(store.authenticate(token.expose()).await?.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let sqlite = SqliteStore::open(&dir.path().join("kas.db")).await?;
+    let source = ProjectSource {
+        remote: Some("https://example.test/group/project.git".into()),
+        credentials_file: Some("/etc/kas/creds".into()),
+        webhook_secret_file: None,
+    };
+    sqlite.set_project_source("group/project", &source).await?;
+    sqlite.ensure_project("group/empty").await?;
+    let agent = sqlite.register_agent("group/project", "agent").await?;
+    let other = sqlite.register_agent("other/project", "agent").await?;
+    let (kept, token) = sqlite.create_token(agent.id, "kept").await?;
+    let (revoked, revoked_token) = sqlite.create_token(agent.id, "revoked").await?;
+    sqlite.revoke_token(revoked.id).await?;
+    let (user, user_token) = sqlite
+        .create_user_token(other.id, "alice", "[]", 4_000_000_000)
+        .await?;
+    sqlite
+        .put_sync_report(agent.id, "a/manifests", &[0, 0xff])
+        .await?;
+    sqlite.put_config_state(agent.id, b"state").await?;
+
+    let server = Postgres::start()?;
+    let pg = PgStore::connect(&server.create_database("kas")?).await?;
+    let counts = copy::sqlite_to_postgres(&sqlite, &pg).await?;
+    let counted: Vec<(&str, u64)> = counts.iter().map(|c| (c.table, c.rows)).collect();
+    assert_eq!(
+        counted,
+        [
+            ("projects", 3),
+            ("agents", 2),
+            ("agent_tokens", 2),
+            ("user_tokens", 1),
+            ("sync_reports", 1),
+            ("config_states", 1),
+        ]
+    );
+
+    // Same records, same ids, same tokens.
+    assert_eq!(pg.list_projects().await?, sqlite.list_projects().await?);
+    assert_eq!(pg.list_agents().await?, sqlite.list_agents().await?);
+    assert_eq!(
+        pg.list_tokens(agent.id).await?,
+        sqlite.list_tokens(agent.id).await?
+    );
+    let auth = pg
+        .authenticate(token.expose())
+        .await?
+        .ok_or("token copied")?;
+    assert_eq!((auth.agent_id, auth.token_id), (agent.id, kept.id));
+    assert!(pg.authenticate(revoked_token.expose()).await?.is_none());
+    let found = pg
+        .authenticate_user_token(user_token.expose())
+        .await?
+        .ok_or("user token copied")?;
+    assert_eq!(found.id, user.id);
+    assert_eq!(
+        pg.sync_reports(agent.id).await?,
+        [("a/manifests".to_owned(), vec![0, 0xff])]
+    );
+    assert_eq!(pg.config_state(agent.id).await?, Some(b"state".to_vec()));
+
+    // New records get ids past the copied ones.
+    let new = pg.register_agent("group/project", "new").await?;
+    assert!(new.id > other.id, "{new:?}");
+    let (new_token, _) = pg.create_token(new.id, "").await?;
+    assert!(new_token.id > revoked.id);
+
+    // A second copy would merge two installations: refused, and nothing is written.
+    let again = copy::sqlite_to_postgres(&sqlite, &pg).await;
+    assert!(matches!(again, Err(Error::InUse(_))), "{again:?}");
+    assert_eq!(pg.list_agents().await?.len(), 3);
+    Ok(())
+}
