@@ -16,7 +16,7 @@ use gix::remote::Direction;
 
 use crate::error::{BoxError, Error, FetchError, classify_fetch_error};
 use crate::maintenance::{self, MaintenanceStatus, RepackReport};
-use crate::remote::Remote;
+use crate::remote::{Remote, RemoteKind};
 
 /// Refspecs of a mirror: every branch and tag, force-updated (`+`) so rewritten history on the
 /// remote replaces ours, as `git clone --mirror` does.
@@ -411,7 +411,16 @@ impl Mirror {
     fn receive(&self, repo: &gix::Repository) -> Result<Vec<gix::protocol::handshake::Ref>, Error> {
         let remote = &self.inner.remote;
         let has_credentials = remote.credentials().is_some();
+        let ssh_log =
+            (remote.kind() == RemoteKind::Ssh).then(|| crate::ssh::log_path(&self.inner.dir));
         let classify = |e: gix::Error| {
+            // What ssh logged explains an SSH failure better than gix's view of a closed pipe.
+            if let Some(fetch_error) = ssh_log
+                .as_deref()
+                .and_then(|log| crate::ssh::classify(remote, log))
+            {
+                return Error::from(fetch_error);
+            }
             Error::from(classify_fetch_error(
                 &remote.to_string(),
                 has_credentials,
@@ -433,9 +442,21 @@ impl Mirror {
                 oauth_refresh_token: None,
             }
         });
-        let connection = git_remote
-            .connect(Direction::Fetch)
-            .map_err(classify)?
+        let connection = if remote.kind() == RemoteKind::Ssh {
+            let log = crate::ssh::log_path(&self.inner.dir);
+            // A fresh log per fetch, so an old failure is never reported again.
+            std::fs::write(&log, b"").map_err(git_err("creating the ssh log"))?;
+            let transport = crate::ssh::transport(remote, &log).map_err(|detail| {
+                Error::from(FetchError::Other {
+                    remote: remote.to_string(),
+                    detail,
+                })
+            })?;
+            git_remote.to_connection_with_transport(transport)
+        } else {
+            git_remote.connect(Direction::Fetch).map_err(classify)?
+        };
+        let connection = connection
             // Always override gix's default (configured helpers, then a terminal prompt): a
             // server must never prompt, and only uses the credentials it was given.
             .with_credentials(move |action| match action {
