@@ -56,6 +56,18 @@ pub struct ProjectRequest {
     pub credentials_file: Option<String>,
     #[serde(default)]
     pub webhook_secret_file: Option<String>,
+    /// Deploy key (OpenSSH private key file) for an SSH remote.
+    #[serde(default)]
+    pub ssh_key_file: Option<String>,
+    /// The SSH server's pinned host keys (`known_hosts` file).
+    #[serde(default)]
+    pub known_hosts_file: Option<String>,
+    /// Trusted SSH signing keys (allowed-signers file); set, only signed commits are used.
+    #[serde(default)]
+    pub verify_allowed_signers_file: Option<String>,
+    /// Trusted OpenPGP keys (armored keyring file); set, only signed commits are used.
+    #[serde(default)]
+    pub verify_gpg_keyring_file: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

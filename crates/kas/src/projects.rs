@@ -17,6 +17,15 @@ pub fn project_spec(p: &tether_store::Project) -> Result<ProjectSpec> {
                     .with_credentials(creds)
                     .with_context(|| format!("project {}: credentials", p.path))?;
             }
+            if p.ssh_key_file.is_some() || p.known_hosts_file.is_some() {
+                let ssh = tether_git_source::SshAuth {
+                    key_file: p.ssh_key_file.as_ref().map(Into::into),
+                    known_hosts_file: p.known_hosts_file.as_ref().map(Into::into),
+                };
+                remote = remote
+                    .with_ssh(ssh)
+                    .with_context(|| format!("project {}: SSH keys", p.path))?;
+            }
             Some(remote)
         }
     };
