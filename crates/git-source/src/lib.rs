@@ -9,6 +9,9 @@
 //!   [`Mirror::list_files`] at a [`CommitId`].
 //! - [`Sources`]: the set of mirrors kas keeps fresh (poll interval, webhook triggers,
 //!   backoff on failure), publishing each project's default-branch commit.
+//! - [`VerifyPolicy`]: signed commits only; [`Mirror::verify_commit`] checks a commit with
+//!   `git verify-commit` (and `gpg`) in an isolated environment, and [`Sources`] never publishes
+//!   a commit that fails ([`ProjectHead::refusal`] says why).
 //! - [`webhook`]: verification of GitLab, GitHub and Gitea push webhooks, as pure functions.
 //!
 //! gix (gitoxide) does all Git work but one: mirrors are repacked with the `git` CLI once
@@ -22,6 +25,7 @@ mod mirror;
 mod remote;
 mod sources;
 mod ssh;
+mod verify;
 pub mod webhook;
 
 pub use error::{Error, FetchError};
@@ -29,4 +33,5 @@ pub use maintenance::{MaintenanceError, MaintenanceStatus, RepackReport};
 pub use mirror::{CommitId, FetchOutcome, FileEntry, GitRef, Mirror, RefChange};
 pub use remote::{Credentials, Remote, RemoteError, RemoteKind, SshAuth};
 pub use sources::{ProjectHead, ProjectSpec, Sources};
+pub use verify::{Refusal, Verified, VerifyPolicy};
 pub use webhook::{PushEvent, WebhookError, WebhookKind, verify_webhook};

@@ -130,6 +130,8 @@ impl GitOpsService {
             Some(git_ref::Ref::Commit(c)) => GitRef::Commit(c),
         };
         let mut last = req.commit_id;
+        // The commit last refused for its signature, so the agent hears of it once.
+        let mut refused: Option<CommitId> = None;
         let mut heads = self.deps.sources.watch(project.id);
         loop {
             // Every successful fetch wakes us; the ref may have moved even if the default
@@ -142,14 +144,33 @@ impl GitOpsService {
             };
             if fetched && let Some(mirror) = self.deps.sources.mirror(project.id) {
                 match mirror.resolve(&git_ref) {
-                    Ok(commit) if commit.to_hex() != last => {
-                        if !self
-                            .send_commit(agent_id, &project, &mirror, commit, &req.globs, &tx)
-                            .await
-                        {
-                            return;
+                    Ok(commit) if commit.to_hex() != last && refused != Some(commit) => {
+                        // Signed commits only: a refused commit is not sent, so the agent
+                        // applies and prunes nothing and keeps the last verified commit.
+                        if let Err(refusal) = self.deps.sources.verify(project.id, commit).await {
+                            tracing::warn!(agent_id, project = %project.path, commit_id = %commit, signer = refusal.signer.as_deref().unwrap_or_default(), reason = %refusal.reason, "Refused a manifest commit: it is not signed by a trusted key; nothing is applied");
+                            refused = refusal.definitive.then_some(commit);
+                            let message =
+                                format!("{refusal}; the last verified commit stays applied");
+                            if tx
+                                .send(msg(objects_response::Message::Error(SelectionError {
+                                    commit_id: commit.to_hex(),
+                                    message,
+                                })))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        } else {
+                            if !self
+                                .send_commit(agent_id, &project, &mirror, commit, &req.globs, &tx)
+                                .await
+                            {
+                                return;
+                            }
+                            last = commit.to_hex();
                         }
-                        last = commit.to_hex();
                     }
                     Ok(_) => {}
                     Err(e) => {

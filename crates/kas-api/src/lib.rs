@@ -82,6 +82,19 @@ pub struct ProjectView {
     pub fetch_error: Option<String>,
     pub fetches: u64,
     pub fetch_failures: u64,
+    /// Signed commits only: the default branch's commit kas refused at the last fetch (`commit`
+    /// stays the last verified one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<RefusalView>,
+}
+
+/// A commit refused because it is not signed by a key the project trusts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusalView {
+    pub commit: String,
+    /// Who signed it, when it is signed and the signer could be told.
+    pub signer: Option<String>,
+    pub reason: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -28,8 +28,8 @@ use tether_configuration_server::{ConfigState, ConfigStates};
 use tether_git_source::Sources;
 pub use tether_kas_api::{
     AgentView, ConfigView, ConnectionView, CreateTokenRequest, ObjectView, ProjectRequest,
-    ProjectView, RegisterRequest, ReportedOutcome, ReportedStatus, Revoked, Stats, SyncView,
-    TokenCreated, TokenView, UserTokenCreated, UserTokenRequest,
+    ProjectView, RefusalView, RegisterRequest, ReportedOutcome, ReportedStatus, Revoked, Stats,
+    SyncView, TokenCreated, TokenView, UserTokenCreated, UserTokenRequest,
 };
 
 #[derive(Clone, Debug)]
@@ -323,6 +323,11 @@ fn project_view(st: &ApiState, p: tether_store::Project) -> ProjectView {
         fetch_error: head.error,
         fetches: head.fetches,
         fetch_failures: head.failures,
+        refusal: head.refusal.map(|r| RefusalView {
+            commit: r.commit.to_hex(),
+            signer: r.signer,
+            reason: r.reason,
+        }),
     }
 }
 

@@ -595,8 +595,19 @@ async fn project_cmd(c: &AdminClient, cmd: &ProjectCmd) -> Result<()> {
                 "FETCHED"
             )?;
             for p in projects {
+                // Only printed when there is one, so the line is unchanged for other projects.
+                let refusal = p
+                    .refusal
+                    .map(|r| {
+                        let signer = r
+                            .signer
+                            .map(|s| format!(" (signer {s})"))
+                            .unwrap_or_default();
+                        format!("  refused: commit {}{signer}: {}", r.commit, r.reason)
+                    })
+                    .unwrap_or_default();
                 out!(
-                    "{:<6} {:<30} {:<12} {:<22} {}{}",
+                    "{:<6} {:<30} {:<12} {:<22} {}{}{refusal}",
                     p.id,
                     p.path,
                     p.commit

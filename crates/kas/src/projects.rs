@@ -29,9 +29,19 @@ pub fn project_spec(p: &tether_store::Project) -> Result<ProjectSpec> {
             Some(remote)
         }
     };
+    // Signed commits only is a property of the project, not of an agent's configuration: the
+    // configuration project itself must be verified before any agent configuration is read
+    // from it, and one policy per project means every agent using its manifests gets the same
+    // guarantee (a config.yaml cannot turn it off).
+    let verify = (p.verify_allowed_signers_file.is_some() || p.verify_gpg_keyring_file.is_some())
+        .then(|| tether_git_source::VerifyPolicy {
+            allowed_signers_file: p.verify_allowed_signers_file.as_ref().map(Into::into),
+            gpg_keyring_file: p.verify_gpg_keyring_file.as_ref().map(Into::into),
+        });
     Ok(ProjectSpec {
         id: p.id,
         path: p.path.clone(),
         remote,
+        verify,
     })
 }

@@ -30,6 +30,7 @@ pub mod control;
 mod health;
 pub mod pki;
 pub mod proxy;
+pub mod signing;
 pub mod sshd;
 pub mod supervisor;
 pub mod tmpfs;
