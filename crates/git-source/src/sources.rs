@@ -59,13 +59,27 @@ struct Entry {
     /// Stops the poll task of the current remote.
     task: Mutex<Option<CancellationToken>>,
     verify: Mutex<Option<VerifyPolicy>>,
-    /// Verdicts per commit under the current policy (a commit's content never changes, so
-    /// neither does its verdict); only definitive ones are kept.
-    verdicts: Mutex<HashMap<CommitId, Result<Verified, Refusal>>>,
+    /// Verdicts per commit under the current policy files (a commit's content never changes, so
+    /// neither does its verdict until the trusted keys do); only definitive ones are kept.
+    verdicts: Mutex<HashMap<(CommitId, PolicyStamp), Result<Verified, Refusal>>>,
 }
 
 /// Verdicts kept per project before the cache starts over.
 const MAX_VERDICTS: usize = 1024;
+
+/// Size and modification time of each trusted-keys file: a verdict is reused only while these
+/// are unchanged, so adding or removing a key takes effect at the next check.
+type PolicyStamp = Vec<Option<(u64, Option<SystemTime>)>>;
+
+fn policy_stamp(policy: &VerifyPolicy) -> PolicyStamp {
+    [&policy.allowed_signers_file, &policy.gpg_keyring_file]
+        .into_iter()
+        .map(|file| {
+            let meta = std::fs::metadata(file.as_ref()?).ok()?;
+            Some((meta.len(), meta.modified().ok()))
+        })
+        .collect()
+}
 
 /// All mirrors of one kas.
 pub struct Sources {
@@ -397,7 +411,8 @@ async fn verdict(
     policy: &VerifyPolicy,
     commit: CommitId,
 ) -> Result<Verified, Refusal> {
-    if let Some(known) = lock(&entry.verdicts).get(&commit) {
+    let key = (commit, policy_stamp(policy));
+    if let Some(known) = lock(&entry.verdicts).get(&key) {
         return known.clone();
     }
     let (m, p) = (mirror.clone(), policy.clone());
@@ -416,7 +431,7 @@ async fn verdict(
         if verdicts.len() >= MAX_VERDICTS {
             verdicts.clear();
         }
-        verdicts.insert(commit, result.clone());
+        verdicts.insert(key, result.clone());
     }
     result
 }

@@ -166,6 +166,16 @@ struct Ran {
 impl Isolated {
     fn new(policy: &VerifyPolicy) -> Result<Isolated, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("creating a temporary home: {e}"))?;
+        // A missing or unreadable file is an operator's mistake to report as such, not a
+        // verdict on the commit (which would be cached).
+        for file in [&policy.allowed_signers_file, &policy.gpg_keyring_file]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::File::open(file).map_err(|e| {
+                format!("cannot read the trusted keys file {}: {e}", file.display())
+            })?;
+        }
         let env = Isolated { dir };
         let gnupg = env.gnupg_home();
         std::fs::create_dir(&gnupg).map_err(|e| format!("creating GNUPGHOME: {e}"))?;

@@ -2,7 +2,6 @@
 //! checked by `git verify-commit` against a project's trusted keys.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tether_git_source::{
@@ -210,5 +209,52 @@ async fn sources_publish_only_verified_commits_and_report_refusals() {
         .clone();
     assert_eq!(head.refusal, None);
     restarted.shutdown();
-    let _ = Arc::clone(&restarted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusting_a_new_key_takes_effect_at_the_next_fetch() {
+    let f = Fixture::new();
+    let alice = Signer::ssh(&f.keys(), "alice", "alice@example.com").expect("alice");
+    let carol = Signer::ssh(&f.keys(), "carol", "carol@example.com").expect("carol");
+    let allowed = alice.write_trust(&f.keys(), "allowed_signers").expect("w");
+    let by_carol = f.signed(&carol, "a", "signed by carol");
+    let sources = Sources::new(
+        f.tmp.path().join("cache"),
+        Duration::from_secs(3600),
+        Duration::from_secs(30),
+    );
+    sources
+        .upsert(ProjectSpec {
+            id: 2,
+            path: "group/rotated".into(),
+            remote: Some(Remote::local(&f.repo.dir)),
+            verify: Some(VerifyPolicy {
+                allowed_signers_file: Some(allowed.clone()),
+                gpg_keyring_file: None,
+            }),
+        })
+        .expect("upsert");
+    let mut heads = sources.watch(2);
+    let head = heads
+        .wait_for(|h| h.fetches >= 1)
+        .await
+        .expect("head")
+        .clone();
+    assert_eq!(head.commit, None, "nothing verified yet");
+    assert_eq!(head.refusal.map(|r| r.commit), Some(by_carol));
+
+    // Carol's key joins the allowed signers (the same path, new content): her commit passes.
+    let carol_line =
+        std::fs::read_to_string(carol.write_trust(&f.keys(), "c").expect("w")).expect("read");
+    let mut both = std::fs::read_to_string(&allowed).expect("read");
+    both.push_str(&carol_line);
+    std::fs::write(&allowed, both).expect("write");
+    assert!(sources.trigger(2));
+    let head = heads
+        .wait_for(|h| h.commit == Some(by_carol))
+        .await
+        .expect("head")
+        .clone();
+    assert_eq!(head.refusal, None);
+    sources.shutdown();
 }
