@@ -107,16 +107,10 @@ fn changed_host_key_is_refused_with_its_fingerprint() {
     f.repo.commit_files(&[("a", b"1")], &[], "one");
     // known_hosts pins another key for this host and port: the server looks like an impostor.
     let impostor = keygen(&f.tmp.path().join("keys"), "impostor").expect("key");
-    let pinned = impostor
-        .public
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ");
     let known_hosts = f.tmp.path().join("keys/other_known_hosts");
     std::fs::write(
         &known_hosts,
-        format!("[127.0.0.1]:{} {pinned}\n", f.sshd.port),
+        f.sshd.known_hosts_line_for(&impostor.public) + "\n",
     )
     .expect("write");
     let mirror = f.mirror("changed", f.auth(&f.deploy.private, Some(&known_hosts)));

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::{Error, Result, io_err};
 
@@ -66,12 +65,7 @@ impl Sshd {
         // sshd checks that its privilege separation directory exists even when it does not use
         // it; Debian creates it only when the service starts.
         std::fs::create_dir_all("/run/sshd").map_err(io_err("creating /run/sshd"))?;
-        // Picked here because sshd cannot report a port it chose; another process taking it in
-        // between makes the start fail loudly, not wrong.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(io_err("picking a port for sshd"))?
-            .port();
+        let port = crate::pick_local_port("sshd")?;
         // `StrictModes no`: the temporary directory's modes are not what sshd wants for a home.
         let conf = format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile none\n\
@@ -105,24 +99,8 @@ impl Sshd {
             log,
             dir,
         };
-        sshd.wait_listening()?;
+        crate::wait_local_port("sshd", sshd.port, || sshd.log())?;
         Ok(sshd)
-    }
-
-    /// Polls until sshd accepts connections (it starts in milliseconds).
-    fn wait_listening(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        Err(Error::Other(format!(
-            "sshd did not listen on {}: {}",
-            self.port,
-            self.log()
-        )))
     }
 
     /// `ssh://USER@127.0.0.1:PORT/PATH` for a repository at the absolute `path`.
@@ -137,8 +115,13 @@ impl Sshd {
 
     /// The `known_hosts` line that pins this server's host key.
     pub fn known_hosts_line(&self) -> String {
-        let key = self
-            .host_public_key
+        self.known_hosts_line_for(&self.host_public_key)
+    }
+
+    /// A `known_hosts` line pinning `public_key` (a `.pub` line) for this server's address: with
+    /// another key than the server's, it makes the server look like an impostor.
+    pub fn known_hosts_line_for(&self, public_key: &str) -> String {
+        let key = public_key
             .split_whitespace()
             .take(2)
             .collect::<Vec<_>>()
