@@ -154,6 +154,14 @@ impl Sources {
         }
         *lock(&entry.verify) = spec.verify.clone();
         lock(&entry.verdicts).clear();
+        if !same_policy && spec.verify.is_some() {
+            // A commit published under no or other trusted keys is not known good under these;
+            // the next fetch (or the last verified commit on disk) publishes one that is.
+            entry.head.send_modify(|h| {
+                h.commit = None;
+                h.refusal = None;
+            });
+        }
         let Some(remote) = spec.remote else {
             *lock(&entry.mirror) = None;
             entry.head.send_replace(ProjectHead::default());
@@ -165,7 +173,13 @@ impl Sources {
             spec.id,
             short_hash(&remote.to_string())
         ));
-        let mirror = Mirror::open_or_init(dir, remote)?;
+        // Only the policy changed: keep the mirror, since fetches are serialized per instance and
+        // one of the old task may still be running.
+        let current = lock(&entry.mirror).clone().filter(|_| same_remote);
+        let mirror = match current {
+            Some(mirror) => mirror,
+            None => Mirror::open_or_init(dir, remote)?,
+        };
         publish_restored(&entry, &mirror, &spec.path, spec.verify.is_some());
         *lock(&entry.mirror) = Some(mirror.clone());
         let cancel = self.shutdown.child_token();
@@ -388,14 +402,15 @@ impl Sources {
         let Some(policy) = lock(&entry.verify).clone() else {
             return Ok(Ok(Some(commit)));
         };
-        if entry.head.borrow().commit == Some(commit) {
-            return Ok(Ok(Some(commit)));
-        }
+        // Checked even when already published: the cache answers at once unless the trusted
+        // keys changed, and then the published commit must pass again.
         match verdict(entry, mirror, &policy, commit).await {
             Ok(verified) => {
-                tracing::info!(project = %path, commit_id = %commit, signer = %verified.signer, "Verified the project's new commit");
-                if let Err(e) = mirror.mark_verified(&commit) {
-                    tracing::warn!(project = %path, error = %e, "Recording the verified commit failed; after a restart it is verified again");
+                if entry.head.borrow().commit != Some(commit) {
+                    tracing::info!(project = %path, commit_id = %commit, signer = %verified.signer, "Verified the project's new commit");
+                    if let Err(e) = mirror.mark_verified(&commit) {
+                        tracing::warn!(project = %path, error = %e, "Recording the verified commit failed; after a restart it is verified again");
+                    }
                 }
                 Ok(Ok(Some(commit)))
             }

@@ -258,3 +258,42 @@ async fn trusting_a_new_key_takes_effect_at_the_next_fetch() {
     assert_eq!(head.refusal, None);
     sources.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_verification_on_withdraws_an_unsigned_published_commit() {
+    let f = Fixture::new();
+    let alice = Signer::ssh(&f.keys(), "alice", "alice@example.com").expect("alice");
+    let allowed = alice.write_trust(&f.keys(), "allowed_signers").expect("w");
+    let unsigned = id(&f.repo.commit_files(&[("a", b"1")], &[], "unsigned"));
+    let sources = Sources::new(
+        f.tmp.path().join("cache"),
+        Duration::from_secs(3600),
+        Duration::from_secs(30),
+    );
+    let spec = |verify: Option<VerifyPolicy>| ProjectSpec {
+        id: 4,
+        path: "group/late".into(),
+        remote: Some(Remote::local(&f.repo.dir)),
+        verify,
+    };
+    sources.upsert(spec(None)).expect("upsert");
+    let mut heads = sources.watch(4);
+    heads
+        .wait_for(|h| h.commit == Some(unsigned))
+        .await
+        .expect("published without a policy");
+    sources
+        .upsert(spec(Some(VerifyPolicy {
+            allowed_signers_file: Some(allowed),
+            gpg_keyring_file: None,
+        })))
+        .expect("upsert with a policy");
+    let head = heads
+        .wait_for(|h| h.refusal.is_some())
+        .await
+        .expect("refused under the policy")
+        .clone();
+    assert_eq!(head.commit, None, "the unsigned commit is withdrawn");
+    assert_eq!(head.refusal.map(|r| r.commit), Some(unsigned));
+    sources.shutdown();
+}
