@@ -147,7 +147,7 @@ struct Isolated {
 }
 
 impl Drop for Isolated {
-    /// gpg may start an agent for its home; it must not outlive the home.
+    /// Should gpg have started an agent for its home after all, it must not outlive the home.
     fn drop(&mut self) {
         if self.dir.path().join("gnupg").join("pubring.kbx").exists() {
             let mut kill = self.command("gpgconf");
@@ -197,10 +197,13 @@ impl Isolated {
     }
 
     /// Imports the trusted keys and marks each fully trusted, so their signatures verify at
-    /// `gpg.minTrustLevel=fully`; being in this keyring is what trust means here.
+    /// `gpg.minTrustLevel=fully`; being in this keyring is what trust means here. Public keys
+    /// need no gpg-agent, so none is started (`--no-autostart`).
     fn import_keyring(&self, keyring: &Path) -> Result<(), String> {
         let mut import = self.command("gpg");
-        import.args(["--batch", "--quiet", "--import"]).arg(keyring);
+        import
+            .args(["--batch", "--no-autostart", "--quiet", "--import"])
+            .arg(keyring);
         let ran = self.run(import, "gpg --import")?;
         if !ran.ok {
             return Err(format!(
@@ -210,7 +213,7 @@ impl Isolated {
             ));
         }
         let mut list = self.command("gpg");
-        list.args(["--batch", "--with-colons", "--list-keys"]);
+        list.args(["--batch", "--no-autostart", "--with-colons", "--list-keys"]);
         let listed = self.run(list, "gpg --list-keys")?;
         // The fingerprint line right after each primary key (`pub`) line.
         let mut ownertrust = String::new();
@@ -232,7 +235,12 @@ impl Isolated {
         std::fs::write(&trust_file, ownertrust).map_err(|e| format!("writing ownertrust: {e}"))?;
         let mut trust = self.command("gpg");
         trust
-            .args(["--batch", "--quiet", "--import-ownertrust"])
+            .args([
+                "--batch",
+                "--no-autostart",
+                "--quiet",
+                "--import-ownertrust",
+            ])
             .arg(&trust_file);
         let ran = self.run(trust, "gpg --import-ownertrust")?;
         if !ran.ok {
