@@ -1,29 +1,37 @@
 //! Bare Git mirrors of the projects kas needs, fetched on a poll interval or a push webhook,
 //! and reads of files at a commit straight from the object database.
 //!
-//! - [`Remote`]: where a repository is (`https://`, `http://`, `git://`, `file://`, or a local
-//!   path) and optional [`Credentials`].
+//! - [`Remote`]: where a repository is (`https://`, `http://`, `git://`, `ssh://` or scp-like
+//!   `user@host:path`, `file://`, or a local path) and optional [`Credentials`] or [`SshAuth`]
+//!   (deploy key and pinned host keys).
 //! - [`Mirror`]: one bare repository per project in a cache directory; [`Mirror::fetch`]
 //!   (blocking) or [`Mirror::fetch_async`], then [`Mirror::resolve`], [`Mirror::read_file`] and
 //!   [`Mirror::list_files`] at a [`CommitId`].
 //! - [`Sources`]: the set of mirrors kas keeps fresh (poll interval, webhook triggers,
 //!   backoff on failure), publishing each project's default-branch commit.
+//! - [`VerifyPolicy`]: signed commits only; [`Mirror::verify_commit`] checks a commit with
+//!   `git verify-commit` (and `gpg`) in an isolated environment, and [`Sources`] never publishes
+//!   a commit that fails ([`ProjectHead::refusal`] says why).
 //! - [`webhook`]: verification of GitLab, GitHub and Gitea push webhooks, as pure functions.
 //!
 //! gix (gitoxide) does all Git work but one: mirrors are repacked with the `git` CLI once
 //! fetches have piled up packs, so it must be installed. Local remotes are fetched through
-//! gix's file transport, which runs the `git-upload-pack` program.
+//! gix's file transport, which runs the `git-upload-pack` program; SSH remotes through gix's SSH
+//! transport, which runs the `ssh` program (OpenSSH).
 
 mod error;
 mod maintenance;
 mod mirror;
 mod remote;
 mod sources;
+mod ssh;
+mod verify;
 pub mod webhook;
 
 pub use error::{Error, FetchError};
 pub use maintenance::{MaintenanceError, MaintenanceStatus, RepackReport};
 pub use mirror::{CommitId, FetchOutcome, FileEntry, GitRef, Mirror, RefChange};
-pub use remote::{Credentials, Remote, RemoteError, RemoteKind};
+pub use remote::{Credentials, Remote, RemoteError, RemoteKind, SshAuth};
 pub use sources::{ProjectHead, ProjectSpec, Sources};
+pub use verify::{Refusal, Verified, VerifyPolicy};
 pub use webhook::{PushEvent, WebhookError, WebhookKind, verify_webhook};

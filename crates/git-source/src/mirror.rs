@@ -16,7 +16,8 @@ use gix::remote::Direction;
 
 use crate::error::{BoxError, Error, FetchError, classify_fetch_error};
 use crate::maintenance::{self, MaintenanceStatus, RepackReport};
-use crate::remote::Remote;
+use crate::remote::{Remote, RemoteKind};
+use crate::verify::{Refusal, Verified, VerifyPolicy};
 
 /// Refspecs of a mirror: every branch and tag, force-updated (`+`) so rewritten history on the
 /// remote replaces ours, as `git clone --mirror` does.
@@ -30,6 +31,10 @@ const CONFIG_OVERRIDES: [&str; 3] = [
     "user.email=tether@localhost",
     "core.logAllRefUpdates=false",
 ];
+
+/// The last commit that passed signature verification (outside `refs/heads` and `refs/tags`, so
+/// fetches never touch it, and its objects are kept by repacks).
+const VERIFIED_REF: &str = "refs/tether/verified";
 
 /// A full commit id (hex SHA-1).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -411,7 +416,16 @@ impl Mirror {
     fn receive(&self, repo: &gix::Repository) -> Result<Vec<gix::protocol::handshake::Ref>, Error> {
         let remote = &self.inner.remote;
         let has_credentials = remote.credentials().is_some();
+        let ssh_log =
+            (remote.kind() == RemoteKind::Ssh).then(|| crate::ssh::log_path(&self.inner.dir));
         let classify = |e: gix::Error| {
+            // What ssh logged explains an SSH failure better than gix's view of a closed pipe.
+            if let Some(fetch_error) = ssh_log
+                .as_deref()
+                .and_then(|log| crate::ssh::classify(remote, log))
+            {
+                return Error::from(fetch_error);
+            }
             Error::from(classify_fetch_error(
                 &remote.to_string(),
                 has_credentials,
@@ -433,9 +447,21 @@ impl Mirror {
                 oauth_refresh_token: None,
             }
         });
-        let connection = git_remote
-            .connect(Direction::Fetch)
-            .map_err(classify)?
+        let connection = if remote.kind() == RemoteKind::Ssh {
+            let log = crate::ssh::log_path(&self.inner.dir);
+            // A fresh log per fetch, so an old failure is never reported again.
+            std::fs::write(&log, b"").map_err(git_err("creating the ssh log"))?;
+            let transport = crate::ssh::transport(remote, &log).map_err(|detail| {
+                Error::from(FetchError::Other {
+                    remote: remote.to_string(),
+                    detail,
+                })
+            })?;
+            git_remote.to_connection_with_transport(transport)
+        } else {
+            git_remote.connect(Direction::Fetch).map_err(classify)?
+        };
+        let connection = connection
             // Always override gix's default (configured helpers, then a terminal prompt): a
             // server must never prompt, and only uses the credentials it was given.
             .with_credentials(move |action| match action {
@@ -531,6 +557,50 @@ impl Mirror {
             .peel_to_commit()
             .map_err(git_err("peeling a ref to its commit"))?;
         Ok(CommitId(commit.id))
+    }
+
+    /// Checks that `commit` is signed by a key `policy` trusts (see [`VerifyPolicy`]). Blocking:
+    /// it runs `git verify-commit`, and `gpg` to import the trusted keys.
+    pub fn verify_commit(
+        &self,
+        commit: &CommitId,
+        policy: &VerifyPolicy,
+    ) -> Result<Verified, Refusal> {
+        crate::verify::verify_commit(&self.inner.dir, commit, policy)
+    }
+
+    /// Remembers `commit` as the last one that passed verification, in a ref fetches neither
+    /// move nor prune, so it is still known after a restart.
+    pub(crate) fn mark_verified(&self, commit: &CommitId) -> Result<(), Error> {
+        let repo = self.repo();
+        let name: gix::refs::FullName = VERIFIED_REF
+            .try_into()
+            .map_err(git_err("naming the verified ref"))?;
+        repo.edit_reference(RefEdit {
+            change: Change::Update {
+                log: LogChange::default(),
+                expected: PreviousValue::Any,
+                new: gix::refs::Target::Object(commit.0),
+            },
+            name,
+            deref: false,
+        })
+        .map_err(git_err("recording the verified commit"))?;
+        Ok(())
+    }
+
+    /// The commit [`Mirror::mark_verified`] recorded last, if any.
+    pub(crate) fn last_verified(&self) -> Result<Option<CommitId>, Error> {
+        let repo = self.repo();
+        match find_ref(&repo, VERIFIED_REF)? {
+            Some(mut reference) => {
+                let commit = reference
+                    .peel_to_commit()
+                    .map_err(git_err("peeling the verified ref"))?;
+                Ok(Some(CommitId(commit.id)))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Reads the file at `path` in `commit`, straight from the object database.

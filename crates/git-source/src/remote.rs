@@ -11,7 +11,7 @@ pub enum RemoteError {
     Empty,
     /// A URL scheme this crate does not fetch from.
     #[error(
-        "unsupported remote {input:?}: expected an https://, http://, git:// or file:// URL or an absolute path (SSH remotes are not supported)"
+        "unsupported remote {input:?}: expected an https://, http://, git://, ssh:// or file:// URL, an scp-like user@host:path, or an absolute path"
     )]
     Unsupported {
         /// The string as given.
@@ -57,6 +57,31 @@ pub enum RemoteError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// An SSH key or `known_hosts` file was attached to a remote that is not reached over SSH.
+    #[error("SSH keys and known_hosts files can only be used with SSH remotes, not {remote}")]
+    SshKeysNeedSsh {
+        /// The remote.
+        remote: String,
+    },
+    /// An SSH key or `known_hosts` path that is not absolute: it would depend on the server's
+    /// working directory.
+    #[error("{what} {path} must be an absolute path")]
+    SshFileRelative {
+        /// Which file.
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// An SSH key or `known_hosts` path with characters `ssh` would expand or split.
+    #[error(
+        "{what} {path} contains whitespace, quotes, '%', '~', '$' or '\\', which ssh would expand or split; use a plainer path"
+    )]
+    SshFileUnsafe {
+        /// Which file.
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
     },
     /// The credentials file did not have a usable shape.
     #[error("invalid credentials file {path}: {reason}")]
@@ -182,6 +207,23 @@ pub enum RemoteKind {
     Git,
     /// A repository on this machine, given as `file:///path` or as an absolute path.
     Local,
+    /// `ssh://[user@]host[:port]/path` or scp-like `user@host:path`, through the `ssh` program.
+    Ssh,
+}
+
+/// How kas authenticates to an SSH remote and recognises its server.
+///
+/// Both are paths, read by `ssh` at each fetch (so a rotated key or `known_hosts` file mounted
+/// from a Kubernetes secret is picked up without a restart). Host keys are pinned: a server
+/// whose key is not in `known_hosts_file` is refused, never trusted on first use, and without
+/// a `known_hosts_file` every server is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SshAuth {
+    /// The deploy key (an OpenSSH private key without passphrase); `None` tries no key, for
+    /// servers serving a repository anonymously over SSH.
+    pub key_file: Option<PathBuf>,
+    /// The server's host keys, in OpenSSH `known_hosts` format.
+    pub known_hosts_file: Option<PathBuf>,
 }
 
 /// Where a project's repository is, plus optional credentials.
@@ -193,6 +235,7 @@ pub struct Remote {
     /// For network remotes, the URL as given; for local ones, the absolute path.
     location: String,
     credentials: Option<Credentials>,
+    ssh: SshAuth,
 }
 
 impl fmt::Debug for Remote {
@@ -201,6 +244,7 @@ impl fmt::Debug for Remote {
             .field("kind", &self.kind)
             .field("location", &self.location)
             .field("credentials", &self.credentials)
+            .field("ssh", &self.ssh)
             .finish()
     }
 }
@@ -220,8 +264,10 @@ impl std::str::FromStr for Remote {
 
 impl Remote {
     /// Parses `https://host/path`, `http://host/path`, `git://host[:port]/path`,
-    /// `file:///abs/path` or `/abs/path`. User information in URLs is rejected (see
-    /// [`RemoteError::CredentialsInUrl`]); use [`Remote::with_credentials`].
+    /// `ssh://[user@]host[:port]/path`, scp-like `user@host:path`, `file:///abs/path` or
+    /// `/abs/path`. User information in URLs is rejected (see
+    /// [`RemoteError::CredentialsInUrl`]), except an SSH user name (no password); use
+    /// [`Remote::with_credentials`] and [`Remote::with_ssh`].
     pub fn parse(input: &str) -> Result<Remote, RemoteError> {
         let s = input.trim();
         if s.is_empty() {
@@ -232,6 +278,7 @@ impl Remote {
                 "https" => RemoteKind::Https,
                 "http" => RemoteKind::Http,
                 "git" => RemoteKind::Git,
+                "ssh" => RemoteKind::Ssh,
                 "file" => {
                     // Only `file:///abs`: a host part would silently be ignored by Git.
                     if !rest.starts_with('/') {
@@ -248,12 +295,18 @@ impl Remote {
                 }
             };
             let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-            if let Some((_userinfo, host)) = authority.rsplit_once('@') {
-                return Err(RemoteError::CredentialsInUrl {
-                    input: format!("{scheme}://{host}{}", &rest[authority.len()..]),
-                });
-            }
-            let host = authority.rsplit_once(':').map_or(authority, |(h, _port)| h);
+            let ssh_user_only = |userinfo: &str| kind == RemoteKind::Ssh && !userinfo.contains(':');
+            let host_port = match authority.rsplit_once('@') {
+                // An SSH user name says which account the key logs into; it is not a secret.
+                Some((userinfo, host)) if ssh_user_only(userinfo) => host,
+                None => authority,
+                Some((_userinfo, host)) => {
+                    return Err(RemoteError::CredentialsInUrl {
+                        input: format!("{scheme}://{host}{}", &rest[authority.len()..]),
+                    });
+                }
+            };
+            let host = host_port.rsplit_once(':').map_or(host_port, |(h, _port)| h);
             if host.is_empty() {
                 return Err(RemoteError::MissingHost {
                     input: s.to_owned(),
@@ -263,16 +316,30 @@ impl Remote {
                 kind,
                 location: s.to_owned(),
                 credentials: None,
+                ssh: SshAuth::default(),
             });
         }
         let path = Path::new(s);
         if path.is_absolute() {
             return Ok(Remote::local(path.to_owned()));
         }
-        // `user@host:path` is SSH's scp-like syntax; anything else is a relative path.
-        if s.contains(':') && !s.starts_with('.') {
-            return Err(RemoteError::Unsupported {
-                input: s.to_owned(),
+        // `[user@]host:path` is SSH's scp-like syntax (a `/` before the `:` makes it a relative
+        // path, as Git decides); anything else is a relative path.
+        if let Some((user_host, path)) = s.split_once(':')
+            && !user_host.contains('/')
+            && !s.starts_with('.')
+        {
+            let host = user_host.rsplit_once('@').map_or(user_host, |(_, h)| h);
+            if host.is_empty() || path.is_empty() || user_host.starts_with('-') {
+                return Err(RemoteError::Unsupported {
+                    input: s.to_owned(),
+                });
+            }
+            return Ok(Remote {
+                kind: RemoteKind::Ssh,
+                location: s.to_owned(),
+                credentials: None,
+                ssh: SshAuth::default(),
             });
         }
         Err(RemoteError::RelativePath {
@@ -286,7 +353,41 @@ impl Remote {
             kind: RemoteKind::Local,
             location: path.into().to_string_lossy().into_owned(),
             credentials: None,
+            ssh: SshAuth::default(),
         }
+    }
+
+    /// Attaches a deploy key and pinned host keys; only SSH remotes accept them. Both paths must
+    /// be absolute.
+    pub fn with_ssh(mut self, ssh: SshAuth) -> Result<Remote, RemoteError> {
+        if self.kind != RemoteKind::Ssh {
+            return Err(RemoteError::SshKeysNeedSsh {
+                remote: self.location,
+            });
+        }
+        for (what, path) in [
+            ("the SSH key file", &ssh.key_file),
+            ("the known_hosts file", &ssh.known_hosts_file),
+        ] {
+            if let Some(path) = path
+                && !path.is_absolute()
+            {
+                return Err(RemoteError::SshFileRelative {
+                    what,
+                    path: path.clone(),
+                });
+            }
+            if let Some(path) = path {
+                crate::ssh::check_path(what, path)?;
+            }
+        }
+        self.ssh = ssh;
+        Ok(self)
+    }
+
+    /// The SSH key and `known_hosts` file (both unset for other remotes).
+    pub fn ssh(&self) -> &SshAuth {
+        &self.ssh
     }
 
     /// Attaches credentials; only `https://` remotes accept them, so secrets never travel in
@@ -335,6 +436,10 @@ mod tests {
             ("https://gitlab.com/g/p.git", RemoteKind::Https),
             ("http://127.0.0.1:8080/p.git", RemoteKind::Http),
             ("git://127.0.0.1:9418/p.git", RemoteKind::Git),
+            ("ssh://git@gitlab.com:2222/g/p.git", RemoteKind::Ssh),
+            ("ssh://127.0.0.1/srv/p.git", RemoteKind::Ssh),
+            ("git@gitlab.com:g/p.git", RemoteKind::Ssh),
+            ("host:p.git", RemoteKind::Ssh),
             ("file:///srv/repos/p.git", RemoteKind::Local),
             ("/srv/repos/p.git", RemoteKind::Local),
             ("  https://gitlab.com/g/p  ", RemoteKind::Https),
@@ -354,14 +459,21 @@ mod tests {
     #[test]
     fn rejects_bad_remotes() {
         type Check = fn(&RemoteError) -> bool;
-        let cases: [(&str, Check); 8] = [
+        let cases: [(&str, Check); 10] = [
             ("", |e| matches!(e, RemoteError::Empty)),
-            ("ssh://git@gitlab.com/g/p.git", |e| {
+            ("ftp://gitlab.com/g/p.git", |e| {
                 matches!(e, RemoteError::Unsupported { .. })
             }),
-            ("git@gitlab.com:g/p.git", |e| {
+            ("git@gitlab.com:", |e| {
                 matches!(e, RemoteError::Unsupported { .. })
             }),
+            ("-oProxyCommand=x:p", |e| {
+                matches!(e, RemoteError::Unsupported { .. })
+            }),
+            (
+                "ssh://git:secret@gitlab.com/g/p.git",
+                |e| matches!(e, RemoteError::CredentialsInUrl { input } if !input.contains("secret")),
+            ),
             ("relative/path", |e| {
                 matches!(e, RemoteError::RelativePath { .. })
             }),
@@ -402,6 +514,28 @@ mod tests {
                 "{input}"
             );
         }
+    }
+
+    #[test]
+    fn ssh_keys_only_for_ssh_remotes() {
+        let ssh = SshAuth {
+            key_file: Some("/keys/deploy".into()),
+            known_hosts_file: Some("/keys/known_hosts".into()),
+        };
+        let remote = Remote::parse("git@h:p.git").and_then(|r| r.with_ssh(ssh.clone()));
+        assert_eq!(remote.map(|r| r.ssh().clone()).ok(), Some(ssh.clone()));
+        assert!(matches!(
+            Remote::parse("https://h/p").and_then(|r| r.with_ssh(ssh)),
+            Err(RemoteError::SshKeysNeedSsh { .. })
+        ));
+        let relative = SshAuth {
+            key_file: Some("deploy".into()),
+            known_hosts_file: None,
+        };
+        assert!(matches!(
+            Remote::parse("ssh://h/p").and_then(|r| r.with_ssh(relative)),
+            Err(RemoteError::SshFileRelative { .. })
+        ));
     }
 
     #[test]

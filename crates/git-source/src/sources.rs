@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{CommitId, GitRef, Mirror, Remote};
+use crate::{CommitId, GitRef, Mirror, Refusal, Remote, Verified, VerifyPolicy};
 
 /// What readers see of a project's repository.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,6 +34,10 @@ pub struct ProjectHead {
     pub fetches: u64,
     /// Failed fetches so far.
     pub failures: u64,
+    /// With a [`VerifyPolicy`]: why the default branch's commit at the last fetch was refused
+    /// (not signed by a trusted key); `commit` stays the last verified one. `None` once a
+    /// commit passes.
+    pub refusal: Option<Refusal>,
 }
 
 /// A project to mirror.
@@ -43,6 +47,9 @@ pub struct ProjectSpec {
     pub path: String,
     /// `None`: the project has no repository yet (its head stays empty).
     pub remote: Option<Remote>,
+    /// Signed commits only: `Some` makes every published commit (and every commit
+    /// [`Sources::verify`] is asked about) pass this policy.
+    pub verify: Option<VerifyPolicy>,
 }
 
 struct Entry {
@@ -51,6 +58,27 @@ struct Entry {
     mirror: Mutex<Option<Mirror>>,
     /// Stops the poll task of the current remote.
     task: Mutex<Option<CancellationToken>>,
+    verify: Mutex<Option<VerifyPolicy>>,
+    /// Verdicts per commit under the current policy files (a commit's content never changes, so
+    /// neither does its verdict until the trusted keys do); only definitive ones are kept.
+    verdicts: Mutex<HashMap<(CommitId, PolicyStamp), Result<Verified, Refusal>>>,
+}
+
+/// Verdicts kept per project before the cache starts over.
+const MAX_VERDICTS: usize = 1024;
+
+/// Size and modification time of each trusted-keys file: a verdict is reused only while these
+/// are unchanged, so adding or removing a key takes effect at the next check.
+type PolicyStamp = Vec<Option<(u64, Option<SystemTime>)>>;
+
+fn policy_stamp(policy: &VerifyPolicy) -> PolicyStamp {
+    [&policy.allowed_signers_file, &policy.gpg_keyring_file]
+        .into_iter()
+        .map(|file| {
+            let meta = std::fs::metadata(file.as_ref()?).ok()?;
+            Some((meta.len(), meta.modified().ok()))
+        })
+        .collect()
 }
 
 /// All mirrors of one kas.
@@ -104,6 +132,8 @@ impl Sources {
                 trigger: Arc::new(Notify::new()),
                 mirror: Mutex::new(None),
                 task: Mutex::new(None),
+                verify: Mutex::new(None),
+                verdicts: Mutex::new(HashMap::new()),
             })
         }))
     }
@@ -115,11 +145,22 @@ impl Sources {
             .as_ref()
             .map(|m| Some(m.remote()) == spec.remote.as_ref())
             .unwrap_or(spec.remote.is_none());
-        if same_remote {
+        let same_policy = *lock(&entry.verify) == spec.verify;
+        if same_remote && same_policy {
             return Ok(());
         }
         if let Some(old) = lock(&entry.task).take() {
             old.cancel();
+        }
+        *lock(&entry.verify) = spec.verify.clone();
+        lock(&entry.verdicts).clear();
+        if !same_policy && spec.verify.is_some() {
+            // A commit published under no or other trusted keys is not known good under these;
+            // the next fetch (or the last verified commit on disk) publishes one that is.
+            entry.head.send_modify(|h| {
+                h.commit = None;
+                h.refusal = None;
+            });
         }
         let Some(remote) = spec.remote else {
             *lock(&entry.mirror) = None;
@@ -132,8 +173,14 @@ impl Sources {
             spec.id,
             short_hash(&remote.to_string())
         ));
-        let mirror = Mirror::open_or_init(dir, remote)?;
-        publish_restored(&entry, &mirror, &spec.path);
+        // Only the policy changed: keep the mirror, since fetches are serialized per instance and
+        // one of the old task may still be running.
+        let current = lock(&entry.mirror).clone().filter(|_| same_remote);
+        let mirror = match current {
+            Some(mirror) => mirror,
+            None => Mirror::open_or_init(dir, remote)?,
+        };
+        publish_restored(&entry, &mirror, &spec.path, spec.verify.is_some());
         *lock(&entry.mirror) = Some(mirror.clone());
         let cancel = self.shutdown.child_token();
         *lock(&entry.task) = Some(cancel.clone());
@@ -233,6 +280,24 @@ impl Sources {
             .and_then(|e| lock(&e.mirror).clone())
     }
 
+    /// Checks `commit` of project `id` against the project's [`VerifyPolicy`]: `Ok(None)` when
+    /// the project has none (every commit may be used), `Ok(Some(_))` when it passes.
+    pub async fn verify(&self, id: i64, commit: CommitId) -> Result<Option<Verified>, Refusal> {
+        let entry = self.entry(id);
+        let Some(policy) = lock(&entry.verify).clone() else {
+            return Ok(None);
+        };
+        let Some(mirror) = lock(&entry.mirror).clone() else {
+            return Err(Refusal {
+                commit,
+                signer: None,
+                reason: "the project has no mirror".to_owned(),
+                definitive: false,
+            });
+        };
+        verdict(&entry, &mirror, &policy, commit).await.map(Some)
+    }
+
     /// Stops every poll task.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
@@ -260,22 +325,28 @@ impl Sources {
             };
             tracing::debug!(project = %path, ok = result.is_ok(), "Fetch ended");
             let now = Some(SystemTime::now());
-            match result.and_then(|_| {
-                mirror
-                    .resolve(&GitRef::DefaultBranch)
-                    .map(Some)
-                    .or_else(|e| {
-                        // An empty repository has no default branch yet: not an error.
-                        if matches!(e, crate::Error::NotFound(_)) {
-                            Ok(None)
-                        } else {
-                            Err(e)
-                        }
-                    })
-            }) {
-                Ok(commit) => {
+            let result = match result {
+                Ok(_) => self.verified_head(&entry, &mirror, &path).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(Err(refusal)) => {
                     failures = 0;
                     entry.head.send_modify(|h| {
+                        if h.refusal.as_ref() != Some(&refusal) {
+                            tracing::warn!(project = %path, commit_id = %refusal.commit, signer = refusal.signer.as_deref().unwrap_or_default(), reason = %refusal.reason, last_good = h.commit.as_ref().map(CommitId::to_hex).unwrap_or_default(), "Refused the project's new commit: it is not signed by a trusted key; the last verified commit stays in force");
+                        }
+                        h.refusal = Some(refusal);
+                        h.error = None;
+                        h.fetched_at = now;
+                        h.succeeded_at = now;
+                        h.fetches += 1;
+                    });
+                }
+                Ok(Ok(commit)) => {
+                    failures = 0;
+                    entry.head.send_modify(|h| {
+                        h.refusal = None;
                         if h.commit != commit {
                             tracing::info!(project = %path, commit_id = commit.as_ref().map(CommitId::to_hex).unwrap_or_default(), "Project has a new commit");
                         }
@@ -313,11 +384,86 @@ impl Sources {
     }
 }
 
-/// Publishes the default branch's commit of a mirror already on disk, so readers have the last
-/// known good commit while the first fetch of this process is slow or failing. Only into a
-/// head that has nothing yet: a head fed by fetches is newer.
-fn publish_restored(entry: &Entry, mirror: &Mirror, path: &str) {
-    let commit = match mirror.resolve(&GitRef::DefaultBranch) {
+impl Sources {
+    /// The default branch's commit after a fetch (`None` for an empty repository), or why it is
+    /// refused under the project's [`VerifyPolicy`].
+    async fn verified_head(
+        &self,
+        entry: &Entry,
+        mirror: &Mirror,
+        path: &str,
+    ) -> Result<Result<Option<CommitId>, Refusal>, crate::Error> {
+        let commit = match mirror.resolve(&GitRef::DefaultBranch) {
+            Ok(commit) => commit,
+            // An empty repository has no default branch yet: not an error.
+            Err(crate::Error::NotFound(_)) => return Ok(Ok(None)),
+            Err(e) => return Err(e),
+        };
+        let Some(policy) = lock(&entry.verify).clone() else {
+            return Ok(Ok(Some(commit)));
+        };
+        // Checked even when already published: the cache answers at once unless the trusted
+        // keys changed, and then the published commit must pass again.
+        match verdict(entry, mirror, &policy, commit).await {
+            Ok(verified) => {
+                if entry.head.borrow().commit != Some(commit) {
+                    tracing::info!(project = %path, commit_id = %commit, signer = %verified.signer, "Verified the project's new commit");
+                    if let Err(e) = mirror.mark_verified(&commit) {
+                        tracing::warn!(project = %path, error = %e, "Recording the verified commit failed; after a restart it is verified again");
+                    }
+                }
+                Ok(Ok(Some(commit)))
+            }
+            Err(refusal) => Ok(Err(refusal)),
+        }
+    }
+}
+
+/// The verdict on `commit`, from the cache or by running the check on the blocking pool.
+async fn verdict(
+    entry: &Entry,
+    mirror: &Mirror,
+    policy: &VerifyPolicy,
+    commit: CommitId,
+) -> Result<Verified, Refusal> {
+    let key = (commit, policy_stamp(policy));
+    if let Some(known) = lock(&entry.verdicts).get(&key) {
+        return known.clone();
+    }
+    let (m, p) = (mirror.clone(), policy.clone());
+    let result = tokio::task::spawn_blocking(move || m.verify_commit(&commit, &p))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Refusal {
+                commit,
+                signer: None,
+                reason: format!("the signature check task failed: {e}"),
+                definitive: false,
+            })
+        });
+    if result.as_ref().err().is_none_or(|r| r.definitive) {
+        let mut verdicts = lock(&entry.verdicts);
+        if verdicts.len() >= MAX_VERDICTS {
+            verdicts.clear();
+        }
+        verdicts.insert(key, result.clone());
+    }
+    result
+}
+
+/// Publishes the default branch's commit of a mirror already on disk (with signed commits only,
+/// the last verified one), so readers have the last known good commit while the first fetch of
+/// this process is slow or failing. Only into a head that has nothing yet: a head fed by
+/// fetches is newer.
+fn publish_restored(entry: &Entry, mirror: &Mirror, path: &str, verified_only: bool) {
+    let restored = if verified_only {
+        mirror
+            .last_verified()
+            .and_then(|c| c.ok_or_else(|| crate::Error::NotFound("a verified commit".into())))
+    } else {
+        mirror.resolve(&GitRef::DefaultBranch)
+    };
+    let commit = match restored {
         Ok(commit) => commit,
         // A new, empty mirror: nothing to restore.
         Err(crate::Error::NotFound(_)) => return,

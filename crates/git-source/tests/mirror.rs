@@ -762,6 +762,7 @@ async fn sources_time_out_a_silent_server_and_keep_the_last_good_commit() {
             id: 7,
             path: "group/silent".into(),
             remote: Some(Remote::parse(&format!("git://127.0.0.1:{port}/r")).expect("remote")),
+            verify: None,
         })
         .expect("upsert");
     let seen = tokio::time::timeout(Duration::from_secs(20), async {
@@ -1095,6 +1096,7 @@ async fn sources_publish_the_mirror_on_disk_at_once_after_a_restart() {
         id: 3,
         path: "group/p".into(),
         remote: Some(Remote::local(f.src())),
+        verify: None,
     };
     let poll = Duration::from_secs(60);
     let first = Sources::new(f.cache("sources"), poll, Duration::from_secs(10));
@@ -1164,6 +1166,7 @@ async fn sources_remove_deletes_the_mirror() {
                 id,
                 path: format!("group/p{id}"),
                 remote: Some(Remote::local(f.src())),
+                verify: None,
             })
             .expect("upsert");
     }

@@ -130,6 +130,9 @@ impl GitOpsService {
             Some(git_ref::Ref::Commit(c)) => GitRef::Commit(c),
         };
         let mut last = req.commit_id;
+        // The commit last refused for its signature, so the agent hears of it once (it is
+        // checked again at each fetch: the project's trusted keys may have changed).
+        let mut refused: Option<CommitId> = None;
         let mut heads = self.deps.sources.watch(project.id);
         loop {
             // Every successful fetch wakes us; the ref may have moved even if the default
@@ -143,13 +146,38 @@ impl GitOpsService {
             if fetched && let Some(mirror) = self.deps.sources.mirror(project.id) {
                 match mirror.resolve(&git_ref) {
                     Ok(commit) if commit.to_hex() != last => {
-                        if !self
-                            .send_commit(agent_id, &project, &mirror, commit, &req.globs, &tx)
-                            .await
+                        // Signed commits only: a refused commit is not sent, so the agent
+                        // applies and prunes nothing and keeps the last verified commit.
+                        let verdict = self.deps.sources.verify(project.id, commit).await;
+                        if let Err(refusal) = &verdict
+                            && refused == Some(commit)
                         {
-                            return;
+                            tracing::debug!(agent_id, project = %project.path, commit_id = %commit, reason = %refusal.reason, "Manifest commit still refused");
+                        } else if let Err(refusal) = verdict {
+                            tracing::warn!(agent_id, project = %project.path, commit_id = %commit, signer = refusal.signer.as_deref().unwrap_or_default(), reason = %refusal.reason, "Refused a manifest commit: it is not signed by a trusted key; nothing is applied");
+                            refused = refusal.definitive.then_some(commit);
+                            let message =
+                                format!("{refusal}; the last verified commit stays applied");
+                            if tx
+                                .send(msg(objects_response::Message::Error(SelectionError {
+                                    commit_id: commit.to_hex(),
+                                    message,
+                                })))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        } else {
+                            if !self
+                                .send_commit(agent_id, &project, &mirror, commit, &req.globs, &tx)
+                                .await
+                            {
+                                return;
+                            }
+                            refused = None;
+                            last = commit.to_hex();
                         }
-                        last = commit.to_hex();
                     }
                     Ok(_) => {}
                     Err(e) => {

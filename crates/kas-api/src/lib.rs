@@ -56,6 +56,18 @@ pub struct ProjectRequest {
     pub credentials_file: Option<String>,
     #[serde(default)]
     pub webhook_secret_file: Option<String>,
+    /// Deploy key (OpenSSH private key file) for an SSH remote.
+    #[serde(default)]
+    pub ssh_key_file: Option<String>,
+    /// The SSH server's pinned host keys (`known_hosts` file).
+    #[serde(default)]
+    pub known_hosts_file: Option<String>,
+    /// Trusted SSH signing keys (allowed-signers file); set, only signed commits are used.
+    #[serde(default)]
+    pub verify_allowed_signers_file: Option<String>,
+    /// Trusted OpenPGP keys (armored keyring file); set, only signed commits are used.
+    #[serde(default)]
+    pub verify_gpg_keyring_file: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -70,6 +82,19 @@ pub struct ProjectView {
     pub fetch_error: Option<String>,
     pub fetches: u64,
     pub fetch_failures: u64,
+    /// Signed commits only: the default branch's commit kas refused at the last fetch (`commit`
+    /// stays the last verified one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<RefusalView>,
+}
+
+/// A commit refused because it is not signed by a key the project trusts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusalView {
+    pub commit: String,
+    /// Who signed it, when it is signed and the signer could be told.
+    pub signer: Option<String>,
+    pub reason: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -28,8 +28,8 @@ use tether_configuration_server::{ConfigState, ConfigStates};
 use tether_git_source::Sources;
 pub use tether_kas_api::{
     AgentView, ConfigView, ConnectionView, CreateTokenRequest, ObjectView, ProjectRequest,
-    ProjectView, RegisterRequest, ReportedOutcome, ReportedStatus, Revoked, Stats, SyncView,
-    TokenCreated, TokenView, UserTokenCreated, UserTokenRequest,
+    ProjectView, RefusalView, RegisterRequest, ReportedOutcome, ReportedStatus, Revoked, Stats,
+    SyncView, TokenCreated, TokenView, UserTokenCreated, UserTokenRequest,
 };
 
 #[derive(Clone, Debug)]
@@ -323,6 +323,11 @@ fn project_view(st: &ApiState, p: tether_store::Project) -> ProjectView {
         fetch_error: head.error,
         fetches: head.fetches,
         fetch_failures: head.failures,
+        refusal: head.refusal.map(|r| RefusalView {
+            commit: r.commit.to_hex(),
+            signer: r.signer,
+            reason: r.reason,
+        }),
     }
 }
 
@@ -343,9 +348,16 @@ async fn put_project(
         tether_git_source::Remote::parse(r)
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("remote {r}: {e}")))?;
     }
-    for f in [&req.credentials_file, &req.webhook_secret_file]
-        .into_iter()
-        .flatten()
+    for f in [
+        &req.credentials_file,
+        &req.webhook_secret_file,
+        &req.ssh_key_file,
+        &req.known_hosts_file,
+        &req.verify_allowed_signers_file,
+        &req.verify_gpg_keyring_file,
+    ]
+    .into_iter()
+    .flatten()
     {
         if !std::path::Path::new(f).is_absolute() {
             return Err(ApiError(
@@ -358,6 +370,10 @@ async fn put_project(
         remote: req.remote,
         credentials_file: req.credentials_file,
         webhook_secret_file: req.webhook_secret_file,
+        ssh_key_file: req.ssh_key_file,
+        known_hosts_file: req.known_hosts_file,
+        verify_allowed_signers_file: req.verify_allowed_signers_file,
+        verify_gpg_keyring_file: req.verify_gpg_keyring_file,
     };
     let spec_check = tether_store::Project {
         id: 0,
@@ -366,6 +382,10 @@ async fn put_project(
         remote: source.remote.clone(),
         credentials_file: source.credentials_file.clone(),
         webhook_secret_file: source.webhook_secret_file.clone(),
+        ssh_key_file: source.ssh_key_file.clone(),
+        known_hosts_file: source.known_hosts_file.clone(),
+        verify_allowed_signers_file: source.verify_allowed_signers_file.clone(),
+        verify_gpg_keyring_file: source.verify_gpg_keyring_file.clone(),
     };
     crate::projects::project_spec(&spec_check)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;

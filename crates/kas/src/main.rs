@@ -132,7 +132,7 @@ enum ProjectCmd {
         /// Project path, like `group/sub/project`.
         #[arg(long)]
         path: String,
-        /// Git remote: https://…, git://…, file://… or an absolute path.
+        /// Git remote: https://…, git://…, ssh://…, user@host:path, file://… or an absolute path.
         #[arg(long)]
         remote: String,
         /// File with credentials for an https remote (a token, or username=/password= lines).
@@ -141,6 +141,20 @@ enum ProjectCmd {
         /// File with the secret push webhooks must present (GitLab token or GitHub/Gitea HMAC key).
         #[arg(long)]
         webhook_secret_file: Option<PathBuf>,
+        /// Deploy key (OpenSSH private key, no passphrase) for an SSH remote.
+        #[arg(long)]
+        ssh_key_file: Option<PathBuf>,
+        /// The SSH server's host keys (known_hosts format); other servers are refused.
+        #[arg(long)]
+        known_hosts_file: Option<PathBuf>,
+        /// Trusted SSH signing keys (git's allowed-signers format): only commits signed by one
+        /// of them are used.
+        #[arg(long)]
+        verify_allowed_signers: Option<PathBuf>,
+        /// Trusted OpenPGP public keys (an armored keyring): only commits signed by one of
+        /// them are used.
+        #[arg(long)]
+        verify_gpg_keyring: Option<PathBuf>,
     },
     /// List projects with the state of their mirrors.
     List {
@@ -585,12 +599,21 @@ async fn project_cmd(c: &AdminClient, cmd: &ProjectCmd) -> Result<()> {
             remote,
             credentials_file,
             webhook_secret_file,
+            ssh_key_file,
+            known_hosts_file,
+            verify_allowed_signers,
+            verify_gpg_keyring,
         } => {
+            let file = |f: &Option<PathBuf>| f.as_deref().map(absolute).transpose();
             let req = kas::api::ProjectRequest {
                 path: path.clone(),
                 remote: Some(remote.clone()),
                 credentials_file: credentials_file.as_deref().map(absolute).transpose()?,
                 webhook_secret_file: webhook_secret_file.as_deref().map(absolute).transpose()?,
+                ssh_key_file: file(ssh_key_file)?,
+                known_hosts_file: file(known_hosts_file)?,
+                verify_allowed_signers_file: file(verify_allowed_signers)?,
+                verify_gpg_keyring_file: file(verify_gpg_keyring)?,
             };
             let p = c.set_project(&req).await?;
             out!("project {} (id {}) mirrors {}", p.path, p.id, remote)?;
@@ -615,8 +638,19 @@ async fn project_cmd(c: &AdminClient, cmd: &ProjectCmd) -> Result<()> {
                 "FETCHED"
             )?;
             for p in projects {
+                // Only printed when there is one, so the line is unchanged for other projects.
+                let refusal = p
+                    .refusal
+                    .map(|r| {
+                        let signer = r
+                            .signer
+                            .map(|s| format!(" (signer {s})"))
+                            .unwrap_or_default();
+                        format!("  refused: commit {}{signer}: {}", r.commit, r.reason)
+                    })
+                    .unwrap_or_default();
                 out!(
-                    "{:<6} {:<30} {:<12} {:<22} {}{}",
+                    "{:<6} {:<30} {:<12} {:<22} {}{}{refusal}",
                     p.id,
                     p.path,
                     p.commit

@@ -31,6 +31,7 @@ async fn project(kas: &Kas, path: &str, remote: &str, secret: Option<&std::path:
             remote: Some(remote.into()),
             credentials_file: None,
             webhook_secret_file: secret.map(|p| p.display().to_string()),
+            ..ProjectRequest::default()
         })
         .await
         .unwrap()

@@ -82,7 +82,7 @@ macro_rules! impl_store {
                     .execute(&mut *conn)
                     .await?;
                     let project =
-                        sqlx::query_as::<_, Project>("SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects WHERE path = $1")
+                        sqlx::query_as::<_, Project>("SELECT id, path, created_at, remote, credentials_file, webhook_secret_file, ssh_key_file, known_hosts_file, verify_allowed_signers_file, verify_gpg_keyring_file FROM projects WHERE path = $1")
                             .bind(path)
                             .fetch_one(&mut *conn)
                             .await?;
@@ -103,7 +103,7 @@ macro_rules! impl_store {
                 async fn get_project_by_path(&self, path: &str) -> Result<Option<Project>> {
                     validate_project_path(path)?;
                     let project = sqlx::query_as::<_, Project>(
-                        "SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects WHERE path = $1",
+                        "SELECT id, path, created_at, remote, credentials_file, webhook_secret_file, ssh_key_file, known_hosts_file, verify_allowed_signers_file, verify_gpg_keyring_file FROM projects WHERE path = $1",
                     )
                     .bind(path)
                     .fetch_optional(&self.pool)
@@ -113,7 +113,7 @@ macro_rules! impl_store {
 
                 async fn list_projects(&self) -> Result<Vec<Project>> {
                     let projects =
-                        sqlx::query_as::<_, Project>("SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects ORDER BY path")
+                        sqlx::query_as::<_, Project>("SELECT id, path, created_at, remote, credentials_file, webhook_secret_file, ssh_key_file, known_hosts_file, verify_allowed_signers_file, verify_gpg_keyring_file FROM projects ORDER BY path")
                             .fetch_all(&self.pool)
                             .await?;
                     Ok(projects)
@@ -121,7 +121,7 @@ macro_rules! impl_store {
 
                 async fn get_project(&self, id: i64) -> Result<Option<Project>> {
                     let project = sqlx::query_as::<_, Project>(
-                        "SELECT id, path, created_at, remote, credentials_file, webhook_secret_file FROM projects WHERE id = $1",
+                        "SELECT id, path, created_at, remote, credentials_file, webhook_secret_file, ssh_key_file, known_hosts_file, verify_allowed_signers_file, verify_gpg_keyring_file FROM projects WHERE id = $1",
                     )
                     .bind(id)
                     .fetch_optional(&self.pool)
@@ -134,11 +134,17 @@ macro_rules! impl_store {
                     let mut tx = self.write().await?;
                     let project = Self::ensure_project_on(tx.conn(), path).await?;
                     sqlx::query(
-                        "UPDATE projects SET remote = $1, credentials_file = $2, webhook_secret_file = $3 WHERE id = $4",
+                        "UPDATE projects SET remote = $1, credentials_file = $2, webhook_secret_file = $3, \
+                         ssh_key_file = $4, known_hosts_file = $5, verify_allowed_signers_file = $6, \
+                         verify_gpg_keyring_file = $7 WHERE id = $8",
                     )
                     .bind(&source.remote)
                     .bind(&source.credentials_file)
                     .bind(&source.webhook_secret_file)
+                    .bind(&source.ssh_key_file)
+                    .bind(&source.known_hosts_file)
+                    .bind(&source.verify_allowed_signers_file)
+                    .bind(&source.verify_gpg_keyring_file)
                     .bind(project.id)
                     .execute(tx.conn())
                     .await?;
@@ -147,6 +153,10 @@ macro_rules! impl_store {
                         remote: source.remote.clone(),
                         credentials_file: source.credentials_file.clone(),
                         webhook_secret_file: source.webhook_secret_file.clone(),
+                        ssh_key_file: source.ssh_key_file.clone(),
+                        known_hosts_file: source.known_hosts_file.clone(),
+                        verify_allowed_signers_file: source.verify_allowed_signers_file.clone(),
+                        verify_gpg_keyring_file: source.verify_gpg_keyring_file.clone(),
                         ..project
                     })
                 }

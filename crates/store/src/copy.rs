@@ -36,6 +36,10 @@ const TABLES: &[(&str, &[(&str, Kind)])] = {
                 ("remote", Text),
                 ("credentials_file", Text),
                 ("webhook_secret_file", Text),
+                ("ssh_key_file", Text),
+                ("known_hosts_file", Text),
+                ("verify_allowed_signers_file", Text),
+                ("verify_gpg_keyring_file", Text),
             ],
         ),
         (

@@ -14,6 +14,14 @@ pub struct Project {
     pub credentials_file: Option<String>,
     /// File with the secret push webhooks must present.
     pub webhook_secret_file: Option<String>,
+    /// Deploy key (OpenSSH private key) for an SSH remote.
+    pub ssh_key_file: Option<String>,
+    /// Pinned host keys (`known_hosts` format) of an SSH remote's server.
+    pub known_hosts_file: Option<String>,
+    /// Trusted SSH signing keys (`git`'s allowed-signers format): set, commits must be signed.
+    pub verify_allowed_signers_file: Option<String>,
+    /// Trusted OpenPGP keys (an armored keyring): set, commits must be signed.
+    pub verify_gpg_keyring_file: Option<String>,
 }
 
 /// Where a project's repository is and where its secrets live (see [`Project`]).
@@ -22,6 +30,14 @@ pub struct ProjectSource {
     pub remote: Option<String>,
     pub credentials_file: Option<String>,
     pub webhook_secret_file: Option<String>,
+    /// Deploy key (OpenSSH private key) for an SSH remote.
+    pub ssh_key_file: Option<String>,
+    /// Pinned host keys (`known_hosts` format) of an SSH remote's server.
+    pub known_hosts_file: Option<String>,
+    /// Trusted SSH signing keys (`git`'s allowed-signers format): set, commits must be signed.
+    pub verify_allowed_signers_file: Option<String>,
+    /// Trusted OpenPGP keys (an armored keyring): set, commits must be signed.
+    pub verify_gpg_keyring_file: Option<String>,
 }
 
 /// An agent registered under a project.

@@ -42,6 +42,10 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         remote: Some("https://example.test/group/project.git".into()),
         credentials_file: Some("/etc/kas/creds".into()),
         webhook_secret_file: None,
+        ssh_key_file: Some("/etc/kas/deploy-key".into()),
+        known_hosts_file: Some("/etc/kas/known_hosts".into()),
+        verify_allowed_signers_file: Some("/etc/kas/allowed_signers".into()),
+        verify_gpg_keyring_file: None,
     };
     sqlite.set_project_source("group/project", &source).await?;
     sqlite.ensure_project("group/empty").await?;

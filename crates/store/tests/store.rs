@@ -533,6 +533,7 @@ async fn project_sources_are_set_read_and_removed(backend: Backend) -> TestResul
         remote: Some("git://127.0.0.1:9418/group/app".into()),
         credentials_file: None,
         webhook_secret_file: Some("/etc/kas/hook-secret".into()),
+        ..Default::default()
     };
     let p = store.set_project_source("group/app", &src).await?;
     assert_eq!(p.remote.as_deref(), Some("git://127.0.0.1:9418/group/app"));

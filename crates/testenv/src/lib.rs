@@ -31,6 +31,8 @@ mod health;
 pub mod pki;
 pub mod postgres;
 pub mod proxy;
+pub mod signing;
+pub mod sshd;
 pub mod supervisor;
 pub mod tmpfs;
 
@@ -71,6 +73,32 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A free port on 127.0.0.1 for a program that cannot report one it picked itself; the short
+/// window in which another process could take it makes the program's start fail loudly, not
+/// wrong.
+pub(crate) fn pick_local_port(program: &str) -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io_err(format!("picking a port for {program}")))
+}
+
+/// Polls until `program` accepts connections on 127.0.0.1:`port` (such servers start in
+/// milliseconds); `log` explains a failure.
+pub(crate) fn wait_local_port(program: &str, port: u16, log: impl Fn() -> String) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    Err(Error::Other(format!(
+        "{program} did not listen on {port}: {}",
+        log()
+    )))
+}
 
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();

@@ -3,9 +3,8 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use crate::{Error, Result, io_err};
+use crate::{Result, io_err};
 
 /// A running tinyproxy, killed when dropped.
 #[derive(Debug)]
@@ -21,12 +20,7 @@ impl Tinyproxy {
     /// Starts one; with `basic_auth`, it requires those credentials.
     pub fn start(basic_auth: Option<(&str, &str)>) -> Result<Tinyproxy> {
         let dir = tempfile::tempdir().map_err(io_err("creating a directory for tinyproxy"))?;
-        // tinyproxy cannot report a port it picked itself, so one is chosen here; the short
-        // window in which another process could take it makes the start fail loudly, not wrong.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(io_err("picking a port for tinyproxy"))?
-            .port();
+        let port = crate::pick_local_port("tinyproxy")?;
         let log = dir.path().join("tinyproxy.log");
         // No `ConnectPort` line: CONNECT is allowed to any port (test ports are random).
         let mut conf = format!(
@@ -53,23 +47,8 @@ impl Tinyproxy {
             log,
             _dir: dir,
         };
-        proxy.wait_listening()?;
+        crate::wait_local_port("tinyproxy", proxy.port, || proxy.log())?;
         Ok(proxy)
-    }
-
-    /// Polls until the proxy accepts connections (it starts in milliseconds).
-    fn wait_listening(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        Err(Error::Other(format!(
-            "tinyproxy did not listen on {}",
-            self.port
-        )))
     }
 
     /// `http://[credentials@]127.0.0.1:PORT`.
