@@ -4,6 +4,7 @@
 //! SQLite's own is how the file is opened and how writes begin (see [`crate::txn`]).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -33,6 +34,8 @@ const WRITE_ATTEMPTS: u32 = MAX_CONNECTIONS + 1;
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
+    /// Writers of this process take turns here (see [`WriteTxn::begin`]).
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -60,7 +63,10 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            writer: Arc::default(),
+        })
     }
 
     /// Copies a write-ahead log, if the database still has one, into the main database file and
@@ -75,7 +81,8 @@ impl SqliteStore {
 
     /// Begins a write; see [`WriteTxn`] for why writes do not use sqlx's `Transaction`.
     async fn write(&self) -> Result<WriteTxn<sqlx::Sqlite>> {
-        WriteTxn::<sqlx::Sqlite>::begin(&self.pool, WRITE_ATTEMPTS).await
+        let turn = Arc::clone(&self.writer).lock_owned().await;
+        WriteTxn::<sqlx::Sqlite>::begin(&self.pool, WRITE_ATTEMPTS, turn).await
     }
 }
 

@@ -19,6 +19,8 @@ use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Database, Postgres, Sqlite};
 
+use tokio::sync::OwnedMutexGuard;
+
 use crate::error::Result;
 
 /// An open write transaction on a connection taken from the pool.
@@ -26,6 +28,8 @@ use crate::error::Result;
 pub(crate) struct WriteTxn<DB: Database> {
     conn: PoolConnection<DB>,
     committed: bool,
+    /// This process's turn to write (SQLite), released after the transaction ended.
+    _turn: Option<OwnedMutexGuard<()>>,
 }
 
 impl<DB: Database> WriteTxn<DB> {
@@ -62,7 +66,23 @@ impl WriteTxn<Sqlite> {
     /// (SQLite falls back to opening the file read-only). Such connections are closed as they
     /// are found, so once the filesystem is writable again a fresh connection takes over
     /// without the store being reopened; `attempts` should exceed the pool size for that.
-    pub(crate) async fn begin(pool: &SqlitePool, attempts: u32) -> Result<Self> {
+    ///
+    /// `turn` is this process's write turn: taken first, in arrival order, so writers queue
+    /// fairly here instead of polling SQLite's lock with growing sleeps, where under slow disks
+    /// (fsync taking hundreds of milliseconds) an unlucky writer outwaited the busy timeout and
+    /// an admin request failed with "database is locked". The busy timeout then only covers
+    /// other processes and readers.
+    pub(crate) async fn begin(
+        pool: &SqlitePool,
+        attempts: u32,
+        turn: OwnedMutexGuard<()>,
+    ) -> Result<Self> {
+        let mut txn = Self::begin_on_writable_connection(pool, attempts).await?;
+        txn._turn = Some(turn);
+        Ok(txn)
+    }
+
+    async fn begin_on_writable_connection(pool: &SqlitePool, attempts: u32) -> Result<Self> {
         let mut attempt = 1;
         loop {
             let mut conn = pool.acquire().await?;
@@ -71,6 +91,7 @@ impl WriteTxn<Sqlite> {
                     return Ok(Self {
                         conn,
                         committed: false,
+                        _turn: None,
                     });
                 }
                 Err(e) => {
@@ -103,6 +124,7 @@ impl WriteTxn<Postgres> {
         let mut txn = Self {
             conn,
             committed: false,
+            _turn: None,
         };
         // Dropping `txn` on error closes the connection, which ends the transaction.
         sqlx::query("BEGIN").execute(txn.conn()).await?;
