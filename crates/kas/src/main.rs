@@ -56,6 +56,10 @@ enum Cmd {
     /// Manage personal access tokens of people using the Kubernetes API through an agent.
     #[command(subcommand)]
     UserToken(UserTokenCmd),
+    /// Check an agent's `config.yaml` offline, with the validation kas applies to it (for a
+    /// merge-request pipeline: exit code 1 and `FILE:LINE` messages when it would be refused).
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Work on kas's database directly (no running kas needed).
     #[command(subcommand)]
     Store(StoreCmd),
@@ -75,6 +79,15 @@ enum Cmd {
         /// Where to write it (default: standard output).
         #[arg(long)]
         output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Validate an agent configuration file, e.g. `.gitlab/agents/my-agent/config.yaml`.
+    Validate {
+        /// The file to check.
+        file: PathBuf,
     },
 }
 
@@ -305,6 +318,26 @@ macro_rules! out {
     }};
 }
 
+/// `kas config validate`: the same parsing and validation as kas applies to a configuration
+/// project's `config.yaml` (size, UTF-8, schema, every section's rules, lines in messages).
+fn validate_agent_config(file: &std::path::Path) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let config = tether_agent_config::parse_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    out!(
+        "{}: valid ({} manifest project(s), {} CI access project(s) and group(s), user access {})",
+        file.display(),
+        config.gitops.manifest_projects.len(),
+        config.ci_access.projects.len() + config.ci_access.groups.len(),
+        if config.user_access.is_some() {
+            "configured"
+        } else {
+            "off"
+        }
+    )?;
+    Ok(())
+}
+
 /// Whether `e` is only the reader of our output having gone away: not worth an error, as with
 /// any Unix tool whose output is cut short by `head`.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -347,6 +380,7 @@ async fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Project(p)) => project_cmd(&admin_client(&cli, &cfg)?, p).await,
         Some(Cmd::UserToken(u)) => user_token_cmd(&admin_client(&cli, &cfg)?, &cfg, u).await,
         Some(Cmd::Store(s)) => store_cmd(&cfg, s).await,
+        Some(Cmd::Config(ConfigCmd::Validate { file })) => validate_agent_config(file),
         Some(Cmd::Kubeconfig {
             server,
             id_token_file,
