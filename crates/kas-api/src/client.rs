@@ -175,6 +175,24 @@ impl AdminClient {
         self.json(Method::GET, "/api/v1/agents", None::<&()>).await
     }
 
+    /// The id of the agent `r` names; a name is looked up in the agent list (an unknown one is
+    /// kas's 404, as for an unknown id).
+    pub async fn resolve_agent(&self, r: &crate::AgentRef) -> Result<i64> {
+        let (project, name) = match r {
+            crate::AgentRef::Id(id) => return Ok(*id),
+            crate::AgentRef::Name { project, name } => (project, name),
+        };
+        self.list_agents()
+            .await?
+            .into_iter()
+            .find(|a| &a.project == project && &a.name == name)
+            .map(|a| a.id)
+            .ok_or_else(|| ClientError::Status {
+                status: StatusCode::NOT_FOUND,
+                message: format!("no agent {project}:{name}"),
+            })
+    }
+
     pub async fn create_token(&self, agent_id: i64, description: &str) -> Result<TokenCreated> {
         let body = serde_json::json!({"description": description});
         self.json(

@@ -2,11 +2,13 @@
 //! route, and [`AdminClient`], which calls them with the admin token. kas serves these types;
 //! the admin commands, `tether-bench` and `tether-loadgen` use them without linking kas.
 
+mod agent_ref;
 mod client;
 mod reported;
 
 use serde::{Deserialize, Serialize};
 
+pub use agent_ref::{AgentRef, InvalidAgentRef};
 pub use client::{AdminClient, ClientError};
 pub use reported::{ReportedOutcome, ReportedStatus};
 // A user's memberships are the proxy's type from the command line to the store.

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use kas::config::Config;
 use kas::install::{self, InstallTarget};
 use tether_kas_api::AdminClient;
+use tether_kas_api::AgentRef;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -113,8 +114,9 @@ enum UserTokenCmd {
     /// Issue a token for one user on one agent (printed once). Use it as
     /// `Authorization: Bearer pat:<agent id>:<token>`.
     Create {
-        #[arg(long)]
-        agent_id: i64,
+        /// The agent: its id or `<configuration project path>:<agent name>`.
+        #[arg(long, alias = "agent")]
+        agent_id: AgentRef,
         #[arg(long)]
         username: String,
         /// A membership, `project:<path>[:<id>]:<role>` or `group:<path>[:<id>]:<role>`
@@ -213,13 +215,15 @@ enum AgentCmd {
     },
     /// Show each manifest project's last synchronization: commit, when, every object's status.
     Status {
-        agent_id: i64,
+        /// The agent: its id or `<configuration project path>:<agent name>`.
+        agent_id: AgentRef,
         #[arg(long)]
         json: bool,
     },
     /// Send bytes through an agent's tunnel and back; prints the round-trip time.
     Ping {
-        agent_id: i64,
+        /// The agent: its id or `<configuration project path>:<agent name>`.
+        agent_id: AgentRef,
         #[arg(long, default_value_t = 1024)]
         bytes: usize,
     },
@@ -229,15 +233,17 @@ enum AgentCmd {
 enum TokenCmd {
     /// Create another token for an agent (for rotation); printed once.
     Create {
-        #[arg(long)]
-        agent_id: i64,
+        /// The agent: its id or `<configuration project path>:<agent name>`.
+        #[arg(long, alias = "agent")]
+        agent_id: AgentRef,
         #[arg(long, default_value = "")]
         description: String,
     },
     /// List an agent's tokens (never their values).
     List {
-        #[arg(long)]
-        agent_id: i64,
+        /// The agent: its id or `<configuration project path>:<agent name>`.
+        #[arg(long, alias = "agent")]
+        agent_id: AgentRef,
     },
     /// Revoke a token; streams opened with it end at once.
     Revoke { token_id: i64 },
@@ -484,6 +490,7 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<()> 
             print_agents(agents)
         }
         AgentCmd::Status { agent_id, json } => {
+            let agent_id = &c.resolve_agent(agent_id).await?;
             let syncs = c.gitops_status(*agent_id).await?;
             if *json {
                 out!("{}", serde_json::to_string_pretty(&syncs)?)?;
@@ -491,7 +498,9 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<()> 
             }
             print_syncs(*agent_id, syncs)
         }
-        AgentCmd::Ping { agent_id, bytes } => ping(c, *agent_id, *bytes).await,
+        AgentCmd::Ping { agent_id, bytes } => {
+            ping(c, c.resolve_agent(agent_id).await?, *bytes).await
+        }
     }
 }
 
@@ -761,7 +770,9 @@ async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -> Re
                 memberships: members.clone(),
                 expires_in_seconds: Some(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
             };
-            let t = c.create_user_token(*agent_id, &req).await?;
+            let t = c
+                .create_user_token(c.resolve_agent(agent_id).await?, &req)
+                .await?;
             out!(
                 "token_id: {}\ntoken: pat:{}:{}\nexpires_at: {}",
                 t.token_id,
@@ -833,12 +844,14 @@ async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
             agent_id,
             description,
         } => {
-            let t = c.create_token(*agent_id, description).await?;
+            let t = c
+                .create_token(c.resolve_agent(agent_id).await?, description)
+                .await?;
             out!("token_id: {}\ntoken: {}", t.token_id, t.token)?;
         }
         TokenCmd::List { agent_id } => {
             out!("{:<8} {:<10} {:<21} DESCRIPTION", "ID", "STATE", "CREATED")?;
-            for t in c.list_tokens(*agent_id).await? {
+            for t in c.list_tokens(c.resolve_agent(agent_id).await?).await? {
                 let state = if t.revoked_at.is_some() {
                     "revoked"
                 } else {

@@ -1,7 +1,11 @@
 //! Admin commands that need no running kas.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::process::Command;
+
+use support::{Kas, KasOptions};
 
 fn validate(yaml: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -47,4 +51,54 @@ fn config_validate_refuses_what_kas_would_refuse_naming_file_key_and_line() {
     let (ok, _, stderr) = validate("observability:\n  logging:\n    level: loud\n");
     assert!(!ok);
     assert!(stderr.contains("observability.logging.level"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_are_named_as_in_kubeconfig_contexts_or_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "named")
+        .await
+        .unwrap();
+    let cli = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_kas"))
+            .arg("--configuration-file")
+            .arg(&kas.config)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        (o.status.success(), text(o.stdout), text(o.stderr))
+    };
+    let (ok, out, err) = cli(&["agent", "status", "group/app:named"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!(
+            "agent {} has reported no synchronization yet",
+            t.agent_id
+        )),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&[
+        "token",
+        "create",
+        "--agent",
+        "group/app:named",
+        "--description",
+        "rotation",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("token: "), "{out}");
+    let by_name = cli(&["token", "list", "--agent-id", "group/app:named"]);
+    let by_id = cli(&["token", "list", "--agent-id", &t.agent_id.to_string()]);
+    assert!(by_name.0 && by_name.1.contains("rotation"), "{by_name:?}");
+    assert_eq!(by_name.1, by_id.1);
+    let (ok, _, err) = cli(&["agent", "ping", "group/app:nope"]);
+    assert!(!ok);
+    assert!(err.contains("no agent group/app:nope"), "{err}");
+    let (ok, _, err) = cli(&["agent", "status", "group/app"]);
+    assert!(!ok);
+    assert!(err.contains("<project path>:<agent name>"), "{err}");
 }
