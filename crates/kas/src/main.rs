@@ -61,6 +61,13 @@ enum Cmd {
     /// merge-request pipeline: exit code 1 and `FILE:LINE` messages when it would be refused).
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Print a shell completion script: `source <(kas completions bash)`, or save it where your
+    /// shell loads completions from (zsh: a file `_kas` in `$fpath`; fish:
+    /// `~/.config/fish/completions/kas.fish`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Work on kas's database directly (no running kas needed).
     #[command(subcommand)]
     Store(StoreCmd),
@@ -387,6 +394,11 @@ async fn run(cli: Cli) -> Result<()> {
         Some(Cmd::UserToken(u)) => user_token_cmd(&admin_client(&cli, &cfg)?, &cfg, u).await,
         Some(Cmd::Store(s)) => store_cmd(&cfg, s).await,
         Some(Cmd::Config(ConfigCmd::Validate { file })) => validate_agent_config(file),
+        Some(Cmd::Completions { shell }) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "kas", &mut std::io::stdout());
+            Ok(())
+        }
         Some(Cmd::Kubeconfig {
             server,
             id_token_file,

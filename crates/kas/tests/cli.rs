@@ -102,3 +102,25 @@ async fn agents_are_named_as_in_kubeconfig_contexts_or_by_id() {
     assert!(!ok);
     assert!(err.contains("<project path>:<agent name>"), "{err}");
 }
+
+#[test]
+fn shell_completions_are_valid_scripts_that_know_the_commands() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    for word in ["register", "validate", "user-token", "--output-manifests"] {
+        assert!(script.contains(word), "{word} missing");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kas.bash");
+    std::fs::write(&file, &script).unwrap();
+    let syntax = Command::new("bash").arg("-n").arg(&file).output().unwrap();
+    assert!(
+        syntax.status.success(),
+        "{}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+}
