@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{Ended, FetchMetrics};
 use crate::{CommitId, GitRef, Mirror, Refusal, Remote, Verified, VerifyPolicy};
 
 /// What readers see of a project's repository.
@@ -89,6 +90,7 @@ pub struct Sources {
     max_backoff: Duration,
     entries: Mutex<HashMap<i64, Arc<Entry>>>,
     shutdown: CancellationToken,
+    metrics: FetchMetrics,
 }
 
 impl std::fmt::Debug for Sources {
@@ -121,7 +123,13 @@ impl Sources {
             max_backoff: Duration::from_secs(300),
             entries: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            metrics: FetchMetrics::default(),
         })
+    }
+
+    /// The fetch metrics, to register with the process's metrics registry.
+    pub fn metrics(&self) -> &FetchMetrics {
+        &self.metrics
     }
 
     fn entry(&self, id: i64) -> Arc<Entry> {
@@ -313,6 +321,7 @@ impl Sources {
         let mut failures: u64 = 0;
         loop {
             tracing::debug!(project = %path, "Fetching");
+            let started = std::time::Instant::now();
             let result = tokio::select! {
                 r = tokio::time::timeout(self.fetch_timeout, mirror.fetch_async()) => match r {
                     Ok(r) => r,
@@ -324,51 +333,12 @@ impl Sources {
                 () = cancel.cancelled() => return,
             };
             tracing::debug!(project = %path, ok = result.is_ok(), "Fetch ended");
-            let now = Some(SystemTime::now());
             let result = match result {
                 Ok(_) => self.verified_head(&entry, &mirror, &path).await,
                 Err(e) => Err(e),
             };
-            match result {
-                Ok(Err(refusal)) => {
-                    failures = 0;
-                    entry.head.send_modify(|h| {
-                        if h.refusal.as_ref() != Some(&refusal) {
-                            tracing::warn!(project = %path, commit_id = %refusal.commit, signer = refusal.signer.as_deref().unwrap_or_default(), reason = %refusal.reason, last_good = h.commit.as_ref().map(CommitId::to_hex).unwrap_or_default(), "Refused the project's new commit: it is not signed by a trusted key; the last verified commit stays in force");
-                        }
-                        h.refusal = Some(refusal);
-                        h.error = None;
-                        h.fetched_at = now;
-                        h.succeeded_at = now;
-                        h.fetches += 1;
-                    });
-                }
-                Ok(Ok(commit)) => {
-                    failures = 0;
-                    entry.head.send_modify(|h| {
-                        h.refusal = None;
-                        if h.commit != commit {
-                            tracing::info!(project = %path, commit_id = commit.as_ref().map(CommitId::to_hex).unwrap_or_default(), "Project has a new commit");
-                        }
-                        h.commit = commit;
-                        h.error = None;
-                        h.fetched_at = now;
-                        h.succeeded_at = now;
-                        h.restored = false;
-                        h.fetches += 1;
-                    });
-                }
-                Err(e) => {
-                    failures += 1;
-                    let msg = e.to_string();
-                    tracing::warn!(project = %path, error = %msg, attempt = failures, "Fetching the project failed; the last good commit stays in use");
-                    entry.head.send_modify(|h| {
-                        h.error = Some(msg);
-                        h.fetched_at = now;
-                        h.failures += 1;
-                    });
-                }
-            }
+            let ended = publish(&entry, &path, result, &mut failures);
+            self.metrics.record(ended, started.elapsed().as_secs_f64());
             let delay = if failures == 0 {
                 self.poll_interval
             } else {
@@ -380,6 +350,60 @@ impl Sources {
                 () = entry.trigger.notified() => {}
                 () = cancel.cancelled() => return,
             }
+        }
+    }
+}
+
+/// Publishes a fetch's result on the project's watch channel (what kas serves and shows) and
+/// says how the fetch ended. A refusal or a failure keeps the last good commit in force.
+fn publish(
+    entry: &Entry,
+    path: &str,
+    result: Result<Result<Option<CommitId>, Refusal>, crate::Error>,
+    failures: &mut u64,
+) -> Ended {
+    let now = Some(SystemTime::now());
+    match result {
+        Ok(Err(refusal)) => {
+            *failures = 0;
+            entry.head.send_modify(|h| {
+                if h.refusal.as_ref() != Some(&refusal) {
+                    tracing::warn!(project = %path, commit_id = %refusal.commit, signer = refusal.signer.as_deref().unwrap_or_default(), reason = %refusal.reason, last_good = h.commit.as_ref().map(CommitId::to_hex).unwrap_or_default(), "Refused the project's new commit: it is not signed by a trusted key; the last verified commit stays in force");
+                }
+                h.refusal = Some(refusal);
+                h.error = None;
+                h.fetched_at = now;
+                h.succeeded_at = now;
+                h.fetches += 1;
+            });
+            Ended::Refused
+        }
+        Ok(Ok(commit)) => {
+            *failures = 0;
+            entry.head.send_modify(|h| {
+                h.refusal = None;
+                if h.commit != commit {
+                    tracing::info!(project = %path, commit_id = commit.as_ref().map(CommitId::to_hex).unwrap_or_default(), "Project has a new commit");
+                }
+                h.commit = commit;
+                h.error = None;
+                h.fetched_at = now;
+                h.succeeded_at = now;
+                h.restored = false;
+                h.fetches += 1;
+            });
+            Ended::Succeeded
+        }
+        Err(e) => {
+            *failures += 1;
+            let msg = e.to_string();
+            tracing::warn!(project = %path, error = %msg, attempt = *failures, "Fetching the project failed; the last good commit stays in use");
+            entry.head.send_modify(|h| {
+                h.error = Some(msg);
+                h.fetched_at = now;
+                h.failures += 1;
+            });
+            Ended::Failed
         }
     }
 }

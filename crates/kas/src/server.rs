@@ -110,7 +110,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         listener_metrics,
     };
     check_limits(&cfg);
-    let (sources, h) = start_sources(&cfg, &sh, modules.handle("sources")).await?;
+    let (sources, h) = start_sources(&cfg, &mut sh, modules.handle("sources")).await?;
     modules.push(h);
     let (config_states, configuration, h) =
         start_configuration(&sh, &sources, modules.handle("configuration")).await?;
@@ -214,7 +214,7 @@ fn start_registry(metrics: &mut MetricsRegistry, handle: Handle) -> (Arc<Registr
 /// Git mirrors of every project with a repository, polled in the background.
 async fn start_sources(
     cfg: &Config,
-    sh: &Shared,
+    sh: &mut Shared,
     handle: Handle,
 ) -> Result<(Arc<Sources>, Handle)> {
     let sources = Sources::new(
@@ -222,6 +222,7 @@ async fn start_sources(
         cfg.git.poll_interval,
         cfg.git.fetch_timeout,
     );
+    sources.metrics().register(&mut sh.metrics);
     for p in sh.store.list_projects().await.context("listing projects")? {
         if let Err(e) = sources.upsert(crate::projects::project_spec(&p)?) {
             tracing::error!(project = %p.path, error = %e, "Cannot mirror the project");
