@@ -129,10 +129,10 @@ impl GitOpsService {
             Some(git_ref::Ref::Tag(t)) => GitRef::Tag(t),
             Some(git_ref::Ref::Commit(c)) => GitRef::Commit(c),
         };
-        let mut last = req.commit_id;
-        // The commit last refused for its signature, so the agent hears of it once (it is
-        // checked again at each fetch: the project's trusted keys may have changed).
-        let mut refused: Option<CommitId> = None;
+        let mut offered = Offered {
+            last: req.commit_id.clone(),
+            refused: None,
+        };
         let mut heads = self.deps.sources.watch(project.id);
         loop {
             // Every successful fetch wakes us; the ref may have moved even if the default
@@ -144,56 +144,26 @@ impl GitOpsService {
                 h.fetches > 0 || h.restored
             };
             if fetched && let Some(mirror) = self.deps.sources.mirror(project.id) {
-                match mirror.resolve(&git_ref) {
-                    Ok(commit) if commit.to_hex() != last => {
-                        // Signed commits only: a refused commit is not sent, so the agent
-                        // applies and prunes nothing and keeps the last verified commit.
-                        let verdict = self.deps.sources.verify(project.id, commit).await;
-                        if let Err(refusal) = &verdict
-                            && refused == Some(commit)
-                        {
-                            tracing::debug!(agent_id, project = %project.path, commit_id = %commit, reason = %refusal.reason, "Manifest commit still refused");
-                        } else if let Err(refusal) = verdict {
-                            tracing::warn!(agent_id, project = %project.path, commit_id = %commit, signer = refusal.signer.as_deref().unwrap_or_default(), reason = %refusal.reason, "Refused a manifest commit: it is not signed by a trusted key; nothing is applied");
-                            refused = refusal.definitive.then_some(commit);
-                            let message =
-                                format!("{refusal}; the last verified commit stays applied");
-                            if tx
-                                .send(msg(objects_response::Message::Error(SelectionError {
-                                    commit_id: commit.to_hex(),
-                                    message,
-                                })))
-                                .await
-                                .is_err()
-                            {
-                                return;
-                            }
-                        } else {
-                            if !self
-                                .send_commit(agent_id, &project, &mirror, commit, &req.globs, &tx)
-                                .await
-                            {
-                                return;
-                            }
-                            refused = None;
-                            last = commit.to_hex();
-                        }
+                let alive = match mirror.resolve(&git_ref) {
+                    Ok(commit) if commit.to_hex() != offered.last => {
+                        let at = Offer {
+                            agent_id,
+                            project: &project,
+                            mirror: &mirror,
+                            globs: &req.globs,
+                            tx: &tx,
+                        };
+                        self.offer_commit(&at, commit, &mut offered).await
                     }
-                    Ok(_) => {}
+                    Ok(_) => true,
                     Err(e) => {
+                        offered.last = String::new();
                         let message = format!("ref {git_ref:?} of {}: {e}", project.path);
-                        if tx
-                            .send(msg(objects_response::Message::Error(SelectionError {
-                                commit_id: String::new(),
-                                message,
-                            })))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        last = String::new();
+                        send_error(&tx, String::new(), message).await
                     }
+                };
+                if !alive {
+                    return;
                 }
             }
             tokio::select! {
@@ -203,6 +173,35 @@ impl GitOpsService {
                     return;
                 }
                 () = tx.closed() => return,
+            }
+        }
+    }
+
+    /// Sends `commit` when it passes the project's signature policy (signed commits only);
+    /// otherwise tells the agent why, once, and sends nothing, so it applies and prunes nothing
+    /// and keeps the last verified commit. False when the agent is gone.
+    async fn offer_commit(&self, at: &Offer<'_>, commit: CommitId, offered: &mut Offered) -> bool {
+        let (agent_id, project) = (at.agent_id, at.project);
+        match self.deps.sources.verify(project.id, commit).await {
+            Err(refusal) if offered.refused == Some(commit) => {
+                tracing::debug!(agent_id, project = %project.path, commit_id = %commit, reason = %refusal.reason, "Manifest commit still refused");
+                true
+            }
+            Err(refusal) => {
+                tracing::warn!(agent_id, project = %project.path, commit_id = %commit, signer = refusal.signer.as_deref().unwrap_or_default(), reason = %refusal.reason, "Refused a manifest commit: it is not signed by a trusted key; nothing is applied");
+                offered.refused = refusal.definitive.then_some(commit);
+                let message = format!("{refusal}; the last verified commit stays applied");
+                send_error(at.tx, commit.to_hex(), message).await
+            }
+            Ok(_) => {
+                let sent = self
+                    .send_commit(agent_id, project, at.mirror, commit, at.globs, at.tx)
+                    .await;
+                if sent {
+                    offered.refused = None;
+                    offered.last = commit.to_hex();
+                }
+                sent
             }
         }
     }
@@ -322,4 +321,32 @@ impl GitOps for GitOpsService {
         })?;
         Ok(Response::new(ReportAck {}))
     }
+}
+
+/// What one agent's stream was offered so far.
+struct Offered {
+    /// The commit the agent has (sent, or in force when it connected).
+    last: String,
+    /// The commit last refused for its signature, so the agent hears of it once (it is checked
+    /// again at each fetch: the project's trusted keys may have changed).
+    refused: Option<CommitId>,
+}
+
+/// Where a commit is offered: one agent's stream of one project.
+struct Offer<'a> {
+    agent_id: i64,
+    project: &'a tether_store::Project,
+    mirror: &'a tether_git_source::Mirror,
+    globs: &'a [String],
+    tx: &'a Tx,
+}
+
+/// Tells the agent a selection failed (nothing to apply); false when the agent is gone.
+async fn send_error(tx: &Tx, commit_id: String, message: String) -> bool {
+    tx.send(msg(objects_response::Message::Error(SelectionError {
+        commit_id,
+        message,
+    })))
+    .await
+    .is_ok()
 }

@@ -84,12 +84,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let mut modules = Modules::new(shutdown.clone());
     let (store, admin, h) = start_store(&cfg, modules.handle("store")).await?;
     modules.push(h);
-    let mut metrics = MetricsRegistry::with_prefix("kas");
-    tether_observability::register_build_info(
-        &mut metrics,
-        tether_build_info::VERSION,
-        tether_build_info::COMMIT,
-    );
+    let mut metrics = new_metrics();
     let (guards, h) = start_limits(&cfg, &mut metrics, modules.handle("limits"));
     modules.push(h);
     let auth: Arc<dyn Authenticator> = Arc::new(StoreAuthenticator {
@@ -141,11 +136,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (api_addr, h) = start_api(&cfg, &sh, state.clone(), modules.handle("api")).await?;
     modules.push(h);
     let webhooks_addr = match &cfg.webhooks.listen {
-        Some(w) => {
-            let (addr, h) = start_webhooks(w, &sh, state, modules.handle("webhooks")).await?;
-            modules.push(h);
-            Some(addr)
-        }
+        Some(w) => Some(start_webhooks(w, &sh, state, &mut modules).await?),
         None => None,
     };
     let proxy_deps = (config_states, live_user_requests);
@@ -167,6 +158,17 @@ pub async fn start(cfg: Config) -> Result<Running> {
         shutdown,
         modules,
     })
+}
+
+/// kas's metrics registry, starting with which build runs.
+fn new_metrics() -> MetricsRegistry {
+    let mut metrics = MetricsRegistry::with_prefix("kas");
+    tether_observability::register_build_info(
+        &mut metrics,
+        tether_build_info::VERSION,
+        tether_build_info::COMMIT,
+    );
+    metrics
 }
 
 /// The count of agent connections, and its gauge.
@@ -394,14 +396,16 @@ async fn start_api(
     Ok((api_addr, handle.task(task)))
 }
 
-/// The webhook listener, when `webhooks.listen` is configured.
+/// The webhook listener, when `webhooks.listen` is configured; it joins the module list like
+/// the others.
 async fn start_webhooks(
     listen: &crate::config::Listen,
     sh: &Shared,
     state: ApiState,
-    handle: Handle,
-) -> Result<(SocketAddr, Handle)> {
+    modules: &mut Modules,
+) -> Result<SocketAddr> {
     use crate::listener::{axum_handler, bind_http, serve_http};
+    let handle = modules.handle("webhooks");
     let hooks = bind_http(
         "webhooks",
         listen,
@@ -413,7 +417,8 @@ async fn start_webhooks(
     let app = axum_handler(api::webhook_router(state));
     let task = tokio::spawn(serve_http(hooks, app, Modules::shutdown_of(&handle)));
     tracing::info!(net_address = %hooks_addr, "Webhook listener is up");
-    Ok((hooks_addr, handle.task(task)))
+    modules.push(handle.task(task));
+    Ok(hooks_addr)
 }
 
 /// The Kubernetes API proxy for CI jobs and users.
