@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kas::api::ProjectRequest;
 use serde_json::{Value, json};
 use support::{Agent, GitRepo, Kas, KasOptions, Pki, wait_for};
 use tether_testenv::{TestEnv, run_output};
@@ -740,14 +739,7 @@ subjects:\n- kind: ServiceAccount\n  name: deployer\n  namespace: {agent_ns}\n"
         },
     )
     .await;
-    kas.admin
-        .set_project(&ProjectRequest {
-            path: "group/config".into(),
-            remote: Some(config_repo.dir.display().to_string()),
-            ..ProjectRequest::default()
-        })
-        .await
-        .unwrap();
+    kas.set_projects(&[("group/config", &config_repo)]).await;
     let registered = kas
         .admin
         .register_agent("group/config", "deployer")
