@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the real control-plane programs (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok), and helm for the install tests, from Go modules at the versions
-# pinned in versions.env, into a cache outside the repository. Each program lives in a folder
-# keyed by its version, so a build happens only when a binary is missing or a pin changed. Prints
-# the bin directory on stdout.
+# kube-scheduler, kubectl, kwok), helm for the install tests and promtool for the monitoring
+# test, from Go modules at the versions pinned in versions.env, into a cache outside the
+# repository. Each program lives in a folder keyed by its version, so a build happens only when a
+# binary is missing or a pin changed. Prints the bin directory on stdout.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -108,10 +108,23 @@ build_helm() {
   touch "$out/.complete"
 }
 
+# promtool: the monitoring test checks deploy/monitoring's alert rules (syntax and unit tests)
+# and the metrics both binaries export (Prometheus naming conventions) with it.
+build_promtool() {
+  local v=$PROMETHEUS_VERSION out="$bin/promtool-$PROMETHEUS_VERSION"
+  if [ -f "$out/.complete" ]; then return; fi
+  log "building promtool $v"
+  mkdir -p "$out"
+  GOBIN="$out" go install -trimpath -ldflags "-s -w" \
+    "github.com/prometheus/prometheus/cmd/promtool@$v" >&2
+  touch "$out/.complete"
+}
+
 build_etcd
 build_kwok
 build_k8s
 build_helm
+build_promtool
 
 # A stable folder of links, so callers need one path whatever the versions are.
 cur="$bin/current"
@@ -120,6 +133,7 @@ ln -sfn "$bin/etcd-$ETCD_VERSION/etcd" "$cur/etcd"
 ln -sfn "$bin/kwok-$KWOK_VERSION/kwok" "$cur/kwok"
 ln -sfn "$bin/kwok-$KWOK_VERSION/stages.yaml" "$cur/kwok-stages.yaml"
 ln -sfn "$bin/helm-$HELM_VERSION/helm" "$cur/helm"
+ln -sfn "$bin/promtool-$PROMETHEUS_VERSION/promtool" "$cur/promtool"
 for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   ln -sfn "$bin/k8s-$K8S_VERSION/$c" "$cur/$c"
 done

@@ -11,6 +11,7 @@
 //!   whose outcome and statuses read as [`ReportedOutcome`] / [`ReportedStatus`].
 
 pub mod glob;
+mod lag;
 mod reports;
 mod select;
 mod service;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tether_git_source::{CommitId, GitRef, Sources};
 use tether_protocol::gitops::git_ops_server::{GitOps, GitOpsServer};
 use tether_protocol::gitops::{
-    Header, ObjectChunk, ObjectsRequest, ObjectsResponse, ReportAck, SelectionError, SyncReport,
-    Trailer, git_ref, objects_response,
+    Header, ObjectChunk, ObjectsRequest, ObjectsResponse, ReportAck, SelectionError, SyncOutcome,
+    SyncReport, Trailer, git_ref, objects_response,
 };
 use tether_store::Store;
 use tether_tunnel_server::{Authenticator, Registry, authenticate_request};
@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::lag::ReconcileLag;
 use crate::reports::SyncStates;
 use crate::select::{Limits, select_manifests};
 
@@ -55,9 +56,15 @@ pub struct GitOpsModule {
 impl GitOpsModule {
     pub fn new(deps: GitOpsDeps) -> Self {
         let reports = Arc::new(SyncStates::new(Arc::clone(&deps.store)));
+        let lag = Arc::new(ReconcileLag::default());
         Self {
-            service: GitOpsService { deps, reports },
+            service: GitOpsService { deps, reports, lag },
         }
+    }
+
+    /// Registers the module's metrics (`gitops_reconcile_lag_seconds`).
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        self.service.lag.register(reg);
     }
 
     /// The agents' last sync reports (what `kas agent status` shows).
@@ -77,6 +84,7 @@ impl GitOpsModule {
 pub struct GitOpsService {
     deps: GitOpsDeps,
     reports: Arc<SyncStates>,
+    lag: Arc<ReconcileLag>,
 }
 
 impl std::fmt::Debug for GitOpsService {
@@ -146,6 +154,7 @@ impl GitOpsService {
             if fetched && let Some(mirror) = self.deps.sources.mirror(project.id) {
                 let alive = match mirror.resolve(&git_ref) {
                     Ok(commit) if commit.to_hex() != offered.last => {
+                        self.lag.seen(&commit.to_hex());
                         let at = Offer {
                             agent_id,
                             project: &project,
@@ -315,10 +324,15 @@ impl GitOps for GitOpsService {
             "Synchronization reported"
         );
         // Acknowledged only once stored: otherwise agentk keeps the report and retries.
-        self.reports.put(id.agent_id, &report).await.map_err(|e| {
+        let previous = self.reports.put(id.agent_id, &report).await.map_err(|e| {
             tracing::error!(agent_id = id.agent_id, project_id = %report.project_id, error = %e, "Storing a sync report failed");
             Status::unavailable(format!("storing the report: {e}"))
         })?;
+        // A report re-sent after a reconnect is not a new application of its commit.
+        let new_commit = previous.is_none_or(|p| p.commit_id != report.commit_id);
+        if new_commit && report.sync_outcome() == SyncOutcome::Succeeded {
+            self.lag.applied(&report.commit_id);
+        }
         Ok(Response::new(ReportAck {}))
     }
 }

@@ -25,7 +25,7 @@ use crate::connections::ConnectionCount;
 use crate::limits::{HttpGuard, guard_http};
 use tether_configuration_server::{ConfigState, ConfigStates};
 // The routes' request and response types live in their own crate, shared with the clients.
-use tether_git_source::Sources;
+use tether_git_source::{Delivery, Sources};
 pub use tether_kas_api::{
     AgentView, ConfigView, ConnectionView, CreateTokenRequest, ObjectView, ProjectRequest,
     ProjectView, RefusalView, RegisterRequest, ReportedOutcome, ReportedStatus, Revoked, Stats,
@@ -427,6 +427,23 @@ async fn webhook(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let received = receive_webhook(&st, project_id, &headers, &body).await;
+    // Every delivery is counted, so a sender with a wrong secret shows up on a dashboard.
+    let outcome = match &received {
+        Ok(_) => Delivery::Accepted,
+        Err(e) if e.0 == StatusCode::UNAUTHORIZED => Delivery::Refused,
+        Err(_) => Delivery::Failed,
+    };
+    st.sources.metrics().delivery(outcome);
+    received
+}
+
+async fn receive_webhook(
+    st: &ApiState,
+    project_id: i64,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+) -> Result<Json<serde_json::Value>, ApiError> {
     let unauthorized = || ApiError(StatusCode::UNAUTHORIZED, "webhook not authorized".into());
     let project = st
         .store
@@ -444,13 +461,14 @@ async fn webhook(
             "webhook secret unavailable".into(),
         )
     })?;
-    let kind = tether_git_source::verify_webhook(&headers, &body, secret.trim().as_bytes())
-        .map_err(|e| {
+    let kind = tether_git_source::verify_webhook(headers, body, secret.trim().as_bytes()).map_err(
+        |e| {
             // Debug only: the guard logs refusals with the client address, sampled.
             tracing::debug!(project = %project.path, error = %e, "Webhook refused");
             unauthorized()
-        })?;
-    let event = tether_git_source::PushEvent::from_body(&body);
+        },
+    )?;
+    let event = tether_git_source::PushEvent::from_body(body);
     let triggered = st.sources.trigger(project.id);
     tracing::info!(project = %project.path, kind = ?kind, git_ref = event.as_ref().map(|e| e.git_ref.clone()).unwrap_or_default(), "Push webhook: fetching now");
     Ok(Json(

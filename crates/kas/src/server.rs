@@ -108,9 +108,9 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (sources, h) = start_sources(&cfg, &mut sh, modules.handle("sources")).await?;
     modules.push(h);
     let (config_states, configuration, h) =
-        start_configuration(&sh, &sources, modules.handle("configuration")).await?;
+        start_configuration(&mut sh, &sources, modules.handle("configuration")).await?;
     modules.push(h);
-    let (sync_states, gitops, h) = start_gitops(&cfg, &sh, &sources, modules.handle("gitops"));
+    let (sync_states, gitops, h) = start_gitops(&cfg, &mut sh, &sources, modules.handle("gitops"));
     modules.push(h);
     let agent = AgentServices {
         connections: (Arc::clone(&connections), conn_gauge),
@@ -237,11 +237,12 @@ async fn start_sources(
 /// The agents' configuration streams: the configurations in force, loaded from the store so
 /// kas authorizes requests right after a restart, and the gRPC service.
 async fn start_configuration(
-    sh: &Shared,
+    sh: &mut Shared,
     sources: &Arc<Sources>,
     handle: Handle,
 ) -> Result<(Arc<ConfigStates>, ConfigService, Handle)> {
     let config_states = Arc::new(ConfigStates::default());
+    config_states.register(&mut sh.metrics);
     config_states
         .load(sh.store.as_ref())
         .await
@@ -259,7 +260,7 @@ async fn start_configuration(
 /// GitOps: the agents' sync reports and the gRPC service that sends them manifests.
 fn start_gitops(
     cfg: &Config,
-    sh: &Shared,
+    sh: &mut Shared,
     sources: &Arc<Sources>,
     handle: Handle,
 ) -> (Arc<SyncStates>, GitOpsServer<GitOpsService>, Handle) {
@@ -270,6 +271,7 @@ fn start_gitops(
         registry: Arc::clone(&sh.registry),
         limits: cfg.gitops.limits(),
     });
+    gitops.register(&mut sh.metrics);
     (gitops.reports(), gitops.service(), handle)
 }
 

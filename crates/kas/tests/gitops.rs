@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kas::api::ProjectRequest;
 use serde_json::Value;
-use support::{Agent, GitRepo, Kas, KasOptions, wait_for};
+use support::{Agent, GitRepo, Kas, KasOptions, monitoring, wait_for};
 use tether_gitops_server::{ReportedOutcome, ReportedStatus};
 use tether_testenv::{TestEnv, run_output, seed_agent_rbac};
 
@@ -44,6 +44,8 @@ struct Rig {
     agent: Agent,
     agent_id: i64,
     manifests: GitRepo,
+    /// The agent's configuration project (`.gitlab/agents/seed/config.yaml`).
+    config: GitRepo,
     /// The agent's token and kubeconfig, to start more replicas.
     token: String,
     kubeconfig: std::path::PathBuf,
@@ -135,6 +137,7 @@ async fn rig(
             agent,
             agent_id: t.agent_id,
             manifests,
+            config: config_repo,
             token: t.token,
             kubeconfig,
             _dir: dir,
@@ -482,14 +485,42 @@ async fn a_resync_across_list_pages_writes_nothing() {
     assert_eq!(writes[1], 0, "re-sync ({writes:?})");
 }
 
+/// The seed's namespaces and the agent's RBAC: it may write in its own namespace and `dude`.
+struct Seed {
+    env: TestEnv,
+    agent_ns: String,
+    dude: String,
+    naww: String,
+    rbac: String,
+}
+
+impl Seed {
+    fn new() -> Seed {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let env = TestEnv::from_env().expect("a running control plane");
+        let agent_ns = env.create_namespace("gitlab-k8s-agent").unwrap();
+        let dude = env.create_namespace("dude").unwrap();
+        let naww = env.create_namespace("naww").unwrap();
+        let rbac = seed_agent_rbac(&agent_ns, "gitlab-agent", &dude);
+        Seed {
+            env,
+            agent_ns,
+            dude,
+            naww,
+            rbac,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_walkthrough() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let env = TestEnv::from_env().expect("a running control plane");
-    let agent_ns = env.create_namespace("gitlab-k8s-agent").unwrap();
-    let dude = env.create_namespace("dude").unwrap();
-    let naww = env.create_namespace("naww").unwrap();
-    let rbac = seed_agent_rbac(&agent_ns, "gitlab-agent", &dude);
+    let Seed {
+        env,
+        agent_ns,
+        dude,
+        naww,
+        rbac,
+    } = Seed::new();
     let (rig, c1) = rig(
         env,
         agent_ns.clone(),
@@ -592,7 +623,9 @@ async fn the_seed_walkthrough() {
     let series = |s: &str| format!("agentk_gitops_{s}");
     assert!(
         agent
-            .metric(&series(r#"syncs_total{outcome="failed"}"#))
+            .metric(&series(
+                r#"syncs_total{project="group/manifests",outcome="failed"}"#
+            ))
             .await
             >= Some(1.0)
     );
@@ -1080,4 +1113,118 @@ async fn a_failed_sync_still_shows_the_objects_in_the_cluster() {
         s.warnings.iter().any(|w| w.contains(&c1)),
         "the objects are said to be from {c1}: {s:?}"
     );
+}
+
+/// The Grafana dashboard and the alert rules under deploy/monitoring name only series that kas
+/// and agentk really export (scraped after a successful sync, a failed one, a refused webhook
+/// and a refused configuration); the rules pass promtool's checks and their unit tests; both
+/// binaries' metrics pass `promtool check metrics` (Prometheus naming conventions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitoring_assets_use_only_exported_metrics_and_pass_promtool() {
+    let Seed {
+        env,
+        agent_ns,
+        dude,
+        naww,
+        rbac,
+    } = Seed::new();
+    let dude_yaml = deployment("nginx", &dude, 1);
+    let initial = [("manifests/dude.yaml", Some(&dude_yaml[..]))];
+    let (rig, c1) = rig(env, agent_ns, &rbac, "", &initial, &[]).await;
+    assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
+    let naww_yaml = deployment("nginx", &naww, 1);
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/naww.yaml", Some(&naww_yaml))], "forbidden");
+    assert_eq!(rig.synced(&c2).await.outcome, ReportedOutcome::Failed);
+    assert_eq!(rig.kas.webhook(999_999, &[], b"{}").await, 401);
+    rig.config.commit(
+        &[(".gitlab/agents/seed/config.yaml", Some(b"gitops: 5\n"))],
+        "invalid configuration",
+    );
+    for series in [
+        "kas_configuration_refusals_total",
+        r#"kas_webhook_deliveries_total{outcome="refused"}"#,
+        "kas_gitops_reconcile_lag_seconds_count",
+    ] {
+        wait_for(series, Duration::from_secs(30), || async {
+            rig.kas.metric(series).await.filter(|n| *n >= 1.0)
+        })
+        .await;
+    }
+    let failed = r#"agentk_gitops_syncs_total{project="group/manifests",outcome="failed"}"#;
+    assert!(rig.agent.metric(failed).await >= Some(1.0), "{failed}");
+
+    let kas_text = rig.kas.metrics_text().await.unwrap();
+    let agent_text = rig.agent.metrics_text().await.unwrap();
+    monitoring::assert_area_exported("gitops.rs", &[&kas_text, &agent_text]);
+    for (file, names) in monitoring::referenced() {
+        let outside: Vec<_> = names
+            .iter()
+            .filter(|n| !monitoring::AREAS.iter().any(|(p, _)| n.starts_with(p)))
+            .collect();
+        assert!(outside.is_empty(), "{file}: no test scrapes {outside:?}");
+    }
+    let monitoring = monitoring::folder();
+    let dashboard: Value =
+        serde_json::from_slice(&std::fs::read(monitoring.join("grafana-dashboard.json")).unwrap())
+            .unwrap();
+    let queries = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .map(|p| p["targets"].as_array().map_or(0, Vec::len))
+        .collect::<Vec<_>>();
+    assert!(
+        queries.len() >= 12 && queries.iter().all(|n| *n >= 1),
+        "{queries:?}"
+    );
+
+    let promtool = |args: &[&str], stdin: Option<&str>| {
+        let mut c = std::process::Command::new(rig.env.bin_dir.join("promtool"));
+        c.args(args).current_dir(&monitoring);
+        promtool_run(c, stdin)
+    };
+    let rules = promtool(&["check", "rules", "alerts.yaml"], None);
+    assert_eq!(rules, "", "promtool check rules");
+    let tests = promtool(&["test", "rules", "alerts.test.yaml"], None);
+    assert_eq!(tests, "", "promtool test rules");
+    for text in [&kas_text, &agent_text] {
+        let problems = promtool(&["check", "metrics"], Some(text));
+        // promtool lints the classic text format, where a counter's HELP names the sample
+        // (`x_total`); OpenMetrics, which both binaries serve, names the family (`x`).
+        let real: Vec<&str> = problems
+            .lines()
+            .filter(|l| {
+                let family = l.strip_suffix("_total no help text");
+                !family.is_some_and(|f| text.contains(&format!("# HELP {f} ")))
+            })
+            .collect();
+        assert!(real.is_empty(), "promtool check metrics: {real:?}");
+    }
+}
+
+/// Runs promtool; returns what it reported as problems (empty when it succeeded).
+fn promtool_run(mut c: std::process::Command, stdin: Option<&str>) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("promtool (built by testenv/build.sh)");
+    let input = stdin.unwrap_or_default().to_owned();
+    let mut pipe = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || pipe.write_all(input.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    if out.status.success() {
+        return String::new();
+    }
+    let problems = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !problems.trim().is_empty(),
+        "{c:?} failed without saying why"
+    );
+    problems
 }
