@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tether_agent_config::{GitRef, ManifestProject, ProjectRef};
 use tether_gitops_agent::Status;
+use tether_gitops_agent::inventory::inventory_name;
+use tether_gitops_agent::kube_events::{Happened, Recorder};
 use tether_gitops_agent::metrics::SyncMetrics;
 use tether_gitops_agent::sync::{ObjectState, Settings, SyncOutcome, Syncer};
 use tether_protocol::gitops::git_ops_client::GitOpsClient;
@@ -50,11 +52,13 @@ impl Default for Timing {
     }
 }
 
-/// What every worker shares: the syncer that applies, and the metrics syncs are counted in.
+/// What every worker shares: the syncer that applies, the metrics syncs are counted in and
+/// the Kubernetes Events written about them.
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub syncer: Arc<Syncer>,
     pub metrics: SyncMetrics,
+    pub events: Recorder,
 }
 
 fn project_key(id: &ProjectRef) -> String {
@@ -525,6 +529,10 @@ impl Worker {
             Some(objects_response::Message::Error(e)) => {
                 stream.building = None;
                 tracing::error!(commit_id = %e.commit_id, error = %e.message, "Synchronization failed");
+                self.event(Happened::Refused {
+                    commit: &e.commit_id,
+                    message: &e.message,
+                });
                 let report = SyncReport {
                     project_id: self.settings.project_id.clone(),
                     commit_id: e.commit_id,
@@ -562,6 +570,7 @@ impl Worker {
             }
         };
         self.log_outcome(&outcome);
+        self.event(Happened::Synced(&outcome));
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
@@ -583,6 +592,15 @@ impl Worker {
             sync.failures = sync.failures.saturating_add(1);
             Instant::now() + self.timing.retry.delay(sync.failures, 0.5)
         });
+    }
+
+    /// A Kubernetes Event on the project's inventory ConfigMap (written in the background).
+    fn event(&self, happened: Happened<'_>) {
+        let s = &self.settings;
+        let inventory = inventory_name(s.agent_id, &s.project_id);
+        self.engine
+            .events
+            .record(&s.default_namespace, &inventory, happened);
     }
 
     fn log_outcome(&self, o: &SyncOutcome) {

@@ -21,6 +21,7 @@ pub mod decode;
 pub mod drift;
 pub mod events;
 pub mod inventory;
+pub mod kube_events;
 pub mod metrics;
 pub mod object_ref;
 pub mod plan;

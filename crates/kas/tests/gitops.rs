@@ -147,6 +147,16 @@ async fn rig(
 }
 
 impl Rig {
+    /// Sets the manifest project's settings (its path and remote filled in).
+    async fn set_manifests_project(&self, settings: ProjectRequest) -> kas::api::ProjectView {
+        let request = ProjectRequest {
+            path: "group/manifests".into(),
+            remote: Some(self.manifests.dir.display().to_string()),
+            ..settings
+        };
+        self.kas.admin.set_project(&request).await.unwrap()
+    }
+
     /// Waits until kas shows a finished sync of `commit`.
     async fn synced(&self, commit: &str) -> kas::api::SyncView {
         wait_for(
@@ -851,16 +861,11 @@ async fn every_commit_is_applied_across_hundreds_of_fetches_and_kas_restarts() {
     let secret = rig._dir.path().join("hook-secret");
     std::fs::write(&secret, "soak-hook\n").unwrap();
     let project = rig
-        .kas
-        .admin
-        .set_project(&ProjectRequest {
-            path: "group/manifests".into(),
-            remote: Some(rig.manifests.dir.display().to_string()),
+        .set_manifests_project(ProjectRequest {
             webhook_secret_file: Some(secret.display().to_string()),
             ..ProjectRequest::default()
         })
-        .await
-        .unwrap();
+        .await;
     let (first_restart, second_restart) = (commits / 4, commits / 2);
     let mut baseline = None;
     let t0 = Instant::now();
@@ -1227,4 +1232,127 @@ fn promtool_run(mut c: std::process::Command, stdin: Option<&str>) -> String {
         "{c:?} failed without saying why"
     );
     problems
+}
+
+/// Sync failures, prunes, recoveries and refused commits are Kubernetes Events on the project's
+/// inventory ConfigMap: `kubectl get events` and `kubectl describe configmap` show them, once
+/// per change (a failure retried many times is one event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_prunes_and_refused_commits_are_kubernetes_events() {
+    let Seed {
+        env,
+        agent_ns,
+        dude,
+        naww,
+        rbac,
+    } = Seed::new();
+    let dude_yaml = deployment("nginx", &dude, 1);
+    let cm = configmap("settings", &dude, "1");
+    let initial = [
+        ("manifests/dude.yaml", Some(&dude_yaml[..])),
+        ("manifests/cm.yaml", Some(&cm[..])),
+    ];
+    let (rig, c1) = rig(env, agent_ns.clone(), &rbac, "", &initial, &[]).await;
+    assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
+    let inventory = tether_gitops_agent::inventory::inventory_name(rig.agent_id, "group/manifests");
+    let event = |reason: &'static str| wait_event(&rig.env, &agent_ns, &inventory, reason);
+    // A forbidden namespace: one SyncFailed warning naming the object, even across retries.
+    let naww_yaml = deployment("nginx", &naww, 1);
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/naww.yaml", Some(&naww_yaml))], "forbidden");
+    rig.synced(&c2).await;
+    let (kind, message) = event("SyncFailed").await;
+    assert_eq!(kind, "Warning");
+    assert!(
+        message.contains(&format!("Deployment {naww}/nginx")),
+        "{message}"
+    );
+    assert!(message.contains(&c2[..12]), "{message}");
+    wait_for(
+        "a retry of the failed sync",
+        Duration::from_secs(30),
+        || async {
+            let failures = rig
+                .agent
+                .log_lines()
+                .into_iter()
+                .filter(|l| l["msg"] == "Synchronization failed" && l["commit_id"] == c2.as_str())
+                .count();
+            (failures >= 2).then_some(())
+        },
+    )
+    .await;
+
+    // Fixed and the ConfigMap removed: pruned, said once.
+    let c3 = rig.manifests.commit(
+        &[("manifests/naww.yaml", None), ("manifests/cm.yaml", None)],
+        "fix and prune",
+    );
+    assert_eq!(rig.synced(&c3).await.outcome, ReportedOutcome::Succeeded);
+    let (kind, message) = event("Pruned").await;
+    assert_eq!(kind, "Normal");
+    assert!(
+        message.contains(&format!("ConfigMap {dude}/settings")),
+        "{message}"
+    );
+
+    // Only signed commits from now on: the next (unsigned) commit is refused, and said so.
+    let keys = tempfile::tempdir().unwrap();
+    let signer =
+        tether_testenv::signing::Signer::ssh(keys.path(), "trusted", "ops@example.com").unwrap();
+    let trust = signer.write_trust(keys.path(), "allowed_signers").unwrap();
+    rig.set_manifests_project(ProjectRequest {
+        verify_allowed_signers_file: Some(trust.display().to_string()),
+        ..ProjectRequest::default()
+    })
+    .await;
+    let c4 = rig
+        .manifests
+        .commit(&[("manifests/cm.yaml", Some(&cm))], "unsigned");
+    let (kind, message) = event("ManifestsRefused").await;
+    assert_eq!(kind, "Warning");
+    assert!(message.contains(&c4[..12]), "{message}");
+
+    // kubectl describe of the inventory shows them (events are matched by the object's uid).
+    let out =
+        run_output(
+            rig.env
+                .kubectl()
+                .args(["describe", "configmap", &inventory, "-n", &agent_ns]),
+        )
+        .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    for reason in ["SyncFailed", "Pruned", "ManifestsRefused"] {
+        assert!(out.contains(reason), "{out}");
+    }
+    let all = get_json(&rig.env, &["get", "events", "-n", &agent_ns]).unwrap();
+    let failures = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "SyncFailed")
+        .count();
+    assert_eq!(failures, 1, "one event for a failure retried several times");
+}
+
+/// Waits for an event with `reason` on the inventory ConfigMap; returns its type and message.
+async fn wait_event(env: &TestEnv, ns: &str, inventory: &str, reason: &str) -> (String, String) {
+    wait_for(
+        &format!("a {reason} event"),
+        Duration::from_secs(30),
+        || async {
+            let list = get_json(env, &["get", "events", "-n", ns])?;
+            list["items"].as_array()?.iter().find_map(|e| {
+                if e["reason"] != reason || e["involvedObject"]["name"] != inventory {
+                    return None;
+                }
+                Some((
+                    e["type"].as_str()?.to_owned(),
+                    e["message"].as_str()?.to_owned(),
+                ))
+            })
+        },
+    )
+    .await
 }
