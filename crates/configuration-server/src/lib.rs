@@ -275,6 +275,8 @@ pub struct ConfigService {
     pub sources: Arc<Sources>,
     pub registry: Arc<Registry>,
     pub states: Arc<ConfigStates>,
+    /// Told when a configuration is refused.
+    pub notifier: tether_notifications::Notifier,
 }
 
 impl ConfigService {
@@ -423,6 +425,10 @@ impl StreamState {
             Ok(Loaded::Invalid { file, error }) => {
                 tracing::warn!(agent_id = id.agent_id, commit_id = %hex, error = %error, "Agent configuration refused; the last good one stays in force");
                 states.3.inc();
+                self.svc
+                    .notifier
+                    .configuration_refused(id.agent_id, &hex, &error)
+                    .await;
                 resp.file_path = file;
                 resp.error = error.clone();
                 states.update(id.agent_id, |s| {

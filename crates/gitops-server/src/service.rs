@@ -36,6 +36,8 @@ pub struct GitOpsDeps {
     pub registry: Arc<Registry>,
     /// Bounds of one selection.
     pub limits: Limits,
+    /// Told of offered commits, refusals and sync reports (failures, recoveries, statuses).
+    pub notifier: tether_notifications::Notifier,
 }
 
 impl std::fmt::Debug for GitOpsDeps {
@@ -199,6 +201,12 @@ impl GitOpsService {
             Err(refusal) => {
                 tracing::warn!(agent_id, project = %project.path, commit_id = %commit, signer = refusal.signer.as_deref().unwrap_or_default(), reason = %refusal.reason, "Refused a manifest commit: it is not signed by a trusted key; nothing is applied");
                 offered.refused = refusal.definitive.then_some(commit);
+                if refusal.definitive {
+                    let (notifier, hex) = (&self.deps.notifier, commit.to_hex());
+                    notifier
+                        .commit_refused(agent_id, &project.path, &hex, &refusal.reason)
+                        .await;
+                }
                 let message = format!("{refusal}; the last verified commit stays applied");
                 send_error(at.tx, commit.to_hex(), message).await
             }
@@ -209,6 +217,10 @@ impl GitOpsService {
                 if sent {
                     offered.refused = None;
                     offered.last = commit.to_hex();
+                    let notifier = &self.deps.notifier;
+                    notifier
+                        .commit_offered(agent_id, &project.path, &offered.last)
+                        .await;
                 }
                 sent
             }
@@ -328,6 +340,10 @@ impl GitOps for GitOpsService {
             tracing::error!(agent_id = id.agent_id, project_id = %report.project_id, error = %e, "Storing a sync report failed");
             Status::unavailable(format!("storing the report: {e}"))
         })?;
+        let notifier = &self.deps.notifier;
+        notifier
+            .sync_reported(id.agent_id, previous.as_ref(), &report)
+            .await;
         // A report re-sent after a reconnect is not a new application of its commit.
         let new_commit = previous.is_none_or(|p| p.commit_id != report.commit_id);
         if new_commit && report.sync_outcome() == SyncOutcome::Succeeded {

@@ -37,6 +37,8 @@ pub struct Config {
     pub webhooks: Webhooks,
     /// Limits on failed authentication and agent token use (see [`crate::limits`]).
     pub rate_limits: crate::limits::RateLimits,
+    /// Receivers told about failed and recovered syncs and refusals.
+    pub notifications: tether_notifications::NotificationsConfig,
 }
 
 /// Push webhooks from Git hosts. Without `listen`, they are served on the internal API's
@@ -429,6 +431,7 @@ impl Default for Config {
             observability: Observability::default(),
             webhooks: Webhooks::default(),
             rate_limits: crate::limits::RateLimits::default(),
+            notifications: tether_notifications::NotificationsConfig::default(),
         }
     }
 }
@@ -473,6 +476,7 @@ impl Config {
             return Err("agent.token_recheck_interval must be positive".into());
         }
         self.rate_limits.validate()?;
+        self.notifications.validate().map_err(|e| e.to_string())?;
         self.validate_database()?;
         tether_observability::parse_level(&self.observability.logging.level)
             .map_err(|e| format!("observability.logging.level: {e}"))?;

@@ -27,6 +27,7 @@ use crate::modules::{Handle, Modules};
 use tether_configuration_server::{ConfigService, ConfigStates};
 use tether_git_source::Sources;
 use tether_gitops_server::{GitOpsDeps, GitOpsModule, GitOpsService, SyncStates};
+use tether_notifications::Notifier;
 use tether_protocol::gitops::git_ops_server::GitOpsServer;
 
 /// A running kas.
@@ -76,6 +77,8 @@ struct Shared {
     auth: Arc<dyn Authenticator>,
     metrics: MetricsRegistry,
     listener_metrics: ListenerMetrics,
+    /// Tells receivers about failed/recovered syncs and refusals (a no-op without receivers).
+    notifier: Notifier,
 }
 
 /// Starts every module of kas, in order, and returns once all listeners are bound.
@@ -93,6 +96,9 @@ pub async fn start(cfg: Config) -> Result<Running> {
     });
     let (registry, h) = start_registry(&mut metrics, modules.handle("registry"));
     modules.push(h);
+    let (notifier, h) =
+        start_notifications(&cfg, &store, &mut metrics, modules.handle("notifications"))?;
+    modules.push(h);
     let (connections, conn_gauge) = connection_count(&mut metrics);
     let listener_metrics = ListenerMetrics::default();
     listener_metrics.register(&mut metrics);
@@ -103,6 +109,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         auth,
         metrics,
         listener_metrics,
+        notifier,
     };
     check_limits(&cfg);
     let (sources, h) = start_sources(&cfg, &mut sh, modules.handle("sources")).await?;
@@ -213,6 +220,24 @@ fn start_registry(metrics: &mut MetricsRegistry, handle: Handle) -> (Arc<Registr
     (registry, handle.on_stop(move || stopping.shutdown()))
 }
 
+/// Notifications: the dispatcher sending the outbox's messages runs until kas stops (messages
+/// not sent by then stay in the outbox for the next start).
+fn start_notifications(
+    cfg: &Config,
+    store: &Arc<dyn Store>,
+    metrics: &mut MetricsRegistry,
+    handle: Handle,
+) -> Result<(Notifier, Handle)> {
+    let (notifier, dispatcher) = tether_notifications::start(&cfg.notifications, Arc::clone(store))
+        .context("starting notifications")?;
+    let Some(dispatcher) = dispatcher else {
+        return Ok((notifier, handle));
+    };
+    dispatcher.register(metrics);
+    let task = tokio::spawn(dispatcher.run(Modules::shutdown_of(&handle)));
+    Ok((notifier, handle.task(task)))
+}
+
 /// Git mirrors of every project with a repository, polled in the background.
 async fn start_sources(
     cfg: &Config,
@@ -253,6 +278,7 @@ async fn start_configuration(
         sources: Arc::clone(sources),
         registry: Arc::clone(&sh.registry),
         states: Arc::clone(&config_states),
+        notifier: sh.notifier.clone(),
     };
     Ok((config_states, configuration, handle))
 }
@@ -270,6 +296,7 @@ fn start_gitops(
         sources: Arc::clone(sources),
         registry: Arc::clone(&sh.registry),
         limits: cfg.gitops.limits(),
+        notifier: sh.notifier.clone(),
     });
     gitops.register(&mut sh.metrics);
     (gitops.reports(), gitops.service(), handle)

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kas::api::ProjectRequest;
@@ -62,6 +63,29 @@ async fn rig(
     initial: &[(&str, Option<&[u8]>)],
     agent_args: &[&str],
 ) -> (Rig, String) {
+    let kas_yaml = String::new();
+    rig_with(
+        env,
+        agent_ns,
+        rbac,
+        project_extra,
+        initial,
+        agent_args,
+        kas_yaml,
+    )
+    .await
+}
+
+/// [`rig`] with `kas_yaml` appended to kas's configuration.
+async fn rig_with(
+    env: TestEnv,
+    agent_ns: String,
+    rbac: &str,
+    project_extra: &str,
+    initial: &[(&str, Option<&[u8]>)],
+    agent_args: &[&str],
+    kas_yaml: String,
+) -> (Rig, String) {
     env.apply_yaml(rbac).unwrap();
     let token = run_output(env.kubectl().args([
         "create",
@@ -98,6 +122,7 @@ async fn rig(
         &dir.path().join("kas"),
         KasOptions {
             git_poll: "300ms",
+            extra_yaml: kas_yaml,
             ..KasOptions::default()
         },
     )
@@ -1355,4 +1380,277 @@ async fn wait_event(env: &TestEnv, ns: &str, inventory: &str, reason: &str) -> (
         },
     )
     .await
+}
+
+/// What the local receiver got: path, headers, body.
+#[derive(Debug, Clone)]
+struct Received {
+    path: String,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+    /// The status it answered.
+    status: u16,
+}
+
+/// A local HTTP server standing in for every receiver; answers 503 to the first `fail_first`
+/// webhook deliveries, 201 to everything else.
+async fn receiver(fail_first: usize) -> (u16, Arc<Mutex<Vec<Received>>>) {
+    let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+    let seen = Arc::clone(&got);
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap().to_vec();
+            let mut seen = seen.lock().unwrap();
+            let hooks = seen.iter().filter(|r| r.path == "/hook").count();
+            let status = if parts.uri.path() == "/hook" && hooks < fail_first {
+                503
+            } else {
+                201
+            };
+            seen.push(Received {
+                path: parts.uri.path().to_owned(),
+                headers: parts.headers,
+                body,
+                status,
+            });
+            axum::http::StatusCode::from_u16(status).unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, got)
+}
+
+fn notifications_yaml(dir: &std::path::Path, port: u16) -> String {
+    let file = |name: &str, content: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    };
+    let (secret, token) = (
+        file("hook-secret", "s3cret\n"),
+        file("forge-token", "tok\n"),
+    );
+    let slack = file("slack-url", &format!("http://127.0.0.1:{port}/slack\n"));
+    let base = format!("http://127.0.0.1:{port}");
+    let forges: String = ["gitlab", "github", "gitea"]
+        .iter()
+        .map(|f| {
+            format!("  - {{name: {f}, type: {f}, url: '{base}/{f}', token_file: '{token}'}}\n")
+        })
+        .collect();
+    format!(
+        "notifications:\n  receivers:\n  - {{name: hook, type: webhook, url: '{base}/hook', secret_file: '{secret}'}}\n  - {{name: chat, type: slack, url_file: '{slack}'}}\n{forges}"
+    )
+}
+
+/// A failed sync, its recovery and a refused configuration reach a signed JSON webhook and a
+/// Slack-compatible chat exactly once each; GitLab, GitHub and Gitea get pending → success or
+/// failed per commit; a receiver answering 503 gets the message again; retries of a failing
+/// sync and a kas restart (the agent re-sending its report) send nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_reach_each_receiver_once_per_transition() {
+    let Seed {
+        env,
+        agent_ns,
+        dude,
+        naww,
+        rbac,
+    } = Seed::new();
+    let (port, got) = receiver(1).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let yaml = notifications_yaml(secrets.path(), port);
+    let dude_yaml = deployment("nginx", &dude, 1);
+    let initial = [("manifests/dude.yaml", Some(&dude_yaml[..]))];
+    let (mut rig, c1) = rig_with(env, agent_ns, &rbac, "", &initial, &[], yaml).await;
+    rig.synced(&c1).await;
+    let naww_yaml = deployment("nginx", &naww, 1);
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/naww.yaml", Some(&naww_yaml))], "forbidden");
+    rig.synced(&c2).await;
+    let retried = |n: usize| {
+        let lines = rig.agent.log_lines();
+        let failures = lines
+            .iter()
+            .filter(|l| l["msg"] == "Synchronization failed" && l["commit_id"] == c2.as_str());
+        (failures.count() >= n).then_some(())
+    };
+    wait_for(
+        "two retries of the failing sync",
+        Duration::from_secs(30),
+        || async { retried(3) },
+    )
+    .await;
+    let c3 = rig
+        .manifests
+        .commit(&[("manifests/naww.yaml", None)], "fix");
+    assert_eq!(rig.synced(&c3).await.outcome, ReportedOutcome::Succeeded);
+    let delivered = |path: &'static str, n: usize| {
+        let got = Arc::clone(&got);
+        async move {
+            let got = got.lock().unwrap();
+            let ok: Vec<Received> = got
+                .iter()
+                .filter(|r| r.path.starts_with(path) && r.status == 201)
+                .cloned()
+                .collect();
+            (ok.len() >= n).then_some(ok)
+        }
+    };
+    // Everything delivered before the restart, so nothing is in flight when kas is killed.
+    for (path, n) in [
+        ("/hook", 2),
+        ("/slack", 2),
+        ("/gitlab/", 6),
+        ("/github/", 6),
+        ("/gitea/", 6),
+    ] {
+        wait_for(path, Duration::from_secs(30), || delivered(path, n)).await;
+    }
+
+    // A restart: the agent reconnects and re-sends its last report, which is no news.
+    let reports = |kas: &Kas| kas.log().matches("Synchronization reported").count();
+    let before = reports(&rig.kas);
+    rig.kas.kill9_restart().await;
+    wait_for(
+        "the report re-sent after the restart",
+        Duration::from_secs(30),
+        || async { (reports(&rig.kas) > before).then_some(()) },
+    )
+    .await;
+    // Then a refused configuration: queued after anything the restart might have queued.
+    rig.config.commit(
+        &[(".gitlab/agents/seed/config.yaml", Some(b"gitops: 5\n"))],
+        "invalid",
+    );
+    let hook = wait_for(
+        "the refusal on the webhook",
+        Duration::from_secs(30),
+        || delivered("/hook", 3),
+    )
+    .await;
+    let chat = wait_for("the refusal in the chat", Duration::from_secs(30), || {
+        delivered("/slack", 3)
+    })
+    .await;
+
+    let events: Vec<String> = hook
+        .iter()
+        .map(|r| json_of(&r.body)["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        events,
+        ["sync_failed", "sync_recovered", "configuration_refused"]
+    );
+    for r in &hook {
+        let signature = r.headers["x-tether-signature-256"].to_str().unwrap();
+        assert_eq!(
+            signature,
+            format!("sha256={}", hmac_hex(b"s3cret", &r.body))
+        );
+    }
+    let failed = json_of(&hook[0].body);
+    assert_eq!(failed["commit"], c2.as_str());
+    assert!(
+        failed["failed_objects"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Deployment {naww}/nginx"))
+    );
+    // The chat's order may differ: a message claimed by the killed kas waits for its claim to
+    // expire; each is there once.
+    let texts: Vec<String> = chat
+        .iter()
+        .map(|r| json_of(&r.body)["text"].as_str().unwrap().to_owned())
+        .collect();
+    for said in [
+        "failed to sync `group/manifests`",
+        "synced `group/manifests`",
+        "refused the configuration",
+    ] {
+        assert_eq!(
+            texts.iter().filter(|t| t.contains(said)).count(),
+            1,
+            "{said}: {texts:?}"
+        );
+    }
+    let kas_text = rig.kas.metrics_text().await.unwrap();
+    monitoring::assert_area_exported("gitops.rs notifications", &[&kas_text]);
+    let all = got.lock().unwrap().clone();
+    let attempts = all.iter().filter(|r| r.path == "/hook").count();
+    assert_eq!(
+        attempts, 4,
+        "the 503 answered delivery was sent again, nothing else twice"
+    );
+    assert_eq!(all.iter().filter(|r| r.path == "/slack").count(), 3);
+    let expected = [
+        (&c1, "pending"),
+        (&c1, "success"),
+        (&c2, "pending"),
+        (&c2, "failed"),
+        (&c3, "pending"),
+        (&c3, "success"),
+    ];
+    for (forge, prefix, failed_word) in [
+        (
+            "gitlab",
+            "/gitlab/api/v4/projects/group%2Fmanifests/statuses/",
+            "failed",
+        ),
+        (
+            "github",
+            "/github/repos/group/manifests/statuses/",
+            "failure",
+        ),
+        (
+            "gitea",
+            "/gitea/api/v1/repos/group/manifests/statuses/",
+            "failure",
+        ),
+    ] {
+        let statuses: Vec<(String, String)> = all
+            .iter()
+            .filter(|r| r.path.starts_with(&format!("/{forge}/")))
+            .map(|r| {
+                let commit = r
+                    .path
+                    .strip_prefix(prefix)
+                    .unwrap_or_else(|| panic!("{forge}: {}", r.path));
+                (
+                    commit.to_owned(),
+                    json_of(&r.body)["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String)> = expected
+            .iter()
+            .map(|(c, s)| {
+                (
+                    (*c).clone(),
+                    if *s == "failed" {
+                        failed_word.to_owned()
+                    } else {
+                        (*s).to_owned()
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(statuses, want, "{forge}");
+    }
+}
+
+fn json_of(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap()
+}
+
+/// HMAC-SHA256 as a receiver computes it (not kas's code).
+fn hmac_hex(key: &[u8], body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
 }

@@ -64,7 +64,8 @@ macro_rules! impl_store {
             use crate::backend::{AuthRow, agent_ref_error, now, single};
             use crate::error::{Error, Result};
             use crate::model::{
-                Agent, AgentRow, AuthenticatedAgent, Project, ProjectSource, TokenInfo, UserTokenInfo,
+                Agent, AgentRow, AuthenticatedAgent, NotificationResult, PendingNotification,
+                Project, ProjectSource, TokenInfo, UserTokenInfo,
             };
             use crate::token::{self, AgentToken};
             use crate::validate::{validate_agent_name, validate_project_path};
@@ -502,6 +503,86 @@ macro_rules! impl_store {
                             .fetch_optional(&self.pool)
                             .await?;
                     Ok(state)
+                }
+
+                async fn enqueue_notification(
+                    &self,
+                    receiver: &str,
+                    dedup_key: &str,
+                    payload: &[u8],
+                ) -> Result<bool> {
+                    let mut tx = self.write().await?;
+                    let t = now();
+                    let added = sqlx::query(
+                        "INSERT INTO notifications (receiver, dedup_key, payload, created_at, next_attempt_at) \
+                         VALUES ($1, $2, $3, $4, $4) ON CONFLICT (receiver, dedup_key) DO NOTHING",
+                    )
+                    .bind(receiver)
+                    .bind(dedup_key)
+                    .bind(payload)
+                    .bind(t)
+                    .execute(tx.conn())
+                    .await?
+                    .rows_affected();
+                    tx.commit().await?;
+                    Ok(added > 0)
+                }
+
+                async fn claim_notifications(
+                    &self,
+                    limit: i64,
+                    lease_secs: i64,
+                ) -> Result<Vec<PendingNotification>> {
+                    let mut tx = self.write().await?;
+                    let t = now();
+                    let due = sqlx::query_as::<_, PendingNotification>(
+                        "SELECT id, receiver, dedup_key, payload, attempts FROM notifications \
+                         WHERE done_at IS NULL AND next_attempt_at <= $1 AND claimed_until <= $1 \
+                         ORDER BY id LIMIT $2",
+                    )
+                    .bind(t)
+                    .bind(limit)
+                    .fetch_all(tx.conn())
+                    .await?;
+                    for n in &due {
+                        sqlx::query("UPDATE notifications SET claimed_until = $1 WHERE id = $2")
+                            .bind(t + lease_secs)
+                            .bind(n.id)
+                            .execute(tx.conn())
+                            .await?;
+                    }
+                    tx.commit().await?;
+                    Ok(due)
+                }
+
+                async fn finish_notification(&self, id: i64, result: &NotificationResult) -> Result<()> {
+                    let mut tx = self.write().await?;
+                    let t = now();
+                    let query = match result {
+                        NotificationResult::Delivered => sqlx::query(
+                            "UPDATE notifications SET done_at = $1, outcome = 'delivered', \
+                             claimed_until = 0 WHERE id = $2",
+                        )
+                        .bind(t)
+                        .bind(id),
+                        NotificationResult::Retry { at, error } => sqlx::query(
+                            "UPDATE notifications SET attempts = attempts + 1, next_attempt_at = $1, \
+                             last_error = $2, claimed_until = 0 WHERE id = $3",
+                        )
+                        .bind(*at)
+                        .bind(error.as_str())
+                        .bind(id),
+                        NotificationResult::GaveUp { error } => sqlx::query(
+                            "UPDATE notifications SET attempts = attempts + 1, done_at = $1, \
+                             outcome = 'given_up', last_error = $2, claimed_until = 0 WHERE id = $3",
+                        )
+                        .bind(t)
+                        .bind(error.as_str())
+                        .bind(id),
+                    };
+                    query.execute(tx.conn()).await?;
+                    tx.commit().await?;
+                    Ok(())
                 }
 
                 async fn check(&self) -> Result<()> {

@@ -18,7 +18,8 @@ mod validate;
 
 pub use error::{Error, Result};
 pub use model::{
-    Agent, AgentRow, AuthenticatedAgent, Project, ProjectSource, TokenInfo, UserTokenInfo,
+    Agent, AgentRow, AuthenticatedAgent, NotificationResult, PendingNotification, Project,
+    ProjectSource, TokenInfo, UserTokenInfo,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -125,6 +126,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// The agent's configuration state; `None` if none was recorded or the agent is unknown.
     async fn config_state(&self, agent_id: i64) -> Result<Option<Vec<u8>>>;
+
+    /// Puts a message for `receiver` in the notification outbox, due now, unless one with the
+    /// same `dedup_key` was ever put there for that receiver. True when it was added.
+    async fn enqueue_notification(
+        &self,
+        receiver: &str,
+        dedup_key: &str,
+        payload: &[u8],
+    ) -> Result<bool>;
+
+    /// Claims up to `limit` due messages for `lease_secs` (another replica does not take them
+    /// meanwhile), oldest first.
+    async fn claim_notifications(
+        &self,
+        limit: i64,
+        lease_secs: i64,
+    ) -> Result<Vec<PendingNotification>>;
+
+    /// Records how sending a claimed message ended.
+    async fn finish_notification(&self, id: i64, result: &NotificationResult) -> Result<()>;
 
     /// Runs a trivial query: `Ok` when the database answers now. kas's readiness uses it, so a
     /// replica that cannot reach its database stops receiving traffic.

@@ -107,3 +107,32 @@ pub struct UserTokenInfo {
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
 }
+
+/// A notification waiting in the outbox, claimed for sending.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PendingNotification {
+    pub id: i64,
+    /// The receiver's name in kas's configuration.
+    pub receiver: String,
+    /// What makes it unique for its receiver (the event and its transition).
+    pub dedup_key: String,
+    /// The message, as the notifier encoded it.
+    pub payload: Vec<u8>,
+    /// Failed sends so far.
+    pub attempts: i64,
+}
+
+/// How a send of a [`PendingNotification`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotificationResult {
+    Delivered,
+    /// Failed; sent again from `at` (Unix seconds).
+    Retry {
+        at: i64,
+        error: String,
+    },
+    /// Failed for good (too many attempts, or the receiver refused it for good).
+    GaveUp {
+        error: String,
+    },
+}

@@ -61,6 +61,7 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         .put_sync_report(agent.id, "a/manifests", &[0, 0xff])
         .await?;
     sqlite.put_config_state(agent.id, b"state").await?;
+    sqlite.enqueue_notification("ops", "sync:1", b"{}").await?;
 
     let server = Postgres::start()?;
     let pg = PgStore::connect(&server.create_database("kas")?).await?;
@@ -75,6 +76,7 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
             ("user_tokens", 1),
             ("sync_reports", 1),
             ("config_states", 1),
+            ("notifications", 1),
         ]
     );
 
@@ -101,6 +103,9 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         [("a/manifests".to_owned(), vec![0, 0xff])]
     );
     assert_eq!(pg.config_state(agent.id).await?, Some(b"state".to_vec()));
+    // A message already queued is not queued twice after the move.
+    assert!(!pg.enqueue_notification("ops", "sync:1", b"{}").await?);
+    assert!(pg.enqueue_notification("ops", "sync:2", b"{}").await?);
 
     // New records get ids past the copied ones.
     let new = pg.register_agent("group/project", "new").await?;

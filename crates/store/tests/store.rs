@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tempfile::TempDir;
-use tether_store::{Error, PgStore, SqliteStore, Store, TOKEN_PREFIX, TOKEN_RANDOM_LEN};
+use tether_store::{
+    Error, NotificationResult, PgStore, SqliteStore, Store, TOKEN_PREFIX, TOKEN_RANDOM_LEN,
+};
 use tether_testenv::postgres::Postgres;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -705,7 +707,73 @@ async fn a_wal_database_is_converted_on_open() -> TestResult {
     Ok(())
 }
 
+/// The outbox sends each (receiver, key) once, hides a claimed message from other claimers,
+/// retries at the time given, forgets nothing across a reopen and stops at delivery.
+async fn notifications_are_queued_once_claimed_retried_and_finished(
+    backend: Backend,
+) -> TestResult {
+    let (db, store) = open(backend).await?;
+    assert!(
+        store
+            .enqueue_notification("ops", "sync:1:a:failed", b"one")
+            .await?
+    );
+    assert!(
+        !store
+            .enqueue_notification("ops", "sync:1:a:failed", b"again")
+            .await?
+    );
+    assert!(
+        store
+            .enqueue_notification("chat", "sync:1:a:failed", b"two")
+            .await?
+    );
+    let claimed = store.claim_notifications(10, 60).await?;
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(
+        (claimed[0].receiver.as_str(), &claimed[0].payload[..]),
+        ("ops", &b"one"[..])
+    );
+    assert!(
+        store.claim_notifications(10, 60).await?.is_empty(),
+        "claimed ones are held"
+    );
+
+    let (ops, chat) = (claimed[0].id, claimed[1].id);
+    store
+        .finish_notification(ops, &NotificationResult::Delivered)
+        .await?;
+    let retry = NotificationResult::Retry {
+        at: 0,
+        error: "503".into(),
+    };
+    store.finish_notification(chat, &retry).await?;
+    store.close().await;
+
+    let store = db.reopen().await?;
+    let again = store.claim_notifications(10, 60).await?;
+    assert_eq!(again.len(), 1, "only the one to retry: {again:?}");
+    assert_eq!((again[0].id, again[0].attempts), (chat, 1));
+    let later = NotificationResult::Retry {
+        at: i64::MAX,
+        error: "503".into(),
+    };
+    store.finish_notification(chat, &later).await?;
+    assert!(
+        store.claim_notifications(10, 60).await?.is_empty(),
+        "not due yet"
+    );
+    assert!(
+        !store
+            .enqueue_notification("ops", "sync:1:a:failed", b"x")
+            .await?,
+        "delivered stays known"
+    );
+    Ok(())
+}
+
 on_both_backends!(
+    notifications_are_queued_once_claimed_retried_and_finished,
     register_token_authenticate,
     wrong_tokens_are_rejected,
     revoked_token_is_rejected,

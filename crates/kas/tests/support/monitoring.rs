@@ -19,6 +19,7 @@ pub const AREAS: &[(&str, &str)] = &[
     ("kas_listener_", "listeners.rs"),
     ("kas_rate_limited_", "ratelimit.rs"),
     ("kas_auth_", "ratelimit.rs"),
+    ("kas_notifications_", "gitops.rs notifications"),
 ];
 
 pub fn folder() -> PathBuf {
