@@ -50,6 +50,9 @@ pub struct ObjectChange {
     pub change: Change,
 }
 
+/// `kubectl apply`'s copy of the object it applied.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// Top-level metadata fields the API server maintains: never part of what Git says.
 const SERVER_METADATA: [&str; 7] = [
     "managedFields",
@@ -63,7 +66,8 @@ const SERVER_METADATA: [&str; 7] = [
 
 /// The object without what the cluster sets by itself — `status`, `managedFields`,
 /// `resourceVersion`, `uid`, `generation`, timestamps — nor agentk's applied digest (it
-/// changes with every content change, so it would only repeat the diff).
+/// changes with every content change, so it would only repeat the diff) and kubectl's
+/// last-applied copy.
 pub fn clean(obj: &Value) -> Value {
     let mut out = obj.clone();
     let Some(map) = out.as_object_mut() else {
@@ -79,6 +83,9 @@ pub fn clean(obj: &Value) -> Value {
             .and_then(Value::as_object_mut)
             .is_some_and(|a| {
                 a.remove(APPLIED_DIGEST_ANNOTATION);
+                // kubectl's client-side bookkeeping (agentk never writes it); on a Secret it
+                // would hold the values.
+                a.remove(LAST_APPLIED_ANNOTATION);
                 a.is_empty()
             });
         if emptied {
@@ -89,13 +96,60 @@ pub fn clean(obj: &Value) -> Value {
 }
 
 /// The change from `live` (absent: not in the cluster) to `after`, both as the API server
-/// returned them.
+/// returned them. A Secret's values are compared, then [`redact`]ed.
 pub fn compare(live: Option<&Value>, after: &Value) -> Change {
-    let after = clean(after);
+    let mut after = clean(after);
     match live.map(clean) {
-        None => Change::Created { after },
+        None => {
+            redact(None, &mut after);
+            Change::Created { after }
+        }
         Some(before) if before == after => Change::Unchanged,
-        Some(before) => Change::Changed { before, after },
+        Some(mut before) => {
+            redact(Some(&mut before), &mut after);
+            Change::Changed { before, after }
+        }
+    }
+}
+
+/// What a pruned object is shown as: [`clean`]ed, a Secret's values [`redact`]ed.
+pub fn pruned_view(live: &Value) -> Value {
+    let mut before = clean(live);
+    redact(Some(&mut before), &mut Value::Null);
+    before
+}
+
+/// Replaces the values of a Secret's `data` and `stringData` (in `before` and `after` alike;
+/// `after` is `Null` for an object that would be pruned)
+/// so a preview never prints them — in a merge-request pipeline it lands in job logs — while it
+/// still tells which keys change: an equal value on both sides reads `***`, a differing one
+/// `*** (before)` and `*** (after)`. Other objects are left alone.
+pub fn redact(mut before: Option<&mut Value>, after: &mut Value) {
+    let is_secret = |v: &Value| v["apiVersion"] == "v1" && v["kind"] == "Secret";
+    if !is_secret(after) && !before.as_deref().is_some_and(is_secret) {
+        return;
+    }
+    for field in ["data", "stringData"] {
+        let theirs = before
+            .as_deref()
+            .and_then(|b| b.get(field))
+            .cloned()
+            .unwrap_or(Value::Null);
+        if let Some(map) = after.get_mut(field).and_then(Value::as_object_mut) {
+            for (key, value) in map.iter_mut() {
+                let same = theirs.get(key) == Some(&*value);
+                *value = Value::from(if same { "***" } else { "*** (after)" });
+            }
+        }
+        let ours = after.get(field).cloned().unwrap_or(Value::Null);
+        let map = before
+            .as_deref_mut()
+            .and_then(|b| b.get_mut(field))
+            .and_then(Value::as_object_mut);
+        for (key, value) in map.into_iter().flatten() {
+            let same = ours.get(key).and_then(Value::as_str) == Some("***");
+            *value = Value::from(if same { "***" } else { "*** (before)" });
+        }
     }
 }
 
@@ -242,7 +296,7 @@ impl Syncer {
             .filter_map(|(obj, live)| {
                 let change = match live {
                     Ok(Some(before)) => Change::Pruned {
-                        before: clean(&before),
+                        before: pruned_view(&before),
                     },
                     Ok(None) => return None,
                     Err(e) => Change::Failed {
@@ -327,6 +381,37 @@ mod tests {
             json!({"metadata": {"name": "a", "annotations": {APPLIED_DIGEST_ANNOTATION: "x"}}});
         assert_eq!(clean(&obj), json!({"metadata": {"name": "a"}}));
         assert_eq!(clean(&json!("scalar")), json!("scalar"));
+    }
+
+    fn secret(data: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "data": data})
+    }
+
+    #[test]
+    fn secret_values_never_show_but_which_keys_change_does() {
+        let live = secret(json!({"same": "c2FtZQ==", "changed": "b2xk", "gone": "eA=="}));
+        let after = secret(json!({"same": "c2FtZQ==", "changed": "bmV3", "added": "eQ=="}));
+        let Change::Changed { before, after } = compare(Some(&live), &after) else {
+            panic!("a changed Secret");
+        };
+        assert_eq!(
+            before["data"],
+            json!({"same": "***", "changed": "*** (before)", "gone": "*** (before)"})
+        );
+        assert_eq!(
+            after["data"],
+            json!({"same": "***", "changed": "*** (after)", "added": "*** (after)"})
+        );
+        let Change::Created { after } = compare(None, &secret(json!({"k": "dg=="}))) else {
+            panic!("a created Secret");
+        };
+        assert_eq!(after["data"], json!({"k": "*** (after)"}));
+        let pruned = pruned_view(&secret(json!({"k": "dg=="})));
+        assert_eq!(pruned["data"], json!({"k": "*** (before)"}));
+        // Equal Secrets are unchanged, and nothing else is redacted.
+        assert_eq!(compare(Some(&live), &live), Change::Unchanged);
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"k": "v"}});
+        assert_eq!(compare(None, &cm), Change::Created { after: cm.clone() });
     }
 
     #[test]

@@ -29,15 +29,24 @@ fn kas_diff(kas: &Kas, args: &[&str]) -> (Option<i32>, String, String) {
 /// An agent that may write only in its namespace `ns` (plus ConfigMaps anywhere, as in the
 /// seed), synced to main: Deployment `web` (1 replica), ConfigMaps `keep` and `old`.
 async fn synced_rig(prefix: &str) -> (Rig, String) {
+    synced_rig_with(prefix, |_| Vec::new()).await
+}
+
+/// [`synced_rig`] with more files on main, given the namespace.
+async fn synced_rig_with(
+    prefix: &str,
+    more: impl FnOnce(&str) -> Vec<(&'static str, Vec<u8>)>,
+) -> (Rig, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace(prefix).unwrap();
     let rbac = seed_agent_rbac(&ns, "gitlab-agent", &ns);
-    let files = [
+    let mut files = vec![
         ("manifests/web.yaml", deployment("web", &ns, 1)),
         ("manifests/keep.yaml", configmap("keep", &ns, "same")),
         ("manifests/old.yaml", configmap("old", &ns, "going")),
     ];
+    files.extend(more(&ns));
     let initial: Vec<(&str, Option<&[u8]>)> = files
         .iter()
         .map(|(p, c)| (*p, Some(c.as_slice())))
@@ -198,4 +207,55 @@ async fn an_object_in_a_namespace_the_agent_may_not_write_is_an_error_of_that_ob
         )
         .is_none()
     );
+}
+
+fn secret(ns: &str, password: &str) -> Vec<u8> {
+    format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\n  namespace: {ns}\nstringData:\n  password: {password}\n  user: deployer\n").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_shows_which_keys_change_never_their_values() {
+    let (old, new) = ("old-pass-7f3a", "new-pass-91c2");
+    let (rig, ns) = synced_rig_with("diffsecret", |ns| {
+        vec![("manifests/secret.yaml", secret(ns, old))]
+    })
+    .await;
+    branch(
+        &rig,
+        "rotate",
+        &[("manifests/secret.yaml", Some(&secret(&ns, new)))],
+    );
+    let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "rotate"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains(&format!("► Secret/{ns}/creds drifted")),
+        "{out}"
+    );
+    let diff_lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with(['-', '+']) && !l.starts_with("---") && !l.starts_with("+++"))
+        .collect();
+    assert_eq!(
+        diff_lines,
+        [
+            "-  password: \"*** (before)\"",
+            "+  password: \"*** (after)\""
+        ],
+        "{out}"
+    );
+    let (_, json, _) = kas_diff(&rig.kas, &[AGENT, "--ref", "rotate", "-o", "json"]);
+    for secret in [old, new, "deployer"] {
+        let b64 = base64_of(secret);
+        for text in [&out, &json] {
+            assert!(
+                !text.contains(secret) && !text.contains(&b64),
+                "{secret} in:\n{text}"
+            );
+        }
+    }
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
 }
