@@ -175,17 +175,7 @@ impl Workers {
                 .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE),
             meta: self.meta.clone(),
             engine: self.engine.clone(),
-            settings: Settings {
-                agent_id,
-                project_id: key.to_string(),
-                default_namespace: p.default_namespace.clone(),
-                prune: p.prune,
-                prune_timeout: p.prune_timeout,
-                prune_propagation_policy: p.prune_propagation_policy,
-                inventory_policy: p.inventory_policy,
-                reconcile_timeout: p.reconcile_timeout,
-                dry_run: p.dry_run_strategy,
-            },
+            settings: Settings::for_project(agent_id, p),
             project: p.clone(),
             timing: self.timing.clone(),
         };

@@ -9,15 +9,19 @@
 //!   new commit's selection in chunks, taking sync reports), built from explicit
 //!   [`GitOpsDeps`]; and [`SyncStates`], the reports kept in the store for `kas agent status`,
 //!   whose outcome and statuses read as [`ReportedOutcome`] / [`ReportedStatus`].
+//! - [`PreviewSource`]: the same selection at a ref the agent does not follow, for
+//!   `kas agent diff` ([`ref_candidates`]: what a `--ref` names).
 
 pub mod glob;
 mod lag;
+mod preview;
 mod reports;
 mod select;
 mod service;
 
 pub use glob::{InvalidGlob, ManifestGlob, literal_prefix};
 // The admin API's words for outcomes and statuses; they live with the API types.
+pub use preview::{PreviewError, PreviewFiles, PreviewSource, ref_candidates};
 pub use reports::SyncStates;
 pub use select::{Limits, ManifestFile, SelectError, Selection, select_manifests};
 pub use service::{GitOpsDeps, GitOpsModule, GitOpsService};

@@ -257,6 +257,16 @@ impl AdminClient {
         .await
     }
 
+    /// What a synchronization of `req.git_ref` would change in the agent's cluster.
+    pub async fn diff(&self, agent_id: i64, req: &crate::DiffRequest) -> Result<crate::DiffView> {
+        self.json(
+            Method::POST,
+            &format!("/api/v1/agents/{agent_id}/diff"),
+            Some(req),
+        )
+        .await
+    }
+
     pub async fn create_user_token(
         &self,
         agent_id: i64,

@@ -46,11 +46,21 @@ pub struct ApiState {
     pub live_user_requests: Arc<crate::revocation::LiveUserRequests>,
     /// Limits on failed authentication (admin token, webhook secrets).
     pub guards: crate::limits::Guards,
+    /// Bounds of one manifest selection (as for the GitOps stream), for previews.
+    pub gitops_limits: tether_gitops_server::Limits,
+    /// How long a preview waits for the fetch it asks for.
+    pub fetch_timeout: Duration,
 }
 
 /// An error response: `{"error": "..."}` with a status code.
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub fn new(code: StatusCode, message: impl Into<String>) -> Self {
+        ApiError(code, message.into())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -549,6 +559,7 @@ pub fn admin_router(state: ApiState) -> Router {
         )
         .route("/api/v1/agents/{id}/echo", post(echo))
         .route("/api/v1/agents/{id}/gitops", get(agent_gitops))
+        .route("/api/v1/agents/{id}/diff", post(crate::preview::diff))
         .route("/api/v1/tokens/{id}", delete(revoke_token))
         .route("/api/v1/agents/{id}/user-tokens", post(create_user_token))
         .route("/api/v1/user-tokens/{id}", delete(revoke_user_token))

@@ -227,6 +227,9 @@ enum AgentCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Preview a ref: what a synchronization of it would change in the agent's cluster
+    /// (server-side dry run through the tunnel). Exit 0: no changes, 1: changes, 2: error.
+    Diff(kas::diff::DiffArgs),
     /// Send bytes through an agent's tunnel and back; prints the round-trip time.
     Ping {
         /// The agent: its id or `<configuration project path>:<agent name>`.
@@ -374,12 +377,17 @@ fn when(unix: i64) -> String {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // `kas agent diff` exits 1 for "changes", so its errors need another code.
+    let failure = match &cli.cmd {
+        Some(Cmd::Agent(AgentCmd::Diff(_))) => std::process::ExitCode::from(kas::diff::EXIT_ERROR),
+        _ => std::process::ExitCode::FAILURE,
+    };
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kas: {e:#}");
-            std::process::ExitCode::FAILURE
+            failure
         }
     }
 }
@@ -509,6 +517,14 @@ async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<()> 
                 return Ok(());
             }
             print_syncs(*agent_id, syncs)
+        }
+        AgentCmd::Diff(args) => {
+            let code = kas::diff::run(c, args, &mut std::io::stdout().lock()).await?;
+            if code != kas::diff::EXIT_NO_CHANGES {
+                // Printed and flushed already; nothing else is left to clean up.
+                std::process::exit(i32::from(code));
+            }
+            Ok(())
         }
         AgentCmd::Ping { agent_id, bytes } => {
             ping(c, c.resolve_agent(agent_id).await?, *bytes).await

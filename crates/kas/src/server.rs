@@ -139,6 +139,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
         sync_states,
         live_user_requests: Arc::clone(&live_user_requests),
         guards: sh.guards.clone(),
+        gitops_limits: cfg.gitops.limits(),
+        fetch_timeout: cfg.git.fetch_timeout,
     };
     let (api_addr, h) = start_api(&cfg, &sh, state.clone(), modules.handle("api")).await?;
     modules.push(h);

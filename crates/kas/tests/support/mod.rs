@@ -11,6 +11,7 @@ use tether_kas_api::AdminClient;
 
 pub use tether_test_support::{GitDaemon, GitRepo, Pki};
 
+pub mod gitops;
 pub mod monitoring;
 
 /// A port for a kas or agentk child process; see [`tether_test_support::unused_port`] for the
@@ -243,6 +244,13 @@ impl Kas {
     }
 
     /// The running process's id.
+    /// The `kas` command line (admin commands) aimed at this kas by its configuration file.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kas"));
+        c.arg("--configuration-file").arg(&self.config);
+        c
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
