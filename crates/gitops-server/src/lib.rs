@@ -9,13 +9,17 @@
 //!   new commit's selection in chunks, taking sync reports), built from explicit
 //!   [`GitOpsDeps`]; and [`SyncStates`], the reports kept in the store for `kas agent status`,
 //!   whose outcome and statuses read as [`ReportedOutcome`] / [`ReportedStatus`].
+//! - [`Controls`]: kas's directives to open streams beyond new commits: re-sync now
+//!   ([`ResyncId`], `kas agent reconcile`) and suspension changes (`kas agent suspend`).
 
+pub mod control;
 pub mod glob;
 mod lag;
 mod reports;
 mod select;
 mod service;
 
+pub use control::{Controls, ResyncId};
 pub use glob::{InvalidGlob, ManifestGlob, literal_prefix};
 // The admin API's words for outcomes and statuses; they live with the API types.
 pub use reports::SyncStates;

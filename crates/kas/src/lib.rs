@@ -15,6 +15,7 @@ pub mod kubeproxy;
 pub mod limits;
 pub mod listener;
 pub mod modules;
+pub mod operate;
 pub mod projects;
 pub mod revocation;
 pub mod server;

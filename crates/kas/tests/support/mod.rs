@@ -11,6 +11,7 @@ use tether_kas_api::AdminClient;
 
 pub use tether_test_support::{GitDaemon, GitRepo, Pki};
 
+pub mod gitops;
 pub mod monitoring;
 
 /// A port for a kas or agentk child process; see [`tether_test_support::unused_port`] for the
