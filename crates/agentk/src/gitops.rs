@@ -233,6 +233,14 @@ struct SyncState {
     started: Instant,
     next_run: Option<Instant>,
     failures: u32,
+    /// kas suspended the project: nothing is applied, pruned or drift-corrected.
+    suspended: bool,
+    /// The newest re-sync id kas asked for, and the one the running sync answers.
+    resync_asked: u64,
+    resync_running: u64,
+    /// The newest re-sync id reported, so a request heard again after a reconnect is not
+    /// synced twice.
+    resync_answered: u64,
 }
 
 /// The last report and whether kas has confirmed it.
@@ -319,6 +327,7 @@ fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
         finished_at: unix_now(),
         dry_run: outcome.dry_run,
         warnings: Vec::new(),
+        resync_id: 0,
     }
 }
 
@@ -364,6 +373,10 @@ impl Worker {
             started: now,
             next_run: None,
             failures: 0,
+            suspended: false,
+            resync_asked: 0,
+            resync_running: 0,
+            resync_answered: 0,
         };
         let mut reports = Reports {
             last: None,
@@ -437,7 +450,10 @@ impl Worker {
 
     /// Starts a sync of the newest commit when one is due and none runs.
     fn start_due_sync(&self, sync: &mut SyncState, stop: &CancellationToken) {
-        if sync.running.is_some() || sync.next_run.is_none_or(|t| Instant::now() < t) {
+        if sync.suspended
+            || sync.running.is_some()
+            || sync.next_run.is_none_or(|t| Instant::now() < t)
+        {
             return;
         }
         let Some(commit) = sync.current.clone() else {
@@ -457,6 +473,7 @@ impl Worker {
         );
         sync.running = Some((token, task));
         sync.started = Instant::now();
+        sync.resync_running = sync.resync_asked;
     }
 
     async fn on_message(
@@ -513,9 +530,12 @@ impl Worker {
                     stop_sync(sync.running.take()).await;
                     sync.current = Some(b);
                     sync.failures = 0;
+                    // Held while suspended (kas holds commits then; this is for safety).
                     sync.next_run = Some(Instant::now());
                 }
             }
+            Some(objects_response::Message::Suspension(s)) => on_suspension(&s, sync).await,
+            Some(objects_response::Message::Resync(r)) => on_resync(r.id, sync).await,
             Some(objects_response::Message::Error(e)) => {
                 stream.building = None;
                 tracing::error!(commit_id = %e.commit_id, error = %e.message, "Synchronization failed");
@@ -532,7 +552,9 @@ impl Worker {
                     finished_at: unix_now(),
                     dry_run: false,
                     warnings: Vec::new(),
+                    resync_id: sync.resync_asked,
                 };
+                sync.resync_answered = sync.resync_asked;
                 self.report(report, reports, stop).await;
             }
             None => {}
@@ -571,6 +593,8 @@ impl Worker {
             now,
         );
         let mut report = report_of(&outcome, &self.settings.project_id);
+        report.resync_id = sync.resync_running;
+        sync.resync_answered = sync.resync_answered.max(sync.resync_running);
         if let Some(c) = sync.current.as_ref().filter(|c| c.id == outcome.commit_id) {
             report.warnings.clone_from(&c.warnings);
         }
@@ -660,6 +684,40 @@ impl Worker {
     }
 }
 
+/// kas suspended or resumed the project. Suspending stops the running sync and every later one
+/// (drift correction included); resuming synchronizes the commit the worker has at once.
+async fn on_suspension(s: &wire::Suspension, sync: &mut SyncState) {
+    if s.suspended == sync.suspended {
+        return;
+    }
+    sync.suspended = s.suspended;
+    if s.suspended {
+        tracing::warn!(reason = %s.reason, suspended_by = %s.suspended_by, "GitOps suspended by kas: nothing is applied, pruned or drift-corrected until it is resumed");
+        stop_sync(sync.running.take()).await;
+        sync.next_run = None;
+    } else {
+        tracing::info!("GitOps resumed by kas: synchronizing now");
+        sync.failures = 0;
+        sync.next_run = Some(Instant::now());
+    }
+}
+
+/// kas asks for a sync now (`kas agent reconcile`): restart any sync in progress so the one
+/// reported has run entirely after the request.
+async fn on_resync(id: u64, sync: &mut SyncState) {
+    if id <= sync.resync_answered || id <= sync.resync_asked {
+        return;
+    }
+    sync.resync_asked = id;
+    if sync.suspended {
+        return;
+    }
+    tracing::info!(resync_id = id, "kas asked for a synchronization now");
+    stop_sync(sync.running.take()).await;
+    sync.failures = 0;
+    sync.next_run = Some(Instant::now());
+}
+
 /// Waits for the next thing the worker must act on.
 async fn next_event(
     stream: &mut Stream,
@@ -668,7 +726,8 @@ async fn next_event(
     stop: &CancellationToken,
 ) -> Event {
     let wake_at = [
-        sync.next_run,
+        // A suspended worker syncs nothing, so its sync time must not wake it (again and again).
+        sync.next_run.filter(|_| !sync.suspended),
         stream.open.is_none().then_some(stream.reconnect_at),
         reports.pending.then_some(reports.retry_at),
     ]

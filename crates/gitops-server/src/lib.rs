@@ -11,7 +11,10 @@
 //!   whose outcome and statuses read as [`ReportedOutcome`] / [`ReportedStatus`].
 //! - [`PreviewSource`]: the same selection at a ref the agent does not follow, for
 //!   `kas agent diff` ([`ref_candidates`]: what a `--ref` names).
+//! - [`Controls`]: kas's directives to open streams beyond new commits: re-sync now
+//!   ([`ResyncId`], `kas agent reconcile`) and suspension changes (`kas agent suspend`).
 
+pub mod control;
 pub mod glob;
 mod lag;
 mod preview;
@@ -19,6 +22,7 @@ mod reports;
 mod select;
 mod service;
 
+pub use control::{Controls, ResyncId};
 pub use glob::{InvalidGlob, ManifestGlob, literal_prefix};
 // The admin API's words for outcomes and statuses; they live with the API types.
 pub use preview::{PreviewError, PreviewFiles, PreviewSource, ref_candidates};

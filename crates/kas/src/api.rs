@@ -42,6 +42,8 @@ pub struct ApiState {
     pub sources: Arc<Sources>,
     pub config_states: Arc<ConfigStates>,
     pub sync_states: Arc<tether_gitops_server::SyncStates>,
+    /// Re-sync requests and suspension changes to the agents' GitOps streams.
+    pub gitops_controls: Arc<tether_gitops_server::Controls>,
     /// The proxy's live requests per personal access token (ended on revocation).
     pub live_user_requests: Arc<crate::revocation::LiveUserRequests>,
     /// Limits on failed authentication (admin token, webhook secrets).
@@ -54,7 +56,7 @@ pub struct ApiState {
 
 /// An error response: `{"error": "..."}` with a status code.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl ApiError {
     pub fn new(code: StatusCode, message: impl Into<String>) -> Self {
@@ -96,7 +98,7 @@ fn config_view(s: ConfigState) -> ConfigView {
     }
 }
 
-fn rfc3339(t: std::time::SystemTime) -> String {
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
     let secs = t
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -125,6 +127,7 @@ async fn require_admin(State(st): State<ApiState>, req: Request, next: Next) -> 
 
 async fn list_agents(State(st): State<ApiState>) -> Result<Json<Vec<AgentView>>, ApiError> {
     let rows = st.store.list_agents().await?;
+    let mut suspensions = crate::operate::suspension_views(&st, None).await?;
     let live: HashMap<i64, _> = st
         .registry
         .connections()
@@ -158,6 +161,7 @@ async fn list_agents(State(st): State<ApiState>) -> Result<Json<Vec<AgentView>>,
                 idle_tunnels: c.map_or(0, |c| c.idle_tunnels),
                 connections,
                 config: st.config_states.get(r.id).map(config_view),
+                suspensions: suspensions.remove(&r.id).unwrap_or_default(),
             }
         })
         .collect();
@@ -505,6 +509,7 @@ async fn agent_gitops(
                 ),
                 dry_run: r.dry_run,
                 warnings: r.warnings,
+                resync_id: r.resync_id,
                 objects: r
                     .objects
                     .into_iter()
@@ -564,6 +569,7 @@ pub fn admin_router(state: ApiState) -> Router {
         .route("/api/v1/agents/{id}/user-tokens", post(create_user_token))
         .route("/api/v1/user-tokens/{id}", delete(revoke_user_token))
         .route("/api/v1/debug/stats", get(stats))
+        .merge(crate::operate::routes())
         .route(
             "/api/v1/projects",
             get(list_projects).put(put_project).delete(delete_project),

@@ -17,6 +17,7 @@ pub mod kubeproxy;
 pub mod limits;
 pub mod listener;
 pub mod modules;
+pub mod operate;
 pub mod preview;
 pub mod projects;
 pub mod revocation;

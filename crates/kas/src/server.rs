@@ -26,7 +26,7 @@ use crate::listener::ListenerMetrics;
 use crate::modules::{Handle, Modules};
 use tether_configuration_server::{ConfigService, ConfigStates};
 use tether_git_source::Sources;
-use tether_gitops_server::{GitOpsDeps, GitOpsModule, GitOpsService, SyncStates};
+use tether_gitops_server::{GitOpsDeps, GitOpsModule, GitOpsService};
 use tether_notifications::Notifier;
 use tether_protocol::gitops::git_ops_server::GitOpsServer;
 
@@ -117,12 +117,13 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (config_states, configuration, h) =
         start_configuration(&mut sh, &sources, modules.handle("configuration")).await?;
     modules.push(h);
-    let (sync_states, gitops, h) = start_gitops(&cfg, &mut sh, &sources, modules.handle("gitops"));
+    let (gitops, h) = start_gitops(&cfg, &mut sh, &sources, modules.handle("gitops"));
     modules.push(h);
+    let (sync_states, gitops_controls) = (gitops.reports(), gitops.controls());
     let agent = AgentServices {
         connections: (Arc::clone(&connections), conn_gauge),
         configuration,
-        gitops,
+        gitops: gitops.service(),
     };
     let (agent_addr, h) = start_agent_listener(&cfg, &sh, agent, modules.handle("tunnel")).await?;
     modules.push(h);
@@ -137,6 +138,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         sources: Arc::clone(&sources),
         config_states: Arc::clone(&config_states),
         sync_states,
+        gitops_controls,
         live_user_requests: Arc::clone(&live_user_requests),
         guards: sh.guards.clone(),
         gitops_limits: cfg.gitops.limits(),
@@ -291,7 +293,7 @@ fn start_gitops(
     sh: &mut Shared,
     sources: &Arc<Sources>,
     handle: Handle,
-) -> (Arc<SyncStates>, GitOpsServer<GitOpsService>, Handle) {
+) -> (GitOpsModule, Handle) {
     let gitops = GitOpsModule::new(GitOpsDeps {
         auth: sh.auth.clone(),
         store: Arc::clone(&sh.store),
@@ -301,7 +303,7 @@ fn start_gitops(
         notifier: sh.notifier.clone(),
     });
     gitops.register(&mut sh.metrics);
-    (gitops.reports(), gitops.service(), handle)
+    (gitops, handle)
 }
 
 /// The gRPC services of the agent listener besides the tunnel, and its connection count.

@@ -10,14 +10,10 @@ use std::time::{Duration, Instant};
 
 use kas::api::ProjectRequest;
 use serde_json::Value;
-use support::gitops::{Rig, admin_rbac, configmap, deployment, get_json, rig, rig_with};
+use support::gitops::{Rig, admin_rbac, configmap, deployment, get_json, is_event, rig, rig_with};
 use support::{Agent, Kas, monitoring, wait_for};
 use tether_gitops_server::{ReportedOutcome, ReportedStatus};
 use tether_testenv::{TestEnv, run_output, seed_agent_rbac};
-
-fn is_event(l: &Value, event: &str, kind: &str, ns: &str, name: &str) -> bool {
-    l["eventType"] == event && l["kind"] == kind && l["namespace"] == ns && l["name"] == name
-}
 
 struct AgentRef {
     agent_id: i64,

@@ -65,7 +65,8 @@ macro_rules! impl_store {
             use crate::error::{Error, Result};
             use crate::model::{
                 Agent, AgentRow, AuthenticatedAgent, NotificationResult, PendingNotification,
-                Project, ProjectSource, TokenInfo, UserTokenInfo,
+                Project, ProjectSource, Suspension, SuspensionRow, SuspensionScope, TokenInfo,
+                UserTokenInfo,
             };
             use crate::token::{self, AgentToken};
             use crate::validate::{validate_agent_name, validate_project_path};
@@ -583,6 +584,85 @@ macro_rules! impl_store {
                     query.execute(tx.conn()).await?;
                     tx.commit().await?;
                     Ok(())
+                }
+
+                async fn list_user_tokens(&self, agent_id: Option<i64>) -> Result<Vec<UserTokenInfo>> {
+                    let tokens = sqlx::query_as::<_, UserTokenInfo>(
+                        "SELECT id, agent_id, username, memberships, created_at, expires_at, revoked_at \
+                         FROM user_tokens WHERE $1 IS NULL OR agent_id = $1 ORDER BY id",
+                    )
+                    .bind(agent_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(tokens)
+                }
+
+                async fn delete_agent(&self, agent_id: i64) -> Result<bool> {
+                    let mut tx = self.write().await?;
+                    // The agent's rows in other tables go with it (ON DELETE CASCADE).
+                    let done = sqlx::query("DELETE FROM agents WHERE id = $1")
+                        .bind(agent_id)
+                        .execute(tx.conn())
+                        .await?;
+                    tx.commit().await?;
+                    Ok(done.rows_affected() > 0)
+                }
+
+                async fn suspend(
+                    &self,
+                    agent_id: i64,
+                    scope: SuspensionScope,
+                    reason: &str,
+                    suspended_by: &str,
+                ) -> Result<Suspension> {
+                    let mut tx = self.write().await?;
+                    let row = sqlx::query_as::<_, SuspensionRow>(
+                        "INSERT INTO gitops_suspensions (agent_id, project_id, reason, suspended_by, suspended_at) \
+                         VALUES ($1, $2, $3, $4, $5) \
+                         ON CONFLICT (agent_id, project_id) DO UPDATE SET reason = excluded.reason, \
+                         suspended_by = excluded.suspended_by, suspended_at = excluded.suspended_at \
+                         RETURNING agent_id, project_id, reason, suspended_by, suspended_at",
+                    )
+                    .bind(agent_id)
+                    .bind(scope.column())
+                    .bind(reason)
+                    .bind(suspended_by)
+                    .bind(now())
+                    .fetch_all(tx.conn())
+                    .await
+                    .and_then(single)
+                    .map_err(|e| agent_ref_error(agent_id, e))?;
+                    tx.commit().await?;
+                    Ok(row.into())
+                }
+
+                async fn resume(&self, agent_id: i64, scope: SuspensionScope) -> Result<u64> {
+                    let mut tx = self.write().await?;
+                    let done = match scope {
+                        SuspensionScope::Agent => {
+                            sqlx::query("DELETE FROM gitops_suspensions WHERE agent_id = $1").bind(agent_id)
+                        }
+                        SuspensionScope::Project(_) => sqlx::query(
+                            "DELETE FROM gitops_suspensions WHERE agent_id = $1 AND project_id = $2",
+                        )
+                        .bind(agent_id)
+                        .bind(scope.column()),
+                    }
+                    .execute(tx.conn())
+                    .await?;
+                    tx.commit().await?;
+                    Ok(done.rows_affected())
+                }
+
+                async fn suspensions(&self, agent_id: Option<i64>) -> Result<Vec<Suspension>> {
+                    let rows = sqlx::query_as::<_, SuspensionRow>(
+                        "SELECT agent_id, project_id, reason, suspended_by, suspended_at FROM gitops_suspensions \
+                         WHERE $1 IS NULL OR agent_id = $1 ORDER BY agent_id, project_id",
+                    )
+                    .bind(agent_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(rows.into_iter().map(Suspension::from).collect())
                 }
 
                 async fn check(&self) -> Result<()> {

@@ -104,6 +104,16 @@ const TABLES: &[(&str, &[(&str, Kind)])] = {
                 ("last_error", Text),
             ],
         ),
+        (
+            "gitops_suspensions",
+            &[
+                ("agent_id", Int),
+                ("project_id", Int),
+                ("reason", Text),
+                ("suspended_by", Text),
+                ("suspended_at", Int),
+            ],
+        ),
     ]
 };
 

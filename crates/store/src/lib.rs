@@ -19,7 +19,7 @@ mod validate;
 pub use error::{Error, Result};
 pub use model::{
     Agent, AgentRow, AuthenticatedAgent, NotificationResult, PendingNotification, Project,
-    ProjectSource, TokenInfo, UserTokenInfo,
+    ProjectSource, Suspension, SuspensionScope, TokenInfo, UserTokenInfo,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -146,6 +146,31 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Records how sending a claimed message ended.
     async fn finish_notification(&self, id: i64, result: &NotificationResult) -> Result<()>;
+    /// The personal access tokens (active, expired and revoked; never their digests) of one
+    /// agent or of all, by id.
+    async fn list_user_tokens(&self, agent_id: Option<i64>) -> Result<Vec<UserTokenInfo>>;
+
+    /// Removes an agent and everything that goes with it (tokens, personal access tokens, sync
+    /// reports, configuration state, suspensions). `false` if it did not exist. The caller ends
+    /// its live streams.
+    async fn delete_agent(&self, agent_id: i64) -> Result<bool>;
+
+    /// Suspends GitOps for the agent (`scope`), replacing an earlier suspension of the same
+    /// scope. Fails with [`Error::NotFound`] if the agent does not exist.
+    async fn suspend(
+        &self,
+        agent_id: i64,
+        scope: SuspensionScope,
+        reason: &str,
+        suspended_by: &str,
+    ) -> Result<Suspension>;
+
+    /// Lifts suspensions: of one project, or with [`SuspensionScope::Agent`] every suspension
+    /// of the agent. How many were lifted.
+    async fn resume(&self, agent_id: i64, scope: SuspensionScope) -> Result<u64>;
+
+    /// The suspensions of one agent, or of all, ordered by agent then project.
+    async fn suspensions(&self, agent_id: Option<i64>) -> Result<Vec<Suspension>>;
 
     /// Runs a trivial query: `Ok` when the database answers now. kas's readiness uses it, so a
     /// replica that cannot reach its database stops receiving traffic.

@@ -2,7 +2,7 @@
 //! installation from SQLite (`tether_store::copy`). Each test starts its own server.
 
 use tether_store::copy;
-use tether_store::{Error, PgStore, ProjectSource, SqliteStore, Store};
+use tether_store::{Error, PgStore, ProjectSource, SqliteStore, Store, SuspensionScope};
 use tether_testenv::postgres::Postgres;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -62,6 +62,9 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         .await?;
     sqlite.put_config_state(agent.id, b"state").await?;
     sqlite.enqueue_notification("ops", "sync:1", b"{}").await?;
+    sqlite
+        .suspend(agent.id, SuspensionScope::Agent, "incident", "alice")
+        .await?;
 
     let server = Postgres::start()?;
     let pg = PgStore::connect(&server.create_database("kas")?).await?;
@@ -77,6 +80,7 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
             ("sync_reports", 1),
             ("config_states", 1),
             ("notifications", 1),
+            ("gitops_suspensions", 1),
         ]
     );
 
@@ -106,6 +110,7 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
     // A message already queued is not queued twice after the move.
     assert!(!pg.enqueue_notification("ops", "sync:1", b"{}").await?);
     assert!(pg.enqueue_notification("ops", "sync:2", b"{}").await?);
+    assert_eq!(pg.suspensions(None).await?, sqlite.suspensions(None).await?);
 
     // New records get ids past the copied ones.
     let new = pg.register_agent("group/project", "new").await?;

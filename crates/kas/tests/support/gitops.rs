@@ -1,8 +1,9 @@
-//! A GitOps rig shared by the tests that need a synced agent: kas, an agent and two
-//! repositories (configuration, manifests) against the real cluster.
+//! A GitOps rig: kas, an agent and two repositories (configuration, manifests) against the
+//! real control plane, with helpers to write manifests and read objects back.
 
 use std::time::Duration;
 
+use kas::api::ProjectRequest;
 use serde_json::Value;
 use tether_testenv::{TestEnv, run_output};
 
@@ -13,6 +14,10 @@ pub fn deployment(name: &str, ns: &str, replicas: u32) -> Vec<u8> {
         "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels:\n      app: {name}\n  template:\n    metadata:\n      labels:\n        app: {name}\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.27\n"
     )
     .into_bytes()
+}
+
+pub fn is_event(l: &Value, event: &str, kind: &str, ns: &str, name: &str) -> bool {
+    l["eventType"] == event && l["kind"] == kind && l["namespace"] == ns && l["name"] == name
 }
 
 pub fn get_json(env: &TestEnv, args: &[&str]) -> Option<Value> {
@@ -40,6 +45,8 @@ pub struct Rig {
     /// The agent's token and kubeconfig, to start more replicas.
     pub token: String,
     pub kubeconfig: std::path::PathBuf,
+    /// The first agent's command line after its address and token.
+    pub agent_args: Vec<String>,
     pub _dir: tempfile::TempDir,
 }
 
@@ -76,7 +83,41 @@ pub async fn rig_with(
     agent_args: &[&str],
     kas_yaml: String,
 ) -> (Rig, String) {
-    env.apply_yaml(rbac).unwrap();
+    let args = RigArgs {
+        env,
+        agent_ns,
+        rbac,
+        project_extra,
+        initial,
+        agent_args,
+    };
+    let opts = KasOptions {
+        git_poll: "300ms",
+        extra_yaml: kas_yaml,
+        ..KasOptions::default()
+    };
+    rig_opts(args, opts).await
+}
+
+/// What [`rig_opts`] sets up, as [`rig`] takes it.
+pub struct RigArgs<'a> {
+    pub env: TestEnv,
+    /// The agent's namespace (its ServiceAccount, its Lease).
+    pub agent_ns: String,
+    /// YAML giving the agent's ServiceAccount its rights.
+    pub rbac: &'a str,
+    /// Appended to the manifest project's entry in config.yaml (at the file's end).
+    pub project_extra: &'a str,
+    /// The manifests' first commit.
+    pub initial: &'a [(&'a str, Option<&'a [u8]>)],
+    /// More agentk arguments.
+    pub agent_args: &'a [&'a str],
+}
+
+/// As [`rig`], with kas started with `opts`.
+pub async fn rig_opts(args: RigArgs<'_>, opts: KasOptions) -> (Rig, String) {
+    let (env, agent_ns) = (args.env, args.agent_ns);
+    env.apply_yaml(args.rbac).unwrap();
     let token = run_output(env.kubectl().args([
         "create",
         "token",
@@ -99,7 +140,8 @@ pub async fn rig_with(
             ".gitlab/agents/seed/config.yaml",
             Some(
                 format!(
-                    "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {agent_ns}\n    paths:\n    - glob: '/manifests/*.{{yaml,yml,json}}'\n{project_extra}"
+                    "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {agent_ns}\n    paths:\n    - glob: '/manifests/*.{{yaml,yml,json}}'\n{extra}",
+                    extra = args.project_extra
                 )
                 .as_bytes(),
             ),
@@ -107,16 +149,8 @@ pub async fn rig_with(
         "agent config",
     );
     let manifests = GitRepo::init(&dir.path().join("manifests"));
-    let c1 = manifests.commit(initial, "initial manifests");
-    let kas = Kas::start(
-        &dir.path().join("kas"),
-        KasOptions {
-            git_poll: "300ms",
-            extra_yaml: kas_yaml,
-            ..KasOptions::default()
-        },
-    )
-    .await;
+    let c1 = manifests.commit(args.initial, "initial manifests");
+    let kas = Kas::start(&dir.path().join("kas"), opts).await;
     kas.set_projects(&[
         ("group/config", &config_repo),
         ("group/manifests", &manifests),
@@ -127,23 +161,26 @@ pub async fn rig_with(
         .register_agent("group/config", "seed")
         .await
         .unwrap();
+    let command_line: Vec<String> = [
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--gitops-retry-interval",
+        "2s",
+        "--leader-election-namespace",
+        &agent_ns,
+    ]
+    .into_iter()
+    .chain(args.agent_args.iter().copied())
+    .map(str::to_owned)
+    .collect();
+    let args_ref: Vec<&str> = command_line.iter().map(String::as_str).collect();
     let agent = Agent::start_with(
         dir.path(),
         "seed",
         &kas.url("grpc"),
         &t.token,
         None,
-        &[
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--gitops-retry-interval",
-            "2s",
-            "--leader-election-namespace",
-            &agent_ns,
-        ]
-        .into_iter()
-        .chain(agent_args.iter().copied())
-        .collect::<Vec<_>>(),
+        &args_ref,
     );
     (
         Rig {
@@ -155,6 +192,7 @@ pub async fn rig_with(
             config: config_repo,
             token: t.token,
             kubeconfig,
+            agent_args: command_line,
             _dir: dir,
         },
         c1,
@@ -162,12 +200,16 @@ pub async fn rig_with(
 }
 
 impl Rig {
+    /// Starts another agentk process as the first one was started (a restart, or a replica).
+    pub fn start_agent(&self, name: &str) -> Agent {
+        let args: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
+        let (url, dir) = (self.kas.url("grpc"), self._dir.path());
+        Agent::start_with(dir, name, &url, &self.token, None, &args)
+    }
+
     /// Sets the manifest project's settings (its path and remote filled in).
-    pub async fn set_manifests_project(
-        &self,
-        settings: kas::api::ProjectRequest,
-    ) -> kas::api::ProjectView {
-        let request = kas::api::ProjectRequest {
+    pub async fn set_manifests_project(&self, settings: ProjectRequest) -> kas::api::ProjectView {
+        let request = ProjectRequest {
             path: "group/manifests".into(),
             remote: Some(self.manifests.dir.display().to_string()),
             ..settings
