@@ -52,6 +52,19 @@ pub struct ApiState {
     pub gitops_limits: tether_gitops_server::Limits,
     /// How long a preview waits for the fetch it asks for.
     pub fetch_timeout: Duration,
+    /// Redis shared with the other replicas: revocations are published there.
+    pub cluster: Option<crate::cluster::Cluster>,
+}
+
+impl ApiState {
+    /// Tells the other replicas to end what a revoked token opened there (this one ended it
+    /// already). Without Redis, or when publishing fails, they notice at their next re-check.
+    pub async fn publish_revocation(&self, revocation: crate::cluster::Revocation) {
+        let Some(cluster) = &self.cluster else { return };
+        if let Err(e) = cluster.publish(revocation).await {
+            tracing::warn!(revocation = ?revocation, error = %e, "Cannot tell the other replicas of a revocation; they end its streams at their next token re-check");
+        }
+    }
 }
 
 /// An error response: `{"error": "..."}` with a status code.
@@ -268,6 +281,8 @@ async fn revoke_user_token(
     // (watches, exec sessions) end, and any authenticated a moment ago is refused when it
     // starts (see `LiveUserRequests`).
     let requests_ended = st.live_user_requests.revoke(id);
+    st.publish_revocation(crate::cluster::Revocation::UserToken(id))
+        .await;
     tracing::info!(
         token_id = id,
         requests_ended,
@@ -283,8 +298,11 @@ async fn revoke_token(
     Path(token_id): Path<i64>,
 ) -> Result<Json<Revoked>, ApiError> {
     let was_active = st.store.revoke_token(token_id).await?;
-    // End this kas's live streams now; other replicas notice at their next re-check.
+    // End this kas's live streams now, and the other replicas' through Redis (without it,
+    // they notice at their next re-check).
     let streams_ended = st.registry.revoke_token(token_id);
+    st.publish_revocation(crate::cluster::Revocation::AgentToken(token_id))
+        .await;
     tracing::info!(token_id, streams_ended, "Agent token revoked");
     Ok(Json(Revoked {
         token_id,

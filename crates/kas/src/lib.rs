@@ -7,6 +7,7 @@
 pub mod agent_kube;
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod database;

@@ -344,6 +344,14 @@ async fn delete_agent(
         .map(|t| st.live_user_requests.revoke(t.id))
         .sum();
     st.gitops_controls.forget(agent_id);
+    for t in &tokens {
+        let revoked = crate::cluster::Revocation::AgentToken(t.id);
+        st.publish_revocation(revoked).await;
+    }
+    for t in &user_tokens {
+        let revoked = crate::cluster::Revocation::UserToken(t.id);
+        st.publish_revocation(revoked).await;
+    }
     let tokens_revoked = tokens.iter().filter(|t| t.is_active()).count();
     tracing::info!(
         agent_id,

@@ -28,6 +28,8 @@ use tether_configuration_server::{ConfigService, ConfigStates};
 use tether_git_source::Sources;
 use tether_gitops_server::{GitOpsDeps, GitOpsModule, GitOpsService};
 use tether_notifications::Notifier;
+
+use crate::cluster::{Cluster, Revocation};
 use tether_protocol::gitops::git_ops_server::GitOpsServer;
 
 /// A running kas.
@@ -79,6 +81,8 @@ struct Shared {
     listener_metrics: ListenerMetrics,
     /// Tells receivers about failed/recovered syncs and refusals (a no-op without receivers).
     notifier: Notifier,
+    /// Redis, shared with the other replicas (`redis:`); `None` for a single kas.
+    cluster: Option<Cluster>,
 }
 
 /// Starts every module of kas, in order, and returns once all listeners are bound.
@@ -99,6 +103,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (notifier, h) =
         start_notifications(&cfg, &store, &mut metrics, modules.handle("notifications"))?;
     modules.push(h);
+    let cluster = connect_cluster(&cfg).await?;
     let (connections, conn_gauge) = connection_count(&mut metrics);
     let listener_metrics = ListenerMetrics::default();
     listener_metrics.register(&mut metrics);
@@ -110,6 +115,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         metrics,
         listener_metrics,
         notifier,
+        cluster,
     };
     check_limits(&cfg);
     let (sources, h) = start_sources(&cfg, &mut sh, modules.handle("sources")).await?;
@@ -129,6 +135,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
     modules.push(h);
     // Shared by the proxy (tracks) and the internal API (revokes).
     let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
+    let h = follow_revocations(&sh, &live_user_requests, modules.handle("cluster"));
+    modules.push(h);
     let state = ApiState {
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
@@ -143,6 +151,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         guards: sh.guards.clone(),
         gitops_limits: cfg.gitops.limits(),
         fetch_timeout: cfg.git.fetch_timeout,
+        cluster: sh.cluster.clone(),
     };
     let (api_addr, h) = start_api(&cfg, &sh, state.clone(), modules.handle("api")).await?;
     modules.push(h);
@@ -154,8 +163,9 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (kubernetes_api_addr, h) =
         start_kubeproxy(&cfg, &mut sh, proxy_deps, modules.handle("kubeproxy")).await?;
     modules.push(h);
+    let checks = (Arc::clone(&sh.store), sh.cluster.clone());
     let (observability_addr, h) =
-        start_observability(&cfg, sh.metrics, &sh.store, modules.handle("observability")).await?;
+        start_observability(&cfg, sh.metrics, checks, modules.handle("observability")).await?;
     modules.push(h);
     Ok(Running {
         agent_addr,
@@ -222,6 +232,43 @@ fn start_registry(metrics: &mut MetricsRegistry, handle: Handle) -> (Arc<Registr
     registry.register_metrics(metrics);
     let stopping = Arc::clone(&registry);
     (registry, handle.on_stop(move || stopping.shutdown()))
+}
+
+/// Redis, when configured: kas does not start without it (it would miss other replicas'
+/// revocations from the first moment).
+async fn connect_cluster(cfg: &Config) -> Result<Option<Cluster>> {
+    let Some(redis) = &cfg.redis else {
+        return Ok(None);
+    };
+    let cluster = Cluster::connect(redis)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", redis.url))?;
+    tracing::info!(url = %redis.url, "Connected to Redis: revocations reach every replica");
+    Ok(Some(cluster))
+}
+
+/// Applies the revocations other replicas (and this one) publish: their tokens' tunnels and
+/// streams, and people's open requests, end here too.
+fn follow_revocations(
+    sh: &Shared,
+    live_user_requests: &Arc<crate::revocation::LiveUserRequests>,
+    handle: Handle,
+) -> Handle {
+    let Some(cluster) = sh.cluster.clone() else {
+        return handle;
+    };
+    let (registry, live) = (Arc::clone(&sh.registry), Arc::clone(live_user_requests));
+    let apply = move |r: Revocation| {
+        let ended = match r {
+            Revocation::AgentToken(id) => registry.revoke_token(id),
+            Revocation::UserToken(id) => live.revoke(id),
+        };
+        if ended > 0 {
+            tracing::info!(revocation = ?r, ended, "Ended what a revoked token opened on this replica");
+        }
+    };
+    let task = tokio::spawn(cluster.follow(apply, Modules::shutdown_of(&handle)));
+    handle.task(task)
 }
 
 /// Notifications: the dispatcher sending the outbox's messages runs until kas stops (messages
@@ -523,18 +570,15 @@ async fn start_kubeproxy(
 async fn start_observability(
     cfg: &Config,
     metrics: MetricsRegistry,
-    store: &Arc<dyn Store>,
+    (store, cluster): (Arc<dyn Store>, Option<Cluster>),
     handle: Handle,
 ) -> Result<(SocketAddr, Handle)> {
     let obs_listener = bind("observability", cfg.observability.listen.address).await?;
     let observability_addr = obs_listener.local_addr()?;
     // Ready from the start: the database was just opened, or kas would not be starting.
     let (ready_tx, ready) = watch::channel(true);
-    let checks = crate::database::spawn_readiness(
-        Arc::clone(store),
-        ready_tx,
-        Modules::shutdown_of(&handle),
-    );
+    let checks =
+        crate::database::spawn_readiness(store, cluster, ready_tx, Modules::shutdown_of(&handle));
     let handle = handle.task(checks);
     let metrics = Arc::new(Mutex::new(metrics));
     let ep = tether_observability::Endpoint { metrics, ready };
