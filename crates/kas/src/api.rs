@@ -57,12 +57,13 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// Tells the other replicas to end what a revoked token opened there (this one ended it
-    /// already). Without Redis, or when publishing fails, they notice at their next re-check.
-    pub async fn publish_revocation(&self, revocation: crate::cluster::Revocation) {
+    /// Tells the other replicas about `event`: to end what a revoked token opened there (this
+    /// one ended it already; without Redis, or when publishing fails, they notice at their next
+    /// token re-check), or to fetch a pushed project (or at their next poll).
+    pub async fn publish_event(&self, event: crate::cluster::ClusterEvent) {
         let Some(cluster) = &self.cluster else { return };
-        if let Err(e) = cluster.publish(revocation).await {
-            tracing::warn!(revocation = ?revocation, error = %e, "Cannot tell the other replicas of a revocation; they end its streams at their next token re-check");
+        if let Err(e) = cluster.publish(event).await {
+            tracing::warn!(event = ?event, error = %e, "Cannot tell the other replicas; they catch up at their next token re-check or poll");
         }
     }
 }
@@ -281,7 +282,7 @@ async fn revoke_user_token(
     // (watches, exec sessions) end, and any authenticated a moment ago is refused when it
     // starts (see `LiveUserRequests`).
     let requests_ended = st.live_user_requests.revoke(id);
-    st.publish_revocation(crate::cluster::Revocation::UserToken(id))
+    st.publish_event(crate::cluster::ClusterEvent::UserToken { id })
         .await;
     tracing::info!(
         token_id = id,
@@ -301,7 +302,7 @@ async fn revoke_token(
     // End this kas's live streams now, and the other replicas' through Redis (without it,
     // they notice at their next re-check).
     let streams_ended = st.registry.revoke_token(token_id);
-    st.publish_revocation(crate::cluster::Revocation::AgentToken(token_id))
+    st.publish_event(crate::cluster::ClusterEvent::AgentToken { id: token_id })
         .await;
     tracing::info!(token_id, streams_ended, "Agent token revoked");
     Ok(Json(Revoked {
@@ -502,6 +503,14 @@ async fn receive_webhook(
     )?;
     let event = tether_git_source::PushEvent::from_body(body);
     let triggered = st.sources.trigger(project.id);
+    if let Some(cluster) = &st.cluster {
+        let from = cluster.replica();
+        st.publish_event(crate::cluster::ClusterEvent::Pushed {
+            project: project.id,
+            from,
+        })
+        .await;
+    }
     tracing::info!(project = %project.path, kind = ?kind, git_ref = event.as_ref().map(|e| e.git_ref.clone()).unwrap_or_default(), "Push webhook: fetching now");
     Ok(Json(
         serde_json::json!({"project": project.path, "fetching": triggered}),

@@ -16,8 +16,8 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-/// The pub/sub channel revocations travel on.
-pub const CHANNEL: &str = "tether:revocations";
+/// The pub/sub channel replicas tell each other things on.
+pub const CHANNEL: &str = "tether:events";
 
 /// `redis:` in kas's configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -43,14 +43,17 @@ impl RedisConfig {
     }
 }
 
-/// What a replica must end when another one revoked it.
+/// What one replica tells the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "id", rename_all = "snake_case")]
-pub enum Revocation {
-    /// An agent token: its tunnel, configuration and GitOps streams.
-    AgentToken(i64),
-    /// A personal access token: the requests it has open through the proxy.
-    UserToken(i64),
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ClusterEvent {
+    /// An agent token was revoked: end its tunnel, configuration and GitOps streams.
+    AgentToken { id: i64 },
+    /// A personal access token was revoked: end the requests it has open through the proxy.
+    UserToken { id: i64 },
+    /// A push webhook for a project reached replica `from`: every other replica fetches it
+    /// too (each keeps its own mirror), so agents on any replica get the commit at once.
+    Pushed { project: i64, from: u64 },
 }
 
 /// A connection to Redis shared by the replica's modules; cheap to clone.
@@ -58,6 +61,8 @@ pub enum Revocation {
 pub struct Cluster {
     client: redis::Client,
     conn: redis::aio::ConnectionManager,
+    /// This replica's id in [`ClusterEvent::Pushed`] (random per process).
+    replica: u64,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -100,12 +105,21 @@ impl Cluster {
         info = info.set_redis_settings(settings);
         let client = redis::Client::open(info)?;
         let conn = redis::aio::ConnectionManager::new(client.clone()).await?;
-        Ok(Cluster { client, conn })
+        Ok(Cluster {
+            client,
+            conn,
+            replica: rand::random(),
+        })
     }
 
-    /// Tells every replica (this one too) to end what `revocation` opened.
-    pub async fn publish(&self, revocation: Revocation) -> Result<(), redis::RedisError> {
-        let payload = serde_json::to_string(&revocation).unwrap_or_default();
+    /// This replica's id, for [`ClusterEvent::Pushed`].
+    pub fn replica(&self) -> u64 {
+        self.replica
+    }
+
+    /// Tells every replica (this one too) about `event`.
+    pub async fn publish(&self, event: ClusterEvent) -> Result<(), redis::RedisError> {
+        let payload = serde_json::to_string(&event).unwrap_or_default();
         let mut conn = self.conn.clone();
         redis::cmd("PUBLISH")
             .arg(CHANNEL)
@@ -128,7 +142,7 @@ impl Cluster {
     /// lost connection (a revocation published meanwhile is caught by the token re-check).
     pub async fn follow(
         self,
-        apply: impl Fn(Revocation) + Send + 'static,
+        apply: impl Fn(ClusterEvent) + Send + 'static,
         stop: CancellationToken,
     ) {
         let mut failures = 0u32;
@@ -153,7 +167,7 @@ impl Cluster {
 
     async fn follow_once(
         &self,
-        apply: &(impl Fn(Revocation) + Send),
+        apply: &(impl Fn(ClusterEvent) + Send),
         failures: &mut u32,
     ) -> Result<(), redis::RedisError> {
         let mut pubsub = self.client.get_async_pubsub().await?;
@@ -165,7 +179,7 @@ impl Cluster {
         let mut messages = pubsub.on_message();
         while let Some(msg) = messages.next().await {
             let payload: String = msg.get_payload()?;
-            match serde_json::from_str::<Revocation>(&payload) {
+            match serde_json::from_str::<ClusterEvent>(&payload) {
                 Ok(r) => apply(r),
                 Err(e) => {
                     tracing::warn!(error = %e, "Ignoring an unreadable message on the revocation channel")
@@ -185,11 +199,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn revocations_travel_as_tagged_json() {
-        let r = Revocation::UserToken(7);
+    fn events_travel_as_tagged_json() {
+        let r = ClusterEvent::UserToken { id: 7 };
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(text, r#"{"kind":"user_token","id":7}"#);
-        assert_eq!(serde_json::from_str::<Revocation>(&text).unwrap(), r);
+        assert_eq!(serde_json::from_str::<ClusterEvent>(&text).unwrap(), r);
+        let p = ClusterEvent::Pushed {
+            project: 3,
+            from: 9,
+        };
+        let text = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterEvent>(&text).unwrap(), p);
     }
 
     #[test]

@@ -345,12 +345,12 @@ async fn delete_agent(
         .sum();
     st.gitops_controls.forget(agent_id);
     for t in &tokens {
-        let revoked = crate::cluster::Revocation::AgentToken(t.id);
-        st.publish_revocation(revoked).await;
+        let revoked = crate::cluster::ClusterEvent::AgentToken { id: t.id };
+        st.publish_event(revoked).await;
     }
     for t in &user_tokens {
-        let revoked = crate::cluster::Revocation::UserToken(t.id);
-        st.publish_revocation(revoked).await;
+        let revoked = crate::cluster::ClusterEvent::UserToken { id: t.id };
+        st.publish_event(revoked).await;
     }
     let tokens_revoked = tokens.iter().filter(|t| t.is_active()).count();
     tracing::info!(

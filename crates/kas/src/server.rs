@@ -29,7 +29,7 @@ use tether_git_source::Sources;
 use tether_gitops_server::{GitOpsDeps, GitOpsModule, GitOpsService};
 use tether_notifications::Notifier;
 
-use crate::cluster::{Cluster, Revocation};
+use crate::cluster::{Cluster, ClusterEvent};
 use tether_protocol::gitops::git_ops_server::GitOpsServer;
 
 /// A running kas.
@@ -135,7 +135,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
     modules.push(h);
     // Shared by the proxy (tracks) and the internal API (revokes).
     let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
-    let h = follow_revocations(&sh, &live_user_requests, modules.handle("cluster"));
+    let followed = (&sources, &live_user_requests);
+    let h = follow_cluster_events(&sh, followed, modules.handle("cluster"));
     modules.push(h);
     let state = ApiState {
         store: Arc::clone(&sh.store),
@@ -247,28 +248,40 @@ async fn connect_cluster(cfg: &Config) -> Result<Option<Cluster>> {
     Ok(Some(cluster))
 }
 
-/// Applies the revocations other replicas (and this one) publish: their tokens' tunnels and
-/// streams, and people's open requests, end here too.
-fn follow_revocations(
+/// Applies what replicas publish: revoked tokens' tunnels, streams and people's open requests
+/// end here too; a push webhook another replica took makes this one fetch the project too.
+fn follow_cluster_events(
     sh: &Shared,
-    live_user_requests: &Arc<crate::revocation::LiveUserRequests>,
+    (sources, live_user_requests): (&Arc<Sources>, &Arc<crate::revocation::LiveUserRequests>),
     handle: Handle,
 ) -> Handle {
     let Some(cluster) = sh.cluster.clone() else {
         return handle;
     };
     let (registry, live) = (Arc::clone(&sh.registry), Arc::clone(live_user_requests));
-    let apply = move |r: Revocation| {
-        let ended = match r {
-            Revocation::AgentToken(id) => registry.revoke_token(id),
-            Revocation::UserToken(id) => live.revoke(id),
-        };
-        if ended > 0 {
-            tracing::info!(revocation = ?r, ended, "Ended what a revoked token opened on this replica");
+    let (sources, me) = (Arc::clone(sources), cluster.replica());
+    let apply = move |event: ClusterEvent| match event {
+        ClusterEvent::AgentToken { id } => ended(event, registry.revoke_token(id)),
+        ClusterEvent::UserToken { id } => ended(event, live.revoke(id)),
+        ClusterEvent::Pushed { project, from } if from != me => {
+            if sources.trigger(project) {
+                tracing::info!(
+                    project_id = project,
+                    "Push webhook taken by another replica: fetching now"
+                );
+            }
         }
+        ClusterEvent::Pushed { .. } => {}
     };
     let task = tokio::spawn(cluster.follow(apply, Modules::shutdown_of(&handle)));
     handle.task(task)
+}
+
+/// Logs what a revocation from any replica ended here.
+fn ended(event: ClusterEvent, ended: usize) {
+    if ended > 0 {
+        tracing::info!(event = ?event, ended, "Ended what a revoked token opened on this replica");
+    }
 }
 
 /// Notifications: the dispatcher sending the outbox's messages runs until kas stops (messages

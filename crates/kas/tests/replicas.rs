@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use support::gitops::{RigArgs, configmap, rig_opts};
 use support::{Agent, Kas, KasOptions, wait_for};
 use tether_testenv::postgres::Postgres;
 use tether_testenv::redis::Redis;
@@ -35,13 +36,18 @@ impl Shared {
         }
     }
 
-    async fn replica(&self, dir: &std::path::Path) -> Kas {
-        let opts = KasOptions {
+    fn options(&self) -> KasOptions {
+        KasOptions {
             token_recheck: "1h",
+            // Only webhooks make kas fetch in time.
+            git_poll: "1h",
             extra_yaml: self.yaml.clone(),
             ..KasOptions::default()
-        };
-        Kas::start(dir, opts).await
+        }
+    }
+
+    async fn replica(&self, dir: &std::path::Path) -> Kas {
+        Kas::start(dir, self.options()).await
     }
 }
 
@@ -114,4 +120,56 @@ async fn a_replica_is_ready_only_while_redis_answers() {
         (readiness(&kas).await == Some(200)).then_some(())
     })
     .await;
+}
+
+/// With each replica keeping its own mirrors, a push webhook sent to replica 2 makes replica 1,
+/// which serves the agent, fetch too: the commit is applied at once (the poll is an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_sent_to_one_replica_drives_the_sync_of_an_agent_on_another() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = tether_testenv::TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("replicas").unwrap();
+    let rbac = support::gitops::admin_rbac(&ns);
+    let shared = Shared::start();
+    let c = configmap("first", &ns, "1");
+    let args = RigArgs {
+        env,
+        agent_ns: ns.clone(),
+        rbac: &rbac,
+        project_extra: "",
+        initial: &[("manifests/cm.yaml", Some(&c[..]))],
+        agent_args: &[],
+    };
+    let (rig, c1) = rig_opts(args, shared.options()).await;
+    rig.synced(&c1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let two = shared.replica(&dir.path().join("kas-2")).await;
+    let secret = dir.path().join("hook-secret");
+    std::fs::write(&secret, "replica-hook\n").unwrap();
+    let project = rig
+        .set_manifests_project(kas::api::ProjectRequest {
+            webhook_secret_file: Some(secret.display().to_string()),
+            ..kas::api::ProjectRequest::default()
+        })
+        .await;
+
+    let c2 = rig.manifests.commit(
+        &[("manifests/cm.yaml", Some(&configmap("first", &ns, "2")))],
+        "second",
+    );
+    let headers = [
+        ("x-gitlab-token", "replica-hook".to_owned()),
+        ("x-gitlab-event", "Push Hook".to_owned()),
+    ];
+    let body = br#"{"ref":"refs/heads/main","after":"0"}"#;
+    assert_eq!(two.webhook(project.id, &headers, body).await, 200);
+    let synced = rig.synced(&c2).await;
+    assert_eq!(synced.outcome, tether_kas_api::ReportedOutcome::Succeeded);
+    assert!(
+        rig.kas
+            .log()
+            .contains("Push webhook taken by another replica"),
+        "{}",
+        rig.kas.log()
+    );
 }
