@@ -285,16 +285,17 @@ impl GitOpsService {
                 send_error(at.tx, commit.to_hex(), message).await
             }
             Ok(_) => {
+                // Queued before the commit goes out, so a forge hears `pending` before the
+                // outcome of a fast sync.
+                let hex = commit.to_hex();
+                let notifier = &self.deps.notifier;
+                notifier.commit_offered(agent_id, &project.path, &hex).await;
                 let sent = self
                     .send_commit(agent_id, project, at.mirror, commit, at.globs, at.tx)
                     .await;
                 if sent {
                     offered.refused = None;
-                    offered.last = commit.to_hex();
-                    let notifier = &self.deps.notifier;
-                    notifier
-                        .commit_offered(agent_id, &project.path, &offered.last)
-                        .await;
+                    offered.last = hex;
                 }
                 sent
             }

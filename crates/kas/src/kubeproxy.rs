@@ -127,6 +127,8 @@ pub struct Proxy {
     pub live_user_requests: Arc<LiveUserRequests>,
     /// Limits on failed authentication, and the sampled refusal log.
     pub guard: Arc<tether_guard::AuthGuard>,
+    /// Routing to the replica holding an agent's tunnels (several replicas; `peers:`).
+    pub peers: Option<crate::peers::Peers>,
 }
 
 /// Agent id → (configuration project id, path), remembered for [`AGENT_PROJECT_TTL`]: every
@@ -233,6 +235,14 @@ impl Proxy {
         &self,
         agent_id: i64,
     ) -> Result<Arc<tether_agent_config::AgentConfig>, Response<Body>> {
+        // An agent connected to another replica: its configuration stream is there, and that
+        // replica stores what is in force.
+        if self.peers.is_some()
+            && !self.registry.has_agent(agent_id)
+            && let Some(config) = self.configs.load_agent(self.store.as_ref(), agent_id).await
+        {
+            return Ok(config);
+        }
         self.configs
             .wait_config(agent_id, self.tunnel_wait)
             .await
@@ -624,11 +634,6 @@ impl Proxy {
     {
         let unavailable =
             |code, e: &dyn std::fmt::Display| status(code, "ServiceUnavailable", &e.to_string());
-        let tunnel = self
-            .registry
-            .get_tunnel(routed.agent_id, self.tunnel_wait)
-            .await
-            .map_err(|e| unavailable(StatusCode::SERVICE_UNAVAILABLE, &e))?;
         // An empty value here once made agentk fall back to the agent's rights; now both
         // sides use one contract, and an encoding failure stops the request.
         let meta = RoutedRequest {
@@ -644,23 +649,61 @@ impl Proxy {
                 &e.to_string(),
             )
         })?;
+        if let Some(peers) = self
+            .peers
+            .as_ref()
+            .filter(|_| !self.registry.has_agent(routed.agent_id))
+        {
+            let service = tether_protocol::services::KUBERNETES_API;
+            match peers.open(routed.agent_id, service, &meta).await {
+                Ok(Some(stream)) => return http_over(stream, revoked).await,
+                Ok(None) => {} // no other replica has it: wait for it here
+                Err(e) => return Err(unavailable(StatusCode::SERVICE_UNAVAILABLE, &e)),
+            }
+        }
+        let tunnel = self
+            .registry
+            .get_tunnel(routed.agent_id, self.tunnel_wait)
+            .await
+            .map_err(|e| unavailable(StatusCode::SERVICE_UNAVAILABLE, &e))?;
         let conn = tunnel
             .request(tether_protocol::services::KUBERNETES_API, meta)
             .await
             .map_err(|e| unavailable(StatusCode::BAD_GATEWAY, &e))?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
-            .await
-            .map_err(|e| unavailable(StatusCode::BAD_GATEWAY, &e))?;
-        tokio::spawn(async move {
-            tokio::select! {
-                r = connection.with_upgrades() => if let Err(e) = r {
-                    tracing::debug!(error = %e, "Tunnelled HTTP connection ended with an error");
-                },
-                () = revoked.cancelled() => {}
-            }
-        });
-        Ok(sender)
+        http_over(conn, revoked).await
     }
+}
+
+/// An HTTP/1.1 client connection over `io` (a tunnel stream here, or a connection to the
+/// replica holding the agent's tunnels), dropped when `revoked` fires.
+async fn http_over<I, B>(
+    io: I,
+    revoked: CancellationToken,
+) -> Result<hyper::client::conn::http1::SendRequest<B>, Response<Body>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| {
+            status(
+                StatusCode::BAD_GATEWAY,
+                "ServiceUnavailable",
+                &e.to_string(),
+            )
+        })?;
+    tokio::spawn(async move {
+        tokio::select! {
+            r = connection.with_upgrades() => if let Err(e) = r {
+                tracing::debug!(error = %e, "Tunnelled HTTP connection ended with an error");
+            },
+            () = revoked.cancelled() => {}
+        }
+    });
+    Ok(sender)
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -83,6 +83,8 @@ struct Shared {
     notifier: Notifier,
     /// Redis, shared with the other replicas (`redis:`); `None` for a single kas.
     cluster: Option<Cluster>,
+    /// Routing to the replica holding an agent's tunnels (`peers:`).
+    peers: Option<crate::peers::Peers>,
 }
 
 /// Starts every module of kas, in order, and returns once all listeners are bound.
@@ -116,6 +118,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         listener_metrics,
         notifier,
         cluster,
+        peers: None,
     };
     check_limits(&cfg);
     let (sources, h) = start_sources(&cfg, &mut sh, modules.handle("sources")).await?;
@@ -137,6 +140,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
     let followed = (&sources, &live_user_requests);
     let h = follow_cluster_events(&sh, followed, modules.handle("cluster"));
+    modules.push(h);
+    let h = start_peers(&cfg, &mut sh, modules.handle("peers")).await?;
     modules.push(h);
     let state = ApiState {
         store: Arc::clone(&sh.store),
@@ -275,6 +280,23 @@ fn follow_cluster_events(
     };
     let task = tokio::spawn(cluster.follow(apply, Modules::shutdown_of(&handle)));
     handle.task(task)
+}
+
+/// Routing between replicas, when `peers` is configured: the private listener other replicas
+/// forward requests to, and this replica's entries in the agent directory.
+async fn start_peers(cfg: &Config, sh: &mut Shared, handle: Handle) -> Result<Handle> {
+    let (Some(pc), Some(cluster)) = (&cfg.peers, sh.cluster.clone()) else {
+        return Ok(handle);
+    };
+    let peers = crate::peers::Peers::new(pc, cluster, Arc::clone(&sh.registry))
+        .with_context(|| format!("reading peers.secret_file {}", pc.secret_file.display()))?;
+    let listener = bind("peers", pc.listen).await?;
+    tracing::info!(address = %pc.listen, "Peers listener is up: requests for agents on other replicas are routed there");
+    let stop = Modules::shutdown_of(&handle);
+    let serve = tokio::spawn(peers.clone().serve(listener, stop.clone()));
+    let directory = tokio::spawn(peers.clone().run_directory(stop));
+    sh.peers = Some(peers);
+    Ok(handle.task(serve).task(directory))
 }
 
 /// Logs what a revocation from any replica ended here.
@@ -549,6 +571,7 @@ async fn start_kubeproxy(
             )?),
         )),
         tunnel_wait: cfg.agent.tunnel_wait_timeout,
+        peers: sh.peers.clone(),
         path_prefix: k.path_prefix.clone(),
         metrics: proxy_metrics,
         public_url: k.public_url.clone(),
