@@ -402,6 +402,12 @@ impl GitOps for GitOpsService {
     ) -> Result<Response<ReportAck>, Status> {
         let id = authenticate_request(self.deps.auth.as_ref(), &request).await?;
         let report = request.into_inner();
+        if report.in_progress {
+            // How far a sync got, for `kas agent reconcile --wait`: not an outcome.
+            tracing::debug!(agent_id = id.agent_id, project_id = %report.project_id, resync_id = report.resync_id, "Synchronization progress");
+            self.reports.put_progress(id.agent_id, report);
+            return Ok(Response::new(ReportAck {}));
+        }
         tracing::info!(
             agent_id = id.agent_id,
             project_id = %report.project_id,

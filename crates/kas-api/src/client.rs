@@ -13,9 +13,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::{
-    AgentDeleted, AgentView, ProjectRequest, ProjectView, ReconcileRequest, ReconcileStarted,
-    Resumed, Revoked, Stats, SuspendRequest, SuspensionView, SyncView, TokenCreated, TokenView,
-    UserTokenCreated, UserTokenRequest, UserTokenView,
+    AgentDeleted, AgentView, ProgressView, ProjectRequest, ProjectView, ReconcileRequest,
+    ReconcileStarted, Resumed, Revoked, Stats, SuspendRequest, SuspensionView, SyncView,
+    TokenCreated, TokenView, UserTokenCreated, UserTokenRequest, UserTokenView,
 };
 
 /// Why a call to kas's internal API failed. Displayed as the admin commands print it.
@@ -299,6 +299,12 @@ impl AdminClient {
     ) -> Result<ReconcileStarted> {
         let path = format!("/api/v1/agents/{agent_id}/reconcile");
         self.json(Method::POST, &path, Some(req)).await
+    }
+
+    /// How far the agent's syncs under way for a reconcile got.
+    pub async fn gitops_progress(&self, agent_id: i64) -> Result<Vec<ProgressView>> {
+        let path = format!("/api/v1/agents/{agent_id}/gitops/progress");
+        self.json(Method::GET, &path, None::<&()>).await
     }
 
     pub async fn suspend(&self, agent_id: i64, req: &SuspendRequest) -> Result<SuspensionView> {

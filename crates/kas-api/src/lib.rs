@@ -115,6 +115,19 @@ pub struct ReconcileTarget {
     pub streams: usize,
 }
 
+/// How far a sync under way for `kas agent reconcile` got.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProgressView {
+    pub project_id: String,
+    pub commit_id: String,
+    /// The reconcile it answers.
+    pub resync_id: u64,
+    /// Objects so far (pruned aside), and how many are Current or Failed.
+    pub objects: u32,
+    pub current: u32,
+    pub failed: u32,
+}
+
 /// What deleting an agent ended.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentDeleted {
