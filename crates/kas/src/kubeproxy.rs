@@ -127,6 +127,8 @@ pub struct Proxy {
     pub live_user_requests: Arc<LiveUserRequests>,
     /// Limits on failed authentication, and the sampled refusal log.
     pub guard: Arc<tether_guard::AuthGuard>,
+    /// `kas agent diff` for CI jobs and people, with their identity.
+    pub previews: crate::preview::Previews,
 }
 
 /// Agent id → (configuration project id, path), remembered for [`AGENT_PROJECT_TTL`]: every
@@ -161,7 +163,7 @@ impl AgentProjects {
 }
 
 /// Path (under the prefix) where a CI job gets a kubeconfig for every agent it may use.
-pub const KUBECONFIG_PATH: &str = "/.tether/kubeconfig";
+pub const KUBECONFIG_PATH: &str = tether_kas_api::PROXY_KUBECONFIG_PATH;
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -429,6 +431,9 @@ impl Proxy {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
         };
+        if rest == tether_kas_api::PROXY_DIFF_PATH {
+            return Ok(self.preview(req, routed).await);
+        }
         // The caller's own credentials and any attempt to pick an identity stop here: the
         // request must reach the agent with nothing but what kas decided.
         let headers = match sanitize_request_headers(req.headers()) {
@@ -710,7 +715,48 @@ where
     }
 }
 
+/// Largest `kas agent diff` request body (a ref and a project path).
+const DIFF_REQUEST_LIMIT: usize = 64 * 1024;
+
 impl Proxy {
+    /// `kas agent diff` of a CI job or a person (already authorized for the agent): previewed
+    /// through the tunnel with the identity kas decided for them, as their kubectl would be.
+    async fn preview(&self, req: Request<Incoming>, routed: Routed) -> Response<Body> {
+        if req.method() != http::Method::POST {
+            let m = "POST a diff request";
+            return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", m);
+        }
+        let body = http_body_util::Limited::new(req.into_body(), DIFF_REQUEST_LIMIT);
+        let diff_req = match body.collect().await.map(|b| b.to_bytes()) {
+            Ok(bytes) => serde_json::from_slice::<tether_kas_api::DiffRequest>(&bytes)
+                .map_err(|e| format!("the diff request: {e}")),
+            Err(e) => Err(format!("reading the diff request: {e}")),
+        };
+        let diff_req = match diff_req {
+            Ok(r) => r,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+        };
+        let caller = RoutedRequest {
+            access_as: routed.access_as,
+            context: routed.context,
+        };
+        let (code, body) = match self.previews.diff(routed.agent_id, caller, &diff_req).await {
+            Ok(view) => (StatusCode::OK, serde_json::to_vec(&view)),
+            Err(r) => (
+                r.code,
+                serde_json::to_vec(&serde_json::json!({"error": r.message})),
+            ),
+        };
+        let body = body.unwrap_or_default();
+        let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+        *r.status_mut() = code;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+
     /// A kubeconfig with one context per agent the CI job (plain `Bearer <ID token>`) may use,
     /// named `<config project path>:<agent name>`, namespace = the entry's `default_namespace`.
     async fn kubeconfig(&self, req: &Request<Incoming>) -> Response<Body> {

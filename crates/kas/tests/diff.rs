@@ -5,9 +5,12 @@
 
 mod support;
 
+use std::process::Command;
+
 use serde_json::Value;
-use support::gitops::{Rig, configmap, deployment, get_json, rig};
-use support::{GitRepo, Kas};
+use support::gitops::{Rig, RigArgs, configmap, deployment, get_json, rig_opts};
+use support::oidc::{AUDIENCE, ISSUER, SigningKey, claims};
+use support::{GitRepo, Kas, KasOptions, Pki};
 use tether_gitops_server::ReportedOutcome;
 use tether_kas_api::{DiffChange, DiffView};
 use tether_testenv::{TestEnv, seed_agent_rbac};
@@ -37,6 +40,21 @@ async fn synced_rig_with(
     prefix: &str,
     more: impl FnOnce(&str) -> Vec<(&'static str, Vec<u8>)>,
 ) -> (Rig, String) {
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    synced_rig_full(prefix, more, "", opts).await
+}
+
+/// [`synced_rig_with`] with `config_extra` appended to the agent's `config.yaml` and kas
+/// started with `opts`.
+async fn synced_rig_full(
+    prefix: &str,
+    more: impl FnOnce(&str) -> Vec<(&'static str, Vec<u8>)>,
+    config_extra: &str,
+    opts: KasOptions,
+) -> (Rig, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace(prefix).unwrap();
@@ -51,7 +69,15 @@ async fn synced_rig_with(
         .iter()
         .map(|(p, c)| (*p, Some(c.as_slice())))
         .collect();
-    let (rig, c1) = rig(env, ns.clone(), &rbac, "", &initial, &[]).await;
+    let args = RigArgs {
+        env,
+        agent_ns: ns.clone(),
+        rbac: &rbac,
+        project_extra: config_extra,
+        initial: &initial,
+        agent_args: &[],
+    };
+    let (rig, c1) = rig_opts(args, opts).await;
     let s = rig.synced(&c1).await;
     assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
     (rig, ns)
@@ -258,4 +284,66 @@ async fn a_secret_shows_which_keys_change_never_their_values() {
 fn base64_of(s: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ci_job_previews_through_the_proxy_with_its_id_token_and_no_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::new("ci-key");
+    let pki = Pki::generate(dir.path());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, serde_json::json!({"keys": [&key.jwk]}).to_string()).unwrap();
+    let opts = KasOptions {
+        git_poll: "300ms",
+        kubernetes_api_extra: format!(
+            "  ci_issuers:\n  - issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks:\n      file: {}\n  ca_file: {}\n",
+            jwks.display(),
+            pki.ca.display()
+        ),
+        k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
+        ..KasOptions::default()
+    };
+    // Jobs of group/app may use the agent (as the agent, ci_access's default).
+    let ci_access = "ci_access:\n  projects:\n  - id: group/app\n";
+    let (rig, ns) = synced_rig_full("diffci", |_| Vec::new(), ci_access, opts).await;
+    branch(
+        &rig,
+        "scale",
+        &[("manifests/web.yaml", Some(&deployment("web", &ns, 2)))],
+    );
+    // As in a pipeline: no kas configuration, no admin token; only the job's ID token.
+    let job = |project: &str, agent: &str| {
+        let token = dir
+            .path()
+            .join(format!("{}.jwt", project.replace('/', "-")));
+        std::fs::write(&token, key.sign(&claims(project))).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_kas"))
+            .current_dir(dir.path())
+            .args(["agent", "diff", agent, "--ref", "scale"])
+            .arg(format!("--server=https://localhost:{}", rig.kas.k8s_port))
+            .arg(format!("--id-token-file={}", token.display()))
+            .arg(format!("--ca-cert-file={}", pki.ca.display()))
+            .output()
+            .unwrap();
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        (o.status.code(), text(o.stdout), text(o.stderr))
+    };
+    let (code, out, err) = job("group/app", AGENT);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains(&format!("► Deployment/{ns}/web drifted")),
+        "{out}"
+    );
+    assert!(out.contains("+  replicas: 2"), "{out}");
+    // A job of a project ci_access does not list: by name (not in its kubeconfig) or by id
+    // (refused by the proxy), an error, never "no changes".
+    let (code, out, err) = job("group/other", AGENT);
+    assert_eq!(code, Some(2), "{out}{err}");
+    let (code, out, err) = job("group/other", &rig.agent_id.to_string());
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("403"), "{err}");
+    assert_eq!(
+        get_json(&rig.env, &["get", "deployment", "web", "-n", &ns]).unwrap()["spec"]["replicas"],
+        1
+    );
 }
