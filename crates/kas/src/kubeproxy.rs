@@ -431,9 +431,6 @@ impl Proxy {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
         };
-        if rest == tether_kas_api::PROXY_DIFF_PATH {
-            return Ok(self.preview(req, routed).await);
-        }
         // The caller's own credentials and any attempt to pick an identity stop here: the
         // request must reach the agent with nothing but what kas decided.
         let headers = match sanitize_request_headers(req.headers()) {
@@ -445,6 +442,10 @@ impl Proxy {
             Ok(l) => l,
             Err(resp) => return Ok(resp),
         };
+        if rest == tether_kas_api::PROXY_DIFF_PATH {
+            let _live = live;
+            return Ok(self.preview(req, routed, revoked).await);
+        }
         let sender = match self.open_tunnel(&routed, revoked.clone()).await {
             Ok(s) => s,
             Err(resp) => return Ok(resp),
@@ -721,7 +722,13 @@ const DIFF_REQUEST_LIMIT: usize = 64 * 1024;
 impl Proxy {
     /// `kas agent diff` of a CI job or a person (already authorized for the agent): previewed
     /// through the tunnel with the identity kas decided for them, as their kubectl would be.
-    async fn preview(&self, req: Request<Incoming>, routed: Routed) -> Response<Body> {
+    /// A revoked personal access token ends it (`revoked`).
+    async fn preview(
+        &self,
+        req: Request<Incoming>,
+        routed: Routed,
+        revoked: CancellationToken,
+    ) -> Response<Body> {
         if req.method() != http::Method::POST {
             let m = "POST a diff request";
             return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", m);
@@ -740,7 +747,14 @@ impl Proxy {
             access_as: routed.access_as,
             context: routed.context,
         };
-        let (code, body) = match self.previews.diff(routed.agent_id, caller, &diff_req).await {
+        let previewed = tokio::select! {
+            r = self.previews.diff(routed.agent_id, caller, &diff_req) => r,
+            () = revoked.cancelled() => {
+                let m = "the credential was revoked";
+                return status(StatusCode::UNAUTHORIZED, "Unauthorized", m);
+            }
+        };
+        let (code, body) = match previewed {
             Ok(view) => (StatusCode::OK, serde_json::to_vec(&view)),
             Err(r) => (
                 r.code,

@@ -12,7 +12,9 @@ use support::gitops::{Rig, RigArgs, configmap, deployment, get_json, rig_opts};
 use support::oidc::{AUDIENCE, ISSUER, SigningKey, claims};
 use support::{GitRepo, Kas, KasOptions, Pki};
 use tether_gitops_server::ReportedOutcome;
-use tether_kas_api::{DiffChange, DiffView};
+use tether_kas_api::{
+    AdminClient, ClientError, DiffChange, DiffRequest, DiffView, UserTokenRequest,
+};
 use tether_testenv::{TestEnv, seed_agent_rbac};
 
 const AGENT: &str = "group/config:seed";
@@ -287,7 +289,7 @@ fn base64_of(s: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ci_job_previews_through_the_proxy_with_its_id_token_and_no_admin_token() {
+async fn ci_jobs_and_people_preview_through_the_proxy_without_the_admin_token() {
     let dir = tempfile::tempdir().unwrap();
     let key = SigningKey::new("ci-key");
     let pki = Pki::generate(dir.path());
@@ -303,9 +305,11 @@ async fn a_ci_job_previews_through_the_proxy_with_its_id_token_and_no_admin_toke
         k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
         ..KasOptions::default()
     };
-    // Jobs of group/app may use the agent (as the agent, ci_access's default).
-    let ci_access = "ci_access:\n  projects:\n  - id: group/app\n";
-    let (rig, ns) = synced_rig_full("diffci", |_| Vec::new(), ci_access, opts).await;
+    // Jobs of group/app may use the agent (as the agent, ci_access's default); so may its
+    // developers with a personal access token.
+    let access = "ci_access:\n  projects:\n  - id: group/app\n\
+                  user_access:\n  access_as:\n    agent: {}\n  projects:\n  - id: group/app\n";
+    let (rig, ns) = synced_rig_full("diffci", |_| Vec::new(), access, opts).await;
     branch(
         &rig,
         "scale",
@@ -342,6 +346,35 @@ async fn a_ci_job_previews_through_the_proxy_with_its_id_token_and_no_admin_toke
     let (code, out, err) = job("group/other", &rig.agent_id.to_string());
     assert_eq!(code, Some(2), "{out}{err}");
     assert!(err.contains("403"), "{err}");
+    // A person's personal access token works the same way, until it is revoked.
+    let user = UserTokenRequest {
+        username: "alice".into(),
+        memberships: vec!["project:group/app:42:developer".parse().unwrap()],
+        expires_in_seconds: Some(3600),
+    };
+    let t = rig
+        .kas
+        .admin
+        .create_user_token(rig.agent_id, &user)
+        .await
+        .unwrap();
+    let proxy = AdminClient::new(
+        &format!("https://localhost:{}", rig.kas.k8s_port),
+        &format!("pat:{}:{}", t.agent_id, t.token),
+    )
+    .trusting(Some(&pki.ca))
+    .unwrap();
+    let req = DiffRequest {
+        git_ref: "scale".into(),
+        project: None,
+    };
+    let view = proxy.proxy_diff(&req).await.unwrap();
+    assert!(view.has_changes() && !view.has_errors(), "{view:?}");
+    rig.kas.admin.revoke_user_token(t.token_id).await.unwrap();
+    match proxy.proxy_diff(&req).await {
+        Err(ClientError::Status { status, .. }) => assert_eq!(status.as_u16(), 401),
+        other => panic!("a revoked token must be refused: {other:?}"),
+    }
     assert_eq!(
         get_json(&rig.env, &["get", "deployment", "web", "-n", &ns]).unwrap()["spec"]["replicas"],
         1
