@@ -177,7 +177,7 @@ async fn a_branch_diff_shows_one_changed_one_created_one_pruned_and_changes_noth
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_synced_ref_has_no_changes_and_a_bad_ref_or_agent_is_an_error() {
+async fn the_synced_ref_has_no_changes_and_a_bad_ref_agent_or_manifest_is_an_error() {
     let (rig, ns) = synced_rig("diffsame").await;
     let before = cluster_state(&rig, &ns);
     for git_ref in ["main".to_owned(), rig.manifests.head()] {
@@ -194,6 +194,23 @@ async fn the_synced_ref_has_no_changes_and_a_bad_ref_or_agent_is_an_error() {
     let (code, out, err) = kas_diff(&rig.kas, &["group/config:nope", "--ref", "main"]);
     assert_eq!(code, Some(2), "{out}{err}");
     assert!(err.contains("no agent group/config:nope"), "{err}");
+    // A manifest that does not decode: the preview names the file and shows no object (a
+    // sync would apply and prune nothing).
+    branch(
+        &rig,
+        "broken",
+        &[(
+            "manifests/keep.yaml",
+            Some(b"apiVersion: v1\nkind: [ConfigMap\n"),
+        )],
+    );
+    let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "broken"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        out.contains("✗ ") && out.contains("manifests/keep.yaml"),
+        "{out}"
+    );
+    assert!(!out.contains("►"), "{out}");
     assert_eq!(cluster_state(&rig, &ns), before);
 }
 
