@@ -137,15 +137,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
     let h = follow_revocations(&sh, &live_user_requests, modules.handle("cluster"));
     modules.push(h);
-    let previews = crate::preview::Previews {
-        store: Arc::clone(&sh.store),
-        registry: Arc::clone(&sh.registry),
-        sources: Arc::clone(&sources),
-        config_states: Arc::clone(&config_states),
-        limits: cfg.gitops.limits(),
-        fetch_timeout: cfg.git.fetch_timeout,
-        tunnel_wait: cfg.agent.tunnel_wait_timeout,
-    };
+    let previews = previews(&cfg, &sh, &sources, &config_states);
     let state = ApiState {
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
@@ -295,6 +287,24 @@ fn start_notifications(
     dispatcher.register(metrics);
     let task = tokio::spawn(dispatcher.run(Modules::shutdown_of(&handle)));
     Ok((notifier, handle.task(task)))
+}
+
+/// What `kas agent diff` needs, for the internal API and the proxy.
+fn previews(
+    cfg: &Config,
+    sh: &Shared,
+    sources: &Arc<Sources>,
+    config_states: &Arc<ConfigStates>,
+) -> crate::preview::Previews {
+    crate::preview::Previews {
+        store: Arc::clone(&sh.store),
+        registry: Arc::clone(&sh.registry),
+        sources: Arc::clone(sources),
+        config_states: Arc::clone(config_states),
+        limits: cfg.gitops.limits(),
+        fetch_timeout: cfg.git.fetch_timeout,
+        tunnel_wait: cfg.agent.tunnel_wait_timeout,
+    }
 }
 
 /// Git mirrors of every project with a repository, polled in the background.
