@@ -368,9 +368,9 @@ pub(crate) fn prepared(m: &Manifest, inv_id: &str) -> Value {
 
 /// Groups objects by resource type and namespace: one LIST per group instead of one GET per
 /// object.
-type GroupKey = (String, String, String, Option<String>);
+pub(crate) type GroupKey = (String, String, String, Option<String>);
 
-fn group_key(ar: &ApiResource, ns: Option<&str>) -> GroupKey {
+pub(crate) fn group_key(ar: &ApiResource, ns: Option<&str>) -> GroupKey {
     (
         ar.group.clone(),
         ar.version.clone(),
@@ -716,7 +716,7 @@ impl Syncer {
     /// [`LIST_THRESHOLD`] of the given objects, keeping `summarize(group, name, object)` of each
     /// listed object it returns `Some` for. A group whose LIST fails (e.g. RBAC allows GET but
     /// not LIST) is left out, so its objects are looked up one by one.
-    async fn list_groups<T, F>(
+    pub(crate) async fn list_groups<T, F>(
         &self,
         objects: impl Iterator<Item = (ApiResource, Option<&str>)>,
         summarize: F,

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 
 pub use agent_ref::{AgentRef, InvalidAgentRef};
 pub use client::{AdminClient, ClientError};
-pub use diff::{DiffChange, DiffRequest, DiffView, ObjectDiffView, ProjectDiffView};
+pub use diff::{
+    DiffChange, DiffRequest, DiffView, ObjectDiffView, PROXY_DIFF_PATH, PROXY_KUBECONFIG_PATH,
+    ProjectDiffView,
+};
 pub use reported::{ReportedOutcome, ReportedStatus};
 // A user's memberships are the proxy's type from the command line to the store.
 pub use tether_kubeproxy_server::{AccessLevel, Membership, MembershipKind, MembershipSpecError};

@@ -129,6 +129,8 @@ pub struct Proxy {
     pub guard: Arc<tether_guard::AuthGuard>,
     /// Routing to the replica holding an agent's tunnels (several replicas; `peers:`).
     pub peers: Option<crate::peers::Peers>,
+    /// `kas agent diff` for CI jobs and people, with their identity.
+    pub previews: crate::preview::Previews,
 }
 
 /// Agent id → (configuration project id, path), remembered for [`AGENT_PROJECT_TTL`]: every
@@ -163,7 +165,7 @@ impl AgentProjects {
 }
 
 /// Path (under the prefix) where a CI job gets a kubeconfig for every agent it may use.
-pub const KUBECONFIG_PATH: &str = "/.tether/kubeconfig";
+pub const KUBECONFIG_PATH: &str = tether_kas_api::PROXY_KUBECONFIG_PATH;
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -450,6 +452,10 @@ impl Proxy {
             Ok(l) => l,
             Err(resp) => return Ok(resp),
         };
+        if rest == tether_kas_api::PROXY_DIFF_PATH {
+            let _live = live;
+            return Ok(self.preview(req, routed, revoked).await);
+        }
         let sender = match self.open_tunnel(&routed, revoked.clone()).await {
             Ok(s) => s,
             Err(resp) => return Ok(resp),
@@ -753,7 +759,61 @@ where
     }
 }
 
+/// Largest `kas agent diff` request body (a ref and a project path).
+const DIFF_REQUEST_LIMIT: usize = 64 * 1024;
+
 impl Proxy {
+    /// `kas agent diff` of a CI job or a person (already authorized for the agent): previewed
+    /// through the tunnel with the identity kas decided for them, as their kubectl would be.
+    /// A revoked personal access token ends it (`revoked`).
+    async fn preview(
+        &self,
+        req: Request<Incoming>,
+        routed: Routed,
+        revoked: CancellationToken,
+    ) -> Response<Body> {
+        if req.method() != http::Method::POST {
+            let m = "POST a diff request";
+            return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", m);
+        }
+        let body = http_body_util::Limited::new(req.into_body(), DIFF_REQUEST_LIMIT);
+        let diff_req = match body.collect().await.map(|b| b.to_bytes()) {
+            Ok(bytes) => serde_json::from_slice::<tether_kas_api::DiffRequest>(&bytes)
+                .map_err(|e| format!("the diff request: {e}")),
+            Err(e) => Err(format!("reading the diff request: {e}")),
+        };
+        let diff_req = match diff_req {
+            Ok(r) => r,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+        };
+        let caller = RoutedRequest {
+            access_as: routed.access_as,
+            context: routed.context,
+        };
+        let previewed = tokio::select! {
+            r = self.previews.diff(routed.agent_id, caller, &diff_req) => r,
+            () = revoked.cancelled() => {
+                let m = "the credential was revoked";
+                return status(StatusCode::UNAUTHORIZED, "Unauthorized", m);
+            }
+        };
+        let (code, body) = match previewed {
+            Ok(view) => (StatusCode::OK, serde_json::to_vec(&view)),
+            Err(r) => (
+                r.code,
+                serde_json::to_vec(&serde_json::json!({"error": r.message})),
+            ),
+        };
+        let body = body.unwrap_or_default();
+        let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+        *r.status_mut() = code;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+
     /// A kubeconfig with one context per agent the CI job (plain `Bearer <ID token>`) may use,
     /// named `<config project path>:<agent name>`, namespace = the entry's `default_namespace`.
     async fn kubeconfig(&self, req: &Request<Incoming>) -> Response<Body> {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kas::config::Config;
 
-use cli::agent::agent_cmd;
+use cli::agent::{agent_cmd, diff_exit};
 use cli::args::{Cli, Cmd, ConfigCmd};
 use cli::local::{store_cmd, validate_agent_config};
 use cli::output::is_broken_pipe;
@@ -52,6 +52,10 @@ async fn run(cli: Cli) -> Result<()> {
     let cfg = load_config(cli.configuration_file.as_ref())?;
     match &cli.cmd {
         None | Some(Cmd::Serve) => serve(cfg, cli.log_format).await,
+        // As a CI job through the proxy: no admin token.
+        Some(Cmd::Agent(cli::args::AgentCmd::Diff(d))) if d.server.is_some() => {
+            diff_exit(kas::diff::run_as_ci_job(d, &mut std::io::stdout()).await?)
+        }
         Some(Cmd::Agent(a)) => agent_cmd(&admin_client(&cli, &cfg)?, a, &cfg).await,
         Some(Cmd::Token(t)) => token_cmd(&admin_client(&cli, &cfg)?, t).await,
         Some(Cmd::Project(p)) => project_cmd(&admin_client(&cli, &cfg)?, p).await,

@@ -143,6 +143,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     modules.push(h);
     let h = start_peers(&cfg, &mut sh, modules.handle("peers")).await?;
     modules.push(h);
+    let previews = previews(&cfg, &sh, &sources, &config_states);
     let state = ApiState {
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
@@ -155,9 +156,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
         gitops_controls,
         live_user_requests: Arc::clone(&live_user_requests),
         guards: sh.guards.clone(),
-        gitops_limits: cfg.gitops.limits(),
-        fetch_timeout: cfg.git.fetch_timeout,
         cluster: sh.cluster.clone(),
+        previews: previews.clone(),
     };
     let (api_addr, h) = start_api(&cfg, &sh, state.clone(), modules.handle("api")).await?;
     modules.push(h);
@@ -165,7 +165,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         Some(w) => Some(start_webhooks(w, &sh, state, &mut modules).await?),
         None => None,
     };
-    let proxy_deps = (config_states, live_user_requests);
+    let proxy_deps = (config_states, live_user_requests, previews);
     let (kubernetes_api_addr, h) =
         start_kubeproxy(&cfg, &mut sh, proxy_deps, modules.handle("kubeproxy")).await?;
     modules.push(h);
@@ -322,6 +322,24 @@ fn start_notifications(
     dispatcher.register(metrics);
     let task = tokio::spawn(dispatcher.run(Modules::shutdown_of(&handle)));
     Ok((notifier, handle.task(task)))
+}
+
+/// What `kas agent diff` needs, for the internal API and the proxy.
+fn previews(
+    cfg: &Config,
+    sh: &Shared,
+    sources: &Arc<Sources>,
+    config_states: &Arc<ConfigStates>,
+) -> crate::preview::Previews {
+    crate::preview::Previews {
+        store: Arc::clone(&sh.store),
+        registry: Arc::clone(&sh.registry),
+        sources: Arc::clone(sources),
+        config_states: Arc::clone(config_states),
+        limits: cfg.gitops.limits(),
+        fetch_timeout: cfg.git.fetch_timeout,
+        tunnel_wait: cfg.agent.tunnel_wait_timeout,
+    }
 }
 
 /// Git mirrors of every project with a repository, polled in the background.
@@ -536,11 +554,18 @@ async fn start_webhooks(
     Ok(hooks_addr)
 }
 
+/// What the proxy shares with the rest of kas.
+type ProxyDeps = (
+    Arc<ConfigStates>,
+    Arc<crate::revocation::LiveUserRequests>,
+    crate::preview::Previews,
+);
+
 /// The Kubernetes API proxy for CI jobs and users.
 async fn start_kubeproxy(
     cfg: &Config,
     sh: &mut Shared,
-    (configs, live_user_requests): (Arc<ConfigStates>, Arc<crate::revocation::LiveUserRequests>),
+    (configs, live_user_requests, previews): ProxyDeps,
     handle: Handle,
 ) -> Result<(SocketAddr, Handle)> {
     let k = &cfg.kubernetes_api;
@@ -590,6 +615,7 @@ async fn start_kubeproxy(
         tls: k.listen.certificate_file.is_some(),
         agent_projects: Arc::default(),
         live_user_requests,
+        previews,
         guard: Arc::clone(&sh.guards.kubernetes_api),
     };
     let task = tokio::spawn(crate::kubeproxy::serve(
