@@ -108,7 +108,11 @@ async fn a_replica_is_ready_only_while_redis_answers() {
     let dir = tempfile::tempdir().unwrap();
     let mut shared = Shared::start();
     let kas = shared.replica(&dir.path().join("kas")).await;
-    assert_eq!(readiness(&kas).await, Some(200));
+    // The observability endpoint is the last module to start.
+    wait_for("kas ready", Duration::from_secs(10), || async {
+        (readiness(&kas).await == Some(200)).then_some(())
+    })
+    .await;
     shared.redis.stop();
     wait_for("kas not ready", Duration::from_secs(10), || async {
         (readiness(&kas).await == Some(503)).then_some(())
@@ -220,57 +224,115 @@ fn person_kubectl(
     c
 }
 
+/// Three replicas, an agent whose connections go through a balancer in front of replicas 1
+/// and 2 (to replica 1 while it lives), and a person allowed to use the agent.
+struct Routed {
+    env: tether_testenv::TestEnv,
+    ns: String,
+    kas: Vec<Kas>,
+    agent: Agent,
+    agent_id: i64,
+    /// `pat:<agent id>:<token>`.
+    token: String,
+    pki: support::Pki,
+    dir: tempfile::TempDir,
+    _shared: Shared,
+}
+
+impl Routed {
+    async fn start() -> Routed {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let env = tether_testenv::TestEnv::from_env().expect("a running control plane");
+        let ns = env.create_namespace("routed").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::start();
+        let pki = support::Pki::temporary();
+        let kas = replicas_with_peers(&shared, dir.path(), 3, &pki).await;
+        let repo = support::GitRepo::init(&dir.path().join("config"));
+        let config = b"user_access:\n  access_as:\n    agent: {}\n  projects:\n  - id: group/app\n";
+        let commit = repo.commit(
+            &[(".gitlab/agents/proxy/config.yaml", Some(&config[..]))],
+            "access",
+        );
+        kas[0].set_projects(&[("group/config", &repo)]).await;
+        let t = kas[0]
+            .admin
+            .register_agent("group/config", "proxy")
+            .await
+            .unwrap();
+        let kubeconfig = env.kubeconfig.to_str().unwrap().to_owned();
+        let lb = balancer(vec![kas[0].agent_port, kas[1].agent_port]).await;
+        let url = format!("grpc://127.0.0.1:{lb}");
+        let agent = Agent::start_with(
+            dir.path(),
+            "proxy",
+            &url,
+            &t.token,
+            None,
+            &["--kubeconfig", &kubeconfig],
+        );
+        agent.wait_log("Agent configuration applied", &commit).await;
+        let request = kas::api::UserTokenRequest {
+            username: "alice".into(),
+            memberships: vec!["project:group/app:42:developer".parse().unwrap()],
+            expires_in_seconds: Some(3600),
+        };
+        let pat = kas[0]
+            .admin
+            .create_user_token(t.agent_id, &request)
+            .await
+            .unwrap();
+        let token = format!("pat:{}:{}", t.agent_id, pat.token);
+        Routed {
+            env,
+            ns,
+            kas,
+            agent,
+            agent_id: t.agent_id,
+            token,
+            pki,
+            dir,
+            _shared: shared,
+        }
+    }
+
+    /// The person's kubectl through replica `i`.
+    fn kubectl(&self, i: usize) -> std::process::Command {
+        let at = (self.dir.path(), self.pki.ca.as_path());
+        person_kubectl(&self.env, at, self.kas[i].k8s_port, &self.token)
+    }
+}
+
+/// A TCP balancer in front of replicas: each connection goes to the first that accepts it, as
+/// a load balancer does once its health check marks a dead replica down.
+async fn balancer(backends: Vec<u16>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            let backends = backends.clone();
+            tokio::spawn(async move {
+                for b in backends {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", b)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
 /// An agent connected to replica 1; a person's kubectl through replica 3: get, apply, a watch
 /// and a multi-MB LIST cross the hop between replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_through_another_replica_reaches_the_agent() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let env = tether_testenv::TestEnv::from_env().expect("a running control plane");
-    let ns = env.create_namespace("routed").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let shared = Shared::start();
-    let pki = support::Pki::temporary();
-    let kas = replicas_with_peers(&shared, dir.path(), 3, &pki).await;
-    let at = (dir.path(), pki.ca.as_path());
-    let (one, three) = (&kas[0], &kas[2]);
-    let repo = support::GitRepo::init(&dir.path().join("config"));
-    let config = b"user_access:\n  access_as:\n    agent: {}\n  projects:\n  - id: group/app\n";
-    let commit = repo.commit(
-        &[(".gitlab/agents/proxy/config.yaml", Some(&config[..]))],
-        "access",
-    );
-    one.set_projects(&[("group/config", &repo)]).await;
-    let t = one
-        .admin
-        .register_agent("group/config", "proxy")
-        .await
-        .unwrap();
-    let kubeconfig = env.kubeconfig.to_str().unwrap().to_owned();
-    let agent = Agent::start_with(
-        dir.path(),
-        "proxy",
-        &one.url("grpc"),
-        &t.token,
-        None,
-        &["--kubeconfig", &kubeconfig],
-    );
-    agent.wait_log("Agent configuration applied", &commit).await;
-    let request = kas::api::UserTokenRequest {
-        username: "alice".into(),
-        memberships: vec!["project:group/app:42:developer".parse().unwrap()],
-        expires_in_seconds: Some(3600),
-    };
-    let pat = one
-        .admin
-        .create_user_token(t.agent_id, &request)
-        .await
-        .unwrap();
-    let token = format!("pat:{}:{}", t.agent_id, pat.token);
+    let r = Routed::start().await;
+    let (env, ns, dir) = (&r.env, &r.ns, &r.dir);
+    let one = &r.kas[0];
     let kubectl = |args: &[&str]| {
-        let out = person_kubectl(&env, at, three.k8s_port, &token)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = r.kubectl(2).args(args).output().unwrap();
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -281,8 +343,9 @@ async fn kubectl_through_another_replica_reaches_the_agent() {
 
     // get, and apply (a write through the hop).
     let listed = wait_for("a routed get", Duration::from_secs(30), || async {
-        let out = person_kubectl(&env, at, three.k8s_port, &token)
-            .args(["get", "configmaps", "-n", &ns, "-o", "name"])
+        let out = r
+            .kubectl(2)
+            .args(["get", "configmaps", "-n", ns, "-o", "name"])
             .output()
             .unwrap();
         out.status
@@ -295,10 +358,10 @@ async fn kubectl_through_another_replica_reaches_the_agent() {
         "{listed}"
     );
     let manifest = dir.path().join("cm.yaml");
-    std::fs::write(&manifest, configmap("routed", &ns, "1")).unwrap();
+    std::fs::write(&manifest, configmap("routed", ns, "1")).unwrap();
     kubectl(&["apply", "-f", manifest.to_str().unwrap()]);
     assert!(
-        kubectl(&["get", "configmap", "routed", "-n", &ns, "-o", "name"])
+        kubectl(&["get", "configmap", "routed", "-n", ns, "-o", "name"])
             .contains("configmap/routed")
     );
 
@@ -306,17 +369,18 @@ async fn kubectl_through_another_replica_reaches_the_agent() {
     let big = "x".repeat(900 * 1024);
     for i in 0..3 {
         let file = dir.path().join(format!("big-{i}.yaml"));
-        std::fs::write(&file, configmap(&format!("big-{i}"), &ns, &big)).unwrap();
+        std::fs::write(&file, configmap(&format!("big-{i}"), ns, &big)).unwrap();
         // `create`: kubectl apply would copy the 900 KiB into an annotation (256 KiB at most).
         tether_testenv::run_output(env.kubectl().args(["create", "-f", file.to_str().unwrap()]))
             .unwrap();
     }
-    let list = kubectl(&["get", "configmaps", "-n", &ns, "-o", "json"]);
+    let list = kubectl(&["get", "configmaps", "-n", ns, "-o", "json"]);
     assert!(list.len() > 2_700_000, "{} bytes", list.len());
 
     // A watch: an event made after it started comes through the hop.
-    let mut watch = person_kubectl(&env, at, three.k8s_port, &token)
-        .args(["get", "configmaps", "-n", &ns, "--watch", "-o", "name"])
+    let mut watch = r
+        .kubectl(2)
+        .args(["get", "configmaps", "-n", ns, "--watch", "-o", "name"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -332,7 +396,7 @@ async fn kubectl_through_another_replica_reaches_the_agent() {
         }
     });
     let late = dir.path().join("late.yaml");
-    std::fs::write(&late, configmap("late", &ns, "1")).unwrap();
+    std::fs::write(&late, configmap("late", ns, "1")).unwrap();
     wait_for("the watch to start", Duration::from_secs(30), || async {
         rx.try_recv()
             .ok()
@@ -355,4 +419,37 @@ async fn kubectl_through_another_replica_reaches_the_agent() {
     let _ = watch.kill();
     let _ = watch.wait();
     assert!(one.log().contains("Peers listener is up"), "{}", one.log());
+}
+
+/// Replica 1, which holds the agent's tunnels, is killed: the agent reconnects (through the
+/// balancer, to replica 2) and the person's requests through replica 3 work again within 2 s of
+/// the reconnection, although replica 1's directory entries have not expired yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_work_again_within_two_seconds_of_the_agent_reconnecting_to_another_replica() {
+    let mut r = Routed::start().await;
+    let get = |r: &Routed| {
+        r.kubectl(2)
+            .args(["get", "configmaps", "-n", &r.ns, "-o", "name"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    wait_for("a routed get", Duration::from_secs(30), || async {
+        get(&r).then_some(())
+    })
+    .await;
+    r.kas[0].kill9();
+    r.kas[1].wait_connected(r.agent_id).await;
+    let reconnected = Instant::now();
+    wait_for(
+        "a get through replica 3 again",
+        Duration::from_secs(10),
+        || async { get(&r).then_some(()) },
+    )
+    .await;
+    let took = reconnected.elapsed();
+    eprintln!("requests worked again {took:?} after the agent reconnected to replica 2");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(r.agent.log().contains("127.0.0.1"), "the agent ran");
 }

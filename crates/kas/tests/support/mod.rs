@@ -214,6 +214,14 @@ impl Kas {
         }
     }
 
+    /// kill -9, without a restart (a replica that died).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -273,10 +281,7 @@ impl Kas {
 
     /// kill -9 (no shutdown at all), then start again on the same data and ports.
     pub async fn kill9_restart(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill9();
         assert!(self.spawn().await, "kas did not restart:\n{}", self.log());
     }
 
