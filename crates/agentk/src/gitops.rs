@@ -328,6 +328,35 @@ fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
     }
 }
 
+/// The entry's `kustomize` or `helm` key as kas expects it, unchanged but for the Helm
+/// namespace, which defaults to the project's `default_namespace`.
+fn render_request(project: &ManifestProject) -> Option<wire::Render> {
+    use wire::render::Renderer;
+    let renderer = match (&project.kustomize, &project.helm) {
+        (Some(k), _) => Renderer::Kustomize(wire::Kustomize {
+            path: k.path.clone(),
+        }),
+        (None, Some(h)) => Renderer::Helm(wire::Helm {
+            chart: h.chart.clone(),
+            release_name: h.release_name.clone(),
+            namespace: h
+                .namespace
+                .clone()
+                .unwrap_or_else(|| project.default_namespace.clone()),
+            values_files: h.values_files.clone(),
+            values_json: h
+                .values
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        }),
+        (None, None) => return None,
+    };
+    Some(wire::Render {
+        renderer: Some(renderer),
+    })
+}
+
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -337,6 +366,7 @@ fn unix_now() -> i64 {
 
 impl Worker {
     fn request(&self, last: &str) -> ObjectsRequest {
+        let render = render_request(&self.project);
         ObjectsRequest {
             project_id: self.settings.project_id.clone(),
             r#ref: self
@@ -350,8 +380,13 @@ impl Worker {
                         GitRef::Commit(c) => git_ref::Ref::Commit(c.clone()),
                     }),
                 }),
-            globs: self.project.paths.iter().map(|p| p.glob.clone()).collect(),
+            globs: if render.is_some() {
+                Vec::new()
+            } else {
+                self.project.paths.iter().map(|p| p.glob.clone()).collect()
+            },
             commit_id: last.to_string(),
+            render,
         }
     }
 
@@ -492,6 +527,14 @@ impl Worker {
             }
         };
         match resp.message {
+            Some(objects_response::Message::Header(h))
+                if !h.rendered && render_request(&self.project).is_some() =>
+            {
+                stream.building = None;
+                let message = "kas sent this commit without rendering it: it is older than Kustomize/Helm rendering; upgrade kas (nothing was applied)";
+                self.refuse(h.commit_id, message.to_owned(), reports, stop)
+                    .await;
+            }
             Some(objects_response::Message::Header(h)) => {
                 stream.building = Some(Commit {
                     id: h.commit_id,
@@ -524,21 +567,32 @@ impl Worker {
             }
             Some(objects_response::Message::Error(e)) => {
                 stream.building = None;
-                tracing::error!(commit_id = %e.commit_id, error = %e.message, "Synchronization failed");
-                let report = SyncReport {
-                    project_id: self.settings.project_id.clone(),
-                    commit_id: e.commit_id,
-                    sync_outcome: wire::SyncOutcome::Failed.into(),
-                    error: e.message,
-                    objects: Vec::new(),
-                    finished_at: unix_now(),
-                    dry_run: false,
-                    warnings: Vec::new(),
-                };
-                self.report(report, reports, stop).await;
+                self.refuse(e.commit_id, e.message, reports, stop).await;
             }
             None => {}
         }
+    }
+
+    /// Reports a commit that cannot be applied: nothing is applied or pruned.
+    async fn refuse(
+        &mut self,
+        commit_id: String,
+        message: String,
+        reports: &mut Reports,
+        stop: &CancellationToken,
+    ) {
+        tracing::error!(commit_id = %commit_id, error = %message, "Synchronization failed");
+        let report = SyncReport {
+            project_id: self.settings.project_id.clone(),
+            commit_id,
+            sync_outcome: wire::SyncOutcome::Failed.into(),
+            error: message,
+            objects: Vec::new(),
+            finished_at: unix_now(),
+            dry_run: false,
+            warnings: Vec::new(),
+        };
+        self.report(report, reports, stop).await;
     }
 
     async fn on_sync_done(
@@ -690,5 +744,41 @@ async fn next_event(
         d = sync_done => Event::SyncDone(d),
         () = timer => Event::Timer,
         () = stop.cancelled() => Event::Stop,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_agent_config::{Helm, Kustomize};
+    use wire::render::Renderer;
+
+    #[test]
+    fn render_settings_pass_through_with_the_default_namespace() {
+        let mut p = ManifestProject::new(ProjectRef::Path("g/m".into()));
+        assert_eq!(render_request(&p), None);
+        p.default_namespace = "apps".into();
+        p.helm = Some(Helm {
+            chart: "charts/app".into(),
+            release_name: "app".into(),
+            namespace: None,
+            values_files: vec!["v.yaml".into()],
+            values: Some(serde_json::json!({"a": 1})),
+        });
+        let Some(Renderer::Helm(h)) = render_request(&p).and_then(|r| r.renderer) else {
+            panic!("helm expected");
+        };
+        assert_eq!(
+            (h.namespace.as_str(), h.values_json.as_str()),
+            ("apps", r#"{"a":1}"#)
+        );
+        p.helm = None;
+        p.kustomize = Some(Kustomize {
+            path: "overlays/prod".into(),
+        });
+        let Some(Renderer::Kustomize(k)) = render_request(&p).and_then(|r| r.renderer) else {
+            panic!("kustomize expected");
+        };
+        assert_eq!(k.path, "overlays/prod");
     }
 }

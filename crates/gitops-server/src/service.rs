@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::render::{ManifestSource, Renderer};
 use crate::reports::SyncStates;
-use crate::select::{Limits, select_manifests};
+use crate::select::{Limits, manifests_at};
 
 /// Size of the file chunks on the wire (well under gRPC's message limit).
 const CHUNK: usize = 512 * 1024;
@@ -35,6 +36,8 @@ pub struct GitOpsDeps {
     pub registry: Arc<Registry>,
     /// Bounds of one selection.
     pub limits: Limits,
+    /// Renders Kustomize directories and Helm charts (sandbox, cache).
+    pub renderer: Arc<Renderer>,
 }
 
 impl std::fmt::Debug for GitOpsDeps {
@@ -120,6 +123,7 @@ impl GitOpsService {
         token_id: i64,
         project: tether_store::Project,
         req: ObjectsRequest,
+        source: ManifestSource,
         tx: Tx,
     ) {
         let lease = self.deps.registry.lease(token_id);
@@ -150,7 +154,7 @@ impl GitOpsService {
                             agent_id,
                             project: &project,
                             mirror: &mirror,
-                            globs: &req.globs,
+                            source: &source,
                             tx: &tx,
                         };
                         self.offer_commit(&at, commit, &mut offered).await
@@ -195,7 +199,7 @@ impl GitOpsService {
             }
             Ok(_) => {
                 let sent = self
-                    .send_commit(agent_id, project, at.mirror, commit, at.globs, at.tx)
+                    .send_commit(agent_id, project, at.mirror, commit, at.source, at.tx)
                     .await;
                 if sent {
                     offered.refused = None;
@@ -213,15 +217,13 @@ impl GitOpsService {
         project: &tether_store::Project,
         mirror: &tether_git_source::Mirror,
         commit: CommitId,
-        globs: &[String],
+        source: &ManifestSource,
         tx: &Tx,
     ) -> bool {
-        let (m, g, l) = (mirror.clone(), globs.to_vec(), self.deps.limits.clone());
-        let selection =
-            tokio::task::spawn_blocking(move || select_manifests(&m, &commit, &g, &l)).await;
-        let selection = match selection {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+        let (limits, renderer) = (&self.deps.limits, &self.deps.renderer);
+        let selection = match manifests_at(mirror, commit, source, limits, renderer).await {
+            Ok(s) => s,
+            Err(e) => {
                 tracing::warn!(agent_id, project = %project.path, commit_id = %commit, error = %e, user_error = e.is_user_error(), "Manifest selection failed");
                 return tx
                     .send(msg(objects_response::Message::Error(SelectionError {
@@ -230,10 +232,6 @@ impl GitOpsService {
                     })))
                     .await
                     .is_ok();
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "Manifest selection task failed");
-                return true;
             }
         };
         tracing::info!(agent_id, project = %project.path, commit_id = %commit, files = selection.files.len(), "Sending manifests");
@@ -245,6 +243,7 @@ impl GitOpsService {
             commit_id: commit.to_hex(),
             project_numeric_id: project.id,
             project_path: project.path.clone(),
+            rendered: matches!(source, ManifestSource::Render(_)),
         };
         if tx
             .send(msg(objects_response::Message::Header(header)))
@@ -295,8 +294,13 @@ impl GitOps for GitOpsService {
         let id = authenticate_request(self.deps.auth.as_ref(), &request).await?;
         let req = request.into_inner();
         let project = self.find_project(&req.project_id).await?;
+        let source = ManifestSource::from_request(&req.globs, req.render.as_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(self.clone().run(id.agent_id, id.token_id, project, req, tx));
+        let run = self
+            .clone()
+            .run(id.agent_id, id.token_id, project, req, source, tx);
+        tokio::spawn(run);
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -337,7 +341,7 @@ struct Offer<'a> {
     agent_id: i64,
     project: &'a tether_store::Project,
     mirror: &'a tether_git_source::Mirror,
-    globs: &'a [String],
+    source: &'a ManifestSource,
     tx: &'a Tx,
 }
 

@@ -269,6 +269,9 @@ fn start_gitops(
         sources: Arc::clone(sources),
         registry: Arc::clone(&sh.registry),
         limits: cfg.gitops.limits(),
+        renderer: Arc::new(tether_gitops_server::Renderer::new(
+            cfg.gitops.render.config(),
+        )),
     });
     (gitops.reports(), gitops.service(), handle)
 }

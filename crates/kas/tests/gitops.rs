@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use kas::api::ProjectRequest;
 use serde_json::Value;
-use support::{Agent, GitRepo, Kas, KasOptions, wait_for};
+use support::gitops::{Rig, admin_rbac, get_json};
+use support::{Agent, wait_for};
 use tether_gitops_server::{ReportedOutcome, ReportedStatus};
 use tether_testenv::{TestEnv, run_output, seed_agent_rbac};
 
@@ -24,34 +25,7 @@ fn is_event(l: &Value, event: &str, kind: &str, ns: &str, name: &str) -> bool {
     l["eventType"] == event && l["kind"] == kind && l["namespace"] == ns && l["name"] == name
 }
 
-fn get_json(env: &TestEnv, args: &[&str]) -> Option<Value> {
-    let out = env
-        .kubectl()
-        .args(args)
-        .args(["-o", "json"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
-}
-
-/// kas, an agent and two repositories (configuration, manifests) against the real cluster.
-struct Rig {
-    env: TestEnv,
-    kas: Kas,
-    agent: Agent,
-    agent_id: i64,
-    manifests: GitRepo,
-    /// The agent's token and kubeconfig, to start more replicas.
-    token: String,
-    kubeconfig: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// `project_extra` is appended to the manifest project's entry in config.yaml; `rbac` is the
-/// YAML giving the agent's ServiceAccount its rights (in `agent_ns`).
+/// The seed's manifest project entry: `/manifests/*` files, plus `project_extra`.
 async fn rig(
     env: TestEnv,
     agent_ns: String,
@@ -60,121 +34,22 @@ async fn rig(
     initial: &[(&str, Option<&[u8]>)],
     agent_args: &[&str],
 ) -> (Rig, String) {
-    env.apply_yaml(rbac).unwrap();
-    let token = run_output(env.kubectl().args([
-        "create",
-        "token",
-        "gitlab-agent",
-        "-n",
-        &agent_ns,
-        "--duration=2h",
-    ]))
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("agent.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        env.token_kubeconfig(String::from_utf8(token).unwrap().trim()),
+    let entry =
+        format!("    paths:\n    - glob: '/manifests/*.{{yaml,yml,json}}'\n{project_extra}");
+    Rig::start(
+        env,
+        agent_ns,
+        rbac,
+        &entry,
+        initial,
+        agent_args,
+        String::new(),
     )
-    .unwrap();
-    let config_repo = GitRepo::init(&dir.path().join("config"));
-    config_repo.commit(
-        &[(
-            ".gitlab/agents/seed/config.yaml",
-            Some(
-                format!(
-                    "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {agent_ns}\n    paths:\n    - glob: '/manifests/*.{{yaml,yml,json}}'\n{project_extra}"
-                )
-                .as_bytes(),
-            ),
-        )],
-        "agent config",
-    );
-    let manifests = GitRepo::init(&dir.path().join("manifests"));
-    let c1 = manifests.commit(initial, "initial manifests");
-    let kas = Kas::start(
-        &dir.path().join("kas"),
-        KasOptions {
-            git_poll: "300ms",
-            ..KasOptions::default()
-        },
-    )
-    .await;
-    kas.set_projects(&[
-        ("group/config", &config_repo),
-        ("group/manifests", &manifests),
-    ])
-    .await;
-    let t = kas
-        .admin
-        .register_agent("group/config", "seed")
-        .await
-        .unwrap();
-    let agent = Agent::start_with(
-        dir.path(),
-        "seed",
-        &kas.url("grpc"),
-        &t.token,
-        None,
-        &[
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--gitops-retry-interval",
-            "2s",
-            "--leader-election-namespace",
-            &agent_ns,
-        ]
-        .into_iter()
-        .chain(agent_args.iter().copied())
-        .collect::<Vec<_>>(),
-    );
-    (
-        Rig {
-            env,
-            kas,
-            agent,
-            agent_id: t.agent_id,
-            manifests,
-            token: t.token,
-            kubeconfig,
-            _dir: dir,
-        },
-        c1,
-    )
-}
-
-impl Rig {
-    /// Waits until kas shows a finished sync of `commit`.
-    async fn synced(&self, commit: &str) -> kas::api::SyncView {
-        wait_for(
-            &format!("kas to show the sync of {commit}"),
-            Duration::from_secs(90),
-            || async {
-                self.kas
-                    .admin
-                    .gitops_status(self.agent_id)
-                    .await
-                    .ok()?
-                    .into_iter()
-                    .find(|s| s.commit_id == commit)
-            },
-        )
-        .await
-    }
+    .await
 }
 
 struct AgentRef {
     agent_id: i64,
-}
-
-/// An agent whose ServiceAccount may do anything (to test what the seed's rights forbid).
-fn admin_rbac(agent_ns: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: gitlab-agent\n  namespace: {agent_ns}\n---\n\
-apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {agent_ns}-admin\n\
-roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: cluster-admin\n\
-subjects:\n- kind: ServiceAccount\n  name: gitlab-agent\n  namespace: {agent_ns}\n"
-    )
 }
 
 fn configmap(name: &str, ns: &str, value: &str) -> Vec<u8> {

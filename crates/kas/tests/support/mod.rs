@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod gitops;
+
 use kas::api::AgentView;
 use tether_kas_api::AdminClient;
 
