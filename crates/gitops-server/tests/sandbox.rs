@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use tether_git_source::{GitRef, Mirror, Remote};
+use tether_git_source::{CommitId, GitRef, Mirror, Remote};
 use tether_gitops_server::render::{RenderSpec, probe_sandbox};
 use tether_gitops_server::{RenderConfig, RenderError, Renderer};
 use tether_test_support::GitRepo;
@@ -15,13 +15,15 @@ use tether_test_support::GitRepo;
 const REPORTER: &str = "#!/bin/sh\n\
 echo \"# env: $(/usr/bin/env | /usr/bin/cut -d= -f1 | /usr/bin/sort | /usr/bin/tr '\\n' ' ')\"\n\
 echo \"# net: $(/usr/bin/tail -n +3 /proc/net/dev | /usr/bin/cut -d: -f1 | /usr/bin/tr -d ' ' | /usr/bin/tr '\\n' ' ')\"\n\
-echo \"# dir: $2\"\n";
+echo \"# dir: $2\"\n\
+echo run >> \"$(/usr/bin/dirname \"$0\")/runs\"\n";
 
-/// A repository with `links` (name, target) committed and mirrored; the commit's renderer.
+/// A repository with `links` (name, target) committed and mirrored, rendered once; the
+/// outcome, the renderer, the mirror and the commit.
 async fn render_with_reporter(
     tmp: &Path,
     links: &[(&str, &str)],
-) -> (Result<String, RenderError>, Renderer) {
+) -> (Result<String, RenderError>, Renderer, Mirror, CommitId) {
     let repo = GitRepo::init(&tmp.join("project"));
     for (name, target) in links {
         std::os::unix::fs::symlink(target, repo.dir.join(name)).expect("symlink");
@@ -47,7 +49,7 @@ async fn render_with_reporter(
     let spec = RenderSpec::Kustomize { path: "app".into() };
     let out = renderer.render(&mirror, commit, &spec).await;
     let text = out.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
-    (text, renderer)
+    (text, renderer, mirror, commit)
 }
 
 fn line<'a>(out: &'a str, key: &str) -> &'a str {
@@ -59,7 +61,7 @@ fn line<'a>(out: &'a str, key: &str) -> &'a str {
 #[tokio::test]
 async fn the_renderer_gets_no_environment_of_kas_and_no_network() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (out, _) = render_with_reporter(tmp.path(), &[("inside", "app")]).await;
+    let (out, ..) = render_with_reporter(tmp.path(), &[("inside", "app")]).await;
     let out = out.expect("rendered");
     let env: Vec<&str> = line(&out, "env").split_whitespace().collect();
     // cargo runs this test with CARGO_* and more in its environment: none may leak.
@@ -101,17 +103,40 @@ async fn links_that_escape_only_when_resolved_are_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // By name `b` stays inside (`a/..` is the root); resolved, `a` is the root and `..` its
     // parent.
-    let (out, _) = render_with_reporter(tmp.path(), &[("a", "."), ("b", "a/..")]).await;
+    let (out, ..) = render_with_reporter(tmp.path(), &[("a", "."), ("b", "a/..")]).await;
     match out {
         Err(RenderError::SymlinkEscapes { path, target }) => {
             assert_eq!((path.as_str(), target.as_str()), ("b", "a/.."));
         }
         other => panic!("expected the link b to be refused, got {other:?}"),
     }
-    let (out, _) = render_with_reporter(&tmp.path().join("2"), &[("up", "../../etc")]).await;
+    let (out, ..) = render_with_reporter(&tmp.path().join("2"), &[("up", "../../etc")]).await;
     let e = out.expect_err("refused");
     assert_eq!(
         e.to_string(),
         "symbolic link up points to \"../../etc\", outside the repository: refused"
     );
+}
+
+#[tokio::test]
+async fn each_commit_and_settings_render_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (first, renderer, mirror, commit) = render_with_reporter(tmp.path(), &[]).await;
+    let runs = || {
+        std::fs::read_to_string(tmp.path().join("runs"))
+            .expect("runs")
+            .lines()
+            .count()
+    };
+    let app = RenderSpec::Kustomize { path: "app".into() };
+    let again = renderer.render(&mirror, commit, &app).await.expect("again");
+    assert_eq!(String::from_utf8_lossy(&again), first.expect("rendered"));
+    assert_eq!(
+        runs(),
+        1,
+        "the same commit and settings are served from the cache"
+    );
+    let root = RenderSpec::Kustomize { path: ".".into() };
+    renderer.render(&mirror, commit, &root).await.expect("root");
+    assert_eq!(runs(), 2, "other settings render again");
 }
