@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the real control-plane programs (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok), and helm and kustomize (install tests, kas's rendering), from Go modules at the versions
-# pinned in versions.env, into a cache outside the repository. Each program lives in a folder
-# keyed by its version, so a build happens only when a binary is missing or a pin changed. Prints
-# the bin directory on stdout.
+# kube-scheduler, kubectl, kwok), helm (install tests, kas's rendering), kustomize (kas's
+# rendering) and promtool for the monitoring test, from Go modules at the versions pinned in
+# versions.env, into a cache outside the repository. Each program lives in a folder keyed by its
+# version, so a build happens only when a binary is missing or a pin changed. Prints the bin
+# directory on stdout.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -121,11 +122,24 @@ build_kustomize() {
     sigs.k8s.io/kustomize/kustomize/v5
 }
 
+# promtool: the monitoring test checks deploy/monitoring's alert rules (syntax and unit tests)
+# and the metrics both binaries export (Prometheus naming conventions) with it.
+build_promtool() {
+  local v=$PROMETHEUS_VERSION out="$bin/promtool-$PROMETHEUS_VERSION"
+  if [ -f "$out/.complete" ]; then return; fi
+  log "building promtool $v"
+  mkdir -p "$out"
+  GOBIN="$out" go install -trimpath -ldflags "-s -w" \
+    "github.com/prometheus/prometheus/cmd/promtool@$v" >&2
+  touch "$out/.complete"
+}
+
 build_etcd
 build_kwok
 build_k8s
 build_helm
 build_kustomize
+build_promtool
 
 # A stable folder of links, so callers need one path whatever the versions are.
 cur="$bin/current"
@@ -135,6 +149,7 @@ ln -sfn "$bin/kwok-$KWOK_VERSION/kwok" "$cur/kwok"
 ln -sfn "$bin/kwok-$KWOK_VERSION/stages.yaml" "$cur/kwok-stages.yaml"
 ln -sfn "$bin/helm-$HELM_VERSION/helm" "$cur/helm"
 ln -sfn "$bin/kustomize-$KUSTOMIZE_VERSION/kustomize" "$cur/kustomize"
+ln -sfn "$bin/promtool-$PROMETHEUS_VERSION/promtool" "$cur/promtool"
 for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   ln -sfn "$bin/k8s-$K8S_VERSION/$c" "$cur/$c"
 done

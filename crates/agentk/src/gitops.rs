@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tether_agent_config::{GitRef, ManifestProject, ProjectRef};
 use tether_gitops_agent::Status;
+use tether_gitops_agent::inventory::inventory_name;
+use tether_gitops_agent::kube_events::{Happened, Recorder};
 use tether_gitops_agent::metrics::SyncMetrics;
 use tether_gitops_agent::sync::{ObjectState, Settings, SyncOutcome, Syncer};
 use tether_protocol::gitops::git_ops_client::GitOpsClient;
@@ -50,11 +52,13 @@ impl Default for Timing {
     }
 }
 
-/// What every worker shares: the syncer that applies, and the metrics syncs are counted in.
+/// What every worker shares: the syncer that applies, the metrics syncs are counted in and
+/// the Kubernetes Events written about them.
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub syncer: Arc<Syncer>,
     pub metrics: SyncMetrics,
+    pub events: Recorder,
 }
 
 fn project_key(id: &ProjectRef) -> String {
@@ -171,17 +175,7 @@ impl Workers {
                 .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE),
             meta: self.meta.clone(),
             engine: self.engine.clone(),
-            settings: Settings {
-                agent_id,
-                project_id: key.to_string(),
-                default_namespace: p.default_namespace.clone(),
-                prune: p.prune,
-                prune_timeout: p.prune_timeout,
-                prune_propagation_policy: p.prune_propagation_policy,
-                inventory_policy: p.inventory_policy,
-                reconcile_timeout: p.reconcile_timeout,
-                dry_run: p.dry_run_strategy,
-            },
+            settings: Settings::for_project(agent_id, p),
             project: p.clone(),
             timing: self.timing.clone(),
         };
@@ -239,6 +233,14 @@ struct SyncState {
     started: Instant,
     next_run: Option<Instant>,
     failures: u32,
+    /// kas suspended the project: nothing is applied, pruned or drift-corrected.
+    suspended: bool,
+    /// The newest re-sync id kas asked for, and the one the running sync answers.
+    resync_asked: u64,
+    resync_running: u64,
+    /// The newest re-sync id reported, so a request heard again after a reconnect is not
+    /// synced twice.
+    resync_answered: u64,
 }
 
 /// The last report and whether kas has confirmed it.
@@ -325,36 +327,8 @@ fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
         finished_at: unix_now(),
         dry_run: outcome.dry_run,
         warnings: Vec::new(),
+        resync_id: 0,
     }
-}
-
-/// The entry's `kustomize` or `helm` key as kas expects it, unchanged but for the Helm
-/// namespace, which defaults to the project's `default_namespace`.
-fn render_request(project: &ManifestProject) -> Option<wire::Render> {
-    use wire::render::Renderer;
-    let renderer = match (&project.kustomize, &project.helm) {
-        (Some(k), _) => Renderer::Kustomize(wire::Kustomize {
-            path: k.path.clone(),
-        }),
-        (None, Some(h)) => Renderer::Helm(wire::Helm {
-            chart: h.chart.clone(),
-            release_name: h.release_name.clone(),
-            namespace: h
-                .namespace
-                .clone()
-                .unwrap_or_else(|| project.default_namespace.clone()),
-            values_files: h.values_files.clone(),
-            values_json: h
-                .values
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-        }),
-        (None, None) => return None,
-    };
-    Some(wire::Render {
-        renderer: Some(renderer),
-    })
 }
 
 fn unix_now() -> i64 {
@@ -366,7 +340,7 @@ fn unix_now() -> i64 {
 
 impl Worker {
     fn request(&self, last: &str) -> ObjectsRequest {
-        let render = render_request(&self.project);
+        let render = tether_protocol::render::render_request(&self.project);
         ObjectsRequest {
             project_id: self.settings.project_id.clone(),
             r#ref: self
@@ -405,6 +379,10 @@ impl Worker {
             started: now,
             next_run: None,
             failures: 0,
+            suspended: false,
+            resync_asked: 0,
+            resync_running: 0,
+            resync_answered: 0,
         };
         let mut reports = Reports {
             last: None,
@@ -478,7 +456,10 @@ impl Worker {
 
     /// Starts a sync of the newest commit when one is due and none runs.
     fn start_due_sync(&self, sync: &mut SyncState, stop: &CancellationToken) {
-        if sync.running.is_some() || sync.next_run.is_none_or(|t| Instant::now() < t) {
+        if sync.suspended
+            || sync.running.is_some()
+            || sync.next_run.is_none_or(|t| Instant::now() < t)
+        {
             return;
         }
         let Some(commit) = sync.current.clone() else {
@@ -498,6 +479,7 @@ impl Worker {
         );
         sync.running = Some((token, task));
         sync.started = Instant::now();
+        sync.resync_running = sync.resync_asked;
     }
 
     async fn on_message(
@@ -528,11 +510,12 @@ impl Worker {
         };
         match resp.message {
             Some(objects_response::Message::Header(h))
-                if !h.rendered && render_request(&self.project).is_some() =>
+                if !h.rendered
+                    && tether_protocol::render::render_request(&self.project).is_some() =>
             {
                 stream.building = None;
                 let message = "kas sent this commit without rendering it: it is older than Kustomize/Helm rendering; upgrade kas (nothing was applied)";
-                self.refuse(h.commit_id, message.to_owned(), reports, stop)
+                self.refuse(h.commit_id, message.to_owned(), sync, reports, stop)
                     .await;
             }
             Some(objects_response::Message::Header(h)) => {
@@ -562,12 +545,16 @@ impl Worker {
                     stop_sync(sync.running.take()).await;
                     sync.current = Some(b);
                     sync.failures = 0;
+                    // Held while suspended (kas holds commits then; this is for safety).
                     sync.next_run = Some(Instant::now());
                 }
             }
+            Some(objects_response::Message::Suspension(s)) => on_suspension(&s, sync).await,
+            Some(objects_response::Message::Resync(r)) => on_resync(r.id, sync).await,
             Some(objects_response::Message::Error(e)) => {
                 stream.building = None;
-                self.refuse(e.commit_id, e.message, reports, stop).await;
+                self.refuse(e.commit_id, e.message, sync, reports, stop)
+                    .await;
             }
             None => {}
         }
@@ -578,10 +565,15 @@ impl Worker {
         &mut self,
         commit_id: String,
         message: String,
+        sync: &mut SyncState,
         reports: &mut Reports,
         stop: &CancellationToken,
     ) {
         tracing::error!(commit_id = %commit_id, error = %message, "Synchronization failed");
+        self.event(Happened::Refused {
+            commit: &commit_id,
+            message: &message,
+        });
         let report = SyncReport {
             project_id: self.settings.project_id.clone(),
             commit_id,
@@ -591,7 +583,9 @@ impl Worker {
             finished_at: unix_now(),
             dry_run: false,
             warnings: Vec::new(),
+            resync_id: sync.resync_asked,
         };
+        sync.resync_answered = sync.resync_asked;
         self.report(report, reports, stop).await;
     }
 
@@ -616,6 +610,7 @@ impl Worker {
             }
         };
         self.log_outcome(&outcome);
+        self.event(Happened::Synced(&outcome));
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
@@ -626,6 +621,8 @@ impl Worker {
             now,
         );
         let mut report = report_of(&outcome, &self.settings.project_id);
+        report.resync_id = sync.resync_running;
+        sync.resync_answered = sync.resync_answered.max(sync.resync_running);
         if let Some(c) = sync.current.as_ref().filter(|c| c.id == outcome.commit_id) {
             report.warnings.clone_from(&c.warnings);
         }
@@ -637,6 +634,15 @@ impl Worker {
             sync.failures = sync.failures.saturating_add(1);
             Instant::now() + self.timing.retry.delay(sync.failures, 0.5)
         });
+    }
+
+    /// A Kubernetes Event on the project's inventory ConfigMap (written in the background).
+    fn event(&self, happened: Happened<'_>) {
+        let s = &self.settings;
+        let inventory = inventory_name(s.agent_id, &s.project_id);
+        self.engine
+            .events
+            .record(&s.default_namespace, &inventory, happened);
     }
 
     fn log_outcome(&self, o: &SyncOutcome) {
@@ -706,6 +712,40 @@ impl Worker {
     }
 }
 
+/// kas suspended or resumed the project. Suspending stops the running sync and every later one
+/// (drift correction included); resuming synchronizes the commit the worker has at once.
+async fn on_suspension(s: &wire::Suspension, sync: &mut SyncState) {
+    if s.suspended == sync.suspended {
+        return;
+    }
+    sync.suspended = s.suspended;
+    if s.suspended {
+        tracing::warn!(reason = %s.reason, suspended_by = %s.suspended_by, "GitOps suspended by kas: nothing is applied, pruned or drift-corrected until it is resumed");
+        stop_sync(sync.running.take()).await;
+        sync.next_run = None;
+    } else {
+        tracing::info!("GitOps resumed by kas: synchronizing now");
+        sync.failures = 0;
+        sync.next_run = Some(Instant::now());
+    }
+}
+
+/// kas asks for a sync now (`kas agent reconcile`): restart any sync in progress so the one
+/// reported has run entirely after the request.
+async fn on_resync(id: u64, sync: &mut SyncState) {
+    if id <= sync.resync_answered || id <= sync.resync_asked {
+        return;
+    }
+    sync.resync_asked = id;
+    if sync.suspended {
+        return;
+    }
+    tracing::info!(resync_id = id, "kas asked for a synchronization now");
+    stop_sync(sync.running.take()).await;
+    sync.failures = 0;
+    sync.next_run = Some(Instant::now());
+}
+
 /// Waits for the next thing the worker must act on.
 async fn next_event(
     stream: &mut Stream,
@@ -714,7 +754,8 @@ async fn next_event(
     stop: &CancellationToken,
 ) -> Event {
     let wake_at = [
-        sync.next_run,
+        // A suspended worker syncs nothing, so its sync time must not wake it (again and again).
+        sync.next_run.filter(|_| !sync.suspended),
         stream.open.is_none().then_some(stream.reconnect_at),
         reports.pending.then_some(reports.retry_at),
     ]
@@ -744,41 +785,5 @@ async fn next_event(
         d = sync_done => Event::SyncDone(d),
         () = timer => Event::Timer,
         () = stop.cancelled() => Event::Stop,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tether_agent_config::{Helm, Kustomize};
-    use wire::render::Renderer;
-
-    #[test]
-    fn render_settings_pass_through_with_the_default_namespace() {
-        let mut p = ManifestProject::new(ProjectRef::Path("g/m".into()));
-        assert_eq!(render_request(&p), None);
-        p.default_namespace = "apps".into();
-        p.helm = Some(Helm {
-            chart: "charts/app".into(),
-            release_name: "app".into(),
-            namespace: None,
-            values_files: vec!["v.yaml".into()],
-            values: Some(serde_json::json!({"a": 1})),
-        });
-        let Some(Renderer::Helm(h)) = render_request(&p).and_then(|r| r.renderer) else {
-            panic!("helm expected");
-        };
-        assert_eq!(
-            (h.namespace.as_str(), h.values_json.as_str()),
-            ("apps", r#"{"a":1}"#)
-        );
-        p.helm = None;
-        p.kustomize = Some(Kustomize {
-            path: "overlays/prod".into(),
-        });
-        let Some(Renderer::Kustomize(k)) = render_request(&p).and_then(|r| r.renderer) else {
-            panic!("kustomize expected");
-        };
-        assert_eq!(k.path, "overlays/prod");
     }
 }

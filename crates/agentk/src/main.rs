@@ -298,7 +298,12 @@ async fn run(cli: Cli) -> Result<()> {
     // applies here any more.
     let leading = start_leader_election(&mut modules, &cli, kube.clone(), config_rx.clone())?;
     let (gitops_channel, gitops_meta) = (channel.clone(), meta.clone());
+    let instance = match meta.pod_name.as_str() {
+        "" => format!("agentk-{}", std::process::id()),
+        pod => pod.to_owned(),
+    };
     let engine = gitops::Engine {
+        events: tether_gitops_agent::kube_events::Recorder::new(kube.clone(), instance),
         syncer: Arc::new(tether_gitops_agent::sync::Syncer::new(kube)),
         metrics: sync_metrics,
     };

@@ -46,9 +46,21 @@ pub struct ConfigStates(
     Mutex<HashMap<i64, Arc<tether_agent_config::AgentConfig>>>,
     /// Woken whenever a configuration is recorded (see [`ConfigStates::wait_config`]).
     tokio::sync::Notify,
+    /// Configurations refused since kas started (one per refused commit and agent stream).
+    prometheus_client::metrics::counter::Counter,
 );
 
 impl ConfigStates {
+    /// Registers `configuration_refusals_total` (no per-agent label: `kas agent status` names
+    /// the agent and the reason).
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register(
+            "configuration_refusals",
+            "Agent configurations refused (invalid or over the size limit); the last good one stays",
+            self.3.clone(),
+        );
+    }
+
     /// The configuration in force for an agent, waiting up to `timeout` for it to become known.
     ///
     /// Right after a kas restart an agent's tunnels and its configuration stream come back
@@ -263,6 +275,8 @@ pub struct ConfigService {
     pub sources: Arc<Sources>,
     pub registry: Arc<Registry>,
     pub states: Arc<ConfigStates>,
+    /// Told when a configuration is refused.
+    pub notifier: tether_notifications::Notifier,
 }
 
 impl ConfigService {
@@ -410,6 +424,11 @@ impl StreamState {
             },
             Ok(Loaded::Invalid { file, error }) => {
                 tracing::warn!(agent_id = id.agent_id, commit_id = %hex, error = %error, "Agent configuration refused; the last good one stays in force");
+                states.3.inc();
+                self.svc
+                    .notifier
+                    .configuration_refused(id.agent_id, &hex, &error)
+                    .await;
                 resp.file_path = file;
                 resp.error = error.clone();
                 states.update(id.agent_id, |s| {

@@ -31,7 +31,7 @@ pub mod webhook;
 
 pub use error::{Error, FetchError};
 pub use maintenance::{MaintenanceError, MaintenanceStatus, RepackReport};
-pub use metrics::FetchMetrics;
+pub use metrics::{Delivery, FetchMetrics};
 pub use mirror::{CommitId, FetchOutcome, FileEntry, GitRef, Mirror, RefChange};
 pub use remote::{Credentials, Remote, RemoteError, RemoteKind, SshAuth};
 pub use sources::{ProjectHead, ProjectSpec, Sources};

@@ -1,5 +1,6 @@
-//! Git fetch metrics users alert on: how fetches end and how long they take. No per-project
-//! labels: kas may mirror thousands of projects; `kas project list` names the failing ones.
+//! Git metrics users alert on: how fetches end and how long they take, and how push webhooks
+//! were received. No per-project labels: kas may mirror thousands of projects; `kas project
+//! list` names the failing ones.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -28,6 +29,27 @@ impl Ended {
     }
 }
 
+/// How a push webhook delivery was received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Authenticated; a fetch was started (or one was already running).
+    Accepted,
+    /// Not authenticated (unknown project, no secret configured, wrong token or signature).
+    Refused,
+    /// kas could not check it (the secret file is unreadable, the store failed).
+    Failed,
+}
+
+impl Delivery {
+    fn word(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
@@ -38,6 +60,7 @@ struct OutcomeLabel {
 pub struct FetchMetrics {
     fetches: Family<OutcomeLabel, Counter>,
     duration: Family<OutcomeLabel, Histogram>,
+    webhooks: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for FetchMetrics {
@@ -48,6 +71,7 @@ impl Default for FetchMetrics {
             duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.01, 2.0, 16))
             }),
+            webhooks: Family::default(),
         }
     }
 }
@@ -65,6 +89,19 @@ impl FetchMetrics {
             "How long fetches took (including signature checks), by outcome",
             self.duration.clone(),
         );
+        reg.register(
+            "webhook_deliveries",
+            "Push webhook deliveries received, by outcome (accepted, refused, failed)",
+            self.webhooks.clone(),
+        );
+    }
+
+    /// Counts one push webhook delivery.
+    pub fn delivery(&self, outcome: Delivery) {
+        let label = OutcomeLabel {
+            outcome: outcome.word(),
+        };
+        self.webhooks.get_or_create(&label).inc();
     }
 
     pub(crate) fn record(&self, outcome: Ended, seconds: f64) {
@@ -87,6 +124,7 @@ mod tests {
         m.record(Ended::Succeeded, 0.2);
         m.record(Ended::Failed, 2.0);
         m.record(Ended::Failed, 3.0);
+        m.delivery(Delivery::Refused);
         let mut reg = Registry::with_prefix("kas");
         m.register(&mut reg);
         let mut text = String::new();
@@ -101,6 +139,10 @@ mod tests {
         );
         assert!(
             text.contains(r#"kas_git_fetch_duration_seconds_count{outcome="failed"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"kas_webhook_deliveries_total{outcome="refused"} 1"#),
             "{text}"
         );
     }

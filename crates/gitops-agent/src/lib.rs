@@ -16,14 +16,19 @@
 //! 6. poll [`status::compute_status`] until [`status::sync_outcome`] is no longer waiting
 //!    or `reconcile_timeout` passes; the sync failed unless every object is Current or pruned
 //!    ([`sync::SyncError`]).
+//!
+//! [`preview`] runs steps 1–3 with server-side dry run and reads what step 5 would prune,
+//! for `kas agent diff`: what a sync would change, changing nothing.
 
 pub mod decode;
 pub mod drift;
 pub mod events;
 pub mod inventory;
+pub mod kube_events;
 pub mod metrics;
 pub mod object_ref;
 pub mod plan;
+pub mod preview;
 pub mod prune;
 pub mod status;
 pub mod sync;

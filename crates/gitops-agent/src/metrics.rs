@@ -2,8 +2,8 @@
 //! take, when each manifest project last synced successfully, and its objects by status.
 //!
 //! Histograms carry only the outcome as a label (10,000 agents must not make 10,000 series per
-//! bucket in a central Prometheus); the per-project series are gauges, bounded by the manifest
-//! projects of one agent's configuration.
+//! bucket in a central Prometheus); the per-project series are counters and gauges, bounded by
+//! the manifest projects of one agent's configuration.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -20,6 +20,12 @@ use crate::sync::{ObjectState, SyncOutcome};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProjectOutcomeLabel {
+    project: String,
     outcome: &'static str,
 }
 
@@ -49,7 +55,7 @@ const STATUSES: [&str; 7] = [
 /// The GitOps metrics of one agent; cheap to clone (the series are shared).
 #[derive(Clone, Debug)]
 pub struct SyncMetrics {
-    syncs: Family<OutcomeLabel, Counter>,
+    syncs: Family<ProjectOutcomeLabel, Counter>,
     duration: Family<OutcomeLabel, Histogram>,
     last_success: Family<ProjectLabel, Gauge<f64, AtomicU64>>,
     objects: Family<ObjectsLabel, Gauge>,
@@ -103,7 +109,12 @@ impl SyncMetrics {
                 "failed"
             },
         };
-        self.syncs.get_or_create(&label).inc();
+        self.syncs
+            .get_or_create(&ProjectOutcomeLabel {
+                project: project.to_owned(),
+                outcome: label.outcome,
+            })
+            .inc();
         self.duration
             .get_or_create(&label)
             .observe(took.as_secs_f64());
@@ -199,7 +210,7 @@ mod tests {
         );
         let t = text(&m);
         assert!(
-            t.contains(r#"agentk_gitops_syncs_total{outcome="succeeded"} 1"#),
+            t.contains(r#"agentk_gitops_syncs_total{project="group/app",outcome="succeeded"} 1"#),
             "{t}"
         );
         assert!(
@@ -237,7 +248,7 @@ mod tests {
         m.record("p", &failed, Duration::from_secs(1), 200.0);
         let t = text(&m);
         assert!(
-            t.contains(r#"agentk_gitops_syncs_total{outcome="failed"} 1"#),
+            t.contains(r#"agentk_gitops_syncs_total{project="p",outcome="failed"} 1"#),
             "{t}"
         );
         assert!(

@@ -13,7 +13,9 @@ use kube::api::{
 };
 use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
 use serde_json::{Value, json};
-use tether_agent_config::{DryRunStrategy, InventoryPolicy, PrunePropagationPolicy};
+use tether_agent_config::{
+    DryRunStrategy, InventoryPolicy, ManifestProject, PrunePropagationPolicy,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::decode::{DecodeError, Manifest, decode_file};
@@ -28,7 +30,7 @@ use crate::status::{ResourceStatus, Status, compute_status, sync_outcome};
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "agentk";
 /// How many API requests one sync keeps in flight.
-const CONCURRENCY: usize = 16;
+pub(crate) const CONCURRENCY: usize = 16;
 /// First status poll after applying; the period then doubles up to [`POLL_MAX`]. Most objects
 /// are Current at once (or within a second), a few take minutes.
 const POLL_MIN: Duration = Duration::from_millis(100);
@@ -49,6 +51,24 @@ pub struct Settings {
     pub inventory_policy: InventoryPolicy,
     pub reconcile_timeout: Duration,
     pub dry_run: DryRunStrategy,
+}
+
+impl Settings {
+    /// The settings of one `gitops.manifest_projects[]` entry; its key (`project_id`) is the
+    /// project as written (path or numeric id), which names its inventory.
+    pub fn for_project(agent_id: i64, p: &ManifestProject) -> Self {
+        Settings {
+            agent_id,
+            project_id: p.id.to_string(),
+            default_namespace: p.default_namespace.clone(),
+            prune: p.prune,
+            prune_timeout: p.prune_timeout,
+            prune_propagation_policy: p.prune_propagation_policy,
+            inventory_policy: p.inventory_policy,
+            reconcile_timeout: p.reconcile_timeout,
+            dry_run: p.dry_run_strategy,
+        }
+    }
 }
 
 /// Where a sync left an object.
@@ -284,7 +304,7 @@ impl LiveSummary {
 const LIST_PAGE: u32 = 500;
 
 /// The object to send for a manifest: marked as ours, then stamped with its digest.
-fn prepared(m: &Manifest, inv_id: &str) -> Value {
+pub(crate) fn prepared(m: &Manifest, inv_id: &str) -> Value {
     let mut obj = m.object.clone();
     inventory::set_owner(&mut obj, inv_id);
     drift::stamp_digest(&mut obj);
@@ -309,14 +329,14 @@ impl Syncer {
         Self { client }
     }
 
-    fn api(&self, ar: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
+    pub(crate) fn api(&self, ar: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
         match namespace {
             Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
             None => Api::all_with(self.client.clone(), ar),
         }
     }
 
-    async fn discover(&self) -> Result<Discovery, SyncError> {
+    pub(crate) async fn discover(&self) -> Result<Discovery, SyncError> {
         // A group can vanish between discovery's listing of groups and its read of one (a CRD
         // deleted meanwhile answers 404); a fresh discovery a moment later succeeds.
         let mut last = String::new();
@@ -332,12 +352,18 @@ impl Syncer {
         Err(SyncError::Discovery(last))
     }
 
-    fn resolve(disc: &Discovery, m: &Manifest) -> Option<(ApiResource, ApiCapabilities)> {
+    pub(crate) fn resolve(
+        disc: &Discovery,
+        m: &Manifest,
+    ) -> Option<(ApiResource, ApiCapabilities)> {
         let gvk = kube::core::GroupVersionKind::gvk(m.group(), m.version(), m.kind());
         disc.resolve_gvk(&gvk)
     }
 
-    fn resolve_ref(disc: &Discovery, r: &ObjRef) -> Option<(ApiResource, ApiCapabilities)> {
+    pub(crate) fn resolve_ref(
+        disc: &Discovery,
+        r: &ObjRef,
+    ) -> Option<(ApiResource, ApiCapabilities)> {
         disc.get(&r.group)?.recommended_kind(&r.kind)
     }
 
@@ -413,7 +439,10 @@ impl Syncer {
     }
 
     /// The previous inventory: unreadable means we cannot know what to prune, so the sync stops.
-    async fn read_inventory(&self, s: &Settings) -> Result<PreviousInventory, SyncError> {
+    pub(crate) async fn read_inventory(
+        &self,
+        s: &Settings,
+    ) -> Result<PreviousInventory, SyncError> {
         let name = inventory::inventory_name(s.agent_id, &s.project_id);
         let cms: Api<DynamicObject> = self.api(
             &ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
@@ -1151,11 +1180,11 @@ impl From<SyncError> for Aborted {
 }
 
 /// The inventory as the previous sync left it.
-struct PreviousInventory {
+pub(crate) struct PreviousInventory {
     /// The inventory ConfigMap's name, which is also the owner mark of our objects.
-    name: String,
+    pub(crate) name: String,
     exists: bool,
-    objects: BTreeSet<ObjRef>,
+    pub(crate) objects: BTreeSet<ObjRef>,
 }
 
 /// What one sync has done so far.
@@ -1215,7 +1244,7 @@ impl Progress {
 }
 
 /// Decodes every file; any error stops the sync before it touches the cluster.
-fn decode_all(files: &[(String, Vec<u8>)]) -> Result<Vec<Manifest>, SyncError> {
+pub(crate) fn decode_all(files: &[(String, Vec<u8>)]) -> Result<Vec<Manifest>, SyncError> {
     let mut manifests = Vec::new();
     for (path, bytes) in files {
         manifests.append(&mut decode_file(path, bytes)?);
@@ -1247,7 +1276,7 @@ fn client_dry_run(commit_id: &str, manifests: &[Manifest]) -> SyncOutcome {
 /// Namespaces are defaulted from discovery (the scope of a kind is the cluster's to say),
 /// before identities are compared: `dude/nginx` and a `nginx` defaulted into `dude` are the
 /// same object. Kinds a CRD of this very commit introduces are resolved after stage 1.
-fn default_namespaces(manifests: &mut [Manifest], disc: &Discovery, s: &Settings) {
+pub(crate) fn default_namespaces(manifests: &mut [Manifest], disc: &Discovery, s: &Settings) {
     for m in manifests.iter_mut() {
         if let Some((_, caps)) = Syncer::resolve(disc, m) {
             plan::set_default_namespace(
@@ -1354,7 +1383,7 @@ impl StatusLog<'_> {
 }
 
 /// (group, kind) pairs served by CRDs in this sync, for prune ordering.
-fn crd_kinds(manifests: &[Manifest]) -> Vec<(String, String)> {
+pub(crate) fn crd_kinds(manifests: &[Manifest]) -> Vec<(String, String)> {
     manifests
         .iter()
         .filter(|m| m.kind() == "CustomResourceDefinition")

@@ -11,15 +11,24 @@
 //!   new commit's selection in chunks, taking sync reports), built from explicit
 //!   [`GitOpsDeps`]; and [`SyncStates`], the reports kept in the store for `kas agent status`,
 //!   whose outcome and statuses read as [`ReportedOutcome`] / [`ReportedStatus`].
+//! - [`PreviewSource`]: the same selection at a ref the agent does not follow, for
+//!   `kas agent diff` ([`ref_candidates`]: what a `--ref` names).
+//! - [`Controls`]: kas's directives to open streams beyond new commits: re-sync now
+//!   ([`ResyncId`], `kas agent reconcile`) and suspension changes (`kas agent suspend`).
 
+pub mod control;
 pub mod glob;
+mod lag;
+mod preview;
 pub mod render;
 mod reports;
 mod select;
 mod service;
 
+pub use control::{Controls, ResyncId};
 pub use glob::{InvalidGlob, ManifestGlob, literal_prefix};
 // The admin API's words for outcomes and statuses; they live with the API types.
+pub use preview::{PreviewError, PreviewFiles, PreviewSource, ref_candidates};
 pub use render::{ManifestSource, RenderConfig, RenderError, RenderSpec, Renderer};
 pub use reports::SyncStates;
 pub use select::{Limits, ManifestFile, SelectError, Selection, manifests_at, select_manifests};

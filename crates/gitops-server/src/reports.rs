@@ -36,47 +36,45 @@ impl SyncStates {
         Ok(out)
     }
 
+    /// Stores the report; returns the one it replaces (the agent's previous report of that
+    /// project), so callers can tell a new sync from one re-sent after a reconnect.
     pub(crate) async fn put(
         &self,
         agent_id: i64,
         report: &SyncReport,
-    ) -> Result<(), tether_store::Error> {
-        let report = self.keep_applied_objects(agent_id, report).await?;
+    ) -> Result<Option<SyncReport>, tether_store::Error> {
+        let stored = self.for_agent(agent_id).await?;
+        let previous = stored
+            .into_iter()
+            .find(|r| r.project_id == report.project_id);
+        let report = keep_applied_objects(previous.as_ref(), report);
         self.0
             .put_sync_report(agent_id, &report.project_id, &report.encode_to_vec())
-            .await
+            .await?;
+        Ok(previous)
     }
+}
 
-    /// A sync that failed before applying anything (a manifest that does not decode, a
-    /// selection error) reports no objects; the objects of the previous sync are still in the
-    /// cluster, so they stay in the status, said to be from that commit.
-    async fn keep_applied_objects(
-        &self,
-        agent_id: i64,
-        report: &SyncReport,
-    ) -> Result<SyncReport, tether_store::Error> {
-        let mut report = report.clone();
-        if report.sync_outcome() != SyncOutcome::Failed || !report.objects.is_empty() {
-            return Ok(report);
-        }
-        let previous = self
-            .for_agent(agent_id)
-            .await?
-            .into_iter()
-            .find(|r| r.project_id == report.project_id && !r.objects.is_empty());
-        if let Some(previous) = previous {
-            // After several failures in a row, still the commit they were applied at.
-            let note = previous
-                .warnings
-                .iter()
-                .find(|w| w.starts_with(CARRIED))
-                .cloned()
-                .unwrap_or_else(|| format!("{CARRIED} {}", previous.commit_id));
-            report.warnings.push(note);
-            report.objects = previous.objects;
-        }
-        Ok(report)
+/// A sync that failed before applying anything (a manifest that does not decode, a selection
+/// error) reports no objects; the objects of the previous sync are still in the cluster, so
+/// they stay in the status, said to be from that commit.
+fn keep_applied_objects(previous: Option<&SyncReport>, report: &SyncReport) -> SyncReport {
+    let mut report = report.clone();
+    if report.sync_outcome() != SyncOutcome::Failed || !report.objects.is_empty() {
+        return report;
     }
+    if let Some(previous) = previous.filter(|p| !p.objects.is_empty()) {
+        // After several failures in a row, still the commit they were applied at.
+        let note = previous
+            .warnings
+            .iter()
+            .find(|w| w.starts_with(CARRIED))
+            .cloned()
+            .unwrap_or_else(|| format!("{CARRIED} {}", previous.commit_id));
+        report.warnings.push(note);
+        report.objects = previous.objects.clone();
+    }
+    report
 }
 
 /// The fields of a report stored before its outcome and statuses were enums; their tags are

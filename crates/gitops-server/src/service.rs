@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tether_git_source::{CommitId, GitRef, Sources};
 use tether_protocol::gitops::git_ops_server::{GitOps, GitOpsServer};
 use tether_protocol::gitops::{
-    Header, ObjectChunk, ObjectsRequest, ObjectsResponse, ReportAck, SelectionError, SyncReport,
-    Trailer, git_ref, objects_response,
+    Header, ObjectChunk, ObjectsRequest, ObjectsResponse, ReportAck, Resync, SelectionError,
+    Suspension, SyncOutcome, SyncReport, Trailer, git_ref, objects_response,
 };
 use tether_store::Store;
 use tether_tunnel_server::{Authenticator, Registry, authenticate_request};
@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::control::{Controls, Directives, ResyncId, suspension_for};
+use crate::lag::ReconcileLag;
 use crate::render::{ManifestSource, Renderer};
 use crate::reports::SyncStates;
 use crate::select::{Limits, manifests_at};
@@ -38,6 +40,8 @@ pub struct GitOpsDeps {
     pub limits: Limits,
     /// Renders Kustomize directories and Helm charts (sandbox, cache).
     pub renderer: Arc<Renderer>,
+    /// Told of offered commits, refusals and sync reports (failures, recoveries, statuses).
+    pub notifier: tether_notifications::Notifier,
 }
 
 impl std::fmt::Debug for GitOpsDeps {
@@ -58,9 +62,30 @@ pub struct GitOpsModule {
 impl GitOpsModule {
     pub fn new(deps: GitOpsDeps) -> Self {
         let reports = Arc::new(SyncStates::new(Arc::clone(&deps.store)));
+        let lag = Arc::new(ReconcileLag::default());
         Self {
-            service: GitOpsService { deps, reports },
+            service: GitOpsService {
+                deps,
+                reports,
+                lag,
+                controls: Arc::new(Controls::default()),
+            },
         }
+    }
+
+    /// Registers the module's metrics (`gitops_reconcile_lag_seconds`).
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        self.service.lag.register(reg);
+    }
+
+    /// The renderer the streams use (previews share it and its cache).
+    pub fn renderer(&self) -> Arc<Renderer> {
+        Arc::clone(&self.service.deps.renderer)
+    }
+
+    /// The directives to agents' streams: re-sync now, suspensions changed.
+    pub fn controls(&self) -> Arc<Controls> {
+        Arc::clone(&self.service.controls)
     }
 
     /// The agents' last sync reports (what `kas agent status` shows).
@@ -80,6 +105,8 @@ impl GitOpsModule {
 pub struct GitOpsService {
     deps: GitOpsDeps,
     reports: Arc<SyncStates>,
+    lag: Arc<ReconcileLag>,
+    controls: Arc<Controls>,
 }
 
 impl std::fmt::Debug for GitOpsService {
@@ -116,7 +143,8 @@ impl GitOpsService {
         Ok(project)
     }
 
-    /// Streams the selection at each new commit until the agent goes away.
+    /// Streams the selection at each new commit until the agent goes away; holds commits
+    /// while the project is suspended; passes re-sync requests on after any newer commit.
     async fn run(
         self,
         agent_id: i64,
@@ -133,45 +161,41 @@ impl GitOpsService {
             Some(git_ref::Ref::Tag(t)) => GitRef::Tag(t),
             Some(git_ref::Ref::Commit(c)) => GitRef::Commit(c),
         };
+        let at = StreamAt {
+            agent_id,
+            project: &project,
+            git_ref: &git_ref,
+            source: &source,
+            tx: &tx,
+        };
         let mut offered = Offered {
             last: req.commit_id.clone(),
             refused: None,
         };
         let mut heads = self.deps.sources.watch(project.id);
+        let mut directives = self.controls.subscribe(agent_id, project.id);
+        let mut control = StreamControl::default();
         loop {
-            // Every successful fetch wakes us; the ref may have moved even if the default
-            // branch did not.
-            // A mirror restored from disk after a restart serves its commit before the first
-            // fetch of this process (the remote may be slow or down).
+            let d = *directives.borrow_and_update();
+            if !self.apply_suspension(&at, d, &mut control).await {
+                return;
+            }
+            // Marked seen even while suspended, or `changed()` below would not wait.
             let fetched = {
                 let h = heads.borrow_and_update();
                 h.fetches > 0 || h.restored
             };
-            if fetched && let Some(mirror) = self.deps.sources.mirror(project.id) {
-                let alive = match mirror.resolve(&git_ref) {
-                    Ok(commit) if commit.to_hex() != offered.last => {
-                        let at = Offer {
-                            agent_id,
-                            project: &project,
-                            mirror: &mirror,
-                            source: &source,
-                            tx: &tx,
-                        };
-                        self.offer_commit(&at, commit, &mut offered).await
-                    }
-                    Ok(_) => true,
-                    Err(e) => {
-                        offered.last = String::new();
-                        let message = format!("ref {git_ref:?} of {}: {e}", project.path);
-                        send_error(&tx, String::new(), message).await
-                    }
-                };
-                if !alive {
+            if control.sent.as_ref().is_some_and(|s| !s.suspended) {
+                if fetched && !self.offer_newest(&at, &mut offered).await {
+                    return;
+                }
+                if !send_resync(&tx, d.resync, &mut control).await {
                     return;
                 }
             }
             tokio::select! {
                 changed = heads.changed() => if changed.is_err() { return },
+                changed = directives.changed() => if changed.is_err() { return },
                 () = lease.cancelled() => {
                     let _ = tx.send(Err(lease.end_status())).await;
                     return;
@@ -179,6 +203,72 @@ impl GitOpsService {
                 () = tx.closed() => return,
             }
         }
+    }
+
+    /// Offers the newest commit of the ref if the agent does not have it; false when the agent
+    /// is gone. Every successful fetch wakes the caller; the ref may have moved even if the
+    /// default branch did not. A mirror restored from disk after a restart serves its commit
+    /// before the first fetch of this process (the remote may be slow or down).
+    async fn offer_newest(&self, at: &StreamAt<'_>, offered: &mut Offered) -> bool {
+        let Some(mirror) = self.deps.sources.mirror(at.project.id) else {
+            return true;
+        };
+        match mirror.resolve(at.git_ref) {
+            Ok(commit) if commit.to_hex() != offered.last => {
+                self.lag.seen(&commit.to_hex());
+                let offer = Offer {
+                    agent_id: at.agent_id,
+                    project: at.project,
+                    mirror: &mirror,
+                    source: at.source,
+                    tx: at.tx,
+                };
+                self.offer_commit(&offer, commit, offered).await
+            }
+            Ok(_) => true,
+            Err(e) => {
+                offered.last = String::new();
+                let message = format!("ref {:?} of {}: {e}", at.git_ref, at.project.path);
+                send_error(at.tx, String::new(), message).await
+            }
+        }
+    }
+
+    /// Reads the project's suspension when it may have changed (first, then at each change)
+    /// and tells the agent when it differs from what it was told. False when the agent is gone
+    /// or the store cannot say: the stream then ends with `UNAVAILABLE` and the agent retries,
+    /// rather than applying a project that may be suspended.
+    async fn apply_suspension(
+        &self,
+        at: &StreamAt<'_>,
+        d: Directives,
+        control: &mut StreamControl,
+    ) -> bool {
+        if control.suspensions_seen == Some(d.suspensions) {
+            return true;
+        }
+        let all = match self.deps.store.suspensions(Some(at.agent_id)).await {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!(agent_id = at.agent_id, project = %at.project.path, error = %e, "Cannot read the project's suspension; ending the stream");
+                let status = Status::unavailable(format!("reading suspensions: {e}"));
+                let _ = at.tx.send(Err(status)).await;
+                return false;
+            }
+        };
+        control.suspensions_seen = Some(d.suspensions);
+        let now = wire_suspension(suspension_for(&all, at.project.id));
+        if control.sent.as_ref() == Some(&now) {
+            return true;
+        }
+        if now.suspended {
+            tracing::info!(agent_id = at.agent_id, project = %at.project.path, reason = %now.reason, suspended_by = %now.suspended_by, "GitOps suspended: holding new commits");
+        }
+        control.sent = Some(now.clone());
+        at.tx
+            .send(msg(objects_response::Message::Suspension(now)))
+            .await
+            .is_ok()
     }
 
     /// Sends `commit` when it passes the project's signature policy (signed commits only);
@@ -194,6 +284,12 @@ impl GitOpsService {
             Err(refusal) => {
                 tracing::warn!(agent_id, project = %project.path, commit_id = %commit, signer = refusal.signer.as_deref().unwrap_or_default(), reason = %refusal.reason, "Refused a manifest commit: it is not signed by a trusted key; nothing is applied");
                 offered.refused = refusal.definitive.then_some(commit);
+                if refusal.definitive {
+                    let (notifier, hex) = (&self.deps.notifier, commit.to_hex());
+                    notifier
+                        .commit_refused(agent_id, &project.path, &hex, &refusal.reason)
+                        .await;
+                }
                 let message = format!("{refusal}; the last verified commit stays applied");
                 send_error(at.tx, commit.to_hex(), message).await
             }
@@ -204,6 +300,10 @@ impl GitOpsService {
                 if sent {
                     offered.refused = None;
                     offered.last = commit.to_hex();
+                    let notifier = &self.deps.notifier;
+                    notifier
+                        .commit_offered(agent_id, &project.path, &offered.last)
+                        .await;
                 }
                 sent
             }
@@ -319,10 +419,19 @@ impl GitOps for GitOpsService {
             "Synchronization reported"
         );
         // Acknowledged only once stored: otherwise agentk keeps the report and retries.
-        self.reports.put(id.agent_id, &report).await.map_err(|e| {
+        let previous = self.reports.put(id.agent_id, &report).await.map_err(|e| {
             tracing::error!(agent_id = id.agent_id, project_id = %report.project_id, error = %e, "Storing a sync report failed");
             Status::unavailable(format!("storing the report: {e}"))
         })?;
+        let notifier = &self.deps.notifier;
+        notifier
+            .sync_reported(id.agent_id, previous.as_ref(), &report)
+            .await;
+        // A report re-sent after a reconnect is not a new application of its commit.
+        let new_commit = previous.is_none_or(|p| p.commit_id != report.commit_id);
+        if new_commit && report.sync_outcome() == SyncOutcome::Succeeded {
+            self.lag.applied(&report.commit_id);
+        }
         Ok(Response::new(ReportAck {}))
     }
 }
@@ -343,6 +452,48 @@ struct Offer<'a> {
     mirror: &'a tether_git_source::Mirror,
     source: &'a ManifestSource,
     tx: &'a Tx,
+}
+
+/// Where a stream sends: one agent's stream of one project at one ref.
+struct StreamAt<'a> {
+    agent_id: i64,
+    project: &'a tether_store::Project,
+    git_ref: &'a GitRef,
+    source: &'a ManifestSource,
+    tx: &'a Tx,
+}
+
+/// What one stream told the agent beyond commits.
+#[derive(Default)]
+struct StreamControl {
+    /// The suspension generation last read (`None`: not read yet).
+    suspensions_seen: Option<u64>,
+    /// The suspension state last sent (`None`: none yet, so nothing may be offered).
+    sent: Option<Suspension>,
+    /// The newest re-sync id sent.
+    resynced: ResyncId,
+}
+
+fn wire_suspension(s: Option<&tether_store::Suspension>) -> Suspension {
+    s.map_or_else(Suspension::default, |s| Suspension {
+        suspended: true,
+        reason: s.reason.clone(),
+        suspended_by: s.suspended_by.clone(),
+        suspended_at: s.suspended_at,
+    })
+}
+
+/// Passes a re-sync request on once; false when the agent is gone.
+async fn send_resync(tx: &Tx, asked: ResyncId, control: &mut StreamControl) -> bool {
+    if asked <= control.resynced {
+        return true;
+    }
+    control.resynced = asked;
+    tx.send(msg(objects_response::Message::Resync(Resync {
+        id: asked.0,
+    })))
+    .await
+    .is_ok()
 }
 
 /// Tells the agent a selection failed (nothing to apply); false when the agent is gone.

@@ -13,8 +13,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::{
-    AgentView, ProjectRequest, ProjectView, Revoked, Stats, SyncView, TokenCreated, TokenView,
-    UserTokenCreated, UserTokenRequest,
+    AgentDeleted, AgentView, ProjectRequest, ProjectView, ReconcileRequest, ReconcileStarted,
+    Resumed, Revoked, Stats, SuspendRequest, SuspensionView, SyncView, TokenCreated, TokenView,
+    UserTokenCreated, UserTokenRequest, UserTokenView,
 };
 
 /// Why a call to kas's internal API failed. Displayed as the admin commands print it.
@@ -257,6 +258,16 @@ impl AdminClient {
         .await
     }
 
+    /// What a synchronization of `req.git_ref` would change in the agent's cluster.
+    pub async fn diff(&self, agent_id: i64, req: &crate::DiffRequest) -> Result<crate::DiffView> {
+        self.json(
+            Method::POST,
+            &format!("/api/v1/agents/{agent_id}/diff"),
+            Some(req),
+        )
+        .await
+    }
+
     pub async fn create_user_token(
         &self,
         agent_id: i64,
@@ -277,6 +288,42 @@ impl AdminClient {
             None::<&()>,
         )
         .await
+    }
+
+    /// Fetches the agent's configuration and manifest projects now and asks the agent to
+    /// synchronize them now, even unchanged.
+    pub async fn reconcile(
+        &self,
+        agent_id: i64,
+        req: &ReconcileRequest,
+    ) -> Result<ReconcileStarted> {
+        let path = format!("/api/v1/agents/{agent_id}/reconcile");
+        self.json(Method::POST, &path, Some(req)).await
+    }
+
+    pub async fn suspend(&self, agent_id: i64, req: &SuspendRequest) -> Result<SuspensionView> {
+        let path = format!("/api/v1/agents/{agent_id}/suspend");
+        self.json(Method::POST, &path, Some(req)).await
+    }
+
+    pub async fn resume(&self, agent_id: i64, req: &SuspendRequest) -> Result<Resumed> {
+        let path = format!("/api/v1/agents/{agent_id}/resume");
+        self.json(Method::POST, &path, Some(req)).await
+    }
+
+    /// Revokes the agent's tokens, ends its streams and removes its records.
+    pub async fn delete_agent(&self, agent_id: i64) -> Result<AgentDeleted> {
+        let path = format!("/api/v1/agents/{agent_id}");
+        self.json(Method::DELETE, &path, None::<&()>).await
+    }
+
+    /// Personal access tokens (never their values), of one agent or of all.
+    pub async fn list_user_tokens(&self, agent_id: Option<i64>) -> Result<Vec<UserTokenView>> {
+        let path = match agent_id {
+            Some(id) => format!("/api/v1/user-tokens?agent_id={id}"),
+            None => "/api/v1/user-tokens".to_owned(),
+        };
+        self.json(Method::GET, &path, None::<&()>).await
     }
 
     pub async fn stats(&self) -> Result<Stats> {

@@ -4,12 +4,14 @@
 
 mod agent_ref;
 mod client;
+mod diff;
 mod reported;
 
 use serde::{Deserialize, Serialize};
 
 pub use agent_ref::{AgentRef, InvalidAgentRef};
 pub use client::{AdminClient, ClientError};
+pub use diff::{DiffChange, DiffRequest, DiffView, ObjectDiffView, ProjectDiffView};
 pub use reported::{ReportedOutcome, ReportedStatus};
 // A user's memberships are the proxy's type from the command line to the store.
 pub use tether_kubeproxy_server::{AccessLevel, Membership, MembershipKind, MembershipSpecError};
@@ -48,6 +50,91 @@ pub struct AgentView {
     pub connections: Vec<ConnectionView>,
     /// The configuration in force and the last refusal, as kas knows them.
     pub config: Option<ConfigView>,
+    /// Its GitOps suspensions (`kas agent suspend`); empty when none.
+    #[serde(default)]
+    pub suspensions: Vec<SuspensionView>,
+}
+
+/// A GitOps suspension: nothing of the project (or, without one, of any manifest project of
+/// the agent) is applied, pruned or drift-corrected.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SuspensionView {
+    /// The manifest project's path; `None`: every manifest project of the agent.
+    pub project: Option<String>,
+    pub reason: String,
+    /// Who: `admin` (the admin token), with the name the CLI reported in parentheses.
+    pub suspended_by: String,
+    /// RFC 3339.
+    pub suspended_at: String,
+}
+
+/// `POST /api/v1/agents/{id}/suspend` (and `resume`, which ignores the reason).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SuspendRequest {
+    /// A manifest project's path or id; `None`: every manifest project of the agent.
+    #[serde(default)]
+    pub project: Option<String>,
+    #[serde(default)]
+    pub reason: String,
+    /// The name the person at the CLI goes by (`$USER`); recorded next to `admin`.
+    #[serde(default)]
+    pub requested_by: Option<String>,
+}
+
+/// What `resume` lifted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Resumed {
+    pub resumed: u64,
+}
+
+/// `POST /api/v1/agents/{id}/reconcile`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReconcileRequest {
+    /// A manifest project's path or id; `None`: every manifest project of the agent.
+    #[serde(default)]
+    pub project: Option<String>,
+}
+
+/// A reconcile under way: its id (reports answering it carry it) and each project asked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReconcileStarted {
+    pub resync_id: u64,
+    pub projects: Vec<ReconcileTarget>,
+}
+
+/// One manifest project of a reconcile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReconcileTarget {
+    /// As the agent's configuration names it (what its sync reports are keyed by).
+    pub project: String,
+    /// The default branch's commit after the fetch.
+    pub commit: Option<String>,
+    /// Why the fetch failed (the last good commit is synced).
+    pub fetch_error: Option<String>,
+    /// How many of the agent's streams heard the request (0: offline or not leading).
+    pub streams: usize,
+}
+
+/// What deleting an agent ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentDeleted {
+    pub agent_id: i64,
+    pub tokens_revoked: usize,
+    pub streams_ended: usize,
+    pub user_requests_ended: usize,
+}
+
+/// A personal access token's record (never the token).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserTokenView {
+    pub id: i64,
+    pub agent_id: i64,
+    pub username: String,
+    pub memberships: Vec<Membership>,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]
@@ -182,6 +269,9 @@ pub struct SyncView {
     /// What kas warned about the commit's manifests (symlinks skipped, nothing matched).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The newest `kas agent reconcile` this synchronization answers (0: none).
+    #[serde(default)]
+    pub resync_id: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]

@@ -25,7 +25,7 @@ use crate::connections::ConnectionCount;
 use crate::limits::{HttpGuard, guard_http};
 use tether_configuration_server::{ConfigState, ConfigStates};
 // The routes' request and response types live in their own crate, shared with the clients.
-use tether_git_source::Sources;
+use tether_git_source::{Delivery, Sources};
 pub use tether_kas_api::{
     AgentView, ConfigView, ConnectionView, CreateTokenRequest, ObjectView, ProjectRequest,
     ProjectView, RefusalView, RegisterRequest, ReportedOutcome, ReportedStatus, Revoked, Stats,
@@ -42,15 +42,44 @@ pub struct ApiState {
     pub sources: Arc<Sources>,
     pub config_states: Arc<ConfigStates>,
     pub sync_states: Arc<tether_gitops_server::SyncStates>,
+    /// Re-sync requests and suspension changes to the agents' GitOps streams.
+    pub gitops_controls: Arc<tether_gitops_server::Controls>,
     /// The proxy's live requests per personal access token (ended on revocation).
     pub live_user_requests: Arc<crate::revocation::LiveUserRequests>,
     /// Limits on failed authentication (admin token, webhook secrets).
     pub guards: crate::limits::Guards,
+    /// Bounds of one manifest selection (as for the GitOps stream), for previews.
+    pub gitops_limits: tether_gitops_server::Limits,
+    /// Renders Kustomize and Helm projects for previews (shared with the GitOps stream, so
+    /// its cache too).
+    pub renderer: Arc<tether_gitops_server::Renderer>,
+    /// How long a preview waits for the fetch it asks for.
+    pub fetch_timeout: Duration,
+    /// Redis shared with the other replicas: revocations are published there.
+    pub cluster: Option<crate::cluster::Cluster>,
+}
+
+impl ApiState {
+    /// Tells the other replicas about `event`: to end what a revoked token opened there (this
+    /// one ended it already; without Redis, or when publishing fails, they notice at their next
+    /// token re-check), or to fetch a pushed project (or at their next poll).
+    pub async fn publish_event(&self, event: crate::cluster::ClusterEvent) {
+        let Some(cluster) = &self.cluster else { return };
+        if let Err(e) = cluster.publish(event).await {
+            tracing::warn!(event = ?event, error = %e, "Cannot tell the other replicas; they catch up at their next token re-check or poll");
+        }
+    }
 }
 
 /// An error response: `{"error": "..."}` with a status code.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
+
+impl ApiError {
+    pub fn new(code: StatusCode, message: impl Into<String>) -> Self {
+        ApiError(code, message.into())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -86,7 +115,7 @@ fn config_view(s: ConfigState) -> ConfigView {
     }
 }
 
-fn rfc3339(t: std::time::SystemTime) -> String {
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
     let secs = t
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -115,6 +144,7 @@ async fn require_admin(State(st): State<ApiState>, req: Request, next: Next) -> 
 
 async fn list_agents(State(st): State<ApiState>) -> Result<Json<Vec<AgentView>>, ApiError> {
     let rows = st.store.list_agents().await?;
+    let mut suspensions = crate::operate::suspension_views(&st, None).await?;
     let live: HashMap<i64, _> = st
         .registry
         .connections()
@@ -148,6 +178,7 @@ async fn list_agents(State(st): State<ApiState>) -> Result<Json<Vec<AgentView>>,
                 idle_tunnels: c.map_or(0, |c| c.idle_tunnels),
                 connections,
                 config: st.config_states.get(r.id).map(config_view),
+                suspensions: suspensions.remove(&r.id).unwrap_or_default(),
             }
         })
         .collect();
@@ -254,6 +285,8 @@ async fn revoke_user_token(
     // (watches, exec sessions) end, and any authenticated a moment ago is refused when it
     // starts (see `LiveUserRequests`).
     let requests_ended = st.live_user_requests.revoke(id);
+    st.publish_event(crate::cluster::ClusterEvent::UserToken { id })
+        .await;
     tracing::info!(
         token_id = id,
         requests_ended,
@@ -269,8 +302,11 @@ async fn revoke_token(
     Path(token_id): Path<i64>,
 ) -> Result<Json<Revoked>, ApiError> {
     let was_active = st.store.revoke_token(token_id).await?;
-    // End this kas's live streams now; other replicas notice at their next re-check.
+    // End this kas's live streams now, and the other replicas' through Redis (without it,
+    // they notice at their next re-check).
     let streams_ended = st.registry.revoke_token(token_id);
+    st.publish_event(crate::cluster::ClusterEvent::AgentToken { id: token_id })
+        .await;
     tracing::info!(token_id, streams_ended, "Agent token revoked");
     Ok(Json(Revoked {
         token_id,
@@ -427,6 +463,23 @@ async fn webhook(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let received = receive_webhook(&st, project_id, &headers, &body).await;
+    // Every delivery is counted, so a sender with a wrong secret shows up on a dashboard.
+    let outcome = match &received {
+        Ok(_) => Delivery::Accepted,
+        Err(e) if e.0 == StatusCode::UNAUTHORIZED => Delivery::Refused,
+        Err(_) => Delivery::Failed,
+    };
+    st.sources.metrics().delivery(outcome);
+    received
+}
+
+async fn receive_webhook(
+    st: &ApiState,
+    project_id: i64,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+) -> Result<Json<serde_json::Value>, ApiError> {
     let unauthorized = || ApiError(StatusCode::UNAUTHORIZED, "webhook not authorized".into());
     let project = st
         .store
@@ -444,14 +497,23 @@ async fn webhook(
             "webhook secret unavailable".into(),
         )
     })?;
-    let kind = tether_git_source::verify_webhook(&headers, &body, secret.trim().as_bytes())
-        .map_err(|e| {
+    let kind = tether_git_source::verify_webhook(headers, body, secret.trim().as_bytes()).map_err(
+        |e| {
             // Debug only: the guard logs refusals with the client address, sampled.
             tracing::debug!(project = %project.path, error = %e, "Webhook refused");
             unauthorized()
-        })?;
-    let event = tether_git_source::PushEvent::from_body(&body);
+        },
+    )?;
+    let event = tether_git_source::PushEvent::from_body(body);
     let triggered = st.sources.trigger(project.id);
+    if let Some(cluster) = &st.cluster {
+        let from = cluster.replica();
+        st.publish_event(crate::cluster::ClusterEvent::Pushed {
+            project: project.id,
+            from,
+        })
+        .await;
+    }
     tracing::info!(project = %project.path, kind = ?kind, git_ref = event.as_ref().map(|e| e.git_ref.clone()).unwrap_or_default(), "Push webhook: fetching now");
     Ok(Json(
         serde_json::json!({"project": project.path, "fetching": triggered}),
@@ -477,6 +539,7 @@ async fn agent_gitops(
                 ),
                 dry_run: r.dry_run,
                 warnings: r.warnings,
+                resync_id: r.resync_id,
                 objects: r
                     .objects
                     .into_iter()
@@ -531,10 +594,12 @@ pub fn admin_router(state: ApiState) -> Router {
         )
         .route("/api/v1/agents/{id}/echo", post(echo))
         .route("/api/v1/agents/{id}/gitops", get(agent_gitops))
+        .route("/api/v1/agents/{id}/diff", post(crate::preview::diff))
         .route("/api/v1/tokens/{id}", delete(revoke_token))
         .route("/api/v1/agents/{id}/user-tokens", post(create_user_token))
         .route("/api/v1/user-tokens/{id}", delete(revoke_user_token))
         .route("/api/v1/debug/stats", get(stats))
+        .merge(crate::operate::routes())
         .route(
             "/api/v1/projects",
             get(list_projects).put(put_project).delete(delete_project),

@@ -37,6 +37,10 @@ pub struct Config {
     pub webhooks: Webhooks,
     /// Limits on failed authentication and agent token use (see [`crate::limits`]).
     pub rate_limits: crate::limits::RateLimits,
+    /// Receivers told about failed and recovered syncs and refusals.
+    pub notifications: tether_notifications::NotificationsConfig,
+    /// Redis shared by several kas replicas (revocations reach all of them at once).
+    pub redis: Option<crate::cluster::RedisConfig>,
 }
 
 /// Push webhooks from Git hosts. Without `listen`, they are served on the internal API's
@@ -505,6 +509,8 @@ impl Default for Config {
             observability: Observability::default(),
             webhooks: Webhooks::default(),
             rate_limits: crate::limits::RateLimits::default(),
+            notifications: tether_notifications::NotificationsConfig::default(),
+            redis: None,
         }
     }
 }
@@ -550,6 +556,10 @@ impl Config {
         }
         self.rate_limits.validate()?;
         self.gitops.render.validate()?;
+        self.notifications.validate().map_err(|e| e.to_string())?;
+        if let Some(redis) = &self.redis {
+            redis.validate()?;
+        }
         self.validate_database()?;
         tether_observability::parse_level(&self.observability.logging.level)
             .map_err(|e| format!("observability.logging.level: {e}"))?;

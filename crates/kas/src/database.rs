@@ -62,11 +62,13 @@ pub async fn copy(from: &DatabaseLocation, to: &DatabaseLocation) -> Result<Vec<
     copied
 }
 
-/// Keeps `ready` equal to "the database answered its last check" until `stop`. A replica that
-/// cannot reach its database would fail every request that needs a record, so it should leave
-/// the load balancer's rotation rather than take traffic.
+/// Keeps `ready` equal to "the database (and Redis, when configured) answered its last
+/// check" until `stop`. A replica that cannot reach its database would fail every request that
+/// needs a record, and one that cannot reach Redis would miss other replicas' revocations, so
+/// it should leave the load balancer's rotation rather than take traffic.
 pub fn spawn_readiness(
     store: Arc<dyn Store>,
+    redis: Option<crate::cluster::Cluster>,
     ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -78,21 +80,32 @@ pub fn spawn_readiness(
                 () = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let answered = match tokio::time::timeout(READINESS_TIMEOUT, store.check()).await {
-                Ok(Ok(())) => true,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "Database check failed: not ready");
-                    false
-                }
-                Err(_) => {
-                    tracing::warn!("Database did not answer in time: not ready");
-                    false
-                }
-            };
+            let mut answered = answers("Database", store.check()).await;
+            if let Some(r) = &redis {
+                answered &= answers("Redis", r.check()).await;
+            }
             let was = ready.send_replace(answered);
             if answered && !was {
-                tracing::info!("Database answers again: ready");
+                tracing::info!("Database and Redis answer again: ready");
             }
         }
     })
+}
+
+/// Whether a check answered within [`READINESS_TIMEOUT`]; says why not.
+async fn answers<E: std::fmt::Display>(
+    what: &str,
+    check: impl std::future::Future<Output = Result<(), E>>,
+) -> bool {
+    match tokio::time::timeout(READINESS_TIMEOUT, check).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "{what} check failed: not ready");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("{what} did not answer in time: not ready");
+            false
+        }
+    }
 }

@@ -4,17 +4,22 @@
 //!
 //! Modules are wired explicitly here; each gets its dependencies injected.
 
+pub mod agent_kube;
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod database;
+pub mod diff;
 pub mod install;
 pub mod jwks;
 pub mod kubeproxy;
 pub mod limits;
 pub mod listener;
 pub mod modules;
+pub mod operate;
+pub mod preview;
 pub mod projects;
 pub mod revocation;
 pub mod server;

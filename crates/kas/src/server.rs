@@ -26,7 +26,10 @@ use crate::listener::ListenerMetrics;
 use crate::modules::{Handle, Modules};
 use tether_configuration_server::{ConfigService, ConfigStates};
 use tether_git_source::Sources;
-use tether_gitops_server::{GitOpsDeps, GitOpsModule, GitOpsService, SyncStates};
+use tether_gitops_server::{GitOpsDeps, GitOpsModule, GitOpsService};
+use tether_notifications::Notifier;
+
+use crate::cluster::{Cluster, ClusterEvent};
 use tether_protocol::gitops::git_ops_server::GitOpsServer;
 
 /// A running kas.
@@ -76,6 +79,10 @@ struct Shared {
     auth: Arc<dyn Authenticator>,
     metrics: MetricsRegistry,
     listener_metrics: ListenerMetrics,
+    /// Tells receivers about failed/recovered syncs and refusals (a no-op without receivers).
+    notifier: Notifier,
+    /// Redis, shared with the other replicas (`redis:`); `None` for a single kas.
+    cluster: Option<Cluster>,
 }
 
 /// Starts every module of kas, in order, and returns once all listeners are bound.
@@ -93,6 +100,10 @@ pub async fn start(cfg: Config) -> Result<Running> {
     });
     let (registry, h) = start_registry(&mut metrics, modules.handle("registry"));
     modules.push(h);
+    let (notifier, h) =
+        start_notifications(&cfg, &store, &mut metrics, modules.handle("notifications"))?;
+    modules.push(h);
+    let cluster = connect_cluster(&cfg).await?;
     let (connections, conn_gauge) = connection_count(&mut metrics);
     let listener_metrics = ListenerMetrics::default();
     listener_metrics.register(&mut metrics);
@@ -103,24 +114,31 @@ pub async fn start(cfg: Config) -> Result<Running> {
         auth,
         metrics,
         listener_metrics,
+        notifier,
+        cluster,
     };
     check_limits(&cfg);
     let (sources, h) = start_sources(&cfg, &mut sh, modules.handle("sources")).await?;
     modules.push(h);
     let (config_states, configuration, h) =
-        start_configuration(&sh, &sources, modules.handle("configuration")).await?;
+        start_configuration(&mut sh, &sources, modules.handle("configuration")).await?;
     modules.push(h);
-    let (sync_states, gitops, h) = start_gitops(&cfg, &sh, &sources, modules.handle("gitops"));
+    let (gitops, h) = start_gitops(&cfg, &mut sh, &sources, modules.handle("gitops"));
     modules.push(h);
+    let (sync_states, gitops_controls) = (gitops.reports(), gitops.controls());
+    let renderer = gitops.renderer();
     let agent = AgentServices {
         connections: (Arc::clone(&connections), conn_gauge),
         configuration,
-        gitops,
+        gitops: gitops.service(),
     };
     let (agent_addr, h) = start_agent_listener(&cfg, &sh, agent, modules.handle("tunnel")).await?;
     modules.push(h);
     // Shared by the proxy (tracks) and the internal API (revokes).
     let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
+    let followed = (&sources, &live_user_requests);
+    let h = follow_cluster_events(&sh, followed, modules.handle("cluster"));
+    modules.push(h);
     let state = ApiState {
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
@@ -130,8 +148,13 @@ pub async fn start(cfg: Config) -> Result<Running> {
         sources: Arc::clone(&sources),
         config_states: Arc::clone(&config_states),
         sync_states,
+        gitops_controls,
         live_user_requests: Arc::clone(&live_user_requests),
         guards: sh.guards.clone(),
+        gitops_limits: cfg.gitops.limits(),
+        renderer,
+        fetch_timeout: cfg.git.fetch_timeout,
+        cluster: sh.cluster.clone(),
     };
     let (api_addr, h) = start_api(&cfg, &sh, state.clone(), modules.handle("api")).await?;
     modules.push(h);
@@ -143,8 +166,9 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (kubernetes_api_addr, h) =
         start_kubeproxy(&cfg, &mut sh, proxy_deps, modules.handle("kubeproxy")).await?;
     modules.push(h);
+    let checks = (Arc::clone(&sh.store), sh.cluster.clone());
     let (observability_addr, h) =
-        start_observability(&cfg, sh.metrics, &sh.store, modules.handle("observability")).await?;
+        start_observability(&cfg, sh.metrics, checks, modules.handle("observability")).await?;
     modules.push(h);
     Ok(Running {
         agent_addr,
@@ -213,6 +237,73 @@ fn start_registry(metrics: &mut MetricsRegistry, handle: Handle) -> (Arc<Registr
     (registry, handle.on_stop(move || stopping.shutdown()))
 }
 
+/// Redis, when configured: kas does not start without it (it would miss other replicas'
+/// revocations from the first moment).
+async fn connect_cluster(cfg: &Config) -> Result<Option<Cluster>> {
+    let Some(redis) = &cfg.redis else {
+        return Ok(None);
+    };
+    let cluster = Cluster::connect(redis)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", redis.url))?;
+    tracing::info!(url = %redis.url, "Connected to Redis: revocations reach every replica");
+    Ok(Some(cluster))
+}
+
+/// Applies what replicas publish: revoked tokens' tunnels, streams and people's open requests
+/// end here too; a push webhook another replica took makes this one fetch the project too.
+fn follow_cluster_events(
+    sh: &Shared,
+    (sources, live_user_requests): (&Arc<Sources>, &Arc<crate::revocation::LiveUserRequests>),
+    handle: Handle,
+) -> Handle {
+    let Some(cluster) = sh.cluster.clone() else {
+        return handle;
+    };
+    let (registry, live) = (Arc::clone(&sh.registry), Arc::clone(live_user_requests));
+    let (sources, me) = (Arc::clone(sources), cluster.replica());
+    let apply = move |event: ClusterEvent| match event {
+        ClusterEvent::AgentToken { id } => ended(event, registry.revoke_token(id)),
+        ClusterEvent::UserToken { id } => ended(event, live.revoke(id)),
+        ClusterEvent::Pushed { project, from } if from != me => {
+            if sources.trigger(project) {
+                tracing::info!(
+                    project_id = project,
+                    "Push webhook taken by another replica: fetching now"
+                );
+            }
+        }
+        ClusterEvent::Pushed { .. } => {}
+    };
+    let task = tokio::spawn(cluster.follow(apply, Modules::shutdown_of(&handle)));
+    handle.task(task)
+}
+
+/// Logs what a revocation from any replica ended here.
+fn ended(event: ClusterEvent, ended: usize) {
+    if ended > 0 {
+        tracing::info!(event = ?event, ended, "Ended what a revoked token opened on this replica");
+    }
+}
+
+/// Notifications: the dispatcher sending the outbox's messages runs until kas stops (messages
+/// not sent by then stay in the outbox for the next start).
+fn start_notifications(
+    cfg: &Config,
+    store: &Arc<dyn Store>,
+    metrics: &mut MetricsRegistry,
+    handle: Handle,
+) -> Result<(Notifier, Handle)> {
+    let (notifier, dispatcher) = tether_notifications::start(&cfg.notifications, Arc::clone(store))
+        .context("starting notifications")?;
+    let Some(dispatcher) = dispatcher else {
+        return Ok((notifier, handle));
+    };
+    dispatcher.register(metrics);
+    let task = tokio::spawn(dispatcher.run(Modules::shutdown_of(&handle)));
+    Ok((notifier, handle.task(task)))
+}
+
 /// Git mirrors of every project with a repository, polled in the background.
 async fn start_sources(
     cfg: &Config,
@@ -237,11 +328,12 @@ async fn start_sources(
 /// The agents' configuration streams: the configurations in force, loaded from the store so
 /// kas authorizes requests right after a restart, and the gRPC service.
 async fn start_configuration(
-    sh: &Shared,
+    sh: &mut Shared,
     sources: &Arc<Sources>,
     handle: Handle,
 ) -> Result<(Arc<ConfigStates>, ConfigService, Handle)> {
     let config_states = Arc::new(ConfigStates::default());
+    config_states.register(&mut sh.metrics);
     config_states
         .load(sh.store.as_ref())
         .await
@@ -252,6 +344,7 @@ async fn start_configuration(
         sources: Arc::clone(sources),
         registry: Arc::clone(&sh.registry),
         states: Arc::clone(&config_states),
+        notifier: sh.notifier.clone(),
     };
     Ok((config_states, configuration, handle))
 }
@@ -259,10 +352,10 @@ async fn start_configuration(
 /// GitOps: the agents' sync reports and the gRPC service that sends them manifests.
 fn start_gitops(
     cfg: &Config,
-    sh: &Shared,
+    sh: &mut Shared,
     sources: &Arc<Sources>,
     handle: Handle,
-) -> (Arc<SyncStates>, GitOpsServer<GitOpsService>, Handle) {
+) -> (GitOpsModule, Handle) {
     let gitops = GitOpsModule::new(GitOpsDeps {
         auth: sh.auth.clone(),
         store: Arc::clone(&sh.store),
@@ -272,8 +365,10 @@ fn start_gitops(
         renderer: Arc::new(tether_gitops_server::Renderer::new(
             cfg.gitops.render.config(),
         )),
+        notifier: sh.notifier.clone(),
     });
-    (gitops.reports(), gitops.service(), handle)
+    gitops.register(&mut sh.metrics);
+    (gitops, handle)
 }
 
 /// The gRPC services of the agent listener besides the tunnel, and its connection count.
@@ -493,18 +588,15 @@ async fn start_kubeproxy(
 async fn start_observability(
     cfg: &Config,
     metrics: MetricsRegistry,
-    store: &Arc<dyn Store>,
+    (store, cluster): (Arc<dyn Store>, Option<Cluster>),
     handle: Handle,
 ) -> Result<(SocketAddr, Handle)> {
     let obs_listener = bind("observability", cfg.observability.listen.address).await?;
     let observability_addr = obs_listener.local_addr()?;
     // Ready from the start: the database was just opened, or kas would not be starting.
     let (ready_tx, ready) = watch::channel(true);
-    let checks = crate::database::spawn_readiness(
-        Arc::clone(store),
-        ready_tx,
-        Modules::shutdown_of(&handle),
-    );
+    let checks =
+        crate::database::spawn_readiness(store, cluster, ready_tx, Modules::shutdown_of(&handle));
     let handle = handle.task(checks);
     let metrics = Arc::new(Mutex::new(metrics));
     let ep = tether_observability::Endpoint { metrics, ready };

@@ -5,55 +5,18 @@
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kas::api::ProjectRequest;
 use serde_json::Value;
-use support::gitops::{Rig, admin_rbac, get_json};
-use support::{Agent, wait_for};
+use support::gitops::{Rig, admin_rbac, configmap, deployment, get_json, is_event, rig, rig_with};
+use support::{Agent, Kas, monitoring, wait_for};
 use tether_gitops_server::{ReportedOutcome, ReportedStatus};
 use tether_testenv::{TestEnv, run_output, seed_agent_rbac};
 
-fn deployment(name: &str, ns: &str, replicas: u32) -> Vec<u8> {
-    format!(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels:\n      app: {name}\n  template:\n    metadata:\n      labels:\n        app: {name}\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.27\n"
-    )
-    .into_bytes()
-}
-
-fn is_event(l: &Value, event: &str, kind: &str, ns: &str, name: &str) -> bool {
-    l["eventType"] == event && l["kind"] == kind && l["namespace"] == ns && l["name"] == name
-}
-
-/// The seed's manifest project entry: `/manifests/*` files, plus `project_extra`.
-async fn rig(
-    env: TestEnv,
-    agent_ns: String,
-    rbac: &str,
-    project_extra: &str,
-    initial: &[(&str, Option<&[u8]>)],
-    agent_args: &[&str],
-) -> (Rig, String) {
-    let entry =
-        format!("    paths:\n    - glob: '/manifests/*.{{yaml,yml,json}}'\n{project_extra}");
-    Rig::start(
-        env,
-        agent_ns,
-        rbac,
-        &entry,
-        initial,
-        agent_args,
-        String::new(),
-    )
-    .await
-}
-
 struct AgentRef {
     agent_id: i64,
-}
-
-fn configmap(name: &str, ns: &str, value: &str) -> Vec<u8> {
-    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {ns}\ndata:\n  value: \"{value}\"\n").into_bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,14 +320,42 @@ async fn a_resync_across_list_pages_writes_nothing() {
     assert_eq!(writes[1], 0, "re-sync ({writes:?})");
 }
 
+/// The seed's namespaces and the agent's RBAC: it may write in its own namespace and `dude`.
+struct Seed {
+    env: TestEnv,
+    agent_ns: String,
+    dude: String,
+    naww: String,
+    rbac: String,
+}
+
+impl Seed {
+    fn new() -> Seed {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let env = TestEnv::from_env().expect("a running control plane");
+        let agent_ns = env.create_namespace("gitlab-k8s-agent").unwrap();
+        let dude = env.create_namespace("dude").unwrap();
+        let naww = env.create_namespace("naww").unwrap();
+        let rbac = seed_agent_rbac(&agent_ns, "gitlab-agent", &dude);
+        Seed {
+            env,
+            agent_ns,
+            dude,
+            naww,
+            rbac,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_walkthrough() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let env = TestEnv::from_env().expect("a running control plane");
-    let agent_ns = env.create_namespace("gitlab-k8s-agent").unwrap();
-    let dude = env.create_namespace("dude").unwrap();
-    let naww = env.create_namespace("naww").unwrap();
-    let rbac = seed_agent_rbac(&agent_ns, "gitlab-agent", &dude);
+    let Seed {
+        env,
+        agent_ns,
+        dude,
+        naww,
+        rbac,
+    } = Seed::new();
     let (rig, c1) = rig(
         env,
         agent_ns.clone(),
@@ -467,7 +458,9 @@ async fn the_seed_walkthrough() {
     let series = |s: &str| format!("agentk_gitops_{s}");
     assert!(
         agent
-            .metric(&series(r#"syncs_total{outcome="failed"}"#))
+            .metric(&series(
+                r#"syncs_total{project="group/manifests",outcome="failed"}"#
+            ))
             .await
             >= Some(1.0)
     );
@@ -693,16 +686,11 @@ async fn every_commit_is_applied_across_hundreds_of_fetches_and_kas_restarts() {
     let secret = rig._dir.path().join("hook-secret");
     std::fs::write(&secret, "soak-hook\n").unwrap();
     let project = rig
-        .kas
-        .admin
-        .set_project(&ProjectRequest {
-            path: "group/manifests".into(),
-            remote: Some(rig.manifests.dir.display().to_string()),
+        .set_manifests_project(ProjectRequest {
             webhook_secret_file: Some(secret.display().to_string()),
             ..ProjectRequest::default()
         })
-        .await
-        .unwrap();
+        .await;
     let (first_restart, second_restart) = (commits / 4, commits / 2);
     let mut baseline = None;
     let t0 = Instant::now();
@@ -955,4 +943,514 @@ async fn a_failed_sync_still_shows_the_objects_in_the_cluster() {
         s.warnings.iter().any(|w| w.contains(&c1)),
         "the objects are said to be from {c1}: {s:?}"
     );
+}
+
+/// The Grafana dashboard and the alert rules under deploy/monitoring name only series that kas
+/// and agentk really export (scraped after a successful sync, a failed one, a refused webhook
+/// and a refused configuration); the rules pass promtool's checks and their unit tests; both
+/// binaries' metrics pass `promtool check metrics` (Prometheus naming conventions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitoring_assets_use_only_exported_metrics_and_pass_promtool() {
+    let Seed {
+        env,
+        agent_ns,
+        dude,
+        naww,
+        rbac,
+    } = Seed::new();
+    let dude_yaml = deployment("nginx", &dude, 1);
+    let initial = [("manifests/dude.yaml", Some(&dude_yaml[..]))];
+    let (rig, c1) = rig(env, agent_ns, &rbac, "", &initial, &[]).await;
+    assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
+    let naww_yaml = deployment("nginx", &naww, 1);
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/naww.yaml", Some(&naww_yaml))], "forbidden");
+    assert_eq!(rig.synced(&c2).await.outcome, ReportedOutcome::Failed);
+    assert_eq!(rig.kas.webhook(999_999, &[], b"{}").await, 401);
+    rig.config.commit(
+        &[(".gitlab/agents/seed/config.yaml", Some(b"gitops: 5\n"))],
+        "invalid configuration",
+    );
+    for series in [
+        "kas_configuration_refusals_total",
+        r#"kas_webhook_deliveries_total{outcome="refused"}"#,
+        "kas_gitops_reconcile_lag_seconds_count",
+    ] {
+        wait_for(series, Duration::from_secs(30), || async {
+            rig.kas.metric(series).await.filter(|n| *n >= 1.0)
+        })
+        .await;
+    }
+    let failed = r#"agentk_gitops_syncs_total{project="group/manifests",outcome="failed"}"#;
+    assert!(rig.agent.metric(failed).await >= Some(1.0), "{failed}");
+
+    let kas_text = rig.kas.metrics_text().await.unwrap();
+    let agent_text = rig.agent.metrics_text().await.unwrap();
+    monitoring::assert_area_exported("gitops.rs", &[&kas_text, &agent_text]);
+    for (file, names) in monitoring::referenced() {
+        let outside: Vec<_> = names
+            .iter()
+            .filter(|n| !monitoring::AREAS.iter().any(|(p, _)| n.starts_with(p)))
+            .collect();
+        assert!(outside.is_empty(), "{file}: no test scrapes {outside:?}");
+    }
+    let monitoring = monitoring::folder();
+    let dashboard: Value =
+        serde_json::from_slice(&std::fs::read(monitoring.join("grafana-dashboard.json")).unwrap())
+            .unwrap();
+    let queries = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .map(|p| p["targets"].as_array().map_or(0, Vec::len))
+        .collect::<Vec<_>>();
+    assert!(
+        queries.len() >= 12 && queries.iter().all(|n| *n >= 1),
+        "{queries:?}"
+    );
+
+    let promtool = |args: &[&str], stdin: Option<&str>| {
+        let mut c = std::process::Command::new(rig.env.bin_dir.join("promtool"));
+        c.args(args).current_dir(&monitoring);
+        promtool_run(c, stdin)
+    };
+    let rules = promtool(&["check", "rules", "alerts.yaml"], None);
+    assert_eq!(rules, "", "promtool check rules");
+    let tests = promtool(&["test", "rules", "alerts.test.yaml"], None);
+    assert_eq!(tests, "", "promtool test rules");
+    for text in [&kas_text, &agent_text] {
+        let problems = promtool(&["check", "metrics"], Some(text));
+        // promtool lints the classic text format, where a counter's HELP names the sample
+        // (`x_total`); OpenMetrics, which both binaries serve, names the family (`x`).
+        let real: Vec<&str> = problems
+            .lines()
+            .filter(|l| {
+                let family = l.strip_suffix("_total no help text");
+                !family.is_some_and(|f| text.contains(&format!("# HELP {f} ")))
+            })
+            .collect();
+        assert!(real.is_empty(), "promtool check metrics: {real:?}");
+    }
+}
+
+/// Runs promtool; returns what it reported as problems (empty when it succeeded).
+fn promtool_run(mut c: std::process::Command, stdin: Option<&str>) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("promtool (built by testenv/build.sh)");
+    let input = stdin.unwrap_or_default().to_owned();
+    let mut pipe = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || pipe.write_all(input.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    if out.status.success() {
+        return String::new();
+    }
+    let problems = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !problems.trim().is_empty(),
+        "{c:?} failed without saying why"
+    );
+    problems
+}
+
+/// Sync failures, prunes, recoveries and refused commits are Kubernetes Events on the project's
+/// inventory ConfigMap: `kubectl get events` and `kubectl describe configmap` show them, once
+/// per change (a failure retried many times is one event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_prunes_and_refused_commits_are_kubernetes_events() {
+    let Seed {
+        env,
+        agent_ns,
+        dude,
+        naww,
+        rbac,
+    } = Seed::new();
+    let dude_yaml = deployment("nginx", &dude, 1);
+    let cm = configmap("settings", &dude, "1");
+    let initial = [
+        ("manifests/dude.yaml", Some(&dude_yaml[..])),
+        ("manifests/cm.yaml", Some(&cm[..])),
+    ];
+    let (rig, c1) = rig(env, agent_ns.clone(), &rbac, "", &initial, &[]).await;
+    assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
+    let inventory = tether_gitops_agent::inventory::inventory_name(rig.agent_id, "group/manifests");
+    let event = |reason: &'static str| wait_event(&rig.env, &agent_ns, &inventory, reason);
+    // A forbidden namespace: one SyncFailed warning naming the object, even across retries.
+    let naww_yaml = deployment("nginx", &naww, 1);
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/naww.yaml", Some(&naww_yaml))], "forbidden");
+    rig.synced(&c2).await;
+    let (kind, message) = event("SyncFailed").await;
+    assert_eq!(kind, "Warning");
+    assert!(
+        message.contains(&format!("Deployment {naww}/nginx")),
+        "{message}"
+    );
+    assert!(message.contains(&c2[..12]), "{message}");
+    wait_for(
+        "a retry of the failed sync",
+        Duration::from_secs(30),
+        || async {
+            let failures = rig
+                .agent
+                .log_lines()
+                .into_iter()
+                .filter(|l| l["msg"] == "Synchronization failed" && l["commit_id"] == c2.as_str())
+                .count();
+            (failures >= 2).then_some(())
+        },
+    )
+    .await;
+
+    // Fixed and the ConfigMap removed: pruned, said once.
+    let c3 = rig.manifests.commit(
+        &[("manifests/naww.yaml", None), ("manifests/cm.yaml", None)],
+        "fix and prune",
+    );
+    assert_eq!(rig.synced(&c3).await.outcome, ReportedOutcome::Succeeded);
+    let (kind, message) = event("Pruned").await;
+    assert_eq!(kind, "Normal");
+    assert!(
+        message.contains(&format!("ConfigMap {dude}/settings")),
+        "{message}"
+    );
+
+    // Only signed commits from now on: the next (unsigned) commit is refused, and said so.
+    let keys = tempfile::tempdir().unwrap();
+    let signer =
+        tether_testenv::signing::Signer::ssh(keys.path(), "trusted", "ops@example.com").unwrap();
+    let trust = signer.write_trust(keys.path(), "allowed_signers").unwrap();
+    rig.set_manifests_project(ProjectRequest {
+        verify_allowed_signers_file: Some(trust.display().to_string()),
+        ..ProjectRequest::default()
+    })
+    .await;
+    let c4 = rig
+        .manifests
+        .commit(&[("manifests/cm.yaml", Some(&cm))], "unsigned");
+    let (kind, message) = event("ManifestsRefused").await;
+    assert_eq!(kind, "Warning");
+    assert!(message.contains(&c4[..12]), "{message}");
+
+    // kubectl describe of the inventory shows them (events are matched by the object's uid).
+    let out =
+        run_output(
+            rig.env
+                .kubectl()
+                .args(["describe", "configmap", &inventory, "-n", &agent_ns]),
+        )
+        .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    for reason in ["SyncFailed", "Pruned", "ManifestsRefused"] {
+        assert!(out.contains(reason), "{out}");
+    }
+    let all = get_json(&rig.env, &["get", "events", "-n", &agent_ns]).unwrap();
+    let failures = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "SyncFailed")
+        .count();
+    assert_eq!(failures, 1, "one event for a failure retried several times");
+}
+
+/// Waits for an event with `reason` on the inventory ConfigMap; returns its type and message.
+async fn wait_event(env: &TestEnv, ns: &str, inventory: &str, reason: &str) -> (String, String) {
+    wait_for(
+        &format!("a {reason} event"),
+        Duration::from_secs(30),
+        || async {
+            let list = get_json(env, &["get", "events", "-n", ns])?;
+            list["items"].as_array()?.iter().find_map(|e| {
+                if e["reason"] != reason || e["involvedObject"]["name"] != inventory {
+                    return None;
+                }
+                Some((
+                    e["type"].as_str()?.to_owned(),
+                    e["message"].as_str()?.to_owned(),
+                ))
+            })
+        },
+    )
+    .await
+}
+
+/// What the local receiver got: path, headers, body.
+#[derive(Debug, Clone)]
+struct Received {
+    path: String,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+    /// The status it answered.
+    status: u16,
+}
+
+/// A local HTTP server standing in for every receiver; answers 503 to the first `fail_first`
+/// webhook deliveries, 201 to everything else.
+async fn receiver(fail_first: usize) -> (u16, Arc<Mutex<Vec<Received>>>) {
+    let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+    let seen = Arc::clone(&got);
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap().to_vec();
+            let mut seen = seen.lock().unwrap();
+            let hooks = seen.iter().filter(|r| r.path == "/hook").count();
+            let status = if parts.uri.path() == "/hook" && hooks < fail_first {
+                503
+            } else {
+                201
+            };
+            seen.push(Received {
+                path: parts.uri.path().to_owned(),
+                headers: parts.headers,
+                body,
+                status,
+            });
+            axum::http::StatusCode::from_u16(status).unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, got)
+}
+
+fn notifications_yaml(dir: &std::path::Path, port: u16) -> String {
+    let file = |name: &str, content: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    };
+    let (secret, token) = (
+        file("hook-secret", "s3cret\n"),
+        file("forge-token", "tok\n"),
+    );
+    let slack = file("slack-url", &format!("http://127.0.0.1:{port}/slack\n"));
+    let base = format!("http://127.0.0.1:{port}");
+    let forges: String = ["gitlab", "github", "gitea"]
+        .iter()
+        .map(|f| {
+            format!("  - {{name: {f}, type: {f}, url: '{base}/{f}', token_file: '{token}'}}\n")
+        })
+        .collect();
+    format!(
+        "notifications:\n  receivers:\n  - {{name: hook, type: webhook, url: '{base}/hook', secret_file: '{secret}'}}\n  - {{name: chat, type: slack, url_file: '{slack}'}}\n{forges}"
+    )
+}
+
+/// A failed sync, its recovery and a refused configuration reach a signed JSON webhook and a
+/// Slack-compatible chat exactly once each; GitLab, GitHub and Gitea get pending → success or
+/// failed per commit; a receiver answering 503 gets the message again; retries of a failing
+/// sync and a kas restart (the agent re-sending its report) send nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_reach_each_receiver_once_per_transition() {
+    let Seed {
+        env,
+        agent_ns,
+        dude,
+        naww,
+        rbac,
+    } = Seed::new();
+    let (port, got) = receiver(1).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let yaml = notifications_yaml(secrets.path(), port);
+    let dude_yaml = deployment("nginx", &dude, 1);
+    let initial = [("manifests/dude.yaml", Some(&dude_yaml[..]))];
+    let (mut rig, c1) = rig_with(env, agent_ns, &rbac, "", &initial, &[], yaml).await;
+    rig.synced(&c1).await;
+    let naww_yaml = deployment("nginx", &naww, 1);
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/naww.yaml", Some(&naww_yaml))], "forbidden");
+    rig.synced(&c2).await;
+    let retried = |n: usize| {
+        let lines = rig.agent.log_lines();
+        let failures = lines
+            .iter()
+            .filter(|l| l["msg"] == "Synchronization failed" && l["commit_id"] == c2.as_str());
+        (failures.count() >= n).then_some(())
+    };
+    wait_for(
+        "two retries of the failing sync",
+        Duration::from_secs(30),
+        || async { retried(3) },
+    )
+    .await;
+    let c3 = rig
+        .manifests
+        .commit(&[("manifests/naww.yaml", None)], "fix");
+    assert_eq!(rig.synced(&c3).await.outcome, ReportedOutcome::Succeeded);
+    let delivered = |path: &'static str, n: usize| {
+        let got = Arc::clone(&got);
+        async move {
+            let got = got.lock().unwrap();
+            let ok: Vec<Received> = got
+                .iter()
+                .filter(|r| r.path.starts_with(path) && r.status == 201)
+                .cloned()
+                .collect();
+            (ok.len() >= n).then_some(ok)
+        }
+    };
+    // Everything delivered before the restart, so nothing is in flight when kas is killed.
+    for (path, n) in [
+        ("/hook", 2),
+        ("/slack", 2),
+        ("/gitlab/", 6),
+        ("/github/", 6),
+        ("/gitea/", 6),
+    ] {
+        wait_for(path, Duration::from_secs(30), || delivered(path, n)).await;
+    }
+
+    // A restart: the agent reconnects and re-sends its last report, which is no news.
+    let reports = |kas: &Kas| kas.log().matches("Synchronization reported").count();
+    let before = reports(&rig.kas);
+    rig.kas.kill9_restart().await;
+    wait_for(
+        "the report re-sent after the restart",
+        Duration::from_secs(30),
+        || async { (reports(&rig.kas) > before).then_some(()) },
+    )
+    .await;
+    // Then a refused configuration: queued after anything the restart might have queued.
+    rig.config.commit(
+        &[(".gitlab/agents/seed/config.yaml", Some(b"gitops: 5\n"))],
+        "invalid",
+    );
+    let hook = wait_for(
+        "the refusal on the webhook",
+        Duration::from_secs(30),
+        || delivered("/hook", 3),
+    )
+    .await;
+    let chat = wait_for("the refusal in the chat", Duration::from_secs(30), || {
+        delivered("/slack", 3)
+    })
+    .await;
+
+    let events: Vec<String> = hook
+        .iter()
+        .map(|r| json_of(&r.body)["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        events,
+        ["sync_failed", "sync_recovered", "configuration_refused"]
+    );
+    for r in &hook {
+        let signature = r.headers["x-tether-signature-256"].to_str().unwrap();
+        assert_eq!(
+            signature,
+            format!("sha256={}", hmac_hex(b"s3cret", &r.body))
+        );
+    }
+    let failed = json_of(&hook[0].body);
+    assert_eq!(failed["commit"], c2.as_str());
+    assert!(
+        failed["failed_objects"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Deployment {naww}/nginx"))
+    );
+    // The chat's order may differ: a message claimed by the killed kas waits for its claim to
+    // expire; each is there once.
+    let texts: Vec<String> = chat
+        .iter()
+        .map(|r| json_of(&r.body)["text"].as_str().unwrap().to_owned())
+        .collect();
+    for said in [
+        "failed to sync `group/manifests`",
+        "synced `group/manifests`",
+        "refused the configuration",
+    ] {
+        assert_eq!(
+            texts.iter().filter(|t| t.contains(said)).count(),
+            1,
+            "{said}: {texts:?}"
+        );
+    }
+    let kas_text = rig.kas.metrics_text().await.unwrap();
+    monitoring::assert_area_exported("gitops.rs notifications", &[&kas_text]);
+    let all = got.lock().unwrap().clone();
+    let attempts = all.iter().filter(|r| r.path == "/hook").count();
+    assert_eq!(
+        attempts, 4,
+        "the 503 answered delivery was sent again, nothing else twice"
+    );
+    assert_eq!(all.iter().filter(|r| r.path == "/slack").count(), 3);
+    let expected = [
+        (&c1, "pending"),
+        (&c1, "success"),
+        (&c2, "pending"),
+        (&c2, "failed"),
+        (&c3, "pending"),
+        (&c3, "success"),
+    ];
+    for (forge, prefix, failed_word) in [
+        (
+            "gitlab",
+            "/gitlab/api/v4/projects/group%2Fmanifests/statuses/",
+            "failed",
+        ),
+        (
+            "github",
+            "/github/repos/group/manifests/statuses/",
+            "failure",
+        ),
+        (
+            "gitea",
+            "/gitea/api/v1/repos/group/manifests/statuses/",
+            "failure",
+        ),
+    ] {
+        let statuses: Vec<(String, String)> = all
+            .iter()
+            .filter(|r| r.path.starts_with(&format!("/{forge}/")))
+            .map(|r| {
+                let commit = r
+                    .path
+                    .strip_prefix(prefix)
+                    .unwrap_or_else(|| panic!("{forge}: {}", r.path));
+                (
+                    commit.to_owned(),
+                    json_of(&r.body)["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String)> = expected
+            .iter()
+            .map(|(c, s)| {
+                (
+                    (*c).clone(),
+                    if *s == "failed" {
+                        failed_word.to_owned()
+                    } else {
+                        (*s).to_owned()
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(statuses, want, "{forge}");
+    }
+}
+
+fn json_of(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap()
+}
+
+/// HMAC-SHA256 as a receiver computes it (not kas's code).
+fn hmac_hex(key: &[u8], body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
 }

@@ -397,6 +397,12 @@ async fn kubectl_works_through_kas_as_the_ci_job() {
         .unwrap();
     // The API server gzips the multi-MB LIST; what crosses the tunnel is counted as carried.
     assert!(down > 1_000_000.0, "{down}");
+    // A denial too, so the dashboard's and alerts' proxy series are all exported.
+    let other = s.key.sign(&claims("group/other"));
+    let mut c = s.kubectl(&other);
+    c.args(["get", "configmaps", "-n", &s.allowed]);
+    assert!(!output(c).0);
+    support::monitoring::assert_area_exported("kubeproxy.rs", &[&kas_metrics(&s).await]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,26 +470,9 @@ async fn bad_credentials_and_unauthorized_jobs_never_reach_the_agent() {
     assert!(m.contains("kas_k8s_proxy_denials_total"), "{m}");
 }
 
-/// kas's /metrics via the observability endpoint found in the config file.
+/// kas's /metrics text.
 async fn kas_metrics(s: &Setup) -> String {
-    let cfg = std::fs::read_to_string(&s.kas.config).unwrap();
-    let port = cfg
-        .split("observability:\n  listen:\n    address: 127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.lines().next())
-        .unwrap()
-        .trim()
-        .to_string();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
-        .await
-        .unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).await.unwrap();
-    out
+    s.kas.metrics_text().await.unwrap()
 }
 
 /// A stand-in API server that answers upgrade requests with 101 and then echoes raw bytes, and

@@ -260,6 +260,10 @@ async fn over_the_per_address_cap_a_connection_is_refused_while_another_address_
 
     let series = r#"kas_listener_connections_refused_total{listener="kubernetes_api",reason="max_connections_per_address"}"#;
     assert_eq!(kas.metric(series).await, Some(1.0));
+    support::monitoring::assert_area_exported(
+        "listeners.rs",
+        &[&kas.metrics_text().await.unwrap()],
+    );
 
     // Closing one frees its slot once kas has noticed the close.
     drop(held.pop());

@@ -257,6 +257,7 @@ async fn wrong_agent_tokens_from_one_address_are_limited_while_real_agents_conne
         tally.limited as u64 + 1,
         "{m}"
     );
+    support::monitoring::assert_area_exported("ratelimit.rs", &[&m]);
 }
 
 /// Sends `FLOOD` requests from 127.0.0.2, `WAYS` at a time; `auth(i)` is the i-th header.

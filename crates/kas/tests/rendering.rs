@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::gitops::{Rig, admin_rbac, get_json};
+use support::KasOptions;
+use support::gitops::{Rig, RigArgs, admin_rbac, get_json, rig_entry};
 use tether_gitops_server::ReportedOutcome;
 use tether_testenv::TestEnv;
 
@@ -115,7 +116,20 @@ async fn rendering_rig(
     let kas_yaml = render_yaml(&env, render_extra);
     let (entry, repo) = (entry(&ns), repo(&ns));
     let rbac = admin_rbac(&ns);
-    let (rig, c1) = Rig::start(env, ns.clone(), &rbac, &entry, &files(&repo), &[], kas_yaml).await;
+    let args = RigArgs {
+        env,
+        agent_ns: ns.clone(),
+        rbac: &rbac,
+        project_extra: "",
+        initial: &files(&repo),
+        agent_args: &[],
+    };
+    let opts = KasOptions {
+        git_poll: "300ms",
+        extra_yaml: kas_yaml,
+        ..KasOptions::default()
+    };
+    let (rig, c1) = rig_entry(args, &entry, opts).await;
     let s = rig.synced_in("group/manifests", &c1).await;
     assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
     (rig, c1, ns)
@@ -360,4 +374,70 @@ async fn renderings_over_their_time_memory_or_output_limit_are_stopped_and_repor
         assert!(left.is_empty(), "checkouts left behind: {left:?}");
         assert_eq!(versions(&rig.env, &ns), before, "{error}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_renders_the_overlay_of_a_branch_as_the_agent_would() {
+    let prod_entry = |_: &str| "    kustomize:\n      path: overlays/prod\n".to_owned();
+    let overlay = |ns: &str| kustomize_repo(&[("prod", &format!("{ns}-prod"), 3)]);
+    let (rig, _, ns) = rendering_rig("kzdiff", prod_entry, overlay, "").await;
+    let prod = format!("{ns}-prod");
+    let before = versions(&rig.env, &prod);
+    // A branch in a worktree of its own: the branch the agent follows never moves.
+    let dir = rig.manifests.dir.with_file_name("wt-feature");
+    rig.manifests.git(&[
+        "worktree",
+        "add",
+        "-q",
+        "-b",
+        "feature",
+        dir.to_str().unwrap(),
+    ]);
+    let patch = replicas_patch(5);
+    support::GitRepo { dir }.commit(
+        &[("overlays/prod/replicas.yaml", Some(patch.as_bytes()))],
+        "prod: 5 replicas",
+    );
+    let out = rig
+        .kas
+        .cli()
+        .args([
+            "agent",
+            "diff",
+            "group/config:seed",
+            "--ref",
+            "feature",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let (json, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let view: tether_kas_api::DiffView = serde_json::from_str(&json).unwrap();
+    let objects = &view.projects[0].objects;
+    let changed: Vec<(&str, &str)> = objects
+        .iter()
+        .filter(|o| o.change != tether_kas_api::DiffChange::Unchanged)
+        .map(|o| (o.kind.as_str(), o.name.as_str()))
+        .collect();
+    assert_eq!(changed, [("Deployment", "web")], "{json}");
+    let web = objects.iter().find(|o| o.name == "web").unwrap();
+    assert!(
+        web.diff.contains("-  replicas: 3") && web.diff.contains("+  replicas: 5"),
+        "{}",
+        web.diff
+    );
+    assert!(
+        objects.iter().any(|o| o.name.starts_with("web-config-")),
+        "{json}"
+    );
+    assert_eq!(
+        versions(&rig.env, &prod),
+        before,
+        "a preview changes nothing"
+    );
 }

@@ -64,7 +64,9 @@ macro_rules! impl_store {
             use crate::backend::{AuthRow, agent_ref_error, now, single};
             use crate::error::{Error, Result};
             use crate::model::{
-                Agent, AgentRow, AuthenticatedAgent, Project, ProjectSource, TokenInfo, UserTokenInfo,
+                Agent, AgentRow, AuthenticatedAgent, NotificationResult, PendingNotification,
+                Project, ProjectSource, Suspension, SuspensionRow, SuspensionScope, TokenInfo,
+                UserTokenInfo,
             };
             use crate::token::{self, AgentToken};
             use crate::validate::{validate_agent_name, validate_project_path};
@@ -502,6 +504,165 @@ macro_rules! impl_store {
                             .fetch_optional(&self.pool)
                             .await?;
                     Ok(state)
+                }
+
+                async fn enqueue_notification(
+                    &self,
+                    receiver: &str,
+                    dedup_key: &str,
+                    payload: &[u8],
+                ) -> Result<bool> {
+                    let mut tx = self.write().await?;
+                    let t = now();
+                    let added = sqlx::query(
+                        "INSERT INTO notifications (receiver, dedup_key, payload, created_at, next_attempt_at) \
+                         VALUES ($1, $2, $3, $4, $4) ON CONFLICT (receiver, dedup_key) DO NOTHING",
+                    )
+                    .bind(receiver)
+                    .bind(dedup_key)
+                    .bind(payload)
+                    .bind(t)
+                    .execute(tx.conn())
+                    .await?
+                    .rows_affected();
+                    tx.commit().await?;
+                    Ok(added > 0)
+                }
+
+                async fn claim_notifications(
+                    &self,
+                    limit: i64,
+                    lease_secs: i64,
+                ) -> Result<Vec<PendingNotification>> {
+                    let mut tx = self.write().await?;
+                    let t = now();
+                    let due = sqlx::query_as::<_, PendingNotification>(
+                        "SELECT id, receiver, dedup_key, payload, attempts FROM notifications \
+                         WHERE done_at IS NULL AND next_attempt_at <= $1 AND claimed_until <= $1 \
+                         ORDER BY id LIMIT $2",
+                    )
+                    .bind(t)
+                    .bind(limit)
+                    .fetch_all(tx.conn())
+                    .await?;
+                    for n in &due {
+                        sqlx::query("UPDATE notifications SET claimed_until = $1 WHERE id = $2")
+                            .bind(t + lease_secs)
+                            .bind(n.id)
+                            .execute(tx.conn())
+                            .await?;
+                    }
+                    tx.commit().await?;
+                    Ok(due)
+                }
+
+                async fn finish_notification(&self, id: i64, result: &NotificationResult) -> Result<()> {
+                    let mut tx = self.write().await?;
+                    let t = now();
+                    let query = match result {
+                        NotificationResult::Delivered => sqlx::query(
+                            "UPDATE notifications SET done_at = $1, outcome = 'delivered', \
+                             claimed_until = 0 WHERE id = $2",
+                        )
+                        .bind(t)
+                        .bind(id),
+                        NotificationResult::Retry { at, error } => sqlx::query(
+                            "UPDATE notifications SET attempts = attempts + 1, next_attempt_at = $1, \
+                             last_error = $2, claimed_until = 0 WHERE id = $3",
+                        )
+                        .bind(*at)
+                        .bind(error.as_str())
+                        .bind(id),
+                        NotificationResult::GaveUp { error } => sqlx::query(
+                            "UPDATE notifications SET attempts = attempts + 1, done_at = $1, \
+                             outcome = 'given_up', last_error = $2, claimed_until = 0 WHERE id = $3",
+                        )
+                        .bind(t)
+                        .bind(error.as_str())
+                        .bind(id),
+                    };
+                    query.execute(tx.conn()).await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn list_user_tokens(&self, agent_id: Option<i64>) -> Result<Vec<UserTokenInfo>> {
+                    let tokens = sqlx::query_as::<_, UserTokenInfo>(
+                        "SELECT id, agent_id, username, memberships, created_at, expires_at, revoked_at \
+                         FROM user_tokens WHERE $1 IS NULL OR agent_id = $1 ORDER BY id",
+                    )
+                    .bind(agent_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(tokens)
+                }
+
+                async fn delete_agent(&self, agent_id: i64) -> Result<bool> {
+                    let mut tx = self.write().await?;
+                    // The agent's rows in other tables go with it (ON DELETE CASCADE).
+                    let done = sqlx::query("DELETE FROM agents WHERE id = $1")
+                        .bind(agent_id)
+                        .execute(tx.conn())
+                        .await?;
+                    tx.commit().await?;
+                    Ok(done.rows_affected() > 0)
+                }
+
+                async fn suspend(
+                    &self,
+                    agent_id: i64,
+                    scope: SuspensionScope,
+                    reason: &str,
+                    suspended_by: &str,
+                ) -> Result<Suspension> {
+                    let mut tx = self.write().await?;
+                    let row = sqlx::query_as::<_, SuspensionRow>(
+                        "INSERT INTO gitops_suspensions (agent_id, project_id, reason, suspended_by, suspended_at) \
+                         VALUES ($1, $2, $3, $4, $5) \
+                         ON CONFLICT (agent_id, project_id) DO UPDATE SET reason = excluded.reason, \
+                         suspended_by = excluded.suspended_by, suspended_at = excluded.suspended_at \
+                         RETURNING agent_id, project_id, reason, suspended_by, suspended_at",
+                    )
+                    .bind(agent_id)
+                    .bind(scope.column())
+                    .bind(reason)
+                    .bind(suspended_by)
+                    .bind(now())
+                    .fetch_all(tx.conn())
+                    .await
+                    .and_then(single)
+                    .map_err(|e| agent_ref_error(agent_id, e))?;
+                    tx.commit().await?;
+                    Ok(row.into())
+                }
+
+                async fn resume(&self, agent_id: i64, scope: SuspensionScope) -> Result<u64> {
+                    let mut tx = self.write().await?;
+                    let done = match scope {
+                        SuspensionScope::Agent => {
+                            sqlx::query("DELETE FROM gitops_suspensions WHERE agent_id = $1").bind(agent_id)
+                        }
+                        SuspensionScope::Project(_) => sqlx::query(
+                            "DELETE FROM gitops_suspensions WHERE agent_id = $1 AND project_id = $2",
+                        )
+                        .bind(agent_id)
+                        .bind(scope.column()),
+                    }
+                    .execute(tx.conn())
+                    .await?;
+                    tx.commit().await?;
+                    Ok(done.rows_affected())
+                }
+
+                async fn suspensions(&self, agent_id: Option<i64>) -> Result<Vec<Suspension>> {
+                    let rows = sqlx::query_as::<_, SuspensionRow>(
+                        "SELECT agent_id, project_id, reason, suspended_by, suspended_at FROM gitops_suspensions \
+                         WHERE $1 IS NULL OR agent_id = $1 ORDER BY agent_id, project_id",
+                    )
+                    .bind(agent_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(rows.into_iter().map(Suspension::from).collect())
                 }
 
                 async fn check(&self) -> Result<()> {

@@ -88,6 +88,32 @@ const TABLES: &[(&str, &[(&str, Kind)])] = {
             "config_states",
             &[("agent_id", Int), ("state", Bytes), ("updated_at", Int)],
         ),
+        (
+            "notifications",
+            &[
+                ("id", Int),
+                ("receiver", Text),
+                ("dedup_key", Text),
+                ("payload", Bytes),
+                ("created_at", Int),
+                ("attempts", Int),
+                ("next_attempt_at", Int),
+                ("claimed_until", Int),
+                ("done_at", Int),
+                ("outcome", Text),
+                ("last_error", Text),
+            ],
+        ),
+        (
+            "gitops_suspensions",
+            &[
+                ("agent_id", Int),
+                ("project_id", Int),
+                ("reason", Text),
+                ("suspended_by", Text),
+                ("suspended_at", Int),
+            ],
+        ),
     ]
 };
 

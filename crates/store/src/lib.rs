@@ -18,7 +18,8 @@ mod validate;
 
 pub use error::{Error, Result};
 pub use model::{
-    Agent, AgentRow, AuthenticatedAgent, Project, ProjectSource, TokenInfo, UserTokenInfo,
+    Agent, AgentRow, AuthenticatedAgent, NotificationResult, PendingNotification, Project,
+    ProjectSource, Suspension, SuspensionScope, TokenInfo, UserTokenInfo,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -125,6 +126,51 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// The agent's configuration state; `None` if none was recorded or the agent is unknown.
     async fn config_state(&self, agent_id: i64) -> Result<Option<Vec<u8>>>;
+
+    /// Puts a message for `receiver` in the notification outbox, due now, unless one with the
+    /// same `dedup_key` was ever put there for that receiver. True when it was added.
+    async fn enqueue_notification(
+        &self,
+        receiver: &str,
+        dedup_key: &str,
+        payload: &[u8],
+    ) -> Result<bool>;
+
+    /// Claims up to `limit` due messages for `lease_secs` (another replica does not take them
+    /// meanwhile), oldest first.
+    async fn claim_notifications(
+        &self,
+        limit: i64,
+        lease_secs: i64,
+    ) -> Result<Vec<PendingNotification>>;
+
+    /// Records how sending a claimed message ended.
+    async fn finish_notification(&self, id: i64, result: &NotificationResult) -> Result<()>;
+    /// The personal access tokens (active, expired and revoked; never their digests) of one
+    /// agent or of all, by id.
+    async fn list_user_tokens(&self, agent_id: Option<i64>) -> Result<Vec<UserTokenInfo>>;
+
+    /// Removes an agent and everything that goes with it (tokens, personal access tokens, sync
+    /// reports, configuration state, suspensions). `false` if it did not exist. The caller ends
+    /// its live streams.
+    async fn delete_agent(&self, agent_id: i64) -> Result<bool>;
+
+    /// Suspends GitOps for the agent (`scope`), replacing an earlier suspension of the same
+    /// scope. Fails with [`Error::NotFound`] if the agent does not exist.
+    async fn suspend(
+        &self,
+        agent_id: i64,
+        scope: SuspensionScope,
+        reason: &str,
+        suspended_by: &str,
+    ) -> Result<Suspension>;
+
+    /// Lifts suspensions: of one project, or with [`SuspensionScope::Agent`] every suspension
+    /// of the agent. How many were lifted.
+    async fn resume(&self, agent_id: i64, scope: SuspensionScope) -> Result<u64>;
+
+    /// The suspensions of one agent, or of all, ordered by agent then project.
+    async fn suspensions(&self, agent_id: Option<i64>) -> Result<Vec<Suspension>>;
 
     /// Runs a trivial query: `Ok` when the database answers now. kas's readiness uses it, so a
     /// replica that cannot reach its database stops receiving traffic.

@@ -107,3 +107,102 @@ pub struct UserTokenInfo {
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
 }
+
+/// A notification waiting in the outbox, claimed for sending.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PendingNotification {
+    pub id: i64,
+    /// The receiver's name in kas's configuration.
+    pub receiver: String,
+    /// What makes it unique for its receiver (the event and its transition).
+    pub dedup_key: String,
+    /// The message, as the notifier encoded it.
+    pub payload: Vec<u8>,
+    /// Failed sends so far.
+    pub attempts: i64,
+}
+
+/// How a send of a [`PendingNotification`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotificationResult {
+    Delivered,
+    /// Failed; sent again from `at` (Unix seconds).
+    Retry {
+        at: i64,
+        error: String,
+    },
+    /// Failed for good (too many attempts, or the receiver refused it for good).
+    GaveUp {
+        error: String,
+    },
+}
+
+/// What a GitOps suspension covers: one manifest project of the agent, or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SuspensionScope {
+    /// Every manifest project of the agent, including ones added to its configuration later.
+    Agent,
+    /// One manifest project, by kas's project id.
+    Project(i64),
+}
+
+impl SuspensionScope {
+    /// The stored form: 0 for the whole agent (project ids start at 1).
+    pub(crate) fn column(self) -> i64 {
+        match self {
+            Self::Agent => 0,
+            Self::Project(id) => id,
+        }
+    }
+
+    pub(crate) fn from_column(project_id: i64) -> Self {
+        if project_id == 0 {
+            Self::Agent
+        } else {
+            Self::Project(project_id)
+        }
+    }
+
+    /// Whether a suspension of this scope covers `project_id`.
+    pub fn covers(self, project_id: i64) -> bool {
+        match self {
+            Self::Agent => true,
+            Self::Project(id) => id == project_id,
+        }
+    }
+}
+
+/// A stored GitOps suspension (`kas agent suspend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspension {
+    pub agent_id: i64,
+    pub scope: SuspensionScope,
+    /// Why, as the operator wrote it (may be empty).
+    pub reason: String,
+    /// Who: the admin identity that asked.
+    pub suspended_by: String,
+    /// Unix seconds.
+    pub suspended_at: i64,
+}
+
+/// A suspension's row as stored.
+#[derive(sqlx::FromRow)]
+pub(crate) struct SuspensionRow {
+    pub(crate) agent_id: i64,
+    pub(crate) project_id: i64,
+    pub(crate) reason: String,
+    pub(crate) suspended_by: String,
+    pub(crate) suspended_at: i64,
+}
+
+impl From<SuspensionRow> for Suspension {
+    fn from(r: SuspensionRow) -> Self {
+        Self {
+            agent_id: r.agent_id,
+            scope: SuspensionScope::from_column(r.project_id),
+            reason: r.reason,
+            suspended_by: r.suspended_by,
+            suspended_at: r.suspended_at,
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! installation from SQLite (`tether_store::copy`). Each test starts its own server.
 
 use tether_store::copy;
-use tether_store::{Error, PgStore, ProjectSource, SqliteStore, Store};
+use tether_store::{Error, PgStore, ProjectSource, SqliteStore, Store, SuspensionScope};
 use tether_testenv::postgres::Postgres;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -61,6 +61,10 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         .put_sync_report(agent.id, "a/manifests", &[0, 0xff])
         .await?;
     sqlite.put_config_state(agent.id, b"state").await?;
+    sqlite.enqueue_notification("ops", "sync:1", b"{}").await?;
+    sqlite
+        .suspend(agent.id, SuspensionScope::Agent, "incident", "alice")
+        .await?;
 
     let server = Postgres::start()?;
     let pg = PgStore::connect(&server.create_database("kas")?).await?;
@@ -75,6 +79,8 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
             ("user_tokens", 1),
             ("sync_reports", 1),
             ("config_states", 1),
+            ("notifications", 1),
+            ("gitops_suspensions", 1),
         ]
     );
 
@@ -101,6 +107,10 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         [("a/manifests".to_owned(), vec![0, 0xff])]
     );
     assert_eq!(pg.config_state(agent.id).await?, Some(b"state".to_vec()));
+    // A message already queued is not queued twice after the move.
+    assert!(!pg.enqueue_notification("ops", "sync:1", b"{}").await?);
+    assert!(pg.enqueue_notification("ops", "sync:2", b"{}").await?);
+    assert_eq!(pg.suspensions(None).await?, sqlite.suspensions(None).await?);
 
     // New records get ids past the copied ones.
     let new = pg.register_agent("group/project", "new").await?;

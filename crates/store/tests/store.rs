@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tempfile::TempDir;
-use tether_store::{Error, PgStore, SqliteStore, Store, TOKEN_PREFIX, TOKEN_RANDOM_LEN};
+use tether_store::{
+    Error, NotificationResult, PgStore, SqliteStore, Store, SuspensionScope, TOKEN_PREFIX,
+    TOKEN_RANDOM_LEN,
+};
 use tether_testenv::postgres::Postgres;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -48,32 +51,6 @@ impl Db {
             Db::File { path, .. } => Arc::new(SqliteStore::open(path).await?),
             Db::Server(_, url) => Arc::new(PgStore::connect(url).await?),
         })
-    }
-
-    /// Deletes an agent the way a future store method would (the store has none yet).
-    async fn delete_agent(&self, id: i64) -> TestResult {
-        match self {
-            Db::File { path, .. } => {
-                let options = sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(path)
-                    .foreign_keys(true);
-                let mut conn = sqlx::ConnectOptions::connect(&options).await?;
-                sqlx::query("DELETE FROM agents WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut conn)
-                    .await?;
-                sqlx::Connection::close(conn).await?;
-            }
-            Db::Server(_, url) => {
-                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await?;
-                sqlx::query("DELETE FROM agents WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut conn)
-                    .await?;
-                sqlx::Connection::close(conn).await?;
-            }
-        }
-        Ok(())
     }
 
     /// Whether any file the database engine keeps data in holds `needle` (for PostgreSQL the
@@ -658,13 +635,105 @@ async fn agent_state_needs_an_agent_and_goes_away_with_it(backend: Backend) -> T
     let agent = store.register_agent("group/project", "agent").await?;
     store.put_sync_report(agent.id, "a/manifests", b"r").await?;
     store.put_config_state(agent.id, b"s").await?;
+    let (token, _) = store.create_token(agent.id, "t").await?;
+    store
+        .create_user_token(agent.id, "alice", "[]", i64::MAX)
+        .await?;
+    store
+        .suspend(agent.id, SuspensionScope::Agent, "incident", "admin")
+        .await?;
+    assert!(store.delete_agent(agent.id).await?);
+    assert!(!store.delete_agent(agent.id).await?, "deleted twice");
     store.close().await;
-
-    db.delete_agent(agent.id).await?;
 
     let store = db.reopen().await?;
     assert!(store.sync_reports(agent.id).await?.is_empty());
     assert_eq!(store.config_state(agent.id).await?, None);
+    assert!(store.suspensions(Some(agent.id)).await?.is_empty());
+    assert!(store.list_user_tokens(Some(agent.id)).await?.is_empty());
+    assert!(!store.token_active(token.id).await?);
+    assert!(store.get_agent(agent.id).await?.is_none());
+    store.close().await;
+    Ok(())
+}
+
+async fn suspensions_are_kept_replaced_and_lifted(backend: Backend) -> TestResult {
+    let (db, store) = open(backend).await?;
+    let agent = store.register_agent("group/project", "agent").await?;
+    let other = store.register_agent("group/project", "other").await?;
+    let missing = store
+        .suspend(999, SuspensionScope::Agent, "", "admin")
+        .await;
+    assert!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
+
+    store
+        .suspend(agent.id, SuspensionScope::Project(7), "first", "admin")
+        .await?;
+    let s = store
+        .suspend(
+            agent.id,
+            SuspensionScope::Project(7),
+            "incident 42",
+            "alice",
+        )
+        .await?;
+    assert_eq!(
+        (s.reason.as_str(), s.suspended_by.as_str()),
+        ("incident 42", "alice")
+    );
+    store
+        .suspend(agent.id, SuspensionScope::Agent, "freeze", "admin")
+        .await?;
+    store
+        .suspend(other.id, SuspensionScope::Project(3), "", "admin")
+        .await?;
+    store.close().await;
+
+    let store = db.reopen().await?;
+    let mine = store.suspensions(Some(agent.id)).await?;
+    let scopes: Vec<_> = mine.iter().map(|s| s.scope).collect();
+    assert_eq!(
+        scopes,
+        [SuspensionScope::Agent, SuspensionScope::Project(7)]
+    );
+    assert_eq!(mine[1].reason, "incident 42");
+    assert_eq!(store.suspensions(None).await?.len(), 3);
+
+    assert_eq!(
+        store.resume(agent.id, SuspensionScope::Project(7)).await?,
+        1
+    );
+    assert_eq!(
+        store.resume(agent.id, SuspensionScope::Project(7)).await?,
+        0
+    );
+    store
+        .suspend(agent.id, SuspensionScope::Project(8), "", "admin")
+        .await?;
+    // Resuming the whole agent lifts every suspension it has, and no other agent's.
+    assert_eq!(store.resume(agent.id, SuspensionScope::Agent).await?, 2);
+    assert!(store.suspensions(Some(agent.id)).await?.is_empty());
+    assert_eq!(store.suspensions(None).await?.len(), 1);
+    store.close().await;
+    Ok(())
+}
+
+async fn user_tokens_are_listed_without_their_secrets(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
+    let agent = store.register_agent("group/project", "agent").await?;
+    let other = store.register_agent("group/project", "other").await?;
+    let (a, _) = store
+        .create_user_token(agent.id, "alice", "[]", i64::MAX)
+        .await?;
+    let (b, _) = store
+        .create_user_token(other.id, "bob", "[]", i64::MAX)
+        .await?;
+    store.revoke_user_token(b.id).await?;
+    let mine = store.list_user_tokens(Some(agent.id)).await?;
+    assert_eq!(mine, std::slice::from_ref(&a));
+    let all = store.list_user_tokens(None).await?;
+    assert_eq!(all.iter().map(|t| t.id).collect::<Vec<_>>(), [a.id, b.id]);
+    assert!(all[1].revoked_at.is_some());
     store.close().await;
     Ok(())
 }
@@ -705,7 +774,73 @@ async fn a_wal_database_is_converted_on_open() -> TestResult {
     Ok(())
 }
 
+/// The outbox sends each (receiver, key) once, hides a claimed message from other claimers,
+/// retries at the time given, forgets nothing across a reopen and stops at delivery.
+async fn notifications_are_queued_once_claimed_retried_and_finished(
+    backend: Backend,
+) -> TestResult {
+    let (db, store) = open(backend).await?;
+    assert!(
+        store
+            .enqueue_notification("ops", "sync:1:a:failed", b"one")
+            .await?
+    );
+    assert!(
+        !store
+            .enqueue_notification("ops", "sync:1:a:failed", b"again")
+            .await?
+    );
+    assert!(
+        store
+            .enqueue_notification("chat", "sync:1:a:failed", b"two")
+            .await?
+    );
+    let claimed = store.claim_notifications(10, 60).await?;
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(
+        (claimed[0].receiver.as_str(), &claimed[0].payload[..]),
+        ("ops", &b"one"[..])
+    );
+    assert!(
+        store.claim_notifications(10, 60).await?.is_empty(),
+        "claimed ones are held"
+    );
+
+    let (ops, chat) = (claimed[0].id, claimed[1].id);
+    store
+        .finish_notification(ops, &NotificationResult::Delivered)
+        .await?;
+    let retry = NotificationResult::Retry {
+        at: 0,
+        error: "503".into(),
+    };
+    store.finish_notification(chat, &retry).await?;
+    store.close().await;
+
+    let store = db.reopen().await?;
+    let again = store.claim_notifications(10, 60).await?;
+    assert_eq!(again.len(), 1, "only the one to retry: {again:?}");
+    assert_eq!((again[0].id, again[0].attempts), (chat, 1));
+    let later = NotificationResult::Retry {
+        at: i64::MAX,
+        error: "503".into(),
+    };
+    store.finish_notification(chat, &later).await?;
+    assert!(
+        store.claim_notifications(10, 60).await?.is_empty(),
+        "not due yet"
+    );
+    assert!(
+        !store
+            .enqueue_notification("ops", "sync:1:a:failed", b"x")
+            .await?,
+        "delivered stays known"
+    );
+    Ok(())
+}
+
 on_both_backends!(
+    notifications_are_queued_once_claimed_retried_and_finished,
     register_token_authenticate,
     wrong_tokens_are_rejected,
     revoked_token_is_rejected,
@@ -722,4 +857,6 @@ on_both_backends!(
     user_tokens_authenticate_until_revoked_or_expired,
     sync_reports_and_config_state_survive_reopening,
     agent_state_needs_an_agent_and_goes_away_with_it,
+    suspensions_are_kept_replaced_and_lifted,
+    user_tokens_are_listed_without_their_secrets,
 );

@@ -31,6 +31,7 @@ mod health;
 pub mod pki;
 pub mod postgres;
 pub mod proxy;
+pub mod redis;
 pub mod signing;
 pub mod sshd;
 pub mod supervisor;

@@ -39,6 +39,19 @@ impl ManifestSource {
     }
 }
 
+impl ManifestSource {
+    /// What an entry of the agent's configuration asks for, as agentk puts it in its request
+    /// (the Helm namespace defaulting to the entry's `default_namespace`): for previews, which
+    /// must render exactly as the stream does.
+    pub fn from_project(p: &tether_agent_config::ManifestProject) -> Result<Self, RenderError> {
+        let globs: Vec<String> = p.paths.iter().map(|g| g.glob.clone()).collect();
+        match tether_protocol::render::render_request(p) {
+            Some(render) => Self::from_request(&[], Some(&render)),
+            None => Self::from_request(&globs, None),
+        }
+    }
+}
+
 /// One rendering's settings; with the commit, the cache key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RenderSpec {

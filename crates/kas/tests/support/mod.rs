@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub mod gitops;
-
 use kas::api::AgentView;
 use tether_kas_api::AdminClient;
 
 pub use tether_test_support::{GitDaemon, GitRepo, Pki};
+
+pub mod gitops;
+pub mod monitoring;
 
 /// A port for a kas or agentk child process; see [`tether_test_support::unused_port`] for the
 /// race, which [`Kas::start`] handles by retrying.
@@ -243,6 +244,13 @@ impl Kas {
     }
 
     /// The running process's id.
+    /// The `kas` command line (admin commands) aimed at this kas by its configuration file.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kas"));
+        c.arg("--configuration-file").arg(&self.config);
+        c
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -513,18 +521,39 @@ impl Agent {
     }
 
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.obs_port))
-            .await
-            .ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.ok()?;
-        out.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        sample(&self.metrics_text().await?, name)
     }
+
+    /// The body of agentk's `/metrics` (Prometheus text format).
+    pub async fn metrics_text(&self) -> Option<String> {
+        http10_get(self.obs_port, "/metrics").await
+    }
+}
+
+/// The value of the sample whose name and labels are exactly `series`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The body of a GET over HTTP/1.0 (so the server neither chunks nor keeps the connection).
+async fn http10_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_owned())
 }
 
 impl Drop for Agent {
@@ -570,14 +599,12 @@ impl Kas {
     /// A sample of kas's `/metrics`: the value of the line starting with `series` (name and
     /// labels exactly as kas prints them), or `None` if there is no such line yet.
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        let out = self.observability_get("/metrics").await?;
-        out.lines().find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+        sample(&self.metrics_text().await?, series)
+    }
+
+    /// The body of kas's `/metrics` (Prometheus text format).
+    pub async fn metrics_text(&self) -> Option<String> {
+        http10_get(self.obs_port, "/metrics").await
     }
 }
 

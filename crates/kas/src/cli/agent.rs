@@ -1,0 +1,281 @@
+//! `kas agent …`.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use kas::config::Config;
+use kas::install::{self, InstallTarget};
+use tether_kas_api::{AdminClient, AgentView, SuspendRequest, SuspensionView};
+
+use super::args::AgentCmd;
+use super::output::{Table, out, print_data, short};
+use super::{default_agent_url, write_secret_file};
+
+pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<()> {
+    match cmd {
+        AgentCmd::Register {
+            project,
+            name,
+            json,
+            kas_address,
+            namespace,
+            output_manifests,
+        } => {
+            let t = c.register_agent(project, name).await?;
+            let address = kas_address
+                .clone()
+                .unwrap_or_else(|| default_agent_url(cfg));
+            let target = InstallTarget {
+                kas_address: &address,
+                namespace,
+                release: name,
+            };
+            if let Some(file) = output_manifests {
+                write_secret_file(file, install::manifests(&target, &t.token).as_bytes())?;
+            }
+            print_registered(&t, *json)?;
+            if !*json {
+                let file = output_manifests.as_ref().map(|f| f.display().to_string());
+                out!(
+                    "{}",
+                    install::instructions(&target, &t.token, file.as_deref())
+                )?;
+            }
+            Ok(())
+        }
+        AgentCmd::List { format } => {
+            let agents = c.list_agents().await?;
+            if !print_data(format.format(), &agents)? {
+                print_agents(&agents)?;
+            }
+            Ok(())
+        }
+        AgentCmd::Status { agent_id, format } => {
+            let agent_id = c.resolve_agent(agent_id).await?;
+            let syncs = c.gitops_status(agent_id).await?;
+            if !print_data(format.format(), &syncs)? {
+                let agent = c
+                    .list_agents()
+                    .await?
+                    .into_iter()
+                    .find(|a| a.id == agent_id);
+                print_suspensions(agent.map(|a| a.suspensions).unwrap_or_default())?;
+                print_syncs(agent_id, syncs)?;
+            }
+            Ok(())
+        }
+        AgentCmd::Diff(args) => {
+            let code = kas::diff::run(c, args, &mut std::io::stdout().lock()).await?;
+            if code != kas::diff::EXIT_NO_CHANGES {
+                // Printed and flushed already; nothing else is left to clean up.
+                std::process::exit(i32::from(code));
+            }
+            Ok(())
+        }
+        AgentCmd::Ping { agent_id, bytes } => {
+            ping(c, c.resolve_agent(agent_id).await?, *bytes).await
+        }
+        AgentCmd::Reconcile {
+            agent_id,
+            project,
+            wait,
+            timeout,
+        } => {
+            let id = c.resolve_agent(agent_id).await?;
+            super::reconcile::run(c, id, project.clone(), *wait, *timeout).await
+        }
+        AgentCmd::Suspend {
+            agent_id,
+            project,
+            reason,
+        } => {
+            let id = c.resolve_agent(agent_id).await?;
+            let req = SuspendRequest {
+                project: project.clone(),
+                reason: reason.clone(),
+                requested_by: std::env::var("USER").ok(),
+            };
+            let s = c.suspend(id, &req).await?;
+            out!(
+                "agent {id}: GitOps suspended for {} by {} at {}",
+                s.project.as_deref().unwrap_or("every manifest project"),
+                s.suspended_by,
+                s.suspended_at
+            )?;
+            Ok(())
+        }
+        AgentCmd::Resume { agent_id, project } => {
+            let id = c.resolve_agent(agent_id).await?;
+            let req = SuspendRequest {
+                project: project.clone(),
+                ..SuspendRequest::default()
+            };
+            let r = c.resume(id, &req).await?;
+            out!(
+                "agent {id}: GitOps resumed ({} suspension(s) lifted); the newest commit is applied now",
+                r.resumed
+            )?;
+            Ok(())
+        }
+        AgentCmd::Delete { agent_id } => {
+            let id = c.resolve_agent(agent_id).await?;
+            let d = c.delete_agent(id).await?;
+            out!(
+                "agent {id} deleted: {} token(s) revoked, {} live stream(s) ended, {} request(s) of people ended",
+                d.tokens_revoked,
+                d.streams_ended,
+                d.user_requests_ended
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// `kas agent register`'s output: the token, shown once.
+fn print_registered(t: &tether_kas_api::TokenCreated, json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::to_string_pretty(&t)?)?;
+    } else {
+        out!(
+            "agent_id: {}\ntoken_id: {}\ntoken: {}",
+            t.agent_id,
+            t.token_id,
+            t.token
+        )?;
+        eprintln!(
+            "Store the token now (for example in a Kubernetes Secret): kas keeps only its hash."
+        );
+    }
+    Ok(())
+}
+
+/// `kas agent list`'s table: a line per connection (or one for an offline agent), then the
+/// configuration in force and any suspension. The agent is named as in kubeconfig contexts,
+/// never cut.
+fn print_agents(agents: &[AgentView]) -> Result<()> {
+    let mut t = Table::new(&["ID", "AGENT", "STATE", "SINCE", "VERSION", "POD"]);
+    for a in agents {
+        let name = format!("{}:{}", a.project, a.name);
+        if a.connections.is_empty() {
+            t.row(vec![a.id.to_string(), name.clone(), "offline".into()]);
+        }
+        for con in &a.connections {
+            t.row(vec![
+                a.id.to_string(),
+                name.clone(),
+                "connected".into(),
+                con.connected_since.clone(),
+                con.agent_version.clone(),
+                format!("{}/{}", con.pod_namespace, con.pod_name),
+            ]);
+        }
+    }
+    t.print()?;
+    for a in agents {
+        print_agent_notes(a)?;
+    }
+    Ok(())
+}
+
+/// What does not fit a table row: the configuration commit, a refusal, suspensions.
+fn print_agent_notes(a: &AgentView) -> Result<()> {
+    let mut notes = Vec::new();
+    if let Some(cfg) = &a.config {
+        let commit = if cfg.commit.is_empty() {
+            "(none)"
+        } else {
+            short(&cfg.commit)
+        };
+        notes.push(format!("config in force: commit {commit}"));
+        if let (Some(e), Some(c)) = (&cfg.error, &cfg.error_commit) {
+            notes.push(format!("refused at commit {}: {e}", short(c)));
+        }
+    }
+    notes.extend(a.suspensions.iter().map(suspension_line));
+    if !notes.is_empty() {
+        out!("{}:{} (agent {})", a.project, a.name, a.id)?;
+        for n in notes {
+            out!("    {n}")?;
+        }
+    }
+    Ok(())
+}
+
+fn suspension_line(s: &SuspensionView) -> String {
+    format!(
+        "SUSPENDED {} by {} at {}{}",
+        s.project.as_deref().unwrap_or("(every manifest project)"),
+        s.suspended_by,
+        s.suspended_at,
+        if s.reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", s.reason)
+        }
+    )
+}
+
+fn print_suspensions(suspensions: Vec<SuspensionView>) -> Result<()> {
+    for s in &suspensions {
+        out!("{}", suspension_line(s))?;
+    }
+    Ok(())
+}
+
+/// `kas agent status`: each manifest project's last synchronization and its objects.
+fn print_syncs(agent_id: i64, syncs: Vec<tether_kas_api::SyncView>) -> Result<()> {
+    if syncs.is_empty() {
+        out!("agent {agent_id} has reported no synchronization yet")?;
+    }
+    for s in syncs {
+        out!(
+            "{}  commit {}  {}{}  at {}{}",
+            s.project_id,
+            &s.commit_id[..s.commit_id.len().min(12)],
+            s.outcome,
+            if s.dry_run { " (dry run)" } else { "" },
+            s.finished_at,
+            if s.error.is_empty() {
+                String::new()
+            } else {
+                format!("  error: {}", s.error)
+            }
+        )?;
+        for w in &s.warnings {
+            out!("    warning: {w}")?;
+        }
+        for o in s.objects {
+            out!(
+                "    {:<12} {}/{} {}/{}  {}",
+                o.status,
+                if o.group.is_empty() { "core" } else { &o.group },
+                o.kind,
+                if o.namespace.is_empty() {
+                    "-"
+                } else {
+                    &o.namespace
+                },
+                o.name,
+                o.message
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `kas agent ping`: a payload through the agent's echo service and back, timed.
+async fn ping(c: &AdminClient, agent_id: i64, bytes: usize) -> Result<()> {
+    let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let t0 = Instant::now();
+    let back = c.echo(agent_id, payload.clone()).await?;
+    let dt = t0.elapsed();
+    anyhow::ensure!(
+        back.as_ref() == payload.as_slice(),
+        "the echo came back altered"
+    );
+    out!(
+        "{} bytes through agent {agent_id} and back in {dt:?}",
+        back.len()
+    )?;
+    Ok(())
+}

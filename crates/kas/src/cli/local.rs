@@ -1,0 +1,49 @@
+//! Commands that need no running kas: `kas store …`, `kas config validate`.
+
+use anyhow::{Context, Result};
+use kas::config::Config;
+
+use super::args::StoreCmd;
+use super::output::out;
+
+/// `kas config validate`: the same parsing and validation as kas applies to a configuration
+/// project's `config.yaml` (size, UTF-8, schema, every section's rules, lines in messages).
+pub fn validate_agent_config(file: &std::path::Path) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let config = tether_agent_config::parse_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    out!(
+        "{}: valid ({} manifest project(s), {} CI access project(s) and group(s), user access {})",
+        file.display(),
+        config.gitops.manifest_projects.len(),
+        config.ci_access.projects.len() + config.ci_access.groups.len(),
+        if config.user_access.is_some() {
+            "configured"
+        } else {
+            "off"
+        }
+    )?;
+    Ok(())
+}
+
+pub async fn store_cmd(cfg: &Config, cmd: &StoreCmd) -> Result<()> {
+    use kas::config::DatabaseLocation;
+    match cmd {
+        StoreCmd::Migrate => {
+            let location = cfg.database_location();
+            kas::database::migrate(&location).await?;
+            out!("{location}: schema up to date")?;
+        }
+        StoreCmd::Copy { from, to } => {
+            let from = DatabaseLocation::parse(from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
+            let to = DatabaseLocation::parse(to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+            let counts = kas::database::copy(&from, &to).await?;
+            for c in &counts {
+                out!("{:<16}{:>8}", c.table, c.rows)?;
+            }
+            let total: u64 = counts.iter().map(|c| c.rows).sum();
+            out!("copied {total} records from {from} to {to}")?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! How admin commands print: errors that are only a closed pipe, times for people.
+
+/// `println!` that returns an error instead of panicking when stdout is gone
+/// (`kas agent list | head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+pub(crate) use out;
+
+/// Whether `e` is only the reader of our output having gone away: not worth an error, as with
+/// any Unix tool whose output is cut short by `head`.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Unix seconds as an RFC 3339 UTC time, for people (raw epoch seconds in listings were not).
+pub fn when(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// How a listing or status is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people.
+    Table,
+    /// The admin API's JSON, pretty-printed.
+    Json,
+    /// The same as YAML.
+    Yaml,
+}
+
+/// `-o table|json|yaml`, and the older `--json`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FormatArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    output: OutputFormat,
+    /// Same as `-o json` (kept for scripts written before `-o`).
+    #[arg(long, conflicts_with = "output")]
+    json: bool,
+}
+
+impl FormatArgs {
+    pub fn format(&self) -> OutputFormat {
+        if self.json {
+            OutputFormat::Json
+        } else {
+            self.output
+        }
+    }
+}
+
+/// Prints `value` as JSON or YAML; false for `Table`, which the caller prints its own way.
+pub fn print_data<T: serde::Serialize>(format: OutputFormat, value: &T) -> anyhow::Result<bool> {
+    match format {
+        OutputFormat::Table => return Ok(false),
+        OutputFormat::Json => out!("{}", serde_json::to_string_pretty(value)?)?,
+        OutputFormat::Yaml => {
+            let yaml = serde_saphyr::to_string(value)?;
+            out!("{}", yaml.trim_end())?;
+        }
+    }
+    Ok(true)
+}
+
+/// A table whose columns are as wide as their widest cell: long project paths widen their
+/// column instead of being cut or pushing the others out of line.
+#[derive(Debug, Default)]
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(headers: &[&str]) -> Self {
+        Self {
+            rows: vec![headers.iter().map(|h| (*h).to_owned()).collect()],
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// The lines, columns separated by two spaces, without trailing blanks.
+    pub fn render(&self) -> Vec<String> {
+        let mut widths: Vec<usize> = Vec::new();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate() {
+                let w = cell.chars().count();
+                match widths.get_mut(i) {
+                    Some(max) => *max = (*max).max(w),
+                    None => widths.push(w),
+                }
+            }
+        }
+        self.rows
+            .iter()
+            .map(|row| {
+                let mut line = String::new();
+                for (i, cell) in row.iter().enumerate() {
+                    let pad = widths[i].saturating_sub(cell.chars().count());
+                    line.push_str(cell);
+                    if i + 1 < row.len() {
+                        line.push_str(&" ".repeat(pad + 2));
+                    }
+                }
+                line.trim_end().to_owned()
+            })
+            .collect()
+    }
+
+    pub fn print(&self) -> anyhow::Result<()> {
+        for line in self.render() {
+            out!("{line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A commit id shortened for tables.
+pub fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_grow_with_their_longest_cell_and_nothing_is_cut() {
+        let mut t = Table::new(&["ID", "AGENT", "STATE"]);
+        let long = "a-very/long/group/with/many/levels/of/subgroups/project:agent";
+        t.row(vec!["1".into(), long.into(), "connected".into()]);
+        t.row(vec!["12".into(), "g/p:a".into(), "offline".into()]);
+        let lines = t.render();
+        assert_eq!(
+            lines[0],
+            format!("ID  AGENT{}  STATE", " ".repeat(long.len() - 5))
+        );
+        assert_eq!(lines[1], format!("1   {long}  connected"));
+        assert!(lines[2].starts_with("12  g/p:a "), "{}", lines[2]);
+        let state_column = lines[0].find("STATE");
+        assert_eq!(lines[2].find("offline"), state_column);
+    }
+
+    #[test]
+    fn json_is_the_older_flag_for_dash_o_json() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            f: FormatArgs,
+        }
+        let f = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.f.format());
+        assert_eq!(f(&["x"]).ok(), Some(OutputFormat::Table));
+        assert_eq!(f(&["x", "--json"]).ok(), Some(OutputFormat::Json));
+        assert_eq!(f(&["x", "-o", "yaml"]).ok(), Some(OutputFormat::Yaml));
+        assert!(f(&["x", "-o", "xml"]).is_err());
+    }
+}

@@ -1,0 +1,340 @@
+//! `kas agent reconcile [--wait]`: ask kas to fetch and the agent to sync now, then follow the
+//! agent's reports until the one answering this request arrives for every project.
+
+use std::io::IsTerminal as _;
+use std::time::Duration;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tether_kas_api::{
+    AdminClient, ReconcileRequest, ReconcileStarted, ReportedOutcome, ReportedStatus, SyncView,
+};
+use tokio::time::Instant;
+
+use super::output::{out, short};
+
+/// How often the agent's reports are read while waiting.
+const POLL: Duration = Duration::from_millis(300);
+
+/// How a reconcile ended, and its exit code (documented in `kas agent reconcile --help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Synchronized, every object Current.
+    Synced,
+    /// A synchronization failed or an object is not Current.
+    Failed,
+    /// No report within the timeout.
+    TimedOut,
+    /// The agent has no stream for a project: nobody heard the request.
+    NotDelivered,
+}
+
+impl Outcome {
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Synced => 0,
+            Self::Failed => 1,
+            Self::TimedOut => 3,
+            Self::NotDelivered => 4,
+        }
+    }
+}
+
+/// A reconcile that did not end well: the message was printed, the code is the exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("reconcile {outcome:?}")]
+pub struct Unsuccessful {
+    pub outcome: Outcome,
+}
+
+/// What one report says, counted for a line of progress.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub applied: usize,
+    pub current: usize,
+    pub pruned: usize,
+    /// `kind/namespace/name: message` of every object neither Current nor pruned.
+    pub not_current: Vec<String>,
+}
+
+/// Counts a report's objects.
+pub fn summarize(s: &SyncView) -> Summary {
+    let mut out = Summary::default();
+    for o in &s.objects {
+        match o.status {
+            ReportedStatus::Pruned => out.pruned += 1,
+            ReportedStatus::Current => {
+                out.applied += 1;
+                out.current += 1;
+            }
+            status => {
+                out.applied += 1;
+                let ns = if o.namespace.is_empty() {
+                    "-"
+                } else {
+                    &o.namespace
+                };
+                out.not_current.push(format!(
+                    "{}/{ns}/{} {status}: {}",
+                    o.kind, o.name, o.message
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A report's outcome for the exit code: synced only if it succeeded and all is Current.
+pub fn judge(s: &SyncView, summary: &Summary) -> Outcome {
+    if s.outcome == ReportedOutcome::Succeeded && summary.not_current.is_empty() {
+        Outcome::Synced
+    } else {
+        Outcome::Failed
+    }
+}
+
+/// The progress line of one project's report.
+pub fn report_line(s: &SyncView, summary: &Summary) -> String {
+    let mut line = format!(
+        "{}: commit {} {}: {} applied, {} Current, {} not Current, {} pruned",
+        s.project_id,
+        short(&s.commit_id),
+        s.outcome,
+        summary.applied,
+        summary.current,
+        summary.not_current.len(),
+        summary.pruned
+    );
+    if !s.error.is_empty() {
+        line.push_str(&format!("; error: {}", s.error));
+    }
+    line
+}
+
+/// Where progress goes: a bar and lines above it on a terminal, plain lines otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        if !std::io::stdout().is_terminal() {
+            return Self { bar: None };
+        }
+        let bar = ProgressBar::with_draw_target(
+            Some(u64::try_from(total).unwrap_or(u64::MAX)),
+            ProgressDrawTarget::stdout(),
+        );
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} [{bar:24}] {pos}/{len} synchronized  {msg}")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Self { bar: Some(bar) }
+    }
+
+    fn line(&self, text: &str) -> Result<()> {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => out!("{text}")?,
+        }
+        Ok(())
+    }
+
+    fn waiting(&self, text: String) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(text);
+        }
+    }
+
+    fn done_one(&self) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+pub async fn run(
+    c: &AdminClient,
+    agent_id: i64,
+    project: Option<String>,
+    wait: bool,
+    timeout: Duration,
+) -> Result<()> {
+    let started = c.reconcile(agent_id, &ReconcileRequest { project }).await?;
+    let progress = Progress::new(if wait { started.projects.len() } else { 0 });
+    let mut worst = Outcome::Synced;
+    for t in &started.projects {
+        let commit = t.commit.as_deref().map_or("(none)", short);
+        let fetched = match &t.fetch_error {
+            Some(e) => format!("fetch failed ({e}); syncing the last good commit {commit}"),
+            None => format!("fetched, commit {commit}"),
+        };
+        progress.line(&format!("{}: {fetched}", t.project))?;
+        if t.streams == 0 {
+            progress.line(&format!(
+                "{}: agent {agent_id} has no GitOps stream for it (offline, or no replica leads)",
+                t.project
+            ))?;
+            worst = worst.max(Outcome::NotDelivered);
+        }
+    }
+    if !wait {
+        progress.line(&format!(
+            "agent {agent_id} asked to synchronize now (reconcile {}); `kas agent status` shows the result",
+            started.resync_id
+        ))?;
+        return finish(worst);
+    }
+    let outcome = follow(c, agent_id, &started, timeout, &progress).await?;
+    progress.finish();
+    finish(worst.max(outcome))
+}
+
+fn finish(outcome: Outcome) -> Result<()> {
+    match outcome {
+        Outcome::Synced => Ok(()),
+        outcome => Err(Unsuccessful { outcome }.into()),
+    }
+}
+
+/// Reads the agent's reports until each project delivered to has answered, or the deadline.
+async fn follow(
+    c: &AdminClient,
+    agent_id: i64,
+    started: &ReconcileStarted,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<Outcome> {
+    let t0 = Instant::now();
+    let deadline = t0 + timeout;
+    let mut pending: Vec<&str> = started
+        .projects
+        .iter()
+        .filter(|t| t.streams > 0)
+        .map(|t| t.project.as_str())
+        .collect();
+    let mut worst = Outcome::Synced;
+    while !pending.is_empty() {
+        for s in c.gitops_status(agent_id).await? {
+            if s.resync_id < started.resync_id || !pending.contains(&s.project_id.as_str()) {
+                continue;
+            }
+            pending.retain(|p| *p != s.project_id);
+            let summary = summarize(&s);
+            progress.line(&report_line(&s, &summary))?;
+            for o in &summary.not_current {
+                progress.line(&format!("    {o}"))?;
+            }
+            worst = worst.max(judge(&s, &summary));
+            progress.done_one();
+        }
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            progress.line(&format!(
+                "timed out after {timeout:?} waiting for agent {agent_id}'s report of {}",
+                pending.join(", ")
+            ))?;
+            return Ok(Outcome::TimedOut);
+        }
+        progress.waiting(format!(
+            "agent {agent_id} synchronizing {} ({}s)",
+            pending.join(", "),
+            t0.elapsed().as_secs()
+        ));
+        tokio::time::sleep(POLL.min(deadline - Instant::now())).await;
+    }
+    Ok(worst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_kas_api::ObjectView;
+
+    fn object(kind: &str, name: &str, status: ReportedStatus, message: &str) -> ObjectView {
+        ObjectView {
+            group: String::new(),
+            kind: kind.into(),
+            namespace: "ns".into(),
+            name: name.into(),
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn report(outcome: ReportedOutcome, objects: Vec<ObjectView>) -> SyncView {
+        SyncView {
+            project_id: "group/manifests".into(),
+            commit_id: "0123456789abcdef".into(),
+            outcome,
+            error: String::new(),
+            finished_at: String::new(),
+            dry_run: false,
+            objects,
+            warnings: Vec::new(),
+            resync_id: 1,
+        }
+    }
+
+    #[test]
+    fn all_current_is_synced_and_anything_else_fails_naming_the_object() {
+        let ok = report(
+            ReportedOutcome::Succeeded,
+            vec![
+                object("Deployment", "web", ReportedStatus::Current, ""),
+                object("ConfigMap", "old", ReportedStatus::Pruned, ""),
+            ],
+        );
+        let s = summarize(&ok);
+        assert_eq!((s.applied, s.current, s.pruned), (1, 1, 1));
+        assert_eq!(judge(&ok, &s), Outcome::Synced);
+        assert_eq!(
+            report_line(&ok, &s),
+            "group/manifests: commit 0123456789ab succeeded: 1 applied, 1 Current, 0 not Current, 1 pruned"
+        );
+
+        let bad = report(
+            ReportedOutcome::Failed,
+            vec![object(
+                "Deployment",
+                "web",
+                ReportedStatus::Failed,
+                "forbidden",
+            )],
+        );
+        let s = summarize(&bad);
+        assert_eq!(s.not_current, ["Deployment/ns/web Failed: forbidden"]);
+        assert_eq!(judge(&bad, &s), Outcome::Failed);
+        // Succeeded but still rolling out is not "synced" either.
+        let slow = report(
+            ReportedOutcome::Succeeded,
+            vec![object("Deployment", "web", ReportedStatus::InProgress, "")],
+        );
+        assert_eq!(judge(&slow, &summarize(&slow)), Outcome::Failed);
+    }
+
+    #[test]
+    fn exit_codes_are_distinct_and_the_worst_outcome_wins() {
+        let codes: Vec<u8> = [
+            Outcome::Synced,
+            Outcome::Failed,
+            Outcome::TimedOut,
+            Outcome::NotDelivered,
+        ]
+        .map(Outcome::code)
+        .to_vec();
+        assert_eq!(codes, [0, 1, 3, 4]);
+        assert_eq!(Outcome::Synced.max(Outcome::Failed), Outcome::Failed);
+        assert_eq!(Outcome::Failed.max(Outcome::TimedOut), Outcome::TimedOut);
+    }
+}

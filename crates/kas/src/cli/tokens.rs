@@ -1,0 +1,218 @@
+//! `kas token …`, `kas user-token …` and `kas kubeconfig`.
+
+use anyhow::{Context, Result};
+use kas::config::Config;
+use tether_kas_api::AdminClient;
+
+use super::args::{TokenCmd, UserTokenCmd};
+use super::output::{Table, out, print_data, when};
+
+/// Fetches the CI job's kubeconfig from kas's proxy.
+pub async fn ci_kubeconfig(
+    server: &str,
+    id_token_file: &std::path::Path,
+    ca: Option<&std::path::Path>,
+    output: Option<&std::path::Path>,
+) -> Result<()> {
+    let token = std::fs::read_to_string(id_token_file)
+        .with_context(|| format!("reading {}", id_token_file.display()))?;
+    let ca_pem = ca
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fetcher = kas::jwks::HttpJwksFetcher::new(ca_pem.as_deref())?;
+    let url = format!(
+        "{}{}",
+        server.trim_end_matches('/'),
+        kas::kubeproxy::KUBECONFIG_PATH
+    );
+    let body = fetcher.get_with_bearer(&url, token.trim()).await?;
+    match output {
+        Some(p) => kas::auth::write_private(p, &body)?,
+        None => print!("{body}"),
+    }
+    Ok(())
+}
+
+pub async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -> Result<()> {
+    match cmd {
+        UserTokenCmd::Create {
+            agent_id,
+            username,
+            members,
+            expires_in,
+            kubeconfig,
+            server,
+            ca_cert_file,
+        } => {
+            // Settle where the kubeconfig goes and what it trusts before issuing a token, so a
+            // mistake here leaves no token behind.
+            let kc_target = kubeconfig
+                .as_ref()
+                .map(|file| {
+                    person_kubeconfig_target(cfg, server.as_deref(), ca_cert_file.as_deref())
+                        .map(|t| (file, t))
+                })
+                .transpose()?;
+            let ttl = humantime::parse_duration(expires_in)
+                .with_context(|| format!("{expires_in} is not a duration like 8h or 30d"))?;
+            let req = kas::api::UserTokenRequest {
+                username: username.clone(),
+                memberships: members.clone(),
+                expires_in_seconds: Some(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+            };
+            let t = c
+                .create_user_token(c.resolve_agent(agent_id).await?, &req)
+                .await?;
+            out!(
+                "token_id: {}\ntoken: pat:{}:{}\nexpires_at: {}",
+                t.token_id,
+                t.agent_id,
+                t.token,
+                t.expires_at
+            )?;
+            if let Some((file, target)) = kc_target {
+                write_person_kubeconfig(c, &t, file, &target).await?;
+            }
+        }
+        UserTokenCmd::List { agent, format } => {
+            let agent_id = match agent {
+                Some(a) => Some(c.resolve_agent(a).await?),
+                None => None,
+            };
+            let tokens = c.list_user_tokens(agent_id).await?;
+            if !print_data(format.format(), &tokens)? {
+                print_user_tokens(tokens)?;
+            }
+        }
+        UserTokenCmd::Revoke { token_id } => {
+            let r = c.revoke_user_token(*token_id).await?;
+            out!("{r}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Where a person's kubeconfig points and the CA it trusts (PEM).
+struct KubeconfigTarget {
+    server: String,
+    ca_pem: Option<Vec<u8>>,
+}
+
+fn person_kubeconfig_target(
+    cfg: &Config,
+    server: Option<&str>,
+    ca_cert_file: Option<&std::path::Path>,
+) -> Result<KubeconfigTarget> {
+    let server = server
+        .map(str::to_owned)
+        .or_else(|| cfg.kubernetes_api.public_url.clone())
+        .context(
+            "--kubeconfig needs --server (or kubernetes_api.public_url in kas's configuration)",
+        )?;
+    let ca_file = ca_cert_file.or(cfg.kubernetes_api.ca_file.as_deref());
+    let ca_pem = ca_file
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    Ok(KubeconfigTarget { server, ca_pem })
+}
+
+async fn write_person_kubeconfig(
+    c: &AdminClient,
+    t: &kas::api::UserTokenCreated,
+    file: &std::path::Path,
+    target: &KubeconfigTarget,
+) -> Result<()> {
+    let agent = c
+        .list_agents()
+        .await?
+        .into_iter()
+        .find(|a| a.id == t.agent_id)
+        .context("the agent disappeared")?;
+    let name = format!("{}:{}", agent.project, agent.name);
+    let mut kc =
+        tether_kubeproxy_server::Kubeconfig::new(&target.server, target.ca_pem.as_deref())?;
+    kc.add_context(&name, &format!("pat:{}:{}", t.agent_id, t.token), None)?;
+    kas::auth::write_private(file, &format!("{}\n", kc.to_json()?))
+        .with_context(|| format!("writing {}", file.display()))?;
+    eprintln!("kubeconfig written to {} (context {name})", file.display());
+    Ok(())
+}
+
+pub async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::Create {
+            agent_id,
+            description,
+        } => {
+            let t = c
+                .create_token(c.resolve_agent(agent_id).await?, description)
+                .await?;
+            out!("token_id: {}\ntoken: {}", t.token_id, t.token)?;
+        }
+        TokenCmd::List { agent_id, format } => {
+            let tokens = c.list_tokens(c.resolve_agent(agent_id).await?).await?;
+            if print_data(format.format(), &tokens)? {
+                return Ok(());
+            }
+            let mut t = Table::new(&["ID", "STATE", "CREATED", "DESCRIPTION"]);
+            for tok in tokens {
+                let state = if tok.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                t.row(vec![
+                    tok.id.to_string(),
+                    state.into(),
+                    when(tok.created_at),
+                    tok.description,
+                ]);
+            }
+            t.print()?;
+        }
+        TokenCmd::Revoke { token_id } => {
+            let r = c.revoke_token(*token_id).await?;
+            out!(
+                "token {} revoked (was active: {}, live streams ended: {})",
+                r.token_id,
+                r.was_active,
+                r.streams_ended
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `kas user-token list`'s table: never the token, which kas does not have.
+fn print_user_tokens(tokens: Vec<tether_kas_api::UserTokenView>) -> Result<()> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut t = Table::new(&["ID", "AGENT", "USERNAME", "STATE", "EXPIRES", "MEMBERSHIPS"]);
+    for tok in tokens {
+        let state = match tok.revoked_at {
+            Some(_) => "revoked",
+            None if tok.expires_at <= now => "expired",
+            None => "active",
+        };
+        let members: Vec<String> = tok
+            .memberships
+            .iter()
+            .map(|m| serde_json::to_value(m).map(|v| membership_word(&v)))
+            .collect::<Result<_, _>>()?;
+        t.row(vec![
+            tok.id.to_string(),
+            tok.agent_id.to_string(),
+            tok.username,
+            state.into(),
+            when(tok.expires_at),
+            members.join(","),
+        ]);
+    }
+    t.print()
+}
+
+/// `kind:path:role` of a membership's JSON (as `--member` takes it, without the id).
+fn membership_word(v: &serde_json::Value) -> String {
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    format!("{}:{}:{}", s("kind"), s("path"), s("access_level"))
+}

@@ -1,0 +1,231 @@
+//! Coordination between kas replicas through Redis (`redis:` in the configuration).
+//!
+//! A revocation — an agent token, a personal access token, a deleted agent — is stored first,
+//! then ends what it opened on the replica that took it, and is published on
+//! [`CHANNEL`]; every replica follows the channel and ends the streams and requests that token
+//! opened there, so a revoke on any replica takes effect on all within a second (without Redis,
+//! other replicas notice at their next token re-check). Readiness follows Redis too: a replica
+//! that cannot reach it would miss revocations.
+//!
+//! Without `redis`, kas is a single replica and nothing here runs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// The pub/sub channel replicas tell each other things on.
+pub const CHANNEL: &str = "tether:events";
+
+/// `redis:` in kas's configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` (TLS, `rediss://`, and Sentinel are not supported yet).
+    pub url: String,
+    /// A file holding the password (Redis `requirepass`, or an ACL user's with `username`).
+    pub password_file: Option<PathBuf>,
+    /// An ACL user (Redis 6+); default: the default user.
+    pub username: Option<String>,
+}
+
+impl RedisConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.url.starts_with("rediss://") {
+            return Err("redis.url: TLS (rediss://) is not supported yet; reach Redis over a private network or a local TLS proxy".into());
+        }
+        if !self.url.starts_with("redis://") {
+            return Err(format!("redis.url: {} is not a redis:// URL", self.url));
+        }
+        Ok(())
+    }
+}
+
+/// What one replica tells the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ClusterEvent {
+    /// An agent token was revoked: end its tunnel, configuration and GitOps streams.
+    AgentToken { id: i64 },
+    /// A personal access token was revoked: end the requests it has open through the proxy.
+    UserToken { id: i64 },
+    /// A push webhook for a project reached replica `from`: every other replica fetches it
+    /// too (each keeps its own mirror), so agents on any replica get the commit at once.
+    Pushed { project: i64, from: u64 },
+}
+
+/// A connection to Redis shared by the replica's modules; cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    client: redis::Client,
+    conn: redis::aio::ConnectionManager,
+    /// This replica's id in [`ClusterEvent::Pushed`] (random per process).
+    replica: u64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("Cluster").finish_non_exhaustive()
+    }
+}
+
+/// Why kas cannot use Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("redis.password_file {file}: {source}")]
+    Password {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl Cluster {
+    /// Connects (kas does not start when Redis is configured but unreachable: it would miss
+    /// revocations from the first moment).
+    pub async fn connect(cfg: &RedisConfig) -> Result<Cluster, ClusterError> {
+        let mut info: redis::ConnectionInfo =
+            redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(file) = &cfg.password_file {
+            let password =
+                std::fs::read_to_string(file).map_err(|source| ClusterError::Password {
+                    file: file.display().to_string(),
+                    source,
+                })?;
+            settings = settings.set_password(password.trim());
+        }
+        if let Some(user) = &cfg.username {
+            settings = settings.set_username(user);
+        }
+        info = info.set_redis_settings(settings);
+        let client = redis::Client::open(info)?;
+        let conn = redis::aio::ConnectionManager::new(client.clone()).await?;
+        Ok(Cluster {
+            client,
+            conn,
+            replica: rand::random(),
+        })
+    }
+
+    /// This replica's id, for [`ClusterEvent::Pushed`].
+    pub fn replica(&self) -> u64 {
+        self.replica
+    }
+
+    /// Tells every replica (this one too) about `event`.
+    pub async fn publish(&self, event: ClusterEvent) -> Result<(), redis::RedisError> {
+        let payload = serde_json::to_string(&event).unwrap_or_default();
+        let mut conn = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(CHANNEL)
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+    }
+
+    /// `PING`: whether Redis answers now (readiness).
+    pub async fn check(&self) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(drop)
+    }
+
+    /// Applies every revocation published on [`CHANNEL`] until `stop`, resubscribing after a
+    /// lost connection (a revocation published meanwhile is caught by the token re-check).
+    pub async fn follow(
+        self,
+        apply: impl Fn(ClusterEvent) + Send + 'static,
+        stop: CancellationToken,
+    ) {
+        let mut failures = 0u32;
+        loop {
+            let followed = tokio::select! {
+                r = self.follow_once(&apply, &mut failures) => r,
+                () = stop.cancelled() => return,
+            };
+            if let Err(e) = followed {
+                failures = failures.saturating_add(1);
+                if failures == 1 {
+                    tracing::warn!(error = %e, "Lost the Redis revocation channel; resubscribing (other replicas' revocations reach this one at the next token re-check meanwhile)");
+                }
+            }
+            let backoff = Duration::from_millis(250 * u64::from(failures.min(20)));
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn follow_once(
+        &self,
+        apply: &(impl Fn(ClusterEvent) + Send),
+        failures: &mut u32,
+    ) -> Result<(), redis::RedisError> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(CHANNEL).await?;
+        if *failures > 0 {
+            tracing::info!("Following the Redis revocation channel again");
+        }
+        *failures = 0;
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            let payload: String = msg.get_payload()?;
+            match serde_json::from_str::<ClusterEvent>(&payload) {
+                Ok(r) => apply(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Ignoring an unreadable message on the revocation channel")
+                }
+            }
+        }
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "the revocation channel closed",
+        )))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_travel_as_tagged_json() {
+        let r = ClusterEvent::UserToken { id: 7 };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"kind":"user_token","id":7}"#);
+        assert_eq!(serde_json::from_str::<ClusterEvent>(&text).unwrap(), r);
+        let p = ClusterEvent::Pushed {
+            project: 3,
+            from: 9,
+        };
+        let text = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterEvent>(&text).unwrap(), p);
+    }
+
+    #[test]
+    fn only_plain_redis_urls_are_taken() {
+        let cfg = |url: &str| RedisConfig {
+            url: url.into(),
+            password_file: None,
+            username: None,
+        };
+        assert!(cfg("redis://127.0.0.1:6379/0").validate().is_ok());
+        assert!(
+            cfg("rediss://x")
+                .validate()
+                .unwrap_err()
+                .contains("not supported yet")
+        );
+        assert!(cfg("http://x").validate().is_err());
+    }
+}

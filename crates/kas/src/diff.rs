@@ -1,0 +1,202 @@
+//! `kas agent diff AGENT --ref REF`: what a synchronization of REF would change in the agent's
+//! cluster, printed like `flux diff kustomization`, with an exit code a merge-request pipeline
+//! can act on: 0 nothing would change, 1 something would, 2 the preview failed (in part).
+
+use std::io::Write;
+
+use tether_kas_api::{AdminClient, AgentRef, DiffChange, DiffRequest, DiffView, ProjectDiffView};
+
+/// Nothing would change.
+pub const EXIT_NO_CHANGES: u8 = 0;
+/// Something would be created, changed or pruned.
+pub const EXIT_CHANGES: u8 = 1;
+/// The preview failed, wholly or for some project or object: its answer is incomplete.
+pub const EXIT_ERROR: u8 = 2;
+
+/// The command line of `kas agent diff`.
+#[derive(clap::Args, Debug)]
+pub struct DiffArgs {
+    /// The agent: its id or `<configuration project path>:<agent name>`.
+    pub agent: AgentRef,
+    /// Branch, tag or full commit id of the manifest project to preview.
+    #[arg(long = "ref", value_name = "REF")]
+    pub git_ref: String,
+    /// The manifest project REF is of (path or id as in the agent's configuration); required
+    /// when the agent has several.
+    #[arg(long)]
+    pub project: Option<String>,
+    /// `text` (like `flux diff`) or `json`.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// Output formats.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// The exit code for a preview: an error wins (an incomplete answer must not pass for "no
+/// changes" or be taken as a plain "changes"), then any change.
+pub fn exit_code(view: &DiffView) -> u8 {
+    if view.has_errors() {
+        EXIT_ERROR
+    } else if view.has_changes() {
+        EXIT_CHANGES
+    } else {
+        EXIT_NO_CHANGES
+    }
+}
+
+/// Asks kas for the preview, prints it to `out` and returns the exit code.
+pub async fn run(c: &AdminClient, args: &DiffArgs, out: &mut impl Write) -> anyhow::Result<u8> {
+    let agent_id = c.resolve_agent(&args.agent).await?;
+    let req = DiffRequest {
+        git_ref: args.git_ref.clone(),
+        project: args.project.clone(),
+    };
+    let view = c.diff(agent_id, &req).await?;
+    match args.output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&view)?)?,
+        Output::Text => out.write_all(render(&view).as_bytes())?,
+    }
+    out.flush()?;
+    Ok(exit_code(&view))
+}
+
+/// The text output: per project a header, then each object that would change (`►`, with the
+/// diff of a changed one) or fail (`✗`), and `no changes` when nothing would.
+pub fn render(view: &DiffView) -> String {
+    let mut s = String::new();
+    for p in &view.projects {
+        render_project(p, &mut s);
+    }
+    if !view.has_changes() && !view.has_errors() {
+        s.push_str("✔ no changes\n");
+    }
+    s
+}
+
+fn render_project(p: &ProjectDiffView, s: &mut String) {
+    let commit = p.commit.as_deref().map_or("", |c| &c[..c.len().min(12)]);
+    s.push_str(&format!("◎ {} at {} {commit}\n", p.project, p.git_ref));
+    if let Some(e) = &p.error {
+        s.push_str(&format!("✗ {e}\n"));
+    }
+    for w in &p.warnings {
+        s.push_str(&format!("! {w}\n"));
+    }
+    for o in &p.objects {
+        let name = if o.namespace.is_empty() {
+            format!("{}/{}", o.kind, o.name)
+        } else {
+            format!("{}/{}/{}", o.kind, o.namespace, o.name)
+        };
+        match o.change {
+            DiffChange::Unchanged => {}
+            DiffChange::Created => s.push_str(&format!("► {name} created\n")),
+            DiffChange::Pruned => s.push_str(&format!("► {name} deleted\n")),
+            DiffChange::Changed => {
+                s.push_str(&format!("► {name} drifted\n"));
+                s.push_str(&o.diff);
+                if !o.diff.ends_with('\n') {
+                    s.push('\n');
+                }
+            }
+            DiffChange::Failed => {
+                let why = o.error.as_deref().unwrap_or("failed");
+                s.push_str(&format!("✗ {name}: {why}\n"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_kas_api::ObjectDiffView;
+
+    fn object(kind: &str, namespace: &str, name: &str, change: DiffChange) -> ObjectDiffView {
+        ObjectDiffView {
+            group: String::new(),
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            change,
+            diff: if change == DiffChange::Changed {
+                "--- a\n+++ b\n@@ -1 +1 @@\n-  replicas: 1\n+  replicas: 2\n".into()
+            } else {
+                String::new()
+            },
+            error: (change == DiffChange::Failed).then(|| "forbidden (403 Forbidden)".into()),
+        }
+    }
+
+    fn view(objects: Vec<ObjectDiffView>, error: Option<&str>) -> DiffView {
+        DiffView {
+            agent_id: 1,
+            projects: vec![ProjectDiffView {
+                project: "g/manifests".into(),
+                git_ref: "feature".into(),
+                commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+                error: error.map(str::to_owned),
+                warnings: Vec::new(),
+                objects,
+            }],
+        }
+    }
+
+    #[test]
+    fn exit_code_is_0_unchanged_1_changed_2_on_any_error() {
+        let unchanged = object("Deployment", "app", "web", DiffChange::Unchanged);
+        assert_eq!(exit_code(&view(vec![unchanged.clone()], None)), 0);
+        assert_eq!(exit_code(&view(Vec::new(), None)), 0);
+        for change in [DiffChange::Created, DiffChange::Changed, DiffChange::Pruned] {
+            let v = view(
+                vec![unchanged.clone(), object("ConfigMap", "app", "c", change)],
+                None,
+            );
+            assert_eq!(exit_code(&v), 1, "{change:?}");
+        }
+        let failed = object("ConfigMap", "other", "x", DiffChange::Failed);
+        let created = object("ConfigMap", "app", "c", DiffChange::Created);
+        assert_eq!(exit_code(&view(vec![created, failed], None)), 2);
+        assert_eq!(exit_code(&view(Vec::new(), Some("no branch nope"))), 2);
+    }
+
+    #[test]
+    fn text_output_reads_like_flux_diff() {
+        let v = view(
+            vec![
+                object("ConfigMap", "app", "new", DiffChange::Created),
+                object("Deployment", "app", "web", DiffChange::Changed),
+                object("ConfigMap", "app", "same", DiffChange::Unchanged),
+                object("Namespace", "", "old", DiffChange::Pruned),
+                object("ConfigMap", "other", "x", DiffChange::Failed),
+            ],
+            None,
+        );
+        assert_eq!(
+            render(&v),
+            "◎ g/manifests at feature 0123456789ab\n\
+             ► ConfigMap/app/new created\n\
+             ► Deployment/app/web drifted\n\
+             --- a\n+++ b\n@@ -1 +1 @@\n-  replicas: 1\n+  replicas: 2\n\
+             ► Namespace/old deleted\n\
+             ✗ ConfigMap/other/x: forbidden (403 Forbidden)\n"
+        );
+    }
+
+    #[test]
+    fn text_output_says_no_changes_and_names_a_project_error() {
+        let same = object("ConfigMap", "app", "same", DiffChange::Unchanged);
+        assert_eq!(
+            render(&view(vec![same], None)),
+            "◎ g/manifests at feature 0123456789ab\n✔ no changes\n"
+        );
+        let failed = render(&view(Vec::new(), Some("g/manifests has no branch nope")));
+        assert!(failed.contains("✗ g/manifests has no branch nope\n"));
+        assert!(!failed.contains("no changes"));
+    }
+}

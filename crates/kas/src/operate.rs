@@ -1,0 +1,447 @@
+//! The admin API's day-to-day commands: reconcile now, suspend and resume GitOps, delete an
+//! agent, list personal access tokens. The decisions (which projects, who, what a suspension
+//! covers) are pure functions below the handlers.
+
+use std::collections::HashMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use tether_agent_config::{AgentConfig, ProjectRef};
+use tether_kas_api::{
+    AgentDeleted, ReconcileRequest, ReconcileStarted, ReconcileTarget, Resumed, SuspendRequest,
+    SuspensionView, UserTokenView,
+};
+use tether_store::{Project, Suspension, SuspensionScope};
+
+use crate::api::{ApiError, ApiState, rfc3339};
+
+/// How long a reconcile waits for the fetches it started (each has its own timeout too).
+const FETCH_WAIT: Duration = Duration::from_secs(30);
+
+/// Longest reason kept (a sentence or a ticket link, not a document).
+const MAX_REASON: usize = 1024;
+
+pub fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/api/v1/agents/{id}", delete(delete_agent))
+        .route("/api/v1/agents/{id}/reconcile", post(reconcile))
+        .route("/api/v1/agents/{id}/suspend", post(suspend))
+        .route("/api/v1/agents/{id}/resume", post(resume))
+        .route("/api/v1/user-tokens", get(list_user_tokens))
+}
+
+fn err(code: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError(code, message.into())
+}
+
+/// The key the agent's configuration names a manifest project by (its reports use it).
+fn config_key(id: &ProjectRef) -> String {
+    match id {
+        ProjectRef::Path(p) => p.clone(),
+        ProjectRef::Numeric(n) => n.to_string(),
+    }
+}
+
+/// Whether `wanted` (a path or an id, as the user typed it) names `project`, known to the
+/// configuration as `key`.
+fn names(wanted: &str, key: &str, project: Option<&Project>) -> bool {
+    wanted == key || project.is_some_and(|p| p.path == wanted || p.id.to_string() == wanted)
+}
+
+/// "admin", or "admin (NAME)" with the name the CLI reported, kept printable and short: it is
+/// shown, never trusted.
+pub fn suspended_by(requested_by: Option<&str>) -> String {
+    let name: String = requested_by
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect();
+    let name = name.trim();
+    if name.is_empty() {
+        "admin".to_owned()
+    } else {
+        format!("admin ({name})")
+    }
+}
+
+fn check_reason(reason: &str) -> Result<(), ApiError> {
+    if reason.len() > MAX_REASON || reason.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("the reason must be at most {MAX_REASON} bytes of printable text"),
+        ));
+    }
+    Ok(())
+}
+
+async fn find_project(st: &ApiState, text: &str) -> Result<Option<Project>, ApiError> {
+    Ok(match text.parse::<i64>() {
+        Ok(id) => st.store.get_project(id).await?,
+        Err(_) => st.store.get_project_by_path(text).await?,
+    })
+}
+
+/// The agent's manifest projects in its configuration in force (`wanted`: only that one),
+/// with kas's record of each (`None`: not known to kas).
+async fn manifest_projects(
+    st: &ApiState,
+    config: &AgentConfig,
+    wanted: Option<&str>,
+) -> Result<Vec<(String, Option<Project>)>, ApiError> {
+    let mut out = Vec::new();
+    for p in &config.gitops.manifest_projects {
+        let key = config_key(&p.id);
+        let project = find_project(st, &key).await?;
+        if wanted.is_none_or(|w| names(w, &key, project.as_ref())) {
+            out.push((key, project));
+        }
+    }
+    match (wanted, out.is_empty()) {
+        (Some(w), true) => Err(err(
+            StatusCode::NOT_FOUND,
+            format!("{w} is not a manifest project of the agent's configuration in force"),
+        )),
+        (None, true) => Err(err(
+            StatusCode::CONFLICT,
+            "the agent's configuration in force lists no manifest project",
+        )),
+        _ => Ok(out),
+    }
+}
+
+async fn agent_config(
+    st: &ApiState,
+    agent_id: i64,
+) -> Result<std::sync::Arc<AgentConfig>, ApiError> {
+    if st.store.get_agent(agent_id).await?.is_none() {
+        return Err(err(StatusCode::NOT_FOUND, format!("no agent {agent_id}")));
+    }
+    st.config_states.config(agent_id).ok_or_else(|| {
+        err(
+            StatusCode::CONFLICT,
+            format!("agent {agent_id} has no configuration in force yet (has it connected?)"),
+        )
+    })
+}
+
+/// Fetches the projects now and waits (bounded) until each fetch ended, well or not.
+async fn fetch_now(st: &ApiState, ids: &[i64]) {
+    let waits = ids.iter().map(|&id| {
+        let mut heads = st.sources.watch(id);
+        let before = {
+            let h = heads.borrow_and_update();
+            h.fetches + h.failures
+        };
+        let started = st.sources.trigger(id);
+        async move {
+            if started {
+                let done = heads.wait_for(|h| h.fetches + h.failures > before);
+                let _ = tokio::time::timeout(FETCH_WAIT, done).await;
+            }
+        }
+    });
+    futures_util::future::join_all(waits).await;
+}
+
+/// Refuses to reconcile a suspended project: the user must resume it, not be told it synced.
+fn refuse_suspended(
+    suspensions: &[Suspension],
+    projects: &[(String, Option<Project>)],
+) -> Result<(), ApiError> {
+    for (key, project) in projects {
+        let Some(p) = project else { continue };
+        if let Some(s) = tether_gitops_server::control::suspension_for(suspensions, p.id) {
+            return Err(err(
+                StatusCode::CONFLICT,
+                format!(
+                    "{key} is suspended (by {}, reason: {}): resume it first",
+                    s.suspended_by,
+                    if s.reason.is_empty() {
+                        "none"
+                    } else {
+                        &s.reason
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn reconcile(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+    Json(req): Json<ReconcileRequest>,
+) -> Result<Json<ReconcileStarted>, ApiError> {
+    let config = agent_config(&st, agent_id).await?;
+    let projects = manifest_projects(&st, &config, req.project.as_deref()).await?;
+    refuse_suspended(&st.store.suspensions(Some(agent_id)).await?, &projects)?;
+    let agent = st.store.get_agent(agent_id).await?;
+    let mut ids: Vec<i64> = projects
+        .iter()
+        .filter_map(|(_, p)| p.as_ref())
+        .map(|p| p.id)
+        .collect();
+    ids.extend(agent.map(|a| a.project_id));
+    fetch_now(&st, &ids).await;
+    let resync = st.gitops_controls.next_resync_id();
+    let targets: Vec<ReconcileTarget> = projects
+        .into_iter()
+        .map(|(key, project)| match project {
+            None => ReconcileTarget {
+                project: key,
+                commit: None,
+                fetch_error: Some("not a project known to kas".into()),
+                streams: 0,
+            },
+            Some(p) => {
+                let head = st.sources.head(p.id);
+                ReconcileTarget {
+                    project: key,
+                    commit: head.commit.map(|c| c.to_hex()),
+                    fetch_error: head.error,
+                    streams: st.gitops_controls.resync(agent_id, p.id, resync),
+                }
+            }
+        })
+        .collect();
+    tracing::info!(
+        agent_id,
+        resync_id = resync.0,
+        projects = targets.len(),
+        "Reconcile requested"
+    );
+    Ok(Json(ReconcileStarted {
+        resync_id: resync.0,
+        projects: targets,
+    }))
+}
+
+/// What `req.project` makes a suspension cover.
+async fn scope_of(
+    st: &ApiState,
+    agent_id: i64,
+    project: Option<&str>,
+) -> Result<SuspensionScope, ApiError> {
+    let Some(text) = project else {
+        return Ok(SuspensionScope::Agent);
+    };
+    let p = find_project(st, text)
+        .await?
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no project {text}")))?;
+    // Suspending a project the agent does not sync would silently do nothing.
+    if let Some(config) = st.config_states.config(agent_id) {
+        manifest_projects(st, &config, Some(&p.path)).await?;
+    }
+    Ok(SuspensionScope::Project(p.id))
+}
+
+async fn suspend(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+    Json(req): Json<SuspendRequest>,
+) -> Result<Json<SuspensionView>, ApiError> {
+    check_reason(&req.reason)?;
+    let scope = scope_of(&st, agent_id, req.project.as_deref()).await?;
+    let who = suspended_by(req.requested_by.as_deref());
+    let s = st.store.suspend(agent_id, scope, &req.reason, &who).await?;
+    st.gitops_controls.suspensions_changed(agent_id);
+    tracing::info!(agent_id, scope = ?scope, reason = %req.reason, suspended_by = %who, "GitOps suspended");
+    let paths = project_paths(&st).await?;
+    Ok(Json(view(&s, &paths)))
+}
+
+async fn resume(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+    Json(req): Json<SuspendRequest>,
+) -> Result<Json<Resumed>, ApiError> {
+    let scope = scope_of(&st, agent_id, req.project.as_deref()).await?;
+    let existing = st.store.suspensions(Some(agent_id)).await?;
+    if let (SuspensionScope::Project(_), Some(all)) = (
+        scope,
+        existing.iter().find(|s| s.scope == SuspensionScope::Agent),
+    ) {
+        return Err(err(
+            StatusCode::CONFLICT,
+            format!(
+                "the whole agent is suspended (by {}): resume it without --project",
+                all.suspended_by
+            ),
+        ));
+    }
+    let resumed = st.store.resume(agent_id, scope).await?;
+    if resumed == 0 {
+        return Err(err(StatusCode::CONFLICT, "nothing of that is suspended"));
+    }
+    st.gitops_controls.suspensions_changed(agent_id);
+    tracing::info!(agent_id, scope = ?scope, resumed, "GitOps resumed");
+    Ok(Json(Resumed { resumed }))
+}
+
+async fn project_paths(st: &ApiState) -> Result<HashMap<i64, String>, ApiError> {
+    Ok(st
+        .store
+        .list_projects()
+        .await?
+        .into_iter()
+        .map(|p| (p.id, p.path))
+        .collect())
+}
+
+fn view(s: &Suspension, paths: &HashMap<i64, String>) -> SuspensionView {
+    SuspensionView {
+        project: match s.scope {
+            SuspensionScope::Agent => None,
+            SuspensionScope::Project(id) => {
+                Some(paths.get(&id).cloned().unwrap_or_else(|| id.to_string()))
+            }
+        },
+        reason: s.reason.clone(),
+        suspended_by: s.suspended_by.clone(),
+        suspended_at: rfc3339(
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(s.suspended_at).unwrap_or(0)),
+        ),
+    }
+}
+
+/// The suspensions of one agent or all, by agent, for listings.
+pub async fn suspension_views(
+    st: &ApiState,
+    agent_id: Option<i64>,
+) -> Result<HashMap<i64, Vec<SuspensionView>>, ApiError> {
+    let all = st.store.suspensions(agent_id).await?;
+    if all.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let paths = project_paths(st).await?;
+    let mut out: HashMap<i64, Vec<SuspensionView>> = HashMap::new();
+    for s in &all {
+        out.entry(s.agent_id).or_default().push(view(s, &paths));
+    }
+    Ok(out)
+}
+
+/// Removes the agent's records, then ends what its tokens opened: its tunnel and GitOps and
+/// configuration streams, and people's requests through it. Stored first, so nothing
+/// authenticates as the agent from then on.
+async fn delete_agent(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+) -> Result<Json<AgentDeleted>, ApiError> {
+    let tokens = st.store.list_tokens(agent_id).await?;
+    let user_tokens = st.store.list_user_tokens(Some(agent_id)).await?;
+    if !st.store.delete_agent(agent_id).await? {
+        return Err(err(StatusCode::NOT_FOUND, format!("no agent {agent_id}")));
+    }
+    let streams_ended = tokens.iter().map(|t| st.registry.revoke_token(t.id)).sum();
+    let user_requests_ended = user_tokens
+        .iter()
+        .map(|t| st.live_user_requests.revoke(t.id))
+        .sum();
+    st.gitops_controls.forget(agent_id);
+    for t in &tokens {
+        let revoked = crate::cluster::ClusterEvent::AgentToken { id: t.id };
+        st.publish_event(revoked).await;
+    }
+    for t in &user_tokens {
+        let revoked = crate::cluster::ClusterEvent::UserToken { id: t.id };
+        st.publish_event(revoked).await;
+    }
+    let tokens_revoked = tokens.iter().filter(|t| t.is_active()).count();
+    tracing::info!(
+        agent_id,
+        tokens_revoked,
+        streams_ended,
+        user_requests_ended,
+        "Agent deleted"
+    );
+    Ok(Json(AgentDeleted {
+        agent_id,
+        tokens_revoked,
+        streams_ended,
+        user_requests_ended,
+    }))
+}
+
+async fn list_user_tokens(
+    State(st): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<UserTokenView>>, ApiError> {
+    let agent_id = q
+        .get("agent_id")
+        .map(|a| a.parse::<i64>())
+        .transpose()
+        .map_err(|_| err(StatusCode::BAD_REQUEST, "agent_id must be a number"))?;
+    let rows = st.store.list_user_tokens(agent_id).await?;
+    let views = rows
+        .into_iter()
+        .map(|t| {
+            let memberships = tether_kubeproxy_server::memberships_from_json(&t.memberships)
+                .map_err(|e| {
+                    err(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("personal access token {}: stored memberships: {e}", t.id),
+                    )
+                })?;
+            Ok(UserTokenView {
+                id: t.id,
+                agent_id: t.agent_id,
+                username: t.username,
+                memberships,
+                created_at: t.created_at,
+                expires_at: t.expires_at,
+                revoked_at: t.revoked_at,
+            })
+        })
+        .collect::<Result<_, ApiError>>()?;
+    Ok(Json(views))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn who_suspended_is_admin_with_the_reported_name_kept_printable() {
+        assert_eq!(suspended_by(None), "admin");
+        assert_eq!(suspended_by(Some("  ")), "admin");
+        assert_eq!(suspended_by(Some("alice")), "admin (alice)");
+        assert_eq!(suspended_by(Some("ev\x1b[31mil")), "admin (ev[31mil)");
+        assert_eq!(
+            suspended_by(Some(&"x".repeat(200))).len(),
+            "admin ()".len() + 64
+        );
+    }
+
+    #[test]
+    fn a_reason_is_printable_and_bounded() {
+        assert!(check_reason("incident 42: https://status.example.com\tsee log").is_ok());
+        assert!(check_reason("two\nlines").is_err());
+        assert!(check_reason(&"r".repeat(MAX_REASON + 1)).is_err());
+    }
+
+    #[test]
+    fn a_project_is_named_by_its_key_path_or_id() {
+        let p = Project {
+            id: 7,
+            path: "group/manifests".into(),
+            created_at: 0,
+            remote: None,
+            credentials_file: None,
+            webhook_secret_file: None,
+            ssh_key_file: None,
+            known_hosts_file: None,
+            verify_allowed_signers_file: None,
+            verify_gpg_keyring_file: None,
+        };
+        assert!(names("7", "group/manifests", Some(&p)));
+        assert!(names("group/manifests", "7", Some(&p)));
+        assert!(names("group/manifests", "group/manifests", None));
+        assert!(!names("group/other", "group/manifests", Some(&p)));
+    }
+}

@@ -1,0 +1,317 @@
+//! The server side of `kas agent diff` (`POST /api/v1/agents/{id}/diff`): for each manifest
+//! project of the agent's configuration in force, the files at the ref (the `--ref` for the
+//! named project, the configured one for the others) selected as the GitOps stream would, then
+//! previewed against the cluster through the agent's tunnel, as its ServiceAccount, with
+//! server-side dry run ([`tether_gitops_agent::preview`]). Nothing is written to the cluster.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde_json::Value;
+use tether_agent_config::{GitRef as ConfigRef, ManifestProject};
+use tether_git_source::GitRef;
+use tether_gitops_agent::ObjRef;
+use tether_gitops_agent::preview::{Change, ObjectChange, preview};
+use tether_gitops_agent::sync::Settings;
+use tether_gitops_server::{ManifestSource, PreviewSource, ref_candidates};
+use tether_kas_api::{DiffChange, DiffRequest, DiffView, ObjectDiffView, ProjectDiffView};
+
+use crate::api::{ApiError, ApiState};
+
+/// The handler.
+pub async fn diff(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+    Json(req): Json<DiffRequest>,
+) -> Result<Json<DiffView>, ApiError> {
+    let config = st
+        .config_states
+        .wait_config(agent_id, st.tunnel_wait)
+        .await
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                format!("kas knows no configuration of agent {agent_id}: is it registered and has it connected?"),
+            )
+        })?;
+    let projects = &config.gitops.manifest_projects;
+    let target = target_project(projects, req.project.as_deref())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let client = crate::agent_kube::client(Arc::clone(&st.registry), agent_id, st.tunnel_wait)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let source = PreviewSource {
+        store: st.store.as_ref(),
+        sources: &st.sources,
+        limits: &st.gitops_limits,
+        renderer: &st.renderer,
+        fetch_wait: st.fetch_timeout,
+    };
+    let mut views = Vec::with_capacity(projects.len());
+    for (i, p) in projects.iter().enumerate() {
+        let (candidates, shown) = if i == target {
+            (ref_candidates(&req.git_ref), req.git_ref.clone())
+        } else {
+            configured_ref(p)
+        };
+        let at = ProjectAt {
+            agent_id,
+            project: p,
+            candidates: &candidates,
+            shown,
+        };
+        views.push(project_diff(&source, client.clone(), at).await);
+    }
+    let view = DiffView {
+        agent_id,
+        projects: views,
+    };
+    tracing::info!(agent_id, git_ref = %req.git_ref, changes = view.has_changes(), errors = view.has_errors(), "Previewed a synchronization (diff)");
+    Ok(Json(view))
+}
+
+/// Which manifest project `--ref` is of: the one `named` (path, case-insensitive, or numeric
+/// id as in the configuration), or the only one.
+pub fn target_project(projects: &[ManifestProject], named: Option<&str>) -> Result<usize, String> {
+    let listed = || {
+        projects
+            .iter()
+            .map(|p| p.id.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (named, projects.len()) {
+        (_, 0) => Err("the agent's configuration lists no manifest projects".to_owned()),
+        (Some(n), _) => projects
+            .iter()
+            .position(|p| p.id.to_string().eq_ignore_ascii_case(n.trim()))
+            .ok_or_else(|| {
+                format!(
+                    "the agent's configuration has no manifest project {n} (it has {})",
+                    listed()
+                )
+            }),
+        (None, 1) => Ok(0),
+        (None, count) => Err(format!(
+            "the agent has {count} manifest projects ({}): name the one the ref is of with --project",
+            listed()
+        )),
+    }
+}
+
+/// The ref a manifest project follows, and how to show it.
+fn configured_ref(p: &ManifestProject) -> (Vec<GitRef>, String) {
+    match &p.git_ref {
+        None => (vec![GitRef::DefaultBranch], "default branch".to_owned()),
+        Some(ConfigRef::Branch(b)) => (vec![GitRef::Branch(b.clone())], b.clone()),
+        Some(ConfigRef::Tag(t)) => (vec![GitRef::Tag(t.clone())], t.clone()),
+        Some(ConfigRef::Commit(c)) => (vec![GitRef::Commit(c.clone())], c.clone()),
+    }
+}
+
+/// One manifest project to preview, at a ref.
+struct ProjectAt<'a> {
+    agent_id: i64,
+    project: &'a ManifestProject,
+    candidates: &'a [GitRef],
+    shown: String,
+}
+
+async fn project_diff(
+    source: &PreviewSource<'_>,
+    client: kube::Client,
+    at: ProjectAt<'_>,
+) -> ProjectDiffView {
+    let p = at.project;
+    let mut view = ProjectDiffView {
+        project: p.id.to_string(),
+        git_ref: at.shown,
+        commit: None,
+        error: None,
+        warnings: Vec::new(),
+        objects: Vec::new(),
+    };
+    let files = match ManifestSource::from_project(p) {
+        Ok(manifests) => {
+            source
+                .files_at(&view.project, at.candidates, &manifests)
+                .await
+        }
+        Err(e) => {
+            view.error = Some(e.to_string());
+            return view;
+        }
+    };
+    let files = match files {
+        Ok(f) => f,
+        Err(e) => {
+            view.error = Some(e.to_string());
+            return view;
+        }
+    };
+    view.commit = Some(files.commit.to_hex());
+    view.warnings = files.warnings;
+    let files: Vec<(String, Vec<u8>)> =
+        files.files.into_iter().map(|f| (f.path, f.bytes)).collect();
+    match preview(client, &Settings::for_project(at.agent_id, p), &files).await {
+        Ok(changes) => view.objects = changes.iter().map(object_view).collect(),
+        Err(e) => view.error = Some(e.to_string()),
+    }
+    view
+}
+
+/// `Kind/namespace/name` (`Kind/name` when cluster-scoped), as `flux diff` names objects.
+pub fn title(obj: &ObjRef) -> String {
+    match &obj.namespace {
+        Some(ns) => format!("{}/{ns}/{}", obj.kind, obj.name),
+        None => format!("{}/{}", obj.kind, obj.name),
+    }
+}
+
+/// One object's change as the API shows it, with the unified diff of its YAML.
+pub fn object_view(c: &ObjectChange) -> ObjectDiffView {
+    let name = title(&c.obj);
+    let (change, diff, error) = match &c.change {
+        Change::Created { after } => (DiffChange::Created, unified(None, Some(after), &name), None),
+        Change::Changed { before, after } => (
+            DiffChange::Changed,
+            unified(Some(before), Some(after), &name),
+            None,
+        ),
+        Change::Unchanged => (DiffChange::Unchanged, String::new(), None),
+        Change::Pruned { before } => (DiffChange::Pruned, unified(Some(before), None, &name), None),
+        Change::Failed { error } => (DiffChange::Failed, String::new(), Some(error.clone())),
+    };
+    ObjectDiffView {
+        group: c.obj.group.clone(),
+        kind: c.obj.kind.clone(),
+        namespace: c.obj.namespace.clone().unwrap_or_default(),
+        name: c.obj.name.clone(),
+        change,
+        diff,
+        error,
+    }
+}
+
+/// The unified diff (3 lines of context) from `before` to `after` as YAML; an absent side is
+/// empty, so a created object is all `+` and a pruned one all `-`.
+pub fn unified(before: Option<&Value>, after: Option<&Value>, name: &str) -> String {
+    let (a, b) = (
+        before.map(yaml).unwrap_or_default(),
+        after.map(yaml).unwrap_or_default(),
+    );
+    similar::TextDiff::from_lines(&a, &b)
+        .unified_diff()
+        .context_radius(3)
+        .header(&format!("{name} (live)"), &format!("{name} (after sync)"))
+        .to_string()
+}
+
+fn yaml(v: &Value) -> String {
+    serde_saphyr::to_string(v)
+        .or_else(|_| serde_json::to_string_pretty(v).map(|s| s + "\n"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use serde_json::json;
+    use tether_agent_config::ProjectRef;
+
+    fn deployment(replicas: u32) -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "web", "namespace": "app"},
+               "spec": {"replicas": replicas, "template": {"metadata": {"labels": {"app": "web"}}}}})
+    }
+
+    fn web() -> ObjRef {
+        ObjRef::new("apps", "Deployment", Some("app"), "web")
+    }
+
+    #[test]
+    fn a_changed_object_shows_only_the_changed_lines_and_their_context() {
+        let view = object_view(&ObjectChange {
+            obj: web(),
+            change: Change::Changed {
+                before: deployment(1),
+                after: deployment(3),
+            },
+        });
+        assert_eq!(view.change, DiffChange::Changed);
+        assert!(
+            view.diff.starts_with(
+                "--- Deployment/app/web (live)\n+++ Deployment/app/web (after sync)\n"
+            )
+        );
+        let changed: Vec<&str> = view
+            .diff
+            .lines()
+            .skip(2)
+            .filter(|l| l.starts_with(['-', '+']))
+            .collect();
+        assert_eq!(changed, ["-  replicas: 1", "+  replicas: 3"]);
+    }
+
+    #[test]
+    fn created_and_pruned_objects_are_all_added_or_all_removed() {
+        let created = object_view(&ObjectChange {
+            obj: web(),
+            change: Change::Created {
+                after: deployment(1),
+            },
+        });
+        let body: Vec<&str> = created.diff.lines().skip(3).collect();
+        assert!(!body.is_empty() && body.iter().all(|l| l.starts_with('+')));
+        let pruned = object_view(&ObjectChange {
+            obj: ObjRef::new("", "Namespace", None, "old"),
+            change: Change::Pruned {
+                before: json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "old"}}),
+            },
+        });
+        assert_eq!(pruned.namespace, "");
+        assert!(pruned.diff.starts_with("--- Namespace/old (live)"));
+        assert!(pruned.diff.lines().skip(3).all(|l| l.starts_with('-')));
+    }
+
+    #[test]
+    fn unchanged_and_failed_objects_have_no_diff() {
+        let failed = object_view(&ObjectChange {
+            obj: web(),
+            change: Change::Failed {
+                error: "forbidden".into(),
+            },
+        });
+        assert_eq!(failed.change, DiffChange::Failed);
+        assert_eq!(failed.error.as_deref(), Some("forbidden"));
+        assert!(failed.diff.is_empty());
+        let same = object_view(&ObjectChange {
+            obj: web(),
+            change: Change::Unchanged,
+        });
+        assert!(same.diff.is_empty() && same.error.is_none());
+    }
+
+    #[test]
+    fn the_ref_is_of_the_named_project_or_the_only_one() {
+        let one = [ManifestProject::new(ProjectRef::Path("g/app".into()))];
+        let two = [
+            ManifestProject::new(ProjectRef::Path("g/app".into())),
+            ManifestProject::new(ProjectRef::Numeric(42)),
+        ];
+        assert_eq!(target_project(&one, None), Ok(0));
+        assert_eq!(target_project(&two, Some("42")), Ok(1));
+        assert_eq!(target_project(&two, Some("G/App")), Ok(0));
+        let several = target_project(&two, None).unwrap_err();
+        assert!(
+            several.contains("--project") && several.contains("g/app, 42"),
+            "{several}"
+        );
+        let unknown = target_project(&two, Some("g/other")).unwrap_err();
+        assert!(unknown.contains("no manifest project g/other"), "{unknown}");
+        assert!(target_project(&[], None).is_err());
+    }
+}

@@ -1,0 +1,261 @@
+//! `kas agent diff`: the real CLI against a real kas, a real agentk synced to the real control
+//! plane, and real Git branches. The preview goes through the agent's tunnel with server-side
+//! dry run, so the cluster must be exactly as it was afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use serde_json::Value;
+use support::gitops::{Rig, configmap, deployment, get_json, rig};
+use support::{GitRepo, Kas};
+use tether_gitops_server::ReportedOutcome;
+use tether_kas_api::{DiffChange, DiffView};
+use tether_testenv::{TestEnv, seed_agent_rbac};
+
+const AGENT: &str = "group/config:seed";
+
+/// `kas agent diff ARGS…`: exit code, stdout, stderr.
+fn kas_diff(kas: &Kas, args: &[&str]) -> (Option<i32>, String, String) {
+    let o = kas
+        .cli()
+        .args(["agent", "diff"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (o.status.code(), text(o.stdout), text(o.stderr))
+}
+
+/// An agent that may write only in its namespace `ns` (plus ConfigMaps anywhere, as in the
+/// seed), synced to main: Deployment `web` (1 replica), ConfigMaps `keep` and `old`.
+async fn synced_rig(prefix: &str) -> (Rig, String) {
+    synced_rig_with(prefix, |_| Vec::new()).await
+}
+
+/// [`synced_rig`] with more files on main, given the namespace.
+async fn synced_rig_with(
+    prefix: &str,
+    more: impl FnOnce(&str) -> Vec<(&'static str, Vec<u8>)>,
+) -> (Rig, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace(prefix).unwrap();
+    let rbac = seed_agent_rbac(&ns, "gitlab-agent", &ns);
+    let mut files = vec![
+        ("manifests/web.yaml", deployment("web", &ns, 1)),
+        ("manifests/keep.yaml", configmap("keep", &ns, "same")),
+        ("manifests/old.yaml", configmap("old", &ns, "going")),
+    ];
+    files.extend(more(&ns));
+    let initial: Vec<(&str, Option<&[u8]>)> = files
+        .iter()
+        .map(|(p, c)| (*p, Some(c.as_slice())))
+        .collect();
+    let (rig, c1) = rig(env, ns.clone(), &rbac, "", &initial, &[]).await;
+    let s = rig.synced(&c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    (rig, ns)
+}
+
+/// Commits `files` on a new branch `name` of the manifests, in a worktree of its own, so the
+/// repository's HEAD (the branch the agent follows) never moves.
+fn branch(rig: &Rig, name: &str, files: &[(&str, Option<&[u8]>)]) -> String {
+    let dir = rig.manifests.dir.with_file_name(format!("wt-{name}"));
+    rig.manifests
+        .git(&["worktree", "add", "-q", "-b", name, dir.to_str().unwrap()]);
+    GitRepo { dir }.commit(files, &format!("{name}: preview me"))
+}
+
+/// The objects of the only project of a JSON preview, by name, with their change.
+fn changes(view: &DiffView) -> Vec<(String, DiffChange)> {
+    assert_eq!(view.projects.len(), 1, "{view:?}");
+    view.projects[0]
+        .objects
+        .iter()
+        .map(|o| (o.name.clone(), o.change))
+        .collect()
+}
+
+/// What a preview must leave as it was: the objects and the inventory.
+fn cluster_state(rig: &Rig, ns: &str) -> Value {
+    let get = |args: &[&str]| get_json(&rig.env, args);
+    let inventory = get(&[
+        "get",
+        "configmaps",
+        "-n",
+        ns,
+        "-l",
+        "cli-utils.sigs.k8s.io/inventory-id",
+    ])
+    .map(|l| l["items"][0]["data"].clone());
+    serde_json::json!({
+        "replicas": get(&["get", "deployment", "web", "-n", ns]).map(|d| d["spec"]["replicas"].clone()),
+        "new": get(&["get", "configmap", "new", "-n", ns]).is_some(),
+        "old": get(&["get", "configmap", "old", "-n", ns]).is_some(),
+        "inventory": inventory,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_diff_shows_one_changed_one_created_one_pruned_and_changes_nothing() {
+    let (rig, ns) = synced_rig("diff").await;
+    let before = cluster_state(&rig, &ns);
+    assert_eq!(before["replicas"], 1, "{before}");
+    branch(
+        &rig,
+        "feature",
+        &[
+            ("manifests/web.yaml", Some(&deployment("web", &ns, 3))),
+            ("manifests/new.yaml", Some(&configmap("new", &ns, "fresh"))),
+            ("manifests/old.yaml", None),
+        ],
+    );
+    let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "feature"]);
+    assert_eq!(code, Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    for line in [
+        format!("► Deployment/{ns}/web drifted"),
+        format!("► ConfigMap/{ns}/new created"),
+        format!("► ConfigMap/{ns}/old deleted"),
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line:?} in:\n{out}");
+    }
+    let diff_lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with(['-', '+']) && !l.starts_with("---") && !l.starts_with("+++"))
+        .collect();
+    assert_eq!(diff_lines, ["-  replicas: 1", "+  replicas: 3"], "{out}");
+    assert!(
+        !out.contains("keep"),
+        "an unchanged object is not listed:\n{out}"
+    );
+
+    let (code, json, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "feature", "-o", "json"]);
+    assert_eq!(code, Some(1), "{err}");
+    let view: DiffView = serde_json::from_str(&json).unwrap();
+    let mut got = changes(&view);
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let want = [
+        ("keep".to_owned(), DiffChange::Unchanged),
+        ("new".to_owned(), DiffChange::Created),
+        ("old".to_owned(), DiffChange::Pruned),
+        ("web".to_owned(), DiffChange::Changed),
+    ];
+    assert_eq!(got, want, "{json}");
+    assert_eq!(
+        cluster_state(&rig, &ns),
+        before,
+        "a preview changes nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_synced_ref_has_no_changes_and_a_bad_ref_or_agent_is_an_error() {
+    let (rig, ns) = synced_rig("diffsame").await;
+    let before = cluster_state(&rig, &ns);
+    for git_ref in ["main".to_owned(), rig.manifests.head()] {
+        let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", &git_ref]);
+        assert_eq!(code, Some(0), "{git_ref}: {out}{err}");
+        assert!(out.ends_with("✔ no changes\n"), "{out}");
+    }
+    let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "no-such-branch"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        out.contains("group/manifests has no branch, tag or commit no-such-branch"),
+        "{out}"
+    );
+    let (code, out, err) = kas_diff(&rig.kas, &["group/config:nope", "--ref", "main"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("no agent group/config:nope"), "{err}");
+    assert_eq!(cluster_state(&rig, &ns), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_in_a_namespace_the_agent_may_not_write_is_an_error_of_that_object() {
+    let (rig, _) = synced_rig("diffrbac").await;
+    let elsewhere = rig.env.create_namespace("diffforbidden").unwrap();
+    branch(
+        &rig,
+        "elsewhere",
+        &[(
+            "manifests/elsewhere.yaml",
+            Some(&deployment("intruder", &elsewhere, 1)),
+        )],
+    );
+    let (code, json, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "elsewhere", "-o", "json"]);
+    assert_eq!(code, Some(2), "{json}{err}");
+    let view: DiffView = serde_json::from_str(&json).unwrap();
+    let intruder = view.projects[0]
+        .objects
+        .iter()
+        .find(|o| o.name == "intruder")
+        .unwrap();
+    assert_eq!(intruder.change, DiffChange::Failed, "{intruder:?}");
+    assert_eq!(intruder.namespace, elsewhere);
+    let error = intruder.error.as_deref().unwrap_or_default();
+    assert!(error.contains("forbidden"), "{error}");
+    // The rest of the preview is still there.
+    assert!(changes(&view).contains(&("keep".to_owned(), DiffChange::Unchanged)));
+    let (_, out, _) = kas_diff(&rig.kas, &[AGENT, "--ref", "elsewhere"]);
+    assert!(
+        out.contains(&format!("✗ Deployment/{elsewhere}/intruder: ")),
+        "{out}"
+    );
+    assert!(
+        get_json(
+            &rig.env,
+            &["get", "deployment", "intruder", "-n", &elsewhere]
+        )
+        .is_none()
+    );
+}
+
+fn secret(ns: &str, password: &str) -> Vec<u8> {
+    format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\n  namespace: {ns}\nstringData:\n  password: {password}\n  user: deployer\n").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_shows_which_keys_change_never_their_values() {
+    let (old, new) = ("old-pass-7f3a", "new-pass-91c2");
+    let (rig, ns) = synced_rig_with("diffsecret", |ns| {
+        vec![("manifests/secret.yaml", secret(ns, old))]
+    })
+    .await;
+    branch(
+        &rig,
+        "rotate",
+        &[("manifests/secret.yaml", Some(&secret(&ns, new)))],
+    );
+    let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "rotate"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains(&format!("► Secret/{ns}/creds drifted")),
+        "{out}"
+    );
+    let diff_lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with(['-', '+']) && !l.starts_with("---") && !l.starts_with("+++"))
+        .collect();
+    assert_eq!(
+        diff_lines,
+        [
+            "-  password: \"*** (before)\"",
+            "+  password: \"*** (after)\""
+        ],
+        "{out}"
+    );
+    let (_, json, _) = kas_diff(&rig.kas, &[AGENT, "--ref", "rotate", "-o", "json"]);
+    for secret in [old, new, "deployer"] {
+        let b64 = base64_of(secret);
+        for text in [&out, &json] {
+            assert!(
+                !text.contains(secret) && !text.contains(&b64),
+                "{secret} in:\n{text}"
+            );
+        }
+    }
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}

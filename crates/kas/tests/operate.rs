@@ -1,0 +1,541 @@
+//! The day-to-day loop against real kas, agentk, Git and the control plane: reconcile now (and
+//! follow it, piped and in a real terminal), suspend and resume, delete an agent, list
+//! personal access tokens.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::gitops::{Rig, RigArgs, admin_rbac, configmap, get_json, rig_opts};
+use support::{Agent, Kas, KasOptions, Pki, wait_for};
+use tether_testenv::TestEnv;
+
+/// Runs `kas ARGS` against `kas` (its configuration names the API and the admin token).
+fn kas_cli(kas: &Kas, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kas"))
+        .arg("--configuration-file")
+        .arg(&kas.config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn agent_name(rig: &Rig) -> String {
+    format!("{}", rig.agent_id)
+}
+
+/// The value of ConfigMap `name` in `ns`.
+fn value(env: &TestEnv, ns: &str, name: &str) -> String {
+    let cm = get_json(env, &["get", "configmap", name, "-n", ns]).unwrap();
+    cm["data"]["value"].as_str().unwrap().to_owned()
+}
+
+fn drift(env: &TestEnv, ns: &str, name: &str) {
+    let patch = r#"{"data":{"value":"by hand"}}"#;
+    let out = env
+        .kubectl()
+        .args([
+            "patch",
+            "configmap",
+            name,
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            patch,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(value(env, ns, name), "by hand");
+}
+
+async fn configmap_rig(prefix: &str) -> (Rig, String, String) {
+    configmap_rig_with(prefix, "", &[], KasOptions::default()).await
+}
+
+/// A rig whose manifests hold one ConfigMap, synced; `config_extra` is appended to the agent's
+/// `config.yaml`, `agent_args` to agentk's command line; kas polls Git every 300 ms.
+async fn configmap_rig_with(
+    prefix: &str,
+    config_extra: &str,
+    agent_args: &[&str],
+    opts: KasOptions,
+) -> (Rig, String, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace(prefix).unwrap();
+    let args = RigArgs {
+        env,
+        agent_ns: ns.clone(),
+        rbac: &admin_rbac(&ns),
+        project_extra: config_extra,
+        initial: &[("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")))],
+        agent_args,
+    };
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..opts
+    };
+    let (rig, c1) = rig_opts(args, opts).await;
+    rig.synced(&c1).await;
+    (rig, ns, c1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_after_a_hand_made_drift_restores_the_object_and_wait_exits_0() {
+    let (rig, ns, c1) = configmap_rig("reconcile").await;
+    drift(&rig.env, &ns, "app");
+    // Piped: plain lines, no terminal escapes, exit code 0.
+    let out = kas_cli(
+        &rig.kas,
+        &[
+            "agent",
+            "reconcile",
+            &agent_name(&rig),
+            "--wait",
+            "--timeout",
+            "90s",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(
+        !stdout.contains('\x1b'),
+        "escape codes when piped: {stdout:?}"
+    );
+    assert!(
+        stdout.contains(&format!("group/manifests: fetched, commit {}", &c1[..12])),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("succeeded: 1 applied, 1 Current, 0 not Current, 0 pruned"),
+        "{stdout}"
+    );
+    assert_eq!(value(&rig.env, &ns, "app"), "v1", "the drift was corrected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_wait_on_a_failing_project_exits_non_zero_naming_the_object() {
+    let (rig, ns, _) = configmap_rig("recfail").await;
+    // Someone else's object: the agent must not take it over, so syncing it fails.
+    let foreign = String::from_utf8(configmap("theirs", &ns, "original"))
+        .unwrap()
+        .replace(
+            "metadata:\n",
+            "metadata:\n  annotations:\n    config.k8s.io/owning-inventory: someone-else\n",
+        );
+    rig.env.apply_yaml(&foreign).unwrap();
+    let c2 = rig.manifests.commit(
+        &[(
+            "manifests/theirs.yaml",
+            Some(&configmap("theirs", &ns, "ours")),
+        )],
+        "take theirs",
+    );
+    rig.synced(&c2).await;
+    let out = kas_cli(
+        &rig.kas,
+        &[
+            "agent",
+            "reconcile",
+            "group/config:seed",
+            "--wait",
+            "--timeout",
+            "90s",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(
+        stdout.contains("failed: 2 applied, 1 Current, 1 not Current"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("ConfigMap/{ns}/theirs Failed")),
+        "{stdout}"
+    );
+}
+
+/// A tmux session of its own, killed (by its unique name) when the test ends.
+struct Tmux {
+    name: String,
+}
+
+impl Tmux {
+    fn tmux(&self, args: &[&str]) -> Output {
+        Command::new("tmux").args(args).output().unwrap()
+    }
+
+    fn start(name: String, width: u16) -> Tmux {
+        let t = Tmux { name };
+        let w = width.to_string();
+        let out = t.tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            &t.name,
+            "-x",
+            &w,
+            "-y",
+            "40",
+            "sh",
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        t
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8(self.tmux(&["capture-pane", "-p", "-t", &self.name]).stdout).unwrap()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.tmux(&["kill-session", "-t", &self.name]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_wait_draws_a_progress_bar_in_a_real_terminal() {
+    let (rig, ns, _) = configmap_rig("rectty").await;
+    drift(&rig.env, &ns, "app");
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("terminal.raw");
+    let tmux = Tmux::start(format!("tether-operate-{}", std::process::id()), 160);
+    // Everything the command writes to the terminal, escapes included.
+    let pipe = format!("cat >> {}", raw.display());
+    assert!(
+        tmux.tmux(&["pipe-pane", "-o", "-t", &tmux.name, &pipe])
+            .status
+            .success()
+    );
+    let command = format!(
+        "{} --configuration-file {} agent reconcile {} --wait --timeout 90s; echo EXIT=$?",
+        env!("CARGO_BIN_EXE_kas"),
+        rig.kas.config.display(),
+        rig.agent_id
+    );
+    tmux.tmux(&["send-keys", "-t", &tmux.name, &command, "Enter"]);
+    let screen = wait_for(
+        "the command to end in tmux",
+        Duration::from_secs(120),
+        || async {
+            let s = tmux.screen();
+            // The line the shell prints, not the command line echoing it.
+            s.lines().any(|l| l.starts_with("EXIT=")).then_some(s)
+        },
+    )
+    .await;
+    assert!(screen.contains("EXIT=0"), "{screen}");
+    assert!(screen.contains("1 applied, 1 Current"), "{screen}");
+    let raw = String::from_utf8_lossy(&std::fs::read(&raw).unwrap()).into_owned();
+    assert!(
+        raw.contains("synchronized"),
+        "no progress bar drawn: {raw:?}"
+    );
+    assert!(raw.contains("\x1b["), "no terminal control in {raw:?}");
+    assert_eq!(value(&rig.env, &ns, "app"), "v1");
+}
+
+/// Waits until agentk's log has `msg`.
+async fn agent_logged(agent: &Agent, what: &str, msg: &str) {
+    let probe = || async { agent.log().contains(msg).then_some(()) };
+    wait_for(what, Duration::from_secs(30), probe).await;
+}
+
+/// How many times kas logged that a stream holds commits of a suspended project.
+fn holds(kas: &Kas) -> usize {
+    kas.log()
+        .matches("GitOps suspended: holding new commits")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_holds_through_a_commit_a_drift_and_restarts_and_resume_applies() {
+    // Drift is corrected every second unless suspended.
+    let (mut rig, ns, c1) = configmap_rig_with(
+        "suspend",
+        "",
+        &["--gitops-resync-interval", "1s"],
+        KasOptions::default(),
+    )
+    .await;
+    let out = kas_cli(
+        &rig.kas,
+        &[
+            "agent",
+            "suspend",
+            "group/config:seed",
+            "--reason",
+            "incident 42",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    agent_logged(
+        &rig.agent,
+        "agentk to hear of the suspension",
+        "GitOps suspended by kas",
+    )
+    .await;
+    let c2 = rig.manifests.commit(
+        &[("manifests/cm.yaml", Some(&configmap("app", &ns, "v2")))],
+        "v2",
+    );
+    drift(&rig.env, &ns, "app");
+    // Reconcile is refused, not reported as done.
+    let out = kas_cli(
+        &rig.kas,
+        &["agent", "reconcile", "group/config:seed", "--wait"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("is suspended (by admin"),
+        "{}",
+        text(&out)
+    );
+
+    // After a kas restart the new stream reads the suspension back before it would offer c2
+    // (fetched by then: the mirror on disk has it) ...
+    let before = holds(&rig.kas);
+    rig.kas.restart().await;
+    rig.kas.wait_connected(rig.agent_id).await;
+    wait_for(
+        "the new stream to hold commits",
+        Duration::from_secs(30),
+        || async { (holds(&rig.kas) > before).then_some(()) },
+    )
+    .await;
+    // ... and a new agentk hears of it before anything else.
+    rig.agent.stop();
+    rig.agent = rig.start_agent("seed-restarted");
+    agent_logged(
+        &rig.agent,
+        "the new agentk to hear of the suspension",
+        "GitOps suspended by kas",
+    )
+    .await;
+    let status = kas_cli(&rig.kas, &["agent", "status", "group/config:seed"]);
+    let status = String::from_utf8(status.stdout).unwrap();
+    assert!(
+        status.contains("SUSPENDED (every manifest project) by admin"),
+        "{status}"
+    );
+    assert!(status.contains(": incident 42"), "{status}");
+    let listed = kas_cli(&rig.kas, &["agent", "list", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["suspensions"][0]["reason"], "incident 42");
+    assert_eq!(
+        value(&rig.env, &ns, "app"),
+        "by hand",
+        "drift corrected while suspended"
+    );
+    let synced: Vec<String> = rig
+        .kas
+        .admin
+        .gitops_status(rig.agent_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.commit_id)
+        .collect();
+    assert_eq!(synced, [c1], "a commit was applied while suspended");
+
+    let out = kas_cli(&rig.kas, &["agent", "resume", "group/config:seed"]);
+    assert!(out.status.success(), "{}", text(&out));
+    rig.synced(&c2).await;
+    assert_eq!(value(&rig.env, &ns, "app"), "v2");
+    let listed = kas_cli(&rig.kas, &["agent", "list", "-o", "yaml"]);
+    let listed: serde_json::Value = serde_saphyr::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["suspensions"], serde_json::json!([]));
+}
+
+fn pat_request() -> kas::api::UserTokenRequest {
+    kas::api::UserTokenRequest {
+        username: "alice".into(),
+        memberships: vec!["project:group/app:developer".parse().unwrap()],
+        expires_in_seconds: Some(3600),
+    }
+}
+
+/// kubectl through kas's proxy (TLS: kubectl sends tokens over TLS only) with a personal
+/// access token for the agent.
+fn kubectl_via_kas(rig: &Rig, pki: &Pki, token: &str, args: &[&str]) -> Output {
+    Command::new(rig.env.bin_dir.join("kubectl"))
+        .args([
+            "--kubeconfig=/dev/null",
+            &format!("--server=https://localhost:{}", rig.kas.k8s_port),
+            &format!("--certificate-authority={}", pki.ca.display()),
+            &format!("--token=pat:{}:{token}", rig.agent_id),
+        ])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_ends_the_agents_tunnel_at_once_and_removes_it_and_its_tokens() {
+    let users = "user_access:\n  access_as:\n    agent: {}\n  projects:\n  - id: group/app\n";
+    let pki = Pki::temporary();
+    let tls = KasOptions {
+        k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
+        ..KasOptions::default()
+    };
+    let (rig, ns, _) = configmap_rig_with("delete", users, &[], tls).await;
+    let kas = &rig.kas;
+    let keep = kas.admin.register_agent("group/app", "kept").await.unwrap();
+    let pat = kas
+        .admin
+        .create_user_token(rig.agent_id, &pat_request())
+        .await
+        .unwrap();
+    kas.admin
+        .create_user_token(keep.agent_id, &pat_request())
+        .await
+        .unwrap();
+
+    // Listed without the secret, in every format.
+    let listed = kas_cli(kas, &["user-token", "list", "--agent", "group/config:seed"]);
+    let table = String::from_utf8(listed.stdout).unwrap();
+    assert!(
+        table.contains("alice") && table.contains("project:group/app:developer"),
+        "{table}"
+    );
+    let json = kas_cli(kas, &["user-token", "list", "-o", "json"]);
+    assert!(!String::from_utf8_lossy(&json.stdout).contains(&pat.token));
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+    assert!(json[0].get("token").is_none(), "{json}");
+
+    let get = ["get", "configmap", "app", "-n", &ns];
+    let before = kubectl_via_kas(&rig, &pki, &pat.token, &get);
+    assert!(before.status.success(), "{}", text(&before));
+    let out = kas_cli(kas, &["agent", "delete", "group/config:seed"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("1 token(s) revoked"), "{}", text(&out));
+    // At once: kas no longer lists it, and nothing goes through its tunnel.
+    let agents = kas.admin.list_agents().await.unwrap();
+    assert_eq!(
+        agents.iter().map(|a| a.id).collect::<Vec<_>>(),
+        [keep.agent_id]
+    );
+    let after = kubectl_via_kas(&rig, &pki, &pat.token, &get);
+    assert!(!after.status.success(), "{}", text(&after));
+    let ping = kas_cli(kas, &["agent", "ping", &rig.agent_id.to_string()]);
+    assert!(!ping.status.success(), "{}", text(&ping));
+    agent_logged(
+        &rig.agent,
+        "agentk to be refused",
+        "kas refused the agent token",
+    )
+    .await;
+    let left = kas.admin.list_user_tokens(None).await.unwrap();
+    assert_eq!(
+        left.iter().map(|u| u.agent_id).collect::<Vec<_>>(),
+        [keep.agent_id]
+    );
+    let again = kas_cli(kas, &["agent", "delete", &rig.agent_id.to_string()]);
+    assert!(
+        !again.status.success(),
+        "deleting twice is an error: {}",
+        text(&again)
+    );
+}
+
+/// Every listing and status parses as JSON and YAML, and `--json` still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listing_parses_in_each_output_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(&dir.path().join("kas"), KasOptions::default()).await;
+    let long = "a/very/long/group/path/with/many/subgroups/that/goes/on/and/on/project";
+    let t = kas.admin.register_agent(long, "agent").await.unwrap();
+    kas.admin
+        .create_user_token(t.agent_id, &pat_request())
+        .await
+        .unwrap();
+    let id = t.agent_id.to_string();
+    let listings: [&[&str]; 5] = [
+        &["agent", "list"],
+        &["agent", "status", &id],
+        &["project", "list"],
+        &["token", "list", "--agent", &id],
+        &["user-token", "list"],
+    ];
+    for args in listings {
+        for format in ["json", "yaml"] {
+            let out = kas_cli(&kas, &[args, &["-o", format]].concat());
+            assert!(out.status.success(), "{args:?} {format}: {}", text(&out));
+            let parsed: Result<serde_json::Value, String> = match format {
+                "json" => serde_json::from_slice(&out.stdout).map_err(|e| e.to_string()),
+                _ => serde_saphyr::from_slice(&out.stdout).map_err(|e| e.to_string()),
+            };
+            assert!(
+                parsed.unwrap().is_array(),
+                "{args:?} -o {format}: {}",
+                text(&out)
+            );
+        }
+        let old = kas_cli(&kas, &[args, &["--json"]].concat());
+        let new = kas_cli(&kas, &[args, &["-o", "json"]].concat());
+        assert_eq!(old.stdout, new.stdout, "{args:?}");
+    }
+    let table = String::from_utf8(kas_cli(&kas, &["agent", "list"]).stdout).unwrap();
+    assert!(table.contains(&format!("{long}:agent  offline")), "{table}");
+}
+
+#[test]
+fn man_pages_are_written_for_every_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let page = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+    // Every subcommand `kas --help` lists, and theirs, has a page.
+    let mut missing = Vec::new();
+    for (parent, help) in [("kas", help(&[])), ("kas-agent", help(&["agent"]))] {
+        for sub in subcommands(&help) {
+            let name = format!("{parent}-{sub}.1");
+            if !page(&name).contains(".TH") {
+                missing.push(name);
+            }
+        }
+    }
+    assert!(missing.is_empty(), "no page for {missing:?}");
+    assert!(page("kas-agent-reconcile.1").contains("Exit codes"));
+    assert!(page("kas.1").contains(".TH"));
+}
+
+fn help(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The subcommand names in a `--help` text (its "Commands:" section), `help` aside.
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| *w != "help")
+        .map(str::to_owned)
+        .collect()
+}

@@ -1,0 +1,347 @@
+//! What kas tells receivers about, and when (pure).
+//!
+//! Two kinds of messages:
+//! - [`Transition`]s for people (webhooks, chat): a project's syncs start failing, recover, or a
+//!   configuration or commit is refused. Said once per change, not once per retry.
+//! - [`CommitStatus`]es for forges (GitLab, GitHub, Gitea): each commit an agent is offered is
+//!   `pending`, then `success` or `failed` once the agent reports it.
+//!
+//! Each message has a deduplication key: the outbox keeps one message per (receiver, key), so
+//! the same event seen again — a report re-sent after a reconnect, a second replica — is not
+//! sent twice.
+
+use serde::{Deserialize, Serialize};
+use tether_protocol::gitops::{ObjectState, SyncOutcome, SyncReport};
+
+/// The agent an event is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub id: i64,
+    pub name: String,
+    /// Its configuration project's path.
+    pub project: String,
+}
+
+impl AgentInfo {
+    /// `<configuration project>:<agent name>`, the name users know the agent by.
+    pub fn display_name(&self) -> String {
+        format!("{}:{}", self.project, self.name)
+    }
+}
+
+/// A change worth telling people about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransitionKind {
+    SyncFailed,
+    SyncRecovered,
+    ConfigurationRefused,
+    CommitRefused,
+}
+
+impl TransitionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SyncFailed => "sync_failed",
+            Self::SyncRecovered => "sync_recovered",
+            Self::ConfigurationRefused => "configuration_refused",
+            Self::CommitRefused => "commit_refused",
+        }
+    }
+
+    /// Every kind, the default filter of a receiver.
+    pub const ALL: [TransitionKind; 4] = [
+        Self::SyncFailed,
+        Self::SyncRecovered,
+        Self::ConfigurationRefused,
+        Self::CommitRefused,
+    ];
+}
+
+/// Objects of a sync by status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub objects: usize,
+    pub current: usize,
+    pub in_progress: usize,
+    pub failed: usize,
+    pub pruned: usize,
+}
+
+impl Summary {
+    pub fn of(report: &SyncReport) -> Summary {
+        let count = |s: ObjectState| report.objects.iter().filter(|o| o.state() == s).count();
+        Summary {
+            objects: report.objects.len(),
+            current: count(ObjectState::Current),
+            in_progress: count(ObjectState::InProgress),
+            failed: count(ObjectState::Failed),
+            pruned: count(ObjectState::Pruned),
+        }
+    }
+
+    /// `3 objects: 2 Current, 1 Failed` (the non-zero counts).
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            (self.current, "Current"),
+            (self.in_progress, "InProgress"),
+            (self.failed, "Failed"),
+            (self.pruned, "Pruned"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, s)| format!("{n} {s}"))
+        .collect();
+        match parts.is_empty() {
+            true => format!("{} objects", self.objects),
+            false => format!("{} objects: {}", self.objects, parts.join(", ")),
+        }
+    }
+}
+
+/// A message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    pub kind: TransitionKind,
+    /// `None` for a commit refused for its signature (it is the project's, for every agent).
+    pub agent: Option<AgentInfo>,
+    /// The manifest project (as the agent's configuration names it) or, for a configuration
+    /// refusal, the configuration project.
+    pub project: String,
+    pub commit: String,
+    /// Why it failed or was refused; empty for a recovery.
+    pub message: String,
+    pub summary: Summary,
+    /// `Kind namespace/name: message` of the failed objects (at most 20).
+    pub failed_objects: Vec<String>,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// The state of a commit for a forge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Pending,
+    Success,
+    Failed,
+}
+
+/// A message for a forge: the state of an agent's sync of a commit of a manifest project.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitStatus {
+    pub state: State,
+    pub agent: AgentInfo,
+    /// The manifest project's repository path on the forge.
+    pub project: String,
+    pub commit: String,
+    pub description: String,
+}
+
+/// Any message, as kept in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    Transition(Transition),
+    Status(CommitStatus),
+}
+
+impl Message {
+    /// The outbox's deduplication key.
+    pub fn dedup_key(&self) -> String {
+        match self {
+            Message::Transition(t) => {
+                let agent = t.agent.as_ref().map_or(0, |a| a.id);
+                match t.kind {
+                    // Once per agent and refused commit, whichever replica or stream saw it.
+                    TransitionKind::ConfigurationRefused => {
+                        format!("{}:{agent}:{}", t.kind.as_str(), t.commit)
+                    }
+                    // Once per project and refused commit, for all its agents.
+                    TransitionKind::CommitRefused => {
+                        format!("{}:{}:{}", t.kind.as_str(), t.project, t.commit)
+                    }
+                    // A report re-sent after a reconnect has the same finish time.
+                    _ => format!(
+                        "{}:{agent}:{}:{}:{}",
+                        t.kind.as_str(),
+                        t.project,
+                        t.commit,
+                        t.at
+                    ),
+                }
+            }
+            Message::Status(s) => format!(
+                "status:{}:{}:{}:{:?}",
+                s.agent.id, s.project, s.commit, s.state
+            ),
+        }
+    }
+}
+
+/// What a new sync report changes, compared with the agent's previous report of the project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportChange {
+    /// Failing after success (or first report failing), or succeeding after failure.
+    pub transition: Option<TransitionKind>,
+    /// A new outcome for the commit (new commit, or the same commit with another outcome).
+    pub status: Option<State>,
+}
+
+/// Compares a report with the one before (pure). A report identical to the previous one (re-sent
+/// after a reconnect) changes nothing.
+pub fn report_change(previous: Option<&SyncReport>, report: &SyncReport) -> ReportChange {
+    let ok = report.sync_outcome() != SyncOutcome::Failed;
+    let was = previous.map(|p| {
+        (
+            p.commit_id.as_str(),
+            p.sync_outcome() != SyncOutcome::Failed,
+        )
+    });
+    if previous
+        .is_some_and(|p| p.commit_id == report.commit_id && p.finished_at == report.finished_at)
+    {
+        return ReportChange {
+            transition: None,
+            status: None,
+        };
+    }
+    let transition = match (was.map(|(_, ok)| ok), ok) {
+        (None | Some(true), false) => Some(TransitionKind::SyncFailed),
+        (Some(false), true) => Some(TransitionKind::SyncRecovered),
+        _ => None,
+    };
+    let status = (was != Some((report.commit_id.as_str(), ok))).then_some(if ok {
+        State::Success
+    } else {
+        State::Failed
+    });
+    ReportChange { transition, status }
+}
+
+/// `Kind namespace/name: message` of a report's failed objects, at most 20.
+pub fn failed_objects(report: &SyncReport) -> Vec<String> {
+    report
+        .objects
+        .iter()
+        .filter(|o| o.state() == ObjectState::Failed)
+        .take(20)
+        .map(|o| {
+            let name = match o.namespace.as_str() {
+                "" => o.name.clone(),
+                ns => format!("{ns}/{}", o.name),
+            };
+            format!("{} {name}: {}", o.kind, o.message)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tether_protocol::gitops::ObjectStatus;
+
+    fn report(commit: &str, ok: bool, at: i64) -> SyncReport {
+        let mut r = SyncReport {
+            commit_id: commit.into(),
+            finished_at: at,
+            ..SyncReport::default()
+        };
+        r.set_sync_outcome(if ok {
+            SyncOutcome::Succeeded
+        } else {
+            SyncOutcome::Failed
+        });
+        r
+    }
+
+    #[test]
+    fn the_first_report_failing_is_a_failure_and_succeeding_is_only_a_status() {
+        let c = report_change(None, &report("a", false, 1));
+        assert_eq!(c.transition, Some(TransitionKind::SyncFailed));
+        assert_eq!(c.status, Some(State::Failed));
+        let c = report_change(None, &report("a", true, 1));
+        assert_eq!((c.transition, c.status), (None, Some(State::Success)));
+    }
+
+    #[test]
+    fn failing_again_is_no_transition_but_a_new_commit_gets_its_status() {
+        let before = report("a", false, 1);
+        let c = report_change(Some(&before), &report("a", false, 2));
+        assert_eq!((c.transition, c.status), (None, None));
+        let c = report_change(Some(&before), &report("b", false, 3));
+        assert_eq!((c.transition, c.status), (None, Some(State::Failed)));
+    }
+
+    #[test]
+    fn success_after_failure_is_a_recovery() {
+        let c = report_change(Some(&report("a", false, 1)), &report("a", true, 2));
+        assert_eq!(c.transition, Some(TransitionKind::SyncRecovered));
+        assert_eq!(c.status, Some(State::Success));
+    }
+
+    #[test]
+    fn a_resent_report_changes_nothing() {
+        let r = report("a", false, 5);
+        let c = report_change(Some(&r), &r.clone());
+        assert_eq!((c.transition, c.status), (None, None));
+    }
+
+    #[test]
+    fn a_periodic_resync_of_a_good_commit_is_silent() {
+        let c = report_change(Some(&report("a", true, 1)), &report("a", true, 300));
+        assert_eq!((c.transition, c.status), (None, None));
+    }
+
+    #[test]
+    fn summaries_count_by_status_and_list_failures() {
+        let mut r = report("a", false, 1);
+        for (name, state) in [("x", ObjectState::Current), ("y", ObjectState::Failed)] {
+            let mut o = ObjectStatus {
+                kind: "Deployment".into(),
+                namespace: "ns".into(),
+                name: name.into(),
+                message: "forbidden".into(),
+                ..ObjectStatus::default()
+            };
+            o.set_state(state);
+            r.objects.push(o);
+        }
+        assert_eq!(Summary::of(&r).describe(), "2 objects: 1 Current, 1 Failed");
+        assert_eq!(failed_objects(&r), ["Deployment ns/y: forbidden"]);
+    }
+
+    #[test]
+    fn keys_tell_transitions_and_statuses_apart() {
+        let agent = AgentInfo {
+            id: 7,
+            name: "a".into(),
+            project: "g/c".into(),
+        };
+        let status = |state| {
+            Message::Status(CommitStatus {
+                state,
+                agent: agent.clone(),
+                project: "g/m".into(),
+                commit: "c1".into(),
+                description: String::new(),
+            })
+        };
+        assert_ne!(
+            status(State::Pending).dedup_key(),
+            status(State::Success).dedup_key()
+        );
+        let refused = Message::Transition(Transition {
+            kind: TransitionKind::CommitRefused,
+            agent: None,
+            project: "g/m".into(),
+            commit: "c1".into(),
+            message: String::new(),
+            summary: Summary::default(),
+            failed_objects: Vec::new(),
+            at: 1,
+        });
+        assert_eq!(refused.dedup_key(), "commit_refused:g/m:c1");
+    }
+}

@@ -1,0 +1,227 @@
+//! The producer side: kas's GitOps and configuration modules tell the [`Notifier`] what
+//! happened; it turns that into messages for the receivers that take them and puts them in the
+//! store's outbox (durable, deduplicated), then wakes the dispatcher.
+
+use std::sync::Arc;
+
+use tether_protocol::gitops::SyncReport;
+use tether_store::Store;
+use tokio::sync::Notify;
+
+use crate::event::{
+    AgentInfo, CommitStatus, Message, State, Summary, Transition, TransitionKind, failed_objects,
+    report_change,
+};
+use crate::render::Receiver;
+
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) receivers: Vec<Receiver>,
+    pub(crate) wake: Notify,
+}
+
+/// Cheap to clone; does nothing when no receiver is configured.
+#[derive(Clone, Default)]
+pub struct Notifier {
+    pub(crate) shared: Option<Arc<Shared>>,
+}
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let receivers = self.shared.as_ref().map_or(0, |s| s.receivers.len());
+        f.debug_struct("Notifier")
+            .field("receivers", &receivers)
+            .finish()
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+}
+
+impl Notifier {
+    /// A notifier that sends nothing (no `notifications.receivers`).
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    fn wants(&self, statuses: bool) -> Option<&Arc<Shared>> {
+        let s = self.shared.as_ref()?;
+        s.receivers
+            .iter()
+            .any(|r| r.kind.takes_statuses() == statuses)
+            .then_some(s)
+    }
+
+    /// Queues `message` for every receiver that takes it.
+    pub async fn send(&self, message: Message) {
+        let Some(s) = &self.shared else { return };
+        let key = message.dedup_key();
+        let Ok(payload) = serde_json::to_vec(&message) else {
+            return;
+        };
+        let mut queued = false;
+        for r in s.receivers.iter().filter(|r| r.takes(&message)) {
+            match s.store.enqueue_notification(&r.name, &key, &payload).await {
+                Ok(added) => queued |= added,
+                Err(e) => {
+                    tracing::error!(receiver = %r.name, key, error = %e, "Cannot queue a notification: it is lost");
+                }
+            }
+        }
+        if queued {
+            s.wake.notify_one();
+        }
+    }
+
+    async fn agent(&self, s: &Shared, agent_id: i64) -> Option<AgentInfo> {
+        let agent = s.store.get_agent(agent_id).await.ok()??;
+        let project = s.store.get_project(agent.project_id).await.ok()??;
+        Some(AgentInfo {
+            id: agent.id,
+            name: agent.name,
+            project: project.path,
+        })
+    }
+
+    /// The path of a manifest project named by path or numeric id.
+    async fn project_path(&self, s: &Shared, project: &str) -> String {
+        match project.parse::<i64>() {
+            Ok(id) => match s.store.get_project(id).await {
+                Ok(Some(p)) => p.path,
+                _ => project.to_owned(),
+            },
+            Err(_) => project.to_owned(),
+        }
+    }
+
+    /// An agent reported a sync; `previous` is its report of that project before this one.
+    pub async fn sync_reported(
+        &self,
+        agent_id: i64,
+        previous: Option<&SyncReport>,
+        report: &SyncReport,
+    ) {
+        let Some(s) = self.shared.clone() else { return };
+        let change = report_change(previous, report);
+        if change.transition.is_none() && change.status.is_none() {
+            return;
+        }
+        let Some(agent) = self.agent(&s, agent_id).await else {
+            return;
+        };
+        let project = self.project_path(&s, &report.project_id).await;
+        let summary = Summary::of(report);
+        if let Some(kind) = change.transition {
+            self.send(Message::Transition(Transition {
+                kind,
+                agent: Some(agent.clone()),
+                project: project.clone(),
+                commit: report.commit_id.clone(),
+                message: report.error.clone(),
+                summary: summary.clone(),
+                failed_objects: failed_objects(report),
+                at: report.finished_at,
+            }))
+            .await;
+        }
+        if let Some(state) = change.status {
+            let description = match report.error.as_str() {
+                "" => summary.describe(),
+                error => format!("{}; {error}", summary.describe()),
+            };
+            self.status(agent, project, &report.commit_id, state, description)
+                .await;
+        }
+    }
+
+    async fn status(
+        &self,
+        agent: AgentInfo,
+        project: String,
+        commit: &str,
+        state: State,
+        description: String,
+    ) {
+        self.send(Message::Status(CommitStatus {
+            state,
+            agent,
+            project,
+            commit: commit.to_owned(),
+            description,
+        }))
+        .await;
+    }
+
+    /// kas sent an agent a new commit of a manifest project: `pending` on the forges.
+    pub async fn commit_offered(&self, agent_id: i64, project: &str, commit: &str) {
+        let Some(s) = self.wants(true).cloned() else {
+            return;
+        };
+        let Some(agent) = self.agent(&s, agent_id).await else {
+            return;
+        };
+        let description = "sent to the agent; applying".to_owned();
+        self.status(
+            agent,
+            project.to_owned(),
+            commit,
+            State::Pending,
+            description,
+        )
+        .await;
+    }
+
+    /// kas refused a manifest commit (its signature): nothing is applied.
+    pub async fn commit_refused(&self, agent_id: i64, project: &str, commit: &str, reason: &str) {
+        let Some(s) = self.shared.clone() else { return };
+        self.send(Message::Transition(Transition {
+            kind: TransitionKind::CommitRefused,
+            agent: None,
+            project: project.to_owned(),
+            commit: commit.to_owned(),
+            message: reason.to_owned(),
+            summary: Summary::default(),
+            failed_objects: Vec::new(),
+            at: unix_now(),
+        }))
+        .await;
+        if self.wants(true).is_some()
+            && let Some(agent) = self.agent(&s, agent_id).await
+        {
+            let description = format!("refused: {reason}");
+            self.status(
+                agent,
+                project.to_owned(),
+                commit,
+                State::Failed,
+                description,
+            )
+            .await;
+        }
+    }
+
+    /// kas refused an agent's configuration at `commit`; the last good one stays in force.
+    pub async fn configuration_refused(&self, agent_id: i64, commit: &str, error: &str) {
+        let Some(s) = self.wants(false).cloned() else {
+            return;
+        };
+        let Some(agent) = self.agent(&s, agent_id).await else {
+            return;
+        };
+        let project = agent.project.clone();
+        self.send(Message::Transition(Transition {
+            kind: TransitionKind::ConfigurationRefused,
+            agent: Some(agent),
+            project,
+            commit: commit.to_owned(),
+            message: error.to_owned(),
+            summary: Summary::default(),
+            failed_objects: Vec::new(),
+            at: unix_now(),
+        }))
+        .await;
+    }
+}
