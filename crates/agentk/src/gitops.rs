@@ -12,7 +12,9 @@ use tether_gitops_agent::Status;
 use tether_gitops_agent::inventory::inventory_name;
 use tether_gitops_agent::kube_events::{Happened, Recorder};
 use tether_gitops_agent::metrics::SyncMetrics;
-use tether_gitops_agent::sync::{ObjectState, Settings, SyncOutcome, Syncer};
+use tether_gitops_agent::sync::{
+    ObjectState, ProgressSink, Settings, SyncOutcome, SyncProgress, Syncer,
+};
 use tether_protocol::gitops::git_ops_client::GitOpsClient;
 use tether_protocol::gitops::{
     self as wire, ObjectStatus, ObjectsRequest, ObjectsResponse, SyncReport, git_ref,
@@ -170,14 +172,19 @@ impl Workers {
         stop: CancellationToken,
     ) -> JoinHandle<()> {
         tracing::info!(project_id = %key, "Starting synchronization worker");
+        let (progress_tx, progress) = watch::channel(SyncProgress::default());
         let worker = Worker {
             client: GitOpsClient::new(self.channel.clone())
                 .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE),
             meta: self.meta.clone(),
             engine: self.engine.clone(),
-            settings: Settings::for_project(agent_id, p),
+            settings: Settings {
+                progress: ProgressSink::new(Arc::new(progress_tx)),
+                ..Settings::for_project(agent_id, p)
+            },
             project: p.clone(),
             timing: self.timing.clone(),
+            progress,
         };
         tokio::spawn(
             worker
@@ -194,6 +201,8 @@ struct Worker {
     settings: Settings,
     project: ManifestProject,
     timing: Timing,
+    /// What the running sync publishes through `settings.progress`.
+    progress: watch::Receiver<SyncProgress>,
 }
 
 /// A commit's files, complete, and what kas warned about them.
@@ -213,6 +222,9 @@ const SYNC_STOP_GRACE: Duration = Duration::from_secs(2);
 /// Bound of one `ReportSync` call: kas answers in milliseconds, a hung kas must not stall the
 /// worker (it keeps the report and retries).
 const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound of one progress report: progress that cannot be told at once is not worth waiting for.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The objects stream to kas and the commit being received on it.
 struct Stream {
@@ -255,6 +267,8 @@ struct Reports {
 enum Event {
     Message(Result<Option<ObjectsResponse>, tonic::Status>),
     SyncDone(Result<SyncOutcome, tokio::task::JoinError>),
+    /// The running sync got further.
+    Progress,
     Timer,
     Stop,
 }
@@ -328,6 +342,8 @@ fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
         dry_run: outcome.dry_run,
         warnings: Vec::new(),
         resync_id: 0,
+        in_progress: false,
+        progress: None,
     }
 }
 
@@ -395,7 +411,7 @@ impl Worker {
                 .await;
             self.start_due_sync(&mut sync, &stop);
             self.retry_report(&mut reports, &stop).await;
-            match next_event(&mut stream, &mut sync, &reports, &stop).await {
+            match next_event(&mut stream, &mut sync, &reports, &mut self.progress, &stop).await {
                 Event::Message(m) => {
                     self.on_message(m, &mut stream, &mut sync, &mut reports, &stop)
                         .await;
@@ -404,6 +420,7 @@ impl Worker {
                     self.on_sync_done(done, &mut sync, &mut reports, &stop)
                         .await;
                 }
+                Event::Progress => self.report_progress(&sync).await,
                 Event::Timer => {}
                 Event::Stop => {
                     stop_sync(sync.running.take()).await;
@@ -584,6 +601,8 @@ impl Worker {
             dry_run: false,
             warnings: Vec::new(),
             resync_id: sync.resync_asked,
+            in_progress: false,
+            progress: None,
         };
         sync.resync_answered = sync.resync_asked;
         self.report(report, reports, stop).await;
@@ -643,6 +662,37 @@ impl Worker {
         self.engine
             .events
             .record(&s.default_namespace, &inventory, happened);
+    }
+
+    /// Tells kas how far the running sync got; best effort (the outcome is what counts and is
+    /// retried), bounded so a slow kas does not hold the worker.
+    async fn report_progress(&mut self, sync: &SyncState) {
+        let p = *self.progress.borrow_and_update();
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let report = SyncReport {
+            project_id: self.settings.project_id.clone(),
+            commit_id: sync
+                .current
+                .as_ref()
+                .map(|c| c.id.clone())
+                .unwrap_or_default(),
+            resync_id: sync.resync_running,
+            in_progress: true,
+            progress: Some(wire::SyncProgress {
+                objects: count(p.objects),
+                current: count(p.current),
+                failed: count(p.failed),
+            }),
+            finished_at: unix_now(),
+            ..SyncReport::default()
+        };
+        let call = self.client.report_sync(with_token(&self.meta, report));
+        if let Ok(Err(status)) = tokio::time::timeout(PROGRESS_TIMEOUT, call).await {
+            tracing::debug!(
+                error = status.message(),
+                "kas did not take a progress report"
+            );
+        }
     }
 
     fn log_outcome(&self, o: &SyncOutcome) {
@@ -751,8 +801,12 @@ async fn next_event(
     stream: &mut Stream,
     sync: &mut SyncState,
     reports: &Reports,
+    progress: &mut watch::Receiver<SyncProgress>,
     stop: &CancellationToken,
 ) -> Event {
+    // Only a sync kas asked for (`kas agent reconcile --wait`) is followed: a kas that does not
+    // know progress reports would store one as an outcome.
+    let followed = sync.running.is_some() && sync.resync_running > 0;
     let wake_at = [
         // A suspended worker syncs nothing, so its sync time must not wake it (again and again).
         sync.next_run.filter(|_| !sync.suspended),
@@ -784,6 +838,10 @@ async fn next_event(
         m = message => Event::Message(m),
         d = sync_done => Event::SyncDone(d),
         () = timer => Event::Timer,
+        changed = progress.changed(), if followed => match changed {
+            Ok(()) => Event::Progress,
+            Err(_) => Event::Timer,
+        },
         () = stop.cancelled() => Event::Stop,
     }
 }

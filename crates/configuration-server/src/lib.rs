@@ -147,6 +147,20 @@ impl ConfigStates {
         Ok(())
     }
 
+    /// Reads the agent's configuration in force from the store (where the replica serving the
+    /// agent's configuration stream keeps it), remembering it here; `None` if none is stored.
+    pub async fn load_agent(
+        &self,
+        store: &dyn Store,
+        agent_id: i64,
+    ) -> Option<Arc<tether_agent_config::AgentConfig>> {
+        let bytes = store.config_state(agent_id).await.ok()??;
+        let persisted = serde_json::from_slice::<Persisted>(&bytes).ok()?;
+        let config = persisted.config?;
+        self.set_config(agent_id, config);
+        self.config(agent_id)
+    }
+
     /// Stores the agent's state and configuration in force. A failure is logged (kas keeps
     /// working from memory; the stored copy only matters after a restart).
     async fn persist(&self, store: &dyn Store, agent_id: i64) {

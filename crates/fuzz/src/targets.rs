@@ -35,7 +35,53 @@ pub fn all() -> Vec<Box<dyn Target>> {
         Box::new(Jwt::new(false)),
         Box::new(Jwt::new(true)),
         Box::new(KasConfig),
+        Box::new(DiffInput),
     ]
+}
+
+/// `kas agent diff`: the request body the proxy and the admin API take (the ref and project
+/// resolved as kas resolves them), and objects as the preview compares and redacts them.
+struct DiffInput;
+
+impl Target for DiffInput {
+    fn name(&self) -> &'static str {
+        "diff-request"
+    }
+
+    fn seeds(&self) -> Vec<Vec<u8>> {
+        [
+            r#"{"ref": "feature/x", "project": "group/manifests"}"#,
+            r#"{"ref": "0123456789abcdef0123456789abcdef01234567"}"#,
+            r#"{"ref": "refs/tags/v1", "project": "42"}"#,
+            r#"{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "annotations": {"a": "b"}}, "data": {"k": "dg=="}, "stringData": {"p": "x"}}"#,
+        ]
+        .map(|s| s.as_bytes().to_vec())
+        .to_vec()
+    }
+
+    fn run(&self, input: &[u8]) -> bool {
+        use tether_agent_config::{ManifestProject, ProjectRef};
+        use tether_gitops_agent::preview::{compare, pruned_view};
+        if let Ok(req) = serde_json::from_slice::<tether_kas_api::DiffRequest>(input) {
+            let projects = [
+                ManifestProject::new(ProjectRef::Path("group/manifests".into())),
+                ManifestProject::new(ProjectRef::Numeric(42)),
+            ];
+            let _ = tether_gitops_server::ref_candidates(&req.git_ref);
+            return kas::preview::target_project(&projects, req.project.as_deref()).is_ok();
+        }
+        let Ok(obj) = serde_json::from_slice::<serde_json::Value>(input) else {
+            return false;
+        };
+        let _ = pruned_view(&obj);
+        let _ = compare(None, &obj);
+        let mut changed = obj.clone();
+        if let Some(map) = changed.as_object_mut() {
+            map.insert("data".into(), serde_json::json!({"k": "changed"}));
+        }
+        let _ = compare(Some(&obj), &changed);
+        true
+    }
 }
 
 /// Tunnel frames and the other gRPC messages kas and agentk decode from each other.

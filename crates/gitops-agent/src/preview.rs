@@ -9,12 +9,12 @@
 //! [`clean`] and [`compare`] are the pure rules: which fields a preview hides (those the
 //! cluster sets by itself) and how the live and the would-be object are told apart.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use futures_util::StreamExt;
 use kube::Client;
 use kube::api::{Patch, PatchParams};
-use kube::discovery::{Discovery, Scope};
+use kube::discovery::{ApiResource, Discovery, Scope};
 use serde_json::Value;
 
 use crate::decode::Manifest;
@@ -24,8 +24,8 @@ use crate::object_ref::ObjRef;
 use crate::plan;
 use crate::prune;
 use crate::sync::{
-    ApiError, CONCURRENCY, FIELD_MANAGER, ObjectError, PreviousInventory, Settings, SyncError,
-    Syncer, crd_kinds, decode_all, default_namespaces, prepared,
+    ApiError, CONCURRENCY, FIELD_MANAGER, GroupKey, ObjectError, PreviousInventory, Settings,
+    SyncError, Syncer, crd_kinds, decode_all, default_namespaces, group_key, prepared,
 };
 
 /// What a sync would do to one object. Objects are [`clean`]ed.
@@ -197,19 +197,26 @@ pub async fn preview(
     if let Some((obj, sources)) = plan::duplicates(&manifests).into_iter().next() {
         return Err(SyncError::Duplicate { obj, sources });
     }
-    let here = CreatedHere::of(&manifests);
-    let (syncer_ref, inv_id, disc_ref, here_ref) = (&syncer, previous.name.as_str(), &disc, &here);
-    let all = &manifests;
+    let listed = syncer.list_live(&manifests, &disc).await;
+    let ctx = Ctx {
+        s,
+        inv_id: previous.name.as_str(),
+        disc: &disc,
+        here: &CreatedHere::of(&manifests),
+        listed: &listed,
+    };
+    let (syncer_ref, ctx_ref, all) = (&syncer, &ctx, &manifests);
     // By index: a closure over `&Manifest` makes the future not provably `Send`.
     let mut out: Vec<ObjectChange> =
         futures_util::stream::iter((0..all.len()).map(|i| async move {
             let m = &all[i];
-            let change = syncer_ref
-                .change_of(s, inv_id, m, disc_ref, here_ref)
-                .await
-                .unwrap_or_else(|e| Change::Failed {
-                    error: e.to_string(),
-                });
+            let change =
+                syncer_ref
+                    .change_of(ctx_ref, m)
+                    .await
+                    .unwrap_or_else(|e| Change::Failed {
+                        error: e.to_string(),
+                    });
             ObjectChange {
                 obj: m.obj_ref(),
                 change,
@@ -225,16 +232,60 @@ pub async fn preview(
     Ok(out)
 }
 
+/// Live objects by type and namespace, where enough manifests share one to LIST it (as a sync
+/// looks them up); the objects of other types and namespaces are read one by one.
+type Listed = HashMap<GroupKey, HashMap<String, Value>>;
+
+/// What every object's preview shares.
+struct Ctx<'a> {
+    s: &'a Settings,
+    inv_id: &'a str,
+    disc: &'a Discovery,
+    here: &'a CreatedHere,
+    listed: &'a Listed,
+}
+
 impl Syncer {
+    /// [`Listed`] for `manifests`: only their own objects are kept, with the `apiVersion` and
+    /// `kind` a LIST leaves out of its items (so they compare with the dry run's answer).
+    async fn list_live(&self, manifests: &[Manifest], disc: &Discovery) -> Listed {
+        let mut wanted: HashMap<GroupKey, (ApiResource, HashSet<&str>)> = HashMap::new();
+        for m in manifests {
+            if let Some((ar, caps)) = Syncer::resolve(disc, m) {
+                let ns = (caps.scope == Scope::Namespaced)
+                    .then(|| m.namespace())
+                    .flatten();
+                let names = &mut wanted
+                    .entry(group_key(&ar, ns))
+                    .or_insert_with(|| (ar, HashSet::new()))
+                    .1;
+                names.insert(m.name());
+            }
+        }
+        let objects = wanted.iter().flat_map(|((.., ns), (ar, names))| {
+            std::iter::repeat_n((ar.clone(), ns.as_deref()), names.len())
+        });
+        self.list_groups(objects, |key, name, obj| {
+            let (ar, names) = wanted.get(key)?;
+            names.contains(name).then(|| {
+                let mut obj = obj.clone();
+                obj["apiVersion"] = Value::from(ar.api_version.as_str());
+                obj["kind"] = Value::from(ar.kind.as_str());
+                obj
+            })
+        })
+        .await
+    }
+
     /// One object's change: its live state, the ownership rule, then a dry-run apply.
-    async fn change_of(
-        &self,
-        s: &Settings,
-        inv_id: &str,
-        m: &Manifest,
-        disc: &Discovery,
-        here: &CreatedHere,
-    ) -> Result<Change, ObjectError> {
+    async fn change_of(&self, ctx: &Ctx<'_>, m: &Manifest) -> Result<Change, ObjectError> {
+        let Ctx {
+            s,
+            inv_id,
+            disc,
+            here,
+            listed,
+        } = ctx;
         let desired = prepared(m, inv_id);
         let Some((ar, caps)) = Syncer::resolve(disc, m) else {
             if here.crd_groups.contains(m.group()) {
@@ -249,11 +300,14 @@ impl Syncer {
             .then(|| m.namespace())
             .flatten();
         let api = self.api(&ar, ns);
-        let live = api
-            .get_opt(m.name())
-            .await
-            .map_err(ApiError::from)?
-            .and_then(|o| serde_json::to_value(o).ok());
+        let live = match listed.get(&group_key(&ar, ns)) {
+            Some(objects) => objects.get(m.name()).cloned(),
+            None => api
+                .get_opt(m.name())
+                .await
+                .map_err(ApiError::from)?
+                .and_then(|o| serde_json::to_value(o).ok()),
+        };
         if let Some(live) = &live {
             inventory::may_take_over(s.inventory_policy, inventory::owner(live), inv_id)?;
         }

@@ -51,6 +51,60 @@ pub struct Settings {
     pub inventory_policy: InventoryPolicy,
     pub reconcile_timeout: Duration,
     pub dry_run: DryRunStrategy,
+    /// Where a running sync tells how far it got (`kas agent reconcile --wait`).
+    pub progress: ProgressSink,
+}
+
+/// How far a running sync got: its objects so far and how many are Current or Failed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncProgress {
+    pub objects: usize,
+    pub current: usize,
+    pub failed: usize,
+}
+
+impl SyncProgress {
+    /// Counts the outcomes recorded so far (pruned objects aside).
+    pub fn of<'a>(outcomes: impl IntoIterator<Item = &'a ObjectOutcome>) -> Self {
+        let mut p = Self::default();
+        for o in outcomes {
+            match o.status {
+                ObjectState::Pruned => continue,
+                ObjectState::Live(Status::Current) => p.current += 1,
+                ObjectState::Live(Status::Failed) => p.failed += 1,
+                ObjectState::Live(_) => {}
+            }
+            p.objects += 1;
+        }
+        p
+    }
+}
+
+/// Where a sync publishes its [`SyncProgress`]; none by default.
+#[derive(Debug, Clone, Default)]
+pub struct ProgressSink(Option<std::sync::Arc<tokio::sync::watch::Sender<SyncProgress>>>);
+
+impl ProgressSink {
+    pub fn new(tx: std::sync::Arc<tokio::sync::watch::Sender<SyncProgress>>) -> Self {
+        Self(Some(tx))
+    }
+
+    fn publish(&self, outcomes: &HashMap<ObjRef, ObjectOutcome>) {
+        if let Some(tx) = &self.0 {
+            tx.send_if_modified(|p| {
+                let now = SyncProgress::of(outcomes.values());
+                std::mem::replace(p, now) != now
+            });
+        }
+    }
+}
+
+/// Where progress goes is not part of what a sync does: settings that differ only in it are
+/// the same settings.
+impl PartialEq for ProgressSink {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl Settings {
@@ -67,6 +121,7 @@ impl Settings {
             inventory_policy: p.inventory_policy,
             reconcile_timeout: p.reconcile_timeout,
             dry_run: p.dry_run_strategy,
+            progress: ProgressSink::default(),
         }
     }
 }
@@ -313,9 +368,9 @@ pub(crate) fn prepared(m: &Manifest, inv_id: &str) -> Value {
 
 /// Groups objects by resource type and namespace: one LIST per group instead of one GET per
 /// object.
-type GroupKey = (String, String, String, Option<String>);
+pub(crate) type GroupKey = (String, String, String, Option<String>);
 
-fn group_key(ar: &ApiResource, ns: Option<&str>) -> GroupKey {
+pub(crate) fn group_key(ar: &ApiResource, ns: Option<&str>) -> GroupKey {
     (
         ar.group.clone(),
         ar.version.clone(),
@@ -425,15 +480,9 @@ impl Syncer {
                 return Err(Aborted::AfterWrites(e, p));
             }
             let seeded = std::mem::take(&mut p.seeded);
-            self.wait_status(
-                &p.applied,
-                seeded,
-                &disc,
-                s.reconcile_timeout,
-                cancel,
-                &mut p.results,
-            )
-            .await;
+            s.progress.publish(&p.results);
+            self.wait_status(&p.applied, seeded, &disc, s, cancel, &mut p.results)
+                .await;
         }
         Ok(finish(commit_id, p.results, p.writes, dry))
     }
@@ -667,7 +716,7 @@ impl Syncer {
     /// [`LIST_THRESHOLD`] of the given objects, keeping `summarize(group, name, object)` of each
     /// listed object it returns `Some` for. A group whose LIST fails (e.g. RBAC allows GET but
     /// not LIST) is left out, so its objects are looked up one by one.
-    async fn list_groups<T, F>(
+    pub(crate) async fn list_groups<T, F>(
         &self,
         objects: impl Iterator<Item = (ApiResource, Option<&str>)>,
         summarize: F,
@@ -1045,15 +1094,17 @@ impl Syncer {
         applied: &BTreeSet<ObjRef>,
         seeded: HashMap<ObjRef, ResourceStatus>,
         disc: &Discovery,
-        timeout: Duration,
+        s: &Settings,
         cancel: &CancellationToken,
         results: &mut HashMap<ObjRef, ObjectOutcome>,
     ) {
+        let timeout = s.reconcile_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let targets = status_targets(applied, disc);
         let mut log = StatusLog {
             last: HashMap::new(),
             results,
+            sink: &s.progress,
         };
         for (o, st) in seeded {
             log.record(o, st);
@@ -1346,6 +1397,7 @@ fn status_targets(applied: &BTreeSet<ObjRef>, disc: &Discovery) -> Vec<Target> {
 struct StatusLog<'a> {
     last: HashMap<ObjRef, ResourceStatus>,
     results: &'a mut HashMap<ObjRef, ObjectOutcome>,
+    sink: &'a ProgressSink,
 }
 
 impl StatusLog<'_> {
@@ -1357,6 +1409,7 @@ impl StatusLog<'_> {
                 ObjectOutcome::new(o.clone(), st.status, st.message.clone()),
             );
             self.last.insert(o, st);
+            self.sink.publish(self.results);
         }
     }
 
@@ -1449,6 +1502,29 @@ mod tests {
                 (o.obj.clone(), o)
             })
             .collect()
+    }
+
+    #[test]
+    fn progress_counts_objects_current_and_failed_and_is_published_once_per_change() {
+        let r = results(&[
+            ("a", ObjectState::Live(Status::Current)),
+            ("b", ObjectState::Live(Status::Failed)),
+            ("c", ObjectState::Live(Status::InProgress)),
+            ("d", ObjectState::Pruned),
+        ]);
+        let want = SyncProgress {
+            objects: 3,
+            current: 1,
+            failed: 1,
+        };
+        assert_eq!(SyncProgress::of(r.values()), want);
+        let (tx, mut rx) = tokio::sync::watch::channel(SyncProgress::default());
+        let sink = ProgressSink::new(std::sync::Arc::new(tx));
+        sink.publish(&r);
+        assert_eq!(*rx.borrow_and_update(), want);
+        sink.publish(&r);
+        assert!(!rx.has_changed().unwrap_or(true), "the same progress twice");
+        ProgressSink::default().publish(&r);
     }
 
     #[test]

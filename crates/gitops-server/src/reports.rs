@@ -1,7 +1,8 @@
 //! The last sync report of each (agent, manifest project), kept in the store so that
 //! `kas agent status` shows them across kas restarts (and from any replica).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use prost::Message;
 use tether_protocol::gitops::{ObjectState, SyncOutcome, SyncReport};
@@ -12,13 +13,38 @@ use tether_kas_api::{ReportedOutcome, ReportedStatus};
 /// How a report that applied nothing says whose objects it shows.
 const CARRIED: &str = "nothing was applied at this commit; the objects are as of commit";
 
-/// The agents' last sync reports, in the store.
+/// The agents' last sync reports, in the store; and how far the syncs running for `kas agent
+/// reconcile --wait` got, in memory only (it is gone once their outcome arrives).
 #[derive(Debug)]
-pub struct SyncStates(Arc<dyn Store>);
+pub struct SyncStates(Arc<dyn Store>, Mutex<HashMap<(i64, String), SyncReport>>);
 
 impl SyncStates {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self(store)
+        Self(store, Mutex::default())
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, String), SyncReport>> {
+        self.1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps a progress report (`in_progress`) until the sync's outcome arrives.
+    pub(crate) fn put_progress(&self, agent_id: i64, report: SyncReport) {
+        self.running()
+            .insert((agent_id, report.project_id.clone()), report);
+    }
+
+    /// The agent's syncs under way that reported progress, by project.
+    pub fn progress(&self, agent_id: i64) -> Vec<SyncReport> {
+        let mut out: Vec<SyncReport> = self
+            .running()
+            .iter()
+            .filter(|((agent, _), _)| *agent == agent_id)
+            .map(|(_, r)| r.clone())
+            .collect();
+        out.sort_by(|a, b| a.project_id.cmp(&b.project_id));
+        out
     }
 
     /// The agent's reports, by project. A stored report that no longer decodes is skipped
@@ -51,6 +77,8 @@ impl SyncStates {
         self.0
             .put_sync_report(agent_id, &report.project_id, &report.encode_to_vec())
             .await?;
+        self.running()
+            .remove(&(agent_id, report.project_id.clone()));
         Ok(previous)
     }
 }

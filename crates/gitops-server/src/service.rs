@@ -294,16 +294,17 @@ impl GitOpsService {
                 send_error(at.tx, commit.to_hex(), message).await
             }
             Ok(_) => {
+                // Queued before the commit goes out, so a forge hears `pending` before the
+                // outcome of a fast sync.
+                let hex = commit.to_hex();
+                let notifier = &self.deps.notifier;
+                notifier.commit_offered(agent_id, &project.path, &hex).await;
                 let sent = self
                     .send_commit(agent_id, project, at.mirror, commit, at.source, at.tx)
                     .await;
                 if sent {
                     offered.refused = None;
-                    offered.last = commit.to_hex();
-                    let notifier = &self.deps.notifier;
-                    notifier
-                        .commit_offered(agent_id, &project.path, &offered.last)
-                        .await;
+                    offered.last = hex;
                 }
                 sent
             }
@@ -410,6 +411,12 @@ impl GitOps for GitOpsService {
     ) -> Result<Response<ReportAck>, Status> {
         let id = authenticate_request(self.deps.auth.as_ref(), &request).await?;
         let report = request.into_inner();
+        if report.in_progress {
+            // How far a sync got, for `kas agent reconcile --wait`: not an outcome.
+            tracing::debug!(agent_id = id.agent_id, project_id = %report.project_id, resync_id = report.resync_id, "Synchronization progress");
+            self.reports.put_progress(id.agent_id, report);
+            return Ok(Response::new(ReportAck {}));
+        }
         tracing::info!(
             agent_id = id.agent_id,
             project_id = %report.project_id,

@@ -13,9 +13,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::{
-    AgentDeleted, AgentView, ProjectRequest, ProjectView, ReconcileRequest, ReconcileStarted,
-    Resumed, Revoked, Stats, SuspendRequest, SuspensionView, SyncView, TokenCreated, TokenView,
-    UserTokenCreated, UserTokenRequest, UserTokenView,
+    AgentDeleted, AgentView, ProgressView, ProjectRequest, ProjectView, ReconcileRequest,
+    ReconcileStarted, Resumed, Revoked, Stats, SuspendRequest, SuspensionView, SyncView,
+    TokenCreated, TokenView, UserTokenCreated, UserTokenRequest, UserTokenView,
 };
 
 /// Why a call to kas's internal API failed. Displayed as the admin commands print it.
@@ -157,7 +157,13 @@ impl AdminClient {
         if !status.is_success() {
             let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                // The admin API's `{"error"}`, or the proxy's Kubernetes `Status`.
+                .and_then(|v| {
+                    v["error"]
+                        .as_str()
+                        .or(v["message"].as_str())
+                        .map(str::to_owned)
+                })
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
             return Err(ClientError::Status {
                 status,
@@ -268,6 +274,20 @@ impl AdminClient {
         .await
     }
 
+    /// [`AdminClient::diff`] through the Kubernetes API proxy: this client's base is the
+    /// proxy's URL and its token the proxy's credential (`ci:<agent id>:<ID token>`).
+    pub async fn proxy_diff(&self, req: &crate::DiffRequest) -> Result<crate::DiffView> {
+        self.json(Method::POST, crate::PROXY_DIFF_PATH, Some(req))
+            .await
+    }
+
+    /// The CI job's kubeconfig (JSON) from the Kubernetes API proxy: this client's base is the
+    /// proxy's URL and its token the job's ID token.
+    pub async fn proxy_kubeconfig(&self) -> Result<serde_json::Value> {
+        self.json(Method::GET, crate::PROXY_KUBECONFIG_PATH, None::<&()>)
+            .await
+    }
+
     pub async fn create_user_token(
         &self,
         agent_id: i64,
@@ -299,6 +319,12 @@ impl AdminClient {
     ) -> Result<ReconcileStarted> {
         let path = format!("/api/v1/agents/{agent_id}/reconcile");
         self.json(Method::POST, &path, Some(req)).await
+    }
+
+    /// How far the agent's syncs under way for a reconcile got.
+    pub async fn gitops_progress(&self, agent_id: i64) -> Result<Vec<ProgressView>> {
+        let path = format!("/api/v1/agents/{agent_id}/gitops/progress");
+        self.json(Method::GET, &path, None::<&()>).await
     }
 
     pub async fn suspend(&self, agent_id: i64, req: &SuspendRequest) -> Result<SuspensionView> {

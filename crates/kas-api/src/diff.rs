@@ -3,6 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Path, under the Kubernetes API proxy's prefix, where a CI job (or a person) gets a
+/// kubeconfig for every agent it may use.
+pub const PROXY_KUBECONFIG_PATH: &str = "/.tether/kubeconfig";
+/// Path, under the Kubernetes API proxy's prefix, of `kas agent diff` for CI jobs and people:
+/// `POST` a [`DiffRequest`] with the proxy's credential (`Bearer ci:<agent id>:<ID token>`),
+/// get a [`DiffView`] previewed with the caller's identity.
+pub const PROXY_DIFF_PATH: &str = "/.tether/diff";
+
 /// What to preview.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DiffRequest {

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 
 pub use agent_ref::{AgentRef, InvalidAgentRef};
 pub use client::{AdminClient, ClientError};
-pub use diff::{DiffChange, DiffRequest, DiffView, ObjectDiffView, ProjectDiffView};
+pub use diff::{
+    DiffChange, DiffRequest, DiffView, ObjectDiffView, PROXY_DIFF_PATH, PROXY_KUBECONFIG_PATH,
+    ProjectDiffView,
+};
 pub use reported::{ReportedOutcome, ReportedStatus};
 // A user's memberships are the proxy's type from the command line to the store.
 pub use tether_kubeproxy_server::{AccessLevel, Membership, MembershipKind, MembershipSpecError};
@@ -113,6 +116,19 @@ pub struct ReconcileTarget {
     pub fetch_error: Option<String>,
     /// How many of the agent's streams heard the request (0: offline or not leading).
     pub streams: usize,
+}
+
+/// How far a sync under way for `kas agent reconcile` got.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProgressView {
+    pub project_id: String,
+    pub commit_id: String,
+    /// The reconcile it answers.
+    pub resync_id: u64,
+    /// Objects so far (pruned aside), and how many are Current or Failed.
+    pub objects: u32,
+    pub current: u32,
+    pub failed: u32,
 }
 
 /// What deleting an agent ended.

@@ -1,8 +1,9 @@
-//! A Kubernetes client whose requests go through an agent's tunnel, as the agent's own
-//! ServiceAccount: how kas itself reads and dry-runs against a cluster (`kas agent diff`).
+//! A Kubernetes client whose requests go through an agent's tunnel: how kas itself reads and
+//! dry-runs against a cluster (`kas agent diff`).
 //!
 //! Each request takes one tunnel stream (like a proxied request), carries the routing metadata
-//! of `access_as: agent` and is replayed by agentk's `kubernetes_api` service.
+//! kas decided (the agent's own ServiceAccount, or a CI job's or a person's impersonation) and
+//! is replayed by agentk's `kubernetes_api` service.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,26 +14,21 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, header};
 use hyper_util::rt::TokioIo;
-use tether_kubeproxy_agent::{AccessAs, MetadataError, RequestContext, RoutedRequest};
+use tether_kubeproxy_agent::{MetadataError, RoutedRequest};
 use tether_tunnel_server::Registry;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A `kube::Client` reaching agent `agent_id`'s cluster through its tunnels, waiting up to
-/// `wait` for a tunnel per request.
+/// A `kube::Client` reaching agent `agent_id`'s cluster through its tunnels as `routed` says
+/// (the agent's ServiceAccount, or the impersonation kas decided for a CI job or a person),
+/// waiting up to `wait` for a tunnel per request.
 pub fn client(
     registry: Arc<Registry>,
     agent_id: i64,
     wait: Duration,
+    routed: &RoutedRequest,
 ) -> Result<kube::Client, MetadataError> {
-    let meta = RoutedRequest {
-        access_as: AccessAs::Agent,
-        context: RequestContext {
-            agent_id,
-            ..RequestContext::default()
-        },
-    }
-    .encode()?;
+    let meta = routed.encode()?;
     let through = ThroughTunnel {
         registry,
         agent_id,

@@ -48,13 +48,8 @@ pub struct ApiState {
     pub live_user_requests: Arc<crate::revocation::LiveUserRequests>,
     /// Limits on failed authentication (admin token, webhook secrets).
     pub guards: crate::limits::Guards,
-    /// Bounds of one manifest selection (as for the GitOps stream), for previews.
-    pub gitops_limits: tether_gitops_server::Limits,
-    /// Renders Kustomize and Helm projects for previews (shared with the GitOps stream, so
-    /// its cache too).
-    pub renderer: Arc<tether_gitops_server::Renderer>,
-    /// How long a preview waits for the fetch it asks for.
-    pub fetch_timeout: Duration,
+    /// `kas agent diff`.
+    pub previews: crate::preview::Previews,
     /// Redis shared with the other replicas: revocations are published there.
     pub cluster: Option<crate::cluster::Cluster>,
 }

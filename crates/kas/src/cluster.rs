@@ -112,6 +112,11 @@ impl Cluster {
         })
     }
 
+    /// A connection for other commands (cheap to clone; reconnects by itself).
+    pub fn connection(&self) -> redis::aio::ConnectionManager {
+        self.conn.clone()
+    }
+
     /// This replica's id, for [`ClusterEvent::Pushed`].
     pub fn replica(&self) -> u64 {
         self.replica

@@ -41,6 +41,8 @@ pub struct Config {
     pub notifications: tether_notifications::NotificationsConfig,
     /// Redis shared by several kas replicas (revocations reach all of them at once).
     pub redis: Option<crate::cluster::RedisConfig>,
+    /// Routing between replicas: the private listener and the shared secret (needs `redis`).
+    pub peers: Option<crate::peers::PeersConfig>,
 }
 
 /// Push webhooks from Git hosts. Without `listen`, they are served on the internal API's
@@ -511,6 +513,7 @@ impl Default for Config {
             rate_limits: crate::limits::RateLimits::default(),
             notifications: tether_notifications::NotificationsConfig::default(),
             redis: None,
+            peers: None,
         }
     }
 }
@@ -559,6 +562,9 @@ impl Config {
         self.notifications.validate().map_err(|e| e.to_string())?;
         if let Some(redis) = &self.redis {
             redis.validate()?;
+        }
+        if self.peers.is_some() && self.redis.is_none() {
+            return Err("peers needs redis: the replicas find each other's agents there".into());
         }
         self.validate_database()?;
         tether_observability::parse_level(&self.observability.logging.level)

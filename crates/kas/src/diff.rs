@@ -3,6 +3,9 @@
 //! can act on: 0 nothing would change, 1 something would, 2 the preview failed (in part).
 
 use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
 
 use tether_kas_api::{AdminClient, AgentRef, DiffChange, DiffRequest, DiffView, ProjectDiffView};
 
@@ -28,6 +31,16 @@ pub struct DiffArgs {
     /// `text` (like `flux diff`) or `json`.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// Ask through kas's Kubernetes API proxy at this URL (as for `kas kubeconfig`), as a CI
+    /// job with its ID token, instead of the internal API with the admin token.
+    #[arg(long, requires = "id_token_file")]
+    pub server: Option<String>,
+    /// The CI job's ID token (with `--server`).
+    #[arg(long, requires = "server")]
+    pub id_token_file: Option<PathBuf>,
+    /// PEM CA trusted for the proxy (with `--server`; default: the system's roots).
+    #[arg(long, requires = "server")]
+    pub ca_cert_file: Option<PathBuf>,
 }
 
 /// Output formats.
@@ -49,20 +62,71 @@ pub fn exit_code(view: &DiffView) -> u8 {
     }
 }
 
-/// Asks kas for the preview, prints it to `out` and returns the exit code.
+/// Asks kas's internal API for the preview (as the agent's ServiceAccount), prints it to `out`
+/// and returns the exit code.
 pub async fn run(c: &AdminClient, args: &DiffArgs, out: &mut impl Write) -> anyhow::Result<u8> {
     let agent_id = c.resolve_agent(&args.agent).await?;
-    let req = DiffRequest {
+    let view = c.diff(agent_id, &request(args)).await?;
+    print(&view, args.output, out)
+}
+
+/// Asks kas's Kubernetes API proxy (`--server`) for the preview as the CI job whose ID token
+/// is in `--id-token-file`, with the identity the agent's `ci_access` gives it; prints it and
+/// returns the exit code. An agent given by name is looked up in the job's kubeconfig.
+pub async fn run_as_ci_job(args: &DiffArgs, out: &mut impl Write) -> anyhow::Result<u8> {
+    let (Some(server), Some(file)) = (&args.server, &args.id_token_file) else {
+        anyhow::bail!("--server and --id-token-file go together");
+    };
+    let jwt = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the ID token {}", file.display()))?;
+    let jwt = jwt.trim();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = args.ca_cert_file.as_deref();
+    let agent_id = match &args.agent {
+        AgentRef::Id(id) => *id,
+        AgentRef::Name { project, name } => {
+            let kubeconfig = AdminClient::new(server, jwt)
+                .trusting(ca)?
+                .proxy_kubeconfig()
+                .await?;
+            agent_in_kubeconfig(&kubeconfig, &format!("{project}:{name}"))
+                .with_context(|| format!("this job may not use agent {project}:{name}"))?
+        }
+    };
+    let proxy = AdminClient::new(server, &format!("ci:{agent_id}:{jwt}")).trusting(ca)?;
+    let view = proxy.proxy_diff(&request(args)).await?;
+    print(&view, args.output, out)
+}
+
+/// The id of the agent named `name` (`<project>:<agent>`) in a CI job's kubeconfig: its user's
+/// token is `ci:<agent id>:<ID token>`.
+pub fn agent_in_kubeconfig(kubeconfig: &serde_json::Value, name: &str) -> Option<i64> {
+    kubeconfig["users"]
+        .as_array()?
+        .iter()
+        .find(|u| u["name"] == name)?["user"]["token"]
+        .as_str()?
+        .strip_prefix("ci:")?
+        .split_once(':')?
+        .0
+        .parse()
+        .ok()
+}
+
+fn request(args: &DiffArgs) -> DiffRequest {
+    DiffRequest {
         git_ref: args.git_ref.clone(),
         project: args.project.clone(),
-    };
-    let view = c.diff(agent_id, &req).await?;
-    match args.output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&view)?)?,
-        Output::Text => out.write_all(render(&view).as_bytes())?,
+    }
+}
+
+fn print(view: &DiffView, output: Output, out: &mut impl Write) -> anyhow::Result<u8> {
+    match output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(view)?)?,
+        Output::Text => out.write_all(render(view).as_bytes())?,
     }
     out.flush()?;
-    Ok(exit_code(&view))
+    Ok(exit_code(view))
 }
 
 /// The text output: per project a header, then each object that would change (`►`, with the
@@ -145,6 +209,28 @@ mod tests {
                 objects,
             }],
         }
+    }
+
+    #[test]
+    fn a_ci_jobs_agent_is_found_by_name_in_its_kubeconfig() {
+        let kubeconfig = serde_json::json!({
+            "users": [
+                {"name": "group/config:prod", "user": {"token": "ci:17:eyJ.x.y"}},
+                {"name": "group/config:dev", "user": {"token": "ci:4:eyJ.x.y"}},
+                {"name": "group/config:odd", "user": {"token": "pat:5:t"}},
+            ],
+        });
+        assert_eq!(
+            agent_in_kubeconfig(&kubeconfig, "group/config:prod"),
+            Some(17)
+        );
+        assert_eq!(
+            agent_in_kubeconfig(&kubeconfig, "group/config:dev"),
+            Some(4)
+        );
+        assert_eq!(agent_in_kubeconfig(&kubeconfig, "group/config:odd"), None);
+        assert_eq!(agent_in_kubeconfig(&kubeconfig, "group/config:nope"), None);
+        assert_eq!(agent_in_kubeconfig(&serde_json::json!({}), "a:b"), None);
     }
 
     #[test]

@@ -127,6 +127,10 @@ pub struct Proxy {
     pub live_user_requests: Arc<LiveUserRequests>,
     /// Limits on failed authentication, and the sampled refusal log.
     pub guard: Arc<tether_guard::AuthGuard>,
+    /// Routing to the replica holding an agent's tunnels (several replicas; `peers:`).
+    pub peers: Option<crate::peers::Peers>,
+    /// `kas agent diff` for CI jobs and people, with their identity.
+    pub previews: crate::preview::Previews,
 }
 
 /// Agent id → (configuration project id, path), remembered for [`AGENT_PROJECT_TTL`]: every
@@ -161,7 +165,7 @@ impl AgentProjects {
 }
 
 /// Path (under the prefix) where a CI job gets a kubeconfig for every agent it may use.
-pub const KUBECONFIG_PATH: &str = "/.tether/kubeconfig";
+pub const KUBECONFIG_PATH: &str = tether_kas_api::PROXY_KUBECONFIG_PATH;
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,6 +237,14 @@ impl Proxy {
         &self,
         agent_id: i64,
     ) -> Result<Arc<tether_agent_config::AgentConfig>, Response<Body>> {
+        // An agent connected to another replica: its configuration stream is there, and that
+        // replica stores what is in force.
+        if self.peers.is_some()
+            && !self.registry.has_agent(agent_id)
+            && let Some(config) = self.configs.load_agent(self.store.as_ref(), agent_id).await
+        {
+            return Ok(config);
+        }
         self.configs
             .wait_config(agent_id, self.tunnel_wait)
             .await
@@ -440,6 +452,10 @@ impl Proxy {
             Ok(l) => l,
             Err(resp) => return Ok(resp),
         };
+        if rest == tether_kas_api::PROXY_DIFF_PATH {
+            let _live = live;
+            return Ok(self.preview(req, routed, revoked).await);
+        }
         let sender = match self.open_tunnel(&routed, revoked.clone()).await {
             Ok(s) => s,
             Err(resp) => return Ok(resp),
@@ -624,11 +640,6 @@ impl Proxy {
     {
         let unavailable =
             |code, e: &dyn std::fmt::Display| status(code, "ServiceUnavailable", &e.to_string());
-        let tunnel = self
-            .registry
-            .get_tunnel(routed.agent_id, self.tunnel_wait)
-            .await
-            .map_err(|e| unavailable(StatusCode::SERVICE_UNAVAILABLE, &e))?;
         // An empty value here once made agentk fall back to the agent's rights; now both
         // sides use one contract, and an encoding failure stops the request.
         let meta = RoutedRequest {
@@ -644,23 +655,61 @@ impl Proxy {
                 &e.to_string(),
             )
         })?;
+        if let Some(peers) = self
+            .peers
+            .as_ref()
+            .filter(|_| !self.registry.has_agent(routed.agent_id))
+        {
+            let service = tether_protocol::services::KUBERNETES_API;
+            match peers.open(routed.agent_id, service, &meta).await {
+                Ok(Some(stream)) => return http_over(stream, revoked).await,
+                Ok(None) => {} // no other replica has it: wait for it here
+                Err(e) => return Err(unavailable(StatusCode::SERVICE_UNAVAILABLE, &e)),
+            }
+        }
+        let tunnel = self
+            .registry
+            .get_tunnel(routed.agent_id, self.tunnel_wait)
+            .await
+            .map_err(|e| unavailable(StatusCode::SERVICE_UNAVAILABLE, &e))?;
         let conn = tunnel
             .request(tether_protocol::services::KUBERNETES_API, meta)
             .await
             .map_err(|e| unavailable(StatusCode::BAD_GATEWAY, &e))?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
-            .await
-            .map_err(|e| unavailable(StatusCode::BAD_GATEWAY, &e))?;
-        tokio::spawn(async move {
-            tokio::select! {
-                r = connection.with_upgrades() => if let Err(e) = r {
-                    tracing::debug!(error = %e, "Tunnelled HTTP connection ended with an error");
-                },
-                () = revoked.cancelled() => {}
-            }
-        });
-        Ok(sender)
+        http_over(conn, revoked).await
     }
+}
+
+/// An HTTP/1.1 client connection over `io` (a tunnel stream here, or a connection to the
+/// replica holding the agent's tunnels), dropped when `revoked` fires.
+async fn http_over<I, B>(
+    io: I,
+    revoked: CancellationToken,
+) -> Result<hyper::client::conn::http1::SendRequest<B>, Response<Body>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| {
+            status(
+                StatusCode::BAD_GATEWAY,
+                "ServiceUnavailable",
+                &e.to_string(),
+            )
+        })?;
+    tokio::spawn(async move {
+        tokio::select! {
+            r = connection.with_upgrades() => if let Err(e) = r {
+                tracing::debug!(error = %e, "Tunnelled HTTP connection ended with an error");
+            },
+            () = revoked.cancelled() => {}
+        }
+    });
+    Ok(sender)
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -710,7 +759,61 @@ where
     }
 }
 
+/// Largest `kas agent diff` request body (a ref and a project path).
+const DIFF_REQUEST_LIMIT: usize = 64 * 1024;
+
 impl Proxy {
+    /// `kas agent diff` of a CI job or a person (already authorized for the agent): previewed
+    /// through the tunnel with the identity kas decided for them, as their kubectl would be.
+    /// A revoked personal access token ends it (`revoked`).
+    async fn preview(
+        &self,
+        req: Request<Incoming>,
+        routed: Routed,
+        revoked: CancellationToken,
+    ) -> Response<Body> {
+        if req.method() != http::Method::POST {
+            let m = "POST a diff request";
+            return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", m);
+        }
+        let body = http_body_util::Limited::new(req.into_body(), DIFF_REQUEST_LIMIT);
+        let diff_req = match body.collect().await.map(|b| b.to_bytes()) {
+            Ok(bytes) => serde_json::from_slice::<tether_kas_api::DiffRequest>(&bytes)
+                .map_err(|e| format!("the diff request: {e}")),
+            Err(e) => Err(format!("reading the diff request: {e}")),
+        };
+        let diff_req = match diff_req {
+            Ok(r) => r,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+        };
+        let caller = RoutedRequest {
+            access_as: routed.access_as,
+            context: routed.context,
+        };
+        let previewed = tokio::select! {
+            r = self.previews.diff(routed.agent_id, caller, &diff_req) => r,
+            () = revoked.cancelled() => {
+                let m = "the credential was revoked";
+                return status(StatusCode::UNAUTHORIZED, "Unauthorized", m);
+            }
+        };
+        let (code, body) = match previewed {
+            Ok(view) => (StatusCode::OK, serde_json::to_vec(&view)),
+            Err(r) => (
+                r.code,
+                serde_json::to_vec(&serde_json::json!({"error": r.message})),
+            ),
+        };
+        let body = body.unwrap_or_default();
+        let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+        *r.status_mut() = code;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+
     /// A kubeconfig with one context per agent the CI job (plain `Bearer <ID token>`) may use,
     /// named `<config project path>:<agent name>`, namespace = the entry's `default_namespace`.
     async fn kubeconfig(&self, req: &Request<Incoming>) -> Response<Body> {

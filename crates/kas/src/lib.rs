@@ -19,6 +19,7 @@ pub mod limits;
 pub mod listener;
 pub mod modules;
 pub mod operate;
+pub mod peers;
 pub mod preview;
 pub mod projects;
 pub mod revocation;

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kas::config::Config;
 
-use cli::agent::agent_cmd;
+use cli::agent::{agent_cmd, diff_exit};
 use cli::args::{Cli, Cmd, ConfigCmd};
 use cli::local::{store_cmd, validate_agent_config};
 use cli::output::is_broken_pipe;
@@ -52,6 +52,10 @@ async fn run(cli: Cli) -> Result<()> {
     let cfg = load_config(cli.configuration_file.as_ref())?;
     match &cli.cmd {
         None | Some(Cmd::Serve) => serve(cfg, cli.log_format).await,
+        // As a CI job through the proxy: no admin token.
+        Some(Cmd::Agent(cli::args::AgentCmd::Diff(d))) if d.server.is_some() => {
+            diff_exit(kas::diff::run_as_ci_job(d, &mut std::io::stdout()).await?)
+        }
         Some(Cmd::Agent(a)) => agent_cmd(&admin_client(&cli, &cfg)?, a, &cfg).await,
         Some(Cmd::Token(t)) => token_cmd(&admin_client(&cli, &cfg)?, t).await,
         Some(Cmd::Project(p)) => project_cmd(&admin_client(&cli, &cfg)?, p).await,
@@ -111,6 +115,60 @@ async fn serve(cfg: Config, log_format: tether_observability::LogFormat) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `cmd`'s arguments without help text, and its subcommands', as `kas sub --arg`.
+    fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id != "help" && id != "version" && arg.get_help().is_none() {
+                out.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() && sub.get_name() != "help" {
+                out.push(format!("{path} {}", sub.get_name()));
+            }
+            undocumented(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn the_main_commands_show_examples_in_their_help() {
+        let root = <Cli as clap::CommandFactory>::command();
+        let main = [
+            &[][..],
+            &["agent", "list"],
+            &["agent", "status"],
+            &["agent", "reconcile"],
+            &["agent", "suspend"],
+            &["agent", "resume"],
+            &["agent", "delete"],
+            &["user-token", "create"],
+            &["user-token", "list"],
+            &["project", "add"],
+        ];
+        for path in main {
+            let cmd = path.iter().fold(&root, |c, name| {
+                c.find_subcommand(name).expect("a subcommand")
+            });
+            let help = cmd.get_after_help().map(ToString::to_string);
+            assert!(
+                help.is_some_and(|h| h.starts_with("Examples:\n  kas")),
+                "kas {path:?} --help has no examples"
+            );
+        }
+    }
+
+    #[test]
+    fn every_command_and_argument_has_help_text() {
+        let mut missing = Vec::new();
+        undocumented(
+            &<Cli as clap::CommandFactory>::command(),
+            "kas",
+            &mut missing,
+        );
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 
     #[test]
     fn a_malformed_membership_is_refused_when_the_command_line_is_parsed() {

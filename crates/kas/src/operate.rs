@@ -11,8 +11,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tether_agent_config::{AgentConfig, ProjectRef};
 use tether_kas_api::{
-    AgentDeleted, ReconcileRequest, ReconcileStarted, ReconcileTarget, Resumed, SuspendRequest,
-    SuspensionView, UserTokenView,
+    AgentDeleted, ProgressView, ReconcileRequest, ReconcileStarted, ReconcileTarget, Resumed,
+    SuspendRequest, SuspensionView, UserTokenView,
 };
 use tether_store::{Project, Suspension, SuspensionScope};
 
@@ -31,6 +31,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/api/v1/agents/{id}/suspend", post(suspend))
         .route("/api/v1/agents/{id}/resume", post(resume))
         .route("/api/v1/user-tokens", get(list_user_tokens))
+        .route("/api/v1/agents/{id}/gitops/progress", get(progress))
 }
 
 fn err(code: StatusCode, message: impl Into<String>) -> ApiError {
@@ -219,6 +220,25 @@ async fn reconcile(
         resync_id: resync.0,
         projects: targets,
     }))
+}
+
+/// How far the agent's syncs under way for a reconcile got (kept in memory by this kas).
+async fn progress(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+) -> Json<Vec<ProgressView>> {
+    let views = st.sync_states.progress(agent_id).into_iter().map(|r| {
+        let p = r.progress.unwrap_or_default();
+        ProgressView {
+            project_id: r.project_id,
+            commit_id: r.commit_id,
+            resync_id: r.resync_id,
+            objects: p.objects,
+            current: p.current,
+            failed: p.failed,
+        }
+    });
+    Json(views.collect())
 }
 
 /// What `req.project` makes a suspension cover.

@@ -5,70 +5,128 @@
 //! server-side dry run ([`tether_gitops_agent::preview`]). Nothing is written to the cluster.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::Value;
 use tether_agent_config::{GitRef as ConfigRef, ManifestProject};
-use tether_git_source::GitRef;
+use tether_configuration_server::ConfigStates;
+use tether_git_source::{GitRef, Sources};
 use tether_gitops_agent::ObjRef;
 use tether_gitops_agent::preview::{Change, ObjectChange, preview};
 use tether_gitops_agent::sync::Settings;
-use tether_gitops_server::{ManifestSource, PreviewSource, ref_candidates};
+use tether_gitops_server::{Limits, ManifestSource, PreviewSource, ref_candidates};
 use tether_kas_api::{DiffChange, DiffRequest, DiffView, ObjectDiffView, ProjectDiffView};
+use tether_kubeproxy_agent::{AccessAs, RequestContext, RoutedRequest};
+use tether_store::Store;
+use tether_tunnel_server::Registry;
 
 use crate::api::{ApiError, ApiState};
 
-/// The handler.
+/// What previews need from the rest of kas; shared by the admin API and the Kubernetes API
+/// proxy (where a CI job or a person asks with their own identity).
+#[derive(Debug, Clone)]
+pub struct Previews {
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub sources: Arc<Sources>,
+    pub config_states: Arc<ConfigStates>,
+    /// Bounds of one manifest selection (as for the GitOps stream).
+    pub limits: Limits,
+    /// Renders Kustomize and Helm projects (shared with the GitOps stream, so its cache too).
+    pub renderer: Arc<tether_gitops_server::Renderer>,
+    /// How long a preview waits for the fetch it asks for.
+    pub fetch_timeout: Duration,
+    /// How long each request waits for a tunnel of the agent.
+    pub tunnel_wait: Duration,
+}
+
+/// Why a preview was refused as a whole, with the HTTP status to answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub code: StatusCode,
+    pub message: String,
+}
+
+impl From<Refused> for ApiError {
+    fn from(r: Refused) -> Self {
+        ApiError::new(r.code, r.message)
+    }
+}
+
+/// The admin API's handler: the preview runs as the agent's own ServiceAccount, as the
+/// synchronization it previews would.
 pub async fn diff(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
     Json(req): Json<DiffRequest>,
 ) -> Result<Json<DiffView>, ApiError> {
-    let config = st
-        .config_states
-        .wait_config(agent_id, st.tunnel_wait)
-        .await
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                format!("kas knows no configuration of agent {agent_id}: is it registered and has it connected?"),
-            )
-        })?;
-    let projects = &config.gitops.manifest_projects;
-    let target = target_project(projects, req.project.as_deref())
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
-    let client = crate::agent_kube::client(Arc::clone(&st.registry), agent_id, st.tunnel_wait)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let source = PreviewSource {
-        store: st.store.as_ref(),
-        sources: &st.sources,
-        limits: &st.gitops_limits,
-        renderer: &st.renderer,
-        fetch_wait: st.fetch_timeout,
-    };
-    let mut views = Vec::with_capacity(projects.len());
-    for (i, p) in projects.iter().enumerate() {
-        let (candidates, shown) = if i == target {
-            (ref_candidates(&req.git_ref), req.git_ref.clone())
-        } else {
-            configured_ref(p)
-        };
-        let at = ProjectAt {
+    let as_agent = RoutedRequest {
+        access_as: AccessAs::Agent,
+        context: RequestContext {
             agent_id,
-            project: p,
-            candidates: &candidates,
-            shown,
-        };
-        views.push(project_diff(&source, client.clone(), at).await);
-    }
-    let view = DiffView {
-        agent_id,
-        projects: views,
+            ..RequestContext::default()
+        },
     };
-    tracing::info!(agent_id, git_ref = %req.git_ref, changes = view.has_changes(), errors = view.has_errors(), "Previewed a synchronization (diff)");
-    Ok(Json(view))
+    Ok(Json(st.previews.diff(agent_id, as_agent, &req).await?))
+}
+
+impl Previews {
+    /// Previews `req` for agent `agent_id`, its cluster read (and dry-run applied to) with the
+    /// identity `routed` through the agent's tunnel.
+    pub async fn diff(
+        &self,
+        agent_id: i64,
+        routed: RoutedRequest,
+        req: &DiffRequest,
+    ) -> Result<DiffView, Refused> {
+        let refused = |code, message: String| Refused { code, message };
+        let config = self
+            .config_states
+            .wait_config(agent_id, self.tunnel_wait)
+            .await
+            .ok_or_else(|| refused(StatusCode::CONFLICT, format!("kas knows no configuration of agent {agent_id}: is it registered and has it connected?")))?;
+        let projects = &config.gitops.manifest_projects;
+        let target = target_project(projects, req.project.as_deref())
+            .map_err(|e| refused(StatusCode::BAD_REQUEST, e))?;
+        let client = crate::agent_kube::client(
+            Arc::clone(&self.registry),
+            agent_id,
+            self.tunnel_wait,
+            &routed,
+        )
+        .map_err(|e| refused(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let source = PreviewSource {
+            store: self.store.as_ref(),
+            sources: &self.sources,
+            limits: &self.limits,
+            renderer: &self.renderer,
+            fetch_wait: self.fetch_timeout,
+        };
+        let mut views = Vec::with_capacity(projects.len());
+        for (i, p) in projects.iter().enumerate() {
+            let (candidates, shown) = if i == target {
+                (ref_candidates(&req.git_ref), req.git_ref.clone())
+            } else {
+                configured_ref(p)
+            };
+            let at = ProjectAt {
+                agent_id,
+                project: p,
+                candidates: &candidates,
+                shown,
+            };
+            views.push(project_diff(&source, client.clone(), at).await);
+        }
+        let view = DiffView {
+            agent_id,
+            projects: views,
+        };
+        tracing::info!(agent_id, git_ref = %req.git_ref, changes = view.has_changes(), errors = view.has_errors(), "Previewed a synchronization (diff)");
+        Ok(view)
+    }
 }
 
 /// Which manifest project `--ref` is of: the one `named` (path, case-insensitive, or numeric

@@ -83,6 +83,8 @@ struct Shared {
     notifier: Notifier,
     /// Redis, shared with the other replicas (`redis:`); `None` for a single kas.
     cluster: Option<Cluster>,
+    /// Routing to the replica holding an agent's tunnels (`peers:`).
+    peers: Option<crate::peers::Peers>,
 }
 
 /// Starts every module of kas, in order, and returns once all listeners are bound.
@@ -116,6 +118,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         listener_metrics,
         notifier,
         cluster,
+        peers: None,
     };
     check_limits(&cfg);
     let (sources, h) = start_sources(&cfg, &mut sh, modules.handle("sources")).await?;
@@ -139,6 +142,9 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let followed = (&sources, &live_user_requests);
     let h = follow_cluster_events(&sh, followed, modules.handle("cluster"));
     modules.push(h);
+    let h = start_peers(&cfg, &mut sh, modules.handle("peers")).await?;
+    modules.push(h);
+    let previews = previews(&cfg, &sh, (&sources, &config_states), renderer);
     let state = ApiState {
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
@@ -151,10 +157,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
         gitops_controls,
         live_user_requests: Arc::clone(&live_user_requests),
         guards: sh.guards.clone(),
-        gitops_limits: cfg.gitops.limits(),
-        renderer,
-        fetch_timeout: cfg.git.fetch_timeout,
         cluster: sh.cluster.clone(),
+        previews: previews.clone(),
     };
     let (api_addr, h) = start_api(&cfg, &sh, state.clone(), modules.handle("api")).await?;
     modules.push(h);
@@ -162,7 +166,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         Some(w) => Some(start_webhooks(w, &sh, state, &mut modules).await?),
         None => None,
     };
-    let proxy_deps = (config_states, live_user_requests);
+    let proxy_deps = (config_states, live_user_requests, previews);
     let (kubernetes_api_addr, h) =
         start_kubeproxy(&cfg, &mut sh, proxy_deps, modules.handle("kubeproxy")).await?;
     modules.push(h);
@@ -279,6 +283,23 @@ fn follow_cluster_events(
     handle.task(task)
 }
 
+/// Routing between replicas, when `peers` is configured: the private listener other replicas
+/// forward requests to, and this replica's entries in the agent directory.
+async fn start_peers(cfg: &Config, sh: &mut Shared, handle: Handle) -> Result<Handle> {
+    let (Some(pc), Some(cluster)) = (&cfg.peers, sh.cluster.clone()) else {
+        return Ok(handle);
+    };
+    let peers = crate::peers::Peers::new(pc, cluster, Arc::clone(&sh.registry))
+        .with_context(|| format!("reading peers.secret_file {}", pc.secret_file.display()))?;
+    let listener = bind("peers", pc.listen).await?;
+    tracing::info!(address = %pc.listen, "Peers listener is up: requests for agents on other replicas are routed there");
+    let stop = Modules::shutdown_of(&handle);
+    let serve = tokio::spawn(peers.clone().serve(listener, stop.clone()));
+    let directory = tokio::spawn(peers.clone().run_directory(stop));
+    sh.peers = Some(peers);
+    Ok(handle.task(serve).task(directory))
+}
+
 /// Logs what a revocation from any replica ended here.
 fn ended(event: ClusterEvent, ended: usize) {
     if ended > 0 {
@@ -302,6 +323,25 @@ fn start_notifications(
     dispatcher.register(metrics);
     let task = tokio::spawn(dispatcher.run(Modules::shutdown_of(&handle)));
     Ok((notifier, handle.task(task)))
+}
+
+/// What `kas agent diff` needs, for the internal API and the proxy.
+fn previews(
+    cfg: &Config,
+    sh: &Shared,
+    (sources, config_states): (&Arc<Sources>, &Arc<ConfigStates>),
+    renderer: Arc<tether_gitops_server::Renderer>,
+) -> crate::preview::Previews {
+    crate::preview::Previews {
+        store: Arc::clone(&sh.store),
+        registry: Arc::clone(&sh.registry),
+        sources: Arc::clone(sources),
+        config_states: Arc::clone(config_states),
+        limits: cfg.gitops.limits(),
+        renderer,
+        fetch_timeout: cfg.git.fetch_timeout,
+        tunnel_wait: cfg.agent.tunnel_wait_timeout,
+    }
 }
 
 /// Git mirrors of every project with a repository, polled in the background.
@@ -519,11 +559,18 @@ async fn start_webhooks(
     Ok(hooks_addr)
 }
 
+/// What the proxy shares with the rest of kas.
+type ProxyDeps = (
+    Arc<ConfigStates>,
+    Arc<crate::revocation::LiveUserRequests>,
+    crate::preview::Previews,
+);
+
 /// The Kubernetes API proxy for CI jobs and users.
 async fn start_kubeproxy(
     cfg: &Config,
     sh: &mut Shared,
-    (configs, live_user_requests): (Arc<ConfigStates>, Arc<crate::revocation::LiveUserRequests>),
+    (configs, live_user_requests, previews): ProxyDeps,
     handle: Handle,
 ) -> Result<(SocketAddr, Handle)> {
     let k = &cfg.kubernetes_api;
@@ -554,6 +601,7 @@ async fn start_kubeproxy(
             )?),
         )),
         tunnel_wait: cfg.agent.tunnel_wait_timeout,
+        peers: sh.peers.clone(),
         path_prefix: k.path_prefix.clone(),
         metrics: proxy_metrics,
         public_url: k.public_url.clone(),
@@ -572,6 +620,7 @@ async fn start_kubeproxy(
         tls: k.listen.certificate_file.is_some(),
         agent_projects: Arc::default(),
         live_user_requests,
+        previews,
         guard: Arc::clone(&sh.guards.kubernetes_api),
     };
     let task = tokio::spawn(crate::kubeproxy::serve(

@@ -5,11 +5,16 @@
 
 mod support;
 
+use std::process::Command;
+
 use serde_json::Value;
-use support::gitops::{Rig, configmap, deployment, get_json, rig};
-use support::{GitRepo, Kas};
+use support::gitops::{Rig, RigArgs, configmap, deployment, get_json, rig_opts};
+use support::oidc::{AUDIENCE, ISSUER, SigningKey, claims};
+use support::{GitRepo, Kas, KasOptions, Pki};
 use tether_gitops_server::ReportedOutcome;
-use tether_kas_api::{DiffChange, DiffView};
+use tether_kas_api::{
+    AdminClient, ClientError, DiffChange, DiffRequest, DiffView, UserTokenRequest,
+};
 use tether_testenv::{TestEnv, seed_agent_rbac};
 
 const AGENT: &str = "group/config:seed";
@@ -37,6 +42,21 @@ async fn synced_rig_with(
     prefix: &str,
     more: impl FnOnce(&str) -> Vec<(&'static str, Vec<u8>)>,
 ) -> (Rig, String) {
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    synced_rig_full(prefix, more, "", opts).await
+}
+
+/// [`synced_rig_with`] with `config_extra` appended to the agent's `config.yaml` and kas
+/// started with `opts`.
+async fn synced_rig_full(
+    prefix: &str,
+    more: impl FnOnce(&str) -> Vec<(&'static str, Vec<u8>)>,
+    config_extra: &str,
+    opts: KasOptions,
+) -> (Rig, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace(prefix).unwrap();
@@ -51,7 +71,15 @@ async fn synced_rig_with(
         .iter()
         .map(|(p, c)| (*p, Some(c.as_slice())))
         .collect();
-    let (rig, c1) = rig(env, ns.clone(), &rbac, "", &initial, &[]).await;
+    let args = RigArgs {
+        env,
+        agent_ns: ns.clone(),
+        rbac: &rbac,
+        project_extra: config_extra,
+        initial: &initial,
+        agent_args: &[],
+    };
+    let (rig, c1) = rig_opts(args, opts).await;
     let s = rig.synced(&c1).await;
     assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
     (rig, ns)
@@ -149,7 +177,7 @@ async fn a_branch_diff_shows_one_changed_one_created_one_pruned_and_changes_noth
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_synced_ref_has_no_changes_and_a_bad_ref_or_agent_is_an_error() {
+async fn the_synced_ref_has_no_changes_and_a_bad_ref_agent_or_manifest_is_an_error() {
     let (rig, ns) = synced_rig("diffsame").await;
     let before = cluster_state(&rig, &ns);
     for git_ref in ["main".to_owned(), rig.manifests.head()] {
@@ -166,6 +194,23 @@ async fn the_synced_ref_has_no_changes_and_a_bad_ref_or_agent_is_an_error() {
     let (code, out, err) = kas_diff(&rig.kas, &["group/config:nope", "--ref", "main"]);
     assert_eq!(code, Some(2), "{out}{err}");
     assert!(err.contains("no agent group/config:nope"), "{err}");
+    // A manifest that does not decode: the preview names the file and shows no object (a
+    // sync would apply and prune nothing).
+    branch(
+        &rig,
+        "broken",
+        &[(
+            "manifests/keep.yaml",
+            Some(b"apiVersion: v1\nkind: [ConfigMap\n"),
+        )],
+    );
+    let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "broken"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        out.contains("✗ ") && out.contains("manifests/keep.yaml"),
+        "{out}"
+    );
+    assert!(!out.contains("►"), "{out}");
     assert_eq!(cluster_state(&rig, &ns), before);
 }
 
@@ -258,4 +303,97 @@ async fn a_secret_shows_which_keys_change_never_their_values() {
 fn base64_of(s: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ci_jobs_and_people_preview_through_the_proxy_without_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::new("ci-key");
+    let pki = Pki::generate(dir.path());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, serde_json::json!({"keys": [&key.jwk]}).to_string()).unwrap();
+    let opts = KasOptions {
+        git_poll: "300ms",
+        kubernetes_api_extra: format!(
+            "  ci_issuers:\n  - issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks:\n      file: {}\n  ca_file: {}\n",
+            jwks.display(),
+            pki.ca.display()
+        ),
+        k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
+        ..KasOptions::default()
+    };
+    // Jobs of group/app may use the agent (as the agent, ci_access's default); so may its
+    // developers with a personal access token.
+    let access = "ci_access:\n  projects:\n  - id: group/app\n\
+                  user_access:\n  access_as:\n    agent: {}\n  projects:\n  - id: group/app\n";
+    let (rig, ns) = synced_rig_full("diffci", |_| Vec::new(), access, opts).await;
+    branch(
+        &rig,
+        "scale",
+        &[("manifests/web.yaml", Some(&deployment("web", &ns, 2)))],
+    );
+    // As in a pipeline: no kas configuration, no admin token; only the job's ID token.
+    let job = |project: &str, agent: &str| {
+        let token = dir
+            .path()
+            .join(format!("{}.jwt", project.replace('/', "-")));
+        std::fs::write(&token, key.sign(&claims(project))).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_kas"))
+            .current_dir(dir.path())
+            .args(["agent", "diff", agent, "--ref", "scale"])
+            .arg(format!("--server=https://localhost:{}", rig.kas.k8s_port))
+            .arg(format!("--id-token-file={}", token.display()))
+            .arg(format!("--ca-cert-file={}", pki.ca.display()))
+            .output()
+            .unwrap();
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        (o.status.code(), text(o.stdout), text(o.stderr))
+    };
+    let (code, out, err) = job("group/app", AGENT);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains(&format!("► Deployment/{ns}/web drifted")),
+        "{out}"
+    );
+    assert!(out.contains("+  replicas: 2"), "{out}");
+    // A job of a project ci_access does not list: by name (not in its kubeconfig) or by id
+    // (refused by the proxy), an error, never "no changes".
+    let (code, out, err) = job("group/other", AGENT);
+    assert_eq!(code, Some(2), "{out}{err}");
+    let (code, out, err) = job("group/other", &rig.agent_id.to_string());
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("403"), "{err}");
+    // A person's personal access token works the same way, until it is revoked.
+    let user = UserTokenRequest {
+        username: "alice".into(),
+        memberships: vec!["project:group/app:42:developer".parse().unwrap()],
+        expires_in_seconds: Some(3600),
+    };
+    let t = rig
+        .kas
+        .admin
+        .create_user_token(rig.agent_id, &user)
+        .await
+        .unwrap();
+    let proxy = AdminClient::new(
+        &format!("https://localhost:{}", rig.kas.k8s_port),
+        &format!("pat:{}:{}", t.agent_id, t.token),
+    )
+    .trusting(Some(&pki.ca))
+    .unwrap();
+    let req = DiffRequest {
+        git_ref: "scale".into(),
+        project: None,
+    };
+    let view = proxy.proxy_diff(&req).await.unwrap();
+    assert!(view.has_changes() && !view.has_errors(), "{view:?}");
+    rig.kas.admin.revoke_user_token(t.token_id).await.unwrap();
+    match proxy.proxy_diff(&req).await {
+        Err(ClientError::Status { status, .. }) => assert_eq!(status.as_u16(), 401),
+        other => panic!("a revoked token must be refused: {other:?}"),
+    }
+    assert_eq!(
+        get_json(&rig.env, &["get", "deployment", "web", "-n", &ns]).unwrap()["spec"]["replicas"],
+        1
+    );
 }

@@ -8,53 +8,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::jwk::Jwk;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use kas::api::ProjectRequest;
 use serde_json::{Value, json};
+use support::oidc::{AUDIENCE, ISSUER, SigningKey, claims, now};
 use support::{Agent, GitRepo, Kas, KasOptions, Pki, wait_for};
 use tether_testenv::{TestEnv, run_output};
-
-const ISSUER: &str = "https://gitlab.test.local";
-const AUDIENCE: &str = "https://kas.test.local";
-
-struct SigningKey {
-    encoding: EncodingKey,
-    jwk: Jwk,
-}
-
-impl SigningKey {
-    fn new(kid: &str) -> SigningKey {
-        let pair = rcgen::KeyPair::generate().unwrap();
-        let encoding = EncodingKey::from_ec_der(&pair.serialize_der());
-        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::ES256).unwrap();
-        jwk.common.key_id = Some(kid.into());
-        SigningKey { encoding, jwk }
-    }
-
-    fn sign(&self, claims: &Value) -> String {
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = self.jwk.common.key_id.clone();
-        jsonwebtoken::encode(&h, claims, &self.encoding).unwrap()
-    }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// GitLab CI ID token claims for job 777 of project `group/app` (id 42).
-fn claims(project: &str) -> Value {
-    let t = now();
-    json!({
-        "iss": ISSUER, "aud": AUDIENCE, "iat": t, "nbf": t - 5, "exp": t + 600,
-        "project_path": project, "project_id": "42", "namespace_path": "group",
-        "job_id": "777", "pipeline_id": "555", "user_login": "alice",
-    })
-}
 
 struct Setup {
     env: TestEnv,

@@ -168,6 +168,37 @@ async fn reconcile_wait_on_a_failing_project_exits_non_zero_naming_the_object() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_wait_shows_progress_while_an_object_is_not_current_yet() {
+    let timeout = "    reconcile_timeout: 4s\n";
+    let opts = KasOptions::default();
+    let (rig, ns, _) = configmap_rig_with("recprog", timeout, &[], opts).await;
+    // Never Available: no node has that label. It stays InProgress until reconcile_timeout.
+    let stuck = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: stuck\n  namespace: {ns}\nspec:\n  replicas: 1\n  selector:\n    matchLabels:\n      app: stuck\n  template:\n    metadata:\n      labels:\n        app: stuck\n    spec:\n      nodeSelector:\n        tether.test/none: none\n      containers:\n      - name: c\n        image: nginx\n"
+    );
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/stuck.yaml", Some(stuck.as_bytes()))], "stuck");
+    rig.synced(&c2).await;
+    let args = ["agent", "reconcile", "group/config:seed", "--wait"];
+    let out = kas_cli(&rig.kas, &args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    let during = format!(
+        "group/manifests: synchronizing commit {}: 2 object(s) so far",
+        &c2[..12]
+    );
+    assert!(
+        stdout.contains(&during),
+        "no progress while waiting: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("Deployment/{ns}/stuck InProgress")),
+        "{stdout}"
+    );
+}
+
 /// A tmux session of its own, killed (by its unique name) when the test ends.
 struct Tmux {
     name: String,

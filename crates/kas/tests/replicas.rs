@@ -173,3 +173,186 @@ async fn a_webhook_sent_to_one_replica_drives_the_sync_of_an_agent_on_another() 
         rig.kas.log()
     );
 }
+
+/// The replicas of [`Shared`], each with its private peers listener.
+async fn replicas_with_peers(
+    shared: &Shared,
+    dir: &std::path::Path,
+    n: usize,
+    pki: &support::Pki,
+) -> Vec<Kas> {
+    let secret = dir.join("peer-secret");
+    std::fs::write(&secret, "replicas-share-this\n").unwrap();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut opts = shared.options();
+        opts.git_poll = "1s";
+        // kubectl sends a bearer token over TLS only.
+        opts.k8s_tls = Some((pki.cert.clone(), pki.key.clone()));
+        opts.extra_yaml.push_str(&format!(
+            "peers:\n  listen: 127.0.0.1:{}\n  secret_file: {}\n",
+            support::free_port(),
+            secret.display()
+        ));
+        out.push(Kas::start(&dir.join(format!("kas-{i}")), opts).await);
+    }
+    out
+}
+
+/// kubectl with only a server and a person's token (no client certificate to fall back on).
+fn person_kubectl(
+    env: &tether_testenv::TestEnv,
+    (dir, ca): (&std::path::Path, &std::path::Path),
+    port: u16,
+    token: &str,
+) -> std::process::Command {
+    let kubeconfig = dir.join(format!("person-{port}.kubeconfig"));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kas\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca}\ncontexts:\n- name: kas\n  context:\n    cluster: kas\n    user: person\ncurrent-context: kas\nusers:\n- name: person\n  user:\n    token: {token}\n",
+            ca = ca.display()
+        ),
+    )
+    .unwrap();
+    let mut c = std::process::Command::new(env.bin_dir.join("kubectl"));
+    c.arg("--kubeconfig").arg(kubeconfig);
+    c
+}
+
+/// An agent connected to replica 1; a person's kubectl through replica 3: get, apply, a watch
+/// and a multi-MB LIST cross the hop between replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_through_another_replica_reaches_the_agent() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = tether_testenv::TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("routed").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let shared = Shared::start();
+    let pki = support::Pki::temporary();
+    let kas = replicas_with_peers(&shared, dir.path(), 3, &pki).await;
+    let at = (dir.path(), pki.ca.as_path());
+    let (one, three) = (&kas[0], &kas[2]);
+    let repo = support::GitRepo::init(&dir.path().join("config"));
+    let config = b"user_access:\n  access_as:\n    agent: {}\n  projects:\n  - id: group/app\n";
+    let commit = repo.commit(
+        &[(".gitlab/agents/proxy/config.yaml", Some(&config[..]))],
+        "access",
+    );
+    one.set_projects(&[("group/config", &repo)]).await;
+    let t = one
+        .admin
+        .register_agent("group/config", "proxy")
+        .await
+        .unwrap();
+    let kubeconfig = env.kubeconfig.to_str().unwrap().to_owned();
+    let agent = Agent::start_with(
+        dir.path(),
+        "proxy",
+        &one.url("grpc"),
+        &t.token,
+        None,
+        &["--kubeconfig", &kubeconfig],
+    );
+    agent.wait_log("Agent configuration applied", &commit).await;
+    let request = kas::api::UserTokenRequest {
+        username: "alice".into(),
+        memberships: vec!["project:group/app:42:developer".parse().unwrap()],
+        expires_in_seconds: Some(3600),
+    };
+    let pat = one
+        .admin
+        .create_user_token(t.agent_id, &request)
+        .await
+        .unwrap();
+    let token = format!("pat:{}:{}", t.agent_id, pat.token);
+    let kubectl = |args: &[&str]| {
+        let out = person_kubectl(&env, at, three.k8s_port, &token)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    // get, and apply (a write through the hop).
+    let listed = wait_for("a routed get", Duration::from_secs(30), || async {
+        let out = person_kubectl(&env, at, three.k8s_port, &token)
+            .args(["get", "configmaps", "-n", &ns, "-o", "name"])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8(out.stdout).unwrap())
+    })
+    .await;
+    assert!(
+        listed.contains("kube-root-ca.crt") || listed.is_empty(),
+        "{listed}"
+    );
+    let manifest = dir.path().join("cm.yaml");
+    std::fs::write(&manifest, configmap("routed", &ns, "1")).unwrap();
+    kubectl(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(
+        kubectl(&["get", "configmap", "routed", "-n", &ns, "-o", "name"])
+            .contains("configmap/routed")
+    );
+
+    // A multi-MB LIST.
+    let big = "x".repeat(900 * 1024);
+    for i in 0..3 {
+        let file = dir.path().join(format!("big-{i}.yaml"));
+        std::fs::write(&file, configmap(&format!("big-{i}"), &ns, &big)).unwrap();
+        // `create`: kubectl apply would copy the 900 KiB into an annotation (256 KiB at most).
+        tether_testenv::run_output(env.kubectl().args(["create", "-f", file.to_str().unwrap()]))
+            .unwrap();
+    }
+    let list = kubectl(&["get", "configmaps", "-n", &ns, "-o", "json"]);
+    assert!(list.len() > 2_700_000, "{} bytes", list.len());
+
+    // A watch: an event made after it started comes through the hop.
+    let mut watch = person_kubectl(&env, at, three.k8s_port, &token)
+        .args(["get", "configmaps", "-n", &ns, "--watch", "-o", "name"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let late = dir.path().join("late.yaml");
+    std::fs::write(&late, configmap("late", &ns, "1")).unwrap();
+    wait_for("the watch to start", Duration::from_secs(30), || async {
+        rx.try_recv()
+            .ok()
+            .filter(|l| l.contains("configmap/"))
+            .map(drop)
+    })
+    .await;
+    tether_testenv::run_output(env.kubectl().args(["apply", "-f", late.to_str().unwrap()]))
+        .unwrap();
+    wait_for(
+        "the watch to see the new object",
+        Duration::from_secs(30),
+        || async {
+            rx.try_iter()
+                .any(|l| l.contains("configmap/late"))
+                .then_some(())
+        },
+    )
+    .await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(one.log().contains("Peers listener is up"), "{}", one.log());
+}

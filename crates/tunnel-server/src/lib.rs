@@ -12,8 +12,8 @@ mod service;
 
 pub use auth::{AgentIdentity, AuthError, Authenticator};
 pub use registry::{
-    AgentConnections, ConnectionInfo, Lease, Registry, RegistryError, RegistryStats, Tunnel,
-    TunnelConn, TunnelError, TunnelExtra,
+    AgentConnections, ConnectionInfo, Lease, Presence, Registry, RegistryError, RegistryStats,
+    Tunnel, TunnelConn, TunnelError, TunnelExtra,
 };
 pub use service::{TunnelService, authenticate_metadata, authenticate_request};
 

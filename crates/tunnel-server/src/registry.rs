@@ -99,12 +99,21 @@ struct Metrics {
     revoked: Counter,
 }
 
+/// An agent's tunnels came to this kas (`connected`) or all left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Presence {
+    pub agent_id: i64,
+    pub connected: bool,
+}
+
 /// The registry of connected agents. Cheap to share behind an `Arc`.
 pub struct Registry {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
     metrics: Metrics,
     shutdown: CancellationToken,
+    /// Presence changes, for the replicas' shared directory of which kas holds which agent.
+    presence: tokio::sync::broadcast::Sender<Presence>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -128,7 +137,35 @@ impl Registry {
             next_id: AtomicU64::new(1),
             metrics: Metrics::default(),
             shutdown: CancellationToken::new(),
+            presence: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// Follows agents arriving and leaving. A receiver that lags behind gets
+    /// `RecvError::Lagged` and should re-read [`Registry::connected_agents`].
+    pub fn subscribe_presence(&self) -> tokio::sync::broadcast::Receiver<Presence> {
+        self.presence.subscribe()
+    }
+
+    /// The agents with at least one tunnel stream here.
+    pub fn connected_agents(&self) -> Vec<i64> {
+        let inner = self.lock();
+        let mut ids: Vec<i64> = inner
+            .agents
+            .iter()
+            .filter(|(_, a)| !a.connections.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Whether the agent has a tunnel stream here now.
+    pub fn has_agent(&self, agent_id: i64) -> bool {
+        self.lock()
+            .agents
+            .get(&agent_id)
+            .is_some_and(|a| !a.connections.is_empty())
     }
 
     /// Registers the registry's metrics under `reg` (prefix `tunnel_`).
@@ -409,6 +446,7 @@ impl Registry {
             .or_default()
             .insert(stream_id, cancel);
         let state = inner.agents.entry(id.agent_id).or_default();
+        let arrived = state.connections.is_empty();
         let key = (info.remote_addr.clone(), info.pod_name.clone());
         state
             .connections
@@ -416,6 +454,12 @@ impl Registry {
             .or_insert_with(|| info.clone())
             .streams += 1;
         self.refresh_gauges(&inner);
+        if arrived {
+            let _ = self.presence.send(Presence {
+                agent_id: id.agent_id,
+                connected: true,
+            });
+        }
         true
     }
 
@@ -434,6 +478,12 @@ impl Registry {
                 c.streams = c.streams.saturating_sub(1);
                 if c.streams == 0 {
                     state.connections.remove(&key);
+                    if state.connections.is_empty() {
+                        let _ = self.presence.send(Presence {
+                            agent_id: id.agent_id,
+                            connected: false,
+                        });
+                    }
                 }
             }
             state.idle.retain(|h| h.stream_id != stream_id);

@@ -64,14 +64,7 @@ pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<
             }
             Ok(())
         }
-        AgentCmd::Diff(args) => {
-            let code = kas::diff::run(c, args, &mut std::io::stdout().lock()).await?;
-            if code != kas::diff::EXIT_NO_CHANGES {
-                // Printed and flushed already; nothing else is left to clean up.
-                std::process::exit(i32::from(code));
-            }
-            Ok(())
-        }
+        AgentCmd::Diff(args) => diff_exit(kas::diff::run(c, args, &mut std::io::stdout()).await?),
         AgentCmd::Ping { agent_id, bytes } => {
             ping(c, c.resolve_agent(agent_id).await?, *bytes).await
         }
@@ -277,5 +270,14 @@ async fn ping(c: &AdminClient, agent_id: i64, bytes: usize) -> Result<()> {
         "{} bytes through agent {agent_id} and back in {dt:?}",
         back.len()
     )?;
+    Ok(())
+}
+
+/// Ends `kas agent diff` with its exit code (1: changes, 2: errors).
+pub fn diff_exit(code: u8) -> Result<()> {
+    if code != kas::diff::EXIT_NO_CHANGES {
+        // Printed and flushed already; nothing else is left to clean up.
+        std::process::exit(i32::from(code));
+    }
     Ok(())
 }

@@ -147,6 +147,9 @@ pub enum StoreCmd {
 pub enum UserTokenCmd {
     /// Issue a token for one user on one agent (printed once). Use it as
     /// `Authorization: Bearer pat:<agent id>:<token>`.
+    #[command(
+        after_help = "Examples:\n  kas user-token create --agent group/app:dude --username alice \\\n      --member project:group/app:developer --expires-in 8h --kubeconfig alice.kubeconfig"
+    )]
     Create {
         /// The agent: its id or `<configuration project path>:<agent name>`.
         #[arg(long, alias = "agent")]
@@ -173,6 +176,9 @@ pub enum UserTokenCmd {
     },
     /// List personal access tokens: who, on which agent, memberships, expiry (never the
     /// tokens themselves).
+    #[command(
+        after_help = "Examples:\n  kas user-token list\n  kas user-token list --agent group/app:dude -o json"
+    )]
     List {
         /// Only this agent's: its id or `<configuration project path>:<agent name>`.
         #[arg(long, alias = "agent-id")]
@@ -190,6 +196,9 @@ pub enum UserTokenCmd {
 #[derive(Subcommand, Debug)]
 pub enum ProjectCmd {
     /// Add a project or change where its repository is.
+    #[command(
+        after_help = "Examples:\n  kas project add --path group/app --remote https://gitlab.example.com/group/app.git \\\n      --credentials-file /etc/kas/app-token --webhook-secret-file /etc/kas/app-hook\n  kas project add --path group/app --remote git@gitlab.example.com:group/app.git \\\n      --ssh-key-file /etc/kas/deploy-key --known-hosts-file /etc/kas/known_hosts"
+    )]
     Add {
         /// Project path, like `group/sub/project`.
         #[arg(long)]
@@ -317,6 +326,7 @@ pub enum AgentCmd {
     },
     /// Delete an agent: revoke its tokens and personal access tokens, end its live tunnel and
     /// streams at once, and remove its records (its objects stay in the cluster).
+    #[command(after_help = "Examples:\n  kas agent delete group/app:dude\n  kas agent delete 3")]
     Delete {
         /// The agent: its id or `<configuration project path>:<agent name>`.
         agent_id: AgentRef,

@@ -94,8 +94,8 @@ impl Table {
         self.rows.push(cells);
     }
 
-    /// The lines, columns separated by two spaces, without trailing blanks.
-    pub fn render(&self) -> Vec<String> {
+    /// Each column's width: its widest cell.
+    fn natural_widths(&self) -> Vec<usize> {
         let mut widths: Vec<usize> = Vec::new();
         for row in &self.rows {
             for (i, cell) in row.iter().enumerate() {
@@ -106,14 +106,28 @@ impl Table {
                 }
             }
         }
+        widths
+    }
+
+    /// The lines, columns separated by two spaces, without trailing blanks; fitted to `width`
+    /// columns when given: the widest column other
+    /// than the identifying one (the second: the agent, the project path) gives way first,
+    /// down to [`MIN_CUT`] characters, its cells cut with `…`. The identifying column is never
+    /// cut; a line may still be wider than `width` when it alone does not fit.
+    pub fn render_within(&self, width: Option<usize>) -> Vec<String> {
+        let mut widths = self.natural_widths();
+        if let Some(width) = width {
+            shrink(&mut widths, width);
+        }
         self.rows
             .iter()
             .map(|row| {
                 let mut line = String::new();
                 for (i, cell) in row.iter().enumerate() {
-                    let pad = widths[i].saturating_sub(cell.chars().count());
-                    line.push_str(cell);
+                    let cell = cut(cell, widths[i]);
+                    line.push_str(&cell);
                     if i + 1 < row.len() {
+                        let pad = widths[i].saturating_sub(cell.chars().count());
                         line.push_str(&" ".repeat(pad + 2));
                     }
                 }
@@ -122,12 +136,53 @@ impl Table {
             .collect()
     }
 
+    /// Prints the table, fitted to the terminal's width on a terminal; piped, whole (for
+    /// scripts and for `less -S`).
     pub fn print(&self) -> anyhow::Result<()> {
-        for line in self.render() {
+        use std::io::IsTerminal as _;
+        let width = std::io::stdout()
+            .is_terminal()
+            .then(|| console::Term::stdout().size_checked())
+            .flatten()
+            .map(|(_, cols)| usize::from(cols));
+        for line in self.render_within(width) {
             out!("{line}")?;
         }
         Ok(())
     }
+}
+
+/// The narrowest a column is cut to.
+pub const MIN_CUT: usize = 8;
+
+/// The column that identifies a row (the agent, the project path): never cut.
+const IDENTIFYING: usize = 1;
+
+/// Narrows the widest cuttable column, one character at a time, until the line fits.
+fn shrink(widths: &mut [usize], width: usize) {
+    let total = |w: &[usize]| w.iter().sum::<usize>() + 2 * w.len().saturating_sub(1);
+    while total(widths) > width {
+        let widest = widths
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| *i != IDENTIFYING && **w > MIN_CUT)
+            .max_by_key(|(_, w)| **w)
+            .map(|(i, _)| i);
+        match widest {
+            Some(i) => widths[i] -= 1,
+            None => return,
+        }
+    }
+}
+
+/// `cell` in at most `width` characters, ending in `…` when cut.
+fn cut(cell: &str, width: usize) -> String {
+    if cell.chars().count() <= width {
+        return cell.to_owned();
+    }
+    let mut out: String = cell.chars().take(width.saturating_sub(1)).collect();
+    out.push('…');
+    out
 }
 
 /// A commit id shortened for tables.
@@ -145,7 +200,7 @@ mod tests {
         let long = "a-very/long/group/with/many/levels/of/subgroups/project:agent";
         t.row(vec!["1".into(), long.into(), "connected".into()]);
         t.row(vec!["12".into(), "g/p:a".into(), "offline".into()]);
-        let lines = t.render();
+        let lines = t.render_within(None);
         assert_eq!(
             lines[0],
             format!("ID  AGENT{}  STATE", " ".repeat(long.len() - 5))
@@ -154,6 +209,33 @@ mod tests {
         assert!(lines[2].starts_with("12  g/p:a "), "{}", lines[2]);
         let state_column = lines[0].find("STATE");
         assert_eq!(lines[2].find("offline"), state_column);
+    }
+
+    #[test]
+    fn a_narrow_terminal_cuts_other_columns_first_never_the_identifying_one() {
+        let mut t = Table::new(&["ID", "AGENT", "STATE", "POD"]);
+        let agent = "group/with/a/long/path/project:agent";
+        let pod = "gitlab-agent/agentk-7c9d8f6b5-abcde";
+        t.row(vec![
+            "1".into(),
+            agent.into(),
+            "connected".into(),
+            pod.into(),
+        ]);
+        let natural = t.render_within(None);
+        assert_eq!(
+            t.render_within(Some(500)),
+            natural,
+            "nothing cut when it fits"
+        );
+        let fitted = t.render_within(Some(60));
+        assert!(fitted.iter().all(|l| l.chars().count() <= 60), "{fitted:?}");
+        assert!(fitted[1].contains(agent), "{fitted:?}");
+        assert!(fitted[1].ends_with('…'), "{fitted:?}");
+        // Too narrow even for the identifying column: cut columns stop at MIN_CUT, it stays.
+        let tiny = t.render_within(Some(10));
+        assert!(tiny[1].contains(agent), "{tiny:?}");
+        assert!(tiny[1].contains("connect…"), "{tiny:?}");
     }
 
     #[test]

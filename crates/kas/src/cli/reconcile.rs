@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tether_kas_api::{
-    AdminClient, ReconcileRequest, ReconcileStarted, ReportedOutcome, ReportedStatus, SyncView,
+    AdminClient, ProgressView, ReconcileRequest, ReconcileStarted, ReportedOutcome, ReportedStatus,
+    SyncView,
 };
 use tokio::time::Instant;
 
@@ -109,6 +110,18 @@ pub fn report_line(s: &SyncView, summary: &Summary) -> String {
         line.push_str(&format!("; error: {}", s.error));
     }
     line
+}
+
+/// The line of a sync under way: its objects so far.
+pub fn progress_line(p: &ProgressView) -> String {
+    format!(
+        "{}: synchronizing commit {}: {} object(s) so far, {} Current, {} failed",
+        p.project_id,
+        short(&p.commit_id),
+        p.objects,
+        p.current,
+        p.failed
+    )
 }
 
 /// Where progress goes: a bar and lines above it on a terminal, plain lines otherwise.
@@ -222,6 +235,7 @@ async fn follow(
         .map(|t| t.project.as_str())
         .collect();
     let mut worst = Outcome::Synced;
+    let mut shown = Vec::new();
     while !pending.is_empty() {
         for s in c.gitops_status(agent_id).await? {
             if s.resync_id < started.resync_id || !pending.contains(&s.project_id.as_str()) {
@@ -239,6 +253,15 @@ async fn follow(
         if pending.is_empty() {
             break;
         }
+        show_progress(
+            c,
+            agent_id,
+            started.resync_id,
+            &pending,
+            progress,
+            &mut shown,
+        )
+        .await?;
         if Instant::now() >= deadline {
             progress.line(&format!(
                 "timed out after {timeout:?} waiting for agent {agent_id}'s report of {}",
@@ -246,14 +269,48 @@ async fn follow(
             ))?;
             return Ok(Outcome::TimedOut);
         }
-        progress.waiting(format!(
-            "agent {agent_id} synchronizing {} ({}s)",
-            pending.join(", "),
-            t0.elapsed().as_secs()
-        ));
+        if shown.is_empty() {
+            progress.waiting(format!(
+                "agent {agent_id} synchronizing {} ({}s)",
+                pending.join(", "),
+                t0.elapsed().as_secs()
+            ));
+        }
         tokio::time::sleep(POLL.min(deadline - Instant::now())).await;
     }
     Ok(worst)
+}
+
+/// Shows the progress the agent reported for the pending projects of this reconcile: on a
+/// terminal in the bar's message, piped a line each time it changes.
+async fn show_progress(
+    c: &AdminClient,
+    agent_id: i64,
+    resync_id: u64,
+    pending: &[&str],
+    progress: &Progress,
+    shown: &mut Vec<String>,
+) -> Result<()> {
+    let lines: Vec<String> = c
+        .gitops_progress(agent_id)
+        .await?
+        .iter()
+        .filter(|p| p.resync_id >= resync_id && pending.contains(&p.project_id.as_str()))
+        .map(progress_line)
+        .collect();
+    if lines.is_empty() || lines == *shown {
+        return Ok(());
+    }
+    match &progress.bar {
+        Some(_) => progress.waiting(lines.join("; ")),
+        None => {
+            for l in lines.iter().filter(|l| !shown.contains(l)) {
+                progress.line(l)?;
+            }
+        }
+    }
+    *shown = lines;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -321,6 +378,22 @@ mod tests {
             vec![object("Deployment", "web", ReportedStatus::InProgress, "")],
         );
         assert_eq!(judge(&slow, &summarize(&slow)), Outcome::Failed);
+    }
+
+    #[test]
+    fn progress_says_how_many_objects_so_far_and_how_they_are() {
+        let p = ProgressView {
+            project_id: "group/manifests".into(),
+            commit_id: "0123456789abcdef".into(),
+            resync_id: 7,
+            objects: 3,
+            current: 1,
+            failed: 1,
+        };
+        assert_eq!(
+            progress_line(&p),
+            "group/manifests: synchronizing commit 0123456789ab: 3 object(s) so far, 1 Current, 1 failed"
+        );
     }
 
     #[test]

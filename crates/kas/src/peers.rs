@@ -1,0 +1,433 @@
+//! kas-to-kas routing: a request for an agent whose tunnels are on another replica is carried
+//! there over a private listener between replicas.
+//!
+//! - **Directory** (Redis): `tether:agent:<id>` is a hash of the replicas holding the agent's
+//!   tunnels (field: replica id, value: until when, Unix seconds), written when the agent's
+//!   first tunnel arrives, removed when its last one leaves, refreshed every 4 minutes with a
+//!   5-minute expiry (GitLab's figures: idle agents cost few Redis operations). Whether a replica
+//!   is alive is a separate key, `tether:replica:<id>` → its private address, refreshed every
+//!   3 s with a 10 s expiry: a dead replica's entries stop being used within 10 s, and at once
+//!   when connecting to it fails (the next holder is tried).
+//! - **Private listener** (`peers.listen`): a forwarded request is one TCP connection: a line
+//!   with the hex HMAC-SHA256 of the next line under the shared secret, a JSON line naming the
+//!   agent, the service and the routing metadata kas decided (with a timestamp, refused when
+//!   more than 30 s off), then `OK\n` or `ERR …\n` from the holder, then raw bytes both ways
+//!   into one of the agent's tunnel streams there. Streaming, watches and upgrades (exec,
+//!   port-forward) pass as bytes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use tether_tunnel_server::Registry;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+
+/// How long an agent's directory entry lives without a refresh, and the refresh period.
+const AGENT_TTL: u64 = 300;
+const AGENT_REFRESH: Duration = Duration::from_secs(240);
+/// How long a replica counts as alive without a refresh, and the refresh period.
+const REPLICA_TTL: u64 = 10;
+const REPLICA_REFRESH: Duration = Duration::from_secs(3);
+/// A forwarded request's preamble: size and time limits, clock skew allowed.
+const MAX_PREAMBLE: usize = 64 * 1024;
+const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_SKEW: u64 = 30;
+/// How long a holder waits for one of the agent's tunnel streams.
+const HOLDER_TUNNEL_WAIT: Duration = Duration::from_secs(2);
+
+/// `peers:` in kas's configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeersConfig {
+    /// The private listener other replicas forward requests to (never exposed to agents or
+    /// clients: put it on the replicas' private network).
+    pub listen: std::net::SocketAddr,
+    /// How the other replicas reach it (default: `listen`, which must then not be 0.0.0.0).
+    pub advertise_address: Option<String>,
+    /// The secret every replica shares (HMAC key of forwarded requests).
+    pub secret_file: std::path::PathBuf,
+}
+
+/// What a forwarded request asks of the holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Forwarded {
+    agent_id: i64,
+    service: String,
+    metadata: BTreeMap<String, String>,
+    /// Unix seconds when it was sent.
+    at: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn mac(secret: &[u8], line: &[u8]) -> Option<hmac::Hmac<sha2::Sha256>> {
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).ok()?;
+    m.update(line);
+    Some(m)
+}
+
+/// The two preamble lines for `f` (pure).
+fn preamble(secret: &[u8], f: &Forwarded) -> Vec<u8> {
+    let body = serde_json::to_string(f).unwrap_or_default();
+    let tag = mac(secret, body.as_bytes())
+        .map(|m| hex::encode(m.finalize().into_bytes()))
+        .unwrap_or_default();
+    format!("{tag}\n{body}\n").into_bytes()
+}
+
+/// Checks a received preamble (pure): the MAC in constant time, then the age.
+fn verify(secret: &[u8], tag: &str, body: &str, now: u64) -> Result<Forwarded, &'static str> {
+    let tag = hex::decode(tag.trim()).map_err(|_| "malformed signature")?;
+    let m = mac(secret, body.trim_end().as_bytes()).ok_or("no key")?;
+    m.verify_slice(&tag).map_err(|_| "bad signature")?;
+    let f: Forwarded = serde_json::from_str(body.trim_end()).map_err(|_| "malformed request")?;
+    if f.at.abs_diff(now) > MAX_SKEW {
+        return Err("stale request");
+    }
+    Ok(f)
+}
+
+/// This replica's part in routing between replicas; cheap to clone.
+#[derive(Clone)]
+pub struct Peers {
+    cluster: Cluster,
+    secret: Arc<Vec<u8>>,
+    address: String,
+    registry: Arc<Registry>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+fn agent_key(agent_id: i64) -> String {
+    format!("tether:agent:{agent_id}")
+}
+
+fn replica_key(replica: u64) -> String {
+    format!("tether:replica:{replica}")
+}
+
+impl Peers {
+    pub fn new(
+        cfg: &PeersConfig,
+        cluster: Cluster,
+        registry: Arc<Registry>,
+    ) -> std::io::Result<Peers> {
+        let secret = std::fs::read_to_string(&cfg.secret_file)?
+            .trim()
+            .as_bytes()
+            .to_vec();
+        let address = cfg
+            .advertise_address
+            .clone()
+            .unwrap_or_else(|| cfg.listen.to_string());
+        Ok(Peers {
+            cluster,
+            secret: Arc::new(secret),
+            address,
+            registry,
+        })
+    }
+
+    fn me(&self) -> u64 {
+        self.cluster.replica()
+    }
+
+    /// Keeps this replica's directory entries true until `stop`: its liveness key, and an
+    /// entry per agent whose tunnels are here. A failed write is logged and retried at the next
+    /// tick (routing to this replica then waits for Redis; local requests never do).
+    pub async fn run_directory(self, stop: CancellationToken) {
+        let mut presence = self.registry.subscribe_presence();
+        let mut alive = tokio::time::interval(REPLICA_REFRESH);
+        let mut refresh = tokio::time::interval(AGENT_REFRESH);
+        loop {
+            let written = tokio::select! {
+                () = stop.cancelled() => break,
+                _ = alive.tick() => self.announce().await,
+                _ = refresh.tick() => self.refresh_all().await,
+                p = presence.recv() => match p {
+                    Ok(p) if p.connected => self.hold(&[p.agent_id]).await,
+                    Ok(p) => self.release(p.agent_id).await,
+                    // Missed some: write every agent here again.
+                    Err(_) => self.refresh_all().await,
+                },
+            };
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "Cannot update the replicas' agent directory in Redis");
+            }
+        }
+        // Leaving: the others stop routing here at once rather than after the expiry.
+        let mut conn = self.cluster.connection();
+        let _ = redis::cmd("DEL")
+            .arg(replica_key(self.me()))
+            .query_async::<i64>(&mut conn)
+            .await;
+    }
+
+    async fn announce(&self) -> redis::RedisResult<()> {
+        let mut conn = self.cluster.connection();
+        redis::cmd("SET")
+            .arg(replica_key(self.me()))
+            .arg(&self.address)
+            .arg("EX")
+            .arg(REPLICA_TTL)
+            .query_async::<()>(&mut conn)
+            .await
+    }
+
+    async fn refresh_all(&self) -> redis::RedisResult<()> {
+        self.hold(&self.registry.connected_agents()).await
+    }
+
+    async fn hold(&self, agents: &[i64]) -> redis::RedisResult<()> {
+        if agents.is_empty() {
+            return Ok(());
+        }
+        let until = unix_now() + AGENT_TTL;
+        let mut pipe = redis::pipe();
+        for id in agents {
+            pipe.hset(agent_key(*id), self.me(), until).ignore();
+            pipe.expire(agent_key(*id), AGENT_TTL as i64).ignore();
+        }
+        pipe.query_async::<()>(&mut self.cluster.connection()).await
+    }
+
+    async fn release(&self, agent_id: i64) -> redis::RedisResult<()> {
+        let mut conn = self.cluster.connection();
+        redis::cmd("HDEL")
+            .arg(agent_key(agent_id))
+            .arg(self.me())
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+    }
+
+    /// The private addresses of the live replicas (not this one) holding the agent's tunnels.
+    async fn holders(&self, agent_id: i64) -> redis::RedisResult<Vec<String>> {
+        let mut conn = self.cluster.connection();
+        let entries: HashMap<u64, u64> = redis::cmd("HGETALL")
+            .arg(agent_key(agent_id))
+            .query_async(&mut conn)
+            .await?;
+        let now = unix_now();
+        let replicas: Vec<u64> = entries
+            .into_iter()
+            .filter(|(replica, until)| *replica != self.me() && *until > now)
+            .map(|(replica, _)| replica)
+            .collect();
+        if replicas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = replicas.iter().map(|r| replica_key(*r)).collect();
+        let addresses: Vec<Option<String>> =
+            redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        Ok(addresses.into_iter().flatten().collect())
+    }
+}
+
+/// Why a request could not be carried to another replica.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("the replicas' agent directory in Redis cannot be read: {0}")]
+    Directory(#[from] redis::RedisError),
+    #[error("no replica holding agent {agent_id} answered: {errors}")]
+    Holders { agent_id: i64, errors: String },
+}
+
+impl Peers {
+    /// A byte stream to the agent's `service` through a replica that holds its tunnels, or
+    /// `None` when no other replica does. Holders are tried in turn; one that does not answer
+    /// (dead, its entries not expired yet) is skipped.
+    pub async fn open(
+        &self,
+        agent_id: i64,
+        service: &str,
+        metadata: &HashMap<String, String>,
+    ) -> Result<Option<TcpStream>, RouteError> {
+        let holders = self.holders(agent_id).await?;
+        if holders.is_empty() {
+            return Ok(None);
+        }
+        let request = Forwarded {
+            agent_id,
+            service: service.to_owned(),
+            metadata: metadata.clone().into_iter().collect(),
+            at: unix_now(),
+        };
+        let preamble = preamble(&self.secret, &request);
+        let mut errors = Vec::new();
+        for address in holders {
+            match tokio::time::timeout(PREAMBLE_TIMEOUT, forward_to(&address, &preamble)).await {
+                Ok(Ok(stream)) => return Ok(Some(stream)),
+                Ok(Err(e)) => errors.push(format!("{address}: {e}")),
+                Err(_) => errors.push(format!("{address}: no answer")),
+            }
+        }
+        Err(RouteError::Holders {
+            agent_id,
+            errors: errors.join("; "),
+        })
+    }
+
+    /// Serves forwarded requests on the private listener until `stop`.
+    pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
+        loop {
+            let (stream, from) = tokio::select! {
+                () = stop.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Accepting on the peers listener failed");
+                        continue;
+                    }
+                },
+            };
+            let this = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = this.carry(stream, from) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+    }
+
+    /// One forwarded request: check it, take one of the agent's tunnel streams here, pipe.
+    async fn carry(&self, stream: TcpStream, from: std::net::SocketAddr) {
+        let mut stream = BufReader::new(stream);
+        let read = tokio::time::timeout(PREAMBLE_TIMEOUT, read_preamble(&mut stream)).await;
+        let checked = match read {
+            Ok(Ok((tag, body))) => verify(&self.secret, &tag, &body, unix_now()),
+            _ => Err("incomplete request"),
+        };
+        let request = match checked {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::warn!(peer = %from, why, "Refused a request on the peers listener");
+                let _ = stream.get_mut().write_all(b"ERR refused\n").await;
+                return;
+            }
+        };
+        let tunnel = self
+            .registry
+            .get_tunnel(request.agent_id, HOLDER_TUNNEL_WAIT)
+            .await;
+        let conn = match tunnel {
+            Ok(t) => {
+                t.request(&request.service, request.metadata.into_iter().collect())
+                    .await
+            }
+            Err(e) => {
+                let _ = stream
+                    .get_mut()
+                    .write_all(format!("ERR {e}\n").as_bytes())
+                    .await;
+                return;
+            }
+        };
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = stream
+                    .get_mut()
+                    .write_all(format!("ERR {e}\n").as_bytes())
+                    .await;
+                return;
+            }
+        };
+        if stream.get_mut().write_all(b"OK\n").await.is_err() {
+            return;
+        }
+        let _ = tokio::io::copy_bidirectional(&mut stream, &mut conn).await;
+    }
+}
+
+/// Connects to a holder, sends the preamble and waits for `OK`.
+async fn forward_to(address: &str, preamble: &[u8]) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(preamble).await?;
+    // Byte by byte: nothing after the answer line may be swallowed by a buffer.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") && line.len() < 1024 {
+        let n = stream.read(&mut byte).await?;
+        if n == 0 {
+            return Err(std::io::Error::other("closed before answering"));
+        }
+        line.push(byte[0]);
+    }
+    match line.strip_prefix(b"OK\n") {
+        Some(_) => Ok(stream),
+        None => Err(std::io::Error::other(
+            String::from_utf8_lossy(&line).trim().to_owned(),
+        )),
+    }
+}
+
+async fn read_preamble(stream: &mut BufReader<TcpStream>) -> std::io::Result<(String, String)> {
+    let mut limited = (&mut *stream).take(MAX_PREAMBLE as u64);
+    let (mut tag, mut body) = (String::new(), String::new());
+    limited.read_line(&mut tag).await?;
+    limited.read_line(&mut body).await?;
+    Ok((tag, body))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn request(at: u64) -> Forwarded {
+        Forwarded {
+            agent_id: 7,
+            service: "kubernetes_api".into(),
+            metadata: [("access_as".to_owned(), "{}".to_owned())].into(),
+            at,
+        }
+    }
+
+    fn lines(p: &[u8]) -> (String, String) {
+        let text = String::from_utf8(p.to_vec()).unwrap();
+        let (tag, body) = text.split_once('\n').unwrap();
+        (tag.to_owned(), body.to_owned())
+    }
+
+    #[test]
+    fn a_signed_fresh_request_is_taken() {
+        let (tag, body) = lines(&preamble(b"shared", &request(1000)));
+        assert_eq!(verify(b"shared", &tag, &body, 1010), Ok(request(1000)));
+    }
+
+    #[test]
+    fn another_key_a_changed_body_or_an_old_request_is_refused() {
+        let (tag, body) = lines(&preamble(b"shared", &request(1000)));
+        assert_eq!(verify(b"other", &tag, &body, 1000), Err("bad signature"));
+        let changed = body.replace("\"agent_id\":7", "\"agent_id\":8");
+        assert_eq!(
+            verify(b"shared", &tag, &changed, 1000),
+            Err("bad signature")
+        );
+        assert_eq!(verify(b"shared", &tag, &body, 1100), Err("stale request"));
+        assert_eq!(
+            verify(b"shared", "zz", &body, 1000),
+            Err("malformed signature")
+        );
+    }
+}
