@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the real control-plane programs (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok), helm for the install tests and promtool for the monitoring
-# test, from Go modules at the versions pinned in versions.env, into a cache outside the
-# repository. Each program lives in a folder keyed by its version, so a build happens only when a
-# binary is missing or a pin changed. Prints the bin directory on stdout.
+# kube-scheduler, kubectl, kwok), helm (install tests, kas's rendering), kustomize (kas's
+# rendering) and promtool for the monitoring test, from Go modules at the versions pinned in
+# versions.env, into a cache outside the repository. Each program lives in a folder keyed by its
+# version, so a build happens only when a binary is missing or a pin changed. Prints the bin
+# directory on stdout.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -96,16 +97,29 @@ build_kwok() {
   touch "$out/.complete"
 }
 
-# helm: only the install tests use it, as a real client of the charts under deploy/helm.
-build_helm() {
-  local v=$HELM_VERSION out="$bin/helm-$HELM_VERSION"
+# A Go program installed into its own versioned folder: go_install NAME VERSION VERSION_VAR PACKAGE,
+# where VERSION_VAR is the variable the program reports its version from (set with -X).
+go_install() {
+  local name=$1 v=$2 var=$3 pkg=$4 out="$bin/$1-$2"
   if [ -f "$out/.complete" ]; then return; fi
-  log "building helm $v"
+  log "building $name $v"
   mkdir -p "$out"
-  # Without the version ldflag, `helm version` reports only the minor version.
-  GOBIN="$out" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$v" \
-    "helm.sh/helm/v3/cmd/helm@$v" >&2
+  GOBIN="$out" go install -trimpath -ldflags "-s -w -X $var=$v" "$pkg@$v" >&2
   touch "$out/.complete"
+}
+
+# helm: the install tests use it as a real client of the charts under deploy/helm, and kas
+# renders Helm charts with it. Without the version ldflag, `helm version` reports only the
+# minor version.
+build_helm() {
+  go_install helm "$HELM_VERSION" helm.sh/helm/v3/internal/version.version helm.sh/helm/v3/cmd/helm
+}
+
+# kustomize: kas renders Kustomize directories with it (v5.8.3 needs go1.27; v5.8.2 builds with
+# the machine's go1.26).
+build_kustomize() {
+  go_install kustomize "$KUSTOMIZE_VERSION" sigs.k8s.io/kustomize/api/provenance.version \
+    sigs.k8s.io/kustomize/kustomize/v5
 }
 
 # promtool: the monitoring test checks deploy/monitoring's alert rules (syntax and unit tests)
@@ -124,6 +138,7 @@ build_etcd
 build_kwok
 build_k8s
 build_helm
+build_kustomize
 build_promtool
 
 # A stable folder of links, so callers need one path whatever the versions are.
@@ -133,6 +148,7 @@ ln -sfn "$bin/etcd-$ETCD_VERSION/etcd" "$cur/etcd"
 ln -sfn "$bin/kwok-$KWOK_VERSION/kwok" "$cur/kwok"
 ln -sfn "$bin/kwok-$KWOK_VERSION/stages.yaml" "$cur/kwok-stages.yaml"
 ln -sfn "$bin/helm-$HELM_VERSION/helm" "$cur/helm"
+ln -sfn "$bin/kustomize-$KUSTOMIZE_VERSION/kustomize" "$cur/kustomize"
 ln -sfn "$bin/promtool-$PROMETHEUS_VERSION/promtool" "$cur/promtool"
 for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   ln -sfn "$bin/k8s-$K8S_VERSION/$c" "$cur/$c"

@@ -11,6 +11,7 @@ use crate::check::{
     check_full_path, check_namespace, check_non_empty, is_commit_id, null_as_default, one_of_error,
 };
 use crate::duration::serde_go;
+use crate::render::{Helm, Kustomize};
 use crate::{ConfigError, DEFAULT_NAMESPACE};
 
 /// Upstream's limit on `paths` entries per manifest project; each path is a separate tree walk
@@ -65,6 +66,12 @@ pub struct ManifestProject {
     /// The Git reference to follow; `None` means the project's default branch.
     #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
     pub git_ref: Option<GitRef>,
+    /// Render this Kustomize directory (in kas) instead of selecting files by `paths`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kustomize: Option<Kustomize>,
+    /// Render this Helm chart (in kas) instead of selecting files by `paths`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helm: Option<Helm>,
 }
 
 impl ManifestProject {
@@ -81,6 +88,8 @@ impl ManifestProject {
             prune_propagation_policy: PrunePropagationPolicy::default(),
             inventory_policy: InventoryPolicy::default(),
             git_ref: None,
+            kustomize: None,
+            helm: None,
         }
     }
 }
@@ -354,6 +363,35 @@ impl ManifestProject {
         }
         if let Some(git_ref) = &self.git_ref {
             git_ref.validate(&format!("{base}.ref"))?;
+        }
+        self.validate_rendering(base)
+    }
+
+    /// `kustomize` and `helm` each replace `paths`: a project is plain files, one Kustomize
+    /// directory or one chart, so which file produced which object stays unambiguous.
+    fn validate_rendering(&self, base: &str) -> Result<(), ConfigError> {
+        let renderer = match (&self.kustomize, &self.helm) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    format!("{base}.helm"),
+                    "kustomize and helm cannot both be set in one manifest project entry",
+                ));
+            }
+            (Some(k), None) => {
+                k.validate(&format!("{base}.kustomize"))?;
+                "kustomize"
+            }
+            (None, Some(h)) => {
+                h.validate(&format!("{base}.helm"))?;
+                "helm"
+            }
+            (None, None) => return Ok(()),
+        };
+        if self.paths != default_paths() {
+            return Err(ConfigError::invalid(
+                format!("{base}.paths"),
+                format!("paths cannot be combined with {renderer}: leave paths out"),
+            ));
         }
         Ok(())
     }

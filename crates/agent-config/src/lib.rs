@@ -21,6 +21,7 @@ mod error;
 mod gitops;
 mod lines;
 mod observability;
+mod render;
 mod user_access;
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,7 @@ pub use gitops::{
     MAX_PATHS_PER_PROJECT, ManifestProject, PathGlob, ProjectRef, PrunePropagationPolicy,
 };
 pub use observability::{LogLevel, Logging, Observability};
+pub use render::{Helm, Kustomize, MAX_RELEASE_NAME, MAX_VALUES_FILES, check_repository_path};
 pub use user_access::{AsUser, MAX_USER_ACCESS_ENTRIES, UserAccess, UserAccessAs, UserAccessEntry};
 
 use check::null_as_default;

@@ -925,3 +925,52 @@ fn size_limit_and_utf8() {
     assert_eq!(parse_bytes(b""), Ok(AgentConfig::default()));
     assert_eq!(parse_bytes(b"# nothing\n"), Ok(AgentConfig::default()));
 }
+
+#[test]
+fn kustomize_and_helm_entries_parse_with_their_keys() {
+    let p = only_project(&project("    kustomize:\n      path: overlays/prod\n"));
+    assert_eq!(
+        p.kustomize,
+        Some(tether_agent_config::Kustomize {
+            path: "overlays/prod".into()
+        })
+    );
+    assert_eq!(p.helm, None);
+    let p = only_project(&project(
+        "    helm:\n      chart: charts/app\n      release_name: app\n      namespace: prod\n      values_files:\n      - charts/app/values-prod.yaml\n      values:\n        replicas: 3\n        image: {tag: v2}\n",
+    ));
+    let h = p.helm.expect("helm");
+    assert_eq!(h.chart, "charts/app");
+    assert_eq!(h.namespace.as_deref(), Some("prod"));
+    assert_eq!(h.values_files, ["charts/app/values-prod.yaml"]);
+    assert_eq!(
+        h.values,
+        Some(serde_json::json!({"replicas": 3, "image": {"tag": "v2"}}))
+    );
+}
+
+#[test]
+fn rendering_errors_name_the_key_and_line() {
+    let both = err(&project(
+        "    kustomize: {path: a}\n    helm: {chart: c, release_name: r}\n",
+    ));
+    assert_eq!(both.path(), Some("gitops.manifest_projects[0].helm"));
+    assert!(both.to_string().contains("cannot both be set"), "{both}");
+    let with_paths = err(&project(
+        "    paths:\n    - glob: 'x/*.yaml'\n    kustomize: {path: a}\n",
+    ));
+    assert!(
+        with_paths.to_string().starts_with(
+            "gitops.manifest_projects[0].paths: paths cannot be combined with kustomize"
+        ),
+        "{with_paths}"
+    );
+    let escaping = err(&project("    kustomize:\n      path: ../elsewhere\n"));
+    assert_eq!(
+        escaping.to_string(),
+        "gitops.manifest_projects[0].kustomize.path: \"../elsewhere\" must stay inside the \
+         repository (no '..') (line 5)"
+    );
+    let unknown = err(&project("    helm: {chart: c, release: r}\n"));
+    assert!(unknown.to_string().contains("release"), "{unknown}");
+}

@@ -356,6 +356,7 @@ fn unix_now() -> i64 {
 
 impl Worker {
     fn request(&self, last: &str) -> ObjectsRequest {
+        let render = tether_protocol::render::render_request(&self.project);
         ObjectsRequest {
             project_id: self.settings.project_id.clone(),
             r#ref: self
@@ -369,8 +370,13 @@ impl Worker {
                         GitRef::Commit(c) => git_ref::Ref::Commit(c.clone()),
                     }),
                 }),
-            globs: self.project.paths.iter().map(|p| p.glob.clone()).collect(),
+            globs: if render.is_some() {
+                Vec::new()
+            } else {
+                self.project.paths.iter().map(|p| p.glob.clone()).collect()
+            },
             commit_id: last.to_string(),
+            render,
         }
     }
 
@@ -520,6 +526,15 @@ impl Worker {
             }
         };
         match resp.message {
+            Some(objects_response::Message::Header(h))
+                if !h.rendered
+                    && tether_protocol::render::render_request(&self.project).is_some() =>
+            {
+                stream.building = None;
+                let message = "kas sent this commit without rendering it: it is older than Kustomize/Helm rendering; upgrade kas (nothing was applied)";
+                self.refuse(h.commit_id, message.to_owned(), sync, reports, stop)
+                    .await;
+            }
             Some(objects_response::Message::Header(h)) => {
                 stream.building = Some(Commit {
                     id: h.commit_id,
@@ -555,29 +570,42 @@ impl Worker {
             Some(objects_response::Message::Resync(r)) => on_resync(r.id, sync).await,
             Some(objects_response::Message::Error(e)) => {
                 stream.building = None;
-                tracing::error!(commit_id = %e.commit_id, error = %e.message, "Synchronization failed");
-                self.event(Happened::Refused {
-                    commit: &e.commit_id,
-                    message: &e.message,
-                });
-                let report = SyncReport {
-                    project_id: self.settings.project_id.clone(),
-                    commit_id: e.commit_id,
-                    sync_outcome: wire::SyncOutcome::Failed.into(),
-                    error: e.message,
-                    objects: Vec::new(),
-                    finished_at: unix_now(),
-                    dry_run: false,
-                    warnings: Vec::new(),
-                    resync_id: sync.resync_asked,
-                    in_progress: false,
-                    progress: None,
-                };
-                sync.resync_answered = sync.resync_asked;
-                self.report(report, reports, stop).await;
+                self.refuse(e.commit_id, e.message, sync, reports, stop)
+                    .await;
             }
             None => {}
         }
+    }
+
+    /// Reports a commit that cannot be applied: nothing is applied or pruned.
+    async fn refuse(
+        &mut self,
+        commit_id: String,
+        message: String,
+        sync: &mut SyncState,
+        reports: &mut Reports,
+        stop: &CancellationToken,
+    ) {
+        tracing::error!(commit_id = %commit_id, error = %message, "Synchronization failed");
+        self.event(Happened::Refused {
+            commit: &commit_id,
+            message: &message,
+        });
+        let report = SyncReport {
+            project_id: self.settings.project_id.clone(),
+            commit_id,
+            sync_outcome: wire::SyncOutcome::Failed.into(),
+            error: message,
+            objects: Vec::new(),
+            finished_at: unix_now(),
+            dry_run: false,
+            warnings: Vec::new(),
+            resync_id: sync.resync_asked,
+            in_progress: false,
+            progress: None,
+        };
+        sync.resync_answered = sync.resync_asked;
+        self.report(report, reports, stop).await;
     }
 
     async fn on_sync_done(

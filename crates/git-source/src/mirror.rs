@@ -614,23 +614,15 @@ impl Mirror {
         path: &str,
         max_size: u64,
     ) -> Result<Option<Vec<u8>>, Error> {
-        let components = split_path(path)?;
-        if components.is_empty() {
-            return Ok(None);
-        }
         let repo = self.repo();
-        let tree = commit_tree(&repo, commit)?;
-        let Some(entry) = tree
-            .lookup_entry(components.iter().map(|c| c.as_bytes()))
-            .map_err(git_err("looking up a path"))?
-        else {
+        let Some((id, mode)) = entry_at(&repo, commit, path)? else {
             return Ok(None);
         };
-        if !entry.mode().is_blob() {
+        if !mode.is_blob() {
             return Ok(None);
         }
         let header = repo
-            .find_header(entry.object_id())
+            .find_header(id)
             .map_err(git_err("reading an object header"))?;
         if header.size() > max_size {
             return Err(Error::TooLarge {
@@ -639,10 +631,21 @@ impl Mirror {
                 limit: max_size,
             });
         }
-        let object = repo
-            .find_object(entry.object_id())
-            .map_err(git_err("reading a blob"))?;
+        let object = repo.find_object(id).map_err(git_err("reading a blob"))?;
         Ok(Some(object.detach().data))
+    }
+
+    /// The target of the symbolic link at `path` in `commit`, as stored (never followed);
+    /// `None` when there is no symbolic link at `path`.
+    pub fn read_link(&self, commit: &CommitId, path: &str) -> Result<Option<String>, Error> {
+        let repo = self.repo();
+        match entry_at(&repo, commit, path)? {
+            Some((id, mode)) if mode.is_link() => {
+                let object = repo.find_object(id).map_err(git_err("reading a link"))?;
+                Ok(Some(String::from_utf8_lossy(&object.data).into_owned()))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Lists regular and executable files under the directory `prefix` (`""` or `"/"` for the
@@ -839,6 +842,23 @@ fn find_ref<'r>(
 ) -> Result<Option<gix::Reference<'r>>, Error> {
     repo.try_find_reference(full_name)
         .map_err(git_err("looking up a ref"))
+}
+
+/// The object and mode of the tree entry at `path` in `commit`; `None` when there is none.
+fn entry_at(
+    repo: &gix::Repository,
+    commit: &CommitId,
+    path: &str,
+) -> Result<Option<(gix::ObjectId, gix::object::tree::EntryMode)>, Error> {
+    let components = split_path(path)?;
+    if components.is_empty() {
+        return Ok(None);
+    }
+    let tree = commit_tree(repo, commit)?;
+    let entry = tree
+        .lookup_entry(components.iter().map(|c| c.as_bytes()))
+        .map_err(git_err("looking up a path"))?;
+    Ok(entry.map(|e| (e.object_id(), e.mode())))
 }
 
 fn commit_tree<'r>(repo: &'r gix::Repository, commit: &CommitId) -> Result<gix::Tree<'r>, Error> {

@@ -5,6 +5,8 @@
 //! - [`select_manifests`]: the files of a manifest project at a commit, read through a
 //!   [`tether_git_source::Mirror`], within [`Limits`]; failures are [`SelectError`]s that say
 //!   whether they are the user's to fix ([`SelectError::is_user_error`]).
+//! - [`manifests_at`]: what a project sends at a commit — the glob selection, or a Kustomize
+//!   directory or Helm chart rendered by [`Renderer`] in a sandbox ([`render`]).
 //! - [`GitOpsModule`]: the `GitOps` gRPC service kas adds to its agent listener (streaming each
 //!   new commit's selection in chunks, taking sync reports), built from explicit
 //!   [`GitOpsDeps`]; and [`SyncStates`], the reports kept in the store for `kas agent status`,
@@ -18,6 +20,7 @@ pub mod control;
 pub mod glob;
 mod lag;
 mod preview;
+pub mod render;
 mod reports;
 mod select;
 mod service;
@@ -26,7 +29,8 @@ pub use control::{Controls, ResyncId};
 pub use glob::{InvalidGlob, ManifestGlob, literal_prefix};
 // The admin API's words for outcomes and statuses; they live with the API types.
 pub use preview::{PreviewError, PreviewFiles, PreviewSource, ref_candidates};
+pub use render::{ManifestSource, RenderConfig, RenderError, RenderSpec, Renderer};
 pub use reports::SyncStates;
-pub use select::{Limits, ManifestFile, SelectError, Selection, select_manifests};
+pub use select::{Limits, ManifestFile, SelectError, Selection, manifests_at, select_manifests};
 pub use service::{GitOpsDeps, GitOpsModule, GitOpsService};
 pub use tether_kas_api::{ReportedOutcome, ReportedStatus};

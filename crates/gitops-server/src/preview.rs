@@ -6,7 +6,8 @@ use std::time::Duration;
 use tether_git_source::{CommitId, Error as GitError, GitRef, Mirror, Sources};
 use tether_store::{Project, Store};
 
-use crate::select::{Limits, ManifestFile, SelectError, select_manifests};
+use crate::render::{ManifestSource, Renderer};
+use crate::select::{Limits, ManifestFile, SelectError, manifests_at};
 
 /// A manifest project's files at a commit.
 #[derive(Debug, Clone)]
@@ -47,8 +48,6 @@ pub enum PreviewError {
         project: String,
         source: SelectError,
     },
-    #[error("the selection task failed: {0}")]
-    Task(String),
 }
 
 /// The refs a `--ref` may name, in the order they are tried: 40 hexadecimal digits are a
@@ -88,6 +87,8 @@ pub struct PreviewSource<'a> {
     pub store: &'a dyn Store,
     pub sources: &'a Sources,
     pub limits: &'a Limits,
+    /// Renders Kustomize and Helm projects, as for the stream.
+    pub renderer: &'a Renderer,
     /// How long to wait for the fetch asked for first (so a branch pushed a moment ago is
     /// seen); the mirror as it is is used after that.
     pub fetch_wait: Duration,
@@ -95,13 +96,13 @@ pub struct PreviewSource<'a> {
 
 impl PreviewSource<'_> {
     /// The files of the manifest project `project_id` (path or numeric id, as in the agent's
-    /// configuration) selected by `globs` at the first of `candidates` the repository has, as
-    /// the GitOps stream would send them to the agent.
+    /// configuration) from `manifests` (selected by glob or rendered) at the first of
+    /// `candidates` the repository has, as the GitOps stream would send them to the agent.
     pub async fn files_at(
         &self,
         project_id: &str,
         candidates: &[GitRef],
-        globs: Vec<String>,
+        manifests: &ManifestSource,
     ) -> Result<PreviewFiles, PreviewError> {
         let project = self.project(project_id).await?;
         self.refresh(project.id).await;
@@ -121,16 +122,12 @@ impl PreviewSource<'_> {
                 reason: refusal.reason,
             });
         }
-        let limits = self.limits.clone();
-        let selection = tokio::task::spawn_blocking(move || {
-            select_manifests(&mirror, &commit, &globs, &limits)
-        })
-        .await
-        .map_err(|e| PreviewError::Task(e.to_string()))?
-        .map_err(|source| PreviewError::Select {
-            project: project.path.clone(),
-            source,
-        })?;
+        let selection = manifests_at(&mirror, commit, manifests, self.limits, self.renderer)
+            .await
+            .map_err(|source| PreviewError::Select {
+                project: project.path.clone(),
+                source,
+            })?;
         Ok(PreviewFiles {
             project,
             commit,

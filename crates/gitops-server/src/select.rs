@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use tether_git_source::{CommitId, Error as GitError, FileEntry, Mirror};
 
 use crate::glob::{InvalidGlob, ManifestGlob};
+use crate::render::{ManifestSource, RenderError, Renderer};
 
 /// Bounds on what one manifest project may select; the defaults are upstream's.
 ///
@@ -145,6 +146,9 @@ pub enum SelectError {
         /// A later glob that matched it too.
         second: String,
     },
+    /// Rendering (Kustomize, Helm) failed or was refused.
+    #[error(transparent)]
+    Render(#[from] RenderError),
     /// Reading the mirror failed.
     #[error(transparent)]
     Git(GitError),
@@ -162,6 +166,7 @@ impl SelectError {
             | SelectError::TotalTooLarge { .. }
             | SelectError::TooManyFiles { .. }
             | SelectError::MatchedByTwoGlobs { .. } => true,
+            SelectError::Render(e) => e.is_user_error(),
             SelectError::Git(_) => false,
         }
     }
@@ -173,6 +178,46 @@ fn display_dir(prefix: &str) -> String {
     } else {
         format!("{prefix:?}")
     }
+}
+
+/// The manifests of a project at `commit`: what the GitOps stream sends (and what a preview
+/// of a ref compares). Plain files are selected by glob ([`select_manifests`]); a Kustomize
+/// directory or a Helm chart is rendered in the sandbox (one file named after the command,
+/// `kustomize build overlays/prod`, holding the whole YAML stream).
+pub async fn manifests_at(
+    mirror: &Mirror,
+    commit: CommitId,
+    source: &ManifestSource,
+    limits: &Limits,
+    renderer: &Renderer,
+) -> Result<Selection, SelectError> {
+    let spec = match source {
+        ManifestSource::Globs(globs) => {
+            let (m, g, l) = (mirror.clone(), globs.clone(), limits.clone());
+            return tokio::task::spawn_blocking(move || select_manifests(&m, &commit, &g, &l))
+                .await
+                .map_err(|e| {
+                    SelectError::Render(RenderError::Io(format!("selection task: {e}")))
+                })?;
+        }
+        ManifestSource::Render(spec) => spec,
+    };
+    let bytes = renderer.render(mirror, commit, spec).await?;
+    let mut warnings = Vec::new();
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        warnings.push(format!(
+            "{} rendered nothing at this commit: every object this project applied before is pruned",
+            spec.label()
+        ));
+    }
+    Ok(Selection {
+        commit,
+        files: vec![ManifestFile {
+            path: spec.label(),
+            bytes: bytes.to_vec(),
+        }],
+        warnings,
+    })
 }
 
 /// Selects the files of `commit` matched by `globs`, enforcing `limits`.

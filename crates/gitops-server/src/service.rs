@@ -18,8 +18,9 @@ use tonic::{Request, Response, Status};
 
 use crate::control::{Controls, Directives, ResyncId, suspension_for};
 use crate::lag::ReconcileLag;
+use crate::render::{ManifestSource, Renderer};
 use crate::reports::SyncStates;
-use crate::select::{Limits, select_manifests};
+use crate::select::{Limits, manifests_at};
 
 /// Size of the file chunks on the wire (well under gRPC's message limit).
 const CHUNK: usize = 512 * 1024;
@@ -37,6 +38,8 @@ pub struct GitOpsDeps {
     pub registry: Arc<Registry>,
     /// Bounds of one selection.
     pub limits: Limits,
+    /// Renders Kustomize directories and Helm charts (sandbox, cache).
+    pub renderer: Arc<Renderer>,
     /// Told of offered commits, refusals and sync reports (failures, recoveries, statuses).
     pub notifier: tether_notifications::Notifier,
 }
@@ -73,6 +76,11 @@ impl GitOpsModule {
     /// Registers the module's metrics (`gitops_reconcile_lag_seconds`).
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         self.service.lag.register(reg);
+    }
+
+    /// The renderer the streams use (previews share it and its cache).
+    pub fn renderer(&self) -> Arc<Renderer> {
+        Arc::clone(&self.service.deps.renderer)
     }
 
     /// The directives to agents' streams: re-sync now, suspensions changed.
@@ -143,6 +151,7 @@ impl GitOpsService {
         token_id: i64,
         project: tether_store::Project,
         req: ObjectsRequest,
+        source: ManifestSource,
         tx: Tx,
     ) {
         let lease = self.deps.registry.lease(token_id);
@@ -156,7 +165,7 @@ impl GitOpsService {
             agent_id,
             project: &project,
             git_ref: &git_ref,
-            globs: &req.globs,
+            source: &source,
             tx: &tx,
         };
         let mut offered = Offered {
@@ -211,7 +220,7 @@ impl GitOpsService {
                     agent_id: at.agent_id,
                     project: at.project,
                     mirror: &mirror,
-                    globs: at.globs,
+                    source: at.source,
                     tx: at.tx,
                 };
                 self.offer_commit(&offer, commit, offered).await
@@ -291,7 +300,7 @@ impl GitOpsService {
                 let notifier = &self.deps.notifier;
                 notifier.commit_offered(agent_id, &project.path, &hex).await;
                 let sent = self
-                    .send_commit(agent_id, project, at.mirror, commit, at.globs, at.tx)
+                    .send_commit(agent_id, project, at.mirror, commit, at.source, at.tx)
                     .await;
                 if sent {
                     offered.refused = None;
@@ -309,15 +318,13 @@ impl GitOpsService {
         project: &tether_store::Project,
         mirror: &tether_git_source::Mirror,
         commit: CommitId,
-        globs: &[String],
+        source: &ManifestSource,
         tx: &Tx,
     ) -> bool {
-        let (m, g, l) = (mirror.clone(), globs.to_vec(), self.deps.limits.clone());
-        let selection =
-            tokio::task::spawn_blocking(move || select_manifests(&m, &commit, &g, &l)).await;
-        let selection = match selection {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+        let (limits, renderer) = (&self.deps.limits, &self.deps.renderer);
+        let selection = match manifests_at(mirror, commit, source, limits, renderer).await {
+            Ok(s) => s,
+            Err(e) => {
                 tracing::warn!(agent_id, project = %project.path, commit_id = %commit, error = %e, user_error = e.is_user_error(), "Manifest selection failed");
                 return tx
                     .send(msg(objects_response::Message::Error(SelectionError {
@@ -326,10 +333,6 @@ impl GitOpsService {
                     })))
                     .await
                     .is_ok();
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "Manifest selection task failed");
-                return true;
             }
         };
         tracing::info!(agent_id, project = %project.path, commit_id = %commit, files = selection.files.len(), "Sending manifests");
@@ -341,6 +344,7 @@ impl GitOpsService {
             commit_id: commit.to_hex(),
             project_numeric_id: project.id,
             project_path: project.path.clone(),
+            rendered: matches!(source, ManifestSource::Render(_)),
         };
         if tx
             .send(msg(objects_response::Message::Header(header)))
@@ -391,8 +395,13 @@ impl GitOps for GitOpsService {
         let id = authenticate_request(self.deps.auth.as_ref(), &request).await?;
         let req = request.into_inner();
         let project = self.find_project(&req.project_id).await?;
+        let source = ManifestSource::from_request(&req.globs, req.render.as_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(self.clone().run(id.agent_id, id.token_id, project, req, tx));
+        let run = self
+            .clone()
+            .run(id.agent_id, id.token_id, project, req, source, tx);
+        tokio::spawn(run);
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -448,7 +457,7 @@ struct Offer<'a> {
     agent_id: i64,
     project: &'a tether_store::Project,
     mirror: &'a tether_git_source::Mirror,
-    globs: &'a [String],
+    source: &'a ManifestSource,
     tx: &'a Tx,
 }
 
@@ -457,7 +466,7 @@ struct StreamAt<'a> {
     agent_id: i64,
     project: &'a tether_store::Project,
     git_ref: &'a GitRef,
-    globs: &'a [String],
+    source: &'a ManifestSource,
     tx: &'a Tx,
 }
 

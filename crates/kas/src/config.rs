@@ -99,6 +99,81 @@ pub struct GitOps {
     pub max_files_visited: usize,
     /// Most files one manifest project may select.
     pub max_files: usize,
+    /// Kustomize and Helm rendering.
+    pub render: Render,
+}
+
+/// `gitops.render`: the renderers and the limits of their sandbox.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Render {
+    /// The `kustomize` program (default: found on `PATH`).
+    pub kustomize_path: Option<PathBuf>,
+    /// The `helm` program (default: found on `PATH`).
+    pub helm_path: Option<PathBuf>,
+    /// Longest one rendering may run.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Address-space limit of a renderer, in bytes.
+    pub memory_limit: u64,
+    /// Largest output of one rendering, in bytes.
+    pub max_output_size: u64,
+    /// Most tree entries of a checkout.
+    pub max_checkout_files: usize,
+    /// Largest checkout, in bytes.
+    pub max_checkout_size: u64,
+    /// Most renderings kept in memory.
+    pub cache_entries: usize,
+    /// Where checkouts are written (default: the system's temporary directory).
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for Render {
+    fn default() -> Self {
+        let d = tether_gitops_server::RenderConfig::default();
+        Self {
+            kustomize_path: d.kustomize_path,
+            helm_path: d.helm_path,
+            timeout: d.timeout,
+            memory_limit: d.memory_limit,
+            max_output_size: d.max_output_size,
+            max_checkout_files: d.checkout.max_entries,
+            max_checkout_size: d.checkout.max_size,
+            cache_entries: d.cache_entries,
+            work_dir: d.work_dir,
+        }
+    }
+}
+
+impl Render {
+    pub fn config(&self) -> tether_gitops_server::RenderConfig {
+        tether_gitops_server::RenderConfig {
+            kustomize_path: self.kustomize_path.clone(),
+            helm_path: self.helm_path.clone(),
+            timeout: self.timeout,
+            memory_limit: self.memory_limit,
+            max_output_size: self.max_output_size,
+            checkout: tether_gitops_server::render::CheckoutLimits {
+                max_entries: self.max_checkout_files,
+                max_size: self.max_checkout_size,
+            },
+            cache_entries: self.cache_entries,
+            work_dir: self.work_dir.clone(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.timeout.is_zero() {
+            return Err("gitops.render.timeout must be positive".into());
+        }
+        if self.max_output_size == 0 || self.max_checkout_size == 0 || self.cache_entries == 0 {
+            return Err(
+                "gitops.render.max_output_size, max_checkout_size and cache_entries must be positive"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for GitOps {
@@ -110,6 +185,7 @@ impl Default for GitOps {
             max_paths: l.max_paths,
             max_files_visited: l.max_visited_entries,
             max_files: l.max_files,
+            render: Render::default(),
         }
     }
 }
@@ -482,6 +558,7 @@ impl Config {
             return Err("agent.token_recheck_interval must be positive".into());
         }
         self.rate_limits.validate()?;
+        self.gitops.render.validate()?;
         self.notifications.validate().map_err(|e| e.to_string())?;
         if let Some(redis) = &self.redis {
             redis.validate()?;

@@ -17,7 +17,7 @@ use tether_git_source::{GitRef, Sources};
 use tether_gitops_agent::ObjRef;
 use tether_gitops_agent::preview::{Change, ObjectChange, preview};
 use tether_gitops_agent::sync::Settings;
-use tether_gitops_server::{Limits, PreviewSource, ref_candidates};
+use tether_gitops_server::{Limits, ManifestSource, PreviewSource, ref_candidates};
 use tether_kas_api::{DiffChange, DiffRequest, DiffView, ObjectDiffView, ProjectDiffView};
 use tether_kubeproxy_agent::{AccessAs, RequestContext, RoutedRequest};
 use tether_store::Store;
@@ -35,6 +35,8 @@ pub struct Previews {
     pub config_states: Arc<ConfigStates>,
     /// Bounds of one manifest selection (as for the GitOps stream).
     pub limits: Limits,
+    /// Renders Kustomize and Helm projects (shared with the GitOps stream, so its cache too).
+    pub renderer: Arc<tether_gitops_server::Renderer>,
     /// How long a preview waits for the fetch it asks for.
     pub fetch_timeout: Duration,
     /// How long each request waits for a tunnel of the agent.
@@ -100,6 +102,7 @@ impl Previews {
             store: self.store.as_ref(),
             sources: &self.sources,
             limits: &self.limits,
+            renderer: &self.renderer,
             fetch_wait: self.fetch_timeout,
         };
         let mut views = Vec::with_capacity(projects.len());
@@ -187,8 +190,18 @@ async fn project_diff(
         warnings: Vec::new(),
         objects: Vec::new(),
     };
-    let globs = p.paths.iter().map(|g| g.glob.clone()).collect();
-    let files = match source.files_at(&view.project, at.candidates, globs).await {
+    let files = match ManifestSource::from_project(p) {
+        Ok(manifests) => {
+            source
+                .files_at(&view.project, at.candidates, &manifests)
+                .await
+        }
+        Err(e) => {
+            view.error = Some(e.to_string());
+            return view;
+        }
+    };
+    let files = match files {
         Ok(f) => f,
         Err(e) => {
             view.error = Some(e.to_string());

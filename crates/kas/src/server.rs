@@ -129,6 +129,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (gitops, h) = start_gitops(&cfg, &mut sh, &sources, modules.handle("gitops"));
     modules.push(h);
     let (sync_states, gitops_controls) = (gitops.reports(), gitops.controls());
+    let renderer = gitops.renderer();
     let agent = AgentServices {
         connections: (Arc::clone(&connections), conn_gauge),
         configuration,
@@ -143,7 +144,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     modules.push(h);
     let h = start_peers(&cfg, &mut sh, modules.handle("peers")).await?;
     modules.push(h);
-    let previews = previews(&cfg, &sh, &sources, &config_states);
+    let previews = previews(&cfg, &sh, (&sources, &config_states), renderer);
     let state = ApiState {
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
@@ -328,8 +329,8 @@ fn start_notifications(
 fn previews(
     cfg: &Config,
     sh: &Shared,
-    sources: &Arc<Sources>,
-    config_states: &Arc<ConfigStates>,
+    (sources, config_states): (&Arc<Sources>, &Arc<ConfigStates>),
+    renderer: Arc<tether_gitops_server::Renderer>,
 ) -> crate::preview::Previews {
     crate::preview::Previews {
         store: Arc::clone(&sh.store),
@@ -337,6 +338,7 @@ fn previews(
         sources: Arc::clone(sources),
         config_states: Arc::clone(config_states),
         limits: cfg.gitops.limits(),
+        renderer,
         fetch_timeout: cfg.git.fetch_timeout,
         tunnel_wait: cfg.agent.tunnel_wait_timeout,
     }
@@ -400,6 +402,9 @@ fn start_gitops(
         sources: Arc::clone(sources),
         registry: Arc::clone(&sh.registry),
         limits: cfg.gitops.limits(),
+        renderer: Arc::new(tether_gitops_server::Renderer::new(
+            cfg.gitops.render.config(),
+        )),
         notifier: sh.notifier.clone(),
     });
     gitops.register(&mut sh.metrics);

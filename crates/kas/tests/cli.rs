@@ -53,6 +53,25 @@ fn config_validate_refuses_what_kas_would_refuse_naming_file_key_and_line() {
     assert!(stderr.contains("observability.logging.level"), "{stderr}");
 }
 
+#[test]
+fn config_validate_checks_kustomize_and_helm_entries() {
+    let (ok, stdout, stderr) = validate(
+        "gitops:\n  manifest_projects:\n  - id: group/app\n    kustomize:\n      path: overlays/prod\n\
+         \x20 - id: group/chart\n    helm:\n      chart: charts/app\n      release_name: app\n      values: {replicas: 2}\n",
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("2 manifest project(s)"), "{stdout}");
+    let (ok, _, stderr) = validate(
+        "gitops:\n  manifest_projects:\n  - id: group/app\n    helm:\n      chart: charts/app\n      release_name: App\n",
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("FILE: gitops.manifest_projects[0].helm.release_name: \"App\" is not a valid release name"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("line 6"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_are_named_as_in_kubeconfig_contexts_or_by_id() {
     let dir = tempfile::tempdir().unwrap();

@@ -116,6 +116,13 @@ pub struct RigArgs<'a> {
 
 /// As [`rig`], with kas started with `opts`.
 pub async fn rig_opts(args: RigArgs<'_>, opts: KasOptions) -> (Rig, String) {
+    let entry = "    paths:\n    - glob: '/manifests/*.{yaml,yml,json}'\n";
+    rig_entry(args, entry, opts).await
+}
+
+/// As [`rig_opts`], with the manifest project's entry after `id` and `default_namespace` given
+/// (lines indented by four spaces; `project_extra` follows it) instead of the seed's `paths`.
+pub async fn rig_entry(args: RigArgs<'_>, entry: &str, opts: KasOptions) -> (Rig, String) {
     let (env, agent_ns) = (args.env, args.agent_ns);
     env.apply_yaml(args.rbac).unwrap();
     let token = run_output(env.kubectl().args([
@@ -140,7 +147,7 @@ pub async fn rig_opts(args: RigArgs<'_>, opts: KasOptions) -> (Rig, String) {
             ".gitlab/agents/seed/config.yaml",
             Some(
                 format!(
-                    "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {agent_ns}\n    paths:\n    - glob: '/manifests/*.{{yaml,yml,json}}'\n{extra}",
+                    "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {agent_ns}\n{entry}{extra}",
                     extra = args.project_extra
                 )
                 .as_bytes(),
@@ -219,8 +226,26 @@ impl Rig {
 
     /// Waits until kas shows a finished sync of `commit`.
     pub async fn synced(&self, commit: &str) -> kas::api::SyncView {
+        self.report(&format!("the sync of {commit}"), |s| s.commit_id == commit)
+            .await
+    }
+
+    /// Waits until kas shows a finished sync of `commit` of the manifest project `project`.
+    pub async fn synced_in(&self, project: &str, commit: &str) -> kas::api::SyncView {
+        self.report(&format!("the sync of {project} at {commit}"), |s| {
+            s.project_id == project && s.commit_id == commit
+        })
+        .await
+    }
+
+    /// Waits until kas shows a sync report for which `wanted` holds.
+    async fn report(
+        &self,
+        what: &str,
+        wanted: impl Fn(&kas::api::SyncView) -> bool,
+    ) -> kas::api::SyncView {
         wait_for(
-            &format!("kas to show the sync of {commit}"),
+            &format!("kas to show {what}"),
             Duration::from_secs(90),
             || async {
                 self.kas
@@ -229,7 +254,7 @@ impl Rig {
                     .await
                     .ok()?
                     .into_iter()
-                    .find(|s| s.commit_id == commit)
+                    .find(&wanted)
             },
         )
         .await

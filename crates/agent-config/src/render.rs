@@ -1,0 +1,201 @@
+//! `kustomize:` and `helm:` in a manifest project entry: what kas renders at the commit instead
+//! of selecting plain files by `paths`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigError;
+use crate::check::{check_namespace, is_rfc1123_label};
+
+/// Helm's own limit on release names (they end up in label values with suffixes).
+pub const MAX_RELEASE_NAME: usize = 53;
+
+/// Most `values_files` per chart; each is read from the checkout.
+pub const MAX_VALUES_FILES: usize = 32;
+
+/// `kustomize:` — build a Kustomize directory of the repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kustomize {
+    /// Directory holding `kustomization.yaml`, relative to the repository root (`.` for the
+    /// root itself).
+    pub path: String,
+}
+
+/// `helm:` — template a chart stored in the repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Helm {
+    /// The chart's directory (holding `Chart.yaml`), relative to the repository root.
+    pub chart: String,
+    /// The release name the templates see as `.Release.Name`.
+    pub release_name: String,
+    /// `.Release.Namespace`; the project's `default_namespace` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Values files in the repository, relative to its root, applied in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values_files: Vec<String>,
+    /// Values applied last (over the files), as a mapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<serde_json::Value>,
+}
+
+/// Checks a path inside the repository: relative, `/`-separated, without `..`, so that the
+/// renderer is pointed only at the repository's own files.
+pub fn check_repository_path(key: &str, value: &str) -> Result<(), ConfigError> {
+    let why = if value.trim().is_empty() {
+        Some("must not be empty")
+    } else if value.starts_with('/') {
+        Some("must be relative to the repository root (no leading '/')")
+    } else if value.contains('\\') {
+        Some("must use '/' as separator")
+    } else if value.split('/').any(|c| c == "..") {
+        Some("must stay inside the repository (no '..')")
+    } else if value.split('/').any(str::is_empty) {
+        Some("must not contain empty segments ('//' or a trailing '/')")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(ConfigError::invalid(key, format!("{value:?} {why}"))),
+        None => Ok(()),
+    }
+}
+
+impl Kustomize {
+    pub(crate) fn validate(&self, base: &str) -> Result<(), ConfigError> {
+        check_repository_path(&format!("{base}.path"), &self.path)
+    }
+}
+
+impl Helm {
+    pub(crate) fn validate(&self, base: &str) -> Result<(), ConfigError> {
+        check_repository_path(&format!("{base}.chart"), &self.chart)?;
+        let name = &self.release_name;
+        if !is_rfc1123_label(name) || name.len() > MAX_RELEASE_NAME {
+            return Err(ConfigError::invalid(
+                format!("{base}.release_name"),
+                format!(
+                    "{name:?} is not a valid release name (at most {MAX_RELEASE_NAME} lowercase \
+                     letters, digits or '-', starting and ending with a letter or digit)"
+                ),
+            ));
+        }
+        if let Some(ns) = &self.namespace {
+            check_namespace(&format!("{base}.namespace"), ns)?;
+        }
+        if self.values_files.len() > MAX_VALUES_FILES {
+            return Err(ConfigError::invalid(
+                format!("{base}.values_files"),
+                format!(
+                    "{} files, at most {MAX_VALUES_FILES} are allowed",
+                    self.values_files.len()
+                ),
+            ));
+        }
+        for (i, file) in self.values_files.iter().enumerate() {
+            check_repository_path(&format!("{base}.values_files[{i}]"), file)?;
+        }
+        match &self.values {
+            None | Some(serde_json::Value::Object(_)) => Ok(()),
+            Some(_) => Err(ConfigError::invalid(
+                format!("{base}.values"),
+                "must be a mapping (key: value)",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn helm() -> Helm {
+        Helm {
+            chart: "charts/app".into(),
+            release_name: "app".into(),
+            namespace: None,
+            values_files: vec!["charts/app/values-prod.yaml".into()],
+            values: None,
+        }
+    }
+
+    fn message(e: ConfigError) -> String {
+        e.to_string()
+    }
+
+    #[test]
+    fn repository_paths_stay_inside_the_repository() {
+        for ok in [".", "overlays/prod", "a.b/c-d_e"] {
+            assert!(check_repository_path("k", ok).is_ok(), "{ok}");
+        }
+        let bad = [
+            ("", "must not be empty"),
+            ("/etc", "no leading '/'"),
+            ("a/../..", "no '..'"),
+            ("..", "no '..'"),
+            ("a//b", "empty segments"),
+            ("a/", "empty segments"),
+            ("a\\b", "'/' as separator"),
+        ];
+        for (path, why) in bad {
+            let e = message(check_repository_path("x.path", path).expect_err("refused"));
+            assert!(e.starts_with("x.path: "), "{e}");
+            assert!(e.contains(why), "{path}: {e}");
+        }
+    }
+
+    #[test]
+    fn helm_errors_name_the_key() {
+        let base = "gitops.manifest_projects[0].helm";
+        let cases: Vec<(Helm, &str)> = vec![
+            (
+                Helm {
+                    release_name: "App".into(),
+                    ..helm()
+                },
+                "release_name",
+            ),
+            (
+                Helm {
+                    release_name: "a".repeat(54),
+                    ..helm()
+                },
+                "release_name",
+            ),
+            (
+                Helm {
+                    namespace: Some("Bad_ns".into()),
+                    ..helm()
+                },
+                "namespace",
+            ),
+            (
+                Helm {
+                    values_files: vec!["ok.yaml".into(), "../x.yaml".into()],
+                    ..helm()
+                },
+                "values_files[1]",
+            ),
+            (
+                Helm {
+                    values: Some(serde_json::json!([1, 2])),
+                    ..helm()
+                },
+                "values",
+            ),
+            (
+                Helm {
+                    chart: "/abs".into(),
+                    ..helm()
+                },
+                "chart",
+            ),
+        ];
+        for (h, key) in cases {
+            let e = message(h.validate(base).expect_err("refused"));
+            assert!(e.starts_with(&format!("{base}.{key}: ")), "{e}");
+        }
+        assert!(helm().validate(base).is_ok());
+    }
+}

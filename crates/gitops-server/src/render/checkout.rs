@@ -1,0 +1,194 @@
+//! The renderer's view of the repository: a temporary, read-only checkout of one commit,
+//! written from the mirror's object database (no Git process, no work tree of the mirror).
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use tether_git_source::{CommitId, Error as GitError, FileEntry, Mirror};
+
+use super::RenderError;
+use super::checks::link_stays_inside;
+
+/// Bounds on what one checkout may write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckoutLimits {
+    /// Most tree entries (files, directories, links) read.
+    pub max_entries: usize,
+    /// Largest sum of the files' sizes, in bytes.
+    pub max_size: u64,
+}
+
+/// A checkout in a temporary directory, removed when dropped.
+#[derive(Debug)]
+pub struct Checkout {
+    dir: tempfile::TempDir,
+    /// The repository's files.
+    pub repo: PathBuf,
+    /// The renderer's home, caches and temporary files; writable.
+    pub scratch: PathBuf,
+}
+
+impl Checkout {
+    /// Writes `commit` into a new directory under `parent` (the system's temporary directory
+    /// when `None`). Blocking. Symbolic links whose target leaves the checkout are refused.
+    pub fn write(
+        mirror: &Mirror,
+        commit: &CommitId,
+        limits: &CheckoutLimits,
+        parent: Option<&Path>,
+    ) -> Result<Checkout, RenderError> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("tether-render-");
+        let dir = match parent {
+            Some(p) => builder.tempdir_in(p),
+            None => builder.tempdir(),
+        }
+        .map_err(|e| RenderError::Io(format!("creating the checkout directory: {e}")))?;
+        let repo = dir.path().join("repo");
+        let scratch = dir.path().join("scratch");
+        for d in [&repo, &scratch.join("home"), &scratch.join("tmp")] {
+            fs::create_dir_all(d).map_err(io("creating", d))?;
+        }
+        let checkout = Checkout { dir, repo, scratch };
+        let entries = list(mirror, commit, limits)?;
+        let (links, files): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.symlink);
+        for f in &files {
+            checkout.write_file(mirror, commit, f, limits.max_size)?;
+        }
+        // Links last, so no file is ever written through one.
+        for l in &links {
+            checkout.write_link(mirror, commit, &l.path)?;
+        }
+        checkout.check_links_resolved(&links)?;
+        make_read_only(&checkout.repo)?;
+        Ok(checkout)
+    }
+
+    fn write_file(
+        &self,
+        mirror: &Mirror,
+        commit: &CommitId,
+        entry: &FileEntry,
+        max_size: u64,
+    ) -> Result<(), RenderError> {
+        let bytes = mirror
+            .read_file(commit, &entry.path, max_size)
+            .map_err(git)?
+            .unwrap_or_default();
+        let dest = self.repo.join(&entry.path);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io("creating", parent))?;
+        }
+        fs::write(&dest, bytes).map_err(io("writing", &dest))
+    }
+
+    fn write_link(
+        &self,
+        mirror: &Mirror,
+        commit: &CommitId,
+        path: &str,
+    ) -> Result<(), RenderError> {
+        let target = mirror
+            .read_link(commit, path)
+            .map_err(git)?
+            .unwrap_or_default();
+        if !link_stays_inside(path, &target) {
+            return Err(RenderError::SymlinkEscapes {
+                path: path.into(),
+                target,
+            });
+        }
+        let dest = self.repo.join(path);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io("creating", parent))?;
+        }
+        std::os::unix::fs::symlink(&target, &dest).map_err(io("linking", &dest))
+    }
+
+    /// Names alone cannot see through chains (`a -> .`, `b -> a/..`): resolve every link as
+    /// the renderer's system calls would, now that all of them exist.
+    fn check_links_resolved(&self, links: &[FileEntry]) -> Result<(), RenderError> {
+        let root = fs::canonicalize(&self.repo).map_err(io("resolving", &self.repo))?;
+        for l in links {
+            let resolved = fs::canonicalize(self.repo.join(&l.path));
+            // A dangling link leads nowhere; its name was checked above.
+            if let Ok(p) = resolved
+                && !p.starts_with(&root)
+            {
+                let target = fs::read_link(self.repo.join(&l.path))
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_default();
+                return Err(RenderError::SymlinkEscapes {
+                    path: l.path.clone(),
+                    target,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The checkout's root, for tests and messages.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        // Directories were made read-only; removal needs them writable again.
+        let _ = set_modes(&self.repo, 0o755, 0o644);
+    }
+}
+
+fn list(
+    mirror: &Mirror,
+    commit: &CommitId,
+    limits: &CheckoutLimits,
+) -> Result<Vec<FileEntry>, RenderError> {
+    let entries = mirror
+        .list_files(commit, "", limits.max_entries)
+        .map_err(|e| match e {
+            GitError::TooManyEntries { limit, .. } => RenderError::CheckoutTooLarge {
+                what: format!("more than {limit} entries"),
+            },
+            other => git(other),
+        })?;
+    let total: u64 = entries.iter().map(|e| e.size).sum();
+    if total > limits.max_size {
+        return Err(RenderError::CheckoutTooLarge {
+            what: format!("{total} bytes, over the limit of {} bytes", limits.max_size),
+        });
+    }
+    Ok(entries)
+}
+
+fn make_read_only(repo: &Path) -> Result<(), RenderError> {
+    set_modes(repo, 0o555, 0o444).map_err(io("protecting", repo))
+}
+
+/// Sets every directory under `dir` (and `dir`) to `dirs` and every file to `files`, without
+/// following links.
+fn set_modes(dir: &Path, dirs: u32, files: u32) -> std::io::Result<()> {
+    // Opened first: a read-only directory can still be listed (r-x), but be generous.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            set_modes(&entry.path(), dirs, files)?;
+        } else if kind.is_file() {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(files))?;
+        }
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(dirs))
+}
+
+fn git(e: GitError) -> RenderError {
+    RenderError::Io(format!("reading the repository: {e}"))
+}
+
+fn io(what: &'static str, path: &Path) -> impl Fn(std::io::Error) -> RenderError {
+    let path = path.display().to_string();
+    move |e| RenderError::Io(format!("{what} {path}: {e}"))
+}

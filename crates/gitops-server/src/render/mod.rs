@@ -1,0 +1,420 @@
+//! Kustomize and Helm rendering at a commit, in a sandbox: a temporary read-only checkout of
+//! the commit, an empty environment, a new network namespace (`unshare`), an address-space
+//! limit (`prlimit`), a time limit and an output limit. Renderings are cached by (commit,
+//! settings).
+//!
+//! - [`spec`]: settings, command lines, environment (pure).
+//! - [`checks`]: symlinks, kustomization references, chart dependencies, error text (pure).
+//! - [`checkout`], [`run`]: the files and the process (I/O).
+
+mod cache;
+pub mod checkout;
+pub mod checks;
+mod run;
+pub mod spec;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_git_source::{CommitId, Mirror};
+
+pub use cache::RenderCache;
+pub use checkout::{Checkout, CheckoutLimits};
+pub use spec::{HelmSpec, ManifestSource, RenderSpec, Sandbox, Tool};
+
+use run::{Ran, RunLimits};
+
+/// Why a rendering failed. Every message names the repository file (and line, when the
+/// renderer reports one) the user has to fix.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RenderError {
+    /// The agent sent settings kas cannot use.
+    #[error("invalid render settings: {0}")]
+    InvalidSettings(String),
+    /// The renderer program is not installed where kas looks.
+    #[error(
+        "{tool} is not available to kas ({detail}): the kas operator installs it or sets gitops.render.{tool}_path"
+    )]
+    ToolMissing {
+        /// Which renderer.
+        tool: Tool,
+        /// Where kas looked.
+        detail: String,
+    },
+    /// A symbolic link in the repository points outside it.
+    #[error("symbolic link {path} points to {target:?}, outside the repository: refused")]
+    SymlinkEscapes {
+        /// The link.
+        path: String,
+        /// Its target.
+        target: String,
+    },
+    /// A kustomization refers to something to download.
+    #[error(
+        "{file} refers to the remote {reference}: kas renders without network access; vendor it into the repository"
+    )]
+    RemoteReference {
+        /// The kustomization file.
+        file: String,
+        /// The reference.
+        reference: String,
+    },
+    /// A kustomization refers to a path outside the repository.
+    #[error("{file} refers to {reference}, outside the repository: refused")]
+    LeavesRepository {
+        /// The kustomization file.
+        file: String,
+        /// The reference.
+        reference: String,
+    },
+    /// A kustomization inflates Helm charts (which Kustomize downloads).
+    #[error(
+        "{file} uses helmCharts, which Kustomize inflates by downloading charts: use the manifest project's helm key with a chart in the repository instead"
+    )]
+    HelmChartsInKustomization {
+        /// The kustomization file.
+        file: String,
+    },
+    /// A chart dependency is not in the repository.
+    #[error(
+        "chart {chart} depends on {name} from {repository}, which is not vendored under {chart}/charts/: kas renders without network access; run `helm dependency build` and commit the result"
+    )]
+    DependencyNotVendored {
+        /// The chart directory.
+        chart: String,
+        /// The dependency's name.
+        name: String,
+        /// Where it would come from.
+        repository: String,
+    },
+    /// The repository is over the checkout limits.
+    #[error("the repository is too large to render: {what}")]
+    CheckoutTooLarge {
+        /// Which limit, by how much.
+        what: String,
+    },
+    /// The renderer failed; its message, with repository paths.
+    #[error("{tool} failed: {message}")]
+    Failed {
+        /// Which renderer.
+        tool: Tool,
+        /// What it said.
+        message: String,
+    },
+    /// The renderer ran out of time.
+    #[error("{tool} did not finish within {limit:?} and was stopped (gitops.render.timeout)")]
+    Timeout {
+        /// Which renderer.
+        tool: Tool,
+        /// The limit.
+        limit: Duration,
+    },
+    /// The renderer ran out of memory.
+    #[error(
+        "{tool} ran out of its memory limit of {limit} bytes and was stopped (gitops.render.memory_limit): {message}"
+    )]
+    MemoryLimit {
+        /// Which renderer.
+        tool: Tool,
+        /// The limit.
+        limit: u64,
+        /// What it said.
+        message: String,
+    },
+    /// The renderer wrote too much.
+    #[error(
+        "{tool} wrote more than {limit} bytes of manifests and was stopped (gitops.render.max_output_size)"
+    )]
+    OutputTooLarge {
+        /// Which renderer.
+        tool: Tool,
+        /// The limit.
+        limit: u64,
+    },
+    /// kas could not prepare or start the rendering (disk, processes).
+    #[error("rendering failed in kas: {0}")]
+    Io(String),
+}
+
+impl RenderError {
+    /// Whether the repository or the configuration is at fault (not kas or its host).
+    pub fn is_user_error(&self) -> bool {
+        !matches!(self, RenderError::ToolMissing { .. } | RenderError::Io(_))
+    }
+}
+
+/// How kas renders, from its configuration (`gitops.render`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderConfig {
+    /// The `kustomize` program; `None`: found on `PATH` at startup.
+    pub kustomize_path: Option<PathBuf>,
+    /// The `helm` program; `None`: found on `PATH` at startup.
+    pub helm_path: Option<PathBuf>,
+    /// Longest one rendering may run.
+    pub timeout: Duration,
+    /// Address-space limit of the renderer process, in bytes.
+    pub memory_limit: u64,
+    /// Largest rendering output, in bytes.
+    pub max_output_size: u64,
+    /// Bounds of the checkout.
+    pub checkout: CheckoutLimits,
+    /// Most renderings kept.
+    pub cache_entries: usize,
+    /// Where checkouts are written; the system's temporary directory when `None`.
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for RenderConfig {
+    fn default() -> Self {
+        Self {
+            kustomize_path: None,
+            helm_path: None,
+            timeout: Duration::from_secs(60),
+            memory_limit: 2 << 30,
+            max_output_size: 20 << 20,
+            checkout: CheckoutLimits {
+                max_entries: 10_000,
+                max_size: 100 << 20,
+            },
+            cache_entries: 16,
+            work_dir: None,
+        }
+    }
+}
+
+type CacheKey = (CommitId, RenderSpec);
+
+/// Renders manifest projects; one per kas, shared by every agent's stream.
+#[derive(Debug)]
+pub struct Renderer {
+    config: RenderConfig,
+    kustomize: Result<PathBuf, String>,
+    helm: Result<PathBuf, String>,
+    sandbox: Sandbox,
+    cache: RenderCache<CacheKey, Arc<Vec<u8>>>,
+}
+
+impl Renderer {
+    /// Finds the programs and what confinement this machine allows (blocking: runs `unshare`
+    /// once), and logs what is missing.
+    pub fn new(config: RenderConfig) -> Self {
+        let sandbox = probe_sandbox();
+        if sandbox.unshare.is_none() {
+            tracing::warn!(
+                "unshare cannot create a network namespace here: renderers run without network isolation (remote references are still refused and they get no PATH, proxy or credentials)"
+            );
+        }
+        if sandbox.prlimit.is_none() {
+            tracing::warn!(
+                "prlimit is not installed: renderers run without a memory limit (time and output limits still apply)"
+            );
+        }
+        Self::with_sandbox(config, sandbox)
+    }
+
+    /// As [`Renderer::new`], with the given confinement.
+    pub fn with_sandbox(config: RenderConfig, sandbox: Sandbox) -> Self {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let find = |configured: &Option<PathBuf>, tool: Tool| match configured {
+            Some(p) if p.is_file() => Ok(p.clone()),
+            Some(p) => Err(format!("{} does not exist", p.display())),
+            None => find_on_path(&tool.to_string(), &path)
+                .ok_or_else(|| format!("no {tool} on kas's PATH")),
+        };
+        let kustomize = find(&config.kustomize_path, Tool::Kustomize);
+        let helm = find(&config.helm_path, Tool::Helm);
+        for (tool, found) in [(Tool::Kustomize, &kustomize), (Tool::Helm, &helm)] {
+            match found {
+                Ok(p) => tracing::info!(tool = %tool, path = %p.display(), "Renderer found"),
+                Err(why) => {
+                    tracing::info!(tool = %tool, why, "Renderer not available: projects using it get an error")
+                }
+            }
+        }
+        let cache = RenderCache::new(config.cache_entries);
+        Self {
+            config,
+            kustomize,
+            helm,
+            sandbox,
+            cache,
+        }
+    }
+
+    /// The rendered manifests of `commit` with `spec` (one multi-document YAML stream), from
+    /// the cache or rendered now.
+    pub async fn render(
+        &self,
+        mirror: &Mirror,
+        commit: CommitId,
+        spec: &RenderSpec,
+    ) -> Result<Arc<Vec<u8>>, RenderError> {
+        let key = (commit, spec.clone());
+        self.cache
+            .get_or_try_init(key, || async {
+                let started = std::time::Instant::now();
+                let out = self.render_now(mirror, commit, spec).await?;
+                tracing::info!(commit_id = %commit, renderer = %spec.tool(), source = spec.label(), bytes = out.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Rendered manifests");
+                Ok(Arc::new(out))
+            })
+            .await
+    }
+
+    async fn render_now(
+        &self,
+        mirror: &Mirror,
+        commit: CommitId,
+        spec: &RenderSpec,
+    ) -> Result<Vec<u8>, RenderError> {
+        let tool = spec.tool();
+        let program = match tool {
+            Tool::Kustomize => &self.kustomize,
+            Tool::Helm => &self.helm,
+        }
+        .clone()
+        .map_err(|detail| RenderError::ToolMissing { tool, detail })?;
+        let (m, s, limits, dir) = (
+            mirror.clone(),
+            spec.clone(),
+            self.config.checkout.clone(),
+            self.config.work_dir.clone(),
+        );
+        let checkout =
+            tokio::task::spawn_blocking(move || prepare(&m, &commit, &s, &limits, dir.as_deref()))
+                .await
+                .map_err(|e| RenderError::Io(format!("preparing the checkout: {e}")))??;
+        let line = spec::sandboxed(
+            spec::command_line(spec, &program, &checkout.repo, &checkout.scratch),
+            &self.sandbox,
+            self.config.memory_limit,
+        );
+        let env = spec::environment(&checkout.scratch);
+        let limits = RunLimits {
+            timeout: self.config.timeout,
+            max_output: self.config.max_output_size,
+        };
+        let ran = run::run(&line, &env, &checkout.scratch, &limits)
+            .await
+            .map_err(|e| RenderError::Io(format!("starting {}: {e}", line.program.display())))?;
+        self.outcome(tool, ran, &checkout)
+    }
+
+    /// What a finished run means.
+    fn outcome(&self, tool: Tool, ran: Ran, checkout: &Checkout) -> Result<Vec<u8>, RenderError> {
+        match ran {
+            Ran::Exited {
+                success: true,
+                stdout,
+                ..
+            } => Ok(stdout),
+            Ran::Exited { stderr, .. } => {
+                let values = checkout.scratch.join(spec::VALUES_FILE);
+                let message = checks::renderer_message(
+                    &stderr,
+                    &checkout.repo.display().to_string(),
+                    &values.display().to_string(),
+                );
+                if checks::out_of_memory(&stderr) {
+                    Err(RenderError::MemoryLimit {
+                        tool,
+                        limit: self.config.memory_limit,
+                        message,
+                    })
+                } else {
+                    Err(RenderError::Failed { tool, message })
+                }
+            }
+            Ran::TimedOut => Err(RenderError::Timeout {
+                tool,
+                limit: self.config.timeout,
+            }),
+            Ran::OutputTooLarge => Err(RenderError::OutputTooLarge {
+                tool,
+                limit: self.config.max_output_size,
+            }),
+        }
+    }
+}
+
+/// The checkout, checked for what the sandbox refuses, with the inline values written.
+fn prepare(
+    mirror: &Mirror,
+    commit: &CommitId,
+    spec: &RenderSpec,
+    limits: &CheckoutLimits,
+    work_dir: Option<&Path>,
+) -> Result<Checkout, RenderError> {
+    let checkout = Checkout::write(mirror, commit, limits, work_dir)?;
+    let read = |rel: &str| std::fs::read_to_string(checkout.repo.join(rel)).ok();
+    match spec {
+        RenderSpec::Kustomize { path } => checks::check_kustomizations(path, read)?,
+        RenderSpec::Helm(h) => {
+            let Some(chart_yaml) = read(&format!("{}/Chart.yaml", h.chart)) else {
+                return Err(RenderError::Failed {
+                    tool: Tool::Helm,
+                    message: format!("{}/Chart.yaml: no such file at this commit", h.chart),
+                });
+            };
+            let charts = checkout.repo.join(&h.chart).join("charts");
+            checks::check_chart_dependencies(&h.chart, &chart_yaml, |name| {
+                vendored(&charts, name)
+            })?;
+            if !h.values_json.is_empty() {
+                let file = checkout.scratch.join(spec::VALUES_FILE);
+                std::fs::write(&file, &h.values_json)
+                    .map_err(|e| RenderError::Io(format!("writing {}: {e}", file.display())))?;
+            }
+        }
+    }
+    Ok(checkout)
+}
+
+/// Whether `charts/` holds the dependency `name`, unpacked or as `name-<version>.tgz`.
+fn vendored(charts: &Path, name: &str) -> bool {
+    if name.is_empty() {
+        return false;
+    }
+    if charts.join(name).join("Chart.yaml").is_file() {
+        return true;
+    }
+    let prefix = format!("{name}-");
+    std::fs::read_dir(charts).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(&prefix) && n.ends_with(".tgz")
+        })
+    })
+}
+
+/// The first executable file called `name` in the `PATH`-style list `path`.
+pub fn find_on_path(name: &str, path: &OsStr) -> Option<PathBuf> {
+    std::env::split_paths(path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The confinement this machine allows: a user+network namespace when unprivileged user
+/// namespaces work, a network namespace alone when kas may create one, else none.
+pub fn probe_sandbox() -> Sandbox {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let prlimit = find_on_path("prlimit", &path);
+    let unshare = find_on_path("unshare", &path).and_then(|bin| {
+        let candidates = [vec!["--user", "--map-root-user", "--net"], vec!["--net"]];
+        candidates.into_iter().find_map(|flags| {
+            let works = std::process::Command::new(&bin)
+                .args(&flags)
+                .arg("--")
+                .arg(&bin)
+                .arg("--version")
+                .env_clear()
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            works.then(|| (bin.clone(), flags.iter().map(|f| (*f).to_owned()).collect()))
+        })
+    });
+    Sandbox { unshare, prlimit }
+}

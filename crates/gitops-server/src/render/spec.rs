@@ -1,0 +1,412 @@
+//! What to render, as kas received it from the agent, and the command lines that render it.
+//! Pure: no process is started here.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use tether_protocol::gitops::{self as wire, render::Renderer as WireRenderer};
+
+use super::RenderError;
+
+/// Where the files of a manifest project come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ManifestSource {
+    /// Plain files selected by `paths` globs.
+    Globs(Vec<String>),
+    /// The output of a renderer run at the commit.
+    Render(RenderSpec),
+}
+
+impl ManifestSource {
+    /// Reads an `ObjectsRequest`'s `globs` and `render`, checking the render settings again
+    /// (agentk validated them, but kas trusts no agent with paths it will open).
+    pub fn from_request(
+        globs: &[String],
+        render: Option<&wire::Render>,
+    ) -> Result<Self, RenderError> {
+        match render.and_then(|r| r.renderer.as_ref()) {
+            None => Ok(ManifestSource::Globs(globs.to_vec())),
+            Some(WireRenderer::Kustomize(k)) => {
+                check_path("kustomize.path", &k.path)?;
+                Ok(ManifestSource::Render(RenderSpec::Kustomize {
+                    path: k.path.clone(),
+                }))
+            }
+            Some(WireRenderer::Helm(h)) => Ok(ManifestSource::Render(RenderSpec::Helm(
+                HelmSpec::from_wire(h)?,
+            ))),
+        }
+    }
+}
+
+impl ManifestSource {
+    /// What an entry of the agent's configuration asks for, as agentk puts it in its request
+    /// (the Helm namespace defaulting to the entry's `default_namespace`): for previews, which
+    /// must render exactly as the stream does.
+    pub fn from_project(p: &tether_agent_config::ManifestProject) -> Result<Self, RenderError> {
+        let globs: Vec<String> = p.paths.iter().map(|g| g.glob.clone()).collect();
+        match tether_protocol::render::render_request(p) {
+            Some(render) => Self::from_request(&[], Some(&render)),
+            None => Self::from_request(&globs, None),
+        }
+    }
+}
+
+/// One rendering's settings; with the commit, the cache key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RenderSpec {
+    /// `kustomize build <path>`.
+    Kustomize {
+        /// The kustomization's directory, relative to the repository root.
+        path: String,
+    },
+    /// `helm template`.
+    Helm(HelmSpec),
+}
+
+/// `helm template` settings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HelmSpec {
+    /// The chart's directory, relative to the repository root.
+    pub chart: String,
+    /// `.Release.Name`.
+    pub release_name: String,
+    /// `.Release.Namespace`.
+    pub namespace: String,
+    /// Values files in the repository, in order.
+    pub values_files: Vec<String>,
+    /// `values` as compact JSON with sorted keys, so equal values make equal cache keys; empty
+    /// for none.
+    pub values_json: String,
+}
+
+impl HelmSpec {
+    fn from_wire(h: &wire::Helm) -> Result<Self, RenderError> {
+        check_path("helm.chart", &h.chart)?;
+        for f in &h.values_files {
+            check_path("helm.values_files", f)?;
+        }
+        if h.release_name.is_empty() || h.namespace.is_empty() {
+            return Err(RenderError::InvalidSettings(
+                "helm.release_name and helm.namespace must be set".into(),
+            ));
+        }
+        let values_json = if h.values_json.is_empty() {
+            String::new()
+        } else {
+            match serde_json::from_str::<serde_json::Value>(&h.values_json) {
+                // serde_json's maps are sorted by key: this is a canonical form.
+                Ok(v @ serde_json::Value::Object(_)) => v.to_string(),
+                _ => {
+                    return Err(RenderError::InvalidSettings(
+                        "helm.values must be a JSON object".into(),
+                    ));
+                }
+            }
+        };
+        Ok(HelmSpec {
+            chart: h.chart.clone(),
+            release_name: h.release_name.clone(),
+            namespace: h.namespace.clone(),
+            values_files: h.values_files.clone(),
+            values_json,
+        })
+    }
+}
+
+fn check_path(key: &str, value: &str) -> Result<(), RenderError> {
+    tether_agent_config::check_repository_path(key, value)
+        .map_err(|e| RenderError::InvalidSettings(e.to_string()))
+}
+
+impl RenderSpec {
+    /// The name of the one "file" the rendering is sent as (agentk's errors quote it).
+    pub fn label(&self) -> String {
+        match self {
+            RenderSpec::Kustomize { path } => format!("kustomize build {path}"),
+            RenderSpec::Helm(h) => format!("helm template {}", h.chart),
+        }
+    }
+
+    /// The renderer's name, for errors.
+    pub fn tool(&self) -> Tool {
+        match self {
+            RenderSpec::Kustomize { .. } => Tool::Kustomize,
+            RenderSpec::Helm(_) => Tool::Helm,
+        }
+    }
+}
+
+/// A renderer program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    /// `kustomize`.
+    Kustomize,
+    /// `helm`.
+    Helm,
+}
+
+impl std::fmt::Display for Tool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tool::Kustomize => "kustomize",
+            Tool::Helm => "helm",
+        })
+    }
+}
+
+/// A program and its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandLine {
+    /// The program.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+}
+
+/// The file the inline `helm.values` are written to, in the scratch directory.
+pub const VALUES_FILE: &str = "values.json";
+
+/// The renderer's command line for `spec`, with the repository checked out at `repo` and the
+/// scratch directory (home, caches, the inline values) at `scratch`.
+///
+/// Kustomize keeps its default load restrictor (files only from inside each kustomization
+/// root) and no plugins; Helm only templates (it never fetches dependencies or talks to a
+/// cluster in this mode).
+pub fn command_line(spec: &RenderSpec, program: &Path, repo: &Path, scratch: &Path) -> CommandLine {
+    let mut args: Vec<OsString> = Vec::new();
+    match spec {
+        RenderSpec::Kustomize { path } => {
+            args.push("build".into());
+            args.push(repo.join(path).into());
+            args.push("--load-restrictor=LoadRestrictionsRootOnly".into());
+        }
+        RenderSpec::Helm(h) => {
+            args.extend(["template".into(), OsString::from(&h.release_name)]);
+            args.push(repo.join(&h.chart).into());
+            args.extend(["--namespace".into(), OsString::from(&h.namespace)]);
+            for f in &h.values_files {
+                args.push("--values".into());
+                args.push(repo.join(f).into());
+            }
+            if !h.values_json.is_empty() {
+                args.push("--values".into());
+                args.push(scratch.join(VALUES_FILE).into());
+            }
+        }
+    }
+    CommandLine {
+        program: program.to_path_buf(),
+        args,
+    }
+}
+
+/// How the renderer is confined, as found on this machine at startup.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Sandbox {
+    /// `unshare` and its arguments for a new network namespace, when it works here.
+    pub unshare: Option<(PathBuf, Vec<String>)>,
+    /// `prlimit`, when installed.
+    pub prlimit: Option<PathBuf>,
+}
+
+/// `line` run inside the sandbox: `unshare … -- prlimit --as=N -- program args…`.
+pub fn sandboxed(line: CommandLine, sandbox: &Sandbox, memory_limit: u64) -> CommandLine {
+    let mut out = line;
+    if let Some(prlimit) = &sandbox.prlimit {
+        let mut args: Vec<OsString> = vec![
+            format!("--as={memory_limit}").into(),
+            "--".into(),
+            out.program.into(),
+        ];
+        args.extend(out.args);
+        out = CommandLine {
+            program: prlimit.clone(),
+            args,
+        };
+    }
+    if let Some((unshare, flags)) = &sandbox.unshare {
+        let mut args: Vec<OsString> = flags.iter().map(OsString::from).collect();
+        args.extend(["--".into(), out.program.into()]);
+        args.extend(out.args);
+        out = CommandLine {
+            program: unshare.clone(),
+            args,
+        };
+    }
+    out
+}
+
+/// The renderer's whole environment: nothing of kas's (no credentials, no proxy, no `PATH`,
+/// so no `git` for remote bases), every home and cache in the scratch directory.
+pub fn environment(scratch: &Path) -> Vec<(&'static str, PathBuf)> {
+    let home = scratch.join("home");
+    vec![
+        ("HOME", home.clone()),
+        ("TMPDIR", scratch.join("tmp")),
+        ("XDG_CACHE_HOME", home.join(".cache")),
+        ("XDG_CONFIG_HOME", home.join(".config")),
+        ("XDG_DATA_HOME", home.join(".local/share")),
+        ("HELM_CACHE_HOME", home.join(".cache/helm")),
+        ("HELM_CONFIG_HOME", home.join(".config/helm")),
+        ("HELM_DATA_HOME", home.join(".local/share/helm")),
+        ("KUSTOMIZE_PLUGIN_HOME", home.join("kustomize-plugins")),
+        ("PATH", PathBuf::new()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(line: &CommandLine) -> Vec<String> {
+        std::iter::once(line.program.display().to_string())
+            .chain(line.args.iter().map(|a| a.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    fn helm_spec(values_json: &str) -> RenderSpec {
+        RenderSpec::Helm(HelmSpec {
+            chart: "charts/app".into(),
+            release_name: "web".into(),
+            namespace: "prod".into(),
+            values_files: vec!["charts/app/a.yaml".into(), "env/b.yaml".into()],
+            values_json: values_json.into(),
+        })
+    }
+
+    #[test]
+    fn kustomize_builds_the_directory_in_the_checkout() {
+        let spec = RenderSpec::Kustomize {
+            path: "overlays/prod".into(),
+        };
+        let line = command_line(
+            &spec,
+            Path::new("/bin/kustomize"),
+            Path::new("/w/repo"),
+            Path::new("/w/s"),
+        );
+        assert_eq!(
+            strings(&line),
+            [
+                "/bin/kustomize",
+                "build",
+                "/w/repo/overlays/prod",
+                "--load-restrictor=LoadRestrictionsRootOnly"
+            ]
+        );
+    }
+
+    #[test]
+    fn helm_templates_with_values_files_in_order_then_inline_values() {
+        let line = command_line(
+            &helm_spec("{\"a\":1}"),
+            Path::new("helm"),
+            Path::new("/w/repo"),
+            Path::new("/w/s"),
+        );
+        assert_eq!(
+            strings(&line),
+            [
+                "helm",
+                "template",
+                "web",
+                "/w/repo/charts/app",
+                "--namespace",
+                "prod",
+                "--values",
+                "/w/repo/charts/app/a.yaml",
+                "--values",
+                "/w/repo/env/b.yaml",
+                "--values",
+                "/w/s/values.json"
+            ]
+        );
+        let without = command_line(
+            &helm_spec(""),
+            Path::new("helm"),
+            Path::new("/r"),
+            Path::new("/s"),
+        );
+        assert!(!strings(&without).contains(&"/s/values.json".to_owned()));
+    }
+
+    #[test]
+    fn the_sandbox_wraps_unshare_around_prlimit_around_the_renderer() {
+        let line = CommandLine {
+            program: "/bin/kustomize".into(),
+            args: vec!["build".into()],
+        };
+        let sandbox = Sandbox {
+            unshare: Some(("/usr/bin/unshare".into(), vec!["--net".into()])),
+            prlimit: Some("/usr/bin/prlimit".into()),
+        };
+        assert_eq!(
+            strings(&sandboxed(line.clone(), &sandbox, 1024)),
+            [
+                "/usr/bin/unshare",
+                "--net",
+                "--",
+                "/usr/bin/prlimit",
+                "--as=1024",
+                "--",
+                "/bin/kustomize",
+                "build"
+            ]
+        );
+        assert_eq!(sandboxed(line.clone(), &Sandbox::default(), 1024), line);
+    }
+
+    #[test]
+    fn the_environment_has_no_path_and_homes_in_the_scratch_directory() {
+        let env = environment(Path::new("/w/s"));
+        let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("PATH"), Some(PathBuf::new()));
+        assert!(
+            env.iter()
+                .all(|(n, v)| *n == "PATH" || v.starts_with("/w/s"))
+        );
+        assert_eq!(get("HELM_CACHE_HOME"), Some("/w/s/home/.cache/helm".into()));
+    }
+
+    #[test]
+    fn equal_settings_make_equal_cache_keys_and_values_are_canonical() {
+        let wire_helm = |values: &str| wire::Render {
+            renderer: Some(WireRenderer::Helm(wire::Helm {
+                chart: "c".into(),
+                release_name: "r".into(),
+                namespace: "n".into(),
+                values_files: vec![],
+                values_json: values.into(),
+            })),
+        };
+        let a = ManifestSource::from_request(&[], Some(&wire_helm("{\"b\":1,\"a\":2}")))
+            .expect("accepted");
+        let b = ManifestSource::from_request(&[], Some(&wire_helm("{ \"a\": 2, \"b\": 1 }")))
+            .expect("accepted");
+        let c = ManifestSource::from_request(&[], Some(&wire_helm("{\"a\":3,\"b\":1}")))
+            .expect("accepted");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let array =
+            ManifestSource::from_request(&[], Some(&wire_helm("[1]"))).expect_err("refused");
+        assert!(
+            array
+                .to_string()
+                .contains("helm.values must be a JSON object"),
+            "{array}"
+        );
+        let kustomize = |path: &str| wire::Render {
+            renderer: Some(WireRenderer::Kustomize(wire::Kustomize {
+                path: path.into(),
+            })),
+        };
+        let escaping =
+            ManifestSource::from_request(&[], Some(&kustomize("../x"))).expect_err("refused");
+        assert!(escaping.to_string().contains("no '..'"), "{escaping}");
+        assert_eq!(
+            ManifestSource::from_request(&["*.yaml".into()], None).expect("accepted"),
+            ManifestSource::Globs(vec!["*.yaml".into()])
+        );
+    }
+}

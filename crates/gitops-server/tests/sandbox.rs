@@ -1,0 +1,142 @@
+//! The rendering sandbox with real processes: a stand-in renderer (a shell script in the place
+//! of kustomize) reports what it can see, and links that escape only when resolved are refused.
+//! The real kustomize and helm are tested end to end in `kas/tests/rendering.rs`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use tether_git_source::{CommitId, GitRef, Mirror, Remote};
+use tether_gitops_server::render::{RenderSpec, probe_sandbox};
+use tether_gitops_server::{RenderConfig, RenderError, Renderer};
+use tether_test_support::GitRepo;
+
+/// Prints what the renderer sees as YAML comments: its environment and the network interfaces
+/// of its network namespace (`/proc/net/dev`; `/sys/class/net` shows the mounter's).
+const REPORTER: &str = "#!/bin/sh\n\
+echo \"# env: $(/usr/bin/env | /usr/bin/cut -d= -f1 | /usr/bin/sort | /usr/bin/tr '\\n' ' ')\"\n\
+echo \"# net: $(/usr/bin/tail -n +3 /proc/net/dev | /usr/bin/cut -d: -f1 | /usr/bin/tr -d ' ' | /usr/bin/tr '\\n' ' ')\"\n\
+echo \"# dir: $2\"\n\
+echo run >> \"$(/usr/bin/dirname \"$0\")/runs\"\n";
+
+/// A repository with `links` (name, target) committed and mirrored, rendered once; the
+/// outcome, the renderer, the mirror and the commit.
+async fn render_with_reporter(
+    tmp: &Path,
+    links: &[(&str, &str)],
+) -> (Result<String, RenderError>, Renderer, Mirror, CommitId) {
+    let repo = GitRepo::init(&tmp.join("project"));
+    for (name, target) in links {
+        std::os::unix::fs::symlink(target, repo.dir.join(name)).expect("symlink");
+    }
+    repo.commit(
+        &[("app/kustomization.yaml", Some(&b"resources: []\n"[..]))],
+        "app",
+    );
+    let mirror =
+        Mirror::open_or_init(tmp.join("project.git"), Remote::local(&repo.dir)).expect("mirror");
+    mirror.fetch().expect("fetch");
+    let commit = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    let script = tmp.join("kustomize");
+    std::fs::write(&script, REPORTER).expect("script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let work = tmp.join("work");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let renderer = Renderer::new(RenderConfig {
+        kustomize_path: Some(script),
+        work_dir: Some(work),
+        ..RenderConfig::default()
+    });
+    let spec = RenderSpec::Kustomize { path: "app".into() };
+    let out = renderer.render(&mirror, commit, &spec).await;
+    let text = out.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+    (text, renderer, mirror, commit)
+}
+
+fn line<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("# {key}: ")))
+        .unwrap_or_else(|| panic!("no {key} in {out}"))
+}
+
+#[tokio::test]
+async fn the_renderer_gets_no_environment_of_kas_and_no_network() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (out, ..) = render_with_reporter(tmp.path(), &[("inside", "app")]).await;
+    let out = out.expect("rendered");
+    let env: Vec<&str> = line(&out, "env").split_whitespace().collect();
+    // cargo runs this test with CARGO_* and more in its environment: none may leak.
+    let allowed = [
+        "HOME",
+        "TMPDIR",
+        "XDG_CACHE_HOME",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+        "HELM_CACHE_HOME",
+        "HELM_CONFIG_HOME",
+        "HELM_DATA_HOME",
+        "KUSTOMIZE_PLUGIN_HOME",
+        "PATH",
+        // Set by the shell itself.
+        "PWD",
+    ];
+    let leaked: Vec<&&str> = env.iter().filter(|k| !allowed.contains(k)).collect();
+    assert!(leaked.is_empty(), "leaked into the renderer: {leaked:?}");
+    assert!(env.contains(&"HOME"), "{env:?}");
+    assert!(
+        probe_sandbox().unshare.is_some(),
+        "this machine can create network namespaces; the sandbox must use one"
+    );
+    assert_eq!(
+        line(&out, "net").trim(),
+        "lo",
+        "only loopback in the namespace"
+    );
+    assert!(line(&out, "dir").ends_with("/repo/app"), "{out}");
+    let left = std::fs::read_dir(tmp.path().join("work"))
+        .expect("work")
+        .count();
+    assert_eq!(left, 0, "the checkout is removed after rendering");
+}
+
+#[tokio::test]
+async fn links_that_escape_only_when_resolved_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // By name `b` stays inside (`a/..` is the root); resolved, `a` is the root and `..` its
+    // parent.
+    let (out, ..) = render_with_reporter(tmp.path(), &[("a", "."), ("b", "a/..")]).await;
+    match out {
+        Err(RenderError::SymlinkEscapes { path, target }) => {
+            assert_eq!((path.as_str(), target.as_str()), ("b", "a/.."));
+        }
+        other => panic!("expected the link b to be refused, got {other:?}"),
+    }
+    let (out, ..) = render_with_reporter(&tmp.path().join("2"), &[("up", "../../etc")]).await;
+    let e = out.expect_err("refused");
+    assert_eq!(
+        e.to_string(),
+        "symbolic link up points to \"../../etc\", outside the repository: refused"
+    );
+}
+
+#[tokio::test]
+async fn each_commit_and_settings_render_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (first, renderer, mirror, commit) = render_with_reporter(tmp.path(), &[]).await;
+    let runs = || {
+        std::fs::read_to_string(tmp.path().join("runs"))
+            .expect("runs")
+            .lines()
+            .count()
+    };
+    let app = RenderSpec::Kustomize { path: "app".into() };
+    let again = renderer.render(&mirror, commit, &app).await.expect("again");
+    assert_eq!(String::from_utf8_lossy(&again), first.expect("rendered"));
+    assert_eq!(
+        runs(),
+        1,
+        "the same commit and settings are served from the cache"
+    );
+    let root = RenderSpec::Kustomize { path: ".".into() };
+    renderer.render(&mirror, commit, &root).await.expect("root");
+    assert_eq!(runs(), 2, "other settings render again");
+}

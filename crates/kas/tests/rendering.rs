@@ -1,0 +1,443 @@
+//! Kustomize and Helm rendering in kas, end to end: real kustomize and helm (the pinned builds
+//! of testenv/build.sh) in kas's sandbox, a real agent applying the output to the real control
+//! plane, and the refusals and limits reported through `kas agent status`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::KasOptions;
+use support::gitops::{Rig, RigArgs, admin_rbac, get_json, rig_entry};
+use tether_gitops_server::ReportedOutcome;
+use tether_testenv::TestEnv;
+
+/// kas's `gitops.render` section pointing at the pinned renderers, plus `extra` keys.
+fn render_yaml(env: &TestEnv, extra: &str) -> String {
+    format!(
+        "gitops:\n  render:\n    kustomize_path: {}\n    helm_path: {}\n{extra}",
+        env.bin_dir.join("kustomize").display(),
+        env.bin_dir.join("helm").display()
+    )
+}
+
+fn files(list: &[(String, String)]) -> Vec<(&str, Option<&[u8]>)> {
+    list.iter()
+        .map(|(p, t)| (p.as_str(), Some(t.as_bytes())))
+        .collect()
+}
+
+fn owned(list: &[(&str, String)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(p, t)| ((*p).to_owned(), t.clone()))
+        .collect()
+}
+
+/// A base (Deployment and a generated ConfigMap) and one overlay per `(name, namespace,
+/// replicas)`: its namespace, a replicas patch and a merged generator literal.
+fn kustomize_repo(overlays: &[(&str, &str, u32)]) -> Vec<(String, String)> {
+    let mut repo = owned(&[
+        (
+            "base/kustomization.yaml",
+            "resources:\n- deployment.yaml\nconfigMapGenerator:\n- name: web-config\n  literals:\n  - greeting=hello\n".into(),
+        ),
+        (
+            "base/deployment.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.27\n        envFrom:\n        - configMapRef:\n            name: web-config\n".into(),
+        ),
+    ]);
+    for (name, ns, replicas) in overlays {
+        repo.extend(owned(&[
+            (
+                &format!("overlays/{name}/kustomization.yaml"),
+                format!("namespace: {ns}\nresources:\n- namespace.yaml\n- ../../base\npatches:\n- path: replicas.yaml\nconfigMapGenerator:\n- name: web-config\n  behavior: merge\n  literals:\n  - env={name}\n"),
+            ),
+            (
+                &format!("overlays/{name}/namespace.yaml"),
+                format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"),
+            ),
+            (&format!("overlays/{name}/replicas.yaml"), replicas_patch(*replicas)),
+        ]));
+    }
+    repo
+}
+
+fn replicas_patch(replicas: u32) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: {replicas}\n"
+    )
+}
+
+/// A chart whose ConfigMap shows the merged values, and two values files.
+fn helm_repo() -> Vec<(String, String)> {
+    owned(&[
+        ("charts/app/Chart.yaml", "apiVersion: v2\nname: app\nversion: 0.1.0\n".into()),
+        ("charts/app/values.yaml", "color: red\nsize: m\nreplicas: 1\n".into()),
+        (
+            "charts/app/templates/configmap.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-config\n  namespace: {{ .Release.Namespace }}\ndata:\n  color: {{ .Values.color | quote }}\n  size: {{ .Values.size | quote }}\n  greeting: {{ .Values.greeting | default \"none\" | quote }}\n".into(),
+        ),
+        (
+            "charts/app/templates/deployment.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {{ .Release.Name }}-web\nspec:\n  replicas: {{ .Values.replicas }}\n  selector:\n    matchLabels:\n      app: {{ .Release.Name }}\n  template:\n    metadata:\n      labels:\n        app: {{ .Release.Name }}\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.27\n".into(),
+        ),
+        ("env/values-a.yaml", "color: blue\nsize: s\n".into()),
+        ("env/values-b.yaml", "size: l\nreplicas: 2\n".into()),
+    ])
+}
+
+const HELM_ENTRY: &str = "    helm:\n      chart: charts/app\n      release_name: shop\n      values_files:\n      - env/values-a.yaml\n      - env/values-b.yaml\n      values:\n        greeting: hi\n";
+
+impl Rig {
+    /// A failed report of `commit` whose error contains every one of `words`.
+    async fn refused(&self, commit: &str, words: &[&str]) -> String {
+        let s = self.synced_in("group/manifests", commit).await;
+        assert_eq!(s.outcome, ReportedOutcome::Failed, "{s:?}");
+        for w in words {
+            assert!(s.error.contains(w), "{w:?} not in {:?}", s.error);
+        }
+        s.error
+    }
+}
+
+/// A rig in a fresh namespace (named from `prefix`) with an admin agent whose entry and
+/// repository are made from that namespace, once its first commit synced successfully.
+async fn rendering_rig(
+    prefix: &str,
+    entry: impl FnOnce(&str) -> String,
+    repo: impl FnOnce(&str) -> Vec<(String, String)>,
+    render_extra: &str,
+) -> (Rig, String, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace(prefix).unwrap();
+    let kas_yaml = render_yaml(&env, render_extra);
+    let (entry, repo) = (entry(&ns), repo(&ns));
+    let rbac = admin_rbac(&ns);
+    let args = RigArgs {
+        env,
+        agent_ns: ns.clone(),
+        rbac: &rbac,
+        project_extra: "",
+        initial: &files(&repo),
+        agent_args: &[],
+    };
+    let opts = KasOptions {
+        git_poll: "300ms",
+        extra_yaml: kas_yaml,
+        ..KasOptions::default()
+    };
+    let (rig, c1) = rig_entry(args, &entry, opts).await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    (rig, c1, ns)
+}
+
+/// Every Deployment, ConfigMap and Namespace `ns` shows, with its resourceVersion: equal
+/// before and after means nothing was written, created or deleted.
+fn versions(env: &TestEnv, ns: &str) -> Vec<(String, String)> {
+    let list = get_json(env, &["get", "deployments,configmaps", "-n", ns]).unwrap();
+    let mut out: Vec<(String, String)> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let m = &o["metadata"];
+            (
+                format!(
+                    "{}/{}",
+                    o["kind"].as_str().unwrap(),
+                    m["name"].as_str().unwrap()
+                ),
+                m["resourceVersion"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let namespace = get_json(env, &["get", "namespace", ns]).unwrap();
+    out.push((
+        format!("Namespace/{ns}"),
+        namespace["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    ));
+    out.sort();
+    out
+}
+
+/// The generated `web-config-<hash>` ConfigMap of `ns`, checked against the Deployment that
+/// refers to it; returns its data.
+fn overlay_objects(env: &TestEnv, ns: &str, replicas: u64) -> Value {
+    let d = get_json(env, &["get", "deployment", "web", "-n", ns]).unwrap();
+    assert_eq!(d["spec"]["replicas"], replicas, "{ns}");
+    let cm_name =
+        d["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    assert!(cm_name.starts_with("web-config-"), "{cm_name}");
+    let cm = get_json(env, &["get", "configmap", &cm_name, "-n", ns]).unwrap();
+    cm["data"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kustomize_overlays_are_applied_and_a_change_in_one_changes_only_its_objects() {
+    let staging_entry = |ns: &str| {
+        format!(
+            "    kustomize:\n      path: overlays/prod\n  - id: group/staging\n    default_namespace: {ns}\n    kustomize:\n      path: overlays/staging\n"
+        )
+    };
+    let overlays = |ns: &str| {
+        let (prod, staging) = (format!("{ns}-prod"), format!("{ns}-stg"));
+        kustomize_repo(&[("prod", &prod, 3), ("staging", &staging, 2)])
+    };
+    let (rig, c1, ns) = rendering_rig("kz", staging_entry, overlays, "").await;
+    let (prod, staging) = (format!("{ns}-prod"), format!("{ns}-stg"));
+    // The same repository is the second manifest project.
+    rig.kas
+        .set_projects(&[("group/staging", &rig.manifests)])
+        .await;
+    let s = rig.synced_in("group/staging", &c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let env = &rig.env;
+    assert_eq!(
+        overlay_objects(env, &prod, 3),
+        serde_json::json!({"greeting": "hello", "env": "prod"})
+    );
+    assert_eq!(
+        overlay_objects(env, &staging, 2),
+        serde_json::json!({"greeting": "hello", "env": "staging"})
+    );
+    let prod_before = versions(env, &prod);
+    let staging_before = versions(env, &staging);
+
+    let patch = replicas_patch(4);
+    let c2 = rig.manifests.commit(
+        &[("overlays/staging/replicas.yaml", Some(patch.as_bytes()))],
+        "staging: 4 replicas",
+    );
+    for project in ["group/manifests", "group/staging"] {
+        let s = rig.synced_in(project, &c2).await;
+        assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    }
+    overlay_objects(env, &staging, 4);
+    assert_eq!(versions(env, &prod), prod_before, "prod was written to");
+    let staging_after = versions(env, &staging);
+    let changed: Vec<&String> = staging_after
+        .iter()
+        .filter(|v| !staging_before.contains(v))
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(changed, ["Deployment/web"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kustomize_refusals_name_the_file_and_change_nothing() {
+    let prod_entry = |_: &str| "    kustomize:\n      path: overlays/prod\n".to_owned();
+    let overlay = |ns: &str| kustomize_repo(&[("prod", &format!("{ns}-prod"), 3)]);
+    let (rig, _, ns) = rendering_rig("kzbad", prod_entry, overlay, "").await;
+    let prod = format!("{ns}-prod");
+    let repo = overlay(&ns);
+    let before = versions(&rig.env, &prod);
+
+    let bad_patch =
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: [3\n";
+    let c2 = rig.manifests.commit(
+        &[("overlays/prod/replicas.yaml", Some(bad_patch.as_bytes()))],
+        "a broken patch",
+    );
+    rig.refused(&c2, &["kustomize failed", "replicas.yaml"])
+        .await;
+    assert_eq!(versions(&rig.env, &prod), before);
+
+    let good_patch = replicas_patch(3);
+    let remote = "resources:\n- github.com/example/infra/base?ref=v1\n";
+    let c3 = rig.manifests.commit(
+        &[
+            ("overlays/prod/replicas.yaml", Some(good_patch.as_bytes())),
+            ("base/kustomization.yaml", Some(remote.as_bytes())),
+        ],
+        "a remote base",
+    );
+    rig.refused(
+        &c3,
+        &[
+            "base/kustomization.yaml refers to the remote github.com/example/infra/base?ref=v1",
+            "without network",
+        ],
+    )
+    .await;
+    assert_eq!(versions(&rig.env, &prod), before);
+
+    let base = &repo
+        .iter()
+        .find(|(p, _)| p == "base/kustomization.yaml")
+        .unwrap()
+        .1;
+    rig.manifests.commit(
+        &[("base/kustomization.yaml", Some(base.as_bytes()))],
+        "local base",
+    );
+    std::os::unix::fs::symlink("../../../etc/passwd", rig.manifests.dir.join("base/passwd"))
+        .unwrap();
+    let c4 = rig.manifests.commit(&[], "a link out of the repository");
+    rig.refused(
+        &c4,
+        &["symbolic link base/passwd points to \"../../../etc/passwd\", outside the repository"],
+    )
+    .await;
+    assert_eq!(versions(&rig.env, &prod), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helm_chart_with_two_values_files_is_applied_and_its_errors_change_nothing() {
+    let (rig, _, ns) = rendering_rig("helm", |_| HELM_ENTRY.into(), |_| helm_repo(), "").await;
+    let cm = get_json(&rig.env, &["get", "configmap", "shop-config", "-n", &ns]).unwrap();
+    assert_eq!(
+        cm["data"],
+        serde_json::json!({"color": "blue", "size": "l", "greeting": "hi"})
+    );
+    let d = get_json(&rig.env, &["get", "deployment", "shop-web", "-n", &ns]).unwrap();
+    assert_eq!(d["spec"]["replicas"], 2);
+    let before = versions(&rig.env, &ns);
+
+    let broken = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: broken\ndata:\n  x: {{ .Values.missing.key }}\n";
+    let c2 = rig.manifests.commit(
+        &[("charts/app/templates/broken.yaml", Some(broken.as_bytes()))],
+        "a template error",
+    );
+    rig.refused(&c2, &["helm failed", "app/templates/broken.yaml:6:"])
+        .await;
+    assert_eq!(versions(&rig.env, &ns), before);
+
+    let with_dependency = "apiVersion: v2\nname: app\nversion: 0.1.0\ndependencies:\n- name: redis\n  version: 20.0.0\n  repository: https://charts.example.com\n";
+    let c3 = rig.manifests.commit(
+        &[
+            ("charts/app/templates/broken.yaml", None),
+            ("charts/app/Chart.yaml", Some(with_dependency.as_bytes())),
+        ],
+        "a remote dependency",
+    );
+    rig.refused(&c3, &["chart charts/app depends on redis from https://charts.example.com, which is not vendored"]).await;
+    assert_eq!(versions(&rig.env, &ns), before);
+}
+
+/// Processes whose command line mentions `dir` (a renderer working in it).
+fn processes_in(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renderings_over_their_time_memory_or_output_limit_are_stopped_and_reported() {
+    let work = tempfile::tempdir().unwrap();
+    let limits = format!(
+        "    timeout: 3s\n    memory_limit: 1073741824\n    max_output_size: 1048576\n    work_dir: {}\n",
+        work.path().display()
+    );
+    let (rig, _, ns) =
+        rendering_rig("limits", |_| HELM_ENTRY.into(), |_| helm_repo(), &limits).await;
+    let before = versions(&rig.env, &ns);
+    let cases = [
+        (
+            "{{- range until 100000 }}{{- range until 100000 }}{{- range until 100000 }}{{- end }}{{- end }}{{- end }}\n",
+            "helm did not finish within 3s and was stopped",
+        ),
+        (
+            "{{ $s := repeat 2000000000 \"x\" }}# {{ len $s }}\n",
+            "helm ran out of its memory limit of 1073741824 bytes and was stopped",
+        ),
+        (
+            "{{- range until 200000 }}\n# xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n{{- end }}\n",
+            "helm wrote more than 1048576 bytes of manifests and was stopped",
+        ),
+    ];
+    for (template, error) in cases {
+        let started = Instant::now();
+        let c = rig.manifests.commit(
+            &[("charts/app/templates/heavy.yaml", Some(template.as_bytes()))],
+            error,
+        );
+        rig.refused(&c, &[error]).await;
+        // Generous: the limit is 3 s; this bounds "stopped" rather than measuring it.
+        assert!(started.elapsed() < Duration::from_secs(60), "{error}");
+        assert_eq!(processes_in(work.path()), Vec::<String>::new(), "{error}");
+        let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+        assert!(left.is_empty(), "checkouts left behind: {left:?}");
+        assert_eq!(versions(&rig.env, &ns), before, "{error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_renders_the_overlay_of_a_branch_as_the_agent_would() {
+    let prod_entry = |_: &str| "    kustomize:\n      path: overlays/prod\n".to_owned();
+    let overlay = |ns: &str| kustomize_repo(&[("prod", &format!("{ns}-prod"), 3)]);
+    let (rig, _, ns) = rendering_rig("kzdiff", prod_entry, overlay, "").await;
+    let prod = format!("{ns}-prod");
+    let before = versions(&rig.env, &prod);
+    // A branch in a worktree of its own: the branch the agent follows never moves.
+    let dir = rig.manifests.dir.with_file_name("wt-feature");
+    rig.manifests.git(&[
+        "worktree",
+        "add",
+        "-q",
+        "-b",
+        "feature",
+        dir.to_str().unwrap(),
+    ]);
+    let patch = replicas_patch(5);
+    support::GitRepo { dir }.commit(
+        &[("overlays/prod/replicas.yaml", Some(patch.as_bytes()))],
+        "prod: 5 replicas",
+    );
+    let out = rig
+        .kas
+        .cli()
+        .args([
+            "agent",
+            "diff",
+            "group/config:seed",
+            "--ref",
+            "feature",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let (json, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let view: tether_kas_api::DiffView = serde_json::from_str(&json).unwrap();
+    let objects = &view.projects[0].objects;
+    let changed: Vec<(&str, &str)> = objects
+        .iter()
+        .filter(|o| o.change != tether_kas_api::DiffChange::Unchanged)
+        .map(|o| (o.kind.as_str(), o.name.as_str()))
+        .collect();
+    assert_eq!(changed, [("Deployment", "web")], "{json}");
+    let web = objects.iter().find(|o| o.name == "web").unwrap();
+    assert!(
+        web.diff.contains("-  replicas: 3") && web.diff.contains("+  replicas: 5"),
+        "{}",
+        web.diff
+    );
+    assert!(
+        objects.iter().any(|o| o.name.starts_with("web-config-")),
+        "{json}"
+    );
+    assert_eq!(
+        versions(&rig.env, &prod),
+        before,
+        "a preview changes nothing"
+    );
+}
