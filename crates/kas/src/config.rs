@@ -233,6 +233,9 @@ pub struct Database {
     /// PostgreSQL instead of SQLite: `postgres://user[:password]@host[:port]/database`
     /// (with `?sslmode=verify-full` and friends for TLS). Exclusive with `sqlite_path`.
     pub url: Option<String>,
+    /// A file holding that URL instead (it carries the password: a mounted Secret). Read when
+    /// kas loads its configuration; exclusive with `url`.
+    pub url_file: Option<PathBuf>,
 }
 
 /// Which database kas keeps its records in (see [`Config::database_location`]).
@@ -534,13 +537,25 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Reads and parses a file.
+    /// Reads and parses a file, then the files it names for secrets (`database.url_file`).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, path)
+        let mut cfg = Self::parse(&text, path)?;
+        if let Some(file) = cfg.database.url_file.take() {
+            let url = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            cfg.database.url = Some(url.trim().to_owned());
+            cfg.validate().map_err(|message| ConfigError::Invalid {
+                path: file,
+                message,
+            })?;
+        }
+        Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -573,6 +588,12 @@ impl Config {
     }
 
     fn validate_database(&self) -> Result<(), String> {
+        if self.database.url_file.is_some() && self.database.url.is_some() {
+            return Err("database.url and database.url_file are exclusive".into());
+        }
+        if self.database.url_file.is_some() && self.database.sqlite_path.is_some() {
+            return Err("database.url_file and database.sqlite_path are exclusive".into());
+        }
         let Some(url) = &self.database.url else {
             return Ok(());
         };
@@ -776,5 +797,28 @@ mod tests {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples/kas.yaml");
         let c = Config::load(&p).expect("example config");
         assert_eq!(c.agent.tunnel_wait_timeout, Duration::from_secs(20));
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn the_database_url_is_read_from_its_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().join("url");
+        std::fs::write(&url, "postgres://kas:secret@db/kas\n").unwrap();
+        let cfg = dir.path().join("kas.yaml");
+        std::fs::write(&cfg, format!("database:\n  url_file: {}\n", url.display())).unwrap();
+        let c = Config::load(&cfg).unwrap();
+        assert_eq!(
+            c.database.url.as_deref(),
+            Some("postgres://kas:secret@db/kas")
+        );
+        std::fs::write(&url, "mysql://db\n").unwrap();
+        let e = Config::load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("postgres://") && !e.contains("secret"), "{e}");
+        let both = format!(
+            "database:\n  url: postgres://db/kas\n  url_file: {}\n",
+            url.display()
+        );
+        assert!(parse(&both).unwrap_err().to_string().contains("exclusive"));
     }
 }

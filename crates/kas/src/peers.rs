@@ -48,7 +48,8 @@ pub struct PeersConfig {
     /// The private listener other replicas forward requests to (never exposed to agents or
     /// clients: put it on the replicas' private network).
     pub listen: std::net::SocketAddr,
-    /// How the other replicas reach it (default: `listen`, which must then not be 0.0.0.0).
+    /// How the other replicas reach it (default: `listen`; when that is `0.0.0.0`, the
+    /// environment's `POD_IP` with its port, as a Pod gets it from the downward API).
     pub advertise_address: Option<String>,
     /// The secret every replica shares (HMAC key of forwarded requests).
     pub secret_file: std::path::PathBuf,
@@ -114,6 +115,19 @@ impl std::fmt::Debug for Peers {
     }
 }
 
+/// The address other replicas use (pure): the configured one, else the listener's, else —
+/// for an unspecified listen address — `POD_IP` with the listener's port.
+fn advertised(cfg: &PeersConfig, pod_ip: Option<&str>) -> Option<String> {
+    if let Some(a) = &cfg.advertise_address {
+        return Some(a.clone());
+    }
+    if !cfg.listen.ip().is_unspecified() {
+        return Some(cfg.listen.to_string());
+    }
+    let ip: std::net::IpAddr = pod_ip?.parse().ok()?;
+    Some(std::net::SocketAddr::new(ip, cfg.listen.port()).to_string())
+}
+
 fn agent_key(agent_id: i64) -> String {
     format!("tether:agent:{agent_id}")
 }
@@ -132,10 +146,12 @@ impl Peers {
             .trim()
             .as_bytes()
             .to_vec();
-        let address = cfg
-            .advertise_address
-            .clone()
-            .unwrap_or_else(|| cfg.listen.to_string());
+        let pod_ip = std::env::var("POD_IP").ok();
+        let address = advertised(cfg, pod_ip.as_deref()).ok_or_else(|| {
+            std::io::Error::other(
+                "peers.listen is 0.0.0.0: set peers.advertise_address (or POD_IP) so the other replicas can reach this one",
+            )
+        })?;
         Ok(Peers {
             cluster,
             secret: Arc::new(secret),
@@ -407,6 +423,28 @@ mod tests {
         let text = String::from_utf8(p.to_vec()).unwrap();
         let (tag, body) = text.split_once('\n').unwrap();
         (tag.to_owned(), body.to_owned())
+    }
+
+    #[test]
+    fn the_advertised_address_falls_back_to_the_pods_ip() {
+        let cfg = |listen: &str, advertise: Option<&str>| PeersConfig {
+            listen: listen.parse().unwrap(),
+            advertise_address: advertise.map(str::to_owned),
+            secret_file: "/s".into(),
+        };
+        assert_eq!(
+            advertised(&cfg("10.0.0.5:8156", None), None).unwrap(),
+            "10.0.0.5:8156"
+        );
+        assert_eq!(
+            advertised(&cfg("0.0.0.0:8156", Some("kas-0:8156")), None).unwrap(),
+            "kas-0:8156"
+        );
+        assert_eq!(
+            advertised(&cfg("0.0.0.0:8156", None), Some("10.1.2.3")).unwrap(),
+            "10.1.2.3:8156"
+        );
+        assert_eq!(advertised(&cfg("0.0.0.0:8156", None), None), None);
     }
 
     #[test]

@@ -290,7 +290,7 @@ async fn start_peers(cfg: &Config, sh: &mut Shared, handle: Handle) -> Result<Ha
         return Ok(handle);
     };
     let peers = crate::peers::Peers::new(pc, cluster, Arc::clone(&sh.registry))
-        .with_context(|| format!("reading peers.secret_file {}", pc.secret_file.display()))?;
+        .with_context(|| format!("peers (secret_file {})", pc.secret_file.display()))?;
     let listener = bind("peers", pc.listen).await?;
     tracing::info!(address = %pc.listen, "Peers listener is up: requests for agents on other replicas are routed there");
     let stop = Modules::shutdown_of(&handle);

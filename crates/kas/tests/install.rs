@@ -913,3 +913,67 @@ async fn registering_an_agent_prints_how_to_install_it_and_writes_manifests_that
         "{args}"
     );
 }
+
+/// Several replicas: PostgreSQL's URL and Redis's password from Secrets, the peers listener with
+/// the shared secret, each Pod told its IP; the generated configuration is one kas accepts,
+/// and the cluster accepts the objects. Without what replicas share, helm names the value.
+#[test]
+fn the_kas_chart_scales_out_on_postgresql_redis_and_peers() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("kas-replicas").unwrap();
+    let values = ci_values("kas", "replicas-values.yaml");
+    let yaml = template(&env, "kas", "kas", &ns, &[values]);
+    let objs = objects(&yaml);
+    let cfg = kas_configuration(&objs, &ns);
+    assert_eq!(
+        cfg.database.url_file.as_deref(),
+        Some(Path::new("/etc/kas/database/url"))
+    );
+    let redis = cfg.redis.as_ref().unwrap();
+    assert_eq!(redis.url, "redis://redis.kas.svc:6379/0");
+    assert_eq!(
+        redis.password_file.as_deref(),
+        Some(Path::new("/etc/kas/redis/password"))
+    );
+    let peers = cfg.peers.as_ref().unwrap();
+    assert_eq!(peers.listen.to_string(), "0.0.0.0:8156");
+    let sts = find(&objs, "StatefulSet", Some(&ns), "kas");
+    assert_eq!(sts["spec"]["replicas"], 3);
+    let pod = &sts["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let pod_ip = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "POD_IP")
+        .unwrap();
+    assert_eq!(pod_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    for (volume, secret) in [
+        ("database", "kas-database"),
+        ("redis", "kas-redis"),
+        ("peers", "kas-peers"),
+    ] {
+        let v = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == volume)
+            .unwrap();
+        assert_eq!(v["secret"]["secretName"], secret);
+    }
+    // The peers port is no Service's: replicas reach each other by Pod IP.
+    assert!(service_ports(&objs, &ns).iter().all(|(_, p)| *p != 8156));
+    env.apply_yaml(&yaml).unwrap();
+
+    let mut c = helm(&env);
+    c.args(["template", "kas"])
+        .arg(chart("kas"))
+        .args(["--set", "replicas=2"]);
+    let out = c.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("replicas > 1 needs database.urlSecret.name"),
+        "{err}"
+    );
+}

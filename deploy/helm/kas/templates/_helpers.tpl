@@ -74,5 +74,27 @@ mounts of the StatefulSet (data on the volume, TLS and the admin token from Secr
 {{- $_ = set $cfg "webhooks" (dict "listen" (merge (dict "address" (printf "0.0.0.0:%v" $v.webhooks.port)) $tls)) }}
 {{- end }}
 {{- $_ = set $cfg "observability" (dict "listen" (dict "address" (printf "0.0.0.0:%v" $v.observability.port)) "logging" (dict "level" $v.observability.logLevel)) }}
+{{- if $v.database.urlSecret.name }}
+{{- $_ = set $cfg "database" (dict "url_file" "/etc/kas/database/url") }}
+{{- end }}
+{{- if $v.redis.url }}
+{{- $redis := dict "url" $v.redis.url }}
+{{- if $v.redis.passwordSecret.name }}
+{{- $_ = set $redis "password_file" "/etc/kas/redis/password" }}
+{{- end }}
+{{- $_ = set $cfg "redis" $redis }}
+{{- end }}
+{{- if $v.peers.secretName }}
+{{- $_ = set $cfg "peers" (dict "listen" (printf "0.0.0.0:%v" $v.peers.port) "secret_file" "/etc/kas/peers/secret") }}
+{{- end }}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy $v.config)) }}
+{{- end }}
+
+{{/* Several replicas need what they share: fail at install time, naming the value. */}}
+{{- define "kas.checkReplicas" -}}
+{{- if gt (int .Values.replicas) 1 }}
+{{- if not .Values.database.urlSecret.name }}{{ fail "replicas > 1 needs database.urlSecret.name: replicas share PostgreSQL (SQLite has one writer)" }}{{ end }}
+{{- if not .Values.redis.url }}{{ fail "replicas > 1 needs redis.url: replicas share revocations, pushes and the agent directory in Redis" }}{{ end }}
+{{- if not .Values.peers.secretName }}{{ fail "replicas > 1 needs peers.secretName: a request for an agent on another replica is routed there" }}{{ end }}
+{{- end }}
 {{- end }}
