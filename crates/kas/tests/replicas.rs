@@ -224,8 +224,8 @@ fn person_kubectl(
     c
 }
 
-/// Three replicas, an agent whose connections go through a balancer in front of replicas 1
-/// and 2 (to replica 1 while it lives), and a person allowed to use the agent.
+/// Three replicas, an agent whose connections go through a balancer in front of them (to the
+/// first that lives), and a person allowed to use the agent.
 struct Routed {
     env: tether_testenv::TestEnv,
     ns: String,
@@ -261,7 +261,7 @@ impl Routed {
             .await
             .unwrap();
         let kubeconfig = env.kubeconfig.to_str().unwrap().to_owned();
-        let lb = balancer(vec![kas[0].agent_port, kas[1].agent_port]).await;
+        let lb = balancer(kas.iter().map(|k| k.agent_port).collect()).await;
         let url = format!("grpc://127.0.0.1:{lb}");
         let agent = Agent::start_with(
             dir.path(),
@@ -452,4 +452,43 @@ async fn requests_work_again_within_two_seconds_of_the_agent_reconnecting_to_ano
     eprintln!("requests worked again {took:?} after the agent reconnected to replica 2");
     assert!(took < Duration::from_secs(2), "{took:?}");
     assert!(r.agent.log().contains("127.0.0.1"), "the agent ran");
+}
+
+/// A rolling restart (SIGTERM, one replica after the other, as a Deployment rollout does):
+/// after each, the person's requests through another replica work again, with the agent's
+/// configuration and tunnels found wherever they now are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_the_replicas_keeps_access() {
+    let mut r = Routed::start().await;
+    let get = |r: &Routed, via: usize| {
+        r.kubectl(via)
+            .args(["get", "configmaps", "-n", &r.ns, "-o", "name"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    for i in 0..3 {
+        let via = (i + 1) % 3;
+        wait_for("a routed get", Duration::from_secs(30), || async {
+            get(&r, via).then_some(())
+        })
+        .await;
+        r.kas[i].restart().await;
+        let back = Instant::now();
+        wait_for(
+            &format!("access through replica {via} after restarting replica {i}"),
+            Duration::from_secs(30),
+            || async { get(&r, via).then_some(()) },
+        )
+        .await;
+        eprintln!(
+            "replica {i} restarted: access through replica {via} {:?} after it was back",
+            back.elapsed()
+        );
+    }
+    // Each replica serves the person after the rollout, wherever the agent is now.
+    for via in 0..3 {
+        assert!(get(&r, via), "through replica {via}");
+    }
 }
