@@ -660,25 +660,34 @@ impl Proxy {
             .as_ref()
             .filter(|_| !self.registry.has_agent(routed.agent_id))
         {
-            let service = tether_protocol::services::KUBERNETES_API;
-            match peers.open(routed.agent_id, service, &meta).await {
+            match peers.open(routed.agent_id, KUBERNETES_API, &meta).await {
                 Ok(Some(stream)) => return http_over(stream, revoked).await,
                 Ok(None) => {} // no other replica has it: wait for it here
                 Err(e) => return Err(unavailable(StatusCode::SERVICE_UNAVAILABLE, &e)),
             }
         }
-        let tunnel = self
-            .registry
-            .get_tunnel(routed.agent_id, self.tunnel_wait)
-            .await
-            .map_err(|e| unavailable(StatusCode::SERVICE_UNAVAILABLE, &e))?;
+        let waited = self.registry.get_tunnel(routed.agent_id, self.tunnel_wait);
+        let tunnel = match &self.peers {
+            None => waited.await,
+            // The agent may come back to another replica (a rollout): whichever is first.
+            Some(peers) => tokio::select! {
+                t = waited => t,
+                s = peers.wait_holder(routed.agent_id, KUBERNETES_API, &meta) => {
+                    return http_over(s, revoked).await;
+                }
+            },
+        }
+        .map_err(|e| unavailable(StatusCode::SERVICE_UNAVAILABLE, &e))?;
         let conn = tunnel
-            .request(tether_protocol::services::KUBERNETES_API, meta)
+            .request(KUBERNETES_API, meta)
             .await
             .map_err(|e| unavailable(StatusCode::BAD_GATEWAY, &e))?;
         http_over(conn, revoked).await
     }
 }
+
+/// The agent's service the proxy's requests go to.
+const KUBERNETES_API: &str = tether_protocol::services::KUBERNETES_API;
 
 /// An HTTP/1.1 client connection over `io` (a tunnel stream here, or a connection to the
 /// replica holding the agent's tunnels), dropped when `revoked` fires.

@@ -300,6 +300,23 @@ impl Peers {
         })
     }
 
+    /// A stream to the agent through whichever other replica gets its tunnels first, checking
+    /// the directory twice a second; pending until one does (callers race it with a local
+    /// wait and its deadline).
+    pub async fn wait_holder(
+        &self,
+        agent_id: i64,
+        service: &str,
+        metadata: &HashMap<String, String>,
+    ) -> TcpStream {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Ok(Some(stream)) = self.open(agent_id, service, metadata).await {
+                return stream;
+            }
+        }
+    }
+
     /// Serves forwarded requests on the private listener until `stop`.
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
         loop {
