@@ -694,21 +694,10 @@ roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: cl
 subjects:\n- kind: ServiceAccount\n  name: deployer\n  namespace: {agent_ns}\n"
     ))
     .unwrap();
-    let sa_token = run_output(env.kubectl().args([
-        "create",
-        "token",
-        "deployer",
-        "-n",
-        &agent_ns,
-        "--duration=1h",
-    ]))
-    .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let agent_kubeconfig = write(
-        dir.path(),
-        "agent.kubeconfig",
-        &env.token_kubeconfig(String::from_utf8(sa_token).unwrap().trim()),
-    );
+    let agent_kubeconfig = dir.path().join("agent.kubeconfig");
+    env.write_service_account_kubeconfig(&agent_ns, "deployer", "1h", &agent_kubeconfig)
+        .unwrap();
     let pki = Pki::generate(dir.path());
     let jwks = dir.path().join("jwks.json");
     let id_token = ci_job_id_token(&jwks);

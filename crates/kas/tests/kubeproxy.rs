@@ -12,7 +12,7 @@ use kas::api::ProjectRequest;
 use serde_json::{Value, json};
 use support::oidc::{AUDIENCE, ISSUER, SigningKey, claims, now};
 use support::{Agent, GitRepo, Kas, KasOptions, Pki, wait_for};
-use tether_testenv::{TestEnv, run_output};
+use tether_testenv::TestEnv;
 
 struct Setup {
     env: TestEnv,
@@ -144,22 +144,10 @@ roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: ed
 subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorization.k8s.io\n- kind: User\n  name: gitlab:user:alice\n  apiGroup: rbac.authorization.k8s.io\n"
     ))
     .unwrap();
-    let token = run_output(env.kubectl().args([
-        "create",
-        "token",
-        "gitlab-agent",
-        "-n",
-        &agent_ns,
-        "--duration=2h",
-    ]))
-    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("agent.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        env.token_kubeconfig(String::from_utf8(token).unwrap().trim()),
-    )
-    .unwrap();
+    env.write_service_account_kubeconfig(&agent_ns, "gitlab-agent", "2h", &kubeconfig)
+        .unwrap();
 
     let key = SigningKey::new("ci-key");
     let pki = Pki::generate(dir.path());

@@ -12,7 +12,7 @@ use support::{Agent, GitRepo, Kas, KasOptions, wait_for};
 use tether_gitops_server::ReportedOutcome;
 use tether_testenv::signing::Signer;
 use tether_testenv::sshd::{Sshd, keygen};
-use tether_testenv::{TestEnv, run_output, seed_agent_rbac};
+use tether_testenv::{TestEnv, seed_agent_rbac};
 
 const APPLIED: &str = "Agent configuration applied";
 
@@ -105,22 +105,10 @@ async fn an_unsigned_manifest_commit_is_not_applied_and_a_signed_one_is() {
     let other = env.create_namespace("signed-other").unwrap();
     env.apply_yaml(&seed_agent_rbac(&ns, "gitlab-agent", &other))
         .unwrap();
-    let token = run_output(env.kubectl().args([
-        "create",
-        "token",
-        "gitlab-agent",
-        "-n",
-        &ns,
-        "--duration=2h",
-    ]))
-    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("agent.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        env.token_kubeconfig(String::from_utf8(token).unwrap().trim()),
-    )
-    .unwrap();
+    env.write_service_account_kubeconfig(&ns, "gitlab-agent", "2h", &kubeconfig)
+        .unwrap();
     let keys = dir.path().join("keys");
     std::fs::create_dir_all(&keys).unwrap();
     let alice = Signer::ssh(&keys, "alice", "alice@example.com").unwrap();

@@ -202,6 +202,28 @@ contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: 
         )
     }
 
+    /// Writes at `path` a kubeconfig for ServiceAccount `sa` of `namespace`, with a token valid
+    /// for `duration` (like `2h`): how agentk sees the cluster with only that account's rights.
+    pub fn write_service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        sa: &str,
+        duration: &str,
+        path: &Path,
+    ) -> Result<()> {
+        let token = run_output(self.kubectl().args([
+            "create",
+            "token",
+            sa,
+            "-n",
+            namespace,
+            &format!("--duration={duration}"),
+        ]))?;
+        let token = String::from_utf8_lossy(&token);
+        std::fs::write(path, self.token_kubeconfig(token.trim()))
+            .map_err(io_err("writing a ServiceAccount kubeconfig"))
+    }
+
     /// Applies YAML given on standard input with the admin kubeconfig.
     pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
         use std::io::Write;

@@ -125,22 +125,10 @@ pub async fn rig_opts(args: RigArgs<'_>, opts: KasOptions) -> (Rig, String) {
 pub async fn rig_entry(args: RigArgs<'_>, entry: &str, opts: KasOptions) -> (Rig, String) {
     let (env, agent_ns) = (args.env, args.agent_ns);
     env.apply_yaml(args.rbac).unwrap();
-    let token = run_output(env.kubectl().args([
-        "create",
-        "token",
-        "gitlab-agent",
-        "-n",
-        &agent_ns,
-        "--duration=2h",
-    ]))
-    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("agent.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        env.token_kubeconfig(String::from_utf8(token).unwrap().trim()),
-    )
-    .unwrap();
+    env.write_service_account_kubeconfig(&agent_ns, "gitlab-agent", "2h", &kubeconfig)
+        .unwrap();
     let config_repo = GitRepo::init(&dir.path().join("config"));
     config_repo.commit(
         &[(
