@@ -196,6 +196,9 @@ impl Kas {
             if let Ok(c) = AdminClient::from_token_file(&self.api_url, &token_file)
                 && let Ok(c) = c.trusting(self.api_ca.as_deref())
                 && c.stats().await.is_ok()
+                // Bound last of kas's listeners: once it answers, a port lost to another
+                // process on any listener would have stopped kas (and been retried) already.
+                && self.observability_get("/liveness").await.is_some()
             {
                 self.admin = c;
                 return true;
