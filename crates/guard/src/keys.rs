@@ -30,6 +30,16 @@ impl Fingerprint {
         first.copy_from_slice(&digest[..16]);
         Self(u128::from_be_bytes(first))
     }
+
+    /// The fingerprint as a number, to tell other replicas about it.
+    pub fn bits(self) -> u128 {
+        self.0
+    }
+
+    /// A fingerprint another replica sent as [`Fingerprint::bits`].
+    pub fn from_bits(bits: u128) -> Self {
+        Self(bits)
+    }
 }
 
 impl std::fmt::Debug for Fingerprint {

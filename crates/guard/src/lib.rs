@@ -20,6 +20,7 @@ mod keys;
 mod limiter;
 mod metrics;
 mod sampler;
+mod shared;
 mod tarpit;
 
 use std::net::IpAddr;
@@ -30,6 +31,7 @@ pub use keys::{Fingerprint, address_key};
 pub use limiter::{Rate, RateLimiter};
 pub use metrics::GuardMetrics;
 pub use sampler::{RefusalSampler, Sample, SampleKey, Summary};
+pub use shared::{PendingCounts, SharedCount};
 pub use tarpit::Tarpit;
 
 /// The limits of one listener.
@@ -46,7 +48,7 @@ pub struct GuardLimits {
 }
 
 /// Which limit refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LimitKind {
     FailedPerAddress,
     FailedPerCredential,
@@ -61,6 +63,17 @@ impl LimitKind {
             LimitKind::FailedPerCredential => "failed_auth_per_credential",
             LimitKind::PerCredential => "requests_per_credential",
         }
+    }
+
+    /// The kind [`LimitKind::as_str`] names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            LimitKind::FailedPerAddress,
+            LimitKind::FailedPerCredential,
+            LimitKind::PerCredential,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
     }
 }
 
@@ -102,6 +115,8 @@ pub struct GuardShared {
     pub sampler: Arc<RefusalSampler>,
     pub metrics: GuardMetrics,
     pub tarpit: Tarpit,
+    /// Whether guards note their counts for other replicas (see [`shared`]).
+    pub share_counts: bool,
 }
 
 /// One listener's limits, sampled refusal log and counters.
@@ -114,6 +129,8 @@ pub struct AuthGuard {
     sampler: Arc<RefusalSampler>,
     metrics: GuardMetrics,
     tarpit: Tarpit,
+    /// Counts for the other replicas, when shared.
+    pending: Option<PendingCounts>,
 }
 
 impl AuthGuard {
@@ -129,6 +146,43 @@ impl AuthGuard {
             sampler: shared.sampler,
             metrics: shared.metrics,
             tarpit: shared.tarpit,
+            pending: shared
+                .share_counts
+                .then(|| PendingCounts::new(limits.max_keys)),
+        }
+    }
+
+    /// What this guard counted since the last call, for the other replicas.
+    pub fn take_shared(&self) -> Vec<SharedCount> {
+        self.pending
+            .as_ref()
+            .map(PendingCounts::take)
+            .unwrap_or_default()
+    }
+
+    /// Adds what another replica counted to this guard's limiters.
+    pub fn apply_shared(&self, counts: &[SharedCount], now: Instant) {
+        for c in counts {
+            match c.kind {
+                LimitKind::FailedPerAddress => {
+                    self.failed_by_address.record_n(&c.key, c.count, now)
+                }
+                LimitKind::FailedPerCredential => {
+                    let f = Fingerprint::from_bits(c.key);
+                    self.failed_by_credential.record_n(&f, c.count, now);
+                }
+                LimitKind::PerCredential => {
+                    if let Some(quota) = &self.by_credential {
+                        quota.record_n(&Fingerprint::from_bits(c.key), c.count, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn note(&self, kind: LimitKind, key: u128) {
+        if let Some(p) = &self.pending {
+            p.add(kind, key);
         }
     }
 
@@ -196,6 +250,7 @@ impl AuthGuard {
                 quota
                     .acquire(&c, now)
                     .map_err(limited(LimitKind::PerCredential))?;
+                self.note(LimitKind::PerCredential, c.bits());
             }
         }
         Ok(())
@@ -225,9 +280,11 @@ impl AuthGuard {
     ) {
         if let Some(a) = address {
             self.failed_by_address.record(&address_key(a), now);
+            self.note(LimitKind::FailedPerAddress, address_key(a));
         }
         if let Some(c) = credential {
             self.failed_by_credential.record(&c, now);
+            self.note(LimitKind::FailedPerCredential, c.bits());
         }
         self.metrics.refused(self.listener, reason);
         if self.sample(address, now) {
@@ -315,6 +372,7 @@ mod tests {
                 sampler: Arc::new(RefusalSampler::new(Duration::from_secs(60), 100)),
                 metrics: GuardMetrics::default(),
                 tarpit: Tarpit::new(Duration::ZERO, 1),
+                share_counts: true,
             },
         )
     }
@@ -416,5 +474,45 @@ mod tests {
         assert_eq!(l(1).retry_after_secs(), 1);
         assert_eq!(l(1000).retry_after_secs(), 1);
         assert_eq!(l(1001).retry_after_secs(), 2);
+    }
+
+    #[test]
+    fn failures_counted_on_another_replica_limit_this_one() {
+        let (here, there) = (
+            guard(Some(Rate::new(60, 10))),
+            guard(Some(Rate::new(60, 10))),
+        );
+        let t0 = Instant::now();
+        let bad = Some(Fingerprint::of(b"stolen"));
+        for _ in 0..3 {
+            there.refused_at(ip(2), None, "invalid_credentials", "", t0);
+        }
+        for _ in 0..10 {
+            assert!(there.admit_at(ip(3), bad, t0).is_ok());
+        }
+        assert!(here.admit_at(ip(2), None, t0).is_ok(), "not shared yet");
+        here.apply_shared(&there.take_shared(), t0);
+        let l = here
+            .admit_at(ip(2), None, t0)
+            .expect_err("address limited here");
+        assert_eq!(l.kind, LimitKind::FailedPerAddress);
+        let l = here
+            .admit_at(ip(3), bad, t0)
+            .expect_err("quota used up there");
+        assert_eq!(l.kind, LimitKind::PerCredential);
+        assert!(there.take_shared().is_empty(), "taken once");
+        assert!(here.admit_at(ip(4), None, t0).is_ok(), "others unaffected");
+    }
+
+    #[test]
+    fn limit_kinds_round_trip_through_their_names() {
+        for k in [
+            LimitKind::FailedPerAddress,
+            LimitKind::FailedPerCredential,
+            LimitKind::PerCredential,
+        ] {
+            assert_eq!(LimitKind::from_name(k.as_str()), Some(k));
+        }
+        assert_eq!(LimitKind::from_name("other"), None);
     }
 }

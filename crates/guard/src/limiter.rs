@@ -104,6 +104,22 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         self.store(&mut g, key, next);
     }
 
+    /// Counts `n` events for `key` at once (another replica's), with [`RateLimiter::record`]'s
+    /// cap on the debt.
+    pub fn record_n(&self, key: &K, n: u32, now: Instant) {
+        if n == 0 {
+            return;
+        }
+        let mut g = self.lock();
+        let tat = g.current.get(key).or_else(|| g.previous.get(key)).copied();
+        let cap = now + self.tolerance + self.interval;
+        let next = tat
+            .map_or(now, |t| t.max(now))
+            .checked_add(self.interval.saturating_mul(n))
+            .map_or(cap, |t| t.min(cap));
+        self.store(&mut g, key, next);
+    }
+
     fn conforms(&self, tat: Option<Instant>, now: Instant) -> Result<(), Duration> {
         let ahead = tat.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
         if ahead > self.tolerance {
@@ -201,6 +217,22 @@ mod tests {
             assert!(l.len() <= 1000, "{} keys after {k}", l.len());
         }
         assert!(l.acquire(&u64::MAX, t0).is_err(), "penalty kept");
+    }
+
+    #[test]
+    fn record_n_counts_like_n_records() {
+        let (a, b) = (
+            RateLimiter::new(Rate::new(60, 5), 100),
+            RateLimiter::new(Rate::new(60, 5), 100),
+        );
+        let t0 = Instant::now();
+        for n in [0, 1, 4, 5, 7, 1000] {
+            for _ in 0..n {
+                a.record(&n, t0);
+            }
+            b.record_n(&n, n, t0);
+            assert_eq!(a.check(&n, t0), b.check(&n, t0), "{n} events");
+        }
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub struct ApiState {
     pub previews: crate::preview::Previews,
     /// Redis shared with the other replicas: revocations are published there.
     pub cluster: Option<crate::cluster::Cluster>,
+    /// The other replicas, when routing between them is configured: requests about an agent
+    /// held elsewhere are forwarded there (see [`crate::api_routing`]).
+    pub peers: Option<crate::peers::Peers>,
 }
 
 impl ApiState {
@@ -60,7 +63,7 @@ impl ApiState {
     /// token re-check), or to fetch a pushed project (or at their next poll).
     pub async fn publish_event(&self, event: crate::cluster::ClusterEvent) {
         let Some(cluster) = &self.cluster else { return };
-        if let Err(e) = cluster.publish(event).await {
+        if let Err(e) = cluster.publish(event.clone()).await {
             tracing::warn!(event = ?event, error = %e, "Cannot tell the other replicas; they catch up at their next token re-check or poll");
         }
     }
@@ -137,9 +140,24 @@ async fn require_admin(State(st): State<ApiState>, req: Request, next: Next) -> 
     next.run(req).await
 }
 
-async fn list_agents(State(st): State<ApiState>) -> Result<Json<Vec<AgentView>>, ApiError> {
+async fn list_agents(
+    State(st): State<ApiState>,
+    from_peer: Option<axum::Extension<crate::api_routing::FromPeer>>,
+) -> Result<Json<Vec<AgentView>>, ApiError> {
+    let local = local_agents(&st).await?;
+    match (&st.peers, from_peer) {
+        (Some(peers), None) => {
+            let others = crate::api_routing::other_replicas_agents(peers).await;
+            Ok(Json(crate::api_routing::merge_agents(local, others)))
+        }
+        _ => Ok(Json(local)),
+    }
+}
+
+/// The agents with this replica's connections to them.
+async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
     let rows = st.store.list_agents().await?;
-    let mut suspensions = crate::operate::suspension_views(&st, None).await?;
+    let mut suspensions = crate::operate::suspension_views(st, None).await?;
     let live: HashMap<i64, _> = st
         .registry
         .connections()
@@ -177,7 +195,7 @@ async fn list_agents(State(st): State<ApiState>) -> Result<Json<Vec<AgentView>>,
             }
         })
         .collect();
-    Ok(Json(out))
+    Ok(out)
 }
 
 async fn register_agent(
@@ -579,8 +597,35 @@ pub fn router(state: ApiState) -> Router {
     admin_router(state.clone()).merge(webhook_router(state))
 }
 
-/// The admin API alone: every route needs the admin token.
+/// The admin API alone: every route needs the admin token. With several replicas a request
+/// about an agent held by another one is forwarded there (after the admin check).
 pub fn admin_router(state: ApiState) -> Router {
+    admin_routes()
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::api_routing::to_holder,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        // Outside the admin check, so a client over its failure limit is refused before it.
+        .layer(middleware::from_fn_with_state(
+            HttpGuard {
+                guard: Arc::clone(&state.guards.admin),
+                credential: crate::limits::bearer_credential,
+            },
+            guard_http,
+        ))
+        .with_state(state)
+}
+
+/// The admin API as other replicas reach it over the peers listener: they checked the admin
+/// token, the signed preamble proves they are replicas; never forwarded again.
+pub fn peer_admin_router(state: ApiState) -> Router {
+    admin_routes()
+        .layer(axum::Extension(crate::api_routing::FromPeer))
+        .with_state(state)
+}
+
+fn admin_routes() -> Router<ApiState> {
     Router::new()
         .route("/api/v1/agents", get(list_agents).post(register_agent))
         .route(
@@ -599,16 +644,6 @@ pub fn admin_router(state: ApiState) -> Router {
             "/api/v1/projects",
             get(list_projects).put(put_project).delete(delete_project),
         )
-        .layer(middleware::from_fn_with_state(state.clone(), require_admin))
-        // Outside the admin check, so a client over its failure limit is refused before it.
-        .layer(middleware::from_fn_with_state(
-            HttpGuard {
-                guard: Arc::clone(&state.guards.admin),
-                credential: crate::limits::bearer_credential,
-            },
-            guard_http,
-        ))
-        .with_state(state)
 }
 
 /// The push webhooks alone. They come from Git servers: they carry the project's secret, not

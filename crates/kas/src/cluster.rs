@@ -4,8 +4,9 @@
 //! then ends what it opened on the replica that took it, and is published on
 //! [`CHANNEL`]; every replica follows the channel and ends the streams and requests that token
 //! opened there, so a revoke on any replica takes effect on all within a second (without Redis,
-//! other replicas notice at their next token re-check). Readiness follows Redis too: a replica
-//! that cannot reach it would miss revocations.
+//! other replicas notice at their next token re-check). Rate limiters' counts travel on the
+//! same channel a few times a second, so a limit holds across replicas (see [`crate::limits`]).
+//! Readiness follows Redis too: a replica that cannot reach it would miss revocations.
 //!
 //! Without `redis`, kas is a single replica and nothing here runs.
 
@@ -44,7 +45,7 @@ impl RedisConfig {
 }
 
 /// What one replica tells the others.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ClusterEvent {
     /// An agent token was revoked: end its tunnel, configuration and GitOps streams.
@@ -54,6 +55,11 @@ pub enum ClusterEvent {
     /// A push webhook for a project reached replica `from`: every other replica fetches it
     /// too (each keeps its own mirror), so agents on any replica get the commit at once.
     Pushed { project: i64, from: u64 },
+    /// What replica `from`'s rate limiters counted lately (see [`crate::limits`]).
+    Limits {
+        from: u64,
+        counts: Vec<crate::limits::ListenerCounts>,
+    },
 }
 
 /// A connection to Redis shared by the replica's modules; cheap to clone.

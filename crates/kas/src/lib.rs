@@ -6,6 +6,7 @@
 
 pub mod agent_kube;
 pub mod api;
+pub mod api_routing;
 pub mod auth;
 pub mod cluster;
 pub mod config;

@@ -23,6 +23,11 @@
 //! - **Rate-limited answers held 1 s** (at most 1,024 at once): a client that ignores
 //!   `Retry-After` then sends about one request a second per connection instead of thousands of
 //!   cheap refusals that still cost TLS and parsing; legitimate clients were refused anyway.
+//!
+//! With several replicas (`redis` configured) the limits hold for kas as a whole: every
+//! [`SHARE_INTERVAL`] each replica publishes what its limiters counted and adds what the others
+//! published (see [`tether_guard::PendingCounts`] for why counts are exchanged rather than
+//! looked up per request). If Redis is down each replica still enforces them on its own traffic.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,8 +40,8 @@ use axum::response::{IntoResponse, Response};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use serde::Deserialize;
 use tether_guard::{
-    AuthGuard, Fingerprint, GuardLimits, GuardMetrics, GuardShared, Limited, Rate, RefusalSampler,
-    Tarpit,
+    AuthGuard, Fingerprint, GuardLimits, GuardMetrics, GuardShared, LimitKind, Limited, Rate,
+    RefusalSampler, SharedCount, Tarpit,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +65,19 @@ pub struct RateLimits {
     /// How long the answer to a rate-limited request is held (zero: answered at once).
     #[serde(with = "humantime_serde")]
     pub limited_response_delay: Duration,
+}
+
+/// How often replicas exchange their limiters' counts: a client spread over replicas gets at
+/// most what reaches the others within this time beyond its limit, and an idle replica sends
+/// nothing (only counts that changed are published).
+pub const SHARE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// One listener's counts as they travel between replicas: `(limit, key in hex, count)`. Keys
+/// are client addresses and credential fingerprints (128 bits of a SHA-256), never secrets.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct ListenerCounts {
+    pub listener: String,
+    pub counts: Vec<(String, String, u32)>,
 }
 
 /// Rate-limited requests held at once (see [`tether_guard::Tarpit`]); beyond this they are
@@ -141,7 +159,8 @@ pub struct Guards {
 
 impl Guards {
     /// Builds the guards and registers their metrics.
-    pub fn new(cfg: &RateLimits, metrics: &mut MetricsRegistry) -> Self {
+    /// `share_counts`: note counts for other replicas (see [`Guards::spawn_sharing`]).
+    pub fn new(cfg: &RateLimits, share_counts: bool, metrics: &mut MetricsRegistry) -> Self {
         let shared = GuardShared {
             sampler: Arc::new(RefusalSampler::new(
                 cfg.refusal_log_interval,
@@ -149,6 +168,7 @@ impl Guards {
             )),
             metrics: GuardMetrics::default(),
             tarpit: Tarpit::new(cfg.limited_response_delay, MAX_HELD_REFUSALS),
+            share_counts,
         };
         shared.metrics.register(metrics);
         let limits = GuardLimits {
@@ -171,6 +191,83 @@ impl Guards {
         }
     }
 
+    fn all(&self) -> [&Arc<AuthGuard>; 4] {
+        [
+            &self.agent,
+            &self.kubernetes_api,
+            &self.admin,
+            &self.webhooks,
+        ]
+    }
+
+    /// What every guard counted since the last call, by listener (listeners with nothing left
+    /// out).
+    pub fn take_shared(&self) -> Vec<ListenerCounts> {
+        self.all()
+            .into_iter()
+            .filter_map(|g| {
+                let counts = g.take_shared();
+                (!counts.is_empty()).then(|| ListenerCounts {
+                    listener: g.listener().to_string(),
+                    counts: counts.iter().map(encode_count).collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// Adds another replica's counts to this replica's guards (unknown listeners or limits, from
+    /// a newer replica, are skipped).
+    pub fn apply_shared(&self, counts: &[ListenerCounts]) {
+        let now = Instant::now();
+        for lc in counts {
+            let Some(g) = self.all().into_iter().find(|g| g.listener() == lc.listener) else {
+                continue;
+            };
+            let decoded: Vec<SharedCount> = lc.counts.iter().filter_map(decode_count).collect();
+            g.apply_shared(&decoded, now);
+        }
+    }
+
+    /// Publishes this replica's counts every [`SHARE_INTERVAL`] until `stop`.
+    pub fn spawn_sharing(
+        &self,
+        cluster: crate::cluster::Cluster,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
+        let guards = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SHARE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = stop.cancelled() => break,
+                }
+                let counts = guards.take_shared();
+                if counts.is_empty() {
+                    continue;
+                }
+                let event = crate::cluster::ClusterEvent::Limits {
+                    from: cluster.replica(),
+                    counts,
+                };
+                match cluster.publish(event).await {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("Sharing rate-limit counts with other replicas again");
+                    }
+                    Ok(()) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "Cannot share rate-limit counts through Redis; each replica limits on its own traffic meanwhile");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    }
+
     /// Logs "N more refusals from X" for every sampling window that ended, until `stop`.
     pub fn spawn_summaries(&self, stop: CancellationToken) -> JoinHandle<()> {
         let sampler = Arc::clone(&self.sampler);
@@ -185,6 +282,18 @@ impl Guards {
             }
         })
     }
+}
+
+fn encode_count(c: &SharedCount) -> (String, String, u32) {
+    (c.kind.as_str().to_string(), format!("{:x}", c.key), c.count)
+}
+
+fn decode_count((kind, key, count): &(String, String, u32)) -> Option<SharedCount> {
+    Some(SharedCount {
+        kind: LimitKind::from_name(kind)?,
+        key: u128::from_str_radix(key, 16).ok()?,
+        count: *count,
+    })
 }
 
 /// A guard in front of HTTP routes, with where their credential is.
@@ -255,6 +364,7 @@ fn too_many_requests(l: &Limited) -> Response {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -265,6 +375,48 @@ mod tests {
         c.agent_rpcs_per_token.burst = 0;
         let e = c.validate().expect_err("zero burst");
         assert!(e.contains("agent_rpcs_per_token"), "{e}");
+    }
+
+    #[test]
+    fn counts_survive_the_trip_between_replicas() {
+        let mut m = MetricsRegistry::default();
+        let cfg = RateLimits::default();
+        let (here, there) = (
+            Guards::new(&cfg, true, &mut m),
+            Guards::new(&cfg, true, &mut m),
+        );
+        let addr = Some("192.0.2.7".parse().unwrap());
+        for _ in 0..100 {
+            there
+                .webhooks
+                .refused(addr, None, "invalid_credentials", "");
+        }
+        let sent = there.take_shared();
+        let wire = serde_json::to_string(&crate::cluster::ClusterEvent::Limits {
+            from: 1,
+            counts: sent,
+        })
+        .unwrap();
+        let Ok(crate::cluster::ClusterEvent::Limits { counts, .. }) = serde_json::from_str(&wire)
+        else {
+            panic!("{wire}");
+        };
+        assert!(here.webhooks.admit(addr, None).is_ok());
+        here.apply_shared(&counts);
+        assert!(
+            here.webhooks.admit(addr, None).is_err(),
+            "limited after the exchange"
+        );
+        assert!(here.admin.admit(addr, None).is_ok(), "per listener");
+    }
+
+    #[test]
+    fn guards_without_sharing_note_nothing() {
+        let mut m = MetricsRegistry::default();
+        let g = Guards::new(&RateLimits::default(), false, &mut m);
+        g.admin
+            .refused(None, Some(Fingerprint::of(b"x")), "invalid_credentials", "");
+        assert!(g.take_shared().is_empty());
     }
 
     #[test]

@@ -14,9 +14,13 @@
 //!   more than 30 s off), then `OK\n` or `ERR …\n` from the holder, then raw bytes both ways
 //!   into one of the agent's tunnel streams there. Streaming, watches and upgrades (exec,
 //!   port-forward) pass as bytes.
+//! - **Admin requests** travel the same way with the service [`ADMIN_SERVICE`]: after `OK` the
+//!   connection carries one HTTP/1.1 exchange with the holder's admin API (see
+//!   [`crate::api_routing`]), which trusts the signed preamble instead of an admin token (the
+//!   replica that forwarded it checked the caller's).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{KeyInit, Mac};
@@ -38,6 +42,9 @@ const REPLICA_REFRESH: Duration = Duration::from_secs(3);
 const MAX_PREAMBLE: usize = 64 * 1024;
 const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_SKEW: u64 = 30;
+/// The service name of a forwarded admin API request.
+pub const ADMIN_SERVICE: &str = "tether.admin";
+
 /// How long a holder waits for one of the agent's tunnel streams.
 const HOLDER_TUNNEL_WAIT: Duration = Duration::from_secs(2);
 
@@ -105,6 +112,8 @@ pub struct Peers {
     secret: Arc<Vec<u8>>,
     address: String,
     registry: Arc<Registry>,
+    /// The admin API served to other replicas, once the API module built it.
+    admin: Arc<OnceLock<axum::Router>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -157,7 +166,18 @@ impl Peers {
             secret: Arc::new(secret),
             address,
             registry,
+            admin: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// The admin API other replicas' requests are served by (set once, by the API module).
+    pub fn serve_admin(&self, router: axum::Router) {
+        let _ = self.admin.set(router);
+    }
+
+    /// Whether this replica holds tunnels of `agent_id`.
+    pub fn holds(&self, agent_id: i64) -> bool {
+        self.registry.connected_agents().contains(&agent_id)
     }
 
     fn me(&self) -> u64 {
@@ -257,6 +277,79 @@ impl Peers {
 }
 
 /// Why a request could not be carried to another replica.
+impl Peers {
+    /// The other live replicas' private addresses (a few keys: `SCAN` is cheap enough for the
+    /// listing it serves).
+    pub async fn other_replicas(&self) -> redis::RedisResult<Vec<String>> {
+        let mut conn = self.cluster.connection();
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("tether:replica:*")
+                .arg("COUNT")
+                .arg(100)
+                .query_async(&mut conn)
+                .await?;
+            keys.extend(batch.into_iter().filter(|k| *k != replica_key(self.me())));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let addresses: Vec<Option<String>> =
+            redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        Ok(addresses.into_iter().flatten().collect())
+    }
+
+    /// The replicas holding `agent_id`'s tunnels, other than this one.
+    pub async fn holder_addresses(&self, agent_id: i64) -> redis::RedisResult<Vec<String>> {
+        self.holders(agent_id).await
+    }
+
+    /// A connection to `address`'s admin API (after the signed preamble), ready for one
+    /// HTTP/1.1 exchange.
+    pub async fn open_admin(&self, address: &str) -> std::io::Result<TcpStream> {
+        let request = Forwarded {
+            agent_id: 0,
+            service: ADMIN_SERVICE.to_owned(),
+            metadata: BTreeMap::new(),
+            at: unix_now(),
+        };
+        let preamble = preamble(&self.secret, &request);
+        tokio::time::timeout(PREAMBLE_TIMEOUT, forward_to(address, &preamble))
+            .await
+            .map_err(|_| std::io::Error::other("no answer"))?
+    }
+
+    /// Serves one forwarded admin request on `stream`.
+    async fn carry_admin(&self, mut stream: BufReader<TcpStream>) {
+        let Some(router) = self.admin.get().cloned() else {
+            let _ = stream
+                .get_mut()
+                .write_all(b"ERR the admin API is not up yet\n")
+                .await;
+            return;
+        };
+        if stream.get_mut().write_all(b"OK\n").await.is_err() {
+            return;
+        }
+        let service = hyper_util::service::TowerToHyperService::new(router);
+        let served = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+        if let Err(e) = served {
+            tracing::debug!(error = %e, "A forwarded admin request ended early");
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
     #[error("the replicas' agent directory in Redis cannot be read: {0}")]
@@ -357,6 +450,9 @@ impl Peers {
                 return;
             }
         };
+        if request.service == ADMIN_SERVICE {
+            return self.carry_admin(stream).await;
+        }
         let tunnel = self
             .registry
             .get_tunnel(request.agent_id, HOLDER_TUNNEL_WAIT)

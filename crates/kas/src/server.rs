@@ -158,8 +158,12 @@ pub async fn start(cfg: Config) -> Result<Running> {
         live_user_requests: Arc::clone(&live_user_requests),
         guards: sh.guards.clone(),
         cluster: sh.cluster.clone(),
+        peers: sh.peers.clone(),
         previews: previews.clone(),
     };
+    if let Some(peers) = &sh.peers {
+        peers.serve_admin(api::peer_admin_router(state.clone()));
+    }
     let (api_addr, h) = start_api(&cfg, &sh, state.clone(), modules.handle("api")).await?;
     modules.push(h);
     let webhooks_addr = match &cfg.webhooks.listen {
@@ -228,7 +232,7 @@ async fn start_store(cfg: &Config, handle: Handle) -> Result<(Arc<dyn Store>, Ad
 
 /// The limits on failed authentication, and their periodic summary log.
 fn start_limits(cfg: &Config, metrics: &mut MetricsRegistry, handle: Handle) -> (Guards, Handle) {
-    let guards = Guards::new(&cfg.rate_limits, metrics);
+    let guards = Guards::new(&cfg.rate_limits, cfg.redis.is_some(), metrics);
     let task = guards.spawn_summaries(Modules::shutdown_of(&handle));
     (guards, handle.task(task))
 }
@@ -255,7 +259,8 @@ async fn connect_cluster(cfg: &Config) -> Result<Option<Cluster>> {
 }
 
 /// Applies what replicas publish: revoked tokens' tunnels, streams and people's open requests
-/// end here too; a push webhook another replica took makes this one fetch the project too.
+/// end here too; a push webhook another replica took makes this one fetch the project too;
+/// other replicas' rate-limit counts are added to this one's (and this one's are published).
 fn follow_cluster_events(
     sh: &Shared,
     (sources, live_user_requests): (&Arc<Sources>, &Arc<crate::revocation::LiveUserRequests>),
@@ -266,6 +271,7 @@ fn follow_cluster_events(
     };
     let (registry, live) = (Arc::clone(&sh.registry), Arc::clone(live_user_requests));
     let (sources, me) = (Arc::clone(sources), cluster.replica());
+    let guards = sh.guards.clone();
     let apply = move |event: ClusterEvent| match event {
         ClusterEvent::AgentToken { id } => ended(event, registry.revoke_token(id)),
         ClusterEvent::UserToken { id } => ended(event, live.revoke(id)),
@@ -278,9 +284,13 @@ fn follow_cluster_events(
             }
         }
         ClusterEvent::Pushed { .. } => {}
+        ClusterEvent::Limits { from, counts } if from != me => guards.apply_shared(&counts),
+        ClusterEvent::Limits { .. } => {}
     };
-    let task = tokio::spawn(cluster.follow(apply, Modules::shutdown_of(&handle)));
-    handle.task(task)
+    let stop = Modules::shutdown_of(&handle);
+    let sharing = sh.guards.spawn_sharing(cluster.clone(), stop.clone());
+    let task = tokio::spawn(cluster.follow(apply, stop));
+    handle.task(task).task(sharing)
 }
 
 /// Routing between replicas, when `peers` is configured: the private listener other replicas

@@ -14,11 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kas::api::ProjectRequest;
+use support::source::{connector, get, http_client};
 use support::{Agent, GitRepo, Kas, KasOptions, wait_for};
 use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
 use tonic::Code;
@@ -37,38 +38,6 @@ fn options() -> KasOptions {
             .into(),
         ..KasOptions::default()
     }
-}
-
-/// An HTTP connector whose sockets are bound to `from`.
-fn connector(from: IpAddr) -> HttpConnector {
-    let mut c = HttpConnector::new();
-    c.set_local_address(Some(from));
-    c.set_nodelay(true);
-    c
-}
-
-fn http_client(from: IpAddr) -> Client<HttpConnector, Empty<Bytes>> {
-    Client::builder(TokioExecutor::new()).build(connector(from))
-}
-
-/// GET `url` with `authorization` from `from`: status and `Retry-After`.
-async fn get(
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    url: &str,
-    authorization: &str,
-) -> (u16, Option<String>) {
-    let req = http::Request::get(url)
-        .header("authorization", authorization)
-        .body(Empty::new())
-        .unwrap();
-    let resp = client.request(req).await.unwrap();
-    let retry = resp
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
-    let status = resp.status().as_u16();
-    let _ = resp.into_body().collect().await;
-    (status, retry)
 }
 
 /// kas's /metrics text.

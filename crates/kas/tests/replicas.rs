@@ -126,15 +126,13 @@ async fn a_replica_is_ready_only_while_redis_answers() {
     .await;
 }
 
-/// With each replica keeping its own mirrors, a push webhook sent to replica 2 makes replica 1,
-/// which serves the agent, fetch too: the commit is applied at once (the poll is an hour).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_webhook_sent_to_one_replica_drives_the_sync_of_an_agent_on_another() {
+/// A GitOps rig (its kas is replica 1) whose agent synchronized one ConfigMap in a new
+/// namespace `name-…`: the rig, the namespace and the commit.
+async fn synced_rig(name: &str, opts: KasOptions) -> (support::gitops::Rig, String, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = tether_testenv::TestEnv::from_env().expect("a running control plane");
-    let ns = env.create_namespace("replicas").unwrap();
+    let ns = env.create_namespace(name).unwrap();
     let rbac = support::gitops::admin_rbac(&ns);
-    let shared = Shared::start();
     let c = configmap("first", &ns, "1");
     let args = RigArgs {
         env,
@@ -144,8 +142,17 @@ async fn a_webhook_sent_to_one_replica_drives_the_sync_of_an_agent_on_another() 
         initial: &[("manifests/cm.yaml", Some(&c[..]))],
         agent_args: &[],
     };
-    let (rig, c1) = rig_opts(args, shared.options()).await;
+    let (rig, c1) = rig_opts(args, opts).await;
     rig.synced(&c1).await;
+    (rig, ns, c1)
+}
+
+/// With each replica keeping its own mirrors, a push webhook sent to replica 2 makes replica 1,
+/// which serves the agent, fetch too: the commit is applied at once (the poll is an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_sent_to_one_replica_drives_the_sync_of_an_agent_on_another() {
+    let shared = Shared::start();
+    let (rig, ns, _) = synced_rig("replicas", shared.options()).await;
     let dir = tempfile::tempdir().unwrap();
     let two = shared.replica(&dir.path().join("kas-2")).await;
     let secret = dir.path().join("hook-secret");
@@ -185,22 +192,27 @@ async fn replicas_with_peers(
     n: usize,
     pki: &support::Pki,
 ) -> Vec<Kas> {
-    let secret = dir.join("peer-secret");
-    std::fs::write(&secret, "replicas-share-this\n").unwrap();
     let mut out = Vec::new();
     for i in 0..n {
-        let mut opts = shared.options();
+        let mut opts = with_peers(shared.options(), dir);
         opts.git_poll = "1s";
         // kubectl sends a bearer token over TLS only.
         opts.k8s_tls = Some((pki.cert.clone(), pki.key.clone()));
-        opts.extra_yaml.push_str(&format!(
-            "peers:\n  listen: 127.0.0.1:{}\n  secret_file: {}\n",
-            support::free_port(),
-            secret.display()
-        ));
         out.push(Kas::start(&dir.join(format!("kas-{i}")), opts).await);
     }
     out
+}
+
+/// `opts` with a private peers listener; the replicas' shared secret is kept in `dir`.
+fn with_peers(mut opts: KasOptions, dir: &std::path::Path) -> KasOptions {
+    let secret = dir.join("peer-secret");
+    std::fs::write(&secret, "replicas-share-this\n").unwrap();
+    opts.extra_yaml.push_str(&format!(
+        "peers:\n  listen: 127.0.0.1:{}\n  secret_file: {}\n",
+        support::free_port(),
+        secret.display()
+    ));
+    opts
 }
 
 /// kubectl with only a server and a person's token (no client certificate to fall back on).
@@ -491,4 +503,111 @@ async fn a_rolling_restart_of_the_replicas_keeps_access() {
     for via in 0..3 {
         assert!(get(&r, via), "through replica {via}");
     }
+}
+
+/// Failed authentications counted on one replica limit the client on the others: behind one
+/// address a client spread over three replicas would otherwise get three times its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_failure_limit_on_one_replica_is_refused_by_another_within_a_second() {
+    use support::source::{get, http_client};
+    let dir = tempfile::tempdir().unwrap();
+    let shared = Shared::start();
+    // One failure refilled every 10 s: the limit cannot wear off during the test.
+    let opts = || KasOptions {
+        extra_yaml: format!(
+            "{}rate_limits:\n  failed_auth_per_address:\n    per_minute: 6\n    burst: 20\n  limited_response_delay: 0s\n",
+            shared.yaml
+        ),
+        ..shared.options()
+    };
+    let one = Kas::start(&dir.path().join("kas-1"), opts()).await;
+    let two = Kas::start(&dir.path().join("kas-2"), opts()).await;
+    let flooder = http_client("127.0.0.2".parse().unwrap());
+    let agents = |kas: &Kas| format!("http://127.0.0.1:{}/api/v1/agents", kas.api_port);
+    let token = std::fs::read_to_string(two.dir.join("data/admin-token")).unwrap();
+    let good = format!("Bearer {}", token.trim());
+    // A good credential is never counted, so asking replica 2 with it does not limit by itself.
+    assert_eq!(get(&flooder, &agents(&two), &good).await.0, 200);
+
+    for i in 0..20 {
+        let bad = format!("Bearer wrong-{i}");
+        assert_eq!(
+            get(&flooder, &agents(&one), &bad).await.0,
+            401,
+            "failure {i}"
+        );
+    }
+    assert_eq!(get(&flooder, &agents(&one), "Bearer wrong").await.0, 429);
+    let started = Instant::now();
+    wait_for(
+        "replica 2 to refuse the address",
+        Duration::from_secs(5),
+        || async { (get(&flooder, &agents(&two), &good).await.0 == 429).then_some(()) },
+    )
+    .await;
+    let took = started.elapsed();
+    eprintln!("replica 2 refused the address {took:?} after replica 1 did");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // Only that address: another client is still served by replica 2.
+    let local = http_client("127.0.0.1".parse().unwrap());
+    assert_eq!(get(&local, &agents(&two), &good).await.0, 200);
+}
+
+/// An agent connected to replica 1; every admin command about it is asked of replica 2, which
+/// forwards it to replica 1: ping through the tunnel, the agent list (connected, configuration
+/// in force), GitOps status, suspend/resume, reconcile and diff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_about_an_agent_work_through_any_replica() {
+    let shared = Shared::start();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = with_peers(shared.options(), dir.path());
+    let (rig, ns, c1) = synced_rig("admin-routed", opts).await;
+    let two = Kas::start(
+        &dir.path().join("kas-2"),
+        with_peers(shared.options(), dir.path()),
+    )
+    .await;
+    let id = rig.agent_id;
+
+    let echoed = two.admin.echo(id, b"ping".to_vec()).await.unwrap();
+    assert_eq!(&echoed[..], b"ping");
+    let listed = two.admin.list_agents().await.unwrap();
+    let agent = listed.iter().find(|a| a.id == id).unwrap();
+    assert!(agent.connected, "{agent:?}");
+    assert_eq!(agent.connections.len(), 1, "{agent:?}");
+    assert!(agent.config.is_some(), "{agent:?}");
+    let status = two.admin.gitops_status(id).await.unwrap();
+    assert!(status.iter().any(|s| s.commit_id == c1), "{status:?}");
+
+    let suspend = tether_kas_api::SuspendRequest::default();
+    two.admin.suspend(id, &suspend).await.unwrap();
+    let c2 = rig.manifests.commit(
+        &[("manifests/cm.yaml", Some(&configmap("first", &ns, "2")))],
+        "second",
+    );
+    let refused = two.admin.reconcile(id, &Default::default()).await;
+    let refused = format!("{:#}", refused.unwrap_err());
+    assert!(refused.contains("suspended"), "{refused}");
+    two.admin.resume(id, &suspend).await.unwrap();
+    let started = two.admin.reconcile(id, &Default::default()).await.unwrap();
+    assert!(
+        started.projects.iter().all(|p| p.streams >= 1),
+        "{started:?}"
+    );
+    let synced = rig.synced(&c2).await;
+    assert_eq!(synced.outcome, tether_kas_api::ReportedOutcome::Succeeded);
+
+    let request = tether_kas_api::DiffRequest {
+        git_ref: "main".into(),
+        project: None,
+    };
+    let diff = two.admin.diff(id, &request).await.unwrap();
+    let changes: Vec<_> = diff
+        .projects
+        .iter()
+        .flat_map(|p| &p.objects)
+        .filter(|o| o.change.is_change())
+        .collect();
+    assert!(changes.is_empty(), "{diff:?}");
+    assert!(two.log().contains("Peers listener is up"), "{}", two.log());
 }

@@ -14,6 +14,7 @@ pub use tether_test_support::{GitDaemon, GitRepo, Pki};
 pub mod gitops;
 pub mod monitoring;
 pub mod oidc;
+pub mod source;
 
 /// A port for a kas or agentk child process; see [`tether_test_support::unused_port`] for the
 /// race, which [`Kas::start`] handles by retrying.

@@ -1,0 +1,220 @@
+//! The admin API with several replicas: a request about an agent is served by the replica
+//! holding the agent's connection, and the agent list gathers every replica's connections.
+//!
+//! An agent's tunnels, its configuration and GitOps streams and what it reported live on the
+//! replica it is connected to (one HTTP/2 connection carries them all). `kas agent ping`,
+//! `diff`, `reconcile`, `suspend`/`resume` and the GitOps views need them, so a replica that does
+//! not hold the agent forwards the request, over the private peers listener (see
+//! [`crate::peers`]), to one that does; the answer comes back unchanged. Requests that only read
+//! or write the database (tokens, projects, deleting an agent) are served where they arrive.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header, request::Parts};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::Full;
+use std::collections::BTreeMap;
+use tether_kas_api::AgentView;
+
+use crate::api::{ApiError, ApiState};
+use crate::peers::Peers;
+
+/// Largest admin request body forwarded (diff and reconcile requests are a few hundred bytes).
+const MAX_FORWARDED_BODY: usize = 1024 * 1024;
+
+/// Marks a request another replica forwarded: served here, never forwarded again.
+#[derive(Debug, Clone, Copy)]
+pub struct FromPeer;
+
+/// The agent a request is about when it needs the replica holding the agent (pure):
+/// `/api/v1/agents/{id}/…` for the sub-resources served from the agent's connection.
+pub fn agent_of(path: &str) -> Option<i64> {
+    let rest = path.strip_prefix("/api/v1/agents/")?;
+    let (id, sub) = rest.split_once('/')?;
+    let needs_holder = matches!(
+        sub,
+        "echo" | "gitops" | "gitops/progress" | "diff" | "reconcile" | "suspend" | "resume"
+    );
+    needs_holder.then(|| id.parse().ok()).flatten()
+}
+
+/// Middleware: forwards a request about an agent held by another replica to it. Served here
+/// when this replica holds the agent, when no replica does (the handler says it is not
+/// connected), and when the directory cannot be read (Redis down: local answers only).
+pub async fn to_holder(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let (Some(peers), Some(agent)) = (&st.peers, agent_of(req.uri().path())) else {
+        return next.run(req).await;
+    };
+    if req.extensions().get::<FromPeer>().is_some() || peers.holds(agent) {
+        return next.run(req).await;
+    }
+    let holders = match peers.holder_addresses(agent).await {
+        Ok(h) if !h.is_empty() => h,
+        Ok(_) => return next.run(req).await,
+        Err(e) => {
+            tracing::warn!(agent_id = agent, error = %e, "Cannot read the replicas' agent directory; answering from this replica only");
+            return next.run(req).await;
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_FORWARDED_BODY).await else {
+        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+            .into_response();
+    };
+    let mut errors = Vec::new();
+    for address in holders {
+        match forward(peers, &address, &parts, body.clone()).await {
+            Ok(response) => return response,
+            Err(e) => errors.push(format!("{address}: {e}")),
+        }
+    }
+    let message = format!(
+        "agent {agent} is connected to another replica, which did not answer: {}",
+        errors.join("; ")
+    );
+    tracing::warn!(agent_id = agent, error = %message, "Forwarding an admin request failed");
+    ApiError::new(StatusCode::BAD_GATEWAY, message).into_response()
+}
+
+/// One HTTP/1.1 exchange with `address`'s admin API over the peers listener.
+async fn forward(
+    peers: &Peers,
+    address: &str,
+    parts: &Parts,
+    body: Bytes,
+) -> Result<Response, String> {
+    let stream = peers.open_admin(address).await.map_err(|e| e.to_string())?;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Drives the connection until the answer's body is read by whoever reads it.
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut request = hyper::Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+    for (name, value) in &parts.headers {
+        // The holder trusts the signed preamble: the admin token stays on this replica.
+        if name != header::AUTHORIZATION && name != header::HOST {
+            request = request.header(name, value);
+        }
+    }
+    let request = request
+        .header(header::HOST, HeaderValue::from_static("kas"))
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (parts, body) = response.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Every other replica's agent list (its own connections), for `GET /api/v1/agents`. A replica
+/// that does not answer is left out with a warning: the list then misses its connections.
+pub async fn other_replicas_agents(peers: &Peers) -> Vec<Vec<AgentView>> {
+    let addresses = match peers.other_replicas().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot list the other replicas; showing this replica's connections only");
+            return Vec::new();
+        }
+    };
+    let (parts, _) = hyper::Request::get("/api/v1/agents")
+        .body(())
+        .unwrap_or_default()
+        .into_parts();
+    let mut lists = Vec::new();
+    for address in addresses {
+        match fetch_list(peers, &address, &parts).await {
+            Ok(list) => lists.push(list),
+            Err(e) => {
+                tracing::warn!(replica = %address, error = %e, "A replica did not list its agents");
+            }
+        }
+    }
+    lists
+}
+
+async fn fetch_list(peers: &Peers, address: &str, parts: &Parts) -> Result<Vec<AgentView>, String> {
+    let response = forward(peers, address, parts, Bytes::new()).await?;
+    if !response.status().is_success() {
+        return Err(format!("status {}", response.status()));
+    }
+    let body = axum::body::to_bytes(response.into_body(), 64 * 1024 * 1024)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
+/// This replica's agent list with the others' (pure): an agent's connections are all of its
+/// connections on every replica; its configuration in force comes from a replica holding it.
+pub fn merge_agents(local: Vec<AgentView>, others: Vec<Vec<AgentView>>) -> Vec<AgentView> {
+    let mut by_id: BTreeMap<i64, AgentView> = local.into_iter().map(|a| (a.id, a)).collect();
+    for view in others.into_iter().flatten() {
+        let Some(mine) = by_id.get_mut(&view.id) else {
+            // Registered since this replica read the database: shown as the holder sees it.
+            by_id.insert(view.id, view);
+            continue;
+        };
+        if view.connected && !mine.connected || mine.config.is_none() {
+            mine.config = view.config.or(mine.config.take());
+        }
+        mine.connections.extend(view.connections);
+        mine.idle_tunnels += view.idle_tunnels;
+        mine.connected |= view.connected;
+    }
+    by_id.into_values().collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_requests_served_from_the_agents_connection_follow_it() {
+        assert_eq!(agent_of("/api/v1/agents/7/echo"), Some(7));
+        assert_eq!(agent_of("/api/v1/agents/7/gitops/progress"), Some(7));
+        assert_eq!(agent_of("/api/v1/agents/12/reconcile"), Some(12));
+        assert_eq!(agent_of("/api/v1/agents/12/suspend"), Some(12));
+        assert_eq!(agent_of("/api/v1/agents/12/diff"), Some(12));
+        assert_eq!(agent_of("/api/v1/agents/12/tokens"), None);
+        assert_eq!(agent_of("/api/v1/agents/12/user-tokens"), None);
+        assert_eq!(agent_of("/api/v1/agents/12"), None);
+        assert_eq!(agent_of("/api/v1/agents"), None);
+        assert_eq!(agent_of("/api/v1/agents/x/echo"), None);
+        assert_eq!(agent_of("/api/v1/projects"), None);
+    }
+
+    fn view(id: i64, connected: bool) -> AgentView {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "project": "g/p", "name": format!("a{id}"), "connected": connected,
+            "idle_tunnels": u32::from(connected),
+            "connections": if connected {
+                serde_json::json!([{"connected_since": "2026-11-26T00:00:00Z",
+                    "agent_version": "v", "pod_name": "p", "pod_namespace": "n",
+                    "remote_addr": "r", "streams": 1}])
+            } else { serde_json::json!([]) },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_agent_connected_to_another_replica_shows_as_connected() {
+        let merged = merge_agents(
+            vec![view(1, true), view(2, false)],
+            vec![vec![view(1, false), view(2, true), view(3, false)]],
+        );
+        let ids: Vec<(i64, bool, usize)> = merged
+            .iter()
+            .map(|a| (a.id, a.connected, a.connections.len()))
+            .collect();
+        assert_eq!(ids, vec![(1, true, 1), (2, true, 1), (3, false, 0)]);
+    }
+}
