@@ -31,27 +31,7 @@ impl Setup {
     async fn connect(
         &self,
     ) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
-        let ca = std::fs::read(&self.ca).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let cfg = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.kas.k8s_port))
-            .await
-            .unwrap();
-        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .unwrap();
-        tokio::spawn(conn.with_upgrades());
-        sender
+        support::upgrade::tls_http1(self.kas.k8s_port, &self.ca).await
     }
 
     /// GETs kas's generated kubeconfig with a CI job ID token.
@@ -423,123 +403,29 @@ async fn kas_metrics(s: &Setup) -> String {
     s.kas.metrics_text().await.unwrap()
 }
 
-/// A stand-in API server that answers upgrade requests with 101 and then echoes raw bytes, and
-/// reports in a response header the impersonated user it was sent.
-async fn upgrading_server() -> u16 {
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let svc = service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
-                    let user = req
-                        .headers()
-                        .get("impersonate-user")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
-                    let protocol = req
-                        .headers()
-                        .get("upgrade")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
-                    let upgraded = hyper::upgrade::on(&mut req);
-                    tokio::spawn(async move {
-                        if let Ok(u) = upgraded.await {
-                            let mut io = TokioIo::new(u);
-                            let (mut r, mut w) = tokio::io::split(&mut io);
-                            let _ = tokio::io::copy(&mut r, &mut w).await;
-                        }
-                    });
-                    Ok::<_, std::convert::Infallible>(
-                        http::Response::builder()
-                            .status(101)
-                            .header("connection", "Upgrade")
-                            .header("upgrade", protocol)
-                            .header("x-seen-impersonate-user", user)
-                            .body(http_body_util::Empty::<bytes::Bytes>::new())
-                            .unwrap(),
-                    )
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
-    port
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgraded_connections_pass_through_as_raw_bytes() {
     // No pod here can really exec (kwok's fake pods run nothing), so the upgrade path is proven
     // against a real upgrading HTTP endpoint standing in for the API server behind the agent.
-    let port = upgrading_server().await;
+    let port = support::upgrade::upgrading_server().await;
     let dir = tempfile::tempdir().unwrap();
-    let fake = dir.path().join("fake.kubeconfig");
-    std::fs::write(
-        &fake,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: f\n  cluster:\n    server: http://127.0.0.1:{port}\n\
-users:\n- name: u\n  user:\n    token: fake\ncontexts:\n- name: f\n  context:\n    cluster: f\n    user: u\ncurrent-context: f\n"
-        ),
-    )
-    .unwrap();
+    let fake = support::upgrade::fake_kubeconfig(dir.path(), port);
     let s = setup_with(Some(fake), false).await;
     let jwt = s.key.sign(&claims("group/app"));
-
+    let path = format!(
+        "/api/v1/namespaces/{}/pods/p/exec?command=sh&stdin=true",
+        s.allowed
+    );
+    let authorization = format!("Bearer ci:{}:{jwt}", s.agent_id);
     // kubectl exec/attach/port-forward upgrade with WebSockets (its default since 1.31) or SPDY.
     for protocol in ["websocket", "SPDY/3.1"] {
-        let mut sender = s.connect().await;
-        let mut req = http::Request::post(format!(
-            "/api/v1/namespaces/{}/pods/p/exec?command=sh&stdin=true",
-            s.allowed
-        ))
-        .header("host", "localhost")
-        .header("authorization", format!("Bearer ci:{}:{jwt}", s.agent_id))
-        .header("connection", "Upgrade")
-        .header("upgrade", protocol)
-        .header("x-stream-protocol-version", "v4.channel.k8s.io");
-        if protocol == "websocket" {
-            req = req
-                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-                .header("sec-websocket-version", "13")
-                .header("sec-websocket-protocol", "v5.channel.k8s.io");
-        }
-        let req = req
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        assert_eq!(resp.status(), 101, "{protocol}");
-        assert_eq!(resp.headers()["upgrade"], protocol);
+        let sender = s.connect().await;
+        let seen =
+            support::upgrade::upgrade_and_echo(sender, &path, &authorization, protocol).await;
         assert_eq!(
-            resp.headers()["x-seen-impersonate-user"],
-            "gitlab:ci_job:777",
+            seen, "gitlab:ci_job:777",
             "the agent impersonated the CI job"
         );
-        let upgraded = hyper::upgrade::on(resp).await.unwrap();
-        let mut io = hyper_util::rt::TokioIo::new(upgraded);
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
-        let (mut r, mut w) = tokio::io::split(&mut io);
-        let p2 = payload.clone();
-        let writer = async move {
-            w.write_all(&p2).await.unwrap();
-            w.flush().await.unwrap();
-        };
-        let reader = async move {
-            let mut got = vec![0u8; payload.len()];
-            r.read_exact(&mut got).await.unwrap();
-            assert_eq!(got, payload, "bytes came back unchanged");
-        };
-        tokio::join!(writer, reader);
     }
 }
 

@@ -253,6 +253,11 @@ struct Routed {
 
 impl Routed {
     async fn start() -> Routed {
+        Routed::start_with(None).await
+    }
+
+    /// With the agent's kubeconfig (default: the test cluster's).
+    async fn start_with(agent_kubeconfig: Option<std::path::PathBuf>) -> Routed {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let env = tether_testenv::TestEnv::from_env().expect("a running control plane");
         let ns = env.create_namespace("routed").unwrap();
@@ -272,7 +277,8 @@ impl Routed {
             .register_agent("group/config", "proxy")
             .await
             .unwrap();
-        let kubeconfig = env.kubeconfig.to_str().unwrap().to_owned();
+        let kubeconfig = agent_kubeconfig.unwrap_or_else(|| env.kubeconfig.clone());
+        let kubeconfig = kubeconfig.to_str().unwrap().to_owned();
         let lb = balancer(kas.iter().map(|k| k.agent_port).collect()).await;
         let url = format!("grpc://127.0.0.1:{lb}");
         let agent = Agent::start_with(
@@ -610,4 +616,102 @@ async fn admin_commands_about_an_agent_work_through_any_replica() {
         .collect();
     assert!(changes.is_empty(), "{diff:?}");
     assert!(two.log().contains("Peers listener is up"), "{}", two.log());
+}
+
+/// exec, attach and port-forward cross the hop: the agent (on replica 1) talks to a stand-in
+/// API server that upgrades and echoes (kwok's pods run nothing); the person upgrades through
+/// replica 3 with WebSockets and SPDY, and 300 KB come back unchanged each way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_crosses_the_hop_between_replicas() {
+    use support::upgrade::{fake_kubeconfig, tls_http1, upgrade_and_echo, upgrading_server};
+    let port = upgrading_server().await;
+    let fake_dir = tempfile::tempdir().unwrap();
+    let r = Routed::start_with(Some(fake_kubeconfig(fake_dir.path(), port))).await;
+    r.kas[0].wait_connected(r.agent_id).await;
+    let path = format!(
+        "/api/v1/namespaces/{}/pods/p/exec?command=sh&stdin=true",
+        r.ns
+    );
+    let authorization = format!("Bearer {}", r.token);
+    for protocol in ["websocket", "SPDY/3.1"] {
+        let sender = tls_http1(r.kas[2].k8s_port, &r.pki.ca).await;
+        upgrade_and_echo(sender, &path, &authorization, protocol).await;
+    }
+    let local = r.kas[2].admin.stats().await.unwrap();
+    assert_eq!(local.connected_agents, 0, "the agent is not on replica 3");
+}
+
+/// What every replica shows about the agent: the configuration commit in force and whether its
+/// GitOps status includes a successful sync of `commit`.
+async fn shown(kas: &Kas, agent_id: i64, commit: &str) -> (String, bool) {
+    let agents = kas.admin.list_agents().await.unwrap();
+    let agent = agents.iter().find(|a| a.id == agent_id).unwrap();
+    let config = agent
+        .config
+        .as_ref()
+        .map(|c| c.commit.clone())
+        .unwrap_or_default();
+    let status = kas.admin.gitops_status(agent_id).await.unwrap();
+    let synced = status
+        .iter()
+        .any(|s| s.commit_id == commit && s.outcome == tether_kas_api::ReportedOutcome::Succeeded);
+    (config, synced)
+}
+
+/// The restart tests repeated across replicas: the three replicas are restarted one after the
+/// other (the agent's own one second); after each, every replica shows the agent's
+/// configuration in force and its last sync, and afterwards a commit reconciled through replica
+/// 3 is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_keeps_configuration_and_sync_status_on_every_replica() {
+    let shared = Shared::start();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || with_peers(shared.options(), dir.path());
+    let (mut rig, ns, c1) = synced_rig("rolling", opts()).await;
+    let mut others = Vec::new();
+    for i in [2, 3] {
+        others.push(Kas::start(&dir.path().join(format!("kas-{i}")), opts()).await);
+    }
+    let config = shown(&rig.kas, rig.agent_id, &c1).await.0;
+    assert!(!config.is_empty());
+    for restarted in 0..3 {
+        match restarted {
+            1 => rig.kas.restart().await,
+            i => others[i / 2].restart().await,
+        }
+        rig.kas.wait_connected(rig.agent_id).await;
+        for (i, kas) in [&rig.kas, &others[0], &others[1]].into_iter().enumerate() {
+            let seen = wait_for(
+                &format!(
+                    "replica {} to show the agent after restart {restarted}",
+                    i + 1
+                ),
+                Duration::from_secs(30),
+                || async {
+                    let seen = shown(kas, rig.agent_id, &c1).await;
+                    (seen.0 == config && seen.1).then_some(seen)
+                },
+            )
+            .await;
+            assert_eq!(seen, (config.clone(), true));
+        }
+    }
+    let c2 = rig.manifests.commit(
+        &[("manifests/cm.yaml", Some(&configmap("first", &ns, "2")))],
+        "after the rollout",
+    );
+    let started = others[1]
+        .admin
+        .reconcile(rig.agent_id, &Default::default())
+        .await
+        .unwrap();
+    assert!(
+        started
+            .projects
+            .iter()
+            .all(|p| p.commit.as_deref() == Some(c2.as_str())),
+        "{started:?}"
+    );
+    let synced = rig.synced(&c2).await;
+    assert_eq!(synced.outcome, tether_kas_api::ReportedOutcome::Succeeded);
 }

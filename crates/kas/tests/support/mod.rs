@@ -15,6 +15,7 @@ pub mod gitops;
 pub mod monitoring;
 pub mod oidc;
 pub mod source;
+pub mod upgrade;
 
 /// A port for a kas or agentk child process; see [`tether_test_support::unused_port`] for the
 /// race, which [`Kas::start`] handles by retrying.
