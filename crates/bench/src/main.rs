@@ -5,7 +5,7 @@
 //! `scripts/bench` runs everything and writes `target/bench/report.md`:
 //!
 //! ```text
-//! tether-bench [--out FILE] [--only tunnel|gitops|flood]
+//! tether-bench [--out FILE] [--only tunnel|gitops|flood|routed]
 //!                                        under `testenv run`: tunnel latency and throughput,
 //!                                        GitOps sync vs kubectl, write requests, agentk's
 //!                                        footprint, valid requests during a flood of bad
@@ -29,13 +29,14 @@ mod footprint;
 mod gitops;
 mod kubectl;
 mod report;
+mod routed;
 mod servers;
 mod tunnel;
 mod util;
 
 use servers::Ctx;
 
-const USAGE: &str = "usage: tether-bench [--out FILE] [--only tunnel|gitops|flood]\n       tether-bench report --cluster FILE [--loadgen FILE]... [--elapsed SECONDS] [--out FILE]";
+const USAGE: &str = "usage: tether-bench [--out FILE] [--only tunnel|gitops|flood|routed]\n       tether-bench report --cluster FILE [--loadgen FILE]... [--elapsed SECONDS] [--out FILE]";
 
 fn bin_dir() -> Result<PathBuf> {
     Ok(std::env::current_exe()?
@@ -133,9 +134,9 @@ fn kubectl_versions(env: &TestEnv) -> Result<Value> {
 
 async fn run(out: &std::path::Path, only: Option<&str>) -> Result<()> {
     if let Some(o) = only
-        && !["tunnel", "gitops", "flood"].contains(&o)
+        && !["tunnel", "gitops", "flood", "routed"].contains(&o)
     {
-        bail!("--only takes tunnel, gitops or flood\n{USAGE}");
+        bail!("--only takes tunnel, gitops, flood or routed\n{USAGE}");
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let started = Instant::now();
@@ -162,11 +163,17 @@ async fn run(out: &std::path::Path, only: Option<&str>) -> Result<()> {
     } else {
         Value::Null
     };
+    let routed = if wanted("routed") {
+        routed::run(&ctx).await?
+    } else {
+        Value::Null
+    };
     let results = json!({
         "versions": versions,
         "tunnel": tunnel,
         "gitops": gitops,
         "flood": flood,
+        "routed": routed,
         "seconds": started.elapsed().as_secs_f64(),
     });
     write_results(out, &results)?;

@@ -547,6 +547,13 @@ fn targets(out: &mut String, c: &Value, runs: &[Value]) {
         out,
         "- Valid requests during a 6-way flood of bad credentials not slower than 2× (median): {line}."
     );
+    let line = crate::routed::hop_p50(c).map_or(missing.into(), |d| {
+        verdict(d, crate::routed::HOP_P50_MS, true, " ms", 2)
+    });
+    let _ = writeln!(
+        out,
+        "- A request routed through a second replica adds at most 0.3 ms p50 (concurrency 1): {line}."
+    );
 }
 
 /// The whole report.
@@ -590,6 +597,8 @@ pub fn render(h: &Header, cluster: &Value, loadgen: &[Value]) -> String {
     loadgen_table(&mut out, loadgen);
     out.push_str("## 7. Valid requests during a flood of bad credentials\n\n");
     crate::flood::table(&mut out, cluster);
+    out.push_str("## 8. Routing between kas replicas\n\n");
+    crate::routed::table(&mut out, cluster);
     out.push_str("## Targets\n\n");
     targets(&mut out, cluster, loadgen);
     out

@@ -16,7 +16,7 @@ use crate::util::{HttpsClient, Proc, get, git_init_commit, https_client, spawn};
 const LATENCY_RUNS: [(usize, usize); 3] = [(1, 400), (16, 3200), (128, 6400)];
 
 /// p50 and p99 of `n` GETs at `concurrency`, in milliseconds.
-async fn latency(
+pub async fn latency(
     c: &HttpsClient,
     url: &str,
     auth: &str,

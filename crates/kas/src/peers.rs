@@ -20,7 +20,7 @@
 //!   replica that forwarded it checked the caller's).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{KeyInit, Mac};
@@ -44,6 +44,11 @@ const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_SKEW: u64 = 30;
 /// The service name of a forwarded admin API request.
 pub const ADMIN_SERVICE: &str = "tether.admin";
+
+/// How long a replica reuses what the directory said about an agent's holders: every routed
+/// request would otherwise cost two Redis round trips. Short, because a holder that left is
+/// noticed when connecting to it fails (the cache is dropped and the directory read again).
+const HOLDERS_CACHE: Duration = Duration::from_secs(1);
 
 /// How long a holder waits for one of the agent's tunnel streams.
 const HOLDER_TUNNEL_WAIT: Duration = Duration::from_secs(2);
@@ -105,6 +110,9 @@ fn verify(secret: &[u8], tag: &str, body: &str, now: u64) -> Result<Forwarded, &
     Ok(f)
 }
 
+/// Holders read from the directory, by agent, with when they were read.
+type HoldersCache = HashMap<i64, (std::time::Instant, Vec<String>)>;
+
 /// This replica's part in routing between replicas; cheap to clone.
 #[derive(Clone)]
 pub struct Peers {
@@ -114,6 +122,8 @@ pub struct Peers {
     registry: Arc<Registry>,
     /// The admin API served to other replicas, once the API module built it.
     admin: Arc<OnceLock<axum::Router>>,
+    /// Holders recently read from the directory, by agent (see [`HOLDERS_CACHE`]).
+    holders_cache: Arc<std::sync::Mutex<HoldersCache>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -167,6 +177,7 @@ impl Peers {
             address,
             registry,
             admin: Arc::new(OnceLock::new()),
+            holders_cache: Arc::default(),
         })
     }
 
@@ -254,7 +265,38 @@ impl Peers {
     }
 
     /// The private addresses of the live replicas (not this one) holding the agent's tunnels.
+    /// The agent's holders, from the cache when it is fresh; an empty answer is not cached (the
+    /// agent may connect any moment).
     async fn holders(&self, agent_id: i64) -> redis::RedisResult<Vec<String>> {
+        if let Some(cached) = self.cached_holders(agent_id) {
+            return Ok(cached);
+        }
+        let read = self.read_holders(agent_id).await?;
+        if !read.is_empty() {
+            let mut cache = self.holders_cache.lock().unwrap_or_else(PoisonError::into_inner);
+            // Bounded by the agents routed to within HOLDERS_CACHE, pruned as it grows.
+            if cache.len() > 10_000 {
+                cache.retain(|_, (at, _)| at.elapsed() < HOLDERS_CACHE);
+            }
+            cache.insert(agent_id, (std::time::Instant::now(), read.clone()));
+        }
+        Ok(read)
+    }
+
+    fn cached_holders(&self, agent_id: i64) -> Option<Vec<String>> {
+        let cache = self.holders_cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let (at, holders) = cache.get(&agent_id)?;
+        (at.elapsed() < HOLDERS_CACHE).then(|| holders.clone())
+    }
+
+    fn forget_holders(&self, agent_id: i64) {
+        self.holders_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&agent_id);
+    }
+
+    async fn read_holders(&self, agent_id: i64) -> redis::RedisResult<Vec<String>> {
         let mut conn = self.cluster.connection();
         let entries: HashMap<u64, u64> = redis::cmd("HGETALL")
             .arg(agent_key(agent_id))
@@ -380,12 +422,17 @@ impl Peers {
         };
         let preamble = preamble(&self.secret, &request);
         let mut errors = Vec::new();
-        for address in holders {
-            match tokio::time::timeout(PREAMBLE_TIMEOUT, forward_to(&address, &preamble)).await {
-                Ok(Ok(stream)) => return Ok(Some(stream)),
-                Ok(Err(e)) => errors.push(format!("{address}: {e}")),
-                Err(_) => errors.push(format!("{address}: no answer")),
-            }
+        if let Some(stream) = try_holders(&holders, &preamble, &mut errors).await {
+            return Ok(Some(stream));
+        }
+        // What was cached may be out of date: read the directory again, once.
+        self.forget_holders(agent_id);
+        let fresh = self.read_holders(agent_id).await?;
+        if !fresh.is_empty()
+            && fresh != holders
+            && let Some(stream) = try_holders(&fresh, &preamble, &mut errors).await
+        {
+            return Ok(Some(stream));
         }
         Err(RouteError::Holders {
             agent_id,
@@ -488,12 +535,30 @@ impl Peers {
 }
 
 /// Connects to a holder, sends the preamble and waits for `OK`.
+/// The first of `holders` that takes the request; what the others answered goes to `errors`.
+async fn try_holders(
+    holders: &[String],
+    preamble: &[u8],
+    errors: &mut Vec<String>,
+) -> Option<TcpStream> {
+    for address in holders {
+        match tokio::time::timeout(PREAMBLE_TIMEOUT, forward_to(address, preamble)).await {
+            Ok(Ok(stream)) => return Some(stream),
+            Ok(Err(e)) => errors.push(format!("{address}: {e}")),
+            Err(_) => errors.push(format!("{address}: no answer")),
+        }
+    }
+    None
+}
+
 async fn forward_to(address: &str, preamble: &[u8]) -> std::io::Result<TcpStream> {
     let mut stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
     stream.write_all(preamble).await?;
-    // Byte by byte: nothing after the answer line may be swallowed by a buffer.
-    let mut line = Vec::new();
+    // `OK\n` in one read (the holder sends nothing after it before this side speaks); an error
+    // line is read on byte by byte, so nothing after the answer line is swallowed by a buffer.
+    let mut line = vec![0u8; 3];
+    stream.read_exact(&mut line).await?;
     let mut byte = [0u8; 1];
     while !line.ends_with(b"\n") && line.len() < 1024 {
         let n = stream.read(&mut byte).await?;
