@@ -593,12 +593,19 @@ pub fn render(h: &Header, cluster: &Value, loadgen: &[Value]) -> String {
     writes_table(&mut out, cluster);
     out.push_str("## 5. agentk and kas footprint\n\n");
     footprint_table(&mut out, cluster);
+    // `loadgen --replicas` runs have their own section.
+    let (replica_runs, loadgen): (Vec<Value>, Vec<Value>) = loadgen
+        .iter()
+        .cloned()
+        .partition(|r| r["mode"] == "replicas");
+    let loadgen = loadgen.as_slice();
     out.push_str("## 6. kas per connected agent, and the reconnect storm (`loadgen`)\n\n");
     loadgen_table(&mut out, loadgen);
     out.push_str("## 7. Valid requests during a flood of bad credentials\n\n");
     crate::flood::table(&mut out, cluster);
     out.push_str("## 8. Routing between kas replicas\n\n");
     crate::routed::table(&mut out, cluster);
+    crate::routed::replicas_table(&mut out, &replica_runs);
     out.push_str("## Targets\n\n");
     targets(&mut out, cluster, loadgen);
     out

@@ -30,7 +30,10 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
         format!(
             "database:\n  url: {database}\nredis:\n  url: {}\n  password_file: {}\npeers:\n  listen: 127.0.0.1:{port}\n  secret_file: {}\n",
             redis.url(),
-            redis.password_file().map(|p| p.display().to_string()).unwrap_or_default(),
+            redis
+                .password_file()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             secret.display()
         )
     };
@@ -96,4 +99,77 @@ pub fn table(out: &mut String, c: &Value) {
         );
     }
     out.push('\n');
+}
+
+/// The `loadgen --replicas` runs: agents spread over replicas, Redis while idle, a replica
+/// killed.
+pub fn replicas_table(out: &mut String, runs: &[Value]) {
+    use std::fmt::Write as _;
+    if runs.is_empty() {
+        out.push_str("`loadgen --replicas`: not measured.\n\n");
+        return;
+    }
+    out.push_str("`loadgen --replicas R`: N fake agents (their own connection, token, idle tunnel stream and configuration stream each) through a TCP balancer that sends each new connection to the next replica that accepts it, over R kas replicas sharing PostgreSQL and Redis (`peers` configured); then one replica is killed with kill -9 and its agents reconnect through the balancer to the others.\n\n");
+    out.push_str("| agents | replicas | agents per replica | kas RSS per agent | connect all | Redis commands/s while idle | kas CPU while idle per replica | agents on the killed replica | all back after the kill | per agent p50 / p99 / max |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in runs {
+        let list = |k: &str| {
+            r[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                })
+                .unwrap_or_default()
+        };
+        let ms = |k: &str| r["failover_ms"][k].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.1} KiB | {:.2} s | {:.1} | {} % | {} | {:.2} s | {:.0} / {:.0} / {:.0} ms |",
+            r["agents"],
+            r["replicas"],
+            list("agents_per_replica"),
+            r["kas_bytes_per_agent"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            r["connect_seconds"].as_f64().unwrap_or(f64::NAN),
+            r["redis_commands_per_second_idle"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            list("kas_cpu_idle_percent"),
+            r["killed_replica_agents"],
+            r["failover_seconds"].as_f64().unwrap_or(f64::NAN),
+            ms("p50"),
+            ms("p99"),
+            ms("max"),
+        );
+    }
+    out.push('\n');
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_shows_the_hop_and_the_replicas_runs() {
+        let c = json!({"routed": {"runs": [{"concurrency": 1, "requests": 400,
+            "local_p50_ms": 1.0, "local_p99_ms": 2.0, "routed_p50_ms": 1.2, "routed_p99_ms": 2.5}]}});
+        let replicas = json!({"mode": "replicas", "agents": 300, "replicas": 3,
+            "agents_per_replica": [100, 100, 100], "kas_bytes_per_agent": 40960.0,
+            "connect_seconds": 1.2, "redis_commands_per_second_idle": 2.6,
+            "kas_cpu_idle_percent": [0.2, 0.2, 0.2], "killed_replica_agents": 100,
+            "failover_seconds": 0.7, "failover_ms": {"p50": 146.0, "p99": 183.0, "max": 184.0}});
+        let r = crate::report::render(&crate::report::Header::default(), &c, &[replicas]);
+        assert!(
+            r.contains("adds at most 0.3 ms p50 (concurrency 1): **met**: 0.20 ms"),
+            "{r}"
+        );
+        assert!(
+            r.contains("| 300 | 3 | 100 / 100 / 100 | 40.0 KiB |"),
+            "{r}"
+        );
+        assert!(r.contains("| 0.70 s | 146 / 183 / 184 ms |"), "{r}");
+        // A replicas run is not a single-kas run.
+        assert!(r.contains("## 6.") && r.contains("Not measured."), "{r}");
+    }
 }

@@ -273,7 +273,10 @@ impl Peers {
         }
         let read = self.read_holders(agent_id).await?;
         if !read.is_empty() {
-            let mut cache = self.holders_cache.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut cache = self
+                .holders_cache
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             // Bounded by the agents routed to within HOLDERS_CACHE, pruned as it grows.
             if cache.len() > 10_000 {
                 cache.retain(|_, (at, _)| at.elapsed() < HOLDERS_CACHE);
@@ -284,7 +287,10 @@ impl Peers {
     }
 
     fn cached_holders(&self, agent_id: i64) -> Option<Vec<String>> {
-        let cache = self.holders_cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let cache = self
+            .holders_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let (at, holders) = cache.get(&agent_id)?;
         (at.elapsed() < HOLDERS_CACHE).then(|| holders.clone())
     }

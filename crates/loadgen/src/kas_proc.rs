@@ -23,6 +23,11 @@ pub struct KasSetup {
 impl KasSetup {
     /// Writes a configuration that binds free ports on 127.0.0.1 and keeps its data in `dir`.
     pub fn write(bin: &Path, dir: &Path, log_level: &str) -> Result<Self> {
+        Self::write_with(bin, dir, log_level, "")
+    }
+
+    /// [`KasSetup::write`] with `extra` top-level YAML (a shared database, Redis, peers).
+    pub fn write_with(bin: &Path, dir: &Path, log_level: &str, extra: &str) -> Result<Self> {
         let data = dir.join("data");
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let [agent_port, api_port, obs_port, k8s_port] = free_ports()?;
@@ -37,7 +42,7 @@ impl KasSetup {
              api:\n  listen:\n    address: 127.0.0.1:{api_port}\n\
              git:\n  poll_interval: 1h\n\
              kubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n\
-             observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n  logging:\n    level: {log_level}\n",
+             observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n  logging:\n    level: {log_level}\n{extra}",
             data = data.display(),
         );
         std::fs::write(&config, yaml).with_context(|| format!("writing {}", config.display()))?;
@@ -155,6 +160,14 @@ impl Kas {
             }
         }
         Ok(t.elapsed())
+    }
+
+    /// kill -9 (a replica that died); returns once the process is gone.
+    pub async fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
     }
 
     /// User plus system CPU time kas has used so far.

@@ -21,6 +21,7 @@ use tether_transport::KasAddress;
 
 mod fleet;
 mod kas_proc;
+mod replicas;
 
 use fleet::{Fleet, FleetOptions};
 use kas_proc::{Kas, KasSetup};
@@ -79,6 +80,10 @@ struct Cli {
     /// Log level of kas (its log is `kas.log` in the work dir).
     #[arg(long, default_value = "info")]
     kas_log_level: String,
+    /// Spread the agents over this many kas replicas sharing PostgreSQL and Redis (started by
+    /// loadgen), then kill one and time the failover, instead of the one-kas run.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
     /// Keep kas's configuration, data and log in this folder (default: a temporary folder,
     /// removed at the end).
     #[arg(long)]
@@ -111,8 +116,12 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let min_idle = cli.min_idle.max(1);
     let kas_bin = kas_binary(&cli)?;
-    check_open_files(n)?;
+    // With --replicas, loadgen's balancer holds both ends of every agent's connection.
+    check_open_files(if cli.replicas > 1 { 2 * n } else { n })?;
     let (dir, _temp) = work_dir(&cli)?;
+    if cli.replicas > 1 {
+        return run_replicas(&cli, kas_bin, dir).await;
+    }
     let setup = KasSetup::write(&kas_bin, &dir, &cli.kas_log_level)?;
     eprintln!(
         "loadgen: starting {} (work dir {}, agents on 127.0.0.1:{})",
@@ -174,6 +183,26 @@ async fn run(cli: Cli) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     kas.stop(Duration::from_secs(60)).await?;
     report.print();
+    Ok(())
+}
+
+/// `--replicas`: see [`replicas`]. Prints the table, then the JSON line.
+async fn run_replicas(cli: &Cli, kas_bin: PathBuf, dir: PathBuf) -> Result<()> {
+    let o = replicas::Options {
+        n: cli.agents,
+        replicas: cli.replicas,
+        min_idle: cli.min_idle.max(1),
+        config_stream: cli.config_stream,
+        idle: Duration::from_secs(cli.idle_seconds),
+        settle: Duration::from_secs(cli.settle_seconds),
+        timeout: Duration::from_secs(cli.timeout),
+        log_level: cli.kas_log_level.clone(),
+        register_concurrency: cli.register_concurrency,
+        kas_bin,
+        dir,
+    };
+    let report = replicas::run(&o).await?;
+    println!("{report}");
     Ok(())
 }
 

@@ -142,8 +142,70 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// `INFO <section>`'s text, e.g. `stats` for `total_commands_processed`.
+    pub fn info(&self, section: &str) -> Result<String> {
+        let mut s =
+            TcpStream::connect(("127.0.0.1", self.port)).map_err(io_err("connecting to Redis"))?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = format!(
+            "*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n*2\r\n$4\r\nINFO\r\n${}\r\n{section}\r\n",
+            self.password.len(),
+            self.password,
+            section.len()
+        );
+        s.write_all(request.as_bytes())
+            .map_err(io_err("asking Redis for INFO"))?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(text) = bulk_after_ok(&got) {
+                return Ok(text);
+            }
+            match s.read(&mut buf) {
+                Ok(0) => return Err(Error::Other("Redis closed before answering INFO".into())),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(io_err("reading Redis's INFO")(e)),
+            }
+        }
+    }
+
+    /// `total_commands_processed` of `INFO stats`.
+    pub fn commands_processed(&self) -> Result<u64> {
+        let info = self.info("stats")?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| Error::Other("no total_commands_processed in INFO stats".into()))
+    }
+}
+
+/// The bulk string that follows `+OK\r\n` (AUTH's answer), once all of it arrived (pure).
+fn bulk_after_ok(got: &[u8]) -> Option<String> {
+    let rest = got.strip_prefix(b"+OK\r\n$")?;
+    let end = rest.windows(2).position(|w| w == b"\r\n")?;
+    let len: usize = std::str::from_utf8(&rest[..end]).ok()?.parse().ok()?;
+    let body = rest.get(end + 2..end + 2 + len)?;
+    Some(String::from_utf8_lossy(body).into_owned())
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bulk_reply_is_read_once_complete() {
+        assert_eq!(bulk_after_ok(b"+OK\r\n$5\r\nab"), None);
+        assert_eq!(
+            bulk_after_ok(b"+OK\r\n$5\r\nabcde\r\n").as_deref(),
+            Some("abcde")
+        );
+        assert_eq!(bulk_after_ok(b"-ERR wrong\r\n"), None);
     }
 }
