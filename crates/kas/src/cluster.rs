@@ -24,23 +24,62 @@ pub const CHANNEL: &str = "tether:events";
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port/db` (TLS, `rediss://`, and Sentinel are not supported yet).
+    /// `redis://host:port/db`, or `rediss://host:port/db` for TLS (Sentinel is not supported).
     pub url: String,
     /// A file holding the password (Redis `requirepass`, or an ACL user's with `username`).
     pub password_file: Option<PathBuf>,
     /// An ACL user (Redis 6+); default: the default user.
     pub username: Option<String>,
+    /// With `rediss://`: the CA (PEM) that signed Redis's certificate; default: the system's
+    /// trusted roots.
+    pub ca_file: Option<PathBuf>,
+    /// With `rediss://`: a client certificate and key (PEM) when Redis asks for one
+    /// (`tls-auth-clients yes`).
+    pub certificate_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.url.starts_with("rediss://") {
-            return Err("redis.url: TLS (rediss://) is not supported yet; reach Redis over a private network or a local TLS proxy".into());
+        let tls = self.url.starts_with("rediss://");
+        if !tls && !self.url.starts_with("redis://") {
+            return Err(format!(
+                "redis.url: {} is not a redis:// or rediss:// URL",
+                self.url
+            ));
         }
-        if !self.url.starts_with("redis://") {
-            return Err(format!("redis.url: {} is not a redis:// URL", self.url));
+        let tls_files =
+            self.ca_file.is_some() || self.certificate_file.is_some() || self.key_file.is_some();
+        if tls_files && !tls {
+            return Err("redis.ca_file, certificate_file and key_file need a rediss:// url".into());
+        }
+        if self.certificate_file.is_some() != self.key_file.is_some() {
+            return Err("redis.certificate_file and redis.key_file go together".into());
         }
         Ok(())
+    }
+
+    fn tls(&self) -> Result<Option<redis::TlsCertificates>, ClusterError> {
+        if !self.url.starts_with("rediss://") {
+            return Ok(None);
+        }
+        let read = |f: &PathBuf| {
+            std::fs::read(f).map_err(|source| ClusterError::File {
+                file: f.display().to_string(),
+                source,
+            })
+        };
+        let client_tls = match (&self.certificate_file, &self.key_file) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                client_cert: read(c)?,
+                client_key: read(k)?,
+            }),
+            _ => None,
+        };
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert: self.ca_file.as_ref().map(read).transpose()?,
+        }))
     }
 }
 
@@ -81,8 +120,8 @@ impl std::fmt::Debug for Cluster {
 /// Why kas cannot use Redis.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("redis.password_file {file}: {source}")]
-    Password {
+    #[error("redis: reading {file}: {source}")]
+    File {
         file: String,
         source: std::io::Error,
     },
@@ -98,18 +137,20 @@ impl Cluster {
             redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())?;
         let mut settings = info.redis_settings().clone();
         if let Some(file) = &cfg.password_file {
-            let password =
-                std::fs::read_to_string(file).map_err(|source| ClusterError::Password {
-                    file: file.display().to_string(),
-                    source,
-                })?;
+            let password = std::fs::read_to_string(file).map_err(|source| ClusterError::File {
+                file: file.display().to_string(),
+                source,
+            })?;
             settings = settings.set_password(password.trim());
         }
         if let Some(user) = &cfg.username {
             settings = settings.set_username(user);
         }
         info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info)?;
+        let client = match cfg.tls()? {
+            Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
+            None => redis::Client::open(info)?,
+        };
         let conn = redis::aio::ConnectionManager::new(client.clone()).await?;
         Ok(Cluster {
             client,
@@ -224,19 +265,37 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_redis_urls_are_taken() {
+    fn redis_and_rediss_urls_are_taken_with_their_tls_files() {
         let cfg = |url: &str| RedisConfig {
             url: url.into(),
             password_file: None,
             username: None,
+            ca_file: None,
+            certificate_file: None,
+            key_file: None,
         };
         assert!(cfg("redis://127.0.0.1:6379/0").validate().is_ok());
+        assert!(cfg("rediss://redis.internal:6380/0").validate().is_ok());
         assert!(
-            cfg("rediss://x")
+            cfg("http://x")
                 .validate()
                 .unwrap_err()
-                .contains("not supported yet")
+                .contains("not a redis://")
         );
-        assert!(cfg("http://x").validate().is_err());
+        let plain_with_ca = RedisConfig {
+            ca_file: Some("/ca.pem".into()),
+            ..cfg("redis://x")
+        };
+        assert!(plain_with_ca.validate().unwrap_err().contains("rediss://"));
+        let half_client_cert = RedisConfig {
+            certificate_file: Some("/c.pem".into()),
+            ..cfg("rediss://x")
+        };
+        assert!(
+            half_client_cert
+                .validate()
+                .unwrap_err()
+                .contains("go together")
+        );
     }
 }

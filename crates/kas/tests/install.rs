@@ -903,7 +903,7 @@ async fn registering_an_agent_prints_how_to_install_it_and_writes_manifests_that
     );
 }
 
-/// Several replicas: PostgreSQL's URL and Redis's password from Secrets, the peers listener with
+/// Several replicas: PostgreSQL's URL and Redis's password and CA (TLS) from Secrets, the peers listener with
 /// the shared secret, each Pod told its IP; the generated configuration is one kas accepts,
 /// and the cluster accepts the objects. Without what replicas share, helm names the value.
 #[test]
@@ -919,10 +919,14 @@ fn the_kas_chart_scales_out_on_postgresql_redis_and_peers() {
         Some(Path::new("/etc/kas/database/url"))
     );
     let redis = cfg.redis.as_ref().unwrap();
-    assert_eq!(redis.url, "redis://redis.kas.svc:6379/0");
+    assert_eq!(redis.url, "rediss://redis.kas.svc:6380/0");
     assert_eq!(
         redis.password_file.as_deref(),
         Some(Path::new("/etc/kas/redis/password"))
+    );
+    assert_eq!(
+        redis.ca_file.as_deref(),
+        Some(Path::new("/etc/kas/redis-ca/ca.crt"))
     );
     let peers = cfg.peers.as_ref().unwrap();
     assert_eq!(peers.listen.to_string(), "0.0.0.0:8156");
@@ -940,6 +944,7 @@ fn the_kas_chart_scales_out_on_postgresql_redis_and_peers() {
     for (volume, secret) in [
         ("database", "kas-database"),
         ("redis", "kas-redis"),
+        ("redis-ca", "kas-redis-ca"),
         ("peers", "kas-peers"),
     ] {
         let v = pod["volumes"]

@@ -21,12 +21,27 @@ struct Shared {
 
 impl Shared {
     fn start() -> Shared {
+        Shared::with_redis(Redis::start().unwrap(), None)
+    }
+
+    /// Redis reached over TLS (`rediss://`, trusting `pki`'s CA).
+    fn start_tls(pki: &support::Pki) -> Shared {
+        Shared::with_redis(Redis::start_tls(&pki.cert, &pki.key).unwrap(), Some(pki))
+    }
+
+    fn with_redis(redis: Redis, tls: Option<&support::Pki>) -> Shared {
         let pg = Postgres::start().unwrap();
         let url = pg.create_database("kas").unwrap();
-        let redis = Redis::start().unwrap();
+        let redis_url = match tls {
+            Some(pki) => format!(
+                "{}\n  ca_file: {}",
+                redis.tls_url().unwrap(),
+                pki.ca.display()
+            ),
+            None => redis.url(),
+        };
         let yaml = format!(
-            "database:\n  url: {url}\nredis:\n  url: {}\n  password_file: {}\n",
-            redis.url(),
+            "database:\n  url: {url}\nredis:\n  url: {redis_url}\n  password_file: {}\n",
             redis.password_file().unwrap().display()
         );
         Shared {
@@ -59,8 +74,26 @@ async fn readiness(kas: &Kas) -> Option<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_revoked_on_one_replica_ends_its_streams_on_another_within_a_second() {
+    revoked_on_two_ends_streams_on_one(&Shared::start()).await;
+}
+
+/// The same through a Redis that speaks only TLS to kas (`rediss://` with the CA's file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_redis_over_tls() {
+    let pki = support::Pki::temporary();
+    let shared = Shared::start_tls(&pki);
+    assert!(
+        shared.yaml.contains("rediss://localhost:"),
+        "{}",
+        shared.yaml
+    );
+    revoked_on_two_ends_streams_on_one(&shared).await;
+}
+
+/// An agent on replica 1, its token revoked on replica 2: its streams on replica 1 end within
+/// a second (only Redis can carry it: the token re-check is an hour).
+async fn revoked_on_two_ends_streams_on_one(shared: &Shared) {
     let dir = tempfile::tempdir().unwrap();
-    let shared = Shared::start();
     let one = shared.replica(&dir.path().join("kas-1")).await;
     let two = shared.replica(&dir.path().join("kas-2")).await;
     let t = one

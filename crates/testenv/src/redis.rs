@@ -22,22 +22,50 @@ pub struct Redis {
     pub password: String,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// With [`Redis::start_tls`]: the TLS port and the server's certificate and key (the plain
+    /// port stays open for this helper's own checks).
+    tls: Option<Tls>,
+}
+
+#[derive(Debug)]
+struct Tls {
+    port: u16,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 impl Redis {
     /// Starts a server with a password and no persistence, returning once it answers `PING`.
     /// Fails, rather than letting a test skip, when `redis-server` is not installed.
     pub fn start() -> Result<Redis> {
+        Self::start_with(None)
+    }
+
+    /// As [`Redis::start`], also serving TLS with `cert` and `key` (for `localhost`) on a second
+    /// port: [`Redis::tls_url`].
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<Redis> {
+        Self::start_with(Some(Tls {
+            port: 0,
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        }))
+    }
+
+    fn start_with(tls: Option<Tls>) -> Result<Redis> {
         let dir = tempfile::tempdir().map_err(io_err("creating a directory for Redis"))?;
         let mut redis = Redis {
             port: 0,
             password: format!("pw-{}", std::process::id()),
             child: None,
             dir,
+            tls,
         };
         let mut attempt = 1;
         loop {
             redis.port = crate::pick_local_port("Redis")?;
+            if let Some(t) = redis.tls.as_mut() {
+                t.port = crate::pick_local_port("Redis over TLS")?;
+            }
             match redis.spawn() {
                 Ok(()) => return Ok(redis),
                 Err(e) if attempt < START_ATTEMPTS => {
@@ -52,6 +80,13 @@ impl Redis {
     /// `redis://:password@127.0.0.1:port/0` without the password (kas reads it from a file).
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `rediss://localhost:port/0`, when started with [`Redis::start_tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|t| format!("rediss://localhost:{}/0", t.port))
     }
 
     /// Writes the password to a file (for kas's `redis.password_file`) and returns its path.
@@ -79,7 +114,18 @@ impl Redis {
     fn spawn(&mut self) -> Result<()> {
         let log = std::fs::File::create(self.dir.path().join("redis.log"))
             .map_err(io_err("creating the Redis log"))?;
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(t) = &self.tls {
+            command
+                .arg("--tls-port")
+                .arg(t.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&t.cert)
+                .arg("--tls-key-file")
+                .arg(&t.key)
+                .args(["--tls-auth-clients", "no"]);
+        }
+        let child = command
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
             .args(["--save", "", "--appendonly", "no", "--requirepass"])

@@ -82,6 +82,9 @@ mounts of the StatefulSet (data on the volume, TLS and the admin token from Secr
 {{- if $v.redis.passwordSecret.name }}
 {{- $_ = set $redis "password_file" "/etc/kas/redis/password" }}
 {{- end }}
+{{- if $v.redis.caSecret.name }}
+{{- $_ = set $redis "ca_file" "/etc/kas/redis-ca/ca.crt" }}
+{{- end }}
 {{- $_ = set $cfg "redis" $redis }}
 {{- end }}
 {{- if $v.peers.secretName }}
