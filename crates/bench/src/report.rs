@@ -18,6 +18,8 @@ const GITOPS_RATIO: f64 = 1.5;
 const PRUNE_RATIO: f64 = 3.0;
 const AGENTK_IDLE_RSS_MIB: f64 = 20.0;
 const KAS_BYTES_PER_AGENT: f64 = 50.0 * 1024.0;
+/// The same with TLS on the agent listener, as agents connect in production (issue 17).
+const KAS_BYTES_PER_TLS_AGENT: f64 = 30.0 * 1024.0;
 const RECONNECT_SECONDS: f64 = 10.0;
 
 fn mib(b: f64) -> f64 {
@@ -366,8 +368,9 @@ fn loadgen_table(out: &mut String, runs: &[Value]) {
         };
         let _ = writeln!(
             out,
-            "| {} | {} s | {:.1} → {:.1} MiB | {} | {} s | {cpu} | {} s | {} s |",
+            "| {}{} | {} s | {:.1} → {:.1} MiB | {} | {} s | {cpu} | {} s | {} s |",
             thousands(r["agents"].as_u64().unwrap_or(0)),
+            if r["tls"] == true { " (TLS)" } else { "" },
             idle.map_or("—".into(), |i| format!("{i:.0}")),
             mib(f(&r["kas_rss_baseline_bytes"]).unwrap_or(0.0)),
             mib(f(&r["kas_rss_connected_bytes"]).unwrap_or(0.0)),
@@ -496,7 +499,7 @@ fn targets(out: &mut String, c: &Value, runs: &[Value]) {
     let _ = writeln!(out, "- agentk idle RSS ≤ 20 MiB: {line}.");
     let per_agent = |n: u64| {
         runs.iter()
-            .find(|r| r["agents"].as_u64() == Some(n))
+            .find(|r| r["agents"].as_u64() == Some(n) && r["tls"] != true)
             .and_then(|r| f(&r["kas_bytes_per_agent"]))
     };
     let line = match (per_agent(10_000), per_agent(1_000)) {
@@ -515,6 +518,28 @@ fn targets(out: &mut String, c: &Value, runs: &[Value]) {
         _ => missing.into(),
     };
     let _ = writeln!(out, "- kas ≤ 50 KiB per connected agent: {line}.");
+    let tls = runs
+        .iter()
+        .filter(|r| r["tls"] == true)
+        .max_by_key(|r| r["agents"].as_u64())
+        .and_then(|r| Some((r["agents"].as_u64()?, f(&r["kas_bytes_per_agent"])?)));
+    let line = tls.map_or(missing.into(), |(n, b)| {
+        format!(
+            "{} with {} agents",
+            verdict(
+                b / 1024.0,
+                KAS_BYTES_PER_TLS_AGENT / 1024.0,
+                true,
+                " KiB",
+                1
+            ),
+            thousands(n)
+        )
+    });
+    let _ = writeln!(
+        out,
+        "- kas ≤ 30 KiB per connected agent with TLS on the agent listener: {line}."
+    );
     let back = |n: u64, k: &str| {
         runs.iter()
             .find(|r| r["agents"].as_u64() == Some(n))

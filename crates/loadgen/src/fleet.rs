@@ -18,6 +18,8 @@ pub struct FleetOptions {
     pub config_stream: bool,
     /// Agents started per second; 0 starts them all at once.
     pub start_rate: u32,
+    /// With `--tls`: the CA that signed kas's agent listener's certificate.
+    pub ca_cert_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -61,7 +63,10 @@ impl Fleet {
     ) -> Result<Fleet> {
         let shutdown = CancellationToken::new();
         let config_streams = Arc::new(AtomicUsize::new(0));
-        let client_opts = ClientOptions::default();
+        let client_opts = ClientOptions {
+            ca_cert_file: opts.ca_cert_file.clone(),
+            ..ClientOptions::default()
+        };
         let mut agents = Vec::with_capacity(tokens.len());
         let started = Instant::now();
         for (i, token) in tokens.into_iter().enumerate() {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tether_kas_api::AdminClient;
+use tether_test_support::Pki;
 use tokio::process::{Child, Command};
 
 /// Ports and files of one kas setup; they stay the same across restarts so the agents can come
@@ -22,12 +23,18 @@ pub struct KasSetup {
 
 impl KasSetup {
     /// Writes a configuration that binds free ports on 127.0.0.1 and keeps its data in `dir`.
-    pub fn write(bin: &Path, dir: &Path, log_level: &str) -> Result<Self> {
-        Self::write_with(bin, dir, log_level, "")
+    pub fn write(bin: &Path, dir: &Path, log_level: &str, tls: Option<&Pki>) -> Result<Self> {
+        Self::write_with(bin, dir, log_level, tls, "")
     }
 
     /// [`KasSetup::write`] with `extra` top-level YAML (a shared database, Redis, peers).
-    pub fn write_with(bin: &Path, dir: &Path, log_level: &str, extra: &str) -> Result<Self> {
+    pub fn write_with(
+        bin: &Path,
+        dir: &Path,
+        log_level: &str,
+        tls: Option<&Pki>,
+        extra: &str,
+    ) -> Result<Self> {
         let data = dir.join("data");
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let [agent_port, api_port, obs_port, k8s_port] = free_ports()?;
@@ -37,13 +44,18 @@ impl KasSetup {
         // repository anyway); 1h keeps any background fetch out of the CPU numbers.
         let yaml = format!(
             "data_dir: {data}\n\
-             agent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n\
+             agent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{agent_tls}\
              \x20   max_connections: 30000\n    max_connections_per_address: 30000\n\
              api:\n  listen:\n    address: 127.0.0.1:{api_port}\n\
              git:\n  poll_interval: 1h\n\
              kubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n\
              observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n  logging:\n    level: {log_level}\n{extra}",
             data = data.display(),
+            agent_tls = tls.map_or(String::new(), |p| format!(
+                "    certificate_file: {}\n    key_file: {}\n",
+                p.cert.display(),
+                p.key.display()
+            )),
         );
         std::fs::write(&config, yaml).with_context(|| format!("writing {}", config.display()))?;
         Ok(Self {

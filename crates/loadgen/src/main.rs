@@ -62,6 +62,10 @@ struct Cli {
     /// stream per agent).
     #[arg(long)]
     config_stream: bool,
+    /// kas's agent listener speaks TLS (a throwaway CA; agents dial `grpcs://`), as agents in
+    /// production do.
+    #[arg(long)]
+    tls: bool,
     /// Skip the reconnect storm (kas restart).
     #[arg(long)]
     no_storm: bool,
@@ -122,7 +126,8 @@ async fn run(cli: Cli) -> Result<()> {
     if cli.replicas > 1 {
         return run_replicas(&cli, kas_bin, dir).await;
     }
-    let setup = KasSetup::write(&kas_bin, &dir, &cli.kas_log_level)?;
+    let pki = cli.tls.then(tether_test_support::Pki::temporary);
+    let setup = KasSetup::write(&kas_bin, &dir, &cli.kas_log_level, pki.as_ref())?;
     eprintln!(
         "loadgen: starting {} (work dir {}, agents on 127.0.0.1:{})",
         kas_bin.display(),
@@ -134,6 +139,7 @@ async fn run(cli: Cli) -> Result<()> {
         n,
         min_idle,
         config_stream: cli.config_stream,
+        tls: cli.tls,
         ..Report::default()
     };
 
@@ -159,7 +165,8 @@ async fn run(cli: Cli) -> Result<()> {
         config_stream: cli.config_stream,
         timeout: Duration::from_secs(cli.timeout),
     };
-    let (fleet, connect) = connect(&cli, &setup, &kas, tokens, &goal).await?;
+    let ca = pki.as_ref().map(|p| p.ca.clone());
+    let (fleet, connect) = connect(&cli, (&setup, ca), &kas, tokens, &goal).await?;
     report.cpu_connect = kas.cpu_seconds()? - cpu_base;
     tokio::time::sleep(settle).await;
     report.connected = Some(kas.admin.stats().await?);
@@ -258,16 +265,21 @@ fn work_dir(cli: &Cli) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
 /// Starts the fleet, one agent per token, and waits until every agent is ready.
 async fn connect(
     cli: &Cli,
-    setup: &KasSetup,
+    (setup, ca_cert_file): (&KasSetup, Option<PathBuf>),
     kas: &Kas,
     tokens: Vec<String>,
     goal: &Goal,
 ) -> Result<(Fleet, Phase)> {
-    let addr = KasAddress::parse(&format!("grpc://127.0.0.1:{}", setup.agent_port))?;
+    let addr = match ca_cert_file {
+        Some(_) => format!("grpcs://localhost:{}", setup.agent_port),
+        None => format!("grpc://127.0.0.1:{}", setup.agent_port),
+    };
+    let addr = KasAddress::parse(&addr)?;
     let opts = FleetOptions {
         min_idle: goal.min_idle,
         config_stream: cli.config_stream,
         start_rate: cli.start_rate,
+        ca_cert_file,
     };
     let t = Instant::now();
     let fleet = Fleet::start(&addr, tokens, &opts).await?;
@@ -497,6 +509,7 @@ struct Report {
     n: usize,
     min_idle: usize,
     config_stream: bool,
+    tls: bool,
     register: Duration,
     base: Option<Stats>,
     connected: Option<Stats>,
@@ -593,8 +606,9 @@ impl Report {
         let cpu_pct = self.cpu_pct();
         println!();
         println!(
-            "kas footprint: {} agents, {} idle tunnel stream(s) each{}",
+            "kas footprint: {} agents{}, {} idle tunnel stream(s) each{}",
             self.n,
+            if self.tls { " over TLS" } else { "" },
             self.min_idle,
             if self.config_stream {
                 " + configuration stream"
@@ -659,6 +673,7 @@ impl Report {
             "agents": self.n,
             "min_idle": self.min_idle,
             "config_stream": self.config_stream,
+            "tls": self.tls,
             "register_seconds": round(self.register.as_secs_f64(), 3),
             "kas_rss_baseline_bytes": rss(&self.base),
             "kas_rss_connected_bytes": rss(&self.connected),

@@ -69,6 +69,7 @@ pub async fn run(o: &Options) -> Result<Value> {
             &o.kas_bin,
             &dir,
             &o.log_level,
+            None,
             &extra,
         )?);
     }
@@ -86,6 +87,7 @@ pub async fn run(o: &Options) -> Result<Value> {
         min_idle: o.min_idle,
         config_stream: o.config_stream,
         start_rate: 0,
+        ca_cert_file: None,
     };
     let goal = Goal {
         min_idle: o.min_idle,
