@@ -55,9 +55,10 @@ pub struct FleetSnapshot {
 
 impl Fleet {
     /// Starts one agent per token. Agents are created at `start_rate` per second (or all at
-    /// once); each dials kas lazily, on its pool's first stream.
+    /// once); each dials kas lazily, on its pool's first stream; agent `i` dials
+    /// `addrs[i % addrs.len()]`.
     pub async fn start(
-        addr: &KasAddress,
+        addrs: &[KasAddress],
         tokens: Vec<String>,
         opts: &FleetOptions,
     ) -> Result<Fleet> {
@@ -80,6 +81,7 @@ impl Fleet {
             }
             // One channel per agent = one TCP connection per agent, as a fleet of real agentks
             // has; sharing a channel would multiplex them all over one connection.
+            let addr = &addrs[i % addrs.len().max(1)];
             let channel = tether_transport::connect_lazy(addr, &client_opts)?;
             let meta = AgentMeta {
                 token,

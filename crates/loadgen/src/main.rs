@@ -88,6 +88,10 @@ struct Cli {
     /// loadgen), then kill one and time the failover, instead of the one-kas run.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Internal (`--replicas` starts these): run only a TCP balancer on 127.0.0.1:PORT in front
+    /// of the comma-separated backend ports, until killed.
+    #[arg(long, hide = true, value_name = "PORT:BACKENDS")]
+    balance: Option<String>,
     /// Keep kas's configuration, data and log in this folder (default: a temporary folder,
     /// removed at the end).
     #[arg(long)]
@@ -114,14 +118,16 @@ async fn main() -> std::process::ExitCode {
 const PROJECT: &str = "loadgen/fleet";
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Some(spec) = &cli.balance {
+        return replicas::serve_balancer(spec).await;
+    }
     let n = cli.agents;
     if n == 0 {
         bail!("--agents must be at least 1");
     }
     let min_idle = cli.min_idle.max(1);
     let kas_bin = kas_binary(&cli)?;
-    // With --replicas, loadgen's balancer holds both ends of every agent's connection.
-    check_open_files(if cli.replicas > 1 { 2 * n } else { n })?;
+    check_open_files(n)?;
     let (dir, _temp) = work_dir(&cli)?;
     if cli.replicas > 1 {
         return run_replicas(&cli, kas_bin, dir).await;
@@ -282,7 +288,7 @@ async fn connect(
         ca_cert_file,
     };
     let t = Instant::now();
-    let fleet = Fleet::start(&addr, tokens, &opts).await?;
+    let fleet = Fleet::start(std::slice::from_ref(&addr), tokens, &opts).await?;
     let connect = wait_connected(&kas.admin, &fleet, goal, t, None, "connect").await?;
     Ok((fleet, connect))
 }

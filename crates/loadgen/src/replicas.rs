@@ -1,6 +1,7 @@
 //! `loadgen --replicas R`: N fake agents spread over R kas replicas sharing PostgreSQL and Redis
-//! (both started here, as the tests start them), behind a TCP balancer in this process that
-//! sends each new connection to the next replica that accepts it, as a Service does. Measures
+//! (both started here, as the tests start them), behind TCP balancers (this program with
+//! `--balance`, in processes of their own so their open files do not count against loadgen's)
+//! that send each new connection to the next replica that accepts it, as a Service does. Measures
 //! each replica's memory per connected agent, Redis commands per second while the fleet idles,
 //! then kills one replica (kill -9) and times until every agent it held is back on the others.
 
@@ -81,8 +82,12 @@ pub async fn run(o: &Options) -> Result<Value> {
     tokio::time::sleep(o.settle).await;
     let base = all_stats(&kases).await?;
 
-    let lb = balancer(setups.iter().map(|s| s.agent_port).collect()).await?;
-    let addr = KasAddress::parse(&format!("grpc://127.0.0.1:{lb}"))?;
+    let backends: Vec<u16> = setups.iter().map(|s| s.agent_port).collect();
+    let (lbs, _balancers) = balancers(o.n, &backends).await?;
+    let addrs = lbs
+        .iter()
+        .map(|p| KasAddress::parse(&format!("grpc://127.0.0.1:{p}")))
+        .collect::<Result<Vec<_>, _>>()?;
     let fleet_opts = FleetOptions {
         min_idle: o.min_idle,
         config_stream: o.config_stream,
@@ -95,7 +100,7 @@ pub async fn run(o: &Options) -> Result<Value> {
         timeout: o.timeout,
     };
     let started = Instant::now();
-    let fleet = Fleet::start(&addr, tokens, &fleet_opts).await?;
+    let fleet = Fleet::start(&addrs, tokens, &fleet_opts).await?;
     let connect = wait_all(&kases, &fleet, &goal, started, "connect").await?;
     tokio::time::sleep(o.settle).await;
     let connected = all_stats(&kases).await?;
@@ -199,30 +204,77 @@ async fn idle(kases: &[Kas], redis: &Redis, idle: Duration) -> Result<(f64, Vec<
     Ok((commands, cpu))
 }
 
-/// A TCP balancer on a free port: each connection goes to the next backend in turn, or the one
-/// after it when that one refuses (a dead replica).
-async fn balancer(backends: Vec<u16>) -> Result<u16> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let next = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(async move {
-        while let Ok((mut down, _)) = listener.accept().await {
-            let (backends, next) = (backends.clone(), Arc::clone(&next));
-            tokio::spawn(async move {
-                let first = next.fetch_add(1, Ordering::Relaxed);
-                for i in 0..backends.len() {
-                    let b = backends[(first + i) % backends.len()];
-                    if let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", b)).await {
-                        let _ = up.set_nodelay(true);
-                        let _ = down.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                        return;
-                    }
-                }
-            });
+/// Agents per balancer process: it holds both ends of each connection, so 5,000 agents are
+/// 10,000 open files, well inside a common limit of 20,000.
+const AGENTS_PER_BALANCER: usize = 5_000;
+
+/// Balancer processes (this program with `--balance`) for `n` agents in front of `backends`:
+/// their ports, and the children (killed with loadgen: parent-death signal and drop).
+async fn balancers(n: usize, backends: &[u16]) -> Result<(Vec<u16>, Vec<tokio::process::Child>)> {
+    let me = std::env::current_exe()?;
+    let list: Vec<String> = backends.iter().map(u16::to_string).collect();
+    let (mut ports, mut children) = (Vec::new(), Vec::new());
+    for _ in 0..n.div_ceil(AGENTS_PER_BALANCER).max(1) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = tokio::process::Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(&me)
+            .arg("--balance")
+            .arg(format!("{port}:{}", list.join(",")))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a balancer process")?;
+        children.push(child);
+        ports.push(port);
+    }
+    for port in &ports {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", *port))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("the balancer on port {port} did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    });
-    Ok(port)
+    }
+    Ok((ports, children))
+}
+
+/// `--balance PORT:B1,B2,…`: a TCP balancer on 127.0.0.1:PORT; each connection goes to the
+/// next backend in turn, or the one after it when that one refuses (a dead replica). Runs
+/// until killed.
+pub async fn serve_balancer(spec: &str) -> Result<()> {
+    let (port, list) = spec.split_once(':').context("--balance PORT:BACKENDS")?;
+    let backends: Vec<u16> = list
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("--balance: backend ports")?;
+    if backends.is_empty() {
+        bail!("--balance: no backend");
+    }
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port.parse::<u16>()?)).await?;
+    let next = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (mut down, _) = listener.accept().await?;
+        let (backends, next) = (backends.clone(), Arc::clone(&next));
+        tokio::spawn(async move {
+            let first = next.fetch_add(1, Ordering::Relaxed);
+            for i in 0..backends.len() {
+                let b = backends[(first + i) % backends.len()];
+                if let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", b)).await {
+                    let _ = up.set_nodelay(true);
+                    let _ = down.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    return;
+                }
+            }
+        });
+    }
 }
 
 struct Report<'a> {
