@@ -31,6 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
+use crate::peer_stream::OkFirst;
 
 /// How long an agent's directory entry lives without a refresh, and the refresh period.
 const AGENT_TTL: u64 = 300;
@@ -408,14 +409,27 @@ pub enum RouteError {
 
 impl Peers {
     /// A byte stream to the agent's `service` through a replica that holds its tunnels, or
-    /// `None` when no other replica does. Holders are tried in turn; one that does not answer
-    /// (dead, its entries not expired yet) is skipped.
+    /// `None` when no other replica does. Holders are tried in turn; one that does not accept
+    /// the connection (dead, its entries not expired yet) is skipped. The request may be
+    /// written at once: the holder's answer is checked on the first read ([`OkFirst`]).
     pub async fn open(
         &self,
         agent_id: i64,
         service: &str,
         metadata: &HashMap<String, String>,
-    ) -> Result<Option<TcpStream>, RouteError> {
+    ) -> Result<Option<OkFirst<TcpStream>>, RouteError> {
+        self.open_with(agent_id, service, metadata, false).await
+    }
+
+    /// `confirm`: wait for the holder's `OK` before returning (a holder that lost the agent is
+    /// then skipped too).
+    async fn open_with(
+        &self,
+        agent_id: i64,
+        service: &str,
+        metadata: &HashMap<String, String>,
+        confirm: bool,
+    ) -> Result<Option<OkFirst<TcpStream>>, RouteError> {
         let holders = self.holders(agent_id).await?;
         if holders.is_empty() {
             return Ok(None);
@@ -428,7 +442,7 @@ impl Peers {
         };
         let preamble = preamble(&self.secret, &request);
         let mut errors = Vec::new();
-        if let Some(stream) = try_holders(&holders, &preamble, &mut errors).await {
+        if let Some(stream) = try_holders(&holders, &preamble, confirm, &mut errors).await {
             return Ok(Some(stream));
         }
         // What was cached may be out of date: read the directory again, once.
@@ -436,7 +450,7 @@ impl Peers {
         let fresh = self.read_holders(agent_id).await?;
         if !fresh.is_empty()
             && fresh != holders
-            && let Some(stream) = try_holders(&fresh, &preamble, &mut errors).await
+            && let Some(stream) = try_holders(&fresh, &preamble, confirm, &mut errors).await
         {
             return Ok(Some(stream));
         }
@@ -454,10 +468,10 @@ impl Peers {
         agent_id: i64,
         service: &str,
         metadata: &HashMap<String, String>,
-    ) -> TcpStream {
+    ) -> OkFirst<TcpStream> {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            if let Ok(Some(stream)) = self.open(agent_id, service, metadata).await {
+            if let Ok(Some(stream)) = self.open_with(agent_id, service, metadata, true).await {
                 return stream;
             }
         }
@@ -545,10 +559,18 @@ impl Peers {
 async fn try_holders(
     holders: &[String],
     preamble: &[u8],
+    confirm: bool,
     errors: &mut Vec<String>,
-) -> Option<TcpStream> {
+) -> Option<OkFirst<TcpStream>> {
     for address in holders {
-        match tokio::time::timeout(PREAMBLE_TIMEOUT, forward_to(address, preamble)).await {
+        let attempt = async {
+            if confirm {
+                forward_to(address, preamble).await.map(OkFirst::answered)
+            } else {
+                send_preamble(address, preamble).await.map(OkFirst::new)
+            }
+        };
+        match tokio::time::timeout(PREAMBLE_TIMEOUT, attempt).await {
             Ok(Ok(stream)) => return Some(stream),
             Ok(Err(e)) => errors.push(format!("{address}: {e}")),
             Err(_) => errors.push(format!("{address}: no answer")),
@@ -557,10 +579,16 @@ async fn try_holders(
     None
 }
 
-async fn forward_to(address: &str, preamble: &[u8]) -> std::io::Result<TcpStream> {
+/// Connects to `address` and sends the signed preamble.
+async fn send_preamble(address: &str, preamble: &[u8]) -> std::io::Result<TcpStream> {
     let mut stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
     stream.write_all(preamble).await?;
+    Ok(stream)
+}
+
+async fn forward_to(address: &str, preamble: &[u8]) -> std::io::Result<TcpStream> {
+    let mut stream = send_preamble(address, preamble).await?;
     // `OK\n` in one read (the holder sends nothing after it before this side speaks); an error
     // line is read on byte by byte, so nothing after the answer line is swallowed by a buffer.
     let mut line = vec![0u8; 3];
