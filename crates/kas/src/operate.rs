@@ -173,7 +173,7 @@ fn refuse_suspended(
     Ok(())
 }
 
-async fn reconcile(
+pub(crate) async fn reconcile(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
     Json(req): Json<ReconcileRequest>,
@@ -223,7 +223,7 @@ async fn reconcile(
 }
 
 /// How far the agent's syncs under way for a reconcile got (kept in memory by this kas).
-async fn progress(
+pub(crate) async fn progress(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
 ) -> Json<Vec<ProgressView>> {
@@ -260,7 +260,7 @@ async fn scope_of(
     Ok(SuspensionScope::Project(p.id))
 }
 
-async fn suspend(
+pub(crate) async fn suspend(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
     Json(req): Json<SuspendRequest>,
@@ -275,7 +275,7 @@ async fn suspend(
     Ok(Json(view(&s, &paths)))
 }
 
-async fn resume(
+pub(crate) async fn resume(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
     Json(req): Json<SuspendRequest>,

@@ -11,6 +11,7 @@ use tether_kas_api::AdminClient;
 
 pub use tether_test_support::{GitDaemon, GitRepo, Pki};
 
+pub mod browser;
 pub mod gitops;
 pub mod monitoring;
 pub mod oidc;
