@@ -711,3 +711,26 @@ pub fn webhook_router(state: ApiState) -> Router {
         ))
         .with_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_deliveries_of_each_project_are_kept_newest_first() {
+        let d = Deliveries::default();
+        d.record(1, Delivery::Refused);
+        for _ in 0..DELIVERIES_KEPT {
+            d.record(1, Delivery::Accepted);
+        }
+        d.record(2, Delivery::Failed);
+        let one = d.of(1);
+        assert_eq!(one.len(), DELIVERIES_KEPT);
+        assert!(
+            one.iter().all(|(_, o)| *o == "accepted"),
+            "the oldest went first"
+        );
+        assert_eq!(d.of(2)[0].1, "failed");
+        assert!(d.of(3).is_empty());
+    }
+}

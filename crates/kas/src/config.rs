@@ -853,6 +853,26 @@ mod tests {
     }
 
     #[test]
+    fn the_web_ui_is_off_by_default_and_its_oidc_keys_have_defaults() {
+        let c = parse("").expect("valid");
+        assert_eq!(c.web.listen, None);
+        let c = parse(
+            "web:\n  listen:\n    address: 127.0.0.1:8156\n  oidc:\n    issuer: https://idp\n    \
+             client_id: web\n    redirect_url: http://127.0.0.1:8156/login/oidc/callback\n",
+        )
+        .expect("valid");
+        let o = c.web.oidc.expect("oidc");
+        assert_eq!(o.username_claim, "preferred_username");
+        assert_eq!(o.groups_claim, "groups");
+        assert_eq!(c.web.session_ttl, Duration::from_secs(8 * 3600));
+        let e = parse("web:\n  oidc:\n    issuer: i\n    client_id: c\n    redirect_url: r\n")
+            .expect_err("oidc without a listener");
+        assert!(e.to_string().contains("web.oidc needs web.listen"), "{e}");
+        let e = parse("web:\n  session_ttl: 0s\n").expect_err("zero");
+        assert!(e.to_string().contains("web.session_ttl"), "{e}");
+    }
+
+    #[test]
     fn limits_that_cannot_work_are_errors() {
         let e = parse("api:\n  listen:\n    max_connections: 0\n").expect_err("zero cap");
         assert!(e.to_string().contains("api.listen"), "{e}");

@@ -1,6 +1,6 @@
 //! Starting kas as an explicit list of modules — store, limits, registry, sources,
 //! configuration, gitops, agent listener (tunnel), internal API, webhooks, Kubernetes API proxy,
-//! observability — each started with its dependencies and stopped in reverse order.
+//! web UI, observability — each started with its dependencies and stopped in reverse order.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -42,6 +42,16 @@ fn screenshots_dir() -> std::path::PathBuf {
         .join("webui-screenshots")
 }
 
+/// Every field is labelled and the page fits a 1366-pixel-wide laptop screen.
+async fn check_accessible(b: &mut Browser, page: &str) {
+    let unlabelled = b
+        .eval("[...document.querySelectorAll('input:not([type=hidden]), select')].filter(i => !i.labels || i.labels.length === 0).map(i => i.name)")
+        .await;
+    assert_eq!(unlabelled, json!([]), "{page}: fields without a label");
+    let width = b.eval("document.documentElement.scrollWidth").await;
+    assert!(width.as_i64().unwrap() <= 1366, "{page} is {width} px wide");
+}
+
 /// Logs in through the identity provider as whoever it approves next.
 async fn oidc_login(b: &mut Browser, web: &str) {
     b.goto(&format!("{web}/login")).await;
@@ -101,6 +111,7 @@ async fn the_web_ui_walkthrough() {
     oidc_login(&mut b, &web).await;
     assert!(b.text("#agents").await.contains("seed"));
     assert!(b.text("header").await.contains("ada (admin)"));
+    check_accessible(&mut b, "agents").await;
     b.screenshot("agents").await;
     b.goto(&format!("{web}/agents/{id}")).await;
     let row = |ns: &str, status: &str| {
@@ -121,6 +132,7 @@ async fn the_web_ui_walkthrough() {
         WAIT,
     )
     .await;
+    check_accessible(&mut b, "agent").await;
     b.screenshot("agent").await;
 
     // A commit shows up without a reload, within 2 s of kas having agentk's report.
@@ -144,16 +156,31 @@ async fn the_web_ui_walkthrough() {
     assert!(delay < Duration::from_secs(2), "{delay:?}");
     b.screenshot("agent-live").await;
 
-    // Suspend the manifest project from the page.
+    // Reconcile now, then suspend the manifest project, resume it and suspend it again.
+    b.eval("window.__sameDocument = 'before reconcile'").await;
+    b.click_button("Reconcile now").await;
+    let back = "window.__sameDocument === undefined && document.querySelector('#syncs h3')";
+    b.wait_until("the agent page again", back, WAIT).await;
+    assert!(kas.log().contains("Reconcile requested"));
+    let events = |text: &str| {
+        format!(
+            "document.querySelector('#events') && document.querySelector('#events').innerText.includes({})",
+            json!(text)
+        )
+    };
     b.click_button("Suspend group/manifests").await;
-    b.wait_until(
-        "the suspension in the events",
-        "document.querySelector('#events').innerText.includes('suspended by admin (web: ada)')",
-        WAIT,
-    )
-    .await;
+    let suspended = events("suspended by admin (web: ada)");
+    b.wait_until("the suspension in the events", &suspended, WAIT)
+        .await;
     let suspensions = kas.agent(id).await.suspensions;
     assert_eq!(suspensions.len(), 1, "{suspensions:?}");
+    b.screenshot("agent-suspended").await;
+    b.click_button("Resume group/manifests").await;
+    let resumed = format!("document.querySelector('#events') && !({suspended})");
+    b.wait_until("the suspension gone", &resumed, WAIT).await;
+    assert!(kas.agent(id).await.suspensions.is_empty());
+    b.click_button("Suspend group/manifests").await;
+    b.wait_until("suspended again", &suspended, WAIT).await;
 
     // Register an agent: its token once, with the install command; a reload shows it no more.
     b.goto(&format!("{web}/")).await;
@@ -188,9 +215,29 @@ async fn the_web_ui_walkthrough() {
         json!(false)
     );
 
+    // Revoke the new agent's token.
+    let agents = kas.admin.list_agents().await.unwrap();
+    let second = agents.into_iter().find(|a| a.name == "second").unwrap();
+    b.goto(&format!("{web}/agents/{}", second.id)).await;
+    b.wait_until(
+        "the tokens",
+        "document.querySelector('#tokens button')",
+        WAIT,
+    )
+    .await;
+    let revoke = b
+        .eval("document.querySelector('#tokens button').innerText")
+        .await;
+    b.click_button(revoke.as_str().unwrap()).await;
+    let revoked = "document.querySelector('#tokens') && document.querySelector('#tokens').innerText.includes('revoked')";
+    b.wait_until("the token revoked", revoked, WAIT).await;
+    let tokens = kas.admin.list_tokens(second.id).await.unwrap();
+    assert!(tokens.iter().all(|t| t.revoked_at.is_some()), "{tokens:?}");
+
     // Projects: mirror state and last fetch.
     b.goto(&format!("{web}/projects")).await;
     b.wait_until("the projects", "document.querySelector('#projects') && document.querySelector('#projects').innerText.includes('group/manifests')", WAIT).await;
+    check_accessible(&mut b, "projects").await;
     b.screenshot("projects").await;
 
     // A viewer: no buttons; a forged POST without the CSRF token, or with it, is refused.
@@ -248,6 +295,7 @@ async fn the_web_ui_walkthrough() {
     b.goto(&format!("{web}/browse?agent={id}&ns={dude}")).await;
     b.wait_until("dude's deployments", "document.querySelector('#deployments') && document.querySelector('#deployments').innerText.includes('nginx')", WAIT).await;
     assert!(b.text("#pods").await.contains("nginx"));
+    check_accessible(&mut b, "cluster").await;
     b.screenshot("cluster-dude").await;
     b.goto(&format!("{web}/browse?agent={id}&ns={naww}")).await;
     b.wait_until(

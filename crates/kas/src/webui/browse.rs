@@ -101,11 +101,7 @@ pub fn deployment_rows(list: &Value) -> Vec<Vec<Html>> {
                     n(d, &["status", "readyReplicas"]),
                     n(d, &["spec", "replicas"])
                 )),
-                badge(if state == "Available" {
-                    "Active"
-                } else {
-                    "Pending"
-                }),
+                badge(state),
             ]
         })
         .collect()
@@ -393,7 +389,7 @@ mod tests {
         let rows = deployment_rows(&deployments);
         assert_eq!(rows[0][0].as_str(), "nginx");
         assert_eq!(rows[0][1].as_str(), "1/1");
-        assert!(rows[0][2].as_str().contains("Active"));
+        assert!(rows[0][2].as_str().contains("badge good\">Available"));
         let pods = json!({"items": [{"metadata": {"name": "<p>"}, "spec": {"nodeName": "n1"},
             "status": {"phase": "Running", "containerStatuses": [{"restartCount": 2}, {"restartCount": 1}]}}]});
         let rows = pod_rows(&pods);

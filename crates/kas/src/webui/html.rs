@@ -134,9 +134,9 @@ impl Table<'_> {
 /// A status word as a badge whose class (colour) is chosen from a fixed list.
 pub fn badge(status: &str) -> Html {
     let class = match status {
-        "Current" | "Succeeded" | "connected" | "ok" | "Running" | "Active" => "good",
+        "Current" | "Succeeded" | "connected" | "ok" | "Running" | "Available" => "good",
         "Failed" | "refused" | "error" | "Forbidden" => "bad",
-        "InProgress" | "in progress" | "Pending" | "suspended" => "warn",
+        "InProgress" | "Pending" | "Unavailable" | "suspended" => "warn",
         _ => "neutral",
     };
     Html(format!(

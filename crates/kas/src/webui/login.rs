@@ -15,9 +15,20 @@ use super::{LoggedIn, WebState, error_page, html_response};
 /// Cookie binding a login under way to the browser that started it.
 const STATE_COOKIE: &str = "tether_oidc_state";
 
-pub fn routes() -> Router<WebState> {
-    Router::new()
+pub fn routes(state: &WebState) -> Router<WebState> {
+    // Failed admin-token logins count against the client's address like the admin API's
+    // failures (the token is in the form, so there is no credential to key by).
+    let guard = crate::limits::HttpGuard {
+        guard: std::sync::Arc::clone(&state.api.guards.admin),
+        credential: |_| None,
+    };
+    let admin = Router::new()
         .route("/login", get(form).post(admin_login))
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            crate::limits::guard_http,
+        ));
+    admin
         .route("/login/oidc", get(oidc_start))
         .route("/login/oidc/callback", get(oidc_callback))
 }

@@ -137,7 +137,7 @@ pub fn router(state: WebState) -> Router {
     Router::new()
         .route("/assets/app.css", get(asset_css))
         .route("/assets/app.js", get(asset_js))
-        .merge(login::routes())
+        .merge(login::routes(&state))
         .merge(protected)
         .with_state(state)
 }
