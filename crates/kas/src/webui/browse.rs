@@ -126,9 +126,9 @@ pub fn pod_rows(list: &Value) -> Vec<Vec<Html>> {
         .collect()
 }
 
-/// Events: when, type, reason, object, message.
+/// Events, newest first: when, type, reason, object, message.
 pub fn event_rows(list: &Value) -> Vec<Vec<Html>> {
-    items(list)
+    let mut events: Vec<(&str, &Value)> = items(list)
         .iter()
         .map(|e| {
             let when = [
@@ -139,6 +139,14 @@ pub fn event_rows(list: &Value) -> Vec<Vec<Html>> {
             .into_iter()
             .find(|t| !t.is_empty())
             .unwrap_or("");
+            (when, e)
+        })
+        .collect();
+    // RFC 3339 UTC times compare as text, to the second (enough to read a namespace's story).
+    events.sort_by(|a, b| b.0.cmp(a.0));
+    events
+        .into_iter()
+        .map(|(when, e)| {
             vec![
                 Html::text(when),
                 Html::text(s(e, &["type"])),
@@ -399,6 +407,9 @@ mod tests {
             "lastTimestamp": "2026-11-26T10:00:00Z", "involvedObject": {"kind": "Pod", "name": "p"}}]});
         let rows = event_rows(&events);
         assert_eq!(rows[0][3].as_str(), "Pod/p");
+        let two = json!({"items": [{"lastTimestamp": "2026-11-26T10:00:00Z", "reason": "old"},
+            {"lastTimestamp": "2026-11-26T11:00:00Z", "reason": "new"}]});
+        assert_eq!(event_rows(&two)[0][2].as_str(), "new", "newest first");
         assert_eq!(
             names(&json!({"items": [{"metadata": {"name": "dude"}}]})),
             ["dude"]
