@@ -255,6 +255,10 @@ async fn the_web_ui_walkthrough() {
             .await
             .contains(&format!("{PERSON} (viewer)"))
     );
+    let forms = b
+        .eval("document.querySelectorAll('main form').length")
+        .await;
+    assert_eq!(forms, json!(0), "a viewer gets no registration form");
     b.goto(&format!("{web}/agents/{id}")).await;
     b.wait_until(
         "the agent page",
