@@ -7,8 +7,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use support::WEB_PORT;
 use support::browser::Browser;
-use support::free_port;
 use support::gitops::{Rig, deployment, rig_with};
 use support::oidc::Issuer;
 use tether_testenv::{TestEnv, seed_agent_rbac};
@@ -75,11 +75,10 @@ async fn the_web_ui_walkthrough() {
     let dude = env.create_namespace("dude").unwrap();
     let naww = env.create_namespace("naww").unwrap();
     let issuer = Issuer::start("tether-web").await;
-    let web_port = free_port();
-    let web = format!("http://127.0.0.1:{web_port}");
+    // kas picks the port at each start attempt (see `WEB_PORT`).
     let kas_yaml = format!(
-        "web:\n  listen:\n    address: 127.0.0.1:{web_port}\n  oidc:\n    issuer: {}\n    client_id: tether-web\n    \
-         redirect_url: {web}/login/oidc/callback\n    admin_subjects: [admin-sub]\n",
+        "web:\n  listen:\n    address: 127.0.0.1:{WEB_PORT}\n  oidc:\n    issuer: {}\n    client_id: tether-web\n    \
+         redirect_url: http://127.0.0.1:{WEB_PORT}/login/oidc/callback\n    admin_subjects: [admin-sub]\n",
         issuer.url
     );
     let users = "user_access:\n  access_as:\n    user: {}\n  groups:\n  - id: people\n";
@@ -103,6 +102,7 @@ async fn the_web_ui_walkthrough() {
         ..
     } = &rig;
     let id = *agent_id;
+    let web = format!("http://127.0.0.1:{}", kas.web_port);
     rig.synced(&c1).await;
     let mut b = Browser::launch(screenshots_dir()).await;
 
