@@ -1,7 +1,8 @@
 //! The agent page's live part: server-sent events carrying the syncs section, rendered from
 //! the same views as the page (the stored reports and the progress kas keeps for
-//! `reconcile --wait`), sent whenever it changed. kas looks every [`TICK`], so a report shows
-//! within that of its arrival.
+//! `reconcile --wait`), sent whenever it changed. It is rendered again as soon as this kas
+//! receives a report or progress (`SyncStates::changes`), and at least every [`TICK`] for
+//! reports another replica received.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -15,8 +16,8 @@ use futures_util::stream::Stream;
 use super::render::{self, ObjectFilter};
 use super::{LoggedIn, WebState};
 
-/// How often the section is rendered again and compared.
-const TICK: Duration = Duration::from_millis(250);
+/// How often the section is rendered again without news from this kas.
+const TICK: Duration = Duration::from_secs(1);
 
 pub async fn stream(
     State(st): State<WebState>,
@@ -35,28 +36,36 @@ fn changes(
     id: i64,
     filter: ObjectFilter,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    futures_util::stream::unfold((st, String::new()), move |(st, last)| {
-        let filter = filter.clone();
-        async move {
-            // A new interval's first tick is at once: the first section goes out immediately.
-            let mut tick = tokio::time::interval(TICK);
-            loop {
-                tick.tick().await;
-                let html = match super::pages::sync_views(&st, id).await {
-                    Ok((syncs, progress)) => {
-                        render::syncs(&syncs, &progress, &filter).into_string()
+    let changes = st.api.sync_states.changes();
+    futures_util::stream::unfold(
+        (st, changes, String::new()),
+        move |(st, mut changes, last)| {
+            let filter = filter.clone();
+            async move {
+                loop {
+                    // Marked seen before reading, so a report arriving meanwhile wakes the next turn.
+                    changes.borrow_and_update();
+                    let html = match super::pages::sync_views(&st, id).await {
+                        Ok((syncs, progress)) => {
+                            render::syncs(&syncs, &progress, &filter).into_string()
+                        }
+                        // Said in the page; the API's error type logs failures of kas itself.
+                        Err(e) => {
+                            tracing::warn!(agent_id = id, error = %e.1, "Web UI live view cannot read the syncs");
+                            format!("<p class=\"error\">{}</p>", super::html::esc(&e.1))
+                        }
+                    };
+                    if html != last {
+                        let event = Event::default().event("syncs").data(html.clone());
+                        return Some((Ok(event), (st, changes, html)));
                     }
-                    // Said in the page; the API's error type logs failures of kas itself.
-                    Err(e) => {
-                        tracing::warn!(agent_id = id, error = %e.1, "Web UI live view cannot read the syncs");
-                        format!("<p class=\"error\">{}</p>", super::html::esc(&e.1))
+                    let woken = tokio::time::timeout(TICK, changes.changed()).await;
+                    if matches!(woken, Ok(Err(_))) {
+                        // The channel closed (kas stopping): the tick alone, never a busy loop.
+                        tokio::time::sleep(TICK).await;
                     }
-                };
-                if html != last {
-                    let event = Event::default().event("syncs").data(html.clone());
-                    return Some((Ok(event), (st, html)));
                 }
             }
-        }
-    })
+        },
+    )
 }
