@@ -154,3 +154,29 @@ pub(crate) fn decode_report(bytes: &[u8]) -> Result<SyncReport, prost::DecodeErr
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn progress_and_reports_wake_their_followers() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store: Arc<dyn Store> =
+            Arc::new(tether_store::SqliteStore::open(&dir.path().join("kas.db")).await?);
+        let agent = store.register_agent("group/project", "agent").await?.id;
+        let states = SyncStates::new(store);
+        let mut changes = states.changes();
+        let report = SyncReport {
+            project_id: "group/manifests".into(),
+            commit_id: "c0ffee".into(),
+            ..SyncReport::default()
+        };
+        states.put_progress(agent, report.clone());
+        assert!(changes.has_changed()?, "progress");
+        changes.borrow_and_update();
+        states.put(agent, &report).await?;
+        assert!(changes.has_changed()?, "a report");
+        Ok(())
+    }
+}
