@@ -50,6 +50,12 @@ async fn check_accessible(b: &mut Browser, page: &str) {
     assert_eq!(unlabelled, json!([]), "{page}: fields without a label");
     let width = b.eval("document.documentElement.scrollWidth").await;
     assert!(width.as_i64().unwrap() <= 1366, "{page} is {width} px wide");
+    // The keyboard reaches the page: the first Tab focuses "Skip to content".
+    b.eval("document.activeElement && document.activeElement.blur()")
+        .await;
+    b.press_tab().await;
+    let focused = b.eval("document.activeElement.innerText").await;
+    assert_eq!(focused, json!("Skip to content"), "{page}");
 }
 
 /// Logs in through the identity provider as whoever it approves next.
@@ -283,6 +289,13 @@ async fn the_web_ui_walkthrough() {
         json!(403),
         "a viewer's role"
     );
+
+    // A login callback this browser did not start is refused.
+    let forged = format!("{web}/login/oidc/callback?state=forged&code=stolen");
+    b.goto(&forged).await;
+    let refused = "document.body.innerText.includes('this login was not started in this browser')";
+    b.wait_until("the forged callback refused", refused, WAIT)
+        .await;
 
     // The cluster as the viewer: dude, not naww.
     b.goto(&format!("{web}/browse?agent={id}")).await;

@@ -182,6 +182,15 @@ impl Browser {
         assert_eq!(self.eval(&js).await, json!(true), "no button {label:?}");
     }
 
+    /// Presses Tab, as a person moving the keyboard focus does.
+    pub async fn press_tab(&mut self) {
+        for kind in ["keyDown", "keyUp"] {
+            let key =
+                json!({"type": kind, "key": "Tab", "code": "Tab", "windowsVirtualKeyCode": 9});
+            self.call("Input.dispatchKeyEvent", key).await;
+        }
+    }
+
     /// Saves a PNG of the page as `name`.png.
     pub async fn screenshot(&mut self, name: &str) -> PathBuf {
         use base64::Engine as _;
