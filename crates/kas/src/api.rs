@@ -584,7 +584,7 @@ async fn receive_webhook(
     ))
 }
 
-pub(crate) async fn agent_gitops(
+async fn agent_gitops(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
 ) -> Result<Json<Vec<SyncView>>, ApiError> {
@@ -673,6 +673,18 @@ pub fn admin_router(state: ApiState) -> Router {
 pub fn peer_admin_router(state: ApiState) -> Router {
     admin_routes()
         .layer(axum::Extension(crate::api_routing::FromPeer))
+        .with_state(state)
+}
+
+/// The admin API's routes for kas's own web UI, in process: with the replica routing (a
+/// request about an agent held by another replica is served there) and without the admin
+/// token, for which the UI's sessions, roles and CSRF checks stand. Never bound to a listener.
+pub fn in_process_router(state: ApiState) -> Router {
+    admin_routes()
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::api_routing::to_holder,
+        ))
         .with_state(state)
 }
 

@@ -173,7 +173,7 @@ fn refuse_suspended(
     Ok(())
 }
 
-pub(crate) async fn reconcile(
+async fn reconcile(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
     Json(req): Json<ReconcileRequest>,
@@ -223,7 +223,7 @@ pub(crate) async fn reconcile(
 }
 
 /// How far the agent's syncs under way for a reconcile got (kept in memory by this kas).
-pub(crate) async fn progress(
+async fn progress(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
 ) -> Json<Vec<ProgressView>> {
@@ -260,7 +260,7 @@ async fn scope_of(
     Ok(SuspensionScope::Project(p.id))
 }
 
-pub(crate) async fn suspend(
+async fn suspend(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
     Json(req): Json<SuspendRequest>,
@@ -275,7 +275,7 @@ pub(crate) async fn suspend(
     Ok(Json(view(&s, &paths)))
 }
 
-pub(crate) async fn resume(
+async fn resume(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
     Json(req): Json<SuspendRequest>,

@@ -682,6 +682,7 @@ async fn start_web(
         None => None,
     };
     let state = crate::webui::WebState {
+        api_router: api::in_process_router(api.clone()),
         api,
         sessions: Arc::new(crate::webui::session::Sessions::new(cfg.web.session_ttl)),
         oidc,

@@ -7,10 +7,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Form, Json, Router};
+use serde_json::json;
 use tether_kas_api::{ReconcileRequest, RegisterRequest, SuspendRequest};
 
 use super::html::page;
@@ -144,10 +145,7 @@ async fn reconcile(
     let req = ReconcileRequest {
         project: project_of(&f),
     };
-    match crate::operate::reconcile(State(st.api.clone()), Path(id), Json(req)).await {
-        Ok(_) => back_to(id),
-        Err(e) => api_error(e, &who),
-    }
+    agent_action(&st, &who, id, "reconcile", json!(req)).await
 }
 
 fn suspend_request(who: &LoggedIn, f: &HashMap<String, String>) -> SuspendRequest {
@@ -164,7 +162,7 @@ async fn suspend(
     Path(id): Path<i64>,
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
-    change_suspension(&st, &who, id, &f, false).await
+    agent_action(&st, &who, id, "suspend", json!(suspend_request(&who, &f))).await
 }
 
 async fn resume(
@@ -173,25 +171,23 @@ async fn resume(
     Path(id): Path<i64>,
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
-    change_suspension(&st, &who, id, &f, true).await
+    agent_action(&st, &who, id, "resume", json!(suspend_request(&who, &f))).await
 }
 
-/// Suspends (or resumes) what the form names, through the admin API's handlers.
-async fn change_suspension(
+/// `POST /api/v1/agents/{id}/{op}` through the admin API's routes (served by the replica
+/// holding the agent), then back to the agent's page.
+async fn agent_action(
     st: &WebState,
     who: &LoggedIn,
     id: i64,
-    f: &HashMap<String, String>,
-    resume: bool,
+    op: &str,
+    body: serde_json::Value,
 ) -> Response {
-    let (api, req) = (State(st.api.clone()), Json(suspend_request(who, f)));
-    let done = if resume {
-        crate::operate::resume(api, Path(id), req).await.map(drop)
-    } else {
-        crate::operate::suspend(api, Path(id), req).await.map(drop)
-    };
+    let path = format!("/api/v1/agents/{id}/{op}");
+    let done: Result<serde_json::Value, _> =
+        super::through::call(&st.api_router, Method::POST, &path, Some(body)).await;
     match done {
-        Ok(()) => back_to(id),
+        Ok(_) => back_to(id),
         Err(e) => api_error(e, who),
     }
 }

@@ -15,6 +15,7 @@ pub mod oidc;
 mod pages;
 pub mod render;
 pub mod session;
+mod through;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,6 +40,8 @@ const MAX_FORM: usize = 64 * 1024;
 pub struct WebState {
     /// The admin API's state: the UI calls the API's handlers with it.
     pub api: ApiState,
+    /// The admin API's routes in process, for calls the agent's replica must serve.
+    pub api_router: Router,
     pub sessions: Arc<Sessions>,
     pub oidc: Option<Arc<oidc::Provider>>,
     /// Whether the UI is served over TLS (cookies get `Secure`).

@@ -3,7 +3,7 @@
 
 use axum::Extension;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::response::Response;
 
 use super::html::{Html, page};
@@ -76,15 +76,15 @@ async fn agent_body(
 }
 
 /// The agent's last syncs and the ones under way, as `kas agent status` and
-/// `reconcile --wait` see them.
+/// `reconcile --wait` see them (from the replica holding the agent).
 pub async fn sync_views(
     st: &WebState,
     id: i64,
 ) -> Result<(Vec<api::SyncView>, Vec<tether_kas_api::ProgressView>), api::ApiError> {
-    let syncs = api::agent_gitops(State(st.api.clone()), Path(id)).await?.0;
-    let progress = crate::operate::progress(State(st.api.clone()), Path(id))
-        .await
-        .0;
+    let (router, base) = (&st.api_router, format!("/api/v1/agents/{id}/gitops"));
+    let syncs = super::through::call(router, Method::GET, &base, None).await?;
+    let progress = format!("{base}/progress");
+    let progress = super::through::call(router, Method::GET, &progress, None).await?;
     Ok((syncs, progress))
 }
 
