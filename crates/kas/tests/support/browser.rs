@@ -24,6 +24,30 @@ fn program() -> PathBuf {
     p
 }
 
+/// Chromium, headless, with the flags this machine needs and a DevTools port of its choosing
+/// (written to `DevToolsActivePort` in `profile`).
+fn spawn(profile: &std::path::Path) -> Child {
+    Command::new(program())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-port=0",
+            "--window-size=1366,768",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("about:blank")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting chromium")
+}
+
 pub struct Browser {
     child: Child,
     socket: Socket,
@@ -38,25 +62,7 @@ impl Browser {
     /// Starts Chromium (fresh profile) with one page at 1366×768, a laptop screen.
     pub async fn launch(shots: PathBuf) -> Browser {
         let profile = tempfile::tempdir().unwrap();
-        let child = Command::new(program())
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--remote-debugging-port=0",
-                "--window-size=1366,768",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("about:blank")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting chromium");
+        let child = spawn(profile.path());
         let port_file = profile.path().join("DevToolsActivePort");
         let text = super::wait_for("Chromium's DevTools port", Duration::from_secs(30), || {
             let f = port_file.clone();
