@@ -14,13 +14,28 @@ use tether_kas_api::{ReportedOutcome, ReportedStatus};
 const CARRIED: &str = "nothing was applied at this commit; the objects are as of commit";
 
 /// The agents' last sync reports, in the store; and how far the syncs running for `kas agent
-/// reconcile --wait` got, in memory only (it is gone once their outcome arrives).
+/// reconcile --wait` got, in memory only (it is gone once their outcome arrives). A counter
+/// bumped on every report or progress this kas receives wakes whoever follows them (the web
+/// UI's live pages).
 #[derive(Debug)]
-pub struct SyncStates(Arc<dyn Store>, Mutex<HashMap<(i64, String), SyncReport>>);
+pub struct SyncStates(
+    Arc<dyn Store>,
+    Mutex<HashMap<(i64, String), SyncReport>>,
+    tokio::sync::watch::Sender<u64>,
+);
 
 impl SyncStates {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self(store, Mutex::default())
+        Self(store, Mutex::default(), tokio::sync::watch::Sender::new(0))
+    }
+
+    /// Changes when this kas receives a report or progress of any agent.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.2.subscribe()
+    }
+
+    fn changed(&self) {
+        self.2.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, String), SyncReport>> {
@@ -33,6 +48,7 @@ impl SyncStates {
     pub(crate) fn put_progress(&self, agent_id: i64, report: SyncReport) {
         self.running()
             .insert((agent_id, report.project_id.clone()), report);
+        self.changed();
     }
 
     /// The agent's syncs under way that reported progress, by project.
@@ -79,6 +95,7 @@ impl SyncStates {
             .await?;
         self.running()
             .remove(&(agent_id, report.project_id.clone()));
+        self.changed();
         Ok(previous)
     }
 }
@@ -136,4 +153,30 @@ pub(crate) fn decode_report(bytes: &[u8]) -> Result<SyncReport, prost::DecodeErr
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn progress_and_reports_wake_their_followers() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store: Arc<dyn Store> =
+            Arc::new(tether_store::SqliteStore::open(&dir.path().join("kas.db")).await?);
+        let agent = store.register_agent("group/project", "agent").await?.id;
+        let states = SyncStates::new(store);
+        let mut changes = states.changes();
+        let report = SyncReport {
+            project_id: "group/manifests".into(),
+            commit_id: "c0ffee".into(),
+            ..SyncReport::default()
+        };
+        states.put_progress(agent, report.clone());
+        assert!(changes.has_changed()?, "progress");
+        changes.borrow_and_update();
+        states.put(agent, &report).await?;
+        assert!(changes.has_changed()?, "a report");
+        Ok(())
+    }
 }

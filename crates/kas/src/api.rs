@@ -55,6 +55,54 @@ pub struct ApiState {
     /// The other replicas, when routing between them is configured: requests about an agent
     /// held elsewhere are forwarded there (see [`crate::api_routing`]).
     pub peers: Option<crate::peers::Peers>,
+    /// The last push webhook deliveries of each project (shown by the web UI).
+    pub deliveries: Arc<Deliveries>,
+}
+
+/// How many deliveries are kept per project.
+const DELIVERIES_KEPT: usize = 5;
+
+/// The last few push webhook deliveries of each project, in this kas's memory.
+#[derive(Debug, Default)]
+pub struct Deliveries(
+    std::sync::Mutex<HashMap<i64, std::collections::VecDeque<(String, Delivery)>>>,
+);
+
+impl Deliveries {
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<i64, std::collections::VecDeque<(String, Delivery)>>>
+    {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn record(&self, project_id: i64, outcome: Delivery) {
+        let mut map = self.map();
+        let list = map.entry(project_id).or_default();
+        list.push_front((rfc3339(std::time::SystemTime::now()), outcome));
+        list.truncate(DELIVERIES_KEPT);
+    }
+
+    /// Newest first: (RFC 3339 time, outcome).
+    pub fn of(&self, project_id: i64) -> Vec<(String, &'static str)> {
+        self.map()
+            .get(&project_id)
+            .map(|l| {
+                l.iter()
+                    .map(|(at, d)| {
+                        let word = match d {
+                            Delivery::Accepted => "accepted",
+                            Delivery::Refused => "refused",
+                            Delivery::Failed => "failed",
+                        };
+                        (at.clone(), word)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 impl ApiState {
@@ -140,7 +188,7 @@ async fn require_admin(State(st): State<ApiState>, req: Request, next: Next) -> 
     next.run(req).await
 }
 
-async fn list_agents(
+pub(crate) async fn list_agents(
     State(st): State<ApiState>,
     from_peer: Option<axum::Extension<crate::api_routing::FromPeer>>,
 ) -> Result<Json<Vec<AgentView>>, ApiError> {
@@ -198,7 +246,7 @@ async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
     Ok(out)
 }
 
-async fn register_agent(
+pub(crate) async fn register_agent(
     State(st): State<ApiState>,
     Json(req): Json<RegisterRequest>,
 ) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
@@ -232,7 +280,7 @@ async fn create_token(
     ))
 }
 
-async fn list_tokens(
+pub(crate) async fn list_tokens(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
 ) -> Result<Json<Vec<TokenView>>, ApiError> {
@@ -310,7 +358,7 @@ async fn revoke_user_token(
     ))
 }
 
-async fn revoke_token(
+pub(crate) async fn revoke_token(
     State(st): State<ApiState>,
     Path(token_id): Path<i64>,
 ) -> Result<Json<Revoked>, ApiError> {
@@ -380,7 +428,9 @@ fn project_view(st: &ApiState, p: tether_store::Project) -> ProjectView {
     }
 }
 
-async fn list_projects(State(st): State<ApiState>) -> Result<Json<Vec<ProjectView>>, ApiError> {
+pub(crate) async fn list_projects(
+    State(st): State<ApiState>,
+) -> Result<Json<Vec<ProjectView>>, ApiError> {
     let projects = st.store.list_projects().await?;
     Ok(Json(
         projects.into_iter().map(|p| project_view(&st, p)).collect(),
@@ -484,6 +534,7 @@ async fn webhook(
         Err(_) => Delivery::Failed,
     };
     st.sources.metrics().delivery(outcome);
+    st.deliveries.record(project_id, outcome);
     received
 }
 
@@ -625,6 +676,18 @@ pub fn peer_admin_router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// The admin API's routes for kas's own web UI, in process: with the replica routing (a
+/// request about an agent held by another replica is served there) and without the admin
+/// token, for which the UI's sessions, roles and CSRF checks stand. Never bound to a listener.
+pub fn in_process_router(state: ApiState) -> Router {
+    admin_routes()
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::api_routing::to_holder,
+        ))
+        .with_state(state)
+}
+
 fn admin_routes() -> Router<ApiState> {
     Router::new()
         .route("/api/v1/agents", get(list_agents).post(register_agent))
@@ -659,4 +722,27 @@ pub fn webhook_router(state: ApiState) -> Router {
             guard_http,
         ))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_deliveries_of_each_project_are_kept_newest_first() {
+        let d = Deliveries::default();
+        d.record(1, Delivery::Refused);
+        for _ in 0..DELIVERIES_KEPT {
+            d.record(1, Delivery::Accepted);
+        }
+        d.record(2, Delivery::Failed);
+        let one = d.of(1);
+        assert_eq!(one.len(), DELIVERIES_KEPT);
+        assert!(
+            one.iter().all(|(_, o)| *o == "accepted"),
+            "the oldest went first"
+        );
+        assert_eq!(d.of(2)[0].1, "failed");
+        assert!(d.of(3).is_empty());
+    }
 }

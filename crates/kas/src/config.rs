@@ -35,6 +35,8 @@ pub struct Config {
     pub kubernetes_api: KubernetesApi,
     pub observability: Observability,
     pub webhooks: Webhooks,
+    /// The web UI (`web.listen`; off without it).
+    pub web: Web,
     /// Limits on failed authentication and agent token use (see [`crate::limits`]).
     pub rate_limits: crate::limits::RateLimits,
     /// Receivers told about failed and recovered syncs and refusals.
@@ -52,6 +54,77 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct Webhooks {
     pub listen: Option<Listen>,
+}
+
+/// The web UI: pages, live sync progress, actions and cluster browsing. Off unless `listen`
+/// is set.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Web {
+    pub listen: Option<Listen>,
+    /// How long a login lasts.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// The address agentk dials, shown in the install commands after registration
+    /// (default: `grpc://` and the agent listener's address).
+    pub agent_address: Option<String>,
+    /// Login with OpenID Connect (besides the admin token).
+    pub oidc: Option<WebOidc>,
+}
+
+impl Default for Web {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            session_ttl: Duration::from_secs(8 * 3600),
+            agent_address: None,
+            oidc: None,
+        }
+    }
+}
+
+/// An OpenID Connect provider people log in with (authorization code flow with PKCE).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebOidc {
+    /// The issuer URL; `<issuer>/.well-known/openid-configuration` is read at start.
+    pub issuer: String,
+    pub client_id: String,
+    /// File holding the client secret (none: a public client, PKCE alone).
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// This UI's callback as registered at the provider: `https://<web UI>/login/oidc/callback`.
+    pub redirect_url: String,
+    /// Extra PEM CA trusted for the provider (besides the system's roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Subjects (`sub`) who get the admin role; everyone else is a viewer.
+    #[serde(default)]
+    pub admin_subjects: Vec<String>,
+    /// Groups (in `groups_claim`) whose members get the admin role.
+    #[serde(default)]
+    pub admin_groups: Vec<String>,
+    /// The claim naming the person in the cluster (impersonated as `gitlab:user:<it>`).
+    #[serde(default = "default_username_claim")]
+    pub username_claim: String,
+    /// The claim listing the person's groups: each is a group membership for `user_access`.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// The role those group memberships carry for `user_access`.
+    #[serde(default = "default_groups_access_level")]
+    pub groups_access_level: tether_kubeproxy_server::AccessLevel,
+}
+
+fn default_username_claim() -> String {
+    "preferred_username".into()
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+fn default_groups_access_level() -> tether_kubeproxy_server::AccessLevel {
+    tether_kubeproxy_server::AccessLevel::Developer
 }
 
 /// The Kubernetes API proxy for CI jobs and users.
@@ -353,6 +426,8 @@ pub const KUBERNETES_API_LIMITS: ListenLimits = limits(2048, 256);
 pub const API_LIMITS: ListenLimits = limits(256, 64);
 /// Git hosts send a request per push.
 pub const WEBHOOKS_LIMITS: ListenLimits = limits(256, 32);
+/// People's browsers: a few connections each, one of them a long-lived event stream.
+pub const WEB_LIMITS: ListenLimits = limits(512, 32);
 
 impl Listen {
     /// This listener's limits: what is set here, the rest from `defaults`.
@@ -513,6 +588,7 @@ impl Default for Config {
             kubernetes_api: KubernetesApi::default(),
             observability: Observability::default(),
             webhooks: Webhooks::default(),
+            web: Web::default(),
             rate_limits: crate::limits::RateLimits::default(),
             notifications: tether_notifications::NotificationsConfig::default(),
             redis: None,
@@ -582,6 +658,12 @@ impl Config {
             return Err("peers needs redis: the replicas find each other's agents there".into());
         }
         self.validate_database()?;
+        if self.web.session_ttl.is_zero() {
+            return Err("web.session_ttl must be positive".into());
+        }
+        if self.web.oidc.is_some() && self.web.listen.is_none() {
+            return Err("web.oidc needs web.listen".into());
+        }
         tether_observability::parse_level(&self.observability.logging.level)
             .map_err(|e| format!("observability.logging.level: {e}"))?;
         Ok(())
@@ -623,6 +705,9 @@ impl Config {
         ];
         if let Some(w) = &self.webhooks.listen {
             all.push(("webhooks.listen", w));
+        }
+        if let Some(w) = &self.web.listen {
+            all.push(("web.listen", w));
         }
         for (name, l) in all {
             if l.certificate_file.is_some() != l.key_file.is_some() {
@@ -765,6 +850,26 @@ mod tests {
         assert_eq!(k.max_connections, KUBERNETES_API_LIMITS.max_connections);
         assert_eq!(c.api.listen.limits(API_LIMITS), API_LIMITS);
         assert!(!c.separate_webhooks());
+    }
+
+    #[test]
+    fn the_web_ui_is_off_by_default_and_its_oidc_keys_have_defaults() {
+        let c = parse("").expect("valid");
+        assert_eq!(c.web.listen, None);
+        let c = parse(
+            "web:\n  listen:\n    address: 127.0.0.1:8156\n  oidc:\n    issuer: https://idp\n    \
+             client_id: web\n    redirect_url: http://127.0.0.1:8156/login/oidc/callback\n",
+        )
+        .expect("valid");
+        let o = c.web.oidc.expect("oidc");
+        assert_eq!(o.username_claim, "preferred_username");
+        assert_eq!(o.groups_claim, "groups");
+        assert_eq!(c.web.session_ttl, Duration::from_secs(8 * 3600));
+        let e = parse("web:\n  oidc:\n    issuer: i\n    client_id: c\n    redirect_url: r\n")
+            .expect_err("oidc without a listener");
+        assert!(e.to_string().contains("web.oidc needs web.listen"), "{e}");
+        let e = parse("web:\n  session_ttl: 0s\n").expect_err("zero");
+        assert!(e.to_string().contains("web.session_ttl"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -15,7 +15,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Fetches with the system's trust roots (plus an optional extra CA for private issuers).
 pub struct HttpJwksFetcher {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl std::fmt::Debug for HttpJwksFetcher {
@@ -59,7 +59,32 @@ impl HttpJwksFetcher {
     pub async fn get_with_bearer(&self, url: &str, token: &str) -> anyhow::Result<String> {
         let req = http::Request::get(url)
             .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(Empty::new())?;
+            .body(Full::default())?;
+        self.text_of(url, req).await
+    }
+
+    /// GETs `url`; the body as text, or an error naming the status.
+    pub async fn get_text(&self, url: &str) -> anyhow::Result<String> {
+        let req = http::Request::get(url)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Full::default())?;
+        self.text_of(url, req).await
+    }
+
+    /// POSTs a form (`application/x-www-form-urlencoded`): an OIDC token request.
+    pub async fn post_form(&self, url: &str, form: String) -> anyhow::Result<String> {
+        let req = http::Request::post(url)
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(http::header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(form)))?;
+        self.text_of(url, req).await
+    }
+
+    /// Sends `req`; the body as text, or an error naming the status.
+    async fn text_of(&self, url: &str, req: http::Request<Full<Bytes>>) -> anyhow::Result<String> {
         let resp = tokio::time::timeout(TIMEOUT, self.client.request(req)).await??;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_JWKS)

@@ -320,11 +320,23 @@ impl Proxy {
             };
             return Err(self.forbidden(agent_id, &d));
         }
+        self.authorize_identity(agent_id, user.identity, Some(user.token_id))
+            .await
+    }
+
+    /// A person's identity checked against the agent's `user_access`: the owner of a personal
+    /// access token (`token_id`), or a person logged in to the web UI.
+    async fn authorize_identity(
+        &self,
+        agent_id: i64,
+        identity: tether_kubeproxy_server::UserIdentity,
+        token_id: Option<i64>,
+    ) -> Result<Routed, Response<Body>> {
         let config = self.agent_config(agent_id).await?;
         let ok = tether_kubeproxy_server::authorize_user(
             config.user_access.as_ref(),
             agent_id,
-            &user.identity,
+            &identity,
         )
         .map_err(|d| self.forbidden(agent_id, &d))?;
         let project_id = self
@@ -335,9 +347,64 @@ impl Proxy {
         Ok(Routed {
             agent_id,
             access_as: AccessAs::from(&ok.access_as),
-            user_token_id: Some(user.token_id),
-            context: user_context(agent_id, project_id, user.identity.username, &ok),
+            user_token_id: token_id,
+            context: user_context(agent_id, project_id, identity.username, &ok),
         })
+    }
+
+    /// A read-only GET of `path` (a Kubernetes API path and query) through the agent's tunnel
+    /// as `person`, authorized by the agent's `user_access` exactly as a personal access
+    /// token's owner: the web UI's cluster pages. The answer's status and body (bounded).
+    pub async fn get_as_person(
+        &self,
+        agent_id: i64,
+        person: tether_kubeproxy_server::UserIdentity,
+        path: &str,
+    ) -> (StatusCode, Bytes) {
+        match self.try_get_as_person(agent_id, person, path).await {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    async fn try_get_as_person(
+        &self,
+        agent_id: i64,
+        person: tether_kubeproxy_server::UserIdentity,
+        path: &str,
+    ) -> Result<(StatusCode, Bytes), (StatusCode, Bytes)> {
+        const MAX_BODY: usize = 8 * 1024 * 1024;
+        let routed = match self.authorize_identity(agent_id, person, None).await {
+            Ok(r) => r,
+            Err(refusal) => return Err(collected(refusal).await),
+        };
+        let unavailable =
+            |e: &dyn std::fmt::Display| (StatusCode::BAD_GATEWAY, Bytes::from(e.to_string()));
+        let mut sender = match self
+            .open_tunnel::<Full<Bytes>>(&routed, CancellationToken::new())
+            .await
+        {
+            Ok(s) => s,
+            Err(refusal) => return Err(collected(refusal).await),
+        };
+        let req = Request::get(path)
+            .header(header::HOST, "kubernetes")
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| unavailable(&e))?;
+        let mode = mode_name(&routed.access_as);
+        let started = std::time::Instant::now();
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        self.record(&routed, mode, started, resp.status());
+        let code = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| unavailable(&e))?
+            .to_bytes();
+        Ok((code, body))
     }
 
     /// The owner of a personal access token, if it is known, unrevoked and unexpired.
@@ -684,6 +751,13 @@ impl Proxy {
             .map_err(|e| unavailable(StatusCode::BAD_GATEWAY, &e))?;
         http_over(conn, revoked).await
     }
+}
+
+/// A refusal's status and body (a Kubernetes `Status` naming why).
+async fn collected(r: Response<Body>) -> (StatusCode, Bytes) {
+    let code = r.status();
+    let body = r.into_body().collect().await.map(|b| b.to_bytes());
+    (code, body.unwrap_or_default())
 }
 
 /// The agent's service the proxy's requests go to.

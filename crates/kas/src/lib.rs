@@ -26,3 +26,4 @@ pub mod preview;
 pub mod projects;
 pub mod revocation;
 pub mod server;
+pub mod webui;

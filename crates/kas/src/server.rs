@@ -1,6 +1,6 @@
 //! Starting kas as an explicit list of modules — store, limits, registry, sources,
 //! configuration, gitops, agent listener (tunnel), internal API, webhooks, Kubernetes API proxy,
-//! observability — each started with its dependencies and stopped in reverse order.
+//! web UI, observability — each started with its dependencies and stopped in reverse order.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -41,6 +41,8 @@ pub struct Running {
     pub kubernetes_api_addr: SocketAddr,
     /// The webhook listener, when `webhooks.listen` is configured.
     pub webhooks_addr: Option<SocketAddr>,
+    /// The web UI, when `web.listen` is configured.
+    pub web_addr: Option<SocketAddr>,
     pub registry: Arc<Registry>,
     pub store: Arc<dyn Store>,
     pub sources: Arc<Sources>,
@@ -160,6 +162,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         cluster: sh.cluster.clone(),
         peers: sh.peers.clone(),
         previews: previews.clone(),
+        deliveries: Arc::default(),
     };
     if let Some(peers) = &sh.peers {
         peers.serve_admin(api::peer_admin_router(state.clone()));
@@ -167,13 +170,22 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (api_addr, h) = start_api(&cfg, &sh, state.clone(), modules.handle("api")).await?;
     modules.push(h);
     let webhooks_addr = match &cfg.webhooks.listen {
-        Some(w) => Some(start_webhooks(w, &sh, state, &mut modules).await?),
+        Some(w) => Some(start_webhooks(w, &sh, state.clone(), &mut modules).await?),
         None => None,
     };
     let proxy_deps = (config_states, live_user_requests, previews);
-    let (kubernetes_api_addr, h) =
+    let (kubernetes_api_addr, proxy, h) =
         start_kubeproxy(&cfg, &mut sh, proxy_deps, modules.handle("kubeproxy")).await?;
     modules.push(h);
+    let web_addr = match &cfg.web.listen {
+        Some(l) => {
+            let parts = (state, proxy, agent_addr);
+            let (addr, h) = start_web(&cfg, l, &sh, parts, modules.handle("web")).await?;
+            modules.push(h);
+            Some(addr)
+        }
+        None => None,
+    };
     let checks = (Arc::clone(&sh.store), sh.cluster.clone());
     let (observability_addr, h) =
         start_observability(&cfg, sh.metrics, checks, modules.handle("observability")).await?;
@@ -184,6 +196,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         observability_addr,
         kubernetes_api_addr,
         webhooks_addr,
+        web_addr,
         registry: sh.registry,
         store: sh.store,
         sources,
@@ -582,7 +595,7 @@ async fn start_kubeproxy(
     sh: &mut Shared,
     (configs, live_user_requests, previews): ProxyDeps,
     handle: Handle,
-) -> Result<(SocketAddr, Handle)> {
+) -> Result<(SocketAddr, crate::kubeproxy::Proxy, Handle)> {
     let k = &cfg.kubernetes_api;
     let k_listener = crate::listener::bind_http(
         "kubernetes_api",
@@ -635,11 +648,57 @@ async fn start_kubeproxy(
     };
     let task = tokio::spawn(crate::kubeproxy::serve(
         k_listener,
-        proxy,
+        proxy.clone(),
         Modules::shutdown_of(&handle),
     ));
     tracing::info!(net_address = %kubernetes_api_addr, "Kubernetes API proxy is up");
-    Ok((kubernetes_api_addr, handle.task(task)))
+    Ok((kubernetes_api_addr, proxy, handle.task(task)))
+}
+
+/// The web UI on its own listener, over the admin API's state and the proxy's `user_access`
+/// path (see [`crate::webui`]).
+async fn start_web(
+    cfg: &Config,
+    listen: &crate::config::Listen,
+    sh: &Shared,
+    (api, proxy, agent_addr): (ApiState, crate::kubeproxy::Proxy, SocketAddr),
+    handle: Handle,
+) -> Result<(SocketAddr, Handle)> {
+    use crate::listener::{axum_handler, bind_http, serve_http};
+    let web = bind_http(
+        "web",
+        listen,
+        crate::config::WEB_LIMITS,
+        &sh.listener_metrics,
+    )
+    .await?;
+    let addr = web.listener.local_addr()?;
+    let tls = web.tls.is_some();
+    if !addr.ip().is_loopback() && !tls {
+        tracing::warn!(net_address = %addr, "The web UI is plain HTTP on a non-loopback address: its session cookies can be read on the network; configure web.listen TLS");
+    }
+    let oidc = match &cfg.web.oidc {
+        Some(o) => Some(Arc::new(crate::webui::oidc::Provider::new(o.clone())?)),
+        None => None,
+    };
+    let state = crate::webui::WebState {
+        api_router: api::in_process_router(api.clone()),
+        api,
+        sessions: Arc::new(crate::webui::session::Sessions::new(cfg.web.session_ttl)),
+        oidc,
+        tls,
+        agent_address: cfg
+            .web
+            .agent_address
+            .clone()
+            .unwrap_or_else(|| format!("grpc://{agent_addr}")),
+        once: Arc::default(),
+        proxy: Some(proxy),
+    };
+    let app = axum_handler(crate::webui::router(state));
+    let task = tokio::spawn(serve_http(web, app, Modules::shutdown_of(&handle)));
+    tracing::info!(net_address = %addr, "Web UI is up");
+    Ok((addr, handle.task(task)))
 }
 
 /// The observability endpoint: metrics of every module, readiness (whether the database
@@ -680,6 +739,9 @@ fn check_limits(cfg: &Config) {
     .fold(0usize, |sum, l| sum.saturating_add(l.max_connections));
     if let Some(w) = &cfg.webhooks.listen {
         total = total.saturating_add(w.limits(WEBHOOKS_LIMITS).max_connections);
+    }
+    if let Some(w) = &cfg.web.listen {
+        total = total.saturating_add(w.limits(crate::config::WEB_LIMITS).max_connections);
     }
     crate::listener::check_descriptor_budget(total);
 }

@@ -564,6 +564,23 @@ impl OidcVerifier {
         token: &str,
         now: SystemTime,
     ) -> Result<(CiIdentity, f64, Option<f64>), AuthError> {
+        let (issuer, claims, exp, nbf) = self.checked_claims(token, now).await?;
+        Ok((identity(issuer, &claims)?, exp, nbf))
+    }
+
+    /// Checks any OIDC ID token of a trusted issuer (signature, `iss`, `aud`, `exp`, `nbf`)
+    /// and returns its claims, for callers that read other claims than a CI job's (the web
+    /// UI's logins). Never cached.
+    pub async fn verify_claims(&self, token: &str, now: SystemTime) -> Result<Value, AuthError> {
+        Ok(self.checked_claims(token, now).await?.1)
+    }
+
+    /// The issuer that signed `token` and its checked claims, `exp` and `nbf`.
+    async fn checked_claims(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<(&TrustedIssuer, Value, f64, Option<f64>), AuthError> {
         const NOT_A_JWT: AuthError = AuthError::Malformed("token is not a JWT");
         let header = jsonwebtoken::decode_header(token).map_err(|_| NOT_A_JWT)?;
         let alg = header.alg;
@@ -627,7 +644,7 @@ impl OidcVerifier {
         let claims = result?;
         let (exp, nbf) = lifetime(&claims)?;
         check_times(exp, nbf, now, self.leeway)?;
-        Ok((identity(issuer, &claims)?, exp, nbf))
+        Ok((issuer, claims, exp, nbf))
     }
 }
 

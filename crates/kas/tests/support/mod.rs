@@ -11,6 +11,7 @@ use tether_kas_api::AdminClient;
 
 pub use tether_test_support::{GitDaemon, GitRepo, Pki};
 
+pub mod browser;
 pub mod gitops;
 pub mod monitoring;
 pub mod oidc;
@@ -78,8 +79,12 @@ pub struct KasOptions {
     /// TLS for the internal API: certificate, key and the CA the admin client trusts.
     pub api_tls: Option<(PathBuf, PathBuf, PathBuf)>,
     /// Top-level YAML appended to the configuration (e.g. a `rate_limits:` section).
+    /// [`WEB_PORT`] in it becomes a fresh port at each start attempt ([`Kas::web_port`]).
     pub extra_yaml: String,
 }
+
+/// Stands for the web UI's port in [`KasOptions::extra_yaml`].
+pub const WEB_PORT: &str = "{web_port}";
 
 impl Default for KasOptions {
     fn default() -> Self {
@@ -111,6 +116,8 @@ pub struct Kas {
     pub k8s_port: u16,
     /// The webhook listener's port (the internal API's when webhooks share it).
     pub webhook_port: u16,
+    /// The port [`WEB_PORT`] stood for (unused unless the configuration has a web UI).
+    pub web_port: u16,
     pub obs_port: u16,
     /// The internal API's base URL (https://localhost:… with TLS).
     pub api_url: String,
@@ -144,16 +151,14 @@ impl Kas {
         } else {
             api_port
         };
+        let web_port = free_port();
         let config = dir.join("kas.yaml");
-        std::fs::write(
-            &config,
-            config_yaml(
-                dir,
-                opts,
-                [agent_port, api_port, obs_port, k8s_port, webhook_port],
-            ),
-        )
-        .unwrap();
+        let yaml = config_yaml(
+            dir,
+            opts,
+            [agent_port, api_port, obs_port, k8s_port, webhook_port],
+        );
+        std::fs::write(&config, yaml.replace(WEB_PORT, &web_port.to_string())).unwrap();
         let scheme = if opts.api_tls.is_some() {
             "https://localhost"
         } else {
@@ -167,6 +172,7 @@ impl Kas {
             api_port,
             k8s_port,
             webhook_port,
+            web_port,
             obs_port,
             admin: AdminClient::new(&api_url, "unset"),
             api_url,

@@ -1,0 +1,223 @@
+//! The admin actions: each calls the admin API's handler with what the form says, then
+//! sends the browser back to the page it came from. The role and CSRF token were checked
+//! before (see `require_session`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Form, Json, Router};
+use serde_json::json;
+use tether_kas_api::{ReconcileRequest, RegisterRequest, SuspendRequest};
+
+use super::html::page;
+use super::session::random_token;
+use super::{LoggedIn, WebState, api_error, error_page, html_response, render};
+use crate::api;
+
+/// How long a registration's token waits to be shown.
+const SHOW_WITHIN: Duration = Duration::from_secs(60);
+
+pub fn routes() -> Router<WebState> {
+    Router::new()
+        .route("/agents/register", post(register))
+        .route("/agents/registered/{key}", get(registered))
+        .route("/agents/{id}/reconcile", post(reconcile))
+        .route("/agents/{id}/suspend", post(suspend))
+        .route("/agents/{id}/resume", post(resume))
+        .route("/tokens/{id}/revoke", post(revoke))
+}
+
+/// A new agent's token, waiting to be shown once to the session that registered it.
+#[derive(Debug)]
+struct Shown {
+    session: String,
+    agent_id: i64,
+    token: String,
+    expires: Instant,
+}
+
+/// Tokens to show once: taken (removed) by the page that shows them, so a reload finds
+/// nothing.
+#[derive(Debug, Default)]
+pub struct ShownOnce(Mutex<HashMap<String, Shown>>);
+
+impl ShownOnce {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Shown>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn put(&self, session: &str, agent_id: i64, token: String) -> String {
+        let key = random_token();
+        let now = Instant::now();
+        let mut map = self.map();
+        map.retain(|_, s| s.expires > now);
+        map.insert(
+            key.clone(),
+            Shown {
+                session: session.to_owned(),
+                agent_id,
+                token,
+                expires: now + SHOW_WITHIN,
+            },
+        );
+        key
+    }
+
+    fn take(&self, key: &str, session: &str) -> Option<(i64, String)> {
+        let mut map = self.map();
+        let s = map.remove(key)?;
+        (s.session == session && s.expires > Instant::now()).then_some((s.agent_id, s.token))
+    }
+}
+
+fn field<'a>(f: &'a HashMap<String, String>, name: &str) -> &'a str {
+    f.get(name).map(|s| s.trim()).unwrap_or_default()
+}
+
+async fn register(
+    State(st): State<WebState>,
+    Extension(who): Extension<LoggedIn>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let req = RegisterRequest {
+        project: field(&f, "project").to_owned(),
+        name: field(&f, "name").to_owned(),
+        description: format!("registered in the web UI by {}", who.session.display_name()),
+    };
+    match api::register_agent(State(st.api.clone()), Json(req)).await {
+        Ok((_, Json(t))) => {
+            let key = st.once.put(&who.id, t.agent_id, t.token);
+            Redirect::to(&format!("/agents/registered/{key}")).into_response()
+        }
+        Err(e) => api_error(e, &who),
+    }
+}
+
+/// Shows a registration's token and install commands, once.
+async fn registered(
+    State(st): State<WebState>,
+    Extension(who): Extension<LoggedIn>,
+    Path(key): Path<String>,
+) -> Response {
+    let Some((agent_id, token)) = st.once.take(&key, &who.id) else {
+        return error_page(
+            StatusCode::GONE,
+            "This token was shown once and is gone: kas keeps only its hash. Create a new token if it was lost.",
+            Some(&who.viewer()),
+        );
+    };
+    let target = crate::install::InstallTarget {
+        kas_address: &st.agent_address,
+        namespace: "gitlab-agent",
+        release: "agentk",
+    };
+    let install = crate::install::instructions(&target, &token, None);
+    let body = render::registered(agent_id, &token, &install);
+    html_response(
+        StatusCode::OK,
+        page("Agent registered", Some(&who.viewer()), body),
+    )
+}
+
+fn back_to(agent_id: i64) -> Response {
+    Redirect::to(&format!("/agents/{agent_id}")).into_response()
+}
+
+fn project_of(f: &HashMap<String, String>) -> Option<String> {
+    Some(field(f, "project"))
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+}
+
+async fn reconcile(
+    State(st): State<WebState>,
+    Extension(who): Extension<LoggedIn>,
+    Path(id): Path<i64>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let req = ReconcileRequest {
+        project: project_of(&f),
+    };
+    agent_action(&st, &who, id, "reconcile", json!(req)).await
+}
+
+fn suspend_request(who: &LoggedIn, f: &HashMap<String, String>) -> SuspendRequest {
+    SuspendRequest {
+        project: project_of(f),
+        reason: field(f, "reason").to_owned(),
+        requested_by: Some(format!("web: {}", who.session.display_name())),
+    }
+}
+
+async fn suspend(
+    State(st): State<WebState>,
+    Extension(who): Extension<LoggedIn>,
+    Path(id): Path<i64>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    agent_action(&st, &who, id, "suspend", json!(suspend_request(&who, &f))).await
+}
+
+async fn resume(
+    State(st): State<WebState>,
+    Extension(who): Extension<LoggedIn>,
+    Path(id): Path<i64>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    agent_action(&st, &who, id, "resume", json!(suspend_request(&who, &f))).await
+}
+
+/// `POST /api/v1/agents/{id}/{op}` through the admin API's routes (served by the replica
+/// holding the agent), then back to the agent's page.
+async fn agent_action(
+    st: &WebState,
+    who: &LoggedIn,
+    id: i64,
+    op: &str,
+    body: serde_json::Value,
+) -> Response {
+    let path = format!("/api/v1/agents/{id}/{op}");
+    let done: Result<serde_json::Value, _> =
+        super::through::call(&st.api_router, Method::POST, &path, Some(body)).await;
+    match done {
+        Ok(_) => back_to(id),
+        Err(e) => api_error(e, who),
+    }
+}
+
+async fn revoke(
+    State(st): State<WebState>,
+    Extension(who): Extension<LoggedIn>,
+    Path(id): Path<i64>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    match api::revoke_token(State(st.api.clone()), Path(id)).await {
+        Ok(_) => match q.get("agent").and_then(|a| a.parse().ok()) {
+            Some(agent) => back_to(agent),
+            None => Redirect::to("/").into_response(),
+        },
+        Err(e) => api_error(e, &who),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_shown_once_and_only_to_its_session() {
+        let once = ShownOnce::default();
+        let key = once.put("s1", 4, "secret".into());
+        assert_eq!(once.take(&key, "s2"), None, "another session");
+        let key = once.put("s1", 4, "secret".into());
+        assert_eq!(once.take(&key, "s1"), Some((4, "secret".into())));
+        assert_eq!(once.take(&key, "s1"), None, "shown once");
+    }
+}

@@ -1,0 +1,71 @@
+//! The agent page's live part: server-sent events carrying the syncs section, rendered from
+//! the same views as the page (the stored reports and the progress kas keeps for
+//! `reconcile --wait`), sent whenever it changed. It is rendered again as soon as this kas
+//! receives a report or progress (`SyncStates::changes`), and at least every [`TICK`] for
+//! reports another replica received.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::extract::{Path, Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::Stream;
+
+use super::render::{self, ObjectFilter};
+use super::{LoggedIn, WebState};
+
+/// How often the section is rendered again without news from this kas.
+const TICK: Duration = Duration::from_secs(1);
+
+pub async fn stream(
+    State(st): State<WebState>,
+    Extension(_who): Extension<LoggedIn>,
+    Path(id): Path<i64>,
+    Query(filter): Query<ObjectFilter>,
+) -> Response {
+    Sse::new(changes(st, id, filter))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// The syncs section each time it differs from the last one sent (the first one at once).
+fn changes(
+    st: WebState,
+    id: i64,
+    filter: ObjectFilter,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let changes = st.api.sync_states.changes();
+    futures_util::stream::unfold(
+        (st, changes, String::new()),
+        move |(st, mut changes, last)| {
+            let filter = filter.clone();
+            async move {
+                loop {
+                    // Marked seen before reading, so a report arriving meanwhile wakes the next turn.
+                    changes.borrow_and_update();
+                    let html = match super::pages::sync_views(&st, id).await {
+                        Ok((syncs, progress)) => {
+                            render::syncs(&syncs, &progress, &filter).into_string()
+                        }
+                        // Said in the page; the API's error type logs failures of kas itself.
+                        Err(e) => {
+                            tracing::warn!(agent_id = id, error = %e.1, "Web UI live view cannot read the syncs");
+                            format!("<p class=\"error\">{}</p>", super::html::esc(&e.1))
+                        }
+                    };
+                    if html != last {
+                        let event = Event::default().event("syncs").data(html.clone());
+                        return Some((Ok(event), (st, changes, html)));
+                    }
+                    let woken = tokio::time::timeout(TICK, changes.changed()).await;
+                    if matches!(woken, Ok(Err(_))) {
+                        // The channel closed (kas stopping): the tick alone, never a busy loop.
+                        tokio::time::sleep(TICK).await;
+                    }
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,162 @@
+//! Logging in (admin token, OpenID Connect) and out.
+
+use std::collections::HashMap;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::{Extension, Form, Router};
+
+use super::html::{Html, page};
+use super::session::{self, Person, Role};
+use super::{LoggedIn, WebState, error_page, html_response};
+
+/// Cookie binding a login under way to the browser that started it.
+const STATE_COOKIE: &str = "tether_oidc_state";
+
+pub fn routes(state: &WebState) -> Router<WebState> {
+    // Failed admin-token logins count against the client's address like the admin API's
+    // failures (the token is in the form, so there is no credential to key by).
+    let guard = crate::limits::HttpGuard {
+        guard: std::sync::Arc::clone(&state.api.guards.admin),
+        credential: |_| None,
+    };
+    let admin = Router::new()
+        .route("/login", get(form).post(admin_login))
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            crate::limits::guard_http,
+        ));
+    admin
+        .route("/login/oidc", get(oidc_start))
+        .route("/login/oidc/callback", get(oidc_callback))
+}
+
+fn login_page(st: &WebState, message: Option<&str>, code: StatusCode) -> Response {
+    let mut body = Html::default();
+    if let Some(m) = message {
+        body.push(Html::wrap(
+            "p",
+            "role=\"alert\" class=\"error\"",
+            Html::text(m),
+        ));
+    }
+    if st.oidc.is_some() {
+        body.push(Html::raw(
+            "<p><a class=\"button\" id=\"oidc-login\" href=\"/login/oidc\">Log in with your identity provider</a></p>",
+        ));
+    }
+    body.push(Html::raw(
+        "<h2>Admin token</h2><form method=\"post\" action=\"/login\">\
+         <label for=\"token\">Admin token</label> \
+         <input id=\"token\" name=\"token\" type=\"password\" autocomplete=\"off\" required> \
+         <button type=\"submit\">Log in</button></form>",
+    ));
+    html_response(code, page("Log in", None, body))
+}
+
+async fn form(State(st): State<WebState>) -> Response {
+    login_page(&st, None, StatusCode::OK)
+}
+
+/// Starts a session and sends the browser to the agents page.
+fn logged_in(st: &WebState, role: Role, person: Option<Person>) -> Response {
+    let id = st.sessions.create(role, person);
+    let mut r = Redirect::to("/").into_response();
+    if let Ok(v) = HeaderValue::from_str(&session::set_cookie(&id, st.sessions.ttl(), st.tls)) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn admin_login(
+    State(st): State<WebState>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let token = f.get("token").map(|t| t.trim()).unwrap_or_default();
+    if token.is_empty() || !st.api.admin.matches(token) {
+        tracing::warn!("Web UI login with a wrong admin token");
+        return login_page(&st, Some("wrong admin token"), StatusCode::UNAUTHORIZED);
+    }
+    tracing::info!("Web UI login with the admin token");
+    logged_in(&st, Role::Admin, None)
+}
+
+async fn oidc_start(State(st): State<WebState>) -> Response {
+    let Some(p) = &st.oidc else {
+        return error_page(
+            StatusCode::NOT_FOUND,
+            "OpenID Connect login is not configured",
+            None,
+        );
+    };
+    match p.start().await {
+        Ok((state, url)) => {
+            let mut r = Redirect::to(&url).into_response();
+            let cookie = format!(
+                "{STATE_COOKIE}={state}; Path=/login/oidc; Max-Age=600; HttpOnly; SameSite=Lax{}",
+                if st.tls { "; Secure" } else { "" }
+            );
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                r.headers_mut().append(header::SET_COOKIE, v);
+            }
+            r
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Web UI OIDC login cannot start");
+            login_page(&st, Some(&e.to_string()), StatusCode::BAD_GATEWAY)
+        }
+    }
+}
+
+async fn oidc_callback(
+    State(st): State<WebState>,
+    headers: axum::http::HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(p) = &st.oidc else {
+        return error_page(
+            StatusCode::NOT_FOUND,
+            "OpenID Connect login is not configured",
+            None,
+        );
+    };
+    if let Some(e) = q.get("error") {
+        let m = format!("the identity provider refused the login: {e}");
+        return login_page(&st, Some(&m), StatusCode::UNAUTHORIZED);
+    }
+    let state = q.get("state").map(String::as_str).unwrap_or_default();
+    let cookie = headers
+        .get(header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| session::cookie_value(c, STATE_COOKIE));
+    if state.is_empty() || cookie != Some(state) {
+        tracing::warn!("Web UI OIDC callback without this browser's login state");
+        return login_page(
+            &st,
+            Some("this login was not started in this browser: start again"),
+            StatusCode::BAD_REQUEST,
+        );
+    }
+    let code = q.get("code").map(String::as_str).unwrap_or_default();
+    match p.finish(state, code).await {
+        Ok((person, role)) => {
+            tracing::info!(subject = %person.subject, username = %person.username, role = role.name(), "Web UI login with OpenID Connect");
+            logged_in(&st, role, Some(person))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Web UI OIDC login failed");
+            login_page(&st, Some(&e.to_string()), StatusCode::UNAUTHORIZED)
+        }
+    }
+}
+
+pub async fn logout(State(st): State<WebState>, Extension(who): Extension<LoggedIn>) -> Response {
+    st.sessions.remove(&who.id);
+    let mut r = Redirect::to("/login").into_response();
+    if let Ok(v) = HeaderValue::from_str(&session::clear_cookie(st.tls)) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+    r
+}

@@ -1,0 +1,386 @@
+//! The web UI in a real headless Chromium against real kas, agentk, control plane and Git,
+//! with people logging in through a real (minimal) OpenID Connect provider.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::WEB_PORT;
+use support::browser::Browser;
+use support::gitops::{Rig, deployment, rig_with};
+use support::oidc::Issuer;
+use tether_testenv::{TestEnv, seed_agent_rbac};
+
+/// The person whose RBAC allows only `dude` (a name no other test binds).
+const PERSON: &str = "webui-alice";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The seed's RBAC, plus impersonation for the agent and `view` in dude for the person.
+fn rbac(agent_ns: &str, dude: &str) -> String {
+    let mut y = seed_agent_rbac(agent_ns, "gitlab-agent", dude);
+    y.push_str(&format!(
+        "---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: {agent_ns}-impersonate\n\
+rules:\n- apiGroups: [\"\", \"authentication.k8s.io\"]\n  resources: [\"*\"]\n  verbs: [\"impersonate\"]\n\
+---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {agent_ns}-impersonate\n\
+roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: {agent_ns}-impersonate\n\
+subjects:\n- kind: ServiceAccount\n  name: gitlab-agent\n  namespace: {agent_ns}\n\
+---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: person-view\n  namespace: {dude}\n\
+roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: view\n\
+subjects:\n- kind: User\n  name: gitlab:user:{PERSON}\n  apiGroup: rbac.authorization.k8s.io\n"
+    ));
+    y
+}
+
+fn screenshots_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(
+            || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
+            std::path::PathBuf::from,
+        )
+        .join("webui-screenshots")
+}
+
+/// Every field is labelled and the page fits a 1366-pixel-wide laptop screen.
+async fn check_accessible(b: &mut Browser, page: &str) {
+    let unlabelled = b
+        .eval("[...document.querySelectorAll('input:not([type=hidden]), select')].filter(i => !i.labels || i.labels.length === 0).map(i => i.name)")
+        .await;
+    assert_eq!(unlabelled, json!([]), "{page}: fields without a label");
+    let width = b.eval("document.documentElement.scrollWidth").await;
+    assert!(width.as_i64().unwrap() <= 1366, "{page} is {width} px wide");
+    // The keyboard reaches the page: the first Tab focuses "Skip to content".
+    b.eval("document.activeElement && document.activeElement.blur()")
+        .await;
+    b.press_tab().await;
+    let focused = b.eval("document.activeElement.innerText").await;
+    assert_eq!(focused, json!("Skip to content"), "{page}");
+}
+
+/// `selector`'s text contains `text` (a JavaScript condition).
+fn has_text(selector: &str, text: &str) -> String {
+    format!(
+        "!!document.querySelector({0}) && document.querySelector({0}).innerText.includes({1})",
+        json!(selector),
+        json!(text)
+    )
+}
+
+/// A row of the syncs section names `ns` with `status`.
+fn object_row(ns: &str, status: &str) -> String {
+    format!(
+        "[...document.querySelectorAll('#syncs tr')].some(r => r.innerText.includes({}) && r.innerText.includes({}))",
+        json!(ns),
+        json!(status)
+    )
+}
+
+/// The seed's agent, the identity provider, a browser on the web UI.
+struct Walk {
+    rig: Rig,
+    issuer: Issuer,
+    b: Browser,
+    web: String,
+    id: i64,
+    dude: String,
+    naww: String,
+}
+
+impl Walk {
+    async fn start() -> Walk {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let env = TestEnv::from_env().expect("a running control plane");
+        let agent_ns = env.create_namespace("gitlab-k8s-agent").unwrap();
+        let dude = env.create_namespace("dude").unwrap();
+        let naww = env.create_namespace("naww").unwrap();
+        let issuer = Issuer::start("tether-web").await;
+        // kas picks the port at each start attempt (see `WEB_PORT`).
+        let kas_yaml = format!(
+            "web:\n  listen:\n    address: 127.0.0.1:{WEB_PORT}\n  oidc:\n    issuer: {}\n    client_id: tether-web\n    \
+             redirect_url: http://127.0.0.1:{WEB_PORT}/login/oidc/callback\n    admin_subjects: [admin-sub]\n",
+            issuer.url
+        );
+        let users = "user_access:\n  access_as:\n    user: {}\n  groups:\n  - id: people\n";
+        let manifests = [
+            ("manifests/dude.yaml", Some(deployment("nginx", &dude, 1))),
+            ("manifests/naww.yaml", Some(deployment("nginx", &naww, 1))),
+        ];
+        let initial: Vec<(&str, Option<&[u8]>)> =
+            manifests.iter().map(|(f, d)| (*f, d.as_deref())).collect();
+        let rbac = rbac(&agent_ns, &dude);
+        let (rig, c1) = rig_with(env, agent_ns, &rbac, users, &initial, &[], kas_yaml).await;
+        rig.synced(&c1).await;
+        let web = format!("http://127.0.0.1:{}", rig.kas.web_port);
+        let b = Browser::launch(screenshots_dir()).await;
+        let id = rig.agent_id;
+        Walk {
+            rig,
+            issuer,
+            b,
+            web,
+            id,
+            dude,
+            naww,
+        }
+    }
+
+    async fn goto(&mut self, path: &str) {
+        let url = format!("{}{path}", self.web);
+        self.b.goto(&url).await;
+    }
+
+    async fn wait(&mut self, what: &str, js: &str) {
+        self.b.wait_until(what, js, WAIT).await;
+    }
+
+    /// Logs in through the identity provider as whoever it approves next.
+    async fn oidc_login(&mut self) {
+        self.goto("/login").await;
+        self.wait("the login page", "document.getElementById('oidc-login')")
+            .await;
+        self.b
+            .eval("document.getElementById('oidc-login').click()")
+            .await;
+        self.wait("the agents page", "document.getElementById('agents')")
+            .await;
+    }
+
+    async fn log_out(&mut self) {
+        self.b.click_button("Log out").await;
+        self.wait("the login page", "document.getElementById('token')")
+            .await;
+    }
+
+    /// An admin logs in with OpenID Connect and sees the agent, dude Current, naww Failed.
+    async fn an_admin_sees_the_seed(&mut self) {
+        self.issuer.log_in_as("admin-sub", "ada", &["ops"]);
+        self.oidc_login().await;
+        assert!(self.b.text("#agents").await.contains("seed"));
+        assert!(self.b.text("header").await.contains("ada (admin)"));
+        check_accessible(&mut self.b, "agents").await;
+        self.b.screenshot("agents").await;
+        self.goto(&format!("/agents/{}", self.id)).await;
+        let (dude, naww) = (self.dude.clone(), self.naww.clone());
+        self.wait("dude Current", &object_row(&dude, "Current"))
+            .await;
+        let failed = format!(
+            "{} && {}",
+            object_row(&naww, "Failed"),
+            has_text("#syncs", "forbidden")
+        );
+        self.wait("naww Failed, forbidden", &failed).await;
+        check_accessible(&mut self.b, "agent").await;
+        self.b.screenshot("agent").await;
+    }
+
+    /// A commit shows up without a reload, within 2 s of kas having agentk's report.
+    async fn a_commit_shows_up_live(&mut self) {
+        self.b.eval("window.__sameDocument = true").await;
+        let two = deployment("nginx", &self.dude, 2);
+        let c2 = self
+            .rig
+            .manifests
+            .commit(&[("manifests/dude.yaml", Some(&two))], "two replicas");
+        self.rig.synced(&c2).await;
+        let reported = Instant::now();
+        let shown = format!("!!document.querySelector('#syncs [data-commit=\"{c2}\"]')");
+        self.b
+            .wait_until("the new commit, live", &shown, Duration::from_secs(10))
+            .await;
+        let delay = reported.elapsed();
+        let same = self.b.eval("window.__sameDocument === true").await;
+        assert_eq!(same, json!(true), "the page reloaded");
+        println!("live update shown {delay:?} after kas had the report");
+        assert!(delay < Duration::from_secs(2), "{delay:?}");
+        self.b.screenshot("agent-live").await;
+    }
+
+    /// Reconcile now, then suspend the manifest project, resume it and suspend it again.
+    async fn reconcile_suspend_and_resume(&mut self) {
+        let kas = &self.rig.kas;
+        self.b
+            .eval("window.__sameDocument = 'before reconcile'")
+            .await;
+        self.b.click_button("Reconcile now").await;
+        let back = "window.__sameDocument === undefined && document.querySelector('#syncs h3')";
+        self.b.wait_until("the agent page again", back, WAIT).await;
+        assert!(kas.log().contains("Reconcile requested"));
+        let suspended = has_text("#events", "suspended by admin (web: ada)");
+        self.b.click_button("Suspend group/manifests").await;
+        self.b
+            .wait_until("the suspension in the events", &suspended, WAIT)
+            .await;
+        let suspensions = kas.agent(self.id).await.suspensions;
+        assert_eq!(suspensions.len(), 1, "{suspensions:?}");
+        self.b.screenshot("agent-suspended").await;
+        self.b.click_button("Resume group/manifests").await;
+        let resumed = format!("document.querySelector('#events') && !({suspended})");
+        self.b
+            .wait_until("the suspension gone", &resumed, WAIT)
+            .await;
+        assert!(kas.agent(self.id).await.suspensions.is_empty());
+        self.b.click_button("Suspend group/manifests").await;
+        self.b.wait_until("suspended again", &suspended, WAIT).await;
+    }
+
+    /// Register an agent: its token once, with the install command; a reload shows it no more.
+    async fn register_an_agent_and_revoke_its_token(&mut self) {
+        self.goto("/").await;
+        self.wait("the register form", "document.getElementById('f-name')")
+            .await;
+        self.b.eval("document.getElementById('f-project').value = 'group/config'; document.getElementById('f-name').value = 'second'").await;
+        self.b.click_button("Register").await;
+        self.wait("the token", "document.getElementById('token')")
+            .await;
+        let token = self.b.eval("document.getElementById('token').value").await;
+        let token = token.as_str().unwrap().to_owned();
+        assert!(token.len() >= 32, "{token}");
+        let install = self.b.text("#install").await;
+        assert!(
+            install.contains(&format!("--set config.token={token}")),
+            "{install}"
+        );
+        self.b.screenshot("registered").await;
+        self.b.call("Page.reload", json!({})).await;
+        self.wait(
+            "the token gone",
+            "document.body.innerText.includes('shown once and is gone')",
+        )
+        .await;
+        assert_eq!(
+            self.b.eval("!!document.getElementById('token')").await,
+            json!(false)
+        );
+
+        let agents = self.rig.kas.admin.list_agents().await.unwrap();
+        let second = agents.into_iter().find(|a| a.name == "second").unwrap();
+        self.goto(&format!("/agents/{}", second.id)).await;
+        self.wait("the tokens", "document.querySelector('#tokens button')")
+            .await;
+        let revoke = self
+            .b
+            .eval("document.querySelector('#tokens button').innerText")
+            .await;
+        self.b.click_button(revoke.as_str().unwrap()).await;
+        self.wait("the token revoked", &has_text("#tokens", "revoked"))
+            .await;
+        let tokens = self.rig.kas.admin.list_tokens(second.id).await.unwrap();
+        assert!(tokens.iter().all(|t| t.revoked_at.is_some()), "{tokens:?}");
+    }
+
+    /// Projects: mirror state and last fetch.
+    async fn the_projects(&mut self) {
+        self.goto("/projects").await;
+        self.wait("the projects", &has_text("#projects", "group/manifests"))
+            .await;
+        check_accessible(&mut self.b, "projects").await;
+        self.b.screenshot("projects").await;
+    }
+
+    /// A viewer: no buttons; a forged POST without the CSRF token, or with it, is refused; so
+    /// is a login callback this browser did not start.
+    async fn a_viewer_may_not_act(&mut self) {
+        self.log_out().await;
+        self.issuer.log_in_as("alice-sub", PERSON, &["people"]);
+        self.oidc_login().await;
+        assert!(
+            self.b
+                .text("header")
+                .await
+                .contains(&format!("{PERSON} (viewer)"))
+        );
+        let forms = self
+            .b
+            .eval("document.querySelectorAll('main form').length")
+            .await;
+        assert_eq!(forms, json!(0), "a viewer gets no registration form");
+        self.goto(&format!("/agents/{}", self.id)).await;
+        self.wait("the agent page", "document.querySelector('#syncs h3')")
+            .await;
+        let buttons = self.b.eval("[...document.querySelectorAll('main button')].map(b => b.innerText).filter(t => t !== 'Filter')").await;
+        assert_eq!(buttons, json!([]), "a viewer sees no action buttons");
+        let id = self.id;
+        let post = |csrf: &str| {
+            format!(
+                "fetch('/agents/{id}/reconcile', {{method: 'POST', body: new URLSearchParams({{csrf: {}}})}}).then(r => r.status)",
+                json!(csrf)
+            )
+        };
+        assert_eq!(self.b.eval(&post("")).await, json!(403), "no CSRF token");
+        let csrf = self
+            .b
+            .eval("document.querySelector('header input[name=csrf]').value")
+            .await;
+        let with_token = self.b.eval(&post(csrf.as_str().unwrap())).await;
+        assert_eq!(with_token, json!(403), "a viewer's role");
+        self.goto("/login/oidc/callback?state=forged&code=stolen")
+            .await;
+        let refused =
+            "document.body.innerText.includes('this login was not started in this browser')";
+        self.wait("the forged callback refused", refused).await;
+    }
+
+    /// The cluster as the viewer, whose RBAC allows only dude: dude, not naww.
+    async fn the_cluster_as_the_viewer(&mut self) {
+        let (id, dude, naww) = (self.id, self.dude.clone(), self.naww.clone());
+        self.goto(&format!("/browse?agent={id}")).await;
+        self.wait("the namespaces", "document.querySelector('#namespaces')")
+            .await;
+        let namespaces = self.b.text("#namespaces").await;
+        assert!(namespaces.contains(&dude), "{}", self.b.text("main").await);
+        assert!(!namespaces.contains(&naww), "{namespaces}");
+        self.b.screenshot("cluster").await;
+        self.goto(&format!("/browse?agent={id}&ns={dude}")).await;
+        self.wait("dude's deployments", &has_text("#deployments", "nginx"))
+            .await;
+        assert!(self.b.text("#pods").await.contains("nginx"));
+        check_accessible(&mut self.b, "cluster").await;
+        self.b.screenshot("cluster-dude").await;
+        self.goto(&format!("/browse?agent={id}&ns={naww}")).await;
+        self.wait(
+            "naww refused",
+            "document.body.innerText.includes('Deployments: 403')",
+        )
+        .await;
+        assert_eq!(
+            self.b
+                .eval("!!document.querySelector('#deployments')")
+                .await,
+            json!(false)
+        );
+    }
+
+    /// The admin token's login works and says it has no identity in the cluster.
+    async fn the_admin_token_has_no_cluster_identity(&mut self) {
+        self.log_out().await;
+        let admin = std::fs::read_to_string(self.rig.kas.dir.join("data/admin-token")).unwrap();
+        let fill = format!(
+            "document.getElementById('token').value = {}",
+            json!(admin.trim())
+        );
+        self.b.eval(&fill).await;
+        self.b.click_button("Log in").await;
+        self.wait("the agents page", "document.getElementById('agents')")
+            .await;
+        self.goto(&format!("/browse?agent={}", self.id)).await;
+        self.wait(
+            "no identity",
+            "document.body.innerText.includes('no identity in the cluster')",
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_walkthrough() {
+    let mut w = Walk::start().await;
+    w.an_admin_sees_the_seed().await;
+    w.a_commit_shows_up_live().await;
+    w.reconcile_suspend_and_resume().await;
+    w.register_an_agent_and_revoke_its_token().await;
+    w.the_projects().await;
+    w.a_viewer_may_not_act().await;
+    w.the_cluster_as_the_viewer().await;
+    w.the_admin_token_has_no_cluster_identity().await;
+}
