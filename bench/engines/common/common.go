@@ -24,6 +24,7 @@ type Args struct {
 	Namespace   string
 	Concurrency int
 	Name        string
+	Inventory   string
 }
 
 // ParseArgs reads the flags; a missing one ends the program with its usage.
@@ -34,6 +35,8 @@ func ParseArgs(defaultConcurrency int) Args {
 	flag.StringVar(&a.Namespace, "namespace", "", "namespace for objects without one")
 	flag.IntVar(&a.Concurrency, "concurrency", defaultConcurrency, "concurrent apply requests (where the engine has such a setting)")
 	flag.StringVar(&a.Name, "name", "bench", "name of the inventory / owner")
+	flag.StringVar(&a.Inventory, "inventory", "inventory.json",
+		"file keeping the applied set between runs, for engines whose real user keeps it outside the cluster (Flux: the Kustomization's status.inventory); others ignore it")
 	flag.Parse()
 	if a.Kubeconfig == "" || a.Namespace == "" {
 		flag.Usage()

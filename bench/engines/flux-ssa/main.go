@@ -9,7 +9,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"os"
 	"time"
@@ -39,10 +38,8 @@ const (
 )
 
 func main() {
-	inventory := flag.String("inventory", "flux-ssa-inventory.json",
-		"file keeping the applied set between runs (the Kustomization's status.inventory)")
 	a := common.ParseArgs(defaultConcurrency)
-	r, err := run(a, *inventory)
+	r, err := run(a, a.Inventory)
 	if err != nil {
 		common.Fail("flux-ssa", err)
 	}
