@@ -69,12 +69,31 @@ pub fn diff(before: &Counts, after: &Counts) -> Counts {
         .collect()
 }
 
-/// Writes (create, update, patch, delete; not dry runs) among `counts`.
+/// Writes (create, update, patch, server-side apply, delete; not dry runs) among `counts`.
+/// The API server counts a server-side apply as the verb `APPLY`, not `PATCH`.
 pub fn writes(counts: &Counts) -> u64 {
-    ["POST", "PUT", "PATCH", "DELETE", "DELETECOLLECTION"]
+    [
+        "POST",
+        "PUT",
+        "PATCH",
+        "APPLY",
+        "DELETE",
+        "DELETECOLLECTION",
+    ]
+    .iter()
+    .filter_map(|v| counts.get(*v))
+    .sum()
+}
+
+/// [`writes`] of the `by_verb` of a JSON result of [`Scraper::since`] (results written before
+/// `APPLY` counted as a write carry a wrong `writes`).
+pub fn writes_of(requests: &Value) -> Option<u64> {
+    let by_verb = requests["by_verb"].as_object()?;
+    let counts: Counts = by_verb
         .iter()
-        .filter_map(|v| counts.get(*v))
-        .sum()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+        .collect();
+    Some(writes(&counts))
 }
 
 /// Reads the API server's counters.
@@ -104,6 +123,7 @@ mod tests {
     const TEXT: &str = r#"# HELP apiserver_request_total [STABLE] Counter of apiserver requests
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="",resource="configmaps",scope="resource",subresource="",verb="PATCH",version="v1"} 12
 apiserver_request_total{code="201",component="apiserver",dry_run="",group="apps",resource="deployments",scope="resource",subresource="",verb="PATCH",version="v1"} 3
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="apps",resource="deployments",scope="resource",subresource="",verb="APPLY",version="v1"} 4
 apiserver_request_total{code="200",component="apiserver",dry_run="All",group="",resource="configmaps",scope="resource",subresource="",verb="PATCH",version="v1"} 5
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="apps",resource="deployments",scope="resource",subresource="status",verb="PUT",version="v1"} 40
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="",resource="pods",scope="namespace",subresource="",verb="LIST",version="v1"} 7
@@ -118,7 +138,10 @@ apiserver_request_duration_seconds_count{verb="PATCH"} 99
         assert_eq!(c.get("PATCH (dry run)"), Some(&5));
         assert_eq!(c.get("LIST"), Some(&2), "pods are not counted");
         assert_eq!(c.get("PUT"), None, "status subresources are not counted");
-        assert_eq!(writes(&c), 15);
+        assert_eq!(c.get("APPLY"), Some(&4));
+        assert_eq!(writes(&c), 19);
+        let j = serde_json::json!({"by_verb": c, "writes": 0});
+        assert_eq!(writes_of(&j), Some(19));
     }
 
     #[test]

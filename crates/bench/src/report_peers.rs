@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
+use crate::apimetrics::writes_of;
 use crate::peers::ENGINES;
 use crate::report::{f, mib, num, thousands, verdict};
 
@@ -40,19 +41,27 @@ fn requests_cell(r: &Value) -> String {
                 .join(", ")
         })
         .unwrap_or_default();
-    format!("{} ({verbs})", r["total"])
+    let writes = writes_of(r).map_or("—".into(), |w| w.to_string());
+    format!("{} ({writes} writes; {verbs})", r["total"])
 }
 
 fn mib_cell(v: &Value) -> String {
     f(v).map_or("—".into(), |b| format!("{:.1}", mib(b)))
 }
 
-/// One row per engine for one size.
-fn size_rows(out: &mut String, s: &Value) {
-    let n = thousands(s["objects"].as_u64().unwrap_or(0));
+/// One row per engine for one size; agentk's peak RSS (VmHWM of the whole run so far) is read
+/// after the 5,000-object sync, so it is shown on that row only.
+fn size_rows(out: &mut String, s: &Value, agentk_peak: &Value) {
+    let objects = s["objects"].as_u64().unwrap_or(0);
+    let n = thousands(objects);
+    let peak = if objects == 5000 {
+        mib_cell(agentk_peak)
+    } else {
+        "—".into()
+    };
     let _ = writeln!(
         out,
-        "| {n} | agentk (16) | {} | {} | {} | {} | — |",
+        "| {n} | agentk (16) | {} | {} | {} | {} | {peak} |",
         num(&s["agentk_total_seconds"], 2),
         num(&s["agentk_apply_phase_seconds"], 2),
         requests_cell(&s["agentk_requests"]),
@@ -87,8 +96,9 @@ fn size_rows(out: &mut String, s: &Value) {
 }
 
 /// `seconds s, N writes` of one later run (one change, re-sync, prune).
-fn run_cell(seconds: &Value, writes: &Value) -> String {
-    format!("{} s, {} writes", num(seconds, 2), writes)
+fn run_cell(seconds: &Value, writes: Option<u64>) -> String {
+    let w = writes.map_or("—".into(), |w| w.to_string());
+    format!("{} s, {w} writes", num(seconds, 2))
 }
 
 fn later_runs(out: &mut String, g: &Value) {
@@ -118,18 +128,11 @@ fn later_runs(out: &mut String, g: &Value) {
     out.push_str(&"---|".repeat(ENGINES.len()));
     out.push('\n');
     for (name, agentk, peers) in rows {
-        let writes = if agentk["writes"].is_null() {
-            &agentk["requests"]["writes"]
-        } else {
-            &agentk["writes"]
-        };
+        let writes = agentk["writes"].as_u64();
         let _ = write!(out, "| {name} | {} |", run_cell(&agentk["seconds"], writes));
         for p in peers.as_array().into_iter().flatten() {
-            let _ = write!(
-                out,
-                " {} |",
-                run_cell(&p["total_seconds"], &p["requests"]["writes"])
-            );
+            let writes = writes_of(&p["requests"]);
+            let _ = write!(out, " {} |", run_cell(&p["total_seconds"], writes));
         }
         out.push('\n');
     }
@@ -174,7 +177,7 @@ pub fn section(out: &mut String, c: &Value) {
     );
     out.push_str("| objects | engine (concurrency) | to all Current (s) | apply phase (s) | API requests on ConfigMaps/Deployments | CPU (s) | peak RSS (MiB) |\n|---|---|---|---|---|---|---|\n");
     for s in &all {
-        size_rows(out, s);
+        size_rows(out, s, &g["footprint"]["agentk_peak_rss_bytes"]);
     }
     later_runs(out, g);
     out.push_str("\nStatus lag, agentk's `resourceStatus` Current minus the moment the bench's watch saw the object Current (kstatus rules):\n\n");
