@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the real control-plane programs (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, kwok), helm (install tests, kas's rendering), kustomize (kas's
-# rendering) and promtool for the monitoring test, from Go modules at the versions pinned in
-# versions.env, into a cache outside the repository. Each program lives in a folder keyed by its
+# rendering), promtool for the monitoring test, and the peers' GitOps engines the benchmark runs
+# (bench/engines), from Go modules at the versions pinned in versions.env (the engines: in their
+# go.mod), into a cache outside the repository. Each program lives in a folder keyed by its
 # version, so a build happens only when a binary is missing or a pin changed. Prints the bin
 # directory on stdout.
 set -euo pipefail
@@ -134,6 +135,30 @@ build_promtool() {
   touch "$out/.complete"
 }
 
+# The peers' GitOps engines the benchmark compares agentk with (bench/engines: Flux's
+# fluxcd/pkg/ssa and sigs.k8s.io/cli-utils, pinned by their go.mod/go.sum). Keyed by a hash of
+# the programs' source, so an edit rebuilds and an unchanged tree reuses the cached binaries.
+build_engine() {
+  local name=$1 module=$2 src="$here/../bench/engines/$1"
+  local key
+  key=$(cd "$here/../bench/engines" && cat common/* "$name"/* | sha256sum | cut -c1-12)
+  local out="$bin/engine-$name-$key"
+  if [ -f "$out/.complete" ]; then
+    ln -sfn "$out/$name" "$bin/current/$name"
+    return
+  fi
+  local v
+  v=$(awk -v m="$module" '$1 == m {print $2; exit} $1 == "require" && $2 == m {print $3; exit}' "$src/go.mod")
+  [ -n "$v" ] || { log "$module is not required in $src/go.mod"; exit 1; }
+  log "building the $name engine ($module $v)"
+  # Builds of older source are of no use any more.
+  rm -rf "$bin/engine-$name-"*
+  mkdir -p "$out"
+  (cd "$src" && go build -mod=readonly -trimpath -ldflags "-s -w -X main.version=$v" -o "$out/$name" . >&2)
+  touch "$out/.complete"
+  ln -sfn "$out/$name" "$bin/current/$name"
+}
+
 build_etcd
 build_kwok
 build_k8s
@@ -144,6 +169,8 @@ build_promtool
 # A stable folder of links, so callers need one path whatever the versions are.
 cur="$bin/current"
 mkdir -p "$cur"
+build_engine flux-ssa github.com/fluxcd/pkg/ssa
+build_engine cli-utils sigs.k8s.io/cli-utils
 ln -sfn "$bin/etcd-$ETCD_VERSION/etcd" "$cur/etcd"
 ln -sfn "$bin/kwok-$KWOK_VERSION/kwok" "$cur/kwok"
 ln -sfn "$bin/kwok-$KWOK_VERSION/stages.yaml" "$cur/kwok-stages.yaml"

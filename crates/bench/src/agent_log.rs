@@ -1,6 +1,7 @@
 //! agentk's JSON log, read as it grows: when a synchronization started, when its apply phase
 //! ended, when it was done, and its `writes`.
 
+use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -94,6 +95,47 @@ pub struct SyncSeen {
     pub done: f64,
     pub writes: u64,
     pub objects: u64,
+    /// `Kind/name` → when agentk logged the object's "resourceStatus" as Current (its log
+    /// line's time, microseconds), the first time after `started`.
+    pub current: HashMap<String, f64>,
+}
+
+impl SyncSeen {
+    /// Takes in one log line about `project` at `commit`; true once it said the
+    /// synchronization is done, an error when it failed.
+    fn note(&mut self, l: &Value, project: &str, commit: &str) -> Result<bool> {
+        let msg = l["msg"].as_str().unwrap_or_default();
+        let this_commit = l["commit_id"].as_str() == Some(commit);
+        let this_project = l["project_id"].as_str() == Some(project);
+        if msg == "Synchronizing objects" && this_commit && self.started.is_none() {
+            self.started = log_time(l);
+        } else if l["eventType"] == "resourceApplied" && this_project && self.started.is_some() {
+            self.last_applied = log_time(l).or(self.last_applied);
+        } else if l["eventType"] == "resourceStatus"
+            && l["status"] == "Current"
+            && this_project
+            && self.started.is_some()
+        {
+            let k = crate::watch::key(
+                l["kind"].as_str().unwrap_or_default(),
+                l["name"].as_str().unwrap_or_default(),
+            );
+            if let Some(t) = log_time(l) {
+                self.current.entry(k).or_insert(t);
+            }
+        } else if msg == "Synchronization failed" && this_commit {
+            bail!(
+                "agentk: synchronization of {project} at {commit} failed: {}",
+                l["error"]
+            );
+        } else if msg == "Synchronization done" && this_commit {
+            self.done = log_time(l).unwrap_or_else(unix_now);
+            self.writes = l["writes"].as_u64().unwrap_or_default();
+            self.objects = l["objects"].as_u64().unwrap_or_default();
+            return Ok(true);
+        }
+        Ok(false)
+    }
 }
 
 /// Waits for agentk's "Synchronization done" for each `(project, commit)`, failing with the
@@ -104,29 +146,9 @@ pub async fn wait_syncs(tail: &mut LogTail, targets: &[(&str, &str)]) -> Result<
     let mut done = vec![false; targets.len()];
     while done.contains(&false) {
         for l in tail.read_new()? {
-            let msg = l["msg"].as_str().unwrap_or_default();
             for (i, &(project, commit)) in targets.iter().enumerate() {
-                let s = &mut seen[i];
-                let this_commit = l["commit_id"].as_str() == Some(commit);
-                if done[i] {
-                    continue;
-                } else if msg == "Synchronizing objects" && this_commit && s.started.is_none() {
-                    s.started = log_time(&l);
-                } else if l["eventType"] == "resourceApplied"
-                    && l["project_id"].as_str() == Some(project)
-                    && s.started.is_some()
-                {
-                    s.last_applied = log_time(&l).or(s.last_applied);
-                } else if msg == "Synchronization failed" && this_commit {
-                    bail!(
-                        "agentk: synchronization of {project} at {commit} failed: {}",
-                        l["error"]
-                    );
-                } else if msg == "Synchronization done" && this_commit {
-                    s.done = log_time(&l).unwrap_or_else(unix_now);
-                    s.writes = l["writes"].as_u64().unwrap_or_default();
-                    s.objects = l["objects"].as_u64().unwrap_or_default();
-                    done[i] = true;
+                if !done[i] {
+                    done[i] = seen[i].note(&l, project, commit)?;
                 }
             }
         }

@@ -19,12 +19,13 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 use crate::agent_log::{LogTail, phases, unix_now, wait_sync, wait_syncs};
+use crate::apimetrics::Scraper;
 use crate::footprint::{cpu_seconds, status_bytes};
 use crate::kubectl::kubectl_baseline;
+use crate::peers::{ENGINES, run_engine, slug};
 use crate::servers::{Ctx, Kas, KasOptions, agentk_args};
-use crate::util::{
-    HttpsClient, Proc, check_runs, git_commit_all, git_init_commit, https_client, spawn,
-};
+use crate::util::{Proc, check_runs, git_commit_all, git_init_commit, https_client, spawn};
+use crate::watch::{CurrentWatch, lag};
 
 /// Objects per manifest project.
 pub const SIZES: [usize; 3] = [100, 1000, 5000];
@@ -76,7 +77,7 @@ fn object_yaml(i: usize, version: u32) -> String {
 /// Writes `n` objects into `<repo>/manifests/objects-NNN.yaml`, `PER_FILE` per file, with no
 /// namespace (agentk uses the project's `default_namespace`, kubectl its `-n`). Object
 /// `changed` gets `version: "2"`. Returns the number of files.
-fn write_manifests(repo: &Path, n: usize, changed: Option<usize>) -> Result<usize> {
+pub(crate) fn write_manifests(repo: &Path, n: usize, changed: Option<usize>) -> Result<usize> {
     let dir = repo.join(MANIFEST_DIR);
     std::fs::create_dir_all(&dir)?;
     let mut files = 0;
@@ -98,6 +99,9 @@ struct Project {
     kas_id: i64,
     gitops_ns: String,
     kubectl_ns: String,
+    /// The floor client's namespace, and one per engine of [`ENGINES`].
+    floor_ns: String,
+    peer_ns: Vec<String>,
     head: String,
 }
 
@@ -149,6 +153,17 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
     std::fs::create_dir_all(&dir)?;
     let http = https_client(&std::fs::read(&ctx.env.ca_file)?)?;
     let auth = format!("Bearer {}", ctx.sa_token);
+    let api = Scraper {
+        http: &http,
+        server: &ctx.env.server,
+        auth: &auth,
+    };
+    let peers = Peers {
+        ctx,
+        api: &api,
+        state: dir.join("peers"),
+    };
+    std::fs::create_dir_all(&peers.state)?;
     let mut projects = create_projects(ctx, &dir)?;
     let config = agent_config_repo(&dir, &projects)?;
     let (kas, agent_id, token) = start_kas(ctx, &dir, &config, &mut projects).await?;
@@ -170,20 +185,32 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
         idle_rss as f64 / 1048576.0
     );
 
-    // Each size: kubectl first (into its own namespace), then agentk.
+    // Each size: kubectl first (into its own namespace), then agentk, then the floor client and
+    // the peers' engines (each into its own namespace).
     let mut syncs = Vec::new();
     for p in &mut projects {
-        syncs.push(measure_sync(ctx, (&http, &auth), &kas, &mut agent, p).await?);
+        let mut sync = measure_sync(ctx, &api, &kas, &mut agent, p).await?;
+        sync["floor"] = peers.floor(p).await?;
+        sync["peers"] = peers.engines(p).await?.into();
+        syncs.push(sync);
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let peak_rss = status_bytes(agent.proc.pid(), "VmHWM")?;
     let rss_after = status_bytes(agent.proc.pid(), "VmRSS")?;
+    let rss_minute_after = rss_a_minute_after(&agent, &syncs).await?;
     eprintln!(
         "bench: agentk peak RSS {:.1} MiB",
         peak_rss as f64 / 1048576.0
     );
 
-    let one_change = measure_one_change(&kas, &mut agent, &mut projects).await?;
+    let mut one_change = measure_one_change(&kas, &mut agent, &mut projects).await?;
+    let largest = projects
+        .iter()
+        .max_by_key(|p| p.objects)
+        .context("no projects")?;
+    one_change["peers"] = peers.engines(largest).await?.into();
+    // The peers' re-sync: the same set again, unchanged since their last apply.
+    let peer_resyncs = peers.engines(largest).await?;
     // (b) Re-sync of unchanged commits: restart agentk; its first sync of each project is a
     // re-sync of the commit it already applied.
     agent.proc.stop()?;
@@ -202,18 +229,25 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
     }
 
     let idle = measure_idle(&kas, &agent).await?;
-    let prune = measure_prune(&kas, &mut agent, &mut projects).await?;
+    let mut prune = measure_prune(&kas, &mut agent, &mut projects).await?;
+    let thousand = projects
+        .iter()
+        .find(|p| p.objects == 1000)
+        .context("no 1,000-object project")?;
+    prune["peers"] = peers.engines(thousand).await?.into();
     agent.proc.stop()?;
 
     Ok(json!({
         "syncs": syncs,
         "resyncs": resyncs,
+        "peer_resyncs": peer_resyncs,
         "one_change": one_change,
         "prune": prune,
         "footprint": {
             "agentk_idle_rss_bytes": idle_rss,
             "agentk_peak_rss_bytes": peak_rss,
             "agentk_rss_after_syncs_bytes": rss_after,
+            "agentk_rss_minute_after_bytes": rss_minute_after,
             "agentk_rss_end_bytes": idle.agent_rss_end,
             "kas_rss_idle_bytes": kas_rss_idle,
             "kas_rss_end_bytes": idle.kas_rss_end,
@@ -239,6 +273,11 @@ fn create_projects(ctx: &Ctx, dir: &Path) -> Result<Vec<Project>> {
             kas_id: 0,
             gitops_ns: ctx.env.create_namespace(&format!("gitops-{n}"))?,
             kubectl_ns: ctx.env.create_namespace(&format!("kubectl-{n}"))?,
+            floor_ns: ctx.env.create_namespace(&format!("floor-{n}"))?,
+            peer_ns: ENGINES
+                .iter()
+                .map(|e| ctx.env.create_namespace(&format!("{}-{n}", slug(e))))
+                .collect::<Result<_, _>>()?,
             head,
         });
     }
@@ -308,7 +347,7 @@ fn sync_targets(projects: &[Project]) -> Vec<(&str, &str)> {
 /// through kas and agentk (push webhook until the agent reports it synchronized).
 async fn measure_sync(
     ctx: &Ctx,
-    watch: (&HttpsClient, &str),
+    api: &Scraper<'_>,
     kas: &Kas,
     agent: &mut Agent,
     p: &mut Project,
@@ -316,22 +355,11 @@ async fn measure_sync(
     let n = p.objects;
     let files = write_manifests(&p.repo, n, None)?;
     p.head = git_commit_all(&p.repo, &format!("{n} objects"))?;
-
-    let k = kubectl_baseline(
-        &ctx.env,
-        watch,
-        &p.repo.join(MANIFEST_DIR),
-        &p.kubectl_ns,
-        n / DEPLOYMENT_EVERY,
-    )
-    .await?;
-    eprintln!(
-        "bench: kubectl {n} objects: apply {:.2} s, all Available {:.2} s, kubectl wait \
-         returned {:.2} s",
-        k.apply, k.available, k.wait
-    );
+    let mut out = kubectl_path(ctx, api, p).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    let current = CurrentWatch::start(api.http, api.server, api.auth, &p.gitops_ns).await?;
+    let before = api.counts().await?;
     let (cpu_agent, cpu_kas) = (cpu_seconds(agent.proc.pid())?, cpu_seconds(kas.proc.pid())?);
     let t0 = unix_now();
     let t = Instant::now();
@@ -340,6 +368,8 @@ async fn measure_sync(
     let observed = t.elapsed().as_secs_f64();
     let cpu_agent = cpu_seconds(agent.proc.pid())? - cpu_agent;
     let cpu_kas = cpu_seconds(kas.proc.pid())? - cpu_kas;
+    let agentk_requests = api.since(&before).await?;
+    let status_lag = lag(&seen.current, &current.stop());
     let total = seen.done - t0;
     eprintln!(
         "bench: agentk {n} objects: {total:.2} s (seen after {observed:.2} s), {} writes, \
@@ -353,20 +383,102 @@ async fn measure_sync(
             p.path
         );
     }
-    Ok(json!({
+    let agentk = json!({
         "objects": n,
         "deployments": n / DEPLOYMENT_EVERY,
         "files": files,
-        "kubectl_apply_seconds": k.apply,
-        "kubectl_available_seconds": k.available,
-        "kubectl_total_seconds": k.wait,
         "agentk_total_seconds": total,
         "agentk_started_seconds": seen.started.map(|s| s - t0),
         "agentk_applied_seconds": seen.last_applied.map(|s| s - t0),
+        "agentk_apply_phase_seconds": seen.started.zip(seen.last_applied).map(|(s, a)| a - s),
+        "agentk_done_unix_seconds": seen.done,
+        "agentk_requests": agentk_requests,
+        "status_lag": status_lag,
         "agentk_cpu_seconds": cpu_agent,
         "kas_cpu_seconds": cpu_kas,
         "writes": seen.writes,
+    });
+    if let (Some(out), Value::Object(agentk)) = (out.as_object_mut(), agentk) {
+        out.extend(agentk);
+    }
+    Ok(out)
+}
+
+/// `kubectl apply` + wait of `p`'s manifests into its own namespace, and the API requests it
+/// sent.
+async fn kubectl_path(ctx: &Ctx, api: &Scraper<'_>, p: &Project) -> Result<Value> {
+    let n = p.objects;
+    let before = api.counts().await?;
+    let k = kubectl_baseline(
+        &ctx.env,
+        (api.http, api.auth),
+        &p.repo.join(MANIFEST_DIR),
+        &p.kubectl_ns,
+        n / DEPLOYMENT_EVERY,
+    )
+    .await?;
+    let requests = api.since(&before).await?;
+    eprintln!(
+        "bench: kubectl {n} objects: apply {:.2} s, all Available {:.2} s, kubectl wait \
+         returned {:.2} s",
+        k.apply, k.available, k.wait
+    );
+    Ok(json!({
+        "kubectl_apply_seconds": k.apply,
+        "kubectl_available_seconds": k.available,
+        "kubectl_total_seconds": k.wait,
+        "kubectl_requests": requests,
     }))
+}
+
+/// The floor client and the peers' engines, run on a project's manifests as they are.
+struct Peers<'a> {
+    ctx: &'a Ctx,
+    api: &'a Scraper<'a>,
+    /// Where the engines keep state between runs (Flux's inventory).
+    state: PathBuf,
+}
+
+impl Peers<'_> {
+    /// The bare client's apply of `p`'s manifests, and the API requests it sent.
+    async fn floor(&self, p: &Project) -> Result<Value> {
+        let ca = std::fs::read(&self.ctx.env.ca_file)?;
+        let before = self.api.counts().await?;
+        let dir = p.repo.join(MANIFEST_DIR);
+        let mut v = crate::floor::run(&ca, self.api.server, self.api.auth, &dir, &p.floor_ns)
+            .await
+            .with_context(|| format!("the floor client on {}", p.path))?;
+        v["requests"] = self.api.since(&before).await?;
+        eprintln!(
+            "bench: floor {} objects: apply {:.2} s",
+            p.objects,
+            v["apply_seconds"].as_f64().unwrap_or(f64::NAN)
+        );
+        Ok(v)
+    }
+
+    /// Every engine of [`ENGINES`] on `p`'s manifests, each into its own namespace.
+    async fn engines(&self, p: &Project) -> Result<Vec<Value>> {
+        let dir = p.repo.join(MANIFEST_DIR);
+        let mut out = Vec::new();
+        for (e, ns) in ENGINES.iter().zip(&p.peer_ns) {
+            out.push(run_engine(self.ctx, self.api, e, &dir, ns, &self.state).await?);
+        }
+        Ok(out)
+    }
+}
+
+/// agentk's RSS at least a minute after its last (largest) synchronization ended.
+async fn rss_a_minute_after(agent: &Agent, syncs: &[Value]) -> Result<u64> {
+    let done = syncs
+        .iter()
+        .filter_map(|s| s["agentk_done_unix_seconds"].as_f64())
+        .fold(0.0, f64::max);
+    let left = done + 60.0 - unix_now();
+    if left > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(left)).await;
+    }
+    status_bytes(agent.proc.pid(), "VmRSS")
 }
 
 /// (c) One ConfigMap changes in the largest project.

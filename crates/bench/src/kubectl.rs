@@ -5,13 +5,12 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use http_body_util::{BodyExt, Empty};
-use serde_json::Value;
+use anyhow::{Context, Result};
 use tether_testenv::{TestEnv, run_output};
 
 use crate::agent_log::SYNC_TIMEOUT;
 use crate::util::HttpsClient;
+use crate::watch::watch_events;
 
 /// Watches the Deployments of `ns` (the watch is open when this returns) and resolves, in a
 /// task, to the moment `expected` of them are Available.
@@ -24,47 +23,25 @@ async fn watch_available(
 ) -> Result<tokio::task::JoinHandle<Result<Instant>>> {
     let url =
         format!("{server}/apis/apps/v1/namespaces/{ns}/deployments?watch=1&timeoutSeconds=3600");
-    let req = http::Request::get(&url)
-        .header(http::header::AUTHORIZATION, auth)
-        .body(Empty::new())?;
-    let resp = http.request(req).await?;
-    if !resp.status().is_success() {
-        bail!("watching Deployments in {ns}: {}", resp.status());
-    }
-    let mut body = resp.into_body();
-    Ok(tokio::spawn(async move {
-        let mut buf = Vec::new();
-        let mut available = HashSet::new();
-        while let Some(frame) = body.frame().await {
-            if let Some(data) = frame?.data_ref() {
-                buf.extend_from_slice(data);
-            }
-            while let Some(end) = buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=end).collect();
-                let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
-                    continue;
-                };
-                let o = &ev["object"];
-                let name = o["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let is_available = o["status"]["conditions"].as_array().is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c["type"] == "Available" && c["status"] == "True")
-                });
-                if is_available && ev["type"] != "DELETED" {
-                    available.insert(name);
-                } else {
-                    available.remove(&name);
-                }
-                if available.len() >= expected {
-                    return Ok(Instant::now());
-                }
-            }
+    let mut available = HashSet::new();
+    watch_events(http, &url, auth, move |ev| {
+        let o = &ev["object"];
+        let name = o["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let is_available = o["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Available" && c["status"] == "True")
+        });
+        if is_available && ev["type"] != "DELETED" {
+            available.insert(name);
+        } else {
+            available.remove(&name);
         }
-        bail!("the watch of Deployments ended before {expected} were Available")
-    }))
+        available.len() >= expected
+    })
+    .await
 }
 
 /// What the kubectl path took, in seconds from the start of `kubectl apply`.

@@ -1,5 +1,5 @@
 //! `tether-bench`: what kas and agentk cost, measured against the direct path (tunnel) and
-//! against kubectl (GitOps) in the same run on the same machine (absolute times on a shared
+//! against kubectl, the peers' engines and a bare-client floor (GitOps) in the same run on the same machine (absolute times on a shared
 //! 2-core machine are noise; ratios are not).
 //!
 //! `scripts/bench` runs everything and writes `target/bench/report.md`:
@@ -24,15 +24,20 @@ use serde_json::{Value, json};
 use tether_testenv::{TestEnv, run_output};
 
 mod agent_log;
+mod apimetrics;
 mod flood;
+mod floor;
 mod footprint;
 mod gitops;
 mod kubectl;
+mod peers;
 mod report;
+mod report_peers;
 mod routed;
 mod servers;
 mod tunnel;
 mod util;
+mod watch;
 
 use servers::Ctx;
 

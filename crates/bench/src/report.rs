@@ -22,21 +22,21 @@ const KAS_BYTES_PER_AGENT: f64 = 50.0 * 1024.0;
 const KAS_BYTES_PER_TLS_AGENT: f64 = 30.0 * 1024.0;
 const RECONNECT_SECONDS: f64 = 10.0;
 
-fn mib(b: f64) -> f64 {
+pub(crate) fn mib(b: f64) -> f64 {
     b / 1048576.0
 }
 
-fn f(v: &Value) -> Option<f64> {
+pub(crate) fn f(v: &Value) -> Option<f64> {
     v.as_f64()
 }
 
-fn num(v: &Value, digits: usize) -> String {
+pub(crate) fn num(v: &Value, digits: usize) -> String {
     v.as_f64()
         .map_or_else(|| "—".to_string(), |x| format!("{x:.digits$}"))
 }
 
 /// `1234567` → `1,234,567`.
-fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -161,6 +161,21 @@ Current; agentk's `default_namespace` = gitops-N). Phases from agentk's log time
 `Synchronizing objects` (kas fetch, selection, streaming) and to the last `resourceApplied` \
 event (logged when the apply phase ends; the rest is waiting for status). agentk runs with \
 `--gitops-resync-interval 1h` so no periodic re-sync overlaps a measurement.
+- **Peers' engines and the floor**: after agentk, for each size, the same files go into a \
+namespace per engine: Flux's engine (`fluxcd/pkg/ssa`: `ApplyAllStaged` with \
+kustomize-controller's options, `DeleteAll` of what left the inventory, `WaitForSet` polling \
+every 500 ms) at kustomize-controller's default concurrency 4 and at agentk's 16, and cli-utils' \
+applier (inventory ConfigMap, server-side apply, status watcher; sequential), each a Go program \
+of `bench/engines` run with the agents' ServiceAccount and no client rate limit; each reports its \
+phases and its own CPU seconds and peak RSS (getrusage). The floor client sends the same \
+server-side-apply PATCHes as agentk (JSON, `force`) at concurrency 16 with everything prepared \
+before the clock starts: nothing but the writes. API requests: kube-apiserver's \
+`apiserver_request_total` on ConfigMaps and Deployments (no subresource), by verb, before and \
+after each run (all clients: kube-controller-manager's revision annotation of new Deployments is \
+in every column). The peers then run again on a one-ConfigMap change of the 5,000 set, on the \
+unchanged set (re-sync), and on the 1,000 set cut to one object (prune). Status lag: agentk's \
+per-object `resourceStatus` Current log line (its time, microseconds) minus the first moment a \
+watch of the bench, computing kstatus with agentk's rules, saw the object Current.
 - **Write requests**: the `writes` of agentk's `Synchronization done` line: the first sync of \
 each size, a commit changing one ConfigMap of the 5,000-object project, and the re-sync of \
 unchanged commits by a restarted agentk (SIGTERM, same arguments; its first sync of each \
@@ -338,6 +353,7 @@ fn footprint_table(out: &mut String, c: &Value) {
 | agentk RSS idle (connected, configured, 3 empty projects) | {} |\n\
 | agentk peak RSS (VmHWM after the 5,000-object sync) | {} |\n\
 | agentk RSS after all syncs | {} |\n\
+| agentk RSS at least a minute after the 5,000-object sync | {} |\n\
 | agentk RSS after restart, re-sync of 6,100 objects and {idle} s idle | {} |\n\
 | agentk CPU while idle ({idle} s) | {} s |\n\
 | kas RSS (4 projects, 1 agent), before the syncs / at the end | {} / {} |\n\
@@ -345,6 +361,7 @@ fn footprint_table(out: &mut String, c: &Value) {
         m("agentk_idle_rss_bytes"),
         m("agentk_peak_rss_bytes"),
         m("agentk_rss_after_syncs_bytes"),
+        m("agentk_rss_minute_after_bytes"),
         m("agentk_rss_end_bytes"),
         num(&fp["agentk_cpu_idle_seconds"], 2),
         m("kas_rss_idle_bytes"),
@@ -385,7 +402,13 @@ fn loadgen_table(out: &mut String, runs: &[Value]) {
 
 /// "**met**: x, y under the target" or "**missed** by y: x". `lower_is_better`: the target is a
 /// maximum.
-fn verdict(value: f64, target: f64, lower_is_better: bool, unit: &str, digits: usize) -> String {
+pub(crate) fn verdict(
+    value: f64,
+    target: f64,
+    lower_is_better: bool,
+    unit: &str,
+    digits: usize,
+) -> String {
     verdict_with(value, target, lower_is_better, (unit, unit), digits)
 }
 
@@ -614,6 +637,10 @@ pub fn render(h: &Header, cluster: &Value, loadgen: &[Value]) -> String {
     throughput_table(&mut out, cluster);
     out.push_str("## 3. GitOps sync vs `kubectl apply --server-side`\n\n");
     gitops_table(&mut out, cluster);
+    out.push_str(
+        "## 3b. GitOps engines side by side: agentk, Flux, cli-utils, kubectl, the floor\n\n",
+    );
+    crate::report_peers::section(&mut out, cluster);
     out.push_str("## 4. Write requests per synchronization (agentk's `writes`)\n\n");
     writes_table(&mut out, cluster);
     out.push_str("## 5. agentk and kas footprint\n\n");
@@ -633,6 +660,7 @@ pub fn render(h: &Header, cluster: &Value, loadgen: &[Value]) -> String {
     crate::routed::replicas_table(&mut out, &replica_runs);
     out.push_str("## Targets\n\n");
     targets(&mut out, cluster, loadgen);
+    crate::report_peers::targets(&mut out, cluster);
     out
 }
 

@@ -43,6 +43,17 @@ pub fn tls_trusting(ca_pem: &[u8]) -> Result<rustls::ClientConfig> {
 
 /// An HTTPS client (HTTP/1.1, pooled) trusting only the CAs in `ca_pem`.
 pub fn https_client(ca_pem: &[u8]) -> Result<HttpsClient> {
+    https_client_for(ca_pem)
+}
+
+/// [`https_client`] for requests with bodies of type `B`.
+pub fn https_client_for<B>(
+    ca_pem: &[u8],
+) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, B>>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+{
     let tls = tls_trusting(ca_pem)?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -54,8 +65,8 @@ pub fn https_client(ca_pem: &[u8]) -> Result<HttpsClient> {
         .build(https))
 }
 
-/// GET `url`; the body's size, or an error with the body when the status is not 2xx.
-pub async fn get(c: &HttpsClient, url: &str, auth: &str) -> Result<usize> {
+/// GET `url`; the body, or an error with the body when the status is not 2xx.
+async fn get_bytes(c: &HttpsClient, url: &str, auth: &str) -> Result<Bytes> {
     let req = http::Request::get(url)
         .header(http::header::AUTHORIZATION, auth)
         .body(Empty::new())?;
@@ -65,7 +76,17 @@ pub async fn get(c: &HttpsClient, url: &str, auth: &str) -> Result<usize> {
     if !status.is_success() {
         bail!("{url}: {status}: {}", String::from_utf8_lossy(&body));
     }
-    Ok(body.len())
+    Ok(body)
+}
+
+/// GET `url`; the body's size (see [`get_bytes`]).
+pub async fn get(c: &HttpsClient, url: &str, auth: &str) -> Result<usize> {
+    Ok(get_bytes(c, url, auth).await?.len())
+}
+
+/// GET `url`; the body as text (see [`get_bytes`]).
+pub async fn get_text(c: &HttpsClient, url: &str, auth: &str) -> Result<String> {
+    Ok(String::from_utf8(get_bytes(c, url, auth).await?.to_vec())?)
 }
 
 /// A child process (kas or agentk) started through `setpriv --pdeathsig KILL`, so it dies with

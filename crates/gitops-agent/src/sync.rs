@@ -287,6 +287,21 @@ fn event_pruned(obj: &ObjRef) {
     );
 }
 
+/// Logs an apply answer the moment it arrives rather than when its stage ends, with the
+/// object's status when the answer tells it (not in a dry run), so what agentk reports trails
+/// the cluster by one answer, not by the whole stage.
+fn log_apply_answer(obj: &ObjRef, res: &Result<Applied, ObjectError>, status: bool) {
+    match res {
+        Ok(a) => {
+            event_applied(obj, a.wrote);
+            if let Some(st) = a.status.as_ref().filter(|_| status) {
+                event_status(obj, st);
+            }
+        }
+        Err(e) => event_failed(obj, Phase::Apply, &e.to_string()),
+    }
+}
+
 fn event_status(obj: &ObjRef, st: &ResourceStatus) {
     log_event(
         tracing::Level::INFO,
@@ -617,6 +632,7 @@ impl Syncer {
             self.apply_one(s, inv_id, m, obj, r.ar, r.namespaced, known)
         }))
         .buffer_unordered(CONCURRENCY)
+        .inspect(|(obj, res)| log_apply_answer(obj, res, s.dry_run == DryRunStrategy::None))
         .collect::<Vec<_>>()
         .await
     }
@@ -1106,8 +1122,9 @@ impl Syncer {
             results,
             sink: &s.progress,
         };
+        // Their events were logged with the apply answers.
         for (o, st) in seeded {
-            log.record(o, st);
+            log.seed(o, st);
         }
         let mut period = POLL_MIN;
         loop {
@@ -1255,9 +1272,9 @@ impl Progress {
     fn record_applied(&mut self, outcomes: Vec<(ObjRef, Result<Applied, ObjectError>)>) {
         for (obj, res) in outcomes {
             match res {
+                // The events were logged as the answers arrived (`log_apply_answer`).
                 Ok(a) => {
                     self.writes += usize::from(a.wrote);
-                    event_applied(&obj, a.wrote);
                     self.applied.insert(obj.clone());
                     // The API server's answer already tells most objects' status (a
                     // ConfigMap is Current at once); the rest are polled later.
@@ -1269,7 +1286,7 @@ impl Progress {
                         ObjectOutcome::new(obj, Status::InProgress, "applied"),
                     );
                 }
-                Err(e) => self.apply_failed(obj, &e),
+                Err(e) => self.failed_outcome(obj, e.to_string()),
             }
         }
     }
@@ -1277,6 +1294,10 @@ impl Progress {
     fn apply_failed(&mut self, obj: ObjRef, e: &ObjectError) {
         let message = e.to_string();
         event_failed(&obj, Phase::Apply, &message);
+        self.failed_outcome(obj, message);
+    }
+
+    fn failed_outcome(&mut self, obj: ObjRef, message: String) {
         self.results.insert(
             obj.clone(),
             ObjectOutcome::new(obj, Status::Failed, message),
@@ -1404,6 +1425,13 @@ impl StatusLog<'_> {
     fn record(&mut self, o: ObjRef, st: ResourceStatus) {
         if self.last.get(&o) != Some(&st) {
             event_status(&o, &st);
+            self.seed(o, st);
+        }
+    }
+
+    /// Keeps a status whose event is already logged.
+    fn seed(&mut self, o: ObjRef, st: ResourceStatus) {
+        if self.last.get(&o) != Some(&st) {
             self.results.insert(
                 o.clone(),
                 ObjectOutcome::new(o.clone(), st.status, st.message.clone()),
