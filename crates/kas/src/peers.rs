@@ -51,6 +51,12 @@ pub const ADMIN_SERVICE: &str = "tether.admin";
 /// noticed when connecting to it fails (the cache is dropped and the directory read again).
 const HOLDERS_CACHE: Duration = Duration::from_secs(1);
 
+/// Spare connections kept open to each holder a request was routed to, so the next request
+/// does not wait for a TCP handshake; used while younger than [`SPARE_MAX_AGE`], well within
+/// the holder's [`PREAMBLE_TIMEOUT`] (after which it closes a connection that sent nothing).
+const SPARES_PER_PEER: usize = 2;
+const SPARE_MAX_AGE: Duration = Duration::from_secs(3);
+
 /// How long a holder waits for one of the agent's tunnel streams.
 const HOLDER_TUNNEL_WAIT: Duration = Duration::from_secs(2);
 
@@ -111,6 +117,9 @@ fn verify(secret: &[u8], tag: &str, body: &str, now: u64) -> Result<Forwarded, &
     Ok(f)
 }
 
+/// Spare connections by holder address, with when each was opened.
+type Spares = HashMap<String, Vec<(std::time::Instant, TcpStream)>>;
+
 /// Holders read from the directory, by agent, with when they were read.
 type HoldersCache = HashMap<i64, (std::time::Instant, Vec<String>)>;
 
@@ -125,6 +134,8 @@ pub struct Peers {
     admin: Arc<OnceLock<axum::Router>>,
     /// Holders recently read from the directory, by agent (see [`HOLDERS_CACHE`]).
     holders_cache: Arc<std::sync::Mutex<HoldersCache>>,
+    /// Connections opened ahead of need, by holder address (see [`SPARES_PER_PEER`]).
+    spares: Arc<std::sync::Mutex<Spares>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -179,6 +190,7 @@ impl Peers {
             registry,
             admin: Arc::new(OnceLock::new()),
             holders_cache: Arc::default(),
+            spares: Arc::default(),
         })
     }
 
@@ -442,7 +454,7 @@ impl Peers {
         };
         let preamble = preamble(&self.secret, &request);
         let mut errors = Vec::new();
-        if let Some(stream) = try_holders(&holders, &preamble, confirm, &mut errors).await {
+        if let Some(stream) = try_holders(self, &holders, &preamble, confirm, &mut errors).await {
             return Ok(Some(stream));
         }
         // What was cached may be out of date: read the directory again, once.
@@ -450,7 +462,7 @@ impl Peers {
         let fresh = self.read_holders(agent_id).await?;
         if !fresh.is_empty()
             && fresh != holders
-            && let Some(stream) = try_holders(&fresh, &preamble, confirm, &mut errors).await
+            && let Some(stream) = try_holders(self, &fresh, &preamble, confirm, &mut errors).await
         {
             return Ok(Some(stream));
         }
@@ -506,6 +518,9 @@ impl Peers {
         let mut stream = BufReader::new(stream);
         let read = tokio::time::timeout(PREAMBLE_TIMEOUT, read_preamble(&mut stream)).await;
         let checked = match read {
+            // A spare connection another replica opened and did not need: nothing to report.
+            Ok(Ok((tag, _))) if tag.is_empty() => return,
+            Err(_) if stream.buffer().is_empty() => return,
             Ok(Ok((tag, body))) => verify(&self.secret, &tag, &body, unix_now()),
             _ => Err("incomplete request"),
         };
@@ -557,6 +572,7 @@ impl Peers {
 /// Connects to a holder, sends the preamble and waits for `OK`.
 /// The first of `holders` that takes the request; what the others answered goes to `errors`.
 async fn try_holders(
+    peers: &Peers,
     holders: &[String],
     preamble: &[u8],
     confirm: bool,
@@ -567,7 +583,13 @@ async fn try_holders(
             if confirm {
                 forward_to(address, preamble).await.map(OkFirst::answered)
             } else {
-                send_preamble(address, preamble).await.map(OkFirst::new)
+                let mut stream = match peers.take_spare(address) {
+                    Some(s) => s,
+                    None => connect(address).await?,
+                };
+                peers.replenish(address);
+                stream.write_all(preamble).await?;
+                Ok(OkFirst::new(stream))
             }
         };
         match tokio::time::timeout(PREAMBLE_TIMEOUT, attempt).await {
@@ -579,16 +601,56 @@ async fn try_holders(
     None
 }
 
-/// Connects to `address` and sends the signed preamble.
-async fn send_preamble(address: &str, preamble: &[u8]) -> std::io::Result<TcpStream> {
-    let mut stream = TcpStream::connect(address).await?;
+async fn connect(address: &str) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
-    stream.write_all(preamble).await?;
     Ok(stream)
 }
 
+impl Peers {
+    /// A spare connection to `address` that is young and still open (the holder may have
+    /// restarted: a closed one reads EOF at once and is dropped).
+    fn take_spare(&self, address: &str) -> Option<TcpStream> {
+        let mut spares = self.spares.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = spares.get_mut(address)?;
+        while let Some((at, stream)) = list.pop() {
+            let mut probe = [0u8; 1];
+            let open = matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            if at.elapsed() < SPARE_MAX_AGE && open {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    /// Opens spare connections to `address` in the background, up to [`SPARES_PER_PEER`].
+    fn replenish(&self, address: &str) {
+        let spares = Arc::clone(&self.spares);
+        let address = address.to_owned();
+        tokio::spawn(async move {
+            let missing = {
+                let mut map = spares.lock().unwrap_or_else(PoisonError::into_inner);
+                let list = map.entry(address.clone()).or_default();
+                list.retain(|(at, _)| at.elapsed() < SPARE_MAX_AGE);
+                SPARES_PER_PEER.saturating_sub(list.len())
+            };
+            for _ in 0..missing {
+                let Ok(stream) = connect(&address).await else {
+                    return;
+                };
+                let mut map = spares.lock().unwrap_or_else(PoisonError::into_inner);
+                let list = map.entry(address.clone()).or_default();
+                if list.len() < SPARES_PER_PEER {
+                    list.push((std::time::Instant::now(), stream));
+                }
+            }
+        });
+    }
+}
+
 async fn forward_to(address: &str, preamble: &[u8]) -> std::io::Result<TcpStream> {
-    let mut stream = send_preamble(address, preamble).await?;
+    let mut stream = connect(address).await?;
+    stream.write_all(preamble).await?;
     // `OK\n` in one read (the holder sends nothing after it before this side speaks); an error
     // line is read on byte by byte, so nothing after the answer line is swallowed by a buffer.
     let mut line = vec![0u8; 3];
