@@ -13,7 +13,10 @@
 //!   agent, the service and the routing metadata kas decided (with a timestamp, refused when
 //!   more than 30 s off), then `OK\n` or `ERR …\n` from the holder, then raw bytes both ways
 //!   into one of the agent's tunnel streams there. Streaming, watches and upgrades (exec,
-//!   port-forward) pass as bytes.
+//!   port-forward) pass as bytes. The forwarder sends the request right after the preamble and
+//!   checks the holder's answer on its first read ([`OkFirst`]), and keeps two spare
+//!   connections open to each holder it used, so a routed request costs neither a handshake
+//!   nor a round trip before its bytes flow.
 //! - **Admin requests** travel the same way with the service [`ADMIN_SERVICE`]: after `OK` the
 //!   connection carries one HTTP/1.1 exchange with the holder's admin API (see
 //!   [`crate::api_routing`]), which trusts the signed preamble instead of an admin token (the
