@@ -62,7 +62,7 @@ impl std::fmt::Debug for WebState {
     }
 }
 
-/// The logged-in session of a request (put there by [`require_session`]).
+/// The logged-in session of a request (put there by `require_session`).
 #[derive(Debug, Clone)]
 pub struct LoggedIn {
     pub id: String,
