@@ -50,7 +50,7 @@ pub async fn to_holder(State(st): State<ApiState>, req: Request, next: Next) -> 
     if req.extensions().get::<FromPeer>().is_some() || peers.holds(agent) {
         return next.run(req).await;
     }
-    let holders = match peers.holder_addresses(agent).await {
+    let holders = match peers.holders(agent).await {
         Ok(h) if !h.is_empty() => h,
         Ok(_) => return next.run(req).await,
         Err(e) => {

@@ -280,10 +280,10 @@ impl Peers {
             .map(drop)
     }
 
-    /// The private addresses of the live replicas (not this one) holding the agent's tunnels.
-    /// The agent's holders, from the cache when it is fresh; an empty answer is not cached (the
-    /// agent may connect any moment).
-    async fn holders(&self, agent_id: i64) -> redis::RedisResult<Vec<String>> {
+    /// The private addresses of the live replicas (not this one) holding the agent's tunnels,
+    /// from the cache when it is fresh; an empty answer is not cached (the agent may connect any
+    /// moment).
+    pub async fn holders(&self, agent_id: i64) -> redis::RedisResult<Vec<String>> {
         if let Some(cached) = self.cached_holders(agent_id) {
             return Ok(cached);
         }
@@ -369,11 +369,6 @@ impl Peers {
         let addresses: Vec<Option<String>> =
             redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
         Ok(addresses.into_iter().flatten().collect())
-    }
-
-    /// The replicas holding `agent_id`'s tunnels, other than this one.
-    pub async fn holder_addresses(&self, agent_id: i64) -> redis::RedisResult<Vec<String>> {
-        self.holders(agent_id).await
     }
 
     /// A connection to `address`'s admin API (after the signed preamble), ready for one
@@ -543,17 +538,11 @@ impl Peers {
             .get_tunnel(request.agent_id, HOLDER_TUNNEL_WAIT)
             .await;
         let conn = match tunnel {
-            Ok(t) => {
-                t.request(&request.service, request.metadata.into_iter().collect())
-                    .await
-            }
-            Err(e) => {
-                let _ = stream
-                    .get_mut()
-                    .write_all(format!("ERR {e}\n").as_bytes())
-                    .await;
-                return;
-            }
+            Ok(t) => t
+                .request(&request.service, request.metadata.into_iter().collect())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
         };
         let mut conn = match conn {
             Ok(c) => c,
