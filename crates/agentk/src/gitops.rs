@@ -698,7 +698,7 @@ impl Worker {
     fn log_outcome(&self, o: &SyncOutcome) {
         match &o.error {
             None => {
-                tracing::info!(agent_id = self.settings.agent_id, commit_id = %o.commit_id, objects = o.objects.len(), writes = o.writes, dry_run = o.dry_run, "Synchronization done")
+                tracing::info!(agent_id = self.settings.agent_id, commit_id = %o.commit_id, objects = o.objects.len(), writes = o.writes, dry_run = o.dry_run, watched_statuses = o.watched_statuses, "Synchronization done")
             }
             Some(e) => {
                 tracing::error!(agent_id = self.settings.agent_id, commit_id = %o.commit_id, error = %e, writes = o.writes, "Synchronization failed")

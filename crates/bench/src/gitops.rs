@@ -148,7 +148,9 @@ impl Agent {
     }
 }
 
-pub async fn run(ctx: &Ctx) -> Result<Value> {
+/// The GitOps section. Without `full` (`--only gitops-agentk`, for working on agentk), only
+/// agentk's first sync of each size and the floor client run, then memory a minute after.
+pub async fn run(ctx: &Ctx, full: bool) -> Result<Value> {
     let dir = ctx.work.join("gitops");
     std::fs::create_dir_all(&dir)?;
     let http = https_client(&std::fs::read(&ctx.env.ca_file)?)?;
@@ -189,9 +191,11 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
     // the peers' engines (each into its own namespace).
     let mut syncs = Vec::new();
     for p in &mut projects {
-        let mut sync = measure_sync(ctx, &api, &kas, &mut agent, p).await?;
+        let mut sync = measure_sync(ctx, &api, &kas, &mut agent, p, full).await?;
         sync["floor"] = peers.floor(p).await?;
-        sync["peers"] = peers.engines(p).await?.into();
+        if full {
+            sync["peers"] = peers.engines(p).await?.into();
+        }
         syncs.push(sync);
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
@@ -199,9 +203,20 @@ pub async fn run(ctx: &Ctx) -> Result<Value> {
     let rss_after = status_bytes(agent.proc.pid(), "VmRSS")?;
     let rss_minute_after = rss_a_minute_after(&agent, &syncs).await?;
     eprintln!(
-        "bench: agentk peak RSS {:.1} MiB",
-        peak_rss as f64 / 1048576.0
+        "bench: agentk peak RSS {:.1} MiB, {:.1} MiB a minute after",
+        peak_rss as f64 / 1048576.0,
+        rss_minute_after as f64 / 1048576.0
     );
+    if !full {
+        return Ok(json!({
+            "syncs": syncs,
+            "footprint": {
+                "agentk_idle_rss_bytes": idle_rss,
+                "agentk_peak_rss_bytes": peak_rss,
+                "agentk_rss_minute_after_bytes": rss_minute_after,
+            },
+        }));
+    }
 
     let mut one_change = measure_one_change(&kas, &mut agent, &mut projects).await?;
     let largest = projects
@@ -351,12 +366,18 @@ async fn measure_sync(
     kas: &Kas,
     agent: &mut Agent,
     p: &mut Project,
+    with_kubectl: bool,
 ) -> Result<Value> {
     let n = p.objects;
     let files = write_manifests(&p.repo, n, None)?;
     p.head = git_commit_all(&p.repo, &format!("{n} objects"))?;
-    let mut out = kubectl_path(ctx, api, p).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut out = if with_kubectl {
+        let out = kubectl_path(ctx, api, p).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        out
+    } else {
+        json!({})
+    };
 
     let current = CurrentWatch::start(api.http, api.server, api.auth, &p.gitops_ns).await?;
     let before = api.counts().await?;
@@ -371,9 +392,11 @@ async fn measure_sync(
     let agentk_requests = api.since(&before).await?;
     let status_lag = lag(&seen.current, &current.stop());
     let total = seen.done - t0;
+    let apply_phase = seen.started.zip(seen.last_applied).map(|(s, a)| a - s);
     eprintln!(
-        "bench: agentk {n} objects: {total:.2} s (seen after {observed:.2} s), {} writes, \
-         CPU agentk {cpu_agent:.2} s, kas {cpu_kas:.2} s",
+        "bench: agentk {n} objects: {total:.2} s (seen after {observed:.2} s, apply phase \
+         {apply_phase:.2?} s), {} writes, CPU agentk {cpu_agent:.2} s, kas {cpu_kas:.2} s, \
+         status lag {status_lag}",
         seen.writes
     );
     if seen.objects != n as u64 {
@@ -390,7 +413,7 @@ async fn measure_sync(
         "agentk_total_seconds": total,
         "agentk_started_seconds": seen.started.map(|s| s - t0),
         "agentk_applied_seconds": seen.last_applied.map(|s| s - t0),
-        "agentk_apply_phase_seconds": seen.started.zip(seen.last_applied).map(|(s, a)| a - s),
+        "agentk_apply_phase_seconds": apply_phase,
         "agentk_done_unix_seconds": seen.done,
         "agentk_requests": agentk_requests,
         "status_lag": status_lag,

@@ -5,7 +5,7 @@
 //! `scripts/bench` runs everything and writes `target/bench/report.md`:
 //!
 //! ```text
-//! tether-bench [--out FILE] [--only tunnel|gitops|flood|routed]
+//! tether-bench [--out FILE] [--only tunnel|gitops|gitops-agentk|flood|routed]
 //!                                        under `testenv run`: tunnel latency and throughput,
 //!                                        GitOps sync vs kubectl, write requests, agentk's
 //!                                        footprint, valid requests during a flood of bad
@@ -41,7 +41,7 @@ mod watch;
 
 use servers::Ctx;
 
-const USAGE: &str = "usage: tether-bench [--out FILE] [--only tunnel|gitops|flood|routed]\n       tether-bench report --cluster FILE [--loadgen FILE]... [--elapsed SECONDS] [--out FILE]";
+const USAGE: &str = "usage: tether-bench [--out FILE] [--only tunnel|gitops|gitops-agentk|flood|routed]\n       tether-bench report --cluster FILE [--loadgen FILE]... [--elapsed SECONDS] [--out FILE]";
 
 fn bin_dir() -> Result<PathBuf> {
     Ok(std::env::current_exe()?
@@ -139,9 +139,9 @@ fn kubectl_versions(env: &TestEnv) -> Result<Value> {
 
 async fn run(out: &std::path::Path, only: Option<&str>) -> Result<()> {
     if let Some(o) = only
-        && !["tunnel", "gitops", "flood", "routed"].contains(&o)
+        && !["tunnel", "gitops", "gitops-agentk", "flood", "routed"].contains(&o)
     {
-        bail!("--only takes tunnel, gitops, flood or routed\n{USAGE}");
+        bail!("--only takes tunnel, gitops, gitops-agentk, flood or routed\n{USAGE}");
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let started = Instant::now();
@@ -159,7 +159,9 @@ async fn run(out: &std::path::Path, only: Option<&str>) -> Result<()> {
         Value::Null
     };
     let gitops = if wanted("gitops") {
-        gitops::run(&ctx).await?
+        gitops::run(&ctx, true).await?
+    } else if only == Some("gitops-agentk") {
+        gitops::run(&ctx, false).await?
     } else {
         Value::Null
     };

@@ -307,6 +307,7 @@ mod tests {
             objects,
             writes: 0,
             dry_run: false,
+            watched_statuses: 0,
         }
     }
 

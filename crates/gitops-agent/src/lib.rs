@@ -2,7 +2,8 @@
 //! inventory, prune what left Git and report each object's status.
 //!
 //! The pure (I/O-free) rules live in the modules below; [`sync`] is the one module that talks
-//! to the cluster, wiring them together. Objects are plain `serde_json::Value`s. One sync, in order:
+//! to the cluster, wiring them together (with [`status_watch`], which watches objects an apply
+//! left in progress while the sync goes on). Objects are plain `serde_json::Value`s. One sync, in order:
 //!
 //! 1. [`decode::decode_file`] every fetched file — any error aborts the sync (and with it
 //!    pruning: an incomplete set must never drive deletions);
@@ -13,7 +14,8 @@
 //!    need no write, emitting [`events`];
 //! 5. write the inventory ([`inventory::encode`]) when its set changed, and prune
 //!    [`prune::to_prune`];
-//! 6. poll [`status::compute_status`] until [`status::sync_outcome`] is no longer waiting
+//! 6. follow [`status::compute_status`] (watched from the apply answer on, polled as the
+//!    fallback) until [`status::sync_outcome`] is no longer waiting
 //!    or `reconcile_timeout` passes; the sync failed unless every object is Current or pruned
 //!    ([`sync::SyncError`]).
 //!
@@ -31,6 +33,7 @@ pub mod plan;
 pub mod preview;
 pub mod prune;
 pub mod status;
+mod status_watch;
 pub mod sync;
 
 pub use decode::{DecodeError, Manifest, decode_file};

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use kube::Client;
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
@@ -26,6 +26,7 @@ use crate::object_ref::ObjRef;
 use crate::plan;
 use crate::prune;
 use crate::status::{ResourceStatus, Status, compute_status, sync_outcome};
+use crate::status_watch::{Seen, Watches, settled};
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "agentk";
@@ -226,6 +227,9 @@ pub struct SyncOutcome {
     /// Write requests sent (apply, delete, inventory), for the benchmarks.
     pub writes: usize,
     pub dry_run: bool,
+    /// Status changes a watch told before any poll (0 when the ServiceAccount may not watch,
+    /// or every object was settled by its apply answer).
+    pub watched_statuses: usize,
 }
 
 impl SyncOutcome {
@@ -240,6 +244,7 @@ impl SyncOutcome {
             objects: Vec::new(),
             writes: 0,
             dry_run,
+            watched_statuses: 0,
         }
     }
 }
@@ -290,19 +295,19 @@ fn event_pruned(obj: &ObjRef) {
 /// Logs an apply answer the moment it arrives rather than when its stage ends, with the
 /// object's status when the answer tells it (not in a dry run), so what agentk reports trails
 /// the cluster by one answer, not by the whole stage.
-fn log_apply_answer(obj: &ObjRef, res: &Result<Applied, ObjectError>, status: bool) {
+fn log_apply_answer(obj: &ObjRef, res: &Result<Applied, ObjectError>, seen: Option<&Seen>) {
     match res {
         Ok(a) => {
             event_applied(obj, a.wrote);
-            if let Some(st) = a.status.as_ref().filter(|_| status) {
-                event_status(obj, st);
+            if let (Some(st), Some(seen)) = (&a.status, seen) {
+                seen.record(obj, st.clone());
             }
         }
         Err(e) => event_failed(obj, Phase::Apply, &e.to_string()),
     }
 }
 
-fn event_status(obj: &ObjRef, st: &ResourceStatus) {
+pub(crate) fn event_status(obj: &ObjRef, st: &ResourceStatus) {
     log_event(
         tracing::Level::INFO,
         &events::resource_status(obj, st, std::time::SystemTime::now()),
@@ -340,6 +345,8 @@ impl Resolved {
 struct Applied {
     wrote: bool,
     status: Option<ResourceStatus>,
+    /// The object's resource version after the apply: where a status watch starts to count.
+    resource_version: Option<String>,
 }
 
 /// What is known of an object before applying it.
@@ -357,6 +364,7 @@ struct LiveSummary {
     owner: Option<String>,
     up_to_date: bool,
     status: ResourceStatus,
+    resource_version: Option<String>,
 }
 
 impl LiveSummary {
@@ -366,6 +374,9 @@ impl LiveSummary {
             owner: inventory::owner(live).map(str::to_owned),
             up_to_date: drift::is_up_to_date(desired, live),
             status: compute_status(live),
+            resource_version: live["metadata"]["resourceVersion"]
+                .as_str()
+                .map(str::to_owned),
         }
     }
 }
@@ -481,6 +492,9 @@ impl Syncer {
         }
         // 3. Apply in stages.
         let mut p = Progress::default();
+        if !dry {
+            p.watches = Some(Watches::new(self.client.clone(), p.seen.clone()));
+        }
         let disc = self
             .apply_stages(s, &previous.name, &mut manifests, disc, cancel, &mut p)
             .await;
@@ -492,14 +506,16 @@ impl Syncer {
                 .record_and_prune(s, &previous, &manifests, &disc, cancel, &mut p)
                 .await
             {
-                return Err(Aborted::AfterWrites(e, p));
+                return Err(Aborted::AfterWrites(e, Box::new(p)));
             }
-            let seeded = std::mem::take(&mut p.seeded);
             s.progress.publish(&p.results);
-            self.wait_status(&p.applied, seeded, &disc, s, cancel, &mut p.results)
+            self.wait_status(&p.applied, &p.seen, &disc, s, cancel, &mut p.results)
                 .await;
         }
-        Ok(finish(commit_id, p.results, p.writes, dry))
+        let watched_statuses = p.seen.watched();
+        let mut out = finish(commit_id, p.results, p.writes, dry);
+        out.watched_statuses = watched_statuses;
+        Ok(out)
     }
 
     /// The previous inventory: unreadable means we cannot know what to prune, so the sync stops.
@@ -574,7 +590,9 @@ impl Syncer {
                 }
             }
             let resolved = resolve_stage(s, manifests, stage, &disc, p);
-            let outcomes = self.apply_resolved(s, inv_id, manifests, resolved).await;
+            let outcomes = self
+                .apply_resolved(s, inv_id, manifests, resolved, p.watches.as_mut())
+                .await;
             p.record_applied(outcomes);
             // Only a stage of prerequisites is waited for here (with no CRD or Namespace in
             // the commit, the first stage is everything, and its status is the job of step 5).
@@ -592,13 +610,15 @@ impl Syncer {
     }
 
     /// Applies a stage's resolved objects, looking the live ones up by LIST where a type and
-    /// namespace holds enough of them.
+    /// namespace holds enough of them. With `watches` (not in a dry run), each answer's status
+    /// is recorded as it arrives and objects still in progress are watched from then on.
     async fn apply_resolved(
         &self,
         s: &Settings,
         inv_id: &str,
         manifests: &[Manifest],
         resolved: Vec<Resolved>,
+        mut watches: Option<&mut Watches>,
     ) -> Vec<(ObjRef, Result<Applied, ObjectError>)> {
         // The stage's objects by type+namespace and name: each listed object is compared
         // with what would be sent for it as its page arrives, and only a summary is kept
@@ -629,10 +649,21 @@ impl Syncer {
                 None => Known::Unknown,
             };
             let obj = prepared(m, inv_id);
+            let at = (r.ar.clone(), r.namespace(m).map(str::to_owned));
             self.apply_one(s, inv_id, m, obj, r.ar, r.namespaced, known)
+                .map(move |(o, res)| (o, res, at))
         }))
         .buffer_unordered(CONCURRENCY)
-        .inspect(|(obj, res)| log_apply_answer(obj, res, s.dry_run == DryRunStrategy::None))
+        .map(|(obj, res, (ar, ns))| {
+            log_apply_answer(&obj, &res, watches.as_deref().map(Watches::seen));
+            if let (Some(w), Ok(a)) = (watches.as_deref_mut(), &res)
+                && let (Some(st), Some(rv)) = (&a.status, &a.resource_version)
+                && !settled(st)
+            {
+                w.track(&obj, &ar, ns.as_deref(), rv);
+            }
+            (obj, res)
+        })
         .collect::<Vec<_>>()
         .await
     }
@@ -839,6 +870,7 @@ impl Syncer {
                     Ok(Applied {
                         wrote: false,
                         status: Some(current.status),
+                        resource_version: current.resource_version,
                     }),
                 );
             }
@@ -850,12 +882,18 @@ impl Syncer {
         match api.patch(name, &pp, &Patch::Apply(&obj)).await {
             Ok(o) => {
                 let wrote = s.dry_run == DryRunStrategy::None;
+                let resource_version = o.metadata.resource_version.clone();
                 let status = if wrote {
                     serde_json::to_value(o).ok().map(|v| compute_status(&v))
                 } else {
                     None
                 };
-                (obj_ref, Ok(Applied { wrote, status }))
+                let applied = Applied {
+                    wrote,
+                    status,
+                    resource_version,
+                };
+                (obj_ref, Ok(applied))
             }
             Err(e) => (obj_ref, Err(ApiError::from(e).into())),
         }
@@ -1101,14 +1139,14 @@ impl Syncer {
         }
     }
 
-    /// Polls every applied object's status until all are Current or Failed, or `timeout`.
-    /// `seeded` holds statuses already known from the apply (not polled again unless still in
-    /// progress). Objects are polled by one LIST per type and namespace when enough of them are
-    /// pending, by GET otherwise.
+    /// Follows every applied object's status until all are Current or Failed, or `timeout`.
+    /// What `seen` learns (apply answers, the watches started during the apply) wakes it at
+    /// once; objects not settled are also polled, from [`POLL_MIN`] doubling to [`POLL_MAX`],
+    /// by one LIST per type and namespace when enough of them are pending, by GET otherwise.
     async fn wait_status(
         &self,
         applied: &BTreeSet<ObjRef>,
-        seeded: HashMap<ObjRef, ResourceStatus>,
+        seen: &Seen,
         disc: &Discovery,
         s: &Settings,
         cancel: &CancellationToken,
@@ -1122,12 +1160,10 @@ impl Syncer {
             results,
             sink: &s.progress,
         };
-        // Their events were logged with the apply answers.
-        for (o, st) in seeded {
-            log.seed(o, st);
-        }
         let mut period = POLL_MIN;
+        let mut next_poll = tokio::time::Instant::now() + period;
         loop {
+            log.catch_up(&targets, seen);
             let pending: Vec<&Target> = targets.iter().filter(|t| !log.settled(&t.0)).collect();
             if pending.is_empty() || cancel.is_cancelled() {
                 break;
@@ -1137,12 +1173,15 @@ impl Syncer {
                 break;
             }
             tokio::select! {
-                () = tokio::time::sleep(period) => {}
+                () = tokio::time::sleep_until(next_poll) => {
+                    for (o, st) in self.poll_statuses(&pending).await {
+                        seen.record(&o, st);
+                    }
+                    period = (period * 2).min(POLL_MAX);
+                    next_poll = tokio::time::Instant::now() + period;
+                }
+                () = seen.changed() => {}
                 () = cancel.cancelled() => break,
-            }
-            period = (period * 2).min(POLL_MAX);
-            for (o, st) in self.poll_statuses(&pending).await {
-                log.record(o, st);
             }
         }
     }
@@ -1238,7 +1277,7 @@ enum Aborted {
     /// Before anything was written: the outcome lists no objects.
     BeforeWrites(SyncError),
     /// After applying: the outcome keeps what was done.
-    AfterWrites(SyncError, Progress),
+    AfterWrites(SyncError, Box<Progress>),
 }
 
 impl From<SyncError> for Aborted {
@@ -1264,8 +1303,10 @@ struct Progress {
     applied: BTreeSet<ObjRef>,
     /// Write requests sent.
     writes: usize,
-    /// Statuses the API server's answers already told.
-    seeded: HashMap<ObjRef, ResourceStatus>,
+    /// Every status seen so far (apply answers, watches, polls).
+    seen: Seen,
+    /// The status watches of objects the apply left in progress (none in a dry run).
+    watches: Option<Watches>,
 }
 
 impl Progress {
@@ -1275,12 +1316,9 @@ impl Progress {
                 // The events were logged as the answers arrived (`log_apply_answer`).
                 Ok(a) => {
                     self.writes += usize::from(a.wrote);
+                    // The answer's status is in `seen` already (a ConfigMap is Current at
+                    // once); the rest are watched or polled.
                     self.applied.insert(obj.clone());
-                    // The API server's answer already tells most objects' status (a
-                    // ConfigMap is Current at once); the rest are polled later.
-                    if let Some(st) = a.status {
-                        self.seeded.insert(obj.clone(), st);
-                    }
                     self.results.insert(
                         obj.clone(),
                         ObjectOutcome::new(obj, Status::InProgress, "applied"),
@@ -1342,6 +1380,7 @@ fn client_dry_run(commit_id: &str, manifests: &[Manifest]) -> SyncOutcome {
         objects,
         writes: 0,
         dry_run: true,
+        watched_statuses: 0,
     }
 }
 
@@ -1413,8 +1452,8 @@ fn status_targets(applied: &BTreeSet<ObjRef>, disc: &Discovery) -> Vec<Target> {
         .collect()
 }
 
-/// The statuses seen while waiting, each change logged as an event and kept as the object's
-/// outcome.
+/// The statuses seen while waiting, each kept as the object's outcome (their events were
+/// logged by [`Seen`] when they changed).
 struct StatusLog<'a> {
     last: HashMap<ObjRef, ResourceStatus>,
     results: &'a mut HashMap<ObjRef, ObjectOutcome>,
@@ -1422,36 +1461,34 @@ struct StatusLog<'a> {
 }
 
 impl StatusLog<'_> {
-    fn record(&mut self, o: ObjRef, st: ResourceStatus) {
-        if self.last.get(&o) != Some(&st) {
-            event_status(&o, &st);
-            self.seed(o, st);
+    /// Takes each target's newest status from `seen`; publishes progress once if any changed.
+    fn catch_up(&mut self, targets: &[Target], seen: &Seen) {
+        let mut changed = false;
+        for (o, _, _) in targets {
+            let Some(st) = seen.get(o) else { continue };
+            if self.last.get(o) != Some(&st) {
+                self.results.insert(
+                    o.clone(),
+                    ObjectOutcome::new(o.clone(), st.status, st.message.clone()),
+                );
+                self.last.insert(o.clone(), st);
+                changed = true;
+            }
         }
-    }
-
-    /// Keeps a status whose event is already logged.
-    fn seed(&mut self, o: ObjRef, st: ResourceStatus) {
-        if self.last.get(&o) != Some(&st) {
-            self.results.insert(
-                o.clone(),
-                ObjectOutcome::new(o.clone(), st.status, st.message.clone()),
-            );
-            self.last.insert(o, st);
+        if changed {
             self.sink.publish(self.results);
         }
     }
 
     /// Current or Failed: nothing more to wait for.
     fn settled(&self, o: &ObjRef) -> bool {
-        self.last
-            .get(o)
-            .is_some_and(|r| matches!(r.status, Status::Current | Status::Failed))
+        self.last.get(o).is_some_and(settled)
     }
 
     /// Says of every object still not settled that `timeout` passed.
     fn time_out(&mut self, timeout: Duration) {
         for (o, st) in &self.last {
-            if !matches!(st.status, Status::Current | Status::Failed) {
+            if !settled(st) {
                 let message = format!(
                     "{} (not Current after reconcile_timeout {:?})",
                     st.message, timeout
@@ -1507,6 +1544,7 @@ fn finish(
         objects,
         writes,
         dry_run: dry,
+        watched_statuses: 0,
     }
 }
 

@@ -205,6 +205,90 @@ async fn drift_is_corrected_by_the_periodic_resync() {
     .await;
 }
 
+/// A Service of type LoadBalancer stays in progress until its address is set (no load balancer
+/// controller runs here, so the test sets it): agentk follows it with a watch when its
+/// ServiceAccount may watch, and by polling when it may not. Returns the sync's
+/// `watched_statuses` (status changes a watch told first).
+async fn load_balancer_followed(prefix: &str, rbac: fn(&str) -> String) -> u64 {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace(prefix).unwrap();
+    let lb = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb\n  namespace: {ns}\nspec:\n  type: LoadBalancer\n  ports:\n  - port: 80\n"
+    );
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &rbac(&ns),
+        "",
+        &[
+            ("manifests/lb.yaml", Some(lb.as_bytes())),
+            ("manifests/cm.yaml", Some(&configmap("c", &ns, "v1"))),
+        ],
+        &[],
+    )
+    .await;
+    let in_progress = |l: &Value| {
+        l["eventType"] == "resourceStatus" && l["name"] == "lb" && l["status"] == "InProgress"
+    };
+    wait_for(
+        "the Service in progress",
+        Duration::from_secs(60),
+        || async { rig.agent.log_lines().iter().any(in_progress).then_some(()) },
+    )
+    .await;
+    run_output(rig.env.kubectl().args([
+        "patch",
+        "service",
+        "lb",
+        "-n",
+        &ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"loadBalancer":{"ingress":[{"ip":"192.0.2.10"}]}}}"#,
+    ]))
+    .unwrap();
+    let s = rig.synced(&c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let lines = rig.agent.log_lines();
+    assert!(
+        lines.iter().any(|l| l["eventType"] == "resourceStatus"
+            && l["name"] == "lb"
+            && l["status"] == "Current"),
+        "the Service reported Current"
+    );
+    let done = lines
+        .iter()
+        .find(|l| l["msg"] == "Synchronization done" && l["commit_id"] == c1.as_str())
+        .expect("the sync's summary line");
+    done["watched_statuses"].as_u64().expect("watched_statuses")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_in_progress_is_followed_by_a_watch() {
+    let watched = load_balancer_followed("watch", admin_rbac).await;
+    assert!(watched >= 1, "the Service's address came from a watch");
+}
+
+/// Every verb but `watch`: status still arrives, by polling.
+fn rbac_without_watch(agent_ns: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: gitlab-agent\n  namespace: {agent_ns}\n---\n\
+apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: {agent_ns}-no-watch\n\
+rules:\n- apiGroups: [\"*\"]\n  resources: [\"*\"]\n  verbs: [get, list, create, update, patch, delete]\n---\n\
+apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {agent_ns}-no-watch\n\
+roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: {agent_ns}-no-watch\n\
+subjects:\n- kind: ServiceAccount\n  name: gitlab-agent\n  namespace: {agent_ns}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_watch_verb_status_is_polled() {
+    let watched = load_balancer_followed("nowatch", rbac_without_watch).await;
+    assert_eq!(watched, 0, "no watch may run without the verb");
+}
+
 /// `n` ConfigMaps `cm-0`, `cm-1`, … as one multi-document file.
 fn configmaps(n: usize, ns: &str) -> Vec<u8> {
     let mut out = Vec::new();
