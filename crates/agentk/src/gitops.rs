@@ -239,7 +239,8 @@ struct Stream {
 
 /// The newest complete commit and the synchronization of it.
 struct SyncState {
-    current: Option<Commit>,
+    /// Shared with the running sync, so a commit of thousands of files is held once.
+    current: Option<Arc<Commit>>,
     running: Option<(CancellationToken, JoinHandle<SyncOutcome>)>,
     /// When the running sync started, for its duration metric.
     started: Instant,
@@ -560,7 +561,7 @@ impl Worker {
                     b.warnings = t.warnings;
                     // A new commit cancels the sync in progress.
                     stop_sync(sync.running.take()).await;
-                    sync.current = Some(b);
+                    sync.current = Some(Arc::new(b));
                     sync.failures = 0;
                     // Held while suspended (kas holds commits then; this is for safety).
                     sync.next_run = Some(Instant::now());

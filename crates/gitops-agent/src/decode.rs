@@ -27,6 +27,10 @@ use thiserror::Error;
 use crate::object_ref::ObjRef;
 
 /// One object decoded from a manifest file.
+///
+/// The object is kept as compact JSON text with its identity parsed out: a sync holds every
+/// object of a commit from decoding (nothing is written before all files decode) to its end,
+/// and a decoded `serde_json::Value` takes about ten times the memory of its text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Manifest {
     /// Path of the file in the repository.
@@ -37,14 +41,79 @@ pub struct Manifest {
     pub doc_index: usize,
     /// 1-based line where the document's content starts.
     pub line: usize,
-    /// The object itself; validated to have `apiVersion`, `kind` and `metadata.name`.
-    pub object: Value,
+    /// The object (validated to have `apiVersion`, `kind` and `metadata.name`) as JSON.
+    json: Box<str>,
+    id: Identity,
+}
+
+/// The fields of an object that identify it, read once.
+#[derive(Debug, Clone, PartialEq)]
+struct Identity {
+    api_version: Box<str>,
+    kind: Box<str>,
+    name: Box<str>,
+    /// `metadata.namespace`, an empty string read as absent.
+    namespace: Option<Box<str>>,
+    /// `metadata` has a `namespace` key at all (even an empty one).
+    namespace_key: bool,
+}
+
+impl Identity {
+    fn of(object: &Value) -> Self {
+        let text = |path: &[&str]| Box::from(str_at(object, path).unwrap_or(""));
+        Identity {
+            api_version: text(&["apiVersion"]),
+            kind: text(&["kind"]),
+            name: text(&["metadata", "name"]),
+            namespace: str_at(object, &["metadata", "namespace"])
+                .filter(|ns| !ns.is_empty())
+                .map(Box::from),
+            namespace_key: object["metadata"].get("namespace").is_some(),
+        }
+    }
 }
 
 impl Manifest {
+    /// A manifest of `object`, found in document `doc_index` (starting at `line`) of `path`.
+    pub fn new(source_path: &str, doc_index: usize, line: usize, object: &Value) -> Self {
+        Manifest {
+            source_path: source_path.to_owned(),
+            doc_index,
+            line,
+            json: object.to_string().into_boxed_str(),
+            id: Identity::of(object),
+        }
+    }
+
+    /// The object, decoded anew (callers that change it get their own copy).
+    pub fn object(&self) -> Value {
+        // The text was written from a `Value` by this type, so it always parses.
+        serde_json::from_str(&self.json).unwrap_or(Value::Null)
+    }
+
+    /// Changes the object with `f`.
+    pub fn edit(&mut self, f: impl FnOnce(&mut Value)) {
+        let mut object = self.object();
+        f(&mut object);
+        self.json = object.to_string().into_boxed_str();
+        self.id = Identity::of(&object);
+    }
+
+    /// [`crate::plan::set_default_namespace`], without decoding when nothing would change.
+    pub fn set_default_namespace(&mut self, default_namespace: &str, namespaced: bool) {
+        let unchanged = if namespaced {
+            self.id.namespace.is_some()
+        } else {
+            !self.id.namespace_key
+        };
+        if !unchanged {
+            self.edit(|o| crate::plan::set_default_namespace(o, default_namespace, namespaced));
+        }
+    }
+
     /// `apiVersion`, such as `apps/v1` or `v1`.
     pub fn api_version(&self) -> &str {
-        str_at(&self.object, &["apiVersion"]).unwrap_or("")
+        &self.id.api_version
     }
 
     /// The API group: the part of `apiVersion` before `/`; empty for the core group.
@@ -59,17 +128,17 @@ impl Manifest {
 
     /// `kind`.
     pub fn kind(&self) -> &str {
-        str_at(&self.object, &["kind"]).unwrap_or("")
+        &self.id.kind
     }
 
     /// `metadata.name`.
     pub fn name(&self) -> &str {
-        str_at(&self.object, &["metadata", "name"]).unwrap_or("")
+        &self.id.name
     }
 
     /// `metadata.namespace`, treating an empty string as absent.
     pub fn namespace(&self) -> Option<&str> {
-        str_at(&self.object, &["metadata", "namespace"]).filter(|ns| !ns.is_empty())
+        self.id.namespace.as_deref()
     }
 
     /// The object's identity.
@@ -157,12 +226,11 @@ pub fn decode_file(path: &str, bytes: &[u8]) -> Result<Vec<Manifest>, DecodeErro
         };
         let mut objects = Vec::new();
         flatten(doc.value, "", &mut objects).map_err(invalid)?;
-        out.extend(objects.into_iter().map(|object| Manifest {
-            source_path: path.to_owned(),
-            doc_index: doc.index,
-            line: doc.line,
-            object,
-        }));
+        out.extend(
+            objects
+                .iter()
+                .map(|object| Manifest::new(path, doc.index, doc.line, object)),
+        );
     }
     Ok(out)
 }
@@ -614,6 +682,48 @@ mod tests {
     const DEPLOYMENT: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: nginx\n  namespace: dude\nspec:\n  replicas: 2\n";
 
     #[test]
+    fn the_compact_object_decodes_to_what_was_read_and_edits_update_the_identity() {
+        let mut m = ok("d.yaml", DEPLOYMENT).remove(0);
+        let expected = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "nginx", "namespace": "dude"}, "spec": {"replicas": 2}});
+        assert_eq!(m.object(), expected);
+        m.edit(|o| o["metadata"]["name"] = json!("web"));
+        assert_eq!(m.name(), "web");
+        assert_eq!(m.object()["metadata"]["name"], "web");
+    }
+
+    #[test]
+    fn default_namespace_is_set_kept_or_removed_by_scope() {
+        let cm = |meta: &str| {
+            ok(
+                "c.yaml",
+                &format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n{meta}"),
+            )
+            .remove(0)
+        };
+        let mut absent = cm("  name: a\n");
+        absent.set_default_namespace("dflt", true);
+        assert_eq!(absent.namespace(), Some("dflt"));
+        assert_eq!(absent.object()["metadata"]["namespace"], "dflt");
+        let mut own = cm("  name: a\n  namespace: mine\n");
+        own.set_default_namespace("dflt", true);
+        assert_eq!(own.object()["metadata"]["namespace"], "mine");
+        // Cluster-scoped: a namespace, even an empty one, is removed from what is sent.
+        for meta in [
+            "  name: a\n  namespace: mine\n",
+            "  name: a\n  namespace: \"\"\n",
+        ] {
+            let mut scoped = cm(meta);
+            scoped.set_default_namespace("dflt", false);
+            assert_eq!(scoped.namespace(), None);
+            assert!(
+                scoped.object()["metadata"].get("namespace").is_none(),
+                "{meta}"
+            );
+        }
+    }
+
+    #[test]
     fn single_yaml_document_and_helpers() {
         let m = ok("deploy.yaml", DEPLOYMENT);
         assert_eq!(m.len(), 1);
@@ -626,7 +736,7 @@ mod tests {
         assert_eq!(d.kind(), "Deployment");
         assert_eq!(d.name(), "nginx");
         assert_eq!(d.namespace(), Some("dude"));
-        assert_eq!(d.object["spec"]["replicas"], json!(2));
+        assert_eq!(d.object()["spec"]["replicas"], json!(2));
         assert_eq!(d.obj_ref().to_string(), "apps/Deployment/dude/nginx");
         assert_eq!(d.source(), "deploy.yaml:1");
     }
@@ -689,7 +799,7 @@ mod tests {
         let text = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  script: |\n    ---\n    echo ---x\n  other: \"---\"\n";
         let m = ok("c.yaml", text);
         assert_eq!(m.len(), 1);
-        assert_eq!(m[0].object["data"]["script"], json!("---\necho ---x\n"));
+        assert_eq!(m[0].object()["data"]["script"], json!("---\necho ---x\n"));
     }
 
     #[test]
@@ -879,7 +989,7 @@ mod tests {
     fn modest_anchor_reuse_is_fine() {
         let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a}\nspec:\n  template:\n    spec:\n      containers:\n      - name: a\n        env: &env\n        - {name: A, value: '1'}\n        - {name: B, value: '2'}\n      - name: b\n        env: *env\n";
         let m = ok("anchors.yaml", text);
-        let c = &m[0].object["spec"]["template"]["spec"]["containers"];
+        let c = &m[0].object()["spec"]["template"]["spec"]["containers"];
         assert_eq!(c[0]["env"], c[1]["env"]);
     }
 

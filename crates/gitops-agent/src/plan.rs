@@ -84,12 +84,7 @@ mod tests {
     use serde_json::json;
 
     fn manifest(path: &str, line: usize, object: Value) -> Manifest {
-        Manifest {
-            source_path: path.to_owned(),
-            doc_index: 0,
-            line,
-            object,
-        }
+        Manifest::new(path, 0, line, &object)
     }
 
     fn obj(api: &str, kind: &str, ns: Option<&str>, name: &str) -> Value {
@@ -188,7 +183,7 @@ mod tests {
         ];
         assert!(duplicates(&objects).is_empty());
         for m in &mut objects {
-            set_default_namespace(&mut m.object, "default", true);
+            m.set_default_namespace("default", true);
         }
         assert_eq!(duplicates(&objects).len(), 1);
     }

@@ -170,7 +170,7 @@ impl CreatedHere {
                     out.namespaces.insert(m.name().to_owned());
                 }
                 ("apiextensions.k8s.io", "CustomResourceDefinition") => {
-                    if let Some(group) = m.object["spec"]["group"].as_str() {
+                    if let Some(group) = m.object()["spec"]["group"].as_str() {
                         out.crd_groups.insert(group.to_owned());
                     }
                 }

@@ -20,6 +20,7 @@ use kube::api::{Api, DynamicObject, WatchEvent, WatchParams};
 use kube::discovery::ApiResource;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::object_ref::ObjRef;
 use crate::status::{ResourceStatus, Status, compute_status};
@@ -29,21 +30,30 @@ use crate::sync::{GroupKey, group_key};
 /// and its watches. Each change is logged once, whoever saw it first.
 #[derive(Clone, Default)]
 pub(crate) struct Seen {
-    statuses: Arc<Mutex<HashMap<ObjRef, ResourceStatus>>>,
+    inner: Arc<Mutex<SeenInner>>,
     changed: Arc<Notify>,
     /// Changes a watch told first (reported in the sync's summary: 0 means polling did it all).
     watched: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct SeenInner {
+    statuses: HashMap<ObjRef, ResourceStatus>,
+    /// Objects whose status changed since the waiter last took the changes: it reads those
+    /// rather than every object each time it wakes.
+    changes: Vec<ObjRef>,
 }
 
 impl Seen {
     /// Keeps `st` as `o`'s status; logs the status event and wakes the waiter when it changed.
     pub(crate) fn record(&self, o: &ObjRef, st: ResourceStatus) -> bool {
         let changed = {
-            let mut map = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
-            if map.get(o) == Some(&st) {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            if inner.statuses.get(o) == Some(&st) {
                 false
             } else {
-                map.insert(o.clone(), st.clone());
+                inner.statuses.insert(o.clone(), st.clone());
+                inner.changes.push(o.clone());
                 true
             }
         };
@@ -66,9 +76,17 @@ impl Seen {
         self.watched.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn get(&self, o: &ObjRef) -> Option<ResourceStatus> {
-        let map = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(o).cloned()
+    /// The objects whose status changed since the last call, with their newest status.
+    pub(crate) fn take_changes(&self) -> Vec<(ObjRef, ResourceStatus)> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let changes = std::mem::take(&mut inner.changes);
+        changes
+            .into_iter()
+            .filter_map(|o| {
+                let st = inner.statuses.get(&o)?.clone();
+                Some((o, st))
+            })
+            .collect()
     }
 
     /// Resolves once a status changed since the last call (at once when one already did).
@@ -162,7 +180,10 @@ impl Watches {
                     Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
                     None => Api::all_with(self.client.clone(), ar),
                 };
-                self.tasks.spawn(follow(api, g.clone(), self.seen.clone()));
+                // The sync's span (agent, project) goes with the task: its status events must
+                // say which project they belong to, like the sync's own.
+                let task = follow(api, g.clone(), self.seen.clone());
+                self.tasks.spawn(task.instrument(tracing::Span::current()));
                 g
             }
         };
@@ -321,6 +342,11 @@ mod tests {
         );
         seen.record(&obj("a"), current());
         seen.changed().await;
-        assert_eq!(seen.get(&obj("a")), Some(current()));
+        assert_eq!(
+            seen.take_changes(),
+            vec![(obj("a"), current()), (obj("a"), current())],
+            "each change is listed with the newest status"
+        );
+        assert!(seen.take_changes().is_empty());
     }
 }

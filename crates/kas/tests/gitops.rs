@@ -255,8 +255,9 @@ async fn load_balancer_followed(prefix: &str, rbac: fn(&str) -> String) -> u64 {
     assert!(
         lines.iter().any(|l| l["eventType"] == "resourceStatus"
             && l["name"] == "lb"
-            && l["status"] == "Current"),
-        "the Service reported Current"
+            && l["status"] == "Current"
+            && l["project_id"] == "group/manifests"),
+        "the Service reported Current, as an event of its project"
     );
     let done = lines
         .iter()
