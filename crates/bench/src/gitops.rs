@@ -390,6 +390,9 @@ async fn measure_sync(
     let cpu_agent = cpu_seconds(agent.proc.pid())? - cpu_agent;
     let cpu_kas = cpu_seconds(kas.proc.pid())? - cpu_kas;
     let agentk_requests = api.since(&before).await?;
+    current
+        .catch_up(seen.current.keys(), Duration::from_secs(10))
+        .await;
     let status_lag = lag(&seen.current, &current.stop());
     let total = seen.done - t0;
     let apply_phase = seen.started.zip(seen.last_applied).map(|(s, a)| a - s);
@@ -468,9 +471,13 @@ impl Peers<'_> {
         let ca = std::fs::read(&self.ctx.env.ca_file)?;
         let before = self.api.counts().await?;
         let dir = p.repo.join(MANIFEST_DIR);
-        let mut v = crate::floor::run(&ca, self.api.server, self.api.auth, &dir, &p.floor_ns)
-            .await
-            .with_context(|| format!("the floor client on {}", p.path))?;
+        // The bench watches the floor's namespace as it watches agentk's (for the status lag),
+        // so both apply phases run with the same watchers on the API server.
+        let watch =
+            CurrentWatch::start(self.api.http, self.api.server, self.api.auth, &p.floor_ns).await?;
+        let run = crate::floor::run(&ca, self.api.server, self.api.auth, &dir, &p.floor_ns).await;
+        drop(watch.stop());
+        let mut v = run.with_context(|| format!("the floor client on {}", p.path))?;
         v["requests"] = self.api.since(&before).await?;
         eprintln!(
             "bench: floor {} objects: apply {:.2} s",

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use http_body_util::{BodyExt, Empty};
@@ -95,6 +95,28 @@ impl CurrentWatch {
             tasks.push(watch_events(http, &url, auth, on_event).await?);
         }
         Ok(CurrentWatch { seen, tasks })
+    }
+
+    /// Waits, at most `timeout`, until the watches saw every object of `keys` Current: the
+    /// bench may read its streams later than agentk logged, and an object only one side saw
+    /// is left out of the lag.
+    pub async fn catch_up<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k String> + Clone,
+        timeout: Duration,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let all = self
+                .seen
+                .lock()
+                .map(|seen| keys.clone().all(|k| seen.contains_key(k)))
+                .unwrap_or(true);
+            if all || Instant::now() > deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops the watches; what they saw.

@@ -511,6 +511,10 @@ impl Syncer {
             {
                 return Err(Aborted::AfterWrites(e, Box::new(p)));
             }
+            // Waiting needs neither the manifests nor the previous inventory: a sync of
+            // thousands of objects should not hold them while its objects roll out.
+            drop(manifests);
+            drop(previous);
             s.progress.publish(&p.results);
             self.wait_status(&p.applied, &p.seen, &disc, s, cancel, &mut p.results)
                 .await;
