@@ -396,7 +396,7 @@ impl Proxy {
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| unavailable(&with_causes(&e)))?;
         self.record(&routed, mode, started, resp.status());
         let code = resp.status();
         let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
@@ -562,7 +562,7 @@ impl Proxy {
                 return status(
                     StatusCode::BAD_GATEWAY,
                     "ServiceUnavailable",
-                    &e.to_string(),
+                    &with_causes(&e),
                 );
             }
         };
@@ -796,6 +796,20 @@ where
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error and its causes on one line: a request the agent refused fails when kas first
+/// reads from the tunnel, and hyper's own message ("connection error") would hide the
+/// agent's reason, which is in the cause.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
 
 /// A response body that fails as soon as its request's credential is revoked: hyper then
 /// closes the client's connection, which ends a watch or a log follow mid-stream. It holds the

@@ -11,5 +11,6 @@ mod pool;
 
 pub use backoff::Backoff;
 pub use pool::{
-    AgentConn, AgentMeta, BoxFuture, ConnState, EchoHandler, Handler, Pool, PoolConfig, PoolStats,
+    AgentConn, AgentMeta, BoxFuture, ConnState, EchoHandler, Handler, Inbound, Pool, PoolConfig,
+    PoolStats,
 };

@@ -16,7 +16,7 @@ use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
 use tether_protocol::tunnel::{
     AgentFrame, Descriptor, RequestInfo, ResponseHeader, ServerFrame, agent_frame, server_frame,
 };
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::AsciiMetadataValue;
@@ -357,6 +357,8 @@ async fn open_stream(
     let descriptor = AgentFrame {
         frame: Some(agent_frame::Frame::Descriptor(Descriptor {
             services: shared.services.clone(),
+            // `serve` answers before it writes any byte and reads kas's bytes only after.
+            data_with_request: true,
         })),
     };
     if tx.send(descriptor).await.is_err() {
@@ -502,7 +504,9 @@ async fn serve(
                 message: format!("this agent does not serve {:?}", request.service),
             })),
         };
-        let _ = tx.send(refuse).await;
+        if tx.send(refuse).await.is_ok() {
+            drain(inbound, &request.service).await;
+        }
         return;
     };
     let accept = AgentFrame {
@@ -514,43 +518,35 @@ async fn serve(
         return;
     }
     let service = request.service.clone();
-    // Frames reach the handler through a one-slot channel fed by a pump that owns the gRPC
-    // response stream. Dropping that stream early would reset the HTTP/2 stream, and a reset
-    // discards data kas has not read yet (the tail of a response); so the pump keeps reading,
-    // and discarding, until kas ends the stream. The single slot keeps flow control end to end.
-    let (ftx, frx) = mpsc::channel::<Result<ServerFrame, tonic::Status>>(1);
-    let pump = tokio::spawn(async move {
-        let mut inbound = inbound;
-        let mut forward = true;
-        loop {
-            match inbound.message().await {
-                Ok(Some(f)) => {
-                    if forward && ftx.send(Ok(f)).await.is_err() {
-                        forward = false;
-                    }
-                }
-                Ok(None) => break,
-                Err(s) => {
-                    if forward {
-                        let _ = ftx.send(Err(s)).await;
-                    }
-                    break;
-                }
-            }
-        }
-    });
+    let (back, returned) = oneshot::channel();
     let conn = AgentConn {
-        reader: FrameReader::new(ReceiverStream::new(frx)),
+        reader: FrameReader::new(Inbound {
+            frames: Some(inbound),
+            back: Some(back),
+        }),
         writer: FrameWriter::plain(tx),
         extra: (),
     };
     if let Err(e) = handler.serve(request, conn).await {
         tracing::debug!(service, error = %e, "Tunnelled request ended with an error");
     }
-    // kas ends its side once it has read ours; do not let a misbehaving peer pin the task.
-    let abort = pump.abort_handle();
-    if tokio::time::timeout(DRAIN_TIMEOUT, pump).await.is_err() {
-        abort.abort();
+    // The connection may outlive the handler (an upgraded exec session keeps reading); its
+    // stream comes back when the connection is dropped, unless it had already ended.
+    if let Ok(inbound) = returned.await {
+        drain(inbound, &service).await;
+    }
+}
+
+/// Reads, and discards, kas's frames until kas ends the stream. Dropping the stream early
+/// would reset the HTTP/2 stream, and a reset discards what kas has not read yet (the tail of
+/// a response, or the refusal). A misbehaving peer does not pin the task: it gives up after
+/// [`DRAIN_TIMEOUT`].
+async fn drain(mut inbound: Streaming<ServerFrame>, service: &str) {
+    let until_end = async { while let Ok(Some(_)) = inbound.message().await {} };
+    if tokio::time::timeout(DRAIN_TIMEOUT, until_end)
+        .await
+        .is_err()
+    {
         tracing::debug!(service, "kas did not end the tunnel stream in time");
     }
 }
@@ -558,8 +554,39 @@ async fn serve(
 /// How long a finished request waits for kas to end its side of the stream.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Frames from kas as the handler sees them.
-pub type Inbound = ReceiverStream<Result<ServerFrame, tonic::Status>>;
+/// Frames from kas as the handler sees them: the gRPC stream itself (no task or channel in
+/// between), handed back to [`serve`] to be drained when dropped before it ended.
+#[derive(Debug)]
+pub struct Inbound {
+    frames: Option<Streaming<ServerFrame>>,
+    back: Option<oneshot::Sender<Streaming<ServerFrame>>>,
+}
+
+impl futures_util::Stream for Inbound {
+    type Item = Result<ServerFrame, tonic::Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let Some(frames) = self.frames.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let item = std::task::ready!(Pin::new(frames).poll_next(cx));
+        if !matches!(item, Some(Ok(_))) {
+            self.frames = None; // ended or failed: nothing left to drain
+        }
+        std::task::Poll::Ready(item)
+    }
+}
+
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        if let (Some(frames), Some(back)) = (self.frames.take(), self.back.take()) {
+            let _ = back.send(frames);
+        }
+    }
+}
 
 /// A routed request on the agent side: a bidirectional byte pipe to the caller in kas.
 pub type AgentConn = Pipe<Inbound, AgentFrame>;

@@ -6,10 +6,13 @@
 //! [`Registry::get_tunnel`], which hands it one idle stream for its request alone (waiting up to
 //! a timeout for one to appear) and then [`Tunnel::request`] turns it into a byte pipe.
 
+mod answer;
 mod auth;
+mod known;
 mod registry;
 mod service;
 
+pub use answer::AnswerFirst;
 pub use auth::{AgentIdentity, AuthError, Authenticator};
 pub use registry::{
     AgentConnections, ConnectionInfo, Lease, Presence, Registry, RegistryError, RegistryStats,

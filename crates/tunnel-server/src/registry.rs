@@ -9,12 +9,16 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tether_protocol::frames::{FrameReader, FrameWriter, Pipe};
-use tether_protocol::tunnel::{AgentFrame, RequestInfo, ServerFrame, agent_frame, server_frame};
+use tether_protocol::tunnel::{
+    AgentFrame, Descriptor, RequestInfo, ServerFrame, agent_frame, server_frame,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::{Status, Streaming};
 
+use crate::answer::AnswerFirst;
 use crate::auth::{AgentIdentity, Authenticator};
+use crate::known::{Digest, KnownTokens};
 
 /// Why no tunnel could be had.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -87,6 +91,8 @@ struct Inner {
     by_token: HashMap<i64, HashMap<u64, CancellationToken>>,
     open_streams: usize,
     shutting_down: bool,
+    /// Tokens looked up for a live stream, so the next stream of the token skips the store.
+    known: KnownTokens,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -255,6 +261,7 @@ impl Registry {
     pub fn revoke_token(&self, token_id: i64) -> usize {
         let cancelled: Vec<CancellationToken> = {
             let mut inner = self.lock();
+            inner.known.forget(token_id);
             inner
                 .by_token
                 .remove(&token_id)
@@ -308,6 +315,7 @@ impl Registry {
             m.remove(&stream_id);
             if m.is_empty() {
                 inner.by_token.remove(&token_id);
+                inner.known.forget(token_id);
             }
         }
     }
@@ -322,6 +330,20 @@ impl Registry {
         } else {
             Status::unauthenticated("agent token revoked")
         }
+    }
+
+    /// Who the token with SHA-256 `digest` belongs to, if it was looked up recently and still
+    /// has a live stream here (see [`crate::known`]).
+    pub(crate) fn known_identity(&self, digest: &Digest) -> Option<AgentIdentity> {
+        let inner = self.lock();
+        let live = |token_id| inner.by_token.contains_key(&token_id);
+        inner.known.get(digest, std::time::Instant::now(), live)
+    }
+
+    /// Remembers a token the store just confirmed.
+    pub(crate) fn remember(&self, digest: Digest, identity: AgentIdentity) {
+        let now = std::time::Instant::now();
+        self.lock().known.insert(digest, identity, now);
     }
 
     /// Ends every stream and refuses new ones (kas is stopping).
@@ -470,6 +492,7 @@ impl Registry {
             m.remove(&stream_id);
             if m.is_empty() {
                 inner.by_token.remove(&id.token_id);
+                inner.known.forget(id.token_id);
             }
         }
         if let Some(state) = inner.agents.get_mut(&id.agent_id) {
@@ -500,7 +523,7 @@ impl Registry {
         self: Arc<Self>,
         identity: AgentIdentity,
         info: ConnectionInfo,
-        _services: Vec<String>,
+        descriptor: Descriptor,
         mut inbound: Streaming<AgentFrame>,
         tx: mpsc::Sender<Result<ServerFrame, Status>>,
     ) {
@@ -529,32 +552,21 @@ impl Registry {
         tokio::select! {
             claimed = claim_rx => {
                 let Ok(reply) = claimed else { return };
-                // While busy, revocation or shutdown still ends the stream: a watcher holds a
-                // weak sender (so it never keeps the stream open) until the tunnel is dropped.
                 let done = CancellationToken::new();
                 let weak = tx.downgrade();
-                let watcher_done = done.clone();
-                let registry = Arc::clone(&self);
-                tokio::spawn(async move {
-                    tokio::select! {
-                        () = cancel.cancelled() => {
-                            if let Some(tx) = weak.upgrade() {
-                                let _ = tx.send(Err(registry.end_status())).await;
-                            }
-                        }
-                        () = watcher_done.cancelled() => {}
-                    }
-                });
                 let tunnel = Tunnel {
                     agent_id: identity.agent_id,
+                    data_with_request: descriptor.data_with_request,
                     tx,
                     inbound,
                     _guard: guard,
-                    _done: done.drop_guard(),
+                    _done: done.clone().drop_guard(),
                 };
                 // If the caller vanished meanwhile, dropping the tunnel ends the stream and the
                 // agent opens a fresh one.
-                let _ = reply.send(tunnel);
+                if reply.send(tunnel).is_ok() {
+                    self.watch_busy(&cancel, &done, weak).await;
+                }
             }
             msg = inbound.message() => {
                 // Idle streams carry nothing from the agent; anything here is its end.
@@ -574,6 +586,27 @@ impl Registry {
                 self.remove_idle(identity.agent_id, stream_id);
                 drop(guard);
             }
+        }
+    }
+}
+
+impl Registry {
+    /// While a stream is busy, revocation or shutdown (`cancel`) still ends it. The stream's
+    /// own task watches (no task of its own per request) until the tunnel is dropped (`done`),
+    /// through a weak sender so that it never keeps the stream open.
+    async fn watch_busy(
+        &self,
+        cancel: &CancellationToken,
+        done: &CancellationToken,
+        weak: mpsc::WeakSender<Result<ServerFrame, Status>>,
+    ) {
+        tokio::select! {
+            () = cancel.cancelled() => {
+                if let Some(tx) = weak.upgrade() {
+                    let _ = tx.send(Err(self.end_status())).await;
+                }
+            }
+            () = done.cancelled() => {}
         }
     }
 }
@@ -630,6 +663,8 @@ impl Drop for StreamGuard {
 /// A tunnel stream taken for one request.
 pub struct Tunnel {
     pub agent_id: i64,
+    /// The agent takes the request's bytes before it answers (its descriptor said so).
+    data_with_request: bool,
     tx: mpsc::Sender<Result<ServerFrame, Status>>,
     inbound: Streaming<AgentFrame>,
     _guard: StreamGuard,
@@ -645,53 +680,72 @@ impl std::fmt::Debug for Tunnel {
 }
 
 impl Tunnel {
-    /// Sends the request to the agent and waits for it to accept; the result is a byte pipe.
+    /// Sends the request to the agent; the result is a byte pipe. An agent that takes the
+    /// request's bytes at once gets them without waiting for its answer, which the first read
+    /// checks (a refusal fails that read with the agent's reason): one round trip less per
+    /// request. With an older agent this waits for the answer, as [`Tunnel::request_confirmed`].
     pub async fn request(
         mut self,
         service: &str,
         metadata: HashMap<String, String>,
     ) -> Result<TunnelConn, TunnelError> {
+        if !self.data_with_request {
+            return self.request_confirmed(service, metadata).await;
+        }
+        self.send_request(service, metadata).await?;
+        Ok(self.into_conn(false))
+    }
+
+    /// Sends the request to the agent and waits for it to accept, so that a refusal is this
+    /// call's error (for callers that must answer before any byte flows).
+    pub async fn request_confirmed(
+        mut self,
+        service: &str,
+        metadata: HashMap<String, String>,
+    ) -> Result<TunnelConn, TunnelError> {
+        self.send_request(service, metadata).await?;
+        match self.inbound.message().await?.and_then(|f| f.frame) {
+            None => Err(TunnelError::Closed),
+            Some(agent_frame::Frame::Header(_)) => Ok(self.into_conn(true)),
+            Some(agent_frame::Frame::Error(e)) => Err(TunnelError::Refused {
+                code: e.code,
+                message: e.message,
+            }),
+            Some(other) => Err(TunnelError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        service: &str,
+        metadata: HashMap<String, String>,
+    ) -> Result<(), TunnelError> {
         let req = ServerFrame {
             frame: Some(server_frame::Frame::Request(RequestInfo {
                 service: service.to_string(),
                 metadata,
             })),
         };
-        self.tx
-            .send(Ok(req))
-            .await
-            .map_err(|_| TunnelError::Closed)?;
-        let header = match self.inbound.message().await? {
-            None => return Err(TunnelError::Closed),
-            Some(f) => match f.frame {
-                Some(agent_frame::Frame::Header(h)) => h.metadata,
-                Some(agent_frame::Frame::Error(e)) => {
-                    return Err(TunnelError::Refused {
-                        code: e.code,
-                        message: e.message,
-                    });
-                }
-                other => return Err(TunnelError::Protocol(format!("{other:?}"))),
-            },
-        };
-        Ok(TunnelConn {
-            reader: FrameReader::new(self.inbound),
+        self.tx.send(Ok(req)).await.map_err(|_| TunnelError::Closed)
+    }
+
+    /// The byte pipe; `answered` tells whether the agent's answer was already read.
+    fn into_conn(self, answered: bool) -> TunnelConn {
+        TunnelConn {
+            reader: FrameReader::new(AnswerFirst::new(self.inbound, answered)),
             writer: FrameWriter::wrapped(self.tx),
             extra: TunnelExtra {
                 agent_id: self.agent_id,
-                metadata: header,
                 _guard: self._guard,
                 _done: self._done,
             },
-        })
+        }
     }
 }
 
 /// What a [`TunnelConn`] carries beside its bytes.
 pub struct TunnelExtra {
     pub agent_id: i64,
-    /// What the agent put in its response header.
-    pub metadata: HashMap<String, String>,
     _guard: StreamGuard,
     _done: DropGuard,
 }
@@ -700,10 +754,10 @@ impl std::fmt::Debug for TunnelExtra {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TunnelExtra")
             .field("agent_id", &self.agent_id)
-            .field("metadata", &self.metadata)
             .finish_non_exhaustive()
     }
 }
 
 /// An accepted request: a bidirectional byte pipe to the agent's service.
-pub type TunnelConn = Pipe<Streaming<AgentFrame>, Result<ServerFrame, Status>, TunnelExtra>;
+pub type TunnelConn =
+    Pipe<AnswerFirst<Streaming<AgentFrame>>, Result<ServerFrame, Status>, TunnelExtra>;
