@@ -11,6 +11,5 @@ mod pool;
 
 pub use backoff::Backoff;
 pub use pool::{
-    AgentConn, AgentMeta, BoxFuture, ConnState, EchoHandler, Handler, Inbound, Pool, PoolConfig,
-    PoolStats,
+    AgentConn, AgentMeta, BoxFuture, ConnState, EchoHandler, Handler, Pool, PoolConfig, PoolStats,
 };

@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tether_protocol::frames::{FrameReader, FrameWriter, Pipe};
 use tether_protocol::metadata;
+use tether_protocol::returning::{Ended, Returning};
 use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
 use tether_protocol::tunnel::{
     AgentFrame, Descriptor, RequestInfo, ResponseHeader, ServerFrame, agent_frame, server_frame,
@@ -322,9 +323,10 @@ impl Pool {
     }
 }
 
-/// Opens one stream, waits idle for a request, serves it, and ends.
+/// Opens one stream, waits idle for a request and serves it; again on the same stream while
+/// requests end cleanly on both sides (kas then reuses it), else ends.
 async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationToken) {
-    let Some((inbound, tx)) = open_stream(&shared, attempt, &shutdown).await else {
+    let Some((mut inbound, mut tx)) = open_stream(&shared, attempt, &shutdown).await else {
         return;
     };
     shared.update(|c| {
@@ -334,16 +336,23 @@ async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationTo
         c.connected = true;
     });
     shared.set_state(ConnState::Connected);
-    let Some((request, inbound)) = wait_for_request(&shared, inbound, &shutdown).await else {
-        return;
-    };
-    shared.update(|c| {
-        c.idle -= 1;
-        c.busy += 1;
-    });
-    shared.metrics.served.inc();
-    serve(&shared, request, inbound, tx).await;
-    shared.update(|c| c.busy -= 1);
+    loop {
+        let Some((request, frames)) = wait_for_request(&shared, inbound, &shutdown).await else {
+            return;
+        };
+        shared.update(|c| {
+            c.idle -= 1;
+            c.busy += 1;
+        });
+        shared.metrics.served.inc();
+        let reuse = serve(&shared, request, frames, tx).await;
+        shared.update(|c| {
+            c.busy -= 1;
+            c.idle += usize::from(reuse.is_some());
+        });
+        let Some((i, t)) = reuse else { return };
+        (inbound, tx) = (i, t);
+    }
 }
 
 /// Sends the descriptor and opens the `Connect` stream: kas's frames and the sender of ours.
@@ -359,6 +368,7 @@ async fn open_stream(
             services: shared.services.clone(),
             // `serve` answers before it writes any byte and reads kas's bytes only after.
             data_with_request: true,
+            reusable: true,
         })),
     };
     if tx.send(descriptor).await.is_err() {
@@ -491,12 +501,14 @@ fn release_surplus_idle(shared: &Shared) -> bool {
     true
 }
 
+/// Serves one request; the stream back if the request ended cleanly on both sides (it may
+/// carry the next one), else `None` once the stream is drained.
 async fn serve(
     shared: &Shared,
     request: RequestInfo,
     inbound: Streaming<ServerFrame>,
     tx: mpsc::Sender<AgentFrame>,
-) {
+) -> Option<(Streaming<ServerFrame>, mpsc::Sender<AgentFrame>)> {
     let Some(handler) = shared.handlers.get(&request.service).cloned() else {
         let refuse = AgentFrame {
             frame: Some(agent_frame::Frame::Error(tether_protocol::tunnel::Error {
@@ -507,34 +519,53 @@ async fn serve(
         if tx.send(refuse).await.is_ok() {
             drain(inbound, &request.service).await;
         }
-        return;
+        return None;
     };
     let accept = AgentFrame {
         frame: Some(agent_frame::Frame::Header(ResponseHeader {
             metadata: HashMap::new(),
         })),
     };
-    if tx.send(accept).await.is_err() {
-        return;
-    }
+    tx.send(accept).await.ok()?;
     let service = request.service.clone();
     let (back, returned) = oneshot::channel();
-    let conn = AgentConn {
-        reader: FrameReader::new(Inbound {
-            frames: Some(inbound),
-            back: Some(back),
-        }),
+    let pipe = Pipe {
+        reader: FrameReader::new(inbound),
         writer: FrameWriter::plain(tx),
         extra: (),
     };
-    if let Err(e) = handler.serve(request, conn).await {
+    if let Err(e) = handler.serve(request, Returning::new(pipe, back)).await {
         tracing::debug!(service, error = %e, "Tunnelled request ended with an error");
     }
-    // The connection may outlive the handler (an upgraded exec session keeps reading); its
-    // stream comes back when the connection is dropped, unless it had already ended.
-    if let Ok(inbound) = returned.await {
-        drain(inbound, &service).await;
+    // The connection may outlive the handler (an upgraded exec session keeps reading); the
+    // stream comes back when the connection is dropped.
+    let ended = returned.await.ok()?;
+    reusable(ended, &service).await
+}
+
+/// The stream back from a request, if kas may send the next one on it: this side ended
+/// cleanly and kas's `CloseSend` was read (or is the next frame). Otherwise drains it.
+async fn reusable(
+    ended: Ended<Streaming<ServerFrame>, AgentFrame>,
+    service: &str,
+) -> Option<(Streaming<ServerFrame>, mpsc::Sender<AgentFrame>)> {
+    let clean = ended.clean();
+    let mut frames = ended.frames;
+    if clean && !ended.peer_closed {
+        // This side closed first (e.g. the API server ended the connection): kas answers
+        // with its close unless it still had bytes to send.
+        match tokio::time::timeout(DRAIN_TIMEOUT, frames.message()).await {
+            Ok(Ok(Some(ServerFrame {
+                frame: Some(server_frame::Frame::CloseSend(_)),
+            }))) => return Some((frames, ended.sender?)),
+            Ok(Ok(None) | Err(_)) | Err(_) => return None,
+            Ok(Ok(Some(_))) => {}
+        }
+    } else if clean {
+        return Some((frames, ended.sender?));
     }
+    drain(frames, service).await;
+    None
 }
 
 /// Reads, and discards, kas's frames until kas ends the stream. Dropping the stream early
@@ -554,42 +585,10 @@ async fn drain(mut inbound: Streaming<ServerFrame>, service: &str) {
 /// How long a finished request waits for kas to end its side of the stream.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Frames from kas as the handler sees them: the gRPC stream itself (no task or channel in
-/// between), handed back to [`serve`] to be drained when dropped before it ended.
-#[derive(Debug)]
-pub struct Inbound {
-    frames: Option<Streaming<ServerFrame>>,
-    back: Option<oneshot::Sender<Streaming<ServerFrame>>>,
-}
-
-impl futures_util::Stream for Inbound {
-    type Item = Result<ServerFrame, tonic::Status>;
-
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        let Some(frames) = self.frames.as_mut() else {
-            return std::task::Poll::Ready(None);
-        };
-        let item = std::task::ready!(Pin::new(frames).poll_next(cx));
-        if !matches!(item, Some(Ok(_))) {
-            self.frames = None; // ended or failed: nothing left to drain
-        }
-        std::task::Poll::Ready(item)
-    }
-}
-
-impl Drop for Inbound {
-    fn drop(&mut self) {
-        if let (Some(frames), Some(back)) = (self.frames.take(), self.back.take()) {
-            let _ = back.send(frames);
-        }
-    }
-}
-
-/// A routed request on the agent side: a bidirectional byte pipe to the caller in kas.
-pub type AgentConn = Pipe<Inbound, AgentFrame>;
+/// A routed request on the agent side: a bidirectional byte pipe to the caller in kas, read
+/// straight from the gRPC stream (no task or channel in between). Dropping it gives the stream
+/// back to its task, to carry the next request or be drained.
+pub type AgentConn = Returning<Streaming<ServerFrame>, AgentFrame>;
 
 /// The `echo` service: copies every byte back, then closes. Used to check the tunnel end to end.
 #[derive(Debug, Default, Clone, Copy)]
@@ -599,7 +598,7 @@ impl Handler for EchoHandler {
     fn serve(&self, _request: RequestInfo, conn: AgentConn) -> BoxFuture<'static, io::Result<()>> {
         Box::pin(async move {
             use tokio::io::AsyncWriteExt;
-            let (mut r, mut w) = conn.into_split();
+            let (mut r, mut w) = tokio::io::split(conn);
             tokio::io::copy(&mut r, &mut w).await?;
             w.shutdown().await
         })

@@ -48,6 +48,11 @@ impl<S> AnswerFirst<S> {
     pub(crate) fn new(inner: S, answered: bool) -> Self {
         Self { inner, answered }
     }
+
+    /// The agent's frames, for the stream's next request.
+    pub(crate) fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S> Stream for AnswerFirst<S>

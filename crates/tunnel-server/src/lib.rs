@@ -16,7 +16,7 @@ pub use answer::AnswerFirst;
 pub use auth::{AgentIdentity, AuthError, Authenticator};
 pub use registry::{
     AgentConnections, ConnectionInfo, Lease, Presence, Registry, RegistryError, RegistryStats,
-    Tunnel, TunnelConn, TunnelError, TunnelExtra,
+    Tunnel, TunnelConn, TunnelError,
 };
 pub use service::{TunnelService, authenticate_metadata, authenticate_request};
 

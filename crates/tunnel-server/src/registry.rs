@@ -9,11 +9,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tether_protocol::frames::{FrameReader, FrameWriter, Pipe};
+use tether_protocol::returning::{Ended, Returning};
 use tether_protocol::tunnel::{
     AgentFrame, Descriptor, RequestInfo, ServerFrame, agent_frame, server_frame,
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::answer::AnswerFirst;
@@ -518,14 +519,15 @@ impl Registry {
     }
 
     /// Runs one authenticated stream: parks it idle until a request claims it, the agent goes
-    /// away, its token is revoked or kas shuts down.
+    /// away, its token is revoked or kas shuts down; after a request that ended cleanly on
+    /// both sides (with an agent that said `reusable`), parks it again.
     pub(crate) async fn park(
         self: Arc<Self>,
         identity: AgentIdentity,
         info: ConnectionInfo,
         descriptor: Descriptor,
         mut inbound: Streaming<AgentFrame>,
-        tx: mpsc::Sender<Result<ServerFrame, Status>>,
+        mut tx: mpsc::Sender<Result<ServerFrame, Status>>,
     ) {
         let stream_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = self.shutdown.child_token();
@@ -535,78 +537,127 @@ impl Registry {
                 .await;
             return;
         }
-        let guard = StreamGuard {
+        // Keeps the accounting right however the stream ends: this task lives as long as it.
+        let _guard = StreamGuard {
             registry: Arc::clone(&self),
             identity: identity.clone(),
             info,
             stream_id,
         };
-        let (claim_tx, claim_rx) = oneshot::channel();
-        self.offer(
-            identity.agent_id,
-            IdleHandle {
-                stream_id,
-                claim: claim_tx,
-            },
-        );
-        tokio::select! {
-            claimed = claim_rx => {
-                let Ok(reply) = claimed else { return };
-                let done = CancellationToken::new();
-                let weak = tx.downgrade();
-                let tunnel = Tunnel {
-                    agent_id: identity.agent_id,
-                    data_with_request: descriptor.data_with_request,
-                    tx,
-                    inbound,
-                    _guard: guard,
-                    _done: done.clone().drop_guard(),
-                };
-                // If the caller vanished meanwhile, dropping the tunnel ends the stream and the
-                // agent opens a fresh one.
-                if reply.send(tunnel).is_ok() {
-                    self.watch_busy(&cancel, &done, weak).await;
-                }
+        let agent_id = identity.agent_id;
+        loop {
+            let Some(reply) = self
+                .wait_idle(agent_id, stream_id, &cancel, &mut inbound, &tx)
+                .await
+            else {
+                return;
+            };
+            let (back, returned) = oneshot::channel();
+            let weak = tx.downgrade();
+            let tunnel = Tunnel {
+                agent_id,
+                data_with_request: descriptor.data_with_request,
+                tx,
+                inbound,
+                back,
+            };
+            // If the caller vanished meanwhile, dropping the tunnel ends the stream and the
+            // agent opens a fresh one.
+            if reply.send(tunnel).is_err() {
+                return;
             }
-            msg = inbound.message() => {
-                // Idle streams carry nothing from the agent; anything here is its end.
-                self.remove_idle(identity.agent_id, stream_id);
-                if let Ok(Some(frame)) = msg {
-                    tracing::debug!(agent_id = identity.agent_id, ?frame, "Unexpected frame on an idle tunnel");
-                    let _ = tx.send(Err(Status::invalid_argument("unexpected frame on an idle tunnel"))).await;
-                }
-                drop(guard);
+            let Some(ended) = self.watch_busy(&cancel, returned, weak).await else {
+                return;
+            };
+            if !descriptor.reusable {
+                return;
             }
-            () = cancel.cancelled() => {
-                self.remove_idle(identity.agent_id, stream_id);
-                let _ = tx.send(Err(self.end_status())).await;
-                drop(guard);
-            }
-            () = tx.closed() => {
-                self.remove_idle(identity.agent_id, stream_id);
-                drop(guard);
-            }
+            let Some((i, t)) = reusable(ended, &cancel).await else {
+                return;
+            };
+            (inbound, tx) = (i, t);
         }
     }
+
+    /// Offers the stream to requests until one claims it (its reply channel), or `None` when
+    /// the stream ends first.
+    async fn wait_idle(
+        &self,
+        agent_id: i64,
+        stream_id: u64,
+        cancel: &CancellationToken,
+        inbound: &mut Streaming<AgentFrame>,
+        tx: &mpsc::Sender<Result<ServerFrame, Status>>,
+    ) -> Option<oneshot::Sender<Tunnel>> {
+        let (claim, claimed) = oneshot::channel();
+        self.offer(agent_id, IdleHandle { stream_id, claim });
+        tokio::select! {
+            reply = claimed => return reply.ok(),
+            msg = inbound.message() => {
+                // Idle streams carry nothing from the agent; anything here is its end.
+                if let Ok(Some(frame)) = msg {
+                    tracing::debug!(agent_id, ?frame, "Unexpected frame on an idle tunnel");
+                    let _ = tx.send(Err(Status::invalid_argument("unexpected frame on an idle tunnel"))).await;
+                }
+            }
+            () = cancel.cancelled() => {
+                let _ = tx.send(Err(self.end_status())).await;
+            }
+            () = tx.closed() => {}
+        }
+        self.remove_idle(agent_id, stream_id);
+        None
+    }
+}
+
+/// How long kas waits, after its side of a request ended, for the agent's `CloseSend` before
+/// giving up on reusing the stream.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// The stream back from a request, if it may carry another: kas's side ended cleanly and the
+/// agent's `CloseSend` was read (or is the next frame); `None` ends the stream.
+async fn reusable(
+    ended: Ended<AnswerFirst<Streaming<AgentFrame>>, Result<ServerFrame, Status>>,
+    cancel: &CancellationToken,
+) -> Option<(
+    Streaming<AgentFrame>,
+    mpsc::Sender<Result<ServerFrame, Status>>,
+)> {
+    if !ended.clean() || cancel.is_cancelled() {
+        return None;
+    }
+    let mut frames = ended.frames.into_inner();
+    if !ended.peer_closed {
+        // The agent closes after reading kas's close: usually already on its way.
+        let next = tokio::time::timeout(CLOSE_WAIT, frames.message()).await;
+        let Ok(Ok(Some(frame))) = next else {
+            return None;
+        };
+        if !matches!(frame.frame, Some(agent_frame::Frame::CloseSend(_))) {
+            return None; // bytes kas did not read: the request did not end cleanly
+        }
+    }
+    Some((frames, ended.sender?))
 }
 
 impl Registry {
     /// While a stream is busy, revocation or shutdown (`cancel`) still ends it. The stream's
-    /// own task watches (no task of its own per request) until the tunnel is dropped (`done`),
-    /// through a weak sender so that it never keeps the stream open.
+    /// own task watches (no task of its own per request) until the request gives the stream
+    /// back, through a weak sender so that it never keeps the stream open.
     async fn watch_busy(
         &self,
         cancel: &CancellationToken,
-        done: &CancellationToken,
+        returned: oneshot::Receiver<TunnelEnded>,
         weak: mpsc::WeakSender<Result<ServerFrame, Status>>,
-    ) {
+    ) -> Option<TunnelEnded> {
         tokio::select! {
             () = cancel.cancelled() => {
                 if let Some(tx) = weak.upgrade() {
                     let _ = tx.send(Err(self.end_status())).await;
                 }
+                None
             }
-            () = done.cancelled() => {}
+            ended = returned => ended.ok(),
         }
     }
 }
@@ -667,8 +718,8 @@ pub struct Tunnel {
     data_with_request: bool,
     tx: mpsc::Sender<Result<ServerFrame, Status>>,
     inbound: Streaming<AgentFrame>,
-    _guard: StreamGuard,
-    _done: DropGuard,
+    /// Where the stream goes back to (its task) when the request is done with it.
+    back: oneshot::Sender<TunnelEnded>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -731,33 +782,19 @@ impl Tunnel {
 
     /// The byte pipe; `answered` tells whether the agent's answer was already read.
     fn into_conn(self, answered: bool) -> TunnelConn {
-        TunnelConn {
+        let pipe = Pipe {
             reader: FrameReader::new(AnswerFirst::new(self.inbound, answered)),
             writer: FrameWriter::wrapped(self.tx),
-            extra: TunnelExtra {
-                agent_id: self.agent_id,
-                _guard: self._guard,
-                _done: self._done,
-            },
-        }
+            extra: (),
+        };
+        Returning::new(pipe, self.back)
     }
 }
 
-/// What a [`TunnelConn`] carries beside its bytes.
-pub struct TunnelExtra {
-    pub agent_id: i64,
-    _guard: StreamGuard,
-    _done: DropGuard,
-}
+/// What a request gives back to its stream's task.
+type TunnelEnded = Ended<AnswerFirst<Streaming<AgentFrame>>, Result<ServerFrame, Status>>;
 
-impl std::fmt::Debug for TunnelExtra {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelExtra")
-            .field("agent_id", &self.agent_id)
-            .finish_non_exhaustive()
-    }
-}
-
-/// An accepted request: a bidirectional byte pipe to the agent's service.
-pub type TunnelConn =
-    Pipe<AnswerFirst<Streaming<AgentFrame>>, Result<ServerFrame, Status>, TunnelExtra>;
+/// An accepted request: a bidirectional byte pipe to the agent's service. Dropping it ends
+/// the request; the stream then ends too, or carries a later request if this one ended
+/// cleanly on both sides.
+pub type TunnelConn = Returning<AnswerFirst<Streaming<AgentFrame>>, Result<ServerFrame, Status>>;

@@ -210,17 +210,17 @@ async fn new_streams_of_a_token_with_live_streams_skip_the_store() {
     .await;
     let looked_up = tokens.lookups.load(Ordering::SeqCst);
     for round in 0..5 {
-        let mut conn = server.echo().await;
+        let conn = server.echo().await;
         // The agent replaces the stream taken while this one is still open.
         eventually("the replacement stream", || {
             server.registry.stats().idle_streams == 1
         })
         .await;
-        conn.write_all(b"ping").await.unwrap();
-        conn.shutdown().await.unwrap();
-        let mut echoed = Vec::new();
-        conn.read_to_end(&mut echoed).await.unwrap();
-        assert_eq!(echoed, b"ping", "round {round}");
+        assert_eq!(
+            common::echo_through(conn, b"ping").await,
+            b"ping",
+            "round {round}"
+        );
     }
     assert_eq!(tokens.lookups.load(Ordering::SeqCst), looked_up);
 
@@ -237,4 +237,52 @@ async fn new_streams_of_a_token_with_live_streams_skip_the_store() {
         server.registry.stats().open_streams == 0
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_stream_whose_request_ended_cleanly_carries_the_next_one() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let agent = Agent::start(server.addr, pool_config(1));
+    let conn = server.echo().await;
+    // The agent replaces the stream taken: one busy, one idle.
+    eventually("the replacement stream", || {
+        server.registry.stats() == streams(2, 1)
+    })
+    .await;
+    assert_eq!(common::echo_through(conn, b"first").await, b"first");
+    // Both sides closed: the stream is idle again instead of closed.
+    eventually("the stream back among the idle ones", || {
+        server.registry.stats() == streams(2, 2) && agent.pool.stats().idle == 2
+    })
+    .await;
+    for round in 0..3 {
+        assert_eq!(server.echo_round(b"again").await, b"again", "round {round}");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_whose_request_ended_midway_is_closed() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let _agent = Agent::start(server.addr, pool_config(1));
+    let mut conn = server.echo().await;
+    eventually("the replacement stream", || {
+        server.registry.stats() == streams(2, 1)
+    })
+    .await;
+    conn.write_all(b"half").await.unwrap();
+    drop(conn); // no close: the agent may still be sending
+    eventually("only the replacement left", || {
+        server.registry.stats() == streams(1, 1)
+    })
+    .await;
+}
+
+/// One connected agent with `open` streams, `idle` of them idle.
+fn streams(open: usize, idle: usize) -> RegistryStats {
+    RegistryStats {
+        agents: 1,
+        open_streams: open,
+        idle_streams: idle,
+        waiters: 0,
+    }
 }

@@ -121,6 +121,11 @@ impl Server {
             .expect("the agent accepts echo")
     }
 
+    /// Sends `bytes` through an `echo` tunnel, closes, and reads the answer to the end.
+    pub async fn echo_round(&self, bytes: &[u8]) -> Vec<u8> {
+        echo_through(self.echo().await, bytes).await
+    }
+
     /// Stops as kas does: end every stream (UNAVAILABLE), then the listener and connections.
     pub async fn stop(mut self) {
         self.registry.shutdown();
@@ -238,6 +243,7 @@ impl OldAgentStream {
         let descriptor = agent_frame::Frame::Descriptor(Descriptor {
             services: vec![services::ECHO.into()],
             data_with_request: false,
+            reusable: false,
         });
         tx.send(AgentFrame {
             frame: Some(descriptor),
@@ -305,4 +311,14 @@ async fn old_agent_serves(
     }
     // Keep our side open until kas ends the stream, as a real agent does.
     while let Ok(Some(_)) = inbound.message().await {}
+}
+
+/// Sends `bytes` through an `echo` tunnel, closes its side, and reads the answer to the end.
+pub async fn echo_through(mut conn: tether_tunnel_server::TunnelConn, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(bytes).await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    conn.read_to_end(&mut echoed).await.unwrap();
+    echoed
 }
