@@ -96,6 +96,8 @@ impl Target for TunnelFrames {
         let agent = [
             agent_frame::Frame::Descriptor(Descriptor {
                 services: vec!["kubernetes_api".into(), "echo".into()],
+                data_with_request: true,
+                reusable: true,
             }),
             agent_frame::Frame::Data(Data {
                 data: b"HTTP/1.1 200 OK\r\n\r\n".to_vec().into(),

@@ -392,7 +392,7 @@ async fn echo(
             RegistryError::ShuttingDown => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         })?;
     let conn = tunnel
-        .request(tether_protocol::services::ECHO, HashMap::new())
+        .request_confirmed(tether_protocol::services::ECHO, HashMap::new())
         .await
         .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
     let (reader, mut writer) = tokio::io::split(conn);

@@ -27,6 +27,7 @@ use tether_store::Store;
 use tether_tunnel_server::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::outbound::{Io, Outbound};
 use crate::revocation::{LiveRequest, LiveUserRequests};
 use tether_configuration_server::ConfigStates;
 
@@ -379,7 +380,7 @@ impl Proxy {
         };
         let unavailable =
             |e: &dyn std::fmt::Display| (StatusCode::BAD_GATEWAY, Bytes::from(e.to_string()));
-        let mut sender = match self
+        let outbound = match self
             .open_tunnel::<Full<Bytes>>(&routed, CancellationToken::new())
             .await
         {
@@ -393,8 +394,8 @@ impl Proxy {
             .map_err(|e| unavailable(&e))?;
         let mode = mode_name(&routed.access_as);
         let started = std::time::Instant::now();
-        let resp = sender
-            .send_request(req)
+        let resp = outbound
+            .send(req, false)
             .await
             .map_err(|e| unavailable(&e))?;
         self.record(&routed, mode, started, resp.status());
@@ -523,8 +524,8 @@ impl Proxy {
             let _live = live;
             return Ok(self.preview(req, routed, revoked).await);
         }
-        let sender = match self.open_tunnel(&routed, revoked.clone()).await {
-            Ok(s) => s,
+        let outbound = match self.open_tunnel(&routed, revoked.clone()).await {
+            Ok(o) => o,
             Err(resp) => return Ok(resp),
         };
         let forward = Forward {
@@ -534,7 +535,7 @@ impl Proxy {
             live,
             revoked,
         };
-        Ok(self.forward(req, forward, sender).await)
+        Ok(self.forward(req, forward, outbound).await)
     }
 
     /// Sends the request through the tunnel and streams the answer back, counting bytes,
@@ -544,7 +545,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         f: Forward,
-        mut sender: hyper::client::conn::http1::SendRequest<Body>,
+        outbound: Outbound<Body>,
     ) -> Response<Body> {
         let mode = mode_name(&f.routed.access_as);
         let client_upgrade = f
@@ -556,14 +557,12 @@ impl Proxy {
             Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
         };
         let started = std::time::Instant::now();
-        let mut resp = match sender.send_request(out).await {
+        let upgrade = client_upgrade.is_some();
+        let mut resp = match outbound.send(out, upgrade).await {
             Ok(r) => r,
             Err(e) => {
-                return status(
-                    StatusCode::BAD_GATEWAY,
-                    "ServiceUnavailable",
-                    &e.to_string(),
-                );
+                let m = e.to_string();
+                return status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", &m);
             }
         };
         self.record(&f.routed, mode, started, resp.status());
@@ -699,9 +698,9 @@ impl Proxy {
         &self,
         routed: &Routed,
         revoked: CancellationToken,
-    ) -> Result<hyper::client::conn::http1::SendRequest<B>, Response<Body>>
+    ) -> Result<Outbound<B>, Response<Body>>
     where
-        B: hyper::body::Body + Send + 'static,
+        B: hyper::body::Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
@@ -765,17 +764,16 @@ const KUBERNETES_API: &str = tether_protocol::services::KUBERNETES_API;
 
 /// An HTTP/1.1 client connection over `io` (a tunnel stream here, or a connection to the
 /// replica holding the agent's tunnels), dropped when `revoked` fires.
-async fn http_over<I, B>(
-    io: I,
+async fn http_over<B>(
+    io: impl Io,
     revoked: CancellationToken,
-) -> Result<hyper::client::conn::http1::SendRequest<B>, Response<Body>>
+) -> Result<Outbound<B>, Response<Body>>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    Outbound::handshake(Box::new(io), revoked)
         .await
         .map_err(|e| {
             status(
@@ -783,16 +781,7 @@ where
                 "ServiceUnavailable",
                 &e.to_string(),
             )
-        })?;
-    tokio::spawn(async move {
-        tokio::select! {
-            r = connection.with_upgrades() => if let Err(e) = r {
-                tracing::debug!(error = %e, "Tunnelled HTTP connection ended with an error");
-            },
-            () = revoked.cancelled() => {}
-        }
-    });
-    Ok(sender)
+        })
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -20,6 +20,7 @@ pub mod limits;
 pub mod listener;
 pub mod modules;
 pub mod operate;
+mod outbound;
 pub mod peer_stream;
 pub mod peers;
 pub mod preview;

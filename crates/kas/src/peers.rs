@@ -539,7 +539,7 @@ impl Peers {
             .await;
         let conn = match tunnel {
             Ok(t) => t
-                .request(&request.service, request.metadata.into_iter().collect())
+                .request_confirmed(&request.service, request.metadata.into_iter().collect())
                 .await
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),

@@ -134,6 +134,18 @@ impl<F: OutFrame> FrameWriter<F> {
     }
 }
 
+impl<T: Send + 'static> FrameWriter<T> {
+    /// Whether `CloseSend` was sent (this side finished cleanly).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// A sender on the channel the frames go to (none once the writer closed it).
+    pub fn into_sender(self) -> Option<mpsc::Sender<T>> {
+        self.tx.get_ref().cloned()
+    }
+}
+
 fn broken() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "tunnel closed")
 }
@@ -213,6 +225,8 @@ pub struct FrameReader<S> {
     frames: S,
     buf: Bytes,
     eof: bool,
+    /// The other side sent `CloseSend` (a clean end, not a failure).
+    closed_by_peer: bool,
 }
 
 impl<S> std::fmt::Debug for FrameReader<S> {
@@ -230,7 +244,13 @@ impl<S> FrameReader<S> {
             frames,
             buf: Bytes::new(),
             eof: false,
+            closed_by_peer: false,
         }
+    }
+
+    /// Whether the other side closed cleanly (`CloseSend` read).
+    pub fn closed_by_peer(&self) -> bool {
+        self.closed_by_peer
     }
 
     /// The underlying frame stream (e.g. to drain it after EOF).
@@ -278,7 +298,10 @@ where
                 }
                 Some(Ok(frame)) => match frame.classify() {
                     Incoming::Data(b) => self.buf = b,
-                    Incoming::CloseSend => self.eof = true,
+                    Incoming::CloseSend => {
+                        self.eof = true;
+                        self.closed_by_peer = true;
+                    }
                     Incoming::Error(code, msg) => {
                         self.eof = true;
                         return Poll::Ready(Err(io::Error::other(format!(

@@ -25,6 +25,7 @@ pub mod gitops {
 pub mod codec;
 pub mod frames;
 pub mod render;
+pub mod returning;
 
 /// gRPC metadata keys agentk sends on every RPC so kas can show who is connected.
 pub mod metadata {

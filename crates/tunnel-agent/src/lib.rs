@@ -1,5 +1,6 @@
 //! Agent half of the reverse tunnel: keeps a pool of idle streams open to kas, each serving
-//! exactly one routed request, so every request has its own HTTP/2 flow control.
+//! one routed request at a time, so every request has its own HTTP/2 flow control (a stream
+//! whose request ended cleanly on both sides waits for the next one).
 //!
 //! [`Pool::run`] is the whole module: it opens `Connect` streams (never more than
 //! `max_streams`), keeps at least `min_idle` of them idle, opens `scale_up_step` at a time when

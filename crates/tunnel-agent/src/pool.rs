@@ -12,11 +12,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tether_protocol::frames::{FrameReader, FrameWriter, Pipe};
 use tether_protocol::metadata;
+use tether_protocol::returning::{Ended, Returning};
 use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
 use tether_protocol::tunnel::{
     AgentFrame, Descriptor, RequestInfo, ResponseHeader, ServerFrame, agent_frame, server_frame,
 };
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::AsciiMetadataValue;
@@ -322,9 +323,10 @@ impl Pool {
     }
 }
 
-/// Opens one stream, waits idle for a request, serves it, and ends.
+/// Opens one stream, waits idle for a request and serves it; again on the same stream while
+/// requests end cleanly on both sides (kas then reuses it), else ends.
 async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationToken) {
-    let Some((inbound, tx)) = open_stream(&shared, attempt, &shutdown).await else {
+    let Some((mut inbound, mut tx)) = open_stream(&shared, attempt, &shutdown).await else {
         return;
     };
     shared.update(|c| {
@@ -334,16 +336,23 @@ async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationTo
         c.connected = true;
     });
     shared.set_state(ConnState::Connected);
-    let Some((request, inbound)) = wait_for_request(&shared, inbound, &shutdown).await else {
-        return;
-    };
-    shared.update(|c| {
-        c.idle -= 1;
-        c.busy += 1;
-    });
-    shared.metrics.served.inc();
-    serve(&shared, request, inbound, tx).await;
-    shared.update(|c| c.busy -= 1);
+    loop {
+        let Some((request, frames)) = wait_for_request(&shared, inbound, &shutdown).await else {
+            return;
+        };
+        shared.update(|c| {
+            c.idle -= 1;
+            c.busy += 1;
+        });
+        shared.metrics.served.inc();
+        let reuse = serve(&shared, request, frames, tx).await;
+        shared.update(|c| {
+            c.busy -= 1;
+            c.idle += usize::from(reuse.is_some());
+        });
+        let Some((i, t)) = reuse else { return };
+        (inbound, tx) = (i, t);
+    }
 }
 
 /// Sends the descriptor and opens the `Connect` stream: kas's frames and the sender of ours.
@@ -357,6 +366,9 @@ async fn open_stream(
     let descriptor = AgentFrame {
         frame: Some(agent_frame::Frame::Descriptor(Descriptor {
             services: shared.services.clone(),
+            // `serve` answers before it writes any byte and reads kas's bytes only after.
+            data_with_request: true,
+            reusable: true,
         })),
     };
     if tx.send(descriptor).await.is_err() {
@@ -489,12 +501,14 @@ fn release_surplus_idle(shared: &Shared) -> bool {
     true
 }
 
+/// Serves one request; the stream back if the request ended cleanly on both sides (it may
+/// carry the next one), else `None` once the stream is drained.
 async fn serve(
     shared: &Shared,
     request: RequestInfo,
     inbound: Streaming<ServerFrame>,
     tx: mpsc::Sender<AgentFrame>,
-) {
+) -> Option<(Streaming<ServerFrame>, mpsc::Sender<AgentFrame>)> {
     let Some(handler) = shared.handlers.get(&request.service).cloned() else {
         let refuse = AgentFrame {
             frame: Some(agent_frame::Frame::Error(tether_protocol::tunnel::Error {
@@ -502,55 +516,68 @@ async fn serve(
                 message: format!("this agent does not serve {:?}", request.service),
             })),
         };
-        let _ = tx.send(refuse).await;
-        return;
+        if tx.send(refuse).await.is_ok() {
+            drain(inbound, &request.service).await;
+        }
+        return None;
     };
     let accept = AgentFrame {
         frame: Some(agent_frame::Frame::Header(ResponseHeader {
             metadata: HashMap::new(),
         })),
     };
-    if tx.send(accept).await.is_err() {
-        return;
-    }
+    tx.send(accept).await.ok()?;
     let service = request.service.clone();
-    // Frames reach the handler through a one-slot channel fed by a pump that owns the gRPC
-    // response stream. Dropping that stream early would reset the HTTP/2 stream, and a reset
-    // discards data kas has not read yet (the tail of a response); so the pump keeps reading,
-    // and discarding, until kas ends the stream. The single slot keeps flow control end to end.
-    let (ftx, frx) = mpsc::channel::<Result<ServerFrame, tonic::Status>>(1);
-    let pump = tokio::spawn(async move {
-        let mut inbound = inbound;
-        let mut forward = true;
-        loop {
-            match inbound.message().await {
-                Ok(Some(f)) => {
-                    if forward && ftx.send(Ok(f)).await.is_err() {
-                        forward = false;
-                    }
-                }
-                Ok(None) => break,
-                Err(s) => {
-                    if forward {
-                        let _ = ftx.send(Err(s)).await;
-                    }
-                    break;
-                }
-            }
-        }
-    });
-    let conn = AgentConn {
-        reader: FrameReader::new(ReceiverStream::new(frx)),
+    let (back, returned) = oneshot::channel();
+    let pipe = Pipe {
+        reader: FrameReader::new(inbound),
         writer: FrameWriter::plain(tx),
         extra: (),
     };
-    if let Err(e) = handler.serve(request, conn).await {
+    if let Err(e) = handler.serve(request, Returning::new(pipe, back)).await {
         tracing::debug!(service, error = %e, "Tunnelled request ended with an error");
     }
-    // kas ends its side once it has read ours; do not let a misbehaving peer pin the task.
-    let abort = pump.abort_handle();
-    if tokio::time::timeout(DRAIN_TIMEOUT, pump).await.is_err() {
-        abort.abort();
+    // The connection may outlive the handler (an upgraded exec session keeps reading); the
+    // stream comes back when the connection is dropped.
+    let ended = returned.await.ok()?;
+    reusable(ended, &service).await
+}
+
+/// The stream back from a request, if kas may send the next one on it: this side ended
+/// cleanly and kas's `CloseSend` was read (or is the next frame). Otherwise drains it.
+async fn reusable(
+    ended: Ended<Streaming<ServerFrame>, AgentFrame>,
+    service: &str,
+) -> Option<(Streaming<ServerFrame>, mpsc::Sender<AgentFrame>)> {
+    let clean = ended.clean();
+    let mut frames = ended.frames;
+    if clean && !ended.peer_closed {
+        // This side closed first (e.g. the API server ended the connection): kas answers
+        // with its close unless it still had bytes to send.
+        match tokio::time::timeout(DRAIN_TIMEOUT, frames.message()).await {
+            Ok(Ok(Some(ServerFrame {
+                frame: Some(server_frame::Frame::CloseSend(_)),
+            }))) => return Some((frames, ended.sender?)),
+            Ok(Ok(None) | Err(_)) | Err(_) => return None,
+            Ok(Ok(Some(_))) => {}
+        }
+    } else if clean {
+        return Some((frames, ended.sender?));
+    }
+    drain(frames, service).await;
+    None
+}
+
+/// Reads, and discards, kas's frames until kas ends the stream. Dropping the stream early
+/// would reset the HTTP/2 stream, and a reset discards what kas has not read yet (the tail of
+/// a response, or the refusal). A misbehaving peer does not pin the task: it gives up after
+/// [`DRAIN_TIMEOUT`].
+async fn drain(mut inbound: Streaming<ServerFrame>, service: &str) {
+    let until_end = async { while let Ok(Some(_)) = inbound.message().await {} };
+    if tokio::time::timeout(DRAIN_TIMEOUT, until_end)
+        .await
+        .is_err()
+    {
         tracing::debug!(service, "kas did not end the tunnel stream in time");
     }
 }
@@ -558,11 +585,10 @@ async fn serve(
 /// How long a finished request waits for kas to end its side of the stream.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Frames from kas as the handler sees them.
-pub type Inbound = ReceiverStream<Result<ServerFrame, tonic::Status>>;
-
-/// A routed request on the agent side: a bidirectional byte pipe to the caller in kas.
-pub type AgentConn = Pipe<Inbound, AgentFrame>;
+/// A routed request on the agent side: a bidirectional byte pipe to the caller in kas, read
+/// straight from the gRPC stream (no task or channel in between). Dropping it gives the stream
+/// back to its task, to carry the next request or be drained.
+pub type AgentConn = Returning<Streaming<ServerFrame>, AgentFrame>;
 
 /// The `echo` service: copies every byte back, then closes. Used to check the tunnel end to end.
 #[derive(Debug, Default, Clone, Copy)]
@@ -572,7 +598,7 @@ impl Handler for EchoHandler {
     fn serve(&self, _request: RequestInfo, conn: AgentConn) -> BoxFuture<'static, io::Result<()>> {
         Box::pin(async move {
             use tokio::io::AsyncWriteExt;
-            let (mut r, mut w) = conn.into_split();
+            let (mut r, mut w) = tokio::io::split(conn);
             tokio::io::copy(&mut r, &mut w).await?;
             w.shutdown().await
         })

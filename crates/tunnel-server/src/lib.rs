@@ -6,14 +6,17 @@
 //! [`Registry::get_tunnel`], which hands it one idle stream for its request alone (waiting up to
 //! a timeout for one to appear) and then [`Tunnel::request`] turns it into a byte pipe.
 
+mod answer;
 mod auth;
+mod known;
 mod registry;
 mod service;
 
+pub use answer::AnswerFirst;
 pub use auth::{AgentIdentity, AuthError, Authenticator};
 pub use registry::{
     AgentConnections, ConnectionInfo, Lease, Presence, Registry, RegistryError, RegistryStats,
-    Tunnel, TunnelConn, TunnelError, TunnelExtra,
+    Tunnel, TunnelConn, TunnelError,
 };
 pub use service::{TunnelService, authenticate_metadata, authenticate_request};
 

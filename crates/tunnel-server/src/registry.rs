@@ -9,12 +9,17 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tether_protocol::frames::{FrameReader, FrameWriter, Pipe};
-use tether_protocol::tunnel::{AgentFrame, RequestInfo, ServerFrame, agent_frame, server_frame};
+use tether_protocol::returning::{Ended, Returning};
+use tether_protocol::tunnel::{
+    AgentFrame, Descriptor, RequestInfo, ServerFrame, agent_frame, server_frame,
+};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
+use crate::answer::AnswerFirst;
 use crate::auth::{AgentIdentity, Authenticator};
+use crate::known::{Digest, KnownTokens};
 
 /// Why no tunnel could be had.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -87,6 +92,8 @@ struct Inner {
     by_token: HashMap<i64, HashMap<u64, CancellationToken>>,
     open_streams: usize,
     shutting_down: bool,
+    /// Tokens looked up for a live stream, so the next stream of the token skips the store.
+    known: KnownTokens,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -255,6 +262,7 @@ impl Registry {
     pub fn revoke_token(&self, token_id: i64) -> usize {
         let cancelled: Vec<CancellationToken> = {
             let mut inner = self.lock();
+            inner.known.forget(token_id);
             inner
                 .by_token
                 .remove(&token_id)
@@ -308,6 +316,7 @@ impl Registry {
             m.remove(&stream_id);
             if m.is_empty() {
                 inner.by_token.remove(&token_id);
+                inner.known.forget(token_id);
             }
         }
     }
@@ -322,6 +331,20 @@ impl Registry {
         } else {
             Status::unauthenticated("agent token revoked")
         }
+    }
+
+    /// Who the token with SHA-256 `digest` belongs to, if it was looked up recently and still
+    /// has a live stream here (see [`crate::known`]).
+    pub(crate) fn known_identity(&self, digest: &Digest) -> Option<AgentIdentity> {
+        let inner = self.lock();
+        let live = |token_id| inner.by_token.contains_key(&token_id);
+        inner.known.get(digest, std::time::Instant::now(), live)
+    }
+
+    /// Remembers a token the store just confirmed.
+    pub(crate) fn remember(&self, digest: Digest, identity: AgentIdentity) {
+        let now = std::time::Instant::now();
+        self.lock().known.insert(digest, identity, now);
     }
 
     /// Ends every stream and refuses new ones (kas is stopping).
@@ -470,6 +493,7 @@ impl Registry {
             m.remove(&stream_id);
             if m.is_empty() {
                 inner.by_token.remove(&id.token_id);
+                inner.known.forget(id.token_id);
             }
         }
         if let Some(state) = inner.agents.get_mut(&id.agent_id) {
@@ -495,14 +519,15 @@ impl Registry {
     }
 
     /// Runs one authenticated stream: parks it idle until a request claims it, the agent goes
-    /// away, its token is revoked or kas shuts down.
+    /// away, its token is revoked or kas shuts down; after a request that ended cleanly on
+    /// both sides (with an agent that said `reusable`), parks it again.
     pub(crate) async fn park(
         self: Arc<Self>,
         identity: AgentIdentity,
         info: ConnectionInfo,
-        _services: Vec<String>,
+        descriptor: Descriptor,
         mut inbound: Streaming<AgentFrame>,
-        tx: mpsc::Sender<Result<ServerFrame, Status>>,
+        mut tx: mpsc::Sender<Result<ServerFrame, Status>>,
     ) {
         let stream_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = self.shutdown.child_token();
@@ -512,68 +537,127 @@ impl Registry {
                 .await;
             return;
         }
-        let guard = StreamGuard {
+        // Keeps the accounting right however the stream ends: this task lives as long as it.
+        let _guard = StreamGuard {
             registry: Arc::clone(&self),
             identity: identity.clone(),
             info,
             stream_id,
         };
-        let (claim_tx, claim_rx) = oneshot::channel();
-        self.offer(
-            identity.agent_id,
-            IdleHandle {
-                stream_id,
-                claim: claim_tx,
-            },
-        );
-        tokio::select! {
-            claimed = claim_rx => {
-                let Ok(reply) = claimed else { return };
-                // While busy, revocation or shutdown still ends the stream: a watcher holds a
-                // weak sender (so it never keeps the stream open) until the tunnel is dropped.
-                let done = CancellationToken::new();
-                let weak = tx.downgrade();
-                let watcher_done = done.clone();
-                let registry = Arc::clone(&self);
-                tokio::spawn(async move {
-                    tokio::select! {
-                        () = cancel.cancelled() => {
-                            if let Some(tx) = weak.upgrade() {
-                                let _ = tx.send(Err(registry.end_status())).await;
-                            }
-                        }
-                        () = watcher_done.cancelled() => {}
-                    }
-                });
-                let tunnel = Tunnel {
-                    agent_id: identity.agent_id,
-                    tx,
-                    inbound,
-                    _guard: guard,
-                    _done: done.drop_guard(),
-                };
-                // If the caller vanished meanwhile, dropping the tunnel ends the stream and the
-                // agent opens a fresh one.
-                let _ = reply.send(tunnel);
+        let agent_id = identity.agent_id;
+        loop {
+            let Some(reply) = self
+                .wait_idle(agent_id, stream_id, &cancel, &mut inbound, &tx)
+                .await
+            else {
+                return;
+            };
+            let (back, returned) = oneshot::channel();
+            let weak = tx.downgrade();
+            let tunnel = Tunnel {
+                agent_id,
+                data_with_request: descriptor.data_with_request,
+                tx,
+                inbound,
+                back,
+            };
+            // If the caller vanished meanwhile, dropping the tunnel ends the stream and the
+            // agent opens a fresh one.
+            if reply.send(tunnel).is_err() {
+                return;
             }
+            let Some(ended) = self.watch_busy(&cancel, returned, weak).await else {
+                return;
+            };
+            if !descriptor.reusable {
+                return;
+            }
+            let Some((i, t)) = reusable(ended, &cancel).await else {
+                return;
+            };
+            (inbound, tx) = (i, t);
+        }
+    }
+
+    /// Offers the stream to requests until one claims it (its reply channel), or `None` when
+    /// the stream ends first.
+    async fn wait_idle(
+        &self,
+        agent_id: i64,
+        stream_id: u64,
+        cancel: &CancellationToken,
+        inbound: &mut Streaming<AgentFrame>,
+        tx: &mpsc::Sender<Result<ServerFrame, Status>>,
+    ) -> Option<oneshot::Sender<Tunnel>> {
+        let (claim, claimed) = oneshot::channel();
+        self.offer(agent_id, IdleHandle { stream_id, claim });
+        tokio::select! {
+            reply = claimed => return reply.ok(),
             msg = inbound.message() => {
                 // Idle streams carry nothing from the agent; anything here is its end.
-                self.remove_idle(identity.agent_id, stream_id);
                 if let Ok(Some(frame)) = msg {
-                    tracing::debug!(agent_id = identity.agent_id, ?frame, "Unexpected frame on an idle tunnel");
+                    tracing::debug!(agent_id, ?frame, "Unexpected frame on an idle tunnel");
                     let _ = tx.send(Err(Status::invalid_argument("unexpected frame on an idle tunnel"))).await;
                 }
-                drop(guard);
             }
             () = cancel.cancelled() => {
-                self.remove_idle(identity.agent_id, stream_id);
                 let _ = tx.send(Err(self.end_status())).await;
-                drop(guard);
             }
-            () = tx.closed() => {
-                self.remove_idle(identity.agent_id, stream_id);
-                drop(guard);
+            () = tx.closed() => {}
+        }
+        self.remove_idle(agent_id, stream_id);
+        None
+    }
+}
+
+/// How long kas waits, after its side of a request ended, for the agent's `CloseSend` before
+/// giving up on reusing the stream.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// The stream back from a request, if it may carry another: kas's side ended cleanly and the
+/// agent's `CloseSend` was read (or is the next frame); `None` ends the stream.
+async fn reusable(
+    ended: Ended<AnswerFirst<Streaming<AgentFrame>>, Result<ServerFrame, Status>>,
+    cancel: &CancellationToken,
+) -> Option<(
+    Streaming<AgentFrame>,
+    mpsc::Sender<Result<ServerFrame, Status>>,
+)> {
+    if !ended.clean() || cancel.is_cancelled() {
+        return None;
+    }
+    let mut frames = ended.frames.into_inner();
+    if !ended.peer_closed {
+        // The agent closes after reading kas's close: usually already on its way.
+        let next = tokio::time::timeout(CLOSE_WAIT, frames.message()).await;
+        let Ok(Ok(Some(frame))) = next else {
+            return None;
+        };
+        if !matches!(frame.frame, Some(agent_frame::Frame::CloseSend(_))) {
+            return None; // bytes kas did not read: the request did not end cleanly
+        }
+    }
+    Some((frames, ended.sender?))
+}
+
+impl Registry {
+    /// While a stream is busy, revocation or shutdown (`cancel`) still ends it. The stream's
+    /// own task watches (no task of its own per request) until the request gives the stream
+    /// back, through a weak sender so that it never keeps the stream open.
+    async fn watch_busy(
+        &self,
+        cancel: &CancellationToken,
+        returned: oneshot::Receiver<TunnelEnded>,
+        weak: mpsc::WeakSender<Result<ServerFrame, Status>>,
+    ) -> Option<TunnelEnded> {
+        tokio::select! {
+            () = cancel.cancelled() => {
+                if let Some(tx) = weak.upgrade() {
+                    let _ = tx.send(Err(self.end_status())).await;
+                }
+                None
             }
+            ended = returned => ended.ok(),
         }
     }
 }
@@ -630,10 +714,12 @@ impl Drop for StreamGuard {
 /// A tunnel stream taken for one request.
 pub struct Tunnel {
     pub agent_id: i64,
+    /// The agent takes the request's bytes before it answers (its descriptor said so).
+    data_with_request: bool,
     tx: mpsc::Sender<Result<ServerFrame, Status>>,
     inbound: Streaming<AgentFrame>,
-    _guard: StreamGuard,
-    _done: DropGuard,
+    /// Where the stream goes back to (its task) when the request is done with it.
+    back: oneshot::Sender<TunnelEnded>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -645,65 +731,70 @@ impl std::fmt::Debug for Tunnel {
 }
 
 impl Tunnel {
-    /// Sends the request to the agent and waits for it to accept; the result is a byte pipe.
+    /// Sends the request to the agent; the result is a byte pipe. An agent that takes the
+    /// request's bytes at once gets them without waiting for its answer, which the first read
+    /// checks (a refusal fails that read with the agent's reason): one round trip less per
+    /// request. With an older agent this waits for the answer, as [`Tunnel::request_confirmed`].
     pub async fn request(
         mut self,
         service: &str,
         metadata: HashMap<String, String>,
     ) -> Result<TunnelConn, TunnelError> {
+        if !self.data_with_request {
+            return self.request_confirmed(service, metadata).await;
+        }
+        self.send_request(service, metadata).await?;
+        Ok(self.into_conn(false))
+    }
+
+    /// Sends the request to the agent and waits for it to accept, so that a refusal is this
+    /// call's error (for callers that must answer before any byte flows).
+    pub async fn request_confirmed(
+        mut self,
+        service: &str,
+        metadata: HashMap<String, String>,
+    ) -> Result<TunnelConn, TunnelError> {
+        self.send_request(service, metadata).await?;
+        match self.inbound.message().await?.and_then(|f| f.frame) {
+            None => Err(TunnelError::Closed),
+            Some(agent_frame::Frame::Header(_)) => Ok(self.into_conn(true)),
+            Some(agent_frame::Frame::Error(e)) => Err(TunnelError::Refused {
+                code: e.code,
+                message: e.message,
+            }),
+            Some(other) => Err(TunnelError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        service: &str,
+        metadata: HashMap<String, String>,
+    ) -> Result<(), TunnelError> {
         let req = ServerFrame {
             frame: Some(server_frame::Frame::Request(RequestInfo {
                 service: service.to_string(),
                 metadata,
             })),
         };
-        self.tx
-            .send(Ok(req))
-            .await
-            .map_err(|_| TunnelError::Closed)?;
-        let header = match self.inbound.message().await? {
-            None => return Err(TunnelError::Closed),
-            Some(f) => match f.frame {
-                Some(agent_frame::Frame::Header(h)) => h.metadata,
-                Some(agent_frame::Frame::Error(e)) => {
-                    return Err(TunnelError::Refused {
-                        code: e.code,
-                        message: e.message,
-                    });
-                }
-                other => return Err(TunnelError::Protocol(format!("{other:?}"))),
-            },
-        };
-        Ok(TunnelConn {
-            reader: FrameReader::new(self.inbound),
+        self.tx.send(Ok(req)).await.map_err(|_| TunnelError::Closed)
+    }
+
+    /// The byte pipe; `answered` tells whether the agent's answer was already read.
+    fn into_conn(self, answered: bool) -> TunnelConn {
+        let pipe = Pipe {
+            reader: FrameReader::new(AnswerFirst::new(self.inbound, answered)),
             writer: FrameWriter::wrapped(self.tx),
-            extra: TunnelExtra {
-                agent_id: self.agent_id,
-                metadata: header,
-                _guard: self._guard,
-                _done: self._done,
-            },
-        })
+            extra: (),
+        };
+        Returning::new(pipe, self.back)
     }
 }
 
-/// What a [`TunnelConn`] carries beside its bytes.
-pub struct TunnelExtra {
-    pub agent_id: i64,
-    /// What the agent put in its response header.
-    pub metadata: HashMap<String, String>,
-    _guard: StreamGuard,
-    _done: DropGuard,
-}
+/// What a request gives back to its stream's task.
+type TunnelEnded = Ended<AnswerFirst<Streaming<AgentFrame>>, Result<ServerFrame, Status>>;
 
-impl std::fmt::Debug for TunnelExtra {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelExtra")
-            .field("agent_id", &self.agent_id)
-            .field("metadata", &self.metadata)
-            .finish_non_exhaustive()
-    }
-}
-
-/// An accepted request: a bidirectional byte pipe to the agent's service.
-pub type TunnelConn = Pipe<Streaming<AgentFrame>, Result<ServerFrame, Status>, TunnelExtra>;
+/// An accepted request: a bidirectional byte pipe to the agent's service. Dropping it ends
+/// the request; the stream then ends too, or carries a later request if this one ended
+/// cleanly on both sides.
+pub type TunnelConn = Returning<AnswerFirst<Streaming<AgentFrame>>, Result<ServerFrame, Status>>;

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use tether_guard::{Fingerprint, Limited};
 use tether_protocol::metadata;
 use tether_protocol::tunnel::reverse_tunnel_server::ReverseTunnel;
@@ -24,7 +25,7 @@ pub async fn authenticate_metadata(
     auth: &dyn Authenticator,
     md: &tonic::metadata::MetadataMap,
 ) -> Result<AgentIdentity, Status> {
-    authenticate_from(auth, md, None).await
+    authenticate_from(auth, md, None, None).await
 }
 
 /// [`authenticate_metadata`] with the client's address from the request's connection, so
@@ -37,7 +38,7 @@ pub fn authenticate_request<'a, T>(
     request: &'a Request<T>,
 ) -> impl Future<Output = Result<AgentIdentity, Status>> + Send + 'a {
     let address = tether_transport::remote_addr_of(request).map(|a| a.ip());
-    authenticate_from(auth, request.metadata(), address)
+    authenticate_from(auth, request.metadata(), address, None)
 }
 
 /// The bearer token, or why there is none (a metric label and a message).
@@ -56,10 +57,12 @@ fn bearer(md: &tonic::metadata::MetadataMap) -> Result<&str, (&'static str, &'st
     Ok(token.trim())
 }
 
+/// `known`: the registry whose recently looked-up tokens may skip the store (tunnel streams).
 async fn authenticate_from(
     auth: &dyn Authenticator,
     md: &tonic::metadata::MetadataMap,
     address: Option<IpAddr>,
+    known: Option<&Registry>,
 ) -> Result<AgentIdentity, Status> {
     let guard = auth.guard();
     let token = bearer(md);
@@ -82,8 +85,19 @@ async fn authenticate_from(
         Status::unauthenticated(message)
     };
     let token = token.map_err(|(reason, message)| refuse(reason, message))?;
+    let digest = known.map(|_| <[u8; 32]>::from(Sha256::digest(token.as_bytes())));
+    if let (Some(registry), Some(d)) = (known, &digest)
+        && let Some(id) = registry.known_identity(d)
+    {
+        return Ok(id);
+    }
     match auth.authenticate(token).await {
-        Ok(Some(id)) => Ok(id),
+        Ok(Some(id)) => {
+            if let (Some(registry), Some(d)) = (known, digest) {
+                registry.remember(d, id.clone());
+            }
+            Ok(id)
+        }
         Ok(None) => Err(refuse(
             "invalid_credentials",
             "unknown or revoked agent token",
@@ -149,15 +163,18 @@ impl ReverseTunnel for TunnelService {
         &self,
         request: Request<Streaming<AgentFrame>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let identity = authenticate_request(self.auth.as_ref(), &request).await?;
+        // Each request takes a stream and the agent opens the next: its token was most
+        // likely looked up a moment ago.
+        let remote = tether_transport::remote_addr_of(&request);
         let md = request.metadata();
+        let known = Some(self.registry.as_ref());
+        let identity =
+            authenticate_from(self.auth.as_ref(), md, remote.map(|a| a.ip()), known).await?;
         let info = ConnectionInfo {
             agent_version: header(md, metadata::AGENT_VERSION),
             pod_name: header(md, metadata::POD_NAME),
             pod_namespace: header(md, metadata::POD_NAMESPACE),
-            remote_addr: tether_transport::remote_addr_of(&request)
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
+            remote_addr: remote.map(|a| a.to_string()).unwrap_or_default(),
             connected_since: std::time::SystemTime::now(),
             streams: 0,
         };
@@ -166,8 +183,8 @@ impl ReverseTunnel for TunnelService {
         let first = tokio::time::timeout(self.descriptor_timeout, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no descriptor received"))??;
-        let services = match first.and_then(|f| f.frame) {
-            Some(agent_frame::Frame::Descriptor(d)) => d.services,
+        let descriptor = match first.and_then(|f| f.frame) {
+            Some(agent_frame::Frame::Descriptor(d)) => d,
             _ => {
                 return Err(Status::invalid_argument(
                     "the first frame must be a descriptor",
@@ -178,7 +195,7 @@ impl ReverseTunnel for TunnelService {
         let (tx, rx) = mpsc::channel(2);
         let registry = Arc::clone(&self.registry);
         tokio::spawn(async move {
-            registry.park(identity, info, services, inbound, tx).await;
+            registry.park(identity, info, descriptor, inbound, tx).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -4,12 +4,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{AGENT_ID, Agent, Server, Tokens, eventually, failed_with, pool_config};
-use tether_protocol::services;
+use common::{Agent, Server, Tokens, eventually, failed_with, pool_config};
 use tether_tunnel_agent::{ConnState, PoolConfig};
 use tonic::Code;
 
@@ -25,15 +23,7 @@ async fn the_pool_keeps_min_idle_streams_and_closes_the_surplus_after_idle_timeo
     eventually("one idle stream", || agent.pool.stats().idle == 1).await;
 
     // Taking the idle stream makes the pool scale up by a step of three.
-    let tunnel = server
-        .registry
-        .get_tunnel(AGENT_ID, Duration::from_secs(10))
-        .await
-        .expect("a tunnel");
-    let conn = tunnel
-        .request(services::ECHO, HashMap::new())
-        .await
-        .expect("echo accepted");
+    let conn = server.echo().await;
     eventually("a step of three idle streams", || {
         let s = agent.pool.stats();
         s.busy == 1 && s.idle == 3

@@ -5,11 +5,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{AGENT_ID, Agent, Server, TOKEN_ID, Tokens, eventually, failed_with, pool_config};
 use tether_protocol::services;
-use tether_tunnel_server::{RegistryError, RegistryStats};
+use tether_tunnel_server::{RegistryError, RegistryStats, TunnelError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
@@ -86,15 +87,7 @@ async fn revoking_a_token_ends_its_idle_and_busy_streams() {
     let agent = Agent::start(server.addr, pool_config(2));
     let mut state = agent.pool.state();
 
-    let tunnel = server
-        .registry
-        .get_tunnel(AGENT_ID, Duration::from_secs(10))
-        .await
-        .expect("a tunnel");
-    let mut busy = tunnel
-        .request(services::ECHO, HashMap::new())
-        .await
-        .expect("echo accepted");
+    let mut busy = server.echo().await;
     // The pool replaces the stream taken: one busy and two idle.
     eventually("two idle streams beside the busy one", || {
         let s = server.registry.stats();
@@ -140,4 +133,156 @@ async fn shutdown_ends_streams_as_unavailable_and_refuses_new_tunnels() {
         server.registry.stats().open_streams == 0
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_refusal_fails_the_first_read_of_a_request_sent_with_its_bytes() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let _agent = Agent::start(server.addr, pool_config(1));
+    let tunnel = server.tunnel().await;
+    // The agent takes the bytes with the request: no waiting for its answer here.
+    let mut conn = tunnel
+        .request("nonexistent", HashMap::new())
+        .await
+        .expect("sent without waiting for the agent");
+    conn.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let err = conn.read(&mut [0u8; 16]).await.expect_err("refused");
+    assert!(
+        err.to_string().contains("does not serve \"nonexistent\""),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_confirmed_request_is_refused_before_any_byte_flows() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let _agent = Agent::start(server.addr, pool_config(1));
+    let tunnel = server.tunnel().await;
+    let err = tunnel
+        .request_confirmed("nonexistent", HashMap::new())
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&err, TunnelError::Refused { code, .. } if *code == Code::Unimplemented as i32),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn kas_waits_for_an_older_agents_answer_before_sending_bytes() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    // Refused: kas waited for the answer (it would not know of the refusal yet otherwise).
+    let old = common::OldAgentStream::open(server.addr).await;
+    let tunnel = server.tunnel().await;
+    let err = tunnel
+        .request("nonexistent", HashMap::new())
+        .await
+        .expect_err("the old agent refuses");
+    assert!(matches!(err, TunnelError::Refused { .. }), "{err}");
+    old.task.await.expect("no frame after the refusal");
+
+    // Accepted: the bytes follow the answer and come back.
+    let old = common::OldAgentStream::open(server.addr).await;
+    let tunnel = server.tunnel().await;
+    let mut conn = tunnel
+        .request(services::ECHO, HashMap::new())
+        .await
+        .expect("echo accepted");
+    conn.write_all(b"to an old agent").await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    conn.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, b"to an old agent");
+    drop(conn);
+    old.task
+        .await
+        .expect("the old agent saw its frames in order");
+}
+
+#[tokio::test]
+async fn new_streams_of_a_token_with_live_streams_skip_the_store() {
+    let tokens = Arc::new(Tokens::default());
+    let server = Server::start(Arc::clone(&tokens)).await;
+    let agent = Agent::start(server.addr, pool_config(1));
+    eventually("an idle stream", || {
+        server.registry.stats().idle_streams == 1
+    })
+    .await;
+    let looked_up = tokens.lookups.load(Ordering::SeqCst);
+    for round in 0..5 {
+        let conn = server.echo().await;
+        // The agent replaces the stream taken while this one is still open.
+        eventually("the replacement stream", || {
+            server.registry.stats().idle_streams == 1
+        })
+        .await;
+        assert_eq!(
+            common::echo_through(conn, b"ping").await,
+            b"ping",
+            "round {round}"
+        );
+    }
+    assert_eq!(tokens.lookups.load(Ordering::SeqCst), looked_up);
+
+    // Revoked: forgotten with its streams, so the agent's next stream is looked up and refused.
+    let mut state = agent.pool.state();
+    tokens.revoke(TOKEN_ID);
+    server.registry.revoke_token(TOKEN_ID);
+    failed_with(&mut state, Code::Unauthenticated).await;
+    eventually("the next stream to be looked up", || {
+        tokens.lookups.load(Ordering::SeqCst) > looked_up
+    })
+    .await;
+    eventually("no streams left", || {
+        server.registry.stats().open_streams == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stream_whose_request_ended_cleanly_carries_the_next_one() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let agent = Agent::start(server.addr, pool_config(1));
+    let conn = server.echo().await;
+    // The agent replaces the stream taken: one busy, one idle.
+    eventually("the replacement stream", || {
+        server.registry.stats() == streams(2, 1)
+    })
+    .await;
+    assert_eq!(common::echo_through(conn, b"first").await, b"first");
+    // Both sides closed: the stream is idle again instead of closed.
+    eventually("the stream back among the idle ones", || {
+        server.registry.stats() == streams(2, 2) && agent.pool.stats().idle == 2
+    })
+    .await;
+    for round in 0..3 {
+        assert_eq!(server.echo_round(b"again").await, b"again", "round {round}");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_whose_request_ended_midway_is_closed() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let _agent = Agent::start(server.addr, pool_config(1));
+    let mut conn = server.echo().await;
+    eventually("the replacement stream", || {
+        server.registry.stats() == streams(2, 1)
+    })
+    .await;
+    conn.write_all(b"half").await.unwrap();
+    drop(conn); // no close: the agent may still be sending
+    eventually("only the replacement left", || {
+        server.registry.stats() == streams(1, 1)
+    })
+    .await;
+}
+
+/// One connected agent with `open` streams, `idle` of them idle.
+fn streams(open: usize, idle: usize) -> RegistryStats {
+    RegistryStats {
+        agents: 1,
+        open_streams: open,
+        idle_streams: idle,
+        waiters: 0,
+    }
 }

@@ -27,6 +27,8 @@ pub const TOKEN: &str = "agent-seven-token";
 #[derive(Debug, Default)]
 pub struct Tokens {
     revoked: Mutex<HashSet<i64>>,
+    /// Look-ups of a token so far (what kas's store would have answered).
+    pub lookups: std::sync::atomic::AtomicUsize,
 }
 
 impl Tokens {
@@ -44,6 +46,8 @@ impl Authenticator for Tokens {
         &'a self,
         token: &'a str,
     ) -> BoxFuture<'a, Result<Option<AgentIdentity>, AuthError>> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let identity = (token == TOKEN && self.active(TOKEN_ID)).then(|| AgentIdentity {
             agent_id: AGENT_ID,
             agent_name: "seven".into(),
@@ -98,6 +102,28 @@ impl Server {
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// One of the agent's tunnels (waiting up to 10 s for it).
+    pub async fn tunnel(&self) -> tether_tunnel_server::Tunnel {
+        self.registry
+            .get_tunnel(AGENT_ID, Duration::from_secs(10))
+            .await
+            .expect("a tunnel to the agent")
+    }
+
+    /// A tunnel to the agent's `echo` service.
+    pub async fn echo(&self) -> tether_tunnel_server::TunnelConn {
+        self.tunnel()
+            .await
+            .request(services::ECHO, HashMap::new())
+            .await
+            .expect("the agent accepts echo")
+    }
+
+    /// Sends `bytes` through an `echo` tunnel, closes, and reads the answer to the end.
+    pub async fn echo_round(&self, bytes: &[u8]) -> Vec<u8> {
+        echo_through(self.echo().await, bytes).await
     }
 
     /// Stops as kas does: end every stream (UNAVAILABLE), then the listener and connections.
@@ -199,4 +225,100 @@ pub async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// One `Connect` stream of an agent older than `Descriptor.data_with_request`, written out
+/// frame by frame: it reads kas's request, then answers `echo` (header, then every byte back)
+/// and refuses anything else. Its frames are checked in order, so kas sending bytes before the
+/// answer shows as a panic in its task.
+pub struct OldAgentStream {
+    pub task: JoinHandle<()>,
+}
+
+impl OldAgentStream {
+    pub async fn open(addr: SocketAddr) -> OldAgentStream {
+        use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
+        use tether_protocol::tunnel::{AgentFrame, Descriptor, agent_frame};
+        let (tx, rx) = tokio::sync::mpsc::channel::<AgentFrame>(8);
+        let descriptor = agent_frame::Frame::Descriptor(Descriptor {
+            services: vec![services::ECHO.into()],
+            data_with_request: false,
+            reusable: false,
+        });
+        tx.send(AgentFrame {
+            frame: Some(descriptor),
+        })
+        .await
+        .unwrap();
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let bearer = tether_protocol::metadata::bearer(TOKEN).unwrap();
+        req.metadata_mut()
+            .insert(tether_protocol::metadata::AUTHORIZATION, bearer);
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = ReverseTunnelClient::new(channel);
+        let inbound = client.connect(req).await.unwrap().into_inner();
+        OldAgentStream {
+            task: tokio::spawn(old_agent_serves(inbound, tx)),
+        }
+    }
+}
+
+async fn old_agent_serves(
+    mut inbound: tonic::Streaming<tether_protocol::tunnel::ServerFrame>,
+    tx: tokio::sync::mpsc::Sender<tether_protocol::tunnel::AgentFrame>,
+) {
+    use tether_protocol::tunnel::{AgentFrame, ResponseHeader, agent_frame, server_frame};
+    let Some(server_frame::Frame::Request(info)) = inbound.message().await.unwrap().unwrap().frame
+    else {
+        panic!("the first frame from kas must be the request");
+    };
+    let answer = if info.service == services::ECHO {
+        agent_frame::Frame::Header(ResponseHeader::default())
+    } else {
+        agent_frame::Frame::Error(tether_protocol::tunnel::Error {
+            code: Code::Unimplemented as i32,
+            message: format!("this agent does not serve {:?}", info.service),
+        })
+    };
+    let refused = matches!(answer, agent_frame::Frame::Error(_));
+    tx.send(AgentFrame {
+        frame: Some(answer),
+    })
+    .await
+    .unwrap();
+    while let Ok(Some(f)) = inbound.message().await {
+        assert!(!refused, "kas sent {f:?} after the agent refused");
+        let closing = matches!(f.frame, Some(server_frame::Frame::CloseSend(_)));
+        let echoed = match f.frame {
+            Some(server_frame::Frame::Data(d)) => agent_frame::Frame::Data(d),
+            Some(server_frame::Frame::CloseSend(c)) => agent_frame::Frame::CloseSend(c),
+            other => panic!("unexpected frame from kas: {other:?}"),
+        };
+        if tx
+            .send(AgentFrame {
+                frame: Some(echoed),
+            })
+            .await
+            .is_err()
+            || closing
+        {
+            break;
+        }
+    }
+    // Keep our side open until kas ends the stream, as a real agent does.
+    while let Ok(Some(_)) = inbound.message().await {}
+}
+
+/// Sends `bytes` through an `echo` tunnel, closes its side, and reads the answer to the end.
+pub async fn echo_through(mut conn: tether_tunnel_server::TunnelConn, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(bytes).await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    conn.read_to_end(&mut echoed).await.unwrap();
+    echoed
 }
