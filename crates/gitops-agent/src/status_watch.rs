@@ -222,9 +222,9 @@ async fn follow(api: Api<DynamicObject>, group: SharedGroup, seen: Seen) {
             match ev {
                 Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
                     failures = 0;
-                    on_object(&group, &seen, &o, &mut version, false);
+                    on_object(&group, &seen, o, &mut version, false);
                 }
-                Ok(WatchEvent::Deleted(o)) => on_object(&group, &seen, &o, &mut version, true),
+                Ok(WatchEvent::Deleted(o)) => on_object(&group, &seen, o, &mut version, true),
                 Ok(WatchEvent::Bookmark(b)) => version = b.metadata.resource_version,
                 Ok(WatchEvent::Error(e)) => {
                     if e.code == 410 {
@@ -244,14 +244,8 @@ async fn follow(api: Api<DynamicObject>, group: SharedGroup, seen: Seen) {
 
 /// One object of a watch event: its status goes to `seen` when it is tracked and the event is
 /// not older than the write.
-fn on_object(
-    group: &SharedGroup,
-    seen: &Seen,
-    o: &DynamicObject,
-    version: &mut String,
-    gone: bool,
-) {
-    let (Some(name), Some(rv)) = (&o.metadata.name, &o.metadata.resource_version) else {
+fn on_object(group: &SharedGroup, seen: &Seen, o: DynamicObject, version: &mut String, gone: bool) {
+    let (Some(name), Some(rv)) = (o.metadata.name.clone(), &o.metadata.resource_version) else {
         return;
     };
     version.clone_from(rv);
@@ -261,12 +255,12 @@ fn on_object(
     let st = if gone {
         ResourceStatus::not_found()
     } else {
-        compute_status(&serde_json::to_value(o).unwrap_or_default())
+        compute_status(&crate::sync::lean_value(o))
     };
     let told = group
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .on_event(name, rv, st);
+        .on_event(&name, rv, st);
     if let Some((obj, st)) = told {
         seen.record_watched(&obj, st);
     }

@@ -382,6 +382,14 @@ impl LiveSummary {
     }
 }
 
+/// An object as JSON without its managed fields: neither status nor drift reads them, and they
+/// are often the largest part of what the API server returns (converting them cost agentk most
+/// of its CPU per applied object).
+pub(crate) fn lean_value(mut o: DynamicObject) -> Value {
+    o.metadata.managed_fields = None;
+    serde_json::to_value(o).unwrap_or(Value::Null)
+}
+
 /// Objects per LIST page: bounds what one response holds in memory. A page is decoded whole
 /// (managed fields and status included), and 500 Deployments decoded took 12 MB, the largest
 /// single allocation of a 5,000-object sync; 100 keep it near 2.5 MB for a few more requests.
@@ -803,9 +811,7 @@ impl Syncer {
                             let Some(name) = o.metadata.name.clone() else {
                                 continue;
                             };
-                            let Ok(v) = serde_json::to_value(o) else {
-                                continue;
-                            };
+                            let v = lean_value(o);
                             if let Some(t) = summarize(&key, &name, &v) {
                                 found.insert(name, t);
                             }
@@ -858,9 +864,7 @@ impl Syncer {
             Known::Live(summary) => Some(summary),
             Known::Absent => None,
             Known::Unknown => match api.get_opt(name).await {
-                Ok(o) => o
-                    .and_then(|o| serde_json::to_value(o).ok())
-                    .map(|v| LiveSummary::of(&obj, &v)),
+                Ok(o) => o.map(lean_value).map(|v| LiveSummary::of(&obj, &v)),
                 Err(e) => return (obj_ref, Err(ApiError::from(e).into())),
             },
         };
@@ -891,7 +895,7 @@ impl Syncer {
                 let wrote = s.dry_run == DryRunStrategy::None;
                 let resource_version = o.metadata.resource_version.clone();
                 let status = if wrote {
-                    serde_json::to_value(o).ok().map(|v| compute_status(&v))
+                    Some(compute_status(&lean_value(o)))
                 } else {
                     None
                 };
@@ -957,10 +961,7 @@ impl Syncer {
                     return;
                 }
                 let ready = match api.get_opt(m.name()).await {
-                    Ok(Some(o)) => {
-                        let v = serde_json::to_value(&o).unwrap_or(Value::Null);
-                        compute_status(&v).status == Status::Current
-                    }
+                    Ok(Some(o)) => compute_status(&lean_value(o)).status == Status::Current,
                     _ => true, // failed to apply or not visible to us: nothing to wait for
                 };
                 if ready {
@@ -1231,7 +1232,7 @@ impl Syncer {
         }
         let polled = futures_util::stream::iter(singles.into_iter().map(|(o, api)| async move {
             let st = match api.get_opt(&o.name).await {
-                Ok(Some(obj)) => compute_status(&serde_json::to_value(&obj).unwrap_or(Value::Null)),
+                Ok(Some(obj)) => compute_status(&lean_value(obj)),
                 Ok(None) => ResourceStatus::not_found(),
                 Err(e) => ResourceStatus::new(Status::Unknown, ApiError::from(e).to_string()),
             };
