@@ -1,18 +1,21 @@
 //! The API server's floor for the apply phase: a bare client that sends the same server-side
-//! apply PATCHes as agentk (one per object, JSON bodies, `force`, at agentk's concurrency) and
-//! nothing else: the bodies and URLs are prepared before the clock starts, and no lookup,
-//! inventory or status request is made.
+//! apply PATCHes as agentk (one per object, agentk's own JSON bodies, `force`, at agentk's
+//! concurrency) and nothing else: the bodies and URLs are prepared before the clock starts,
+//! and no lookup, inventory or status request is made.
 
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
+use tether_gitops_agent::decode::{Manifest, decode_file};
+use tether_gitops_agent::inventory::inventory_name;
+use tether_gitops_agent::sync::prepared;
 
 /// agentk's number of concurrent apply requests (`tether_gitops_agent::sync::CONCURRENCY`).
 pub const CONCURRENCY: usize = 16;
@@ -28,55 +31,35 @@ pub struct Patch {
 }
 
 /// The REST path of a namespaced object (the benchmark's kinds pluralise with an `s`).
-fn object_path(o: &Value, ns: &str) -> Result<String> {
-    let api_version = o["apiVersion"].as_str().context("no apiVersion")?;
-    let kind = o["kind"].as_str().context("no kind")?;
-    let name = o["metadata"]["name"].as_str().context("no metadata.name")?;
-    let prefix = if api_version.contains('/') {
-        "apis"
-    } else {
-        "api"
-    };
-    Ok(format!(
-        "/{prefix}/{api_version}/namespaces/{ns}/{}s/{name}",
-        kind.to_ascii_lowercase()
-    ))
+fn object_path(m: &Manifest, ns: &str) -> String {
+    let prefix = if m.group().is_empty() { "api" } else { "apis" };
+    format!(
+        "/{prefix}/{}/namespaces/{ns}/{}s/{}",
+        m.api_version(),
+        m.kind().to_ascii_lowercase(),
+        m.name()
+    )
 }
 
-/// The documents of one multi-document YAML text (split at `---` lines), as JSON.
-fn documents(text: &str) -> Result<Vec<Value>> {
-    let mut docs = Vec::new();
-    let mut cur = String::new();
-    for line in text.lines().chain(std::iter::once("---")) {
-        if line.trim_end() == "---" {
-            if !cur.trim().is_empty() {
-                docs.push(serde_saphyr::from_str::<Value>(&cur)?);
-            }
-            cur.clear();
-        } else {
-            cur.push_str(line);
-            cur.push('\n');
-        }
-    }
-    Ok(docs)
-}
-
-/// One PATCH per object of the `*.yaml` files in `dir` (path order), into namespace `ns`.
+/// One PATCH per object of the `*.yaml` files in `dir` (path order), into namespace `ns`: the
+/// body agentk sends for it (decoded by agentk's decoder, namespace defaulted, marked with an
+/// inventory and stamped with its digest by agentk's own `prepared`), so the floor's requests
+/// cost the API server what agentk's do.
 pub fn patches(dir: &Path, ns: &str) -> Result<Vec<Patch>> {
     let mut files: Vec<_> = std::fs::read_dir(dir)?
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
     files.retain(|p| p.extension().is_some_and(|e| e == "yaml"));
     files.sort();
+    let inventory = inventory_name(1, &format!("bench/{ns}"));
     let mut out = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(&f)?;
-        for mut o in documents(&text).with_context(|| format!("{}", f.display()))? {
-            let path = object_path(&o, ns).with_context(|| format!("{}", f.display()))?;
-            o["metadata"]["namespace"] = ns.into();
+        let text = std::fs::read(&f)?;
+        for mut m in decode_file(&f.display().to_string(), &text)? {
+            m.set_default_namespace(ns, true);
             out.push(Patch {
-                path,
-                body: Bytes::from(serde_json::to_vec(&o)?),
+                path: object_path(&m, ns),
+                body: Bytes::from(serde_json::to_vec(&prepared(&m, &inventory))?),
             });
         }
     }
@@ -125,7 +108,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_patch_per_document_with_its_path() {
+    fn one_patch_per_document_with_its_path_and_agentks_body() {
         let dir = std::env::temp_dir().join(format!("bench-floor-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let text = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: \"1\"\n---\n\
@@ -138,6 +121,10 @@ apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\nspec:\n  replicas: 
         assert_eq!(p[1].path, "/apis/apps/v1/namespaces/ns1/deployments/d");
         let body: Value = serde_json::from_slice(&p[0].body).unwrap();
         assert_eq!(body["data"]["k"], "1");
+        assert!(
+            body["metadata"]["annotations"]["config.k8s.io/owning-inventory"].is_string(),
+            "agentk's body: {body}"
+        );
         assert_eq!(body["metadata"]["namespace"], "ns1");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -841,3 +841,33 @@ fn sync_outcomes() {
     let o = sync_outcome(&[(r("dude"), cur), (r("naww"), fail)]);
     assert_eq!((o.state, o.failed, o.current), (SyncState::Failed, 1, 1));
 }
+
+#[test]
+fn a_status_view_gives_what_the_whole_object_gives() {
+    let mut with_noise = deployment(json!({"replicas": 3}), available_deployment_status(3));
+    with_noise["metadata"]["managedFields"] = json!([{"manager": "agentk", "fieldsV1": {}}]);
+    with_noise["metadata"]["annotations"] = json!({"a": "b"});
+    let objects = [
+        with_noise,
+        deployment(json!({"replicas": 3}), json!({"observedGeneration": 1})),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c",
+            "resourceVersion": "7"}, "data": {"k": "v"}}),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c",
+            "deletionTimestamp": "2024-05-01T10:00:00Z"}}),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "lb"},
+            "spec": {"type": "LoadBalancer"}, "status": {"loadBalancer": {}}}),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "status": "x"}),
+    ];
+    for obj in objects {
+        let view: StatusView = serde_json::from_value(obj.clone()).expect("a view of any object");
+        assert_eq!(view.clone().status(), compute_status(&obj), "{obj}");
+        assert_eq!(
+            view.metadata.name.as_deref(),
+            obj["metadata"]["name"].as_str()
+        );
+        assert_eq!(
+            view.metadata.resource_version.as_deref(),
+            obj["metadata"]["resourceVersion"].as_str()
+        );
+    }
+}

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::object_ref::ObjRef;
-use crate::status::{ResourceStatus, Status, compute_status};
+use crate::status::{ResourceStatus, Status, StatusView};
 use crate::sync::{GroupKey, group_key};
 
 /// The statuses a sync has seen so far (apply answers, watch events, polls), shared by the sync
@@ -176,13 +176,14 @@ impl Watches {
             None => {
                 let g = SharedGroup::default();
                 self.groups.insert(group_key(ar, ns), g.clone());
-                let api = match ns {
+                let api: Api<DynamicObject> = match ns {
                     Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
                     None => Api::all_with(self.client.clone(), ar),
                 };
+                let url = api.resource_url().to_owned();
                 // The sync's span (agent, project) goes with the task: its status events must
                 // say which project they belong to, like the sync's own.
-                let task = follow(api, g.clone(), self.seen.clone());
+                let task = follow(self.client.clone(), url, g.clone(), self.seen.clone());
                 self.tasks.spawn(task.instrument(tracing::Span::current()));
                 g
             }
@@ -200,14 +201,15 @@ impl Watches {
 /// Watch failures in a row after which the group is left to polling.
 const MAX_FAILURES: u32 = 3;
 
-/// Watches one group until the sync drops it, reporting tracked objects' statuses to `seen`.
-/// Re-watches from the last version seen when the API server ends the watch, from `0` when that
-/// version expired.
-async fn follow(api: Api<DynamicObject>, group: SharedGroup, seen: Seen) {
+/// Watches one group (its resource `url`) until the sync drops it, reporting tracked objects'
+/// statuses to `seen`. Re-watches from the last version seen when the API server ends the
+/// watch, from `0` when that version expired. Events are read as [`StatusView`]s: a
+/// Deployment's event is mostly fields the status rules never read.
+async fn follow(client: Client, url: String, group: SharedGroup, seen: Seen) {
     let mut version = "0".to_owned();
     let mut failures = 0;
     while failures < MAX_FAILURES {
-        let stream = match api.watch(&WatchParams::default(), &version).await {
+        let stream = match watch(&client, &url, &version).await {
             Ok(s) => s,
             Err(e) => {
                 // Forbidden (no `watch` verb) or unreachable: polling still reports status.
@@ -242,9 +244,23 @@ async fn follow(api: Api<DynamicObject>, group: SharedGroup, seen: Seen) {
     }
 }
 
+async fn watch(
+    client: &Client,
+    url: &str,
+    version: &str,
+) -> Result<
+    impl futures_util::Stream<Item = kube::Result<WatchEvent<StatusView>>> + use<>,
+    kube::Error,
+> {
+    let req = kube::core::Request::new(url)
+        .watch(&WatchParams::default(), version)
+        .map_err(kube::Error::BuildRequest)?;
+    client.request_events::<StatusView>(req).await
+}
+
 /// One object of a watch event: its status goes to `seen` when it is tracked and the event is
 /// not older than the write.
-fn on_object(group: &SharedGroup, seen: &Seen, o: DynamicObject, version: &mut String, gone: bool) {
+fn on_object(group: &SharedGroup, seen: &Seen, o: StatusView, version: &mut String, gone: bool) {
     let (Some(name), Some(rv)) = (o.metadata.name.clone(), &o.metadata.resource_version) else {
         return;
     };
@@ -255,7 +271,7 @@ fn on_object(group: &SharedGroup, seen: &Seen, o: DynamicObject, version: &mut S
     let st = if gone {
         ResourceStatus::not_found()
     } else {
-        compute_status(&crate::sync::lean_value(o))
+        o.status()
     };
     let told = group
         .lock()

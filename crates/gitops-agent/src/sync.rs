@@ -26,7 +26,7 @@ use crate::inventory::{self, InventoryError, OwnershipConflict};
 use crate::object_ref::ObjRef;
 use crate::plan;
 use crate::prune;
-use crate::status::{ResourceStatus, Status, compute_status, sync_outcome};
+use crate::status::{ResourceStatus, Status, StatusView, compute_status, sync_outcome};
 use crate::status_watch::{Seen, Watches, settled};
 
 /// The field manager of every write.
@@ -395,8 +395,9 @@ pub(crate) fn lean_value(mut o: DynamicObject) -> Value {
 /// single allocation of a 5,000-object sync; 100 keep it near 2.5 MB for a few more requests.
 const LIST_PAGE: u32 = 100;
 
-/// The object to send for a manifest: marked as ours, then stamped with its digest.
-pub(crate) fn prepared(m: &Manifest, inv_id: &str) -> Value {
+/// The object to send for a manifest: marked as ours, then stamped with its digest. (Public for
+/// the benchmarks' bare client, which sends exactly these bodies.)
+pub fn prepared(m: &Manifest, inv_id: &str) -> Value {
     let mut obj = m.object();
     inventory::set_owner(&mut obj, inv_id);
     drift::stamp_digest(&mut obj);
@@ -890,24 +891,34 @@ impl Syncer {
         if s.dry_run == DryRunStrategy::Server {
             pp = pp.dry_run();
         }
-        match api.patch(name, &pp, &Patch::Apply(&obj)).await {
-            Ok(o) => {
+        match self.apply_request(&api, name, &pp, &obj).await {
+            Ok(view) => {
                 let wrote = s.dry_run == DryRunStrategy::None;
-                let resource_version = o.metadata.resource_version.clone();
-                let status = if wrote {
-                    Some(compute_status(&lean_value(o)))
-                } else {
-                    None
-                };
+                let resource_version = view.metadata.resource_version.clone();
                 let applied = Applied {
                     wrote,
-                    status,
+                    status: wrote.then(|| view.status()),
                     resource_version,
                 };
                 (obj_ref, Ok(applied))
             }
             Err(e) => (obj_ref, Err(ApiError::from(e).into())),
         }
+    }
+
+    /// The server-side apply PATCH of `obj`, its answer read as a [`StatusView`]: the
+    /// returned object is never built whole.
+    async fn apply_request(
+        &self,
+        api: &Api<DynamicObject>,
+        name: &str,
+        pp: &PatchParams,
+        obj: &Value,
+    ) -> Result<StatusView, kube::Error> {
+        let req = kube::core::Request::new(api.resource_url())
+            .patch(name, pp, &Patch::Apply(obj))
+            .map_err(kube::Error::BuildRequest)?;
+        self.client.request::<StatusView>(req).await
     }
 
     /// Waits (bounded) until the stage's CRDs are Established and Namespaces Active.
