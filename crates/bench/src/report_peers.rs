@@ -173,7 +173,7 @@ pub fn section(out: &mut String, c: &Value) {
         "- kubectl: `kubectl apply --server-side` + `kubectl wait`, one request at a time.\n",
     );
     out.push_str(
-        "- floor: the same SSA PATCHes at concurrency 16 and nothing else (apply phase only), with the bench watching its namespace as it watches agentk's.\n\n",
+        "- floor: agentk's own SSA PATCH bodies at concurrency 16 and nothing else (apply phase only), with the bench watching its namespace as it watches agentk's; the mean of a run just before agentk's and one just after.\n\n",
     );
     out.push_str("| objects | engine (concurrency) | to all Current (s) | apply phase (s) | API requests on ConfigMaps/Deployments | CPU (s) | peak RSS (MiB) |\n|---|---|---|---|---|---|---|\n");
     for s in &all {
