@@ -220,26 +220,33 @@ async fn follow(client: Client, url: String, group: SharedGroup, seen: Seen) {
             }
         };
         let mut stream = std::pin::pin!(stream);
+        let mut events = false;
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
-                    failures = 0;
+                    events = true;
                     on_object(&group, &seen, o, &mut version, false);
                 }
-                Ok(WatchEvent::Deleted(o)) => on_object(&group, &seen, o, &mut version, true),
+                Ok(WatchEvent::Deleted(o)) => {
+                    events = true;
+                    on_object(&group, &seen, o, &mut version, true);
+                }
                 Ok(WatchEvent::Bookmark(b)) => version = b.metadata.resource_version,
                 Ok(WatchEvent::Error(e)) => {
                     if e.code == 410 {
                         version = "0".to_owned();
                     }
-                    failures += 1;
                     break;
                 }
-                Err(_) => {
-                    failures += 1;
-                    break;
-                }
+                Err(_) => break,
             }
+        }
+        // A watch that ended before any event is a failure, so a server that keeps ending
+        // watches at once is not asked again in a tight loop; one that carried events (and
+        // ended at its timeout or with an expired version) is simply started again.
+        failures = if events { 0 } else { failures + 1 };
+        if failures > 0 {
+            tokio::time::sleep(Duration::from_millis(200) * failures).await;
         }
     }
 }
