@@ -29,12 +29,19 @@ const WAYS: usize = 6;
 const FLOODER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 
+/// Failures per address sustained at this rate after the burst (6 a minute). The default (300
+/// a minute) refuses a flooding address for at most 200 ms after its last failure: a check
+/// right after the flood failed on a loaded machine when it came later than that; at 6 a
+/// minute the address stays refused for 10 s.
+const FAILURES_PER_SECOND: f64 = 0.1;
+
 /// Summaries every second, so the test sees one without waiting a minute; rate-limited
 /// requests answered at once, so a sequential flood of 2,000 takes seconds, not minutes (the
 /// hold itself is tested in tether-guard and measured by tether-bench).
 fn options() -> KasOptions {
     KasOptions {
-        extra_yaml: "rate_limits:\n  refusal_log_interval: 1s\n  limited_response_delay: 0s\n"
+        extra_yaml: "rate_limits:\n  refusal_log_interval: 1s\n  limited_response_delay: 0s\n  \
+failed_auth_per_address: {per_minute: 6, burst: 100}\n"
             .into(),
         ..KasOptions::default()
     }
@@ -102,7 +109,7 @@ impl Tally {
     fn assert_limited(&self) {
         eprintln!("flood: {self:?}");
         assert!(self.limited > FLOOD / 2, "{self:?}");
-        let allowed = 100.0 + WAYS as f64 * (1.0 + 5.0 * self.seconds.ceil());
+        let allowed = 100.0 + WAYS as f64 * (1.0 + FAILURES_PER_SECOND * self.seconds.ceil());
         assert!(
             (self.refused as f64) <= allowed,
             "{self:?}, allowed {allowed}"
