@@ -6,16 +6,18 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
 use tether_gitops_agent::decode::{Manifest, decode_file};
 use tether_gitops_agent::inventory::inventory_name;
 use tether_gitops_agent::sync::prepared;
+
+use crate::util::body_of;
 
 /// agentk's number of concurrent apply requests (`tether_gitops_agent::sync::CONCURRENCY`).
 pub const CONCURRENCY: usize = 16;
@@ -74,16 +76,7 @@ async fn send(c: &BodyClient, server: &str, auth: &str, p: Patch) -> Result<()> 
     .header(http::header::AUTHORIZATION, auth)
     .header(http::header::CONTENT_TYPE, "application/apply-patch+yaml")
     .body(Full::new(p.body))?;
-    let resp = c.request(req).await?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        bail!(
-            "PATCH {}: {status}: {}",
-            p.path,
-            String::from_utf8_lossy(&body)
-        );
-    }
+    body_of(c, req, &format!("PATCH {}", p.path)).await?;
     Ok(())
 }
 

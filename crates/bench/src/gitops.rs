@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
@@ -24,7 +24,9 @@ use crate::footprint::{cpu_seconds, status_bytes};
 use crate::kubectl::kubectl_baseline;
 use crate::peers::{ENGINES, run_engine, slug};
 use crate::servers::{Ctx, Kas, KasOptions, agentk_args};
-use crate::util::{Proc, check_runs, git_commit_all, git_init_commit, https_client, spawn};
+use crate::util::{
+    Proc, body_of, check_runs, git_commit_all, git_init_commit, https_client, spawn,
+};
 use crate::watch::{CurrentWatch, lag};
 
 /// Objects per manifest project.
@@ -118,16 +120,7 @@ async fn push_webhook(kas: &Kas, project: &Project) -> Result<()> {
     .header("x-gitlab-event", "Push Hook")
     .header(http::header::CONTENT_TYPE, "application/json")
     .body(Full::new(Bytes::from(body.to_string())))?;
-    let resp = client.request(req).await?;
-    let status = resp.status();
-    let text = resp.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        bail!(
-            "webhook for {}: {status}: {}",
-            project.path,
-            String::from_utf8_lossy(&text)
-        );
-    }
+    body_of(&client, req, &format!("webhook for {}", project.path)).await?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use tether_testenv::run_output;
 
@@ -65,18 +65,30 @@ where
         .build(https))
 }
 
-/// GET `url`; the body, or an error with the body when the status is not 2xx.
-async fn get_bytes(c: &HttpsClient, url: &str, auth: &str) -> Result<Bytes> {
-    let req = http::Request::get(url)
-        .header(http::header::AUTHORIZATION, auth)
-        .body(Empty::new())?;
+/// Sends `req`; the body, or an error naming `what` with the status and the body when the
+/// status is not 2xx.
+pub async fn body_of<C, B>(c: &Client<C, B>, req: http::Request<B>, what: &str) -> Result<Bytes>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let resp = c.request(req).await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
-        bail!("{url}: {status}: {}", String::from_utf8_lossy(&body));
+        bail!("{what}: {status}: {}", String::from_utf8_lossy(&body));
     }
     Ok(body)
+}
+
+/// GET `url`; the body (see [`body_of`]).
+async fn get_bytes(c: &HttpsClient, url: &str, auth: &str) -> Result<Bytes> {
+    let req = http::Request::get(url)
+        .header(http::header::AUTHORIZATION, auth)
+        .body(Empty::new())?;
+    body_of(c, req, url).await
 }
 
 /// GET `url`; the body's size (see [`get_bytes`]).
