@@ -23,13 +23,67 @@ pub async fn tokio_listener() -> (tokio::net::TcpListener, SocketAddr) {
 }
 
 /// A loopback port nobody listens on right now, for a child process that must be told its port
-/// (kas, agentk and `git daemon` take a fixed address and do not report one they chose).
+/// (etcd, kas, agentk and `git daemon` take a fixed address and do not report one they chose).
 ///
-/// Racy by nature: the port is free when this returns, but another test may bind it before the
-/// child does. Callers that care detect the child's early exit and retry with a new port (see
-/// kas's test support); the others accept a rare failed start.
+/// Racy by nature: the port is free when this returns, but another program may bind it before
+/// the child does. The port is therefore chosen *below* the kernel's ephemeral range: ports in
+/// that range are handed out to every outgoing connection on the machine (a busy test run makes
+/// thousands), so a port found with `bind(0)` and released was often reused by a connection a
+/// moment later. Below the range only programs that bind a chosen port compete, and a random pick
+/// among ~20,000 ports (never the same one twice in a process) makes a clash rare; callers that
+/// care still detect the child's early exit and retry (see kas's test support).
 pub fn unused_port() -> u16 {
+    let (lo, hi) = below_ephemeral(&std::fs::read_to_string(EPHEMERAL_RANGE).unwrap_or_default());
+    for attempt in 0..200u64 {
+        let port = lo + (random(attempt) % u64::from(hi - lo)) as u16;
+        if claim(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    // Everything below the range is taken: fall back to a port the kernel picks.
     listener().1.port()
+}
+
+const EPHEMERAL_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// The ports to pick from, `[lo, hi)`: from 10,000 (above well-known and most registered
+/// services) up to the start of the ephemeral range read from `range` ("32768\t60999"), or up to
+/// 32,768 (Linux's default) when it cannot be read or leaves too little room.
+fn below_ephemeral(range: &str) -> (u16, u16) {
+    const LO: u16 = 10_000;
+    let start = range
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse::<u16>().ok());
+    match start {
+        Some(s) if s >= LO + 1_000 => (LO, s),
+        _ => (LO, 32_768),
+    }
+}
+
+/// Marks `port` as handed out by this process; false if it already was, so two children
+/// started by one test never get the same port even when the first has not bound it yet.
+fn claim(port: u16) -> bool {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(port)
+}
+
+/// A number that differs between calls and between processes (std's per-process random hash
+/// keys, the process id, the clock and a counter), so parallel test processes pick apart.
+fn random(attempt: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u64(attempt);
+    h.write_u32(std::process::id());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    h.write_u128(now.map(|d| d.as_nanos()).unwrap_or_default());
+    h.finish()
 }
 
 #[cfg(test)]
@@ -51,5 +105,24 @@ mod tests {
         assert_ne!(port, 0);
         // Released again, so the child process can bind it.
         std::net::TcpListener::bind(("127.0.0.1", port)).expect("rebind");
+    }
+
+    #[test]
+    fn unused_ports_are_below_the_ephemeral_range_and_never_repeat() {
+        let (lo, hi) =
+            below_ephemeral(&std::fs::read_to_string(EPHEMERAL_RANGE).unwrap_or_default());
+        let ports: Vec<u16> = (0..500).map(|_| unused_port()).collect();
+        assert!(ports.iter().all(|p| (lo..hi).contains(p)), "{ports:?}");
+        let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len());
+    }
+
+    #[test]
+    fn the_range_ends_where_the_kernel_starts_handing_out_ports() {
+        assert_eq!(below_ephemeral("32768\t60999\n"), (10_000, 32_768));
+        assert_eq!(below_ephemeral("40000 60999"), (10_000, 40_000));
+        // Unreadable, or an ephemeral range starting too low to leave room: Linux's default.
+        assert_eq!(below_ephemeral(""), (10_000, 32_768));
+        assert_eq!(below_ephemeral("1024 65535"), (10_000, 32_768));
     }
 }

@@ -1,7 +1,6 @@
 //! Starting the control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
 //! kwok on 127.0.0.1 free ports, plus one fake Node so that Pods really run.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -32,13 +31,10 @@ pub struct Info {
     pub ca_file: PathBuf,
 }
 
+/// A port for a component that must be told its address; see
+/// [`tether_test_support::unused_port`] for why it is picked below the ephemeral range.
 fn free_port() -> Result<u16> {
-    // The port is released before the component binds it; on a loopback-only test machine the
-    // window for another process to take it is negligible, and a clash fails loudly at start.
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
-    Ok(l.local_addr()
-        .map_err(io_err("finding a free port"))?
-        .port())
+    Ok(tether_test_support::unused_port())
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {

@@ -221,9 +221,7 @@ fn server_owner() -> Result<Option<(u32, u32)>> {
         })
 }
 
+/// A port for PostgreSQL; see [`tether_test_support::unused_port`].
 fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(io_err("picking a port for PostgreSQL"))
+    Ok(tether_test_support::unused_port())
 }
