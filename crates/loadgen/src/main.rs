@@ -55,8 +55,9 @@ struct Cli {
     /// Seconds the connected agents sit idle while kas's CPU time is measured.
     #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
-    /// Idle tunnel streams each agent keeps open (agentk's pool minimum).
-    #[arg(long, default_value_t = 1)]
+    /// Idle tunnel streams each agent keeps open (default: agentk's, so kas's memory per agent
+    /// is what a fleet of agentk with default settings costs).
+    #[arg(long, default_value_t = tether_tunnel_agent::PoolConfig::default().min_idle)]
     min_idle: usize,
     /// Also open each agent's configuration stream, as agentk does (one more long-lived
     /// stream per agent).

@@ -289,19 +289,7 @@ impl Pool {
             }
             let to_open = {
                 let mut c = shared.counts();
-                let total = c.opening + c.idle + c.busy;
-                let room = shared.cfg.max_streams.saturating_sub(total);
-                let n = if c.opening + c.idle >= shared.cfg.min_idle.max(1) {
-                    0
-                } else if c.failures > 0 || !c.connected {
-                    // Until a stream gets through, probe with one instead of a burst: a refused
-                    // token or an unreachable kas then costs one attempt per backoff step.
-                    usize::from(c.opening == 0)
-                } else {
-                    let deficit = shared.cfg.min_idle.max(1) - (c.opening + c.idle);
-                    deficit.max(shared.cfg.scale_up_step)
-                };
-                let n = n.min(room);
+                let n = streams_to_open(&c, &shared.cfg);
                 c.opening += n;
                 if n > 0 {
                     c.attempts += 1;
@@ -321,6 +309,30 @@ impl Pool {
             }
         }
     }
+}
+
+/// How many streams to open now, given the pool's counts: none while enough are idle or on
+/// their way; a single probe until a stream gets through (a refused token or an unreachable kas
+/// then costs one attempt per backoff step); otherwise the idle ones missing, or a whole
+/// `scale_up_step` when requests took them (some are busy). Never beyond `max_streams`.
+///
+/// Without requests there is no burst: a connect or reconnect opens `min_idle` streams, not
+/// `1 + scale_up_step` per agent (a fleet reconnecting after a kas restart made kas hold eleven
+/// streams per agent, about three times its memory, until the surplus idled out).
+fn streams_to_open(c: &PoolStats, cfg: &PoolConfig) -> usize {
+    let want = cfg.min_idle.max(1);
+    let ready = c.opening + c.idle;
+    let n = if ready >= want {
+        0
+    } else if c.failures > 0 || !c.connected {
+        usize::from(c.opening == 0)
+    } else if c.busy > 0 {
+        (want - ready).max(cfg.scale_up_step)
+    } else {
+        want - ready
+    };
+    let room = cfg.max_streams.saturating_sub(ready + c.busy);
+    n.min(room)
 }
 
 /// Opens one stream, waits idle for a request and serves it; again on the same stream while
@@ -602,5 +614,72 @@ impl Handler for EchoHandler {
             tokio::io::copy(&mut r, &mut w).await?;
             w.shutdown().await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> PoolConfig {
+        PoolConfig {
+            min_idle: 2,
+            max_streams: 30,
+            scale_up_step: 10,
+            ..PoolConfig::default()
+        }
+    }
+
+    fn counts(opening: usize, idle: usize, busy: usize) -> PoolStats {
+        PoolStats {
+            opening,
+            idle,
+            busy,
+            connected: true,
+            ..PoolStats::default()
+        }
+    }
+
+    #[test]
+    fn a_fresh_pool_probes_with_one_stream() {
+        let fresh = PoolStats::default();
+        assert_eq!(streams_to_open(&fresh, &cfg()), 1);
+        let probing = PoolStats {
+            opening: 1,
+            ..fresh
+        };
+        assert_eq!(streams_to_open(&probing, &cfg()), 0);
+    }
+
+    #[test]
+    fn after_failures_the_pool_probes_one_at_a_time() {
+        let failed = PoolStats {
+            failures: 3,
+            ..counts(0, 0, 0)
+        };
+        assert_eq!(streams_to_open(&failed, &cfg()), 1);
+    }
+
+    #[test]
+    fn once_connected_without_requests_only_the_missing_idle_streams_open() {
+        // The probe got through: one more makes min_idle, not a step of ten.
+        assert_eq!(streams_to_open(&counts(0, 1, 0), &cfg()), 1);
+        assert_eq!(streams_to_open(&counts(1, 1, 0), &cfg()), 0);
+        assert_eq!(streams_to_open(&counts(0, 2, 0), &cfg()), 0);
+    }
+
+    #[test]
+    fn requests_taking_idle_streams_scale_up_by_a_step() {
+        assert_eq!(streams_to_open(&counts(0, 1, 1), &cfg()), 10);
+        assert_eq!(streams_to_open(&counts(0, 0, 5), &cfg()), 10);
+        // Idle ones still on their way count.
+        assert_eq!(streams_to_open(&counts(10, 0, 1), &cfg()), 0);
+    }
+
+    #[test]
+    fn the_pool_never_opens_beyond_max_streams() {
+        assert_eq!(streams_to_open(&counts(0, 0, 25), &cfg()), 5);
+        assert_eq!(streams_to_open(&counts(0, 0, 30), &cfg()), 0);
+        assert_eq!(streams_to_open(&counts(0, 1, 40), &cfg()), 0);
     }
 }

@@ -11,11 +11,10 @@ use tether_protocol::metadata;
 use tether_protocol::tunnel::reverse_tunnel_server::ReverseTunnel;
 use tether_protocol::tunnel::{AgentFrame, ServerFrame, agent_frame};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{AgentIdentity, Authenticator};
-use crate::registry::{ConnectionInfo, Registry};
+use crate::registry::{ConnectionInfo, Outgoing, Registry};
 
 /// Reads `authorization: Bearer <token>` and authenticates it, mapping failures to the gRPC
 /// codes agents expect: unknown/revoked → Unauthenticated, store trouble → Unavailable, over a
@@ -155,9 +154,25 @@ impl TunnelService {
     }
 }
 
+/// A stream's frames to the agent, as tonic takes them: the registry sends them boxed (see
+/// [`Outgoing`]).
+#[derive(Debug)]
+pub struct Outbound(mpsc::Receiver<Outgoing>);
+
+impl futures_util::Stream for Outbound {
+    type Item = Result<ServerFrame, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|item| item.map(|boxed| *boxed))
+    }
+}
+
 #[tonic::async_trait]
 impl ReverseTunnel for TunnelService {
-    type ConnectStream = ReceiverStream<Result<ServerFrame, Status>>;
+    type ConnectStream = Outbound;
 
     async fn connect(
         &self,
@@ -197,6 +212,6 @@ impl ReverseTunnel for TunnelService {
         tokio::spawn(async move {
             registry.park(identity, info, descriptor, inbound, tx).await;
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Outbound(rx)))
     }
 }

@@ -39,6 +39,43 @@ async fn the_pool_keeps_min_idle_streams_and_closes_the_surplus_after_idle_timeo
     eventually("the busy stream to end", || agent.pool.stats().busy == 0).await;
 }
 
+/// agentk's defaults: two idle streams and a step of ten. Connecting, and reconnecting after kas
+/// comes back, opens the two and stops there; the step is for requests taking idle streams.
+#[tokio::test]
+async fn connecting_and_reconnecting_open_min_idle_streams_not_a_step() {
+    let tokens = Arc::new(Tokens::default());
+    let server = Server::start(Arc::clone(&tokens)).await;
+    let addr = server.addr;
+    let cfg = PoolConfig {
+        scale_up_step: PoolConfig::default().scale_up_step,
+        ..pool_config(PoolConfig::default().min_idle)
+    };
+    assert_eq!((cfg.min_idle, cfg.scale_up_step), (2, 10));
+    let agent = Agent::start(addr, cfg);
+    let settled = |pool: &tether_tunnel_agent::Pool| {
+        let s = pool.stats();
+        s.connected && s.idle == 2 && s.opening == 0
+    };
+    eventually("two idle streams, none opening", || settled(&agent.pool)).await;
+    eventually("kas to hold them", || {
+        server.registry.stats().idle_streams == 2
+    })
+    .await;
+
+    server.stop().await;
+    eventually("the streams to end", || agent.pool.stats().idle == 0).await;
+    let server = Server::restart_on(addr, tokens).await;
+    eventually("two idle streams again, none opening", || {
+        settled(&agent.pool)
+    })
+    .await;
+    eventually("kas to hold them", || {
+        server.registry.stats().idle_streams == 2
+    })
+    .await;
+    assert_eq!(agent.pool.stats().busy, 0);
+}
+
 #[tokio::test]
 async fn the_pool_backs_off_while_kas_is_down_and_reconnects_when_it_is_back() {
     let tokens = Arc::new(Tokens::default());
