@@ -187,8 +187,8 @@ the first (empty) sync of each project and before any object; VmHWM right after 
 kas and of the restarted agentk over 60 s idle once everything is synchronized. The pids are \
 the programs' own (checked through `/proc/<pid>/exe`).
 - **kas per connected agent and reconnect storm**: `loadgen` (its own kas, release build; N fake \
-agents in one process, each its own TCP/HTTP/2 connection and token, one idle tunnel stream and \
-the configuration stream, as agentk opens them): kas RSS with no agent and with N connected, \
+agents in one process, each its own TCP/HTTP/2 connection and token, two idle tunnel streams \
+(agentk's default) and the configuration stream, as agentk opens them): kas RSS with no agent and with N connected, \
 kas CPU while idle, then kas is restarted (SIGTERM, start again) and the time until kas counts \
 all N again, from the SIGTERM and from the new kas's API answering. The control plane is \
 stopped before loadgen runs.";
