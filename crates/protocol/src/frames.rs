@@ -105,6 +105,8 @@ pub struct FrameWriter<T: Send + 'static> {
     tx: PollSender<T>,
     wrap: fn(Bytes, bool) -> T,
     closed: bool,
+    /// The longest `Data` frame sent, in bytes (see [`FrameWriter::largest_frame`]).
+    largest: usize,
 }
 
 impl<F: OutFrame, E: Send + 'static> FrameWriter<Box<Result<F, E>>> {
@@ -119,6 +121,7 @@ impl<F: OutFrame, E: Send + 'static> FrameWriter<Box<Result<F, E>>> {
             tx: PollSender::new(tx),
             wrap: wrap::<F, E>,
             closed: false,
+            largest: 0,
         }
     }
 }
@@ -133,6 +136,7 @@ impl<F: OutFrame> FrameWriter<F> {
             tx: PollSender::new(tx),
             wrap: wrap::<F>,
             closed: false,
+            largest: 0,
         }
     }
 }
@@ -141,6 +145,13 @@ impl<T: Send + 'static> FrameWriter<T> {
     /// Whether `CloseSend` was sent (this side finished cleanly).
     pub fn is_closed(&self) -> bool {
         self.closed
+    }
+
+    /// The longest `Data` frame sent. gRPC's encode buffer grows to the longest message of an
+    /// RPC and keeps that size for the RPC's life, so a stream that carried long frames should
+    /// not be kept idle for later requests.
+    pub fn largest_frame(&self) -> usize {
+        self.largest
     }
 
     /// A sender on the channel the frames go to (none once the writer closed it).
@@ -167,6 +178,7 @@ impl<T: Send + 'static> AsyncWrite for FrameWriter<T> {
         }
         ready!(self.tx.poll_reserve(cx)).map_err(|_| broken())?;
         let n = buf.len().min(DATA_CHUNK);
+        self.largest = self.largest.max(n);
         let item = (self.wrap)(Bytes::copy_from_slice(&buf[..n]), false);
         self.tx.send_item(item).map_err(|_| broken())?;
         Poll::Ready(Ok(n))
@@ -197,6 +209,7 @@ impl<T: Send + 'static> AsyncWrite for FrameWriter<T> {
                 break;
             }
         }
+        self.largest = self.largest.max(n);
         let item = (self.wrap)(frame.freeze(), false);
         self.tx.send_item(item).map_err(|_| broken())?;
         Poll::Ready(Ok(n))
@@ -230,6 +243,8 @@ pub struct FrameReader<S> {
     eof: bool,
     /// The other side sent `CloseSend` (a clean end, not a failure).
     closed_by_peer: bool,
+    /// The longest `Data` frame read, in bytes.
+    largest: usize,
 }
 
 impl<S> std::fmt::Debug for FrameReader<S> {
@@ -248,7 +263,14 @@ impl<S> FrameReader<S> {
             buf: Bytes::new(),
             eof: false,
             closed_by_peer: false,
+            largest: 0,
         }
+    }
+
+    /// The longest `Data` frame read: gRPC's decode buffer grows to the longest message of an
+    /// RPC and keeps that size for the RPC's life (see [`FrameWriter::largest_frame`]).
+    pub fn largest_frame(&self) -> usize {
+        self.largest
     }
 
     /// Whether the other side closed cleanly (`CloseSend` read).
@@ -300,7 +322,10 @@ where
                     )));
                 }
                 Some(Ok(frame)) => match frame.classify() {
-                    Incoming::Data(b) => self.buf = b,
+                    Incoming::Data(b) => {
+                        self.largest = self.largest.max(b.len());
+                        self.buf = b;
+                    }
                     Incoming::CloseSend => {
                         self.eof = true;
                         self.closed_by_peer = true;
@@ -411,6 +436,26 @@ mod tests {
                 self.0.poll_recv(cx).map(|i| i.map(|b| *b))
             }
         }
+    }
+
+    #[tokio::test]
+    async fn both_ends_know_the_longest_frame() {
+        let (tx, rx) = mpsc::channel::<Box<Result<ServerFrame, String>>>(4);
+        let mut w = FrameWriter::wrapped(tx);
+        let mut r = FrameReader::new(tokio_stream_shim::Unboxed(rx));
+        let writer = tokio::spawn(async move {
+            w.write_all(&[1; 10]).await.expect("write");
+            w.write_all(&vec![2; DATA_CHUNK + 5]).await.expect("write");
+            w.write_all(&[3; 100]).await.expect("write");
+            w.shutdown().await.expect("shutdown");
+            w.largest_frame()
+        });
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got.len(), 10 + DATA_CHUNK + 5 + 100);
+        // Frames are cut at DATA_CHUNK, so that is the longest either side saw.
+        assert_eq!(writer.await.expect("join"), DATA_CHUNK);
+        assert_eq!(r.largest_frame(), DATA_CHUNK);
     }
 
     #[tokio::test]

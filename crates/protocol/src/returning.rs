@@ -25,9 +25,24 @@ pub struct Ended<S, T> {
     pub peer_closed: bool,
     /// This side sent `CloseSend`.
     pub closed: bool,
+    /// The longest `Data` frame either side sent on this request, in bytes.
+    pub largest_frame: usize,
 }
 
+/// Streams whose frames stayed within this many bytes may carry another request. gRPC's
+/// encode and decode buffers grow to the longest message of an RPC and keep that size for its
+/// life, so a stream that carried a 64 KiB frame (any response over 16 KiB, a LIST) would hold
+/// 64 KiB or more on each side for as long as it sits idle; kas ends such a stream instead, and
+/// the agent opens a fresh one, which costs far less than the transfer that grew it.
+pub const REUSE_MAX_FRAME: usize = 16 * 1024;
+
 impl<S, T> Ended<S, T> {
+    /// Whether the stream's buffers stayed small enough to keep it for another request
+    /// ([`REUSE_MAX_FRAME`]).
+    pub fn small(&self) -> bool {
+        self.largest_frame <= REUSE_MAX_FRAME
+    }
+
     /// Whether this side ended cleanly, so the stream may carry another request once the
     /// other side's `CloseSend` is read too (pure).
     pub fn clean(&self) -> bool {
@@ -67,11 +82,13 @@ impl<S, T: Send + 'static> Drop for Returning<S, T> {
     fn drop(&mut self) {
         if let (Some(pipe), Some(back)) = (self.pipe.take(), self.back.take()) {
             let (peer_closed, closed) = (pipe.reader.closed_by_peer(), pipe.writer.is_closed());
+            let largest_frame = pipe.reader.largest_frame().max(pipe.writer.largest_frame());
             let _ = back.send(Ended {
                 frames: pipe.reader.into_inner(),
                 sender: pipe.writer.into_sender(),
                 peer_closed,
                 closed,
+                largest_frame,
             });
         }
     }

@@ -618,7 +618,9 @@ impl Registry {
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// The stream back from a request, if it may carry another: kas's side ended cleanly and the
-/// agent's `CloseSend` was read (or is the next frame); `None` ends the stream.
+/// agent's `CloseSend` was read (or is the next frame), and no frame was longer than
+/// [`tether_protocol::returning::REUSE_MAX_FRAME`] (kas decides; the agent keeps any stream
+/// kas keeps); `None` ends the stream.
 async fn reusable(
     ended: Ended<AnswerFirst<Streaming<AgentFrame>>, Outgoing>,
     cancel: &CancellationToken,
@@ -626,6 +628,7 @@ async fn reusable(
     if !ended.clean() || cancel.is_cancelled() {
         return None;
     }
+    let keep = ended.small();
     let mut frames = ended.frames.into_inner();
     if !ended.peer_closed {
         // The agent closes after reading kas's close: usually already on its way.
@@ -636,6 +639,11 @@ async fn reusable(
         if !matches!(frame.frame, Some(agent_frame::Frame::CloseSend(_))) {
             return None; // bytes kas did not read: the request did not end cleanly
         }
+    }
+    // After long frames the stream ends here instead of idling with grown buffers; both sides
+    // have closed, so ending it loses nothing, and the agent opens a fresh one.
+    if !keep {
+        return None;
     }
     Some((frames, ended.sender?))
 }

@@ -260,6 +260,32 @@ async fn a_stream_whose_request_ended_cleanly_carries_the_next_one() {
     }
 }
 
+/// gRPC's buffers keep the size of the longest message a stream carried: after a response in
+/// long frames the stream ends instead of idling with them, and the next request gets a fresh
+/// one.
+#[tokio::test]
+async fn a_stream_that_carried_long_frames_is_closed_instead_of_kept() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let agent = Agent::start(server.addr, pool_config(1));
+    let conn = server.echo().await;
+    eventually("the replacement stream", || {
+        server.registry.stats() == streams(2, 1)
+    })
+    .await;
+    let long = vec![7u8; 4 * tether_protocol::returning::REUSE_MAX_FRAME];
+    assert_eq!(common::echo_through(conn, &long).await, long);
+    eventually("only the replacement left, on both sides", || {
+        server.registry.stats() == streams(1, 1) && agent.pool.stats().idle == 1
+    })
+    .await;
+    // Short requests still keep their stream.
+    assert_eq!(server.echo_round(b"short").await, b"short");
+    eventually("the stream back among the idle ones", || {
+        server.registry.stats() == streams(2, 2)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_stream_whose_request_ended_midway_is_closed() {
     let server = Server::start(Arc::new(Tokens::default())).await;
