@@ -241,14 +241,7 @@ async fn new_streams_of_a_token_with_live_streams_skip_the_store() {
 
 #[tokio::test]
 async fn a_stream_whose_request_ended_cleanly_carries_the_next_one() {
-    let server = Server::start(Arc::new(Tokens::default())).await;
-    let agent = Agent::start(server.addr, pool_config(1));
-    let conn = server.echo().await;
-    // The agent replaces the stream taken: one busy, one idle.
-    eventually("the replacement stream", || {
-        server.registry.stats() == streams(2, 1)
-    })
-    .await;
+    let (server, agent, conn) = one_busy_one_idle().await;
     assert_eq!(common::echo_through(conn, b"first").await, b"first");
     // Both sides closed: the stream is idle again instead of closed.
     eventually("the stream back among the idle ones", || {
@@ -265,13 +258,7 @@ async fn a_stream_whose_request_ended_cleanly_carries_the_next_one() {
 /// one.
 #[tokio::test]
 async fn a_stream_that_carried_long_frames_is_closed_instead_of_kept() {
-    let server = Server::start(Arc::new(Tokens::default())).await;
-    let agent = Agent::start(server.addr, pool_config(1));
-    let conn = server.echo().await;
-    eventually("the replacement stream", || {
-        server.registry.stats() == streams(2, 1)
-    })
-    .await;
+    let (server, agent, conn) = one_busy_one_idle().await;
     let long = vec![7u8; 4 * tether_protocol::returning::REUSE_MAX_FRAME];
     assert_eq!(common::echo_through(conn, &long).await, long);
     eventually("only the replacement left, on both sides", || {
@@ -288,19 +275,26 @@ async fn a_stream_that_carried_long_frames_is_closed_instead_of_kept() {
 
 #[tokio::test]
 async fn a_stream_whose_request_ended_midway_is_closed() {
-    let server = Server::start(Arc::new(Tokens::default())).await;
-    let _agent = Agent::start(server.addr, pool_config(1));
-    let mut conn = server.echo().await;
-    eventually("the replacement stream", || {
-        server.registry.stats() == streams(2, 1)
-    })
-    .await;
+    let (server, _agent, mut conn) = one_busy_one_idle().await;
     conn.write_all(b"half").await.unwrap();
     drop(conn); // no close: the agent may still be sending
     eventually("only the replacement left", || {
         server.registry.stats() == streams(1, 1)
     })
     .await;
+}
+
+/// A server and an agent keeping one idle stream, with a request holding one stream (`conn`)
+/// and the agent's replacement idle.
+async fn one_busy_one_idle() -> (Server, Agent, tether_tunnel_server::TunnelConn) {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let agent = Agent::start(server.addr, pool_config(1));
+    let conn = server.echo().await;
+    eventually("the replacement stream", || {
+        server.registry.stats() == streams(2, 1)
+    })
+    .await;
+    (server, agent, conn)
 }
 
 /// One connected agent with `open` streams, `idle` of them idle.
