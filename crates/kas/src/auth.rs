@@ -48,6 +48,18 @@ impl Authenticator for StoreAuthenticator {
         })
     }
 
+    fn active_tokens(
+        &self,
+        token_ids: Vec<i64>,
+    ) -> tether_tunnel_server::service_future::BoxFuture<'_, Result<Vec<i64>, AuthError>> {
+        Box::pin(async move {
+            self.store
+                .active_tokens(&token_ids)
+                .await
+                .map_err(|e| AuthError(e.to_string()))
+        })
+    }
+
     fn guard(&self) -> Option<&tether_guard::AuthGuard> {
         Some(&self.guard)
     }

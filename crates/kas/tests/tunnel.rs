@@ -223,6 +223,10 @@ async fn a_token_revoked_behind_kas_is_noticed_within_the_recheck_interval() {
         .unwrap();
     let _agent = Agent::start(dir.path(), "elsewhere", &kas.url("grpc"), &t.token, None);
     kas.wait_connected(t.agent_id).await;
+    // An agent whose token stays valid is re-checked in the same batch and kept.
+    let k = kas.admin.register_agent("group/app", "kept").await.unwrap();
+    let _kept = Agent::start(dir.path(), "kept", &kas.url("grpc"), &k.token, None);
+    kas.wait_connected(k.agent_id).await;
     // Another kas replica (here: the store directly) revokes the token.
     use tether_store::Store;
     let store = tether_store::SqliteStore::open(&dir.path().join("data/kas.sqlite"))
@@ -233,6 +237,8 @@ async fn a_token_revoked_behind_kas_is_noticed_within_the_recheck_interval() {
     let t0 = Instant::now();
     kas.wait_disconnected(t.agent_id).await;
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let echoed = kas.admin.echo(k.agent_id, b"still here".to_vec()).await;
+    assert_eq!(echoed.unwrap().as_ref(), b"still here");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

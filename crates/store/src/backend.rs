@@ -331,6 +331,22 @@ macro_rules! impl_store {
                     Ok(matches!(revoked_at, Some(None)))
                 }
 
+                async fn active_tokens(&self, token_ids: &[i64]) -> Result<Vec<i64>> {
+                    let mut active = Vec::new();
+                    // Both databases take far more bound values than this; chunks keep each
+                    // statement short and leave the pool free between them.
+                    for chunk in token_ids.chunks(crate::backend::ACTIVE_TOKENS_CHUNK) {
+                        // Only numbered placeholders are formatted in; the ids are bound.
+                        let sql = sqlx::AssertSqlSafe(crate::backend::active_tokens_sql(chunk.len()));
+                        let mut query = sqlx::query_scalar::<_, i64>(sql);
+                        for id in chunk {
+                            query = query.bind(*id);
+                        }
+                        active.extend(query.fetch_all(&self.pool).await?);
+                    }
+                    Ok(active)
+                }
+
                 async fn authenticate(&self, token: &str) -> Result<Option<AuthenticatedAgent>> {
                     if !token::has_token_shape(token) {
                         return Ok(None);
@@ -679,3 +695,27 @@ macro_rules! impl_store {
 }
 
 pub(crate) use impl_store;
+
+/// Token ids per `active_tokens` query.
+pub(crate) const ACTIVE_TOKENS_CHUNK: usize = 500;
+
+/// `SELECT … WHERE id IN ($1, …, $n)` for `n` ids (pure; `$N` placeholders work on both
+/// backends).
+pub(crate) fn active_tokens_sql(n: usize) -> String {
+    let placeholders: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+    format!(
+        "SELECT id FROM agent_tokens WHERE revoked_at IS NULL AND id IN ({})",
+        placeholders.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn active_tokens_sql_numbers_one_placeholder_per_id() {
+        assert_eq!(
+            super::active_tokens_sql(3),
+            "SELECT id FROM agent_tokens WHERE revoked_at IS NULL AND id IN ($1, $2, $3)"
+        );
+    }
+}

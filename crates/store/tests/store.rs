@@ -213,6 +213,23 @@ async fn revoked_token_is_rejected(backend: Backend) -> TestResult {
     Ok(())
 }
 
+/// The batched re-check gives the active subset, whatever the number of ids (more than one
+/// query's worth here), ignoring revoked and unknown ones.
+async fn active_tokens_are_found_in_batches(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
+    let agent = store.register_agent("g/p", "a").await?;
+    let (kept, _) = store.create_token(agent.id, "kept").await?;
+    let (revoked, _) = store.create_token(agent.id, "revoked").await?;
+    store.revoke_token(revoked.id).await?;
+    let mut ids: Vec<i64> = (0..1_200)
+        .map(|i| kept.id + revoked.id + 10_000 + i)
+        .collect();
+    ids.extend([revoked.id, kept.id]);
+    assert_eq!(store.active_tokens(&ids).await?, vec![kept.id]);
+    assert!(store.active_tokens(&[]).await?.is_empty());
+    Ok(())
+}
+
 async fn two_tokens_per_agent(backend: Backend) -> TestResult {
     let (_db, store) = open(backend).await?;
     let agent = store.register_agent("g/p", "a").await?;
@@ -841,6 +858,7 @@ async fn notifications_are_queued_once_claimed_retried_and_finished(
 
 on_both_backends!(
     notifications_are_queued_once_claimed_retried_and_finished,
+    active_tokens_are_found_in_batches,
     register_token_authenticate,
     wrong_tokens_are_rejected,
     revoked_token_is_rejected,

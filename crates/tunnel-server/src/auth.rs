@@ -32,6 +32,19 @@ pub trait Authenticator: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<AgentIdentity>, AuthError>>;
     /// Whether a token (by id) is still valid; live streams are re-checked with this.
     fn token_active(&self, token_id: i64) -> BoxFuture<'_, Result<bool, AuthError>>;
+    /// Which of `token_ids` are still valid, for re-checking every live stream at once. The
+    /// default asks [`Authenticator::token_active`] for each; kas answers with a few queries.
+    fn active_tokens(&self, token_ids: Vec<i64>) -> BoxFuture<'_, Result<Vec<i64>, AuthError>> {
+        Box::pin(async move {
+            let mut active = Vec::new();
+            for id in token_ids {
+                if self.token_active(id).await? {
+                    active.push(id);
+                }
+            }
+            Ok(active)
+        })
+    }
     /// The agent listener's limits and refusal log; `None`: no limits (tests, tools).
     fn guard(&self) -> Option<&AuthGuard> {
         None

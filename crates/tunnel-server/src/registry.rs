@@ -280,16 +280,23 @@ impl Registry {
     /// Returns how many streams were ended.
     pub async fn recheck_tokens(&self, auth: &dyn Authenticator) -> usize {
         let tokens: Vec<i64> = self.lock().by_token.keys().copied().collect();
-        let mut ended = 0;
-        for t in tokens {
-            match auth.token_active(t).await {
-                Ok(true) => {}
-                Ok(false) => ended += self.revoke_token(t),
-                // Keep streams when the store cannot answer: an outage is not a revocation.
-                Err(e) => tracing::warn!(error = %e, token_id = t, "Token re-check failed"),
-            }
+        if tokens.is_empty() {
+            return 0;
         }
-        ended
+        let active: std::collections::HashSet<i64> = match auth.active_tokens(tokens.clone()).await
+        {
+            Ok(active) => active.into_iter().collect(),
+            // Keep streams when the store cannot answer: an outage is not a revocation.
+            Err(e) => {
+                tracing::warn!(error = %e, tokens = tokens.len(), "Token re-check failed");
+                return 0;
+            }
+        };
+        tokens
+            .into_iter()
+            .filter(|t| !active.contains(t))
+            .map(|t| self.revoke_token(t))
+            .sum()
     }
 
     /// Tracks a long-lived stream of another module (e.g. the configuration stream) so that

@@ -306,3 +306,45 @@ fn streams(open: usize, idle: usize) -> RegistryStats {
         waiters: 0,
     }
 }
+
+/// A store that cannot answer.
+struct Unanswered;
+
+impl tether_tunnel_server::Authenticator for Unanswered {
+    fn authenticate<'a>(
+        &'a self,
+        _token: &'a str,
+    ) -> tether_tunnel_server::service_future::BoxFuture<
+        'a,
+        Result<Option<tether_tunnel_server::AgentIdentity>, tether_tunnel_server::AuthError>,
+    > {
+        Box::pin(async { Err(tether_tunnel_server::AuthError("store down".into())) })
+    }
+
+    fn token_active(
+        &self,
+        _token_id: i64,
+    ) -> tether_tunnel_server::service_future::BoxFuture<
+        '_,
+        Result<bool, tether_tunnel_server::AuthError>,
+    > {
+        Box::pin(async { Err(tether_tunnel_server::AuthError("store down".into())) })
+    }
+}
+
+#[tokio::test]
+async fn the_recheck_ends_streams_of_revoked_tokens_only_and_none_when_the_store_fails() {
+    let tokens = Arc::new(Tokens::default());
+    let server = Server::start(Arc::clone(&tokens)).await;
+    let _agent = Agent::start(server.addr, pool_config(2));
+    eventually("two idle streams", || {
+        server.registry.stats().idle_streams == 2
+    })
+    .await;
+    assert_eq!(server.registry.recheck_tokens(tokens.as_ref()).await, 0);
+    tokens.revoke(TOKEN_ID);
+    // An outage is not a revocation.
+    assert_eq!(server.registry.recheck_tokens(&Unanswered).await, 0);
+    assert_eq!(server.registry.stats().idle_streams, 2);
+    assert_eq!(server.registry.recheck_tokens(tokens.as_ref()).await, 2);
+}
