@@ -36,18 +36,6 @@ impl Authenticator for StoreAuthenticator {
         })
     }
 
-    fn token_active(
-        &self,
-        token_id: i64,
-    ) -> tether_tunnel_server::service_future::BoxFuture<'_, Result<bool, AuthError>> {
-        Box::pin(async move {
-            self.store
-                .token_active(token_id)
-                .await
-                .map_err(|e| AuthError(e.to_string()))
-        })
-    }
-
     fn active_tokens(
         &self,
         token_ids: Vec<i64>,

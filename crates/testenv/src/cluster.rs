@@ -6,6 +6,10 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+// Ports for components that must be told their address, picked below the ephemeral range (see
+// `unused_port`).
+use tether_test_support::unused_port;
+
 use crate::supervisor::{Group, requested};
 use crate::{Error, Result, io_err, pki};
 
@@ -29,12 +33,6 @@ pub struct Info {
     pub server: String,
     pub kubeconfig: PathBuf,
     pub ca_file: PathBuf,
-}
-
-/// A port for a component that must be told its address; see
-/// [`tether_test_support::unused_port`] for why it is picked below the ephemeral range.
-fn free_port() -> Result<u16> {
-    Ok(tether_test_support::unused_port())
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -232,7 +230,7 @@ impl Components<'_> {
 
     /// Starts etcd; returns its client URL.
     fn start_etcd(&self, group: &mut Group) -> Result<String> {
-        let (client, peer) = (free_port()?, free_port()?);
+        let (client, peer) = (unused_port(), unused_port());
         let etcd_url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         self.spawn(
@@ -255,7 +253,7 @@ impl Components<'_> {
 
     /// Starts kube-apiserver on etcd; returns its URL.
     fn start_apiserver(&self, group: &mut Group, etcd_url: &str, p: &pki::Pki) -> Result<String> {
-        let port = free_port()?;
+        let port = unused_port();
         let server = format!("https://127.0.0.1:{port}");
         self.spawn(
             group,
@@ -314,7 +312,7 @@ impl Components<'_> {
                 format!("--kubeconfig={}", kc.display()),
                 "--leader-elect=false".into(),
                 "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", free_port()?),
+                format!("--secure-port={}", unused_port()),
             ],
         )?;
         self.spawn(
@@ -325,7 +323,7 @@ impl Components<'_> {
                 format!("--config={}", self.bin("kwok-stages.yaml").display()),
                 "--manage-all-nodes=false".into(),
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
-                format!("--server-address=127.0.0.1:{}", free_port()?),
+                format!("--server-address=127.0.0.1:{}", unused_port()),
                 "--cidr=10.244.0.0/16".into(),
                 "--node-ip=127.0.0.1".into(),
                 // The stages renew the node's status only every 10 min and expect a Lease as

@@ -66,7 +66,7 @@ impl Postgres {
         run_output(&mut initdb)?;
         let mut attempt = 1;
         loop {
-            server.port = free_port()?;
+            server.port = tether_test_support::unused_port();
             match server.pg_ctl_start() {
                 Ok(()) => return Ok(server),
                 Err(e) if attempt < START_ATTEMPTS && server.lost_port() => {
@@ -219,9 +219,4 @@ fn server_owner() -> Result<Option<(u32, u32)>> {
                     .into(),
             )
         })
-}
-
-/// A port for PostgreSQL; see [`tether_test_support::unused_port`].
-fn free_port() -> Result<u16> {
-    Ok(tether_test_support::unused_port())
 }

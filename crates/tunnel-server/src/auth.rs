@@ -30,21 +30,9 @@ pub trait Authenticator: Send + Sync + 'static {
         &'a self,
         token: &'a str,
     ) -> BoxFuture<'a, Result<Option<AgentIdentity>, AuthError>>;
-    /// Whether a token (by id) is still valid; live streams are re-checked with this.
-    fn token_active(&self, token_id: i64) -> BoxFuture<'_, Result<bool, AuthError>>;
-    /// Which of `token_ids` are still valid, for re-checking every live stream at once. The
-    /// default asks [`Authenticator::token_active`] for each; kas answers with a few queries.
-    fn active_tokens(&self, token_ids: Vec<i64>) -> BoxFuture<'_, Result<Vec<i64>, AuthError>> {
-        Box::pin(async move {
-            let mut active = Vec::new();
-            for id in token_ids {
-                if self.token_active(id).await? {
-                    active.push(id);
-                }
-            }
-            Ok(active)
-        })
-    }
+    /// Which of `token_ids` are still valid: the tokens of every live stream are re-checked
+    /// with this, all at once (kas answers with a few store queries).
+    fn active_tokens(&self, token_ids: Vec<i64>) -> BoxFuture<'_, Result<Vec<i64>, AuthError>>;
     /// The agent listener's limits and refusal log; `None`: no limits (tests, tools).
     fn guard(&self) -> Option<&AuthGuard> {
         None

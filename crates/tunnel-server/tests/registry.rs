@@ -321,12 +321,12 @@ impl tether_tunnel_server::Authenticator for Unanswered {
         Box::pin(async { Err(tether_tunnel_server::AuthError("store down".into())) })
     }
 
-    fn token_active(
+    fn active_tokens(
         &self,
-        _token_id: i64,
+        _token_ids: Vec<i64>,
     ) -> tether_tunnel_server::service_future::BoxFuture<
         '_,
-        Result<bool, tether_tunnel_server::AuthError>,
+        Result<Vec<i64>, tether_tunnel_server::AuthError>,
     > {
         Box::pin(async { Err(tether_tunnel_server::AuthError("store down".into())) })
     }

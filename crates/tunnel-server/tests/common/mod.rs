@@ -57,8 +57,8 @@ impl Authenticator for Tokens {
         Box::pin(async move { Ok(identity) })
     }
 
-    fn token_active(&self, token_id: i64) -> BoxFuture<'_, Result<bool, AuthError>> {
-        let active = self.active(token_id);
+    fn active_tokens(&self, token_ids: Vec<i64>) -> BoxFuture<'_, Result<Vec<i64>, AuthError>> {
+        let active = token_ids.into_iter().filter(|t| self.active(*t)).collect();
         Box::pin(async move { Ok(active) })
     }
 }
