@@ -19,6 +19,8 @@ pub struct KasSetup {
     pub config: PathBuf,
     pub agent_port: u16,
     pub api_port: u16,
+    /// Where kas's health endpoints (`/liveness`, `/readiness`) answer.
+    pub observability_port: u16,
 }
 
 impl KasSetup {
@@ -64,6 +66,7 @@ impl KasSetup {
             config,
             agent_port,
             api_port,
+            observability_port: obs_port,
         })
     }
 

@@ -18,9 +18,11 @@ use serde_json::{Value, json};
 use tether_kas_api::AdminClient;
 use tether_kas_api::Stats;
 use tether_transport::KasAddress;
+use tokio_util::sync::CancellationToken;
 
 mod fleet;
 mod kas_proc;
+mod probe;
 mod replicas;
 
 use fleet::{Fleet, FleetOptions};
@@ -326,6 +328,8 @@ async fn storm(
     );
     let noticed = wait_down(fleet, Duration::from_secs(30)).await;
     let down = Instant::now();
+    let probing = CancellationToken::new();
+    let probes = tokio::spawn(probe::liveness(setup.observability_port, probing.clone()));
     *kas = setup.start().await?;
     let api_up = Instant::now();
     eprintln!(
@@ -334,6 +338,8 @@ async fn storm(
     );
     let back = wait_connected(&kas.admin, fleet, goal, down, Some(api_up), "reconnect").await?;
     let from_sigterm = t_term.elapsed();
+    probing.cancel();
+    let liveness = probes.await.context("the liveness prober panicked")?;
     let cpu = kas.cpu_seconds()?;
     tokio::time::sleep(settle).await;
     let stats = kas.admin.stats().await?;
@@ -345,6 +351,7 @@ async fn storm(
         from_sigterm,
         cpu,
         stats,
+        liveness,
     })
 }
 
@@ -509,6 +516,8 @@ struct Storm {
     /// CPU of the new kas from its start until all agents were back.
     cpu: f64,
     stats: Stats,
+    /// kas's `/liveness` from the new kas's spawn until all agents were back.
+    liveness: probe::Probes,
 }
 
 #[derive(Debug, Default)]
@@ -574,6 +583,21 @@ fn print_storm(s: &Storm) {
         format!("{:.2} s", s.from_sigterm.as_secs_f64()),
     );
     row("new kas CPU until all back", format!("{:.2} s", s.cpu));
+    let l = &s.liveness;
+    row(
+        "new kas /liveness: first answer after spawn",
+        l.first_answer
+            .map_or("never".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+    );
+    row(
+        "  then in time (1 s) / slowest",
+        format!(
+            "{}/{} / {:.0} ms",
+            l.in_time,
+            l.after_up,
+            l.slowest.as_secs_f64() * 1000.0
+        ),
+    );
     row("new kas RSS with N back", mib(s.stats.rss_bytes));
 }
 
@@ -674,6 +698,12 @@ impl Report {
                 "reconnect_from_sigterm_seconds": round(s.from_sigterm.as_secs_f64(), 3),
                 "kas_cpu_seconds": round(s.cpu, 3),
                 "kas_rss_bytes": s.stats.rss_bytes,
+                "liveness": {
+                    "first_answer_seconds": s.liveness.first_answer.map(|d| round(d.as_secs_f64(), 3)),
+                    "probes": s.liveness.after_up,
+                    "in_time": s.liveness.in_time,
+                    "slowest_ms": round(s.liveness.slowest.as_secs_f64() * 1000.0, 1),
+                },
             })
         });
         json!({
