@@ -216,7 +216,8 @@ struct Commit {
 /// How long a cancelled sync may take to wind down before its task is aborted. Cancellation is
 /// checked between requests; a request hanging on the API server must not hold agentk past
 /// Kubernetes' termination grace period (30 s by default), so it is dropped mid-flight — as
-/// safe as a crash, which the staged apply and the inventory are built to survive.
+/// safe as a crash: a sync lists what it may create in the inventory before applying it, so
+/// a later sync can prune what an abandoned one created.
 const SYNC_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Bound of one `ReportSync` call: kas answers in milliseconds, a hung kas must not stall the

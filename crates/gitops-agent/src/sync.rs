@@ -201,6 +201,15 @@ pub enum SyncError {
         name: String,
         source: ApiError,
     },
+    /// Checked before applying, so nothing is applied that the inventory could not track.
+    #[error(
+        "inventory {namespace}/{name} cannot list this commit's objects: {source}; nothing was applied"
+    )]
+    InventoryTooLarge {
+        namespace: String,
+        name: String,
+        source: InventoryError,
+    },
     #[error("writing inventory {namespace}/{name}: {source}")]
     WriteInventory {
         namespace: String,
@@ -496,15 +505,18 @@ impl Syncer {
             return Ok(client_dry_run(commit_id, &manifests));
         }
         // 2. The previous inventory, and discovery.
-        let previous = self.read_inventory(s).await?;
+        let mut previous = self.read_inventory(s).await?;
         let disc = self.discover().await?;
         default_namespaces(&mut manifests, &disc, s);
         if let Some((obj, sources)) = plan::duplicates(&manifests).into_iter().next() {
             return Err(SyncError::Duplicate { obj, sources }.into());
         }
-        // 3. Apply in stages.
+        // 3. Apply in stages, after recording what the stages may create.
         let mut p = Progress::default();
         if !dry {
+            if let Some(intent) = self.record_intent(s, &previous, &manifests, &mut p).await? {
+                previous.stored = Some(intent);
+            }
             p.watches = Some(Watches::new(self.client.clone(), p.seen.clone()));
         }
         let disc = self
@@ -551,6 +563,7 @@ impl Syncer {
                     name,
                     exists: false,
                     objects: BTreeSet::new(),
+                    stored: None,
                 });
             }
             Err(e) => {
@@ -571,6 +584,7 @@ impl Syncer {
                 name,
                 exists: true,
                 objects,
+                stored: None,
             }),
             Err(e) => Err(SyncError::InventoryUnreadable {
                 namespace: s.default_namespace.clone(),
@@ -707,8 +721,9 @@ impl Syncer {
         let prune_list: Vec<ObjRef> = prune_tiers.iter().flatten().cloned().collect();
         let mut with_pending = inventory_now.clone();
         with_pending.extend(prune_list.iter().cloned());
-        // An unchanged set needs no write (a re-sync of the same commit writes nothing).
-        if !(previous.exists && with_pending == previous.objects) {
+        // An unchanged set needs no write (a re-sync of the same commit writes nothing, nor
+        // does a sync that applied all it recorded before applying).
+        if previous.stored() != Some(&with_pending) {
             self.write_inventory(s, &previous.name, &with_pending)
                 .await
                 .map_err(|e| SyncError::WriteInventory {
@@ -731,6 +746,42 @@ impl Syncer {
             }
         }
         Ok(())
+    }
+
+    /// Before applying: adds every object this sync may create to the inventory. A sync cut
+    /// short — a newer commit cancelling it, agentk stopped, killed or losing its lease —
+    /// has created objects its final inventory write never recorded; without this, a later
+    /// commit that drops them would never prune them. Listing objects that end up not created
+    /// or not ours is harmless: pruning deletes only objects that carry our owner mark, and
+    /// the write after applying narrows the set again. An inventory too large for a
+    /// ConfigMap fails here, before anything is applied.
+    async fn record_intent(
+        &self,
+        s: &Settings,
+        previous: &PreviousInventory,
+        manifests: &[Manifest],
+        p: &mut Progress,
+    ) -> Result<Option<BTreeSet<ObjRef>>, SyncError> {
+        let Some(intent) = intent_set(previous, manifests) else {
+            return Ok(None);
+        };
+        let (namespace, name) = (s.default_namespace.clone(), previous.name.clone());
+        if let Err(source) = inventory::check_size(&inventory::encode(&intent)) {
+            return Err(SyncError::InventoryTooLarge {
+                namespace,
+                name,
+                source,
+            });
+        }
+        self.write_inventory(s, &previous.name, &intent)
+            .await
+            .map_err(|source| SyncError::WriteInventory {
+                namespace,
+                name,
+                source,
+            })?;
+        p.writes += 1;
+        Ok(Some(intent))
     }
 
     /// Prunes tier by tier (reverse dependency order); returns the objects that are gone.
@@ -1304,12 +1355,39 @@ impl From<SyncError> for Aborted {
     }
 }
 
+/// The inventory to write before applying `manifests`: the previous one plus every object
+/// to apply; `None` when that adds nothing (a re-sync, a commit that only removes objects).
+fn intent_set(previous: &PreviousInventory, manifests: &[Manifest]) -> Option<BTreeSet<ObjRef>> {
+    let new: Vec<ObjRef> = manifests
+        .iter()
+        .map(Manifest::obj_ref)
+        .filter(|o| !previous.objects.contains(o))
+        .collect();
+    if new.is_empty() && previous.exists {
+        return None;
+    }
+    let mut intent = previous.objects.clone();
+    intent.extend(new);
+    Some(intent)
+}
+
 /// The inventory as the previous sync left it.
 pub(crate) struct PreviousInventory {
     /// The inventory ConfigMap's name, which is also the owner mark of our objects.
     pub(crate) name: String,
     exists: bool,
     pub(crate) objects: BTreeSet<ObjRef>,
+    /// What this sync wrote before applying, when it did ([`Syncer::record_intent`]).
+    stored: Option<BTreeSet<ObjRef>>,
+}
+
+impl PreviousInventory {
+    /// The set the ConfigMap holds now, if it exists.
+    fn stored(&self) -> Option<&BTreeSet<ObjRef>> {
+        self.stored
+            .as_ref()
+            .or(self.exists.then_some(&self.objects))
+    }
 }
 
 /// What one sync has done so far.
@@ -1595,6 +1673,50 @@ mod tests {
                 (o.obj.clone(), o)
             })
             .collect()
+    }
+
+    fn configmaps(names: &[&str]) -> Vec<Manifest> {
+        let files: Vec<(String, Vec<u8>)> = names
+            .iter()
+            .map(|n| {
+                let yaml = format!(
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {n}\n  namespace: dude\n"
+                );
+                (format!("{n}.yaml"), yaml.into_bytes())
+            })
+            .collect();
+        decode_all(&files).expect("decodes")
+    }
+
+    fn previous(exists: bool, names: &[&str]) -> PreviousInventory {
+        PreviousInventory {
+            name: "inv".into(),
+            exists,
+            objects: names.iter().map(|n| obj(n)).collect(),
+            stored: None,
+        }
+    }
+
+    #[test]
+    fn the_inventory_lists_new_objects_before_they_are_applied() {
+        let want: BTreeSet<ObjRef> = ["a", "b", "c"].iter().map(|n| obj(n)).collect();
+        let grown = intent_set(&previous(true, &["a", "b"]), &configmaps(&["b", "c"]));
+        assert_eq!(
+            grown,
+            Some(want),
+            "old objects stay until pruned, new ones join"
+        );
+        let first = intent_set(&previous(false, &[]), &configmaps(&[]));
+        assert_eq!(
+            first,
+            Some(BTreeSet::new()),
+            "a first sync creates its inventory"
+        );
+        assert_eq!(
+            intent_set(&previous(true, &["a", "b"]), &configmaps(&["a"])),
+            None,
+            "nothing new: no write before applying (a re-sync writes nothing)"
+        );
     }
 
     #[test]

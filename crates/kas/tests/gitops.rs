@@ -163,6 +163,80 @@ async fn crds_apply_before_their_resources_and_are_pruned_after_them() {
     assert!(get_json(&rig.env, &["get", "crd", &format!("widgets.{group}")]).is_none());
 }
 
+/// A CRD of `group` with kind `Widget` and the given plural.
+fn widget_crd(group: &str, plural: &str) -> String {
+    format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: {plural}.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names:\n    plural: {plural}\n    kind: Widget\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        x-kubernetes-preserve-unknown-fields: true\n"
+    )
+}
+
+/// agentk killed in the middle of a sync (OOM, node loss, or a sync aborted after its stop
+/// grace) has created objects that its end-of-sync inventory write never recorded; the next
+/// commit that drops them must still prune them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_a_sync_killed_midway_are_pruned_when_they_leave_git() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("midway").unwrap();
+    // The sync is held between its two stages: the commit's CRD takes a kind another CRD of
+    // its group already has, so it is never Established and agentk waits for it (60 s)
+    // before applying the ConfigMap — a window in which to kill agentk.
+    let group = format!("{ns}.tether.test");
+    env.apply_yaml(&widget_crd(&group, "widgets")).unwrap();
+    let held = format!("gadgets.{group}");
+    let (mut rig, _c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[
+            (
+                "manifests/crd.yaml",
+                Some(widget_crd(&group, "gadgets").as_bytes()),
+            ),
+            ("manifests/cm.yaml", Some(&configmap("kept", &ns, "v1"))),
+        ],
+        &[],
+    )
+    .await;
+    wait_for(
+        "agentk to create the held CRD",
+        Duration::from_secs(60),
+        || async { get_json(&rig.env, &["get", "crd", &held]) },
+    )
+    .await;
+    rig.agent.kill9();
+    assert!(
+        get_json(&rig.env, &["get", "configmap", "kept", "-n", &ns]).is_none(),
+        "agentk was killed before its second stage"
+    );
+
+    // The CRD leaves Git; a new agentk syncs the new commit.
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/crd.yaml", None)], "drop the CRD");
+    rig.agent = rig.start_agent("agentk-2");
+    let s = rig.synced(&c2).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert!(get_json(&rig.env, &["get", "configmap", "kept", "-n", &ns]).is_some());
+    wait_for(
+        "the held CRD to be pruned",
+        Duration::from_secs(30),
+        || async {
+            get_json(&rig.env, &["get", "crd", &held])
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    run_output(
+        rig.env
+            .kubectl()
+            .args(["delete", "crd", &format!("widgets.{group}")]),
+    )
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_corrected_by_the_periodic_resync() {
     let _ = rustls::crypto::ring::default_provider().install_default();
