@@ -109,6 +109,15 @@ impl ApiState {
     /// Tells the other replicas about `event`: to end what a revoked token opened there (this
     /// one ended it already; without Redis, or when publishing fails, they notice at their next
     /// token re-check), or to fetch a pushed project (or at their next poll).
+    /// Tells the other replicas to re-read the projects (one was set or removed here).
+    async fn projects_changed(&self) {
+        if let Some(cluster) = &self.cluster {
+            let from = cluster.replica();
+            self.publish_event(crate::cluster::ClusterEvent::Projects { from })
+                .await;
+        }
+    }
+
     pub async fn publish_event(&self, event: crate::cluster::ClusterEvent) {
         let Some(cluster) = &self.cluster else { return };
         if let Err(e) = cluster.publish(event.clone()).await {
@@ -495,6 +504,7 @@ async fn put_project(
         .upsert(spec)
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     tracing::info!(project = %p.path, remote = p.remote.as_deref().unwrap_or(""), "Project source set");
+    st.projects_changed().await;
     Ok(Json(project_view(&st, p)))
 }
 
@@ -510,6 +520,7 @@ async fn delete_project(
         if let Some(id) = id {
             st.sources.remove(id);
         }
+        st.projects_changed().await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError(

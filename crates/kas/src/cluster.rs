@@ -94,6 +94,9 @@ pub enum ClusterEvent {
     /// A push webhook for a project reached replica `from`: every other replica fetches it
     /// too (each keeps its own mirror), so agents on any replica get the commit at once.
     Pushed { project: i64, from: u64 },
+    /// Replica `from` set or removed a project: every other replica re-reads the projects
+    /// from the store (and does so periodically anyway, for an event it missed).
+    Projects { from: u64 },
     /// What replica `from`'s rate limiters counted lately (see [`crate::limits`]).
     Limits {
         from: u64,
@@ -262,6 +265,13 @@ mod tests {
         };
         let text = serde_json::to_string(&p).unwrap();
         assert_eq!(serde_json::from_str::<ClusterEvent>(&text).unwrap(), p);
+        let projects = ClusterEvent::Projects { from: 9 };
+        let text = serde_json::to_string(&projects).unwrap();
+        assert_eq!(text, r#"{"kind":"projects","from":9}"#);
+        assert_eq!(
+            serde_json::from_str::<ClusterEvent>(&text).unwrap(),
+            projects
+        );
     }
 
     #[test]

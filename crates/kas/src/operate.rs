@@ -450,14 +450,7 @@ mod tests {
         let p = Project {
             id: 7,
             path: "group/manifests".into(),
-            created_at: 0,
-            remote: None,
-            credentials_file: None,
-            webhook_secret_file: None,
-            ssh_key_file: None,
-            known_hosts_file: None,
-            verify_allowed_signers_file: None,
-            verify_gpg_keyring_file: None,
+            ..Project::default()
         };
         assert!(names("7", "group/manifests", Some(&p)));
         assert!(names("group/manifests", "7", Some(&p)));

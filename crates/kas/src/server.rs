@@ -24,6 +24,7 @@ use crate::connections::{ConnectionCount, Counted};
 use crate::limits::Guards;
 use crate::listener::ListenerMetrics;
 use crate::modules::{Handle, Modules};
+use crate::projects::StoredProjects;
 use tether_configuration_server::{ConfigService, ConfigStates};
 use tether_git_source::Sources;
 use tether_gitops_server::{GitOpsDeps, GitOpsModule, GitOpsService};
@@ -87,6 +88,8 @@ struct Shared {
     cluster: Option<Cluster>,
     /// Routing to the replica holding an agent's tunnels (`peers:`).
     peers: Option<crate::peers::Peers>,
+    /// The stored projects as the mirrors last took them.
+    projects: Arc<Mutex<StoredProjects>>,
 }
 
 /// Starts every module of kas, in order, and returns once all listeners are bound.
@@ -121,6 +124,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         notifier,
         cluster,
         peers: None,
+        projects: Arc::default(),
     };
     check_limits(&cfg);
     let (sources, h) = start_sources(&cfg, &mut sh, modules.handle("sources")).await?;
@@ -287,6 +291,16 @@ fn follow_cluster_events(
     let (registry, live) = (Arc::clone(&sh.registry), Arc::clone(live_user_requests));
     let (sources, me) = (Arc::clone(sources), cluster.replica());
     let guards = sh.guards.clone();
+    let projects_changed = Arc::new(tokio::sync::Notify::new());
+    let projects = tokio::spawn(follow_projects(
+        (
+            Arc::clone(&sh.store),
+            Arc::clone(&sources),
+            Arc::clone(&sh.projects),
+        ),
+        Arc::clone(&projects_changed),
+        Modules::shutdown_of(&handle),
+    ));
     let apply = move |event: ClusterEvent| match event {
         ClusterEvent::AgentToken { id } => ended(event, registry.revoke_token(id)),
         ClusterEvent::UserToken { id } => ended(event, live.revoke(id)),
@@ -299,13 +313,42 @@ fn follow_cluster_events(
             }
         }
         ClusterEvent::Pushed { .. } => {}
+        ClusterEvent::Projects { from } if from != me => projects_changed.notify_one(),
+        ClusterEvent::Projects { .. } => {}
         ClusterEvent::Limits { from, counts } if from != me => guards.apply_shared(&counts),
         ClusterEvent::Limits { .. } => {}
     };
     let stop = Modules::shutdown_of(&handle);
     let sharing = sh.guards.spawn_sharing(cluster.clone(), stop.clone());
     let task = tokio::spawn(cluster.follow(apply, stop));
-    handle.task(task).task(sharing)
+    handle.task(task).task(sharing).task(projects)
+}
+
+/// How often a replica re-reads the projects even when no replica said they changed.
+const PROJECTS_REREAD: Duration = Duration::from_secs(30);
+
+/// Keeps this replica's mirrors on the stored projects: at once when another replica says it
+/// changed one, and every [`PROJECTS_REREAD`] (Redis may have dropped the message).
+async fn follow_projects(
+    (store, sources, seen): (Arc<dyn Store>, Arc<Sources>, Arc<Mutex<StoredProjects>>),
+    changed: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PROJECTS_REREAD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
+    loop {
+        tokio::select! {
+            () = changed.notified() => {}
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        crate::projects::follow_store(store.as_ref(), &sources, &seen).await;
+    }
+}
+
+fn lock_projects(p: &Mutex<StoredProjects>) -> std::sync::MutexGuard<'_, StoredProjects> {
+    p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Routing between replicas, when `peers` is configured: the private listener other replicas
@@ -381,7 +424,9 @@ async fn start_sources(
         cfg.git.fetch_timeout,
     );
     sources.metrics().register(&mut sh.metrics);
-    for p in sh.store.list_projects().await.context("listing projects")? {
+    let listed = sh.store.list_projects().await.context("listing projects")?;
+    let changes = lock_projects(&sh.projects).update(listed);
+    for p in changes.set {
         if let Err(e) = sources.upsert(crate::projects::project_spec(&p)?) {
             tracing::error!(project = %p.path, error = %e, "Cannot mirror the project");
         }

@@ -218,6 +218,44 @@ async fn a_webhook_sent_to_one_replica_drives_the_sync_of_an_agent_on_another() 
     );
 }
 
+/// A project set through replica 2 — here moved to another repository — takes effect on
+/// replica 1, which serves the agent: replica 1 mirrors the new remote and the agent applies
+/// its commit (without this, replica 1 kept the old remote until it restarted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_set_through_one_replica_is_mirrored_by_the_others() {
+    let shared = Shared::start();
+    let (rig, ns, _) = synced_rig("moved", shared.options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let two = shared.replica(&dir.path().join("kas-2")).await;
+    let moved = support::GitRepo::init(&dir.path().join("moved"));
+    let c2 = moved.commit(
+        &[("manifests/cm.yaml", Some(&configmap("first", &ns, "moved")))],
+        "in the new repository",
+    );
+    let request = kas::api::ProjectRequest {
+        path: "group/manifests".into(),
+        remote: Some(moved.dir.display().to_string()),
+        ..kas::api::ProjectRequest::default()
+    };
+    two.admin.set_project(&request).await.unwrap();
+    let synced = rig.synced(&c2).await;
+    assert_eq!(synced.outcome, tether_kas_api::ReportedOutcome::Succeeded);
+
+    // Removed through replica 2: replica 1 stops mirroring it too.
+    two.admin.remove_project("group/manifests").await.unwrap();
+    wait_for(
+        "replica 1 to drop the project",
+        Duration::from_secs(10),
+        || async {
+            rig.kas
+                .log()
+                .contains("Project removed (through another replica)")
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// The replicas of [`Shared`], each with its private peers listener.
 async fn replicas_with_peers(
     shared: &Shared,

@@ -2,7 +2,7 @@
 //! and PostgreSQL `BIGINT` map to; timestamps are Unix seconds for the same portability reason.
 
 /// A GitLab-style project, identified by its full path (`group/sub/name`).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct Project {
     pub id: i64,
     pub path: String,
