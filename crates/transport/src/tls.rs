@@ -1,9 +1,12 @@
 //! Loading certificates and keys, and building rustls configurations.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -52,16 +55,99 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
 }
 
 /// Loads kas's certificate chain and private key (PEM files) into a server config offering
-/// ALPN `h2` (gRPC clients) and `http/1.1` (WebSocket clients) on the same port.
+/// ALPN `h2` (gRPC clients) and `http/1.1` (WebSocket clients) on the same port. The files
+/// are read again when they change (see [`ReloadingCert`]), so a certificate renewed on disk
+/// (cert-manager, a rotated Secret) is served without a restart.
 pub fn load_server_tls(cert_file: &Path, key_file: &Path) -> Result<ServerTls> {
-    let certs = load_certs(cert_file)?;
-    let key = load_key(key_file)?;
+    let resolver = ReloadingCert::load(cert_file, key_file)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Checks of the files' stamps at most this often (a handshake storm stats them no more).
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Size and modification time of the certificate and key files.
+type Stamp = [Option<(u64, SystemTime)>; 2];
+
+fn stamp(cert_file: &Path, key_file: &Path) -> Stamp {
+    [cert_file, key_file].map(|f| {
+        let m = std::fs::metadata(f).ok()?;
+        Some((m.len(), m.modified().ok()?))
+    })
+}
+
+/// The server certificate, read again from its files when their size or modification time
+/// changes. A pair that does not load (half-written, or a new certificate with the old key)
+/// keeps the last good one in service and is tried again when the files change next.
+#[derive(Debug)]
+pub(crate) struct ReloadingCert {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    state: Mutex<Served>,
+}
+
+#[derive(Debug)]
+struct Served {
+    key: Arc<CertifiedKey>,
+    stamp: Stamp,
+    checked: Instant,
+}
+
+impl ReloadingCert {
+    fn load(cert_file: &Path, key_file: &Path) -> Result<Self> {
+        let stamp = stamp(cert_file, key_file);
+        let key = Arc::new(certified_key(cert_file, key_file)?);
+        Ok(Self {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            state: Mutex::new(Served {
+                key,
+                stamp,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    /// The certificate to serve now, reloaded first if the files changed.
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.checked.elapsed() < RECHECK {
+            return Arc::clone(&s.key);
+        }
+        s.checked = Instant::now();
+        let now = stamp(&self.cert_file, &self.key_file);
+        if now != s.stamp {
+            s.stamp = now;
+            match certified_key(&self.cert_file, &self.key_file) {
+                Ok(k) => {
+                    s.key = Arc::new(k);
+                    tracing::info!(certificate_file = %self.cert_file.display(), "TLS certificate reloaded");
+                }
+                Err(e) => {
+                    tracing::warn!(certificate_file = %self.cert_file.display(), error = %e, "The TLS certificate files changed but do not load; still serving the previous certificate");
+                }
+            }
+        }
+        Arc::clone(&s.key)
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// A certificate chain and its private key, checked to belong together.
+fn certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey> {
+    let certs = load_certs(cert_file)?;
+    let key = load_key(key_file)?;
+    Ok(CertifiedKey::from_der(certs, key, &provider())?)
 }
 
 /// An HTTP/1.1 client config trusting only `ca_file` when given, otherwise the system's roots
@@ -105,4 +191,49 @@ pub(crate) fn client_config(ca_file: Option<&Path>, alpn: &[u8]) -> Result<Arc<C
         .with_no_client_auth();
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tether_test_support::Pki;
+
+    /// The end-entity certificate served now, after letting the recheck interval pass.
+    fn served(r: &ReloadingCert) -> Vec<u8> {
+        let mut s = r.state.lock().unwrap();
+        s.checked = Instant::now().checked_sub(RECHECK).unwrap();
+        drop(s);
+        r.current().cert[0].to_vec()
+    }
+
+    fn pem_der(pki: &Pki) -> Vec<u8> {
+        load_certs(&pki.cert).unwrap()[0].to_vec()
+    }
+
+    #[test]
+    fn files_that_do_not_load_keep_the_last_good_certificate() {
+        let (a, b) = (Pki::temporary(), Pki::temporary());
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::copy(&a.cert, &cert).unwrap();
+        std::fs::copy(&a.key, &key).unwrap();
+        let r = ReloadingCert::load(&cert, &key).unwrap();
+        assert_eq!(served(&r), pem_der(&a));
+        // A new certificate with the old key: refused, the old pair stays.
+        std::fs::copy(&b.cert, &cert).unwrap();
+        assert_eq!(served(&r), pem_der(&a));
+        // A half-written key: still the old pair.
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        assert_eq!(served(&r), pem_der(&a));
+        // The new key arrives: the new pair is served.
+        std::fs::copy(&b.key, &key).unwrap();
+        assert_eq!(served(&r), pem_der(&b));
+    }
+
+    #[test]
+    fn a_mismatched_pair_is_refused_at_start() {
+        let (a, b) = (Pki::temporary(), Pki::temporary());
+        assert!(load_server_tls(&a.cert, &b.key).is_err());
+    }
 }

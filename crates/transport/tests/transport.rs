@@ -55,6 +55,41 @@ async fn grpcs_round_trip() {
     server.stop().await;
 }
 
+/// A certificate renewed on disk (cert-manager rewriting the Secret's files) is served to new
+/// connections without restarting the listener; until then the old one keeps working.
+#[tokio::test]
+async fn a_certificate_renewed_on_disk_is_served_without_a_restart() {
+    let (old, new) = (Pki::temporary(), Pki::temporary());
+    let served = tempfile::tempdir().unwrap();
+    let (cert, key) = (served.path().join("tls.crt"), served.path().join("tls.key"));
+    std::fs::copy(&old.cert, &cert).unwrap();
+    std::fs::copy(&old.key, &key).unwrap();
+    let tls = tether_transport::load_server_tls(&cert, &key).unwrap();
+    let server = TestServer::start(Some(tls)).await;
+    let url = addr(&format!("grpcs://127.0.0.1:{}", server.port()));
+    let channel = connect(&url, &trusting(&old)).await.unwrap();
+    assert_eq!(scheme_seen(&ping_pong(channel, 2).await), "grpcs");
+
+    std::fs::copy(&new.key, &key).unwrap();
+    std::fs::copy(&new.cert, &cert).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let channel = loop {
+        match connect(&url, &trusting(&new)).await {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("the renewed certificate was not served: {e}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(scheme_seen(&ping_pong(channel, 2).await), "grpcs");
+    assert!(
+        connect(&url, &trusting(&old)).await.is_err(),
+        "the old certificate is no longer served"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn grpcs_with_tls_server_name_override() {
     let pki = Pki::temporary();
