@@ -74,7 +74,7 @@ fn with_token<T>(meta: &AgentMeta, msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     // A token metadata cannot carry goes without: kas then answers UNAUTHENTICATED, which
     // the caller reports (agentk trims the token file, so this means a corrupt file).
-    if let Ok(v) = metadata::bearer(&meta.token) {
+    if let Ok(v) = metadata::bearer(&meta.token.current()) {
         req.metadata_mut().insert(metadata::AUTHORIZATION, v);
     }
     req

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
 use tether_gitops_agent::metrics::SyncMetrics;
 use tether_transport::{ClientOptions, KasAddress, NoProxy, ProxySettings, ProxyUrl};
@@ -191,16 +191,6 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Reads the token; a trailing newline (as `echo` or a Secret volume leaves) is not part of it.
-fn read_token(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the token file {}", path.display()))?;
-    let token = text.trim_end_matches(['\n', '\r']).to_string();
-    if token.is_empty() {
-        bail!("the token file {} is empty", path.display());
-    }
-    Ok(token)
-}
-
 /// A Kubernetes client: from `--kubeconfig` when given, else the in-cluster configuration (or
 /// `KUBECONFIG` / `~/.kube/config` when not in a cluster).
 async fn kube_config(kubeconfig: Option<&Path>) -> Result<kube::Config> {
@@ -262,7 +252,8 @@ async fn run(cli: Cli) -> Result<()> {
     let agent_span = tracing::info_span!("agentk", agent_id = tracing::field::Empty);
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let token = read_token(&cli.token_file)?;
+    // Read again whenever the file changes: a rotated token is used from the next stream on.
+    let token = tether_tunnel_agent::AgentToken::from_file(&cli.token_file)?;
     let address = KasAddress::parse(&cli.kas_address)?;
     let opts = ClientOptions {
         ca_cert_file: cli.ca_cert_file.clone(),
@@ -459,18 +450,6 @@ async fn wait_for_termination() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_trailing_newline_is_not_part_of_the_token() {
-        let dir = std::env::temp_dir().join(format!("agentk-token-{}", std::process::id()));
-        std::fs::write(&dir, "tether_abc\n").expect("write");
-        assert_eq!(read_token(&dir).expect("token"), "tether_abc");
-        std::fs::write(&dir, "tether_abc\r\n").expect("write");
-        assert_eq!(read_token(&dir).expect("token"), "tether_abc");
-        std::fs::write(&dir, "\n").expect("write");
-        assert!(read_token(&dir).is_err());
-        let _ = std::fs::remove_file(&dir);
-    }
 
     #[test]
     fn durations_parse() {

@@ -44,9 +44,10 @@ pub trait StreamEvents {
 
 /// Keeps the configuration stream of the agent with `token` open over `channel` until
 /// `shutdown`. A message resets the backoff; a stream that ends cleanly is reopened at once.
+/// Each (re)open presents the token as it is now (a rotated token file is picked up).
 pub async fn run(
     channel: Channel,
-    token: &str,
+    token: &tether_tunnel_agent::AgentToken,
     events: &mut impl StreamEvents,
     shutdown: CancellationToken,
 ) {
@@ -61,7 +62,7 @@ pub async fn run(
                 () = shutdown.cancelled() => return,
             }
         }
-        let req = request(token, events.commit_in_force());
+        let req = request(&token.current(), events.commit_in_force());
         let opened = tokio::select! {
             r = client.get_configuration(req) => r,
             () = shutdown.cancelled() => return,
@@ -215,7 +216,13 @@ mod tests {
         let stop = shutdown.clone();
         let client = tokio::spawn(async move {
             let mut events = Recorder::default();
-            run(channel, "secret", &mut events, stop).await;
+            run(
+                channel,
+                &tether_tunnel_agent::AgentToken::fixed("secret"),
+                &mut events,
+                stop,
+            )
+            .await;
             events
         });
 

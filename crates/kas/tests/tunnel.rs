@@ -205,6 +205,45 @@ async fn revoking_a_token_ends_idle_and_busy_streams() {
     );
 }
 
+/// Token rotation as an operator does it: a new token written to the agent's token file
+/// (the Secret updated), then the old one revoked. agentk used to keep presenting the revoked
+/// token until restarted; it now reads the file again and is back within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_file_is_used_after_the_old_token_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "rotating")
+        .await
+        .unwrap();
+    let agent = Agent::start(dir.path(), "rotating", &kas.url("grpc"), &t.token, None);
+    kas.wait_connected(t.agent_id).await;
+
+    let new = kas.admin.create_token(t.agent_id, "rotated").await.unwrap();
+    std::fs::write(
+        dir.path().join("rotating.token"),
+        format!("{}\n", new.token),
+    )
+    .unwrap();
+    let r = kas.admin.revoke_token(t.token_id).await.unwrap();
+    assert!(r.streams_ended >= 1, "{r:?}");
+    let t0 = Instant::now();
+    let echoed = wait_for(
+        "the agent back with its new token",
+        Duration::from_secs(30),
+        || async { kas.admin.echo(t.agent_id, b"rotated".to_vec()).await.ok() },
+    )
+    .await;
+    assert_eq!(echoed.as_ref(), b"rotated");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert!(
+        agent.log().contains("Agent token file changed"),
+        "{}",
+        agent.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_revoked_behind_kas_is_noticed_within_the_recheck_interval() {
     let dir = tempfile::tempdir().unwrap();

@@ -84,7 +84,7 @@ impl Fleet {
             let addr = &addrs[i % addrs.len().max(1)];
             let channel = tether_transport::connect_lazy(addr, &client_opts)?;
             let meta = AgentMeta {
-                token,
+                token: tether_tunnel_agent::AgentToken::fixed(token),
                 version: concat!("loadgen/", env!("CARGO_PKG_VERSION")).to_string(),
                 pod_name: format!("loadgen-{i}"),
                 pod_namespace: "loadgen".to_string(),

@@ -9,8 +9,10 @@
 
 mod backoff;
 mod pool;
+mod token;
 
 pub use backoff::Backoff;
 pub use pool::{
     AgentConn, AgentMeta, BoxFuture, ConnState, EchoHandler, Handler, Pool, PoolConfig, PoolStats,
 };
+pub use token::{AgentToken, TokenError};

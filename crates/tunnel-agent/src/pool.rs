@@ -61,7 +61,7 @@ impl Default for PoolConfig {
 /// Who this agent is, sent on every RPC so kas can show it.
 #[derive(Clone, Default)]
 pub struct AgentMeta {
-    pub token: String,
+    pub token: crate::AgentToken,
     pub version: String,
     pub pod_name: String,
     pub pod_namespace: String,
@@ -409,7 +409,7 @@ async fn open_stream(
 fn connect_request<T>(meta: &AgentMeta, frames: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(frames);
     let md = req.metadata_mut();
-    if let Ok(v) = metadata::bearer(&meta.token) {
+    if let Ok(v) = metadata::bearer(&meta.token.current()) {
         md.insert(metadata::AUTHORIZATION, v);
     }
     for (k, v) in [

@@ -174,7 +174,7 @@ impl Agent {
             .unwrap()
             .connect_lazy();
         let meta = AgentMeta {
-            token: TOKEN.into(),
+            token: tether_tunnel_agent::AgentToken::fixed(TOKEN),
             version: "test".into(),
             pod_name: "pod-a".into(),
             pod_namespace: "ns".into(),
