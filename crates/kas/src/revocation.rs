@@ -83,6 +83,27 @@ impl LiveUserRequests {
         ended.len()
     }
 
+    /// The tokens with live requests.
+    pub fn token_ids(&self) -> Vec<i64> {
+        self.lock().live.keys().copied().collect()
+    }
+
+    /// Ends the live requests of every token in `ids` that `active` (the store's answer for
+    /// them) does not list: expired, or revoked without this replica hearing of it. Returns
+    /// the tokens ended.
+    pub fn end_inactive(&self, ids: &[i64], active: &[i64]) -> Vec<i64> {
+        let active: HashSet<i64> = active.iter().copied().collect();
+        let ended: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !active.contains(id))
+            .collect();
+        for id in &ended {
+            self.revoke(*id);
+        }
+        ended
+    }
+
     /// How many requests of `token_id` are live.
     pub fn live(&self, token_id: i64) -> usize {
         self.lock().live.get(&token_id).map_or(0, HashMap::len)
@@ -125,6 +146,22 @@ mod tests {
         assert!(!b.cancellation().is_cancelled());
         assert_eq!(reqs.live(1), 0);
         assert_eq!(reqs.live(2), 1);
+    }
+
+    #[test]
+    fn tokens_the_store_no_longer_lists_are_ended() {
+        let reqs = Arc::new(LiveUserRequests::default());
+        let (a, b) = (reqs.track(1).expect("live"), reqs.track(2).expect("live"));
+        let mut ids = reqs.token_ids();
+        ids.sort_unstable();
+        assert_eq!(ids, [1, 2]);
+        assert_eq!(reqs.end_inactive(&ids, &[2]), [1]);
+        assert!(a.cancellation().is_cancelled());
+        assert!(!b.cancellation().is_cancelled());
+        assert!(
+            reqs.track(1).is_none(),
+            "an expired token starts nothing either"
+        );
     }
 
     #[test]

@@ -726,8 +726,50 @@ async fn start_kubeproxy(
         proxy.clone(),
         Modules::shutdown_of(&handle),
     ));
+    let recheck = tokio::spawn(recheck_user_tokens(
+        Arc::clone(&sh.store),
+        Arc::clone(&proxy.live_user_requests),
+        cfg.agent.token_recheck_interval,
+        Modules::shutdown_of(&handle),
+    ));
     tracing::info!(net_address = %kubernetes_api_addr, "Kubernetes API proxy is up");
-    Ok((kubernetes_api_addr, proxy, handle.task(task)))
+    Ok((kubernetes_api_addr, proxy, handle.task(task).task(recheck)))
+}
+
+/// Re-checks the personal access tokens of requests open through the proxy: a watch or an
+/// exec ends when its token expires, and a revocation whose Redis message this replica
+/// missed still ends it. A store that does not answer ends nothing (warn).
+async fn recheck_user_tokens(
+    store: Arc<dyn Store>,
+    live: Arc<crate::revocation::LiveUserRequests>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let ids = live.token_ids();
+        if ids.is_empty() {
+            continue;
+        }
+        match store.active_user_tokens(&ids).await {
+            Ok(active) => {
+                for id in live.end_inactive(&ids, &active) {
+                    tracing::info!(
+                        token_id = id,
+                        "Ended the proxied requests of an expired or revoked personal access token"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, tokens = ids.len(), "Cannot re-check personal access tokens; their requests go on until the store answers")
+            }
+        }
+    }
 }
 
 /// The web UI on its own listener, over the admin API's state and the proxy's `user_access`

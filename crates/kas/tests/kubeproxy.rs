@@ -107,6 +107,16 @@ async fn setup_full(
     jwks_by_url: bool,
     kubernetes_api_extra: &str,
 ) -> Setup {
+    setup_rechecking(agent_kubeconfig, jwks_by_url, kubernetes_api_extra, "1m").await
+}
+
+/// As [`setup_full`], kas re-checking tokens every `token_recheck`.
+async fn setup_rechecking(
+    agent_kubeconfig: Option<std::path::PathBuf>,
+    jwks_by_url: bool,
+    kubernetes_api_extra: &str,
+    token_recheck: &'static str,
+) -> Setup {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let agent_ns = env.create_namespace("proxy-agent").unwrap();
@@ -161,6 +171,7 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
                 pki.ca.display()
             ),
             k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
+            token_recheck,
             ..KasOptions::default()
         },
     )
@@ -728,6 +739,60 @@ async fn revoking_a_personal_access_token_ends_its_open_watches_within_a_second(
     assert!(other_watch.try_wait().unwrap().is_none());
     let _ = other_watch.kill();
     let _ = other_watch.wait();
+}
+
+/// A personal access token that expires while its watch is open ends the watch within the
+/// re-check interval (the token was checked only when a request started, so a watch or an
+/// exec outlived its credential indefinitely).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_watch_ends_when_its_personal_access_token_expires() {
+    let s = setup_rechecking(None, false, "", "300ms").await;
+    let short = kas::api::UserTokenRequest {
+        expires_in_seconds: Some(10),
+        ..user_token_request("alice")
+    };
+    let alice = s
+        .kas
+        .admin
+        .create_user_token(s.agent_id, &short)
+        .await
+        .unwrap();
+    let bob = s
+        .kas
+        .admin
+        .create_user_token(s.agent_id, &user_token_request("alice"))
+        .await
+        .unwrap();
+    let (mut expiring, rx_a) = spawn_watch(
+        &s,
+        &format!("pat:{}:{}", s.agent_id, alice.token),
+        &s.allowed,
+    );
+    let (mut other, rx_b) =
+        spawn_watch(&s, &format!("pat:{}:{}", s.agent_id, bob.token), &s.allowed);
+    wait_watches_see(&s, "expiring", &[&rx_a, &rx_b]).await;
+    assert!(expiring.try_wait().unwrap().is_none(), "open before expiry");
+    wait_for(
+        "the expired token's watch to end",
+        Duration::from_secs(15),
+        || {
+            let ended = expiring.try_wait().unwrap().is_some();
+            async move { ended.then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        s.kas
+            .log()
+            .contains("expired or revoked personal access token"),
+        "{}",
+        s.kas.log()
+    );
+    // The other token's watch goes on.
+    wait_watches_see(&s, "after-expiry", &[&rx_b]).await;
+    assert!(other.try_wait().unwrap().is_none());
+    let _ = other.kill();
+    let _ = other.wait();
 }
 
 /// `kubernetes_api.path_prefix` matches whole path segments: `/k8s-proxyX/...` and

@@ -347,6 +347,21 @@ macro_rules! impl_store {
                     Ok(active)
                 }
 
+                async fn active_user_tokens(&self, token_ids: &[i64]) -> Result<Vec<i64>> {
+                    let now = now();
+                    let mut active = Vec::new();
+                    for chunk in token_ids.chunks(crate::backend::ACTIVE_TOKENS_CHUNK) {
+                        // Only numbered placeholders are formatted in; the ids are bound.
+                        let sql = sqlx::AssertSqlSafe(crate::backend::active_user_tokens_sql(chunk.len()));
+                        let mut query = sqlx::query_scalar::<_, i64>(sql).bind(now);
+                        for id in chunk {
+                            query = query.bind(*id);
+                        }
+                        active.extend(query.fetch_all(&self.pool).await?);
+                    }
+                    Ok(active)
+                }
+
                 async fn authenticate(&self, token: &str) -> Result<Option<AuthenticatedAgent>> {
                     if !token::has_token_shape(token) {
                         return Ok(None);
@@ -709,8 +724,25 @@ pub(crate) fn active_tokens_sql(n: usize) -> String {
     )
 }
 
+/// `SELECT … WHERE expires_at > $1 AND id IN ($2, …)` for `n` personal access token ids.
+pub(crate) fn active_user_tokens_sql(n: usize) -> String {
+    let placeholders: Vec<String> = (2..=n + 1).map(|i| format!("${i}")).collect();
+    format!(
+        "SELECT id FROM user_tokens WHERE revoked_at IS NULL AND expires_at > $1 AND id IN ({})",
+        placeholders.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn active_user_tokens_sql_binds_the_time_first() {
+        assert_eq!(
+            super::active_user_tokens_sql(2),
+            "SELECT id FROM user_tokens WHERE revoked_at IS NULL AND expires_at > $1 AND id IN ($2, $3)"
+        );
+    }
+
     #[test]
     fn active_tokens_sql_numbers_one_placeholder_per_id() {
         assert_eq!(

@@ -94,6 +94,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// most of an idle kas's CPU with 10,000 agents.
     async fn active_tokens(&self, token_ids: &[i64]) -> Result<Vec<i64>>;
 
+    /// Which of the personal access tokens `token_ids` are neither revoked nor expired now:
+    /// kas re-checks those with requests open through its proxy, so a watch or an exec ends
+    /// when its token expires, and a revocation another replica's message missed still ends
+    /// it.
+    async fn active_user_tokens(&self, token_ids: &[i64]) -> Result<Vec<i64>>;
+
     /// Resolves a presented token to its agent. `Ok(None)` for unknown, malformed or revoked
     /// tokens: callers must not be able to tell those apart, so neither can this API.
     async fn authenticate(&self, token: &str) -> Result<Option<AuthenticatedAgent>>;

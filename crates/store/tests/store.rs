@@ -230,6 +230,30 @@ async fn active_tokens_are_found_in_batches(backend: Backend) -> TestResult {
     Ok(())
 }
 
+async fn active_user_tokens_are_neither_revoked_nor_expired(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
+    let agent = store.register_agent("g/p", "a").await?;
+    // Expiry times are Unix seconds: far in the future, and long past.
+    let (far, past) = (4_000_000_000, 1);
+    let token = |expires_at: i64| {
+        let store = &store;
+        async move {
+            let (info, _) = store
+                .create_user_token(agent.id, "alice", "[]", expires_at)
+                .await?;
+            Ok::<i64, Box<dyn std::error::Error>>(info.id)
+        }
+    };
+    let (kept, revoked, expired) = (token(far).await?, token(far).await?, token(past).await?);
+    store.revoke_user_token(revoked).await?;
+    let unknown = kept + revoked + expired + 1;
+    let mut ids: Vec<i64> = (0..1_200).map(|i| unknown + i).collect();
+    ids.extend([expired, revoked, kept]);
+    assert_eq!(store.active_user_tokens(&ids).await?, vec![kept]);
+    assert!(store.active_user_tokens(&[]).await?.is_empty());
+    Ok(())
+}
+
 async fn two_tokens_per_agent(backend: Backend) -> TestResult {
     let (_db, store) = open(backend).await?;
     let agent = store.register_agent("g/p", "a").await?;
@@ -859,6 +883,7 @@ async fn notifications_are_queued_once_claimed_retried_and_finished(
 on_both_backends!(
     notifications_are_queued_once_claimed_retried_and_finished,
     active_tokens_are_found_in_batches,
+    active_user_tokens_are_neither_revoked_nor_expired,
     register_token_authenticate,
     wrong_tokens_are_rejected,
     revoked_token_is_rejected,
