@@ -97,6 +97,17 @@ pub enum ClusterEvent {
     /// Replica `from` set or removed a project: every other replica re-reads the projects
     /// from the store (and does so periodically anyway, for an event it missed).
     Projects { from: u64 },
+    /// Replica `from` suspended or resumed GitOps of an agent: the agent's GitOps streams on
+    /// every replica re-read their suspensions (the leader's may be on any of them).
+    Suspensions { agent_id: i64, from: u64 },
+    /// Replica `from` asked an agent to re-sync a project (`kas agent reconcile`): the
+    /// leader's stream, wherever it is, passes it on.
+    Resync {
+        agent_id: i64,
+        project_id: i64,
+        id: u64,
+        from: u64,
+    },
     /// What replica `from`'s rate limiters counted lately (see [`crate::limits`]).
     Limits {
         from: u64,
@@ -265,6 +276,21 @@ mod tests {
         };
         let text = serde_json::to_string(&p).unwrap();
         assert_eq!(serde_json::from_str::<ClusterEvent>(&text).unwrap(), p);
+        for e in [
+            ClusterEvent::Suspensions {
+                agent_id: 4,
+                from: 9,
+            },
+            ClusterEvent::Resync {
+                agent_id: 4,
+                project_id: 5,
+                id: 6,
+                from: 9,
+            },
+        ] {
+            let text = serde_json::to_string(&e).unwrap();
+            assert_eq!(serde_json::from_str::<ClusterEvent>(&text).unwrap(), e);
+        }
         let projects = ClusterEvent::Projects { from: 9 };
         let text = serde_json::to_string(&projects).unwrap();
         assert_eq!(text, r#"{"kind":"projects","from":9}"#);

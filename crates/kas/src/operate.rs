@@ -17,6 +17,8 @@ use tether_kas_api::{
 use tether_store::{Project, Suspension, SuspensionScope};
 
 use crate::api::{ApiError, ApiState, rfc3339};
+use crate::cluster::ClusterEvent;
+use tether_gitops_server::ResyncId;
 
 /// How long a reconcile waits for the fetches it started (each has its own timeout too).
 const FETCH_WAIT: Duration = Duration::from_secs(30);
@@ -205,7 +207,7 @@ async fn reconcile(
                     project: key,
                     commit: head.commit.map(|c| c.to_hex()),
                     fetch_error: head.error,
-                    streams: st.gitops_controls.resync(agent_id, p.id, resync),
+                    streams: resync_everywhere(&st, agent_id, p.id, resync),
                 }
             }
         })
@@ -241,6 +243,35 @@ async fn progress(
     Json(views.collect())
 }
 
+/// Tells the agent's GitOps streams here and on every other replica (the leader's stream
+/// may be on any of them) that its suspensions changed.
+async fn suspensions_changed(st: &ApiState, agent_id: i64) {
+    st.gitops_controls.suspensions_changed(agent_id);
+    if let Some(cluster) = &st.cluster {
+        let from = cluster.replica();
+        st.publish_event(ClusterEvent::Suspensions { agent_id, from })
+            .await;
+    }
+}
+
+/// Asks the agent's streams of a project to re-sync, here and (in the background) on the
+/// other replicas; how many streams on this replica heard it.
+fn resync_everywhere(st: &ApiState, agent_id: i64, project_id: i64, id: ResyncId) -> usize {
+    if let Some(cluster) = &st.cluster {
+        let (st, from) = (st.clone(), cluster.replica());
+        tokio::spawn(async move {
+            let event = ClusterEvent::Resync {
+                agent_id,
+                project_id,
+                id: id.0,
+                from,
+            };
+            st.publish_event(event).await;
+        });
+    }
+    st.gitops_controls.resync(agent_id, project_id, id)
+}
+
 /// What `req.project` makes a suspension cover.
 async fn scope_of(
     st: &ApiState,
@@ -269,7 +300,7 @@ async fn suspend(
     let scope = scope_of(&st, agent_id, req.project.as_deref()).await?;
     let who = suspended_by(req.requested_by.as_deref());
     let s = st.store.suspend(agent_id, scope, &req.reason, &who).await?;
-    st.gitops_controls.suspensions_changed(agent_id);
+    suspensions_changed(&st, agent_id).await;
     tracing::info!(agent_id, scope = ?scope, reason = %req.reason, suspended_by = %who, "GitOps suspended");
     let paths = project_paths(&st).await?;
     Ok(Json(view(&s, &paths)))
@@ -298,7 +329,7 @@ async fn resume(
     if resumed == 0 {
         return Err(err(StatusCode::CONFLICT, "nothing of that is suspended"));
     }
-    st.gitops_controls.suspensions_changed(agent_id);
+    suspensions_changed(&st, agent_id).await;
     tracing::info!(agent_id, scope = ?scope, resumed, "GitOps resumed");
     Ok(Json(Resumed { resumed }))
 }

@@ -146,7 +146,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     modules.push(h);
     // Shared by the proxy (tracks) and the internal API (revokes).
     let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
-    let followed = (&sources, &live_user_requests);
+    let followed = (&sources, &live_user_requests, &gitops_controls);
     let h = follow_cluster_events(&sh, followed, modules.handle("cluster"));
     modules.push(h);
     let h = start_peers(&cfg, &mut sh, modules.handle("peers")).await?;
@@ -282,7 +282,11 @@ async fn connect_cluster(cfg: &Config) -> Result<Option<Cluster>> {
 /// other replicas' rate-limit counts are added to this one's (and this one's are published).
 fn follow_cluster_events(
     sh: &Shared,
-    (sources, live_user_requests): (&Arc<Sources>, &Arc<crate::revocation::LiveUserRequests>),
+    (sources, live_user_requests, controls): (
+        &Arc<Sources>,
+        &Arc<crate::revocation::LiveUserRequests>,
+        &Arc<tether_gitops_server::Controls>,
+    ),
     handle: Handle,
 ) -> Handle {
     let Some(cluster) = sh.cluster.clone() else {
@@ -291,6 +295,7 @@ fn follow_cluster_events(
     let (registry, live) = (Arc::clone(&sh.registry), Arc::clone(live_user_requests));
     let (sources, me) = (Arc::clone(sources), cluster.replica());
     let guards = sh.guards.clone();
+    let controls = Arc::clone(controls);
     let projects_changed = Arc::new(tokio::sync::Notify::new());
     let projects = tokio::spawn(follow_projects(
         (
@@ -315,6 +320,19 @@ fn follow_cluster_events(
         ClusterEvent::Pushed { .. } => {}
         ClusterEvent::Projects { from } if from != me => projects_changed.notify_one(),
         ClusterEvent::Projects { .. } => {}
+        ClusterEvent::Suspensions { agent_id, from } if from != me => {
+            controls.suspensions_changed(agent_id)
+        }
+        ClusterEvent::Suspensions { .. } => {}
+        ClusterEvent::Resync {
+            agent_id,
+            project_id,
+            id,
+            from,
+        } if from != me => {
+            controls.resync(agent_id, project_id, tether_gitops_server::ResyncId(id));
+        }
+        ClusterEvent::Resync { .. } => {}
         ClusterEvent::Limits { from, counts } if from != me => guards.apply_shared(&counts),
         ClusterEvent::Limits { .. } => {}
     };

@@ -256,6 +256,41 @@ async fn a_project_set_through_one_replica_is_mirrored_by_the_others() {
     .await;
 }
 
+/// A suspension asked of a replica that holds only a follower agentk reaches the leader's
+/// GitOps stream on another replica (it reached only the streams of the replica asked, so
+/// the leader kept applying while the CLI said "suspended").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_asked_of_any_replica_reaches_the_leader() {
+    let shared = Shared::start();
+    let (rig, _, _) = synced_rig("suspended", shared.options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let two = shared.replica(&dir.path().join("kas-2")).await;
+    let args: Vec<&str> = rig.agent_args.iter().map(String::as_str).collect();
+    let _follower = Agent::start_with(
+        dir.path(),
+        "follower",
+        &two.url("grpc"),
+        &rig.token,
+        None,
+        &args,
+    );
+    two.wait_connected(rig.agent_id).await;
+
+    let request = tether_kas_api::SuspendRequest {
+        reason: "incident 7".into(),
+        ..tether_kas_api::SuspendRequest::default()
+    };
+    two.admin.suspend(rig.agent_id, &request).await.unwrap();
+    rig.agent
+        .wait_line("the leader to hear of the suspension", |l| {
+            l["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("GitOps suspended by kas"))
+                && l["reason"] == "incident 7"
+        })
+        .await;
+}
+
 /// The replicas of [`Shared`], each with its private peers listener.
 async fn replicas_with_peers(
     shared: &Shared,
