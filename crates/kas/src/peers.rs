@@ -85,6 +85,38 @@ struct Forwarded {
     metadata: BTreeMap<String, String>,
     /// Unix seconds when it was sent.
     at: u64,
+    /// Random per preamble: a holder accepts each once (a preamble captured on the private
+    /// network cannot be replayed). Absent from older replicas' preambles, which are still
+    /// accepted during a rolling upgrade: none is made after it, and each expires in
+    /// [`MAX_SKEW`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nonce: Option<u64>,
+}
+
+/// The nonces of preambles accepted lately (pure but for the map).
+#[derive(Debug, Default)]
+struct Replays {
+    seen: HashMap<u64, u64>,
+}
+
+/// Past this many remembered nonces, those too old to be accepted again are dropped.
+const REPLAYS_PRUNE_AT: usize = 4096;
+
+impl Replays {
+    /// Accepts `f` once (its `at` already checked against [`MAX_SKEW`]).
+    fn admit(&mut self, f: &Forwarded, now: u64) -> Result<(), &'static str> {
+        let Some(nonce) = f.nonce else {
+            return Ok(());
+        };
+        if self.seen.len() >= REPLAYS_PRUNE_AT {
+            // A preamble older than MAX_SKEW is refused as stale anyway.
+            self.seen.retain(|_, at| at.abs_diff(now) <= MAX_SKEW);
+        }
+        if self.seen.insert(nonce, f.at).is_some() {
+            return Err("replayed request");
+        }
+        Ok(())
+    }
 }
 
 fn unix_now() -> u64 {
@@ -139,6 +171,8 @@ pub struct Peers {
     holders_cache: Arc<std::sync::Mutex<HoldersCache>>,
     /// Connections opened ahead of need, by holder address (see [`SPARES_PER_PEER`]).
     spares: Arc<std::sync::Mutex<Spares>>,
+    /// Nonces of the preambles this holder accepted lately.
+    replays: Arc<std::sync::Mutex<Replays>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -194,6 +228,7 @@ impl Peers {
             admin: Arc::new(OnceLock::new()),
             holders_cache: Arc::default(),
             spares: Arc::default(),
+            replays: Arc::default(),
         })
     }
 
@@ -379,6 +414,7 @@ impl Peers {
             service: ADMIN_SERVICE.to_owned(),
             metadata: BTreeMap::new(),
             at: unix_now(),
+            nonce: Some(rand::random()),
         };
         let preamble = preamble(&self.secret, &request);
         tokio::time::timeout(PREAMBLE_TIMEOUT, forward_to(address, &preamble))
@@ -449,6 +485,7 @@ impl Peers {
             service: service.to_owned(),
             metadata: metadata.clone().into_iter().collect(),
             at: unix_now(),
+            nonce: Some(rand::random()),
         };
         let preamble = preamble(&self.secret, &request);
         let mut errors = Vec::new();
@@ -458,6 +495,13 @@ impl Peers {
         // What was cached may be out of date: read the directory again, once.
         self.forget_holders(agent_id);
         let fresh = self.read_holders(agent_id).await?;
+        // A new nonce: a holder that took the first preamble would refuse it again.
+        let request = Forwarded {
+            nonce: Some(rand::random()),
+            at: unix_now(),
+            ..request
+        };
+        let preamble = self::preamble(&self.secret, &request);
         if !fresh.is_empty()
             && fresh != holders
             && let Some(stream) = try_holders(self, &fresh, &preamble, confirm, &mut errors).await
@@ -519,7 +563,14 @@ impl Peers {
             // A spare connection another replica opened and did not need: nothing to report.
             Ok(Ok((tag, _))) if tag.is_empty() => return,
             Err(_) if stream.buffer().is_empty() => return,
-            Ok(Ok((tag, body))) => verify(&self.secret, &tag, &body, unix_now()),
+            Ok(Ok((tag, body))) => {
+                let now = unix_now();
+                verify(&self.secret, &tag, &body, now).and_then(|f| {
+                    let mut replays = self.replays.lock().unwrap_or_else(PoisonError::into_inner);
+                    replays.admit(&f, now)?;
+                    Ok(f)
+                })
+            }
             _ => Err("incomplete request"),
         };
         let request = match checked {
@@ -682,7 +733,31 @@ mod tests {
             service: "kubernetes_api".into(),
             metadata: [("access_as".to_owned(), "{}".to_owned())].into(),
             at,
+            nonce: Some(at * 7),
         }
+    }
+
+    #[test]
+    fn a_preamble_is_accepted_once_and_old_nonces_are_forgotten() {
+        let mut r = Replays::default();
+        assert_eq!(r.admit(&request(1000), 1000), Ok(()));
+        assert_eq!(r.admit(&request(1000), 1001), Err("replayed request"));
+        assert_eq!(r.admit(&request(1001), 1001), Ok(()), "another nonce");
+        let legacy = Forwarded {
+            nonce: None,
+            ..request(1000)
+        };
+        assert_eq!(r.admit(&legacy, 1000), Ok(()));
+        assert_eq!(r.admit(&legacy, 1000), Ok(()), "older replicas send none");
+        for at in 2000..2000 + REPLAYS_PRUNE_AT as u64 {
+            r.admit(&request(at), 2000).unwrap();
+        }
+        r.admit(&request(9999), 2000).unwrap();
+        assert!(
+            !r.seen.contains_key(&7000),
+            "a nonce too old to be accepted again is forgotten"
+        );
+        assert!(r.seen.len() <= REPLAYS_PRUNE_AT + 1);
     }
 
     fn lines(p: &[u8]) -> (String, String) {
