@@ -68,6 +68,7 @@ pub async fn run(
         publish,
         agent_span,
         last_error: None,
+        refused: None,
     };
     tether_configuration_agent::run(channel, &meta.token, &mut events, shutdown).await;
 }
@@ -79,6 +80,9 @@ struct Apply {
     publish: watch::Sender<Option<Arc<Applied>>>,
     agent_span: tracing::Span,
     last_error: Option<tonic::Code>,
+    /// The newest configuration this agent refused (commit, why), until one is applied:
+    /// told to kas, which would otherwise record that commit as in force.
+    refused: Option<(String, String)>,
 }
 
 impl StreamEvents for Apply {
@@ -88,6 +92,10 @@ impl StreamEvents for Apply {
             .as_ref()
             .map(|a| a.commit_id.clone())
             .unwrap_or_default()
+    }
+
+    fn refusal(&self) -> Option<(String, String)> {
+        self.refused.clone()
     }
 
     fn open_failed(&mut self, status: &Status) {
@@ -115,9 +123,11 @@ impl StreamEvents for Apply {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(commit_id = %resp.commit_id, error = %e, "Invalid agent configuration; the last good configuration stays in force");
+                self.refused = Some((resp.commit_id, e));
                 return;
             }
         };
+        self.refused = None;
         tracing::info!(
             commit_id = %resp.commit_id,
             project_path = %resp.project_path,

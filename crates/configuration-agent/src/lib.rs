@@ -30,6 +30,12 @@ pub trait StreamEvents {
     fn commit_in_force(&self) -> String {
         String::new()
     }
+    /// A configuration the owner refused since its last good one: its commit and why. The
+    /// stream is reopened at once to tell kas (which otherwise records the commit as in force),
+    /// and every reopening says it again until a configuration is accepted.
+    fn refusal(&self) -> Option<(String, String)> {
+        None
+    }
     /// kas refused to open the stream (or could not be reached); it is retried after a delay.
     fn open_failed(&mut self, _status: &Status) {}
     /// The stream is open.
@@ -62,7 +68,7 @@ pub async fn run(
                 () = shutdown.cancelled() => return,
             }
         }
-        let req = request(&token.current(), events.commit_in_force());
+        let req = request(&token.current(), events.commit_in_force(), events.refusal());
         let opened = tokio::select! {
             r = client.get_configuration(req) => r,
             () = shutdown.cancelled() => return,
@@ -87,7 +93,14 @@ pub async fn run(
             match msg {
                 Ok(Some(r)) => {
                     failures = 0;
+                    let commit = r.commit_id.clone();
                     events.received(r);
+                    if events
+                        .refusal()
+                        .is_some_and(|(refused, _)| refused == commit)
+                    {
+                        break;
+                    }
                 }
                 Ok(None) => break,
                 Err(status) => {
@@ -101,9 +114,18 @@ pub async fn run(
     }
 }
 
-/// The request that opens the stream: the commit in force, and the agent's token.
-fn request(token: &str, commit_id: String) -> tonic::Request<ConfigurationRequest> {
-    let mut req = tonic::Request::new(ConfigurationRequest { commit_id });
+/// The request that opens the stream: the commit in force, a refused one, and the token.
+fn request(
+    token: &str,
+    commit_id: String,
+    refused: Option<(String, String)>,
+) -> tonic::Request<ConfigurationRequest> {
+    let (refused_commit_id, refusal) = refused.unwrap_or_default();
+    let mut req = tonic::Request::new(ConfigurationRequest {
+        commit_id,
+        refused_commit_id,
+        refusal,
+    });
     // A token metadata cannot carry goes without: kas then answers UNAUTHENTICATED, which
     // the caller reports (agentk trims the token file, so this means a corrupt file).
     if let Ok(v) = metadata::bearer(token) {
@@ -129,10 +151,13 @@ mod tests {
     };
     use tokio::sync::mpsc;
 
-    /// A kas stand-in: reports each opening (token, commit in force), answers the first with
-    /// one configuration and ends that stream, and keeps later ones open.
+    /// What an opening carried: token, commit in force, refused commit and reason.
+    type Opening = (String, String, String, String);
+
+    /// A kas stand-in: reports each opening, answers the first with one configuration and
+    /// ends that stream, and keeps later ones open.
     struct OneConfig {
-        opened: mpsc::UnboundedSender<(String, String)>,
+        opened: mpsc::UnboundedSender<Opening>,
         /// The senders of the streams kept open.
         open: std::sync::Mutex<Vec<mpsc::UnboundedSender<Result<ConfigurationResponse, Status>>>>,
     }
@@ -154,9 +179,11 @@ mod tests {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            let commit = req.into_inner().commit_id;
-            let first = commit.is_empty();
-            let _ = self.opened.send((token, commit));
+            let r = req.into_inner();
+            let first = r.commit_id.is_empty() && r.refused_commit_id.is_empty();
+            let _ = self
+                .opened
+                .send((token, r.commit_id, r.refused_commit_id, r.refusal));
             let (tx, rx) = mpsc::unbounded_channel();
             if first {
                 let _ = tx.send(Ok(ConfigurationResponse {
@@ -173,7 +200,10 @@ mod tests {
 
     #[derive(Default)]
     struct Recorder {
+        /// Refuse every configuration (as an older agent would one it cannot read).
+        refuse: bool,
         commit: String,
+        refused: Option<(String, String)>,
         open: i32,
         received: Vec<String>,
     }
@@ -182,11 +212,18 @@ mod tests {
         fn commit_in_force(&self) -> String {
             self.commit.clone()
         }
+        fn refusal(&self) -> Option<(String, String)> {
+            self.refused.clone()
+        }
         fn opened(&mut self) {
             self.open += 1;
         }
         fn received(&mut self, r: ConfigurationResponse) {
-            self.commit = r.commit_id.clone();
+            if self.refuse {
+                self.refused = Some((r.commit_id.clone(), "unknown field `x`".into()));
+            } else {
+                self.commit = r.commit_id.clone();
+            }
             self.received.push(r.commit_id);
         }
         fn closed(&mut self) {
@@ -194,8 +231,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_stream_is_reopened_with_the_token_and_the_commit_in_force() {
+    /// Runs the stream against [`OneConfig`] until the second opening; returns both openings
+    /// and the recorder.
+    async fn two_openings(refuse: bool) -> (Opening, Opening, Recorder) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -215,24 +253,40 @@ mod tests {
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let client = tokio::spawn(async move {
-            let mut events = Recorder::default();
-            run(
-                channel,
-                &tether_tunnel_agent::AgentToken::fixed("secret"),
-                &mut events,
-                stop,
-            )
-            .await;
+            let mut events = Recorder {
+                refuse,
+                ..Recorder::default()
+            };
+            let token = tether_tunnel_agent::AgentToken::fixed("secret");
+            run(channel, &token, &mut events, stop).await;
             events
         });
-
         let first = openings.recv().await.expect("first opening");
-        assert_eq!(first, ("Bearer secret".to_string(), String::new()));
         let second = openings.recv().await.expect("second opening");
-        assert_eq!(second, ("Bearer secret".to_string(), "c1".to_string()));
         shutdown.cancel();
         let events = client.await.expect("client task");
         assert_eq!(events.received, ["c1"]);
         assert_eq!(events.open, 0, "every opened stream was reported closed");
+        (first, second, events)
+    }
+
+    fn opening(commit: &str, refused: &str, why: &str) -> Opening {
+        let s = |x: &str| x.to_string();
+        (s("Bearer secret"), s(commit), s(refused), s(why))
+    }
+
+    #[tokio::test]
+    async fn the_stream_is_reopened_with_the_token_and_the_commit_in_force() {
+        let (first, second, _) = two_openings(false).await;
+        assert_eq!(first, opening("", "", ""));
+        assert_eq!(second, opening("c1", "", ""));
+    }
+
+    #[tokio::test]
+    async fn a_refused_configuration_is_told_to_kas_at_once() {
+        let (first, second, events) = two_openings(true).await;
+        assert_eq!(first, opening("", "", ""));
+        assert_eq!(second, opening("", "c1", "unknown field `x`"));
+        assert!(events.commit.is_empty(), "nothing in force");
     }
 }

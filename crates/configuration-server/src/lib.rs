@@ -101,6 +101,16 @@ impl ConfigStates {
         self.2.notify_waiters();
     }
 
+    /// The agent has no configuration in force (it refused the only one sent): requests
+    /// needing one wait for it, then fail, rather than being authorized by a configuration
+    /// the agent does not run.
+    fn clear_config(&self, agent_id: i64) {
+        self.1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&agent_id);
+    }
+
     pub fn get(&self, agent_id: i64) -> Option<ConfigState> {
         self.0
             .lock()
@@ -306,6 +316,9 @@ impl std::fmt::Debug for ConfigService {
     }
 }
 
+/// Longest refusal reason kept from an agent.
+const MAX_REFUSAL_CHARS: usize = 2048;
+
 /// One agent's configuration stream. It is the response stream itself (no task, no channel):
 /// tonic polls it when the agent can take a message, and drops it when the agent goes, which
 /// keeps an idle stream to a few hundred bytes — it exists once per connected agent.
@@ -408,6 +421,49 @@ impl StreamState {
         }
     }
 
+    /// The agent refused the configuration at `refused` (its own checks failed: an older agent
+    /// not knowing a field, say). kas recorded that commit as in force when it sent it; now
+    /// the agent's own commit (adopted from its request, or none) is in force again, the
+    /// refusal shows in `kas agent status`, and that commit is not sent again.
+    async fn agent_refused(&mut self, refused: &str, why: &str) {
+        let Ok(commit) = CommitId::from_hex(refused) else {
+            tracing::debug!(
+                agent_id = self.id.agent_id,
+                "Ignoring a refusal of a malformed commit id"
+            );
+            return;
+        };
+        let (id, hex) = (self.id.agent_id, commit.to_hex());
+        // From the agent, so bounded before it is logged and stored.
+        let why: String = why.chars().take(MAX_REFUSAL_CHARS).collect();
+        let states = &self.svc.states;
+        let new = states
+            .get(id)
+            .is_none_or(|s| s.error_commit.as_deref() != Some(hex.as_str()));
+        if self.last.is_empty() {
+            states.clear_config(id);
+        }
+        let error = format!("refused by the agent: {why}");
+        states.update(id, |s| {
+            if self.last.is_empty() {
+                s.commit.clear();
+                s.file.clear();
+            }
+            s.error = Some(error.clone());
+            s.error_commit = Some(hex.clone());
+        });
+        if new {
+            tracing::warn!(agent_id = id, commit_id = %hex, error = %why, "The agent refused its configuration; its previous one stays in force");
+            states.3.inc();
+            self.svc
+                .notifier
+                .configuration_refused(id, &hex, &error)
+                .await;
+            states.persist(self.svc.store.as_ref(), id).await;
+        }
+        self.last = hex;
+    }
+
     async fn response(&mut self, commit: &CommitId) -> ConfigurationResponse {
         let id = &self.id;
         let hex = commit.to_hex();
@@ -487,11 +543,18 @@ impl AgentConfiguration for ConfigService {
             heads: self.sources.watch(project.id),
             id,
             project_id: project.id,
-            last: request.into_inner().commit_id,
+            last: String::new(),
             ended: false,
         };
+        let req = request.into_inner();
+        state.last = req.commit_id;
         if !state.last.is_empty() {
             state.adopt_agent_commit().await;
+        }
+        if !req.refused_commit_id.is_empty() {
+            state
+                .agent_refused(&req.refused_commit_id, &req.refusal)
+                .await;
         }
         let stream = futures_util::stream::unfold(state, |mut st| async move {
             let item = st.next().await?;

@@ -339,6 +339,77 @@ async fn invalid_configurations_are_refused_and_the_last_good_one_stays() {
     assert_eq!(state.error, None);
 }
 
+/// Opens the configuration stream as the agent with `token`, saying what it has in force and
+/// what it refused.
+async fn config_stream(
+    kas: &Kas,
+    token: &str,
+    (in_force, refused, why): (&str, &str, &str),
+) -> tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse> {
+    use tether_protocol::agent_configuration::ConfigurationRequest;
+    use tether_protocol::agent_configuration::agent_configuration_client::AgentConfigurationClient;
+    let address = tether_transport::KasAddress::parse(&kas.url("grpc")).unwrap();
+    let channel = tether_transport::connect_lazy(&address, &Default::default()).unwrap();
+    let mut req = tonic::Request::new(ConfigurationRequest {
+        commit_id: in_force.into(),
+        refused_commit_id: refused.into(),
+        refusal: why.into(),
+    });
+    req.metadata_mut().insert(
+        tether_protocol::metadata::AUTHORIZATION,
+        tether_protocol::metadata::bearer(token).unwrap(),
+    );
+    AgentConfigurationClient::new(channel)
+        .get_configuration(req)
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// An agent that refuses a configuration kas accepted (an older agentk not knowing a new
+/// field) tells kas: `kas agent status` shows the refusal and the commit the agent really runs,
+/// and kas does not send that commit again (it used to record it as in force, and authorize
+/// requests by a configuration the agent did not run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_the_agent_refuses_is_shown_and_not_in_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::init(&dir.path().join("repo"));
+    let path = ".gitlab/agents/old/config.yaml";
+    let c1 = repo.commit(&[(path, Some(&config("info")))], "first");
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            git_poll: "300ms",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    project(&kas, "group/old", &repo.dir.display().to_string(), None).await;
+    let t = kas.admin.register_agent("group/old", "old").await.unwrap();
+    let mut first = config_stream(&kas, &t.token, ("", "", "")).await;
+    assert_eq!(first.message().await.unwrap().unwrap().commit_id, c1);
+    let c2 = repo.commit(&[(path, Some(&config("debug")))], "second");
+    assert_eq!(first.message().await.unwrap().unwrap().commit_id, c2);
+    drop(first);
+
+    // The agent applied c1, refused c2, and reopens saying so.
+    let why = "unknown field `new_feature`";
+    let mut again = config_stream(&kas, &t.token, (&c1, &c2, why)).await;
+    let state = kas.agent(t.agent_id).await.config.unwrap();
+    assert_eq!(state.commit, c1, "the agent's commit is in force");
+    assert_eq!(state.error_commit.as_deref(), Some(c2.as_str()));
+    assert_eq!(
+        state.error.as_deref(),
+        Some(format!("refused by the agent: {why}").as_str())
+    );
+    assert!(kas.log().contains("The agent refused its configuration"));
+    // c2 is not sent again: the next message is the next commit.
+    let c3 = repo.commit(&[(path, Some(&config("warn")))], "third");
+    assert_eq!(again.message().await.unwrap().unwrap().commit_id, c3);
+    let state = kas.agent(t.agent_id).await.config.unwrap();
+    assert_eq!((state.commit, state.error), (c3, None));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_failure_keeps_the_last_good_commit_and_is_reported() {
     let mut rig = daemon_rig("delta", "group/flaky", "300ms").await;
