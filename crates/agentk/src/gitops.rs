@@ -92,6 +92,7 @@ pub async fn run(
 ) {
     let mut workers = Workers {
         running: HashMap::new(),
+        moved: HashMap::new(),
         channel,
         meta,
         engine,
@@ -122,6 +123,9 @@ pub async fn run(
 struct Workers {
     /// project key → (its settings, the worker's stop token, its task)
     running: HashMap<String, (ManifestProject, CancellationToken, JoinHandle<()>)>,
+    /// project key → its default namespace before the configuration moved it (where its
+    /// inventory stays until the first sync in the new one).
+    moved: HashMap<String, String>,
     channel: Channel,
     meta: AgentMeta,
     engine: Engine,
@@ -150,7 +154,12 @@ impl Workers {
         // A stopped worker must be gone before its successor (or another replica) applies
         // the same objects.
         for key in gone {
-            if let Some((_, stop, task)) = self.running.remove(&key) {
+            if let Some((old, stop, task)) = self.running.remove(&key) {
+                if let Some(new) = wanted.get(&key)
+                    && new.default_namespace != old.default_namespace
+                {
+                    self.moved.insert(key.clone(), old.default_namespace);
+                }
                 stop.cancel();
                 let _ = task.await;
             }
@@ -180,6 +189,7 @@ impl Workers {
             engine: self.engine.clone(),
             settings: Settings {
                 progress: ProgressSink::new(Arc::new(progress_tx)),
+                previous_namespace: self.moved.get(key).cloned(),
                 ..Settings::for_project(agent_id, p)
             },
             project: p.clone(),

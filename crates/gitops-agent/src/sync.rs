@@ -55,6 +55,10 @@ pub struct Settings {
     pub dry_run: DryRunStrategy,
     /// Where a running sync tells how far it got (`kas agent reconcile --wait`).
     pub progress: ProgressSink,
+    /// The project's `default_namespace` before a configuration change moved it: the
+    /// inventory is still there until a sync writes it in the new namespace (and deletes
+    /// the old one), so what left Git in the meantime is still pruned.
+    pub previous_namespace: Option<String>,
 }
 
 /// How far a running sync got: its objects so far and how many are Current or Failed.
@@ -124,6 +128,7 @@ impl Settings {
             reconcile_timeout: p.reconcile_timeout,
             dry_run: p.dry_run_strategy,
             progress: ProgressSink::default(),
+            previous_namespace: None,
         }
     }
 }
@@ -547,29 +552,57 @@ impl Syncer {
     }
 
     /// The previous inventory: unreadable means we cannot know what to prune, so the sync stops.
+    /// Not yet in the default namespace but in the one before it ([`Settings::previous_namespace`]):
+    /// that one, to be moved.
     pub(crate) async fn read_inventory(
         &self,
         s: &Settings,
     ) -> Result<PreviousInventory, SyncError> {
         let name = inventory::inventory_name(s.agent_id, &s.project_id);
+        let mut previous = PreviousInventory {
+            objects: BTreeSet::new(),
+            exists: false,
+            stored: None,
+            moved_from: None,
+            name,
+        };
+        if let Some(objects) = self
+            .inventory_in(&s.default_namespace, &previous.name)
+            .await?
+        {
+            previous.objects = objects;
+            previous.exists = true;
+            return Ok(previous);
+        }
+        if let Some(old) = s
+            .previous_namespace
+            .as_ref()
+            .filter(|o| **o != s.default_namespace)
+            && let Some(objects) = self.inventory_in(old, &previous.name).await?
+        {
+            previous.objects = objects;
+            previous.moved_from = Some(old.clone());
+        }
+        Ok(previous)
+    }
+
+    /// The objects of inventory `name` in `namespace`, if it exists.
+    async fn inventory_in(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<BTreeSet<ObjRef>>, SyncError> {
         let cms: Api<DynamicObject> = self.api(
             &ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
-            Some(&s.default_namespace),
+            Some(namespace),
         );
-        let cm = match cms.get_opt(&name).await {
+        let cm = match cms.get_opt(name).await {
             Ok(Some(cm)) => cm,
-            Ok(None) => {
-                return Ok(PreviousInventory {
-                    name,
-                    exists: false,
-                    objects: BTreeSet::new(),
-                    stored: None,
-                });
-            }
+            Ok(None) => return Ok(None),
             Err(e) => {
                 return Err(SyncError::ReadInventory {
-                    namespace: s.default_namespace.clone(),
-                    name,
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
                     source: e.into(),
                 });
             }
@@ -579,19 +612,13 @@ impl Syncer {
             .get("data")
             .and_then(|d| serde_json::from_value(d.clone()).ok())
             .unwrap_or_default();
-        match inventory::decode(&data) {
-            Ok(objects) => Ok(PreviousInventory {
-                name,
-                exists: true,
-                objects,
-                stored: None,
-            }),
-            Err(e) => Err(SyncError::InventoryUnreadable {
-                namespace: s.default_namespace.clone(),
-                name,
-                source: e,
-            }),
-        }
+        inventory::decode(&data)
+            .map(Some)
+            .map_err(|source| SyncError::InventoryUnreadable {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                source,
+            })
     }
 
     /// Applies in stages: CRDs and Namespaces first, then (after discovery sees the new types)
@@ -745,7 +772,33 @@ impl Syncer {
                 p.writes += 1;
             }
         }
+        if let Some(old) = &previous.moved_from {
+            self.delete_moved_inventory(old, &previous.name, p).await;
+        }
         Ok(())
+    }
+
+    /// Deletes the inventory left in the project's former default namespace, now that the
+    /// new one records its objects. A failure leaves a stale copy only (warn): it is read
+    /// again only if the default namespace moves back while the new one is missing.
+    async fn delete_moved_inventory(&self, namespace: &str, name: &str, p: &mut Progress) {
+        let cms: Api<DynamicObject> = self.api(
+            &ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
+            Some(namespace),
+        );
+        match cms.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {
+                p.writes += 1;
+                tracing::info!(
+                    namespace,
+                    inventory = name,
+                    "Inventory moved to the new default namespace"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(namespace, inventory = name, error = %ApiError::from(e), "Deleting the inventory in the former default namespace failed");
+            }
+        }
     }
 
     /// Before applying: adds every object this sync may create to the inventory. A sync cut
@@ -1379,6 +1432,9 @@ pub(crate) struct PreviousInventory {
     pub(crate) objects: BTreeSet<ObjRef>,
     /// What this sync wrote before applying, when it did ([`Syncer::record_intent`]).
     stored: Option<BTreeSet<ObjRef>>,
+    /// The namespace the inventory was read from, when the default namespace moved away from
+    /// it; deleted there once recorded in the new one.
+    moved_from: Option<String>,
 }
 
 impl PreviousInventory {
@@ -1694,6 +1750,7 @@ mod tests {
             exists,
             objects: names.iter().map(|n| obj(n)).collect(),
             stored: None,
+            moved_from: None,
         }
     }
 

@@ -237,6 +237,67 @@ async fn objects_of_a_sync_killed_midway_are_pruned_when_they_leave_git() {
     .unwrap();
 }
 
+/// A ConfigMap without a namespace (it takes the project's `default_namespace`).
+fn unnamespaced(name: &str) -> Vec<u8> {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  k: v\n")
+        .into_bytes()
+}
+
+/// The project's `default_namespace` changes while agentk runs: the inventory moves with it,
+/// and what left Git meanwhile — and the copies left in the former namespace — is pruned (the
+/// inventory in the former namespace used to be forgotten, and its objects never pruned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_are_pruned_across_a_change_of_default_namespace() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("moving").unwrap();
+    let moved = env.create_namespace("moved").unwrap();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[
+            ("manifests/one.yaml", Some(&unnamespaced("one"))),
+            ("manifests/two.yaml", Some(&unnamespaced("two"))),
+        ],
+        &[],
+    )
+    .await;
+    rig.synced(&c1).await;
+    let exists =
+        |name: &str, n: &str| get_json(&rig.env, &["get", "configmap", name, "-n", n]).is_some();
+    assert!(exists("one", &ns) && exists("two", &ns));
+
+    let cfg = rig.config.commit(
+        &[(
+            ".gitlab/agents/seed/config.yaml",
+            Some(
+                format!("gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {moved}\n")
+                    .as_bytes(),
+            ),
+        )],
+        "move the default namespace",
+    );
+    rig.agent
+        .wait_log("Agent configuration applied", &cfg)
+        .await;
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/two.yaml", None)], "drop two");
+    let s = rig.synced(&c2).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert!(exists("one", &moved), "applied in the new namespace");
+    assert!(
+        !exists("one", &ns),
+        "the copy in the former namespace is pruned"
+    );
+    assert!(!exists("two", &ns), "what left Git is pruned");
+    let inventory = tether_gitops_agent::inventory::inventory_name(rig.agent_id, "group/manifests");
+    assert!(exists(&inventory, &moved));
+    assert!(!exists(&inventory, &ns), "the former inventory is gone");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_corrected_by_the_periodic_resync() {
     let _ = rustls::crypto::ring::default_provider().install_default();
