@@ -155,13 +155,19 @@ impl Workers {
         // the same objects.
         for key in gone {
             if let Some((old, stop, task)) = self.running.remove(&key) {
-                if let Some(new) = wanted.get(&key)
+                let new = wanted.get(&key);
+                if let Some(new) = new
                     && new.default_namespace != old.default_namespace
                 {
                     self.moved.insert(key.clone(), old.default_namespace);
                 }
                 stop.cancel();
                 let _ = task.await;
+                if new.is_none() {
+                    // Left the configuration, or this replica no longer leads (after the
+                    // worker ended, so its last sync cannot record them again).
+                    self.engine.metrics.forget(&key);
+                }
             }
         }
         for (key, p) in wanted {

@@ -146,6 +146,28 @@ impl SyncMetrics {
     }
 }
 
+impl SyncMetrics {
+    /// Drops `project`'s series: it left the configuration, or this replica stopped leading.
+    /// Kept, its last-success time would age until a staleness alert fired for a project
+    /// nobody syncs here any more, and its object counts would stay frozen.
+    pub fn forget(&self, project: &str) {
+        let project = project.to_owned();
+        for outcome in ["succeeded", "failed"] {
+            self.syncs.remove(&ProjectOutcomeLabel {
+                project: project.clone(),
+                outcome,
+            });
+        }
+        for status in STATUSES {
+            self.objects.remove(&ObjectsLabel {
+                project: project.clone(),
+                status,
+            });
+        }
+        self.last_success.remove(&ProjectLabel { project });
+    }
+}
+
 fn state_word(state: ObjectState) -> &'static str {
     match state {
         ObjectState::Live(s) => Status::as_str(s),
@@ -237,6 +259,23 @@ mod tests {
         assert!(
             !t.contains("duration_seconds_bucket{project"),
             "no project label on histograms"
+        );
+    }
+
+    #[test]
+    fn a_forgotten_project_has_no_series_and_the_others_keep_theirs() {
+        let m = SyncMetrics::default();
+        let ok = outcome(None, vec![object("a", ObjectState::Live(Status::Current))]);
+        m.record("gone", &ok, Duration::from_secs(1), 100.0);
+        m.record("kept", &ok, Duration::from_secs(1), 100.0);
+        m.forget("gone");
+        let t = text(&m);
+        assert!(!t.contains(r#"project="gone""#), "{t}");
+        assert!(
+            t.contains(
+                r#"agentk_gitops_last_successful_sync_timestamp_seconds{project="kept"} 100"#
+            ),
+            "{t}"
         );
     }
 

@@ -298,6 +298,47 @@ async fn objects_are_pruned_across_a_change_of_default_namespace() {
     assert!(!exists(&inventory, &ns), "the former inventory is gone");
 }
 
+/// A manifest project removed from the configuration takes its metric series with it (its
+/// last-success time used to stay and age until a staleness alert fired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_removed_from_the_configuration_leaves_no_metric_series() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("unlisted").unwrap();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[("manifests/cm.yaml", Some(&configmap("listed", &ns, "1")))],
+        &[],
+    )
+    .await;
+    rig.synced(&c1).await;
+    let series =
+        r#"agentk_gitops_last_successful_sync_timestamp_seconds{project="group/manifests"}"#;
+    wait_for("the project's series", Duration::from_secs(10), || async {
+        rig.agent.metric(series).await
+    })
+    .await;
+    let cfg = rig.config.commit(
+        &[(".gitlab/agents/seed/config.yaml", Some(b"gitops: {}\n"))],
+        "no manifest project",
+    );
+    rig.agent
+        .wait_log("Agent configuration applied", &cfg)
+        .await;
+    wait_for(
+        "the project's series to go",
+        Duration::from_secs(10),
+        || async {
+            let text = rig.agent.metrics_text().await?;
+            (!text.contains(r#"project="group/manifests""#)).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_corrected_by_the_periodic_resync() {
     let _ = rustls::crypto::ring::default_provider().install_default();
