@@ -31,6 +31,10 @@ use tracing::Instrument;
 
 use crate::configuration::Applied;
 
+mod schedule;
+
+use schedule::{ResyncStep, Schedule};
+
 /// How a worker behaves beyond the configuration file.
 #[derive(Debug, Clone)]
 pub struct Timing {
@@ -256,21 +260,12 @@ struct Stream {
 
 /// The newest complete commit and the synchronization of it.
 struct SyncState {
-    /// Shared with the running sync, so a commit of thousands of files is held once.
-    current: Option<Arc<Commit>>,
+    /// The commit (shared with the running sync, so a commit of thousands of files is held
+    /// once) and when to synchronize it.
+    schedule: Schedule<Arc<Commit>>,
     running: Option<(CancellationToken, JoinHandle<SyncOutcome>)>,
     /// When the running sync started, for its duration metric.
     started: Instant,
-    next_run: Option<Instant>,
-    failures: u32,
-    /// kas suspended the project: nothing is applied, pruned or drift-corrected.
-    suspended: bool,
-    /// The newest re-sync id kas asked for, and the one the running sync answers.
-    resync_asked: u64,
-    resync_running: u64,
-    /// The newest re-sync id reported, so a request heard again after a reconnect is not
-    /// synced twice.
-    resync_answered: u64,
 }
 
 /// The last report and whether kas has confirmed it.
@@ -408,15 +403,9 @@ impl Worker {
             building: None,
         };
         let mut sync = SyncState {
-            current: None,
+            schedule: Schedule::new(),
             running: None,
             started: now,
-            next_run: None,
-            failures: 0,
-            suspended: false,
-            resync_asked: 0,
-            resync_running: 0,
-            resync_answered: 0,
         };
         let mut reports = Reports {
             last: None,
@@ -460,8 +449,8 @@ impl Worker {
             return;
         }
         let last = sync
-            .current
-            .as_ref()
+            .schedule
+            .current()
             .map(|c| c.id.clone())
             .unwrap_or_default();
         let req = with_token(&self.meta, self.request(&last));
@@ -491,30 +480,23 @@ impl Worker {
 
     /// Starts a sync of the newest commit when one is due and none runs.
     fn start_due_sync(&self, sync: &mut SyncState, stop: &CancellationToken) {
-        if sync.suspended
-            || sync.running.is_some()
-            || sync.next_run.is_none_or(|t| Instant::now() < t)
-        {
-            return;
-        }
-        let Some(commit) = sync.current.clone() else {
+        let running = sync.running.is_some();
+        let Some((commit, resync_id)) = sync.schedule.take_due(Instant::now(), running) else {
             return;
         };
-        sync.next_run = None;
         let token = stop.child_token();
         let (syncer, settings, t) = (
             Arc::clone(&self.engine.syncer),
             self.settings.clone(),
             token.clone(),
         );
-        tracing::info!(agent_id = settings.agent_id, commit_id = %commit.id, "Synchronizing objects");
+        tracing::info!(agent_id = settings.agent_id, commit_id = %commit.id, resync_id, "Synchronizing objects");
         let task = tokio::spawn(
             async move { syncer.sync(&settings, &commit.id, &commit.files, &t).await }
                 .in_current_span(),
         );
         sync.running = Some((token, task));
         sync.started = Instant::now();
-        sync.resync_running = sync.resync_asked;
     }
 
     async fn on_message(
@@ -578,14 +560,14 @@ impl Worker {
                     b.warnings = t.warnings;
                     // A new commit cancels the sync in progress.
                     stop_sync(sync.running.take()).await;
-                    sync.current = Some(Arc::new(b));
-                    sync.failures = 0;
                     // Held while suspended (kas holds commits then; this is for safety).
-                    sync.next_run = Some(Instant::now());
+                    sync.schedule.commit(Arc::new(b), Instant::now());
                 }
             }
             Some(objects_response::Message::Suspension(s)) => on_suspension(&s, sync).await,
-            Some(objects_response::Message::Resync(r)) => on_resync(r.id, sync).await,
+            Some(objects_response::Message::Resync(r)) => {
+                self.on_resync(r.id, sync, reports, stop).await;
+            }
             Some(objects_response::Message::Error(e)) => {
                 stream.building = None;
                 self.refuse(e.commit_id, e.message, sync, reports, stop)
@@ -618,11 +600,10 @@ impl Worker {
             finished_at: unix_now(),
             dry_run: false,
             warnings: Vec::new(),
-            resync_id: sync.resync_asked,
+            resync_id: sync.schedule.answer_asked(),
             in_progress: false,
             progress: None,
         };
-        sync.resync_answered = sync.resync_asked;
         self.report(report, reports, stop).await;
     }
 
@@ -641,8 +622,7 @@ impl Worker {
             Err(e) => {
                 // A panic in the sync: say so, and retry like any failure.
                 tracing::error!(error = %e, "The synchronization task failed");
-                sync.failures = sync.failures.saturating_add(1);
-                sync.next_run = Some(Instant::now() + self.timing.retry.delay(sync.failures, 0.5));
+                sync.schedule.crashed(Instant::now(), &self.timing);
                 return;
             }
         };
@@ -658,19 +638,58 @@ impl Worker {
             now,
         );
         let mut report = report_of(&outcome, &self.settings.project_id);
-        report.resync_id = sync.resync_running;
-        sync.resync_answered = sync.resync_answered.max(sync.resync_running);
-        if let Some(c) = sync.current.as_ref().filter(|c| c.id == outcome.commit_id) {
+        report.resync_id =
+            sync.schedule
+                .finished(outcome.succeeded(), Instant::now(), &self.timing);
+        let current = sync.schedule.current();
+        if let Some(c) = current.filter(|c| c.id == outcome.commit_id) {
             report.warnings.clone_from(&c.warnings);
         }
         self.report(report, reports, stop).await;
-        sync.next_run = Some(if outcome.succeeded() {
-            sync.failures = 0;
-            Instant::now() + self.timing.resync_interval
-        } else {
-            sync.failures = sync.failures.saturating_add(1);
-            Instant::now() + self.timing.retry.delay(sync.failures, 0.5)
-        });
+    }
+
+    /// kas asks for a sync now (`kas agent reconcile`): restart any sync in progress so the one
+    /// reported has run entirely after the request.
+    async fn on_resync(
+        &mut self,
+        id: u64,
+        sync: &mut SyncState,
+        reports: &mut Reports,
+        stop: &CancellationToken,
+    ) {
+        match sync.schedule.resync(id, Instant::now()) {
+            ResyncStep::Seen | ResyncStep::Held => {}
+            ResyncStep::SyncNow => {
+                tracing::info!(resync_id = id, "kas asked for a synchronization now");
+                stop_sync(sync.running.take()).await;
+            }
+            ResyncStep::NoCommit => self.answer_without_commit(id, sync, reports, stop).await,
+        }
+    }
+
+    /// A re-sync asked while there is no commit to synchronize. Without a commit the only
+    /// report there can be is kas's refusal of one (unsigned, not renderable): it stays the
+    /// answer, so `kas agent reconcile --wait` ends with its reason instead of waiting for a
+    /// commit that may never come. With no report at all the commit is still on its way, and
+    /// its sync answers the request.
+    async fn answer_without_commit(
+        &mut self,
+        id: u64,
+        sync: &mut SyncState,
+        reports: &mut Reports,
+        stop: &CancellationToken,
+    ) {
+        let Some(mut report) = reports.last.clone() else {
+            tracing::info!(
+                resync_id = id,
+                "kas asked for a synchronization before any commit arrived; the first commit's synchronization answers it"
+            );
+            return;
+        };
+        tracing::warn!(resync_id = id, commit_id = %report.commit_id, error = %report.error, "kas asked for a synchronization, but there is no commit that can be applied");
+        report.resync_id = sync.schedule.answer_asked();
+        report.finished_at = unix_now();
+        self.report(report, reports, stop).await;
     }
 
     /// A Kubernetes Event on the project's inventory ConfigMap (written in the background).
@@ -690,11 +709,11 @@ impl Worker {
         let report = SyncReport {
             project_id: self.settings.project_id.clone(),
             commit_id: sync
-                .current
-                .as_ref()
+                .schedule
+                .current()
                 .map(|c| c.id.clone())
                 .unwrap_or_default(),
-            resync_id: sync.resync_running,
+            resync_id: sync.schedule.resync_running(),
             in_progress: true,
             progress: Some(wire::SyncProgress {
                 objects: count(p.objects),
@@ -783,35 +802,15 @@ impl Worker {
 /// kas suspended or resumed the project. Suspending stops the running sync and every later one
 /// (drift correction included); resuming synchronizes the commit the worker has at once.
 async fn on_suspension(s: &wire::Suspension, sync: &mut SyncState) {
-    if s.suspended == sync.suspended {
+    if !sync.schedule.suspend(s.suspended, Instant::now()) {
         return;
     }
-    sync.suspended = s.suspended;
     if s.suspended {
         tracing::warn!(reason = %s.reason, suspended_by = %s.suspended_by, "GitOps suspended by kas: nothing is applied, pruned or drift-corrected until it is resumed");
         stop_sync(sync.running.take()).await;
-        sync.next_run = None;
     } else {
         tracing::info!("GitOps resumed by kas: synchronizing now");
-        sync.failures = 0;
-        sync.next_run = Some(Instant::now());
     }
-}
-
-/// kas asks for a sync now (`kas agent reconcile`): restart any sync in progress so the one
-/// reported has run entirely after the request.
-async fn on_resync(id: u64, sync: &mut SyncState) {
-    if id <= sync.resync_answered || id <= sync.resync_asked {
-        return;
-    }
-    sync.resync_asked = id;
-    if sync.suspended {
-        return;
-    }
-    tracing::info!(resync_id = id, "kas asked for a synchronization now");
-    stop_sync(sync.running.take()).await;
-    sync.failures = 0;
-    sync.next_run = Some(Instant::now());
 }
 
 /// Waits for the next thing the worker must act on.
@@ -824,10 +823,9 @@ async fn next_event(
 ) -> Event {
     // Only a sync kas asked for (`kas agent reconcile --wait`) is followed: a kas that does not
     // know progress reports would store one as an outcome.
-    let followed = sync.running.is_some() && sync.resync_running > 0;
+    let followed = sync.running.is_some() && sync.schedule.resync_running() > 0;
     let wake_at = [
-        // A suspended worker syncs nothing, so its sync time must not wake it (again and again).
-        sync.next_run.filter(|_| !sync.suspended),
+        sync.schedule.wake_at(),
         stream.open.is_none().then_some(stream.reconnect_at),
         reports.pending.then_some(reports.retry_at),
     ]

@@ -392,6 +392,53 @@ async fn suspend_holds_through_a_commit_a_drift_and_restarts_and_resume_applies(
     assert_eq!(listed[0]["suspensions"], serde_json::json!([]));
 }
 
+/// An agentk restarted while kas refuses the head commit (unsigned, with only signed commits
+/// allowed) has no commit it may apply. `kas agent reconcile --wait` is answered at once with
+/// the refusal; before, the worker woke again and again on a sync it could not start (one core
+/// spinning) and never answered, so the command timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_wait_without_a_commit_to_apply_is_answered_with_the_refusal() {
+    let (mut rig, ns, _) = configmap_rig("norecommit").await;
+    rig.agent.stop();
+    let keys = tempfile::tempdir().unwrap();
+    let signer =
+        tether_testenv::signing::Signer::ssh(keys.path(), "trusted", "ops@example.com").unwrap();
+    let trust = signer.write_trust(keys.path(), "allowed_signers").unwrap();
+    rig.set_manifests_project(kas::api::ProjectRequest {
+        verify_allowed_signers_file: Some(trust.display().to_string()),
+        ..kas::api::ProjectRequest::default()
+    })
+    .await;
+    let c2 = rig.manifests.commit(
+        &[("manifests/cm.yaml", Some(&configmap("app", &ns, "v2")))],
+        "unsigned",
+    );
+    rig.agent = rig.start_agent("seed-restarted");
+    let refused = rig.synced(&c2).await;
+    assert!(!refused.error.is_empty(), "{refused:?}");
+
+    let out = kas_cli(
+        &rig.kas,
+        &[
+            "agent",
+            "reconcile",
+            "group/config:seed",
+            "--wait",
+            "--timeout",
+            "30s",
+        ],
+    );
+    // 1: the project failed, with kas's reason; not 3, no answer within the timeout.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(
+        stdout.contains(&format!("commit {} failed", &c2[..12])),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&refused.error), "{stdout}");
+    assert_eq!(value(&rig.env, &ns, "app"), "v1", "nothing applied");
+}
+
 fn pat_request() -> kas::api::UserTokenRequest {
     kas::api::UserTokenRequest {
         username: "alice".into(),
