@@ -5,7 +5,9 @@
 //!
 //! The numbers are client-go's defaults (lease 15 s, renew deadline 10 s, retry 2 s): a leader
 //! that cannot renew for the renew deadline stops applying at least 5 s before its lease
-//! expires and another replica may take it over.
+//! expires and another replica may take it over. That holds only if a round of the election
+//! cannot outlast the deadline: a request to the API server may hang (a connection dropped
+//! silently, a slow etcd) and the kube client has no read timeout, so each round is bounded.
 
 use std::time::Duration;
 
@@ -119,30 +121,66 @@ fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
+/// Logs a failed round, once per distinct error: rounds repeat every retry period.
+fn log_new_error(last_error: &mut Option<String>, e: &anyhow::Error) {
+    let text = format!("{e:#}");
+    if last_error.as_deref() != Some(text.as_str()) {
+        tracing::error!(error = %text, "Leader election failed; GitOps applies only while this replica holds the lease");
+        *last_error = Some(text);
+    }
+}
+
+/// When a round of the election that starts `now` must end: by the renew deadline of the last
+/// renewal while we lead (by then we must know whether we still do), one renew deadline from
+/// now otherwise (a hung request must not stop the election for good).
+fn round_deadline(
+    last_renewal: Option<Instant>,
+    now: Instant,
+    renew_deadline: Duration,
+) -> Instant {
+    last_renewal
+        .map(|t| t + renew_deadline)
+        .filter(|deadline| *deadline > now)
+        .unwrap_or(now + renew_deadline)
+}
+
+/// Whether we lead at `now`: only while the lease is provably ours, renewed (a round that
+/// started at `last_renewal` succeeded) within the renew deadline.
+fn leads(last_renewal: Option<Instant>, now: Instant, renew_deadline: Duration) -> bool {
+    last_renewal.is_some_and(|t| now < t + renew_deadline)
+}
+
 impl Elector {
     pub async fn run(self, leading: watch::Sender<bool>, shutdown: CancellationToken) {
         let mut last_renewal: Option<Instant> = None;
         let mut last_error: Option<String> = None;
         loop {
-            match self.try_lead().await {
+            // The lease says it was renewed when the round started (`try_lead` reads the
+            // time first), so the deadline counts from there, not from the answer.
+            let started = Instant::now();
+            let deadline = round_deadline(last_renewal, started, self.timing.renew_deadline);
+            let round = tokio::select! {
+                r = tokio::time::timeout_at(deadline, self.try_lead()) => r.unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!(
+                        "lease {}: no answer from the API server within the renew deadline ({:?})",
+                        self.name,
+                        self.timing.renew_deadline
+                    ))
+                }),
+                () = shutdown.cancelled() => break,
+            };
+            match round {
                 Ok(true) => {
-                    last_renewal = Some(Instant::now());
+                    last_renewal = Some(started);
                     last_error = None;
                 }
                 Ok(false) => {
                     last_renewal = None;
                     last_error = None;
                 }
-                Err(e) => {
-                    let text = format!("{e:#}");
-                    if last_error.as_deref() != Some(text.as_str()) {
-                        tracing::error!(error = %text, "Leader election failed; GitOps applies only while this replica holds the lease");
-                        last_error = Some(text);
-                    }
-                }
+                Err(e) => log_new_error(&mut last_error, &e),
             }
-            // Leading only while the lease is provably ours: renewed within the deadline.
-            let lead = last_renewal.is_some_and(|t| t.elapsed() < self.timing.renew_deadline);
+            let lead = leads(last_renewal, Instant::now(), self.timing.renew_deadline);
             self.publish(&leading, lead);
             tokio::select! {
                 () = tokio::time::sleep(self.timing.retry_period) => {}
@@ -273,7 +311,131 @@ impl Elector {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use serde_json::{Value, json};
+
     use super::*;
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+    /// An in-memory Lease API: the lease, how many more requests it answers, and when it last
+    /// took a renewal (a replace).
+    #[derive(Default)]
+    struct Stub {
+        lease: Option<Value>,
+        answers_left: usize,
+        renewed_at: Option<Instant>,
+    }
+
+    impl Stub {
+        fn answer(
+            &mut self,
+            method: &http::Method,
+            body: &[u8],
+        ) -> Result<http::Response<Full<Bytes>>, BoxError> {
+            let (code, value) = match (method, &self.lease) {
+                (&http::Method::GET, Some(lease)) => (200, lease.clone()),
+                (&http::Method::GET, None) => (
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "NotFound", "code": 404, "message": "not found"}),
+                ),
+                _ => {
+                    let lease: Value = serde_json::from_slice(body)?;
+                    self.lease = Some(lease.clone());
+                    if method == http::Method::PUT {
+                        self.renewed_at = Some(Instant::now());
+                    }
+                    (200, lease)
+                }
+            };
+            Ok(http::Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(serde_json::to_vec(&value)?)))?)
+        }
+    }
+
+    /// A kube client whose Lease API answers `answers` requests and then never again, like an
+    /// API server behind a connection that was dropped silently.
+    fn freezing_api(answers: usize) -> (kube::Client, Arc<Mutex<Stub>>) {
+        let stub = Arc::new(Mutex::new(Stub {
+            answers_left: answers,
+            ..Stub::default()
+        }));
+        let state = Arc::clone(&stub);
+        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let state = Arc::clone(&state);
+            async move {
+                let method = req.method().clone();
+                let body = req.into_body().collect().await?.to_bytes();
+                let answer = {
+                    let mut st = state.lock().expect("stub");
+                    st.answers_left.checked_sub(1).map(|left| {
+                        st.answers_left = left;
+                        st.answer(&method, &body)
+                    })
+                };
+                match answer {
+                    Some(a) => a,
+                    None => std::future::pending().await,
+                }
+            }
+        });
+        (kube::Client::new(service, "agents"), stub)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_whose_api_server_stops_answering_stops_leading_by_the_renew_deadline() {
+        // Creates the lease (GET, POST), renews it once (GET, PUT), then hears nothing more.
+        let (client, stub) = freezing_api(4);
+        let timing = Timing::default();
+        let elector = Elector {
+            api: Api::namespaced(client, "agents"),
+            name: "agent-1-lock".into(),
+            identity: "agentk-a".into(),
+            timing,
+        };
+        let (tx, mut leading) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(elector.run(tx, shutdown.clone()));
+        leading.wait_for(|l| *l).await.expect("the elector runs");
+        // Time is paused: it moves only when every task waits, so this is exact, not a race.
+        let lost = tokio::time::timeout(timing.lease_duration, async {
+            leading.wait_for(|l| !*l).await.map(|_| ())
+        })
+        .await;
+        assert!(
+            matches!(lost, Ok(Ok(()))),
+            "still leading {:?} after the API server went silent",
+            timing.lease_duration
+        );
+        let renewed = stub.lock().expect("stub").renewed_at;
+        let renewed = renewed.expect("one renewal before the silence");
+        let after = Instant::now() - renewed;
+        assert!(
+            after <= timing.renew_deadline,
+            "stopped leading {after:?} after the last renewal"
+        );
+        shutdown.cancel();
+        task.await.expect("the elector stops");
+    }
+
+    #[test]
+    fn a_round_ends_by_the_renew_deadline_of_the_last_renewal() {
+        let (t0, rd) = (Instant::now(), Duration::from_secs(10));
+        let s = Duration::from_secs;
+        assert_eq!(round_deadline(None, t0, rd), t0 + rd);
+        assert_eq!(round_deadline(Some(t0), t0 + s(2), rd), t0 + rd);
+        // Renewed too long ago: no longer leading, a full round to acquire again.
+        assert_eq!(round_deadline(Some(t0), t0 + rd, rd), t0 + rd + rd);
+        assert!(leads(Some(t0), t0 + s(9), rd));
+        assert!(!leads(Some(t0), t0 + rd, rd));
+        assert!(!leads(None, t0, rd));
+    }
 
     fn at(second: i64) -> Timestamp {
         Timestamp::from_second(second).expect("timestamp")

@@ -413,16 +413,29 @@ fn start_leader_election(
     kube: kube::Client,
     config: watch::Receiver<Option<Arc<configuration::Applied>>>,
 ) -> Result<watch::Receiver<bool>> {
-    let identity = match std::env::var("POD_NAME") {
-        Ok(name) if !name.is_empty() => name,
-        _ => format!("agentk-{}", std::process::id()),
-    };
+    let identity = replica_identity(
+        std::env::var("POD_NAME").ok(),
+        std::env::var("HOSTNAME").ok(),
+        std::process::id(),
+    );
     let stop = CancellationToken::new();
     let (leading, election) = start_election(cli, kube, config, identity, stop.clone())?;
     if let Some(task) = election {
         modules.adopt("leader_election", stop, task);
     }
     Ok(leading)
+}
+
+/// This replica's name in the leader Lease, which must differ between replicas: the pod's
+/// name (`POD_NAME` from the downward API, else `HOSTNAME`, which Kubernetes sets to it), and
+/// the process id only outside a pod — in a container it is 1 in every replica, and replicas
+/// of one name would each take the others' lease for their own.
+fn replica_identity(pod_name: Option<String>, hostname: Option<String>, pid: u32) -> String {
+    [pod_name, hostname]
+        .into_iter()
+        .flatten()
+        .find(|name| !name.is_empty())
+        .unwrap_or_else(|| format!("agentk-{pid}"))
 }
 
 fn gitops_timing(cli: &Cli) -> gitops::Timing {
@@ -450,6 +463,26 @@ async fn wait_for_termination() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lease_identity_is_the_pod_name_then_the_hostname_then_the_pid() {
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            replica_identity(some("agentk-7d9c-x2"), some("host"), 1),
+            "agentk-7d9c-x2"
+        );
+        // Without the downward API, a pod's hostname is its name: not `agentk-1` in every pod.
+        assert_eq!(
+            replica_identity(None, some("agentk-7d9c-x2"), 1),
+            "agentk-7d9c-x2"
+        );
+        assert_eq!(
+            replica_identity(some(""), some("agentk-7d9c-x2"), 1),
+            "agentk-7d9c-x2"
+        );
+        assert_eq!(replica_identity(None, some(""), 42), "agentk-42");
+        assert_eq!(replica_identity(None, None, 42), "agentk-42");
+    }
 
     #[test]
     fn durations_parse() {
