@@ -320,6 +320,7 @@ fn wire_state(state: ObjectState) -> wire::ObjectState {
         ObjectState::Live(Status::NotFound) => wire::ObjectState::NotFound,
         ObjectState::Live(Status::Unknown) => wire::ObjectState::Unknown,
         ObjectState::Pruned => wire::ObjectState::Pruned,
+        ObjectState::PruneSkipped => wire::ObjectState::PruneSkipped,
     }
 }
 

@@ -11,6 +11,7 @@
 //! | [`resource_status`]  | `status`                | `resourceStatus`   | `status`, `message`   |
 //! | [`resource_failed`]  | the phase (`apply`/...) | `resourceFailed`   | `error`               |
 //! | [`resource_pruned`]  | `prune`                 | `resourcePruned`   | `operation`           |
+//! | [`resource_prune_skipped`] | `prune`           | `resourcePruned`   | `operation` (`PruneSkipped`), `reason` |
 //! | [`error_event`]      | `error`                 | `error`            | `error` (no resource) |
 //!
 //! The builders are pure: the caller passes the time, so tests are deterministic.
@@ -118,6 +119,13 @@ pub fn resource_pruned(obj: &ObjRef, operation: PruneOperation, at: SystemTime) 
     let mut e = base(Phase::Prune.as_str(), "resourcePruned", Some(obj), at);
     e.insert("operation".into(), operation.as_str().into());
     Value::Object(e)
+}
+
+/// `resourcePruned` of an object left in place (`PruneSkipped`), with the reason.
+pub fn resource_prune_skipped(obj: &ObjRef, reason: &str, at: SystemTime) -> Value {
+    let mut e = resource_pruned(obj, PruneOperation::Skipped, at);
+    e["reason"] = reason.into();
+    e
 }
 
 /// An error not tied to one object (say, the inventory could not be read).
@@ -241,6 +249,12 @@ mod tests {
         assert_eq!(
             resource_pruned(&dep, PruneOperation::Skipped, t)["operation"],
             json!("PruneSkipped")
+        );
+        assert_eq!(
+            resource_prune_skipped(&dep, "not ours", t),
+            json!({"eventType": "resourcePruned", "group": "apps", "kind": "Deployment",
+                   "name": "nginx", "namespace": "naww", "operation": "PruneSkipped",
+                   "reason": "not ours", "timestamp": "1970-01-01T00:00:00Z", "type": "prune"})
         );
         assert_eq!(
             error_event("inventory is corrupted", t),

@@ -16,8 +16,8 @@
 //!    [`prune::to_prune`];
 //! 6. follow [`status::compute_status`] (watched from the apply answer on, polled as the
 //!    fallback) until [`status::sync_outcome`] is no longer waiting
-//!    or `reconcile_timeout` passes; the sync failed unless every object is Current or pruned
-//!    ([`sync::SyncError`]).
+//!    or `reconcile_timeout` passes; the sync failed unless every object is Current, pruned or
+//!    left in place as no longer ours ([`prune::Skip`]; [`sync::SyncError`]).
 //!
 //! [`preview`] runs steps 1–3 with server-side dry run and reads what step 5 would prune,
 //! for `kas agent diff`: what a sync would change, changing nothing.

@@ -42,7 +42,7 @@ struct ObjectsLabel {
 
 /// Every status an object can be reported with, so a status that no object has any more reads
 /// 0 instead of keeping its last value.
-const STATUSES: [&str; 7] = [
+const STATUSES: [&str; 8] = [
     "InProgress",
     "Current",
     "Failed",
@@ -50,6 +50,7 @@ const STATUSES: [&str; 7] = [
     "NotFound",
     "Unknown",
     "Pruned",
+    "PruneSkipped",
 ];
 
 /// The GitOps metrics of one agent; cheap to clone (the series are shared).
@@ -172,6 +173,7 @@ fn state_word(state: ObjectState) -> &'static str {
     match state {
         ObjectState::Live(s) => Status::as_str(s),
         ObjectState::Pruned => "Pruned",
+        ObjectState::PruneSkipped => "PruneSkipped",
     }
 }
 

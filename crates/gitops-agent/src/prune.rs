@@ -78,6 +78,46 @@ pub fn to_prune_in_tiers(
     tiers
 }
 
+/// Why an object that left Git was left in place instead of deleted. Neither is a failure of
+/// the sync: the object is no longer ours, or there is nothing the API server lets us delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// Its owning-inventory annotation was removed (`None`: someone keeps it by hand) or names
+    /// another inventory (which adopted it).
+    NotOurs { owner: Option<String> },
+    /// The API server does not serve its type (its CRD was deleted, say), so it cannot be
+    /// read or deleted.
+    TypeNotServed,
+}
+
+impl Skip {
+    /// Whether someone should look: a type vanishing is unexpected, while an object detached or
+    /// adopted was someone's choice.
+    pub fn is_unexpected(&self) -> bool {
+        matches!(self, Self::TypeNotServed)
+    }
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const ANNOTATION: &str = crate::inventory::OWNING_INVENTORY_ANNOTATION;
+        match self {
+            Self::NotOurs { owner: None } => write!(
+                f,
+                "left in place, not deleted: its {ANNOTATION} annotation was removed, so it is no longer this agent's"
+            ),
+            Self::NotOurs { owner: Some(owner) } => write!(
+                f,
+                "left in place, not deleted: its {ANNOTATION} annotation names another inventory ({owner})"
+            ),
+            Self::TypeNotServed => write!(
+                f,
+                "not deleted: the API server does not serve its type (if its CustomResourceDefinition was deleted, the object went with it)"
+            ),
+        }
+    }
+}
+
 fn is_rbac(r: &ObjRef) -> bool {
     (r.group == "rbac.authorization.k8s.io"
         && matches!(
@@ -104,6 +144,27 @@ mod tests {
 
     fn names(v: &[ObjRef]) -> Vec<String> {
         v.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_skip_says_why_the_object_was_left() {
+        let detached = Skip::NotOurs { owner: None }.to_string();
+        assert!(detached.starts_with("left in place"), "{detached}");
+        assert!(
+            detached.contains("config.k8s.io/owning-inventory"),
+            "{detached}"
+        );
+        let adopted = Skip::NotOurs {
+            owner: Some("5-other".into()),
+        };
+        assert!(adopted.to_string().contains("(5-other)"), "{adopted}");
+        assert!(!adopted.is_unexpected());
+        assert!(Skip::TypeNotServed.is_unexpected());
+        assert!(
+            Skip::TypeNotServed
+                .to_string()
+                .contains("does not serve its type")
+        );
     }
 
     #[test]

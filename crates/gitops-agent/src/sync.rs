@@ -25,7 +25,7 @@ use crate::events::{self, Phase};
 use crate::inventory::{self, InventoryError, OwnershipConflict};
 use crate::object_ref::ObjRef;
 use crate::plan;
-use crate::prune;
+use crate::prune::{self, Skip};
 use crate::status::{ResourceStatus, Status, StatusView, compute_status, sync_outcome};
 use crate::status_watch::{Seen, Watches, settled};
 
@@ -75,7 +75,7 @@ impl SyncProgress {
         let mut p = Self::default();
         for o in outcomes {
             match o.status {
-                ObjectState::Pruned => continue,
+                ObjectState::Pruned | ObjectState::PruneSkipped => continue,
                 ObjectState::Live(Status::Current) => p.current += 1,
                 ObjectState::Live(Status::Failed) => p.failed += 1,
                 ObjectState::Live(_) => {}
@@ -140,6 +140,9 @@ pub enum ObjectState {
     Live(Status),
     /// Deleted because it left Git.
     Pruned,
+    /// Left Git but left in place: no longer ours, or of a type the API server does not serve
+    /// (the message says which). Not a failure: there was nothing we should delete.
+    PruneSkipped,
 }
 
 /// One object's outcome.
@@ -158,6 +161,26 @@ impl ObjectOutcome {
             message: message.into(),
         }
     }
+}
+
+/// What deleting one object that left Git did, before waiting for it to be gone.
+#[derive(Debug)]
+enum Deletion {
+    /// A delete was sent (of this type, in this namespace): it may still be going away.
+    Sent(ApiResource, Option<String>),
+    /// It was gone already.
+    Gone,
+    /// Left in place.
+    Skipped(Skip),
+}
+
+/// How pruning one object ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PruneEnd {
+    /// Gone; `wrote` when our delete made it so.
+    Gone { wrote: bool },
+    /// Left in place, and why.
+    Skipped(Skip),
 }
 
 /// Kubernetes' answer to a failed request, as a readable reason
@@ -270,7 +293,7 @@ fn log_event(level: tracing::Level, event: &Value) {
     let fields = event.to_string();
     let event_type = event["eventType"].as_str().unwrap_or("event");
     // `fields_json` is merged into the line by the JSON log layer.
-    if level == tracing::Level::ERROR {
+    if level <= tracing::Level::WARN {
         tracing::warn!(fields_json = %fields, "{event_type}");
     } else {
         tracing::info!(fields_json = %fields, "{event_type}");
@@ -305,6 +328,19 @@ fn event_pruned(obj: &ObjRef) {
             std::time::SystemTime::now(),
         ),
     );
+}
+
+/// An object that left Git was left in place: cli-utils' `PruneSkipped` with the reason, a
+/// warning when nobody chose it (its type vanished).
+fn event_prune_skipped(obj: &ObjRef, skip: &Skip) {
+    let level = if skip.is_unexpected() {
+        tracing::Level::WARN
+    } else {
+        tracing::Level::INFO
+    };
+    let reason = skip.to_string();
+    let at = std::time::SystemTime::now();
+    log_event(level, &events::resource_prune_skipped(obj, &reason, at));
 }
 
 /// Logs an apply answer the moment it arrives rather than when its stage ends, with the
@@ -760,11 +796,11 @@ impl Syncer {
                 })?;
             p.writes += 1;
         }
-        let pruned = self
+        let dropped = self
             .prune_all(s, &previous.name, &prune_tiers, disc, cancel, p)
             .await;
         let mut final_inv = inventory_now;
-        final_inv.extend(prune_list.into_iter().filter(|o| !pruned.contains(o)));
+        final_inv.extend(prune_list.into_iter().filter(|o| !dropped.contains(o)));
         if final_inv != with_pending {
             if let Err(e) = self.write_inventory(s, &previous.name, &final_inv).await {
                 tracing::warn!(error = %e, "Updating the inventory after pruning failed; the next sync retries");
@@ -837,7 +873,8 @@ impl Syncer {
         Ok(Some(intent))
     }
 
-    /// Prunes tier by tier (reverse dependency order); returns the objects that are gone.
+    /// Prunes tier by tier (reverse dependency order); returns the objects that leave the
+    /// inventory: gone, or left in place as no longer ours to delete.
     async fn prune_all(
         &self,
         s: &Settings,
@@ -847,36 +884,40 @@ impl Syncer {
         cancel: &CancellationToken,
         p: &mut Progress,
     ) -> BTreeSet<ObjRef> {
-        let mut pruned = BTreeSet::new();
+        let mut dropped = BTreeSet::new();
         for tier in tiers {
             if cancel.is_cancelled() {
                 break;
             }
             for (obj, outcome) in self.prune_tier(s, inv_id, tier, disc).await {
-                match outcome {
-                    Ok(wrote) => {
+                let (state, message) = match outcome {
+                    Ok(PruneEnd::Gone { wrote }) => {
                         p.writes += usize::from(wrote);
                         event_pruned(&obj);
-                        pruned.insert(obj.clone());
-                        let pruned = ObjectOutcome {
-                            obj: obj.clone(),
-                            status: ObjectState::Pruned,
-                            message: String::new(),
-                        };
-                        p.results.insert(obj, pruned);
+                        (ObjectState::Pruned, String::new())
+                    }
+                    Ok(PruneEnd::Skipped(skip)) => {
+                        event_prune_skipped(&obj, &skip);
+                        (ObjectState::PruneSkipped, skip.to_string())
                     }
                     Err(e) => {
                         let message = e.to_string();
                         event_failed(&obj, Phase::Prune, &message);
-                        p.results.insert(
-                            obj.clone(),
-                            ObjectOutcome::new(obj, Status::Failed, message),
-                        );
+                        (ObjectState::Live(Status::Failed), message)
                     }
+                };
+                if state != ObjectState::Live(Status::Failed) {
+                    dropped.insert(obj.clone());
                 }
+                let outcome = ObjectOutcome {
+                    obj: obj.clone(),
+                    status: state,
+                    message,
+                };
+                p.results.insert(obj, outcome);
             }
         }
-        pruned
+        dropped
     }
 
     /// LISTs (in pages) each resource type and namespace that holds at least
@@ -1120,15 +1161,14 @@ impl Syncer {
 
     /// Prunes one tier: deletes all its objects at once (bounded concurrency), then waits until
     /// they are gone with one LIST per type and namespace, not a GET and a sleep per object
-    /// (300 ConfigMaps took 62 s that way). Each object's outcome: whether a delete was sent,
-    /// or why it failed.
+    /// (300 ConfigMaps took 62 s that way). Each object's outcome, or why it failed.
     async fn prune_tier(
         &self,
         s: &Settings,
         inv_id: &str,
         tier: &[ObjRef],
         disc: &Discovery,
-    ) -> Vec<(ObjRef, Result<bool, ObjectError>)> {
+    ) -> Vec<(ObjRef, Result<PruneEnd, ObjectError>)> {
         // Owned items: a closure over `&ObjRef` makes the future not provably `Send`.
         let deleted = futures_util::stream::iter(tier.iter().cloned().map(|obj| async move {
             let res = self.delete_if_ours(s, inv_id, &obj, disc).await;
@@ -1142,14 +1182,15 @@ impl Syncer {
             BTreeMap::new();
         for (obj, res) in deleted {
             match res {
-                Ok(Some((ar, ns))) => {
+                Ok(Deletion::Sent(ar, ns)) => {
                     deleting
                         .entry((format!("{}/{}", ar.api_version, ar.plural), ns.clone()))
                         .or_insert_with(|| (ar, Vec::new()))
                         .1
                         .push(obj);
                 }
-                Ok(None) => out.push((obj, Ok(false))),
+                Ok(Deletion::Gone) => out.push((obj, Ok(PruneEnd::Gone { wrote: false }))),
+                Ok(Deletion::Skipped(skip)) => out.push((obj, Ok(PruneEnd::Skipped(skip)))),
                 Err(e) => out.push((obj, Err(e.into()))),
             }
         }
@@ -1170,19 +1211,17 @@ impl Syncer {
         out
     }
 
-    /// Deletes one object that left Git if it is still ours. `Some((type, namespace))` when a
-    /// delete was sent and the object may still be going away; `None` when there was nothing
-    /// (left) to delete.
+    /// Deletes one object that left Git if it is still ours.
     async fn delete_if_ours(
         &self,
         s: &Settings,
         inv_id: &str,
         obj: &ObjRef,
         disc: &Discovery,
-    ) -> Result<Option<(ApiResource, Option<String>)>, ApiError> {
+    ) -> Result<Deletion, ApiError> {
         let Some((ar, caps)) = Self::resolve_ref(disc, obj) else {
-            // Its type is gone (e.g. its CRD was pruned first): nothing left to delete.
-            return Ok(None);
+            // Nothing the API server lets us read or delete: not "pruned", we did nothing.
+            return Ok(Deletion::Skipped(Skip::TypeNotServed));
         };
         let ns = if caps.scope == Scope::Namespaced {
             obj.namespace.clone()
@@ -1191,16 +1230,19 @@ impl Syncer {
         };
         let api = self.api(&ar, ns.as_deref());
         match api.get_opt(&obj.name).await {
-            Ok(None) => return Ok(None),
+            Ok(None) => return Ok(Deletion::Gone),
             Ok(Some(current)) => {
                 let owner = current
                     .metadata
                     .annotations
                     .as_ref()
-                    .and_then(|a| a.get(inventory::OWNING_INVENTORY_ANNOTATION));
-                if owner.map(String::as_str) != Some(inv_id) {
-                    // Someone else took it over: not ours to delete.
-                    return Ok(None);
+                    .and_then(|a| a.get(inventory::OWNING_INVENTORY_ANNOTATION))
+                    .map(String::as_str)
+                    .filter(|o| !o.is_empty());
+                if !inventory::may_prune(owner, inv_id) {
+                    // Adopted by another inventory, or kept by hand: not ours to delete.
+                    let owner = owner.map(str::to_owned);
+                    return Ok(Deletion::Skipped(Skip::NotOurs { owner }));
                 }
             }
             Err(e) => return Err(e.into()),
@@ -1215,9 +1257,9 @@ impl Syncer {
             ..DeleteParams::default()
         };
         match api.delete(&obj.name, &dp).await {
-            Ok(_) => Ok(Some((ar, ns))),
-            // Gone between the read and the delete: a delete was still sent.
-            Err(kube::Error::Api(st)) if st.code == 404 => Ok(None),
+            Ok(_) => Ok(Deletion::Sent(ar, ns)),
+            // Gone between the read and the delete.
+            Err(kube::Error::Api(st)) if st.code == 404 => Ok(Deletion::Gone),
             Err(e) => Err(e.into()),
         }
     }
@@ -1231,7 +1273,7 @@ impl Syncer {
         objs: Vec<ObjRef>,
         deadline: tokio::time::Instant,
         timeout: Duration,
-    ) -> Vec<(ObjRef, Result<bool, ObjectError>)> {
+    ) -> Vec<(ObjRef, Result<PruneEnd, ObjectError>)> {
         let api = self.api(ar, ns);
         let mut pending = objs;
         let mut out = Vec::with_capacity(pending.len());
@@ -1247,7 +1289,10 @@ impl Syncer {
             };
             let (still, gone): (Vec<ObjRef>, Vec<ObjRef>) =
                 pending.into_iter().partition(|o| present.contains(&o.name));
-            out.extend(gone.into_iter().map(|o| (o, Ok(true))));
+            out.extend(
+                gone.into_iter()
+                    .map(|o| (o, Ok(PruneEnd::Gone { wrote: true }))),
+            );
             pending = still;
             if pending.is_empty() {
                 return out;
@@ -1676,8 +1721,9 @@ pub(crate) fn crd_kinds(manifests: &[Manifest]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The outcome of a sync from its objects' outcomes: failed unless every object is Current or
-/// Pruned (or, in a server dry run, Unknown: nothing was changed, so nothing became Current).
+/// The outcome of a sync from its objects' outcomes: failed unless every object is Current,
+/// Pruned or PruneSkipped (or, in a server dry run, Unknown: nothing was changed, so nothing
+/// became Current).
 fn finish(
     commit_id: &str,
     results: HashMap<ObjRef, ObjectOutcome>,
@@ -1694,7 +1740,7 @@ fn finish(
                 o.obj.clone(),
                 ResourceStatus::new(status, o.message.clone()),
             )),
-            ObjectState::Pruned => None,
+            ObjectState::Pruned | ObjectState::PruneSkipped => None,
         })
         .collect();
     // After the wait, objects still pending failed too: they did not become Current in time.
@@ -1783,6 +1829,7 @@ mod tests {
             ("b", ObjectState::Live(Status::Failed)),
             ("c", ObjectState::Live(Status::InProgress)),
             ("d", ObjectState::Pruned),
+            ("e", ObjectState::PruneSkipped),
         ]);
         let want = SyncProgress {
             objects: 3,
@@ -1800,12 +1847,13 @@ mod tests {
     }
 
     #[test]
-    fn finish_succeeds_when_every_object_is_current_or_pruned() {
+    fn finish_succeeds_when_every_object_is_current_pruned_or_left_in_place() {
         let out = finish(
             "c1",
             results(&[
                 ("b", ObjectState::Live(Status::Current)),
                 ("a", ObjectState::Pruned),
+                ("c", ObjectState::PruneSkipped),
             ]),
             3,
             false,
@@ -1813,7 +1861,7 @@ mod tests {
         assert!(out.succeeded(), "{out:?}");
         assert_eq!((out.commit_id.as_str(), out.writes), ("c1", 3));
         let names: Vec<&str> = out.objects.iter().map(|o| o.obj.name.as_str()).collect();
-        assert_eq!(names, ["a", "b"], "sorted by object");
+        assert_eq!(names, ["a", "b", "c"], "sorted by object");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum ReportedStatus {
     Terminating,
     NotFound,
     Pruned,
+    /// Left Git but left in place (no longer the agent's, or its type is not served).
+    PruneSkipped,
     /// Could not be determined, not said (an older agent), or a word this build does not know.
     #[serde(other)]
     Unknown,
@@ -47,17 +49,19 @@ pub enum ReportedStatus {
 
 impl ReportedStatus {
     /// Every value, for reading the words back.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::InProgress,
         Self::Current,
         Self::Failed,
         Self::Terminating,
         Self::NotFound,
         Self::Pruned,
+        Self::PruneSkipped,
         Self::Unknown,
     ];
 
-    /// The word users see: kstatus' (`Current`, `InProgress`, ...) or `Pruned`.
+    /// The word users see: kstatus' (`Current`, `InProgress`, ...), `Pruned` or `PruneSkipped`
+    /// (cli-utils' word).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InProgress => "InProgress",
@@ -66,6 +70,7 @@ impl ReportedStatus {
             Self::Terminating => "Terminating",
             Self::NotFound => "NotFound",
             Self::Pruned => "Pruned",
+            Self::PruneSkipped => "PruneSkipped",
             Self::Unknown => "Unknown",
         }
     }
@@ -135,6 +140,7 @@ impl From<ObjectState> for ReportedStatus {
             ObjectState::Terminating => Self::Terminating,
             ObjectState::NotFound => Self::NotFound,
             ObjectState::Pruned => Self::Pruned,
+            ObjectState::PruneSkipped => Self::PruneSkipped,
             ObjectState::Unknown | ObjectState::Unspecified => Self::Unknown,
         }
     }
@@ -149,6 +155,7 @@ impl From<ReportedStatus> for ObjectState {
             ReportedStatus::Terminating => Self::Terminating,
             ReportedStatus::NotFound => Self::NotFound,
             ReportedStatus::Pruned => Self::Pruned,
+            ReportedStatus::PruneSkipped => Self::PruneSkipped,
             ReportedStatus::Unknown => Self::Unknown,
         }
     }

@@ -103,6 +103,70 @@ async fn must_match_leaves_objects_of_another_inventory_alone() {
     assert_eq!(mine["data"]["value"], "ours");
 }
 
+/// An object whose owning-inventory annotation was removed by hand is no longer the agent's:
+/// when it leaves Git it stays in the cluster, and is reported as left in place (with the
+/// reason), not as pruned — in the report, the logs and the Kubernetes Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_no_longer_ours_is_left_in_place_and_not_reported_pruned() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("detach").unwrap();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[
+            ("manifests/kept.yaml", Some(&configmap("kept", &ns, "v1"))),
+            ("manifests/gone.yaml", Some(&configmap("gone", &ns, "v1"))),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
+    // Kept by hand: the annotation naming the agent's inventory removed.
+    run_output(rig.env.kubectl().args([
+        "annotate",
+        "configmap",
+        "kept",
+        "-n",
+        &ns,
+        "config.k8s.io/owning-inventory-",
+    ]))
+    .unwrap();
+
+    let c2 = rig.manifests.commit(
+        &[("manifests/kept.yaml", None), ("manifests/gone.yaml", None)],
+        "both leave Git",
+    );
+    let s = rig.synced(&c2).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let kept = s.objects.iter().find(|o| o.name == "kept").unwrap();
+    assert_eq!(kept.status, ReportedStatus::PruneSkipped, "{kept:?}");
+    assert!(kept.message.contains("left in place"), "{kept:?}");
+    let gone = s.objects.iter().find(|o| o.name == "gone").unwrap();
+    assert_eq!(gone.status, ReportedStatus::Pruned, "{gone:?}");
+    assert!(get_json(&rig.env, &["get", "configmap", "kept", "-n", &ns]).is_some());
+    assert!(get_json(&rig.env, &["get", "configmap", "gone", "-n", &ns]).is_none());
+
+    let lines = rig.agent.log_lines();
+    let operation = |name: &str| {
+        lines
+            .iter()
+            .find(|l| is_event(l, "resourcePruned", "ConfigMap", &ns, name))
+            .map(|l| l["operation"].clone())
+    };
+    assert_eq!(operation("kept"), Some(Value::from("PruneSkipped")));
+    assert_eq!(operation("gone"), Some(Value::from("Pruned")));
+    let inventory = tether_gitops_agent::inventory::inventory_name(rig.agent_id, "group/manifests");
+    let (_, message) = wait_event(&rig.env, &ns, &inventory, "Pruned").await;
+    assert!(
+        message.contains(&format!("ConfigMap {ns}/gone")),
+        "{message}"
+    );
+    assert!(!message.contains("kept"), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crds_apply_before_their_resources_and_are_pruned_after_them() {
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -54,31 +54,34 @@ pub struct Summary {
     pub applied: usize,
     pub current: usize,
     pub pruned: usize,
-    /// `kind/namespace/name: message` of every object neither Current nor pruned.
+    /// `kind/namespace/name status: message` of every object neither Current nor pruned (nor
+    /// left in place).
     pub not_current: Vec<String>,
+    /// The same of every object that left Git but was not deleted (no longer the agent's): not
+    /// a failure, but worth saying, as it still exists.
+    pub left_in_place: Vec<String>,
 }
 
 /// Counts a report's objects.
 pub fn summarize(s: &SyncView) -> Summary {
     let mut out = Summary::default();
     for o in &s.objects {
+        let ns = if o.namespace.is_empty() {
+            "-"
+        } else {
+            &o.namespace
+        };
+        let line = || format!("{}/{ns}/{} {}: {}", o.kind, o.name, o.status, o.message);
         match o.status {
             ReportedStatus::Pruned => out.pruned += 1,
+            ReportedStatus::PruneSkipped => out.left_in_place.push(line()),
             ReportedStatus::Current => {
                 out.applied += 1;
                 out.current += 1;
             }
-            status => {
+            _ => {
                 out.applied += 1;
-                let ns = if o.namespace.is_empty() {
-                    "-"
-                } else {
-                    &o.namespace
-                };
-                out.not_current.push(format!(
-                    "{}/{ns}/{} {status}: {}",
-                    o.kind, o.name, o.message
-                ));
+                out.not_current.push(line());
             }
         }
     }
@@ -106,6 +109,9 @@ pub fn report_line(s: &SyncView, summary: &Summary) -> String {
         summary.not_current.len(),
         summary.pruned
     );
+    if !summary.left_in_place.is_empty() {
+        line.push_str(&format!(", {} left in place", summary.left_in_place.len()));
+    }
     if !s.error.is_empty() {
         line.push_str(&format!("; error: {}", s.error));
     }
@@ -244,7 +250,7 @@ async fn follow(
             pending.retain(|p| *p != s.project_id);
             let summary = summarize(&s);
             progress.line(&report_line(&s, &summary))?;
-            for o in &summary.not_current {
+            for o in summary.not_current.iter().chain(&summary.left_in_place) {
                 progress.line(&format!("    {o}"))?;
             }
             worst = worst.max(judge(&s, &summary));
@@ -378,6 +384,33 @@ mod tests {
             vec![object("Deployment", "web", ReportedStatus::InProgress, "")],
         );
         assert_eq!(judge(&slow, &summarize(&slow)), Outcome::Failed);
+    }
+
+    #[test]
+    fn an_object_left_in_place_is_said_but_is_no_failure() {
+        let kept = report(
+            ReportedOutcome::Succeeded,
+            vec![
+                object("Deployment", "web", ReportedStatus::Current, ""),
+                object(
+                    "ConfigMap",
+                    "kept",
+                    ReportedStatus::PruneSkipped,
+                    "left in place",
+                ),
+            ],
+        );
+        let s = summarize(&kept);
+        assert_eq!((s.applied, s.pruned), (1, 0));
+        assert_eq!(
+            s.left_in_place,
+            ["ConfigMap/ns/kept PruneSkipped: left in place"]
+        );
+        assert_eq!(judge(&kept, &s), Outcome::Synced);
+        assert_eq!(
+            report_line(&kept, &s),
+            "group/manifests: commit 0123456789ab succeeded: 1 applied, 1 Current, 0 not Current, 0 pruned, 1 left in place"
+        );
     }
 
     #[test]
