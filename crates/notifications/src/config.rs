@@ -2,6 +2,7 @@
 //!
 //! ```yaml
 //! notifications:
+//!   retention: 7d                   # finished messages are deleted after this
 //!   receivers:
 //!     - name: ops
 //!       type: webhook                 # generic JSON, HMAC-SHA256 signed
@@ -85,7 +86,17 @@ pub struct NotificationsConfig {
     /// One send's deadline.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// How long a finished message (delivered or given up) stays in the outbox: while it is
+    /// there, its key keeps the same event from being sent again; then it is deleted, so the
+    /// outbox holds about this long's worth of messages rather than every one ever sent.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
+
+/// The shortest retention: a report re-sent after a reconnect, or seen by a second replica,
+/// comes within minutes, and a refused commit is said again at each new stream once its
+/// message is gone, so much shorter would say things twice.
+pub const MIN_RETENTION: Duration = Duration::from_secs(3600);
 
 impl Default for NotificationsConfig {
     fn default() -> Self {
@@ -93,6 +104,7 @@ impl Default for NotificationsConfig {
             receivers: Vec::new(),
             max_attempts: 10,
             timeout: Duration::from_secs(10),
+            retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -112,6 +124,8 @@ pub enum ConfigError {
     BadUrl(String, String),
     #[error("notifications.max_attempts must be at least 1")]
     MaxAttempts,
+    #[error("notifications.retention must be at least 1h")]
+    Retention,
 }
 
 impl NotificationsConfig {
@@ -119,6 +133,9 @@ impl NotificationsConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_attempts == 0 {
             return Err(ConfigError::MaxAttempts);
+        }
+        if self.retention < MIN_RETENTION {
+            return Err(ConfigError::Retention);
         }
         let mut names = std::collections::HashSet::new();
         for r in &self.receivers {
@@ -198,5 +215,16 @@ mod tests {
         assert_eq!(c.receivers[0].events, TransitionKind::ALL);
         assert!(c.validate().is_ok());
         assert_eq!(c.max_attempts, 10);
+    }
+
+    #[test]
+    fn finished_messages_are_kept_a_week_by_default_and_at_least_an_hour() {
+        let c = parse(r#"{"receivers":[]}"#);
+        assert_eq!(c.retention, Duration::from_secs(7 * 24 * 3600));
+        let c = parse(r#"{"retention":"30d"}"#);
+        assert_eq!(c.retention, Duration::from_secs(30 * 24 * 3600));
+        assert!(c.validate().is_ok());
+        let c = parse(r#"{"retention":"59m"}"#);
+        assert_eq!(c.validate(), Err(ConfigError::Retention));
     }
 }

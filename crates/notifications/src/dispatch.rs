@@ -1,6 +1,7 @@
 //! The sending side: claims due messages from the outbox, POSTs them, and records the outcome
 //! (delivered, retried later with backoff, or given up), so a kas restart or a receiver that is
-//! down loses nothing and sends nothing twice.
+//! down loses nothing and sends nothing twice. It also deletes finished messages once they are
+//! older than the retention, so the outbox does not keep every message ever sent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tether_store::{NotificationResult, PendingNotification};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::Message;
@@ -27,6 +29,12 @@ pub(crate) type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>,
 const BATCH: i64 = 4;
 /// Longest wait between two sends of one message.
 const MAX_BACKOFF: i64 = 300;
+/// Finished messages deleted per statement: each delete is one short write, so sends and
+/// other writers (which take turns with it) wait little behind a large backlog.
+const CLEANUP_BATCH: i64 = 1000;
+/// How often finished messages past the retention are looked for, and how long after a
+/// failed cleanup it is tried again.
+const CLEANUP_PERIOD: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
@@ -39,6 +47,8 @@ pub struct Dispatcher {
     pub(crate) clients: HashMap<String, HttpClient>,
     pub(crate) max_attempts: u32,
     pub(crate) timeout: Duration,
+    /// Finished messages older than this are deleted.
+    pub(crate) retention: Duration,
     sends: Family<OutcomeLabel, Counter>,
 }
 
@@ -63,12 +73,14 @@ impl Dispatcher {
         clients: HashMap<String, HttpClient>,
         max_attempts: u32,
         timeout: Duration,
+        retention: Duration,
     ) -> Self {
         Self {
             shared,
             clients,
             max_attempts,
             timeout,
+            retention,
             sends: Family::default(),
         }
     }
@@ -82,21 +94,21 @@ impl Dispatcher {
         );
     }
 
+    /// Each round cleans up (when due) and sends what is due. Every round does some work
+    /// before it looks at `stop`, so a run with `stop` already cancelled is exactly one round.
     pub async fn run(self, stop: CancellationToken) {
         let lease = i64::try_from(self.timeout.as_secs()).unwrap_or(60) * 2 + 5;
+        // At start: a backlog (the first start of a kas that never deleted) goes at once.
+        let mut next_cleanup = Instant::now();
         loop {
-            let claimed = match self.shared.store.claim_notifications(BATCH, lease).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Cannot read the notification outbox; retrying");
-                    Vec::new()
-                }
-            };
-            let full = i64::try_from(claimed.len()).unwrap_or(0) == BATCH;
-            for n in claimed {
-                self.deliver(n).await;
+            let mut more = false;
+            if Instant::now() >= next_cleanup {
+                let wait = self.clean_up().await;
+                more = wait.is_zero();
+                next_cleanup = Instant::now() + wait;
             }
-            if full {
+            more |= self.send_due(lease).await;
+            if more && !stop.is_cancelled() {
                 continue;
             }
             // Retries fall due and other replicas queue messages: look again every second.
@@ -106,6 +118,45 @@ impl Dispatcher {
                 () = stop.cancelled() => return,
             }
         }
+    }
+
+    /// Sends one batch of due messages; true when the batch was full (more may be due).
+    async fn send_due(&self, lease: i64) -> bool {
+        let claimed = match self.shared.store.claim_notifications(BATCH, lease).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read the notification outbox; retrying");
+                Vec::new()
+            }
+        };
+        let full = i64::try_from(claimed.len()).unwrap_or(0) == BATCH;
+        for n in claimed {
+            self.deliver(n).await;
+        }
+        full
+    }
+
+    /// Deletes one batch of finished messages older than the retention; how long until the
+    /// next batch. A failure is not fatal: the outbox only grows until the next period.
+    async fn clean_up(&self) -> Duration {
+        let before = cleanup_cutoff(unix_now(), self.retention);
+        let store = &self.shared.store;
+        let deleted = match store
+            .delete_finished_notifications(before, CLEANUP_BATCH)
+            .await
+        {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::debug!(deleted = n, before, "Deleted finished notifications");
+                }
+                Some(n)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot delete finished notifications; trying again later");
+                None
+            }
+        };
+        cleanup_wait(deleted)
     }
 
     async fn deliver(&self, n: PendingNotification) {
@@ -188,8 +239,135 @@ async fn post(client: &HttpClient, req: Request) -> Sent {
     }
 }
 
+/// Messages finished before this (Unix seconds) are past the retention.
+fn cleanup_cutoff(now: i64, retention: Duration) -> i64 {
+    now.saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// When to clean up again after a batch deleted `deleted` rows (`None`: it failed): at once
+/// after a full batch, as a backlog is left; otherwise a period later.
+fn cleanup_wait(deleted: Option<u64>) -> Duration {
+    match deleted {
+        Some(n) if i64::try_from(n).is_ok_and(|n| n >= CLEANUP_BATCH) => Duration::ZERO,
+        _ => CLEANUP_PERIOD,
+    }
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+
+    use tether_store::{SqliteStore, Store};
+
+    use super::*;
+
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn the_cutoff_is_the_retention_before_now() {
+        let week = Duration::from_secs(7 * 86_400);
+        assert_eq!(cleanup_cutoff(1_000_000, week), 1_000_000 - 7 * DAY);
+        assert_eq!(cleanup_cutoff(0, Duration::MAX), -i64::MAX, "saturates");
+    }
+
+    #[test]
+    fn a_full_batch_cleans_again_at_once_anything_else_a_period_later() {
+        assert_eq!(cleanup_wait(Some(1000)), Duration::ZERO);
+        assert_eq!(cleanup_wait(Some(999)), CLEANUP_PERIOD);
+        assert_eq!(cleanup_wait(Some(0)), CLEANUP_PERIOD);
+        assert_eq!(cleanup_wait(None), CLEANUP_PERIOD, "a failure waits too");
+    }
+
+    fn dispatcher(store: Arc<dyn Store>) -> Dispatcher {
+        let shared = Arc::new(Shared {
+            store,
+            receivers: Vec::new(),
+            wake: tokio::sync::Notify::new(),
+        });
+        let (timeout, week) = (Duration::from_secs(10), Duration::from_secs(7 * 86_400));
+        Dispatcher::new(shared, HashMap::new(), 10, timeout, week)
+    }
+
+    /// Moves a message's creation and finish back by `secs`, as if it had happened then (the
+    /// store stamps them with its own clock).
+    async fn backdate(db: &Path, key: &str, secs: i64) {
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(db);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        let sql = "UPDATE notifications SET created_at = created_at - $1, \
+                   done_at = done_at - $1 WHERE dedup_key = $2";
+        let query = sqlx::query(sql).bind(secs).bind(key);
+        assert_eq!(query.execute(&pool).await.unwrap().rows_affected(), 1);
+        pool.close().await;
+    }
+
+    async fn keys(db: &Path) -> Vec<String> {
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(db);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        let sql = "SELECT dedup_key FROM notifications ORDER BY id";
+        let keys = sqlx::query_scalar(sql).fetch_all(&pool).await.unwrap();
+        pool.close().await;
+        keys
+    }
+
+    /// The dispatcher's loop deletes what is finished and older than the retention (a week
+    /// here), and leaves a recent delivery and messages still to send, however old.
+    #[tokio::test]
+    async fn a_round_deletes_finished_messages_past_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("kas.db");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).await.unwrap());
+        for key in ["old", "recent", "retrying", "claimed"] {
+            store.enqueue_notification("ops", key, b"{}").await.unwrap();
+        }
+        let claimed = store.claim_notifications(10, 60).await.unwrap();
+        let (delivered, retry) = (
+            NotificationResult::Delivered,
+            NotificationResult::Retry {
+                at: i64::MAX,
+                error: "503".into(),
+            },
+        );
+        store
+            .finish_notification(claimed[0].id, &delivered)
+            .await
+            .unwrap();
+        store
+            .finish_notification(claimed[1].id, &delivered)
+            .await
+            .unwrap();
+        store
+            .finish_notification(claimed[2].id, &retry)
+            .await
+            .unwrap();
+        for key in ["old", "retrying", "claimed"] {
+            backdate(&db, key, 8 * DAY).await;
+        }
+
+        // Already stopped: exactly one round.
+        let stop = CancellationToken::new();
+        stop.cancel();
+        dispatcher(Arc::clone(&store)).run(stop).await;
+        assert_eq!(keys(&db).await, ["recent", "retrying", "claimed"]);
+    }
+
+    /// A cleanup the store refuses is logged and tried again a period later; the dispatcher
+    /// goes on.
+    #[tokio::test]
+    async fn a_failed_cleanup_is_tried_again_a_period_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("kas.db")).await.unwrap();
+        store.close().await;
+        let dispatcher = dispatcher(Arc::new(store));
+        assert_eq!(dispatcher.clean_up().await, CLEANUP_PERIOD);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        dispatcher.run(stop).await;
+    }
 }

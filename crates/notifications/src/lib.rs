@@ -8,7 +8,8 @@
 //! - [`Notifier`]: what kas's modules call; puts messages in the store's outbox, once per
 //!   (receiver, key), so a report re-sent after a restart or seen by two replicas is said once.
 //! - [`Dispatcher`]: sends due messages with retries (backoff up to 5 min, `max_attempts`),
-//!   surviving restarts; a claimed message is held by one replica at a time.
+//!   surviving restarts; a claimed message is held by one replica at a time. It deletes
+//!   finished messages past `retention` (7 days by default), in batches.
 
 pub mod config;
 mod dispatch;
@@ -88,7 +89,13 @@ pub fn start(
     let notifier = Notifier {
         shared: Some(Arc::clone(&shared)),
     };
-    let dispatcher = Dispatcher::new(shared, clients, cfg.max_attempts, cfg.timeout);
+    let dispatcher = Dispatcher::new(
+        shared,
+        clients,
+        cfg.max_attempts,
+        cfg.timeout,
+        cfg.retention,
+    );
     Ok((notifier, Some(dispatcher)))
 }
 

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use prost::Message as _;
 use tether_protocol::gitops::SyncReport;
 use tether_store::Store;
 use tokio::sync::Notify;
@@ -160,6 +161,9 @@ impl Notifier {
         let Some(s) = self.wants(true).cloned() else {
             return;
         };
+        if self.reported(&s, agent_id, project, commit).await {
+            return;
+        }
         let Some(agent) = self.agent(&s, agent_id).await else {
             return;
         };
@@ -172,6 +176,26 @@ impl Notifier {
             description,
         )
         .await;
+    }
+
+    /// Whether the agent's last report of `project` is about `commit`. Its outcome went to the
+    /// forges then; offered again (a stream reopened) once the outbox has deleted the first
+    /// `pending`, a second one would stay on the commit for good, since a report of the same
+    /// commit and outcome is no news. Unreadable reports count as none: within the retention
+    /// the outbox's key still keeps that `pending` out.
+    async fn reported(&self, s: &Shared, agent_id: i64, project: &str, commit: &str) -> bool {
+        let Ok(reports) = s.store.sync_reports(agent_id).await else {
+            return false;
+        };
+        for (key, bytes) in reports {
+            let Ok(report) = SyncReport::decode(bytes.as_slice()) else {
+                continue;
+            };
+            if report.commit_id == commit && self.project_path(s, &key).await == project {
+                return true;
+            }
+        }
+        false
     }
 
     /// kas refused a manifest commit (its signature): nothing is applied.
@@ -223,5 +247,62 @@ impl Notifier {
             at: unix_now(),
         }))
         .await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use tether_protocol::gitops::SyncOutcome;
+    use tether_store::SqliteStore;
+
+    use super::*;
+    use crate::config::Kind;
+
+    /// A reopened stream offers the agent its commit again, possibly after the outbox deleted
+    /// that commit's first `pending` (past the retention): the agent already reported the
+    /// commit, and its report of it again says nothing new, so a second `pending` would be the
+    /// commit's status on the forge for good. A commit not reported yet still gets one.
+    #[tokio::test]
+    async fn a_commit_already_reported_is_not_made_pending_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("kas.db")).await.unwrap());
+        let agent = store.register_agent("group/config", "agent").await.unwrap();
+        let mut report = SyncReport {
+            project_id: "group/manifests".into(),
+            commit_id: "c1".into(),
+            finished_at: 1_700_000_000,
+            ..SyncReport::default()
+        };
+        report.set_sync_outcome(SyncOutcome::Succeeded);
+        let bytes = report.encode_to_vec();
+        let project = "group/manifests";
+        store
+            .put_sync_report(agent.id, project, &bytes)
+            .await
+            .unwrap();
+        let forge = Receiver {
+            name: "forge".into(),
+            kind: Kind::Gitlab,
+            url: "https://gitlab.example.com".into(),
+            secret: None,
+            token: Some("token".into()),
+            events: Vec::new(),
+        };
+        let notifier = Notifier {
+            shared: Some(Arc::new(Shared {
+                store: Arc::clone(&store),
+                receivers: vec![forge],
+                wake: Notify::new(),
+            })),
+        };
+
+        notifier.commit_offered(agent.id, project, "c1").await;
+        notifier.commit_offered(agent.id, project, "c2").await;
+        let queued = store.claim_notifications(10, 60).await.unwrap();
+        let keys: Vec<&str> = queued.iter().map(|n| n.dedup_key.as_str()).collect();
+        let c2 = format!("status:{}:group/manifests:c2:Pending", agent.id);
+        assert_eq!(keys, [c2.as_str()]);
     }
 }

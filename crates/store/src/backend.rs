@@ -617,6 +617,23 @@ macro_rules! impl_store {
                     Ok(())
                 }
 
+                async fn delete_finished_notifications(&self, done_before: i64, limit: i64) -> Result<u64> {
+                    let mut tx = self.write().await?;
+                    // `done_at IS NOT NULL` is what keeps messages still to send (claimed or
+                    // not): only `finish_notification` sets it, for delivered or given up.
+                    let deleted = sqlx::query(
+                        "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications \
+                         WHERE done_at IS NOT NULL AND done_at < $1 ORDER BY done_at, id LIMIT $2)",
+                    )
+                    .bind(done_before)
+                    .bind(limit)
+                    .execute(tx.conn())
+                    .await?
+                    .rows_affected();
+                    tx.commit().await?;
+                    Ok(deleted)
+                }
+
                 async fn list_user_tokens(&self, agent_id: Option<i64>) -> Result<Vec<UserTokenInfo>> {
                     let tokens = sqlx::query_as::<_, UserTokenInfo>(
                         "SELECT id, agent_id, username, memberships, created_at, expires_at, revoked_at \

@@ -139,7 +139,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn config_state(&self, agent_id: i64) -> Result<Option<Vec<u8>>>;
 
     /// Puts a message for `receiver` in the notification outbox, due now, unless one with the
-    /// same `dedup_key` was ever put there for that receiver. True when it was added.
+    /// same `dedup_key` is there for that receiver (still to send, or finished and not yet
+    /// deleted by [`Store::delete_finished_notifications`]). True when it was added.
     async fn enqueue_notification(
         &self,
         receiver: &str,
@@ -157,6 +158,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Records how sending a claimed message ended.
     async fn finish_notification(&self, id: i64, result: &NotificationResult) -> Result<()>;
+
+    /// Deletes up to `limit` messages finished (delivered or given up) before `done_before`
+    /// (Unix seconds), oldest first; how many it deleted. Messages still to send, claimed or
+    /// not, are never deleted. Without this the outbox grows by every message ever sent; the
+    /// bound keeps each delete a short write, so other writers wait little behind it. A deleted
+    /// message's key is forgotten: the same event seen again afterwards is queued again.
+    async fn delete_finished_notifications(&self, done_before: i64, limit: i64) -> Result<u64>;
+
     /// The personal access tokens (active, expired and revoked; never their digests) of one
     /// agent or of all, by id.
     async fn list_user_tokens(&self, agent_id: Option<i64>) -> Result<Vec<UserTokenInfo>>;

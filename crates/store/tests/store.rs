@@ -67,6 +67,54 @@ impl Db {
     }
 }
 
+/// What the outbox tests read and change beside the store's API, through a connection of
+/// their own: the store stamps `done_at` with its own clock, so a message finished days ago
+/// can only be had by moving its stamp back.
+impl Db {
+    /// Moves a message's creation and finish (if finished) `secs` into the past.
+    async fn backdate_notification(&self, id: i64, secs: i64) -> Result<(), sqlx::Error> {
+        let sql = "UPDATE notifications SET created_at = created_at - $1, done_at = done_at - $1 \
+                   WHERE id = $2";
+        match self {
+            Db::File { path, .. } => {
+                let pool = sqlx::SqlitePool::connect_with(sqlite_options(path)).await?;
+                sqlx::query(sql).bind(secs).bind(id).execute(&pool).await?;
+                pool.close().await;
+            }
+            Db::Server(_, url) => {
+                let pool = sqlx::PgPool::connect(url).await?;
+                sqlx::query(sql).bind(secs).bind(id).execute(&pool).await?;
+                pool.close().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The keys of every message in the outbox, by id.
+    async fn notification_keys(&self) -> Result<Vec<String>, sqlx::Error> {
+        let sql = "SELECT dedup_key FROM notifications ORDER BY id";
+        let keys = match self {
+            Db::File { path, .. } => {
+                let pool = sqlx::SqlitePool::connect_with(sqlite_options(path)).await?;
+                let keys = sqlx::query_scalar(sql).fetch_all(&pool).await?;
+                pool.close().await;
+                keys
+            }
+            Db::Server(_, url) => {
+                let pool = sqlx::PgPool::connect(url).await?;
+                let keys = sqlx::query_scalar(sql).fetch_all(&pool).await?;
+                pool.close().await;
+                keys
+            }
+        };
+        Ok(keys)
+    }
+}
+
+fn sqlite_options(path: &Path) -> sqlx::sqlite::SqliteConnectOptions {
+    sqlx::sqlite::SqliteConnectOptions::new().filename(path)
+}
+
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).expect("read database directory") {
@@ -880,7 +928,76 @@ async fn notifications_are_queued_once_claimed_retried_and_finished(
     Ok(())
 }
 
+fn unix_now() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    i64::try_from(since.expect("clock after 1970").as_secs()).expect("seconds fit in i64")
+}
+
+/// Finished messages (delivered or given up) older than the cut-off are deleted, oldest first
+/// and at most `limit` per call; messages still to send (claimed, waiting for a retry, never
+/// tried) stay however old, recent finished ones stay, and the keys of those kept still keep
+/// repeats out while a deleted one's can be queued again.
+async fn finished_notifications_past_the_retention_are_deleted_in_batches(
+    backend: Backend,
+) -> TestResult {
+    const DAY: i64 = 86_400;
+    let (db, store) = open(backend).await?;
+    let keys = [
+        "old-1", "old-2", "old-3", "given-up", "recent", "retrying", "claimed",
+    ];
+    for key in keys {
+        store.enqueue_notification("ops", key, b"m").await?;
+    }
+    let claimed = store.claim_notifications(10, 60).await?;
+    let id = |key: &str| claimed.iter().find(|n| n.dedup_key == key).map(|n| n.id);
+    let id = |key: &str| id(key).ok_or(format!("{key} was not claimed"));
+    for key in ["old-1", "old-2", "old-3", "recent"] {
+        let delivered = NotificationResult::Delivered;
+        store.finish_notification(id(key)?, &delivered).await?;
+    }
+    let gave_up = NotificationResult::GaveUp {
+        error: "410".into(),
+    };
+    store.finish_notification(id("given-up")?, &gave_up).await?;
+    let retry = NotificationResult::Retry {
+        at: i64::MAX,
+        error: "503".into(),
+    };
+    store.finish_notification(id("retrying")?, &retry).await?;
+    store.enqueue_notification("ops", "waiting", b"m").await?;
+    assert_eq!(db.notification_keys().await?.len(), 8);
+    // Ten, nine and eight days ago, so "oldest first" has one answer; the messages still to
+    // send are as old as the oldest, which must not matter.
+    for (key, days) in [("old-1", 10), ("old-2", 9), ("old-3", 8), ("given-up", 8)] {
+        db.backdate_notification(id(key)?, days * DAY).await?;
+    }
+    for key in ["retrying", "claimed"] {
+        db.backdate_notification(id(key)?, 10 * DAY).await?;
+    }
+
+    let cutoff = unix_now() - 7 * DAY;
+    assert_eq!(store.delete_finished_notifications(cutoff, 2).await?, 2);
+    let after_one_batch = db.notification_keys().await?;
+    let expected = [
+        "old-3", "given-up", "recent", "retrying", "claimed", "waiting",
+    ];
+    assert_eq!(after_one_batch, expected, "the two oldest, and no more");
+    assert_eq!(store.delete_finished_notifications(cutoff, 2).await?, 2);
+    assert_eq!(store.delete_finished_notifications(cutoff, 2).await?, 0);
+    let kept = db.notification_keys().await?;
+    assert_eq!(kept, ["recent", "retrying", "claimed", "waiting"]);
+
+    assert!(!store.enqueue_notification("ops", "recent", b"m").await?);
+    assert!(!store.enqueue_notification("ops", "claimed", b"m").await?);
+    assert!(store.enqueue_notification("ops", "old-1", b"m").await?);
+    let due = store.claim_notifications(10, 60).await?;
+    let due: Vec<&str> = due.iter().map(|n| n.dedup_key.as_str()).collect();
+    assert_eq!(due, ["waiting", "old-1"], "the claimed one is still held");
+    Ok(())
+}
+
 on_both_backends!(
+    finished_notifications_past_the_retention_are_deleted_in_batches,
     notifications_are_queued_once_claimed_retried_and_finished,
     active_tokens_are_found_in_batches,
     active_user_tokens_are_neither_revoked_nor_expired,
