@@ -5,7 +5,8 @@
 //!   `user@host:path`, `file://`, or a local path) and optional [`Credentials`] or [`SshAuth`]
 //!   (deploy key and pinned host keys).
 //! - [`Mirror`]: one bare repository per project in a cache directory; [`Mirror::fetch`]
-//!   (blocking) or [`Mirror::fetch_async`], then [`Mirror::resolve`], [`Mirror::read_file`] and
+//!   (blocking, or interrupted from another thread with a [`FetchInterrupt`]) or
+//!   [`Mirror::fetch_async_within`] (a deadline), then [`Mirror::resolve`], [`Mirror::read_file`] and
 //!   [`Mirror::list_files`] at a [`CommitId`].
 //! - [`Sources`]: the set of mirrors kas keeps fresh (poll interval, webhook triggers,
 //!   backoff on failure), publishing each project's default-branch commit.
@@ -19,7 +20,9 @@
 //! gix's file transport, which runs the `git-upload-pack` program; SSH remotes through gix's SSH
 //! transport, which runs the `ssh` program (OpenSSH).
 
+mod daemon;
 mod error;
+mod interrupt;
 mod maintenance;
 mod metrics;
 mod mirror;
@@ -30,6 +33,7 @@ mod verify;
 pub mod webhook;
 
 pub use error::{Error, FetchError};
+pub use interrupt::FetchInterrupt;
 pub use maintenance::{MaintenanceError, MaintenanceStatus, RepackReport};
 pub use metrics::{Delivery, FetchMetrics};
 pub use mirror::{CommitId, FetchOutcome, FileEntry, GitRef, Mirror, RefChange};

@@ -6,15 +6,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use gix::bstr::{BStr, ByteSlice};
+use gix::protocol::transport::client::blocking_io::Transport;
 use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
 use gix::remote::Direction;
 
 use crate::error::{BoxError, Error, FetchError, classify_fetch_error};
+use crate::interrupt::{FetchInterrupt, InterruptOnDrop};
 use crate::maintenance::{self, MaintenanceStatus, RepackReport};
 use crate::remote::{Remote, RemoteKind};
 use crate::verify::{Refusal, Verified, VerifyPolicy};
@@ -283,12 +284,27 @@ impl Mirror {
     /// the mirror is left as it was, so previously fetched commits stay readable. A failed
     /// repack does not fail the fetch: it is logged, and reported in
     /// [`FetchOutcome::repack`] and [`Mirror::maintenance_status`].
+    ///
+    /// A silent server cannot block it forever: `git://` connections time out after a minute
+    /// without a byte, `ssh` ends a connection whose server stops answering keep-alives, and
+    /// the HTTP client (reqwest's blocking default) gives up on a read after 30 s. To stop it
+    /// sooner, use [`Mirror::fetch_interruptible`] or [`Mirror::fetch_async_within`].
     pub fn fetch(&self) -> Result<FetchOutcome, Error> {
+        self.fetch_interruptible(&FetchInterrupt::new())
+    }
+
+    /// [`Mirror::fetch`], stopped early (failing, the mirror left as it was) when `interrupt`
+    /// is triggered from another thread, also while it still waits for a running fetch.
+    pub fn fetch_interruptible(&self, interrupt: &FetchInterrupt) -> Result<FetchOutcome, Error> {
         let _guard = self.lock_fetches();
+        if interrupt.is_interrupted() {
+            // Its waiter has given up on it while it queued: do not start it.
+            return Err(self.interrupted());
+        }
         // Before: leftovers of a process that died mid-fetch. After: a failed fetch leaves its
         // pack's `.keep`, and gix also leaves it when a pack arrived but no ref moved.
         self.remove_leftovers();
-        let result = self.fetch_locked();
+        let result = self.fetch_locked(interrupt);
         self.remove_leftovers();
         let repack = if result.is_ok() {
             self.maintain()
@@ -303,7 +319,7 @@ impl Mirror {
     }
 
     /// The fetch itself, under the fetch lock.
-    fn fetch_locked(&self) -> Result<FetchOutcome, Error> {
+    fn fetch_locked(&self, interrupt: &FetchInterrupt) -> Result<FetchOutcome, Error> {
         let remote = &self.inner.remote;
         if let Some(path) = remote.local_path()
             && !path.exists()
@@ -318,7 +334,7 @@ impl Mirror {
         }
         let repo = self.repo();
         let before = branch_and_tag_ids(&repo)?;
-        let remote_refs = self.receive(&repo)?;
+        let remote_refs = self.receive(&repo, interrupt)?;
         prune_refs(&repo, &remote_refs)?;
         record_remote_head(&repo, &remote_refs)?;
         let after = branch_and_tag_ids(&repo)?;
@@ -413,7 +429,11 @@ impl Mirror {
     }
 
     /// Connects, negotiates and receives the pack; returns the remote's advertised refs.
-    fn receive(&self, repo: &gix::Repository) -> Result<Vec<gix::protocol::handshake::Ref>, Error> {
+    fn receive(
+        &self,
+        repo: &gix::Repository,
+        interrupt: &FetchInterrupt,
+    ) -> Result<Vec<gix::protocol::handshake::Ref>, Error> {
         let remote = &self.inner.remote;
         let has_credentials = remote.credentials().is_some();
         let ssh_log =
@@ -447,19 +467,9 @@ impl Mirror {
                 oauth_refresh_token: None,
             }
         });
-        let connection = if remote.kind() == RemoteKind::Ssh {
-            let log = crate::ssh::log_path(&self.inner.dir);
-            // A fresh log per fetch, so an old failure is never reported again.
-            std::fs::write(&log, b"").map_err(git_err("creating the ssh log"))?;
-            let transport = crate::ssh::transport(remote, &log).map_err(|detail| {
-                Error::from(FetchError::Other {
-                    remote: remote.to_string(),
-                    detail,
-                })
-            })?;
-            git_remote.to_connection_with_transport(transport)
-        } else {
-            git_remote.connect(Direction::Fetch).map_err(classify)?
+        let connection = match self.own_transport(interrupt)? {
+            Some(transport) => git_remote.to_connection_with_transport(transport),
+            None => git_remote.connect(Direction::Fetch).map_err(classify)?,
         };
         let connection = connection
             // Always override gix's default (configured helpers, then a terminal prompt): a
@@ -490,17 +500,76 @@ impl Mirror {
             .with_reflog_message(gix::remote::fetch::RefLogMessage::Prefixed {
                 action: "tether mirror fetch".into(),
             })
-            .receive(gix::progress::Discard, &AtomicBool::new(false))
-            .map_err(classify)?;
+            .receive(gix::progress::Discard, interrupt.flag())
+            .map_err(|e| {
+                // What an interrupted fetch's transport says (a closed connection) is only a
+                // consequence of the interrupt.
+                if interrupt.is_interrupted() {
+                    self.interrupted()
+                } else {
+                    classify(e)
+                }
+            })?;
         Ok(outcome.ref_map.remote_refs)
     }
 
+    /// The transport for remotes whose connection is set up here rather than by gix: `ssh`
+    /// with this project's command line, `git://` with a read timeout and interruptible. `None`
+    /// for the others (local, HTTP), which gix connects itself.
+    fn own_transport(
+        &self,
+        interrupt: &FetchInterrupt,
+    ) -> Result<Option<Box<dyn Transport + Send>>, Error> {
+        let remote = &self.inner.remote;
+        match remote.kind() {
+            RemoteKind::Ssh => {
+                let log = crate::ssh::log_path(&self.inner.dir);
+                // A fresh log per fetch, so an old failure is never reported again.
+                std::fs::write(&log, b"").map_err(git_err("creating the ssh log"))?;
+                let transport = crate::ssh::transport(remote, &log).map_err(|detail| {
+                    Error::from(FetchError::Other {
+                        remote: remote.to_string(),
+                        detail,
+                    })
+                })?;
+                Ok(Some(transport))
+            }
+            RemoteKind::Git => Ok(Some(crate::daemon::transport(remote, interrupt)?)),
+            RemoteKind::Local | RemoteKind::Http | RemoteKind::Https => Ok(None),
+        }
+    }
+
+    fn interrupted(&self) -> Error {
+        Error::from(FetchError::Other {
+            remote: self.inner.remote.to_string(),
+            detail: "the fetch was interrupted".to_owned(),
+        })
+    }
+
     /// [`Mirror::fetch`] on tokio's blocking pool, so network I/O does not stall the runtime.
+    /// Dropping the future interrupts the fetch.
     pub async fn fetch_async(&self) -> Result<FetchOutcome, Error> {
         let mirror = self.clone();
-        tokio::task::spawn_blocking(move || mirror.fetch())
+        let interrupt = FetchInterrupt::new();
+        let _stop_when_dropped = InterruptOnDrop(interrupt.clone());
+        tokio::task::spawn_blocking(move || mirror.fetch_interruptible(&interrupt))
             .await
             .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    /// [`Mirror::fetch_async`], interrupted when it has not ended within `timeout` (time spent
+    /// waiting for a running fetch of this mirror counts). The interrupted fetch releases the
+    /// mirror's fetch lock soon after, so the next fetch is not stuck behind it.
+    pub async fn fetch_async_within(&self, timeout: Duration) -> Result<FetchOutcome, Error> {
+        // Dropping `fetch_async` on the deadline interrupts the fetch.
+        tokio::time::timeout(timeout, self.fetch_async())
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::from(FetchError::Other {
+                    remote: self.inner.remote.to_string(),
+                    detail: format!("no answer within {timeout:?}"),
+                }))
+            })
     }
 
     /// The remote's default branch as seen at the last fetch (its `HEAD` symref). Falls back to

@@ -322,14 +322,10 @@ impl Sources {
         loop {
             tracing::debug!(project = %path, "Fetching");
             let started = std::time::Instant::now();
+            // Past the timeout, or cancelled, the fetch is interrupted rather than left to
+            // hold the mirror's fetch lock.
             let result = tokio::select! {
-                r = tokio::time::timeout(self.fetch_timeout, mirror.fetch_async()) => match r {
-                    Ok(r) => r,
-                    Err(_) => Err(crate::Error::Fetch(crate::FetchError::Other {
-                        remote: mirror.remote().to_string(),
-                        detail: format!("no answer within {:?}", self.fetch_timeout),
-                    })),
-                },
+                r = mirror.fetch_async_within(self.fetch_timeout) => r,
                 () = cancel.cancelled() => return,
             };
             tracing::debug!(project = %path, ok = result.is_ok(), "Fetch ended");

@@ -21,6 +21,13 @@ use crate::remote::{Remote, RemoteError, SshAuth};
 /// How long `ssh` may take to open the TCP connection.
 const CONNECT_TIMEOUT_SECS: u32 = 30;
 
+/// Keep-alives on an open connection: `ssh` asks the server every this many seconds and gives
+/// up after [`SERVER_ALIVE_COUNT_MAX`] unanswered asks. Without them a half-open connection
+/// (a server or NAT that dropped it silently) blocks the fetch's read forever, and gix's ssh
+/// transport cannot be interrupted while it reads; with them it ends within about a minute.
+const SERVER_ALIVE_INTERVAL_SECS: u32 = 15;
+const SERVER_ALIVE_COUNT_MAX: u32 = 4;
+
 /// The log file `ssh` writes to, in the mirror directory. Truncated before each fetch; fetches of
 /// one mirror are serialized.
 pub(crate) fn log_path(mirror_dir: &Path) -> PathBuf {
@@ -68,6 +75,8 @@ pub(crate) fn command(ssh: &SshAuth, log: &Path) -> String {
         "PasswordAuthentication=no".to_owned(),
         "KbdInteractiveAuthentication=no".to_owned(),
         format!("ConnectTimeout={CONNECT_TIMEOUT_SECS}"),
+        format!("ServerAliveInterval={SERVER_ALIVE_INTERVAL_SECS}"),
+        format!("ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}"),
         "LogLevel=DEBUG1".to_owned(),
     ];
     let mut cmd = format!(
@@ -161,6 +170,8 @@ fn classify_log(remote: &Remote, text: &str) -> Option<FetchError> {
         "Network is unreachable",
         "Connection reset",
         "Connection closed by",
+        // What ssh says when the server stopped answering keep-alives.
+        "not responding",
     ];
     if let Some(line) = messages
         .iter()
@@ -194,6 +205,8 @@ mod tests {
             "'IdentitiesOnly=yes'",
             "'IdentityAgent=none'",
             "'BatchMode=yes'",
+            "'ServerAliveInterval=15'",
+            "'ServerAliveCountMax=4'",
         ] {
             assert!(cmd.contains(part), "{part} missing in {cmd}");
         }
@@ -231,6 +244,11 @@ mod tests {
         let refused = "ssh: connect to host 127.0.0.1 port 2222: Connection refused\n";
         assert!(matches!(
             classify_log(&remote, refused),
+            Some(FetchError::Unreachable { .. })
+        ));
+        let silent = "Timeout, server 127.0.0.1 not responding.\n";
+        assert!(matches!(
+            classify_log(&remote, silent),
             Some(FetchError::Unreachable { .. })
         ));
         assert!(classify_log(&remote, "debug1: all fine\n").is_none());

@@ -788,6 +788,106 @@ async fn sources_time_out_a_silent_server_and_keep_the_last_good_commit() {
     drop(silent);
 }
 
+/// A git:// server that accepts its first connection and then says nothing (holding it open
+/// until the test process ends, like a host whose connection went half-open), and forwards
+/// every later connection to the real `git daemon` on `daemon_port`.
+fn silent_once_then_forward(daemon_port: u16) -> u16 {
+    let (listener, addr) = listener();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for (i, stream) in listener.incoming().enumerate() {
+            let Ok(client) = stream else { continue };
+            if i == 0 {
+                held.push(client);
+                continue;
+            }
+            let Ok(upstream) = TcpStream::connect(("127.0.0.1", daemon_port)) else {
+                continue;
+            };
+            forward(client, upstream);
+        }
+    });
+    addr.port()
+}
+
+/// Copies bytes both ways between `a` and `b` on two threads, passing on each half-close.
+fn forward(a: TcpStream, b: TcpStream) {
+    for (mut from, mut to) in [
+        (a.try_clone(), b.try_clone()),
+        (b.try_clone(), a.try_clone()),
+    ]
+    .map(|(x, y)| (x.expect("clone"), y.expect("clone")))
+    {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    }
+}
+
+/// A fetch hung on a silent connection must not keep the project from updating: once its
+/// timeout fires the fetch is interrupted (its connection closed, the mirror's fetch lock
+/// released), the error is published, and the next fetch, once the host answers again,
+/// publishes the commit.
+///
+/// A plain `#[test]` with its own runtime: a fetch thread that is never interrupted would make
+/// dropping a `#[tokio::test]` runtime wait for it forever instead of failing the test.
+#[test]
+fn sources_interrupt_a_hung_fetch_and_the_next_one_publishes_the_commit() {
+    use tether_git_source::{ProjectHead, ProjectSpec, Sources};
+
+    let f = Fixture::new("main");
+    let commit = f.commit(&[("a", b"1")], &[], "one");
+    let daemon = GitDaemon::start(&f.repos());
+    let port = silent_once_then_forward(daemon.port);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // A poll interval far beyond the test: only the retry after the failure fetches again.
+    let sources = Sources::new(
+        f.cache("sources"),
+        Duration::from_secs(600),
+        Duration::from_millis(500),
+    );
+    let remote = Remote::parse(&format!("git://127.0.0.1:{port}/project")).expect("remote");
+    let (timed_out, published) = runtime.block_on(async {
+        let mut head = sources.watch(9);
+        let spec = ProjectSpec {
+            id: 9,
+            path: "group/hangs-once".into(),
+            remote: Some(remote),
+            verify: None,
+        };
+        sources.upsert(spec).expect("upsert");
+        let mut timed_out = None;
+        // No assertion in here: a panic would drop the runtime, which waits for a hung fetch.
+        let published = tokio::time::timeout(Duration::from_secs(20), async {
+            while head.changed().await.is_ok() {
+                let h: ProjectHead = head.borrow().clone();
+                timed_out = timed_out.take().or(h.error.clone());
+                if h.commit.is_some() {
+                    return Some(h);
+                }
+            }
+            None
+        })
+        .await;
+        (timed_out, published.ok().flatten())
+    });
+    sources.shutdown();
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    assert!(
+        timed_out
+            .as_deref()
+            .is_some_and(|e| e.contains("no answer within")),
+        "the hung fetch's timeout should be published first: {timed_out:?}"
+    );
+    let h = published.expect("the fetch after the hung one should publish the commit");
+    assert_eq!((h.commit, h.error, h.fetches), (Some(commit), None, 1));
+}
+
 /// `.pack` and `.keep` files in a mirror's `objects/pack`.
 fn pack_files(mirror: &Mirror, ext: &str) -> Vec<PathBuf> {
     std::fs::read_dir(mirror.dir().join("objects/pack"))
