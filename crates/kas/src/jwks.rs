@@ -11,11 +11,17 @@ use tether_kubeproxy_server::{FetchError, JwksFetcher};
 
 /// Largest JWKS document accepted (real ones are a few KiB).
 const MAX_JWKS: usize = 1024 * 1024;
+/// Longest a whole exchange (connection, headers and body) may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Fetches with the system's trust roots (plus an optional extra CA for private issuers).
+///
+/// Every request is under one deadline that covers the body too: the verifier fetches an
+/// issuer's keys while holding that issuer's lock, so a server that sends its headers and then
+/// stalls the body would otherwise block every CI job's authentication for the issuer.
 pub struct HttpJwksFetcher {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for HttpJwksFetcher {
@@ -50,7 +56,19 @@ impl HttpJwksFetcher {
             .build();
         Ok(Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
+            timeout: TIMEOUT,
         })
+    }
+
+    /// Sets the deadline of each request (10 s by default), body included.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The error of a request that did not end within the deadline.
+    fn timed_out(&self, url: &str) -> String {
+        format!("{url}: no complete answer within {:?}", self.timeout)
     }
 }
 
@@ -85,7 +103,14 @@ impl HttpJwksFetcher {
 
     /// Sends `req`; the body as text, or an error naming the status.
     async fn text_of(&self, url: &str, req: http::Request<Full<Bytes>>) -> anyhow::Result<String> {
-        let resp = tokio::time::timeout(TIMEOUT, self.client.request(req)).await??;
+        tokio::time::timeout(self.timeout, self.exchange(url, req))
+            .await
+            .map_err(|_| anyhow::anyhow!(self.timed_out(url)))?
+    }
+
+    /// [`HttpJwksFetcher::text_of`] without its deadline.
+    async fn exchange(&self, url: &str, req: http::Request<Full<Bytes>>) -> anyhow::Result<String> {
+        let resp = self.client.request(req).await?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_JWKS)
             .collect()
@@ -96,17 +121,13 @@ impl HttpJwksFetcher {
         anyhow::ensure!(status.is_success(), "{url} answered {status}: {text}");
         Ok(text)
     }
-}
 
-#[tonic::async_trait]
-impl JwksFetcher for HttpJwksFetcher {
-    async fn fetch(&self, url: &str) -> Result<Vec<u8>, FetchError> {
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e| FetchError::with_source(format!("invalid JWKS URL {url}"), e))?;
-        let resp = tokio::time::timeout(TIMEOUT, self.client.get(uri))
+    /// The JWKS document at `uri`, without the deadline.
+    async fn jwks(&self, url: &str, uri: http::Uri) -> Result<Vec<u8>, FetchError> {
+        let resp = self
+            .client
+            .get(uri)
             .await
-            .map_err(|_| FetchError::new(format!("{url}: no answer within {TIMEOUT:?}")))?
             .map_err(|e| FetchError::with_source(format!("fetching {url}"), e))?;
         if !resp.status().is_success() {
             return Err(FetchError::new(format!("{url} answered {}", resp.status())));
@@ -116,5 +137,17 @@ impl JwksFetcher for HttpJwksFetcher {
             .await
             .map_err(|e| FetchError::new(format!("reading {url}: {e}")))?;
         Ok(body.to_bytes().to_vec())
+    }
+}
+
+#[tonic::async_trait]
+impl JwksFetcher for HttpJwksFetcher {
+    async fn fetch(&self, url: &str) -> Result<Vec<u8>, FetchError> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| FetchError::with_source(format!("invalid JWKS URL {url}"), e))?;
+        tokio::time::timeout(self.timeout, self.jwks(url, uri))
+            .await
+            .map_err(|_| FetchError::new(self.timed_out(url)))?
     }
 }
