@@ -61,36 +61,91 @@ pub struct ApiState {
 
 /// How many deliveries are kept per project.
 const DELIVERIES_KEPT: usize = 5;
+/// How many projects' deliveries are kept; past it, the project that heard from its Git host
+/// longest ago is forgotten first. Far above the projects one kas serves, so only a flood of
+/// deliveries to projects deleted meanwhile can reach it.
+const DELIVERY_PROJECTS_KEPT: usize = 10_000;
 
 /// The last few push webhook deliveries of each project, in this kas's memory.
+///
+/// Only projects kas has get a history (the webhook handler records after looking the project
+/// up: anyone can post to any project id), a deleted project's history goes with it, and the
+/// number of projects kept is capped: memory stays bounded whatever is posted.
+#[derive(Debug)]
+pub struct Deliveries {
+    history: std::sync::Mutex<History>,
+    max_projects: usize,
+}
+
 #[derive(Debug, Default)]
-pub struct Deliveries(
-    std::sync::Mutex<HashMap<i64, std::collections::VecDeque<(String, Delivery)>>>,
-);
+struct History {
+    /// Increases with every delivery: the least recent project is the one to forget.
+    sequence: u64,
+    projects: HashMap<i64, ProjectDeliveries>,
+}
+
+#[derive(Debug, Default)]
+struct ProjectDeliveries {
+    last: u64,
+    /// Newest first: (RFC 3339 time, outcome).
+    list: std::collections::VecDeque<(String, Delivery)>,
+}
+
+impl Default for Deliveries {
+    fn default() -> Self {
+        Deliveries::with_max_projects(DELIVERY_PROJECTS_KEPT)
+    }
+}
 
 impl Deliveries {
-    fn map(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<i64, std::collections::VecDeque<(String, Delivery)>>>
-    {
-        self.0
+    /// A history of at most `max_projects` projects.
+    pub fn with_max_projects(max_projects: usize) -> Self {
+        Deliveries {
+            history: std::sync::Mutex::default(),
+            max_projects,
+        }
+    }
+
+    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        self.history
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Records a delivery to `project_id`, a project kas has.
     pub fn record(&self, project_id: i64, outcome: Delivery) {
-        let mut map = self.map();
-        let list = map.entry(project_id).or_default();
-        list.push_front((rfc3339(std::time::SystemTime::now()), outcome));
-        list.truncate(DELIVERIES_KEPT);
+        let mut history = self.history();
+        history.sequence += 1;
+        let sequence = history.sequence;
+        if !history.projects.contains_key(&project_id) {
+            history.make_room(self.max_projects.saturating_sub(1));
+        }
+        let entry = history.projects.entry(project_id).or_default();
+        entry.last = sequence;
+        entry
+            .list
+            .push_front((rfc3339(std::time::SystemTime::now()), outcome));
+        entry.list.truncate(DELIVERIES_KEPT);
+    }
+
+    /// Drops the history of a deleted project.
+    pub fn forget(&self, project_id: i64) {
+        self.history().projects.remove(&project_id);
+    }
+
+    /// How many projects have a history.
+    pub fn projects(&self) -> usize {
+        self.history().projects.len()
     }
 
     /// Newest first: (RFC 3339 time, outcome).
     pub fn of(&self, project_id: i64) -> Vec<(String, &'static str)> {
-        self.map()
+        self.history()
+            .projects
             .get(&project_id)
-            .map(|l| {
-                l.iter()
+            .map(|p| {
+                p.list
+                    .iter()
                     .map(|(at, d)| {
                         let word = match d {
                             Delivery::Accepted => "accepted",
@@ -102,6 +157,24 @@ impl Deliveries {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+impl History {
+    /// Forgets the least recently delivered projects until at most `keep` remain. A scan: it
+    /// runs only once the cap is reached, and then once per new project.
+    fn make_room(&mut self, keep: usize) {
+        while self.projects.len() > keep {
+            let Some(oldest) = self
+                .projects
+                .iter()
+                .min_by_key(|(_, p)| p.last)
+                .map(|(id, _)| *id)
+            else {
+                return;
+            };
+            self.projects.remove(&oldest);
+        }
     }
 }
 
@@ -519,6 +592,7 @@ async fn delete_project(
     if st.store.remove_project(path).await? {
         if let Some(id) = id {
             st.sources.remove(id);
+            st.deliveries.forget(id);
         }
         st.projects_changed().await;
         Ok(StatusCode::NO_CONTENT)
@@ -537,7 +611,15 @@ async fn webhook(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let received = receive_webhook(&st, project_id, &headers, &body).await;
+    let (known, received) = match st.store.get_project(project_id).await {
+        Ok(Some(project)) => (
+            Some(project.id),
+            receive_webhook(&st, &project, &headers, &body).await,
+        ),
+        // The same answer as a wrong secret: which project ids exist is not for strangers.
+        Ok(None) => (None, Err(webhook_unauthorized())),
+        Err(e) => (None, Err(e.into())),
+    };
     // Every delivery is counted, so a sender with a wrong secret shows up on a dashboard.
     let outcome = match &received {
         Ok(_) => Delivery::Accepted,
@@ -545,22 +627,24 @@ async fn webhook(
         Err(_) => Delivery::Failed,
     };
     st.sources.metrics().delivery(outcome);
-    st.deliveries.record(project_id, outcome);
+    // Only projects kas has get a history: the id in the URL is anyone's choice.
+    if let Some(id) = known {
+        st.deliveries.record(id, outcome);
+    }
     received
+}
+
+fn webhook_unauthorized() -> ApiError {
+    ApiError(StatusCode::UNAUTHORIZED, "webhook not authorized".into())
 }
 
 async fn receive_webhook(
     st: &ApiState,
-    project_id: i64,
+    project: &tether_store::Project,
     headers: &axum::http::HeaderMap,
     body: &[u8],
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let unauthorized = || ApiError(StatusCode::UNAUTHORIZED, "webhook not authorized".into());
-    let project = st
-        .store
-        .get_project(project_id)
-        .await?
-        .ok_or_else(unauthorized)?;
+    let unauthorized = webhook_unauthorized;
     let secret_file = project
         .webhook_secret_file
         .as_ref()
@@ -755,5 +839,23 @@ mod tests {
         );
         assert_eq!(d.of(2)[0].1, "failed");
         assert!(d.of(3).is_empty());
+    }
+
+    #[test]
+    fn past_the_cap_the_least_recently_delivered_project_is_forgotten() {
+        let d = Deliveries::with_max_projects(3);
+        for id in 1..=3 {
+            d.record(id, Delivery::Accepted);
+        }
+        // Project 1 heard from its host again, so 2 is now the least recent.
+        d.record(1, Delivery::Refused);
+        d.record(4, Delivery::Failed);
+        assert_eq!(d.projects(), 3);
+        assert!(d.of(2).is_empty());
+        assert_eq!(d.of(1).len(), 2);
+        assert_eq!(d.of(4).len(), 1);
+        d.forget(1);
+        assert!(d.of(1).is_empty());
+        assert_eq!(d.projects(), 2);
     }
 }

@@ -47,6 +47,8 @@ pub struct Running {
     pub registry: Arc<Registry>,
     pub store: Arc<dyn Store>,
     pub sources: Arc<Sources>,
+    /// The push webhook deliveries the web UI shows.
+    pub deliveries: Arc<api::Deliveries>,
     shutdown: CancellationToken,
     modules: Modules,
 }
@@ -152,6 +154,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let h = start_peers(&cfg, &mut sh, modules.handle("peers")).await?;
     modules.push(h);
     let previews = previews(&cfg, &sh, (&sources, &config_states), renderer);
+    let deliveries = Arc::new(api::Deliveries::default());
     let state = ApiState {
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
@@ -167,7 +170,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         cluster: sh.cluster.clone(),
         peers: sh.peers.clone(),
         previews: previews.clone(),
-        deliveries: Arc::default(),
+        deliveries: Arc::clone(&deliveries),
     };
     if let Some(peers) = &sh.peers {
         peers.serve_admin(api::peer_admin_router(state.clone()));
@@ -206,6 +209,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         registry: sh.registry,
         store: sh.store,
         sources,
+        deliveries,
         shutdown,
         modules,
     })
