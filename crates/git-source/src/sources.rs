@@ -65,6 +65,24 @@ struct Entry {
     verdicts: Mutex<HashMap<(CommitId, PolicyStamp), Result<Verified, Refusal>>>,
 }
 
+/// A cache folder entry named as this kas names mirrors (`{id}-{hash}.git`) or mirrors being
+/// deleted (`.removed-…`) (pure).
+fn leftover_name(name: &str) -> bool {
+    if name.starts_with(".removed-") {
+        return true;
+    }
+    let Some((id, rest)) = name.split_once('-') else {
+        return false;
+    };
+    let Some(hash) = rest.strip_suffix(".git") else {
+        return false;
+    };
+    !id.is_empty()
+        && id.bytes().all(|b| b.is_ascii_digit())
+        && !hash.is_empty()
+        && hash.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Verdicts kept per project before the cache starts over.
 const MAX_VERDICTS: usize = 1024;
 
@@ -170,9 +188,19 @@ impl Sources {
                 h.refusal = None;
             });
         }
+        // A former remote's mirror is never read again: its folder goes (it would stay on
+        // disk for as long as kas runs, and after a restart nothing would know it).
+        let former = if same_remote {
+            None
+        } else {
+            lock(&entry.mirror).clone()
+        };
         let Some(remote) = spec.remote else {
             *lock(&entry.mirror) = None;
             entry.head.send_replace(ProjectHead::default());
+            if let Some(old) = former {
+                self.delete_mirror(spec.id, old);
+            }
             return Ok(());
         };
         // A new remote gets a fresh folder, so objects of the old one never mix in.
@@ -190,6 +218,9 @@ impl Sources {
         };
         publish_restored(&entry, &mirror, &spec.path, spec.verify.is_some());
         *lock(&entry.mirror) = Some(mirror.clone());
+        if let Some(old) = former.filter(|o| o.dir() != mirror.dir()) {
+            self.delete_mirror(spec.id, old);
+        }
         let cancel = self.shutdown.child_token();
         *lock(&entry.task) = Some(cancel.clone());
         let this = Arc::clone(self);
@@ -255,6 +286,41 @@ impl Sources {
             Ok(runtime) => drop(runtime.spawn_blocking(delete)),
             Err(_) => delete(),
         }
+    }
+
+    /// Deletes what the cache folder holds besides the mirrors in use: mirrors of projects
+    /// removed or of remotes changed while kas was down, and deletions a kill -9 interrupted
+    /// (`.removed-*`). Only real directories named as this kas names them are touched (never a
+    /// symlink, never anything else). Call once the stored projects are upserted. Returns
+    /// how many were deleted.
+    pub fn sweep_cache(&self) -> usize {
+        // By name: a mirror's path may be spelled differently from the listing's.
+        let in_use: std::collections::HashSet<std::ffi::OsString> = lock(&self.entries)
+            .values()
+            .filter_map(|e| lock(&e.mirror).as_ref()?.dir().file_name().map(Into::into))
+            .collect();
+        let Ok(listing) = std::fs::read_dir(&self.cache_dir) else {
+            return 0;
+        };
+        let mut deleted = 0;
+        for entry in listing.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            if !is_dir || in_use.contains(&entry.file_name()) || !leftover_name(&name) {
+                continue;
+            }
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    deleted += 1;
+                    tracing::info!(dir = %path.display(), "Deleted a mirror no project uses");
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %path.display(), error = %e, "Deleting a mirror no project uses failed")
+                }
+            }
+        }
+        deleted
     }
 
     /// Asks for an immediate fetch (a push webhook arrived). False if the project is unknown.
@@ -511,6 +577,24 @@ fn short_hash(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_names_this_kas_gives_mirrors_are_leftovers() {
+        for yes in ["7-0a1b2c3d4e5f.git", "12-ab.git", ".removed-7-0a1b.git-123"] {
+            assert!(leftover_name(yes), "{yes}");
+        }
+        for no in [
+            "7-0a1b.gitx",
+            "x-0a1b.git",
+            "-0a1b.git",
+            "7-.git",
+            "7-zz.git",
+            "notes",
+            "7.git",
+        ] {
+            assert!(!leftover_name(no), "{no}");
+        }
+    }
 
     #[test]
     fn retries_back_off_and_stop_at_the_cap() {

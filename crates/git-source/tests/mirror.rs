@@ -788,6 +788,88 @@ async fn sources_time_out_a_silent_server_and_keep_the_last_good_commit() {
     drop(silent);
 }
 
+/// Mirrors no project uses any more go: a former remote's folder when the remote changes, and
+/// at start (`sweep_cache`) those of projects removed while kas was down and deletions a kill
+/// -9 interrupted. Nothing else in the cache folder is touched, symlinked folders included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_no_project_uses_are_deleted_and_nothing_else() {
+    use std::time::Duration;
+    use tether_git_source::{ProjectSpec, Sources};
+
+    let f = Fixture::new("main");
+    f.commit(&[("a.txt", b"a")], &[], "first");
+    let cache = f.tmp.path().join("cache");
+    std::fs::create_dir_all(&cache).expect("test setup");
+    let sources = Sources::new(
+        cache.clone(),
+        Duration::from_secs(3600),
+        Duration::from_secs(10),
+    );
+    let spec = |remote: &Path| ProjectSpec {
+        id: 3,
+        path: "group/p".into(),
+        remote: Some(Remote::parse(&remote.display().to_string()).expect("test setup")),
+        verify: None,
+    };
+    sources.upsert(spec(&f.src())).expect("test setup");
+    let first: Vec<PathBuf> = mirrors(&cache);
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // The remote changes: the former mirror goes, the new one stays.
+    let moved = f.repos().join("moved");
+    git(
+        &f.repos(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            &f.src().display().to_string(),
+            "moved",
+        ],
+    );
+    sources.upsert(spec(&moved)).expect("test setup");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Renamed to `.removed-…` at once, then deleted in the background: wait for both.
+    let entries = || std::fs::read_dir(&cache).expect("cache").count();
+    while first[0].exists() || entries() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the former remote's mirror is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let current = mirrors(&cache);
+    assert_eq!(current.len(), 1, "{current:?}");
+
+    // Left by projects removed while kas was down, and by an interrupted deletion; and what
+    // is not ours: a symlinked folder with a mirror's name, a file, another name.
+    for stale in ["9-0a1b2c.git", ".removed-4-abcdef.git-17"] {
+        std::fs::create_dir_all(cache.join(stale).join("objects")).expect("test setup");
+    }
+    let elsewhere = f.tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).expect("test setup");
+    std::os::unix::fs::symlink(&elsewhere, cache.join("8-0a1b2c.git")).expect("test setup");
+    std::fs::write(cache.join("7-0a1b2c.git"), b"a file").expect("test setup");
+    std::fs::create_dir_all(cache.join("notes")).expect("test setup");
+    assert_eq!(sources.sweep_cache(), 2);
+    assert!(!cache.join("9-0a1b2c.git").exists());
+    assert!(!cache.join(".removed-4-abcdef.git-17").exists());
+    assert!(current[0].exists(), "the mirror in use stays");
+    assert!(elsewhere.exists() && cache.join("8-0a1b2c.git").exists());
+    assert!(cache.join("7-0a1b2c.git").is_file() && cache.join("notes").is_dir());
+    sources.shutdown();
+}
+
+/// The mirror folders (`{id}-{hash}.git`) in `cache`.
+fn mirrors(cache: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(cache)
+        .expect("test setup")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "git"))
+        .collect()
+}
+
 /// A git:// server that accepts its first connection and then says nothing (holding it open
 /// until the test process ends, like a host whose connection went half-open), and forwards
 /// every later connection to the real `git daemon` on `daemon_port`.

@@ -453,6 +453,9 @@ async fn start_sources(
             tracing::error!(project = %p.path, error = %e, "Cannot mirror the project");
         }
     }
+    // Mirrors of projects removed (or remotes changed) while kas was down: off the start path.
+    let sweeping = Arc::clone(&sources);
+    drop(tokio::task::spawn_blocking(move || sweeping.sweep_cache()));
     let stopping = Arc::clone(&sources);
     Ok((sources, handle.on_stop(move || stopping.shutdown())))
 }
