@@ -669,32 +669,36 @@ fn user_token_request(username: &str) -> kas::api::UserTokenRequest {
     }
 }
 
+type Watch = (std::process::Child, std::sync::mpsc::Receiver<String>);
+
+/// Two personal access tokens of the same user — the first made from `first`, the second
+/// lasting an hour — each with a watch open (both have seen a change of ConfigMap `name`).
+async fn two_open_watches(
+    s: &Setup,
+    first: &kas::api::UserTokenRequest,
+    name: &str,
+) -> (kas::api::UserTokenCreated, Watch, Watch) {
+    let admin = &s.kas.admin;
+    let alice = admin.create_user_token(s.agent_id, first).await.unwrap();
+    let bob = admin
+        .create_user_token(s.agent_id, &user_token_request("alice"))
+        .await
+        .unwrap();
+    let pat = |token: &str| format!("pat:{}:{token}", s.agent_id);
+    let a = spawn_watch(s, &pat(&alice.token), &s.allowed);
+    let b = spawn_watch(s, &pat(&bob.token), &s.allowed);
+    wait_watches_see(s, name, &[&a.1, &b.1]).await;
+    (alice, a, b)
+}
+
 /// Revoking a personal access token ends its open watches at once (before, an event still
 /// arrived 3 s after revocation and the watch was open 37 s later); another token's watch
 /// goes on, and the agent's side of the revoked watch ends too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_personal_access_token_ends_its_open_watches_within_a_second() {
     let s = setup().await;
-    let alice = s
-        .kas
-        .admin
-        .create_user_token(s.agent_id, &user_token_request("alice"))
-        .await
-        .unwrap();
-    let bob = s
-        .kas
-        .admin
-        .create_user_token(s.agent_id, &user_token_request("alice"))
-        .await
-        .unwrap();
-    let (mut revoked_watch, rx_a) = spawn_watch(
-        &s,
-        &format!("pat:{}:{}", s.agent_id, alice.token),
-        &s.allowed,
-    );
-    let (mut other_watch, rx_b) =
-        spawn_watch(&s, &format!("pat:{}:{}", s.agent_id, bob.token), &s.allowed);
-    wait_watches_see(&s, "watched", &[&rx_a, &rx_b]).await;
+    let (alice, (mut revoked_watch, _rx_a), (mut other_watch, rx_b)) =
+        two_open_watches(&s, &user_token_request("alice"), "watched").await;
     let busy = || async {
         s._agent
             .metric("agentk_tunnel_busy_streams")
@@ -751,26 +755,8 @@ async fn an_open_watch_ends_when_its_personal_access_token_expires() {
         expires_in_seconds: Some(10),
         ..user_token_request("alice")
     };
-    let alice = s
-        .kas
-        .admin
-        .create_user_token(s.agent_id, &short)
-        .await
-        .unwrap();
-    let bob = s
-        .kas
-        .admin
-        .create_user_token(s.agent_id, &user_token_request("alice"))
-        .await
-        .unwrap();
-    let (mut expiring, rx_a) = spawn_watch(
-        &s,
-        &format!("pat:{}:{}", s.agent_id, alice.token),
-        &s.allowed,
-    );
-    let (mut other, rx_b) =
-        spawn_watch(&s, &format!("pat:{}:{}", s.agent_id, bob.token), &s.allowed);
-    wait_watches_see(&s, "expiring", &[&rx_a, &rx_b]).await;
+    let (_, (mut expiring, _rx_a), (mut other, rx_b)) =
+        two_open_watches(&s, &short, "expiring").await;
     assert!(expiring.try_wait().unwrap().is_none(), "open before expiry");
     wait_for(
         "the expired token's watch to end",

@@ -734,20 +734,24 @@ pub(crate) const ACTIVE_TOKENS_CHUNK: usize = 500;
 /// `SELECT … WHERE id IN ($1, …, $n)` for `n` ids (pure; `$N` placeholders work on both
 /// backends).
 pub(crate) fn active_tokens_sql(n: usize) -> String {
-    let placeholders: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
     format!(
         "SELECT id FROM agent_tokens WHERE revoked_at IS NULL AND id IN ({})",
-        placeholders.join(", ")
+        placeholders(1, n)
     )
 }
 
 /// `SELECT … WHERE expires_at > $1 AND id IN ($2, …)` for `n` personal access token ids.
 pub(crate) fn active_user_tokens_sql(n: usize) -> String {
-    let placeholders: Vec<String> = (2..=n + 1).map(|i| format!("${i}")).collect();
     format!(
         "SELECT id FROM user_tokens WHERE revoked_at IS NULL AND expires_at > $1 AND id IN ({})",
-        placeholders.join(", ")
+        placeholders(2, n)
     )
+}
+
+/// `$first, …` — `n` numbered placeholders (pure).
+fn placeholders(first: usize, n: usize) -> String {
+    let numbered: Vec<String> = (first..first + n).map(|i| format!("${i}")).collect();
+    numbered.join(", ")
 }
 
 #[cfg(test)]
