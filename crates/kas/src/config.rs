@@ -197,7 +197,7 @@ pub struct Render {
     pub max_checkout_size: u64,
     /// Most renderings kept in memory.
     pub cache_entries: usize,
-    /// Where checkouts are written (default: the system's temporary directory).
+    /// Where checkouts are written (default: `<data_dir>/render`); this kas's alone.
     pub work_dir: Option<PathBuf>,
 }
 
@@ -219,7 +219,9 @@ impl Default for Render {
 }
 
 impl Render {
-    pub fn config(&self) -> tether_gitops_server::RenderConfig {
+    /// The renderer's settings; checkouts go to `work_dir`, by default `<data_dir>/render`
+    /// (a folder of this kas alone: leftovers of a killed kas are deleted there at start).
+    pub fn config(&self, data_dir: &Path) -> tether_gitops_server::RenderConfig {
         tether_gitops_server::RenderConfig {
             kustomize_path: self.kustomize_path.clone(),
             helm_path: self.helm_path.clone(),
@@ -231,7 +233,11 @@ impl Render {
                 max_size: self.max_checkout_size,
             },
             cache_entries: self.cache_entries,
-            work_dir: self.work_dir.clone(),
+            work_dir: Some(
+                self.work_dir
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("render")),
+            ),
         }
     }
 

@@ -498,7 +498,7 @@ fn start_gitops(
         registry: Arc::clone(&sh.registry),
         limits: cfg.gitops.limits(),
         renderer: Arc::new(tether_gitops_server::Renderer::new(
-            cfg.gitops.render.config(),
+            cfg.gitops.render.config(&cfg.data_dir),
         )),
         notifier: sh.notifier.clone(),
     });

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::KasOptions;
 use support::gitops::{Rig, RigArgs, admin_rbac, get_json, rig_entry};
+use support::{KasOptions, wait_for};
 use tether_gitops_server::ReportedOutcome;
 use tether_testenv::TestEnv;
 
@@ -374,6 +374,70 @@ async fn renderings_over_their_time_memory_or_output_limit_are_stopped_and_repor
         assert!(left.is_empty(), "checkouts left behind: {left:?}");
         assert_eq!(versions(&rig.env, &ns), before, "{error}");
     }
+}
+
+/// The checkouts in `dir`, by name.
+fn checkouts_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tether-render-"))
+        .collect()
+}
+
+/// kas killed with SIGKILL mid-rendering can neither stop its renderer nor remove its
+/// checkout: the kernel stops the renderer with kas, and the next kas deletes the checkout
+/// before it renders anything — and nothing else in the folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rendering_cut_by_kill_9_leaves_no_renderer_and_its_checkout_goes_at_restart() {
+    let work = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "    timeout: 10m\n    work_dir: {}\n",
+        work.path().display()
+    );
+    let (mut rig, _, _) =
+        rendering_rig("killed", |_| HELM_ENTRY.into(), |_| helm_repo(), &extra).await;
+    // Renders far longer than the test runs.
+    let endless = b"{{- range until 100000 }}{{- range until 100000 }}{{- range until 100000 }}{{- end }}{{- end }}{{- end }}\n";
+    rig.manifests.commit(
+        &[("charts/app/templates/endless.yaml", Some(endless))],
+        "endless",
+    );
+    wait_for("the renderer to start", Duration::from_secs(60), || async {
+        (!processes_in(work.path()).is_empty()).then_some(())
+    })
+    .await;
+    let left = checkouts_in(work.path());
+    assert_eq!(left.len(), 1, "{left:?}");
+
+    rig.kas.kill9();
+    wait_for(
+        "the renderer to end with kas",
+        Duration::from_secs(10),
+        || async { processes_in(work.path()).is_empty().then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        checkouts_in(work.path()),
+        left,
+        "a kill -9 leaves its checkout"
+    );
+    // Not checkouts: a link named like one (and its target), and another folder.
+    let kept = work.path().join("kept");
+    std::fs::create_dir(&kept).unwrap();
+    std::fs::write(kept.join("file"), "x").unwrap();
+    std::os::unix::fs::symlink(&kept, work.path().join("tether-render-link")).unwrap();
+
+    rig.kas.kill9_restart().await;
+    wait_for(
+        "the checkout left by the killed kas to go",
+        Duration::from_secs(30),
+        || async { (!work.path().join(&left[0]).exists()).then_some(()) },
+    )
+    .await;
+    assert!(work.path().join("tether-render-link").is_symlink());
+    assert_eq!(std::fs::read_to_string(kept.join("file")).unwrap(), "x");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

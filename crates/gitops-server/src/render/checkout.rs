@@ -39,7 +39,7 @@ impl Checkout {
         parent: Option<&Path>,
     ) -> Result<Checkout, RenderError> {
         let mut builder = tempfile::Builder::new();
-        builder.prefix("tether-render-");
+        builder.prefix(PREFIX);
         let dir = match parent {
             Some(p) => builder.tempdir_in(p),
             None => builder.tempdir(),
@@ -141,6 +141,39 @@ impl Drop for Checkout {
     }
 }
 
+/// The prefix of every checkout's directory: what [`sweep_leftovers`] may delete.
+const PREFIX: &str = "tether-render-";
+
+/// Deletes the checkouts a killed kas left in `dir` (its drops never ran): real directories
+/// named as checkouts are named, never links or other files. Blocking; returns how many were
+/// deleted. Only for a directory this kas alone writes checkouts to, before it renders.
+pub fn sweep_leftovers(dir: &Path) -> usize {
+    let Ok(listing) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut deleted = 0;
+    for entry in listing.flatten() {
+        let path = entry.path();
+        // `file_type` does not follow links: a link named like a checkout is left alone.
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir || !entry.file_name().to_string_lossy().starts_with(PREFIX) {
+            continue;
+        }
+        // The repository inside was made read-only; its entries cannot be removed as it is.
+        let removed = set_modes(&path, 0o755, 0o644).and_then(|()| fs::remove_dir_all(&path));
+        match removed {
+            Ok(()) => {
+                deleted += 1;
+                tracing::info!(dir = %path.display(), "Deleted a checkout left by an earlier kas");
+            }
+            Err(e) => {
+                tracing::warn!(dir = %path.display(), error = %e, "Deleting a checkout left by an earlier kas failed")
+            }
+        }
+    }
+    deleted
+}
+
 fn list(
     mirror: &Mirror,
     commit: &CommitId,
@@ -191,4 +224,44 @@ fn git(e: GitError) -> RenderError {
 fn io(what: &'static str, path: &Path) -> impl Fn(std::io::Error) -> RenderError {
     let path = path.display().to_string();
     move |e| RenderError::Io(format!("{what} {path}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn only_real_checkout_directories_are_swept_even_read_only_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // A checkout as a killed kas leaves it: the repository read-only.
+        let left = d.join("tether-render-abc123");
+        fs::create_dir_all(left.join("repo/charts/app")).unwrap();
+        fs::create_dir_all(left.join("scratch/home")).unwrap();
+        fs::write(left.join("repo/charts/app/Chart.yaml"), "name: app\n").unwrap();
+        make_read_only(&left.join("repo")).unwrap();
+        // What must stay: a link named like a checkout (and what it points at), a file named
+        // like one, and anything else.
+        let kept = d.join("kept");
+        fs::create_dir_all(&kept).unwrap();
+        fs::write(kept.join("data"), "x").unwrap();
+        std::os::unix::fs::symlink(&kept, d.join("tether-render-link")).unwrap();
+        fs::write(d.join("tether-render-file"), "y").unwrap();
+        fs::create_dir_all(d.join("other")).unwrap();
+
+        assert_eq!(sweep_leftovers(d), 1);
+        assert!(!left.exists());
+        let mut names: Vec<_> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["kept", "other", "tether-render-file", "tether-render-link"]
+        );
+        assert_eq!(fs::read_to_string(kept.join("data")).unwrap(), "x");
+        assert_eq!(sweep_leftovers(&d.join("missing")), 0);
+    }
 }

@@ -162,8 +162,23 @@ pub struct RenderConfig {
     pub checkout: CheckoutLimits,
     /// Most renderings kept.
     pub cache_entries: usize,
-    /// Where checkouts are written; the system's temporary directory when `None`.
+    /// Where checkouts are written; the system's temporary directory when `None`. A folder
+    /// given here belongs to this renderer: checkouts a killed process left in it are deleted
+    /// when the renderer is created.
     pub work_dir: Option<PathBuf>,
+}
+
+/// Creates the checkouts' folder and deletes what a killed kas left there (blocking). Before
+/// any rendering, so no live checkout can be taken for a leftover.
+fn prepare_work_dir(dir: &Path) {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        tracing::error!(dir = %dir.display(), error = %e, "Cannot create the renderers' work folder: Kustomize and Helm projects will fail to render");
+        return;
+    }
+    let deleted = checkout::sweep_leftovers(dir);
+    if deleted > 0 {
+        tracing::info!(dir = %dir.display(), deleted, "Deleted checkouts left by an earlier kas");
+    }
 }
 
 impl Default for RenderConfig {
@@ -206,6 +221,11 @@ impl Renderer {
                 "unshare cannot create a network namespace here: renderers run without network isolation (remote references are still refused and they get no PATH, proxy or credentials)"
             );
         }
+        if sandbox.setpriv.is_none() {
+            tracing::warn!(
+                "setpriv cannot set a parent-death signal here: a renderer running when kas is killed runs on until it ends"
+            );
+        }
         if sandbox.prlimit.is_none() {
             tracing::warn!(
                 "prlimit is not installed: renderers run without a memory limit (time and output limits still apply)"
@@ -232,6 +252,9 @@ impl Renderer {
                     tracing::info!(tool = %tool, why, "Renderer not available: projects using it get an error")
                 }
             }
+        }
+        if let Some(dir) = &config.work_dir {
+            prepare_work_dir(dir);
         }
         let cache = RenderCache::new(config.cache_entries);
         Self {
@@ -416,5 +439,20 @@ pub fn probe_sandbox() -> Sandbox {
             works.then(|| (bin.clone(), flags.iter().map(|f| (*f).to_owned()).collect()))
         })
     });
-    Sandbox { unshare, prlimit }
+    let setpriv = find_on_path("setpriv", &path).filter(|bin| {
+        std::process::Command::new(bin)
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(bin)
+            .arg("--version")
+            .env_clear()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    Sandbox {
+        unshare,
+        prlimit,
+        setpriv,
+    }
 }

@@ -208,9 +208,16 @@ pub struct Sandbox {
     pub unshare: Option<(PathBuf, Vec<String>)>,
     /// `prlimit`, when installed.
     pub prlimit: Option<PathBuf>,
+    /// `setpriv`, when it can set a parent-death signal here.
+    pub setpriv: Option<PathBuf>,
 }
 
-/// `line` run inside the sandbox: `unshare … -- prlimit --as=N -- program args…`.
+/// `line` run inside the sandbox:
+/// `setpriv --pdeathsig KILL -- unshare … -- prlimit --as=N -- program args…`.
+///
+/// `setpriv` makes the kernel kill the renderer when kas dies: a kas killed with SIGKILL (OOM,
+/// `kill -9`) cannot stop it, and a renderer that never ends would run on forever. The
+/// wrappers exec one into the other, so the signal reaches the renderer itself.
 pub fn sandboxed(line: CommandLine, sandbox: &Sandbox, memory_limit: u64) -> CommandLine {
     let mut out = line;
     if let Some(prlimit) = &sandbox.prlimit {
@@ -231,6 +238,15 @@ pub fn sandboxed(line: CommandLine, sandbox: &Sandbox, memory_limit: u64) -> Com
         args.extend(out.args);
         out = CommandLine {
             program: unshare.clone(),
+            args,
+        };
+    }
+    if let Some(setpriv) = &sandbox.setpriv {
+        let mut args: Vec<OsString> = vec!["--pdeathsig".into(), "KILL".into(), "--".into()];
+        args.push(out.program.into());
+        args.extend(out.args);
+        out = CommandLine {
+            program: setpriv.clone(),
             args,
         };
     }
@@ -332,7 +348,7 @@ mod tests {
     }
 
     #[test]
-    fn the_sandbox_wraps_unshare_around_prlimit_around_the_renderer() {
+    fn the_sandbox_wraps_setpriv_around_unshare_around_prlimit_around_the_renderer() {
         let line = CommandLine {
             program: "/bin/kustomize".into(),
             args: vec!["build".into()],
@@ -340,10 +356,15 @@ mod tests {
         let sandbox = Sandbox {
             unshare: Some(("/usr/bin/unshare".into(), vec!["--net".into()])),
             prlimit: Some("/usr/bin/prlimit".into()),
+            setpriv: Some("/usr/bin/setpriv".into()),
         };
         assert_eq!(
             strings(&sandboxed(line.clone(), &sandbox, 1024)),
             [
+                "/usr/bin/setpriv",
+                "--pdeathsig",
+                "KILL",
+                "--",
                 "/usr/bin/unshare",
                 "--net",
                 "--",

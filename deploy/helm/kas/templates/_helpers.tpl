@@ -90,6 +90,8 @@ mounts of the StatefulSet (data on the volume, TLS and the admin token from Secr
 {{- if $v.peers.secretName }}
 {{- $_ = set $cfg "peers" (dict "listen" (printf "0.0.0.0:%v" $v.peers.port) "secret_file" "/etc/kas/peers/secret") }}
 {{- end }}
+{{- /* Checkouts on the Pod's emptyDir, not the (small) data volume; kas owns the folder. */}}
+{{- $_ = set $cfg "gitops" (dict "render" (dict "work_dir" "/tmp/kas-render")) }}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy $v.config)) }}
 {{- end }}
 
