@@ -244,6 +244,63 @@ async fn a_rotated_token_file_is_used_after_the_old_token_is_revoked() {
     );
 }
 
+/// CA rotation as cert-manager and trust-manager do it: agentk's CA file (a mounted Secret or
+/// ConfigMap) first gets the new CA beside the old one, then kas's certificate is renewed from
+/// the new CA. agentk used to trust only the CA file it read at start, so it could never
+/// reconnect after kas restarted with the new certificate; it now reads the file again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotated_in_agentks_ca_file_is_trusted_when_kas_reconnects_with_a_new_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (Pki::temporary(), Pki::temporary());
+    let served = dir.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let (cert, key, ca) = (
+        served.join("tls.crt"),
+        served.join("tls.key"),
+        dir.path().join("agent-ca.pem"),
+    );
+    std::fs::copy(&old.cert, &cert).unwrap();
+    std::fs::copy(&old.key, &key).unwrap();
+    std::fs::copy(&old.ca, &ca).unwrap();
+    let mut kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            tls: Some((cert.clone(), key.clone())),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "rotca")
+        .await
+        .unwrap();
+    let agent = Agent::start(dir.path(), "rotca", &kas.url("grpcs"), &t.token, Some(&ca));
+    kas.wait_connected(t.agent_id).await;
+
+    // The trust bundle gets the new CA first, then kas's certificate comes from it.
+    let bundle = [old.ca.as_path(), new.ca.as_path()]
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .concat();
+    std::fs::write(&ca, bundle).unwrap();
+    std::fs::copy(&new.key, &key).unwrap();
+    std::fs::copy(&new.cert, &cert).unwrap();
+    kas.kill9_restart().await;
+
+    let echoed = wait_for(
+        "agentk back over the new certificate",
+        Duration::from_secs(30),
+        || async { kas.admin.echo(t.agent_id, b"rotated".to_vec()).await.ok() },
+    )
+    .await;
+    assert_eq!(echoed.as_ref(), b"rotated");
+    assert!(
+        agent.log().contains("CA certificate file changed"),
+        "{}",
+        agent.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_revoked_behind_kas_is_noticed_within_the_recheck_interval() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proxy::{ProxySettings, ProxyUrl, connect_via};
-use crate::tls::{ALPN_H2, ALPN_HTTP11, client_config};
+use crate::tls::{ALPN_H2, ALPN_HTTP11, ClientTls};
 use crate::ws::{WS_SUBPROTOCOL, WsIo, ws_config};
 use crate::{BoxIo, Error, KasAddress, Result, Scheme};
 
@@ -87,14 +87,14 @@ fn prepare(addr: &KasAddress, opts: &ClientOptions) -> Result<(Endpoint, Arc<Dia
         } else {
             ALPN_H2
         };
-        let config = client_config(opts.ca_cert_file.as_deref(), alpn)?;
+        let config = ClientTls::load(opts.ca_cert_file.as_deref(), alpn)?;
         let name = opts
             .tls_server_name
             .clone()
             .unwrap_or_else(|| addr.host().to_owned());
         let server_name = ServerName::try_from(name.clone())
             .map_err(|_| Error::InvalidServerName(name.clone()))?;
-        Some((TlsConnector::from(config), server_name))
+        Some((config, server_name))
     } else {
         None
     };
@@ -127,7 +127,7 @@ fn prepare(addr: &KasAddress, opts: &ClientOptions) -> Result<(Endpoint, Arc<Dia
 struct Dialer {
     addr: KasAddress,
     proxy: Option<ProxyUrl>,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    tls: Option<(ClientTls, ServerName<'static>)>,
     connect_timeout: Duration,
 }
 
@@ -166,8 +166,8 @@ impl Dialer {
 
         match &self.tls {
             None => self.finish(tcp).await,
-            Some((connector, name)) => {
-                let tls = connector
+            Some((config, name)) => {
+                let tls = TlsConnector::from(config.current())
                     .connect(name.clone(), tcp)
                     .await
                     .map_err(Error::TlsHandshake)?;

@@ -71,14 +71,19 @@ pub fn load_server_tls(cert_file: &Path, key_file: &Path) -> Result<ServerTls> {
 /// Checks of the files' stamps at most this often (a handshake storm stats them no more).
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// Size and modification time of a file, `None` when it cannot be read.
+type FileStamp = Option<(u64, SystemTime)>;
+
+fn file_stamp(file: &Path) -> FileStamp {
+    let m = std::fs::metadata(file).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
 /// Size and modification time of the certificate and key files.
-type Stamp = [Option<(u64, SystemTime)>; 2];
+type Stamp = [FileStamp; 2];
 
 fn stamp(cert_file: &Path, key_file: &Path) -> Stamp {
-    [cert_file, key_file].map(|f| {
-        let m = std::fs::metadata(f).ok()?;
-        Some((m.len(), m.modified().ok()?))
-    })
+    [cert_file, key_file].map(file_stamp)
 }
 
 /// The server certificate, read again from its files when their size or modification time
@@ -150,6 +155,52 @@ fn certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey> {
     Ok(CertifiedKey::from_der(certs, key, &provider())?)
 }
 
+/// The client config of a long-lived client (agentk dialing kas), built again from the CA
+/// file when its size or modification time changes: a CA rotated in the mounted Secret is
+/// trusted from the next connection on, without a restart. A file that does not load keeps
+/// the last good config (warn) and is tried again when it changes next. Checked at each dial:
+/// dials are rare (a connection lives for hours; reconnects back off).
+#[derive(Debug)]
+pub(crate) struct ClientTls {
+    ca_file: Option<PathBuf>,
+    alpn: &'static [u8],
+    state: Mutex<(Arc<ClientConfig>, FileStamp)>,
+}
+
+impl ClientTls {
+    pub(crate) fn load(ca_file: Option<&Path>, alpn: &'static [u8]) -> Result<Self> {
+        let stamp = ca_file.and_then(file_stamp);
+        let config = client_config(ca_file, alpn)?;
+        Ok(Self {
+            ca_file: ca_file.map(Path::to_owned),
+            alpn,
+            state: Mutex::new((config, stamp)),
+        })
+    }
+
+    /// The config for a new connection, rebuilt first if the CA file changed.
+    pub(crate) fn current(&self) -> Arc<ClientConfig> {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(file) = &self.ca_file else {
+            return Arc::clone(&s.0);
+        };
+        let now = file_stamp(file);
+        if now != s.1 {
+            s.1 = now;
+            match client_config(Some(file), self.alpn) {
+                Ok(c) => {
+                    s.0 = c;
+                    tracing::info!(ca_cert_file = %file.display(), "CA certificate file changed; trusting its certificates from the next connection");
+                }
+                Err(e) => {
+                    tracing::warn!(ca_cert_file = %file.display(), error = %e, "The CA certificate file changed but does not load; still trusting the previous certificates");
+                }
+            }
+        }
+        Arc::clone(&s.0)
+    }
+}
+
 /// An HTTP/1.1 client config trusting only `ca_file` when given, otherwise the system's roots
 /// (for clients of kas's HTTPS listeners, such as the admin commands).
 pub fn load_client_tls(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>> {
@@ -209,6 +260,25 @@ mod tests {
 
     fn pem_der(pki: &Pki) -> Vec<u8> {
         load_certs(&pki.cert).unwrap()[0].to_vec()
+    }
+
+    #[test]
+    fn a_changed_ca_file_gives_a_new_client_config_and_a_broken_one_keeps_the_last() {
+        let (a, b) = (Pki::temporary(), Pki::temporary());
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::copy(&a.ca, &ca).unwrap();
+        let tls = ClientTls::load(Some(&ca), ALPN_H2).unwrap();
+        let first = tls.current();
+        assert!(Arc::ptr_eq(&first, &tls.current()), "unchanged file");
+
+        std::fs::write(&ca, "not a certificate, and longer than one").unwrap();
+        assert!(Arc::ptr_eq(&first, &tls.current()), "broken file");
+
+        std::fs::copy(&b.ca, &ca).unwrap();
+        let second = tls.current();
+        assert!(!Arc::ptr_eq(&first, &second), "new CA");
+        assert_eq!(second.alpn_protocols, [ALPN_H2.to_vec()]);
     }
 
     #[test]
