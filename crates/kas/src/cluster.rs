@@ -11,6 +11,7 @@
 //! Without `redis`, kas is a single replica and nothing here runs.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -118,10 +119,40 @@ pub enum ClusterEvent {
 /// A connection to Redis shared by the replica's modules; cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
-    client: redis::Client,
-    conn: redis::aio::ConnectionManager,
+    live: Arc<Mutex<Live>>,
+    cfg: Arc<RedisConfig>,
     /// This replica's id in [`ClusterEvent::Pushed`] (random per process).
     replica: u64,
+}
+
+/// The client and connection made from the credential files as they were when read.
+struct Live {
+    client: redis::Client,
+    conn: redis::aio::ConnectionManager,
+    stamp: CredentialStamp,
+}
+
+/// How often the credential files (password, CA, client certificate and key) are checked for
+/// a change: a rotated Secret is used within this (the kubelet itself takes up to a minute).
+const CREDENTIALS_RECHECK: Duration = Duration::from_secs(10);
+
+/// Longest a connection with new credentials may take before they are tried again later.
+const CREDENTIALS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Size and modification time of each credential file (`None`: not configured or unreadable).
+type CredentialStamp = [Option<(u64, std::time::SystemTime)>; 4];
+
+fn credential_stamp(cfg: &RedisConfig) -> CredentialStamp {
+    [
+        &cfg.password_file,
+        &cfg.ca_file,
+        &cfg.certificate_file,
+        &cfg.key_file,
+    ]
+    .map(|f| {
+        let m = std::fs::metadata(f.as_ref()?).ok()?;
+        Some((m.len(), m.modified().ok()?))
+    })
 }
 
 impl std::fmt::Debug for Cluster {
@@ -147,6 +178,23 @@ impl Cluster {
     /// Connects (kas does not start when Redis is configured but unreachable: it would miss
     /// revocations from the first moment).
     pub async fn connect(cfg: &RedisConfig) -> Result<Cluster, ClusterError> {
+        let stamp = credential_stamp(cfg);
+        let (client, conn) = Self::open(cfg).await?;
+        Ok(Cluster {
+            live: Arc::new(Mutex::new(Live {
+                client,
+                conn,
+                stamp,
+            })),
+            cfg: Arc::new(cfg.clone()),
+            replica: rand::random(),
+        })
+    }
+
+    /// A client and a connection with the credential files as they are now.
+    async fn open(
+        cfg: &RedisConfig,
+    ) -> Result<(redis::Client, redis::aio::ConnectionManager), ClusterError> {
         let mut info: redis::ConnectionInfo =
             redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())?;
         let mut settings = info.redis_settings().clone();
@@ -166,16 +214,62 @@ impl Cluster {
             None => redis::Client::open(info)?,
         };
         let conn = redis::aio::ConnectionManager::new(client.clone()).await?;
-        Ok(Cluster {
-            client,
-            conn,
-            replica: rand::random(),
-        })
+        Ok((client, conn))
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A connection for other commands (cheap to clone; reconnects by itself).
     pub fn connection(&self) -> redis::aio::ConnectionManager {
-        self.conn.clone()
+        self.live().conn.clone()
+    }
+
+    /// Follows the credential files until `stop`: when one changes (a rotated password or
+    /// client certificate), a new connection is made with them and replaces the old one for
+    /// every later command. The client reconnects by itself with what it was built with, so
+    /// without this a kas would fail at its first reconnect after the old credentials were
+    /// withdrawn. New credentials Redis does not take yet (the Secret changed before Redis)
+    /// keep the working connection and are tried again at every check.
+    pub async fn follow_credentials(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(CREDENTIALS_RECHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let now = credential_stamp(&self.cfg);
+            if now == self.live().stamp {
+                continue;
+            }
+            let opened = tokio::time::timeout(CREDENTIALS_CONNECT_TIMEOUT, Self::open(&self.cfg));
+            match opened.await {
+                Ok(Ok((client, conn))) => {
+                    *self.live() = Live {
+                        client,
+                        conn,
+                        stamp: now,
+                    };
+                    warned = None;
+                    tracing::info!("Redis credential files changed: connected with them");
+                }
+                outcome if warned != Some(now) => {
+                    let error = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no connection within {CREDENTIALS_CONNECT_TIMEOUT:?}"),
+                    };
+                    warned = Some(now);
+                    tracing::warn!(
+                        error,
+                        "Redis credential files changed but do not connect; still using the previous connection and trying again"
+                    );
+                }
+                _ => {}
+            }
+        }
     }
 
     /// This replica's id, for [`ClusterEvent::Pushed`].
@@ -186,7 +280,7 @@ impl Cluster {
     /// Tells every replica (this one too) about `event`.
     pub async fn publish(&self, event: ClusterEvent) -> Result<(), redis::RedisError> {
         let payload = serde_json::to_string(&event).unwrap_or_default();
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         redis::cmd("PUBLISH")
             .arg(CHANNEL)
             .arg(payload)
@@ -197,7 +291,7 @@ impl Cluster {
 
     /// `PING`: whether Redis answers now (readiness).
     pub async fn check(&self) -> Result<(), redis::RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
@@ -236,7 +330,8 @@ impl Cluster {
         apply: &(impl Fn(ClusterEvent) + Send),
         failures: &mut u32,
     ) -> Result<(), redis::RedisError> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
+        let client = self.live().client.clone();
+        let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(CHANNEL).await?;
         if *failures > 0 {
             tracing::info!("Following the Redis revocation channel again");
@@ -263,6 +358,38 @@ impl Cluster {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_to_any_credential_file_changes_the_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, name).unwrap();
+            Some(p)
+        };
+        let cfg = RedisConfig {
+            url: "rediss://localhost:6380/0".into(),
+            password_file: file("password"),
+            username: None,
+            ca_file: file("ca.pem"),
+            certificate_file: file("client.pem"),
+            key_file: file("client-key.pem"),
+        };
+        let before = credential_stamp(&cfg);
+        assert!(before.iter().all(Option::is_some));
+        assert_eq!(credential_stamp(&cfg), before);
+        for (i, f) in ["password", "ca.pem", "client.pem", "client-key.pem"]
+            .iter()
+            .enumerate()
+        {
+            let was = credential_stamp(&cfg);
+            std::fs::write(dir.path().join(f), "rotated, longer than before").unwrap();
+            let now = credential_stamp(&cfg);
+            assert_ne!(now[i], was[i], "{f}");
+        }
+        std::fs::remove_file(dir.path().join("password")).unwrap();
+        assert_eq!(credential_stamp(&cfg)[0], None);
+    }
 
     #[test]
     fn events_travel_as_tagged_json() {

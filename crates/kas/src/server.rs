@@ -284,6 +284,7 @@ async fn connect_cluster(cfg: &Config) -> Result<Option<Cluster>> {
 /// Applies what replicas publish: revoked tokens' tunnels, streams and people's open requests
 /// end here too; a push webhook another replica took makes this one fetch the project too;
 /// other replicas' rate-limit counts are added to this one's (and this one's are published).
+/// Rotated Redis credential files are followed too.
 fn follow_cluster_events(
     sh: &Shared,
     (sources, live_user_requests, controls): (
@@ -342,8 +343,13 @@ fn follow_cluster_events(
     };
     let stop = Modules::shutdown_of(&handle);
     let sharing = sh.guards.spawn_sharing(cluster.clone(), stop.clone());
+    let credentials = tokio::spawn(cluster.clone().follow_credentials(stop.clone()));
     let task = tokio::spawn(cluster.follow(apply, stop));
-    handle.task(task).task(sharing).task(projects)
+    handle
+        .task(task)
+        .task(sharing)
+        .task(projects)
+        .task(credentials)
 }
 
 /// How often a replica re-reads the projects even when no replica said they changed.

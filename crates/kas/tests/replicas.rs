@@ -159,6 +159,63 @@ async fn a_replica_is_ready_only_while_redis_answers() {
     .await;
 }
 
+/// A Redis password rotated as operators do it: the new one in kas's password file (the
+/// Secret), and Redis restarted with it. kas used to reconnect with the password it read at
+/// start forever — not ready, and deaf to other replicas' revocations; it now follows the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_redis_password_is_followed_without_restarting_kas() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shared = Shared::start();
+    let one = shared.replica(&dir.path().join("kas-1")).await;
+    wait_for("kas ready", Duration::from_secs(10), || async {
+        (readiness(&one).await == Some(200)).then_some(())
+    })
+    .await;
+
+    shared.redis.password = format!("rotated-{}", std::process::id());
+    shared.redis.password_file().unwrap();
+    shared.redis.restart().unwrap();
+    wait_for("kas not ready", Duration::from_secs(10), || async {
+        (readiness(&one).await == Some(503)).then_some(())
+    })
+    .await;
+    wait_for(
+        "kas ready on the new password",
+        Duration::from_secs(40),
+        || async { (readiness(&one).await == Some(200)).then_some(()) },
+    )
+    .await;
+    assert!(
+        one.log()
+            .contains("Redis credential files changed: connected with them"),
+        "{}",
+        one.log()
+    );
+
+    // Its revocation channel is back too: a revocation on a new replica ends its streams.
+    wait_for(
+        "the revocation channel followed again",
+        Duration::from_secs(10),
+        || async {
+            one.log()
+                .contains("Following the Redis revocation channel again")
+                .then_some(())
+        },
+    )
+    .await;
+    let two = shared.replica(&dir.path().join("kas-2")).await;
+    let t = one
+        .admin
+        .register_agent("group/app", "agent")
+        .await
+        .unwrap();
+    let _agent = Agent::start(dir.path(), "agentk", &one.url("grpc"), &t.token, None);
+    one.wait_connected(t.agent_id).await;
+    let revoked = two.admin.revoke_token(t.token_id).await.unwrap();
+    assert_eq!(revoked.streams_ended, 0, "the streams are on replica 1");
+    one.wait_disconnected(t.agent_id).await;
+}
+
 /// A GitOps rig (its kas is replica 1) whose agent synchronized one ConfigMap in a new
 /// namespace `name-…`: the rig, the namespace and the commit.
 async fn synced_rig(name: &str, opts: KasOptions) -> (support::gitops::Rig, String, String) {
