@@ -32,8 +32,10 @@ use tracing::Instrument;
 use crate::configuration::Applied;
 
 mod schedule;
+mod supervise;
 
 use schedule::{ResyncStep, Schedule};
+use supervise::supervise;
 
 /// How a worker behaves beyond the configuration file.
 #[derive(Debug, Clone)]
@@ -191,25 +193,37 @@ impl Workers {
         stop: CancellationToken,
     ) -> JoinHandle<()> {
         tracing::info!(project_id = %key, "Starting synchronization worker");
-        let (progress_tx, progress) = watch::channel(SyncProgress::default());
-        let worker = Worker {
-            client: GitOpsClient::new(self.channel.clone())
-                .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE),
-            meta: self.meta.clone(),
-            engine: self.engine.clone(),
-            settings: Settings {
-                progress: ProgressSink::new(Arc::new(progress_tx)),
-                previous_namespace: self.moved.get(key).cloned(),
-                ..Settings::for_project(agent_id, p)
-            },
-            project: p.clone(),
-            timing: self.timing.clone(),
-            progress,
+        let settings = Settings {
+            previous_namespace: self.moved.get(key).cloned(),
+            ..Settings::for_project(agent_id, p)
+        };
+        let (channel, meta, engine) =
+            (self.channel.clone(), self.meta.clone(), self.engine.clone());
+        let (project, timing) = (p.clone(), self.timing.clone());
+        let retry = timing.retry;
+        // A fresh worker for each run: one that panicked is started again from nothing.
+        let worker = move |run: CancellationToken| {
+            let (progress_tx, progress) = watch::channel(SyncProgress::default());
+            let worker = Worker {
+                client: GitOpsClient::new(channel.clone())
+                    .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE),
+                meta: meta.clone(),
+                engine: engine.clone(),
+                settings: Settings {
+                    progress: ProgressSink::new(Arc::new(progress_tx)),
+                    ..settings.clone()
+                },
+                project: project.clone(),
+                timing: timing.clone(),
+                progress,
+            };
+            worker.run(run)
         };
         tokio::spawn(
-            worker
-                .run(stop)
-                .instrument(tracing::info_span!("worker", project_id = %key)),
+            async move {
+                supervise(worker, stop, retry).await;
+            }
+            .instrument(tracing::info_span!("worker", project_id = %key)),
         )
     }
 }
