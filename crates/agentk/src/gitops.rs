@@ -338,7 +338,7 @@ fn wire_state(state: ObjectState) -> wire::ObjectState {
     }
 }
 
-fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
+fn report_of(outcome: &SyncOutcome, settings: &Settings) -> SyncReport {
     let objects = outcome
         .objects
         .iter()
@@ -351,8 +351,15 @@ fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
             message: o.message.clone(),
         })
         .collect();
+    // A successful sync leaves the inventory in the default namespace (moved there if it was
+    // elsewhere); kas tells a restarted agent, should the namespace change while it is down.
+    let inventory_namespace = if outcome.succeeded() && !outcome.dry_run {
+        settings.default_namespace.clone()
+    } else {
+        String::new()
+    };
     SyncReport {
-        project_id: project_id.to_string(),
+        project_id: settings.project_id.clone(),
         commit_id: outcome.commit_id.clone(),
         sync_outcome: if outcome.succeeded() {
             wire::SyncOutcome::Succeeded
@@ -372,6 +379,7 @@ fn report_of(outcome: &SyncOutcome, project_id: &str) -> SyncReport {
         resync_id: 0,
         in_progress: false,
         progress: None,
+        inventory_namespace,
     }
 }
 
@@ -551,6 +559,7 @@ impl Worker {
                     .await;
             }
             Some(objects_response::Message::Header(h)) => {
+                self.inventory_seen_in(&h.inventory_namespace);
                 stream.building = Some(Commit {
                     id: h.commit_id,
                     files: Vec::new(),
@@ -592,6 +601,22 @@ impl Worker {
         }
     }
 
+    /// kas says where this project's last successful sync left its inventory. Somewhere else
+    /// than the default namespace means the configuration moved the project while this agent
+    /// was not running (or before its first sync in the new namespace): the next sync reads
+    /// the inventory there, so what it lists is still pruned, and moves it.
+    fn inventory_seen_in(&mut self, namespace: &str) {
+        let s = &mut self.settings;
+        if namespace.is_empty()
+            || namespace == s.default_namespace
+            || s.previous_namespace.as_deref() == Some(namespace)
+        {
+            return;
+        }
+        tracing::info!(project_id = %s.project_id, namespace, default_namespace = %s.default_namespace, "The project's inventory is in its former default namespace; the next synchronization moves it");
+        s.previous_namespace = Some(namespace.to_owned());
+    }
+
     /// Reports a commit that cannot be applied: nothing is applied or pruned.
     async fn refuse(
         &mut self,
@@ -618,6 +643,7 @@ impl Worker {
             resync_id: sync.schedule.answer_asked(),
             in_progress: false,
             progress: None,
+            inventory_namespace: String::new(),
         };
         self.report(report, reports, stop).await;
     }
@@ -652,7 +678,7 @@ impl Worker {
             sync.started.elapsed(),
             now,
         );
-        let mut report = report_of(&outcome, &self.settings.project_id);
+        let mut report = report_of(&outcome, &self.settings);
         report.resync_id =
             sync.schedule
                 .finished(outcome.succeeded(), Instant::now(), &self.timing);

@@ -78,6 +78,23 @@ impl SyncStates {
         Ok(out)
     }
 
+    /// Where the agent's last successful sync of `project_id` left its inventory (empty when
+    /// no report says, or the store cannot answer: the agent then looks only in the project's
+    /// default namespace, as before).
+    pub(crate) async fn inventory_namespace(&self, agent_id: i64, project_id: &str) -> String {
+        match self.for_agent(agent_id).await {
+            Ok(reports) => reports
+                .into_iter()
+                .find(|r| r.project_id == project_id)
+                .map(|r| r.inventory_namespace)
+                .unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(agent_id, project_id, error = %e, "Cannot read where the project's inventory is; the agent looks in its default namespace only");
+                String::new()
+            }
+        }
+    }
+
     /// Stores the report; returns the one it replaces (the agent's previous report of that
     /// project), so callers can tell a new sync from one re-sent after a reconnect.
     pub(crate) async fn put(
@@ -100,11 +117,20 @@ impl SyncStates {
     }
 }
 
-/// A sync that failed before applying anything (a manifest that does not decode, a selection
-/// error) reports no objects; the objects of the previous sync are still in the cluster, so
-/// they stay in the status, said to be from that commit.
+/// What a report takes from the previous one. Where the inventory is, when it does not say.
+/// And the objects, for a sync that failed before applying anything (a manifest that does
+/// not decode, a selection error): it reports none, but the previous sync's are still in the
+/// cluster, so they stay in the status, said to be from that commit.
 fn keep_applied_objects(previous: Option<&SyncReport>, report: &SyncReport) -> SyncReport {
     let mut report = report.clone();
+    if report.inventory_namespace.is_empty()
+        && let Some(p) = previous
+    {
+        // Only a successful sync says; until the next one the inventory stays where it was.
+        report
+            .inventory_namespace
+            .clone_from(&p.inventory_namespace);
+    }
     if report.sync_outcome() != SyncOutcome::Failed || !report.objects.is_empty() {
         return report;
     }
@@ -177,6 +203,38 @@ mod tests {
         changes.borrow_and_update();
         states.put(agent, &report).await?;
         assert!(changes.has_changed()?, "a report");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn where_the_inventory_is_stays_known_until_a_successful_sync_says_otherwise()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store: Arc<dyn Store> =
+            Arc::new(tether_store::SqliteStore::open(&dir.path().join("kas.db")).await?);
+        let agent = store.register_agent("group/project", "agent").await?.id;
+        let states = SyncStates::new(store);
+        let project = "group/manifests";
+        assert_eq!(states.inventory_namespace(agent, project).await, "");
+        let report = |ns: &str, outcome: SyncOutcome| SyncReport {
+            project_id: project.into(),
+            commit_id: "c0ffee".into(),
+            sync_outcome: outcome.into(),
+            inventory_namespace: ns.into(),
+            ..SyncReport::default()
+        };
+        states
+            .put(agent, &report("apps", SyncOutcome::Succeeded))
+            .await?;
+        assert_eq!(states.inventory_namespace(agent, project).await, "apps");
+        // A failed sync does not say: the inventory is still where the last success left it.
+        states.put(agent, &report("", SyncOutcome::Failed)).await?;
+        assert_eq!(states.inventory_namespace(agent, project).await, "apps");
+        states
+            .put(agent, &report("web", SyncOutcome::Succeeded))
+            .await?;
+        assert_eq!(states.inventory_namespace(agent, project).await, "web");
+        assert_eq!(states.inventory_namespace(agent, "group/other").await, "");
         Ok(())
     }
 }

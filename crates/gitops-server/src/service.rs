@@ -164,6 +164,7 @@ impl GitOpsService {
         let at = StreamAt {
             agent_id,
             project: &project,
+            project_key: &req.project_id,
             git_ref: &git_ref,
             source: &source,
             tx: &tx,
@@ -219,6 +220,7 @@ impl GitOpsService {
                 let offer = Offer {
                     agent_id: at.agent_id,
                     project: at.project,
+                    project_key: at.project_key,
                     mirror: &mirror,
                     source: at.source,
                     tx: at.tx,
@@ -299,9 +301,7 @@ impl GitOpsService {
                 let hex = commit.to_hex();
                 let notifier = &self.deps.notifier;
                 notifier.commit_offered(agent_id, &project.path, &hex).await;
-                let sent = self
-                    .send_commit(agent_id, project, at.mirror, commit, at.source, at.tx)
-                    .await;
+                let sent = self.send_commit(at, commit).await;
                 if sent {
                     offered.refused = None;
                     offered.last = hex;
@@ -312,15 +312,9 @@ impl GitOpsService {
     }
 
     /// Sends one commit's files; false when the agent is gone.
-    async fn send_commit(
-        &self,
-        agent_id: i64,
-        project: &tether_store::Project,
-        mirror: &tether_git_source::Mirror,
-        commit: CommitId,
-        source: &ManifestSource,
-        tx: &Tx,
-    ) -> bool {
+    async fn send_commit(&self, at: &Offer<'_>, commit: CommitId) -> bool {
+        let (agent_id, project, source, tx) = (at.agent_id, at.project, at.source, at.tx);
+        let mirror = at.mirror;
         let (limits, renderer) = (&self.deps.limits, &self.deps.renderer);
         let selection = match manifests_at(mirror, commit, source, limits, renderer).await {
             Ok(s) => s,
@@ -345,6 +339,10 @@ impl GitOpsService {
             project_numeric_id: project.id,
             project_path: project.path.clone(),
             rendered: matches!(source, ManifestSource::Render(_)),
+            inventory_namespace: self
+                .reports
+                .inventory_namespace(agent_id, at.project_key)
+                .await,
         };
         if tx
             .send(msg(objects_response::Message::Header(header)))
@@ -456,6 +454,8 @@ struct Offered {
 struct Offer<'a> {
     agent_id: i64,
     project: &'a tether_store::Project,
+    /// The project as the agent names it (its reports' `project_id`).
+    project_key: &'a str,
     mirror: &'a tether_git_source::Mirror,
     source: &'a ManifestSource,
     tx: &'a Tx,
@@ -465,6 +465,7 @@ struct Offer<'a> {
 struct StreamAt<'a> {
     agent_id: i64,
     project: &'a tether_store::Project,
+    project_key: &'a str,
     git_ref: &'a GitRef,
     source: &'a ManifestSource,
     tx: &'a Tx,

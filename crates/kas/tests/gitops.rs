@@ -307,11 +307,9 @@ fn unnamespaced(name: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-/// The project's `default_namespace` changes while agentk runs: the inventory moves with it,
-/// and what left Git meanwhile — and the copies left in the former namespace — is pruned (the
-/// inventory in the former namespace used to be forgotten, and its objects never pruned).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn objects_are_pruned_across_a_change_of_default_namespace() {
+/// A rig whose agent synced ConfigMaps `one` and `two` in namespace `moving-…`, and a second
+/// namespace `moved-…` to move the project to: (rig, namespace, the other one, commit).
+async fn moving_rig() -> (Rig, String, String, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace("moving").unwrap();
@@ -329,11 +327,12 @@ async fn objects_are_pruned_across_a_change_of_default_namespace() {
     )
     .await;
     rig.synced(&c1).await;
-    let exists =
-        |name: &str, n: &str| get_json(&rig.env, &["get", "configmap", name, "-n", n]).is_some();
-    assert!(exists("one", &ns) && exists("two", &ns));
+    (rig, ns, moved, c1)
+}
 
-    let cfg = rig.config.commit(
+/// Commits the configuration moving the project to `moved`; returns the commit.
+fn move_project(rig: &Rig, moved: &str) -> String {
+    rig.config.commit(
         &[(
             ".gitlab/agents/seed/config.yaml",
             Some(
@@ -342,24 +341,81 @@ async fn objects_are_pruned_across_a_change_of_default_namespace() {
             ),
         )],
         "move the default namespace",
+    )
+}
+
+/// After `two` left Git and the project moved from `ns` to `moved`: `one` only in `moved`,
+/// `two` nowhere, the inventory only in `moved`.
+async fn assert_moved_and_pruned(rig: &Rig, ns: &str, moved: &str, commit: &str) {
+    let s = rig.synced(commit).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let exists =
+        |name: &str, n: &str| get_json(&rig.env, &["get", "configmap", name, "-n", n]).is_some();
+    assert!(exists("one", moved), "applied in the new namespace");
+    assert!(
+        !exists("one", ns),
+        "the copy in the former namespace is pruned"
     );
+    assert!(!exists("two", ns), "what left Git is pruned");
+    let inventory = tether_gitops_agent::inventory::inventory_name(rig.agent_id, "group/manifests");
+    assert!(exists(&inventory, moved));
+    assert!(!exists(&inventory, ns), "the former inventory is gone");
+}
+
+/// The project's `default_namespace` changes while agentk runs: the inventory moves with it,
+/// and what left Git meanwhile — and the copies left in the former namespace — is pruned (the
+/// inventory in the former namespace used to be forgotten, and its objects never pruned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_are_pruned_across_a_change_of_default_namespace() {
+    let (rig, ns, moved, _) = moving_rig().await;
+    let cfg = move_project(&rig, &moved);
     rig.agent
         .wait_log("Agent configuration applied", &cfg)
         .await;
     let c2 = rig
         .manifests
         .commit(&[("manifests/two.yaml", None)], "drop two");
-    let s = rig.synced(&c2).await;
-    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
-    assert!(exists("one", &moved), "applied in the new namespace");
+    assert_moved_and_pruned(&rig, &ns, &moved, &c2).await;
+}
+
+/// The same change made while agentk is down (a rollout, a drained node): the agentk that
+/// starts afterwards never saw the former namespace. kas tells it where the last successful
+/// sync left the inventory, so it is still found, its objects pruned, and it moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_are_pruned_across_a_change_of_default_namespace_made_while_agentk_was_down() {
+    let (mut rig, ns, moved, _) = moving_rig().await;
+    rig.agent.stop();
+    let cfg = move_project(&rig, &moved);
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/two.yaml", None)], "drop two");
+    // kas has both commits before agentk starts, so agentk never sees the former namespace.
+    wait_for(
+        "kas to fetch both commits",
+        Duration::from_secs(30),
+        || async {
+            let heads: Vec<String> = rig
+                .kas
+                .admin
+                .list_projects()
+                .await
+                .ok()?
+                .into_iter()
+                .filter_map(|p| p.commit)
+                .collect();
+            (heads.contains(&cfg) && heads.contains(&c2)).then_some(())
+        },
+    )
+    .await;
+    rig.agent = rig.start_agent("agentk-2");
+    assert_moved_and_pruned(&rig, &ns, &moved, &c2).await;
     assert!(
-        !exists("one", &ns),
-        "the copy in the former namespace is pruned"
+        rig.agent
+            .log()
+            .contains("The project's inventory is in its former default namespace"),
+        "{}",
+        rig.agent.log()
     );
-    assert!(!exists("two", &ns), "what left Git is pruned");
-    let inventory = tether_gitops_agent::inventory::inventory_name(rig.agent_id, "group/manifests");
-    assert!(exists(&inventory, &moved));
-    assert!(!exists(&inventory, &ns), "the former inventory is gone");
 }
 
 /// A manifest project removed from the configuration takes its metric series with it (its
