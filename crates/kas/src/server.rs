@@ -832,7 +832,10 @@ async fn start_web(
     let state = crate::webui::WebState {
         api_router: api::in_process_router(api.clone()),
         api,
-        sessions: Arc::new(crate::webui::session::Sessions::new(cfg.web.session_ttl)),
+        sessions: Arc::new(crate::webui::session::Sessions::new(
+            Arc::clone(&sh.store),
+            cfg.web.session_ttl,
+        )),
         oidc,
         tls,
         agent_address: cfg

@@ -372,6 +372,94 @@ impl Walk {
     }
 }
 
+/// A plain-HTTP GET of `url` (`http://host:port/path`) that does not follow redirects: the
+/// status, the headers (names lower-case) and the body.
+async fn http_get(url: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = tokio::net::TcpStream::connect(authority).await.unwrap();
+    let cookie = cookie
+        .map(|c| format!("Cookie: {c}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\n{cookie}Connection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1)?.parse().ok())
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+/// The first value of header `name`.
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {name} header in {headers:?}"))
+}
+
+/// The `name=value` part of the `Set-Cookie` header setting cookie `name`.
+fn set_cookie(headers: &[(String, String)], name: &str) -> String {
+    headers
+        .iter()
+        .filter(|(k, _)| k == "set-cookie")
+        .filter_map(|(_, v)| v.split(';').next())
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} cookie in {headers:?}"))
+        .to_owned()
+}
+
+impl Walk {
+    /// A login outlives kas: the browser logged in with the admin token is still logged in
+    /// after a kill -9 and restart (sessions used to live in kas's memory only), and logging
+    /// out there still works.
+    async fn a_login_survives_a_kas_restart(&mut self) {
+        self.rig.kas.kill9_restart().await;
+        self.goto("/").await;
+        self.wait("the agents page", "document.getElementById('agents')")
+            .await;
+        assert!(self.b.text("header").await.contains("admin token"));
+        self.log_out().await;
+        self.goto("/").await;
+        self.wait("the login page", "document.getElementById('token')")
+            .await;
+    }
+
+    /// An OpenID Connect login under way when kas restarts finishes on the new kas: the login's
+    /// state travels in the browser's cookie, not in kas's memory, as it must for a callback
+    /// that reaches another replica.
+    async fn an_oidc_login_finishes_across_a_kas_restart(&mut self) {
+        self.issuer.log_in_as("alice-sub", PERSON, &["people"]);
+        let (status, headers, _) = http_get(&format!("{}/login/oidc", self.web), None).await;
+        assert_eq!(status, 303, "{headers:?}");
+        let (authorize, state) = (
+            header(&headers, "location").to_owned(),
+            set_cookie(&headers, "tether_oidc_state"),
+        );
+        self.rig.kas.kill9_restart().await;
+        let (status, headers, _) = http_get(&authorize, None).await;
+        assert_eq!(status, 303, "the provider approves: {headers:?}");
+        let callback = header(&headers, "location").to_owned();
+        let (status, headers, body) = http_get(&callback, Some(&state)).await;
+        assert_eq!((status, header(&headers, "location")), (303, "/"), "{body}");
+        let session = set_cookie(&headers, "tether_session");
+        let (status, _, page) = http_get(&format!("{}/", self.web), Some(&session)).await;
+        assert_eq!(status, 200);
+        assert!(page.contains(&format!("{PERSON} (viewer)")), "{page}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_ui_walkthrough() {
     let mut w = Walk::start().await;
@@ -383,4 +471,6 @@ async fn the_web_ui_walkthrough() {
     w.a_viewer_may_not_act().await;
     w.the_cluster_as_the_viewer().await;
     w.the_admin_token_has_no_cluster_identity().await;
+    w.a_login_survives_a_kas_restart().await;
+    w.an_oidc_login_finishes_across_a_kas_restart().await;
 }

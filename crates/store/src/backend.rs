@@ -66,7 +66,7 @@ macro_rules! impl_store {
             use crate::model::{
                 Agent, AgentRow, AuthenticatedAgent, NotificationResult, PendingNotification,
                 Project, ProjectSource, Suspension, SuspensionRow, SuspensionScope, TokenInfo,
-                UserTokenInfo,
+                UserTokenInfo, WebSession,
             };
             use crate::token::{self, AgentToken};
             use crate::validate::{validate_agent_name, validate_project_path};
@@ -632,6 +632,67 @@ macro_rules! impl_store {
                     .rows_affected();
                     tx.commit().await?;
                     Ok(deleted)
+                }
+
+                async fn create_web_session(&self, session: &WebSession, max_sessions: i64) -> Result<()> {
+                    let mut tx = self.write().await?;
+                    let t = now();
+                    sqlx::query("DELETE FROM web_sessions WHERE expires_at <= $1")
+                        .bind(t)
+                        .execute(tx.conn())
+                        .await?;
+                    let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM web_sessions")
+                        .fetch_one(tx.conn())
+                        .await?;
+                    let over = live - max_sessions + 1;
+                    if over > 0 {
+                        sqlx::query(
+                            "DELETE FROM web_sessions WHERE id_digest IN (SELECT id_digest FROM \
+                             web_sessions ORDER BY expires_at, id_digest LIMIT $1)",
+                        )
+                        .bind(over)
+                        .execute(tx.conn())
+                        .await?;
+                    }
+                    sqlx::query(
+                        "INSERT INTO web_sessions (id_digest, role, subject, username, groups, csrf, \
+                         created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    )
+                    .bind(&session.id_digest)
+                    .bind(&session.role)
+                    .bind(&session.subject)
+                    .bind(&session.username)
+                    .bind(&session.groups)
+                    .bind(&session.csrf)
+                    .bind(t)
+                    .bind(session.expires_at)
+                    .execute(tx.conn())
+                    .await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn web_session(&self, id_digest: &str) -> Result<Option<WebSession>> {
+                    let rows = sqlx::query_as::<_, WebSession>(
+                        "SELECT id_digest, role, subject, username, groups, csrf, expires_at \
+                         FROM web_sessions WHERE id_digest = $1 AND expires_at > $2",
+                    )
+                    .bind(id_digest)
+                    .bind(now())
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(rows.into_iter().next())
+                }
+
+                async fn delete_web_session(&self, id_digest: &str) -> Result<bool> {
+                    let mut tx = self.write().await?;
+                    let deleted = sqlx::query("DELETE FROM web_sessions WHERE id_digest = $1")
+                        .bind(id_digest)
+                        .execute(tx.conn())
+                        .await?
+                        .rows_affected();
+                    tx.commit().await?;
+                    Ok(deleted > 0)
                 }
 
                 async fn list_user_tokens(&self, agent_id: Option<i64>) -> Result<Vec<UserTokenInfo>> {

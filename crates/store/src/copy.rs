@@ -105,6 +105,19 @@ const TABLES: &[(&str, &[(&str, Kind)])] = {
             ],
         ),
         (
+            "web_sessions",
+            &[
+                ("id_digest", Text),
+                ("role", Text),
+                ("subject", Text),
+                ("username", Text),
+                ("groups", Text),
+                ("csrf", Text),
+                ("created_at", Int),
+                ("expires_at", Int),
+            ],
+        ),
+        (
             "gitops_suspensions",
             &[
                 ("agent_id", Int),

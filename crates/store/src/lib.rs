@@ -19,7 +19,7 @@ mod validate;
 pub use error::{Error, Result};
 pub use model::{
     Agent, AgentRow, AuthenticatedAgent, NotificationResult, PendingNotification, Project,
-    ProjectSource, Suspension, SuspensionScope, TokenInfo, UserTokenInfo,
+    ProjectSource, Suspension, SuspensionScope, TokenInfo, UserTokenInfo, WebSession,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -165,6 +165,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// bound keeps each delete a short write, so other writers wait little behind it. A deleted
     /// message's key is forgotten: the same event seen again afterwards is queued again.
     async fn delete_finished_notifications(&self, done_before: i64, limit: i64) -> Result<u64>;
+
+    /// Records a web UI login. Expired sessions are deleted first, and when `max_sessions`
+    /// are still live the ones expiring soonest make room: a flood of logins cannot grow the
+    /// table without bound.
+    async fn create_web_session(&self, session: &WebSession, max_sessions: i64) -> Result<()>;
+
+    /// The session with this id digest, unless it expired.
+    async fn web_session(&self, id_digest: &str) -> Result<Option<WebSession>>;
+
+    /// Ends a session (logging out); `false` if there was none.
+    async fn delete_web_session(&self, id_digest: &str) -> Result<bool>;
 
     /// The personal access tokens (active, expired and revoked; never their digests) of one
     /// agent or of all, by id.

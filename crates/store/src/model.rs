@@ -108,6 +108,23 @@ pub struct UserTokenInfo {
     pub revoked_at: Option<i64>,
 }
 
+/// A web UI login (the session id itself is never stored, only its digest).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct WebSession {
+    /// Hex SHA-256 of the session id in the cookie.
+    pub id_digest: String,
+    /// `admin` or `viewer`.
+    pub role: String,
+    /// The OpenID Connect person; `None` for the admin-token login.
+    pub subject: Option<String>,
+    pub username: Option<String>,
+    /// JSON list of the person's groups.
+    pub groups: String,
+    pub csrf: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
 /// A notification waiting in the outbox, claimed for sending.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct PendingNotification {

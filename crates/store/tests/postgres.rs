@@ -2,7 +2,9 @@
 //! installation from SQLite (`tether_store::copy`). Each test starts its own server.
 
 use tether_store::copy;
-use tether_store::{Error, PgStore, ProjectSource, SqliteStore, Store, SuspensionScope};
+use tether_store::{
+    Error, PgStore, ProjectSource, SqliteStore, Store, SuspensionScope, WebSession,
+};
 use tether_testenv::postgres::Postgres;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -65,6 +67,16 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
     sqlite
         .suspend(agent.id, SuspensionScope::Agent, "incident", "alice")
         .await?;
+    let session = WebSession {
+        id_digest: "d1".into(),
+        role: "admin".into(),
+        subject: None,
+        username: None,
+        groups: "[]".into(),
+        csrf: "c1".into(),
+        expires_at: 4_000_000_000,
+    };
+    sqlite.create_web_session(&session, 10).await?;
 
     let server = Postgres::start()?;
     let pg = PgStore::connect(&server.create_database("kas")?).await?;
@@ -80,6 +92,7 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
             ("sync_reports", 1),
             ("config_states", 1),
             ("notifications", 1),
+            ("web_sessions", 1),
             ("gitops_suspensions", 1),
         ]
     );
@@ -111,6 +124,11 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
     assert!(!pg.enqueue_notification("ops", "sync:1", b"{}").await?);
     assert!(pg.enqueue_notification("ops", "sync:2", b"{}").await?);
     assert_eq!(pg.suspensions(None).await?, sqlite.suspensions(None).await?);
+    assert_eq!(
+        pg.web_session("d1").await?,
+        Some(session),
+        "logins survive the move"
+    );
 
     // New records get ids past the copied ones.
     let new = pg.register_agent("group/project", "new").await?;

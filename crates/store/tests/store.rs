@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tempfile::TempDir;
 use tether_store::{
     Error, NotificationResult, PgStore, SqliteStore, Store, SuspensionScope, TOKEN_PREFIX,
-    TOKEN_RANDOM_LEN,
+    TOKEN_RANDOM_LEN, WebSession,
 };
 use tether_testenv::postgres::Postgres;
 
@@ -996,6 +996,60 @@ async fn finished_notifications_past_the_retention_are_deleted_in_batches(
     Ok(())
 }
 
+/// A web UI session as kas records one.
+fn web_session(digest: &str, expires_at: i64) -> WebSession {
+    WebSession {
+        id_digest: digest.into(),
+        role: "viewer".into(),
+        subject: Some("sub-1".into()),
+        username: Some("alice".into()),
+        groups: r#"["ops"]"#.into(),
+        csrf: format!("csrf-{digest}"),
+        expires_at,
+    }
+}
+
+/// Sessions are found until they expire or end, survive reopening the store, and stay
+/// bounded: expired ones go first, then those expiring soonest.
+async fn web_sessions_expire_end_survive_reopening_and_stay_bounded(
+    backend: Backend,
+) -> TestResult {
+    let (db, store) = open(backend).await?;
+    let later = unix_now() + 3_600;
+    store
+        .create_web_session(&web_session("a", later), 3)
+        .await?;
+    store
+        .create_web_session(&web_session("old", unix_now() - 1), 3)
+        .await?;
+    assert_eq!(store.web_session("a").await?, Some(web_session("a", later)));
+    assert_eq!(store.web_session("old").await?, None, "expired");
+    assert_eq!(store.web_session("missing").await?, None);
+
+    store.close().await;
+    let store = db.reopen().await?;
+    assert_eq!(store.web_session("a").await?, Some(web_session("a", later)));
+    assert!(store.delete_web_session("a").await?);
+    assert!(!store.delete_web_session("a").await?);
+    assert_eq!(store.web_session("a").await?, None, "logged out");
+
+    // At most three: the expired one is dropped first, then the one expiring soonest.
+    for (i, d) in ["s1", "s2", "s3", "s4"].iter().enumerate() {
+        let expires = later + i64::try_from(i)?;
+        store
+            .create_web_session(&web_session(d, expires), 3)
+            .await?;
+    }
+    let mut live = Vec::new();
+    for d in ["old", "s1", "s2", "s3", "s4"] {
+        if store.web_session(d).await?.is_some() {
+            live.push(d);
+        }
+    }
+    assert_eq!(live, ["s2", "s3", "s4"]);
+    Ok(())
+}
+
 on_both_backends!(
     finished_notifications_past_the_retention_are_deleted_in_batches,
     notifications_are_queued_once_claimed_retried_and_finished,
@@ -1019,4 +1073,5 @@ on_both_backends!(
     agent_state_needs_an_agent_and_goes_away_with_it,
     suspensions_are_kept_replaced_and_lifted,
     user_tokens_are_listed_without_their_secrets,
+    web_sessions_expire_end_survive_reopening_and_stay_bounded,
 );

@@ -1,6 +1,7 @@
 //! Logging in (admin token, OpenID Connect) and out.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -9,6 +10,7 @@ use axum::routing::get;
 use axum::{Extension, Form, Router};
 
 use super::html::{Html, page};
+use super::oidc;
 use super::session::{self, Person, Role};
 use super::{LoggedIn, WebState, error_page, html_response};
 
@@ -61,8 +63,15 @@ async fn form(State(st): State<WebState>) -> Response {
 }
 
 /// Starts a session and sends the browser to the agents page.
-fn logged_in(st: &WebState, role: Role, person: Option<Person>) -> Response {
-    let id = st.sessions.create(role, person);
+async fn logged_in(st: &WebState, role: Role, person: Option<Person>) -> Response {
+    let id = match st.sessions.create(role, person).await {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot record a web UI session");
+            let why = format!("the login could not be recorded: {e}");
+            return login_page(st, Some(&why), StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
     let mut r = Redirect::to("/").into_response();
     if let Ok(v) = HeaderValue::from_str(&session::set_cookie(&id, st.sessions.ttl(), st.tls)) {
         r.headers_mut().append(header::SET_COOKIE, v);
@@ -80,7 +89,7 @@ async fn admin_login(
         return login_page(&st, Some("wrong admin token"), StatusCode::UNAUTHORIZED);
     }
     tracing::info!("Web UI login with the admin token");
-    logged_in(&st, Role::Admin, None)
+    logged_in(&st, Role::Admin, None).await
 }
 
 async fn oidc_start(State(st): State<WebState>) -> Response {
@@ -92,12 +101,9 @@ async fn oidc_start(State(st): State<WebState>) -> Response {
         );
     };
     match p.start().await {
-        Ok((state, url)) => {
+        Ok((login, url)) => {
             let mut r = Redirect::to(&url).into_response();
-            let cookie = format!(
-                "{STATE_COOKIE}={state}; Path=/login/oidc; Max-Age=600; HttpOnly; SameSite=Lax{}",
-                if st.tls { "; Secure" } else { "" }
-            );
+            let cookie = state_cookie(&login.cookie_value(), oidc::LOGIN_TTL, st.tls);
             if let Ok(v) = HeaderValue::from_str(&cookie) {
                 r.headers_mut().append(header::SET_COOKIE, v);
             }
@@ -127,33 +133,57 @@ async fn oidc_callback(
         return login_page(&st, Some(&m), StatusCode::UNAUTHORIZED);
     }
     let state = q.get("state").map(String::as_str).unwrap_or_default();
-    let cookie = headers
+    let login = headers
         .get(header::COOKIE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|c| session::cookie_value(c, STATE_COOKIE));
-    if state.is_empty() || cookie != Some(state) {
+        .and_then(|c| session::cookie_value(c, STATE_COOKIE))
+        .and_then(oidc::LoginState::from_cookie)
+        .filter(|l| l.matches(state));
+    let Some(login) = login else {
         tracing::warn!("Web UI OIDC callback without this browser's login state");
         return login_page(
             &st,
             Some("this login was not started in this browser: start again"),
             StatusCode::BAD_REQUEST,
         );
-    }
+    };
     let code = q.get("code").map(String::as_str).unwrap_or_default();
-    match p.finish(state, code).await {
+    let mut r = match p.finish(&login, code).await {
         Ok((person, role)) => {
             tracing::info!(subject = %person.subject, username = %person.username, role = role.name(), "Web UI login with OpenID Connect");
-            logged_in(&st, role, Some(person))
+            logged_in(&st, role, Some(person)).await
         }
         Err(e) => {
             tracing::warn!(error = %e, "Web UI OIDC login failed");
             login_page(&st, Some(&e.to_string()), StatusCode::UNAUTHORIZED)
         }
+    };
+    // The login is over either way: its state goes with it.
+    if let Ok(v) = HeaderValue::from_str(&state_cookie("", Duration::ZERO, st.tls)) {
+        r.headers_mut().append(header::SET_COOKIE, v);
     }
+    r
+}
+
+/// The `Set-Cookie` value carrying a login under way to its callback (only there).
+fn state_cookie(value: &str, max_age: Duration, tls: bool) -> String {
+    format!(
+        "{STATE_COOKIE}={value}; Path=/login/oidc; Max-Age={}; HttpOnly; SameSite=Lax{}",
+        max_age.as_secs(),
+        if tls { "; Secure" } else { "" }
+    )
 }
 
 pub async fn logout(State(st): State<WebState>, Extension(who): Extension<LoggedIn>) -> Response {
-    st.sessions.remove(&who.id);
+    if let Err(e) = st.sessions.remove(&who.id).await {
+        // The cookie still goes; the session would outlive it until it expires.
+        tracing::error!(error = %e, "Cannot end a web UI session in the store");
+        return error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("logging out failed: {e}; try again"),
+            None,
+        );
+    }
     let mut r = Redirect::to("/login").into_response();
     if let Ok(v) = HeaderValue::from_str(&session::clear_cookie(st.tls)) {
         r.headers_mut().append(header::SET_COOKIE, v);

@@ -157,21 +157,26 @@ fn asset(kind: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, kind)], body).into_response()
 }
 
-/// The session of a request, from its cookie.
-fn session_of(st: &WebState, req: &Request) -> Option<LoggedIn> {
+/// The live session with this id (from the request's cookie).
+async fn session_of(st: &WebState, id: Option<String>) -> Option<LoggedIn> {
+    let id = id?;
+    let session = st.sessions.get(&id).await?;
+    Some(LoggedIn { id, session })
+}
+
+/// The session id in a request's cookie.
+fn session_id(req: &Request) -> Option<String> {
     let cookies = req.headers().get(header::COOKIE)?.to_str().ok()?;
-    let id = session::cookie_value(cookies, session::COOKIE)?;
-    let session = st.sessions.get(id)?;
-    Some(LoggedIn {
-        id: id.to_owned(),
-        session,
-    })
+    session::cookie_value(cookies, session::COOKIE).map(str::to_owned)
 }
 
 /// Lets through requests of a live session: pages to anyone logged in; a POST only with the
 /// session's CSRF token, and (except logging out) only for admins.
 async fn require_session(State(st): State<WebState>, req: Request, next: Next) -> Response {
-    let Some(who) = session_of(&st, &req) else {
+    // The id owned before awaiting: a request (its body) is not `Sync`, so the future may not
+    // hold a reference to it.
+    let id = session_id(&req);
+    let Some(who) = session_of(&st, id).await else {
         if req.method() == Method::GET {
             return Redirect::to("/login").into_response();
         }

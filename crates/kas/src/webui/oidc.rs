@@ -3,9 +3,8 @@
 //! ID token is checked by the same verifier as CI jobs' ID tokens (signature against the
 //! provider's JWKS, `iss`, `aud`, `exp`). URL and claim handling are pure functions below.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use serde::Deserialize;
@@ -17,17 +16,13 @@ use super::session::{Person, Role, random_token};
 use crate::config::WebOidc;
 use crate::jwks::HttpJwksFetcher;
 
-/// How long a started login may take at the provider.
-const LOGIN_TTL: Duration = Duration::from_secs(600);
-/// Most logins under way (oldest dropped first).
-const MAX_PENDING: usize = 10_000;
+/// How long a started login may take at the provider (its cookie's lifetime).
+pub const LOGIN_TTL: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OidcError {
     #[error("the identity provider's discovery document: {0}")]
     Discovery(String),
-    #[error("unknown or expired login (start again)")]
-    UnknownState,
     #[error("the identity provider refused the login: {0}")]
     Refused(String),
     #[error("exchanging the code at the identity provider: {0}")]
@@ -45,12 +40,45 @@ pub struct Discovered {
     pub jwks_uri: String,
 }
 
-/// A login between the redirect to the provider and its callback.
-#[derive(Debug)]
-struct Pending {
+/// A login between the redirect to the provider and its callback. It travels in an
+/// `HttpOnly` cookie of the browser that started it, not in kas's memory: the callback may
+/// reach another replica, or a kas restarted meanwhile, and still finish the login; and only
+/// that browser can finish it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginState {
+    pub state: String,
     nonce: String,
     code_verifier: String,
-    expires: Instant,
+}
+
+impl LoginState {
+    /// The cookie's value: the three random tokens, dot-separated.
+    pub fn cookie_value(&self) -> String {
+        format!("{}.{}.{}", self.state, self.nonce, self.code_verifier)
+    }
+
+    /// Reads [`LoginState::cookie_value`] back; `None` unless it is three hex tokens.
+    pub fn from_cookie(value: &str) -> Option<LoginState> {
+        let mut parts = value.split('.');
+        let mut token = || {
+            parts
+                .next()
+                .filter(|t| t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+                .map(str::to_owned)
+        };
+        let login = LoginState {
+            state: token()?,
+            nonce: token()?,
+            code_verifier: token()?,
+        };
+        parts.next().is_none().then_some(login)
+    }
+
+    /// Whether the provider's `state` parameter is this login's (constant time).
+    pub fn matches(&self, state: &str) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(self.state.as_bytes().ct_eq(state.as_bytes()))
+    }
 }
 
 /// The configured provider.
@@ -59,7 +87,6 @@ pub struct Provider {
     client_secret: Option<String>,
     http: Arc<HttpJwksFetcher>,
     discovered: tokio::sync::OnceCell<(Discovered, OidcVerifier)>,
-    pending: Mutex<HashMap<String, Pending>>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -162,7 +189,6 @@ impl Provider {
             cfg,
             client_secret,
             discovered: tokio::sync::OnceCell::new(),
-            pending: Mutex::default(),
         })
     }
 
@@ -204,54 +230,37 @@ impl Provider {
         self.cfg.groups_access_level
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
-        self.pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Starts a login: its `state` and the URL to send the browser to.
-    pub async fn start(&self) -> Result<(String, String), OidcError> {
+    /// Starts a login: what the browser keeps for the callback, and the URL to send it to.
+    pub async fn start(&self) -> Result<(LoginState, String), OidcError> {
         let (d, _) = self.discovered().await?;
-        let (state, nonce, verifier) = (random_token(), random_token(), random_token());
+        let login = LoginState {
+            state: random_token(),
+            nonce: random_token(),
+            code_verifier: random_token(),
+        };
         let url = authorization_url(
             &d.authorization_endpoint,
             &self.cfg,
-            &state,
-            &nonce,
-            &pkce_challenge(&verifier),
+            &login.state,
+            &login.nonce,
+            &pkce_challenge(&login.code_verifier),
         );
-        let now = Instant::now();
-        let mut pending = self.pending();
-        pending.retain(|_, p| p.expires > now);
-        if pending.len() >= MAX_PENDING {
-            pending.clear();
-        }
-        pending.insert(
-            state.clone(),
-            Pending {
-                nonce,
-                code_verifier: verifier,
-                expires: now + LOGIN_TTL,
-            },
-        );
-        Ok((state, url))
+        Ok((login, url))
     }
 
-    /// Finishes a login: exchanges `code` (with the PKCE verifier), checks the ID token and
-    /// its nonce. `state` is used once.
-    pub async fn finish(&self, state: &str, code: &str) -> Result<(Person, Role), OidcError> {
-        let p = self
-            .pending()
-            .remove(state)
-            .filter(|p| p.expires > Instant::now())
-            .ok_or(OidcError::UnknownState)?;
+    /// Finishes `login`: exchanges `code` (with the PKCE verifier), checks the ID token and
+    /// its nonce. The provider takes a code once, so a replayed callback fails there.
+    pub async fn finish(
+        &self,
+        login: &LoginState,
+        code: &str,
+    ) -> Result<(Person, Role), OidcError> {
         let (d, verifier) = self.discovered().await?;
         let form = token_form(
             &self.cfg,
             self.client_secret.as_deref(),
             code,
-            &p.code_verifier,
+            &login.code_verifier,
         );
         let text = self
             .http
@@ -268,7 +277,7 @@ impl Provider {
             .verify_claims(id_token, SystemTime::now())
             .await
             .map_err(|e| OidcError::IdToken(e.to_string()))?;
-        if claims.get("nonce").and_then(|n| n.as_str()) != Some(p.nonce.as_str()) {
+        if claims.get("nonce").and_then(|n| n.as_str()) != Some(login.nonce.as_str()) {
             return Err(OidcError::IdToken("its nonce is not this login's".into()));
         }
         person_of(&self.cfg, &claims)
@@ -291,6 +300,29 @@ mod tests {
             username_claim: "preferred_username".into(),
             groups_claim: "groups".into(),
             groups_access_level: tether_kubeproxy_server::AccessLevel::Developer,
+        }
+    }
+
+    #[test]
+    fn a_login_state_travels_in_its_cookie_and_nothing_else_reads_as_one() {
+        let login = LoginState {
+            state: random_token(),
+            nonce: random_token(),
+            code_verifier: random_token(),
+        };
+        let value = login.cookie_value();
+        assert_eq!(LoginState::from_cookie(&value), Some(login.clone()));
+        assert!(login.matches(&login.state));
+        assert!(!login.matches(&login.nonce));
+        assert!(!login.matches(""));
+        for bad in [
+            String::new(),
+            login.state.clone(),
+            format!("{value}.{}", random_token()),
+            value.replacen('a', "g", 1).replacen('0', "g", 1),
+            format!("{}..{}", login.state, login.code_verifier),
+        ] {
+            assert_eq!(LoginState::from_cookie(&bad), None, "{bad}");
         }
     }
 

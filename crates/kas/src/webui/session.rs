@@ -1,18 +1,21 @@
-//! Logins: a random session id in a cookie, the session itself only in kas's memory (a
-//! restart logs everyone out), each with its CSRF token and an expiry. Pure parts (cookie
-//! text, parsing) are functions; the map is the only state.
+//! Logins: a random session id in a cookie; the session (role, person, CSRF token, expiry) in
+//! kas's database under the id's SHA-256 digest, so it survives a restart and every replica
+//! on the same database knows it. Pure parts (cookie text, parsing, the row mapping) are
+//! functions; the store is the only state.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::RngCore as _;
+use sha2::{Digest as _, Sha256};
+use tether_store::{Store, WebSession};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "tether_session";
 
-/// Most sessions kept (oldest-expiring dropped first): a flood of logins cannot grow memory.
-const MAX_SESSIONS: usize = 10_000;
+/// Most sessions kept (the soonest-expiring dropped first): a flood of logins cannot grow the
+/// table without bound.
+const MAX_SESSIONS: i64 = 10_000;
 
 /// What a logged-in person may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +33,14 @@ impl Role {
             Role::Viewer => "viewer",
         }
     }
+
+    fn from_name(name: &str) -> Option<Role> {
+        match name {
+            "admin" => Some(Role::Admin),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
 }
 
 /// A person logged in with OpenID Connect: their identity for `user_access`.
@@ -43,13 +54,12 @@ pub struct Person {
 }
 
 /// One login.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub role: Role,
     /// `None`: the admin-token login, which has no identity in the cluster.
     pub person: Option<Person>,
     pub csrf: String,
-    expires: Instant,
 }
 
 impl Session {
@@ -69,67 +79,102 @@ pub fn random_token() -> String {
     hex::encode(b)
 }
 
-/// The sessions of this kas.
+/// What the database holds for a session id: its SHA-256, hex (a copy of the database does
+/// not log anyone in).
+fn id_digest(id: &str) -> String {
+    hex::encode(Sha256::digest(id.as_bytes()))
+}
+
+/// The stored form of a new session.
+fn row_of(id: &str, session: &Session, expires_at: i64) -> WebSession {
+    let person = session.person.as_ref();
+    let groups = person.map_or_else(Vec::new, |p| p.groups.clone());
+    WebSession {
+        id_digest: id_digest(id),
+        role: session.role.name().to_owned(),
+        subject: person.map(|p| p.subject.clone()),
+        username: person.map(|p| p.username.clone()),
+        groups: serde_json::to_string(&groups).unwrap_or_else(|_| "[]".to_owned()),
+        csrf: session.csrf.clone(),
+        expires_at,
+    }
+}
+
+/// The session a stored row describes; `None` for a row this kas cannot read (a role it does
+/// not know): no session rather than a guessed one.
+fn session_of(row: WebSession) -> Option<Session> {
+    let role = Role::from_name(&row.role)?;
+    let person = match (row.subject, row.username) {
+        (Some(subject), Some(username)) => Some(Person {
+            subject,
+            username,
+            groups: serde_json::from_str(&row.groups).ok()?,
+        }),
+        (None, None) => None,
+        _ => return None,
+    };
+    Some(Session {
+        role,
+        person,
+        csrf: row.csrf,
+    })
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The web UI's sessions, in kas's store.
 #[derive(Debug)]
 pub struct Sessions {
     ttl: Duration,
-    map: Mutex<HashMap<String, Session>>,
+    store: Arc<dyn Store>,
 }
 
 impl Sessions {
-    pub fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            map: Mutex::default(),
-        }
+    pub fn new(store: Arc<dyn Store>, ttl: Duration) -> Self {
+        Self { ttl, store }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Starts a session; returns its id (the cookie's value).
-    pub fn create(&self, role: Role, person: Option<Person>) -> String {
-        let now = Instant::now();
+    /// Starts a session; returns its id (the cookie's value). Fails when the store cannot
+    /// record it: no cookie for a session that would not be found.
+    pub async fn create(
+        &self,
+        role: Role,
+        person: Option<Person>,
+    ) -> Result<String, tether_store::Error> {
         let id = random_token();
-        let mut map = self.map();
-        map.retain(|_, s| s.expires > now);
-        if map.len() >= MAX_SESSIONS
-            && let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, s)| s.expires)
-                .map(|(k, _)| k.clone())
-        {
-            map.remove(&oldest);
-        }
         let session = Session {
             role,
             person,
             csrf: random_token(),
-            expires: now + self.ttl,
         };
-        map.insert(id.clone(), session);
-        id
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        let row = row_of(&id, &session, unix_now().saturating_add(ttl));
+        self.store.create_web_session(&row, MAX_SESSIONS).await?;
+        Ok(id)
     }
 
-    /// The unexpired session with this id.
-    pub fn get(&self, id: &str) -> Option<Session> {
-        let now = Instant::now();
-        let mut map = self.map();
-        match map.get(id) {
-            Some(s) if s.expires > now => Some(s.clone()),
-            Some(_) => {
-                map.remove(id);
+    /// The unexpired session with this id. A store that does not answer logs in no one (the
+    /// page then asks to log in, and the login says why it fails).
+    pub async fn get(&self, id: &str) -> Option<Session> {
+        match self.store.web_session(&id_digest(id)).await {
+            Ok(row) => row.and_then(session_of),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read web UI sessions: treating the request as logged out");
                 None
             }
-            None => None,
         }
     }
 
-    pub fn remove(&self, id: &str) {
-        self.map().remove(id);
+    /// Ends the session on every replica.
+    pub async fn remove(&self, id: &str) -> Result<(), tether_store::Error> {
+        self.store
+            .delete_web_session(&id_digest(id))
+            .await
+            .map(drop)
     }
 
     pub fn ttl(&self) -> Duration {
@@ -167,6 +212,7 @@ pub fn csrf_matches(session: &Session, submitted: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -188,21 +234,61 @@ mod tests {
         assert_eq!(cookie_value("tether_sessionx=1", COOKIE), None);
     }
 
-    #[test]
-    fn sessions_expire_and_end() {
-        let s = Sessions::new(Duration::from_secs(60));
-        let id = s.create(Role::Admin, None);
-        let got = s.get(&id).expect("session");
+    #[tokio::test]
+    async fn sessions_are_stored_by_digest_expire_and_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            tether_store::SqliteStore::open(&dir.path().join("kas.db"))
+                .await
+                .unwrap(),
+        );
+        let s = Sessions::new(Arc::clone(&store), Duration::from_secs(60));
+        let id = s.create(Role::Admin, None).await.unwrap();
+        let got = s.get(&id).await.expect("session");
         assert_eq!(got.role, Role::Admin);
         assert_eq!(got.display_name(), "admin token");
         assert!(csrf_matches(&got, &got.csrf));
         assert!(!csrf_matches(&got, ""));
         assert!(!csrf_matches(&got, "forged"));
-        s.remove(&id);
-        assert!(s.get(&id).is_none());
-        let short = Sessions::new(Duration::ZERO);
-        let id = short.create(Role::Viewer, None);
-        assert!(short.get(&id).is_none(), "expired at once");
+        assert!(
+            store.web_session(&id).await.unwrap().is_none(),
+            "not by the id itself"
+        );
+        // Another kas on the same database (a restart, a replica) knows it.
+        let other = Sessions::new(Arc::clone(&store), Duration::from_secs(60));
+        assert_eq!(other.get(&id).await, Some(got));
+        s.remove(&id).await.unwrap();
+        assert!(other.get(&id).await.is_none());
+        let short = Sessions::new(store, Duration::ZERO);
+        let id = short.create(Role::Viewer, None).await.unwrap();
+        assert!(short.get(&id).await.is_none(), "expired at once");
+    }
+
+    #[test]
+    fn a_person_and_their_role_come_back_from_the_row_and_unknown_rows_give_none() {
+        let person = Person {
+            subject: "sub".into(),
+            username: "alice".into(),
+            groups: vec!["ops".into(), "dev".into()],
+        };
+        let session = Session {
+            role: Role::Viewer,
+            person: Some(person),
+            csrf: "c".into(),
+        };
+        let row = row_of("id", &session, 10);
+        assert_eq!(row.id_digest.len(), 64);
+        assert_eq!(session_of(row.clone()), Some(session));
+        let unknown_role = WebSession {
+            role: "owner".into(),
+            ..row.clone()
+        };
+        assert_eq!(session_of(unknown_role), None);
+        let half_person = WebSession {
+            subject: None,
+            ..row
+        };
+        assert_eq!(session_of(half_person), None);
     }
 
     #[test]
