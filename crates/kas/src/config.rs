@@ -45,6 +45,10 @@ pub struct Config {
     pub redis: Option<crate::cluster::RedisConfig>,
     /// Routing between replicas: the private listener and the shared secret (needs `redis`).
     pub peers: Option<crate::peers::PeersConfig>,
+    /// On SIGTERM, how long kas stays up but not ready before it stops its listeners: the
+    /// time load balancers (Kubernetes endpoints) take to stop sending it new connections.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
 }
 
 /// Push webhooks from Git hosts. Without `listen`, they are served on the internal API's
@@ -599,6 +603,7 @@ impl Default for Config {
             notifications: tether_notifications::NotificationsConfig::default(),
             redis: None,
             peers: None,
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
@@ -653,6 +658,11 @@ impl Config {
         }
         if self.agent.token_recheck_interval.is_zero() {
             return Err("agent.token_recheck_interval must be positive".into());
+        }
+        if self.shutdown_delay > Duration::from_secs(300) {
+            return Err(
+                "shutdown_delay is over 5 minutes: Kubernetes would kill kas first (its termination grace period must exceed the delay plus 10 s)".into(),
+            );
         }
         self.rate_limits.validate()?;
         self.gitops.render.validate()?;

@@ -69,7 +69,7 @@ pub async fn copy(from: &DatabaseLocation, to: &DatabaseLocation) -> Result<Vec<
 pub fn spawn_readiness(
     store: Arc<dyn Store>,
     redis: Option<crate::cluster::Cluster>,
-    ready: watch::Sender<bool>,
+    (ready, draining): (watch::Sender<bool>, CancellationToken),
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -78,6 +78,12 @@ pub fn spawn_readiness(
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
+                // Stopping: not ready for good, so load balancers take this replica out
+                // while it still serves what reaches it.
+                () = draining.cancelled() => {
+                    ready.send_replace(false);
+                    return;
+                }
                 _ = ticks.tick() => {}
             }
             let mut answered = answers("Database", store.check()).await;

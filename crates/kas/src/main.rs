@@ -94,6 +94,7 @@ async fn serve(cfg: Config, log_format: tether_observability::LogFormat) -> Resu
     let _log = tether_observability::init_logging_as(level, log_format);
     // One crypto provider for every TLS use in the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let shutdown_delay = cfg.shutdown_delay;
     let running = kas::server::start(cfg).await.context("starting kas")?;
     tracing::info!(
         agent = %running.agent_addr,
@@ -108,6 +109,7 @@ async fn serve(cfg: Config, log_format: tether_observability::LogFormat) -> Resu
         () = running.stopped() => {}
     }
     tracing::info!("kas is stopping");
+    running.drain(shutdown_delay).await;
     running.shutdown(Duration::from_secs(10)).await;
     Ok(())
 }

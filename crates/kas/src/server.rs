@@ -50,6 +50,8 @@ pub struct Running {
     /// The push webhook deliveries the web UI shows.
     pub deliveries: Arc<api::Deliveries>,
     shutdown: CancellationToken,
+    /// Cancelled when kas starts stopping: readiness turns false for good.
+    draining: CancellationToken,
     modules: Modules,
 }
 
@@ -57,6 +59,24 @@ impl Running {
     /// Asks every part to stop.
     pub fn stop(&self) {
         self.shutdown.cancel();
+    }
+
+    /// The first step of stopping: not ready from now on, everything still served for
+    /// `delay`, so load balancers stop sending new connections before the listeners close
+    /// (Kubernetes removes a terminating Pod's endpoints only after it got SIGTERM).
+    pub async fn drain(&self, delay: Duration) {
+        self.draining.cancel();
+        if delay.is_zero() {
+            return;
+        }
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "Not ready; still serving until the shutdown delay has passed"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = self.shutdown.cancelled() => {}
+        }
     }
 
     /// Stops the modules in reverse start order and waits (bounded) for them to finish.
@@ -194,7 +214,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
         }
         None => None,
     };
-    let checks = (Arc::clone(&sh.store), sh.cluster.clone());
+    let draining = CancellationToken::new();
+    let checks = (Arc::clone(&sh.store), sh.cluster.clone(), draining.clone());
     let (observability_addr, h) =
         start_observability(&cfg, sh.metrics, checks, modules.handle("observability")).await?;
     modules.push(h);
@@ -211,6 +232,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         sources,
         deliveries,
         shutdown,
+        draining,
         modules,
     })
 }
@@ -857,15 +879,19 @@ async fn start_web(
 async fn start_observability(
     cfg: &Config,
     metrics: MetricsRegistry,
-    (store, cluster): (Arc<dyn Store>, Option<Cluster>),
+    (store, cluster, draining): (Arc<dyn Store>, Option<Cluster>, CancellationToken),
     handle: Handle,
 ) -> Result<(SocketAddr, Handle)> {
     let obs_listener = bind("observability", cfg.observability.listen.address).await?;
     let observability_addr = obs_listener.local_addr()?;
     // Ready from the start: the database was just opened, or kas would not be starting.
     let (ready_tx, ready) = watch::channel(true);
-    let checks =
-        crate::database::spawn_readiness(store, cluster, ready_tx, Modules::shutdown_of(&handle));
+    let checks = crate::database::spawn_readiness(
+        store,
+        cluster,
+        (ready_tx, draining),
+        Modules::shutdown_of(&handle),
+    );
     let handle = handle.task(checks);
     let metrics = Arc::new(Mutex::new(metrics));
     let ep = tether_observability::Endpoint { metrics, ready };

@@ -492,6 +492,8 @@ fn the_existing_secret_values_add_a_ca_a_pdb_and_a_service_monitor() {
     assert!(ca["data"]["ca.crt"].is_string());
     let pdb = find(&objs, "PodDisruptionBudget", Some("agents"), fullname);
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    // Unready agentk (kas unreachable) must not block node drains.
+    assert_eq!(pdb["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
     let svc = find(
         &objs,
         "Service",
@@ -818,10 +820,11 @@ subjects:\n- kind: ServiceAccount\n  name: deployer\n  namespace: {agent_ns}\n"
         serde_json::from_str(&job_helm(&["status", "agentk", "-o", "json"])).unwrap();
     assert_eq!(status["version"], 2);
     assert_eq!(status["info"]["status"], "deployed");
-    get_json(
+    let pdb = get_json(
         &env,
         &["get", "poddisruptionbudget", "agentk", "-n", &target],
     );
+    assert_eq!(pdb["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
 
     // And an uninstall removes what the release made.
     job_helm(&["uninstall", "agentk", "--wait", "--timeout=2m"]);
@@ -957,7 +960,22 @@ fn the_kas_chart_scales_out_on_postgresql_redis_and_peers() {
     }
     // The peers port is no Service's: replicas reach each other by Pod IP.
     assert!(service_ports(&objs, &ns).iter().all(|(_, p)| *p != 8156));
+    // Disruptions: one replica down at a time (unready ones always evictable), spread over
+    // nodes, and a SIGTERM that drains before closing the listeners.
+    let pdb = find(&objs, "PodDisruptionBudget", Some(&ns), "kas");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(pdb["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
+    let spread =
+        &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(
+        spread["podAffinityTerm"]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    assert_eq!(cfg.shutdown_delay, std::time::Duration::from_secs(5));
+    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
     env.apply_yaml(&yaml).unwrap();
+    let applied = get_json(&env, &["get", "poddisruptionbudget", "kas", "-n", &ns]);
+    assert_eq!(applied["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
 
     let mut c = helm(&env);
     c.args(["template", "kas"])
@@ -968,6 +986,21 @@ fn the_kas_chart_scales_out_on_postgresql_redis_and_peers() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("replicas > 1 needs database.urlSecret.name"),
+        "{err}"
+    );
+
+    // An exposed admin API on several replicas needs one admin token for all of them.
+    let mut c = helm(&env);
+    c.args(["template", "kas"])
+        .arg(chart("kas"))
+        .arg("-f")
+        .arg(ci_values("kas", "replicas-values.yaml"))
+        .args(["--set", "api.expose=true"]);
+    let out = c.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("replicas > 1 with api.expose needs adminToken.secretName"),
         "{err}"
     );
 }

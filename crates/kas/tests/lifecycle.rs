@@ -19,6 +19,55 @@ fn errors(agent: &Agent) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The status of kas's `/readiness`, or `None` if the endpoint does not answer.
+async fn readiness(kas: &Kas) -> Option<u16> {
+    let response = kas.observability_get("/readiness").await?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// On SIGTERM kas first turns not ready and goes on serving for `shutdown_delay` (the time
+/// Kubernetes takes to remove a terminating Pod's endpoints), then stops: requests sent to
+/// it meanwhile are answered instead of refused, as during a rollout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sigterm_kas_is_not_ready_but_serves_through_the_shutdown_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kas = Kas::start(
+        dir.path(),
+        KasOptions {
+            extra_yaml: "shutdown_delay: 5s\n".into(),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(readiness(&kas).await, Some(200));
+    let asked = Instant::now();
+    kas.sigterm();
+    support::wait_for("kas not ready", Duration::from_secs(5), || async {
+        (readiness(&kas).await == Some(503)).then_some(())
+    })
+    .await;
+    // Not ready, still serving: the API answers and the health endpoint is up.
+    let agents = kas.admin.list_agents().await;
+    assert!(agents.is_ok(), "{agents:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    kas.stop();
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "stopped before the delay: {took:?}"
+    );
+    assert!(
+        kas.log()
+            .contains("Not ready; still serving until the shutdown delay has passed"),
+        "{}",
+        kas.log()
+    );
+}
+
 /// After each of 20 kas restarts (SIGTERM and kill -9 alternately) agentk's tunnel is back
 /// within 2 s of kas answering (p99 = the slowest of 20). It took ~20 s when every refused
 /// stream of a burst counted as a failure and the backoff jumped to its ceiling. A normal kas

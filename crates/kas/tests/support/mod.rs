@@ -233,6 +233,16 @@ impl Kas {
         }
     }
 
+    /// SIGTERM, without waiting ([`Kas::stop`] then waits for the exit).
+    pub fn sigterm(&self) {
+        let pid = self.pid().expect("kas is running");
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

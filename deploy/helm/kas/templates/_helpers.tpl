@@ -92,6 +92,8 @@ mounts of the StatefulSet (data on the volume, TLS and the admin token from Secr
 {{- end }}
 {{- /* Checkouts on the Pod's emptyDir, not the (small) data volume; kas owns the folder. */}}
 {{- $_ = set $cfg "gitops" (dict "render" (dict "work_dir" "/tmp/kas-render")) }}
+{{- /* On SIGTERM: not ready, still serving while the Service and proxies drop the Pod. */}}
+{{- $_ = set $cfg "shutdown_delay" .Values.shutdownDelay }}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy $v.config)) }}
 {{- end }}
 
@@ -101,5 +103,6 @@ mounts of the StatefulSet (data on the volume, TLS and the admin token from Secr
 {{- if not .Values.database.urlSecret.name }}{{ fail "replicas > 1 needs database.urlSecret.name: replicas share PostgreSQL (SQLite has one writer)" }}{{ end }}
 {{- if not .Values.redis.url }}{{ fail "replicas > 1 needs redis.url: replicas share revocations, pushes and the agent directory in Redis" }}{{ end }}
 {{- if not .Values.peers.secretName }}{{ fail "replicas > 1 needs peers.secretName: a request for an agent on another replica is routed there" }}{{ end }}
+{{- if and .Values.api.expose (not .Values.adminToken.secretName) }}{{ fail "replicas > 1 with api.expose needs adminToken.secretName: each replica would make its own admin token, and admin calls through the Service would fail at random" }}{{ end }}
 {{- end }}
 {{- end }}
