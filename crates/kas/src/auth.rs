@@ -1,6 +1,6 @@
 //! Agent-token authentication backed by the store, and kas's own admin token.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -53,12 +53,28 @@ impl Authenticator for StoreAuthenticator {
     }
 }
 
-/// kas's admin token: random, kept in a 0600 file beside the data, checked by digest in
-/// constant time. Only its SHA-256 stays in memory.
+/// kas's admin token: random, kept in a 0600 file beside the data (or the file configured,
+/// e.g. a mounted Secret), checked by digest in constant time. Only its SHA-256 stays in
+/// memory. The file is read again when its size or time changes (checked at most once a
+/// second): a rotated token works at once and the old one stops working, without a restart.
 #[derive(Clone)]
 pub struct AdminToken {
-    digest: [u8; 32],
+    inner: Arc<AdminTokenFile>,
 }
+
+struct AdminTokenFile {
+    path: PathBuf,
+    state: std::sync::Mutex<AdminState>,
+}
+
+struct AdminState {
+    digest: [u8; 32],
+    stamp: Option<(u64, std::time::SystemTime)>,
+    checked: std::time::Instant,
+}
+
+/// Checks of the token file at most this often (a burst of admin calls stats it no more).
+const ADMIN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,27 +86,84 @@ fn digest(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
+fn file_stamp(path: &Path) -> Option<(u64, std::time::SystemTime)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+/// The token in the file, if it holds one.
+fn read_token(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let t = text.trim();
+    (!t.is_empty()).then(|| t.to_owned())
+}
+
 impl AdminToken {
     /// Reads the token file, creating it with a fresh token when missing.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            let t = text.trim();
-            if !t.is_empty() {
-                return Ok(Self { digest: digest(t) });
+        let token = match read_token(path) {
+            Some(t) => t,
+            None => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let token = random_token(48);
+                write_private(path, &format!("{token}\n"))?;
+                token
             }
-        }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let token = random_token(48);
-        write_private(path, &format!("{token}\n"))?;
-        Ok(Self {
+        };
+        let state = AdminState {
             digest: digest(&token),
+            stamp: file_stamp(path),
+            checked: std::time::Instant::now(),
+        };
+        Ok(Self {
+            inner: Arc::new(AdminTokenFile {
+                path: path.to_owned(),
+                state: std::sync::Mutex::new(state),
+            }),
         })
     }
 
+    /// The digest of the token in force, read again first if the file changed. A file that
+    /// is empty or unreadable (being rewritten) keeps the previous token.
+    fn current(&self) -> [u8; 32] {
+        let f = &self.inner;
+        let mut s = f
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if s.checked.elapsed() < ADMIN_RECHECK {
+            return s.digest;
+        }
+        s.checked = std::time::Instant::now();
+        let now = file_stamp(&f.path);
+        if now != s.stamp {
+            match read_token(&f.path) {
+                Some(t) => {
+                    s.stamp = now;
+                    let new = digest(&t);
+                    if new != s.digest {
+                        s.digest = new;
+                        tracing::info!(file = %f.path.display(), "Admin token file changed: the new token is in force, the old one no longer works");
+                    }
+                }
+                None => {
+                    tracing::warn!(file = %f.path.display(), "Admin token file is empty or unreadable; keeping the previous token")
+                }
+            }
+        }
+        s.digest
+    }
+
     pub fn matches(&self, presented: &str) -> bool {
-        bool::from(digest(presented).ct_eq(&self.digest))
+        bool::from(digest(presented).ct_eq(&self.current()))
+    }
+
+    /// Names the token in force without revealing it (a digest of its digest): what a web UI
+    /// session opened with it records, so rotating the token ends those sessions too.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(Sha256::digest(self.current()))
     }
 }
 
@@ -137,5 +210,33 @@ mod tests {
         let again = AdminToken::load_or_create(&p).expect("load");
         assert!(again.matches(text.trim()));
         assert_eq!(format!("{t:?}"), "AdminToken(<redacted>)");
+    }
+
+    #[test]
+    fn a_rotated_admin_token_file_is_followed_and_an_empty_one_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("admin-token");
+        std::fs::write(&p, "old-token\n").expect("write");
+        let t = AdminToken::load_or_create(&p).expect("load");
+        let old_print = t.fingerprint();
+        assert!(t.matches("old-token"));
+        let recheck_now = |t: &AdminToken| {
+            let mut s = t.inner.state.lock().expect("lock");
+            s.checked = std::time::Instant::now() - ADMIN_RECHECK;
+        };
+        std::fs::write(&p, "").expect("write");
+        recheck_now(&t);
+        assert!(
+            t.matches("old-token"),
+            "a half-written file keeps the token"
+        );
+        std::fs::write(&p, "the-new-token\n").expect("write");
+        recheck_now(&t);
+        assert!(t.matches("the-new-token"));
+        assert!(!t.matches("old-token"));
+        assert_ne!(t.fingerprint(), old_print);
+        // Clones (the API's, the web UI's) follow the same file.
+        let clone = t.clone();
+        assert!(clone.matches("the-new-token"));
     }
 }

@@ -851,13 +851,15 @@ async fn start_web(
         Some(o) => Some(Arc::new(crate::webui::oidc::Provider::new(o.clone())?)),
         None => None,
     };
+    let sessions = Arc::new(crate::webui::session::Sessions::new(
+        Arc::clone(&sh.store),
+        api.admin.clone(),
+        cfg.web.session_ttl,
+    ));
     let state = crate::webui::WebState {
         api_router: api::in_process_router(api.clone()),
         api,
-        sessions: Arc::new(crate::webui::session::Sessions::new(
-            Arc::clone(&sh.store),
-            cfg.web.session_ttl,
-        )),
+        sessions,
         oidc,
         tls,
         agent_address: cfg

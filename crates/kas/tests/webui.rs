@@ -372,18 +372,19 @@ impl Walk {
     }
 }
 
-/// A plain-HTTP GET of `url` (`http://host:port/path`) that does not follow redirects: the
-/// status, the headers (names lower-case) and the body.
-async fn http_get(url: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>, String) {
+/// What a plain-HTTP exchange returned: the status, the headers (names lower-case), the body.
+type Answer = (u16, Vec<(String, String)>, String);
+
+/// Sends `head` (the request line and headers after `Host`) and `body` to `url`'s host
+/// (`http://host:port/path`) and reads the whole answer; redirects are not followed.
+async fn http_exchange(method: &str, url: &str, head: &str, body: &str) -> Answer {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").expect("an http:// URL");
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let mut s = tokio::net::TcpStream::connect(authority).await.unwrap();
-    let cookie = cookie
-        .map(|c| format!("Cookie: {c}\r\n"))
-        .unwrap_or_default();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\n{cookie}Connection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{head}Connection: close\r\n\r\n{body}"
+    );
     s.write_all(request.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
@@ -398,6 +399,21 @@ async fn http_get(url: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)
         .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
         .collect();
     (status, headers, body.to_owned())
+}
+
+async fn http_get(url: &str, cookie: Option<&str>) -> Answer {
+    let cookie = cookie
+        .map(|c| format!("Cookie: {c}\r\n"))
+        .unwrap_or_default();
+    http_exchange("GET", url, &cookie, "").await
+}
+
+async fn http_post_form(url: &str, form: &str) -> Answer {
+    let head = format!(
+        "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+        form.len()
+    );
+    http_exchange("POST", url, &head, form).await
 }
 
 /// The first value of header `name`.
@@ -458,6 +474,41 @@ impl Walk {
         assert_eq!(status, 200);
         assert!(page.contains(&format!("{PERSON} (viewer)")), "{page}");
     }
+
+    /// Rotating the admin token (a new one in its file, as a rotated Secret does) takes
+    /// effect without a restart: the new token works, the old one no longer does, and the web
+    /// UI logins opened with the old one end.
+    async fn rotating_the_admin_token_ends_its_logins(&mut self) {
+        let file = self.rig.kas.dir.join("data/admin-token");
+        let old = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+        let (status, headers, _) =
+            http_post_form(&format!("{}/login", self.web), &format!("token={old}")).await;
+        assert_eq!(status, 303, "{headers:?}");
+        let session = set_cookie(&headers, "tether_session");
+        let (status, _, _) = http_get(&format!("{}/", self.web), Some(&session)).await;
+        assert_eq!(status, 200);
+
+        std::fs::write(&file, "a-rotated-admin-token-0123456789\n").unwrap();
+        support::wait_for("the old admin token refused", WAIT, || async {
+            self.rig
+                .kas
+                .admin
+                .list_agents()
+                .await
+                .is_err()
+                .then_some(())
+        })
+        .await;
+        let (status, headers, _) = http_get(&format!("{}/", self.web), Some(&session)).await;
+        assert_eq!((status, header(&headers, "location")), (303, "/login"));
+        // The admin commands read the file: they work with the new token.
+        let out = self.rig.kas.cli().args(["agent", "list"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,4 +524,5 @@ async fn the_web_ui_walkthrough() {
     w.the_admin_token_has_no_cluster_identity().await;
     w.a_login_survives_a_kas_restart().await;
     w.an_oidc_login_finishes_across_a_kas_restart().await;
+    w.rotating_the_admin_token_ends_its_logins().await;
 }

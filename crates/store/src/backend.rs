@@ -656,7 +656,7 @@ macro_rules! impl_store {
                     }
                     sqlx::query(
                         "INSERT INTO web_sessions (id_digest, role, subject, username, groups, csrf, \
-                         created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                         admin_token, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     )
                     .bind(&session.id_digest)
                     .bind(&session.role)
@@ -664,6 +664,7 @@ macro_rules! impl_store {
                     .bind(&session.username)
                     .bind(&session.groups)
                     .bind(&session.csrf)
+                    .bind(&session.admin_token)
                     .bind(t)
                     .bind(session.expires_at)
                     .execute(tx.conn())
@@ -674,8 +675,8 @@ macro_rules! impl_store {
 
                 async fn web_session(&self, id_digest: &str) -> Result<Option<WebSession>> {
                     let rows = sqlx::query_as::<_, WebSession>(
-                        "SELECT id_digest, role, subject, username, groups, csrf, expires_at \
-                         FROM web_sessions WHERE id_digest = $1 AND expires_at > $2",
+                        "SELECT id_digest, role, subject, username, groups, csrf, admin_token, \
+                         expires_at FROM web_sessions WHERE id_digest = $1 AND expires_at > $2",
                     )
                     .bind(id_digest)
                     .bind(now())

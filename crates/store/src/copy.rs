@@ -113,6 +113,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = {
                 ("username", Text),
                 ("groups", Text),
                 ("csrf", Text),
+                ("admin_token", Text),
                 ("created_at", Int),
                 ("expires_at", Int),
             ],

@@ -121,6 +121,8 @@ pub struct WebSession {
     /// JSON list of the person's groups.
     pub groups: String,
     pub csrf: String,
+    /// The admin-token login: a fingerprint of the token it was opened with.
+    pub admin_token: Option<String>,
     /// Unix seconds.
     pub expires_at: i64,
 }

@@ -74,6 +74,7 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         username: None,
         groups: "[]".into(),
         csrf: "c1".into(),
+        admin_token: Some("f1".into()),
         expires_at: 4_000_000_000,
     };
     sqlite.create_web_session(&session, 10).await?;

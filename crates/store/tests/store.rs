@@ -1005,6 +1005,7 @@ fn web_session(digest: &str, expires_at: i64) -> WebSession {
         username: Some("alice".into()),
         groups: r#"["ops"]"#.into(),
         csrf: format!("csrf-{digest}"),
+        admin_token: None,
         expires_at,
     }
 }

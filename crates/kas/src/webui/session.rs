@@ -10,6 +10,8 @@ use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 use tether_store::{Store, WebSession};
 
+use crate::auth::AdminToken;
+
 /// The session cookie's name.
 pub const COOKIE: &str = "tether_session";
 
@@ -85,8 +87,9 @@ fn id_digest(id: &str) -> String {
     hex::encode(Sha256::digest(id.as_bytes()))
 }
 
-/// The stored form of a new session.
-fn row_of(id: &str, session: &Session, expires_at: i64) -> WebSession {
+/// The stored form of a new session; `admin_token` is the fingerprint of the admin token in
+/// force, recorded for the admin-token login (no person).
+fn row_of(id: &str, session: &Session, expires_at: i64, admin_token: &str) -> WebSession {
     let person = session.person.as_ref();
     let groups = person.map_or_else(Vec::new, |p| p.groups.clone());
     WebSession {
@@ -96,21 +99,30 @@ fn row_of(id: &str, session: &Session, expires_at: i64) -> WebSession {
         username: person.map(|p| p.username.clone()),
         groups: serde_json::to_string(&groups).unwrap_or_else(|_| "[]".to_owned()),
         csrf: session.csrf.clone(),
+        admin_token: person.is_none().then(|| admin_token.to_owned()),
         expires_at,
     }
 }
 
 /// The session a stored row describes; `None` for a row this kas cannot read (a role it does
-/// not know): no session rather than a guessed one.
-fn session_of(row: WebSession) -> Option<Session> {
+/// not know): no session rather than a guessed one. An admin-token login lives only as long
+/// as the admin token it was opened with (`admin_token`: the fingerprint in force now).
+fn session_of(row: WebSession, admin_token: &str) -> Option<Session> {
     let role = Role::from_name(&row.role)?;
-    let person = match (row.subject, row.username) {
-        (Some(subject), Some(username)) => Some(Person {
+    let person = match (row.subject, row.username, row.admin_token) {
+        (Some(subject), Some(username), None) => Some(Person {
             subject,
             username,
             groups: serde_json::from_str(&row.groups).ok()?,
         }),
-        (None, None) => None,
+        (None, None, Some(opened_with)) => {
+            use subtle::ConstantTimeEq as _;
+            let same = opened_with.as_bytes().ct_eq(admin_token.as_bytes());
+            if !bool::from(same) {
+                return None;
+            }
+            None
+        }
         _ => return None,
     };
     Some(Session {
@@ -131,11 +143,13 @@ fn unix_now() -> i64 {
 pub struct Sessions {
     ttl: Duration,
     store: Arc<dyn Store>,
+    /// Admin-token logins end when this token is rotated.
+    admin: AdminToken,
 }
 
 impl Sessions {
-    pub fn new(store: Arc<dyn Store>, ttl: Duration) -> Self {
-        Self { ttl, store }
+    pub fn new(store: Arc<dyn Store>, admin: AdminToken, ttl: Duration) -> Self {
+        Self { ttl, store, admin }
     }
 
     /// Starts a session; returns its id (the cookie's value). Fails when the store cannot
@@ -152,7 +166,8 @@ impl Sessions {
             csrf: random_token(),
         };
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
-        let row = row_of(&id, &session, unix_now().saturating_add(ttl));
+        let expires_at = unix_now().saturating_add(ttl);
+        let row = row_of(&id, &session, expires_at, &self.admin.fingerprint());
         self.store.create_web_session(&row, MAX_SESSIONS).await?;
         Ok(id)
     }
@@ -161,7 +176,7 @@ impl Sessions {
     /// page then asks to log in, and the login says why it fails).
     pub async fn get(&self, id: &str) -> Option<Session> {
         match self.store.web_session(&id_digest(id)).await {
-            Ok(row) => row.and_then(session_of),
+            Ok(row) => row.and_then(|r| session_of(r, &self.admin.fingerprint())),
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot read web UI sessions: treating the request as logged out");
                 None
@@ -242,7 +257,10 @@ mod tests {
                 .await
                 .unwrap(),
         );
-        let s = Sessions::new(Arc::clone(&store), Duration::from_secs(60));
+        let admin_file = dir.path().join("admin-token");
+        std::fs::write(&admin_file, "admin\n").unwrap();
+        let admin = AdminToken::load_or_create(&admin_file).unwrap();
+        let s = Sessions::new(Arc::clone(&store), admin.clone(), Duration::from_secs(60));
         let id = s.create(Role::Admin, None).await.unwrap();
         let got = s.get(&id).await.expect("session");
         assert_eq!(got.role, Role::Admin);
@@ -255,11 +273,11 @@ mod tests {
             "not by the id itself"
         );
         // Another kas on the same database (a restart, a replica) knows it.
-        let other = Sessions::new(Arc::clone(&store), Duration::from_secs(60));
+        let other = Sessions::new(Arc::clone(&store), admin.clone(), Duration::from_secs(60));
         assert_eq!(other.get(&id).await, Some(got));
         s.remove(&id).await.unwrap();
         assert!(other.get(&id).await.is_none());
-        let short = Sessions::new(store, Duration::ZERO);
+        let short = Sessions::new(store, admin, Duration::ZERO);
         let id = short.create(Role::Viewer, None).await.unwrap();
         assert!(short.get(&id).await.is_none(), "expired at once");
     }
@@ -276,19 +294,30 @@ mod tests {
             person: Some(person),
             csrf: "c".into(),
         };
-        let row = row_of("id", &session, 10);
+        let row = row_of("id", &session, 10, "print");
         assert_eq!(row.id_digest.len(), 64);
-        assert_eq!(session_of(row.clone()), Some(session));
+        assert_eq!(row.admin_token, None, "a person's login");
+        assert_eq!(session_of(row.clone(), "print"), Some(session));
         let unknown_role = WebSession {
             role: "owner".into(),
             ..row.clone()
         };
-        assert_eq!(session_of(unknown_role), None);
+        assert_eq!(session_of(unknown_role, "print"), None);
         let half_person = WebSession {
             subject: None,
             ..row
         };
-        assert_eq!(session_of(half_person), None);
+        assert_eq!(session_of(half_person, "print"), None);
+        // The admin-token login lasts as long as its token.
+        let admin = Session {
+            role: Role::Admin,
+            person: None,
+            csrf: "c".into(),
+        };
+        let row = row_of("id2", &admin, 10, "print");
+        assert_eq!(row.admin_token.as_deref(), Some("print"));
+        assert_eq!(session_of(row.clone(), "print"), Some(admin));
+        assert_eq!(session_of(row, "rotated"), None);
     }
 
     #[test]

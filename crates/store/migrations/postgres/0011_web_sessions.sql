@@ -6,6 +6,7 @@ CREATE TABLE web_sessions (
     username   TEXT,
     groups     TEXT    NOT NULL DEFAULT '[]',
     csrf       TEXT    NOT NULL,
+    admin_token TEXT,
     created_at BIGINT  NOT NULL,
     expires_at BIGINT  NOT NULL
 );

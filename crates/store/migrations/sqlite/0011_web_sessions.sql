@@ -10,6 +10,9 @@ CREATE TABLE web_sessions (
     -- JSON list of the person's groups.
     groups     TEXT    NOT NULL DEFAULT '[]',
     csrf       TEXT    NOT NULL,
+    -- For the admin-token login: a fingerprint of the admin token it was opened with; the
+    -- session ends when that token is rotated.
+    admin_token TEXT,
     created_at BIGINT  NOT NULL,
     expires_at BIGINT  NOT NULL
 );
