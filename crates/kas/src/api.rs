@@ -471,6 +471,9 @@ async fn echo(
         .await
         .map_err(|e| match e {
             RegistryError::AgentNotConnected(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            RegistryError::AllStreamsBusy { .. } => {
+                ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             RegistryError::ShuttingDown => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         })?;
     let conn = tunnel

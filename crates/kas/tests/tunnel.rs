@@ -142,14 +142,7 @@ async fn a_bad_token_is_refused_with_one_clear_log_line_and_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_token_ends_idle_and_busy_streams() {
     let dir = tempfile::tempdir().unwrap();
-    let kas = Kas::start(
-        dir.path(),
-        KasOptions {
-            tunnel_wait: "1s",
-            ..KasOptions::default()
-        },
-    )
-    .await;
+    let kas = kas_waiting_a_second(dir.path()).await;
     let t = kas
         .admin
         .register_agent("group/app", "revokee")
@@ -159,22 +152,7 @@ async fn revoking_a_token_ends_idle_and_busy_streams() {
     kas.wait_connected(t.agent_id).await;
 
     // A busy stream: an echo whose request body stays open.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
-    tx.send(Ok(Frame::data(Bytes::from_static(b"hello"))))
-        .await
-        .unwrap();
-    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let resp = kas.echo_streaming(t.agent_id, body).await;
-    assert_eq!(resp.status(), 200);
-    let mut resp_body = resp.into_body();
-    let first = resp_body
-        .frame()
-        .await
-        .unwrap()
-        .unwrap()
-        .into_data()
-        .unwrap();
-    assert_eq!(first.as_ref(), b"hello");
+    let (tx, mut resp_body) = busy_echo(&kas, t.agent_id).await;
 
     let r = kas.admin.revoke_token(t.token_id).await.unwrap();
     assert!(r.was_active);
@@ -299,6 +277,85 @@ async fn a_ca_rotated_in_agentks_ca_file_is_trusted_when_kas_reconnects_with_a_n
         "{}",
         agent.log()
     );
+}
+
+/// A kas whose requests wait at most a second for a tunnel.
+async fn kas_waiting_a_second(dir: &std::path::Path) -> Kas {
+    let opts = KasOptions {
+        tunnel_wait: "1s",
+        ..KasOptions::default()
+    };
+    Kas::start(dir, opts).await
+}
+
+/// An echo that keeps its tunnel stream busy until the returned sender is dropped.
+async fn busy_echo(
+    kas: &Kas,
+    agent_id: i64,
+) -> (
+    tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
+    hyper::body::Incoming,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+    tx.send(Ok(Frame::data(Bytes::from_static(b"busy"))))
+        .await
+        .unwrap();
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let resp = kas.echo_streaming(agent_id, body).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first.as_ref(), b"busy");
+    (tx, body)
+}
+
+/// With every tunnel stream agentk may open busy (long watches, exec, port-forward), a new
+/// request fails saying so — not "agent N is not connected" while `kas agent list` shows it
+/// connected — and both sides say it where operators look (kas's metric, agentk's log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_streams_busy_is_told_apart_from_not_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = kas_waiting_a_second(dir.path()).await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "capped")
+        .await
+        .unwrap();
+    let extra = ["--tunnel-min-idle=1", "--tunnel-max-streams=2"];
+    let agent = Agent::start_with(
+        dir.path(),
+        "capped",
+        &kas.url("grpc"),
+        &t.token,
+        None,
+        &extra,
+    );
+    kas.wait_connected(t.agent_id).await;
+    let (first, _first_body) = busy_echo(&kas, t.agent_id).await;
+    let (_second, _second_body) = busy_echo(&kas, t.agent_id).await;
+
+    let err = kas.admin.echo(t.agent_id, b"x".to_vec()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("all its tunnel streams are busy"),
+        "{err}"
+    );
+    let busy = kas.metric("kas_tunnel_all_streams_busy_total").await;
+    assert!(busy >= Some(1.0), "{busy:?}");
+    wait_for("agentk's warning", Duration::from_secs(10), || async {
+        agent
+            .log()
+            .contains("All tunnel streams are busy")
+            .then_some(())
+    })
+    .await;
+
+    // A stream freed serves the next request.
+    drop(first);
+    let echoed = wait_for("a free stream", Duration::from_secs(10), || async {
+        kas.admin.echo(t.agent_id, b"free".to_vec()).await.ok()
+    })
+    .await;
+    assert_eq!(echoed.as_ref(), b"free");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

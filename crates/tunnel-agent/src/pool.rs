@@ -278,6 +278,7 @@ impl Pool {
     /// Keeps the pool at its target size until `shutdown` fires.
     pub async fn run(&self, shutdown: CancellationToken) {
         let shared = &self.shared;
+        let mut at_cap = false;
         loop {
             let failures = shared.counts().failures;
             if failures > 0 {
@@ -289,6 +290,7 @@ impl Pool {
             }
             let to_open = {
                 let mut c = shared.counts();
+                warn_at_capacity(&c, &shared.cfg, &mut at_cap);
                 let n = streams_to_open(&c, &shared.cfg);
                 c.opening += n;
                 if n > 0 {
@@ -333,6 +335,22 @@ fn streams_to_open(c: &PoolStats, cfg: &PoolConfig) -> usize {
     };
     let room = cfg.max_streams.saturating_sub(ready + c.busy);
     n.min(room)
+}
+
+/// Every stream the pool may open carries a request: kas's next requests wait, and fail after
+/// its tunnel wait timeout. Said once when it starts and once when it ends, so the user sees
+/// the limit rather than a connection problem.
+fn warn_at_capacity(c: &PoolStats, cfg: &PoolConfig, at_cap: &mut bool) {
+    let full = c.idle == 0 && c.opening == 0 && c.busy >= cfg.max_streams;
+    if full && !*at_cap {
+        tracing::warn!(
+            max_streams = cfg.max_streams,
+            "All tunnel streams are busy (--tunnel-max-streams): kas's next requests wait and fail after its tunnel wait timeout; raise the limit or end long-lived requests (watches, exec, port-forward)"
+        );
+    } else if !full && *at_cap {
+        tracing::info!("A tunnel stream is free again");
+    }
+    *at_cap = full;
 }
 
 /// Opens one stream, waits idle for a request and serves it; again on the same stream while

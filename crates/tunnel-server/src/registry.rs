@@ -26,6 +26,12 @@ use crate::known::{Digest, KnownTokens};
 pub enum RegistryError {
     #[error("agent {0} is not connected")]
     AgentNotConnected(i64),
+    /// Connected, but every tunnel stream it opened carries a request (long watches, exec,
+    /// port-forward) and it may open no more (agentk's `--tunnel-max-streams`).
+    #[error(
+        "agent {agent_id} is connected but all its tunnel streams are busy: none became free in time (raise agentk's --tunnel-max-streams, or end long-lived requests such as watches, exec and port-forward)"
+    )]
+    AllStreamsBusy { agent_id: i64 },
     #[error("kas is shutting down")]
     ShuttingDown,
 }
@@ -107,6 +113,7 @@ struct Metrics {
     connected_agents: Gauge,
     routed: Counter,
     not_connected: Counter,
+    streams_busy: Counter,
     revoked: Counter,
 }
 
@@ -206,6 +213,11 @@ impl Registry {
             "tunnel_agent_not_connected",
             "Requests that found no tunnel in time",
             m.not_connected.clone(),
+        );
+        reg.register(
+            "tunnel_all_streams_busy",
+            "Requests for a connected agent that found every tunnel stream busy in time",
+            m.streams_busy.clone(),
         );
         reg.register(
             "tunnel_streams_revoked",
@@ -415,8 +427,7 @@ impl Registry {
                     // The sender side was dropped (shutdown) or the time is up.
                     Ok(Err(_)) | Err(_) => {
                         self.prune_waiters(agent_id);
-                        self.metrics.not_connected.inc();
-                        return Err(RegistryError::AgentNotConnected(agent_id));
+                        return Err(self.none_in_time(agent_id));
                     }
                 },
             };
@@ -429,9 +440,29 @@ impl Registry {
                 return Ok(t);
             }
             if tokio::time::Instant::now() >= deadline {
-                self.metrics.not_connected.inc();
-                return Err(RegistryError::AgentNotConnected(agent_id));
+                return Err(self.none_in_time(agent_id));
             }
+        }
+    }
+
+    /// Why no tunnel came in time: the agent is not connected, or it is and every stream is
+    /// busy — told apart, so a user does not chase a connection problem that is a limit.
+    fn none_in_time(&self, agent_id: i64) -> RegistryError {
+        let inner = self.lock();
+        if inner.shutting_down {
+            return RegistryError::ShuttingDown;
+        }
+        let connected = inner
+            .agents
+            .get(&agent_id)
+            .is_some_and(|s| !s.connections.is_empty());
+        drop(inner);
+        if connected {
+            self.metrics.streams_busy.inc();
+            RegistryError::AllStreamsBusy { agent_id }
+        } else {
+            self.metrics.not_connected.inc();
+            RegistryError::AgentNotConnected(agent_id)
         }
     }
 
