@@ -93,6 +93,12 @@ impl ConfigStates {
             .cloned()
     }
 
+    /// Resolves when a configuration is next recorded, for any agent (a notification sent
+    /// while the caller is not waiting is missed: callers also re-check periodically).
+    pub async fn changed(&self) {
+        self.2.notified().await;
+    }
+
     fn set_config(&self, agent_id: i64, config: tether_agent_config::AgentConfig) {
         self.1
             .lock()

@@ -27,6 +27,7 @@ use tether_store::Store;
 use tether_tunnel_server::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::live_access::{Caller, LiveGrant};
 use crate::outbound::{Io, Outbound};
 use crate::revocation::{LiveRequest, LiveUserRequests};
 use tether_configuration_server::ConfigStates;
@@ -126,6 +127,8 @@ pub struct Proxy {
     pub agent_projects: Arc<AgentProjects>,
     /// Live requests per personal access token, ended when the token is revoked.
     pub live_user_requests: Arc<LiveUserRequests>,
+    /// Live requests per agent, ended when a new configuration no longer allows them.
+    pub live_access: Arc<crate::live_access::LiveAccess>,
     /// Limits on failed authentication, and the sampled refusal log.
     pub guard: Arc<tether_guard::AuthGuard>,
     /// Routing to the replica holding an agent's tunnels (several replicas; `peers:`).
@@ -212,6 +215,9 @@ struct Routed {
     context: RequestContext,
     /// The personal access token's id, for requests made with one.
     user_token_id: Option<i64>,
+    /// Who, for re-authorizing a long request when the configuration changes (`None`: the
+    /// web UI's short reads).
+    caller: Option<Arc<Caller>>,
 }
 
 /// An authorized request on its way to the agent.
@@ -220,8 +226,16 @@ struct Forward {
     /// The path under the proxy's prefix.
     path: String,
     headers: http::HeaderMap,
-    live: Option<Arc<LiveRequest>>,
+    live: Arc<Tracked>,
     revoked: CancellationToken,
+}
+
+/// What keeps a live request tracked — by its personal access token, if any, and by the
+/// configuration that allowed it — until it ends; `end` fires when either ends it.
+struct Tracked {
+    _user: Option<LiveRequest>,
+    _grant: Option<LiveGrant>,
+    end: CancellationToken,
 }
 
 /// The owner of a personal access token, and the token.
@@ -298,11 +312,16 @@ impl Proxy {
         let config = self.agent_config(agent_id).await?;
         let ok = authorize_ci(&config.ci_access, &project_path, &job)
             .map_err(|d| self.forbidden(agent_id, &d))?;
+        let context = ci_job_context(agent_id, project_id, &job);
         Ok(Routed {
             agent_id,
             access_as: AccessAs::from(&ok.access_as),
-            context: ci_job_context(agent_id, project_id, &job),
+            context,
             user_token_id: None,
+            caller: Some(Arc::new(Caller::CiJob {
+                config_project: project_path,
+                job,
+            })),
         })
     }
 
@@ -321,8 +340,12 @@ impl Proxy {
             };
             return Err(self.forbidden(agent_id, &d));
         }
-        self.authorize_identity(agent_id, user.identity, Some(user.token_id))
-            .await
+        let identity = user.identity.clone();
+        let mut routed = self
+            .authorize_identity(agent_id, user.identity, Some(user.token_id))
+            .await?;
+        routed.caller = Some(Arc::new(Caller::Person(identity)));
+        Ok(routed)
     }
 
     /// A person's identity checked against the agent's `user_access`: the owner of a personal
@@ -350,6 +373,7 @@ impl Proxy {
             access_as: AccessAs::from(&ok.access_as),
             user_token_id: token_id,
             context: user_context(agent_id, project_id, identity.username, &ok),
+            caller: None,
         })
     }
 
@@ -592,10 +616,7 @@ impl Proxy {
                 frame
             })
             .map_err(BoxError::from);
-        let body = match f.live {
-            Some(live) => Revocable::new(body, live).boxed(),
-            None => body.boxed(),
-        };
+        let body = Revocable::new(body, f.live).boxed();
         Response::from_parts(parts, body)
     }
 
@@ -664,31 +685,42 @@ impl Proxy {
             .inc();
     }
 
-    /// Starts tracking a request made with a revocable credential (a personal access token):
-    /// the tracking handle, to keep until the request ends, and the token that fires on
-    /// revocation. CI job tokens cannot be revoked by kas: no handle, a token that never fires.
+    /// Starts tracking a request: by its personal access token (revoking the token ends it;
+    /// CI job tokens cannot be revoked by kas) and by the configuration that allowed it (a
+    /// configuration that no longer does ends it). The tracking handle, to keep until the
+    /// request ends, and the token that fires when the request must end.
     // The error is the refusal response itself, built once on a rare path: boxing buys nothing.
     #[allow(clippy::result_large_err)]
-    fn track(
-        &self,
-        routed: &Routed,
-    ) -> Result<(Option<Arc<LiveRequest>>, CancellationToken), Response<Body>> {
-        let Some(token_id) = routed.user_token_id else {
-            return Ok((None, CancellationToken::new()));
+    fn track(&self, routed: &Routed) -> Result<(Arc<Tracked>, CancellationToken), Response<Body>> {
+        let (user, end) = match routed.user_token_id {
+            None => (None, CancellationToken::new()),
+            Some(token_id) => match self.live_user_requests.track(token_id) {
+                Some(live) => {
+                    let end = live.cancellation();
+                    (Some(live), end)
+                }
+                // Revoked between authentication and now.
+                None => {
+                    return Err(deny(
+                        self,
+                        StatusCode::UNAUTHORIZED,
+                        "Unauthorized",
+                        "unknown, revoked or expired personal access token",
+                    ));
+                }
+            },
         };
-        match self.live_user_requests.track(token_id) {
-            Some(live) => {
-                let revoked = live.cancellation();
-                Ok((Some(Arc::new(live)), revoked))
-            }
-            // Revoked between authentication and now.
-            None => Err(deny(
-                self,
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                "unknown, revoked or expired personal access token",
-            )),
-        }
+        let grant = routed.caller.as_ref().map(|caller| {
+            let (caller, access_as) = (Arc::clone(caller), routed.access_as.clone());
+            self.live_access
+                .track(routed.agent_id, caller, access_as, end.clone())
+        });
+        let tracked = Tracked {
+            _user: user,
+            _grant: grant,
+            end: end.clone(),
+        };
+        Ok((Arc::new(tracked), end))
     }
 
     /// An HTTP/1.1 connection to agentk's `kubernetes_api` service through one of the agent's
@@ -786,20 +818,21 @@ where
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A response body that fails as soon as its request's credential is revoked: hyper then
-/// closes the client's connection, which ends a watch or a log follow mid-stream. It holds the
-/// request's tracking handle, so tracking ends with the body.
+/// A response body that fails as soon as its request must end (its credential revoked, or
+/// the configuration no longer allowing it): hyper then closes the client's connection, which
+/// ends a watch or a log follow mid-stream. It holds the request's tracking handle, so
+/// tracking ends with the body.
 struct Revocable<B> {
     inner: B,
     revoked: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-    _live: Arc<LiveRequest>,
+    _live: Arc<Tracked>,
 }
 
 impl<B> Revocable<B> {
-    fn new(inner: B, live: Arc<LiveRequest>) -> Self {
+    fn new(inner: B, live: Arc<Tracked>) -> Self {
         Self {
             inner,
-            revoked: Box::pin(live.cancellation().cancelled_owned()),
+            revoked: Box::pin(live.end.clone().cancelled_owned()),
             _live: live,
         }
     }
@@ -817,7 +850,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         if self.revoked.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err("the credential was revoked".into())));
+            return Poll::Ready(Some(Err(
+                "access ended: the credential was revoked or the agent's configuration no longer allows it".into(),
+            )));
         }
         Pin::new(&mut self.inner).poll_frame(cx)
     }

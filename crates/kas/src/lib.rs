@@ -18,6 +18,7 @@ pub mod jwks;
 pub mod kubeproxy;
 pub mod limits;
 pub mod listener;
+pub mod live_access;
 pub mod modules;
 pub mod operate;
 mod outbound;

@@ -735,7 +735,9 @@ async fn start_kubeproxy(
     let kubernetes_api_addr = k_listener.listener.local_addr()?;
     let proxy_metrics = crate::kubeproxy::ProxyMetrics::default();
     proxy_metrics.register(&mut sh.metrics);
+    let live_access = Arc::new(crate::live_access::LiveAccess::default());
     let proxy = crate::kubeproxy::Proxy {
+        live_access: Arc::clone(&live_access),
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
         configs,
@@ -785,8 +787,18 @@ async fn start_kubeproxy(
         cfg.agent.token_recheck_interval,
         Modules::shutdown_of(&handle),
     ));
+    let access = tokio::spawn(crate::live_access::follow(
+        live_access,
+        (
+            Arc::clone(&proxy.configs),
+            Arc::clone(&sh.store),
+            Arc::clone(&sh.registry),
+        ),
+        Modules::shutdown_of(&handle),
+    ));
     tracing::info!(net_address = %kubernetes_api_addr, "Kubernetes API proxy is up");
-    Ok((kubernetes_api_addr, proxy, handle.task(task).task(recheck)))
+    let handle = handle.task(task).task(recheck).task(access);
+    Ok((kubernetes_api_addr, proxy, handle))
 }
 
 /// Re-checks the personal access tokens of requests open through the proxy: a watch or an

@@ -781,6 +781,55 @@ async fn an_open_watch_ends_when_its_personal_access_token_expires() {
     let _ = other.wait();
 }
 
+/// Removing a project from `ci_access` (after a compromise, say) ends its jobs' open watches
+/// at once — they used to run on until `max_connection_age` — while a person's watch, still
+/// allowed by `user_access`, goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_project_from_ci_access_ends_its_open_watches() {
+    let s = setup().await;
+    let jwt = s.key.sign(&claims("group/app"));
+    let (mut job_watch, job_rx) = spawn_watch(&s, &format!("ci:{}:{jwt}", s.agent_id), &s.allowed);
+    let person = s
+        .kas
+        .admin
+        .create_user_token(s.agent_id, &user_token_request("alice"))
+        .await
+        .unwrap();
+    let pat = format!("pat:{}:{}", s.agent_id, person.token);
+    let (mut person_watch, person_rx) = spawn_watch(&s, &pat, &s.allowed);
+    wait_watches_see(&s, "before", &[&job_rx, &person_rx]).await;
+
+    let repo = GitRepo {
+        dir: s.dir.path().join("config"),
+    };
+    repo.commit(
+        &[(
+            ".gitlab/agents/proxy/config.yaml",
+            Some(b"ci_access:\n  configuration_project: false\nuser_access:\n  access_as:\n    user: {}\n  projects:\n  - id: group/app\n"),
+        )],
+        "group/app loses ci_access",
+    );
+    wait_for("the job's watch to end", Duration::from_secs(60), || {
+        let ended = job_watch.try_wait().unwrap().is_some();
+        async move { ended.then_some(()) }
+    })
+    .await;
+    assert!(
+        s.kas
+            .log()
+            .contains("Ended live requests the agent's configuration no longer allows"),
+        "{}",
+        s.kas.log()
+    );
+    wait_watches_see(&s, "after", &[&person_rx]).await;
+    assert!(
+        person_watch.try_wait().unwrap().is_none(),
+        "the person's watch goes on"
+    );
+    let _ = person_watch.kill();
+    let _ = person_watch.wait();
+}
+
 /// `kubernetes_api.path_prefix` matches whole path segments: `/k8s-proxyX/...` and
 /// `/k8s-proxy*` are not under `/k8s-proxy` (before, they went on to the agent as `X/...` and
 /// `*`, answered 400 and 502).
