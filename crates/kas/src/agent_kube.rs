@@ -1,8 +1,8 @@
 //! A Kubernetes client whose requests go through an agent's tunnel: how kas itself reads and
 //! dry-runs against a cluster (`kas agent diff`).
 //!
-//! Each request takes one tunnel stream (like a proxied request), carries the routing metadata
-//! kas decided (the agent's own ServiceAccount, or a CI job's or a person's impersonation) and
+//! Each request takes one tunnel stream (like a proxied request; through the replica holding the
+//! agent when another one does), carries the routing metadata kas decided (the agent's own ServiceAccount, or a CI job's or a person's impersonation) and
 //! is replayed by agentk's `kubernetes_api` service.
 
 use std::collections::HashMap;
@@ -15,24 +15,94 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response, header};
 use hyper_util::rt::TokioIo;
 use tether_kubeproxy_agent::{MetadataError, RoutedRequest};
-use tether_tunnel_server::Registry;
+use tether_tunnel_server::{Registry, RegistryError, TunnelError};
+
+use crate::outbound::Io;
+use crate::peers::{Peers, RouteError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A `kube::Client` reaching agent `agent_id`'s cluster through its tunnels as `routed` says
-/// (the agent's ServiceAccount, or the impersonation kas decided for a CI job or a person),
-/// waiting up to `wait` for a tunnel per request.
+/// How kas reaches agents' `kubernetes_api` service: through one of the agent's tunnels here,
+/// or — with several replicas — through the replica holding them (`peers`).
+#[derive(Clone, Debug)]
+pub struct Reach {
+    pub registry: Arc<Registry>,
+    pub peers: Option<Peers>,
+    /// How long a request waits for a tunnel of the agent.
+    pub wait: Duration,
+}
+
+/// Why no stream to the agent could be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ReachError {
+    /// The replica holding the agent could not be found or reached.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// No tunnel of the agent came, here or on another replica, in time.
+    #[error(transparent)]
+    NoTunnel(#[from] RegistryError),
+    /// A tunnel was taken but did not carry the request.
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+}
+
+impl ReachError {
+    /// The HTTP status a client gets: the agent unavailable (503), or a tunnel that failed
+    /// under the request (502).
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            ReachError::Route(_) | ReachError::NoTunnel(_) => http::StatusCode::SERVICE_UNAVAILABLE,
+            ReachError::Tunnel(_) => http::StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+impl Reach {
+    /// A byte stream to agent `agent_id`'s `kubernetes_api` service carrying `meta`: through
+    /// the replica holding its tunnels when this one holds none, else through one here; while
+    /// it has none anywhere, through whichever replica gets one first, within [`Reach::wait`].
+    pub(crate) async fn open(
+        &self,
+        agent_id: i64,
+        meta: &HashMap<String, String>,
+    ) -> Result<Box<dyn Io>, ReachError> {
+        if let Some(peers) = self
+            .peers
+            .as_ref()
+            .filter(|_| !self.registry.has_agent(agent_id))
+            && let Some(stream) = peers.open(agent_id, KUBERNETES_API, meta).await?
+        {
+            return Ok(Box::new(stream));
+        }
+        let waited = self.registry.get_tunnel(agent_id, self.wait);
+        let tunnel = match &self.peers {
+            None => waited.await?,
+            // The agent may come back to another replica (a rollout): whichever is first.
+            Some(peers) => tokio::select! {
+                t = waited => t?,
+                s = peers.wait_holder(agent_id, KUBERNETES_API, meta) => return Ok(Box::new(s)),
+            },
+        };
+        Ok(Box::new(
+            tunnel.request(KUBERNETES_API, meta.clone()).await?,
+        ))
+    }
+}
+
+const KUBERNETES_API: &str = tether_protocol::services::KUBERNETES_API;
+
+/// A `kube::Client` reaching agent `agent_id`'s cluster as `routed` says (the agent's
+/// ServiceAccount, or the impersonation kas decided for a CI job or a person), each request
+/// through a stream `reach` opens (so through the replica holding the agent, if another does).
 pub fn client(
-    registry: Arc<Registry>,
+    reach: Reach,
     agent_id: i64,
-    wait: Duration,
     routed: &RoutedRequest,
 ) -> Result<kube::Client, MetadataError> {
     let meta = routed.encode()?;
     let through = ThroughTunnel {
-        registry,
+        reach,
         agent_id,
-        wait,
         meta: Arc::new(meta),
     };
     Ok(kube::Client::new(through, "default"))
@@ -41,9 +111,8 @@ pub fn client(
 /// The transport of [`client`].
 #[derive(Clone)]
 struct ThroughTunnel {
-    registry: Arc<Registry>,
+    reach: Reach,
     agent_id: i64,
-    wait: Duration,
     meta: Arc<HashMap<String, String>>,
 }
 
@@ -52,13 +121,7 @@ impl ThroughTunnel {
         self,
         mut req: Request<kube::client::Body>,
     ) -> Result<Response<hyper::body::Incoming>, BoxError> {
-        let tunnel = self.registry.get_tunnel(self.agent_id, self.wait).await?;
-        let conn = tunnel
-            .request(
-                tether_protocol::services::KUBERNETES_API,
-                (*self.meta).clone(),
-            )
-            .await?;
+        let conn = self.reach.open(self.agent_id, &self.meta).await?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
         // Ends once the response is read and the sender dropped.

@@ -723,6 +723,15 @@ impl Proxy {
         Ok((Arc::new(tracked), end))
     }
 
+    /// How requests reach agents: their tunnels here, or the replica holding them.
+    fn reach(&self) -> crate::agent_kube::Reach {
+        crate::agent_kube::Reach {
+            registry: Arc::clone(&self.registry),
+            peers: self.peers.clone(),
+            wait: self.tunnel_wait,
+        }
+    }
+
     /// An HTTP/1.1 connection to agentk's `kubernetes_api` service through one of the agent's
     /// tunnels, carrying what kas decided about the request. The connection (and so the
     /// tunnel stream, and agentk's request to the API server) is dropped when `revoked` fires.
@@ -753,33 +762,11 @@ impl Proxy {
                 &e.to_string(),
             )
         })?;
-        if let Some(peers) = self
-            .peers
-            .as_ref()
-            .filter(|_| !self.registry.has_agent(routed.agent_id))
-        {
-            match peers.open(routed.agent_id, KUBERNETES_API, &meta).await {
-                Ok(Some(stream)) => return http_over(stream, revoked).await,
-                Ok(None) => {} // no other replica has it: wait for it here
-                Err(e) => return Err(unavailable(StatusCode::SERVICE_UNAVAILABLE, &e)),
-            }
-        }
-        let waited = self.registry.get_tunnel(routed.agent_id, self.tunnel_wait);
-        let tunnel = match &self.peers {
-            None => waited.await,
-            // The agent may come back to another replica (a rollout): whichever is first.
-            Some(peers) => tokio::select! {
-                t = waited => t,
-                s = peers.wait_holder(routed.agent_id, KUBERNETES_API, &meta) => {
-                    return http_over(s, revoked).await;
-                }
-            },
-        }
-        .map_err(|e| unavailable(StatusCode::SERVICE_UNAVAILABLE, &e))?;
-        let conn = tunnel
-            .request(KUBERNETES_API, meta)
+        let conn = self
+            .reach()
+            .open(routed.agent_id, &meta)
             .await
-            .map_err(|e| unavailable(StatusCode::BAD_GATEWAY, &e))?;
+            .map_err(|e| unavailable(e.status(), &e))?;
         http_over(conn, revoked).await
     }
 }
@@ -791,13 +778,10 @@ async fn collected(r: Response<Body>) -> (StatusCode, Bytes) {
     (code, body.unwrap_or_default())
 }
 
-/// The agent's service the proxy's requests go to.
-const KUBERNETES_API: &str = tether_protocol::services::KUBERNETES_API;
-
 /// An HTTP/1.1 client connection over `io` (a tunnel stream here, or a connection to the
 /// replica holding the agent's tunnels), dropped when `revoked` fires.
 async fn http_over<B>(
-    io: impl Io,
+    io: Box<dyn Io>,
     revoked: CancellationToken,
 ) -> Result<Outbound<B>, Response<Body>>
 where
@@ -805,15 +789,13 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    Outbound::handshake(Box::new(io), revoked)
-        .await
-        .map_err(|e| {
-            status(
-                StatusCode::BAD_GATEWAY,
-                "ServiceUnavailable",
-                &e.to_string(),
-            )
-        })
+    Outbound::handshake(io, revoked).await.map_err(|e| {
+        status(
+            StatusCode::BAD_GATEWAY,
+            "ServiceUnavailable",
+            &e.to_string(),
+        )
+    })
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

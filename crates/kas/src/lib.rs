@@ -10,6 +10,7 @@ pub mod api_routing;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod config_in_force;
 pub mod connections;
 pub mod database;
 pub mod diff;

@@ -41,6 +41,9 @@ pub struct Previews {
     pub fetch_timeout: Duration,
     /// How long each request waits for a tunnel of the agent.
     pub tunnel_wait: Duration,
+    /// The replica holding the agent's tunnels, when it is another one (`peers:`): a CI job's
+    /// preview through the Kubernetes API proxy may reach any replica.
+    pub peers: Option<crate::peers::Peers>,
 }
 
 /// Why a preview was refused as a whole, with the HTTP status to answer.
@@ -74,6 +77,17 @@ pub async fn diff(
 }
 
 impl Previews {
+    /// Where the agent's configuration in force is read (the store, for an agent another
+    /// replica holds: this replica's memory of it may be old).
+    fn in_force(&self) -> crate::config_in_force::InForce<'_> {
+        crate::config_in_force::InForce {
+            configs: &self.config_states,
+            store: self.store.as_ref(),
+            registry: &self.registry,
+            several: self.peers.is_some(),
+        }
+    }
+
     /// Previews `req` for agent `agent_id`, its cluster read (and dry-run applied to) with the
     /// identity `routed` through the agent's tunnel.
     pub async fn diff(
@@ -84,20 +98,20 @@ impl Previews {
     ) -> Result<DiffView, Refused> {
         let refused = |code, message: String| Refused { code, message };
         let config = self
-            .config_states
-            .wait_config(agent_id, self.tunnel_wait)
+            .in_force()
+            .wait(agent_id, self.tunnel_wait)
             .await
             .ok_or_else(|| refused(StatusCode::CONFLICT, format!("kas knows no configuration of agent {agent_id}: is it registered and has it connected?")))?;
         let projects = &config.gitops.manifest_projects;
         let target = target_project(projects, req.project.as_deref())
             .map_err(|e| refused(StatusCode::BAD_REQUEST, e))?;
-        let client = crate::agent_kube::client(
-            Arc::clone(&self.registry),
-            agent_id,
-            self.tunnel_wait,
-            &routed,
-        )
-        .map_err(|e| refused(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let reach = crate::agent_kube::Reach {
+            registry: Arc::clone(&self.registry),
+            peers: self.peers.clone(),
+            wait: self.tunnel_wait,
+        };
+        let client = crate::agent_kube::client(reach, agent_id, &routed)
+            .map_err(|e| refused(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let source = PreviewSource {
             store: self.store.as_ref(),
             sources: &self.sources,

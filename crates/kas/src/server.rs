@@ -459,6 +459,7 @@ fn previews(
         renderer,
         fetch_timeout: cfg.git.fetch_timeout,
         tunnel_wait: cfg.agent.tunnel_wait_timeout,
+        peers: sh.peers.clone(),
     }
 }
 

@@ -219,6 +219,15 @@ async fn a_rotated_redis_password_is_followed_without_restarting_kas() {
 /// A GitOps rig (its kas is replica 1) whose agent synchronized one ConfigMap in a new
 /// namespace `name-…`: the rig, the namespace and the commit.
 async fn synced_rig(name: &str, opts: KasOptions) -> (support::gitops::Rig, String, String) {
+    synced_rig_with(name, opts, "").await
+}
+
+/// As [`synced_rig`], with `config_extra` appended to the agent's `config.yaml`.
+async fn synced_rig_with(
+    name: &str,
+    opts: KasOptions,
+    config_extra: &str,
+) -> (support::gitops::Rig, String, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = tether_testenv::TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace(name).unwrap();
@@ -228,7 +237,7 @@ async fn synced_rig(name: &str, opts: KasOptions) -> (support::gitops::Rig, Stri
         env,
         agent_ns: ns.clone(),
         rbac: &rbac,
-        project_extra: "",
+        project_extra: config_extra,
         initial: &[("manifests/cm.yaml", Some(&c[..]))],
         agent_args: &[],
     };
@@ -877,4 +886,119 @@ async fn a_rolling_restart_keeps_configuration_and_sync_status_on_every_replica(
     );
     let synced = rig.synced(&c2).await;
     assert_eq!(synced.outcome, tether_kas_api::ReportedOutcome::Succeeded);
+}
+
+/// A replica's options for [`CiRig`]: peers, the proxy over TLS taking the CI issuer's tokens
+/// (keys in `dir`'s `jwks.json`), and a 1 s Git poll (the agent's configuration changes are
+/// fetched without webhooks).
+fn ci_options(shared: &Shared, dir: &std::path::Path, pki: &support::Pki) -> KasOptions {
+    let mut opts = with_peers(shared.options(), dir);
+    opts.git_poll = "1s";
+    opts.kubernetes_api_extra = format!(
+        "  ci_issuers:\n  - issuer: {}\n    audience: {}\n    jwks:\n      file: {}\n  ca_file: {}\n",
+        support::oidc::ISSUER,
+        support::oidc::AUDIENCE,
+        dir.join("jwks.json").display(),
+        pki.ca.display()
+    );
+    opts.k8s_tls = Some((pki.cert.clone(), pki.key.clone()));
+    opts
+}
+
+/// A GitOps rig whose agent (on replica 1, the only one it dials) lets CI jobs of `group/app`
+/// use it, and more replicas can be started: each replica's Kubernetes API proxy takes CI job
+/// ID tokens signed by `key`, over TLS (`pki`'s CA).
+struct CiRig {
+    rig: support::gitops::Rig,
+    ns: String,
+    key: support::oidc::SigningKey,
+    pki: support::Pki,
+    dir: tempfile::TempDir,
+    shared: Shared,
+}
+
+impl CiRig {
+    async fn start(name: &str) -> CiRig {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::start();
+        let key = support::oidc::SigningKey::new("ci-key");
+        let pki = support::Pki::generate(dir.path());
+        let keys = serde_json::json!({"keys": [&key.jwk]}).to_string();
+        std::fs::write(dir.path().join("jwks.json"), keys).unwrap();
+        let ci_access = "ci_access:\n  projects:\n  - id: group/app\n";
+        let opts = ci_options(&shared, dir.path(), &pki);
+        let (rig, ns, _) = synced_rig_with(name, opts, ci_access).await;
+        CiRig {
+            rig,
+            ns,
+            key,
+            pki,
+            dir,
+            shared,
+        }
+    }
+
+    /// Another replica (the agent does not dial it).
+    async fn replica(&self, name: &str) -> Kas {
+        let opts = ci_options(&self.shared, self.dir.path(), &self.pki);
+        Kas::start(&self.dir.path().join(name), opts).await
+    }
+
+    /// A file holding the ID token of a job of `project`.
+    fn job_token(&self, project: &str) -> std::path::PathBuf {
+        let file = self
+            .dir
+            .path()
+            .join(format!("{}.jwt", project.replace('/', "-")));
+        let jwt = self.key.sign(&support::oidc::claims(project));
+        std::fs::write(&file, jwt).unwrap();
+        file
+    }
+
+    /// `kas agent diff <agent id> --ref <git_ref> --server <replica's proxy>` as a job of
+    /// `group/app` runs it: exit code, stdout, stderr.
+    fn ci_diff(&self, through: &Kas, git_ref: &str) -> (Option<i32>, String, String) {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
+            .current_dir(self.dir.path())
+            .args(["agent", "diff", &self.rig.agent_id.to_string()])
+            .args(["--ref", git_ref])
+            .arg(format!("--server=https://localhost:{}", through.k8s_port))
+            .arg(format!(
+                "--id-token-file={}",
+                self.job_token("group/app").display()
+            ))
+            .arg(format!("--ca-cert-file={}", self.pki.ca.display()))
+            .output()
+            .unwrap();
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        (o.status.code(), text(o.stdout), text(o.stderr))
+    }
+}
+
+/// A CI job's `kas agent diff --server` reaching replicas 2 and 3 while the agent's tunnels
+/// are on replica 1: the preview reaches the agent through replica 1 and shows the drift (exit
+/// 1). It used to wait for a tunnel on the replica asked and fail "agent N is not connected"
+/// (exit 2) — most CI diff jobs, behind a balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ci_diff_through_a_replica_without_the_agent_reaches_it() {
+    let r = CiRig::start("ci-diff").await;
+    let changed = configmap("first", &r.ns, "changed");
+    let dir = r.rig.manifests.dir.with_file_name("wt-scale");
+    r.rig.manifests.git(&[
+        "worktree",
+        "add",
+        "-q",
+        "-b",
+        "scale",
+        dir.to_str().unwrap(),
+    ]);
+    support::GitRepo { dir }.commit(&[("manifests/cm.yaml", Some(&changed))], "scale");
+    let others = [r.replica("kas-2").await, r.replica("kas-3").await];
+    for (i, through) in others.iter().enumerate() {
+        assert_eq!(through.admin.stats().await.unwrap().connected_agents, 0);
+        let (code, out, err) = r.ci_diff(through, "scale");
+        assert_eq!(code, Some(1), "through replica {}: {out}{err}", i + 2);
+        let drifted = format!("ConfigMap/{}/first", r.ns);
+        assert!(out.contains(&drifted), "through replica {}: {out}", i + 2);
+    }
 }

@@ -1,0 +1,48 @@
+//! An agent's configuration in force, as fresh as this replica can know it.
+//!
+//! The replica serving the agent's configuration stream keeps it in memory and stores it. The
+//! other replicas' memory holds what the store had when they started (or last served the
+//! agent), so with several replicas an agent held elsewhere is read from the store: otherwise
+//! a `ci_access` changed since then would be ignored (a job refused, or its kubeconfig
+//! missing the agent).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_agent_config::AgentConfig;
+use tether_configuration_server::ConfigStates;
+use tether_store::Store;
+use tether_tunnel_server::Registry;
+
+/// Where an agent's configuration in force is known.
+#[derive(Debug, Clone, Copy)]
+pub struct InForce<'a> {
+    pub configs: &'a ConfigStates,
+    pub store: &'a dyn Store,
+    pub registry: &'a Registry,
+    /// Several replicas (`peers:`): an agent may be held by another one.
+    pub several: bool,
+}
+
+impl InForce<'_> {
+    /// Whether the agent's configuration stream may be on another replica.
+    fn elsewhere(&self, agent_id: i64) -> bool {
+        self.several && !self.registry.has_agent(agent_id)
+    }
+
+    /// The agent's configuration in force: from the store when another replica may hold the
+    /// agent, else (or when none is stored) from memory, waiting up to `wait` for it there.
+    pub async fn wait(&self, agent_id: i64, wait: Duration) -> Option<Arc<AgentConfig>> {
+        if self.elsewhere(agent_id)
+            && let Some(config) = self.configs.load_agent(self.store, agent_id).await
+        {
+            return Some(config);
+        }
+        self.configs.wait_config(agent_id, wait).await
+    }
+
+    /// As [`InForce::wait`], without waiting.
+    pub async fn now(&self, agent_id: i64) -> Option<Arc<AgentConfig>> {
+        self.wait(agent_id, Duration::ZERO).await
+    }
+}
