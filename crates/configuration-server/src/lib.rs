@@ -177,6 +177,21 @@ impl ConfigStates {
         self.config(agent_id)
     }
 
+    /// Every agent's configuration in force as stored by the replicas serving the agents'
+    /// configuration streams, in one read. Memory is left alone: for an agent whose stream is
+    /// here, memory may be newer than the store (its write may be under way).
+    pub async fn stored_configs(
+        &self,
+        store: &dyn Store,
+    ) -> Result<HashMap<i64, Arc<tether_agent_config::AgentConfig>>, tether_store::Error> {
+        let states = store.config_states().await?;
+        let decoded = states.into_iter().filter_map(|(agent_id, bytes)| {
+            let config = serde_json::from_slice::<Persisted>(&bytes).ok()?.config?;
+            Some((agent_id, Arc::new(config)))
+        });
+        Ok(decoded.collect())
+    }
+
     /// Stores the agent's state and configuration in force. A failure is logged (kas keeps
     /// working from memory; the stored copy only matters after a restart).
     async fn persist(&self, store: &dyn Store, agent_id: i64) {

@@ -6,6 +6,7 @@
 //! a `ci_access` changed since then would be ignored (a job refused, or its kubeconfig
 //! missing the agent).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,5 +45,24 @@ impl InForce<'_> {
     /// As [`InForce::wait`], without waiting.
     pub async fn now(&self, agent_id: i64) -> Option<Arc<AgentConfig>> {
         self.wait(agent_id, Duration::ZERO).await
+    }
+
+    /// The configurations in force of `agents`, the stored ones read at once (one query
+    /// however many agents there are). An agent with no configuration known is left out.
+    pub async fn all(
+        &self,
+        agents: &[i64],
+    ) -> Result<HashMap<i64, Arc<AgentConfig>>, tether_store::Error> {
+        let stored = if self.several {
+            self.configs.stored_configs(self.store).await?
+        } else {
+            HashMap::new()
+        };
+        let known = agents.iter().filter_map(|&id| {
+            let fresh = self.elsewhere(id).then(|| stored.get(&id).cloned());
+            let config = fresh.flatten().or_else(|| self.configs.config(id))?;
+            Some((id, config))
+        });
+        Ok(known.collect())
     }
 }

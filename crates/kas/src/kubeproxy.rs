@@ -168,6 +168,12 @@ impl AgentProjects {
     }
 }
 
+/// An agent and its configuration in force (empty when none is known: it allows nothing).
+type AgentInForce = (
+    tether_store::AgentRow,
+    Arc<tether_agent_config::AgentConfig>,
+);
+
 /// Path (under the prefix) where a CI job gets a kubeconfig for every agent it may use.
 pub const KUBECONFIG_PATH: &str = tether_kas_api::PROXY_KUBECONFIG_PATH;
 
@@ -245,6 +251,18 @@ struct TokenUser {
 }
 
 impl Proxy {
+    /// Where agents' configurations in force are read: memory for agents held here, the
+    /// store for agents another replica holds (it stores what is in force; this replica's
+    /// memory of them dates from its start).
+    pub fn in_force(&self) -> crate::config_in_force::InForce<'_> {
+        crate::config_in_force::InForce {
+            configs: &self.configs,
+            store: self.store.as_ref(),
+            registry: &self.registry,
+            several: self.peers.is_some(),
+        }
+    }
+
     /// The agent's configuration in force, waiting for it as long as for a tunnel. Unknown
     /// after that (the agent has not connected since kas started): 503, never an authorization
     /// decision against an empty configuration.
@@ -252,16 +270,8 @@ impl Proxy {
         &self,
         agent_id: i64,
     ) -> Result<Arc<tether_agent_config::AgentConfig>, Response<Body>> {
-        // An agent connected to another replica: its configuration stream is there, and that
-        // replica stores what is in force.
-        if self.peers.is_some()
-            && !self.registry.has_agent(agent_id)
-            && let Some(config) = self.configs.load_agent(self.store.as_ref(), agent_id).await
-        {
-            return Ok(config);
-        }
-        self.configs
-            .wait_config(agent_id, self.tunnel_wait)
+        self.in_force()
+            .wait(agent_id, self.tunnel_wait)
             .await
             .ok_or_else(|| {
                 deny(
@@ -923,7 +933,7 @@ impl Proxy {
             Ok(j) => j,
             Err(e) => return deny(self, e.status(), "Unauthorized", &e.to_string()),
         };
-        let agents = match self.store.list_agents().await {
+        let agents = match self.agents_in_force().await {
             Ok(a) => a,
             Err(e) => {
                 return status(
@@ -972,6 +982,19 @@ impl Proxy {
         r
     }
 
+    /// Every agent with its configuration in force (as fresh as the request path's: a
+    /// `ci_access` changed while another replica holds the agent counts at once).
+    async fn agents_in_force(&self) -> Result<Vec<AgentInForce>, tether_store::Error> {
+        let agents = self.store.list_agents().await?;
+        let ids: Vec<i64> = agents.iter().map(|a| a.id).collect();
+        let mut configs = self.in_force().all(&ids).await?;
+        let with_config = agents.into_iter().map(|a| {
+            let config = configs.remove(&a.id).unwrap_or_default();
+            (a, config)
+        });
+        Ok(with_config.collect())
+    }
+
     /// The kubeconfig (JSON) with a context for each of `agents` the job may use; `None` when
     /// it may use none.
     fn ci_kubeconfig(
@@ -979,13 +1002,9 @@ impl Proxy {
         server: &str,
         jwt: &str,
         job: &tether_kubeproxy_server::CiIdentity,
-        agents: &[tether_store::AgentRow],
+        agents: &[AgentInForce],
     ) -> Result<Option<String>, tether_kubeproxy_server::KubeconfigError> {
-        let configs: Vec<_> = agents
-            .iter()
-            .map(|a| self.configs.config(a.id).unwrap_or_default())
-            .collect();
-        let entries = agents.iter().zip(&configs).map(|(a, c)| KubeconfigAgent {
+        let entries = agents.iter().map(|(a, c)| KubeconfigAgent {
             id: a.id,
             project_path: &a.project_path,
             name: &a.name,

@@ -973,6 +973,22 @@ impl CiRig {
         let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
         (o.status.code(), text(o.stdout), text(o.stderr))
     }
+
+    /// The kubeconfig `through`'s proxy gives a job of `project`: status and body.
+    async fn kubeconfig(&self, through: &Kas, project: &str) -> (u16, String) {
+        use http_body_util::BodyExt;
+        let mut sender = support::upgrade::tls_http1(through.k8s_port, &self.pki.ca).await;
+        let jwt = std::fs::read_to_string(self.job_token(project)).unwrap();
+        let req = http::Request::get("/.tether/kubeconfig")
+            .header("host", format!("localhost:{}", through.k8s_port))
+            .header("authorization", format!("Bearer {jwt}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let code = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (code, String::from_utf8_lossy(&body).into_owned())
+    }
 }
 
 /// A CI job's `kas agent diff --server` reaching replicas 2 and 3 while the agent's tunnels
@@ -1001,4 +1017,43 @@ async fn a_ci_diff_through_a_replica_without_the_agent_reaches_it() {
         let drifted = format!("ConfigMap/{}/first", r.ns);
         assert!(out.contains(&drifted), "through replica {}: {out}", i + 2);
     }
+}
+
+/// `ci_access` changed while the agent is on replica 1: a job of the newly allowed project
+/// gets a kubeconfig with the agent's context from replica 2 at once. Replica 2 used its memory
+/// of the configuration (as it was when it started) and answered 403 "this job may use no
+/// agent" until it restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubeconfig_from_another_replica_follows_a_changed_ci_access() {
+    let r = CiRig::start("ci-kubeconfig").await;
+    let two = r.replica("kas-2").await;
+    let context = "group/config:seed";
+    let (code, body) = r.kubeconfig(&two, "group/app").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(context), "{body}");
+    assert_eq!(r.kubeconfig(&two, "group/new").await.0, 403);
+
+    let file = ".gitlab/agents/seed/config.yaml";
+    let before = std::fs::read_to_string(r.rig.config.dir.join(file)).unwrap();
+    let after = before.replace(
+        "  - id: group/app\n",
+        "  - id: group/app\n  - id: group/new\n",
+    );
+    assert_ne!(before, after);
+    let commit = r
+        .rig
+        .config
+        .commit(&[(file, Some(after.as_bytes()))], "ci access for group/new");
+    wait_for(
+        "replica 1 to have the new configuration in force",
+        Duration::from_secs(30),
+        || async {
+            let agent = r.rig.kas.agent(r.rig.agent_id).await;
+            agent.config.filter(|c| c.commit == commit).map(drop)
+        },
+    )
+    .await;
+    let (code, body) = r.kubeconfig(&two, "group/new").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(context), "{body}");
 }

@@ -537,6 +537,15 @@ macro_rules! impl_store {
                     Ok(state)
                 }
 
+                async fn config_states(&self) -> Result<Vec<(i64, Vec<u8>)>> {
+                    let states = sqlx::query_as::<_, (i64, Vec<u8>)>(
+                        "SELECT agent_id, state FROM config_states ORDER BY agent_id",
+                    )
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(states)
+                }
+
                 async fn enqueue_notification(
                     &self,
                     receiver: &str,

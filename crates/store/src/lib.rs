@@ -138,6 +138,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The agent's configuration state; `None` if none was recorded or the agent is unknown.
     async fn config_state(&self, agent_id: i64) -> Result<Option<Vec<u8>>>;
 
+    /// Every recorded configuration state as `(agent id, state)`, in one read: a replica
+    /// building something from all agents' configurations (a CI job's kubeconfig) would
+    /// otherwise read them one by one.
+    async fn config_states(&self) -> Result<Vec<(i64, Vec<u8>)>>;
+
     /// Puts a message for `receiver` in the notification outbox, due now, unless one with the
     /// same `dedup_key` is there for that receiver (still to send, or finished and not yet
     /// deleted by [`Store::delete_finished_notifications`]). True when it was added.

@@ -708,6 +708,7 @@ async fn sync_reports_and_config_state_survive_reopening(backend: Backend) -> Te
     );
     assert_eq!(store.config_state(agent.id).await?, Some(vec![0, 0xfe]));
     assert_eq!(store.config_state(other.id).await?, None);
+    assert_eq!(store.config_states().await?, [(agent.id, vec![0, 0xfe])]);
     store.close().await;
     Ok(())
 }

@@ -59,7 +59,14 @@ async fn agent_body(
         .ok_or_else(|| api::ApiError::new(StatusCode::NOT_FOUND, format!("no agent {id}")))?;
     let (syncs, progress) = sync_views(st, id).await?;
     let tokens = api::list_tokens(State(st.api.clone()), Path(id)).await?.0;
-    let access = st.api.config_states.config(id).map(|c| {
+    // As the proxy decides: the stored configuration when another replica holds the agent.
+    let in_force = crate::config_in_force::InForce {
+        configs: &st.api.config_states,
+        store: st.api.store.as_ref(),
+        registry: &st.api.registry,
+        several: st.api.peers.is_some(),
+    };
+    let access = in_force.now(id).await.map(|c| {
         let rules = serde_json::json!({"ci_access": c.ci_access, "user_access": c.user_access});
         serde_json::to_string_pretty(&rules).unwrap_or_default()
     });
