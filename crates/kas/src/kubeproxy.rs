@@ -89,7 +89,7 @@ impl ProxyMetrics {
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         reg.register(
             "k8s_proxy_requests",
-            "Requests routed to agents, by agent, identity mode and status code",
+            "Requests routed to agents, and the 5xx kas answered itself when it could not reach one, by agent, identity mode and status code",
             self.requests.clone(),
         );
         reg.register(
@@ -214,6 +214,85 @@ fn deny(p: &Proxy, code: StatusCode, reason: &str, message: &str) -> Response<Bo
     r
 }
 
+/// A failure of kas itself (5xx: the agent unreachable, the store down, …), kept in the
+/// response's extensions: [`Proxy::handle`] logs it at warn and counts it in the requests
+/// metric, which the 5xx alert watches — kubectl got it, so operators must see it too. (The
+/// agent's and API server's own answers are counted by [`Proxy::record`].)
+#[derive(Debug, Clone)]
+struct Failure {
+    /// The agent asked for; 0 when not known yet.
+    agent_id: i64,
+    /// The identity mode decided; `unknown` before authorization.
+    access_as: &'static str,
+    message: String,
+}
+
+/// Whom a failed request was for, as far as kas knew when it failed.
+#[derive(Debug, Clone, Copy)]
+struct Subject {
+    agent_id: i64,
+    access_as: &'static str,
+}
+
+impl Subject {
+    const UNKNOWN: Subject = Subject {
+        agent_id: 0,
+        access_as: "unknown",
+    };
+
+    fn agent(agent_id: i64) -> Subject {
+        Subject {
+            agent_id,
+            ..Subject::UNKNOWN
+        }
+    }
+
+    fn routed(routed: &Routed) -> Subject {
+        Subject {
+            agent_id: routed.agent_id,
+            access_as: mode_name(&routed.access_as),
+        }
+    }
+}
+
+/// A 5xx answer kas makes itself, marked for [`Proxy::handle`] to log and count.
+fn fail(code: StatusCode, subject: Subject, message: &str) -> Response<Body> {
+    let reason = match code {
+        StatusCode::INTERNAL_SERVER_ERROR => "InternalError",
+        _ => "ServiceUnavailable",
+    };
+    let mut r = status(code, reason, message);
+    r.extensions_mut().insert(Failure {
+        agent_id: subject.agent_id,
+        access_as: subject.access_as,
+        message: message.to_owned(),
+    });
+    r
+}
+
+/// Logs (warn) and counts in the requests metric a failure of kas itself, if `resp` is one.
+fn failed(metrics: &ProxyMetrics, resp: &Response<Body>, address: Option<std::net::IpAddr>) {
+    let Some(f) = resp.extensions().get::<Failure>() else {
+        return;
+    };
+    let code = resp.status().as_u16();
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            agent_id: f.agent_id,
+            access_as: f.access_as.to_owned(),
+            code,
+        })
+        .inc();
+    tracing::warn!(
+        code,
+        agent_id = f.agent_id,
+        client_address = %address.map_or_else(|| "unknown".into(), |a| a.to_string()),
+        reason = %f.message,
+        "Kubernetes API request failed in kas"
+    );
+}
+
 /// Who the caller is and how its requests run, once authorized.
 struct Routed {
     agent_id: i64,
@@ -274,10 +353,9 @@ impl Proxy {
             .wait(agent_id, self.tunnel_wait)
             .await
             .ok_or_else(|| {
-                deny(
-                    self,
+                fail(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
+                    Subject::agent(agent_id),
                     &format!("agent {agent_id} has not connected since kas started: its configuration is not known yet"),
                 )
             })
@@ -341,7 +419,7 @@ impl Proxy {
         agent_id: i64,
         token: &str,
     ) -> Result<Routed, Response<Body>> {
-        let user = self.user_of(token).await?;
+        let user = self.user_of(agent_id, token).await?;
         // Checked before waiting for the configuration: it does not need one.
         if user.identity.token_agent_id != agent_id {
             let d = tether_kubeproxy_server::Denied::WrongAgent {
@@ -410,7 +488,7 @@ impl Proxy {
         const MAX_BODY: usize = 8 * 1024 * 1024;
         let routed = match self.authorize_identity(agent_id, person, None).await {
             Ok(r) => r,
-            Err(refusal) => return Err(collected(refusal).await),
+            Err(refusal) => return Err(self.collected(refusal).await),
         };
         let unavailable =
             |e: &dyn std::fmt::Display| (StatusCode::BAD_GATEWAY, Bytes::from(e.to_string()));
@@ -419,7 +497,7 @@ impl Proxy {
             .await
         {
             Ok(s) => s,
-            Err(refusal) => return Err(collected(refusal).await),
+            Err(refusal) => return Err(self.collected(refusal).await),
         };
         let req = Request::get(path)
             .header(header::HOST, "kubernetes")
@@ -428,10 +506,14 @@ impl Proxy {
             .map_err(|e| unavailable(&e))?;
         let mode = mode_name(&routed.access_as);
         let started = std::time::Instant::now();
-        let resp = outbound
-            .send(req, false)
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let resp = match outbound.send(req, false).await {
+            Ok(r) => r,
+            Err(e) => {
+                let m = format!("the agent did not answer: {e}");
+                let failure = fail(StatusCode::BAD_GATEWAY, Subject::routed(&routed), &m);
+                return Err(self.collected(failure).await);
+            }
+        };
         self.record(&routed, mode, started, resp.status());
         let code = resp.status();
         let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
@@ -443,16 +525,17 @@ impl Proxy {
     }
 
     /// The owner of a personal access token, if it is known, unrevoked and unexpired.
-    async fn user_of(&self, token: &str) -> Result<TokenUser, Response<Body>> {
+    async fn user_of(&self, agent_id: i64, token: &str) -> Result<TokenUser, Response<Body>> {
         let record = self
             .store
             .authenticate_user_token(token)
             .await
             .map_err(|e| {
-                status(
+                let m = format!("reading personal access tokens: {e}");
+                fail(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    &e.to_string(),
+                    Subject::agent(agent_id),
+                    &m,
                 )
             })?
             .ok_or_else(|| {
@@ -506,7 +589,9 @@ impl Proxy {
             return Ok(r);
         }
         let guard = Arc::clone(&self.guard);
+        let metrics = self.metrics.clone();
         let resp = self.route(req).await?;
+        failed(&metrics, &resp, address);
         if let Some(Denial(message)) = resp.extensions().get::<Denial>() {
             if resp.status() == StatusCode::UNAUTHORIZED {
                 let reason = if credential.is_some() {
@@ -595,8 +680,8 @@ impl Proxy {
         let mut resp = match outbound.send(out, upgrade).await {
             Ok(r) => r,
             Err(e) => {
-                let m = e.to_string();
-                return status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", &m);
+                let m = format!("the agent did not answer: {e}");
+                return fail(StatusCode::BAD_GATEWAY, Subject::routed(&f.routed), &m);
             }
         };
         self.record(&f.routed, mode, started, resp.status());
@@ -755,8 +840,7 @@ impl Proxy {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let unavailable =
-            |code, e: &dyn std::fmt::Display| status(code, "ServiceUnavailable", &e.to_string());
+        let subject = Subject::routed(routed);
         // An empty value here once made agentk fall back to the agent's rights; now both
         // sides use one contract, and an encoding failure stops the request.
         let meta = RoutedRequest {
@@ -765,27 +849,27 @@ impl Proxy {
         }
         .encode()
         .map_err(|e| {
-            tracing::error!(error = %e, "Encoding a Kubernetes API request for the agent failed");
-            status(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalError",
-                &e.to_string(),
-            )
+            let m = format!("encoding the request for the agent: {e}");
+            fail(StatusCode::INTERNAL_SERVER_ERROR, subject, &m)
         })?;
         let conn = self
             .reach()
             .open(routed.agent_id, &meta)
             .await
-            .map_err(|e| unavailable(e.status(), &e))?;
-        http_over(conn, revoked).await
+            .map_err(|e| fail(e.status(), subject, &e.to_string()))?;
+        http_over(conn, revoked, subject).await
     }
 }
 
-/// A refusal's status and body (a Kubernetes `Status` naming why).
-async fn collected(r: Response<Body>) -> (StatusCode, Bytes) {
-    let code = r.status();
-    let body = r.into_body().collect().await.map(|b| b.to_bytes());
-    (code, body.unwrap_or_default())
+impl Proxy {
+    /// A refusal's status and body (a Kubernetes `Status` naming why), a failure of kas
+    /// logged and counted as [`Proxy::handle`] does.
+    async fn collected(&self, r: Response<Body>) -> (StatusCode, Bytes) {
+        failed(&self.metrics, &r, None);
+        let code = r.status();
+        let body = r.into_body().collect().await.map(|b| b.to_bytes());
+        (code, body.unwrap_or_default())
+    }
 }
 
 /// An HTTP/1.1 client connection over `io` (a tunnel stream here, or a connection to the
@@ -793,6 +877,7 @@ async fn collected(r: Response<Body>) -> (StatusCode, Bytes) {
 async fn http_over<B>(
     io: Box<dyn Io>,
     revoked: CancellationToken,
+    subject: Subject,
 ) -> Result<Outbound<B>, Response<Body>>
 where
     B: hyper::body::Body + Send + Unpin + 'static,
@@ -800,11 +885,8 @@ where
     B::Error: Into<BoxError>,
 {
     Outbound::handshake(io, revoked).await.map_err(|e| {
-        status(
-            StatusCode::BAD_GATEWAY,
-            "ServiceUnavailable",
-            &e.to_string(),
-        )
+        let m = format!("no HTTP connection to the agent: {e}");
+        fail(StatusCode::BAD_GATEWAY, subject, &m)
     })
 }
 
@@ -885,6 +967,7 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e),
         };
+        let subject = Subject::routed(&routed);
         let caller = RoutedRequest {
             access_as: routed.access_as,
             context: routed.context,
@@ -896,16 +979,24 @@ impl Proxy {
                 return status(StatusCode::UNAUTHORIZED, "Unauthorized", m);
             }
         };
-        let (code, body) = match previewed {
-            Ok(view) => (StatusCode::OK, serde_json::to_vec(&view)),
+        let (code, body, failure) = match previewed {
+            Ok(view) => (StatusCode::OK, serde_json::to_vec(&view), None),
             Err(r) => (
                 r.code,
                 serde_json::to_vec(&serde_json::json!({"error": r.message})),
+                r.code.is_server_error().then(|| Failure {
+                    agent_id: subject.agent_id,
+                    access_as: subject.access_as,
+                    message: format!("previewing a diff: {}", r.message),
+                }),
             ),
         };
         let body = body.unwrap_or_default();
         let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
         *r.status_mut() = code;
+        if let Some(f) = failure {
+            r.extensions_mut().insert(f);
+        }
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -936,11 +1027,8 @@ impl Proxy {
         let agents = match self.agents_in_force().await {
             Ok(a) => a,
             Err(e) => {
-                return status(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    &e.to_string(),
-                );
+                let m = format!("reading the agents and their configurations: {e}");
+                return fail(StatusCode::SERVICE_UNAVAILABLE, Subject::UNKNOWN, &m);
             }
         };
         let server = self.public_url.clone().unwrap_or_else(|| {
@@ -966,12 +1054,8 @@ impl Proxy {
                 );
             }
             Err(e) => {
-                tracing::error!(error = %e, "Building a CI job's kubeconfig failed");
-                return status(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "InternalError",
-                    &e.to_string(),
-                );
+                let m = format!("building the job's kubeconfig: {e}");
+                return fail(StatusCode::INTERNAL_SERVER_ERROR, Subject::UNKNOWN, &m);
             }
         };
         let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());

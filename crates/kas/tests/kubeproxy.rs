@@ -499,6 +499,55 @@ async fn a_ci_job_gets_a_kubeconfig_for_the_agents_it_may_use() {
     assert_eq!(code, 401);
 }
 
+/// agentk gone: kas answers 503 itself after waiting for a tunnel. kubectl gets it, so the
+/// requests metric (which the 5xx alert watches) counts it and kas logs why at warn — neither
+/// happened, and the alert never fired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_kas_answers_itself_is_counted_and_logged_at_warn() {
+    use http_body_util::BodyExt;
+    let mut s = setup().await;
+    let series = format!(
+        "kas_k8s_proxy_requests_total{{agent_id=\"{}\",access_as=\"ci_job\",code=\"503\"}}",
+        s.agent_id
+    );
+    let before = s.kas.metric(&series).await.unwrap_or(0.0);
+    s._agent.kill9();
+    s.kas.wait_disconnected(s.agent_id).await;
+
+    let jwt = s.key.sign(&claims("group/app"));
+    let mut sender = s.connect().await;
+    let req = http::Request::get(format!("/api/v1/namespaces/{}/configmaps", s.allowed))
+        .header("host", format!("localhost:{}", s.kas.k8s_port))
+        .header("authorization", format!("Bearer ci:{}:{jwt}", s.agent_id))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let code = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(code, 503, "{}", String::from_utf8_lossy(&body));
+
+    assert_eq!(s.kas.metric(&series).await, Some(before + 1.0));
+    let logged: Vec<Value> = s
+        .kas
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["msg"] == "Kubernetes API request failed in kas")
+        .collect();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    let line = &logged[0];
+    assert_eq!(
+        line["level"].as_str().map(str::to_lowercase).as_deref(),
+        Some("warn"),
+        "{line}"
+    );
+    assert_eq!(line["code"], 503, "{line}");
+    assert_eq!(line["agent_id"], s.agent_id, "{line}");
+    let reason = line["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("not connected"), "{line}");
+    assert!(!s.kas.log().contains(&jwt), "no token in kas's log");
+}
+
 fn get_cm(env: &TestEnv, ns: &str, name: &str) -> bool {
     env.kubectl()
         .args(["get", "configmap", name, "-n", ns])
