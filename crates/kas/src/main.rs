@@ -15,7 +15,7 @@ use kas::config::Config;
 use cli::agent::{agent_cmd, diff_exit};
 use cli::args::{Cli, Cmd, ConfigCmd};
 use cli::local::{store_cmd, validate_agent_config};
-use cli::output::is_broken_pipe;
+use cli::output::{Reported, is_stdout_closed};
 use cli::project::project_cmd;
 use cli::reconcile::Unsuccessful;
 use cli::tokens::{ci_kubeconfig, token_cmd, user_token_cmd};
@@ -26,26 +26,45 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // `kas agent diff` exits 1 for "changes", so its errors need another code.
     let failure = match &cli.cmd {
-        Some(Cmd::Agent(cli::args::AgentCmd::Diff(_))) => {
-            std::process::ExitCode::from(kas::diff::EXIT_ERROR)
-        }
-        _ => std::process::ExitCode::FAILURE,
+        Some(Cmd::Agent(cli::args::AgentCmd::Diff(_))) => kas::diff::EXIT_ERROR,
+        _ => 1,
     };
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) if is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
-        // Its progress already said why; the code tells scripts which way it went.
-        Err(e) if e.downcast_ref::<Unsuccessful>().is_some() => {
-            let code = e
-                .downcast_ref::<Unsuccessful>()
-                .map_or(1, |u| u.outcome.code());
-            std::process::ExitCode::from(code)
-        }
-        Err(e) => {
-            eprintln!("kas: {e:#}");
-            failure
-        }
+        Err(e) => match ending(&e, failure) {
+            Ending::Quiet(code) => std::process::ExitCode::from(code),
+            Ending::Said(code) => {
+                eprintln!("kas: {e:#}");
+                std::process::ExitCode::from(code)
+            }
+        },
     }
+}
+
+/// How a command that failed ends: its exit code, and whether its error is still to be said.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// Nothing more to say: the output said it already, or nobody reads it.
+    Quiet(u8),
+    /// Print the error, then exit with the code.
+    Said(u8),
+}
+
+/// `failure` is the command's code for an error.
+fn ending(e: &anyhow::Error, failure: u8) -> Ending {
+    // Only our own standard output cut short (`kas … | head`) is no failure; a broken pipe to
+    // kas, a tunnel or a client of `serve` is one.
+    if is_stdout_closed(e) {
+        return Ending::Quiet(0);
+    }
+    // Their progress already said why; the code tells scripts which way it went.
+    if let Some(u) = e.downcast_ref::<Unsuccessful>() {
+        return Ending::Quiet(u.outcome.code());
+    }
+    if let Some(r) = e.downcast_ref::<Reported>() {
+        return Ending::Quiet(r.code);
+    }
+    Ending::Said(failure)
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -54,7 +73,7 @@ async fn run(cli: Cli) -> Result<()> {
         None | Some(Cmd::Serve) => serve(cfg, cli.log_format).await,
         // As a CI job through the proxy: no admin token.
         Some(Cmd::Agent(cli::args::AgentCmd::Diff(d))) if d.server.is_some() => {
-            diff_exit(kas::diff::run_as_ci_job(d, &mut std::io::stdout()).await?)
+            diff_exit(kas::diff::run_as_ci_job(d, &mut cli::output::Stdout).await?)
         }
         Some(Cmd::Agent(a)) => agent_cmd(&admin_client(&cli, &cfg)?, a, &cfg).await,
         Some(Cmd::Token(t)) => token_cmd(&admin_client(&cli, &cfg)?, t).await,
@@ -132,6 +151,22 @@ mod tests {
             }
             undocumented(sub, &format!("{path} {}", sub.get_name()), out);
         }
+    }
+
+    #[test]
+    fn only_standard_output_closed_by_its_reader_exits_0() {
+        let stdout_cut = anyhow::Error::from(cli::output::on_stdout(
+            std::io::ErrorKind::BrokenPipe.into(),
+        ))
+        .context("printing the agents");
+        assert_eq!(ending(&stdout_cut, 1), Ending::Quiet(0));
+        // `kas agent diff` or `serve` losing its connection: a failure, said, with its code.
+        let connection = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            .context("reading kas's answer");
+        assert_eq!(ending(&connection, kas::diff::EXIT_ERROR), Ending::Said(2));
+        assert_eq!(ending(&connection, 1), Ending::Said(1));
+        let refused = anyhow::Error::from(Reported { code: 5 });
+        assert_eq!(ending(&refused, 1), Ending::Quiet(5));
     }
 
     #[test]

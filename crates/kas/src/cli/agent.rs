@@ -64,7 +64,9 @@ pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<
             }
             Ok(())
         }
-        AgentCmd::Diff(args) => diff_exit(kas::diff::run(c, args, &mut std::io::stdout()).await?),
+        AgentCmd::Diff(args) => {
+            diff_exit(kas::diff::run(c, args, &mut super::output::Stdout).await?)
+        }
         AgentCmd::Ping { agent_id, bytes } => {
             ping(c, c.resolve_agent(agent_id).await?, *bytes).await
         }

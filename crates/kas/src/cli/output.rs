@@ -1,23 +1,62 @@
 //! How admin commands print: errors that are only a closed pipe, times for people.
 
 /// `println!` that returns an error instead of panicking when stdout is gone
-/// (`kas agent list | head`).
+/// (`kas agent list | head`); that error is marked [`StdoutClosed`].
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        writeln!(std::io::stdout().lock(), $($arg)*)
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::output::on_stdout)
     }};
 }
 
 pub(crate) use out;
 
-/// Whether `e` is only the reader of our output having gone away: not worth an error, as with
-/// any Unix tool whose output is cut short by `head`.
-pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+/// The mark of a write to our standard output that failed because its reader went away.
+/// Only this is "not worth an error": a broken pipe anywhere else (the connection to kas, a
+/// tunnel, a socket of `serve`) is a failure and must not end in exit code 0.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed by its reader")]
+pub struct StdoutClosed;
+
+/// Marks a broken pipe of a write to standard output as [`StdoutClosed`]; other errors pass.
+pub fn on_stdout(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::io::Error::new(std::io::ErrorKind::BrokenPipe, StdoutClosed)
+    } else {
+        e
+    }
+}
+
+/// Standard output as a writer whose broken pipe is marked [`StdoutClosed`] (for code that
+/// takes any `Write`, such as `kas agent diff`'s printer).
+pub struct Stdout;
+
+impl std::io::Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout().write(buf).map_err(on_stdout)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush().map_err(on_stdout)
+    }
+}
+
+/// Whether `e` is only the reader of our standard output having gone away: not worth an
+/// error, as with any Unix tool whose output is cut short by `head`.
+pub fn is_stdout_closed(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        c.is::<StdoutClosed>()
+            || c.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .is_some_and(|inner| inner.is::<StdoutClosed>())
     })
+}
+
+/// A command whose output already said what went wrong: exit with `code`, saying nothing more.
+#[derive(Debug, thiserror::Error)]
+#[error("exit code {code}")]
+pub struct Reported {
+    pub code: u8,
 }
 
 /// Unix seconds as an RFC 3339 UTC time, for people (raw epoch seconds in listings were not).
@@ -236,6 +275,21 @@ mod tests {
         let tiny = t.render_within(Some(10));
         assert!(tiny[1].contains(agent), "{tiny:?}");
         assert!(tiny[1].contains("connect…"), "{tiny:?}");
+    }
+
+    #[test]
+    fn only_a_broken_pipe_of_standard_output_counts_as_stdout_closed() {
+        let cut = anyhow::Error::from(on_stdout(std::io::ErrorKind::BrokenPipe.into()))
+            .context("printing the agents");
+        assert!(is_stdout_closed(&cut));
+        // The connection to kas or a tunnel breaking is a broken pipe too, but not ours to hide.
+        let socket = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            .context("sending to kas");
+        assert!(!is_stdout_closed(&socket));
+        // Other errors of standard output stay themselves.
+        let full = on_stdout(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert_eq!(full.kind(), std::io::ErrorKind::StorageFull);
+        assert!(!is_stdout_closed(&full.into()));
     }
 
     #[test]

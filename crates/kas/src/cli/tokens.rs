@@ -29,7 +29,7 @@ pub async fn ci_kubeconfig(
     let body = fetcher.get_with_bearer(&url, token.trim()).await?;
     match output {
         Some(p) => kas::auth::write_private(p, &body)?,
-        None => print!("{body}"),
+        None => std::io::Write::write_all(&mut super::output::Stdout, body.as_bytes())?,
     }
     Ok(())
 }
