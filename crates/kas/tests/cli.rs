@@ -143,3 +143,40 @@ fn shell_completions_are_valid_scripts_that_know_the_commands() {
         String::from_utf8_lossy(&syntax.stderr)
     );
 }
+
+/// A mistyped id is an error naming it, as for `kas token revoke`; before, it printed
+/// `{"was_active":false,…}` and exited 0, as if the token had been revoked already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_token_revoke_of_an_unknown_id_fails_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let t = kas.admin.register_agent("group/app", "pats").await.unwrap();
+    let req = kas::api::UserTokenRequest {
+        username: "alice".into(),
+        memberships: Vec::new(),
+        expires_in_seconds: Some(3600),
+    };
+    let pat = kas.admin.create_user_token(t.agent_id, &req).await.unwrap();
+    let revoke = |id: i64| {
+        Command::new(env!("CARGO_BIN_EXE_kas"))
+            .arg("--configuration-file")
+            .arg(&kas.config)
+            .args(["user-token", "revoke", &id.to_string()])
+            .output()
+            .unwrap()
+    };
+    let unknown = pat.token_id + 1000;
+    let o = revoke(unknown);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!("personal access token {unknown} not found")),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+    let o = revoke(pat.token_id);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -478,8 +478,23 @@ macro_rules! impl_store {
                     .bind(id)
                     .execute(tx.conn())
                     .await?;
+                    if result.rows_affected() > 0 {
+                        tx.commit().await?;
+                        return Ok(true);
+                    }
+                    // A mistyped id must not read as "revoked already": the caller is told
+                    // that no such token exists, as for agent tokens.
+                    let exists = sqlx::query_scalar::<_, i64>("SELECT id FROM user_tokens WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(tx.conn())
+                        .await?
+                        .is_some();
                     tx.commit().await?;
-                    Ok(result.rows_affected() > 0)
+                    if exists {
+                        Ok(false)
+                    } else {
+                        Err(Error::NotFound(format!("personal access token {id}")))
+                    }
                 }
 
                 async fn put_sync_report(&self, agent_id: i64, project: &str, report: &[u8]) -> Result<()> {

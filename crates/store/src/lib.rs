@@ -117,7 +117,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The record of a presented personal access token: `None` if unknown, revoked or expired.
     async fn authenticate_user_token(&self, token: &str) -> Result<Option<UserTokenInfo>>;
 
-    /// Revokes a personal access token; whether it was active.
+    /// Revokes a personal access token. Idempotent: returns `true` if this call revoked it,
+    /// `false` if it was already revoked. Fails with [`Error::NotFound`] if there is no such
+    /// token.
     async fn revoke_user_token(&self, id: i64) -> Result<bool>;
 
     /// Records the last sync report of one of the agent's manifest projects, replacing the one

@@ -662,12 +662,30 @@ async fn user_tokens_authenticate_until_revoked_or_expired(backend: Backend) -> 
             .await?
             .is_none()
     );
+    // Idempotent: a second revocation succeeds but reports the token was no longer active.
+    assert!(!store.revoke_user_token(info.id).await?);
     let (_, expired) = store.create_user_token(agent.id, "bob", "[]", 1).await?;
     assert!(
         store
             .authenticate_user_token(expired.expose())
             .await?
             .is_none()
+    );
+    Ok(())
+}
+
+/// A mistyped id is not "revoked already": it is an error, as for agent tokens.
+async fn revoking_an_unknown_user_token_is_not_found(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
+    let agent = store.register_agent("group/app", "a1").await?;
+    let (info, _) = store
+        .create_user_token(agent.id, "alice", "[]", 4_000_000_000)
+        .await?;
+    let missing = store.revoke_user_token(info.id + 1000).await;
+    assert!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
+    assert!(
+        store.revoke_user_token(info.id).await?,
+        "the real one is revoked"
     );
     Ok(())
 }
@@ -1071,6 +1089,7 @@ on_both_backends!(
     (flavor = "multi_thread", worker_threads = 2) concurrent_writers_wait_instead_of_failing,
     project_sources_are_set_read_and_removed,
     user_tokens_authenticate_until_revoked_or_expired,
+    revoking_an_unknown_user_token_is_not_found,
     sync_reports_and_config_state_survive_reopening,
     agent_state_needs_an_agent_and_goes_away_with_it,
     suspensions_are_kept_replaced_and_lifted,
