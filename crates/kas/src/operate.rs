@@ -131,23 +131,31 @@ async fn agent_config(
     })
 }
 
-/// Fetches the projects now and waits (bounded) until each fetch ended, well or not.
-async fn fetch_now(st: &ApiState, ids: &[i64]) {
+/// Fetches the projects now and waits (bounded) until each fetch ended, well or not. Returns
+/// why, for each project whose fetch did not end in time: its head is then the one from
+/// before, and saying nothing would pass the old commit off as fetched.
+async fn fetch_now(st: &ApiState, ids: &[i64]) -> HashMap<i64, String> {
     let waits = ids.iter().map(|&id| {
         let mut heads = st.sources.watch(id);
         let before = {
             let h = heads.borrow_and_update();
             h.fetches + h.failures
         };
-        let started = st.sources.trigger(id);
+        st.sources.trigger(id);
         async move {
-            if started {
-                let done = heads.wait_for(|h| h.fetches + h.failures > before);
-                let _ = tokio::time::timeout(FETCH_WAIT, done).await;
+            let done = heads.wait_for(|h| h.fetches + h.failures > before);
+            match tokio::time::timeout(FETCH_WAIT, done).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(_)) => Some((id, "its mirror was removed while fetching".to_owned())),
+                Err(_) => Some((
+                    id,
+                    format!("the fetch did not finish within {}s", FETCH_WAIT.as_secs()),
+                )),
             }
         }
     });
-    futures_util::future::join_all(waits).await;
+    let unfinished = futures_util::future::join_all(waits).await;
+    unfinished.into_iter().flatten().collect()
 }
 
 /// Refuses to reconcile a suspended project: the user must resume it, not be told it synced.
@@ -190,7 +198,7 @@ async fn reconcile(
         .map(|p| p.id)
         .collect();
     ids.extend(agent.map(|a| a.project_id));
-    fetch_now(&st, &ids).await;
+    let unfinished = fetch_now(&st, &ids).await;
     let resync = st.gitops_controls.next_resync_id();
     let targets: Vec<ReconcileTarget> = projects
         .into_iter()
@@ -206,7 +214,8 @@ async fn reconcile(
                 ReconcileTarget {
                     project: key,
                     commit: head.commit.map(|c| c.to_hex()),
-                    fetch_error: head.error,
+                    // A fetch that did not end in time leaves an older error or none.
+                    fetch_error: unfinished.get(&p.id).cloned().or(head.error),
                     streams: resync_everywhere(&st, agent_id, p.id, resync),
                 }
             }

@@ -439,6 +439,40 @@ async fn reconcile_wait_without_a_commit_to_apply_is_answered_with_the_refusal()
     assert_eq!(value(&rig.env, &ns, "app"), "v1", "nothing applied");
 }
 
+/// A Git remote kas cannot reach: `kas agent reconcile --wait` names the project and why and
+/// exits 5, even though the agent re-synchronized the last good commit well. Before, it said
+/// "fetch failed" in passing and exited 0, so a CI "push, then reconcile --wait" step passed
+/// while the pushed commit was never fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_with_an_unreachable_remote_exits_5_naming_the_project() {
+    let (rig, _ns, c1) = configmap_rig("recunreach").await;
+    let gone = rig.manifests.dir.with_extension("gone");
+    std::fs::rename(&rig.manifests.dir, &gone).unwrap();
+    let out = kas_cli(
+        &rig.kas,
+        &[
+            "agent",
+            "reconcile",
+            "group/config:seed",
+            "--wait",
+            "--timeout",
+            "90s",
+        ],
+    );
+    std::fs::rename(&gone, &rig.manifests.dir).unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(
+        stdout.contains("group/manifests: fetch failed (")
+            && stdout.contains(&format!(
+                "the newest commit was not fetched, syncing the last good commit {}",
+                &c1[..12]
+            )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("fetched, commit"), "{stdout}");
+}
+
 fn pat_request() -> kas::api::UserTokenRequest {
     kas::api::UserTokenRequest {
         username: "alice".into(),

@@ -26,6 +26,9 @@ pub enum Outcome {
     Failed,
     /// No report within the timeout.
     TimedOut,
+    /// A project's fetch failed or did not finish in time: the newest commit may not be the
+    /// one synchronized (the last good one is).
+    FetchFailed,
     /// The agent has no stream for a project: nobody heard the request.
     NotDelivered,
 }
@@ -37,6 +40,7 @@ impl Outcome {
             Self::Failed => 1,
             Self::TimedOut => 3,
             Self::NotDelivered => 4,
+            Self::FetchFailed => 5,
         }
     }
 }
@@ -193,7 +197,14 @@ pub async fn run(
     for t in &started.projects {
         let commit = t.commit.as_deref().map_or("(none)", short);
         let fetched = match &t.fetch_error {
-            Some(e) => format!("fetch failed ({e}); syncing the last good commit {commit}"),
+            Some(e) => {
+                // The agent still re-applies (drift correction), but whatever was pushed
+                // since is not in it: a CI "push, then reconcile --wait" step must fail.
+                worst = worst.max(Outcome::FetchFailed);
+                format!(
+                    "fetch failed ({e}); the newest commit was not fetched, syncing the last good commit {commit}"
+                )
+            }
             None => format!("fetched, commit {commit}"),
         };
         progress.line(&format!("{}: {fetched}", t.project))?;
@@ -435,12 +446,22 @@ mod tests {
             Outcome::Synced,
             Outcome::Failed,
             Outcome::TimedOut,
+            Outcome::FetchFailed,
             Outcome::NotDelivered,
         ]
         .map(Outcome::code)
         .to_vec();
-        assert_eq!(codes, [0, 1, 3, 4]);
+        assert_eq!(codes, [0, 1, 3, 5, 4]);
         assert_eq!(Outcome::Synced.max(Outcome::Failed), Outcome::Failed);
         assert_eq!(Outcome::Failed.max(Outcome::TimedOut), Outcome::TimedOut);
+        // A synchronization that went well does not hide that the newest commit is not in it.
+        assert_eq!(
+            Outcome::FetchFailed.max(Outcome::Synced),
+            Outcome::FetchFailed
+        );
+        assert_eq!(
+            Outcome::Failed.max(Outcome::FetchFailed),
+            Outcome::FetchFailed
+        );
     }
 }
