@@ -4,8 +4,9 @@
 mod support;
 
 use std::process::Command;
+use std::time::Duration;
 
-use support::{Kas, KasOptions};
+use support::{Agent, GitRepo, Kas, KasOptions, wait_for};
 
 fn validate(yaml: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -179,4 +180,79 @@ async fn user_token_revoke_of_an_unknown_id_fails_naming_it() {
     assert!(stdout.is_empty(), "{stdout}");
     let o = revoke(pat.token_id);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// After a broken config.yaml is pushed, `kas agent status` says the agent is connected, which
+/// commit is in force and that the newest was refused and why, in the table and in `-o json`,
+/// and exits 5. Before, it showed the old successful syncs only and exited 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_status_names_a_refused_configuration_and_exits_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::init(&dir.path().join("repo"));
+    let good = repo.commit(&[(".gitlab/agents/gamma/config.yaml", Some(b""))], "empty");
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    let kas = Kas::start(&dir.path().join("kas"), opts).await;
+    kas.set_projects(&[("group/strict", &repo)]).await;
+    let t = kas
+        .admin
+        .register_agent("group/strict", "gamma")
+        .await
+        .unwrap();
+    let _agent = Agent::start(dir.path(), "gamma", &kas.url("grpc"), &t.token, None);
+    let bad_yaml = b"gitops:\n  manifest_projects:\n  - id: group/m\n    pathz: []\n";
+    let bad = repo.commit(
+        &[(".gitlab/agents/gamma/config.yaml", Some(bad_yaml))],
+        "typo",
+    );
+    wait_for(
+        "kas to refuse the pushed configuration",
+        Duration::from_secs(20),
+        || async {
+            let a = kas.agent(t.agent_id).await;
+            let refused = a.config?.error_commit.as_deref() == Some(bad.as_str());
+            (refused && a.connected).then_some(())
+        },
+    )
+    .await;
+    let status = |format: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kas"))
+            .arg("--configuration-file")
+            .arg(&kas.config)
+            .args(["agent", "status", "group/strict:gamma", "-o", format])
+            .output()
+            .unwrap()
+    };
+    let o = status("table");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(5), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("agent {}: connected", t.agent_id)),
+        "{stdout}"
+    );
+    let refusal = format!("configuration refused at commit {}: ", &bad[..12]);
+    assert!(stdout.contains(&format!("REFUSED: {refusal}")), "{stdout}");
+    assert!(stdout.contains("pathz"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("commit {} stays in force", &good[..12])),
+        "{stdout}"
+    );
+    assert!(stderr.contains(&refusal), "{stderr}");
+
+    let o = status("json");
+    assert_eq!(o.status.code(), Some(5));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["connected"], true, "{json}");
+    assert_eq!(json["config"]["commit"], good.as_str(), "{json}");
+    assert_eq!(json["config"]["error_commit"], bad.as_str(), "{json}");
+    assert!(
+        json["config"]["error"].as_str().unwrap().contains("pathz"),
+        "{json}"
+    );
+    assert!(json["syncs"].is_array(), "{json}");
 }

@@ -5,10 +5,12 @@ use std::time::Instant;
 use anyhow::Result;
 use kas::config::Config;
 use kas::install::{self, InstallTarget};
-use tether_kas_api::{AdminClient, AgentView, SuspendRequest, SuspensionView};
+use tether_kas_api::{
+    AdminClient, AgentView, ConfigView, SuspendRequest, SuspensionView, SyncView,
+};
 
 use super::args::AgentCmd;
-use super::output::{Table, out, print_data, short};
+use super::output::{OutputFormat, Reported, Table, out, print_data, short};
 use super::{default_agent_url, write_secret_file};
 
 pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<()> {
@@ -52,17 +54,7 @@ pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<
         }
         AgentCmd::Status { agent_id, format } => {
             let agent_id = c.resolve_agent(agent_id).await?;
-            let syncs = c.gitops_status(agent_id).await?;
-            if !print_data(format.format(), &syncs)? {
-                let agent = c
-                    .list_agents()
-                    .await?
-                    .into_iter()
-                    .find(|a| a.id == agent_id);
-                print_suspensions(agent.map(|a| a.suspensions).unwrap_or_default())?;
-                print_syncs(agent_id, syncs)?;
-            }
-            Ok(())
+            status(c, agent_id, format.format()).await
         }
         AgentCmd::Diff(args) => {
             diff_exit(kas::diff::run(c, args, &mut super::output::Stdout).await?)
@@ -210,15 +202,101 @@ fn suspension_line(s: &SuspensionView) -> String {
     )
 }
 
-fn print_suspensions(suspensions: Vec<SuspensionView>) -> Result<()> {
-    for s in &suspensions {
-        out!("{}", suspension_line(s))?;
+/// `kas agent status`'s exit code when the agent's newest configuration was refused: the
+/// report was printed, but what was pushed is not in force.
+pub const EXIT_CONFIG_REFUSED: u8 = 5;
+
+/// `kas agent status -o json|yaml`: the agent's state, then its projects' last syncs.
+#[derive(serde::Serialize)]
+struct StatusView<'a> {
+    agent_id: i64,
+    connected: bool,
+    /// The configuration in force and the newest refusal, as kas knows them.
+    config: Option<&'a ConfigView>,
+    suspensions: &'a [SuspensionView],
+    syncs: &'a [SyncView],
+}
+
+/// `kas agent status`: connection, configuration (in force, refused), suspensions, syncs.
+async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<()> {
+    let syncs = c.gitops_status(agent_id).await?;
+    let agent = c
+        .list_agents()
+        .await?
+        .into_iter()
+        .find(|a| a.id == agent_id);
+    let view = StatusView {
+        agent_id,
+        connected: agent.as_ref().is_some_and(|a| a.connected),
+        config: agent.as_ref().and_then(|a| a.config.as_ref()),
+        suspensions: agent.as_ref().map_or(&[], |a| a.suspensions.as_slice()),
+        syncs: &syncs,
+    };
+    if !print_data(format, &view)? {
+        print_state(&view)?;
+        for s in view.suspensions {
+            out!("{}", suspension_line(s))?;
+        }
+        print_syncs(agent_id, &syncs)?;
+    }
+    match view.config.and_then(refusal) {
+        // Old successful syncs must not read as "all is well" to a script.
+        Some(why) => {
+            eprintln!("kas: agent {agent_id}: {why}");
+            Err(Reported {
+                code: EXIT_CONFIG_REFUSED,
+            }
+            .into())
+        }
+        None => Ok(()),
+    }
+}
+
+/// "configuration refused at commit C: why", when the newest configuration was refused.
+fn refusal(cfg: &ConfigView) -> Option<String> {
+    let (e, c) = (
+        cfg.error.as_ref()?,
+        cfg.error_commit.as_deref().unwrap_or("?"),
+    );
+    Some(format!(
+        "configuration refused at commit {}: {e}; commit {} stays in force",
+        short(c),
+        if cfg.commit.is_empty() {
+            "(none)"
+        } else {
+            short(&cfg.commit)
+        }
+    ))
+}
+
+/// The head of `kas agent status`: connected or not, the configuration in force, a refusal.
+fn print_state(v: &StatusView<'_>) -> Result<()> {
+    out!(
+        "agent {}: {}",
+        v.agent_id,
+        if v.connected { "connected" } else { "offline" }
+    )?;
+    match v.config {
+        None => out!("configuration: none in force yet (has it connected?)")?,
+        Some(cfg) if cfg.commit.is_empty() => out!("configuration in force: none yet")?,
+        Some(cfg) => out!(
+            "configuration in force: commit {} ({})",
+            short(&cfg.commit),
+            if cfg.file.is_empty() {
+                "empty default"
+            } else {
+                &cfg.file
+            }
+        )?,
+    }
+    if let Some(why) = v.config.and_then(refusal) {
+        out!("REFUSED: {why}")?;
     }
     Ok(())
 }
 
 /// `kas agent status`: each manifest project's last synchronization and its objects.
-fn print_syncs(agent_id: i64, syncs: Vec<tether_kas_api::SyncView>) -> Result<()> {
+fn print_syncs(agent_id: i64, syncs: &[SyncView]) -> Result<()> {
     if syncs.is_empty() {
         out!("agent {agent_id} has reported no synchronization yet")?;
     }
@@ -239,7 +317,7 @@ fn print_syncs(agent_id: i64, syncs: Vec<tether_kas_api::SyncView>) -> Result<()
         for w in &s.warnings {
             out!("    warning: {w}")?;
         }
-        for o in s.objects {
+        for o in &s.objects {
             out!(
                 "    {:<12} {}/{} {}/{}  {}",
                 o.status,

@@ -275,10 +275,13 @@ pub enum AgentCmd {
         #[command(flatten)]
         format: FormatArgs,
     },
-    /// Show each manifest project's last synchronization: commit, when, every object's status;
-    /// and the agent's suspensions.
+    /// Show whether the agent is connected, its configuration in force (and a refused newer
+    /// one, with why), its suspensions, and each manifest project's last synchronization:
+    /// commit, when, every object's status.
     #[command(
-        after_help = "Examples:\n  kas agent status group/app:dude\n  kas agent status 3 -o yaml"
+        after_help = "Examples:\n  kas agent status group/app:dude\n  kas agent status 3 -o yaml\n\n\
+Exit codes:\n  0  shown\n  1  kas refused the request (unknown agent, …)\n  \
+5  shown, and the agent's newest configuration was refused (an older one stays in force)"
     )]
     Status {
         /// The agent: its id or `<configuration project path>:<agent name>`.
