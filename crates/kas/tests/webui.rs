@@ -224,6 +224,33 @@ impl Walk {
         self.b.wait_until("suspended again", &suspended, WAIT).await;
     }
 
+    /// "Reconcile now" for an agent that is offline says nothing will happen, naming the
+    /// project, instead of returning to the page as if it worked.
+    async fn a_reconcile_nobody_hears_says_so(&mut self) {
+        self.goto(&format!("/agents/{}", self.id)).await;
+        self.wait("the agent page", "document.querySelector('#syncs h3')")
+            .await;
+        // Suspended projects refuse a reconcile outright (409); this is about an offline agent.
+        self.b.click_button("Resume group/manifests").await;
+        let suspended = has_text("#events", "suspended by admin (web: ada)");
+        let resumed = format!("document.querySelector('#events') && !({suspended})");
+        self.wait("the project resumed", &resumed).await;
+        self.rig.agent.stop();
+        self.rig.kas.wait_disconnected(self.id).await;
+        self.goto(&format!("/agents/{}", self.id)).await;
+        self.wait("the agent page", "document.querySelector('#syncs h3')")
+            .await;
+        self.b.click_button("Reconcile now").await;
+        let named = has_text(
+            "#reconcile-problems",
+            "group/manifests: no GitOps stream heard the request",
+        );
+        self.wait("the problem named", &named).await;
+        check_accessible(&mut self.b, "reconcile-problems").await;
+        self.rig.agent = self.rig.start_agent("agentk-2");
+        self.rig.kas.wait_connected(self.id).await;
+    }
+
     /// Register an agent: its token once, with the install command; a reload shows it no more.
     async fn register_an_agent_and_revoke_its_token(&mut self) {
         self.goto("/").await;
@@ -519,6 +546,7 @@ async fn the_web_ui_walkthrough() {
     w.reconcile_suspend_and_resume().await;
     w.register_an_agent_and_revoke_its_token().await;
     w.the_projects().await;
+    w.a_reconcile_nobody_hears_says_so().await;
     w.a_viewer_may_not_act().await;
     w.the_cluster_as_the_viewer().await;
     w.the_admin_token_has_no_cluster_identity().await;

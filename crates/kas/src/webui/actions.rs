@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Form, Json, Router};
 use serde_json::json;
-use tether_kas_api::{ReconcileRequest, RegisterRequest, SuspendRequest};
+use tether_kas_api::{ReconcileRequest, ReconcileStarted, RegisterRequest, SuspendRequest};
 
-use super::html::page;
+use super::html::{Html, page};
 use super::session::random_token;
 use super::{LoggedIn, WebState, api_error, error_page, html_response, render};
 use crate::api;
@@ -145,7 +145,64 @@ async fn reconcile(
     let req = ReconcileRequest {
         project: project_of(&f),
     };
-    agent_action(&st, &who, id, "reconcile", json!(req)).await
+    let path = format!("/api/v1/agents/{id}/reconcile");
+    let started: Result<ReconcileStarted, _> =
+        super::through::call(&st.api_router, Method::POST, &path, Some(json!(req))).await;
+    let started = match started {
+        Ok(s) => s,
+        Err(e) => return api_error(e, &who),
+    };
+    let problems = reconcile_problems(&started);
+    if problems.is_empty() {
+        return back_to(id);
+    }
+    // Requested, but it will not do what was asked: say so, as `kas agent reconcile` does.
+    tracing::warn!(agent_id = id, problems = ?problems, "Web UI reconcile cannot take effect");
+    let mut body = Html::wrap(
+        "p",
+        "role=\"alert\" class=\"error\"",
+        Html::text("The reconcile was requested, but:"),
+    );
+    body.push(Html::wrap(
+        "ul",
+        "id=\"reconcile-problems\"",
+        problems
+            .iter()
+            .map(|p| Html::wrap("li", "", Html::text(p)))
+            .collect(),
+    ));
+    body.push(Html::assembled(format!(
+        "<p><a href=\"/agents/{id}\">Back to the agent</a></p>"
+    )));
+    let viewer = who.viewer();
+    html_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        page("Reconcile", Some(&viewer), body),
+    )
+}
+
+/// What keeps a reconcile from doing what was asked, per project, in words for the page.
+/// Pure.
+fn reconcile_problems(started: &ReconcileStarted) -> Vec<String> {
+    if started.projects.is_empty() {
+        return vec!["the agent's configuration has no manifest project to synchronize".into()];
+    }
+    let mut out = Vec::new();
+    for t in &started.projects {
+        if let Some(e) = &t.fetch_error {
+            out.push(format!(
+                "{}: fetching the newest commit failed ({e}); the last good commit is synchronized instead",
+                t.project
+            ));
+        }
+        if t.streams == 0 {
+            out.push(format!(
+                "{}: no GitOps stream heard the request — the agent is offline or not leading; nothing will be synchronized until it is back",
+                t.project
+            ));
+        }
+    }
+    out
 }
 
 fn suspend_request(who: &LoggedIn, f: &HashMap<String, String>) -> SuspendRequest {
@@ -210,6 +267,39 @@ async fn revoke(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reconcile_nobody_hears_or_without_a_fetch_is_named_per_project() {
+        let target =
+            |project: &str, streams, fetch_error: Option<&str>| tether_kas_api::ReconcileTarget {
+                project: project.into(),
+                commit: None,
+                fetch_error: fetch_error.map(str::to_owned),
+                streams,
+            };
+        let fine = ReconcileStarted {
+            resync_id: 1,
+            projects: vec![target("group/a", 1, None)],
+        };
+        assert!(reconcile_problems(&fine).is_empty());
+        let bad = ReconcileStarted {
+            resync_id: 2,
+            projects: vec![
+                target("group/a", 0, None),
+                target("group/b", 2, Some("connection refused")),
+                target("group/c", 1, None),
+            ],
+        };
+        let p = reconcile_problems(&bad);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("group/a: no GitOps stream"), "{p:?}");
+        assert!(p[1].contains("group/b: fetching the newest commit failed (connection refused)"));
+        let none = ReconcileStarted {
+            resync_id: 3,
+            projects: Vec::new(),
+        };
+        assert_eq!(reconcile_problems(&none).len(), 1);
+    }
 
     #[test]
     fn a_token_is_shown_once_and_only_to_its_session() {
