@@ -1,12 +1,14 @@
 //! Agent-token authentication backed by the store, and kas's own admin token.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tether_store::Store;
 use tether_tunnel_server::{AgentIdentity, AuthError, Authenticator};
+
+use crate::followed::Followed;
 
 /// Looks agent tokens up in the store, behind the agent listener's limits.
 #[derive(Debug, Clone)]
@@ -55,26 +57,12 @@ impl Authenticator for StoreAuthenticator {
 
 /// kas's admin token: random, kept in a 0600 file beside the data (or the file configured,
 /// e.g. a mounted Secret), checked by digest in constant time. Only its SHA-256 stays in
-/// memory. The file is read again when its size or time changes (checked at most once a
-/// second): a rotated token works at once and the old one stops working, without a restart.
+/// memory. The file is read again when it changes ([`Followed`]): a rotated token works at
+/// once and the old one stops working, without a restart.
 #[derive(Clone)]
 pub struct AdminToken {
-    inner: Arc<AdminTokenFile>,
+    digest: Arc<Followed<[u8; 32]>>,
 }
-
-struct AdminTokenFile {
-    path: PathBuf,
-    state: std::sync::Mutex<AdminState>,
-}
-
-struct AdminState {
-    digest: [u8; 32],
-    stamp: Option<(u64, std::time::SystemTime)>,
-    checked: std::time::Instant,
-}
-
-/// Checks of the token file at most this often (a burst of admin calls stats it no more).
-const ADMIN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,11 +74,6 @@ fn digest(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
-fn file_stamp(path: &Path) -> Option<(u64, std::time::SystemTime)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.len(), m.modified().ok()?))
-}
-
 /// The token in the file, if it holds one.
 fn read_token(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -98,72 +81,36 @@ fn read_token(path: &Path) -> Option<String> {
     (!t.is_empty()).then(|| t.to_owned())
 }
 
+fn token_digest(path: &Path) -> Result<[u8; 32], String> {
+    read_token(path)
+        .map(|t| digest(&t))
+        .ok_or_else(|| "empty or unreadable".to_owned())
+}
+
 impl AdminToken {
     /// Reads the token file, creating it with a fresh token when missing.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
-        let token = match read_token(path) {
-            Some(t) => t,
-            None => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let token = random_token(48);
-                write_private(path, &format!("{token}\n"))?;
-                token
+        if read_token(path).is_none() {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
             }
-        };
-        let state = AdminState {
-            digest: digest(&token),
-            stamp: file_stamp(path),
-            checked: std::time::Instant::now(),
-        };
+            write_private(path, &format!("{}\n", random_token(48)))?;
+        }
+        let digest = Followed::load(path, "Admin token file", token_digest)
+            .map_err(std::io::Error::other)?;
         Ok(Self {
-            inner: Arc::new(AdminTokenFile {
-                path: path.to_owned(),
-                state: std::sync::Mutex::new(state),
-            }),
+            digest: Arc::new(digest),
         })
     }
 
-    /// The digest of the token in force, read again first if the file changed. A file that
-    /// is empty or unreadable (being rewritten) keeps the previous token.
-    fn current(&self) -> [u8; 32] {
-        let f = &self.inner;
-        let mut s = f
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if s.checked.elapsed() < ADMIN_RECHECK {
-            return s.digest;
-        }
-        s.checked = std::time::Instant::now();
-        let now = file_stamp(&f.path);
-        if now != s.stamp {
-            match read_token(&f.path) {
-                Some(t) => {
-                    s.stamp = now;
-                    let new = digest(&t);
-                    if new != s.digest {
-                        s.digest = new;
-                        tracing::info!(file = %f.path.display(), "Admin token file changed: the new token is in force, the old one no longer works");
-                    }
-                }
-                None => {
-                    tracing::warn!(file = %f.path.display(), "Admin token file is empty or unreadable; keeping the previous token")
-                }
-            }
-        }
-        s.digest
-    }
-
     pub fn matches(&self, presented: &str) -> bool {
-        bool::from(digest(presented).ct_eq(&self.current()))
+        bool::from(digest(presented).ct_eq(&*self.digest.current()))
     }
 
     /// Names the token in force without revealing it (a digest of its digest): what a web UI
     /// session opened with it records, so rotating the token ends those sessions too.
     pub fn fingerprint(&self) -> String {
-        hex::encode(Sha256::digest(self.current()))
+        hex::encode(Sha256::digest(*self.digest.current()))
     }
 }
 
@@ -220,10 +167,7 @@ mod tests {
         let t = AdminToken::load_or_create(&p).expect("load");
         let old_print = t.fingerprint();
         assert!(t.matches("old-token"));
-        let recheck_now = |t: &AdminToken| {
-            let mut s = t.inner.state.lock().expect("lock");
-            s.checked = std::time::Instant::now() - ADMIN_RECHECK;
-        };
+        let recheck_now = |t: &AdminToken| t.digest.recheck_now();
         std::fs::write(&p, "").expect("write");
         recheck_now(&t);
         assert!(

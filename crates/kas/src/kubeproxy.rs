@@ -121,7 +121,8 @@ pub struct Proxy {
     pub path_prefix: String,
     pub metrics: ProxyMetrics,
     pub public_url: Option<String>,
-    pub ca_pem: Option<Vec<u8>>,
+    /// `kubernetes_api.ca_file`, followed: a renewed CA goes into the next kubeconfigs.
+    pub ca_pem: Option<Arc<crate::followed::Followed<Vec<u8>>>>,
     pub tls: bool,
     /// Agent → configuration project, remembered briefly (see [`AgentProjects`]).
     pub agent_projects: Arc<AgentProjects>,
@@ -1094,7 +1095,8 @@ impl Proxy {
             name: &a.name,
             ci_access: &c.ci_access,
         });
-        ci_kubeconfig(server, self.ca_pem.as_deref(), jwt, job, entries)
+        let ca = self.ca_pem.as_ref().map(|f| f.current());
+        ci_kubeconfig(server, ca.as_deref().map(Vec::as_slice), jwt, job, entries)
     }
 }
 

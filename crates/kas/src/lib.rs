@@ -14,6 +14,7 @@ pub mod config_in_force;
 pub mod connections;
 pub mod database;
 pub mod diff;
+pub mod followed;
 pub mod install;
 pub mod jwks;
 pub mod kubeproxy;

@@ -760,15 +760,13 @@ async fn start_kubeproxy(
         metrics: proxy_metrics,
         public_url: k.public_url.clone(),
         ca_pem: match &k.ca_file {
-            Some(f) => {
-                let pem = std::fs::read(f)
-                    .with_context(|| format!("reading kubernetes_api.ca_file {}", f.display()))?;
-                // Every kubeconfig kas hands out embeds it: refuse to start rather than serve
-                // kubeconfigs kubectl cannot use.
-                tether_kubeproxy_server::check_ca_pem(&pem)
-                    .with_context(|| format!("kubernetes_api.ca_file {}", f.display()))?;
-                Some(pem)
-            }
+            // Every kubeconfig kas hands out embeds it: refuse to start rather than serve
+            // kubeconfigs kubectl cannot use; a renewed file that does not parse keeps the
+            // previous CA.
+            Some(f) => Some(Arc::new(
+                crate::followed::Followed::load(f, "kubernetes_api.ca_file", read_ca_pem)
+                    .map_err(|e| anyhow::anyhow!("kubernetes_api.ca_file {}: {e}", f.display()))?,
+            )),
             None => None,
         },
         tls: k.listen.certificate_file.is_some(),
@@ -936,4 +934,11 @@ fn check_limits(cfg: &Config) {
         total = total.saturating_add(w.limits(crate::config::WEB_LIMITS).max_connections);
     }
     crate::listener::check_descriptor_budget(total);
+}
+
+/// A CA file for kubeconfigs: PEM that kubectl can use.
+fn read_ca_pem(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("reading it: {e}"))?;
+    tether_kubeproxy_server::check_ca_pem(&pem).map_err(|e| e.to_string())?;
+    Ok(pem)
 }

@@ -830,6 +830,65 @@ async fn an_open_watch_ends_when_its_personal_access_token_expires() {
     let _ = other.wait();
 }
 
+/// The CA kubeconfigs embed (`kubernetes_api.ca_file`) is followed: renewed on disk, it is in
+/// the next kubeconfig without a restart (kubectl would otherwise refuse kas's renewed
+/// certificate); a file that is not a CA keeps the previous one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubeconfigs_embed_the_ca_file_as_it_is_now() {
+    use base64::Engine as _;
+    let mut s = setup().await;
+    // The test's own client keeps trusting the CA kas serves with; kas's ca_file changes.
+    let ca_file = s.ca.clone();
+    s.ca = s.dir.path().join("client-ca.pem");
+    std::fs::copy(&ca_file, &s.ca).unwrap();
+    let jwt = s.key.sign(&claims("group/app"));
+    let embedded = |body: &str| {
+        let kc: Value = serde_json::from_str(body).unwrap();
+        let data = kc["clusters"][0]["cluster"]["certificate-authority-data"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap()
+    };
+    let (_, body) = s.kubeconfig(&jwt).await;
+    let first = std::fs::read(&ca_file).unwrap();
+    assert_eq!(embedded(&body), first);
+
+    std::fs::write(&ca_file, "not a certificate").unwrap();
+    let body = wait_for(
+        "kas to look at the broken file",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = s.kubeconfig(&jwt).await;
+            let seen = s
+                .kas
+                .log()
+                .contains("kubernetes_api.ca_file changed but cannot be used");
+            seen.then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(
+        embedded(&body),
+        first,
+        "a broken file keeps the previous CA"
+    );
+    let renewed = Pki::temporary();
+    std::fs::copy(&renewed.ca, &ca_file).unwrap();
+    let want = std::fs::read(&renewed.ca).unwrap();
+    wait_for(
+        "the renewed CA in the kubeconfig",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = s.kubeconfig(&jwt).await;
+            (embedded(&body) == want).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Removing a project from `ci_access` (after a compromise, say) ends its jobs' open watches
 /// at once — they used to run on until `max_connection_age` — while a person's watch, still
 /// allowed by `user_access`, goes on.
