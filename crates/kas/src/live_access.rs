@@ -20,6 +20,8 @@ use tether_store::Store;
 use tether_tunnel_server::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::config_in_force::InForce;
+
 /// Who made a request, as the proxy authorized it.
 #[derive(Debug, Clone)]
 pub enum Caller {
@@ -158,12 +160,12 @@ impl LiveAccess {
 const RECHECK: Duration = Duration::from_secs(10);
 
 /// Re-checks the live requests until `stop`: when this replica records a configuration, and
-/// every [`RECHECK`] against the configuration in force in the store (an agent whose
-/// configuration stream is on another replica). An agent whose configuration cannot be read
-/// keeps its requests: the store being down is no reason to cut every session.
+/// every [`RECHECK`] against the configuration in force as fresh as this replica can know it
+/// ([`InForce`]: the store for an agent another replica may hold). An agent whose configuration
+/// cannot be read keeps its requests: the store being down is no reason to cut every session.
 pub async fn follow(
     live: Arc<LiveAccess>,
-    (configs, store, registry): (Arc<ConfigStates>, Arc<dyn Store>, Arc<Registry>),
+    (configs, store, registry, several): (Arc<ConfigStates>, Arc<dyn Store>, Arc<Registry>, bool),
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(RECHECK);
@@ -174,13 +176,16 @@ pub async fn follow(
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
+        let in_force = InForce {
+            configs: &configs,
+            store: store.as_ref(),
+            registry: &registry,
+            several,
+        };
         for agent_id in live.agents() {
-            let config = if registry.has_agent(agent_id) {
-                configs.config(agent_id)
-            } else {
-                configs.load_agent(store.as_ref(), agent_id).await
+            let Some(config) = in_force.now(agent_id).await else {
+                continue;
             };
-            let Some(config) = config else { continue };
             let ended = live.recheck(agent_id, &config);
             if ended > 0 {
                 tracing::info!(

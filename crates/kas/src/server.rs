@@ -792,6 +792,7 @@ async fn start_kubeproxy(
             Arc::clone(&proxy.configs),
             Arc::clone(&sh.store),
             Arc::clone(&sh.registry),
+            sh.peers.is_some(),
         ),
         Modules::shutdown_of(&handle),
     ));
