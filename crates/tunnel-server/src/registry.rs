@@ -375,6 +375,11 @@ impl Registry {
         self.lock().known.insert(digest, identity, now);
     }
 
+    /// Whether kas is stopping: new streams are refused before they are answered.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
     /// Ends every stream and refuses new ones (kas is stopping).
     pub fn shutdown(&self) {
         self.lock().shutting_down = true;

@@ -178,6 +178,11 @@ impl ReverseTunnel for TunnelService {
         &self,
         request: Request<Streaming<AgentFrame>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        // Refused before it is answered: an answered stream counts as connected for the agent,
+        // which would log a connection that kas ends a moment later.
+        if self.registry.is_shutting_down() {
+            return Err(Status::unavailable("kas is shutting down"));
+        }
         // Each request takes a stream and the agent opens the next: its token was most
         // likely looked up a moment ago.
         let remote = tether_transport::remote_addr_of(&request);
