@@ -140,7 +140,7 @@ const CREDENTIALS_RECHECK: Duration = Duration::from_secs(10);
 const CREDENTIALS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Size and modification time of each credential file (`None`: not configured or unreadable).
-type CredentialStamp = [Option<(u64, std::time::SystemTime)>; 4];
+type CredentialStamp = [crate::followed::Stamp; 4];
 
 fn credential_stamp(cfg: &RedisConfig) -> CredentialStamp {
     [
@@ -149,10 +149,7 @@ fn credential_stamp(cfg: &RedisConfig) -> CredentialStamp {
         &cfg.certificate_file,
         &cfg.key_file,
     ]
-    .map(|f| {
-        let m = std::fs::metadata(f.as_ref()?).ok()?;
-        Some((m.len(), m.modified().ok()?))
-    })
+    .map(|f| crate::followed::stamp(f.as_ref()?))
 }
 
 impl std::fmt::Debug for Cluster {

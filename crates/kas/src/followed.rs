@@ -8,9 +8,11 @@ use std::time::{Duration, Instant, SystemTime};
 /// Checks of the file at most this often (a burst of requests stats it no more).
 const RECHECK: Duration = Duration::from_secs(1);
 
-type Stamp = Option<(u64, SystemTime)>;
+/// A file's size and modification time, `None` when it cannot be read: what tells that a
+/// rotated file changed.
+pub type Stamp = Option<(u64, SystemTime)>;
 
-fn stamp(path: &Path) -> Stamp {
+pub fn stamp(path: &Path) -> Stamp {
     let m = std::fs::metadata(path).ok()?;
     Some((m.len(), m.modified().ok()?))
 }

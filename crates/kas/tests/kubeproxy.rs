@@ -36,17 +36,7 @@ impl Setup {
 
     /// GETs kas's generated kubeconfig with a CI job ID token.
     async fn kubeconfig(&self, jwt: &str) -> (u16, String) {
-        use http_body_util::BodyExt;
-        let mut sender = self.connect().await;
-        let req = http::Request::get("/.tether/kubeconfig")
-            .header("host", format!("localhost:{}", self.kas.k8s_port))
-            .header("authorization", format!("Bearer {jwt}"))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        let code = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (code, String::from_utf8_lossy(&body).into_owned())
+        support::upgrade::ci_kubeconfig(self.kas.k8s_port, &self.ca, jwt).await
     }
 
     /// A kubeconfig that uses `token` against kas's proxy, as a CI job would.

@@ -19,12 +19,6 @@ fn errors(agent: &Agent) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The status of kas's `/readiness`, or `None` if the endpoint does not answer.
-async fn readiness(kas: &Kas) -> Option<u16> {
-    let response = kas.observability_get("/readiness").await?;
-    response.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// On SIGTERM kas first turns not ready and goes on serving for `shutdown_delay` (the time
 /// Kubernetes takes to remove a terminating Pod's endpoints), then stops: requests sent to
 /// it meanwhile are answered instead of refused, as during a rollout.
@@ -39,11 +33,11 @@ async fn on_sigterm_kas_is_not_ready_but_serves_through_the_shutdown_delay() {
         },
     )
     .await;
-    assert_eq!(readiness(&kas).await, Some(200));
+    assert_eq!(kas.readiness().await, Some(200));
     let asked = Instant::now();
     kas.sigterm();
     support::wait_for("kas not ready", Duration::from_secs(5), || async {
-        (readiness(&kas).await == Some(503)).then_some(())
+        (kas.readiness().await == Some(503)).then_some(())
     })
     .await;
     // Not ready, still serving: the API answers and the health endpoint is up.

@@ -22,6 +22,12 @@ fn kas_cli(kas: &Kas, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `kas agent reconcile AGENT --wait --timeout TIMEOUT`.
+fn reconcile_wait(kas: &Kas, agent: &str, timeout: &str) -> Output {
+    let args = ["agent", "reconcile", agent, "--wait", "--timeout", timeout];
+    kas_cli(kas, &args)
+}
+
 fn text(o: &Output) -> String {
     format!(
         "exit {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -98,17 +104,7 @@ async fn reconcile_after_a_hand_made_drift_restores_the_object_and_wait_exits_0(
     let (rig, ns, c1) = configmap_rig("reconcile").await;
     drift(&rig.env, &ns, "app");
     // Piped: plain lines, no terminal escapes, exit code 0.
-    let out = kas_cli(
-        &rig.kas,
-        &[
-            "agent",
-            "reconcile",
-            &agent_name(&rig),
-            "--wait",
-            "--timeout",
-            "90s",
-        ],
-    );
+    let out = reconcile_wait(&rig.kas, &agent_name(&rig), "90s");
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();
     assert!(
@@ -145,17 +141,7 @@ async fn reconcile_wait_on_a_failing_project_exits_non_zero_naming_the_object() 
         "take theirs",
     );
     rig.synced(&c2).await;
-    let out = kas_cli(
-        &rig.kas,
-        &[
-            "agent",
-            "reconcile",
-            "group/config:seed",
-            "--wait",
-            "--timeout",
-            "90s",
-        ],
-    );
+    let out = reconcile_wait(&rig.kas, "group/config:seed", "90s");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();
     assert!(
@@ -417,17 +403,7 @@ async fn reconcile_wait_without_a_commit_to_apply_is_answered_with_the_refusal()
     let refused = rig.synced(&c2).await;
     assert!(!refused.error.is_empty(), "{refused:?}");
 
-    let out = kas_cli(
-        &rig.kas,
-        &[
-            "agent",
-            "reconcile",
-            "group/config:seed",
-            "--wait",
-            "--timeout",
-            "30s",
-        ],
-    );
+    let out = reconcile_wait(&rig.kas, "group/config:seed", "30s");
     // 1: the project failed, with kas's reason; not 3, no answer within the timeout.
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();
@@ -448,17 +424,7 @@ async fn reconcile_with_an_unreachable_remote_exits_5_naming_the_project() {
     let (rig, _ns, c1) = configmap_rig("recunreach").await;
     let gone = rig.manifests.dir.with_extension("gone");
     std::fs::rename(&rig.manifests.dir, &gone).unwrap();
-    let out = kas_cli(
-        &rig.kas,
-        &[
-            "agent",
-            "reconcile",
-            "group/config:seed",
-            "--wait",
-            "--timeout",
-            "90s",
-        ],
-    );
+    let out = reconcile_wait(&rig.kas, "group/config:seed", "90s");
     std::fs::rename(&gone, &rig.manifests.dir).unwrap();
     assert_eq!(out.status.code(), Some(5), "{}", text(&out));
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();

@@ -66,10 +66,12 @@ impl Shared {
     }
 }
 
-/// The status of kas's `/readiness`, or `None` if the endpoint does not answer.
-async fn readiness(kas: &Kas) -> Option<u16> {
-    let response = kas.observability_get("/readiness").await?;
-    response.split_whitespace().nth(1)?.parse().ok()
+/// Waits up to `secs` for kas's `/readiness` to answer `code`.
+async fn wait_readiness(kas: &Kas, what: &str, code: u16, secs: u64) {
+    wait_for(what, Duration::from_secs(secs), || async {
+        (kas.readiness().await == Some(code)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,21 +144,12 @@ async fn a_replica_is_ready_only_while_redis_answers() {
     let mut shared = Shared::start();
     let kas = shared.replica(&dir.path().join("kas")).await;
     // The observability endpoint is the last module to start.
-    wait_for("kas ready", Duration::from_secs(10), || async {
-        (readiness(&kas).await == Some(200)).then_some(())
-    })
-    .await;
+    wait_readiness(&kas, "kas ready", 200, 10).await;
     shared.redis.stop();
-    wait_for("kas not ready", Duration::from_secs(10), || async {
-        (readiness(&kas).await == Some(503)).then_some(())
-    })
-    .await;
+    wait_readiness(&kas, "kas not ready", 503, 10).await;
     assert!(kas.log().contains("Redis"), "{}", kas.log());
     shared.redis.restart().unwrap();
-    wait_for("kas ready again", Duration::from_secs(15), || async {
-        (readiness(&kas).await == Some(200)).then_some(())
-    })
-    .await;
+    wait_readiness(&kas, "kas ready again", 200, 15).await;
 }
 
 /// A Redis password rotated as operators do it: the new one in kas's password file (the
@@ -167,24 +160,13 @@ async fn a_rotated_redis_password_is_followed_without_restarting_kas() {
     let dir = tempfile::tempdir().unwrap();
     let mut shared = Shared::start();
     let one = shared.replica(&dir.path().join("kas-1")).await;
-    wait_for("kas ready", Duration::from_secs(10), || async {
-        (readiness(&one).await == Some(200)).then_some(())
-    })
-    .await;
+    wait_readiness(&one, "kas ready", 200, 10).await;
 
     shared.redis.password = format!("rotated-{}", std::process::id());
     shared.redis.password_file().unwrap();
     shared.redis.restart().unwrap();
-    wait_for("kas not ready", Duration::from_secs(10), || async {
-        (readiness(&one).await == Some(503)).then_some(())
-    })
-    .await;
-    wait_for(
-        "kas ready on the new password",
-        Duration::from_secs(40),
-        || async { (readiness(&one).await == Some(200)).then_some(()) },
-    )
-    .await;
+    wait_readiness(&one, "kas not ready", 503, 10).await;
+    wait_readiness(&one, "kas ready on the new password", 200, 40).await;
     assert!(
         one.log()
             .contains("Redis credential files changed: connected with them"),
@@ -976,18 +958,8 @@ impl CiRig {
 
     /// The kubeconfig `through`'s proxy gives a job of `project`: status and body.
     async fn kubeconfig(&self, through: &Kas, project: &str) -> (u16, String) {
-        use http_body_util::BodyExt;
-        let mut sender = support::upgrade::tls_http1(through.k8s_port, &self.pki.ca).await;
         let jwt = std::fs::read_to_string(self.job_token(project)).unwrap();
-        let req = http::Request::get("/.tether/kubeconfig")
-            .header("host", format!("localhost:{}", through.k8s_port))
-            .header("authorization", format!("Bearer {jwt}"))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        let code = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (code, String::from_utf8_lossy(&body).into_owned())
+        support::upgrade::ci_kubeconfig(through.k8s_port, &self.pki.ca, &jwt).await
     }
 }
 

@@ -18,12 +18,6 @@ fn on_postgres(url: &str) -> KasOptions {
     }
 }
 
-/// The status of kas's `/readiness`, or `None` if the endpoint does not answer.
-async fn readiness(kas: &Kas) -> Option<u16> {
-    let response = kas.observability_get("/readiness").await?;
-    response.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Runs `kas` with these arguments to completion.
 fn kas_cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kas"))
@@ -62,15 +56,15 @@ async fn kas_on_postgres_keeps_its_agents_across_restarts_and_is_ready_only_with
     let agents = kas.admin.list_agents().await.unwrap();
     assert_eq!(agents.len(), 1, "{agents:?}");
 
-    assert_eq!(readiness(&kas).await, Some(200));
+    assert_eq!(kas.readiness().await, Some(200));
     pg.stop().unwrap();
     wait_for("kas not ready", Duration::from_secs(10), || async {
-        (readiness(&kas).await == Some(503)).then_some(())
+        (kas.readiness().await == Some(503)).then_some(())
     })
     .await;
     pg.restart().unwrap();
     wait_for("kas ready again", Duration::from_secs(10), || async {
-        (readiness(&kas).await == Some(200)).then_some(())
+        (kas.readiness().await == Some(200)).then_some(())
     })
     .await;
     assert!(kas.log().contains("not ready"), "{}", kas.log());

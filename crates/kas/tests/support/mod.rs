@@ -638,6 +638,12 @@ impl Kas {
 impl Kas {
     /// The whole HTTP response (status line, headers, body) to a GET of `path` on kas's
     /// observability endpoint, or `None` if it does not answer.
+    /// The status of `/readiness`, or `None` if the endpoint does not answer.
+    pub async fn readiness(&self) -> Option<u16> {
+        let response = self.observability_get("/readiness").await?;
+        response.split_whitespace().nth(1)?.parse().ok()
+    }
+
     pub async fn observability_get(&self, path: &str) -> Option<String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.obs_port))

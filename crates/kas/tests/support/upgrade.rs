@@ -102,6 +102,22 @@ pub async fn tls_http1(
     sender
 }
 
+/// A CI job's kubeconfig from kas's proxy on `port` (TLS, trusting `ca`) with its ID token
+/// `jwt`: the status and the body.
+pub async fn ci_kubeconfig(port: u16, ca: &Path, jwt: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let mut sender = tls_http1(port, ca).await;
+    let req = http::Request::get("/.tether/kubeconfig")
+        .header("host", format!("localhost:{port}"))
+        .header("authorization", format!("Bearer {jwt}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let code = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
 /// Upgrades `path` with `protocol` (`websocket` or `SPDY/3.1`, as kubectl does), asserts 101,
 /// then sends 300 KB and asserts they come back unchanged. Returns the impersonated user the
 /// stand-in server was sent.
