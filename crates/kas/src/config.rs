@@ -317,8 +317,12 @@ pub struct Database {
     /// (with `?sslmode=verify-full` and friends for TLS). Exclusive with `sqlite_path`.
     pub url: Option<String>,
     /// A file holding that URL instead (it carries the password: a mounted Secret). Read when
-    /// kas loads its configuration; exclusive with `url`.
+    /// kas loads its configuration, then followed: a rotated URL is used for new connections
+    /// once one connects with it. Exclusive with `url`.
     pub url_file: Option<PathBuf>,
+    /// Where `url` was read from (`url_file`, moved here by [`Config::load`]), to follow it.
+    #[serde(skip)]
+    pub url_read_from: Option<PathBuf>,
 }
 
 /// Which database kas keeps its records in (see [`Config::database_location`]).
@@ -638,9 +642,10 @@ impl Config {
             })?;
             cfg.database.url = Some(url.trim().to_owned());
             cfg.validate().map_err(|message| ConfigError::Invalid {
-                path: file,
+                path: file.clone(),
                 message,
             })?;
+            cfg.database.url_read_from = Some(file);
         }
         Ok(cfg)
     }
@@ -933,6 +938,7 @@ mod tests {
             c.database.url.as_deref(),
             Some("postgres://kas:secret@db/kas")
         );
+        assert_eq!(c.database.url_read_from.as_deref(), Some(url.as_path()));
         std::fs::write(&url, "mysql://db\n").unwrap();
         let e = Config::load(&cfg).unwrap_err().to_string();
         assert!(e.contains("postgres://") && !e.contains("secret"), "{e}");

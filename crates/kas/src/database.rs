@@ -2,6 +2,7 @@
 //! it without serving (`kas store migrate`, `kas store copy`), and readiness, which follows
 //! whether the database answers.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,81 @@ pub async fn open(location: &DatabaseLocation) -> Result<Arc<dyn Store>> {
         DatabaseLocation::Postgres(url) => Arc::new(PgStore::connect(url).await?),
     };
     Ok(store)
+}
+
+/// How often the file of `database.url_file` is looked at.
+const URL_RECHECK: Duration = Duration::from_secs(10);
+
+/// Opens the configured database and, when its URL came from `database.url_file`, follows that
+/// file until `stop` (see [`follow_url`]).
+pub async fn open_followed(
+    cfg: &crate::config::Config,
+    stop: CancellationToken,
+) -> Result<(Arc<dyn Store>, Option<tokio::task::JoinHandle<()>>)> {
+    let location = cfg.database_location();
+    let (DatabaseLocation::Postgres(url), Some(file)) = (&location, &cfg.database.url_read_from)
+    else {
+        return Ok((open(&location).await?, None));
+    };
+    let pg = PgStore::connect(url).await?;
+    let follower = tokio::spawn(follow_url(pg.clone(), file.clone(), url.clone(), stop));
+    Ok((Arc::new(pg), Some(follower)))
+}
+
+/// Follows the file holding the PostgreSQL URL: when it changes (a Secret with a rotated
+/// password), new connections use the new URL once one connection with it works. Without this
+/// kas would go on opening connections with the withdrawn password, and fail at the first
+/// one it needs after the rotation. A URL the server does not take yet (the Secret changed
+/// before the database) keeps the working one, warned once, and is tried at every check.
+async fn follow_url(pg: PgStore, file: PathBuf, mut in_use: String, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(URL_RECHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = crate::followed::stamp(&file);
+    let mut warned = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let now = crate::followed::stamp(&file);
+        if now == seen {
+            continue;
+        }
+        let tried = match read_url(&file) {
+            Ok(url) if url == in_use => Ok(None),
+            Ok(url) => pg
+                .switch_url(&url)
+                .await
+                .map(|()| Some(url))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match tried {
+            Ok(switched) => {
+                if let Some(url) = switched {
+                    in_use = url;
+                    tracing::info!(file = %file.display(), "Database URL file changed: new connections use it");
+                }
+                seen = now;
+                warned = None;
+            }
+            Err(error) if warned != Some(now) => {
+                warned = Some(now);
+                tracing::warn!(file = %file.display(), error, "Database URL file changed but does not connect; new connections keep the previous URL, trying again");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The URL in `file`, checked to be PostgreSQL's. Errors never carry the URL (its password).
+fn read_url(file: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
+    let url = text.trim();
+    match DatabaseLocation::parse(url) {
+        Ok(DatabaseLocation::Postgres(url)) => Ok(url),
+        _ => Err("not a postgres:// URL".to_owned()),
+    }
 }
 
 /// `kas store migrate`: applies the schema migrations the database lacks, then closes it.

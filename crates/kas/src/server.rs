@@ -264,9 +264,13 @@ async fn start_store(cfg: &Config, handle: Handle) -> Result<(Arc<dyn Store>, Ad
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
     let location = cfg.database_location();
-    let store = crate::database::open(&location)
+    let (store, follower) = crate::database::open_followed(cfg, Modules::shutdown_of(&handle))
         .await
         .with_context(|| format!("opening the database {location}"))?;
+    let handle = match follower {
+        Some(task) => handle.task(task),
+        None => handle,
+    };
     let admin_file = cfg.admin_token_file();
     let admin = AdminToken::load_or_create(&admin_file)
         .with_context(|| format!("reading or creating {}", admin_file.display()))?;

@@ -150,3 +150,54 @@ async fn a_sqlite_kas_copied_to_postgres_keeps_its_agents_tokens() {
         .unwrap();
     assert!(third.agent_id > t.agent_id);
 }
+
+/// A PostgreSQL password rotated in the file of `database.url_file` (a Secret) is followed
+/// without restarting kas: a URL the server does not take yet keeps the working one (warned),
+/// and once the server takes it, new connections use it — also after the old sessions ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_database_password_is_followed_without_restarting_kas() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start().unwrap();
+    let url_file = dir.path().join("database-url");
+    let first = pg.create_password_database("kas", "first-pw-1").unwrap();
+    std::fs::write(&url_file, &first).unwrap();
+    let options = KasOptions {
+        extra_yaml: format!("database:\n  url_file: {}\n", url_file.display()),
+        ..KasOptions::default()
+    };
+    let kas = Kas::start(&dir.path().join("kas"), options).await;
+    kas.admin.register_agent("group/app", "one").await.unwrap();
+
+    // The Secret changes before the database: kas says so and goes on with the old password.
+    std::fs::write(&url_file, pg.password_url("kas", "second-pw-2")).unwrap();
+    wait_for(
+        "a warning about the URL",
+        Duration::from_secs(30),
+        || async { kas.log().contains("does not connect").then_some(()) },
+    )
+    .await;
+    kas.admin.register_agent("group/app", "two").await.unwrap();
+    assert_eq!(kas.readiness().await, Some(200));
+
+    // The database takes it and ends every session opened with the old one.
+    pg.rotate_password("second-pw-2").unwrap();
+    wait_for("the new URL in use", Duration::from_secs(30), || async {
+        kas.log().contains("new connections use it").then_some(())
+    })
+    .await;
+    wait_for("kas ready", Duration::from_secs(10), || async {
+        (kas.readiness().await == Some(200)).then_some(())
+    })
+    .await;
+    kas.admin
+        .register_agent("group/app", "three")
+        .await
+        .unwrap();
+    let agents = kas.admin.list_agents().await.unwrap();
+    assert_eq!(agents.len(), 3, "{agents:?}");
+    let log = kas.log();
+    assert!(
+        !log.contains("first-pw-1") && !log.contains("second-pw-2"),
+        "{log}"
+    );
+}

@@ -33,10 +33,7 @@ impl PgStore {
     /// brings the schema up to date. Fails if the server cannot be reached now; once running,
     /// the pool reconnects by itself and each operation reports the outage as an error.
     pub async fn connect(url: &str) -> Result<Self> {
-        let options: PgConnectOptions = url.parse()?;
-        // The server's NOTICEs ("relation … already exists, skipping" from the migrator) would
-        // land in kas's log as noise; warnings and errors still come through.
-        let options = options.options([("client_min_messages", "warning")]);
+        let options = connect_options(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -46,10 +43,33 @@ impl PgStore {
         Ok(Self { pool })
     }
 
+    /// Makes the pool's new connections use `url` (a rotated password), once one connection
+    /// with it has worked: credentials the server does not take yet keep the pool on the
+    /// working ones. Open connections stay (PostgreSQL keeps a session whose role's password
+    /// changed); they are replaced as they close.
+    pub async fn switch_url(&self, url: &str) -> Result<()> {
+        let options = connect_options(url)?;
+        let probe = <PgConnection as sqlx::Connection>::connect_with(&options);
+        let conn = tokio::time::timeout(ACQUIRE_TIMEOUT, probe)
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        // Closing is a courtesy to the server; the switch does not depend on it.
+        let _ = sqlx::Connection::close(conn).await;
+        self.pool.set_connect_options(options);
+        Ok(())
+    }
+
     /// Begins a write; see [`WriteTxn`].
     async fn write(&self) -> Result<WriteTxn<sqlx::Postgres>> {
         WriteTxn::<sqlx::Postgres>::begin(&self.pool).await
     }
+}
+
+/// The options a URL gives, with the server's NOTICEs ("relation … already exists, skipping"
+/// from the migrator) kept out of kas's log; warnings and errors still come through.
+fn connect_options(url: &str) -> Result<PgConnectOptions> {
+    let options: PgConnectOptions = url.parse()?;
+    Ok(options.options([("client_min_messages", "warning")]))
 }
 
 crate::backend::impl_store!(PgStore, PgConnection);

@@ -12,6 +12,10 @@ use crate::{Error, Result, io_err, run_output};
 /// which is fine for a server only reachable from this machine for the length of a test.
 pub const USER: &str = "tether";
 
+/// A role that must give its password (SCRAM) on 127.0.0.1, for tests of credential
+/// rotation; created by [`Postgres::create_password_database`].
+pub const PASSWORD_USER: &str = "tether_password";
+
 /// Where a start that lost its port to another process is retried with a new one; see
 /// [`Postgres::start`].
 const START_ATTEMPTS: u32 = 3;
@@ -64,6 +68,7 @@ impl Postgres {
             "--no-sync",
         ]);
         run_output(&mut initdb)?;
+        server.require_password_of(PASSWORD_USER)?;
         let mut attempt = 1;
         loop {
             server.port = tether_test_support::unused_port();
@@ -97,6 +102,71 @@ impl Postgres {
             .arg(name);
         run_output(&mut createdb)?;
         Ok(self.url(name))
+    }
+
+    /// Creates [`PASSWORD_USER`] with `password` and an empty database it owns; returns the
+    /// database's URL with that password in it.
+    pub fn create_password_database(&self, name: &str, password: &str) -> Result<String> {
+        self.sql(&format!(
+            "CREATE ROLE {PASSWORD_USER} LOGIN PASSWORD {}",
+            quote(password)
+        ))?;
+        let mut createdb = self.command("createdb");
+        createdb
+            .args(["-h", "127.0.0.1", "-U", USER, "-O", PASSWORD_USER, "-p"])
+            .arg(self.port.to_string())
+            .arg(name);
+        run_output(&mut createdb)?;
+        Ok(self.password_url(name, password))
+    }
+
+    /// The URL of database `name` as [`PASSWORD_USER`] with `password`.
+    pub fn password_url(&self, name: &str, password: &str) -> String {
+        format!(
+            "postgres://{PASSWORD_USER}:{password}@127.0.0.1:{}/{name}",
+            self.port
+        )
+    }
+
+    /// Changes [`PASSWORD_USER`]'s password and ends its sessions, as an operator rotating a
+    /// leaked password does: from now on only the new one connects.
+    pub fn rotate_password(&self, password: &str) -> Result<()> {
+        self.sql(&format!(
+            "ALTER ROLE {PASSWORD_USER} PASSWORD {}",
+            quote(password)
+        ))?;
+        self.sql(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{PASSWORD_USER}'"
+        ))
+    }
+
+    /// Runs one SQL statement as [`USER`] in database `postgres`.
+    fn sql(&self, statement: &str) -> Result<()> {
+        let mut psql = self.command("psql");
+        psql.args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            USER,
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-p",
+        ])
+        .arg(self.port.to_string())
+        .arg("-c")
+        .arg(statement);
+        run_output(&mut psql).map(drop)
+    }
+
+    /// Puts a rule first in pg_hba.conf (the first matching rule decides): `user` connecting
+    /// over TCP must give its password; everyone else stays trusted.
+    fn require_password_of(&self, user: &str) -> Result<()> {
+        let hba = self.data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).map_err(io_err("reading pg_hba.conf"))?;
+        let rules = format!("host all {user} 127.0.0.1/32 scram-sha-256\n{rules}");
+        std::fs::write(&hba, rules).map_err(io_err("writing pg_hba.conf"))
     }
 
     /// Stops the server; it can be started again with [`Postgres::restart`]. `fast` shutdown:
@@ -219,4 +289,9 @@ fn server_owner() -> Result<Option<(u32, u32)>> {
                     .into(),
             )
         })
+}
+
+/// `text` as an SQL string literal.
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
