@@ -145,6 +145,11 @@ impl Sources {
         })
     }
 
+    /// How long one fetch may take before it counts as failed.
+    pub fn fetch_timeout(&self) -> Duration {
+        self.fetch_timeout
+    }
+
     /// The fetch metrics, to register with the process's metrics registry.
     pub fn metrics(&self) -> &FetchMetrics {
         &self.metrics

@@ -20,8 +20,9 @@ use crate::api::{ApiError, ApiState, rfc3339};
 use crate::cluster::ClusterEvent;
 use tether_gitops_server::ResyncId;
 
-/// How long a reconcile waits for the fetches it started (each has its own timeout too).
-const FETCH_WAIT: Duration = Duration::from_secs(30);
+/// How long a reconcile waits past `git.fetch_timeout` for the fetches it started: each ends
+/// (fetched or failed) within that timeout, so this only covers the time to report it.
+const FETCH_WAIT_MARGIN: Duration = Duration::from_secs(5);
 
 /// Longest reason kept (a sentence or a ticket link, not a document).
 const MAX_REASON: usize = 1024;
@@ -135,6 +136,7 @@ async fn agent_config(
 /// why, for each project whose fetch did not end in time: its head is then the one from
 /// before, and saying nothing would pass the old commit off as fetched.
 async fn fetch_now(st: &ApiState, ids: &[i64]) -> HashMap<i64, String> {
+    let wait = st.sources.fetch_timeout() + FETCH_WAIT_MARGIN;
     let waits = ids.iter().map(|&id| {
         let mut heads = st.sources.watch(id);
         let before = {
@@ -144,12 +146,12 @@ async fn fetch_now(st: &ApiState, ids: &[i64]) -> HashMap<i64, String> {
         st.sources.trigger(id);
         async move {
             let done = heads.wait_for(|h| h.fetches + h.failures > before);
-            match tokio::time::timeout(FETCH_WAIT, done).await {
+            match tokio::time::timeout(wait, done).await {
                 Ok(Ok(_)) => None,
                 Ok(Err(_)) => Some((id, "its mirror was removed while fetching".to_owned())),
                 Err(_) => Some((
                     id,
-                    format!("the fetch did not finish within {}s", FETCH_WAIT.as_secs()),
+                    format!("the fetch did not finish within {}s", wait.as_secs()),
                 )),
             }
         }

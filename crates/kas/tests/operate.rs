@@ -439,6 +439,39 @@ async fn reconcile_with_an_unreachable_remote_exits_5_naming_the_project() {
     assert!(!stdout.contains("fetched, commit"), "{stdout}");
 }
 
+/// A Git host that accepts connections and never answers: `reconcile --wait` ends once the
+/// fetch times out (`git.fetch_timeout`), exit 5 naming the project and the timeout, and the
+/// last good commit stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_with_a_silent_remote_exits_5_once_the_fetch_times_out() {
+    let opts = KasOptions {
+        git_extra: "  fetch_timeout: 2s\n",
+        ..KasOptions::default()
+    };
+    let (rig, _ns, c1) = configmap_rig_with("recsilent", "", &[], opts).await;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    rig.kas
+        .admin
+        .set_project(&kas::api::ProjectRequest {
+            path: "group/manifests".into(),
+            remote: Some(format!("git://127.0.0.1:{port}/manifests")),
+            ..kas::api::ProjectRequest::default()
+        })
+        .await
+        .unwrap();
+    let out = reconcile_wait(&rig.kas, "group/config:seed", "90s");
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(
+        stdout.contains("group/manifests: fetch failed (")
+            && stdout.contains("no answer within")
+            && stdout.contains(&format!("syncing the last good commit {}", &c1[..12])),
+        "{stdout}"
+    );
+    drop(silent);
+}
+
 fn pat_request() -> kas::api::UserTokenRequest {
     kas::api::UserTokenRequest {
         username: "alice".into(),
