@@ -65,11 +65,30 @@ impl PgStore {
     }
 }
 
-/// The options a URL gives, with the server's NOTICEs ("relation … already exists, skipping"
-/// from the migrator) kept out of kas's log; warnings and errors still come through.
+/// Settings of every session kas opens, so that the server frees what a vanished kas held.
+///
+/// Every write holds one lock shared by all replicas ([`WriteTxn::begin`]); a replica whose
+/// node died, or whose connection a network drop left half-open, in the middle of a write
+/// would otherwise keep it until the server's TCP keepalive noticed (about two hours on
+/// Linux), and every replica's writes would queue behind it. The server ends a session idle
+/// inside a transaction after `idle_in_transaction_session_timeout` (kas's transactions never
+/// wait on anything but the database, so they are idle for microseconds) and probes a silent
+/// client after `tcp_keepalives_*`; a write waiting longer than `lock_timeout` for the lock
+/// fails, reported, instead of hanging. The server's NOTICEs ("relation … already exists,
+/// skipping" from the migrator) stay out of kas's log; warnings and errors still come through.
+const SESSION_SETTINGS: [(&str, &str); 6] = [
+    ("client_min_messages", "warning"),
+    ("idle_in_transaction_session_timeout", "15s"),
+    ("lock_timeout", "30s"),
+    ("tcp_keepalives_idle", "30"),
+    ("tcp_keepalives_interval", "10"),
+    ("tcp_keepalives_count", "3"),
+];
+
+/// The options a URL gives, with [`SESSION_SETTINGS`].
 fn connect_options(url: &str) -> Result<PgConnectOptions> {
     let options: PgConnectOptions = url.parse()?;
-    Ok(options.options([("client_min_messages", "warning")]))
+    Ok(options.options(SESSION_SETTINGS))
 }
 
 crate::backend::impl_store!(PgStore, PgConnection);

@@ -143,3 +143,114 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
     assert_eq!(pg.list_agents().await?.len(), 3);
     Ok(())
 }
+
+/// A TCP relay to PostgreSQL that goes silent, both ways and without closing anything, right
+/// after forwarding the first statement that takes kas's write lock: a kas whose node died (or
+/// whose connection a network drop left half-open) in the middle of a write.
+struct VanishingRelay {
+    port: u16,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    vanished: std::sync::Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl VanishingRelay {
+    async fn start(to: u16) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let vanished = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (a, v) = (armed.clone(), vanished.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    tokio::spawn(relay(client, server, a.clone(), v.clone()));
+                }
+            }
+        });
+        Ok(Self {
+            port,
+            armed,
+            vanished,
+            task,
+        })
+    }
+}
+
+impl Drop for VanishingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies both ways until, once `armed`, the client has taken the write lock; then holds both
+/// connections open, forwarding nothing more.
+async fn relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    vanished: std::sync::Arc<tokio::sync::Notify>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let silent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quiet = silent.clone();
+    let back = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = server_read.read(&mut buf).await {
+            if quiet.load(std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            if client_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 16 * 1024];
+    // The statement's text goes with its preparation; it runs with the client's next message,
+    // so the relay goes silent after forwarding that one: the lock is then held.
+    let mut prepared = false;
+    while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+        let runs_it = prepared;
+        prepared |= armed.load(std::sync::atomic::Ordering::SeqCst)
+            && buf[..n].windows(21).any(|w| w == b"pg_advisory_xact_lock");
+        if server_write.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        if runs_it {
+            silent.store(true, std::sync::atomic::Ordering::SeqCst);
+            vanished.notify_one();
+            std::future::pending::<()>().await;
+        }
+    }
+    back.abort();
+}
+
+/// A kas that vanishes while holding the write lock (its node died mid-write) must not stop
+/// every other replica's writes until the server's TCP keepalive notices, about two hours:
+/// the server ends its idle transaction within seconds and the lock passes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_vanishes_holding_the_write_lock_does_not_stop_other_writers() -> TestResult {
+    let server = Postgres::start()?;
+    let url = server.create_database("kas")?;
+    let relay = VanishingRelay::start(server.port).await?;
+    let through_relay = url.replace(&format!(":{}/", server.port), &format!(":{}/", relay.port));
+    let vanishing = PgStore::connect(&through_relay).await?;
+    let other = PgStore::connect(&url).await?;
+
+    relay.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let stuck = tokio::spawn(async move { vanishing.register_agent("group/a", "a").await });
+    relay.vanished.notified().await;
+
+    let written = tokio::time::timeout(
+        std::time::Duration::from_secs(90),
+        other.register_agent("group/b", "b"),
+    )
+    .await;
+    assert!(matches!(written, Ok(Ok(_))), "{written:?}");
+    assert!(other.find_agent("group/a", "a").await?.is_none());
+    assert!(!stuck.is_finished(), "the vanished writer never heard back");
+    stuck.abort();
+    Ok(())
+}
