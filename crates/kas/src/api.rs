@@ -59,6 +59,24 @@ pub struct ApiState {
     pub deliveries: Arc<Deliveries>,
 }
 
+/// When the other replicas learn what an event would have told them, had it reached them
+/// (logged with a failed publication, so the operator knows what is late and for how long).
+fn catch_up(event: &crate::cluster::ClusterEvent) -> &'static str {
+    use crate::cluster::ClusterEvent as E;
+    match event {
+        E::AgentToken { .. } | E::UserToken { .. } => {
+            "at their next token re-check (agent.token_recheck_interval)"
+        }
+        E::Pushed { .. } => "at their next poll (git.poll_interval)",
+        E::Projects { .. } => "within 30 s (they re-read the projects)",
+        E::Suspensions { .. } => "within 10 s (they re-read the suspensions)",
+        E::Resync { .. } => {
+            "never: an agent held by another replica does not re-sync now; ask again"
+        }
+        E::Limits { .. } => "at the next share of the counts",
+    }
+}
+
 /// How many deliveries are kept per project.
 const DELIVERIES_KEPT: usize = 5;
 /// How many projects' deliveries are kept; past it, the project that heard from its Git host
@@ -194,7 +212,8 @@ impl ApiState {
     pub async fn publish_event(&self, event: crate::cluster::ClusterEvent) {
         let Some(cluster) = &self.cluster else { return };
         if let Err(e) = cluster.publish(event.clone()).await {
-            tracing::warn!(event = ?event, error = %e, "Cannot tell the other replicas; they catch up at their next token re-check or poll");
+            let catch_up = catch_up(&event);
+            tracing::warn!(event = ?event, error = %e, catch_up, "Cannot tell the other replicas");
         }
     }
 }

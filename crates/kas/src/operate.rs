@@ -464,9 +464,94 @@ async fn list_user_tokens(
     Ok(Json(views))
 }
 
+/// How often a replica re-reads the suspensions even when no replica said they changed.
+const SUSPENSIONS_REREAD: Duration = Duration::from_secs(10);
+
+/// Tells this replica's GitOps streams of every agent whose suspensions changed in the store
+/// since the last look, every [`SUSPENSIONS_REREAD`]. Other replicas announce a change on
+/// Redis, but that message is lost when the subscription is down at that moment: the leader's
+/// stream would go on applying commits of a suspended agent (or hold a resumed one) until it
+/// reconnected, hours later. One query per replica, whatever the number of streams.
+pub async fn follow_suspensions(
+    store: std::sync::Arc<dyn tether_store::Store>,
+    controls: std::sync::Arc<tether_gitops_server::Controls>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SUSPENSIONS_REREAD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut known: Option<HashMap<i64, Vec<Suspension>>> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        // A failed read is the readiness check's to report; the next tick tries again.
+        let Ok(all) = store.suspensions(None).await else {
+            continue;
+        };
+        let now = by_agent(all);
+        if let Some(before) = &known {
+            for agent_id in changed_agents(before, &now) {
+                controls.suspensions_changed(agent_id);
+            }
+        }
+        known = Some(now);
+    }
+}
+
+fn by_agent(all: Vec<Suspension>) -> HashMap<i64, Vec<Suspension>> {
+    let mut out: HashMap<i64, Vec<Suspension>> = HashMap::new();
+    for s in all {
+        out.entry(s.agent_id).or_default().push(s);
+    }
+    out
+}
+
+/// The agents whose suspensions differ between two readings (pure).
+fn changed_agents(
+    before: &HashMap<i64, Vec<Suspension>>,
+    now: &HashMap<i64, Vec<Suspension>>,
+) -> Vec<i64> {
+    let mut out: Vec<i64> = before
+        .keys()
+        .chain(now.keys())
+        .filter(|id| before.get(id) != now.get(id))
+        .copied()
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn suspension(agent_id: i64, reason: &str) -> Suspension {
+        Suspension {
+            agent_id,
+            scope: SuspensionScope::Agent,
+            reason: reason.into(),
+            suspended_by: "admin".into(),
+            suspended_at: 1,
+        }
+    }
+
+    #[test]
+    fn agents_whose_suspensions_appeared_went_or_changed_are_told() {
+        let before = by_agent(vec![
+            suspension(1, "a"),
+            suspension(2, "b"),
+            suspension(4, "d"),
+        ]);
+        let now = by_agent(vec![
+            suspension(2, "b2"),
+            suspension(3, "c"),
+            suspension(4, "d"),
+        ]);
+        assert_eq!(changed_agents(&before, &now), vec![1, 2, 3]);
+        assert!(changed_agents(&now, &now).is_empty());
+    }
 
     #[test]
     fn who_suspended_is_admin_with_the_reported_name_kept_printable() {

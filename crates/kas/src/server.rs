@@ -327,6 +327,11 @@ fn follow_cluster_events(
     let (sources, me) = (Arc::clone(sources), cluster.replica());
     let guards = sh.guards.clone();
     let controls = Arc::clone(controls);
+    let suspensions = tokio::spawn(crate::operate::follow_suspensions(
+        Arc::clone(&sh.store),
+        Arc::clone(&controls),
+        Modules::shutdown_of(&handle),
+    ));
     let projects_changed = Arc::new(tokio::sync::Notify::new());
     let projects = tokio::spawn(follow_projects(
         (
@@ -376,6 +381,7 @@ fn follow_cluster_events(
         .task(sharing)
         .task(projects)
         .task(credentials)
+        .task(suspensions)
 }
 
 /// How often a replica re-reads the projects even when no replica said they changed.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use support::gitops::{RigArgs, configmap, rig_opts};
 use support::{Agent, Kas, KasOptions, wait_for};
+use tether_store::{Store, SuspensionScope};
 use tether_testenv::postgres::Postgres;
 use tether_testenv::redis::Redis;
 
@@ -17,6 +18,7 @@ struct Shared {
     _pg: Postgres,
     redis: Redis,
     yaml: String,
+    url: String,
 }
 
 impl Shared {
@@ -48,7 +50,13 @@ impl Shared {
             _pg: pg,
             redis,
             yaml,
+            url,
         }
+    }
+
+    /// The replicas' database, for writing to it behind their back.
+    fn database_url(&self) -> String {
+        self.url.clone()
     }
 
     fn options(&self) -> KasOptions {
@@ -335,6 +343,41 @@ async fn a_suspension_asked_of_any_replica_reaches_the_leader() {
                 .as_str()
                 .is_some_and(|m| m.starts_with("GitOps suspended by kas"))
                 && l["reason"] == "incident 7"
+        })
+        .await;
+}
+
+/// A suspension whose Redis message never came (the subscription was down at that moment; here
+/// it is written to the database behind kas's back) still reaches the leader's stream: every
+/// replica re-reads the suspensions every 10 s. A resumption too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_whose_message_was_lost_still_reaches_the_leader() {
+    let shared = Shared::start();
+    let (rig, _, _) = synced_rig("lostsusp", shared.options()).await;
+    let store = tether_store::PgStore::connect(&shared.database_url())
+        .await
+        .unwrap();
+    store
+        .suspend(rig.agent_id, SuspensionScope::Agent, "incident 9", "dba")
+        .await
+        .unwrap();
+    rig.agent
+        .wait_line("the leader to hear of the suspension", |l| {
+            l["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("GitOps suspended by kas"))
+                && l["reason"] == "incident 9"
+        })
+        .await;
+    store
+        .resume(rig.agent_id, SuspensionScope::Agent)
+        .await
+        .unwrap();
+    rig.agent
+        .wait_line("the leader to hear of the resumption", |l| {
+            l["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("GitOps resumed"))
         })
         .await;
 }
