@@ -500,6 +500,11 @@ pub struct AgentListener {
     /// Server-side HTTP/2 pings.
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Duration,
+    /// Longest a connection may go from its accept to its first request with accepted
+    /// credentials; then it is closed. agentk authenticates at once; generous for a kas busy
+    /// with a reconnect storm.
+    #[serde(with = "humantime_serde")]
+    pub authentication_timeout: Duration,
     /// How often tokens of live streams are re-checked; bounds how long a revoked token's
     /// streams live when it was revoked by another kas (the local admin API ends them at once).
     #[serde(with = "humantime_serde")]
@@ -558,6 +563,7 @@ impl Default for AgentListener {
             max_connection_age: Duration::from_secs(2 * 3600),
             max_connection_age_grace: Duration::from_secs(5 * 60),
             keepalive_interval: Duration::from_secs(50),
+            authentication_timeout: Duration::from_secs(60),
             token_recheck_interval: Duration::from_secs(60),
         }
     }
@@ -652,6 +658,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), String> {
         self.validate_listeners()?;
+        if self.agent.authentication_timeout.is_zero() {
+            return Err("agent.authentication_timeout must be positive".into());
+        }
         if self.agent.tunnel_wait_timeout.is_zero() {
             return Err("agent.tunnel_wait_timeout must be positive".into());
         }

@@ -597,6 +597,7 @@ async fn start_agent_listener(
         handshake_timeout: limits.handshake_timeout,
         limits: limits.connections(),
         events: Arc::new(sh.listener_metrics.events("agent")),
+        auth_timeout: Some(cfg.agent.authentication_timeout),
     };
     let service = ReverseTunnelServer::new(TunnelService::new(
         Arc::clone(&sh.registry),

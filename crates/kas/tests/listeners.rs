@@ -156,6 +156,58 @@ async fn slowloris_clients_are_closed_within_the_header_timeout_on_every_http_li
     assert_eq!(n, 20.0);
 }
 
+/// An HTTP/2 client that finishes its handshake but never sends a request with accepted
+/// credentials is closed at `agent.authentication_timeout` (it held its slot for the
+/// connection's whole age, hours, before); a real agentk, authenticated at once, stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_connections_that_never_authenticate_are_closed_and_agents_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            agent_extra: "  authentication_timeout: 2s\n",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "agent")
+        .await
+        .unwrap();
+    let _agent = support::Agent::start(dir.path(), "agentk", &kas.url("grpc"), &t.token, None);
+    let before = kas.wait_connected(t.agent_id).await;
+
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(("127.0.0.1", kas.agent_port))
+        .await
+        .unwrap();
+    // The HTTP/2 preface and an empty SETTINGS frame: a complete handshake, then nothing.
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    wait_closed(&mut silent, Duration::from_secs(2) + SLACK).await;
+    let lived = started.elapsed();
+    assert!(
+        lived >= Duration::from_millis(1900),
+        "closed too early ({lived:?})"
+    );
+    let series =
+        r#"kas_listener_connections_closed_total{listener="agent",reason="not_authenticated"}"#;
+    assert_eq!(kas.metric(series).await, Some(1.0));
+
+    // The agent's connection is older than the deadline and is the same one.
+    let after = kas.wait_connected(t.agent_id).await;
+    let since = |v: &kas::api::AgentView| -> Vec<String> {
+        v.connections
+            .iter()
+            .map(|c| c.connected_since.clone())
+            .collect()
+    };
+    assert_eq!(since(&after), since(&before));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_send_a_client_hello_are_closed_within_the_handshake_timeout() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 mod address;
+mod auth_deadline;
 mod client;
 mod gate;
 pub mod limits;
@@ -24,6 +25,7 @@ mod tls;
 mod ws;
 
 pub use address::{KasAddress, Scheme};
+pub use auth_deadline::{AuthProof, mark_authenticated};
 pub use client::{ClientOptions, connect, connect_lazy};
 pub use gate::{Admission, Gate};
 pub use limits::{CloseReason, ConnectionLimits, ListenerEvents, LogThrottle, Refusal};

@@ -47,6 +47,8 @@ pub enum CloseReason {
     HeaderTimeout,
     /// A keep-alive connection stayed without a request for too long.
     IdleTimeout,
+    /// An agent connection carried no authenticated request within its deadline.
+    NotAuthenticated,
 }
 
 impl CloseReason {
@@ -56,6 +58,7 @@ impl CloseReason {
             CloseReason::HandshakeTimeout => "handshake_timeout",
             CloseReason::HeaderTimeout => "header_timeout",
             CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::NotAuthenticated => "not_authenticated",
         }
     }
 }

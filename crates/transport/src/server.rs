@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tonic::transport::server::Connected;
 
+use crate::auth_deadline::{AuthDeadline, AuthProof};
 use crate::gate::{Admission, Gate};
 use crate::limits::{CloseReason, ConnectionLimits, ListenerEvents, NoEvents};
 use crate::ws::{WS_SUBPROTOCOL, WsIo, ws_config};
@@ -36,13 +37,27 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Who is on the other end of an [`AgentIo`]. tonic puts it into every request's extensions:
 /// `request.extensions().get::<AgentConnectInfo>()` (or [`remote_addr_of`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct AgentConnectInfo {
     remote_addr: SocketAddr,
     scheme: Scheme,
+    proof: Arc<AuthProof>,
 }
 
 impl AgentConnectInfo {
+    fn new(remote_addr: SocketAddr, scheme: Scheme) -> Self {
+        Self {
+            remote_addr,
+            scheme,
+            proof: Arc::default(),
+        }
+    }
+
+    /// Whether the connection authenticated; see [`crate::mark_authenticated`].
+    pub fn proof(&self) -> &AuthProof {
+        &self.proof
+    }
+
     pub fn remote_addr(&self) -> SocketAddr {
         self.remote_addr
     }
@@ -70,6 +85,8 @@ pub struct AgentIo {
     info: AgentConnectInfo,
     /// The connection's slot under the listener's caps, freed when the connection ends.
     admission: Option<Admission>,
+    /// Until the connection authenticated, when it must have.
+    deadline: Option<AuthDeadline>,
 }
 
 impl std::fmt::Debug for AgentIo {
@@ -92,7 +109,7 @@ impl Connected for AgentIo {
     type ConnectInfo = AgentConnectInfo;
 
     fn connect_info(&self) -> AgentConnectInfo {
-        self.info
+        self.info.clone()
     }
 }
 
@@ -102,7 +119,15 @@ impl AsyncRead for AgentIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(deadline) = &mut this.deadline
+            && let Poll::Ready(expired) =
+                deadline.poll_expired(cx, &this.info.proof, this.info.remote_addr)
+        {
+            expired?;
+            this.deadline = None;
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
@@ -179,6 +204,9 @@ pub struct AcceptOptions {
     pub handshake_timeout: Duration,
     pub limits: ConnectionLimits,
     pub events: Arc<dyn ListenerEvents>,
+    /// Longest a connection may go from its accept to its first authenticated request (see
+    /// [`crate::mark_authenticated`]); `None`: no limit.
+    pub auth_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for AcceptOptions {
@@ -186,6 +214,7 @@ impl std::fmt::Debug for AcceptOptions {
         f.debug_struct("AcceptOptions")
             .field("handshake_timeout", &self.handshake_timeout)
             .field("limits", &self.limits)
+            .field("auth_timeout", &self.auth_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -200,6 +229,7 @@ impl Default for AcceptOptions {
                 max_connections_per_address: usize::MAX,
             },
             events: Arc::new(NoEvents),
+            auth_timeout: None,
         }
     }
 }
@@ -245,12 +275,16 @@ async fn accept_loop(
         let tls = tls.clone();
         let events = Arc::clone(&options.events);
         let limit = options.handshake_timeout;
+        let auth_timeout = options.auth_timeout;
         tokio::spawn(async move {
+            let accepted = tokio::time::Instant::now();
             let result = tokio::time::timeout(limit, handshake(tcp, remote_addr, tls)).await;
             drop(permit);
             match result {
                 Ok(Ok(mut io)) => {
                     io.admission = Some(admission);
+                    io.deadline =
+                        auth_timeout.map(|t| AuthDeadline::new(accepted, t, Arc::clone(&events)));
                     // Fails only when the server stopped; the connection is dropped with it.
                     let _ = tx.send(io).await;
                 }
@@ -309,11 +343,9 @@ where
         let scheme = if tls { Scheme::Grpcs } else { Scheme::Grpc };
         return Ok(AgentIo {
             io: Box::new(stream),
-            info: AgentConnectInfo {
-                remote_addr,
-                scheme,
-            },
+            info: AgentConnectInfo::new(remote_addr, scheme),
             admission: None,
+            deadline: None,
         });
     }
 
@@ -327,11 +359,9 @@ where
     let scheme = if tls { Scheme::Wss } else { Scheme::Ws };
     Ok(AgentIo {
         io: Box::new(WsIo::new(ws)),
-        info: AgentConnectInfo {
-            remote_addr,
-            scheme,
-        },
+        info: AgentConnectInfo::new(remote_addr, scheme),
         admission: None,
+        deadline: None,
     })
 }
 

@@ -37,7 +37,20 @@ pub fn authenticate_request<'a, T>(
     request: &'a Request<T>,
 ) -> impl Future<Output = Result<AgentIdentity, Status>> + Send + 'a {
     let address = tether_transport::remote_addr_of(request).map(|a| a.ip());
-    authenticate_from(auth, request.metadata(), address, None)
+    let proof = request
+        .extensions()
+        .get::<tether_transport::AgentConnectInfo>()
+        .cloned();
+    let authenticated = authenticate_from(auth, request.metadata(), address, None);
+    async move {
+        let identity = authenticated.await?;
+        // The connection carried accepted credentials: it outlives its authentication
+        // deadline.
+        if let Some(info) = proof {
+            info.proof().mark();
+        }
+        Ok(identity)
+    }
 }
 
 /// The bearer token, or why there is none (a metric label and a message).
@@ -190,6 +203,7 @@ impl ReverseTunnel for TunnelService {
         let known = Some(self.registry.as_ref());
         let identity =
             authenticate_from(self.auth.as_ref(), md, remote.map(|a| a.ip()), known).await?;
+        tether_transport::mark_authenticated(&request);
         let info = ConnectionInfo {
             agent_version: header(md, metadata::AGENT_VERSION),
             pod_name: header(md, metadata::POD_NAME),

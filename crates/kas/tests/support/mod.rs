@@ -62,6 +62,9 @@ pub struct KasOptions {
     pub tunnel_wait: &'static str,
     pub token_recheck: &'static str,
     pub git_poll: &'static str,
+    /// YAML lines appended under `agent:` (indented by two spaces), e.g.
+    /// `  authentication_timeout: 2s\n`.
+    pub agent_extra: &'static str,
     /// YAML lines appended under `git:` (indented by two spaces), e.g. `  fetch_timeout: 3s\n`.
     pub git_extra: &'static str,
     /// YAML lines appended under `kubernetes_api:` (indented by two spaces).
@@ -96,6 +99,7 @@ impl Default for KasOptions {
             token_recheck: "1m",
             git_poll: "20s",
             git_extra: "",
+            agent_extra: "",
             kubernetes_api_extra: String::new(),
             k8s_tls: None,
             agent_listen_extra: String::new(),
@@ -422,7 +426,7 @@ fn config_yaml(dir: &Path, opts: &KasOptions, ports: [u16; 5]) -> String {
         String::new()
     };
     format!(
-        "data_dir: {data}\nagent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}{agent_extra}  tunnel_wait_timeout: {wait}\n  token_recheck_interval: {recheck}\n\
+        "data_dir: {data}\nagent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}{agent_extra}  tunnel_wait_timeout: {wait}\n  token_recheck_interval: {recheck}\n{agent_section_extra}\
 api:\n  listen:\n    address: 127.0.0.1:{api_port}\n{api_tls}{api_extra}{api_ca}git:\n  poll_interval: {poll}\n{git_extra}kubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n{k8s_tls}{k8s_listen_extra}{k8s_extra}observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n{webhooks}{extra}",
         extra = opts.extra_yaml,
         data = dir.join("data").display(),
@@ -430,6 +434,7 @@ api:\n  listen:\n    address: 127.0.0.1:{api_port}\n{api_tls}{api_extra}{api_ca}
         recheck = opts.token_recheck,
         poll = opts.git_poll,
         git_extra = opts.git_extra,
+        agent_section_extra = opts.agent_extra,
         agent_extra = opts.agent_listen_extra,
         api_extra = opts.api_listen_extra,
         k8s_listen_extra = opts.k8s_listen_extra,

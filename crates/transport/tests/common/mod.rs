@@ -39,7 +39,7 @@ impl ReverseTunnel for Echo {
         let info = request
             .extensions()
             .get::<AgentConnectInfo>()
-            .copied()
+            .cloned()
             .ok_or_else(|| Status::internal("no AgentConnectInfo"))?;
         let remote = remote_addr_of(&request).ok_or_else(|| Status::internal("no address"))?;
         assert_eq!(remote, info.remote_addr());
