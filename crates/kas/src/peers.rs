@@ -253,10 +253,16 @@ impl Peers {
         let mut presence = self.registry.subscribe_presence();
         let mut alive = tokio::time::interval(REPLICA_REFRESH);
         let mut refresh = tokio::time::interval(AGENT_REFRESH);
+        // Whether the entries may be missing from Redis: a write failed, or Redis lost its data
+        // (flushed, restarted without persistence, failed over to a replica that had not
+        // caught up), which this replica's own liveness key being gone tells. They are all
+        // written again at the next liveness tick rather than at the next full refresh,
+        // minutes later, while requests through other replicas found no holder.
+        let mut stale = false;
         loop {
             let written = tokio::select! {
                 () = stop.cancelled() => break,
-                _ = alive.tick() => self.announce().await,
+                _ = alive.tick() => self.announce_and_repair(&mut stale).await,
                 _ = refresh.tick() => self.refresh_all().await,
                 p = presence.recv() => match p {
                     Ok(p) if p.connected => self.hold(&[p.agent_id]).await,
@@ -266,6 +272,7 @@ impl Peers {
                 },
             };
             if let Err(e) = written {
+                stale = true;
                 tracing::warn!(error = %e, "Cannot update the replicas' agent directory in Redis");
             }
         }
@@ -277,15 +284,24 @@ impl Peers {
             .await;
     }
 
-    async fn announce(&self) -> redis::RedisResult<()> {
-        let mut conn = self.cluster.connection();
-        redis::cmd("SET")
-            .arg(replica_key(self.me()))
+    /// Refreshes this replica's liveness key; writes every agent entry again when they may
+    /// be missing (`stale`, or the key was gone: Redis lost its data).
+    async fn announce_and_repair(&self, stale: &mut bool) -> redis::RedisResult<()> {
+        let key = replica_key(self.me());
+        let mut pipe = redis::pipe();
+        pipe.exists(&key)
+            .cmd("SET")
+            .arg(&key)
             .arg(&self.address)
             .arg("EX")
             .arg(REPLICA_TTL)
-            .query_async::<()>(&mut conn)
-            .await
+            .ignore();
+        let (was_there,): (bool,) = pipe.query_async(&mut self.cluster.connection()).await?;
+        if *stale || !was_there {
+            self.refresh_all().await?;
+            *stale = false;
+        }
+        Ok(())
     }
 
     async fn refresh_all(&self) -> redis::RedisResult<()> {

@@ -815,6 +815,42 @@ async fn admin_commands_about_an_agent_work_through_any_replica() {
     assert!(two.log().contains("Peers listener is up"), "{}", two.log());
 }
 
+/// Redis losing its data (a restart without persistence, a failover to a replica that had not
+/// caught up; here FLUSHALL) loses which replica holds which agent. Each replica sees its own
+/// liveness key gone and writes its agents again within seconds; requests through another
+/// replica found no holder until the 4-minute refresh before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_directory_is_rebuilt_within_seconds_after_redis_lost_its_data() {
+    let shared = Shared::start();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = with_peers(shared.options(), dir.path());
+    let (rig, _, _) = synced_rig("flushed", opts).await;
+    let two = Kas::start(
+        &dir.path().join("kas-2"),
+        with_peers(shared.options(), dir.path()),
+    )
+    .await;
+    let id = rig.agent_id;
+    assert_eq!(
+        &two.admin.echo(id, b"one".to_vec()).await.unwrap()[..],
+        b"one"
+    );
+
+    shared.redis.flush_all().unwrap();
+    // A replica started now has nothing cached: it knows only what Redis says.
+    let three = Kas::start(
+        &dir.path().join("kas-3"),
+        with_peers(shared.options(), dir.path()),
+    )
+    .await;
+    wait_for(
+        "an echo through replica 3",
+        Duration::from_secs(30),
+        || async { three.admin.echo(id, b"two".to_vec()).await.ok() },
+    )
+    .await;
+}
+
 /// exec, attach and port-forward cross the hop: the agent (on replica 1) talks to a stand-in
 /// API server that upgrades and echoes (kwok's pods run nothing); the person upgrades through
 /// replica 3 with WebSockets and SPDY, and 300 KB come back unchanged each way.

@@ -216,6 +216,35 @@ impl Redis {
         }
     }
 
+    /// `FLUSHALL`: Redis loses every key, as after a restart without persistence or a
+    /// failover to a replica that had not caught up.
+    pub fn flush_all(&self) -> Result<()> {
+        let mut s =
+            TcpStream::connect(("127.0.0.1", self.port)).map_err(io_err("connecting to Redis"))?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = format!(
+            "*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n*1\r\n$8\r\nFLUSHALL\r\n",
+            self.password.len(),
+            self.password,
+        );
+        s.write_all(request.as_bytes())
+            .map_err(io_err("asking Redis to FLUSHALL"))?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while got.len() < b"+OK\r\n+OK\r\n".len() {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(io_err("reading Redis's answer to FLUSHALL")(e)),
+            }
+        }
+        if got != b"+OK\r\n+OK\r\n" {
+            let got = String::from_utf8_lossy(&got).into_owned();
+            return Err(Error::Other(format!("FLUSHALL answered {got:?}")));
+        }
+        Ok(())
+    }
+
     /// `total_commands_processed` of `INFO stats`.
     pub fn commands_processed(&self) -> Result<u64> {
         let info = self.info("stats")?;
