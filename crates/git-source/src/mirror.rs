@@ -435,7 +435,7 @@ impl Mirror {
         interrupt: &FetchInterrupt,
     ) -> Result<Vec<gix::protocol::handshake::Ref>, Error> {
         let remote = &self.inner.remote;
-        let has_credentials = remote.credentials().is_some();
+        let has_credentials = remote.has_credentials();
         let ssh_log =
             (remote.kind() == RemoteKind::Ssh).then(|| crate::ssh::log_path(&self.inner.dir));
         let classify = |e: gix::Error| {
@@ -459,7 +459,15 @@ impl Mirror {
             .map_err(git_err("configuring refspecs"))?
             // Tags come from the explicit refspec; gix's tag following would duplicate them.
             .with_fetch_tags(gix::remote::fetch::Tags::None);
-        let account = remote.credentials().map(|c| {
+        // Read now: a rotated token is used at once; a missing or broken file fails this fetch,
+        // named in the project's status.
+        let credentials = remote.credentials().map_err(|e| {
+            Error::from(crate::error::FetchError::Auth {
+                remote: remote.to_string(),
+                detail: e.to_string(),
+            })
+        })?;
+        let account = credentials.map(|c| {
             let (username, password) = c.basic_auth();
             gix::sec::identity::Account {
                 username: username.to_owned(),

@@ -234,8 +234,17 @@ pub struct Remote {
     kind: RemoteKind,
     /// For network remotes, the URL as given; for local ones, the absolute path.
     location: String,
-    credentials: Option<Credentials>,
+    credentials: Option<CredentialSource>,
     ssh: SshAuth,
+}
+
+/// Where a remote's credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CredentialSource {
+    Given(Credentials),
+    /// Read at each use: a token rotated in a mounted Secret is used at the next fetch, and a
+    /// file missing for now fails that project's fetches (reported), never a whole start.
+    File(PathBuf),
 }
 
 impl fmt::Debug for Remote {
@@ -398,7 +407,22 @@ impl Remote {
                 remote: self.location,
             });
         }
-        self.credentials = Some(credentials);
+        self.credentials = Some(CredentialSource::Given(credentials));
+        Ok(self)
+    }
+
+    /// Attaches credentials read from `file` at each use (see [`Remote::credentials`]); only
+    /// `https://` remotes accept them.
+    pub fn with_credentials_file(
+        mut self,
+        file: impl Into<PathBuf>,
+    ) -> Result<Remote, RemoteError> {
+        if self.kind != RemoteKind::Https {
+            return Err(RemoteError::CredentialsNeedHttps {
+                remote: self.location,
+            });
+        }
+        self.credentials = Some(CredentialSource::File(file.into()));
         Ok(self)
     }
 
@@ -407,9 +431,18 @@ impl Remote {
         self.kind
     }
 
-    /// The credentials, if any.
-    pub fn credentials(&self) -> Option<&Credentials> {
-        self.credentials.as_ref()
+    /// Whether the remote is given credentials (without reading a credentials file).
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
+    /// The credentials, if any, as their file says now.
+    pub fn credentials(&self) -> Result<Option<Credentials>, RemoteError> {
+        match &self.credentials {
+            None => Ok(None),
+            Some(CredentialSource::Given(c)) => Ok(Some(c.clone())),
+            Some(CredentialSource::File(file)) => Credentials::from_file(file).map(Some),
+        }
     }
 
     /// For local remotes, the repository's path.
@@ -429,6 +462,30 @@ impl Remote {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credentials_file_is_read_at_each_use() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("token");
+        let remote = Remote::parse("https://git.example/g/p.git")
+            .and_then(|r| r.with_credentials_file(&file))
+            .expect("remote");
+        assert!(remote.has_credentials());
+        let missing = remote.credentials().expect_err("no file yet");
+        assert!(missing.to_string().contains("token"), "{missing}");
+        std::fs::write(&file, "first\n").expect("write");
+        assert_eq!(
+            remote.credentials().expect("read"),
+            Some(Credentials::Token("first".into()))
+        );
+        std::fs::write(&file, "rotated\n").expect("write");
+        assert_eq!(
+            remote.credentials().expect("read"),
+            Some(Credentials::Token("rotated".into()))
+        );
+        let plain = Remote::parse("http://git.example/g/p.git").expect("remote");
+        assert!(plain.with_credentials_file(&file).is_err());
+    }
 
     #[test]
     fn parses_supported_remotes() {

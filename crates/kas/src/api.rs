@@ -592,6 +592,15 @@ async fn put_project(
     };
     crate::projects::project_spec(&spec_check)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    // Fetches read it each time; here it is checked once so a typo is refused at once.
+    if let Some(file) = &source.credentials_file {
+        tether_git_source::Credentials::from_file(file).map_err(|e| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("project {}: {e}", req.path),
+            )
+        })?;
+    }
     let p = st.store.set_project_source(&req.path, &source).await?;
     let spec = crate::projects::project_spec(&p)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;

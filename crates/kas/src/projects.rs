@@ -10,11 +10,11 @@ pub fn project_spec(p: &tether_store::Project) -> Result<ProjectSpec> {
         Some(r) => {
             let mut remote = tether_git_source::Remote::parse(r)
                 .with_context(|| format!("project {}: remote {r}", p.path))?;
+            // Read at each fetch, not here: a file missing now fails that project's fetches
+            // (shown in its status), never kas's start; a rotated token needs no restart.
             if let Some(file) = &p.credentials_file {
-                let creds = tether_git_source::Credentials::from_file(file)
-                    .with_context(|| format!("project {}: credentials file {file}", p.path))?;
                 remote = remote
-                    .with_credentials(creds)
+                    .with_credentials_file(file)
                     .with_context(|| format!("project {}: credentials", p.path))?;
             }
             if p.ssh_key_file.is_some() || p.known_hosts_file.is_some() {

@@ -487,9 +487,11 @@ async fn start_sources(
     sources.metrics().register(&mut sh.metrics);
     let listed = sh.store.list_projects().await.context("listing projects")?;
     let changes = lock_projects(&sh.projects).update(listed);
+    // A project that cannot be mirrored is that project's problem, not every agent's.
     for p in changes.set {
-        if let Err(e) = sources.upsert(crate::projects::project_spec(&p)?) {
-            tracing::error!(project = %p.path, error = %e, "Cannot mirror the project");
+        let mirrored = crate::projects::project_spec(&p).and_then(|s| Ok(sources.upsert(s)?));
+        if let Err(e) = mirrored {
+            tracing::error!(project = %p.path, error = %format!("{e:#}"), "Cannot mirror the project");
         }
     }
     // Mirrors of projects removed (or remotes changed) while kas was down: off the start path.

@@ -490,3 +490,62 @@ async fn a_project_listed_by_path_and_by_id_is_refused() {
     assert_eq!(state.commit, good);
     assert_eq!(state.error_commit.as_deref(), Some(bad.as_str()));
 }
+
+/// A project whose credentials file is missing when kas starts (a Secret not mounted yet, a
+/// mistake) is that project's problem: kas starts and serves every other project, and the
+/// project's status names the file. The file is read at each fetch, so it is used as soon as
+/// it appears (and a rotated token at the next fetch) without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_credentials_file_fails_its_project_not_kas() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::init(&dir.path().join("repo"));
+    let c1 = repo.commit(
+        &[(".gitlab/agents/alpha/config.yaml", Some(&config("info")))],
+        "agent config",
+    );
+    let mut kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            git_poll: "300ms",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    project(&kas, "group/app", &repo.dir.display().to_string(), None).await;
+    let creds = dir.path().join("git-token");
+    std::fs::write(&creds, "glpat-not-a-real-token\n").unwrap();
+    kas.admin
+        .set_project(&ProjectRequest {
+            path: "group/private".into(),
+            remote: Some("https://127.0.0.1:9/group/private.git".into()),
+            credentials_file: Some(creds.display().to_string()),
+            ..ProjectRequest::default()
+        })
+        .await
+        .unwrap();
+    let t = kas
+        .admin
+        .register_agent("group/app", "alpha")
+        .await
+        .unwrap();
+
+    std::fs::remove_file(&creds).unwrap();
+    kas.restart().await;
+    let agent = Agent::start(dir.path(), "alpha", &kas.url("grpc"), &t.token, None);
+    agent.wait_log(APPLIED, &c1).await;
+    let error = wait_for(
+        "the project's fetch error",
+        Duration::from_secs(20),
+        || async {
+            let projects = kas.admin.list_projects().await.ok()?;
+            let private = projects.into_iter().find(|p| p.path == "group/private")?;
+            private.fetch_error
+        },
+    )
+    .await;
+    assert!(
+        error.contains("cannot read credentials file") && error.contains("git-token"),
+        "{error}"
+    );
+    assert!(!kas.log().contains("glpat-not-a-real-token"));
+}
