@@ -54,7 +54,9 @@ pub enum Step {
 }
 
 /// Decides from the lease's spec (`None`: no lease) whether this replica (`me`) may lead.
-pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Step {
+/// `unchanged_for`: how long, by this replica's own clock, the lease has been seen unchanged
+/// (see [`Observed`]); another holder's lease expires when that passes its duration.
+pub fn decide(spec: Option<&LeaseSpec>, me: &str, unchanged_for: Duration) -> Step {
     let Some(spec) = spec else {
         return Step::Create;
     };
@@ -65,15 +67,40 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Step {
     if holder.is_empty() {
         return Step::TakeOver;
     }
-    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
-    let expired = match &spec.renew_time {
-        Some(MicroTime(renewed)) => renewed.as_second().saturating_add(duration) < now.as_second(),
-        None => true,
-    };
+    let duration = u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0);
+    let expired = spec.renew_time.is_none() || unchanged_for > Duration::from_secs(duration);
     if expired {
         Step::TakeOver
     } else {
         Step::Follow { holder }
+    }
+}
+
+/// The lease as this replica last read it, and since when (its monotonic clock) it has been
+/// unchanged. The holder's `renewTime` is written by the holder's clock: comparing it with
+/// ours would let a follower whose clock runs ahead take a lease that is being renewed (two
+/// replicas applying), so, as client-go does, a lease counts as expired only once this replica
+/// has seen it unchanged for the lease's duration. A replica that starts next to a lease
+/// abandoned long ago therefore waits one lease duration before taking it.
+#[derive(Debug, Default)]
+pub struct Observed {
+    seen: Option<(LeaseSpec, Instant)>,
+}
+
+impl Observed {
+    /// Records `spec` as read at `now`; how long it has been unchanged.
+    pub fn unchanged_for(&mut self, spec: Option<&LeaseSpec>, now: Instant) -> Duration {
+        let Some(spec) = spec else {
+            self.seen = None;
+            return Duration::ZERO;
+        };
+        match &self.seen {
+            Some((last, since)) if last == spec => now.saturating_duration_since(*since),
+            _ => {
+                self.seen = Some((spec.clone(), now));
+                Duration::ZERO
+            }
+        }
     }
 }
 
@@ -154,13 +181,14 @@ impl Elector {
     pub async fn run(self, leading: watch::Sender<bool>, shutdown: CancellationToken) {
         let mut last_renewal: Option<Instant> = None;
         let mut last_error: Option<String> = None;
+        let mut observed = Observed::default();
         loop {
             // The lease says it was renewed when the round started (`try_lead` reads the
             // time first), so the deadline counts from there, not from the answer.
             let started = Instant::now();
             let deadline = round_deadline(last_renewal, started, self.timing.renew_deadline);
             let round = tokio::select! {
-                r = tokio::time::timeout_at(deadline, self.try_lead()) => r.unwrap_or_else(|_| {
+                r = tokio::time::timeout_at(deadline, self.try_lead(&mut observed)) => r.unwrap_or_else(|_| {
                     Err(anyhow::anyhow!(
                         "lease {}: no answer from the API server within the renew deadline ({:?})",
                         self.name,
@@ -209,17 +237,15 @@ impl Elector {
     }
 
     /// One round: creates, renews or takes over the lease; whether we hold it now.
-    async fn try_lead(&self) -> anyhow::Result<bool> {
+    async fn try_lead(&self, observed: &mut Observed) -> anyhow::Result<bool> {
         let err = |source: kube::Error| {
             anyhow::Error::new(source).context(format!("lease {}", self.name))
         };
         let now = Timestamp::now();
         let current = self.api.get_opt(&self.name).await.map_err(err)?;
-        let step = decide(
-            current.as_ref().and_then(|l| l.spec.as_ref()),
-            &self.identity,
-            now,
-        );
+        let spec = current.as_ref().and_then(|l| l.spec.as_ref());
+        let unchanged_for = observed.unchanged_for(spec, Instant::now());
+        let step = decide(spec, &self.identity, unchanged_for);
         let lease = match (step, current) {
             (Step::Follow { holder }, _) => {
                 tracing::debug!(%holder, "Another replica leads");
@@ -450,15 +476,19 @@ mod tests {
         }
     }
 
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
     #[test]
     fn no_lease_is_created() {
-        assert_eq!(decide(None, "a", at(100)), Step::Create);
+        assert_eq!(decide(None, "a", s(0)), Step::Create);
     }
 
     #[test]
     fn our_lease_is_renewed_even_when_expired() {
         assert_eq!(
-            decide(Some(&spec(Some("a"), Some(10), 15)), "a", at(100)),
+            decide(Some(&spec(Some("a"), Some(10), 15)), "a", s(90)),
             Step::Renew
         );
     }
@@ -466,12 +496,12 @@ mod tests {
     #[test]
     fn a_live_lease_of_another_replica_is_followed() {
         assert_eq!(
-            decide(Some(&spec(Some("b"), Some(90), 15)), "a", at(100)),
+            decide(Some(&spec(Some("b"), Some(90), 15)), "a", s(10)),
             Step::Follow { holder: "b".into() }
         );
         // Exactly at expiry it still holds.
         assert_eq!(
-            decide(Some(&spec(Some("b"), Some(85), 15)), "a", at(100)),
+            decide(Some(&spec(Some("b"), Some(85), 15)), "a", s(15)),
             Step::Follow { holder: "b".into() }
         );
     }
@@ -479,21 +509,46 @@ mod tests {
     #[test]
     fn an_expired_released_or_never_renewed_lease_is_taken_over() {
         assert_eq!(
-            decide(Some(&spec(Some("b"), Some(84), 15)), "a", at(100)),
+            decide(Some(&spec(Some("b"), Some(84), 15)), "a", s(16)),
             Step::TakeOver
         );
         assert_eq!(
-            decide(Some(&spec(None, Some(99), 15)), "a", at(100)),
+            decide(Some(&spec(None, Some(99), 15)), "a", s(0)),
             Step::TakeOver
         );
         assert_eq!(
-            decide(Some(&spec(Some(""), Some(99), 15)), "a", at(100)),
+            decide(Some(&spec(Some(""), Some(99), 15)), "a", s(0)),
             Step::TakeOver
         );
         assert_eq!(
-            decide(Some(&spec(Some("b"), None, 15)), "a", at(100)),
+            decide(Some(&spec(Some("b"), None, 15)), "a", s(0)),
             Step::TakeOver
         );
+    }
+
+    #[test]
+    fn expiry_is_timed_by_this_replicas_clock_not_by_the_holders_renew_time() {
+        let t0 = Instant::now();
+        let mut observed = Observed::default();
+        // The holder's clock is 14 s behind ours: by wall clocks its lease, renewed a moment
+        // ago, would look 14 s old. Renewed every 2 s, it is never taken.
+        for round in 0..10 {
+            let renewed = spec(Some("b"), Some(1000 + 2 * round), 15);
+            let now = t0 + s(2 * round.unsigned_abs());
+            let unchanged = observed.unchanged_for(Some(&renewed), now);
+            assert_eq!(
+                decide(Some(&renewed), "a", unchanged),
+                Step::Follow { holder: "b".into() }
+            );
+        }
+        // The holder stops renewing: taken over once we saw no change for the duration.
+        let last = spec(Some("b"), Some(1018), 15);
+        let seen = t0 + s(18);
+        for (after, expected) in [(s(15), false), (s(16), true)] {
+            let unchanged = observed.unchanged_for(Some(&last), seen + after);
+            let taken = decide(Some(&last), "a", unchanged) == Step::TakeOver;
+            assert_eq!(taken, expected, "{after:?} after the last renewal");
+        }
     }
 
     #[test]
