@@ -123,6 +123,10 @@ pub struct Cluster {
     cfg: Arc<RedisConfig>,
     /// This replica's id in [`ClusterEvent::Pushed`] (random per process).
     replica: u64,
+    /// Readiness checks in a row that Redis did not answer, and whether a replacement
+    /// connection is being opened (see [`Cluster::check`]).
+    silent_checks: Arc<std::sync::atomic::AtomicU32>,
+    replacing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The client and connection made from the credential files as they were when read.
@@ -139,6 +143,20 @@ const CREDENTIALS_RECHECK: Duration = Duration::from_secs(10);
 /// Longest a connection with new credentials may take before they are tried again later.
 const CREDENTIALS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest a readiness `PING` waits (below readiness's own timeout, so a silent Redis is
+/// counted here rather than cut off there).
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Unanswered readiness checks in a row after which the connection is replaced: a connection
+/// left half-open (a failover, or a load balancer that dropped it without a reset) never fails
+/// by itself, and the client reconnects only when it fails.
+const SILENT_CHECKS_BEFORE_REPLACING: u32 = 2;
+
+/// How often the revocation channel's connection is pinged, and how long the answer may take:
+/// a subscription on a half-open connection would otherwise wait for messages forever.
+const CHANNEL_PING_INTERVAL: Duration = Duration::from_secs(15);
+const CHANNEL_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Size and modification time of each credential file (`None`: not configured or unreadable).
 type CredentialStamp = [crate::followed::Stamp; 4];
 
@@ -150,6 +168,20 @@ fn credential_stamp(cfg: &RedisConfig) -> CredentialStamp {
         &cfg.key_file,
     ]
     .map(|f| crate::followed::stamp(f.as_ref()?))
+}
+
+/// Keepalive probes and a bound on unacknowledged data, so the kernel ends a connection whose
+/// peer vanished (a failover, a dropped load-balancer state) within about half a minute and
+/// the client reconnects, instead of after the system's two hours.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(15))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive)
+        .set_user_timeout(Duration::from_secs(30))
 }
 
 impl std::fmt::Debug for Cluster {
@@ -185,6 +217,8 @@ impl Cluster {
             })),
             cfg: Arc::new(cfg.clone()),
             replica: rand::random(),
+            silent_checks: Arc::default(),
+            replacing: Arc::default(),
         })
     }
 
@@ -205,7 +239,9 @@ impl Cluster {
         if let Some(user) = &cfg.username {
             settings = settings.set_username(user);
         }
-        info = info.set_redis_settings(settings);
+        info = info
+            .set_redis_settings(settings)
+            .set_tcp_settings(tcp_settings());
         let client = match cfg.tls()? {
             Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
             None => redis::Client::open(info)?,
@@ -286,13 +322,53 @@ impl Cluster {
             .map(drop)
     }
 
-    /// `PING`: whether Redis answers now (readiness).
+    /// `PING`: whether Redis answers now (readiness). After
+    /// [`SILENT_CHECKS_BEFORE_REPLACING`] unanswered checks in a row, a new connection is
+    /// opened in the background and replaces the silent one once it works.
     pub async fn check(&self) -> Result<(), redis::RedisError> {
+        use std::sync::atomic::Ordering;
         let mut conn = self.connection();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        let answered = tokio::time::timeout(PING_TIMEOUT, ping)
             .await
-            .map(drop)
+            .unwrap_or_else(|_| Err((redis::ErrorKind::Io, "no answer to PING").into()));
+        if answered.is_ok() {
+            self.silent_checks.store(0, Ordering::Relaxed);
+            return Ok(());
+        }
+        let silent = self.silent_checks.fetch_add(1, Ordering::Relaxed) + 1;
+        if silent >= SILENT_CHECKS_BEFORE_REPLACING && !self.replacing.swap(true, Ordering::AcqRel)
+        {
+            tokio::spawn(self.clone().replace_connection());
+        }
+        answered.map(drop)
+    }
+
+    /// Opens a new connection and makes it the one every later command uses.
+    async fn replace_connection(self) {
+        let opened = tokio::time::timeout(CREDENTIALS_CONNECT_TIMEOUT, Self::open(&self.cfg));
+        match opened.await {
+            Ok(Ok((client, conn))) => {
+                let stamp = self.live().stamp;
+                *self.live() = Live {
+                    client,
+                    conn,
+                    stamp,
+                };
+                tracing::warn!(
+                    "Redis stopped answering on its connection: replaced it with a new one"
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Redis stopped answering and a new connection failed; trying again at the next checks")
+            }
+            Err(_) => tracing::warn!(
+                "Redis stopped answering and a new connection did not open in time; trying again at the next checks"
+            ),
+        }
+        self.replacing
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Applies every revocation published on [`CHANNEL`] until `stop`, resubscribing after a
@@ -334,8 +410,24 @@ impl Cluster {
             tracing::info!("Following the Redis revocation channel again");
         }
         *failures = 0;
-        let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
+        let (mut sink, mut messages) = pubsub.split();
+        let mut ping = tokio::time::interval(CHANNEL_PING_INTERVAL);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.reset();
+        loop {
+            let msg = tokio::select! {
+                msg = messages.next() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+                _ = ping.tick() => {
+                    let pong = sink.ping::<redis::Value>();
+                    if !matches!(tokio::time::timeout(CHANNEL_PING_TIMEOUT, pong).await, Ok(Ok(_))) {
+                        return Err((redis::ErrorKind::Io, "no answer to a ping on the revocation channel").into());
+                    }
+                    continue;
+                }
+            };
             let payload: String = msg.get_payload()?;
             match serde_json::from_str::<ClusterEvent>(&payload) {
                 Ok(r) => apply(r),

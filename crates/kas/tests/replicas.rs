@@ -82,6 +82,53 @@ async fn wait_readiness(kas: &Kas, what: &str, code: u16, secs: u64) {
     .await;
 }
 
+/// Redis connections left half-open (a failover, or a load balancer that dropped their state
+/// without a reset: nothing arrives, nothing fails) are noticed and replaced: kas is ready
+/// again within seconds, and its revocation channel, pinged, subscribes again. The client
+/// reconnects only on a failure, so kas stayed not ready (and deaf to other replicas'
+/// revocations) until the kernel gave up on the socket, many minutes later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_connections_gone_silent_are_replaced_and_the_channel_resubscribes() {
+    let redis = Redis::start().unwrap();
+    let relay = tether_test_support::net::SilencingRelay::start(redis.port).await;
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("kas").unwrap();
+    let extra_yaml = format!(
+        "database:\n  url: {url}\nredis:\n  url: redis://127.0.0.1:{}/0\n  password_file: {}\n",
+        relay.port,
+        redis.password_file().unwrap().display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            extra_yaml,
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    wait_readiness(&kas, "kas ready", 200, 10).await;
+
+    relay.silence_open_connections();
+    wait_readiness(&kas, "kas not ready", 503, 10).await;
+    wait_readiness(&kas, "kas ready again", 200, 30).await;
+    wait_for(
+        "the channel subscribed again",
+        Duration::from_secs(60),
+        || async {
+            kas.log()
+                .contains("Following the Redis revocation channel again")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        kas.log().contains("replaced it with a new one"),
+        "{}",
+        kas.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_revoked_on_one_replica_ends_its_streams_on_another_within_a_second() {
     revoked_on_two_ends_streams_on_one(&Shared::start()).await;

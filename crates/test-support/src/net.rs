@@ -126,3 +126,80 @@ mod tests {
         assert_eq!(below_ephemeral("1024 65535"), (10_000, 32_768));
     }
 }
+
+/// A TCP relay to a loopback port whose open connections can be made to go silent at once,
+/// both ways and without closing anything: what a peer sees when a load balancer or a failover
+/// drops a connection's state without a reset (half-open). Connections opened afterwards are
+/// relayed normally, as a client reconnecting would find the service again.
+pub struct SilencingRelay {
+    pub port: u16,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilencingRelay {
+    /// Relays connections to `127.0.0.1:to` until dropped.
+    pub async fn start(to: u16) -> SilencingRelay {
+        let (listener, addr) = tokio_listener().await;
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let now = std::sync::Arc::clone(&generation);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    continue;
+                };
+                let born = now.load(std::sync::atomic::Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(relay_until_silenced(
+                    cr,
+                    sw,
+                    std::sync::Arc::clone(&now),
+                    born,
+                ));
+                tokio::spawn(relay_until_silenced(
+                    sr,
+                    cw,
+                    std::sync::Arc::clone(&now),
+                    born,
+                ));
+            }
+        });
+        SilencingRelay {
+            port: addr.port(),
+            generation,
+            task,
+        }
+    }
+
+    /// Every connection open now stops forwarding, for good, and stays open.
+    pub fn silence_open_connections(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for SilencingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay_until_silenced(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    born: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        if generation.load(std::sync::atomic::Ordering::SeqCst) != born {
+            // Silenced: hold both halves open and forward nothing, ever.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
