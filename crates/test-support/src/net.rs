@@ -131,6 +131,7 @@ mod tests {
 /// both ways and without closing anything: what a peer sees when a load balancer or a failover
 /// drops a connection's state without a reset (half-open). Connections opened afterwards are
 /// relayed normally, as a client reconnecting would find the service again.
+#[derive(Debug)]
 pub struct SilencingRelay {
     pub port: u16,
     generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
