@@ -560,6 +560,9 @@ impl Peers {
                     }
                 },
             };
+            if let Err(e) = probe_dead_peer(&stream) {
+                tracing::warn!(error = %e, "Cannot set keepalive on a peers connection");
+            }
             let this = self.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
@@ -663,7 +666,24 @@ async fn try_holders(
 async fn connect(address: &str) -> std::io::Result<TcpStream> {
     let stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
+    probe_dead_peer(&stream)?;
     Ok(stream)
+}
+
+/// Keepalive probes and a bound on unacknowledged data, on both ends of the hop between
+/// replicas. It carries raw bytes (no HTTP/2 pings as on agent connections), and a quiet
+/// watch, exec or port-forward may cross it: when the other replica's node dies without
+/// closing its sockets, the kernel now ends the connection within about half a minute, so
+/// kubectl's request ends and the holder frees the agent's tunnel stream, instead of both
+/// waiting for the system's two-hour keepalive.
+fn probe_dead_peer(stream: &TcpStream) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(15))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    socket.set_tcp_keepalive(&keepalive)?;
+    socket.set_tcp_user_timeout(Some(Duration::from_secs(30)))
 }
 
 impl Peers {
@@ -742,6 +762,27 @@ async fn read_preamble(stream: &mut BufReader<TcpStream>) -> std::io::Result<(St
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn both_ends_of_the_hop_probe_for_a_dead_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let dialed = connect(&address).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        probe_dead_peer(&accepted).unwrap();
+        for stream in [&dialed, &accepted] {
+            let socket = socket2::SockRef::from(stream);
+            assert!(socket.keepalive().unwrap());
+            assert_eq!(
+                socket.tcp_keepalive_time().unwrap(),
+                Duration::from_secs(15)
+            );
+            assert_eq!(
+                socket.tcp_user_timeout().unwrap(),
+                Some(Duration::from_secs(30))
+            );
+        }
+    }
 
     fn request(at: u64) -> Forwarded {
         Forwarded {
