@@ -840,6 +840,8 @@ fn admin_routes() -> Router<ApiState> {
 pub fn webhook_router(state: ApiState) -> Router {
     Router::new()
         .route("/webhooks/projects/{id}", post(webhook))
+        // Read before the secret is checked: bounded in time as well as in size.
+        .layer(middleware::map_request(crate::listener::bound_body))
         .layer(middleware::from_fn_with_state(
             HttpGuard {
                 guard: Arc::clone(&state.guards.webhooks),

@@ -442,6 +442,8 @@ pub const API_LIMITS: ListenLimits = limits(256, 64);
 pub const WEBHOOKS_LIMITS: ListenLimits = limits(256, 32);
 /// People's browsers: a few connections each, one of them a long-lived event stream.
 pub const WEB_LIMITS: ListenLimits = limits(512, 32);
+/// Prometheus and the kubelet's probes: a few clients, one connection each at a time.
+pub const OBSERVABILITY_LIMITS: ListenLimits = limits(128, 32);
 
 impl Listen {
     /// This listener's limits: what is set here, the rest from `defaults`.
@@ -455,14 +457,6 @@ impl Listen {
                 .max_connections_per_address
                 .unwrap_or(defaults.max_connections_per_address),
         }
-    }
-
-    pub fn has_limits(&self) -> bool {
-        self.handshake_timeout.is_some()
-            || self.header_timeout.is_some()
-            || self.idle_timeout.is_some()
-            || self.max_connections.is_some()
-            || self.max_connections_per_address.is_some()
     }
 
     fn validate_limits(&self, name: &str) -> Result<(), String> {
@@ -745,13 +739,6 @@ impl Config {
             }
             l.validate_limits(name)?;
         }
-        let o = &self.observability.listen;
-        if o.certificate_file.is_some() || o.has_limits() {
-            return Err(
-                "observability.listen supports neither TLS nor limits yet: keep it on loopback or a private network"
-                    .into(),
-            );
-        }
         let a = &self.agent.listen;
         if a.header_timeout.is_some() || a.idle_timeout.is_some() {
             return Err("agent.listen: header_timeout and idle_timeout do not apply to agents' long-lived HTTP/2 connections (handshake_timeout covers their start)".into());
@@ -910,8 +897,11 @@ mod tests {
         assert!(e.to_string().contains("header_timeout"), "{e}");
         let e = parse("agent:\n  listen:\n    idle_timeout: 5s\n").expect_err("agent idle");
         assert!(e.to_string().contains("agent.listen"), "{e}");
-        let e = parse("observability:\n  listen:\n    max_connections: 5\n").expect_err("obs");
+        let e = parse("observability:\n  listen:\n    max_connections: 0\n").expect_err("obs");
         assert!(e.to_string().contains("observability.listen"), "{e}");
+        let c = parse("observability:\n  listen:\n    max_connections: 5\n").expect("obs caps");
+        let caps = c.observability.listen.limits(OBSERVABILITY_LIMITS);
+        assert_eq!(caps.max_connections, 5);
     }
 
     #[test]

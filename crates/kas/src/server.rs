@@ -216,8 +216,19 @@ pub async fn start(cfg: Config) -> Result<Running> {
     };
     let draining = CancellationToken::new();
     let checks = (Arc::clone(&sh.store), sh.cluster.clone(), draining.clone());
-    let (observability_addr, h) =
-        start_observability(&cfg, sh.metrics, checks, modules.handle("observability")).await?;
+    let obs_listener = crate::listener::bind_http(
+        "observability",
+        &cfg.observability.listen,
+        crate::config::OBSERVABILITY_LIMITS,
+        &sh.listener_metrics,
+    )
+    .await?;
+    let (observability_addr, h) = start_observability(
+        obs_listener,
+        sh.metrics,
+        checks,
+        modules.handle("observability"),
+    )?;
     modules.push(h);
     agent_accept.open(agent_addr);
     Ok(Running {
@@ -902,15 +913,16 @@ async fn start_web(
 }
 
 /// The observability endpoint: metrics of every module, readiness (whether the database
-/// answers; see [`crate::database::spawn_readiness`]).
-async fn start_observability(
-    cfg: &Config,
+/// answers; see [`crate::database::spawn_readiness`]). Served with the same caps and timeouts
+/// as the other listeners: it is often bound beyond loopback (the chart binds it for the
+/// kubelet's probes and Prometheus), where any client could otherwise hold connections.
+fn start_observability(
+    obs_listener: crate::listener::HttpListener,
     metrics: MetricsRegistry,
     (store, cluster, draining): (Arc<dyn Store>, Option<Cluster>, CancellationToken),
     handle: Handle,
 ) -> Result<(SocketAddr, Handle)> {
-    let obs_listener = bind("observability", cfg.observability.listen.address).await?;
-    let observability_addr = obs_listener.local_addr()?;
+    let observability_addr = obs_listener.listener.local_addr()?;
     // Ready from the start: the database was just opened, or kas would not be starting.
     let (ready_tx, ready) = watch::channel(true);
     let checks = crate::database::spawn_readiness(
@@ -922,12 +934,14 @@ async fn start_observability(
     let handle = handle.task(checks);
     let metrics = Arc::new(Mutex::new(metrics));
     let ep = tether_observability::Endpoint { metrics, ready };
+    let app = crate::listener::axum_handler(tether_observability::endpoint::router(ep));
     let stop = Modules::shutdown_of(&handle);
-    let task = tokio::spawn(async move {
-        if let Err(e) = tether_observability::serve(obs_listener, ep, stop).await {
-            tracing::error!(error = %e, "Observability endpoint failed");
-        }
-    });
+    let task = tokio::spawn(crate::listener::serve_http(obs_listener, app, stop));
+    tracing::info!(
+        net_network = "tcp",
+        net_address = %observability_addr,
+        "Observability endpoint is up"
+    );
     Ok((observability_addr, handle.task(task)))
 }
 
@@ -947,6 +961,11 @@ fn check_limits(cfg: &Config) {
     if let Some(w) = &cfg.web.listen {
         total = total.saturating_add(w.limits(crate::config::WEB_LIMITS).max_connections);
     }
+    let observability = cfg
+        .observability
+        .listen
+        .limits(crate::config::OBSERVABILITY_LIMITS);
+    total = total.saturating_add(observability.max_connections);
     crate::listener::check_descriptor_budget(total);
 }
 

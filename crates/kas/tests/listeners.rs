@@ -124,6 +124,7 @@ async fn slowloris_clients_are_closed_within_the_header_timeout_on_every_http_li
         KasOptions {
             k8s_listen_extra: header.clone(),
             api_listen_extra: header.clone(),
+            observability_listen_extra: header.clone(),
             webhooks_listen_extra: header,
             ..KasOptions::default()
         },
@@ -133,7 +134,7 @@ async fn slowloris_clients_are_closed_within_the_header_timeout_on_every_http_li
     // Twenty on the proxy (as in the report) and a few on the others, all at once.
     let mut clients = Vec::new();
     for (i, port) in std::iter::repeat_n(kas.k8s_port, 20)
-        .chain([kas.api_port, kas.webhook_port])
+        .chain([kas.api_port, kas.webhook_port, kas.obs_port])
         .enumerate()
     {
         clients.push((i, port, tokio::spawn(slowloris(port, timeout + SLACK))));
@@ -154,6 +155,62 @@ async fn slowloris_clients_are_closed_within_the_header_timeout_on_every_http_li
     )
     .await;
     assert_eq!(n, 20.0);
+}
+
+/// A body sent a byte at a time to a route that reads it before knowing who sends it (a push
+/// webhook; the web UI's login form) is cut off once it has taken `BODY_TIMEOUT` (10 s): the
+/// header timeout stops at the end of the headers, so it used to hold its connection for as
+/// long as it trickled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_read_before_authentication_must_arrive_within_10s() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(
+        dir.path(),
+        KasOptions {
+            webhooks_listener: true,
+            extra_yaml: format!(
+                "web:\n  listen:\n    address: 127.0.0.1:{}\n",
+                support::WEB_PORT
+            ),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let routes = [
+        (kas.webhook_port, "/webhooks/projects/1", "application/json"),
+        (kas.web_port, "/login", "application/x-www-form-urlencoded"),
+    ];
+    let trickles = routes.map(|(port, path, kind)| async move {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: kas\r\nContent-Type: {kind}\r\nContent-Length: 1000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let trickle = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if w.write_all(b"a").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(10) + SLACK,
+            r.read_to_end(&mut answer),
+        )
+        .await;
+        trickle.abort();
+        assert!(read.is_ok(), "{path}: still open after {:?}", started.elapsed());
+        let lived = started.elapsed();
+        assert!(lived >= Duration::from_millis(9900), "{path}: cut too early ({lived:?})");
+        let status = String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_owned();
+        assert!(status.starts_with("HTTP/1.1 4"), "{path}: {status:?}");
+    });
+    futures_util::future::join_all(trickles).await;
 }
 
 /// An HTTP/2 client that finishes its handshake but never sends a request with accepted

@@ -3,6 +3,7 @@
 //! request-header timeout (slowloris) and an idle keep-alive timeout. The agent listener gets
 //! its caps and handshake timeout from [`tether_transport::incoming_with`].
 
+mod body_deadline;
 mod clock;
 mod metrics;
 
@@ -27,6 +28,7 @@ use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+pub use body_deadline::{BODY_TIMEOUT, bound_body};
 pub use clock::{Phase, Timeouts};
 pub use metrics::{Events, LOG_INTERVAL, ListenerMetrics};
 

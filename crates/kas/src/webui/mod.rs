@@ -142,6 +142,8 @@ pub fn router(state: WebState) -> Router {
         .route("/assets/app.js", get(asset_js))
         .merge(login::routes(&state))
         .merge(protected)
+        // The login form is read before anyone is known: bounded in time as well as in size.
+        .layer(middleware::map_request(crate::listener::bound_body))
         .with_state(state)
 }
 

@@ -76,6 +76,7 @@ pub struct KasOptions {
     pub agent_listen_extra: String,
     pub k8s_listen_extra: String,
     pub api_listen_extra: String,
+    pub observability_listen_extra: String,
     pub webhooks_listen_extra: String,
     /// Webhooks on their own listener (`webhooks.listen`); otherwise on the internal API.
     pub webhooks_listener: bool,
@@ -105,6 +106,7 @@ impl Default for KasOptions {
             agent_listen_extra: String::new(),
             k8s_listen_extra: String::new(),
             api_listen_extra: String::new(),
+            observability_listen_extra: String::new(),
             webhooks_listen_extra: String::new(),
             webhooks_listener: true,
             webhooks_tls: None,
@@ -427,13 +429,14 @@ fn config_yaml(dir: &Path, opts: &KasOptions, ports: [u16; 5]) -> String {
     };
     format!(
         "data_dir: {data}\nagent:\n  listen:\n    address: 127.0.0.1:{agent_port}\n{tls}{agent_extra}  tunnel_wait_timeout: {wait}\n  token_recheck_interval: {recheck}\n{agent_section_extra}\
-api:\n  listen:\n    address: 127.0.0.1:{api_port}\n{api_tls}{api_extra}{api_ca}git:\n  poll_interval: {poll}\n{git_extra}kubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n{k8s_tls}{k8s_listen_extra}{k8s_extra}observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n{webhooks}{extra}",
+api:\n  listen:\n    address: 127.0.0.1:{api_port}\n{api_tls}{api_extra}{api_ca}git:\n  poll_interval: {poll}\n{git_extra}kubernetes_api:\n  listen:\n    address: 127.0.0.1:{k8s_port}\n{k8s_tls}{k8s_listen_extra}{k8s_extra}observability:\n  listen:\n    address: 127.0.0.1:{obs_port}\n{obs_extra}{webhooks}{extra}",
         extra = opts.extra_yaml,
         data = dir.join("data").display(),
         wait = opts.tunnel_wait,
         recheck = opts.token_recheck,
         poll = opts.git_poll,
         git_extra = opts.git_extra,
+        obs_extra = opts.observability_listen_extra,
         agent_section_extra = opts.agent_extra,
         agent_extra = opts.agent_listen_extra,
         api_extra = opts.api_listen_extra,
