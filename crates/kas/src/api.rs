@@ -714,11 +714,22 @@ async fn agent_gitops(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
 ) -> Result<Json<Vec<SyncView>>, ApiError> {
+    // A project dropped from the configuration in force keeps its last report in the store
+    // (it says where its inventory was), but it is no longer the agent's status.
+    let listed: Option<std::collections::HashSet<String>> =
+        st.config_states.config(agent_id).map(|c| {
+            c.gitops
+                .manifest_projects
+                .iter()
+                .map(|p| crate::operate::config_key(&p.id))
+                .collect()
+        });
     Ok(Json(
         st.sync_states
             .for_agent(agent_id)
             .await?
             .into_iter()
+            .filter(|r| listed.as_ref().is_none_or(|l| l.contains(&r.project_id)))
             .map(|r| SyncView {
                 outcome: r.sync_outcome().into(),
                 project_id: r.project_id,

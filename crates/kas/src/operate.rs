@@ -42,7 +42,7 @@ fn err(code: StatusCode, message: impl Into<String>) -> ApiError {
 }
 
 /// The key the agent's configuration names a manifest project by (its reports use it).
-fn config_key(id: &ProjectRef) -> String {
+pub(crate) fn config_key(id: &ProjectRef) -> String {
     match id {
         ProjectRef::Path(p) => p.clone(),
         ProjectRef::Numeric(n) => n.to_string(),

@@ -419,9 +419,10 @@ async fn objects_are_pruned_across_a_change_of_default_namespace_made_while_agen
 }
 
 /// A manifest project removed from the configuration takes its metric series with it (its
-/// last-success time used to stay and age until a staleness alert fired).
+/// last-success time used to stay and age until a staleness alert fired), and leaves
+/// `kas agent status` (its last report used to stay there, however old).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_project_removed_from_the_configuration_leaves_no_metric_series() {
+async fn a_project_removed_from_the_configuration_leaves_no_metric_series_nor_status() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace("unlisted").unwrap();
@@ -454,6 +455,16 @@ async fn a_project_removed_from_the_configuration_leaves_no_metric_series() {
         || async {
             let text = rig.agent.metrics_text().await?;
             (!text.contains(r#"project="group/manifests""#)).then_some(())
+        },
+    )
+    .await;
+    // Nor is it in the agent's status any more (its last report stayed there for good).
+    wait_for(
+        "the project to leave the status",
+        Duration::from_secs(10),
+        || async {
+            let syncs = rig.kas.admin.gitops_status(rig.agent_id).await.ok()?;
+            syncs.is_empty().then_some(())
         },
     )
     .await;
