@@ -54,6 +54,11 @@ pub struct ManifestProject {
     /// Whether objects that left the manifest set are deleted.
     #[serde(default = "default_true")]
     pub prune: bool,
+    /// Whether a commit that selects no object at all may prune everything the project
+    /// applied before. Off: such a commit (every file deleted, the selected directory renamed)
+    /// fails and prunes nothing, as a mistake is likelier than a wish to empty the cluster.
+    #[serde(default)]
+    pub allow_empty: bool,
     /// How long to wait for pruned objects to be gone.
     #[serde(default = "default_timeout", with = "serde_go")]
     pub prune_timeout: Duration,
@@ -84,6 +89,7 @@ impl ManifestProject {
             reconcile_timeout: DEFAULT_TIMEOUT,
             dry_run_strategy: DryRunStrategy::default(),
             prune: true,
+            allow_empty: false,
             prune_timeout: DEFAULT_TIMEOUT,
             prune_propagation_policy: PrunePropagationPolicy::default(),
             inventory_policy: InventoryPolicy::default(),

@@ -78,8 +78,35 @@ pub fn set_default_namespace(obj: &mut Value, default_namespace: &str, namespace
     }
 }
 
+/// Whether a sync of `selected` objects would prune every one of the `previous` objects the
+/// project applied before, without the entry allowing it (`allow_empty`). A commit that deletes
+/// every file or renames the selected directory selects nothing; taking it literally would
+/// delete the whole application, Namespaces included. Argo CD refuses it the same way unless
+/// told otherwise (`allowEmpty`).
+pub fn empties(selected: usize, previous: usize, s: &crate::sync::Settings) -> bool {
+    selected == 0 && previous > 0 && s.prune && !s.allow_empty
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn emptying_a_project_needs_allow_empty() {
+        use tether_agent_config::{ManifestProject, ProjectRef};
+        let entry = ManifestProject::new(ProjectRef::Path("group/app".into()));
+        let mut s = crate::sync::Settings::for_project(1, &entry);
+        assert!(super::empties(0, 3, &s));
+        assert!(!super::empties(1, 3, &s), "something still selected");
+        assert!(!super::empties(0, 0, &s), "nothing to prune anyway");
+        s.allow_empty = true;
+        assert!(!super::empties(0, 3, &s));
+        s.allow_empty = false;
+        s.prune = false;
+        assert!(
+            !super::empties(0, 3, &s),
+            "pruning is off: nothing is deleted"
+        );
+    }
+
     use super::*;
     use serde_json::json;
 

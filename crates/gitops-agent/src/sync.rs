@@ -48,6 +48,8 @@ pub struct Settings {
     pub project_id: String,
     pub default_namespace: String,
     pub prune: bool,
+    /// Whether a commit selecting no object may prune everything (see [`plan::empties`]).
+    pub allow_empty: bool,
     pub prune_timeout: Duration,
     pub prune_propagation_policy: PrunePropagationPolicy,
     pub inventory_policy: InventoryPolicy,
@@ -122,6 +124,7 @@ impl Settings {
             project_id: p.id.to_string(),
             default_namespace: p.default_namespace.clone(),
             prune: p.prune,
+            allow_empty: p.allow_empty,
             prune_timeout: p.prune_timeout,
             prune_propagation_policy: p.prune_propagation_policy,
             inventory_policy: p.inventory_policy,
@@ -249,6 +252,10 @@ pub enum SyncError {
     Discovery(String),
     #[error("{obj} is defined more than once: {}", .sources.join(", "))]
     Duplicate { obj: ObjRef, sources: Vec<String> },
+    #[error(
+        "the commit selects no object, which would prune all {0} objects the project applied before: refused, nothing was pruned (if emptying it is meant, set allow_empty: true on the manifest project)"
+    )]
+    WouldEmpty(usize),
     /// Objects that are not Current (or Pruned) at the end. Upstream's wording, kept for
     /// users' log queries (no singular form).
     #[error("{0} resources failed")]
@@ -547,6 +554,9 @@ impl Syncer {
         }
         // 2. The previous inventory, and discovery.
         let mut previous = self.read_inventory(s).await?;
+        if plan::empties(manifests.len(), previous.objects.len(), s) {
+            return Err(SyncError::WouldEmpty(previous.objects.len()).into());
+        }
         let disc = self.discover().await?;
         default_namespaces(&mut manifests, &disc, s);
         if let Some((obj, sources)) = plan::duplicates(&manifests).into_iter().next() {

@@ -119,6 +119,8 @@ async fn an_object_no_longer_ours_is_left_in_place_and_not_reported_pruned() {
         &[
             ("manifests/kept.yaml", Some(&configmap("kept", &ns, "v1"))),
             ("manifests/gone.yaml", Some(&configmap("gone", &ns, "v1"))),
+            // Something stays selected: a commit selecting nothing is refused.
+            ("manifests/stays.yaml", Some(&configmap("stays", &ns, "v1"))),
         ],
         &[],
     )
@@ -179,11 +181,12 @@ async fn crds_apply_before_their_resources_and_are_pruned_after_them() {
     );
     let widget =
         format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w1\nspec:\n  size: 3\n");
+    // The last commit removes everything: meant, so allowed.
     let (rig, c1) = rig(
         env,
         ns.clone(),
         &admin_rbac(&ns),
-        "",
+        "    allow_empty: true\n",
         &[
             ("manifests/crd.yaml", Some(crd.as_bytes())),
             ("manifests/widget.yaml", Some(widget.as_bytes())),
@@ -1261,10 +1264,11 @@ async fn of_two_replicas_one_applies_and_the_other_takes_over() {
     second.stop();
 }
 
-/// A symlink matched by a glob, and a commit whose globs match nothing (which prunes
-/// everything), are said in `kas agent status`, not silently skipped or pruned.
+/// A symlink matched by a glob is said in `kas agent status`, not silently skipped; a commit
+/// whose globs match nothing is refused (it would prune everything: every file deleted or the
+/// directory renamed by mistake) unless the entry sets `allow_empty: true`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skipped_symlinks_and_empty_selections_are_reported() {
+async fn skipped_symlinks_are_reported_and_emptying_a_project_needs_allow_empty() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace("warned").unwrap();
@@ -1288,21 +1292,53 @@ async fn skipped_symlinks_and_empty_selections_are_reported() {
             .any(|w| w.contains("manifests/link.yaml is a symbolic link")),
         "{s2:?}"
     );
+    // Every file deleted (a mistake, most likely): refused, nothing pruned.
     let c3 = rig.manifests.commit(
         &[("manifests/cm.yaml", None), ("manifests/link.yaml", None)],
         "everything removed",
     );
     let s3 = rig.synced(&c3).await;
+    assert_eq!(s3.outcome, ReportedOutcome::Failed, "{s3:?}");
     assert!(
         s3.warnings.iter().any(|w| w.contains("no file matches")),
         "{s3:?}"
     );
     assert!(
-        s3.objects
-            .iter()
-            .any(|o| o.name == "warned" && o.status == ReportedStatus::Pruned),
+        s3.error.contains("selects no object") && s3.error.contains("allow_empty: true"),
         "{s3:?}"
     );
+    let exists = || get_json(&rig.env, &["get", "configmap", "warned", "-n", &ns]).is_some();
+    assert!(exists(), "nothing was pruned");
+    // Meant: the entry allows emptying the project, and the same commit prunes everything.
+    let cfg = rig.config.commit(
+        &[(
+            ".gitlab/agents/seed/config.yaml",
+            Some(
+                format!(
+                    "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {ns}\n    paths:\n    - glob: '/manifests/*.yaml'\n    allow_empty: true\n"
+                )
+                .as_bytes(),
+            ),
+        )],
+        "allow emptying the project",
+    );
+    rig.agent
+        .wait_log("Agent configuration applied", &cfg)
+        .await;
+    let pruned = wait_for("the emptying sync", Duration::from_secs(60), || async {
+        let syncs = rig.kas.admin.gitops_status(rig.agent_id).await.ok()?;
+        let s = syncs.into_iter().find(|s| s.commit_id == c3)?;
+        (s.outcome == ReportedOutcome::Succeeded).then_some(s)
+    })
+    .await;
+    assert!(
+        pruned
+            .objects
+            .iter()
+            .any(|o| o.name == "warned" && o.status == ReportedStatus::Pruned),
+        "{pruned:?}"
+    );
+    assert!(!exists(), "pruned");
 }
 
 /// A commit that fails before applying anything (a manifest that does not decode) still shows,
