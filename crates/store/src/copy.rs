@@ -186,14 +186,7 @@ pub async fn sqlite_to_postgres(from: &SqliteStore, to: &PgStore) -> Result<Vec<
             query.execute(target.conn()).await?;
         }
         if names[0] == "id" {
-            // Ids were inserted explicitly, which does not advance the identity sequence; the
-            // next record created on PostgreSQL must not collide with a copied one.
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT setval(pg_get_serial_sequence('{table}', 'id'), \
-                 (SELECT COALESCE(MAX(id), 0) + 1 FROM {table}), false)"
-            )))
-            .execute(target.conn())
-            .await?;
+            move_sequence_past(&mut source, &mut target, table).await?;
         }
         counts.push(TableCount {
             table,
@@ -203,4 +196,28 @@ pub async fn sqlite_to_postgres(from: &SqliteStore, to: &PgStore) -> Result<Vec<
     source.rollback().await?;
     target.commit().await?;
     Ok(counts)
+}
+
+/// Ids were inserted explicitly, which does not advance the identity sequence; the next record
+/// created on PostgreSQL must not collide with a copied one, nor take the id of one deleted on
+/// SQLite (the newest agent, say: its leftovers in a cluster would pass to the new one). SQLite
+/// keeps the largest id it gave in `sqlite_sequence`.
+async fn move_sequence_past(
+    source: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    target: &mut WriteTxn<sqlx::Postgres>,
+    table: &str,
+) -> Result<()> {
+    let given: i64 =
+        sqlx::query_scalar("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = $1), 0)")
+            .bind(table)
+            .fetch_one(&mut **source)
+            .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT setval(pg_get_serial_sequence('{table}', 'id'), \
+         GREATEST((SELECT COALESCE(MAX(id), 0) FROM {table}), $1) + 1, false)"
+    )))
+    .bind(given)
+    .execute(target.conn())
+    .await?;
+    Ok(())
 }

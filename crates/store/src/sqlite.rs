@@ -58,11 +58,16 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT)
             // SQLite ignores REFERENCES clauses unless told otherwise, per connection.
             .foreign_keys(true);
+        // Migrated on a connection of its own, closed before the pool opens any: a migration
+        // that turns foreign keys off to rebuild a table (0012) must not leave a connection
+        // without them behind, whatever it ends with.
+        let mut conn = sqlx::ConnectOptions::connect(&options).await?;
+        MIGRATOR.run(&mut conn).await?;
+        sqlx::Connection::close(conn).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .connect_with(options)
             .await?;
-        MIGRATOR.run(&pool).await?;
         Ok(Self {
             pool,
             writer: Arc::default(),

@@ -78,6 +78,10 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         expires_at: 4_000_000_000,
     };
     sqlite.create_web_session(&session, 10).await?;
+    // The newest agent and token, deleted: PostgreSQL must not give their ids again either.
+    let deleted = sqlite.register_agent("group/project", "deleted").await?;
+    let (deleted_token, _) = sqlite.create_token(deleted.id, "").await?;
+    sqlite.delete_agent(deleted.id).await?;
 
     let server = Postgres::start()?;
     let pg = PgStore::connect(&server.create_database("kas")?).await?;
@@ -131,11 +135,11 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         "logins survive the move"
     );
 
-    // New records get ids past the copied ones.
+    // New records get ids past the copied ones, and past those SQLite gave and deleted.
     let new = pg.register_agent("group/project", "new").await?;
-    assert!(new.id > other.id, "{new:?}");
+    assert!(new.id > deleted.id, "{new:?}");
     let (new_token, _) = pg.create_token(new.id, "").await?;
-    assert!(new_token.id > revoked.id);
+    assert!(new_token.id > deleted_token.id && new_token.id > revoked.id);
 
     // A second copy would merge two installations: refused, and nothing is written.
     let again = copy::sqlite_to_postgres(&sqlite, &pg).await;

@@ -559,6 +559,46 @@ async fn reopening_keeps_the_data(backend: Backend) -> TestResult {
     Ok(())
 }
 
+/// An id is never handed out twice, also after reopening: a new agent given a deleted one's id
+/// was authorized by the deleted agent's configuration (kas's memory of it) and took over its
+/// inventories and Lease in the cluster; a token given a revoked one's id could be revoked by
+/// mistake, or come back under a revocation meant for the old one. SQLite gave the largest id
+/// plus one, so deleting the newest row handed its id out again.
+async fn deleted_ids_are_never_given_again(backend: Backend) -> TestResult {
+    let (db, store) = open(backend).await?;
+    store.register_agent("group/kept", "kept").await?;
+    let gone = store.register_agent("group/gone", "gone").await?;
+    let (gone_token, _) = store.create_token(gone.id, "gone").await?;
+    let far = 4_000_000_000;
+    let (gone_pat, _) = store.create_user_token(gone.id, "alice", "[]", far).await?;
+    assert!(store.delete_agent(gone.id).await?);
+    assert!(store.remove_project("group/gone").await?);
+    store.close().await;
+
+    let store = db.reopen().await?;
+    let new = store.register_agent("group/new", "gone").await?;
+    assert!(new.id > gone.id, "agent id {} given again", new.id);
+    assert!(new.project_id > gone.project_id, "project id given again");
+    let (token, _) = store.create_token(new.id, "new").await?;
+    assert!(
+        token.id > gone_token.id,
+        "token id {} given again",
+        token.id
+    );
+    let (pat, _) = store.create_user_token(new.id, "bob", "[]", far).await?;
+    assert!(
+        pat.id > gone_pat.id,
+        "personal token id {} given again",
+        pat.id
+    );
+
+    // Without reopening too.
+    assert!(store.delete_agent(new.id).await?);
+    let newer = store.register_agent("group/new", "gone").await?;
+    assert!(newer.id > new.id, "agent id {} given again", newer.id);
+    Ok(())
+}
+
 async fn token_debug_and_display_are_redacted(backend: Backend) -> TestResult {
     let (_db, store) = open(backend).await?;
     let agent = store.register_agent("g/p", "a").await?;
@@ -1085,6 +1125,7 @@ on_both_backends!(
     projects_and_listings,
     unknown_agent_for_tokens,
     reopening_keeps_the_data,
+    deleted_ids_are_never_given_again,
     token_debug_and_display_are_redacted,
     (flavor = "multi_thread", worker_threads = 2) concurrent_writers_wait_instead_of_failing,
     project_sources_are_set_read_and_removed,

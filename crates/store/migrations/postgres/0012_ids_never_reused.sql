@@ -1,0 +1,4 @@
+-- See migrations/sqlite/0012_ids_never_reused.sql: SQLite's tables are rebuilt there so that an
+-- id (project, agent, agent token, personal access token) is never handed out twice. Nothing to
+-- do here: identity columns draw from sequences, which never go back, whatever is deleted. The
+-- file keeps both engines' migrations numbered alike.
