@@ -117,6 +117,18 @@ impl ConfigStates {
             .remove(&agent_id);
     }
 
+    /// Forgets a deleted agent: its state and its configuration in force. Kept, they outlived
+    /// the agent, and a new agent given its id (as SQLite did before its migration 0012) was
+    /// authorized by the deleted agent's `ci_access`/`user_access` until its own configuration
+    /// was recorded — for ever, if that one was refused.
+    pub fn forget(&self, agent_id: i64) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&agent_id);
+        self.clear_config(agent_id);
+    }
+
     pub fn get(&self, agent_id: i64) -> Option<ConfigState> {
         self.0
             .lock()
@@ -588,6 +600,21 @@ impl AgentConfiguration for ConfigService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forgotten_agent_has_no_state_and_no_configuration_in_force() {
+        let states = ConfigStates::default();
+        for agent in [1, 2] {
+            states.set_config(agent, tether_agent_config::AgentConfig::default());
+            states.update(agent, |s| s.commit = "c0ffee".into());
+        }
+        states.forget(1);
+        assert_eq!((states.get(1), states.config(1)), (None, None));
+        assert!(
+            states.get(2).is_some() && states.config(2).is_some(),
+            "another agent's"
+        );
+    }
 
     #[test]
     fn both_config_locations_are_tried_in_order() {

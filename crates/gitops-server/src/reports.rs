@@ -51,6 +51,13 @@ impl SyncStates {
         self.changed();
     }
 
+    /// Forgets the progress of a deleted agent's syncs (its streams were ended with its
+    /// tokens, so no outcome will arrive to clear it).
+    pub fn forget(&self, agent_id: i64) {
+        self.running().retain(|(agent, _), _| *agent != agent_id);
+        self.changed();
+    }
+
     /// The agent's syncs under way that reported progress, by project.
     pub fn progress(&self, agent_id: i64) -> Vec<SyncReport> {
         let mut out: Vec<SyncReport> = self
@@ -203,6 +210,24 @@ mod tests {
         changes.borrow_and_update();
         states.put(agent, &report).await?;
         assert!(changes.has_changed()?, "a report");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_agent_has_no_progress() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store: Arc<dyn Store> =
+            Arc::new(tether_store::SqliteStore::open(&dir.path().join("kas.db")).await?);
+        let states = SyncStates::new(store);
+        let report = SyncReport {
+            project_id: "group/manifests".into(),
+            ..SyncReport::default()
+        };
+        states.put_progress(1, report.clone());
+        states.put_progress(2, report.clone());
+        states.forget(1);
+        assert_eq!(states.progress(1), []);
+        assert_eq!(states.progress(2), [report], "another agent's");
         Ok(())
     }
 

@@ -209,6 +209,17 @@ impl ApiState {
         }
     }
 
+    /// Forgets what this kas keeps in memory about an agent by its id: its configuration state
+    /// and configuration in force, the progress of its syncs, its GitOps directives. Done when
+    /// the agent is deleted, and again when one is registered, so that whatever the store's
+    /// ids, a new agent never starts with a deleted one's configuration (it authorized CI jobs
+    /// and people for the new agent).
+    pub(crate) fn forget_agent(&self, agent_id: i64) {
+        self.config_states.forget(agent_id);
+        self.sync_states.forget(agent_id);
+        self.gitops_controls.forget(agent_id);
+    }
+
     pub async fn publish_event(&self, event: crate::cluster::ClusterEvent) {
         let Some(cluster) = &self.cluster else { return };
         if let Err(e) = cluster.publish(event.clone()).await {
@@ -352,6 +363,7 @@ pub(crate) async fn register_agent(
     Json(req): Json<RegisterRequest>,
 ) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
     let agent = st.store.register_agent(&req.project, &req.name).await?;
+    st.forget_agent(agent.id);
     let (info, token) = st.store.create_token(agent.id, &req.description).await?;
     tracing::info!(agent_id = agent.id, project = %req.project, agent_name = %req.name, "Agent registered");
     Ok((

@@ -389,8 +389,8 @@ pub async fn suspension_views(
 }
 
 /// Removes the agent's records, then ends what its tokens opened: its tunnel and GitOps and
-/// configuration streams, and people's requests through it. Stored first, so nothing
-/// authenticates as the agent from then on.
+/// configuration streams, and people's requests through it, and forgets what kas kept of it in
+/// memory. Stored first, so nothing authenticates as the agent from then on.
 async fn delete_agent(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
@@ -405,7 +405,7 @@ async fn delete_agent(
         .iter()
         .map(|t| st.live_user_requests.revoke(t.id))
         .sum();
-    st.gitops_controls.forget(agent_id);
+    st.forget_agent(agent_id);
     for t in &tokens {
         let revoked = crate::cluster::ClusterEvent::AgentToken { id: t.id };
         st.publish_event(revoked).await;

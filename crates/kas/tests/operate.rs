@@ -483,27 +483,39 @@ fn pat_request() -> kas::api::UserTokenRequest {
 /// kubectl through kas's proxy (TLS: kubectl sends tokens over TLS only) with a personal
 /// access token for the agent.
 fn kubectl_via_kas(rig: &Rig, pki: &Pki, token: &str, args: &[&str]) -> Output {
+    kubectl_via_kas_to(rig, pki, rig.agent_id, token, args)
+}
+
+/// [`kubectl_via_kas`] to agent `agent_id`.
+fn kubectl_via_kas_to(rig: &Rig, pki: &Pki, agent_id: i64, token: &str, args: &[&str]) -> Output {
     Command::new(rig.env.bin_dir.join("kubectl"))
         .args([
             "--kubeconfig=/dev/null",
             &format!("--server=https://localhost:{}", rig.kas.k8s_port),
             &format!("--certificate-authority={}", pki.ca.display()),
-            &format!("--token=pat:{}:{token}", rig.agent_id),
+            &format!("--token=pat:{agent_id}:{token}"),
         ])
         .args(args)
         .output()
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_ends_the_agents_tunnel_at_once_and_removes_it_and_its_tokens() {
+/// The rig of the deletion tests: people of `group/app` may use the seed's `user_access`
+/// (as the agent's ServiceAccount), through the proxy over TLS.
+async fn user_access_rig(prefix: &str) -> (Rig, String, Pki) {
     let users = "user_access:\n  access_as:\n    agent: {}\n  projects:\n  - id: group/app\n";
     let pki = Pki::temporary();
     let tls = KasOptions {
         k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
         ..KasOptions::default()
     };
-    let (rig, ns, _) = configmap_rig_with("delete", users, &[], tls).await;
+    let (rig, ns, _) = configmap_rig_with(prefix, users, &[], tls).await;
+    (rig, ns, pki)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_ends_the_agents_tunnel_at_once_and_removes_it_and_its_tokens() {
+    let (rig, ns, pki) = user_access_rig("delete").await;
     let kas = &rig.kas;
     let keep = kas.admin.register_agent("group/app", "kept").await.unwrap();
     let pat = kas
@@ -561,6 +573,86 @@ async fn delete_ends_the_agents_tunnel_at_once_and_removes_it_and_its_tokens() {
         !again.status.success(),
         "deleting twice is an error: {}",
         text(&again)
+    );
+}
+
+/// A deleted agent's id and configuration are not passed to the next agent registered. SQLite
+/// gave the deleted (newest) agent's id to the next one and kas kept the deleted agent's
+/// configuration in memory, so a person the deleted agent's `user_access` allowed reached the
+/// cluster through the new agent, whose own configuration kas refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_agents_id_and_configuration_do_not_pass_to_the_next_agent() {
+    let (rig, ns, pki) = user_access_rig("reuse").await;
+    let kas = &rig.kas;
+    let out = kas_cli(kas, &["agent", "delete", "group/config:seed"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let gone = kas_cli(kas, &["agent", "status", &rig.agent_id.to_string()]);
+    let no_agent = format!("no agent {}", rig.agent_id);
+    assert!(
+        !gone.status.success() && text(&gone).contains(&no_agent),
+        "{}",
+        text(&gone)
+    );
+
+    // The next agent's configuration is refused, so kas must know none for it. Fetched before
+    // the agent connects: a configuration it got first would hide the deleted one's.
+    let refused = b"user_access: [not, a, mapping]\n";
+    let file = ".gitlab/agents/next/config.yaml";
+    let commit = rig.config.commit(&[(file, Some(refused))], "refused");
+    wait_for(
+        "kas to fetch the refused configuration",
+        Duration::from_secs(30),
+        || async {
+            let projects = kas.admin.list_projects().await.unwrap();
+            let config = projects.into_iter().find(|p| p.path == "group/config")?;
+            (config.commit.as_deref() == Some(commit.as_str())).then_some(())
+        },
+    )
+    .await;
+    let next = kas
+        .admin
+        .register_agent("group/config", "next")
+        .await
+        .unwrap();
+    assert!(
+        next.agent_id > rig.agent_id,
+        "agent id {} given again",
+        next.agent_id
+    );
+    let args: Vec<&str> = rig.agent_args.iter().map(String::as_str).collect();
+    let url = kas.url("grpc");
+    let _next = Agent::start_with(rig._dir.path(), "next", &url, &next.token, None, &args);
+    kas.wait_connected(next.agent_id).await;
+    wait_for(
+        "kas to refuse the next agent's configuration",
+        Duration::from_secs(30),
+        || async {
+            let config = kas.agent(next.agent_id).await.config?;
+            config.error.is_some().then_some(config)
+        },
+    )
+    .await;
+
+    let pat = kas
+        .admin
+        .create_user_token(next.agent_id, &pat_request())
+        .await
+        .unwrap();
+    // One request (no discovery), so kas's answer is what kubectl prints.
+    let path = format!("/api/v1/namespaces/{ns}/configmaps/app");
+    let out = kubectl_via_kas_to(
+        &rig,
+        &pki,
+        next.agent_id,
+        &pat.token,
+        &["get", "--raw", &path],
+    );
+    let let_in = "let in by the deleted agent's user_access";
+    assert!(!out.status.success(), "{let_in}: {}", text(&out));
+    assert!(
+        text(&out).contains("configuration is not known"),
+        "{}",
+        text(&out)
     );
 }
 

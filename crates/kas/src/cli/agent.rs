@@ -219,17 +219,21 @@ struct StatusView<'a> {
 
 /// `kas agent status`: connection, configuration (in force, refused), suspensions, syncs.
 async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<()> {
-    let syncs = c.gitops_status(agent_id).await?;
-    let agent = c
+    // An id kas does not have is an error, not an agent "offline" (a deleted one read so).
+    let Some(agent) = c
         .list_agents()
         .await?
         .into_iter()
-        .find(|a| a.id == agent_id);
+        .find(|a| a.id == agent_id)
+    else {
+        anyhow::bail!("no agent {agent_id}");
+    };
+    let syncs = c.gitops_status(agent_id).await?;
     let view = StatusView {
         agent_id,
-        connected: agent.as_ref().is_some_and(|a| a.connected),
-        config: agent.as_ref().and_then(|a| a.config.as_ref()),
-        suspensions: agent.as_ref().map_or(&[], |a| a.suspensions.as_slice()),
+        connected: agent.connected,
+        config: agent.config.as_ref(),
+        suspensions: &agent.suspensions,
         syncs: &syncs,
     };
     if !print_data(format, &view)? {
