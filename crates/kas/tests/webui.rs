@@ -463,6 +463,81 @@ fn set_cookie(headers: &[(String, String)], name: &str) -> String {
         .to_owned()
 }
 
+/// How soon an open live view must end once its session is over: the stream checks the
+/// session at least every second.
+const LIVE_ENDS_WITHIN: Duration = Duration::from_secs(5);
+
+/// An agent page's live view (`/agents/<id>/live`), open as a browser keeps it, read raw.
+struct LiveView {
+    stream: tokio::net::TcpStream,
+    read: String,
+}
+
+impl LiveView {
+    /// Opens the live view of agent `id` with the session `cookie` and reads its first section.
+    async fn open(web: &str, id: i64, cookie: &str) -> LiveView {
+        use tokio::io::AsyncWriteExt;
+        let authority = web.strip_prefix("http://").expect("an http:// URL");
+        let mut stream = tokio::net::TcpStream::connect(authority).await.unwrap();
+        let request = format!(
+            "GET /agents/{id}/live HTTP/1.1\r\nHost: {authority}\r\nCookie: {cookie}\r\n\
+             Accept: text/event-stream\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut live = LiveView {
+            stream,
+            read: String::new(),
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !live.read.contains("event: syncs") {
+            let more = live.read_some(deadline).await;
+            assert_eq!(more, Some(true), "the first section: {}", live.read);
+        }
+        assert!(live.read.starts_with("HTTP/1.1 200"), "{}", live.read);
+        live
+    }
+
+    /// Reads what comes before `deadline`: `Some(false)` once kas ended the stream, `None`
+    /// when nothing came in time.
+    async fn read_some(&mut self, deadline: tokio::time::Instant) -> Option<bool> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => Some(false),
+            Ok(Ok(n)) => {
+                self.read.push_str(&String::from_utf8_lossy(&buf[..n]));
+                Some(true)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Waits for kas to end the stream, at most [`LIVE_ENDS_WITHIN`].
+    async fn ends(mut self, why: &str) {
+        let deadline = tokio::time::Instant::now() + LIVE_ENDS_WITHIN;
+        loop {
+            match self.read_some(deadline).await {
+                Some(true) => {}
+                Some(false) => break,
+                None => panic!(
+                    "the live view still streams {LIVE_ENDS_WITHIN:?} after its session ended \
+                     {why}; it sent:\n{}",
+                    self.read
+                ),
+            }
+        }
+        println!("the live view ended {why}");
+    }
+}
+
+/// Logs in with the admin token through the form; the session's cookie (`name=value`).
+async fn admin_token_login(web: &str, token: &str) -> String {
+    let (status, headers, _) =
+        http_post_form(&format!("{web}/login"), &format!("token={token}")).await;
+    assert_eq!(status, 303, "{headers:?}");
+    set_cookie(&headers, "tether_session")
+}
+
 impl Walk {
     /// A login outlives kas: the browser logged in with the admin token is still logged in
     /// after a kill -9 and restart (sessions used to live in kas's memory only), and logging
@@ -502,18 +577,41 @@ impl Walk {
         assert!(page.contains(&format!("{PERSON} (viewer)")), "{page}");
     }
 
+    /// An agent page left open gets nothing more once its person logs out (elsewhere, say): its
+    /// live view ends within seconds. It used to stream on for as long as the page was open,
+    /// the session being checked only when the stream was opened.
+    async fn logging_out_ends_an_open_live_view(&mut self) {
+        let token = std::fs::read_to_string(self.rig.kas.dir.join("data/admin-token")).unwrap();
+        let session = admin_token_login(&self.web, token.trim()).await;
+        let live = LiveView::open(&self.web, self.id, &session).await;
+        let (_, _, page) = http_get(&format!("{}/", self.web), Some(&session)).await;
+        let csrf = page
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("the page's CSRF token");
+        let form = format!("csrf={csrf}");
+        let head = format!(
+            "Cookie: {session}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: {}\r\n",
+            form.len()
+        );
+        let url = format!("{}/logout", self.web);
+        let (status, headers, _) = http_exchange("POST", &url, &head, &form).await;
+        assert_eq!((status, header(&headers, "location")), (303, "/login"));
+        live.ends("at logout").await;
+    }
+
     /// Rotating the admin token (a new one in its file, as a rotated Secret does) takes
     /// effect without a restart: the new token works, the old one no longer does, and the web
-    /// UI logins opened with the old one end.
+    /// UI logins opened with the old one end, their open live views too.
     async fn rotating_the_admin_token_ends_its_logins(&mut self) {
         let file = self.rig.kas.dir.join("data/admin-token");
         let old = std::fs::read_to_string(&file).unwrap().trim().to_owned();
-        let (status, headers, _) =
-            http_post_form(&format!("{}/login", self.web), &format!("token={old}")).await;
-        assert_eq!(status, 303, "{headers:?}");
-        let session = set_cookie(&headers, "tether_session");
+        let session = admin_token_login(&self.web, &old).await;
         let (status, _, _) = http_get(&format!("{}/", self.web), Some(&session)).await;
         assert_eq!(status, 200);
+        let live = LiveView::open(&self.web, self.id, &session).await;
 
         std::fs::write(&file, "a-rotated-admin-token-0123456789\n").unwrap();
         support::wait_for("the old admin token refused", WAIT, || async {
@@ -528,6 +626,7 @@ impl Walk {
         .await;
         let (status, headers, _) = http_get(&format!("{}/", self.web), Some(&session)).await;
         assert_eq!((status, header(&headers, "location")), (303, "/login"));
+        live.ends("at the admin token's rotation").await;
         // The admin commands read the file: they work with the new token.
         let out = self.rig.kas.cli().args(["agent", "list"]).output().unwrap();
         assert!(
@@ -552,5 +651,6 @@ async fn the_web_ui_walkthrough() {
     w.the_admin_token_has_no_cluster_identity().await;
     w.a_login_survives_a_kas_restart().await;
     w.an_oidc_login_finishes_across_a_kas_restart().await;
+    w.logging_out_ends_an_open_live_view().await;
     w.rotating_the_admin_token_ends_its_logins().await;
 }

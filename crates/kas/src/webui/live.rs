@@ -2,7 +2,7 @@
 //! the same views as the page (the stored reports and the progress kas keeps for
 //! `reconcile --wait`), sent whenever it changed. It is rendered again as soon as this kas
 //! receives a report or progress (`SyncStates::changes`), and at least every [`TICK`] for
-//! reports another replica received.
+//! reports another replica received. The stream ends once its session is over.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -21,18 +21,20 @@ const TICK: Duration = Duration::from_secs(1);
 
 pub async fn stream(
     State(st): State<WebState>,
-    Extension(_who): Extension<LoggedIn>,
+    Extension(who): Extension<LoggedIn>,
     Path(id): Path<i64>,
     Query(filter): Query<ObjectFilter>,
 ) -> Response {
-    Sse::new(changes(st, id, filter))
+    Sse::new(changes(st, who.id, id, filter))
         .keep_alive(KeepAlive::default())
         .into_response()
 }
 
-/// The syncs section each time it differs from the last one sent (the first one at once).
+/// The syncs section each time it differs from the last one sent (the first one at once), for
+/// as long as the session `session` lasts.
 fn changes(
     st: WebState,
+    session: String,
     id: i64,
     filter: ObjectFilter,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
@@ -40,21 +42,23 @@ fn changes(
     futures_util::stream::unfold(
         (st, changes, String::new()),
         move |(st, mut changes, last)| {
-            let filter = filter.clone();
+            let (filter, session) = (filter.clone(), session.clone());
             async move {
                 loop {
+                    // Checked at every turn, not only when the page opened the stream: after a
+                    // logout, the session's expiry or a rotation of the admin token it was
+                    // opened with, an open page must get nothing more. Ending the stream is
+                    // enough: the browser's reconnection is sent to the login page.
+                    if st.sessions.get(&session).await.is_none() {
+                        tracing::debug!(
+                            agent_id = id,
+                            "Web UI live view ended: its session is over"
+                        );
+                        return None;
+                    }
                     // Marked seen before reading, so a report arriving meanwhile wakes the next turn.
                     changes.borrow_and_update();
-                    let html = match super::pages::sync_views(&st, id).await {
-                        Ok((syncs, progress)) => {
-                            render::syncs(&syncs, &progress, &filter).into_string()
-                        }
-                        // Said in the page; the API's error type logs failures of kas itself.
-                        Err(e) => {
-                            tracing::warn!(agent_id = id, error = %e.1, "Web UI live view cannot read the syncs");
-                            format!("<p class=\"error\">{}</p>", super::html::esc(&e.1))
-                        }
-                    };
+                    let html = syncs_section(&st, id, &filter).await;
                     if html != last {
                         let event = Event::default().event("syncs").data(html.clone());
                         return Some((Ok(event), (st, changes, html)));
@@ -68,4 +72,16 @@ fn changes(
             }
         },
     )
+}
+
+/// The syncs section as the page shows it, or why it cannot be read.
+async fn syncs_section(st: &WebState, id: i64, filter: &ObjectFilter) -> String {
+    match super::pages::sync_views(st, id).await {
+        Ok((syncs, progress)) => render::syncs(&syncs, &progress, filter).into_string(),
+        // Said in the page; the API's error type logs failures of kas itself.
+        Err(e) => {
+            tracing::warn!(agent_id = id, error = %e.1, "Web UI live view cannot read the syncs");
+            format!("<p class=\"error\">{}</p>", super::html::esc(&e.1))
+        }
+    }
 }
