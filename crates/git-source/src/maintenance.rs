@@ -159,6 +159,25 @@ pub fn remove_leftovers(dir: &Path) -> Result<u64, MaintenanceError> {
 /// objects no branch or tag reaches any more (history rewritten on the remote). git writes the
 /// new pack completely before it deletes the old ones, so a failure or a kill at any point
 /// leaves every object readable.
+/// How long after a slow failed repack the next one is put off.
+pub const REPACK_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// A failed repack that ran at least this long is slow to fail: worth putting off.
+const SLOW_FAILURE: Duration = Duration::from_secs(60);
+
+/// Whether `last` is a repack that failed slowly (typically by outlasting its timeout) less
+/// than [`REPACK_RETRY_AFTER`] before `now` (pure). A quick failure (a bad setting) costs
+/// little and is retried at the next fetch, so a fix takes effect at once.
+pub fn failed_recently(last: Option<&RepackReport>, now: std::time::SystemTime) -> bool {
+    last.is_some_and(|r| {
+        r.error.is_some()
+            && r.duration >= SLOW_FAILURE
+            && now
+                .duration_since(r.ended_at)
+                .is_ok_and(|ago| ago < REPACK_RETRY_AFTER)
+    })
+}
+
 pub fn repack(dir: &Path) -> Result<(), MaintenanceError> {
     let mut cmd = Command::new("git");
     cmd.arg("--git-dir")
@@ -237,6 +256,31 @@ fn kill_group(pid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repack_that_failed_slowly_is_put_off_for_an_hour() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let report = |error: Option<&str>| RepackReport {
+            ended_at: t0,
+            duration: Duration::from_secs(600),
+            packs_before: 60,
+            packs_after: 60,
+            error: error.map(str::to_owned),
+        };
+        let failed = report(Some("timed out"));
+        assert!(failed_recently(Some(&failed), t0 + Duration::from_secs(60)));
+        assert!(!failed_recently(Some(&failed), t0 + REPACK_RETRY_AFTER));
+        assert!(!failed_recently(
+            Some(&report(None)),
+            t0 + Duration::from_secs(60)
+        ));
+        assert!(!failed_recently(None, t0));
+        let quick = RepackReport {
+            duration: Duration::from_millis(30),
+            ..report(Some("bad setting"))
+        };
+        assert!(!failed_recently(Some(&quick), t0 + Duration::from_secs(60)));
+    }
 
     #[test]
     fn leftovers_are_recognised() {

@@ -297,6 +297,20 @@ impl Mirror {
     /// is triggered from another thread, also while it still waits for a running fetch.
     pub fn fetch_interruptible(&self, interrupt: &FetchInterrupt) -> Result<FetchOutcome, Error> {
         let _guard = self.lock_fetches();
+        let result = self.fetch_only(interrupt);
+        let repack = if result.is_ok() {
+            self.maintain()
+        } else {
+            None
+        };
+        self.reopen_if_packs_changed(repack.is_some());
+        let mut outcome = result?;
+        outcome.repack = repack;
+        Ok(outcome)
+    }
+
+    /// The fetch without the maintenance after it, under the fetch lock (held by the caller).
+    fn fetch_only(&self, interrupt: &FetchInterrupt) -> Result<FetchOutcome, Error> {
         if interrupt.is_interrupted() {
             // Its waiter has given up on it while it queued: do not start it.
             return Err(self.interrupted());
@@ -306,16 +320,27 @@ impl Mirror {
         self.remove_leftovers();
         let result = self.fetch_locked(interrupt);
         self.remove_leftovers();
-        let repack = if result.is_ok() {
-            self.maintain()
-        } else {
-            None
-        };
-        self.reopen_if_packs_changed(repack.is_some());
-        let mut outcome = result?;
-        outcome.repack = repack;
-        tracing::debug!(remote = %self.inner.remote, dir = %self.inner.dir.display(), changes = outcome.changes.len(), "fetched mirror");
-        Ok(outcome)
+        if let Ok(outcome) = &result {
+            tracing::debug!(remote = %self.inner.remote, dir = %self.inner.dir.display(), changes = outcome.changes.len(), "fetched mirror");
+        }
+        result
+    }
+
+    /// The maintenance [`Mirror::fetch`] does after fetching (a repack when packs piled up),
+    /// on tokio's blocking pool, for callers of [`Mirror::fetch_async_within`]: apart from the
+    /// fetch, so a long repack neither counts against the fetch's deadline nor delays what the
+    /// fetch brought. Bounded by the repack's own timeout.
+    pub async fn maintain_async(&self) -> Option<RepackReport> {
+        let mirror = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _guard = mirror.lock_fetches();
+            let repack = mirror.maintain();
+            mirror.reopen_if_packs_changed(repack.is_some());
+            repack
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// The fetch itself, under the fetch lock.
@@ -371,6 +396,12 @@ impl Mirror {
         let packs_before = self.count_packs()?;
         lock(&self.inner.state).status.packs = packs_before;
         if packs_before <= Self::PACK_THRESHOLD {
+            return None;
+        }
+        let last = lock(&self.inner.state).status.last_repack.clone();
+        if maintenance::failed_recently(last.as_ref(), SystemTime::now()) {
+            // A repack that outlasted its timeout would likely do it again: at every fetch,
+            // burning a CPU for up to its timeout each time.
             return None;
         }
         let started = Instant::now();
@@ -565,12 +596,26 @@ impl Mirror {
             .map_err(|e| Error::Task(e.to_string()))?
     }
 
-    /// [`Mirror::fetch_async`], interrupted when it has not ended within `timeout` (time spent
-    /// waiting for a running fetch of this mirror counts). The interrupted fetch releases the
-    /// mirror's fetch lock soon after, so the next fetch is not stuck behind it.
+    /// The fetch of [`Mirror::fetch_async`] without its maintenance (see
+    /// [`Mirror::maintain_async`]), interrupted when it has not ended within `timeout` (time
+    /// spent waiting for a running fetch of this mirror counts). The interrupted fetch
+    /// releases the mirror's fetch lock soon after, so the next fetch is not stuck behind it.
     pub async fn fetch_async_within(&self, timeout: Duration) -> Result<FetchOutcome, Error> {
-        // Dropping `fetch_async` on the deadline interrupts the fetch.
-        tokio::time::timeout(timeout, self.fetch_async())
+        let mirror = self.clone();
+        let interrupt = FetchInterrupt::new();
+        // Dropped on the deadline: interrupts the fetch.
+        let _stop_when_dropped = InterruptOnDrop(interrupt.clone());
+        let fetch = async move {
+            tokio::task::spawn_blocking(move || {
+                let _guard = mirror.lock_fetches();
+                let result = mirror.fetch_only(&interrupt);
+                mirror.reopen_if_packs_changed(false);
+                result
+            })
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+        };
+        tokio::time::timeout(timeout, fetch)
             .await
             .unwrap_or_else(|_| {
                 Err(Error::from(FetchError::Other {

@@ -400,12 +400,21 @@ impl Sources {
                 () = cancel.cancelled() => return,
             };
             tracing::debug!(project = %path, ok = result.is_ok(), "Fetch ended");
+            let fetched = result.is_ok();
             let result = match result {
                 Ok(_) => self.verified_head(&entry, &mirror, &path).await,
                 Err(e) => Err(e),
             };
             let ended = publish(&entry, &path, result, &mut failures);
             self.metrics.record(ended, started.elapsed().as_secs_f64());
+            // After publishing: a long repack delays neither the new commit nor its fetch's
+            // verdict (it used to count against the fetch's timeout).
+            if fetched {
+                tokio::select! {
+                    _ = mirror.maintain_async() => {}
+                    () = cancel.cancelled() => return,
+                }
+            }
             let delay = if failures == 0 {
                 self.poll_interval
             } else {
