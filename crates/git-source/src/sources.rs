@@ -39,6 +39,9 @@ pub struct ProjectHead {
     /// (not signed by a trusted key); `commit` stays the last verified one. `None` once a
     /// commit passes.
     pub refusal: Option<Refusal>,
+    /// The last [`Sources::request_fetch`] number answered: its fetch started after it was
+    /// asked for, and ended (well or not) with this head.
+    pub served: u64,
 }
 
 /// A project to mirror.
@@ -56,6 +59,8 @@ pub struct ProjectSpec {
 struct Entry {
     head: watch::Sender<ProjectHead>,
     trigger: Arc<Notify>,
+    /// Fetches asked for by [`Sources::request_fetch`] so far.
+    requested: std::sync::atomic::AtomicU64,
     mirror: Mutex<Option<Mirror>>,
     /// Stops the poll task of the current remote.
     task: Mutex<Option<CancellationToken>>,
@@ -161,6 +166,7 @@ impl Sources {
             Arc::new(Entry {
                 head,
                 trigger: Arc::new(Notify::new()),
+                requested: std::sync::atomic::AtomicU64::new(0),
                 mirror: Mutex::new(None),
                 task: Mutex::new(None),
                 verify: Mutex::new(None),
@@ -339,6 +345,21 @@ impl Sources {
         }
     }
 
+    /// Asks for a fetch that starts after this call, as [`Sources::trigger`] does; returns its
+    /// number, which the project's head shows in [`ProjectHead::served`] once that fetch
+    /// ended. A fetch already running when this is called does not answer it: it may have
+    /// read the remote before the push the caller wants fetched. `None`: not mirrored.
+    pub fn request_fetch(&self, id: i64) -> Option<u64> {
+        let entries = lock(&self.entries);
+        let entry = entries.get(&id)?;
+        let n = entry
+            .requested
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        entry.trigger.notify_one();
+        Some(n)
+    }
+
     /// Follows a project's head (created empty if the project is not mirrored yet).
     pub fn watch(&self, id: i64) -> watch::Receiver<ProjectHead> {
         self.entry(id).head.subscribe()
@@ -393,6 +414,8 @@ impl Sources {
         loop {
             tracing::debug!(project = %path, "Fetching");
             let started = std::time::Instant::now();
+            // Requests made until now are answered by this fetch; later ones by the next.
+            let serving = entry.requested.load(std::sync::atomic::Ordering::SeqCst);
             // Past the timeout, or cancelled, the fetch is interrupted rather than left to
             // hold the mirror's fetch lock.
             let result = tokio::select! {
@@ -405,7 +428,7 @@ impl Sources {
                 Ok(_) => self.verified_head(&entry, &mirror, &path).await,
                 Err(e) => Err(e),
             };
-            let ended = publish(&entry, &path, result, &mut failures);
+            let ended = publish(&entry, (&path, serving), result, &mut failures);
             self.metrics.record(ended, started.elapsed().as_secs_f64());
             // After publishing: a long repack delays neither the new commit nor its fetch's
             // verdict (it used to count against the fetch's timeout).
@@ -434,11 +457,12 @@ impl Sources {
 /// says how the fetch ended. A refusal or a failure keeps the last good commit in force.
 fn publish(
     entry: &Entry,
-    path: &str,
+    (path, serving): (&str, u64),
     result: Result<Result<Option<CommitId>, Refusal>, crate::Error>,
     failures: &mut u64,
 ) -> Ended {
     let now = Some(SystemTime::now());
+    let served = |h: &mut ProjectHead| h.served = h.served.max(serving);
     match result {
         Ok(Err(refusal)) => {
             *failures = 0;
@@ -451,6 +475,7 @@ fn publish(
                 h.fetched_at = now;
                 h.succeeded_at = now;
                 h.fetches += 1;
+                served(h);
             });
             Ended::Refused
         }
@@ -467,6 +492,7 @@ fn publish(
                 h.succeeded_at = now;
                 h.restored = false;
                 h.fetches += 1;
+                served(h);
             });
             Ended::Succeeded
         }
@@ -478,6 +504,7 @@ fn publish(
                 h.error = Some(msg);
                 h.fetched_at = now;
                 h.failures += 1;
+                served(h);
             });
             Ended::Failed
         }

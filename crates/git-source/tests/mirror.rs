@@ -874,13 +874,21 @@ fn mirrors(cache: &Path) -> Vec<PathBuf> {
 /// until the test process ends, like a host whose connection went half-open), and forwards
 /// every later connection to the real `git daemon` on `daemon_port`.
 fn silent_once_then_forward(daemon_port: u16) -> u16 {
+    silent_once_then_forward_telling(daemon_port).0
+}
+
+/// [`silent_once_then_forward`], telling on the channel when it has taken the connection it
+/// holds (a fetch is then under way and hung).
+fn silent_once_then_forward_telling(daemon_port: u16) -> (u16, std::sync::mpsc::Receiver<()>) {
     let (listener, addr) = listener();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for (i, stream) in listener.incoming().enumerate() {
             let Ok(client) = stream else { continue };
             if i == 0 {
                 held.push(client);
+                let _ = held_tx.send(());
                 continue;
             }
             let Ok(upstream) = TcpStream::connect(("127.0.0.1", daemon_port)) else {
@@ -889,7 +897,7 @@ fn silent_once_then_forward(daemon_port: u16) -> u16 {
             forward(client, upstream);
         }
     });
-    addr.port()
+    (addr.port(), held_rx)
 }
 
 /// Copies bytes both ways between `a` and `b` on two threads, passing on each half-close.
@@ -968,6 +976,59 @@ fn sources_interrupt_a_hung_fetch_and_the_next_one_publishes_the_commit() {
     );
     let h = published.expect("the fetch after the hung one should publish the commit");
     assert_eq!((h.commit, h.error, h.fetches), (Some(commit), None, 1));
+}
+
+/// A fetch asked for (kas's reconcile after a push) is answered only by a fetch that starts
+/// after the request: one already running may have read the remote before the push. Here the
+/// running one hangs and fails; the request is answered by the next, which brings the pushed
+/// commit (it used to be answered by the hung one's failure).
+#[test]
+fn a_requested_fetch_is_answered_by_a_fetch_started_after_the_request() {
+    use tether_git_source::{ProjectSpec, Sources};
+
+    let f = Fixture::new("main");
+    f.commit(&[("a", b"1")], &[], "one");
+    let daemon = GitDaemon::start(&f.repos());
+    let (port, held) = silent_once_then_forward_telling(daemon.port);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sources = Sources::new(
+        f.cache("sources"),
+        Duration::from_secs(600),
+        Duration::from_secs(2),
+    );
+    let remote = Remote::parse(&format!("git://127.0.0.1:{port}/project")).expect("remote");
+    let in_runtime = runtime.enter();
+    sources
+        .upsert(ProjectSpec {
+            id: 5,
+            path: "group/requested".into(),
+            remote: Some(remote),
+            verify: None,
+        })
+        .expect("upsert");
+    drop(in_runtime);
+    held.recv_timeout(Duration::from_secs(20))
+        .expect("the first fetch connects");
+    let pushed = f.commit(&[("a", b"2")], &[], "two");
+    let asked = sources.request_fetch(5).expect("mirrored");
+    let answered = runtime.block_on(async {
+        let mut head = sources.watch(5);
+        let done = head.wait_for(|h| h.served >= asked);
+        // No assertion in here: a panic would drop the runtime, which waits for a hung fetch.
+        tokio::time::timeout(Duration::from_secs(20), done)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|h| h.clone())
+    });
+    sources.shutdown();
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    let h = answered.expect("the request should be answered");
+    assert_eq!((h.commit, h.error), (Some(pushed), None));
 }
 
 /// `.pack` and `.keep` files in a mirror's `objects/pack`.

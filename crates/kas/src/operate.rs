@@ -139,13 +139,14 @@ async fn fetch_now(st: &ApiState, ids: &[i64]) -> HashMap<i64, String> {
     let wait = st.sources.fetch_timeout() + FETCH_WAIT_MARGIN;
     let waits = ids.iter().map(|&id| {
         let mut heads = st.sources.watch(id);
-        let before = {
-            let h = heads.borrow_and_update();
-            h.fetches + h.failures
-        };
-        st.sources.trigger(id);
+        // A fetch that started before this request may have read the remote before the push
+        // being reconciled: only one that starts after it answers.
+        let asked = st.sources.request_fetch(id);
         async move {
-            let done = heads.wait_for(|h| h.fetches + h.failures > before);
+            let Some(asked) = asked else {
+                return Some((id, "the project is not mirrored".to_owned()));
+            };
+            let done = heads.wait_for(|h| h.served >= asked);
             match tokio::time::timeout(wait, done).await {
                 Ok(Ok(_)) => None,
                 Ok(Err(_)) => Some((id, "its mirror was removed while fetching".to_owned())),
