@@ -924,23 +924,14 @@ fn forward(a: TcpStream, b: TcpStream) {
 /// dropping a `#[tokio::test]` runtime wait for it forever instead of failing the test.
 #[test]
 fn sources_interrupt_a_hung_fetch_and_the_next_one_publishes_the_commit() {
-    use tether_git_source::{ProjectHead, ProjectSpec, Sources};
+    use tether_git_source::{ProjectHead, ProjectSpec};
 
     let f = Fixture::new("main");
     let commit = f.commit(&[("a", b"1")], &[], "one");
     let daemon = GitDaemon::start(&f.repos());
     let port = silent_once_then_forward(daemon.port);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
     // A poll interval far beyond the test: only the retry after the failure fetches again.
-    let sources = Sources::new(
-        f.cache("sources"),
-        Duration::from_secs(600),
-        Duration::from_millis(500),
-    );
+    let (runtime, sources) = runtime_and_sources(&f, Duration::from_millis(500));
     let remote = Remote::parse(&format!("git://127.0.0.1:{port}/project")).expect("remote");
     let (timed_out, published) = runtime.block_on(async {
         let mut head = sources.watch(9);
@@ -984,22 +975,13 @@ fn sources_interrupt_a_hung_fetch_and_the_next_one_publishes_the_commit() {
 /// commit (it used to be answered by the hung one's failure).
 #[test]
 fn a_requested_fetch_is_answered_by_a_fetch_started_after_the_request() {
-    use tether_git_source::{ProjectSpec, Sources};
+    use tether_git_source::ProjectSpec;
 
     let f = Fixture::new("main");
     f.commit(&[("a", b"1")], &[], "one");
     let daemon = GitDaemon::start(&f.repos());
     let (port, held) = silent_once_then_forward_telling(daemon.port);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let sources = Sources::new(
-        f.cache("sources"),
-        Duration::from_secs(600),
-        Duration::from_secs(2),
-    );
+    let (runtime, sources) = runtime_and_sources(&f, Duration::from_secs(2));
     let remote = Remote::parse(&format!("git://127.0.0.1:{port}/project")).expect("remote");
     let in_runtime = runtime.enter();
     sources
@@ -1029,6 +1011,28 @@ fn a_requested_fetch_is_answered_by_a_fetch_started_after_the_request() {
     runtime.shutdown_timeout(Duration::from_secs(5));
     let h = answered.expect("the request should be answered");
     assert_eq!((h.commit, h.error), (Some(pushed), None));
+}
+
+/// A runtime of its own (see the hung-fetch tests: dropping it must not wait forever) and
+/// sources that poll only when asked (or to retry), with `fetch_timeout`.
+fn runtime_and_sources(
+    f: &Fixture,
+    fetch_timeout: Duration,
+) -> (
+    tokio::runtime::Runtime,
+    std::sync::Arc<tether_git_source::Sources>,
+) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sources = tether_git_source::Sources::new(
+        f.cache("sources"),
+        Duration::from_secs(600),
+        fetch_timeout,
+    );
+    (runtime, sources)
 }
 
 /// `.pack` and `.keep` files in a mirror's `objects/pack`.
