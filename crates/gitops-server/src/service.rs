@@ -172,6 +172,7 @@ impl GitOpsService {
         let mut offered = Offered {
             last: req.commit_id.clone(),
             refused: None,
+            unresolved: None,
         };
         let mut heads = self.deps.sources.watch(project.id);
         let mut directives = self.controls.subscribe(agent_id, project.id);
@@ -214,7 +215,11 @@ impl GitOpsService {
         let Some(mirror) = self.deps.sources.mirror(at.project.id) else {
             return true;
         };
-        match mirror.resolve(at.git_ref) {
+        let resolved = mirror.resolve(at.git_ref);
+        if resolved.is_ok() {
+            offered.unresolved = None;
+        }
+        match resolved {
             Ok(commit) if commit.to_hex() != offered.last => {
                 self.lag.seen(&commit.to_hex());
                 let offer = Offer {
@@ -231,6 +236,13 @@ impl GitOpsService {
             Err(e) => {
                 offered.last = String::new();
                 let message = format!("ref {:?} of {}: {e}", at.git_ref, at.project.path);
+                // Said once while it stays so: a deleted branch is seen again at every fetch,
+                // and re-sending made the agent report a new failure (and a notification
+                // flip against its drift re-syncs) every poll, for as long as it was missing.
+                if offered.unresolved.as_ref() == Some(&message) {
+                    return true;
+                }
+                offered.unresolved = Some(message.clone());
                 send_error(at.tx, String::new(), message).await
             }
         }
@@ -448,6 +460,8 @@ struct Offered {
     /// The commit last refused for its signature, so the agent hears of it once (it is checked
     /// again at each fetch: the project's trusted keys may have changed).
     refused: Option<CommitId>,
+    /// Why the entry's ref did not resolve, as last told to the agent (told once).
+    unresolved: Option<String>,
 }
 
 /// Where a commit is offered: one agent's stream of one project.

@@ -8,7 +8,7 @@ mod support;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use support::gitops::{Rig, RigArgs, admin_rbac, configmap, get_json, rig_opts};
+use support::gitops::{Rig, RigArgs, admin_rbac, configmap, get_json, rig_entry, rig_opts};
 use support::{Agent, Kas, KasOptions, Pki, wait_for};
 use tether_testenv::TestEnv;
 
@@ -470,6 +470,58 @@ async fn reconcile_with_a_silent_remote_exits_5_once_the_fetch_times_out() {
         "{stdout}"
     );
     drop(silent);
+}
+
+/// The branch an entry follows is deleted: the agent hears it once, not at every fetch (every
+/// poll used to send the error again: a new failure report each time, and a notification flip
+/// against each drift re-sync of the last good commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_branch_is_reported_once_not_at_every_fetch() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("gonebranch").unwrap();
+    let args = RigArgs {
+        env,
+        agent_ns: ns.clone(),
+        rbac: &admin_rbac(&ns),
+        project_extra: "",
+        initial: &[("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")))],
+        agent_args: &[],
+    };
+    let entry = "    ref:\n      branch: main\n    paths:\n    - glob: '/manifests/*.yaml'\n";
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    let (rig, c1) = rig_entry(args, entry, opts).await;
+    rig.synced(&c1).await;
+    rig.manifests.git(&["checkout", "-q", "-b", "elsewhere"]);
+    rig.manifests.git(&["branch", "-q", "-D", "main"]);
+    let fetches = || async {
+        let projects = rig.kas.admin.list_projects().await.ok()?;
+        let p = projects.into_iter().find(|p| p.path == "group/manifests")?;
+        Some(p.fetches)
+    };
+    let before = wait_for("a fetch count", Duration::from_secs(10), fetches).await;
+    wait_for(
+        "ten fetches after the deletion",
+        Duration::from_secs(60),
+        || async { fetches().await.filter(|n| *n >= before + 10) },
+    )
+    .await;
+    let failed: Vec<_> = rig
+        .agent
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["msg"] == "Synchronization failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("main")),
+        "{failed:?}"
+    );
 }
 
 fn pat_request() -> kas::api::UserTokenRequest {

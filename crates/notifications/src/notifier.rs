@@ -128,7 +128,9 @@ impl Notifier {
             }))
             .await;
         }
-        if let Some(state) = change.status {
+        // A failure that names no commit (the entry's ref did not resolve) has no commit for
+        // a forge to mark.
+        if let Some(state) = change.status.filter(|_| !report.commit_id.is_empty()) {
             let description = match report.error.as_str() {
                 "" => summary.describe(),
                 error => format!("{}; {error}", summary.describe()),
