@@ -31,9 +31,11 @@ use tracing::Instrument;
 
 use crate::configuration::Applied;
 
+mod refusal;
 mod schedule;
 mod supervise;
 
+use refusal::Refusal;
 use schedule::{ResyncStep, Schedule};
 use supervise::supervise;
 
@@ -280,6 +282,9 @@ struct SyncState {
     running: Option<(CancellationToken, JoinHandle<SyncOutcome>)>,
     /// When the running sync started, for its duration metric.
     started: Instant,
+    /// The newest commit offered could not be applied: the schedule's commit is an earlier
+    /// one, still re-applied, whose reports say the newest failed. Gone with the next commit.
+    refused: Option<Refusal>,
 }
 
 /// The last report and whether kas has confirmed it.
@@ -429,6 +434,7 @@ impl Worker {
             schedule: Schedule::new(),
             running: None,
             started: now,
+            refused: None,
         };
         let mut reports = Reports {
             last: None,
@@ -582,8 +588,9 @@ impl Worker {
                         tracing::warn!(commit_id = %b.id, warning, "kas warns about this commit's manifests");
                     }
                     b.warnings = t.warnings;
-                    // A new commit cancels the sync in progress.
+                    // A new commit cancels the sync in progress, and replaces any refused one.
                     stop_sync(sync.running.take()).await;
+                    sync.refused = None;
                     // Held while suspended (kas holds commits then; this is for safety).
                     sync.schedule.commit(Arc::new(b), Instant::now());
                 }
@@ -617,7 +624,9 @@ impl Worker {
         s.previous_namespace = Some(namespace.to_owned());
     }
 
-    /// Reports a commit that cannot be applied: nothing is applied or pruned.
+    /// Reports a commit that cannot be applied: nothing is applied or pruned. The last good
+    /// commit is still re-applied on schedule, but until a newer commit arrives its reports
+    /// say this one failed.
     async fn refuse(
         &mut self,
         commit_id: String,
@@ -630,6 +639,13 @@ impl Worker {
         self.event(Happened::Refused {
             commit: &commit_id,
             message: &message,
+        });
+        self.engine
+            .metrics
+            .record_refused(&self.settings.project_id);
+        sync.refused = Some(Refusal {
+            commit_id: commit_id.clone(),
+            message: message.clone(),
         });
         let report = SyncReport {
             project_id: self.settings.project_id.clone(),
@@ -667,24 +683,30 @@ impl Worker {
                 return;
             }
         };
-        self.log_outcome(&outcome);
+        self.log_outcome(&outcome, sync.refused.as_ref());
         self.event(Happened::Synced(&outcome));
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        self.engine.metrics.record(
+        let counted_ok = outcome.succeeded() && sync.refused.is_none();
+        self.engine.metrics.record_as(
             &self.settings.project_id,
             &outcome,
+            counted_ok,
             sync.started.elapsed(),
             now,
         );
         let mut report = report_of(&outcome, &self.settings);
+        // Scheduled by how the sync itself went: drift correction goes on while refused.
         report.resync_id =
             sync.schedule
                 .finished(outcome.succeeded(), Instant::now(), &self.timing);
         let current = sync.schedule.current();
         if let Some(c) = current.filter(|c| c.id == outcome.commit_id) {
             report.warnings.clone_from(&c.warnings);
+        }
+        if let Some(refused) = &sync.refused {
+            report = refusal::carry(report, refused);
         }
         self.report(report, reports, stop).await;
     }
@@ -773,7 +795,10 @@ impl Worker {
         }
     }
 
-    fn log_outcome(&self, o: &SyncOutcome) {
+    fn log_outcome(&self, o: &SyncOutcome, refused: Option<&Refusal>) {
+        if let Some(r) = refused {
+            tracing::warn!(commit_id = %o.commit_id, refused_commit_id = %r.commit_id, refusal = %r.message, "Re-applied the last good commit; the newest commit cannot be applied and is reported failed");
+        }
         match &o.error {
             None => {
                 tracing::info!(agent_id = self.settings.agent_id, commit_id = %o.commit_id, objects = o.objects.len(), writes = o.writes, dry_run = o.dry_run, watched_statuses = o.watched_statuses, "Synchronization done")

@@ -103,12 +103,22 @@ impl SyncMetrics {
 
     /// Records a finished synchronization of `project` that took `took`, ending at `now_unix`.
     pub fn record(&self, project: &str, outcome: &SyncOutcome, took: Duration, now_unix: f64) {
+        self.record_as(project, outcome, outcome.succeeded(), took, now_unix);
+    }
+
+    /// [`Self::record`], counted as `succeeded` says rather than as the outcome does: a
+    /// re-sync of the last good commit while a newer commit is refused counts as failed (the
+    /// project is not at its newest commit), though its objects are counted as it saw them.
+    pub fn record_as(
+        &self,
+        project: &str,
+        outcome: &SyncOutcome,
+        succeeded: bool,
+        took: Duration,
+        now_unix: f64,
+    ) {
         let label = OutcomeLabel {
-            outcome: if outcome.succeeded() {
-                "succeeded"
-            } else {
-                "failed"
-            },
+            outcome: if succeeded { "succeeded" } else { "failed" },
         };
         self.syncs
             .get_or_create(&ProjectOutcomeLabel {
@@ -119,7 +129,7 @@ impl SyncMetrics {
         self.duration
             .get_or_create(&label)
             .observe(took.as_secs_f64());
-        if outcome.succeeded() {
+        if succeeded {
             self.last_success
                 .get_or_create(&ProjectLabel {
                     project: project.to_owned(),
@@ -148,6 +158,18 @@ impl SyncMetrics {
 }
 
 impl SyncMetrics {
+    /// Counts a commit of `project` that could not be applied at all (kas refused it: a
+    /// rendering or selection error, an unsigned commit) as a failed synchronization. No
+    /// duration (nothing ran) and no object counts (nothing was applied).
+    pub fn record_refused(&self, project: &str) {
+        self.syncs
+            .get_or_create(&ProjectOutcomeLabel {
+                project: project.to_owned(),
+                outcome: "failed",
+            })
+            .inc();
+    }
+
     /// Drops `project`'s series: it left the configuration, or this replica stopped leading.
     /// Kept, its last-success time would age until a staleness alert fired for a project
     /// nobody syncs here any more, and its object counts would stay frozen.
@@ -281,6 +303,13 @@ mod tests {
         );
     }
 
+    /// Asserts that the exposition `t` has each of `samples` (name, labels and value).
+    fn assert_samples(t: &str, samples: &[&str]) {
+        for sample in samples {
+            assert!(t.contains(sample), "{sample} in:\n{t}");
+        }
+    }
+
     #[test]
     fn a_failure_before_any_object_keeps_the_last_counts_and_the_last_success_time() {
         let m = SyncMetrics::default();
@@ -288,18 +317,33 @@ mod tests {
         m.record("p", &ok, Duration::from_secs(1), 100.0);
         let failed = outcome(Some(SyncError::Discovery("down".into())), Vec::new());
         m.record("p", &failed, Duration::from_secs(1), 200.0);
-        let t = text(&m);
-        assert!(
-            t.contains(r#"agentk_gitops_syncs_total{project="p",outcome="failed"} 1"#),
-            "{t}"
+        assert_samples(
+            &text(&m),
+            &[
+                r#"agentk_gitops_syncs_total{project="p",outcome="failed"} 1"#,
+                r#"agentk_gitops_objects{project="p",status="Current"} 1"#,
+                r#"agentk_gitops_last_successful_sync_timestamp_seconds{project="p"} 100"#,
+            ],
         );
-        assert!(
-            t.contains(r#"agentk_gitops_objects{project="p",status="Current"} 1"#),
-            "{t}"
-        );
-        assert!(
-            t.contains(r#"agentk_gitops_last_successful_sync_timestamp_seconds{project="p"} 100"#),
-            "{t}"
+    }
+
+    #[test]
+    fn a_refused_commit_and_the_resyncs_of_the_last_good_one_count_as_failed() {
+        let m = SyncMetrics::default();
+        let ok = outcome(None, vec![object("a", ObjectState::Live(Status::Current))]);
+        m.record("p", &ok, Duration::from_secs(1), 100.0);
+        m.record_refused("p");
+        // The drift re-sync of the last good commit went well, but the newest is refused: the
+        // last success stays the one before the refusal.
+        m.record_as("p", &ok, false, Duration::from_secs(1), 400.0);
+        assert_samples(
+            &text(&m),
+            &[
+                r#"agentk_gitops_syncs_total{project="p",outcome="failed"} 2"#,
+                r#"agentk_gitops_syncs_total{project="p",outcome="succeeded"} 1"#,
+                r#"agentk_gitops_last_successful_sync_timestamp_seconds{project="p"} 100"#,
+                r#"agentk_gitops_objects{project="p",status="Current"} 1"#,
+            ],
         );
     }
 }

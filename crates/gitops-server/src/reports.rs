@@ -11,7 +11,7 @@ use tether_store::Store;
 use tether_kas_api::{ReportedOutcome, ReportedStatus};
 
 /// How a report that applied nothing says whose objects it shows.
-const CARRIED: &str = "nothing was applied at this commit; the objects are as of commit";
+const CARRIED: &str = tether_protocol::report::OBJECTS_AS_OF;
 
 /// The agents' last sync reports, in the store; and how far the syncs running for `kas agent
 /// reconcile --wait` got, in memory only (it is gone once their outcome arrives). A counter

@@ -110,7 +110,8 @@ pub struct ReconcileStarted {
 pub struct ReconcileTarget {
     /// As the agent's configuration names it (what its sync reports are keyed by).
     pub project: String,
-    /// The default branch's commit after the fetch.
+    /// The commit of the ref the agent follows (the default branch unless its configuration
+    /// names another) after the fetch: the one the reconcile's sync should report.
     pub commit: Option<String>,
     /// Why the fetch failed (the last good commit is synced).
     pub fetch_error: Option<String>,

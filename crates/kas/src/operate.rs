@@ -214,9 +214,10 @@ async fn reconcile(
             },
             Some(p) => {
                 let head = st.sources.head(p.id);
+                let commit = followed_commit(&st, &config, &key, &p, head.commit);
                 ReconcileTarget {
                     project: key,
-                    commit: head.commit.map(|c| c.to_hex()),
+                    commit,
                     // A fetch that did not end in time leaves an older error or none.
                     fetch_error: unfinished.get(&p.id).cloned().or(head.error),
                     streams: resync_everywhere(&st, agent_id, p.id, resync),
@@ -234,6 +235,33 @@ async fn reconcile(
         resync_id: resync.0,
         projects: targets,
     }))
+}
+
+/// The commit, after the fetch, of the ref the agent follows in `key` (its default branch's is
+/// the head; a branch, tag or commit of its own is read from the mirror), so that `kas agent
+/// reconcile --wait` can tell whether the agent applied it.
+fn followed_commit(
+    st: &ApiState,
+    config: &AgentConfig,
+    key: &str,
+    project: &Project,
+    head: Option<tether_git_source::CommitId>,
+) -> Option<String> {
+    use tether_agent_config::GitRef as ConfigRef;
+    use tether_git_source::GitRef;
+    let entry = config
+        .gitops
+        .manifest_projects
+        .iter()
+        .find(|m| config_key(&m.id) == key);
+    let git_ref = match entry.and_then(|m| m.git_ref.as_ref()) {
+        None => return head.map(|c| c.to_hex()),
+        Some(ConfigRef::Branch(b)) => GitRef::Branch(b.clone()),
+        Some(ConfigRef::Tag(t)) => GitRef::Tag(t.clone()),
+        Some(ConfigRef::Commit(c)) => GitRef::Commit(c.clone()),
+    };
+    let mirror = st.sources.mirror(project.id)?;
+    mirror.resolve(&git_ref).ok().map(|c| c.to_hex())
 }
 
 /// How far the agent's syncs under way for a reconcile got (kept in memory by this kas).

@@ -1882,3 +1882,130 @@ fn hmac_hex(key: &[u8], body: &[u8]) -> String {
     mac.update(body);
     hex::encode(mac.finalize().into_bytes())
 }
+
+/// A newest commit kas refuses (here a file two globs match) while agentk keeps re-applying the
+/// last good one every second: the status stays "failed at the refused commit, and why", the
+/// re-syncs count as failed syncs in agentk's metrics (the last success does not advance), no
+/// receiver hears of a recovery, and `kas agent reconcile --wait` exits 1 naming that commit.
+/// Before, the first drift re-sync (5 min by default) replaced the failure with a success of
+/// the older commit, said `sync_recovered`, and reconcile exited 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_newest_commit_stays_failed_across_resyncs_of_the_last_good_one() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("refusedstays").unwrap();
+    let (port, got) = receiver(0).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let yaml = notifications_yaml(secrets.path(), port);
+    let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
+    let second_glob = "    - glob: '/manifests/dup.yaml'\n";
+    let resync = ["--gitops-resync-interval", "1s"];
+    let (rig, c1) = rig_with(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        second_glob,
+        &initial,
+        &resync,
+        yaml,
+    )
+    .await;
+    assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
+    let dup = configmap("dup", &ns, "v1");
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/dup.yaml", Some(&dup))], "matched twice");
+    let refused = rig.synced(&c2).await;
+    assert!(
+        refused.error.contains("matched by two globs"),
+        "{refused:?}"
+    );
+    let series =
+        "agentk_gitops_last_successful_sync_timestamp_seconds{project=\"group/manifests\"}";
+    let last_success = rig.agent.metric(series).await;
+
+    // Three drift re-syncs of c1 after the refusal.
+    let resyncs = || {
+        let lines = rig.agent.log_lines();
+        lines
+            .iter()
+            .filter(|l| l["msg"] == "Synchronization done" && l["commit_id"] == c1.as_str())
+            .count()
+    };
+    let before = resyncs();
+    wait_for("three re-syncs of c1", Duration::from_secs(60), || async {
+        (resyncs() >= before + 3).then_some(())
+    })
+    .await;
+    let status = rig.kas.admin.gitops_status(rig.agent_id).await.unwrap();
+    let s = &status[0];
+    assert_eq!(
+        (s.commit_id.as_str(), s.outcome),
+        (c2.as_str(), ReportedOutcome::Failed),
+        "{s:?}"
+    );
+    assert!(s.error.contains("matched by two globs"), "{s:?}");
+    let failed = "agentk_gitops_syncs_total{project=\"group/manifests\",outcome=\"failed\"}";
+    let failures = rig.agent.metric(failed).await.unwrap_or(0.0);
+    assert!(
+        failures >= 4.0,
+        "the refusal and three re-syncs: {failures}"
+    );
+    assert_eq!(rig.agent.metric(series).await, last_success);
+
+    let out = rig
+        .kas
+        .cli()
+        .args([
+            "agent",
+            "reconcile",
+            "group/config:seed",
+            "--wait",
+            "--timeout",
+            "60s",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("commit {} failed", &c2[..12])),
+        "{stdout}"
+    );
+    assert!(stdout.contains("matched by two globs"), "{stdout}");
+
+    // A fix is the recovery, and the only one: delivered after anything queued before it.
+    let c3 = rig.manifests.commit(&[("manifests/dup.yaml", None)], "fix");
+    assert_eq!(rig.synced(&c3).await.outcome, ReportedOutcome::Succeeded);
+    let events = wait_for(
+        "the recovery on the webhook",
+        Duration::from_secs(30),
+        || {
+            let (got, c3) = (Arc::clone(&got), c3.clone());
+            async move {
+                let got = got.lock().unwrap();
+                let events: Vec<(String, String)> = got
+                    .iter()
+                    .filter(|r| r.path == "/hook")
+                    .map(|r| {
+                        let v = json_of(&r.body);
+                        let word = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+                        (word("event"), word("commit"))
+                    })
+                    .collect();
+                events
+                    .iter()
+                    .any(|(e, c)| e == "sync_recovered" && *c == c3)
+                    .then_some(events)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        events,
+        [
+            ("sync_failed".to_owned(), c2.clone()),
+            ("sync_recovered".to_owned(), c3.clone())
+        ]
+    );
+}

@@ -289,6 +289,19 @@ mod tests {
     }
 
     #[test]
+    fn a_resync_of_an_earlier_commit_while_the_newest_is_refused_is_no_recovery() {
+        // agentk re-applies the last good commit (c1) on schedule, and its report stays a
+        // failure of the refused newest commit (c2): nobody is told c2 recovered.
+        let refused = report("c2", false, 1);
+        let mut resync = report("c2", false, 300);
+        resync
+            .warnings
+            .push("nothing was applied at this commit; the objects are as of commit c1".into());
+        let c = report_change(Some(&refused), &resync);
+        assert_eq!((c.transition, c.status), (None, None));
+    }
+
+    #[test]
     fn a_periodic_resync_of_a_good_commit_is_silent() {
         let c = report_change(Some(&report("a", true, 1)), &report("a", true, 300));
         assert_eq!((c.transition, c.status), (None, None));

@@ -22,6 +22,14 @@ pub mod gitops {
     tonic::include_proto!("tether.gitops.v1");
 }
 
+/// Words both halves write into sync reports.
+pub mod report {
+    /// Starts the warning of a report whose objects were applied at an earlier commit than the
+    /// one it reports (of which nothing was applied); that commit follows.
+    pub const OBJECTS_AS_OF: &str =
+        "nothing was applied at this commit; the objects are as of commit";
+}
+
 pub mod codec;
 pub mod frames;
 pub mod render;

@@ -92,13 +92,31 @@ pub fn summarize(s: &SyncView) -> Summary {
     out
 }
 
-/// A report's outcome for the exit code: synced only if it succeeded and all is Current.
-pub fn judge(s: &SyncView, summary: &Summary) -> Outcome {
-    if s.outcome == ReportedOutcome::Succeeded && summary.not_current.is_empty() {
+/// A report's outcome for the exit code: synced only if it is of the commit fetched (when kas
+/// named one), succeeded and all is Current. A report of another commit means the fetched one
+/// is not what the cluster runs (refused, or not renderable, while an earlier commit is
+/// re-applied), however well that sync went.
+pub fn judge(s: &SyncView, summary: &Summary, fetched: Option<&str>) -> Outcome {
+    if fetched.is_none_or(|c| c == s.commit_id)
+        && s.outcome == ReportedOutcome::Succeeded
+        && summary.not_current.is_empty()
+    {
         Outcome::Synced
     } else {
         Outcome::Failed
     }
+}
+
+/// The line saying a report is not of the commit fetched, naming that commit.
+pub fn other_commit_line(s: &SyncView, fetched: Option<&str>) -> Option<String> {
+    let fetched = fetched.filter(|c| *c != s.commit_id)?;
+    Some(format!(
+        "{}: commit {} was fetched, but the agent reports commit {}: {} is not applied",
+        s.project_id,
+        short(fetched),
+        short(&s.commit_id),
+        short(fetched)
+    ))
 }
 
 /// The progress line of one project's report.
@@ -260,11 +278,19 @@ async fn follow(
             }
             pending.retain(|p| *p != s.project_id);
             let summary = summarize(&s);
+            let fetched = started
+                .projects
+                .iter()
+                .find(|t| t.project == s.project_id)
+                .and_then(|t| t.commit.as_deref());
             progress.line(&report_line(&s, &summary))?;
+            if let Some(line) = other_commit_line(&s, fetched) {
+                progress.line(&line)?;
+            }
             for o in summary.not_current.iter().chain(&summary.left_in_place) {
                 progress.line(&format!("    {o}"))?;
             }
-            worst = worst.max(judge(&s, &summary));
+            worst = worst.max(judge(&s, &summary, fetched));
             progress.done_one();
         }
         if pending.is_empty() {
@@ -371,7 +397,7 @@ mod tests {
         );
         let s = summarize(&ok);
         assert_eq!((s.applied, s.current, s.pruned), (1, 1, 1));
-        assert_eq!(judge(&ok, &s), Outcome::Synced);
+        assert_eq!(judge(&ok, &s, None), Outcome::Synced);
         assert_eq!(
             report_line(&ok, &s),
             "group/manifests: commit 0123456789ab succeeded: 1 applied, 1 Current, 0 not Current, 1 pruned"
@@ -388,13 +414,13 @@ mod tests {
         );
         let s = summarize(&bad);
         assert_eq!(s.not_current, ["Deployment/ns/web Failed: forbidden"]);
-        assert_eq!(judge(&bad, &s), Outcome::Failed);
+        assert_eq!(judge(&bad, &s, None), Outcome::Failed);
         // Succeeded but still rolling out is not "synced" either.
         let slow = report(
             ReportedOutcome::Succeeded,
             vec![object("Deployment", "web", ReportedStatus::InProgress, "")],
         );
-        assert_eq!(judge(&slow, &summarize(&slow)), Outcome::Failed);
+        assert_eq!(judge(&slow, &summarize(&slow), None), Outcome::Failed);
     }
 
     #[test]
@@ -417,11 +443,32 @@ mod tests {
             s.left_in_place,
             ["ConfigMap/ns/kept PruneSkipped: left in place"]
         );
-        assert_eq!(judge(&kept, &s), Outcome::Synced);
+        assert_eq!(judge(&kept, &s, None), Outcome::Synced);
         assert_eq!(
             report_line(&kept, &s),
             "group/manifests: commit 0123456789ab succeeded: 1 applied, 1 Current, 0 not Current, 0 pruned, 1 left in place"
         );
+    }
+
+    #[test]
+    fn a_report_of_another_commit_than_the_fetched_one_fails_naming_it() {
+        let older = report(
+            ReportedOutcome::Succeeded,
+            vec![object("Deployment", "web", ReportedStatus::Current, "")],
+        );
+        let s = summarize(&older);
+        let fetched = Some("fedcba9876543210");
+        assert_eq!(judge(&older, &s, fetched), Outcome::Failed);
+        assert_eq!(
+            other_commit_line(&older, fetched).as_deref(),
+            Some(
+                "group/manifests: commit fedcba987654 was fetched, but the agent reports commit 0123456789ab: fedcba987654 is not applied"
+            )
+        );
+        let same = Some("0123456789abcdef");
+        assert_eq!(judge(&older, &s, same), Outcome::Synced);
+        assert_eq!(other_commit_line(&older, same), None);
+        assert_eq!(other_commit_line(&older, None), None);
     }
 
     #[test]
