@@ -299,9 +299,16 @@ async fn run(cli: Cli) -> Result<()> {
         "" => format!("agentk-{}", std::process::id()),
         pod => pod.to_owned(),
     };
+    // kube retries a 503 up to 15 times over minutes: an aggregated API whose server is down
+    // would hold every sync's discovery that long before it is left out.
+    let mut discovery_cfg = kube_cfg.clone();
+    discovery_cfg.default_retry = false;
+    let discovery = kube::Client::try_from(discovery_cfg)
+        .context("building the Kubernetes client for discovery")?;
+    let syncer = tether_gitops_agent::sync::Syncer::new(kube.clone()).with_discovery(discovery);
     let engine = gitops::Engine {
-        events: tether_gitops_agent::kube_events::Recorder::new(kube.clone(), instance),
-        syncer: Arc::new(tether_gitops_agent::sync::Syncer::new(kube)),
+        events: tether_gitops_agent::kube_events::Recorder::new(kube, instance),
+        syncer: Arc::new(syncer),
         metrics: sync_metrics,
     };
     let timing = gitops_timing(&cli);

@@ -22,6 +22,7 @@
 //! [`preview`] runs steps 1–3 with server-side dry run and reads what step 5 would prune,
 //! for `kas agent diff`: what a sync would change, changing nothing.
 
+mod apis;
 pub mod decode;
 pub mod drift;
 pub mod events;

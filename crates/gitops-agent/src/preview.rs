@@ -14,9 +14,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use futures_util::StreamExt;
 use kube::Client;
 use kube::api::{Patch, PatchParams};
-use kube::discovery::{ApiResource, Discovery, Scope};
+use kube::discovery::{ApiResource, Scope};
 use serde_json::Value;
 
+use crate::apis::Apis;
 use crate::decode::Manifest;
 use crate::drift::APPLIED_DIGEST_ANNOTATION;
 use crate::inventory;
@@ -240,7 +241,7 @@ type Listed = HashMap<GroupKey, HashMap<String, Value>>;
 struct Ctx<'a> {
     s: &'a Settings,
     inv_id: &'a str,
-    disc: &'a Discovery,
+    disc: &'a Apis,
     here: &'a CreatedHere,
     listed: &'a Listed,
 }
@@ -248,7 +249,7 @@ struct Ctx<'a> {
 impl Syncer {
     /// [`Listed`] for `manifests`: only their own objects are kept, with the `apiVersion` and
     /// `kind` a LIST leaves out of its items (so they compare with the dry run's answer).
-    async fn list_live(&self, manifests: &[Manifest], disc: &Discovery) -> Listed {
+    async fn list_live(&self, manifests: &[Manifest], disc: &Apis) -> Listed {
         let mut wanted: HashMap<GroupKey, (ApiResource, HashSet<&str>)> = HashMap::new();
         for m in manifests {
             if let Some((ar, caps)) = Syncer::resolve(disc, m) {
@@ -291,10 +292,7 @@ impl Syncer {
             if here.crd_groups.contains(m.group()) {
                 return Ok(compare(None, &desired));
             }
-            return Err(ObjectError::NoResourceType {
-                kind: m.kind().to_owned(),
-                api_version: m.api_version().to_owned(),
-            });
+            return Err(crate::sync::not_resolved(disc, m));
         };
         let ns = (caps.scope == Scope::Namespaced)
             .then(|| m.namespace())
@@ -333,7 +331,7 @@ impl Syncer {
         &self,
         previous: &PreviousInventory,
         manifests: &[Manifest],
-        disc: &Discovery,
+        disc: &Apis,
     ) -> Vec<ObjectChange> {
         let desired: BTreeSet<ObjRef> = manifests.iter().map(Manifest::obj_ref).collect();
         let candidates = prune::to_prune(&previous.objects, &desired, &crd_kinds(manifests));
@@ -367,15 +365,26 @@ impl Syncer {
         &self,
         obj: &ObjRef,
         inv_id: &str,
-        disc: &Discovery,
-    ) -> Result<Option<Value>, ApiError> {
+        disc: &Apis,
+    ) -> Result<Option<Value>, ObjectError> {
         let Some((ar, caps)) = Syncer::resolve_ref(disc, obj) else {
-            return Ok(None);
+            // A sync would fail to prune it (kept in the inventory), not skip it.
+            return match disc.unavailable(&obj.group) {
+                Some(reason) => Err(ObjectError::GroupUnavailable {
+                    group: obj.group.clone(),
+                    reason: reason.to_owned(),
+                }),
+                None => Ok(None),
+            };
         };
         let ns = (caps.scope == Scope::Namespaced)
             .then_some(obj.namespace.as_deref())
             .flatten();
-        let live = self.api(&ar, ns).get_opt(&obj.name).await?;
+        let live = self
+            .api(&ar, ns)
+            .get_opt(&obj.name)
+            .await
+            .map_err(ApiError::from)?;
         Ok(live
             .and_then(|o| serde_json::to_value(o).ok())
             .filter(|v| inventory::owner(v) == Some(inv_id)))

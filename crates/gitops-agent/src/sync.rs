@@ -12,13 +12,14 @@ use kube::Client;
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
 };
-use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
+use kube::discovery::{ApiCapabilities, ApiResource, Scope};
 use serde_json::{Value, json};
 use tether_agent_config::{
     DryRunStrategy, InventoryPolicy, ManifestProject, PrunePropagationPolicy,
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::apis::Apis;
 use crate::decode::{DecodeError, Manifest, decode_file};
 use crate::drift;
 use crate::events::{self, Phase};
@@ -210,6 +211,12 @@ pub enum ObjectError {
     Ownership(#[from] OwnershipConflict),
     #[error("the cluster has no resource type for {kind} in API version {api_version}")]
     NoResourceType { kind: String, api_version: String },
+    /// Its group's discovery failed (an aggregated API whose server is down): not "not
+    /// served", so it is neither applied nor pruned, and stays in the inventory.
+    #[error(
+        "API group {group} is unavailable (its discovery failed: {reason}); nothing was done with this object, the next sync tries again"
+    )]
+    GroupUnavailable { group: String, reason: String },
     #[error("still present after prune_timeout ({0:?})")]
     StillPresent(Duration),
 }
@@ -376,6 +383,8 @@ pub(crate) fn event_status(obj: &ObjRef, st: &ResourceStatus) {
 #[derive(Clone)]
 pub struct Syncer {
     client: Client,
+    /// API discovery's client ([`Syncer::with_discovery`]).
+    discovery: Client,
 }
 
 impl std::fmt::Debug for Syncer {
@@ -476,7 +485,19 @@ pub(crate) fn group_key(ar: &ApiResource, ns: Option<&str>) -> GroupKey {
 
 impl Syncer {
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            discovery: client.clone(),
+            client,
+        }
+    }
+
+    /// Discovers the API through `client`: one that does not retry 503 answers, so a group
+    /// whose aggregated API server is down is left out at once rather than after kube's retries.
+    pub fn with_discovery(self, client: Client) -> Self {
+        Self {
+            discovery: client,
+            ..self
+        }
     }
 
     pub(crate) fn api(&self, ar: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
@@ -486,35 +507,19 @@ impl Syncer {
         }
     }
 
-    pub(crate) async fn discover(&self) -> Result<Discovery, SyncError> {
-        // A group can vanish between discovery's listing of groups and its read of one (a CRD
-        // deleted meanwhile answers 404); a fresh discovery a moment later succeeds.
-        let mut last = String::new();
-        for attempt in 1..=3u32 {
-            match Discovery::new(self.client.clone()).run().await {
-                Ok(d) => return Ok(d),
-                Err(e) => last = e.to_string(),
-            }
-            if attempt < 3 {
-                tokio::time::sleep(Duration::from_millis(200) * attempt).await;
-            }
-        }
-        Err(SyncError::Discovery(last))
+    /// API discovery; groups whose query fails are left out and named, not fatal.
+    pub(crate) async fn discover(&self) -> Result<Apis, SyncError> {
+        crate::apis::discover(&self.discovery)
+            .await
+            .map_err(SyncError::Discovery)
     }
 
-    pub(crate) fn resolve(
-        disc: &Discovery,
-        m: &Manifest,
-    ) -> Option<(ApiResource, ApiCapabilities)> {
-        let gvk = kube::core::GroupVersionKind::gvk(m.group(), m.version(), m.kind());
-        disc.resolve_gvk(&gvk)
+    pub(crate) fn resolve(disc: &Apis, m: &Manifest) -> Option<(ApiResource, ApiCapabilities)> {
+        disc.resolve(m)
     }
 
-    pub(crate) fn resolve_ref(
-        disc: &Discovery,
-        r: &ObjRef,
-    ) -> Option<(ApiResource, ApiCapabilities)> {
-        disc.get(&r.group)?.recommended_kind(&r.kind)
+    pub(crate) fn resolve_ref(disc: &Apis, r: &ObjRef) -> Option<(ApiResource, ApiCapabilities)> {
+        disc.resolve_ref(r)
     }
 
     /// Synchronizes `files` (path, bytes) of `commit_id`. Never prunes or deletes anything when
@@ -558,6 +563,7 @@ impl Syncer {
             return Err(SyncError::WouldEmpty(previous.objects.len()).into());
         }
         let disc = self.discover().await?;
+        disc.warn_unavailable();
         default_namespaces(&mut manifests, &disc, s);
         if let Some((obj, sources)) = plan::duplicates(&manifests).into_iter().next() {
             return Err(SyncError::Duplicate { obj, sources }.into());
@@ -674,10 +680,10 @@ impl Syncer {
         s: &Settings,
         inv_id: &str,
         manifests: &mut [Manifest],
-        mut disc: Discovery,
+        mut disc: Apis,
         cancel: &CancellationToken,
         p: &mut Progress,
-    ) -> Discovery {
+    ) -> Apis {
         let dry = s.dry_run != DryRunStrategy::None;
         let stages = plan::apply_stages(manifests);
         for (n, stage) in stages.iter().enumerate() {
@@ -779,7 +785,7 @@ impl Syncer {
         s: &Settings,
         previous: &PreviousInventory,
         manifests: &[Manifest],
-        disc: &Discovery,
+        disc: &Apis,
         cancel: &CancellationToken,
         p: &mut Progress,
     ) -> Result<(), SyncError> {
@@ -890,7 +896,7 @@ impl Syncer {
         s: &Settings,
         inv_id: &str,
         tiers: &[Vec<ObjRef>],
-        disc: &Discovery,
+        disc: &Apis,
         cancel: &CancellationToken,
         p: &mut Progress,
     ) -> BTreeSet<ObjRef> {
@@ -1086,7 +1092,7 @@ impl Syncer {
         manifests: &[Manifest],
         stage: &[usize],
         cancel: &CancellationToken,
-    ) -> Result<Discovery, SyncError> {
+    ) -> Result<Apis, SyncError> {
         let crd_groups: BTreeSet<String> = manifests
             .iter()
             .filter(|m| {
@@ -1112,7 +1118,7 @@ impl Syncer {
         &self,
         manifests: &[Manifest],
         stage: &[usize],
-        disc: &Discovery,
+        disc: &Apis,
         cancel: &CancellationToken,
     ) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -1177,7 +1183,7 @@ impl Syncer {
         s: &Settings,
         inv_id: &str,
         tier: &[ObjRef],
-        disc: &Discovery,
+        disc: &Apis,
     ) -> Vec<(ObjRef, Result<PruneEnd, ObjectError>)> {
         // Owned items: a closure over `&ObjRef` makes the future not provably `Send`.
         let deleted = futures_util::stream::iter(tier.iter().cloned().map(|obj| async move {
@@ -1201,7 +1207,7 @@ impl Syncer {
                 }
                 Ok(Deletion::Gone) => out.push((obj, Ok(PruneEnd::Gone { wrote: false }))),
                 Ok(Deletion::Skipped(skip)) => out.push((obj, Ok(PruneEnd::Skipped(skip)))),
-                Err(e) => out.push((obj, Err(e.into()))),
+                Err(e) => out.push((obj, Err(e))),
             }
         }
         let deadline = tokio::time::Instant::now() + s.prune_timeout;
@@ -1227,9 +1233,16 @@ impl Syncer {
         s: &Settings,
         inv_id: &str,
         obj: &ObjRef,
-        disc: &Discovery,
-    ) -> Result<Deletion, ApiError> {
+        disc: &Apis,
+    ) -> Result<Deletion, ObjectError> {
         let Some((ar, caps)) = Self::resolve_ref(disc, obj) else {
+            if let Some(reason) = disc.unavailable(&obj.group) {
+                // Not known to be gone: a failure, so it stays in the inventory.
+                return Err(ObjectError::GroupUnavailable {
+                    group: obj.group.clone(),
+                    reason: reason.to_owned(),
+                });
+            }
             // Nothing the API server lets us read or delete: not "pruned", we did nothing.
             return Ok(Deletion::Skipped(Skip::TypeNotServed));
         };
@@ -1255,7 +1268,7 @@ impl Syncer {
                     return Ok(Deletion::Skipped(Skip::NotOurs { owner }));
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(ApiError::from(e).into()),
         }
         let policy = match s.prune_propagation_policy {
             PrunePropagationPolicy::Orphan => PropagationPolicy::Orphan,
@@ -1270,7 +1283,7 @@ impl Syncer {
             Ok(_) => Ok(Deletion::Sent(ar, ns)),
             // Gone between the read and the delete.
             Err(kube::Error::Api(st)) if st.code == 404 => Ok(Deletion::Gone),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(ApiError::from(e).into()),
         }
     }
 
@@ -1325,7 +1338,7 @@ impl Syncer {
         &self,
         applied: &BTreeSet<ObjRef>,
         seen: &Seen,
-        disc: &Discovery,
+        disc: &Apis,
         s: &Settings,
         cancel: &CancellationToken,
         results: &mut HashMap<ObjRef, ObjectOutcome>,
@@ -1594,7 +1607,7 @@ fn client_dry_run(commit_id: &str, manifests: &[Manifest]) -> SyncOutcome {
 /// Namespaces are defaulted from discovery (the scope of a kind is the cluster's to say),
 /// before identities are compared: `dude/nginx` and a `nginx` defaulted into `dude` are the
 /// same object. Kinds a CRD of this very commit introduces are resolved after stage 1.
-pub(crate) fn default_namespaces(manifests: &mut [Manifest], disc: &Discovery, s: &Settings) {
+pub(crate) fn default_namespaces(manifests: &mut [Manifest], disc: &Apis, s: &Settings) {
     for m in manifests.iter_mut() {
         if let Some((_, caps)) = Syncer::resolve(disc, m) {
             m.set_default_namespace(&s.default_namespace, caps.scope == Scope::Namespaced);
@@ -1608,7 +1621,7 @@ fn resolve_stage(
     s: &Settings,
     manifests: &mut [Manifest],
     stage: &[usize],
-    disc: &Discovery,
+    disc: &Apis,
     p: &mut Progress,
 ) -> Vec<Resolved> {
     let mut resolved = Vec::new();
@@ -1624,16 +1637,24 @@ fn resolve_stage(
                     namespaced,
                 });
             }
-            None => {
-                let e = ObjectError::NoResourceType {
-                    kind: m.kind().to_string(),
-                    api_version: m.api_version().to_string(),
-                };
-                p.apply_failed(m.obj_ref(), &e);
-            }
+            None => p.apply_failed(m.obj_ref(), &not_resolved(disc, m)),
         }
     }
     resolved
+}
+
+/// Why `m`'s type did not resolve: its group could not be discovered, or it is not served.
+pub(crate) fn not_resolved(disc: &Apis, m: &Manifest) -> ObjectError {
+    match disc.unavailable(m.group()) {
+        Some(reason) => ObjectError::GroupUnavailable {
+            group: m.group().to_owned(),
+            reason: reason.to_owned(),
+        },
+        None => ObjectError::NoResourceType {
+            kind: m.kind().to_string(),
+            api_version: m.api_version().to_string(),
+        },
+    }
 }
 
 /// An object whose status is awaited: its type and namespace.
@@ -1642,7 +1663,7 @@ fn resolve_stage(
 type Target = (ObjRef, Arc<(ApiResource, Option<String>)>);
 
 /// The applied objects whose type discovery knows.
-fn status_targets(applied: &BTreeSet<ObjRef>, disc: &Discovery) -> Vec<Target> {
+fn status_targets(applied: &BTreeSet<ObjRef>, disc: &Apis) -> Vec<Target> {
     let mut groups: HashMap<GroupKey, Arc<(ApiResource, Option<String>)>> = HashMap::new();
     applied
         .iter()

@@ -2009,3 +2009,142 @@ async fn a_refused_newest_commit_stays_failed_across_resyncs_of_the_last_good_on
         ]
     );
 }
+
+/// An APIService for a made-up group whose Service has no endpoints: its discovery answers 503,
+/// as a crashlooping metrics-server's does. Deleted when dropped: the control plane is shared.
+struct BrokenApiService {
+    env: TestEnv,
+    name: String,
+}
+
+impl BrokenApiService {
+    fn register(env: &TestEnv, ns: &str, group: &str) -> BrokenApiService {
+        let name = format!("v1.{group}");
+        let service = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: nowhere\n  namespace: {ns}\nspec:\n  ports:\n  - port: 443\n"
+        );
+        let spec = [
+            format!("  group: {group}"),
+            "  version: v1".into(),
+            "  groupPriorityMinimum: 1000".into(),
+            "  versionPriority: 15".into(),
+            "  insecureSkipTLSVerify: true".into(),
+            format!("  service: {{name: nowhere, namespace: {ns}, port: 443}}"),
+        ]
+        .join("\n");
+        let yaml = format!(
+            "{service}---\napiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata:\n  name: {name}\nspec:\n{spec}\n"
+        );
+        env.apply_yaml(&yaml).unwrap();
+        BrokenApiService {
+            env: env.clone(),
+            name,
+        }
+    }
+}
+
+impl Drop for BrokenApiService {
+    fn drop(&mut self) {
+        let _ = self
+            .env
+            .kubectl()
+            .args(["delete", "apiservice", &self.name, "--wait=false"])
+            .output();
+    }
+}
+
+/// One aggregated API that does not answer fails only its own objects: a ConfigMap change is
+/// applied, a warning names the group, and an object of that group listed in the inventory is
+/// neither pruned nor dropped from it (kas shows it failed, saying why). Before, every sync
+/// failed with "API discovery failed" and nothing was applied until that API came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_api_group_fails_only_its_own_objects() {
+    use tether_gitops_agent::inventory;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("apisvc").unwrap();
+    let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
+    let (rig, c1) = rig(env, ns.clone(), &admin_rbac(&ns), "", &initial, &[]).await;
+    assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
+
+    let group = format!("{ns}.tether.test");
+    let _broken = BrokenApiService::register(&rig.env, &ns, &group);
+    let raw = format!("/apis/{group}/v1");
+    let get_raw = |path: &str| rig.env.kubectl().args(["get", "--raw", path]).output().ok();
+    wait_for(
+        "the group listed, its query failing",
+        Duration::from_secs(30),
+        || async {
+            let listed: Value = serde_json::from_slice(&get_raw("/apis")?.stdout).ok()?;
+            let listed = listed["groups"]
+                .as_array()?
+                .iter()
+                .any(|g| g["name"] == group.as_str());
+            (listed && !get_raw(&raw)?.status.success()).then_some(())
+        },
+    )
+    .await;
+
+    // An object of that group in the inventory (as if applied while the group answered).
+    let inv = inventory::inventory_name(rig.agent_id, "group/manifests");
+    let widget = tether_gitops_agent::ObjRef {
+        group: group.clone(),
+        kind: "Widget".into(),
+        namespace: Some(ns.clone()),
+        name: "w1".into(),
+    };
+    let read_inventory = || {
+        let cm = get_json(&rig.env, &["get", "configmap", &inv, "-n", &ns]).unwrap();
+        let data: std::collections::BTreeMap<String, String> =
+            serde_json::from_value(cm["data"].clone()).unwrap();
+        inventory::decode(&data).unwrap()
+    };
+    let mut listed = read_inventory();
+    listed.insert(widget.clone());
+    let patch = serde_json::json!({"data": inventory::encode(&listed)}).to_string();
+    let out = rig
+        .env
+        .kubectl()
+        .args([
+            "patch",
+            "configmap",
+            &inv,
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            &patch,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let c2 = rig.manifests.commit(
+        &[("manifests/cm.yaml", Some(&configmap("app", &ns, "v2")))],
+        "v2",
+    );
+    let s = rig.synced(&c2).await;
+    let cm = get_json(&rig.env, &["get", "configmap", "app", "-n", &ns]).unwrap();
+    assert_eq!(cm["data"]["value"], "v2", "the change was applied: {s:?}");
+    let w = s
+        .objects
+        .iter()
+        .find(|o| o.name == "w1")
+        .expect("the widget is reported");
+    assert_eq!(w.status, ReportedStatus::Failed, "{w:?}");
+    assert!(
+        w.message
+            .contains(&format!("API group {group} is unavailable")),
+        "{w:?}"
+    );
+    assert!(read_inventory().contains(&widget), "still in the inventory");
+    let warned = rig.agent.log_lines().iter().any(|l| {
+        l["level"].as_str().map(str::to_lowercase).as_deref() == Some("warn")
+            && l["msg"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("API group unavailable")
+            && l["group"] == group.as_str()
+    });
+    assert!(warned, "a warning names the group:\n{}", rig.agent.log());
+}

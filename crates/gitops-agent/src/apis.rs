@@ -1,0 +1,199 @@
+//! API discovery that survives an unavailable group. kube's `Discovery::run` fails as a whole
+//! when one group's query fails; an aggregated API whose server is down (metrics-server
+//! crashlooping: its APIService answers 503) would then fail every sync of every project.
+//! Here the groups whose query fails are found, left out and named ([`Apis::unavailable`]):
+//! objects of those groups fail on their own, and are neither pruned nor dropped from the
+//! inventory, since the cluster did not say their type is not served.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use kube::Client;
+use kube::discovery::{ApiCapabilities, ApiResource, Discovery};
+
+use crate::decode::Manifest;
+use crate::object_ref::ObjRef;
+
+/// Group queries run at once while looking for the failing ones.
+const PROBES: usize = 8;
+
+/// What discovery found: the types served, and the groups it could not query.
+pub(crate) struct Apis {
+    served: Discovery,
+    /// Group → why its query failed.
+    unavailable: BTreeMap<String, String>,
+}
+
+impl Apis {
+    pub(crate) fn resolve(&self, m: &Manifest) -> Option<(ApiResource, ApiCapabilities)> {
+        let gvk = kube::core::GroupVersionKind::gvk(m.group(), m.version(), m.kind());
+        self.served.resolve_gvk(&gvk)
+    }
+
+    pub(crate) fn resolve_ref(&self, r: &ObjRef) -> Option<(ApiResource, ApiCapabilities)> {
+        self.served.get(&r.group)?.recommended_kind(&r.kind)
+    }
+
+    /// Why `group` could not be discovered; `None` when it was (or does not exist).
+    pub(crate) fn unavailable(&self, group: &str) -> Option<&str> {
+        self.unavailable.get(group).map(String::as_str)
+    }
+
+    /// Says which groups could not be discovered (once per sync: the caller's choice).
+    pub(crate) fn warn_unavailable(&self) {
+        for (group, reason) in &self.unavailable {
+            tracing::warn!(
+                group,
+                reason,
+                "API group unavailable: its discovery failed; its objects are neither applied nor pruned this time, and stay in the inventory"
+            );
+        }
+    }
+}
+
+/// How querying one group version went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Probe {
+    Answered,
+    /// 404: the group went away since it was listed (a CRD deleted): not unavailable, the
+    /// next discovery does not list it.
+    Gone,
+    Failed(String),
+}
+
+impl Probe {
+    fn of<T>(res: Result<T, kube::Error>) -> Self {
+        match res {
+            Ok(_) => Self::Answered,
+            Err(kube::Error::Api(s)) if s.code == 404 => Self::Gone,
+            Err(e) => Self::Failed(e.to_string()),
+        }
+    }
+}
+
+/// The groups with a version whose query failed, and the first failure of each (pure).
+fn unavailable_of(probes: Vec<(String, Probe)>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (group, probe) in probes {
+        if let Probe::Failed(reason) = probe {
+            out.entry(group).or_insert(reason);
+        }
+    }
+    out
+}
+
+/// Discovers the cluster's API, leaving out the groups whose query fails. Fails only when the
+/// list of groups cannot be read, or discovery keeps failing with no group to blame (a group
+/// can vanish between the listing and its query; a fresh discovery a moment later succeeds).
+pub(crate) async fn discover(client: &Client) -> Result<Apis, String> {
+    let mut unavailable = BTreeMap::new();
+    let mut retries = 0u32;
+    loop {
+        let left_out: Vec<&str> = unavailable.keys().map(String::as_str).collect();
+        let error = match Discovery::new(client.clone())
+            .exclude(&left_out)
+            .run()
+            .await
+        {
+            Ok(served) => {
+                return Ok(Apis {
+                    served,
+                    unavailable,
+                });
+            }
+            Err(e) => e.to_string(),
+        };
+        let failing = failing_groups(client, &unavailable).await?;
+        if failing.is_empty() {
+            retries += 1;
+            if retries >= 3 {
+                return Err(error);
+            }
+            tokio::time::sleep(Duration::from_millis(200) * retries).await;
+        }
+        // Each round leaves out more groups or spends a retry, so this ends.
+        unavailable.extend(failing);
+    }
+}
+
+/// Queries every version of every group not already `known` to fail; the groups that fail.
+async fn failing_groups(
+    client: &Client,
+    known: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, String> {
+    let groups = client.list_api_groups().await.map_err(|e| e.to_string())?;
+    let mut probes = Vec::new();
+    let mut versions = Vec::new();
+    for g in groups
+        .groups
+        .into_iter()
+        .filter(|g| !known.contains_key(&g.name))
+    {
+        if g.versions.is_empty() {
+            // kube's discovery refuses a group without versions.
+            probes.push((g.name.clone(), Probe::Failed("it lists no version".into())));
+        }
+        versions.extend(
+            g.versions
+                .into_iter()
+                .map(|v| (g.name.clone(), v.group_version)),
+        );
+    }
+    let answers = futures_util::stream::iter(versions.into_iter().map(|(group, gv)| async move {
+        let res = client.list_api_group_resources(&gv).await;
+        (group, Probe::of(res))
+    }))
+    .buffer_unordered(PROBES)
+    .collect::<Vec<_>>()
+    .await;
+    probes.extend(answers);
+    Ok(unavailable_of(probes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_is_unavailable_when_any_of_its_versions_fails_and_gone_groups_are_not() {
+        let failed = |m: &str| Probe::Failed(m.into());
+        let probes = vec![
+            ("apps".to_owned(), Probe::Answered),
+            ("metrics.k8s.io".to_owned(), Probe::Answered),
+            (
+                "metrics.k8s.io".to_owned(),
+                failed("503 service unavailable"),
+            ),
+            ("metrics.k8s.io".to_owned(), failed("second")),
+            ("widgets.example.com".to_owned(), Probe::Gone),
+        ];
+        let out = unavailable_of(probes);
+        assert_eq!(
+            out,
+            BTreeMap::from([(
+                "metrics.k8s.io".to_owned(),
+                "503 service unavailable".to_owned()
+            )])
+        );
+    }
+
+    #[test]
+    fn a_404_is_a_group_gone_and_other_errors_fail() {
+        let not_found = kube::Error::Api(Box::new(kube::core::Status {
+            code: 404,
+            ..kube::core::Status::default()
+        }));
+        assert_eq!(Probe::of::<()>(Err(not_found)), Probe::Gone);
+        let unavailable = kube::Error::Api(Box::new(kube::core::Status {
+            code: 503,
+            message: "service unavailable".into(),
+            ..kube::core::Status::default()
+        }));
+        assert!(matches!(
+            Probe::of::<()>(Err(unavailable)),
+            Probe::Failed(_)
+        ));
+        assert_eq!(Probe::of(Ok(())), Probe::Answered);
+    }
+}
