@@ -20,7 +20,7 @@ use crate::control::{Controls, Directives, ResyncId, suspension_for};
 use crate::lag::ReconcileLag;
 use crate::render::{ManifestSource, Renderer};
 use crate::reports::SyncStates;
-use crate::select::{Limits, manifests_at};
+use crate::select::{Limits, Selection, manifests_at};
 
 /// Size of the file chunks on the wire (well under gRPC's message limit).
 const CHUNK: usize = 512 * 1024;
@@ -173,6 +173,7 @@ impl GitOpsService {
             last: req.commit_id.clone(),
             refused: None,
             unresolved: None,
+            kas_failed: None,
         };
         let mut heads = self.deps.sources.watch(project.id);
         let mut directives = self.controls.subscribe(agent_id, project.id);
@@ -308,23 +309,38 @@ impl GitOpsService {
                 send_error(at.tx, commit.to_hex(), message).await
             }
             Ok(_) => {
-                // Queued before the commit goes out, so a forge hears `pending` before the
-                // outcome of a fast sync.
                 let hex = commit.to_hex();
-                let notifier = &self.deps.notifier;
-                notifier.commit_offered(agent_id, &project.path, &hex).await;
-                let sent = self.send_commit(at, commit).await;
-                if sent {
-                    offered.refused = None;
-                    offered.last = hex;
+                let retry = offered.kas_failed.as_ref().is_some_and(|(c, _)| *c == hex);
+                // Queued before the commit goes out, so a forge hears `pending` before the
+                // outcome of a fast sync (once per commit, not at each retry).
+                if !retry {
+                    let notifier = &self.deps.notifier;
+                    notifier.commit_offered(agent_id, &project.path, &hex).await;
                 }
-                sent
+                match self.send_commit(at, commit).await {
+                    Delivery::Sent => {
+                        offered.refused = None;
+                        offered.kas_failed = None;
+                        offered.last = hex;
+                        true
+                    }
+                    Delivery::KasFailed(message) => {
+                        // `last` unchanged: the next fetch offers the commit again. The agent
+                        // hears of the failure once while it stays the same.
+                        let told = offered.kas_failed.replace((hex.clone(), message.clone()));
+                        if told == Some((hex.clone(), message.clone())) {
+                            return true;
+                        }
+                        send_error(at.tx, hex, message).await
+                    }
+                    Delivery::Gone => false,
+                }
             }
         }
     }
 
-    /// Sends one commit's files; false when the agent is gone.
-    async fn send_commit(&self, at: &Offer<'_>, commit: CommitId) -> bool {
+    /// Sends one commit's files, or the user's error in them.
+    async fn send_commit(&self, at: &Offer<'_>, commit: CommitId) -> Delivery {
         let (agent_id, project, source, tx) = (at.agent_id, at.project, at.source, at.tx);
         let mirror = at.mirror;
         let (limits, renderer) = (&self.deps.limits, &self.deps.renderer);
@@ -332,15 +348,23 @@ impl GitOpsService {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(agent_id, project = %project.path, commit_id = %commit, error = %e, user_error = e.is_user_error(), "Manifest selection failed");
-                return tx
-                    .send(msg(objects_response::Message::Error(SelectionError {
-                        commit_id: commit.to_hex(),
-                        message: e.to_string(),
-                    })))
-                    .await
-                    .is_ok();
+                if !e.is_user_error() {
+                    return Delivery::KasFailed(e.to_string());
+                }
+                let told = send_error(tx, commit.to_hex(), e.to_string()).await;
+                return if told { Delivery::Sent } else { Delivery::Gone };
             }
         };
+        if self.send_selection(at, commit, selection).await {
+            Delivery::Sent
+        } else {
+            Delivery::Gone
+        }
+    }
+
+    /// Streams a selection: header, files in chunks, trailer. False when the agent is gone.
+    async fn send_selection(&self, at: &Offer<'_>, commit: CommitId, selection: Selection) -> bool {
+        let (agent_id, project, source, tx) = (at.agent_id, at.project, at.source, at.tx);
         tracing::info!(agent_id, project = %project.path, commit_id = %commit, files = selection.files.len(), "Sending manifests");
         for warning in &selection.warnings {
             tracing::warn!(agent_id, project = %project.path, commit_id = %commit, warning, "Manifest selection warning");
@@ -462,6 +486,19 @@ struct Offered {
     refused: Option<CommitId>,
     /// Why the entry's ref did not resolve, as last told to the agent (told once).
     unresolved: Option<String>,
+    /// The commit whose selection last failed on kas's side, and why (told once).
+    kas_failed: Option<(String, String)>,
+}
+
+/// What became of a commit offered to an agent.
+enum Delivery {
+    /// Its manifests, or the user's error in them, went out.
+    Sent,
+    /// Selecting or rendering failed on kas's side (disk, a renderer missing): offered again
+    /// at the next fetch rather than left failed until the next commit.
+    KasFailed(String),
+    /// The agent is gone.
+    Gone,
 }
 
 /// Where a commit is offered: one agent's stream of one project.

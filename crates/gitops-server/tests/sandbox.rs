@@ -140,3 +140,48 @@ async fn each_commit_and_settings_render_once() {
     renderer.render(&mirror, commit, &root).await.expect("root");
     assert_eq!(runs(), 2, "other settings render again");
 }
+
+/// A stand-in renderer that notes in `runs` whether another one was running when it started.
+const TURN_TAKER: &str = "#!/bin/sh\n\
+d=\"$(/usr/bin/dirname \"$0\")\"\n\
+/usr/bin/mkdir \"$d/running\" 2>/dev/null || echo overlap >> \"$d/runs\"\n\
+/usr/bin/sleep 0.3\n\
+/usr/bin/rmdir \"$d/running\" 2>/dev/null\n\
+echo done >> \"$d/runs\"\n";
+
+/// Renderings beyond `max_concurrent` wait their turn: many agents' streams asking at once (a
+/// kas restart, a commit every agent follows) never run more renderers together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renderings_beyond_max_concurrent_wait_their_turn() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let repo = GitRepo::init(&tmp.path().join("project"));
+    let app = |n: &str| format!("resources: []\n# {n}\n").into_bytes();
+    repo.commit(&[("app/kustomization.yaml", Some(&app("1")[..]))], "one");
+    let mirror = Mirror::open_or_init(tmp.path().join("project.git"), Remote::local(&repo.dir))
+        .expect("mirror");
+    mirror.fetch().expect("fetch");
+    let first = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    repo.commit(&[("app/kustomization.yaml", Some(&app("2")[..]))], "two");
+    mirror.fetch().expect("fetch");
+    let second = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    let script = tmp.path().join("kustomize");
+    std::fs::write(&script, TURN_TAKER).expect("script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let renderer = Renderer::new(RenderConfig {
+        kustomize_path: Some(script),
+        work_dir: Some(work),
+        max_concurrent: 1,
+        ..RenderConfig::default()
+    });
+    let spec = RenderSpec::Kustomize { path: "app".into() };
+    let (a, b) = tokio::join!(
+        renderer.render(&mirror, first, &spec),
+        renderer.render(&mirror, second, &spec)
+    );
+    a.expect("first rendering");
+    b.expect("second rendering");
+    let runs = std::fs::read_to_string(tmp.path().join("runs")).expect("runs");
+    assert_eq!(runs, "done\ndone\n", "{runs}");
+}

@@ -201,6 +201,8 @@ pub struct Render {
     pub max_checkout_size: u64,
     /// Most renderings kept in memory.
     pub cache_entries: usize,
+    /// Most renderings running at once.
+    pub max_concurrent: usize,
     /// Where checkouts are written (default: `<data_dir>/render`); this kas's alone.
     pub work_dir: Option<PathBuf>,
 }
@@ -217,6 +219,7 @@ impl Default for Render {
             max_checkout_files: d.checkout.max_entries,
             max_checkout_size: d.checkout.max_size,
             cache_entries: d.cache_entries,
+            max_concurrent: d.max_concurrent,
             work_dir: d.work_dir,
         }
     }
@@ -237,6 +240,7 @@ impl Render {
                 max_size: self.max_checkout_size,
             },
             cache_entries: self.cache_entries,
+            max_concurrent: self.max_concurrent,
             work_dir: Some(
                 self.work_dir
                     .clone()
@@ -249,9 +253,13 @@ impl Render {
         if self.timeout.is_zero() {
             return Err("gitops.render.timeout must be positive".into());
         }
-        if self.max_output_size == 0 || self.max_checkout_size == 0 || self.cache_entries == 0 {
+        if self.max_output_size == 0
+            || self.max_checkout_size == 0
+            || self.cache_entries == 0
+            || self.max_concurrent == 0
+        {
             return Err(
-                "gitops.render.max_output_size, max_checkout_size and cache_entries must be positive"
+                "gitops.render.max_output_size, max_checkout_size, cache_entries and max_concurrent must be positive"
                     .into(),
             );
         }

@@ -376,6 +376,35 @@ async fn renderings_over_their_time_memory_or_output_limit_are_stopped_and_repor
     }
 }
 
+/// A rendering that fails on kas's side (its work folder is not a folder, as on a broken or
+/// full disk) is tried again at the next fetch: once kas can render, the commit is applied
+/// without a new commit (it used to stay failed until the next commit or a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rendering_that_failed_on_kas_side_is_tried_again_and_applied() {
+    let work = tempfile::tempdir().unwrap();
+    let work_dir = work.path().join("render");
+    let extra = format!("    work_dir: {}\n", work_dir.display());
+    let (rig, _, ns) =
+        rendering_rig("retried", |_| HELM_ENTRY.into(), |_| helm_repo(), &extra).await;
+    std::fs::remove_dir_all(&work_dir).unwrap();
+    std::fs::write(&work_dir, b"not a folder").unwrap();
+    let c2 = rig.manifests.commit(
+        &[("env/values-a.yaml", Some(b"color: green\nsize: s\n"))],
+        "green",
+    );
+    rig.refused(&c2, &[]).await;
+    std::fs::remove_file(&work_dir).unwrap();
+    std::fs::create_dir(&work_dir).unwrap();
+    let s = wait_for("the commit applied", Duration::from_secs(60), || async {
+        let s = rig.synced_in("group/manifests", &c2).await;
+        (s.outcome == ReportedOutcome::Succeeded).then_some(s)
+    })
+    .await;
+    assert!(s.error.is_empty(), "{s:?}");
+    let config = get_json(&rig.env, &["get", "configmap", "shop-config", "-n", &ns]).unwrap();
+    assert_eq!(config["data"]["color"], "green");
+}
+
 /// The checkouts in `dir`, by name.
 fn checkouts_in(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)

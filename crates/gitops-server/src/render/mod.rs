@@ -162,6 +162,10 @@ pub struct RenderConfig {
     pub checkout: CheckoutLimits,
     /// Most renderings kept.
     pub cache_entries: usize,
+    /// Most renderings running at once; the others wait their turn. Each may take a checkout
+    /// on disk and `memory_limit` of address space, so many agents' streams asking at once
+    /// (after a kas restart, or a commit every agent follows) must not run them all together.
+    pub max_concurrent: usize,
     /// Where checkouts are written; the system's temporary directory when `None`. A folder
     /// given here belongs to this renderer: checkouts a killed process left in it are deleted
     /// when the renderer is created.
@@ -194,6 +198,7 @@ impl Default for RenderConfig {
                 max_size: 100 << 20,
             },
             cache_entries: 16,
+            max_concurrent: 4,
             work_dir: None,
         }
     }
@@ -209,6 +214,8 @@ pub struct Renderer {
     helm: Result<PathBuf, String>,
     sandbox: Sandbox,
     cache: RenderCache<CacheKey, Arc<Vec<u8>>>,
+    /// Turns to render (see [`RenderConfig::max_concurrent`]).
+    turns: tokio::sync::Semaphore,
 }
 
 impl Renderer {
@@ -257,12 +264,14 @@ impl Renderer {
             prepare_work_dir(dir);
         }
         let cache = RenderCache::new(config.cache_entries);
+        let turns = tokio::sync::Semaphore::new(config.max_concurrent.max(1));
         Self {
             config,
             kustomize,
             helm,
             sandbox,
             cache,
+            turns,
         }
     }
 
@@ -277,6 +286,11 @@ impl Renderer {
         let key = (commit, spec.clone());
         self.cache
             .get_or_try_init(key, || async {
+                let _turn = self
+                    .turns
+                    .acquire()
+                    .await
+                    .map_err(|e| RenderError::Io(format!("waiting to render: {e}")))?;
                 let started = std::time::Instant::now();
                 let out = self.render_now(mirror, commit, spec).await?;
                 tracing::info!(commit_id = %commit, renderer = %spec.tool(), source = spec.label(), bytes = out.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Rendered manifests");
