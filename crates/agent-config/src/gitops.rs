@@ -57,7 +57,9 @@ pub struct ManifestProject {
     /// Whether a commit that selects no object at all may prune everything the project
     /// applied before. Off: such a commit (every file deleted, the selected directory renamed)
     /// fails and prunes nothing, as a mistake is likelier than a wish to empty the cluster.
-    #[serde(default)]
+    // Left out when false: an agentk older than the key refuses unknown keys in the
+    // configuration kas sends it, so a default must not appear there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_empty: bool,
     /// How long to wait for pruned objects to be gone.
     #[serde(default = "default_timeout", with = "serde_go")]

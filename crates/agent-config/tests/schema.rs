@@ -974,3 +974,18 @@ fn rendering_errors_name_the_key_and_line() {
     let unknown = err(&project("    helm: {chart: c, release: r}\n"));
     assert!(unknown.to_string().contains("release"), "{unknown}");
 }
+
+/// What kas sends agentk is the parsed configuration as JSON. An agentk that predates a key
+/// refuses it (unknown keys are errors), so a key added later must stay out of that JSON
+/// while it has its default: `allow_empty` appears only when set.
+#[test]
+fn keys_added_later_stay_out_of_the_json_while_at_their_default() {
+    let p = only_project(&project("    paths:\n    - glob: '*.yaml'\n"));
+    let json = serde_json::to_value(&p).expect("json");
+    assert!(json.get("allow_empty").is_none(), "{json}");
+    let allowed = only_project(&project("    allow_empty: true\n"));
+    let json = serde_json::to_value(&allowed).expect("json");
+    assert_eq!(json["allow_empty"], true);
+    let back: ManifestProject = serde_json::from_value(json).expect("read back");
+    assert!(back.allow_empty);
+}
