@@ -347,10 +347,12 @@ impl Cluster {
 
     /// Opens a new connection and makes it the one every later command uses.
     async fn replace_connection(self) {
+        // The files as they are now are what the new connection is made with: their stamp,
+        // taken first, goes with it (a rotation meanwhile is then still seen as a change).
+        let stamp = credential_stamp(&self.cfg);
         let opened = tokio::time::timeout(CREDENTIALS_CONNECT_TIMEOUT, Self::open(&self.cfg));
         match opened.await {
             Ok(Ok((client, conn))) => {
-                let stamp = self.live().stamp;
                 *self.live() = Live {
                     client,
                     conn,
