@@ -326,9 +326,10 @@ impl GitOpsService {
                     }
                     Delivery::KasFailed(message) => {
                         // `last` unchanged: the next fetch offers the commit again. The agent
-                        // hears of the failure once while it stays the same.
+                        // hears of the failure once per commit (its text may differ at each
+                        // try: it names the checkout's random folder).
                         let told = offered.kas_failed.replace((hex.clone(), message.clone()));
-                        if told == Some((hex.clone(), message.clone())) {
+                        if told.is_some_and(|(c, _)| c == hex) {
                             return true;
                         }
                         send_error(at.tx, hex, message).await
@@ -486,7 +487,7 @@ struct Offered {
     refused: Option<CommitId>,
     /// Why the entry's ref did not resolve, as last told to the agent (told once).
     unresolved: Option<String>,
-    /// The commit whose selection last failed on kas's side, and why (told once).
+    /// The commit whose selection last failed on kas's side, and why (told once per commit).
     kas_failed: Option<(String, String)>,
 }
 
