@@ -57,7 +57,9 @@ pub async fn open_followed(
 async fn follow_url(pg: PgStore, file: PathBuf, mut in_use: String, stop: CancellationToken) {
     let mut tick = tokio::time::interval(URL_RECHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seen = crate::followed::stamp(&file);
+    // Unknown at first: the file may have changed since it was read at start (migrations ran
+    // in between), so the first check compares its URL with the one in use.
+    let mut seen = None;
     let mut warned = None;
     loop {
         tokio::select! {

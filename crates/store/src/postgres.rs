@@ -37,9 +37,15 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        MIGRATOR.run(&pool).await?;
+        // On a connection of its own without `lock_timeout`: the migrator waits on an advisory
+        // lock while another replica (or `kas store migrate`) migrates, however long that takes.
+        let unbounded = options.options([("lock_timeout", "0")]);
+        let mut conn = <PgConnection as sqlx::Connection>::connect_with(&unbounded).await?;
+        let migrated = MIGRATOR.run(&mut conn).await;
+        let _ = sqlx::Connection::close(conn).await;
+        migrated?;
         Ok(Self { pool })
     }
 
