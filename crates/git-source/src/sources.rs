@@ -432,7 +432,9 @@ impl Sources {
             self.metrics.record(ended, started.elapsed().as_secs_f64());
             // After publishing: a long repack delays neither the new commit nor its fetch's
             // verdict (it used to count against the fetch's timeout).
-            if fetched {
+            // Not while a fetch is asked for (a reconcile waits for it): it runs first.
+            let asked = entry.requested.load(std::sync::atomic::Ordering::SeqCst) > serving;
+            if fetched && !asked {
                 tokio::select! {
                     _ = mirror.maintain_async() => {}
                     () = cancel.cancelled() => return,

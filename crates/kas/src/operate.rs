@@ -20,8 +20,9 @@ use crate::api::{ApiError, ApiState, rfc3339};
 use crate::cluster::ClusterEvent;
 use tether_gitops_server::ResyncId;
 
-/// How long a reconcile waits past `git.fetch_timeout` for the fetches it started: each ends
-/// (fetched or failed) within that timeout, so this only covers the time to report it.
+/// How long a reconcile waits past twice `git.fetch_timeout` for the fetch it asked for: a
+/// fetch already running must end first (within the timeout), then the asked one runs (within
+/// it too); the margin covers reporting it.
 const FETCH_WAIT_MARGIN: Duration = Duration::from_secs(5);
 
 /// Longest reason kept (a sentence or a ticket link, not a document).
@@ -136,15 +137,16 @@ async fn agent_config(
 /// why, for each project whose fetch did not end in time: its head is then the one from
 /// before, and saying nothing would pass the old commit off as fetched.
 async fn fetch_now(st: &ApiState, ids: &[i64]) -> HashMap<i64, String> {
-    let wait = st.sources.fetch_timeout() + FETCH_WAIT_MARGIN;
+    let wait = st.sources.fetch_timeout() * 2 + FETCH_WAIT_MARGIN;
     let waits = ids.iter().map(|&id| {
+        let mirrored = st.sources.mirror(id).is_some();
         let mut heads = st.sources.watch(id);
         // A fetch that started before this request may have read the remote before the push
         // being reconciled: only one that starts after it answers.
         let asked = st.sources.request_fetch(id);
         async move {
-            let Some(asked) = asked else {
-                return Some((id, "the project is not mirrored".to_owned()));
+            let Some(asked) = asked.filter(|_| mirrored) else {
+                return Some((id, "the project has no repository to fetch".to_owned()));
             };
             let done = heads.wait_for(|h| h.served >= asked);
             match tokio::time::timeout(wait, done).await {
