@@ -477,11 +477,18 @@ impl Worker {
         if stream.open.is_some() || Instant::now() < stream.reconnect_at {
             return;
         }
-        let last = sync
-            .schedule
-            .current()
-            .map(|c| c.id.clone())
-            .unwrap_or_default();
+        // While a newer commit stands refused, ask for the head afresh: kas then tells the
+        // refusal again if it still stands, or sends the head's files if the branch went back
+        // to the commit in force (which ends the refusal); saying "I have it" would hear
+        // nothing in that case, and the refusal would be reported for good.
+        let last = match &sync.refused {
+            Some(_) => String::new(),
+            None => sync
+                .schedule
+                .current()
+                .map(|c| c.id.clone())
+                .unwrap_or_default(),
+        };
         let req = with_token(&self.meta, self.request(&last));
         let opened = tokio::select! {
             r = self.client.get_objects_to_synchronize(req) => r,

@@ -217,11 +217,23 @@ impl GitOpsService {
             return true;
         };
         let resolved = mirror.resolve(at.git_ref);
+        // The agent was told of a failure of another commit (refused, unrenderable, a ref
+        // gone) and the head is now the commit it has (the branch went back): offered again,
+        // so the agent learns the failure no longer stands.
+        let told_other = |commit: &CommitId| {
+            offered.unresolved.is_some()
+                || offered.refused.is_some_and(|c| c != *commit)
+                || offered
+                    .kas_failed
+                    .as_ref()
+                    .is_some_and(|(c, _)| *c != commit.to_hex())
+        };
+        let stale = resolved.as_ref().is_ok_and(told_other);
         if resolved.is_ok() {
             offered.unresolved = None;
         }
         match resolved {
-            Ok(commit) if commit.to_hex() != offered.last => {
+            Ok(commit) if commit.to_hex() != offered.last || stale => {
                 self.lag.seen(&commit.to_hex());
                 let offer = Offer {
                     agent_id: at.agent_id,

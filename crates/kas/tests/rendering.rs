@@ -423,6 +423,39 @@ async fn a_rendering_that_failed_on_kas_side_is_tried_again_and_applied() {
     assert_eq!(config["data"]["color"], "green");
 }
 
+/// The branch goes back to the commit in force while a newer one stands failed (here kas
+/// cannot render it): the agent hears that the failure no longer stands, and its status is
+/// the commit in force again, succeeded (the failure used to be reported for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_reset_to_the_commit_in_force_ends_a_standing_failure() {
+    let work = tempfile::tempdir().unwrap();
+    let work_dir = work.path().join("render");
+    let extra = format!("    work_dir: {}\n", work_dir.display());
+    let (rig, c1, _) =
+        rendering_rig("rolledback", |_| HELM_ENTRY.into(), |_| helm_repo(), &extra).await;
+    std::fs::remove_dir_all(&work_dir).unwrap();
+    std::fs::write(&work_dir, b"not a folder").unwrap();
+    let c2 = rig.manifests.commit(
+        &[("env/values-a.yaml", Some(b"color: green\nsize: s\n"))],
+        "green",
+    );
+    rig.refused(&c2, &[]).await;
+    rig.manifests.git(&["reset", "-q", "--hard", &c1]);
+    let s = wait_for(
+        "the commit in force again",
+        Duration::from_secs(60),
+        || async {
+            let syncs = rig.kas.admin.gitops_status(rig.agent_id).await.ok()?;
+            let s = syncs
+                .into_iter()
+                .find(|s| s.project_id == "group/manifests")?;
+            (s.commit_id == c1 && s.outcome == ReportedOutcome::Succeeded).then_some(s)
+        },
+    )
+    .await;
+    assert!(s.error.is_empty(), "{s:?}");
+}
+
 /// The checkouts in `dir`, by name.
 fn checkouts_in(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
