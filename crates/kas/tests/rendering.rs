@@ -376,16 +376,16 @@ async fn renderings_over_their_time_memory_or_output_limit_are_stopped_and_repor
     }
 }
 
-/// A rendering that fails on kas's side (its work folder is not a folder, as on a broken or
-/// full disk) is tried again at the next fetch: once kas can render, the commit is applied
-/// without a new commit (it used to stay failed until the next commit or a restart).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rendering_that_failed_on_kas_side_is_tried_again_and_applied() {
+/// A helm rig whose renderers' work folder (in the returned directory, `render`) was then
+/// replaced by a file, as on a broken disk, and a commit c2 that kas therefore failed to
+/// render: (rig, c1, c2, namespace, the directory).
+async fn a_commit_kas_cannot_render(
+    prefix: &str,
+) -> (Rig, String, String, String, tempfile::TempDir) {
     let work = tempfile::tempdir().unwrap();
     let work_dir = work.path().join("render");
     let extra = format!("    work_dir: {}\n", work_dir.display());
-    let (rig, _, ns) =
-        rendering_rig("retried", |_| HELM_ENTRY.into(), |_| helm_repo(), &extra).await;
+    let (rig, c1, ns) = rendering_rig(prefix, |_| HELM_ENTRY.into(), |_| helm_repo(), &extra).await;
     std::fs::remove_dir_all(&work_dir).unwrap();
     std::fs::write(&work_dir, b"not a folder").unwrap();
     let c2 = rig.manifests.commit(
@@ -393,6 +393,16 @@ async fn a_rendering_that_failed_on_kas_side_is_tried_again_and_applied() {
         "green",
     );
     rig.refused(&c2, &[]).await;
+    (rig, c1, c2, ns, work)
+}
+
+/// A rendering that fails on kas's side (its work folder is not a folder, as on a broken or
+/// full disk) is tried again at the next fetch: once kas can render, the commit is applied
+/// without a new commit (it used to stay failed until the next commit or a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rendering_that_failed_on_kas_side_is_tried_again_and_applied() {
+    let (rig, _c1, c2, ns, work) = a_commit_kas_cannot_render("retried").await;
+    let work_dir = work.path().join("render");
     // Tried again at every fetch, told once.
     let fetches = || async {
         let projects = rig.kas.admin.list_projects().await.ok()?;
@@ -428,18 +438,7 @@ async fn a_rendering_that_failed_on_kas_side_is_tried_again_and_applied() {
 /// the commit in force again, succeeded (the failure used to be reported for good).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_reset_to_the_commit_in_force_ends_a_standing_failure() {
-    let work = tempfile::tempdir().unwrap();
-    let work_dir = work.path().join("render");
-    let extra = format!("    work_dir: {}\n", work_dir.display());
-    let (rig, c1, _) =
-        rendering_rig("rolledback", |_| HELM_ENTRY.into(), |_| helm_repo(), &extra).await;
-    std::fs::remove_dir_all(&work_dir).unwrap();
-    std::fs::write(&work_dir, b"not a folder").unwrap();
-    let c2 = rig.manifests.commit(
-        &[("env/values-a.yaml", Some(b"color: green\nsize: s\n"))],
-        "green",
-    );
-    rig.refused(&c2, &[]).await;
+    let (rig, c1, _c2, _ns, _work) = a_commit_kas_cannot_render("rolledback").await;
     rig.manifests.git(&["reset", "-q", "--hard", &c1]);
     let s = wait_for(
         "the commit in force again",
