@@ -728,8 +728,15 @@ async fn agent_gitops(
 ) -> Result<Json<Vec<SyncView>>, ApiError> {
     // A project dropped from the configuration in force keeps its last report in the store
     // (it says where its inventory was), but it is no longer the agent's status.
+    // As the proxy decides: the stored configuration when another replica may hold the agent.
+    let in_force = crate::config_in_force::InForce {
+        configs: &st.config_states,
+        store: st.store.as_ref(),
+        registry: &st.registry,
+        several: st.peers.is_some(),
+    };
     let listed: Option<std::collections::HashSet<String>> =
-        st.config_states.config(agent_id).map(|c| {
+        in_force.now(agent_id).await.map(|c| {
             c.gitops
                 .manifest_projects
                 .iter()
