@@ -216,7 +216,10 @@ async fn reconcile(
             },
             Some(p) => {
                 let head = st.sources.head(p.id);
-                let commit = followed_commit(&st, &config, &key, &p, head.commit);
+                // The newest commit, also when its signature was refused (`head.commit` is then
+                // the last verified one): that is the one the reconcile is about.
+                let newest = head.refusal.as_ref().map(|r| r.commit).or(head.commit);
+                let commit = followed_commit(&st, &config, &key, &p, newest);
                 ReconcileTarget {
                     project: key,
                     commit,
