@@ -735,14 +735,13 @@ async fn agent_gitops(
         registry: &st.registry,
         several: st.peers.is_some(),
     };
-    let listed: Option<std::collections::HashSet<String>> =
-        in_force.now(agent_id).await.map(|c| {
-            c.gitops
-                .manifest_projects
-                .iter()
-                .map(|p| crate::operate::config_key(&p.id))
-                .collect()
-        });
+    let listed: Option<std::collections::HashSet<String>> = in_force.now(agent_id).await.map(|c| {
+        c.gitops
+            .manifest_projects
+            .iter()
+            .map(|p| crate::operate::config_key(&p.id))
+            .collect()
+    });
     Ok(Json(
         st.sync_states
             .for_agent(agent_id)
