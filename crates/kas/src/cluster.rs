@@ -174,14 +174,10 @@ fn credential_stamp(cfg: &RedisConfig) -> CredentialStamp {
 /// peer vanished (a failover, a dropped load-balancer state) within about half a minute and
 /// the client reconnects, instead of after the system's two hours.
 fn tcp_settings() -> redis::io::tcp::TcpSettings {
-    let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(15))
-        .with_interval(Duration::from_secs(5))
-        .with_retries(3);
     redis::io::tcp::TcpSettings::default()
         .set_nodelay(true)
-        .set_keepalive(keepalive)
-        .set_user_timeout(Duration::from_secs(30))
+        .set_keepalive(crate::peers::dead_peer_keepalive())
+        .set_user_timeout(crate::peers::DEAD_PEER_TIMEOUT)
 }
 
 impl std::fmt::Debug for Cluster {

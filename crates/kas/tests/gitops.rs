@@ -1525,15 +1525,7 @@ async fn failures_prunes_and_refused_commits_are_kubernetes_events() {
     wait_for(
         "a retry of the failed sync",
         Duration::from_secs(30),
-        || async {
-            let failures = rig
-                .agent
-                .log_lines()
-                .into_iter()
-                .filter(|l| l["msg"] == "Synchronization failed" && l["commit_id"] == c2.as_str())
-                .count();
-            (failures >= 2).then_some(())
-        },
+        || async { (rig.sync_failures(&c2) >= 2).then_some(()) },
     )
     .await;
 

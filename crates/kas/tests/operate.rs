@@ -497,18 +497,7 @@ async fn a_deleted_branch_is_reported_once_not_at_every_fetch() {
     rig.synced(&c1).await;
     rig.manifests.git(&["checkout", "-q", "-b", "elsewhere"]);
     rig.manifests.git(&["branch", "-q", "-D", "main"]);
-    let fetches = || async {
-        let projects = rig.kas.admin.list_projects().await.ok()?;
-        let p = projects.into_iter().find(|p| p.path == "group/manifests")?;
-        Some(p.fetches)
-    };
-    let before = wait_for("a fetch count", Duration::from_secs(10), fetches).await;
-    wait_for(
-        "ten fetches after the deletion",
-        Duration::from_secs(60),
-        || async { fetches().await.filter(|n| *n >= before + 10) },
-    )
-    .await;
+    rig.wait_fetches(10).await;
     let failed: Vec<_> = rig
         .agent
         .log_lines()

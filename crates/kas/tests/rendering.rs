@@ -404,23 +404,8 @@ async fn a_rendering_that_failed_on_kas_side_is_tried_again_and_applied() {
     let (rig, _c1, c2, ns, work) = a_commit_kas_cannot_render("retried").await;
     let work_dir = work.path().join("render");
     // Tried again at every fetch, told once.
-    let fetches = || async {
-        let projects = rig.kas.admin.list_projects().await.ok()?;
-        let p = projects.into_iter().find(|p| p.path == "group/manifests")?;
-        Some(p.fetches)
-    };
-    let before = wait_for("a fetch count", Duration::from_secs(10), fetches).await;
-    wait_for("five more fetches", Duration::from_secs(60), || async {
-        fetches().await.filter(|n| *n >= before + 5)
-    })
-    .await;
-    let told = rig
-        .agent
-        .log_lines()
-        .into_iter()
-        .filter(|l| l["msg"] == "Synchronization failed" && l["commit_id"] == c2.as_str())
-        .count();
-    assert_eq!(told, 1, "told once");
+    rig.wait_fetches(5).await;
+    assert_eq!(rig.sync_failures(&c2), 1, "told once");
     std::fs::remove_file(&work_dir).unwrap();
     std::fs::create_dir(&work_dir).unwrap();
     let s = wait_for("the commit applied", Duration::from_secs(60), || async {

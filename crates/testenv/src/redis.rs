@@ -189,19 +189,26 @@ impl Redis {
 }
 
 impl Redis {
-    /// `INFO <section>`'s text, e.g. `stats` for `total_commands_processed`.
-    pub fn info(&self, section: &str) -> Result<String> {
+    /// A new connection that has sent `AUTH` and then `command` (RESP, `what` for errors);
+    /// the caller reads both answers.
+    fn send(&self, command: &str, what: &str) -> Result<TcpStream> {
         let mut s =
             TcpStream::connect(("127.0.0.1", self.port)).map_err(io_err("connecting to Redis"))?;
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
         let request = format!(
-            "*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n*2\r\n$4\r\nINFO\r\n${}\r\n{section}\r\n",
+            "*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n{command}",
             self.password.len(),
             self.password,
-            section.len()
         );
         s.write_all(request.as_bytes())
-            .map_err(io_err("asking Redis for INFO"))?;
+            .map_err(io_err(format!("sending {what} to Redis")))?;
+        Ok(s)
+    }
+
+    /// `INFO <section>`'s text, e.g. `stats` for `total_commands_processed`.
+    pub fn info(&self, section: &str) -> Result<String> {
+        let command = format!("*2\r\n$4\r\nINFO\r\n${}\r\n{section}\r\n", section.len());
+        let mut s = self.send(&command, "INFO")?;
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
@@ -219,16 +226,7 @@ impl Redis {
     /// `FLUSHALL`: Redis loses every key, as after a restart without persistence or a
     /// failover to a replica that had not caught up.
     pub fn flush_all(&self) -> Result<()> {
-        let mut s =
-            TcpStream::connect(("127.0.0.1", self.port)).map_err(io_err("connecting to Redis"))?;
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let request = format!(
-            "*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n*1\r\n$8\r\nFLUSHALL\r\n",
-            self.password.len(),
-            self.password,
-        );
-        s.write_all(request.as_bytes())
-            .map_err(io_err("asking Redis to FLUSHALL"))?;
+        let mut s = self.send("*1\r\n$8\r\nFLUSHALL\r\n", "FLUSHALL")?;
         let mut got = Vec::new();
         let mut buf = [0u8; 64];
         while got.len() < b"+OK\r\n+OK\r\n".len() {

@@ -195,6 +195,31 @@ pub async fn rig_entry(args: RigArgs<'_>, entry: &str, opts: KasOptions) -> (Rig
 }
 
 impl Rig {
+    /// Waits until kas has fetched the manifest project `more` more times than now.
+    pub async fn wait_fetches(&self, more: u64) {
+        let fetches = || async {
+            let projects = self.kas.admin.list_projects().await.ok()?;
+            let p = projects.into_iter().find(|p| p.path == "group/manifests")?;
+            Some(p.fetches)
+        };
+        let before = wait_for("a fetch count", Duration::from_secs(10), fetches).await;
+        wait_for(
+            &format!("{more} more fetches"),
+            Duration::from_secs(60),
+            || async { fetches().await.filter(|n| *n >= before + more) },
+        )
+        .await;
+    }
+
+    /// How many times the agent logged a failed synchronization of `commit`.
+    pub fn sync_failures(&self, commit: &str) -> usize {
+        self.agent
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["msg"] == "Synchronization failed" && l["commit_id"] == commit)
+            .count()
+    }
+
     /// Starts another agentk process as the first one was started (a restart, or a replica).
     pub fn start_agent(&self, name: &str) -> Agent {
         let args: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
