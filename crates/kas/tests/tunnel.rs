@@ -430,9 +430,19 @@ async fn agentk_reconnects_by_itself_after_a_kas_restart() {
         .filter(|l| l["msg"] == "Feature status change")
         .map(|l| &l["feature_status"])
         .collect();
+    // Connected, lost at the restart, connected again (and so it stays). While kas is
+    // stopping, a stream agentk opens may be refused a moment after it opened, so the loss can
+    // show as a few brief enabled/disabled flaps before the last connection.
     assert_eq!(
-        changes,
-        ["enabled", "disabled", "enabled"],
+        changes.first().copied(),
+        Some(&"enabled".into()),
+        "{}",
+        agent.log()
+    );
+    assert!(changes.contains(&&"disabled".into()), "{}", agent.log());
+    assert_eq!(
+        changes.last().copied(),
+        Some(&"enabled".into()),
         "{}",
         agent.log()
     );
