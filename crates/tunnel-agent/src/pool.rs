@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -112,6 +112,9 @@ pub struct PoolStats {
     /// one failed attempt, not ten (counting each jumped the backoff to its ceiling, so every
     /// kas restart cost each agent ~20 s of tunnel access).
     pub failed_attempt: u64,
+    /// The last attempt that opened a stream, and the failures counted before it: opening
+    /// resets `failures`, and a stream kas ends right after opening takes them back, plus one.
+    pub failures_before: (u64, u32),
 }
 
 #[derive(Debug, Default, Clone)]
@@ -362,14 +365,24 @@ async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationTo
     shared.update(|c| {
         c.opening -= 1;
         c.idle += 1;
+        if c.failures_before.0 != attempt {
+            c.failures_before = (attempt, c.failures);
+        }
         c.failures = 0;
         c.connected = true;
     });
     shared.set_state(ConnState::Connected);
+    let opened = Opened {
+        attempt,
+        at: Instant::now(),
+    };
+    let mut fresh = Some(opened);
     loop {
-        let Some((request, frames)) = wait_for_request(&shared, inbound, &shutdown).await else {
+        let Some((request, frames)) = wait_for_request(&shared, inbound, fresh, &shutdown).await
+        else {
             return;
         };
+        fresh = None;
         shared.update(|c| {
             c.idle -= 1;
             c.busy += 1;
@@ -423,6 +436,33 @@ async fn open_stream(
     }
 }
 
+/// When and in which attempt a stream opened, while it has not served a request yet.
+#[derive(Debug, Clone, Copy)]
+struct Opened {
+    attempt: u64,
+    at: Instant,
+}
+
+/// A stream kas ends this soon after opening it, before any request, was refused rather than
+/// lost: a kas that answers and then ends every stream (it began to stop between the two) would
+/// otherwise be retried at once, again and again, as if each stream had been a connection.
+const REFUSED_WITHIN: Duration = Duration::from_secs(1);
+
+/// Whether a lost stream counts as a failed attempt (the backoff grows) rather than as the
+/// loss of a working connection (the pool probes again at once).
+fn refused_after_opening(opened: Option<Opened>, now: Instant) -> Option<u64> {
+    let o = opened?;
+    (now.saturating_duration_since(o.at) < REFUSED_WITHIN).then_some(o.attempt)
+}
+
+/// Counts one failure per attempt (batch), however many of its streams fail.
+fn count_failed_attempt(c: &mut PoolStats, attempt: u64) {
+    if c.failed_attempt != attempt {
+        c.failed_attempt = attempt;
+        c.failures = c.failures.saturating_add(1);
+    }
+}
+
 /// The `Connect` request: our frames plus who we are (token, version, pod) as metadata.
 fn connect_request<T>(meta: &AgentMeta, frames: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(frames);
@@ -448,10 +488,7 @@ fn open_failed(shared: &Shared, attempt: u64, status: &tonic::Status) {
     shared.metrics.open_failures.inc();
     shared.update(|c| {
         c.opening -= 1;
-        if c.failed_attempt != attempt {
-            c.failed_attempt = attempt;
-            c.failures = c.failures.saturating_add(1);
-        }
+        count_failed_attempt(c, attempt);
         c.connected = false;
     });
     shared.set_state(ConnState::Failed {
@@ -462,10 +499,11 @@ fn open_failed(shared: &Shared, attempt: u64, status: &tonic::Status) {
 
 /// Keeps the stream idle until kas routes a request to it. `None` when the stream ended first
 /// (kas closed it, it failed, it idled out above `min_idle`, or the agent stops); the stream's
-/// `idle` count is then already taken back.
+/// `idle` count is then already taken back. `fresh` is set until the stream serves a request.
 async fn wait_for_request(
     shared: &Shared,
     mut inbound: Streaming<ServerFrame>,
+    fresh: Option<Opened>,
     shutdown: &CancellationToken,
 ) -> Option<(RequestInfo, Streaming<ServerFrame>)> {
     loop {
@@ -483,7 +521,8 @@ async fn wait_for_request(
                     return None;
                 }
                 Err(status) => {
-                    idle_stream_failed(shared, &status);
+                    let refused = refused_after_opening(fresh, Instant::now());
+                    idle_stream_failed(shared, &status, refused);
                     return None;
                 }
             },
@@ -501,13 +540,21 @@ async fn wait_for_request(
 }
 
 /// An idle stream ended with an error: unless we cancelled it, kas went away, so the pool
-/// probes with one stream before opening a burst.
-fn idle_stream_failed(shared: &Shared, status: &tonic::Status) {
+/// probes with one stream before opening a burst. `refused` names the attempt of a stream
+/// ended right after opening, which counts as that attempt failing (see [`REFUSED_WITHIN`]).
+fn idle_stream_failed(shared: &Shared, status: &tonic::Status, refused: Option<u64>) {
     let lost = status.code() != Code::Cancelled;
     shared.update(|c| {
         c.idle -= 1;
         if lost {
             c.connected = false;
+            if let Some(attempt) = refused {
+                shared.metrics.open_failures.inc();
+                if c.failures_before.0 == attempt {
+                    c.failures = c.failures.max(c.failures_before.1);
+                }
+                count_failed_attempt(c, attempt);
+            }
         }
     });
     if lost {
@@ -692,6 +739,18 @@ mod tests {
         assert_eq!(streams_to_open(&counts(0, 0, 5), &cfg()), 10);
         // Idle ones still on their way count.
         assert_eq!(streams_to_open(&counts(10, 0, 1), &cfg()), 0);
+    }
+
+    #[test]
+    fn a_stream_ended_within_a_second_of_opening_and_before_any_request_was_refused() {
+        let at = Instant::now();
+        let opened = Some(Opened { attempt: 4, at });
+        assert_eq!(refused_after_opening(opened, at), Some(4));
+        let soon = at + Duration::from_millis(900);
+        assert_eq!(refused_after_opening(opened, soon), Some(4));
+        // A stream that lived, or served a request, was a connection: its loss is not a refusal.
+        assert_eq!(refused_after_opening(opened, at + REFUSED_WITHIN), None);
+        assert_eq!(refused_after_opening(None, at), None);
     }
 
     #[test]

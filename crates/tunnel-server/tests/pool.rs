@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Agent, Server, Tokens, eventually, failed_with, pool_config};
+use tether_protocol::tunnel::reverse_tunnel_server::{ReverseTunnel, ReverseTunnelServer};
 use tether_tunnel_agent::{ConnState, PoolConfig};
 use tonic::Code;
 
@@ -109,4 +110,61 @@ async fn the_pool_backs_off_while_kas_is_down_and_reconnects_when_it_is_back() {
     })
     .await;
     assert_eq!(agent.pool.stats().failures, 0);
+}
+
+/// A kas that answers every `Connect` and ends it at once, as one does that began to stop
+/// between checking and answering: each stream is a refusal, and the pool backs off as for any
+/// refused attempt instead of retrying at once, over and over (it counted each answer as a
+/// working connection, which reset its backoff).
+#[tokio::test]
+async fn streams_ended_right_after_opening_are_retried_with_backoff() {
+    let (listener, _) = tether_test_support::tokio_listener().await;
+    let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let kas = EndsEveryStream {
+        answered: Arc::clone(&answered),
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ReverseTunnelServer::new(kas))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let agent = Agent::start(addr, pool_config(2));
+    eventually("four failed attempts in a row", || {
+        agent.pool.stats().failures >= 4
+    })
+    .await;
+    let stats = agent.pool.stats();
+    let answered = answered.load(std::sync::atomic::Ordering::SeqCst);
+    // One probe stream per attempt, each a failure: the backoff grew at every one.
+    assert!(
+        answered <= u64::from(stats.failures) + 1,
+        "{answered} streams answered for {stats:?}"
+    );
+    assert!(!stats.connected, "{stats:?}");
+    agent.stop().await;
+    server.abort();
+}
+
+struct EndsEveryStream {
+    answered: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl ReverseTunnel for EndsEveryStream {
+    type ConnectStream = futures_util::stream::Once<
+        std::future::Ready<Result<tether_protocol::tunnel::ServerFrame, tonic::Status>>,
+    >;
+
+    async fn connect(
+        &self,
+        _request: tonic::Request<tonic::Streaming<tether_protocol::tunnel::AgentFrame>>,
+    ) -> Result<tonic::Response<Self::ConnectStream>, tonic::Status> {
+        self.answered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let end = Err(tonic::Status::unavailable("kas is shutting down"));
+        Ok(tonic::Response::new(futures_util::stream::once(
+            std::future::ready(end),
+        )))
+    }
 }
