@@ -404,9 +404,7 @@ async fn start_observability(
         "observability",
         tracing::info_span!("obs", mod_name = "observability"),
         |stop| async move {
-            if let Err(e) = tether_observability::serve(listener, ep, stop).await {
-                tracing::error!(error = %e, "Observability endpoint failed");
-            }
+            tether_observability::serve(listener, ep, stop).await;
         },
     );
     Ok(())

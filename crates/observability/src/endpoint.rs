@@ -71,21 +71,15 @@ pub fn router(ep: Endpoint) -> Router {
         .with_state(ep)
 }
 
-/// Serves the endpoint on `listener` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    ep: Endpoint,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+/// Serves the endpoint on `listener`, under [`crate::LIMITS`], until `shutdown`.
+pub async fn serve(listener: TcpListener, ep: Endpoint, shutdown: CancellationToken) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(
         net_network = "tcp",
         net_address = addr.map(|a| a.to_string()).unwrap_or_default(),
         "Observability endpoint is up"
     );
-    axum::serve(listener, router(ep))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    crate::serve_limited(listener, router(ep), crate::LIMITS, shutdown).await;
 }
 
 #[cfg(test)]
@@ -128,7 +122,7 @@ mod tests {
         let m = get(addr, "/metrics").await;
         assert!(m.contains("probe_total 1"), "{m}");
         stop.cancel();
-        task.await.expect("join").expect("serve");
+        task.await.expect("join");
     }
 }
 

@@ -6,9 +6,11 @@
 //! For local runs, [`LogFormat::Text`] writes the same content as `TIME LEVEL msg key=value`.
 
 pub mod endpoint;
+mod limited;
 mod logging;
 
 pub use endpoint::{Endpoint, register_build_info, serve};
+pub use limited::{LIMITS, Limits, serve_limited};
 pub use logging::{
     BadFormat, JsonLayer, LogFormat, LogHandle, init_logging, init_logging_as, parse_level,
 };
