@@ -642,18 +642,29 @@ impl Worker {
         reports: &mut Reports,
         stop: &CancellationToken,
     ) {
-        tracing::error!(commit_id = %commit_id, error = %message, "Synchronization failed");
-        self.event(Happened::Refused {
-            commit: &commit_id,
-            message: &message,
-        });
-        self.engine
-            .metrics
-            .record_refused(&self.settings.project_id);
-        sync.refused = Some(Refusal {
+        let refusal = Refusal {
             commit_id: commit_id.clone(),
             message: message.clone(),
-        });
+        };
+        if sync
+            .refused
+            .as_ref()
+            .is_some_and(|r| r.same_commit(&refusal))
+        {
+            // Told again (agentk reconnected and asked for the head afresh): counted, logged
+            // and recorded as an Event once, when it was first told.
+            tracing::info!(commit_id = %commit_id, "kas says the newest commit is still refused");
+        } else {
+            tracing::error!(commit_id = %commit_id, error = %message, "Synchronization failed");
+            self.event(Happened::Refused {
+                commit: &commit_id,
+                message: &message,
+            });
+            self.engine
+                .metrics
+                .record_refused(&self.settings.project_id);
+        }
+        sync.refused = Some(refusal);
         let report = SyncReport {
             project_id: self.settings.project_id.clone(),
             commit_id,

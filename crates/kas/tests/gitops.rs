@@ -1892,7 +1892,7 @@ async fn a_refused_newest_commit_stays_failed_across_resyncs_of_the_last_good_on
     let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
     let second_glob = "    - glob: '/manifests/dup.yaml'\n";
     let resync = ["--gitops-resync-interval", "1s"];
-    let (rig, c1) = rig_with(
+    let (mut rig, c1) = rig_with(
         env,
         ns.clone(),
         &admin_rbac(&ns),
@@ -1965,6 +1965,33 @@ async fn a_refused_newest_commit_stays_failed_across_resyncs_of_the_last_good_on
         "{stdout}"
     );
     assert!(stdout.contains("matched by two globs"), "{stdout}");
+
+    // kas restarts: agentk asks for the head afresh and is told the refusal again, which is
+    // not a new failure (no second error line, Event or count).
+    let told = |msg: &str| {
+        rig.agent
+            .log_lines()
+            .iter()
+            .filter(|l| l["msg"] == msg && l["commit_id"] == c2.as_str())
+            .count()
+    };
+    assert_eq!(told("Synchronization failed"), 1);
+    let refusals = rig.agent.metric(failed).await.unwrap_or(0.0);
+    let resyncs_before_restart = resyncs();
+    rig.kas.restart_by(false).await;
+    wait_for(
+        "the refusal told again",
+        Duration::from_secs(60),
+        || async { (told("kas says the newest commit is still refused") >= 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(told("Synchronization failed"), 1);
+    let counted = rig.agent.metric(failed).await.unwrap_or(0.0);
+    let resynced = resyncs() - resyncs_before_restart;
+    assert!(
+        counted <= refusals + resynced as f64,
+        "only re-syncs count as failures after the restart: {refusals} → {counted}, {resynced} re-syncs"
+    );
 
     // A fix is the recovery, and the only one: delivered after anything queued before it.
     let c3 = rig.manifests.commit(&[("manifests/dup.yaml", None)], "fix");

@@ -16,6 +16,17 @@ pub(super) struct Refusal {
     pub message: String,
 }
 
+impl Refusal {
+    /// The same refusal told again: the same commit, or, when none could be named, the same
+    /// reason (a refusal's message may differ between tellings, e.g. by a work folder's name).
+    pub(super) fn same_commit(&self, other: &Refusal) -> bool {
+        if self.commit_id.is_empty() && other.commit_id.is_empty() {
+            return self.message == other.message;
+        }
+        self.commit_id == other.commit_id
+    }
+}
+
 /// The report of a sync of an earlier commit made while `refusal` stands: a failure of the
 /// refused commit, with its reason, showing the objects as the re-sync left them (said to be
 /// of the commit applied). A failure of the re-sync itself is added to the reason.
@@ -98,6 +109,18 @@ mod tests {
             r.error,
             "a.yaml is matched by two globs; re-applying commit c1 failed too: 1 resources failed"
         );
+    }
+
+    #[test]
+    fn a_refusal_told_again_is_recognised_by_its_commit() {
+        let r = |commit: &str, message: &str| Refusal {
+            commit_id: commit.into(),
+            message: message.into(),
+        };
+        assert!(r("c2", "in /tmp/a: failed").same_commit(&r("c2", "in /tmp/b: failed")));
+        assert!(!r("c2", "failed").same_commit(&r("c3", "failed")));
+        assert!(r("", "branch gone").same_commit(&r("", "branch gone")));
+        assert!(!r("", "branch gone").same_commit(&r("", "tag gone")));
     }
 
     #[test]
