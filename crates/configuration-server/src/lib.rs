@@ -349,6 +349,9 @@ impl std::fmt::Debug for ConfigService {
     }
 }
 
+/// How far back the default branch's history is searched for an agent's commit in force.
+const HISTORY_LIMIT: usize = 100_000;
+
 /// Longest refusal reason kept from an agent.
 const MAX_REFUSAL_CHARS: usize = 2048;
 
@@ -363,6 +366,8 @@ struct StreamState {
     heads: tokio::sync::watch::Receiver<tether_git_source::ProjectHead>,
     lease: tether_tunnel_server::Lease,
     ended: bool,
+    /// A message to send before looking at the head again (see [`StreamState::fallback`]).
+    queued: Option<ConfigurationResponse>,
 }
 
 impl StreamState {
@@ -371,6 +376,9 @@ impl StreamState {
     async fn next(&mut self) -> Option<Result<ConfigurationResponse, Status>> {
         if self.ended {
             return None;
+        }
+        if let Some(queued) = self.queued.take() {
+            return Some(Ok(queued));
         }
         loop {
             let head = self.heads.borrow_and_update().clone();
@@ -423,6 +431,11 @@ impl StreamState {
             self.last.clear();
             return;
         };
+        if !self.may_adopt(&commit).await {
+            tracing::warn!(agent_id = self.id.agent_id, commit_id = %commit, "The agent says a commit is in force that kas has not sent it and the default branch does not reach; sending the newest configuration");
+            self.last.clear();
+            return;
+        }
         let id = &self.id;
         match self.load(&commit).await {
             Ok(Loaded::Valid { file, config }) => {
@@ -452,6 +465,25 @@ impl StreamState {
                 self.last.clear();
             }
         }
+    }
+
+    /// Whether kas may take the agent's word that `commit` is its configuration in force: the
+    /// one kas has on record, or one the default branch reaches (kas's record was lost, or
+    /// the agent refused a newer one). Taken at its word alone, an agent token could put any
+    /// commit of any branch in force, such as a feature branch's granting `ci_access`.
+    async fn may_adopt(&self, commit: &CommitId) -> bool {
+        let recorded = self.svc.states.get(self.id.agent_id);
+        if recorded.is_some_and(|s| s.commit == commit.to_hex()) {
+            return true;
+        }
+        let head = self.heads.borrow().commit;
+        let (Some(head), Some(mirror)) = (head, self.svc.sources.mirror(self.project_id)) else {
+            return false;
+        };
+        let commit = *commit;
+        let walk =
+            tokio::task::spawn_blocking(move || mirror.in_history(&commit, &head, HISTORY_LIMIT));
+        matches!(walk.await, Ok(Ok(true)))
     }
 
     /// The agent refused the configuration at `refused` (its own checks failed: an older agent
@@ -546,8 +578,42 @@ impl StreamState {
             }
         }
         states.persist(self.svc.store.as_ref(), id.agent_id).await;
+        let fallback = if resp.error.is_empty() {
+            None
+        } else {
+            self.fallback()
+        };
         self.last = hex;
-        resp
+        match fallback {
+            Some(in_force) => {
+                self.queued = Some(resp);
+                in_force
+            }
+            None => resp,
+        }
+    }
+
+    /// The configuration in force, to send before a refusal of the newest commit when the
+    /// agent does not run it: an agent that started since (a node drain, an OOM kill, a
+    /// rollout) has no configuration at all, and told only the refusal it ran no GitOps and
+    /// kept no logging level while `kas agent status` said the last good one was in force.
+    fn fallback(&self) -> Option<ConfigurationResponse> {
+        let agent_id = self.id.agent_id;
+        let state = self.svc.states.get(agent_id)?;
+        if state.commit.is_empty() || state.commit == self.last {
+            return None;
+        }
+        let config = self.svc.states.config(agent_id)?;
+        let config_json = serde_json::to_string(&*config).ok()?;
+        tracing::info!(agent_id, commit_id = %state.commit, "Sending the agent its configuration in force; the newest commit's is refused");
+        Some(ConfigurationResponse {
+            agent_id,
+            project_path: self.id.project_path.clone(),
+            commit_id: state.commit,
+            file_path: state.file,
+            config_json,
+            error: String::new(),
+        })
     }
 }
 
@@ -578,6 +644,7 @@ impl AgentConfiguration for ConfigService {
             project_id: project.id,
             last: String::new(),
             ended: false,
+            queued: None,
         };
         let req = request.into_inner();
         state.last = req.commit_id;

@@ -681,6 +681,27 @@ impl Mirror {
         Ok(CommitId(commit.id))
     }
 
+    /// Whether `commit` is `tip` or one of its ancestors, looking at no more than `limit`
+    /// commits of `tip`'s history (a commit further back counts as not found). Blocking.
+    pub fn in_history(
+        &self,
+        commit: &CommitId,
+        tip: &CommitId,
+        limit: usize,
+    ) -> Result<bool, Error> {
+        let repo = self.repo();
+        let walk = repo
+            .rev_walk([tip.0])
+            .all()
+            .map_err(git_err("walking a branch's history"))?;
+        for info in walk.take(limit) {
+            if info.map_err(git_err("walking a branch's history"))?.id == commit.0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Checks that `commit` is signed by a key `policy` trusts (see [`VerifyPolicy`]). Blocking:
     /// it runs `git verify-commit`, and `gpg` to import the trusted keys.
     pub fn verify_commit(

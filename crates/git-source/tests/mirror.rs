@@ -206,6 +206,25 @@ fn branches_tags_commits_and_default_branch() {
     assert_eq!(resolve(GitRef::DefaultBranch).expect("default"), on_main);
 }
 
+/// `in_history`: a commit on the branch, or the branch's tip, is in its history; one of
+/// another branch is not, nor is one beyond the walk's limit.
+#[test]
+fn a_commit_is_in_a_branchs_history_only_if_the_branch_reaches_it() {
+    let f = Fixture::new("main");
+    let first = f.commit(&[("f", b"1")], &[], "one");
+    git(&f.src(), &["checkout", "-q", "-b", "side"]);
+    let side = f.commit(&[("f", b"side")], &[], "side");
+    git(&f.src(), &["checkout", "-q", "main"]);
+    let second = f.commit(&[("f", b"2")], &[], "two");
+    let mirror = f.local_mirror();
+    mirror.fetch().expect("fetch");
+    let in_main = |c: &CommitId, limit| mirror.in_history(c, &second, limit).expect("walk");
+    assert!(in_main(&second, 10));
+    assert!(in_main(&first, 10));
+    assert!(!in_main(&side, 10), "a commit of another branch");
+    assert!(!in_main(&first, 1), "beyond the limit");
+}
+
 #[test]
 fn default_branch_falls_back_to_main_then_master() {
     let f = Fixture::new("master");

@@ -13,9 +13,12 @@
 //!   whose outcome and statuses read as [`ReportedOutcome`] / [`ReportedStatus`].
 //! - [`PreviewSource`]: the same selection at a ref the agent does not follow, for
 //!   `kas agent diff` ([`ref_candidates`]: what a `--ref` names).
+//! - [`ProjectAccess`]: an agent reads and reports on only the manifest projects its
+//!   configuration in force lists ([`lists`], pure).
 //! - [`Controls`]: kas's directives to open streams beyond new commits: re-sync now
 //!   ([`ResyncId`], `kas agent reconcile`) and suspension changes (`kas agent suspend`).
 
+mod access;
 pub mod control;
 pub mod glob;
 mod lag;
@@ -25,6 +28,7 @@ mod reports;
 mod select;
 mod service;
 
+pub use access::{ProjectAccess, is_commit_id, lists};
 pub use control::{Controls, ResyncId};
 pub use glob::{InvalidGlob, ManifestGlob, literal_prefix};
 // The admin API's words for outcomes and statuses; they live with the API types.

@@ -42,6 +42,8 @@ pub struct GitOpsDeps {
     pub renderer: Arc<Renderer>,
     /// Told of offered commits, refusals and sync reports (failures, recoveries, statuses).
     pub notifier: tether_notifications::Notifier,
+    /// The manifest projects each agent may read and report on.
+    pub access: Arc<dyn crate::ProjectAccess>,
 }
 
 impl std::fmt::Debug for GitOpsDeps {
@@ -131,16 +133,24 @@ impl GitOpsService {
             tether_store::Error::InvalidName { .. } => Status::invalid_argument(e.to_string()),
             _ => Status::unavailable(e.to_string()),
         })?;
-        let project = found.ok_or_else(|| {
-            Status::not_found(format!("manifest project {id} is not known to kas"))
-        })?;
-        if project.remote.is_none() {
-            return Err(Status::failed_precondition(format!(
-                "manifest project {} has no Git repository configured",
-                project.path
-            )));
+        found.ok_or_else(|| Status::not_found(format!("manifest project {id} is not known to kas")))
+    }
+
+    /// The project `id` names, if the agent's configuration in force lists it.
+    async fn listed_project(
+        &self,
+        agent_id: i64,
+        id: &str,
+    ) -> Result<tether_store::Project, Status> {
+        let project = self.find_project(id).await?;
+        let listed = self.deps.access.listed(agent_id).await;
+        match listed {
+            Some(l) if crate::lists(&l, &project) => Ok(project),
+            _ => {
+                tracing::warn!(agent_id, project = %project.path, "An agent asked for a manifest project its configuration in force does not list; refused");
+                Err(crate::access::denied(&project, listed.is_some()))
+            }
         }
-        Ok(project)
     }
 
     /// Streams the selection at each new commit until the agent goes away; holds commits
@@ -441,7 +451,13 @@ impl GitOps for GitOpsService {
     ) -> Result<Response<Self::GetObjectsToSynchronizeStream>, Status> {
         let id = authenticate_request(self.deps.auth.as_ref(), &request).await?;
         let req = request.into_inner();
-        let project = self.find_project(&req.project_id).await?;
+        let project = self.listed_project(id.agent_id, &req.project_id).await?;
+        if project.remote.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "manifest project {} has no Git repository configured",
+                project.path
+            )));
+        }
         let source = ManifestSource::from_request(&req.globs, req.render.as_ref())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (tx, rx) = mpsc::channel(8);
@@ -458,6 +474,12 @@ impl GitOps for GitOpsService {
     ) -> Result<Response<ReportAck>, Status> {
         let id = authenticate_request(self.deps.auth.as_ref(), &request).await?;
         let report = request.into_inner();
+        if !crate::is_commit_id(&report.commit_id) {
+            return Err(Status::invalid_argument(
+                "commit_id is not a commit's hexadecimal name",
+            ));
+        }
+        self.listed_project(id.agent_id, &report.project_id).await?;
         if report.in_progress {
             // How far a sync got, for `kas agent reconcile --wait`: not an outcome.
             tracing::debug!(agent_id = id.agent_id, project_id = %report.project_id, resync_id = report.resync_id, "Synchronization progress");

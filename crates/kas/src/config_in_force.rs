@@ -66,3 +66,46 @@ impl InForce<'_> {
         Ok(known.collect())
     }
 }
+
+/// The manifest projects an agent may read and report on, for the GitOps service: those its
+/// configuration in force lists ([`InForce`], so with several replicas the stored one).
+pub struct AgentProjects {
+    pub configs: Arc<ConfigStates>,
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub several: bool,
+}
+
+impl std::fmt::Debug for AgentProjects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentProjects")
+            .field("several", &self.several)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a stream opened right after a kas restart waits for the agent's configuration to
+/// be known, as a proxied request does.
+const CONFIG_WAIT: Duration = Duration::from_secs(10);
+
+impl tether_gitops_server::ProjectAccess for AgentProjects {
+    fn listed(
+        &self,
+        agent_id: i64,
+    ) -> tether_tunnel_server::service_future::BoxFuture<
+        '_,
+        Option<Vec<tether_agent_config::ProjectRef>>,
+    > {
+        Box::pin(async move {
+            let in_force = InForce {
+                configs: &self.configs,
+                store: self.store.as_ref(),
+                registry: &self.registry,
+                several: self.several,
+            };
+            let config = in_force.wait(agent_id, CONFIG_WAIT).await?;
+            let ids = config.gitops.manifest_projects.iter().map(|p| p.id.clone());
+            Some(ids.collect())
+        })
+    }
+}

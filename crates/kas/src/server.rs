@@ -154,7 +154,13 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (config_states, configuration, h) =
         start_configuration(&mut sh, &sources, modules.handle("configuration")).await?;
     modules.push(h);
-    let (gitops, h) = start_gitops(&cfg, &mut sh, &sources, modules.handle("gitops"));
+    let access = Arc::new(crate::config_in_force::AgentProjects {
+        configs: Arc::clone(&config_states),
+        store: Arc::clone(&sh.store),
+        registry: Arc::clone(&sh.registry),
+        several: cfg.peers.is_some() && sh.cluster.is_some(),
+    });
+    let (gitops, h) = start_gitops(&cfg, &mut sh, (&sources, access), modules.handle("gitops"));
     modules.push(h);
     let (sync_states, gitops_controls) = (gitops.reports(), gitops.controls());
     let renderer = gitops.renderer();
@@ -540,7 +546,7 @@ async fn start_configuration(
 fn start_gitops(
     cfg: &Config,
     sh: &mut Shared,
-    sources: &Arc<Sources>,
+    (sources, access): (&Arc<Sources>, Arc<crate::config_in_force::AgentProjects>),
     handle: Handle,
 ) -> (GitOpsModule, Handle) {
     let gitops = GitOpsModule::new(GitOpsDeps {
@@ -553,6 +559,7 @@ fn start_gitops(
             cfg.gitops.render.config(&cfg.data_dir),
         )),
         notifier: sh.notifier.clone(),
+        access,
     });
     gitops.register(&mut sh.metrics);
     (gitops, handle)

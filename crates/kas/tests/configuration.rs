@@ -366,16 +366,24 @@ async fn config_stream(
         .into_inner()
 }
 
-/// An agent that refuses a configuration kas accepted (an older agentk not knowing a new
-/// field) tells kas: `kas agent status` shows the refusal and the commit the agent really runs,
-/// and kas does not send that commit again (it used to record it as in force, and authorize
-/// requests by a configuration the agent did not run).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_configuration_the_agent_refuses_is_shown_and_not_in_force() {
+/// A configuration repository whose first commit holds `name`'s configuration, a kas polling it
+/// every 300 ms, and the agent registered (no agentk: tests speak for it with [`config_stream`]).
+struct StreamRig {
+    repo: GitRepo,
+    kas: Kas,
+    token: String,
+    agent_id: i64,
+    /// The agent's configuration file.
+    path: String,
+    c1: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn stream_rig(name: &str, level: &str) -> StreamRig {
     let dir = tempfile::tempdir().unwrap();
     let repo = GitRepo::init(&dir.path().join("repo"));
-    let path = ".gitlab/agents/old/config.yaml";
-    let c1 = repo.commit(&[(path, Some(&config("info")))], "first");
+    let path = format!(".gitlab/agents/{name}/config.yaml");
+    let c1 = repo.commit(&[(&path, Some(&config(level)))], "first");
     let kas = Kas::start(
         &dir.path().join("kas"),
         KasOptions {
@@ -384,9 +392,32 @@ async fn a_configuration_the_agent_refuses_is_shown_and_not_in_force() {
         },
     )
     .await;
-    project(&kas, "group/old", &repo.dir.display().to_string(), None).await;
-    let t = kas.admin.register_agent("group/old", "old").await.unwrap();
-    let mut first = config_stream(&kas, &t.token, ("", "", "")).await;
+    let project_path = format!("group/{name}");
+    project(&kas, &project_path, &repo.dir.display().to_string(), None).await;
+    let t = kas.admin.register_agent(&project_path, name).await.unwrap();
+    StreamRig {
+        repo,
+        kas,
+        token: t.token,
+        agent_id: t.agent_id,
+        path,
+        c1,
+        _dir: dir,
+    }
+}
+
+/// An agent that refuses a configuration kas accepted (an older agentk not knowing a new
+/// field) tells kas: `kas agent status` shows the refusal and the commit the agent really runs,
+/// and kas does not send that commit again (it used to record it as in force, and authorize
+/// requests by a configuration the agent did not run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_the_agent_refuses_is_shown_and_not_in_force() {
+    let r = stream_rig("old", "info").await;
+    let (repo, kas, path, c1) = (&r.repo, &r.kas, r.path.as_str(), r.c1.clone());
+    let t = AgentId {
+        agent_id: r.agent_id,
+    };
+    let mut first = config_stream(kas, &r.token, ("", "", "")).await;
     assert_eq!(first.message().await.unwrap().unwrap().commit_id, c1);
     let c2 = repo.commit(&[(path, Some(&config("debug")))], "second");
     assert_eq!(first.message().await.unwrap().unwrap().commit_id, c2);
@@ -394,7 +425,7 @@ async fn a_configuration_the_agent_refuses_is_shown_and_not_in_force() {
 
     // The agent applied c1, refused c2, and reopens saying so.
     let why = "unknown field `new_feature`";
-    let mut again = config_stream(&kas, &t.token, (&c1, &c2, why)).await;
+    let mut again = config_stream(kas, &r.token, (&c1, &c2, why)).await;
     let state = kas.agent(t.agent_id).await.config.unwrap();
     assert_eq!(state.commit, c1, "the agent's commit is in force");
     assert_eq!(state.error_commit.as_deref(), Some(c2.as_str()));
@@ -548,4 +579,170 @@ async fn a_missing_credentials_file_fails_its_project_not_kas() {
         "{error}"
     );
     assert!(!kas.log().contains("glpat-not-a-real-token"));
+}
+
+/// A request carrying `token`, as an agent sends it.
+fn as_agent<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut().insert(
+        tether_protocol::metadata::AUTHORIZATION,
+        tether_protocol::metadata::bearer(token).unwrap(),
+    );
+    req
+}
+
+/// An agent token reads and reports on only the manifest projects the agent's configuration in
+/// force lists: with any token, any repository kas mirrored could be read at any ref, and a
+/// report made kas post a commit status to any project with its forge token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reads_and_reports_only_the_manifest_projects_its_configuration_lists() {
+    use tether_protocol::gitops::git_ops_client::GitOpsClient;
+    use tether_protocol::gitops::{ObjectsRequest, SyncReport};
+    let dir = tempfile::tempdir().unwrap();
+    let config_repo = GitRepo::init(&dir.path().join("config"));
+    let c1 = config_repo.commit(
+        &[(".gitlab/agents/lister/config.yaml", Some(&config("info")))],
+        "config",
+    );
+    let manifests = GitRepo::init(&dir.path().join("manifests"));
+    manifests.commit(&[("manifests/a.yaml", Some(b"kind: ConfigMap\n"))], "m");
+    let secret = GitRepo::init(&dir.path().join("secret"));
+    let secret_commit = secret.commit(&[("manifests/s.yaml", Some(b"password: x\n"))], "s");
+    let kas = Kas::start(&dir.path().join("kas"), KasOptions::default()).await;
+    for (path, repo) in [
+        ("group/config", &config_repo),
+        ("group/manifests", &manifests),
+        ("other/secret", &secret),
+    ] {
+        project(&kas, path, &repo.dir.display().to_string(), None).await;
+    }
+    let t = kas
+        .admin
+        .register_agent("group/config", "lister")
+        .await
+        .unwrap();
+    let mut config_stream = config_stream(&kas, &t.token, ("", "", "")).await;
+    assert_eq!(
+        config_stream.message().await.unwrap().unwrap().commit_id,
+        c1
+    );
+
+    let address = tether_transport::KasAddress::parse(&kas.url("grpc")).unwrap();
+    let channel = tether_transport::connect_lazy(&address, &Default::default()).unwrap();
+    let mut client = GitOpsClient::new(channel);
+    let objects = |project: &str| ObjectsRequest {
+        project_id: project.into(),
+        globs: vec!["**".into()],
+        ..ObjectsRequest::default()
+    };
+    let listed = client
+        .get_objects_to_synchronize(as_agent(&t.token, objects("group/manifests")))
+        .await;
+    assert!(listed.is_ok(), "{listed:?}");
+    let unlisted = client
+        .get_objects_to_synchronize(as_agent(&t.token, objects("other/secret")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unlisted.code(),
+        tonic::Code::PermissionDenied,
+        "{unlisted:?}"
+    );
+    assert!(
+        unlisted
+            .message()
+            .contains("not listed in the agent's configuration"),
+        "{unlisted:?}"
+    );
+
+    let report = |project: &str, commit: &str| SyncReport {
+        project_id: project.into(),
+        commit_id: commit.into(),
+        ..SyncReport::default()
+    };
+    let refused = client
+        .report_sync(as_agent(&t.token, report("other/secret", &secret_commit)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let not_a_commit = client
+        .report_sync(as_agent(&t.token, report("group/manifests", "../../x")))
+        .await
+        .unwrap_err();
+    assert_eq!(not_a_commit.code(), tonic::Code::InvalidArgument);
+    let stored = kas.admin.gitops_status(t.agent_id).await.unwrap();
+    assert!(stored.is_empty(), "no report was stored: {stored:?}");
+}
+
+/// An agent started since the newest configuration commit was refused (a node drain, an OOM
+/// kill) is sent the configuration in force, then the refusal: told only the refusal, it ran
+/// no GitOps at all while `kas agent status` said the last good configuration was in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agent_gets_the_configuration_in_force_while_the_newest_is_refused() {
+    let r = stream_rig("fresh", "debug").await;
+    let (kas, c1) = (&r.kas, r.c1.as_str());
+    let mut first = config_stream(kas, &r.token, ("", "", "")).await;
+    assert_eq!(first.message().await.unwrap().unwrap().commit_id, c1);
+    let c2 = r
+        .repo
+        .commit(&[(&r.path, Some(b"gitops: [broken\n"))], "broken");
+    let refusal = first.message().await.unwrap().unwrap();
+    assert_eq!(refusal.commit_id, c2);
+    assert!(!refusal.error.is_empty());
+    drop(first);
+
+    // A new agent process: nothing in force.
+    let mut fresh = config_stream(kas, &r.token, ("", "", "")).await;
+    let in_force = fresh.message().await.unwrap().unwrap();
+    assert_eq!(
+        (in_force.commit_id.as_str(), in_force.error.as_str()),
+        (c1, "")
+    );
+    assert!(
+        in_force.config_json.contains("group/manifests"),
+        "{in_force:?}"
+    );
+    let refusal = fresh.message().await.unwrap().unwrap();
+    assert_eq!(refusal.commit_id, c2);
+    assert!(!refusal.error.is_empty());
+    let state = kas.agent(r.agent_id).await.config.unwrap();
+    assert_eq!(state.commit, c1);
+    assert_eq!(state.error_commit.as_deref(), Some(c2.as_str()));
+}
+
+/// An agent token alone cannot put a commit in force that kas did not send and the default
+/// branch does not reach (a side branch granting `ci_access`, say), by claiming to run it and
+/// to refuse the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_put_a_commit_of_another_branch_in_force() {
+    let r = stream_rig("pin", "info").await;
+    let (kas, repo, path, c1) = (&r.kas, &r.repo, r.path.as_str(), r.c1.as_str());
+    repo.git(&["checkout", "-q", "-b", "side"]);
+    let side = repo.commit(&[(path, Some(&config("debug")))], "side");
+    repo.git(&["checkout", "-q", "-"]);
+    let mut first = config_stream(kas, &r.token, ("", "", "")).await;
+    assert_eq!(first.message().await.unwrap().unwrap().commit_id, c1);
+    drop(first);
+
+    let _pinned = config_stream(kas, &r.token, (&side, c1, "unknown field")).await;
+    let state = kas.agent(r.agent_id).await.config.unwrap();
+    assert_ne!(
+        state.commit, side,
+        "the side branch's commit is not in force"
+    );
+    assert!(
+        kas.log()
+            .contains("kas has not sent it and the default branch does not reach")
+    );
+
+    // The branch's own history is still taken: an agent that refused the head keeps c1.
+    let c2 = repo.commit(&[(path, Some(&config("warn")))], "newer");
+    let _newer = config_stream(kas, &r.token, ("", "", "")).await;
+    wait_for("c2 to be sent", Duration::from_secs(30), || async {
+        (kas.agent(r.agent_id).await.config?.commit == c2).then_some(())
+    })
+    .await;
+    let _refused = config_stream(kas, &r.token, (c1, &c2, "unknown field")).await;
+    let state = kas.agent(r.agent_id).await.config.unwrap();
+    assert_eq!(state.commit, c1);
 }
