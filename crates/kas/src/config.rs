@@ -452,6 +452,22 @@ pub const WEBHOOKS_LIMITS: ListenLimits = limits(256, 32);
 pub const WEB_LIMITS: ListenLimits = limits(512, 32);
 /// Prometheus and the kubelet's probes: a few clients, one connection each at a time.
 pub const OBSERVABILITY_LIMITS: ListenLimits = limits(128, 32);
+/// Other replicas: one connection per request forwarded to an agent held here (a watch or an
+/// exec keeps one for its whole life), all from a few addresses; as many as the Kubernetes
+/// API listener admits, the source of those requests.
+pub const PEERS_LIMITS: ListenLimits = limits(2048, 2048);
+
+/// The peers listener's caps: `peers.max_connections`, for all clients and for one address
+/// alike (the other replicas are a few addresses).
+pub fn peers_limits(pc: &crate::peers::PeersConfig) -> tether_transport::ConnectionLimits {
+    let max = pc
+        .max_connections
+        .map_or(PEERS_LIMITS.max_connections, std::num::NonZeroUsize::get);
+    tether_transport::ConnectionLimits {
+        max_connections: max,
+        max_connections_per_address: max,
+    }
+}
 
 impl Listen {
     /// This listener's limits: what is set here, the rest from `defaults`.

@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
+use tether_transport::{Gate, LogThrottle};
 use tether_tunnel_server::Registry;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -75,6 +76,9 @@ pub struct PeersConfig {
     pub advertise_address: Option<String>,
     /// The secret every replica shares (HMAC key of forwarded requests).
     pub secret_file: std::path::PathBuf,
+    /// Connections the listener holds at once (default [`crate::config::PEERS_LIMITS`]); more
+    /// are closed on arrival and counted.
+    pub max_connections: Option<std::num::NonZeroUsize>,
 }
 
 /// What a forwarded request asks of the holder.
@@ -547,27 +551,25 @@ impl Peers {
         }
     }
 
-    /// Serves forwarded requests on the private listener until `stop`.
-    pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
+    /// Serves forwarded requests on the private listener until `stop`, admitting connections
+    /// through `gate` (its caps, counted in the listener metrics as `peers`): any pod that can
+    /// reach the port could otherwise take all of kas's file descriptors.
+    pub async fn serve(self, listener: TcpListener, gate: Gate, stop: CancellationToken) {
+        let refusals = Arc::new(LogThrottle::new(crate::listener::LOG_INTERVAL));
         loop {
-            let (stream, from) = tokio::select! {
+            let (stream, from, admission) = tokio::select! {
                 () = stop.cancelled() => return,
-                a = listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Accepting on the peers listener failed");
-                        continue;
-                    }
-                },
+                a = gate.accept(&listener) => a,
             };
             if let Err(e) = probe_dead_peer(&stream) {
                 tracing::warn!(error = %e, "Cannot set keepalive on a peers connection");
             }
             let this = self.clone();
-            let stop = stop.clone();
+            let (stop, refusals) = (stop.clone(), Arc::clone(&refusals));
             tokio::spawn(async move {
+                let _admission = admission;
                 tokio::select! {
-                    () = this.carry(stream, from) => {}
+                    () = this.carry(stream, from, &refusals) => {}
                     () = stop.cancelled() => {}
                 }
             });
@@ -575,7 +577,7 @@ impl Peers {
     }
 
     /// One forwarded request: check it, take one of the agent's tunnel streams here, pipe.
-    async fn carry(&self, stream: TcpStream, from: std::net::SocketAddr) {
+    async fn carry(&self, stream: TcpStream, from: std::net::SocketAddr, refusals: &LogThrottle) {
         let mut stream = BufReader::new(stream);
         let read = tokio::time::timeout(PREAMBLE_TIMEOUT, read_preamble(&mut stream)).await;
         let checked = match read {
@@ -595,7 +597,10 @@ impl Peers {
         let request = match checked {
             Ok(r) => r,
             Err(why) => {
-                tracing::warn!(peer = %from, why, "Refused a request on the peers listener");
+                // Throttled: a flood of bad preambles must not fill the disk with lines.
+                if let Some(suppressed) = refusals.admit("refused", std::time::Instant::now()) {
+                    tracing::warn!(peer = %from, why, suppressed, "Refused a request on the peers listener");
+                }
                 let _ = stream.get_mut().write_all(b"ERR refused\n").await;
                 return;
             }
@@ -834,6 +839,7 @@ mod tests {
     #[test]
     fn the_advertised_address_falls_back_to_the_pods_ip() {
         let cfg = |listen: &str, advertise: Option<&str>| PeersConfig {
+            max_connections: None,
             listen: listen.parse().unwrap(),
             advertise_address: advertise.map(str::to_owned),
             secret_file: "/s".into(),

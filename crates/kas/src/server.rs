@@ -439,7 +439,9 @@ async fn start_peers(cfg: &Config, sh: &mut Shared, handle: Handle) -> Result<Ha
     let listener = bind("peers", pc.listen).await?;
     tracing::info!(address = %pc.listen, "Peers listener is up: requests for agents on other replicas are routed there");
     let stop = Modules::shutdown_of(&handle);
-    let serve = tokio::spawn(peers.clone().serve(listener, stop.clone()));
+    let events = Arc::new(sh.listener_metrics.events("peers"));
+    let gate = tether_transport::Gate::new(crate::config::peers_limits(pc), events);
+    let serve = tokio::spawn(peers.clone().serve(listener, gate, stop.clone()));
     let directory = tokio::spawn(peers.clone().run_directory(stop));
     sh.peers = Some(peers);
     Ok(handle.task(serve).task(directory))
@@ -973,6 +975,9 @@ fn check_limits(cfg: &Config) {
         .listen
         .limits(crate::config::OBSERVABILITY_LIMITS);
     total = total.saturating_add(observability.max_connections);
+    if let Some(pc) = &cfg.peers {
+        total = total.saturating_add(crate::config::peers_limits(pc).max_connections);
+    }
     crate::listener::check_descriptor_budget(total);
 }
 

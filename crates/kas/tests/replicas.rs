@@ -207,6 +207,47 @@ async fn a_replica_is_ready_only_while_redis_answers() {
     wait_readiness(&kas, "kas ready again", 200, 15).await;
 }
 
+/// The peers listener (which the chart binds for every pod to reach) holds at most
+/// `peers.max_connections`: more are closed on arrival and counted, so a flood of connections
+/// cannot take kas's file descriptors from its agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peers_listener_closes_connections_over_its_cap() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = Shared::start();
+    let mut opts = with_peers(shared.options(), dir.path());
+    // with_peers' section is the last of the file: this key joins it.
+    opts.extra_yaml.push_str("  max_connections: 2\n");
+    let port = peers_port(&opts);
+    let kas = Kas::start(&dir.path().join("kas"), opts).await;
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", port));
+    let _held = [connect().await.unwrap(), connect().await.unwrap()];
+    wait_for("two connections held", Duration::from_secs(5), || async {
+        kas.metric(r#"kas_listener_connections{listener="peers"}"#)
+            .await
+            .filter(|n| *n == 2.0)
+    })
+    .await;
+    let mut third = connect().await.unwrap();
+    let mut buf = [0u8; 16];
+    // Closed at once: well before the 5 s a connection has to send its preamble.
+    let read = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    let series =
+        r#"kas_listener_connections_refused_total{listener="peers",reason="max_connections"}"#;
+    assert_eq!(kas.metric(series).await, Some(1.0));
+}
+
+/// The port of the peers listener [`with_peers`] configured.
+fn peers_port(opts: &KasOptions) -> u16 {
+    let listen = opts
+        .extra_yaml
+        .split("peers:\n  listen: 127.0.0.1:")
+        .nth(1)
+        .unwrap();
+    listen.lines().next().unwrap().parse().unwrap()
+}
+
 /// A Redis password rotated as operators do it: the new one in kas's password file (the
 /// Secret), and Redis restarted with it. kas used to reconnect with the password it read at
 /// start forever — not ready, and deaf to other replicas' revocations; it now follows the file.
