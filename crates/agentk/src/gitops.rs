@@ -33,10 +33,12 @@ use crate::configuration::Applied;
 
 mod refusal;
 mod schedule;
+mod stop;
 mod supervise;
 
 use refusal::Refusal;
 use schedule::{ResyncStep, Schedule};
+use stop::stop_all;
 use supervise::supervise;
 
 /// How a worker behaves beyond the configuration file.
@@ -121,10 +123,12 @@ pub async fn run(
             () = shutdown.cancelled() => break,
         }
     }
-    for (_, (_, stop, task)) in workers.running {
-        stop.cancel();
-        let _ = task.await;
-    }
+    let running = workers
+        .running
+        .into_iter()
+        .map(|(key, (_, stop, task))| (key, stop, task))
+        .collect();
+    stop_all(running, WORKER_STOP_DEADLINE).await;
 }
 
 /// The running workers, and what new ones are made of.
@@ -159,23 +163,24 @@ impl Workers {
             .filter(|(key, (p, _, _))| wanted.get(*key) != Some(p))
             .map(|(key, _)| key.clone())
             .collect();
-        // A stopped worker must be gone before its successor (or another replica) applies
-        // the same objects.
+        let mut stopping = Vec::with_capacity(gone.len());
         for key in gone {
             if let Some((old, stop, task)) = self.running.remove(&key) {
-                let new = wanted.get(&key);
-                if let Some(new) = new
+                if let Some(new) = wanted.get(&key)
                     && new.default_namespace != old.default_namespace
                 {
                     self.moved.insert(key.clone(), old.default_namespace);
                 }
-                stop.cancel();
-                let _ = task.await;
-                if new.is_none() {
-                    // Left the configuration, or this replica no longer leads (after the
-                    // worker ended, so its last sync cannot record them again).
-                    self.engine.metrics.forget(&key);
-                }
+                stopping.push((key, stop, task));
+            }
+        }
+        // A stopped worker must be gone before its successor (or another replica) applies
+        // the same objects: all are stopped together, within one sync's stop grace.
+        for key in stop_all(stopping, WORKER_STOP_DEADLINE).await {
+            if !wanted.contains_key(&key) {
+                // Left the configuration, or this replica no longer leads (after the worker
+                // ended, so its last sync cannot record them again).
+                self.engine.metrics.forget(&key);
             }
         }
         for (key, p) in wanted {
@@ -255,6 +260,10 @@ struct Commit {
 /// safe as a crash: a sync lists what it may create in the inventory before applying it, so
 /// a later sync can prune what an abandoned one created.
 const SYNC_STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// How long stopping the workers waits for them: a worker ends within its sync's stop grace
+/// of being cancelled (it starts no sync once cancelled), plus a moment to return.
+const WORKER_STOP_DEADLINE: Duration = SYNC_STOP_GRACE.saturating_add(Duration::from_secs(1));
 
 /// Bound of one `ReportSync` call: kas answers in milliseconds, a hung kas must not stall the
 /// worker (it keeps the report and retries).
@@ -516,6 +525,10 @@ impl Worker {
 
     /// Starts a sync of the newest commit when one is due and none runs.
     fn start_due_sync(&self, sync: &mut SyncState, stop: &CancellationToken) {
+        // A stopping worker starts nothing: its stop must take one sync's grace, not two.
+        if stop.is_cancelled() {
+            return;
+        }
         let running = sync.running.is_some();
         let Some((commit, resync_id)) = sync.schedule.take_due(Instant::now(), running) else {
             return;
