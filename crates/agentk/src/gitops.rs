@@ -31,11 +31,13 @@ use tracing::Instrument;
 
 use crate::configuration::Applied;
 
+mod leadership;
 mod refusal;
 mod schedule;
 mod stop;
 mod supervise;
 
+pub use leadership::Leadership;
 use refusal::Refusal;
 use schedule::{ResyncStep, Schedule};
 use stop::stop_all;
@@ -96,7 +98,7 @@ pub async fn run(
     meta: AgentMeta,
     engine: Engine,
     mut config: watch::Receiver<Option<Arc<Applied>>>,
-    mut leading: watch::Receiver<bool>,
+    mut leadership: Leadership,
     timing: Timing,
     shutdown: CancellationToken,
 ) {
@@ -108,18 +110,16 @@ pub async fn run(
         engine,
         timing,
     };
-    // The election's sender goes away when it is off (always leading) or stopped.
-    let mut election_running = true;
     loop {
         let applied = config.borrow_and_update().clone();
         // Only the leader applies; a replica that is not (or no longer) leading runs no worker.
-        let lead = *leading.borrow_and_update();
+        let lead = leadership.leads();
         if let Some(applied) = applied {
             workers.reconcile(&applied, lead, &shutdown).await;
         }
         tokio::select! {
             changed = config.changed() => if changed.is_err() { break },
-            changed = leading.changed(), if election_running => if changed.is_err() { election_running = false },
+            () = leadership.changed() => {}
             () = shutdown.cancelled() => break,
         }
     }

@@ -131,23 +131,23 @@ fn lease_namespace(cli: &Cli) -> Option<String> {
 }
 
 /// Starts the leader election once the agent's id is known (from its first configuration);
-/// the returned watch says whether this replica applies GitOps.
+/// what it returns says whether this replica applies GitOps.
 fn start_election(
     cli: &Cli,
     kube: kube::Client,
     mut config: watch::Receiver<Option<Arc<configuration::Applied>>>,
     identity: String,
     shutdown: CancellationToken,
-) -> Result<(watch::Receiver<bool>, Option<tokio::task::JoinHandle<()>>)> {
+) -> Result<(gitops::Leadership, Option<tokio::task::JoinHandle<()>>)> {
     if !cli.leader_election {
         tracing::warn!("Leader election is off: this replica applies GitOps unconditionally");
-        return Ok((watch::channel(true).1, None));
+        return Ok((gitops::Leadership::unconditional(), None));
     }
     let Some(namespace) = lease_namespace(cli) else {
         tracing::warn!(
             "No namespace for the leader Lease (set POD_NAMESPACE or --leader-election-namespace): this replica applies GitOps unconditionally"
         );
-        return Ok((watch::channel(true).1, None));
+        return Ok((gitops::Leadership::unconditional(), None));
     };
     let timing = leader::Timing {
         lease_duration: cli.leader_election_lease_duration,
@@ -181,7 +181,7 @@ fn start_election(
         tracing::info!(lease = %elector.name, namespace, identity = %elector.identity, "Leader election started");
         elector.run(tx, shutdown).await;
     });
-    Ok((rx, Some(task)))
+    Ok((gitops::Leadership::elected(rx), Some(task)))
 }
 
 /// Durations on the command line read like those in the agent configuration (`30s`, `1m30s`),
@@ -410,14 +410,14 @@ async fn start_observability(
     Ok(())
 }
 
-/// Starts the leader election (when there is one) as a module; the returned watch says whether
+/// Starts the leader election (when there is one) as a module; what it returns says whether
 /// this replica applies GitOps.
 fn start_leader_election(
     modules: &mut Modules,
     cli: &Cli,
     kube: kube::Client,
     config: watch::Receiver<Option<Arc<configuration::Applied>>>,
-) -> Result<watch::Receiver<bool>> {
+) -> Result<gitops::Leadership> {
     let identity = replica_identity(
         std::env::var("POD_NAME").ok(),
         std::env::var("HOSTNAME").ok(),
