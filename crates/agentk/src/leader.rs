@@ -19,6 +19,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod metrics;
+
+pub use metrics::ElectionMetrics;
+
 /// Lease timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
@@ -133,6 +137,7 @@ pub struct Elector {
     pub name: String,
     pub identity: String,
     pub timing: Timing,
+    pub metrics: ElectionMetrics,
 }
 
 impl std::fmt::Debug for Elector {
@@ -182,6 +187,7 @@ impl Elector {
         let mut last_renewal: Option<Instant> = None;
         let mut last_error: Option<String> = None;
         let mut observed = Observed::default();
+        self.metrics.started(&self.name);
         loop {
             // The lease says it was renewed when the round started (`try_lead` reads the
             // time first), so the deadline counts from there, not from the answer.
@@ -206,7 +212,10 @@ impl Elector {
                     last_renewal = None;
                     last_error = None;
                 }
-                Err(e) => log_new_error(&mut last_error, &e),
+                Err(e) => {
+                    self.metrics.failed(&self.name);
+                    log_new_error(&mut last_error, &e);
+                }
             }
             let lead = leads(last_renewal, Instant::now(), self.timing.renew_deadline);
             self.publish(&leading, lead);
@@ -217,11 +226,13 @@ impl Elector {
         }
         if *leading.borrow() {
             leading.send_replace(false);
+            self.metrics.leading(&self.name, false);
             self.release().await;
         }
     }
 
     fn publish(&self, leading: &watch::Sender<bool>, lead: bool) {
+        self.metrics.leading(&self.name, lead);
         leading.send_if_modified(|current| {
             if *current == lead {
                 return false;
@@ -354,6 +365,8 @@ mod tests {
         lease: Option<Value>,
         answers_left: usize,
         renewed_at: Option<Instant>,
+        /// Writes are answered 403, as for a ServiceAccount without rights on Leases.
+        refuse_writes: bool,
     }
 
     impl Stub {
@@ -368,6 +381,11 @@ mod tests {
                     404,
                     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                            "reason": "NotFound", "code": 404, "message": "not found"}),
+                ),
+                _ if self.refuse_writes => (
+                    403,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "Forbidden", "code": 403, "message": "forbidden"}),
                 ),
                 _ => {
                     let lease: Value = serde_json::from_slice(body)?;
@@ -414,17 +432,23 @@ mod tests {
         (kube::Client::new(service, "agents"), stub)
     }
 
+    /// Replica `agentk-a`'s election for `agent-1-lock` in `agents`, with the default timing.
+    fn elector(client: kube::Client, metrics: ElectionMetrics) -> Elector {
+        Elector {
+            api: Api::namespaced(client, "agents"),
+            name: "agent-1-lock".into(),
+            identity: "agentk-a".into(),
+            timing: Timing::default(),
+            metrics,
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_leader_whose_api_server_stops_answering_stops_leading_by_the_renew_deadline() {
         // Creates the lease (GET, POST), renews it once (GET, PUT), then hears nothing more.
         let (client, stub) = freezing_api(4);
         let timing = Timing::default();
-        let elector = Elector {
-            api: Api::namespaced(client, "agents"),
-            name: "agent-1-lock".into(),
-            identity: "agentk-a".into(),
-            timing,
-        };
+        let elector = elector(client, ElectionMetrics::default());
         let (tx, mut leading) = watch::channel(false);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(elector.run(tx, shutdown.clone()));
@@ -445,6 +469,55 @@ mod tests {
         assert!(
             after <= timing.renew_deadline,
             "stopped leading {after:?} after the last renewal"
+        );
+        shutdown.cancel();
+        task.await.expect("the elector stops");
+    }
+
+    /// The value of `series` in the registry's exposition.
+    fn sample(registry: &prometheus_client::registry::Registry, series: &str) -> Option<f64> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_leader_gauge_follows_the_lease_and_refused_lease_writes_are_counted() {
+        let (client, stub) = freezing_api(usize::MAX);
+        stub.lock().expect("stub").refuse_writes = true;
+        let metrics = ElectionMetrics::default();
+        let mut registry = prometheus_client::registry::Registry::with_prefix("agentk");
+        metrics.register(&mut registry);
+        let timing = Timing::default();
+        let elector = elector(client, metrics);
+        let (gauge, failures) = (
+            r#"agentk_leader{lease="agent-1-lock"}"#,
+            r#"agentk_leader_election_failures_total{lease="agent-1-lock"}"#,
+        );
+        let (tx, mut leading) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(elector.run(tx, shutdown.clone()));
+        // Time is paused and moves only when every task waits: rounds at 0, 2, 4 and 6 s,
+        // each creating the lease in vain.
+        tokio::time::sleep(timing.retry_period * 3 + Duration::from_millis(1)).await;
+        assert_eq!(sample(&registry, gauge), Some(0.0));
+        assert_eq!(sample(&registry, failures), Some(4.0));
+
+        stub.lock().expect("stub").refuse_writes = false;
+        leading.wait_for(|l| *l).await.expect("the elector runs");
+        assert_eq!(sample(&registry, gauge), Some(1.0));
+        let before = sample(&registry, failures).expect("failures");
+
+        // The rights are taken away again: renewals fail, and by the renew deadline it no
+        // longer leads.
+        stub.lock().expect("stub").refuse_writes = true;
+        leading.wait_for(|l| !*l).await.expect("the elector runs");
+        assert_eq!(sample(&registry, gauge), Some(0.0));
+        let after = sample(&registry, failures).expect("failures");
+        assert!(
+            after > before,
+            "failed renewals counted: {before} -> {after}"
         );
         shutdown.cancel();
         task.await.expect("the elector stops");

@@ -137,6 +137,7 @@ fn start_election(
     kube: kube::Client,
     mut config: watch::Receiver<Option<Arc<configuration::Applied>>>,
     identity: String,
+    metrics: leader::ElectionMetrics,
     shutdown: CancellationToken,
 ) -> Result<(gitops::Leadership, Option<tokio::task::JoinHandle<()>>)> {
     if !cli.leader_election {
@@ -177,6 +178,7 @@ fn start_election(
             name: format!("agent-{agent_id}-lock"),
             identity,
             timing,
+            metrics,
         };
         tracing::info!(lease = %elector.name, namespace, identity = %elector.identity, "Leader election started");
         elector.run(tx, shutdown).await;
@@ -278,7 +280,8 @@ async fn run(cli: Cli) -> Result<()> {
     // The module list: started in this order, stopped in reverse.
     let mut modules = Modules::default();
     let sync_metrics = SyncMetrics::default();
-    start_observability(&mut modules, &cli, &pool, &sync_metrics).await?;
+    let election_metrics = leader::ElectionMetrics::default();
+    start_observability(&mut modules, &cli, &pool, &sync_metrics, &election_metrics).await?;
     tracing::info!(
         kas_address = %address,
         kubeconfig = cli.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
@@ -293,7 +296,13 @@ async fn run(cli: Cli) -> Result<()> {
     let (config_tx, config_rx) = watch::channel(None);
     // Started before GitOps and stopped after it: the lease is handed back only once nothing
     // applies here any more.
-    let leading = start_leader_election(&mut modules, &cli, kube.clone(), config_rx.clone())?;
+    let leading = start_leader_election(
+        &mut modules,
+        &cli,
+        kube.clone(),
+        config_rx.clone(),
+        election_metrics,
+    )?;
     let (gitops_channel, gitops_meta) = (channel.clone(), meta.clone());
     let instance = match meta.pod_name.as_str() {
         "" => format!("agentk-{}", std::process::id()),
@@ -373,10 +382,12 @@ async fn start_observability(
     cli: &Cli,
     pool: &Pool,
     sync_metrics: &SyncMetrics,
+    election_metrics: &leader::ElectionMetrics,
 ) -> Result<()> {
     let mut metrics = prometheus_client::registry::Registry::with_prefix("agentk");
     pool.register_metrics(&mut metrics);
     sync_metrics.register(&mut metrics);
+    election_metrics.register(&mut metrics);
     tether_observability::register_build_info(
         &mut metrics,
         tether_build_info::VERSION,
@@ -417,6 +428,7 @@ fn start_leader_election(
     cli: &Cli,
     kube: kube::Client,
     config: watch::Receiver<Option<Arc<configuration::Applied>>>,
+    metrics: leader::ElectionMetrics,
 ) -> Result<gitops::Leadership> {
     let identity = replica_identity(
         std::env::var("POD_NAME").ok(),
@@ -424,7 +436,7 @@ fn start_leader_election(
         std::process::id(),
     );
     let stop = CancellationToken::new();
-    let (leading, election) = start_election(cli, kube, config, identity, stop.clone())?;
+    let (leading, election) = start_election(cli, kube, config, identity, metrics, stop.clone())?;
     if let Some(task) = election {
         modules.adopt("leader_election", stop, task);
     }

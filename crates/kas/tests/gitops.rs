@@ -1155,6 +1155,16 @@ fn synchronizing(agent: &Agent, commit: &str) -> bool {
         .any(|l| l["msg"] == "Synchronizing objects" && l["commit_id"] == commit)
 }
 
+/// Lease timing for tests that wait for leadership to change hands: seconds, not tens.
+const FAST_LEASE: [&str; 6] = [
+    "--leader-election-lease-duration",
+    "4s",
+    "--leader-election-renew-deadline",
+    "3s",
+    "--leader-election-retry-period",
+    "500ms",
+];
+
 /// Two agentk replicas with one token (`replicas: 2`, or a rollout's surge pod): both serve
 /// tunnels, exactly one — the holder of the Lease — applies; when it is killed the other takes
 /// over within the lease duration. Before, both applied and both pruned every change.
@@ -1163,21 +1173,13 @@ async fn of_two_replicas_one_applies_and_the_other_takes_over() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace("replicas").unwrap();
-    let lease_flags = [
-        "--leader-election-lease-duration",
-        "4s",
-        "--leader-election-renew-deadline",
-        "3s",
-        "--leader-election-retry-period",
-        "500ms",
-    ];
     let (mut rig, c1) = rig(
         env,
         ns.clone(),
         &admin_rbac(&ns),
         "",
         &[("manifests/cm.yaml", Some(&configmap("one", &ns, "1")))],
-        &lease_flags,
+        &FAST_LEASE,
     )
     .await;
     rig.synced(&c1).await;
@@ -1188,7 +1190,7 @@ async fn of_two_replicas_one_applies_and_the_other_takes_over() {
         &ns,
     ]
     .into_iter()
-    .chain(lease_flags)
+    .chain(FAST_LEASE)
     .collect();
     let mut second = Agent::start_with(
         rig._dir.path(),
@@ -1262,6 +1264,92 @@ async fn of_two_replicas_one_applies_and_the_other_takes_over() {
     let cm = get_json(&rig.env, &["get", "configmap", "one", "-n", &ns]).unwrap();
     assert_eq!(cm["data"]["value"], "3");
     second.stop();
+}
+
+/// RBAC for an agent that may do anything with core objects in its namespace, and only
+/// `lease_verbs` on Leases there.
+fn lease_rbac(ns: &str, lease_verbs: &[&str]) -> String {
+    let verbs = lease_verbs.join(", ");
+    let role = |name: &str, rules: &str| {
+        format!(
+            "---\napiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: {name}\n  namespace: {ns}\nrules:\n{rules}\
+---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: {name}\n  namespace: {ns}\n\
+roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: {name}\n\
+subjects:\n- kind: ServiceAccount\n  name: gitlab-agent\n  namespace: {ns}\n"
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: gitlab-agent\n  namespace: {ns}\n{}{}",
+        role(
+            "gitlab-agent-write",
+            "- apiGroups: [\"\", \"events.k8s.io\"]\n  resources: [\"*\"]\n  verbs: [\"*\"]\n"
+        ),
+        role(
+            "gitlab-agent-lease",
+            &format!(
+                "- apiGroups: [\"coordination.k8s.io\"]\n  resources: [\"leases\"]\n  verbs: [{verbs}]\n"
+            )
+        ),
+    )
+}
+
+/// "No replica leads" shows in the metrics: an agent that may read its Lease but not write it
+/// exports `agentk_leader` 0 and counts every failed round in
+/// `agentk_leader_election_failures_total`; given the rights it leads (1) and applies; when
+/// they are taken away it stops leading by the renew deadline (0), the failures counted
+/// again. Before, only a log line said so, once, while readiness looked fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_gauge_follows_the_lease_and_refused_lease_writes_are_counted() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("leaderless").unwrap();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &lease_rbac(&ns, &["get"]),
+        "",
+        &[("manifests/cm.yaml", Some(&configmap("led", &ns, "1")))],
+        &FAST_LEASE,
+    )
+    .await;
+    let lease = format!("agent-{}-lock", rig.agent_id);
+    let gauge = format!(r#"agentk_leader{{lease="{lease}"}}"#);
+    let failures = format!(r#"agentk_leader_election_failures_total{{lease="{lease}"}}"#);
+    let metric = |series: &str| {
+        let series = series.to_owned();
+        let agent = &rig.agent;
+        async move { agent.metric(&series).await }
+    };
+    let refused = wait_for(
+        "refused lease writes counted",
+        Duration::from_secs(30),
+        || async { metric(&failures).await.filter(|n| *n >= 3.0) },
+    )
+    .await;
+    assert_eq!(metric(&gauge).await, Some(0.0), "leading without a lease");
+    assert!(!synchronizing(&rig.agent, &c1), "applied without the lease");
+
+    rig.env
+        .apply_yaml(&lease_rbac(&ns, &["get", "create", "update"]))
+        .unwrap();
+    wait_for("leading", Duration::from_secs(30), || async {
+        metric(&gauge).await.filter(|v| *v == 1.0)
+    })
+    .await;
+    rig.synced(&c1).await;
+
+    let before = metric(&failures).await.unwrap();
+    assert!(before >= refused);
+    rig.env.apply_yaml(&lease_rbac(&ns, &["get"])).unwrap();
+    wait_for("no longer leading", Duration::from_secs(30), || async {
+        metric(&gauge).await.filter(|v| *v == 0.0)
+    })
+    .await;
+    let after = metric(&failures).await.unwrap();
+    assert!(
+        after > before,
+        "refused renewals counted: {before} -> {after}"
+    );
 }
 
 /// A symlink matched by a glob is said in `kas agent status`, not silently skipped; a commit
