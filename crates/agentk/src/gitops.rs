@@ -339,6 +339,13 @@ fn stream_backoff() -> Backoff {
     }
 }
 
+/// When to reopen the objects stream or resend a report after `failures` failures in a row:
+/// the backoff with its jitter drawn at random, so the agents (and projects) a kas restart
+/// cut off do not all come back in the same instant, over and over.
+fn retry_delay(failures: u32) -> Duration {
+    stream_backoff().delay(failures, rand::random::<f64>())
+}
+
 fn wire_state(state: ObjectState) -> wire::ObjectState {
     match state {
         ObjectState::Live(Status::InProgress) => wire::ObjectState::InProgress,
@@ -518,7 +525,7 @@ impl Worker {
                 if stream.failures == 1 {
                     tracing::warn!(code = ?status.code(), error = status.message(), "Cannot get the manifests from kas; retrying");
                 }
-                stream.reconnect_at = Instant::now() + stream_backoff().delay(stream.failures, 0.5);
+                stream.reconnect_at = Instant::now() + retry_delay(stream.failures);
             }
         }
     }
@@ -570,7 +577,7 @@ impl Worker {
                 stream.open = None;
                 stream.lost = true;
                 stream.building = None;
-                stream.reconnect_at = Instant::now() + stream_backoff().delay(stream.failures, 0.5);
+                stream.reconnect_at = Instant::now() + retry_delay(stream.failures);
                 return;
             }
         };
@@ -892,7 +899,7 @@ impl Worker {
                 "Reporting the synchronization to kas failed; retrying"
             );
         }
-        reports.retry_at = Instant::now() + stream_backoff().delay(reports.failures, 0.5);
+        reports.retry_at = Instant::now() + retry_delay(reports.failures);
     }
 }
 
@@ -956,5 +963,31 @@ async fn next_event(
             Err(_) => Event::Timer,
         },
         () = stop.cancelled() => Event::Stop,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_and_report_retries_are_spread_by_jitter() {
+        let backoff = stream_backoff();
+        let base = backoff.delay(3, 0.5);
+        let delays: Vec<Duration> = (0..100).map(|_| retry_delay(3)).collect();
+        let (low, high) = (
+            base.mul_f64(1.0 - backoff.jitter),
+            base.mul_f64(1.0 + backoff.jitter),
+        );
+        assert!(
+            delays.iter().all(|d| (low..=high).contains(d)),
+            "outside {low:?}..={high:?}: {delays:?}"
+        );
+        // 100 uniform draws over ±20 % all within ±1 % of the middle: about 10^-70.
+        let spread = base.mul_f64(0.01);
+        assert!(
+            delays.iter().any(|d| d.abs_diff(base) > spread),
+            "no jitter: {delays:?}"
+        );
     }
 }
