@@ -9,6 +9,7 @@
 mod backend;
 pub mod copy;
 mod error;
+mod migrate;
 mod model;
 mod postgres;
 mod sqlite;

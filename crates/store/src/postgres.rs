@@ -9,9 +9,12 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use crate::error::Result;
 use crate::txn::WriteTxn;
 
-/// Schema migrations compiled into the binary. sqlx's migrator holds a PostgreSQL advisory lock
-/// while it runs, so replicas starting together apply them once.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+/// Schema migrations compiled into the binary; newer ones already applied are tolerated (see
+/// [`crate::migrate`]). sqlx's migrator holds a PostgreSQL advisory lock while it runs, so
+/// replicas starting together apply them once.
+fn migrator() -> sqlx::migrate::Migrator {
+    crate::migrate::tolerant(sqlx::migrate!("./migrations/postgres"))
+}
 
 /// Connections per kas process. Reads are many and short (token checks, listings); writes queue
 /// on one lock anyway (see [`WriteTxn::begin`]), so more would mostly sit idle on the server.
@@ -43,7 +46,11 @@ impl PgStore {
         // lock while another replica (or `kas store migrate`) migrates, however long that takes.
         let unbounded = options.options([("lock_timeout", "0")]);
         let mut conn = <PgConnection as sqlx::Connection>::connect_with(&unbounded).await?;
-        let migrated = MIGRATOR.run(&mut conn).await;
+        let migrator = migrator();
+        let migrated = match migrator.run(&mut conn).await {
+            Ok(()) => crate::migrate::warn_of_unknown(&migrator, &mut conn).await,
+            Err(e) => Err(e.into()),
+        };
         let _ = sqlx::Connection::close(conn).await;
         migrated?;
         Ok(Self { pool })

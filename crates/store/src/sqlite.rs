@@ -14,8 +14,11 @@ use sqlx::sqlite::{
 use crate::error::Result;
 use crate::txn::WriteTxn;
 
-/// Schema migrations compiled into the binary, so a fresh kas needs no files besides its database.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+/// Schema migrations compiled into the binary, so a fresh kas needs no files besides its database;
+/// newer ones already applied are tolerated (see [`crate::migrate`]).
+fn migrator() -> sqlx::migrate::Migrator {
+    crate::migrate::tolerant(sqlx::migrate!("./migrations/sqlite"))
+}
 
 /// How long a connection waits for another writer before failing with "database is locked".
 /// Writes are tiny, so contention should clear well within this.
@@ -62,7 +65,9 @@ impl SqliteStore {
         // that turns foreign keys off to rebuild a table (0012) must not leave a connection
         // without them behind, whatever it ends with.
         let mut conn = sqlx::ConnectOptions::connect(&options).await?;
-        MIGRATOR.run(&mut conn).await?;
+        let migrator = migrator();
+        migrator.run(&mut conn).await?;
+        crate::migrate::warn_of_unknown(&migrator, &mut conn).await?;
         sqlx::Connection::close(conn).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)

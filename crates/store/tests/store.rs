@@ -111,6 +111,33 @@ impl Db {
     }
 }
 
+/// What a newer kas leaves in the database for an older one to find.
+impl Db {
+    /// Records migration `version` as applied, as a kas with that migration would.
+    async fn record_migration(&self, version: i64) -> Result<(), sqlx::Error> {
+        let sql = "INSERT INTO _sqlx_migrations \
+                   (version, description, success, checksum, execution_time) \
+                   VALUES ($1, 'from a newer kas', TRUE, $2, 1)";
+        // The same statement on either engine's pool.
+        macro_rules! insert {
+            ($pool:expr) => {{
+                let pool = $pool;
+                let checksum = vec![0u8; 48];
+                let query = sqlx::query(sql).bind(version).bind(checksum);
+                query.execute(&pool).await?;
+                pool.close().await;
+            }};
+        }
+        match self {
+            Db::File { path, .. } => {
+                insert!(sqlx::SqlitePool::connect_with(sqlite_options(path)).await?)
+            }
+            Db::Server(_, url) => insert!(sqlx::PgPool::connect(url).await?),
+        }
+        Ok(())
+    }
+}
+
 fn sqlite_options(path: &Path) -> sqlx::sqlite::SqliteConnectOptions {
     sqlx::sqlite::SqliteConnectOptions::new().filename(path)
 }
@@ -1110,7 +1137,23 @@ async fn web_sessions_expire_end_survive_reopening_and_stay_bounded(
     Ok(())
 }
 
+/// A kas rolled back (or an old replica restarting mid-rollout) opens a database a newer kas
+/// migrated further: it starts, with the records, instead of refusing a migration it does not
+/// know (sqlx's `VersionMissing`).
+async fn a_database_migrated_by_a_newer_kas_still_opens(backend: Backend) -> TestResult {
+    let (db, store) = open(backend).await?;
+    let agent = store.register_agent("group/project", "agent").await?;
+    store.close().await;
+    db.record_migration(9999).await?;
+
+    let store = db.reopen().await?;
+    assert_eq!(store.get_agent(agent.id).await?, Some(agent));
+    store.register_agent("group/project", "another").await?;
+    Ok(())
+}
+
 on_both_backends!(
+    a_database_migrated_by_a_newer_kas_still_opens,
     finished_notifications_past_the_retention_are_deleted_in_batches,
     notifications_are_queued_once_claimed_retried_and_finished,
     active_tokens_are_found_in_batches,
