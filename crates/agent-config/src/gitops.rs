@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::check::{
     check_full_path, check_namespace, check_non_empty, is_commit_id, null_as_default, one_of_error,
 };
-use crate::duration::serde_go;
+use crate::duration::{format_duration, serde_go};
 use crate::render::{Helm, Kustomize};
 use crate::{ConfigError, DEFAULT_NAMESPACE};
 
@@ -23,6 +23,11 @@ pub const DEFAULT_GLOB: &str = "**/*.{yaml,yml,json}";
 
 /// Default for both `reconcile_timeout` and `prune_timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The longest `reconcile_timeout` or `prune_timeout` accepted: a week, far beyond any real
+/// wait for objects to become ready or be gone. Larger values are mistakes, and the largest
+/// (up to 2^64 seconds parse) would overflow agentk's clock arithmetic.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The `gitops` section.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -350,6 +355,21 @@ impl Gitops {
     }
 }
 
+/// Refuses a timeout over [`MAX_TIMEOUT`].
+fn check_timeout(path: &str, timeout: Duration) -> Result<(), ConfigError> {
+    if timeout <= MAX_TIMEOUT {
+        return Ok(());
+    }
+    Err(ConfigError::invalid(
+        path,
+        format!(
+            "{} is longer than the maximum of {}h (a week)",
+            format_duration(timeout),
+            MAX_TIMEOUT.as_secs() / 3600
+        ),
+    ))
+}
+
 impl ManifestProject {
     fn validate(&self, base: &str) -> Result<(), ConfigError> {
         self.id.validate(&format!("{base}.id"))?;
@@ -372,6 +392,8 @@ impl ManifestProject {
         if let Some(git_ref) = &self.git_ref {
             git_ref.validate(&format!("{base}.ref"))?;
         }
+        check_timeout(&format!("{base}.reconcile_timeout"), self.reconcile_timeout)?;
+        check_timeout(&format!("{base}.prune_timeout"), self.prune_timeout)?;
         self.validate_rendering(base)
     }
 

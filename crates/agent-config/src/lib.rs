@@ -33,7 +33,8 @@ pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
 pub use gitops::{
     DEFAULT_GLOB, DEFAULT_TIMEOUT, DryRunStrategy, GitRef, Gitops, InventoryPolicy,
-    MAX_PATHS_PER_PROJECT, ManifestProject, PathGlob, ProjectRef, PrunePropagationPolicy,
+    MAX_PATHS_PER_PROJECT, MAX_TIMEOUT, ManifestProject, PathGlob, ProjectRef,
+    PrunePropagationPolicy,
 };
 pub use observability::{LogLevel, Logging, Observability};
 pub use render::{Helm, Kustomize, MAX_RELEASE_NAME, MAX_VALUES_FILES, check_repository_path};

@@ -6,8 +6,9 @@ use std::time::Duration;
 use tether_agent_config::{
     AgentConfig, AsAgent, AsCiJob, AsUser, CiAccessAs, CiAccessEntry, ConfigError, DryRunStrategy,
     ExtraKeyVal, GitRef, Gitops, Impersonate, InventoryPolicy, LogLevel, MAX_CONFIG_SIZE,
-    MAX_PATHS_PER_PROJECT, MAX_USER_ACCESS_ENTRIES, ManifestProject, PathGlob, ProjectRef,
-    PrunePropagationPolicy, UserAccess, UserAccessAs, UserAccessEntry, parse, parse_bytes,
+    MAX_PATHS_PER_PROJECT, MAX_TIMEOUT, MAX_USER_ACCESS_ENTRIES, ManifestProject, PathGlob,
+    ProjectRef, PrunePropagationPolicy, UserAccess, UserAccessAs, UserAccessEntry, parse,
+    parse_bytes,
 };
 
 fn ok(yaml: &str) -> AgentConfig {
@@ -501,6 +502,38 @@ fn durations() {
             "{bad}: {e}"
         );
         assert_eq!(e.line(), Some(4), "{bad}: {e}");
+    }
+}
+
+/// Timeouts past a week are refused with their key and the limit, up to the largest duration
+/// that parses (2^64 - 1 seconds), which agentk's clock arithmetic used to overflow on.
+#[test]
+fn timeouts_over_a_week_are_refused() {
+    let week = only_project(&project(
+        "    reconcile_timeout: 168h
+    prune_timeout: 168h
+",
+    ));
+    assert_eq!(week.reconcile_timeout, MAX_TIMEOUT);
+    assert_eq!(week.prune_timeout, MAX_TIMEOUT);
+
+    for (key, text) in [
+        ("reconcile_timeout", "18446744073709551615s"),
+        ("prune_timeout", "18446744073709551615s"),
+        ("reconcile_timeout", "168h0.001s"),
+        ("prune_timeout", "8 days"),
+    ] {
+        let e = err(&project(&format!("    {key}: {text}\n")));
+        assert_eq!(
+            e.path(),
+            Some(format!("gitops.manifest_projects[0].{key}").as_str()),
+            "{text}: {e}"
+        );
+        assert_eq!(e.line(), Some(4), "{text}: {e}");
+        assert!(
+            e.to_string().contains("longer than the maximum of 168h"),
+            "{text}: {e}"
+        );
     }
 }
 

@@ -186,10 +186,21 @@ fn start_election(
     Ok((gitops::Leadership::elected(rx), Some(task)))
 }
 
+/// The longest duration a flag takes: a year is beyond any sensible interval or deadline, and
+/// keeps agentk's `Instant + flag` (schedules, leader deadlines) from overflowing, which panics.
+const MAX_FLAG_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 /// Durations on the command line read like those in the agent configuration (`30s`, `1m30s`),
-/// with the same parser.
+/// with the same parser, up to [`MAX_FLAG_DURATION`] (clap names the flag in the error).
 fn humantime_duration(s: &str) -> Result<Duration, String> {
-    tether_agent_config::parse_duration(s)
+    let d = tether_agent_config::parse_duration(s)?;
+    if d > MAX_FLAG_DURATION {
+        return Err(format!(
+            "{s} is longer than the maximum of a year ({}s)",
+            MAX_FLAG_DURATION.as_secs()
+        ));
+    }
+    Ok(d)
 }
 
 /// Reads the token; a trailing newline (as `echo` or a Secret volume leaves) is not part of it.
@@ -480,6 +491,31 @@ async fn wait_for_termination() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A duration flag past a year is refused before agentk starts, naming the flag, rather
+    /// than overflowing the clock arithmetic later.
+    #[test]
+    fn duration_flags_over_a_year_are_refused_naming_the_flag() {
+        let parse = |value: &str| {
+            let args = [
+                "agentk",
+                "--kas-address",
+                "grpc://kas:8150",
+                "--token-file",
+                "t",
+            ];
+            Cli::try_parse_from(args.into_iter().chain(["--gitops-resync-interval", value]))
+                .map(|c| c.gitops_resync_interval)
+        };
+        assert_eq!(parse("8760h").ok(), Some(MAX_FLAG_DURATION));
+        let e = parse("8761h")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("--gitops-resync-interval"), "{e}");
+        assert!(e.contains("longer than the maximum of a year"), "{e}");
+        assert!(parse("18446744073709551615s").is_err());
+    }
 
     #[test]
     fn the_lease_identity_is_the_pod_name_then_the_hostname_then_the_pid() {

@@ -41,6 +41,15 @@ const POLL_MAX: Duration = Duration::from_secs(2);
 /// From this many objects of one type in one namespace, one LIST replaces a GET per object.
 const LIST_THRESHOLD: usize = 4;
 
+/// `timeout` from now, or about as far as the clock goes when that overflows: the timeouts come
+/// from the agent's configuration, which a kas older than its one-week limit passes unchecked,
+/// and adding 2^64 seconds to an `Instant` panics.
+fn deadline_in(timeout: Duration) -> tokio::time::Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout).unwrap_or(now + FAR)
+}
+
 /// What to do for one manifest project.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -1210,7 +1219,7 @@ impl Syncer {
                 Err(e) => out.push((obj, Err(e))),
             }
         }
-        let deadline = tokio::time::Instant::now() + s.prune_timeout;
+        let deadline = deadline_in(s.prune_timeout);
         let waits = deleting
             .into_iter()
             .map(|((_, ns), (ar, objs))| async move {
@@ -1344,7 +1353,7 @@ impl Syncer {
         results: &mut HashMap<ObjRef, ObjectOutcome>,
     ) {
         let timeout = s.reconcile_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = deadline_in(timeout);
         let targets = status_targets(applied, disc);
         let mut log = StatusLog {
             results,
@@ -1806,6 +1815,18 @@ mod tests {
                 (o.obj.clone(), o)
             })
             .collect()
+    }
+
+    /// The largest timeout a configuration can hold gives a deadline decades away instead of
+    /// panicking the worker; an ordinary one is exactly that far.
+    #[test]
+    fn a_timeout_past_the_clock_gives_a_far_deadline_instead_of_a_panic() {
+        let before = tokio::time::Instant::now();
+        let far = deadline_in(Duration::from_secs(u64::MAX));
+        assert!(far > before + Duration::from_secs(10 * 365 * 86_400));
+        let hour = deadline_in(Duration::from_secs(3600));
+        assert!(hour >= before + Duration::from_secs(3600));
+        assert!(hour <= tokio::time::Instant::now() + Duration::from_secs(3600));
     }
 
     fn configmaps(names: &[&str]) -> Vec<Manifest> {
