@@ -221,7 +221,8 @@ fn deny(p: &Proxy, code: StatusCode, reason: &str, message: &str) -> Response<Bo
 /// agent's and API server's own answers are counted by [`Proxy::record`].)
 #[derive(Debug, Clone)]
 struct Failure {
-    /// The agent asked for; 0 when not known yet.
+    /// The agent asked for; 0 when not known yet, or asked for by a caller not authenticated
+    /// yet (an id it made up would be a metric series of its own).
     agent_id: i64,
     /// The identity mode decided; `unknown` before authorization.
     access_as: &'static str,
@@ -269,6 +270,15 @@ fn fail(code: StatusCode, subject: Subject, message: &str) -> Response<Body> {
         message: message.to_owned(),
     });
     r
+}
+
+/// 503 for a personal access token kas could not check (the store down). Counted under agent 0,
+/// as unknown: the caller is not authenticated, and counting it under the agent id its header
+/// names would let anyone add a metric series per id while the store is down. The id stays in
+/// the message, which is logged.
+fn tokens_unreadable(agent_id: i64, e: &tether_store::Error) -> Response<Body> {
+    let m = format!("reading personal access tokens (for agent {agent_id}): {e}");
+    fail(StatusCode::SERVICE_UNAVAILABLE, Subject::UNKNOWN, &m)
 }
 
 /// Logs (warn) and counts in the requests metric a failure of kas itself, if `resp` is one.
@@ -531,14 +541,7 @@ impl Proxy {
             .store
             .authenticate_user_token(token)
             .await
-            .map_err(|e| {
-                let m = format!("reading personal access tokens: {e}");
-                fail(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Subject::agent(agent_id),
-                    &m,
-                )
-            })?
+            .map_err(|e| tokens_unreadable(agent_id, &e))?
             .ok_or_else(|| {
                 deny(
                     self,
@@ -1115,4 +1118,37 @@ pub async fn serve(
 #[allow(dead_code)]
 fn _executor() -> TokioExecutor {
     TokioExecutor::new()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// While the store is down, failed personal-access-token checks claiming any number of
+    /// agent ids are counted in one series, agent 0 with `access_as="unknown"`, so an
+    /// unauthenticated flood cannot grow the metric without bound.
+    #[test]
+    fn token_checks_the_store_failed_are_counted_under_agent_0_whatever_id_they_claim() {
+        let metrics = ProxyMetrics::default();
+        let down = tether_store::Error::InUse("the database is down".into());
+        for claimed in 1..=50 {
+            let resp = tokens_unreadable(claimed, &down);
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            failed(&metrics, &resp, None);
+        }
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("k8s_proxy_requests_total{"))
+            .collect();
+        assert_eq!(
+            series,
+            ["k8s_proxy_requests_total{agent_id=\"0\",access_as=\"unknown\",code=\"503\"} 50"],
+            "{text}"
+        );
+    }
 }
