@@ -7,10 +7,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::WEB_PORT;
 use support::browser::Browser;
 use support::gitops::{Rig, deployment, rig_with};
 use support::oidc::Issuer;
+use support::{Kas, KasOptions, WEB_PORT};
 use tether_testenv::{TestEnv, seed_agent_rbac};
 
 /// The person whose RBAC allows only `dude` (a name no other test binds).
@@ -653,4 +653,43 @@ async fn the_web_ui_walkthrough() {
     w.an_oidc_login_finishes_across_a_kas_restart().await;
     w.logging_out_ends_an_open_live_view().await;
     w.rotating_the_admin_token_ends_its_logins().await;
+}
+
+/// Failed logins one address may make before every login route answers it 429.
+const LOGIN_BURST: usize = 5;
+
+/// Every login route is behind the failed-login limit: forged OpenID Connect callbacks from one
+/// address are refused (401) up to the burst, then answered 429 with `Retry-After`, and so is
+/// starting a login from there. The OpenID Connect routes used to be added after the limit's
+/// layer, which axum puts only around the routes added before it: callbacks were never limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_oidc_callbacks_are_rate_limited_after_the_burst() {
+    let issuer = Issuer::start("tether-web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra_yaml = format!(
+        "web:\n  listen:\n    address: 127.0.0.1:{WEB_PORT}\n  oidc:\n    issuer: {}\n    \
+         client_id: tether-web\n    redirect_url: http://127.0.0.1:{WEB_PORT}/login/oidc/callback\n\
+         rate_limits:\n  limited_response_delay: 0s\n  \
+         failed_auth_per_address: {{per_minute: 1, burst: {LOGIN_BURST}}}\n",
+        issuer.url
+    );
+    let opts = KasOptions {
+        extra_yaml,
+        ..KasOptions::default()
+    };
+    let kas = Kas::start(dir.path(), opts).await;
+    let web = format!("http://127.0.0.1:{}", kas.web_port);
+    let forged = format!("{web}/login/oidc/callback?state=forged&code=stolen");
+
+    let mut codes = Vec::new();
+    for _ in 0..LOGIN_BURST + 3 {
+        codes.push(http_get(&forged, None).await.0);
+    }
+    let mut want = vec![401; LOGIN_BURST];
+    want.extend([429; 3]);
+    assert_eq!(codes, want);
+    let (status, headers, _) = http_get(&format!("{web}/login/oidc"), None).await;
+    assert_eq!(status, 429, "starting a login from the same address");
+    let retry: u64 = header(&headers, "retry-after").parse().unwrap();
+    assert!(retry > 0, "{headers:?}");
 }

@@ -18,21 +18,23 @@ use super::{LoggedIn, WebState, error_page, html_response};
 const STATE_COOKIE: &str = "tether_oidc_state";
 
 pub fn routes(state: &WebState) -> Router<WebState> {
-    // Failed admin-token logins count against the client's address like the admin API's
-    // failures (the token is in the form, so there is no credential to key by).
+    // Failed logins (a wrong admin token, a callback the provider refused or this browser did
+    // not start) count against the client's address like the admin API's failures (the token
+    // is in the form, so there is no credential to key by); an address over its limit gets 429
+    // on every login route, the OpenID Connect ones too, whose work reaches the provider.
     let guard = crate::limits::HttpGuard {
         guard: std::sync::Arc::clone(&state.api.guards.admin),
         credential: |_| None,
     };
-    let admin = Router::new()
+    // The layer last: axum wraps only the routes added before it.
+    Router::new()
         .route("/login", get(form).post(admin_login))
+        .route("/login/oidc", get(oidc_start))
+        .route("/login/oidc/callback", get(oidc_callback))
         .layer(axum::middleware::from_fn_with_state(
             guard,
             crate::limits::guard_http,
-        ));
-    admin
-        .route("/login/oidc", get(oidc_start))
-        .route("/login/oidc/callback", get(oidc_callback))
+        ))
 }
 
 fn login_page(st: &WebState, message: Option<&str>, code: StatusCode) -> Response {
@@ -141,10 +143,11 @@ async fn oidc_callback(
         .filter(|l| l.matches(state));
     let Some(login) = login else {
         tracing::warn!("Web UI OIDC callback without this browser's login state");
+        // 401, a failed login the guard counts: forged callbacks are how one would probe it.
         return login_page(
             &st,
             Some("this login was not started in this browser: start again"),
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNAUTHORIZED,
         );
     };
     let code = q.get("code").map(String::as_str).unwrap_or_default();
