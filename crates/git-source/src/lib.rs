@@ -18,7 +18,9 @@
 //! gix (gitoxide) does all Git work but one: mirrors are repacked with the `git` CLI once
 //! fetches have piled up packs, so it must be installed. Local remotes are fetched through
 //! gix's file transport, which runs the `git-upload-pack` program; SSH remotes through gix's SSH
-//! transport, which runs the `ssh` program (OpenSSH).
+//! transport, which runs the `ssh` program (OpenSSH) through `/bin/sh`. Signed commits need
+//! `ssh-keygen` (SSH signatures) or `gpg` and `gpgconf` (OpenPGP). [`Sources`] warns when a
+//! project it is given needs one of them and `PATH` lacks it ([`needed_tools`]).
 
 mod daemon;
 mod error;
@@ -29,6 +31,7 @@ mod mirror;
 mod remote;
 mod sources;
 mod ssh;
+mod tools;
 mod verify;
 pub mod webhook;
 
@@ -39,5 +42,6 @@ pub use metrics::{Delivery, FetchMetrics};
 pub use mirror::{CommitId, FetchOutcome, FileEntry, GitRef, Mirror, RefChange};
 pub use remote::{Credentials, Remote, RemoteError, RemoteKind, SshAuth};
 pub use sources::{ProjectHead, ProjectSpec, Sources};
+pub use tools::{Tool, missing_tools, needed_tools};
 pub use verify::{Refusal, Verified, VerifyPolicy};
 pub use webhook::{PushEvent, WebhookError, WebhookKind, verify_webhook};

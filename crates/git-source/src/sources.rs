@@ -186,6 +186,7 @@ impl Sources {
         if same_remote && same_policy {
             return Ok(());
         }
+        crate::tools::warn_if_missing(&spec);
         if let Some(old) = lock(&entry.task).take() {
             old.cancel();
         }

@@ -3,7 +3,8 @@
 //! namespace mounted at /var/run/secrets/kubernetes.io/serviceaccount, KUBERNETES_SERVICE_HOST
 //! and _PORT, POD_NAME and no kubeconfig — connects to kas, applies, elects itself leader in its
 //! own namespace and keeps working when the kubelet would rotate the token. And kas's image:
-//! read-only root, data on a volume, admin commands inside, a clean stop on SIGTERM.
+//! read-only root, data on a volume, admin commands inside, the programs SSH remotes and signed
+//! commits need, a clean stop on SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -327,6 +328,26 @@ fn kas_in(container: &str, args: &[&str]) -> String {
     String::from_utf8(out).unwrap()
 }
 
+/// What SSH remotes and signed commits need runs in the kas container as its user: the shell
+/// gix runs `ssh` through, `ssh` itself (OpenSSH refuses a uid without a passwd entry),
+/// `ssh-keygen` (SSH signatures) and `gpg`/`gpgconf` (OpenPGP signatures). The image used to
+/// have none of them.
+fn tools_run_in(container: &str) {
+    let probe = "ssh -G git.example.com >/dev/null \
+                 && ssh-keygen -q -t ed25519 -N '' -f /tmp/probe && ssh-keygen -l -f /tmp/probe.pub \
+                 && gpg --version && gpgconf --list-dirs >/dev/null";
+    let out = Command::new("podman")
+        .args(["exec", container, "/bin/sh", "-c", probe])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn run_kas_container(image: &str, name: &str, data: &Path, conf: &Path) {
     run_output(Command::new("podman").args([
         "--runtime",
@@ -403,6 +424,7 @@ async fn the_kas_image_runs_read_only_with_its_data_on_a_volume_and_stops_cleanl
         },
     )
     .await;
+    tools_run_in(&name);
     let t: serde_json::Value = serde_json::from_slice(&registered.stdout).unwrap();
     let agent = Agent::start(
         dir.path(),
