@@ -314,6 +314,9 @@ struct Routed {
     /// Who, for re-authorizing a long request when the configuration changes (`None`: the
     /// web UI's short reads).
     caller: Option<Arc<Caller>>,
+    /// When the credential stops being accepted (a CI job's ID token's `exp`): a request still
+    /// running then ends, as one whose personal access token expired does.
+    valid_until: Option<SystemTime>,
 }
 
 /// An authorized request on its way to the agent.
@@ -331,7 +334,28 @@ struct Forward {
 struct Tracked {
     _user: Option<LiveRequest>,
     _grant: Option<LiveGrant>,
+    /// Stops the expiry timer, if any, when the request ends first.
+    _expiry: Option<tokio_util::sync::DropGuard>,
     end: CancellationToken,
+}
+
+/// Ends the request (`end`) at `until`, unless it ended before (the guard dropped).
+fn end_at(until: SystemTime, end: &CancellationToken) -> tokio_util::sync::DropGuard {
+    let done = CancellationToken::new();
+    let (end, stopped) = (end.clone(), done.clone());
+    let left = until
+        .duration_since(SystemTime::now())
+        .unwrap_or(std::time::Duration::ZERO);
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(left) => {
+                tracing::info!("A request outlived its CI job token; ended");
+                end.cancel();
+            }
+            () = stopped.cancelled() => {}
+        }
+    });
+    done.drop_guard()
 }
 
 /// The owner of a personal access token, and the token.
@@ -395,9 +419,9 @@ impl Proxy {
 
     /// A CI job's ID token, checked against the agent's `ci_access`.
     async fn authorize_ci_job(&self, agent_id: i64, jwt: &str) -> Result<Routed, Response<Body>> {
-        let job = self
+        let (job, valid_until) = self
             .verifier
-            .verify(jwt, SystemTime::now())
+            .verify_until(jwt, SystemTime::now())
             .await
             .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
         let (project_id, project_path) = self
@@ -421,6 +445,7 @@ impl Proxy {
                 config_project: project_path,
                 job,
             })),
+            valid_until: Some(valid_until),
         })
     }
 
@@ -473,6 +498,8 @@ impl Proxy {
             user_token_id: token_id,
             context: user_context(agent_id, project_id, identity.username, &ok),
             caller: None,
+            // Personal access tokens end their requests on expiry through the store check.
+            valid_until: None,
         })
     }
 
@@ -817,6 +844,7 @@ impl Proxy {
         let tracked = Tracked {
             _user: user,
             _grant: grant,
+            _expiry: routed.valid_until.map(|until| end_at(until, &end)),
             end: end.clone(),
         };
         Ok((Arc::new(tracked), end))

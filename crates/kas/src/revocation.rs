@@ -4,7 +4,8 @@
 //! run for hours. Without this, revoking the token stopped new requests only, and its open
 //! watches went on receiving events. Agent tokens have the same in the tunnel registry
 //! (`Registry::revoke_token`). CI job ID tokens cannot be revoked by kas (their issuer owns
-//! them; they expire), so their requests are not tracked here.
+//! them), so their requests are not tracked here: each ends when its token expires (the
+//! proxy's `end_at`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -820,6 +820,40 @@ async fn an_open_watch_ends_when_its_personal_access_token_expires() {
     let _ = other.wait();
 }
 
+/// A CI job's ID token that expires while its watch is open ends the watch at its `exp` plus
+/// kas's 30 s leeway for clock skew: only new requests were checked, and a watch or an exec
+/// outlived the token (kas cannot revoke it; expiry is its only end) for up to the connection's
+/// maximum age. Another job's watch goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_watch_ends_when_its_ci_job_token_expires() {
+    let s = setup().await;
+    let mut short = claims("group/app");
+    // Past its exp, within the leeway: accepted for about 12 s more.
+    short["exp"] = json!(now() - 18);
+    let ci = |jwt: &str| format!("ci:{}:{jwt}", s.agent_id);
+    let (mut expiring, rx_a) = spawn_watch(&s, &ci(&s.key.sign(&short)), &s.allowed);
+    let (mut other, rx_b) = spawn_watch(&s, &ci(&s.key.sign(&claims("group/app"))), &s.allowed);
+    wait_watches_see(&s, "ci-expiring", &[&rx_a, &rx_b]).await;
+    wait_for(
+        "the expired job token's watch to end",
+        Duration::from_secs(30),
+        || {
+            let ended = expiring.try_wait().unwrap().is_some();
+            async move { ended.then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        s.kas.log().contains("A request outlived its CI job token"),
+        "{}",
+        s.kas.log()
+    );
+    wait_watches_see(&s, "after-ci-expiry", &[&rx_b]).await;
+    assert!(other.try_wait().unwrap().is_none());
+    let _ = other.kill();
+    let _ = other.wait();
+}
+
 /// The CA kubeconfigs embed (`kubernetes_api.ca_file`) is followed: renewed on disk, it is in
 /// the next kubeconfig without a restart (kubectl would otherwise refuse kas's renewed
 /// certificate); a file that is not a CA keeps the previous one.

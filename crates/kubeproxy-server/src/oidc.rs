@@ -539,13 +539,24 @@ impl OidcVerifier {
     /// Verifies `token` at time `now` and extracts the job's identity. A token verified within
     /// [`VERIFIED_TOKEN_TTL`] is not verified again, but its lifetime is.
     pub async fn verify(&self, token: &str, now: SystemTime) -> Result<CiIdentity, AuthError> {
+        Ok(self.verify_until(token, now).await?.0)
+    }
+
+    /// As [`OidcVerifier::verify`], with the moment the token stops being accepted (its `exp`
+    /// plus the leeway): a request it started, such as a watch or an exec, must end then too.
+    pub async fn verify_until(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<(CiIdentity, SystemTime), AuthError> {
         use sha2::Digest;
         let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         if let Some(v) = self.verified.get(&key, now) {
             check_times(v.claims_exp, v.claims_nbf, now, self.leeway)?;
-            return Ok(v.identity);
+            return Ok((v.identity, self.valid_until(v.claims_exp)));
         }
         let (identity, claims_exp, claims_nbf) = self.verify_uncached(token, now).await?;
+        let until = self.valid_until(claims_exp);
         self.verified.insert(
             key,
             Verified {
@@ -555,7 +566,15 @@ impl OidcVerifier {
             },
             now,
         );
-        Ok(identity)
+        Ok((identity, until))
+    }
+
+    /// When a token with `exp` stops being accepted.
+    fn valid_until(&self, exp: f64) -> SystemTime {
+        let at = Duration::try_from_secs_f64(exp.max(0.0)).unwrap_or(Duration::MAX);
+        UNIX_EPOCH
+            .checked_add(at.saturating_add(self.leeway))
+            .unwrap_or(UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX)))
     }
 
     /// The full check; returns the identity and the token's `exp` and `nbf`.
