@@ -67,6 +67,12 @@ pub fn default_agent_url(cfg: &Config) -> String {
     format!("{scheme}://{}", l.address)
 }
 
+/// Whether agents elsewhere could dial `listen` as it is: not a wildcard (the address to bind,
+/// not to dial) nor loopback (this machine only).
+pub fn reachable_by_agents(listen: std::net::SocketAddr) -> bool {
+    !(listen.ip().is_unspecified() || listen.ip().is_loopback())
+}
+
 /// Writes a file only its owner may read (it holds a token).
 pub fn write_secret_file(path: &std::path::Path, content: &[u8]) -> Result<()> {
     use std::io::Write as _;
@@ -82,4 +88,18 @@ pub fn write_secret_file(path: &std::path::Path, content: &[u8]) -> Result<()> {
     f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .and_then(|()| f.write_all(content))
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_and_loopback_listen_addresses_are_not_for_agents_to_dial() {
+        let reachable = |a: &str| reachable_by_agents(a.parse().expect("address"));
+        assert!(!reachable("0.0.0.0:8150"));
+        assert!(!reachable("[::]:8150"));
+        assert!(!reachable("127.0.0.1:8150"));
+        assert!(reachable("10.1.2.3:8150"));
+    }
 }
