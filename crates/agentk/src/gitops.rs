@@ -717,7 +717,8 @@ impl Worker {
             Err(e) => {
                 // A panic in the sync: say so, and retry like any failure.
                 tracing::error!(error = %e, "The synchronization task failed");
-                sync.schedule.crashed(Instant::now(), &self.timing);
+                sync.schedule
+                    .crashed(Instant::now(), &self.timing, rand::random::<f64>());
                 return;
             }
         };
@@ -736,9 +737,11 @@ impl Worker {
         );
         let mut report = report_of(&outcome, &self.settings);
         // Scheduled by how the sync itself went: drift correction goes on while refused.
-        report.resync_id =
-            sync.schedule
-                .finished(outcome.succeeded(), Instant::now(), &self.timing);
+        report.resync_id = sync.schedule.finished(
+            outcome.succeeded(),
+            Instant::now(),
+            (&self.timing, rand::random::<f64>()),
+        );
         let current = sync.schedule.current();
         if let Some(c) = current.filter(|c| c.id == outcome.commit_id) {
             report.warnings.clone_from(&c.warnings);

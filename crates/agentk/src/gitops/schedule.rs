@@ -126,24 +126,30 @@ impl<C: Clone> Schedule<C> {
     }
 
     /// The running sync finished: drift correction after a success, a retry with backoff after
-    /// a failure. The re-sync id its report answers.
-    pub(super) fn finished(&mut self, succeeded: bool, now: Instant, timing: &Timing) -> u64 {
+    /// a failure, spread by `r` (uniform in [0, 1)) so agents failing together do not retry
+    /// in lockstep. The re-sync id its report answers.
+    pub(super) fn finished(
+        &mut self,
+        succeeded: bool,
+        now: Instant,
+        (timing, r): (&Timing, f64),
+    ) -> u64 {
         self.resync_answered = self.resync_answered.max(self.resync_running);
         let delay = if succeeded {
             self.failures = 0;
             timing.resync_interval
         } else {
             self.failures = self.failures.saturating_add(1);
-            timing.retry.delay(self.failures, 0.5)
+            timing.retry.delay(self.failures, r)
         };
         self.next_run = Some(now + delay);
         self.resync_running
     }
 
-    /// The running sync panicked: retried like a failure, answering nothing.
-    pub(super) fn crashed(&mut self, now: Instant, timing: &Timing) {
+    /// The running sync panicked: retried like a failure (spread by `r`), answering nothing.
+    pub(super) fn crashed(&mut self, now: Instant, timing: &Timing, r: f64) {
         self.failures = self.failures.saturating_add(1);
-        self.next_run = Some(now + timing.retry.delay(self.failures, 0.5));
+        self.next_run = Some(now + timing.retry.delay(self.failures, r));
     }
 
     /// When the worker must wake to synchronize; `None` while suspended (nothing runs, so the
@@ -185,7 +191,7 @@ mod tests {
         s.commit("c1", t1);
         assert_eq!(s.wake_at(), Some(t1));
         assert_eq!(s.take_due(t1, false), Some(("c1", 3)));
-        assert_eq!(s.finished(true, t1, &Timing::default()), 3);
+        assert_eq!(s.finished(true, t1, (&Timing::default(), 0.5)), 3);
     }
 
     #[test]
@@ -208,7 +214,7 @@ mod tests {
         let mut s = Schedule::new();
         s.commit("c1", t0);
         assert_eq!(s.take_due(t0, false), Some(("c1", 0)));
-        assert_eq!(s.finished(true, t0, &timing), 0);
+        assert_eq!(s.finished(true, t0, (&timing, 0.5)), 0);
         assert_eq!(s.wake_at(), Some(t0 + timing.resync_interval));
 
         let t1 = later(t0, 10);
@@ -216,8 +222,26 @@ mod tests {
         assert_eq!(s.wake_at(), Some(t1));
         assert_eq!(s.take_due(t1, true), None, "one sync at a time");
         assert_eq!(s.take_due(t1, false), Some(("c1", 5)));
-        assert_eq!(s.finished(false, t1, &timing), 5);
+        assert_eq!(s.finished(false, t1, (&timing, 0.5)), 5);
         assert_eq!(s.resync(5, t1), ResyncStep::Seen, "answered");
+    }
+
+    #[test]
+    fn a_failed_sync_is_retried_after_a_delay_spread_by_r() {
+        let t0 = Instant::now();
+        let timing = Timing::default();
+        let retry_at = |r: f64| {
+            let mut s = Schedule::new();
+            s.commit("c1", t0);
+            s.take_due(t0, false);
+            s.finished(false, t0, (&timing, r));
+            s.wake_at()
+        };
+        assert!(
+            retry_at(0.0) < retry_at(0.99),
+            "agents failing together spread out"
+        );
+        assert_eq!(retry_at(0.5), Some(t0 + timing.retry.delay(1, 0.5)));
     }
 
     #[test]

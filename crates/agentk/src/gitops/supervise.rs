@@ -33,7 +33,7 @@ where
         match ended {
             Err(e) if e.is_panic() && !stop.is_cancelled() => {
                 panics = panics.saturating_add(1);
-                let delay = backoff.delay(panics, 0.5);
+                let delay = backoff.delay(panics, rand::random::<f64>());
                 tracing::error!(error = %e, panics, restart_in_ms = delay.as_millis() as u64, "The synchronization worker crashed; starting it again");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
