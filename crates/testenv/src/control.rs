@@ -288,6 +288,19 @@ mod tests {
         Path::new(&format!("/proc/{pid}")).exists()
     }
 
+    /// Waits (up to 10 s) until `log` has `n` lines.
+    fn wait_for_lines(log: &Path, n: usize) {
+        let poll_deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(log).expect("log").lines().count() < n {
+            assert!(
+                std::time::Instant::now() < poll_deadline,
+                "log: {:?}",
+                std::fs::read_to_string(log)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn a_stopped_member_is_not_an_exit_and_starts_again_with_its_flags() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -330,6 +343,8 @@ mod tests {
             Request::Start("sleeper".into()),
         )
         .expect("start");
+        // Restarted before its shell wrote, the second run would leave no line: wait for it.
+        wait_for_lines(&log, 2);
         let restarted = ask(
             dir.path(),
             &server,
@@ -344,15 +359,7 @@ mod tests {
         assert!(restarted.ends_with(&format!("pid {pid}")), "{restarted}");
         assert!(alive(pid));
         // Started three times with the same flags, into one log that keeps every run's output.
-        let poll_deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::fs::read_to_string(&log).expect("log").lines().count() < 3 {
-            assert!(
-                std::time::Instant::now() < poll_deadline,
-                "log: {:?}",
-                std::fs::read_to_string(&log)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_lines(&log, 3);
         assert_eq!(
             std::fs::read_to_string(&log).expect("log"),
             "run\nrun\nrun\n"
