@@ -314,6 +314,8 @@ mod tests {
                 &log,
             )
             .expect("spawn");
+        // Each run writes one line; one stopped before its shell wrote would leave none.
+        wait_for_lines(&log, 1);
         let server = Server::bind(dir.path()).expect("bind");
 
         let stopped = ask(
@@ -343,7 +345,6 @@ mod tests {
             Request::Start("sleeper".into()),
         )
         .expect("start");
-        // Restarted before its shell wrote, the second run would leave no line: wait for it.
         wait_for_lines(&log, 2);
         let restarted = ask(
             dir.path(),
