@@ -70,6 +70,10 @@ struct Cli {
     /// Idle streams above the minimum close after this long.
     #[arg(long, default_value = "1m", value_parser = humantime_duration)]
     tunnel_idle_timeout: Duration,
+    /// On SIGTERM, how long requests being served through the tunnel get to finish. agentk's
+    /// stop takes up to this plus 4 s: keep it well inside the Pod's termination grace period.
+    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    tunnel_drain_timeout: Duration,
     /// Re-apply each manifest project's last commit this often, to correct drift.
     #[arg(long, default_value = "5m", value_parser = humantime_duration)]
     gitops_resync_interval: Duration,
@@ -229,7 +233,8 @@ async fn kube_config(kubeconfig: Option<&Path>) -> Result<kube::Config> {
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Everything agentk does after SIGTERM must fit well inside Kubernetes' default 30 s grace
-/// period; modules get this long to stop before agentk exits regardless.
+/// period; modules get this long to stop, plus the tunnel's drain timeout (requests in flight
+/// finishing), before agentk exits regardless.
 const STOP_DEADLINE: Duration = Duration::from_secs(4);
 
 fn main() -> std::process::ExitCode {
@@ -356,7 +361,9 @@ async fn run(cli: Cli) -> Result<()> {
 
     wait_for_termination().await?;
     tracing::info!("agentk is stopping");
-    modules.stop(STOP_DEADLINE).await;
+    modules
+        .stop(STOP_DEADLINE.saturating_add(cli.tunnel_drain_timeout))
+        .await;
     tracing::info!("agentk stopped");
     Ok(())
 }
@@ -382,6 +389,7 @@ fn tunnel_pool(
         max_streams: cli.tunnel_max_streams,
         scale_up_step: cli.tunnel_scale_up_step,
         idle_timeout: cli.tunnel_idle_timeout,
+        drain_timeout: cli.tunnel_drain_timeout,
         ..PoolConfig::default()
     };
     Ok(Arc::new(Pool::new(cfg, channel, meta, handlers)))

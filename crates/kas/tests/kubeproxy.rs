@@ -854,6 +854,56 @@ async fn an_open_watch_ends_when_its_ci_job_token_expires() {
     let _ = other.wait();
 }
 
+/// A request in flight when agentk gets SIGTERM (an agentk rollout) is served to its end
+/// before agentk exits: a watch opened before the signal still delivers a change made after it
+/// and ends cleanly at its own timeout. agentk cut such requests at once, and CI jobs got 502s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_when_agentk_stops_is_served_to_its_end() {
+    use http_body_util::BodyExt;
+    let mut s = setup().await;
+    let jwt = s.key.sign(&claims("group/app"));
+    let mut sender = s.connect().await;
+    let req = http::Request::get(format!(
+        "/api/v1/namespaces/{}/configmaps?watch=1&timeoutSeconds=8",
+        s.allowed
+    ))
+    .header("host", "localhost")
+    .header("authorization", format!("Bearer ci:{}:{jwt}", s.agent_id))
+    .body(http_body_util::Empty::new())
+    .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    s._agent.sigterm();
+    wait_for("agentk to drain", Duration::from_secs(10), || {
+        let draining = s
+            ._agent
+            .log()
+            .contains("Stopping: waiting for tunnelled requests to finish");
+        async move { draining.then_some(()) }
+    })
+    .await;
+    s.env
+        .apply_yaml(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: during-drain\n  namespace: {}\n",
+            s.allowed
+        ))
+        .unwrap();
+    let body = resp.into_body().collect().await;
+    let body =
+        String::from_utf8(body.expect("the watch ends cleanly").to_bytes().to_vec()).unwrap();
+    assert!(body.contains("during-drain"), "{body}");
+    wait_for("agentk to exit", Duration::from_secs(20), || {
+        let exited = s._agent.exited();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    assert!(
+        !s._agent
+            .log()
+            .contains("still running at the drain deadline")
+    );
+}
+
 /// The CA kubeconfigs embed (`kubernetes_api.ca_file`) is followed: renewed on disk, it is in
 /// the next kubeconfig without a restart (kubectl would otherwise refuse kas's renewed
 /// certificate); a file that is not a CA keeps the previous one.

@@ -38,6 +38,9 @@ pub struct PoolConfig {
     pub scale_up_step: usize,
     /// Idle streams above `min_idle` are closed after this long.
     pub idle_timeout: Duration,
+    /// On stop, how long requests being served get to finish (a CI job's `kubectl apply`
+    /// during an agentk rollout) before they are cut.
+    pub drain_timeout: Duration,
     pub backoff: Backoff,
 }
 
@@ -48,6 +51,7 @@ impl Default for PoolConfig {
             max_streams: 500,
             scale_up_step: 10,
             idle_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
             // A first retry after 0.5 s brings agents back within about a second of a kas
             // restart (a rollout); growth by 1.6 up to 20 s still spares a kas that stays down.
             backoff: Backoff {
@@ -278,8 +282,50 @@ impl Pool {
         *self.shared.counts()
     }
 
-    /// Keeps the pool at its target size until `shutdown` fires.
+    /// Keeps the pool at its target size until `shutdown` fires, then drains it: idle streams
+    /// close at once (kas routes new requests to other replicas), and requests being served get
+    /// up to `drain_timeout` to finish. Cutting them instead gave CI jobs a 502 for every
+    /// request in flight during an agentk rollout.
     pub async fn run(&self, shutdown: CancellationToken) {
+        self.keep_open(&shutdown).await;
+        self.let_requests_finish(self.shared.cfg.drain_timeout)
+            .await;
+    }
+
+    /// Waits until no stream is busy, or `timeout`; what still runs then (a watch, an exec
+    /// session) is cut when agentk exits.
+    async fn let_requests_finish(&self, timeout: Duration) {
+        let busy = self.stats().busy;
+        if busy == 0 {
+            return;
+        }
+        tracing::info!(
+            requests = busy,
+            timeout = ?timeout,
+            "Stopping: waiting for tunnelled requests to finish"
+        );
+        let shared = &self.shared;
+        let idle = async {
+            loop {
+                let woken = shared.wake.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                if shared.counts().busy == 0 {
+                    return;
+                }
+                woken.await;
+            }
+        };
+        if tokio::time::timeout(timeout, idle).await.is_err() {
+            tracing::warn!(
+                requests = self.stats().busy,
+                timeout = ?timeout,
+                "Tunnelled requests still running at the drain deadline are cut (long-lived watches, exec or port-forward sessions)"
+            );
+        }
+    }
+
+    async fn keep_open(&self, shutdown: &CancellationToken) {
         let shared = &self.shared;
         let mut at_cap = false;
         loop {
@@ -388,7 +434,18 @@ async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationTo
             c.busy += 1;
         });
         shared.metrics.served.inc();
+        let service = request.service.clone();
         let reuse = serve(&shared, request, frames, tx).await;
+        if shutdown.is_cancelled() {
+            // Stopping: the stream closes rather than waits for the next request, and stays
+            // counted busy until kas has it all (a reset would discard the response's tail).
+            if let Some((inbound, tx)) = reuse {
+                drop(tx);
+                drain(inbound, &service).await;
+            }
+            shared.update(|c| c.busy -= 1);
+            return;
+        }
         shared.update(|c| {
             c.busy -= 1;
             c.idle += usize::from(reuse.is_some());

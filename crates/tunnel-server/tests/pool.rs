@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Agent, Server, Tokens, eventually, failed_with, pool_config};
+use common::{Agent, Server, Tokens, echo_through, eventually, failed_with, pool_config};
 use tether_protocol::tunnel::reverse_tunnel_server::{ReverseTunnel, ReverseTunnelServer};
 use tether_tunnel_agent::{ConnState, PoolConfig};
 use tonic::Code;
@@ -144,6 +144,51 @@ async fn streams_ended_right_after_opening_are_retried_with_backoff() {
     assert!(!stats.connected, "{stats:?}");
     agent.stop().await;
     server.abort();
+}
+
+/// Stopping the pool (agentk's SIGTERM) closes its idle streams at once, so kas routes new
+/// requests elsewhere, and lets a request being served finish before `run` returns.
+#[tokio::test]
+async fn a_stopping_pool_closes_idle_streams_and_lets_busy_ones_finish() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let agent = Agent::start(server.addr, pool_config(2));
+    eventually("two idle streams", || agent.pool.stats().idle == 2).await;
+    let conn = server.echo().await;
+    eventually("one busy stream", || agent.pool.stats().busy == 1).await;
+    let pool = Arc::clone(&agent.pool);
+    let stopping = tokio::spawn(agent.stop());
+    eventually("the idle streams to close on both sides", || {
+        pool.stats().idle == 0
+            && pool.stats().opening == 0
+            && server.registry.stats().idle_streams == 0
+    })
+    .await;
+    assert!(!stopping.is_finished(), "run waits for the busy stream");
+    assert_eq!(echo_through(conn, b"in flight").await, b"in flight");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("run ends once the request is served")
+        .unwrap();
+    assert_eq!(pool.stats().busy, 0);
+}
+
+/// A request that outlasts the drain timeout (a watch) does not hold the stop: `run` returns at
+/// the deadline.
+#[tokio::test]
+async fn a_stopping_pool_does_not_wait_past_its_drain_timeout() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let cfg = PoolConfig {
+        drain_timeout: Duration::from_millis(300),
+        ..pool_config(1)
+    };
+    let agent = Agent::start(server.addr, cfg);
+    let _conn = server.echo().await;
+    eventually("one busy stream", || agent.pool.stats().busy == 1).await;
+    let pool = Arc::clone(&agent.pool);
+    tokio::time::timeout(Duration::from_secs(10), agent.stop())
+        .await
+        .expect("run ends at the drain timeout");
+    assert_eq!(pool.stats().busy, 1, "the request was still being served");
 }
 
 struct EndsEveryStream {

@@ -535,12 +535,31 @@ impl Agent {
     }
 
     pub fn stop(&mut self) {
+        self.sigterm();
         if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM (Kubernetes stopping the Pod) without waiting for agentk to exit.
+    pub fn sigterm(&self) {
+        if let Some(c) = &self.child {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
                 .status();
-            let _ = c.wait();
         }
+    }
+
+    /// Whether agentk has exited (its status is then collected).
+    pub fn exited(&mut self) -> bool {
+        let done = self
+            .child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+        if done {
+            self.child = None;
+        }
+        done
     }
 
     /// GET on the agent's observability endpoint; returns the status code.
