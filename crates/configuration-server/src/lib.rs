@@ -48,7 +48,19 @@ pub struct ConfigStates(
     tokio::sync::Notify,
     /// Configurations refused since kas started (one per refused commit and agent stream).
     prometheus_client::metrics::counter::Counter,
+    /// The configuration in force before the last one kas sent (see [`Previous`]).
+    Mutex<HashMap<i64, Previous>>,
 );
+
+/// The configuration in force before kas sent the one it now records as in force. kas records
+/// a configuration when it sends it, so without this an agent refusing it (an older agentk not
+/// knowing a new field) left kas — and a freshly started agent — with no configuration at all.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Previous {
+    commit: String,
+    file: String,
+    config: Arc<tether_agent_config::AgentConfig>,
+}
 
 impl ConfigStates {
     /// Registers `configuration_refusals_total` (no per-agent label: `kas agent status` names
@@ -117,6 +129,52 @@ impl ConfigStates {
             .remove(&agent_id);
     }
 
+    fn previous(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Previous>> {
+        self.4
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Before `commit` is recorded as in force: keeps what was in force until then, unless it
+    /// is `commit` itself (sent again to a new stream) or nothing.
+    fn keep_previous(&self, agent_id: i64, commit: &str) {
+        let Some(state) = self.get(agent_id) else {
+            return;
+        };
+        if state.commit.is_empty() || state.commit == commit {
+            return;
+        }
+        if let Some(config) = self.config(agent_id) {
+            let previous = Previous {
+                commit: state.commit,
+                file: state.file,
+                config,
+            };
+            self.previous().insert(agent_id, previous);
+        }
+    }
+
+    /// The agent refused `refused`, which kas had recorded as in force, and runs nothing else:
+    /// puts the configuration in force before it back, if kas knows one. Whether it did.
+    fn restore_previous(&self, agent_id: i64, refused: &str) -> bool {
+        let Some(previous) = self.previous().remove(&agent_id) else {
+            return false;
+        };
+        if previous.commit == refused {
+            return false;
+        }
+        self.1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(agent_id, previous.config);
+        self.2.notify_waiters();
+        self.update(agent_id, |s| {
+            s.commit = previous.commit;
+            s.file = previous.file;
+        });
+        true
+    }
+
     /// Forgets a deleted agent: its state and its configuration in force. Kept, they outlived
     /// the agent, and a new agent given its id (as SQLite did before its migration 0012) was
     /// authorized by the deleted agent's `ci_access`/`user_access` until its own configuration
@@ -127,6 +185,7 @@ impl ConfigStates {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&agent_id);
         self.clear_config(agent_id);
+        self.previous().remove(&agent_id);
     }
 
     pub fn get(&self, agent_id: i64) -> Option<ConfigState> {
@@ -161,6 +220,9 @@ impl ConfigStates {
                 Ok(p) => {
                     if let Some(config) = p.config {
                         self.set_config(agent.id, config);
+                    }
+                    if let Some(previous) = p.previous {
+                        self.previous().insert(agent.id, previous);
                     }
                     self.0
                         .lock()
@@ -210,6 +272,7 @@ impl ConfigStates {
         let persisted = Persisted {
             state: self.get(agent_id).unwrap_or_default(),
             config: self.config(agent_id).map(|c| (*c).clone()),
+            previous: self.previous().get(&agent_id).cloned(),
         };
         let stored = match serde_json::to_vec(&persisted) {
             Ok(bytes) => store
@@ -229,6 +292,9 @@ impl ConfigStates {
 struct Persisted {
     state: ConfigState,
     config: Option<tether_agent_config::AgentConfig>,
+    /// Absent in records written before it existed.
+    #[serde(default)]
+    previous: Option<Previous>,
 }
 
 /// The outcome of reading an agent's file at a commit.
@@ -488,8 +554,9 @@ impl StreamState {
 
     /// The agent refused the configuration at `refused` (its own checks failed: an older agent
     /// not knowing a field, say). kas recorded that commit as in force when it sent it; now
-    /// the agent's own commit (adopted from its request, or none) is in force again, the
-    /// refusal shows in `kas agent status`, and that commit is not sent again.
+    /// the agent's own commit (adopted from its request) is in force again — or, for an agent
+    /// running nothing, the one in force before `refused`, which is sent to it — the refusal
+    /// shows in `kas agent status`, and that commit is not sent again.
     async fn agent_refused(&mut self, refused: &str, why: &str) {
         let Ok(commit) = CommitId::from_hex(refused) else {
             tracing::debug!(
@@ -505,12 +572,16 @@ impl StreamState {
         let new = states
             .get(id)
             .is_none_or(|s| s.error_commit.as_deref() != Some(hex.as_str()));
-        if self.last.is_empty() {
+        // An agent running nothing (it started since) gets the configuration in force before
+        // the refused one, if kas knows it; else none is in force.
+        let restored = self.last.is_empty() && states.restore_previous(id, &hex);
+        let emptied = self.last.is_empty() && !restored;
+        if emptied {
             states.clear_config(id);
         }
         let error = format!("refused by the agent: {why}");
         states.update(id, |s| {
-            if self.last.is_empty() {
+            if emptied {
                 s.commit.clear();
                 s.file.clear();
             }
@@ -525,8 +596,13 @@ impl StreamState {
                 .configuration_refused(id, &hex, &error)
                 .await;
             states.persist(self.svc.store.as_ref(), id).await;
+        } else if restored {
+            states.persist(self.svc.store.as_ref(), id).await;
         }
         self.last = hex;
+        if restored {
+            self.queued = self.fallback();
+        }
     }
 
     async fn response(&mut self, commit: &CommitId) -> ConfigurationResponse {
@@ -542,6 +618,7 @@ impl StreamState {
         match self.load(commit).await {
             Ok(Loaded::Valid { file, config }) => match serde_json::to_string(&config) {
                 Ok(json) => {
+                    states.keep_previous(id.agent_id, &hex);
                     states.set_config(id.agent_id, config);
                     resp.file_path = file.clone();
                     resp.config_json = json;

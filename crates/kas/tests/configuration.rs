@@ -710,6 +710,53 @@ async fn a_new_agent_gets_the_configuration_in_force_while_the_newest_is_refused
     assert_eq!(state.error_commit.as_deref(), Some(c2.as_str()));
 }
 
+/// A freshly started agent that refuses the newest configuration (an older agentk, after a node
+/// drain) gets the one in force before it, even across a kas restart: kas records a
+/// configuration as in force when it sends it, and used to be left — and leave the agent —
+/// with none at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_agent_refusing_the_newest_configuration_gets_the_previous_one() {
+    let mut r = stream_rig("older", "info").await;
+    let c1 = r.c1.clone();
+    let mut first = config_stream(&r.kas, &r.token, ("", "", "")).await;
+    assert_eq!(first.message().await.unwrap().unwrap().commit_id, c1);
+    let c2 = r
+        .repo
+        .commit(&[(&r.path, Some(&config("debug")))], "second");
+    assert_eq!(first.message().await.unwrap().unwrap().commit_id, c2);
+    drop(first);
+    let why = "unknown field `new_feature`";
+    drop(config_stream(&r.kas, &r.token, (&c1, &c2, why)).await);
+
+    // The agent restarts with nothing in force: kas sends the newest commit again.
+    let mut fresh = config_stream(&r.kas, &r.token, ("", "", "")).await;
+    assert_eq!(fresh.message().await.unwrap().unwrap().commit_id, c2);
+    drop(fresh);
+    assert_eq!(r.kas.agent(r.agent_id).await.config.unwrap().commit, c2);
+    r.kas.restart().await;
+
+    let mut refused = config_stream(&r.kas, &r.token, ("", &c2, why)).await;
+    let in_force = tokio::time::timeout(Duration::from_secs(10), refused.message())
+        .await
+        .expect("kas sends the configuration in force before c2")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (in_force.commit_id.as_str(), in_force.error.as_str()),
+        (c1.as_str(), "")
+    );
+    assert!(
+        in_force.config_json.contains("group/manifests"),
+        "{in_force:?}"
+    );
+    let state = r.kas.agent(r.agent_id).await.config.unwrap();
+    assert_eq!(state.commit, c1);
+    assert_eq!(state.error_commit.as_deref(), Some(c2.as_str()));
+    // The agent now runs c1; the next commit is sent as usual.
+    let c3 = r.repo.commit(&[(&r.path, Some(&config("warn")))], "third");
+    assert_eq!(refused.message().await.unwrap().unwrap().commit_id, c3);
+}
+
 /// An agent token alone cannot put a commit in force that kas did not send and the default
 /// branch does not reach (a side branch granting `ci_access`, say), by claiming to run it and
 /// to refuse the head.
