@@ -70,7 +70,7 @@ pub async fn run(
         last_error: None,
         refused: None,
     };
-    tether_configuration_agent::run(channel, &meta.token, &mut events, shutdown).await;
+    tether_configuration_agent::run(channel, &meta, &mut events, shutdown).await;
 }
 
 /// agentk's side of the stream: validates and applies each configuration, and logs each new

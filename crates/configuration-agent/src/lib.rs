@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tether_protocol::agent_configuration::agent_configuration_client::AgentConfigurationClient;
 use tether_protocol::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
-use tether_protocol::metadata;
 use tether_tunnel_agent::Backoff;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -48,12 +47,12 @@ pub trait StreamEvents {
     fn closed(&mut self) {}
 }
 
-/// Keeps the configuration stream of the agent with `token` open over `channel` until
-/// `shutdown`. A message resets the backoff; a stream that ends cleanly is reopened at once.
-/// Each (re)open presents the token as it is now (a rotated token file is picked up).
+/// Keeps the configuration stream of the agent `meta` open over `channel` until `shutdown`. A
+/// message resets the backoff; a stream that ends cleanly is reopened at once. Each (re)open
+/// presents the token as it is now (a rotated token file is picked up).
 pub async fn run(
     channel: Channel,
-    token: &tether_tunnel_agent::AgentToken,
+    meta: &tether_tunnel_agent::AgentMeta,
     events: &mut impl StreamEvents,
     shutdown: CancellationToken,
 ) {
@@ -68,7 +67,7 @@ pub async fn run(
                 () = shutdown.cancelled() => return,
             }
         }
-        let req = request(&token.current(), events.commit_in_force(), events.refusal());
+        let req = request(meta, events.commit_in_force(), events.refusal());
         let opened = tokio::select! {
             r = client.get_configuration(req) => r,
             () = shutdown.cancelled() => return,
@@ -114,24 +113,19 @@ pub async fn run(
     }
 }
 
-/// The request that opens the stream: the commit in force, a refused one, and the token.
+/// The request that opens the stream: the commit in force, a refused one, the token and the
+/// pod (kas tells the agent's replicas apart by it).
 fn request(
-    token: &str,
+    meta: &tether_tunnel_agent::AgentMeta,
     commit_id: String,
     refused: Option<(String, String)>,
 ) -> tonic::Request<ConfigurationRequest> {
     let (refused_commit_id, refusal) = refused.unwrap_or_default();
-    let mut req = tonic::Request::new(ConfigurationRequest {
+    meta.request(ConfigurationRequest {
         commit_id,
         refused_commit_id,
         refusal,
-    });
-    // A token metadata cannot carry goes without: kas then answers UNAUTHENTICATED, which
-    // the caller reports (agentk trims the token file, so this means a corrupt file).
-    if let Ok(v) = metadata::bearer(token) {
-        req.metadata_mut().insert(metadata::AUTHORIZATION, v);
-    }
-    req
+    })
 }
 
 fn rand_unit() -> f64 {
@@ -175,7 +169,7 @@ mod tests {
         ) -> Result<tonic::Response<Responses>, Status> {
             let token = req
                 .metadata()
-                .get(metadata::AUTHORIZATION)
+                .get(tether_protocol::metadata::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
@@ -257,8 +251,11 @@ mod tests {
                 refuse,
                 ..Recorder::default()
             };
-            let token = tether_tunnel_agent::AgentToken::fixed("secret");
-            run(channel, &token, &mut events, stop).await;
+            let meta = tether_tunnel_agent::AgentMeta {
+                token: tether_tunnel_agent::AgentToken::fixed("secret"),
+                ..Default::default()
+            };
+            run(channel, &meta, &mut events, stop).await;
             events
         });
         let first = openings.recv().await.expect("first opening");

@@ -41,16 +41,23 @@ pub struct ConfigState {
 /// Per-agent configuration states, and the configuration in force (for authorizing requests
 /// of CI jobs and users against `ci_access` / `user_access`).
 #[derive(Debug, Default)]
-pub struct ConfigStates(
-    Mutex<HashMap<i64, ConfigState>>,
-    Mutex<HashMap<i64, Arc<tether_agent_config::AgentConfig>>>,
+pub struct ConfigStates {
+    states: Mutex<HashMap<i64, ConfigState>>,
+    in_force: Mutex<HashMap<i64, Arc<tether_agent_config::AgentConfig>>>,
     /// Woken whenever a configuration is recorded (see [`ConfigStates::wait_config`]).
-    tokio::sync::Notify,
+    recorded: tokio::sync::Notify,
     /// Configurations refused since kas started (one per refused commit and agent stream).
-    prometheus_client::metrics::counter::Counter,
+    refusals: prometheus_client::metrics::counter::Counter,
     /// The configuration in force before the last one kas sent (see [`Previous`]).
-    Mutex<HashMap<i64, Previous>>,
-);
+    previous: Mutex<HashMap<i64, Previous>>,
+    /// What each replica of an agent (by pod) runs, as far as its configuration stream on
+    /// this kas tells: the stream's number and the commit.
+    running: Mutex<HashMap<i64, Replicas>>,
+}
+
+/// An agent's replicas (by pod) with the number of their configuration stream and the commit
+/// it runs.
+type Replicas = HashMap<String, (u64, String)>;
 
 /// The configuration in force before kas sent the one it now records as in force. kas records
 /// a configuration when it sends it, so without this an agent refusing it (an older agentk not
@@ -69,7 +76,7 @@ impl ConfigStates {
         reg.register(
             "configuration_refusals",
             "Agent configurations refused (invalid or over the size limit); the last good one stays",
-            self.3.clone(),
+            self.refusals.clone(),
         );
     }
 
@@ -86,7 +93,7 @@ impl ConfigStates {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             // Registered before the check, so a configuration recorded in between wakes us.
-            let notified = self.2.notified();
+            let notified = self.recorded.notified();
             if let Some(config) = self.config(agent_id) {
                 return Some(config);
             }
@@ -98,7 +105,7 @@ impl ConfigStates {
 
     /// The configuration in force for an agent, if one was sent.
     pub fn config(&self, agent_id: i64) -> Option<Arc<tether_agent_config::AgentConfig>> {
-        self.1
+        self.in_force
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&agent_id)
@@ -108,31 +115,71 @@ impl ConfigStates {
     /// Resolves when a configuration is next recorded, for any agent (a notification sent
     /// while the caller is not waiting is missed: callers also re-check periodically).
     pub async fn changed(&self) {
-        self.2.notified().await;
+        self.recorded.notified().await;
     }
 
     fn set_config(&self, agent_id: i64, config: tether_agent_config::AgentConfig) {
-        self.1
+        self.in_force
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(agent_id, Arc::new(config));
-        self.2.notify_waiters();
+        self.recorded.notify_waiters();
     }
 
     /// The agent has no configuration in force (it refused the only one sent): requests
     /// needing one wait for it, then fail, rather than being authorized by a configuration
     /// the agent does not run.
     fn clear_config(&self, agent_id: i64) {
-        self.1
+        self.in_force
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&agent_id);
     }
 
-    fn previous(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Previous>> {
-        self.4
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Previous>> {
+        self.previous
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Replicas>> {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records that `replica` of the agent runs `commit`, as its stream `stream` tells.
+    fn set_running(&self, agent_id: i64, replica: &str, stream: u64, commit: &str) {
+        self.running()
+            .entry(agent_id)
+            .or_default()
+            .insert(replica.to_owned(), (stream, commit.to_owned()));
+    }
+
+    /// The stream ended. A replica's stream is replaced by the one it reopens, which kas may
+    /// see before it sees the old one end: only the replica's latest stream counts.
+    fn stream_ended(&self, agent_id: i64, replica: &str, stream: u64) {
+        let mut running = self.running();
+        if let Some(replicas) = running.get_mut(&agent_id) {
+            if replicas.get(replica).is_some_and(|(s, _)| *s == stream) {
+                replicas.remove(replica);
+            }
+            if replicas.is_empty() {
+                running.remove(&agent_id);
+            }
+        }
+    }
+
+    /// Whether another replica of the agent runs `commit` (a newer agentk, mid-rollout): then
+    /// a replica's refusal of it, or its reconnecting with an older commit, does not take it
+    /// out of force. Replicas are told apart by pod; an agent reopening its own stream (with
+    /// the refusal) is the same replica, whichever stream kas sees end first.
+    fn runs_elsewhere(&self, agent_id: i64, replica: &str, commit: &str) -> bool {
+        self.running().get(&agent_id).is_some_and(|replicas| {
+            replicas
+                .iter()
+                .any(|(other, (_, running))| other != replica && running == commit)
+        })
     }
 
     /// Before `commit` is recorded as in force: keeps what was in force until then, unless it
@@ -150,29 +197,30 @@ impl ConfigStates {
                 file: state.file,
                 config,
             };
-            self.previous().insert(agent_id, previous);
+            self.kept().insert(agent_id, previous);
         }
     }
 
-    /// The agent refused `refused`, which kas had recorded as in force, and runs nothing else:
-    /// puts the configuration in force before it back, if kas knows one. Whether it did.
-    fn restore_previous(&self, agent_id: i64, refused: &str) -> bool {
-        let Some(previous) = self.previous().remove(&agent_id) else {
-            return false;
-        };
-        if previous.commit == refused {
-            return false;
-        }
-        self.1
+    /// The configuration in force before `refused`, if kas knows one.
+    fn previous_before(&self, agent_id: i64, refused: &str) -> Option<Previous> {
+        self.kept()
+            .get(&agent_id)
+            .filter(|p| p.commit != refused)
+            .cloned()
+    }
+
+    /// The agent refused the configuration in force and runs nothing else: `previous` (see
+    /// [`ConfigStates::previous_before`]) is in force again.
+    fn restore(&self, agent_id: i64, previous: Previous) {
+        self.in_force
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(agent_id, previous.config);
-        self.2.notify_waiters();
+        self.recorded.notify_waiters();
         self.update(agent_id, |s| {
             s.commit = previous.commit;
             s.file = previous.file;
         });
-        true
     }
 
     /// Forgets a deleted agent: its state and its configuration in force. Kept, they outlived
@@ -180,16 +228,16 @@ impl ConfigStates {
     /// authorized by the deleted agent's `ci_access`/`user_access` until its own configuration
     /// was recorded — for ever, if that one was refused.
     pub fn forget(&self, agent_id: i64) {
-        self.0
+        self.states
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&agent_id);
         self.clear_config(agent_id);
-        self.previous().remove(&agent_id);
+        self.kept().remove(&agent_id);
     }
 
     pub fn get(&self, agent_id: i64) -> Option<ConfigState> {
-        self.0
+        self.states
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&agent_id)
@@ -198,7 +246,7 @@ impl ConfigStates {
 
     fn update(&self, agent_id: i64, f: impl FnOnce(&mut ConfigState)) {
         let mut m = self
-            .0
+            .states
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let s = m.entry(agent_id).or_default();
@@ -222,9 +270,9 @@ impl ConfigStates {
                         self.set_config(agent.id, config);
                     }
                     if let Some(previous) = p.previous {
-                        self.previous().insert(agent.id, previous);
+                        self.kept().insert(agent.id, previous);
                     }
-                    self.0
+                    self.states
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .insert(agent.id, p.state);
@@ -272,7 +320,7 @@ impl ConfigStates {
         let persisted = Persisted {
             state: self.get(agent_id).unwrap_or_default(),
             config: self.config(agent_id).map(|c| (*c).clone()),
-            previous: self.previous().get(&agent_id).cloned(),
+            previous: self.kept().get(&agent_id).cloned(),
         };
         let stored = match serde_json::to_vec(&persisted) {
             Ok(bytes) => store
@@ -434,7 +482,21 @@ struct StreamState {
     ended: bool,
     /// A message to send before looking at the head again (see [`StreamState::fallback`]).
     queued: Option<ConfigurationResponse>,
+    /// This stream among the agent's, and the replica (pod) it comes from (see
+    /// [`ConfigStates::runs_elsewhere`]).
+    key: u64,
+    replica: String,
 }
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        let states = &self.svc.states;
+        states.stream_ended(self.id.agent_id, &self.replica, self.key);
+    }
+}
+
+/// Numbers the configuration streams.
+static STREAM_KEYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl StreamState {
     /// The next message: a configuration (or why there is none) when the head commit changes,
@@ -506,6 +568,11 @@ impl StreamState {
         match self.load(&commit).await {
             Ok(Loaded::Valid { file, config }) => {
                 let states = &self.svc.states;
+                states.set_running(id.agent_id, &self.replica, self.key, &commit.to_hex());
+                if let Some(in_force) = self.in_force_elsewhere(&commit) {
+                    tracing::info!(agent_id = id.agent_id, commit_id = %commit, in_force = %in_force, "Replicas of the agent run different configurations (agentk versions mixed during a rollout?); the one in force stays");
+                    return;
+                }
                 // Unchanged after a restart (loaded from the store): no write, which keeps a
                 // reconnect storm of thousands of agents off the database.
                 let known = states
@@ -531,6 +598,15 @@ impl StreamState {
                 self.last.clear();
             }
         }
+    }
+
+    /// The commit in force, when it is not `commit` and another of the agent's streams runs it.
+    fn in_force_elsewhere(&self, commit: &CommitId) -> Option<String> {
+        let states = &self.svc.states;
+        let recorded = states.get(self.id.agent_id)?.commit;
+        let other = !recorded.is_empty() && recorded != commit.to_hex();
+        (other && states.runs_elsewhere(self.id.agent_id, &self.replica, &recorded))
+            .then_some(recorded)
     }
 
     /// Whether kas may take the agent's word that `commit` is its configuration in force: the
@@ -573,9 +649,19 @@ impl StreamState {
             .get(id)
             .is_none_or(|s| s.error_commit.as_deref() != Some(hex.as_str()));
         // An agent running nothing (it started since) gets the configuration in force before
-        // the refused one, if kas knows it; else none is in force.
-        let restored = self.last.is_empty() && states.restore_previous(id, &hex);
-        let emptied = self.last.is_empty() && !restored;
+        // the refused one, if kas knows it, and that is in force again; else none is. Unless
+        // another replica of the agent runs the refused one: it stays in force.
+        let elsewhere = states.runs_elsewhere(id, &self.replica, &hex);
+        let fallback = if self.last.is_empty() {
+            states.previous_before(id, &hex)
+        } else {
+            None
+        };
+        let restored = fallback.is_some() && !elsewhere;
+        let emptied = self.last.is_empty() && fallback.is_none() && !elsewhere;
+        if let Some(previous) = fallback.clone().filter(|_| restored) {
+            states.restore(id, previous);
+        }
         if emptied {
             states.clear_config(id);
         }
@@ -588,9 +674,13 @@ impl StreamState {
             s.error = Some(error.clone());
             s.error_commit = Some(hex.clone());
         });
-        if new {
+        if new && elsewhere {
+            tracing::warn!(agent_id = id, commit_id = %hex, error = %why, "A replica of the agent refused its configuration; another replica runs it, so it stays in force");
+        } else if new {
             tracing::warn!(agent_id = id, commit_id = %hex, error = %why, "The agent refused its configuration; its previous one stays in force");
-            states.3.inc();
+        }
+        if new {
+            states.refusals.inc();
             self.svc
                 .notifier
                 .configuration_refused(id, &hex, &error)
@@ -600,8 +690,8 @@ impl StreamState {
             states.persist(self.svc.store.as_ref(), id).await;
         }
         self.last = hex;
-        if restored {
-            self.queued = self.fallback();
+        if let Some(p) = fallback {
+            self.queued = self.in_force_response(p.commit, p.file, &p.config);
         }
     }
 
@@ -619,6 +709,7 @@ impl StreamState {
             Ok(Loaded::Valid { file, config }) => match serde_json::to_string(&config) {
                 Ok(json) => {
                     states.keep_previous(id.agent_id, &hex);
+                    states.set_running(id.agent_id, &self.replica, self.key, &hex);
                     states.set_config(id.agent_id, config);
                     resp.file_path = file.clone();
                     resp.config_json = json;
@@ -636,7 +727,7 @@ impl StreamState {
             },
             Ok(Loaded::Invalid { file, error }) => {
                 tracing::warn!(agent_id = id.agent_id, commit_id = %hex, error = %error, "Agent configuration refused; the last good one stays in force");
-                states.3.inc();
+                states.refusals.inc();
                 self.svc
                     .notifier
                     .configuration_refused(id.agent_id, &hex, &error)
@@ -675,23 +766,55 @@ impl StreamState {
     /// rollout) has no configuration at all, and told only the refusal it ran no GitOps and
     /// kept no logging level while `kas agent status` said the last good one was in force.
     fn fallback(&self) -> Option<ConfigurationResponse> {
-        let agent_id = self.id.agent_id;
-        let state = self.svc.states.get(agent_id)?;
+        let state = self.svc.states.get(self.id.agent_id)?;
         if state.commit.is_empty() || state.commit == self.last {
             return None;
         }
-        let config = self.svc.states.config(agent_id)?;
-        let config_json = serde_json::to_string(&*config).ok()?;
-        tracing::info!(agent_id, commit_id = %state.commit, "Sending the agent its configuration in force; the newest commit's is refused");
+        let config = self.svc.states.config(self.id.agent_id)?;
+        self.in_force_response(state.commit, state.file, &config)
+    }
+
+    /// The message sending `config` (of `commit`, from `file`) as the configuration in force;
+    /// this stream then runs it.
+    fn in_force_response(
+        &self,
+        commit: String,
+        file: String,
+        config: &tether_agent_config::AgentConfig,
+    ) -> Option<ConfigurationResponse> {
+        let agent_id = self.id.agent_id;
+        let config_json = serde_json::to_string(config).ok()?;
+        tracing::info!(agent_id, commit_id = %commit, "Sending the agent its configuration in force; the newest commit's is refused");
+        self.svc
+            .states
+            .set_running(agent_id, &self.replica, self.key, &commit);
         Some(ConfigurationResponse {
             agent_id,
             project_path: self.id.project_path.clone(),
-            commit_id: state.commit,
-            file_path: state.file,
+            commit_id: commit,
+            file_path: file,
             config_json,
             error: String::new(),
         })
     }
+}
+
+/// The agent replica a request comes from: its pod's namespace and name as agentk sends them
+/// (empty for an agentk outside a Pod, or older than this field: all such are one replica).
+fn replica_of(md: &tonic::metadata::MetadataMap) -> String {
+    let header = |key| {
+        md.get(key)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .chars()
+            .take(253)
+            .collect::<String>()
+    };
+    let (namespace, name) = (
+        header(tether_protocol::metadata::POD_NAMESPACE),
+        header(tether_protocol::metadata::POD_NAME),
+    );
+    format!("{namespace}/{name}")
 }
 
 type ConfigStream = std::pin::Pin<
@@ -713,6 +836,7 @@ impl AgentConfiguration for ConfigService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found("the agent's project is gone"))?;
+        let replica = replica_of(request.metadata());
         let mut state = StreamState {
             svc: self.clone(),
             lease: self.registry.lease(id.token_id),
@@ -722,6 +846,8 @@ impl AgentConfiguration for ConfigService {
             last: String::new(),
             ended: false,
             queued: None,
+            key: STREAM_KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            replica,
         };
         let req = request.into_inner();
         state.last = req.commit_id;
@@ -757,6 +883,42 @@ mod tests {
         assert!(
             states.get(2).is_some() && states.config(2).is_some(),
             "another agent's"
+        );
+    }
+
+    #[test]
+    fn a_commit_runs_elsewhere_only_on_another_replica_of_the_same_agent() {
+        let states = ConfigStates::default();
+        states.set_running(1, "ns/new", 10, "c2");
+        states.set_running(1, "ns/old", 11, "c1");
+        states.set_running(2, "ns/other", 20, "c3");
+        assert!(states.runs_elsewhere(1, "ns/old", "c2"));
+        assert!(
+            !states.runs_elsewhere(1, "ns/new", "c2"),
+            "not the asking replica itself"
+        );
+        assert!(
+            !states.runs_elsewhere(1, "ns/old", "c3"),
+            "not another agent's replica"
+        );
+        // The old replica reopens its stream (12) before kas sees its stream 11 end.
+        states.set_running(1, "ns/old", 12, "c1");
+        states.stream_ended(1, "ns/old", 11);
+        assert!(
+            states.runs_elsewhere(1, "ns/new", "c1"),
+            "its newer stream counts"
+        );
+        states.set_running(1, "ns/new", 10, "c1");
+        assert!(
+            !states.runs_elsewhere(1, "ns/old", "c2"),
+            "the replica moved on"
+        );
+        states.stream_ended(1, "ns/new", 10);
+        assert!(!states.runs_elsewhere(1, "ns/old", "c1"));
+        states.stream_ended(1, "ns/old", 12);
+        assert!(
+            !states.running().contains_key(&1),
+            "nothing kept for a gone agent"
         );
     }
 

@@ -344,6 +344,16 @@ async fn invalid_configurations_are_refused_and_the_last_good_one_stays() {
 async fn config_stream(
     kas: &Kas,
     token: &str,
+    said: (&str, &str, &str),
+) -> tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse> {
+    config_stream_from(kas, token, "", said).await
+}
+
+/// As [`config_stream`], from the agent replica in Pod `pod`.
+async fn config_stream_from(
+    kas: &Kas,
+    token: &str,
+    pod: &str,
     (in_force, refused, why): (&str, &str, &str),
 ) -> tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse> {
     use tether_protocol::agent_configuration::ConfigurationRequest;
@@ -359,6 +369,8 @@ async fn config_stream(
         tether_protocol::metadata::AUTHORIZATION,
         tether_protocol::metadata::bearer(token).unwrap(),
     );
+    req.metadata_mut()
+        .insert(tether_protocol::metadata::POD_NAME, pod.parse().unwrap());
     AgentConfigurationClient::new(channel)
         .get_configuration(req)
         .await
@@ -757,6 +769,62 @@ async fn a_fresh_agent_refusing_the_newest_configuration_gets_the_previous_one()
     assert_eq!(refused.message().await.unwrap().unwrap().commit_id, c3);
 }
 
+/// During a rollout with mixed agentk versions, a replica refusing the newest configuration
+/// (the older agentk) does not take it out of force while another replica runs it: kas went
+/// back to the older commit with each reconnect of the old replica, and forward with each of
+/// the new one's. A fresh old replica still gets the configuration in force before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_refusing_what_another_replica_runs_does_not_take_it_out_of_force() {
+    let r = stream_rig("mixed", "info").await;
+    let (kas, c1) = (&r.kas, r.c1.clone());
+    let mut newer = config_stream_from(kas, &r.token, "agentk-new", ("", "", "")).await;
+    let mut older = config_stream_from(kas, &r.token, "agentk-old", ("", "", "")).await;
+    assert_eq!(newer.message().await.unwrap().unwrap().commit_id, c1);
+    assert_eq!(older.message().await.unwrap().unwrap().commit_id, c1);
+    let c2 = r
+        .repo
+        .commit(&[(&r.path, Some(&config("debug")))], "second");
+    assert_eq!(newer.message().await.unwrap().unwrap().commit_id, c2);
+    assert_eq!(older.message().await.unwrap().unwrap().commit_id, c2);
+    drop(older);
+
+    let why = "unknown field `new_feature`";
+    let _older = config_stream_from(kas, &r.token, "agentk-old", (&c1, &c2, why)).await;
+    let state = kas.agent(r.agent_id).await.config.unwrap();
+    assert_eq!(state.commit, c2, "the newer replica runs c2");
+    assert_eq!(
+        state.error_commit.as_deref(),
+        Some(c2.as_str()),
+        "the refusal shows"
+    );
+    assert!(
+        kas.log()
+            .contains("another replica runs it, so it stays in force")
+    );
+
+    // Another old replica starting now gets c1, and c2 stays in force.
+    let mut fresh = config_stream_from(kas, &r.token, "agentk-old-2", ("", "", "")).await;
+    assert_eq!(fresh.message().await.unwrap().unwrap().commit_id, c2);
+    drop(fresh);
+    let mut fresh = config_stream_from(kas, &r.token, "agentk-old-2", ("", &c2, why)).await;
+    let in_force = tokio::time::timeout(Duration::from_secs(10), fresh.message())
+        .await
+        .expect("kas sends the configuration before c2")
+        .unwrap()
+        .unwrap();
+    assert_eq!(in_force.commit_id, c1);
+    assert_eq!(kas.agent(r.agent_id).await.config.unwrap().commit, c2);
+
+    // Once no replica runs c2 any more, the old replicas' commit is in force again.
+    // (kas notices the dropped streams shortly after: the old replica reconnects until then.)
+    drop((newer, fresh));
+    wait_for("c1 in force", Duration::from_secs(10), || async {
+        drop(config_stream_from(kas, &r.token, "agentk-old", (&c1, &c2, why)).await);
+        (kas.agent(r.agent_id).await.config?.commit == c1).then_some(())
+    })
+    .await;
+}
+
 /// An agent token alone cannot put a commit in force that kas did not send and the default
 /// branch does not reach (a side branch granting `ci_access`, say), by claiming to run it and
 /// to refuse the head.
@@ -789,6 +857,7 @@ async fn an_agent_cannot_put_a_commit_of_another_branch_in_force() {
         (kas.agent(r.agent_id).await.config?.commit == c2).then_some(())
     })
     .await;
+    // The same agent (pod) reopening its stream: kas may see it before the old one end.
     let _refused = config_stream(kas, &r.token, (c1, &c2, "unknown field")).await;
     let state = kas.agent(r.agent_id).await.config.unwrap();
     assert_eq!(state.commit, c1);

@@ -225,7 +225,7 @@ async fn config_stream(
     open: Arc<AtomicUsize>,
     shutdown: CancellationToken,
 ) {
-    tether_configuration_agent::run(channel, &meta.token, &mut CountOpen(open), shutdown).await;
+    tether_configuration_agent::run(channel, &meta, &mut CountOpen(open), shutdown).await;
 }
 
 /// Counts the fleet's open configuration streams.

@@ -522,21 +522,30 @@ fn count_failed_attempt(c: &mut PoolStats, attempt: u64) {
 
 /// The `Connect` request: our frames plus who we are (token, version, pod) as metadata.
 fn connect_request<T>(meta: &AgentMeta, frames: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(frames);
-    let md = req.metadata_mut();
-    if let Ok(v) = metadata::bearer(&meta.token.current()) {
-        md.insert(metadata::AUTHORIZATION, v);
-    }
-    for (k, v) in [
-        (metadata::AGENT_VERSION, &meta.version),
-        (metadata::POD_NAME, &meta.pod_name),
-        (metadata::POD_NAMESPACE, &meta.pod_namespace),
-    ] {
-        if let Ok(v) = AsciiMetadataValue::try_from(v.as_str()) {
-            md.insert(k, v);
+    meta.request(frames)
+}
+
+impl AgentMeta {
+    /// A request carrying `message` and who we are as metadata: the token as it is now (a
+    /// token metadata cannot carry goes without, and kas answers UNAUTHENTICATED), the
+    /// version and the pod (which tells kas apart the agent's replicas).
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(message);
+        let md = req.metadata_mut();
+        if let Ok(v) = metadata::bearer(&self.token.current()) {
+            md.insert(metadata::AUTHORIZATION, v);
         }
+        for (k, v) in [
+            (metadata::AGENT_VERSION, &self.version),
+            (metadata::POD_NAME, &self.pod_name),
+            (metadata::POD_NAMESPACE, &self.pod_namespace),
+        ] {
+            if let Ok(v) = AsciiMetadataValue::try_from(v.as_str()) {
+                md.insert(k, v);
+            }
+        }
+        req
     }
-    req
 }
 
 /// Counts a refused or failed `Connect`: once per attempt (batch), so the backoff grows by one
