@@ -15,6 +15,7 @@ use tether_tunnel_agent::{AgentMeta, ConnState, EchoHandler, Handler, Pool, Pool
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+mod cluster;
 mod configuration;
 mod gitops;
 mod kubeproxy;
@@ -282,13 +283,14 @@ async fn run(cli: Cli) -> Result<()> {
     };
     // One lazily connecting channel (one transport connection) for every module.
     let channel = tether_transport::connect_lazy(&address, &opts)?;
+    let kube_cfg = kube_config(cli.kubeconfig.as_deref()).await?;
     let meta = AgentMeta {
         token,
         version: env!("CARGO_PKG_VERSION").to_string(),
         pod_name: std::env::var("POD_NAME").unwrap_or_default(),
         pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
+        cluster_id: cluster::cluster_id(&kube_cfg),
     };
-    let kube_cfg = kube_config(cli.kubeconfig.as_deref()).await?;
     let pool = tunnel_pool(&cli, channel.clone(), meta.clone(), &kube_cfg)?;
     let kube =
         kube::Client::try_from(kube_cfg.clone()).context("building the Kubernetes client")?;

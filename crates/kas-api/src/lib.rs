@@ -39,6 +39,10 @@ pub struct ConnectionView {
     pub agent_version: String,
     pub pod_name: String,
     pub pod_namespace: String,
+    /// Which cluster the connection comes from: the UID of agentk's ServiceAccount (empty:
+    /// unknown — agentk outside a cluster, or older than this field).
+    #[serde(default)]
+    pub cluster_id: String,
     pub remote_addr: String,
     pub streams: usize,
 }
@@ -56,6 +60,25 @@ pub struct AgentView {
     /// Its GitOps suspensions (`kas agent suspend`); empty when none.
     #[serde(default)]
     pub suspensions: Vec<SuspensionView>,
+}
+
+impl AgentView {
+    /// The clusters the agent is connected from, when more than one: its token is installed
+    /// in several clusters (kas routes CI jobs to either, and each applies its GitOps).
+    pub fn clusters_sharing_token(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self
+            .connections
+            .iter()
+            .map(|c| c.cluster_id.as_str())
+            .filter(|id| !id.is_empty())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() < 2 {
+            ids.clear();
+        }
+        ids
+    }
 }
 
 /// A GitOps suspension: nothing of the project (or, without one, of any manifest project of

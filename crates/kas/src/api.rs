@@ -337,6 +337,7 @@ async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
                             agent_version: x.agent_version.clone(),
                             pod_name: x.pod_name.clone(),
                             pod_namespace: x.pod_namespace.clone(),
+                            cluster_id: x.cluster_id.clone(),
                             remote_addr: x.remote_addr.clone(),
                             streams: x.streams,
                         })

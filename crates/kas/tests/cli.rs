@@ -256,3 +256,106 @@ async fn agent_status_names_a_refused_configuration_and_exits_5() {
     );
     assert!(json["syncs"].is_array(), "{json}");
 }
+
+/// One agent token installed in two clusters (here: agentk running as two ServiceAccounts, as
+/// it would in two clusters) is shown: kas logs a warning and counts it, `kas agent list`
+/// names both ServiceAccount UIDs and `kas agent status` exits 6. Replicas of one agent (one
+/// ServiceAccount) are not reported; once one cluster's agentk is gone, status exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_token_used_from_two_clusters_is_reported_and_status_exits_6() {
+    let env = tether_testenv::TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("shared-token").unwrap();
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: cluster-a\n  namespace: {ns}\n---\n\
+apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: cluster-b\n  namespace: {ns}\n"
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = |sa: &str| {
+        let path = dir.path().join(format!("{sa}.kubeconfig"));
+        env.write_service_account_kubeconfig(&ns, sa, "1h", &path)
+            .unwrap();
+        path.display().to_string()
+    };
+    let (a, b) = (kubeconfig("cluster-a"), kubeconfig("cluster-b"));
+    let repo = GitRepo::init(&dir.path().join("repo"));
+    repo.commit(&[(".gitlab/agents/twice/config.yaml", Some(b""))], "empty");
+    let kas = Kas::start(&dir.path().join("kas"), KasOptions::default()).await;
+    kas.set_projects(&[("group/twice", &repo)]).await;
+    let t = kas
+        .admin
+        .register_agent("group/twice", "twice")
+        .await
+        .unwrap();
+    let start = |name: &str, kubeconfig: &str| {
+        let args = ["--kubeconfig", kubeconfig, "--leader-election=false"];
+        Agent::start_with(dir.path(), name, &kas.url("grpc"), &t.token, None, &args)
+    };
+    let _a1 = start("a1", &a);
+    let _a2 = start("a2", &a);
+    let connections = |n: usize| {
+        let kas = &kas;
+        async move {
+            let agent = kas.agent(t.agent_id).await;
+            (agent.connections.len() == n).then_some(agent)
+        }
+    };
+    wait_for("two replicas in cluster a", Duration::from_secs(30), || {
+        connections(2)
+    })
+    .await;
+    let status = || {
+        Command::new(env!("CARGO_BIN_EXE_kas"))
+            .arg("--configuration-file")
+            .arg(&kas.config)
+            .args(["agent", "status", "group/twice:twice"])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(status().status.code(), Some(0), "replicas share a cluster");
+
+    let mut b1 = start("b1", &b);
+    let agent = wait_for(
+        "the agent in cluster b too",
+        Duration::from_secs(30),
+        || connections(3),
+    )
+    .await;
+    let clusters = agent.clusters_sharing_token();
+    assert_eq!(clusters.len(), 2, "{:?}", agent.connections);
+    let o = status();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("connected from 2 clusters"), "{stderr}");
+    assert!(
+        stderr.contains(clusters[0]) && stderr.contains(clusters[1]),
+        "{stderr}"
+    );
+    let list = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .arg("--configuration-file")
+        .arg(&kas.config)
+        .args(["agent", "list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed.contains("WARNING: connected from 2 clusters"),
+        "{listed}"
+    );
+    assert!(
+        kas.log()
+            .contains("The agent is connected from two clusters")
+    );
+    let shared = kas
+        .metric("kas_tunnel_agent_token_shared_by_clusters_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(shared >= 1.0, "counted: {shared}");
+
+    b1.stop();
+    wait_for("cluster b's agentk gone", Duration::from_secs(30), || {
+        connections(2)
+    })
+    .await;
+    assert_eq!(status().status.code(), Some(0));
+}

@@ -42,6 +42,9 @@ pub mod metadata {
     pub const AGENT_VERSION: &str = "x-tether-agent-version";
     pub const POD_NAME: &str = "x-tether-pod-name";
     pub const POD_NAMESPACE: &str = "x-tether-pod-namespace";
+    /// The UID of the ServiceAccount agentk runs as: the same for an agent's replicas,
+    /// another in another cluster (kas warns when one token is used from two).
+    pub const CLUSTER_ID: &str = "x-tether-cluster-id";
 
     use tonic::metadata::AsciiMetadataValue;
     use tonic::metadata::errors::InvalidMetadataValue;

@@ -69,6 +69,8 @@ pub struct AgentMeta {
     pub version: String,
     pub pod_name: String,
     pub pod_namespace: String,
+    /// Which cluster the agent runs in (see `metadata::CLUSTER_ID`); empty when unknown.
+    pub cluster_id: String,
 }
 
 impl std::fmt::Debug for AgentMeta {
@@ -78,6 +80,7 @@ impl std::fmt::Debug for AgentMeta {
             .field("version", &self.version)
             .field("pod_name", &self.pod_name)
             .field("pod_namespace", &self.pod_namespace)
+            .field("cluster_id", &self.cluster_id)
             .finish_non_exhaustive()
     }
 }
@@ -539,6 +542,7 @@ impl AgentMeta {
             (metadata::AGENT_VERSION, &self.version),
             (metadata::POD_NAME, &self.pod_name),
             (metadata::POD_NAMESPACE, &self.pod_namespace),
+            (metadata::CLUSTER_ID, &self.cluster_id),
         ] {
             if let Ok(v) = AsciiMetadataValue::try_from(v.as_str()) {
                 md.insert(k, v);

@@ -1,5 +1,6 @@
 //! agent id → idle tunnel streams, and the hand-over of one stream to one request.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,10 +56,27 @@ pub struct ConnectionInfo {
     pub agent_version: String,
     pub pod_name: String,
     pub pod_namespace: String,
+    /// Which cluster the agent runs in, as agentk tells it (empty: unknown).
+    pub cluster_id: String,
     pub remote_addr: String,
     pub connected_since: SystemTime,
     /// Open tunnel streams (idle and busy) of this connection.
     pub streams: usize,
+}
+
+/// Another connection of the agent from a cluster other than `new`'s, when both clusters are
+/// known: the agent's token is installed in two clusters.
+fn other_cluster<'a>(
+    connections: impl IntoIterator<Item = &'a ConnectionInfo>,
+    new: &ConnectionInfo,
+) -> Option<ConnectionInfo> {
+    if new.cluster_id.is_empty() {
+        return None;
+    }
+    connections
+        .into_iter()
+        .find(|c| !c.cluster_id.is_empty() && c.cluster_id != new.cluster_id)
+        .cloned()
 }
 
 /// What the admin commands show for an agent.
@@ -115,6 +133,7 @@ struct Metrics {
     not_connected: Counter,
     streams_busy: Counter,
     revoked: Counter,
+    shared_tokens: Counter,
 }
 
 /// An agent's tunnels came to this kas (`connected`) or all left it.
@@ -218,6 +237,11 @@ impl Registry {
             "tunnel_all_streams_busy",
             "Requests for a connected agent that found every tunnel stream busy in time",
             m.streams_busy.clone(),
+        );
+        reg.register(
+            "tunnel_agent_token_shared_by_clusters",
+            "Connections of an agent from a cluster other than one it is connected from already (one token installed in two clusters)",
+            m.shared_tokens.clone(),
         );
         reg.register(
             "tunnel_streams_revoked",
@@ -530,12 +554,32 @@ impl Registry {
         let state = inner.agents.entry(id.agent_id).or_default();
         let arrived = state.connections.is_empty();
         let key = (info.remote_addr.clone(), info.pod_name.clone());
-        state
-            .connections
-            .entry(key)
-            .or_insert_with(|| info.clone())
-            .streams += 1;
+        let other_cluster = match state.connections.entry(key) {
+            Entry::Occupied(mut c) => {
+                c.get_mut().streams += 1;
+                None
+            }
+            Entry::Vacant(v) => {
+                v.insert(ConnectionInfo {
+                    streams: 1,
+                    ..info.clone()
+                });
+                other_cluster(state.connections.values(), info)
+            }
+        };
         self.refresh_gauges(&inner);
+        drop(inner);
+        if let Some(other) = other_cluster {
+            self.metrics.shared_tokens.inc();
+            tracing::warn!(
+                agent_id = id.agent_id,
+                cluster_id = %info.cluster_id,
+                pod = format!("{}/{}", info.pod_namespace, info.pod_name),
+                other_cluster_id = %other.cluster_id,
+                other_pod = format!("{}/{}", other.pod_namespace, other.pod_name),
+                "The agent is connected from two clusters (two ServiceAccounts): one agent token must serve one cluster — kas routes CI jobs to either, and both apply its GitOps; register an agent per cluster"
+            );
+        }
         if arrived {
             let _ = self.presence.send(Presence {
                 agent_id: id.agent_id,
@@ -875,3 +919,37 @@ type TunnelEnded = Ended<AnswerFirst<Streaming<AgentFrame>>, Outgoing>;
 /// the request; the stream then ends too, or carries a later request if this one ended
 /// cleanly on both sides.
 pub type TunnelConn = Returning<AnswerFirst<Streaming<AgentFrame>>, Outgoing>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(pod: &str, cluster: &str) -> ConnectionInfo {
+        ConnectionInfo {
+            agent_version: "v".into(),
+            pod_name: pod.into(),
+            pod_namespace: "ns".into(),
+            cluster_id: cluster.into(),
+            remote_addr: String::new(),
+            connected_since: SystemTime::UNIX_EPOCH,
+            streams: 1,
+        }
+    }
+
+    #[test]
+    fn a_connection_from_another_known_cluster_is_found() {
+        let live = [conn("a", "uid-1"), conn("b", "")];
+        let same = conn("c", "uid-1");
+        assert!(
+            other_cluster(&live, &same).is_none(),
+            "a replica in the same cluster"
+        );
+        let unknown = conn("d", "");
+        assert!(
+            other_cluster(&live, &unknown).is_none(),
+            "an agentk not telling"
+        );
+        let other = other_cluster(&live, &conn("e", "uid-2")).expect("another cluster");
+        assert_eq!(other.pod_name, "a");
+    }
+}

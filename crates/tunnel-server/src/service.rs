@@ -208,6 +208,7 @@ impl ReverseTunnel for TunnelService {
             agent_version: header(md, metadata::AGENT_VERSION),
             pod_name: header(md, metadata::POD_NAME),
             pod_namespace: header(md, metadata::POD_NAMESPACE),
+            cluster_id: header(md, metadata::CLUSTER_ID),
             remote_addr: remote.map(|a| a.to_string()).unwrap_or_default(),
             connected_since: std::time::SystemTime::now(),
             streams: 0,

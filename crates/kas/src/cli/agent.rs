@@ -185,6 +185,7 @@ fn print_agent_notes(a: &AgentView) -> Result<()> {
         }
     }
     notes.extend(a.suspensions.iter().map(suspension_line));
+    notes.extend(shared_token(a));
     if !notes.is_empty() {
         out!("{}:{} (agent {})", a.project, a.name, a.id)?;
         for n in notes {
@@ -192,6 +193,18 @@ fn print_agent_notes(a: &AgentView) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The warning for an agent connected from several clusters, if it is.
+fn shared_token(a: &AgentView) -> Option<String> {
+    let clusters = a.clusters_sharing_token();
+    (!clusters.is_empty()).then(|| {
+        format!(
+            "WARNING: connected from {} clusters (ServiceAccount UIDs {}): one agent token must serve one cluster; register an agent per cluster",
+            clusters.len(),
+            clusters.join(", ")
+        )
+    })
 }
 
 fn suspension_line(s: &SuspensionView) -> String {
@@ -212,6 +225,10 @@ fn suspension_line(s: &SuspensionView) -> String {
 /// report was printed, but what was pushed is not in force.
 pub const EXIT_CONFIG_REFUSED: u8 = 5;
 
+/// `kas agent status`'s exit code when the agent is connected from several clusters (its
+/// token installed in each): CI jobs reach either, and GitOps applies in each.
+pub const EXIT_TOKEN_SHARED: u8 = 6;
+
 /// `kas agent status -o json|yaml`: the agent's state, then its projects' last syncs.
 #[derive(serde::Serialize)]
 struct StatusView<'a> {
@@ -220,6 +237,9 @@ struct StatusView<'a> {
     /// The configuration in force and the newest refusal, as kas knows them.
     config: Option<&'a ConfigView>,
     suspensions: &'a [SuspensionView],
+    /// The ServiceAccount UIDs of the clusters it is connected from, when more than one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    clusters_sharing_token: Vec<&'a str>,
     syncs: &'a [SyncView],
 }
 
@@ -240,6 +260,7 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         connected: agent.connected,
         config: agent.config.as_ref(),
         suspensions: &agent.suspensions,
+        clusters_sharing_token: agent.clusters_sharing_token(),
         syncs: &syncs,
     };
     if !print_data(format, &view)? {
@@ -248,6 +269,13 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
             out!("{}", suspension_line(s))?;
         }
         print_syncs(agent_id, &syncs)?;
+    }
+    if let Some(warning) = shared_token(&agent) {
+        eprintln!("kas: agent {agent_id}: {warning}");
+        return Err(Reported {
+            code: EXIT_TOKEN_SHARED,
+        }
+        .into());
     }
     match view.config.and_then(refusal) {
         // Old successful syncs must not read as "all is well" to a script.

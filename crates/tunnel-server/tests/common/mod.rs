@@ -178,6 +178,7 @@ impl Agent {
             version: "test".into(),
             pod_name: "pod-a".into(),
             pod_namespace: "ns".into(),
+            cluster_id: String::new(),
         };
         let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
         handlers.insert(services::ECHO.into(), Arc::new(EchoHandler));
