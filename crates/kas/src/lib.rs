@@ -30,4 +30,5 @@ pub mod preview;
 pub mod projects;
 pub mod revocation;
 pub mod server;
+pub mod store_metrics;
 pub mod webui;

@@ -118,9 +118,9 @@ struct Shared {
 pub async fn start(cfg: Config) -> Result<Running> {
     let shutdown = CancellationToken::new();
     let mut modules = Modules::new(shutdown.clone());
-    let (store, admin, h) = start_store(&cfg, modules.handle("store")).await?;
-    modules.push(h);
     let mut metrics = new_metrics();
+    let (store, admin, h) = start_store(&cfg, &mut metrics, modules.handle("store")).await?;
+    modules.push(h);
     let (guards, h) = start_limits(&cfg, &mut metrics, modules.handle("limits"));
     modules.push(h);
     let auth: Arc<dyn Authenticator> = Arc::new(StoreAuthenticator {
@@ -276,14 +276,21 @@ fn connection_count(metrics: &mut MetricsRegistry) -> (Arc<ConnectionCount>, Gau
     (Arc::new(ConnectionCount::default()), gauge)
 }
 
-/// The store and the admin token; the store closes last.
-async fn start_store(cfg: &Config, handle: Handle) -> Result<(Arc<dyn Store>, AdminToken, Handle)> {
+/// The store (its failures counted) and the admin token; the store closes last.
+async fn start_store(
+    cfg: &Config,
+    metrics: &mut MetricsRegistry,
+    handle: Handle,
+) -> Result<(Arc<dyn Store>, AdminToken, Handle)> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
     let location = cfg.database_location();
     let (store, follower) = crate::database::open_followed(cfg, Modules::shutdown_of(&handle))
         .await
         .with_context(|| format!("opening the database {location}"))?;
+    let store_metrics = crate::store_metrics::StoreMetrics::default();
+    store_metrics.register(metrics);
+    let store = crate::store_metrics::Metered::wrap(store, store_metrics);
     let handle = match follower {
         Some(task) => handle.task(task),
         None => handle,

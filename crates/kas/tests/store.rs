@@ -1,6 +1,6 @@
 //! kas on PostgreSQL, as real processes: a kas whose records are in a PostgreSQL server started
 //! for the test, restarts, readiness following the database, and moving a SQLite kas over with
-//! `kas store copy`.
+//! `kas store copy`; failed writes counted on a full disk.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use support::{Agent, Kas, KasOptions, wait_for};
 use tether_testenv::postgres::Postgres;
+use tether_testenv::tmpfs::Tmpfs;
 
 fn on_postgres(url: &str) -> KasOptions {
     KasOptions {
@@ -200,4 +201,35 @@ async fn a_rotated_database_password_is_followed_without_restarting_kas() {
         !log.contains("first-pw-1") && !log.contains("second-pw-2"),
         "{log}"
     );
+}
+
+/// With kas's database disk full, a failed write is counted in
+/// `kas_store_errors_total{operation,kind="write"}` on kas's /metrics (what the alert
+/// `TetherKasStoreWritesFailing` follows), under the operation that failed; refusals such as a
+/// duplicate agent are not failures and are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_on_a_full_disk_are_counted_on_the_metrics_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(16 * 1024);
+    // Only kas's data (its database) lives on the small disk; its log stays writable.
+    std::os::unix::fs::symlink(disk.path(), dir.path().join("data")).unwrap();
+    let kas = Kas::start(dir.path(), KasOptions::default()).await;
+    kas.admin.register_agent("group/app", "one").await.unwrap();
+    let duplicate = kas.admin.register_agent("group/app", "one").await;
+    assert!(duplicate.is_err(), "{duplicate:?}");
+    let series = r#"kas_store_errors_total{operation="register_agent",kind="write"}"#;
+    assert_eq!(kas.metric(series).await, None, "a refusal was counted");
+
+    let filler = disk.fill();
+    for name in ["two", "three"] {
+        let failed = kas.admin.register_agent("group/app", name).await;
+        assert!(failed.is_err(), "registered on a full disk: {failed:?}");
+    }
+    assert_eq!(kas.metric(series).await, Some(2.0));
+    let text = kas.metrics_text().await.unwrap();
+    support::monitoring::assert_area_exported("store.rs", &[&text]);
+
+    std::fs::remove_file(filler).unwrap();
+    kas.admin.register_agent("group/app", "two").await.unwrap();
+    assert_eq!(kas.metric(series).await, Some(2.0), "a success was counted");
 }

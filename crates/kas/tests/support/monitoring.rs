@@ -20,6 +20,7 @@ pub const AREAS: &[(&str, &str)] = &[
     ("kas_rate_limited_", "ratelimit.rs"),
     ("kas_auth_", "ratelimit.rs"),
     ("kas_notifications_", "gitops.rs notifications"),
+    ("kas_store_", "store.rs"),
 ];
 
 pub fn folder() -> PathBuf {
