@@ -1,10 +1,10 @@
 //! kas's database: opening the configured one (SQLite or PostgreSQL), the commands that work on
-//! it without serving (`kas store migrate`, `kas store copy`), and readiness, which follows
-//! whether the database answers.
+//! it without serving (`kas store migrate`, `kas store copy`, `kas store backup`), and readiness,
+//! which follows whether the database answers.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use tether_store::copy::TableCount;
@@ -138,6 +138,113 @@ pub async fn copy(from: &DatabaseLocation, to: &DatabaseLocation) -> Result<Vec<
     source.close().await;
     target.close().await;
     copied
+}
+
+/// What `kas store backup` wrote.
+#[derive(Debug)]
+pub struct BackupDone {
+    /// The backup's size.
+    pub bytes: u64,
+    /// How long the database was read (kas's commits wait for this).
+    pub took: Duration,
+}
+
+/// `kas store backup`: a consistent copy of the SQLite database at `to`, taken while kas runs.
+/// An existing `to` is refused unless `force`. The copy is written next to `to` and moved there
+/// only once complete and on disk, so a failed backup never leaves a truncated file where a
+/// restore would look for one, nor destroys the previous backup.
+pub async fn backup(location: &DatabaseLocation, to: &Path, force: bool) -> Result<BackupDone> {
+    let DatabaseLocation::Sqlite(path) = location else {
+        bail!(
+            "kas store backup copies the embedded SQLite database; this kas uses PostgreSQL \
+             ({location}). Back it up with pg_dump, which takes a consistent snapshot while kas \
+             runs and is restored with pg_restore: pg_dump --format=custom --file=kas.dump <database.url>"
+        );
+    };
+    // Opening would create an empty database: a mistyped path must not "back up" nothing.
+    if !path.is_file() {
+        bail!("{location}: no such database file");
+    }
+    if !force && to.symlink_metadata().is_ok() {
+        bail!(
+            "{} exists; choose another file or pass --force to replace it",
+            to.display()
+        );
+    }
+    let partial = partial_path(to)?;
+    let written = write_snapshot(path, &partial).await;
+    let placed = written.and_then(|took| place(&partial, to, force).map(|()| took));
+    if placed.is_err() {
+        // Only ours: created with create_new below. It may not exist when creating it failed.
+        let _ = std::fs::remove_file(&partial);
+    }
+    let took = placed?;
+    let bytes = std::fs::metadata(to)
+        .with_context(|| format!("reading {}", to.display()))?
+        .len();
+    Ok(BackupDone { bytes, took })
+}
+
+/// The file the backup is written to before it is complete: hidden, beside `to` (so the final
+/// rename stays within one filesystem), named by this process.
+fn partial_path(to: &Path) -> Result<PathBuf> {
+    let Some(name) = to.file_name() else {
+        bail!("{}: not a file name", to.display());
+    };
+    let mut partial = std::ffi::OsString::from(".");
+    partial.push(name);
+    partial.push(format!(".partial-{}", std::process::id()));
+    Ok(to.with_file_name(partial))
+}
+
+/// Creates `partial` (owner-only: the backup holds token digests), fills it with the snapshot
+/// and flushes it to disk; returns how long the database was read.
+async fn write_snapshot(db: &Path, partial: &Path) -> Result<Duration> {
+    std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::OpenOptions::new().write(true).create_new(true),
+        0o600,
+    )
+    .open(partial)
+    .with_context(|| format!("creating {} to write the backup into", partial.display()))?;
+    let Some(target) = partial.to_str() else {
+        bail!("{}: SQLite takes only UTF-8 file names", partial.display());
+    };
+    let started = Instant::now();
+    tether_store::backup::sqlite_snapshot(db, target)
+        .await
+        .with_context(|| format!("copying sqlite:{} to {}", db.display(), partial.display()))?;
+    let took = started.elapsed();
+    std::fs::File::open(partial)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("flushing {}", partial.display()))?;
+    Ok(took)
+}
+
+/// Moves the complete backup to `to`. Without `force` a hard link, which fails rather than
+/// replace a file that appeared since the check; with it a rename, which replaces atomically.
+fn place(partial: &Path, to: &Path, force: bool) -> Result<()> {
+    if force {
+        std::fs::rename(partial, to)
+            .with_context(|| format!("moving the backup to {}", to.display()))?;
+    } else {
+        match std::fs::hard_link(partial, to) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                bail!(
+                    "{} exists; choose another file or pass --force to replace it",
+                    to.display()
+                )
+            }
+            other => other.with_context(|| format!("moving the backup to {}", to.display()))?,
+        }
+        std::fs::remove_file(partial).with_context(|| format!("removing {}", partial.display()))?;
+    }
+    // The new directory entry must survive a crash too, not only the file's content.
+    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("flushing {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// Keeps `ready` equal to "the database (and Redis, when configured) answered its last

@@ -233,3 +233,166 @@ async fn failed_writes_on_a_full_disk_are_counted_on_the_metrics_endpoint() {
     kas.admin.register_agent("group/app", "two").await.unwrap();
     assert_eq!(kas.metric(series).await, Some(2.0), "a success was counted");
 }
+
+/// Registers agents `w-0`, `w-1`, … through the admin API until `stop`; the names registered,
+/// and any write that failed.
+async fn keep_registering(
+    kas: &Kas,
+    stop: &std::sync::atomic::AtomicBool,
+    registered: &std::sync::Mutex<Vec<String>>,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for i in 0.. {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let name = format!("w-{i}");
+        match kas.admin.register_agent("group/writes", &name).await {
+            Ok(_) => registered.lock().unwrap().push(name),
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    failures
+}
+
+/// The agent names `kas agent list` prints for the kas of `config`.
+fn listed_agents(kas: &Kas) -> Vec<String> {
+    let out = kas
+        .cli()
+        .args(["agent", "list", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let agents: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    agents
+        .iter()
+        .map(|a| a["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// `kas store backup` takes a consistent copy of a running kas's SQLite database while kas
+/// keeps writing (none of its writes fails meanwhile); a second kas started on the copy (put
+/// in place as the restore steps say) lists the agents, the ones written during the backup
+/// as an unbroken prefix (one moment's state). An existing file is refused and kept unless
+/// `--force`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_kas_writes_restores_into_a_second_kas() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(&dir.path().join("live"), KasOptions::default()).await;
+    for i in 0..50 {
+        let name = format!("before-{i}");
+        kas.admin.register_agent("group/app", &name).await.unwrap();
+    }
+    let backup = dir.path().join("kas-backup.sqlite");
+    let (stop, registered) = (AtomicBool::new(false), std::sync::Mutex::new(Vec::new()));
+    let backed_up = async {
+        wait_for("writes under way", Duration::from_secs(10), || async {
+            (registered.lock().unwrap().len() >= 3).then_some(())
+        })
+        .await;
+        let mut cmd = kas.cli();
+        cmd.args(["store", "backup", "--to"]).arg(&backup);
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        let during = registered.lock().unwrap().len();
+        wait_for(
+            "writes after the backup",
+            Duration::from_secs(10),
+            || async { (registered.lock().unwrap().len() > during).then_some(()) },
+        )
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        out
+    };
+    let (out, failures) = tokio::join!(backed_up, keep_registering(&kas, &stop, &registered));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("backed up"), "{}", text(&out));
+    assert!(
+        failures.is_empty(),
+        "writes failed during the backup: {failures:?}"
+    );
+
+    let restored_dir = dir.path().join("restored");
+    std::fs::create_dir_all(restored_dir.join("data")).unwrap();
+    std::fs::copy(&backup, restored_dir.join("data/kas.sqlite")).unwrap();
+    let restored = Kas::start(&restored_dir, KasOptions::default()).await;
+    let names = listed_agents(&restored);
+    for i in 0..50 {
+        assert!(
+            names.contains(&format!("before-{i}")),
+            "before-{i}: {names:?}"
+        );
+    }
+    let written: Vec<&String> = names.iter().filter(|n| n.starts_with("w-")).collect();
+    assert!(written.len() >= 3, "{names:?}");
+    for i in 0..written.len() {
+        assert!(
+            names.contains(&format!("w-{i}")),
+            "not one moment's state: {names:?}"
+        );
+    }
+    assert!(
+        written.len() < registered.lock().unwrap().len(),
+        "{names:?}"
+    );
+
+    let before = std::fs::read(&backup).unwrap();
+    let refused = kas
+        .cli()
+        .args(["store", "backup", "--to"])
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("--force"), "{}", text(&refused));
+    assert_eq!(
+        std::fs::read(&backup).unwrap(),
+        before,
+        "the existing file changed"
+    );
+    let forced = kas
+        .cli()
+        .args(["store", "backup", "--force", "--to"])
+        .arg(&backup)
+        .output();
+    let forced = forced.unwrap();
+    assert!(forced.status.success(), "{}", text(&forced));
+    assert_ne!(
+        std::fs::read(&backup).unwrap(),
+        before,
+        "--force kept the old file"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !left.iter().any(|n| n.to_string_lossy().contains("partial")),
+        "{left:?}"
+    );
+}
+
+/// `kas store backup` of a kas on PostgreSQL says to use pg_dump (and why), never the URL's
+/// password, exits non-zero and writes nothing.
+#[test]
+fn a_backup_of_postgres_points_to_pg_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kas.yaml");
+    let url = "postgres://kas:s3cret-pw@127.0.0.1:1/kas";
+    std::fs::write(&config, format!("database:\n  url: {url}\n")).unwrap();
+    let to = dir.path().join("backup.sqlite");
+    let out = kas_cli(&[
+        "--configuration-file",
+        config.to_str().unwrap(),
+        "store",
+        "backup",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("pg_dump"), "{}", text(&out));
+    assert!(!text(&out).contains("s3cret-pw"), "{}", text(&out));
+    assert!(!to.exists());
+}

@@ -4,9 +4,11 @@
 //!
 //! kas holds an `Arc<dyn Store>`: [`SqliteStore`], embedded, is the default; [`PgStore`] keeps
 //! the same records on a PostgreSQL server (for several kas replicas). Both run the same SQL
-//! (`backend`); [`copy`] moves an installation from the first to the second.
+//! (`backend`); [`copy`] moves an installation from the first to the second, [`backup`] takes a
+//! consistent copy of the first while kas runs.
 
 mod backend;
+pub mod backup;
 pub mod copy;
 mod error;
 mod migrate;

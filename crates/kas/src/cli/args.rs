@@ -143,6 +143,19 @@ pub enum StoreCmd {
         #[arg(long)]
         to: String,
     },
+    /// Write a consistent copy of the configured SQLite database to a new file while kas runs
+    /// (restore: stop kas, put the file at `database.sqlite_path`, start kas). PostgreSQL is
+    /// backed up with pg_dump.
+    #[command(after_help = "Examples:\n  kas store backup --to /backups/kas-$(date +%F).sqlite")]
+    Backup {
+        /// The file to write (refused if it exists, unless --force).
+        #[arg(long)]
+        to: PathBuf,
+        /// Replace the file if it exists (the old one stays whole until the new one is
+        /// complete).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -44,6 +44,16 @@ pub async fn store_cmd(cfg: &Config, cmd: &StoreCmd) -> Result<()> {
             let total: u64 = counts.iter().map(|c| c.rows).sum();
             out!("copied {total} records from {from} to {to}")?;
         }
+        StoreCmd::Backup { to, force } => {
+            let location = cfg.database_location();
+            let done = kas::database::backup(&location, to, *force).await?;
+            out!(
+                "backed up {location} to {} ({} bytes; the database was read for {} ms)",
+                to.display(),
+                done.bytes,
+                done.took.as_millis()
+            )?;
+        }
     }
     Ok(())
 }
