@@ -271,12 +271,7 @@ fn assert_hardened_agentk(d: &Value, token_secret: &str) {
         args.contains(&"--observability-listen-address=0.0.0.0:8080"),
         "{args:?}"
     );
-    let token_volume = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "token")
-        .unwrap();
+    let token_volume = pod_volume(pod, "token");
     assert_eq!(token_volume["secret"]["secretName"], token_secret);
     let env: Vec<&Value> = c["env"].as_array().unwrap().iter().collect();
     assert!(
@@ -531,6 +526,72 @@ fn service_ports(objs: &[Value], ns: &str) -> Vec<(String, u64)> {
     v
 }
 
+/// The volume of the Pod holding `path`: the mount with the longest path above it.
+fn volume_of(pod: &Value, path: &Path) -> String {
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
+    let mount = mounts
+        .iter()
+        .filter(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+        .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
+        .unwrap_or_else(|| panic!("{} is on no volume: {mounts:?}", path.display()));
+    mount["name"].as_str().unwrap().to_owned()
+}
+
+/// The Pod's volume named `name`.
+fn pod_volume<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    let volumes = pod["volumes"].as_array().unwrap();
+    let found = volumes.iter().find(|v| v["name"] == name);
+    found.unwrap_or_else(|| panic!("no volume {name}: {volumes:?}"))
+}
+
+/// The names of a StatefulSet's claim templates.
+fn claim_templates(sts: &Value) -> Vec<&str> {
+    sts["spec"]["volumeClaimTemplates"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| t["metadata"]["name"].as_str().unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Git mirrors and the SQLite database are on different volumes, so mirrors growing cannot
+/// fill the database's disk: by default the mirrors on an emptyDir with a size limit, or on a
+/// claim of their own.
+fn assert_mirrors_apart_from_the_database(env: &TestEnv, ns: &str, objs: &[Value]) {
+    let cfg = kas_configuration(objs, ns);
+    let sts = find(objs, "StatefulSet", Some(ns), "kas");
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(volume_of(pod, &cfg.sqlite_path()), "data");
+    assert_eq!(volume_of(pod, &cfg.admin_token_file()), "data");
+    assert_eq!(volume_of(pod, &cfg.git_cache_dir()), "mirrors");
+    let mirrors = pod_volume(pod, "mirrors");
+    assert_eq!(mirrors["emptyDir"]["sizeLimit"], "5Gi", "{mirrors}");
+    assert_eq!(claim_templates(sts), ["data"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let values = write(
+        dir.path(),
+        "mirrors.yaml",
+        "mirrors:\n  size: 20Gi\n  persistence:\n    enabled: true\n",
+    );
+    let objs = objects(&template(env, "kas", "kas", ns, &[values]));
+    let sts = find(&objs, "StatefulSet", Some(ns), "kas");
+    let pod = &sts["spec"]["template"]["spec"];
+    assert!(
+        !pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "mirrors"),
+        "the claim's volume comes from its template"
+    );
+    assert_eq!(claim_templates(sts), ["data", "mirrors"]);
+    let claim = &sts["spec"]["volumeClaimTemplates"][1]["spec"];
+    assert_eq!(claim["resources"]["requests"]["storage"], "20Gi");
+}
+
 #[test]
 fn the_kas_chart_is_accepted_by_the_cluster() {
     let env = TestEnv::from_env().expect("a running control plane");
@@ -568,10 +629,7 @@ fn the_kas_chart_is_accepted_by_the_cluster() {
     );
     let sts = find(&objs, "StatefulSet", Some(&ns), "kas");
     assert_eq!(sts["spec"]["replicas"], 1);
-    assert_eq!(
-        sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
-        "data"
-    );
+    assert_mirrors_apart_from_the_database(&env, &ns, &objs);
     let c = &sts["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/liveness");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readiness");
@@ -633,6 +691,11 @@ fn the_kas_chart_is_accepted_by_the_cluster() {
         cfg.git.poll_interval,
         std::time::Duration::from_secs(60),
         "config merged in"
+    );
+    assert_eq!(
+        cfg.git_cache_dir(),
+        Path::new("/var/lib/kas-mirrors"),
+        "the chart's git keys kept beside those merged in"
     );
     assert!(
         service_ports(&objs, &ns).contains(&("kas-webhooks".to_string(), 8155)),
@@ -950,12 +1013,7 @@ fn the_kas_chart_scales_out_on_postgresql_redis_and_peers() {
         ("redis-ca", "kas-redis-ca"),
         ("peers", "kas-peers"),
     ] {
-        let v = pod["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == volume)
-            .unwrap();
+        let v = pod_volume(pod, volume);
         assert_eq!(v["secret"]["secretName"], secret);
     }
     // The peers port is no Service's: replicas reach each other by Pod IP.

@@ -90,6 +90,8 @@ mounts of the StatefulSet (data on the volume, TLS and the admin token from Secr
 {{- if $v.peers.secretName }}
 {{- $_ = set $cfg "peers" (dict "listen" (printf "0.0.0.0:%v" $v.peers.port) "secret_file" "/etc/kas/peers/secret") }}
 {{- end }}
+{{- /* Mirrors on their own volume: their growth must not fill the database's disk. */}}
+{{- $_ = set $cfg "git" (dict "cache_dir" "/var/lib/kas-mirrors") }}
 {{- /* Checkouts on the Pod's emptyDir, not the (small) data volume; kas owns the folder. */}}
 {{- $_ = set $cfg "gitops" (dict "render" (dict "work_dir" "/tmp/kas-render")) }}
 {{- /* On SIGTERM: not ready, still serving while the Service and proxies drop the Pod. */}}
