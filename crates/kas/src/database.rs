@@ -172,10 +172,11 @@ pub async fn backup(location: &DatabaseLocation, to: &Path, force: bool) -> Resu
         );
     }
     let partial = partial_path(to)?;
+    create_partial(&partial)?;
     let written = write_snapshot(path, &partial).await;
     let placed = written.and_then(|took| place(&partial, to, force).map(|()| took));
     if placed.is_err() {
-        // Only ours: created with create_new below. It may not exist when creating it failed.
+        // Ours (created just above); what failed is the error to report, not this removal.
         let _ = std::fs::remove_file(&partial);
     }
     let took = placed?;
@@ -197,15 +198,21 @@ fn partial_path(to: &Path) -> Result<PathBuf> {
     Ok(to.with_file_name(partial))
 }
 
-/// Creates `partial` (owner-only: the backup holds token digests), fills it with the snapshot
-/// and flushes it to disk; returns how long the database was read.
-async fn write_snapshot(db: &Path, partial: &Path) -> Result<Duration> {
+/// Creates the empty `partial`, owner-only: the backup holds token digests (SQLite writes into
+/// an empty file and keeps its mode).
+fn create_partial(partial: &Path) -> Result<()> {
     std::os::unix::fs::OpenOptionsExt::mode(
         std::fs::OpenOptions::new().write(true).create_new(true),
         0o600,
     )
     .open(partial)
     .with_context(|| format!("creating {} to write the backup into", partial.display()))?;
+    Ok(())
+}
+
+/// Fills `partial` with the snapshot and flushes it to disk; returns how long the database was
+/// read.
+async fn write_snapshot(db: &Path, partial: &Path) -> Result<Duration> {
     let Some(target) = partial.to_str() else {
         bail!("{}: SQLite takes only UTF-8 file names", partial.display());
     };
