@@ -321,6 +321,13 @@ impl AdminClient {
         self.json(Method::POST, &path, Some(req)).await
     }
 
+    /// Whether `req.reported` is a newer commit than `req.fetched` that includes it.
+    pub async fn supersedes(&self, agent_id: i64, req: &crate::SupersedesRequest) -> Result<bool> {
+        let path = format!("/api/v1/agents/{agent_id}/reconcile/supersedes");
+        let view: crate::SupersedesView = self.json(Method::POST, &path, Some(req)).await?;
+        Ok(view.supersedes)
+    }
+
     /// How far the agent's syncs under way for a reconcile got.
     pub async fn gitops_progress(&self, agent_id: i64) -> Result<Vec<ProgressView>> {
         let path = format!("/api/v1/agents/{agent_id}/gitops/progress");

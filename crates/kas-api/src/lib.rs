@@ -142,6 +142,22 @@ pub struct ReconcileTarget {
     pub streams: usize,
 }
 
+/// `POST /api/v1/agents/{id}/reconcile/supersedes`: whether the commit an agent reported for a
+/// reconcile is newer than the one the reconcile fetched (pushed in between) and includes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SupersedesRequest {
+    /// The manifest project, as the agent's configuration names it.
+    pub project: String,
+    pub fetched: String,
+    pub reported: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct SupersedesView {
+    /// `reported` descends from `fetched` (and is not it).
+    pub supersedes: bool,
+}
+
 /// How far a sync under way for `kas agent reconcile` got.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProgressView {

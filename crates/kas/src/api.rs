@@ -29,7 +29,7 @@ use tether_git_source::{Delivery, Sources};
 pub use tether_kas_api::{
     AgentView, ConfigView, ConnectionView, CreateTokenRequest, ObjectView, ProjectRequest,
     ProjectView, RefusalView, RegisterRequest, ReportedOutcome, ReportedStatus, Revoked, Stats,
-    SyncView, TokenCreated, TokenView, UserTokenCreated, UserTokenRequest,
+    SupersedesRequest, SyncView, TokenCreated, TokenView, UserTokenCreated, UserTokenRequest,
 };
 
 #[derive(Clone, Debug)]

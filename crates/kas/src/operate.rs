@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use tether_agent_config::{AgentConfig, ProjectRef};
 use tether_kas_api::{
     AgentDeleted, ProgressView, ReconcileRequest, ReconcileStarted, ReconcileTarget, Resumed,
-    SuspendRequest, SuspensionView, UserTokenView,
+    SupersedesRequest, SupersedesView, SuspendRequest, SuspensionView, UserTokenView,
 };
 use tether_store::{Project, Suspension, SuspensionScope};
 
@@ -32,6 +32,7 @@ pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/api/v1/agents/{id}", delete(delete_agent))
         .route("/api/v1/agents/{id}/reconcile", post(reconcile))
+        .route("/api/v1/agents/{id}/reconcile/supersedes", post(supersedes))
         .route("/api/v1/agents/{id}/suspend", post(suspend))
         .route("/api/v1/agents/{id}/resume", post(resume))
         .route("/api/v1/user-tokens", get(list_user_tokens))
@@ -240,6 +241,42 @@ async fn reconcile(
         resync_id: resync.0,
         projects: targets,
     }))
+}
+
+/// How far back a reported commit's history is searched for the fetched one.
+const SUPERSEDES_LIMIT: usize = 10_000;
+
+/// Whether the commit the agent reported for a reconcile was pushed after the one the
+/// reconcile fetched, on top of it: then the fetched commit is applied too (`kas agent
+/// reconcile --wait` failed when someone pushed while it waited).
+async fn supersedes(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+    Json(req): Json<SupersedesRequest>,
+) -> Result<Json<SupersedesView>, ApiError> {
+    let parse = |hex: &str| {
+        tether_git_source::CommitId::from_hex(hex).map_err(|_| {
+            err(
+                StatusCode::BAD_REQUEST,
+                format!("{hex:?} is not a commit id"),
+            )
+        })
+    };
+    let (fetched, reported) = (parse(&req.fetched)?, parse(&req.reported)?);
+    let config = agent_config(&st, agent_id).await?;
+    let projects = manifest_projects(&st, &config, Some(&req.project)).await?;
+    let mirror = projects
+        .into_iter()
+        .find_map(|(_, p)| p)
+        .and_then(|p| st.sources.mirror(p.id));
+    let Some(mirror) = mirror.filter(|_| fetched != reported) else {
+        return Ok(Json(SupersedesView { supersedes: false }));
+    };
+    let walk = tokio::task::spawn_blocking(move || {
+        mirror.in_history(&fetched, &reported, SUPERSEDES_LIMIT)
+    });
+    let supersedes = matches!(walk.await, Ok(Ok(true)));
+    Ok(Json(SupersedesView { supersedes }))
 }
 
 /// The commit, after the fetch, of the ref the agent follows in `key` (its default branch's is

@@ -786,3 +786,31 @@ fn subcommands(help: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// kas tells `kas agent reconcile --wait` whether the commit the agent reported was pushed
+/// after the fetched one, on top of it (then the fetched commit is applied too, and the wait
+/// ends well): only for a descendant, not for the same, an older or an unknown commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_pushed_on_top_of_the_fetched_one_supersedes_it() {
+    let (rig, ns, c1) = configmap_rig("supersedes").await;
+    let c2 = rig.manifests.commit(
+        &[("manifests/cm.yaml", Some(&configmap("app", &ns, "v2")))],
+        "v2",
+    );
+    rig.synced(&c2).await;
+    let ask = |fetched: &str, reported: &str| {
+        let req = kas::api::SupersedesRequest {
+            project: "group/manifests".into(),
+            fetched: fetched.into(),
+            reported: reported.into(),
+        };
+        let admin = &rig.kas.admin;
+        async move { admin.supersedes(rig.agent_id, &req).await }
+    };
+    assert!(ask(&c1, &c2).await.unwrap(), "c2 was pushed on top of c1");
+    assert!(!ask(&c2, &c1).await.unwrap(), "c1 is older");
+    assert!(!ask(&c2, &c2).await.unwrap(), "the same commit");
+    let unknown = "0123456789abcdef0123456789abcdef01234567";
+    assert!(!ask(&c1, unknown).await.unwrap());
+    assert!(ask(&c1, "not-a-commit").await.is_err());
+}

@@ -8,7 +8,7 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tether_kas_api::{
     AdminClient, ProgressView, ReconcileRequest, ReconcileStarted, ReportedOutcome, ReportedStatus,
-    SyncView,
+    SupersedesRequest, SyncView,
 };
 use tokio::time::Instant;
 
@@ -105,6 +105,37 @@ pub fn judge(s: &SyncView, summary: &Summary, fetched: Option<&str>) -> Outcome 
     } else {
         Outcome::Failed
     }
+}
+
+/// When the agent reports a commit pushed after the fetched one, on top of it (someone
+/// pushed while the reconcile waited), the line saying so: the fetched commit is applied
+/// too. Asked of kas, which has the history; an error (an older kas) counts as not.
+async fn superseded_line(
+    c: &AdminClient,
+    agent_id: i64,
+    s: &SyncView,
+    fetched: Option<&str>,
+) -> Option<String> {
+    let fetched = fetched.filter(|f| *f != s.commit_id)?;
+    let req = SupersedesRequest {
+        project: s.project_id.clone(),
+        fetched: fetched.to_owned(),
+        reported: s.commit_id.clone(),
+    };
+    c.supersedes(agent_id, &req)
+        .await
+        .unwrap_or(false)
+        .then(|| newer_commit_line(s, fetched))
+}
+
+/// The line saying a report is of a newer commit than the one fetched, which it includes.
+pub fn newer_commit_line(s: &SyncView, fetched: &str) -> String {
+    format!(
+        "{}: commit {} was pushed after commit {} was fetched, and includes it",
+        s.project_id,
+        short(&s.commit_id),
+        short(fetched)
+    )
 }
 
 /// The line saying a report is not of the commit fetched, naming that commit.
@@ -284,6 +315,13 @@ async fn follow(
                 .find(|t| t.project == s.project_id)
                 .and_then(|t| t.commit.as_deref());
             progress.line(&report_line(&s, &summary))?;
+            let fetched = match superseded_line(c, agent_id, &s, fetched).await {
+                Some(line) => {
+                    progress.line(&line)?;
+                    None
+                }
+                None => fetched,
+            };
             if let Some(line) = other_commit_line(&s, fetched) {
                 progress.line(&line)?;
             }
@@ -464,6 +502,10 @@ mod tests {
             Some(
                 "group/manifests: commit fedcba987654 was fetched, but the agent reports commit 0123456789ab: fedcba987654 is not applied"
             )
+        );
+        assert_eq!(
+            newer_commit_line(&older, "fedcba9876543210"),
+            "group/manifests: commit 0123456789ab was pushed after commit fedcba987654 was fetched, and includes it"
         );
         let same = Some("0123456789abcdef");
         assert_eq!(judge(&older, &s, same), Outcome::Synced);
