@@ -9,6 +9,7 @@
 //! caller the agent's own ServiceAccount rights, usually far broader than kas granted.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
@@ -34,9 +35,32 @@ pub struct KubeApiHandler(Arc<Inner>);
 struct Inner {
     base: Uri,
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
+    timeouts: Timeouts,
     token: Option<String>,
     token_file: Option<String>,
 }
+
+/// How long a tunnelled request waits on the Kubernetes API server before agentk answers it
+/// with 504 itself. Without them a blackholed API server address, or a pooled connection that
+/// died silently, held a CI job's request (and its tunnel stream) forever.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Establishing the TCP connection.
+    pub connect: Duration,
+    /// From sending the request until its response headers arrive. The body is not timed: a
+    /// watch, `logs -f`, exec or port-forward lasts as long as it wants once its headers (or
+    /// its 101) came. The API server answers non-long-running requests within its own 60 s
+    /// request timeout, so this stays well above that and fires only when nothing answers.
+    pub response_headers: Duration,
+}
+
+/// TCP keepalive on connections to the API server: an idle pooled connection (or a quiet watch)
+/// whose peer vanished is found dead within about a minute (30 s idle, then 3 probes 10 s
+/// apart) instead of the kernel's two hours. The client speaks HTTP/1.1 only (kube's connector
+/// offers no h2 in ALPN), so there are no HTTP/2 pings to set.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
 impl std::fmt::Debug for KubeApiHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -47,17 +71,22 @@ impl std::fmt::Debug for KubeApiHandler {
 }
 
 impl KubeApiHandler {
-    pub fn new(config: &kube::Config) -> anyhow::Result<Self> {
+    pub fn new(config: &kube::Config, timeouts: Timeouts) -> anyhow::Result<Self> {
         use secrecy::ExposeSecret;
         // No Nagle delay on small API requests (watch events, exec frames).
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeouts.connect));
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+        http.set_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL));
+        http.set_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
         let connector = config.rustls_https_connector_with_connector(http)?;
         let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Self(Arc::new(Inner {
             base: config.cluster_url.clone(),
             client,
+            timeouts,
             token: config
                 .auth_info
                 .token
@@ -148,13 +177,7 @@ async fn try_forward(
     let out = out
         .body(body.boxed())
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "BadRequest", e))?;
-    let mut resp = h.client.request(out).await.map_err(|e| {
-        Refusal::new(
-            StatusCode::BAD_GATEWAY,
-            "ServiceUnavailable",
-            format!("the agent cannot reach the Kubernetes API: {e}"),
-        )
-    })?;
+    let mut resp = send(h, out).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
@@ -162,6 +185,47 @@ async fn try_forward(
     }
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// Sends `out` to the API server and waits for its response headers, at most
+/// `timeouts.response_headers`; a timeout is answered 504 naming the API server (and logged at
+/// warn: a CI job sees it as its own failure otherwise), any other failure 502.
+async fn send(h: &Inner, out: Request<Body>) -> Result<Response<Incoming>, Refusal> {
+    let timeouts = h.timeouts;
+    let timed_out = |what: String| {
+        tracing::warn!(api_server = %h.base, "{what}");
+        Refusal::new(StatusCode::GATEWAY_TIMEOUT, "Timeout", what)
+    };
+    match tokio::time::timeout(timeouts.response_headers, h.client.request(out)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) if e.is_connect() && is_timeout(&e) => Err(timed_out(format!(
+            "the agent could not connect to the Kubernetes API server at {} within {:?}",
+            h.base, timeouts.connect
+        ))),
+        Ok(Err(e)) => Err(Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            "ServiceUnavailable",
+            format!("the agent cannot reach the Kubernetes API: {e}"),
+        )),
+        Err(_) => Err(timed_out(format!(
+            "the Kubernetes API server at {} sent no response headers within {:?}",
+            h.base, timeouts.response_headers
+        ))),
+    }
+}
+
+/// Whether an error's cause is an I/O timeout (the connector's connect timeout).
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// The caller's headers without credentials or hop-by-hop ones, plus impersonation of the
@@ -323,10 +387,24 @@ mod tests {
         .unwrap()
     }
 
+    /// Test timeouts: long enough never to fire unless a test means them to.
+    const PATIENT: Timeouts = Timeouts {
+        connect: Duration::from_secs(30),
+        response_headers: Duration::from_secs(30),
+    };
+
     /// Sends one GET through the handler as kas would, with `metadata`; returns status and body.
     async fn get_through_agent(base: &Uri, metadata: &HashMap<String, String>) -> (u16, String) {
+        get_through(base, PATIENT, metadata).await
+    }
+
+    async fn get_through(
+        base: &Uri,
+        timeouts: Timeouts,
+        metadata: &HashMap<String, String>,
+    ) -> (u16, String) {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let handler = KubeApiHandler::new(&kube::Config::new(base.clone())).unwrap();
+        let handler = KubeApiHandler::new(&kube::Config::new(base.clone()), timeouts).unwrap();
         let (kas_side, agent_side) = tokio::io::duplex(64 * 1024);
         let served = tokio::spawn(serve_connection(
             Arc::clone(&handler.0),
@@ -385,5 +463,144 @@ mod tests {
         let (code, body) = get_through_agent(&base, &valid_metadata()).await;
         assert_eq!(code, 200, "{body}");
         assert_eq!(*seen.lock().unwrap(), vec!["gitlab:ci_job:777".to_owned()]);
+    }
+
+    /// Sends a request through the agent to `base` and expects agentk's own 504, a Kubernetes
+    /// `Status` naming the API server and saying `what`, in well under 10 s; returns how long
+    /// it took.
+    async fn expect_504(base: &Uri, timeouts: Timeouts, what: &str) -> Duration {
+        let started = std::time::Instant::now();
+        let (code, body) = get_through(base, timeouts, &valid_metadata()).await;
+        let took = started.elapsed();
+        assert_eq!(code, 504, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect(&body);
+        assert_eq!(v["kind"], "Status", "{body}");
+        assert_eq!(v["reason"], "Timeout", "{body}");
+        let message = v["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&base.to_string()), "{message}");
+        assert!(message.contains(what), "{message}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        took
+    }
+
+    /// Log lines written while the guard lives, on this thread (a current-thread test runtime
+    /// runs every task here).
+    fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&logs);
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || SharedWriter(Arc::clone(&sink)))
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    struct SharedWriter(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_api_server_that_accepts_and_never_answers_gets_a_504_at_the_header_timeout() {
+        let (logs, _guard) = capture_logs();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base: Uri = format!("http://{}", l.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        // Accepts, reads the request and never answers: a hung API server, or a connection
+        // whose peer went away without a reset.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = l.accept().await {
+                held.push(tcp);
+            }
+        });
+        let timeouts = Timeouts {
+            response_headers: Duration::from_millis(300),
+            ..PATIENT
+        };
+        let took = expect_504(&base, timeouts, "sent no response headers within 300ms").await;
+        assert!(took >= timeouts.response_headers, "{took:?}");
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("WARN") && l.contains("no response headers within 300ms")),
+            "{logs}"
+        );
+    }
+
+    /// A listener whose accept queue is full: Linux drops further SYNs, so a connect to it
+    /// hangs as to a blackholed address, without sending anything off this machine.
+    async fn unconnectable_address() -> (Uri, Vec<tokio::net::TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut filling = Vec::new();
+        for _ in 0..16 {
+            let connect = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(Duration::from_secs(1), connect).await {
+                Ok(Ok(tcp)) => filling.push(tcp),
+                Ok(Err(e)) => panic!("filling the accept queue: {e}"),
+                Err(_) => {
+                    // Kept alive with the connections that fill its queue.
+                    std::mem::forget(listener);
+                    let uri = format!("http://{addr}").parse().unwrap();
+                    return (uri, filling);
+                }
+            }
+        }
+        panic!("the accept queue never filled");
+    }
+
+    #[tokio::test]
+    async fn an_api_server_address_that_cannot_be_connected_gets_a_504_at_the_connect_timeout() {
+        let (base, _filling) = unconnectable_address().await;
+        let timeouts = Timeouts {
+            connect: Duration::from_millis(300),
+            ..PATIENT
+        };
+        let took = expect_504(&base, timeouts, "could not connect").await;
+        assert!(took >= timeouts.connect, "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_lasts_past_the_header_timeout_once_its_headers_came() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base: Uri = format!("http://{}", l.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        // A watch: headers at once, then an event every 200 ms, the last one well past the
+        // header timeout.
+        tokio::spawn(async move {
+            let (mut tcp, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await.unwrap();
+            tcp.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            for i in 0..4 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let event = format!("event{i}\n");
+                let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+                tcp.write_all(chunk.as_bytes()).await.unwrap();
+            }
+            tcp.write_all(b"0\r\n\r\n").await.unwrap();
+        });
+        let timeouts = Timeouts {
+            response_headers: Duration::from_millis(300),
+            ..PATIENT
+        };
+        let (code, body) = get_through(&base, timeouts, &valid_metadata()).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body, "event0\nevent1\nevent2\nevent3\n");
     }
 }

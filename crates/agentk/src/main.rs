@@ -84,6 +84,16 @@ struct Cli {
     /// Interval of HTTP/2 pings to kas (below typical 60 s load-balancer idle timeouts).
     #[arg(long, default_value = "55s", value_parser = humantime_duration)]
     keepalive_interval: Duration,
+    /// A tunnelled request whose TCP connection to the Kubernetes API server is not up within
+    /// this long is answered 504.
+    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    kube_api_connect_timeout: Duration,
+    /// A tunnelled request whose response headers the Kubernetes API server has not sent within
+    /// this long is answered 504. Above the API server's own 60 s request timeout, so only a
+    /// server that does not answer at all hits it; a watch or exec stream is not limited once
+    /// its headers came.
+    #[arg(long, default_value = "2m", value_parser = humantime_duration)]
+    kube_api_response_header_timeout: Duration,
     /// Elect one replica (a Lease `agent-<id>-lock`) to apply GitOps; all replicas serve tunnels.
     /// Turn off only when exactly one replica can ever run.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -384,7 +394,13 @@ fn tunnel_pool(
     );
     handlers.insert(
         tether_protocol::services::KUBERNETES_API.to_string(),
-        Arc::new(kubeproxy::KubeApiHandler::new(kube_cfg)?),
+        Arc::new(kubeproxy::KubeApiHandler::new(
+            kube_cfg,
+            kubeproxy::Timeouts {
+                connect: cli.kube_api_connect_timeout,
+                response_headers: cli.kube_api_response_header_timeout,
+            },
+        )?),
     );
     let cfg = PoolConfig {
         min_idle: cli.tunnel_min_idle,
