@@ -157,13 +157,13 @@ fn start_election(
 ) -> Result<(gitops::Leadership, Option<tokio::task::JoinHandle<()>>)> {
     if !cli.leader_election {
         tracing::warn!("Leader election is off: this replica applies GitOps unconditionally");
-        return Ok((gitops::Leadership::unconditional(), None));
+        return Ok(no_election(&metrics));
     }
     let Some(namespace) = lease_namespace(cli) else {
         tracing::warn!(
             "No namespace for the leader Lease (set POD_NAMESPACE or --leader-election-namespace): this replica applies GitOps unconditionally"
         );
-        return Ok((gitops::Leadership::unconditional(), None));
+        return Ok(no_election(&metrics));
     };
     let timing = leader::Timing {
         lease_duration: cli.leader_election_lease_duration,
@@ -199,6 +199,14 @@ fn start_election(
         elector.run(tx, shutdown).await;
     });
     Ok((gitops::Leadership::elected(rx), Some(task)))
+}
+
+/// Without an election this replica always applies, and its leader gauge says so.
+fn no_election(
+    metrics: &leader::ElectionMetrics,
+) -> (gitops::Leadership, Option<tokio::task::JoinHandle<()>>) {
+    metrics.unconditional();
+    (gitops::Leadership::unconditional(), None)
 }
 
 /// The longest duration a flag takes: a year is beyond any sensible interval or deadline, and
@@ -516,22 +524,28 @@ async fn wait_for_termination() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
+
+    /// The command line with the required flags and `extra`.
+    fn parse_cli(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let required = [
+            "agentk",
+            "--kas-address",
+            "grpc://kas:8150",
+            "--token-file",
+            "t",
+        ];
+        Cli::try_parse_from(required.iter().chain(extra))
+    }
 
     /// A duration flag past a year is refused before agentk starts, naming the flag, rather
     /// than overflowing the clock arithmetic later.
     #[test]
     fn duration_flags_over_a_year_are_refused_naming_the_flag() {
         let parse = |value: &str| {
-            let args = [
-                "agentk",
-                "--kas-address",
-                "grpc://kas:8150",
-                "--token-file",
-                "t",
-            ];
-            Cli::try_parse_from(args.into_iter().chain(["--gitops-resync-interval", value]))
-                .map(|c| c.gitops_resync_interval)
+            parse_cli(&["--gitops-resync-interval", value]).map(|c| c.gitops_resync_interval)
         };
         assert_eq!(parse("8760h").ok(), Some(MAX_FLAG_DURATION));
         let e = parse("8761h")
@@ -561,6 +575,30 @@ mod tests {
         );
         assert_eq!(replica_identity(None, some(""), 42), "agentk-42");
         assert_eq!(replica_identity(None, None, 42), "agentk-42");
+    }
+
+    /// Without an election the replica applies unconditionally and is exported as the leader
+    /// (`lease=""`), so dashboards and `TetherAgentNoLeader` see one instead of nothing.
+    #[tokio::test]
+    async fn without_an_election_the_leader_gauge_is_1() {
+        let cli = parse_cli(&["--leader-election=false"]).unwrap();
+        // Never contacted: without an election nothing reads or writes a Lease.
+        let kube = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+            .unwrap();
+        let metrics = leader::ElectionMetrics::default();
+        let mut reg = prometheus_client::registry::Registry::with_prefix("agentk");
+        metrics.register(&mut reg);
+        let (_, config) = watch::channel(None);
+        let stop = CancellationToken::new();
+        let (_, task) =
+            start_election(&cli, kube, config, "agentk-a".into(), metrics, stop).unwrap();
+        assert!(task.is_none(), "no election runs");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(
+            text.lines().any(|l| l == r#"agentk_leader{lease=""} 1"#),
+            "{text}"
+        );
     }
 
     #[test]

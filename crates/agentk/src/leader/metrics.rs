@@ -45,6 +45,15 @@ impl ElectionMetrics {
         let _ = self.failures.get_or_create(&label(lease));
     }
 
+    /// There is no election (`--leader-election=false`, or no namespace for the Lease): this
+    /// replica applies unconditionally, so it is exported as a leader, under the empty Lease
+    /// name (Prometheus stores the series without the label). Absent instead, dashboards and
+    /// `TetherAgentNoLeader` could not tell an agent that applies from one that never started
+    /// its election.
+    pub fn unconditional(&self) {
+        self.leading("", true);
+    }
+
     pub(super) fn leading(&self, lease: &str, lead: bool) {
         self.leader
             .get_or_create(&label(lease))
