@@ -106,6 +106,13 @@ impl StreamEvents for Apply {
     }
 
     fn failed(&mut self, status: &Status) {
+        if !tether_tunnel_agent::is_refusal(status.code()) {
+            // The connection ended under the stream: every 2 h kas rotates it (its maximum
+            // age). Whether kas is reachable the reopening tells, and warns if not.
+            tracing::debug!(code = ?status.code(), error = status.message(), "The configuration stream ended; reconnecting");
+            self.last_error = None;
+            return;
+        }
         if self.last_error != Some(status.code()) {
             tracing::warn!(code = ?status.code(), error = status.message(), "The configuration stream ended; reconnecting");
             self.last_error = Some(status.code());

@@ -572,12 +572,19 @@ impl Worker {
                 return;
             }
             Err(status) => {
-                stream.failures = stream.failures.saturating_add(1);
-                tracing::warn!(code = ?status.code(), error = status.message(), "The manifests stream ended; reconnecting");
+                let step = stream.failures.saturating_add(1);
+                if tether_tunnel_agent::is_refusal(status.code()) {
+                    stream.failures = step;
+                    tracing::warn!(code = ?status.code(), error = status.message(), "The manifests stream ended; reconnecting");
+                } else {
+                    // The connection ended under the stream: every 2 h kas rotates it (its
+                    // maximum age). Not counted as a failure, so a reopening that fails warns.
+                    tracing::debug!(code = ?status.code(), error = status.message(), "The manifests stream ended; reconnecting");
+                }
                 stream.open = None;
                 stream.lost = true;
                 stream.building = None;
-                stream.reconnect_at = Instant::now() + retry_delay(stream.failures);
+                stream.reconnect_at = Instant::now() + retry_delay(step);
                 return;
             }
         };

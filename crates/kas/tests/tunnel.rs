@@ -664,3 +664,60 @@ async fn a_request_in_flight_outlives_the_header_and_idle_timeouts() {
     );
     eprintln!("a {took:?} request completed under 1 s header and idle timeouts");
 }
+
+/// kas closes each agent connection at `max_connection_age` (GOAWAY, then the grace for what
+/// is in flight): a planned rotation agentk follows by reconnecting. It is logged at info at
+/// most, never as a warning or an error (every 2 h in production, it made each agentk warn
+/// "Cannot reach kas", and the configuration stream warn that it ended), and the tunnel keeps
+/// working across rotations. A kas that is gone for real still makes agentk warn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_rotations_at_max_age_are_not_warnings_but_losing_kas_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kas = Kas::start(
+        dir.path(),
+        KasOptions {
+            agent_extra: "  max_connection_age: 3s\n  max_connection_age_grace: 1s\n",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "rotated")
+        .await
+        .unwrap();
+    let agent = Agent::start(dir.path(), "rotated", &kas.url("grpc"), &t.token, None);
+    // Each rotation brings a new connection, from a new port.
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    wait_for("two rotations", Duration::from_secs(60), || async {
+        let view = kas.agent(t.agent_id).await;
+        let mut seen = seen.lock().unwrap();
+        seen.extend(view.connections.iter().map(|c| c.remote_addr.clone()));
+        (seen.len() >= 3).then_some(())
+    })
+    .await;
+    kas.wait_connected(t.agent_id).await;
+    let back = kas.admin.echo(t.agent_id, b"after".to_vec()).await.unwrap();
+    assert_eq!(back.as_ref(), b"after");
+    let noisy = |agent: &Agent| -> Vec<String> {
+        agent
+            .log_lines()
+            .iter()
+            .filter(|l| {
+                let level = l["level"].as_str().map(str::to_lowercase);
+                matches!(level.as_deref(), Some("warn" | "error"))
+            })
+            .map(|l| l["msg"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(noisy(&agent), Vec::<String>::new(), "{}", agent.log());
+
+    kas.kill9();
+    wait_for("agentk's warning", Duration::from_secs(20), || async {
+        noisy(&agent)
+            .iter()
+            .any(|m| m == "Cannot reach kas; retrying with backoff")
+            .then_some(())
+    })
+    .await;
+}

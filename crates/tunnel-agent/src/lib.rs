@@ -14,5 +14,6 @@ mod token;
 pub use backoff::Backoff;
 pub use pool::{
     AgentConn, AgentMeta, BoxFuture, ConnState, EchoHandler, Handler, Pool, PoolConfig, PoolStats,
+    is_refusal,
 };
 pub use token::{AgentToken, TokenError};

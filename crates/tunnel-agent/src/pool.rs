@@ -141,6 +141,9 @@ struct Shared {
     counts: Mutex<PoolStats>,
     wake: Notify,
     state: watch::Sender<ConnState>,
+    /// The working connection ended, logged at info only, after this many attempts had begun
+    /// (see [`failure_log`]).
+    lost_at: Mutex<Option<u64>>,
     metrics: Metrics,
 }
 
@@ -166,32 +169,50 @@ impl Shared {
         self.wake.notify_one();
     }
 
-    fn set_state(&self, new: ConnState) {
+    /// Publishes the connection state and logs its changes: one line per change, not one per
+    /// stream or retry. `cause` says how a failure came about (ignored for `Connected`).
+    fn set_state(&self, new: ConnState, cause: Cause) {
+        let attempts = self.counts().attempts;
+        let mut lost_at = self
+            .lost_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.state.send_if_modified(|s| {
+            match &new {
+                ConnState::Connected => {
+                    *lost_at = None;
+                    if *s != ConnState::Connected {
+                        tracing::info!(
+                            feature_name = "tunnel",
+                            feature_status = "enabled",
+                            "Feature status change"
+                        );
+                    }
+                }
+                ConnState::Failed { code, message } => {
+                    if *s == ConnState::Connected {
+                        tracing::info!(
+                            feature_name = "tunnel",
+                            feature_status = "disabled",
+                            "Feature status change"
+                        );
+                    }
+                    match failure_log(s, *code, cause, *lost_at) {
+                        FailureLog::Silent => {}
+                        FailureLog::Reconnecting => {
+                            tracing::info!(code = ?code, error = message, "The connection to kas ended (kas closes connections at their maximum age); reconnecting");
+                            *lost_at = Some(attempts);
+                        }
+                        FailureLog::Failure => {
+                            log_failure(*code, message);
+                            *lost_at = None;
+                        }
+                    }
+                }
+                ConnState::Connecting => {}
+            }
             if *s == new {
                 return false;
-            }
-            match (&*s, &new) {
-                (_, ConnState::Connected) => {
-                    tracing::info!(
-                        feature_name = "tunnel",
-                        feature_status = "enabled",
-                        "Feature status change"
-                    );
-                }
-                (ConnState::Connected, ConnState::Failed { code, message }) => {
-                    tracing::info!(
-                        feature_name = "tunnel",
-                        feature_status = "disabled",
-                        "Feature status change"
-                    );
-                    log_failure(*code, message);
-                }
-                // Same failure again (each retry): stay quiet, the first line said it.
-                (ConnState::Failed { code: old, .. }, ConnState::Failed { code, .. })
-                    if old == code => {}
-                (_, ConnState::Failed { code, message }) => log_failure(*code, message),
-                _ => {}
             }
             *s = new;
             true
@@ -199,8 +220,70 @@ impl Shared {
     }
 }
 
+/// How the pool's state came to be a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// Opening a stream of this attempt failed, or kas ended one right after opening it.
+    OpenFailed { attempt: u64 },
+    /// A stream of a working connection ended: kas closed the connection at its maximum age
+    /// (GOAWAY, then the grace for what is in flight), or it restarted, or the network lost
+    /// it. Which one only the reconnect tells.
+    Lost,
+}
+
+/// What a failure is logged as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureLog {
+    Silent,
+    /// At info: a working connection ended and agentk reconnects; normal every
+    /// `max_connection_age` (2 h), so no warning unless the reconnect fails too.
+    Reconnecting,
+    /// [`log_failure`]: a warning, or an error for a refused token.
+    Failure,
+}
+
+/// Decides how a failure with `code` and `cause` is logged after the state `old` (pure).
+/// `lost_at`: the working connection ended and was logged at info only, when this many
+/// attempts had begun. Failures of those attempts (streams opening on the connection that
+/// ended) are part of that loss, and so are those of the next one: the probe sent at once
+/// after the loss can still go to the connection that ended (the channel has not noticed yet)
+/// and fail with `Cancelled` or an h2 error. A later attempt (after a backoff step) that
+/// fails is a real failure to reach kas and warns, whatever its code.
+fn failure_log(old: &ConnState, code: Code, cause: Cause, lost_at: Option<u64>) -> FailureLog {
+    let same = matches!(old, ConnState::Failed { code: c, .. } if *c == code);
+    if is_refusal(code) {
+        return if same {
+            FailureLog::Silent
+        } else {
+            FailureLog::Failure
+        };
+    }
+    let part_of_the_loss = match (cause, lost_at) {
+        (_, None) => false,
+        (Cause::Lost, Some(_)) => true,
+        (Cause::OpenFailed { attempt }, Some(lost_at)) => attempt <= lost_at.saturating_add(1),
+    };
+    if part_of_the_loss {
+        FailureLog::Silent
+    } else if *old == ConnState::Connected {
+        FailureLog::Reconnecting
+    } else if same && lost_at.is_none() {
+        // Same failure again (each retry): stay quiet, the first line said it.
+        FailureLog::Silent
+    } else {
+        FailureLog::Failure
+    }
+}
+
+/// Whether kas ended a stream because it refuses the agent (a revoked or unknown token), as
+/// opposed to the stream's connection ending (kas rotating it at its maximum age, restarting,
+/// the network): a refusal is logged as an error at once, an ended connection only when
+/// reconnecting fails too.
+pub fn is_refusal(code: Code) -> bool {
+    matches!(code, Code::Unauthenticated | Code::PermissionDenied)
+}
+
 fn log_failure(code: Code, message: &str) {
-    // One clear line per change of state, not one per stream or retry.
     match code {
         Code::Unauthenticated => tracing::error!(
             error = message,
@@ -251,6 +334,7 @@ impl Pool {
                 counts: Mutex::new(PoolStats::default()),
                 wake: Notify::new(),
                 state,
+                lost_at: Mutex::new(None),
                 metrics: Metrics::default(),
             }),
         }
@@ -420,7 +504,7 @@ async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationTo
         c.failures = 0;
         c.connected = true;
     });
-    shared.set_state(ConnState::Connected);
+    shared.set_state(ConnState::Connected, Cause::Lost);
     let opened = Opened {
         attempt,
         at: Instant::now(),
@@ -561,10 +645,13 @@ fn open_failed(shared: &Shared, attempt: u64, status: &tonic::Status) {
         count_failed_attempt(c, attempt);
         c.connected = false;
     });
-    shared.set_state(ConnState::Failed {
-        code: status.code(),
-        message: status.message().to_string(),
-    });
+    shared.set_state(
+        ConnState::Failed {
+            code: status.code(),
+            message: status.message().to_string(),
+        },
+        Cause::OpenFailed { attempt },
+    );
 }
 
 /// Keeps the stream idle until kas routes a request to it. `None` when the stream ended first
@@ -628,10 +715,17 @@ fn idle_stream_failed(shared: &Shared, status: &tonic::Status, refused: Option<u
         }
     });
     if lost {
-        shared.set_state(ConnState::Failed {
-            code: status.code(),
-            message: status.message().to_string(),
-        });
+        let cause = match refused {
+            Some(attempt) => Cause::OpenFailed { attempt },
+            None => Cause::Lost,
+        };
+        shared.set_state(
+            ConnState::Failed {
+                code: status.code(),
+                message: status.message().to_string(),
+            },
+            cause,
+        );
     }
 }
 
@@ -755,6 +849,64 @@ impl Handler for EchoHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn failed(code: Code) -> ConnState {
+        ConnState::Failed {
+            code,
+            message: String::new(),
+        }
+    }
+
+    /// kas closing the connection at its maximum age ends every stream of a working
+    /// connection, and fails the streams opening on it: one info line, no warning, unless a
+    /// reconnect begun after it fails too.
+    #[test]
+    fn a_lost_connection_is_info_and_only_a_failed_reconnect_warns() {
+        use FailureLog::{Failure, Reconnecting, Silent};
+        let up = ConnState::Connected;
+        let open = |attempt| Cause::OpenFailed { attempt };
+        for code in [
+            Code::Unavailable,
+            Code::Internal,
+            Code::Unknown,
+            Code::Cancelled,
+        ] {
+            assert_eq!(failure_log(&up, code, Cause::Lost, None), Reconnecting);
+            // A stream opening on the connection as it closed may fail first: the same loss.
+            assert_eq!(failure_log(&up, code, open(5), None), Reconnecting);
+            // Attempts 1..=5 had begun at the loss. The other streams of the connection, and
+            // those opening on it, end the same way or otherwise: nothing more.
+            let lost = Some(5);
+            assert_eq!(failure_log(&failed(code), code, Cause::Lost, lost), Silent);
+            assert_eq!(failure_log(&failed(code), code, open(5), lost), Silent);
+            let other = Code::Cancelled;
+            assert_eq!(failure_log(&failed(code), other, open(4), lost), Silent);
+            // The probe sent at once after the loss may still meet the ended connection.
+            assert_eq!(failure_log(&failed(code), other, open(6), lost), Silent);
+            // A reconnect after a backoff step fails: kas cannot be reached, whatever code.
+            assert_eq!(failure_log(&failed(code), code, open(7), lost), Failure);
+            assert_eq!(
+                failure_log(&failed(code), Code::DeadlineExceeded, open(7), lost),
+                Failure
+            );
+            // ... once: the next retries are quiet, as before.
+            assert_eq!(failure_log(&failed(code), code, open(8), None), Silent);
+        }
+        // kas unreachable from the start warns at once, as before.
+        let connecting = ConnState::Connecting;
+        assert_eq!(
+            failure_log(&connecting, Code::Unavailable, open(1), None),
+            Failure
+        );
+        // A revoked token ending the streams of a working connection is an error at once,
+        // also right after a loss.
+        for code in [Code::Unauthenticated, Code::PermissionDenied] {
+            assert_eq!(failure_log(&up, code, Cause::Lost, None), Failure);
+            let after_loss = failed(Code::Unknown);
+            assert_eq!(failure_log(&after_loss, code, open(3), Some(5)), Failure);
+            assert_eq!(failure_log(&failed(code), code, open(9), None), Silent);
+        }
+    }
 
     fn cfg() -> PoolConfig {
         PoolConfig {
