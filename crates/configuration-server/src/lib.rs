@@ -50,14 +50,22 @@ pub struct ConfigStates {
     refusals: prometheus_client::metrics::counter::Counter,
     /// The configuration in force before the last one kas sent (see [`Previous`]).
     previous: Mutex<HashMap<i64, Previous>>,
-    /// What each replica of an agent (by pod) runs, as far as its configuration stream on
-    /// this kas tells: the stream's number and the commit.
-    running: Mutex<HashMap<i64, Replicas>>,
+    /// What each replica of an agent runs, as far as its configuration stream on this kas
+    /// tells (a few replicas per agent: a list is smaller than a map).
+    running: Mutex<HashMap<i64, Vec<Running>>>,
 }
 
-/// An agent's replicas (by pod) with the number of their configuration stream and the commit
-/// it runs.
-type Replicas = HashMap<String, (u64, String)>;
+/// What one replica (Pod) of an agent runs, as its latest configuration stream on this kas
+/// tells: the commit sent to it (and not refused) or adopted from it, with its configuration,
+/// so that the configuration in force can follow the replicas without reading Git.
+#[derive(Debug, Clone)]
+struct Running {
+    replica: String,
+    stream: u64,
+    commit: String,
+    file: String,
+    config: Arc<tether_agent_config::AgentConfig>,
+}
 
 /// The configuration in force before kas sent the one it now records as in force. kas records
 /// a configuration when it sends it, so without this an agent refusing it (an older agentk not
@@ -118,11 +126,11 @@ impl ConfigStates {
         self.recorded.notified().await;
     }
 
-    fn set_config(&self, agent_id: i64, config: tether_agent_config::AgentConfig) {
+    fn set_config(&self, agent_id: i64, config: impl Into<Arc<tether_agent_config::AgentConfig>>) {
         self.in_force
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(agent_id, Arc::new(config));
+            .insert(agent_id, config.into());
         self.recorded.notify_waiters();
     }
 
@@ -142,32 +150,55 @@ impl ConfigStates {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Replicas>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<Running>>> {
         self.running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records that `replica` of the agent runs `commit`, as its stream `stream` tells.
-    fn set_running(&self, agent_id: i64, replica: &str, stream: u64, commit: &str) {
-        self.running()
-            .entry(agent_id)
-            .or_default()
-            .insert(replica.to_owned(), (stream, commit.to_owned()));
+    /// Records what a replica of the agent runs. A replica's stream is replaced by the one it
+    /// reopens, which kas may see first: an older stream never overwrites a newer one.
+    fn set_running(&self, agent_id: i64, new: Running) {
+        let mut running = self.running();
+        let replicas = running.entry(agent_id).or_default();
+        match replicas.iter_mut().find(|r| r.replica == new.replica) {
+            Some(r) if r.stream <= new.stream => *r = new,
+            Some(_) => {}
+            None => replicas.push(new),
+        }
     }
 
-    /// The stream ended. A replica's stream is replaced by the one it reopens, which kas may
-    /// see before it sees the old one end: only the replica's latest stream counts.
-    fn stream_ended(&self, agent_id: i64, replica: &str, stream: u64) {
+    /// The replica's stream `stream` ended: it is forgotten (unless it reopened since). If no
+    /// replica left runs the configuration in force and those left agree on one, that one is
+    /// returned, to be put in force: at the end of a rollout (or its rollback) the configuration
+    /// in force is the one every replica runs, not the one the last pod gone ran.
+    fn stream_ended(&self, agent_id: i64, replica: &str, stream: u64) -> Option<Running> {
         let mut running = self.running();
-        if let Some(replicas) = running.get_mut(&agent_id) {
-            if replicas.get(replica).is_some_and(|(s, _)| *s == stream) {
-                replicas.remove(replica);
-            }
-            if replicas.is_empty() {
-                running.remove(&agent_id);
-            }
+        let replicas = running.get_mut(&agent_id)?;
+        replicas.retain(|r| r.replica != replica || r.stream != stream);
+        if replicas.is_empty() {
+            running.remove(&agent_id);
+            return None;
         }
+        let in_force = self.get(agent_id).map(|s| s.commit).unwrap_or_default();
+        let first = replicas.first()?;
+        let agreed = replicas.iter().all(|r| r.commit == first.commit);
+        (agreed && first.commit != in_force).then(|| first.clone())
+    }
+
+    /// Puts what the replicas left run in force (see [`ConfigStates::stream_ended`]).
+    fn follow_replicas(&self, agent_id: i64, running: Running) {
+        tracing::info!(agent_id, commit_id = %running.commit, "Every replica of the agent still connected runs this configuration; it is in force");
+        self.keep_previous(agent_id, &running.commit);
+        self.in_force
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(agent_id, running.config);
+        self.recorded.notify_waiters();
+        self.update(agent_id, |s| {
+            s.commit = running.commit;
+            s.file = running.file;
+        });
     }
 
     /// Whether another replica of the agent runs `commit` (a newer agentk, mid-rollout): then
@@ -178,7 +209,7 @@ impl ConfigStates {
         self.running().get(&agent_id).is_some_and(|replicas| {
             replicas
                 .iter()
-                .any(|(other, (_, running))| other != replica && running == commit)
+                .any(|r| r.replica != replica && r.commit == commit)
         })
     }
 
@@ -265,24 +296,47 @@ impl ConfigStates {
                 continue;
             };
             match serde_json::from_slice::<Persisted>(&bytes) {
-                Ok(p) => {
-                    if let Some(config) = p.config {
-                        self.set_config(agent.id, config);
-                    }
-                    if let Some(previous) = p.previous {
-                        self.kept().insert(agent.id, previous);
-                    }
-                    self.states
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(agent.id, p.state);
-                }
+                Ok(p) => self.apply_stored(agent.id, p),
                 Err(e) => {
                     tracing::warn!(agent_id = agent.id, error = %e, "Ignoring an undecodable stored configuration state; the agent's next connection replaces it");
                 }
             }
         }
         Ok(())
+    }
+
+    fn apply_stored(&self, agent_id: i64, p: Persisted) {
+        if let Some(config) = p.config {
+            self.set_config(agent_id, config);
+        }
+        match p.previous {
+            Some(previous) => self.kept().insert(agent_id, previous),
+            None => self.kept().remove(&agent_id),
+        };
+        self.states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(agent_id, p.state);
+    }
+
+    /// Reads the agent's whole record from the store again, unless one of its streams is
+    /// served here (memory is then the freshest): with several kas replicas, another one may
+    /// have served the agent since this one read it, and a stale commit in force here would be
+    /// kept as the previous one — and restored, with its older `ci_access`, on a refusal.
+    pub async fn refresh(&self, store: &dyn Store, agent_id: i64) {
+        if self.running().contains_key(&agent_id) {
+            return;
+        }
+        let stored = match store.config_state(agent_id).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(agent_id, error = %e, "Cannot read the agent's stored configuration state; going on with this replica's");
+                return;
+            }
+        };
+        if let Some(p) = stored.and_then(|b| serde_json::from_slice::<Persisted>(&b).ok()) {
+            self.apply_stored(agent_id, p);
+        }
     }
 
     /// Reads the agent's configuration in force from the store (where the replica serving the
@@ -448,6 +502,9 @@ pub struct ConfigService {
     pub states: Arc<ConfigStates>,
     /// Told when a configuration is refused.
     pub notifier: tether_notifications::Notifier,
+    /// Several kas replicas share the store: an agent's record is read again when its stream
+    /// opens here (see [`ConfigStates::refresh`]).
+    pub several: bool,
 }
 
 impl ConfigService {
@@ -490,8 +547,30 @@ struct StreamState {
 
 impl Drop for StreamState {
     fn drop(&mut self) {
-        let states = &self.svc.states;
-        states.stream_ended(self.id.agent_id, &self.replica, self.key);
+        let (states, agent_id) = (&self.svc.states, self.id.agent_id);
+        let Some(running) = states.stream_ended(agent_id, &self.replica, self.key) else {
+            return;
+        };
+        states.follow_replicas(agent_id, running);
+        // Stored for the other replicas and the next start; a drop cannot wait for it.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (states, store) = (Arc::clone(states), Arc::clone(&self.svc.store));
+            rt.spawn(async move { states.persist(store.as_ref(), agent_id).await });
+        }
+    }
+}
+
+impl StreamState {
+    /// This stream's replica runs `config` of `commit` (from `file`).
+    fn runs(&self, commit: &str, file: &str, config: Arc<tether_agent_config::AgentConfig>) {
+        let running = Running {
+            replica: self.replica.clone(),
+            stream: self.key,
+            commit: commit.to_owned(),
+            file: file.to_owned(),
+            config,
+        };
+        self.svc.states.set_running(self.id.agent_id, running);
     }
 }
 
@@ -568,7 +647,8 @@ impl StreamState {
         match self.load(&commit).await {
             Ok(Loaded::Valid { file, config }) => {
                 let states = &self.svc.states;
-                states.set_running(id.agent_id, &self.replica, self.key, &commit.to_hex());
+                let config = Arc::new(config);
+                self.runs(&commit.to_hex(), &file, Arc::clone(&config));
                 if let Some(in_force) = self.in_force_elsewhere(&commit) {
                     tracing::info!(agent_id = id.agent_id, commit_id = %commit, in_force = %in_force, "Replicas of the agent run different configurations (agentk versions mixed during a rollout?); the one in force stays");
                     return;
@@ -578,7 +658,7 @@ impl StreamState {
                 let known = states
                     .get(id.agent_id)
                     .is_some_and(|s| s.commit == commit.to_hex())
-                    && states.config(id.agent_id).is_some_and(|c| *c == config);
+                    && states.config(id.agent_id).is_some_and(|c| *c == *config);
                 states.set_config(id.agent_id, config);
                 states.update(id.agent_id, |s| {
                     s.commit = commit.to_hex();
@@ -691,7 +771,7 @@ impl StreamState {
         }
         self.last = hex;
         if let Some(p) = fallback {
-            self.queued = self.in_force_response(p.commit, p.file, &p.config);
+            self.queued = self.in_force_response(p.commit, p.file, p.config);
         }
     }
 
@@ -708,8 +788,9 @@ impl StreamState {
         match self.load(commit).await {
             Ok(Loaded::Valid { file, config }) => match serde_json::to_string(&config) {
                 Ok(json) => {
+                    let config = Arc::new(config);
                     states.keep_previous(id.agent_id, &hex);
-                    states.set_running(id.agent_id, &self.replica, self.key, &hex);
+                    self.runs(&hex, &file, Arc::clone(&config));
                     states.set_config(id.agent_id, config);
                     resp.file_path = file.clone();
                     resp.config_json = json;
@@ -771,7 +852,7 @@ impl StreamState {
             return None;
         }
         let config = self.svc.states.config(self.id.agent_id)?;
-        self.in_force_response(state.commit, state.file, &config)
+        self.in_force_response(state.commit, state.file, config)
     }
 
     /// The message sending `config` (of `commit`, from `file`) as the configuration in force;
@@ -780,14 +861,12 @@ impl StreamState {
         &self,
         commit: String,
         file: String,
-        config: &tether_agent_config::AgentConfig,
+        config: Arc<tether_agent_config::AgentConfig>,
     ) -> Option<ConfigurationResponse> {
         let agent_id = self.id.agent_id;
-        let config_json = serde_json::to_string(config).ok()?;
+        let config_json = serde_json::to_string(&*config).ok()?;
         tracing::info!(agent_id, commit_id = %commit, "Sending the agent its configuration in force; the newest commit's is refused");
-        self.svc
-            .states
-            .set_running(agent_id, &self.replica, self.key, &commit);
+        self.runs(&commit, &file, config);
         Some(ConfigurationResponse {
             agent_id,
             project_path: self.id.project_path.clone(),
@@ -836,6 +915,9 @@ impl AgentConfiguration for ConfigService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found("the agent's project is gone"))?;
+        if self.several {
+            self.states.refresh(self.store.as_ref(), id.agent_id).await;
+        }
         let replica = replica_of(request.metadata());
         let mut state = StreamState {
             svc: self.clone(),
@@ -886,12 +968,22 @@ mod tests {
         );
     }
 
+    fn running(replica: &str, stream: u64, commit: &str) -> Running {
+        Running {
+            replica: replica.into(),
+            stream,
+            commit: commit.into(),
+            file: String::new(),
+            config: Arc::default(),
+        }
+    }
+
     #[test]
     fn a_commit_runs_elsewhere_only_on_another_replica_of_the_same_agent() {
         let states = ConfigStates::default();
-        states.set_running(1, "ns/new", 10, "c2");
-        states.set_running(1, "ns/old", 11, "c1");
-        states.set_running(2, "ns/other", 20, "c3");
+        states.set_running(1, running("ns/new", 10, "c2"));
+        states.set_running(1, running("ns/old", 11, "c1"));
+        states.set_running(2, running("ns/other", 20, "c3"));
         assert!(states.runs_elsewhere(1, "ns/old", "c2"));
         assert!(
             !states.runs_elsewhere(1, "ns/new", "c2"),
@@ -901,14 +993,17 @@ mod tests {
             !states.runs_elsewhere(1, "ns/old", "c3"),
             "not another agent's replica"
         );
-        // The old replica reopens its stream (12) before kas sees its stream 11 end.
-        states.set_running(1, "ns/old", 12, "c1");
+        // The old replica reopens its stream (12) before kas sees its stream 11 end, and the
+        // old stream's late news do not overwrite the new one's.
+        states.set_running(1, running("ns/old", 12, "c1"));
+        states.set_running(1, running("ns/old", 11, "c0"));
+        assert!(states.runs_elsewhere(1, "ns/new", "c1"));
         states.stream_ended(1, "ns/old", 11);
         assert!(
             states.runs_elsewhere(1, "ns/new", "c1"),
             "its newer stream counts"
         );
-        states.set_running(1, "ns/new", 10, "c1");
+        states.set_running(1, running("ns/new", 10, "c1"));
         assert!(
             !states.runs_elsewhere(1, "ns/old", "c2"),
             "the replica moved on"
@@ -920,6 +1015,27 @@ mod tests {
             !states.running().contains_key(&1),
             "nothing kept for a gone agent"
         );
+    }
+
+    #[test]
+    fn when_the_last_replica_running_the_commit_in_force_goes_the_others_commit_is_in_force() {
+        let states = ConfigStates::default();
+        states.update(1, |s| s.commit = "c2".into());
+        states.set_running(1, running("ns/new", 10, "c2"));
+        states.set_running(1, running("ns/old-a", 11, "c1"));
+        states.set_running(1, running("ns/old-b", 12, "c1"));
+        let next = states.stream_ended(1, "ns/new", 10).map(|r| r.commit);
+        assert_eq!(next.as_deref(), Some("c1"), "the old replicas agree on c1");
+        states.follow_replicas(1, running("ns/old-a", 11, "c1"));
+        assert_eq!(states.get(1).map(|s| s.commit).as_deref(), Some("c1"));
+        assert!(states.config(1).is_some());
+        // Replicas that disagree leave the configuration in force as it is.
+        states.set_running(1, running("ns/new-2", 13, "c3"));
+        states.set_running(1, running("ns/new-3", 14, "c2"));
+        assert!(states.stream_ended(1, "ns/old-a", 11).is_none());
+        // Nor does a replica running what is in force already.
+        states.set_running(1, running("ns/old-a", 15, "c1"));
+        assert!(states.stream_ended(1, "ns/new-2", 13).is_none());
     }
 
     #[test]

@@ -151,14 +151,19 @@ pub async fn start(cfg: Config) -> Result<Running> {
     check_limits(&cfg);
     let (sources, h) = start_sources(&cfg, &mut sh, modules.handle("sources")).await?;
     modules.push(h);
-    let (config_states, configuration, h) =
-        start_configuration(&mut sh, &sources, modules.handle("configuration")).await?;
+    let several = cfg.peers.is_some() && sh.cluster.is_some();
+    let (config_states, configuration, h) = start_configuration(
+        &mut sh,
+        (&sources, several),
+        modules.handle("configuration"),
+    )
+    .await?;
     modules.push(h);
     let access = Arc::new(crate::config_in_force::AgentProjects {
         configs: Arc::clone(&config_states),
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
-        several: cfg.peers.is_some() && sh.cluster.is_some(),
+        several,
     });
     let (gitops, h) = start_gitops(&cfg, &mut sh, (&sources, access), modules.handle("gitops"));
     modules.push(h);
@@ -531,7 +536,7 @@ async fn start_sources(
 /// kas authorizes requests right after a restart, and the gRPC service.
 async fn start_configuration(
     sh: &mut Shared,
-    sources: &Arc<Sources>,
+    (sources, several): (&Arc<Sources>, bool),
     handle: Handle,
 ) -> Result<(Arc<ConfigStates>, ConfigService, Handle)> {
     let config_states = Arc::new(ConfigStates::default());
@@ -547,6 +552,7 @@ async fn start_configuration(
         registry: Arc::clone(&sh.registry),
         states: Arc::clone(&config_states),
         notifier: sh.notifier.clone(),
+        several,
     };
     Ok((config_states, configuration, handle))
 }

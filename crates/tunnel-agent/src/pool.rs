@@ -383,21 +383,23 @@ impl Pool {
     /// session) is cut when agentk exits.
     async fn let_requests_finish(&self, timeout: Duration) {
         let busy = self.stats().busy;
-        if busy == 0 {
-            return;
+        if busy > 0 {
+            tracing::info!(
+                requests = busy,
+                timeout = ?timeout,
+                "Stopping: waiting for tunnelled requests to finish"
+            );
         }
-        tracing::info!(
-            requests = busy,
-            timeout = ?timeout,
-            "Stopping: waiting for tunnelled requests to finish"
-        );
+        // Every stream, not only the busy ones: an idle stream may take a request kas sent
+        // just before the stop, and turn busy after a count of busy ones said none.
+        let open = |c: &PoolStats| c.opening + c.idle + c.busy;
         let shared = &self.shared;
         let idle = async {
             loop {
                 let woken = shared.wake.notified();
                 tokio::pin!(woken);
                 woken.as_mut().enable();
-                if shared.counts().busy == 0 {
+                if open(&shared.counts()) == 0 {
                     return;
                 }
                 woken.await;
@@ -664,7 +666,10 @@ async fn wait_for_request(
     shutdown: &CancellationToken,
 ) -> Option<(RequestInfo, Streaming<ServerFrame>)> {
     loop {
+        // Biased: a request kas already sent is served, not dropped by a stop arriving with
+        // it (kas does not send a request again once a stream took it).
         tokio::select! {
+            biased;
             msg = inbound.message() => match msg {
                 Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Request(info)) })) => {
                     return Some((info, inbound));

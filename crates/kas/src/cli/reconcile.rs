@@ -131,7 +131,7 @@ async fn superseded_line(
 /// The line saying a report is of a newer commit than the one fetched, which it includes.
 pub fn newer_commit_line(s: &SyncView, fetched: &str) -> String {
     format!(
-        "{}: commit {} was pushed after commit {} was fetched, and includes it",
+        "{}: commit {} was pushed on top of commit {} after the fetch, and supersedes it",
         s.project_id,
         short(&s.commit_id),
         short(fetched)
@@ -505,7 +505,7 @@ mod tests {
         );
         assert_eq!(
             newer_commit_line(&older, "fedcba9876543210"),
-            "group/manifests: commit 0123456789ab was pushed after commit fedcba987654 was fetched, and includes it"
+            "group/manifests: commit 0123456789ab was pushed on top of commit fedcba987654 after the fetch, and supersedes it"
         );
         let same = Some("0123456789abcdef");
         assert_eq!(judge(&older, &s, same), Outcome::Synced);
