@@ -7,7 +7,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kas::api::ProjectRequest;
-use support::{Agent, GitDaemon, GitRepo, Kas, KasOptions, wait_for};
+use support::{
+    Agent, GitDaemon, GitRepo, Kas, KasOptions, config_stream, config_stream_from, wait_for,
+};
 
 const APPLIED: &str = "Agent configuration applied";
 const REFUSED: &str = "kas refused the agent configuration at this commit; the last good configuration stays in force";
@@ -337,45 +339,6 @@ async fn invalid_configurations_are_refused_and_the_last_good_one_stays() {
     let state = kas.agent(t.agent_id).await.config.unwrap();
     assert_eq!(state.commit, fixed);
     assert_eq!(state.error, None);
-}
-
-/// Opens the configuration stream as the agent with `token`, saying what it has in force and
-/// what it refused.
-async fn config_stream(
-    kas: &Kas,
-    token: &str,
-    said: (&str, &str, &str),
-) -> tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse> {
-    config_stream_from(kas, token, "", said).await
-}
-
-/// As [`config_stream`], from the agent replica in Pod `pod`.
-async fn config_stream_from(
-    kas: &Kas,
-    token: &str,
-    pod: &str,
-    (in_force, refused, why): (&str, &str, &str),
-) -> tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse> {
-    use tether_protocol::agent_configuration::ConfigurationRequest;
-    use tether_protocol::agent_configuration::agent_configuration_client::AgentConfigurationClient;
-    let address = tether_transport::KasAddress::parse(&kas.url("grpc")).unwrap();
-    let channel = tether_transport::connect_lazy(&address, &Default::default()).unwrap();
-    let mut req = tonic::Request::new(ConfigurationRequest {
-        commit_id: in_force.into(),
-        refused_commit_id: refused.into(),
-        refusal: why.into(),
-    });
-    req.metadata_mut().insert(
-        tether_protocol::metadata::AUTHORIZATION,
-        tether_protocol::metadata::bearer(token).unwrap(),
-    );
-    req.metadata_mut()
-        .insert(tether_protocol::metadata::POD_NAME, pod.parse().unwrap());
-    AgentConfigurationClient::new(channel)
-        .get_configuration(req)
-        .await
-        .unwrap()
-        .into_inner()
 }
 
 /// A configuration repository whose first commit holds `name`'s configuration, a kas polling it

@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::gitops::{RigArgs, configmap, rig_opts};
-use support::{Agent, Kas, KasOptions, wait_for};
+use support::{Agent, GitRepo, Kas, KasOptions, wait_for};
 use tether_store::{Store, SuspensionScope};
 use tether_testenv::postgres::Postgres;
 use tether_testenv::redis::Redis;
@@ -1197,4 +1197,58 @@ async fn a_kubeconfig_from_another_replica_follows_a_changed_ci_access() {
     let (code, body) = r.kubeconfig(&two, "group/new").await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(context), "{body}");
+}
+
+/// A kas replica opening an agent's configuration stream reads the agent's stored record
+/// first: another replica served the agent since this one started, so this one's memory had
+/// no configuration in force for it. Kept as "previous" from that stale memory, nothing was
+/// restored when the agent (a new pod of an older agentk) refused the newest configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_serving_an_agent_first_reads_what_another_replica_stored() {
+    let shared = Shared::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::Pki::generate(dir.path());
+    let repo = GitRepo::init(&dir.path().join("config"));
+    let path = ".gitlab/agents/moved/config.yaml";
+    let level = |l: &str| format!("observability:\n  logging:\n    level: {l}\n").into_bytes();
+    let c0 = repo.commit(&[(path, Some(&level("info")))], "c0");
+    let kas = replicas_with_peers(&shared, dir.path(), 2, &pki).await;
+    kas[0].set_projects(&[("group/moved", &repo)]).await;
+    let t = kas[0]
+        .admin
+        .register_agent("group/moved", "moved")
+        .await
+        .unwrap();
+    let mut on_a = support::config_stream(&kas[0], &t.token, ("", "", "")).await;
+    assert_eq!(on_a.message().await.unwrap().unwrap().commit_id, c0);
+    let c1 = repo.commit(&[(path, Some(&level("debug")))], "c1");
+    assert_eq!(on_a.message().await.unwrap().unwrap().commit_id, c1);
+    drop(on_a);
+
+    // A new pod connects to the other replica, which has fetched c1 and sends it c1 too…
+    wait_for(
+        "the other replica to fetch c1",
+        Duration::from_secs(30),
+        || async {
+            let projects = kas[1].admin.list_projects().await.ok()?;
+            let p = projects.into_iter().find(|p| p.path == "group/moved")?;
+            (p.commit.as_deref() == Some(c1.as_str())).then_some(())
+        },
+    )
+    .await;
+    let mut on_b = support::config_stream(&kas[1], &t.token, ("", "", "")).await;
+    assert_eq!(on_b.message().await.unwrap().unwrap().commit_id, c1);
+    drop(on_b);
+    // …and refuses it: it gets c0, the configuration in force before c1.
+    let why = "unknown field `level`";
+    let mut refused = support::config_stream(&kas[1], &t.token, ("", &c1, why)).await;
+    let in_force = tokio::time::timeout(Duration::from_secs(10), refused.message())
+        .await
+        .expect("kas sends the configuration in force before c1")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (in_force.commit_id.as_str(), in_force.error.as_str()),
+        (c0.as_str(), "")
+    );
 }

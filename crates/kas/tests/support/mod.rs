@@ -718,3 +718,42 @@ impl Agent {
         .await
     }
 }
+
+/// Opens the configuration stream as the agent with `token`, saying what it has in force and
+/// what it refused.
+pub async fn config_stream(
+    kas: &Kas,
+    token: &str,
+    said: (&str, &str, &str),
+) -> tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse> {
+    config_stream_from(kas, token, "", said).await
+}
+
+/// As [`config_stream`], from the agent replica in Pod `pod`.
+pub async fn config_stream_from(
+    kas: &Kas,
+    token: &str,
+    pod: &str,
+    (in_force, refused, why): (&str, &str, &str),
+) -> tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse> {
+    use tether_protocol::agent_configuration::ConfigurationRequest;
+    use tether_protocol::agent_configuration::agent_configuration_client::AgentConfigurationClient;
+    let address = tether_transport::KasAddress::parse(&kas.url("grpc")).unwrap();
+    let channel = tether_transport::connect_lazy(&address, &Default::default()).unwrap();
+    let mut req = tonic::Request::new(ConfigurationRequest {
+        commit_id: in_force.into(),
+        refused_commit_id: refused.into(),
+        refusal: why.into(),
+    });
+    req.metadata_mut().insert(
+        tether_protocol::metadata::AUTHORIZATION,
+        tether_protocol::metadata::bearer(token).unwrap(),
+    );
+    req.metadata_mut()
+        .insert(tether_protocol::metadata::POD_NAME, pod.parse().unwrap());
+    AgentConfigurationClient::new(channel)
+        .get_configuration(req)
+        .await
+        .unwrap()
+        .into_inner()
+}
