@@ -755,7 +755,7 @@ impl StreamState {
             s.error_commit = Some(hex.clone());
         });
         if new && elsewhere {
-            tracing::warn!(agent_id = id, commit_id = %hex, error = %why, "A replica of the agent refused its configuration; another replica runs it, so it stays in force");
+            tracing::warn!(agent_id = id, commit_id = %hex, error = %why, "A replica of the agent refused its configuration; another replica was sent it and has not refused it, so it stays in force");
         } else if new {
             tracing::warn!(agent_id = id, commit_id = %hex, error = %why, "The agent refused its configuration; its previous one stays in force");
         }

@@ -762,7 +762,7 @@ async fn a_replica_refusing_what_another_replica_runs_does_not_take_it_out_of_fo
     );
     assert!(
         kas.log()
-            .contains("another replica runs it, so it stays in force")
+            .contains("another replica was sent it and has not refused it, so it stays in force")
     );
 
     // Another old replica starting now gets c1, and c2 stays in force.
