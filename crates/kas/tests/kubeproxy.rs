@@ -192,6 +192,9 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
                 .unwrap_or(&kubeconfig)
                 .to_str()
                 .unwrap(),
+            // Well past the watch of `a_request_in_flight_when_agentk_stops_is_served_to_its_end`.
+            "--tunnel-drain-timeout",
+            "40s",
         ],
     );
     agent.wait_log("Agent configuration applied", &c1).await;
@@ -864,7 +867,7 @@ async fn a_request_in_flight_when_agentk_stops_is_served_to_its_end() {
     let jwt = s.key.sign(&claims("group/app"));
     let mut sender = s.connect().await;
     let req = http::Request::get(format!(
-        "/api/v1/namespaces/{}/configmaps?watch=1&timeoutSeconds=8",
+        "/api/v1/namespaces/{}/configmaps?watch=1&timeoutSeconds=20",
         s.allowed
     ))
     .header("host", "localhost")
