@@ -267,6 +267,27 @@ impl ConfigStates {
         self.kept().remove(&agent_id);
     }
 
+    /// The agents this kas keeps anything about in memory (state, configuration in force, the
+    /// one before it, what their replicas run), for finding deleted ones among them.
+    pub fn agent_ids(&self) -> std::collections::HashSet<i64> {
+        let mut ids: std::collections::HashSet<i64> = self
+            .states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        ids.extend(
+            self.in_force
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .keys(),
+        );
+        ids.extend(self.kept().keys());
+        ids.extend(self.running().keys());
+        ids
+    }
+
     pub fn get(&self, agent_id: i64) -> Option<ConfigState> {
         self.states
             .lock()
@@ -340,17 +361,24 @@ impl ConfigStates {
     }
 
     /// Reads the agent's configuration in force from the store (where the replica serving the
-    /// agent's configuration stream keeps it), remembering it here; `None` if none is stored.
+    /// agent's configuration stream keeps it), remembering it here; `Ok(None)` if none is
+    /// stored (nor a decodable one), an error if the store cannot say.
     pub async fn load_agent(
         &self,
         store: &dyn Store,
         agent_id: i64,
-    ) -> Option<Arc<tether_agent_config::AgentConfig>> {
-        let bytes = store.config_state(agent_id).await.ok()??;
-        let persisted = serde_json::from_slice::<Persisted>(&bytes).ok()?;
-        let config = persisted.config?;
+    ) -> Result<Option<Arc<tether_agent_config::AgentConfig>>, tether_store::Error> {
+        let Some(bytes) = store.config_state(agent_id).await? else {
+            return Ok(None);
+        };
+        let Some(config) = serde_json::from_slice::<Persisted>(&bytes)
+            .ok()
+            .and_then(|p| p.config)
+        else {
+            return Ok(None);
+        };
         self.set_config(agent_id, config);
-        self.config(agent_id)
+        Ok(self.config(agent_id))
     }
 
     /// Every agent's configuration in force as stored by the replicas serving the agents'
@@ -369,7 +397,8 @@ impl ConfigStates {
     }
 
     /// Stores the agent's state and configuration in force. A failure is logged (kas keeps
-    /// working from memory; the stored copy only matters after a restart).
+    /// working from memory; the stored copy matters after a restart, and to other replicas,
+    /// which read it for an agent this one holds).
     async fn persist(&self, store: &dyn Store, agent_id: i64) {
         let persisted = Persisted {
             state: self.get(agent_id).unwrap_or_default(),

@@ -88,6 +88,16 @@ impl Controls {
         }
     }
 
+    /// The agents with directive channels here, for finding deleted ones among them.
+    pub fn agent_ids(&self) -> Vec<i64> {
+        self.channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .map(|(agent, _)| *agent)
+            .collect()
+    }
+
     /// Forgets a deleted agent's channels (its streams were ended with its tokens).
     pub fn forget(&self, agent_id: i64) {
         self.channels

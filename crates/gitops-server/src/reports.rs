@@ -58,6 +58,11 @@ impl SyncStates {
         self.changed();
     }
 
+    /// The agents with syncs under way here, for finding deleted ones among them.
+    pub fn agent_ids(&self) -> Vec<i64> {
+        self.running().keys().map(|(agent, _)| *agent).collect()
+    }
+
     /// The agent's syncs under way that reported progress, by project.
     pub fn progress(&self, agent_id: i64) -> Vec<SyncReport> {
         let mut out: Vec<SyncReport> = self

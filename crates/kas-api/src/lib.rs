@@ -289,6 +289,10 @@ pub struct Stats {
     pub idle_streams: usize,
     pub connected_agents: usize,
     pub rss_bytes: u64,
+    /// Agents this replica keeps something about in memory (configuration in force, syncs
+    /// under way, GitOps directives): a deleted agent must leave it, on every replica.
+    #[serde(default)]
+    pub remembered_agents: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -44,6 +44,8 @@ pub struct ApiState {
     pub sync_states: Arc<tether_gitops_server::SyncStates>,
     /// Re-sync requests and suspension changes to the agents' GitOps streams.
     pub gitops_controls: Arc<tether_gitops_server::Controls>,
+    /// All this replica remembers per agent (the three above and the proxy's project cache).
+    pub memory: crate::agent_memory::AgentMemory,
     /// The proxy's live requests per personal access token (ended on revocation).
     pub live_user_requests: Arc<crate::revocation::LiveUserRequests>,
     /// Limits on failed authentication (admin token, webhook secrets).
@@ -70,6 +72,7 @@ fn catch_up(event: &crate::cluster::ClusterEvent) -> &'static str {
         E::Pushed { .. } => "at their next poll (git.poll_interval)",
         E::Projects { .. } => "within 30 s (they re-read the projects)",
         E::Suspensions { .. } => "within 10 s (they re-read the suspensions)",
+        E::AgentDeleted { .. } => "within 10 s (they look for deleted agents they remember)",
         E::Resync { .. } => {
             "never: an agent held by another replica does not re-sync now; ask again"
         }
@@ -210,14 +213,12 @@ impl ApiState {
     }
 
     /// Forgets what this kas keeps in memory about an agent by its id: its configuration state
-    /// and configuration in force, the progress of its syncs, its GitOps directives. Done when
-    /// the agent is deleted, and again when one is registered, so that whatever the store's
-    /// ids, a new agent never starts with a deleted one's configuration (it authorized CI jobs
-    /// and people for the new agent).
+    /// and configuration in force, the progress of its syncs, its GitOps directives, its
+    /// configuration project. Done when the agent is deleted (other replicas are told), and
+    /// again when one is registered, so that whatever the store's ids, a new agent never starts
+    /// with a deleted one's configuration (it authorized CI jobs and people for the new agent).
     pub(crate) fn forget_agent(&self, agent_id: i64) {
-        self.config_states.forget(agent_id);
-        self.sync_states.forget(agent_id);
-        self.gitops_controls.forget(agent_id);
+        self.memory.forget(agent_id);
     }
 
     pub async fn publish_event(&self, event: crate::cluster::ClusterEvent) {
@@ -796,6 +797,7 @@ async fn stats(State(st): State<ApiState>) -> Json<Stats> {
         idle_streams: r.idle_streams,
         connected_agents: r.agents,
         rss_bytes: rss_bytes(),
+        remembered_agents: st.memory.remembered().len(),
     })
 }
 

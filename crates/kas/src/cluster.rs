@@ -1,7 +1,8 @@
 //! Coordination between kas replicas through Redis (`redis:` in the configuration).
 //!
 //! A revocation — an agent token, a personal access token, a deleted agent — is stored first,
-//! then ends what it opened on the replica that took it, and is published on
+//! then ends what it opened (and a deleted agent's memory) on the replica that took it, and is
+//! published on
 //! [`CHANNEL`]; every replica follows the channel and ends the streams and requests that token
 //! opened there, so a revoke on any replica takes effect on all within a second (without Redis,
 //! other replicas notice at their next token re-check). Rate limiters' counts travel on the
@@ -98,6 +99,9 @@ pub enum ClusterEvent {
     /// Replica `from` set or removed a project: every other replica re-reads the projects
     /// from the store (and does so periodically anyway, for an event it missed).
     Projects { from: u64 },
+    /// An agent was deleted: every replica forgets what it remembers of it (its configuration
+    /// in force authorized CI jobs and people). Its tokens are announced as [`Self::AgentToken`].
+    AgentDeleted { agent_id: i64 },
     /// Replica `from` suspended or resumed GitOps of an agent: the agent's GitOps streams on
     /// every replica re-read their suspensions (the leader's may be on any of them).
     Suspensions { agent_id: i64, from: u64 },

@@ -32,12 +32,21 @@ impl InForce<'_> {
     }
 
     /// The agent's configuration in force: from the store when another replica may hold the
-    /// agent, else (or when none is stored) from memory, waiting up to `wait` for it there.
+    /// agent, else from memory, waiting up to `wait` for it there.
+    ///
+    /// When another replica may hold the agent and the store has no configuration for it,
+    /// there is none: the agent was deleted (its state goes with it), or has never had one.
+    /// This replica's memory of it is stale then, and used to authorize CI jobs and people
+    /// for a deleted agent until this replica heard of the deletion. Only a store that cannot
+    /// answer falls back to memory (an outage is not a deletion).
     pub async fn wait(&self, agent_id: i64, wait: Duration) -> Option<Arc<AgentConfig>> {
-        if self.elsewhere(agent_id)
-            && let Some(config) = self.configs.load_agent(self.store, agent_id).await
-        {
-            return Some(config);
+        if self.elsewhere(agent_id) {
+            match self.configs.load_agent(self.store, agent_id).await {
+                Ok(found) => return found,
+                Err(e) => {
+                    tracing::warn!(agent_id, error = %e, "Cannot read the agent's stored configuration; using this replica's memory of it");
+                }
+            }
         }
         self.configs.wait_config(agent_id, wait).await
     }
@@ -58,9 +67,13 @@ impl InForce<'_> {
         } else {
             HashMap::new()
         };
+        // As in `wait`: for an agent held elsewhere only the store counts.
         let known = agents.iter().filter_map(|&id| {
-            let fresh = self.elsewhere(id).then(|| stored.get(&id).cloned());
-            let config = fresh.flatten().or_else(|| self.configs.config(id))?;
+            let config = if self.elsewhere(id) {
+                stored.get(&id).cloned()
+            } else {
+                self.configs.config(id)
+            }?;
             Some((id, config))
         });
         Ok(known.collect())

@@ -140,8 +140,9 @@ pub struct Proxy {
 
 /// Agent id → (configuration project id, path), remembered for [`AGENT_PROJECT_TTL`]: every
 /// proxied request needs it, and two SQLite look-ups were a tenth of kas's CPU per request
-/// under load. Only found agents are remembered (a new agent works at once); a removed agent
-/// has no tunnel left to route to, so a stale entry routes nothing.
+/// under load. Only found agents are remembered (a new agent works at once). A deleted agent's
+/// entry is dropped when this replica hears of the deletion ([`crate::agent_memory`]); one
+/// whose message was lost lasts the TTL at most, after which the agent is refused.
 #[derive(Debug)]
 pub struct AgentProjects(ExpiringMap<i64, (i64, String)>);
 
@@ -166,6 +167,11 @@ impl AgentProjects {
         let found = (project.id, project.path);
         self.0.insert(agent_id, found.clone(), now);
         Some(found)
+    }
+
+    /// Drops a deleted agent's entry.
+    pub fn forget(&self, agent_id: i64) {
+        self.0.remove(&agent_id);
     }
 }
 
@@ -417,6 +423,20 @@ impl Proxy {
         )
     }
 
+    /// The agent's configuration project (id, path); 403 "agent N is not available{to_whom}"
+    /// when the store has no such agent (never registered, or deleted).
+    async fn agent_project(
+        &self,
+        agent_id: i64,
+        to_whom: &str,
+    ) -> Result<(i64, String), Response<Body>> {
+        let found = self.agent_projects.get(self.store.as_ref(), agent_id).await;
+        found.ok_or_else(|| {
+            let m = format!("agent {agent_id} is not available{to_whom}");
+            deny(self, StatusCode::FORBIDDEN, "Forbidden", &m)
+        })
+    }
+
     /// A CI job's ID token, checked against the agent's `ci_access`.
     async fn authorize_ci_job(&self, agent_id: i64, jwt: &str) -> Result<Routed, Response<Body>> {
         let (job, valid_until) = self
@@ -424,14 +444,7 @@ impl Proxy {
             .verify_until(jwt, SystemTime::now())
             .await
             .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
-        let (project_id, project_path) = self
-            .agent_projects
-            .get(self.store.as_ref(), agent_id)
-            .await
-            .ok_or_else(|| {
-                let m = format!("agent {agent_id} is not available to this job");
-                deny(self, StatusCode::FORBIDDEN, "Forbidden", &m)
-            })?;
+        let (project_id, project_path) = self.agent_project(agent_id, " to this job").await?;
         let config = self.agent_config(agent_id).await?;
         let ok = authorize_ci(&config.ci_access, &project_path, &job)
             .map_err(|d| self.forbidden(agent_id, &d))?;
@@ -480,6 +493,9 @@ impl Proxy {
         identity: tether_kubeproxy_server::UserIdentity,
         token_id: Option<i64>,
     ) -> Result<Routed, Response<Body>> {
+        // A deleted agent is refused here, whatever this replica still remembers of its
+        // `user_access` (a web UI session has no token whose deletion would stop it).
+        let (project_id, _) = self.agent_project(agent_id, "").await?;
         let config = self.agent_config(agent_id).await?;
         let ok = tether_kubeproxy_server::authorize_user(
             config.user_access.as_ref(),
@@ -487,11 +503,7 @@ impl Proxy {
             &identity,
         )
         .map_err(|d| self.forbidden(agent_id, &d))?;
-        let project_id = self
-            .agent_projects
-            .get(self.store.as_ref(), agent_id)
-            .await
-            .map(|(id, _)| id);
+        let project_id = Some(project_id);
         Ok(Routed {
             agent_id,
             access_as: AccessAs::from(&ok.access_as),

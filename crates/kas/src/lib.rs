@@ -5,6 +5,7 @@
 //! Modules are wired explicitly here; each gets its dependencies injected.
 
 pub mod agent_kube;
+pub mod agent_memory;
 pub mod api;
 pub mod api_routing;
 pub mod auth;

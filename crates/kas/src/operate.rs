@@ -461,7 +461,8 @@ pub async fn suspension_views(
 
 /// Removes the agent's records, then ends what its tokens opened: its tunnel and GitOps and
 /// configuration streams, and people's requests through it, and forgets what kas kept of it in
-/// memory. Stored first, so nothing authenticates as the agent from then on.
+/// memory, on this replica and (told through Redis) the others. Stored first, so nothing
+/// authenticates as the agent from then on.
 async fn delete_agent(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
@@ -485,6 +486,8 @@ async fn delete_agent(
         let revoked = crate::cluster::ClusterEvent::UserToken { id: t.id };
         st.publish_event(revoked).await;
     }
+    st.publish_event(crate::cluster::ClusterEvent::AgentDeleted { agent_id })
+        .await;
     let tokens_revoked = tokens.iter().filter(|t| t.is_active()).count();
     tracing::info!(
         agent_id,

@@ -168,6 +168,12 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (gitops, h) = start_gitops(&cfg, &mut sh, (&sources, access), modules.handle("gitops"));
     modules.push(h);
     let (sync_states, gitops_controls) = (gitops.reports(), gitops.controls());
+    let memory = crate::agent_memory::AgentMemory {
+        configs: Arc::clone(&config_states),
+        syncs: Arc::clone(&sync_states),
+        controls: Arc::clone(&gitops_controls),
+        projects: Arc::default(),
+    };
     let renderer = gitops.renderer();
     let agent = AgentServices {
         connections: (Arc::clone(&connections), conn_gauge),
@@ -179,7 +185,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     modules.push(h);
     // Shared by the proxy (tracks) and the internal API (revokes).
     let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
-    let followed = (&sources, &live_user_requests, &gitops_controls);
+    let followed = (&sources, &live_user_requests, &memory);
     let h = follow_cluster_events(&sh, followed, modules.handle("cluster"));
     modules.push(h);
     let h = start_peers(&cfg, &mut sh, modules.handle("peers")).await?;
@@ -196,6 +202,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         config_states: Arc::clone(&config_states),
         sync_states,
         gitops_controls,
+        memory: memory.clone(),
         live_user_requests: Arc::clone(&live_user_requests),
         guards: sh.guards.clone(),
         cluster: sh.cluster.clone(),
@@ -212,7 +219,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         Some(w) => Some(start_webhooks(w, &sh, state.clone(), &mut modules).await?),
         None => None,
     };
-    let proxy_deps = (config_states, live_user_requests, previews);
+    let proxy_deps = (memory, live_user_requests, previews);
     let (kubernetes_api_addr, proxy, h) =
         start_kubeproxy(&cfg, &mut sh, proxy_deps, modules.handle("kubeproxy")).await?;
     modules.push(h);
@@ -338,14 +345,15 @@ async fn connect_cluster(cfg: &Config) -> Result<Option<Cluster>> {
 
 /// Applies what replicas publish: revoked tokens' tunnels, streams and people's open requests
 /// end here too; a push webhook another replica took makes this one fetch the project too;
-/// other replicas' rate-limit counts are added to this one's (and this one's are published).
-/// Rotated Redis credential files are followed too.
+/// other replicas' rate-limit counts are added to this one's (and this one's are published);
+/// an agent deleted through another replica is forgotten here. Rotated Redis credential files
+/// are followed too.
 fn follow_cluster_events(
     sh: &Shared,
-    (sources, live_user_requests, controls): (
+    (sources, live_user_requests, memory): (
         &Arc<Sources>,
         &Arc<crate::revocation::LiveUserRequests>,
-        &Arc<tether_gitops_server::Controls>,
+        &crate::agent_memory::AgentMemory,
     ),
     handle: Handle,
 ) -> Handle {
@@ -355,12 +363,20 @@ fn follow_cluster_events(
     let (registry, live) = (Arc::clone(&sh.registry), Arc::clone(live_user_requests));
     let (sources, me) = (Arc::clone(sources), cluster.replica());
     let guards = sh.guards.clone();
-    let controls = Arc::clone(controls);
+    let controls = Arc::clone(&memory.controls);
     let suspensions = tokio::spawn(crate::operate::follow_suspensions(
         Arc::clone(&sh.store),
         Arc::clone(&controls),
         Modules::shutdown_of(&handle),
     ));
+    let deleted = crate::agent_memory::DeletedAgents {
+        memory: memory.clone(),
+        store: Arc::clone(&sh.store),
+        registry: Arc::clone(&sh.registry),
+        auth: Arc::clone(&sh.auth),
+    };
+    let deleted = tokio::spawn(deleted.follow(Modules::shutdown_of(&handle)));
+    let memory = memory.clone();
     let projects_changed = Arc::new(tokio::sync::Notify::new());
     let projects = tokio::spawn(follow_projects(
         (
@@ -385,6 +401,7 @@ fn follow_cluster_events(
         ClusterEvent::Pushed { .. } => {}
         ClusterEvent::Projects { from } if from != me => projects_changed.notify_one(),
         ClusterEvent::Projects { .. } => {}
+        ClusterEvent::AgentDeleted { agent_id } => memory.forget(agent_id),
         ClusterEvent::Suspensions { agent_id, from } if from != me => {
             controls.suspensions_changed(agent_id)
         }
@@ -411,6 +428,7 @@ fn follow_cluster_events(
         .task(projects)
         .task(credentials)
         .task(suspensions)
+        .task(deleted)
 }
 
 /// How often a replica re-reads the projects even when no replica said they changed.
@@ -759,7 +777,7 @@ async fn start_webhooks(
 
 /// What the proxy shares with the rest of kas.
 type ProxyDeps = (
-    Arc<ConfigStates>,
+    crate::agent_memory::AgentMemory,
     Arc<crate::revocation::LiveUserRequests>,
     crate::preview::Previews,
 );
@@ -768,7 +786,7 @@ type ProxyDeps = (
 async fn start_kubeproxy(
     cfg: &Config,
     sh: &mut Shared,
-    (configs, live_user_requests, previews): ProxyDeps,
+    (memory, live_user_requests, previews): ProxyDeps,
     handle: Handle,
 ) -> Result<(SocketAddr, crate::kubeproxy::Proxy, Handle)> {
     let k = &cfg.kubernetes_api;
@@ -787,7 +805,7 @@ async fn start_kubeproxy(
         live_access: Arc::clone(&live_access),
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
-        configs,
+        configs: memory.configs,
         verifier: Arc::new(tether_kubeproxy_server::OidcVerifier::new(
             k.ci_issuers.clone(),
             Arc::new(crate::jwks::HttpJwksFetcher::new(
@@ -816,7 +834,7 @@ async fn start_kubeproxy(
             None => None,
         },
         tls: k.listen.certificate_file.is_some(),
-        agent_projects: Arc::default(),
+        agent_projects: memory.projects,
         live_user_requests,
         previews,
         guard: Arc::clone(&sh.guards.kubernetes_api),

@@ -1125,6 +1125,19 @@ impl CiRig {
         (o.status.code(), text(o.stdout), text(o.stderr))
     }
 
+    /// A GET of `path` through `through`'s proxy to the rig's agent, as a job of `group/app`
+    /// (allowed by the agent's `ci_access`): status and body.
+    async fn ci_get(&self, through: &Kas, path: &str) -> (u16, String) {
+        let jwt = std::fs::read_to_string(self.job_token("group/app")).unwrap();
+        let bearer = format!("Bearer ci:{}:{jwt}", self.rig.agent_id);
+        support::upgrade::tls_get(through.k8s_port, &self.pki.ca, path, &bearer).await
+    }
+
+    /// How many agents `kas` remembers (its debug stats).
+    async fn remembered(kas: &Kas) -> usize {
+        kas.admin.stats().await.unwrap().remembered_agents
+    }
+
     /// The kubeconfig `through`'s proxy gives a job of `project`: status and body.
     async fn kubeconfig(&self, through: &Kas, project: &str) -> (u16, String) {
         let jwt = std::fs::read_to_string(self.job_token(project)).unwrap();
@@ -1251,4 +1264,55 @@ async fn a_replica_serving_an_agent_first_reads_what_another_replica_stored() {
         (in_force.commit_id.as_str(), in_force.error.as_str()),
         (c0.as_str(), "")
     );
+
+/// An agent deleted through replica 1 is forgotten by replica 2 within two seconds: replica 2
+/// kept its configuration in force (loaded at its start), whose `ci_access` went on
+/// authorizing CI jobs there, until replica 2 restarted. A job's request through replica 2 is
+/// refused afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_deleted_through_one_replica_is_forgotten_by_another() {
+    let r = CiRig::start("deleted").await;
+    let two = r.replica("kas-2").await;
+    let (code, body) = r.ci_get(&two, "/version").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(CiRig::remembered(&two).await, 1);
+
+    r.rig.kas.admin.delete_agent(r.rig.agent_id).await.unwrap();
+    wait_for(
+        "replica 2 to forget the deleted agent",
+        Duration::from_secs(2),
+        || async { (CiRig::remembered(&two).await == 0).then_some(()) },
+    )
+    .await;
+    let (code, body) = r.ci_get(&two, "/version").await;
+    assert_eq!(code, 403, "{body}");
+}
+
+/// An agent deleted where no message reached the replicas (written to the database behind
+/// their back, as a lost Redis message leaves them; the agent's tunnels stay up on replica 1):
+/// a CI job's request through replica 2, which remembers the agent's `ci_access`, is refused
+/// at once instead of reaching the cluster, and both replicas forget the agent within their
+/// 10 s look for deleted agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_deleted_without_a_message_is_refused_at_once_and_forgotten_everywhere() {
+    let r = CiRig::start("lostdelete").await;
+    let two = r.replica("kas-2").await;
+    let store = tether_store::PgStore::connect(&r.shared.database_url())
+        .await
+        .unwrap();
+    let (code, body) = r.ci_get(&two, "/version").await;
+    assert_eq!(code, 200, "{body}");
+
+    assert!(store.delete_agent(r.rig.agent_id).await.unwrap());
+    let (code, body) = r.ci_get(&two, "/version").await;
+    // 503 while replica 2 still remembers the agent's project (5 s), 403 after.
+    assert!(matches!(code, 403 | 503), "{code}: {body}");
+    for (i, kas) in [&r.rig.kas, &two].into_iter().enumerate() {
+        wait_for(
+            &format!("replica {} to forget the deleted agent", i + 1),
+            Duration::from_secs(30),
+            || async { (CiRig::remembered(kas).await == 0).then_some(()) },
+        )
+        .await;
+    }
 }

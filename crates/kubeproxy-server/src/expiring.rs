@@ -51,6 +51,11 @@ impl<K: Eq + Hash, V: Clone> ExpiringMap<K, V> {
         }
         map.insert(key, (now, value));
     }
+
+    /// Drops `key`'s value (it no longer holds: a deleted agent's).
+    pub fn remove(&self, key: &K) {
+        self.lock().remove(key);
+    }
 }
 
 #[cfg(test)]
@@ -74,5 +79,7 @@ mod tests {
         m.insert(5, "e", t0 + Duration::from_secs(20));
         assert_eq!(m.get(&4, t0 + Duration::from_secs(20)), Some("d"));
         assert_eq!(m.get(&5, t0 + Duration::from_secs(20)), Some("e"));
+        m.remove(&5);
+        assert_eq!(m.get(&5, t0 + Duration::from_secs(20)), None);
     }
 }

@@ -105,11 +105,17 @@ pub async fn tls_http1(
 /// A CI job's kubeconfig from kas's proxy on `port` (TLS, trusting `ca`) with its ID token
 /// `jwt`: the status and the body.
 pub async fn ci_kubeconfig(port: u16, ca: &Path, jwt: &str) -> (u16, String) {
+    tls_get(port, ca, "/.tether/kubeconfig", &format!("Bearer {jwt}")).await
+}
+
+/// A GET of `path` from kas's proxy on `port` (TLS, trusting `ca`) with the `authorization`
+/// header given: the status and the body.
+pub async fn tls_get(port: u16, ca: &Path, path: &str, authorization: &str) -> (u16, String) {
     use http_body_util::BodyExt;
     let mut sender = tls_http1(port, ca).await;
-    let req = http::Request::get("/.tether/kubeconfig")
+    let req = http::Request::get(path)
         .header("host", format!("localhost:{port}"))
-        .header("authorization", format!("Bearer {jwt}"))
+        .header("authorization", authorization)
         .body(Empty::<Bytes>::new())
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
