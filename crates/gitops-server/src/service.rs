@@ -337,7 +337,10 @@ impl GitOpsService {
                 // outcome of a fast sync (once per commit, not at each retry).
                 if !retry {
                     let notifier = &self.deps.notifier;
-                    notifier.commit_offered(agent_id, &project.path, &hex).await;
+                    let replaces = Some(offered.last.as_str());
+                    notifier
+                        .commit_offered(agent_id, &project.path, &hex, replaces)
+                        .await;
                 }
                 match self.send_commit(at, commit).await {
                     Delivery::Sent => {

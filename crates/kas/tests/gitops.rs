@@ -2258,3 +2258,106 @@ async fn an_unavailable_api_group_fails_only_its_own_objects() {
     });
     assert!(warned, "a warning names the group:\n{}", rig.agent.log());
 }
+
+/// Two commits in quick succession: the first is still syncing (its Deployment's pod can be
+/// scheduled nowhere, so agentk waits for it to become available) when the second reaches the
+/// agent, which cancels the first sync and never reports it. The forges get the first commit
+/// superseded (GitLab `canceled`, GitHub and Gitea `error`, naming the second), once, instead
+/// of `pending` for good (a deploy that looked stuck in merge requests); the second gets
+/// `pending` then `success`; no commit is left `pending`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_superseded_before_its_sync_finished_does_not_stay_pending_on_forges() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("superseded").unwrap();
+    let (port, got) = receiver(0).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let yaml = notifications_yaml(secrets.path(), port);
+    let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
+    let rbac = admin_rbac(&ns);
+    let (rig, c0) = rig_with(env, ns.clone(), &rbac, "", &initial, &[], yaml).await;
+    assert_eq!(rig.synced(&c0).await.outcome, ReportedOutcome::Succeeded);
+
+    let stuck = String::from_utf8(deployment("stuck", &ns, 1))
+        .unwrap()
+        .replace(
+            "    spec:\n      containers:",
+            "    spec:\n      nodeSelector:\n        tether.test/none: none\n      containers:",
+        );
+    let c1 = rig.manifests.commit(
+        &[("manifests/stuck.yaml", Some(stuck.as_bytes()))],
+        "never available",
+    );
+    rig.agent
+        .wait_line("the first commit's sync to be under way", |l| {
+            l["msg"] == "resourceApplied" && l["name"] == "stuck"
+        })
+        .await;
+    let v2 = configmap("app", &ns, "v2");
+    let c2 = rig.manifests.commit(
+        &[
+            ("manifests/stuck.yaml", None),
+            ("manifests/cm.yaml", Some(&v2)),
+        ],
+        "replaces it",
+    );
+    assert_eq!(rig.synced(&c2).await.outcome, ReportedOutcome::Succeeded);
+
+    for (forge, prefix, superseded) in [
+        (
+            "gitlab",
+            "/gitlab/api/v4/projects/group%2Fmanifests/statuses/",
+            "canceled",
+        ),
+        ("github", "/github/repos/group/manifests/statuses/", "error"),
+        (
+            "gitea",
+            "/gitea/api/v1/repos/group/manifests/statuses/",
+            "error",
+        ),
+    ] {
+        let statuses = wait_for(
+            &format!("{forge} to get c2's success"),
+            Duration::from_secs(30),
+            || async {
+                let got = got.lock().unwrap();
+                let statuses: Vec<(String, String, String)> = got
+                    .iter()
+                    .filter_map(|r| {
+                        let commit = r.path.strip_prefix(prefix)?;
+                        let body = json_of(&r.body);
+                        let field = |k: &str| body[k].as_str().unwrap().to_owned();
+                        Some((commit.to_owned(), field("state"), field("description")))
+                    })
+                    .collect();
+                let done = (c2.clone(), "success".to_owned());
+                statuses
+                    .iter()
+                    .any(|(c, s, _)| (c, s) == (&done.0, &done.1))
+                    .then_some(statuses)
+            },
+        )
+        .await;
+        let states: Vec<(&str, &str)> = statuses
+            .iter()
+            .map(|(c, s, _)| (c.as_str(), s.as_str()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (c0.as_str(), "pending"),
+                (c0.as_str(), "success"),
+                (c1.as_str(), "pending"),
+                (c1.as_str(), superseded),
+                (c2.as_str(), "pending"),
+                (c2.as_str(), "success"),
+            ],
+            "{forge}"
+        );
+        let said = &statuses[3].2;
+        assert!(
+            said.starts_with(&format!("superseded by {}", &c2[..8])),
+            "{said}"
+        );
+    }
+}

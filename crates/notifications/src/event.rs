@@ -4,7 +4,8 @@
 //! - [`Transition`]s for people (webhooks, chat): a project's syncs start failing, recover, or a
 //!   configuration or commit is refused. Said once per change, not once per retry.
 //! - [`CommitStatus`]es for forges (GitLab, GitHub, Gitea): each commit an agent is offered is
-//!   `pending`, then `success` or `failed` once the agent reports it.
+//!   `pending`, then `success` or `failed` once the agent reports it, or superseded when a newer
+//!   commit reaches the agent first (agentk cancels the older sync and never reports it).
 //!
 //! Each message has a deduplication key: the outbox keeps one message per (receiver, key), so
 //! the same event seen again — a report re-sent after a reconnect, a second replica — is not
@@ -125,6 +126,18 @@ pub enum State {
     Pending,
     Success,
     Failed,
+    /// A newer commit was sent to the agent before this one's sync finished: its sync was
+    /// cancelled and will never be reported. Without it, the commit stayed `pending` for good
+    /// (a deploy that looks stuck in merge requests).
+    Superseded,
+}
+
+/// The description of a commit superseded by `newer` (named by its short id, as forges do).
+pub fn superseded_by(newer: &str) -> String {
+    let short: String = newer.chars().take(8).collect();
+    format!(
+        "superseded by {short}: a newer commit reached the agent before this one's sync finished"
+    )
 }
 
 /// A message for a forge: the state of an agent's sync of a commit of a manifest project.

@@ -158,17 +158,35 @@ impl Notifier {
         .await;
     }
 
-    /// kas sent an agent a new commit of a manifest project: `pending` on the forges.
-    pub async fn commit_offered(&self, agent_id: i64, project: &str, commit: &str) {
+    /// kas sent an agent a new commit of a manifest project: `pending` on the forges. `replaces`
+    /// is the commit the agent had from this stream before (sent, or the one it came with).
+    /// Unless the agent reported that one, its sync was under way and agentk cancels it for
+    /// the new one, never reporting it: it is marked superseded first (once: the outbox's key),
+    /// so it does not stay `pending` for good, and ahead of the new commit's statuses.
+    pub async fn commit_offered(
+        &self,
+        agent_id: i64,
+        project: &str,
+        commit: &str,
+        replaces: Option<&str>,
+    ) {
         let Some(s) = self.wants(true).cloned() else {
             return;
         };
-        if self.reported(&s, agent_id, project, commit).await {
-            return;
-        }
         let Some(agent) = self.agent(&s, agent_id).await else {
             return;
         };
+        if let Some(older) = replaces.filter(|c| !c.is_empty() && *c != commit)
+            && !self.reported(&s, agent_id, project, older).await
+        {
+            let description = crate::event::superseded_by(commit);
+            let (a, p) = (agent.clone(), project.to_owned());
+            self.status(a, p, older, State::Superseded, description)
+                .await;
+        }
+        if self.reported(&s, agent_id, project, commit).await {
+            return;
+        }
         let description = "sent to the agent; applying".to_owned();
         self.status(
             agent,
@@ -261,6 +279,80 @@ mod tests {
     use super::*;
     use crate::config::Kind;
 
+    /// A notifier with one GitLab receiver, queuing into `store`.
+    fn forge_notifier(store: &Arc<dyn Store>) -> Notifier {
+        let forge = Receiver {
+            name: "forge".into(),
+            kind: Kind::Gitlab,
+            url: "https://gitlab.example.com".into(),
+            secret: None,
+            token: Some("token".into()),
+            events: Vec::new(),
+        };
+        Notifier {
+            shared: Some(Arc::new(Shared {
+                store: Arc::clone(store),
+                receivers: vec![forge],
+                wake: Notify::new(),
+            })),
+        }
+    }
+
+    /// A commit replaced before the agent reported it (agentk cancels its sync) is marked
+    /// superseded, once, before the newer commit's `pending`; a replaced commit the agent
+    /// reported keeps its outcome.
+    #[tokio::test]
+    async fn a_commit_replaced_before_its_report_is_superseded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("kas.db")).await.unwrap());
+        let agent = store.register_agent("group/config", "agent").await.unwrap();
+        let project = "group/manifests";
+        let notifier = forge_notifier(&store);
+
+        notifier
+            .commit_offered(agent.id, project, "c1", Some(""))
+            .await;
+        notifier
+            .commit_offered(agent.id, project, "c2", Some("c1"))
+            .await;
+        // Offered again on a reopened stream: nothing new.
+        notifier
+            .commit_offered(agent.id, project, "c2", Some("c1"))
+            .await;
+        let mut report = SyncReport {
+            project_id: project.into(),
+            commit_id: "c2".into(),
+            finished_at: 1_700_000_000,
+            ..SyncReport::default()
+        };
+        report.set_sync_outcome(SyncOutcome::Succeeded);
+        let bytes = report.encode_to_vec();
+        store
+            .put_sync_report(agent.id, project, &bytes)
+            .await
+            .unwrap();
+        notifier
+            .commit_offered(agent.id, project, "c3", Some("c2"))
+            .await;
+
+        let queued = store.claim_notifications(10, 60).await.unwrap();
+        let keys: Vec<&str> = queued.iter().map(|n| n.dedup_key.as_str()).collect();
+        let key = |c: &str, s: &str| format!("status:{}:{project}:{c}:{s}", agent.id);
+        let want = [
+            key("c1", "Pending"),
+            key("c1", "Superseded"),
+            key("c2", "Pending"),
+            key("c3", "Pending"),
+        ];
+        assert_eq!(keys, want.iter().map(String::as_str).collect::<Vec<_>>());
+        let superseded: Message = serde_json::from_slice(&queued[1].payload).unwrap();
+        let Message::Status(s) = superseded else {
+            panic!("{superseded:?}")
+        };
+        assert_eq!(s.description, crate::event::superseded_by("c2"));
+    }
+
     /// A reopened stream offers the agent its commit again, possibly after the outbox deleted
     /// that commit's first `pending` (past the retention): the agent already reported the
     /// commit, and its report of it again says nothing new, so a second `pending` would be the
@@ -284,24 +376,10 @@ mod tests {
             .put_sync_report(agent.id, project, &bytes)
             .await
             .unwrap();
-        let forge = Receiver {
-            name: "forge".into(),
-            kind: Kind::Gitlab,
-            url: "https://gitlab.example.com".into(),
-            secret: None,
-            token: Some("token".into()),
-            events: Vec::new(),
-        };
-        let notifier = Notifier {
-            shared: Some(Arc::new(Shared {
-                store: Arc::clone(&store),
-                receivers: vec![forge],
-                wake: Notify::new(),
-            })),
-        };
+        let notifier = forge_notifier(&store);
 
-        notifier.commit_offered(agent.id, project, "c1").await;
-        notifier.commit_offered(agent.id, project, "c2").await;
+        notifier.commit_offered(agent.id, project, "c1", None).await;
+        notifier.commit_offered(agent.id, project, "c2", None).await;
         let queued = store.claim_notifications(10, 60).await.unwrap();
         let keys: Vec<&str> = queued.iter().map(|n| n.dedup_key.as_str()).collect();
         let c2 = format!("status:{}:group/manifests:c2:Pending", agent.id);

@@ -191,14 +191,18 @@ fn gitlab_state(s: State) -> &'static str {
         State::Pending => "pending",
         State::Success => "success",
         State::Failed => "failed",
+        State::Superseded => "canceled",
     }
 }
 
+/// GitHub's and Gitea's states: no `canceled` there, so a superseded commit is an `error` (not
+/// a `failure`: its manifests did not fail), its description saying which commit replaced it.
 fn github_state(s: State) -> &'static str {
     match s {
         State::Pending => "pending",
         State::Success => "success",
         State::Failed => "failure",
+        State::Superseded => "error",
     }
 }
 
@@ -329,6 +333,19 @@ mod tests {
             "https://forge.example/api/v1/repos/group/manifests/statuses/abc"
         );
         assert!(gt.headers.contains(&("authorization", "token tok".into())));
+    }
+
+    #[test]
+    fn a_superseded_commit_is_canceled_on_gitlab_and_an_error_elsewhere() {
+        for (kind, state) in [
+            (Kind::Gitlab, "canceled"),
+            (Kind::Github, "error"),
+            (Kind::Gitea, "error"),
+        ] {
+            let r = request(&receiver(kind), &status(State::Superseded), "k").unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(body["state"], state, "{kind:?}");
+        }
     }
 
     #[test]
