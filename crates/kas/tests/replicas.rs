@@ -1264,6 +1264,7 @@ async fn a_replica_serving_an_agent_first_reads_what_another_replica_stored() {
         (in_force.commit_id.as_str(), in_force.error.as_str()),
         (c0.as_str(), "")
     );
+}
 
 /// An agent deleted through replica 1 is forgotten by replica 2 within two seconds: replica 2
 /// kept its configuration in force (loaded at its start), whose `ci_access` went on
