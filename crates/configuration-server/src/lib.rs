@@ -190,14 +190,21 @@ impl ConfigStates {
     fn follow_replicas(&self, agent_id: i64, running: Running) {
         tracing::info!(agent_id, commit_id = %running.commit, "Every replica of the agent still connected runs this configuration; it is in force");
         self.keep_previous(agent_id, &running.commit);
-        self.in_force
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(agent_id, running.config);
-        self.recorded.notify_waiters();
+        self.put_in_force(agent_id, running.commit, running.file, running.config);
+    }
+
+    /// Records `config` (of `commit`, from `file`) as the agent's configuration in force.
+    fn put_in_force(
+        &self,
+        agent_id: i64,
+        commit: String,
+        file: String,
+        config: Arc<tether_agent_config::AgentConfig>,
+    ) {
+        self.set_config(agent_id, config);
         self.update(agent_id, |s| {
-            s.commit = running.commit;
-            s.file = running.file;
+            s.commit = commit;
+            s.file = file;
         });
     }
 
@@ -243,15 +250,7 @@ impl ConfigStates {
     /// The agent refused the configuration in force and runs nothing else: `previous` (see
     /// [`ConfigStates::previous_before`]) is in force again.
     fn restore(&self, agent_id: i64, previous: Previous) {
-        self.in_force
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(agent_id, previous.config);
-        self.recorded.notify_waiters();
-        self.update(agent_id, |s| {
-            s.commit = previous.commit;
-            s.file = previous.file;
-        });
+        self.put_in_force(agent_id, previous.commit, previous.file, previous.config);
     }
 
     /// Forgets a deleted agent: its state and its configuration in force. Kept, they outlived
