@@ -69,7 +69,8 @@ impl Kustomize {
 }
 
 impl Helm {
-    pub(crate) fn validate(&self, base: &str) -> Result<(), ConfigError> {
+    /// Checks the settings; kas checks an agent's render request with this too.
+    pub fn validate(&self, base: &str) -> Result<(), ConfigError> {
         check_repository_path(&format!("{base}.chart"), &self.chart)?;
         let name = &self.release_name;
         if !is_rfc1123_label(name) || name.len() > MAX_RELEASE_NAME {

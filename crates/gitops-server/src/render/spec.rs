@@ -81,22 +81,20 @@ pub struct HelmSpec {
 }
 
 impl HelmSpec {
+    /// The settings as the agent sent them, checked exactly as agentk checks its configuration:
+    /// they come from the agent's request, and a release name or namespace that is not a DNS
+    /// label could be read by `helm` as one of its options (`--post-renderer=…`, `--set-file=…`).
     fn from_wire(h: &wire::Helm) -> Result<Self, RenderError> {
-        check_path("helm.chart", &h.chart)?;
-        for f in &h.values_files {
-            check_path("helm.values_files", f)?;
-        }
-        if h.release_name.is_empty() || h.namespace.is_empty() {
+        if h.namespace.is_empty() {
             return Err(RenderError::InvalidSettings(
-                "helm.release_name and helm.namespace must be set".into(),
+                "helm.namespace must be set".into(),
             ));
         }
-        let values_json = if h.values_json.is_empty() {
-            String::new()
+        let values = if h.values_json.is_empty() {
+            None
         } else {
             match serde_json::from_str::<serde_json::Value>(&h.values_json) {
-                // serde_json's maps are sorted by key: this is a canonical form.
-                Ok(v @ serde_json::Value::Object(_)) => v.to_string(),
+                Ok(v @ serde_json::Value::Object(_)) => Some(v),
                 _ => {
                     return Err(RenderError::InvalidSettings(
                         "helm.values must be a JSON object".into(),
@@ -104,12 +102,24 @@ impl HelmSpec {
                 }
             }
         };
-        Ok(HelmSpec {
+        let settings = tether_agent_config::Helm {
             chart: h.chart.clone(),
             release_name: h.release_name.clone(),
-            namespace: h.namespace.clone(),
+            namespace: Some(h.namespace.clone()),
             values_files: h.values_files.clone(),
-            values_json,
+            values,
+        };
+        settings
+            .validate("helm")
+            .map_err(|e| RenderError::InvalidSettings(e.to_string()))?;
+        Ok(HelmSpec {
+            // serde_json's maps are sorted by key: this is a canonical form, so equal values
+            // make equal cache keys.
+            values_json: settings.values.map(|v| v.to_string()).unwrap_or_default(),
+            chart: settings.chart,
+            release_name: settings.release_name,
+            namespace: h.namespace.clone(),
+            values_files: settings.values_files,
         })
     }
 }
@@ -182,23 +192,33 @@ pub fn command_line(spec: &RenderSpec, program: &Path, repo: &Path, scratch: &Pa
             args.push("--load-restrictor=LoadRestrictionsRootOnly".into());
         }
         RenderSpec::Helm(h) => {
-            args.extend(["template".into(), OsString::from(&h.release_name)]);
-            args.push(repo.join(&h.chart).into());
-            args.extend(["--namespace".into(), OsString::from(&h.namespace)]);
+            // Every option as one `--name=value` word and `--` before the release name and
+            // chart: whatever slipped past the checks is then a value or an argument, never
+            // an option of helm's own.
+            args.push("template".into());
+            args.push(joined("--namespace=", &h.namespace));
             for f in &h.values_files {
-                args.push("--values".into());
-                args.push(repo.join(f).into());
+                args.push(joined("--values=", repo.join(f)));
             }
             if !h.values_json.is_empty() {
-                args.push("--values".into());
-                args.push(scratch.join(VALUES_FILE).into());
+                args.push(joined("--values=", scratch.join(VALUES_FILE)));
             }
+            args.push("--".into());
+            args.push(OsString::from(&h.release_name));
+            args.push(repo.join(&h.chart).into());
         }
     }
     CommandLine {
         program: program.to_path_buf(),
         args,
     }
+}
+
+/// `option` and `value` as one word (`--values=/path`).
+fn joined(option: &str, value: impl AsRef<std::ffi::OsStr>) -> OsString {
+    let mut word = OsString::from(option);
+    word.push(value.as_ref());
+    word
 }
 
 /// How the renderer is confined, as found on this machine at startup.
@@ -326,16 +346,13 @@ mod tests {
             [
                 "helm",
                 "template",
+                "--namespace=prod",
+                "--values=/w/repo/charts/app/a.yaml",
+                "--values=/w/repo/env/b.yaml",
+                "--values=/w/s/values.json",
+                "--",
                 "web",
                 "/w/repo/charts/app",
-                "--namespace",
-                "prod",
-                "--values",
-                "/w/repo/charts/app/a.yaml",
-                "--values",
-                "/w/repo/env/b.yaml",
-                "--values",
-                "/w/s/values.json"
             ]
         );
         let without = command_line(
@@ -345,6 +362,43 @@ mod tests {
             Path::new("/s"),
         );
         assert!(!strings(&without).contains(&"/s/values.json".to_owned()));
+    }
+
+    /// The settings come from the agent's request: a release name or namespace that helm would
+    /// read as its own option (a post-renderer program, a file of kas's to read into the
+    /// values) is refused before any renderer runs, as agentk refuses it in its configuration.
+    #[test]
+    fn helm_settings_that_are_not_dns_labels_are_refused() {
+        let request = |release: &str, namespace: &str| wire::Render {
+            renderer: Some(WireRenderer::Helm(wire::Helm {
+                chart: "c".into(),
+                release_name: release.into(),
+                namespace: namespace.into(),
+                values_files: vec![],
+                values_json: String::new(),
+            })),
+        };
+        for (release, namespace, key) in [
+            ("--post-renderer=/bin/sh", "n", "helm.release_name"),
+            (
+                "--set-file=x=/etc/kas/peers/secret",
+                "n",
+                "helm.release_name",
+            ),
+            ("-x", "n", "helm.release_name"),
+            ("App", "n", "helm.release_name"),
+            (&"a".repeat(54), "n", "helm.release_name"),
+            ("r", "--post-renderer=/bin/sh", "helm.namespace"),
+            ("r", "Prod", "helm.namespace"),
+        ] {
+            let refused = ManifestSource::from_request(&[], Some(&request(release, namespace)))
+                .expect_err(release);
+            assert!(
+                matches!(&refused, RenderError::InvalidSettings(m) if m.contains(key)),
+                "{release:?} {namespace:?}: {refused}"
+            );
+        }
+        ManifestSource::from_request(&[], Some(&request("web-1", "prod"))).expect("accepted");
     }
 
     #[test]
