@@ -37,6 +37,18 @@ pub enum Error {
     /// A path with empty, `.` or `..` components.
     #[error("invalid path {0:?}: empty, '.' and '..' components are not allowed")]
     InvalidPath(String),
+    /// A tree entry whose name Git itself refuses to check out (`git fsck`: empty, `.`, `..`,
+    /// `.git`, or holding a `/`): only a hand-made object has one, and written out it would
+    /// land outside the directory it is listed in.
+    #[error(
+        "the tree at {dir:?} has an entry named {name:?}, which Git refuses to check out (empty, '.', '..', '.git' or containing '/')"
+    )]
+    InvalidTreeEntry {
+        /// The directory holding it (`""` for the root).
+        dir: String,
+        /// The entry's name, lossily decoded.
+        name: String,
+    },
     /// The file is over the caller's size limit; its content was not read.
     #[error("file {path} is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {

@@ -834,6 +834,12 @@ impl Mirror {
                     });
                 }
                 let name = entry.filename.to_str_lossy();
+                if !is_checkout_name(&name) {
+                    return Err(Error::InvalidTreeEntry {
+                        dir: dir.clone(),
+                        name: name.into_owned(),
+                    });
+                }
                 let path = if dir.is_empty() {
                     name.to_string()
                 } else {
@@ -1033,6 +1039,17 @@ fn check_ref_name(name: &str) -> Result<&str, Error> {
     Ok(name)
 }
 
+/// Whether a tree entry's name is one Git would check out: not empty, `.`, `..` or `.git` (in
+/// any case: case-insensitive file systems), and holding no `/` or NUL. Tree objects are not
+/// checked when fetched, so a hand-made one can hold any bytes up to the NUL ending a name.
+fn is_checkout_name(name: &str) -> bool {
+    !(name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.eq_ignore_ascii_case(".git")
+        || name.contains(['/', '\0']))
+}
+
 /// Splits a repository path into components. A leading or trailing `/` is accepted (`"/"` and
 /// `""` are the root); `.`/`..` components are rejected because trees never contain them and a
 /// caller using them is probably trying to escape a directory it was confined to.
@@ -1054,6 +1071,16 @@ fn split_path(path: &str) -> Result<Vec<&str>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_git_refuses_to_check_out_are_recognized() {
+        for bad in ["", ".", "..", ".git", ".GIT", "a/b", "/etc/passwd", "a\0b"] {
+            assert!(!is_checkout_name(bad), "{bad:?}");
+        }
+        for good in ["a", ".gitignore", "..a", "a..", ".github", "x.yaml"] {
+            assert!(is_checkout_name(good), "{good:?}");
+        }
+    }
 
     #[test]
     fn paths_split() {

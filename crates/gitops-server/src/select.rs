@@ -167,7 +167,9 @@ impl SelectError {
             | SelectError::TooManyFiles { .. }
             | SelectError::MatchedByTwoGlobs { .. } => true,
             SelectError::Render(e) => e.is_user_error(),
-            SelectError::Git(_) => false,
+            // A tree Git itself would refuse is the repository's doing; anything else of Git's
+            // is kas's or its disk's.
+            SelectError::Git(e) => matches!(e, GitError::InvalidTreeEntry { .. }),
         }
     }
 }

@@ -185,3 +185,93 @@ async fn renderings_beyond_max_concurrent_wait_their_turn() {
     let runs = std::fs::read_to_string(tmp.path().join("runs")).expect("runs");
     assert_eq!(runs, "done\ndone\n", "{runs}");
 }
+
+/// A tree object made by hand (`git hash-object --literally`) whose root has a blob named by
+/// an absolute path: written out by joining the name to the checkout, it landed at that path,
+/// anywhere kas may write (another project's mirror, kas's database). Such a commit is refused
+/// as the repository's fault, and nothing is written outside the checkout.
+#[tokio::test]
+async fn a_hand_made_tree_entry_named_by_an_absolute_path_is_refused_and_nothing_escapes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let target = tmp.path().join("escaped");
+    let repo = GitRepo::init(&tmp.path().join("project"));
+    repo.commit(
+        &[("app/kustomization.yaml", Some(&b"resources: []\n"[..]))],
+        "app",
+    );
+    let git = |args: &[&str], stdin: Option<&[u8]>| -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new("git")
+            .args(args)
+            .current_dir(&repo.dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("git");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input)
+                .expect("write");
+        }
+        let out = child.wait_with_output().expect("git ran");
+        assert!(out.status.success(), "git {args:?}");
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
+    };
+    let blob = git(
+        &["hash-object", "-w", "--stdin"],
+        Some(b"kas writes here\n"),
+    );
+    let app = git(&["rev-parse", "HEAD:app"], None);
+    // Tree entries: mode, space, name, NUL, the raw object id; sorted by name.
+    let mut tree = Vec::new();
+    for (mode, name, id) in [
+        ("100644", target.display().to_string(), &blob),
+        ("40000", "app".to_owned(), &app),
+    ] {
+        tree.extend_from_slice(format!("{mode} {name}\0").as_bytes());
+        tree.extend(
+            (0..id.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&id[i..i + 2], 16).expect("hex")),
+        );
+    }
+    let tree_id = git(
+        &["hash-object", "-t", "tree", "-w", "--literally", "--stdin"],
+        Some(&tree),
+    );
+    let commit = git(
+        &["commit-tree", &tree_id, "-p", "HEAD", "-m", "hand-made"],
+        None,
+    );
+    git(&["update-ref", "HEAD", &commit], None);
+
+    let mirror = Mirror::open_or_init(tmp.path().join("project.git"), Remote::local(&repo.dir))
+        .expect("mirror");
+    mirror.fetch().expect("fetch");
+    let head = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    assert_eq!(head.to_string(), commit);
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let renderer = Renderer::new(RenderConfig {
+        kustomize_path: Some("/bin/true".into()),
+        work_dir: Some(work),
+        ..RenderConfig::default()
+    });
+    let spec = RenderSpec::Kustomize { path: "app".into() };
+    let e = renderer
+        .render(&mirror, head, &spec)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(e, RenderError::UncheckableTree(_)) && e.is_user_error(),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("escaped"), "names the entry: {e}");
+    assert!(!target.exists(), "a file was written outside the checkout");
+}

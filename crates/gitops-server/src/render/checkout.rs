@@ -75,8 +75,10 @@ impl Checkout {
         let bytes = mirror
             .read_file(commit, &entry.path, max_size)
             .map_err(git)?
-            .unwrap_or_default();
-        let dest = self.repo.join(&entry.path);
+            .ok_or_else(|| {
+                RenderError::Io(format!("{} was listed but cannot be read", entry.path))
+            })?;
+        let dest = inside(&self.repo, &entry.path)?;
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(io("creating", parent))?;
         }
@@ -99,7 +101,7 @@ impl Checkout {
                 target,
             });
         }
-        let dest = self.repo.join(path);
+        let dest = inside(&self.repo, path)?;
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(io("creating", parent))?;
         }
@@ -185,6 +187,7 @@ fn list(
             GitError::TooManyEntries { limit, .. } => RenderError::CheckoutTooLarge {
                 what: format!("more than {limit} entries"),
             },
+            e @ GitError::InvalidTreeEntry { .. } => RenderError::UncheckableTree(e.to_string()),
             other => git(other),
         })?;
     let total: u64 = entries.iter().map(|e| e.size).sum();
@@ -215,6 +218,21 @@ fn set_modes(dir: &Path, dirs: u32, files: u32) -> std::io::Result<()> {
         }
     }
     fs::set_permissions(dir, fs::Permissions::from_mode(dirs))
+}
+
+/// `path` (a repository path) under `repo`, refused unless every component is a plain name:
+/// `Path::join` with an absolute path, or one with `..`, would write outside the checkout.
+fn inside(repo: &Path, path: &str) -> Result<PathBuf, RenderError> {
+    let plain = !path.is_empty()
+        && Path::new(path)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain {
+        return Err(RenderError::UncheckableTree(format!(
+            "the repository path {path:?} is not a plain relative path"
+        )));
+    }
+    Ok(repo.join(path))
 }
 
 fn git(e: GitError) -> RenderError {

@@ -133,6 +133,9 @@ pub enum RenderError {
         /// The limit.
         limit: u64,
     },
+    /// The commit's tree holds an entry Git itself refuses to check out.
+    #[error("{0}; kas does not check such a commit out (it was made by hand, not by git)")]
+    UncheckableTree(String),
     /// kas could not prepare or start the rendering (disk, processes).
     #[error("rendering failed in kas: {0}")]
     Io(String),
