@@ -84,6 +84,8 @@ fn resolve_first(mirror: &Mirror, candidates: &[GitRef]) -> Result<CommitId, Git
 /// Where and how to read a project for a preview.
 #[derive(Debug)]
 pub struct PreviewSource<'a> {
+    /// The agent previewed: its renderings take its turns, as its stream's do.
+    pub agent_id: i64,
     pub store: &'a dyn Store,
     pub sources: &'a Sources,
     pub limits: &'a Limits,
@@ -122,12 +124,19 @@ impl PreviewSource<'_> {
                 reason: refusal.reason,
             });
         }
-        let selection = manifests_at(&mirror, commit, manifests, self.limits, self.renderer)
-            .await
-            .map_err(|source| PreviewError::Select {
-                project: project.path.clone(),
-                source,
-            })?;
+        let selection = manifests_at(
+            self.agent_id,
+            &mirror,
+            commit,
+            manifests,
+            self.limits,
+            self.renderer,
+        )
+        .await
+        .map_err(|source| PreviewError::Select {
+            project: project.path.clone(),
+            source,
+        })?;
         Ok(PreviewFiles {
             project,
             commit,

@@ -185,8 +185,10 @@ fn display_dir(prefix: &str) -> String {
 /// The manifests of a project at `commit`: what the GitOps stream sends (and what a preview
 /// of a ref compares). Plain files are selected by glob ([`select_manifests`]); a Kustomize
 /// directory or a Helm chart is rendered in the sandbox (one file named after the command,
-/// `kustomize build overlays/prod`, holding the whole YAML stream).
+/// `kustomize build overlays/prod`, holding the whole YAML stream), in one of `agent_id`'s
+/// turns to render.
 pub async fn manifests_at(
+    agent_id: i64,
     mirror: &Mirror,
     commit: CommitId,
     source: &ManifestSource,
@@ -204,7 +206,7 @@ pub async fn manifests_at(
         }
         ManifestSource::Render(spec) => spec,
     };
-    let bytes = renderer.render(mirror, commit, spec).await?;
+    let bytes = renderer.render(agent_id, mirror, commit, spec).await?;
     let mut warnings = Vec::new();
     if bytes.iter().all(u8::is_ascii_whitespace) {
         warnings.push(format!(

@@ -370,7 +370,8 @@ impl GitOpsService {
         let (agent_id, project, source, tx) = (at.agent_id, at.project, at.source, at.tx);
         let mirror = at.mirror;
         let (limits, renderer) = (&self.deps.limits, &self.deps.renderer);
-        let selection = match manifests_at(mirror, commit, source, limits, renderer).await {
+        let selection = match manifests_at(agent_id, mirror, commit, source, limits, renderer).await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(agent_id, project = %project.path, commit_id = %commit, error = %e, user_error = e.is_user_error(), "Manifest selection failed");

@@ -47,7 +47,7 @@ async fn render_with_reporter(
         ..RenderConfig::default()
     });
     let spec = RenderSpec::Kustomize { path: "app".into() };
-    let out = renderer.render(&mirror, commit, &spec).await;
+    let out = renderer.render(1, &mirror, commit, &spec).await;
     let text = out.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
     (text, renderer, mirror, commit)
 }
@@ -129,7 +129,10 @@ async fn each_commit_and_settings_render_once() {
             .count()
     };
     let app = RenderSpec::Kustomize { path: "app".into() };
-    let again = renderer.render(&mirror, commit, &app).await.expect("again");
+    let again = renderer
+        .render(1, &mirror, commit, &app)
+        .await
+        .expect("again");
     assert_eq!(String::from_utf8_lossy(&again), first.expect("rendered"));
     assert_eq!(
         runs(),
@@ -137,7 +140,10 @@ async fn each_commit_and_settings_render_once() {
         "the same commit and settings are served from the cache"
     );
     let root = RenderSpec::Kustomize { path: ".".into() };
-    renderer.render(&mirror, commit, &root).await.expect("root");
+    renderer
+        .render(1, &mirror, commit, &root)
+        .await
+        .expect("root");
     assert_eq!(runs(), 2, "other settings render again");
 }
 
@@ -177,8 +183,8 @@ async fn renderings_beyond_max_concurrent_wait_their_turn() {
     });
     let spec = RenderSpec::Kustomize { path: "app".into() };
     let (a, b) = tokio::join!(
-        renderer.render(&mirror, first, &spec),
-        renderer.render(&mirror, second, &spec)
+        renderer.render(1, &mirror, first, &spec),
+        renderer.render(1, &mirror, second, &spec)
     );
     a.expect("first rendering");
     b.expect("second rendering");
@@ -265,7 +271,7 @@ async fn a_hand_made_tree_entry_named_by_an_absolute_path_is_refused_and_nothing
     });
     let spec = RenderSpec::Kustomize { path: "app".into() };
     let e = renderer
-        .render(&mirror, head, &spec)
+        .render(1, &mirror, head, &spec)
         .await
         .expect_err("refused");
     assert!(
@@ -274,4 +280,87 @@ async fn a_hand_made_tree_entry_named_by_an_absolute_path_is_refused_and_nothing
     );
     assert!(e.to_string().contains("escaped"), "names the entry: {e}");
     assert!(!target.exists(), "a file was written outside the checkout");
+}
+
+/// A stand-in renderer: a kustomization under `slow*` notes its start and waits until the
+/// test creates `open`; any other renders at once.
+const GATED: &str = "#!/bin/sh\n\
+d=\"$(/usr/bin/dirname \"$0\")\"\n\
+case \"$2\" in */slow*) echo \"$2\" >> \"$d/started\"; \
+until [ -e \"$d/open\" ]; do /usr/bin/sleep 0.05; done;; esac\n\
+echo \"# rendered $2\"\n";
+
+/// One agent whose renderings never end (its stream, or its previews with ever new values)
+/// holds one of kas's turns, not all of them: another agent's rendering runs meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_stuck_renderings_do_not_hold_up_another_agents() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let repo = GitRepo::init(&tmp.path().join("project"));
+    let kustomization = &b"resources: []\n"[..];
+    repo.commit(
+        &[
+            ("slow1/kustomization.yaml", Some(kustomization)),
+            ("slow2/kustomization.yaml", Some(kustomization)),
+            ("slow3/kustomization.yaml", Some(kustomization)),
+            ("fast/kustomization.yaml", Some(kustomization)),
+        ],
+        "four",
+    );
+    let mirror = Mirror::open_or_init(tmp.path().join("project.git"), Remote::local(&repo.dir))
+        .expect("mirror");
+    mirror.fetch().expect("fetch");
+    let commit = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    let script = tmp.path().join("kustomize");
+    std::fs::write(&script, GATED).expect("script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let renderer = std::sync::Arc::new(Renderer::new(RenderConfig {
+        kustomize_path: Some(script),
+        work_dir: Some(work),
+        max_concurrent: 2,
+        ..RenderConfig::default()
+    }));
+    let stuck: Vec<_> = ["slow1", "slow2", "slow3"]
+        .into_iter()
+        .map(|path| {
+            let (renderer, mirror) = (std::sync::Arc::clone(&renderer), mirror.clone());
+            tokio::spawn(async move {
+                let spec = RenderSpec::Kustomize { path: path.into() };
+                renderer.render(1, &mirror, commit, &spec).await
+            })
+        })
+        .collect();
+    let started = tmp.path().join("started");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !started.exists() {
+        assert!(std::time::Instant::now() < deadline, "no rendering started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let fast = RenderSpec::Kustomize {
+        path: "fast".into(),
+    };
+    let other = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        renderer.render(2, &mirror, commit, &fast),
+    )
+    .await
+    .expect("agent 2's rendering waited behind agent 1's")
+    .expect("agent 2's rendering");
+    assert!(
+        String::from_utf8_lossy(&other).contains("/fast"),
+        "{other:?}"
+    );
+    let running = std::fs::read_to_string(&started).expect("started");
+    assert_eq!(
+        running.lines().count(),
+        1,
+        "agent 1 runs one at a time: {running}"
+    );
+
+    std::fs::write(tmp.path().join("open"), "").expect("open the gate");
+    for s in stuck {
+        s.await.expect("joined").expect("agent 1's rendering");
+    }
 }

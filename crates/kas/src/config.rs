@@ -203,6 +203,11 @@ pub struct Render {
     pub cache_entries: usize,
     /// Most renderings running at once.
     pub max_concurrent: usize,
+    /// Most renderings of one agent running at once.
+    pub max_concurrent_per_agent: usize,
+    /// How long a rendering that failed through the repository is answered from memory.
+    #[serde(with = "humantime_serde")]
+    pub failure_ttl: Duration,
     /// Where checkouts are written (default: `<data_dir>/render`); this kas's alone.
     pub work_dir: Option<PathBuf>,
 }
@@ -220,6 +225,8 @@ impl Default for Render {
             max_checkout_size: d.checkout.max_size,
             cache_entries: d.cache_entries,
             max_concurrent: d.max_concurrent,
+            max_concurrent_per_agent: d.max_concurrent_per_agent,
+            failure_ttl: d.failure_ttl,
             work_dir: d.work_dir,
         }
     }
@@ -241,6 +248,8 @@ impl Render {
             },
             cache_entries: self.cache_entries,
             max_concurrent: self.max_concurrent,
+            max_concurrent_per_agent: self.max_concurrent_per_agent,
+            failure_ttl: self.failure_ttl,
             work_dir: Some(
                 self.work_dir
                     .clone()
@@ -257,9 +266,10 @@ impl Render {
             || self.max_checkout_size == 0
             || self.cache_entries == 0
             || self.max_concurrent == 0
+            || self.max_concurrent_per_agent == 0
         {
             return Err(
-                "gitops.render.max_output_size, max_checkout_size, cache_entries and max_concurrent must be positive"
+                "gitops.render.max_output_size, max_checkout_size, cache_entries, max_concurrent and max_concurrent_per_agent must be positive"
                     .into(),
             );
         }

@@ -113,6 +113,7 @@ impl Previews {
         let client = crate::agent_kube::client(reach, agent_id, &routed)
             .map_err(|e| refused(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let source = PreviewSource {
+            agent_id,
             store: self.store.as_ref(),
             sources: &self.sources,
             limits: &self.limits,

@@ -12,6 +12,7 @@ pub mod checkout;
 pub mod checks;
 mod run;
 pub mod spec;
+mod turns;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -169,6 +170,12 @@ pub struct RenderConfig {
     /// on disk and `memory_limit` of address space, so many agents' streams asking at once
     /// (after a kas restart, or a commit every agent follows) must not run them all together.
     pub max_concurrent: usize,
+    /// Most renderings of one agent running or waiting for a turn at once: one agent's stream or
+    /// previews never hold every turn, so other agents' renderings still run.
+    pub max_concurrent_per_agent: usize,
+    /// How long a rendering that failed through the repository (time or memory limit, the
+    /// renderer's error, a refused reference) is answered from memory before it is run again.
+    pub failure_ttl: Duration,
     /// Where checkouts are written; the system's temporary directory when `None`. A folder
     /// given here belongs to this renderer: checkouts a killed process left in it are deleted
     /// when the renderer is created.
@@ -202,6 +209,8 @@ impl Default for RenderConfig {
             },
             cache_entries: 16,
             max_concurrent: 4,
+            max_concurrent_per_agent: 1,
+            failure_ttl: Duration::from_secs(30),
             work_dir: None,
         }
     }
@@ -216,9 +225,11 @@ pub struct Renderer {
     kustomize: Result<PathBuf, String>,
     helm: Result<PathBuf, String>,
     sandbox: Sandbox,
-    cache: RenderCache<CacheKey, Arc<Vec<u8>>>,
+    cache: RenderCache<CacheKey, Arc<Vec<u8>>, RenderError>,
     /// Turns to render (see [`RenderConfig::max_concurrent`]).
     turns: tokio::sync::Semaphore,
+    /// Each agent's share of them (see [`RenderConfig::max_concurrent_per_agent`]).
+    agent_turns: turns::AgentTurns,
 }
 
 impl Renderer {
@@ -266,8 +277,9 @@ impl Renderer {
         if let Some(dir) = &config.work_dir {
             prepare_work_dir(dir);
         }
-        let cache = RenderCache::new(config.cache_entries);
+        let cache = RenderCache::new(config.cache_entries, config.failure_ttl);
         let turns = tokio::sync::Semaphore::new(config.max_concurrent.max(1));
+        let agent_turns = turns::AgentTurns::new(config.max_concurrent_per_agent);
         Self {
             config,
             kustomize,
@@ -275,20 +287,25 @@ impl Renderer {
             sandbox,
             cache,
             turns,
+            agent_turns,
         }
     }
 
     /// The rendered manifests of `commit` with `spec` (one multi-document YAML stream), from
-    /// the cache or rendered now.
+    /// the cache or rendered now in one of `agent_id`'s turns.
     pub async fn render(
         &self,
+        agent_id: i64,
         mirror: &Mirror,
         commit: CommitId,
         spec: &RenderSpec,
     ) -> Result<Arc<Vec<u8>>, RenderError> {
         let key = (commit, spec.clone());
         self.cache
-            .get_or_try_init(key, || async {
+            .get_or_try_init(key, RenderError::is_user_error, || async {
+                // The agent's turn first: an agent waiting for its own renderings never holds
+                // one of kas's turns meanwhile.
+                let _mine = self.agent_turns.acquire(agent_id).await;
                 let _turn = self
                     .turns
                     .acquire()
