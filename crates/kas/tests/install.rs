@@ -1018,6 +1018,35 @@ fn the_kas_chart_scales_out_on_postgresql_redis_and_peers() {
     }
     // The peers port is no Service's: replicas reach each other by Pod IP.
     assert!(service_ports(&objs, &ns).iter().all(|(_, p)| *p != 8156));
+    // Only kas's own Pods reach it (the hop is not encrypted); the other listeners stay open.
+    let policy = find(&objs, "NetworkPolicy", Some(&ns), "kas-peers");
+    let selector = &policy["spec"]["podSelector"]["matchLabels"];
+    assert_eq!(selector, &sts["spec"]["selector"]["matchLabels"]);
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    let ports = |rule: &Value| -> Vec<String> {
+        rule["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ports(&rules[0]), ["peers"]);
+    assert_eq!(rules[0]["from"][0]["podSelector"]["matchLabels"], *selector);
+    assert!(rules[1].get("from").is_none(), "open to every client");
+    assert!(!ports(&rules[1]).contains(&"peers".to_owned()));
+    let container_ports: Vec<String> = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .filter(|n| n != "peers")
+        .collect();
+    assert_eq!(
+        ports(&rules[1]),
+        container_ports,
+        "every other listener stays reachable"
+    );
     // Disruptions: one replica down at a time (unready ones always evictable), spread over
     // nodes, and a SIGTERM that drains before closing the listeners.
     let pdb = find(&objs, "PodDisruptionBudget", Some(&ns), "kas");
