@@ -95,6 +95,21 @@ struct Forwarded {
     /// [`MAX_SKEW`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     nonce: Option<u64>,
+    /// The holder's advertised address it is signed for: another replica refuses it, so a
+    /// preamble captured on its way to one replica cannot be replayed to another (each
+    /// remembers only the nonces it accepted). Absent from older replicas' preambles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    to: Option<String>,
+}
+
+impl Forwarded {
+    /// The same request, signed for the holder at `address`.
+    fn to(&self, address: &str) -> Forwarded {
+        Forwarded {
+            to: Some(address.to_owned()),
+            ..self.clone()
+        }
+    }
 }
 
 /// The nonces of preambles accepted lately (pure but for the map).
@@ -144,14 +159,24 @@ fn preamble(secret: &[u8], f: &Forwarded) -> Vec<u8> {
     format!("{tag}\n{body}\n").into_bytes()
 }
 
-/// Checks a received preamble (pure): the MAC in constant time, then the age.
-fn verify(secret: &[u8], tag: &str, body: &str, now: u64) -> Result<Forwarded, &'static str> {
+/// Checks a received preamble (pure): the MAC in constant time, then the age and that it was
+/// signed for this replica (`me`, its advertised address).
+fn verify(
+    secret: &[u8],
+    me: &str,
+    tag: &str,
+    body: &str,
+    now: u64,
+) -> Result<Forwarded, &'static str> {
     let tag = hex::decode(tag.trim()).map_err(|_| "malformed signature")?;
     let m = mac(secret, body.trim_end().as_bytes()).ok_or("no key")?;
     m.verify_slice(&tag).map_err(|_| "bad signature")?;
     let f: Forwarded = serde_json::from_str(body.trim_end()).map_err(|_| "malformed request")?;
     if f.at.abs_diff(now) > MAX_SKEW {
         return Err("stale request");
+    }
+    if f.to.as_deref().is_some_and(|to| to != me) {
+        return Err("request signed for another replica");
     }
     Ok(f)
 }
@@ -435,6 +460,7 @@ impl Peers {
             metadata: BTreeMap::new(),
             at: unix_now(),
             nonce: Some(rand::random()),
+            to: Some(address.to_owned()),
         };
         let preamble = preamble(&self.secret, &request);
         tokio::time::timeout(PREAMBLE_TIMEOUT, forward_to(address, &preamble))
@@ -506,10 +532,10 @@ impl Peers {
             metadata: metadata.clone().into_iter().collect(),
             at: unix_now(),
             nonce: Some(rand::random()),
+            to: None,
         };
-        let preamble = preamble(&self.secret, &request);
         let mut errors = Vec::new();
-        if let Some(stream) = try_holders(self, &holders, &preamble, confirm, &mut errors).await {
+        if let Some(stream) = try_holders(self, &holders, &request, confirm, &mut errors).await {
             return Ok(Some(stream));
         }
         // What was cached may be out of date: read the directory again, once.
@@ -521,10 +547,9 @@ impl Peers {
             at: unix_now(),
             ..request
         };
-        let preamble = self::preamble(&self.secret, &request);
         if !fresh.is_empty()
             && fresh != holders
-            && let Some(stream) = try_holders(self, &fresh, &preamble, confirm, &mut errors).await
+            && let Some(stream) = try_holders(self, &fresh, &request, confirm, &mut errors).await
         {
             return Ok(Some(stream));
         }
@@ -586,7 +611,7 @@ impl Peers {
             Err(_) if stream.buffer().is_empty() => return,
             Ok(Ok((tag, body))) => {
                 let now = unix_now();
-                verify(&self.secret, &tag, &body, now).and_then(|f| {
+                verify(&self.secret, &self.address, &tag, &body, now).and_then(|f| {
                     let mut replays = self.replays.lock().unwrap_or_else(PoisonError::into_inner);
                     replays.admit(&f, now)?;
                     Ok(f)
@@ -641,11 +666,12 @@ impl Peers {
 async fn try_holders(
     peers: &Peers,
     holders: &[String],
-    preamble: &[u8],
+    request: &Forwarded,
     confirm: bool,
     errors: &mut Vec<String>,
 ) -> Option<OkFirst<TcpStream>> {
     for address in holders {
+        let preamble = &preamble(&peers.secret, &request.to(address));
         let attempt = async {
             if confirm {
                 forward_to(address, preamble).await.map(OkFirst::answered)
@@ -804,8 +830,11 @@ mod tests {
             metadata: [("access_as".to_owned(), "{}".to_owned())].into(),
             at,
             nonce: Some(at * 7),
+            to: Some("10.0.0.5:8156".into()),
         }
     }
+
+    const ME: &str = "10.0.0.5:8156";
 
     #[test]
     fn a_preamble_is_accepted_once_and_old_nonces_are_forgotten() {
@@ -862,21 +891,54 @@ mod tests {
     #[test]
     fn a_signed_fresh_request_is_taken() {
         let (tag, body) = lines(&preamble(b"shared", &request(1000)));
-        assert_eq!(verify(b"shared", &tag, &body, 1010), Ok(request(1000)));
+        assert_eq!(verify(b"shared", ME, &tag, &body, 1010), Ok(request(1000)));
+        let legacy = Forwarded {
+            to: None,
+            ..request(1000)
+        };
+        let (tag, body) = lines(&preamble(b"shared", &legacy));
+        assert_eq!(
+            verify(b"shared", ME, &tag, &body, 1000),
+            Ok(legacy),
+            "older replicas sign for no one in particular"
+        );
+    }
+
+    /// Each replica remembers only the nonces it accepted: a preamble captured on its way to
+    /// one replica, replayed to another within its 30 s, is refused there by its address.
+    #[test]
+    fn a_request_signed_for_another_replica_is_refused() {
+        let (tag, body) = lines(&preamble(b"shared", &request(1000)));
+        assert_eq!(
+            verify(b"shared", "10.0.0.6:8156", &tag, &body, 1000),
+            Err("request signed for another replica")
+        );
+        let changed = body.replace("10.0.0.5", "10.0.0.6");
+        assert_eq!(
+            verify(b"shared", "10.0.0.6:8156", &tag, &changed, 1000),
+            Err("bad signature"),
+            "the address is signed"
+        );
     }
 
     #[test]
     fn another_key_a_changed_body_or_an_old_request_is_refused() {
         let (tag, body) = lines(&preamble(b"shared", &request(1000)));
-        assert_eq!(verify(b"other", &tag, &body, 1000), Err("bad signature"));
-        let changed = body.replace("\"agent_id\":7", "\"agent_id\":8");
         assert_eq!(
-            verify(b"shared", &tag, &changed, 1000),
+            verify(b"other", ME, &tag, &body, 1000),
             Err("bad signature")
         );
-        assert_eq!(verify(b"shared", &tag, &body, 1100), Err("stale request"));
+        let changed = body.replace("\"agent_id\":7", "\"agent_id\":8");
         assert_eq!(
-            verify(b"shared", "zz", &body, 1000),
+            verify(b"shared", ME, &tag, &changed, 1000),
+            Err("bad signature")
+        );
+        assert_eq!(
+            verify(b"shared", ME, &tag, &body, 1100),
+            Err("stale request")
+        );
+        assert_eq!(
+            verify(b"shared", ME, "zz", &body, 1000),
             Err("malformed signature")
         );
     }
