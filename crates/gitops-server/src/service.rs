@@ -199,7 +199,18 @@ impl GitOpsService {
                 h.fetches > 0 || h.restored
             };
             if control.sent.as_ref().is_some_and(|s| !s.suspended) {
-                if fetched && !self.offer_newest(&at, &mut offered).await {
+                // A rendering may run for minutes: an agent gone or a token revoked meanwhile
+                // ends it (the renderer is killed with the future) instead of letting it run
+                // to its time limit for no one.
+                let offer = tokio::select! {
+                    ok = async { !fetched || self.offer_newest(&at, &mut offered).await } => ok,
+                    () = tx.closed() => false,
+                    () = lease.cancelled() => {
+                        let _ = tx.send(Err(lease.end_status())).await;
+                        false
+                    }
+                };
+                if !offer {
                     return;
                 }
                 if !send_resync(&tx, d.resync, &mut control).await {

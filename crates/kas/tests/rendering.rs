@@ -569,3 +569,33 @@ async fn a_preview_renders_the_overlay_of_a_branch_as_the_agent_would() {
         "a preview changes nothing"
     );
 }
+
+/// A rendering runs for no one once the agent that asked for it is gone: its renderer is
+/// stopped with the agent's stream, not left to run to its time limit (ten minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rendering_whose_agent_went_away_is_stopped() {
+    let work = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "    timeout: 10m\n    work_dir: {}\n",
+        work.path().display()
+    );
+    let (mut rig, _, _) =
+        rendering_rig("gone", |_| HELM_ENTRY.into(), |_| helm_repo(), &extra).await;
+    let endless = b"{{- range until 100000 }}{{- range until 100000 }}{{- range until 100000 }}{{- end }}{{- end }}{{- end }}\n";
+    rig.manifests.commit(
+        &[("charts/app/templates/endless.yaml", Some(endless))],
+        "endless",
+    );
+    wait_for("the renderer to start", Duration::from_secs(60), || async {
+        (!processes_in(work.path()).is_empty()).then_some(())
+    })
+    .await;
+
+    rig.agent.kill9();
+    wait_for(
+        "the renderer to stop with the agent's stream",
+        Duration::from_secs(30),
+        || async { processes_in(work.path()).is_empty().then_some(()) },
+    )
+    .await;
+}
