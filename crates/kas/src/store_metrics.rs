@@ -70,6 +70,8 @@ pub enum Operation {
     ClaimNotifications,
     FinishNotification,
     DeleteFinishedNotifications,
+    DropReplacedNotifications,
+    RecordOfferedCommit,
     CreateWebSession,
     WebSession,
     DeleteWebSession,
@@ -115,6 +117,8 @@ impl Operation {
             O::ClaimNotifications => "claim_notifications",
             O::FinishNotification => "finish_notification",
             O::DeleteFinishedNotifications => "delete_finished_notifications",
+            O::DropReplacedNotifications => "drop_replaced_notifications",
+            O::RecordOfferedCommit => "record_offered_commit",
             O::CreateWebSession => "create_web_session",
             O::WebSession => "web_session",
             O::DeleteWebSession => "delete_web_session",
@@ -146,6 +150,8 @@ impl Operation {
             | O::ClaimNotifications
             | O::FinishNotification
             | O::DeleteFinishedNotifications
+            | O::DropReplacedNotifications
+            | O::RecordOfferedCommit
             | O::CreateWebSession
             | O::DeleteWebSession
             | O::DeleteAgent

@@ -1703,20 +1703,31 @@ struct Received {
 /// A local HTTP server standing in for every receiver; answers 503 to the first `fail_first`
 /// webhook deliveries, 201 to everything else.
 async fn receiver(fail_first: usize) -> (u16, Arc<Mutex<Vec<Received>>>) {
+    receiver_answering(move |seen, path, _| {
+        let hooks = seen.iter().filter(|r| r.path == "/hook").count();
+        if path == "/hook" && hooks < fail_first {
+            503
+        } else {
+            201
+        }
+    })
+    .await
+}
+
+/// A local HTTP server standing in for every receiver, answering each request (path, body) as
+/// `answer` says, given the requests before it.
+async fn receiver_answering(
+    answer: impl Fn(&[Received], &str, &[u8]) -> u16 + Clone + Send + Sync + 'static,
+) -> (u16, Arc<Mutex<Vec<Received>>>) {
     let got: Arc<Mutex<Vec<Received>>> = Arc::default();
     let seen = Arc::clone(&got);
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-        let seen = Arc::clone(&seen);
+        let (seen, answer) = (Arc::clone(&seen), answer.clone());
         async move {
             let (parts, body) = req.into_parts();
             let body = axum::body::to_bytes(body, 1 << 20).await.unwrap().to_vec();
             let mut seen = seen.lock().unwrap();
-            let hooks = seen.iter().filter(|r| r.path == "/hook").count();
-            let status = if parts.uri.path() == "/hook" && hooks < fail_first {
-                503
-            } else {
-                201
-            };
+            let status = answer(&seen, parts.uri.path(), &body);
             seen.push(Received {
                 path: parts.uri.path().to_owned(),
                 headers: parts.headers,
@@ -2278,14 +2289,8 @@ async fn a_commit_superseded_before_its_sync_finished_does_not_stay_pending_on_f
     let (rig, c0) = rig_with(env, ns.clone(), &rbac, "", &initial, &[], yaml).await;
     assert_eq!(rig.synced(&c0).await.outcome, ReportedOutcome::Succeeded);
 
-    let stuck = String::from_utf8(deployment("stuck", &ns, 1))
-        .unwrap()
-        .replace(
-            "    spec:\n      containers:",
-            "    spec:\n      nodeSelector:\n        tether.test/none: none\n      containers:",
-        );
     let c1 = rig.manifests.commit(
-        &[("manifests/stuck.yaml", Some(stuck.as_bytes()))],
+        &[("manifests/stuck.yaml", Some(&unschedulable("stuck", &ns)))],
         "never available",
     );
     rig.agent
@@ -2303,33 +2308,12 @@ async fn a_commit_superseded_before_its_sync_finished_does_not_stay_pending_on_f
     );
     assert_eq!(rig.synced(&c2).await.outcome, ReportedOutcome::Succeeded);
 
-    for (forge, prefix, superseded) in [
-        (
-            "gitlab",
-            "/gitlab/api/v4/projects/group%2Fmanifests/statuses/",
-            "canceled",
-        ),
-        ("github", "/github/repos/group/manifests/statuses/", "error"),
-        (
-            "gitea",
-            "/gitea/api/v1/repos/group/manifests/statuses/",
-            "error",
-        ),
-    ] {
+    for (forge, prefix, superseded) in FORGES {
         let statuses = wait_for(
             &format!("{forge} to get c2's success"),
             Duration::from_secs(30),
             || async {
-                let got = got.lock().unwrap();
-                let statuses: Vec<(String, String, String)> = got
-                    .iter()
-                    .filter_map(|r| {
-                        let commit = r.path.strip_prefix(prefix)?;
-                        let body = json_of(&r.body);
-                        let field = |k: &str| body[k].as_str().unwrap().to_owned();
-                        Some((commit.to_owned(), field("state"), field("description")))
-                    })
-                    .collect();
+                let statuses = forge_statuses(&got, prefix);
                 let done = (c2.clone(), "success".to_owned());
                 statuses
                     .iter()
@@ -2360,4 +2344,183 @@ async fn a_commit_superseded_before_its_sync_finished_does_not_stay_pending_on_f
             "{said}"
         );
     }
+}
+
+/// Each forge's name, the path its commit statuses are posted under (the commit follows), and
+/// what it calls a superseded commit.
+const FORGES: [(&str, &str, &str); 3] = [
+    (
+        "gitlab",
+        "/gitlab/api/v4/projects/group%2Fmanifests/statuses/",
+        "canceled",
+    ),
+    ("github", "/github/repos/group/manifests/statuses/", "error"),
+    (
+        "gitea",
+        "/gitea/api/v1/repos/group/manifests/statuses/",
+        "error",
+    ),
+];
+
+/// The statuses a forge accepted (answered 201), in order: (commit, state, description).
+fn forge_statuses(got: &Mutex<Vec<Received>>, prefix: &str) -> Vec<(String, String, String)> {
+    let got = got.lock().unwrap();
+    got.iter()
+        .filter(|r| r.status == 201)
+        .filter_map(|r| {
+            let commit = r.path.strip_prefix(prefix)?;
+            let body = json_of(&r.body);
+            let field = |k: &str| body[k].as_str().unwrap().to_owned();
+            Some((commit.to_owned(), field("state"), field("description")))
+        })
+        .collect()
+}
+
+/// A forge that answers 500 to a commit's `pending` until it has accepted another status of
+/// that commit: the `pending` is retried after the commit's `success` was delivered.
+fn pending_fails_until_final(seen: &[Received], path: &str, body: &[u8]) -> u16 {
+    let state = |body: &[u8]| {
+        serde_json::from_slice::<Value>(body).ok()?["state"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let is_forge = FORGES.iter().any(|(_, prefix, _)| path.starts_with(prefix));
+    let finished = seen
+        .iter()
+        .any(|r| r.path == path && r.status == 201 && state(&r.body).as_deref() != Some("pending"));
+    if is_forge && state(body).as_deref() == Some("pending") && !finished {
+        500
+    } else {
+        201
+    }
+}
+
+/// Forges answer 500 to the commit's `pending` until they have its `success`, so kas retries
+/// the `pending` (with backoff) while the agent's report comes and its `success` is delivered.
+/// The retried `pending` is dropped, not sent after the `success` (which would leave the
+/// commit `pending` on the forge for good): `success` is the last status each forge accepts,
+/// and kas counts the three drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_retried_after_its_commits_success_is_dropped_not_sent_after_it() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("ordered").unwrap();
+    let (port, got) = receiver_answering(pending_fails_until_final).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let yaml = notifications_yaml(secrets.path(), port);
+    let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
+    let rbac = admin_rbac(&ns);
+    let (rig, c0) = rig_with(env, ns.clone(), &rbac, "", &initial, &[], yaml).await;
+    assert_eq!(rig.synced(&c0).await.outcome, ReportedOutcome::Succeeded);
+
+    // Settled: each forge has the `success`, and the `pending` was either accepted (the
+    // defect) or dropped.
+    let dropped = r#"kas_notifications_total{outcome="dropped"}"#;
+    let (dropped, statuses) = wait_for(
+        "every forge's statuses of the commit to settle",
+        Duration::from_secs(60),
+        || async {
+            let dropped = rig.kas.metric(dropped).await.unwrap_or(0.0);
+            let statuses: Vec<_> = FORGES
+                .iter()
+                .map(|(_, prefix, _)| forge_statuses(&got, prefix))
+                .collect();
+            let has = |s: &[(String, String, String)], state: &str| {
+                s.iter().any(|(c, st, _)| *c == c0 && st == state)
+            };
+            let settled = statuses
+                .iter()
+                .all(|s| has(s, "success") && (has(s, "pending") || dropped >= 3.0));
+            settled.then_some((dropped, statuses))
+        },
+    )
+    .await;
+    for ((forge, _, _), statuses) in FORGES.iter().zip(&statuses) {
+        let states: Vec<&str> = statuses.iter().map(|(_, s, _)| s.as_str()).collect();
+        assert_eq!(states, ["success"], "{forge}: the only status accepted");
+    }
+    assert_eq!(dropped, 3.0, "one pending dropped per forge");
+}
+
+/// The agent gets a commit whose sync never finishes, and agentk is killed before reporting
+/// it; a newer commit is pushed and a new agentk, whose stream says it has no commit, gets it.
+/// The first commit, sent on the earlier stream, is marked superseded on every forge (not left
+/// `pending` for good, as when only the stream that sent it knew of it); the one before it,
+/// which the agent reported, keeps its `success`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_sent_before_agentk_restarted_is_superseded_by_the_next_one_on_forges() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("restarted").unwrap();
+    let (port, got) = receiver(0).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let yaml = notifications_yaml(secrets.path(), port);
+    let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
+    let rbac = admin_rbac(&ns);
+    let (mut rig, c0) = rig_with(env, ns.clone(), &rbac, "", &initial, &[], yaml).await;
+    assert_eq!(rig.synced(&c0).await.outcome, ReportedOutcome::Succeeded);
+
+    let c1 = rig.manifests.commit(
+        &[("manifests/stuck.yaml", Some(&unschedulable("stuck", &ns)))],
+        "never available",
+    );
+    rig.agent
+        .wait_line("the first commit's sync to be under way", |l| {
+            l["msg"] == "resourceApplied" && l["name"] == "stuck"
+        })
+        .await;
+    rig.agent.kill9();
+    let v2 = configmap("app", &ns, "v2");
+    let c2 = rig.manifests.commit(
+        &[
+            ("manifests/stuck.yaml", None),
+            ("manifests/cm.yaml", Some(&v2)),
+        ],
+        "replaces it",
+    );
+    rig.agent = rig.start_agent("agentk-2");
+    assert_eq!(rig.synced(&c2).await.outcome, ReportedOutcome::Succeeded);
+
+    for (forge, prefix, superseded) in FORGES {
+        let statuses = wait_for(
+            &format!("{forge} to get c1's and c2's last statuses"),
+            Duration::from_secs(30),
+            || async {
+                let statuses = forge_statuses(&got, prefix);
+                let has = |commit: &str, state: &str| {
+                    statuses.iter().any(|(c, s, _)| c == commit && s == state)
+                };
+                (has(&c1, superseded) && has(&c2, "success")).then_some(statuses)
+            },
+        )
+        .await;
+        let of = |commit: &str| -> Vec<String> {
+            let mine = statuses.iter().filter(|(c, _, _)| c == commit);
+            mine.map(|(_, s, _)| s.clone()).collect()
+        };
+        assert_eq!(of(&c0), ["pending", "success"], "{forge}");
+        assert_eq!(of(&c1), ["pending", superseded], "{forge}");
+        assert_eq!(of(&c2), ["pending", "success"], "{forge}");
+        let said = &statuses
+            .iter()
+            .find(|(c, s, _)| *c == c1 && s == superseded)
+            .unwrap()
+            .2;
+        assert!(
+            said.starts_with(&format!("superseded by {}", &c2[..8])),
+            "{forge}: {said}"
+        );
+    }
+}
+
+/// A Deployment whose pod can be scheduled nowhere: agentk waits for it to become available,
+/// so a sync applying it does not finish.
+fn unschedulable(name: &str, ns: &str) -> Vec<u8> {
+    String::from_utf8(deployment(name, ns, 1))
+        .unwrap()
+        .replace(
+            "    spec:\n      containers:",
+            "    spec:\n      nodeSelector:\n        tether.test/none: none\n      containers:",
+        )
+        .into_bytes()
 }

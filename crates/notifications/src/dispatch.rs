@@ -85,11 +85,11 @@ impl Dispatcher {
         }
     }
 
-    /// Registers `notifications_total{outcome}` (delivered, failed, given_up).
+    /// Registers `notifications_total{outcome}` (delivered, failed, given_up, dropped).
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         reg.register(
             "notifications",
-            "Notification sends, by outcome (delivered, failed and retried, given_up)",
+            "Notification sends, by outcome (delivered, failed and retried, given_up, dropped: a newer status of the commit replaced it)",
             self.sends.clone(),
         );
     }
@@ -122,6 +122,7 @@ impl Dispatcher {
 
     /// Sends one batch of due messages; true when the batch was full (more may be due).
     async fn send_due(&self, lease: i64) -> bool {
+        self.drop_replaced().await;
         let claimed = match self.shared.store.claim_notifications(BATCH, lease).await {
             Ok(c) => c,
             Err(e) => {
@@ -134,6 +135,29 @@ impl Dispatcher {
             self.deliver(n).await;
         }
         full
+    }
+
+    /// Ends the messages a newer one of their ordering key replaces (a commit's `pending`
+    /// waiting for a retry when its `success` is queued): sent later, they would be the
+    /// commit's last status on the forge. The claim never takes them anyway; a failure only
+    /// leaves them in the outbox until the next round.
+    async fn drop_replaced(&self) {
+        match self.shared.store.drop_replaced_notifications().await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(
+                    dropped = n,
+                    "Dropped notifications a newer status of their commit replaces"
+                );
+                let dropped = self
+                    .sends
+                    .get_or_create(&OutcomeLabel { outcome: "dropped" });
+                dropped.inc_by(n);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot drop replaced notifications; trying again later");
+            }
+        }
     }
 
     /// Deletes one batch of finished messages older than the retention; how long until the
@@ -324,7 +348,10 @@ mod tests {
         let db = dir.path().join("kas.db");
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).await.unwrap());
         for key in ["old", "recent", "retrying", "claimed"] {
-            store.enqueue_notification("ops", key, b"{}").await.unwrap();
+            store
+                .enqueue_notification("ops", key, None, b"{}")
+                .await
+                .unwrap();
         }
         let claimed = store.claim_notifications(10, 60).await.unwrap();
         let (delivered, retry) = (

@@ -184,12 +184,27 @@ impl Message {
                     ),
                 }
             }
-            Message::Status(s) => format!(
-                "status:{}:{}:{}:{:?}",
-                s.agent.id, s.project, s.commit, s.state
-            ),
+            Message::Status(s) => format!("{}:{:?}", status_order_key(s), s.state),
         }
     }
+
+    /// The outbox's ordering key: messages of one receiver with the same key replace one
+    /// another, so only the newest queued is sent and none is sent after a newer one was. A
+    /// forge keeps the last status posted for a commit and context (the agent), so a `pending`
+    /// retried after the commit's `success` was delivered left it `pending` for good.
+    /// Transitions are each news of their own: none.
+    pub fn order_key(&self) -> Option<String> {
+        match self {
+            Message::Transition(_) => None,
+            Message::Status(s) => Some(status_order_key(s)),
+        }
+    }
+}
+
+/// `status:<agent id>:<project>:<commit>`: one forge status (commit and context). The
+/// deduplication key adds the state; migration 0013 derives this from it for queued messages.
+fn status_order_key(s: &CommitStatus) -> String {
+    format!("status:{}:{}:{}", s.agent.id, s.project, s.commit)
 }
 
 /// What a new sync report changes, compared with the agent's previous report of the project.
@@ -369,5 +384,57 @@ mod tests {
             at: 1,
         });
         assert_eq!(refused.dedup_key(), "commit_refused:g/m:c1");
+    }
+
+    /// Every state of one commit's status for one agent shares an ordering key (the forge
+    /// keeps the last one posted), which is the deduplication key without the state, as
+    /// migration 0013 derives it; another commit or agent is another status; transitions are
+    /// not ordered.
+    #[test]
+    fn statuses_of_one_commit_and_agent_share_an_ordering_key() {
+        let status = |agent: i64, commit: &str, state| {
+            Message::Status(CommitStatus {
+                state,
+                agent: AgentInfo {
+                    id: agent,
+                    name: "a".into(),
+                    project: "g/c".into(),
+                },
+                project: "g/m".into(),
+                commit: commit.into(),
+                description: String::new(),
+            })
+        };
+        let states = [
+            State::Pending,
+            State::Success,
+            State::Failed,
+            State::Superseded,
+        ];
+        for state in states {
+            let m = status(7, "c1", state);
+            let key = m.order_key().unwrap();
+            assert_eq!(key, "status:7:g/m:c1");
+            assert_eq!(m.dedup_key(), format!("{key}:{state:?}"));
+        }
+        assert_ne!(
+            status(7, "c1", State::Pending).order_key(),
+            status(7, "c2", State::Pending).order_key()
+        );
+        assert_ne!(
+            status(7, "c1", State::Pending).order_key(),
+            status(8, "c1", State::Pending).order_key()
+        );
+        let recovered = Message::Transition(Transition {
+            kind: TransitionKind::SyncRecovered,
+            agent: None,
+            project: "g/m".into(),
+            commit: "c1".into(),
+            message: String::new(),
+            summary: Summary::default(),
+            failed_objects: Vec::new(),
+            at: 1,
+        });
+        assert_eq!(recovered.order_key(), None);
     }
 }

@@ -59,13 +59,17 @@ impl Notifier {
     /// Queues `message` for every receiver that takes it.
     pub async fn send(&self, message: Message) {
         let Some(s) = &self.shared else { return };
-        let key = message.dedup_key();
+        let (key, order) = (message.dedup_key(), message.order_key());
         let Ok(payload) = serde_json::to_vec(&message) else {
             return;
         };
         let mut queued = false;
         for r in s.receivers.iter().filter(|r| r.takes(&message)) {
-            match s.store.enqueue_notification(&r.name, &key, &payload).await {
+            let store = &s.store;
+            match store
+                .enqueue_notification(&r.name, &key, order.as_deref(), &payload)
+                .await
+            {
                 Ok(added) => queued |= added,
                 Err(e) => {
                     tracing::error!(receiver = %r.name, key, error = %e, "Cannot queue a notification: it is lost");
@@ -158,11 +162,14 @@ impl Notifier {
         .await;
     }
 
-    /// kas sent an agent a new commit of a manifest project: `pending` on the forges. `replaces`
-    /// is the commit the agent had from this stream before (sent, or the one it came with).
-    /// Unless the agent reported that one, its sync was under way and agentk cancels it for
-    /// the new one, never reporting it: it is marked superseded first (once: the outbox's key),
-    /// so it does not stay `pending` for good, and ahead of the new commit's statuses.
+    /// kas sent an agent a new commit of a manifest project: `pending` on the forges. The
+    /// commit it replaces is the last one sent to the agent, as the store records it for every
+    /// stream and replica (`replaces`, the commit the agent had from this stream, when the
+    /// store has none or cannot say). Unless the agent reported that one, its sync was under
+    /// way and agentk cancels it for the new one, never reporting it: it is marked superseded
+    /// first (once: the outbox's key), so it does not stay `pending` for good. Known only to a
+    /// stream, a commit sent before the agent's stream reconnected (agentk or kas restarted,
+    /// another replica) stayed `pending`.
     pub async fn commit_offered(
         &self,
         agent_id: i64,
@@ -176,7 +183,19 @@ impl Notifier {
         let Some(agent) = self.agent(&s, agent_id).await else {
             return;
         };
-        if let Some(older) = replaces.filter(|c| !c.is_empty() && *c != commit)
+        let recorded = match s
+            .store
+            .record_offered_commit(agent_id, project, commit)
+            .await
+        {
+            Ok(before) => before,
+            Err(e) => {
+                tracing::warn!(agent_id, project, commit_id = commit, error = %e, "Cannot record the commit sent to the agent; a commit it replaces may stay pending on forges");
+                None
+            }
+        };
+        let older = recorded.as_deref().or(replaces);
+        if let Some(older) = older.filter(|c| !c.is_empty() && *c != commit)
             && !self.reported(&s, agent_id, project, older).await
         {
             let description = crate::event::superseded_by(commit);
@@ -298,6 +317,72 @@ mod tests {
         }
     }
 
+    /// Every message in the outbox as (key, payload), in the order queued (claiming would
+    /// show only the newest status of each commit).
+    async fn queued(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(dir.join("kas.db"));
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        let sql = "SELECT dedup_key, payload FROM notifications ORDER BY id";
+        let rows = sqlx::query_as(sql).fetch_all(&pool).await.unwrap();
+        pool.close().await;
+        rows
+    }
+
+    async fn report(store: &Arc<dyn Store>, agent_id: i64, project: &str, commit: &str) {
+        let mut report = SyncReport {
+            project_id: project.into(),
+            commit_id: commit.into(),
+            finished_at: 1_700_000_000,
+            ..SyncReport::default()
+        };
+        report.set_sync_outcome(SyncOutcome::Succeeded);
+        let bytes = report.encode_to_vec();
+        store
+            .put_sync_report(agent_id, project, &bytes)
+            .await
+            .unwrap();
+    }
+
+    /// A fresh agentk's stream says it has no commit: the one an earlier stream (before agentk
+    /// or kas restarted, or on another replica) sent and the agent never reported is
+    /// superseded by the next commit all the same, as the store remembers it; a commit the
+    /// agent reported keeps its outcome.
+    #[tokio::test]
+    async fn a_commit_sent_on_an_earlier_stream_is_superseded_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("kas.db")).await.unwrap());
+        let agent = store.register_agent("group/config", "agent").await.unwrap();
+        let project = "group/manifests";
+        let notifier = forge_notifier(&store);
+
+        notifier
+            .commit_offered(agent.id, project, "c1", Some(""))
+            .await;
+        // The next stream's agentk has nothing in force.
+        notifier
+            .commit_offered(agent.id, project, "c2", Some(""))
+            .await;
+        report(&store, agent.id, project, "c2").await;
+        notifier
+            .commit_offered(agent.id, project, "c3", Some(""))
+            .await;
+
+        let keys: Vec<String> = queued(dir.path())
+            .await
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let key = |c: &str, s: &str| format!("status:{}:{project}:{c}:{s}", agent.id);
+        let want = [
+            key("c1", "Pending"),
+            key("c1", "Superseded"),
+            key("c2", "Pending"),
+            key("c3", "Pending"),
+        ];
+        assert_eq!(keys, want);
+    }
+
     /// A commit replaced before the agent reported it (agentk cancels its sync) is marked
     /// superseded, once, before the newer commit's `pending`; a replaced commit the agent
     /// reported keeps its outcome.
@@ -320,24 +405,13 @@ mod tests {
         notifier
             .commit_offered(agent.id, project, "c2", Some("c1"))
             .await;
-        let mut report = SyncReport {
-            project_id: project.into(),
-            commit_id: "c2".into(),
-            finished_at: 1_700_000_000,
-            ..SyncReport::default()
-        };
-        report.set_sync_outcome(SyncOutcome::Succeeded);
-        let bytes = report.encode_to_vec();
-        store
-            .put_sync_report(agent.id, project, &bytes)
-            .await
-            .unwrap();
+        report(&store, agent.id, project, "c2").await;
         notifier
             .commit_offered(agent.id, project, "c3", Some("c2"))
             .await;
 
-        let queued = store.claim_notifications(10, 60).await.unwrap();
-        let keys: Vec<&str> = queued.iter().map(|n| n.dedup_key.as_str()).collect();
+        let queued = queued(dir.path()).await;
+        let keys: Vec<&str> = queued.iter().map(|(k, _)| k.as_str()).collect();
         let key = |c: &str, s: &str| format!("status:{}:{project}:{c}:{s}", agent.id);
         let want = [
             key("c1", "Pending"),
@@ -346,7 +420,7 @@ mod tests {
             key("c3", "Pending"),
         ];
         assert_eq!(keys, want.iter().map(String::as_str).collect::<Vec<_>>());
-        let superseded: Message = serde_json::from_slice(&queued[1].payload).unwrap();
+        let superseded: Message = serde_json::from_slice(&queued[1].1).unwrap();
         let Message::Status(s) = superseded else {
             panic!("{superseded:?}")
         };
@@ -363,19 +437,8 @@ mod tests {
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.path().join("kas.db")).await.unwrap());
         let agent = store.register_agent("group/config", "agent").await.unwrap();
-        let mut report = SyncReport {
-            project_id: "group/manifests".into(),
-            commit_id: "c1".into(),
-            finished_at: 1_700_000_000,
-            ..SyncReport::default()
-        };
-        report.set_sync_outcome(SyncOutcome::Succeeded);
-        let bytes = report.encode_to_vec();
         let project = "group/manifests";
-        store
-            .put_sync_report(agent.id, project, &bytes)
-            .await
-            .unwrap();
+        report(&store, agent.id, project, "c1").await;
         let notifier = forge_notifier(&store);
 
         notifier.commit_offered(agent.id, project, "c1", None).await;

@@ -565,16 +565,19 @@ macro_rules! impl_store {
                     &self,
                     receiver: &str,
                     dedup_key: &str,
+                    order_key: Option<&str>,
                     payload: &[u8],
                 ) -> Result<bool> {
                     let mut tx = self.write().await?;
                     let t = now();
                     let added = sqlx::query(
-                        "INSERT INTO notifications (receiver, dedup_key, payload, created_at, next_attempt_at) \
-                         VALUES ($1, $2, $3, $4, $4) ON CONFLICT (receiver, dedup_key) DO NOTHING",
+                        "INSERT INTO notifications (receiver, dedup_key, order_key, payload, created_at, \
+                         next_attempt_at) VALUES ($1, $2, $3, $4, $5, $5) \
+                         ON CONFLICT (receiver, dedup_key) DO NOTHING",
                     )
                     .bind(receiver)
                     .bind(dedup_key)
+                    .bind(order_key)
                     .bind(payload)
                     .bind(t)
                     .execute(tx.conn())
@@ -591,9 +594,15 @@ macro_rules! impl_store {
                 ) -> Result<Vec<PendingNotification>> {
                     let mut tx = self.write().await?;
                     let t = now();
+                    // Ordered messages: only the newest of its key (ids grow in the order
+                    // messages were queued), and not while another of its key is being sent,
+                    // which could reach the receiver after it.
                     let due = sqlx::query_as::<_, PendingNotification>(
-                        "SELECT id, receiver, dedup_key, payload, attempts FROM notifications \
+                        "SELECT id, receiver, dedup_key, payload, attempts FROM notifications n \
                          WHERE done_at IS NULL AND next_attempt_at <= $1 AND claimed_until <= $1 \
+                         AND (order_key IS NULL OR NOT EXISTS (SELECT 1 FROM notifications o \
+                           WHERE o.receiver = n.receiver AND o.order_key = n.order_key \
+                           AND (o.id > n.id OR (o.done_at IS NULL AND o.claimed_until > $1)))) \
                          ORDER BY id LIMIT $2",
                     )
                     .bind(t)
@@ -639,6 +648,56 @@ macro_rules! impl_store {
                     query.execute(tx.conn()).await?;
                     tx.commit().await?;
                     Ok(())
+                }
+
+                async fn drop_replaced_notifications(&self) -> Result<u64> {
+                    let mut tx = self.write().await?;
+                    let t = now();
+                    // One being sent is left to finish: its sender records how it went, then
+                    // it is dropped here if it is to be sent again.
+                    let dropped = sqlx::query(
+                        "UPDATE notifications SET done_at = $1, outcome = 'dropped', claimed_until = 0, \
+                         last_error = 'a newer message of its ordering key was queued' \
+                         WHERE done_at IS NULL AND claimed_until <= $1 AND order_key IS NOT NULL \
+                         AND EXISTS (SELECT 1 FROM notifications o WHERE o.receiver = notifications.receiver \
+                           AND o.order_key = notifications.order_key AND o.id > notifications.id)",
+                    )
+                    .bind(t)
+                    .execute(tx.conn())
+                    .await?
+                    .rows_affected();
+                    tx.commit().await?;
+                    Ok(dropped)
+                }
+
+                async fn record_offered_commit(
+                    &self,
+                    agent_id: i64,
+                    project: &str,
+                    commit: &str,
+                ) -> Result<Option<String>> {
+                    let mut tx = self.write().await?;
+                    let before = sqlx::query_scalar::<_, String>(
+                        "SELECT commit_id FROM offered_commits WHERE agent_id = $1 AND project = $2",
+                    )
+                    .bind(agent_id)
+                    .bind(project)
+                    .fetch_optional(tx.conn())
+                    .await?;
+                    sqlx::query(
+                        "INSERT INTO offered_commits (agent_id, project, commit_id, updated_at) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (agent_id, project) \
+                         DO UPDATE SET commit_id = excluded.commit_id, updated_at = excluded.updated_at",
+                    )
+                    .bind(agent_id)
+                    .bind(project)
+                    .bind(commit)
+                    .bind(now())
+                    .execute(tx.conn())
+                    .await
+                    .map_err(|e| agent_ref_error(agent_id, e))?;
+                    tx.commit().await?;
+                    Ok(before.filter(|c| c != commit))
                 }
 
                 async fn delete_finished_notifications(&self, done_before: i64, limit: i64) -> Result<u64> {

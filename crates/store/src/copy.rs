@@ -102,6 +102,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = {
                 ("done_at", Int),
                 ("outcome", Text),
                 ("last_error", Text),
+                ("order_key", Text),
             ],
         ),
         (
@@ -116,6 +117,15 @@ const TABLES: &[(&str, &[(&str, Kind)])] = {
                 ("admin_token", Text),
                 ("created_at", Int),
                 ("expires_at", Int),
+            ],
+        ),
+        (
+            "offered_commits",
+            &[
+                ("agent_id", Int),
+                ("project", Text),
+                ("commit_id", Text),
+                ("updated_at", Int),
             ],
         ),
         (

@@ -151,20 +151,44 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Puts a message for `receiver` in the notification outbox, due now, unless one with the
     /// same `dedup_key` is there for that receiver (still to send, or finished and not yet
     /// deleted by [`Store::delete_finished_notifications`]). True when it was added.
+    ///
+    /// Messages of a receiver with the same `order_key` replace one another (the states of
+    /// one commit's status on a forge, which keeps the last one posted): a message queued later
+    /// is newer, whichever replica queued it, since writes are serialized and ids increase.
     async fn enqueue_notification(
         &self,
         receiver: &str,
         dedup_key: &str,
+        order_key: Option<&str>,
         payload: &[u8],
     ) -> Result<bool>;
 
     /// Claims up to `limit` due messages for `lease_secs` (another replica does not take them
-    /// meanwhile), oldest first.
+    /// meanwhile), oldest first. A message with an ordering key is claimed only while it is
+    /// the newest of its key and no other of its key is claimed (being sent): so none is ever
+    /// delivered after a newer one of its key, and two are never in flight at once, on any
+    /// replica.
     async fn claim_notifications(
         &self,
         limit: i64,
         lease_secs: i64,
     ) -> Result<Vec<PendingNotification>>;
+
+    /// Finishes, with the outcome `dropped`, the messages still to send (and not being sent)
+    /// that a newer message of the same ordering key replaces; how many. They are never
+    /// claimed; this ends them, so they leave the outbox with the retention.
+    async fn drop_replaced_notifications(&self) -> Result<u64>;
+
+    /// Records `commit` as the last commit of the manifest project `project` (its path) sent to
+    /// the agent, whichever stream or replica sends it; returns the one recorded before, if
+    /// other. Fails with [`Error::NotFound`] if the agent does not exist; the record goes
+    /// away with its agent.
+    async fn record_offered_commit(
+        &self,
+        agent_id: i64,
+        project: &str,
+        commit: &str,
+    ) -> Result<Option<String>>;
 
     /// Records how sending a claimed message ended.
     async fn finish_notification(&self, id: i64, result: &NotificationResult) -> Result<()>;

@@ -63,7 +63,16 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         .put_sync_report(agent.id, "a/manifests", &[0, 0xff])
         .await?;
     sqlite.put_config_state(agent.id, b"state").await?;
-    sqlite.enqueue_notification("ops", "sync:1", b"{}").await?;
+    sqlite
+        .enqueue_notification("ops", "sync:1", None, b"{}")
+        .await?;
+    let c1 = Some("status:1:a/manifests:c1");
+    sqlite
+        .enqueue_notification("forge", "c1:pending", c1, b"{}")
+        .await?;
+    sqlite
+        .record_offered_commit(agent.id, "a/manifests", "c1")
+        .await?;
     sqlite
         .suspend(agent.id, SuspensionScope::Agent, "incident", "alice")
         .await?;
@@ -96,8 +105,9 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
             ("user_tokens", 1),
             ("sync_reports", 1),
             ("config_states", 1),
-            ("notifications", 1),
+            ("notifications", 2),
             ("web_sessions", 1),
+            ("offered_commits", 1),
             ("gitops_suspensions", 1),
         ]
     );
@@ -126,8 +136,24 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
     );
     assert_eq!(pg.config_state(agent.id).await?, Some(b"state".to_vec()));
     // A message already queued is not queued twice after the move.
-    assert!(!pg.enqueue_notification("ops", "sync:1", b"{}").await?);
-    assert!(pg.enqueue_notification("ops", "sync:2", b"{}").await?);
+    assert!(
+        !pg.enqueue_notification("ops", "sync:1", None, b"{}")
+            .await?
+    );
+    assert!(
+        pg.enqueue_notification("ops", "sync:2", None, b"{}")
+            .await?
+    );
+    // Ordering keys and the last commit offered come along.
+    pg.enqueue_notification("forge", "c1:success", c1, b"{}")
+        .await?;
+    let due = pg.claim_notifications(10, 60).await?;
+    let due: Vec<&str> = due.iter().map(|n| n.dedup_key.as_str()).collect();
+    assert_eq!(due, ["sync:1", "sync:2", "c1:success"]);
+    let before = pg
+        .record_offered_commit(agent.id, "a/manifests", "c2")
+        .await?;
+    assert_eq!(before.as_deref(), Some("c1"));
     assert_eq!(pg.suspensions(None).await?, sqlite.suspensions(None).await?);
     assert_eq!(
         pg.web_session("d1").await?,

@@ -957,17 +957,17 @@ async fn notifications_are_queued_once_claimed_retried_and_finished(
     let (db, store) = open(backend).await?;
     assert!(
         store
-            .enqueue_notification("ops", "sync:1:a:failed", b"one")
+            .enqueue_notification("ops", "sync:1:a:failed", None, b"one")
             .await?
     );
     assert!(
         !store
-            .enqueue_notification("ops", "sync:1:a:failed", b"again")
+            .enqueue_notification("ops", "sync:1:a:failed", None, b"again")
             .await?
     );
     assert!(
         store
-            .enqueue_notification("chat", "sync:1:a:failed", b"two")
+            .enqueue_notification("chat", "sync:1:a:failed", None, b"two")
             .await?
     );
     let claimed = store.claim_notifications(10, 60).await?;
@@ -1007,7 +1007,7 @@ async fn notifications_are_queued_once_claimed_retried_and_finished(
     );
     assert!(
         !store
-            .enqueue_notification("ops", "sync:1:a:failed", b"x")
+            .enqueue_notification("ops", "sync:1:a:failed", None, b"x")
             .await?,
         "delivered stays known"
     );
@@ -1032,7 +1032,7 @@ async fn finished_notifications_past_the_retention_are_deleted_in_batches(
         "old-1", "old-2", "old-3", "given-up", "recent", "retrying", "claimed",
     ];
     for key in keys {
-        store.enqueue_notification("ops", key, b"m").await?;
+        store.enqueue_notification("ops", key, None, b"m").await?;
     }
     let claimed = store.claim_notifications(10, 60).await?;
     let id = |key: &str| claimed.iter().find(|n| n.dedup_key == key).map(|n| n.id);
@@ -1050,7 +1050,9 @@ async fn finished_notifications_past_the_retention_are_deleted_in_batches(
         error: "503".into(),
     };
     store.finish_notification(id("retrying")?, &retry).await?;
-    store.enqueue_notification("ops", "waiting", b"m").await?;
+    store
+        .enqueue_notification("ops", "waiting", None, b"m")
+        .await?;
     assert_eq!(db.notification_keys().await?.len(), 8);
     // Ten, nine and eight days ago, so "oldest first" has one answer; the messages still to
     // send are as old as the oldest, which must not matter.
@@ -1073,12 +1075,110 @@ async fn finished_notifications_past_the_retention_are_deleted_in_batches(
     let kept = db.notification_keys().await?;
     assert_eq!(kept, ["recent", "retrying", "claimed", "waiting"]);
 
-    assert!(!store.enqueue_notification("ops", "recent", b"m").await?);
-    assert!(!store.enqueue_notification("ops", "claimed", b"m").await?);
-    assert!(store.enqueue_notification("ops", "old-1", b"m").await?);
+    assert!(
+        !store
+            .enqueue_notification("ops", "recent", None, b"m")
+            .await?
+    );
+    assert!(
+        !store
+            .enqueue_notification("ops", "claimed", None, b"m")
+            .await?
+    );
+    assert!(
+        store
+            .enqueue_notification("ops", "old-1", None, b"m")
+            .await?
+    );
     let due = store.claim_notifications(10, 60).await?;
     let due: Vec<&str> = due.iter().map(|n| n.dedup_key.as_str()).collect();
     assert_eq!(due, ["waiting", "old-1"], "the claimed one is still held");
+    Ok(())
+}
+
+/// Messages of one ordering key (the states of one commit's status on a forge) replace one
+/// another: a `pending` waiting for its retry is never claimed once a newer message of its key
+/// is queued, even after that one was delivered, and is dropped; a newer one waits while an
+/// older one is being sent (it could arrive after it); other keys and unordered messages are
+/// not held up. Across a reopen, as after a restart or on another replica.
+async fn ordered_notifications_are_sent_newest_only_and_never_after_a_newer_one(
+    backend: Backend,
+) -> TestResult {
+    let (db, store) = open(backend).await?;
+    let c1 = Some("status:1:g/m:c1");
+    store
+        .enqueue_notification("forge", "c1:pending", c1, b"p")
+        .await?;
+    let first = store.claim_notifications(10, 60).await?;
+    assert_eq!(first.len(), 1);
+    // Queued while `pending` is being sent: it waits for it.
+    store
+        .enqueue_notification("forge", "c1:success", c1, b"s")
+        .await?;
+    store
+        .enqueue_notification("forge", "c2:pending", Some("status:1:g/m:c2"), b"p")
+        .await?;
+    store
+        .enqueue_notification("chat", "c1:recovered", None, b"t")
+        .await?;
+    let claimable = |n: &[tether_store::PendingNotification]| {
+        n.iter().map(|n| n.dedup_key.clone()).collect::<Vec<_>>()
+    };
+    let second = store.claim_notifications(10, 60).await?;
+    assert_eq!(claimable(&second), ["c2:pending", "c1:recovered"]);
+    assert_eq!(
+        store.drop_replaced_notifications().await?,
+        0,
+        "the one being sent is left to finish"
+    );
+
+    let retry = NotificationResult::Retry {
+        at: 0,
+        error: "500".into(),
+    };
+    store.finish_notification(first[0].id, &retry).await?;
+    store.close().await;
+    let store = db.reopen().await?;
+    let third = store.claim_notifications(10, 60).await?;
+    assert_eq!(claimable(&third), ["c1:success"], "not the stale pending");
+    store
+        .finish_notification(third[0].id, &NotificationResult::Delivered)
+        .await?;
+    assert!(
+        store.claim_notifications(10, 60).await?.is_empty(),
+        "never after the newer one was delivered"
+    );
+    assert_eq!(store.drop_replaced_notifications().await?, 1);
+    assert_eq!(store.drop_replaced_notifications().await?, 0);
+    Ok(())
+}
+
+/// The last commit sent to an agent of each project is recorded whichever stream sends it:
+/// recording another hands back the one before; the same one again, none; other agents and
+/// projects are apart; an unknown agent is refused; an agent with records can be deleted.
+async fn the_commit_last_offered_is_recorded_per_agent_and_project(backend: Backend) -> TestResult {
+    let (db, store) = open(backend).await?;
+    let agent = store.register_agent("group/config", "a").await?;
+    let other = store.register_agent("group/config", "b").await?;
+    let (id, m) = (agent.id, "group/manifests");
+    assert_eq!(store.record_offered_commit(id, m, "c1").await?, None);
+    assert_eq!(store.record_offered_commit(id, m, "c1").await?, None);
+    assert_eq!(store.record_offered_commit(other.id, m, "x1").await?, None);
+    assert_eq!(
+        store.record_offered_commit(id, "group/other", "o1").await?,
+        None
+    );
+    let store = db.reopen().await?;
+    let before = store.record_offered_commit(id, m, "c2").await?;
+    assert_eq!(before.as_deref(), Some("c1"));
+    let before = store.record_offered_commit(other.id, m, "x2").await?;
+    assert_eq!(before.as_deref(), Some("x1"));
+    assert!(matches!(
+        store.record_offered_commit(999, m, "c1").await,
+        Err(Error::NotFound(_))
+    ));
+    // Its foreign key would refuse the delete if the record did not go with it.
+    assert!(store.delete_agent(id).await?);
     Ok(())
 }
 
@@ -1156,6 +1256,8 @@ on_both_backends!(
     a_database_migrated_by_a_newer_kas_still_opens,
     finished_notifications_past_the_retention_are_deleted_in_batches,
     notifications_are_queued_once_claimed_retried_and_finished,
+    ordered_notifications_are_sent_newest_only_and_never_after_a_newer_one,
+    the_commit_last_offered_is_recorded_per_agent_and_project,
     active_tokens_are_found_in_batches,
     active_user_tokens_are_neither_revoked_nor_expired,
     register_token_authenticate,

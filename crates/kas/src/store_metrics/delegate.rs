@@ -152,11 +152,12 @@ impl Store for Metered {
         &self,
         receiver: &str,
         dedup_key: &str,
+        order_key: Option<&str>,
         payload: &[u8],
     ) -> Result<bool> {
         let result = self
             .inner
-            .enqueue_notification(receiver, dedup_key, payload)
+            .enqueue_notification(receiver, dedup_key, order_key, payload)
             .await;
         self.metrics.seen(Operation::EnqueueNotification, result)
     }
@@ -173,6 +174,25 @@ impl Store for Metered {
     async fn finish_notification(&self, id: i64, result: &NotificationResult) -> Result<()> {
         let result = self.inner.finish_notification(id, result).await;
         self.metrics.seen(Operation::FinishNotification, result)
+    }
+
+    async fn drop_replaced_notifications(&self) -> Result<u64> {
+        let result = self.inner.drop_replaced_notifications().await;
+        self.metrics
+            .seen(Operation::DropReplacedNotifications, result)
+    }
+
+    async fn record_offered_commit(
+        &self,
+        agent_id: i64,
+        project: &str,
+        commit: &str,
+    ) -> Result<Option<String>> {
+        let result = self
+            .inner
+            .record_offered_commit(agent_id, project, commit)
+            .await;
+        self.metrics.seen(Operation::RecordOfferedCommit, result)
     }
 
     async fn delete_finished_notifications(&self, done_before: i64, limit: i64) -> Result<u64> {
