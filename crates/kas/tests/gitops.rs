@@ -2278,34 +2278,11 @@ async fn an_unavailable_api_group_fails_only_its_own_objects() {
 /// `pending` then `success`; no commit is left `pending`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_superseded_before_its_sync_finished_does_not_stay_pending_on_forges() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let env = TestEnv::from_env().expect("a running control plane");
-    let ns = env.create_namespace("superseded").unwrap();
     let (port, got) = receiver(0).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let yaml = notifications_yaml(secrets.path(), port);
-    let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
-    let rbac = admin_rbac(&ns);
-    let (rig, c0) = rig_with(env, ns.clone(), &rbac, "", &initial, &[], yaml).await;
-    assert_eq!(rig.synced(&c0).await.outcome, ReportedOutcome::Succeeded);
+    let (rig, ns, c0, _secrets) = forge_rig("superseded", port).await;
 
-    let c1 = rig.manifests.commit(
-        &[("manifests/stuck.yaml", Some(&unschedulable("stuck", &ns)))],
-        "never available",
-    );
-    rig.agent
-        .wait_line("the first commit's sync to be under way", |l| {
-            l["msg"] == "resourceApplied" && l["name"] == "stuck"
-        })
-        .await;
-    let v2 = configmap("app", &ns, "v2");
-    let c2 = rig.manifests.commit(
-        &[
-            ("manifests/stuck.yaml", None),
-            ("manifests/cm.yaml", Some(&v2)),
-        ],
-        "replaces it",
-    );
+    let c1 = stuck_commit(&rig, &ns).await;
+    let c2 = replacing_commit(&rig, &ns);
     assert_eq!(rig.synced(&c2).await.outcome, ReportedOutcome::Succeeded);
 
     for (forge, prefix, superseded) in FORGES {
@@ -2402,16 +2379,8 @@ fn pending_fails_until_final(seen: &[Received], path: &str, body: &[u8]) -> u16 
 /// and kas counts the three drops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_retried_after_its_commits_success_is_dropped_not_sent_after_it() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let env = TestEnv::from_env().expect("a running control plane");
-    let ns = env.create_namespace("ordered").unwrap();
     let (port, got) = receiver_answering(pending_fails_until_final).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let yaml = notifications_yaml(secrets.path(), port);
-    let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
-    let rbac = admin_rbac(&ns);
-    let (rig, c0) = rig_with(env, ns.clone(), &rbac, "", &initial, &[], yaml).await;
-    assert_eq!(rig.synced(&c0).await.outcome, ReportedOutcome::Succeeded);
+    let (rig, _ns, c0, _secrets) = forge_rig("ordered", port).await;
 
     // Settled: each forge has the `success`, and the `pending` was either accepted (the
     // defect) or dropped.
@@ -2449,35 +2418,12 @@ async fn a_pending_retried_after_its_commits_success_is_dropped_not_sent_after_i
 /// which the agent reported, keeps its `success`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_sent_before_agentk_restarted_is_superseded_by_the_next_one_on_forges() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let env = TestEnv::from_env().expect("a running control plane");
-    let ns = env.create_namespace("restarted").unwrap();
     let (port, got) = receiver(0).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let yaml = notifications_yaml(secrets.path(), port);
-    let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
-    let rbac = admin_rbac(&ns);
-    let (mut rig, c0) = rig_with(env, ns.clone(), &rbac, "", &initial, &[], yaml).await;
-    assert_eq!(rig.synced(&c0).await.outcome, ReportedOutcome::Succeeded);
+    let (mut rig, ns, c0, _secrets) = forge_rig("restarted", port).await;
 
-    let c1 = rig.manifests.commit(
-        &[("manifests/stuck.yaml", Some(&unschedulable("stuck", &ns)))],
-        "never available",
-    );
-    rig.agent
-        .wait_line("the first commit's sync to be under way", |l| {
-            l["msg"] == "resourceApplied" && l["name"] == "stuck"
-        })
-        .await;
+    let c1 = stuck_commit(&rig, &ns).await;
     rig.agent.kill9();
-    let v2 = configmap("app", &ns, "v2");
-    let c2 = rig.manifests.commit(
-        &[
-            ("manifests/stuck.yaml", None),
-            ("manifests/cm.yaml", Some(&v2)),
-        ],
-        "replaces it",
-    );
+    let c2 = replacing_commit(&rig, &ns);
     rig.agent = rig.start_agent("agentk-2");
     assert_eq!(rig.synced(&c2).await.outcome, ReportedOutcome::Succeeded);
 
@@ -2511,6 +2457,48 @@ async fn a_commit_sent_before_agentk_restarted_is_superseded_by_the_next_one_on_
             "{forge}: {said}"
         );
     }
+}
+
+/// kas with every kind of receiver at `port`, an agent, and its first commit (a ConfigMap)
+/// synced: (rig, agent namespace, first commit, the receivers' secrets to keep).
+async fn forge_rig(ns: &str, port: u16) -> (Rig, String, String, tempfile::TempDir) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace(ns).unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let yaml = notifications_yaml(secrets.path(), port);
+    let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
+    let rbac = admin_rbac(&ns);
+    let (rig, c0) = rig_with(env, ns.clone(), &rbac, "", &initial, &[], yaml).await;
+    assert_eq!(rig.synced(&c0).await.outcome, ReportedOutcome::Succeeded);
+    (rig, ns, c0, secrets)
+}
+
+/// Commits a Deployment that never becomes available and waits until the agent applies it:
+/// its sync is under way and does not finish.
+async fn stuck_commit(rig: &Rig, ns: &str) -> String {
+    let c1 = rig.manifests.commit(
+        &[("manifests/stuck.yaml", Some(&unschedulable("stuck", ns)))],
+        "never available",
+    );
+    rig.agent
+        .wait_line("the first commit's sync to be under way", |l| {
+            l["msg"] == "resourceApplied" && l["name"] == "stuck"
+        })
+        .await;
+    c1
+}
+
+/// Commits the removal of the stuck Deployment and a new ConfigMap (a sync that succeeds).
+fn replacing_commit(rig: &Rig, ns: &str) -> String {
+    let v2 = configmap("app", ns, "v2");
+    rig.manifests.commit(
+        &[
+            ("manifests/stuck.yaml", None),
+            ("manifests/cm.yaml", Some(&v2)),
+        ],
+        "replaces it",
+    )
 }
 
 /// A Deployment whose pod can be scheduled nowhere: agentk waits for it to become available,

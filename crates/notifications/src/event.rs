@@ -373,8 +373,14 @@ mod tests {
             status(State::Pending).dedup_key(),
             status(State::Success).dedup_key()
         );
-        let refused = Message::Transition(Transition {
-            kind: TransitionKind::CommitRefused,
+        let refused = transition(TransitionKind::CommitRefused);
+        assert_eq!(refused.dedup_key(), "commit_refused:g/m:c1");
+    }
+
+    /// A transition of `g/m` at `c1` about no agent.
+    fn transition(kind: TransitionKind) -> Message {
+        Message::Transition(Transition {
+            kind,
             agent: None,
             project: "g/m".into(),
             commit: "c1".into(),
@@ -382,8 +388,7 @@ mod tests {
             summary: Summary::default(),
             failed_objects: Vec::new(),
             at: 1,
-        });
-        assert_eq!(refused.dedup_key(), "commit_refused:g/m:c1");
+        })
     }
 
     /// Every state of one commit's status for one agent shares an ordering key (the forge
@@ -425,16 +430,7 @@ mod tests {
             status(7, "c1", State::Pending).order_key(),
             status(8, "c1", State::Pending).order_key()
         );
-        let recovered = Message::Transition(Transition {
-            kind: TransitionKind::SyncRecovered,
-            agent: None,
-            project: "g/m".into(),
-            commit: "c1".into(),
-            message: String::new(),
-            summary: Summary::default(),
-            failed_objects: Vec::new(),
-            at: 1,
-        });
+        let recovered = transition(TransitionKind::SyncRecovered);
         assert_eq!(recovered.order_key(), None);
     }
 }

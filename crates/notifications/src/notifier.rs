@@ -317,6 +317,21 @@ mod tests {
         }
     }
 
+    /// A store on a fresh file, an agent, and a notifier with one forge queuing into it.
+    async fn forge_setup() -> (
+        tempfile::TempDir,
+        Arc<dyn Store>,
+        tether_store::Agent,
+        Notifier,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("kas.db")).await.unwrap());
+        let agent = store.register_agent("group/config", "agent").await.unwrap();
+        let notifier = forge_notifier(&store);
+        (dir, store, agent, notifier)
+    }
+
     /// Every message in the outbox as (key, payload), in the order queued (claiming would
     /// show only the newest status of each commit).
     async fn queued(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
@@ -349,12 +364,8 @@ mod tests {
     /// agent reported keeps its outcome.
     #[tokio::test]
     async fn a_commit_sent_on_an_earlier_stream_is_superseded_by_the_next_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("kas.db")).await.unwrap());
-        let agent = store.register_agent("group/config", "agent").await.unwrap();
+        let (dir, store, agent, notifier) = forge_setup().await;
         let project = "group/manifests";
-        let notifier = forge_notifier(&store);
 
         notifier
             .commit_offered(agent.id, project, "c1", Some(""))
@@ -388,12 +399,8 @@ mod tests {
     /// reported keeps its outcome.
     #[tokio::test]
     async fn a_commit_replaced_before_its_report_is_superseded_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("kas.db")).await.unwrap());
-        let agent = store.register_agent("group/config", "agent").await.unwrap();
+        let (dir, store, agent, notifier) = forge_setup().await;
         let project = "group/manifests";
-        let notifier = forge_notifier(&store);
 
         notifier
             .commit_offered(agent.id, project, "c1", Some(""))
@@ -433,13 +440,9 @@ mod tests {
     /// commit's status on the forge for good. A commit not reported yet still gets one.
     #[tokio::test]
     async fn a_commit_already_reported_is_not_made_pending_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("kas.db")).await.unwrap());
-        let agent = store.register_agent("group/config", "agent").await.unwrap();
+        let (_dir, store, agent, notifier) = forge_setup().await;
         let project = "group/manifests";
         report(&store, agent.id, project, "c1").await;
-        let notifier = forge_notifier(&store);
 
         notifier.commit_offered(agent.id, project, "c1", None).await;
         notifier.commit_offered(agent.id, project, "c2", None).await;
