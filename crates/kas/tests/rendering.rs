@@ -450,19 +450,15 @@ fn checkouts_in(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// kas killed with SIGKILL mid-rendering can neither stop its renderer nor remove its
-/// checkout: the kernel stops the renderer with kas, and the next kas deletes the checkout
-/// before it renders anything — and nothing else in the folder.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rendering_cut_by_kill_9_leaves_no_renderer_and_its_checkout_goes_at_restart() {
+/// A helm rig (namespace from `prefix`) with a 10-minute time limit whose newest commit
+/// renders far longer than any test runs, once its renderer runs in the returned work folder.
+async fn rendering_for_ever(prefix: &str) -> (Rig, tempfile::TempDir) {
     let work = tempfile::tempdir().unwrap();
     let extra = format!(
         "    timeout: 10m\n    work_dir: {}\n",
         work.path().display()
     );
-    let (mut rig, _, _) =
-        rendering_rig("killed", |_| HELM_ENTRY.into(), |_| helm_repo(), &extra).await;
-    // Renders far longer than the test runs.
+    let (rig, _, _) = rendering_rig(prefix, |_| HELM_ENTRY.into(), |_| helm_repo(), &extra).await;
     let endless = b"{{- range until 100000 }}{{- range until 100000 }}{{- range until 100000 }}{{- end }}{{- end }}{{- end }}\n";
     rig.manifests.commit(
         &[("charts/app/templates/endless.yaml", Some(endless))],
@@ -472,6 +468,15 @@ async fn a_rendering_cut_by_kill_9_leaves_no_renderer_and_its_checkout_goes_at_r
         (!processes_in(work.path()).is_empty()).then_some(())
     })
     .await;
+    (rig, work)
+}
+
+/// kas killed with SIGKILL mid-rendering can neither stop its renderer nor remove its
+/// checkout: the kernel stops the renderer with kas, and the next kas deletes the checkout
+/// before it renders anything — and nothing else in the folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rendering_cut_by_kill_9_leaves_no_renderer_and_its_checkout_goes_at_restart() {
+    let (mut rig, work) = rendering_for_ever("killed").await;
     let left = checkouts_in(work.path());
     assert_eq!(left.len(), 1, "{left:?}");
 
@@ -574,23 +579,7 @@ async fn a_preview_renders_the_overlay_of_a_branch_as_the_agent_would() {
 /// stopped with the agent's stream, not left to run to its time limit (ten minutes here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rendering_whose_agent_went_away_is_stopped() {
-    let work = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "    timeout: 10m\n    work_dir: {}\n",
-        work.path().display()
-    );
-    let (mut rig, _, _) =
-        rendering_rig("gone", |_| HELM_ENTRY.into(), |_| helm_repo(), &extra).await;
-    let endless = b"{{- range until 100000 }}{{- range until 100000 }}{{- range until 100000 }}{{- end }}{{- end }}{{- end }}\n";
-    rig.manifests.commit(
-        &[("charts/app/templates/endless.yaml", Some(endless))],
-        "endless",
-    );
-    wait_for("the renderer to start", Duration::from_secs(60), || async {
-        (!processes_in(work.path()).is_empty()).then_some(())
-    })
-    .await;
-
+    let (mut rig, work) = rendering_for_ever("gone").await;
     rig.agent.kill9();
     wait_for(
         "the renderer to stop with the agent's stream",
