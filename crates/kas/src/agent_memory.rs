@@ -74,16 +74,10 @@ impl DeletedAgents {
     /// the store no longer has: deleted through another replica whose message did not arrive,
     /// or behind kas's back. One query per replica, whatever the number of agents.
     pub async fn follow(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(DELETED_RECHECK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.reset();
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = stop.cancelled() => return,
-            }
+        crate::modules::every(DELETED_RECHECK, stop, || async {
             self.forget_deleted().await;
-        }
+        })
+        .await;
     }
 
     /// One look for deleted agents; which were forgotten.

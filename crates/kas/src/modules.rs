@@ -11,6 +11,25 @@ use tokio_util::sync::CancellationToken;
 
 type Close = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// Runs `f` every `period` (the first time one period from now) until `stop`; a run taking
+/// longer than the period delays the next rather than bunching them.
+pub async fn every<F, Fut>(period: Duration, stop: CancellationToken, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        f().await;
+    }
+}
+
 /// One started part of kas.
 pub struct Handle {
     name: &'static str,
