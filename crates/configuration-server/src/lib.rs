@@ -16,6 +16,10 @@ use tether_store::Store;
 use tether_tunnel_server::{AgentIdentity, Authenticator, Registry, authenticate_request};
 use tonic::{Request, Response, Status};
 
+pub mod shared;
+
+pub use shared::{DirectoryError, ReplicaRuns, RunningDirectory};
+
 /// Where an agent's configuration file may be, in order (the second form is in the seed).
 pub fn config_paths(agent_name: &str) -> [String; 2] {
     [
@@ -65,6 +69,27 @@ struct Running {
     commit: String,
     file: String,
     config: Arc<tether_agent_config::AgentConfig>,
+    /// Unix milliseconds when this stream started running it (see [`ReplicaRuns::at`]).
+    at: u64,
+}
+
+impl Running {
+    fn shared(&self) -> ReplicaRuns {
+        ReplicaRuns {
+            replica: self.replica.clone(),
+            commit: self.commit.clone(),
+            at: self.at,
+        }
+    }
+}
+
+/// The commit an agent's replicas agree on (see [`ConfigStates::agreed_with`]).
+#[derive(Debug)]
+enum Agreed {
+    /// A stream here runs it: its configuration is at hand.
+    Here(Running),
+    /// Only replicas on other kas replicas run it: its configuration is read from Git.
+    Elsewhere(ReplicaRuns),
 }
 
 /// The configuration in force before kas sent the one it now records as in force. kas records
@@ -171,19 +196,45 @@ impl ConfigStates {
     /// The replica's stream `stream` ended: it is forgotten (unless it reopened since). If no
     /// replica left runs the configuration in force and those left agree on one, that one is
     /// returned, to be put in force: at the end of a rollout (or its rollback) the configuration
-    /// in force is the one every replica runs, not the one the last pod gone ran.
+    /// in force is the one every replica runs, not the one the last pod gone ran. This looks
+    /// at the streams this kas serves only; see [`ConfigStates::agreed_with`] for the others'.
     fn stream_ended(&self, agent_id: i64, replica: &str, stream: u64) -> Option<Running> {
-        let mut running = self.running();
-        let replicas = running.get_mut(&agent_id)?;
-        replicas.retain(|r| r.replica != replica || r.stream != stream);
-        if replicas.is_empty() {
-            running.remove(&agent_id);
-            return None;
+        {
+            let mut running = self.running();
+            let replicas = running.get_mut(&agent_id)?;
+            replicas.retain(|r| r.replica != replica || r.stream != stream);
+            if replicas.is_empty() {
+                running.remove(&agent_id);
+                return None;
+            }
         }
+        match self.agreed_with(agent_id, Vec::new())? {
+            Agreed::Here(running) => Some(running),
+            Agreed::Elsewhere(_) => None,
+        }
+    }
+
+    /// What the agent's replicas on this kas run, each once (see [`shared::union`]).
+    fn local_replicas(&self, agent_id: i64) -> Vec<ReplicaRuns> {
+        let running = self.running();
+        let replicas = running
+            .get(&agent_id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        shared::union(replicas.iter().map(Running::shared))
+    }
+
+    /// The commit the agent's replicas — on this kas, and `elsewhere` (on the other kas
+    /// replicas) — agree on when it is not the one in force.
+    fn agreed_with(&self, agent_id: i64, elsewhere: Vec<ReplicaRuns>) -> Option<Agreed> {
+        let all = shared::union(self.local_replicas(agent_id).into_iter().chain(elsewhere));
         let in_force = self.get(agent_id).map(|s| s.commit).unwrap_or_default();
-        let first = replicas.first()?;
-        let agreed = replicas.iter().all(|r| r.commit == first.commit);
-        (agreed && first.commit != in_force).then(|| first.clone())
+        let agreed = shared::agreed(&all, &in_force)?;
+        let here = self.running().get(&agent_id).and_then(|replicas| {
+            let found = replicas.iter().find(|r| r.commit == agreed.commit);
+            found.cloned()
+        });
+        Some(here.map_or_else(|| Agreed::Elsewhere(agreed.clone()), Agreed::Here))
     }
 
     /// Puts what the replicas left run in force (see [`ConfigStates::stream_ended`]).
@@ -213,11 +264,34 @@ impl ConfigStates {
     /// out of force. Replicas are told apart by pod; an agent reopening its own stream (with
     /// the refusal) is the same replica, whichever stream kas sees end first.
     fn runs_elsewhere(&self, agent_id: i64, replica: &str, commit: &str) -> bool {
-        self.running().get(&agent_id).is_some_and(|replicas| {
-            replicas
-                .iter()
-                .any(|r| r.replica != replica && r.commit == commit)
-        })
+        shared::runs_elsewhere(&self.local_replicas(agent_id), replica, commit)
+    }
+
+    /// As [`ConfigStates::runs_elsewhere`], counting also the agent's replicas connected to
+    /// the other kas replicas, as `directory` tells. Those are read only when no replica here
+    /// runs `commit`; when they cannot be read, this kas's replicas alone decide (as with one
+    /// kas), which is logged.
+    async fn runs_anywhere_else(
+        &self,
+        directory: Option<&dyn RunningDirectory>,
+        (agent_id, replica, commit): (i64, &str, &str),
+    ) -> bool {
+        if self.runs_elsewhere(agent_id, replica, commit) {
+            return true;
+        }
+        let Some(directory) = directory else {
+            return false;
+        };
+        match directory.elsewhere(agent_id).await {
+            Ok(others) => {
+                let all = shared::union(self.local_replicas(agent_id).into_iter().chain(others));
+                shared::runs_elsewhere(&all, replica, commit)
+            }
+            Err(e) => {
+                tracing::warn!(agent_id, error = %e, "Cannot read what the agent's replicas on other kas replicas run; deciding on this replica's alone");
+                false
+            }
+        }
     }
 
     /// Before `commit` is recorded as in force: keeps what was in force until then, unless it
@@ -347,6 +421,13 @@ impl ConfigStates {
         if self.running().contains_key(&agent_id) {
             return;
         }
+        self.reload(store, agent_id).await;
+    }
+
+    /// Reads the agent's whole record from the store again, even while one of its streams is
+    /// served here: another kas replica put a configuration in force for it (its replicas
+    /// there were the last to run the one in force, see [`RunningDirectory::in_force_changed`]).
+    pub async fn reload(&self, store: &dyn Store, agent_id: i64) {
         let stored = match store.config_state(agent_id).await {
             Ok(stored) => stored,
             Err(e) => {
@@ -533,6 +614,9 @@ pub struct ConfigService {
     /// Several kas replicas share the store: an agent's record is read again when its stream
     /// opens here (see [`ConfigStates::refresh`]).
     pub several: bool,
+    /// With several kas replicas: what the agent replicas connected to the others run (see
+    /// [`shared`]); `None` for one kas (no I/O).
+    pub directory: Option<Arc<dyn RunningDirectory>>,
 }
 
 impl ConfigService {
@@ -571,35 +655,171 @@ struct StreamState {
     /// [`ConfigStates::runs_elsewhere`]).
     key: u64,
     replica: String,
+    /// What this stream's replica runs, not yet told the other kas replicas.
+    unshared: Option<ReplicaRuns>,
 }
 
 impl Drop for StreamState {
     fn drop(&mut self) {
         let (states, agent_id) = (&self.svc.states, self.id.agent_id);
-        let Some(running) = states.stream_ended(agent_id, &self.replica, self.key) else {
+        let local = states.stream_ended(agent_id, &self.replica, self.key);
+        let rt = tokio::runtime::Handle::try_current().ok();
+        let Some(directory) = self.svc.directory.clone() else {
+            let Some(running) = local else {
+                return;
+            };
+            states.follow_replicas(agent_id, running);
+            // Stored for the next start; a drop cannot wait for it.
+            if let Some(rt) = rt {
+                let (states, store) = (Arc::clone(states), Arc::clone(&self.svc.store));
+                rt.spawn(async move { states.persist(store.as_ref(), agent_id).await });
+            }
             return;
         };
+        // kas is stopping: its agents' streams come back on the other replicas, and what they
+        // run is decided there (this replica's entries stop counting with its liveness key).
+        let (Some(rt), false) = (rt, self.svc.registry.is_shutting_down()) else {
+            return;
+        };
+        let ended = EndedStream {
+            svc: self.svc.clone(),
+            agent_id,
+            key: self.key,
+            project_id: self.project_id,
+            agent_name: self.id.agent_name.clone(),
+            local,
+        };
+        rt.spawn(ended.follow(directory));
+    }
+}
+
+/// A configuration stream that ended, with several kas replicas (see [`EndedStream::follow`]).
+struct EndedStream {
+    svc: ConfigService,
+    agent_id: i64,
+    key: u64,
+    project_id: i64,
+    agent_name: String,
+    /// What this kas's streams alone decided.
+    local: Option<Running>,
+}
+
+impl EndedStream {
+    /// Withdraws the stream's entry, and puts in force what the agent's replicas left — on
+    /// every kas replica — agree on, when none of them runs the configuration in force: the
+    /// last replica running it may have been the only one on this kas replica, or the only
+    /// one left here while another kas replica's still run it. The configuration is read from
+    /// Git when no stream here runs it, stored, and the other kas replicas are told to read it.
+    async fn follow(self, directory: Arc<dyn RunningDirectory>) {
+        let (states, agent_id) = (&self.svc.states, self.agent_id);
+        if let Err(e) = directory.withdraw(agent_id, self.key).await {
+            tracing::warn!(agent_id, error = %e, "Cannot withdraw an ended configuration stream from the kas replicas' directory; its entry expires");
+        }
+        let agreed = match directory.elsewhere(agent_id).await {
+            Ok(others) => states.agreed_with(agent_id, others),
+            Err(e) => {
+                tracing::warn!(agent_id, error = %e, "Cannot read what the agent's replicas on other kas replicas run; deciding on this replica's alone");
+                self.local.clone().map(Agreed::Here)
+            }
+        };
+        let running = match agreed {
+            None => return,
+            Some(Agreed::Here(running)) => running,
+            Some(Agreed::Elsewhere(runs)) => match self.read(&runs).await {
+                Some(running) => running,
+                None => return,
+            },
+        };
         states.follow_replicas(agent_id, running);
-        // Stored for the other replicas and the next start; a drop cannot wait for it.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (states, store) = (Arc::clone(states), Arc::clone(&self.svc.store));
-            rt.spawn(async move { states.persist(store.as_ref(), agent_id).await });
+        states.persist(self.svc.store.as_ref(), agent_id).await;
+        if let Err(e) = directory.in_force_changed(agent_id).await {
+            tracing::warn!(agent_id, error = %e, "Cannot tell the other kas replicas of the configuration now in force; they read it from the store when they next need it");
+        }
+    }
+
+    /// The configuration `runs` names, read from Git, if it still validates.
+    async fn read(&self, runs: &ReplicaRuns) -> Option<Running> {
+        let agent_id = self.agent_id;
+        let commit = CommitId::from_hex(&runs.commit).ok()?;
+        let loaded = load_checked(&self.svc, self.project_id, &self.agent_name, &commit).await;
+        match loaded {
+            Ok(Loaded::Valid { file, config }) => Some(Running {
+                replica: runs.replica.clone(),
+                stream: 0,
+                commit: runs.commit.clone(),
+                file,
+                config: Arc::new(config),
+                at: runs.at,
+            }),
+            Ok(Loaded::Invalid { error, .. }) => {
+                tracing::warn!(agent_id, commit_id = %runs.commit, error = %error, "The configuration the agent's replicas run no longer validates; the one in force stays");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(agent_id, commit_id = %runs.commit, error = %e, "Cannot read the configuration the agent's replicas run; the one in force stays");
+                None
+            }
         }
     }
 }
 
+/// Unix milliseconds now.
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 impl StreamState {
     /// This stream's replica runs `config` of `commit` (from `file`).
-    fn runs(&self, commit: &str, file: &str, config: Arc<tether_agent_config::AgentConfig>) {
+    fn runs(&mut self, commit: &str, file: &str, config: Arc<tether_agent_config::AgentConfig>) {
         let running = Running {
             replica: self.replica.clone(),
             stream: self.key,
             commit: commit.to_owned(),
             file: file.to_owned(),
             config,
+            at: unix_millis(),
         };
+        if self.svc.directory.is_some() {
+            self.unshared = Some(running.shared());
+        }
         self.svc.states.set_running(self.id.agent_id, running);
     }
+
+    /// Tells the other kas replicas what this stream's replica runs, if that changed: before
+    /// the agent hears of a configuration, so a decision on another kas replica taken after
+    /// the agent acted on it (refused it elsewhere, say) counts it.
+    async fn share(&mut self) {
+        let (Some(directory), Some(runs)) = (&self.svc.directory, self.unshared.take()) else {
+            return;
+        };
+        if let Err(e) = directory.publish(self.id.agent_id, self.key, runs).await {
+            tracing::warn!(agent_id = self.id.agent_id, error = %e, "Cannot tell the other kas replicas what the agent's replica runs; they decide without it until the next refresh");
+        }
+    }
+}
+
+/// [`load`], then the checks that need kas's records.
+async fn load_checked(
+    svc: &ConfigService,
+    project_id: i64,
+    agent_name: &str,
+    commit: &CommitId,
+) -> Result<Loaded, String> {
+    let loaded = load(&svc.sources, project_id, commit, agent_name).await?;
+    let Loaded::Valid { file, config } = loaded else {
+        return Ok(loaded);
+    };
+    Ok(
+        match resolved_duplicate(svc.store.as_ref(), &config).await? {
+            Some(error) => Loaded::Invalid {
+                error: format!("{file}: {error}"),
+                file,
+            },
+            None => Loaded::Valid { file, config },
+        },
+    )
 }
 
 /// Numbers the configuration streams.
@@ -613,6 +833,7 @@ impl StreamState {
             return None;
         }
         if let Some(queued) = self.queued.take() {
+            self.share().await;
             return Some(Ok(queued));
         }
         loop {
@@ -620,7 +841,9 @@ impl StreamState {
             if let Some(commit) = head.commit
                 && commit.to_hex() != self.last
             {
-                return Some(Ok(self.response(&commit).await));
+                let response = self.response(&commit).await;
+                self.share().await;
+                return Some(Ok(response));
             }
             tokio::select! {
                 changed = self.heads.changed() => if changed.is_err() { return None },
@@ -632,27 +855,9 @@ impl StreamState {
         }
     }
 
-    /// [`load`], then the checks that need kas's records.
+    /// See [`load_checked`].
     async fn load(&self, commit: &CommitId) -> Result<Loaded, String> {
-        let loaded = load(
-            &self.svc.sources,
-            self.project_id,
-            commit,
-            &self.id.agent_name,
-        )
-        .await?;
-        let Loaded::Valid { file, config } = loaded else {
-            return Ok(loaded);
-        };
-        Ok(
-            match resolved_duplicate(self.svc.store.as_ref(), &config).await? {
-                Some(error) => Loaded::Invalid {
-                    error: format!("{file}: {error}"),
-                    file,
-                },
-                None => Loaded::Valid { file, config },
-            },
-        )
+        load_checked(&self.svc, self.project_id, &self.id.agent_name, commit).await
     }
 
     /// Records the configuration the agent says it has in force (the commit it reconnected
@@ -671,13 +876,12 @@ impl StreamState {
             self.last.clear();
             return;
         }
-        let id = &self.id;
         match self.load(&commit).await {
             Ok(Loaded::Valid { file, config }) => {
-                let states = &self.svc.states;
                 let config = Arc::new(config);
                 self.runs(&commit.to_hex(), &file, Arc::clone(&config));
-                if let Some(in_force) = self.in_force_elsewhere(&commit) {
+                let (states, id) = (&self.svc.states, &self.id);
+                if let Some(in_force) = self.in_force_elsewhere(&commit).await {
                     tracing::info!(agent_id = id.agent_id, commit_id = %commit, in_force = %in_force, "Replicas of the agent run different configurations (agentk versions mixed during a rollout?); the one in force stays");
                     return;
                 }
@@ -698,23 +902,31 @@ impl StreamState {
                 tracing::debug!(agent_id = id.agent_id, commit_id = %commit, "Agent reconnected with its configuration in force");
             }
             Ok(Loaded::Invalid { error, .. }) => {
-                tracing::info!(agent_id = id.agent_id, commit_id = %commit, error = %error, "The agent's configuration in force no longer validates; sending the newest one");
+                tracing::info!(agent_id = self.id.agent_id, commit_id = %commit, error = %error, "The agent's configuration in force no longer validates; sending the newest one");
                 self.last.clear();
             }
             Err(e) => {
-                tracing::info!(agent_id = id.agent_id, commit_id = %commit, error = %e, "Cannot read the agent's configuration in force; sending the newest one");
+                tracing::info!(agent_id = self.id.agent_id, commit_id = %commit, error = %e, "Cannot read the agent's configuration in force; sending the newest one");
                 self.last.clear();
             }
         }
     }
 
-    /// The commit in force, when it is not `commit` and another of the agent's streams runs it.
-    fn in_force_elsewhere(&self, commit: &CommitId) -> Option<String> {
-        let states = &self.svc.states;
-        let recorded = states.get(self.id.agent_id)?.commit;
-        let other = !recorded.is_empty() && recorded != commit.to_hex();
-        (other && states.runs_elsewhere(self.id.agent_id, &self.replica, &recorded))
-            .then_some(recorded)
+    /// The commit in force, when it is not `commit` and another replica of the agent runs it
+    /// (connected to this kas replica or to another).
+    async fn in_force_elsewhere(&self, commit: &CommitId) -> Option<String> {
+        let recorded = self.svc.states.get(self.id.agent_id)?.commit;
+        if recorded.is_empty() || recorded == commit.to_hex() {
+            return None;
+        }
+        self.runs_elsewhere(&recorded).await.then_some(recorded)
+    }
+
+    /// Whether another replica of the agent runs `commit`, here or on another kas replica.
+    async fn runs_elsewhere(&self, commit: &str) -> bool {
+        let directory = self.svc.directory.as_deref();
+        let asked = (self.id.agent_id, self.replica.as_str(), commit);
+        self.svc.states.runs_anywhere_else(directory, asked).await
     }
 
     /// Whether kas may take the agent's word that `commit` is its configuration in force: the
@@ -759,7 +971,7 @@ impl StreamState {
         // An agent running nothing (it started since) gets the configuration in force before
         // the refused one, if kas knows it, and that is in force again; else none is. Unless
         // another replica of the agent runs the refused one: it stays in force.
-        let elsewhere = states.runs_elsewhere(id, &self.replica, &hex);
+        let elsewhere = self.runs_elsewhere(&hex).await;
         let fallback = if self.last.is_empty() {
             states.previous_before(id, &hex)
         } else {
@@ -804,7 +1016,7 @@ impl StreamState {
     }
 
     async fn response(&mut self, commit: &CommitId) -> ConfigurationResponse {
-        let id = &self.id;
+        let id = self.id.clone();
         let hex = commit.to_hex();
         let mut resp = ConfigurationResponse {
             agent_id: id.agent_id,
@@ -812,7 +1024,7 @@ impl StreamState {
             commit_id: hex.clone(),
             ..ConfigurationResponse::default()
         };
-        let states = &self.svc.states;
+        let states = Arc::clone(&self.svc.states);
         match self.load(commit).await {
             Ok(Loaded::Valid { file, config }) => match serde_json::to_string(&config) {
                 Ok(json) => {
@@ -874,7 +1086,7 @@ impl StreamState {
     /// agent does not run it: an agent that started since (a node drain, an OOM kill, a
     /// rollout) has no configuration at all, and told only the refusal it ran no GitOps and
     /// kept no logging level while `kas agent status` said the last good one was in force.
-    fn fallback(&self) -> Option<ConfigurationResponse> {
+    fn fallback(&mut self) -> Option<ConfigurationResponse> {
         let state = self.svc.states.get(self.id.agent_id)?;
         if state.commit.is_empty() || state.commit == self.last {
             return None;
@@ -886,7 +1098,7 @@ impl StreamState {
     /// The message sending `config` (of `commit`, from `file`) as the configuration in force;
     /// this stream then runs it.
     fn in_force_response(
-        &self,
+        &mut self,
         commit: String,
         file: String,
         config: Arc<tether_agent_config::AgentConfig>,
@@ -958,6 +1170,7 @@ impl AgentConfiguration for ConfigService {
             queued: None,
             key: STREAM_KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             replica,
+            unshared: None,
         };
         let req = request.into_inner();
         state.last = req.commit_id;
@@ -969,6 +1182,8 @@ impl AgentConfiguration for ConfigService {
                 .agent_refused(&req.refused_commit_id, &req.refusal)
                 .await;
         }
+        // Before the agent hears back: what it runs counts on every kas replica from then on.
+        state.share().await;
         let stream = futures_util::stream::unfold(state, |mut st| async move {
             let item = st.next().await?;
             Some((item, st))
@@ -1003,6 +1218,7 @@ mod tests {
             commit: commit.into(),
             file: String::new(),
             config: Arc::default(),
+            at: stream,
         }
     }
 
@@ -1064,6 +1280,53 @@ mod tests {
         // Nor does a replica running what is in force already.
         states.set_running(1, running("ns/old-a", 15, "c1"));
         assert!(states.stream_ended(1, "ns/new-2", 13).is_none());
+    }
+
+    fn elsewhere(replica: &str, commit: &str) -> ReplicaRuns {
+        ReplicaRuns {
+            replica: replica.into(),
+            commit: commit.into(),
+            at: 100,
+        }
+    }
+
+    #[test]
+    fn replicas_on_other_kas_replicas_count_when_the_last_one_here_running_the_commit_in_force_goes()
+     {
+        let states = ConfigStates::default();
+        states.update(1, |s| s.commit = "c2".into());
+        states.set_running(1, running("ns/new", 10, "c2"));
+        states.set_running(1, running("ns/old", 11, "c1"));
+        assert!(
+            states.stream_ended(1, "ns/new", 10).is_some(),
+            "this kas alone would put c1 in force"
+        );
+        let still = vec![elsewhere("ns/new-2", "c2")];
+        assert!(
+            states.agreed_with(1, still).is_none(),
+            "a replica on another kas runs c2"
+        );
+        let agreeing = vec![elsewhere("ns/old-2", "c1")];
+        match states.agreed_with(1, agreeing) {
+            Some(Agreed::Here(r)) => assert_eq!(r.replica, "ns/old", "its configuration is here"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn when_no_replica_is_left_here_the_ones_on_other_kas_replicas_decide() {
+        let states = ConfigStates::default();
+        states.update(1, |s| s.commit = "c2".into());
+        states.set_running(1, running("ns/new", 10, "c2"));
+        assert!(states.stream_ended(1, "ns/new", 10).is_none());
+        match states.agreed_with(1, vec![elsewhere("ns/old", "c1")]) {
+            Some(Agreed::Elsewhere(r)) => assert_eq!(r.commit, "c1", "read from Git"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            states.agreed_with(1, Vec::new()).is_none(),
+            "no replica left at all"
+        );
     }
 
     #[test]

@@ -77,6 +77,9 @@ fn catch_up(event: &crate::cluster::ClusterEvent) -> &'static str {
             "never: an agent held by another replica does not re-sync now; ask again"
         }
         E::Limits { .. } => "at the next share of the counts",
+        E::ConfigInForce { .. } => {
+            "those serving the agent's other replicas: when one of them reconnects, or the next configuration is sent"
+        }
     }
 }
 

@@ -113,6 +113,11 @@ pub enum ClusterEvent {
         id: u64,
         from: u64,
     },
+    /// Replica `from` put another configuration in force for an agent (the last of the
+    /// agent's replicas running the one in force went, see [`crate::config_replicas`]): every
+    /// other replica reads the agent's stored configuration again, even one serving the
+    /// agent's other replicas (whose memory holds the former one).
+    ConfigInForce { agent_id: i64, from: u64 },
     /// What replica `from`'s rate limiters counted lately (see [`crate::limits`]).
     Limits {
         from: u64,

@@ -229,7 +229,7 @@ fn agent_key(agent_id: i64) -> String {
     format!("tether:agent:{agent_id}")
 }
 
-fn replica_key(replica: u64) -> String {
+pub(crate) fn replica_key(replica: u64) -> String {
     format!("tether:replica:{replica}")
 }
 

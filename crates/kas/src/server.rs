@@ -377,6 +377,7 @@ fn follow_cluster_events(
     };
     let deleted = tokio::spawn(deleted.follow(Modules::shutdown_of(&handle)));
     let memory = memory.clone();
+    let store = Arc::clone(&sh.store);
     let projects_changed = Arc::new(tokio::sync::Notify::new());
     let projects = tokio::spawn(follow_projects(
         (
@@ -415,6 +416,13 @@ fn follow_cluster_events(
             controls.resync(agent_id, project_id, tether_gitops_server::ResyncId(id));
         }
         ClusterEvent::Resync { .. } => {}
+        ClusterEvent::ConfigInForce { agent_id, from } if from != me => {
+            let (configs, store) = (Arc::clone(&memory.configs), Arc::clone(&store));
+            drop(tokio::spawn(async move {
+                configs.reload(store.as_ref(), agent_id).await;
+            }));
+        }
+        ClusterEvent::ConfigInForce { .. } => {}
         ClusterEvent::Limits { from, counts } if from != me => guards.apply_shared(&counts),
         ClusterEvent::Limits { .. } => {}
     };
@@ -559,6 +567,20 @@ async fn start_configuration(
 ) -> Result<(Arc<ConfigStates>, ConfigService, Handle)> {
     let config_states = Arc::new(ConfigStates::default());
     config_states.register(&mut sh.metrics);
+    // With several replicas, what the agent replicas on the others run (see config_replicas).
+    let shared = match (&sh.cluster, several) {
+        (Some(cluster), true) => Some(Arc::new(crate::config_replicas::SharedRunning::new(
+            cluster.clone(),
+        ))),
+        _ => None,
+    };
+    let handle = match &shared {
+        Some(shared) => {
+            let stop = Modules::shutdown_of(&handle);
+            handle.task(tokio::spawn(Arc::clone(shared).refresh(stop)))
+        }
+        None => handle,
+    };
     config_states
         .load(sh.store.as_ref())
         .await
@@ -571,6 +593,7 @@ async fn start_configuration(
         states: Arc::clone(&config_states),
         notifier: sh.notifier.clone(),
         several,
+        directory: shared.map(|s| s as Arc<dyn tether_configuration_server::RunningDirectory>),
     };
     Ok((config_states, configuration, handle))
 }

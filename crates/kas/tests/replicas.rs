@@ -1056,6 +1056,16 @@ fn ci_options(shared: &Shared, dir: &std::path::Path, pki: &support::Pki) -> Kas
     opts
 }
 
+/// The CI issuer's signing key, its keys in `dir`'s `jwks.json` (as [`ci_options`] reads
+/// them), and the proxies' TLS certificates.
+fn ci_issuer(dir: &std::path::Path) -> (support::oidc::SigningKey, support::Pki) {
+    let key = support::oidc::SigningKey::new("ci-key");
+    let pki = support::Pki::generate(dir);
+    let keys = serde_json::json!({"keys": [&key.jwk]}).to_string();
+    std::fs::write(dir.join("jwks.json"), keys).unwrap();
+    (key, pki)
+}
+
 /// A GitOps rig whose agent (on replica 1, the only one it dials) lets CI jobs of `group/app`
 /// use it, and more replicas can be started: each replica's Kubernetes API proxy takes CI job
 /// ID tokens signed by `key`, over TLS (`pki`'s CA).
@@ -1072,10 +1082,7 @@ impl CiRig {
     async fn start(name: &str) -> CiRig {
         let dir = tempfile::tempdir().unwrap();
         let shared = Shared::start();
-        let key = support::oidc::SigningKey::new("ci-key");
-        let pki = support::Pki::generate(dir.path());
-        let keys = serde_json::json!({"keys": [&key.jwk]}).to_string();
-        std::fs::write(dir.path().join("jwks.json"), keys).unwrap();
+        let (key, pki) = ci_issuer(dir.path());
         let ci_access = "ci_access:\n  projects:\n  - id: group/app\n";
         let opts = ci_options(&shared, dir.path(), &pki);
         let (rig, ns, _) = synced_rig_with(name, opts, ci_access).await;
@@ -1316,4 +1323,178 @@ async fn an_agent_deleted_without_a_message_is_refused_at_once_and_forgotten_eve
         )
         .await;
     }
+}
+
+/// The configuration file of [`PodsRig`]'s agent.
+const PODS_CONFIG: &str = ".gitlab/agents/pods/config.yaml";
+
+/// A configuration letting CI jobs of `projects` use the agent.
+fn ci_access(projects: &[&str]) -> Vec<u8> {
+    let listed: String = projects.iter().map(|p| format!("  - id: {p}\n")).collect();
+    format!("ci_access:\n  projects:\n{listed}").into_bytes()
+}
+
+/// Two replicas whose proxies take CI jobs' ID tokens (signed by `key`, over TLS), and an agent
+/// without agentk — the tests speak for its Pods on their configuration streams — whose first
+/// configuration, `c0`, lets jobs of `group/app` use it.
+struct PodsRig {
+    kas: Vec<Kas>,
+    repo: GitRepo,
+    token: String,
+    agent_id: i64,
+    c0: String,
+    key: support::oidc::SigningKey,
+    pki: support::Pki,
+    _dir: tempfile::TempDir,
+    _shared: Shared,
+}
+
+impl PodsRig {
+    /// Replica 1 polls Git every `first_poll`, replica 2 every second.
+    async fn start(first_poll: &'static str) -> PodsRig {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let shared = Shared::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (key, pki) = ci_issuer(dir.path());
+        let repo = GitRepo::init(&dir.path().join("config"));
+        let c0 = repo.commit(&[(PODS_CONFIG, Some(&ci_access(&["group/app"])))], "c0");
+        let mut kas = Vec::new();
+        for (i, poll) in [first_poll, "1s"].into_iter().enumerate() {
+            let mut opts = ci_options(&shared, dir.path(), &pki);
+            opts.git_poll = poll;
+            kas.push(Kas::start(&dir.path().join(format!("kas-{i}")), opts).await);
+        }
+        kas[0].set_projects(&[("group/pods", &repo)]).await;
+        let t = kas[0]
+            .admin
+            .register_agent("group/pods", "pods")
+            .await
+            .unwrap();
+        PodsRig {
+            kas,
+            repo,
+            token: t.token,
+            agent_id: t.agent_id,
+            c0,
+            key,
+            pki,
+            _dir: dir,
+            _shared: shared,
+        }
+    }
+
+    /// Commits `c`, which also lets jobs of `group/new` use the agent, and waits for replica
+    /// `i` to fetch it.
+    async fn commit_c(&self, i: usize) -> String {
+        let access = ci_access(&["group/app", "group/new"]);
+        let c = self.repo.commit(&[(PODS_CONFIG, Some(&access))], "c");
+        wait_for(
+            "the replica to fetch c",
+            Duration::from_secs(30),
+            || async {
+                let projects = self.kas[i].admin.list_projects().await.ok()?;
+                let p = projects.into_iter().find(|p| p.path == "group/pods")?;
+                (p.commit.as_deref() == Some(c.as_str())).then_some(())
+            },
+        )
+        .await;
+        c
+    }
+
+    /// The configuration stream of the agent's Pod `pod` on replica `i`, saying what it runs
+    /// and refused (as [`support::config_stream_from`]).
+    async fn pod(
+        &self,
+        i: usize,
+        pod: &str,
+        said: (&str, &str, &str),
+    ) -> tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse> {
+        support::config_stream_from(&self.kas[i], &self.token, pod, said).await
+    }
+
+    /// The commit replica `i` shows in force (`kas agent status`).
+    async fn in_force(&self, i: usize) -> String {
+        let agent = self.kas[i].agent(self.agent_id).await;
+        agent.config.map(|c| c.commit).unwrap_or_default()
+    }
+
+    /// Whether replica `i` gives a CI job of `group/new` — which only `c` lets use the agent —
+    /// a kubeconfig with the agent's context.
+    async fn new_job_may_use_the_agent(&self, i: usize) -> bool {
+        let jwt = self.key.sign(&support::oidc::claims("group/new"));
+        let port = self.kas[i].k8s_port;
+        let (code, body) = support::upgrade::ci_kubeconfig(port, &self.pki.ca, &jwt).await;
+        code == 200 && body.contains("group/pods:pods")
+    }
+}
+
+/// A rollout with mixed agentk versions across kas replicas: Pod P2, on replica 2, runs the
+/// newest configuration `c`; Pod P1, an older agentk on replica 1, refuses it. `c` stays in
+/// force on both replicas and goes on authorizing CI jobs. Replica 1 compared only the Pods
+/// connected to it: P1's refusal took `c` out of force there and, through the store, for every
+/// replica, although P2 ran it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_refusing_what_a_pod_on_another_replica_runs_does_not_take_it_out_of_force() {
+    let r = PodsRig::start("1s").await;
+    let mut p1 = r.pod(0, "agentk-old", ("", "", "")).await;
+    assert_eq!(p1.message().await.unwrap().unwrap().commit_id, r.c0);
+    let c = r.commit_c(1).await;
+    assert_eq!(p1.message().await.unwrap().unwrap().commit_id, c);
+    let mut p2 = r.pod(1, "agentk-new", ("", "", "")).await;
+    assert_eq!(p2.message().await.unwrap().unwrap().commit_id, c);
+
+    // P1 does not know a field of c: it reopens its stream saying so, running c0.
+    drop(p1);
+    let why = "unknown field `new_feature`";
+    let _p1 = r.pod(0, "agentk-old", (&r.c0, &c, why)).await;
+    for i in 0..2 {
+        assert_eq!(r.in_force(i).await, c, "replica {}", i + 1);
+        assert!(r.new_job_may_use_the_agent(i).await, "replica {}", i + 1);
+    }
+    let state = r.kas[0].agent(r.agent_id).await.config.unwrap();
+    assert_eq!(
+        state.error_commit.as_deref(),
+        Some(c.as_str()),
+        "the refusal shows"
+    );
+    assert!(
+        r.kas[0]
+            .log()
+            .contains("another replica was sent it and has not refused it, so it stays in force")
+    );
+}
+
+/// When Pod P2, on replica 2, the last one running the configuration in force (`c`), goes,
+/// the configuration Pod P1 runs on replica 1 (`c0`: replica 1 has not fetched `c` yet) is put
+/// in force on both replicas, and CI jobs are authorized by it. Replica 2 compared only the
+/// Pods connected to it: none were left, so `c` stayed in force for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_last_pod_running_the_configuration_in_force_goes_the_others_is_in_force() {
+    let r = PodsRig::start("1h").await;
+    let mut p1 = r.pod(0, "agentk-old", ("", "", "")).await;
+    assert_eq!(p1.message().await.unwrap().unwrap().commit_id, r.c0);
+    let c = r.commit_c(1).await;
+    let mut p2 = r.pod(1, "agentk-new", ("", "", "")).await;
+    assert_eq!(p2.message().await.unwrap().unwrap().commit_id, c);
+    assert_eq!(r.in_force(1).await, c);
+    assert!(r.new_job_may_use_the_agent(0).await);
+
+    drop(p2);
+    for i in [1, 0] {
+        wait_for(
+            &format!("replica {} to put c0 in force", i + 1),
+            Duration::from_secs(10),
+            || async {
+                let c0 = r.in_force(i).await == r.c0;
+                (c0 && !r.new_job_may_use_the_agent(i).await).then_some(())
+            },
+        )
+        .await;
+    }
+    assert!(
+        r.kas[1]
+            .log()
+            .contains("Every replica of the agent still connected runs this configuration")
+    );
+    drop(p1);
 }

@@ -1,0 +1,271 @@
+//! What each agent replica (Pod) runs, shared between kas replicas through Redis, so that the
+//! configuration in force is decided on all of an agent's replicas wherever they are connected
+//! (see [`tether_configuration_server::shared`]).
+//!
+//! `tether:running:<agent id>` is a hash: one field per configuration stream
+//! (`<kas replica id>:<stream>`), its value what that stream's Pod runs and until when the
+//! entry counts (Unix seconds). A kas replica writes its entry when a stream's commit changes
+//! and removes it when the stream ends, and writes all of its entries again every
+//! [`REFRESH`] with [`ENTRY_TTL`] to live. An entry counts only while its kas replica's
+//! liveness key (`tether:replica:<id>`, see [`crate::peers`]) exists: a killed replica's
+//! entries stop counting within its 10 s, a stopping one's at once (it deletes the key).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tether_configuration_server::{DirectoryError, ReplicaRuns, RunningDirectory};
+use tether_tunnel_server::service_future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{Cluster, ClusterEvent};
+
+/// How long an entry counts without a refresh, and the refresh period: Redis losing its data
+/// leaves each kas replica deciding on its own agent replicas for a refresh period at most.
+const ENTRY_TTL: u64 = 180;
+const REFRESH: Duration = Duration::from_secs(60);
+
+/// One stream's entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Entry {
+    #[serde(flatten)]
+    runs: ReplicaRuns,
+    /// Unix seconds after which the entry no longer counts.
+    until: u64,
+}
+
+fn key(agent_id: i64) -> String {
+    format!("tether:running:{agent_id}")
+}
+
+fn field(kas: u64, stream: u64) -> String {
+    format!("{kas}:{stream}")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The entries of other kas replicas than `me` not expired at `now`, with their kas replica
+/// (pure). Unreadable entries (another kas version's) are skipped.
+fn others_entries(stored: HashMap<String, String>, me: u64, now: u64) -> Vec<(u64, ReplicaRuns)> {
+    stored
+        .into_iter()
+        .filter_map(|(field, value)| {
+            let kas: u64 = field.split_once(':')?.0.parse().ok()?;
+            let entry: Entry = serde_json::from_str(&value).ok()?;
+            (kas != me && entry.until > now).then_some((kas, entry.runs))
+        })
+        .collect()
+}
+
+/// This kas replica's part of the directory; cheap to share (`Arc`).
+pub struct SharedRunning {
+    cluster: Cluster,
+    /// This replica's entries, by agent and stream, written again at each refresh.
+    mine: Mutex<HashMap<(i64, u64), ReplicaRuns>>,
+}
+
+impl std::fmt::Debug for SharedRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRunning").finish_non_exhaustive()
+    }
+}
+
+fn redis_error(e: redis::RedisError) -> DirectoryError {
+    DirectoryError(format!("redis: {e}"))
+}
+
+impl SharedRunning {
+    pub fn new(cluster: Cluster) -> SharedRunning {
+        SharedRunning {
+            cluster,
+            mine: Mutex::default(),
+        }
+    }
+
+    fn mine(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, u64), ReplicaRuns>> {
+        self.mine.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes this replica's entries again every [`REFRESH`] until `stop`.
+    pub async fn refresh(self: Arc<Self>, stop: CancellationToken) {
+        crate::modules::every(REFRESH, stop, || self.refresh_once()).await;
+    }
+
+    async fn refresh_once(&self) {
+        let entries: Vec<_> = self.mine().iter().map(|(k, v)| (*k, v.clone())).collect();
+        let written = match self.write(&entries).await {
+            Ok(()) => self.undo_overtaken(&entries).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "Cannot refresh what this replica's agent replicas run in Redis; trying again at the next refresh");
+        }
+    }
+
+    /// After a refresh wrote `written`: a stream that ended, or changed commit, meanwhile
+    /// had its removal or new entry written before the refresh's, which brought back the old
+    /// one; the entry is made right again.
+    async fn undo_overtaken(
+        &self,
+        written: &[((i64, u64), ReplicaRuns)],
+    ) -> redis::RedisResult<()> {
+        let overtaken: Vec<_> = {
+            let mine = self.mine();
+            let changed = written.iter().filter(|(k, v)| mine.get(k) != Some(v));
+            changed.map(|(k, _)| (*k, mine.get(k).cloned())).collect()
+        };
+        for ((agent_id, stream), now) in overtaken {
+            match now {
+                Some(runs) => self.write(&[((agent_id, stream), runs)]).await?,
+                None => self.delete(agent_id, stream).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, agent_id: i64, stream: u64) -> redis::RedisResult<()> {
+        let mut conn = self.cluster.connection();
+        redis::cmd("HDEL")
+            .arg(key(agent_id))
+            .arg(field(self.cluster.replica(), stream))
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+    }
+
+    async fn write(&self, entries: &[((i64, u64), ReplicaRuns)]) -> redis::RedisResult<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let until = unix_now() + ENTRY_TTL;
+        let mut pipe = redis::pipe();
+        for ((agent_id, stream), runs) in entries {
+            let entry = Entry {
+                runs: runs.clone(),
+                until,
+            };
+            let value = serde_json::to_string(&entry).unwrap_or_default();
+            pipe.hset(
+                key(*agent_id),
+                field(self.cluster.replica(), *stream),
+                value,
+            )
+            .ignore();
+            pipe.expire(key(*agent_id), ENTRY_TTL as i64).ignore();
+        }
+        pipe.query_async::<()>(&mut self.cluster.connection()).await
+    }
+
+    async fn read_elsewhere(&self, agent_id: i64) -> redis::RedisResult<Vec<ReplicaRuns>> {
+        let mut conn = self.cluster.connection();
+        let stored: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(key(agent_id))
+            .query_async(&mut conn)
+            .await?;
+        let entries = others_entries(stored, self.cluster.replica(), unix_now());
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replicas: Vec<u64> = entries
+            .iter()
+            .map(|(kas, _)| *kas)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let keys: Vec<String> = replicas
+            .iter()
+            .map(|r| crate::peers::replica_key(*r))
+            .collect();
+        let alive: Vec<Option<String>> =
+            redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        let alive: HashSet<u64> = replicas
+            .into_iter()
+            .zip(alive)
+            .filter_map(|(r, a)| a.map(|_| r))
+            .collect();
+        let live = entries.into_iter().filter(|(kas, _)| alive.contains(kas));
+        Ok(live.map(|(_, runs)| runs).collect())
+    }
+}
+
+impl RunningDirectory for SharedRunning {
+    fn publish(
+        &self,
+        agent_id: i64,
+        stream: u64,
+        runs: ReplicaRuns,
+    ) -> BoxFuture<'_, Result<(), DirectoryError>> {
+        // Kept before it is written: a failed write is made good at the next refresh.
+        self.mine().insert((agent_id, stream), runs.clone());
+        Box::pin(async move {
+            let entries = [((agent_id, stream), runs)];
+            self.write(&entries).await.map_err(redis_error)
+        })
+    }
+
+    fn withdraw(&self, agent_id: i64, stream: u64) -> BoxFuture<'_, Result<(), DirectoryError>> {
+        self.mine().remove(&(agent_id, stream));
+        Box::pin(async move { self.delete(agent_id, stream).await.map_err(redis_error) })
+    }
+
+    fn elsewhere(&self, agent_id: i64) -> BoxFuture<'_, Result<Vec<ReplicaRuns>, DirectoryError>> {
+        Box::pin(async move { self.read_elsewhere(agent_id).await.map_err(redis_error) })
+    }
+
+    fn in_force_changed(&self, agent_id: i64) -> BoxFuture<'_, Result<(), DirectoryError>> {
+        Box::pin(async move {
+            let event = ClusterEvent::ConfigInForce {
+                agent_id,
+                from: self.cluster.replica(),
+            };
+            self.cluster.publish(event).await.map_err(redis_error)
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn stored(kas: u64, stream: u64, commit: &str, until: u64) -> (String, String) {
+        let entry = Entry {
+            runs: ReplicaRuns {
+                replica: format!("ns/pod-{stream}"),
+                commit: commit.into(),
+                at: 1,
+            },
+            until,
+        };
+        (field(kas, stream), serde_json::to_string(&entry).unwrap())
+    }
+
+    #[test]
+    fn only_other_replicas_unexpired_entries_count() {
+        let all: HashMap<String, String> = [
+            stored(1, 10, "mine", 200),
+            stored(2, 11, "theirs", 200),
+            stored(2, 12, "expired", 99),
+            ("3:13".into(), "not json".into()),
+            ("garbage".into(), "{}".into()),
+        ]
+        .into();
+        let got = others_entries(all, 1, 100);
+        let commits: Vec<(u64, &str)> = got.iter().map(|(k, r)| (*k, r.commit.as_str())).collect();
+        assert_eq!(commits, vec![(2, "theirs")]);
+    }
+
+    #[test]
+    fn an_entry_travels_as_flat_json() {
+        let (_, text) = stored(1, 10, "c1", 5);
+        assert_eq!(
+            text,
+            r#"{"replica":"ns/pod-10","commit":"c1","at":1,"until":5}"#
+        );
+    }
+}
