@@ -52,70 +52,236 @@ pub fn is_remote(reference: &str) -> bool {
 pub const KUSTOMIZATION_FILES: [&str; 3] =
     ["kustomization.yaml", "kustomization.yml", "Kustomization"];
 
-/// The local directories a kustomization (the file `file`, in the directory `dir`) refers to,
-/// after refusing what the sandbox cannot allow: remote bases and resources, references that
-/// leave the repository, and `helmCharts` (which Kustomize inflates by downloading charts).
+/// How Kustomize uses a local path a kustomization names, so how the checks follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Followed {
+    /// A resource, base or component: a directory's kustomization is checked in turn; a file
+    /// is only read as manifests.
+    Resources,
+    /// A generator, transformer or validator: a directory's kustomization is checked in turn
+    /// and everything it lists is plugin configuration; a file is plugin configuration, whose
+    /// own file fields Kustomize loads too.
+    Plugins,
+    /// A file read as it is (a patch, an env file, an OpenAPI schema…): nothing to follow.
+    File,
+}
+
+/// The keys whose presence alone is refused: Kustomize inflates Helm charts by downloading
+/// them (lower case: keys are compared so).
+const HELM_KEYS: [&str; 3] = ["helmcharts", "helmglobals", "helmchartinflationgenerator"];
+
+/// A YAML document with every mapping key in lower case, recursively: Kustomize decodes its
+/// files with Go's `encoding/json`, which matches field names case-insensitively, so
+/// `Resources:` is `resources:` to it. Two keys differing only in case are refused, as which
+/// one Kustomize keeps is not ours to guess.
+fn lowercase_keys(value: Value, file: &str) -> Result<Value, RenderError> {
+    Ok(match value {
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            for (key, v) in map {
+                let lower = key.to_lowercase();
+                if out.contains_key(&lower) {
+                    return Err(RenderError::AmbiguousKey {
+                        file: file.into(),
+                        key,
+                    });
+                }
+                out.insert(lower, lowercase_keys(v, file)?);
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(|v| lowercase_keys(v, file))
+                .collect::<Result<_, _>>()?,
+        ),
+        other => other,
+    })
+}
+
+/// The strings of `doc[key]`, a list (a lone string counts as a list of one).
+fn strings<'a>(doc: &'a Value, key: &str) -> Vec<&'a str> {
+    match doc.get(key) {
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The `field` string of every object in the list `doc[key]`.
+fn fields<'a>(doc: &'a Value, key: &str, field: &str) -> Vec<&'a str> {
+    match doc.get(key) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.get(field).and_then(Value::as_str))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The paths of a generator's `files` (`path` or `key=path`), `envs` and `env`.
+fn generator_sources(args: &Value) -> Vec<&str> {
+    let mut out = Vec::new();
+    for source in strings(args, "files") {
+        // Kustomize refuses a second `=`; the whole entry is checked as well below.
+        out.push(source);
+        if let Some((_, path)) = source.split_once('=') {
+            out.push(path);
+        }
+    }
+    out.extend(strings(args, "envs"));
+    out.extend(strings(args, "env"));
+    out
+}
+
+/// Every path or URL Kustomize loads for the (key-lowercased) kustomization or plugin
+/// configuration `doc`, with how it is followed; inline entries (YAML text, several lines)
+/// as `None`.
+fn loaded(doc: &Value) -> Vec<(&str, Followed)> {
+    let mut out = Vec::new();
+    for key in ["resources", "bases", "components"] {
+        out.extend(
+            strings(doc, key)
+                .into_iter()
+                .map(|r| (r, Followed::Resources)),
+        );
+    }
+    for key in ["generators", "transformers", "validators"] {
+        out.extend(
+            strings(doc, key)
+                .into_iter()
+                .map(|r| (r, Followed::Plugins)),
+        );
+    }
+    // Plugin configurations' own keys (`paths`: PatchStrategicMergeTransformer; `path`:
+    // PatchTransformer, PatchJson6902Transformer; `files`/`envs`/`env`: the generators) are
+    // checked in kustomizations too: there they mean nothing, so checking costs nothing.
+    let mut files: Vec<&str> = ["crds", "configurations", "patchesstrategicmerge", "paths"]
+        .iter()
+        .flat_map(|k| strings(doc, k))
+        .collect();
+    for key in ["patches", "patchesjson6902", "replacements"] {
+        files.extend(fields(doc, key, "path"));
+    }
+    for key in ["configmapgenerator", "secretgenerator"] {
+        if let Some(Value::Array(generators)) = doc.get(key) {
+            files.extend(generators.iter().flat_map(generator_sources));
+        }
+    }
+    files.extend(generator_sources(doc));
+    files.extend(strings(doc, "path"));
+    if let Some(path) = doc.get("openapi").and_then(|o| o.get("path")) {
+        files.extend(path.as_str());
+    }
+    out.extend(files.into_iter().map(|f| (f, Followed::File)));
+    out
+}
+
+/// Whether a list entry is YAML text (an inline patch or plugin configuration) rather than a
+/// path: Kustomize tells them apart the same way, by the line break.
+fn is_inline(entry: &str) -> bool {
+    entry.contains('\n')
+}
+
+/// Parses one kustomization or plugin configuration document, keys lowercased.
+fn parse(file: &str, text: &str) -> Result<Vec<Value>, RenderError> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| RenderError::Failed {
+        tool: super::Tool::Kustomize,
+        message: format!("{file}: {e}"),
+    })?;
+    docs.into_iter().map(|d| lowercase_keys(d, file)).collect()
+}
+
+/// The local paths a kustomization (the file `file`, in the directory `dir`) or plugin
+/// configuration refers to, with how each is followed, after refusing what the sandbox
+/// cannot allow: remote references of any field Kustomize loads from (it fetches any
+/// `http(s)://` path whatever its load restrictor says), references that leave the
+/// repository, and `helmCharts` (which Kustomize inflates by downloading charts).
 pub fn kustomization_references(
     dir: &str,
     file: &str,
     text: &str,
-) -> Result<Vec<String>, RenderError> {
-    let doc: Value = serde_saphyr::from_str(text).map_err(|e| RenderError::Failed {
-        tool: super::Tool::Kustomize,
-        message: format!("{file}: {e}"),
-    })?;
-    if doc.get("helmCharts").is_some() || doc.get("helmGlobals").is_some() {
-        return Err(RenderError::HelmChartsInKustomization { file: file.into() });
-    }
+) -> Result<Vec<(String, Followed)>, RenderError> {
     let mut local = Vec::new();
-    for key in ["resources", "bases", "components", "crds"] {
-        let Some(Value::Array(items)) = doc.get(key) else {
-            continue;
-        };
-        for reference in items.iter().filter_map(Value::as_str) {
-            if is_remote(reference) {
-                return Err(RenderError::RemoteReference {
-                    file: file.into(),
-                    reference: reference.into(),
-                });
-            }
-            match join_inside(dir, reference) {
-                Some(path) => local.push(path),
-                None => {
-                    return Err(RenderError::LeavesRepository {
-                        file: file.into(),
-                        reference: reference.into(),
-                    });
+    for doc in parse(file, text)? {
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
+        if HELM_KEYS.iter().any(|k| doc.get(k).is_some())
+            || kind.eq_ignore_ascii_case("HelmChartInflationGenerator")
+        {
+            return Err(RenderError::HelmChartsInKustomization { file: file.into() });
+        }
+        for (reference, followed) in loaded(&doc) {
+            if is_inline(reference) {
+                if followed == Followed::Plugins {
+                    local.extend(kustomization_references(dir, file, reference)?);
                 }
+                continue;
             }
+            local.push((local_path(dir, file, reference)?, followed));
         }
     }
     Ok(local)
 }
 
-/// Checks the kustomization at `start` and every local kustomization it reaches; `read` gives
-/// a repository file's text (`None` when there is no such file).
+/// `reference` as a repository path, refused when remote or outside the repository.
+fn local_path(dir: &str, file: &str, reference: &str) -> Result<String, RenderError> {
+    if is_remote(reference) {
+        return Err(RenderError::RemoteReference {
+            file: file.into(),
+            reference: reference.into(),
+        });
+    }
+    join_inside(dir, reference).ok_or_else(|| RenderError::LeavesRepository {
+        file: file.into(),
+        reference: reference.into(),
+    })
+}
+
+/// Checks the kustomization at `start` and every local kustomization and plugin
+/// configuration it reaches; `read` gives a repository file's text (`None` when there is no
+/// such file, or it is a directory).
 pub fn check_kustomizations(
     start: &str,
     read: impl Fn(&str) -> Option<String>,
 ) -> Result<(), RenderError> {
     let mut seen = BTreeSet::new();
-    let mut todo = vec![start.trim_matches('/').to_owned()];
-    while let Some(dir) = todo.pop() {
-        if !seen.insert(dir.clone()) {
+    let start = start.trim_matches('/').to_owned();
+    // (path, how it is followed, the directory of the kustomization that named it)
+    let mut todo = vec![(start.clone(), Followed::Resources, start)];
+    while let Some((path, followed, from)) = todo.pop() {
+        if !seen.insert((path.clone(), followed)) {
             continue;
         }
         let found = KUSTOMIZATION_FILES.iter().find_map(|name| {
-            let file = if dir.is_empty() || dir == "." {
+            let file = if path.is_empty() || path == "." {
                 (*name).to_owned()
             } else {
-                format!("{dir}/{name}")
+                format!("{path}/{name}")
             };
             read(&file).map(|text| (file, text))
         });
-        // A plain file resource, or a missing directory: Kustomize itself says what is wrong.
-        let Some((file, text)) = found else { continue };
-        todo.extend(kustomization_references(&dir, &file, &text)?);
+        let references = match (found, followed) {
+            (Some((file, text)), _) => kustomization_references(&path, &file, &text)?,
+            // A plugin configuration file: its paths are loaded from the directory of the
+            // kustomization that named it.
+            (None, Followed::Plugins) => match read(&path) {
+                Some(text) => kustomization_references(&from, &path, &text)?,
+                None => continue,
+            },
+            // A plain file resource, or a missing directory: Kustomize itself says what is
+            // wrong.
+            (None, _) => continue,
+        };
+        for (next, f) in references {
+            // What a plugin directory lists is plugin configuration in turn.
+            let f = match (followed, f) {
+                (_, Followed::File) => continue,
+                (Followed::Plugins, _) => Followed::Plugins,
+                (_, f) => f,
+            };
+            todo.push((next, f, path.clone()));
+        }
     }
     Ok(())
 }
@@ -274,6 +440,121 @@ mod tests {
         files.insert("base/kustomization.yaml", "helmCharts:\n- name: x\n");
         let e = check_kustomizations("overlays/prod", |p| read(&files, p)).expect_err("refused");
         assert!(e.to_string().contains("helmCharts"), "{e}");
+    }
+
+    /// The outcome of checking the kustomization `text` at `app/` with `others` beside it.
+    fn check_app(text: &str, others: &[(&str, &str)]) -> Result<(), RenderError> {
+        let mut files: HashMap<String, String> = others
+            .iter()
+            .map(|(p, t)| ((*p).to_owned(), (*t).to_owned()))
+            .collect();
+        files.insert("app/kustomization.yaml".into(), text.into());
+        check_kustomizations("app", |p| files.get(p).cloned())
+    }
+
+    fn refused_reference(text: &str, others: &[(&str, &str)]) -> (String, String) {
+        match check_app(text, others) {
+            Err(RenderError::RemoteReference { file, reference }) => (file, reference),
+            other => panic!("expected a remote reference refused in {text:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_field_kustomize_loads_from_refuses_urls_in_any_case() {
+        let url = "http://169.254.169.254/latest/meta-data/iam";
+        let cases = [
+            format!("Resources:\n- {url}\n"),
+            format!("RESOURCES: [{url}]\n"),
+            format!("crds:\n- {url}\n"),
+            format!("configMapGenerator:\n- name: x\n  files:\n  - k={url}\n"),
+            format!("configMapGenerator:\n- name: x\n  Files:\n  - {url}\n"),
+            format!("secretGenerator:\n- name: x\n  envs:\n  - {url}\n"),
+            format!("ConfigMapGenerator:\n- name: x\n  env: {url}\n"),
+            format!("patches:\n- path: {url}\n"),
+            format!("patches:\n- Path: {url}\n  target:\n    kind: Deployment\n"),
+            format!("patchesStrategicMerge:\n- {url}\n"),
+            format!("patchesJson6902:\n- path: {url}\n"),
+            format!("replacements:\n- path: {url}\n"),
+            format!("openapi:\n  path: {url}\n"),
+            format!("openapi:\n  version: v1.20.4\n  path: {url}\n"),
+            format!("configurations:\n- {url}\n"),
+            format!("generators:\n- {url}\n"),
+            format!("transformers:\n- {url}\n"),
+            format!("validators:\n- {url}\n"),
+            format!("components:\n- {url}\n"),
+            "resources:\n- oci://registry.example.com/manifests:v1\n".to_owned(),
+        ];
+        for text in &cases {
+            let (file, reference) = refused_reference(text, &[]);
+            assert_eq!(file, "app/kustomization.yaml", "{text}");
+            assert!(is_remote(&reference), "{text}: {reference}");
+        }
+    }
+
+    #[test]
+    fn local_references_of_every_field_are_accepted_and_leaving_is_refused() {
+        let legit = "resources:\n- deploy.yaml\n- ../base\nconfigMapGenerator:\n- name: x\n  files:\n  - app.properties\n  - key=conf/other.txt\n  envs:\n  - env.txt\npatches:\n- path: patch.yaml\n- patch: |-\n    - op: replace\n      path: /spec/replicas\n      value: 3\n  target:\n    kind: Deployment\npatchesStrategicMerge:\n- psm.yaml\n- |-\n  apiVersion: apps/v1\n  kind: Deployment\n  metadata:\n    name: web\npatchesJson6902:\n- path: json.yaml\n  target:\n    kind: Deployment\n    name: web\nreplacements:\n- path: repl.yaml\n- source:\n    kind: ConfigMap\n    name: x\n  targets: []\nopenapi:\n  path: schema.json\nconfigurations:\n- conf.yaml\ntransformers:\n- prefix.yaml\ncommonAnnotations:\n  docs: https://example.com/docs\n";
+        let base = ("base/kustomization.yaml", "resources:\n- cm.yaml\n");
+        let prefix = (
+            "app/prefix.yaml",
+            "apiVersion: builtin\nkind: PrefixSuffixTransformer\nmetadata:\n  name: p\nprefix: a-\nfieldSpecs:\n- path: metadata/name\n",
+        );
+        assert!(check_app(legit, &[base, prefix]).is_ok());
+        for text in [
+            "configMapGenerator:\n- name: x\n  files:\n  - k=../../etc/passwd\n",
+            "patches:\n- path: ../../x.yaml\n",
+            "Transformers:\n- ../../t\n",
+            "openapi:\n  path: /etc/schema.json\n",
+        ] {
+            assert!(
+                matches!(
+                    check_app(text, &[]),
+                    Err(RenderError::LeavesRepository { .. })
+                ),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn inline_patches_pass_but_inline_and_file_plugin_configurations_are_checked() {
+        let url = "https://evil.example/x";
+        let inline = format!(
+            "generators:\n- |-\n  apiVersion: builtin\n  kind: ConfigMapGenerator\n  metadata:\n    name: x\n  files:\n  - {url}\n"
+        );
+        assert_eq!(refused_reference(&inline, &[]).1, url);
+        // A generator file, and a generator directory whose kustomization lists one.
+        let config = format!(
+            "apiVersion: builtin\nkind: PatchTransformer\nmetadata:\n  name: p\nPath: {url}\n"
+        );
+        let (file, reference) =
+            refused_reference("transformers:\n- t.yaml\n", &[("app/t.yaml", &config)]);
+        assert_eq!((file.as_str(), reference.as_str()), ("app/t.yaml", url));
+        let dir = [
+            ("app/gen/kustomization.yaml", "resources:\n- g.yaml\n"),
+            ("app/gen/g.yaml", &config[..]),
+        ];
+        assert_eq!(
+            refused_reference("generators:\n- gen\n", &dir).0,
+            "app/gen/g.yaml"
+        );
+        let helm = "generators:\n- |-\n  apiVersion: builtin\n  kind: HelmChartInflationGenerator\n  metadata:\n    name: x\n";
+        assert!(matches!(
+            check_app(helm, &[]),
+            Err(RenderError::HelmChartsInKustomization { .. })
+        ));
+        assert!(matches!(
+            check_app("HelmCharts:\n- name: x\n", &[]),
+            Err(RenderError::HelmChartsInKustomization { .. })
+        ));
+    }
+
+    #[test]
+    fn keys_differing_only_in_case_and_yaml_merges_cannot_hide_a_reference() {
+        let e = check_app("resources: []\nResources:\n- ../other\n", &[]).expect_err("refused");
+        assert!(matches!(e, RenderError::AmbiguousKey { .. }), "{e}");
+        let merged = "x: &x\n  resources:\n  - https://evil.example/a\n<<: *x\n";
+        assert_eq!(refused_reference(merged, &[]).1, "https://evil.example/a");
     }
 
     #[test]

@@ -70,6 +70,16 @@ pub enum RenderError {
         /// The reference.
         reference: String,
     },
+    /// A kustomization has two keys that differ only in case, which Kustomize reads as one.
+    #[error(
+        "{file} has the key {key} twice, in different cases (Kustomize reads keys case-insensitively): refused"
+    )]
+    AmbiguousKey {
+        /// The kustomization file.
+        file: String,
+        /// The second spelling.
+        key: String,
+    },
     /// A kustomization inflates Helm charts (which Kustomize downloads).
     #[error(
         "{file} uses helmCharts, which Kustomize inflates by downloading charts: use the manifest project's helm key with a chart in the repository instead"
