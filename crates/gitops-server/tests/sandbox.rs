@@ -83,7 +83,7 @@ async fn the_renderer_gets_no_environment_of_kas_and_no_network() {
     assert!(leaked.is_empty(), "leaked into the renderer: {leaked:?}");
     assert!(env.contains(&"HOME"), "{env:?}");
     assert!(
-        probe_sandbox().unshare.is_some(),
+        probe_sandbox(None).unshare.is_some(),
         "this machine can create network namespaces; the sandbox must use one"
     );
     assert_eq!(

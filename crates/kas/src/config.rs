@@ -210,6 +210,10 @@ pub struct Render {
     pub failure_ttl: Duration,
     /// Where checkouts are written (default: `<data_dir>/render`); this kas's alone.
     pub work_dir: Option<PathBuf>,
+    /// Render even where renderers cannot be cut off the network (neither a network namespace
+    /// nor kas's seccomp filter works). Dangerous: repository content can then make kas fetch
+    /// any URL it reaches (cloud metadata, cluster services) and show the response.
+    pub allow_network: bool,
 }
 
 impl Default for Render {
@@ -228,6 +232,7 @@ impl Default for Render {
             max_concurrent_per_agent: d.max_concurrent_per_agent,
             failure_ttl: d.failure_ttl,
             work_dir: d.work_dir,
+            allow_network: d.allow_network,
         }
     }
 }
@@ -255,6 +260,9 @@ impl Render {
                     .clone()
                     .unwrap_or_else(|| data_dir.join("render")),
             ),
+            // kas itself confines the renderers (`kas render-confine`, dispatched in main).
+            confine_with: std::env::current_exe().ok(),
+            allow_network: self.allow_network,
         }
     }
 

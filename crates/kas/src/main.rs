@@ -21,8 +21,15 @@ use cli::reconcile::Unsuccessful;
 use cli::tokens::{ci_kubeconfig, token_cmd, user_token_cmd};
 use cli::{admin_client, load_config};
 
+fn main() -> std::process::ExitCode {
+    // `kas render-confine -- <renderer>`, how kas starts its renderers: before any thread or
+    // runtime, so the seccomp filter is all the renderer inherits.
+    tether_gitops_server::render::confine::dispatch();
+    run_kas()
+}
+
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn run_kas() -> std::process::ExitCode {
     let cli = Cli::parse();
     // `kas agent diff` exits 1 for "changes", so its errors need another code.
     let failure = match &cli.cmd {

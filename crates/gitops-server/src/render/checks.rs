@@ -349,16 +349,25 @@ pub fn renderer_message(stderr: &str, repo: &str, values_file: &str) -> String {
     message
 }
 
-/// Whether a renderer that failed ran into its address-space limit (Go's runtime says so in
-/// these words when an allocation or its startup reservation is refused).
-pub fn out_of_memory(stderr: &str) -> bool {
-    [
-        "out of memory",
-        "failed to reserve",
-        "cannot allocate memory",
-    ]
-    .iter()
-    .any(|m| stderr.contains(m))
+/// Whether a renderer that failed ran into its memory limit: Go's runtime says so in these
+/// words when an allocation or its startup reservation is refused by the address-space limit,
+/// and the kernel's or the cgroup's OOM killer ends it with SIGKILL (kas's own kills, for time
+/// and output, are told apart before).
+pub fn out_of_memory(stderr: &str, killed_by: Option<i32>) -> bool {
+    killed_by == Some(nix::libc::SIGKILL)
+        || [
+            "out of memory",
+            "failed to reserve",
+            "cannot allocate memory",
+        ]
+        .iter()
+        .any(|m| stderr.contains(m))
+}
+
+/// Whether a renderer failed because the seccomp filter refused it a socket (Go's words for
+/// `EACCES` from `socket()`).
+pub fn network_refused(stderr: &str) -> bool {
+    stderr.contains("socket: permission denied")
 }
 
 #[cfg(test)]
@@ -558,6 +567,16 @@ mod tests {
     }
 
     #[test]
+    fn a_renderer_killed_by_sigkill_ran_out_of_memory() {
+        // The cgroup's OOM killer says nothing on stderr: Go is killed mid-allocation.
+        assert!(out_of_memory("", Some(nix::libc::SIGKILL)));
+        assert!(network_refused(
+            "Error: Get \"http://127.0.0.1:9/x\": dial tcp 127.0.0.1:9: socket: permission denied"
+        ));
+        assert!(!network_refused("Error: open x.yaml: permission denied"));
+    }
+
+    #[test]
     fn chart_dependencies_must_be_vendored() {
         let chart = "apiVersion: v2\nname: app\nversion: 1.0.0\ndependencies:\n- name: redis\n  version: 1.0.0\n  repository: https://charts.example.com\n";
         let e = check_chart_dependencies("charts/app", chart, |_| false).expect_err("refused");
@@ -584,8 +603,9 @@ mod tests {
             renderer_message(dump, "/r", "/v"),
             "fatal error: runtime: out of memory"
         );
-        assert!(out_of_memory(dump));
-        assert!(!out_of_memory("Error: bad patch"));
+        assert!(out_of_memory(dump, None));
+        assert!(!out_of_memory("Error: bad patch", None));
+        assert!(!out_of_memory("Error: bad patch", Some(nix::libc::SIGTERM)));
         let long = "x".repeat(MAX_MESSAGE * 2);
         assert_eq!(
             renderer_message(&long, "/r", "/v").len(),

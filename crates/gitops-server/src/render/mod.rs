@@ -1,15 +1,18 @@
 //! Kustomize and Helm rendering at a commit, in a sandbox: a temporary read-only checkout of
-//! the commit, an empty environment, a new network namespace (`unshare`), an address-space
-//! limit (`prlimit`), a time limit and an output limit. Renderings are cached by (commit,
-//! settings).
+//! the commit, an empty environment, no network (a seccomp filter refusing Internet sockets,
+//! and a new network namespace where `unshare` works; rendering is refused when neither does),
+//! an address-space limit (`prlimit`), a time limit and an output limit. Renderings are cached
+//! by (commit, settings).
 //!
 //! - [`spec`]: settings, command lines, environment (pure).
 //! - [`checks`]: symlinks, kustomization references, chart dependencies, error text (pure).
 //! - [`checkout`], [`run`]: the files and the process (I/O).
+//! - [`confine`]: the seccomp filter, installed by `kas render-confine` before the renderer.
 
 mod cache;
 pub mod checkout;
 pub mod checks;
+pub mod confine;
 mod run;
 pub mod spec;
 mod turns;
@@ -147,6 +150,22 @@ pub enum RenderError {
     /// The commit's tree holds an entry Git itself refuses to check out.
     #[error("{0}; kas does not check such a commit out (it was made by hand, not by git)")]
     UncheckableTree(String),
+    /// The renderer tried to open a network connection and the sandbox refused it: something
+    /// the checks do not know of makes it download.
+    #[error(
+        "{tool} tried to reach the network, which kas refuses to renderers; vendor what it downloads into the repository: {message}"
+    )]
+    NetworkRefused {
+        /// Which renderer.
+        tool: Tool,
+        /// What it said.
+        message: String,
+    },
+    /// kas cannot cut renderers off the network here, and is not allowed to render without.
+    #[error(
+        "kas cannot cut renderers off the network on this host (no network namespace, no seccomp filter), so it renders nothing: the kas operator fixes the sandbox (see kas's startup log) or sets gitops.render.allow_network, which lets repository content make kas fetch URLs"
+    )]
+    NoNetworkIsolation,
     /// kas could not prepare or start the rendering (disk, processes).
     #[error("rendering failed in kas: {0}")]
     Io(String),
@@ -155,7 +174,10 @@ pub enum RenderError {
 impl RenderError {
     /// Whether the repository or the configuration is at fault (not kas or its host).
     pub fn is_user_error(&self) -> bool {
-        !matches!(self, RenderError::ToolMissing { .. } | RenderError::Io(_))
+        !matches!(
+            self,
+            RenderError::ToolMissing { .. } | RenderError::Io(_) | RenderError::NoNetworkIsolation
+        )
     }
 }
 
@@ -190,6 +212,13 @@ pub struct RenderConfig {
     /// given here belongs to this renderer: checkouts a killed process left in it are deleted
     /// when the renderer is created.
     pub work_dir: Option<PathBuf>,
+    /// The program that confines renderers with a seccomp filter (`<it> render-confine --
+    /// renderer…`: kas itself); `None`: no filter, only a network namespace if `unshare` works.
+    pub confine_with: Option<PathBuf>,
+    /// Render even when renderers cannot be cut off the network. Dangerous: anyone who can
+    /// push to a manifest project then makes kas fetch URLs (cloud metadata, cluster services)
+    /// and shows what it got.
+    pub allow_network: bool,
 }
 
 /// Creates the checkouts' folder and deletes what a killed kas left there (blocking). Before
@@ -222,6 +251,8 @@ impl Default for RenderConfig {
             max_concurrent_per_agent: 1,
             failure_ttl: Duration::from_secs(30),
             work_dir: None,
+            confine_with: None,
+            allow_network: false,
         }
     }
 }
@@ -246,11 +277,23 @@ impl Renderer {
     /// Finds the programs and what confinement this machine allows (blocking: runs `unshare`
     /// once), and logs what is missing.
     pub fn new(config: RenderConfig) -> Self {
-        let sandbox = probe_sandbox();
-        if sandbox.unshare.is_none() {
-            tracing::warn!(
-                "unshare cannot create a network namespace here: renderers run without network isolation (remote references are still refused and they get no PATH, proxy or credentials)"
-            );
+        let sandbox = probe_sandbox(config.confine_with.as_deref());
+        match (&sandbox.unshare, &sandbox.confine) {
+            (Some(_), Some(_)) => tracing::info!(
+                "Renderers run in a network namespace and under a seccomp filter refusing Internet sockets"
+            ),
+            (None, Some(_)) => tracing::info!(
+                "unshare cannot create a network namespace here: renderers run under a seccomp filter refusing Internet sockets"
+            ),
+            (Some(_), None) => tracing::warn!(
+                "The seccomp filter cannot be installed here: renderers run in a network namespace only"
+            ),
+            (None, None) if config.allow_network => tracing::warn!(
+                "Neither a network namespace nor a seccomp filter works here and gitops.render.allow_network is set: renderers have kas's network access, so repository content can make kas fetch URLs"
+            ),
+            (None, None) => tracing::error!(
+                "Neither a network namespace nor a seccomp filter works here: kas renders no Kustomize or Helm project (gitops.render.allow_network renders anyway, with network access)"
+            ),
         }
         if sandbox.setpriv.is_none() {
             tracing::warn!(
@@ -342,6 +385,11 @@ impl Renderer {
         }
         .clone()
         .map_err(|detail| RenderError::ToolMissing { tool, detail })?;
+        // Fail closed: the checks refuse the references they know of, not every way a
+        // renderer may download.
+        if !self.sandbox.isolates_network() && !self.config.allow_network {
+            return Err(RenderError::NoNetworkIsolation);
+        }
         let (m, s, limits, dir) = (
             mirror.clone(),
             spec.clone(),
@@ -376,14 +424,18 @@ impl Renderer {
                 stdout,
                 ..
             } => Ok(stdout),
-            Ran::Exited { stderr, .. } => {
+            Ran::Exited {
+                stderr, killed_by, ..
+            } => {
                 let values = checkout.scratch.join(spec::VALUES_FILE);
                 let message = checks::renderer_message(
                     &stderr,
                     &checkout.repo.display().to_string(),
                     &values.display().to_string(),
                 );
-                if checks::out_of_memory(&stderr) {
+                if checks::network_refused(&stderr) {
+                    Err(RenderError::NetworkRefused { tool, message })
+                } else if checks::out_of_memory(&stderr, killed_by) {
                     Err(RenderError::MemoryLimit {
                         tool,
                         limit: self.config.memory_limit,
@@ -463,8 +515,9 @@ pub fn find_on_path(name: &str, path: &OsStr) -> Option<PathBuf> {
 }
 
 /// The confinement this machine allows: a user+network namespace when unprivileged user
-/// namespaces work, a network namespace alone when kas may create one, else none.
-pub fn probe_sandbox() -> Sandbox {
+/// namespaces work, a network namespace alone when kas may create one, else none; the seccomp
+/// filter of `confine_with render-confine` when it refuses a socket here.
+pub fn probe_sandbox(confine_with: Option<&Path>) -> Sandbox {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let prlimit = find_on_path("prlimit", &path);
     let unshare = find_on_path("unshare", &path).and_then(|bin| {
@@ -494,9 +547,21 @@ pub fn probe_sandbox() -> Sandbox {
             .status()
             .is_ok_and(|s| s.success())
     });
+    let confine = confine_with.filter(|bin| {
+        std::process::Command::new(bin)
+            .args([confine::SUBCOMMAND, confine::SELF_TEST])
+            .env_clear()
+            .stderr(std::process::Stdio::null())
+            .output()
+            .is_ok_and(|o| {
+                o.status.success()
+                    && String::from_utf8_lossy(&o.stdout).trim() == confine::SELF_TEST_PASSED
+            })
+    });
     Sandbox {
         unshare,
         prlimit,
         setpriv,
+        confine: confine.map(Path::to_path_buf),
     }
 }

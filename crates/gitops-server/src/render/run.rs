@@ -26,6 +26,8 @@ pub enum Ran {
         stdout: Vec<u8>,
         /// Its error output (at most [`MAX_STDERR`] bytes).
         stderr: String,
+        /// The signal that ended it, if one did (not kas's: a kernel or cgroup OOM kill).
+        killed_by: Option<i32>,
     },
     /// Killed: it ran past the time limit.
     TimedOut,
@@ -98,6 +100,7 @@ async fn collect(child: &mut Child, max_output: u64) -> std::io::Result<Option<R
         .unwrap_or_default();
     Ok(Some(Ran::Exited {
         success: status.success(),
+        killed_by: std::os::unix::process::ExitStatusExt::signal(&status),
         stdout: out,
         stderr: String::from_utf8_lossy(&err).into_owned(),
     }))

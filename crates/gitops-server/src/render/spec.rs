@@ -230,47 +230,62 @@ pub struct Sandbox {
     pub prlimit: Option<PathBuf>,
     /// `setpriv`, when it can set a parent-death signal here.
     pub setpriv: Option<PathBuf>,
+    /// The program that runs `<it> render-confine -- <renderer> <args>` (kas itself), when
+    /// its seccomp filter works here: no Internet sockets for the renderer, namespace or not.
+    pub confine: Option<PathBuf>,
 }
 
-/// `line` run inside the sandbox:
-/// `setpriv --pdeathsig KILL -- unshare … -- prlimit --as=N -- program args…`.
+impl Sandbox {
+    /// Whether renderers are cut off the network: by a network namespace, a seccomp filter
+    /// or both.
+    pub fn isolates_network(&self) -> bool {
+        self.unshare.is_some() || self.confine.is_some()
+    }
+}
+
+/// `line` run inside the sandbox: `setpriv --pdeathsig KILL -- unshare … -- prlimit --as=N
+/// -- kas render-confine -- program args…`.
 ///
 /// `setpriv` makes the kernel kill the renderer when kas dies: a kas killed with SIGKILL (OOM,
 /// `kill -9`) cannot stop it, and a renderer that never ends would run on forever. The
 /// wrappers exec one into the other, so the signal reaches the renderer itself.
 pub fn sandboxed(line: CommandLine, sandbox: &Sandbox, memory_limit: u64) -> CommandLine {
     let mut out = line;
+    if let Some(confine) = &sandbox.confine {
+        out = wrapped(
+            confine,
+            [super::confine::SUBCOMMAND.into(), "--".into()],
+            out,
+        );
+    }
     if let Some(prlimit) = &sandbox.prlimit {
-        let mut args: Vec<OsString> = vec![
-            format!("--as={memory_limit}").into(),
-            "--".into(),
-            out.program.into(),
-        ];
-        args.extend(out.args);
-        out = CommandLine {
-            program: prlimit.clone(),
-            args,
-        };
+        let limit = format!("--as={memory_limit}").into();
+        out = wrapped(prlimit, [limit, "--".into()], out);
     }
     if let Some((unshare, flags)) = &sandbox.unshare {
-        let mut args: Vec<OsString> = flags.iter().map(OsString::from).collect();
-        args.extend(["--".into(), out.program.into()]);
-        args.extend(out.args);
-        out = CommandLine {
-            program: unshare.clone(),
-            args,
-        };
+        let flags = flags.iter().map(OsString::from);
+        out = wrapped(unshare, flags.chain(["--".into()]), out);
     }
     if let Some(setpriv) = &sandbox.setpriv {
-        let mut args: Vec<OsString> = vec!["--pdeathsig".into(), "KILL".into(), "--".into()];
-        args.push(out.program.into());
-        args.extend(out.args);
-        out = CommandLine {
-            program: setpriv.clone(),
-            args,
-        };
+        let flags = ["--pdeathsig".into(), "KILL".into(), "--".into()];
+        out = wrapped(setpriv, flags, out);
     }
     out
+}
+
+/// `wrapper flags… program args…`.
+fn wrapped(
+    wrapper: &Path,
+    flags: impl IntoIterator<Item = OsString>,
+    line: CommandLine,
+) -> CommandLine {
+    let mut args: Vec<OsString> = flags.into_iter().collect();
+    args.push(line.program.into());
+    args.extend(line.args);
+    CommandLine {
+        program: wrapper.to_path_buf(),
+        args,
+    }
 }
 
 /// The renderer's whole environment: nothing of kas's (no credentials, no proxy, no `PATH`,
@@ -402,7 +417,8 @@ mod tests {
     }
 
     #[test]
-    fn the_sandbox_wraps_setpriv_around_unshare_around_prlimit_around_the_renderer() {
+    fn the_sandbox_wraps_setpriv_around_unshare_around_prlimit_around_confine_around_the_renderer()
+    {
         let line = CommandLine {
             program: "/bin/kustomize".into(),
             args: vec!["build".into()],
@@ -411,6 +427,7 @@ mod tests {
             unshare: Some(("/usr/bin/unshare".into(), vec!["--net".into()])),
             prlimit: Some("/usr/bin/prlimit".into()),
             setpriv: Some("/usr/bin/setpriv".into()),
+            confine: Some("/bin/kas".into()),
         };
         assert_eq!(
             strings(&sandboxed(line.clone(), &sandbox, 1024)),
@@ -424,6 +441,9 @@ mod tests {
                 "--",
                 "/usr/bin/prlimit",
                 "--as=1024",
+                "--",
+                "/bin/kas",
+                "render-confine",
                 "--",
                 "/bin/kustomize",
                 "build"
