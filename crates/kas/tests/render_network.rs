@@ -76,7 +76,7 @@ async fn render(
     let renderer = Renderer::with_sandbox(config, sandbox);
     let spec = RenderSpec::Kustomize { path: "app".into() };
     renderer
-        .render(&mirror, commit, &spec)
+        .render(1, &mirror, commit, &spec)
         .await
         .map(|out| out.to_vec())
 }
