@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response, header};
 use hyper_util::rt::TokioIo;
 use tether_kubeproxy_agent::{MetadataError, RoutedRequest};
-use tether_tunnel_server::{Registry, RegistryError, TunnelError};
+use tether_tunnel_server::{Registry, RegistryError, Reopen, Reopened, Resending, TunnelError};
 
 use crate::outbound::Io;
 use crate::peers::{Peers, RouteError};
@@ -61,31 +61,68 @@ impl Reach {
     /// A byte stream to agent `agent_id`'s `kubernetes_api` service carrying `meta`: through
     /// the replica holding its tunnels when this one holds none, else through one here; while
     /// it has none anywhere, through whichever replica gets one first, within [`Reach::wait`].
+    /// A request on a tunnel here that the agent closes without taking it (agentk stopping, or
+    /// closing a surplus idle stream, as kas chose that stream) goes the same way again, as
+    /// long as that time allows (`Resending`): the replica holding the tunnels does the same
+    /// for the requests it carries.
     pub(crate) async fn open(
         &self,
         agent_id: i64,
-        meta: &HashMap<String, String>,
+        meta: Arc<HashMap<String, String>>,
     ) -> Result<Box<dyn Io>, ReachError> {
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let first = self.open_once(agent_id, &meta, self.wait).await?;
+        if first.answer.is_none() {
+            return Ok(first.io);
+        }
+        let reach = self.clone();
+        let reopen: Reopen = Arc::new(move |left| {
+            let (reach, meta) = (reach.clone(), Arc::clone(&meta));
+            Box::pin(async move {
+                reach
+                    .open_once(agent_id, &meta, left)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        });
+        let resent = self.registry.resent_counter();
+        Ok(Box::new(Resending::new(first, reopen, deadline, resent)))
+    }
+
+    /// One stream for the request, waiting up to `wait` for it; with the agent's answer when
+    /// it is a tunnel here.
+    async fn open_once(
+        &self,
+        agent_id: i64,
+        meta: &HashMap<String, String>,
+        wait: Duration,
+    ) -> Result<Reopened, ReachError> {
+        let through = |s| Reopened {
+            io: Box::new(s),
+            answer: None,
+        };
         if let Some(peers) = self
             .peers
             .as_ref()
             .filter(|_| !self.registry.has_agent(agent_id))
             && let Some(stream) = peers.open(agent_id, KUBERNETES_API, meta).await?
         {
-            return Ok(Box::new(stream));
+            return Ok(through(stream));
         }
-        let waited = self.registry.get_tunnel(agent_id, self.wait);
+        let waited = self.registry.get_tunnel(agent_id, wait);
         let tunnel = match &self.peers {
             None => waited.await?,
             // The agent may come back to another replica (a rollout): whichever is first.
             Some(peers) => tokio::select! {
                 t = waited => t?,
-                s = peers.wait_holder(agent_id, KUBERNETES_API, meta) => return Ok(Box::new(s)),
+                s = peers.wait_holder(agent_id, KUBERNETES_API, meta) => return Ok(through(s)),
             },
         };
-        Ok(Box::new(
-            tunnel.request(KUBERNETES_API, meta.clone()).await?,
-        ))
+        let answer = tunnel.answer();
+        Ok(Reopened {
+            io: Box::new(tunnel.request(KUBERNETES_API, meta.clone()).await?),
+            answer: Some(answer),
+        })
     }
 }
 
@@ -121,7 +158,7 @@ impl ThroughTunnel {
         self,
         mut req: Request<kube::client::Body>,
     ) -> Result<Response<hyper::body::Incoming>, BoxError> {
-        let conn = self.reach.open(self.agent_id, &self.meta).await?;
+        let conn = self.reach.open(self.agent_id, self.meta).await?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
         // Ends once the response is read and the sender dropped.

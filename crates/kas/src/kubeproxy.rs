@@ -898,7 +898,7 @@ impl Proxy {
         })?;
         let conn = self
             .reach()
-            .open(routed.agent_id, &meta)
+            .open(routed.agent_id, Arc::new(meta))
             .await
             .map_err(|e| fail(e.status(), subject, &e.to_string()))?;
         http_over(conn, revoked, subject).await

@@ -633,17 +633,18 @@ impl Peers {
         if request.service == ADMIN_SERVICE {
             return self.carry_admin(stream).await;
         }
-        let tunnel = self
+        // A stream the agent closes without taking the request is replaced by another here:
+        // nothing of the request was read from the other replica yet.
+        let conn = self
             .registry
-            .get_tunnel(request.agent_id, HOLDER_TUNNEL_WAIT)
-            .await;
-        let conn = match tunnel {
-            Ok(t) => t
-                .request_confirmed(&request.service, request.metadata.into_iter().collect())
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+            .open_confirmed(
+                request.agent_id,
+                &request.service,
+                request.metadata.into_iter().collect(),
+                HOLDER_TUNNEL_WAIT,
+            )
+            .await
+            .map_err(|e| e.to_string());
         let mut conn = match conn {
             Ok(c) => c,
             Err(e) => {

@@ -19,6 +19,9 @@ struct Setup {
     kas: Kas,
     _agent: Agent,
     agent_id: i64,
+    /// The agent's token and the kubeconfig agentk uses (to start another replica).
+    token: String,
+    agent_kubeconfig: std::path::PathBuf,
     key: SigningKey,
     ca: std::path::PathBuf,
     allowed: String,
@@ -179,6 +182,7 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
         .register_agent("group/config", "proxy")
         .await
         .unwrap();
+    let agent_kubeconfig = agent_kubeconfig.unwrap_or(kubeconfig);
     let agent = Agent::start_with(
         dir.path(),
         "proxy",
@@ -187,11 +191,7 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
         None,
         &[
             "--kubeconfig",
-            agent_kubeconfig
-                .as_deref()
-                .unwrap_or(&kubeconfig)
-                .to_str()
-                .unwrap(),
+            agent_kubeconfig.to_str().unwrap(),
             // Well past the watch of `a_request_in_flight_when_agentk_stops_is_served_to_its_end`.
             "--tunnel-drain-timeout",
             "40s",
@@ -213,6 +213,8 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
         kas,
         _agent: agent,
         agent_id: t.agent_id,
+        token: t.token,
+        agent_kubeconfig,
         key,
         ca: pki.ca.clone(),
         allowed,
@@ -905,6 +907,131 @@ async fn a_request_in_flight_when_agentk_stops_is_served_to_its_end() {
             .log()
             .contains("still running at the drain deadline")
     );
+}
+
+/// GETs `path` through kas on `sender` until `stop`, as a CI job's tight loop of kubectl
+/// requests: the status of each (0: no answer at all), counted in `done` as they come.
+async fn get_until(
+    mut sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: String,
+    bearer: String,
+    done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<u16> {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering;
+    let mut statuses = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let req = http::Request::get(&path)
+            .header("host", "localhost")
+            .header("authorization", &bearer)
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let answered = match sender.ready().await {
+            Ok(()) => sender.send_request(req).await.ok(),
+            Err(_) => None,
+        };
+        let Some(resp) = answered else {
+            statuses.push(0);
+            break;
+        };
+        statuses.push(resp.status().as_u16());
+        let _ = resp.into_body().collect().await;
+        done.fetch_add(1, Ordering::SeqCst);
+    }
+    statuses
+}
+
+/// With two agentk replicas, one stopping (a rollout) while CI jobs send requests in a tight
+/// loop: requests kas sends on streams that replica closes at that moment go to the other
+/// replica, so every request is answered by the API server and none gets a 502. The stopping
+/// replica also closes its surplus idle streams every 100 ms before it stops, the oldest
+/// first, which are those kas takes first: the race happens many times, not by chance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_while_one_of_two_agentk_replicas_stops_are_all_served() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let s = setup().await;
+    let mut stopping = Agent::start_with(
+        s.dir.path(),
+        "proxy-b",
+        &s.kas.url("grpc"),
+        &s.token,
+        None,
+        &[
+            "--kubeconfig",
+            s.agent_kubeconfig.to_str().unwrap(),
+            "--tunnel-idle-timeout",
+            "100ms",
+        ],
+    );
+    wait_for(
+        "both replicas connected",
+        Duration::from_secs(30),
+        || async {
+            let a = s.kas.agent(s.agent_id).await;
+            let pods: Vec<&str> = a.connections.iter().map(|c| c.pod_name.as_str()).collect();
+            (pods.contains(&"proxy") && pods.contains(&"proxy-b")).then_some(())
+        },
+    )
+    .await;
+    let jwt = s.key.sign(&claims("group/app"));
+    let bearer = format!("Bearer ci:{}:{jwt}", s.agent_id);
+    let path = format!("/api/v1/namespaces/{}/configmaps?limit=1", s.allowed);
+    let (done, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut loops = Vec::new();
+    for _ in 0..16 {
+        let sender = s.connect().await;
+        let (path, bearer) = (path.clone(), bearer.clone());
+        let (done, stop) = (Arc::clone(&done), Arc::clone(&stop));
+        loops.push(tokio::spawn(get_until(sender, path, bearer, done, stop)));
+    }
+    let at_least = |n: usize| {
+        let done = Arc::clone(&done);
+        move || {
+            let d = done.load(Ordering::SeqCst);
+            async move { (d >= n).then_some(()) }
+        }
+    };
+    let enough = Duration::from_secs(60);
+    wait_for("requests through both replicas", enough, at_least(300)).await;
+    stopping.sigterm();
+    wait_for(
+        "the stopping replica to exit",
+        Duration::from_secs(30),
+        || {
+            let exited = stopping.exited();
+            async move { exited.then_some(()) }
+        },
+    )
+    .await;
+    let after_exit = done.load(Ordering::SeqCst) + 100;
+    wait_for(
+        "requests through the other replica",
+        enough,
+        at_least(after_exit),
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut statuses: Vec<u16> = Vec::new();
+    for l in loops {
+        statuses.extend(l.await.unwrap());
+    }
+    let failed: Vec<u16> = statuses.iter().copied().filter(|c| *c != 200).collect();
+    let resent = s
+        .kas
+        .metric("kas_tunnel_requests_resent_total")
+        .await
+        .unwrap_or_default();
+    eprintln!(
+        "{} requests, {resent} resent on another stream, failures: {failed:?}",
+        statuses.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}\n{}", s.kas.log());
+    assert!(resent > 0.0, "the race was not exercised");
 }
 
 /// The CA kubeconfigs embed (`kubernetes_api.ca_file`) is followed: renewed on disk, it is in

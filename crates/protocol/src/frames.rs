@@ -79,6 +79,8 @@ impl InFrame for AgentFrame {
             Some(agent_frame::Frame::Error(e)) => Incoming::Error(e.code, e.message),
             Some(agent_frame::Frame::Descriptor(_)) => Incoming::Unexpected("descriptor"),
             Some(agent_frame::Frame::Header(_)) => Incoming::Unexpected("header"),
+            // Only ever an answer to a request, which `tunnel-server` reads before this.
+            Some(agent_frame::Frame::CloseUnused(_)) => Incoming::Unexpected("close-unused"),
             None => Incoming::Unexpected("empty frame"),
         }
     }

@@ -15,7 +15,8 @@ use tether_protocol::metadata;
 use tether_protocol::returning::{Ended, Returning};
 use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
 use tether_protocol::tunnel::{
-    AgentFrame, Descriptor, RequestInfo, ResponseHeader, ServerFrame, agent_frame, server_frame,
+    AgentFrame, CloseUnused, Descriptor, RequestInfo, ResponseHeader, ServerFrame, agent_frame,
+    server_frame,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -110,6 +111,9 @@ pub struct PoolStats {
     pub opening: usize,
     pub idle: usize,
     pub busy: usize,
+    /// Streams the agent closes without serving a request on them, until kas has ended them
+    /// (it has then read their `CloseUnused`).
+    pub closing: usize,
     pub failures: u32,
     /// The last attempt to open a stream succeeded.
     pub connected: bool,
@@ -392,7 +396,9 @@ impl Pool {
         }
         // Every stream, not only the busy ones: an idle stream may take a request kas sent
         // just before the stop, and turn busy after a count of busy ones said none.
-        let open = |c: &PoolStats| c.opening + c.idle + c.busy;
+        // And the streams closing: kas must read their `CloseUnused` before agentk exits, or
+        // a request it sent on one at the last moment fails instead of going elsewhere.
+        let open = |c: &PoolStats| c.opening + c.idle + c.busy + c.closing;
         let shared = &self.shared;
         let idle = async {
             loop {
@@ -513,9 +519,14 @@ async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationTo
     };
     let mut fresh = Some(opened);
     loop {
-        let Some((request, frames)) = wait_for_request(&shared, inbound, fresh, &shutdown).await
-        else {
-            return;
+        let (request, frames) = match wait_for_request(&shared, inbound, fresh, &shutdown).await {
+            Idle::Request(request, frames) => (request, frames),
+            Idle::Close(inbound) => {
+                close_unused(inbound, tx).await;
+                shared.update(|c| c.closing -= 1);
+                return;
+            }
+            Idle::Ended => return,
         };
         fresh = None;
         shared.update(|c| {
@@ -523,14 +534,14 @@ async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationTo
             c.busy += 1;
         });
         shared.metrics.served.inc();
-        let service = request.service.clone();
         let reuse = serve(&shared, request, frames, tx).await;
         if shutdown.is_cancelled() {
             // Stopping: the stream closes rather than waits for the next request, and stays
             // counted busy until kas has it all (a reset would discard the response's tail).
+            // kas may have parked it for its next request already: it learns that this one
+            // was not taken.
             if let Some((inbound, tx)) = reuse {
-                drop(tx);
-                drain(inbound, &service).await;
+                close_unused(inbound, tx).await;
             }
             shared.update(|c| c.busy -= 1);
             return;
@@ -656,15 +667,26 @@ fn open_failed(shared: &Shared, attempt: u64, status: &tonic::Status) {
     );
 }
 
-/// Keeps the stream idle until kas routes a request to it. `None` when the stream ended first
-/// (kas closed it, it failed, it idled out above `min_idle`, or the agent stops); the stream's
-/// `idle` count is then already taken back. `fresh` is set until the stream serves a request.
+/// How an idle stream's wait ended.
+enum Idle {
+    /// kas routed a request to the stream.
+    Request(RequestInfo, Streaming<ServerFrame>),
+    /// The agent closes the stream without a request (it stops, or the stream idled out
+    /// above `min_idle`): counted `closing`, see [`close_unused`].
+    Close(Streaming<ServerFrame>),
+    /// The stream ended: kas closed it, or it failed.
+    Ended,
+}
+
+/// Keeps the stream idle until kas routes a request to it, or the stream ends or is to close
+/// first; the stream's `idle` count is then already taken back. `fresh` is set until the
+/// stream serves a request.
 async fn wait_for_request(
     shared: &Shared,
     mut inbound: Streaming<ServerFrame>,
     fresh: Option<Opened>,
     shutdown: &CancellationToken,
-) -> Option<(RequestInfo, Streaming<ServerFrame>)> {
+) -> Idle {
     loop {
         // Biased: a request kas already sent is served, not dropped by a stop arriving with
         // it (kas does not send a request again once a stream took it).
@@ -672,7 +694,7 @@ async fn wait_for_request(
             biased;
             msg = inbound.message() => match msg {
                 Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Request(info)) })) => {
-                    return Some((info, inbound));
+                    return Idle::Request(info, inbound);
                 }
                 Ok(other) => {
                     // kas closed the stream (shutdown, connection age) or sent nonsense.
@@ -680,22 +702,25 @@ async fn wait_for_request(
                         tracing::warn!(frame = ?f, "Unexpected frame on an idle tunnel stream");
                     }
                     shared.update(|c| c.idle -= 1);
-                    return None;
+                    return Idle::Ended;
                 }
                 Err(status) => {
                     let refused = refused_after_opening(fresh, Instant::now());
                     idle_stream_failed(shared, &status, refused);
-                    return None;
+                    return Idle::Ended;
                 }
             },
             () = tokio::time::sleep(shared.cfg.idle_timeout) => {
                 if release_surplus_idle(shared) {
-                    return None; // dropping tx half-closes; kas forgets the stream
+                    return Idle::Close(inbound);
                 }
             }
             () = shutdown.cancelled() => {
-                shared.update(|c| c.idle -= 1);
-                return None;
+                shared.update(|c| {
+                    c.idle -= 1;
+                    c.closing += 1;
+                });
+                return Idle::Close(inbound);
             }
         }
     }
@@ -734,14 +759,15 @@ fn idle_stream_failed(shared: &Shared, status: &tonic::Status, refused: Option<u
     }
 }
 
-/// After `idle_timeout`: true (and the stream no longer counted) if there are more idle
-/// streams than `min_idle`, so this one closes.
+/// After `idle_timeout`: true (and the stream counted `closing` instead of idle) if there are
+/// more idle streams than `min_idle`, so this one closes.
 fn release_surplus_idle(shared: &Shared) -> bool {
     let mut c = shared.counts();
     if c.idle <= shared.cfg.min_idle {
         return false;
     }
     c.idle -= 1;
+    c.closing += 1;
     drop(c);
     shared.update(|_| {});
     true
@@ -805,13 +831,42 @@ async fn reusable(
                 frame: Some(server_frame::Frame::CloseSend(_)),
             }))) => return Some((frames, ended.sender?)),
             Ok(Ok(None) | Err(_)) | Err(_) => return None,
-            Ok(Ok(Some(_))) => {}
+            Ok(Ok(Some(_))) => {
+                // kas had bytes this side did not read, so the stream is not kept; kas,
+                // having read this side's close, may park it for its next request: tell it
+                // that no request is taken on it any more.
+                if let Some(tx) = &ended.sender {
+                    let _ = tx.try_send(close_unused_frame());
+                }
+            }
         }
     } else if clean {
         return Some((frames, ended.sender?));
     }
     drain(frames, service).await;
     None
+}
+
+/// Ends a stream the agent serves no request on (it stops, the stream idled out, or the
+/// stream is not kept after a request). `CloseUnused` goes first: kas may have chosen the
+/// stream for a request at this very moment, and learns that the request was not taken, so
+/// it sends it on another stream instead of failing it (a 502 for a CI job during an agentk
+/// rollout). No request is read after it; the half-close follows, and a drain rather than a
+/// reset, which could discard the frame before kas reads it.
+async fn close_unused(inbound: Streaming<ServerFrame>, tx: mpsc::Sender<AgentFrame>) {
+    // Never waits: a stream between requests has nothing queued, and a full channel means a
+    // stuck connection, where the drain's timeout ends it as before.
+    if tx.try_send(close_unused_frame()).is_err() {
+        tracing::debug!("Could not tell kas that a tunnel stream closes unused");
+    }
+    drop(tx);
+    drain(inbound, "none (closing unused)").await;
+}
+
+fn close_unused_frame() -> AgentFrame {
+    AgentFrame {
+        frame: Some(agent_frame::Frame::CloseUnused(CloseUnused {})),
+    }
 }
 
 /// Reads, and discards, kas's frames until kas ends the stream. Dropping the stream early

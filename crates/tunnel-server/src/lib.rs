@@ -10,14 +10,16 @@ mod answer;
 mod auth;
 mod known;
 mod registry;
+mod resend;
 mod service;
 
-pub use answer::AnswerFirst;
+pub use answer::{AnswerFirst, AnswerWatch, Answered};
 pub use auth::{AgentIdentity, AuthError, Authenticator};
 pub use registry::{
-    AgentConnections, ConnectionInfo, Lease, Presence, Registry, RegistryError, RegistryStats,
-    Tunnel, TunnelConn, TunnelError,
+    AgentConnections, ConnectionInfo, Lease, MAX_RESENDS, OpenError, Presence, Registry,
+    RegistryError, RegistryStats, Tunnel, TunnelConn, TunnelError,
 };
+pub use resend::{Io, RESEND_MAX_BYTES, Reopen, Reopened, Resending};
 pub use service::{TunnelService, authenticate_metadata, authenticate_request};
 
 /// The boxed future type [`Authenticator`] methods return.

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use crate::answer::AnswerFirst;
+use crate::answer::{AnswerFirst, AnswerWatch, Answered};
 use crate::auth::{AgentIdentity, Authenticator};
 use crate::known::{Digest, KnownTokens};
 
@@ -44,11 +44,29 @@ pub enum TunnelError {
     Closed,
     #[error("the agent refused the request (code {code}): {message}")]
     Refused { code: i32, message: String },
+    /// The agent ended the stream without reading the request (`CloseUnused`): it may be sent
+    /// again on another stream.
+    #[error("{}", crate::answer::NOT_TAKEN)]
+    NotTaken,
     #[error("the agent sent an unexpected frame: {0}")]
     Protocol(String),
     #[error("tunnel stream failed: {0}")]
     Stream(#[from] Status),
 }
+
+/// Why a request could not be sent to an agent ([`Registry::open_confirmed`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    NoTunnel(#[from] RegistryError),
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+}
+
+/// How many times a request the agent did not take is sent again on another stream: each
+/// time is an agent closing a stream at the moment kas chose it, so more than a few in a row
+/// means something else is wrong.
+pub const MAX_RESENDS: u32 = 3;
 
 /// One agentk connection as kas sees it (a pod, over one transport connection).
 #[derive(Debug, Clone)]
@@ -134,6 +152,7 @@ struct Metrics {
     streams_busy: Counter,
     revoked: Counter,
     shared_tokens: Counter,
+    resent: Counter,
 }
 
 /// An agent's tunnels came to this kas (`connected`) or all left it.
@@ -242,6 +261,11 @@ impl Registry {
             "tunnel_agent_token_shared_by_clusters",
             "Connections of an agent from a cluster other than one it is connected from already (one token installed in two clusters)",
             m.shared_tokens.clone(),
+        );
+        reg.register(
+            "tunnel_requests_resent",
+            "Requests sent again on another stream because the agent closed the one they were sent on without taking them",
+            m.resent.clone(),
         );
         reg.register(
             "tunnel_streams_revoked",
@@ -474,6 +498,42 @@ impl Registry {
         }
     }
 
+    /// Counts a request sent again on another stream (see [`crate::Resending`]).
+    pub fn resent_counter(&self) -> Counter {
+        self.metrics.resent.clone()
+    }
+
+    /// Takes a tunnel of `agent_id` and sends the request on it, waiting for the agent's
+    /// answer (as [`Tunnel::request_confirmed`]). A stream the agent closed without taking the
+    /// request is replaced by another, as long as `timeout` (for the whole) allows and at most
+    /// [`MAX_RESENDS`] times: nothing of the request was sent but its `RequestInfo`.
+    pub async fn open_confirmed(
+        &self,
+        agent_id: i64,
+        service: &str,
+        metadata: HashMap<String, String>,
+        timeout: Duration,
+    ) -> Result<TunnelConn, OpenError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut resends = 0;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let tunnel = self.get_tunnel(agent_id, left).await?;
+            match tunnel.request_confirmed(service, metadata.clone()).await {
+                Err(TunnelError::NotTaken) if resends < MAX_RESENDS => {
+                    resends += 1;
+                    self.metrics.resent.inc();
+                    tracing::debug!(
+                        agent_id,
+                        service,
+                        "The agent closed the tunnel stream without taking the request; sending it on another"
+                    );
+                }
+                r => return Ok(r?),
+            }
+        }
+    }
+
     /// Why no tunnel came in time: the agent is not connected, or it is and every stream is
     /// busy — told apart, so a user does not chase a connection problem that is a limit.
     fn none_in_time(&self, agent_id: i64) -> RegistryError {
@@ -663,6 +723,7 @@ impl Registry {
             let tunnel = Tunnel {
                 agent_id,
                 data_with_request: descriptor.data_with_request,
+                answer: AnswerWatch::default(),
                 tx,
                 inbound,
                 back,
@@ -703,8 +764,11 @@ impl Registry {
         tokio::select! {
             reply = claimed => return reply.ok(),
             msg = inbound.message() => {
-                // Idle streams carry nothing from the agent; anything here is its end.
-                if let Ok(Some(frame)) = msg {
+                // Idle streams carry nothing from the agent but its `CloseUnused`; anything
+                // else is a broken agent. Either way the stream ends.
+                if let Ok(Some(frame)) = msg
+                    && !matches!(frame.frame, Some(agent_frame::Frame::CloseUnused(_)))
+                {
                     tracing::debug!(agent_id, ?frame, "Unexpected frame on an idle tunnel");
                     let _ = tx.send(Box::new(Err(Status::invalid_argument("unexpected frame on an idle tunnel")))).await;
                 }
@@ -830,6 +894,8 @@ pub struct Tunnel {
     pub agent_id: i64,
     /// The agent takes the request's bytes before it answers (its descriptor said so).
     data_with_request: bool,
+    /// The agent's answer to the request, once read.
+    answer: AnswerWatch,
     tx: mpsc::Sender<Outgoing>,
     inbound: Streaming<AgentFrame>,
     /// Where the stream goes back to (its task) when the request is done with it.
@@ -845,6 +911,13 @@ impl std::fmt::Debug for Tunnel {
 }
 
 impl Tunnel {
+    /// The agent's answer to the request this tunnel carries, as it will be read: whoever
+    /// holds it learns whether the agent closed the stream without taking the request (see
+    /// [`crate::Resending`]).
+    pub fn answer(&self) -> AnswerWatch {
+        self.answer.clone()
+    }
+
     /// Sends the request to the agent; the result is a byte pipe. An agent that takes the
     /// request's bytes at once gets them without waiting for its answer, which the first read
     /// checks (a refusal fails that read with the agent's reason): one round trip less per
@@ -871,11 +944,21 @@ impl Tunnel {
         self.send_request(service, metadata).await?;
         match self.inbound.message().await?.and_then(|f| f.frame) {
             None => Err(TunnelError::Closed),
-            Some(agent_frame::Frame::Header(_)) => Ok(self.into_conn(true)),
-            Some(agent_frame::Frame::Error(e)) => Err(TunnelError::Refused {
-                code: e.code,
-                message: e.message,
-            }),
+            Some(agent_frame::Frame::Header(_)) => {
+                self.answer.set(Answered::Taken);
+                Ok(self.into_conn(true))
+            }
+            Some(agent_frame::Frame::Error(e)) => {
+                self.answer.set(Answered::Taken);
+                Err(TunnelError::Refused {
+                    code: e.code,
+                    message: e.message,
+                })
+            }
+            Some(agent_frame::Frame::CloseUnused(_)) => {
+                self.answer.set(Answered::NotTaken);
+                Err(TunnelError::NotTaken)
+            }
             Some(other) => Err(TunnelError::Protocol(format!("{other:?}"))),
         }
     }
@@ -900,7 +983,7 @@ impl Tunnel {
     /// The byte pipe; `answered` tells whether the agent's answer was already read.
     fn into_conn(self, answered: bool) -> TunnelConn {
         let pipe = Pipe {
-            reader: FrameReader::new(AnswerFirst::new(self.inbound, answered)),
+            reader: FrameReader::new(AnswerFirst::new(self.inbound, answered, self.answer)),
             writer: FrameWriter::wrapped(self.tx),
             extra: (),
         };

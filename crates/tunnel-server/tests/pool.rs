@@ -4,12 +4,15 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Agent, Server, Tokens, echo_through, eventually, failed_with, pool_config};
+use tether_protocol::services::ECHO;
 use tether_protocol::tunnel::reverse_tunnel_server::{ReverseTunnel, ReverseTunnelServer};
 use tether_tunnel_agent::{ConnState, PoolConfig};
+use tether_tunnel_server::Reopened;
 use tonic::Code;
 
 #[tokio::test]
@@ -170,6 +173,48 @@ async fn a_stopping_pool_closes_idle_streams_and_lets_busy_ones_finish() {
         .expect("run ends once the request is served")
         .unwrap();
     assert_eq!(pool.stats().busy, 0);
+}
+
+/// The window of a stopping agentk: kas chose an idle stream for a request (took the tunnel)
+/// just as the pool closed it. The pool says it took nothing (`CloseUnused`), and kas sends
+/// the request to another replica of the agent instead of failing it (a CI job's 502).
+#[tokio::test]
+async fn a_request_sent_on_a_stream_a_stopping_pool_closed_is_served_by_another_replica() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let stopping = Agent::start(server.addr, pool_config(1));
+    eventually("one idle stream in kas", || {
+        server.registry.stats().idle_streams == 1
+    })
+    .await;
+    let tunnel = server.tunnel().await; // kas chose it; the request is not sent yet
+    let pool = Arc::clone(&stopping.pool);
+    let stopped = tokio::spawn(stopping.stop());
+    eventually("the pool to close the stream unused", || {
+        pool.stats().closing == 1
+    })
+    .await;
+    let _other = Agent::start(server.addr, pool_config(1));
+    eventually("the other replica's stream in kas", || {
+        server.registry.stats().idle_streams == 1
+    })
+    .await;
+
+    let first = Reopened {
+        answer: Some(tunnel.answer()),
+        io: Box::new(tunnel.request(ECHO, HashMap::new()).await.unwrap()),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut conn =
+        server
+            .registry
+            .resending(first, common::AGENT_ID, ECHO, HashMap::new(), deadline);
+    assert_eq!(echo_through(&mut conn, b"not lost").await, b"not lost");
+    assert_eq!(conn.resends(), 1);
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("the stop ends once kas ended the closed stream")
+        .unwrap();
+    assert_eq!(pool.stats().closing, 0);
 }
 
 /// A request that outlasts the drain timeout (a watch) does not hold the stop: `run` returns at

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{AGENT_ID, Agent, Server, TOKEN_ID, Tokens, eventually, failed_with, pool_config};
+use common::{
+    AGENT_ID, Agent, Script, ScriptedStream, Server, TOKEN_ID, Tokens, echo_through, eventually,
+    failed_with, pool_config, try_echo,
+};
 use tether_protocol::services;
 use tether_tunnel_server::{RegistryError, RegistryStats, TunnelError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -166,6 +169,109 @@ async fn a_confirmed_request_is_refused_before_any_byte_flows() {
         matches!(&err, TunnelError::Refused { code, .. } if *code == Code::Unimplemented as i32),
         "{err}"
     );
+}
+
+/// A stream answering as `script` says, idle in kas before the stream of a real agent (kas
+/// takes the oldest idle stream first).
+async fn scripted_before_agent(script: Script) -> (Server, ScriptedStream, Agent) {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let scripted = ScriptedStream::open(server.addr, script).await;
+    eventually("the scripted stream idle in kas", || {
+        server.registry.stats().idle_streams == 1
+    })
+    .await;
+    let agent = Agent::start(server.addr, pool_config(1));
+    eventually("the agent's stream idle after it", || {
+        server.registry.stats().idle_streams == 2
+    })
+    .await;
+    (server, scripted, agent)
+}
+
+/// [`scripted_before_agent`], and the resending pipe of an `echo` request sent through them.
+async fn scripted_then_agent(
+    script: Script,
+) -> (
+    Server,
+    ScriptedStream,
+    Agent,
+    tether_tunnel_server::Resending,
+) {
+    let (server, scripted, agent) = scripted_before_agent(script).await;
+    let conn = server
+        .registry
+        .open_resending(
+            AGENT_ID,
+            services::ECHO,
+            HashMap::new(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    (server, scripted, agent, conn)
+}
+
+/// The agent closed the stream kas sent a request on without taking it (`CloseUnused` is its
+/// answer, as when agentk stops at the moment kas chose the stream): kas sends the request, the
+/// same bytes, on another stream, which serves it once.
+#[tokio::test]
+async fn a_request_the_agent_closed_its_stream_on_unread_goes_on_another_stream() {
+    let (server, scripted, _agent, mut conn) = scripted_then_agent(Script::CloseUnused).await;
+    let echoed = echo_through(&mut conn, b"sent twice, served once").await;
+    assert_eq!(echoed, b"sent twice, served once");
+    assert_eq!(conn.resends(), 1);
+    assert_eq!(server.registry.resent_counter().get(), 1);
+    drop(conn);
+    let requests = scripted.task.await.unwrap();
+    assert_eq!(requests, 1, "the closing stream got the request once");
+}
+
+/// A request the agent took (its header came, then the stream broke) is never sent again, even
+/// with another stream idle: the API server may have seen it.
+#[tokio::test]
+async fn a_request_the_agent_took_is_not_sent_again_when_its_stream_ends() {
+    let (server, scripted, agent, mut conn) = scripted_then_agent(Script::TakeAndEnd).await;
+    let err = try_echo(&mut conn, b"at most once")
+        .await
+        .expect_err("the stream ended under the request");
+    assert_eq!(conn.resends(), 0, "{err}");
+    assert_eq!(server.registry.resent_counter().get(), 0);
+    assert_eq!(scripted.task.await.unwrap(), 1);
+    let s = agent.pool.stats();
+    assert_eq!((s.busy, s.idle), (0, 1), "the other stream served nothing");
+}
+
+/// An agent older than `CloseUnused` ends the stream without an answer: kas cannot tell
+/// whether it took the request, and fails it as before.
+#[tokio::test]
+async fn a_stream_ending_without_an_answer_fails_its_request_as_before() {
+    let (server, scripted, _agent, mut conn) = scripted_then_agent(Script::EndUnanswered).await;
+    try_echo(&mut conn, b"maybe taken")
+        .await
+        .expect_err("the stream ended under the request");
+    assert_eq!(conn.resends(), 0);
+    assert_eq!(server.registry.resent_counter().get(), 0);
+    assert_eq!(scripted.task.await.unwrap(), 1);
+}
+
+/// The holder replica's way (`open_confirmed`): a `CloseUnused` answer takes the next stream
+/// before anything but the `RequestInfo` was sent.
+#[tokio::test]
+async fn a_confirmed_request_the_agent_did_not_take_is_answered_by_another_stream() {
+    let (server, scripted, _agent) = scripted_before_agent(Script::CloseUnused).await;
+    let conn = server
+        .registry
+        .open_confirmed(
+            AGENT_ID,
+            services::ECHO,
+            HashMap::new(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(echo_through(conn, b"confirmed").await, b"confirmed");
+    assert_eq!(server.registry.resent_counter().get(), 1);
+    assert_eq!(scripted.task.await.unwrap(), 1);
 }
 
 #[tokio::test]

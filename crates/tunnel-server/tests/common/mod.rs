@@ -238,34 +238,126 @@ pub struct OldAgentStream {
 
 impl OldAgentStream {
     pub async fn open(addr: SocketAddr) -> OldAgentStream {
-        use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
-        use tether_protocol::tunnel::{AgentFrame, Descriptor, agent_frame};
-        let (tx, rx) = tokio::sync::mpsc::channel::<AgentFrame>(8);
-        let descriptor = agent_frame::Frame::Descriptor(Descriptor {
-            services: vec![services::ECHO.into()],
-            data_with_request: false,
-            reusable: false,
-        });
-        tx.send(AgentFrame {
-            frame: Some(descriptor),
-        })
-        .await
-        .unwrap();
-        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let bearer = tether_protocol::metadata::bearer(TOKEN).unwrap();
-        req.metadata_mut()
-            .insert(tether_protocol::metadata::AUTHORIZATION, bearer);
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut client = ReverseTunnelClient::new(channel);
-        let inbound = client.connect(req).await.unwrap().into_inner();
+        let (inbound, tx) = open_stream(addr, false, &[services::ECHO]).await;
         OldAgentStream {
             task: tokio::spawn(old_agent_serves(inbound, tx)),
         }
     }
+}
+
+/// Opens one `Connect` stream as the agent (token `TOKEN`, pod `fake`) with a descriptor
+/// saying `data_with_request` and serving `services`: kas's frames and the sender of ours.
+pub async fn open_stream(
+    addr: SocketAddr,
+    data_with_request: bool,
+    services: &[&str],
+) -> (
+    tonic::Streaming<tether_protocol::tunnel::ServerFrame>,
+    tokio::sync::mpsc::Sender<tether_protocol::tunnel::AgentFrame>,
+) {
+    use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
+    use tether_protocol::tunnel::{AgentFrame, Descriptor, agent_frame};
+    let (tx, rx) = tokio::sync::mpsc::channel::<AgentFrame>(8);
+    let descriptor = agent_frame::Frame::Descriptor(Descriptor {
+        services: services.iter().map(|s| s.to_string()).collect(),
+        data_with_request,
+        reusable: false,
+    });
+    tx.send(AgentFrame {
+        frame: Some(descriptor),
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let bearer = tether_protocol::metadata::bearer(TOKEN).unwrap();
+    req.metadata_mut()
+        .insert(tether_protocol::metadata::AUTHORIZATION, bearer);
+    req.metadata_mut().insert(
+        tether_protocol::metadata::POD_NAME,
+        tonic::metadata::AsciiMetadataValue::from_static("fake"),
+    );
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ReverseTunnelClient::new(channel);
+    let inbound = client.connect(req).await.unwrap().into_inner();
+    (inbound, tx)
+}
+
+/// How a [`ScriptedStream`] answers the first request kas sends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Script {
+    /// As an agent that closed the stream at the moment kas sent the request: `CloseUnused`
+    /// (read nothing of the request), then half-close and read what kas sends until it ends
+    /// the stream.
+    CloseUnused,
+    /// As an agent that took the request and died: `ResponseHeader`, the request's first
+    /// bytes read, then the stream ends without a close.
+    TakeAndEnd,
+    /// As an agent older than `CloseUnused` closing the stream as kas sent the request: no
+    /// answer, the stream just ends (kas cannot know whether it took the request).
+    EndUnanswered,
+}
+
+/// One stream of an agent that says `data_with_request`, answering the first request kas
+/// sends on it as its [`Script`] says. Its task ends with the requests it read (each a
+/// `RequestInfo` kas sent on it).
+pub struct ScriptedStream {
+    pub task: JoinHandle<usize>,
+}
+
+impl ScriptedStream {
+    /// Opened and idle in kas's registry when this returns.
+    pub async fn open(addr: SocketAddr, script: Script) -> ScriptedStream {
+        let (inbound, tx) = open_stream(addr, true, &[services::ECHO]).await;
+        ScriptedStream {
+            task: tokio::spawn(scripted_serves(inbound, tx, script)),
+        }
+    }
+}
+
+async fn scripted_serves(
+    mut inbound: tonic::Streaming<tether_protocol::tunnel::ServerFrame>,
+    tx: tokio::sync::mpsc::Sender<tether_protocol::tunnel::AgentFrame>,
+    script: Script,
+) -> usize {
+    use tether_protocol::tunnel::{
+        AgentFrame, CloseUnused, ResponseHeader, agent_frame, server_frame,
+    };
+    let is_request =
+        |f: &Option<server_frame::Frame>| matches!(f, Some(server_frame::Frame::Request(_)));
+    let first = inbound.message().await.unwrap().unwrap().frame;
+    assert!(
+        is_request(&first),
+        "the first frame from kas must be the request"
+    );
+    let answer = match script {
+        Script::CloseUnused => agent_frame::Frame::CloseUnused(CloseUnused {}),
+        Script::TakeAndEnd => agent_frame::Frame::Header(ResponseHeader::default()),
+        Script::EndUnanswered => return 1,
+    };
+    tx.send(AgentFrame {
+        frame: Some(answer),
+    })
+    .await
+    .unwrap();
+    if script == Script::TakeAndEnd {
+        // The request's bytes reached the agent: it was taken.
+        let next = inbound.message().await.unwrap().unwrap().frame;
+        assert!(
+            matches!(next, Some(server_frame::Frame::Data(_))),
+            "{next:?}"
+        );
+        return 1; // both halves dropped: the stream ends without a close
+    }
+    drop(tx);
+    let mut requests = 1;
+    while let Ok(Some(f)) = inbound.message().await {
+        requests += usize::from(is_request(&f.frame));
+    }
+    requests
 }
 
 async fn old_agent_serves(
@@ -315,11 +407,22 @@ async fn old_agent_serves(
 }
 
 /// Sends `bytes` through an `echo` tunnel, closes its side, and reads the answer to the end.
-pub async fn echo_through(mut conn: tether_tunnel_server::TunnelConn, bytes: &[u8]) -> Vec<u8> {
+pub async fn echo_through(
+    conn: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    bytes: &[u8],
+) -> Vec<u8> {
+    try_echo(conn, bytes).await.unwrap()
+}
+
+/// [`echo_through`], failing with the first error of the pipe.
+pub async fn try_echo(
+    mut conn: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    bytes: &[u8],
+) -> std::io::Result<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    conn.write_all(bytes).await.unwrap();
-    conn.shutdown().await.unwrap();
+    conn.write_all(bytes).await?;
+    conn.shutdown().await?;
     let mut echoed = Vec::new();
-    conn.read_to_end(&mut echoed).await.unwrap();
-    echoed
+    conn.read_to_end(&mut echoed).await?;
+    Ok(echoed)
 }
