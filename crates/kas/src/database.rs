@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use tether_store::copy::TableCount;
 use tether_store::{PgStore, SqliteStore, Store};
+use tether_transport::Outage;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +21,9 @@ pub const READINESS_INTERVAL: Duration = Duration::from_secs(2);
 /// How long one readiness check may take before it counts as "not answering". Below the
 /// interval, so checks never pile up.
 const READINESS_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// While a check keeps failing, how often the log says so again.
+const OUTAGE_REMINDER: Duration = Duration::from_secs(60);
 
 /// Opens the database and brings its schema up to date (both backends migrate on open).
 pub async fn open(location: &DatabaseLocation) -> Result<Arc<dyn Store>> {
@@ -266,6 +270,7 @@ pub fn spawn_readiness(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(READINESS_INTERVAL);
+        let (mut database, mut redis_outage) = (Checked::new("Database"), Checked::new("Redis"));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -278,9 +283,9 @@ pub fn spawn_readiness(
                 }
                 _ = ticks.tick() => {}
             }
-            let mut answered = answers("Database", store.check()).await;
+            let mut answered = database.record(answers(store.check()).await);
             if let Some(r) = &redis {
-                answered &= answers("Redis", r.check()).await;
+                answered &= redis_outage.record(answers(r.check()).await);
             }
             let was = ready.send_replace(answered);
             if answered && !was {
@@ -290,20 +295,48 @@ pub fn spawn_readiness(
     })
 }
 
-/// Whether a check answered within [`READINESS_TIMEOUT`]; says why not.
+/// One dependency readiness checks, and how its failures are logged: at once, then once a
+/// minute while they last (not every 2 s), then its recovery.
+struct Checked {
+    what: &'static str,
+    outage: Outage,
+}
+
+impl Checked {
+    fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            outage: Outage::new(OUTAGE_REMINDER),
+        }
+    }
+
+    /// Logs what `answer` calls for; whether it answered.
+    fn record(&mut self, answer: Result<(), String>) -> bool {
+        let what = self.what;
+        match answer {
+            Ok(()) => {
+                self.outage.info_recovered(&format!("{what} answers again"));
+                true
+            }
+            Err(error) => {
+                self.outage
+                    .warn_failed(&format!("{what} check failed: not ready"), &error);
+                false
+            }
+        }
+    }
+}
+
+/// Whether a check answered within [`READINESS_TIMEOUT`]; why not.
 async fn answers<E: std::fmt::Display>(
-    what: &str,
     check: impl std::future::Future<Output = Result<(), E>>,
-) -> bool {
+) -> Result<(), String> {
     match tokio::time::timeout(READINESS_TIMEOUT, check).await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "{what} check failed: not ready");
-            false
-        }
-        Err(_) => {
-            tracing::warn!("{what} did not answer in time: not ready");
-            false
-        }
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "no answer within {} ms",
+            READINESS_TIMEOUT.as_millis()
+        )),
     }
 }

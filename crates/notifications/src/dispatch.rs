@@ -15,6 +15,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tether_store::{NotificationResult, PendingNotification};
+use tether_transport::Outage;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +51,9 @@ pub struct Dispatcher {
     /// Finished messages older than this are deleted.
     pub(crate) retention: Duration,
     sends: Family<OutcomeLabel, Counter>,
+    /// Failures to read or write the outbox: the dispatcher tries every second, so an outage
+    /// would log a line a second; it logs its start, once a minute, and its end.
+    outbox: Outage,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -82,6 +86,7 @@ impl Dispatcher {
             timeout,
             retention,
             sends: Family::default(),
+            outbox: Outage::new(Duration::from_secs(60)),
         }
     }
 
@@ -96,7 +101,7 @@ impl Dispatcher {
 
     /// Each round cleans up (when due) and sends what is due. Every round does some work
     /// before it looks at `stop`, so a run with `stop` already cancelled is exactly one round.
-    pub async fn run(self, stop: CancellationToken) {
+    pub async fn run(mut self, stop: CancellationToken) {
         let lease = i64::try_from(self.timeout.as_secs()).unwrap_or(60) * 2 + 5;
         // At start: a backlog (the first start of a kas that never deleted) goes at once.
         let mut next_cleanup = Instant::now();
@@ -121,12 +126,19 @@ impl Dispatcher {
     }
 
     /// Sends one batch of due messages; true when the batch was full (more may be due).
-    async fn send_due(&self, lease: i64) -> bool {
-        self.drop_replaced().await;
+    async fn send_due(&mut self, lease: i64) -> bool {
+        let dropped = self.drop_replaced().await;
         let claimed = match self.shared.store.claim_notifications(BATCH, lease).await {
-            Ok(c) => c,
+            Ok(c) => {
+                if dropped {
+                    self.outbox
+                        .info_recovered("The notification outbox answers again");
+                }
+                c
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "Cannot read the notification outbox; retrying");
+                self.outbox
+                    .warn_failed("Cannot read the notification outbox; retrying", &e);
                 Vec::new()
             }
         };
@@ -140,10 +152,10 @@ impl Dispatcher {
     /// Ends the messages a newer one of their ordering key replaces (a commit's `pending`
     /// waiting for a retry when its `success` is queued): sent later, they would be the
     /// commit's last status on the forge. The claim never takes them anyway; a failure only
-    /// leaves them in the outbox until the next round.
-    async fn drop_replaced(&self) {
+    /// leaves them in the outbox until the next round. Whether the store answered.
+    async fn drop_replaced(&mut self) -> bool {
         match self.shared.store.drop_replaced_notifications().await {
-            Ok(0) => {}
+            Ok(0) => true,
             Ok(n) => {
                 tracing::info!(
                     dropped = n,
@@ -153,9 +165,12 @@ impl Dispatcher {
                     .sends
                     .get_or_create(&OutcomeLabel { outcome: "dropped" });
                 dropped.inc_by(n);
+                true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "Cannot drop replaced notifications; trying again later");
+                self.outbox
+                    .warn_failed("Cannot drop replaced notifications; trying again later", &e);
+                false
             }
         }
     }

@@ -28,7 +28,9 @@ pub use address::{KasAddress, Scheme};
 pub use auth_deadline::{AuthProof, mark_authenticated};
 pub use client::{ClientOptions, connect, connect_lazy};
 pub use gate::{Admission, Gate};
-pub use limits::{CloseReason, ConnectionLimits, ListenerEvents, LogThrottle, Refusal};
+pub use limits::{
+    CloseReason, ConnectionLimits, ListenerEvents, LogThrottle, Outage, OutageLog, Refusal,
+};
 pub use proxy::{NoProxy, ProxyError, ProxySettings, ProxyUrl};
 pub use server::{
     AcceptOptions, AgentConnectInfo, AgentIo, DEFAULT_HANDSHAKE_TIMEOUT, Incoming, incoming,

@@ -227,11 +227,121 @@ impl LogThrottle {
     }
 }
 
+/// How a dependency that is checked over and over (a database, an outbox) is logged while it
+/// fails: its first failure at once, then one reminder per interval saying how many failures
+/// were not logged, and its recovery once. Logging every failed attempt would write a line
+/// every second or two for as long as an outage lasts, burying everything else in the log.
+#[derive(Debug)]
+pub struct Outage {
+    reminder: Duration,
+    /// Since when it fails, when it was last logged, and the failures not logged since.
+    failing: Option<(Instant, Instant, u64)>,
+}
+
+/// What to log about a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutageLog {
+    /// The first failure after a success (or ever).
+    Started,
+    /// Still failing: how long for, and how many failures were not logged since the last line.
+    Continuing { since: Duration, unlogged: u64 },
+}
+
+impl Outage {
+    pub fn new(reminder: Duration) -> Self {
+        Self {
+            reminder,
+            failing: None,
+        }
+    }
+
+    /// An attempt failed at `now`; `Some` if a line should be logged for it.
+    pub fn failed(&mut self, now: Instant) -> Option<OutageLog> {
+        let Some((start, logged, unlogged)) = &mut self.failing else {
+            self.failing = Some((now, now, 0));
+            return Some(OutageLog::Started);
+        };
+        if now.saturating_duration_since(*logged) < self.reminder {
+            *unlogged += 1;
+            return None;
+        }
+        let line = OutageLog::Continuing {
+            since: now.saturating_duration_since(*start),
+            unlogged: *unlogged,
+        };
+        *logged = now;
+        *unlogged = 0;
+        Some(line)
+    }
+
+    /// Logs a failed attempt at warn if [`Outage::failed`] calls for a line: `what` says what
+    /// failed and what happens next.
+    pub fn warn_failed(&mut self, what: &str, error: &dyn std::fmt::Display) {
+        match self.failed(Instant::now()) {
+            Some(OutageLog::Started) => tracing::warn!(%error, "{what}"),
+            Some(OutageLog::Continuing { since, unlogged }) => tracing::warn!(
+                %error,
+                failing_seconds = since.as_secs(),
+                failures_not_logged = unlogged,
+                "{what}"
+            ),
+            None => {}
+        }
+    }
+
+    /// Logs at info that `what` answers again, if it was failing.
+    pub fn info_recovered(&mut self, what: &str) {
+        if let Some(lasted) = self.succeeded(Instant::now()) {
+            tracing::info!(lasted_seconds = lasted.as_secs(), "{what}");
+        }
+    }
+
+    /// An attempt succeeded at `now`; how long the outage it ends lasted, if there was one.
+    pub fn succeeded(&mut self, now: Instant) -> Option<Duration> {
+        self.failing
+            .take()
+            .map(|(start, _, _)| now.saturating_duration_since(start))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn an_outage_logs_its_start_one_reminder_per_interval_and_its_end() {
+        let t0 = Instant::now();
+        let mut o = Outage::new(Duration::from_secs(60));
+        assert_eq!(o.succeeded(t0), None, "no outage yet");
+        assert_eq!(o.failed(t0), Some(OutageLog::Started));
+        for s in 1..30 {
+            assert_eq!(o.failed(t0 + Duration::from_secs(2 * s)), None);
+        }
+        assert_eq!(
+            o.failed(t0 + Duration::from_secs(60)),
+            Some(OutageLog::Continuing {
+                since: Duration::from_secs(60),
+                unlogged: 29
+            })
+        );
+        assert_eq!(o.failed(t0 + Duration::from_secs(62)), None);
+        assert_eq!(
+            o.succeeded(t0 + Duration::from_secs(64)),
+            Some(Duration::from_secs(64))
+        );
+        assert_eq!(
+            o.succeeded(t0 + Duration::from_secs(66)),
+            None,
+            "ended once"
+        );
+        assert_eq!(
+            o.failed(t0 + Duration::from_secs(68)),
+            Some(OutageLog::Started),
+            "a new outage is logged at once"
+        );
+    }
 
     fn v4(last: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
