@@ -147,6 +147,32 @@ async fn each_commit_and_settings_render_once() {
     assert_eq!(runs(), 2, "other settings render again");
 }
 
+/// Two projects holding the same commit id (here another project mirroring the same
+/// repository) each get their own rendering: a commit id names a commit within one repository
+/// only, so the cache must not hand one project's rendering to another.
+#[tokio::test]
+async fn the_same_commit_in_another_project_renders_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (first, renderer, mirror, commit) = render_with_reporter(tmp.path(), &[]).await;
+    first.expect("rendered");
+    let other = Mirror::open_or_init(tmp.path().join("other.git"), Remote::local(mirror.dir()))
+        .expect("other project's mirror");
+    other.fetch().expect("fetch");
+    let same = other.resolve(&GitRef::DefaultBranch).expect("commit");
+    assert_eq!(same, commit, "both projects hold the same commit id");
+    let app = RenderSpec::Kustomize { path: "app".into() };
+    renderer
+        .render(1, &other, same, &app)
+        .await
+        .expect("other project rendered");
+    let runs = std::fs::read_to_string(tmp.path().join("runs")).expect("runs");
+    assert_eq!(
+        runs.lines().count(),
+        2,
+        "the other project's rendering came from the cache"
+    );
+}
+
 /// A stand-in renderer that notes in `runs` whether another one was running when it started.
 const TURN_TAKER: &str = "#!/bin/sh\n\
 d=\"$(/usr/bin/dirname \"$0\")\"\n\

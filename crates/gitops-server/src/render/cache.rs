@@ -1,5 +1,5 @@
-//! Renderings kept by (commit, settings): a commit never changes, so neither does its
-//! rendering, and every agent following the same project and settings shares one.
+//! Renderings kept by (repository, commit, settings): a commit never changes, so neither does
+//! its rendering, and every agent following the same project and settings shares one.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;

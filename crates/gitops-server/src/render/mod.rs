@@ -2,7 +2,7 @@
 //! the commit, an empty environment, no network (a seccomp filter refusing Internet sockets,
 //! and a new network namespace where `unshare` works; rendering is refused when neither does),
 //! an address-space limit (`prlimit`), a time limit and an output limit. Renderings are cached
-//! by (commit, settings).
+//! by (repository, commit, settings).
 //!
 //! - [`spec`]: settings, command lines, environment (pure).
 //! - [`checks`]: symlinks, kustomization references, chart dependencies, error text (pure).
@@ -257,7 +257,11 @@ impl Default for RenderConfig {
     }
 }
 
-type CacheKey = (CommitId, RenderSpec);
+/// The repository is part of the key: a commit id alone names a commit only within one
+/// repository, and two projects holding the same id (a fork, a SHA-1 collision crafted by one
+/// project's owner) must never be served each other's rendering. The mirror's folder stands for
+/// the repository: kas keeps one per project and remote, and renders only from it.
+type CacheKey = (PathBuf, CommitId, RenderSpec);
 
 /// Renders manifest projects; one per kas, shared by every agent's stream.
 #[derive(Debug)]
@@ -353,7 +357,7 @@ impl Renderer {
         commit: CommitId,
         spec: &RenderSpec,
     ) -> Result<Arc<Vec<u8>>, RenderError> {
-        let key = (commit, spec.clone());
+        let key = (mirror.dir().to_path_buf(), commit, spec.clone());
         self.cache
             .get_or_try_init(key, RenderError::is_user_error, || async {
                 // The agent's turn first: an agent waiting for its own renderings never holds
