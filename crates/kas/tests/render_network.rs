@@ -145,3 +145,26 @@ async fn without_a_namespace_or_the_filter_kas_renders_nothing_unless_allowed_th
     let out = String::from_utf8(out.expect("rendered")).unwrap();
     assert!(out.contains("data: secret"), "{out}");
 }
+
+/// An x32 system call (the x86_64 number with bit 30 set) reaches the same kernel handler as
+/// the x86_64 one, so a filter matching x86_64 numbers alone lets x32 `socket` through. perl's
+/// `syscall` makes the raw call; the filter answers `EACCES` before the kernel looks at the
+/// number (a kernel without x32 would answer `ENOSYS`, one with it would open the socket).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn an_x32_socket_call_is_refused_under_render_confine() {
+    let script = "my $r = syscall(0x40000000 | 41, 2, 2, 0); \
+                  print $r >= 0 ? \"opened\" : $! + 0";
+    let out = std::process::Command::new(kas())
+        .args(["render-confine", "--", "/usr/bin/perl", "-e", script])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 13: EACCES.
+    assert_eq!(said, "13", "errno of x32 socket(AF_INET)");
+}

@@ -14,7 +14,7 @@ use std::os::unix::process::CommandExt;
 use nix::libc;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    SeccompRule, TargetArch, sock_filter,
 };
 
 /// kas's hidden subcommand that confines and executes a renderer.
@@ -35,6 +35,20 @@ const REFUSED_FAMILIES: [i32; 4] = [
     libc::AF_PACKET,
     libc::AF_NETLINK,
 ];
+
+/// `__X32_SYSCALL_BIT`: on x86_64, a system call number with this bit set is the x32 ABI's
+/// name for the same kernel handler (x32 `socket` is `0x40000000 | 41`), and the architecture
+/// the filter checks is x86_64 for both. Nothing kas renders with uses x32, and other
+/// architectures have no numbers this high, so every such call is refused.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// Classic BPF opcodes (`linux/bpf_common.h`), which seccompiler does not export: load the
+/// 32-bit word at an offset of `seccomp_data` (`BPF_LD | BPF_W | BPF_ABS`, the first two
+/// being 0), jump if the accumulator is >= a constant (`BPF_JMP | BPF_JGE | BPF_K`), return a
+/// constant (`BPF_RET | BPF_K`).
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
+const BPF_RET_K: u16 = 0x06;
 
 /// Why confinement failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +75,47 @@ pub enum ConfineError {
 
 /// The filter: `socket()` of a refused family fails with `EACCES` (which Go reports as
 /// "socket: permission denied"), and so does `io_uring_setup`, as io_uring can open sockets
-/// without `socket()`; everything else is allowed.
+/// without `socket()`, and every x32 system call (see [`X32_SYSCALL_BIT`]); everything else
+/// is allowed.
 pub fn filter() -> Result<BpfProgram, ConfineError> {
+    let refused = SeccompAction::Errno(libc::EACCES as u32);
+    // seccompiler compares syscall numbers for equality only, so an x32 number never matches
+    // a rule and gets the default action (allow). Refuse those first, ahead of seccompiler's
+    // program: its jumps are relative, so nothing in it moves.
+    let mut program = refuse_x32(u32::from(refused.clone())).to_vec();
+    program.extend(by_syscall(refused)?);
+    Ok(program)
+}
+
+/// Returns `refused` for every system call numbered from [`X32_SYSCALL_BIT`] up, and goes on
+/// to the next instruction for the others.
+fn refuse_x32(refused: u32) -> [sock_filter; 3] {
+    // `seccomp_data.nr` is the first field.
+    let nr_offset = 0;
+    [
+        sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: nr_offset,
+        },
+        sock_filter {
+            code: BPF_JMP_JGE_K,
+            jt: 0,
+            jf: 1,
+            k: X32_SYSCALL_BIT,
+        },
+        sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: refused,
+        },
+    ]
+}
+
+/// seccompiler's program: refused families of `socket()`, and `io_uring_setup`.
+fn by_syscall(refused: SeccompAction) -> Result<BpfProgram, ConfineError> {
     let seccomp = |e: seccompiler::BackendError| ConfineError::Seccomp(e.to_string());
     let rules = REFUSED_FAMILIES
         .iter()
@@ -79,13 +132,8 @@ pub fn filter() -> Result<BpfProgram, ConfineError> {
         (libc::SYS_io_uring_setup, Vec::new()),
     ]);
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(seccomp)?;
-    let filter = SeccompFilter::new(
-        by_call,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        arch,
-    )
-    .map_err(seccomp)?;
+    let filter =
+        SeccompFilter::new(by_call, SeccompAction::Allow, refused, arch).map_err(seccomp)?;
     filter.try_into().map_err(seccomp)
 }
 
@@ -167,6 +215,60 @@ mod tests {
         assert!(unix, "Unix sockets stay allowed");
         // This thread has no filter: the test machine itself can open sockets.
         assert!(std::net::UdpSocket::bind("127.0.0.1:0").is_ok());
+    }
+
+    /// What `program` returns for a system call of `arch`, by classic BPF's rules for the
+    /// instructions seccompiler and [`refuse_x32`] emit: the filter's decisions without a
+    /// kernel, for calls this machine cannot make (its kernel may lack x32).
+    fn decide(program: &[sock_filter], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
+        // struct seccomp_data { int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6]; }
+        let mut data = Vec::with_capacity(64);
+        data.extend(nr.to_ne_bytes());
+        data.extend(arch.to_ne_bytes());
+        data.extend(0u64.to_ne_bytes());
+        args.iter().for_each(|a| data.extend(a.to_ne_bytes()));
+        let word = |offset: u32| {
+            let at = offset as usize;
+            u32::from_ne_bytes(data[at..at + 4].try_into().expect("4 bytes"))
+        };
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let i = &program[pc];
+            pc += 1;
+            let jump = |taken: bool| usize::from(if taken { i.jt } else { i.jf });
+            match i.code {
+                0x20 => acc = word(i.k),
+                0x54 => acc &= i.k,
+                0x05 => pc += i.k as usize,
+                0x15 => pc += jump(acc == i.k),
+                0x25 => pc += jump(acc > i.k),
+                0x35 => pc += jump(acc >= i.k),
+                0x06 => return i.k,
+                code => panic!("instruction {code:#x} not interpreted"),
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_filter_refuses_x32_system_calls_which_reach_the_same_handlers() {
+        const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+        let program = filter().expect("filter");
+        let call = |nr: i64, family: i32| {
+            let nr = u32::try_from(nr).expect("syscall number");
+            let family = u64::try_from(family).expect("family");
+            decide(&program, AUDIT_ARCH_X86_64, nr, [family, 2, 0, 0, 0, 0])
+        };
+        let refused = libc::SECCOMP_RET_ERRNO | libc::EACCES as u32;
+        let allowed = libc::SECCOMP_RET_ALLOW;
+        let x32 = i64::from(X32_SYSCALL_BIT);
+        assert_eq!(call(x32 | libc::SYS_socket, libc::AF_INET), refused);
+        assert_eq!(call(x32 | libc::SYS_socket, libc::AF_UNIX), refused);
+        assert_eq!(call(x32 | libc::SYS_read, 0), refused);
+        // The x86_64 numbers are decided as before.
+        assert_eq!(call(libc::SYS_socket, libc::AF_INET), refused);
+        assert_eq!(call(libc::SYS_socket, libc::AF_UNIX), allowed);
+        assert_eq!(call(libc::SYS_read, 0), allowed);
     }
 
     #[test]
