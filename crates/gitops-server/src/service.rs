@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use tether_git_source::{CommitId, GitRef, Sources};
 use tether_protocol::gitops::git_ops_server::{GitOps, GitOpsServer};
 use tether_protocol::gitops::{
@@ -75,9 +77,26 @@ impl GitOpsModule {
         }
     }
 
-    /// Registers the module's metrics (`gitops_reconcile_lag_seconds`).
+    /// Registers the module's metrics (`gitops_reconcile_lag_seconds`, and the renderers'
+    /// memory settings in force, which kas may have lowered to fit its own memory limit).
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         self.service.lag.register(reg);
+        let render = self.service.deps.renderer.config();
+        let gauge = |value: u64| {
+            let g: Gauge = Gauge::default();
+            g.set(i64::try_from(value).unwrap_or(i64::MAX));
+            g
+        };
+        reg.register(
+            "gitops_render_memory_limit_bytes",
+            "Address-space limit of each renderer, as in force",
+            gauge(render.memory_limit),
+        );
+        reg.register(
+            "gitops_render_max_concurrent",
+            "Most renderings running at once, as in force",
+            gauge(u64::try_from(render.max_concurrent).unwrap_or(u64::MAX)),
+        );
     }
 
     /// The renderer the streams use (previews share it and its cache).

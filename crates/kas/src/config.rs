@@ -193,6 +193,9 @@ pub struct Render {
     pub timeout: Duration,
     /// Address-space limit of a renderer, in bytes.
     pub memory_limit: u64,
+    /// Memory kas keeps for itself beside its renderers, in bytes: renderers are fitted into
+    /// the container's memory limit minus this at start.
+    pub memory_reserve: u64,
     /// Largest output of one rendering, in bytes.
     pub max_output_size: u64,
     /// Most tree entries of a checkout.
@@ -224,6 +227,7 @@ impl Default for Render {
             helm_path: d.helm_path,
             timeout: d.timeout,
             memory_limit: d.memory_limit,
+            memory_reserve: tether_gitops_server::render::memory::DEFAULT_RESERVE,
             max_output_size: d.max_output_size,
             max_checkout_files: d.checkout.max_entries,
             max_checkout_size: d.checkout.max_size,

@@ -149,6 +149,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
         projects: Arc::default(),
     };
     check_limits(&cfg);
+    // Before anything starts: a kas whose renderers cannot fit its memory refuses to start.
+    let render = render_config(&cfg)?;
     let (sources, h) = start_sources(&cfg, &mut sh, modules.handle("sources")).await?;
     modules.push(h);
     let several = cfg.peers.is_some() && sh.cluster.is_some();
@@ -165,7 +167,13 @@ pub async fn start(cfg: Config) -> Result<Running> {
         registry: Arc::clone(&sh.registry),
         several,
     });
-    let (gitops, h) = start_gitops(&cfg, &mut sh, (&sources, access), modules.handle("gitops"));
+    let (gitops, h) = start_gitops(
+        &cfg,
+        render,
+        &mut sh,
+        (&sources, access),
+        modules.handle("gitops"),
+    );
     modules.push(h);
     let (sync_states, gitops_controls) = (gitops.reports(), gitops.controls());
     let memory = crate::agent_memory::AgentMemory {
@@ -598,9 +606,41 @@ async fn start_configuration(
     Ok((config_states, configuration, handle))
 }
 
+/// The renderers' settings, fitted into kas's container memory limit (see
+/// [`tether_gitops_server::render::memory`]) and logged as in force.
+fn render_config(cfg: &Config) -> Result<tether_gitops_server::RenderConfig> {
+    use tether_gitops_server::render::memory;
+    let mut render = cfg.gitops.render.config(&cfg.data_dir);
+    let reserve = cfg.gitops.render.memory_reserve;
+    let cgroup_limit = memory::cgroup_memory_limit();
+    let configured = memory::RenderMemory {
+        memory_limit: render.memory_limit,
+        max_concurrent: render.max_concurrent,
+    };
+    let fitted = memory::fit(configured, reserve, cgroup_limit)?;
+    if let Some(why) = &fitted.lowered {
+        tracing::warn!(
+            configured_memory_limit = configured.memory_limit,
+            configured_max_concurrent = configured.max_concurrent,
+            "{why}"
+        );
+    }
+    render.memory_limit = fitted.effective.memory_limit;
+    render.max_concurrent = fitted.effective.max_concurrent;
+    tracing::info!(
+        memory_limit = render.memory_limit,
+        max_concurrent = render.max_concurrent,
+        memory_reserve = reserve,
+        cgroup_memory_limit = ?cgroup_limit,
+        "Renderer memory"
+    );
+    Ok(render)
+}
+
 /// GitOps: the agents' sync reports and the gRPC service that sends them manifests.
 fn start_gitops(
     cfg: &Config,
+    render: tether_gitops_server::RenderConfig,
     sh: &mut Shared,
     (sources, access): (&Arc<Sources>, Arc<crate::config_in_force::AgentProjects>),
     handle: Handle,
@@ -611,9 +651,7 @@ fn start_gitops(
         sources: Arc::clone(sources),
         registry: Arc::clone(&sh.registry),
         limits: cfg.gitops.limits(),
-        renderer: Arc::new(tether_gitops_server::Renderer::new(
-            cfg.gitops.render.config(&cfg.data_dir),
-        )),
+        renderer: Arc::new(tether_gitops_server::Renderer::new(render)),
         notifier: sh.notifier.clone(),
         access,
     });

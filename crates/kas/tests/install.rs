@@ -592,6 +592,41 @@ fn assert_mirrors_apart_from_the_database(env: &TestEnv, ns: &str, objs: &[Value
     assert_eq!(claim["resources"]["requests"]["storage"], "20Gi");
 }
 
+/// A Kubernetes memory quantity in bytes (the binary suffixes the chart uses).
+fn quantity_bytes(q: &str) -> u64 {
+    let suffixes = [("Ki", 1u64 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30)];
+    let (digits, unit) = suffixes
+        .iter()
+        .find_map(|(s, unit)| q.strip_suffix(s).map(|d| (d, *unit)))
+        .unwrap_or((q, 1));
+    digits.parse::<u64>().unwrap() * unit
+}
+
+/// kas's renderers share its container's memory limit: with the chart's defaults,
+/// `max_concurrent` × `memory_limit` + `memory_reserve` fits in `resources.limits.memory`, so
+/// a default install runs the settings it was given and logs no warning about lowering them.
+#[test]
+fn the_kas_charts_default_memory_limit_holds_its_renderers_and_kas() {
+    use tether_gitops_server::render::memory::{RenderMemory, fit};
+    let env = TestEnv::from_env().expect("helm of the control plane's programs");
+    let objs = objects(&template(&env, "kas", "kas", "kas", &[]));
+    let cfg = kas_configuration(&objs, "kas");
+    let sts = find(&objs, "StatefulSet", Some("kas"), "kas");
+    let resources = &sts["spec"]["template"]["spec"]["containers"][0]["resources"];
+    let limit = quantity_bytes(resources["limits"]["memory"].as_str().unwrap());
+    let render = &cfg.gitops.render;
+    let configured = RenderMemory {
+        memory_limit: render.memory_limit,
+        max_concurrent: render.max_concurrent,
+    };
+    let fitted = fit(configured, render.memory_reserve, Some(limit)).unwrap();
+    assert_eq!(fitted.lowered, None, "{resources}");
+    assert!(
+        render.max_concurrent >= 2,
+        "one slow rendering holds up no other"
+    );
+}
+
 #[test]
 fn the_kas_chart_is_accepted_by_the_cluster() {
     let env = TestEnv::from_env().expect("a running control plane");

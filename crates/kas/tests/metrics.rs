@@ -42,3 +42,28 @@ async fn git_fetches_are_counted_by_outcome() {
         assert!(kas.metric(&count).await >= Some(1.0), "{count}");
     }
 }
+
+/// The renderers' memory settings in force are exported where operators look: as configured
+/// here, where kas's cgroup has no memory limit (on a limited one they may be lower, see
+/// `render::memory`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_renderers_memory_settings_in_force_are_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            extra_yaml: "gitops:\n  render:\n    memory_limit: 1610612736\n    max_concurrent: 3\n"
+                .into(),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        kas.metric("kas_gitops_render_memory_limit_bytes").await,
+        Some(1_610_612_736.0)
+    );
+    assert_eq!(
+        kas.metric("kas_gitops_render_max_concurrent").await,
+        Some(3.0)
+    );
+}

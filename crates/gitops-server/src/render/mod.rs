@@ -8,11 +8,13 @@
 //! - [`checks`]: symlinks, kustomization references, chart dependencies, error text (pure).
 //! - [`checkout`], [`run`]: the files and the process (I/O).
 //! - [`confine`]: the seccomp filter, installed by `kas render-confine` before the renderer.
+//! - [`memory`]: the renderers fitted into kas's own memory limit (pure, and reading the cgroup).
 
 mod cache;
 pub mod checkout;
 pub mod checks;
 pub mod confine;
+pub mod memory;
 mod run;
 pub mod spec;
 mod turns;
@@ -346,6 +348,11 @@ impl Renderer {
             turns,
             agent_turns,
         }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &RenderConfig {
+        &self.config
     }
 
     /// The rendered manifests of `commit` with `spec` (one multi-document YAML stream), from

@@ -93,7 +93,9 @@ mounts of the StatefulSet (data on the volume, TLS and the admin token from Secr
 {{- /* Mirrors on their own volume: their growth must not fill the database's disk. */}}
 {{- $_ = set $cfg "git" (dict "cache_dir" "/var/lib/kas-mirrors") }}
 {{- /* Checkouts on the Pod's emptyDir, not the (small) data volume; kas owns the folder. */}}
-{{- $_ = set $cfg "gitops" (dict "render" (dict "work_dir" "/tmp/kas-render")) }}
+{{- /* Renderers' memory, sized with resources.limits.memory (see values.yaml, `render`). */}}
+{{- $render := dict "work_dir" "/tmp/kas-render" "memory_limit" (int64 $v.render.memoryLimit) "max_concurrent" (int $v.render.maxConcurrent) "memory_reserve" (int64 $v.render.memoryReserve) }}
+{{- $_ = set $cfg "gitops" (dict "render" $render) }}
 {{- /* On SIGTERM: not ready, still serving while the Service and proxies drop the Pod. */}}
 {{- $_ = set $cfg "shutdown_delay" .Values.shutdownDelay }}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy $v.config)) }}
