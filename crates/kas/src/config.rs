@@ -267,6 +267,7 @@ impl Render {
             // kas itself confines the renderers (`kas render-confine`, dispatched in main).
             confine_with: std::env::current_exe().ok(),
             allow_network: self.allow_network,
+            read_paths: Vec::new(),
         }
     }
 

@@ -25,8 +25,9 @@ fn kas() -> PathBuf {
 
 /// A listener on 127.0.0.1 and a "kustomize" in `tmp` that builds a kustomization whose
 /// ConfigMap generator fetches a file from it (as `files: [http://169.254.169.254/…]` would
-/// from cloud metadata).
-fn fetching_kustomize(tmp: &Path) -> (TcpListener, PathBuf) {
+/// from cloud metadata); with what the script reads outside the checkout (the real kustomize
+/// and that kustomization), for the Landlock fence to let through.
+fn fetching_kustomize(tmp: &Path) -> (TcpListener, PathBuf, Vec<PathBuf>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/latest/meta-data", listener.local_addr().unwrap());
     let evil = tmp.join("evil");
@@ -48,13 +49,13 @@ fn fetching_kustomize(tmp: &Path) -> (TcpListener, PathBuf) {
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    (listener, script)
+    (listener, script, vec![env.bin_dir.join("kustomize"), evil])
 }
 
 /// Renders a one-commit repository with the stand-in kustomize, in `sandbox`.
 async fn render(
     tmp: &Path,
-    script: PathBuf,
+    (script, read_paths): (PathBuf, Vec<PathBuf>),
     sandbox: Sandbox,
     allow_network: bool,
 ) -> Result<Vec<u8>, RenderError> {
@@ -71,6 +72,7 @@ async fn render(
         kustomize_path: Some(script),
         work_dir: Some(tmp.join("work")),
         allow_network,
+        read_paths,
         ..RenderConfig::default()
     };
     let renderer = Renderer::with_sandbox(config, sandbox);
@@ -102,13 +104,13 @@ async fn kas_probes_its_seccomp_filter_and_a_program_that_only_exits_0_is_no_fil
 #[tokio::test]
 async fn a_renderer_under_the_seccomp_filter_alone_opens_no_connection() {
     let tmp = tempfile::tempdir().unwrap();
-    let (listener, script) = fetching_kustomize(tmp.path());
+    let (listener, script, reads) = fetching_kustomize(tmp.path());
     // The chart's situation: no network namespace, only kas's filter.
     let sandbox = Sandbox {
         confine: Some(kas()),
         ..Sandbox::default()
     };
-    let out = render(tmp.path(), script, sandbox, false).await;
+    let out = render(tmp.path(), (script, reads), sandbox, false).await;
     assert!(
         !connection_waiting(&listener),
         "the renderer connected to 127.0.0.1"
@@ -124,8 +126,14 @@ async fn a_renderer_under_the_seccomp_filter_alone_opens_no_connection() {
 #[tokio::test]
 async fn without_a_namespace_or_the_filter_kas_renders_nothing_unless_allowed_the_network() {
     let tmp = tempfile::tempdir().unwrap();
-    let (listener, script) = fetching_kustomize(tmp.path());
-    let out = render(tmp.path(), script.clone(), Sandbox::default(), false).await;
+    let (listener, script, reads) = fetching_kustomize(tmp.path());
+    let out = render(
+        tmp.path(),
+        (script.clone(), reads.clone()),
+        Sandbox::default(),
+        false,
+    )
+    .await;
     assert!(
         matches!(out, Err(RenderError::NoNetworkIsolation)),
         "{out:?}"
@@ -140,7 +148,13 @@ async fn without_a_namespace_or_the_filter_kas_renders_nothing_unless_allowed_th
         conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nsecret")
             .unwrap();
     });
-    let out = render(&tmp.path().join("2"), script, Sandbox::default(), true).await;
+    let out = render(
+        &tmp.path().join("2"),
+        (script, reads),
+        Sandbox::default(),
+        true,
+    )
+    .await;
     server.join().unwrap();
     let out = String::from_utf8(out.expect("rendered")).unwrap();
     assert!(out.contains("data: secret"), "{out}");
@@ -167,4 +181,58 @@ fn an_x32_socket_call_is_refused_under_render_confine() {
     );
     // 13: EACCES.
     assert_eq!(said, "13", "errno of x32 socket(AF_INET)");
+}
+
+/// Under `kas render-confine` a renderer reads the system's files and what kas gives it (the
+/// checkout), writes only its scratch folder, and no other file kas's user may: kas's admin
+/// token, database, TLS key, other projects' mirrors.
+#[test]
+fn a_renderer_under_render_confine_reaches_only_the_files_it_is_given() {
+    assert!(
+        probe_sandbox(Some(&kas())).landlock,
+        "this machine's kernel has Landlock; the sandbox must use it"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, scratch) = (tmp.path().join("repo"), tmp.path().join("scratch"));
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(repo.join("kustomization.yaml"), "resources: []\n").unwrap();
+    let token = tmp.path().join("admin-token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    let script = format!(
+        "cat {r}/kustomization.yaml; cat {t}; echo w > {s}/out; echo w > {e}; exit 0",
+        r = repo.display(),
+        t = token.display(),
+        s = scratch.display(),
+        e = elsewhere.display()
+    );
+    let out = std::process::Command::new(kas())
+        .arg("render-confine")
+        .arg("--read")
+        .arg(&repo)
+        .arg("--write")
+        .arg(&scratch)
+        .args(["--", "/bin/sh", "-c", &script])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("resources: []"),
+        "the checkout is read: {stdout}"
+    );
+    assert!(
+        !stdout.contains("s3cret"),
+        "a file outside was read: {stdout}"
+    );
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    assert!(
+        scratch.join("out").exists(),
+        "the scratch folder is written"
+    );
+    assert!(!elsewhere.exists(), "a file outside was written");
 }

@@ -1,6 +1,8 @@
-//! The renderer's network confinement that needs no namespace: kas re-executes itself as
-//! `kas render-confine -- <renderer> <args>`, which installs a seccomp filter refusing
-//! Internet, packet and netlink sockets and then executes the renderer, which inherits it.
+//! The renderer's confinement that needs no namespace: kas re-executes itself as `kas
+//! render-confine [--read PATH | --write PATH]… -- <renderer> <args>`, which fences the
+//! renderer's files with Landlock (see [`super::filesystem`]), installs a seccomp filter
+//! refusing Internet, packet and netlink sockets and then executes the renderer, which
+//! inherits both.
 //!
 //! A network namespace needs `unshare` to be allowed, which a container with the runtime's
 //! default seccomp profile and no capabilities (kas's Helm chart) is not; a seccomp filter
@@ -10,12 +12,15 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 
 use nix::libc;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch, sock_filter,
 };
+
+use super::filesystem::{self, Enforced, Fence};
 
 /// kas's hidden subcommand that confines and executes a renderer.
 pub const SUBCOMMAND: &str = "render-confine";
@@ -24,8 +29,15 @@ pub const SUBCOMMAND: &str = "render-confine";
 /// probe): it prints [`SELF_TEST_PASSED`] when an Internet socket is refused under it.
 pub const SELF_TEST: &str = "--self-test";
 
-/// What a passed self-test prints: a program that merely exits 0 is no confinement.
+/// What a passed self-test prints first: a program that merely exits 0 is no confinement.
 pub const SELF_TEST_PASSED: &str = "internet sockets refused";
+
+/// What a passed self-test prints next when Landlock fences the renderer's files here.
+pub const SELF_TEST_LANDLOCK: &str = "files fenced";
+
+/// Flags before `--`: a file or folder the renderer may read, or read and write.
+const READ: &str = "--read";
+const WRITE: &str = "--write";
 
 /// Address families a renderer may not open sockets of. `AF_UNIX` stays allowed: it reaches
 /// nothing outside the pod but what the filesystem exposes, and Go's runtime may use it.
@@ -53,10 +65,15 @@ const BPF_RET_K: u16 = 0x06;
 /// Why confinement failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfineError {
-    /// The command line is not `render-confine -- <program> [args]` or `render-confine
-    /// --self-test`.
-    #[error("usage: kas {SUBCOMMAND} -- <program> [args…] | kas {SUBCOMMAND} {SELF_TEST}")]
+    /// The command line is not `render-confine [--read PATH | --write PATH]… -- <program>
+    /// [args]` or `render-confine --self-test`.
+    #[error(
+        "usage: kas {SUBCOMMAND} [{READ} PATH | {WRITE} PATH]… -- <program> [args…] | kas {SUBCOMMAND} {SELF_TEST}"
+    )]
     Usage,
+    /// Landlock is in the kernel but the fence could not be put up.
+    #[error("fencing the renderer's files with Landlock: {0}")]
+    Landlock(String),
     /// The filter could not be built or installed (no seccomp in this kernel or container).
     #[error("installing the seccomp filter: {0}")]
     Seccomp(String),
@@ -143,30 +160,91 @@ pub fn install() -> Result<(), ConfineError> {
     seccompiler::apply_filter(&filter()?).map_err(|e| ConfineError::Seccomp(e.to_string()))
 }
 
+/// A renderer's command line to the subcommand, parsed.
+#[derive(Debug, PartialEq, Eq)]
+struct Invocation<'a> {
+    read: Vec<PathBuf>,
+    write: Vec<PathBuf>,
+    program: &'a OsString,
+    args: &'a [OsString],
+}
+
+/// `[--read PATH | --write PATH]… -- program args…`; `None` for anything else.
+fn parse(mut rest: &[OsString]) -> Option<Invocation<'_>> {
+    let (mut read, mut write) = (Vec::new(), Vec::new());
+    loop {
+        rest = match rest {
+            [flag, path, more @ ..] if flag == READ => {
+                read.push(PathBuf::from(path));
+                more
+            }
+            [flag, path, more @ ..] if flag == WRITE => {
+                write.push(PathBuf::from(path));
+                more
+            }
+            [dashes, program, args @ ..] if dashes == "--" => {
+                return Some(Invocation {
+                    read,
+                    write,
+                    program,
+                    args,
+                });
+            }
+            _ => return None,
+        };
+    }
+}
+
 /// Runs the subcommand with its arguments (after `render-confine`): only returns on failure.
 pub fn run(args: &[OsString]) -> ConfineError {
-    match args {
-        [flag] if flag == SELF_TEST => match install() {
-            Err(e) => e,
-            Ok(()) => match std::net::UdpSocket::bind("127.0.0.1:0") {
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    println!("{SELF_TEST_PASSED}");
-                    std::process::exit(0)
-                }
-                _ => ConfineError::NotRefused,
-            },
-        },
-        [dashes, program, rest @ ..] if dashes == "--" => {
-            if let Err(e) = install() {
-                return e;
+    if let [flag] = args
+        && flag == SELF_TEST
+    {
+        return self_test();
+    }
+    let Some(call) = parse(args) else {
+        return ConfineError::Usage;
+    };
+    let program = Path::new(call.program);
+    // A renderer installed as a link (`/usr/local/bin/helm` to `/opt/helm/helm`) is executed
+    // through both paths.
+    let resolved = std::fs::canonicalize(program).ok();
+    let fence = filesystem::fence(program, resolved.as_deref(), &call.read, &call.write);
+    if let Err(e) = filesystem::restrict(&fence) {
+        return ConfineError::Landlock(e.to_string());
+    }
+    if let Err(e) = install() {
+        return e;
+    }
+    let error = std::process::Command::new(program).args(call.args).exec();
+    ConfineError::Exec {
+        program: program.to_string_lossy().into_owned(),
+        error,
+    }
+}
+
+/// The startup probe: the filter refuses an Internet socket, and whether Landlock fences
+/// files here (a fence of nothing: the test reads no file).
+fn self_test() -> ConfineError {
+    let fenced = match filesystem::restrict(&Fence {
+        read: Vec::new(),
+        write: Vec::new(),
+    }) {
+        Ok(enforced) => enforced != Enforced::No,
+        Err(e) => return ConfineError::Landlock(e.to_string()),
+    };
+    if let Err(e) = install() {
+        return e;
+    }
+    match std::net::UdpSocket::bind("127.0.0.1:0") {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            println!("{SELF_TEST_PASSED}");
+            if fenced {
+                println!("{SELF_TEST_LANDLOCK}");
             }
-            let error = std::process::Command::new(program).args(rest).exec();
-            ConfineError::Exec {
-                program: program.to_string_lossy().into_owned(),
-                error,
-            }
+            std::process::exit(0)
         }
-        _ => ConfineError::Usage,
+        _ => ConfineError::NotRefused,
     }
 }
 
@@ -278,5 +356,24 @@ mod tests {
             run(&["kustomize".into(), "build".into()]),
             ConfineError::Usage
         ));
+        assert!(matches!(
+            run(&["--read".into(), "--".into(), "kustomize".into()]),
+            ConfineError::Usage
+        ));
+    }
+
+    #[test]
+    fn the_paths_before_the_dashes_are_what_the_renderer_may_reach() {
+        let args: Vec<OsString> = ["--read", "/c/repo", "--write", "/c/s", "--", "helm", "x"]
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+        let call = parse(&args).expect("parsed");
+        assert_eq!(call.read, [PathBuf::from("/c/repo")]);
+        assert_eq!(call.write, [PathBuf::from("/c/s")]);
+        assert_eq!(call.program, "helm");
+        assert_eq!(call.args, [OsString::from("x")]);
+        let bare: Vec<OsString> = ["--", "helm"].into_iter().map(OsString::from).collect();
+        assert_eq!(parse(&bare).expect("parsed").read, Vec::<PathBuf>::new());
     }
 }

@@ -1,5 +1,6 @@
 //! Kustomize and Helm rendering at a commit, in a sandbox: a temporary read-only checkout of
-//! the commit, an empty environment, no network (a seccomp filter refusing Internet sockets,
+//! the commit, an empty environment, no file of kas's (Landlock, where the kernel has it),
+//! no network (a seccomp filter refusing Internet sockets,
 //! and a new network namespace where `unshare` works; rendering is refused when neither does),
 //! an address-space limit (`prlimit`), a time limit and an output limit. Renderings are cached
 //! by (repository, commit, settings).
@@ -7,13 +8,15 @@
 //! - [`spec`]: settings, command lines, environment (pure).
 //! - [`checks`]: symlinks, kustomization references, chart dependencies, error text (pure).
 //! - [`checkout`], [`run`]: the files and the process (I/O).
-//! - [`confine`]: the seccomp filter, installed by `kas render-confine` before the renderer.
+//! - [`confine`]: the seccomp filter, installed by `kas render-confine` before the renderer,
+//!   and [`filesystem`]: the Landlock fence it puts up first (files the renderer may reach).
 //! - [`memory`]: the renderers fitted into kas's own memory limit (pure, and reading the cgroup).
 
 mod cache;
 pub mod checkout;
 pub mod checks;
 pub mod confine;
+pub mod filesystem;
 pub mod memory;
 mod run;
 pub mod spec;
@@ -28,7 +31,7 @@ use tether_git_source::{CommitId, Mirror};
 
 pub use cache::RenderCache;
 pub use checkout::{Checkout, CheckoutLimits};
-pub use spec::{HelmSpec, ManifestSource, RenderSpec, Sandbox, Tool};
+pub use spec::{HelmSpec, ManifestSource, Reach, RenderSpec, Sandbox, Tool};
 
 use run::{Ran, RunLimits};
 
@@ -221,6 +224,9 @@ pub struct RenderConfig {
     /// push to a manifest project then makes kas fetch URLs (cloud metadata, cluster services)
     /// and shows what it got.
     pub allow_network: bool,
+    /// Files and folders renderers may read besides the system's, the checkout and the
+    /// renderer program itself (under `confine_with`'s Landlock fence).
+    pub read_paths: Vec<PathBuf>,
 }
 
 /// Creates the checkouts' folder and deletes what a killed kas left there (blocking). Before
@@ -255,6 +261,7 @@ impl Default for RenderConfig {
             work_dir: None,
             confine_with: None,
             allow_network: false,
+            read_paths: Vec::new(),
         }
     }
 }
@@ -300,6 +307,11 @@ impl Renderer {
             (None, None) => tracing::error!(
                 "Neither a network namespace nor a seccomp filter works here: kas renders no Kustomize or Helm project (gitops.render.allow_network renders anyway, with network access)"
             ),
+        }
+        if sandbox.confine.is_some() && !sandbox.landlock {
+            tracing::info!(
+                "This kernel has no Landlock: renderers can read any file kas can (the network stays cut off)"
+            );
         }
         if sandbox.setpriv.is_none() {
             tracing::warn!(
@@ -411,10 +423,17 @@ impl Renderer {
             tokio::task::spawn_blocking(move || prepare(&m, &commit, &s, &limits, dir.as_deref()))
                 .await
                 .map_err(|e| RenderError::Io(format!("preparing the checkout: {e}")))??;
+        let reach = Reach {
+            read: std::iter::once(checkout.repo.clone())
+                .chain(self.config.read_paths.iter().cloned())
+                .collect(),
+            write: vec![checkout.scratch.clone()],
+        };
         let line = spec::sandboxed(
             spec::command_line(spec, &program, &checkout.repo, &checkout.scratch),
             &self.sandbox,
             self.config.memory_limit,
+            &reach,
         );
         let env = spec::environment(&checkout.scratch);
         let limits = RunLimits {
@@ -558,21 +577,26 @@ pub fn probe_sandbox(confine_with: Option<&Path>) -> Sandbox {
             .status()
             .is_ok_and(|s| s.success())
     });
-    let confine = confine_with.filter(|bin| {
-        std::process::Command::new(bin)
+    let probed = confine_with.and_then(|bin| {
+        let out = std::process::Command::new(bin)
             .args([confine::SUBCOMMAND, confine::SELF_TEST])
             .env_clear()
             .stderr(std::process::Stdio::null())
             .output()
-            .is_ok_and(|o| {
-                o.status.success()
-                    && String::from_utf8_lossy(&o.stdout).trim() == confine::SELF_TEST_PASSED
-            })
+            .ok()
+            .filter(|o| o.status.success())?;
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = said.lines();
+        (lines.next() == Some(confine::SELF_TEST_PASSED)).then(|| {
+            let landlock = lines.next() == Some(confine::SELF_TEST_LANDLOCK);
+            (bin.to_path_buf(), landlock)
+        })
     });
     Sandbox {
         unshare,
         prlimit,
         setpriv,
-        confine: confine.map(Path::to_path_buf),
+        landlock: probed.as_ref().is_some_and(|(_, landlock)| *landlock),
+        confine: probed.map(|(bin, _)| bin),
     }
 }

@@ -233,6 +233,19 @@ pub struct Sandbox {
     /// The program that runs `<it> render-confine -- <renderer> <args>` (kas itself), when
     /// its seccomp filter works here: no Internet sockets for the renderer, namespace or not.
     pub confine: Option<PathBuf>,
+    /// Whether `confine` also fences the renderer's files with Landlock here (the kernel has
+    /// it).
+    pub landlock: bool,
+}
+
+/// What a renderer may reach besides the system's files under `render-confine`'s Landlock
+/// fence (see [`super::filesystem`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reach {
+    /// Read: the checkout, and what the operator adds.
+    pub read: Vec<PathBuf>,
+    /// Read and written: the scratch folder.
+    pub write: Vec<PathBuf>,
 }
 
 impl Sandbox {
@@ -249,14 +262,25 @@ impl Sandbox {
 /// `setpriv` makes the kernel kill the renderer when kas dies: a kas killed with SIGKILL (OOM,
 /// `kill -9`) cannot stop it, and a renderer that never ends would run on forever. The
 /// wrappers exec one into the other, so the signal reaches the renderer itself.
-pub fn sandboxed(line: CommandLine, sandbox: &Sandbox, memory_limit: u64) -> CommandLine {
+pub fn sandboxed(
+    line: CommandLine,
+    sandbox: &Sandbox,
+    memory_limit: u64,
+    reach: &Reach,
+) -> CommandLine {
     let mut out = line;
     if let Some(confine) = &sandbox.confine {
-        out = wrapped(
-            confine,
-            [super::confine::SUBCOMMAND.into(), "--".into()],
-            out,
-        );
+        let paths = |flag: &'static str, paths: &[PathBuf]| {
+            paths
+                .iter()
+                .flat_map(move |p| [OsString::from(flag), p.into()])
+                .collect::<Vec<_>>()
+        };
+        let mut flags = vec![OsString::from(super::confine::SUBCOMMAND)];
+        flags.extend(paths("--read", &reach.read));
+        flags.extend(paths("--write", &reach.write));
+        flags.push("--".into());
+        out = wrapped(confine, flags, out);
     }
     if let Some(prlimit) = &sandbox.prlimit {
         let limit = format!("--as={memory_limit}").into();
@@ -428,9 +452,14 @@ mod tests {
             prlimit: Some("/usr/bin/prlimit".into()),
             setpriv: Some("/usr/bin/setpriv".into()),
             confine: Some("/bin/kas".into()),
+            landlock: true,
+        };
+        let reach = Reach {
+            read: vec!["/w/c/repo".into()],
+            write: vec!["/w/c/scratch".into()],
         };
         assert_eq!(
-            strings(&sandboxed(line.clone(), &sandbox, 1024)),
+            strings(&sandboxed(line.clone(), &sandbox, 1024, &reach)),
             [
                 "/usr/bin/setpriv",
                 "--pdeathsig",
@@ -444,12 +473,19 @@ mod tests {
                 "--",
                 "/bin/kas",
                 "render-confine",
+                "--read",
+                "/w/c/repo",
+                "--write",
+                "/w/c/scratch",
                 "--",
                 "/bin/kustomize",
                 "build"
             ]
         );
-        assert_eq!(sandboxed(line.clone(), &Sandbox::default(), 1024), line);
+        assert_eq!(
+            sandboxed(line.clone(), &Sandbox::default(), 1024, &reach),
+            line
+        );
     }
 
     #[test]
