@@ -152,7 +152,7 @@ pub struct TableCount {
 /// [`Error::InUse`] otherwise, so a copy never merges two installations (their ids would
 /// collide). One PostgreSQL transaction: on error the target is left as it was.
 pub async fn sqlite_to_postgres(from: &SqliteStore, to: &PgStore) -> Result<Vec<TableCount>> {
-    let mut target = WriteTxn::<sqlx::Postgres>::begin(&to.pool).await?;
+    let mut target = to.write().await?;
     for (table, _) in TABLES {
         let rows: i64 =
             sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))

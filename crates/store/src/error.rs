@@ -27,6 +27,10 @@ pub enum Error {
     /// The database driver failed (I/O, locking, constraint, ...).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// This kas's earlier writes held the write turn for longer than a write may wait for it
+    /// (a database that stopped answering, or a lock another replica does not let go).
+    #[error("no turn to write within {} s: earlier writes of this kas are still waiting on the database", .0.as_secs())]
+    WriteTurnTimedOut(std::time::Duration),
     /// The embedded schema migrations could not be applied.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -2,11 +2,12 @@
 //! the same SQL as [`SqliteStore`](crate::SqliteStore) (see [`crate::backend`]), on a server
 //! several kas replicas can share.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::txn::WriteTxn;
 
 /// Schema migrations compiled into the binary; newer ones already applied are tolerated (see
@@ -25,10 +26,18 @@ const MAX_CONNECTIONS: u32 = 8;
 /// sqlx's default 30 s, long enough to ride out a busy moment.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a write waits for this process's turn to write: the server's `lock_timeout` (see
+/// [`SESSION_SETTINGS`]), so a write fails after about as long whether it queues here or on
+/// the server.
+const WRITE_TURN_WAIT: Duration = Duration::from_secs(30);
+
 /// [`Store`](crate::Store) backed by a PostgreSQL database.
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pub(crate) pool: PgPool,
+    /// Writers of this process take turns here before taking a connection (see
+    /// [`PgStore::write`]).
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl PgStore {
@@ -53,7 +62,10 @@ impl PgStore {
         };
         let _ = sqlx::Connection::close(conn).await;
         migrated?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            writer: Arc::default(),
+        })
     }
 
     /// Makes the pool's new connections use `url` (a rotated password), once one connection
@@ -73,8 +85,18 @@ impl PgStore {
     }
 
     /// Begins a write; see [`WriteTxn`].
-    async fn write(&self) -> Result<WriteTxn<sqlx::Postgres>> {
-        WriteTxn::<sqlx::Postgres>::begin(&self.pool).await
+    ///
+    /// Writes run one at a time anyway (they queue on the lock of [`WriteTxn::begin`]), but a
+    /// writer waiting for that lock holds one of the pool's few connections. When the database
+    /// was slow, or another replica held the lock, queued writers took every connection and
+    /// reads (token checks, readiness) failed to get one: a slow write starved the whole
+    /// replica. Writers of this process therefore queue here first, without a connection, for
+    /// at most as long as the server lets a write wait for its lock.
+    pub(crate) async fn write(&self) -> Result<WriteTxn<sqlx::Postgres>> {
+        let turn = tokio::time::timeout(WRITE_TURN_WAIT, Arc::clone(&self.writer).lock_owned())
+            .await
+            .map_err(|_| Error::WriteTurnTimedOut(WRITE_TURN_WAIT))?;
+        WriteTxn::<sqlx::Postgres>::begin(&self.pool, turn).await
     }
 }
 

@@ -28,7 +28,7 @@ use crate::error::Result;
 pub(crate) struct WriteTxn<DB: Database> {
     conn: PoolConnection<DB>,
     committed: bool,
-    /// This process's turn to write (SQLite), released after the transaction ended.
+    /// This process's turn to write, released after the transaction ended.
     _turn: Option<OwnedMutexGuard<()>>,
 }
 
@@ -119,12 +119,13 @@ impl WriteTxn<Postgres> {
     /// (`remove_project` counts agents before deleting, whose cascade would otherwise take an
     /// agent registered in between), which is only correct with a single writer. kas's writes
     /// are a few small rows each, so the queue stays short; reads do not take the lock.
-    pub(crate) async fn begin(pool: &PgPool) -> Result<Self> {
+    /// `turn` is this process's write turn (see `PgStore::write`), held until the end.
+    pub(crate) async fn begin(pool: &PgPool, turn: OwnedMutexGuard<()>) -> Result<Self> {
         let conn = pool.acquire().await?;
         let mut txn = Self {
             conn,
             committed: false,
-            _turn: None,
+            _turn: Some(turn),
         };
         // Dropping `txn` on error closes the connection, which ends the transaction.
         sqlx::query("BEGIN").execute(txn.conn()).await?;

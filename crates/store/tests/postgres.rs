@@ -284,3 +284,61 @@ async fn a_writer_that_vanishes_holding_the_write_lock_does_not_stop_other_write
     stuck.abort();
     Ok(())
 }
+
+/// Writes wait for one lock shared by every replica. When another replica holds it (or the
+/// database is slow), the writes queued behind it must not take every connection of this kas's
+/// pool: its reads (token checks, readiness) still get one. Before, each queued write held a
+/// connection while it waited for the lock, and with eight queued a read failed after the
+/// pool's acquire timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_queued_behind_the_write_lock_leave_connections_for_reads() -> TestResult {
+    let server = Postgres::start()?;
+    let url = server.create_database("kas")?;
+    let store = PgStore::connect(&url).await?;
+    store.register_agent("group/a", "a").await?;
+
+    // Another replica in the middle of a write (the lock of every write: "tether" in ASCII).
+    let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(0x7465_7468_6572_i64)
+        .execute(&mut other)
+        .await?;
+    let writers: Vec<_> = (0..12)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.register_agent("group/b", &format!("w{i}")).await })
+        })
+        .collect();
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let n: i64 = sqlx::query_scalar(waiting).fetch_one(&mut other).await?;
+        if n > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no write queued");
+        tokio::task::yield_now().await;
+    }
+
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        store.find_agent("group/a", "a"),
+    )
+    .await;
+    assert!(matches!(read, Ok(Ok(Some(_)))), "{read:?}");
+    let n: i64 = sqlx::query_scalar(waiting).fetch_one(&mut other).await?;
+    assert_eq!(
+        n, 1,
+        "one connection of this kas waits for the lock, not one per write"
+    );
+
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(0x7465_7468_6572_i64)
+        .execute(&mut other)
+        .await?;
+    for w in writers {
+        w.await??;
+    }
+    assert_eq!(store.list_agents().await?.len(), 13);
+    Ok(())
+}
