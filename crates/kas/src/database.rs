@@ -149,7 +149,7 @@ pub async fn copy(from: &DatabaseLocation, to: &DatabaseLocation) -> Result<Vec<
 pub struct BackupDone {
     /// The backup's size.
     pub bytes: u64,
-    /// How long the database was read (kas's commits wait for this).
+    /// How long the copy took (kas's commits wait at most for one of its steps).
     pub took: Duration,
 }
 
@@ -214,14 +214,10 @@ fn create_partial(partial: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Fills `partial` with the snapshot and flushes it to disk; returns how long the database was
-/// read.
+/// Fills `partial` with the snapshot and flushes it to disk; returns how long the copy took.
 async fn write_snapshot(db: &Path, partial: &Path) -> Result<Duration> {
-    let Some(target) = partial.to_str() else {
-        bail!("{}: SQLite takes only UTF-8 file names", partial.display());
-    };
     let started = Instant::now();
-    tether_store::backup::sqlite_snapshot(db, target)
+    tether_store::backup::sqlite_snapshot(db, partial)
         .await
         .with_context(|| format!("copying sqlite:{} to {}", db.display(), partial.display()))?;
     let took = started.elapsed();

@@ -165,7 +165,9 @@ impl Operation {
 /// Whether an error is the store failing (counted) rather than answering a refusal.
 pub fn is_failure(error: &Error) -> bool {
     match error {
-        Error::Database(_) | Error::Migrate(_) | Error::WriteTurnTimedOut(_) => true,
+        Error::Database(_) | Error::Migrate(_) | Error::WriteTurnTimedOut(_) | Error::Backup(_) => {
+            true
+        }
         Error::InvalidName { .. }
         | Error::NotFound(_)
         | Error::AlreadyExists(_)

@@ -3,7 +3,7 @@
 /// Everything a [`Store`](crate::Store) operation can fail with.
 ///
 /// Callers are expected to match on the first three variants (they map to user-facing answers
-/// such as HTTP 400/404/409); the last two are operational failures.
+/// such as HTTP 400/404/409); the last three are operational failures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A project path or agent name does not have the required shape.
@@ -34,6 +34,9 @@ pub enum Error {
     /// The embedded schema migrations could not be applied.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A copy of a SQLite database (`kas store backup`) failed.
+    #[error("database backup failed: {0}")]
+    Backup(#[from] crate::backup::BackupError),
 }
 
 /// Result alias used throughout the crate.

@@ -48,7 +48,7 @@ pub async fn store_cmd(cfg: &Config, cmd: &StoreCmd) -> Result<()> {
             let location = cfg.database_location();
             let done = kas::database::backup(&location, to, *force).await?;
             out!(
-                "backed up {location} to {} ({} bytes; the database was read for {} ms)",
+                "backed up {location} to {} ({} bytes in {} ms)",
                 to.display(),
                 done.bytes,
                 done.took.as_millis()
