@@ -67,6 +67,7 @@ pub enum Operation {
     ConfigState,
     ConfigStates,
     EnqueueNotification,
+    EnqueueNotificationUnless,
     ClaimNotifications,
     FinishNotification,
     DeleteFinishedNotifications,
@@ -114,6 +115,7 @@ impl Operation {
             O::ConfigState => "config_state",
             O::ConfigStates => "config_states",
             O::EnqueueNotification => "enqueue_notification",
+            O::EnqueueNotificationUnless => "enqueue_notification_unless",
             O::ClaimNotifications => "claim_notifications",
             O::FinishNotification => "finish_notification",
             O::DeleteFinishedNotifications => "delete_finished_notifications",
@@ -146,6 +148,7 @@ impl Operation {
             | O::PutSyncReport
             | O::PutConfigState
             | O::EnqueueNotification
+            | O::EnqueueNotificationUnless
             // Claiming leases the messages: an UPDATE.
             | O::ClaimNotifications
             | O::FinishNotification

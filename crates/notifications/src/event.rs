@@ -184,7 +184,7 @@ impl Message {
                     ),
                 }
             }
-            Message::Status(s) => format!("{}:{:?}", status_order_key(s), s.state),
+            Message::Status(s) => status_key(s, s.state),
         }
     }
 
@@ -199,6 +199,16 @@ impl Message {
             Message::Status(s) => Some(status_order_key(s)),
         }
     }
+}
+
+/// The deduplication keys of the agent's outcomes for `status`'s commit (`success`, `failed`).
+pub(crate) fn outcome_keys(status: &CommitStatus) -> [String; 2] {
+    [State::Success, State::Failed].map(|state| status_key(status, state))
+}
+
+/// The deduplication key of `status`'s commit in `state`: its ordering key and the state.
+fn status_key(status: &CommitStatus, state: State) -> String {
+    format!("{}:{state:?}", status_order_key(status))
 }
 
 /// `status:<agent id>:<project>:<commit>`: one forge status (commit and context). The

@@ -58,6 +58,12 @@ impl Notifier {
 
     /// Queues `message` for every receiver that takes it.
     pub async fn send(&self, message: Message) {
+        self.send_unless(message, &[]).await;
+    }
+
+    /// Queues `message` for every receiver that takes it and has no message with one of the
+    /// `unless` keys (checked with the insert, in one store write).
+    async fn send_unless(&self, message: Message, unless: &[&str]) {
         let Some(s) = &self.shared else { return };
         let (key, order) = (message.dedup_key(), message.order_key());
         let Ok(payload) = serde_json::to_vec(&message) else {
@@ -66,10 +72,17 @@ impl Notifier {
         let mut queued = false;
         for r in s.receivers.iter().filter(|r| r.takes(&message)) {
             let store = &s.store;
-            match store
-                .enqueue_notification(&r.name, &key, order.as_deref(), &payload)
-                .await
-            {
+            let order = order.as_deref();
+            let added = if unless.is_empty() {
+                store
+                    .enqueue_notification(&r.name, &key, order, &payload)
+                    .await
+            } else {
+                store
+                    .enqueue_notification_unless(&r.name, &key, order, &payload, unless)
+                    .await
+            };
+            match added {
                 Ok(added) => queued |= added,
                 Err(e) => {
                     tracing::error!(receiver = %r.name, key, error = %e, "Cannot queue a notification: it is lost");
@@ -162,6 +175,30 @@ impl Notifier {
         .await;
     }
 
+    /// A status kas infers while the agent may be reporting the commit (`pending`,
+    /// `superseded`): not queued once the commit's outcome is. The caller's look at the
+    /// agent's reports comes before; a report landing in between queues the outcome first,
+    /// and this status, newer, would replace it on the forge for good.
+    async fn status_unless_reported(
+        &self,
+        agent: AgentInfo,
+        project: String,
+        commit: &str,
+        state: State,
+        description: String,
+    ) {
+        let status = CommitStatus {
+            state,
+            agent,
+            project,
+            commit: commit.to_owned(),
+            description,
+        };
+        let outcomes = crate::event::outcome_keys(&status);
+        let unless: Vec<&str> = outcomes.iter().map(String::as_str).collect();
+        self.send_unless(Message::Status(status), &unless).await;
+    }
+
     /// kas sent an agent a new commit of a manifest project: `pending` on the forges. The
     /// commit it replaces is the last one sent to the agent, as the store records it for every
     /// stream and replica (`replaces`, the commit the agent had from this stream, when the
@@ -200,14 +237,14 @@ impl Notifier {
         {
             let description = crate::event::superseded_by(commit);
             let (a, p) = (agent.clone(), project.to_owned());
-            self.status(a, p, older, State::Superseded, description)
+            self.status_unless_reported(a, p, older, State::Superseded, description)
                 .await;
         }
         if self.reported(&s, agent_id, project, commit).await {
             return;
         }
         let description = "sent to the agent; applying".to_owned();
-        self.status(
+        self.status_unless_reported(
             agent,
             project.to_owned(),
             commit,
@@ -343,7 +380,8 @@ mod tests {
         rows
     }
 
-    async fn report(store: &Arc<dyn Store>, agent_id: i64, project: &str, commit: &str) {
+    /// The agent's report of a successful sync of `commit`.
+    fn succeeded(project: &str, commit: &str) -> SyncReport {
         let mut report = SyncReport {
             project_id: project.into(),
             commit_id: commit.into(),
@@ -351,7 +389,11 @@ mod tests {
             ..SyncReport::default()
         };
         report.set_sync_outcome(SyncOutcome::Succeeded);
-        let bytes = report.encode_to_vec();
+        report
+    }
+
+    async fn report(store: &Arc<dyn Store>, agent_id: i64, project: &str, commit: &str) {
+        let bytes = succeeded(project, commit).encode_to_vec();
         store
             .put_sync_report(agent_id, project, &bytes)
             .await
@@ -432,6 +474,30 @@ mod tests {
             panic!("{superseded:?}")
         };
         assert_eq!(s.description, crate::event::superseded_by("c2"));
+    }
+
+    /// The agent's report of a commit can land while kas sends it the next one, between
+    /// `commit_offered` finding no report of the replaced commit and its queuing `superseded`.
+    /// Driven here by queuing the report's outcome without storing the report, which is what
+    /// that look saw: the commit's status on the forge stays the outcome, not `superseded`.
+    #[tokio::test]
+    async fn a_report_landing_while_its_commit_is_replaced_keeps_its_outcome() {
+        let (_dir, store, agent, notifier) = forge_setup().await;
+        let project = "group/manifests";
+        notifier
+            .commit_offered(agent.id, project, "c1", Some(""))
+            .await;
+        let report = succeeded(project, "c1");
+        notifier.sync_reported(agent.id, None, &report).await;
+
+        notifier
+            .commit_offered(agent.id, project, "c2", Some("c1"))
+            .await;
+
+        let claimed = store.claim_notifications(10, 60).await.unwrap();
+        let keys: Vec<&str> = claimed.iter().map(|n| n.dedup_key.as_str()).collect();
+        let key = |c: &str, s: &str| format!("status:{}:{project}:{c}:{s}", agent.id);
+        assert_eq!(keys, [key("c1", "Success"), key("c2", "Pending")]);
     }
 
     /// A reopened stream offers the agent its commit again, possibly after the outbox deleted

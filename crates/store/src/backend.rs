@@ -92,6 +92,32 @@ macro_rules! impl_store {
                 }
             }
 
+            impl $store {
+                /// [`Store::enqueue_notification`]'s insert, in the caller's write.
+                async fn enqueue_notification_on(
+                    conn: &mut $conn,
+                    receiver: &str,
+                    dedup_key: &str,
+                    order_key: Option<&str>,
+                    payload: &[u8],
+                ) -> Result<bool> {
+                    let added = sqlx::query(
+                        "INSERT INTO notifications (receiver, dedup_key, order_key, payload, created_at, \
+                         next_attempt_at) VALUES ($1, $2, $3, $4, $5, $5) \
+                         ON CONFLICT (receiver, dedup_key) DO NOTHING",
+                    )
+                    .bind(receiver)
+                    .bind(dedup_key)
+                    .bind(order_key)
+                    .bind(payload)
+                    .bind(now())
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    Ok(added > 0)
+                }
+            }
+
             #[async_trait::async_trait]
             impl Store for $store {
                 async fn ensure_project(&self, path: &str) -> Result<Project> {
@@ -569,22 +595,39 @@ macro_rules! impl_store {
                     payload: &[u8],
                 ) -> Result<bool> {
                     let mut tx = self.write().await?;
-                    let t = now();
-                    let added = sqlx::query(
-                        "INSERT INTO notifications (receiver, dedup_key, order_key, payload, created_at, \
-                         next_attempt_at) VALUES ($1, $2, $3, $4, $5, $5) \
-                         ON CONFLICT (receiver, dedup_key) DO NOTHING",
-                    )
-                    .bind(receiver)
-                    .bind(dedup_key)
-                    .bind(order_key)
-                    .bind(payload)
-                    .bind(t)
-                    .execute(tx.conn())
-                    .await?
-                    .rows_affected();
+                    let added =
+                        Self::enqueue_notification_on(tx.conn(), receiver, dedup_key, order_key, payload)
+                            .await?;
                     tx.commit().await?;
-                    Ok(added > 0)
+                    Ok(added)
+                }
+
+                async fn enqueue_notification_unless(
+                    &self,
+                    receiver: &str,
+                    dedup_key: &str,
+                    order_key: Option<&str>,
+                    payload: &[u8],
+                    unless: &[&str],
+                ) -> Result<bool> {
+                    let mut tx = self.write().await?;
+                    for key in unless {
+                        let there = sqlx::query_scalar::<_, i64>(
+                            "SELECT id FROM notifications WHERE receiver = $1 AND dedup_key = $2",
+                        )
+                        .bind(receiver)
+                        .bind(*key)
+                        .fetch_optional(tx.conn())
+                        .await?;
+                        if there.is_some() {
+                            return Ok(false);
+                        }
+                    }
+                    let added =
+                        Self::enqueue_notification_on(tx.conn(), receiver, dedup_key, order_key, payload)
+                            .await?;
+                    tx.commit().await?;
+                    Ok(added)
                 }
 
                 async fn claim_notifications(

@@ -163,6 +163,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         payload: &[u8],
     ) -> Result<bool>;
 
+    /// [`Store::enqueue_notification`], except when the receiver's outbox holds a message with
+    /// one of the `unless` keys (still to send, or finished and not yet deleted). Checked in
+    /// the same write as the insert, so such a message cannot be queued between the two: a
+    /// commit's `superseded` is not queued after the agent's report of that commit queued its
+    /// outcome, which it would replace on the forge.
+    async fn enqueue_notification_unless(
+        &self,
+        receiver: &str,
+        dedup_key: &str,
+        order_key: Option<&str>,
+        payload: &[u8],
+        unless: &[&str],
+    ) -> Result<bool>;
+
     /// Claims up to `limit` due messages for `lease_secs` (another replica does not take them
     /// meanwhile), oldest first. A message with an ordering key is claimed only while it is
     /// the newest of its key and no other of its key is claimed (being sent): so none is ever

@@ -1153,6 +1153,46 @@ async fn ordered_notifications_are_sent_newest_only_and_never_after_a_newer_one(
     Ok(())
 }
 
+/// A message queued "unless" others is not queued once the receiver has one of them (still to
+/// send or finished), whatever its state; other receivers and keys are apart.
+async fn a_message_is_not_queued_after_one_it_must_not_replace(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
+    let c1 = Some("status:1:g/m:c1");
+    let outcomes = ["c1:success", "c1:failed"];
+    store
+        .enqueue_notification("forge", "c1:success", c1, b"s")
+        .await?;
+    assert!(
+        !store
+            .enqueue_notification_unless("forge", "c1:superseded", c1, b"x", &outcomes)
+            .await?
+    );
+    let claimed = store.claim_notifications(10, 60).await?;
+    let keys: Vec<&str> = claimed.iter().map(|n| n.dedup_key.as_str()).collect();
+    assert_eq!(keys, ["c1:success"], "the outcome stays the newest");
+    store
+        .finish_notification(claimed[0].id, &NotificationResult::Delivered)
+        .await?;
+    assert!(
+        !store
+            .enqueue_notification_unless("forge", "c1:superseded", c1, b"x", &outcomes)
+            .await?,
+        "nor after it was delivered"
+    );
+    assert!(
+        store
+            .enqueue_notification_unless("other", "c1:superseded", c1, b"x", &outcomes)
+            .await?
+    );
+    let c2 = Some("status:1:g/m:c2");
+    assert!(
+        store
+            .enqueue_notification_unless("forge", "c2:superseded", c2, b"x", &["c2:success"])
+            .await?
+    );
+    Ok(())
+}
+
 /// The last commit sent to an agent of each project is recorded whichever stream sends it:
 /// recording another hands back the one before; the same one again, none; other agents and
 /// projects are apart; an unknown agent is refused; an agent with records can be deleted.
@@ -1257,6 +1297,7 @@ on_both_backends!(
     finished_notifications_past_the_retention_are_deleted_in_batches,
     notifications_are_queued_once_claimed_retried_and_finished,
     ordered_notifications_are_sent_newest_only_and_never_after_a_newer_one,
+    a_message_is_not_queued_after_one_it_must_not_replace,
     the_commit_last_offered_is_recorded_per_agent_and_project,
     active_tokens_are_found_in_batches,
     active_user_tokens_are_neither_revoked_nor_expired,

@@ -162,6 +162,22 @@ impl Store for Metered {
         self.metrics.seen(Operation::EnqueueNotification, result)
     }
 
+    async fn enqueue_notification_unless(
+        &self,
+        receiver: &str,
+        dedup_key: &str,
+        order_key: Option<&str>,
+        payload: &[u8],
+        unless: &[&str],
+    ) -> Result<bool> {
+        let result = self
+            .inner
+            .enqueue_notification_unless(receiver, dedup_key, order_key, payload, unless)
+            .await;
+        self.metrics
+            .seen(Operation::EnqueueNotificationUnless, result)
+    }
+
     async fn claim_notifications(
         &self,
         limit: i64,
