@@ -237,6 +237,24 @@ impl ConfigStates {
         Some(here.map_or_else(|| Agreed::Elsewhere(agreed.clone()), Agreed::Here))
     }
 
+    /// The agents with replicas connected here none of which runs the configuration in force:
+    /// it is in force because replicas on other kas replicas run it (see
+    /// [`ConfigService::decide_again`]).
+    fn in_force_only_elsewhere(&self) -> Vec<i64> {
+        let ids: Vec<i64> = self.running().keys().copied().collect();
+        ids.into_iter()
+            .filter(|&agent_id| {
+                let Some(in_force) = self.get(agent_id).map(|s| s.commit) else {
+                    return false;
+                };
+                let here = self.local_replicas(agent_id);
+                !in_force.is_empty()
+                    && !here.is_empty()
+                    && here.iter().all(|r| r.commit != in_force)
+            })
+            .collect()
+    }
+
     /// Puts what the replicas left run in force (see [`ConfigStates::stream_ended`]).
     fn follow_replicas(&self, agent_id: i64, running: Running) {
         tracing::info!(agent_id, commit_id = %running.commit, "Every replica of the agent still connected runs this configuration; it is in force");
@@ -624,6 +642,53 @@ impl ConfigService {
     pub fn into_server(self) -> AgentConfigurationServer<Self> {
         AgentConfigurationServer::new(self)
     }
+
+    /// With several kas replicas, called periodically: for each agent whose configuration in
+    /// force none of its replicas here runs (replicas on other kas replicas do) and whose
+    /// entries of a dead kas replica this call removed ([`RunningDirectory::departed`]), puts
+    /// in force what the replicas left agree on, as when a stream ends
+    /// ([`EndedStream::follow`]). A killed kas replica ends no stream: its entries stop
+    /// counting when its liveness key expires, and with no stream here opening or ending
+    /// nothing decided again, so a configuration only its Pods ran stayed in force for good.
+    pub async fn decide_again(&self) {
+        let Some(directory) = self.directory.clone() else {
+            return;
+        };
+        for agent_id in self.states.in_force_only_elsewhere() {
+            let read = match directory.departed(agent_id).await {
+                Ok(false) => continue,
+                Ok(true) => directory.elsewhere(agent_id).await,
+                Err(e) => Err(e),
+            };
+            let others = match read {
+                Ok(others) => others,
+                Err(e) => {
+                    tracing::warn!(agent_id, error = %e, "Cannot read what the agent's replicas on other kas replicas run; the configuration in force stays");
+                    continue;
+                }
+            };
+            // The replicas here run what they agree on, so its configuration is at hand.
+            if let Some(Agreed::Here(running)) = self.states.agreed_with(agent_id, others) {
+                self.put_agreed_in_force(directory.as_ref(), agent_id, running)
+                    .await;
+            }
+        }
+    }
+
+    /// Puts what the agent's replicas agree on in force, stores it, and tells the other kas
+    /// replicas to read it.
+    async fn put_agreed_in_force(
+        &self,
+        directory: &dyn RunningDirectory,
+        agent_id: i64,
+        running: Running,
+    ) {
+        self.states.follow_replicas(agent_id, running);
+        self.states.persist(self.store.as_ref(), agent_id).await;
+        if let Err(e) = directory.in_force_changed(agent_id).await {
+            tracing::warn!(agent_id, error = %e, "Cannot tell the other kas replicas of the configuration now in force; they read it from the store when they next need it");
+        }
+    }
 }
 
 impl std::fmt::Debug for ConfigService {
@@ -730,11 +795,9 @@ impl EndedStream {
                 None => return,
             },
         };
-        states.follow_replicas(agent_id, running);
-        states.persist(self.svc.store.as_ref(), agent_id).await;
-        if let Err(e) = directory.in_force_changed(agent_id).await {
-            tracing::warn!(agent_id, error = %e, "Cannot tell the other kas replicas of the configuration now in force; they read it from the store when they next need it");
-        }
+        self.svc
+            .put_agreed_in_force(directory.as_ref(), agent_id, running)
+            .await;
     }
 
     /// The configuration `runs` names, read from Git, if it still validates.
@@ -1326,6 +1389,22 @@ mod tests {
         assert!(
             states.agreed_with(1, Vec::new()).is_none(),
             "no replica left at all"
+        );
+    }
+
+    #[test]
+    fn agents_whose_configuration_in_force_runs_only_on_other_kas_replicas_are_decided_again() {
+        let states = ConfigStates::default();
+        for agent in [1, 2, 3] {
+            states.update(agent, |s| s.commit = "c2".into());
+        }
+        states.set_running(1, running("ns/old", 10, "c1"));
+        states.set_running(2, running("ns/old", 20, "c1"));
+        states.set_running(2, running("ns/new", 21, "c2"));
+        assert_eq!(
+            states.in_force_only_elsewhere(),
+            [1],
+            "2 runs c2 here, 3 has no replica here"
         );
     }
 

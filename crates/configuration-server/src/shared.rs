@@ -47,6 +47,12 @@ pub trait RunningDirectory: Send + Sync + std::fmt::Debug {
     /// What the agent's replicas connected to the other live kas replicas run.
     fn elsewhere(&self, agent_id: i64) -> BoxFuture<'_, Result<Vec<ReplicaRuns>, DirectoryError>>;
 
+    /// Removes the agent's entries of kas replicas no longer alive (killed: they withdrew
+    /// nothing); true when this call removed some, so that one kas replica decides again
+    /// once per death. A Pod reconnecting withdraws its entry before its new stream
+    /// publishes one, so an entry merely missing says nothing.
+    fn departed(&self, agent_id: i64) -> BoxFuture<'_, Result<bool, DirectoryError>>;
+
     /// This kas replica put another configuration in force for the agent (and stored it): the
     /// others, whose memory may hold the agent's former one, read the store again.
     fn in_force_changed(&self, agent_id: i64) -> BoxFuture<'_, Result<(), DirectoryError>>;

@@ -8,11 +8,14 @@
 //! and removes it when the stream ends, and writes all of its entries again every
 //! [`REFRESH`] with [`ENTRY_TTL`] to live. An entry counts only while its kas replica's
 //! liveness key (`tether:replica:<id>`, see [`crate::peers`]) exists: a killed replica's
-//! entries stop counting within its 10 s, a stopping one's at once (it deletes the key).
+//! entries stop counting within its 10 s, a stopping one's at once (it deletes the key). The
+//! survivors remove a dead replica's entries a few seconds later ([`DEPARTED_GRACE`]) and
+//! decide again what is in force for its agents (`ConfigService::decide_again`, every few
+//! seconds), as no stream of theirs ended to do so.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tether_configuration_server::{DirectoryError, ReplicaRuns, RunningDirectory};
@@ -25,6 +28,11 @@ use crate::cluster::{Cluster, ClusterEvent};
 /// leaves each kas replica deciding on its own agent replicas for a refresh period at most.
 const ENTRY_TTL: u64 = 180;
 const REFRESH: Duration = Duration::from_secs(60);
+
+/// How long a dead kas replica's entries are left before they are removed and the agents'
+/// configuration decided again: a stopping replica's Pods reconnect to the others within
+/// seconds, and deciding before they do would put in force what the Pods already there run.
+const DEPARTED_GRACE: Duration = Duration::from_secs(5);
 
 /// One stream's entry as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,17 +57,53 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The entries of other kas replicas than `me` not expired at `now`, with their kas replica
-/// (pure). Unreadable entries (another kas version's) are skipped.
-fn others_entries(stored: HashMap<String, String>, me: u64, now: u64) -> Vec<(u64, ReplicaRuns)> {
+/// Another kas replica's entry: its field, that kas replica, and what the stream's Pod runs.
+#[derive(Debug)]
+struct Other {
+    field: String,
+    kas: u64,
+    runs: ReplicaRuns,
+}
+
+/// The entries of other kas replicas than `me` not expired at `now` (pure). Unreadable
+/// entries (another kas version's) are skipped.
+fn others_entries(stored: HashMap<String, String>, me: u64, now: u64) -> Vec<Other> {
     stored
         .into_iter()
         .filter_map(|(field, value)| {
             let kas: u64 = field.split_once(':')?.0.parse().ok()?;
             let entry: Entry = serde_json::from_str(&value).ok()?;
-            (kas != me && entry.until > now).then_some((kas, entry.runs))
+            (kas != me && entry.until > now).then_some(Other {
+                field,
+                kas,
+                runs: entry.runs,
+            })
         })
         .collect()
+}
+
+/// The fields of `others` whose kas replica is dead and was first found dead (as `since`
+/// records, updated here) [`DEPARTED_GRACE`] before `now` (pure).
+fn past_grace(
+    since: &mut HashMap<u64, Instant>,
+    others: Vec<(Other, bool)>,
+    now: Instant,
+) -> Vec<String> {
+    // Long dead ones' entries have expired by now.
+    since.retain(|_, at| now.duration_since(*at) < Duration::from_secs(ENTRY_TTL));
+    let mut dead = Vec::new();
+    for (e, live) in others {
+        if live {
+            // Back (its key had lapsed): its next death is timed afresh.
+            since.remove(&e.kas);
+            continue;
+        }
+        let first = *since.entry(e.kas).or_insert(now);
+        if now.duration_since(first) >= DEPARTED_GRACE {
+            dead.push(e.field);
+        }
+    }
+    dead
 }
 
 /// This kas replica's part of the directory; cheap to share (`Arc`).
@@ -67,6 +111,9 @@ pub struct SharedRunning {
     cluster: Cluster,
     /// This replica's entries, by agent and stream, written again at each refresh.
     mine: Mutex<HashMap<(i64, u64), ReplicaRuns>>,
+    /// When this replica first found each dead kas replica's entries (see
+    /// [`SharedRunning::remove_departed`]).
+    dead_since: Mutex<HashMap<u64, Instant>>,
 }
 
 impl std::fmt::Debug for SharedRunning {
@@ -84,6 +131,7 @@ impl SharedRunning {
         SharedRunning {
             cluster,
             mine: Mutex::default(),
+            dead_since: Mutex::default(),
         }
     }
 
@@ -161,7 +209,9 @@ impl SharedRunning {
         pipe.query_async::<()>(&mut self.cluster.connection()).await
     }
 
-    async fn read_elsewhere(&self, agent_id: i64) -> redis::RedisResult<Vec<ReplicaRuns>> {
+    /// The agent's unexpired entries of the other kas replicas, each with whether its kas
+    /// replica is alive (its liveness key exists).
+    async fn others(&self, agent_id: i64) -> redis::RedisResult<Vec<(Other, bool)>> {
         let mut conn = self.cluster.connection();
         let stored: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(key(agent_id))
@@ -173,7 +223,7 @@ impl SharedRunning {
         }
         let replicas: Vec<u64> = entries
             .iter()
-            .map(|(kas, _)| *kas)
+            .map(|e| e.kas)
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
@@ -188,8 +238,44 @@ impl SharedRunning {
             .zip(alive)
             .filter_map(|(r, a)| a.map(|_| r))
             .collect();
-        let live = entries.into_iter().filter(|(kas, _)| alive.contains(kas));
-        Ok(live.map(|(_, runs)| runs).collect())
+        Ok(entries
+            .into_iter()
+            .map(|e| {
+                let live = alive.contains(&e.kas);
+                (e, live)
+            })
+            .collect())
+    }
+
+    async fn read_elsewhere(&self, agent_id: i64) -> redis::RedisResult<Vec<ReplicaRuns>> {
+        let others = self.others(agent_id).await?;
+        Ok(others
+            .into_iter()
+            .filter_map(|(e, live)| live.then_some(e.runs))
+            .collect())
+    }
+
+    /// Removes the agent's entries of kas replicas dead for [`DEPARTED_GRACE`] (as this
+    /// replica saw); whether this call removed any (several kas replicas may look at once: one
+    /// of them decides again).
+    async fn remove_departed(&self, agent_id: i64) -> redis::RedisResult<bool> {
+        let others = self.others(agent_id).await?;
+        let dead = {
+            let mut since = self
+                .dead_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            past_grace(&mut since, others, Instant::now())
+        };
+        if dead.is_empty() {
+            return Ok(false);
+        }
+        let removed: i64 = redis::cmd("HDEL")
+            .arg(key(agent_id))
+            .arg(dead)
+            .query_async(&mut self.cluster.connection())
+            .await?;
+        Ok(removed > 0)
     }
 }
 
@@ -215,6 +301,10 @@ impl RunningDirectory for SharedRunning {
 
     fn elsewhere(&self, agent_id: i64) -> BoxFuture<'_, Result<Vec<ReplicaRuns>, DirectoryError>> {
         Box::pin(async move { self.read_elsewhere(agent_id).await.map_err(redis_error) })
+    }
+
+    fn departed(&self, agent_id: i64) -> BoxFuture<'_, Result<bool, DirectoryError>> {
+        Box::pin(async move { self.remove_departed(agent_id).await.map_err(redis_error) })
     }
 
     fn in_force_changed(&self, agent_id: i64) -> BoxFuture<'_, Result<(), DirectoryError>> {
@@ -256,8 +346,46 @@ mod tests {
         ]
         .into();
         let got = others_entries(all, 1, 100);
-        let commits: Vec<(u64, &str)> = got.iter().map(|(k, r)| (*k, r.commit.as_str())).collect();
-        assert_eq!(commits, vec![(2, "theirs")]);
+        let commits: Vec<(&str, u64, &str)> = got
+            .iter()
+            .map(|e| (e.field.as_str(), e.kas, e.runs.commit.as_str()))
+            .collect();
+        assert_eq!(commits, vec![("2:11", 2, "theirs")]);
+    }
+
+    fn other(kas: u64, stream: u64) -> Other {
+        Other {
+            field: field(kas, stream),
+            kas,
+            runs: ReplicaRuns {
+                replica: format!("ns/pod-{stream}"),
+                commit: "c1".into(),
+                at: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn a_dead_replicas_entries_are_removed_only_after_the_grace() {
+        let mut since = HashMap::new();
+        let t0 = Instant::now();
+        let look = |since: &mut HashMap<u64, Instant>, live2: bool, at: Instant| {
+            let others = vec![
+                (other(2, 10), live2),
+                (other(2, 11), live2),
+                (other(3, 12), true),
+            ];
+            past_grace(since, others, at)
+        };
+        assert!(look(&mut since, false, t0).is_empty(), "just found dead");
+        assert!(look(&mut since, false, t0 + DEPARTED_GRACE / 2).is_empty());
+        assert_eq!(
+            look(&mut since, false, t0 + DEPARTED_GRACE),
+            ["2:10", "2:11"]
+        );
+        // Alive again (its key had lapsed), then dead: timed afresh.
+        assert!(look(&mut since, true, t0 + DEPARTED_GRACE * 2).is_empty());
+        assert!(look(&mut since, false, t0 + DEPARTED_GRACE * 3).is_empty());
     }
 
     #[test]

@@ -566,6 +566,11 @@ async fn start_sources(
     Ok((sources, handle.on_stop(move || stopping.shutdown())))
 }
 
+/// How often, with several replicas, the configurations in force that only other replicas'
+/// Pods run are decided again (see `ConfigService::decide_again`): a killed replica's Pods stop
+/// counting once its liveness key expires (10 s), and this follows within as long again.
+const DECIDE_AGAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The agents' configuration streams: the configurations in force, loaded from the store so
 /// kas authorizes requests right after a restart, and the gRPC service.
 async fn start_configuration(
@@ -602,6 +607,16 @@ async fn start_configuration(
         notifier: sh.notifier.clone(),
         several,
         directory: shared.map(|s| s as Arc<dyn tether_configuration_server::RunningDirectory>),
+    };
+    let handle = if configuration.directory.is_some() {
+        let (stop, deciding) = (Modules::shutdown_of(&handle), configuration.clone());
+        let decide = crate::modules::every(DECIDE_AGAIN, stop, move || {
+            let deciding = deciding.clone();
+            async move { deciding.decide_again().await }
+        });
+        handle.task(tokio::spawn(decide))
+    } else {
+        handle
     };
     Ok((config_states, configuration, handle))
 }

@@ -1325,6 +1325,9 @@ async fn an_agent_deleted_without_a_message_is_refused_at_once_and_forgotten_eve
     }
 }
 
+/// A Pod's configuration stream, as [`PodsRig::pod`] opens it.
+type ConfigStream = tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse>;
+
 /// The configuration file of [`PodsRig`]'s agent.
 const PODS_CONFIG: &str = ".gitlab/agents/pods/config.yaml";
 
@@ -1403,13 +1406,26 @@ impl PodsRig {
 
     /// The configuration stream of the agent's Pod `pod` on replica `i`, saying what it runs
     /// and refused (as [`support::config_stream_from`]).
-    async fn pod(
-        &self,
-        i: usize,
-        pod: &str,
-        said: (&str, &str, &str),
-    ) -> tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse> {
+    async fn pod(&self, i: usize, pod: &str, said: (&str, &str, &str)) -> ConfigStream {
         support::config_stream_from(&self.kas[i], &self.token, pod, said).await
+    }
+
+    /// Pod P2 (a new agentk) on replica 2 runs the newest configuration `c`; Pod P1 (an older
+    /// agentk) on replica 1 was sent it too and reopened its stream refusing it, running `c0`.
+    /// Returns `c` and the two Pods' streams.
+    async fn old_pod_refusing_c(&self) -> (String, [ConfigStream; 2]) {
+        let mut p1 = self.pod(0, "agentk-old", ("", "", "")).await;
+        assert_eq!(p1.message().await.unwrap().unwrap().commit_id, self.c0);
+        let c = self.commit_c(1).await;
+        assert_eq!(p1.message().await.unwrap().unwrap().commit_id, c);
+        let mut p2 = self.pod(1, "agentk-new", ("", "", "")).await;
+        assert_eq!(p2.message().await.unwrap().unwrap().commit_id, c);
+
+        // P1 does not know a field of c: it reopens its stream saying so, running c0.
+        drop(p1);
+        let why = "unknown field `new_feature`";
+        let p1 = self.pod(0, "agentk-old", (&self.c0, &c, why)).await;
+        (c, [p1, p2])
     }
 
     /// The commit replica `i` shows in force (`kas agent status`).
@@ -1436,17 +1452,7 @@ impl PodsRig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_refusing_what_a_pod_on_another_replica_runs_does_not_take_it_out_of_force() {
     let r = PodsRig::start("1s").await;
-    let mut p1 = r.pod(0, "agentk-old", ("", "", "")).await;
-    assert_eq!(p1.message().await.unwrap().unwrap().commit_id, r.c0);
-    let c = r.commit_c(1).await;
-    assert_eq!(p1.message().await.unwrap().unwrap().commit_id, c);
-    let mut p2 = r.pod(1, "agentk-new", ("", "", "")).await;
-    assert_eq!(p2.message().await.unwrap().unwrap().commit_id, c);
-
-    // P1 does not know a field of c: it reopens its stream saying so, running c0.
-    drop(p1);
-    let why = "unknown field `new_feature`";
-    let _p1 = r.pod(0, "agentk-old", (&r.c0, &c, why)).await;
+    let (c, _pods) = r.old_pod_refusing_c().await;
     for i in 0..2 {
         assert_eq!(r.in_force(i).await, c, "replica {}", i + 1);
         assert!(r.new_job_may_use_the_agent(i).await, "replica {}", i + 1);
@@ -1497,4 +1503,32 @@ async fn when_the_last_pod_running_the_configuration_in_force_goes_the_others_is
             .contains("Every replica of the agent still connected runs this configuration")
     );
     drop(p1);
+}
+
+/// Replica 2, whose Pod P2 runs the configuration in force (`c`), is killed (SIGKILL: it
+/// neither withdraws P2's entry nor deletes its liveness key) while Pod P1, an older agentk on
+/// replica 1, refuses `c` and runs `c0`. `c` stays in force while replica 2's liveness key
+/// lives; once it expires, P2's entry stops counting and replica 1 soon puts `c0`, which every
+/// Pod still connected runs, in force, and CI jobs are authorized by it. Replica 1 decided only
+/// when one of its own streams opened or ended, so `c` stayed in force for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_pods_stop_counting_once_its_liveness_key_expires() {
+    let mut r = PodsRig::start("1s").await;
+    let (c, pods) = r.old_pod_refusing_c().await;
+    assert_eq!(r.in_force(0).await, c, "P2 runs c");
+
+    r.kas[1].kill9();
+    // The liveness key (10 s, refreshed every 3 s) outlives this look.
+    assert_eq!(r.in_force(0).await, c, "replica 2's key still lives");
+    wait_for(
+        "replica 1 to put c0 in force",
+        // The key's 10 s, the 5 s grace and the 5 s period of deciding again, with room.
+        Duration::from_secs(45),
+        || async {
+            let c0 = r.in_force(0).await == r.c0;
+            (c0 && !r.new_job_may_use_the_agent(0).await).then_some(())
+        },
+    )
+    .await;
+    drop(pods);
 }
