@@ -15,7 +15,8 @@
 //! what YAML does: those markers cannot occur inside a document's content.
 //!
 //! Scalars resolve like `kubectl`'s YAML reader (YAML 1.1 style): unquoted `yes`, `on`, `y`
-//! and `n` are booleans, so `name: n` is rejected here just as `kubectl apply` rejects it.
+//! and `n` are booleans, so `name: n` is rejected here just as `kubectl apply` rejects it, and
+//! a number with a leading zero is octal (`defaultMode: 0644` is 420), as are `0o644`.
 //!
 //! Billion-laughs protection: each document is parsed with a node/event budget proportional
 //! to its own length, so aliases cannot make a document expand to much more than its text
@@ -226,11 +227,10 @@ pub fn decode_file(path: &str, bytes: &[u8]) -> Result<Vec<Manifest>, DecodeErro
         };
         let mut objects = Vec::new();
         flatten(doc.value, "", &mut objects).map_err(invalid)?;
-        out.extend(
-            objects
-                .iter()
-                .map(|object| Manifest::new(path, doc.index, doc.line, object)),
-        );
+        out.extend(objects.iter_mut().map(|object| {
+            string_data_into_data(object);
+            Manifest::new(path, doc.index, doc.line, object)
+        }));
     }
     Ok(out)
 }
@@ -396,6 +396,9 @@ fn validate(obj: &Value) -> Result<(), String> {
             problems.push(format!("invalid {what} {v:?}"));
         }
     }
+    if is_sops_encrypted(obj) {
+        problems.push(SOPS_ENCRYPTED.to_owned());
+    }
     let mut parts = Vec::new();
     if !missing.is_empty() {
         parts.push(format!("missing {}", missing.join(", ")));
@@ -406,6 +409,74 @@ fn validate(obj: &Value) -> Result<(), String> {
     } else {
         Err(parts.join("; "))
     }
+}
+
+/// Moves a Secret's `stringData` into `data` (base64), as the API server does when it stores
+/// the Secret; a `stringData` key wins over a `data` key of the same name, as there.
+///
+/// The stored Secret never has `stringData`, so an object applied with it never looked up to
+/// date: it was applied again at every resync. And a key removed from `stringData` stayed in
+/// the live `data`, which the apply had not named.
+fn string_data_into_data(obj: &mut Value) {
+    use base64::Engine as _;
+    if obj.get("apiVersion").and_then(Value::as_str) != Some("v1")
+        || obj.get("kind").and_then(Value::as_str) != Some("Secret")
+    {
+        return;
+    }
+    let Some(fields) = obj.as_object_mut() else {
+        return;
+    };
+    // Anything but mappings is left as it is, for the API server to refuse.
+    let data_is_a_mapping = matches!(
+        fields.get("data"),
+        None | Some(Value::Null | Value::Object(_))
+    );
+    if !data_is_a_mapping || !fields.get("stringData").is_some_and(Value::is_object) {
+        return;
+    }
+    let Some(Value::Object(map)) = fields.remove("stringData") else {
+        return;
+    };
+    // A non-string value is left in `stringData` for the API server to refuse by name.
+    let (strings, others): (Vec<_>, Vec<_>) = map.into_iter().partition(|(_, v)| v.is_string());
+    if !others.is_empty() {
+        fields.insert(
+            "stringData".into(),
+            Value::Object(others.into_iter().collect()),
+        );
+    }
+    if strings.is_empty() {
+        return;
+    }
+    let data = fields
+        .entry("data")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    if data.is_null() {
+        *data = Value::Object(serde_json::Map::new());
+    }
+    let Some(data) = data.as_object_mut() else {
+        return;
+    };
+    for (key, value) in strings {
+        let text = value.as_str().unwrap_or_default();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+        data.insert(key, Value::String(encoded));
+    }
+}
+
+/// Why a SOPS-encrypted object is refused. Applied as it is, the API server answered with
+/// "field not declared in schema" or "illegal base64 data", which says nothing of SOPS.
+const SOPS_ENCRYPTED: &str = "encrypted with SOPS (it has a top-level `sops` block): tether \
+     applies manifests as they are in Git and does not decrypt them; keep such secrets in the \
+     cluster instead (External Secrets, or Sealed Secrets, whose objects apply as they are)";
+
+/// Whether an object is a SOPS file: SOPS adds a top-level `sops` mapping holding the
+/// message authentication code of what it encrypted.
+fn is_sops_encrypted(obj: &Value) -> bool {
+    obj.get("sops")
+        .and_then(Value::as_object)
+        .is_some_and(|sops| sops.contains_key("mac") || sops.contains_key("lastmodified"))
 }
 
 /// Whitespace, control characters and `/` never appear in groups, kinds or names.
@@ -607,6 +678,10 @@ pub(crate) fn yaml_options(doc_len: usize) -> serde_saphyr::Options {
         budget: Some(budget),
         with_snippet: false,
         duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        // YAML 1.1 octal, as kubectl reads it: `defaultMode: 0644` is 420. Read as decimal
+        // 644, the API server refused it (over 0777); worse, `0444` passed as decimal 444,
+        // octal 0674: a secret volume's files silently group-writable.
+        legacy_octal_numbers: true,
     }
 }
 
@@ -991,6 +1066,65 @@ mod tests {
         let m = ok("anchors.yaml", text);
         let c = &m[0].object()["spec"]["template"]["spec"]["containers"];
         assert_eq!(c[0]["env"], c[1]["env"]);
+    }
+
+    #[test]
+    fn a_secrets_string_data_is_applied_as_data_as_the_api_server_stores_it() {
+        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {a: b2xk, keep: eA==}\nstringData: {a: new, p: 'pass word'}\n";
+        let o = ok("s.yaml", text)[0].object();
+        assert_eq!(o.get("stringData"), None);
+        assert_eq!(
+            o["data"],
+            serde_json::json!({"a": "bmV3", "keep": "eA==", "p": "cGFzcyB3b3Jk"}),
+            "stringData wins over data, as on the API server"
+        );
+        let only = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {a: x}\n";
+        assert_eq!(
+            ok("s.yaml", only)[0].object()["data"],
+            serde_json::json!({"a": "eA=="})
+        );
+        let odd = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {n: 1}\n";
+        assert_eq!(
+            ok("s.yaml", odd)[0].object()["stringData"],
+            serde_json::json!({"n": 1}),
+            "left for the API server to refuse"
+        );
+        let other =
+            "apiVersion: example.com/v1\nkind: Secret\nmetadata: {name: s}\nstringData: {a: x}\n";
+        assert_eq!(
+            ok("s.yaml", other)[0].object()["stringData"],
+            serde_json::json!({"a": "x"}),
+            "only core Secrets"
+        );
+    }
+
+    #[test]
+    fn a_sops_encrypted_secret_is_refused_naming_sops() {
+        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata:\n  password: ENC[AES256_GCM,data:qP8=,iv:x,tag:y,type:str]\nsops:\n  mac: ENC[AES256_GCM,data:z]\n  lastmodified: '2026-11-27T10:00:00Z'\n  version: 3.9.0\n";
+        let e = err("secret.enc.yaml", text).to_string();
+        assert!(
+            e.starts_with("secret.enc.yaml: document 1 (line 1): encrypted with SOPS"),
+            "{e}"
+        );
+        let plain = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {sops: x}\n";
+        assert_eq!(
+            ok("c.yaml", plain).len(),
+            1,
+            "a key named sops elsewhere is fine"
+        );
+    }
+
+    #[test]
+    fn yaml_1_1_octal_numbers_match_kubectl() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  volumes:\n  - name: a\n    secret: {secretName: s, defaultMode: 0644}\n  - name: b\n    secret: {secretName: s, defaultMode: 0444}\n  - name: c\n    secret: {secretName: s, defaultMode: 0o440}\n  - name: d\n    secret: {secretName: s, defaultMode: 420}\n  - name: e\n    secret: {secretName: s, defaultMode: \"0644\"}\n";
+        let m = ok("modes.yaml", text);
+        let v = &m[0].object()["spec"]["volumes"];
+        let mode = |i: usize| v[i]["secret"]["defaultMode"].clone();
+        assert_eq!(mode(0), serde_json::json!(0o644));
+        assert_eq!(mode(1), serde_json::json!(0o444));
+        assert_eq!(mode(2), serde_json::json!(0o440));
+        assert_eq!(mode(3), serde_json::json!(420), "decimal stays decimal");
+        assert_eq!(mode(4), serde_json::json!("0644"), "quoted stays a string");
     }
 
     #[test]

@@ -642,6 +642,13 @@ async fn a_resync_writes_only_what_changed() {
     let two_keys = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: two\n  namespace: {ns}\ndata:\n  keep: a\n  drop: b\n"
     );
+    // A Secret written with `stringData`, which the API server stores as `data`.
+    let secret = |keys: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\n  namespace: {ns}\nstringData:\n{keys}"
+        )
+    };
+    let two_secrets = secret("  keep: a\n  drop: b\n");
     let (rig, c1) = rig(
         env,
         ns.clone(),
@@ -650,17 +657,19 @@ async fn a_resync_writes_only_what_changed() {
         &[
             ("manifests/many.yaml", Some(&many)),
             ("manifests/two.yaml", Some(two_keys.as_bytes())),
+            ("manifests/secret.yaml", Some(two_secrets.as_bytes())),
             ("manifests/web.yaml", Some(&deployment("web", &ns, 1))),
         ],
         &["--gitops-resync-interval", "1s"],
     )
     .await;
     rig.synced(&c1).await;
-    // First sync: seven objects and the inventory; the re-syncs of the same commit: nothing.
+    // First sync: eight objects and the inventory; the re-syncs of the same commit: nothing
+    // (the Secret's `stringData` included: it used to be written again at every re-sync).
     let writes = rig.writes(&c1, 3).await;
     assert_eq!(
-        writes[0], 8,
-        "first sync: 7 objects + inventory ({writes:?})"
+        writes[0], 9,
+        "first sync: 8 objects + inventory ({writes:?})"
     );
     assert!(
         writes[1..].iter().all(|&w| w == 0),
@@ -672,15 +681,25 @@ async fn a_resync_writes_only_what_changed() {
     let one_key = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: two\n  namespace: {ns}\ndata:\n  keep: a\n"
     );
+    let one_secret = secret("  keep: a\n");
     let c2 = rig.manifests.commit(
-        &[("manifests/two.yaml", Some(one_key.as_bytes()))],
+        &[
+            ("manifests/two.yaml", Some(one_key.as_bytes())),
+            ("manifests/secret.yaml", Some(one_secret.as_bytes())),
+        ],
         "drop a key",
     );
     let writes = rig.writes(&c2, 2).await;
-    assert_eq!(writes[0], 1, "one object changed ({writes:?})");
+    assert_eq!(writes[0], 2, "two objects changed ({writes:?})");
     assert_eq!(writes[1], 0, "re-sync after it ({writes:?})");
     let cm = get_json(&rig.env, &["get", "configmap", "two", "-n", &ns]).unwrap();
     assert_eq!(cm["data"], serde_json::json!({"keep": "a"}));
+    let s = get_json(&rig.env, &["get", "secret", "s", "-n", &ns]).unwrap();
+    assert_eq!(
+        s["data"],
+        serde_json::json!({"keep": "YQ=="}),
+        "the key left Git"
+    );
     // Unchanged objects are reported as such, not re-applied.
     assert!(
         rig.agent
