@@ -156,17 +156,27 @@ impl Default for AgentProjects {
 }
 
 impl AgentProjects {
-    /// The agent's configuration project (id, path), from memory or the store.
-    pub async fn get(&self, store: &dyn Store, agent_id: i64) -> Option<(i64, String)> {
+    /// The agent's configuration project (id, path), from memory or the store; `Ok(None)`
+    /// when the store has no such agent (or project), an error when it cannot say — an
+    /// outage is not a deletion.
+    pub async fn get(
+        &self,
+        store: &dyn Store,
+        agent_id: i64,
+    ) -> Result<Option<(i64, String)>, tether_store::Error> {
         let now = SystemTime::now();
         if let Some(hit) = self.0.get(&agent_id, now) {
-            return Some(hit);
+            return Ok(Some(hit));
         }
-        let agent = store.get_agent(agent_id).await.ok().flatten()?;
-        let project = store.get_project(agent.project_id).await.ok().flatten()?;
+        let Some(agent) = store.get_agent(agent_id).await? else {
+            return Ok(None);
+        };
+        let Some(project) = store.get_project(agent.project_id).await? else {
+            return Ok(None);
+        };
         let found = (project.id, project.path);
         self.0.insert(agent_id, found.clone(), now);
-        Some(found)
+        Ok(Some(found))
     }
 
     /// Drops a deleted agent's entry.
@@ -284,6 +294,15 @@ fn fail(code: StatusCode, subject: Subject, message: &str) -> Response<Body> {
 /// the message, which is logged.
 fn tokens_unreadable(agent_id: i64, e: &tether_store::Error) -> Response<Body> {
     let m = format!("reading personal access tokens (for agent {agent_id}): {e}");
+    fail(StatusCode::SERVICE_UNAVAILABLE, Subject::UNKNOWN, &m)
+}
+
+/// 503 for an agent whose record kas could not read (the store down): a request kas cannot
+/// decide on is not refused — a 403 would tell the job the agent is gone, and count as a
+/// denial. Counted under agent 0, as [`tokens_unreadable`]: whether the agent exists is what
+/// kas could not tell, so the id the caller named is only in the (logged) message.
+fn agents_unreadable(agent_id: i64, e: &tether_store::Error) -> Response<Body> {
+    let m = format!("reading agent {agent_id}'s record: {e}");
     fail(StatusCode::SERVICE_UNAVAILABLE, Subject::UNKNOWN, &m)
 }
 
@@ -424,13 +443,15 @@ impl Proxy {
     }
 
     /// The agent's configuration project (id, path); 403 "agent N is not available{to_whom}"
-    /// when the store has no such agent (never registered, or deleted).
+    /// when the store has no such agent (never registered, or deleted), 503 when the store
+    /// cannot be read (see [`agents_unreadable`]).
     async fn agent_project(
         &self,
         agent_id: i64,
         to_whom: &str,
     ) -> Result<(i64, String), Response<Body>> {
         let found = self.agent_projects.get(self.store.as_ref(), agent_id).await;
+        let found = found.map_err(|e| agents_unreadable(agent_id, &e))?;
         found.ok_or_else(|| {
             let m = format!("agent {agent_id} is not available{to_whom}");
             deny(self, StatusCode::FORBIDDEN, "Forbidden", &m)

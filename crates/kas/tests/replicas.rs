@@ -15,7 +15,7 @@ use tether_testenv::redis::Redis;
 /// PostgreSQL and Redis for the replicas, and the options each replica starts with. The token
 /// re-check is an hour, so only Redis can carry a revocation across in time.
 struct Shared {
-    _pg: Postgres,
+    pg: Postgres,
     redis: Redis,
     yaml: String,
     url: String,
@@ -47,7 +47,7 @@ impl Shared {
             redis.password_file().unwrap().display()
         );
         Shared {
-            _pg: pg,
+            pg,
             redis,
             yaml,
             url,
@@ -1323,6 +1323,47 @@ async fn an_agent_deleted_without_a_message_is_refused_at_once_and_forgotten_eve
         )
         .await;
     }
+}
+
+/// While the database is down, a CI job's request for a connected agent is answered 503 by
+/// kas (once the agent's project, remembered 5 s, must be read again), logged at warn and
+/// counted in `kas_k8s_proxy_requests_total{code="503"}` — not 403 "agent N is not available"
+/// counted as a denial, which told the job the agent was gone. Served again once the database
+/// is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ci_job_gets_503_not_403_while_the_database_is_down() {
+    let r = CiRig::start("pgdown").await;
+    let kas = &r.rig.kas;
+    let (code, body) = r.ci_get(kas, "/version").await;
+    assert_eq!(code, 200, "{body}");
+
+    r.shared.pg.stop().unwrap();
+    let (code, body) = wait_for(
+        "kas to stop serving from its memory of the agent's project",
+        Duration::from_secs(30),
+        || async {
+            let (code, body) = r.ci_get(kas, "/version").await;
+            (code != 200).then_some((code, body))
+        },
+    )
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("reading agent"), "{body}");
+    let failed = r#"kas_k8s_proxy_requests_total{agent_id="0",access_as="unknown",code="503"}"#;
+    assert!(kas.metric(failed).await.is_some_and(|n| n >= 1.0));
+    let denied = r#"kas_k8s_proxy_denials_total{reason="Forbidden"}"#;
+    assert_eq!(
+        kas.metric(denied).await,
+        None,
+        "an outage counted as a denial"
+    );
+    assert!(kas.log().contains("Kubernetes API request failed in kas"));
+
+    r.shared.pg.restart().unwrap();
+    wait_for("the job served again", Duration::from_secs(30), || async {
+        (r.ci_get(kas, "/version").await.0 == 200).then_some(())
+    })
+    .await;
 }
 
 /// A Pod's configuration stream, as [`PodsRig::pod`] opens it.

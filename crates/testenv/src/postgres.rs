@@ -142,6 +142,12 @@ impl Postgres {
 
     /// Runs one SQL statement as [`USER`] in database `postgres`.
     fn sql(&self, statement: &str) -> Result<()> {
+        self.sql_in("postgres", statement)
+    }
+
+    /// Runs SQL (one or several statements) as [`USER`] in `database`, behind the back of
+    /// the programs using it: a test making writes fail with a trigger, say.
+    pub fn sql_in(&self, database: &str, statement: &str) -> Result<()> {
         let mut psql = self.command("psql");
         psql.args([
             "-h",
@@ -149,7 +155,7 @@ impl Postgres {
             "-U",
             USER,
             "-d",
-            "postgres",
+            database,
             "-v",
             "ON_ERROR_STOP=1",
             "-p",
