@@ -57,7 +57,16 @@ pub struct ConfigStates {
     /// What each replica of an agent runs, as far as its configuration stream on this kas
     /// tells (a few replicas per agent: a list is smaller than a map).
     running: Mutex<HashMap<i64, Vec<Running>>>,
+    /// Agents whose state this replica failed to store, written again by
+    /// [`ConfigStates::store_again`] until it is stored; their number is a gauge.
+    unstored: Mutex<std::collections::HashSet<i64>>,
+    unstored_count: prometheus_client::metrics::gauge::Gauge,
 }
+
+/// How often [`ConfigStates::store_again`] should run: the other kas replicas authorize with
+/// the stored configuration, so a failed write is retried within seconds of the database
+/// taking writes again.
+pub const STORE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What one replica (Pod) of an agent runs, as its latest configuration stream on this kas
 /// tells: the commit sent to it (and not refused) or adopted from it, with its configuration,
@@ -110,6 +119,11 @@ impl ConfigStates {
             "configuration_refusals",
             "Agent configurations refused (invalid or over the size limit); the last good one stays",
             self.refusals.clone(),
+        );
+        reg.register(
+            "configuration_unstored_agents",
+            "Agents whose configuration in force this replica failed to store and retries; the other replicas authorize with the stored one meanwhile",
+            self.unstored_count.clone(),
         );
     }
 
@@ -356,6 +370,8 @@ impl ConfigStates {
             .remove(&agent_id);
         self.clear_config(agent_id);
         self.kept().remove(&agent_id);
+        // Written again, a deleted agent's state would outlive it in the store.
+        self.mark_stored(agent_id);
     }
 
     /// The agents this kas keeps anything about in memory (state, configuration in force, the
@@ -510,8 +526,62 @@ impl ConfigStates {
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        if let Err(e) = stored {
-            tracing::error!(agent_id, error = %e, "Storing the agent's configuration state failed; after a kas restart it is known again once the agent reconnects");
+        match stored {
+            Ok(()) => {
+                if self.mark_stored(agent_id) {
+                    tracing::info!(agent_id, "The agent's configuration state is stored again");
+                }
+            }
+            Err(e) if self.mark_unstored(agent_id) => {
+                tracing::error!(agent_id, error = %e, "Storing the agent's configuration state failed; retried until it is stored (other kas replicas authorize with the stored one meanwhile)");
+            }
+            Err(e) => {
+                tracing::warn!(agent_id, error = %e, "Storing the agent's configuration state failed again");
+            }
+        }
+    }
+
+    fn unstored(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<i64>> {
+        self.unstored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a failed write of the agent's state; whether it was stored until then.
+    fn mark_unstored(&self, agent_id: i64) -> bool {
+        let mut unstored = self.unstored();
+        let new = unstored.insert(agent_id);
+        self.unstored_count
+            .set(i64::try_from(unstored.len()).unwrap_or(i64::MAX));
+        new
+    }
+
+    /// Forgets a failed write of the agent's state; whether there was one.
+    fn mark_stored(&self, agent_id: i64) -> bool {
+        let mut unstored = self.unstored();
+        let was = unstored.remove(&agent_id);
+        self.unstored_count
+            .set(i64::try_from(unstored.len()).unwrap_or(i64::MAX));
+        was
+    }
+
+    /// Writes again the states whose write failed (run every [`STORE_RETRY`]): nothing else
+    /// would before the agent's configuration changes again, and meanwhile other kas replicas
+    /// authorize with the stored one — a removed `ci_access` kept working through them. With
+    /// `several` replicas, only for agents with a configuration stream here: a replica serving
+    /// the agent now stores a newer state, which this one's would overwrite.
+    pub async fn store_again(&self, store: &dyn Store, several: bool) {
+        let agents: Vec<i64> = self.unstored().iter().copied().collect();
+        for agent_id in agents {
+            if several && !self.running().contains_key(&agent_id) {
+                self.mark_stored(agent_id);
+                tracing::warn!(
+                    agent_id,
+                    "Not storing the agent's configuration state again: its configuration stream is no longer on this replica, which stores its own"
+                );
+                continue;
+            }
+            self.persist(store, agent_id).await;
         }
     }
 }

@@ -1140,6 +1140,28 @@ impl CiRig {
         support::upgrade::tls_get(through.k8s_port, &self.pki.ca, path, &bearer).await
     }
 
+    /// Commits the agent's configuration with `from` replaced by `to` (lines of its
+    /// `ci_access`), and waits for replica 1 to have it in force.
+    async fn change_ci_access(&self, from: &str, to: &str) {
+        let file = ".gitlab/agents/seed/config.yaml";
+        let before = std::fs::read_to_string(self.rig.config.dir.join(file)).unwrap();
+        let after = before.replace(from, to);
+        assert_ne!(before, after);
+        let commit = self
+            .rig
+            .config
+            .commit(&[(file, Some(after.as_bytes()))], "ci access changed");
+        wait_for(
+            "replica 1 to have the new configuration in force",
+            Duration::from_secs(30),
+            || async {
+                let agent = self.rig.kas.agent(self.rig.agent_id).await;
+                agent.config.filter(|c| c.commit == commit).map(drop)
+            },
+        )
+        .await;
+    }
+
     /// How many agents `kas` remembers (its debug stats).
     async fn remembered(kas: &Kas) -> usize {
         kas.admin.stats().await.unwrap().remembered_agents
@@ -1194,26 +1216,8 @@ async fn a_kubeconfig_from_another_replica_follows_a_changed_ci_access() {
     assert!(body.contains(context), "{body}");
     assert_eq!(r.kubeconfig(&two, "group/new").await.0, 403);
 
-    let file = ".gitlab/agents/seed/config.yaml";
-    let before = std::fs::read_to_string(r.rig.config.dir.join(file)).unwrap();
-    let after = before.replace(
-        "  - id: group/app\n",
-        "  - id: group/app\n  - id: group/new\n",
-    );
-    assert_ne!(before, after);
-    let commit = r
-        .rig
-        .config
-        .commit(&[(file, Some(after.as_bytes()))], "ci access for group/new");
-    wait_for(
-        "replica 1 to have the new configuration in force",
-        Duration::from_secs(30),
-        || async {
-            let agent = r.rig.kas.agent(r.rig.agent_id).await;
-            agent.config.filter(|c| c.commit == commit).map(drop)
-        },
-    )
-    .await;
+    let to = "  - id: group/app\n  - id: group/new\n";
+    r.change_ci_access("  - id: group/app\n", to).await;
     let (code, body) = r.kubeconfig(&two, "group/new").await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(context), "{body}");
@@ -1368,6 +1372,47 @@ async fn a_ci_job_gets_503_not_403_while_the_database_is_down() {
 
 /// A Pod's configuration stream, as [`PodsRig::pod`] opens it.
 type ConfigStream = tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse>;
+/// `ci_access` no longer lists `group/app`, but the database refused the write of that
+/// configuration in force (a trigger on its table): once the database takes writes again,
+/// replica 2 — which authorizes with the stored configuration — refuses the job within
+/// seconds. The failed write was logged once and never retried, so replica 2 kept letting the
+/// job in for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ci_access_removal_not_stored_at_first_reaches_the_other_replicas_once_the_database_recovers()
+ {
+    let r = CiRig::start("unstored").await;
+    let two = r.replica("kas-2").await;
+    let (code, body) = r.ci_get(&two, "/version").await;
+    assert_eq!(code, 200, "{body}");
+
+    let pg = &r.shared.pg;
+    pg.sql_in(
+        "kas",
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$BEGIN RAISE EXCEPTION 'disk full (simulated)'; END$$ LANGUAGE plpgsql;\
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON config_states FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .unwrap();
+    r.change_ci_access("  - id: group/app\n", "  - id: group/other\n")
+        .await;
+    let unstored = "kas_configuration_unstored_agents";
+    wait_for(
+        "the failed write counted",
+        Duration::from_secs(10),
+        || async { (r.rig.kas.metric(unstored).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    assert_eq!(r.ci_get(&two, "/version").await.0, 200, "not stored yet");
+
+    pg.sql_in("kas", "DROP TRIGGER refuse ON config_states;")
+        .unwrap();
+    wait_for(
+        "replica 2 to refuse the job",
+        Duration::from_secs(15),
+        || async { (r.ci_get(&two, "/version").await.0 == 403).then_some(()) },
+    )
+    .await;
+    assert_eq!(r.rig.kas.metric(unstored).await, Some(0.0));
+}
 
 /// The configuration file of [`PodsRig`]'s agent.
 const PODS_CONFIG: &str = ".gitlab/agents/pods/config.yaml";
