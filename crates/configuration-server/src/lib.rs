@@ -784,8 +784,9 @@ struct StreamState {
     heads: tokio::sync::watch::Receiver<tether_git_source::ProjectHead>,
     lease: tether_tunnel_server::Lease,
     ended: bool,
-    /// A message to send before looking at the head again (see [`StreamState::fallback`]).
-    queued: Option<ConfigurationResponse>,
+    /// A message to send before looking at the head again (see [`StreamState::fallback`]), or
+    /// the error ending the stream after it (see [`StreamState::unreadable`]).
+    queued: Option<Result<ConfigurationResponse, Status>>,
     /// This stream among the agent's, and the replica (pod) it comes from (see
     /// [`ConfigStates::runs_elsewhere`]).
     key: u64,
@@ -967,7 +968,8 @@ impl StreamState {
         }
         if let Some(queued) = self.queued.take() {
             self.share().await;
-            return Some(Ok(queued));
+            self.ended = queued.is_err();
+            return Some(queued);
         }
         loop {
             let head = self.heads.borrow_and_update().clone();
@@ -976,7 +978,8 @@ impl StreamState {
             {
                 let response = self.response(&commit).await;
                 self.share().await;
-                return Some(Ok(response));
+                self.ended = response.is_err();
+                return Some(response);
             }
             tokio::select! {
                 changed = self.heads.changed() => if changed.is_err() { return None },
@@ -1144,11 +1147,13 @@ impl StreamState {
         }
         self.last = hex;
         if let Some(p) = fallback {
-            self.queued = self.in_force_response(p.commit, p.file, p.config);
+            self.queued = self.in_force_response(p.commit, p.file, p.config).map(Ok);
         }
     }
 
-    async fn response(&mut self, commit: &CommitId) -> ConfigurationResponse {
+    /// The message for the head `commit`: its configuration, or why it is refused. An error
+    /// when kas cannot read it (see [`StreamState::unreadable`]).
+    async fn response(&mut self, commit: &CommitId) -> Result<ConfigurationResponse, Status> {
         let id = self.id.clone();
         let hex = commit.to_hex();
         let mut resp = ConfigurationResponse {
@@ -1158,8 +1163,12 @@ impl StreamState {
             ..ConfigurationResponse::default()
         };
         let states = Arc::clone(&self.svc.states);
-        match self.load(commit).await {
-            Ok(Loaded::Valid { file, config }) => match serde_json::to_string(&config) {
+        let loaded = match self.load(commit).await {
+            Ok(loaded) => loaded,
+            Err(e) => return self.unreadable(&hex, &e),
+        };
+        match loaded {
+            Loaded::Valid { file, config } => match serde_json::to_string(&config) {
                 Ok(json) => {
                     let config = Arc::new(config);
                     states.keep_previous(id.agent_id, &hex);
@@ -1179,7 +1188,7 @@ impl StreamState {
                     resp.error = format!("encoding the configuration: {e}");
                 }
             },
-            Ok(Loaded::Invalid { file, error }) => {
+            Loaded::Invalid { file, error } => {
                 tracing::warn!(agent_id = id.agent_id, commit_id = %hex, error = %error, "Agent configuration refused; the last good one stays in force");
                 states.refusals.inc();
                 self.svc
@@ -1193,11 +1202,6 @@ impl StreamState {
                     s.error_commit = Some(hex.clone());
                 });
             }
-            // Reading failed (not the user's fault): try again at the next change.
-            Err(e) => {
-                tracing::warn!(agent_id = id.agent_id, commit_id = %hex, error = %e, "Reading the agent configuration failed");
-                resp.error = e;
-            }
         }
         states.persist(self.svc.store.as_ref(), id.agent_id).await;
         let fallback = if resp.error.is_empty() {
@@ -1206,12 +1210,32 @@ impl StreamState {
             self.fallback()
         };
         self.last = hex;
-        match fallback {
+        Ok(match fallback {
             Some(in_force) => {
-                self.queued = Some(resp);
+                self.queued = Some(Ok(resp));
                 in_force
             }
             None => resp,
+        })
+    }
+
+    /// kas cannot read the configuration at `hex` (the database down, the mirror unreadable):
+    /// not the user's fault, so not a refusal. The stream ends `UNAVAILABLE` and agentk opens
+    /// it again with its backoff, when kas tries again: sent as a refusal, the commit was
+    /// never sent again on this stream (it is sent only when the head changes), and agentk
+    /// logged that kas refused it. An agent running nothing first gets the configuration in
+    /// force, if kas knows one.
+    fn unreadable(&mut self, hex: &str, e: &str) -> Result<ConfigurationResponse, Status> {
+        tracing::warn!(agent_id = self.id.agent_id, commit_id = %hex, error = %e, "Reading the agent configuration failed; the agent's stream ends and kas reads it again when the agent reopens it");
+        let status = Status::unavailable(format!(
+            "kas cannot read the agent configuration at {hex} now: {e}"
+        ));
+        match self.fallback() {
+            Some(in_force) => {
+                self.queued = Some(Err(status));
+                Ok(in_force)
+            }
+            None => Err(status),
         }
     }
 

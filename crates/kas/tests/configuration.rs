@@ -10,6 +10,7 @@ use kas::api::ProjectRequest;
 use support::{
     Agent, GitDaemon, GitRepo, Kas, KasOptions, config_stream, config_stream_from, wait_for,
 };
+use tether_testenv::postgres::Postgres;
 
 const APPLIED: &str = "Agent configuration applied";
 const REFUSED: &str = "kas refused the agent configuration at this commit; the last good configuration stays in force";
@@ -38,6 +39,22 @@ async fn project(kas: &Kas, path: &str, remote: &str, secret: Option<&std::path:
         .await
         .unwrap()
         .id
+}
+
+/// Project `project` of `repo` and its agent `name`, whose agentk (logging next to kas's
+/// directory) has applied `commit`.
+async fn applied_agent(
+    kas: &Kas,
+    (project_path, name): (&str, &str),
+    repo: &GitRepo,
+    commit: &str,
+) -> (tether_kas_api::TokenCreated, Agent) {
+    project(kas, project_path, &repo.dir.display().to_string(), None).await;
+    let t = kas.admin.register_agent(project_path, name).await.unwrap();
+    let dir = kas.dir.parent().unwrap();
+    let agent = Agent::start(dir, name, &kas.url("grpc"), &t.token, None);
+    agent.wait_log(APPLIED, commit).await;
+    (t, agent)
 }
 
 /// A configuration repository served by `git daemon`, a kas polling it, and one agent that
@@ -264,14 +281,7 @@ async fn invalid_configurations_are_refused_and_the_last_good_one_stays() {
         },
     )
     .await;
-    project(&kas, "group/strict", &repo.dir.display().to_string(), None).await;
-    let t = kas
-        .admin
-        .register_agent("group/strict", "gamma")
-        .await
-        .unwrap();
-    let agent = Agent::start(dir.path(), "gamma", &kas.url("grpc"), &t.token, None);
-    agent.wait_log(APPLIED, &good).await;
+    let (t, agent) = applied_agent(&kas, ("group/strict", "gamma"), &repo, &good).await;
 
     let oversize = {
         let mut v = b"# padding\n".repeat(13_200);
@@ -827,4 +837,42 @@ async fn an_agent_cannot_put_a_commit_of_another_branch_in_force() {
     let _refused = config_stream(kas, &r.token, (c1, &c2, "unknown field")).await;
     let state = kas.agent(r.agent_id).await.config.unwrap();
     assert_eq!(state.commit, c1);
+}
+
+/// A configuration commit fetched while kas's database is down — kas cannot look up the
+/// manifest project the file lists — is not refused: the agent's stream ends `UNAVAILABLE`,
+/// and the agent runs the commit once the database is back. It was sent as a refusal (agentk
+/// logged "kas refused the agent configuration") and never sent again on that stream, which
+/// sends a commit only when the head changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_kas_cannot_read_in_a_database_outage_reaches_the_agent_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("kas").unwrap();
+    let repo = GitRepo::init(&dir.path().join("config"));
+    let file = ".gitlab/agents/alpha/config.yaml";
+    let c1 = repo.commit(&[(file, Some(&config("info")))], "c1");
+    let options = KasOptions {
+        git_poll: "1s",
+        extra_yaml: format!("database:\n  url: {url}\n"),
+        ..KasOptions::default()
+    };
+    let kas = Kas::start(&dir.path().join("kas"), options).await;
+    let (_, agent) = applied_agent(&kas, ("group/config", "alpha"), &repo, &c1).await;
+
+    pg.stop().unwrap();
+    let c2 = repo.commit(&[(file, Some(&config("debug")))], "c2");
+    wait_for(
+        "kas to fail reading c2",
+        Duration::from_secs(30),
+        || async {
+            let log = kas.log();
+            (log.contains("Reading the agent configuration failed") && log.contains(&c2))
+                .then_some(())
+        },
+    )
+    .await;
+    pg.restart().unwrap();
+    agent.wait_log(APPLIED, &c2).await;
+    assert!(!agent.log().contains(REFUSED), "{}", agent.log());
 }
