@@ -90,12 +90,18 @@ impl Dispatcher {
         }
     }
 
-    /// Registers `notifications_total{outcome}` (delivered, failed, given_up, dropped).
+    /// Registers `notifications_total{outcome}` (delivered, failed, given_up, dropped) and
+    /// `notifications_lost_total`.
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         reg.register(
             "notifications",
             "Notification sends, by outcome (delivered, failed and retried, given_up, dropped: a newer status of the commit replaced it)",
             self.sends.clone(),
+        );
+        reg.register(
+            "notifications_lost",
+            "Notifications lost before the outbox: the records they need unreadable, or the outbox refusing them (logged at error)",
+            self.shared.lost.clone(),
         );
     }
 
@@ -329,6 +335,7 @@ mod tests {
             store,
             receivers: Vec::new(),
             wake: tokio::sync::Notify::new(),
+            lost: Default::default(),
         });
         let (timeout, week) = (Duration::from_secs(10), Duration::from_secs(7 * 86_400));
         Dispatcher::new(shared, HashMap::new(), 10, timeout, week)

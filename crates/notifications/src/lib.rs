@@ -85,6 +85,7 @@ pub fn start(
         store,
         receivers,
         wake: tokio::sync::Notify::new(),
+        lost: Default::default(),
     });
     let notifier = Notifier {
         shared: Some(Arc::clone(&shared)),

@@ -19,6 +19,8 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) receivers: Vec<Receiver>,
     pub(crate) wake: Notify,
+    /// Notifications lost: their records unreadable, or the outbox refusing them.
+    pub(crate) lost: prometheus_client::metrics::counter::Counter,
 }
 
 /// Cheap to clone; does nothing when no receiver is configured.
@@ -85,6 +87,7 @@ impl Notifier {
             match added {
                 Ok(added) => queued |= added,
                 Err(e) => {
+                    s.lost.inc();
                     tracing::error!(receiver = %r.name, key, error = %e, "Cannot queue a notification: it is lost");
                 }
             }
@@ -94,13 +97,26 @@ impl Notifier {
         }
     }
 
-    async fn agent(&self, s: &Shared, agent_id: i64) -> Option<AgentInfo> {
-        let agent = s.store.get_agent(agent_id).await.ok()??;
-        let project = s.store.get_project(agent.project_id).await.ok()??;
-        Some(AgentInfo {
-            id: agent.id,
-            name: agent.name,
-            project: project.path,
+    /// The agent a notification (`what`) is about; `None` for an agent the store no longer
+    /// has (nothing to tell), or when the store cannot be read: then the notification is lost
+    /// — the report or commit behind it is acknowledged already — so it is logged at error
+    /// and counted (`notifications_lost_total`), never dropped silently.
+    async fn agent(&self, s: &Shared, agent_id: i64, what: &str) -> Option<AgentInfo> {
+        let found = async {
+            let Some(agent) = s.store.get_agent(agent_id).await? else {
+                return Ok(None);
+            };
+            let project = s.store.get_project(agent.project_id).await?;
+            Ok::<_, tether_store::Error>(project.map(|p| AgentInfo {
+                id: agent.id,
+                name: agent.name,
+                project: p.path,
+            }))
+        };
+        found.await.unwrap_or_else(|e| {
+            s.lost.inc();
+            tracing::error!(agent_id, notification = what, error = %e, "Cannot read the agent's records for a notification: it is lost");
+            None
         })
     }
 
@@ -127,7 +143,7 @@ impl Notifier {
         if change.transition.is_none() && change.status.is_none() {
             return;
         }
-        let Some(agent) = self.agent(&s, agent_id).await else {
+        let Some(agent) = self.agent(&s, agent_id, "sync report").await else {
             return;
         };
         let project = self.project_path(&s, &report.project_id).await;
@@ -217,7 +233,7 @@ impl Notifier {
         let Some(s) = self.wants(true).cloned() else {
             return;
         };
-        let Some(agent) = self.agent(&s, agent_id).await else {
+        let Some(agent) = self.agent(&s, agent_id, "commit sent").await else {
             return;
         };
         let recorded = match s
@@ -289,7 +305,7 @@ impl Notifier {
         }))
         .await;
         if self.wants(true).is_some()
-            && let Some(agent) = self.agent(&s, agent_id).await
+            && let Some(agent) = self.agent(&s, agent_id, "commit refused").await
         {
             let description = format!("refused: {reason}");
             self.status(
@@ -308,7 +324,7 @@ impl Notifier {
         let Some(s) = self.wants(false).cloned() else {
             return;
         };
-        let Some(agent) = self.agent(&s, agent_id).await else {
+        let Some(agent) = self.agent(&s, agent_id, "configuration refused").await else {
             return;
         };
         let project = agent.project.clone();
@@ -350,6 +366,7 @@ mod tests {
                 store: Arc::clone(store),
                 receivers: vec![forge],
                 wake: Notify::new(),
+                lost: Default::default(),
             })),
         }
     }
@@ -516,5 +533,31 @@ mod tests {
         let keys: Vec<&str> = queued.iter().map(|n| n.dedup_key.as_str()).collect();
         let c2 = format!("status:{}:group/manifests:c2:Pending", agent.id);
         assert_eq!(keys, [c2.as_str()]);
+    }
+
+    /// A sync report whose agent's records cannot be read (the database failing right after
+    /// storing the report) loses its notification, but not silently: it is counted (and
+    /// logged at error), where it used to vanish without a trace.
+    #[tokio::test]
+    async fn a_notification_lost_to_an_unreadable_store_is_counted() {
+        let (dir, _store, agent, notifier) = forge_setup().await;
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(dir.path().join("kas.db"));
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        // Reads of the agent fail from now on, as in an outage.
+        sqlx::query("ALTER TABLE agents RENAME TO agents_away")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let mut failed = SyncReport {
+            project_id: "group/manifests".into(),
+            commit_id: "c1".into(),
+            ..SyncReport::default()
+        };
+        failed.set_sync_outcome(SyncOutcome::Failed);
+        notifier.sync_reported(agent.id, None, &failed).await;
+
+        let lost = notifier.shared.as_ref().map(|s| s.lost.get());
+        assert_eq!(lost, Some(1));
     }
 }
