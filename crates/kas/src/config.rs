@@ -339,7 +339,7 @@ impl Default for Git {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Database {
     /// SQLite file; default `<data_dir>/kas.sqlite`.
@@ -354,6 +354,23 @@ pub struct Database {
     /// Where `url` was read from (`url_file`, moved here by [`Config::load`]), to follow it.
     #[serde(skip)]
     pub url_read_from: Option<PathBuf>,
+    /// PostgreSQL: the server cancels a statement running longer, and kas gives up on an
+    /// operation 5 s after that — a server that vanished answers nothing, and TCP would wait
+    /// a quarter of an hour. `0s`: neither.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        Self {
+            sqlite_path: None,
+            url: None,
+            url_file: None,
+            url_read_from: None,
+            statement_timeout: tether_store::DEFAULT_STATEMENT_TIMEOUT,
+        }
+    }
 }
 
 /// Which database kas keeps its records in (see [`Config::database_location`]).
@@ -969,6 +986,7 @@ mod tests {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples/kas.yaml");
         let c = Config::load(&p).expect("example config");
         assert_eq!(c.agent.tunnel_wait_timeout, Duration::from_secs(20));
+        assert_eq!(c.database.statement_timeout, Duration::from_secs(60));
     }
 
     #[test]

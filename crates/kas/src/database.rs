@@ -37,20 +37,40 @@ pub async fn open(location: &DatabaseLocation) -> Result<Arc<dyn Store>> {
 /// How often the file of `database.url_file` is looked at.
 const URL_RECHECK: Duration = Duration::from_secs(10);
 
+/// The database kas serves from: the store, how long one of its operations may take (see
+/// [`PgStore::operation_timeout`]; `None` for SQLite, on local disk), and the task following
+/// `database.url_file`, if any.
+#[derive(Debug)]
+pub struct Opened {
+    pub store: Arc<dyn Store>,
+    pub operation_timeout: Option<Duration>,
+    pub follower: Option<tokio::task::JoinHandle<()>>,
+}
+
 /// Opens the configured database and, when its URL came from `database.url_file`, follows that
 /// file until `stop` (see [`follow_url`]).
-pub async fn open_followed(
-    cfg: &crate::config::Config,
-    stop: CancellationToken,
-) -> Result<(Arc<dyn Store>, Option<tokio::task::JoinHandle<()>>)> {
+pub async fn open_followed(cfg: &crate::config::Config, stop: CancellationToken) -> Result<Opened> {
     let location = cfg.database_location();
-    let (DatabaseLocation::Postgres(url), Some(file)) = (&location, &cfg.database.url_read_from)
-    else {
-        return Ok((open(&location).await?, None));
+    let DatabaseLocation::Postgres(url) = &location else {
+        let store = open(&location).await?;
+        return Ok(Opened {
+            store,
+            operation_timeout: None,
+            follower: None,
+        });
     };
-    let pg = PgStore::connect(url).await?;
-    let follower = tokio::spawn(follow_url(pg.clone(), file.clone(), url.clone(), stop));
-    Ok((Arc::new(pg), Some(follower)))
+    let timeout = cfg.database.statement_timeout;
+    let pg = PgStore::connect_with_timeout(url, timeout).await?;
+    let follower = cfg
+        .database
+        .url_read_from
+        .as_ref()
+        .map(|file| tokio::spawn(follow_url(pg.clone(), file.clone(), url.clone(), stop)));
+    Ok(Opened {
+        operation_timeout: pg.operation_timeout(),
+        store: Arc::new(pg),
+        follower,
+    })
 }
 
 /// Follows the file holding the PostgreSQL URL: when it changes (a Secret with a rotated

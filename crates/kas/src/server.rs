@@ -305,13 +305,14 @@ async fn start_store(
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
     let location = cfg.database_location();
-    let (store, follower) = crate::database::open_followed(cfg, Modules::shutdown_of(&handle))
+    let opened = crate::database::open_followed(cfg, Modules::shutdown_of(&handle))
         .await
         .with_context(|| format!("opening the database {location}"))?;
     let store_metrics = crate::store_metrics::StoreMetrics::default();
     store_metrics.register(metrics);
-    let store = crate::store_metrics::Metered::wrap(store, store_metrics);
-    let handle = match follower {
+    let bound = opened.operation_timeout;
+    let store = crate::store_metrics::Metered::wrap(opened.store, store_metrics, bound);
+    let handle = match opened.follower {
         Some(task) => handle.task(task),
         None => handle,
     };

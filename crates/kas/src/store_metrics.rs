@@ -168,9 +168,11 @@ impl Operation {
 /// Whether an error is the store failing (counted) rather than answering a refusal.
 pub fn is_failure(error: &Error) -> bool {
     match error {
-        Error::Database(_) | Error::Migrate(_) | Error::WriteTurnTimedOut(_) | Error::Backup(_) => {
-            true
-        }
+        Error::Database(_)
+        | Error::Migrate(_)
+        | Error::WriteTurnTimedOut(_)
+        | Error::TimedOut(_)
+        | Error::Backup(_) => true,
         Error::InvalidName { .. }
         | Error::NotFound(_)
         | Error::AlreadyExists(_)
@@ -214,16 +216,41 @@ impl StoreMetrics {
     }
 }
 
-/// A store whose failures are counted in [`StoreMetrics`]; otherwise the store it wraps.
+/// A store whose failures are counted in [`StoreMetrics`], each operation given up after
+/// `bound` (see [`tether_store::PgStore::operation_timeout`]); otherwise the store it wraps.
 #[derive(Debug)]
 pub struct Metered {
     inner: Arc<dyn Store>,
     metrics: StoreMetrics,
+    bound: Option<std::time::Duration>,
 }
 
 impl Metered {
-    pub fn wrap(inner: Arc<dyn Store>, metrics: StoreMetrics) -> Arc<dyn Store> {
-        Arc::new(Self { inner, metrics })
+    pub fn wrap(
+        inner: Arc<dyn Store>,
+        metrics: StoreMetrics,
+        bound: Option<std::time::Duration>,
+    ) -> Arc<dyn Store> {
+        Arc::new(Self {
+            inner,
+            metrics,
+            bound,
+        })
+    }
+
+    /// `operation`, failed with [`Error::TimedOut`] past the bound: a request, a stream, a
+    /// background task waiting on a server that vanished gets an error it reports, not a
+    /// wait of a quarter of an hour.
+    async fn bounded<T>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let Some(bound) = self.bound else {
+            return operation.await;
+        };
+        tokio::time::timeout(bound, operation)
+            .await
+            .unwrap_or(Err(Error::TimedOut(bound)))
     }
 }
 
@@ -256,7 +283,7 @@ mod tests {
             .await
             .unwrap();
         let metrics = StoreMetrics::default();
-        let store = Metered::wrap(Arc::new(sqlite), metrics.clone());
+        let store = Metered::wrap(Arc::new(sqlite), metrics.clone(), None);
         store.register_agent("group/p", "a").await.unwrap();
         let refused = store.register_agent("group/p", "a").await;
         assert!(

@@ -409,3 +409,114 @@ fn a_backup_of_postgres_points_to_pg_dump() {
     assert!(!text(&out).contains("s3cret-pw"), "{}", text(&out));
     assert!(!to.exists());
 }
+
+/// A TCP proxy to PostgreSQL that can go silent: the connections open through it stop
+/// carrying anything either way but stay open — a server that vanished (a node gone, a network
+/// dropping everything) as its clients see it. Connections opened afterwards work.
+struct Proxy {
+    port: u16,
+    silence: std::sync::Mutex<tokio_util::sync::CancellationToken>,
+}
+
+impl Proxy {
+    async fn start(upstream: u16) -> std::sync::Arc<Proxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = std::sync::Arc::new(Proxy {
+            port: listener.local_addr().unwrap().port(),
+            silence: std::sync::Mutex::new(tokio_util::sync::CancellationToken::new()),
+        });
+        let accepting = std::sync::Arc::clone(&proxy);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let silence = accepting.silence.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        // Both sockets stay open, silent, until the test ends.
+                        () = silence.cancelled() => std::future::pending::<()>().await,
+                    }
+                });
+            }
+        });
+        proxy
+    }
+
+    /// The connections open now go silent.
+    fn go_silent(&self) {
+        let mut silence = self.silence.lock().unwrap();
+        silence.cancel();
+        *silence = tokio_util::sync::CancellationToken::new();
+    }
+}
+
+/// PostgreSQL vanishing under a write (its answers stop arriving, the connection stays open):
+/// the write fails within `database.statement_timeout` plus 5 s and is counted, where it
+/// waited for TCP to give up — about 15 minutes, or for good behind a connection that is never
+/// reset — holding the request. kas writes again once the database can be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_database_vanished_fails_within_the_statement_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("kas").unwrap();
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(port).await;
+    let proxied = url.replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
+    let options = KasOptions {
+        extra_yaml: format!("database:\n  url: {proxied}\n  statement_timeout: 2s\n"),
+        ..KasOptions::default()
+    };
+    let kas = Kas::start(&dir.path().join("kas"), options).await;
+    kas.admin.register_agent("group/app", "one").await.unwrap();
+    // Registering an agent now takes a while on the server, so the write is under way when
+    // the proxy goes silent.
+    pg.sql_in(
+        "kas",
+        "CREATE FUNCTION slow() RETURNS trigger AS $$BEGIN PERFORM pg_sleep(3); RETURN NEW; END$$ LANGUAGE plpgsql;\
+         CREATE TRIGGER slow BEFORE INSERT ON agents FOR EACH ROW EXECUTE FUNCTION slow();",
+    )
+    .unwrap();
+
+    let started = std::time::Instant::now();
+    let register = kas.admin.register_agent("group/app", "two");
+    let silenced = async {
+        wait_for("the write under way", Duration::from_secs(10), || async {
+            let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'";
+            (pg.sql_in("kas", sleeping).unwrap().trim() == "1").then_some(())
+        })
+        .await;
+        proxy.go_silent();
+    };
+    let (registered, ()) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(register, silenced)
+    })
+    .await
+    .expect("the write still waits for the vanished database");
+    assert!(registered.is_err(), "{registered:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let series = r#"kas_store_errors_total{operation="register_agent",kind="write"}"#;
+    assert_eq!(kas.metric(series).await, Some(1.0));
+    assert!(kas.log().contains("did not answer within"), "{}", kas.log());
+
+    pg.sql_in("kas", "DROP TRIGGER slow ON agents;").unwrap();
+    wait_for("writes working again", Duration::from_secs(30), || async {
+        kas.admin.register_agent("group/app", "three").await.ok()
+    })
+    .await;
+}

@@ -31,6 +31,11 @@ pub enum Error {
     /// (a database that stopped answering, or a lock another replica does not let go).
     #[error("no turn to write within {} s: earlier writes of this kas are still waiting on the database", .0.as_secs())]
     WriteTurnTimedOut(std::time::Duration),
+    /// The database did not answer within the operation timeout (a server that vanished, a
+    /// network that drops everything): given up rather than waited on for the kernel's TCP
+    /// retransmissions, a quarter of an hour.
+    #[error("the database did not answer within {0:?}")]
+    TimedOut(std::time::Duration),
     /// The embedded schema migrations could not be applied.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

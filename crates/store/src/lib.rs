@@ -24,7 +24,7 @@ pub use model::{
     Agent, AgentRow, AuthenticatedAgent, NotificationResult, PendingNotification, Project,
     ProjectSource, Suspension, SuspensionScope, TokenInfo, UserTokenInfo, WebSession,
 };
-pub use postgres::PgStore;
+pub use postgres::{DEFAULT_STATEMENT_TIMEOUT, PgStore};
 pub use sqlite::SqliteStore;
 pub use token::{AgentToken, TOKEN_PREFIX, TOKEN_RANDOM_LEN};
 pub use validate::{

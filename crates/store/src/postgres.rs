@@ -31,6 +31,16 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// the server.
 const WRITE_TURN_WAIT: Duration = Duration::from_secs(30);
 
+/// The default of [`PgStore::connect_with_timeout`]'s `statement_timeout`: far above what any
+/// of kas's statements takes, and above `lock_timeout` (a write waiting for the lock reports
+/// that, not this).
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How much longer than the server's `statement_timeout` a client waits for an answer (see
+/// [`PgStore::operation_timeout`]): the server's own cancellation, a clearer error, comes
+/// first whenever the server is there to send it.
+const CLIENT_MARGIN: Duration = Duration::from_secs(5);
+
 /// [`Store`](crate::Store) backed by a PostgreSQL database.
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -38,6 +48,8 @@ pub struct PgStore {
     /// Writers of this process take turns here before taking a connection (see
     /// [`PgStore::write`]).
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// The server's `statement_timeout` on every session.
+    statement_timeout: Duration,
 }
 
 impl PgStore {
@@ -45,15 +57,22 @@ impl PgStore {
     /// brings the schema up to date. Fails if the server cannot be reached now; once running,
     /// the pool reconnects by itself and each operation reports the outage as an error.
     pub async fn connect(url: &str) -> Result<Self> {
-        let options = connect_options(url)?;
+        Self::connect_with_timeout(url, DEFAULT_STATEMENT_TIMEOUT).await
+    }
+
+    /// As [`PgStore::connect`], the server cancelling any statement running longer than
+    /// `statement_timeout` (rounded to milliseconds; zero: none).
+    pub async fn connect_with_timeout(url: &str, statement_timeout: Duration) -> Result<Self> {
+        let options = connect_options(url, statement_timeout)?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
             .await?;
-        // On a connection of its own without `lock_timeout`: the migrator waits on an advisory
-        // lock while another replica (or `kas store migrate`) migrates, however long that takes.
-        let unbounded = options.options([("lock_timeout", "0")]);
+        // On a connection of its own without `lock_timeout` nor `statement_timeout`: the
+        // migrator waits on an advisory lock while another replica (or `kas store migrate`)
+        // migrates, however long that takes, and a migration may rewrite a large table.
+        let unbounded = options.options([("lock_timeout", "0"), ("statement_timeout", "0")]);
         let mut conn = <PgConnection as sqlx::Connection>::connect_with(&unbounded).await?;
         let migrator = migrator();
         let migrated = match migrator.run(&mut conn).await {
@@ -65,7 +84,16 @@ impl PgStore {
         Ok(Self {
             pool,
             writer: Arc::default(),
+            statement_timeout,
         })
+    }
+
+    /// How long a client should wait for one operation before giving up on the server: its
+    /// `statement_timeout` and a margin (`None` without one). Neither sqlx nor the kernel
+    /// bounds a query whose server vanished (no reset, no answer) before TCP gives up, about
+    /// 15 minutes, and the server's timeout cannot end what it never hears of.
+    pub fn operation_timeout(&self) -> Option<Duration> {
+        (!self.statement_timeout.is_zero()).then(|| self.statement_timeout + CLIENT_MARGIN)
     }
 
     /// Makes the pool's new connections use `url` (a rotated password), once one connection
@@ -73,7 +101,7 @@ impl PgStore {
     /// working ones. Open connections stay (PostgreSQL keeps a session whose role's password
     /// changed); they are replaced as they close.
     pub async fn switch_url(&self, url: &str) -> Result<()> {
-        let options = connect_options(url)?;
+        let options = connect_options(url, self.statement_timeout)?;
         let probe = <PgConnection as sqlx::Connection>::connect_with(&options);
         let conn = tokio::time::timeout(ACQUIRE_TIMEOUT, probe)
             .await
@@ -120,10 +148,14 @@ const SESSION_SETTINGS: [(&str, &str); 6] = [
     ("tcp_keepalives_count", "3"),
 ];
 
-/// The options a URL gives, with [`SESSION_SETTINGS`].
-fn connect_options(url: &str) -> Result<PgConnectOptions> {
+/// The options a URL gives, with [`SESSION_SETTINGS`] and the server cancelling statements
+/// running longer than `statement_timeout` (a query left running by a client that gave up).
+fn connect_options(url: &str, statement_timeout: Duration) -> Result<PgConnectOptions> {
     let options: PgConnectOptions = url.parse()?;
-    Ok(options.options(SESSION_SETTINGS))
+    let millis = statement_timeout.as_millis().to_string();
+    Ok(options
+        .options(SESSION_SETTINGS)
+        .options([("statement_timeout", millis.as_str())]))
 }
 
 crate::backend::impl_store!(PgStore, PgConnection);

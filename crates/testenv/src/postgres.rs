@@ -142,12 +142,13 @@ impl Postgres {
 
     /// Runs one SQL statement as [`USER`] in database `postgres`.
     fn sql(&self, statement: &str) -> Result<()> {
-        self.sql_in("postgres", statement)
+        self.sql_in("postgres", statement).map(drop)
     }
 
     /// Runs SQL (one or several statements) as [`USER`] in `database`, behind the back of
-    /// the programs using it: a test making writes fail with a trigger, say.
-    pub fn sql_in(&self, database: &str, statement: &str) -> Result<()> {
+    /// the programs using it: a test making writes fail with a trigger, say. Returns what it
+    /// printed: the rows selected, unaligned, one a line.
+    pub fn sql_in(&self, database: &str, statement: &str) -> Result<String> {
         let mut psql = self.command("psql");
         psql.args([
             "-h",
@@ -156,6 +157,7 @@ impl Postgres {
             USER,
             "-d",
             database,
+            "-At",
             "-v",
             "ON_ERROR_STOP=1",
             "-p",
@@ -163,7 +165,7 @@ impl Postgres {
         .arg(self.port.to_string())
         .arg("-c")
         .arg(statement);
-        run_output(&mut psql).map(drop)
+        run_output(&mut psql).map(|out| String::from_utf8_lossy(&out).into_owned())
     }
 
     /// Puts a rule first in pg_hba.conf (the first matching rule decides): `user` connecting
