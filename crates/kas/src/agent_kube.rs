@@ -64,7 +64,8 @@ impl Reach {
     /// A request on a tunnel here that the agent closes without taking it (agentk stopping, or
     /// closing a surplus idle stream, as kas chose that stream) goes the same way again, as
     /// long as that time allows (`Resending`): the replica holding the tunnels does the same
-    /// for the requests it carries.
+    /// for the requests it carries, and a request such a replica refused (it lost the agent
+    /// and its directory entry is not gone yet) goes to the agent's next holder likewise.
     pub(crate) async fn open(
         &self,
         agent_id: i64,
@@ -97,9 +98,11 @@ impl Reach {
         meta: &HashMap<String, String>,
         wait: Duration,
     ) -> Result<Reopened, ReachError> {
-        let through = |s| Reopened {
+        // The holder's refusal (it lost the agent) is an answer too: the request goes to the
+        // next holder rather than failing.
+        let through = |s: crate::peer_stream::OkFirst<tokio::net::TcpStream>| Reopened {
+            answer: Some(s.answer()),
             io: Box::new(s),
-            answer: None,
         };
         if let Some(peers) = self
             .peers

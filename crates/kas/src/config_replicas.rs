@@ -28,6 +28,9 @@ use crate::cluster::{Cluster, ClusterEvent};
 /// leaves each kas replica deciding on its own agent replicas for a refresh period at most.
 const ENTRY_TTL: u64 = 180;
 const REFRESH: Duration = Duration::from_secs(60);
+/// How often removals that failed (Redis unreachable as a stream ended) are tried again: the
+/// other kas replicas would otherwise count the ended stream's entry until it expires.
+const WITHDRAW_RETRY: Duration = Duration::from_secs(3);
 
 /// How long a dead kas replica's entries are left before they are removed and the agents'
 /// configuration decided again: a stopping replica's Pods reconnect to the others within
@@ -114,6 +117,8 @@ pub struct SharedRunning {
     /// When this replica first found each dead kas replica's entries (see
     /// [`SharedRunning::remove_departed`]).
     dead_since: Mutex<HashMap<u64, Instant>>,
+    /// Entries of ended streams whose removal failed, removed again every [`WITHDRAW_RETRY`].
+    unwithdrawn: Mutex<HashSet<(i64, u64)>>,
 }
 
 impl std::fmt::Debug for SharedRunning {
@@ -132,6 +137,7 @@ impl SharedRunning {
             cluster,
             mine: Mutex::default(),
             dead_since: Mutex::default(),
+            unwithdrawn: Mutex::default(),
         }
     }
 
@@ -139,9 +145,37 @@ impl SharedRunning {
         self.mine.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Writes this replica's entries again every [`REFRESH`] until `stop`.
+    fn unwithdrawn(&self) -> std::sync::MutexGuard<'_, HashSet<(i64, u64)>> {
+        self.unwithdrawn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes this replica's entries again every [`REFRESH`], and removes those whose removal
+    /// failed every [`WITHDRAW_RETRY`], until `stop`.
     pub async fn refresh(self: Arc<Self>, stop: CancellationToken) {
-        crate::modules::every(REFRESH, stop, || self.refresh_once()).await;
+        let retry = {
+            let (this, stop) = (Arc::clone(&self), stop.clone());
+            crate::modules::every(WITHDRAW_RETRY, stop, move || {
+                let this = Arc::clone(&this);
+                async move { this.withdraw_again().await }
+            })
+        };
+        tokio::join!(
+            crate::modules::every(REFRESH, stop, || self.refresh_once()),
+            retry
+        );
+    }
+
+    async fn withdraw_again(&self) {
+        let due: Vec<(i64, u64)> = self.unwithdrawn().iter().copied().collect();
+        for (agent_id, stream) in due {
+            if let Err(e) = self.delete(agent_id, stream).await {
+                tracing::debug!(error = %e, "Cannot remove an ended stream's entry from Redis yet");
+                return;
+            }
+            self.unwithdrawn().remove(&(agent_id, stream));
+        }
     }
 
     async fn refresh_once(&self) {
@@ -288,6 +322,7 @@ impl RunningDirectory for SharedRunning {
     ) -> BoxFuture<'_, Result<(), DirectoryError>> {
         // Kept before it is written: a failed write is made good at the next refresh.
         self.mine().insert((agent_id, stream), runs.clone());
+        self.unwithdrawn().remove(&(agent_id, stream));
         Box::pin(async move {
             let entries = [((agent_id, stream), runs)];
             self.write(&entries).await.map_err(redis_error)
@@ -296,7 +331,13 @@ impl RunningDirectory for SharedRunning {
 
     fn withdraw(&self, agent_id: i64, stream: u64) -> BoxFuture<'_, Result<(), DirectoryError>> {
         self.mine().remove(&(agent_id, stream));
-        Box::pin(async move { self.delete(agent_id, stream).await.map_err(redis_error) })
+        Box::pin(async move {
+            let deleted = self.delete(agent_id, stream).await;
+            if deleted.is_err() {
+                self.unwithdrawn().insert((agent_id, stream));
+            }
+            deleted.map_err(redis_error)
+        })
     }
 
     fn elsewhere(&self, agent_id: i64) -> BoxFuture<'_, Result<Vec<ReplicaRuns>, DirectoryError>> {

@@ -3,24 +3,43 @@
 //! once, and the holder's `OK\n` (or `ERR …\n`) is checked on the first read. That saves one
 //! round trip between replicas per request; a holder that cannot take the request answers
 //! `ERR`, which the first read turns into an error naming the holder's reason.
+//!
+//! A holder answers `ERR` before handing any byte to the agent, so the request was not taken:
+//! [`OkFirst::answer`] says so ([`Answered::NotTaken`]), and the request goes to another holder
+//! ([`tether_tunnel_server::Resending`]) instead of failing with a 502.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use tether_tunnel_server::{AnswerWatch, Answered};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Longest answer line accepted.
 const MAX_LINE: usize = 1024;
 
+/// Called once when the holder refuses the request.
+type OnRefusal = Box<dyn FnOnce() + Send + Sync>;
+
 /// A stream whose first bytes from the peer must be `OK\n`.
-#[derive(Debug)]
 pub struct OkFirst<S> {
     inner: S,
     /// Bytes read while looking for the answer line; after it, what followed it.
     pending: Vec<u8>,
     /// Whether the answer line was read and was `OK`.
     answered: bool,
+    /// The holder's answer as read so far (shared with whoever may send the request again).
+    answer: AnswerWatch,
+    on_refusal: Option<OnRefusal>,
+}
+
+impl<S> std::fmt::Debug for OkFirst<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OkFirst")
+            .field("answered", &self.answered)
+            .field("answer", &self.answer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S> OkFirst<S> {
@@ -29,16 +48,33 @@ impl<S> OkFirst<S> {
             inner,
             pending: Vec::new(),
             answered: false,
+            answer: AnswerWatch::default(),
+            on_refusal: None,
         }
     }
 
     /// A stream whose `OK` was already read.
     pub fn answered(inner: S) -> Self {
+        let answer = AnswerWatch::default();
+        answer.set(Answered::Taken);
         Self {
             inner,
             pending: Vec::new(),
             answered: true,
+            answer,
+            on_refusal: None,
         }
+    }
+
+    /// Runs `f` once if the holder refuses the request (its `ERR` line is read).
+    pub fn on_refusal(mut self, f: impl FnOnce() + Send + Sync + 'static) -> Self {
+        self.on_refusal = Some(Box::new(f));
+        self
+    }
+
+    /// The holder's answer: taken once `OK` is read, not taken once `ERR` is.
+    pub fn answer(&self) -> AnswerWatch {
+        self.answer.clone()
     }
 }
 
@@ -66,9 +102,20 @@ impl<S: AsyncRead + Unpin> OkFirst<S> {
                 Some(Ok(rest)) => {
                     self.pending = rest.to_vec();
                     self.answered = true;
+                    self.answer.set(Answered::Taken);
                     return Poll::Ready(Ok(()));
                 }
-                Some(Err(e)) => return Poll::Ready(Err(e)),
+                Some(Err(e)) => {
+                    // Only an answer line: a holder that closed or sent garbage may have
+                    // passed the request on.
+                    if self.pending.contains(&b'\n') {
+                        self.answer.set(Answered::NotTaken);
+                        if let Some(f) = self.on_refusal.take() {
+                            f();
+                        }
+                    }
+                    return Poll::Ready(Err(e));
+                }
                 None => {}
             }
             let mut chunk = [0u8; 512];
@@ -145,6 +192,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for OkFirst<S> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
@@ -178,5 +226,36 @@ mod tests {
         far.write_all(b"ERR agent 7 has no tunnel\n").await.unwrap();
         let e = s.read(&mut [0u8; 8]).await.unwrap_err();
         assert!(e.to_string().contains("agent 7 has no tunnel"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_says_the_request_was_not_taken_and_an_ok_that_it_was() {
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (near, mut far) = tokio::io::duplex(64);
+        let flag = std::sync::Arc::clone(&refused);
+        let mut s = OkFirst::new(near).on_refusal(move || flag.store(true, Ordering::SeqCst));
+        assert_eq!(s.answer().get(), Answered::Not);
+        far.write_all(b"ERR agent 7 is not connected\n")
+            .await
+            .unwrap();
+        s.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(s.answer().get(), Answered::NotTaken);
+        assert!(refused.load(Ordering::SeqCst));
+
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut s = OkFirst::new(near);
+        far.write_all(b"OK\nx").await.unwrap();
+        assert_eq!(s.read(&mut [0u8; 8]).await.unwrap(), 1);
+        assert_eq!(s.answer().get(), Answered::Taken);
+
+        let (near, far) = tokio::io::duplex(64);
+        let mut s = OkFirst::new(near);
+        drop(far);
+        s.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(
+            s.answer().get(),
+            Answered::Not,
+            "closed without answering: maybe passed on"
+        );
     }
 }

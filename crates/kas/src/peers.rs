@@ -3,11 +3,14 @@
 //!
 //! - **Directory** (Redis): `tether:agent:<id>` is a hash of the replicas holding the agent's
 //!   tunnels (field: replica id, value: until when, Unix seconds), written when the agent's
-//!   first tunnel arrives, removed when its last one leaves, refreshed every 4 minutes with a
+//!   first tunnel arrives, removed when its last one leaves (a failed removal is made again at
+//!   each liveness tick until Redis answers), refreshed every 4 minutes with a
 //!   5-minute expiry (GitLab's figures: idle agents cost few Redis operations). Whether a replica
 //!   is alive is a separate key, `tether:replica:<id>` → its private address, refreshed every
 //!   3 s with a 10 s expiry: a dead replica's entries stop being used within 10 s, and at once
-//!   when connecting to it fails (the next holder is tried).
+//!   when connecting to it fails (the next holder is tried). A holder that answers `ERR` (it lost
+//!   the agent; its entry not removed yet) took nothing of the request: it is sent again to the
+//!   next holder, and that holder is tried last for [`REFUSED_MEMORY`].
 //! - **Private listener** (`peers.listen`): a forwarded request is one TCP connection: a line
 //!   with the hex HMAC-SHA256 of the next line under the shared secret, a JSON line naming the
 //!   agent, the service and the routing metadata kas decided (with a timestamp, refused when
@@ -63,6 +66,11 @@ const SPARE_MAX_AGE: Duration = Duration::from_secs(3);
 
 /// How long a holder waits for one of the agent's tunnel streams.
 const HOLDER_TUNNEL_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a holder that refused a request for an agent (it lost the agent, its directory
+/// entry not removed yet) is tried after the agent's other holders: each request sent to it
+/// first would wait [`HOLDER_TUNNEL_WAIT`] before going to the next.
+const REFUSED_MEMORY: Duration = Duration::from_secs(10);
 
 /// `peers:` in kas's configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -187,6 +195,55 @@ type Spares = HashMap<String, Vec<(std::time::Instant, TcpStream)>>;
 /// Holders read from the directory, by agent, with when they were read.
 type HoldersCache = HashMap<i64, (std::time::Instant, Vec<String>)>;
 
+/// Holders that refused a request for an agent lately, by agent and address, with when.
+type Refused = HashMap<(i64, String), std::time::Instant>;
+
+/// `holders` with those that refused lately last, in their order otherwise (pure).
+fn refused_last(
+    agent_id: i64,
+    mut holders: Vec<String>,
+    refused: &Refused,
+    now: std::time::Instant,
+) -> Vec<String> {
+    let lately = |address: &String| {
+        refused
+            .get(&(agent_id, address.clone()))
+            .is_some_and(|at| now.saturating_duration_since(*at) < REFUSED_MEMORY)
+    };
+    holders.sort_by_key(lately);
+    holders
+}
+
+/// Agents whose directory entry this replica failed to remove (Redis unreachable as their
+/// last tunnel left): removed again at each liveness tick until it works, since another
+/// replica would otherwise route to this one for the entry's remaining life (pure).
+#[derive(Debug, Default)]
+struct Unreleased(std::collections::BTreeSet<i64>);
+
+impl Unreleased {
+    fn failed(&mut self, agent_id: i64) {
+        self.0.insert(agent_id);
+    }
+
+    /// The agent's tunnels are here again: its entry is written, not removed.
+    fn held(&mut self, agent_id: i64) {
+        self.0.remove(&agent_id);
+    }
+
+    /// The entries to remove now: those of agents without tunnels here (`held`).
+    fn due(&self, held: &[i64]) -> Vec<i64> {
+        self.0
+            .iter()
+            .filter(|id| !held.contains(id))
+            .copied()
+            .collect()
+    }
+
+    fn done(&mut self, agent_id: i64) {
+        self.0.remove(&agent_id);
+    }
+}
+
 /// This replica's part in routing between replicas; cheap to clone.
 #[derive(Clone)]
 pub struct Peers {
@@ -202,6 +259,8 @@ pub struct Peers {
     spares: Arc<std::sync::Mutex<Spares>>,
     /// Nonces of the preambles this holder accepted lately.
     replays: Arc<std::sync::Mutex<Replays>>,
+    /// Holders that refused requests lately (see [`REFUSED_MEMORY`]).
+    refused: Arc<std::sync::Mutex<Refused>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -258,6 +317,7 @@ impl Peers {
             holders_cache: Arc::default(),
             spares: Arc::default(),
             replays: Arc::default(),
+            refused: Arc::default(),
         })
     }
 
@@ -288,14 +348,17 @@ impl Peers {
         // written again at the next liveness tick rather than at the next full refresh,
         // minutes later, while requests through other replicas found no holder.
         let mut stale = false;
+        let mut unreleased = Unreleased::default();
         loop {
             let written = tokio::select! {
                 () = stop.cancelled() => break,
-                _ = alive.tick() => self.announce_and_repair(&mut stale).await,
+                _ = alive.tick() => match self.announce_and_repair(&mut stale).await {
+                    Ok(()) => self.release_again(&mut unreleased).await,
+                    Err(e) => Err(e),
+                },
                 _ = refresh.tick() => self.refresh_all().await,
                 p = presence.recv() => match p {
-                    Ok(p) if p.connected => self.hold(&[p.agent_id]).await,
-                    Ok(p) => self.release(p.agent_id).await,
+                    Ok(p) => self.presence_changed(p, &mut unreleased).await,
                     // Missed some: write every agent here again.
                     Err(_) => self.refresh_all().await,
                 },
@@ -348,6 +411,33 @@ impl Peers {
             pipe.expire(agent_key(*id), AGENT_TTL as i64).ignore();
         }
         pipe.query_async::<()>(&mut self.cluster.connection()).await
+    }
+
+    /// Writes the entry of an agent whose first tunnel arrived here, removes that of one
+    /// whose last tunnel left (a failed removal is made again at the next liveness tick).
+    async fn presence_changed(
+        &self,
+        p: tether_tunnel_server::Presence,
+        unreleased: &mut Unreleased,
+    ) -> redis::RedisResult<()> {
+        if p.connected {
+            unreleased.held(p.agent_id);
+            return self.hold(&[p.agent_id]).await;
+        }
+        if let Err(e) = self.release(p.agent_id).await {
+            unreleased.failed(p.agent_id);
+            tracing::warn!(agent_id = p.agent_id, error = %e, "Cannot remove an agent whose tunnels left from the replicas' directory in Redis; trying again every 3 s");
+        }
+        Ok(())
+    }
+
+    /// Removes the entries whose removal failed, of agents still without tunnels here.
+    async fn release_again(&self, unreleased: &mut Unreleased) -> redis::RedisResult<()> {
+        for agent_id in unreleased.due(&self.registry.connected_agents()) {
+            self.release(agent_id).await?;
+            unreleased.done(agent_id);
+        }
+        Ok(())
     }
 
     async fn release(&self, agent_id: i64) -> redis::RedisResult<()> {
@@ -522,7 +612,7 @@ impl Peers {
         metadata: &HashMap<String, String>,
         confirm: bool,
     ) -> Result<Option<OkFirst<TcpStream>>, RouteError> {
-        let holders = self.holders(agent_id).await?;
+        let holders = self.refused_last(agent_id, self.holders(agent_id).await?);
         if holders.is_empty() {
             return Ok(None);
         }
@@ -540,7 +630,7 @@ impl Peers {
         }
         // What was cached may be out of date: read the directory again, once.
         self.forget_holders(agent_id);
-        let fresh = self.read_holders(agent_id).await?;
+        let fresh = self.refused_last(agent_id, self.read_holders(agent_id).await?);
         // A new nonce: a holder that took the first preamble would refuse it again.
         let request = Forwarded {
             nonce: Some(rand::random()),
@@ -662,8 +752,29 @@ impl Peers {
     }
 }
 
-/// Connects to a holder, sends the preamble and waits for `OK`.
+impl Peers {
+    fn refused_last(&self, agent_id: i64, holders: Vec<String>) -> Vec<String> {
+        let refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        refused_last(agent_id, holders, &refused, std::time::Instant::now())
+    }
+
+    /// Remembers that `address` refused a request for the agent (see [`REFUSED_MEMORY`]), and
+    /// drops the cached holders: the directory may have changed since.
+    fn refused_by(&self, agent_id: i64, address: String) {
+        self.forget_holders(agent_id);
+        let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if refused.len() > 10_000 {
+            refused.retain(|_, at| now.saturating_duration_since(*at) < REFUSED_MEMORY);
+        }
+        refused.insert((agent_id, address), now);
+    }
+}
+
 /// The first of `holders` that takes the request; what the others answered goes to `errors`.
+/// With `confirm`, each is waited for until it answers `OK`; else the first that accepts the
+/// connection is returned, and its refusal, read later, is remembered (the request is then
+/// sent again, to the next holder first).
 async fn try_holders(
     peers: &Peers,
     holders: &[String],
@@ -683,7 +794,8 @@ async fn try_holders(
                 };
                 peers.replenish(address);
                 stream.write_all(preamble).await?;
-                Ok(OkFirst::new(stream))
+                let (peers, agent_id, address) = (peers.clone(), request.agent_id, address.clone());
+                Ok(OkFirst::new(stream).on_refusal(move || peers.refused_by(agent_id, address)))
             }
         };
         match tokio::time::timeout(PREAMBLE_TIMEOUT, attempt).await {
@@ -836,6 +948,37 @@ mod tests {
     }
 
     const ME: &str = "10.0.0.5:8156";
+
+    #[test]
+    fn a_failed_removal_is_due_until_done_unless_the_agent_came_back() {
+        let mut u = Unreleased::default();
+        u.failed(7);
+        u.failed(8);
+        assert_eq!(u.due(&[]), vec![7, 8]);
+        assert_eq!(u.due(&[8]), vec![7], "held here again: not removed");
+        u.done(7);
+        u.held(8);
+        assert!(u.due(&[]).is_empty());
+    }
+
+    #[test]
+    fn holders_that_refused_lately_are_tried_last() {
+        let now = std::time::Instant::now();
+        let holders = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        let mut refused = Refused::new();
+        refused.insert((7, "a".to_owned()), now);
+        refused.insert((8, "b".to_owned()), now);
+        assert_eq!(
+            refused_last(7, holders.clone(), &refused, now),
+            ["b", "c", "a"]
+        );
+        let later = now + REFUSED_MEMORY;
+        assert_eq!(
+            refused_last(7, holders.clone(), &refused, later),
+            holders,
+            "forgotten after a while"
+        );
+    }
 
     #[test]
     fn a_preamble_is_accepted_once_and_old_nonces_are_forgotten() {

@@ -535,7 +535,10 @@ struct Routed {
     token: String,
     pki: support::Pki,
     dir: tempfile::TempDir,
-    _shared: Shared,
+    /// The agent's token and kubeconfig, to start it again elsewhere.
+    agent_token: String,
+    agent_kubeconfig: String,
+    shared: Shared,
 }
 
 impl Routed {
@@ -597,8 +600,80 @@ impl Routed {
             token,
             pki,
             dir,
-            _shared: shared,
+            agent_token: t.token,
+            agent_kubeconfig: kubeconfig,
+            shared,
         }
+    }
+
+    /// Stops agentk and starts it again connected straight to replica `to`.
+    fn move_agent(&mut self, to: usize) {
+        self.agent.stop();
+        let url = format!("grpc://127.0.0.1:{}", self.kas[to].agent_port);
+        let extra = ["--kubeconfig", self.agent_kubeconfig.as_str()];
+        let dir = self.dir.path();
+        self.agent = Agent::start_with(dir, "proxy", &url, &self.agent_token, None, &extra);
+    }
+
+    /// The status of the person's GET of the namespace's ConfigMaps through replica `i`.
+    async fn get_status(&self, i: usize) -> u16 {
+        let mut sender = support::upgrade::tls_http1(self.kas[i].k8s_port, &self.pki.ca).await;
+        let request = http::Request::get(format!("/api/v1/namespaces/{}/configmaps", self.ns))
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        sender
+            .send_request(request)
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// The person's GETs through replica `via`, one after the other until `done` (within a
+    /// minute), none answered with a 502; their statuses.
+    async fn get_until<F, Fut>(&self, via: usize, what: &str, mut done: F) -> Vec<u16>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let statuses = std::sync::Mutex::new(Vec::new());
+        wait_for(what, Duration::from_secs(60), || {
+            let finished = done();
+            async {
+                let status = self.get_status(via).await;
+                let seen = {
+                    let mut seen = statuses.lock().unwrap();
+                    seen.push(status);
+                    seen.clone()
+                };
+                assert_ne!(status, 502, "{seen:?}");
+                finished.await.then_some(())
+            }
+        })
+        .await;
+        statuses.into_inner().unwrap()
+    }
+
+    /// A connection to the replicas' Redis, to read and write behind their back.
+    async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        let redis = &self.shared.redis;
+        let url = format!("redis://:{}@127.0.0.1:{}/0", redis.password, redis.port);
+        let client = redis::Client::open(url).unwrap();
+        client.get_multiplexed_async_connection().await.unwrap()
+    }
+
+    /// The replica ids in the agent's directory entry.
+    async fn directory_fields(&self) -> Vec<String> {
+        let mut conn = self.redis().await;
+        let key = format!("tether:agent:{}", self.agent_id);
+        let mut fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        fields.sort();
+        fields
     }
 
     /// The person's kubectl through replica `i`.
@@ -757,6 +832,107 @@ async fn requests_work_again_within_two_seconds_of_the_agent_reconnecting_to_ano
     eprintln!("requests worked again {took:?} after the agent reconnected to replica 2");
     assert!(took < Duration::from_secs(2), "{took:?}");
     assert!(r.agent.log().contains("127.0.0.1"), "the agent ran");
+}
+
+/// Redis unreachable (its data kept) while the agent moves from replica 1 to replica 2:
+/// replica 1's removal of its directory entry fails. Once Redis is back, that removal is made
+/// within seconds, and no request through replica 3 fails with a 502 meanwhile (one sent to
+/// replica 1 first goes to replica 2 when replica 1 refuses it). Replica 1's entry counted for
+/// the rest of its 5 minutes before, and each request routed to it first failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_whose_removal_failed_during_a_redis_outage_is_removed_once_redis_is_back() {
+    let mut r = Routed::start().await;
+    wait_for("a routed get", Duration::from_secs(30), || async {
+        (r.get_status(2).await == 200).then_some(())
+    })
+    .await;
+    let before = r.directory_fields().await;
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    r.shared.redis.stop_keeping_data().unwrap();
+    r.move_agent(1);
+    wait_for(
+        "the agent on replica 2 only",
+        Duration::from_secs(30),
+        || async {
+            let one = r.kas[0].admin.stats().await.unwrap().connected_agents;
+            let two = r.kas[1].admin.stats().await.unwrap().connected_agents;
+            (one == 0 && two == 1).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "replica 1 to fail removing the agent's entry",
+        Duration::from_secs(60),
+        || async {
+            let log = r.kas[0].log();
+            log.contains("Cannot remove an agent whose tunnels left")
+                .then_some(())
+        },
+    )
+    .await;
+    r.shared.redis.restart().unwrap();
+    assert_eq!(r.directory_fields().await, before, "the data came back");
+
+    let what = "replica 1's entry to be removed and replica 2's written";
+    let mut statuses = r
+        .get_until(2, what, || async {
+            let fields = r.directory_fields().await;
+            fields.len() == 1 && fields != before
+        })
+        .await;
+    for _ in 0..5 {
+        statuses.push(r.get_status(2).await);
+    }
+    assert!(!statuses.contains(&502), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+}
+
+/// A replica listed as holding the agent but without its tunnels (its entry not removed yet)
+/// refuses the requests routed to it: each goes to the agent's other holder instead of failing
+/// with a 502, and kas counts it as sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_by_a_holder_that_lost_the_agent_goes_to_the_next_holder() {
+    let r = Routed::start().await;
+    wait_for("a routed get", Duration::from_secs(30), || async {
+        (r.get_status(2).await == 200).then_some(())
+    })
+    .await;
+    let holder = r.directory_fields().await;
+    // Every other replica listed too (replica 3 skips itself): replica 2 lacks the agent.
+    let mut conn = r.redis().await;
+    let replicas: Vec<String> = redis::cmd("KEYS")
+        .arg("tether:replica:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(replicas.len(), 3, "{replicas:?}");
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    for key in replicas {
+        let id = key.trim_start_matches("tether:replica:").to_owned();
+        if !holder.contains(&id) {
+            let _: () = redis::cmd("HSET")
+                .arg(format!("tether:agent:{}", r.agent_id))
+                .arg(id)
+                .arg(until)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    // The holders are tried in the order Redis's answer was read in: until replica 2 came
+    // first once.
+    let resent = "kas_tunnel_requests_resent_total";
+    let statuses = r
+        .get_until(2, "a request refused by replica 2", || async {
+            r.kas[2].metric(resent).await.unwrap_or(0.0) > 0.0
+        })
+        .await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 }
 
 /// A rolling restart (SIGTERM, one replica after the other, as a Deployment rollout does):

@@ -105,6 +105,23 @@ impl Redis {
         }
     }
 
+    /// Stops the server after it saved its data (`SHUTDOWN SAVE`): [`Redis::restart`] then
+    /// brings every key back with its expiry, as after a network partition or a restart with
+    /// persistence (rather than a crash without it, as [`Redis::stop`]).
+    pub fn stop_keeping_data(&mut self) -> Result<()> {
+        let mut s = self.send("*2\r\n$8\r\nSHUTDOWN\r\n$4\r\nSAVE\r\n", "SHUTDOWN SAVE")?;
+        // AUTH's `+OK`, then the connection closes as the server exits.
+        let _ = s.read_to_end(&mut Vec::new());
+        if let Some(mut c) = self.child.take() {
+            c.wait()
+                .map_err(io_err("waiting for redis-server to exit"))?;
+        }
+        if !self.dir.path().join("dump.rdb").exists() {
+            return Err(Error::Other("Redis exited without saving its data".into()));
+        }
+        Ok(())
+    }
+
     /// Starts a stopped server again on the same port.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();

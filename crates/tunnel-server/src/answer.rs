@@ -69,7 +69,9 @@ impl AnswerWatch {
         }
     }
 
-    pub(crate) fn set(&self, a: Answered) {
+    /// Records the answer; public for byte pipes read elsewhere (the hop between kas replicas
+    /// tells a holder's refusal apart the same way).
+    pub fn set(&self, a: Answered) {
         let v = match a {
             Answered::Not => 0,
             Answered::Taken => 1,

@@ -33,9 +33,9 @@ use crate::registry::{MAX_RESENDS, OpenError, Registry};
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// A stream opened for the request, and the agent's answer on it when kas reads it itself
-/// (`None`: a stream through something else, e.g. another kas replica, which cannot be
-/// resent from here).
+/// A stream opened for the request, and the answer on it when kas can tell one (the agent's
+/// on a tunnel here, another kas replica's on the hop between replicas; `None`: a stream that
+/// cannot be resent from here).
 pub struct Reopened {
     pub io: Box<dyn Io>,
     pub answer: Option<AnswerWatch>,
