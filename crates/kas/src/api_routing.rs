@@ -142,7 +142,18 @@ pub async fn other_replicas_agents(peers: &Peers) -> Vec<Vec<AgentView>> {
 }
 
 async fn fetch_list(peers: &Peers, address: &str, parts: &Parts) -> Result<Vec<AgentView>, String> {
-    let response = forward(peers, address, parts, Bytes::new()).await?;
+    ask(peers, address, parts, Bytes::new()).await
+}
+
+/// One admin API exchange with the replica at `address` (the request `parts` with `body`),
+/// its JSON answer read as `T`.
+pub async fn ask<T: serde::de::DeserializeOwned>(
+    peers: &Peers,
+    address: &str,
+    parts: &Parts,
+    body: Bytes,
+) -> Result<T, String> {
+    let response = forward(peers, address, parts, body).await?;
     if !response.status().is_success() {
         return Err(format!("status {}", response.status()));
     }
@@ -184,6 +195,11 @@ mod tests {
         assert_eq!(agent_of("/api/v1/agents/12/reconcile"), Some(12));
         assert_eq!(agent_of("/api/v1/agents/12/suspend"), Some(12));
         assert_eq!(agent_of("/api/v1/agents/12/diff"), Some(12));
+        assert_eq!(
+            agent_of("/api/v1/agents/12/gitops/resync"),
+            None,
+            "sent by the replica a reconcile reached to each holder: served there"
+        );
         assert_eq!(agent_of("/api/v1/agents/12/tokens"), None);
         assert_eq!(agent_of("/api/v1/agents/12/user-tokens"), None);
         assert_eq!(agent_of("/api/v1/agents/12"), None);

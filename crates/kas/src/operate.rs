@@ -37,6 +37,103 @@ pub fn routes() -> Router<ApiState> {
         .route("/api/v1/agents/{id}/resume", post(resume))
         .route("/api/v1/user-tokens", get(list_user_tokens))
         .route("/api/v1/agents/{id}/gitops/progress", get(progress))
+        .route("/api/v1/agents/{id}/gitops/resync", post(resync_here))
+}
+
+/// A re-sync delivered by the replica a reconcile reached, to the agent's streams here
+/// (between replicas: see [`resync_on_holders`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ResyncHere {
+    resync_id: u64,
+    projects: Vec<i64>,
+}
+
+/// Asks the agent's GitOps streams here of each project to re-sync; how many heard it, by
+/// project.
+async fn resync_here(
+    State(st): State<ApiState>,
+    Path(agent_id): Path<i64>,
+    Json(req): Json<ResyncHere>,
+) -> Json<HashMap<i64, usize>> {
+    let id = ResyncId(req.resync_id);
+    let heard = req.projects.into_iter().map(|project_id| {
+        let streams = st.gitops_controls.resync(agent_id, project_id, id);
+        (project_id, streams)
+    });
+    Json(heard.collect())
+}
+
+/// Asks the agent's GitOps streams of `projects` to re-sync, here and on the other replicas;
+/// how many streams heard it, by project.
+async fn deliver_resync(
+    st: &ApiState,
+    agent_id: i64,
+    projects: Vec<i64>,
+    id: ResyncId,
+) -> HashMap<i64, usize> {
+    let mut streams: HashMap<i64, usize> = projects
+        .into_iter()
+        .map(|p| (p, resync_everywhere(st, agent_id, p, id)))
+        .collect();
+    let unheard: Vec<i64> = streams
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(p, _)| *p)
+        .collect();
+    if !unheard.is_empty() {
+        for (project_id, n) in resync_on_holders(st, agent_id, unheard, id).await {
+            *streams.entry(project_id).or_default() += n;
+        }
+    }
+    streams
+}
+
+/// Delivers the re-sync to the agent's GitOps streams on the other replicas holding its
+/// tunnels, and counts them by project. A follower Pod's tunnels may be here while the leading
+/// Pod's stream is on another replica: the Redis event reaches it too, but says nothing back,
+/// and the reconcile said "no GitOps stream". A replica that does not answer counts none.
+async fn resync_on_holders(
+    st: &ApiState,
+    agent_id: i64,
+    projects: Vec<i64>,
+    id: ResyncId,
+) -> HashMap<i64, usize> {
+    let mut heard = HashMap::new();
+    let Some(peers) = &st.peers else {
+        return heard;
+    };
+    let holders = match peers.holders(agent_id).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(agent_id, error = %e, "Cannot read the replicas' agent directory; a reconcile counts this replica's GitOps streams only");
+            return heard;
+        }
+    };
+    let request = ResyncHere {
+        resync_id: id.0,
+        projects,
+    };
+    let body = bytes::Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
+    let (parts, ()) = axum::http::Request::post(format!("/api/v1/agents/{agent_id}/gitops/resync"))
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(())
+        .unwrap_or_default()
+        .into_parts();
+    for address in holders {
+        let answer = crate::api_routing::ask(peers, &address, &parts, body.clone()).await;
+        match answer {
+            Ok(counts) => {
+                let counts: HashMap<i64, usize> = counts;
+                for (project_id, n) in counts {
+                    *heard.entry(project_id).or_default() += n;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(agent_id, replica = %address, error = %e, "A replica holding the agent did not take a reconcile");
+            }
+        }
+    }
+    heard
 }
 
 fn err(code: StatusCode, message: impl Into<String>) -> ApiError {
@@ -206,6 +303,11 @@ async fn reconcile(
     ids.extend(agent.map(|a| a.project_id));
     let unfinished = fetch_now(&st, &ids).await;
     let resync = st.gitops_controls.next_resync_id();
+    let known = projects
+        .iter()
+        .filter_map(|(_, p)| p.as_ref())
+        .map(|p| p.id);
+    let streams = deliver_resync(&st, agent_id, known.collect(), resync).await;
     let targets: Vec<ReconcileTarget> = projects
         .into_iter()
         .map(|(key, project)| match project {
@@ -226,7 +328,7 @@ async fn reconcile(
                     commit,
                     // A fetch that did not end in time leaves an older error or none.
                     fetch_error: unfinished.get(&p.id).cloned().or(head.error),
-                    streams: resync_everywhere(&st, agent_id, p.id, resync),
+                    streams: streams.get(&p.id).copied().unwrap_or_default(),
                 }
             }
         })

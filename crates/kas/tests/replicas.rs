@@ -411,16 +411,7 @@ async fn a_suspension_asked_of_any_replica_reaches_the_leader() {
     let (rig, _, _) = synced_rig("suspended", shared.options()).await;
     let dir = tempfile::tempdir().unwrap();
     let two = shared.replica(&dir.path().join("kas-2")).await;
-    let args: Vec<&str> = rig.agent_args.iter().map(String::as_str).collect();
-    let _follower = Agent::start_with(
-        dir.path(),
-        "follower",
-        &two.url("grpc"),
-        &rig.token,
-        None,
-        &args,
-    );
-    two.wait_connected(rig.agent_id).await;
+    let _follower = follower(&rig, dir.path(), &two).await;
 
     let request = tether_kas_api::SuspendRequest {
         reason: "incident 7".into(),
@@ -435,6 +426,31 @@ async fn a_suspension_asked_of_any_replica_reaches_the_leader() {
                 && l["reason"] == "incident 7"
         })
         .await;
+}
+
+/// `kas agent reconcile --wait` through a replica holding only a follower agentk's tunnels
+/// (the leader's GitOps stream is on another replica) reaches the leader and waits for its
+/// sync: exit 0. It counted only the GitOps streams of the replica asked, said "no GitOps
+/// stream" and exited 4 without waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_through_a_replica_with_only_a_follower_reaches_the_leader() {
+    let (_shared, dir, (rig, _, _), two) = peered_pair("followed").await;
+    let _follower = follower(&rig, dir.path(), &two).await;
+
+    let id = rig.agent_id.to_string();
+    let out = two
+        .cli()
+        .args(["agent", "reconcile", &id, "--wait", "--timeout", "90s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("no GitOps stream"), "{stdout}");
+    assert!(
+        stdout.contains("succeeded: 1 applied, 1 Current"),
+        "the leader's sync was waited for: {stdout}"
+    );
 }
 
 /// A suspension whose Redis message never came (the subscription was down at that moment; here
@@ -470,6 +486,35 @@ async fn a_suspension_whose_message_was_lost_still_reaches_the_leader() {
                 .is_some_and(|m| m.starts_with("GitOps resumed"))
         })
         .await;
+}
+
+/// A second agentk Pod of `rig`'s agent (a follower: the rig's leads), connected to `kas`.
+async fn follower(rig: &support::gitops::Rig, dir: &std::path::Path, kas: &Kas) -> Agent {
+    let args: Vec<&str> = rig.agent_args.iter().map(String::as_str).collect();
+    let agent = Agent::start_with(dir, "follower", &kas.url("grpc"), &rig.token, None, &args);
+    kas.wait_connected(rig.agent_id).await;
+    agent
+}
+
+/// Two replicas with peers listeners: a [`synced_rig`] (its kas is replica 1) and replica 2.
+async fn peered_pair(
+    name: &str,
+) -> (
+    Shared,
+    tempfile::TempDir,
+    (support::gitops::Rig, String, String),
+    Kas,
+) {
+    let shared = Shared::start();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = with_peers(shared.options(), dir.path());
+    let rig = synced_rig(name, opts).await;
+    let two = Kas::start(
+        &dir.path().join("kas-2"),
+        with_peers(shared.options(), dir.path()),
+    )
+    .await;
+    (shared, dir, rig, two)
 }
 
 /// The replicas of [`Shared`], each with its private peers listener.
@@ -1027,15 +1072,7 @@ async fn a_client_over_its_failure_limit_on_one_replica_is_refused_by_another_wi
 /// in force), GitOps status, suspend/resume, reconcile and diff.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_commands_about_an_agent_work_through_any_replica() {
-    let shared = Shared::start();
-    let dir = tempfile::tempdir().unwrap();
-    let opts = with_peers(shared.options(), dir.path());
-    let (rig, ns, c1) = synced_rig("admin-routed", opts).await;
-    let two = Kas::start(
-        &dir.path().join("kas-2"),
-        with_peers(shared.options(), dir.path()),
-    )
-    .await;
+    let (_shared, _dir, (rig, ns, c1), two) = peered_pair("admin-routed").await;
     let id = rig.agent_id;
 
     let echoed = two.admin.echo(id, b"ping".to_vec()).await.unwrap();
