@@ -60,9 +60,35 @@ pub struct AgentView {
     /// Its GitOps suspensions (`kas agent suspend`); empty when none.
     #[serde(default)]
     pub suspensions: Vec<SuspensionView>,
+    /// The kas replicas that could not be asked for their connections to the agent (their
+    /// address, or why the replicas could not be listed): the agent may be connected there, so
+    /// `connected: false` then means "unknown". Empty when every replica answered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable_replicas: Vec<String>,
 }
 
 impl AgentView {
+    /// Whether the agent may be connected to a replica that did not answer (it is connected
+    /// to none that did).
+    pub fn connection_unknown(&self) -> bool {
+        !self.connected && !self.unreachable_replicas.is_empty()
+    }
+
+    /// "unknown (replica X did not answer)" for [`AgentView::connection_unknown`], else
+    /// "connected" or "offline".
+    pub fn connection_state(&self) -> String {
+        if self.connected {
+            "connected".into()
+        } else if self.connection_unknown() {
+            format!(
+                "unknown ({} did not answer)",
+                self.unreachable_replicas.join(", ")
+            )
+        } else {
+            "offline".into()
+        }
+    }
+
     /// The clusters the agent is connected from, when more than one: its token is installed
     /// in several clusters (kas routes CI jobs to either, and each applies its GitOps).
     pub fn clusters_sharing_token(&self) -> Vec<&str> {

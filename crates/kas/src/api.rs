@@ -357,6 +357,7 @@ async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
                 connections,
                 config: st.config_states.get(r.id).map(config_view),
                 suspensions: suspensions.remove(&r.id).unwrap_or_default(),
+                unreachable_replicas: Vec::new(),
             }
         })
         .collect();

@@ -115,30 +115,45 @@ async fn forward(
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
+/// The other replicas' agent lists, and those that could not be asked.
+#[derive(Debug, Default)]
+pub struct OtherLists {
+    pub lists: Vec<Vec<AgentView>>,
+    /// Replicas that did not answer (their address), or why none could be listed.
+    pub unreachable: Vec<String>,
+}
+
 /// Every other replica's agent list (its own connections), for `GET /api/v1/agents`. A replica
-/// that does not answer is left out with a warning: the list then misses its connections.
-pub async fn other_replicas_agents(peers: &Peers) -> Vec<Vec<AgentView>> {
+/// that does not answer is named in `unreachable` (logged at warn): the list then misses its
+/// connections, and says so.
+pub async fn other_replicas_agents(peers: &Peers) -> OtherLists {
     let addresses = match peers.other_replicas().await {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, "Cannot list the other replicas; showing this replica's connections only");
-            return Vec::new();
+            return OtherLists {
+                lists: Vec::new(),
+                unreachable: vec![format!(
+                    "the other replicas (the replicas' directory in Redis cannot be read: {e})"
+                )],
+            };
         }
     };
     let (parts, _) = hyper::Request::get("/api/v1/agents")
         .body(())
         .unwrap_or_default()
         .into_parts();
-    let mut lists = Vec::new();
+    let mut others = OtherLists::default();
     for address in addresses {
         match fetch_list(peers, &address, &parts).await {
-            Ok(list) => lists.push(list),
+            Ok(list) => others.lists.push(list),
             Err(e) => {
                 tracing::warn!(replica = %address, error = %e, "A replica did not list its agents");
+                others.unreachable.push(format!("replica {address}"));
             }
         }
     }
-    lists
+    others
 }
 
 async fn fetch_list(peers: &Peers, address: &str, parts: &Parts) -> Result<Vec<AgentView>, String> {
@@ -165,9 +180,10 @@ pub async fn ask<T: serde::de::DeserializeOwned>(
 
 /// This replica's agent list with the others' (pure): an agent's connections are all of its
 /// connections on every replica; its configuration in force comes from a replica holding it.
-pub fn merge_agents(local: Vec<AgentView>, others: Vec<Vec<AgentView>>) -> Vec<AgentView> {
+/// Each agent names the replicas that did not answer.
+pub fn merge_agents(local: Vec<AgentView>, others: OtherLists) -> Vec<AgentView> {
     let mut by_id: BTreeMap<i64, AgentView> = local.into_iter().map(|a| (a.id, a)).collect();
-    for view in others.into_iter().flatten() {
+    for view in others.lists.into_iter().flatten() {
         let Some(mine) = by_id.get_mut(&view.id) else {
             // Registered since this replica read the database: shown as the holder sees it.
             by_id.insert(view.id, view);
@@ -180,7 +196,11 @@ pub fn merge_agents(local: Vec<AgentView>, others: Vec<Vec<AgentView>>) -> Vec<A
         mine.idle_tunnels += view.idle_tunnels;
         mine.connected |= view.connected;
     }
-    by_id.into_values().collect()
+    let mut merged: Vec<AgentView> = by_id.into_values().collect();
+    for a in &mut merged {
+        a.unreachable_replicas.clone_from(&others.unreachable);
+    }
+    merged
 }
 
 #[cfg(test)]
@@ -223,14 +243,33 @@ mod tests {
 
     #[test]
     fn an_agent_connected_to_another_replica_shows_as_connected() {
-        let merged = merge_agents(
-            vec![view(1, true), view(2, false)],
-            vec![vec![view(1, false), view(2, true), view(3, false)]],
-        );
+        let others = OtherLists {
+            lists: vec![vec![view(1, false), view(2, true), view(3, false)]],
+            unreachable: Vec::new(),
+        };
+        let merged = merge_agents(vec![view(1, true), view(2, false)], others);
         let ids: Vec<(i64, bool, usize)> = merged
             .iter()
             .map(|a| (a.id, a.connected, a.connections.len()))
             .collect();
         assert_eq!(ids, vec![(1, true, 1), (2, true, 1), (3, false, 0)]);
+        assert!(merged.iter().all(|a| !a.connection_unknown()));
+    }
+
+    #[test]
+    fn an_agent_not_seen_connected_while_a_replica_did_not_answer_is_unknown_not_offline() {
+        let others = OtherLists {
+            lists: Vec::new(),
+            unreachable: vec!["replica 10.0.0.6:8156".into()],
+        };
+        let merged = merge_agents(vec![view(1, true), view(2, false)], others);
+        let states: Vec<String> = merged.iter().map(AgentView::connection_state).collect();
+        assert_eq!(
+            states,
+            [
+                "connected",
+                "unknown (replica 10.0.0.6:8156 did not answer)"
+            ]
+        );
     }
 }

@@ -453,6 +453,37 @@ async fn a_reconcile_through_a_replica_with_only_a_follower_reaches_the_leader()
     );
 }
 
+/// With Redis unreachable, a replica not holding the agent cannot ask the others whether they
+/// hold it: `kas agent status` through it says the connection is unknown, naming what did not
+/// answer, and exits 7. It said "offline" and exited 0 (the list was the replica's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_status_through_a_replica_cut_from_redis_says_unknown_not_offline() {
+    let (mut shared, _dir, (rig, _, _), two) = peered_pair("unknown").await;
+    let id = rig.agent_id.to_string();
+    let status = |kas: &Kas| {
+        let out = kas.cli().args(["agent", "status", &id]).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
+            out.status.code(),
+            stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = status(&two);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains(&format!("agent {id}: connected")),
+        "{stdout}"
+    );
+
+    shared.redis.stop();
+    let (code, stdout, stderr) = status(&two);
+    assert!(!stdout.contains("offline"), "{stdout}");
+    assert!(stdout.contains(": unknown (the other replicas"), "{stdout}");
+    assert_eq!(code, Some(7), "{stdout}\n{stderr}");
+    assert!(stderr.contains("did not answer"), "{stderr}");
+}
+
 /// A suspension whose Redis message never came (the subscription was down at that moment; here
 /// it is written to the database behind kas's back) still reaches the leader's stream: every
 /// replica re-reads the suspensions every 10 s. A resumption too.

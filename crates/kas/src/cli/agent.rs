@@ -56,7 +56,7 @@ pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<
             if !print_data(format.format(), &agents)? {
                 print_agents(&agents)?;
             }
-            Ok(())
+            unknown_exit(&agents)
         }
         AgentCmd::Status { agent_id, format } => {
             let agent_id = c.resolve_agent(agent_id).await?;
@@ -150,7 +150,7 @@ fn print_agents(agents: &[AgentView]) -> Result<()> {
     for a in agents {
         let name = format!("{}:{}", a.project, a.name);
         if a.connections.is_empty() {
-            t.row(vec![a.id.to_string(), name.clone(), "offline".into()]);
+            t.row(vec![a.id.to_string(), name.clone(), a.connection_state()]);
         }
         for con in &a.connections {
             t.row(vec![
@@ -229,11 +229,42 @@ pub const EXIT_CONFIG_REFUSED: u8 = 5;
 /// token installed in each): CI jobs reach either, and GitOps applies in each.
 pub const EXIT_TOKEN_SHARED: u8 = 6;
 
+/// `kas agent status`'s and `kas agent list`'s exit code when a kas replica did not answer
+/// (or Redis could not list them) and an agent is connected to none that did: whether it is
+/// connected is unknown, and "offline" would be a guess.
+pub const EXIT_CONNECTION_UNKNOWN: u8 = 7;
+
+/// Fails with [`EXIT_CONNECTION_UNKNOWN`], saying so on stderr, when an agent's connection is
+/// unknown.
+fn unknown_exit(agents: &[AgentView]) -> Result<()> {
+    let unknown: Vec<&AgentView> = agents.iter().filter(|a| a.connection_unknown()).collect();
+    let Some(first) = unknown.first() else {
+        return Ok(());
+    };
+    eprintln!(
+        "kas: whether {} of the agents {} connected is unknown: {} did not answer",
+        unknown.len(),
+        if unknown.len() == 1 { "is" } else { "are" },
+        first.unreachable_replicas.join(", ")
+    );
+    Err(Reported {
+        code: EXIT_CONNECTION_UNKNOWN,
+    }
+    .into())
+}
+
 /// `kas agent status -o json|yaml`: the agent's state, then its projects' last syncs.
 #[derive(serde::Serialize)]
 struct StatusView<'a> {
     agent_id: i64,
     connected: bool,
+    /// The kas replicas that did not answer: with `connected` false, whether the agent is
+    /// connected is unknown.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    unreachable_replicas: &'a [String],
+    /// "connected", "offline" or "unknown (… did not answer)".
+    #[serde(skip)]
+    state: String,
     /// The configuration in force and the newest refusal, as kas knows them.
     config: Option<&'a ConfigView>,
     suspensions: &'a [SuspensionView],
@@ -258,6 +289,8 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
     let view = StatusView {
         agent_id,
         connected: agent.connected,
+        unreachable_replicas: &agent.unreachable_replicas,
+        state: agent.connection_state(),
         config: agent.config.as_ref(),
         suspensions: &agent.suspensions,
         clusters_sharing_token: agent.clusters_sharing_token(),
@@ -270,6 +303,7 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         }
         print_syncs(agent_id, &syncs)?;
     }
+    unknown_exit(std::slice::from_ref(&agent))?;
     if let Some(warning) = shared_token(&agent) {
         eprintln!("kas: agent {agent_id}: {warning}");
         return Err(Reported {
@@ -309,11 +343,7 @@ fn refusal(cfg: &ConfigView) -> Option<String> {
 
 /// The head of `kas agent status`: connected or not, the configuration in force, a refusal.
 fn print_state(v: &StatusView<'_>) -> Result<()> {
-    out!(
-        "agent {}: {}",
-        v.agent_id,
-        if v.connected { "connected" } else { "offline" }
-    )?;
+    out!("agent {}: {}", v.agent_id, v.state)?;
     match v.config {
         None => out!("configuration: none in force yet (has it connected?)")?,
         Some(cfg) if cfg.commit.is_empty() => out!("configuration in force: none yet")?,

@@ -67,6 +67,8 @@ pub fn agents(list: &[AgentView], replica: &str) -> Html {
                 Html::text(&a.project),
                 if a.connected {
                     badge("connected")
+                } else if a.connection_unknown() {
+                    badge("unknown")
                 } else {
                     badge("disconnected")
                 },
@@ -82,24 +84,40 @@ pub fn agents(list: &[AgentView], replica: &str) -> Html {
             ]
         })
         .collect();
-    Table {
-        id: "agents",
-        caption: "Agents",
-        headers: &[
-            "Name",
-            "Project",
-            "State",
-            "Connected since",
-            "Version",
-            "Pod",
-            "Replica",
-            "Configuration commit",
-            "Refusal",
-        ],
-        rows,
-        empty: "none registered yet",
+    let mut out = Html::default();
+    // Every agent names the same replicas: those that did not answer this listing.
+    if let Some(missing) = list.iter().find(|a| !a.unreachable_replicas.is_empty()) {
+        let text = format!(
+            "Incomplete: {} did not answer. An agent shown as unknown may be connected there.",
+            missing.unreachable_replicas.join(", ")
+        );
+        out.push(Html::wrap(
+            "p",
+            "class=\"warning\" role=\"alert\"",
+            Html::text(&text),
+        ));
     }
-    .render()
+    out.push(
+        Table {
+            id: "agents",
+            caption: "Agents",
+            headers: &[
+                "Name",
+                "Project",
+                "State",
+                "Connected since",
+                "Version",
+                "Pod",
+                "Replica",
+                "Configuration commit",
+                "Refusal",
+            ],
+            rows,
+            empty: "none registered yet",
+        }
+        .render(),
+    );
+    out
 }
 
 /// One manifest project's last sync and its objects (filtered), as the live stream sends it.
@@ -567,6 +585,7 @@ mod tests {
                 updated_at: 0,
             }),
             suspensions: vec![],
+            unreachable_replicas: vec![],
         }
     }
 
@@ -577,6 +596,23 @@ mod tests {
         assert!(s.contains("<a href=\"/agents/7\">seed&lt;1&gt;</a>"));
         assert!(s.contains("badbad: bad &lt;yaml&gt;"));
         assert!(s.contains("disconnected"));
+        assert!(!s.contains("Incomplete"));
+    }
+
+    #[test]
+    fn agents_a_replica_could_not_be_asked_about_show_as_unknown_under_a_banner() {
+        let a = AgentView {
+            unreachable_replicas: vec!["replica 10.0.0.6:8156".into()],
+            ..agent_view()
+        };
+        let h = agents(&[a], "r1");
+        let s = h.as_str();
+        assert!(
+            s.contains("role=\"alert\">Incomplete: replica 10.0.0.6:8156 did not answer."),
+            "{s}"
+        );
+        assert!(s.contains(">unknown<"), "{s}");
+        assert!(!s.contains("disconnected"), "{s}");
     }
 
     #[test]
