@@ -28,6 +28,13 @@ pub struct Directives {
     pub suspensions: u64,
 }
 
+/// The next re-sync id (pure): the clock (`now`, ms), unless it is not past the last id given
+/// or the highest one answered.
+fn next_id(now: u64, last: u64, answered: u64) -> u64 {
+    now.max(last.saturating_add(1))
+        .max(answered.saturating_add(1))
+}
+
 /// The directives of every (agent, project) streams are open for, or were asked about.
 #[derive(Debug, Default)]
 pub struct Controls {
@@ -55,16 +62,24 @@ impl Controls {
     /// A new re-sync id, greater than any given before (milliseconds since the epoch, or the
     /// last id plus one).
     pub fn next_resync_id(&self) -> ResyncId {
+        self.next_resync_id_after(ResyncId(0))
+    }
+
+    /// A new re-sync id, greater than any given before and than `answered` (the highest id
+    /// the agent's stored reports carry): after the clock stepped back and kas restarted, an
+    /// id from the clock alone would be one the agent already answered, which it ignores, and
+    /// whose old report `kas agent reconcile --wait` would take for the answer.
+    pub fn next_resync_id_after(&self, answered: ResyncId) -> ResyncId {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let previous = self
             .last_resync
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
-                Some(now.max(last.saturating_add(1)))
+                Some(next_id(now, last, answered.0))
             })
             .unwrap_or_else(|last| last);
-        ResyncId(now.max(previous.saturating_add(1)))
+        ResyncId(next_id(now, previous, answered.0))
     }
 
     /// Asks the open streams of (agent, project) to re-sync with `id`; how many streams heard
@@ -146,6 +161,21 @@ mod tests {
         );
         assert_eq!(suspension_for(&all, 8).map(|s| &*s.reason), Some("freeze"));
         assert_eq!(suspension_for(&all[1..], 8), None);
+    }
+
+    #[test]
+    fn a_resync_id_passes_the_highest_answered_even_with_the_clock_behind() {
+        assert_eq!(next_id(1_000, 0, 0), 1_000, "the clock");
+        assert_eq!(next_id(1_000, 1_500, 0), 1_501, "past the last given here");
+        assert_eq!(
+            next_id(1_000, 0, 2_000),
+            2_001,
+            "a restarted kas whose clock stepped back"
+        );
+        let c = Controls::default();
+        let far = ResyncId(u64::MAX / 2);
+        assert!(c.next_resync_id_after(far) > far);
+        assert!(c.next_resync_id() > far, "and after it, here");
     }
 
     #[test]

@@ -302,7 +302,10 @@ async fn reconcile(
         .collect();
     ids.extend(agent.map(|a| a.project_id));
     let unfinished = fetch_now(&st, &ids).await;
-    let resync = st.gitops_controls.next_resync_id();
+    // Past every stored answer: the clock may have stepped back since (see the function).
+    let answered = st.sync_states.for_agent(agent_id).await?;
+    let answered = answered.iter().map(|r| r.resync_id).max().unwrap_or(0);
+    let resync = st.gitops_controls.next_resync_id_after(ResyncId(answered));
     let known = projects
         .iter()
         .filter_map(|(_, p)| p.as_ref())

@@ -29,8 +29,10 @@ impl<K: Eq + Hash, V: Clone> ExpiringMap<K, V> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Younger than the ttl at `now`. An entry from after `now` (the wall clock stepped back)
+    /// is expired: counted as fresh, it lived the ttl plus the step, hours for an NTP fix.
     fn fresh(&self, at: SystemTime, now: SystemTime) -> bool {
-        now.duration_since(at).unwrap_or(Duration::ZERO) < self.ttl
+        now.duration_since(at).is_ok_and(|age| age < self.ttl)
     }
 
     /// The value stored for `key`, unless it has expired at `now`.
@@ -81,5 +83,13 @@ mod tests {
         assert_eq!(m.get(&5, t0 + Duration::from_secs(20)), Some("e"));
         m.remove(&5);
         assert_eq!(m.get(&5, t0 + Duration::from_secs(20)), None);
+    }
+
+    #[test]
+    fn an_entry_read_after_the_clock_stepped_back_is_expired() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
+        let m = ExpiringMap::new(Duration::from_secs(10), 4);
+        m.insert(1, "a", t0);
+        assert_eq!(m.get(&1, t0 - Duration::from_secs(3600)), None);
     }
 }
