@@ -849,7 +849,7 @@ impl EndedStream {
     async fn follow(self, directory: Arc<dyn RunningDirectory>) {
         let (states, agent_id) = (&self.svc.states, self.agent_id);
         if let Err(e) = directory.withdraw(agent_id, self.key).await {
-            tracing::warn!(agent_id, error = %e, "Cannot withdraw an ended configuration stream from the kas replicas' directory; its entry expires");
+            tracing::warn!(agent_id, error = %e, "Cannot withdraw an ended configuration stream from the kas replicas' directory yet; the directory tries again");
         }
         let agreed = match directory.elsewhere(agent_id).await {
             Ok(others) => states.agreed_with(agent_id, others),

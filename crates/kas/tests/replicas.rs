@@ -741,8 +741,13 @@ impl Routed {
 
     /// The replica ids in the agent's directory entry.
     async fn directory_fields(&self) -> Vec<String> {
+        self.hash_fields("agent").await
+    }
+
+    /// The fields of the agent's `tether:<what>:<id>` hash.
+    async fn hash_fields(&self, what: &str) -> Vec<String> {
         let mut conn = self.redis().await;
-        let key = format!("tether:agent:{}", self.agent_id);
+        let key = format!("tether:{what}:{}", self.agent_id);
         let mut fields: Vec<String> = redis::cmd("HKEYS")
             .arg(key)
             .query_async(&mut conn)
@@ -911,10 +916,11 @@ async fn requests_work_again_within_two_seconds_of_the_agent_reconnecting_to_ano
 }
 
 /// Redis unreachable (its data kept) while the agent moves from replica 1 to replica 2:
-/// replica 1's removal of its directory entry fails. Once Redis is back, that removal is made
-/// within seconds, and no request through replica 3 fails with a 502 meanwhile (one sent to
-/// replica 1 first goes to replica 2 when replica 1 refuses it). Replica 1's entry counted for
-/// the rest of its 5 minutes before, and each request routed to it first failed.
+/// replica 1's removal of its directory entry fails, and of its configuration stream's entry
+/// (`tether:running`). Once Redis is back, those removals are made within seconds, and no
+/// request through replica 3 fails with a 502 meanwhile (one sent to replica 1 first goes to
+/// replica 2 when replica 1 refuses it). Replica 1's entries counted for the rest of their 5
+/// and 3 minutes before, and each request routed to it first failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_whose_removal_failed_during_a_redis_outage_is_removed_once_redis_is_back() {
     let mut r = Routed::start().await;
@@ -938,11 +944,12 @@ async fn an_entry_whose_removal_failed_during_a_redis_outage_is_removed_once_red
     )
     .await;
     wait_for(
-        "replica 1 to fail removing the agent's entry",
+        "replica 1 to fail removing the agent's entries",
         Duration::from_secs(60),
         || async {
             let log = r.kas[0].log();
-            log.contains("Cannot remove an agent whose tunnels left")
+            let withdrawn = "Cannot withdraw an ended configuration stream";
+            (log.contains("Cannot remove an agent whose tunnels left") && log.contains(withdrawn))
                 .then_some(())
         },
     )
@@ -960,6 +967,16 @@ async fn an_entry_whose_removal_failed_during_a_redis_outage_is_removed_once_red
     for _ in 0..5 {
         statuses.push(r.get_status(2).await);
     }
+    let replica_one = format!("{}:", before[0]);
+    wait_for(
+        "replica 1's ended configuration stream to be withdrawn",
+        Duration::from_secs(30),
+        || async {
+            let running = r.hash_fields("running").await;
+            (!running.iter().any(|f| f.starts_with(&replica_one))).then_some(())
+        },
+    )
+    .await;
     assert!(!statuses.contains(&502), "{statuses:?}");
     assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
 }
