@@ -88,6 +88,42 @@ pub enum Skip {
     /// The API server does not serve its type (its CRD was deleted, say), so it cannot be
     /// read or deleted.
     TypeNotServed,
+    /// It carries an annotation asking to be kept (see [`kept_by`]), written as `key: value`.
+    Kept { annotation: String },
+}
+
+/// The annotations with which an object asks to be left in place when it leaves Git, as the
+/// tools users come from spell them, so manifests written for them keep their meaning here:
+/// a PersistentVolumeClaim, a Namespace or a CRD (whose deletion deletes every resource of it)
+/// can be removed from Git without being deleted. The value must match exactly, as there.
+const KEEP_ANNOTATIONS: [(&str, &str); 4] = [
+    // Helm's own: what `helm uninstall` leaves behind.
+    ("helm.sh/resource-policy", "keep"),
+    // Flux's kustomize-controller.
+    ("kustomize.toolkit.fluxcd.io/prune", "disabled"),
+    // cli-utils (kpt, and GitLab's former GitOps engine), new and old spelling.
+    ("cli-utils.sigs.k8s.io/on-remove", "keep"),
+    ("client.lifecycle.config.k8s.io/deletion", "detach"),
+];
+
+/// Argo CD's sync options annotation, a comma-separated list, and the option that keeps.
+const ARGO_SYNC_OPTIONS: (&str, &str) = ("argocd.argoproj.io/sync-options", "Prune=false");
+
+/// The annotation (as `key: value`) with which an object asks to be kept when it leaves Git,
+/// if any (see [`KEEP_ANNOTATIONS`]).
+pub fn kept_by(annotations: &std::collections::BTreeMap<String, String>) -> Option<String> {
+    let exact = KEEP_ANNOTATIONS
+        .iter()
+        .find(|(key, value)| annotations.get(*key).is_some_and(|v| v.trim() == *value))
+        .map(|(key, value)| format!("{key}: {value}"));
+    exact.or_else(|| {
+        let (key, option) = ARGO_SYNC_OPTIONS;
+        let options = annotations.get(key)?;
+        options
+            .split(',')
+            .any(|o| o.trim() == option)
+            .then(|| format!("{key}: {options}"))
+    })
 }
 
 impl Skip {
@@ -113,6 +149,10 @@ impl std::fmt::Display for Skip {
             Self::TypeNotServed => write!(
                 f,
                 "not deleted: the API server does not serve its type (if its CustomResourceDefinition was deleted, the object went with it)"
+            ),
+            Self::Kept { annotation } => write!(
+                f,
+                "left in place, not deleted: its annotation `{annotation}` asks to keep it"
             ),
         }
     }
@@ -164,6 +204,51 @@ mod tests {
             Skip::TypeNotServed
                 .to_string()
                 .contains("does not serve its type")
+        );
+    }
+
+    #[test]
+    fn the_keep_annotations_of_helm_flux_cli_utils_and_argo_keep_an_object() {
+        let of = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let kept = |pairs: &[(&str, &str)]| kept_by(&of(pairs));
+        assert_eq!(
+            kept(&[("helm.sh/resource-policy", "keep")]).as_deref(),
+            Some("helm.sh/resource-policy: keep")
+        );
+        assert!(kept(&[("kustomize.toolkit.fluxcd.io/prune", "disabled")]).is_some());
+        assert!(kept(&[("cli-utils.sigs.k8s.io/on-remove", "keep")]).is_some());
+        assert!(kept(&[("client.lifecycle.config.k8s.io/deletion", "detach")]).is_some());
+        assert_eq!(
+            kept(&[(
+                "argocd.argoproj.io/sync-options",
+                "ServerSideApply=true, Prune=false"
+            )])
+            .as_deref(),
+            Some("argocd.argoproj.io/sync-options: ServerSideApply=true, Prune=false")
+        );
+        assert_eq!(kept(&[]), None);
+        assert_eq!(kept(&[("helm.sh/resource-policy", "delete")]), None);
+        assert_eq!(
+            kept(&[("kustomize.toolkit.fluxcd.io/prune", "enabled")]),
+            None
+        );
+        assert_eq!(
+            kept(&[("argocd.argoproj.io/sync-options", "Prune=true")]),
+            None
+        );
+        let skip = Skip::Kept {
+            annotation: "helm.sh/resource-policy: keep".into(),
+        };
+        assert!(!skip.is_unexpected());
+        assert!(
+            skip.to_string()
+                .contains("`helm.sh/resource-policy: keep` asks to keep it"),
+            "{skip}"
         );
     }
 

@@ -1264,17 +1264,18 @@ impl Syncer {
         match api.get_opt(&obj.name).await {
             Ok(None) => return Ok(Deletion::Gone),
             Ok(Some(current)) => {
-                let owner = current
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(inventory::OWNING_INVENTORY_ANNOTATION))
+                let annotations = current.metadata.annotations.unwrap_or_default();
+                let owner = annotations
+                    .get(inventory::OWNING_INVENTORY_ANNOTATION)
                     .map(String::as_str)
                     .filter(|o| !o.is_empty());
                 if !inventory::may_prune(owner, inv_id) {
                     // Adopted by another inventory, or kept by hand: not ours to delete.
                     let owner = owner.map(str::to_owned);
                     return Ok(Deletion::Skipped(Skip::NotOurs { owner }));
+                }
+                if let Some(annotation) = crate::prune::kept_by(&annotations) {
+                    return Ok(Deletion::Skipped(Skip::Kept { annotation }));
                 }
             }
             Err(e) => return Err(ApiError::from(e).into()),

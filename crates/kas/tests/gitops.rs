@@ -105,9 +105,10 @@ async fn must_match_leaves_objects_of_another_inventory_alone() {
 
 /// An object whose owning-inventory annotation was removed by hand is no longer the agent's:
 /// when it leaves Git it stays in the cluster, and is reported as left in place (with the
-/// reason), not as pruned — in the report, the logs and the Kubernetes Event.
+/// reason), not as pruned — in the report, the logs and the Kubernetes Event. So is one that
+/// was committed with a keep annotation of the tools users come from (here Flux's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_object_no_longer_ours_is_left_in_place_and_not_reported_pruned() {
+async fn an_object_no_longer_ours_or_asking_to_be_kept_is_left_in_place_and_not_reported_pruned() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace("detach").unwrap();
@@ -119,6 +120,9 @@ async fn an_object_no_longer_ours_is_left_in_place_and_not_reported_pruned() {
         &[
             ("manifests/kept.yaml", Some(&configmap("kept", &ns, "v1"))),
             ("manifests/gone.yaml", Some(&configmap("gone", &ns, "v1"))),
+            ("manifests/flux.yaml", Some(format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: flux\n  namespace: {ns}\n  annotations:\n    kustomize.toolkit.fluxcd.io/prune: disabled\n"
+            ).as_bytes())),
             // Something stays selected: a commit selecting nothing is refused.
             ("manifests/stays.yaml", Some(&configmap("stays", &ns, "v1"))),
         ],
@@ -138,8 +142,12 @@ async fn an_object_no_longer_ours_is_left_in_place_and_not_reported_pruned() {
     .unwrap();
 
     let c2 = rig.manifests.commit(
-        &[("manifests/kept.yaml", None), ("manifests/gone.yaml", None)],
-        "both leave Git",
+        &[
+            ("manifests/kept.yaml", None),
+            ("manifests/gone.yaml", None),
+            ("manifests/flux.yaml", None),
+        ],
+        "all three leave Git",
     );
     let s = rig.synced(&c2).await;
     assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
@@ -148,7 +156,15 @@ async fn an_object_no_longer_ours_is_left_in_place_and_not_reported_pruned() {
     assert!(kept.message.contains("left in place"), "{kept:?}");
     let gone = s.objects.iter().find(|o| o.name == "gone").unwrap();
     assert_eq!(gone.status, ReportedStatus::Pruned, "{gone:?}");
+    let flux = s.objects.iter().find(|o| o.name == "flux").unwrap();
+    assert_eq!(flux.status, ReportedStatus::PruneSkipped, "{flux:?}");
+    assert!(
+        flux.message
+            .contains("`kustomize.toolkit.fluxcd.io/prune: disabled` asks to keep it"),
+        "{flux:?}"
+    );
     assert!(get_json(&rig.env, &["get", "configmap", "kept", "-n", &ns]).is_some());
+    assert!(get_json(&rig.env, &["get", "configmap", "flux", "-n", &ns]).is_some());
     assert!(get_json(&rig.env, &["get", "configmap", "gone", "-n", &ns]).is_none());
 
     let lines = rig.agent.log_lines();
