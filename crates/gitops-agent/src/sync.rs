@@ -1061,7 +1061,15 @@ impl Syncer {
         if s.dry_run == DryRunStrategy::Server {
             pp = pp.dry_run();
         }
-        match self.apply_request(&api, name, &pp, &obj).await {
+        let mut answer = self.apply_request(&api, name, &pp, &obj).await;
+        if let Err(e) = &answer
+            && s.dry_run == DryRunStrategy::None
+            && is_immutable_change(e)
+            && asks_to_be_recreated(&obj)
+        {
+            answer = self.recreate(&api, name, &pp, &obj, s.prune_timeout).await;
+        }
+        match answer {
             Ok(view) => {
                 let wrote = s.dry_run == DryRunStrategy::None;
                 let resource_version = view.metadata.resource_version.clone();
@@ -1074,6 +1082,46 @@ impl Syncer {
             }
             Err(e) => (obj_ref, Err(ApiError::from(e).into())),
         }
+    }
+
+    /// Deletes the live object and applies `obj` anew, once the old one is gone (at most
+    /// `timeout`): for a change the API server refuses to make in place (an immutable field,
+    /// such as a Job's template or a Deployment's selector), asked for by the object itself.
+    async fn recreate(
+        &self,
+        api: &Api<DynamicObject>,
+        name: &str,
+        pp: &PatchParams,
+        obj: &Value,
+        timeout: Duration,
+    ) -> Result<StatusView, kube::Error> {
+        // Background: the object goes at once and its dependents (a Job's Pods, a Deployment's
+        // ReplicaSets) are collected after it, so the new one does not wait for them.
+        let dp = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        let old_uid = match api.delete(name, &dp).await {
+            Ok(either) => either.left().and_then(|o| o.metadata.uid),
+            Err(kube::Error::Api(st)) if st.code == 404 => None,
+            Err(e) => return Err(e),
+        };
+        tracing::info!(
+            name,
+            "Recreating an object whose change cannot be applied in place (kustomize.toolkit.fluxcd.io/force: enabled)"
+        );
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let live = api.get_opt(name).await?;
+            let gone = live.is_none_or(|o| old_uid.is_some() && o.metadata.uid != old_uid);
+            if gone || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+        self.apply_request(api, name, pp, obj).await
     }
 
     /// The server-side apply PATCH of `obj`, its answer read as a [`StatusView`]: the
@@ -1796,9 +1844,49 @@ fn finish(
     }
 }
 
+/// Whether the API server refused an apply because it changes a field that cannot change (a
+/// Job's template, a Service's clusterIP, a Deployment's selector).
+fn is_immutable_change(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(st) if st.code == 422 && st.message.contains("immutable"))
+}
+
+/// Whether an object asks to be deleted and created again when a change to it cannot be
+/// applied in place, with the annotation Flux reads for that, so manifests written for Flux
+/// keep their meaning. Only the object's own annotation does it: recreating deletes its
+/// dependents (a Job's Pods) and, for a PersistentVolumeClaim or a Namespace, data.
+fn asks_to_be_recreated(obj: &Value) -> bool {
+    obj.pointer("/metadata/annotations/kustomize.toolkit.fluxcd.io~1force")
+        .and_then(Value::as_str)
+        == Some("enabled")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_immutable_refusals_of_objects_asking_for_it_recreate() {
+        let refusal = |code: u16, message: &str| {
+            kube::Error::Api(
+                kube::core::Status::failure(message, "Invalid")
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        assert!(is_immutable_change(&refusal(
+            422,
+            "ConfigMap \"a\" is invalid: data: Forbidden: field is immutable when `immutable` is set"
+        )));
+        assert!(!is_immutable_change(&refusal(
+            422,
+            "spec.replicas: Invalid value: -1"
+        )));
+        assert!(!is_immutable_change(&refusal(409, "immutable")));
+        let with = |value: &str| serde_json::json!({"metadata": {"annotations": {"kustomize.toolkit.fluxcd.io/force": value}}});
+        assert!(asks_to_be_recreated(&with("enabled")));
+        assert!(!asks_to_be_recreated(&with("disabled")));
+        assert!(!asks_to_be_recreated(&serde_json::json!({"metadata": {}})));
+    }
 
     fn obj(name: &str) -> ObjRef {
         ObjRef::new("", "ConfigMap", Some("dude"), name)

@@ -185,6 +185,77 @@ async fn an_object_no_longer_ours_or_asking_to_be_kept_is_left_in_place_and_not_
     assert!(!message.contains("kept"), "{message}");
 }
 
+/// A change the API server refuses to make in place (here the data of a ConfigMap marked
+/// `immutable`, as with a Job's template) fails the object, naming why; an object carrying
+/// Flux's `kustomize.toolkit.fluxcd.io/force: enabled` is deleted and created again instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_immutable_change_fails_unless_the_object_asks_to_be_recreated() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("recreate").unwrap();
+    let immutable = |name: &str, value: &str, force: bool| {
+        let annotations = if force {
+            "  annotations:\n    kustomize.toolkit.fluxcd.io/force: enabled\n"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {ns}\n{annotations}immutable: true\ndata:\n  value: {value}\n"
+        )
+        .into_bytes()
+    };
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[
+            (
+                "manifests/plain.yaml",
+                Some(&immutable("plain", "v1", false)),
+            ),
+            (
+                "manifests/forced.yaml",
+                Some(&immutable("forced", "v1", true)),
+            ),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
+    let uid = |name: &str| {
+        get_json(&rig.env, &["get", "configmap", name, "-n", &ns]).unwrap()["metadata"]["uid"]
+            .clone()
+    };
+    let forced_uid = uid("forced");
+
+    let c2 = rig.manifests.commit(
+        &[
+            (
+                "manifests/plain.yaml",
+                Some(&immutable("plain", "v2", false)),
+            ),
+            (
+                "manifests/forced.yaml",
+                Some(&immutable("forced", "v2", true)),
+            ),
+        ],
+        "v2",
+    );
+    let s = rig.synced(&c2).await;
+    assert_eq!(s.outcome, ReportedOutcome::Failed, "{s:?}");
+    let plain = s.objects.iter().find(|o| o.name == "plain").unwrap();
+    assert_eq!(plain.status, ReportedStatus::Failed, "{plain:?}");
+    assert!(plain.message.contains("immutable"), "{plain:?}");
+    let forced = s.objects.iter().find(|o| o.name == "forced").unwrap();
+    assert_eq!(forced.status, ReportedStatus::Current, "{forced:?}");
+    let live = get_json(&rig.env, &["get", "configmap", "forced", "-n", &ns]).unwrap();
+    assert_eq!(live["data"]["value"], "v2");
+    assert_ne!(live["metadata"]["uid"], forced_uid, "created anew");
+    let plain_live = get_json(&rig.env, &["get", "configmap", "plain", "-n", &ns]).unwrap();
+    assert_eq!(plain_live["data"]["value"], "v1", "left as it was");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crds_apply_before_their_resources_and_are_pruned_after_them() {
     let _ = rustls::crypto::ring::default_provider().install_default();
