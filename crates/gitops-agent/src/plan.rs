@@ -25,8 +25,10 @@ pub fn is_prerequisite(group: &str, kind: &str) -> bool {
 }
 
 /// Indexes into `objects`, grouped into stages to apply one after the other: first CRDs and
-/// Namespaces, then everything else. File order is kept within a stage (so users control
-/// ordering inside one), and empty stages are left out so there is nothing to wait for.
+/// Namespaces, then everything else. Within a stage the indexes keep file order, but the
+/// objects are applied several at a time and finish in any order: nothing in a stage may
+/// depend on another object of it being there first. Empty stages are left out so there is
+/// nothing to wait for.
 pub fn apply_stages(objects: &[Manifest]) -> Vec<Vec<usize>> {
     let (first, rest): (Vec<usize>, Vec<usize>) =
         (0..objects.len()).partition(|&i| is_prerequisite(objects[i].group(), objects[i].kind()));
