@@ -48,11 +48,16 @@ fn kustomize_repo(overlays: &[(&str, &str, u32)]) -> Vec<(String, String)> {
             "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.27\n        envFrom:\n        - configMapRef:\n            name: web-config\n".into(),
         ),
     ]);
+    // A file outside every kustomization's directory, used by the overlays as Flux lets them.
+    repo.extend(owned(&[(
+        "common/team.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: team\ndata:\n  owner: web\n".into(),
+    )]));
     for (name, ns, replicas) in overlays {
         repo.extend(owned(&[
             (
                 &format!("overlays/{name}/kustomization.yaml"),
-                format!("namespace: {ns}\nresources:\n- namespace.yaml\n- ../../base\npatches:\n- path: replicas.yaml\nconfigMapGenerator:\n- name: web-config\n  behavior: merge\n  literals:\n  - env={name}\n"),
+                format!("namespace: {ns}\nresources:\n- namespace.yaml\n- ../../base\n- ../../common/team.yaml\npatches:\n- path: replicas.yaml\nconfigMapGenerator:\n- name: web-config\n  behavior: merge\n  literals:\n  - env={name}\n"),
             ),
             (
                 &format!("overlays/{name}/namespace.yaml"),
@@ -210,6 +215,9 @@ async fn kustomize_overlays_are_applied_and_a_change_in_one_changes_only_its_obj
         overlay_objects(env, &staging, 2),
         serde_json::json!({"greeting": "hello", "env": "staging"})
     );
+    // From `../../common/team.yaml`: outside the overlay's directory, inside the repository.
+    let team = get_json(env, &["get", "configmap", "team", "-n", &prod]).unwrap();
+    assert_eq!(team["data"]["owner"], "web");
     let prod_before = versions(env, &prod);
     let staging_before = versions(env, &staging);
 

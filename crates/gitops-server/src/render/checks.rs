@@ -349,6 +349,19 @@ pub fn renderer_message(stderr: &str, repo: &str, values_file: &str) -> String {
     message
 }
 
+/// Kustomize's refusal of a file outside the kustomization's directory, with why: kas keeps
+/// the load restrictor on where the kernel cannot fence the renderer's files (see
+/// `spec::load_restrictor`). Users coming from Flux, which reads such files, would otherwise
+/// read it as their repository's mistake.
+pub fn with_restrictor_hint(message: String, files_fenced: bool) -> String {
+    if files_fenced || !message.contains("is not in or below") {
+        return message;
+    }
+    format!(
+        "{message}\n(kas runs Kustomize with LoadRestrictionsRootOnly because this kas's kernel has no Landlock to confine the renderer's files; with Landlock, files anywhere in the repository may be used)"
+    )
+}
+
 /// Whether a renderer that failed ran into its memory limit: Go's runtime says so in these
 /// words when an allocation or its startup reservation is refused by the address-space limit,
 /// and the kernel's or the cgroup's OOM killer ends it with SIGKILL (kas's own kills, for time
@@ -589,6 +602,14 @@ mod tests {
             check_chart_dependencies("c", "apiVersion: v2\nname: a\nversion: 1\n", |_| false)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_load_restrictor_refusal_says_why_only_without_the_fence() {
+        let refusal = "Error: accumulating resources: security; file 'common/cm.yaml' is not in or below 'overlays/prod'".to_owned();
+        assert!(with_restrictor_hint(refusal.clone(), false).contains("no Landlock"));
+        assert_eq!(with_restrictor_hint(refusal.clone(), true), refusal);
+        assert_eq!(with_restrictor_hint("other".into(), false), "other");
     }
 
     #[test]

@@ -430,7 +430,12 @@ impl Renderer {
             write: vec![checkout.scratch.clone()],
         };
         let line = spec::sandboxed(
-            spec::command_line(spec, &program, &checkout.repo, &checkout.scratch),
+            spec::command_line(
+                spec,
+                &program,
+                (&checkout.repo, &checkout.scratch),
+                self.sandbox.fences_files(),
+            ),
             &self.sandbox,
             self.config.memory_limit,
             &reach,
@@ -472,6 +477,8 @@ impl Renderer {
                         message,
                     })
                 } else {
+                    let message =
+                        checks::with_restrictor_hint(message, self.sandbox.fences_files());
                     Err(RenderError::Failed { tool, message })
                 }
             }

@@ -177,19 +177,39 @@ pub struct CommandLine {
 /// The file the inline `helm.values` are written to, in the scratch directory.
 pub const VALUES_FILE: &str = "values.json";
 
+/// Kustomize's load restrictor. `LoadRestrictionsRootOnly` (its default) refuses any file
+/// outside the kustomization's own directory, so an overlay's `../../common/x.yaml` fails,
+/// where Flux renders it: Flux uses `LoadRestrictionsNone` on a filesystem confined to the
+/// repository. kas does the same when the renderer's files are fenced by Landlock (the
+/// checkout is all of the repository it can read) — the reference checks already refuse
+/// paths leaving the repository. Without the fence only the checks would stand between a
+/// field they do not know of and kas's files, so the restrictor stays on.
+pub fn load_restrictor(files_fenced: bool) -> &'static str {
+    if files_fenced {
+        "LoadRestrictionsNone"
+    } else {
+        "LoadRestrictionsRootOnly"
+    }
+}
+
 /// The renderer's command line for `spec`, with the repository checked out at `repo` and the
 /// scratch directory (home, caches, the inline values) at `scratch`.
 ///
-/// Kustomize keeps its default load restrictor (files only from inside each kustomization
-/// root) and no plugins; Helm only templates (it never fetches dependencies or talks to a
+/// Kustomize runs without plugins, and with the load restrictor [`load_restrictor`] chooses
+/// for `files_fenced`; Helm only templates (it never fetches dependencies or talks to a
 /// cluster in this mode).
-pub fn command_line(spec: &RenderSpec, program: &Path, repo: &Path, scratch: &Path) -> CommandLine {
+pub fn command_line(
+    spec: &RenderSpec,
+    program: &Path,
+    (repo, scratch): (&Path, &Path),
+    files_fenced: bool,
+) -> CommandLine {
     let mut args: Vec<OsString> = Vec::new();
     match spec {
         RenderSpec::Kustomize { path } => {
             args.push("build".into());
             args.push(repo.join(path).into());
-            args.push("--load-restrictor=LoadRestrictionsRootOnly".into());
+            args.push(format!("--load-restrictor={}", load_restrictor(files_fenced)).into());
         }
         RenderSpec::Helm(h) => {
             // Every option as one `--name=value` word and `--` before the release name and
@@ -249,6 +269,11 @@ pub struct Reach {
 }
 
 impl Sandbox {
+    /// Whether renderers run fenced by Landlock: `confine` is used and the kernel has it.
+    pub fn fences_files(&self) -> bool {
+        self.confine.is_some() && self.landlock
+    }
+
     /// Whether renderers are cut off the network: by a network namespace, a seccomp filter
     /// or both.
     pub fn isolates_network(&self) -> bool {
@@ -355,12 +380,8 @@ mod tests {
         let spec = RenderSpec::Kustomize {
             path: "overlays/prod".into(),
         };
-        let line = command_line(
-            &spec,
-            Path::new("/bin/kustomize"),
-            Path::new("/w/repo"),
-            Path::new("/w/s"),
-        );
+        let dirs = (Path::new("/w/repo"), Path::new("/w/s"));
+        let line = command_line(&spec, Path::new("/bin/kustomize"), dirs, false);
         assert_eq!(
             strings(&line),
             [
@@ -370,6 +391,12 @@ mod tests {
                 "--load-restrictor=LoadRestrictionsRootOnly"
             ]
         );
+        // Fenced by Landlock: files anywhere in the repository, as Flux reads them.
+        let fenced = command_line(&spec, Path::new("/bin/kustomize"), dirs, true);
+        assert_eq!(
+            strings(&fenced)[3],
+            "--load-restrictor=LoadRestrictionsNone"
+        );
     }
 
     #[test]
@@ -377,8 +404,8 @@ mod tests {
         let line = command_line(
             &helm_spec("{\"a\":1}"),
             Path::new("helm"),
-            Path::new("/w/repo"),
-            Path::new("/w/s"),
+            (Path::new("/w/repo"), Path::new("/w/s")),
+            true,
         );
         assert_eq!(
             strings(&line),
@@ -397,8 +424,8 @@ mod tests {
         let without = command_line(
             &helm_spec(""),
             Path::new("helm"),
-            Path::new("/r"),
-            Path::new("/s"),
+            (Path::new("/r"), Path::new("/s")),
+            true,
         );
         assert!(!strings(&without).contains(&"/s/values.json".to_owned()));
     }
