@@ -596,3 +596,45 @@ async fn a_rendering_whose_agent_went_away_is_stopped() {
     )
     .await;
 }
+
+/// A chart shipping its CRD in `crds/` (as kube-prometheus-stack does), a custom resource of
+/// it in `templates/`, and a test hook Pod in `templates/tests/`; the CRD's group is made
+/// from `ns`, so each test's CRD is its own.
+fn chart_with_crds_and_tests(ns: &str) -> Vec<(String, String)> {
+    let group = format!("{ns}.example.com");
+    owned(&[
+        ("charts/app/Chart.yaml", "apiVersion: v2\nname: app\nversion: 0.1.0\n".into()),
+        (
+            "charts/app/crds/widgets.yaml",
+            format!("apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  names:\n    kind: Widget\n    plural: widgets\n    singular: widget\n  scope: Namespaced\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        x-kubernetes-preserve-unknown-fields: true\n"),
+        ),
+        (
+            "charts/app/templates/widget.yaml",
+            format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: {{{{ .Release.Name }}}}-widget\nspec:\n  size: 3\n"),
+        ),
+        (
+            "charts/app/templates/tests/test-connection.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {{ .Release.Name }}-test\n  annotations:\n    helm.sh/hook: test\nspec:\n  restartPolicy: Never\n  containers:\n  - name: wget\n    image: busybox\n    command: ['false']\n".into(),
+        ),
+    ])
+}
+
+/// `helm template` leaves out a chart's `crds/` folder unless asked, and prints its test
+/// hooks as ordinary objects: the CRD is applied (first) with the custom resource it defines,
+/// and the test Pod, which `helm test` alone would run, is not created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charts_crds_folder_is_applied_and_its_test_hooks_are_not() {
+    let entry =
+        |_: &str| "    helm:\n      chart: charts/app\n      release_name: shop\n".to_owned();
+    let (rig, _, ns) = rendering_rig("crds", entry, chart_with_crds_and_tests, "").await;
+    let crd = format!("widgets.{ns}.example.com");
+    get_json(&rig.env, &["get", "crd", &crd]).expect("the chart's CRD");
+    let widget = get_json(&rig.env, &["get", &crd, "shop-widget", "-n", &ns]).expect("a Widget");
+    assert_eq!(widget["spec"]["size"], 3);
+    let pods = get_json(&rig.env, &["get", "pods", "-n", &ns]).unwrap();
+    assert_eq!(
+        pods["items"],
+        serde_json::json!([]),
+        "the test hook was applied"
+    );
+}

@@ -197,7 +197,7 @@ pub fn load_restrictor(files_fenced: bool) -> &'static str {
 ///
 /// Kustomize runs without plugins, and with the load restrictor [`load_restrictor`] chooses
 /// for `files_fenced`; Helm only templates (it never fetches dependencies or talks to a
-/// cluster in this mode).
+/// cluster in this mode), with the chart's `crds/` and without its test hooks.
 pub fn command_line(
     spec: &RenderSpec,
     program: &Path,
@@ -216,6 +216,14 @@ pub fn command_line(
             // chart: whatever slipped past the checks is then a value or an argument, never
             // an option of helm's own.
             args.push("template".into());
+            // The chart's `crds/` folder is left out by `helm template` unless asked for;
+            // without it a chart's custom resources find no definition (agentk applies CRDs
+            // in a stage of their own first, as `helm install` does).
+            args.push("--include-crds".into());
+            // Test hooks are run on demand by `helm test`, never installed: applied as
+            // ordinary objects they would be created for good, and a failing test Pod would
+            // fail every sync.
+            args.push("--skip-tests".into());
             args.push(joined("--namespace=", &h.namespace));
             for f in &h.values_files {
                 args.push(joined("--values=", repo.join(f)));
@@ -412,6 +420,8 @@ mod tests {
             [
                 "helm",
                 "template",
+                "--include-crds",
+                "--skip-tests",
                 "--namespace=prod",
                 "--values=/w/repo/charts/app/a.yaml",
                 "--values=/w/repo/env/b.yaml",
