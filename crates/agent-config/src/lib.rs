@@ -37,7 +37,9 @@ pub use gitops::{
     PrunePropagationPolicy,
 };
 pub use observability::{LogLevel, Logging, Observability};
-pub use render::{Helm, Kustomize, MAX_RELEASE_NAME, MAX_VALUES_FILES, check_repository_path};
+pub use render::{
+    Helm, HelmHooks, Kustomize, MAX_RELEASE_NAME, MAX_VALUES_FILES, check_repository_path,
+};
 pub use user_access::{AsUser, MAX_USER_ACCESS_ENTRIES, UserAccess, UserAccessAs, UserAccessEntry};
 
 use check::null_as_default;

@@ -38,6 +38,34 @@ pub struct Helm {
     /// Values applied last (over the files), as a mapping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub values: Option<serde_json::Value>,
+    /// What agentk does with the chart's hooks (objects annotated `helm.sh/hook`).
+    #[serde(default, skip_serializing_if = "HelmHooks::is_default")]
+    pub hooks: HelmHooks,
+}
+
+/// `helm.hooks`: what agentk does with objects annotated `helm.sh/hook` (test hooks aside,
+/// which kas leaves out of the rendering).
+///
+/// Helm runs a hook at one moment of a release (a Job before an upgrade, after an install…)
+/// and deletes it by its `helm.sh/hook-delete-policy`; agentk has no release and applies
+/// every object at every sync, as a permanent one. A hook Job is then never run again on a
+/// chart bump (and its changed template fails with "field is immutable" for good), so
+/// applying hooks silently is refused by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HelmHooks {
+    /// A rendering holding a hook fails, naming the object and its `helm.sh/hook`; nothing is
+    /// applied.
+    #[default]
+    Refuse,
+    /// Hooks are applied as ordinary objects, with the others and like them.
+    Apply,
+}
+
+impl HelmHooks {
+    fn is_default(&self) -> bool {
+        *self == HelmHooks::default()
+    }
 }
 
 /// Checks a path inside the repository: relative, `/`-separated, without `..`, so that the
@@ -118,6 +146,7 @@ mod tests {
             namespace: None,
             values_files: vec!["charts/app/values-prod.yaml".into()],
             values: None,
+            hooks: HelmHooks::Refuse,
         }
     }
 

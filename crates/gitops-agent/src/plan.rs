@@ -89,8 +89,70 @@ pub fn empties(selected: usize, previous: usize, s: &crate::sync::Settings) -> b
     selected == 0 && previous > 0 && s.prune && !s.allow_empty
 }
 
+/// The annotation that makes an object a Helm hook, its value the events it runs at
+/// (`pre-install,pre-upgrade`).
+pub const HELM_HOOK_ANNOTATION: &str = "helm.sh/hook";
+
+/// Objects of `objects` annotated [`HELM_HOOK_ANNOTATION`], by index, with the annotation's
+/// value. Helm runs a hook at one moment of a release and deletes it by its delete policy;
+/// applied at every sync as a permanent object it runs once, never on a chart bump, and a
+/// changed Job fails with "field is immutable" for good.
+pub fn helm_hooks(objects: &[Manifest]) -> Vec<(usize, String)> {
+    objects
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let object = m.object();
+            let hook = object["metadata"]["annotations"].get(HELM_HOOK_ANNOTATION)?;
+            Some((i, hook.as_str().unwrap_or_default().to_owned()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn helm_hooks_are_the_objects_annotated_helm_sh_hook() {
+        let object = |name: &str, annotations: serde_json::Value| {
+            let o = serde_json::json!({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": name, "annotations": annotations}});
+            crate::decode::Manifest::new("helm template charts/app", 0, 1, &o)
+        };
+        let objects = [
+            object("plain", serde_json::json!({"a": "b"})),
+            object(
+                "migrate",
+                serde_json::json!({"helm.sh/hook": "pre-install,pre-upgrade"}),
+            ),
+            object("none", serde_json::Value::Null),
+            object("weighted", serde_json::json!({"helm.sh/hook-weight": "1"})),
+        ];
+        assert_eq!(
+            super::helm_hooks(&objects),
+            [(1, "pre-install,pre-upgrade".to_owned())]
+        );
+    }
+
+    #[test]
+    fn only_helm_entries_refuse_hooks_and_apply_lets_them_through() {
+        use tether_agent_config::{Helm, HelmHooks, ManifestProject, ProjectRef};
+        let mut entry = ManifestProject::new(ProjectRef::Path("group/app".into()));
+        assert!(!crate::sync::Settings::for_project(1, &entry).refuse_helm_hooks);
+        let mut helm = Helm {
+            chart: "c".into(),
+            release_name: "r".into(),
+            namespace: None,
+            values_files: vec![],
+            values: None,
+            hooks: HelmHooks::Refuse,
+        };
+        entry.helm = Some(helm.clone());
+        assert!(crate::sync::Settings::for_project(1, &entry).refuse_helm_hooks);
+        helm.hooks = HelmHooks::Apply;
+        entry.helm = Some(helm);
+        assert!(!crate::sync::Settings::for_project(1, &entry).refuse_helm_hooks);
+    }
+
     #[test]
     fn emptying_a_project_needs_allow_empty() {
         use tether_agent_config::{ManifestProject, ProjectRef};

@@ -27,6 +27,7 @@ use crate::prune;
 use crate::sync::{
     ApiError, CONCURRENCY, FIELD_MANAGER, GroupKey, ObjectError, PreviousInventory, Settings,
     SyncError, Syncer, crd_kinds, decode_all, default_namespaces, group_key, prepared,
+    refuse_helm_hooks,
 };
 
 /// What a sync would do to one object. Objects are [`clean`]ed.
@@ -192,6 +193,7 @@ pub async fn preview(
 ) -> Result<Vec<ObjectChange>, SyncError> {
     let syncer = Syncer::new(client);
     let mut manifests = decode_all(files)?;
+    refuse_helm_hooks(&manifests, s)?;
     let previous = syncer.read_inventory(s).await?;
     let disc = syncer.discover().await?;
     default_namespaces(&mut manifests, &disc, s);

@@ -60,6 +60,9 @@ pub struct Settings {
     pub prune: bool,
     /// Whether a commit selecting no object may prune everything (see [`plan::empties`]).
     pub allow_empty: bool,
+    /// Whether objects annotated `helm.sh/hook` refuse the sync (see [`plan::helm_hooks`]):
+    /// a Helm entry without `helm.hooks: apply`.
+    pub refuse_helm_hooks: bool,
     pub prune_timeout: Duration,
     pub prune_propagation_policy: PrunePropagationPolicy,
     pub inventory_policy: InventoryPolicy,
@@ -135,6 +138,10 @@ impl Settings {
             default_namespace: p.default_namespace.clone(),
             prune: p.prune,
             allow_empty: p.allow_empty,
+            refuse_helm_hooks: p
+                .helm
+                .as_ref()
+                .is_some_and(|h| h.hooks == tether_agent_config::HelmHooks::Refuse),
             prune_timeout: p.prune_timeout,
             prune_propagation_policy: p.prune_propagation_policy,
             inventory_policy: p.inventory_policy,
@@ -143,6 +150,31 @@ impl Settings {
             progress: ProgressSink::default(),
             previous_namespace: None,
         }
+    }
+}
+
+/// A Helm hook found in a rendering that refuses them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelmHook {
+    pub obj: ObjRef,
+    /// Where it is (`path:line`).
+    pub at: String,
+    /// The `helm.sh/hook` annotation's value.
+    pub hook: String,
+}
+
+/// [`SyncError::HelmHook`] for the first hook of `manifests`, when `s` refuses them.
+pub(crate) fn refuse_helm_hooks(manifests: &[Manifest], s: &Settings) -> Result<(), SyncError> {
+    if !s.refuse_helm_hooks {
+        return Ok(());
+    }
+    match plan::helm_hooks(manifests).into_iter().next() {
+        None => Ok(()),
+        Some((i, hook)) => Err(SyncError::HelmHook(Box::new(HelmHook {
+            obj: manifests[i].obj_ref(),
+            at: manifests[i].source(),
+            hook,
+        }))),
     }
 }
 
@@ -268,6 +300,10 @@ pub enum SyncError {
     Discovery(String),
     #[error("{obj} is defined more than once: {}", .sources.join(", "))]
     Duplicate { obj: ObjRef, sources: Vec<String> },
+    #[error(
+        "{} ({}) is a Helm hook (helm.sh/hook: {}), which agentk would apply as a permanent object, never run as Helm runs hooks: refused, nothing was applied (to apply hooks as ordinary objects, set helm.hooks: apply on the manifest project)"
+    , .0.obj, .0.at, .0.hook)]
+    HelmHook(Box<HelmHook>),
     #[error(
         "the commit selects no object, which would prune all {0} objects the project applied before: refused, nothing was pruned (if emptying it is meant, set allow_empty: true on the manifest project)"
     )]
@@ -563,6 +599,7 @@ impl Syncer {
         let dry = s.dry_run != DryRunStrategy::None;
         // 1. Decode everything before touching the cluster.
         let mut manifests = decode_all(files)?;
+        refuse_helm_hooks(&manifests, s)?;
         if s.dry_run == DryRunStrategy::Client {
             return Ok(client_dry_run(commit_id, &manifests));
         }

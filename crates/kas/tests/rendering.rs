@@ -638,3 +638,48 @@ async fn a_charts_crds_folder_is_applied_and_its_test_hooks_are_not() {
         "the test hook was applied"
     );
 }
+
+/// A pre-install/pre-upgrade hook Job, as charts run database migrations.
+const MIGRATE_HOOK: &str = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {{ .Release.Name }}-migrate\n  annotations:\n    helm.sh/hook: pre-install,pre-upgrade\n    helm.sh/hook-delete-policy: before-hook-creation\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: migrate\n        image: busybox\n        command: ['true']\n";
+
+/// A chart's hook would be applied as a permanent object, never run as Helm runs it: the
+/// commit is refused naming the object and its `helm.sh/hook`, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charts_hook_is_refused_naming_the_object_and_the_annotation() {
+    let (rig, _, ns) = rendering_rig("hook", |_| HELM_ENTRY.into(), |_| helm_repo(), "").await;
+    let before = versions(&rig.env, &ns);
+    let c2 = rig.manifests.commit(
+        &[(
+            "charts/app/templates/migrate.yaml",
+            Some(MIGRATE_HOOK.as_bytes()),
+        )],
+        "a migration hook",
+    );
+    rig.refused(
+        &c2,
+        &[
+            "batch/Job//shop-migrate (helm template charts/app:",
+            "is a Helm hook (helm.sh/hook: pre-install,pre-upgrade)",
+            "set helm.hooks: apply",
+        ],
+    )
+    .await;
+    assert_eq!(versions(&rig.env, &ns), before);
+    assert!(get_json(&rig.env, &["get", "job", "shop-migrate", "-n", &ns]).is_none());
+}
+
+/// `helm.hooks: apply` applies a chart's hooks as ordinary objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_hooks_apply_applies_a_charts_hooks_as_ordinary_objects() {
+    let entry = |_: &str| format!("{HELM_ENTRY}      hooks: apply\n");
+    let repo = |_: &str| {
+        let mut repo = helm_repo();
+        repo.push((
+            "charts/app/templates/migrate.yaml".into(),
+            MIGRATE_HOOK.into(),
+        ));
+        repo
+    };
+    let (rig, _, ns) = rendering_rig("hookapply", entry, repo, "").await;
+    get_json(&rig.env, &["get", "job", "shop-migrate", "-n", &ns]).expect("the hook Job");
+}

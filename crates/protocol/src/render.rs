@@ -51,6 +51,7 @@ mod tests {
             namespace: None,
             values_files: vec!["v.yaml".into()],
             values: Some(serde_json::json!({"a": 1})),
+            hooks: Default::default(),
         });
         let Some(Renderer::Helm(h)) = render_request(&p).and_then(|r| r.renderer) else {
             panic!("helm expected");

@@ -108,6 +108,8 @@ impl HelmSpec {
             namespace: Some(h.namespace.clone()),
             values_files: h.values_files.clone(),
             values,
+            // agentk's business: kas renders hooks either way.
+            hooks: tether_agent_config::HelmHooks::default(),
         };
         settings
             .validate("helm")
