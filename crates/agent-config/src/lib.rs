@@ -38,7 +38,8 @@ pub use gitops::{
 };
 pub use observability::{LogLevel, Logging, Observability};
 pub use render::{
-    Helm, HelmHooks, Kustomize, MAX_RELEASE_NAME, MAX_VALUES_FILES, check_repository_path,
+    Helm, HelmHooks, Kustomize, MAX_API_VERSIONS, MAX_RELEASE_NAME, MAX_VALUES_FILES,
+    check_repository_path, is_api_version, is_kube_version,
 };
 pub use user_access::{AsUser, MAX_USER_ACCESS_ENTRIES, UserAccess, UserAccessAs, UserAccessEntry};
 

@@ -12,6 +12,38 @@ pub const MAX_RELEASE_NAME: usize = 53;
 /// Most `values_files` per chart; each is read from the checkout.
 pub const MAX_VALUES_FILES: usize = 32;
 
+/// Most API versions a rendering is told of (`helm.api_versions` and the cluster's): each is
+/// an argument of `helm`. Clusters serve a few hundred kinds; thousands are a mistake.
+pub const MAX_API_VERSIONS: usize = 8192;
+
+/// Whether `v` is a Kubernetes version Helm reads (`v1.31.2`, `1.31`, `v1.30.0-gke.1`).
+pub fn is_kube_version(v: &str) -> bool {
+    let v = v.strip_prefix('v').unwrap_or(v);
+    let (core, suffix) = v.split_once(['-', '+']).unwrap_or((v, ""));
+    let parts: Vec<&str> = core.split('.').collect();
+    (2..=3).contains(&parts.len())
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && v.len() <= 64
+        && suffix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-+.".contains(&b))
+}
+
+/// Whether `v` is a `version`, `group/version` or `group/version/Kind` (what Helm's
+/// `--api-versions` takes).
+pub fn is_api_version(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('/').collect();
+    (1..=3).contains(&parts.len())
+        && v.len() <= 320
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+        })
+}
+
 /// `kustomize:` — build a Kustomize directory of the repository.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +70,13 @@ pub struct Helm {
     /// Values applied last (over the files), as a mapping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub values: Option<serde_json::Value>,
+    /// `.Capabilities.KubeVersion` instead of the cluster's version (`v1.31.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube_version: Option<String>,
+    /// API versions (`group/version`, `group/version/Kind`) `.Capabilities.APIVersions` has
+    /// besides those the cluster serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_versions: Vec<String>,
     /// What agentk does with the chart's hooks (objects annotated `helm.sh/hook`).
     #[serde(default, skip_serializing_if = "HelmHooks::is_default")]
     pub hooks: HelmHooks,
@@ -125,11 +164,41 @@ impl Helm {
         for (i, file) in self.values_files.iter().enumerate() {
             check_repository_path(&format!("{base}.values_files[{i}]"), file)?;
         }
+        self.validate_capabilities(base)?;
         match &self.values {
             None | Some(serde_json::Value::Object(_)) => Ok(()),
             Some(_) => Err(ConfigError::invalid(
                 format!("{base}.values"),
                 "must be a mapping (key: value)",
+            )),
+        }
+    }
+}
+
+impl Helm {
+    fn validate_capabilities(&self, base: &str) -> Result<(), ConfigError> {
+        if let Some(v) = &self.kube_version
+            && !is_kube_version(v)
+        {
+            return Err(ConfigError::invalid(
+                format!("{base}.kube_version"),
+                format!("{v:?} is not a Kubernetes version (such as v1.31.0)"),
+            ));
+        }
+        if self.api_versions.len() > MAX_API_VERSIONS {
+            return Err(ConfigError::invalid(
+                format!("{base}.api_versions"),
+                format!("at most {MAX_API_VERSIONS} are allowed"),
+            ));
+        }
+        match self.api_versions.iter().position(|v| !is_api_version(v)) {
+            None => Ok(()),
+            Some(i) => Err(ConfigError::invalid(
+                format!("{base}.api_versions[{i}]"),
+                format!(
+                    "{:?} is not an API version (group/version or group/version/Kind)",
+                    self.api_versions[i]
+                ),
             )),
         }
     }
@@ -146,6 +215,8 @@ mod tests {
             namespace: None,
             values_files: vec!["charts/app/values-prod.yaml".into()],
             values: None,
+            kube_version: None,
+            api_versions: vec![],
             hooks: HelmHooks::Refuse,
         }
     }
@@ -221,11 +292,45 @@ mod tests {
                 },
                 "chart",
             ),
+            (
+                Helm {
+                    kube_version: Some("1.x".into()),
+                    ..helm()
+                },
+                "kube_version",
+            ),
+            (
+                Helm {
+                    api_versions: vec!["apps/v1".into(), "--set=x".into()],
+                    ..helm()
+                },
+                "api_versions[1]",
+            ),
         ];
         for (h, key) in cases {
             let e = message(h.validate(base).expect_err("refused"));
             assert!(e.starts_with(&format!("{base}.{key}: ")), "{e}");
         }
         assert!(helm().validate(base).is_ok());
+        let capabilities = Helm {
+            kube_version: Some("v1.30.0-gke.1".into()),
+            api_versions: vec![
+                "v1".into(),
+                "apps/v1".into(),
+                "monitoring.coreos.com/v1/ServiceMonitor".into(),
+            ],
+            ..helm()
+        };
+        assert!(capabilities.validate(base).is_ok());
+    }
+
+    #[test]
+    fn kube_versions_are_what_helm_reads() {
+        for ok in ["v1.31.2", "1.31", "v1.30.0-gke.1", "v1.29.3+k3s1"] {
+            assert!(is_kube_version(ok), "{ok}");
+        }
+        for bad in ["", "v1", "1.x.0", "v1.2.3.4", "v1.31.0 --x", "1..2"] {
+            assert!(!is_kube_version(bad), "{bad}");
+        }
     }
 }

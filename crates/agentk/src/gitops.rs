@@ -21,6 +21,7 @@ use tether_protocol::gitops::{
     objects_response,
 };
 use tether_protocol::metadata;
+use tether_protocol::render::Cluster;
 use tether_tunnel_agent::{AgentMeta, Backoff};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -412,8 +413,8 @@ fn unix_now() -> i64 {
 }
 
 impl Worker {
-    fn request(&self, last: &str) -> ObjectsRequest {
-        let render = tether_protocol::render::render_request(&self.project);
+    fn request(&self, last: &str, cluster: &Cluster) -> ObjectsRequest {
+        let render = tether_protocol::render::render_request(&self.project, cluster);
         ObjectsRequest {
             project_id: self.settings.project_id.clone(),
             r#ref: self
@@ -435,6 +436,22 @@ impl Worker {
             commit_id: last.to_string(),
             render,
         }
+    }
+
+    /// The cluster as a Helm chart of the project sees it: asked afresh at each stream, so a
+    /// new CRD or an upgraded API server reaches the next rendering. A Helm project whose
+    /// cluster cannot be read opens no stream (and is retried as one that failed): rendered
+    /// without it, `.Capabilities.APIVersions.Has` checks would leave objects out, and the
+    /// sync would prune them.
+    async fn cluster(&self) -> Result<Cluster, tether_gitops_agent::SyncError> {
+        if self.project.helm.is_none() {
+            return Ok(Cluster::default());
+        }
+        let (kube_version, api_versions) = self.engine.syncer.cluster().await?;
+        Ok(Cluster {
+            kube_version,
+            api_versions,
+        })
     }
 
     async fn run(mut self, stop: CancellationToken) {
@@ -505,10 +522,19 @@ impl Worker {
                 .map(|c| c.id.clone())
                 .unwrap_or_default(),
         };
-        let req = with_token(&self.meta, self.request(&last));
-        let opened = tokio::select! {
-            r = self.client.get_objects_to_synchronize(req) => r,
+        let cluster = tokio::select! {
+            c = self.cluster() => c,
             () = stop.cancelled() => return,
+        };
+        let opened = match cluster {
+            Ok(cluster) => {
+                let req = with_token(&self.meta, self.request(&last, &cluster));
+                tokio::select! {
+                    r = self.client.get_objects_to_synchronize(req) => r,
+                    () = stop.cancelled() => return,
+                }
+            }
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
         };
         match opened {
             Ok(s) => {
@@ -591,7 +617,7 @@ impl Worker {
         match resp.message {
             Some(objects_response::Message::Header(h))
                 if !h.rendered
-                    && tether_protocol::render::render_request(&self.project).is_some() =>
+                    && (self.project.kustomize.is_some() || self.project.helm.is_some()) =>
             {
                 stream.building = None;
                 let message = "kas sent this commit without rendering it: it is older than Kustomize/Helm rendering; upgrade kas (nothing was applied)";

@@ -40,6 +40,16 @@ impl Apis {
         self.unavailable.get(group).map(String::as_str)
     }
 
+    /// What `.Capabilities.APIVersions` holds for this cluster: see [`api_versions`].
+    pub(crate) fn api_versions(&self) -> Vec<String> {
+        api_versions(self.served.groups().flat_map(|g| {
+            g.versions()
+                .flat_map(|v| g.versioned_resources(v))
+                .map(|(ar, _)| (ar.group, ar.version, ar.kind))
+                .collect::<Vec<_>>()
+        }))
+    }
+
     /// Says which groups could not be discovered (once per sync: the caller's choice).
     pub(crate) fn warn_unavailable(&self) {
         for (group, reason) in &self.unavailable {
@@ -50,6 +60,25 @@ impl Apis {
             );
         }
     }
+}
+
+/// Helm's `.Capabilities.APIVersions` entries for the served `(group, version, kind)`s: each
+/// `group/version` (`v1` for the core group) and each `group/version/Kind`, which
+/// `.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor"` looks for; sorted, once each.
+pub(crate) fn api_versions(
+    served: impl IntoIterator<Item = (String, String, String)>,
+) -> Vec<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (group, version, kind) in served {
+        let gv = if group.is_empty() {
+            version
+        } else {
+            format!("{group}/{version}")
+        };
+        out.insert(format!("{gv}/{kind}"));
+        out.insert(gv);
+    }
+    out.into_iter().collect()
 }
 
 /// How querying one group version went.
@@ -153,6 +182,29 @@ async fn failing_groups(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn api_versions_are_group_versions_and_their_kinds() {
+        let served = [
+            ("", "v1", "Pod"),
+            ("", "v1", "ConfigMap"),
+            ("apps", "v1", "Deployment"),
+            ("monitoring.coreos.com", "v1", "ServiceMonitor"),
+        ]
+        .map(|(g, v, k)| (g.to_owned(), v.to_owned(), k.to_owned()));
+        assert_eq!(
+            super::api_versions(served),
+            [
+                "apps/v1",
+                "apps/v1/Deployment",
+                "monitoring.coreos.com/v1",
+                "monitoring.coreos.com/v1/ServiceMonitor",
+                "v1",
+                "v1/ConfigMap",
+                "v1/Pod",
+            ]
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -144,6 +144,8 @@ mod tests {
             namespace: None,
             values_files: vec![],
             values: None,
+            kube_version: None,
+            api_versions: vec![],
             hooks: HelmHooks::Refuse,
         };
         entry.helm = Some(helm.clone());

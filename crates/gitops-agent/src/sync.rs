@@ -552,6 +552,18 @@ impl Syncer {
         }
     }
 
+    /// The cluster as a Helm chart sees it: the API server's version (`v1.31.2`) and
+    /// [`crate::apis::api_versions`].
+    pub async fn cluster(&self) -> Result<(String, Vec<String>), SyncError> {
+        let info = self
+            .discovery
+            .apiserver_version()
+            .await
+            .map_err(|e| SyncError::Discovery(e.to_string()))?;
+        let apis = self.discover().await?;
+        Ok((info.git_version, apis.api_versions()))
+    }
+
     /// API discovery; groups whose query fails are left out and named, not fatal.
     pub(crate) async fn discover(&self) -> Result<Apis, SyncError> {
         crate::apis::discover(&self.discovery)

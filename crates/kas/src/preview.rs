@@ -16,10 +16,11 @@ use tether_configuration_server::ConfigStates;
 use tether_git_source::{GitRef, Sources};
 use tether_gitops_agent::ObjRef;
 use tether_gitops_agent::preview::{Change, ObjectChange, preview};
-use tether_gitops_agent::sync::Settings;
+use tether_gitops_agent::sync::{Settings, Syncer};
 use tether_gitops_server::{Limits, ManifestSource, PreviewSource, ref_candidates};
 use tether_kas_api::{DiffChange, DiffRequest, DiffView, ObjectDiffView, ProjectDiffView};
 use tether_kubeproxy_agent::{AccessAs, RequestContext, RoutedRequest};
+use tether_protocol::render::Cluster;
 use tether_store::Store;
 use tether_tunnel_server::Registry;
 
@@ -205,7 +206,21 @@ async fn project_diff(
         warnings: Vec::new(),
         objects: Vec::new(),
     };
-    let files = match ManifestSource::from_project(p) {
+    // The chart sees the agent's cluster, as agentk tells kas when it asks for a rendering.
+    let cluster = match p.helm {
+        None => Cluster::default(),
+        Some(_) => match Syncer::new(client.clone()).cluster().await {
+            Ok((kube_version, api_versions)) => Cluster {
+                kube_version,
+                api_versions,
+            },
+            Err(e) => {
+                view.error = Some(e.to_string());
+                return view;
+            }
+        },
+    };
+    let files = match ManifestSource::from_project(p, &cluster) {
         Ok(manifests) => {
             source
                 .files_at(&view.project, at.candidates, &manifests)

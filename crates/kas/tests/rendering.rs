@@ -517,6 +517,22 @@ async fn a_rendering_cut_by_kill_9_leaves_no_renderer_and_its_checkout_goes_at_r
     assert_eq!(std::fs::read_to_string(kept.join("file")).unwrap(), "x");
 }
 
+/// `kas agent diff` of the rig's agent at `git_ref`: its exit code, JSON output and errors.
+fn diff_at(rig: &Rig, git_ref: &str) -> (Option<i32>, String, String) {
+    let out = rig
+        .kas
+        .cli()
+        .args(["agent", "diff", "group/config:seed", "--ref", git_ref])
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preview_renders_the_overlay_of_a_branch_as_the_agent_would() {
     let prod_entry = |_: &str| "    kustomize:\n      path: overlays/prod\n".to_owned();
@@ -539,25 +555,8 @@ async fn a_preview_renders_the_overlay_of_a_branch_as_the_agent_would() {
         &[("overlays/prod/replicas.yaml", Some(patch.as_bytes()))],
         "prod: 5 replicas",
     );
-    let out = rig
-        .kas
-        .cli()
-        .args([
-            "agent",
-            "diff",
-            "group/config:seed",
-            "--ref",
-            "feature",
-            "-o",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    let (json, err) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, json, err) = diff_at(&rig, "feature");
+    assert_eq!(code, Some(1), "{err}");
     let view: tether_kas_api::DiffView = serde_json::from_str(&json).unwrap();
     let objects = &view.projects[0].objects;
     let changed: Vec<(&str, &str)> = objects
@@ -682,4 +681,76 @@ async fn helm_hooks_apply_applies_a_charts_hooks_as_ordinary_objects() {
     };
     let (rig, _, ns) = rendering_rig("hookapply", entry, repo, "").await;
     get_json(&rig.env, &["get", "job", "shop-migrate", "-n", &ns]).expect("the hook Job");
+}
+
+/// A CRD of kind Widget in the group `<ns>.example.com`, installed and Established.
+fn install_widget_crd(env: &TestEnv, ns: &str) {
+    let group = format!("{ns}.example.com");
+    env.apply_yaml(&format!("apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  names:\n    kind: Widget\n    plural: widgets\n  scope: Namespaced\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        x-kubernetes-preserve-unknown-fields: true\n")).unwrap();
+    let crd = format!("crd/widgets.{group}");
+    let waited = env
+        .kubectl()
+        .args(["wait", "--for=condition=Established", &crd, "--timeout=60s"])
+        .status()
+        .unwrap();
+    assert!(waited.success());
+}
+
+/// A chart gated on the cluster as charts are: a minimum Kubernetes version, a PDB whose
+/// API version follows `.Capabilities.KubeVersion`, a Widget only where the cluster serves
+/// Widgets (as charts gate ServiceMonitors), a ConfigMap only where `helm.api_versions` adds
+/// `extra.example.com/v1/Gadget`, and a ConfigMap showing the version the chart saw.
+fn capability_gated_chart(ns: &str) -> Vec<(String, String)> {
+    let group = format!("{ns}.example.com");
+    owned(&[
+        ("charts/app/Chart.yaml", "apiVersion: v2\nname: app\nversion: 0.1.0\nkubeVersion: \">=1.26.0-0\"\n".into()),
+        (
+            "charts/app/templates/pdb.yaml",
+            "{{- if semverCompare \">=1.21-0\" .Capabilities.KubeVersion.Version }}\napiVersion: policy/v1\n{{- else }}\napiVersion: policy/v1beta1\n{{- end }}\nkind: PodDisruptionBudget\nmetadata:\n  name: {{ .Release.Name }}\nspec:\n  maxUnavailable: 1\n  selector:\n    matchLabels:\n      app: {{ .Release.Name }}\n".into(),
+        ),
+        (
+            "charts/app/templates/widget.yaml",
+            format!("{{{{- if .Capabilities.APIVersions.Has \"{group}/v1/Widget\" }}}}\napiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: {{{{ .Release.Name }}}}\n{{{{- end }}}}\n"),
+        ),
+        (
+            "charts/app/templates/gadget.yaml",
+            "{{- if .Capabilities.APIVersions.Has \"extra.example.com/v1/Gadget\" }}\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-gadget\n{{- end }}\n".into(),
+        ),
+        (
+            "charts/app/templates/version.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-version\ndata:\n  version: {{ .Capabilities.KubeVersion.Version | quote }}\n".into(),
+        ),
+    ])
+}
+
+/// Charts see the agent's cluster, not Helm's defaults (Kubernetes 1.20, no custom API): a
+/// chart requiring a recent Kubernetes renders, its PDB is policy/v1, its Widget (the cluster
+/// serves Widgets) is applied, and `helm.api_versions` adds to what the cluster serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chart_sees_the_agents_kubernetes_version_and_apis() {
+    let entry = |_: &str| {
+        "    helm:\n      chart: charts/app\n      release_name: shop\n      api_versions:\n      - extra.example.com/v1/Gadget\n".to_owned()
+    };
+    let repo = |ns: &str| {
+        // Before the agent starts: it tells kas what its cluster serves when it asks.
+        install_widget_crd(&TestEnv::from_env().unwrap(), ns);
+        capability_gated_chart(ns)
+    };
+    let (rig, c1, ns) = rendering_rig("caps", entry, repo, "").await;
+    let env = &rig.env;
+    let server = get_json(env, &["version"]).unwrap();
+    let version = get_json(env, &["get", "configmap", "shop-version", "-n", &ns]).unwrap();
+    assert_eq!(
+        version["data"]["version"],
+        server["serverVersion"]["gitVersion"]
+    );
+    let pdb = get_json(env, &["get", "pdb", "shop", "-n", &ns]).unwrap();
+    assert_eq!(pdb["apiVersion"], "policy/v1");
+    let widget = format!("widgets.{ns}.example.com");
+    get_json(env, &["get", &widget, "shop", "-n", &ns]).expect("the Widget");
+    get_json(env, &["get", "configmap", "shop-gadget", "-n", &ns]).expect("the Gadget's");
+    // A preview renders as the sync did: nothing to change (with Helm's defaults it would
+    // fail on the chart's kubeVersion).
+    let (code, json, err) = diff_at(&rig, &c1);
+    assert_eq!(code, Some(0), "{err} {json}");
 }

@@ -5,9 +5,20 @@ use tether_agent_config::ManifestProject;
 
 use crate::gitops;
 
+/// The agent's cluster as a chart sees it (`.Capabilities`), as agentk discovered it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cluster {
+    /// The API server's version (`v1.31.2`); empty when unknown.
+    pub kube_version: String,
+    /// The group/versions and group/version/Kinds served.
+    pub api_versions: Vec<String>,
+}
+
 /// The entry's `kustomize` or `helm` key as kas expects it, unchanged but for the Helm
-/// namespace, which defaults to the project's `default_namespace`.
-pub fn render_request(project: &ManifestProject) -> Option<gitops::Render> {
+/// namespace, which defaults to the project's `default_namespace`, and the chart's view of
+/// `cluster`: `helm.kube_version` over its version, `helm.api_versions` added to its API
+/// versions (sorted and without repeats, so equal clusters make equal cache keys in kas).
+pub fn render_request(project: &ManifestProject, cluster: &Cluster) -> Option<gitops::Render> {
     use gitops::render::Renderer;
     let renderer = match (&project.kustomize, &project.helm) {
         (Some(k), _) => Renderer::Kustomize(gitops::Kustomize {
@@ -26,12 +37,22 @@ pub fn render_request(project: &ManifestProject) -> Option<gitops::Render> {
                 .as_ref()
                 .map(ToString::to_string)
                 .unwrap_or_default(),
+            kube_version: h
+                .kube_version
+                .clone()
+                .unwrap_or_else(|| cluster.kube_version.clone()),
+            api_versions: merged(&cluster.api_versions, &h.api_versions),
         }),
         (None, None) => return None,
     };
     Some(gitops::Render {
         renderer: Some(renderer),
     })
+}
+
+fn merged(a: &[String], b: &[String]) -> Vec<String> {
+    let all: std::collections::BTreeSet<&String> = a.iter().chain(b).collect();
+    all.into_iter().cloned().collect()
 }
 
 #[cfg(test)]
@@ -43,7 +64,7 @@ mod tests {
     #[test]
     fn render_settings_pass_through_with_the_default_namespace() {
         let mut p = ManifestProject::new(ProjectRef::Path("g/m".into()));
-        assert_eq!(render_request(&p), None);
+        assert_eq!(render_request(&p, &Cluster::default()), None);
         p.default_namespace = "apps".into();
         p.helm = Some(Helm {
             chart: "charts/app".into(),
@@ -51,9 +72,13 @@ mod tests {
             namespace: None,
             values_files: vec!["v.yaml".into()],
             values: Some(serde_json::json!({"a": 1})),
+            kube_version: None,
+            api_versions: vec![],
             hooks: Default::default(),
         });
-        let Some(Renderer::Helm(h)) = render_request(&p).and_then(|r| r.renderer) else {
+        let Some(Renderer::Helm(h)) =
+            render_request(&p, &Cluster::default()).and_then(|r| r.renderer)
+        else {
             panic!("helm expected");
         };
         assert_eq!(
@@ -64,9 +89,48 @@ mod tests {
         p.kustomize = Some(Kustomize {
             path: "overlays/prod".into(),
         });
-        let Some(Renderer::Kustomize(k)) = render_request(&p).and_then(|r| r.renderer) else {
+        let Some(Renderer::Kustomize(k)) =
+            render_request(&p, &Cluster::default()).and_then(|r| r.renderer)
+        else {
             panic!("kustomize expected");
         };
         assert_eq!(k.path, "overlays/prod");
+    }
+
+    #[test]
+    fn the_cluster_is_sent_with_the_entrys_overrides() {
+        let mut p = ManifestProject::new(ProjectRef::Path("g/m".into()));
+        let helm = Helm {
+            chart: "c".into(),
+            release_name: "r".into(),
+            namespace: Some("n".into()),
+            values_files: vec![],
+            values: None,
+            kube_version: None,
+            api_versions: vec!["x.io/v1/Thing".into(), "apps/v1".into()],
+            hooks: Default::default(),
+        };
+        p.helm = Some(helm.clone());
+        let cluster = Cluster {
+            kube_version: "v1.31.2".into(),
+            api_versions: vec!["v1".into(), "apps/v1".into()],
+        };
+        let sent = |p: &ManifestProject| match render_request(p, &cluster).and_then(|r| r.renderer)
+        {
+            Some(Renderer::Helm(h)) => (h.kube_version, h.api_versions),
+            _ => panic!("helm expected"),
+        };
+        assert_eq!(
+            sent(&p),
+            (
+                "v1.31.2".to_owned(),
+                vec!["apps/v1".into(), "v1".into(), "x.io/v1/Thing".into()]
+            )
+        );
+        p.helm = Some(Helm {
+            kube_version: Some("v1.28.0".into()),
+            ..helm
+        });
+        assert_eq!(sent(&p).0, "v1.28.0");
     }
 }

@@ -269,7 +269,9 @@ impl Default for RenderConfig {
 /// The repository is part of the key: a commit id alone names a commit only within one
 /// repository, and two projects holding the same id (a fork, a SHA-1 collision crafted by one
 /// project's owner) must never be served each other's rendering. The mirror's folder stands for
-/// the repository: kas keeps one per project and remote, and renders only from it.
+/// the repository: kas keeps one per project and remote, and renders only from it. The
+/// settings include the agent's cluster as a chart sees it (Kubernetes version, API versions):
+/// two clusters may render one commit differently.
 type CacheKey = (PathBuf, CommitId, RenderSpec);
 
 /// Renders manifest projects; one per kas, shared by every agent's stream.

@@ -41,11 +41,14 @@ impl ManifestSource {
 
 impl ManifestSource {
     /// What an entry of the agent's configuration asks for, as agentk puts it in its request
-    /// (the Helm namespace defaulting to the entry's `default_namespace`): for previews, which
-    /// must render exactly as the stream does.
-    pub fn from_project(p: &tether_agent_config::ManifestProject) -> Result<Self, RenderError> {
+    /// (the Helm namespace defaulting to the entry's `default_namespace`, the chart seeing
+    /// `cluster`): for previews, which must render exactly as the stream does.
+    pub fn from_project(
+        p: &tether_agent_config::ManifestProject,
+        cluster: &tether_protocol::render::Cluster,
+    ) -> Result<Self, RenderError> {
         let globs: Vec<String> = p.paths.iter().map(|g| g.glob.clone()).collect();
-        match tether_protocol::render::render_request(p) {
+        match tether_protocol::render::render_request(p, cluster) {
             Some(render) => Self::from_request(&[], Some(&render)),
             None => Self::from_request(&globs, None),
         }
@@ -78,6 +81,10 @@ pub struct HelmSpec {
     /// `values` as compact JSON with sorted keys, so equal values make equal cache keys; empty
     /// for none.
     pub values_json: String,
+    /// `.Capabilities.KubeVersion`; empty for Helm's default.
+    pub kube_version: String,
+    /// `.Capabilities.APIVersions` besides Helm's defaults, sorted (agentk sends them so).
+    pub api_versions: Vec<String>,
 }
 
 impl HelmSpec {
@@ -108,6 +115,8 @@ impl HelmSpec {
             namespace: Some(h.namespace.clone()),
             values_files: h.values_files.clone(),
             values,
+            kube_version: (!h.kube_version.is_empty()).then(|| h.kube_version.clone()),
+            api_versions: h.api_versions.clone(),
             // agentk's business: kas renders hooks either way.
             hooks: tether_agent_config::HelmHooks::default(),
         };
@@ -122,6 +131,8 @@ impl HelmSpec {
             release_name: settings.release_name,
             namespace: h.namespace.clone(),
             values_files: settings.values_files,
+            kube_version: settings.kube_version.unwrap_or_default(),
+            api_versions: settings.api_versions,
         })
     }
 }
@@ -227,6 +238,15 @@ pub fn command_line(
             // fail every sync.
             args.push("--skip-tests".into());
             args.push(joined("--namespace=", &h.namespace));
+            // The agent's cluster: without them a chart sees Helm's built-in defaults (an old
+            // Kubernetes, no custom API), and its version gates and `.APIVersions.Has` checks
+            // choose wrongly.
+            if !h.kube_version.is_empty() {
+                args.push(joined("--kube-version=", &h.kube_version));
+            }
+            for v in &h.api_versions {
+                args.push(joined("--api-versions=", v));
+            }
             for f in &h.values_files {
                 args.push(joined("--values=", repo.join(f)));
             }
@@ -382,6 +402,8 @@ mod tests {
             namespace: "prod".into(),
             values_files: vec!["charts/app/a.yaml".into(), "env/b.yaml".into()],
             values_json: values_json.into(),
+            kube_version: String::new(),
+            api_versions: vec![],
         })
     }
 
@@ -442,6 +464,57 @@ mod tests {
         assert!(!strings(&without).contains(&"/s/values.json".to_owned()));
     }
 
+    /// The agent's cluster reaches the chart; a request without it (an older agent) renders
+    /// with Helm's defaults, and a different cluster is a different cache key.
+    #[test]
+    fn helm_is_told_the_agents_cluster_which_is_part_of_the_cache_key() {
+        let request = |kube_version: &str, api_versions: &[&str]| wire::Render {
+            renderer: Some(WireRenderer::Helm(wire::Helm {
+                chart: "c".into(),
+                release_name: "r".into(),
+                namespace: "n".into(),
+                kube_version: kube_version.into(),
+                api_versions: api_versions.iter().map(|&v| v.into()).collect(),
+                ..Default::default()
+            })),
+        };
+        let source = |r: &wire::Render| ManifestSource::from_request(&[], Some(r)).expect("ok");
+        let line = |r: &wire::Render| match source(r) {
+            ManifestSource::Render(spec) => strings(&command_line(
+                &spec,
+                Path::new("helm"),
+                Path::new("/r"),
+                Path::new("/s"),
+            )),
+            ManifestSource::Globs(_) => panic!("a rendering expected"),
+        };
+        let told = request("v1.31.2", &["apps/v1", "x.io/v1/Thing"]);
+        let args = line(&told);
+        for arg in [
+            "--kube-version=v1.31.2",
+            "--api-versions=apps/v1",
+            "--api-versions=x.io/v1/Thing",
+        ] {
+            assert!(args.contains(&arg.to_owned()), "{arg}: {args:?}");
+        }
+        let older = line(&request("", &[]));
+        assert!(
+            !older
+                .iter()
+                .any(|a| a.starts_with("--kube-version") || a.starts_with("--api-versions")),
+            "{older:?}"
+        );
+        assert_ne!(
+            source(&told),
+            source(&request("v1.32.0", &["apps/v1", "x.io/v1/Thing"]))
+        );
+        assert_ne!(source(&told), source(&request("v1.31.2", &["apps/v1"])));
+        for bad in [request("1.x", &[]), request("", &["--set=a"])] {
+            let e = ManifestSource::from_request(&[], Some(&bad)).expect_err("refused");
+            assert!(matches!(e, RenderError::InvalidSettings(_)), "{e}");
+        }
+    }
+
     /// The settings come from the agent's request: a release name or namespace that helm would
     /// read as its own option (a post-renderer program, a file of kas's to read into the
     /// values) is refused before any renderer runs, as agentk refuses it in its configuration.
@@ -454,6 +527,7 @@ mod tests {
                 namespace: namespace.into(),
                 values_files: vec![],
                 values_json: String::new(),
+                ..Default::default()
             })),
         };
         for (release, namespace, key) in [
@@ -548,6 +622,7 @@ mod tests {
                 namespace: "n".into(),
                 values_files: vec![],
                 values_json: values.into(),
+                ..Default::default()
             })),
         };
         let a = ManifestSource::from_request(&[], Some(&wire_helm("{\"b\":1,\"a\":2}")))
