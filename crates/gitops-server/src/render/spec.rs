@@ -483,8 +483,8 @@ mod tests {
             ManifestSource::Render(spec) => strings(&command_line(
                 &spec,
                 Path::new("helm"),
-                Path::new("/r"),
-                Path::new("/s"),
+                (Path::new("/r"), Path::new("/s")),
+                true,
             )),
             ManifestSource::Globs(_) => panic!("a rendering expected"),
         };
