@@ -572,22 +572,6 @@ async fn start_sources(
 /// counting once its liveness key expires (10 s), and this follows within as long again.
 const DECIDE_AGAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Writes again, every [`STORE_RETRY`](tether_configuration_server::STORE_RETRY), the
-/// agents' configuration states whose write failed, until `stop`.
-async fn store_config_states_again(
-    (states, store, several): (Arc<ConfigStates>, Arc<dyn Store>, bool),
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(tether_configuration_server::STORE_RETRY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => states.store_again(store.as_ref(), several).await,
-            () = stop.cancelled() => return,
-        }
-    }
-}
-
 /// The agents' configuration streams: the configurations in force, loaded from the store so
 /// kas authorizes requests right after a restart, and the gRPC service.
 async fn start_configuration(
@@ -615,9 +599,17 @@ async fn start_configuration(
         .load(sh.store.as_ref())
         .await
         .context("loading the agents' configurations in force")?;
-    let retry = (Arc::clone(&config_states), Arc::clone(&sh.store), several);
-    let stop = Modules::shutdown_of(&handle);
-    let handle = handle.task(tokio::spawn(store_config_states_again(retry, stop)));
+    // Configuration states whose write failed are written again until they are stored.
+    let (states, store) = (Arc::clone(&config_states), Arc::clone(&sh.store));
+    let retry = crate::modules::every(
+        tether_configuration_server::STORE_RETRY,
+        Modules::shutdown_of(&handle),
+        move || {
+            let (states, store) = (Arc::clone(&states), Arc::clone(&store));
+            async move { states.store_again(store.as_ref(), several).await }
+        },
+    );
+    let handle = handle.task(tokio::spawn(retry));
     let configuration = ConfigService {
         auth: sh.auth.clone(),
         store: Arc::clone(&sh.store),
