@@ -100,7 +100,7 @@ impl Reach {
     ) -> Result<Reopened, ReachError> {
         // The holder's refusal (it lost the agent) is an answer too: the request goes to the
         // next holder rather than failing.
-        let through = |s: crate::peer_stream::OkFirst<tokio::net::TcpStream>| Reopened {
+        let through = |s: crate::peer_stream::OkFirst<crate::peer_stream::PeerStream>| Reopened {
             answer: Some(s.answer()),
             io: Box::new(s),
         };

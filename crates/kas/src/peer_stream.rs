@@ -15,6 +15,32 @@ use std::task::{Context, Poll};
 use tether_tunnel_server::{AnswerWatch, Answered};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// A connection on the hop between replicas: plain TCP, or TLS over it (`peers.tls`).
+pub trait PeerIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The TCP connection beneath (to check a spare is still open without reading from it).
+    fn tcp(&self) -> &tokio::net::TcpStream;
+}
+
+pub type PeerStream = Box<dyn PeerIo>;
+
+impl PeerIo for tokio::net::TcpStream {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self
+    }
+}
+
+impl PeerIo for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl PeerIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.get_ref().0
+    }
+}
+
 /// Longest answer line accepted.
 const MAX_LINE: usize = 1024;
 

@@ -38,7 +38,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
-use crate::peer_stream::OkFirst;
+use crate::peer_stream::{OkFirst, PeerStream};
 
 /// How long an agent's directory entry lives without a refresh, and the refresh period.
 const AGENT_TTL: u64 = 300;
@@ -87,6 +87,47 @@ pub struct PeersConfig {
     /// Connections the listener holds at once (default [`crate::config::PEERS_LIMITS`]); more
     /// are closed on arrival and counted.
     pub max_connections: Option<std::num::NonZeroUsize>,
+    /// Mutual TLS on the hop. Without it the hop is plain TCP: authenticated (HMAC) but not
+    /// encrypted, so what crosses it (Kubernetes API requests and answers, Secrets included)
+    /// can be read by whoever can see the replicas' network.
+    pub tls: Option<PeersTls>,
+}
+
+/// `peers.tls`: every replica presents its certificate (as server and as client) and accepts
+/// only the others' signed by `ca_file`. The files are read again when they change.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeersTls {
+    pub certificate_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    pub ca_file: std::path::PathBuf,
+    /// The name checked in the other replicas' certificates (default: the host of their
+    /// advertised address). One name all of them carry is simplest, as Pod addresses change.
+    pub server_name: Option<String>,
+}
+
+/// The TLS of the hop, loaded from [`PeersTls`].
+#[derive(Debug)]
+struct HopTls {
+    tls: tether_transport::MutualTls,
+    server_name: Option<String>,
+}
+
+impl HopTls {
+    fn load(cfg: &PeersTls) -> Result<HopTls, tether_transport::Error> {
+        let files = tether_transport::MutualTlsFiles {
+            cert_file: cfg.certificate_file.clone(),
+            key_file: cfg.key_file.clone(),
+            ca_file: cfg.ca_file.clone(),
+        };
+        if let Some(name) = &cfg.server_name {
+            tether_transport::peer_server_name(Some(name), "")?;
+        }
+        Ok(HopTls {
+            tls: tether_transport::MutualTls::load(files)?,
+            server_name: cfg.server_name.clone(),
+        })
+    }
 }
 
 /// What a forwarded request asks of the holder.
@@ -190,7 +231,7 @@ fn verify(
 }
 
 /// Spare connections by holder address, with when each was opened.
-type Spares = HashMap<String, Vec<(std::time::Instant, TcpStream)>>;
+type Spares = HashMap<String, Vec<(std::time::Instant, PeerStream)>>;
 
 /// Holders read from the directory, by agent, with when they were read.
 type HoldersCache = HashMap<i64, (std::time::Instant, Vec<String>)>;
@@ -249,6 +290,8 @@ impl Unreleased {
 pub struct Peers {
     cluster: Cluster,
     secret: Arc<Vec<u8>>,
+    /// Mutual TLS on the hop, when configured.
+    tls: Option<Arc<HopTls>>,
     address: String,
     registry: Arc<Registry>,
     /// The admin API served to other replicas, once the API module built it.
@@ -302,6 +345,14 @@ impl Peers {
             .trim()
             .as_bytes()
             .to_vec();
+        let tls = match &cfg.tls {
+            Some(t) => {
+                Some(Arc::new(HopTls::load(t).map_err(|e| {
+                    std::io::Error::other(format!("peers.tls: {e}"))
+                })?))
+            }
+            None => None,
+        };
         let pod_ip = std::env::var("POD_IP").ok();
         let address = advertised(cfg, pod_ip.as_deref()).ok_or_else(|| {
             std::io::Error::other(
@@ -311,6 +362,7 @@ impl Peers {
         Ok(Peers {
             cluster,
             secret: Arc::new(secret),
+            tls,
             address,
             registry,
             admin: Arc::new(OnceLock::new()),
@@ -543,7 +595,7 @@ impl Peers {
 
     /// A connection to `address`'s admin API (after the signed preamble), ready for one
     /// HTTP/1.1 exchange.
-    pub async fn open_admin(&self, address: &str) -> std::io::Result<TcpStream> {
+    pub async fn open_admin(&self, address: &str) -> std::io::Result<PeerStream> {
         let request = Forwarded {
             agent_id: 0,
             service: ADMIN_SERVICE.to_owned(),
@@ -553,13 +605,14 @@ impl Peers {
             to: Some(address.to_owned()),
         };
         let preamble = preamble(&self.secret, &request);
-        tokio::time::timeout(PREAMBLE_TIMEOUT, forward_to(address, &preamble))
+        let tls = self.tls.as_deref();
+        tokio::time::timeout(PREAMBLE_TIMEOUT, forward_to(tls, address, &preamble))
             .await
             .map_err(|_| std::io::Error::other("no answer"))?
     }
 
     /// Serves one forwarded admin request on `stream`.
-    async fn carry_admin(&self, mut stream: BufReader<TcpStream>) {
+    async fn carry_admin(&self, mut stream: BufReader<PeerStream>) {
         let Some(router) = self.admin.get().cloned() else {
             let _ = stream
                 .get_mut()
@@ -599,7 +652,7 @@ impl Peers {
         agent_id: i64,
         service: &str,
         metadata: &HashMap<String, String>,
-    ) -> Result<Option<OkFirst<TcpStream>>, RouteError> {
+    ) -> Result<Option<OkFirst<PeerStream>>, RouteError> {
         self.open_with(agent_id, service, metadata, false).await
     }
 
@@ -611,7 +664,7 @@ impl Peers {
         service: &str,
         metadata: &HashMap<String, String>,
         confirm: bool,
-    ) -> Result<Option<OkFirst<TcpStream>>, RouteError> {
+    ) -> Result<Option<OkFirst<PeerStream>>, RouteError> {
         let holders = self.refused_last(agent_id, self.holders(agent_id).await?);
         if holders.is_empty() {
             return Ok(None);
@@ -657,7 +710,7 @@ impl Peers {
         agent_id: i64,
         service: &str,
         metadata: &HashMap<String, String>,
-    ) -> OkFirst<TcpStream> {
+    ) -> OkFirst<PeerStream> {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             if let Ok(Some(stream)) = self.open_with(agent_id, service, metadata, true).await {
@@ -683,16 +736,45 @@ impl Peers {
             let (stop, refusals) = (stop.clone(), Arc::clone(&refusals));
             tokio::spawn(async move {
                 let _admission = admission;
+                let carried = async {
+                    if let Some(stream) = this.accept(stream, from, &refusals).await {
+                        this.carry(stream, from, &refusals).await;
+                    }
+                };
                 tokio::select! {
-                    () = this.carry(stream, from, &refusals) => {}
+                    () = carried => {}
                     () = stop.cancelled() => {}
                 }
             });
         }
     }
 
+    /// The connection after its TLS handshake, when the hop has TLS (within
+    /// [`PREAMBLE_TIMEOUT`]); `None`, logged (throttled), when the other end is not a replica
+    /// with a certificate of the hop's CA.
+    async fn accept(
+        &self,
+        stream: TcpStream,
+        from: std::net::SocketAddr,
+        refusals: &LogThrottle,
+    ) -> Option<PeerStream> {
+        let Some(tls) = &self.tls else {
+            return Some(Box::new(stream));
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.tls.current().server);
+        let why = match tokio::time::timeout(PREAMBLE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => return Some(Box::new(s)),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no TLS handshake in time".to_owned(),
+        };
+        if let Some(suppressed) = refusals.admit("handshake", std::time::Instant::now()) {
+            tracing::warn!(peer = %from, why, suppressed, "Refused a connection on the peers listener: its TLS handshake failed");
+        }
+        None
+    }
+
     /// One forwarded request: check it, take one of the agent's tunnel streams here, pipe.
-    async fn carry(&self, stream: TcpStream, from: std::net::SocketAddr, refusals: &LogThrottle) {
+    async fn carry(&self, stream: PeerStream, from: std::net::SocketAddr, refusals: &LogThrottle) {
         let mut stream = BufReader::new(stream);
         let read = tokio::time::timeout(PREAMBLE_TIMEOUT, read_preamble(&mut stream)).await;
         let checked = match read {
@@ -781,16 +863,19 @@ async fn try_holders(
     request: &Forwarded,
     confirm: bool,
     errors: &mut Vec<String>,
-) -> Option<OkFirst<TcpStream>> {
+) -> Option<OkFirst<PeerStream>> {
+    let tls = peers.tls.as_deref();
     for address in holders {
         let preamble = &preamble(&peers.secret, &request.to(address));
         let attempt = async {
             if confirm {
-                forward_to(address, preamble).await.map(OkFirst::answered)
+                forward_to(tls, address, preamble)
+                    .await
+                    .map(OkFirst::answered)
             } else {
                 let mut stream = match peers.take_spare(address) {
                     Some(s) => s,
-                    None => connect(address).await?,
+                    None => connect(tls, address).await?,
                 };
                 peers.replenish(address);
                 stream.write_all(preamble).await?;
@@ -807,7 +892,20 @@ async fn try_holders(
     None
 }
 
-async fn connect(address: &str) -> std::io::Result<TcpStream> {
+/// A connection to the replica at `address`, with the hop's TLS handshake done when it has
+/// TLS (so spare connections carry a request without waiting for one).
+async fn connect(tls: Option<&HopTls>, address: &str) -> std::io::Result<PeerStream> {
+    let stream = connect_tcp(address).await?;
+    let Some(tls) = tls else {
+        return Ok(Box::new(stream));
+    };
+    let name = tether_transport::peer_server_name(tls.server_name.as_deref(), address)
+        .map_err(std::io::Error::other)?;
+    let connector = tokio_rustls::TlsConnector::from(tls.tls.current().client);
+    Ok(Box::new(connector.connect(name, stream).await?))
+}
+
+async fn connect_tcp(address: &str) -> std::io::Result<TcpStream> {
     let stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
     probe_dead_peer(&stream)?;
@@ -841,13 +939,11 @@ pub(crate) const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 impl Peers {
     /// A spare connection to `address` that is young and still open (the holder may have
     /// restarted: a closed one reads EOF at once and is dropped).
-    fn take_spare(&self, address: &str) -> Option<TcpStream> {
+    fn take_spare(&self, address: &str) -> Option<PeerStream> {
         let mut spares = self.spares.lock().unwrap_or_else(PoisonError::into_inner);
         let list = spares.get_mut(address)?;
         while let Some((at, stream)) = list.pop() {
-            let mut probe = [0u8; 1];
-            let open = matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-            if at.elapsed() < SPARE_MAX_AGE && open {
+            if at.elapsed() < SPARE_MAX_AGE && still_open(stream.tcp()) {
                 return Some(stream);
             }
         }
@@ -857,6 +953,7 @@ impl Peers {
     /// Opens spare connections to `address` in the background, up to [`SPARES_PER_PEER`].
     fn replenish(&self, address: &str) {
         let spares = Arc::clone(&self.spares);
+        let tls = self.tls.clone();
         let address = address.to_owned();
         tokio::spawn(async move {
             let missing = {
@@ -866,7 +963,7 @@ impl Peers {
                 SPARES_PER_PEER.saturating_sub(list.len())
             };
             for _ in 0..missing {
-                let Ok(stream) = connect(&address).await else {
+                let Ok(stream) = connect(tls.as_deref(), &address).await else {
                     return;
                 };
                 let mut map = spares.lock().unwrap_or_else(PoisonError::into_inner);
@@ -879,8 +976,23 @@ impl Peers {
     }
 }
 
-async fn forward_to(address: &str, preamble: &[u8]) -> std::io::Result<TcpStream> {
-    let mut stream = connect(address).await?;
+/// Whether a spare connection is still open: the holder sends nothing on it before a request
+/// (but TLS session tickets, left unread here), so end of stream or an error means it closed.
+/// Peeked, not read: bytes taken from beneath TLS would break it.
+fn still_open(tcp: &TcpStream) -> bool {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(tcp).peek(&mut probe) {
+        Ok(n) => n > 0,
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+    }
+}
+
+async fn forward_to(
+    tls: Option<&HopTls>,
+    address: &str,
+    preamble: &[u8],
+) -> std::io::Result<PeerStream> {
+    let mut stream = connect(tls, address).await?;
     stream.write_all(preamble).await?;
     // `OK\n` in one read (the holder sends nothing after it before this side speaks); an error
     // line is read on byte by byte, so nothing after the answer line is swallowed by a buffer.
@@ -902,7 +1014,7 @@ async fn forward_to(address: &str, preamble: &[u8]) -> std::io::Result<TcpStream
     }
 }
 
-async fn read_preamble(stream: &mut BufReader<TcpStream>) -> std::io::Result<(String, String)> {
+async fn read_preamble(stream: &mut BufReader<PeerStream>) -> std::io::Result<(String, String)> {
     let mut limited = (&mut *stream).take(MAX_PREAMBLE as u64);
     let (mut tag, mut body) = (String::new(), String::new());
     limited.read_line(&mut tag).await?;
@@ -919,10 +1031,10 @@ mod tests {
     async fn both_ends_of_the_hop_probe_for_a_dead_peer() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        let dialed = connect(&address).await.unwrap();
+        let dialed = connect(None, &address).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         probe_dead_peer(&accepted).unwrap();
-        for stream in [&dialed, &accepted] {
+        for stream in [dialed.tcp(), &accepted] {
             let socket = socket2::SockRef::from(stream);
             assert!(socket.keepalive().unwrap());
             assert_eq!(
@@ -1013,6 +1125,7 @@ mod tests {
     fn the_advertised_address_falls_back_to_the_pods_ip() {
         let cfg = |listen: &str, advertise: Option<&str>| PeersConfig {
             max_connections: None,
+            tls: None,
             listen: listen.parse().unwrap(),
             advertise_address: advertise.map(str::to_owned),
             secret_file: "/s".into(),

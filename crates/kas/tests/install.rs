@@ -1005,7 +1005,7 @@ async fn registering_an_agent_prints_how_to_install_it_and_writes_manifests_that
 }
 
 /// Several replicas: PostgreSQL's URL and Redis's password and CA (TLS) from Secrets, the peers listener with
-/// the shared secret, each Pod told its IP; the generated configuration is one kas accepts,
+/// the shared secret and mutual TLS (cert-manager's Secret layout), each Pod told its IP; the generated configuration is one kas accepts,
 /// and the cluster accepts the objects. Without what replicas share, helm names the value.
 #[test]
 fn the_kas_chart_scales_out_on_postgresql_redis_and_peers() {
@@ -1031,6 +1031,14 @@ fn the_kas_chart_scales_out_on_postgresql_redis_and_peers() {
     );
     let peers = cfg.peers.as_ref().unwrap();
     assert_eq!(peers.listen.to_string(), "0.0.0.0:8156");
+    let tls = peers.tls.as_ref().expect("mutual TLS on the hop");
+    assert_eq!(tls.ca_file, Path::new("/etc/kas/peers-tls/ca.crt"));
+    assert_eq!(
+        tls.certificate_file,
+        Path::new("/etc/kas/peers-tls/tls.crt")
+    );
+    assert_eq!(tls.key_file, Path::new("/etc/kas/peers-tls/tls.key"));
+    assert_eq!(tls.server_name.as_deref(), Some("kas-peers"));
     let sts = find(&objs, "StatefulSet", Some(&ns), "kas");
     assert_eq!(sts["spec"]["replicas"], 3);
     let pod = &sts["spec"]["template"]["spec"];
@@ -1047,13 +1055,14 @@ fn the_kas_chart_scales_out_on_postgresql_redis_and_peers() {
         ("redis", "kas-redis"),
         ("redis-ca", "kas-redis-ca"),
         ("peers", "kas-peers"),
+        ("peers-tls", "kas-peers-tls"),
     ] {
         let v = pod_volume(pod, volume);
         assert_eq!(v["secret"]["secretName"], secret);
     }
     // The peers port is no Service's: replicas reach each other by Pod IP.
     assert!(service_ports(&objs, &ns).iter().all(|(_, p)| *p != 8156));
-    // Only kas's own Pods reach it (the hop is not encrypted); the other listeners stay open.
+    // Only kas's own Pods reach it; the other listeners stay open.
     let policy = find(&objs, "NetworkPolicy", Some(&ns), "kas-peers");
     let selector = &policy["spec"]["podSelector"]["matchLabels"];
     assert_eq!(selector, &sts["spec"]["selector"]["matchLabels"]);

@@ -6,6 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use support::gitops::{RigArgs, configmap, rig_opts};
 use support::{Agent, GitRepo, Kas, KasOptions, wait_for};
 use tether_store::{Store, SuspensionScope};
@@ -555,9 +557,23 @@ async fn replicas_with_peers(
     n: usize,
     pki: &support::Pki,
 ) -> Vec<Kas> {
+    replicas_with(shared, dir, n, pki, &|_, o| o).await
+}
+
+/// Options of replica `i`, changed by a test.
+type Customize<'a> = &'a dyn Fn(usize, KasOptions) -> KasOptions;
+
+/// [`replicas_with_peers`], each replica's options passed through `custom`.
+async fn replicas_with(
+    shared: &Shared,
+    dir: &std::path::Path,
+    n: usize,
+    pki: &support::Pki,
+    custom: Customize<'_>,
+) -> Vec<Kas> {
     let mut out = Vec::new();
     for i in 0..n {
-        let mut opts = with_peers(shared.options(), dir);
+        let mut opts = custom(i, with_peers(shared.options(), dir));
         opts.git_poll = "1s";
         // kubectl sends a bearer token over TLS only.
         opts.k8s_tls = Some((pki.cert.clone(), pki.key.clone()));
@@ -619,18 +635,22 @@ struct Routed {
 
 impl Routed {
     async fn start() -> Routed {
-        Routed::start_with(None).await
+        Routed::start_with(None, &|_, o| o).await
     }
 
-    /// With the agent's kubeconfig (default: the test cluster's).
-    async fn start_with(agent_kubeconfig: Option<std::path::PathBuf>) -> Routed {
+    /// With the agent's kubeconfig (default: the test cluster's) and each replica's options
+    /// passed through `custom`.
+    async fn start_with(
+        agent_kubeconfig: Option<std::path::PathBuf>,
+        custom: Customize<'_>,
+    ) -> Routed {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let env = tether_testenv::TestEnv::from_env().expect("a running control plane");
         let ns = env.create_namespace("routed").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let shared = Shared::start();
         let pki = support::Pki::temporary();
-        let kas = replicas_with_peers(&shared, dir.path(), 3, &pki).await;
+        let kas = replicas_with(&shared, dir.path(), 3, &pki, custom).await;
         let repo = support::GitRepo::init(&dir.path().join("config"));
         let config = b"user_access:\n  access_as:\n    agent: {}\n  projects:\n  - id: group/app\n";
         let commit = repo.commit(
@@ -762,6 +782,116 @@ impl Routed {
         let at = (self.dir.path(), self.pki.ca.as_path());
         person_kubectl(&self.env, at, self.kas[i].k8s_port, &self.token)
     }
+}
+
+/// With `peers.tls`, the hop between replicas is encrypted: a person's kubectl through replica
+/// 3 reaches the agent on replica 1 through a tap recording the hop, and neither the request
+/// nor the ConfigMap it reads can be found in what crossed (nor an admin request forwarded
+/// there); a connection that does not present
+/// a certificate of the hop's CA gets nothing and is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_peers_tls_the_hop_is_encrypted_and_a_connection_without_its_certificate_is_refused() {
+    let hop = support::Pki::temporary();
+    let tap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tap_port = tap.local_addr().unwrap().port();
+    let first_peers_port = std::sync::Mutex::new(None);
+    let custom = |i: usize, mut o: KasOptions| {
+        o.extra_yaml.push_str(&format!(
+            "  tls:\n    certificate_file: {}\n    key_file: {}\n    ca_file: {}\n    server_name: localhost\n",
+            hop.cert.display(),
+            hop.key.display(),
+            hop.ca.display()
+        ));
+        if i == 0 {
+            *first_peers_port.lock().unwrap() = Some(peers_port(&o));
+            o.extra_yaml
+                .push_str(&format!("  advertise_address: 127.0.0.1:{tap_port}\n"));
+        }
+        o
+    };
+    let r = Routed::start_with(None, &custom).await;
+    let peers = first_peers_port.lock().unwrap().unwrap();
+    let seen = recording_relay(tap, peers);
+    let value = "hop-payload-7f3a9c";
+    let literal = format!("--from-literal=k={value}");
+    let create = ["-n", &r.ns, "create", "configmap", "wire", &literal];
+    tether_testenv::run_output(r.env.kubectl().args(create)).unwrap();
+    let get = ["-n", &r.ns, "get", "configmap", "wire", "-o", "yaml"];
+    let read = tether_testenv::run_output(r.kubectl(2).args(get)).unwrap();
+    assert!(String::from_utf8_lossy(&read).contains(value));
+    // An admin request forwarded to the holder crosses it too.
+    let echoed = r.kas[2].admin.echo(r.agent_id, b"ping".to_vec()).await;
+    assert_eq!(&echoed.unwrap()[..], b"ping");
+    let crossed = seen.lock().unwrap().clone();
+    assert!(
+        crossed.len() > 1000,
+        "the request crossed the tap: {} bytes",
+        crossed.len()
+    );
+    for plain in [
+        value.as_bytes(),
+        b"configmaps/wire",
+        b"agent_id",
+        b"kubernetes_api",
+    ] {
+        let found = crossed.windows(plain.len()).any(|w| w == plain);
+        assert!(
+            !found,
+            "{:?} readable on the hop",
+            String::from_utf8_lossy(plain)
+        );
+    }
+    let mut stranger = tokio::net::TcpStream::connect(("127.0.0.1", peers))
+        .await
+        .unwrap();
+    stranger.write_all(b"00\n{}\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = stranger.read_to_end(&mut answer).await;
+    assert!(
+        !answer.starts_with(b"OK") && !answer.starts_with(b"ERR"),
+        "{answer:?}"
+    );
+    let refused = "Refused a connection on the peers listener: its TLS handshake failed";
+    wait_for("the refusal logged", Duration::from_secs(10), || async {
+        r.kas[0].log().contains(refused).then_some(())
+    })
+    .await;
+}
+
+/// Relays connections from `listener` to `port`, recording what crosses in both directions.
+fn recording_relay(
+    listener: tokio::net::TcpListener,
+    port: u16,
+) -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((down, _)) = listener.accept().await {
+            let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let (dr, dw) = down.into_split();
+            let (ur, uw) = up.into_split();
+            tokio::spawn(copy_recording(dr, uw, std::sync::Arc::clone(&record)));
+            tokio::spawn(copy_recording(ur, dw, std::sync::Arc::clone(&record)));
+        }
+    });
+    seen
+}
+
+async fn copy_recording(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        seen.lock().unwrap().extend_from_slice(&buf[..n]);
+    }
+    let _ = to.shutdown().await;
 }
 
 /// A TCP balancer in front of replicas: each connection goes to the first that accepts it, as
@@ -1210,7 +1340,7 @@ async fn an_upgraded_connection_crosses_the_hop_between_replicas() {
     use support::upgrade::{fake_kubeconfig, tls_http1, upgrade_and_echo, upgrading_server};
     let port = upgrading_server().await;
     let fake_dir = tempfile::tempdir().unwrap();
-    let r = Routed::start_with(Some(fake_kubeconfig(fake_dir.path(), port))).await;
+    let r = Routed::start_with(Some(fake_kubeconfig(fake_dir.path(), port)), &|_, o| o).await;
     r.kas[0].wait_connected(r.agent_id).await;
     let path = format!(
         "/api/v1/namespaces/{}/pods/p/exec?command=sh&stdin=true",

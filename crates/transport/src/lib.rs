@@ -36,7 +36,10 @@ pub use server::{
     AcceptOptions, AgentConnectInfo, AgentIo, DEFAULT_HANDSHAKE_TIMEOUT, Incoming, incoming,
     incoming_with, remote_addr_of,
 };
-pub use tls::{ServerTls, load_client_tls, load_server_tls};
+pub use tls::{
+    MutualConfigs, MutualTls, MutualTlsFiles, ServerTls, load_client_tls, load_server_tls,
+    peer_server_name,
+};
 pub use ws::{WS_MAX_MESSAGE_SIZE, WS_SUBPROTOCOL, WsIo};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -77,6 +80,8 @@ pub enum Error {
     InvalidServerName(String),
     #[error("TLS configuration: {0}")]
     TlsConfig(#[from] rustls::Error),
+    #[error("TLS client certificate verifier: {0}")]
+    ClientVerifier(String),
 
     #[error("connecting to {address}: {source}")]
     Connect {

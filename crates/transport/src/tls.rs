@@ -13,6 +13,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::{Error, Result};
 
+mod mutual;
+pub use mutual::{MutualConfigs, MutualTls, MutualTlsFiles, peer_server_name};
+
 /// The TLS configuration kas serves with (see [`load_server_tls`]).
 pub type ServerTls = Arc<ServerConfig>;
 

@@ -88,7 +88,12 @@ mounts of the StatefulSet (data on the volume, TLS and the admin token from Secr
 {{- $_ = set $cfg "redis" $redis }}
 {{- end }}
 {{- if $v.peers.secretName }}
-{{- $_ = set $cfg "peers" (dict "listen" (printf "0.0.0.0:%v" $v.peers.port) "secret_file" "/etc/kas/peers/secret") }}
+{{- $peers := dict "listen" (printf "0.0.0.0:%v" $v.peers.port) "secret_file" "/etc/kas/peers/secret" }}
+{{- if $v.peers.tlsSecretName }}
+{{- $name := $v.peers.tlsServerName | default (printf "%s-peers" (include "kas.fullname" .)) }}
+{{- $_ = set $peers "tls" (dict "certificate_file" "/etc/kas/peers-tls/tls.crt" "key_file" "/etc/kas/peers-tls/tls.key" "ca_file" "/etc/kas/peers-tls/ca.crt" "server_name" $name) }}
+{{- end }}
+{{- $_ = set $cfg "peers" $peers }}
 {{- end }}
 {{- /* Mirrors on their own volume: their growth must not fill the database's disk. */}}
 {{- $_ = set $cfg "git" (dict "cache_dir" "/var/lib/kas-mirrors") }}
