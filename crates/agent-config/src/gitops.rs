@@ -11,6 +11,7 @@ use crate::check::{
     check_full_path, check_namespace, check_non_empty, is_commit_id, null_as_default, one_of_error,
 };
 use crate::duration::{format_duration, serde_go};
+use crate::post_build::PostBuild;
 use crate::render::{Helm, Kustomize};
 use crate::{ConfigError, DEFAULT_NAMESPACE};
 
@@ -84,6 +85,9 @@ pub struct ManifestProject {
     /// Render this Helm chart (in kas) instead of selecting files by `paths`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub helm: Option<Helm>,
+    /// Variables agentk substitutes into the objects before applying them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_build: Option<PostBuild>,
 }
 
 impl ManifestProject {
@@ -103,6 +107,7 @@ impl ManifestProject {
             git_ref: None,
             kustomize: None,
             helm: None,
+            post_build: None,
         }
     }
 }
@@ -394,6 +399,9 @@ impl ManifestProject {
         }
         check_timeout(&format!("{base}.reconcile_timeout"), self.reconcile_timeout)?;
         check_timeout(&format!("{base}.prune_timeout"), self.prune_timeout)?;
+        if let Some(post_build) = &self.post_build {
+            post_build.validate(&format!("{base}.post_build"))?;
+        }
         self.validate_rendering(base)
     }
 

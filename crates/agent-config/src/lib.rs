@@ -21,6 +21,7 @@ mod error;
 mod gitops;
 mod lines;
 mod observability;
+mod post_build;
 mod render;
 mod user_access;
 
@@ -37,6 +38,10 @@ pub use gitops::{
     PrunePropagationPolicy,
 };
 pub use observability::{LogLevel, Logging, Observability};
+pub use post_build::{
+    MAX_SUBSTITUTE_FROM, PostBuild, SubstituteFrom, SubstituteKind, VARIABLE_NAME_RULE,
+    is_variable_name,
+};
 pub use render::{
     Helm, HelmHooks, Kustomize, MAX_API_VERSIONS, MAX_RELEASE_NAME, MAX_VALUES_FILES,
     check_repository_path, is_api_version, is_kube_version,

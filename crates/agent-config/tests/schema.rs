@@ -1022,3 +1022,89 @@ fn keys_added_later_stay_out_of_the_json_while_at_their_default() {
     let back: ManifestProject = serde_json::from_value(json).expect("read back");
     assert!(back.allow_empty);
 }
+
+#[test]
+fn post_build_parses_with_its_keys_and_stays_out_of_the_json_when_absent() {
+    use tether_agent_config::{PostBuild, SubstituteFrom, SubstituteKind};
+    let p = only_project(&project(
+        "    post_build:\n      substitute:\n        cluster_name: prod-eu\n        replicas: '3'\n      substitute_from:\n      - kind: ConfigMap\n        name: cluster-vars\n      - kind: Secret\n        name: cluster-secrets\n        namespace: flux-system\n        optional: true\n      strict: true\n",
+    ));
+    let expected = PostBuild {
+        substitute: [("cluster_name", "prod-eu"), ("replicas", "3")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        substitute_from: vec![
+            SubstituteFrom {
+                kind: SubstituteKind::ConfigMap,
+                name: "cluster-vars".into(),
+                namespace: None,
+                optional: false,
+            },
+            SubstituteFrom {
+                kind: SubstituteKind::Secret,
+                name: "cluster-secrets".into(),
+                namespace: Some("flux-system".into()),
+                optional: true,
+            },
+        ],
+        strict: true,
+    };
+    assert_eq!(p.post_build.as_ref(), Some(&expected));
+    let back: ManifestProject =
+        serde_json::from_value(serde_json::to_value(&p).expect("json")).expect("read back");
+    assert_eq!(back, p);
+    let plain = only_project(&project("    paths:\n    - glob: '*.yaml'\n"));
+    assert_eq!(plain.post_build, None);
+    let json = serde_json::to_value(&plain).expect("json");
+    assert!(json.get("post_build").is_none(), "{json}");
+}
+
+#[test]
+fn post_build_errors_name_the_key_and_line() {
+    let bad_name = err(&project(
+        "    post_build:\n      substitute:\n        cluster-name: x\n",
+    ));
+    assert_eq!(
+        bad_name.to_string(),
+        "gitops.manifest_projects[0].post_build.substitute.cluster-name: \"cluster-name\" is not \
+         a valid variable name (must match ^[_[:alpha:]][_[:alpha:][:digit:]]*$: a letter or \
+         '_', then letters, digits or '_') (line 6)"
+    );
+    let bad_kind = err(&project(
+        "    post_build:\n      substitute_from:\n      - kind: Deployment\n        name: x\n",
+    ));
+    assert_eq!(
+        bad_kind.path(),
+        Some("gitops.manifest_projects[0].post_build.substitute_from[0].kind"),
+        "{bad_kind}"
+    );
+    assert!(bad_kind.to_string().contains("ConfigMap"), "{bad_kind}");
+    let bad_ref = err(&project(
+        "    post_build:\n      substitute_from:\n      - kind: Secret\n        name: Vars\n",
+    ));
+    assert_eq!(
+        bad_ref.path(),
+        Some("gitops.manifest_projects[0].post_build.substitute_from[0].name"),
+        "{bad_ref}"
+    );
+    assert_eq!(bad_ref.line(), Some(7), "{bad_ref}");
+    let bad_ns = err(&project(
+        "    post_build:\n      substitute_from:\n      - {kind: Secret, name: v, namespace: A}\n",
+    ));
+    assert_eq!(
+        bad_ns.path(),
+        Some("gitops.manifest_projects[0].post_build.substitute_from[0].namespace"),
+        "{bad_ns}"
+    );
+    let unknown = err(&project("    post_build:\n      substituteFrom: []\n"));
+    assert!(unknown.to_string().contains("substitute_from"), "{unknown}");
+    let number = err(&project(
+        "    post_build:\n      substitute:\n        replicas: [3]\n",
+    ));
+    assert_eq!(
+        number.path(),
+        Some("gitops.manifest_projects[0].post_build.substitute.replicas"),
+        "{number}"
+    );
+}

@@ -26,6 +26,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::object_ref::ObjRef;
+use crate::substitute::{self, ExpandError, Variables};
 
 /// One object decoded from a manifest file.
 ///
@@ -187,6 +188,17 @@ pub enum DecodeError {
         /// What is wrong.
         message: String,
     },
+    /// `post_build` variable substitution failed (nothing of the value is shown: it may come
+    /// from a Secret).
+    #[error("{path}:{line}: post_build variable substitution: {message}")]
+    Substitute {
+        /// File path.
+        path: String,
+        /// Line of the expression.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// The document parsed but is not a usable Kubernetes object.
     #[error("{path}: document {number} (line {line}): {message}", number = .doc_index + 1)]
     Invalid {
@@ -203,6 +215,20 @@ pub enum DecodeError {
 
 /// Decodes one manifest file into objects, in file order.
 pub fn decode_file(path: &str, bytes: &[u8]) -> Result<Vec<Manifest>, DecodeError> {
+    decode_file_with(path, bytes, None)
+}
+
+/// [`decode_file`], substituting `vars` first ([`crate::substitute`]): in a YAML document's
+/// text before it is decoded (so `replicas: ${n}` is a number), in the strings of a JSON
+/// object (JSON has no unquoted scalars). Objects labelled or annotated
+/// [`substitute::DISABLE_KEY`]` disabled` are left alone. No variables, no substitution
+/// (as in Flux: not even `$$` is touched).
+pub fn decode_file_with(
+    path: &str,
+    bytes: &[u8],
+    vars: Option<&Variables>,
+) -> Result<Vec<Manifest>, DecodeError> {
+    let vars = vars.filter(|v| !v.is_empty());
     let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::NotUtf8 {
         path: path.to_owned(),
         offset: e.valid_up_to(),
@@ -215,7 +241,7 @@ pub fn decode_file(path: &str, bytes: &[u8]) -> Result<Vec<Manifest>, DecodeErro
     let documents = if is_json {
         json_documents(path, text)?
     } else {
-        yaml_documents(path, text)?
+        yaml_documents(path, text, vars)?
     };
     let mut out = Vec::new();
     for doc in documents {
@@ -227,6 +253,11 @@ pub fn decode_file(path: &str, bytes: &[u8]) -> Result<Vec<Manifest>, DecodeErro
         };
         let mut objects = Vec::new();
         flatten(doc.value, "", &mut objects).map_err(invalid)?;
+        if let (true, Some(vars)) = (is_json, vars) {
+            for object in objects.iter_mut().filter(|o| !substitute::is_disabled(o)) {
+                expand_strings(object, vars).map_err(|e| substitute_error(path, doc.line, &e))?;
+            }
+        }
         out.extend(objects.iter_mut().map(|object| {
             string_data_into_data(object);
             Manifest::new(path, doc.index, doc.line, object)
@@ -685,44 +716,164 @@ pub(crate) fn yaml_options(doc_len: usize) -> serde_saphyr::Options {
     }
 }
 
-fn yaml_documents(path: &str, text: &str) -> Result<Vec<Document>, DecodeError> {
+fn yaml_documents(
+    path: &str,
+    text: &str,
+    vars: Option<&Variables>,
+) -> Result<Vec<Document>, DecodeError> {
     let mut docs = Vec::new();
     for chunk in split_documents(text) {
         let Some(content_line) = chunk.content_line else {
             // `---` followed by nothing but comments: an empty document.
             continue;
         };
-        let parsed = serde_saphyr::from_str_with_options::<Option<Value>>(
-            chunk.text,
-            yaml_options(chunk.text.len()),
-        );
-        match parsed {
-            Ok(Some(value)) if !value.is_null() => docs.push(Document {
+        let parsed = match vars {
+            Some(vars) if chunk.text.contains('$') => {
+                substituted_chunk(path, &chunk, content_line, vars)?
+            }
+            _ => parse_chunk(path, chunk.text, chunk.first_line, content_line)?,
+        };
+        if let Some(value) = parsed {
+            docs.push(Document {
                 index: chunk.index,
                 line: content_line,
                 value,
-            }),
-            Ok(_) => {}
-            Err(err) => {
-                let (line, column) = match err.location() {
-                    Some(loc) if loc.line() > 0 => (
-                        usize::try_from(loc.line())
-                            .unwrap_or(usize::MAX)
-                            .saturating_add(chunk.first_line - 1),
-                        usize::try_from(loc.column()).unwrap_or(0),
-                    ),
-                    _ => (content_line, 0),
-                };
-                return Err(DecodeError::Syntax {
-                    path: path.to_owned(),
-                    line,
-                    column,
-                    message: yaml_message(&err),
-                });
-            }
+            });
         }
     }
     Ok(docs)
+}
+
+/// A document with its variables substituted, unless its objects opt out. The text is read
+/// once as written to find out (as Flux reads the object before substituting); text that does
+/// not parse before substitution is substituted all the same.
+fn substituted_chunk(
+    path: &str,
+    chunk: &Chunk<'_>,
+    content_line: usize,
+    vars: &Variables,
+) -> Result<Option<Value>, DecodeError> {
+    let original = parse_chunk(path, chunk.text, chunk.first_line, content_line);
+    if let Ok(value) = &original {
+        let (enabled, disabled) = opt_outs(value.as_ref());
+        if enabled == 0 {
+            return original;
+        }
+        if disabled > 0 {
+            return Err(DecodeError::Substitute {
+                path: path.to_owned(),
+                line: content_line,
+                message: format!(
+                    "a list mixes objects labelled or annotated {}: {} with others:                      put them in separate documents",
+                    substitute::DISABLE_KEY,
+                    substitute::DISABLED
+                ),
+            });
+        }
+    }
+    let text = substitute::expand(chunk.text, vars)
+        .map_err(|e| substitute_error(path, chunk.first_line - 1 + e.line(), &e))?;
+    parse_chunk(path, &text, chunk.first_line, content_line).map_err(|e| match e {
+        DecodeError::Syntax {
+            path,
+            line,
+            column,
+            message,
+        } => DecodeError::Syntax {
+            path,
+            line,
+            column,
+            message: format!("{message} (after post_build variable substitution)"),
+        },
+        other => other,
+    })
+}
+
+/// How many objects of a document (a List's items each) substitute, and how many opt out.
+fn opt_outs(value: Option<&Value>) -> (usize, usize) {
+    let (mut enabled, mut disabled) = (0, 0);
+    let mut stack: Vec<&Value> = value.into_iter().collect();
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) if is_list(map) => {
+                stack.extend(
+                    map.get("items")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten(),
+                );
+            }
+            Value::Null => {}
+            v if substitute::is_disabled(v) => disabled += 1,
+            _ => enabled += 1,
+        }
+    }
+    (enabled, disabled)
+}
+
+fn substitute_error(path: &str, line: usize, e: &ExpandError) -> DecodeError {
+    DecodeError::Substitute {
+        path: path.to_owned(),
+        line,
+        message: e.to_string(),
+    }
+}
+
+/// Substitutes in every string (keys too) of a JSON object.
+fn expand_strings(value: &mut Value, vars: &Variables) -> Result<(), ExpandError> {
+    match value {
+        Value::String(s) if s.contains('$') => *s = substitute::expand(s, vars)?,
+        Value::Array(items) => {
+            for item in items {
+                expand_strings(item, vars)?;
+            }
+        }
+        Value::Object(map) if map.keys().any(|k| k.contains('$')) => {
+            let old = std::mem::take(map);
+            for (k, mut v) in old {
+                expand_strings(&mut v, vars)?;
+                map.insert(substitute::expand(&k, vars)?, v);
+            }
+        }
+        Value::Object(map) => {
+            for v in map.values_mut() {
+                expand_strings(v, vars)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// One document's text parsed; `None` when it holds nothing (`null`).
+fn parse_chunk(
+    path: &str,
+    text: &str,
+    first_line: usize,
+    content_line: usize,
+) -> Result<Option<Value>, DecodeError> {
+    match serde_saphyr::from_str_with_options::<Option<Value>>(text, yaml_options(text.len())) {
+        Ok(Some(value)) if !value.is_null() => Ok(Some(value)),
+        Ok(_) => Ok(None),
+        Err(err) => {
+            let (line, column) = match err.location() {
+                Some(loc) if loc.line() > 0 => (
+                    usize::try_from(loc.line())
+                        .unwrap_or(usize::MAX)
+                        .saturating_add(first_line - 1),
+                    usize::try_from(loc.column()).unwrap_or(0),
+                ),
+                _ => (content_line, 0),
+            };
+            Err(DecodeError::Syntax {
+                path: path.to_owned(),
+                line,
+                column,
+                message: yaml_message(&err),
+            })
+        }
+    }
 }
 
 /// The library appends ` at line X, column Y` (relative to the document, not the file);
@@ -1288,3 +1439,7 @@ mod scale_tests {
         ));
     }
 }
+
+#[cfg(test)]
+#[path = "decode_substitute_tests.rs"]
+mod substitute_tests;

@@ -35,6 +35,7 @@ pub mod preview;
 pub mod prune;
 pub mod status;
 mod status_watch;
+pub mod substitute;
 pub mod sync;
 
 pub use decode::{DecodeError, Manifest, decode_file};
