@@ -203,6 +203,7 @@ impl Workers {
         tracing::info!(project_id = %key, "Starting synchronization worker");
         let settings = Settings {
             previous_namespace: self.moved.get(key).cloned(),
+            agent_namespace: self.meta.pod_namespace.clone(),
             ..Settings::for_project(agent_id, p)
         };
         let (channel, meta, engine) =

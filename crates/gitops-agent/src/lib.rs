@@ -37,6 +37,7 @@ pub mod status;
 mod status_watch;
 pub mod substitute;
 pub mod sync;
+pub mod variables;
 
 pub use decode::{DecodeError, Manifest, decode_file};
 pub use inventory::{InventoryError, OwnershipConflict};

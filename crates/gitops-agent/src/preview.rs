@@ -192,7 +192,10 @@ pub async fn preview(
     files: &[(String, Vec<u8>)],
 ) -> Result<Vec<ObjectChange>, SyncError> {
     let syncer = Syncer::new(client);
-    let mut manifests = decode_all(files)?;
+    let vars = syncer
+        .variables(s, crate::variables::Secrets::Refuse)
+        .await?;
+    let mut manifests = decode_all(files, vars.as_ref())?;
     refuse_helm_hooks(&manifests, s)?;
     let previous = syncer.read_inventory(s).await?;
     let disc = syncer.discover().await?;

@@ -20,7 +20,7 @@ use tether_agent_config::{
 use tokio_util::sync::CancellationToken;
 
 use crate::apis::Apis;
-use crate::decode::{DecodeError, Manifest, decode_file};
+use crate::decode::{DecodeError, Manifest, decode_file_with};
 use crate::drift;
 use crate::events::{self, Phase};
 use crate::inventory::{self, InventoryError, OwnershipConflict};
@@ -29,6 +29,8 @@ use crate::plan;
 use crate::prune::{self, Skip};
 use crate::status::{ResourceStatus, Status, StatusView, compute_status, sync_outcome};
 use crate::status_watch::{Seen, Watches, settled};
+use crate::substitute::Variables;
+use crate::variables::{self, ReferenceError, Secrets};
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "agentk";
@@ -74,6 +76,11 @@ pub struct Settings {
     /// inventory is still there until a sync writes it in the new namespace (and deletes
     /// the old one), so what left Git in the meantime is still pruned.
     pub previous_namespace: Option<String>,
+    /// The entry's `post_build`: variables substituted into the objects.
+    pub post_build: Option<tether_agent_config::PostBuild>,
+    /// agentk's own namespace (empty: unknown), where `post_build.substitute_from` references
+    /// without a namespace are read.
+    pub agent_namespace: String,
 }
 
 /// How far a running sync got: its objects so far and how many are Current or Failed.
@@ -149,6 +156,8 @@ impl Settings {
             dry_run: p.dry_run_strategy,
             progress: ProgressSink::default(),
             previous_namespace: None,
+            post_build: p.post_build.clone(),
+            agent_namespace: String::new(),
         }
     }
 }
@@ -268,6 +277,18 @@ pub enum SyncError {
     /// A file does not decode: nothing was applied or pruned.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// A `post_build.substitute_from` reference could not be used: nothing was applied or
+    /// pruned.
+    #[error(
+        "post_build.substitute_from[{index}]: {kind} {namespace}/{name} {reason}; nothing was applied"
+    )]
+    SubstituteFrom {
+        index: usize,
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        reason: ReferenceError,
+    },
     #[error("inventory {namespace}/{name} is unreadable: {source}")]
     InventoryUnreadable {
         namespace: String,
@@ -609,8 +630,9 @@ impl Syncer {
         cancel: &CancellationToken,
     ) -> Result<SyncOutcome, Aborted> {
         let dry = s.dry_run != DryRunStrategy::None;
-        // 1. Decode everything before touching the cluster.
-        let mut manifests = decode_all(files)?;
+        // 1. Decode everything (variables substituted) before writing to the cluster.
+        let vars = self.variables(s, Secrets::Read).await?;
+        let mut manifests = decode_all(files, vars.as_ref())?;
         refuse_helm_hooks(&manifests, s)?;
         if s.dry_run == DryRunStrategy::Client {
             return Ok(client_dry_run(commit_id, &manifests));
@@ -659,6 +681,21 @@ impl Syncer {
         let mut out = finish(commit_id, p.results, p.writes, dry);
         out.watched_statuses = watched_statuses;
         Ok(out)
+    }
+
+    /// The variables of the project's `post_build`, read anew at every sync ([`variables`]).
+    pub(crate) async fn variables(
+        &self,
+        s: &Settings,
+        secrets: Secrets,
+    ) -> Result<Option<Variables>, SyncError> {
+        variables::load(
+            &self.client,
+            s.post_build.as_ref(),
+            &s.agent_namespace,
+            secrets,
+        )
+        .await
     }
 
     /// The previous inventory: unreadable means we cannot know what to prune, so the sync stops.
@@ -1680,11 +1717,15 @@ impl Progress {
     }
 }
 
-/// Decodes every file; any error stops the sync before it touches the cluster.
-pub(crate) fn decode_all(files: &[(String, Vec<u8>)]) -> Result<Vec<Manifest>, SyncError> {
+/// Decodes every file, substituting `vars`; any error stops the sync before it touches the
+/// cluster.
+pub(crate) fn decode_all(
+    files: &[(String, Vec<u8>)],
+    vars: Option<&Variables>,
+) -> Result<Vec<Manifest>, SyncError> {
     let mut manifests = Vec::new();
     for (path, bytes) in files {
-        manifests.append(&mut decode_file(path, bytes)?);
+        manifests.append(&mut decode_file_with(path, bytes, vars)?);
     }
     Ok(manifests)
 }
@@ -1977,7 +2018,7 @@ mod tests {
                 (format!("{n}.yaml"), yaml.into_bytes())
             })
             .collect();
-        decode_all(&files).expect("decodes")
+        decode_all(&files, None).expect("decodes")
     }
 
     fn previous(exists: bool, names: &[&str]) -> PreviousInventory {

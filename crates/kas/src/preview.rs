@@ -121,6 +121,7 @@ impl Previews {
             renderer: &self.renderer,
             fetch_wait: self.fetch_timeout,
         };
+        let agent_namespace = self.agent_namespace(agent_id);
         let mut views = Vec::with_capacity(projects.len());
         for (i, p) in projects.iter().enumerate() {
             let (candidates, shown) = if i == target {
@@ -130,6 +131,7 @@ impl Previews {
             };
             let at = ProjectAt {
                 agent_id,
+                agent_namespace: agent_namespace.clone(),
                 project: p,
                 candidates: &candidates,
                 shown,
@@ -142,6 +144,21 @@ impl Previews {
         };
         tracing::info!(agent_id, git_ref = %req.git_ref, changes = view.has_changes(), errors = view.has_errors(), "Previewed a synchronization (diff)");
         Ok(view)
+    }
+}
+
+impl Previews {
+    /// agentk's namespace as its connection to this replica tells (empty when it is connected
+    /// to another one): where `post_build.substitute_from` references without a namespace are.
+    fn agent_namespace(&self, agent_id: i64) -> String {
+        self.registry
+            .connections()
+            .into_iter()
+            .filter(|a| a.agent_id == agent_id)
+            .flat_map(|a| a.connections)
+            .map(|c| c.pod_namespace)
+            .find(|ns| !ns.is_empty())
+            .unwrap_or_default()
     }
 }
 
@@ -187,6 +204,7 @@ fn configured_ref(p: &ManifestProject) -> (Vec<GitRef>, String) {
 /// One manifest project to preview, at a ref.
 struct ProjectAt<'a> {
     agent_id: i64,
+    agent_namespace: String,
     project: &'a ManifestProject,
     candidates: &'a [GitRef],
     shown: String,
@@ -242,7 +260,11 @@ async fn project_diff(
     view.warnings = files.warnings;
     let files: Vec<(String, Vec<u8>)> =
         files.files.into_iter().map(|f| (f.path, f.bytes)).collect();
-    match preview(client, &Settings::for_project(at.agent_id, p), &files).await {
+    let settings = Settings {
+        agent_namespace: at.agent_namespace,
+        ..Settings::for_project(at.agent_id, p)
+    };
+    match preview(client, &settings, &files).await {
         Ok(changes) => view.objects = changes.iter().map(object_view).collect(),
         Err(e) => view.error = Some(e.to_string()),
     }

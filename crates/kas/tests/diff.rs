@@ -46,15 +46,15 @@ async fn synced_rig_with(
         git_poll: "300ms",
         ..KasOptions::default()
     };
-    synced_rig_full(prefix, more, "", opts).await
+    synced_rig_full(prefix, more, |_| String::new(), opts).await
 }
 
-/// [`synced_rig_with`] with `config_extra` appended to the agent's `config.yaml` and kas
-/// started with `opts`.
+/// [`synced_rig_with`] with `config_extra` (given the namespace) appended to the agent's
+/// `config.yaml` and kas started with `opts`.
 async fn synced_rig_full(
     prefix: &str,
     more: impl FnOnce(&str) -> Vec<(&'static str, Vec<u8>)>,
-    config_extra: &str,
+    config_extra: impl FnOnce(&str) -> String,
     opts: KasOptions,
 ) -> (Rig, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -67,6 +67,7 @@ async fn synced_rig_full(
         ("manifests/old.yaml", configmap("old", &ns, "going")),
     ];
     files.extend(more(&ns));
+    let config_extra = config_extra(&ns);
     let initial: Vec<(&str, Option<&[u8]>)> = files
         .iter()
         .map(|(p, c)| (*p, Some(c.as_slice())))
@@ -75,7 +76,7 @@ async fn synced_rig_full(
         env,
         agent_ns: ns.clone(),
         rbac: &rbac,
-        project_extra: config_extra,
+        project_extra: &config_extra,
         initial: &initial,
         agent_args: &[],
     };
@@ -326,7 +327,7 @@ async fn ci_jobs_and_people_preview_through_the_proxy_without_the_admin_token() 
     // developers with a personal access token.
     let access = "ci_access:\n  projects:\n  - id: group/app\n\
                   user_access:\n  access_as:\n    agent: {}\n  projects:\n  - id: group/app\n";
-    let (rig, ns) = synced_rig_full("diffci", |_| Vec::new(), access, opts).await;
+    let (rig, ns) = synced_rig_full("diffci", |_| Vec::new(), |_| access.to_owned(), opts).await;
     branch(
         &rig,
         "scale",
@@ -395,5 +396,50 @@ async fn ci_jobs_and_people_preview_through_the_proxy_without_the_admin_token() 
     assert_eq!(
         get_json(&rig.env, &["get", "deployment", "web", "-n", &ns]).unwrap()["spec"]["replicas"],
         1
+    );
+}
+
+/// A preview substitutes `post_build` variables as the sync would: from `substitute` and from a
+/// ConfigMap read through the agent's tunnel (created by the first sync, so optional then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_substitutes_post_build_variables() {
+    let extra = |ns: &str| {
+        format!(
+            "    post_build:\n      substitute:\n        cluster_name: prod-eu\n      substitute_from:\n      - kind: ConfigMap\n        name: vars\n        namespace: {ns}\n        optional: true\n"
+        )
+    };
+    let vars = |ns: &str| {
+        vec![(
+            "manifests/vars.yaml",
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: vars\n  namespace: {ns}\ndata:\n  region: eu-west\n").into_bytes(),
+        )]
+    };
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    let (rig, ns) = synced_rig_full("diffvars", vars, extra, opts).await;
+    let new = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: new\n  namespace: {ns}\ndata:\n  where: ${{cluster_name}}-${{region}}\n"
+    );
+    branch(
+        &rig,
+        "feature",
+        &[("manifests/new.yaml", Some(new.as_bytes()))],
+    );
+    let (code, json, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "feature", "-o", "json"]);
+    assert_eq!(code, Some(1), "{err}");
+    let view: DiffView = serde_json::from_str(&json).unwrap();
+    assert_eq!(view.projects[0].error, None, "{json}");
+    let created = view.projects[0]
+        .objects
+        .iter()
+        .find(|o| o.name == "new")
+        .expect("the new ConfigMap");
+    assert_eq!(created.change, DiffChange::Created);
+    assert!(
+        created.diff.contains("where: prod-eu-eu-west"),
+        "{}",
+        created.diff
     );
 }

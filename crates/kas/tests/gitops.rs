@@ -2618,3 +2618,89 @@ fn unschedulable(name: &str, ns: &str) -> Vec<u8> {
         )
         .into_bytes()
 }
+
+/// `post_build`: `${cluster_name}` comes from `substitute`, `${region}` and `${replicas:=2}` from
+/// a ConfigMap in the cluster (its default while the key is missing), `replicas` being applied
+/// as a number. The ConfigMap is read at every sync: a change to it takes effect at the next
+/// re-sync of the same commit, and once it is deleted syncs fail naming it, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_build_variables_come_from_the_configuration_and_a_configmap_read_at_every_sync() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("postbuild").unwrap();
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cluster-vars\n  namespace: {ns}\ndata:\n  region: eu-west\n"
+    ))
+    .unwrap();
+    let extra = format!(
+        "    post_build:\n      substitute:\n        cluster_name: prod-eu\n      substitute_from:\n      - kind: ConfigMap\n        name: cluster-vars\n        namespace: {ns}\n"
+    );
+    let web = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web-${cluster_name}\n  labels:\n    region: ${region}\nspec:\n  replicas: ${replicas:=2}\n  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.27\n";
+    let settings = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  cluster: ${cluster_name}\n  escaped: $${literal}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: script\n  annotations:\n    kustomize.toolkit.fluxcd.io/substitute: disabled\ndata:\n  run.sh: echo ${cluster_name}\n";
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        &extra,
+        &[
+            ("manifests/web.yaml", Some(web.as_bytes())),
+            ("manifests/settings.yaml", Some(settings.as_bytes())),
+        ],
+        &["--gitops-resync-interval", "1s"],
+    )
+    .await;
+    let s = rig.synced(&c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let deployment = || get_json(&rig.env, &["get", "deployment", "web-prod-eu", "-n", &ns]);
+    let d = deployment().expect("the Deployment named from substitute");
+    assert_eq!(d["spec"]["replicas"], 2, "the default, as a number");
+    assert_eq!(d["metadata"]["labels"]["region"], "eu-west");
+    let cm = get_json(&rig.env, &["get", "configmap", "settings", "-n", &ns]).expect("settings");
+    assert_eq!(cm["data"]["cluster"], "prod-eu");
+    assert_eq!(cm["data"]["escaped"], "${literal}");
+    let script = get_json(&rig.env, &["get", "configmap", "script", "-n", &ns]).expect("script");
+    assert_eq!(script["data"]["run.sh"], "echo ${cluster_name}");
+
+    // The ConfigMap changes in the cluster, not in Git: the next re-sync applies it.
+    run_output(rig.env.kubectl().args([
+        "patch",
+        "configmap",
+        "cluster-vars",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"replicas":"3"}}"#,
+    ]))
+    .unwrap();
+    wait_for(
+        "the re-sync to apply the ConfigMap's new variable",
+        Duration::from_secs(60),
+        || async { (deployment()?["spec"]["replicas"] == 3).then_some(()) },
+    )
+    .await;
+
+    // Without the ConfigMap the syncs fail, naming it, and leave the objects as they were.
+    run_output(
+        rig.env
+            .kubectl()
+            .args(["delete", "configmap", "cluster-vars", "-n", &ns]),
+    )
+    .unwrap();
+    let expected = format!(
+        "post_build.substitute_from[0]: ConfigMap {ns}/cluster-vars does not exist (create it, or set optional: true on the reference); nothing was applied"
+    );
+    let failed = wait_for(
+        "a sync failing on the missing ConfigMap",
+        Duration::from_secs(60),
+        || async {
+            let syncs = rig.kas.admin.gitops_status(rig.agent_id).await.ok()?;
+            syncs
+                .into_iter()
+                .find(|s| s.outcome == ReportedOutcome::Failed && s.error.contains("cluster-vars"))
+        },
+    )
+    .await;
+    assert_eq!(failed.error, expected);
+    assert_eq!(deployment().expect("still there")["spec"]["replicas"], 3);
+}
