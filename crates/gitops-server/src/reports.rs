@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
+use tether_notifications::Notifier;
 use tether_protocol::gitops::{ObjectState, SyncOutcome, SyncReport};
 use tether_store::Store;
 
@@ -107,21 +108,30 @@ impl SyncStates {
         }
     }
 
-    /// Stores the report; returns the one it replaces (the agent's previous report of that
-    /// project), so callers can tell a new sync from one re-sent after a reconnect.
+    /// Stores the report with the notifications it calls for, in one store write (so a store
+    /// failure loses neither: the report is refused, and agentk sends it again); returns the
+    /// one it replaces (the agent's previous report of that project), so callers can tell a
+    /// new sync from one re-sent after a reconnect.
     pub(crate) async fn put(
         &self,
         agent_id: i64,
         report: &SyncReport,
+        notifier: &Notifier,
     ) -> Result<Option<SyncReport>, tether_store::Error> {
         let stored = self.for_agent(agent_id).await?;
         let previous = stored
             .into_iter()
             .find(|r| r.project_id == report.project_id);
-        let report = keep_applied_objects(previous.as_ref(), report);
-        self.0
-            .put_sync_report(agent_id, &report.project_id, &report.encode_to_vec())
+        let messages = notifier
+            .sync_messages(agent_id, previous.as_ref(), report)
             .await?;
+        let report = keep_applied_objects(previous.as_ref(), report);
+        let bytes = report.encode_to_vec();
+        let added = self
+            .0
+            .put_sync_report(agent_id, &report.project_id, &bytes, &messages)
+            .await?;
+        notifier.queued(added);
         self.running()
             .remove(&(agent_id, report.project_id.clone()));
         self.changed();
@@ -213,7 +223,7 @@ mod tests {
         states.put_progress(agent, report.clone());
         assert!(changes.has_changed()?, "progress");
         changes.borrow_and_update();
-        states.put(agent, &report).await?;
+        states.put(agent, &report, &Notifier::disabled()).await?;
         assert!(changes.has_changed()?, "a report");
         Ok(())
     }
@@ -244,7 +254,7 @@ mod tests {
             Arc::new(tether_store::SqliteStore::open(&dir.path().join("kas.db")).await?);
         let agent = store.register_agent("group/project", "agent").await?.id;
         let states = SyncStates::new(store);
-        let project = "group/manifests";
+        let (project, off) = ("group/manifests", Notifier::disabled());
         assert_eq!(states.inventory_namespace(agent, project).await, "");
         let report = |ns: &str, outcome: SyncOutcome| SyncReport {
             project_id: project.into(),
@@ -254,17 +264,108 @@ mod tests {
             ..SyncReport::default()
         };
         states
-            .put(agent, &report("apps", SyncOutcome::Succeeded))
+            .put(agent, &report("apps", SyncOutcome::Succeeded), &off)
             .await?;
         assert_eq!(states.inventory_namespace(agent, project).await, "apps");
         // A failed sync does not say: the inventory is still where the last success left it.
-        states.put(agent, &report("", SyncOutcome::Failed)).await?;
+        states
+            .put(agent, &report("", SyncOutcome::Failed), &off)
+            .await?;
         assert_eq!(states.inventory_namespace(agent, project).await, "apps");
         states
-            .put(agent, &report("web", SyncOutcome::Succeeded))
+            .put(agent, &report("web", SyncOutcome::Succeeded), &off)
             .await?;
         assert_eq!(states.inventory_namespace(agent, project).await, "web");
         assert_eq!(states.inventory_namespace(agent, "group/other").await, "");
+        Ok(())
+    }
+
+    /// An agent's report of a failed sync, stored while the outbox refuses writes (a database
+    /// blip): the report used to be stored and its notifications lost, and agentk's re-send
+    /// was then no news, so the forge's commit stayed `pending` and `sync_failed` never came.
+    /// Now the report is refused with them; its retry, once the store works again, queues
+    /// each once, and a further re-send (after a reconnect) queues nothing more.
+    #[tokio::test]
+    async fn a_report_whose_notifications_cannot_be_queued_is_refused_and_its_retry_queues_them_once()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let db = dir.path().join("kas.db");
+        let store: Arc<dyn Store> = Arc::new(tether_store::SqliteStore::open(&db).await?);
+        let agent = store.register_agent("group/project", "agent").await?.id;
+        let (notifier, _dispatcher) = notifier(dir.path(), Arc::clone(&store))?;
+        let states = SyncStates::new(Arc::clone(&store));
+        let report = SyncReport {
+            project_id: "group/manifests".into(),
+            commit_id: "c0ffee".into(),
+            sync_outcome: SyncOutcome::Failed.into(),
+            error: "apply failed".into(),
+            ..SyncReport::default()
+        };
+
+        outbox_away(&db, true).await?;
+        let refused = states.put(agent, &report, &notifier).await;
+        let stored = store.sync_reports(agent).await?;
+        outbox_away(&db, false).await?;
+        // agentk sends the report again until kas takes it, and once more after a reconnect.
+        states.put(agent, &report, &notifier).await?;
+        states.put(agent, &report, &notifier).await?;
+
+        let queued = store.claim_notifications(10, 60).await?;
+        let mut got: Vec<(&str, &str)> = queued
+            .iter()
+            .map(|n| (n.receiver.as_str(), n.dedup_key.as_str()))
+            .collect();
+        got.sort_unstable();
+        let status = format!("status:{agent}:group/manifests:c0ffee:Failed");
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].0, "chat");
+        assert_eq!(got[1], ("forge", status.as_str()));
+        assert!(refused.is_err(), "not stored without its notifications");
+        assert!(stored.is_empty(), "{stored:?}");
+        Ok(())
+    }
+
+    /// A notifier with a chat receiver (transitions) and a GitLab one (commit statuses).
+    fn notifier(
+        dir: &std::path::Path,
+        store: Arc<dyn Store>,
+    ) -> Result<(Notifier, Option<tether_notifications::Dispatcher>), Box<dyn std::error::Error>>
+    {
+        use tether_notifications::config::{Kind, NotificationsConfig, ReceiverConfig};
+        let token = dir.join("gitlab-token");
+        std::fs::write(&token, "token")?;
+        let receiver = |name: &str, kind: Kind, url: &str| ReceiverConfig {
+            name: name.into(),
+            kind,
+            url: Some(url.into()),
+            url_file: None,
+            secret_file: None,
+            token_file: kind.takes_statuses().then(|| token.clone()),
+            ca_file: None,
+            events: tether_notifications::event::TransitionKind::ALL.to_vec(),
+        };
+        let cfg = NotificationsConfig {
+            receivers: vec![
+                receiver("chat", Kind::Slack, "https://chat.example.com/hook"),
+                receiver("forge", Kind::Gitlab, "https://gitlab.example.com"),
+            ],
+            ..NotificationsConfig::default()
+        };
+        Ok(tether_notifications::start(&cfg, store)?)
+    }
+
+    /// Renames the outbox away (`away`), so that every write to it fails as in an outage, or
+    /// back; through a connection of its own, as an operator's would be.
+    async fn outbox_away(db: &std::path::Path, away: bool) -> Result<(), sqlx::Error> {
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(db);
+        let pool = sqlx::SqlitePool::connect_with(options).await?;
+        let sql = if away {
+            "ALTER TABLE notifications RENAME TO notifications_away"
+        } else {
+            "ALTER TABLE notifications_away RENAME TO notifications"
+        };
+        sqlx::query(sql).execute(&pool).await?;
+        pool.close().await;
         Ok(())
     }
 }

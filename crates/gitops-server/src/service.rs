@@ -528,15 +528,14 @@ impl GitOps for GitOpsService {
             objects = report.objects.len(),
             "Synchronization reported"
         );
-        // Acknowledged only once stored: otherwise agentk keeps the report and retries.
-        let previous = self.reports.put(id.agent_id, &report).await.map_err(|e| {
-            tracing::error!(agent_id = id.agent_id, project_id = %report.project_id, error = %e, "Storing a sync report failed");
+        // Acknowledged only once stored with its notifications: otherwise agentk keeps the
+        // report and retries, and the retry queues them (stored without them, the retry would
+        // be no news and they would be lost).
+        let notifier = &self.deps.notifier;
+        let previous = self.reports.put(id.agent_id, &report, notifier).await.map_err(|e| {
+            tracing::error!(agent_id = id.agent_id, project_id = %report.project_id, error = %e, "Storing a sync report failed; the agent sends it again");
             Status::unavailable(format!("storing the report: {e}"))
         })?;
-        let notifier = &self.deps.notifier;
-        notifier
-            .sync_reported(id.agent_id, previous.as_ref(), &report)
-            .await;
         // A report re-sent after a reconnect is not a new application of its commit.
         let new_commit = previous.is_none_or(|p| p.commit_id != report.commit_id);
         if new_commit && report.sync_outcome() == SyncOutcome::Succeeded {

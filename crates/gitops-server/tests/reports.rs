@@ -88,7 +88,7 @@ async fn a_report_stored_before_the_enums_loads_with_its_words() -> TestResult {
         finished_at: 1_700_000_000,
     };
     store
-        .put_sync_report(agent, &old.project_id, &old.encode_to_vec())
+        .put_sync_report(agent, &old.project_id, &old.encode_to_vec(), &[])
         .await?;
 
     let reports = SyncStates::new(Arc::clone(&store)).for_agent(agent).await?;
@@ -124,7 +124,7 @@ async fn a_report_without_any_outcome_loads_as_unknown() -> TestResult {
     let (store, agent) = open_store(&dir).await?;
     let bare = one_object_report();
     store
-        .put_sync_report(agent, &bare.project_id, &bare.encode_to_vec())
+        .put_sync_report(agent, &bare.project_id, &bare.encode_to_vec(), &[])
         .await?;
 
     let reports = SyncStates::new(Arc::clone(&store)).for_agent(agent).await?;
@@ -149,7 +149,7 @@ async fn a_typed_report_loads_as_stored() -> TestResult {
     report.set_sync_outcome(SyncOutcome::Succeeded);
     report.objects[0].set_state(ObjectState::Pruned);
     store
-        .put_sync_report(agent, &report.project_id, &report.encode_to_vec())
+        .put_sync_report(agent, &report.project_id, &report.encode_to_vec(), &[])
         .await?;
 
     let reports = SyncStates::new(Arc::clone(&store)).for_agent(agent).await?;

@@ -17,9 +17,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tether_store::{
-    Agent, AgentRow, AuthenticatedAgent, Error, NotificationResult, PendingNotification, Project,
-    ProjectSource, Result, Store, Suspension, SuspensionScope, TokenInfo, UserTokenInfo,
-    WebSession,
+    Agent, AgentRow, AuthenticatedAgent, Error, NotificationResult, OutboxMessage,
+    PendingNotification, Project, ProjectSource, Result, Store, Suspension, SuspensionScope,
+    TokenInfo, UserTokenInfo, WebSession,
 };
 
 /// Whether an operation reads or writes, the `kind` label.

@@ -100,7 +100,7 @@ impl Dispatcher {
         );
         reg.register(
             "notifications_lost",
-            "Notifications lost before the outbox: the records they need unreadable, or the outbox refusing them (logged at error)",
+            "Notifications of a commit sent or refused, or a configuration refused, lost before the outbox: the records they need unreadable, or the outbox refusing them (logged at error; a sync report's are stored with it, never lost)",
             self.shared.lost.clone(),
         );
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use prost::Message as _;
 use tether_protocol::gitops::SyncReport;
-use tether_store::Store;
+use tether_store::{OutboxMessage, Store};
 use tokio::sync::Notify;
 
 use crate::event::{
@@ -19,7 +19,9 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) receivers: Vec<Receiver>,
     pub(crate) wake: Notify,
-    /// Notifications lost: their records unreadable, or the outbox refusing them.
+    /// Notifications lost: a commit's or a configuration's, their records unreadable or the
+    /// outbox refusing them. A sync report's are queued in the write that stores it, so they
+    /// are never lost: the report fails with them, and agentk sends it again.
     pub(crate) lost: prometheus_client::metrics::counter::Counter,
 }
 
@@ -63,93 +65,131 @@ impl Notifier {
         self.send_unless(message, &[]).await;
     }
 
+    /// The outbox rows of `message`: one per receiver that takes it.
+    fn rows(s: &Shared, message: &Message) -> Vec<OutboxMessage> {
+        let payload = match serde_json::to_vec(message) {
+            Ok(payload) => payload,
+            Err(e) => {
+                s.lost.inc();
+                tracing::error!(error = %e, "Cannot encode a notification: it is lost");
+                return Vec::new();
+            }
+        };
+        let (key, order) = (message.dedup_key(), message.order_key());
+        let receivers = s.receivers.iter().filter(|r| r.takes(message));
+        receivers
+            .map(|r| OutboxMessage {
+                receiver: r.name.clone(),
+                dedup_key: key.clone(),
+                order_key: order.clone(),
+                payload: payload.clone(),
+            })
+            .collect()
+    }
+
     /// Queues `message` for every receiver that takes it and has no message with one of the
     /// `unless` keys (checked with the insert, in one store write).
     async fn send_unless(&self, message: Message, unless: &[&str]) {
         let Some(s) = &self.shared else { return };
-        let (key, order) = (message.dedup_key(), message.order_key());
-        let Ok(payload) = serde_json::to_vec(&message) else {
-            return;
-        };
         let mut queued = false;
-        for r in s.receivers.iter().filter(|r| r.takes(&message)) {
-            let store = &s.store;
-            let order = order.as_deref();
+        for m in Self::rows(s, &message) {
+            let (store, order) = (&s.store, m.order_key.as_deref());
+            let (receiver, key, payload) = (&m.receiver, &m.dedup_key, &m.payload);
             let added = if unless.is_empty() {
                 store
-                    .enqueue_notification(&r.name, &key, order, &payload)
+                    .enqueue_notification(receiver, key, order, payload)
                     .await
             } else {
                 store
-                    .enqueue_notification_unless(&r.name, &key, order, &payload, unless)
+                    .enqueue_notification_unless(receiver, key, order, payload, unless)
                     .await
             };
             match added {
                 Ok(added) => queued |= added,
                 Err(e) => {
                     s.lost.inc();
-                    tracing::error!(receiver = %r.name, key, error = %e, "Cannot queue a notification: it is lost");
+                    tracing::error!(receiver, key, error = %e, "Cannot queue a notification: it is lost");
                 }
             }
         }
-        if queued {
+        self.queued(queued);
+    }
+
+    /// Wakes the dispatcher when messages were `added` to the outbox (by the caller's write,
+    /// as [`Notifier::sync_messages`]' are).
+    pub fn queued(&self, added: bool) {
+        if let Some(s) = self.shared.as_ref().filter(|_| added) {
             s.wake.notify_one();
         }
     }
 
-    /// The agent a notification (`what`) is about; `None` for an agent the store no longer
-    /// has (nothing to tell), or when the store cannot be read: then the notification is lost
-    /// — the report or commit behind it is acknowledged already — so it is logged at error
-    /// and counted (`notifications_lost_total`), never dropped silently.
-    async fn agent(&self, s: &Shared, agent_id: i64, what: &str) -> Option<AgentInfo> {
-        let found = async {
-            let Some(agent) = s.store.get_agent(agent_id).await? else {
-                return Ok(None);
-            };
-            let project = s.store.get_project(agent.project_id).await?;
-            Ok::<_, tether_store::Error>(project.map(|p| AgentInfo {
-                id: agent.id,
-                name: agent.name,
-                project: p.path,
-            }))
+    /// The agent a notification is about; `None` for an agent the store no longer has
+    /// (nothing to tell).
+    async fn agent_record(
+        s: &Shared,
+        agent_id: i64,
+    ) -> Result<Option<AgentInfo>, tether_store::Error> {
+        let Some(agent) = s.store.get_agent(agent_id).await? else {
+            return Ok(None);
         };
-        found.await.unwrap_or_else(|e| {
+        let project = s.store.get_project(agent.project_id).await?;
+        Ok(project.map(|p| AgentInfo {
+            id: agent.id,
+            name: agent.name,
+            project: p.path,
+        }))
+    }
+
+    /// [`Notifier::agent_record`] for a notification (`what`) whose event is acknowledged
+    /// already (a commit sent, a configuration refused): when the store cannot be read the
+    /// notification is lost, so it is logged at error and counted (`notifications_lost_total`),
+    /// never dropped silently.
+    async fn agent(&self, s: &Shared, agent_id: i64, what: &str) -> Option<AgentInfo> {
+        Self::agent_record(s, agent_id).await.unwrap_or_else(|e| {
             s.lost.inc();
             tracing::error!(agent_id, notification = what, error = %e, "Cannot read the agent's records for a notification: it is lost");
             None
         })
     }
 
-    /// The path of a manifest project named by path or numeric id.
-    async fn project_path(&self, s: &Shared, project: &str) -> String {
-        match project.parse::<i64>() {
-            Ok(id) => match s.store.get_project(id).await {
-                Ok(Some(p)) => p.path,
-                _ => project.to_owned(),
-            },
-            Err(_) => project.to_owned(),
-        }
+    /// The path of a manifest project named by path or numeric id (the id itself for a
+    /// project the store no longer has).
+    async fn project_path(s: &Shared, project: &str) -> Result<String, tether_store::Error> {
+        let Ok(id) = project.parse::<i64>() else {
+            return Ok(project.to_owned());
+        };
+        let found = s.store.get_project(id).await?;
+        Ok(found.map_or_else(|| project.to_owned(), |p| p.path))
     }
 
-    /// An agent reported a sync; `previous` is its report of that project before this one.
-    pub async fn sync_reported(
+    /// The messages an agent's sync report calls for; `previous` is its report of that project
+    /// before this one. The caller queues them in the write that stores the report
+    /// ([`Store::put_sync_report`]), then calls [`Notifier::queued`]. An error (the agent's
+    /// records unreadable) is the caller's to fail the report with: agentk sends it again,
+    /// and since the previous report is still the stored one, the same messages follow —
+    /// once each, by their keys. A message made of a record read wrong would differ (another
+    /// key), so there is no fallback here.
+    pub async fn sync_messages(
         &self,
         agent_id: i64,
         previous: Option<&SyncReport>,
         report: &SyncReport,
-    ) {
-        let Some(s) = self.shared.clone() else { return };
+    ) -> Result<Vec<OutboxMessage>, tether_store::Error> {
+        let Some(s) = self.shared.as_deref() else {
+            return Ok(Vec::new());
+        };
         let change = report_change(previous, report);
         if change.transition.is_none() && change.status.is_none() {
-            return;
+            return Ok(Vec::new());
         }
-        let Some(agent) = self.agent(&s, agent_id, "sync report").await else {
-            return;
+        let Some(agent) = Self::agent_record(s, agent_id).await? else {
+            return Ok(Vec::new());
         };
-        let project = self.project_path(&s, &report.project_id).await;
+        let project = Self::project_path(s, &report.project_id).await?;
         let summary = Summary::of(report);
+        let mut rows = Vec::new();
         if let Some(kind) = change.transition {
-            self.send(Message::Transition(Transition {
+            let transition = Message::Transition(Transition {
                 kind,
                 agent: Some(agent.clone()),
                 project: project.clone(),
@@ -158,8 +198,8 @@ impl Notifier {
                 summary: summary.clone(),
                 failed_objects: failed_objects(report),
                 at: report.finished_at,
-            }))
-            .await;
+            });
+            rows.extend(Self::rows(s, &transition));
         }
         // A failure that names no commit (the entry's ref did not resolve) has no commit for
         // a forge to mark.
@@ -168,9 +208,16 @@ impl Notifier {
                 "" => summary.describe(),
                 error => format!("{}; {error}", summary.describe()),
             };
-            self.status(agent, project, &report.commit_id, state, description)
-                .await;
+            let status = Message::Status(CommitStatus {
+                state,
+                agent,
+                project,
+                commit: report.commit_id.clone(),
+                description,
+            });
+            rows.extend(Self::rows(s, &status));
         }
+        Ok(rows)
     }
 
     async fn status(
@@ -283,7 +330,8 @@ impl Notifier {
             let Ok(report) = SyncReport::decode(bytes.as_slice()) else {
                 continue;
             };
-            if report.commit_id == commit && self.project_path(s, &key).await == project {
+            let path = Self::project_path(s, &key).await.unwrap_or(key);
+            if report.commit_id == commit && path == project {
                 return true;
             }
         }
@@ -412,7 +460,7 @@ mod tests {
     async fn report(store: &Arc<dyn Store>, agent_id: i64, project: &str, commit: &str) {
         let bytes = succeeded(project, commit).encode_to_vec();
         store
-            .put_sync_report(agent_id, project, &bytes)
+            .put_sync_report(agent_id, project, &bytes, &[])
             .await
             .unwrap();
     }
@@ -505,7 +553,12 @@ mod tests {
             .commit_offered(agent.id, project, "c1", Some(""))
             .await;
         let report = succeeded(project, "c1");
-        notifier.sync_reported(agent.id, None, &report).await;
+        let outcome = notifier.sync_messages(agent.id, None, &report).await;
+        for m in outcome.unwrap() {
+            let order = m.order_key.as_deref();
+            let queue = store.enqueue_notification(&m.receiver, &m.dedup_key, order, &m.payload);
+            queue.await.unwrap();
+        }
 
         notifier
             .commit_offered(agent.id, project, "c2", Some("c1"))
@@ -535,11 +588,12 @@ mod tests {
         assert_eq!(keys, [c2.as_str()]);
     }
 
-    /// A sync report whose agent's records cannot be read (the database failing right after
-    /// storing the report) loses its notification, but not silently: it is counted (and
-    /// logged at error), where it used to vanish without a trace.
+    /// A sync report whose agent's records cannot be read (the database failing while it is
+    /// stored) is an error for the caller to refuse the report with, so that agentk sends it
+    /// again: its notifications are not lost (it used to count them lost, the report stored
+    /// without them).
     #[tokio::test]
-    async fn a_notification_lost_to_an_unreadable_store_is_counted() {
+    async fn a_sync_reports_messages_from_an_unreadable_store_are_an_error_not_a_loss() {
         let (dir, _store, agent, notifier) = forge_setup().await;
         let options = sqlx::sqlite::SqliteConnectOptions::new().filename(dir.path().join("kas.db"));
         let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
@@ -555,9 +609,10 @@ mod tests {
             ..SyncReport::default()
         };
         failed.set_sync_outcome(SyncOutcome::Failed);
-        notifier.sync_reported(agent.id, None, &failed).await;
+        let messages = notifier.sync_messages(agent.id, None, &failed).await;
 
+        assert!(messages.is_err(), "{messages:?}");
         let lost = notifier.shared.as_ref().map(|s| s.lost.get());
-        assert_eq!(lost, Some(1));
+        assert_eq!(lost, Some(0));
     }
 }

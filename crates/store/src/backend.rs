@@ -64,8 +64,8 @@ macro_rules! impl_store {
             use crate::backend::{AuthRow, agent_ref_error, now, single};
             use crate::error::{Error, Result};
             use crate::model::{
-                Agent, AgentRow, AuthenticatedAgent, NotificationResult, PendingNotification,
-                Project, ProjectSource, Suspension, SuspensionRow, SuspensionScope, TokenInfo,
+                Agent, AgentRow, AuthenticatedAgent, NotificationResult, OutboxMessage,
+                PendingNotification, Project, ProjectSource, Suspension, SuspensionRow, SuspensionScope, TokenInfo,
                 UserTokenInfo, WebSession,
             };
             use crate::token::{self, AgentToken};
@@ -523,7 +523,13 @@ macro_rules! impl_store {
                     }
                 }
 
-                async fn put_sync_report(&self, agent_id: i64, project: &str, report: &[u8]) -> Result<()> {
+                async fn put_sync_report(
+                    &self,
+                    agent_id: i64,
+                    project: &str,
+                    report: &[u8],
+                    messages: &[OutboxMessage],
+                ) -> Result<bool> {
                     let mut tx = self.write().await?;
                     sqlx::query(
                         "INSERT INTO sync_reports (agent_id, project, report, updated_at) \
@@ -538,8 +544,16 @@ macro_rules! impl_store {
                     .execute(tx.conn())
                     .await
                     .map_err(|e| agent_ref_error(agent_id, e))?;
+                    let mut added = false;
+                    for m in messages {
+                        let order_key = m.order_key.as_deref();
+                        added |= Self::enqueue_notification_on(
+                            tx.conn(), &m.receiver, &m.dedup_key, order_key, &m.payload,
+                        )
+                        .await?;
+                    }
                     tx.commit().await?;
-                    Ok(())
+                    Ok(added)
                 }
 
                 async fn sync_reports(&self, agent_id: i64) -> Result<Vec<(String, Vec<u8>)>> {

@@ -21,8 +21,8 @@ mod validate;
 
 pub use error::{Error, Result};
 pub use model::{
-    Agent, AgentRow, AuthenticatedAgent, NotificationResult, PendingNotification, Project,
-    ProjectSource, Suspension, SuspensionScope, TokenInfo, UserTokenInfo, WebSession,
+    Agent, AgentRow, AuthenticatedAgent, NotificationResult, OutboxMessage, PendingNotification,
+    Project, ProjectSource, Suspension, SuspensionScope, TokenInfo, UserTokenInfo, WebSession,
 };
 pub use postgres::{DEFAULT_STATEMENT_TIMEOUT, PgStore};
 pub use sqlite::SqliteStore;
@@ -126,10 +126,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn revoke_user_token(&self, id: i64) -> Result<bool>;
 
     /// Records the last sync report of one of the agent's manifest projects, replacing the one
-    /// before. `project` is the caller's key for the manifest project; `report` is an opaque
-    /// encoded record, kept byte for byte. Fails with [`Error::NotFound`] if the agent does not
-    /// exist. Reports go away with their agent.
-    async fn put_sync_report(&self, agent_id: i64, project: &str, report: &[u8]) -> Result<()>;
+    /// before, and queues `messages` in the notification outbox (as
+    /// [`Store::enqueue_notification`] does) in the same write: either the report and its
+    /// messages are all recorded or none is, so a report is never stored with its
+    /// notifications lost (a retry of a failed write finds the previous report still there and
+    /// derives the same messages again). True when a message was added. `project` is the
+    /// caller's key for the manifest project; `report` is an opaque encoded record, kept byte
+    /// for byte. Fails with [`Error::NotFound`] if the agent does not exist. Reports go away
+    /// with their agent.
+    async fn put_sync_report(
+        &self,
+        agent_id: i64,
+        project: &str,
+        report: &[u8],
+        messages: &[OutboxMessage],
+    ) -> Result<bool>;
 
     /// The agent's last sync reports as `(project, report)`, ordered by project (byte order).
     /// Empty if there are none, including for an unknown agent.

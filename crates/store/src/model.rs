@@ -127,6 +127,21 @@ pub struct WebSession {
     pub expires_at: i64,
 }
 
+/// A message for the notification outbox, queued with the write that records what it tells
+/// ([`Store::put_sync_report`](crate::Store::put_sync_report)); see
+/// [`Store::enqueue_notification`](crate::Store::enqueue_notification) for the fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxMessage {
+    /// The receiver's name in kas's configuration.
+    pub receiver: String,
+    /// What makes it unique for its receiver: queued again, it is not added twice.
+    pub dedup_key: String,
+    /// Messages of a receiver with the same ordering key replace one another.
+    pub order_key: Option<String>,
+    /// The message, as the notifier encoded it.
+    pub payload: Vec<u8>,
+}
+
 /// A notification waiting in the outbox, claimed for sending.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct PendingNotification {

@@ -53,7 +53,7 @@ async fn writes_fail_while_the_disk_is_full_and_work_again_once_it_is_not() -> T
         .create_user_token(agent.id, "alice", "[]", FAR_FUTURE)
         .await?;
     store
-        .put_sync_report(agent.id, "manifests", b"before")
+        .put_sync_report(agent.id, "manifests", b"before", &[])
         .await?;
     store.put_config_state(agent.id, b"before").await?;
 
@@ -78,7 +78,7 @@ async fn writes_fail_while_the_disk_is_full_and_work_again_once_it_is_not() -> T
     let result = store.set_project_source("group/project", &remote).await;
     failures.expect_err("set_project_source", result);
     let result = store
-        .put_sync_report(agent.id, "manifests", b"while full")
+        .put_sync_report(agent.id, "manifests", b"while full", &[])
         .await;
     failures.expect_err("put_sync_report", result);
     let result = store.put_config_state(agent.id, b"while full").await;
@@ -127,7 +127,7 @@ async fn writes_fail_while_the_disk_is_full_and_work_again_once_it_is_not() -> T
         .set_project_source("group/project", &source("https://example.com/r.git"))
         .await?;
     store
-        .put_sync_report(agent.id, "manifests", b"after")
+        .put_sync_report(agent.id, "manifests", b"after", &[])
         .await?;
     store.put_config_state(agent.id, b"after").await?;
     store.close().await;

@@ -60,7 +60,7 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         .create_user_token(other.id, "alice", "[]", 4_000_000_000)
         .await?;
     sqlite
-        .put_sync_report(agent.id, "a/manifests", &[0, 0xff])
+        .put_sync_report(agent.id, "a/manifests", &[0, 0xff], &[])
         .await?;
     sqlite.put_config_state(agent.id, b"state").await?;
     sqlite

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use tempfile::TempDir;
 use tether_store::{
-    Error, NotificationResult, PgStore, SqliteStore, Store, SuspensionScope, TOKEN_PREFIX,
-    TOKEN_RANDOM_LEN, WebSession,
+    Error, NotificationResult, OutboxMessage, PgStore, SqliteStore, Store, SuspensionScope,
+    TOKEN_PREFIX, TOKEN_RANDOM_LEN, WebSession,
 };
 use tether_testenv::postgres::Postgres;
 
@@ -108,6 +108,31 @@ impl Db {
             }
         };
         Ok(keys)
+    }
+}
+
+/// Faults: what an outage does to a write, through a connection of the test's own.
+impl Db {
+    /// Renames the outbox away (`away`), so that writes to it fail as in an outage, or back.
+    async fn outbox_away(&self, away: bool) -> Result<(), sqlx::Error> {
+        let sql = if away {
+            "ALTER TABLE notifications RENAME TO notifications_away"
+        } else {
+            "ALTER TABLE notifications_away RENAME TO notifications"
+        };
+        match self {
+            Db::File { path, .. } => {
+                let pool = sqlx::SqlitePool::connect_with(sqlite_options(path)).await?;
+                sqlx::query(sql).execute(&pool).await?;
+                pool.close().await;
+            }
+            Db::Server(_, url) => {
+                let pool = sqlx::PgPool::connect(url).await?;
+                sqlx::query(sql).execute(&pool).await?;
+                pool.close().await;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -766,16 +791,16 @@ async fn sync_reports_and_config_state_survive_reopening(backend: Backend) -> Te
 
     // Bytes that are not UTF-8 (a NUL, 0xff) must come back unchanged.
     store
-        .put_sync_report(agent.id, "b/manifests", &[0, 1, 0xff])
+        .put_sync_report(agent.id, "b/manifests", &[0, 1, 0xff], &[])
         .await?;
     store
-        .put_sync_report(agent.id, "a/manifests", b"first")
+        .put_sync_report(agent.id, "a/manifests", b"first", &[])
         .await?;
     store
-        .put_sync_report(agent.id, "a/manifests", b"second")
+        .put_sync_report(agent.id, "a/manifests", b"second", &[])
         .await?;
     store
-        .put_sync_report(other.id, "a/manifests", b"other's")
+        .put_sync_report(other.id, "a/manifests", b"other's", &[])
         .await?;
     store.put_config_state(agent.id, b"state 1").await?;
     store.put_config_state(agent.id, &[0, 0xfe]).await?;
@@ -800,7 +825,7 @@ async fn sync_reports_and_config_state_survive_reopening(backend: Backend) -> Te
 
 async fn agent_state_needs_an_agent_and_goes_away_with_it(backend: Backend) -> TestResult {
     let (db, store) = open(backend).await?;
-    let missing = store.put_sync_report(999, "a/manifests", b"r").await;
+    let missing = store.put_sync_report(999, "a/manifests", b"r", &[]).await;
     assert!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
     let missing = store.put_config_state(999, b"s").await;
     assert!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
@@ -808,7 +833,9 @@ async fn agent_state_needs_an_agent_and_goes_away_with_it(backend: Backend) -> T
     assert_eq!(store.config_state(999).await?, None);
 
     let agent = store.register_agent("group/project", "agent").await?;
-    store.put_sync_report(agent.id, "a/manifests", b"r").await?;
+    store
+        .put_sync_report(agent.id, "a/manifests", b"r", &[])
+        .await?;
     store.put_config_state(agent.id, b"s").await?;
     let (token, _) = store.create_token(agent.id, "t").await?;
     store
@@ -1193,6 +1220,52 @@ async fn a_message_is_not_queued_after_one_it_must_not_replace(backend: Backend)
     Ok(())
 }
 
+/// A sync report and the outbox messages it calls for are written together: while the outbox
+/// fails, neither is (the report before stays, so a retry sees the same change); once it
+/// works, both are; written again (a re-sent report), the messages add nothing, by their keys.
+async fn a_sync_report_and_its_notifications_are_stored_together_or_not_at_all(
+    backend: Backend,
+) -> TestResult {
+    let (db, store) = open(backend).await?;
+    let agent = store.register_agent("group/project", "agent").await?;
+    store
+        .put_sync_report(agent.id, "a/manifests", b"first", &[])
+        .await?;
+    let failed = |receiver: &str| OutboxMessage {
+        receiver: receiver.into(),
+        dedup_key: "status:c2:failed".into(),
+        order_key: Some("status:c2".into()),
+        payload: b"failed".to_vec(),
+    };
+    let messages = [failed("forge"), failed("other")];
+
+    db.outbox_away(true).await?;
+    let refused = store
+        .put_sync_report(agent.id, "a/manifests", b"second", &messages)
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let kept = store.sync_reports(agent.id).await?;
+    assert_eq!(kept, [("a/manifests".to_owned(), b"first".to_vec())]);
+    db.outbox_away(false).await?;
+
+    let put =
+        |report: &'static [u8]| store.put_sync_report(agent.id, "a/manifests", report, &messages);
+    assert!(put(b"second").await?, "queued with the retry");
+    assert!(!put(b"second").await?, "once");
+    let stored = store.sync_reports(agent.id).await?;
+    assert_eq!(stored, [("a/manifests".to_owned(), b"second".to_vec())]);
+    let claimed = store.claim_notifications(10, 60).await?;
+    let got: Vec<(&str, &str)> = claimed
+        .iter()
+        .map(|n| (n.receiver.as_str(), n.dedup_key.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [("forge", "status:c2:failed"), ("other", "status:c2:failed")]
+    );
+    Ok(())
+}
+
 /// The last commit sent to an agent of each project is recorded whichever stream sends it:
 /// recording another hands back the one before; the same one again, none; other agents and
 /// projects are apart; an unknown agent is refused; an agent with records can be deleted.
@@ -1298,6 +1371,7 @@ on_both_backends!(
     notifications_are_queued_once_claimed_retried_and_finished,
     ordered_notifications_are_sent_newest_only_and_never_after_a_newer_one,
     a_message_is_not_queued_after_one_it_must_not_replace,
+    a_sync_report_and_its_notifications_are_stored_together_or_not_at_all,
     the_commit_last_offered_is_recorded_per_agent_and_project,
     active_tokens_are_found_in_batches,
     active_user_tokens_are_neither_revoked_nor_expired,

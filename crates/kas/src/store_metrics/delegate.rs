@@ -2,7 +2,7 @@
 //! own operation.
 
 use super::{
-    Agent, AgentRow, AuthenticatedAgent, Metered, NotificationResult, Operation,
+    Agent, AgentRow, AuthenticatedAgent, Metered, NotificationResult, Operation, OutboxMessage,
     PendingNotification, Project, ProjectSource, Result, Store, Suspension, SuspensionScope,
     TokenInfo, UserTokenInfo, WebSession,
 };
@@ -135,10 +135,17 @@ impl Store for Metered {
         self.metrics.seen(Operation::RevokeUserToken, result)
     }
 
-    async fn put_sync_report(&self, agent_id: i64, project: &str, report: &[u8]) -> Result<()> {
-        let result = self
-            .bounded(self.inner.put_sync_report(agent_id, project, report))
-            .await;
+    async fn put_sync_report(
+        &self,
+        agent_id: i64,
+        project: &str,
+        report: &[u8],
+        messages: &[OutboxMessage],
+    ) -> Result<bool> {
+        let put = self
+            .inner
+            .put_sync_report(agent_id, project, report, messages);
+        let result = self.bounded(put).await;
         self.metrics.seen(Operation::PutSyncReport, result)
     }
 
