@@ -2565,6 +2565,107 @@ async fn a_commit_sent_before_agentk_restarted_is_superseded_by_the_next_one_on_
     }
 }
 
+/// The database fails while agentk reports a failed sync (the outbox's table renamed away, so
+/// every write to it fails): kas refuses the report, with its notifications, and agentk sends
+/// it again until the table is back; then the webhook gets `sync_failed` and every forge the
+/// commit's `failed`, once each, before the next commit's news. Before, the report was stored
+/// and its notifications lost (only counted), and agentk's retry was no news: the commit
+/// stayed `pending` on the forges and `sync_failed` never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_whose_notifications_failed_to_queue_is_notified_once_the_database_works() {
+    let (port, got) = receiver(0).await;
+    let (rig, _ns, _c0, _secrets) = forge_rig("outboxaway", port).await;
+    let db = rig.kas.dir.join("data/kas.sqlite");
+
+    outbox_away(&db, true).await;
+    let c1 = rig.manifests.commit(
+        &[("manifests/broken.yaml", Some(b"kind: [unclosed\n"))],
+        "does not decode",
+    );
+    // The report's fate while the outbox is away: refused (agentk keeps it), or stored.
+    let refusal = "Storing a sync report failed; the agent sends it again";
+    wait_for(
+        "kas to take or refuse c1's report",
+        Duration::from_secs(60),
+        || async {
+            let status = rig.kas.admin.gitops_status(rig.agent_id).await.ok()?;
+            let stored = status.iter().any(|s| s.commit_id == c1);
+            (stored || rig.kas.log().contains(refusal)).then_some(())
+        },
+    )
+    .await;
+    outbox_away(&db, false).await;
+    assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Failed);
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/broken.yaml", None)], "fix");
+    assert_eq!(rig.synced(&c2).await.outcome, ReportedOutcome::Succeeded);
+
+    let hook = wait_for(
+        "the recovery on the webhook",
+        Duration::from_secs(60),
+        || {
+            let got = Arc::clone(&got);
+            async move {
+                let events = hook_events(&got);
+                events
+                    .contains(&"sync_recovered".to_owned())
+                    .then_some(events)
+            }
+        },
+    )
+    .await;
+    assert_eq!(hook, ["sync_failed", "sync_recovered"]);
+    for (forge, prefix, _) in FORGES {
+        let statuses = wait_for(
+            &format!("{forge} to get c2's success"),
+            Duration::from_secs(30),
+            || async {
+                let statuses = forge_statuses(&got, prefix);
+                let done = statuses.iter().any(|(c, s, _)| *c == c2 && s == "success");
+                done.then_some(statuses)
+            },
+        )
+        .await;
+        // c1's `pending` was lost with the outbox away (a commit sent is acknowledged before
+        // its status is queued); its outcome (each forge's word for failed) arrived, once.
+        let outcome: Vec<&str> = statuses
+            .iter()
+            .filter(|(c, s, _)| *c == c1 && s != "pending")
+            .map(|(_, _, description)| description.as_str())
+            .collect();
+        assert_eq!(outcome.len(), 1, "{forge}: {statuses:?}");
+        assert!(outcome[0].contains("unclosed"), "{forge}: {outcome:?}");
+    }
+    assert!(
+        rig.kas.log().contains(refusal),
+        "the report was refused first"
+    );
+}
+
+/// The events delivered to the webhook, in order.
+fn hook_events(got: &Mutex<Vec<Received>>) -> Vec<String> {
+    let got = got.lock().unwrap();
+    got.iter()
+        .filter(|r| r.path == "/hook" && r.status == 201)
+        .map(|r| json_of(&r.body)["event"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Renames kas's outbox table away (`away`), so that every write to it fails as in a database
+/// outage, or back; through a connection of the test's own.
+async fn outbox_away(db: &std::path::Path, away: bool) {
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(db);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let sql = if away {
+        "ALTER TABLE notifications RENAME TO notifications_away"
+    } else {
+        "ALTER TABLE notifications_away RENAME TO notifications"
+    };
+    sqlx::query(sql).execute(&pool).await.unwrap();
+    pool.close().await;
+}
+
 /// kas with every kind of receiver at `port`, an agent, and its first commit (a ConfigMap)
 /// synced: (rig, agent namespace, first commit, the receivers' secrets to keep).
 async fn forge_rig(ns: &str, port: u16) -> (Rig, String, String, tempfile::TempDir) {
