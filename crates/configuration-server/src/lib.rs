@@ -59,8 +59,58 @@ pub struct ConfigStates {
     running: Mutex<HashMap<i64, Vec<Running>>>,
     /// Agents whose state this replica failed to store, written again by
     /// [`ConfigStates::store_again`] until it is stored; their number is a gauge.
-    unstored: Mutex<std::collections::HashSet<i64>>,
+    unstored: Mutex<HashMap<i64, UnstoredWrite>>,
     unstored_count: prometheus_client::metrics::gauge::Gauge,
+    /// This replica's own changes, so that [`ConfigStates::reload_all`] never puts an older
+    /// stored record over one changed (or being written) meanwhile.
+    changes: Mutex<LocalChanges>,
+}
+
+/// An agent's state this replica failed to store (see [`ConfigStates::unstored_write`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnstoredWrite {
+    /// Unix seconds of the first failed write.
+    pub since: u64,
+    /// Why the last write failed.
+    pub error: String,
+}
+
+/// Which agents' records this replica changed, and when (in its own count of changes).
+#[derive(Debug, Default)]
+struct LocalChanges {
+    seq: u64,
+    last: HashMap<i64, u64>,
+    /// Writes of the agent's record under way.
+    writing: HashMap<i64, usize>,
+}
+
+impl LocalChanges {
+    fn touch(&mut self, agent_id: i64) {
+        self.seq += 1;
+        self.last.insert(agent_id, self.seq);
+    }
+
+    fn begin_write(&mut self, agent_id: i64) {
+        self.touch(agent_id);
+        *self.writing.entry(agent_id).or_default() += 1;
+    }
+
+    /// The write's end counts as a change too: a read of the store that started before it
+    /// may have missed what it wrote.
+    fn end_write(&mut self, agent_id: i64) {
+        self.touch(agent_id);
+        if let Some(n) = self.writing.get_mut(&agent_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.writing.remove(&agent_id);
+            }
+        }
+    }
+
+    /// Whether the agent's record changed here after change `seq`, or is being written.
+    fn since(&self, agent_id: i64, seq: u64) -> bool {
+        self.writing.contains_key(&agent_id) || self.last.get(&agent_id).is_some_and(|&s| s > seq)
+    }
 }
 
 /// How often [`ConfigStates::store_again`] should run: the other kas replicas authorize with
@@ -166,10 +216,16 @@ impl ConfigStates {
     }
 
     fn set_config(&self, agent_id: i64, config: impl Into<Arc<tether_agent_config::AgentConfig>>) {
+        // Counted before it is made, so that a concurrent `reload_all` sees it (see there).
+        self.changes().touch(agent_id);
+        self.insert_config(agent_id, config.into());
+    }
+
+    fn insert_config(&self, agent_id: i64, config: Arc<tether_agent_config::AgentConfig>) {
         self.in_force
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(agent_id, config.into());
+            .insert(agent_id, config);
         self.recorded.notify_waiters();
     }
 
@@ -177,10 +233,17 @@ impl ConfigStates {
     /// needing one wait for it, then fail, rather than being authorized by a configuration
     /// the agent does not run.
     fn clear_config(&self, agent_id: i64) {
+        self.changes().touch(agent_id);
         self.in_force
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&agent_id);
+    }
+
+    fn changes(&self) -> std::sync::MutexGuard<'_, LocalChanges> {
+        self.changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Previous>> {
@@ -404,16 +467,14 @@ impl ConfigStates {
     }
 
     fn update(&self, agent_id: i64, f: impl FnOnce(&mut ConfigState)) {
+        self.changes().touch(agent_id);
         let mut m = self
             .states
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let s = m.entry(agent_id).or_default();
         f(s);
-        s.updated_at = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        s.updated_at = unix_secs();
     }
 
     /// Loads every agent's stored state and configuration in force, so that kas shows them and
@@ -434,8 +495,15 @@ impl ConfigStates {
     }
 
     fn apply_stored(&self, agent_id: i64, p: Persisted) {
+        self.changes().touch(agent_id);
+        self.write_stored(agent_id, p);
+    }
+
+    /// As [`ConfigStates::apply_stored`], not counted as a change (see
+    /// [`ConfigStates::reload_all`]).
+    fn write_stored(&self, agent_id: i64, p: Persisted) {
         if let Some(config) = p.config {
-            self.set_config(agent_id, config);
+            self.insert_config(agent_id, Arc::new(config));
         }
         match p.previous {
             Some(previous) => self.kept().insert(agent_id, previous),
@@ -472,6 +540,49 @@ impl ConfigStates {
         if let Some(p) = stored.and_then(|b| serde_json::from_slice::<Persisted>(&b).ok()) {
             self.apply_stored(agent_id, p);
         }
+    }
+
+    /// Reads every agent's record from the store again, even one whose streams are served
+    /// here, as [`ConfigStates::reload`] does for one: another kas replica may have put a
+    /// configuration in force whose message (`ConfigInForce` on Redis) this one missed — its
+    /// subscription was down, or the publish failed. A record this replica changed while
+    /// reading, is writing, or failed to store is left alone (memory is newer). Returns the
+    /// agents whose commit in force changed.
+    pub async fn reload_all(&self, store: &dyn Store) -> Result<Vec<i64>, tether_store::Error> {
+        let before = self.changes().seq;
+        let stored = store.config_states().await?;
+        let mut changed = Vec::new();
+        for (agent_id, bytes) in stored {
+            let Ok(p) = serde_json::from_slice::<Persisted>(&bytes) else {
+                continue;
+            };
+            // Held while the record is written, so a change made meanwhile comes after it.
+            let changes = self.changes();
+            if changes.since(agent_id, before) || self.unstored().contains_key(&agent_id) {
+                continue;
+            }
+            let was = self.get(agent_id);
+            if was.as_ref() == Some(&p.state) {
+                continue;
+            }
+            if was.is_none_or(|w| w.commit != p.state.commit) {
+                changed.push(agent_id);
+            }
+            self.write_stored(agent_id, p);
+        }
+        Ok(changed)
+    }
+
+    /// The commit in force in the agent's stored record (`Ok(None)`: none stored, or not
+    /// decodable): what the other kas replicas authorize with.
+    pub async fn stored_commit(
+        &self,
+        store: &dyn Store,
+        agent_id: i64,
+    ) -> Result<Option<String>, tether_store::Error> {
+        let stored = store.config_state(agent_id).await?;
+        let decoded = stored.and_then(|b| serde_json::from_slice::<Persisted>(&b).ok());
+        Ok(decoded.map(|p| p.state.commit))
     }
 
     /// Reads the agent's configuration in force from the store (where the replica serving the
@@ -519,6 +630,7 @@ impl ConfigStates {
             config: self.config(agent_id).map(|c| (*c).clone()),
             previous: self.kept().get(&agent_id).cloned(),
         };
+        self.changes().begin_write(agent_id);
         let stored = match serde_json::to_vec(&persisted) {
             Ok(bytes) => store
                 .put_config_state(agent_id, &bytes)
@@ -526,13 +638,14 @@ impl ConfigStates {
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
+        self.changes().end_write(agent_id);
         match stored {
             Ok(()) => {
                 if self.mark_stored(agent_id) {
                     tracing::info!(agent_id, "The agent's configuration state is stored again");
                 }
             }
-            Err(e) if self.mark_unstored(agent_id) => {
+            Err(e) if self.mark_unstored(agent_id, &e) => {
                 tracing::error!(agent_id, error = %e, "Storing the agent's configuration state failed; retried until it is stored (other kas replicas authorize with the stored one meanwhile)");
             }
             Err(e) => {
@@ -541,16 +654,28 @@ impl ConfigStates {
         }
     }
 
-    fn unstored(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<i64>> {
+    fn unstored(&self) -> std::sync::MutexGuard<'_, HashMap<i64, UnstoredWrite>> {
         self.unstored
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Whether this replica failed to store the agent's state and still retries, since when
+    /// and why: other replicas authorize with the stored one meanwhile (shown by `kas agent
+    /// status`, so that operators see why replicas disagree).
+    pub fn unstored_write(&self, agent_id: i64) -> Option<UnstoredWrite> {
+        self.unstored().get(&agent_id).cloned()
+    }
+
     /// Records a failed write of the agent's state; whether it was stored until then.
-    fn mark_unstored(&self, agent_id: i64) -> bool {
+    fn mark_unstored(&self, agent_id: i64, error: &str) -> bool {
         let mut unstored = self.unstored();
-        let new = unstored.insert(agent_id);
+        let new = !unstored.contains_key(&agent_id);
+        let failed = unstored.entry(agent_id).or_insert_with(|| UnstoredWrite {
+            since: unix_secs(),
+            error: String::new(),
+        });
+        failed.error = error.to_owned();
         self.unstored_count
             .set(i64::try_from(unstored.len()).unwrap_or(i64::MAX));
         new
@@ -559,7 +684,7 @@ impl ConfigStates {
     /// Forgets a failed write of the agent's state; whether there was one.
     fn mark_stored(&self, agent_id: i64) -> bool {
         let mut unstored = self.unstored();
-        let was = unstored.remove(&agent_id);
+        let was = unstored.remove(&agent_id).is_some();
         self.unstored_count
             .set(i64::try_from(unstored.len()).unwrap_or(i64::MAX));
         was
@@ -571,7 +696,7 @@ impl ConfigStates {
     /// `several` replicas, only for agents with a configuration stream here: a replica serving
     /// the agent now stores a newer state, which this one's would overwrite.
     pub async fn store_again(&self, store: &dyn Store, several: bool) {
-        let agents: Vec<i64> = self.unstored().iter().copied().collect();
+        let agents: Vec<i64> = self.unstored().keys().copied().collect();
         for agent_id in agents {
             if several && !self.running().contains_key(&agent_id) {
                 self.mark_stored(agent_id);
@@ -895,6 +1020,11 @@ impl EndedStream {
             }
         }
     }
+}
+
+/// Unix seconds now.
+fn unix_secs() -> u64 {
+    unix_millis() / 1000
 }
 
 /// Unix milliseconds now.
@@ -1350,8 +1480,71 @@ impl AgentConfiguration for ConfigService {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_or_a_write_under_way_since_a_count_is_seen() {
+        let mut c = LocalChanges::default();
+        c.touch(1);
+        let before = c.seq;
+        assert!(!c.since(1, before) && !c.since(2, before));
+        c.begin_write(2);
+        let started = c.seq;
+        assert!(c.since(2, started), "under way");
+        c.end_write(2);
+        assert!(c.since(2, started), "ended after the count");
+        assert!(!c.since(2, c.seq), "ended before it");
+        c.touch(1);
+        assert!(c.since(1, before) && !c.since(1, c.seq));
+    }
+
+    /// A record in the store with commit `commit` in force.
+    async fn stored(store: &dyn Store, agent_id: i64, commit: &str) {
+        let p = Persisted {
+            state: ConfigState {
+                commit: commit.into(),
+                updated_at: 1,
+                ..ConfigState::default()
+            },
+            config: Some(tether_agent_config::AgentConfig::default()),
+            previous: None,
+        };
+        let bytes = serde_json::to_vec(&p).unwrap();
+        store.put_config_state(agent_id, &bytes).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn reloading_all_takes_other_replicas_records_but_not_over_an_unstored_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tether_store::SqliteStore::open(&dir.path().join("kas.db"))
+            .await
+            .unwrap();
+        let (a, b) = (
+            store.register_agent("g/p", "a").await.unwrap().id,
+            store.register_agent("g/p", "b").await.unwrap().id,
+        );
+        let states = ConfigStates::default();
+        for id in [a, b] {
+            states.put_in_force(id, "old".into(), String::new(), Arc::default());
+        }
+        states.mark_unstored(b, "disk full");
+        for id in [a, b] {
+            stored(&store, id, "new").await;
+        }
+
+        assert_eq!(states.reload_all(&store).await.unwrap(), vec![a]);
+        assert_eq!(states.get(a).unwrap().commit, "new");
+        assert_eq!(states.get(b).unwrap().commit, "old", "memory is newer");
+        assert!(states.reload_all(&store).await.unwrap().is_empty(), "once");
+        let failed = states.unstored_write(b).unwrap();
+        assert_eq!(failed.error, "disk full");
+        assert_eq!(
+            states.stored_commit(&store, b).await.unwrap().as_deref(),
+            Some("new")
+        );
+    }
 
     #[test]
     fn a_forgotten_agent_has_no_state_and_no_configuration_in_force() {

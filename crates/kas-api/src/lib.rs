@@ -31,6 +31,22 @@ pub struct ConfigView {
     pub error_commit: Option<String>,
     /// Unix seconds of the last change of this state.
     pub updated_at: u64,
+    /// Set while the replica serving the agent failed to store this configuration in force
+    /// and retries (every 5 s): the other replicas authorize with the stored one meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unstored: Option<UnstoredView>,
+}
+
+/// A configuration in force not yet stored (see [`ConfigView::unstored`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UnstoredView {
+    /// Unix seconds of the first failed write.
+    pub since: u64,
+    /// Why the last write failed.
+    pub error: String,
+    /// The commit in force in the stored record, which the other replicas use ("": none
+    /// stored; `None`: the store could not be read either).
+    pub stored_commit: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -65,6 +81,25 @@ pub struct AgentView {
     /// `connected: false` then means "unknown". Empty when every replica answered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreachable_replicas: Vec<String>,
+}
+
+impl ConfigView {
+    /// "commit X in force, not yet stored: …" while [`ConfigView::unstored`] is set: why the
+    /// replicas disagree on the agent's configuration, for `kas agent status` and the web UI.
+    pub fn unstored_note(&self) -> Option<String> {
+        let u = self.unstored.as_ref()?;
+        let short = |c: &str| c.get(..12).unwrap_or(c).to_owned();
+        let others = match u.stored_commit.as_deref() {
+            Some("") => "no configuration (none is stored)".to_owned(),
+            Some(c) => format!("commit {}", short(c)),
+            None => "the stored one (unknown: the store could not be read either)".to_owned(),
+        };
+        Some(format!(
+            "configuration in force: commit {}, not yet stored: other replicas still use {others} — retrying (last error: {})",
+            short(&self.commit),
+            u.error
+        ))
+    }
 }
 
 impl AgentView {
@@ -368,4 +403,30 @@ pub struct ObjectView {
     pub name: String,
     pub status: ReportedStatus,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unstored_configuration_names_what_the_other_replicas_use() {
+        let view = |stored: Option<&str>| ConfigView {
+            commit: "aaaaaaaaaaaaaaaa".into(),
+            unstored: Some(UnstoredView {
+                since: 1,
+                error: "disk full".into(),
+                stored_commit: stored.map(str::to_owned),
+            }),
+            ..ConfigView::default()
+        };
+        let note = |stored| view(stored).unstored_note().unwrap_or_default();
+        assert_eq!(
+            note(Some("bbbbbbbbbbbbbbbb")),
+            "configuration in force: commit aaaaaaaaaaaa, not yet stored: other replicas still use commit bbbbbbbbbbbb — retrying (last error: disk full)"
+        );
+        assert!(note(Some("")).contains("still use no configuration"));
+        assert!(note(None).contains("still use the stored one (unknown"));
+        assert_eq!(ConfigView::default().unstored_note(), None, "stored");
+    }
 }

@@ -274,6 +274,28 @@ fn config_view(s: ConfigState) -> ConfigView {
         error: s.error,
         error_commit: s.error_commit,
         updated_at: s.updated_at,
+        unstored: None,
+    }
+}
+
+/// Says, in the views of agents whose configuration in force this replica failed to store,
+/// what the stored record holds (read for those agents only): the other replicas authorize
+/// with it meanwhile, which is why they disagree with this one.
+async fn add_unstored(st: &ApiState, views: &mut [AgentView]) {
+    for view in views {
+        let Some(failed) = st.config_states.unstored_write(view.id) else {
+            continue;
+        };
+        let Some(config) = view.config.as_mut() else {
+            continue;
+        };
+        let stored = st.config_states.stored_commit(st.store.as_ref(), view.id);
+        config.unstored = Some(tether_kas_api::UnstoredView {
+            since: failed.since,
+            error: failed.error,
+            // A store refusing writes may still answer reads.
+            stored_commit: stored.await.ok().map(Option::unwrap_or_default),
+        });
     }
 }
 
@@ -328,7 +350,7 @@ async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
         .into_iter()
         .map(|c| (c.agent_id, c))
         .collect();
-    let out = rows
+    let mut out: Vec<AgentView> = rows
         .into_iter()
         .map(|r| {
             let c = live.get(&r.id);
@@ -361,6 +383,7 @@ async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
             }
         })
         .collect();
+    add_unstored(st, &mut out).await;
     Ok(out)
 }
 

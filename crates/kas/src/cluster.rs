@@ -8,6 +8,11 @@
 //! other replicas notice at their next token re-check). Rate limiters' counts travel on the
 //! same channel a few times a second, so a limit holds across replicas (see [`crate::limits`]).
 //! Readiness follows Redis too: a replica that cannot reach it would miss revocations.
+//! Pub/sub keeps nothing for a subscriber that was away, so after every (re)subscription the
+//! follower is told ([`Cluster::follow`]) and reads again from the store what a message would
+//! have said (the configurations in force, see `server::follow_cluster_events`). The channel's
+//! state is exported: `kas_redis_channel_subscribed`, `kas_redis_channel_losses_total` and
+//! `kas_redis_publish_failures_total` (alert `TetherKasRedisChannelDown`).
 //!
 //! Without `redis`, kas is a single replica and nothing here runs.
 
@@ -136,6 +141,18 @@ pub struct Cluster {
     /// connection is being opened (see [`Cluster::check`]).
     silent_checks: Arc<std::sync::atomic::AtomicU32>,
     replacing: Arc<std::sync::atomic::AtomicBool>,
+    metrics: ChannelMetrics,
+}
+
+/// The revocation channel's health, as exported (see [`Cluster::register_metrics`]).
+#[derive(Clone, Default)]
+struct ChannelMetrics {
+    /// 1 while subscribed to [`CHANNEL`].
+    subscribed: prometheus_client::metrics::gauge::Gauge,
+    /// Subscriptions lost, and attempts to subscribe that failed.
+    losses: prometheus_client::metrics::counter::Counter,
+    /// Messages that could not be published: the other replicas never hear of them.
+    publish_failures: prometheus_client::metrics::counter::Counter,
 }
 
 /// The client and connection made from the credential files as they were when read.
@@ -224,7 +241,29 @@ impl Cluster {
             replica: rand::random(),
             silent_checks: Arc::default(),
             replacing: Arc::default(),
+            metrics: ChannelMetrics::default(),
         })
+    }
+
+    /// Registers the revocation channel's series (`redis_channel_subscribed`,
+    /// `redis_channel_losses_total`, `redis_publish_failures_total`).
+    pub fn register_metrics(&self, reg: &mut prometheus_client::registry::Registry) {
+        let m = &self.metrics;
+        reg.register(
+            "redis_channel_subscribed",
+            "1 while this replica follows the Redis channel other replicas publish revocations and configuration changes on",
+            m.subscribed.clone(),
+        );
+        reg.register(
+            "redis_channel_losses",
+            "Subscriptions to the Redis channel lost, and attempts to subscribe that failed",
+            m.losses.clone(),
+        );
+        reg.register(
+            "redis_publish_failures",
+            "Messages this replica could not publish on the Redis channel (the other replicas catch up from the store)",
+            m.publish_failures.clone(),
+        );
     }
 
     /// A client and a connection with the credential files as they are now.
@@ -319,12 +358,15 @@ impl Cluster {
     pub async fn publish(&self, event: ClusterEvent) -> Result<(), redis::RedisError> {
         let payload = serde_json::to_string(&event).unwrap_or_default();
         let mut conn = self.connection();
-        redis::cmd("PUBLISH")
+        let published = redis::cmd("PUBLISH")
             .arg(CHANNEL)
             .arg(payload)
             .query_async::<i64>(&mut conn)
-            .await
-            .map(drop)
+            .await;
+        if published.is_err() {
+            self.metrics.publish_failures.inc();
+        }
+        published.map(drop)
     }
 
     /// `PING`: whether Redis answers now (readiness). After
@@ -380,18 +422,25 @@ impl Cluster {
 
     /// Applies every revocation published on [`CHANNEL`] until `stop`, resubscribing after a
     /// lost connection (a revocation published meanwhile is caught by the token re-check).
+    /// `subscribed` runs after every subscription, the first one too: what was published
+    /// while this replica was not subscribed is lost, so the caller reads it again from the
+    /// store then.
     pub async fn follow(
         self,
         apply: impl Fn(ClusterEvent) + Send + 'static,
+        subscribed: impl Fn() + Send + 'static,
         stop: CancellationToken,
     ) {
         let mut failures = 0u32;
+        let handlers = (&apply, &subscribed);
         loop {
             let followed = tokio::select! {
-                r = self.follow_once(&apply, &mut failures) => r,
+                r = self.follow_once(handlers, &mut failures) => r,
                 () = stop.cancelled() => return,
             };
+            self.metrics.subscribed.set(0);
             if let Err(e) = followed {
+                self.metrics.losses.inc();
                 failures = failures.saturating_add(1);
                 if failures == 1 {
                     tracing::warn!(error = %e, "Lost the Redis revocation channel; resubscribing (other replicas' revocations reach this one at the next token re-check meanwhile)");
@@ -407,16 +456,18 @@ impl Cluster {
 
     async fn follow_once(
         &self,
-        apply: &(impl Fn(ClusterEvent) + Send),
+        (apply, subscribed): (&(impl Fn(ClusterEvent) + Send), &(impl Fn() + Send)),
         failures: &mut u32,
     ) -> Result<(), redis::RedisError> {
         let client = self.live().client.clone();
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(CHANNEL).await?;
+        self.metrics.subscribed.set(1);
         if *failures > 0 {
             tracing::info!("Following the Redis revocation channel again");
         }
         *failures = 0;
+        subscribed();
         let (mut sink, mut messages) = pubsub.split();
         let mut ping = tokio::time::interval(CHANNEL_PING_INTERVAL);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

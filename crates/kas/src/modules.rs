@@ -13,8 +13,23 @@ type Close = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Runs `f` every `period` (the first time one period from now) until `stop`; a run taking
 /// longer than the period delays the next rather than bunching them.
-pub async fn every<F, Fut>(period: Duration, stop: CancellationToken, mut f: F)
+pub async fn every<F, Fut>(period: Duration, stop: CancellationToken, f: F)
 where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    every_or_notified(period, &tokio::sync::Notify::new(), stop, f).await;
+}
+
+/// As [`every`], and also at once whenever `now` is notified (a notification while `f` runs
+/// makes it run again after): for work that a message asks for, which a lost message must not
+/// leave undone.
+pub async fn every_or_notified<F, Fut>(
+    period: Duration,
+    now: &tokio::sync::Notify,
+    stop: CancellationToken,
+    mut f: F,
+) where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()>,
 {
@@ -23,6 +38,7 @@ where
     tick.reset();
     loop {
         tokio::select! {
+            () = now.notified() => {}
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }

@@ -132,7 +132,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (notifier, h) =
         start_notifications(&cfg, &store, &mut metrics, modules.handle("notifications"))?;
     modules.push(h);
-    let cluster = connect_cluster(&cfg).await?;
+    let cluster = connect_cluster(&cfg, &mut metrics).await?;
     let (connections, conn_gauge) = connection_count(&mut metrics);
     let listener_metrics = ListenerMetrics::default();
     listener_metrics.register(&mut metrics);
@@ -341,13 +341,14 @@ fn start_registry(metrics: &mut MetricsRegistry, handle: Handle) -> (Arc<Registr
 
 /// Redis, when configured: kas does not start without it (it would miss other replicas'
 /// revocations from the first moment).
-async fn connect_cluster(cfg: &Config) -> Result<Option<Cluster>> {
+async fn connect_cluster(cfg: &Config, metrics: &mut MetricsRegistry) -> Result<Option<Cluster>> {
     let Some(redis) = &cfg.redis else {
         return Ok(None);
     };
     let cluster = Cluster::connect(redis)
         .await
         .with_context(|| format!("connecting to Redis at {}", redis.url))?;
+    cluster.register_metrics(metrics);
     tracing::info!(url = %redis.url, "Connected to Redis: revocations reach every replica");
     Ok(Some(cluster))
 }
@@ -386,6 +387,7 @@ fn follow_cluster_events(
     };
     let deleted = tokio::spawn(deleted.follow(Modules::shutdown_of(&handle)));
     let memory = memory.clone();
+    let configs = Arc::clone(&memory.configs);
     let store = Arc::clone(&sh.store);
     let projects_changed = Arc::new(tokio::sync::Notify::new());
     let projects = tokio::spawn(follow_projects(
@@ -438,9 +440,17 @@ fn follow_cluster_events(
     let stop = Modules::shutdown_of(&handle);
     let sharing = sh.guards.spawn_sharing(cluster.clone(), stop.clone());
     let credentials = tokio::spawn(cluster.clone().follow_credentials(stop.clone()));
-    let task = tokio::spawn(cluster.follow(apply, stop));
+    let subscribed = Arc::new(tokio::sync::Notify::new());
+    let configs = (Arc::clone(&configs), Arc::clone(&sh.store));
+    let reread = tokio::spawn(reread_configs(
+        configs,
+        Arc::clone(&subscribed),
+        stop.clone(),
+    ));
+    let task = tokio::spawn(cluster.follow(apply, move || subscribed.notify_one(), stop));
     handle
         .task(task)
+        .task(reread)
         .task(sharing)
         .task(projects)
         .task(credentials)
@@ -458,16 +468,46 @@ async fn follow_projects(
     changed: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(PROJECTS_REREAD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.reset();
-    loop {
-        tokio::select! {
-            () = changed.notified() => {}
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
+    crate::modules::every_or_notified(PROJECTS_REREAD, &changed, stop, || {
+        crate::projects::follow_store(store.as_ref(), &sources, &seen)
+    })
+    .await;
+}
+
+/// How often a replica re-reads every agent's configuration in force even when it heard of no
+/// change: a `ConfigInForce` message is lost when its publish failed, or when it came while
+/// this replica's subscription was down unnoticed (a configuration no longer in force, its
+/// removed `ci_access` too, kept authorizing here meanwhile).
+const CONFIGS_REREAD: Duration = Duration::from_secs(30);
+
+/// Re-reads every agent's configuration in force from the store after every subscription to
+/// the Redis channel (`subscribed`: what was published while unsubscribed never comes), and
+/// every [`CONFIGS_REREAD`].
+async fn reread_configs(
+    (configs, store): (Arc<ConfigStates>, Arc<dyn Store>),
+    subscribed: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) {
+    crate::modules::every_or_notified(CONFIGS_REREAD, &subscribed, stop, || {
+        reread_configs_once(&configs, store.as_ref())
+    })
+    .await;
+}
+
+async fn reread_configs_once(configs: &ConfigStates, store: &dyn Store) {
+    match configs.reload_all(store).await {
+        Ok(changed) => {
+            for agent_id in changed {
+                // Mostly a new commit another replica serves (no message is sent for those).
+                tracing::debug!(
+                    agent_id,
+                    "Another replica changed the agent's configuration in force; read it from the store"
+                );
+            }
         }
-        crate::projects::follow_store(store.as_ref(), &sources, &seen).await;
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot re-read the agents' configurations in force from the store; trying again later");
+        }
     }
 }
 

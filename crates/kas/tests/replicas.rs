@@ -84,6 +84,23 @@ async fn wait_readiness(kas: &Kas, what: &str, code: u16, secs: u64) {
     .await;
 }
 
+/// A kas on its own PostgreSQL reaching `redis` through a relay on `port`.
+async fn replica_through(redis: &Redis, port: u16) -> (Postgres, tempfile::TempDir, Kas) {
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("kas").unwrap();
+    let extra_yaml = format!(
+        "database:\n  url: {url}\nredis:\n  url: redis://127.0.0.1:{port}/0\n  password_file: {}\n",
+        redis.password_file().unwrap().display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let opts = KasOptions {
+        extra_yaml,
+        ..KasOptions::default()
+    };
+    let kas = Kas::start(&dir.path().join("kas"), opts).await;
+    (pg, dir, kas)
+}
+
 /// Redis connections left half-open (a failover, or a load balancer that dropped their state
 /// without a reset: nothing arrives, nothing fails) are noticed and replaced: kas is ready
 /// again within seconds, and its revocation channel, pinged, subscribes again. The client
@@ -93,22 +110,7 @@ async fn wait_readiness(kas: &Kas, what: &str, code: u16, secs: u64) {
 async fn redis_connections_gone_silent_are_replaced_and_the_channel_resubscribes() {
     let redis = Redis::start().unwrap();
     let relay = tether_test_support::net::SilencingRelay::start(redis.port).await;
-    let pg = Postgres::start().unwrap();
-    let url = pg.create_database("kas").unwrap();
-    let extra_yaml = format!(
-        "database:\n  url: {url}\nredis:\n  url: redis://127.0.0.1:{}/0\n  password_file: {}\n",
-        relay.port,
-        redis.password_file().unwrap().display()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let kas = Kas::start(
-        &dir.path().join("kas"),
-        KasOptions {
-            extra_yaml,
-            ..KasOptions::default()
-        },
-    )
-    .await;
+    let (_pg, _dir, kas) = replica_through(&redis, relay.port).await;
     wait_readiness(&kas, "kas ready", 200, 10).await;
 
     relay.silence_open_connections();
@@ -129,6 +131,35 @@ async fn redis_connections_gone_silent_are_replaced_and_the_channel_resubscribes
         "{}",
         kas.log()
     );
+}
+
+/// A replica cut from Redis exports it: `kas_redis_channel_subscribed` drops to 0 (what
+/// `TetherKasRedisChannelDown` follows) and each lost subscription or failed attempt counts in
+/// `kas_redis_channel_losses_total`; subscribed again, the gauge is back to 1. Nothing told an
+/// operator that a replica was deaf to the others' revocations but its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_from_redis_exports_its_lost_channel_until_it_resubscribes() {
+    let redis = Redis::start().unwrap();
+    let relay = tether_test_support::net::SeveringRelay::start(redis.port).await;
+    let (_pg, _dir, kas) = replica_through(&redis, relay.port).await;
+    let (subscribed, losses) = (
+        "kas_redis_channel_subscribed",
+        "kas_redis_channel_losses_total",
+    );
+    let gauge_is = |value: f64| {
+        let kas = &kas;
+        move || async move { (kas.metric(subscribed).await == Some(value)).then_some(()) }
+    };
+    wait_for("subscribed", Duration::from_secs(10), gauge_is(1.0)).await;
+    assert_eq!(kas.metric(losses).await, Some(0.0));
+
+    relay.sever();
+    wait_for("the loss exported", Duration::from_secs(10), gauge_is(0.0)).await;
+    assert!(kas.metric(losses).await >= Some(1.0));
+    support::monitoring::assert_area_exported("replicas.rs", &[&kas.metrics_text().await.unwrap()]);
+
+    relay.restore();
+    wait_for("subscribed again", Duration::from_secs(15), gauge_is(1.0)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1805,6 +1836,59 @@ async fn a_ci_access_removal_not_stored_at_first_reaches_the_other_replicas_once
     assert_eq!(r.rig.kas.metric(unstored).await, Some(0.0));
 }
 
+/// While replica 1 cannot store the agent's configuration in force (a trigger refuses the
+/// write), `kas agent status` — through replica 1, which serves the agent, and through
+/// replica 2 — says so, with the stored commit replica 2 still authorizes with, in its text
+/// and its JSON; once stored, it says nothing more. Status said nothing, and operators could
+/// not tell why the replicas disagreed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_status_says_while_the_configuration_in_force_is_not_yet_stored() {
+    let r = CiRig::start("unstoredstatus").await;
+    let two = r.replica("kas-2").await;
+    let id = r.rig.agent_id.to_string();
+    let before = r.rig.kas.agent(r.rig.agent_id).await.config.unwrap().commit;
+    let pg = &r.shared.pg;
+    pg.sql_in(
+        "kas",
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$BEGIN RAISE EXCEPTION 'disk full (simulated)'; END$$ LANGUAGE plpgsql;\
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON config_states FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .unwrap();
+    r.change_ci_access("  - id: group/app\n", "  - id: group/other\n")
+        .await;
+    let status = |kas: &Kas, json: bool| {
+        let mut cmd = kas.cli();
+        cmd.args(["agent", "status", &id]);
+        if json {
+            cmd.args(["-o", "json"]);
+        }
+        String::from_utf8_lossy(&cmd.output().unwrap().stdout).into_owned()
+    };
+    let others = format!("other replicas still use commit {}", &before[..12]);
+    for kas in [&r.rig.kas, &two] {
+        let text = status(kas, false);
+        assert!(
+            text.contains("NOT STORED: configuration in force: commit"),
+            "{text}"
+        );
+        assert!(text.contains(&others), "{text}");
+        assert!(text.contains("disk full (simulated)"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&status(kas, true)).unwrap();
+        let unstored = &json["config"]["unstored"];
+        assert_eq!(unstored["stored_commit"], before.as_str(), "{json}");
+        assert!(unstored["error"].as_str().unwrap().contains("disk full"));
+    }
+
+    pg.sql_in("kas", "DROP TRIGGER refuse ON config_states;")
+        .unwrap();
+    wait_for(
+        "the configuration stored",
+        Duration::from_secs(15),
+        || async { (!status(&r.rig.kas, false).contains("NOT STORED")).then_some(()) },
+    )
+    .await;
+}
+
 /// The configuration file of [`PodsRig`]'s agent.
 const PODS_CONFIG: &str = ".gitlab/agents/pods/config.yaml";
 
@@ -1825,8 +1909,10 @@ struct PodsRig {
     c0: String,
     key: support::oidc::SigningKey,
     pki: support::Pki,
+    /// Between replica 1 and Redis.
+    relay: tether_test_support::net::SeveringRelay,
     _dir: tempfile::TempDir,
-    _shared: Shared,
+    shared: Shared,
 }
 
 impl PodsRig {
@@ -1834,6 +1920,7 @@ impl PodsRig {
     async fn start(first_poll: &'static str) -> PodsRig {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let shared = Shared::start();
+        let relay = tether_test_support::net::SeveringRelay::start(shared.redis.port).await;
         let dir = tempfile::tempdir().unwrap();
         let (key, pki) = ci_issuer(dir.path());
         let repo = GitRepo::init(&dir.path().join("config"));
@@ -1842,6 +1929,11 @@ impl PodsRig {
         for (i, poll) in [first_poll, "1s"].into_iter().enumerate() {
             let mut opts = ci_options(&shared, dir.path(), &pki);
             opts.git_poll = poll;
+            if i == 0 {
+                let direct = format!(":{}/", shared.redis.port);
+                let relayed = format!(":{}/", relay.port);
+                opts.extra_yaml = opts.extra_yaml.replace(&direct, &relayed);
+            }
             kas.push(Kas::start(&dir.path().join(format!("kas-{i}")), opts).await);
         }
         kas[0].set_projects(&[("group/pods", &repo)]).await;
@@ -1858,9 +1950,44 @@ impl PodsRig {
             c0,
             key,
             pki,
+            relay,
             _dir: dir,
-            _shared: shared,
+            shared,
         }
+    }
+
+    /// A subscription to the channel the replicas publish on, as a replica's.
+    async fn events(&self) -> redis::aio::PubSub {
+        let redis = &self.shared.redis;
+        let url = format!("redis://:{}@127.0.0.1:{}/0", redis.password, redis.port);
+        let client = redis::Client::open(url).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.subscribe("tether:events").await.unwrap();
+        pubsub
+    }
+
+    /// A tunnel of the agent to replica `i`, open while the stream is kept: that replica
+    /// then authorizes CI jobs with the configuration in force in its memory (not the store).
+    async fn tunnel(&self, i: usize) -> tonic::Streaming<tether_protocol::tunnel::ServerFrame> {
+        use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
+        use tether_protocol::tunnel::{AgentFrame, Descriptor, agent_frame::Frame};
+        let address = tether_transport::KasAddress::parse(&self.kas[i].url("grpc")).unwrap();
+        let channel = tether_transport::connect_lazy(&address, &Default::default()).unwrap();
+        let descriptor = AgentFrame {
+            frame: Some(Frame::Descriptor(Descriptor::default())),
+        };
+        let frames = futures_util::StreamExt::chain(
+            futures_util::stream::iter([descriptor]),
+            futures_util::stream::pending(),
+        );
+        let mut req = tonic::Request::new(frames);
+        req.metadata_mut().insert(
+            tether_protocol::metadata::AUTHORIZATION,
+            tether_protocol::metadata::bearer(&self.token).unwrap(),
+        );
+        let tunnel = ReverseTunnelClient::new(channel).connect(req).await;
+        self.kas[i].wait_connected(self.agent_id).await;
+        tunnel.unwrap().into_inner()
     }
 
     /// Commits `c`, which also lets jobs of `group/new` use the agent, and waits for replica
@@ -1909,6 +2036,15 @@ impl PodsRig {
     async fn in_force(&self, i: usize) -> String {
         let agent = self.kas[i].agent(self.agent_id).await;
         agent.config.map(|c| c.commit).unwrap_or_default()
+    }
+
+    /// Waits up to `secs` for replica `i` to have `c0` in force, refusing a job of `group/new`.
+    async fn wait_c0_in_force(&self, i: usize, what: &str, secs: u64) {
+        wait_for(what, Duration::from_secs(secs), || async {
+            let c0 = self.in_force(i).await == self.c0;
+            (c0 && !self.new_job_may_use_the_agent(i).await).then_some(())
+        })
+        .await;
     }
 
     /// Whether replica `i` gives a CI job of `group/new` — which only `c` lets use the agent —
@@ -1964,15 +2100,8 @@ async fn when_the_last_pod_running_the_configuration_in_force_goes_the_others_is
 
     drop(p2);
     for i in [1, 0] {
-        wait_for(
-            &format!("replica {} to put c0 in force", i + 1),
-            Duration::from_secs(10),
-            || async {
-                let c0 = r.in_force(i).await == r.c0;
-                (c0 && !r.new_job_may_use_the_agent(i).await).then_some(())
-            },
-        )
-        .await;
+        let what = format!("replica {} to put c0 in force", i + 1);
+        r.wait_c0_in_force(i, &what, 10).await;
     }
     assert!(
         r.kas[1]
@@ -1997,15 +2126,52 @@ async fn a_killed_replicas_pods_stop_counting_once_its_liveness_key_expires() {
     r.kas[1].kill9();
     // The liveness key (10 s, refreshed every 3 s) outlives this look.
     assert_eq!(r.in_force(0).await, c, "replica 2's key still lives");
-    wait_for(
-        "replica 1 to put c0 in force",
-        // The key's 10 s, the 5 s grace and the 5 s period of deciding again, with room.
-        Duration::from_secs(45),
-        || async {
-            let c0 = r.in_force(0).await == r.c0;
-            (c0 && !r.new_job_may_use_the_agent(0).await).then_some(())
-        },
-    )
-    .await;
+    // The key's 10 s, the 5 s grace and the 5 s period of deciding again, with room.
+    r.wait_c0_in_force(0, "replica 1 to put c0 in force", 45)
+        .await;
     drop(pods);
+}
+
+/// Replica 1, where the agent's tunnel is (so it authorizes CI jobs with the configuration in
+/// force in its memory), has `c` in force: its Pod P1 refused it, but Pod P2 on replica 2 runs
+/// it. Replica 1 is cut from Redis and P2 goes: replica 2 puts `c0` — without `group/new` in
+/// `ci_access` — in force, stores it and publishes it while replica 1 hears nothing. Once
+/// replica 1 reaches Redis again and resubscribes, it reads the configurations in force from
+/// the store: `c0` is in force there within seconds and a job of `group/new` is refused. The
+/// message published meanwhile was lost for good, and replica 1 kept authorizing the job with
+/// `c` until something else made it read the agent's record again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ci_access_removal_published_while_a_replica_was_cut_from_redis_reaches_it_once_it_resubscribes()
+ {
+    let r = PodsRig::start("1s").await;
+    let _tunnel = r.tunnel(0).await;
+    let (c, [p1, p2]) = r.old_pod_refusing_c().await;
+    assert_eq!(r.in_force(0).await, c, "P2 runs c");
+    assert!(r.new_job_may_use_the_agent(0).await);
+
+    let mut events = r.events().await;
+    r.relay.sever();
+    drop(p2);
+    // Within replica 1's liveness key (10 s): replica 2 still counts P1 and decides.
+    let published = tokio::time::timeout(Duration::from_secs(6), async {
+        let mut messages = events.on_message();
+        while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+            let payload: String = m.get_payload().unwrap();
+            if payload.contains("config_in_force") {
+                return;
+            }
+        }
+    });
+    published.await.expect("replica 2 to publish c0 in force");
+    assert!(!r.new_job_may_use_the_agent(1).await, "c0 stored");
+    r.relay.restore();
+    // Resubscribing takes a few seconds of back-off; the periodic re-read is 30 s.
+    r.wait_c0_in_force(0, "replica 1 to put c0 in force once it resubscribes", 15)
+        .await;
+    assert!(
+        r.kas[0]
+            .log()
+            .contains("Following the Redis revocation channel again")
+    );
+    drop(p1);
 }

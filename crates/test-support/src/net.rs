@@ -204,3 +204,60 @@ async fn relay_until_silenced(
         }
     }
 }
+
+/// A TCP relay to a loopback port that can be severed: its open connections are closed and new
+/// ones closed as soon as accepted, until it is restored — a network partition between a
+/// client and a service (the client's connections end, and its reconnects fail until then).
+#[derive(Debug)]
+pub struct SeveringRelay {
+    pub port: u16,
+    severed: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SeveringRelay {
+    /// Relays connections to `127.0.0.1:to` until dropped.
+    pub async fn start(to: u16) -> SeveringRelay {
+        let (listener, addr) = tokio_listener().await;
+        let severed = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
+        let state = std::sync::Arc::clone(&severed);
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *state.borrow() {
+                    continue;
+                }
+                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    continue;
+                };
+                let mut cut = state.subscribe();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.wait_for(|severed| *severed) => {}
+                    }
+                });
+            }
+        });
+        SeveringRelay {
+            port: addr.port(),
+            severed,
+            task,
+        }
+    }
+
+    /// Closes every open connection, and every new one until [`SeveringRelay::restore`].
+    pub fn sever(&self) {
+        self.severed.send_replace(true);
+    }
+
+    /// Relays new connections again.
+    pub fn restore(&self) {
+        self.severed.send_replace(false);
+    }
+}
+
+impl Drop for SeveringRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -183,6 +183,7 @@ fn print_agent_notes(a: &AgentView) -> Result<()> {
         if let (Some(e), Some(c)) = (&cfg.error, &cfg.error_commit) {
             notes.push(format!("refused at commit {}: {e}", short(c)));
         }
+        notes.extend(cfg.unstored_note());
     }
     notes.extend(a.suspensions.iter().map(suspension_line));
     notes.extend(shared_token(a));
@@ -341,7 +342,8 @@ fn refusal(cfg: &ConfigView) -> Option<String> {
     ))
 }
 
-/// The head of `kas agent status`: connected or not, the configuration in force, a refusal.
+/// The head of `kas agent status`: connected or not, the configuration in force, a refusal, a
+/// configuration in force not yet stored.
 fn print_state(v: &StatusView<'_>) -> Result<()> {
     out!("agent {}: {}", v.agent_id, v.state)?;
     match v.config {
@@ -359,6 +361,9 @@ fn print_state(v: &StatusView<'_>) -> Result<()> {
     }
     if let Some(why) = v.config.and_then(refusal) {
         out!("REFUSED: {why}")?;
+    }
+    if let Some(note) = v.config.and_then(ConfigView::unstored_note) {
+        out!("NOT STORED: {note}")?;
     }
     Ok(())
 }

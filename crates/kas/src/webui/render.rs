@@ -2,7 +2,8 @@
 //! pages show.
 
 use tether_kas_api::{
-    AgentView, ObjectView, ProgressView, ProjectView, ReportedStatus, SyncView, TokenView,
+    AgentView, ConfigView, ObjectView, ProgressView, ProjectView, ReportedStatus, SyncView,
+    TokenView,
 };
 
 use super::html::{Html, Table, badge, esc, hidden, link, post_form, text_field, url_part};
@@ -339,6 +340,9 @@ fn events(a: &AgentView, syncs: &[SyncView]) -> Html {
             Html::text(&format!("configuration at {at} refused: {e}")),
         ));
     }
+    if let Some(note) = a.config.as_ref().and_then(ConfigView::unstored_note) {
+        list.push((String::new(), Html::text(&note)));
+    }
     list.sort_by(|x, y| y.0.cmp(&x.0));
     let rows = list
         .into_iter()
@@ -583,6 +587,7 @@ mod tests {
                 error: Some("bad <yaml>".into()),
                 error_commit: Some("badbad".into()),
                 updated_at: 0,
+                unstored: None,
             }),
             suspensions: vec![],
             unreachable_replicas: vec![],
@@ -597,6 +602,27 @@ mod tests {
         assert!(s.contains("badbad: bad &lt;yaml&gt;"));
         assert!(s.contains("disconnected"));
         assert!(!s.contains("Incomplete"));
+    }
+
+    #[test]
+    fn the_agent_page_says_when_its_configuration_in_force_is_not_yet_stored() {
+        let mut a = agent_view();
+        if let Some(c) = a.config.as_mut() {
+            c.unstored = Some(tether_kas_api::UnstoredView {
+                since: 1,
+                error: "disk full".into(),
+                stored_commit: Some("0ld0ld".into()),
+            });
+        }
+        let h = events(&a, &[]);
+        let s = h.as_str();
+        assert!(s.contains("commit c0ffee, not yet stored"), "{s}");
+        assert!(s.contains("still use commit 0ld0ld"), "{s}");
+        assert!(
+            !events(&agent_view(), &[])
+                .as_str()
+                .contains("not yet stored")
+        );
     }
 
     #[test]

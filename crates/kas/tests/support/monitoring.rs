@@ -21,6 +21,7 @@ pub const AREAS: &[(&str, &str)] = &[
     ("kas_auth_", "ratelimit.rs"),
     ("kas_notifications_", "gitops.rs notifications"),
     ("kas_store_", "store.rs"),
+    ("kas_redis_", "replicas.rs"),
 ];
 
 pub fn folder() -> PathBuf {
