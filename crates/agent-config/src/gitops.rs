@@ -37,7 +37,36 @@ pub struct Gitops {
     /// Projects whose manifests are synchronized into the cluster.
     #[serde(default, deserialize_with = "null_as_default")]
     pub manifest_projects: Vec<ManifestProject>,
+    /// Field managers whose fields agentk takes over before applying, so that the apply
+    /// removes or restores what they changed by hand (see [`DEFAULT_DRIFT_MANAGERS`]); `None`
+    /// means the default list, an empty list turns the takeover off.
+    // Left out when unset: an agentk older than the key refuses unknown keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_managers: Option<Vec<String>>,
 }
+
+/// The field managers of people at a terminal, whose changes to an object agentk applies are
+/// drift: `kubectl` commands (`kubectl apply` client-side, `edit`, `label`, `annotate`,
+/// `patch`, `scale`, `set`, `replace`, `create`, and `kubectl apply --server-side`, whose
+/// manager is plain `kubectl`) and `before-first-apply`, the entry the API server gives the
+/// fields an object had before its first server-side apply. Never a controller's:
+/// `kube-controller-manager` (an HPA's `spec.replicas`) and operators keep their fields.
+/// `kubectl-rollout` is left out on purpose: taking over the `restartedAt` annotation of
+/// `kubectl rollout restart` would remove it and restart the Pods a second time (a rollback's
+/// changed values are restored by the apply anyway).
+pub const DEFAULT_DRIFT_MANAGERS: &[&str] = &[
+    "kubectl",
+    "kubectl-client-side-apply",
+    "before-first-apply",
+    "kubectl-edit",
+    "kubectl-label",
+    "kubectl-annotate",
+    "kubectl-patch",
+    "kubectl-scale",
+    "kubectl-set",
+    "kubectl-replace",
+    "kubectl-create",
+];
 
 /// One `gitops.manifest_projects[]` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -340,8 +369,22 @@ impl GitRef {
 }
 
 impl Gitops {
+    /// `drift_managers` as in force: the configured list, or [`DEFAULT_DRIFT_MANAGERS`].
+    pub fn drift_managers(&self) -> Vec<String> {
+        match &self.drift_managers {
+            Some(list) => list.clone(),
+            None => DEFAULT_DRIFT_MANAGERS
+                .iter()
+                .map(|m| (*m).to_owned())
+                .collect(),
+        }
+    }
+
     /// Checks the rules serde cannot: id and namespace syntax, globs, limits, duplicates.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (i, m) in self.drift_managers.iter().flatten().enumerate() {
+            check_drift_manager(&format!("gitops.drift_managers[{i}]"), m)?;
+        }
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (i, project) in self.manifest_projects.iter().enumerate() {
             let base = format!("gitops.manifest_projects[{i}]");
@@ -358,6 +401,29 @@ impl Gitops {
         }
         Ok(())
     }
+}
+
+/// A drift manager is a name, or a prefix followed by `*` (`kubectl*`). A bare `*` (or a
+/// prefix too short to name a tool) would take over every controller's fields, so that an
+/// HPA's replicas or an operator's annotations would be removed at every re-sync.
+fn check_drift_manager(path: &str, manager: &str) -> Result<(), ConfigError> {
+    check_non_empty(path, manager)?;
+    let prefix = manager.strip_suffix('*').unwrap_or(manager);
+    if prefix.contains('*') {
+        return Err(ConfigError::invalid(
+            path,
+            format!("{manager:?}: '*' may only end a field manager name (a prefix)"),
+        ));
+    }
+    if manager.ends_with('*') && prefix.len() < 3 {
+        return Err(ConfigError::invalid(
+            path,
+            format!(
+                "{manager:?} would match the field managers of controllers too: name at least 3 characters before '*'"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a timeout over [`MAX_TIMEOUT`].

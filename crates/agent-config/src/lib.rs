@@ -10,7 +10,7 @@
 //! assert_eq!(
 //!     err.to_string(),
 //!     "gitops.manifest_project: unknown key \"manifest_project\", \
-//!      expected one of manifest_projects (line 2)"
+//!      expected one of manifest_projects, drift_managers (line 2)"
 //! );
 //! ```
 
@@ -33,8 +33,8 @@ pub use ci_access::{
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
 pub use gitops::{
-    DEFAULT_GLOB, DEFAULT_TIMEOUT, DryRunStrategy, GitRef, Gitops, InventoryPolicy,
-    MAX_PATHS_PER_PROJECT, MAX_TIMEOUT, ManifestProject, PathGlob, ProjectRef,
+    DEFAULT_DRIFT_MANAGERS, DEFAULT_GLOB, DEFAULT_TIMEOUT, DryRunStrategy, GitRef, Gitops,
+    InventoryPolicy, MAX_PATHS_PER_PROJECT, MAX_TIMEOUT, ManifestProject, PathGlob, ProjectRef,
     PrunePropagationPolicy,
 };
 pub use observability::{LogLevel, Logging, Observability};

@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use tether_agent_config::{
-    AgentConfig, AsAgent, AsCiJob, AsUser, CiAccessAs, CiAccessEntry, ConfigError, DryRunStrategy,
-    ExtraKeyVal, GitRef, Gitops, Impersonate, InventoryPolicy, LogLevel, MAX_CONFIG_SIZE,
-    MAX_PATHS_PER_PROJECT, MAX_TIMEOUT, MAX_USER_ACCESS_ENTRIES, ManifestProject, PathGlob,
-    ProjectRef, PrunePropagationPolicy, UserAccess, UserAccessAs, UserAccessEntry, parse,
-    parse_bytes,
+    AgentConfig, AsAgent, AsCiJob, AsUser, CiAccessAs, CiAccessEntry, ConfigError,
+    DEFAULT_DRIFT_MANAGERS, DryRunStrategy, ExtraKeyVal, GitRef, Gitops, Impersonate,
+    InventoryPolicy, LogLevel, MAX_CONFIG_SIZE, MAX_PATHS_PER_PROJECT, MAX_TIMEOUT,
+    MAX_USER_ACCESS_ENTRIES, ManifestProject, PathGlob, ProjectRef, PrunePropagationPolicy,
+    UserAccess, UserAccessAs, UserAccessEntry, parse, parse_bytes,
 };
 
 fn ok(yaml: &str) -> AgentConfig {
@@ -1107,4 +1107,52 @@ fn post_build_errors_name_the_key_and_line() {
         Some("gitops.manifest_projects[0].post_build.substitute.replicas"),
         "{number}"
     );
+}
+
+#[test]
+fn drift_managers_default_to_kubectl_and_can_be_replaced_or_turned_off() {
+    let default = ok(SEED);
+    assert_eq!(default.gitops.drift_managers, None);
+    let in_force = default.gitops.drift_managers();
+    assert_eq!(in_force, DEFAULT_DRIFT_MANAGERS);
+    for m in [
+        "kubectl-client-side-apply",
+        "kubectl-edit",
+        "before-first-apply",
+    ] {
+        assert!(in_force.iter().any(|d| d == m), "{m}");
+    }
+    // Controllers keep their fields; a rollout restart is not reverted (it would restart again).
+    for m in ["kube-controller-manager", "kubectl-rollout"] {
+        assert!(!in_force.iter().any(|d| d == m), "{m}");
+    }
+    // Unset stays out of the JSON kas sends, so an older agentk still reads it.
+    let json = serde_json::to_value(&default.gitops).expect("json");
+    assert!(json.get("drift_managers").is_none(), "{json}");
+
+    let off = ok("gitops:\n  drift_managers: []\n");
+    assert_eq!(off.gitops.drift_managers(), Vec::<String>::new());
+    let own = ok("gitops:\n  drift_managers: [kubectl*, my-script]\n");
+    assert_eq!(own.gitops.drift_managers(), ["kubectl*", "my-script"]);
+}
+
+#[test]
+fn drift_managers_that_would_match_controllers_are_refused() {
+    for (yaml, want) in [
+        (
+            "gitops:\n  drift_managers: ['*']\n",
+            "gitops.drift_managers[0]: \"*\" would match the field managers of controllers too",
+        ),
+        (
+            "gitops:\n  drift_managers: [kubectl, 'ku*be']\n",
+            "gitops.drift_managers[1]: \"ku*be\": '*' may only end",
+        ),
+        (
+            "gitops:\n  drift_managers: ['']\n",
+            "gitops.drift_managers[0]",
+        ),
+    ] {
+        let e = err(yaml).to_string();
+        assert!(e.starts_with(want), "{yaml:?}: {e}");
+    }
 }
