@@ -15,6 +15,7 @@ use tether_gitops_agent::metrics::SyncMetrics;
 use tether_gitops_agent::sync::{
     ObjectState, ProgressSink, Settings, SyncOutcome, SyncProgress, Syncer,
 };
+use tether_gitops_agent::takeover::DriftManagers;
 use tether_protocol::gitops::git_ops_client::GitOpsClient;
 use tether_protocol::gitops::{
     self as wire, ObjectStatus, ObjectsRequest, ObjectsResponse, SyncReport, git_ref,
@@ -106,6 +107,7 @@ pub async fn run(
     let mut workers = Workers {
         running: HashMap::new(),
         moved: HashMap::new(),
+        drift_managers: Vec::new(),
         channel,
         meta,
         engine,
@@ -139,6 +141,8 @@ struct Workers {
     /// project key → its default namespace before the configuration moved it (where its
     /// inventory stays until the first sync in the new one).
     moved: HashMap<String, String>,
+    /// `gitops.drift_managers` as the running workers have it: a change restarts them all.
+    drift_managers: Vec<String>,
     channel: Channel,
     meta: AgentMeta,
     engine: Engine,
@@ -164,6 +168,13 @@ impl Workers {
             .filter(|(key, (p, _, _))| wanted.get(*key) != Some(p))
             .map(|(key, _)| key.clone())
             .collect();
+        let drift_managers = applied.config.gitops.drift_managers();
+        let gone: Vec<String> = if drift_managers == self.drift_managers {
+            gone
+        } else {
+            self.drift_managers = drift_managers;
+            self.running.keys().cloned().collect()
+        };
         let mut stopping = Vec::with_capacity(gone.len());
         for key in gone {
             if let Some((old, stop, task)) = self.running.remove(&key) {
@@ -204,6 +215,7 @@ impl Workers {
         let settings = Settings {
             previous_namespace: self.moved.get(key).cloned(),
             agent_namespace: self.meta.pod_namespace.clone(),
+            drift_managers: DriftManagers::new(self.drift_managers.clone()),
             ..Settings::for_project(agent_id, p)
         };
         let (channel, meta, engine) =
@@ -876,7 +888,7 @@ impl Worker {
         }
         match &o.error {
             None => {
-                tracing::info!(agent_id = self.settings.agent_id, commit_id = %o.commit_id, objects = o.objects.len(), writes = o.writes, dry_run = o.dry_run, watched_statuses = o.watched_statuses, "Synchronization done")
+                tracing::info!(agent_id = self.settings.agent_id, commit_id = %o.commit_id, objects = o.objects.len(), writes = o.writes, dry_run = o.dry_run, watched_statuses = o.watched_statuses, taken_over = o.taken_over, "Synchronization done")
             }
             Some(e) => {
                 tracing::error!(agent_id = self.settings.agent_id, commit_id = %o.commit_id, error = %e, writes = o.writes, "Synchronization failed")

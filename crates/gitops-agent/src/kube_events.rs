@@ -308,6 +308,7 @@ mod tests {
             writes: 0,
             dry_run: false,
             watched_statuses: 0,
+            taken_over: 0,
         }
     }
 

@@ -38,6 +38,7 @@ mod status_watch;
 pub mod substitute;
 pub mod sync;
 pub mod variables;
+pub mod takeover;
 
 pub use decode::{DecodeError, Manifest, decode_file};
 pub use inventory::{InventoryError, OwnershipConflict};

@@ -60,6 +60,8 @@ pub struct SyncMetrics {
     duration: Family<OutcomeLabel, Histogram>,
     last_success: Family<ProjectLabel, Gauge<f64, AtomicU64>>,
     objects: Family<ObjectsLabel, Gauge>,
+    /// Objects whose fields changed by hand were taken over ([`crate::takeover`]).
+    taken_over: Family<ProjectLabel, Counter>,
 }
 
 impl Default for SyncMetrics {
@@ -72,6 +74,7 @@ impl Default for SyncMetrics {
             }),
             last_success: Family::default(),
             objects: Family::default(),
+            taken_over: Family::default(),
         }
     }
 }
@@ -98,6 +101,11 @@ impl SyncMetrics {
             "gitops_objects",
             "Objects of each manifest project at its last synchronization, by status",
             self.objects.clone(),
+        );
+        reg.register(
+            "gitops_drift_taken_over",
+            "Objects whose fields changed by hand (owned by drift managers) agentk took over so that its apply reverted them",
+            self.taken_over.clone(),
         );
     }
 
@@ -129,6 +137,12 @@ impl SyncMetrics {
         self.duration
             .get_or_create(&label)
             .observe(took.as_secs_f64());
+        // Created at 0 with the project's first sync, so that increase() sees the first one.
+        self.taken_over
+            .get_or_create(&ProjectLabel {
+                project: project.to_owned(),
+            })
+            .inc_by(u64::try_from(outcome.taken_over).unwrap_or(u64::MAX));
         if succeeded {
             self.last_success
                 .get_or_create(&ProjectLabel {
@@ -187,6 +201,9 @@ impl SyncMetrics {
                 status,
             });
         }
+        self.taken_over.remove(&ProjectLabel {
+            project: project.clone(),
+        });
         self.last_success.remove(&ProjectLabel { project });
     }
 }
@@ -235,6 +252,7 @@ mod tests {
             writes: 0,
             dry_run: false,
             watched_statuses: 0,
+            taken_over: 0,
         }
     }
 
@@ -283,6 +301,23 @@ mod tests {
         assert!(
             !t.contains("duration_seconds_bucket{project"),
             "no project label on histograms"
+        );
+    }
+
+    #[test]
+    fn objects_taken_over_add_up_per_project() {
+        let m = SyncMetrics::default();
+        let mut ok = outcome(None, vec![object("a", ObjectState::Live(Status::Current))]);
+        m.record("quiet", &ok, Duration::from_secs(1), 100.0);
+        ok.taken_over = 2;
+        m.record("edited", &ok, Duration::from_secs(1), 100.0);
+        m.record("edited", &ok, Duration::from_secs(1), 200.0);
+        assert_samples(
+            &text(&m),
+            &[
+                r#"agentk_gitops_drift_taken_over_total{project="quiet"} 0"#,
+                r#"agentk_gitops_drift_taken_over_total{project="edited"} 4"#,
+            ],
         );
     }
 

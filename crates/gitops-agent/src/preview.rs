@@ -271,7 +271,7 @@ impl Syncer {
         let objects = wanted.iter().flat_map(|((.., ns), (ar, names))| {
             std::iter::repeat_n((ar.clone(), ns.as_deref()), names.len())
         });
-        self.list_groups(objects, |key, name, obj| {
+        self.list_groups(objects, |key, name, obj, _| {
             let (ar, names) = wanted.get(key)?;
             names.contains(name).then(|| {
                 let mut obj = obj.clone();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::Client;
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
@@ -31,6 +32,7 @@ use crate::status::{ResourceStatus, Status, StatusView, compute_status, sync_out
 use crate::status_watch::{Seen, Watches, settled};
 use crate::substitute::Variables;
 use crate::variables::{self, ReferenceError, Secrets};
+use crate::takeover::{self, DriftManagers, Takeover};
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "agentk";
@@ -81,6 +83,9 @@ pub struct Settings {
     /// agentk's own namespace (empty: unknown), where `post_build.substitute_from` references
     /// without a namespace are read.
     pub agent_namespace: String,
+    /// Whose fields are taken over before applying, so that the apply reverts them
+    /// ([`takeover`]; `gitops.drift_managers`).
+    pub drift_managers: DriftManagers,
 }
 
 /// How far a running sync got: its objects so far and how many are Current or Failed.
@@ -158,6 +163,12 @@ impl Settings {
             previous_namespace: None,
             post_build: p.post_build.clone(),
             agent_namespace: String::new(),
+            drift_managers: DriftManagers::new(
+                tether_agent_config::DEFAULT_DRIFT_MANAGERS
+                    .iter()
+                    .map(|m| (*m).to_owned())
+                    .collect(),
+            ),
         }
     }
 }
@@ -348,6 +359,9 @@ pub struct SyncOutcome {
     /// Status changes a watch told before any poll (0 when the ServiceAccount may not watch,
     /// or every object was settled by its apply answer).
     pub watched_statuses: usize,
+    /// Objects whose fields changed by hand (owned by drift managers) were taken over so the
+    /// apply reverted them ([`takeover`]).
+    pub taken_over: usize,
 }
 
 impl SyncOutcome {
@@ -363,6 +377,7 @@ impl SyncOutcome {
             writes: 0,
             dry_run,
             watched_statuses: 0,
+            taken_over: 0,
         }
     }
 }
@@ -480,6 +495,8 @@ struct Applied {
     status: Option<ResourceStatus>,
     /// The object's resource version after the apply: where a status watch starts to count.
     resource_version: Option<String>,
+    /// Whether fields of drift managers were taken over before the apply ([`takeover`]).
+    took_over: bool,
 }
 
 /// What is known of an object before applying it.
@@ -498,11 +515,14 @@ struct LiveSummary {
     up_to_date: bool,
     status: ResourceStatus,
     resource_version: Option<String>,
+    /// The managed fields to write first, when drift managers own fields of the object.
+    takeover: Option<Takeover>,
 }
 
 impl LiveSummary {
-    /// `desired` is the object as it would be sent (owner set, digest stamped).
-    fn of(desired: &Value, live: &Value) -> Self {
+    /// `desired` is the object as it would be sent (owner set, digest stamped); `live` the
+    /// object without its managed fields, which are `managed`.
+    fn of(desired: &Value, live: &Value, managed: &[ManagedFieldsEntry], s: &Settings) -> Self {
         LiveSummary {
             owner: inventory::owner(live).map(str::to_owned),
             up_to_date: drift::is_up_to_date(desired, live),
@@ -510,6 +530,7 @@ impl LiveSummary {
             resource_version: live["metadata"]["resourceVersion"]
                 .as_str()
                 .map(str::to_owned),
+            takeover: takeover::take_over(managed, &s.drift_managers, FIELD_MANAGER),
         }
     }
 }
@@ -520,6 +541,12 @@ impl LiveSummary {
 pub(crate) fn lean_value(mut o: DynamicObject) -> Value {
     o.metadata.managed_fields = None;
     serde_json::to_value(o).unwrap_or(Value::Null)
+}
+
+/// [`lean_value`], and the managed fields it left out (for [`takeover`]).
+fn split_managed(mut o: DynamicObject) -> (Value, Vec<ManagedFieldsEntry>) {
+    let managed = o.metadata.managed_fields.take().unwrap_or_default();
+    (lean_value(o), managed)
 }
 
 /// Objects per LIST page: bounds what one response holds in memory. A page is decoded whole
@@ -677,9 +704,10 @@ impl Syncer {
             self.wait_status(&p.applied, &p.seen, &disc, s, cancel, &mut p.results)
                 .await;
         }
-        let watched_statuses = p.seen.watched();
+        let (watched_statuses, taken_over) = (p.seen.watched(), p.taken_over);
         let mut out = finish(commit_id, p.results, p.writes, dry);
         out.watched_statuses = watched_statuses;
+        out.taken_over = taken_over;
         Ok(out)
     }
 
@@ -840,9 +868,10 @@ impl Syncer {
                 resolved
                     .iter()
                     .map(|r| (r.ar.clone(), r.namespace(&manifests[r.idx]))),
-                |key, name, obj| {
+                |key, name, obj, managed| {
                     let idx = *index.get(key)?.get(name)?;
-                    Some(LiveSummary::of(&prepared(&manifests[idx], inv_id), obj))
+                    let desired = prepared(&manifests[idx], inv_id);
+                    Some(LiveSummary::of(&desired, obj, managed, s))
                 },
             )
             .await;
@@ -1032,8 +1061,8 @@ impl Syncer {
     }
 
     /// LISTs (in pages) each resource type and namespace that holds at least
-    /// [`LIST_THRESHOLD`] of the given objects, keeping `summarize(group, name, object)` of each
-    /// listed object it returns `Some` for. A group whose LIST fails (e.g. RBAC allows GET but
+    /// [`LIST_THRESHOLD`] of the given objects, keeping `summarize(group, name, object,
+    /// managed fields)` of each listed object it returns `Some` for ([`split_managed`]). A group whose LIST fails (e.g. RBAC allows GET but
     /// not LIST) is left out, so its objects are looked up one by one.
     pub(crate) async fn list_groups<T, F>(
         &self,
@@ -1041,7 +1070,7 @@ impl Syncer {
         summarize: F,
     ) -> HashMap<GroupKey, HashMap<String, T>>
     where
-        F: Fn(&GroupKey, &str, &Value) -> Option<T>,
+        F: Fn(&GroupKey, &str, &Value, &[ManagedFieldsEntry]) -> Option<T>,
     {
         let mut counts: HashMap<GroupKey, (ApiResource, usize)> = HashMap::new();
         for (ar, ns) in objects {
@@ -1068,8 +1097,8 @@ impl Syncer {
                             let Some(name) = o.metadata.name.clone() else {
                                 continue;
                             };
-                            let v = lean_value(o);
-                            if let Some(t) = summarize(&key, &name, &v) {
+                            let (v, managed) = split_managed(o);
+                            if let Some(t) = summarize(&key, &name, &v, &managed) {
                                 found.insert(name, t);
                             }
                         }
@@ -1121,10 +1150,13 @@ impl Syncer {
             Known::Live(summary) => Some(summary),
             Known::Absent => None,
             Known::Unknown => match api.get_opt(name).await {
-                Ok(o) => o.map(lean_value).map(|v| LiveSummary::of(&obj, &v)),
+                Ok(o) => o
+                    .map(split_managed)
+                    .map(|(v, managed)| LiveSummary::of(&obj, &v, &managed, s)),
                 Err(e) => return (obj_ref, Err(ApiError::from(e).into())),
             },
         };
+        let mut took_over = false;
         if let Some(current) = live {
             // Ownership: another inventory's object is not taken over unless the policy allows.
             if let Err(conflict) =
@@ -1132,15 +1164,25 @@ impl Syncer {
             {
                 return (obj_ref, Err(conflict.into()));
             }
-            if s.dry_run == DryRunStrategy::None && current.up_to_date {
-                return (
-                    obj_ref,
-                    Ok(Applied {
-                        wrote: false,
-                        status: Some(current.status),
-                        resource_version: current.resource_version,
-                    }),
-                );
+            if s.dry_run == DryRunStrategy::None {
+                let rv = current.resource_version.as_deref();
+                match &current.takeover {
+                    // Fields changed by hand are ours now: the apply below reverts them, even
+                    // when every value of the manifest is still in place.
+                    Some(t) => took_over = self.take_over(&api, &obj_ref, t, rv).await,
+                    None if current.up_to_date => {
+                        return (
+                            obj_ref,
+                            Ok(Applied {
+                                wrote: false,
+                                status: Some(current.status),
+                                resource_version: current.resource_version,
+                                took_over: false,
+                            }),
+                        );
+                    }
+                    None => {}
+                }
             }
         }
         let mut pp = PatchParams::apply(FIELD_MANAGER).force();
@@ -1163,10 +1205,46 @@ impl Syncer {
                     wrote,
                     status: wrote.then(|| view.status()),
                     resource_version,
+                    took_over,
                 };
                 (obj_ref, Ok(applied))
             }
             Err(e) => (obj_ref, Err(ApiError::from(e).into())),
+        }
+    }
+
+    /// Writes the managed fields of `t` ([`takeover::patch`]): whether it was written. A
+    /// failure (the object changed since it was read, a 409) is only logged: the apply still
+    /// sets every value of the manifest, and the next sync takes over what is left.
+    async fn take_over(
+        &self,
+        api: &Api<DynamicObject>,
+        obj: &ObjRef,
+        t: &Takeover,
+        resource_version: Option<&str>,
+    ) -> bool {
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        let body = takeover::patch(t, resource_version);
+        let sent = match kube::core::Request::new(api.resource_url()).patch(
+            &obj.name,
+            &pp,
+            &Patch::Merge(&body),
+        ) {
+            Ok(req) => self.client.request::<StatusView>(req).await,
+            Err(e) => Err(kube::Error::BuildRequest(e)),
+        };
+        match sent {
+            Ok(_) => {
+                tracing::info!(object = %obj, managers = ?t.managers, "Took over the fields of drift managers: the apply reverts what they changed by hand");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(object = %obj, managers = ?t.managers, error = %ApiError::from(e), "Taking over the fields of drift managers failed; applying anyway");
+                false
+            }
         }
     }
 
@@ -1534,7 +1612,7 @@ impl Syncer {
         let mut live = self
             .list_groups(
                 pending.iter().map(|(_, g)| (g.0.clone(), g.1.as_deref())),
-                |key, name, obj| {
+                |key, name, obj, _| {
                     // Only the pending objects' statuses are kept.
                     wanted
                         .get(key)
@@ -1667,6 +1745,8 @@ struct Progress {
     applied: BTreeSet<ObjRef>,
     /// Write requests sent.
     writes: usize,
+    /// Objects whose drift managers' fields were taken over ([`takeover`]).
+    taken_over: usize,
     /// Every status seen so far (apply answers, watches, polls).
     seen: Seen,
     /// The status watches of objects the apply left in progress (none in a dry run).
@@ -1679,7 +1759,8 @@ impl Progress {
             match res {
                 // The events were logged as the answers arrived (`log_apply_answer`).
                 Ok(a) => {
-                    self.writes += usize::from(a.wrote);
+                    self.writes += usize::from(a.wrote) + usize::from(a.took_over);
+                    self.taken_over += usize::from(a.took_over);
                     // The answer's status is in `seen` already (a ConfigMap is Current at
                     // once); the rest are watched or polled.
                     self.applied.insert(obj.clone());
@@ -1749,6 +1830,7 @@ fn client_dry_run(commit_id: &str, manifests: &[Manifest]) -> SyncOutcome {
         writes: 0,
         dry_run: true,
         watched_statuses: 0,
+        taken_over: 0,
     }
 }
 
@@ -1931,6 +2013,7 @@ fn finish(
         writes,
         dry_run: dry,
         watched_statuses: 0,
+        taken_over: 0,
     }
 }
 

@@ -602,6 +602,193 @@ async fn drift_is_corrected_by_the_periodic_resync() {
     .await;
 }
 
+/// The object with its managed fields (`kubectl get` leaves them out).
+fn get_managed(env: &TestEnv, kind: &str, name: &str, ns: &str) -> Option<Value> {
+    get_json(env, &["get", kind, name, "-n", ns, "--show-managed-fields"])
+}
+
+/// `manager`'s entry among the object's managed fields, if it has one.
+fn managed_by<'a>(obj: &'a Value, manager: &str) -> Option<&'a Value> {
+    obj["metadata"]["managedFields"]
+        .as_array()?
+        .iter()
+        .find(|e| e["manager"] == manager)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_added_by_hand_are_reverted_and_a_controllers_fields_stay() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("by-hand").unwrap();
+    // No `replicas` in Git: they are the autoscaler's to set.
+    let web = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: {ns}\n  labels:\n    app: web\nspec:\n  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.27\n"
+    );
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[
+            (
+                "manifests/cm.yaml",
+                Some(&configmap("settings", &ns, "from-git")),
+            ),
+            ("manifests/web.yaml", Some(web.as_bytes())),
+        ],
+        &["--gitops-resync-interval", "1s"],
+    )
+    .await;
+    rig.synced(&c1).await;
+    let kubectl = |args: &[&str]| {
+        run_output(rig.env.kubectl().args(args).args(["-n", &ns])).unwrap();
+    };
+    // Controllers: an autoscaler scaling through the scale subresource, an operator annotating.
+    kubectl(&[
+        "patch",
+        "deployment",
+        "web",
+        "--subresource=scale",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":3}}"#,
+        "--field-manager=kube-controller-manager",
+    ]);
+    kubectl(&[
+        "annotate",
+        "deployment",
+        "web",
+        "operator.example.com/seen=yes",
+        "--field-manager=example-operator",
+    ]);
+    // By hand, with real kubectl: a label (manager `kubectl-label`), an annotation
+    // (`kubectl-annotate`), and `kubectl edit` changing a value and adding a key.
+    kubectl(&["label", "deployment", "web", "hand=made"]);
+    kubectl(&["annotate", "deployment", "web", "by-hand=yes"]);
+    run_output(
+        rig.env
+            .kubectl()
+            .env(
+                "KUBE_EDITOR",
+                r"sed -i -e 's/^  value: from-git$/  value: edited\n  extra: edited/'",
+            )
+            .args(["edit", "configmap", "settings", "-n", &ns]),
+    )
+    .unwrap();
+
+    // The re-syncs revert what people did, and only that. (Each change may be reverted by a
+    // different re-sync: they run every second.)
+    let took_over = |name: &str, manager: &str| {
+        rig.agent.log_lines().iter().any(|l| {
+            l["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Took over"))
+                && l["object"]
+                    .as_str()
+                    .is_some_and(|o| o.ends_with(&format!("/{name}")))
+                && l["managers"].as_str().is_some_and(|m| m.contains(manager))
+        })
+    };
+    let web = wait_for(
+        "the changes by hand to be reverted",
+        Duration::from_secs(30),
+        || async {
+            let web = get_managed(&rig.env, "deployment", "web", &ns)?;
+            let cm = get_managed(&rig.env, "configmap", "settings", &ns)?;
+            let reverted = ["kubectl-label", "kubectl-annotate"]
+                .iter()
+                .all(|m| took_over("web", m) && managed_by(&web, m).is_none())
+                && took_over("settings", "kubectl-edit")
+                && managed_by(&cm, "kubectl-edit").is_none()
+                && cm["data"] == serde_json::json!({"value": "from-git"});
+            reverted.then_some(web)
+        },
+    )
+    .await;
+    assert!(web["metadata"]["labels"].get("hand").is_none(), "{web}");
+    let annotations = &web["metadata"]["annotations"];
+    assert!(annotations.get("by-hand").is_none(), "{annotations}");
+    assert_eq!(annotations["operator.example.com/seen"], "yes");
+    assert!(managed_by(&web, "example-operator").is_some());
+    assert_eq!(web["spec"]["replicas"], 3, "the autoscaler's replicas stay");
+    assert!(managed_by(&web, "kube-controller-manager").is_some());
+    // Counted in the sync's summary, and once taken over, re-syncs write nothing again.
+    let done = |l: &Value| l["msg"] == "Synchronization done" && l["commit_id"] == c1;
+    wait_for(
+        "a sync that took over fields",
+        Duration::from_secs(30),
+        || async {
+            rig.agent
+                .log_lines()
+                .iter()
+                .any(|l| done(l) && l["taken_over"].as_u64().is_some_and(|n| n >= 1))
+                .then_some(())
+        },
+    )
+    .await;
+    let seen = rig.agent.log_lines().iter().filter(|l| done(l)).count();
+    let writes = rig.writes(&c1, seen + 2).await;
+    assert_eq!(
+        writes[seen..],
+        [0, 0],
+        "re-syncs after the takeover: {writes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_of_an_object_created_with_client_side_apply_leaves_with_git_after_adoption() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("adopted").unwrap();
+    let cm = |keys: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: old\n  namespace: {ns}\ndata:\n{keys}"
+        )
+    };
+    // Created by hand with client-side `kubectl apply`, before agentk manages it.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("old.yaml");
+    std::fs::write(&file, cm("  keep: a\n  drop: b\n")).unwrap();
+    run_output(env.kubectl().args(["apply", "-f", file.to_str().unwrap()])).unwrap();
+    let before = get_managed(&env, "configmap", "old", &ns).unwrap();
+    assert!(
+        managed_by(&before, "kubectl-client-side-apply").is_some(),
+        "{before}"
+    );
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "    inventory_policy: adopt_if_no_inventory\n",
+        &[(
+            "manifests/old.yaml",
+            Some(cm("  keep: a\n  drop: b\n").as_bytes()),
+        )],
+        &[],
+    )
+    .await;
+    rig.synced(&c1).await;
+    // The key leaves Git: it leaves the cluster, though kubectl's apply set it too.
+    let c2 = rig.manifests.commit(
+        &[("manifests/old.yaml", Some(cm("  keep: a\n").as_bytes()))],
+        "drop a key",
+    );
+    rig.synced(&c2).await;
+    let after = get_managed(&rig.env, "configmap", "old", &ns).unwrap();
+    assert_eq!(after["data"], serde_json::json!({"keep": "a"}), "{after}");
+    assert!(
+        managed_by(&after, "kubectl-client-side-apply").is_none(),
+        "{after}"
+    );
+    // So does kubectl's record of what it applied, which no longer says what is there.
+    assert!(
+        after["metadata"]["annotations"]
+            .get("kubectl.kubernetes.io/last-applied-configuration")
+            .is_none(),
+        "{after}"
+    );
+}
+
 /// A Service of type LoadBalancer stays in progress until its address is set (no load balancer
 /// controller runs here, so the test sets it): agentk follows it with a watch when its
 /// ServiceAccount may watch, and by polling when it may not. Returns the sync's
