@@ -196,10 +196,11 @@ pub async fn preview(
         .variables(s, crate::variables::Secrets::Refuse)
         .await?;
     let mut manifests = decode_all(files, vars.as_ref())?;
-    refuse_helm_hooks(&manifests, s)?;
     let previous = syncer.read_inventory(s).await?;
     let disc = syncer.discover().await?;
     default_namespaces(&mut manifests, &disc, s);
+    // After the defaults, as in a sync: the hook is named where it would land.
+    refuse_helm_hooks(&manifests, s)?;
     if let Some((obj, sources)) = plan::duplicates(&manifests).into_iter().next() {
         return Err(SyncError::Duplicate { obj, sources });
     }

@@ -660,8 +660,9 @@ impl Syncer {
         // 1. Decode everything (variables substituted) before writing to the cluster.
         let vars = self.variables(s, Secrets::Read).await?;
         let mut manifests = decode_all(files, vars.as_ref())?;
-        refuse_helm_hooks(&manifests, s)?;
         if s.dry_run == DryRunStrategy::Client {
+            // No discovery in this mode: a hook is named as written, as every object is.
+            refuse_helm_hooks(&manifests, s)?;
             return Ok(client_dry_run(commit_id, &manifests));
         }
         // 2. The previous inventory, and discovery.
@@ -672,6 +673,9 @@ impl Syncer {
         let disc = self.discover().await?;
         disc.warn_unavailable();
         default_namespaces(&mut manifests, &disc, s);
+        // After the defaults, so a hook is named in the namespace it would land in; still
+        // before any write.
+        refuse_helm_hooks(&manifests, s)?;
         if let Some((obj, sources)) = plan::duplicates(&manifests).into_iter().next() {
             return Err(SyncError::Duplicate { obj, sources }.into());
         }

@@ -657,7 +657,7 @@ async fn a_charts_hook_is_refused_naming_the_object_and_the_annotation() {
     rig.refused(
         &c2,
         &[
-            "batch/Job//shop-migrate (helm template charts/app:",
+            &format!("batch/Job/{ns}/shop-migrate (helm template charts/app:"),
             "is a Helm hook (helm.sh/hook: pre-install,pre-upgrade)",
             "set helm.hooks: apply",
         ],
