@@ -97,6 +97,10 @@ pub struct FileEntry {
     /// A symbolic link rather than a file: listed so callers can say they skip it (its target
     /// may lie outside the repository, so nothing should read through it).
     pub symlink: bool,
+    /// A submodule (a gitlink: a commit of another repository, whose files kas does not
+    /// fetch): listed so callers can say what is missing rather than skip it silently. Its size
+    /// is 0.
+    pub submodule: bool,
 }
 
 /// One reference that a fetch created, moved or deleted.
@@ -794,8 +798,9 @@ impl Mirror {
     /// Lists regular and executable files under the directory `prefix` (`""` or `"/"` for the
     /// whole tree) at `commit`, recursively, sorted by path.
     ///
-    /// Directories whose name starts with `.` (`.git*`, `.gitlab`, ...) are skipped; submodules
-    /// are skipped too; symlinks are listed with [`FileEntry::symlink`] set. Every tree entry looked at counts towards
+    /// Directories whose name starts with `.` (`.git*`, `.gitlab`, ...) are skipped; symlinks
+    /// are listed with [`FileEntry::symlink`] set, submodules (never fetched, so their files are
+    /// not here) with [`FileEntry::submodule`] set. Every tree entry looked at counts towards
     /// `visit_limit`; past it the listing fails with [`Error::TooManyEntries`] rather than
     /// returning a silently truncated list. A missing prefix gives an empty list.
     pub fn list_files(
@@ -857,6 +862,14 @@ impl Mirror {
                         path,
                         size: header.size(),
                         symlink: entry.mode.is_link(),
+                        submodule: false,
+                    });
+                } else if entry.mode.is_commit() && !name.starts_with('.') {
+                    files.push(FileEntry {
+                        path,
+                        size: 0,
+                        symlink: false,
+                        submodule: true,
                     });
                 }
             }

@@ -288,6 +288,29 @@ fn force_updates_and_prunes_like_a_mirror() {
     assert_eq!(read(&mirror, &rewritten_away, "f").as_deref(), Some("2"));
 }
 
+/// A submodule's files are not fetched: its gitlink is listed as such, so the caller can say
+/// what is missing instead of skipping it silently.
+#[test]
+fn submodules_are_listed_as_such() {
+    let f = Fixture::new("main");
+    let lib = GitRepo::init(&f.repos().join("lib"));
+    lib.commit(&[("crd.yaml", Some(&b"kind: X"[..]))], "lib");
+    f.commit(&[("manifests/a.yaml", b"a")], &[], "a");
+    let commit = CommitId::from_hex(&f.repo.add_submodule(&lib.dir, "manifests/lib", "lib"))
+        .expect("commit id");
+    let mirror = f.local_mirror();
+    mirror.fetch().expect("fetch");
+    let listed = mirror.list_files(&commit, "manifests", 100).expect("list");
+    let submodules: Vec<(&str, bool)> = listed
+        .iter()
+        .map(|e| (e.path.as_str(), e.submodule))
+        .collect();
+    assert_eq!(
+        submodules,
+        [("manifests/a.yaml", false), ("manifests/lib", true)]
+    );
+}
+
 #[test]
 fn list_files_prefix_dot_dirs_and_limit() {
     let f = Fixture::new("main");
@@ -314,6 +337,7 @@ fn list_files_prefix_dot_dirs_and_limit() {
         path: path.to_owned(),
         size,
         symlink: false,
+        submodule: false,
     };
     assert_eq!(
         mirror.list_files(&commit, "", 100).expect("list"),
@@ -344,6 +368,7 @@ fn list_files_prefix_dot_dirs_and_limit() {
             path: "manifests/link".to_owned(),
             size: "root.yaml".len() as u64,
             symlink: true,
+            submodule: false,
         },
     );
     assert_eq!(

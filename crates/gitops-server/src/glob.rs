@@ -71,12 +71,7 @@ impl ManifestGlob {
                     .to_owned(),
             ));
         }
-        let compiled = GlobBuilder::new(pattern)
-            .literal_separator(true)
-            // Set explicitly: globset's default depends on the platform, doublestar's does not.
-            .backslash_escape(true)
-            // doublestar accepts `{a,}`; globset only does with this option.
-            .empty_alternates(true)
+        let compiled = doublestar(pattern)
             .build()
             .map_err(|e| invalid(e.kind().to_string()))?;
         Ok(ManifestGlob {
@@ -100,6 +95,53 @@ impl ManifestGlob {
     /// selected by this glob.
     pub fn is_match(&self, path: &str) -> bool {
         !in_dot_directory(path) && self.matcher.is_match(path)
+    }
+
+    /// Whether this glob could select a file somewhere under the directory `dir` (a submodule,
+    /// whose files kas does not have): its segments, `**` taking any number, consume every
+    /// segment of `dir` and leave at least one (a file name) over. A segment that does not
+    /// compile alone (an alternative spanning `/`) is taken to match: the answer errs towards
+    /// "could".
+    pub fn could_match_under(&self, dir: &str) -> bool {
+        if in_dot_directory(&format!("{dir}/x")) {
+            return false;
+        }
+        let segments: Vec<&str> = strip_root(&self.source).split('/').collect();
+        let matches = |i: usize, name: &str| {
+            doublestar(segments[i])
+                .build()
+                .map_or(true, |g| g.compile_matcher().is_match(name))
+        };
+        // The glob segments reachable before the next directory segment; `**` may match none.
+        let closure = |mut states: Vec<usize>| {
+            let mut i = 0;
+            while i < states.len() {
+                let s = states[i];
+                if segments.get(s) == Some(&"**") && !states.contains(&(s + 1)) {
+                    states.push(s + 1);
+                }
+                i += 1;
+            }
+            states
+        };
+        let mut states = closure(vec![0]);
+        for name in dir.split('/') {
+            let mut next = Vec::new();
+            for &s in &states {
+                let Some(&segment) = segments.get(s) else {
+                    continue;
+                };
+                if segment == "**" {
+                    next.push(s);
+                } else if matches(s, name) {
+                    next.push(s + 1);
+                }
+            }
+            next.sort_unstable();
+            next.dedup();
+            states = closure(next);
+        }
+        states.iter().any(|&s| s < segments.len())
     }
 }
 
@@ -137,6 +179,18 @@ pub fn in_dot_directory(path: &str) -> bool {
         Some((dirs, _file)) => dirs.split('/').any(|d| d.starts_with('.')),
         None => false,
     }
+}
+
+/// A globset builder of `pattern` with doublestar's semantics.
+fn doublestar(pattern: &str) -> GlobBuilder<'_> {
+    let mut builder = GlobBuilder::new(pattern);
+    builder
+        .literal_separator(true)
+        // Set explicitly: globset's default depends on the platform, doublestar's does not.
+        .backslash_escape(true)
+        // doublestar accepts `{a,}`; globset only does with this option.
+        .empty_alternates(true);
+    builder
 }
 
 fn strip_root(glob: &str) -> &str {
@@ -249,6 +303,32 @@ mod tests {
                     assert!(!e.reason.is_empty());
                 }
             }
+        }
+    }
+
+    #[test]
+    fn globs_that_could_select_files_under_a_directory() {
+        // (glob, directory, could)
+        let table: &[(&str, &str, bool)] = &[
+            ("**/*.yaml", "vendor/lib", true),
+            ("manifests/**", "manifests/lib", true),
+            ("manifests/**/*.yaml", "manifests/a/b", true),
+            ("manifests/*/*.yaml", "manifests/lib", true),
+            ("manifests/*/*.yaml", "manifests/lib/deeper", false),
+            ("manifests/*.yaml", "manifests/lib", false),
+            ("*.yaml", "lib", false),
+            ("other/**", "manifests/lib", false),
+            ("{a,b}/*.yml", "b", true),
+            ("{a,b}/*.yml", "c", false),
+            ("/manifests/lib/x.yaml", "manifests/lib", true),
+            ("**/*.yaml", "a/.hidden", false),
+        ];
+        for (g, dir, want) in table {
+            assert_eq!(
+                glob(g).could_match_under(dir),
+                *want,
+                "glob {g:?} under {dir:?}"
+            );
         }
     }
 

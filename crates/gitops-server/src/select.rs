@@ -146,6 +146,16 @@ pub enum SelectError {
         /// A later glob that matched it too.
         second: String,
     },
+    /// A glob could select files inside a submodule, which kas does not fetch.
+    #[error(
+        "glob {glob:?} covers {path}, a Git submodule: kas does not fetch submodules, so its files would be missing (and objects applied from them pruned): refused, nothing was applied; commit the files into this repository, make the submodule's repository a manifest project of its own, or narrow the glob to leave {path} out"
+    )]
+    Submodule {
+        /// The submodule's path.
+        path: String,
+        /// The glob.
+        glob: String,
+    },
     /// Rendering (Kustomize, Helm) failed or was refused.
     #[error(transparent)]
     Render(#[from] RenderError),
@@ -165,7 +175,8 @@ impl SelectError {
             | SelectError::FileTooLarge { .. }
             | SelectError::TotalTooLarge { .. }
             | SelectError::TooManyFiles { .. }
-            | SelectError::MatchedByTwoGlobs { .. } => true,
+            | SelectError::MatchedByTwoGlobs { .. }
+            | SelectError::Submodule { .. } => true,
             SelectError::Render(e) => e.is_user_error(),
             // A tree Git itself would refuse is the repository's doing; anything else of Git's
             // is kas's or its disk's.
@@ -248,8 +259,12 @@ pub fn select_manifests<S: AsRef<str>>(
             listings.insert(prefix, list_prefix(mirror, commit, glob, limits)?);
         }
         let entries = listings.get(prefix).map(Vec::as_slice).unwrap_or_default();
-        for entry in entries.iter().filter(|e| glob.is_match(&e.path)) {
-            matched.add(entry, index, &compiled, limits)?;
+        for entry in entries {
+            if entry.submodule {
+                check_submodule(glob, &entry.path)?;
+            } else if glob.is_match(&entry.path) {
+                matched.add(entry, index, &compiled, limits)?;
+            }
         }
     }
     let Matched {
@@ -305,6 +320,20 @@ fn list_prefix(
             },
             other => SelectError::Git(other),
         })
+}
+
+/// Refuses a submodule at `path` whose files `glob` could select: kas does not fetch them, so
+/// they would be missing from the commit, and the objects they held before would be pruned
+/// (a directory moved into a submodule). A submodule the glob cannot reach inside is nothing
+/// missing, and says nothing.
+fn check_submodule(glob: &ManifestGlob, path: &str) -> Result<(), SelectError> {
+    if glob.is_match(path) || glob.could_match_under(path) {
+        return Err(SelectError::Submodule {
+            path: path.to_owned(),
+            glob: glob.as_str().to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// The files matched so far, within the limits.

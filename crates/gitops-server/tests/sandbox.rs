@@ -36,20 +36,30 @@ async fn render_with_reporter(
         Mirror::open_or_init(tmp.join("project.git"), Remote::local(&repo.dir)).expect("mirror");
     mirror.fetch().expect("fetch");
     let commit = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
-    let script = tmp.join("kustomize");
-    std::fs::write(&script, REPORTER).expect("script");
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let work = tmp.join("work");
-    std::fs::create_dir_all(&work).expect("work dir");
-    let renderer = Renderer::new(RenderConfig {
-        kustomize_path: Some(script),
-        work_dir: Some(work),
-        ..RenderConfig::default()
-    });
+    let renderer = kustomize_renderer(tmp, script(tmp, REPORTER));
     let spec = RenderSpec::Kustomize { path: "app".into() };
     let out = renderer.render(1, &mirror, commit, &spec).await;
     let text = out.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
     (text, renderer, mirror, commit)
+}
+
+/// `tmp/kustomize`, an executable script of `text`.
+fn script(tmp: &Path, text: &str) -> std::path::PathBuf {
+    let path = tmp.join("kustomize");
+    std::fs::write(&path, text).expect("script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// A renderer running `kustomize` as Kustomize, its checkouts under `tmp/work`.
+fn kustomize_renderer(tmp: &Path, kustomize: std::path::PathBuf) -> Renderer {
+    let work = tmp.join("work");
+    std::fs::create_dir_all(&work).expect("work dir");
+    Renderer::new(RenderConfig {
+        kustomize_path: Some(kustomize),
+        work_dir: Some(work),
+        ..RenderConfig::default()
+    })
 }
 
 fn line<'a>(out: &'a str, key: &str) -> &'a str {
@@ -133,7 +143,10 @@ async fn each_commit_and_settings_render_once() {
         .render(1, &mirror, commit, &app)
         .await
         .expect("again");
-    assert_eq!(String::from_utf8_lossy(&again), first.expect("rendered"));
+    assert_eq!(
+        String::from_utf8_lossy(&again),
+        first.expect("rendered")
+    );
     assert_eq!(
         runs(),
         1,
@@ -288,13 +301,7 @@ async fn a_hand_made_tree_entry_named_by_an_absolute_path_is_refused_and_nothing
     mirror.fetch().expect("fetch");
     let head = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
     assert_eq!(head.to_string(), commit);
-    let work = tmp.path().join("work");
-    std::fs::create_dir_all(&work).expect("work dir");
-    let renderer = Renderer::new(RenderConfig {
-        kustomize_path: Some("/bin/true".into()),
-        work_dir: Some(work),
-        ..RenderConfig::default()
-    });
+    let renderer = kustomize_renderer(tmp.path(), "/bin/true".into());
     let spec = RenderSpec::Kustomize { path: "app".into() };
     let e = renderer
         .render(1, &mirror, head, &spec)
@@ -388,5 +395,44 @@ async fn one_agent_stuck_renderings_do_not_hold_up_another_agents() {
     std::fs::write(tmp.path().join("open"), "").expect("open the gate");
     for s in stuck {
         s.await.expect("joined").expect("agent 1's rendering");
+    }
+}
+
+/// A submodule is an empty folder in the checkout (kas fetches none, as Git leaves one it did
+/// not fetch), and a renderer failing in such a repository has the submodule named after its
+/// error, so "no such file" does not read as the repository's mistake.
+#[tokio::test]
+async fn a_submodule_is_an_empty_folder_and_a_failure_names_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lib = GitRepo::init(&tmp.path().join("lib"));
+    lib.commit(&[("crd.yaml", Some(&b"kind: X\n"[..]))], "lib");
+    let repo = GitRepo::init(&tmp.path().join("project"));
+    repo.commit(
+        &[(
+            "app/kustomization.yaml",
+            Some(&b"resources: [../lib/crd.yaml]\n"[..]),
+        )],
+        "app",
+    );
+    repo.add_submodule(&lib.dir, "lib", "a submodule");
+    let mirror = Mirror::open_or_init(tmp.path().join("project.git"), Remote::local(&repo.dir))
+        .expect("mirror");
+    mirror.fetch().expect("fetch");
+    let commit = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    // Says whether the submodule's folder is there and empty, then fails as kustomize would.
+    let text = "#!/bin/sh\n[ -d \"$2/../lib\" ] && [ -z \"$(/usr/bin/ls -A \"$2/../lib\")\" ] && echo 'lib is an empty folder' >&2\necho \"error: '$2/../lib/crd.yaml' doesn't exist\" >&2\nexit 1\n";
+    let renderer = kustomize_renderer(tmp.path(), script(tmp.path(), text));
+    let spec = RenderSpec::Kustomize { path: "app".into() };
+    let e = renderer
+        .render(1, &mirror, commit, &spec)
+        .await
+        .expect_err("failed");
+    let text = e.to_string();
+    for words in [
+        "lib is an empty folder",
+        "crd.yaml' doesn't exist",
+        "the repository's submodules lib are empty where kas renders: kas does not fetch submodules",
+    ] {
+        assert!(text.contains(words), "{words:?} not in {text}");
     }
 }

@@ -388,3 +388,36 @@ fn globs_matching_nothing_warn_that_everything_is_pruned() {
     let selection = f.select(&commit, &[SEED_GLOB]).expect("select");
     assert!(selection.warnings.is_empty(), "{:?}", selection.warnings);
 }
+
+/// kas does not fetch submodules: a glob that could select files inside one fails the commit
+/// naming the submodule (the files would be missing, the objects they held pruned); a glob
+/// that cannot reach inside it selects as before, without a word.
+#[test]
+fn a_glob_reaching_into_a_submodule_fails_naming_it() {
+    let (f, _) = seed();
+    let lib = GitRepo::init(&f._tmp.path().join("lib"));
+    lib.commit(&[("crd.yaml", Some(&b"kind: X\n"[..]))], "lib");
+    f.repo
+        .add_submodule(&lib.dir, "manifests/lib", "a submodule");
+    f.mirror.fetch().expect("fetch");
+    let commit = f.mirror.resolve(&GitRef::DefaultBranch).expect("resolve");
+    let e = f
+        .select(&commit, &["manifests/**/*.yaml"])
+        .expect_err("refused");
+    assert!(matches!(e, SelectError::Submodule { .. }), "{e:?}");
+    assert!(e.is_user_error());
+    let text = e.to_string();
+    for words in [
+        "glob \"manifests/**/*.yaml\" covers manifests/lib, a Git submodule",
+        "kas does not fetch submodules",
+        "nothing was applied",
+    ] {
+        assert!(text.contains(words), "{words:?} not in {text}");
+    }
+    let selection = f.select(&commit, &[SEED_GLOB]).expect("select");
+    assert_eq!(
+        paths(&selection),
+        ["manifests/dude.yaml", "manifests/naww.yaml"]
+    );
+    assert!(selection.warnings.is_empty(), "{:?}", selection.warnings);
+}

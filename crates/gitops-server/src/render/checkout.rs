@@ -27,6 +27,9 @@ pub struct Checkout {
     pub repo: PathBuf,
     /// The renderer's home, caches and temporary files; writable.
     pub scratch: PathBuf,
+    /// The repository's submodules (paths), left as empty folders as Git leaves a submodule
+    /// it did not fetch: a rendering failing for want of their files says so.
+    pub submodules: Vec<String>,
 }
 
 impl Checkout {
@@ -50,8 +53,19 @@ impl Checkout {
         for d in [&repo, &scratch.join("home"), &scratch.join("tmp")] {
             fs::create_dir_all(d).map_err(io("creating", d))?;
         }
-        let checkout = Checkout { dir, repo, scratch };
         let entries = list(mirror, commit, limits)?;
+        let (submodules, entries): (Vec<_>, Vec<_>) =
+            entries.into_iter().partition(|e| e.submodule);
+        let checkout = Checkout {
+            dir,
+            repo,
+            scratch,
+            submodules: submodules.into_iter().map(|e| e.path).collect(),
+        };
+        for path in &checkout.submodules {
+            let dest = inside(&checkout.repo, path)?;
+            fs::create_dir_all(&dest).map_err(io("creating", &dest))?;
+        }
         let (links, files): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.symlink);
         for f in &files {
             checkout.write_file(mirror, commit, f, limits.max_size)?;

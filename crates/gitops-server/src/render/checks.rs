@@ -362,6 +362,19 @@ pub fn with_restrictor_hint(message: String, files_fenced: bool) -> String {
     )
 }
 
+/// A renderer's failure in a repository holding `submodules`, with why files may be missing:
+/// kas does not fetch submodules, so a kustomization or chart using their files fails for
+/// want of them.
+pub fn with_submodule_hint(message: String, submodules: &[String]) -> String {
+    if submodules.is_empty() {
+        return message;
+    }
+    format!(
+        "{message}\n(the repository's submodules {} are empty where kas renders: kas does not fetch submodules; commit the files they hold into this repository, or make the submodule's repository a manifest project of its own)",
+        submodules.join(", ")
+    )
+}
+
 /// Whether a renderer that failed ran into its memory limit: Go's runtime says so in these
 /// words when an allocation or its startup reservation is refused by the address-space limit,
 /// and the kernel's or the cgroup's OOM killer ends it with SIGKILL (kas's own kills, for time
@@ -388,6 +401,18 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn a_failure_in_a_repository_with_submodules_names_them() {
+        let said = "error: accumulating resources: 'lib/crd.yaml' doesn't exist".to_owned();
+        assert_eq!(with_submodule_hint(said.clone(), &[]), said);
+        let hinted = with_submodule_hint(said.clone(), &["lib".into(), "vendor/x".into()]);
+        assert!(hinted.starts_with(&said), "{hinted}");
+        assert!(
+            hinted.contains("submodules lib, vendor/x are empty where kas renders: kas does not fetch submodules"),
+            "{hinted}"
+        );
+    }
 
     #[test]
     fn symlinks_may_point_anywhere_inside_but_never_out() {

@@ -481,6 +481,7 @@ impl Renderer {
                 } else {
                     let message =
                         checks::with_restrictor_hint(message, self.sandbox.fences_files());
+                    let message = checks::with_submodule_hint(message, &checkout.submodules);
                     Err(RenderError::Failed { tool, message })
                 }
             }
