@@ -16,7 +16,8 @@ pub(crate) fn is_rfc1123_label(s: &str) -> bool {
         && bytes.last().is_some_and(alnum)
 }
 
-pub(crate) fn check_namespace(path: &str, namespace: &str) -> Result<(), ConfigError> {
+/// Checks that `namespace` (the value of the key `path`) is a Kubernetes namespace name.
+pub fn check_namespace(path: &str, namespace: &str) -> Result<(), ConfigError> {
     if is_rfc1123_label(namespace) {
         Ok(())
     } else {

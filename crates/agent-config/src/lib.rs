@@ -43,11 +43,12 @@ pub use post_build::{
     is_variable_name,
 };
 pub use render::{
-    Helm, HelmHooks, Kustomize, MAX_API_VERSIONS, MAX_RELEASE_NAME, MAX_VALUES_FILES,
+    Helm, HelmHooks, HelmRandom, Kustomize, MAX_API_VERSIONS, MAX_RELEASE_NAME, MAX_VALUES_FILES,
     check_repository_path, is_api_version, is_kube_version,
 };
 pub use user_access::{AsUser, MAX_USER_ACCESS_ENTRIES, UserAccess, UserAccessAs, UserAccessEntry};
 
+pub use check::check_namespace;
 use check::null_as_default;
 
 /// Largest accepted `config.yaml`, as upstream.

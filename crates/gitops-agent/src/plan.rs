@@ -147,6 +147,7 @@ mod tests {
             kube_version: None,
             api_versions: vec![],
             hooks: HelmHooks::Refuse,
+            random: Default::default(),
         };
         entry.helm = Some(helm.clone());
         assert!(crate::sync::Settings::for_project(1, &entry).refuse_helm_hooks);

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use tether_git_source::{CommitId, Error as GitError, FileEntry, Mirror};
 
 use crate::glob::{InvalidGlob, ManifestGlob};
-use crate::render::{ManifestSource, RenderError, Renderer};
+use crate::render::{ManifestSource, RenderError, RenderSpec, Rendered, Renderer, unstable};
 
 /// Bounds on what one manifest project may select; the defaults are upstream's.
 ///
@@ -217,8 +217,9 @@ pub async fn manifests_at(
         }
         ManifestSource::Render(spec) => spec,
     };
-    let bytes = renderer.render(agent_id, mirror, commit, spec).await?;
-    let mut warnings = Vec::new();
+    let rendered = renderer.render(agent_id, mirror, commit, spec).await?;
+    let mut warnings = unstable_warnings(spec, &rendered)?;
+    let bytes = &rendered.bytes;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         warnings.push(format!(
             "{} rendered nothing at this commit: every object this project applied before is pruned",
@@ -233,6 +234,30 @@ pub async fn manifests_at(
         }],
         warnings,
     })
+}
+
+/// What a chart rendering differently at every rendering means for `spec`: refused
+/// ([`RenderError::Unstable`]) unless its entry accepts it (`helm.random: apply`), then a
+/// warning; and warnings for its other `lookup` calls.
+fn unstable_warnings(spec: &RenderSpec, rendered: &Rendered) -> Result<Vec<String>, RenderError> {
+    let RenderSpec::Helm(h) = spec else {
+        return Ok(Vec::new());
+    };
+    if rendered.unstable.is_empty() {
+        return Ok(unstable::lookup_warnings(&rendered.calls));
+    }
+    let why = unstable::explain(
+        &spec.label(),
+        (&h.chart, &h.default_namespace),
+        &rendered.unstable,
+        &rendered.calls,
+    );
+    if !h.apply_random {
+        return Err(RenderError::Unstable(why));
+    }
+    Ok(vec![format!(
+        "{why}: applied anyway (helm.random: apply); set the values the chart generates in helm.values or a values file to keep them"
+    )])
 }
 
 /// Selects the files of `commit` matched by `globs`, enforcing `limits`.

@@ -39,7 +39,7 @@ async fn render_with_reporter(
     let renderer = kustomize_renderer(tmp, script(tmp, REPORTER));
     let spec = RenderSpec::Kustomize { path: "app".into() };
     let out = renderer.render(1, &mirror, commit, &spec).await;
-    let text = out.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+    let text = out.map(|bytes| String::from_utf8_lossy(&bytes.bytes).into_owned());
     (text, renderer, mirror, commit)
 }
 
@@ -144,7 +144,7 @@ async fn each_commit_and_settings_render_once() {
         .await
         .expect("again");
     assert_eq!(
-        String::from_utf8_lossy(&again),
+        String::from_utf8_lossy(&again.bytes),
         first.expect("rendered")
     );
     assert_eq!(
@@ -382,7 +382,7 @@ async fn one_agent_stuck_renderings_do_not_hold_up_another_agents() {
     .expect("agent 2's rendering waited behind agent 1's")
     .expect("agent 2's rendering");
     assert!(
-        String::from_utf8_lossy(&other).contains("/fast"),
+        String::from_utf8_lossy(&other.bytes).contains("/fast"),
         "{other:?}"
     );
     let running = std::fs::read_to_string(&started).expect("started");

@@ -80,7 +80,7 @@ async fn render(
     renderer
         .render(1, &mirror, commit, &spec)
         .await
-        .map(|out| out.to_vec())
+        .map(|out| out.bytes.clone())
 }
 
 /// Whether a connection waits in the listener's backlog. The renderer has exited when this is

@@ -683,6 +683,76 @@ async fn helm_hooks_apply_applies_a_charts_hooks_as_ordinary_objects() {
     get_json(&rig.env, &["get", "job", "shop-migrate", "-n", &ns]).expect("the hook Job");
 }
 
+/// A chart generating its password "once" as charts do (`lookup` of the live Secret, else
+/// `randAlphaNum`, in a helper), and a subchart generating a token with `uuidv4` in the release
+/// namespace: the password has no `namespace`, so it lands in the project's default one.
+fn generating_chart() -> Vec<(String, String)> {
+    let mut repo = helm_repo();
+    repo.extend(owned(&[
+        (
+            "charts/app/templates/_helpers.tpl",
+            "{{- define \"app.password\" -}}\n{{- $live := lookup \"v1\" \"Secret\" .Release.Namespace (printf \"%s-auth\" .Release.Name) -}}\n{{- if $live }}{{ index $live.data \"password\" | b64dec }}{{ else }}{{ randAlphaNum 16 }}{{ end -}}\n{{- end -}}\n".into(),
+        ),
+        (
+            "charts/app/templates/secret.yaml",
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {{ .Release.Name }}-auth\nstringData:\n  password: {{ include \"app.password\" . | quote }}\n".into(),
+        ),
+        ("charts/app/charts/db/Chart.yaml", "apiVersion: v2\nname: db\nversion: 0.1.0\n".into()),
+        (
+            "charts/app/charts/db/templates/token.yaml",
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {{ .Release.Name }}-db-token\n  namespace: {{ .Release.Namespace }}\nstringData:\n  token: {{ uuidv4 | quote }}\n".into(),
+        ),
+    ]));
+    repo
+}
+
+/// `helm template` has no cluster: a chart's `lookup` finds nothing and its generated password
+/// is new at every rendering, so applying it would rotate the live Secret at each commit. kas
+/// renders the chart twice and refuses the commit, naming each object that differs where it
+/// would land, the template that rendered it, the files calling such functions and the way
+/// out; nothing changes in the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chart_generating_values_is_refused_naming_objects_files_and_functions() {
+    let (rig, _, ns) = rendering_rig("random", |_| HELM_ENTRY.into(), |_| helm_repo(), "").await;
+    let before = versions(&rig.env, &ns);
+    let added: Vec<(String, String)> = generating_chart()
+        .into_iter()
+        .filter(|(p, _)| !helm_repo().iter().any(|(q, _)| q == p))
+        .collect();
+    let c2 = rig.manifests.commit(&files(&added), "a generated password");
+    rig.refused(
+        &c2,
+        &[
+            "helm template charts/app renders differently at every rendering",
+            &format!("Secret {ns}/shop-auth (charts/app/templates/secret.yaml)"),
+            &format!("Secret {ns}/shop-db-token (charts/app/charts/db/templates/token.yaml)"),
+            "the chart calls uuidv4 in charts/app/charts/db/templates/token.yaml; randAlphaNum, lookup in charts/app/templates/_helpers.tpl",
+            "refused, nothing was applied",
+            "set helm.random: apply",
+        ],
+    )
+    .await;
+    assert_eq!(versions(&rig.env, &ns), before);
+    assert!(get_json(&rig.env, &["get", "secret", "shop-auth", "-n", &ns]).is_none());
+}
+
+/// `helm.random: apply` applies such a chart, and the sync report warns of what it rotates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_random_apply_applies_a_generating_chart_with_a_warning() {
+    let entry = |_: &str| format!("{HELM_ENTRY}      random: apply\n");
+    let (rig, c1, ns) = rendering_rig("randomapply", entry, |_| generating_chart(), "").await;
+    get_json(&rig.env, &["get", "secret", "shop-auth", "-n", &ns]).expect("the Secret");
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains(&format!("Secret {ns}/shop-auth"))
+                && w.contains("applied anyway (helm.random: apply)")),
+        "{:?}",
+        s.warnings
+    );
+}
+
 /// A CRD of kind Widget in the group `<ns>.example.com`, installed and Established.
 fn install_widget_crd(env: &TestEnv, ns: &str) {
     let group = format!("{ns}.example.com");

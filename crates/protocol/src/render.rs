@@ -42,6 +42,8 @@ pub fn render_request(project: &ManifestProject, cluster: &Cluster) -> Option<gi
                 .clone()
                 .unwrap_or_else(|| cluster.kube_version.clone()),
             api_versions: merged(&cluster.api_versions, &h.api_versions),
+            apply_random: h.random == tether_agent_config::HelmRandom::Apply,
+            default_namespace: project.default_namespace.clone(),
         }),
         (None, None) => return None,
     };
@@ -75,6 +77,7 @@ mod tests {
             kube_version: None,
             api_versions: vec![],
             hooks: Default::default(),
+            random: Default::default(),
         });
         let Some(Renderer::Helm(h)) =
             render_request(&p, &Cluster::default()).and_then(|r| r.renderer)
@@ -84,6 +87,10 @@ mod tests {
         assert_eq!(
             (h.namespace.as_str(), h.values_json.as_str()),
             ("apps", r#"{"a":1}"#)
+        );
+        assert_eq!(
+            (h.default_namespace.as_str(), h.apply_random),
+            ("apps", false)
         );
         p.helm = None;
         p.kustomize = Some(Kustomize {
@@ -109,6 +116,7 @@ mod tests {
             kube_version: None,
             api_versions: vec!["x.io/v1/Thing".into(), "apps/v1".into()],
             hooks: Default::default(),
+            random: Default::default(),
         };
         p.helm = Some(helm.clone());
         let cluster = Cluster {

@@ -11,6 +11,8 @@
 //! - [`confine`]: the seccomp filter, installed by `kas render-confine` before the renderer,
 //!   and [`filesystem`]: the Landlock fence it puts up first (files the renderer may reach).
 //! - [`memory`]: the renderers fitted into kas's own memory limit (pure, and reading the cgroup).
+//! - [`unstable`]: charts rendering differently at every rendering, found by rendering twice
+//!   (pure).
 
 mod cache;
 pub mod checkout;
@@ -21,6 +23,7 @@ pub mod memory;
 mod run;
 pub mod spec;
 mod turns;
+pub mod unstable;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -171,6 +174,12 @@ pub enum RenderError {
         "kas cannot cut renderers off the network on this host (no network namespace, no seccomp filter), so it renders nothing: the kas operator fixes the sandbox (see kas's startup log) or sets gitops.render.allow_network, which lets repository content make kas fetch URLs"
     )]
     NoNetworkIsolation,
+    /// Objects render differently at every rendering (see [`unstable`]) and the entry does
+    /// not accept it (`helm.random`).
+    #[error(
+        "{0}: refused, nothing was applied; set the values the chart generates in helm.values or a values file (the chart's values name them: a password, an existing Secret, a certificate), or set helm.random: apply on the manifest project to apply them anyway"
+    )]
+    Unstable(String),
     /// kas could not prepare or start the rendering (disk, processes).
     #[error("rendering failed in kas: {0}")]
     Io(String),
@@ -274,6 +283,18 @@ impl Default for RenderConfig {
 /// two clusters may render one commit differently.
 type CacheKey = (PathBuf, CommitId, RenderSpec);
 
+/// One rendering's output, and what a second rendering of a chart told of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rendered {
+    /// The manifests (one multi-document YAML stream).
+    pub bytes: Vec<u8>,
+    /// The objects a second rendering rendered differently (Helm only; sorted).
+    pub unstable: Vec<unstable::Unstable>,
+    /// The chart's template files (repository paths) naming functions of
+    /// [`unstable::UNSTABLE_FUNCTIONS`], with those functions (Helm only; sorted by path).
+    pub calls: Vec<(String, Vec<&'static str>)>,
+}
+
 /// Renders manifest projects; one per kas, shared by every agent's stream.
 #[derive(Debug)]
 pub struct Renderer {
@@ -281,7 +302,7 @@ pub struct Renderer {
     kustomize: Result<PathBuf, String>,
     helm: Result<PathBuf, String>,
     sandbox: Sandbox,
-    cache: RenderCache<CacheKey, Arc<Vec<u8>>, RenderError>,
+    cache: RenderCache<CacheKey, Arc<Rendered>, RenderError>,
     /// Turns to render (see [`RenderConfig::max_concurrent`]).
     turns: tokio::sync::Semaphore,
     /// Each agent's share of them (see [`RenderConfig::max_concurrent_per_agent`]).
@@ -369,15 +390,15 @@ impl Renderer {
         &self.config
     }
 
-    /// The rendered manifests of `commit` with `spec` (one multi-document YAML stream), from
-    /// the cache or rendered now in one of `agent_id`'s turns.
+    /// The rendered manifests of `commit` with `spec`, from the cache or rendered now in one of
+    /// `agent_id`'s turns.
     pub async fn render(
         &self,
         agent_id: i64,
         mirror: &Mirror,
         commit: CommitId,
         spec: &RenderSpec,
-    ) -> Result<Arc<Vec<u8>>, RenderError> {
+    ) -> Result<Arc<Rendered>, RenderError> {
         let key = (mirror.dir().to_path_buf(), commit, spec.clone());
         self.cache
             .get_or_try_init(key, RenderError::is_user_error, || async {
@@ -391,7 +412,7 @@ impl Renderer {
                     .map_err(|e| RenderError::Io(format!("waiting to render: {e}")))?;
                 let started = std::time::Instant::now();
                 let out = self.render_now(mirror, commit, spec).await?;
-                tracing::info!(commit_id = %commit, renderer = %spec.tool(), source = spec.label(), bytes = out.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Rendered manifests");
+                tracing::info!(commit_id = %commit, renderer = %spec.tool(), source = spec.label(), bytes = out.bytes.len(), unstable_objects = out.unstable.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Rendered manifests");
                 Ok(Arc::new(out))
             })
             .await
@@ -402,7 +423,7 @@ impl Renderer {
         mirror: &Mirror,
         commit: CommitId,
         spec: &RenderSpec,
-    ) -> Result<Vec<u8>, RenderError> {
+    ) -> Result<Rendered, RenderError> {
         let tool = spec.tool();
         let program = match tool {
             Tool::Kustomize => &self.kustomize,
@@ -447,10 +468,45 @@ impl Renderer {
             timeout: self.config.timeout,
             max_output: self.config.max_output_size,
         };
-        let ran = run::run(&line, &env, &checkout.scratch, &limits)
-            .await
-            .map_err(|e| RenderError::Io(format!("starting {}: {e}", line.program.display())))?;
-        self.outcome(tool, ran, &checkout)
+        let run_once = || async {
+            let ran = run::run(&line, &env, &checkout.scratch, &limits)
+                .await
+                .map_err(|e| {
+                    RenderError::Io(format!("starting {}: {e}", line.program.display()))
+                })?;
+            self.outcome(tool, ran, &checkout)
+        };
+        let bytes = run_once().await?;
+        let RenderSpec::Helm(h) = spec else {
+            return Ok(Rendered {
+                bytes,
+                ..Rendered::default()
+            });
+        };
+        let chart = checkout.repo.join(&h.chart);
+        let chart_name = h.chart.clone();
+        let (calls, packaged) =
+            tokio::task::spawn_blocking(move || unstable_calls(&chart, &chart_name))
+                .await
+                .map_err(|e| RenderError::Io(format!("reading the chart: {e}")))?;
+        // Most charts generate nothing: they are rendered once.
+        if !unstable::may_differ(&calls, packaged) {
+            return Ok(Rendered {
+                bytes,
+                unstable: Vec::new(),
+                calls,
+            });
+        }
+        let again = run_once().await?;
+        let unstable = unstable::differing(
+            &String::from_utf8_lossy(&bytes),
+            &String::from_utf8_lossy(&again),
+        );
+        Ok(Rendered {
+            bytes,
+            unstable,
+            calls,
+        })
     }
 
     /// What a finished run means.
@@ -528,6 +584,48 @@ fn prepare(
         }
     }
     Ok(checkout)
+}
+
+/// The template files of the chart checked out at `dir` (in the repository at `chart`) and of
+/// its unpacked subcharts that name functions of [`unstable::UNSTABLE_FUNCTIONS`], by
+/// repository path with those functions; and whether a packaged subchart (`charts/*.tgz`,
+/// not read here) is there. Blocking.
+fn unstable_calls(dir: &Path, chart: &str) -> (Vec<(String, Vec<&'static str>)>, bool) {
+    let mut calls = Vec::new();
+    let mut packaged = false;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(folder) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            // Not following symbolic links (`file_type` does not): no loop, and Helm reads
+            // a chart's links as the files they point to, which are in the walk anyway.
+            let Ok(kind) = e.file_type() else { continue };
+            if kind.is_dir() {
+                todo.push(path);
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            packaged |= name.ends_with(".tgz") && folder.ends_with("charts");
+            let template = path
+                .strip_prefix(dir)
+                .is_ok_and(|rel| rel.components().any(|c| c.as_os_str() == "templates"));
+            if !kind.is_file() || !template {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let functions = unstable::functions_in(&text);
+            if let (false, Ok(rel)) = (functions.is_empty(), path.strip_prefix(dir)) {
+                calls.push((format!("{chart}/{}", rel.display()), functions));
+            }
+        }
+    }
+    calls.sort();
+    (calls, packaged)
 }
 
 /// Whether `charts/` holds the dependency `name`, unpacked or as `name-<version>.tgz`.

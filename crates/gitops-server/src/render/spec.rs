@@ -85,6 +85,12 @@ pub struct HelmSpec {
     pub kube_version: String,
     /// `.Capabilities.APIVersions` besides Helm's defaults, sorted (agentk sends them so).
     pub api_versions: Vec<String>,
+    /// `helm.random: apply`: objects rendering differently at every rendering are applied
+    /// with a warning, not refused (see [`super::unstable`]).
+    pub apply_random: bool,
+    /// The project's `default_namespace`, where objects without a namespace land, for
+    /// messages; empty when the agent did not say.
+    pub default_namespace: String,
 }
 
 impl HelmSpec {
@@ -119,10 +125,15 @@ impl HelmSpec {
             api_versions: h.api_versions.clone(),
             // agentk's business: kas renders hooks either way.
             hooks: tether_agent_config::HelmHooks::default(),
+            random: tether_agent_config::HelmRandom::default(),
         };
         settings
             .validate("helm")
             .map_err(|e| RenderError::InvalidSettings(e.to_string()))?;
+        if !h.default_namespace.is_empty() {
+            tether_agent_config::check_namespace("default_namespace", &h.default_namespace)
+                .map_err(|e| RenderError::InvalidSettings(e.to_string()))?;
+        }
         Ok(HelmSpec {
             // serde_json's maps are sorted by key: this is a canonical form, so equal values
             // make equal cache keys.
@@ -133,6 +144,8 @@ impl HelmSpec {
             values_files: settings.values_files,
             kube_version: settings.kube_version.unwrap_or_default(),
             api_versions: settings.api_versions,
+            apply_random: h.apply_random,
+            default_namespace: h.default_namespace.clone(),
         })
     }
 }
@@ -404,6 +417,8 @@ mod tests {
             values_json: values_json.into(),
             kube_version: String::new(),
             api_versions: vec![],
+            apply_random: false,
+            default_namespace: String::new(),
         })
     }
 
