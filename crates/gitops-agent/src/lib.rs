@@ -37,8 +37,8 @@ pub mod status;
 mod status_watch;
 pub mod substitute;
 pub mod sync;
-pub mod variables;
 pub mod takeover;
+pub mod variables;
 
 pub use decode::{DecodeError, Manifest, decode_file};
 pub use inventory::{InventoryError, OwnershipConflict};

@@ -31,8 +31,8 @@ use crate::prune::{self, Skip};
 use crate::status::{ResourceStatus, Status, StatusView, compute_status, sync_outcome};
 use crate::status_watch::{Seen, Watches, settled};
 use crate::substitute::Variables;
-use crate::variables::{self, ReferenceError, Secrets};
 use crate::takeover::{self, DriftManagers, Takeover};
+use crate::variables::{self, ReferenceError, Secrets};
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "agentk";
