@@ -502,8 +502,16 @@ impl ConfigStates {
     /// As [`ConfigStates::apply_stored`], not counted as a change (see
     /// [`ConfigStates::reload_all`]).
     fn write_stored(&self, agent_id: i64, p: Persisted) {
-        if let Some(config) = p.config {
-            self.insert_config(agent_id, Arc::new(config));
+        match p.config {
+            Some(config) => self.insert_config(agent_id, Arc::new(config)),
+            // Taken out of force where it was decided: kept here, its `ci_access` would go on
+            // authorizing CI jobs through this replica for good.
+            None => {
+                self.in_force
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&agent_id);
+            }
         }
         match p.previous {
             Some(previous) => self.kept().insert(agent_id, previous),
@@ -1502,13 +1510,24 @@ mod tests {
 
     /// A record in the store with commit `commit` in force.
     async fn stored(store: &dyn Store, agent_id: i64, commit: &str) {
+        let config = Some(tether_agent_config::AgentConfig::default());
+        stored_with(store, agent_id, commit, config).await;
+    }
+
+    /// A record in the store with commit `commit` and `config` in force.
+    async fn stored_with(
+        store: &dyn Store,
+        agent_id: i64,
+        commit: &str,
+        config: Option<tether_agent_config::AgentConfig>,
+    ) {
         let p = Persisted {
             state: ConfigState {
                 commit: commit.into(),
                 updated_at: 1,
                 ..ConfigState::default()
             },
-            config: Some(tether_agent_config::AgentConfig::default()),
+            config,
             previous: None,
         };
         let bytes = serde_json::to_vec(&p).unwrap();
@@ -1544,6 +1563,32 @@ mod tests {
             states.stored_commit(&store, b).await.unwrap().as_deref(),
             Some("new")
         );
+    }
+
+    /// Another replica took the agent's configuration out of force (its agent refused the only
+    /// one sent): re-reading the record takes it out here too, so its `ci_access` stops
+    /// authorizing through this replica.
+    #[tokio::test]
+    async fn a_configuration_taken_out_of_force_elsewhere_is_out_of_force_here_after_a_reread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tether_store::SqliteStore::open(&dir.path().join("kas.db"))
+            .await
+            .unwrap();
+        let (a, b) = (
+            store.register_agent("g/p", "a").await.unwrap().id,
+            store.register_agent("g/p", "b").await.unwrap().id,
+        );
+        let states = ConfigStates::default();
+        for id in [a, b] {
+            states.put_in_force(id, "c1".into(), String::new(), Arc::default());
+        }
+        stored_with(&store, a, "", None).await;
+        assert_eq!(states.reload_all(&store).await.unwrap(), vec![a]);
+        assert!(states.config(a).is_none(), "re-read of every record");
+        assert!(states.config(b).is_some(), "nothing stored for b yet");
+        stored_with(&store, b, "", None).await;
+        states.reload(&store, b).await;
+        assert!(states.config(b).is_none(), "re-read of one record");
     }
 
     #[test]
