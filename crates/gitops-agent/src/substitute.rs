@@ -15,8 +15,10 @@
 //!   `$var` or `$1` in a script) is left alone.
 //!
 //! Flux's pattern operators (`${var#pattern}`, `${var/a/b}`, `${var:1:2}` …) are refused with
-//! an error naming the expression rather than silently misread. Values lose their newlines
-//! (as in Flux), so that a value cannot add lines to the YAML it lands in.
+//! an error naming the expression rather than silently misread. Values lose their line breaks
+//! (`\n` as in Flux, and `\r`, which Flux keeps but YAML reads as one), so that a value cannot
+//! add lines to the YAML it lands in. Defaults nest at most 16 deep, and a text grows to at most
+//! [`MAX_EXPANDED`] bytes: a commit or a ConfigMap must not be able to crash agentk.
 //!
 //! Everything here is pure; reading ConfigMaps and Secrets is [`crate::sync`]'s.
 
@@ -54,7 +56,19 @@ pub enum ExpandError {
         why: &'static str,
         line: usize,
     },
+    #[error(
+        "the text would grow past {limit} bytes with its variables substituted (a large value used many times?)"
+    )]
+    TooLarge { limit: usize, line: usize },
 }
+
+/// How deep defaults may nest (`${a:=${b:=${c}}}`): each level is a recursion, and a commit
+/// nesting thousands deep would overflow agentk's (or, in a preview, kas's) stack.
+const MAX_NESTING: usize = 16;
+
+/// Most bytes one text may grow to with its variables substituted: a value of a large
+/// ConfigMap used many times over must not exhaust agentk's memory.
+pub const MAX_EXPANDED: usize = 64 * 1024 * 1024;
 
 impl ExpandError {
     /// The line of the expression, 1-based, in the text given to [`expand`].
@@ -62,7 +76,8 @@ impl ExpandError {
         match self {
             ExpandError::Unset { line, .. }
             | ExpandError::Unclosed { line }
-            | ExpandError::Unsupported { line, .. } => *line,
+            | ExpandError::Unsupported { line, .. }
+            | ExpandError::TooLarge { line, .. } => *line,
         }
     }
 }
@@ -76,9 +91,13 @@ impl Variables {
         }
     }
 
-    /// Sets `name` (replacing an earlier value), without the value's newlines.
+    /// Sets `name` (replacing an earlier value), without the value's line breaks: every
+    /// character YAML may read as one (`\r` too, which Flux keeps), so that a value cannot add
+    /// a key to the object it lands in.
     pub fn set(&mut self, name: &str, value: &str) {
-        self.values.insert(name.to_owned(), value.replace('\n', ""));
+        let breaks = ['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'];
+        self.values
+            .insert(name.to_owned(), value.replace(breaks, ""));
     }
 
     /// Whether no variable is set: Flux then substitutes nothing at all (not even `$$`).
@@ -100,6 +119,11 @@ pub fn is_disabled(object: &Value) -> bool {
 
 /// `text` with its variable expressions replaced.
 pub fn expand(text: &str, vars: &Variables) -> Result<String, ExpandError> {
+    expand_nested(text, vars, 0)
+}
+
+/// [`expand`] of a default nested `depth` deep.
+fn expand_nested(text: &str, vars: &Variables, depth: usize) -> Result<String, ExpandError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find('$') {
@@ -112,7 +136,11 @@ pub fn expand(text: &str, vars: &Variables) -> Result<String, ExpandError> {
             let offset = text.len() - inner_start.len();
             let line = line_at(text, offset);
             let close = closing_brace(inner_start).ok_or(ExpandError::Unclosed { line })?;
-            let value = evaluate(&inner_start[..close], vars, line)?;
+            let value = evaluate(&inner_start[..close], vars, line, depth)?;
+            if out.len() + value.len() > MAX_EXPANDED {
+                let limit = MAX_EXPANDED;
+                return Err(ExpandError::TooLarge { limit, line });
+            }
             out.push_str(&value);
             rest = &inner_start[close + 1..];
         } else {
@@ -160,7 +188,12 @@ enum Operator<'a> {
 }
 
 /// The value of the expression `inner` (the text between `${` and `}`).
-fn evaluate(inner: &str, vars: &Variables, line: usize) -> Result<String, ExpandError> {
+fn evaluate(
+    inner: &str,
+    vars: &Variables,
+    line: usize,
+    depth: usize,
+) -> Result<String, ExpandError> {
     let unsupported = |why| ExpandError::Unsupported {
         expression: format!("${{{inner}}}"),
         why,
@@ -171,7 +204,13 @@ fn evaluate(inner: &str, vars: &Variables, line: usize) -> Result<String, Expand
     let default = match op {
         // Flux evaluates the default before knowing whether it is needed, so an error in it
         // (a strict unset variable) fails even when the variable is set.
-        Operator::Default(text) => Some(expand(text, vars).map_err(|e| shift(e, line - 1))?),
+        Operator::Default(_) if depth >= MAX_NESTING => {
+            return Err(unsupported("defaults nested more than 16 deep"));
+        }
+        Operator::Default(text) => {
+            let expanded = expand_nested(text, vars, depth + 1);
+            Some(expanded.map_err(|e| shift(e, line - 1))?)
+        }
         _ => None,
     };
     if value.is_none() && default.is_none() && vars.strict {
@@ -198,6 +237,10 @@ fn shift(e: ExpandError, by: usize) -> ExpandError {
             line: line + by,
         },
         ExpandError::Unclosed { line } => ExpandError::Unclosed { line: line + by },
+        ExpandError::TooLarge { limit, line } => ExpandError::TooLarge {
+            limit,
+            line: line + by,
+        },
         ExpandError::Unsupported {
             expression,
             why,
@@ -411,6 +454,43 @@ mod tests {
     #[test]
     fn values_lose_their_newlines() {
         assert_eq!(ok("k: ${v}", &[("v", "a\nb\n")]), "k: ab");
+    }
+
+    /// YAML reads `\r` (and, in 1.1, NEL and the Unicode separators) as a line break too: a
+    /// value holding one could add a key to the object (`namespace: kube-system`).
+    #[test]
+    fn values_lose_every_character_yaml_reads_as_a_line_break() {
+        let injected = "web\r  namespace: kube-system\u{85}\u{2028}\u{2029}";
+        let text = ok("  name: ${app}\n", &[("app", injected)]);
+        assert_eq!(text, "  name: web  namespace: kube-system\n");
+    }
+
+    /// Nested defaults are a recursion each: thousands deep would overflow the stack (and
+    /// crash agentk, or kas in a preview), so nesting stops at 16 with an error naming it.
+    #[test]
+    fn defaults_nested_too_deep_are_refused_not_a_crash() {
+        let deep = |n: usize| format!("{}x{}", "${a:=".repeat(n), "}".repeat(n));
+        assert_eq!(ok(&deep(16), &[("b", "set")]), "x");
+        let e = expand(&deep(100_000), &vars(&[("b", "set")], false)).unwrap_err();
+        assert!(
+            matches!(e, ExpandError::Unsupported { why, line: 1, .. } if why.contains("nested")),
+            "{e:?}"
+        );
+    }
+
+    /// A large value used many times over stops at [`MAX_EXPANDED`] with an error.
+    #[test]
+    fn a_text_growing_past_the_limit_is_refused() {
+        let big = "x".repeat(1024 * 1024);
+        let text = "${big}".repeat(MAX_EXPANDED / big.len() + 1);
+        let e = expand(&text, &vars(&[("big", &big)], false)).unwrap_err();
+        assert_eq!(
+            e,
+            ExpandError::TooLarge {
+                limit: MAX_EXPANDED,
+                line: 1
+            }
+        );
     }
 
     #[test]
