@@ -471,7 +471,7 @@ mod tests {
     fn defaults_nested_too_deep_are_refused_not_a_crash() {
         let deep = |n: usize| format!("{}x{}", "${a:=".repeat(n), "}".repeat(n));
         assert_eq!(ok(&deep(16), &[("b", "set")]), "x");
-        let e = expand(&deep(100_000), &vars(&[("b", "set")], false)).unwrap_err();
+        let e = expand(&deep(100_000), &vars(&[("b", "set")], false)).expect_err("too deep");
         assert!(
             matches!(e, ExpandError::Unsupported { why, line: 1, .. } if why.contains("nested")),
             "{e:?}"
@@ -483,7 +483,7 @@ mod tests {
     fn a_text_growing_past_the_limit_is_refused() {
         let big = "x".repeat(1024 * 1024);
         let text = "${big}".repeat(MAX_EXPANDED / big.len() + 1);
-        let e = expand(&text, &vars(&[("big", &big)], false)).unwrap_err();
+        let e = expand(&text, &vars(&[("big", &big)], false)).expect_err("too large");
         assert_eq!(
             e,
             ExpandError::TooLarge {

@@ -761,10 +761,9 @@ impl Peers {
         let Some(tls) = &self.tls else {
             return Some(Box::new(stream));
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.tls.current().server);
-        let why = match tokio::time::timeout(PREAMBLE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(s)) => return Some(Box::new(s)),
-            Ok(Err(e)) => e.to_string(),
+        let why = match tokio::time::timeout(PREAMBLE_TIMEOUT, accept_tls(tls, stream)).await {
+            Ok(Ok(s)) => return Some(s),
+            Ok(Err(e)) => e,
             Err(_) => "no TLS handshake in time".to_owned(),
         };
         if let Some(suppressed) = refusals.admit("handshake", std::time::Instant::now()) {
@@ -892,6 +891,19 @@ async fn try_holders(
     None
 }
 
+/// The hop's TLS handshake on an accepted connection, and with `peers.tls.server_name` the
+/// check that the other replica's certificate was made for it (the CA may sign others).
+async fn accept_tls(tls: &HopTls, stream: TcpStream) -> Result<PeerStream, String> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.tls.current().server);
+    let stream = acceptor.accept(stream).await.map_err(|e| e.to_string())?;
+    if let Some(name) = &tls.server_name {
+        let name = tether_transport::peer_server_name(Some(name), "").map_err(|e| e.to_string())?;
+        let presented = stream.get_ref().1.peer_certificates();
+        tether_transport::check_client_name(presented, &name).map_err(|e| e.to_string())?;
+    }
+    Ok(Box::new(stream))
+}
+
 /// A connection to the replica at `address`, with the hop's TLS handshake done when it has
 /// TLS (so spare connections carry a request without waiting for one).
 async fn connect(tls: Option<&HopTls>, address: &str) -> std::io::Result<PeerStream> {
@@ -977,14 +989,12 @@ impl Peers {
 }
 
 /// Whether a spare connection is still open: the holder sends nothing on it before a request
-/// (but TLS session tickets, left unread here), so end of stream or an error means it closed.
+/// (the hop's TLS sends no session tickets), so end of stream or an error means it closed.
 /// Peeked, not read: bytes taken from beneath TLS would break it.
 fn still_open(tcp: &TcpStream) -> bool {
     let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    match socket2::SockRef::from(tcp).peek(&mut probe) {
-        Ok(n) => n > 0,
-        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-    }
+    let peeked = socket2::SockRef::from(tcp).peek(&mut probe);
+    matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 async fn forward_to(
@@ -1044,6 +1054,74 @@ mod tests {
             assert_eq!(
                 socket.tcp_user_timeout().unwrap(),
                 Some(Duration::from_secs(30))
+            );
+        }
+    }
+
+    /// Over the hop's TLS, a spare connection is seen open while its holder keeps it, and closed
+    /// once the holder closed it (a closed one used for a request fails it with a 502): TLS
+    /// session tickets left unread on its socket made a closed one look open, or — judged
+    /// strictly — every open one look closed.
+    #[tokio::test]
+    async fn a_spare_is_seen_open_until_its_holder_closes_it_under_tls() {
+        let pki = tether_test_support::Pki::temporary();
+        let tls = HopTls::load(&PeersTls {
+            certificate_file: pki.cert.clone(),
+            key_file: pki.key.clone(),
+            ca_file: pki.ca.clone(),
+            server_name: Some("localhost".into()),
+        })
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.tls.current().server);
+        let (accepted, kept) = tokio::sync::oneshot::channel();
+        let (close, closing) = tokio::sync::oneshot::channel::<()>();
+        let holder = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let stream = acceptor.accept(tcp).await.unwrap();
+            accepted.send(()).unwrap();
+            let _ = closing.await;
+            drop(stream);
+        });
+        let spare = connect(Some(&tls), &address).await.unwrap();
+        kept.await.unwrap();
+        assert!(still_open(spare.tcp()), "kept by its holder");
+        close.send(()).unwrap();
+        holder.await.unwrap();
+        spare.tcp().readable().await.unwrap();
+        assert!(!still_open(spare.tcp()), "closed by its holder");
+    }
+
+    /// With `peers.tls.server_name`, a client whose certificate the hop's CA signed but not
+    /// for that name (another workload's, from a cluster-wide issuer) is refused.
+    #[tokio::test]
+    async fn a_client_certificate_not_made_for_the_hops_name_is_refused() {
+        let pki = tether_test_support::Pki::temporary();
+        let hop = |name: &str| {
+            let files = PeersTls {
+                certificate_file: pki.cert.clone(),
+                key_file: pki.key.clone(),
+                ca_file: pki.ca.clone(),
+                server_name: Some(name.into()),
+            };
+            HopTls::load(&files).unwrap()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let dialer = hop("localhost");
+        for (holder_name, taken) in [("localhost", true), ("kas-peers", false)] {
+            let holder = hop(holder_name);
+            let dial = connect(Some(&dialer), &address);
+            let (accepted, _) = tokio::join!(
+                async { accept_tls(&holder, listener.accept().await.unwrap().0).await },
+                dial
+            );
+            assert_eq!(
+                accepted.is_ok(),
+                taken,
+                "{holder_name}: {:?}",
+                accepted.err()
             );
         }
     }

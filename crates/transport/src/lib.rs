@@ -37,8 +37,8 @@ pub use server::{
     incoming_with, remote_addr_of,
 };
 pub use tls::{
-    MutualConfigs, MutualTls, MutualTlsFiles, ServerTls, load_client_tls, load_server_tls,
-    peer_server_name,
+    MutualConfigs, MutualTls, MutualTlsFiles, ServerTls, check_client_name, load_client_tls,
+    load_server_tls, peer_server_name,
 };
 pub use ws::{WS_MAX_MESSAGE_SIZE, WS_SUBPROTOCOL, WsIo};
 

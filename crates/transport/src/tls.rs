@@ -14,7 +14,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::{Error, Result};
 
 mod mutual;
-pub use mutual::{MutualConfigs, MutualTls, MutualTlsFiles, peer_server_name};
+pub use mutual::{MutualConfigs, MutualTls, MutualTlsFiles, check_client_name, peer_server_name};
 
 /// The TLS configuration kas serves with (see [`load_server_tls`]).
 pub type ServerTls = Arc<ServerConfig>;

@@ -116,6 +116,25 @@ pub fn peer_server_name(name: Option<&str>, address: &str) -> Result<ServerName<
     ServerName::try_from(host.to_owned()).map_err(|_| Error::InvalidServerName(host.to_owned()))
 }
 
+/// Checks that the certificate a client presented (already verified against the hop's CA) was
+/// made for `name`, as its server certificate must be: a CA that also signs certificates of
+/// other workloads (a cluster-wide issuer) must not let them in.
+pub fn check_client_name(
+    presented: Option<&[rustls_pki_types::CertificateDer<'_>]>,
+    name: &ServerName<'_>,
+) -> Result<()> {
+    let end_entity = presented
+        .and_then(<[_]>::first)
+        .ok_or(Error::ClientVerifier("no client certificate".to_owned()))?;
+    let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+    rustls::client::verify_server_name(&parsed, name).map_err(|e| {
+        let name = name.to_str();
+        Error::ClientVerifier(format!(
+            "the client certificate is not made for {name:?}: {e}"
+        ))
+    })
+}
+
 fn roots(ca_file: &Path) -> Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(ca_file)? {
@@ -130,14 +149,19 @@ fn build(files: &MutualTlsFiles) -> Result<MutualConfigs> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), provider())
         .build()
         .map_err(|e| Error::ClientVerifier(e.to_string()))?;
-    let server = ServerConfig::builder_with_provider(provider())
+    let mut server = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(Fixed(Arc::clone(&key))));
-    let client = ClientConfig::builder_with_provider(provider())
+    // No session tickets: a connection kept open ahead of need is judged closed by peeking at
+    // its socket (end of stream), and tickets left unread there would make a closed one look
+    // open. Connections are opened ahead of need, so resumption would save nothing anyway.
+    server.send_tls13_tickets = 0;
+    let mut client = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_cert_resolver(Arc::new(Fixed(key)));
+    client.resumption = rustls::client::Resumption::disabled();
     Ok(MutualConfigs {
         server: Arc::new(server),
         client: Arc::new(client),
@@ -175,6 +199,7 @@ impl rustls::client::ResolvesClientCert for Fixed {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use rustls_pki_types::pem::PemObject;
     use tether_test_support::Pki;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -255,6 +280,20 @@ mod tests {
         std::fs::write(&old.key, "half-written").unwrap();
         tls.recheck_now();
         assert!(talk(&tls.current(), &renewed).await, "last good files kept");
+    }
+
+    #[test]
+    fn a_client_certificate_must_be_made_for_the_hops_name() {
+        let pki = Pki::temporary();
+        let pem = std::fs::read(&pki.cert).unwrap();
+        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        let name = |n| peer_server_name(Some(n), "").unwrap();
+        assert!(check_client_name(Some(&certs), &name("localhost")).is_ok());
+        let e = check_client_name(Some(&certs), &name("kas-peers")).unwrap_err();
+        assert!(e.to_string().contains("not made for \"kas-peers\""), "{e}");
+        assert!(check_client_name(None, &name("localhost")).is_err());
     }
 
     #[test]
