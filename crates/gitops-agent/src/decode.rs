@@ -764,7 +764,8 @@ fn substituted_chunk(
                 path: path.to_owned(),
                 line: content_line,
                 message: format!(
-                    "a list mixes objects labelled or annotated {}: {} with others:                      put them in separate documents",
+                    "a list mixes objects labelled or annotated {}: {} with others: put them in \
+                     separate documents",
                     substitute::DISABLE_KEY,
                     substitute::DISABLED
                 ),
