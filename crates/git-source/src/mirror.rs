@@ -812,16 +812,18 @@ impl Mirror {
         let components = split_path(prefix)?;
         let repo = self.repo();
         let root = commit_tree(&repo, commit)?;
-        let start = if components.is_empty() {
-            root.id
-        } else {
-            match root
-                .lookup_entry(components.iter().map(|c| c.as_bytes()))
-                .map_err(git_err("looking up a path"))?
-            {
-                Some(entry) if entry.mode().is_tree() => entry.object_id(),
-                _ => return Ok(Vec::new()),
+        let start = match prefix_tree(&root, &components)? {
+            Prefix::Tree(id) => id,
+            // The prefix is a submodule or inside one: said, as one under it would be.
+            Prefix::Submodule(path) => {
+                return Ok(vec![FileEntry {
+                    path,
+                    size: 0,
+                    symlink: false,
+                    submodule: true,
+                }]);
             }
+            Prefix::Missing => return Ok(Vec::new()),
         };
         let base = components.join("/");
         let mut visited = 0usize;
@@ -877,6 +879,35 @@ impl Mirror {
         files.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(files)
     }
+}
+
+/// What a listing's prefix is at a commit.
+enum Prefix {
+    Tree(gix::ObjectId),
+    /// The prefix is this submodule, or lies inside it.
+    Submodule(String),
+    /// Missing, or a file.
+    Missing,
+}
+
+/// Walks `components` down from `root` one directory at a time: a submodule on the way is
+/// named (looking past it would look for the other repository's objects, which are not here).
+fn prefix_tree(root: &gix::Tree<'_>, components: &[&str]) -> Result<Prefix, Error> {
+    let mut id = root.id;
+    for depth in 1..=components.len() {
+        let entry = root
+            .clone()
+            .lookup_entry(components[..depth].iter().map(|c| c.as_bytes()))
+            .map_err(git_err("looking up a path"))?;
+        match entry {
+            Some(e) if e.mode().is_commit() => {
+                return Ok(Prefix::Submodule(components[..depth].join("/")));
+            }
+            Some(e) if e.mode().is_tree() => id = e.object_id(),
+            _ => return Ok(Prefix::Missing),
+        }
+    }
+    Ok(Prefix::Tree(id))
 }
 
 /// Deletes refs under `refs/heads` and `refs/tags` that the remote no longer advertises. The

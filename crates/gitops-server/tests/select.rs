@@ -414,6 +414,16 @@ fn a_glob_reaching_into_a_submodule_fails_naming_it() {
     ] {
         assert!(text.contains(words), "{words:?} not in {text}");
     }
+    // A glob whose fixed part is the submodule, or lies inside it, is refused too (it was
+    // listed from there, and found nothing).
+    for glob in [
+        "manifests/lib/*.yaml",
+        "manifests/lib/**",
+        "manifests/lib/deep/*.yaml",
+    ] {
+        let e = f.select(&commit, &[glob]).expect_err(glob);
+        assert!(matches!(e, SelectError::Submodule { .. }), "{glob}: {e:?}");
+    }
     let selection = f.select(&commit, &[SEED_GLOB]).expect("select");
     assert_eq!(
         paths(&selection),
