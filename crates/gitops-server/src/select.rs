@@ -252,11 +252,20 @@ fn unstable_warnings(spec: &RenderSpec, rendered: &Rendered) -> Result<Vec<Strin
         &rendered.unstable,
         &rendered.calls,
     );
-    if !h.apply_random {
+    // Agents older than `helm.random` send no `default_namespace` either (theirs always has
+    // one). They applied such charts before and their users cannot set the key (those agents
+    // refuse it): a kas upgrade must not stop their GitOps, so they are warned instead.
+    let older_agent = h.default_namespace.is_empty();
+    if !h.apply_random && !older_agent {
         return Err(RenderError::Unstable(why));
     }
+    let how = if older_agent {
+        "applied, as this agent is older than helm.random (upgrade agentk to have it refused)"
+    } else {
+        "applied anyway (helm.random: apply)"
+    };
     Ok(vec![format!(
-        "{why}: applied anyway (helm.random: apply); set the values the chart generates in helm.values or a values file to keep them"
+        "{why}: {how}; set the values the chart generates in helm.values or a values file to keep them"
     )])
 }
 
@@ -452,6 +461,48 @@ fn read_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chart rendering differently: refused for an agent that knows `helm.random`, applied
+    /// with a warning when it says `apply`, and when the agent is older than the key (it sends
+    /// no `default_namespace`): a kas upgrade must not stop those agents' GitOps.
+    #[test]
+    fn an_unstable_chart_is_refused_unless_accepted_or_the_agent_predates_the_key() {
+        let spec = |apply_random, default_namespace: &str| {
+            RenderSpec::Helm(crate::render::spec::HelmSpec {
+                chart: "charts/app".into(),
+                release_name: "web".into(),
+                namespace: "prod".into(),
+                values_files: vec![],
+                values_json: String::new(),
+                kube_version: String::new(),
+                api_versions: vec![],
+                apply_random,
+                default_namespace: default_namespace.into(),
+            })
+        };
+        let rendered = Rendered {
+            bytes: Vec::new(),
+            unstable: vec![unstable::Unstable {
+                source: "app/templates/secret.yaml".into(),
+                kind: "Secret".into(),
+                namespace: None,
+                name: "db".into(),
+            }],
+            calls: vec![(
+                "charts/app/templates/secret.yaml".into(),
+                vec!["randAlphaNum"],
+            )],
+        };
+        let refused = unstable_warnings(&spec(false, "prod"), &rendered);
+        assert!(
+            matches!(refused, Err(RenderError::Unstable(_))),
+            "{refused:?}"
+        );
+        let accepted = unstable_warnings(&spec(true, "prod"), &rendered).expect("accepted");
+        assert!(accepted[0].contains("helm.random: apply"), "{accepted:?}");
+        let older = unstable_warnings(&spec(false, ""), &rendered).expect("older agent");
+        assert!(older[0].contains("older than helm.random"), "{older:?}");
+    }
 
     #[test]
     fn user_errors() {
