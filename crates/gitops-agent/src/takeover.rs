@@ -74,6 +74,7 @@ pub fn take_over(
             kept.push(None);
         } else if is_drift(e) {
             managers.extend(e.manager.clone());
+            let e = &without_replicas(e);
             merged = Some(match merged.take() {
                 Some(m) => absorb(m, e),
                 None => {
@@ -127,6 +128,24 @@ fn as_own_apply(e: &ManagedFieldsEntry, to: &str) -> ManagedFieldsEntry {
         fields_type: Some("FieldsV1".to_owned()),
         ..e.clone()
     }
+}
+
+/// `e` without `spec.replicas`, which is left to no one rather than taken over: an object
+/// first created with `kubectl apply` and replicas, scaled since by an HPA that has not written
+/// a different count yet, has only kubectl's entry owning it. Taken over, the apply of a
+/// manifest without replicas (as an HPA wants) would reset the workload to one replica. A
+/// manifest with replicas sets them anyway: its forced apply takes the field.
+fn without_replicas(e: &ManagedFieldsEntry) -> ManagedFieldsEntry {
+    let mut e = e.clone();
+    if let Some(FieldsV1(Value::Object(fields))) = &mut e.fields_v1
+        && let Some(Value::Object(spec)) = fields.get_mut("f:spec")
+        && spec.remove("f:replicas").is_some()
+        && spec.is_empty()
+    {
+        // An empty node would be read as owning `spec` whole.
+        fields.remove("f:spec");
+    }
+    e
 }
 
 /// `ours` owning `other`'s fields as well.
@@ -289,6 +308,29 @@ mod tests {
             );
             vec![scaled, o, rollout]
         });
+    }
+
+    /// An HPA-scaled Deployment first created with `kubectl apply` and replicas: kubectl's
+    /// entry is the only owner of `spec.replicas`. It is left to no one (the workload keeps
+    /// its count), while the entry's other fields are taken over.
+    #[test]
+    fn replicas_owned_by_a_drift_manager_are_left_to_no_one() {
+        let kubectl = entry(
+            "kubectl-client-side-apply",
+            "Update",
+            json!({"f:spec": {"f:replicas": {}, "f:paused": {}}}),
+        );
+        let t = take_over(&[ours(), kubectl], &defaults(), "agentk").expect("taken over");
+        assert_eq!(managers(&t), ["agentk"]);
+        let fields = &t.managed_fields[0].fields_v1.as_ref().expect("fields").0;
+        assert_eq!(fields["f:spec"], json!({"f:paused": {}}));
+        let only_replicas = entry("kubectl", "Update", json!({"f:spec": {"f:replicas": {}}}));
+        let t = take_over(&[only_replicas], &defaults(), "agentk").expect("taken over");
+        let fields = &t.managed_fields[0].fields_v1.as_ref().expect("fields").0;
+        assert!(
+            fields.get("f:spec").is_none(),
+            "no empty spec node: {fields}"
+        );
     }
 
     #[test]
