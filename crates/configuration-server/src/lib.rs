@@ -554,11 +554,19 @@ impl ConfigStates {
     /// here, as [`ConfigStates::reload`] does for one: another kas replica may have put a
     /// configuration in force whose message (`ConfigInForce` on Redis) this one missed — its
     /// subscription was down, or the publish failed. A record this replica changed while
-    /// reading, is writing, or failed to store is left alone (memory is newer). Returns the
+    /// reading, is writing, or failed to store is left alone (memory is newer). With `since`,
+    /// only the records written at or after it (Unix seconds, the writers' clocks). Returns the
     /// agents whose commit in force changed.
-    pub async fn reload_all(&self, store: &dyn Store) -> Result<Vec<i64>, tether_store::Error> {
+    pub async fn reload_all(
+        &self,
+        store: &dyn Store,
+        since: Option<i64>,
+    ) -> Result<Vec<i64>, tether_store::Error> {
         let before = self.changes().seq;
-        let stored = store.config_states().await?;
+        let stored = match since {
+            Some(t) => store.config_states_since(t).await?,
+            None => store.config_states().await?,
+        };
         let mut changed = Vec::new();
         for (agent_id, bytes) in stored {
             let Ok(p) = serde_json::from_slice::<Persisted>(&bytes) else {
@@ -1553,10 +1561,13 @@ mod tests {
             stored(&store, id, "new").await;
         }
 
-        assert_eq!(states.reload_all(&store).await.unwrap(), vec![a]);
+        assert_eq!(states.reload_all(&store, None).await.unwrap(), vec![a]);
         assert_eq!(states.get(a).unwrap().commit, "new");
         assert_eq!(states.get(b).unwrap().commit, "old", "memory is newer");
-        assert!(states.reload_all(&store).await.unwrap().is_empty(), "once");
+        assert!(
+            states.reload_all(&store, None).await.unwrap().is_empty(),
+            "once"
+        );
         let failed = states.unstored_write(b).unwrap();
         assert_eq!(failed.error, "disk full");
         assert_eq!(
@@ -1583,7 +1594,7 @@ mod tests {
             states.put_in_force(id, "c1".into(), String::new(), Arc::default());
         }
         stored_with(&store, a, "", None).await;
-        assert_eq!(states.reload_all(&store).await.unwrap(), vec![a]);
+        assert_eq!(states.reload_all(&store, None).await.unwrap(), vec![a]);
         assert!(states.config(a).is_none(), "re-read of every record");
         assert!(states.config(b).is_some(), "nothing stored for b yet");
         stored_with(&store, b, "", None).await;

@@ -440,14 +440,14 @@ fn follow_cluster_events(
     let stop = Modules::shutdown_of(&handle);
     let sharing = sh.guards.spawn_sharing(cluster.clone(), stop.clone());
     let credentials = tokio::spawn(cluster.clone().follow_credentials(stop.clone()));
-    let subscribed = Arc::new(tokio::sync::Notify::new());
+    let subscribed = Arc::new(Subscribed::default());
     let configs = (Arc::clone(&configs), Arc::clone(&sh.store));
     let reread = tokio::spawn(reread_configs(
         configs,
         Arc::clone(&subscribed),
         stop.clone(),
     ));
-    let task = tokio::spawn(cluster.follow(apply, move || subscribed.notify_one(), stop));
+    let task = tokio::spawn(cluster.follow(apply, move || subscribed.happened(), stop));
     handle
         .task(task)
         .task(reread)
@@ -480,22 +480,96 @@ async fn follow_projects(
 /// removed `ci_access` too, kept authorizing here meanwhile).
 const CONFIGS_REREAD: Duration = Duration::from_secs(30);
 
-/// Re-reads every agent's configuration in force from the store after every subscription to
-/// the Redis channel (`subscribed`: what was published while unsubscribed never comes), and
-/// every [`CONFIGS_REREAD`].
+/// Every how many re-reads all records are read, not only those written lately.
+const CONFIGS_FULL_REREAD_EVERY: u32 = 10;
+/// How far behind this replica's clock another replica's may be: records are stamped with
+/// their writer's clock, so a re-read of what changed looks this much further back.
+const WRITER_CLOCK_SLACK: i64 = 60;
+
+/// A (re)subscription to the Redis channel: what was published while unsubscribed never
+/// comes, so the next re-read reads every record.
+#[derive(Debug, Default)]
+struct Subscribed {
+    wake: tokio::sync::Notify,
+    pending: std::sync::atomic::AtomicBool,
+}
+
+impl Subscribed {
+    fn happened(&self) {
+        self.pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> bool {
+        self.pending
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Which records a re-read reads (pure): every one after a (re)subscription, at the first pass
+/// and every [`CONFIGS_FULL_REREAD_EVERY`] passes (a writer whose clock is further behind
+/// than the slack); otherwise those written since the last successful pass began, less
+/// [`WRITER_CLOCK_SLACK`]. Reading every record every 30 s cost each replica a read and a
+/// decode of every agent's configuration (both the one in force and the previous one).
+#[derive(Debug, Default)]
+struct RereadPlan {
+    passes: u32,
+    last_start: Option<i64>,
+}
+
+impl RereadPlan {
+    /// `None`: read every record; `Some(t)`: those written at or after `t`.
+    fn since(&mut self, resubscribed: bool) -> Option<i64> {
+        let periodic_full = self.passes.is_multiple_of(CONFIGS_FULL_REREAD_EVERY);
+        self.passes = self.passes.wrapping_add(1);
+        match self.last_start {
+            Some(t) if !resubscribed && !periodic_full => Some(t - WRITER_CLOCK_SLACK),
+            _ => None,
+        }
+    }
+
+    /// A pass begun at `started` read what it was asked to.
+    fn done(&mut self, started: i64) {
+        self.last_start = Some(started);
+    }
+}
+
+/// Re-reads the agents' configurations in force from the store after every subscription to
+/// the Redis channel (all of them) and every [`CONFIGS_REREAD`] (see [`RereadPlan`]).
 async fn reread_configs(
     (configs, store): (Arc<ConfigStates>, Arc<dyn Store>),
-    subscribed: Arc<tokio::sync::Notify>,
+    subscribed: Arc<Subscribed>,
     stop: CancellationToken,
 ) {
-    crate::modules::every_or_notified(CONFIGS_REREAD, &subscribed, stop, || {
-        reread_configs_once(&configs, store.as_ref())
+    let plan = Mutex::new(RereadPlan::default());
+    crate::modules::every_or_notified(CONFIGS_REREAD, &subscribed.wake, stop, || async {
+        let since = lock_plan(&plan).since(subscribed.take());
+        let started = unix_now();
+        if reread_configs_once(&configs, store.as_ref(), since).await {
+            lock_plan(&plan).done(started);
+        }
     })
     .await;
 }
 
-async fn reread_configs_once(configs: &ConfigStates, store: &dyn Store) {
-    match configs.reload_all(store).await {
+fn lock_plan(p: &Mutex<RereadPlan>) -> std::sync::MutexGuard<'_, RereadPlan> {
+    p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// One re-read; whether it read what it was asked to.
+async fn reread_configs_once(
+    configs: &ConfigStates,
+    store: &dyn Store,
+    since: Option<i64>,
+) -> bool {
+    match configs.reload_all(store, since).await {
         Ok(changed) => {
             for agent_id in changed {
                 // Mostly a new commit another replica serves (no message is sent for those).
@@ -507,8 +581,10 @@ async fn reread_configs_once(configs: &ConfigStates, store: &dyn Store) {
         }
         Err(e) => {
             tracing::warn!(error = %e, "Cannot re-read the agents' configurations in force from the store; trying again later");
+            return false;
         }
     }
+    true
 }
 
 fn lock_projects(p: &Mutex<StoredProjects>) -> std::sync::MutexGuard<'_, StoredProjects> {
@@ -1145,4 +1221,33 @@ fn read_ca_pem(path: &std::path::Path) -> Result<Vec<u8>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("reading it: {e}"))?;
     tether_kubeproxy_server::check_ca_pem(&pem).map_err(|e| e.to_string())?;
     Ok(pem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first pass, one after a (re)subscription and every tenth read every record; the
+    /// others read what was written since the last successful pass began, less the slack for
+    /// other writers' clocks, and a failed pass leaves that point where it was.
+    #[test]
+    fn a_reread_reads_every_record_only_when_it_must() {
+        let mut plan = RereadPlan::default();
+        assert_eq!(plan.since(false), None, "first pass");
+        plan.done(1_000);
+        assert_eq!(plan.since(false), Some(1_000 - WRITER_CLOCK_SLACK));
+        // That pass failed: the next one looks as far back.
+        assert_eq!(plan.since(false), Some(1_000 - WRITER_CLOCK_SLACK));
+        plan.done(1_060);
+        assert_eq!(plan.since(true), None, "after a resubscription");
+        plan.done(1_090);
+        let mut full = Vec::new();
+        for pass in 4..24 {
+            if plan.since(false).is_none() {
+                full.push(pass);
+            }
+            plan.done(1_100 + i64::from(pass));
+        }
+        assert_eq!(full, [10, 20], "every tenth pass reads every record");
+    }
 }

@@ -601,6 +601,17 @@ macro_rules! impl_store {
                     Ok(states)
                 }
 
+                async fn config_states_since(&self, since: i64) -> Result<Vec<(i64, Vec<u8>)>> {
+                    let states = sqlx::query_as::<_, (i64, Vec<u8>)>(
+                        "SELECT agent_id, state FROM config_states WHERE updated_at >= $1 \
+                         ORDER BY agent_id",
+                    )
+                    .bind(since)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(states)
+                }
+
                 async fn enqueue_notification(
                     &self,
                     receiver: &str,

@@ -159,6 +159,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// otherwise read them one by one.
     async fn config_states(&self) -> Result<Vec<(i64, Vec<u8>)>>;
 
+    /// The configuration states written at or after `since` (Unix seconds, the writer's clock),
+    /// as [`Store::config_states`]: a replica re-reading them every 30 s reads what changed
+    /// rather than every agent's record.
+    async fn config_states_since(&self, since: i64) -> Result<Vec<(i64, Vec<u8>)>>;
+
     /// Puts a message for `receiver` in the notification outbox, due now, unless one with the
     /// same `dedup_key` is there for that receiver (still to send, or finished and not yet
     /// deleted by [`Store::delete_finished_notifications`]). True when it was added.

@@ -819,6 +819,17 @@ async fn sync_reports_and_config_state_survive_reopening(backend: Backend) -> Te
     assert_eq!(store.config_state(agent.id).await?, Some(vec![0, 0xfe]));
     assert_eq!(store.config_state(other.id).await?, None);
     assert_eq!(store.config_states().await?, [(agent.id, vec![0, 0xfe])]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let now = i64::try_from(now).expect("in range");
+    let recent = store.config_states_since(now - 60).await?;
+    assert_eq!(recent, [(agent.id, vec![0, 0xfe])], "written just now");
+    assert!(
+        store.config_states_since(now + 3600).await?.is_empty(),
+        "none later"
+    );
     store.close().await;
     Ok(())
 }

@@ -171,6 +171,11 @@ impl Store for Metered {
         self.metrics.seen(Operation::ConfigStates, result)
     }
 
+    async fn config_states_since(&self, since: i64) -> Result<Vec<(i64, Vec<u8>)>> {
+        let result = self.bounded(self.inner.config_states_since(since)).await;
+        self.metrics.seen(Operation::ConfigStates, result)
+    }
+
     async fn enqueue_notification(
         &self,
         receiver: &str,
