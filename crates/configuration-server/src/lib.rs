@@ -1542,8 +1542,15 @@ mod tests {
         store.put_config_state(agent_id, &bytes).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn reloading_all_takes_other_replicas_records_but_not_over_an_unstored_one() {
+    /// A store with agents `a` and `b`, both with `commit` in force in memory only.
+    async fn two_agents_in_force(
+        commit: &str,
+    ) -> (
+        tempfile::TempDir,
+        tether_store::SqliteStore,
+        (i64, i64),
+        ConfigStates,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = tether_store::SqliteStore::open(&dir.path().join("kas.db"))
             .await
@@ -1554,8 +1561,14 @@ mod tests {
         );
         let states = ConfigStates::default();
         for id in [a, b] {
-            states.put_in_force(id, "old".into(), String::new(), Arc::default());
+            states.put_in_force(id, commit.into(), String::new(), Arc::default());
         }
+        (dir, store, (a, b), states)
+    }
+
+    #[tokio::test]
+    async fn reloading_all_takes_other_replicas_records_but_not_over_an_unstored_one() {
+        let (_dir, store, (a, b), states) = two_agents_in_force("old").await;
         states.mark_unstored(b, "disk full");
         for id in [a, b] {
             stored(&store, id, "new").await;
@@ -1581,18 +1594,7 @@ mod tests {
     /// authorizing through this replica.
     #[tokio::test]
     async fn a_configuration_taken_out_of_force_elsewhere_is_out_of_force_here_after_a_reread() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = tether_store::SqliteStore::open(&dir.path().join("kas.db"))
-            .await
-            .unwrap();
-        let (a, b) = (
-            store.register_agent("g/p", "a").await.unwrap().id,
-            store.register_agent("g/p", "b").await.unwrap().id,
-        );
-        let states = ConfigStates::default();
-        for id in [a, b] {
-            states.put_in_force(id, "c1".into(), String::new(), Arc::default());
-        }
+        let (_dir, store, (a, b), states) = two_agents_in_force("c1").await;
         stored_with(&store, a, "", None).await;
         assert_eq!(states.reload_all(&store, None).await.unwrap(), vec![a]);
         assert!(states.config(a).is_none(), "re-read of every record");

@@ -625,6 +625,17 @@ fn with_peers(mut opts: KasOptions, dir: &std::path::Path) -> KasOptions {
     opts
 }
 
+/// Makes PostgreSQL refuse every write of a configuration state (as a full disk would) until
+/// the trigger `refuse` is dropped.
+fn refuse_config_writes(pg: &Postgres) {
+    pg.sql_in(
+        "kas",
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$BEGIN RAISE EXCEPTION 'disk full (simulated)'; END$$ LANGUAGE plpgsql;\
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON config_states FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .unwrap();
+}
+
 /// kubectl with only a server and a person's token (no client certificate to fall back on).
 fn person_kubectl(
     env: &tether_testenv::TestEnv,
@@ -1808,12 +1819,7 @@ async fn a_ci_access_removal_not_stored_at_first_reaches_the_other_replicas_once
     assert_eq!(code, 200, "{body}");
 
     let pg = &r.shared.pg;
-    pg.sql_in(
-        "kas",
-        "CREATE FUNCTION refuse() RETURNS trigger AS $$BEGIN RAISE EXCEPTION 'disk full (simulated)'; END$$ LANGUAGE plpgsql;\
-         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON config_states FOR EACH ROW EXECUTE FUNCTION refuse();",
-    )
-    .unwrap();
+    refuse_config_writes(pg);
     r.change_ci_access("  - id: group/app\n", "  - id: group/other\n")
         .await;
     let unstored = "kas_configuration_unstored_agents";
@@ -1848,12 +1854,7 @@ async fn agent_status_says_while_the_configuration_in_force_is_not_yet_stored() 
     let id = r.rig.agent_id.to_string();
     let before = r.rig.kas.agent(r.rig.agent_id).await.config.unwrap().commit;
     let pg = &r.shared.pg;
-    pg.sql_in(
-        "kas",
-        "CREATE FUNCTION refuse() RETURNS trigger AS $$BEGIN RAISE EXCEPTION 'disk full (simulated)'; END$$ LANGUAGE plpgsql;\
-         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON config_states FOR EACH ROW EXECUTE FUNCTION refuse();",
-    )
-    .unwrap();
+    refuse_config_writes(pg);
     r.change_ci_access("  - id: group/app\n", "  - id: group/other\n")
         .await;
     let status = |kas: &Kas, json: bool| {
