@@ -16,16 +16,27 @@ use crate::decode::Manifest;
 use crate::object_ref::ObjRef;
 
 /// Whether an object must exist before the others can be applied: CRDs (their kinds are
-/// not served before) and Namespaces (objects in them are rejected before).
+/// not served before), Namespaces (objects in them are rejected before) and ClusterRoles, as
+/// in Flux's first stage: a binding to a ClusterRole is checked against the role's rules
+/// when it is written, so an agent allowed to create bindings only for rights it holds
+/// (without the `bind` verb) is refused a binding whose ClusterRole is not there yet.
 pub fn is_prerequisite(group: &str, kind: &str) -> bool {
+    must_be_ready_first(group, kind)
+        || (group, kind) == ("rbac.authorization.k8s.io", "ClusterRole")
+}
+
+/// Whether the next stage must wait for such a prerequisite to be Current, not only written:
+/// a CRD's kind is served once it is Established, and a Namespace still being deleted refuses
+/// new objects. A ClusterRole is in force as soon as it is written.
+pub fn must_be_ready_first(group: &str, kind: &str) -> bool {
     matches!(
         (group, kind),
         ("apiextensions.k8s.io", "CustomResourceDefinition") | ("", "Namespace")
     )
 }
 
-/// Indexes into `objects`, grouped into stages to apply one after the other: first CRDs and
-/// Namespaces, then everything else. Within a stage the indexes keep file order, but the
+/// Indexes into `objects`, grouped into stages to apply one after the other: first CRDs,
+/// Namespaces and ClusterRoles, then everything else. Within a stage the indexes keep file order, but the
 /// objects are applied several at a time and finish in any order: nothing in a stage may
 /// depend on another object of it being there first. Empty stages are left out so there is
 /// nothing to wait for.
@@ -190,7 +201,7 @@ mod tests {
     }
 
     #[test]
-    fn stages_put_crds_and_namespaces_first_keeping_file_order() {
+    fn stages_put_crds_namespaces_and_cluster_roles_first_keeping_file_order() {
         let objects = vec![
             manifest("a", 1, obj("apps/v1", "Deployment", Some("dude"), "web")),
             manifest("a", 2, obj("v1", "Namespace", None, "dude")),
@@ -216,8 +227,24 @@ mod tests {
         ];
         assert_eq!(
             apply_stages(&objects),
-            vec![vec![1, 3], vec![0, 2, 4, 5, 6]]
+            vec![vec![1, 3, 5], vec![0, 2, 4, 6]]
         );
+    }
+
+    #[test]
+    fn only_crds_and_namespaces_are_waited_for() {
+        assert!(must_be_ready_first(
+            "apiextensions.k8s.io",
+            "CustomResourceDefinition"
+        ));
+        assert!(must_be_ready_first("", "Namespace"));
+        assert!(is_prerequisite("rbac.authorization.k8s.io", "ClusterRole"));
+        assert!(!must_be_ready_first(
+            "rbac.authorization.k8s.io",
+            "ClusterRole"
+        ));
+        // A Role is namespaced: its Namespace may be in the first stage of the same commit.
+        assert!(!is_prerequisite("rbac.authorization.k8s.io", "Role"));
     }
 
     #[test]

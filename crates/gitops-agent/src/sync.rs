@@ -800,7 +800,7 @@ impl Syncer {
             })
     }
 
-    /// Applies in stages: CRDs and Namespaces first, then (after discovery sees the new types)
+    /// Applies in stages: CRDs, Namespaces and ClusterRoles first, then (after discovery sees the new types)
     /// everything else. Returns the discovery of the last stage.
     async fn apply_stages(
         &self,
@@ -817,7 +817,12 @@ impl Syncer {
             if cancel.is_cancelled() {
                 break;
             }
-            if n > 0 {
+            // Only a new CRD changes what discovery says (Namespaces and ClusterRoles do not).
+            let crd_applied = stages[..n].iter().flatten().any(|&i| {
+                (manifests[i].group(), manifests[i].kind())
+                    == ("apiextensions.k8s.io", "CustomResourceDefinition")
+            });
+            if crd_applied {
                 match self.discover_stage(manifests, stage, cancel).await {
                     Ok(d) => disc = d,
                     Err(e) => {
@@ -830,12 +835,12 @@ impl Syncer {
                 .apply_resolved(s, inv_id, manifests, resolved, p.watches.as_mut())
                 .await;
             p.record_applied(outcomes);
-            // Only a stage of prerequisites is waited for here (with no CRD or Namespace in
-            // the commit, the first stage is everything, and its status is the job of step 5).
+            // Only a stage of prerequisites is waited for here (with no prerequisite in the
+            // commit, the first stage is everything, and its status is the job of step 5).
             let prerequisites: Vec<usize> = stage
                 .iter()
                 .copied()
-                .filter(|&i| plan::is_prerequisite(manifests[i].group(), manifests[i].kind()))
+                .filter(|&i| plan::must_be_ready_first(manifests[i].group(), manifests[i].kind()))
                 .collect();
             if stages.len() > 1 && n == 0 && !dry && !prerequisites.is_empty() {
                 self.wait_established(manifests, &prerequisites, &disc, cancel)
