@@ -27,7 +27,7 @@ use tether_store::Store;
 use tether_tunnel_server::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::live_access::{Caller, LiveGrant};
+use crate::live_access::{Caller, LiveGrant, RunsAs};
 use crate::outbound::{Io, Outbound};
 use crate::revocation::{LiveRequest, LiveUserRequests};
 use tether_configuration_server::ConfigStates;
@@ -870,9 +870,12 @@ impl Proxy {
             },
         };
         let grant = routed.caller.as_ref().map(|caller| {
-            let (caller, access_as) = (Arc::clone(caller), routed.access_as.clone());
+            let runs_as = RunsAs {
+                access_as: routed.access_as.clone(),
+                context: routed.context.clone(),
+            };
             self.live_access
-                .track(routed.agent_id, caller, access_as, end.clone())
+                .track(routed.agent_id, Arc::clone(caller), runs_as, end.clone())
         });
         let tracked = Tracked {
             _user: user,

@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use tether_agent_config::AgentConfig;
 use tether_configuration_server::ConfigStates;
-use tether_kubeproxy_agent::AccessAs;
-use tether_kubeproxy_server::{CiIdentity, UserIdentity, authorize_ci, authorize_user};
+use tether_kubeproxy_agent::{AccessAs, RequestContext};
+use tether_kubeproxy_server::{
+    CiIdentity, UserIdentity, authorize_ci, authorize_user, user_context,
+};
 use tether_store::Store;
 use tether_tunnel_server::Registry;
 use tokio_util::sync::CancellationToken;
@@ -34,27 +36,50 @@ pub enum Caller {
     Person(UserIdentity),
 }
 
-/// Whether `config` still lets `caller` reach agent `agent_id` as `access_as`. Pure.
+/// The identity a request runs as on the agent: its access mode and the facts kas sent with it
+/// (for a person, the roles of each `user_access` entry that let them in, which agentk turns
+/// into impersonated groups).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunsAs {
+    /// How agentk authenticates the request.
+    pub access_as: AccessAs,
+    /// What kas sent with it.
+    pub context: RequestContext,
+}
+
+/// Whether `config` still lets `caller` reach agent `agent_id` as `runs_as`, exactly: a
+/// request allowed only under another identity (another access mode, or a person's roles
+/// through fewer `user_access` entries) must end too, or it keeps rights the configuration
+/// took away. Pure.
 pub fn still_allowed(
     agent_id: i64,
     caller: &Caller,
-    access_as: &AccessAs,
+    runs_as: &RunsAs,
     config: &AgentConfig,
 ) -> bool {
     match caller {
+        // A CI job's context depends on its token only; its access mode on the configuration.
         Caller::CiJob {
             config_project,
             job,
         } => authorize_ci(&config.ci_access, config_project, job)
-            .is_ok_and(|ok| AccessAs::from(&ok.access_as) == *access_as),
+            .is_ok_and(|ok| AccessAs::from(&ok.access_as) == runs_as.access_as),
         Caller::Person(identity) => authorize_user(config.user_access.as_ref(), agent_id, identity)
-            .is_ok_and(|ok| AccessAs::from(&ok.access_as) == *access_as),
+            .is_ok_and(|ok| {
+                let context = user_context(
+                    agent_id,
+                    runs_as.context.config_project_id,
+                    identity.username.clone(),
+                    &ok,
+                );
+                AccessAs::from(&ok.access_as) == runs_as.access_as && context == runs_as.context
+            }),
     }
 }
 
 struct Entry {
     caller: Arc<Caller>,
-    access_as: AccessAs,
+    runs_as: RunsAs,
     end: CancellationToken,
 }
 
@@ -97,7 +122,7 @@ impl LiveAccess {
         self: &Arc<Self>,
         agent_id: i64,
         caller: Arc<Caller>,
-        access_as: AccessAs,
+        runs_as: RunsAs,
         end: CancellationToken,
     ) -> LiveGrant {
         let mut inner = self.lock();
@@ -105,7 +130,7 @@ impl LiveAccess {
         inner.next_id += 1;
         let entry = Entry {
             caller,
-            access_as,
+            runs_as,
             end,
         };
         inner
@@ -135,7 +160,7 @@ impl LiveAccess {
             };
             let denied: Vec<u64> = live
                 .iter()
-                .filter(|(_, e)| !still_allowed(agent_id, &e.caller, &e.access_as, config))
+                .filter(|(_, e)| !still_allowed(agent_id, &e.caller, &e.runs_as, config))
                 .map(|(id, _)| *id)
                 .collect();
             let ended = denied
@@ -214,7 +239,32 @@ impl Drop for LiveGrant {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use tether_kubeproxy_server::{AccessLevel, Membership, MembershipKind};
+    use tether_kubeproxy_server::{
+        AccessLevel, Membership, MembershipKind, UserAuthorized, ci_job_context,
+    };
+
+    fn ci_runs_as(ok_access_as: AccessAs, project: &str) -> RunsAs {
+        RunsAs {
+            access_as: ok_access_as,
+            context: ci_job_context(1, 9, &job(project)),
+        }
+    }
+
+    fn person_runs_as(ok: &UserAuthorized, username: &str) -> RunsAs {
+        RunsAs {
+            access_as: AccessAs::from(&ok.access_as),
+            context: user_context(1, Some(9), username.into(), ok),
+        }
+    }
+
+    fn group(path: &str, id: i64) -> Membership {
+        Membership {
+            kind: MembershipKind::Group,
+            path: path.into(),
+            id: Some(id),
+            access_level: AccessLevel::Developer,
+        }
+    }
 
     fn job(project: &str) -> CiIdentity {
         CiIdentity {
@@ -249,7 +299,7 @@ mod tests {
         let before = config(BOTH);
         let access = |p: &str| {
             let ok = authorize_ci(&before.ci_access, "group/agents", &job(p)).unwrap();
-            AccessAs::from(&ok.access_as)
+            ci_runs_as(AccessAs::from(&ok.access_as), p)
         };
         let (a, b) = (CancellationToken::new(), CancellationToken::new());
         let _ga = live.track(1, ci("group/deployer"), access("group/deployer"), a.clone());
@@ -271,7 +321,7 @@ mod tests {
     fn a_request_allowed_only_as_another_identity_is_ended() {
         let before = config(BOTH);
         let ok = authorize_ci(&before.ci_access, "group/agents", &job("group/deployer")).unwrap();
-        let running_as = AccessAs::from(&ok.access_as);
+        let running_as = ci_runs_as(AccessAs::from(&ok.access_as), "group/deployer");
         let caller = ci("group/deployer");
         assert!(still_allowed(1, &caller, &running_as, &before));
         let impersonating = config(
@@ -285,21 +335,52 @@ mod tests {
         let person = UserIdentity {
             username: "alice".into(),
             token_agent_id: 1,
-            memberships: vec![Membership {
-                kind: MembershipKind::Group,
-                path: "people".into(),
-                id: Some(3),
-                access_level: AccessLevel::Developer,
-            }],
+            memberships: vec![group("people", 3)],
         };
         let with = config("user_access:\n  access_as:\n    agent: {}\n  groups:\n  - id: people\n");
         let ok = authorize_user(with.user_access.as_ref(), 1, &person).unwrap();
-        let running_as = AccessAs::from(&ok.access_as);
+        let running_as = person_runs_as(&ok, "alice");
         let caller = Caller::Person(person);
         assert!(still_allowed(1, &caller, &running_as, &with));
         let without =
             config("user_access:\n  access_as:\n    agent: {}\n  groups:\n  - id: others\n");
         assert!(!still_allowed(1, &caller, &running_as, &without));
         assert!(!still_allowed(1, &caller, &running_as, &config("")));
+    }
+
+    /// A person in two groups of `user_access` (access as themselves) runs with the roles of
+    /// both; once one group leaves `user_access`, the request still authorizes through the
+    /// other with the same access mode, but no longer with the removed group's impersonated
+    /// role groups, so it must end (and be made again with what is left).
+    #[test]
+    fn a_person_keeping_access_through_another_group_is_ended_when_one_group_leaves() {
+        let person = UserIdentity {
+            username: "alice".into(),
+            token_agent_id: 1,
+            memberships: vec![group("ops", 10), group("people", 20)],
+        };
+        let both = config(
+            "user_access:\n  access_as:\n    user: {}\n  groups:\n  - id: ops\n  - id: people\n",
+        );
+        let ok = authorize_user(both.user_access.as_ref(), 1, &person).unwrap();
+        let running_as = person_runs_as(&ok, "alice");
+        let caller = Caller::Person(person);
+        assert!(still_allowed(1, &caller, &running_as, &both));
+        let one = config("user_access:\n  access_as:\n    user: {}\n  groups:\n  - id: people\n");
+        let still = authorize_user(
+            one.user_access.as_ref(),
+            1,
+            match &caller {
+                Caller::Person(p) => p,
+                Caller::CiJob { .. } => unreachable!(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            AccessAs::from(&still.access_as),
+            running_as.access_as,
+            "same mode"
+        );
+        assert!(!still_allowed(1, &caller, &running_as, &one));
     }
 }
