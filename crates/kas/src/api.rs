@@ -256,15 +256,34 @@ impl IntoResponse for ApiError {
 
 impl From<tether_store::Error> for ApiError {
     fn from(e: tether_store::Error) -> Self {
-        use tether_store::Error as E;
-        let code = match &e {
-            E::InvalidName { .. } => StatusCode::BAD_REQUEST,
-            E::NotFound(_) => StatusCode::NOT_FOUND,
-            E::AlreadyExists(_) => StatusCode::CONFLICT,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError(code, e.to_string())
+        ApiError(store_error_code(&e), e.to_string())
     }
+}
+
+/// The status of a store error: the request's fault (4xx) or kas's, the database above all.
+fn store_error_code(e: &tether_store::Error) -> StatusCode {
+    use tether_store::Error as E;
+    match e {
+        E::InvalidName { .. } => StatusCode::BAD_REQUEST,
+        E::NotFound(_) => StatusCode::NOT_FOUND,
+        E::AlreadyExists(_) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The answer to a revocation the database did not store, although its live requests ended:
+/// the operator must know the token still authenticates wherever the store is read (after a
+/// restart, on replicas that missed the event) until the revocation is run again.
+fn revocation_not_stored(e: tether_store::Error, ended: usize, what: &str) -> ApiError {
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "the revocation was not stored ({e}): its {ended} live {what} on this kas were \
+             ended (and the other replicas' were asked to end theirs), but the token stays \
+             valid in the database, where a replica reads it after a restart: run the \
+             revocation again once the database answers"
+        ),
+    )
 }
 
 fn config_view(s: ConfigState) -> ConfigView {
@@ -483,13 +502,19 @@ async fn revoke_user_token(
     State(st): State<ApiState>,
     Path(id): Path<i64>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let was_active = st.store.revoke_user_token(id).await?;
+    let stored = match st.store.revoke_user_token(id).await {
+        Err(e) if !store_error_code(&e).is_server_error() => return Err(e.into()),
+        stored => stored,
+    };
     // Stored first, so a request authenticating from now on is refused; then the live ones
     // (watches, exec sessions) end, and any authenticated a moment ago is refused when it
-    // starts (see `LiveUserRequests`).
+    // starts (see `LiveUserRequests`). A revocation the database refused ends them all the
+    // same: whoever revokes a token fears it is in the wrong hands, and its sessions must not
+    // outlive the database's outage.
     let requests_ended = st.live_user_requests.revoke(id);
     st.publish_event(crate::cluster::ClusterEvent::UserToken { id })
         .await;
+    let was_active = stored.map_err(|e| revocation_not_stored(e, requests_ended, "requests"))?;
     tracing::info!(
         token_id = id,
         requests_ended,
@@ -504,12 +529,18 @@ pub(crate) async fn revoke_token(
     State(st): State<ApiState>,
     Path(token_id): Path<i64>,
 ) -> Result<Json<Revoked>, ApiError> {
-    let was_active = st.store.revoke_token(token_id).await?;
+    let stored = match st.store.revoke_token(token_id).await {
+        Err(e) if !store_error_code(&e).is_server_error() => return Err(e.into()),
+        stored => stored,
+    };
     // End this kas's live streams now, and the other replicas' through Redis (without it,
-    // they notice at their next re-check).
+    // they notice at their next re-check) — even when the database refused the revocation,
+    // as for personal access tokens.
     let streams_ended = st.registry.revoke_token(token_id);
     st.publish_event(crate::cluster::ClusterEvent::AgentToken { id: token_id })
         .await;
+    let was_active =
+        stored.map_err(|e| revocation_not_stored(e, streams_ended, "tunnel streams"))?;
     tracing::info!(token_id, streams_ended, "Agent token revoked");
     Ok(Json(Revoked {
         token_id,

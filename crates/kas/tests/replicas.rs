@@ -667,6 +667,8 @@ struct Routed {
     agent_id: i64,
     /// `pat:<agent id>:<token>`.
     token: String,
+    /// That token's id.
+    token_id: i64,
     pki: support::Pki,
     dir: tempfile::TempDir,
     /// The agent's token and kubeconfig, to start it again elsewhere.
@@ -736,6 +738,7 @@ impl Routed {
             agent,
             agent_id: t.agent_id,
             token,
+            token_id: pat.token_id,
             pki,
             dir,
             agent_token: t.token,
@@ -823,6 +826,32 @@ impl Routed {
     fn kubectl(&self, i: usize) -> std::process::Command {
         let at = (self.dir.path(), self.pki.ca.as_path());
         person_kubectl(&self.env, at, self.kas[i].k8s_port, &self.token)
+    }
+
+    /// The person's `kubectl get configmaps --watch -o name` of the namespace through replica
+    /// `i`, and the lines it prints.
+    fn watch_configmaps(
+        &self,
+        i: usize,
+    ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+        let mut watch = self
+            .kubectl(i)
+            .args(["get", "configmaps", "-n", &self.ns, "--watch", "-o", "name"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = watch.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        (watch, rx)
     }
 }
 
@@ -1011,23 +1040,7 @@ async fn kubectl_through_another_replica_reaches_the_agent() {
     assert!(list.len() > 2_700_000, "{} bytes", list.len());
 
     // A watch: an event made after it started comes through the hop.
-    let mut watch = r
-        .kubectl(2)
-        .args(["get", "configmaps", "-n", ns, "--watch", "-o", "name"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = watch.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut watch, rx) = r.watch_configmaps(2);
     let late = dir.path().join("late.yaml");
     std::fs::write(&late, configmap("late", ns, "1")).unwrap();
     wait_for("the watch to start", Duration::from_secs(30), || async {
@@ -1052,6 +1065,74 @@ async fn kubectl_through_another_replica_reaches_the_agent() {
     let _ = watch.kill();
     let _ = watch.wait();
     assert!(one.log().contains("Peers listener is up"), "{}", one.log());
+}
+
+/// Revoking a personal access token while PostgreSQL refuses the write (a trigger): the
+/// revocation fails with 503 saying it was not stored, but the token's open watch through
+/// replica 1 ends at once, and replicas 1 and 2 refuse the token from then on; once the
+/// database takes writes, running it again stores it. Before, the failed write returned
+/// before anything else, and the sessions of a token feared stolen ran on through the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_the_database_refuses_still_ends_the_tokens_live_requests() {
+    let r = Routed::start().await;
+    let (mut watch, rx) = r.watch_configmaps(0);
+    let cm = r.dir.path().join("cm.yaml");
+    std::fs::write(&cm, configmap("watched", &r.ns, "1")).unwrap();
+    tether_testenv::run_output(r.env.kubectl().args(["apply", "-f", cm.to_str().unwrap()]))
+        .unwrap();
+    wait_for("the watch to run", Duration::from_secs(30), || async {
+        rx.try_iter()
+            .any(|l| l.contains("configmap/watched"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(r.get_status(1).await, 200);
+
+    let pg = &r.shared.pg;
+    pg.sql_in(
+        "kas",
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$BEGIN RAISE EXCEPTION 'disk full (simulated)'; END$$ LANGUAGE plpgsql;\
+         CREATE TRIGGER refuse BEFORE UPDATE ON user_tokens FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .unwrap();
+    let err = r.kas[0]
+        .admin
+        .revoke_user_token(r.token_id)
+        .await
+        .expect_err("a revocation the database refused reported as done")
+        .to_string();
+    assert!(
+        err.contains("503") || err.contains("Service Unavailable"),
+        "{err}"
+    );
+    assert!(
+        err.contains("was not stored") && err.contains("1 live requests"),
+        "{err}"
+    );
+    let t0 = Instant::now();
+    while watch.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the watch still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        r.get_status(0).await,
+        401,
+        "replica 1 still lets the token in"
+    );
+    wait_for(
+        "replica 2 to refuse the token",
+        Duration::from_secs(10),
+        || async { (r.get_status(1).await == 401).then_some(()) },
+    )
+    .await;
+
+    pg.sql_in("kas", "DROP TRIGGER refuse ON user_tokens;")
+        .unwrap();
+    let stored = r.kas[0].admin.revoke_user_token(r.token_id).await.unwrap();
+    assert_eq!(stored["was_active"], true, "{stored}");
 }
 
 /// Replica 1, which holds the agent's tunnels, is killed: the agent reconnects (through the
