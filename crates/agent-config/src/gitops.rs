@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::check::{
     check_full_path, check_namespace, check_non_empty, is_commit_id, null_as_default, one_of_error,
 };
+use crate::depends::find_cycle;
 use crate::duration::{format_duration, serde_go};
 use crate::post_build::PostBuild;
 use crate::render::{Helm, Kustomize};
@@ -117,6 +118,16 @@ pub struct ManifestProject {
     /// Variables agentk substitutes into the objects before applying them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_build: Option<PostBuild>,
+    /// Other entries of this configuration (by `id`) whose last synchronization must have
+    /// succeeded, with all their objects Current, before this one applies a commit (Flux's
+    /// `dependsOn`).
+    // Left out when empty: an agentk older than the key refuses unknown keys.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub depends_on: Vec<ProjectRef>,
 }
 
 impl ManifestProject {
@@ -137,6 +148,7 @@ impl ManifestProject {
             kustomize: None,
             helm: None,
             post_build: None,
+            depends_on: Vec::new(),
         }
     }
 }
@@ -248,9 +260,11 @@ impl ProjectRef {
         }
     }
 
-    /// Key for duplicate detection: GitLab paths are case-insensitive, so `Group/App` and
-    /// `group/app` are the same project and would be synchronized twice.
-    fn identity(&self) -> String {
+    /// Key for duplicate detection and `depends_on`: GitLab paths are case-insensitive, so
+    /// `Group/App` and `group/app` are the same project and would be synchronized twice. A
+    /// path and a numeric id never match: which id a path has is GitLab's to say, not the
+    /// file's.
+    pub fn identity(&self) -> String {
         match self {
             ProjectRef::Path(p) => p.to_ascii_lowercase(),
             ProjectRef::Numeric(id) => id.to_string(),
@@ -399,7 +413,58 @@ impl Gitops {
                 ));
             }
         }
-        Ok(())
+        self.validate_depends_on(&seen)
+    }
+
+    /// `depends_on`: each id names another entry (as duplicate detection matches ids), once;
+    /// and the entries do not wait on each other in a cycle, which would stall them all.
+    fn validate_depends_on(&self, index: &HashMap<String, usize>) -> Result<(), ConfigError> {
+        let mut edges: Vec<Vec<usize>> = Vec::with_capacity(self.manifest_projects.len());
+        for (i, project) in self.manifest_projects.iter().enumerate() {
+            let mut deps = Vec::with_capacity(project.depends_on.len());
+            for (j, dep) in project.depends_on.iter().enumerate() {
+                let path = format!("gitops.manifest_projects[{i}].depends_on[{j}]");
+                dep.validate(&path)?;
+                let Some(&target) = index.get(&dep.identity()) else {
+                    return Err(ConfigError::invalid(
+                        path,
+                        format!(
+                            "{:?} is not the id of another gitops.manifest_projects entry \
+                             (write it as that entry's id is written: a path and a numeric id \
+                             are not matched)",
+                            dep.to_string()
+                        ),
+                    ));
+                };
+                let message = if target == i {
+                    Some("an entry cannot depend on itself".to_owned())
+                } else if deps.contains(&target) {
+                    Some(format!("{:?} is listed twice", dep.to_string()))
+                } else {
+                    None
+                };
+                if let Some(message) = message {
+                    return Err(ConfigError::invalid(path, message));
+                }
+                deps.push(target);
+            }
+            edges.push(deps);
+        }
+        let Some(cycle) = find_cycle(&edges) else {
+            return Ok(());
+        };
+        let named: Vec<String> = cycle
+            .iter()
+            .chain(cycle.first())
+            .map(|&i| self.manifest_projects[i].id.to_string())
+            .collect();
+        Err(ConfigError::invalid(
+            format!("gitops.manifest_projects[{}].depends_on", cycle[0]),
+            format!(
+                "dependency cycle: {} (no entry of it could ever apply)",
+                named.join(" -> ")
+            ),
+        ))
     }
 }
 

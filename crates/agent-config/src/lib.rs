@@ -16,6 +16,7 @@
 
 mod check;
 mod ci_access;
+mod depends;
 mod duration;
 mod error;
 mod gitops;

@@ -1156,3 +1156,77 @@ fn drift_managers_that_would_match_controllers_are_refused() {
         assert!(e.starts_with(want), "{yaml:?}: {e}");
     }
 }
+
+#[test]
+fn depends_on_names_other_entries_as_their_ids_are_matched() {
+    let config = ok(
+        "gitops:\n  manifest_projects:\n  - id: group/infra\n  - id: 42\n  - id: group/apps\n    depends_on: [Group/Infra, '42']\n",
+    );
+    let apps = &config.gitops.manifest_projects[2];
+    assert_eq!(
+        apps.depends_on,
+        [
+            ProjectRef::Path("Group/Infra".to_owned()),
+            ProjectRef::Numeric(42)
+        ]
+    );
+    assert!(config.gitops.manifest_projects[0].depends_on.is_empty());
+    assert_eq!(
+        ok("gitops:\n  manifest_projects:\n  - id: a/b\n    depends_on:\n")
+            .gitops
+            .manifest_projects[0]
+            .depends_on,
+        []
+    );
+}
+
+#[test]
+fn depends_on_refuses_unknown_ids_itself_repeats_and_cycles() {
+    let cases = [
+        (
+            "gitops:\n  manifest_projects:\n  - id: a/b\n    depends_on: [c/d]\n",
+            "gitops.manifest_projects[0].depends_on[0]: \"c/d\" is not the id of another \
+             gitops.manifest_projects entry (write it as that entry's id is written: a path and \
+             a numeric id are not matched) (line 4)",
+        ),
+        (
+            // The project 42 may well be a/b, but only GitLab could say.
+            "gitops:\n  manifest_projects:\n  - id: a/b\n  - id: c/d\n    depends_on:\n    - 42\n",
+            "gitops.manifest_projects[1].depends_on[0]: \"42\" is not the id of another \
+             gitops.manifest_projects entry (write it as that entry's id is written: a path and \
+             a numeric id are not matched) (line 6)",
+        ),
+        (
+            "gitops:\n  manifest_projects:\n  - id: a/b\n    depends_on: [A/B]\n",
+            "gitops.manifest_projects[0].depends_on[0]: an entry cannot depend on itself (line 4)",
+        ),
+        (
+            "gitops:\n  manifest_projects:\n  - id: a/b\n  - id: c/d\n    depends_on: [a/b, A/b]\n",
+            "gitops.manifest_projects[1].depends_on[1]: \"A/b\" is listed twice (line 5)",
+        ),
+        (
+            "gitops:\n  manifest_projects:\n  - id: a/b\n    depends_on: [-1]\n",
+            "gitops.manifest_projects[0].depends_on[0]: project id -1 must be positive (line 4)",
+        ),
+        (
+            "gitops:\n  manifest_projects:\n  - id: g/one\n    depends_on: [g/three]\n  - id: g/two\n    depends_on: [g/one]\n  - id: g/three\n    depends_on: [g/two]\n",
+            "gitops.manifest_projects[0].depends_on: dependency cycle: g/one -> g/three -> g/two \
+             -> g/one (no entry of it could ever apply) (line 4)",
+        ),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(err(yaml).to_string(), want, "{yaml}");
+    }
+}
+
+/// Like `allow_empty`, `depends_on` stays out of the JSON sent to agentk while empty.
+#[test]
+fn depends_on_stays_out_of_the_json_while_empty() {
+    let config =
+        ok("gitops:\n  manifest_projects:\n  - id: a/b\n  - id: c/d\n    depends_on: [a/b]\n");
+    let json = serde_json::to_value(&config.gitops.manifest_projects).expect("json");
+    assert!(json[0].get("depends_on").is_none(), "{json}");
+    assert_eq!(json[1]["depends_on"], serde_json::json!(["a/b"]));
+    let back: Vec<ManifestProject> = serde_json::from_value(json).expect("read back");
+    assert_eq!(back, config.gitops.manifest_projects);
+}
