@@ -141,7 +141,7 @@ impl SyncStates {
 
 /// What a report takes from the previous one. Where the inventory is, when it does not say.
 /// And the objects, for a sync that failed before applying anything (a manifest that does
-/// not decode, a selection error): it reports none, but the previous sync's are still in the
+/// not decode, a selection error) or waits for its `depends_on`: it reports none, but the previous sync's are still in the
 /// cluster, so they stay in the status, said to be from that commit.
 fn keep_applied_objects(previous: Option<&SyncReport>, report: &SyncReport) -> SyncReport {
     let mut report = report.clone();
@@ -153,7 +153,11 @@ fn keep_applied_objects(previous: Option<&SyncReport>, report: &SyncReport) -> S
             .inventory_namespace
             .clone_from(&p.inventory_namespace);
     }
-    if report.sync_outcome() != SyncOutcome::Failed || !report.objects.is_empty() {
+    let applied_nothing = matches!(
+        report.sync_outcome(),
+        SyncOutcome::Failed | SyncOutcome::Waiting
+    );
+    if !applied_nothing || !report.objects.is_empty() {
         return report;
     }
     if let Some(previous) = previous.filter(|p| !p.objects.is_empty()) {

@@ -12,6 +12,9 @@ use tether_protocol::gitops::{ObjectState, SyncOutcome};
 pub enum ReportedOutcome {
     Succeeded,
     Failed,
+    /// Nothing applied yet: the entry waits for its `depends_on` to be ready (the report's
+    /// error says which and why).
+    Waiting,
     /// Not said (a report from an older agent), or a word this build does not know.
     #[serde(other)]
     Unknown,
@@ -19,13 +22,14 @@ pub enum ReportedOutcome {
 
 impl ReportedOutcome {
     /// Every value, for reading the words back.
-    pub const ALL: [Self; 3] = [Self::Succeeded, Self::Failed, Self::Unknown];
+    pub const ALL: [Self; 4] = [Self::Succeeded, Self::Failed, Self::Waiting, Self::Unknown];
 
-    /// The word users see: `succeeded`, `failed` or `unknown`.
+    /// The word users see: `succeeded`, `failed`, `waiting` or `unknown`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
+            Self::Waiting => "waiting",
             Self::Unknown => "unknown",
         }
     }
@@ -116,6 +120,7 @@ impl From<SyncOutcome> for ReportedOutcome {
         match o {
             SyncOutcome::Succeeded => Self::Succeeded,
             SyncOutcome::Failed => Self::Failed,
+            SyncOutcome::Waiting => Self::Waiting,
             SyncOutcome::Unspecified => Self::Unknown,
         }
     }
@@ -126,6 +131,7 @@ impl From<ReportedOutcome> for SyncOutcome {
         match o {
             ReportedOutcome::Succeeded => Self::Succeeded,
             ReportedOutcome::Failed => Self::Failed,
+            ReportedOutcome::Waiting => Self::Waiting,
             ReportedOutcome::Unknown => Self::Unspecified,
         }
     }

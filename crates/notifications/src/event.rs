@@ -229,6 +229,15 @@ pub struct ReportChange {
 /// Compares a report with the one before (pure). A report identical to the previous one (re-sent
 /// after a reconnect) changes nothing.
 pub fn report_change(previous: Option<&SyncReport>, report: &SyncReport) -> ReportChange {
+    // Waiting for `depends_on` applies nothing: the commit stays pending on forges until its
+    // sync, and the sync after the wait is compared as if the wait had not been reported.
+    if report.sync_outcome() == SyncOutcome::Waiting {
+        return ReportChange {
+            transition: None,
+            status: None,
+        };
+    }
+    let previous = previous.filter(|p| p.sync_outcome() != SyncOutcome::Waiting);
     let ok = report.sync_outcome() != SyncOutcome::Failed;
     let was = previous.map(|p| {
         (
@@ -292,6 +301,22 @@ mod tests {
             SyncOutcome::Failed
         });
         r
+    }
+
+    #[test]
+    fn waiting_for_dependencies_changes_nothing_and_the_sync_after_it_is_a_status() {
+        let mut waiting = report("a", true, 2);
+        waiting.set_sync_outcome(SyncOutcome::Waiting);
+        let none = ReportChange {
+            transition: None,
+            status: None,
+        };
+        assert_eq!(report_change(None, &waiting), none);
+        assert_eq!(report_change(Some(&report("z", true, 1)), &waiting), none);
+        let after = report_change(Some(&waiting), &report("a", true, 3));
+        assert_eq!(after.status, Some(State::Success), "{after:?}");
+        let failed = report_change(Some(&waiting), &report("a", false, 3));
+        assert_eq!(failed.transition, Some(TransitionKind::SyncFailed));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use anyhow::Result;
 use kas::config::Config;
 use kas::install::{self, InstallTarget};
 use tether_kas_api::{
-    AdminClient, AgentView, ConfigView, SuspendRequest, SuspensionView, SyncView,
+    AdminClient, AgentView, ConfigView, ReportedOutcome, SuspendRequest, SuspensionView, SyncView,
 };
 
 use super::args::AgentCmd;
@@ -381,10 +381,11 @@ fn print_syncs(agent_id: i64, syncs: &[SyncView]) -> Result<()> {
             s.outcome,
             if s.dry_run { " (dry run)" } else { "" },
             s.finished_at,
-            if s.error.is_empty() {
-                String::new()
-            } else {
-                format!("  error: {}", s.error)
+            match (s.error.is_empty(), s.outcome) {
+                (true, _) => String::new(),
+                // The reason it waits is no error of its own.
+                (false, ReportedOutcome::Waiting) => format!("  {}", s.error),
+                (false, _) => format!("  error: {}", s.error),
             }
         )?;
         for w in &s.warnings {

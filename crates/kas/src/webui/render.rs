@@ -151,6 +151,7 @@ fn sync(s: &SyncView, filter: &ObjectFilter) -> Html {
     let outcome = match s.outcome {
         tether_kas_api::ReportedOutcome::Succeeded => "Succeeded",
         tether_kas_api::ReportedOutcome::Failed => "Failed",
+        tether_kas_api::ReportedOutcome::Waiting => "Waiting",
         tether_kas_api::ReportedOutcome::Unknown => "Unknown",
     };
     let mut head = Html::text(&format!(
