@@ -33,12 +33,14 @@ use tracing::Instrument;
 
 use crate::configuration::Applied;
 
+mod depends;
 mod leadership;
 mod refusal;
 mod schedule;
 mod stop;
 mod supervise;
 
+use depends::{Board, LastSync};
 pub use leadership::Leadership;
 use refusal::Refusal;
 use schedule::{ResyncStep, Schedule};
@@ -108,6 +110,7 @@ pub async fn run(
         running: HashMap::new(),
         moved: HashMap::new(),
         drift_managers: Vec::new(),
+        board: watch::Sender::new(Board::new()),
         channel,
         meta,
         engine,
@@ -143,6 +146,8 @@ struct Workers {
     moved: HashMap<String, String>,
     /// `gitops.drift_managers` as the running workers have it: a change restarts them all.
     drift_managers: Vec<String>,
+    /// How each running worker stands for the entries that `depends_on` it.
+    board: watch::Sender<Board>,
     channel: Channel,
     meta: AgentMeta,
     engine: Engine,
@@ -176,8 +181,10 @@ impl Workers {
             self.running.keys().cloned().collect()
         };
         let mut stopping = Vec::with_capacity(gone.len());
+        let mut unpublished = Vec::with_capacity(gone.len());
         for key in gone {
             if let Some((old, stop, task)) = self.running.remove(&key) {
+                unpublished.push(old.id.identity());
                 if let Some(new) = wanted.get(&key)
                     && new.default_namespace != old.default_namespace
                 {
@@ -186,6 +193,12 @@ impl Workers {
                 stopping.push((key, stop, task));
             }
         }
+        // Its dependants wait until it (or its successor) says how it stands: taken off the
+        // board before the stop and again after it, which a last publication may precede.
+        let unpublish = |board: &watch::Sender<Board>| {
+            board.send_modify(|b| b.retain(|id, _| !unpublished.contains(id)));
+        };
+        unpublish(&self.board);
         // A stopped worker must be gone before its successor (or another replica) applies
         // the same objects: all are stopped together, within one sync's stop grace.
         for key in stop_all(stopping, WORKER_STOP_DEADLINE).await {
@@ -195,6 +208,7 @@ impl Workers {
                 self.engine.metrics.forget(&key);
             }
         }
+        unpublish(&self.board);
         for (key, p) in wanted {
             if !self.running.contains_key(&key) {
                 let stop = shutdown.child_token();
@@ -212,6 +226,12 @@ impl Workers {
         stop: CancellationToken,
     ) -> JoinHandle<()> {
         tracing::info!(project_id = %key, "Starting synchronization worker");
+        // Before the worker runs, so that a dependant started with it does not find it missing.
+        let identity = p.id.identity();
+        self.board.send_modify(|b| {
+            b.insert(identity.clone(), depends::not_synchronized());
+        });
+        let board = self.board.clone();
         let settings = Settings {
             previous_namespace: self.moved.get(key).cloned(),
             agent_namespace: self.meta.pod_namespace.clone(),
@@ -237,6 +257,9 @@ impl Workers {
                 project: project.clone(),
                 timing: timing.clone(),
                 progress,
+                identity: identity.clone(),
+                board_seen: board.subscribe(),
+                board: board.clone(),
             };
             worker.run(run)
         };
@@ -258,6 +281,12 @@ struct Worker {
     timing: Timing,
     /// What the running sync publishes through `settings.progress`.
     progress: watch::Receiver<SyncProgress>,
+    /// The entry's id as `depends_on` entries match it ([`ProjectRef::identity`]).
+    identity: String,
+    /// Where the worker says how it stands ([`Worker::publish`]), and where it sees how its
+    /// dependencies stand.
+    board: watch::Sender<Board>,
+    board_seen: watch::Receiver<Board>,
 }
 
 /// A commit's files, complete, and what kas warned about them.
@@ -308,6 +337,18 @@ struct SyncState {
     /// The newest commit offered could not be applied: the schedule's commit is an earlier
     /// one, still re-applied, whose reports say the newest failed. Gone with the next commit.
     refused: Option<Refusal>,
+    /// The last sync that finished, for the entries that depend on this one.
+    last: Option<LastSync>,
+    /// A sync is due but a dependency is not ready: what was reported about it.
+    waiting: Option<Waiting>,
+}
+
+/// The "waiting for dependency" report sent last: sent again only when one of these changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Waiting {
+    reason: String,
+    commit_id: String,
+    resync_id: u64,
 }
 
 /// The last report and whether kas has confirmed it.
@@ -481,6 +522,8 @@ impl Worker {
             running: None,
             started: now,
             refused: None,
+            last: None,
+            waiting: None,
         };
         let mut reports = Reports {
             last: None,
@@ -491,9 +534,11 @@ impl Worker {
         loop {
             self.open_stream(&mut stream, &mut reports, &sync, &stop)
                 .await;
-            self.start_due_sync(&mut sync, &stop);
+            self.start_due_sync(&mut sync, &mut reports, &stop).await;
             self.retry_report(&mut reports, &stop).await;
-            match next_event(&mut stream, &mut sync, &reports, &mut self.progress, &stop).await {
+            self.publish(&sync);
+            let watch = (&mut self.progress, &mut self.board_seen);
+            match next_event(&mut stream, &mut sync, &reports, watch, &stop).await {
                 Event::Message(m) => {
                     self.on_message(m, &mut stream, &mut sync, &mut reports, &stop)
                         .await;
@@ -569,13 +614,31 @@ impl Worker {
         }
     }
 
-    /// Starts a sync of the newest commit when one is due and none runs.
-    fn start_due_sync(&self, sync: &mut SyncState, stop: &CancellationToken) {
+    /// Starts a sync of the newest commit when one is due, none runs and the entries this one
+    /// `depends_on` are ready; while one is not, reports that it waits.
+    async fn start_due_sync(
+        &mut self,
+        sync: &mut SyncState,
+        reports: &mut Reports,
+        stop: &CancellationToken,
+    ) {
         // A stopping worker starts nothing: its stop must take one sync's grace, not two.
-        if stop.is_cancelled() {
+        let running = sync.running.is_some();
+        if stop.is_cancelled() || !sync.schedule.is_due(Instant::now(), running) {
             return;
         }
-        let running = sync.running.is_some();
+        let blocker = depends::blocker(
+            &self.project.depends_on,
+            &self.board_seen.borrow_and_update(),
+        );
+        if let Some(reason) = blocker {
+            self.wait_for_dependencies(reason, sync, reports, stop)
+                .await;
+            return;
+        }
+        if sync.waiting.take().is_some() {
+            tracing::info!("The entries this one depends on are ready; synchronizing");
+        }
         let Some((commit, resync_id)) = sync.schedule.take_due(Instant::now(), running) else {
             return;
         };
@@ -592,6 +655,67 @@ impl Worker {
         );
         sync.running = Some((token, task));
         sync.started = Instant::now();
+    }
+
+    /// A sync is due but a dependency is not ready: nothing is applied (the objects of the
+    /// last sync stay as they are), and kas is told why, once per reason, commit and
+    /// `kas agent reconcile` request (which the report answers, so `--wait` ends with it).
+    async fn wait_for_dependencies(
+        &mut self,
+        reason: String,
+        sync: &mut SyncState,
+        reports: &mut Reports,
+        stop: &CancellationToken,
+    ) {
+        let commit_id = sync
+            .schedule
+            .current()
+            .map(|c| c.id.clone())
+            .unwrap_or_default();
+        let waiting = Waiting {
+            reason,
+            commit_id,
+            resync_id: sync.schedule.answer_asked(),
+        };
+        if sync.waiting.as_ref() == Some(&waiting) {
+            return;
+        }
+        tracing::info!(commit_id = %waiting.commit_id, reason = %waiting.reason, "Not synchronizing until the entries this one depends on are ready");
+        let report = SyncReport {
+            project_id: self.settings.project_id.clone(),
+            commit_id: waiting.commit_id.clone(),
+            sync_outcome: wire::SyncOutcome::Waiting.into(),
+            error: waiting.reason.clone(),
+            finished_at: unix_now(),
+            dry_run: self.settings.dry_run != tether_agent_config::DryRunStrategy::None,
+            resync_id: waiting.resync_id,
+            ..SyncReport::default()
+        };
+        sync.waiting = Some(waiting);
+        self.report(report, reports, stop).await;
+    }
+
+    /// Tells the entries that depend on this one how it stands (a no-op when unchanged, so
+    /// that they are woken only by news).
+    fn publish(&self, sync: &SyncState) {
+        let now = depends::readiness(&depends::Facts {
+            suspended: sync.schedule.is_suspended(),
+            refused: sync
+                .refused
+                .as_ref()
+                .map(|r| (r.commit_id.as_str(), r.message.as_str())),
+            waiting: sync.waiting.as_ref().map(|w| w.reason.as_str()),
+            newest: sync.schedule.current().map(|c| c.id.as_str()),
+            last: sync.last.as_ref(),
+            running: sync.running.is_some(),
+        });
+        self.board.send_if_modified(|b| {
+            if b.get(&self.identity) == Some(&now) {
+                return false;
+            }
+            b.insert(self.identity.clone(), now);
+            true
+        });
     }
 
     async fn on_message(
@@ -768,6 +892,7 @@ impl Worker {
                 return;
             }
         };
+        sync.last = Some(LastSync::of(&outcome));
         self.log_outcome(&outcome, sync.refused.as_ref());
         self.event(Happened::Synced(&outcome));
         let now = SystemTime::now()
@@ -971,14 +1096,20 @@ async fn next_event(
     stream: &mut Stream,
     sync: &mut SyncState,
     reports: &Reports,
-    progress: &mut watch::Receiver<SyncProgress>,
+    (progress, board): (
+        &mut watch::Receiver<SyncProgress>,
+        &mut watch::Receiver<Board>,
+    ),
     stop: &CancellationToken,
 ) -> Event {
     // Only a sync kas asked for (`kas agent reconcile --wait`) is followed: a kas that does not
     // know progress reports would store one as an outcome.
     let followed = sync.running.is_some() && sync.schedule.resync_running() > 0;
+    // Waiting for dependencies, the sync stays due: its time must not wake the worker again
+    // and again; the board does, when a dependency's readiness changes.
+    let waiting = sync.waiting.is_some();
     let wake_at = [
-        sync.schedule.wake_at(),
+        sync.schedule.wake_at().filter(|_| !waiting),
         stream.open.is_none().then_some(stream.reconnect_at),
         reports.pending.then_some(reports.retry_at),
     ]
@@ -1011,6 +1142,8 @@ async fn next_event(
             Ok(()) => Event::Progress,
             Err(_) => Event::Timer,
         },
+        // The worker holds a sender itself: the board cannot close under it.
+        Ok(()) = board.changed(), if waiting => Event::Timer,
         () = stop.cancelled() => Event::Stop,
     }
 }

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use kas::api::ProjectRequest;
 use serde_json::Value;
-use support::gitops::{Rig, admin_rbac, configmap, deployment, get_json, is_event, rig, rig_with};
-use support::{Agent, Kas, monitoring, wait_for};
+use support::gitops::{
+    Rig, RigArgs, admin_rbac, configmap, deployment, get_json, is_event, rig, rig_entry, rig_with,
+};
+use support::{Agent, Kas, KasOptions, monitoring, wait_for};
 use tether_gitops_server::{ReportedOutcome, ReportedStatus};
 use tether_testenv::{TestEnv, run_output, seed_agent_rbac};
 
@@ -2991,4 +2993,188 @@ async fn post_build_variables_come_from_the_configuration_and_a_configmap_read_a
     .await;
     assert_eq!(failed.error, expected);
     assert_eq!(deployment().expect("still there")["spec"]["replicas"], 3);
+}
+
+/// A rig for `depends_on`: one repository serving two entries, `group/manifests` (the
+/// infrastructure, files under `infra/`) and `group/apps` (files under `apps/`), which depends
+/// on it; `files` makes the infrastructure's and the apps' manifest from the namespace.
+/// Returns the rig, its namespace and the first commit.
+async fn depends_rig(
+    prefix: &str,
+    files: impl FnOnce(&str) -> (Vec<u8>, Vec<u8>),
+) -> (Rig, String, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace(prefix).unwrap();
+    let (infra, apps) = files(&ns);
+    let entry = format!(
+        "    paths:\n    - glob: '/infra/*.yaml'\n  - id: group/apps\n    default_namespace: {ns}\n    paths:\n    - glob: '/apps/*.yaml'\n    depends_on: [group/manifests]\n"
+    );
+    let rbac = admin_rbac(&ns);
+    let initial = [
+        ("infra/infra.yaml", Some(&infra[..])),
+        ("apps/app.yaml", Some(&apps[..])),
+    ];
+    let args = RigArgs {
+        env,
+        agent_ns: ns.clone(),
+        rbac: &rbac,
+        project_extra: "",
+        initial: &initial,
+        agent_args: &[],
+    };
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    let (rig, c1) = rig_entry(args, &entry, opts).await;
+    rig.kas
+        .set_projects(&[("group/apps", &rig.manifests)])
+        .await;
+    (rig, ns, c1)
+}
+
+/// Waits until kas shows a report of `group/apps` at `commit` for which `wanted` holds.
+async fn apps_report(
+    rig: &Rig,
+    commit: &str,
+    what: &str,
+    wanted: impl Fn(&kas::api::SyncView) -> bool,
+) -> kas::api::SyncView {
+    wait_for(what, Duration::from_secs(90), || async {
+        rig.kas
+            .admin
+            .gitops_status(rig.agent_id)
+            .await
+            .ok()?
+            .into_iter()
+            .find(|s| s.project_id == "group/apps" && s.commit_id == commit && wanted(s))
+    })
+    .await
+}
+
+/// Flux's `dependsOn`: `group/apps` depends on `group/manifests`, whose Deployment can be
+/// scheduled only on a node labelled for this test. Until it is Current, apps applies nothing
+/// and its status says what it waits for; once a node gets the label, the Deployment becomes
+/// Available, the infrastructure's sync succeeds and apps applies at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_waits_for_its_dependency_to_be_current_then_applies() {
+    // A label value of this run only, so that no other test's pods land on the node.
+    let (label, value) = ("tether.test/depends-on", tether_testenv::unique_name("dep"));
+    let (rig, ns, c1) = depends_rig("dep-ok", |ns| {
+        let infra = String::from_utf8(deployment("db", ns, 1)).unwrap().replace(
+            "    spec:\n      containers:",
+            &format!("    spec:\n      nodeSelector:\n        {label}: {value}\n      containers:"),
+        );
+        (infra.into_bytes(), configmap("app", ns, "v1"))
+    })
+    .await;
+    let waiting = apps_report(&rig, &c1, "apps waiting for the infrastructure", |s| {
+        s.outcome == ReportedOutcome::Waiting && s.error.contains("is under way")
+    })
+    .await;
+    assert!(
+        waiting
+            .error
+            .starts_with("waiting for dependency group/manifests: its synchronization of commit "),
+        "{waiting:?}"
+    );
+    assert!(
+        get_json(&rig.env, &["get", "configmap", "app", "-n", &ns]).is_none(),
+        "apps applied before its dependency was Current"
+    );
+
+    let node = first_node(&rig.env);
+    let labelled = format!("{label}={value}");
+    run_output(rig.env.kubectl().args(["label", "node", &node, &labelled])).unwrap();
+    let infra_done = rig.synced_in("group/manifests", &c1).await;
+    let applied = apps_report(&rig, &c1, "apps applied", |s| {
+        s.outcome == ReportedOutcome::Succeeded
+    })
+    .await;
+    run_output(
+        rig.env
+            .kubectl()
+            .args(["label", "node", &node, &format!("{label}-")]),
+    )
+    .unwrap();
+    assert_eq!(
+        infra_done.outcome,
+        ReportedOutcome::Succeeded,
+        "{infra_done:?}"
+    );
+    assert!(
+        applied.objects.iter().any(|o| o.name == "app"),
+        "{applied:?}"
+    );
+    let cm = get_json(&rig.env, &["get", "configmap", "app", "-n", &ns]).unwrap();
+    let db = get_json(&rig.env, &["get", "deployment", "db", "-n", &ns]).unwrap();
+    let available = db["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Available" && c["status"] == "True")
+        .expect("the Deployment is Available");
+    // RFC 3339 UTC timestamps of one format compare as strings.
+    let (created, ready) = (
+        cm["metadata"]["creationTimestamp"].as_str().unwrap(),
+        available["lastTransitionTime"].as_str().unwrap(),
+    );
+    assert!(
+        created >= ready,
+        "apps applied at {created}, the infrastructure ready at {ready}"
+    );
+}
+
+/// A dependant of an entry whose sync fails applies nothing and says so, naming the
+/// dependency and its error, in `kas agent status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_waiting_on_a_failing_dependency_says_so_in_agent_status() {
+    let (rig, ns, c1) = depends_rig("dep-fail", |ns| {
+        (b"kind: [unclosed\n".to_vec(), configmap("app", ns, "v1"))
+    })
+    .await;
+    let failed = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(failed.outcome, ReportedOutcome::Failed, "{failed:?}");
+    let waiting = apps_report(
+        &rig,
+        &c1,
+        "apps waiting on the failed infrastructure",
+        |s| s.outcome == ReportedOutcome::Waiting && s.error.contains("failed"),
+    )
+    .await;
+    let short = &c1[..8];
+    assert!(
+        waiting.error.starts_with(&format!(
+            "waiting for dependency group/manifests: its last synchronization (commit {short}) failed: "
+        )) && waiting.error.contains("infra/infra.yaml"),
+        "{waiting:?}"
+    );
+    assert!(get_json(&rig.env, &["get", "configmap", "app", "-n", &ns]).is_none());
+
+    let out = rig
+        .kas
+        .cli()
+        .args(["agent", "status", "group/config:seed"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("group/apps"))
+        .unwrap_or_else(|| panic!("no line of group/apps: {stdout}"));
+    assert!(
+        line.contains(" waiting ")
+            && line.contains("waiting for dependency group/manifests: its last synchronization"),
+        "{line}"
+    );
+}
+
+/// The name of a node of the test cluster (kwok's).
+fn first_node(env: &TestEnv) -> String {
+    let nodes = get_json(env, &["get", "nodes"]).unwrap();
+    nodes["items"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }

@@ -113,10 +113,24 @@ impl<C: Clone> Schedule<C> {
         self.resync_asked
     }
 
+    /// kas suspended the project.
+    pub(super) fn is_suspended(&self) -> bool {
+        self.suspended
+    }
+
+    /// Whether a sync is due now (`running`: a sync is running already), without taking it:
+    /// the worker checks the entry's dependencies first.
+    pub(super) fn is_due(&self, now: Instant, running: bool) -> bool {
+        !self.suspended
+            && !running
+            && self.current.is_some()
+            && self.next_run.is_some_and(|t| now >= t)
+    }
+
     /// The commit to synchronize now, and the re-sync id its report will answer; `None` when
     /// nothing is due (`running`: a sync is running already).
     pub(super) fn take_due(&mut self, now: Instant, running: bool) -> Option<(C, u64)> {
-        if self.suspended || running || self.next_run.is_none_or(|t| now < t) {
+        if !self.is_due(now, running) {
             return None;
         }
         let commit = self.current.clone()?;
@@ -255,11 +269,28 @@ mod tests {
     }
 
     #[test]
+    fn is_due_tells_what_take_due_would_take_without_taking_it() {
+        let t0 = Instant::now();
+        let mut s: Schedule<&str> = Schedule::new();
+        s.resync(1, t0);
+        assert!(!s.is_due(t0, false), "no commit");
+        s.commit("c1", t0);
+        assert!(s.is_due(t0, false));
+        assert!(!s.is_due(t0, true), "one sync at a time");
+        assert!(s.is_due(later(t0, 1), false), "still due, not taken");
+        assert_eq!(s.take_due(t0, false), Some(("c1", 1)));
+        assert!(!s.is_due(t0, false));
+    }
+
+    #[test]
     fn suspended_nothing_is_due_until_resumed() {
         let t0 = Instant::now();
         let mut s = Schedule::new();
         s.commit("c1", t0);
+        assert!(!s.is_suspended());
         assert!(s.suspend(true, t0));
+        assert!(s.is_suspended());
+        assert!(!s.is_due(t0, false));
         assert!(!s.suspend(true, t0), "no change");
         assert_eq!(s.wake_at(), None);
         assert_eq!(s.take_due(later(t0, 3600), false), None);
