@@ -108,6 +108,14 @@ pub struct WebOidc {
     /// Groups (in `groups_claim`) whose members get the admin role.
     #[serde(default)]
     pub admin_groups: Vec<String>,
+    /// Subjects (`sub`) who may log in as viewers. Besides admins, only people listed here or
+    /// in `viewer_groups` may log in: an identity provider serves far more people than those
+    /// who should read every agent's configuration and errors (gitlab.com: everyone).
+    #[serde(default)]
+    pub viewer_subjects: Vec<String>,
+    /// Groups (in `groups_claim`) whose members may log in as viewers.
+    #[serde(default)]
+    pub viewer_groups: Vec<String>,
     /// The claim naming the person in the cluster (impersonated as `gitlab:user:<it>`).
     #[serde(default = "default_username_claim")]
     pub username_claim: String,

@@ -98,7 +98,7 @@ impl Walk {
         // kas picks the port at each start attempt (see `WEB_PORT`).
         let kas_yaml = format!(
             "web:\n  listen:\n    address: 127.0.0.1:{WEB_PORT}\n  oidc:\n    issuer: {}\n    client_id: tether-web\n    \
-             redirect_url: http://127.0.0.1:{WEB_PORT}/login/oidc/callback\n    admin_subjects: [admin-sub]\n",
+             redirect_url: http://127.0.0.1:{WEB_PORT}/login/oidc/callback\n    admin_subjects: [admin-sub]\n    viewer_groups: [people]\n",
             issuer.url
         );
         let users = "user_access:\n  access_as:\n    user: {}\n  groups:\n  - id: people\n";
@@ -577,6 +577,34 @@ impl Walk {
         assert!(page.contains(&format!("{PERSON} (viewer)")), "{page}");
     }
 
+    /// A person the identity provider knows, but who is neither an admin nor in
+    /// `viewer_groups`/`viewer_subjects`, gets no session and is told why (anyone at the
+    /// provider used to become a viewer of every agent).
+    async fn a_person_not_listed_may_not_log_in(&mut self) {
+        self.issuer.log_in_as("eve-sub", "eve", &["elsewhere"]);
+        let (status, headers, _) = http_get(&format!("{}/login/oidc", self.web), None).await;
+        assert_eq!(status, 303, "{headers:?}");
+        let (authorize, state) = (
+            header(&headers, "location").to_owned(),
+            set_cookie(&headers, "tether_oidc_state"),
+        );
+        let (status, headers, _) = http_get(&authorize, None).await;
+        assert_eq!(status, 303, "the provider approves: {headers:?}");
+        let callback = header(&headers, "location").to_owned();
+        let (status, headers, body) = http_get(&callback, Some(&state)).await;
+        assert_eq!(status, 401, "{body}");
+        assert!(
+            body.contains("eve (subject eve-sub) may not use this web UI"),
+            "{body}"
+        );
+        assert!(
+            !headers
+                .iter()
+                .any(|(k, v)| k == "set-cookie" && v.starts_with("tether_session=")),
+            "{headers:?}"
+        );
+    }
+
     /// An agent page left open gets nothing more once its person logs out (elsewhere, say): its
     /// live view ends within seconds. It used to stream on for as long as the page was open,
     /// the session being checked only when the stream was opened.
@@ -651,6 +679,7 @@ async fn the_web_ui_walkthrough() {
     w.the_admin_token_has_no_cluster_identity().await;
     w.a_login_survives_a_kas_restart().await;
     w.an_oidc_login_finishes_across_a_kas_restart().await;
+    w.a_person_not_listed_may_not_log_in().await;
     w.logging_out_ends_an_open_live_view().await;
     w.rotating_the_admin_token_ends_its_logins().await;
 }

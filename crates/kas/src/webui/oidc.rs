@@ -29,6 +29,11 @@ pub enum OidcError {
     Exchange(String),
     #[error("the ID token: {0}")]
     IdToken(String),
+    #[error(
+        "{0} may not use this web UI: an administrator can list its subject in \
+         web.oidc.viewer_subjects or one of its groups in web.oidc.viewer_groups"
+    )]
+    NotAllowed(String),
 }
 
 /// What discovery tells (only what the flow needs).
@@ -150,9 +155,18 @@ pub fn person_of(cfg: &WebOidc, claims: &serde_json::Value) -> Result<(Person, R
                 .collect()
         })
         .unwrap_or_default();
-    let admin = cfg.admin_subjects.contains(&subject)
-        || groups.iter().any(|g| cfg.admin_groups.contains(g));
-    let role = if admin { Role::Admin } else { Role::Viewer };
+    let listed = |subjects: &[String], in_groups: &[String]| {
+        subjects.contains(&subject) || groups.iter().any(|g| in_groups.contains(g))
+    };
+    let role = if listed(&cfg.admin_subjects, &cfg.admin_groups) {
+        Role::Admin
+    } else if listed(&cfg.viewer_subjects, &cfg.viewer_groups) {
+        Role::Viewer
+    } else {
+        return Err(OidcError::NotAllowed(format!(
+            "{username} (subject {subject})"
+        )));
+    };
     Ok((
         Person {
             subject,
@@ -297,6 +311,8 @@ mod tests {
             ca_file: None,
             admin_subjects: vec!["root-sub".into()],
             admin_groups: vec!["ops".into()],
+            viewer_subjects: vec!["u3".into()],
+            viewer_groups: vec!["people".into()],
             username_claim: "preferred_username".into(),
             groups_claim: "groups".into(),
             groups_access_level: tether_kubeproxy_server::AccessLevel::Developer,
@@ -368,5 +384,38 @@ mod tests {
         let root = serde_json::json!({"sub": "root-sub"});
         assert_eq!(person_of(&cfg(), &root).expect("person").1, Role::Admin);
         assert!(person_of(&cfg(), &serde_json::json!({})).is_err());
+        let listed = serde_json::json!({"sub": "u3"});
+        assert_eq!(person_of(&cfg(), &listed).expect("person").1, Role::Viewer);
+    }
+
+    /// Anyone the identity provider knows was a viewer of every agent's configuration,
+    /// errors and access rules: now only those listed (or admins) may log in.
+    #[test]
+    fn a_person_neither_admin_nor_listed_as_viewer_may_not_log_in() {
+        let stranger =
+            serde_json::json!({"sub": "u9", "preferred_username": "eve", "groups": ["elsewhere"]});
+        let e = person_of(&cfg(), &stranger).expect_err("a stranger logged in");
+        assert!(matches!(e, OidcError::NotAllowed(_)), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("eve (subject u9)") && text.contains("viewer_groups"),
+            "{text}"
+        );
+        let none = WebOidc {
+            viewer_subjects: Vec::new(),
+            viewer_groups: Vec::new(),
+            ..cfg()
+        };
+        let viewer = serde_json::json!({"sub": "u1", "groups": ["people"]});
+        assert!(
+            person_of(&none, &viewer).is_err(),
+            "nobody listed: admins only"
+        );
+        assert_eq!(
+            person_of(&none, &serde_json::json!({"sub": "root-sub"}))
+                .expect("admin")
+                .1,
+            Role::Admin
+        );
     }
 }
