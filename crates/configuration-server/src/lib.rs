@@ -637,10 +637,10 @@ impl ConfigStates {
         Ok(decoded.collect())
     }
 
-    /// Stores the agent's state and configuration in force. A failure is logged (kas keeps
-    /// working from memory; the stored copy matters after a restart, and to other replicas,
-    /// which read it for an agent this one holds).
-    async fn persist(&self, store: &dyn Store, agent_id: i64) {
+    /// Stores the agent's state and configuration in force; whether it was stored. A failure
+    /// is logged (kas keeps working from memory; the stored copy matters after a restart, and
+    /// to other replicas, which read it for an agent this one holds).
+    async fn persist(&self, store: &dyn Store, agent_id: i64) -> bool {
         let persisted = Persisted {
             state: self.get(agent_id).unwrap_or_default(),
             config: self.config(agent_id).map(|c| (*c).clone()),
@@ -660,12 +660,15 @@ impl ConfigStates {
                 if self.mark_stored(agent_id) {
                     tracing::info!(agent_id, "The agent's configuration state is stored again");
                 }
+                true
             }
             Err(e) if self.mark_unstored(agent_id, &e) => {
                 tracing::error!(agent_id, error = %e, "Storing the agent's configuration state failed; retried until it is stored (other kas replicas authorize with the stored one meanwhile)");
+                false
             }
             Err(e) => {
                 tracing::warn!(agent_id, error = %e, "Storing the agent's configuration state failed again");
+                false
             }
         }
     }
@@ -710,9 +713,11 @@ impl ConfigStates {
     /// would before the agent's configuration changes again, and meanwhile other kas replicas
     /// authorize with the stored one — a removed `ci_access` kept working through them. With
     /// `several` replicas, only for agents with a configuration stream here: a replica serving
-    /// the agent now stores a newer state, which this one's would overwrite.
-    pub async fn store_again(&self, store: &dyn Store, several: bool) {
+    /// the agent now stores a newer state, which this one's would overwrite. Returns the agents
+    /// whose state is now stored (see [`ConfigService::store_again`]).
+    pub async fn store_again(&self, store: &dyn Store, several: bool) -> Vec<i64> {
         let agents: Vec<i64> = self.unstored().keys().copied().collect();
+        let mut stored = Vec::new();
         for agent_id in agents {
             if several && !self.running().contains_key(&agent_id) {
                 self.mark_stored(agent_id);
@@ -722,8 +727,11 @@ impl ConfigStates {
                 );
                 continue;
             }
-            self.persist(store, agent_id).await;
+            if self.persist(store, agent_id).await {
+                stored.push(agent_id);
+            }
         }
+        stored
     }
 }
 
@@ -882,6 +890,27 @@ impl ConfigService {
             if let Some(Agreed::Here(running)) = self.states.agreed_with(agent_id, others) {
                 self.put_agreed_in_force(directory.as_ref(), agent_id, running)
                     .await;
+            }
+        }
+    }
+
+    /// Writes again the configuration states whose write failed (run every [`STORE_RETRY`],
+    /// see [`ConfigStates::store_again`]), and tells the other kas replicas to read each one
+    /// stored, as [`ConfigService::put_agreed_in_force`] does once it is stored: a decision
+    /// whose write failed was published before it was stored, so the replicas holding the
+    /// agent's other Pods read the former record and kept the former configuration (its
+    /// `ci_access` too) until their 30 s re-read.
+    pub async fn store_again(&self) {
+        let stored = self
+            .states
+            .store_again(self.store.as_ref(), self.several)
+            .await;
+        let Some(directory) = &self.directory else {
+            return;
+        };
+        for agent_id in stored {
+            if let Err(e) = directory.in_force_changed(agent_id).await {
+                tracing::warn!(agent_id, error = %e, "Cannot tell the other kas replicas of the configuration state stored at last; they read it at their next re-read of the store");
             }
         }
     }

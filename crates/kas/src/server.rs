@@ -715,17 +715,6 @@ async fn start_configuration(
         .load(sh.store.as_ref())
         .await
         .context("loading the agents' configurations in force")?;
-    // Configuration states whose write failed are written again until they are stored.
-    let (states, store) = (Arc::clone(&config_states), Arc::clone(&sh.store));
-    let retry = crate::modules::every(
-        tether_configuration_server::STORE_RETRY,
-        Modules::shutdown_of(&handle),
-        move || {
-            let (states, store) = (Arc::clone(&states), Arc::clone(&store));
-            async move { states.store_again(store.as_ref(), several).await }
-        },
-    );
-    let handle = handle.task(tokio::spawn(retry));
     let configuration = ConfigService {
         auth: sh.auth.clone(),
         store: Arc::clone(&sh.store),
@@ -736,6 +725,17 @@ async fn start_configuration(
         several,
         directory: shared.map(|s| s as Arc<dyn tether_configuration_server::RunningDirectory>),
     };
+    // Configuration states whose write failed are written again until they are stored.
+    let retrying = configuration.clone();
+    let retry = crate::modules::every(
+        tether_configuration_server::STORE_RETRY,
+        Modules::shutdown_of(&handle),
+        move || {
+            let retrying = retrying.clone();
+            async move { retrying.store_again().await }
+        },
+    );
+    let handle = handle.task(tokio::spawn(retry));
     let handle = if configuration.directory.is_some() {
         let (stop, deciding) = (Modules::shutdown_of(&handle), configuration.clone());
         let decide = crate::modules::every(DECIDE_AGAIN, stop, move || {

@@ -2235,16 +2235,7 @@ async fn a_ci_access_removal_published_while_a_replica_was_cut_from_redis_reache
     r.relay.sever();
     drop(p2);
     // Within replica 1's liveness key (10 s): replica 2 still counts P1 and decides.
-    let published = tokio::time::timeout(Duration::from_secs(6), async {
-        let mut messages = events.on_message();
-        while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
-            let payload: String = m.get_payload().unwrap();
-            if payload.contains("config_in_force") {
-                return;
-            }
-        }
-    });
-    published.await.expect("replica 2 to publish c0 in force");
+    config_in_force_published(&mut events, "replica 2 to publish c0 in force", 6).await;
     assert!(!r.new_job_may_use_the_agent(1).await, "c0 stored");
     r.relay.restore();
     // Resubscribing takes a few seconds of back-off; the periodic re-read is 30 s.
@@ -2256,4 +2247,60 @@ async fn a_ci_access_removal_published_while_a_replica_was_cut_from_redis_reache
             .contains("Following the Redis revocation channel again")
     );
     drop(p1);
+}
+
+/// Waits up to `secs` for the next `ConfigInForce` message on `events`.
+async fn config_in_force_published(events: &mut redis::aio::PubSub, what: &str, secs: u64) {
+    let published = tokio::time::timeout(Duration::from_secs(secs), async {
+        let mut messages = events.on_message();
+        while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+            let payload: String = m.get_payload().unwrap();
+            if payload.contains("config_in_force") {
+                return;
+            }
+        }
+    });
+    published
+        .await
+        .unwrap_or_else(|_| panic!("{what} within {secs} s"));
+}
+
+/// Replica 1, where the agent's tunnel is (so it authorizes CI jobs with the configuration in
+/// force in its memory), has `c` in force: P2 on replica 2 runs it, while P1 on replica 1 and
+/// P3 on replica 2 (older agentk) refuse it and run `c0`. The database refuses configuration
+/// writes and P2 goes: replica 2 puts `c0` in force, fails to store it and publishes it;
+/// replica 1 reads the former record, with `c`. Once the database takes writes, replica 2's
+/// retry stores `c0` and publishes it again, so replica 1 puts `c0` in force at once (a job of
+/// `group/new` is refused). The retry published nothing, and replica 1 kept authorizing the
+/// job with `c` until its 30 s re-read of the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_stored_by_the_retry_is_published_to_the_other_replicas() {
+    let r = PodsRig::start("1s").await;
+    let _tunnel = r.tunnel(0).await;
+    let (c, [p1, p2]) = r.old_pod_refusing_c().await;
+    let why = "unknown field `new_feature`";
+    let p3 = r.pod(1, "agentk-old-2", (&r.c0, &c, why)).await;
+    assert_eq!(r.in_force(0).await, c, "P2 runs c");
+
+    let mut events = r.events().await;
+    refuse_config_writes(&r.shared.pg);
+    drop(p2);
+    config_in_force_published(&mut events, "replica 2 to publish c0 in force", 10).await;
+    let unstored = "kas_configuration_unstored_agents";
+    assert_eq!(r.kas[1].metric(unstored).await, Some(1.0), "c0 not stored");
+    assert!(
+        r.new_job_may_use_the_agent(0).await,
+        "replica 1 read the record with c"
+    );
+
+    r.shared
+        .pg
+        .sql_in("kas", "DROP TRIGGER refuse ON config_states;")
+        .unwrap();
+    // The retry runs every 5 s; replica 1's re-read every 30 s.
+    config_in_force_published(&mut events, "replica 2 to publish c0 once stored", 10).await;
+    assert_eq!(r.kas[1].metric(unstored).await, Some(0.0));
+    r.wait_c0_in_force(0, "replica 1 to put c0 in force", 5)
+        .await;
+    drop((p1, p3));
 }
