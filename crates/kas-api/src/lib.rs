@@ -45,7 +45,8 @@ pub struct UnstoredView {
     /// Why the last write failed.
     pub error: String,
     /// The commit in force in the stored record, which the other replicas use ("": none
-    /// stored; `None`: the store could not be read either).
+    /// stored; `None`: the store could not be read either, or not within the listing's
+    /// deadline).
     pub stored_commit: Option<String>,
 }
 

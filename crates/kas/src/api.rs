@@ -297,10 +297,33 @@ fn config_view(s: ConfigState) -> ConfigView {
     }
 }
 
+/// How long the agent list waits for the stored commits of the agents whose configuration in
+/// force this replica failed to store: about one read's timeout (a database down makes each
+/// read wait 5 s for a connection), however many agents there are. One read after another,
+/// a list of 20 such agents took 100 s during an outage.
+const STORED_COMMITS_DEADLINE: Duration = Duration::from_secs(6);
+
+/// How many of those stored commits are read at once (each takes a database connection).
+const STORED_COMMITS_AT_ONCE: usize = 4;
+
 /// Says, in the views of agents whose configuration in force this replica failed to store,
 /// what the stored record holds (read for those agents only): the other replicas authorize
-/// with it meanwhile, which is why they disagree with this one.
+/// with it meanwhile, which is why they disagree with this one. A commit not read within
+/// [`STORED_COMMITS_DEADLINE`] (or whose read failed) is unknown (`None`), which the CLI and
+/// the web UI say.
 async fn add_unstored(st: &ApiState, views: &mut [AgentView]) {
+    let unstored: Vec<i64> = views
+        .iter()
+        .filter(|v| v.config.is_some() && st.config_states.unstored_write(v.id).is_some())
+        .map(|v| v.id)
+        .collect();
+    let limits = (STORED_COMMITS_AT_ONCE, STORED_COMMITS_DEADLINE);
+    let stored = read_each_within(&unstored, limits, |agent_id| async move {
+        let read = st.config_states.stored_commit(st.store.as_ref(), agent_id);
+        // A store refusing writes may still answer reads.
+        read.await.ok().map(Option::unwrap_or_default)
+    })
+    .await;
     for view in views {
         let Some(failed) = st.config_states.unstored_write(view.id) else {
             continue;
@@ -308,14 +331,41 @@ async fn add_unstored(st: &ApiState, views: &mut [AgentView]) {
         let Some(config) = view.config.as_mut() else {
             continue;
         };
-        let stored = st.config_states.stored_commit(st.store.as_ref(), view.id);
         config.unstored = Some(tether_kas_api::UnstoredView {
             since: failed.since,
             error: failed.error,
-            // A store refusing writes may still answer reads.
-            stored_commit: stored.await.ok().map(Option::unwrap_or_default),
+            stored_commit: stored.get(&view.id).cloned(),
         });
     }
+}
+
+/// Runs `read` for each of `ids`, `at_once` at a time, for at most `deadline` in all: the
+/// values read by then (a read answering `None` gives none).
+async fn read_each_within<T, Fut>(
+    ids: &[i64],
+    (at_once, deadline): (usize, Duration),
+    read: impl Fn(i64) -> Fut,
+) -> HashMap<i64, T>
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    use futures_util::StreamExt;
+    let mut got = HashMap::new();
+    let reads = futures_util::stream::iter(ids.iter().copied())
+        .map(|id| {
+            let value = read(id);
+            async move { (id, value.await) }
+        })
+        .buffer_unordered(at_once.max(1));
+    let all = reads.for_each(|(id, value)| {
+        if let Some(value) = value {
+            got.insert(id, value);
+        }
+        std::future::ready(())
+    });
+    // Those still unread are unknown.
+    let _ = tokio::time::timeout(deadline, all).await;
+    got
 }
 
 pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
@@ -962,6 +1012,45 @@ mod tests {
         );
         assert_eq!(d.of(2)[0].1, "failed");
         assert!(d.of(3).is_empty());
+    }
+
+    /// 20 reads of 5 s each (a database down), 4 at a time: the answer comes at the 6 s
+    /// deadline with the 4 read by then, the others unknown (one after another: 100 s).
+    #[tokio::test(start_paused = true)]
+    async fn slow_reads_run_a_few_at_once_and_stop_at_the_deadline() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (running, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let ids: Vec<i64> = (1..=20).collect();
+        let start = tokio::time::Instant::now();
+        let got = read_each_within(&ids, (4, Duration::from_secs(6)), |id| {
+            let (running, most) = (&running, &most);
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Some(format!("commit-{id}"))
+            }
+        })
+        .await;
+        assert_eq!(start.elapsed(), Duration::from_secs(6));
+        assert_eq!(most.load(Ordering::SeqCst), 4);
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(got.iter().all(|(id, c)| *c == format!("commit-{id}")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quick_reads_are_all_kept_and_a_failed_one_is_unknown() {
+        let ids: Vec<i64> = (1..=10).collect();
+        let start = tokio::time::Instant::now();
+        let got = read_each_within(&ids, (4, Duration::from_secs(6)), |id| async move {
+            (id != 3).then(|| id.to_string())
+        })
+        .await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(got.len(), 9);
+        assert_eq!(got.get(&3), None);
+        assert_eq!(got.get(&10).map(String::as_str), Some("10"));
     }
 
     #[test]
