@@ -104,23 +104,33 @@ impl Reach {
             answer: Some(s.answer()),
             io: Box::new(s),
         };
+        let mut unanswered = None;
         if let Some(peers) = self
             .peers
             .as_ref()
             .filter(|_| !self.registry.has_agent(agent_id))
-            && let Some(stream) = peers.open(agent_id, KUBERNETES_API, meta).await?
         {
-            return Ok(through(stream));
+            match peers.open(agent_id, KUBERNETES_API, meta).await {
+                Ok(Some(stream)) => return Ok(through(stream)),
+                Ok(None) => {}
+                // The holders are gone (one stopping in a rollout, its entry still read): the
+                // agent comes back to another replica within a second, so the request waits
+                // for it as when none held it. It failed 503 at once.
+                Err(e @ RouteError::Holders { .. }) => unanswered = Some(e),
+                Err(e) => return Err(e.into()),
+            }
         }
         let waited = self.registry.get_tunnel(agent_id, wait);
-        let tunnel = match &self.peers {
-            None => waited.await?,
+        let waited = match &self.peers {
+            None => waited.await,
             // The agent may come back to another replica (a rollout): whichever is first.
             Some(peers) => tokio::select! {
-                t = waited => t?,
+                t = waited => t,
                 s = peers.wait_holder(agent_id, KUBERNETES_API, meta) => return Ok(through(s)),
             },
         };
+        // Not back in time: the holders' failure says more than the wait's.
+        let tunnel = waited.map_err(|e| unanswered.map_or(e.into(), ReachError::Route))?;
         let answer = tunnel.answer();
         Ok(Reopened {
             io: Box::new(tunnel.request(KUBERNETES_API, meta.clone()).await?),

@@ -4,8 +4,10 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::gitops::{RigArgs, configmap, rig_opts};
@@ -758,17 +760,67 @@ impl Routed {
 
     /// The status of the person's GET of the namespace's ConfigMaps through replica `i`.
     async fn get_status(&self, i: usize) -> u16 {
-        let mut sender = support::upgrade::tls_http1(self.kas[i].k8s_port, &self.pki.ca).await;
-        let request = http::Request::get(format!("/api/v1/namespaces/{}/configmaps", self.ns))
-            .header("authorization", format!("Bearer {}", self.token))
-            .body(http_body_util::Empty::new())
-            .unwrap();
-        sender
-            .send_request(request)
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+        self.person_get(i)().await
+    }
+
+    /// The person's GET of the namespace's ConfigMaps through replica `i`, to send from a task
+    /// of its own: its status.
+    fn person_get(&self, i: usize) -> impl Fn() -> BoxFuture<'static, u16> + Send + 'static {
+        let (port, ca) = (self.kas[i].k8s_port, self.pki.ca.clone());
+        let path = format!("/api/v1/namespaces/{}/configmaps", self.ns);
+        let bearer = format!("Bearer {}", self.token);
+        move || {
+            let (ca, path, bearer) = (ca.clone(), path.clone(), bearer.clone());
+            Box::pin(async move {
+                let mut sender = support::upgrade::tls_http1(port, &ca).await;
+                let request = http::Request::get(path)
+                    .header("authorization", bearer)
+                    .body(http_body_util::Empty::new())
+                    .unwrap();
+                let response = sender.send_request(request).await;
+                response.unwrap().status().as_u16()
+            })
+        }
+    }
+
+    /// The replica holding the agent's tunnels.
+    async fn holder(&self) -> usize {
+        wait_for(
+            "a replica to hold the agent",
+            Duration::from_secs(30),
+            || async {
+                for (i, kas) in self.kas.iter().enumerate() {
+                    if kas.admin.stats().await.ok()?.connected_agents == 1 {
+                        return Some(i);
+                    }
+                }
+                None
+            },
+        )
+        .await
+    }
+
+    /// The person's GETs through replica `via`, one every 50 ms from a task of its own, until
+    /// the returned flag is set: the task answers their statuses, in order.
+    fn requests_flowing(
+        &self,
+        via: usize,
+    ) -> (
+        Arc<std::sync::atomic::AtomicBool>,
+        tokio::task::JoinHandle<Vec<u16>>,
+    ) {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stopped, get) = (Arc::clone(&stop), self.person_get(via));
+        let task = tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            let mut pace = tokio::time::interval(Duration::from_millis(50));
+            while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                pace.tick().await;
+                statuses.push(get().await);
+            }
+            statuses
+        });
+        (stop, task)
     }
 
     /// The person's GETs through replica `via`, one after the other until `done` (within a
@@ -866,13 +918,8 @@ async fn with_peers_tls_the_hop_is_encrypted_and_a_connection_without_its_certif
     let tap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tap_port = tap.local_addr().unwrap().port();
     let first_peers_port = std::sync::Mutex::new(None);
-    let custom = |i: usize, mut o: KasOptions| {
-        o.extra_yaml.push_str(&format!(
-            "  tls:\n    certificate_file: {}\n    key_file: {}\n    ca_file: {}\n    server_name: localhost\n",
-            hop.cert.display(),
-            hop.key.display(),
-            hop.ca.display()
-        ));
+    let custom = |i: usize, o: KasOptions| {
+        let mut o = peers_tls(o, &hop);
         if i == 0 {
             *first_peers_port.lock().unwrap() = Some(peers_port(&o));
             o.extra_yaml
@@ -927,6 +974,17 @@ async fn with_peers_tls_the_hop_is_encrypted_and_a_connection_without_its_certif
         r.kas[0].log().contains(refused).then_some(())
     })
     .await;
+}
+
+/// `opts` (with a peers listener) with the hop under mutual TLS: certificates of `hop`'s CA.
+fn peers_tls(mut opts: KasOptions, hop: &support::Pki) -> KasOptions {
+    opts.extra_yaml.push_str(&format!(
+        "  tls:\n    certificate_file: {}\n    key_file: {}\n    ca_file: {}\n    server_name: localhost\n",
+        hop.cert.display(),
+        hop.key.display(),
+        hop.ca.display()
+    ));
+    opts
 }
 
 /// Relays connections from `listener` to `port`, recording what crosses in both directions.
@@ -1318,6 +1376,54 @@ async fn a_rolling_restart_of_the_replicas_keeps_access() {
     for via in 0..3 {
         assert!(get(&r, via), "through replica {via}");
     }
+}
+
+/// A rolling restart (SIGTERM, one replica after the other, each serving through a 5 s
+/// `shutdown_delay` as the chart sets it) of replicas whose peers hop is under mutual TLS,
+/// while the person's requests flow, one at a time, through a replica that does not hold the
+/// agent: each crosses the hop to the holder, or waits for the agent to reconnect elsewhere
+/// when the holder is the one restarted. Every request is answered 200, but for the one in
+/// flight on the holder's tunnel when its shutdown delay ends (kas ends the agent's tunnels at
+/// once then, cutting it: 502). A request arriving after the holder had gone and before the
+/// agent was back failed 503 at once ("no replica holding agent 1 answered"), the directory
+/// cache still naming the holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_replicas_with_peers_tls_fails_no_request() {
+    let hop = support::Pki::temporary();
+    let mut r = Routed::start_with(None, &|_, o| rollout(peers_tls(o, &hop))).await;
+    wait_for("a routed get", Duration::from_secs(30), || async {
+        (r.get_status(2).await == 200).then_some(())
+    })
+    .await;
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        let holder = r.holder().await;
+        let via = (0..3).find(|v| *v != i && *v != holder).unwrap();
+        let (stop, flow) = r.requests_flowing(via);
+        r.kas[i].restart().await;
+        wait_for(
+            &format!("access through replica {via} after restarting replica {i}"),
+            Duration::from_secs(30),
+            || async { (r.get_status(via).await == 200).then_some(()) },
+        )
+        .await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        seen.push((i, holder, via, flow.await.unwrap()));
+    }
+    for (i, holder, via, statuses) in seen {
+        let what = format!("replica {i} restarted (holder {holder}), through {via}: {statuses:?}");
+        assert!(statuses.len() > 10, "requests flowed: {what}");
+        let cut = statuses.iter().filter(|s| **s == 502).count();
+        let allowed = usize::from(i == holder);
+        assert!(cut <= allowed, "{what}");
+        assert!(statuses.iter().all(|s| [200, 502].contains(s)), "{what}");
+    }
+}
+
+/// `opts` with the chart's `shutdown_delay`: a replica told to stop serves 5 s more.
+fn rollout(mut opts: KasOptions) -> KasOptions {
+    opts.extra_yaml.push_str("shutdown_delay: 5s\n");
+    opts
 }
 
 /// Failed authentications counted on one replica limit the client on the others: behind one
