@@ -40,10 +40,12 @@ pub const UNSTABLE_FUNCTIONS: &[&str] = &[
 ];
 
 /// The functions of [`UNSTABLE_FUNCTIONS`] that `text` names, as whole words, in list order.
-/// Words in comments count too: this only names candidates, the comparison of two renderings
-/// decides.
+/// Words in template comments (`{{/* now */}}`) do not count: they made every cache miss of
+/// such a chart render it twice. Other words count wherever they are (a YAML comment, a
+/// string): this only names candidates, the comparison of two renderings decides.
 pub fn functions_in(text: &str) -> Vec<&'static str> {
     let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let text = without_template_comments(text);
     let words: std::collections::BTreeSet<&str> = text
         .split(|c: char| !is_word(c))
         .filter(|w| !w.is_empty())
@@ -53,6 +55,79 @@ pub fn functions_in(text: &str) -> Vec<&'static str> {
         .copied()
         .filter(|f| words.contains(f))
         .collect()
+}
+
+/// `text` without its Go template comments (`{{/* … */}}`, `{{- /* … */ -}}`), as Go's lexer
+/// reads them. Anything else is kept, erring towards words that call nothing: an action's
+/// quoted strings are skipped over when looking for its end (a `{{/*` inside one opens no
+/// comment), and a comment not closed as Go requires is kept (Helm refuses that template).
+fn without_template_comments(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("/*") {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let inside = &rest[open + 2..];
+        if let Some(len) = comment_len(inside) {
+            out.push(' ');
+            rest = &inside[len..];
+            continue;
+        }
+        let end = action_len(inside);
+        out.push_str(&rest[open..open + 2 + end]);
+        rest = &inside[end..];
+    }
+    out.push_str(rest);
+    out.into()
+}
+
+/// Go's template whitespace (around trim markers).
+fn is_template_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// The length of the comment `inside` (what follows `{{`) begins with, through its `}}`:
+/// `/* … */}}`, with a trim marker (`- ` before, ` -` after) or not; `None` when it is no
+/// comment, or one Go would refuse.
+fn comment_len(inside: &str) -> Option<usize> {
+    let b = inside.as_bytes();
+    let start = match b {
+        [b'-', space, ..] if is_template_space(*space) => 2,
+        _ => 0,
+    };
+    let body = inside.get(start..)?.strip_prefix("/*")?;
+    let close = body.find("*/")?;
+    let mut at = start + 2 + close + 2;
+    if let [space, b'-', ..] = &b[at..]
+        && is_template_space(*space)
+    {
+        at += 2;
+    }
+    inside[at..].starts_with("}}").then_some(at + 2)
+}
+
+/// The length of the action `inside` (what follows `{{`) through its `}}`, quoted strings
+/// (`"…"`, `'…'`, `` `…` ``) skipped over; the whole rest when it does not end.
+fn action_len(inside: &str) -> usize {
+    let b = inside.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'}' if b.get(i + 1) == Some(&b'}') => return i + 2,
+            quote @ (b'"' | b'\'' | b'`') => {
+                i += 1;
+                while i < b.len() && b[i] != quote {
+                    // Escapes only in interpreted strings and characters.
+                    i += if b[i] == b'\\' && quote != b'`' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    b.len()
 }
 
 /// Whether a chart whose template files call `calls` (file, [`functions_in`] it) may render
@@ -254,6 +329,35 @@ mod tests {
         assert_eq!(functions_in(t), ["randAlphaNum", "lookup"]);
         assert_eq!(functions_in("{{ .Values.now }}x"), ["now"]);
         assert!(functions_in("{{ derivePassword 1 \"long\" }}").is_empty());
+    }
+
+    #[test]
+    fn functions_named_only_in_template_comments_are_not_found() {
+        let commented = "{{/* now */}}\n{{- /* uses\nrandAlphaNum 10 */ -}}\nkind: Secret\n";
+        assert!(functions_in(commented).is_empty(), "{commented}");
+        let called = "{{/* a comment */}}\n{{ now | date \"2006\" }}";
+        assert_eq!(functions_in(called), ["now"]);
+    }
+
+    #[test]
+    fn what_only_looks_like_a_comment_still_counts() {
+        // Opened inside a string: the call between the two strings is real.
+        let t = "{{ print \"{{/*\" }}{{ randAlpha 5 }}{{ print \"*/}}\" }}";
+        assert_eq!(functions_in(t), ["randAlpha"]);
+        let t = "{{ print `}}{{/*` }}{{ uuidv4 }}{{ print '*' }}*/}}";
+        assert_eq!(functions_in(t), ["uuidv4"]);
+        // Not a comment to Go (helm refuses them): kept.
+        for t in [
+            "{{/* now */ x}}",
+            "{{-/* now */}}",
+            "{{ /* now */}}",
+            "{{/* now }}",
+        ] {
+            assert_eq!(functions_in(t), ["now"], "{t}");
+        }
+        // A YAML comment is output: its actions run.
+        assert_eq!(functions_in("# {{ now }}"), ["now"]);
+        assert_eq!(functions_in("# now, as text"), ["now"]);
     }
 
     #[test]
