@@ -785,13 +785,30 @@ macro_rules! impl_store {
                     Ok(deleted)
                 }
 
-                async fn create_web_session(&self, session: &WebSession, max_sessions: i64) -> Result<()> {
+                async fn create_web_session(
+                    &self,
+                    session: &WebSession,
+                    max_sessions: i64,
+                    max_per_subject: i64,
+                ) -> Result<()> {
                     let mut tx = self.write().await?;
                     let t = now();
                     sqlx::query("DELETE FROM web_sessions WHERE expires_at <= $1")
                         .bind(t)
                         .execute(tx.conn())
                         .await?;
+                    if let Some(subject) = &session.subject {
+                        // The subject's newest sessions but one stay: the new one completes them.
+                        sqlx::query(
+                            "DELETE FROM web_sessions WHERE subject = $1 AND id_digest NOT IN \
+                             (SELECT id_digest FROM web_sessions WHERE subject = $1 \
+                             ORDER BY expires_at DESC, id_digest DESC LIMIT $2)",
+                        )
+                        .bind(subject)
+                        .bind((max_per_subject - 1).max(0))
+                        .execute(tx.conn())
+                        .await?;
+                    }
                     let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM web_sessions")
                         .fetch_one(tx.conn())
                         .await?;
@@ -799,7 +816,8 @@ macro_rules! impl_store {
                     if over > 0 {
                         sqlx::query(
                             "DELETE FROM web_sessions WHERE id_digest IN (SELECT id_digest FROM \
-                             web_sessions ORDER BY expires_at, id_digest LIMIT $1)",
+                             web_sessions ORDER BY CASE WHEN role = 'admin' THEN 1 ELSE 0 END, \
+                             expires_at, id_digest LIMIT $1)",
                         )
                         .bind(over)
                         .execute(tx.conn())

@@ -230,10 +230,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// message's key is forgotten: the same event seen again afterwards is queued again.
     async fn delete_finished_notifications(&self, done_before: i64, limit: i64) -> Result<u64>;
 
-    /// Records a web UI login. Expired sessions are deleted first, and when `max_sessions`
-    /// are still live the ones expiring soonest make room: a flood of logins cannot grow the
-    /// table without bound.
-    async fn create_web_session(&self, session: &WebSession, max_sessions: i64) -> Result<()>;
+    /// Records a web UI login. Expired sessions are deleted first; then, when the session's
+    /// subject has `max_per_subject` live ones, its own soonest-expiring make room (one person
+    /// logging in again and again pushes out only their own sessions); then, when
+    /// `max_sessions` are still live, the soonest-expiring viewers' sessions make room before
+    /// any admin's. So a flood of logins cannot grow the table without bound, nor log the
+    /// admins out.
+    async fn create_web_session(
+        &self,
+        session: &WebSession,
+        max_sessions: i64,
+        max_per_subject: i64,
+    ) -> Result<()>;
 
     /// The session with this id digest, unless it expired.
     async fn web_session(&self, id_digest: &str) -> Result<Option<WebSession>>;

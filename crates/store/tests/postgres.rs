@@ -86,7 +86,7 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
         admin_token: Some("f1".into()),
         expires_at: 4_000_000_000,
     };
-    sqlite.create_web_session(&session, 10).await?;
+    sqlite.create_web_session(&session, 10, 10).await?;
     // The newest agent and token, deleted: PostgreSQL must not give their ids again either.
     let deleted = sqlite.register_agent("group/project", "deleted").await?;
     let (deleted_token, _) = sqlite.create_token(deleted.id, "").await?;

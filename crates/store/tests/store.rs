@@ -1328,10 +1328,10 @@ async fn web_sessions_expire_end_survive_reopening_and_stay_bounded(
     let (db, store) = open(backend).await?;
     let later = unix_now() + 3_600;
     store
-        .create_web_session(&web_session("a", later), 3)
+        .create_web_session(&web_session("a", later), 3, 3)
         .await?;
     store
-        .create_web_session(&web_session("old", unix_now() - 1), 3)
+        .create_web_session(&web_session("old", unix_now() - 1), 3, 3)
         .await?;
     assert_eq!(store.web_session("a").await?, Some(web_session("a", later)));
     assert_eq!(store.web_session("old").await?, None, "expired");
@@ -1348,7 +1348,7 @@ async fn web_sessions_expire_end_survive_reopening_and_stay_bounded(
     for (i, d) in ["s1", "s2", "s3", "s4"].iter().enumerate() {
         let expires = later + i64::try_from(i)?;
         store
-            .create_web_session(&web_session(d, expires), 3)
+            .create_web_session(&web_session(d, expires), 3, 3)
             .await?;
     }
     let mut live = Vec::new();
@@ -1358,6 +1358,55 @@ async fn web_sessions_expire_end_survive_reopening_and_stay_bounded(
         }
     }
     assert_eq!(live, ["s2", "s3", "s4"]);
+    Ok(())
+}
+
+/// One person logging in again and again pushes out only their own sessions; a flood that
+/// fills the table pushes out viewers' sessions before any admin's, even one expiring sooner.
+/// (Each login dropped the soonest-expiring session of anyone, so a script logging in 10,000
+/// times logged every admin out.)
+async fn a_login_flood_pushes_out_the_floods_own_sessions_then_viewers_never_admins_first(
+    backend: Backend,
+) -> TestResult {
+    let (_db, store) = open(backend).await?;
+    let later = unix_now() + 3_600;
+    let mut admin = web_session("admin", later);
+    admin.role = "admin".into();
+    admin.subject = Some("root".into());
+    store.create_web_session(&admin, 4, 2).await?;
+    let mut other = web_session("other", later + 1);
+    other.subject = Some("bob".into());
+    store.create_web_session(&other, 4, 2).await?;
+    for i in 0..5 {
+        let d = format!("flood-{i}");
+        store
+            .create_web_session(&web_session(&d, later + 10 + i), 4, 2)
+            .await?;
+    }
+    let mut live = Vec::new();
+    for d in [
+        "admin", "other", "flood-0", "flood-1", "flood-2", "flood-3", "flood-4",
+    ] {
+        if store.web_session(d).await?.is_some() {
+            live.push(d);
+        }
+    }
+    assert_eq!(
+        live,
+        ["admin", "other", "flood-3", "flood-4"],
+        "per subject"
+    );
+
+    // Full of distinct people: the viewer expiring soonest goes, not the admin expiring sooner.
+    let mut carol = web_session("carol", later + 100);
+    carol.subject = Some("carol".into());
+    store.create_web_session(&carol, 4, 2).await?;
+    assert!(
+        store.web_session("admin").await?.is_some(),
+        "an admin pushed out"
+    );
+    assert!(store.web_session("other").await?.is_none());
+    assert!(store.web_session("carol").await?.is_some());
     Ok(())
 }
 
@@ -1407,4 +1456,5 @@ on_both_backends!(
     suspensions_are_kept_replaced_and_lifted,
     user_tokens_are_listed_without_their_secrets,
     web_sessions_expire_end_survive_reopening_and_stay_bounded,
+    a_login_flood_pushes_out_the_floods_own_sessions_then_viewers_never_admins_first,
 );

@@ -252,9 +252,17 @@ impl Store for Metered {
             .seen(Operation::DeleteFinishedNotifications, result)
     }
 
-    async fn create_web_session(&self, session: &WebSession, max_sessions: i64) -> Result<()> {
+    async fn create_web_session(
+        &self,
+        session: &WebSession,
+        max_sessions: i64,
+        max_per_subject: i64,
+    ) -> Result<()> {
         let result = self
-            .bounded(self.inner.create_web_session(session, max_sessions))
+            .bounded(
+                self.inner
+                    .create_web_session(session, max_sessions, max_per_subject),
+            )
             .await;
         self.metrics.seen(Operation::CreateWebSession, result)
     }

@@ -15,9 +15,14 @@ use crate::auth::AdminToken;
 /// The session cookie's name.
 pub const COOKIE: &str = "tether_session";
 
-/// Most sessions kept (the soonest-expiring dropped first): a flood of logins cannot grow the
-/// table without bound.
+/// Most sessions kept (the soonest-expiring viewers' dropped first): a flood of logins cannot
+/// grow the table without bound.
 const MAX_SESSIONS: i64 = 10_000;
+
+/// Most sessions of one person (their soonest-expiring dropped first): one person logging in
+/// in a loop pushes out their own sessions, not everyone else's. Enough for a person's
+/// browsers and devices.
+const MAX_SESSIONS_PER_SUBJECT: i64 = 16;
 
 /// What a logged-in person may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +173,9 @@ impl Sessions {
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
         let expires_at = unix_now().saturating_add(ttl);
         let row = row_of(&id, &session, expires_at, &self.admin.fingerprint());
-        self.store.create_web_session(&row, MAX_SESSIONS).await?;
+        self.store
+            .create_web_session(&row, MAX_SESSIONS, MAX_SESSIONS_PER_SUBJECT)
+            .await?;
         Ok(id)
     }
 
