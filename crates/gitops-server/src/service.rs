@@ -77,10 +77,12 @@ impl GitOpsModule {
         }
     }
 
-    /// Registers the module's metrics (`gitops_reconcile_lag_seconds`, and the renderers'
-    /// memory settings in force, which kas may have lowered to fit its own memory limit).
+    /// Registers the module's metrics (`gitops_reconcile_lag_seconds`, chart dependency
+    /// fetches, and the renderers' memory settings in force, which kas may have lowered to fit
+    /// its own memory limit).
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         self.service.lag.register(reg);
+        self.service.deps.renderer.register(reg);
         let render = self.service.deps.renderer.config();
         let gauge = |value: u64| {
             let g: Gauge = Gauge::default();

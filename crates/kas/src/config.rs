@@ -225,6 +225,25 @@ pub struct Render {
     /// nor kas's seccomp filter works). Dangerous: repository content can then make kas fetch
     /// any URL it reaches (cloud metadata, cluster services) and show the response.
     pub allow_network: bool,
+    /// URL prefixes of the http(s) chart repositories kas fetches charts' dependencies from
+    /// (itself, before rendering); empty: none, dependencies must be vendored.
+    pub chart_repositories: Vec<String>,
+    /// CA certificates trusted for those repositories instead of the system's.
+    pub chart_repositories_ca_file: Option<PathBuf>,
+    /// Longest one request to a chart repository may take.
+    #[serde(with = "humantime_serde")]
+    pub chart_fetch_timeout: Duration,
+    /// How long a repository's index is used before it is fetched again.
+    #[serde(with = "humantime_serde")]
+    pub chart_index_ttl: Duration,
+    /// Largest `index.yaml`, in bytes.
+    pub max_chart_index_size: u64,
+    /// Largest chart archive, in bytes.
+    pub max_chart_size: u64,
+    /// Where fetched chart archives are kept (default: `<data_dir>/charts`).
+    pub chart_cache_dir: Option<PathBuf>,
+    /// Most bytes of chart archives kept there.
+    pub chart_cache_size: u64,
 }
 
 impl Default for Render {
@@ -245,6 +264,14 @@ impl Default for Render {
             failure_ttl: d.failure_ttl,
             work_dir: d.work_dir,
             allow_network: d.allow_network,
+            chart_repositories: d.charts.allowed,
+            chart_repositories_ca_file: d.charts.ca_file,
+            chart_fetch_timeout: d.charts.timeout,
+            chart_index_ttl: d.charts.index_ttl,
+            max_chart_index_size: d.charts.max_index_size,
+            max_chart_size: d.charts.max_archive_size,
+            chart_cache_dir: d.charts.cache_dir,
+            chart_cache_size: d.charts.cache_size,
         }
     }
 }
@@ -276,6 +303,20 @@ impl Render {
             confine_with: std::env::current_exe().ok(),
             allow_network: self.allow_network,
             read_paths: Vec::new(),
+            charts: tether_gitops_server::ChartRepoConfig {
+                allowed: self.chart_repositories.clone(),
+                timeout: self.chart_fetch_timeout,
+                max_index_size: self.max_chart_index_size,
+                max_archive_size: self.max_chart_size,
+                index_ttl: self.chart_index_ttl,
+                cache_dir: Some(
+                    self.chart_cache_dir
+                        .clone()
+                        .unwrap_or_else(|| data_dir.join("charts")),
+                ),
+                cache_size: self.chart_cache_size,
+                ca_file: self.chart_repositories_ca_file.clone(),
+            },
         }
     }
 
@@ -291,6 +332,17 @@ impl Render {
         {
             return Err(
                 "gitops.render.max_output_size, max_checkout_size, cache_entries, max_concurrent and max_concurrent_per_agent must be positive"
+                    .into(),
+            );
+        }
+        tether_gitops_server::render::dependencies::AllowList::new(&self.chart_repositories)
+            .map_err(|e| format!("gitops.render.chart_repositories: {e}"))?;
+        if self.chart_fetch_timeout.is_zero()
+            || self.max_chart_index_size == 0
+            || self.max_chart_size == 0
+        {
+            return Err(
+                "gitops.render.chart_fetch_timeout, max_chart_index_size and max_chart_size must be positive"
                     .into(),
             );
         }
@@ -918,6 +970,31 @@ mod tests {
     fn half_a_tls_pair_is_an_error() {
         let e = parse("agent:\n  listen:\n    certificate_file: /x.pem\n").expect_err("no key");
         assert!(e.to_string().contains("agent.listen"), "{e}");
+    }
+
+    #[test]
+    fn chart_repositories_must_be_plain_http_urls_and_default_to_none() {
+        let c = parse("data_dir: /d\n").expect("valid");
+        let charts = c.gitops.render.config(&c.data_dir).charts;
+        assert!(charts.allowed.is_empty());
+        assert_eq!(charts.cache_dir, Some(PathBuf::from("/d/charts")));
+        let c = parse("gitops:\n  render:\n    chart_repositories:\n    - https://charts.example.com/stable\n")
+            .expect("valid");
+        assert_eq!(
+            c.gitops.render.chart_repositories,
+            ["https://charts.example.com/stable"]
+        );
+        for bad in [
+            "oci://registry.example.com/charts",
+            "https://u:pw@charts.example.com/",
+        ] {
+            let e = parse(&format!(
+                "gitops:\n  render:\n    chart_repositories:\n    - {bad}\n"
+            ))
+            .expect_err(bad)
+            .to_string();
+            assert!(e.contains("gitops.render.chart_repositories"), "{e}");
+        }
     }
 
     #[test]

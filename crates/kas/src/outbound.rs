@@ -35,19 +35,9 @@ pub(crate) enum SendError {
     Revoked,
 }
 
-/// An error and its causes on one line: a request the agent refused fails when kas first
-/// reads from the tunnel, and hyper's own message ("connection error") would hide the
-/// agent's reason, which is in the cause.
-pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
+/// A request the agent refused fails when kas first reads from the tunnel, and hyper's own
+/// message ("connection error") would hide the agent's reason, which is in the cause.
+pub(crate) use tether_transport::with_causes;
 
 /// A connection to an agent that carries one request.
 pub(crate) struct Outbound<B: Body + 'static> {

@@ -824,3 +824,220 @@ async fn a_chart_sees_the_agents_kubernetes_version_and_apis() {
     let (code, json, err) = diff_at(&rig, &c1);
     assert_eq!(code, Some(0), "{err} {json}");
 }
+
+/// A chart repository on 127.0.0.1, serving the files of a folder (`index.yaml`, archives)
+/// one request per connection, until it is stopped.
+struct ChartRepo {
+    dir: tempfile::TempDir,
+    port: u16,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl ChartRepo {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let root = dir.path().to_path_buf();
+        let server = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let root = root.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                        let file = root.join(req.uri().path().trim_start_matches('/'));
+                        async move {
+                            let answer = match std::fs::read(&file) {
+                                Ok(bytes) => http::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from(bytes),
+                                )),
+                                Err(_) => http::Response::builder()
+                                    .status(404)
+                                    .body(http_body_util::Full::default())
+                                    .unwrap(),
+                            };
+                            Ok::<_, std::convert::Infallible>(answer)
+                        }
+                    });
+                    // No keep-alive: once stopped, the repository answers nothing at all.
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Self { dir, port, server }
+    }
+
+    /// The URL of the repository in the folder `name`.
+    fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Packages the chart `greeter` at `version` (a ConfigMap saying its version) into the
+    /// repository `name` and indexes it, with the real helm.
+    fn publish(&self, env: &TestEnv, name: &str, version: &str) {
+        let src = self.dir.path().join("src").join(version).join("greeter");
+        std::fs::create_dir_all(src.join("templates")).unwrap();
+        std::fs::write(
+            src.join("Chart.yaml"),
+            format!("apiVersion: v2\nname: greeter\nversion: {version}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            src.join("templates/configmap.yaml"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-greeter\n  namespace: {{ .Release.Namespace }}\ndata:\n  version: {{ .Chart.Version | quote }}\n",
+        )
+        .unwrap();
+        let repo = self.dir.path().join(name);
+        std::fs::create_dir_all(&repo).unwrap();
+        let helm = |args: &[&str]| {
+            let out = std::process::Command::new(env.bin_dir.join("helm"))
+                .args(args)
+                .env("HOME", self.dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "helm {args:?}: {out:?}");
+        };
+        helm(&[
+            "package",
+            src.to_str().unwrap(),
+            "-d",
+            repo.to_str().unwrap(),
+        ]);
+        helm(&["repo", "index", repo.to_str().unwrap()]);
+    }
+
+    fn stop(&self) {
+        self.server.abort();
+    }
+}
+
+/// An umbrella chart depending on `greeter` `version` from `repository`.
+fn umbrella(repository: &str, version: &str) -> Vec<(String, String)> {
+    let mut repo = helm_repo();
+    repo[0].1 = format!(
+        "apiVersion: v2\nname: app\nversion: 0.1.0\ndependencies:\n- name: greeter\n  version: \"{version}\"\n  repository: {repository}\n"
+    );
+    repo
+}
+
+fn greeter_version(env: &TestEnv, ns: &str) -> Value {
+    let cm = get_json(env, &["get", "configmap", "shop-greeter", "-n", ns]).unwrap();
+    cm["data"]["version"].clone()
+}
+
+/// kas's settings allowing `repository`, fetching its index at every rendering.
+fn allowing(repository: &str) -> String {
+    format!("    chart_repositories:\n    - {repository}\n    chart_index_ttl: 0s\n")
+}
+
+/// The umbrella chart's dependency is fetched from the allowed repository and applied; a
+/// version published later in its range is applied at the next commit; once the repository
+/// is down, a commit still renders with the archive kas keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charts_dependency_is_fetched_from_an_allowed_repository_and_kept() {
+    let charts = ChartRepo::start().await;
+    let env = TestEnv::from_env().expect("a running control plane");
+    charts.publish(&env, "stable", "1.0.0");
+    let url = charts.url("stable");
+    let (rig, _, ns) = rendering_rig(
+        "chartrepo",
+        |_| HELM_ENTRY.into(),
+        |_| umbrella(&url, "~1.0.0"),
+        &allowing(&url),
+    )
+    .await;
+    assert_eq!(greeter_version(&rig.env, &ns), "1.0.0");
+    // The umbrella chart's own objects are there too.
+    let cm = get_json(&rig.env, &["get", "configmap", "shop-config", "-n", &ns]).unwrap();
+    assert_eq!(cm["data"]["color"], "blue");
+
+    charts.publish(&env, "stable", "1.0.1");
+    let c2 = rig.manifests.commit(
+        &[("env/values-a.yaml", Some(b"color: green\nsize: s\n"))],
+        "green",
+    );
+    let s = rig.synced_in("group/manifests", &c2).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert_eq!(greeter_version(&rig.env, &ns), "1.0.1");
+
+    charts.stop();
+    let c3 = rig.manifests.commit(
+        &[("env/values-a.yaml", Some(b"color: black\nsize: s\n"))],
+        "black",
+    );
+    let s = rig.synced_in("group/manifests", &c3).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let cm = get_json(&rig.env, &["get", "configmap", "shop-config", "-n", &ns]).unwrap();
+    assert_eq!(cm["data"]["color"], "black");
+    assert_eq!(greeter_version(&rig.env, &ns), "1.0.1");
+}
+
+/// A dependency from a repository kas does not allow, an archive whose digest is not the
+/// index's, and a repository down with nothing kept are refused naming what and why, and
+/// change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_dependencies_not_allowed_tampered_or_unreachable_are_refused() {
+    let charts = ChartRepo::start().await;
+    let env = TestEnv::from_env().expect("a running control plane");
+    charts.publish(&env, "stable", "1.0.0");
+    charts.publish(&env, "other", "1.0.0");
+    let allowed = charts.url("stable");
+    let (rig, _, ns) = rendering_rig(
+        "chartrefused",
+        |_| HELM_ENTRY.into(),
+        |_| helm_repo(),
+        &allowing(&allowed),
+    )
+    .await;
+    let before = versions(&rig.env, &ns);
+    let commit_umbrella = |repository: &str, message: &str| {
+        let chart = umbrella(repository, "1.0.0").swap_remove(0);
+        rig.manifests
+            .commit(&[(&chart.0, Some(chart.1.as_bytes()))], message)
+    };
+
+    let other = charts.url("other");
+    let c2 = commit_umbrella(&other, "not allowed");
+    rig.refused(
+        &c2,
+        &[&format!(
+            "chart charts/app depends on greeter from {other}, which kas's gitops.render.chart_repositories does not allow"
+        )],
+    )
+    .await;
+    assert_eq!(versions(&rig.env, &ns), before);
+
+    // The archive changed after it was indexed (tampered with, or rebuilt in place).
+    let archive = charts.dir.path().join("stable/greeter-1.0.0.tgz");
+    let mut bytes = std::fs::read(&archive).unwrap();
+    bytes.extend_from_slice(b"tampered");
+    std::fs::write(&archive, bytes).unwrap();
+    let c3 = commit_umbrella(&allowed, "tampered");
+    rig.refused(
+        &c3,
+        &[
+            &format!("the archive of greeter 1.0.0 at {allowed}/greeter-1.0.0.tgz has SHA-256"),
+            "as the repository's index says: refused",
+        ],
+    )
+    .await;
+    assert_eq!(versions(&rig.env, &ns), before);
+
+    charts.stop();
+    let c4 = rig.manifests.commit(
+        &[("env/values-a.yaml", Some(b"color: green\nsize: s\n"))],
+        "repository down",
+    );
+    rig.refused(
+        &c4,
+        // The index fetched before is used; the archive was never kept (it did not match).
+        &[
+            &format!("fetching {allowed}/greeter-1.0.0.tgz failed"),
+            "Connection refused",
+        ],
+    )
+    .await;
+    assert_eq!(versions(&rig.env, &ns), before);
+}

@@ -62,20 +62,13 @@ pub fn start(
     let mut clients = HashMap::new();
     for r in &cfg.receivers {
         receivers.push(load(r)?);
-        let tls = tether_transport::load_client_tls(r.ca_file.as_deref()).map_err(|source| {
-            StartError::Tls {
-                receiver: r.name.clone(),
-                source,
-            }
-        })?;
-        // hyper-rustls sets the ALPN protocols itself (HTTP/1.1 here).
-        let mut tls = (*tls).clone();
-        tls.alpn_protocols.clear();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
+        let connector =
+            tether_transport::https_connector(r.ca_file.as_deref()).map_err(|source| {
+                StartError::Tls {
+                    receiver: r.name.clone(),
+                    source,
+                }
+            })?;
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(connector);

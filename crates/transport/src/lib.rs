@@ -37,8 +37,8 @@ pub use server::{
     incoming_with, remote_addr_of,
 };
 pub use tls::{
-    MutualConfigs, MutualTls, MutualTlsFiles, ServerTls, check_client_name, load_client_tls,
-    load_server_tls, peer_server_name,
+    MutualConfigs, MutualTls, MutualTlsFiles, ServerTls, check_client_name, https_connector,
+    load_client_tls, load_server_tls, peer_server_name,
 };
 pub use ws::{WS_MAX_MESSAGE_SIZE, WS_SUBPROTOCOL, WsIo};
 
@@ -125,6 +125,19 @@ impl Error {
         }
         None
     }
+}
+
+/// An error and its causes on one line: hyper's own messages ("client error (Connect)",
+/// "connection error") hide the reason, which is in the causes.
+pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// Any byte stream a connection ends up as (TCP, TLS, WebSocket over either). Boxed so the

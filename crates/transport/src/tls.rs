@@ -210,6 +210,22 @@ pub fn load_client_tls(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>> {
     client_config(ca_file, ALPN_HTTP11)
 }
 
+/// An HTTP/1.1 connector for `https://` (trusting only `ca_file` when given, otherwise the
+/// system's roots) and plain `http://` URLs, for hyper's client.
+pub fn https_connector(
+    ca_file: Option<&Path>,
+) -> Result<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>> {
+    let tls = load_client_tls(ca_file)?;
+    // hyper-rustls sets the ALPN protocols itself (HTTP/1.1 here).
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols.clear();
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build())
+}
+
 /// A client config trusting only `ca_file` when given (a private kas CA should not be
 /// combined with every public CA), otherwise the system's roots.
 pub(crate) fn client_config(ca_file: Option<&Path>, alpn: &[u8]) -> Result<Arc<ClientConfig>> {

@@ -34,12 +34,15 @@ pub struct Checkout {
 
 impl Checkout {
     /// Writes `commit` into a new directory under `parent` (the system's temporary directory
-    /// when `None`). Blocking. Symbolic links whose target leaves the checkout are refused.
+    /// when `None`), with the files of `added` (repository path, content: chart dependencies
+    /// kas fetched) beside the commit's. Blocking. Symbolic links whose target leaves the
+    /// checkout are refused.
     pub fn write(
         mirror: &Mirror,
         commit: &CommitId,
         limits: &CheckoutLimits,
         parent: Option<&Path>,
+        added: &[(String, &[u8])],
     ) -> Result<Checkout, RenderError> {
         let mut builder = tempfile::Builder::new();
         builder.prefix(PREFIX);
@@ -70,6 +73,10 @@ impl Checkout {
         for f in &files {
             checkout.write_file(mirror, commit, f, limits.max_size)?;
         }
+        // Before the links too; never over a file of the commit (`create_new`).
+        for (path, bytes) in added {
+            checkout.add_file(path, bytes)?;
+        }
         // Links last, so no file is ever written through one.
         for l in &links {
             checkout.write_link(mirror, commit, &l.path)?;
@@ -97,6 +104,19 @@ impl Checkout {
             fs::create_dir_all(parent).map_err(io("creating", parent))?;
         }
         fs::write(&dest, bytes).map_err(io("writing", &dest))
+    }
+
+    fn add_file(&self, path: &str, bytes: &[u8]) -> Result<(), RenderError> {
+        let dest = inside(&self.repo, path)?;
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io("creating", parent))?;
+        }
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&dest)
+            .map_err(io("adding", &dest))?;
+        std::io::Write::write_all(&mut file, bytes).map_err(io("writing", &dest))
     }
 
     fn write_link(

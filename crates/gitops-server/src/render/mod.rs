@@ -7,6 +7,9 @@
 //!
 //! - [`spec`]: settings, command lines, environment (pure).
 //! - [`checks`]: symlinks, kustomization references, chart dependencies, error text (pure).
+//! - [`dependencies`]: chart dependencies from allowed chart repositories: the allow list,
+//!   `index.yaml`, version constraints (pure); [`fetch`]: fetching them, outside the sandbox,
+//!   before the checkout (I/O).
 //! - [`checkout`], [`run`]: the files and the process (I/O).
 //! - [`confine`]: the seccomp filter, installed by `kas render-confine` before the renderer,
 //!   and [`filesystem`]: the Landlock fence it puts up first (files the renderer may reach).
@@ -18,6 +21,8 @@ mod cache;
 pub mod checkout;
 pub mod checks;
 pub mod confine;
+pub mod dependencies;
+pub mod fetch;
 pub mod filesystem;
 pub mod memory;
 mod run;
@@ -34,6 +39,7 @@ use tether_git_source::{CommitId, Mirror};
 
 pub use cache::RenderCache;
 pub use checkout::{Checkout, CheckoutLimits};
+pub use fetch::{ChartFetcher, ChartRepoConfig};
 pub use spec::{HelmSpec, ManifestSource, Reach, RenderSpec, Sandbox, Tool};
 
 use run::{Ran, RunLimits};
@@ -99,9 +105,9 @@ pub enum RenderError {
         /// The kustomization file.
         file: String,
     },
-    /// A chart dependency is not in the repository.
+    /// A chart dependency is not in the repository, and kas fetches none from there.
     #[error(
-        "chart {chart} depends on {name} from {repository}, which is not vendored under {chart}/charts/: kas renders without network access; run `helm dependency build` and commit the result"
+        "chart {chart} depends on {name} from {repository}, which is not vendored under {chart}/charts/: kas renders without network access and fetches dependencies only from http(s) chart repositories the kas operator allows (gitops.render.chart_repositories); run `helm dependency build` and commit the result, or have the repository allowed"
     )]
     DependencyNotVendored {
         /// The chart directory.
@@ -110,6 +116,55 @@ pub enum RenderError {
         name: String,
         /// Where it would come from.
         repository: String,
+    },
+    /// A chart dependency's repository (or its archive's URL) is not allowed.
+    #[error(
+        "chart {chart} depends on {name} from {repository}, which kas's gitops.render.chart_repositories does not allow: refused, nothing was applied; the kas operator adds the repository's URL (or a prefix of it) there, or vendor the dependency (`helm dependency build`, commit {chart}/charts/)"
+    )]
+    DependencyNotAllowed {
+        /// The chart directory.
+        chart: String,
+        /// The dependency's name.
+        name: String,
+        /// The URL not allowed (the repository, or an archive's URL in its index).
+        repository: String,
+    },
+    /// A chart dependency's version cannot be resolved in its repository's index.
+    #[error("chart {chart} depends on {name} from {repository}: {detail}")]
+    DependencyUnresolved {
+        /// The chart directory.
+        chart: String,
+        /// The dependency's name.
+        name: String,
+        /// Its repository.
+        repository: String,
+        /// Why.
+        detail: String,
+    },
+    /// A chart repository could not be read (unreachable, an HTTP error, too large, too slow);
+    /// tried again at the next fetch.
+    #[error(
+        "fetching {url} failed: {detail}; no earlier copy of it is cached, so the last commit applied stays applied"
+    )]
+    ChartRepository {
+        /// What was fetched.
+        url: String,
+        /// Why it failed (the HTTP status or the error).
+        detail: String,
+    },
+    /// A chart archive is not the one its repository's index names.
+    #[error(
+        "the archive of {chart} at {url} has SHA-256 {got}, not {expected} as the repository's index says: refused, nothing was applied"
+    )]
+    DigestMismatch {
+        /// The chart and its version.
+        chart: String,
+        /// Where it was fetched.
+        url: String,
+        /// The index's digest.
+        expected: String,
+        /// The archive's.
+        got: String,
     },
     /// The repository is over the checkout limits.
     #[error("the repository is too large to render: {what}")]
@@ -190,7 +245,10 @@ impl RenderError {
     pub fn is_user_error(&self) -> bool {
         !matches!(
             self,
-            RenderError::ToolMissing { .. } | RenderError::Io(_) | RenderError::NoNetworkIsolation
+            RenderError::ToolMissing { .. }
+                | RenderError::Io(_)
+                | RenderError::NoNetworkIsolation
+                | RenderError::ChartRepository { .. }
         )
     }
 }
@@ -236,6 +294,8 @@ pub struct RenderConfig {
     /// Files and folders renderers may read besides the system's, the checkout and the
     /// renderer program itself (under `confine_with`'s Landlock fence).
     pub read_paths: Vec<PathBuf>,
+    /// Chart repositories kas fetches chart dependencies from (none by default).
+    pub charts: ChartRepoConfig,
 }
 
 /// Creates the checkouts' folder and deletes what a killed kas left there (blocking). Before
@@ -271,6 +331,7 @@ impl Default for RenderConfig {
             confine_with: None,
             allow_network: false,
             read_paths: Vec::new(),
+            charts: ChartRepoConfig::default(),
         }
     }
 }
@@ -280,8 +341,9 @@ impl Default for RenderConfig {
 /// project's owner) must never be served each other's rendering. The mirror's folder stands for
 /// the repository: kas keeps one per project and remote, and renders only from it. The
 /// settings include the agent's cluster as a chart sees it (Kubernetes version, API versions):
-/// two clusters may render one commit differently.
-type CacheKey = (PathBuf, CommitId, RenderSpec);
+/// two clusters may render one commit differently. The chart dependencies fetched, as resolved
+/// (version, digest), too: a new version published in a dependency's range renders anew.
+type CacheKey = (PathBuf, CommitId, RenderSpec, Vec<dependencies::Resolved>);
 
 /// One rendering's output, and what a second rendering of a chart told of it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -307,6 +369,8 @@ pub struct Renderer {
     turns: tokio::sync::Semaphore,
     /// Each agent's share of them (see [`RenderConfig::max_concurrent_per_agent`]).
     agent_turns: turns::AgentTurns,
+    /// Fetches chart dependencies; `None` when no chart repository is allowed.
+    charts: Option<ChartFetcher>,
 }
 
 impl Renderer {
@@ -374,7 +438,9 @@ impl Renderer {
         let cache = RenderCache::new(config.cache_entries, config.failure_ttl);
         let turns = tokio::sync::Semaphore::new(config.max_concurrent.max(1));
         let agent_turns = turns::AgentTurns::new(config.max_concurrent_per_agent);
+        let charts = ChartFetcher::new(config.charts.clone());
         Self {
+            charts,
             config,
             kustomize,
             helm,
@@ -390,6 +456,13 @@ impl Renderer {
         &self.config
     }
 
+    /// Registers the renderers' own metrics (chart dependency fetches).
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        if let Some(charts) = &self.charts {
+            charts.metrics().register(reg);
+        }
+    }
+
     /// The rendered manifests of `commit` with `spec`, from the cache or rendered now in one of
     /// `agent_id`'s turns.
     pub async fn render(
@@ -399,7 +472,14 @@ impl Renderer {
         commit: CommitId,
         spec: &RenderSpec,
     ) -> Result<Arc<Rendered>, RenderError> {
-        let key = (mirror.dir().to_path_buf(), commit, spec.clone());
+        let fetched = match (spec, &self.charts) {
+            (RenderSpec::Helm(h), Some(charts)) => {
+                self.fetch_dependencies(charts, mirror, commit, h).await?
+            }
+            _ => Vec::new(),
+        };
+        let resolved = fetched.iter().map(|(r, _)| r.clone()).collect();
+        let key = (mirror.dir().to_path_buf(), commit, spec.clone(), resolved);
         self.cache
             .get_or_try_init(key, RenderError::is_user_error, || async {
                 // The agent's turn first: an agent waiting for its own renderings never holds
@@ -411,11 +491,78 @@ impl Renderer {
                     .await
                     .map_err(|e| RenderError::Io(format!("waiting to render: {e}")))?;
                 let started = std::time::Instant::now();
-                let out = self.render_now(mirror, commit, spec).await?;
+                let out = self.render_now(mirror, commit, spec, fetched).await?;
                 tracing::info!(commit_id = %commit, renderer = %spec.tool(), source = spec.label(), bytes = out.bytes.len(), unstable_objects = out.unstable.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Rendered manifests");
                 Ok(Arc::new(out))
             })
             .await
+    }
+
+    /// The chart's dependencies on allowed HTTP(S) repositories that `commit` does not vendor,
+    /// resolved in their repository's index and fetched (or taken from the cache). Before the
+    /// rendering's cache key, which holds what they resolved to.
+    async fn fetch_dependencies(
+        &self,
+        charts: &ChartFetcher,
+        mirror: &Mirror,
+        commit: CommitId,
+        h: &HelmSpec,
+    ) -> Result<Vec<(dependencies::Resolved, Vec<u8>)>, RenderError> {
+        let (m, chart, limits) = (
+            mirror.clone(),
+            h.chart.clone(),
+            self.config.checkout.clone(),
+        );
+        let (chart_yaml, listed) =
+            tokio::task::spawn_blocking(move || chart_files(&m, &commit, &chart, &limits))
+                .await
+                .map_err(|e| RenderError::Io(format!("reading the chart: {e}")))??;
+        // No Chart.yaml: the checkout's checks say so.
+        let Some(chart_yaml) = chart_yaml else {
+            return Ok(Vec::new());
+        };
+        let charts_dir = format!("{}/charts", h.chart);
+        let mut out: Vec<(dependencies::Resolved, Vec<u8>)> = Vec::new();
+        for dep in dependencies::http_dependencies(&h.chart, &chart_yaml)? {
+            if dependencies::vendored_in(&listed, &charts_dir, &dep.name) {
+                continue;
+            }
+            let refused = |repository: String| RenderError::DependencyNotAllowed {
+                chart: h.chart.clone(),
+                name: dep.name.clone(),
+                repository,
+            };
+            if !charts.allow().allows(&dep.repository) {
+                return Err(refused(dep.repository.clone()));
+            }
+            let (index_url, index) = charts.index(&dep.repository).await?;
+            let resolved = dependencies::resolve(&dep, &index, &index_url).map_err(|detail| {
+                RenderError::DependencyUnresolved {
+                    chart: h.chart.clone(),
+                    name: dep.name.clone(),
+                    repository: dep.repository.clone(),
+                    detail,
+                }
+            })?;
+            if !charts.allow().allows(&resolved.url) {
+                return Err(refused(format!(
+                    "{} (its archive's URL in the index of {})",
+                    resolved.url, dep.repository
+                )));
+            }
+            // Two aliases of one chart and version need one archive.
+            if out
+                .iter()
+                .any(|(r, _)| r.file_name() == resolved.file_name())
+            {
+                continue;
+            }
+            let bytes = charts.archive(&resolved).await?;
+            tracing::debug!(chart = %h.chart, dependency = %dep.name, version = %resolved.version, digest = %resolved.digest, "Chart dependency resolved");
+            out.push((resolved, bytes));
+        }
+        out.sort_by_key(|a| a.0.file_name());
+        Ok(out)
     }
 
     async fn render_now(
@@ -423,6 +570,7 @@ impl Renderer {
         mirror: &Mirror,
         commit: CommitId,
         spec: &RenderSpec,
+        fetched: Vec<(dependencies::Resolved, Vec<u8>)>,
     ) -> Result<Rendered, RenderError> {
         let tool = spec.tool();
         let program = match tool {
@@ -442,10 +590,11 @@ impl Renderer {
             self.config.checkout.clone(),
             self.config.work_dir.clone(),
         );
-        let checkout =
-            tokio::task::spawn_blocking(move || prepare(&m, &commit, &s, &limits, dir.as_deref()))
-                .await
-                .map_err(|e| RenderError::Io(format!("preparing the checkout: {e}")))??;
+        let checkout = tokio::task::spawn_blocking(move || {
+            prepare(&m, &commit, &s, (&limits, dir.as_deref()), &fetched)
+        })
+        .await
+        .map_err(|e| RenderError::Io(format!("preparing the checkout: {e}")))??;
         let reach = Reach {
             read: std::iter::once(checkout.repo.clone())
                 .chain(self.config.read_paths.iter().cloned())
@@ -553,15 +702,23 @@ impl Renderer {
     }
 }
 
-/// The checkout, checked for what the sandbox refuses, with the inline values written.
+/// The checkout, with the fetched chart dependencies in the chart's `charts/`, checked for
+/// what the sandbox refuses, with the inline values written.
 fn prepare(
     mirror: &Mirror,
     commit: &CommitId,
     spec: &RenderSpec,
-    limits: &CheckoutLimits,
-    work_dir: Option<&Path>,
+    (limits, work_dir): (&CheckoutLimits, Option<&Path>),
+    fetched: &[(dependencies::Resolved, Vec<u8>)],
 ) -> Result<Checkout, RenderError> {
-    let checkout = Checkout::write(mirror, commit, limits, work_dir)?;
+    let added: Vec<(String, &[u8])> = match spec {
+        RenderSpec::Helm(h) => fetched
+            .iter()
+            .map(|(r, bytes)| (format!("{}/charts/{}", h.chart, r.file_name()), &bytes[..]))
+            .collect(),
+        RenderSpec::Kustomize { .. } => Vec::new(),
+    };
+    let checkout = Checkout::write(mirror, commit, limits, work_dir, &added)?;
     let read = |rel: &str| std::fs::read_to_string(checkout.repo.join(rel)).ok();
     match spec {
         RenderSpec::Kustomize { path } => checks::check_kustomizations(path, read)?,
@@ -626,6 +783,28 @@ fn unstable_calls(dir: &Path, chart: &str) -> (Vec<(String, Vec<&'static str>)>,
     }
     calls.sort();
     (calls, packaged)
+}
+
+/// The chart's `Chart.yaml` at `commit` (`None`: none) and the paths under its `charts/`.
+/// Blocking.
+fn chart_files(
+    mirror: &Mirror,
+    commit: &CommitId,
+    chart: &str,
+    limits: &CheckoutLimits,
+) -> Result<(Option<String>, Vec<String>), RenderError> {
+    let git = |e: tether_git_source::Error| RenderError::Io(format!("reading the chart: {e}"));
+    let chart_yaml = mirror
+        .read_file(commit, &format!("{chart}/Chart.yaml"), limits.max_size)
+        .map_err(git)?
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
+    let listed = mirror
+        .list_files(commit, &format!("{chart}/charts"), limits.max_entries)
+        .map_err(git)?
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    Ok((chart_yaml, listed))
 }
 
 /// Whether `charts/` holds the dependency `name`, unpacked or as `name-<version>.tgz`.

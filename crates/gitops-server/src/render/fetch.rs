@@ -1,0 +1,412 @@
+//! Chart dependencies fetched by kas itself, outside the renderers' sandbox (which keeps no
+//! network): each repository's `index.yaml`, kept for `index_ttl`, and chart archives, checked
+//! against the index's SHA-256 and kept on disk by digest. Only URLs of the allow list are
+//! asked; redirects are not followed; every answer has a time and size limit; no credentials.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tether_transport::with_causes;
+use url::Url;
+
+use super::RenderError;
+use super::dependencies::{
+    AllowList, ChartIndex, Resolved, index_url, looks_gzipped, parse_index, sha256_hex,
+};
+
+/// Where kas may fetch chart dependencies from, and the bounds of each fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChartRepoConfig {
+    /// URL prefixes of the chart repositories (and archive locations) allowed; empty: none,
+    /// dependencies must be vendored.
+    pub allowed: Vec<String>,
+    /// Longest one request (answer and body) may take.
+    pub timeout: Duration,
+    /// Largest `index.yaml`, in bytes.
+    pub max_index_size: u64,
+    /// Largest chart archive, in bytes.
+    pub max_archive_size: u64,
+    /// How long a fetched index is used before it is fetched again.
+    pub index_ttl: Duration,
+    /// Where archives are kept by digest; none kept when `None`.
+    pub cache_dir: Option<PathBuf>,
+    /// Most bytes of archives kept there; the least recently used go first.
+    pub cache_size: u64,
+    /// CA certificates trusted for HTTPS repositories instead of the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for ChartRepoConfig {
+    fn default() -> Self {
+        Self {
+            allowed: Vec::new(),
+            timeout: Duration::from_secs(30),
+            max_index_size: 64 << 20,
+            max_archive_size: 20 << 20,
+            index_ttl: Duration::from_secs(60),
+            cache_dir: None,
+            cache_size: 512 << 20,
+            ca_file: None,
+        }
+    }
+}
+
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// An index as last fetched.
+#[derive(Debug)]
+struct Fetched {
+    at: Instant,
+    index: Arc<ChartIndex>,
+}
+
+/// Fetches indexes and archives for every rendering of this kas.
+#[derive(Debug)]
+pub struct ChartFetcher {
+    config: ChartRepoConfig,
+    allow: AllowList,
+    /// The client, or why there is none (the CA file could not be read).
+    client: Result<HttpClient, String>,
+    /// One slot per index URL: renderings wanting the same index wait for one fetch.
+    indexes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Fetched>>>>>,
+    metrics: ChartFetchMetrics,
+}
+
+/// Fetches by what was fetched (`index`, `archive`) and outcome.
+#[derive(Debug, Clone, Default)]
+pub struct ChartFetchMetrics {
+    fetches: Family<FetchLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FetchLabel {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+impl ChartFetchMetrics {
+    /// Registers `gitops_chart_fetches_total`.
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register(
+            "gitops_chart_fetches",
+            "Chart repository requests and cache uses for chart dependencies, by kind (index, archive) and outcome (fetched, cached, stale, failed, digest_mismatch)",
+            self.fetches.clone(),
+        );
+    }
+
+    fn count(&self, kind: &'static str, outcome: &'static str) {
+        self.fetches
+            .get_or_create(&FetchLabel { kind, outcome })
+            .inc();
+    }
+}
+
+impl ChartFetcher {
+    /// A fetcher for `config`; `None` when no repository is allowed. The allow list was
+    /// checked with the configuration (an entry that is not a URL allows nothing).
+    pub fn new(config: ChartRepoConfig) -> Option<Self> {
+        let allow = match AllowList::new(&config.allowed) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "gitops.render.chart_repositories is invalid: kas fetches no chart dependency");
+                AllowList::default()
+            }
+        };
+        if allow.is_empty() {
+            return None;
+        }
+        let client = client(config.ca_file.as_deref());
+        if let Err(e) = &client {
+            tracing::error!(error = %e, "Cannot set up HTTPS for chart repositories: charts with dependencies to fetch fail to render");
+        }
+        if let Some(dir) = &config.cache_dir
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            tracing::error!(dir = %dir.display(), error = %e, "Cannot create the chart archive cache: archives are fetched at every rendering");
+        }
+        tracing::info!(repositories = ?config.allowed, "Chart dependencies are fetched from these repositories");
+        Some(Self {
+            config,
+            allow,
+            client,
+            indexes: Mutex::default(),
+            metrics: ChartFetchMetrics::default(),
+        })
+    }
+
+    /// The allow list.
+    pub fn allow(&self) -> &AllowList {
+        &self.allow
+    }
+
+    /// The fetch counters.
+    pub fn metrics(&self) -> &ChartFetchMetrics {
+        &self.metrics
+    }
+
+    /// `repository`'s index and its URL: kept if fetched within `index_ttl`, else fetched; when
+    /// that fails, the last one fetched (its archives are likely cached), else the failure.
+    pub async fn index(&self, repository: &str) -> Result<(Url, Arc<ChartIndex>), RenderError> {
+        let url = index_url(repository).map_err(|detail| RenderError::ChartRepository {
+            url: repository.into(),
+            detail,
+        })?;
+        let slot = {
+            let mut all = self.indexes.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(all.entry(url.to_string()).or_default())
+        };
+        let mut kept = slot.lock().await;
+        if let Some(f) = kept
+            .as_ref()
+            .filter(|f| f.at.elapsed() < self.config.index_ttl)
+        {
+            self.metrics.count("index", "cached");
+            return Ok((url, Arc::clone(&f.index)));
+        }
+        let fetched = self
+            .get(&url, self.config.max_index_size, "max_chart_index_size")
+            .await
+            .and_then(|bytes| parse_index(&bytes));
+        match fetched {
+            Ok(index) => {
+                self.metrics.count("index", "fetched");
+                let index = Arc::new(index);
+                *kept = Some(Fetched {
+                    at: Instant::now(),
+                    index: Arc::clone(&index),
+                });
+                Ok((url, index))
+            }
+            Err(detail) => match kept.as_ref() {
+                Some(f) => {
+                    self.metrics.count("index", "stale");
+                    tracing::warn!(url = %url, error = %detail, "Chart repository index unavailable: resolving with the one fetched before");
+                    Ok((url, Arc::clone(&f.index)))
+                }
+                None => {
+                    self.metrics.count("index", "failed");
+                    Err(RenderError::ChartRepository {
+                        url: url.to_string(),
+                        detail,
+                    })
+                }
+            },
+        }
+    }
+
+    /// The archive of `resolved`, from the cache or fetched, its SHA-256 checked against the
+    /// index's.
+    pub async fn archive(&self, resolved: &Resolved) -> Result<Vec<u8>, RenderError> {
+        if let Some(bytes) = self.cached(&resolved.digest).await {
+            self.metrics.count("archive", "cached");
+            return Ok(bytes);
+        }
+        let url = Url::parse(&resolved.url).map_err(|e| RenderError::ChartRepository {
+            url: resolved.url.clone(),
+            detail: e.to_string(),
+        })?;
+        let bytes = self
+            .get(&url, self.config.max_archive_size, "max_chart_size")
+            .await
+            .map_err(|detail| {
+                self.metrics.count("archive", "failed");
+                RenderError::ChartRepository {
+                    url: resolved.url.clone(),
+                    detail,
+                }
+            })?;
+        let got = sha256_hex(&bytes);
+        if got != resolved.digest || !looks_gzipped(&bytes) {
+            self.metrics.count("archive", "digest_mismatch");
+            return Err(RenderError::DigestMismatch {
+                chart: format!("{} {}", resolved.name, resolved.version),
+                url: resolved.url.clone(),
+                expected: resolved.digest.clone(),
+                got,
+            });
+        }
+        self.metrics.count("archive", "fetched");
+        self.keep(&resolved.digest, &bytes).await;
+        Ok(bytes)
+    }
+
+    /// The body of a `GET` of `url` (allowed, a 2xx answer, at most `max` bytes, within the
+    /// timeout); why not, otherwise. `limit` names the setting bounding the size.
+    async fn get(&self, url: &Url, max: u64, limit: &str) -> Result<Vec<u8>, String> {
+        if !self.allow.allows(url.as_str()) {
+            return Err("not under gitops.render.chart_repositories".into());
+        }
+        let client = self.client.as_ref().map_err(Clone::clone)?;
+        let request = http::Request::get(url.as_str())
+            .header(http::header::USER_AGENT, "tether-kas")
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let exchange = async {
+            let answer = client.request(request).await.map_err(|e| with_causes(&e))?;
+            let status = answer.status();
+            if status.is_redirection() {
+                let to = answer
+                    .headers()
+                    .get(http::header::LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .unwrap_or_default();
+                return Err(format!(
+                    "answered {status}, a redirect to {to:?}: kas follows no redirect (name the final location in the chart, and allow it)"
+                ));
+            }
+            if !status.is_success() {
+                return Err(format!("answered {status}"));
+            }
+            let max_usize = usize::try_from(max).unwrap_or(usize::MAX);
+            let body = Limited::new(answer.into_body(), max_usize)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        format!("larger than {max} bytes (gitops.render.{limit})")
+                    } else {
+                        with_causes(&*e)
+                    }
+                })?;
+            Ok(body.to_bytes().to_vec())
+        };
+        tokio::time::timeout(self.config.timeout, exchange)
+            .await
+            .map_err(|_| {
+                format!(
+                    "no complete answer within {:?} (gitops.render.chart_fetch_timeout)",
+                    self.config.timeout
+                )
+            })?
+    }
+
+    /// The archive of `digest` from the cache, checked again (a disk may corrupt it).
+    async fn cached(&self, digest: &str) -> Option<Vec<u8>> {
+        let dir = self.config.cache_dir.clone()?;
+        let digest = digest.to_owned();
+        tokio::task::spawn_blocking(move || read_cached(&dir, &digest))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Keeps `bytes` as the archive of `digest`, then trims the cache to its size.
+    async fn keep(&self, digest: &str, bytes: &[u8]) {
+        let Some(dir) = self.config.cache_dir.clone() else {
+            return;
+        };
+        let (digest, bytes, bound) = (digest.to_owned(), bytes.to_vec(), self.config.cache_size);
+        let kept = tokio::task::spawn_blocking(move || {
+            write_cached(&dir, &digest, &bytes)?;
+            trim(&dir, bound, &digest)
+        })
+        .await;
+        match kept {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "Cannot keep a chart archive in the cache"),
+            Err(e) => tracing::warn!(error = %e, "Cannot keep a chart archive in the cache"),
+        }
+    }
+}
+
+fn client(ca_file: Option<&Path>) -> Result<HttpClient, String> {
+    let connector = tether_transport::https_connector(ca_file).map_err(|e| e.to_string())?;
+    Ok(Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector))
+}
+
+fn cache_path(dir: &Path, digest: &str) -> PathBuf {
+    dir.join(format!("{digest}.tgz"))
+}
+
+fn read_cached(dir: &Path, digest: &str) -> Option<Vec<u8>> {
+    let path = cache_path(dir, digest);
+    let bytes = std::fs::read(&path).ok()?;
+    if sha256_hex(&bytes) != digest {
+        tracing::warn!(path = %path.display(), "A cached chart archive does not match its digest: fetched again");
+        let _ = std::fs::remove_file(&path);
+        return None;
+    }
+    // Its time of last use, for the least-recently-used trim.
+    let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    Some(bytes)
+}
+
+/// Written under a temporary name and renamed: a reader never sees half an archive.
+fn write_cached(dir: &Path, digest: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.persist(cache_path(dir, digest))
+        .map(|_| ())
+        .map_err(|e| e.error)
+}
+
+/// Deletes the least recently used archives of `dir` until at most `bound` bytes are kept;
+/// `keep` (just written) stays even alone over the bound.
+fn trim(dir: &Path, bound: u64, keep: &str) -> std::io::Result<()> {
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let path = e.path();
+        let Ok(meta) = e.metadata() else { continue };
+        if meta.is_file() && path.extension().is_some_and(|x| x == "tgz") {
+            let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            files.push((used, meta.len(), path));
+        }
+    }
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    files.sort();
+    let kept = cache_path(dir, keep);
+    for (_, size, path) in files {
+        if total <= bound {
+            break;
+        }
+        if path != kept {
+            std::fs::remove_file(&path)?;
+            total = total.saturating_sub(size);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_checked_archives_and_trims_the_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (a, b, c) = (vec![1u8; 100], vec![2u8; 100], vec![3u8; 100]);
+        let (da, db, dc) = (sha256_hex(&a), sha256_hex(&b), sha256_hex(&c));
+        write_cached(d, &da, &a).unwrap();
+        write_cached(d, &db, &b).unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        for digest in [&da, &db] {
+            let f = std::fs::File::open(cache_path(d, digest)).unwrap();
+            f.set_modified(old).unwrap();
+        }
+        // Used: a is now the most recent of the two.
+        assert_eq!(read_cached(d, &da), Some(a.clone()));
+        write_cached(d, &dc, &c).unwrap();
+        trim(d, 200, &dc).unwrap();
+        assert!(read_cached(d, &db).is_none(), "least recently used");
+        assert_eq!(read_cached(d, &da), Some(a));
+        assert_eq!(read_cached(d, &dc), Some(c.clone()));
+        // What was just written stays, even alone over the bound.
+        trim(d, 10, &dc).unwrap();
+        assert_eq!(read_cached(d, &dc), Some(c));
+        // A corrupted archive is not served, and is deleted.
+        std::fs::write(cache_path(d, &dc), b"other").unwrap();
+        assert!(read_cached(d, &dc).is_none());
+        assert!(!cache_path(d, &dc).exists());
+    }
+}
