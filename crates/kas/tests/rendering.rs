@@ -972,6 +972,17 @@ async fn a_charts_dependency_is_fetched_from_an_allowed_repository_and_kept() {
     let cm = get_json(&rig.env, &["get", "configmap", "shop-config", "-n", &ns]).unwrap();
     assert_eq!(cm["data"]["color"], "black");
     assert_eq!(greeter_version(&rig.env, &ns), "1.0.1");
+    let fetches = |kind: &str, outcome: &str| {
+        let series =
+            format!("kas_gitops_chart_fetches_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}");
+        let kas = &rig.kas;
+        async move { kas.metric(&series).await.unwrap_or(0.0) }
+    };
+    // Two archives downloaded (1.0.0, 1.0.1); the last commit used the index fetched before
+    // and the archive kept.
+    assert_eq!(fetches("archive", "fetched").await, 2.0);
+    assert!(fetches("archive", "cached").await >= 1.0);
+    assert!(fetches("index", "stale").await >= 1.0);
 }
 
 /// A dependency from a repository kas does not allow, an archive whose digest is not the
