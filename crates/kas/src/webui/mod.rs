@@ -167,9 +167,9 @@ async fn session_of(st: &WebState, id: Option<String>) -> Option<LoggedIn> {
 }
 
 /// The session id in a request's cookie.
-fn session_id(req: &Request) -> Option<String> {
+fn session_id(req: &Request, tls: bool) -> Option<String> {
     let cookies = req.headers().get(header::COOKIE)?.to_str().ok()?;
-    session::cookie_value(cookies, session::COOKIE).map(str::to_owned)
+    session::cookie_value(cookies, session::cookie_name(tls)).map(str::to_owned)
 }
 
 /// Lets through requests of a live session: pages to anyone logged in; a POST only with the
@@ -177,7 +177,7 @@ fn session_id(req: &Request) -> Option<String> {
 async fn require_session(State(st): State<WebState>, req: Request, next: Next) -> Response {
     // The id owned before awaiting: a request (its body) is not `Sync`, so the future may not
     // hold a reference to it.
-    let id = session_id(&req);
+    let id = session_id(&req, st.tls);
     let Some(who) = session_of(&st, id).await else {
         if req.method() == Method::GET {
             return Redirect::to("/login").into_response();

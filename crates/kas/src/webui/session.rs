@@ -12,8 +12,18 @@ use tether_store::{Store, WebSession};
 
 use crate::auth::AdminToken;
 
-/// The session cookie's name.
+/// The session cookie's name without TLS.
 pub const COOKIE: &str = "tether_session";
+
+/// The session cookie's name over TLS, where browsers take a `__Host-` cookie only from this
+/// host itself, `Secure`, for `Path=/` and without `Domain`: a sibling subdomain cannot set
+/// one to pin a victim to the attacker's session (login fixation).
+const HOST_COOKIE: &str = "__Host-tether_session";
+
+/// The session cookie's name on a listener with or without TLS.
+pub fn cookie_name(tls: bool) -> &'static str {
+    if tls { HOST_COOKIE } else { COOKIE }
+}
 
 /// Most sessions kept (the soonest-expiring viewers' dropped first): a flood of logins cannot
 /// grow the table without bound.
@@ -209,7 +219,8 @@ impl Sessions {
 pub fn set_cookie(id: &str, max_age: Duration, tls: bool) -> String {
     let secure = if tls { "; Secure" } else { "" };
     format!(
-        "{COOKIE}={id}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+        "{}={id}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+        cookie_name(tls),
         max_age.as_secs()
     )
 }
@@ -219,12 +230,16 @@ pub fn clear_cookie(tls: bool) -> String {
     set_cookie("", Duration::ZERO, tls)
 }
 
-/// The value of cookie `name` in a `Cookie` header.
+/// The value of cookie `name` in a `Cookie` header; `None` when it is there twice: kas sets
+/// one, so a second was set by someone else (another path or domain), and which of the two the
+/// browser sends first is theirs to choose.
 pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
-    header.split(';').find_map(|part| {
+    let mut found = header.split(';').filter_map(|part| {
         let (k, v) = part.trim().split_once('=')?;
         (k == name).then_some(v)
-    })
+    });
+    let value = found.next()?;
+    found.next().is_none().then_some(value)
 }
 
 /// Whether a submitted CSRF token is the session's, compared in constant time.
@@ -243,7 +258,7 @@ mod tests {
         let c = set_cookie("abc", Duration::from_secs(60), true);
         assert_eq!(
             c,
-            "tether_session=abc; Path=/; Max-Age=60; HttpOnly; SameSite=Lax; Secure"
+            "__Host-tether_session=abc; Path=/; Max-Age=60; HttpOnly; SameSite=Lax; Secure"
         );
         assert!(!set_cookie("abc", Duration::from_secs(60), false).contains("Secure"));
         assert!(clear_cookie(false).contains("Max-Age=0"));
@@ -254,6 +269,18 @@ mod tests {
         let h = "a=1; tether_session=xyz; b=2";
         assert_eq!(cookie_value(h, COOKIE), Some("xyz"));
         assert_eq!(cookie_value("tether_sessionx=1", COOKIE), None);
+    }
+
+    /// A second cookie of the name (set by a sibling subdomain, say, and sent first) was taken
+    /// as the session: a person could be pinned to the attacker's session.
+    #[test]
+    fn a_cookie_sent_twice_is_no_session() {
+        assert_eq!(
+            cookie_value("tether_session=evil; tether_session=mine", COOKIE),
+            None
+        );
+        assert!(clear_cookie(false).starts_with("tether_session="));
+        assert!(set_cookie("x", Duration::from_secs(1), false).starts_with("tether_session=x;"));
     }
 
     #[tokio::test]
