@@ -387,6 +387,7 @@ impl Jwt {
             audience: "kas".into(),
             jwks: source,
             claims: Default::default(),
+            namespaces: None,
         };
         OidcVerifier::with_cache(vec![issuer], cache)
     }

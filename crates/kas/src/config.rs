@@ -785,6 +785,8 @@ impl Config {
         if !self.kubernetes_api.path_prefix.starts_with('/') {
             return Err("kubernetes_api.path_prefix must start with /".into());
         }
+        tether_kubeproxy_server::validate_issuers(&self.kubernetes_api.ci_issuers)
+            .map_err(|e| format!("kubernetes_api.{e}"))?;
         if self.git.poll_interval.is_zero() {
             return Err("git.poll_interval must be positive".into());
         }
@@ -1072,6 +1074,49 @@ mod tests {
         let c = Config::load(&p).expect("example config");
         assert_eq!(c.agent.tunnel_wait_timeout, Duration::from_secs(20));
         assert_eq!(c.database.statement_timeout, Duration::from_secs(60));
+    }
+
+    /// Two issuers must say whose projects each speaks for, without overlap, or kas does not
+    /// start; one issuer alone may leave it out.
+    #[test]
+    fn several_ci_issuers_need_disjoint_namespaces() {
+        let issuers = |gl: &str, gh: &str| {
+            format!(
+                "kubernetes_api:\n  ci_issuers:\n  - issuer: https://gitlab.example\n    audience: kas\n    jwks:\n      file: /gl.json\n{gl}  - issuer: https://token.actions.githubusercontent.com\n    audience: kas\n    jwks:\n      file: /gh.json\n    claims:\n      project_path: repository\n{gh}"
+            )
+        };
+        let err = parse(&issuers("    namespaces: [acme]\n", ""))
+            .expect_err("the GitHub issuer lists no namespaces")
+            .to_string();
+        assert!(
+            err.contains("ci_issuers[1] (https://token.actions.githubusercontent.com)")
+                && err.contains("namespaces"),
+            "{err}"
+        );
+        let err = parse(&issuers(
+            "    namespaces: [acme]\n",
+            "    namespaces: [Acme]\n",
+        ))
+        .expect_err("acme claimed twice")
+        .to_string();
+        assert!(
+            err.contains("ci_issuers[0] (https://gitlab.example)") && err.contains("overlap"),
+            "{err}"
+        );
+        let c = parse(&issuers(
+            "    namespaces: [acme]\n",
+            "    namespaces: [acme-gh]\n",
+        ))
+        .expect("disjoint namespaces");
+        assert_eq!(
+            c.kubernetes_api.ci_issuers[1].namespaces,
+            Some(vec!["acme-gh".to_owned()])
+        );
+        let single = "kubernetes_api:\n  ci_issuers:\n  - issuer: https://gitlab.example\n    audience: kas\n    jwks:\n      file: /gl.json\n";
+        assert_eq!(
+            parse(single).expect("one issuer").kubernetes_api.ci_issuers[0].namespaces,
+            None
+        );
     }
 
     #[test]

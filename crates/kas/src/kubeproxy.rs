@@ -219,6 +219,14 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
 #[derive(Debug, Clone)]
 struct Denial(String);
 
+/// The Kubernetes `Status` reason (and denial metric label) of a CI token that was refused.
+fn auth_reason(e: &tether_kubeproxy_server::AuthError) -> &'static str {
+    match e.status() {
+        StatusCode::FORBIDDEN => "Forbidden",
+        _ => "Unauthorized",
+    }
+}
+
 fn deny(p: &Proxy, code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     p.metrics
         .denials
@@ -464,7 +472,7 @@ impl Proxy {
             .verifier
             .verify_until(jwt, SystemTime::now())
             .await
-            .map_err(|e| deny(self, e.status(), "Unauthorized", &e.to_string()))?;
+            .map_err(|e| deny(self, e.status(), auth_reason(&e), &e.to_string()))?;
         let (project_id, project_path) = self.agent_project(agent_id, " to this job").await?;
         let config = self.agent_config(agent_id).await?;
         let ok = authorize_ci(&config.ci_access, &project_path, &job)
@@ -1090,7 +1098,7 @@ impl Proxy {
         };
         let job = match self.verifier.verify(jwt.trim(), SystemTime::now()).await {
             Ok(j) => j,
-            Err(e) => return deny(self, e.status(), "Unauthorized", &e.to_string()),
+            Err(e) => return deny(self, e.status(), auth_reason(&e), &e.to_string()),
         };
         let agents = match self.agents_in_force().await {
             Ok(a) => a,

@@ -82,6 +82,7 @@ async fn a_stalled_jwks_body_fails_within_the_deadline_and_a_later_fetch_works()
         audience: AUDIENCE.into(),
         jwks: JwksSource::Url(url.clone()),
         claims: ClaimMapping::default(),
+        namespaces: None,
     };
     let cache = JwksCache::new([(ISSUER.to_owned(), issuer.jwks.clone())], fetcher)
         .with_min_refresh_interval(Duration::ZERO);

@@ -110,6 +110,25 @@ async fn setup_rechecking(
     kubernetes_api_extra: &str,
     token_recheck: &'static str,
 ) -> Setup {
+    setup_issuers(
+        agent_kubeconfig,
+        jwks_by_url,
+        kubernetes_api_extra,
+        token_recheck,
+        "",
+    )
+    .await
+}
+
+/// As [`setup_rechecking`], with `other_issuers` (YAML list items) trusted besides [`ISSUER`];
+/// when there are any, [`ISSUER`] speaks for namespace `group` only.
+async fn setup_issuers(
+    agent_kubeconfig: Option<std::path::PathBuf>,
+    jwks_by_url: bool,
+    kubernetes_api_extra: &str,
+    token_recheck: &'static str,
+    other_issuers: &str,
+) -> Setup {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let agent_ns = env.create_namespace("proxy-agent").unwrap();
@@ -143,6 +162,12 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
         format!("file: {}", jwks.display())
     };
 
+    let namespaces = if other_issuers.is_empty() {
+        ""
+    } else {
+        "    namespaces: [group]\n"
+    };
+
     let config_repo = GitRepo::init(&dir.path().join("config"));
     let c1 = config_repo.commit(
         &[(
@@ -160,7 +185,7 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
             git_poll: "1s",
             // The proxy's CA goes into every kubeconfig kas hands out.
             kubernetes_api_extra: format!(
-                "  ci_issuers:\n  - issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks:\n      {jwks_source}\n  ca_file: {}\n{kubernetes_api_extra}",
+                "  ci_issuers:\n  - issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks:\n      {jwks_source}\n{namespaces}{other_issuers}  ca_file: {}\n{kubernetes_api_extra}",
                 pki.ca.display()
             ),
             k8s_tls: Some((pki.cert.clone(), pki.key.clone())),
@@ -1253,6 +1278,58 @@ async fn configuration_project_jobs_run_as_the_agent_unless_ci_access_opts_out()
     // Other projects' access is unchanged.
     let mut c = s.kubectl(&s.key.sign(&claims("group/app")));
     c.args(["get", "configmaps", "-n", &s.allowed]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{out}{err}");
+}
+
+/// With a GitLab and GitHub Actions both trusted, the owner of GitHub organisation `group`
+/// mints a token for repository `group/config`, the agent's configuration project on GitLab:
+/// kas refuses it (403, naming the issuer), so the implicit configuration-project rule never
+/// sees it, while GitLab's token for the same project keeps the agent's rights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_another_issuer_cannot_pass_for_a_project_of_this_one() {
+    const GITHUB: &str = "https://token.actions.githubusercontent.com";
+    let keys = tempfile::tempdir().unwrap();
+    let github_key = SigningKey::new("gh-key");
+    let github_jwks = keys.path().join("github.json");
+    std::fs::write(&github_jwks, json!({"keys": [&github_key.jwk]}).to_string()).unwrap();
+    let github = format!(
+        "  - issuer: {GITHUB}\n    audience: {AUDIENCE}\n    jwks:\n      file: {}\n    claims:\n      project_path: repository\n      project_id: repository_id\n      job_id: run_id\n      pipeline_id: run_id\n      namespace_path: repository_owner\n      user: actor\n    namespaces: [octo-org]\n",
+        github_jwks.display()
+    );
+    let s = setup_issuers(None, false, "", "1m", &github).await;
+    let served = || async {
+        s._agent
+            .metric("agentk_tunnel_requests_served_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    let t = now();
+    let impostor = github_key.sign(&json!({
+        "iss": GITHUB, "aud": AUDIENCE, "iat": t, "nbf": t - 5, "exp": t + 600,
+        "repository": "group/config", "repository_id": "42", "repository_owner": "group",
+        "run_id": "999", "actor": "mallory",
+    }));
+    let before = served().await;
+
+    let mut c = s.kubectl(&impostor);
+    c.args(["get", "configmaps", "-n", &s.denied]);
+    let (ok, out, err) = output(c);
+    assert!(
+        !ok,
+        "the GitHub token passed for GitLab's group/config: {out}"
+    );
+    assert!(err.contains("Forbidden"), "{err}");
+    // (The log is JSON: the quotes around the path are escaped there.)
+    let said = format!("issuer {GITHUB} may not speak for project");
+    assert!(s.kas.log().contains(&said), "kas says why: {}", s.kas.log());
+    let (status, body) = s.kubeconfig(&impostor).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(served().await, before, "nothing reached the agent");
+
+    // GitLab's own token for its configuration project still has the agent's rights.
+    let mut c = s.kubectl(&s.key.sign(&claims("group/config")));
+    c.args(["get", "configmaps", "-n", &s.denied]);
     let (ok, out, err) = output(c);
     assert!(ok, "{out}{err}");
 }

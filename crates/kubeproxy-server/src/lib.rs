@@ -5,20 +5,23 @@
 //!
 //! 1. [`Credential::from_headers`] — which agent, and which kind of secret (`ci:` / `pat:`).
 //! 2. [`OidcVerifier::verify`] — a CI job's ID token becomes a [`CiIdentity`] (signature, issuer,
-//!    audience, lifetime checked against keys from the issuer's JWKS).
+//!    audience, lifetime checked against keys from the issuer's JWKS; the project must lie in
+//!    the issuer's `namespaces`, see [`issuer_speaks_for`]).
 //! 3. [`authorize_ci`] / [`authorize_user`] — the agent's `ci_access` / `user_access` decide
 //!    whether, and as whom ([`Authorized::access_as`]), the request goes to the cluster.
 //! 4. [`ci_job_context`] / [`user_context`] — what kas sends to agentk with the request;
 //!    [`ci_kubeconfig`] — the kubeconfig a CI job downloads.
 //!
-//! Errors carry the HTTP status the proxy answers with ([`AuthError::status`]: 401, or 503 when
-//! the signing keys cannot be loaded; [`Denied::status`]: 403).
+//! Errors carry the HTTP status the proxy answers with ([`AuthError::status`]: 401, 503 when
+//! the signing keys cannot be loaded, 403 for a token whose issuer may not speak for its
+//! project ([`issuer_speaks_for`]); [`Denied::status`]: 403).
 
 mod authorize;
 mod context;
 mod credentials;
 mod expiring;
 mod gitlab;
+mod issuers;
 mod kubeconfig;
 mod membership;
 mod oidc;
@@ -32,6 +35,7 @@ pub use context::{KubeconfigAgent, ci_job_context, ci_kubeconfig, mode_name, use
 pub use credentials::Credential;
 pub use expiring::ExpiringMap;
 pub use gitlab::{environment_slug, roles_up_to};
+pub use issuers::{IssuerConfigError, issuer_speaks_for, validate_issuers};
 pub use kubeconfig::{CLUSTER_NAME, Kubeconfig, KubeconfigError, check_ca_pem};
 pub use membership::{MembershipSpecError, memberships_from_json, memberships_to_json};
 pub use oidc::{
@@ -85,6 +89,25 @@ pub enum AuthError {
         /// The trusted issuer whose keys are missing.
         issuer: String,
     },
+    /// The token is genuine, but its project lies outside the namespaces its issuer may speak
+    /// for (another issuer's projects, or none kas trusts it for).
+    #[error(
+        "issuer {issuer} may not speak for project {project:?}: its namespace {:?} is not one of \
+         the issuer's namespaces ({})", top_namespace(.project), .namespaces.join(", ")
+    )]
+    OutsideIssuerNamespaces {
+        /// The issuer that signed the token.
+        issuer: String,
+        /// The project path the token names.
+        project: String,
+        /// The namespaces the issuer may speak for.
+        namespaces: Vec<String>,
+    },
+}
+
+/// The first segment of `path`: the top-level group, user or organisation.
+fn top_namespace(path: &str) -> &str {
+    path.split('/').next().unwrap_or(path)
 }
 
 impl AuthError {
@@ -93,6 +116,8 @@ impl AuthError {
     pub fn status(&self) -> http::StatusCode {
         match self {
             AuthError::KeysUnavailable { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
+            // Who the caller is is settled; what it may reach is not granted: a refusal.
+            AuthError::OutsideIssuerNamespaces { .. } => http::StatusCode::FORBIDDEN,
             _ => http::StatusCode::UNAUTHORIZED,
         }
     }

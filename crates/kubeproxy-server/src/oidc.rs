@@ -81,6 +81,11 @@ pub struct TrustedIssuer {
     /// Which claims carry the identity; defaults to GitLab's names.
     #[serde(default)]
     pub claims: ClaimMapping,
+    /// Top-level namespaces (or deeper paths) whose projects this issuer's tokens may name;
+    /// `None`: every path, allowed only when this is the sole issuer (see
+    /// [`crate::validate_issuers`]). A token for a project outside them is refused (403).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
 }
 
 /// Where a key set comes from.
@@ -584,7 +589,17 @@ impl OidcVerifier {
         now: SystemTime,
     ) -> Result<(CiIdentity, f64, Option<f64>), AuthError> {
         let (issuer, claims, exp, nbf) = self.checked_claims(token, now).await?;
-        Ok((identity(issuer, &claims)?, exp, nbf))
+        let identity = identity(issuer, &claims)?;
+        // The signature proves only that this issuer vouches for the path; whether the path is
+        // the issuer's to vouch for is configuration (another issuer may own it).
+        if !crate::issuer_speaks_for(issuer.namespaces.as_deref(), &identity.project_path) {
+            return Err(AuthError::OutsideIssuerNamespaces {
+                issuer: issuer.issuer.clone(),
+                project: identity.project_path,
+                namespaces: issuer.namespaces.clone().unwrap_or_default(),
+            });
+        }
+        Ok((identity, exp, nbf))
     }
 
     /// Checks any OIDC ID token of a trusted issuer (signature, `iss`, `aud`, `exp`, `nbf`)

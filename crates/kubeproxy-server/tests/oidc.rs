@@ -138,6 +138,7 @@ fn issuer(issuer: &str, jwks: JwksSource, claims: ClaimMapping) -> TrustedIssuer
         audience: AUDIENCE.into(),
         jwks,
         claims,
+        namespaces: None,
     }
 }
 
@@ -222,6 +223,66 @@ async fn github_rs256_token() {
             user: Some("octocat".into()),
         })
     );
+}
+
+/// Both test issuers vouch for an `acme` (the fixtures' GitLab group and GitHub organisation
+/// share the name, as in the attack): once each issuer lists its namespaces, a GitHub token
+/// for `acme/app` is refused with a 403 naming the issuer, and each issuer's own projects pass.
+#[tokio::test]
+async fn a_token_for_a_project_outside_its_issuers_namespaces_is_refused() {
+    let s = setup();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let github_jwks = dir.path().join("github.json");
+    write_jwks(&github_jwks, &[&s.github_key]);
+    let scoped = |iss: &str, jwks: JwksSource, claims: ClaimMapping, ns: &str| TrustedIssuer {
+        namespaces: Some(vec![ns.to_owned()]),
+        ..issuer(iss, jwks, claims)
+    };
+    let verifier = OidcVerifier::new(
+        vec![
+            scoped(
+                GITLAB,
+                JwksSource::File(s.gitlab_jwks.clone()),
+                ClaimMapping::gitlab(),
+                "ACME",
+            ),
+            scoped(
+                GITHUB,
+                JwksSource::File(github_jwks),
+                ClaimMapping::github(),
+                "acme-gh",
+            ),
+        ],
+        Arc::new(NoFetcher),
+    );
+
+    let refused = verifier
+        .verify(&s.github_key.sign(&github_claims()), now())
+        .await
+        .expect_err("GitHub may not speak for acme/app");
+    assert_eq!(
+        refused,
+        AuthError::OutsideIssuerNamespaces {
+            issuer: GITHUB.into(),
+            project: "acme/app".into(),
+            namespaces: vec!["acme-gh".into()],
+        }
+    );
+    assert_eq!(refused.status(), http::StatusCode::FORBIDDEN);
+    let message = refused.to_string();
+    assert!(
+        message.contains(GITHUB) && message.contains("\"acme\"") && message.contains("acme-gh"),
+        "{message}"
+    );
+
+    let gitlab = s.gitlab_key.sign(&gitlab_claims());
+    assert_eq!(verifier.verify(&gitlab, now()).await, Ok(gitlab_identity()));
+    let own = with(github_claims(), "repository", json!("acme-gh/app"));
+    let identity = verifier
+        .verify(&s.github_key.sign(&own), now())
+        .await
+        .expect("GitHub speaks for acme-gh");
+    assert_eq!(identity.project_path, "acme-gh/app");
 }
 
 #[tokio::test]

@@ -232,6 +232,8 @@ impl Provider {
                     audience: self.cfg.client_id.clone(),
                     jwks: JwksSource::Url(d.jwks_uri.clone()),
                     claims: ClaimMapping::default(),
+                    // The web UI reads who logs in, not which project a job runs in.
+                    namespaces: None,
                 };
                 let fetcher: Arc<dyn tether_kubeproxy_server::JwksFetcher> = self.http.clone();
                 Ok((d, OidcVerifier::new(vec![trusted], fetcher)))
