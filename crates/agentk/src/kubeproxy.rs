@@ -377,7 +377,7 @@ mod tests {
                 ci_job: Some(CiJobContext {
                     job_id: 777,
                     pipeline_id: 5,
-                    project_id: 42,
+                    project_id: Some(42),
                     ..CiJobContext::default()
                 }),
                 ..RequestContext::default()

@@ -77,8 +77,11 @@ pub struct CiJobContext {
     pub job_id: i64,
     /// Pipeline id.
     pub pipeline_id: i64,
-    /// The job's project id.
-    pub project_id: i64,
+    /// The job's project id, when the issuer's token carries one. Left out of the JSON when
+    /// unknown: an agentk that requires it (before it was optional) then refuses the request
+    /// as malformed, rather than reading a made-up id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<i64>,
     /// Ids of the groups holding the project, outermost first (`gitlab:group:<id>` each).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub group_ids: Vec<i64>,
@@ -237,14 +240,15 @@ fn ci_job_identity(ctx: &RequestContext) -> Result<Identity, ImpersonationError>
             groups.push(format!("gitlab:group_env_tier:{group_id}:{tier}"));
         }
     }
-    groups.push(format!("gitlab:project:{}", job.project_id));
-    if let Some(env) = env {
-        groups.push(format!(
-            "gitlab:project_env:{}:{}",
-            job.project_id, env.slug
-        ));
-        if let Some(tier) = tier {
-            groups.push(format!("gitlab:project_env_tier:{}:{tier}", job.project_id));
+    // Without the project id there is no project group: a shared stand-in id would give every
+    // such job of every project the same project identity.
+    if let Some(project_id) = job.project_id {
+        groups.push(format!("gitlab:project:{project_id}"));
+        if let Some(env) = env {
+            groups.push(format!("gitlab:project_env:{project_id}:{}", env.slug));
+            if let Some(tier) = tier {
+                groups.push(format!("gitlab:project_env_tier:{project_id}:{tier}"));
+            }
         }
     }
 
@@ -258,11 +262,13 @@ fn ci_job_identity(ctx: &RequestContext) -> Result<Identity, ImpersonationError>
             vec![id.to_string()],
         ));
     }
-    extra.extend([
-        (
+    if let Some(project_id) = job.project_id {
+        extra.push((
             "agent.gitlab.com/project_id".to_owned(),
-            vec![job.project_id.to_string()],
-        ),
+            vec![project_id.to_string()],
+        ));
+    }
+    extra.extend([
         (
             "agent.gitlab.com/ci_pipeline_id".to_owned(),
             vec![job.pipeline_id.to_string()],
@@ -383,7 +389,7 @@ mod tests {
             ci_job: Some(CiJobContext {
                 job_id: 1,
                 pipeline_id: 2,
-                project_id: 3,
+                project_id: Some(3),
                 group_ids: vec![6],
                 username: Some("testuser".into()),
                 environment,
@@ -501,7 +507,7 @@ mod tests {
             ci_job: Some(CiJobContext {
                 job_id: 77,
                 pipeline_id: 77,
-                project_id: 40,
+                project_id: Some(40),
                 group_ids: vec![],
                 username: None,
                 environment: Some(EnvironmentContext {
@@ -636,6 +642,49 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// An issuer without a project id claim: the job keeps its own identity, but no project
+    /// group, environment group or `project_id` extra (never `gitlab:project:0`, which every
+    /// such job of every project would share).
+    #[test]
+    fn ci_job_without_a_project_id_has_no_project_identity() {
+        let mut ctx = ci_ctx(Some(EnvironmentContext {
+            slug: "prod".into(),
+            tier: Some("production".into()),
+        }));
+        let with_project = impersonation_headers(&AccessAs::CiJob, &ctx).expect("headers");
+        if let Some(job) = ctx.ci_job.as_mut() {
+            job.project_id = None;
+        }
+        let project_facts = |(name, value): &(String, String)| {
+            value.starts_with("gitlab:project") || name.ends_with("%2Fproject_id")
+        };
+        let expected: Vec<(String, String)> = with_project
+            .iter()
+            .filter(|h| !project_facts(h))
+            .cloned()
+            .collect();
+        // Three project groups and the project_id extra, and nothing else, are left out.
+        assert_eq!(expected.len(), with_project.len() - 4);
+        assert_eq!(impersonation_headers(&AccessAs::CiJob, &ctx), Ok(expected));
+    }
+
+    /// The wire form with a project id is what agentk has always read; without one, the key is
+    /// absent, which an agentk needing it refuses (missing field) instead of misreading.
+    #[test]
+    fn the_project_id_is_left_out_of_the_json_when_unknown() {
+        let known = ci_ctx(None);
+        let json = serde_json::to_value(&known).expect("serializes");
+        assert_eq!(json["ci_job"]["project_id"], 3);
+        let mut unknown = known;
+        if let Some(job) = unknown.ci_job.as_mut() {
+            job.project_id = None;
+        }
+        let json = serde_json::to_value(&unknown).expect("serializes");
+        assert_eq!(json["ci_job"].get("project_id"), None);
+        let back: RequestContext = serde_json::from_value(json).expect("deserializes");
+        assert_eq!(back, unknown);
     }
 
     #[test]

@@ -115,7 +115,7 @@ mod tests {
                 ci_job: Some(CiJobContext {
                     job_id: 1,
                     pipeline_id: 2,
-                    project_id: 42,
+                    project_id: Some(42),
                     ..CiJobContext::default()
                 }),
                 user: None,

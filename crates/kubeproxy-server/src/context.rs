@@ -19,7 +19,8 @@ pub fn ci_job_context(agent_id: i64, config_project_id: i64, job: &CiIdentity) -
         ci_job: Some(CiJobContext {
             job_id: job.job_id,
             pipeline_id: job.pipeline_id,
-            project_id: job.project_id.unwrap_or_default(),
+            // Unknown stays unknown: agentk then impersonates no project (IDENTITIES.md).
+            project_id: job.project_id,
             group_ids: Vec::new(),
             username: job.user.clone(),
             environment: job.environment.as_ref().map(|e| EnvironmentContext {
@@ -140,11 +141,23 @@ mod tests {
         assert_eq!(c.config_project_id, Some(9));
         assert!(c.user.is_none());
         let ci = c.ci_job.expect("ci job context");
-        assert_eq!((ci.job_id, ci.pipeline_id, ci.project_id), (11, 5, 7));
+        assert_eq!((ci.job_id, ci.pipeline_id, ci.project_id), (11, 5, Some(7)));
         assert_eq!(ci.username.as_deref(), Some("alice"));
         let env = ci.environment.expect("environment");
         assert_eq!(env.slug, environment_slug("review/feature-x"));
         assert_eq!(env.tier.as_deref(), Some("development"));
+    }
+
+    /// An issuer without a project id claim: the context says so instead of sending project 0,
+    /// which every such job of every project would share.
+    #[test]
+    fn ci_job_context_leaves_an_unknown_project_id_out() {
+        let job = CiIdentity {
+            project_id: None,
+            ..job()
+        };
+        let ci = ci_job_context(3, 9, &job).ci_job.expect("ci job context");
+        assert_eq!(ci.project_id, None);
     }
 
     #[test]
