@@ -1120,6 +1120,33 @@ mod tests {
     }
 
     #[test]
+    fn plain_http_jwks_urls_and_repeated_issuers_stop_kas() {
+        let issuer = |jwks: &str| {
+            format!(
+                "  - issuer: https://gitlab.example\n    audience: kas\n    jwks:\n      {jwks}\n"
+            )
+        };
+        let http = format!(
+            "kubernetes_api:\n  ci_issuers:\n{}",
+            issuer("url: http://gitlab.example/oauth/discovery/keys")
+        );
+        let err = parse(&http).expect_err("http JWKS URL").to_string();
+        assert!(
+            err.contains("kubernetes_api.ci_issuers[0] (https://gitlab.example)")
+                && err.contains("not https"),
+            "{err}"
+        );
+        let https = issuer("url: https://gitlab.example/oauth/discovery/keys");
+        assert!(parse(&format!("kubernetes_api:\n  ci_issuers:\n{https}")).is_ok());
+        let twice = format!(
+            "kubernetes_api:\n  ci_issuers:\n{https}    namespaces: [a]\n{}    namespaces: [b]\n",
+            issuer("file: /keys.json")
+        );
+        let err = parse(&twice).expect_err("listed twice").to_string();
+        assert!(err.contains("ci_issuers[0] and ci_issuers[1]"), "{err}");
+    }
+
+    #[test]
     #[allow(clippy::unwrap_used)]
     fn the_database_url_is_read_from_its_file_and_checked() {
         let dir = tempfile::tempdir().unwrap();

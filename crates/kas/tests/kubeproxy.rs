@@ -60,8 +60,20 @@ async fn setup() -> Setup {
     setup_with(None, false).await
 }
 
-/// Serves `body` at any path over plain HTTP on 127.0.0.1 (a stand-in for an issuer's JWKS URL).
-async fn serve_document(body: String) -> u16 {
+/// Serves `body` at any path over HTTPS (`pki`'s certificate for localhost) on 127.0.0.1: a
+/// stand-in for an issuer's JWKS URL (kas refuses plain `http://` ones).
+async fn serve_document(body: String, pki: &Pki) -> u16 {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(&pki.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&pki.key).unwrap();
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -70,7 +82,11 @@ async fn serve_document(body: String) -> u16 {
                 return;
             };
             let body = body.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
+                let Ok(tcp) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let svc = hyper::service::service_fn(move |_req| {
                     let body = body.clone();
                     async move {
@@ -156,8 +172,8 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, json!({"keys": [&key.jwk]}).to_string()).unwrap();
     let jwks_source = if jwks_by_url {
-        let port = serve_document(json!({"keys": [&key.jwk]}).to_string()).await;
-        format!("url: http://127.0.0.1:{port}/oauth/discovery/keys")
+        let port = serve_document(json!({"keys": [&key.jwk]}).to_string(), &pki).await;
+        format!("url: https://localhost:{port}/oauth/discovery/keys")
     } else {
         format!("file: {}", jwks.display())
     };
@@ -185,7 +201,8 @@ subjects:\n- kind: Group\n  name: gitlab:project:42\n  apiGroup: rbac.authorizat
             git_poll: "1s",
             // The proxy's CA goes into every kubeconfig kas hands out.
             kubernetes_api_extra: format!(
-                "  ci_issuers:\n  - issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks:\n      {jwks_source}\n{namespaces}{other_issuers}  ca_file: {}\n{kubernetes_api_extra}",
+                "  ci_issuers:\n  - issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks:\n      {jwks_source}\n{namespaces}{other_issuers}  ca_file: {}\n  jwks_ca_file: {}\n{kubernetes_api_extra}",
+                pki.ca.display(),
                 pki.ca.display()
             ),
             k8s_tls: Some((pki.cert.clone(), pki.key.clone())),

@@ -9,13 +9,42 @@
 //! whose project lies outside them is refused, and no namespace may belong to two issuers.
 //! A single issuer may leave the list out: it then speaks for every path, as before (nothing
 //! else could claim them).
+//!
+//! The list is also refused when an issuer appears twice (only the first entry would ever be
+//! used, whatever the second says) or its keys come from a plain `http://` URL (whoever sits
+//! on the path could serve their own keys and mint any job's token).
 
-use crate::TrustedIssuer;
+use crate::{JwksSource, TrustedIssuer};
 
 /// A `kubernetes_api.ci_issuers` list kas must not start with. Entries are named by their
 /// position and `issuer`, so the operator finds them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IssuerConfigError {
+    /// The same `issuer` twice.
+    #[error(
+        "ci_issuers[{first}] and ci_issuers[{second}] are both {issuer}: list each issuer once"
+    )]
+    DuplicateIssuer {
+        /// Position of the first entry.
+        first: usize,
+        /// Position of the second entry.
+        second: usize,
+        /// The issuer.
+        issuer: String,
+    },
+    /// A JWKS URL that is not `https://`.
+    #[error(
+        "ci_issuers[{index}] ({issuer}): jwks url {url:?} is not https: keys fetched in the \
+         clear could be replaced on the way (use https, or a file)"
+    )]
+    InsecureJwksUrl {
+        /// Position in `ci_issuers`.
+        index: usize,
+        /// Its `issuer`.
+        issuer: String,
+        /// The URL.
+        url: String,
+    },
     /// Several issuers, and this one does not say which namespaces it speaks for.
     #[error(
         "ci_issuers[{index}] ({issuer}): `namespaces` is required when several issuers are \
@@ -90,6 +119,23 @@ fn covers(ns: &str, path: &str) -> bool {
 pub fn validate_issuers(issuers: &[TrustedIssuer]) -> Result<(), IssuerConfigError> {
     let several = issuers.len() > 1;
     for (index, i) in issuers.iter().enumerate() {
+        if let Some(first) = issuers[..index].iter().position(|o| o.issuer == i.issuer) {
+            let issuer = i.issuer.clone();
+            let second = index;
+            return Err(IssuerConfigError::DuplicateIssuer {
+                first,
+                second,
+                issuer,
+            });
+        }
+        if let JwksSource::Url(url) = &i.jwks
+            && !url
+                .get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        {
+            let (issuer, url) = (i.issuer.clone(), url.clone());
+            return Err(IssuerConfigError::InsecureJwksUrl { index, issuer, url });
+        }
         let err_ctx = || (index, i.issuer.clone());
         match &i.namespaces {
             None if several => {
@@ -149,7 +195,7 @@ fn shared_namespace(issuers: &[TrustedIssuer]) -> Option<IssuerConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ClaimMapping, JwksSource};
+    use crate::ClaimMapping;
 
     fn issuer(iss: &str, namespaces: Option<&[&str]>) -> TrustedIssuer {
         TrustedIssuer {
@@ -244,5 +290,49 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn an_issuer_listed_twice_is_refused() {
+        let err = validate_issuers(&[
+            issuer("https://gl", Some(&["acme"])),
+            issuer("https://gh", Some(&["octo"])),
+            issuer("https://gl", Some(&["other"])),
+        ])
+        .expect_err("listed twice");
+        assert_eq!(
+            err,
+            IssuerConfigError::DuplicateIssuer {
+                first: 0,
+                second: 2,
+                issuer: "https://gl".into()
+            }
+        );
+        assert!(
+            err.to_string().contains("ci_issuers[0] and ci_issuers[2]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn jwks_urls_must_be_https() {
+        let with_url = |url: &str| TrustedIssuer {
+            jwks: JwksSource::Url(url.into()),
+            ..issuer("https://gl", None)
+        };
+        for bad in ["http://gl/oauth/discovery/keys", "ftp://gl/keys", "gl/keys"] {
+            let err = validate_issuers(&[with_url(bad)]).expect_err(bad);
+            assert!(
+                matches!(err, IssuerConfigError::InsecureJwksUrl { .. }),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("ci_issuers[0] (https://gl)"),
+                "{err}"
+            );
+        }
+        assert_eq!(validate_issuers(&[with_url("HTTPS://gl/keys")]), Ok(()));
+        // Files stay allowed (air-gapped setups): `issuer()` reads its keys from one.
+        assert_eq!(validate_issuers(&[issuer("https://gl", None)]), Ok(()));
     }
 }
