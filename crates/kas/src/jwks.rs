@@ -16,9 +16,10 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Fetches with the system's trust roots (plus an optional extra CA for private issuers).
 ///
-/// Every request is under one deadline that covers the body too: the verifier fetches an
-/// issuer's keys while holding that issuer's lock, so a server that sends its headers and then
-/// stalls the body would otherwise block every CI job's authentication for the issuer.
+/// Every request is under one deadline that covers the body too: the verifier runs one load per
+/// issuer at a time, and tokens whose key it lacks wait for that load, so a server that sends
+/// its headers and then stalls the body would otherwise hold them, and every later reload of
+/// the issuer's keys, forever.
 pub struct HttpJwksFetcher {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,

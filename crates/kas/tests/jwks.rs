@@ -48,7 +48,7 @@ async fn stalling_jwks_server(jwks: String, stall: Arc<AtomicBool>) -> String {
 }
 
 /// A key set whose body stalls after the headers fails the fetch and the verification within
-/// the deadline with an error saying so, rather than holding the issuer's lock forever; once
+/// the deadline with an error saying so, rather than leaving the issuer loading forever; once
 /// the issuer answers again, the next verification loads the keys and passes.
 #[tokio::test]
 async fn a_stalled_jwks_body_fails_within_the_deadline_and_a_later_fetch_works() {
@@ -99,7 +99,7 @@ async fn a_stalled_jwks_body_fails_within_the_deadline_and_a_later_fetch_works()
     stall.store(false, Ordering::SeqCst);
     let identity = tokio::time::timeout(bound, verifier.verify(&token, SystemTime::now()))
         .await
-        .expect("the issuer's lock should be free again")
+        .expect("the failed load should be over")
         .expect("the keys load once the issuer answers");
     assert_eq!(identity.project_path, "group/app");
 }

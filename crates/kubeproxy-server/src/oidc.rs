@@ -357,19 +357,74 @@ struct IssuerKeys {
     keys: Option<Arc<KeySet>>,
     loaded_at: Option<SystemTime>,
     last_attempt: Option<SystemTime>,
+    /// A load is running (at most one per issuer).
+    loading: bool,
+}
+
+/// What a verification does about an issuer's keys, decided under the state lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Use the keys there are (possibly none).
+    Use,
+    /// Start a load and wait for it.
+    Load,
+    /// Wait for the load already running: the keys there are lack what the token needs.
+    Wait,
+}
+
+impl IssuerKeys {
+    /// Loads when the set is stale or lacks `kid` (rate-limited by `min_refresh`); while a load
+    /// runs, only a verification that lacks its key waits for it, so a flood of made-up `kid`s
+    /// during a JWKS outage cannot hold up tokens whose key is at hand.
+    fn plan(
+        &self,
+        kid: Option<&str>,
+        now: SystemTime,
+        refresh: Duration,
+        min_refresh: Duration,
+    ) -> Plan {
+        let stale = self.loaded_at.is_none_or(|at| elapsed(at, now) >= refresh);
+        let missing_kid = match (&self.keys, kid) {
+            (Some(keys), Some(kid)) => !keys.has_kid(kid),
+            _ => false,
+        };
+        if self.loading {
+            let lacking = self.keys.is_none() || missing_kid;
+            return if lacking { Plan::Wait } else { Plan::Use };
+        }
+        let may_load = self
+            .last_attempt
+            .is_none_or(|at| elapsed(at, now) >= min_refresh);
+        if (stale || missing_kid) && may_load {
+            Plan::Load
+        } else {
+            Plan::Use
+        }
+    }
 }
 
 #[derive(Debug)]
 struct CacheEntry {
     source: JwksSource,
-    // A tokio mutex held across the load: concurrent verifications for one issuer wait for a
-    // single fetch instead of each starting their own.
-    state: tokio::sync::Mutex<IssuerKeys>,
+    // Held only to read or update, never across a fetch (which may take the fetcher's whole
+    // deadline): verifications whose key is known never wait on the issuer's JWKS.
+    state: Arc<std::sync::Mutex<IssuerKeys>>,
+    // Counts finished loads; verifications waiting for a load watch it.
+    loads: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// Locks an issuer's state. A panic while it was held cannot leave it half-updated (every
+/// update is a few assignments), so a poisoned lock is used as it is.
+fn lock(state: &std::sync::Mutex<IssuerKeys>) -> std::sync::MutexGuard<'_, IssuerKeys> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Signing keys per issuer, loaded lazily and refreshed every `refresh_interval`, or sooner when
 /// a token names a `kid` the cached set lacks (at most once per `min_refresh_interval`). A failed
-/// reload keeps the previous keys: an issuer's brief outage must not lock every job out.
+/// reload keeps the previous keys: an issuer's brief outage must not lock every job out. Loads
+/// run one at a time per issuer, in a task of their own, outside the issuer's lock.
 #[derive(Debug)]
 pub struct JwksCache {
     fetcher: Arc<dyn JwksFetcher>,
@@ -393,7 +448,8 @@ impl JwksCache {
                 .map(|(issuer, source)| {
                     let entry = CacheEntry {
                         source,
-                        state: tokio::sync::Mutex::default(),
+                        state: Arc::default(),
+                        loads: Arc::new(tokio::sync::watch::Sender::new(0)),
                     };
                     (issuer, entry)
                 })
@@ -421,30 +477,25 @@ impl JwksCache {
         now: SystemTime,
     ) -> Result<Arc<KeySet>, AuthError> {
         let entry = self.entries.get(issuer).ok_or(AuthError::UnknownIssuer)?;
-        let mut state = entry.state.lock().await;
-        let stale = state
-            .loaded_at
-            .is_none_or(|at| elapsed(at, now) >= self.refresh_interval);
-        let missing_kid = match (&state.keys, kid) {
-            (Some(keys), Some(kid)) => !keys.has_kid(kid),
-            _ => false,
-        };
-        let may_load = state
-            .last_attempt
-            .is_none_or(|at| elapsed(at, now) >= self.min_refresh_interval);
-        if (stale || missing_kid) && may_load {
-            state.last_attempt = Some(now);
-            match self.load(&entry.source).await {
-                Ok(keys) => {
-                    state.keys = Some(Arc::new(keys));
-                    state.loaded_at = Some(now);
-                }
-                Err(err) => {
-                    tracing::warn!(issuer, error = %err, "loading the issuer's signing keys failed");
-                }
+        // Subscribed before the state is read, so a load that ends after it is seen.
+        let mut loads = entry.loads.subscribe();
+        let plan = {
+            let mut state = lock(&entry.state);
+            let plan = state.plan(kid, now, self.refresh_interval, self.min_refresh_interval);
+            if plan == Plan::Load {
+                state.loading = true;
+                state.last_attempt = Some(now);
             }
+            plan
+        };
+        if plan == Plan::Load {
+            self.spawn_load(issuer, entry, now);
         }
-        state
+        if plan != Plan::Use {
+            // An error means the sender is gone with the cache: nothing left to wait for.
+            let _ = loads.changed().await;
+        }
+        lock(&entry.state)
             .keys
             .clone()
             .ok_or_else(|| AuthError::KeysUnavailable {
@@ -452,28 +503,80 @@ impl JwksCache {
             })
     }
 
-    async fn load(&self, source: &JwksSource) -> Result<KeySet, LoadError> {
-        let bytes = match source {
-            JwksSource::File(path) => {
-                tokio::fs::read(path)
-                    .await
-                    .map_err(|source| LoadError::Read {
-                        path: path.display().to_string(),
-                        source,
-                    })?
-            }
-            JwksSource::Url(url) => {
-                self.fetcher
-                    .fetch(url)
-                    .await
-                    .map_err(|source| LoadError::Fetch {
-                        url: url.clone(),
-                        source,
-                    })?
-            }
+    /// Loads `entry`'s keys in a task of its own: a verification given up half-way (its client
+    /// went away) must not leave the issuer marked as loading forever.
+    fn spawn_load(&self, issuer: &str, entry: &CacheEntry, now: SystemTime) {
+        let done = LoadDone {
+            issuer: issuer.to_owned(),
+            state: Arc::clone(&entry.state),
+            loads: Arc::clone(&entry.loads),
+            now,
+            result: None,
         };
-        KeySet::parse(&bytes)
+        let (fetcher, source) = (Arc::clone(&self.fetcher), entry.source.clone());
+        tokio::spawn(async move {
+            // Moved whole: a closure capturing only `done.result` would drop the rest, and run
+            // `LoadDone::drop`, at once.
+            let mut done = done;
+            done.result = Some(load(fetcher.as_ref(), &source).await);
+        });
     }
+}
+
+/// A running load; its result is stored when it is dropped, so that even a load that panicked
+/// clears `loading` and wakes its waiters.
+struct LoadDone {
+    issuer: String,
+    state: Arc<std::sync::Mutex<IssuerKeys>>,
+    loads: Arc<tokio::sync::watch::Sender<u64>>,
+    now: SystemTime,
+    result: Option<Result<KeySet, LoadError>>,
+}
+
+impl Drop for LoadDone {
+    fn drop(&mut self) {
+        let mut state = lock(&self.state);
+        match self.result.take() {
+            Some(Ok(keys)) => {
+                state.keys = Some(Arc::new(keys));
+                state.loaded_at = Some(self.now);
+            }
+            Some(Err(err)) => {
+                let issuer = &self.issuer;
+                tracing::warn!(issuer, error = %err, "loading the issuer's signing keys failed");
+            }
+            None => {
+                let issuer = &self.issuer;
+                tracing::warn!(
+                    issuer,
+                    "loading the issuer's signing keys ended without a result"
+                );
+            }
+        }
+        state.loading = false;
+        self.loads.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+async fn load(fetcher: &dyn JwksFetcher, source: &JwksSource) -> Result<KeySet, LoadError> {
+    let bytes = match source {
+        JwksSource::File(path) => {
+            tokio::fs::read(path)
+                .await
+                .map_err(|source| LoadError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?
+        }
+        JwksSource::Url(url) => fetcher
+            .fetch(url)
+            .await
+            .map_err(|source| LoadError::Fetch {
+                url: url.clone(),
+                source,
+            })?,
+    };
+    KeySet::parse(&bytes)
 }
 
 /// Time from `then` to `now`; a clock that went backwards counts as "long ago" so that the
@@ -803,4 +906,55 @@ fn optional_id(claims: &Value, name: Option<&str>) -> Result<Option<i64>, AuthEr
 
 fn required_id(claims: &Value, name: &str) -> Result<i64, AuthError> {
     optional_id(claims, Some(name))?.ok_or_else(|| AuthError::MissingClaim(name.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    /// Keys with kid `k`, loaded (and last attempted) at `t(0)`.
+    fn loaded(loading: bool) -> IssuerKeys {
+        let set = br#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k","x":"MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4","y":"4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM"}]}"#;
+        let keys = KeySet::parse(set).expect("key set");
+        IssuerKeys {
+            keys: Some(Arc::new(keys)),
+            loaded_at: Some(t(0)),
+            last_attempt: Some(t(0)),
+            loading,
+        }
+    }
+
+    fn plan(state: &IssuerKeys, kid: Option<&str>, at: SystemTime) -> Plan {
+        state.plan(kid, at, HOUR, MINUTE)
+    }
+
+    #[test]
+    fn keys_are_loaded_when_missing_stale_or_lacking_the_kid_at_most_once_a_minute() {
+        assert_eq!(plan(&IssuerKeys::default(), Some("k"), t(0)), Plan::Load);
+        let keys = loaded(false);
+        assert_eq!(plan(&keys, Some("k"), t(10)), Plan::Use);
+        assert_eq!(plan(&keys, Some("other"), t(10)), Plan::Use, "rate-limited");
+        assert_eq!(plan(&keys, Some("other"), t(60)), Plan::Load);
+        assert_eq!(plan(&keys, Some("k"), t(3600)), Plan::Load, "stale");
+    }
+
+    #[test]
+    fn while_a_load_runs_only_verifications_lacking_their_key_wait() {
+        let keys = loaded(true);
+        assert_eq!(plan(&keys, Some("k"), t(3600)), Plan::Use);
+        assert_eq!(plan(&keys, None, t(3600)), Plan::Use);
+        assert_eq!(plan(&keys, Some("other"), t(3600)), Plan::Wait);
+        let first_load = IssuerKeys {
+            loading: true,
+            ..IssuerKeys::default()
+        };
+        assert_eq!(plan(&first_load, Some("k"), t(0)), Plan::Wait);
+    }
 }

@@ -663,6 +663,117 @@ impl JwksFetcher for FakeFetcher {
     }
 }
 
+/// A JWKS URL that answers only as the test allows: each fetch reports that it started, then
+/// waits for a permit.
+#[derive(Debug)]
+struct GatedFetcher {
+    body: Vec<u8>,
+    permits: tokio::sync::Semaphore,
+    started: tokio::sync::mpsc::UnboundedSender<()>,
+    fetches: AtomicUsize,
+}
+
+#[async_trait]
+impl JwksFetcher for GatedFetcher {
+    async fn fetch(&self, _url: &str) -> Result<Vec<u8>, FetchError> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        let _ = self.started.send(());
+        let permit = self.permits.acquire().await;
+        permit.map_err(|_| FetchError::new("closed"))?.forget();
+        Ok(self.body.clone())
+    }
+}
+
+/// A verifier whose GitLab keys (`key`) come from a [`GatedFetcher`] with `permits` answers
+/// allowed; the receiver tells when a fetch starts.
+fn gated(
+    key: &Key,
+    permits: usize,
+) -> (
+    Arc<OidcVerifier>,
+    Arc<GatedFetcher>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let (started, starts) = tokio::sync::mpsc::unbounded_channel();
+    let fetcher = Arc::new(GatedFetcher {
+        body: jwks(&[key]),
+        permits: tokio::sync::Semaphore::new(permits),
+        started,
+        fetches: AtomicUsize::new(0),
+    });
+    let source = JwksSource::Url("https://gitlab.example.com/oauth/discovery/keys".into());
+    let cache = JwksCache::new([(GITLAB.to_owned(), source.clone())], fetcher.clone());
+    let issuers = vec![issuer(GITLAB, source, ClaimMapping::gitlab())];
+    let verifier = Arc::new(OidcVerifier::with_cache(issuers, cache));
+    (verifier, fetcher, starts)
+}
+
+/// During a JWKS outage (a fetch hanging until its deadline), a token with a trusted `iss` and
+/// a made-up `kid` starts a reload; tokens whose key is already known verify meanwhile instead
+/// of queueing behind the fetch.
+#[tokio::test]
+async fn a_hanging_reload_does_not_hold_up_tokens_with_a_known_key() {
+    let key = Key::ec("k1");
+    let (verifier, fetcher, mut starts) = gated(&key, 1);
+    let claims = |job: &str| with(gitlab_claims(), "job_id", json!(job));
+    assert!(
+        verifier
+            .verify(&key.sign(&claims("1")), now())
+            .await
+            .is_ok()
+    );
+    starts.recv().await.expect("the first load");
+
+    let bogus = Key::ec("made-up").sign(&gitlab_claims());
+    let attacker = tokio::spawn({
+        let verifier = Arc::clone(&verifier);
+        async move {
+            verifier
+                .verify(&bogus, now() + Duration::from_secs(60))
+                .await
+        }
+    });
+    starts
+        .recv()
+        .await
+        .expect("the reload the made-up kid asks for");
+
+    // A token not verified before (another job), so its signature is checked with the keys.
+    let known = key.sign(&claims("2"));
+    let verified = tokio::time::timeout(
+        Duration::from_secs(5),
+        verifier.verify(&known, now() + Duration::from_secs(61)),
+    )
+    .await
+    .expect("a token with a known key should not wait for the hanging reload");
+    assert!(verified.is_ok(), "{verified:?}");
+
+    fetcher.permits.add_permits(1);
+    assert_eq!(attacker.await.expect("joins"), Err(AuthError::UnknownKey));
+    assert_eq!(fetcher.fetches.load(Ordering::SeqCst), 2);
+}
+
+/// Verifications that need the keys while they load wait for that one load instead of
+/// starting their own.
+#[tokio::test]
+async fn verifications_waiting_for_keys_share_one_load() {
+    let key = Key::ec("k1");
+    let (verifier, fetcher, mut starts) = gated(&key, 0);
+    let waiting: Vec<_> = (0..3)
+        .map(|job| {
+            let verifier = Arc::clone(&verifier);
+            let token = key.sign(&with(gitlab_claims(), "job_id", json!(job.to_string())));
+            tokio::spawn(async move { verifier.verify(&token, now()).await })
+        })
+        .collect();
+    starts.recv().await.expect("a load starts");
+    fetcher.permits.add_permits(1);
+    for w in waiting {
+        assert!(w.await.expect("joins").is_ok());
+    }
+    assert_eq!(fetcher.fetches.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn url_sources_go_through_the_fetcher() {
     let key = Key::ec("k1");
