@@ -155,6 +155,10 @@ pub struct KubernetesApi {
     pub ca_file: Option<PathBuf>,
     /// Extra PEM CA trusted when fetching issuers' JWKS URLs (besides the system's roots).
     pub jwks_ca_file: Option<PathBuf>,
+    /// How long an issuer's keys are used after their last successful load while every reload
+    /// fails; after it the issuer's tokens get 503.
+    #[serde(with = "humantime_serde")]
+    pub jwks_max_key_age: Duration,
 }
 
 impl Default for KubernetesApi {
@@ -166,6 +170,7 @@ impl Default for KubernetesApi {
             public_url: None,
             ca_file: None,
             jwks_ca_file: None,
+            jwks_max_key_age: tether_kubeproxy_server::DEFAULT_MAX_KEY_AGE,
         }
     }
 }
@@ -787,6 +792,14 @@ impl Config {
         }
         tether_kubeproxy_server::validate_issuers(&self.kubernetes_api.ci_issuers)
             .map_err(|e| format!("kubernetes_api.{e}"))?;
+        // Shorter than the hourly refresh, keys would be refused before a reload was tried.
+        if self.kubernetes_api.jwks_max_key_age < tether_kubeproxy_server::DEFAULT_REFRESH_INTERVAL
+        {
+            return Err(
+                "kubernetes_api.jwks_max_key_age must be at least 1h (the keys' refresh interval)"
+                    .into(),
+            );
+        }
         if self.git.poll_interval.is_zero() {
             return Err("git.poll_interval must be positive".into());
         }
@@ -1144,6 +1157,24 @@ mod tests {
         );
         let err = parse(&twice).expect_err("listed twice").to_string();
         assert!(err.contains("ci_issuers[0] and ci_issuers[1]"), "{err}");
+    }
+
+    #[test]
+    fn the_jwks_max_key_age_is_a_day_by_default_and_at_least_the_refresh_interval() {
+        let c = parse("").expect("valid");
+        assert_eq!(
+            c.kubernetes_api.jwks_max_key_age,
+            Duration::from_secs(86_400)
+        );
+        let c = parse("kubernetes_api:\n  jwks_max_key_age: 6h\n").expect("valid");
+        assert_eq!(
+            c.kubernetes_api.jwks_max_key_age,
+            Duration::from_secs(6 * 3600)
+        );
+        let err = parse("kubernetes_api:\n  jwks_max_key_age: 10m\n")
+            .expect_err("shorter than the refresh")
+            .to_string();
+        assert!(err.contains("jwks_max_key_age"), "{err}");
     }
 
     #[test]

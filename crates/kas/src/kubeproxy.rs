@@ -223,6 +223,9 @@ struct Denial(String);
 fn auth_reason(e: &tether_kubeproxy_server::AuthError) -> &'static str {
     match e.status() {
         StatusCode::FORBIDDEN => "Forbidden",
+        // The issuer's keys cannot be loaded, or are too old: kas's trouble, not the token's,
+        // and counted apart so that an alert can tell it from bad tokens.
+        StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
         _ => "Unauthorized",
     }
 }

@@ -987,6 +987,28 @@ type ProxyDeps = (
 );
 
 /// The Kubernetes API proxy for CI jobs and users.
+/// The verifier of CI job ID tokens, with kas's JWKS fetcher and `jwks_max_key_age`.
+fn ci_verifier(k: &crate::config::KubernetesApi) -> Result<tether_kubeproxy_server::OidcVerifier> {
+    let extra_ca = match &k.jwks_ca_file {
+        Some(f) => Some(
+            std::fs::read(f)
+                .with_context(|| format!("reading kubernetes_api.jwks_ca_file {}", f.display()))?,
+        ),
+        None => None,
+    };
+    let fetcher = Arc::new(crate::jwks::HttpJwksFetcher::new(extra_ca.as_deref())?);
+    let sources = k
+        .ci_issuers
+        .iter()
+        .map(|i| (i.issuer.clone(), i.jwks.clone()));
+    let cache = tether_kubeproxy_server::JwksCache::new(sources, fetcher)
+        .with_max_key_age(k.jwks_max_key_age);
+    Ok(tether_kubeproxy_server::OidcVerifier::with_cache(
+        k.ci_issuers.clone(),
+        cache,
+    ))
+}
+
 async fn start_kubeproxy(
     cfg: &Config,
     sh: &mut Shared,
@@ -1010,18 +1032,7 @@ async fn start_kubeproxy(
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
         configs: memory.configs,
-        verifier: Arc::new(tether_kubeproxy_server::OidcVerifier::new(
-            k.ci_issuers.clone(),
-            Arc::new(crate::jwks::HttpJwksFetcher::new(
-                match &k.jwks_ca_file {
-                    Some(f) => Some(std::fs::read(f).with_context(|| {
-                        format!("reading kubernetes_api.jwks_ca_file {}", f.display())
-                    })?),
-                    None => None,
-                }
-                .as_deref(),
-            )?),
-        )),
+        verifier: Arc::new(ci_verifier(k)?),
         tunnel_wait: cfg.agent.tunnel_wait_timeout,
         peers: sh.peers.clone(),
         path_prefix: k.path_prefix.clone(),

@@ -39,7 +39,7 @@ pub use issuers::{IssuerConfigError, issuer_speaks_for, validate_issuers};
 pub use kubeconfig::{CLUSTER_NAME, Kubeconfig, KubeconfigError, check_ca_pem};
 pub use membership::{MembershipSpecError, memberships_from_json, memberships_to_json};
 pub use oidc::{
-    CiIdentity, ClaimMapping, DEFAULT_LEEWAY, DEFAULT_MIN_REFRESH_INTERVAL,
+    CiIdentity, ClaimMapping, DEFAULT_LEEWAY, DEFAULT_MAX_KEY_AGE, DEFAULT_MIN_REFRESH_INTERVAL,
     DEFAULT_REFRESH_INTERVAL, FetchError, JwksCache, JwksFetcher, JwksSource, NoFetcher,
     OidcVerifier, TrustedIssuer, VERIFIED_TOKEN_TTL,
 };
@@ -89,6 +89,18 @@ pub enum AuthError {
         /// The trusted issuer whose keys are missing.
         issuer: String,
     },
+    /// The issuer's keys were last loaded longer ago than the cache's maximum key age (every
+    /// reload since failed): a key the issuer withdrew meanwhile must not stay trusted forever.
+    #[error(
+        "signing keys of issuer {issuer} could not be reloaded for {}s: its tokens are refused \
+         until a reload succeeds", .max_age.as_secs()
+    )]
+    KeysTooOld {
+        /// The trusted issuer whose keys are too old.
+        issuer: String,
+        /// The maximum key age configured.
+        max_age: std::time::Duration,
+    },
     /// The token is genuine, but its project lies outside the namespaces its issuer may speak
     /// for (another issuer's projects, or none kas trusts it for).
     #[error(
@@ -115,7 +127,9 @@ impl AuthError {
     /// (the client's credential may well be fine; retrying later can succeed).
     pub fn status(&self) -> http::StatusCode {
         match self {
-            AuthError::KeysUnavailable { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::KeysUnavailable { .. } | AuthError::KeysTooOld { .. } => {
+                http::StatusCode::SERVICE_UNAVAILABLE
+            }
             // Who the caller is is settled; what it may reach is not granted: a refusal.
             AuthError::OutsideIssuerNamespaces { .. } => http::StatusCode::FORBIDDEN,
             _ => http::StatusCode::UNAUTHORIZED,

@@ -50,6 +50,9 @@ pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 /// Key sets older than this are reloaded on the next verification, so rotated keys are
 /// picked up even when no token names them yet.
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(60 * 60);
+/// Keys not reloaded for this long (every reload failed) stop verifying: kas answers 503
+/// rather than trust, during a long JWKS outage, a key the issuer may have withdrawn.
+pub const DEFAULT_MAX_KEY_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// At most one reload per issuer in this interval: a flood of tokens with made-up `kid`s must
 /// not turn kas into a JWKS fetch amplifier.
 pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
@@ -359,6 +362,8 @@ struct IssuerKeys {
     last_attempt: Option<SystemTime>,
     /// A load is running (at most one per issuer).
     loading: bool,
+    /// The keys' being too old was logged (once until a load succeeds, not per token).
+    too_old_logged: bool,
 }
 
 /// What a verification does about an issuer's keys, decided under the state lock.
@@ -373,6 +378,11 @@ enum Plan {
 }
 
 impl IssuerKeys {
+    /// Whether the keys were last loaded `max_age` or longer before `now`.
+    fn too_old(&self, now: SystemTime, max_age: Duration) -> bool {
+        self.loaded_at.is_some_and(|at| elapsed(at, now) >= max_age)
+    }
+
     /// Loads when the set is stale or lacks `kid` (rate-limited by `min_refresh`); while a load
     /// runs, only a verification that lacks its key waits for it, so a flood of made-up `kid`s
     /// during a JWKS outage cannot hold up tokens whose key is at hand.
@@ -430,6 +440,7 @@ pub struct JwksCache {
     fetcher: Arc<dyn JwksFetcher>,
     refresh_interval: Duration,
     min_refresh_interval: Duration,
+    max_key_age: Duration,
     entries: HashMap<String, CacheEntry>,
 }
 
@@ -443,6 +454,7 @@ impl JwksCache {
             fetcher,
             refresh_interval: DEFAULT_REFRESH_INTERVAL,
             min_refresh_interval: DEFAULT_MIN_REFRESH_INTERVAL,
+            max_key_age: DEFAULT_MAX_KEY_AGE,
             entries: sources
                 .into_iter()
                 .map(|(issuer, source)| {
@@ -466,6 +478,12 @@ impl JwksCache {
     /// Sets the minimum time between two loads of one issuer's keys.
     pub fn with_min_refresh_interval(mut self, interval: Duration) -> Self {
         self.min_refresh_interval = interval;
+        self
+    }
+
+    /// Sets how long keys are used after their last successful load (every reload failing).
+    pub fn with_max_key_age(mut self, age: Duration) -> Self {
+        self.max_key_age = age;
         self
     }
 
@@ -495,12 +513,29 @@ impl JwksCache {
             // An error means the sender is gone with the cache: nothing left to wait for.
             let _ = loads.changed().await;
         }
-        lock(&entry.state)
+        let mut state = lock(&entry.state);
+        let keys = state
             .keys
             .clone()
             .ok_or_else(|| AuthError::KeysUnavailable {
                 issuer: issuer.to_owned(),
-            })
+            })?;
+        if state.too_old(now, self.max_key_age) {
+            if !state.too_old_logged {
+                state.too_old_logged = true;
+                let max_age_secs = self.max_key_age.as_secs();
+                tracing::warn!(
+                    issuer,
+                    max_age_secs,
+                    "the issuer's signing keys could not be reloaded for longer than the maximum key age: its tokens are refused (503) until a reload succeeds"
+                );
+            }
+            return Err(AuthError::KeysTooOld {
+                issuer: issuer.to_owned(),
+                max_age: self.max_key_age,
+            });
+        }
+        Ok(keys)
     }
 
     /// Loads `entry`'s keys in a task of its own: a verification given up half-way (its client
@@ -540,6 +575,7 @@ impl Drop for LoadDone {
             Some(Ok(keys)) => {
                 state.keys = Some(Arc::new(keys));
                 state.loaded_at = Some(self.now);
+                state.too_old_logged = false;
             }
             Some(Err(err)) => {
                 let issuer = &self.issuer;
@@ -928,6 +964,7 @@ mod tests {
             loaded_at: Some(t(0)),
             last_attempt: Some(t(0)),
             loading,
+            too_old_logged: false,
         }
     }
 
@@ -943,6 +980,18 @@ mod tests {
         assert_eq!(plan(&keys, Some("other"), t(10)), Plan::Use, "rate-limited");
         assert_eq!(plan(&keys, Some("other"), t(60)), Plan::Load);
         assert_eq!(plan(&keys, Some("k"), t(3600)), Plan::Load, "stale");
+    }
+
+    #[test]
+    fn keys_are_too_old_from_the_maximum_age_after_their_last_load() {
+        let keys = loaded(false);
+        let day = Duration::from_secs(86_400);
+        assert!(!keys.too_old(t(86_399), day));
+        assert!(keys.too_old(t(86_400), day));
+        assert!(
+            !IssuerKeys::default().too_old(t(86_400), day),
+            "never loaded: no keys at all"
+        );
     }
 
     #[test]

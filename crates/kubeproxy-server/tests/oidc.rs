@@ -608,6 +608,43 @@ async fn stale_sets_are_reloaded_and_failed_reloads_keep_the_old_keys() {
     assert!(s.verifier.verify(&new.sign(&claims_at(t)), t).await.is_ok());
 }
 
+/// Keys kept after failed reloads serve only up to the maximum key age (24 h by default):
+/// then the issuer's tokens get a 503 saying why, and the next successful reload ends it.
+#[tokio::test]
+async fn keys_not_reloaded_within_the_maximum_age_are_refused_with_a_503() {
+    let s = setup();
+    let t0 = now();
+    let at = |secs: u64| t0 + Duration::from_secs(secs);
+    let token_at = |t: SystemTime| {
+        s.gitlab_key
+            .sign(&with(gitlab_claims(), "exp", json!(secs(t) + 300)))
+    };
+    assert!(s.verifier.verify(&token_at(t0), t0).await.is_ok());
+
+    std::fs::write(&s.gitlab_jwks, b"{not json").expect("writes");
+    let t = at(86_399);
+    assert!(
+        s.verifier.verify(&token_at(t), t).await.is_ok(),
+        "within the age"
+    );
+    let t = at(86_400);
+    let refused = s.verifier.verify(&token_at(t), t).await;
+    assert_eq!(
+        refused,
+        Err(AuthError::KeysTooOld {
+            issuer: GITLAB.into(),
+            max_age: Duration::from_secs(86_400),
+        })
+    );
+    let err = refused.expect_err("refused");
+    assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(err.to_string().contains("could not be reloaded"), "{err}");
+
+    write_jwks(&s.gitlab_jwks, &[&s.gitlab_key]);
+    let t = at(86_460);
+    assert!(s.verifier.verify(&token_at(t), t).await.is_ok(), "reloaded");
+}
+
 #[tokio::test]
 async fn unloadable_keys_are_a_503() {
     let dir = tempfile::tempdir().expect("temp dir");
