@@ -219,6 +219,24 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
 #[derive(Debug, Clone)]
 struct Denial(String);
 
+/// Marks a refusal of a valid token that counts as a failed authentication although it is a
+/// 403: a token of a trusted issuer for a project outside that issuer's namespaces. Each one
+/// costs kas a signature check, so their holders are throttled like holders of bad tokens.
+#[derive(Debug, Clone, Copy)]
+struct NotItsIssuers;
+
+/// The refusal of a CI token the verifier refused.
+fn deny_token(p: &Proxy, e: &tether_kubeproxy_server::AuthError) -> Response<Body> {
+    let mut r = deny(p, e.status(), auth_reason(e), &e.to_string());
+    if matches!(
+        e,
+        tether_kubeproxy_server::AuthError::OutsideIssuerNamespaces { .. }
+    ) {
+        r.extensions_mut().insert(NotItsIssuers);
+    }
+    r
+}
+
 /// The Kubernetes `Status` reason (and denial metric label) of a CI token that was refused.
 fn auth_reason(e: &tether_kubeproxy_server::AuthError) -> &'static str {
     match e.status() {
@@ -475,7 +493,7 @@ impl Proxy {
             .verifier
             .verify_until(jwt, SystemTime::now())
             .await
-            .map_err(|e| deny(self, e.status(), auth_reason(&e), &e.to_string()))?;
+            .map_err(|e| deny_token(self, &e))?;
         let (project_id, project_path) = self.agent_project(agent_id, " to this job").await?;
         let config = self.agent_config(agent_id).await?;
         let ok = authorize_ci(&config.ci_access, &project_path, &job)
@@ -668,7 +686,9 @@ impl Proxy {
         let resp = self.route(req).await?;
         failed(&metrics, &resp, address);
         if let Some(Denial(message)) = resp.extensions().get::<Denial>() {
-            if resp.status() == StatusCode::UNAUTHORIZED {
+            if resp.extensions().get::<NotItsIssuers>().is_some() {
+                guard.refused(address, credential, "issuer_not_allowed", message);
+            } else if resp.status() == StatusCode::UNAUTHORIZED {
                 let reason = if credential.is_some() {
                     "invalid_credentials"
                 } else {
@@ -1101,7 +1121,7 @@ impl Proxy {
         };
         let job = match self.verifier.verify(jwt.trim(), SystemTime::now()).await {
             Ok(j) => j,
-            Err(e) => return deny(self, e.status(), auth_reason(&e), &e.to_string()),
+            Err(e) => return deny_token(self, &e),
         };
         let agents = match self.agents_in_force().await {
             Ok(a) => a,

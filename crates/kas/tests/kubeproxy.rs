@@ -1301,8 +1301,9 @@ async fn configuration_project_jobs_run_as_the_agent_unless_ci_access_opts_out()
 
 /// With a GitLab and GitHub Actions both trusted, the owner of GitHub organisation `group`
 /// mints a token for repository `group/config`, the agent's configuration project on GitLab:
-/// kas refuses it (403, naming the issuer), so the implicit configuration-project rule never
-/// sees it, while GitLab's token for the same project keeps the agent's rights.
+/// kas refuses it (403, naming the issuer, counted as a failed authentication for rate
+/// limiting), so the implicit configuration-project rule never sees it, while GitLab's token
+/// for the same project keeps the agent's rights.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_of_another_issuer_cannot_pass_for_a_project_of_this_one() {
     const GITHUB: &str = "https://token.actions.githubusercontent.com";
@@ -1343,6 +1344,13 @@ async fn a_token_of_another_issuer_cannot_pass_for_a_project_of_this_one() {
     let (status, body) = s.kubeconfig(&impostor).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(served().await, before, "nothing reached the agent");
+    // Throttled like a bad token: each refusal counts against the address and the credential.
+    let throttled =
+        r#"kas_auth_refusals_total{listener="kubernetes_api",reason="issuer_not_allowed"}"#;
+    assert!(
+        s.kas.metric(throttled).await.is_some_and(|n| n >= 2.0),
+        "refusals not counted as failed authentications"
+    );
 
     // GitLab's own token for its configuration project still has the agent's rights.
     let mut c = s.kubectl(&s.key.sign(&claims("group/config")));
