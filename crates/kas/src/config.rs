@@ -159,6 +159,9 @@ pub struct KubernetesApi {
     /// fails; after it the issuer's tokens get 503.
     #[serde(with = "humantime_serde")]
     pub jwks_max_key_age: Duration,
+    /// Most live requests one caller (a CI job, a personal access token) may hold through one
+    /// agent; more get 429, so one caller cannot take all of the agent's tunnels.
+    pub max_requests_per_caller: usize,
 }
 
 impl Default for KubernetesApi {
@@ -171,6 +174,7 @@ impl Default for KubernetesApi {
             ca_file: None,
             jwks_ca_file: None,
             jwks_max_key_age: tether_kubeproxy_server::DEFAULT_MAX_KEY_AGE,
+            max_requests_per_caller: 256,
         }
     }
 }
@@ -792,6 +796,9 @@ impl Config {
         }
         tether_kubeproxy_server::validate_issuers(&self.kubernetes_api.ci_issuers)
             .map_err(|e| format!("kubernetes_api.{e}"))?;
+        if self.kubernetes_api.max_requests_per_caller == 0 {
+            return Err("kubernetes_api.max_requests_per_caller must be at least 1".into());
+        }
         // Shorter than the hourly refresh, keys would be refused before a reload was tried.
         if self.kubernetes_api.jwks_max_key_age < tether_kubeproxy_server::DEFAULT_REFRESH_INTERVAL
         {

@@ -136,6 +136,8 @@ pub struct Proxy {
     pub peers: Option<crate::peers::Peers>,
     /// `kas agent diff` for CI jobs and people, with their identity.
     pub previews: crate::preview::Previews,
+    /// Live requests per caller and agent, bounded (`kubernetes_api.max_requests_per_caller`).
+    pub caller_slots: Arc<crate::caller_slots::CallerSlots>,
 }
 
 /// Agent id → (configuration project id, path), remembered for [`AGENT_PROJECT_TTL`]: every
@@ -388,6 +390,7 @@ struct Forward {
 struct Tracked {
     _user: Option<LiveRequest>,
     _grant: Option<LiveGrant>,
+    _slot: Option<crate::caller_slots::CallerSlot>,
     /// Stops the expiry timer, if any, when the request ends first.
     _expiry: Option<tokio_util::sync::DropGuard>,
     end: CancellationToken,
@@ -879,9 +882,46 @@ impl Proxy {
     /// CI job tokens cannot be revoked by kas) and by the configuration that allowed it (a
     /// configuration that no longer does ends it). The tracking handle, to keep until the
     /// request ends, and the token that fires when the request must end.
+    /// The caller's slot for this request (none for a web UI person: read-only GETs), or the
+    /// 429 of a caller holding all of theirs.
+    // The error is the refusal response itself, built once on a rare path: boxing buys nothing.
+    #[allow(clippy::result_large_err)]
+    fn caller_slot(
+        &self,
+        routed: &Routed,
+    ) -> Result<Option<crate::caller_slots::CallerSlot>, Response<Body>> {
+        use crate::caller_slots::CallerKey;
+        let key = match (routed.user_token_id, routed.caller.as_deref()) {
+            (Some(token_id), _) => CallerKey::Token(token_id),
+            (None, Some(Caller::CiJob { job, .. })) => CallerKey::CiJob {
+                issuer: job.issuer.clone(),
+                job_id: job.job_id,
+            },
+            _ => return Ok(None),
+        };
+        match self.caller_slots.take(routed.agent_id, key) {
+            Some(slot) => Ok(Some(slot)),
+            None => {
+                let m = format!(
+                    "this caller already has {} requests open through agent {} \
+                     (kubernetes_api.max_requests_per_caller): end some first",
+                    self.caller_slots.max(),
+                    routed.agent_id
+                );
+                Err(deny(
+                    self,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyRequests",
+                    &m,
+                ))
+            }
+        }
+    }
+
     // The error is the refusal response itself, built once on a rare path: boxing buys nothing.
     #[allow(clippy::result_large_err)]
     fn track(&self, routed: &Routed) -> Result<(Arc<Tracked>, CancellationToken), Response<Body>> {
+        let slot = self.caller_slot(routed)?;
         let (user, end) = match routed.user_token_id {
             None => (None, CancellationToken::new()),
             Some(token_id) => match self.live_user_requests.track(token_id) {
@@ -911,6 +951,7 @@ impl Proxy {
         let tracked = Tracked {
             _user: user,
             _grant: grant,
+            _slot: slot,
             _expiry: routed.valid_until.map(|until| end_at(until, &end)),
             end: end.clone(),
         };

@@ -9,6 +9,7 @@ pub mod agent_memory;
 pub mod api;
 pub mod api_routing;
 pub mod auth;
+pub mod caller_slots;
 pub mod cluster;
 pub mod config;
 pub mod config_in_force;

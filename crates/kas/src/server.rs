@@ -1053,6 +1053,9 @@ async fn start_kubeproxy(
         live_user_requests,
         previews,
         guard: Arc::clone(&sh.guards.kubernetes_api),
+        caller_slots: Arc::new(crate::caller_slots::CallerSlots::new(
+            k.max_requests_per_caller,
+        )),
     };
     let task = tokio::spawn(crate::kubeproxy::serve(
         k_listener,

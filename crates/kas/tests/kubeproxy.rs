@@ -777,6 +777,45 @@ async fn two_open_watches(
     (alice, a, b)
 }
 
+/// One CI job holds at most `kubernetes_api.max_requests_per_caller` live requests through an
+/// agent (here 2): with two watches open, its third request gets 429 naming the setting, while
+/// another job of the same project is served; once a watch ends, the job is served again.
+/// (One job opening hundreds of watches took all of the agent's tunnels, and every other
+/// project's requests waited and failed with 503.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ci_job_cannot_hold_more_than_its_share_of_an_agents_requests() {
+    let s = setup_full(None, false, "  max_requests_per_caller: 2\n").await;
+    let jwt = s.key.sign(&claims("group/app"));
+    let token = format!("ci:{}:{jwt}", s.agent_id);
+    let (mut first, rx_1) = spawn_watch(&s, &token, &s.allowed);
+    let (mut second, rx_2) = spawn_watch(&s, &token, &s.allowed);
+    wait_watches_see(&s, "held", &[&rx_1, &rx_2]).await;
+
+    let get = |jwt: &str| {
+        let mut c = s.kubectl(jwt);
+        c.args(["get", "configmaps", "-n", &s.allowed, "-o", "name"]);
+        output(c)
+    };
+    let (ok, out, err) = get(&jwt);
+    assert!(!ok, "a third request served: {out}");
+    assert!(err.contains("max_requests_per_caller"), "{err}");
+    let mut other_job = claims("group/app");
+    other_job["job_id"] = json!("778");
+    let (ok, out, err) = get(&s.key.sign(&other_job));
+    assert!(ok, "another job held back: {out}{err}");
+
+    let _ = first.kill();
+    let _ = first.wait();
+    wait_for(
+        "the ended watch's slot back",
+        Duration::from_secs(10),
+        || async { get(&jwt).0.then_some(()) },
+    )
+    .await;
+    let _ = second.kill();
+    let _ = second.wait();
+}
+
 /// Revoking a personal access token ends its open watches at once (before, an event still
 /// arrived 3 s after revocation and the watch was open 37 s later); another token's watch
 /// goes on, and the agent's side of the revoked watch ends too.
