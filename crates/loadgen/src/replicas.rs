@@ -59,24 +59,30 @@ pub async fn run(o: &Options) -> Result<Value> {
     let redis = Redis::start().context("starting Redis")?;
     let secret = o.dir.join("peer-secret");
     std::fs::write(&secret, "loadgen-replicas\n")?;
-    let mut setups = Vec::new();
+    let (mut setups, mut kases) = (Vec::new(), Vec::new());
     for i in 0..o.replicas {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let extra = shared_yaml(&database, &redis, &secret, port)?;
         let dir = o.dir.join(format!("kas-{i}"));
-        setups.push(KasSetup::write_with(
-            &o.kas_bin,
-            &dir,
-            &o.log_level,
-            None,
-            &extra,
-        )?);
-    }
-    let mut kases = Vec::new();
-    for s in &setups {
-        kases.push(s.start().await?);
+        // Ports are picked free, then bound by kas a moment later: in between, a connection
+        // of a replica already running (to PostgreSQL, Redis) may take one as its own
+        // ephemeral port. Such a start is tried again on new ports.
+        let mut attempt = 0;
+        let (setup, kas) = loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let extra = shared_yaml(&database, &redis, &secret, port)?;
+            let setup = KasSetup::write_with(&o.kas_bin, &dir, &o.log_level, None, &extra)?;
+            match setup.start().await {
+                Ok(kas) => break (setup, kas),
+                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                    attempt += 1;
+                    eprintln!("loadgen: replica {i} found a port taken; trying new ports");
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        setups.push(setup);
+        kases.push(kas);
     }
     let tokens = crate::register(&kases[0].admin, o.n, o.register_concurrency).await?;
     tokio::time::sleep(o.settle).await;
