@@ -27,6 +27,7 @@ use tether_store::Store;
 use tether_tunnel_server::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::listener::CutConnection;
 use crate::live_access::{Caller, LiveGrant, RunsAs};
 use crate::outbound::{Io, Outbound};
 use crate::revocation::{LiveRequest, LiveUserRequests};
@@ -391,28 +392,58 @@ struct Tracked {
     _user: Option<LiveRequest>,
     _grant: Option<LiveGrant>,
     _slot: Option<crate::caller_slots::CallerSlot>,
-    /// Stops the expiry timer, if any, when the request ends first.
+    /// Stops the expiry timer and the connection cut, if any, when the request ends first.
     _expiry: Option<tokio_util::sync::DropGuard>,
     end: CancellationToken,
 }
 
-/// Ends the request (`end`) at `until`, unless it ended before (the guard dropped).
-fn end_at(until: SystemTime, end: &CancellationToken) -> tokio_util::sync::DropGuard {
+/// How long a request whose access ended may take to end by itself (hyper failing its body)
+/// before its connection is cut: only a client that stopped reading takes longer.
+const CUT_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ends the request (`end`) at `until`, if any, and, once it must end for whatever reason,
+/// cuts its connection if it has not ended `CUT_AFTER` later — unless the request ended first
+/// (the guard dropped). `None` when there is nothing to watch.
+fn watch_end(
+    until: Option<SystemTime>,
+    end: &CancellationToken,
+    cut: Option<CutConnection>,
+) -> Option<tokio_util::sync::DropGuard> {
+    if until.is_none() && cut.is_none() {
+        return None;
+    }
     let done = CancellationToken::new();
     let (end, stopped) = (end.clone(), done.clone());
-    let left = until
-        .duration_since(SystemTime::now())
-        .unwrap_or(std::time::Duration::ZERO);
     tokio::spawn(async move {
+        let expiry = async {
+            match until {
+                Some(until) => {
+                    let left = until
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(std::time::Duration::ZERO);
+                    tokio::time::sleep(left).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = tokio::time::sleep(left) => {
+            () = expiry => {
                 tracing::info!("A request outlived its CI job token; ended");
                 end.cancel();
+            }
+            () = end.cancelled() => {}
+            () = stopped.cancelled() => return,
+        }
+        let Some(cut) = cut else { return };
+        tokio::select! {
+            () = tokio::time::sleep(CUT_AFTER) => {
+                tracing::info!("A request whose access ended was not read by its client; its connection is cut");
+                cut.cut();
             }
             () = stopped.cancelled() => {}
         }
     });
-    done.drop_guard()
+    Some(done.drop_guard())
 }
 
 /// The owner of a personal access token, and the token.
@@ -733,7 +764,8 @@ impl Proxy {
             Err(e) => return Ok(deny(&self, e.status(), e.reason(), &e.to_string())),
         };
         // Tracked until the response and any upgrade end, so revoking the credential ends it.
-        let (live, revoked) = match self.track(&routed) {
+        let cut = req.extensions().get::<CutConnection>().cloned();
+        let (live, revoked) = match self.track(&routed, cut) {
             Ok(l) => l,
             Err(resp) => return Ok(resp),
         };
@@ -920,7 +952,11 @@ impl Proxy {
 
     // The error is the refusal response itself, built once on a rare path: boxing buys nothing.
     #[allow(clippy::result_large_err)]
-    fn track(&self, routed: &Routed) -> Result<(Arc<Tracked>, CancellationToken), Response<Body>> {
+    fn track(
+        &self,
+        routed: &Routed,
+        cut: Option<CutConnection>,
+    ) -> Result<(Arc<Tracked>, CancellationToken), Response<Body>> {
         let slot = self.caller_slot(routed)?;
         let (user, end) = match routed.user_token_id {
             None => (None, CancellationToken::new()),
@@ -952,7 +988,7 @@ impl Proxy {
             _user: user,
             _grant: grant,
             _slot: slot,
-            _expiry: routed.valid_until.map(|until| end_at(until, &end)),
+            _expiry: watch_end(routed.valid_until, &end, cut),
             end: end.clone(),
         };
         Ok((Arc::new(tracked), end))

@@ -5,7 +5,7 @@
 //! watches went on receiving events. Agent tokens have the same in the tunnel registry
 //! (`Registry::revoke_token`). CI job ID tokens cannot be revoked by kas (their issuer owns
 //! them), so their requests are not tracked here: each ends when its token expires (the
-//! proxy's `end_at`).
+//! proxy's `watch_end`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};

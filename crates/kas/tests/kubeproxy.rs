@@ -870,6 +870,70 @@ async fn revoking_a_personal_access_token_ends_its_open_watches_within_a_second(
     let _ = other_watch.wait();
 }
 
+/// A revoked watch whose client stopped reading is cut too. hyper fails a revoked response
+/// body only when it polls it, and it polls only while the client reads: with the socket's
+/// buffers full, the revoked watch, its tracking and its caller slot stayed for as long as
+/// the client liked. Now kas cuts the connection 2 s after the revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_watch_whose_client_stopped_reading_is_cut() {
+    let s = setup().await;
+    let admin = &s.kas.admin;
+    let alice = admin
+        .create_user_token(s.agent_id, &user_token_request("alice"))
+        .await
+        .unwrap();
+    let mut sender = s.connect().await;
+    let req = http::Request::get(format!(
+        "/api/v1/namespaces/{}/configmaps?watch=true&fieldSelector=metadata.name%3Dbig",
+        s.allowed
+    ))
+    .header("host", "localhost")
+    .header(
+        "authorization",
+        format!("Bearer pat:{}:{}", s.agent_id, alice.token),
+    )
+    .body(http_body_util::Empty::<bytes::Bytes>::new())
+    .unwrap();
+    // The body is never polled from here: hyper's client stops reading the socket once its
+    // buffer is full, as a stuck kubectl would.
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // ~14 MB of events: more than every buffer on the way (the client's and kas's socket
+    // buffers, hyper's), so kas's writes to this client block.
+    let filler = "x".repeat(700_000);
+    for i in 0..20 {
+        s.env
+            .apply_yaml(&format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: big\n  namespace: {}\ndata:\n  v: \"{i}{filler}\"\n",
+                s.allowed
+            ))
+            .unwrap();
+    }
+    let series = "kas_listener_connections_closed_total{listener=\"kubernetes_api\",reason=\"access_ended\"}";
+    assert_eq!(s.kas.metric(series).await, None, "cut before revocation");
+
+    let r = admin.revoke_user_token(alice.token_id).await.unwrap();
+    assert!(r["requests_ended"].as_u64().unwrap() >= 1, "{r}");
+    wait_for(
+        "kas to cut the revoked watch's connection",
+        Duration::from_secs(20),
+        || async { (s.kas.metric(series).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    // Reading again, the client gets what was buffered, then the connection's end: never a
+    // response that ended as if the watch had.
+    use http_body_util::BodyExt;
+    let read = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect()).await;
+    assert!(
+        matches!(read, Ok(Err(_))),
+        "the cut watch's body ended without an error"
+    );
+    assert!(
+        s.kas.log().contains("its connection is cut"),
+        "the cut is logged"
+    );
+}
+
 /// A personal access token that expires while its watch is open ends the watch within the
 /// re-check interval (the token was checked only when a request started, so a watch or an
 /// exec outlived its credential indefinitely).

@@ -49,6 +49,10 @@ pub enum CloseReason {
     IdleTimeout,
     /// An agent connection carried no authenticated request within its deadline.
     NotAuthenticated,
+    /// The request in flight had to end (its credential revoked or expired, or the
+    /// configuration no longer allowing it) but its client had stopped reading, so the
+    /// response could not carry the error: the connection was cut.
+    AccessEnded,
 }
 
 impl CloseReason {
@@ -59,6 +63,7 @@ impl CloseReason {
             CloseReason::HeaderTimeout => "header_timeout",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::NotAuthenticated => "not_authenticated",
+            CloseReason::AccessEnded => "access_ended",
         }
     }
 }

@@ -44,7 +44,7 @@ impl ListenerMetrics {
         );
         reg.register(
             "listener_connections_closed",
-            "Connections closed by a handshake, header or idle timeout, by listener and reason",
+            "Connections closed by a handshake, header or idle timeout, or cut when their request's access ended while the client was not reading, by listener and reason",
             self.closed.clone(),
         );
         reg.register(
@@ -124,7 +124,12 @@ impl ListenerEvents for Events {
                 reason = reason.as_str(),
                 remote_addr = %peer,
                 suppressed,
-                "Connection closed: too slow"
+                "{}",
+                if reason == CloseReason::AccessEnded {
+                    "Connection closed: its request's access ended while the client was not reading"
+                } else {
+                    "Connection closed: too slow"
+                }
             );
         }
     }

@@ -120,8 +120,11 @@ async fn serve_io<S, F, Fut, B, E>(
         _admission: admission,
     };
     let c = Arc::clone(&clock);
+    let cut = CutConnection(CancellationToken::new());
+    let cut_requested = cut.0.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(cut.clone());
         let guard = InFlight::start(Arc::clone(&c));
         let response = handler(req);
         async move {
@@ -141,6 +144,22 @@ async fn serve_io<S, F, Fut, B, E>(
         },
         // Dropping the connection closes the socket; no request is in flight at a deadline.
         reason = clock.expired(l.timeouts) => events.closed(reason, peer),
+        // A request whose access ended while its client was not reading (see CutConnection).
+        () = cut_requested.cancelled() => events.closed(CloseReason::AccessEnded, peer),
+    }
+}
+
+/// Cuts the connection a request arrived on (a request extension). A response body that fails
+/// (a revoked watch) makes hyper close the connection only when hyper next polls the body, and
+/// it polls only while the client reads: a client that stopped reading would keep a revoked
+/// request, its tunnel slot and its tracking alive for as long as it likes. This ends it from
+/// outside. HTTP/1.1 carries one request at a time, so only that request is cut.
+#[derive(Debug, Clone)]
+pub struct CutConnection(CancellationToken);
+
+impl CutConnection {
+    pub fn cut(&self) {
+        self.0.cancel();
     }
 }
 
