@@ -20,8 +20,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tether_kubeproxy_agent::{AccessAs, RequestContext, RoutedRequest, sanitize_request_headers};
 use tether_kubeproxy_server::{
-    Credential, ExpiringMap, KubeconfigAgent, OidcVerifier, authorize_ci, ci_job_context,
-    ci_kubeconfig, mode_name, strip_path_prefix, user_context,
+    CiIdentity, Credential, Denied, ExpiringMap, KubeconfigAgent, OidcVerifier, authorize_ci,
+    ci_job_context, ci_kubeconfig, mode_name, strip_path_prefix, user_context,
 };
 use tether_store::Store;
 use tether_tunnel_server::Registry;
@@ -496,7 +496,7 @@ impl Proxy {
     }
 
     /// The refusal of a request to `agent_id` that its configuration does not allow.
-    fn forbidden(&self, agent_id: i64, d: &tether_kubeproxy_server::Denied) -> Response<Body> {
+    fn forbidden(&self, agent_id: i64, d: &Denied) -> Response<Body> {
         deny(
             self,
             d.status(),
@@ -505,20 +505,39 @@ impl Proxy {
         )
     }
 
-    /// The agent's configuration project (id, path); 403 "agent N is not available{to_whom}"
-    /// when the store has no such agent (never registered, or deleted), 503 when the store
-    /// cannot be read (see [`agents_unreadable`]).
-    async fn agent_project(
+    /// The agent's configuration project (id, path), `None` when the store has no such agent
+    /// (never registered, or deleted); 503 when the store cannot be read (see
+    /// [`agents_unreadable`]).
+    async fn find_agent_project(
         &self,
         agent_id: i64,
-        to_whom: &str,
-    ) -> Result<(i64, String), Response<Body>> {
+    ) -> Result<Option<(i64, String)>, Response<Body>> {
         let found = self.agent_projects.get(self.store.as_ref(), agent_id).await;
-        let found = found.map_err(|e| agents_unreadable(agent_id, &e))?;
-        found.ok_or_else(|| {
-            let m = format!("agent {agent_id} is not available{to_whom}");
+        found.map_err(|e| agents_unreadable(agent_id, &e))
+    }
+
+    /// [`Proxy::find_agent_project`], with 403 "agent N is not available" for no such agent.
+    async fn agent_project(&self, agent_id: i64) -> Result<(i64, String), Response<Body>> {
+        self.find_agent_project(agent_id).await?.ok_or_else(|| {
+            let m = format!("agent {agent_id} is not available");
             deny(self, StatusCode::FORBIDDEN, "Forbidden", &m)
         })
+    }
+
+    /// The refusal of a CI job's request to an agent that does not exist or does not authorize
+    /// the job's project at all. Both read the same to the job: any project trusted by an
+    /// issuer could otherwise list which agent ids exist and, from "only projects under
+    /// \"acme\"", whose they are. kas's log says which it was (`why`).
+    fn not_available_to(&self, agent_id: i64, job: &CiIdentity, why: &str) -> Response<Body> {
+        let told = format!(
+            "agent {agent_id} is not available to project {:?}: there is no such agent, or its \
+             ci_access lists neither the project nor a group holding it",
+            job.project_path
+        );
+        let mut r = deny(self, StatusCode::FORBIDDEN, "Forbidden", &told);
+        r.extensions_mut()
+            .insert(Denial(format!("agent {agent_id}: {why}")));
+        r
     }
 
     /// A CI job's ID token, checked against the agent's `ci_access`.
@@ -528,10 +547,18 @@ impl Proxy {
             .verify_until(jwt, SystemTime::now())
             .await
             .map_err(|e| deny_token(self, &e))?;
-        let (project_id, project_path) = self.agent_project(agent_id, " to this job").await?;
+        let Some((project_id, project_path)) = self.find_agent_project(agent_id).await? else {
+            return Err(self.not_available_to(agent_id, &job, "no such agent"));
+        };
         let config = self.agent_config(agent_id).await?;
-        let ok = authorize_ci(&config.ci_access, &project_path, &job)
-            .map_err(|d| self.forbidden(agent_id, &d))?;
+        let ok = authorize_ci(&config.ci_access, &project_path, &job).map_err(|d| match d {
+            Denied::NotAuthorized { .. } | Denied::OutsideHierarchy { .. } => {
+                self.not_available_to(agent_id, &job, &d.to_string())
+            }
+            // The job's project is the agent's configuration project or one its ci_access
+            // lists: telling it why hides nothing it does not know.
+            _ => self.forbidden(agent_id, &d),
+        })?;
         let context = ci_job_context(agent_id, project_id, &job);
         Ok(Routed {
             agent_id,
@@ -555,7 +582,7 @@ impl Proxy {
         let user = self.user_of(agent_id, token).await?;
         // Checked before waiting for the configuration: it does not need one.
         if user.identity.token_agent_id != agent_id {
-            let d = tether_kubeproxy_server::Denied::WrongAgent {
+            let d = Denied::WrongAgent {
                 agent_id,
                 token_agent_id: user.identity.token_agent_id,
             };
@@ -579,7 +606,7 @@ impl Proxy {
     ) -> Result<Routed, Response<Body>> {
         // A deleted agent is refused here, whatever this replica still remembers of its
         // `user_access` (a web UI session has no token whose deletion would stop it).
-        let (project_id, _) = self.agent_project(agent_id, "").await?;
+        let (project_id, _) = self.agent_project(agent_id).await?;
         let config = self.agent_config(agent_id).await?;
         let ok = tether_kubeproxy_server::authorize_user(
             config.user_access.as_ref(),

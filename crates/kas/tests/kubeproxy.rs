@@ -585,6 +585,53 @@ async fn a_503_kas_answers_itself_is_counted_and_logged_at_warn() {
     assert!(!s.kas.log().contains(&jwt), "no token in kas's log");
 }
 
+/// A CI job refused by an agent that does not authorize its project is told exactly what a
+/// job asking for an agent id nobody registered is told: any project a trusted issuer signs for
+/// could otherwise list the agent ids in use and, from "only projects under \"group\"", whose
+/// they are. kas's log still says which refusal it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cannot_tell_an_agent_refusing_it_from_no_agent_at_all() {
+    use http_body_util::BodyExt;
+    let s = setup().await;
+    let refused = async |agent_id: i64, project: &str| {
+        let jwt = s.key.sign(&claims(project));
+        let mut sender = s.connect().await;
+        let req = http::Request::get("/api/v1/namespaces/default/configmaps")
+            .header("host", "localhost")
+            .header("authorization", format!("Bearer ci:{agent_id}:{jwt}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let code = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        let message = body["message"].as_str().unwrap().to_owned();
+        (code, message.replace(&agent_id.to_string(), "N"))
+    };
+    let nobody = s.agent_id + 1000;
+    for project in ["group/other", "elsewhere/app"] {
+        let (code, told) = refused(s.agent_id, project).await;
+        assert_eq!(code, 403, "{told}");
+        assert_eq!(
+            (code, told.clone()),
+            refused(nobody, project).await,
+            "{project}"
+        );
+        assert!(told.contains(project), "{told}");
+        assert!(
+            !told.contains("\"group\""),
+            "the agent's namespace told: {told}"
+        );
+    }
+    let log = s.kas.log();
+    assert!(log.contains("not in ci_access.projects"), "{log}");
+    assert!(log.contains("only projects under"), "{log}");
+    assert!(
+        log.contains(&format!("agent {nobody}: no such agent")),
+        "{log}"
+    );
+}
+
 fn get_cm(env: &TestEnv, ns: &str, name: &str) -> bool {
     env.kubectl()
         .args(["get", "configmap", name, "-n", ns])
