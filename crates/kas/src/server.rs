@@ -1149,6 +1149,7 @@ async fn start_web(
         Arc::clone(&sh.store),
         api.admin.clone(),
         cfg.web.session_ttl,
+        cfg.web.oidc.clone(),
     ));
     let state = crate::webui::WebState {
         api_router: api::in_process_router(api.clone()),

@@ -155,14 +155,7 @@ pub fn person_of(cfg: &WebOidc, claims: &serde_json::Value) -> Result<(Person, R
                 .collect()
         })
         .unwrap_or_default();
-    let listed = |subjects: &[String], in_groups: &[String]| {
-        subjects.contains(&subject) || groups.iter().any(|g| in_groups.contains(g))
-    };
-    let role = if listed(&cfg.admin_subjects, &cfg.admin_groups) {
-        Role::Admin
-    } else if listed(&cfg.viewer_subjects, &cfg.viewer_groups) {
-        Role::Viewer
-    } else {
+    let Some(role) = role_of(cfg, &subject, &groups) else {
         return Err(OidcError::NotAllowed(format!(
             "{username} (subject {subject})"
         )));
@@ -175,6 +168,22 @@ pub fn person_of(cfg: &WebOidc, claims: &serde_json::Value) -> Result<(Person, R
         },
         role,
     ))
+}
+
+/// The role `web.oidc` gives a person now: at login, and again at each request of their
+/// session, so a person taken off the lists (kas running the new configuration) loses the web
+/// UI at once rather than at the end of `session_ttl`. `None`: listed nowhere.
+pub fn role_of(cfg: &WebOidc, subject: &str, groups: &[String]) -> Option<Role> {
+    let listed = |subjects: &[String], in_groups: &[String]| {
+        subjects.iter().any(|s| s == subject) || groups.iter().any(|g| in_groups.contains(g))
+    };
+    if listed(&cfg.admin_subjects, &cfg.admin_groups) {
+        Some(Role::Admin)
+    } else if listed(&cfg.viewer_subjects, &cfg.viewer_groups) {
+        Some(Role::Viewer)
+    } else {
+        None
+    }
 }
 
 impl Provider {
@@ -301,10 +310,10 @@ impl Provider {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn cfg() -> WebOidc {
+    pub(crate) fn cfg() -> WebOidc {
         WebOidc {
             issuer: "https://idp.example".into(),
             client_id: "tether web".into(),

@@ -11,6 +11,7 @@ use sha2::{Digest as _, Sha256};
 use tether_store::{Store, WebSession};
 
 use crate::auth::AdminToken;
+use crate::config::WebOidc;
 
 /// The session cookie's name without TLS.
 pub const COOKIE: &str = "tether_session";
@@ -121,15 +122,22 @@ fn row_of(id: &str, session: &Session, expires_at: i64, admin_token: &str) -> We
 
 /// The session a stored row describes; `None` for a row this kas cannot read (a role it does
 /// not know): no session rather than a guessed one. An admin-token login lives only as long
-/// as the admin token it was opened with (`admin_token`: the fingerprint in force now).
-fn session_of(row: WebSession, admin_token: &str) -> Option<Session> {
-    let role = Role::from_name(&row.role)?;
+/// as the admin token it was opened with (`admin_token`: the fingerprint in force now). A
+/// person's role is the one `roles` (`web.oidc` in force now) gives them, not the one stored
+/// at login: a person no longer listed, or kas no longer configured for OpenID Connect, has
+/// no session.
+fn session_of(row: WebSession, admin_token: &str, roles: Option<&WebOidc>) -> Option<Session> {
+    let mut role = Role::from_name(&row.role)?;
     let person = match (row.subject, row.username, row.admin_token) {
-        (Some(subject), Some(username), None) => Some(Person {
-            subject,
-            username,
-            groups: serde_json::from_str(&row.groups).ok()?,
-        }),
+        (Some(subject), Some(username), None) => {
+            let groups: Vec<String> = serde_json::from_str(&row.groups).ok()?;
+            role = crate::webui::oidc::role_of(roles?, &subject, &groups)?;
+            Some(Person {
+                subject,
+                username,
+                groups,
+            })
+        }
         (None, None, Some(opened_with)) => {
             use subtle::ConstantTimeEq as _;
             let same = opened_with.as_bytes().ct_eq(admin_token.as_bytes());
@@ -160,11 +168,23 @@ pub struct Sessions {
     store: Arc<dyn Store>,
     /// Admin-token logins end when this token is rotated.
     admin: AdminToken,
+    /// `web.oidc` in force: people's roles are read from it at each request.
+    roles: Option<Arc<WebOidc>>,
 }
 
 impl Sessions {
-    pub fn new(store: Arc<dyn Store>, admin: AdminToken, ttl: Duration) -> Self {
-        Self { ttl, store, admin }
+    pub fn new(
+        store: Arc<dyn Store>,
+        admin: AdminToken,
+        ttl: Duration,
+        roles: Option<WebOidc>,
+    ) -> Self {
+        Self {
+            ttl,
+            store,
+            admin,
+            roles: roles.map(Arc::new),
+        }
     }
 
     /// Starts a session; returns its id (the cookie's value). Fails when the store cannot
@@ -193,7 +213,9 @@ impl Sessions {
     /// page then asks to log in, and the login says why it fails).
     pub async fn get(&self, id: &str) -> Option<Session> {
         match self.store.web_session(&id_digest(id)).await {
-            Ok(row) => row.and_then(|r| session_of(r, &self.admin.fingerprint())),
+            Ok(row) => {
+                row.and_then(|r| session_of(r, &self.admin.fingerprint(), self.roles.as_deref()))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot read web UI sessions: treating the request as logged out");
                 None
@@ -294,7 +316,12 @@ mod tests {
         let admin_file = dir.path().join("admin-token");
         std::fs::write(&admin_file, "admin\n").unwrap();
         let admin = AdminToken::load_or_create(&admin_file).unwrap();
-        let s = Sessions::new(Arc::clone(&store), admin.clone(), Duration::from_secs(60));
+        let s = Sessions::new(
+            Arc::clone(&store),
+            admin.clone(),
+            Duration::from_secs(60),
+            None,
+        );
         let id = s.create(Role::Admin, None).await.unwrap();
         let got = s.get(&id).await.expect("session");
         assert_eq!(got.role, Role::Admin);
@@ -307,11 +334,16 @@ mod tests {
             "not by the id itself"
         );
         // Another kas on the same database (a restart, a replica) knows it.
-        let other = Sessions::new(Arc::clone(&store), admin.clone(), Duration::from_secs(60));
+        let other = Sessions::new(
+            Arc::clone(&store),
+            admin.clone(),
+            Duration::from_secs(60),
+            None,
+        );
         assert_eq!(other.get(&id).await, Some(got));
         s.remove(&id).await.unwrap();
         assert!(other.get(&id).await.is_none());
-        let short = Sessions::new(store, admin, Duration::ZERO);
+        let short = Sessions::new(store, admin, Duration::ZERO, None);
         let id = short.create(Role::Viewer, None).await.unwrap();
         assert!(short.get(&id).await.is_none(), "expired at once");
     }
@@ -331,17 +363,21 @@ mod tests {
         let row = row_of("id", &session, 10, "print");
         assert_eq!(row.id_digest.len(), 64);
         assert_eq!(row.admin_token, None, "a person's login");
-        assert_eq!(session_of(row.clone(), "print"), Some(session));
+        let roles = roles(&["dev"], &[]);
+        assert_eq!(
+            session_of(row.clone(), "print", Some(&roles)),
+            Some(session)
+        );
         let unknown_role = WebSession {
             role: "owner".into(),
             ..row.clone()
         };
-        assert_eq!(session_of(unknown_role, "print"), None);
+        assert_eq!(session_of(unknown_role, "print", Some(&roles)), None);
         let half_person = WebSession {
             subject: None,
             ..row
         };
-        assert_eq!(session_of(half_person, "print"), None);
+        assert_eq!(session_of(half_person, "print", Some(&roles)), None);
         // The admin-token login lasts as long as its token.
         let admin = Session {
             role: Role::Admin,
@@ -350,8 +386,54 @@ mod tests {
         };
         let row = row_of("id2", &admin, 10, "print");
         assert_eq!(row.admin_token.as_deref(), Some("print"));
-        assert_eq!(session_of(row.clone(), "print"), Some(admin));
-        assert_eq!(session_of(row, "rotated"), None);
+        assert_eq!(session_of(row.clone(), "print", None), Some(admin));
+        assert_eq!(session_of(row, "rotated", None), None);
+    }
+
+    /// `web.oidc` listing `viewer_groups` and `admin_groups`.
+    fn roles(viewer_groups: &[&str], admin_groups: &[&str]) -> WebOidc {
+        let own = |g: &[&str]| g.iter().map(|s| (*s).to_owned()).collect();
+        WebOidc {
+            admin_subjects: Vec::new(),
+            admin_groups: own(admin_groups),
+            viewer_subjects: Vec::new(),
+            viewer_groups: own(viewer_groups),
+            ..crate::webui::oidc::tests::cfg()
+        }
+    }
+
+    /// A person's role is read from `web.oidc` at each request, not kept from the login: taken
+    /// off the lists (kas restarted with the new configuration), they have no session any
+    /// more; moved to the admins, they are one — rather than keeping the role they logged in
+    /// with for the whole `session_ttl` (8 h by default).
+    #[test]
+    fn a_persons_role_follows_the_configuration_in_force_not_the_login() {
+        let viewer = Session {
+            role: Role::Viewer,
+            person: Some(Person {
+                subject: "sub".into(),
+                username: "alice".into(),
+                groups: vec!["dev".into()],
+            }),
+            csrf: "c".into(),
+        };
+        let row = row_of("id", &viewer, 10, "print");
+        let role = |cfg: Option<&WebOidc>| session_of(row.clone(), "print", cfg).map(|s| s.role);
+        assert_eq!(role(Some(&roles(&["dev"], &[]))), Some(Role::Viewer));
+        assert_eq!(role(Some(&roles(&[], &["dev"]))), Some(Role::Admin));
+        assert_eq!(role(Some(&roles(&["ops"], &[]))), None, "taken off");
+        assert_eq!(role(None), None, "OpenID Connect turned off");
+        let admin_row = row_of(
+            "id",
+            &Session {
+                role: Role::Admin,
+                ..viewer
+            },
+            10,
+            "print",
+        );
+        let demoted = session_of(admin_row, "print", Some(&roles(&["dev"], &[])));
+        assert_eq!(demoted.map(|s| s.role), Some(Role::Viewer));
     }
 
     #[test]
