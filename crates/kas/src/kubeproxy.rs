@@ -139,6 +139,9 @@ pub struct Proxy {
     pub previews: crate::preview::Previews,
     /// Live requests per caller and agent, bounded (`kubernetes_api.max_requests_per_caller`).
     pub caller_slots: Arc<crate::caller_slots::CallerSlots>,
+    /// Every agent with its configuration in force, for CI kubeconfigs: one read at a time,
+    /// the jobs that asked while one ran share the next.
+    pub agents_in_force: Arc<crate::fresh::Fresh<Vec<AgentInForce>>>,
 }
 
 /// Agent id → (configuration project id, path), remembered for [`AGENT_PROJECT_TTL`]: every
@@ -189,7 +192,7 @@ impl AgentProjects {
 }
 
 /// An agent and its configuration in force (empty when none is known: it allows nothing).
-type AgentInForce = (
+pub type AgentInForce = (
     tether_store::AgentRow,
     Arc<tether_agent_config::AgentConfig>,
 );
@@ -1227,7 +1230,8 @@ impl Proxy {
             Ok(j) => j,
             Err(e) => return deny_token(self, &e),
         };
-        let agents = match self.agents_in_force().await {
+        let agents = self.agents_in_force.get(|| self.read_agents_in_force());
+        let agents = match agents.await {
             Ok(a) => a,
             Err(e) => {
                 let m = format!("reading the agents and their configurations: {e}");
@@ -1246,7 +1250,7 @@ impl Proxy {
                 self.path_prefix.trim_end_matches('/')
             )
         });
-        let body = match self.ci_kubeconfig(&server, jwt.trim(), &job, &agents) {
+        let body = match self.ci_kubeconfig(&server, jwt.trim(), &job, agents.as_slice()) {
             Ok(Some(body)) => body,
             Ok(None) => {
                 return deny(
@@ -1270,8 +1274,9 @@ impl Proxy {
     }
 
     /// Every agent with its configuration in force (as fresh as the request path's: a
-    /// `ci_access` changed while another replica holds the agent counts at once).
-    async fn agents_in_force(&self) -> Result<Vec<AgentInForce>, tether_store::Error> {
+    /// `ci_access` changed while another replica holds the agent counts at once), read anew:
+    /// callers go through `agents_in_force`.
+    async fn read_agents_in_force(&self) -> Result<Vec<AgentInForce>, tether_store::Error> {
         let agents = self.store.list_agents().await?;
         let ids: Vec<i64> = agents.iter().map(|a| a.id).collect();
         let mut configs = self.in_force().all(&ids).await?;

@@ -18,6 +18,7 @@ pub mod connections;
 pub mod database;
 pub mod diff;
 pub mod followed;
+pub mod fresh;
 pub mod install;
 pub mod jwks;
 pub mod kubeproxy;

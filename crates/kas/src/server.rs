@@ -1053,6 +1053,7 @@ async fn start_kubeproxy(
         live_user_requests,
         previews,
         guard: Arc::clone(&sh.guards.kubernetes_api),
+        agents_in_force: Arc::default(),
         caller_slots: Arc::new(crate::caller_slots::CallerSlots::new(
             k.max_requests_per_caller,
         )),
