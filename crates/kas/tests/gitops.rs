@@ -3084,9 +3084,44 @@ async fn an_entry_waits_for_its_dependency_to_be_current_then_applies() {
         "apps applied before its dependency was Current"
     );
 
+    // `reconcile --wait` follows the wait (it exited 1 at once on every monorepo commit):
+    // it shows the wait, then the entry's synchronization once the dependency is ready.
+    let mut reconcile = rig
+        .kas
+        .cli()
+        .args([
+            "agent",
+            "reconcile",
+            "group/config:seed",
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(reconcile.stdout.take().unwrap()));
+    let mut shown = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        shown.push(line.clone());
+        if line.starts_with("group/apps: commit ") && line.contains("waiting for dependency") {
+            break;
+        }
+    }
     let node = first_node(&rig.env);
     let labelled = format!("{label}={value}");
     run_output(rig.env.kubectl().args(["label", "node", &node, &labelled])).unwrap();
+    shown.extend(lines.map(Result::unwrap));
+    let status = reconcile.wait().unwrap();
+    assert!(status.success(), "{status}: {shown:#?}");
+    assert!(
+        shown
+            .iter()
+            .any(|l| l.starts_with("group/apps: commit ") && l.contains(" succeeded: ")),
+        "{shown:#?}"
+    );
     let infra_done = rig.synced_in("group/manifests", &c1).await;
     let applied = apps_report(&rig, &c1, "apps applied", |s| {
         s.outcome == ReportedOutcome::Succeeded

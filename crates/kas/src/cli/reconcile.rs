@@ -1,6 +1,7 @@
 //! `kas agent reconcile [--wait]`: ask kas to fetch and the agent to sync now, then follow the
 //! agent's reports until the one answering this request arrives for every project.
 
+use std::collections::HashMap;
 use std::io::IsTerminal as _;
 use std::time::Duration;
 
@@ -302,11 +303,27 @@ async fn follow(
         .collect();
     let mut worst = Outcome::Synced;
     let mut shown = Vec::new();
+    // Entries waiting for a dependency, with the wait last shown: not an answer yet.
+    let mut waits: HashMap<String, String> = HashMap::new();
+    let mut failed: Vec<String> = Vec::new();
     while !pending.is_empty() {
         for s in c.gitops_status(agent_id).await? {
             if s.resync_id < started.resync_id || !pending.contains(&s.project_id.as_str()) {
                 continue;
             }
+            if s.outcome == ReportedOutcome::Waiting && !waiting_is_final(&s, &failed) {
+                if waits.get(&s.project_id) != Some(&s.error) {
+                    progress.line(&format!(
+                        "{}: commit {} {}",
+                        s.project_id,
+                        short(&s.commit_id),
+                        s.error
+                    ))?;
+                    waits.insert(s.project_id.clone(), s.error.clone());
+                }
+                continue;
+            }
+            waits.remove(&s.project_id);
             pending.retain(|p| *p != s.project_id);
             let summary = summarize(&s);
             let fetched = started
@@ -328,7 +345,11 @@ async fn follow(
             for o in summary.not_current.iter().chain(&summary.left_in_place) {
                 progress.line(&format!("    {o}"))?;
             }
-            worst = worst.max(judge(&s, &summary, fetched));
+            let judged = judge(&s, &summary, fetched);
+            if judged != Outcome::Synced {
+                failed.push(s.project_id.clone());
+            }
+            worst = worst.max(judged);
             progress.done_one();
         }
         if pending.is_empty() {
@@ -344,11 +365,8 @@ async fn follow(
         )
         .await?;
         if Instant::now() >= deadline {
-            progress.line(&format!(
-                "timed out after {timeout:?} waiting for agent {agent_id}'s report of {}",
-                pending.join(", ")
-            ))?;
-            return Ok(Outcome::TimedOut);
+            return timed_out(progress, (agent_id, timeout), &pending, &waits)
+                .map(|o| worst.max(o));
         }
         if shown.is_empty() {
             progress.waiting(format!(
@@ -360,6 +378,47 @@ async fn follow(
         tokio::time::sleep(POLL.min(deadline - Instant::now())).await;
     }
     Ok(worst)
+}
+
+/// Whether a `waiting` report ends the wait: only when the dependency it waits for failed in
+/// this very reconcile (it will not become ready without a change). Otherwise the dependency is
+/// synchronizing, rolling out or not fetched yet, and the entry applies once it is ready — its
+/// report then answers this reconcile too — so `--wait` follows it (a monorepo commit makes
+/// every dependant wait a moment; that is no failure).
+fn waiting_is_final(s: &SyncView, failed: &[String]) -> bool {
+    failed
+        .iter()
+        .any(|p| s.error.starts_with(&format!("waiting for dependency {p}:")))
+}
+
+/// The end of `--wait` at `--timeout`: entries still waiting for a dependency did not apply
+/// this reconcile's commit (exit 1, naming the wait); entries that sent nothing time out
+/// (exit 3).
+fn timed_out(
+    progress: &Progress,
+    (agent_id, timeout): (i64, Duration),
+    pending: &[&str],
+    waits: &HashMap<String, String>,
+) -> Result<Outcome> {
+    let silent: Vec<&str> = pending
+        .iter()
+        .copied()
+        .filter(|p| !waits.contains_key(*p))
+        .collect();
+    for p in pending.iter().filter(|p| waits.contains_key(**p)) {
+        progress.line(&format!(
+            "{p}: still waiting after {timeout:?}, nothing applied: {}",
+            waits[*p]
+        ))?;
+    }
+    if silent.is_empty() {
+        return Ok(Outcome::Failed);
+    }
+    progress.line(&format!(
+        "timed out after {timeout:?} waiting for agent {agent_id}'s report of {}",
+        silent.join(", ")
+    ))?;
+    Ok(Outcome::TimedOut)
 }
 
 /// Shows the progress the agent reported for the pending projects of this reconcile: on a
@@ -422,6 +481,20 @@ mod tests {
             warnings: Vec::new(),
             resync_id: 1,
         }
+    }
+
+    /// A monorepo commit makes a dependant wait while its dependency synchronizes: `--wait`
+    /// follows it (exit 1 on every such commit made CI gates useless); only a dependency that
+    /// failed in the same reconcile ends the wait.
+    #[test]
+    fn a_wait_for_a_dependency_ends_the_follow_only_once_that_dependency_failed() {
+        let mut waiting = report(ReportedOutcome::Waiting, Vec::new());
+        waiting.error = "waiting for dependency group/infra: its synchronization of commit \
+                         925c8abd is under way"
+            .into();
+        assert!(!waiting_is_final(&waiting, &[]));
+        assert!(!waiting_is_final(&waiting, &["group/infra-extra".into()]));
+        assert!(waiting_is_final(&waiting, &["group/infra".into()]));
     }
 
     #[test]
