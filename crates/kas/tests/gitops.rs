@@ -2339,19 +2339,7 @@ async fn a_refused_newest_commit_stays_failed_across_resyncs_of_the_last_good_on
     );
     assert_eq!(rig.agent.metric(series).await, last_success);
 
-    let out = rig
-        .kas
-        .cli()
-        .args([
-            "agent",
-            "reconcile",
-            "group/config:seed",
-            "--wait",
-            "--timeout",
-            "60s",
-        ])
-        .output()
-        .unwrap();
+    let out = reconcile_wait(&rig.kas, "60s").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
@@ -3086,17 +3074,7 @@ async fn an_entry_waits_for_its_dependency_to_be_current_then_applies() {
 
     // `reconcile --wait` follows the wait (it exited 1 at once on every monorepo commit):
     // it shows the wait, then the entry's synchronization once the dependency is ready.
-    let mut reconcile = rig
-        .kas
-        .cli()
-        .args([
-            "agent",
-            "reconcile",
-            "group/config:seed",
-            "--wait",
-            "--timeout",
-            "120s",
-        ])
+    let mut reconcile = reconcile_wait(&rig.kas, "120s")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -3203,6 +3181,20 @@ async fn an_entry_waiting_on_a_failing_dependency_says_so_in_agent_status() {
             && line.contains("waiting for dependency group/manifests: its last synchronization"),
         "{line}"
     );
+}
+
+/// `kas agent reconcile group/config:seed --wait --timeout <timeout>`.
+fn reconcile_wait(kas: &Kas, timeout: &str) -> std::process::Command {
+    let mut c = kas.cli();
+    c.args([
+        "agent",
+        "reconcile",
+        "group/config:seed",
+        "--wait",
+        "--timeout",
+        timeout,
+    ]);
+    c
 }
 
 /// The name of a node of the test cluster (kwok's).
