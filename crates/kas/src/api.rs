@@ -670,8 +670,16 @@ async fn put_project(
 ) -> Result<Json<ProjectView>, ApiError> {
     // Check everything before storing, so a bad remote is refused rather than stored broken.
     if let Some(r) = &req.remote {
-        tether_git_source::Remote::parse(r)
+        let remote = tether_git_source::Remote::parse(r)
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("remote {r}: {e}")))?;
+        // A network remote may be down for now, but a local one missing on kas's host is a
+        // typo: refused, rather than stored and failing every fetch.
+        if let Some(dir) = remote.local_path()
+            && !dir.is_dir()
+        {
+            let m = format!("remote {r}: no such directory on kas's host");
+            return Err(ApiError(StatusCode::BAD_REQUEST, m));
+        }
     }
     for f in [
         &req.credentials_file,

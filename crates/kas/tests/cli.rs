@@ -182,6 +182,33 @@ async fn user_token_revoke_of_an_unknown_id_fails_naming_it() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// `kas project add` with a local remote that does not exist on kas's host (a typo) fails
+/// naming it, and nothing is stored; before, it exited 0 and every fetch then failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn project_add_of_a_missing_local_repository_fails_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let missing = dir.path().join("no-such-repository");
+    let o = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .arg("--configuration-file")
+        .arg(&kas.config)
+        .args(["project", "add", "--path", "group/typo", "--remote"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "remote {}: no such directory on kas's host",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    let stored = kas.admin.list_projects().await.unwrap();
+    assert!(stored.iter().all(|p| p.path != "group/typo"), "{stored:?}");
+}
+
 /// After a broken config.yaml is pushed, `kas agent status` says the agent is connected, which
 /// commit is in force and that the newest was refused and why, in the table and in `-o json`,
 /// and exits 5. Before, it showed the old successful syncs only and exited 0.

@@ -22,7 +22,9 @@ async fn git_fetches_are_counted_by_outcome() {
     let repo = GitRepo::init(&dir.path().join("repo"));
     repo.commit(&[("README.md", Some(b"hello"))], "first");
     kas.set_projects(&[("group/good", &repo)]).await;
+    // A folder, but no repository: every fetch fails (a missing one is refused at once).
     let missing = dir.path().join("no-such-repository");
+    std::fs::create_dir(&missing).unwrap();
     kas.admin
         .set_project(&ProjectRequest {
             path: "group/broken".into(),

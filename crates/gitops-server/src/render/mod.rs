@@ -428,7 +428,7 @@ impl Renderer {
             match found {
                 Ok(p) => tracing::info!(tool = %tool, path = %p.display(), "Renderer found"),
                 Err(why) => {
-                    tracing::info!(tool = %tool, why, "Renderer not available: projects using it get an error")
+                    tracing::warn!(tool = %tool, why, "Renderer not available: projects using it get an error")
                 }
             }
         }
