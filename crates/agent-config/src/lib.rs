@@ -14,6 +14,7 @@
 //! );
 //! ```
 
+pub mod chart_repository;
 mod check;
 mod ci_access;
 mod depends;

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ConfigError;
+use crate::chart_repository;
 use crate::check::{check_namespace, is_rfc1123_label};
 
 /// Helm's own limit on release names (they end up in label values with suffixes).
@@ -53,12 +54,22 @@ pub struct Kustomize {
     pub path: String,
 }
 
-/// `helm:` — template a chart stored in the repository.
+/// `helm:` — template a chart stored in the repository, or one of a chart repository
+/// (`repository`, as Flux's HelmRelease of a HelmRepository).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Helm {
-    /// The chart's directory (holding `Chart.yaml`), relative to the repository root.
+    /// The chart's directory (holding `Chart.yaml`), relative to the repository root; with
+    /// `repository`, the chart's name there.
     pub chart: String,
+    /// The chart repository (`https://charts.example.com/stable`, holding `index.yaml`) the
+    /// chart is fetched from, by kas, instead of the Git repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// With `repository`: the chart's version constraint (`>=6.0.0 <7`, `6.1.x`, `6.1.0`);
+    /// the newest stable version when left out, as Helm picks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// The release name the templates see as `.Release.Name`.
     pub release_name: String,
     /// `.Release.Namespace`; the project's `default_namespace` when left out.
@@ -165,7 +176,7 @@ impl Kustomize {
 impl Helm {
     /// Checks the settings; kas checks an agent's render request with this too.
     pub fn validate(&self, base: &str) -> Result<(), ConfigError> {
-        check_repository_path(&format!("{base}.chart"), &self.chart)?;
+        self.validate_source(base)?;
         let name = &self.release_name;
         if !is_rfc1123_label(name) || name.len() > MAX_RELEASE_NAME {
             return Err(ConfigError::invalid(
@@ -203,6 +214,46 @@ impl Helm {
 }
 
 impl Helm {
+    /// `chart`, and `repository` with `version`: a path of the Git repository, or a chart
+    /// name in a chart repository.
+    fn validate_source(&self, base: &str) -> Result<(), ConfigError> {
+        let Some(repository) = &self.repository else {
+            if self.version.is_some() {
+                return Err(ConfigError::invalid(
+                    format!("{base}.version"),
+                    "is only for a chart of helm.repository (a chart in the Git repository has \
+                     its version in its Chart.yaml)",
+                ));
+            }
+            return check_repository_path(&format!("{base}.chart"), &self.chart);
+        };
+        if chart_repository::plain_url(repository).is_none() {
+            return Err(ConfigError::invalid(
+                format!("{base}.repository"),
+                format!(
+                    "{repository:?} is not an http:// or https:// URL without user, query or \
+                     fragment"
+                ),
+            ));
+        }
+        if !chart_repository::is_chart_name(&self.chart) {
+            return Err(ConfigError::invalid(
+                format!("{base}.chart"),
+                format!(
+                    "{:?} is not a chart name: with helm.repository, chart names a chart of \
+                     the chart repository (such as podinfo), not a path",
+                    self.chart
+                ),
+            ));
+        }
+        match &self.version {
+            Some(v) => chart_repository::Constraint::parse(v)
+                .map(|_| ())
+                .map_err(|e| ConfigError::invalid(format!("{base}.version"), e)),
+            None => Ok(()),
+        }
+    }
+
     fn validate_capabilities(&self, base: &str) -> Result<(), ConfigError> {
         if let Some(v) = &self.kube_version
             && !is_kube_version(v)
@@ -238,6 +289,8 @@ mod tests {
     fn helm() -> Helm {
         Helm {
             chart: "charts/app".into(),
+            repository: None,
+            version: None,
             release_name: "app".into(),
             namespace: None,
             values_files: vec!["charts/app/values-prod.yaml".into()],
@@ -350,6 +403,78 @@ mod tests {
             ..helm()
         };
         assert!(capabilities.validate(base).is_ok());
+    }
+
+    #[test]
+    fn a_repository_chart_is_a_name_at_a_plain_url_with_a_constraint() {
+        let base = "gitops.manifest_projects[0].helm";
+        let podinfo = Helm {
+            chart: "podinfo".into(),
+            repository: Some("https://charts.example.com/stable".into()),
+            version: Some(">=6.0.0 <7".into()),
+            ..helm()
+        };
+        assert!(podinfo.validate(base).is_ok());
+        let latest = Helm {
+            version: None,
+            ..podinfo.clone()
+        };
+        assert!(latest.validate(base).is_ok());
+        let cases = [
+            (
+                Helm {
+                    chart: "charts/podinfo".into(),
+                    ..podinfo.clone()
+                },
+                "chart",
+                "not a chart name",
+            ),
+            (
+                Helm {
+                    repository: Some("https://u:p@charts.example.com/".into()),
+                    ..podinfo.clone()
+                },
+                "repository",
+                "without user, query or fragment",
+            ),
+            (
+                Helm {
+                    repository: Some("oci://registry.example.com/charts".into()),
+                    ..podinfo.clone()
+                },
+                "repository",
+                "not an http:// or https:// URL",
+            ),
+            (
+                Helm {
+                    repository: Some("https://charts.example.com/?token=1".into()),
+                    ..podinfo.clone()
+                },
+                "repository",
+                "without user, query or fragment",
+            ),
+            (
+                Helm {
+                    version: Some(">=banana".into()),
+                    ..podinfo.clone()
+                },
+                "version",
+                "not a version constraint",
+            ),
+            (
+                Helm {
+                    version: Some("1.0.0".into()),
+                    ..helm()
+                },
+                "version",
+                "only for a chart of helm.repository",
+            ),
+        ];
+        for (h, key, why) in cases {
+            let e = message(h.validate(base).expect_err("refused"));
+            assert!(e.starts_with(&format!("{base}.{key}: ")), "{e}");
+            assert!(e.contains(why), "{e}");
+        }
     }
 
     #[test]

@@ -1008,6 +1008,60 @@ fn rendering_errors_name_the_key_and_line() {
     assert!(unknown.to_string().contains("release"), "{unknown}");
 }
 
+#[test]
+fn a_chart_repository_entry_parses_and_its_errors_name_the_key_and_line() {
+    let p = only_project(&project(
+        "    helm:\n      repository: https://charts.example.com/stable\n      chart: podinfo\n      version: '>=6.0.0 <7'\n      release_name: podinfo\n      values_files: [podinfo/values.yaml]\n",
+    ));
+    let h = p.helm.expect("helm");
+    assert_eq!(
+        (
+            h.repository.as_deref(),
+            h.chart.as_str(),
+            h.version.as_deref()
+        ),
+        (
+            Some("https://charts.example.com/stable"),
+            "podinfo",
+            Some(">=6.0.0 <7")
+        )
+    );
+    let path = err(&project(
+        "    helm:\n      repository: https://charts.example.com/stable\n      chart: charts/podinfo\n      release_name: podinfo\n",
+    ));
+    assert!(
+        path.to_string().starts_with(
+            "gitops.manifest_projects[0].helm.chart: \"charts/podinfo\" is not a chart name"
+        ),
+        "{path}"
+    );
+    assert!(path.to_string().ends_with("(line 6)"), "{path}");
+    let url = err(&project(
+        "    helm:\n      repository: https://user@charts.example.com/stable\n      chart: podinfo\n      release_name: podinfo\n",
+    ));
+    assert!(
+        url.to_string()
+            .starts_with("gitops.manifest_projects[0].helm.repository: "),
+        "{url}"
+    );
+    assert!(url.to_string().ends_with("(line 5)"), "{url}");
+    let version = err(&project(
+        "    helm:\n      repository: https://charts.example.com/stable\n      chart: podinfo\n      version: '>=banana'\n      release_name: podinfo\n",
+    ));
+    assert!(
+        version.to_string().starts_with(
+            "gitops.manifest_projects[0].helm.version: \">=banana\" is not a version constraint"
+        ),
+        "{version}"
+    );
+    assert!(version.to_string().ends_with("(line 7)"), "{version}");
+    // Absent, the keys stay out of the JSON kas sends (agents older than them refuse them).
+    let plain = only_project(&project("    helm: {chart: c, release_name: r}\n"));
+    let json = serde_json::to_value(&plain).expect("json");
+    assert!(json["helm"].get("repository").is_none(), "{json}");
+    assert!(json["helm"].get("version").is_none(), "{json}");
+}
+
 /// What kas sends agentk is the parsed configuration as JSON. An agentk that predates a key
 /// refuses it (unknown keys are errors), so a key added later must stay out of that JSON
 /// while it has its default: `allow_empty` appears only when set.

@@ -753,11 +753,9 @@ impl Worker {
         };
         match resp.message {
             Some(objects_response::Message::Header(h))
-                if !h.rendered
-                    && (self.project.kustomize.is_some() || self.project.helm.is_some()) =>
+                if let Some(message) = older_kas(&self.project, &h) =>
             {
                 stream.building = None;
-                let message = "kas sent this commit without rendering it: it is older than Kustomize/Helm rendering; upgrade kas (nothing was applied)";
                 self.refuse(h.commit_id, message.to_owned(), sync, reports, stop)
                     .await;
             }
@@ -1148,9 +1146,66 @@ async fn next_event(
     }
 }
 
+/// Why a commit's header shows kas did not render what the entry asks for (a kas older than
+/// rendering, or than `helm.repository`), if it does: the commit is refused, not applied.
+fn older_kas(project: &ManifestProject, h: &wire::Header) -> Option<&'static str> {
+    let renders = project.kustomize.is_some() || project.helm.is_some();
+    let from_repository = project
+        .helm
+        .as_ref()
+        .is_some_and(|helm| helm.repository.is_some());
+    if renders && !h.rendered {
+        Some(
+            "kas sent this commit without rendering it: it is older than Kustomize/Helm rendering; upgrade kas (nothing was applied)",
+        )
+    } else if from_repository && !h.chart_repository {
+        Some(
+            "kas sent this commit without rendering the chart of helm.repository: it is older than chart repositories (it would render a folder of the Git repository named as the chart); upgrade kas (nothing was applied)",
+        )
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commit_a_kas_older_than_the_entrys_rendering_sent_is_refused() {
+        let mut p = ManifestProject::new(ProjectRef::Path("g/m".into()));
+        p.helm = Some(tether_agent_config::Helm {
+            chart: "podinfo".into(),
+            repository: Some("https://charts.example.com/stable".into()),
+            version: None,
+            release_name: "podinfo".into(),
+            namespace: None,
+            values_files: vec![],
+            values: None,
+            kube_version: None,
+            api_versions: vec![],
+            hooks: Default::default(),
+            random: Default::default(),
+        });
+        let header = |rendered, chart_repository| wire::Header {
+            rendered,
+            chart_repository,
+            ..wire::Header::default()
+        };
+        assert!(older_kas(&p, &header(false, false)).is_some());
+        let older = older_kas(&p, &header(true, false)).unwrap_or_default();
+        assert!(older.contains("helm.repository"), "{older}");
+        assert_eq!(older_kas(&p, &header(true, true)), None);
+        // A chart of the Git repository needs only a rendering kas.
+        p.helm = p.helm.take().map(|h| tether_agent_config::Helm {
+            repository: None,
+            chart: "charts/app".into(),
+            ..h
+        });
+        assert_eq!(older_kas(&p, &header(true, false)), None);
+        p.helm = None;
+        assert_eq!(older_kas(&p, &header(false, false)), None);
+    }
 
     #[test]
     fn stream_and_report_retries_are_spread_by_jitter() {

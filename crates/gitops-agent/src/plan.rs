@@ -151,6 +151,8 @@ mod tests {
         assert!(!crate::sync::Settings::for_project(1, &entry).refuse_helm_hooks);
         let mut helm = Helm {
             chart: "c".into(),
+            repository: None,
+            version: None,
             release_name: "r".into(),
             namespace: None,
             values_files: vec![],

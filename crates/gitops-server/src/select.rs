@@ -220,16 +220,16 @@ pub async fn manifests_at(
     let rendered = renderer.render(agent_id, mirror, commit, spec).await?;
     let mut warnings = unstable_warnings(spec, &rendered)?;
     let bytes = &rendered.bytes;
+    let label = rendered.label(spec);
     if bytes.iter().all(u8::is_ascii_whitespace) {
         warnings.push(format!(
-            "{} rendered nothing at this commit: every object this project applied before is pruned",
-            spec.label()
+            "{label} rendered nothing at this commit: every object this project applied before is pruned"
         ));
     }
     Ok(Selection {
         commit,
         files: vec![ManifestFile {
-            path: spec.label(),
+            path: label,
             bytes: bytes.to_vec(),
         }],
         warnings,
@@ -247,7 +247,7 @@ fn unstable_warnings(spec: &RenderSpec, rendered: &Rendered) -> Result<Vec<Strin
         return Ok(unstable::lookup_warnings(&rendered.calls));
     }
     let why = unstable::explain(
-        &spec.label(),
+        &rendered.label(spec),
         (&h.chart, &h.default_namespace),
         &rendered.unstable,
         &rendered.calls,
@@ -468,8 +468,10 @@ mod tests {
     #[test]
     fn an_unstable_chart_is_refused_unless_accepted_or_the_agent_predates_the_key() {
         let spec = |apply_random, default_namespace: &str| {
-            RenderSpec::Helm(crate::render::spec::HelmSpec {
+            RenderSpec::Helm(Box::new(crate::render::spec::HelmSpec {
                 chart: "charts/app".into(),
+                repository: String::new(),
+                version: String::new(),
                 release_name: "web".into(),
                 namespace: "prod".into(),
                 values_files: vec![],
@@ -478,7 +480,7 @@ mod tests {
                 api_versions: vec![],
                 apply_random,
                 default_namespace: default_namespace.into(),
-            })
+            }))
         };
         let rendered = Rendered {
             bytes: Vec::new(),
@@ -492,6 +494,7 @@ mod tests {
                 "charts/app/templates/secret.yaml".into(),
                 vec!["randAlphaNum"],
             )],
+            chart: None,
         };
         let refused = unstable_warnings(&spec(false, "prod"), &rendered);
         assert!(

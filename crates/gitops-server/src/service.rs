@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::control::{Controls, Directives, ResyncId, suspension_for};
 use crate::lag::ReconcileLag;
-use crate::render::{ManifestSource, Renderer};
+use crate::render::{ManifestSource, RenderSpec, Renderer};
 use crate::reports::SyncStates;
 use crate::select::{Limits, Selection, manifests_at};
 
@@ -205,10 +205,12 @@ impl GitOpsService {
             refused: None,
             unresolved: None,
             kas_failed: None,
+            chart: None,
         };
         let mut heads = self.deps.sources.watch(project.id);
         let mut directives = self.controls.subscribe(agent_id, project.id);
         let mut control = StreamControl::default();
+        let mut charts = ChartRecheck::new(&self.deps.renderer, &source);
         loop {
             let d = *directives.borrow_and_update();
             if !self.apply_suspension(&at, d, &mut control).await {
@@ -219,12 +221,16 @@ impl GitOpsService {
                 let h = heads.borrow_and_update();
                 h.fetches > 0 || h.restored
             };
+            let recheck = charts.take_due();
             if control.sent.as_ref().is_some_and(|s| !s.suspended) {
                 // A rendering may run for minutes: an agent gone or a token revoked meanwhile
                 // ends it (the renderer is killed with the future) instead of letting it run
                 // to its time limit for no one.
                 let offer = tokio::select! {
-                    ok = async { !fetched || self.offer_newest(&at, &mut offered).await } => ok,
+                    ok = async {
+                        (!fetched || self.offer_newest(&at, &mut offered).await)
+                            && (!recheck || self.offer_new_chart(&at, &mut offered).await)
+                    } => ok,
                     () = tx.closed() => false,
                     () = lease.cancelled() => {
                         let _ = tx.send(Err(lease.end_status())).await;
@@ -241,6 +247,7 @@ impl GitOpsService {
             tokio::select! {
                 changed = heads.changed() => if changed.is_err() { return },
                 changed = directives.changed() => if changed.is_err() { return },
+                () = charts.due() => {},
                 () = lease.cancelled() => {
                     let _ = tx.send(Err(lease.end_status())).await;
                     return;
@@ -277,15 +284,7 @@ impl GitOpsService {
         match resolved {
             Ok(commit) if commit.to_hex() != offered.last || stale => {
                 self.lag.seen(&commit.to_hex());
-                let offer = Offer {
-                    agent_id: at.agent_id,
-                    project: at.project,
-                    project_key: at.project_key,
-                    mirror: &mirror,
-                    source: at.source,
-                    tx: at.tx,
-                };
-                self.offer_commit(&offer, commit, offered).await
+                self.offer_commit(&at.offer(&mirror), commit, offered).await
             }
             Ok(_) => true,
             Err(e) => {
@@ -300,6 +299,40 @@ impl GitOpsService {
                 offered.unresolved = Some(message.clone());
                 send_error(at.tx, String::new(), message).await
             }
+        }
+    }
+
+    /// Sends the commit the agent has again, rendered anew, when the chart of its
+    /// `helm.repository` entry now resolves to another version than the one it was sent with
+    /// (a version published in the range of `helm.version`, as Flux upgrades a HelmRelease
+    /// without a commit). Nothing is rendered when the version stayed. False when the agent
+    /// is gone.
+    async fn offer_new_chart(&self, at: &StreamAt<'_>, offered: &mut Offered) -> bool {
+        let ManifestSource::Render(spec) = at.source else {
+            return true;
+        };
+        let Ok(commit) = CommitId::from_hex(&offered.last) else {
+            return true;
+        };
+        let Some(mirror) = self.deps.sources.mirror(at.project.id) else {
+            return true;
+        };
+        let now = self.deps.renderer.resolve_chart(spec).await;
+        if now.is_none() || now == offered.chart || offered.kas_failed.is_some() {
+            return true;
+        }
+        tracing::info!(agent_id = at.agent_id, project = %at.project.path, commit_id = %commit, version = now.as_ref().map(|r| r.version.as_str()), was = offered.chart.as_ref().map(|r| r.version.as_str()), "A new version of the chart of helm.repository: sending the commit rendered with it");
+        match self.send_commit(&at.offer(&mirror), commit).await {
+            Delivery::Sent => {
+                offered.chart = now;
+                true
+            }
+            // Tried again at the next recheck.
+            Delivery::KasFailed(message) => {
+                tracing::warn!(agent_id = at.agent_id, project = %at.project.path, commit_id = %commit, error = message, "Rendering the new chart version failed in kas");
+                true
+            }
+            Delivery::Gone => false,
         }
     }
 
@@ -374,11 +407,18 @@ impl GitOpsService {
                         .commit_offered(agent_id, &project.path, &hex, replaces)
                         .await;
                 }
+                // Resolved before the rendering: a version published meanwhile is sent at
+                // the next recheck (at worst the same one again), never missed.
+                let chart = match at.source {
+                    ManifestSource::Render(spec) => self.deps.renderer.resolve_chart(spec).await,
+                    ManifestSource::Globs(_) => None,
+                };
                 match self.send_commit(at, commit).await {
                     Delivery::Sent => {
                         offered.refused = None;
                         offered.kas_failed = None;
                         offered.last = hex;
+                        offered.chart = chart;
                         true
                     }
                     Delivery::KasFailed(message) => {
@@ -434,6 +474,7 @@ impl GitOpsService {
             project_numeric_id: project.id,
             project_path: project.path.clone(),
             rendered: matches!(source, ManifestSource::Render(_)),
+            chart_repository: matches!(source, ManifestSource::Render(RenderSpec::Helm(h)) if h.from_repository()),
             inventory_namespace: self
                 .reports
                 .inventory_namespace(agent_id, at.project_key)
@@ -558,6 +599,48 @@ struct Offered {
     unresolved: Option<String>,
     /// The commit whose selection last failed on kas's side, and why (told once per commit).
     kas_failed: Option<(String, String)>,
+    /// What the chart of a `helm.repository` entry resolved to when `last` was sent.
+    chart: Option<crate::render::dependencies::Resolved>,
+}
+
+/// When a stream of a `helm.repository` entry next asks which version its chart resolves to:
+/// every `chart_index_ttl`, whatever else wakes the stream meanwhile (Git fetches come more
+/// often), so the index is not fetched faster than its TTL.
+struct ChartRecheck {
+    every: Option<std::time::Duration>,
+    next: tokio::time::Instant,
+}
+
+impl ChartRecheck {
+    fn new(renderer: &Renderer, source: &ManifestSource) -> Self {
+        let every = match source {
+            ManifestSource::Render(spec) => renderer.chart_recheck(spec),
+            ManifestSource::Globs(_) => None,
+        };
+        let next = tokio::time::Instant::now() + every.unwrap_or_default();
+        Self { every, next }
+    }
+
+    /// Whether a recheck is due; if so the next one is scheduled.
+    fn take_due(&mut self) -> bool {
+        let Some(every) = self.every else {
+            return false;
+        };
+        let now = tokio::time::Instant::now();
+        if now < self.next {
+            return false;
+        }
+        self.next = now + every;
+        true
+    }
+
+    /// Ready when a recheck is due; never for other entries.
+    async fn due(&self) {
+        match self.every {
+            Some(_) => tokio::time::sleep_until(self.next).await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// What became of a commit offered to an agent.
@@ -590,6 +673,23 @@ struct StreamAt<'a> {
     git_ref: &'a GitRef,
     source: &'a ManifestSource,
     tx: &'a Tx,
+}
+
+impl<'a> StreamAt<'a> {
+    /// Where this stream offers a commit read from `mirror`.
+    fn offer<'b>(&'b self, mirror: &'b tether_git_source::Mirror) -> Offer<'b>
+    where
+        'a: 'b,
+    {
+        Offer {
+            agent_id: self.agent_id,
+            project: self.project,
+            project_key: self.project_key,
+            mirror,
+            source: self.source,
+            tx: self.tx,
+        }
+    }
 }
 
 /// What one stream told the agent beyond commits.

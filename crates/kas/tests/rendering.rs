@@ -115,6 +115,20 @@ async fn rendering_rig(
     repo: impl FnOnce(&str) -> Vec<(String, String)>,
     render_extra: &str,
 ) -> (Rig, String, String) {
+    let (rig, c1, ns) = started_rig(prefix, entry, repo, render_extra, "300ms").await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    (rig, c1, ns)
+}
+
+/// As [`rendering_rig`], kas fetching Git every `git_poll`; whatever came of the first commit.
+async fn started_rig(
+    prefix: &str,
+    entry: impl FnOnce(&str) -> String,
+    repo: impl FnOnce(&str) -> Vec<(String, String)>,
+    render_extra: &str,
+    git_poll: &'static str,
+) -> (Rig, String, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace(prefix).unwrap();
@@ -130,13 +144,11 @@ async fn rendering_rig(
         agent_args: &[],
     };
     let opts = KasOptions {
-        git_poll: "300ms",
+        git_poll,
         extra_yaml: kas_yaml,
         ..KasOptions::default()
     };
     let (rig, c1) = rig_entry(args, &entry, opts).await;
-    let s = rig.synced_in("group/manifests", &c1).await;
-    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
     (rig, c1, ns)
 }
 
@@ -886,7 +898,7 @@ impl ChartRepo {
         .unwrap();
         std::fs::write(
             src.join("templates/configmap.yaml"),
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-greeter\n  namespace: {{ .Release.Namespace }}\ndata:\n  version: {{ .Chart.Version | quote }}\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-greeter\n  namespace: {{ .Release.Namespace }}\ndata:\n  version: {{ .Chart.Version | quote }}\n  greeting: {{ .Values.greeting | default \"none\" | quote }}\n  size: {{ .Values.size | default \"none\" | quote }}\n",
         )
         .unwrap();
         let repo = self.dir.path().join(name);
@@ -1051,4 +1063,175 @@ async fn chart_dependencies_not_allowed_tampered_or_unreachable_are_refused() {
     )
     .await;
     assert_eq!(versions(&rig.env, &ns), before);
+}
+
+/// A `helm.repository` entry for the chart `greeter` of `repository` at `version`, with a
+/// values file of the Git repository and inline values.
+fn repository_entry(repository: &str, version: &str) -> String {
+    format!(
+        "    helm:\n      repository: {repository}\n      chart: greeter\n      version: '{version}'\n      release_name: shop\n      values_files:\n      - env/greeter.yaml\n      values:\n        size: xl\n"
+    )
+}
+
+/// The Git repository of a `helm.repository` entry: only its values.
+fn greeter_values(greeting: &str) -> Vec<(String, String)> {
+    owned(&[("env/greeter.yaml", format!("greeting: {greeting}\n"))])
+}
+
+/// A rig whose entry is `entry`, kas allowing `allowed` and fetching Git every `git_poll`; its
+/// first commit, whatever came of it, and the namespace.
+async fn repository_rig(
+    prefix: &str,
+    entry: &str,
+    allowed: &str,
+    git_poll: &'static str,
+) -> (Rig, String, String) {
+    let extra = allowing(allowed);
+    let values = |_: &str| greeter_values("hello");
+    started_rig(prefix, |_| entry.to_owned(), values, &extra, git_poll).await
+}
+
+/// Flux's HelmRelease of a HelmRepository: the chart is fetched from the allowed repository
+/// (the newest version in range), rendered with the values of Git and applied; the version
+/// rendered is named; once the repository is down, a commit renders from what kas keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chart_of_an_allowed_repository_is_applied_with_values_from_git_and_kept() {
+    let charts = ChartRepo::start().await;
+    let env = TestEnv::from_env().expect("a running control plane");
+    for v in ["1.0.0", "1.1.0", "2.0.0"] {
+        charts.publish(&env, "stable", v);
+    }
+    let url = charts.url("stable");
+    let (rig, c1, ns) = repository_rig(
+        "repochart",
+        &repository_entry(&url, ">=1.0.0 <2"),
+        &url,
+        "300ms",
+    )
+    .await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let cm = get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).unwrap();
+    assert_eq!(
+        (
+            &cm["data"]["version"],
+            &cm["data"]["greeting"],
+            &cm["data"]["size"]
+        ),
+        (
+            &Value::from("1.1.0"),
+            &Value::from("hello"),
+            &Value::from("xl")
+        )
+    );
+    let named = format!("helm template greeter 1.1.0 from {url}");
+    assert!(rig.kas.log().contains(&named), "kas names {named:?}");
+
+    charts.stop();
+    let c2 = rig.manifests.commit(
+        &[("env/greeter.yaml", Some(b"greeting: bonjour\n"))],
+        "bonjour",
+    );
+    let s = rig.synced_in("group/manifests", &c2).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let cm = get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).unwrap();
+    assert_eq!(
+        (&cm["data"]["version"], &cm["data"]["greeting"]),
+        (&Value::from("1.1.0"), &Value::from("bonjour"))
+    );
+    let fetches = |kind: &str, outcome: &str| {
+        let series =
+            format!("kas_gitops_chart_fetches_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}");
+        let kas = &rig.kas;
+        async move { kas.metric(&series).await.unwrap_or(0.0) }
+    };
+    assert_eq!(fetches("archive", "fetched").await, 1.0);
+    assert!(fetches("archive", "cached").await >= 1.0);
+    assert!(fetches("index", "stale").await >= 1.0);
+}
+
+/// How many times kas sent the project's manifests to an agent.
+fn sendings(rig: &Rig) -> usize {
+    rig.kas.log().matches("Sending manifests").count()
+}
+
+/// A version published in the entry's range is applied without a commit, as Flux upgrades a
+/// HelmRelease; while none is, the index is read again but nothing is rendered or sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_published_in_range_is_applied_without_a_commit_and_only_then() {
+    let charts = ChartRepo::start().await;
+    let env = TestEnv::from_env().expect("a running control plane");
+    charts.publish(&env, "stable", "1.0.0");
+    let url = charts.url("stable");
+    // Git is not fetched meanwhile: the chart's own recheck wakes the stream.
+    let entry = repository_entry(&url, "~1.0");
+    let (rig, c1, ns) = repository_rig("repoupgrade", &entry, &url, "1h").await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert_eq!(greeter_version(&rig.env, &ns), "1.0.0");
+
+    let index_fetches = || async {
+        let series = "kas_gitops_chart_fetches_total{kind=\"index\",outcome=\"fetched\"}";
+        rig.kas.metric(series).await.unwrap_or(0.0)
+    };
+    let (sent, fetched) = (sendings(&rig), index_fetches().await);
+    wait_for(
+        "the index read again twice",
+        Duration::from_secs(30),
+        || async { (index_fetches().await >= fetched + 2.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(sendings(&rig), sent, "nothing new: nothing sent");
+
+    charts.publish(&env, "stable", "1.0.1");
+    wait_for("1.0.1 applied", Duration::from_secs(60), || async {
+        (greeter_version(&rig.env, &ns) == "1.0.1").then_some(())
+    })
+    .await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert_eq!(sendings(&rig), sent + 1);
+}
+
+/// A repository kas does not allow is refused naming the key that would allow it; a
+/// constraint no version matches is refused naming it and the versions there, until one is
+/// published (applied then, without a commit). Nothing is applied meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_charts_not_allowed_or_matching_no_version_are_refused() {
+    let charts = ChartRepo::start().await;
+    let env = TestEnv::from_env().expect("a running control plane");
+    charts.publish(&env, "stable", "1.0.0");
+    charts.publish(&env, "other", "1.0.0");
+    let (allowed, other) = (charts.url("stable"), charts.url("other"));
+
+    let entry = repository_entry(&other, "1.0.0");
+    let (rig, c1, ns) = repository_rig("reponotallowed", &entry, &allowed, "300ms").await;
+    rig.refused(
+        &c1,
+        &[&format!(
+            "helm.repository: the chart greeter is fetched from {other}, which kas's gitops.render.chart_repositories does not allow"
+        )],
+    )
+    .await;
+    assert!(get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).is_none());
+    drop(rig);
+
+    let entry = repository_entry(&allowed, ">=5.0.0");
+    let (rig, c1, ns) = repository_rig("reponoversion", &entry, &allowed, "1h").await;
+    rig.refused(
+        &c1,
+        &[&format!(
+            "helm.chart greeter of helm.repository {allowed}: no version of greeter in the repository matches >=5.0.0 (it has 1.0.0)"
+        )],
+    )
+    .await;
+    assert!(get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).is_none());
+    charts.publish(&env, "stable", "5.0.0");
+    let s = rig
+        .report("the sync of 5.0.0", |s| {
+            s.commit_id == c1 && s.outcome == ReportedOutcome::Succeeded
+        })
+        .await;
+    assert!(s.error.is_empty(), "{s:?}");
+    assert_eq!(greeter_version(&rig.env, &ns), "5.0.0");
 }

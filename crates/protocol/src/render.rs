@@ -26,6 +26,8 @@ pub fn render_request(project: &ManifestProject, cluster: &Cluster) -> Option<gi
         }),
         (None, Some(h)) => Renderer::Helm(gitops::Helm {
             chart: h.chart.clone(),
+            repository: h.repository.clone().unwrap_or_default(),
+            version: h.version.clone().unwrap_or_default(),
             release_name: h.release_name.clone(),
             namespace: h
                 .namespace
@@ -70,6 +72,8 @@ mod tests {
         p.default_namespace = "apps".into();
         p.helm = Some(Helm {
             chart: "charts/app".into(),
+            repository: None,
+            version: None,
             release_name: "app".into(),
             namespace: None,
             values_files: vec!["v.yaml".into()],
@@ -92,6 +96,21 @@ mod tests {
             (h.default_namespace.as_str(), h.apply_random),
             ("apps", false)
         );
+        p.helm = p.helm.take().map(|h| Helm {
+            chart: "podinfo".into(),
+            repository: Some("https://charts.example.com/stable".into()),
+            version: Some(">=6 <7".into()),
+            ..h
+        });
+        let Some(Renderer::Helm(h)) =
+            render_request(&p, &Cluster::default()).and_then(|r| r.renderer)
+        else {
+            panic!("helm expected");
+        };
+        assert_eq!(
+            (h.chart.as_str(), h.repository.as_str(), h.version.as_str()),
+            ("podinfo", "https://charts.example.com/stable", ">=6 <7")
+        );
         p.helm = None;
         p.kustomize = Some(Kustomize {
             path: "overlays/prod".into(),
@@ -109,6 +128,8 @@ mod tests {
         let mut p = ManifestProject::new(ProjectRef::Path("g/m".into()));
         let helm = Helm {
             chart: "c".into(),
+            repository: None,
+            version: None,
             release_name: "r".into(),
             namespace: Some("n".into()),
             values_files: vec![],

@@ -10,6 +10,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use url::Url;
 
+pub use tether_agent_config::chart_repository::Constraint;
+use tether_agent_config::chart_repository::{bare, is_chart_name, plain_url};
+
 use super::{RenderError, Tool};
 
 /// A dependency of `Chart.yaml` on a chart of an HTTP(S) repository.
@@ -140,19 +143,6 @@ impl AllowList {
     }
 }
 
-/// `text` parsed as an HTTP(S) URL with a host and no credentials, query or fragment (kas
-/// sends none: a URL carrying them is refused rather than fetched differently than written).
-fn plain_url(text: &str) -> Option<Url> {
-    let url = Url::parse(text.trim()).ok()?;
-    let plain = matches!(url.scheme(), "http" | "https")
-        && url.host_str().is_some_and(|h| !h.is_empty())
-        && url.username().is_empty()
-        && url.password().is_none()
-        && url.query().is_none()
-        && url.fragment().is_none();
-    plain.then_some(url)
-}
-
 /// The URL of `repository`'s index (`<repository>/index.yaml`, as Helm asks it).
 pub fn index_url(repository: &str) -> Result<Url, String> {
     let base = format!("{}/index.yaml", repository.trim().trim_end_matches('/'));
@@ -198,82 +188,6 @@ pub fn parse_index(text: &[u8]) -> Result<ChartIndex, String> {
     })
 }
 
-/// A version constraint as Helm reads it (Masterminds semver): alternatives joined by `||`,
-/// each comparators joined by spaces or commas; a bare version is exact (`1.2.3` is `=1.2.3`,
-/// not Cargo's `^1.2.3`), `1.2 - 1.4` is a range, `v` prefixes are allowed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Constraint(Vec<semver::VersionReq>);
-
-impl Constraint {
-    /// Parses `text`; empty (no `version`) is any version.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        if text.is_empty() {
-            return Ok(Self(vec![semver::VersionReq::STAR]));
-        }
-        text.split("||")
-            .map(|alt| {
-                let comparators = comparators(alt)?;
-                let joined = comparators.join(", ");
-                semver::VersionReq::parse(&joined)
-                    .map_err(|e| format!("{text:?} is not a version constraint Helm reads: {e}"))
-            })
-            .collect::<Result<_, _>>()
-            .map(Self)
-    }
-
-    /// Whether `version` satisfies one of the alternatives.
-    pub fn matches(&self, version: &semver::Version) -> bool {
-        self.0.iter().any(|r| r.matches(version))
-    }
-}
-
-/// One alternative's comparators in Cargo's syntax.
-fn comparators(alt: &str) -> Result<Vec<String>, String> {
-    let words: Vec<&str> = alt
-        .split(|c: char| c.is_whitespace() || c == ',')
-        .filter(|w| !w.is_empty())
-        .collect();
-    if let [low, "-", high] = words[..] {
-        return Ok(vec![
-            format!(">={}", bare(low)),
-            format!("<={}", bare(high)),
-        ]);
-    }
-    if words.is_empty() {
-        return Err(format!("{alt:?}: an empty alternative"));
-    }
-    let mut out = Vec::new();
-    let mut pending_op: Option<&str> = None;
-    for w in words {
-        // `>= 1.2` (an operator, then its version) as well as `>=1.2`.
-        if w.chars().all(|c| "<>=~^!".contains(c)) {
-            pending_op = Some(w);
-            continue;
-        }
-        let op_len = w.find(|c: char| !"<>=~^!".contains(c)).unwrap_or(w.len());
-        let (op, version) = w.split_at(op_len);
-        let op = pending_op.take().unwrap_or(op);
-        let version = bare(version);
-        let wildcard = version == "*" || version.split('.').any(|p| matches!(p, "x" | "X" | "*"));
-        out.push(match op {
-            "!=" => return Err(format!("{w:?}: != is not supported by kas")),
-            // Masterminds reads a bare version as exact; a wildcard as itself.
-            "" if wildcard => version.to_owned(),
-            "" | "==" => format!("={version}"),
-            op => format!("{op}{version}"),
-        });
-    }
-    Ok(out)
-}
-
-fn bare(version: &str) -> &str {
-    version
-        .strip_prefix('v')
-        .or_else(|| version.strip_prefix('V'))
-        .unwrap_or(version)
-}
-
 /// A version of the index read as Helm reads it: a `v` prefix and a missing patch or minor
 /// (`1.2`) are allowed.
 fn parse_version(text: &str) -> Option<semver::Version> {
@@ -297,7 +211,7 @@ fn parse_version(text: &str) -> Option<semver::Version> {
 /// The newest version of `dep` in `index` (fetched from `index_url`) satisfying its
 /// constraint, with its archive's absolute URL and digest; why not, otherwise.
 pub fn resolve(dep: &Dependency, index: &ChartIndex, index_url: &Url) -> Result<Resolved, String> {
-    if !plain_name(&dep.name) {
+    if !is_chart_name(&dep.name) {
         return Err(format!("{:?} is not a chart name", dep.name));
     }
     let constraint = Constraint::parse(&dep.version)?;
@@ -317,8 +231,9 @@ pub fn resolve(dep: &Dependency, index: &ChartIndex, index_url: &Url) -> Result<
             dep.version.as_str()
         };
         return Err(format!(
-            "no version of {} in the repository matches {wanted}",
-            dep.name
+            "no version of {} in the repository matches {wanted} (it has {})",
+            dep.name,
+            available(versions)
         ));
     };
     let version = version.to_string();
@@ -344,13 +259,30 @@ pub fn resolve(dep: &Dependency, index: &ChartIndex, index_url: &Url) -> Result<
     })
 }
 
-/// Whether `name` may be a file name's start under `charts/`: no path, no hidden file.
-fn plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+/// Most versions an error lists.
+const LISTED_VERSIONS: usize = 10;
+
+/// The versions of a chart in an index, newest first, the [`LISTED_VERSIONS`] newest only.
+fn available(entries: &[IndexEntry]) -> String {
+    let mut versions: Vec<semver::Version> = entries
+        .iter()
+        .filter_map(|e| parse_version(&e.version))
+        .collect();
+    versions.sort_by(|a, b| b.cmp(a));
+    versions.dedup();
+    if versions.is_empty() {
+        return "no version".into();
+    }
+    let more = versions.len().saturating_sub(LISTED_VERSIONS);
+    let listed: Vec<String> = versions
+        .iter()
+        .take(LISTED_VERSIONS)
+        .map(ToString::to_string)
+        .collect();
+    match more {
+        0 => listed.join(", "),
+        n => format!("{} and {n} older", listed.join(", ")),
+    }
 }
 
 /// The SHA-256 of `bytes`, lowercase hex (as `index.yaml` gives digests).
@@ -367,10 +299,6 @@ pub fn looks_gzipped(bytes: &[u8]) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    fn v(text: &str) -> semver::Version {
-        semver::Version::parse(text).unwrap()
-    }
 
     #[test]
     fn only_http_dependencies_are_listed_with_their_versions_as_text() {
@@ -453,37 +381,6 @@ mod tests {
         assert!(!AllowList::default().allows("https://charts.example.com/stable"));
     }
 
-    #[test]
-    fn constraints_read_as_helm_reads_them() {
-        let cases: &[(&str, &[&str], &[&str])] = &[
-            // A bare version is exact in Helm (Cargo would read ^1.2.3).
-            ("1.2.3", &["1.2.3"], &["1.2.4", "1.3.0"]),
-            ("v1.2.3", &["1.2.3"], &["1.2.4"]),
-            ("~1.2.3", &["1.2.3", "1.2.9"], &["1.3.0"]),
-            ("^1.2", &["1.2.0", "1.9.0"], &["2.0.0", "1.1.0"]),
-            ("1.2.x", &["1.2.0", "1.2.7"], &["1.3.0"]),
-            ("17.x", &["17.0.1", "17.9.0"], &["18.0.0"]),
-            (">=1.0.0 <2.0.0", &["1.0.0", "1.5.5"], &["2.0.0", "0.9.0"]),
-            (">= 1.0, < 2.0", &["1.0.0"], &["2.0.0"]),
-            // A partial upper bound covers its patches, as in Helm.
-            ("1.0 - 1.4", &["1.0.0", "1.4.9"], &["1.5.0", "0.9.0"]),
-            ("~1.0 || ^3.0", &["1.0.5", "3.2.0"], &["2.0.0"]),
-            ("*", &["0.1.0", "9.0.0"], &[]),
-            ("", &["0.1.0"], &[]),
-        ];
-        for (text, yes, no) in cases {
-            let c = Constraint::parse(text).unwrap();
-            for y in *yes {
-                assert!(c.matches(&v(y)), "{text} should match {y}");
-            }
-            for n in *no {
-                assert!(!c.matches(&v(n)), "{text} should not match {n}");
-            }
-        }
-        assert!(Constraint::parse("!=1.0.0").is_err());
-        assert!(Constraint::parse(">=banana").is_err());
-    }
-
     const INDEX: &str = "apiVersion: v1\nentries:\n  redis:\n  - name: redis\n    version: 17.1.0\n    urls: [redis-17.1.0.tgz]\n    digest: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n  - name: redis\n    version: 17.3.1\n    urls: [https://cdn.example.com/redis-17.3.1.tgz]\n    digest: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\n  - name: redis\n    version: 18.0.0-rc.1\n    urls: [redis-18.0.0-rc.1.tgz]\n    digest: cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc\n  - name: redis\n    version: v16.0\n    urls: [charts/redis-16.0.0.tgz]\n    digest: dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd\n  nodigest:\n  - version: 1.0.0\n    urls: [nodigest-1.0.0.tgz]\ngenerated: 2024-01-01T00:00:00Z\n";
 
     fn dep(name: &str, version: &str) -> Dependency {
@@ -532,7 +429,7 @@ mod tests {
         let errors = [
             (
                 dep("redis", "^19"),
-                "no version of redis in the repository matches ^19",
+                "no version of redis in the repository matches ^19 (it has 18.0.0-rc.1, 17.3.1, 17.1.0, 16.0.0)",
             ),
             (dep("mysql", "1.0.0"), "the repository has no chart mysql"),
             (dep("nodigest", ""), "no SHA-256 digest for nodigest 1.0.0"),

@@ -20,8 +20,21 @@ use url::Url;
 
 use super::RenderError;
 use super::dependencies::{
-    AllowList, ChartIndex, Resolved, index_url, looks_gzipped, parse_index, sha256_hex,
+    self, AllowList, ChartIndex, Dependency, Resolved, index_url, looks_gzipped, parse_index,
+    sha256_hex,
 };
+
+/// Why a chart was not resolved: its caller names what asked for it (a dependency of a chart,
+/// or `helm.repository`).
+#[derive(Debug)]
+pub enum Unresolved {
+    /// This URL (the repository, or the archive's URL in its index) is not allowed.
+    NotAllowed(String),
+    /// The index has no version of the chart matching the constraint, or no usable entry.
+    NoVersion(String),
+    /// The index could not be fetched.
+    Failed(RenderError),
+}
 
 /// Where kas may fetch chart dependencies from, and the bounds of each fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +214,28 @@ impl ChartFetcher {
                 }
             },
         }
+    }
+
+    /// `chart`'s newest version matching its constraint in its repository's index (fetched
+    /// or kept, see [`ChartFetcher::index`]); the repository and the archive's URL must both
+    /// be allowed. The one resolution of chart dependencies and of `helm.repository` charts.
+    pub async fn resolve(&self, chart: &Dependency) -> Result<Resolved, Unresolved> {
+        if !self.allow.allows(&chart.repository) {
+            return Err(Unresolved::NotAllowed(chart.repository.clone()));
+        }
+        let (index_url, index) = self
+            .index(&chart.repository)
+            .await
+            .map_err(Unresolved::Failed)?;
+        let resolved =
+            dependencies::resolve(chart, &index, &index_url).map_err(Unresolved::NoVersion)?;
+        if !self.allow.allows(&resolved.url) {
+            return Err(Unresolved::NotAllowed(format!(
+                "{} (its archive's URL in the index of {})",
+                resolved.url, chart.repository
+            )));
+        }
+        Ok(resolved)
     }
 
     /// The archive of `resolved`, from the cache or fetched, its SHA-256 checked against the

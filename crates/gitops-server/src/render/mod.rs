@@ -39,6 +39,7 @@ use tether_git_source::{CommitId, Mirror};
 
 pub use cache::RenderCache;
 pub use checkout::{Checkout, CheckoutLimits};
+use fetch::Unresolved;
 pub use fetch::{ChartFetcher, ChartRepoConfig};
 pub use spec::{HelmSpec, ManifestSource, Reach, RenderSpec, Sandbox, Tool};
 
@@ -139,6 +140,28 @@ pub enum RenderError {
         /// Its repository.
         repository: String,
         /// Why.
+        detail: String,
+    },
+    /// The chart repository of `helm.repository` (or its archive's URL) is not allowed.
+    #[error(
+        "helm.repository: the chart {chart} is fetched from {url}, which kas's gitops.render.chart_repositories does not allow: refused, nothing was applied; the kas operator adds the repository's URL (or a prefix of it) there"
+    )]
+    ChartNotAllowed {
+        /// The chart's name.
+        chart: String,
+        /// The URL not allowed (the repository, or the archive's URL in its index).
+        url: String,
+    },
+    /// The chart of `helm.repository` has no version matching `helm.version` in the index.
+    #[error(
+        "helm.chart {chart} of helm.repository {repository}: {detail}; refused, nothing was applied (helm.version chooses among them)"
+    )]
+    ChartUnresolved {
+        /// The chart's name.
+        chart: String,
+        /// The repository.
+        repository: String,
+        /// Why (the constraint and the versions there).
         detail: String,
     },
     /// A chart repository could not be read (unreachable, an HTTP error, too large, too slow);
@@ -355,6 +378,24 @@ pub struct Rendered {
     /// The chart's template files (repository paths) naming functions of
     /// [`unstable::UNSTABLE_FUNCTIONS`], with those functions (Helm only; sorted by path).
     pub calls: Vec<(String, Vec<&'static str>)>,
+    /// The chart of `helm.repository` as resolved and rendered (its version and digest).
+    pub chart: Option<dependencies::Resolved>,
+}
+
+impl Rendered {
+    /// The name the rendering is sent as, naming the chart version of `helm.repository`
+    /// rendered (so the agent's errors and kas's log say which).
+    pub fn label(&self, spec: &RenderSpec) -> String {
+        match (spec, &self.chart) {
+            (RenderSpec::Helm(h), Some(c)) => {
+                format!(
+                    "helm template {} {} from {}",
+                    c.name, c.version, h.repository
+                )
+            }
+            _ => spec.label(),
+        }
+    }
 }
 
 /// Renders manifest projects; one per kas, shared by every agent's stream.
@@ -473,6 +514,8 @@ impl Renderer {
         spec: &RenderSpec,
     ) -> Result<Arc<Rendered>, RenderError> {
         let fetched = match (spec, &self.charts) {
+            // A packaged chart holds its dependencies.
+            (RenderSpec::Helm(h), _) if h.from_repository() => vec![self.fetch_chart(h).await?],
             (RenderSpec::Helm(h), Some(charts)) => {
                 self.fetch_dependencies(charts, mirror, commit, h).await?
             }
@@ -492,7 +535,7 @@ impl Renderer {
                     .map_err(|e| RenderError::Io(format!("waiting to render: {e}")))?;
                 let started = std::time::Instant::now();
                 let out = self.render_now(mirror, commit, spec, fetched).await?;
-                tracing::info!(commit_id = %commit, renderer = %spec.tool(), source = spec.label(), bytes = out.bytes.len(), unstable_objects = out.unstable.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Rendered manifests");
+                tracing::info!(commit_id = %commit, renderer = %spec.tool(), source = out.label(spec), bytes = out.bytes.len(), unstable_objects = out.unstable.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Rendered manifests");
                 Ok(Arc::new(out))
             })
             .await
@@ -527,29 +570,20 @@ impl Renderer {
             if dependencies::vendored_in(&listed, &charts_dir, &dep.name) {
                 continue;
             }
-            let refused = |repository: String| RenderError::DependencyNotAllowed {
-                chart: h.chart.clone(),
-                name: dep.name.clone(),
-                repository,
-            };
-            if !charts.allow().allows(&dep.repository) {
-                return Err(refused(dep.repository.clone()));
-            }
-            let (index_url, index) = charts.index(&dep.repository).await?;
-            let resolved = dependencies::resolve(&dep, &index, &index_url).map_err(|detail| {
-                RenderError::DependencyUnresolved {
+            let resolved = charts.resolve(&dep).await.map_err(|why| match why {
+                Unresolved::NotAllowed(repository) => RenderError::DependencyNotAllowed {
+                    chart: h.chart.clone(),
+                    name: dep.name.clone(),
+                    repository,
+                },
+                Unresolved::NoVersion(detail) => RenderError::DependencyUnresolved {
                     chart: h.chart.clone(),
                     name: dep.name.clone(),
                     repository: dep.repository.clone(),
                     detail,
-                }
+                },
+                Unresolved::Failed(e) => e,
             })?;
-            if !charts.allow().allows(&resolved.url) {
-                return Err(refused(format!(
-                    "{} (its archive's URL in the index of {})",
-                    resolved.url, dep.repository
-                )));
-            }
             // Two aliases of one chart and version need one archive.
             if out
                 .iter()
@@ -563,6 +597,73 @@ impl Renderer {
         }
         out.sort_by_key(|a| a.0.file_name());
         Ok(out)
+    }
+
+    /// The chart of `helm.repository`, resolved (see [`Renderer::resolve_chart`]) and fetched
+    /// (or taken from the archive cache). Before the rendering's cache key, which holds the
+    /// version and digest it resolved to.
+    async fn fetch_chart(
+        &self,
+        h: &HelmSpec,
+    ) -> Result<(dependencies::Resolved, Vec<u8>), RenderError> {
+        let (charts, resolved) = self.resolve_repository_chart(h).await?;
+        let bytes = charts.archive(&resolved).await?;
+        tracing::debug!(chart = %h.chart, repository = %h.repository, version = %resolved.version, digest = %resolved.digest, "Chart of helm.repository resolved");
+        Ok((resolved, bytes))
+    }
+
+    /// The newest version of the chart of `helm.repository` matching `helm.version`, in the
+    /// repository's index (kept for `chart_index_ttl`); the repository must be allowed.
+    async fn resolve_repository_chart(
+        &self,
+        h: &HelmSpec,
+    ) -> Result<(&ChartFetcher, dependencies::Resolved), RenderError> {
+        let not_allowed = |url: String| RenderError::ChartNotAllowed {
+            chart: h.chart.clone(),
+            url,
+        };
+        let Some(charts) = &self.charts else {
+            return Err(not_allowed(h.repository.clone()));
+        };
+        let wanted = dependencies::Dependency {
+            name: h.chart.clone(),
+            version: h.version.clone(),
+            repository: h.repository.clone(),
+        };
+        let resolved = charts.resolve(&wanted).await.map_err(|why| match why {
+            Unresolved::NotAllowed(url) => not_allowed(url),
+            Unresolved::NoVersion(detail) => RenderError::ChartUnresolved {
+                chart: h.chart.clone(),
+                repository: h.repository.clone(),
+                detail,
+            },
+            Unresolved::Failed(e) => e,
+        })?;
+        Ok((charts, resolved))
+    }
+
+    /// What the chart of a `helm.repository` entry resolves to now (`None`: `spec` is no such
+    /// entry, or it does not resolve). Fetches the index only past `chart_index_ttl`, so
+    /// streams may ask at that pace to learn of a version published in the entry's range.
+    pub async fn resolve_chart(&self, spec: &RenderSpec) -> Option<dependencies::Resolved> {
+        match spec {
+            RenderSpec::Helm(h) if h.from_repository() => {
+                self.resolve_repository_chart(h).await.map(|(_, r)| r).ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// How often a stream of `spec` asks [`Renderer::resolve_chart`]: at `chart_index_ttl`
+    /// (a second at least); `None` when `spec` is not a `helm.repository` entry or no chart
+    /// repository is allowed.
+    pub fn chart_recheck(&self, spec: &RenderSpec) -> Option<Duration> {
+        match spec {
+            RenderSpec::Helm(h) if h.from_repository() && self.charts.is_some() => {
+                Some(self.config.charts.index_ttl.max(Duration::from_secs(1)))
+            }
+            _ => None,
+        }
     }
 
     async fn render_now(
@@ -584,6 +685,10 @@ impl Renderer {
         if !self.sandbox.isolates_network() && !self.config.allow_network {
             return Err(RenderError::NoNetworkIsolation);
         }
+        let chart = match spec {
+            RenderSpec::Helm(h) if h.from_repository() => fetched.first().map(|f| f.0.clone()),
+            _ => None,
+        };
         let (m, s, limits, dir) = (
             mirror.clone(),
             spec.clone(),
@@ -632,18 +737,24 @@ impl Renderer {
                 ..Rendered::default()
             });
         };
-        let chart = checkout.repo.join(&h.chart);
-        let chart_name = h.chart.clone();
-        let (calls, packaged) =
+        let (calls, packaged) = if h.from_repository() {
+            // An archive's templates are not read here: it is rendered twice, as a packaged
+            // subchart is.
+            (Vec::new(), true)
+        } else {
+            let chart = checkout.repo.join(&h.chart);
+            let chart_name = h.chart.clone();
             tokio::task::spawn_blocking(move || unstable_calls(&chart, &chart_name))
                 .await
-                .map_err(|e| RenderError::Io(format!("reading the chart: {e}")))?;
+                .map_err(|e| RenderError::Io(format!("reading the chart: {e}")))?
+        };
         // Most charts generate nothing: they are rendered once.
         if !unstable::may_differ(&calls, packaged) {
             return Ok(Rendered {
                 bytes,
                 unstable: Vec::new(),
                 calls,
+                chart,
             });
         }
         let again = run_once().await?;
@@ -655,6 +766,7 @@ impl Renderer {
             bytes,
             unstable,
             calls,
+            chart,
         })
     }
 
@@ -711,6 +823,11 @@ fn prepare(
     (limits, work_dir): (&CheckoutLimits, Option<&Path>),
     fetched: &[(dependencies::Resolved, Vec<u8>)],
 ) -> Result<Checkout, RenderError> {
+    if let RenderSpec::Helm(h) = spec
+        && h.from_repository()
+    {
+        return prepare_repository_chart(mirror, commit, h, (limits, work_dir), fetched);
+    }
     let added: Vec<(String, &[u8])> = match spec {
         RenderSpec::Helm(h) => fetched
             .iter()
@@ -733,14 +850,47 @@ fn prepare(
             checks::check_chart_dependencies(&h.chart, &chart_yaml, |name| {
                 vendored(&charts, name)
             })?;
-            if !h.values_json.is_empty() {
-                let file = checkout.scratch.join(spec::VALUES_FILE);
-                std::fs::write(&file, &h.values_json)
-                    .map_err(|e| RenderError::Io(format!("writing {}: {e}", file.display())))?;
-            }
+            write_values(&checkout, h)?;
         }
     }
     Ok(checkout)
+}
+
+/// The checkout (for the values files) with the archive of the chart of `helm.repository`
+/// in the scratch folder: the commit's own files are not a chart, and nothing is added to
+/// them. The archive holds its dependencies; its digest was checked when fetched.
+fn prepare_repository_chart(
+    mirror: &Mirror,
+    commit: &CommitId,
+    h: &HelmSpec,
+    (limits, work_dir): (&CheckoutLimits, Option<&Path>),
+    fetched: &[(dependencies::Resolved, Vec<u8>)],
+) -> Result<Checkout, RenderError> {
+    let Some((_, archive)) = fetched.first() else {
+        return Err(RenderError::Io(format!(
+            "the chart {} of {} was not fetched",
+            h.chart, h.repository
+        )));
+    };
+    let checkout = Checkout::write(mirror, commit, limits, work_dir, &[])?;
+    write_scratch(&checkout, spec::CHART_ARCHIVE, archive)?;
+    write_values(&checkout, h)?;
+    Ok(checkout)
+}
+
+/// The inline `helm.values`, in the scratch folder where the command line names them.
+fn write_values(checkout: &Checkout, h: &HelmSpec) -> Result<(), RenderError> {
+    if h.values_json.is_empty() {
+        return Ok(());
+    }
+    write_scratch(checkout, spec::VALUES_FILE, h.values_json.as_bytes())
+}
+
+/// `bytes` as the file `name` of the checkout's scratch folder.
+fn write_scratch(checkout: &Checkout, name: &str, bytes: &[u8]) -> Result<(), RenderError> {
+    let file = checkout.scratch.join(name);
+    std::fs::write(&file, bytes)
+        .map_err(|e| RenderError::Io(format!("writing {}: {e}", file.display())))
 }
 
 /// The template files of the chart checked out at `dir` (in the repository at `chart`) and of

@@ -32,9 +32,9 @@ impl ManifestSource {
                     path: k.path.clone(),
                 }))
             }
-            Some(WireRenderer::Helm(h)) => Ok(ManifestSource::Render(RenderSpec::Helm(
+            Some(WireRenderer::Helm(h)) => Ok(ManifestSource::Render(RenderSpec::Helm(Box::new(
                 HelmSpec::from_wire(h)?,
-            ))),
+            )))),
         }
     }
 }
@@ -63,15 +63,21 @@ pub enum RenderSpec {
         /// The kustomization's directory, relative to the repository root.
         path: String,
     },
-    /// `helm template`.
-    Helm(HelmSpec),
+    /// `helm template` (boxed: its settings are many times a path's size).
+    Helm(Box<HelmSpec>),
 }
 
 /// `helm template` settings.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HelmSpec {
-    /// The chart's directory, relative to the repository root.
+    /// The chart's directory, relative to the repository root; with `repository`, the
+    /// chart's name there.
     pub chart: String,
+    /// `helm.repository`: the chart repository the chart is fetched from; empty for a chart
+    /// of the Git repository.
+    pub repository: String,
+    /// `helm.version`: the chart's version constraint in `repository`; empty for the newest.
+    pub version: String,
     /// `.Release.Name`.
     pub release_name: String,
     /// `.Release.Namespace`.
@@ -117,6 +123,8 @@ impl HelmSpec {
         };
         let settings = tether_agent_config::Helm {
             chart: h.chart.clone(),
+            repository: (!h.repository.is_empty()).then(|| h.repository.clone()),
+            version: (!h.version.is_empty()).then(|| h.version.clone()),
             release_name: h.release_name.clone(),
             namespace: Some(h.namespace.clone()),
             values_files: h.values_files.clone(),
@@ -139,6 +147,8 @@ impl HelmSpec {
             // make equal cache keys.
             values_json: settings.values.map(|v| v.to_string()).unwrap_or_default(),
             chart: settings.chart,
+            repository: settings.repository.unwrap_or_default(),
+            version: settings.version.unwrap_or_default(),
             release_name: settings.release_name,
             namespace: h.namespace.clone(),
             values_files: settings.values_files,
@@ -147,6 +157,13 @@ impl HelmSpec {
             apply_random: h.apply_random,
             default_namespace: h.default_namespace.clone(),
         })
+    }
+}
+
+impl HelmSpec {
+    /// Whether the chart comes from a chart repository (`helm.repository`), not the commit.
+    pub fn from_repository(&self) -> bool {
+        !self.repository.is_empty()
     }
 }
 
@@ -160,6 +177,9 @@ impl RenderSpec {
     pub fn label(&self) -> String {
         match self {
             RenderSpec::Kustomize { path } => format!("kustomize build {path}"),
+            RenderSpec::Helm(h) if h.from_repository() => {
+                format!("helm template {} from {}", h.chart, h.repository)
+            }
             RenderSpec::Helm(h) => format!("helm template {}", h.chart),
         }
     }
@@ -202,6 +222,10 @@ pub struct CommandLine {
 
 /// The file the inline `helm.values` are written to, in the scratch directory.
 pub const VALUES_FILE: &str = "values.json";
+
+/// The archive of a chart of `helm.repository`, as kas fetched it, in the scratch directory
+/// (`helm template` reads a packaged chart as it reads a folder).
+pub const CHART_ARCHIVE: &str = "chart.tgz";
 
 /// Kustomize's load restrictor. `LoadRestrictionsRootOnly` (its default) refuses any file
 /// outside the kustomization's own directory, so an overlay's `../../common/x.yaml` fails,
@@ -268,7 +292,11 @@ pub fn command_line(
             }
             args.push("--".into());
             args.push(OsString::from(&h.release_name));
-            args.push(repo.join(&h.chart).into());
+            if h.from_repository() {
+                args.push(scratch.join(CHART_ARCHIVE).into());
+            } else {
+                args.push(repo.join(&h.chart).into());
+            }
         }
     }
     CommandLine {
@@ -409,8 +437,10 @@ mod tests {
     }
 
     fn helm_spec(values_json: &str) -> RenderSpec {
-        RenderSpec::Helm(HelmSpec {
+        RenderSpec::Helm(Box::new(HelmSpec {
             chart: "charts/app".into(),
+            repository: String::new(),
+            version: String::new(),
             release_name: "web".into(),
             namespace: "prod".into(),
             values_files: vec!["charts/app/a.yaml".into(), "env/b.yaml".into()],
@@ -419,7 +449,7 @@ mod tests {
             api_versions: vec![],
             apply_random: false,
             default_namespace: String::new(),
-        })
+        }))
     }
 
     #[test]
@@ -477,6 +507,69 @@ mod tests {
             true,
         );
         assert!(!strings(&without).contains(&"/s/values.json".to_owned()));
+    }
+
+    /// A chart of `helm.repository` is the archive kas fetched into the scratch folder;
+    /// values files are still the commit's.
+    #[test]
+    fn a_repository_chart_is_templated_from_its_archive_with_the_commits_values() {
+        let request = wire::Render {
+            renderer: Some(WireRenderer::Helm(wire::Helm {
+                chart: "podinfo".into(),
+                repository: "https://charts.example.com/stable".into(),
+                version: ">=6 <7".into(),
+                release_name: "web".into(),
+                namespace: "prod".into(),
+                values_files: vec!["podinfo/values.yaml".into()],
+                ..Default::default()
+            })),
+        };
+        let Ok(ManifestSource::Render(spec)) = ManifestSource::from_request(&[], Some(&request))
+        else {
+            panic!("a rendering expected");
+        };
+        assert_eq!(
+            spec.label(),
+            "helm template podinfo from https://charts.example.com/stable"
+        );
+        let line = command_line(
+            &spec,
+            Path::new("helm"),
+            (Path::new("/w/repo"), Path::new("/w/s")),
+            true,
+        );
+        let words = strings(&line);
+        assert!(words.contains(&"--values=/w/repo/podinfo/values.yaml".to_owned()));
+        assert_eq!(words[words.len() - 2..], ["web", "/w/s/chart.tgz"]);
+        // A path as a chart name, or a repository with credentials, is refused as agentk
+        // refuses it.
+        for (chart, repository, key) in [
+            (
+                "charts/podinfo",
+                "https://charts.example.com/",
+                "helm.chart",
+            ),
+            (
+                "podinfo",
+                "https://u:p@charts.example.com/",
+                "helm.repository",
+            ),
+            ("podinfo", "file:///etc", "helm.repository"),
+        ] {
+            let bad = wire::Render {
+                renderer: Some(WireRenderer::Helm(wire::Helm {
+                    chart: chart.into(),
+                    repository: repository.into(),
+                    release_name: "web".into(),
+                    namespace: "prod".into(),
+                    ..Default::default()
+                })),
+            };
+            let e = ManifestSource::from_request(&[], Some(&bad))
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     /// The agent's cluster reaches the chart; a request without it (an older agent) renders

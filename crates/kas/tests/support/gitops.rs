@@ -252,7 +252,7 @@ impl Rig {
     }
 
     /// Waits until kas shows a sync report for which `wanted` holds.
-    async fn report(
+    pub async fn report(
         &self,
         what: &str,
         wanted: impl Fn(&kas::api::SyncView) -> bool,
