@@ -599,7 +599,9 @@ struct Offered {
     unresolved: Option<String>,
     /// The commit whose selection last failed on kas's side, and why (told once per commit).
     kas_failed: Option<(String, String)>,
-    /// What the chart of a `helm.repository` entry resolved to when `last` was sent.
+    /// What the chart of a `helm.repository` entry resolved to when `last` was sent; `None`
+    /// before kas sent one on this stream (the agent's version is unknown after it
+    /// reconnected: the first recheck sends its commit again, with the version resolved then).
     chart: Option<crate::render::dependencies::Resolved>,
 }
 

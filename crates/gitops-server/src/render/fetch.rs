@@ -111,7 +111,7 @@ impl ChartFetchMetrics {
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         reg.register(
             "gitops_chart_fetches",
-            "Chart repository requests and cache uses for chart dependencies, by kind (index, archive) and outcome (fetched, cached, stale, failed, digest_mismatch)",
+            "Chart repository requests and cache uses for chart dependencies and helm.repository charts, by kind (index, archive) and outcome (fetched, cached, stale, failed, digest_mismatch)",
             self.fetches.clone(),
         );
     }
