@@ -314,6 +314,12 @@ impl Syncer {
         };
         if let Some(live) = &live {
             inventory::may_take_over(s.inventory_policy, inventory::owner(live), inv_id)?;
+            // As in a sync, an object already as the files say is not sent: a dry run of it
+            // would ask for an update the sync never makes, which an admission policy may
+            // refuse (a CRD upgrade check), failing a preview of a sync that succeeds.
+            if crate::drift::is_up_to_date(&desired, live) {
+                return Ok(Change::Unchanged);
+            }
         }
         let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
         let after = match api.patch(m.name(), &params, &Patch::Apply(&desired)).await {

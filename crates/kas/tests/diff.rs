@@ -177,6 +177,81 @@ async fn a_branch_diff_shows_one_changed_one_created_one_pruned_and_changes_noth
     );
 }
 
+/// An object already as the files say is not dry-run, as a sync does not send it: with an
+/// admission policy refusing every update of the namespace's ConfigMaps (as CRD upgrade checks
+/// refuse some no-op updates), the preview of the synced ref says "no changes" — it showed
+/// `✗ … denied request` and exited 2 for a sync that succeeds writing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_already_as_git_says_is_not_dry_run() {
+    let (rig, ns) = synced_rig("diffvap").await;
+    let policy = format!("tether-test-no-updates-{ns}");
+    rig.env
+        .apply_yaml(&format!(
+            r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: {policy}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [""]
+      apiVersions: ["v1"]
+      operations: ["UPDATE"]
+      resources: ["configmaps"]
+  validations:
+  - expression: "false"
+    message: "updates refused by {policy}"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: {policy}
+spec:
+  policyName: {policy}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels:
+        kubernetes.io/metadata.name: {ns}
+"#
+        ))
+        .unwrap();
+    // The policy is in force once an update of a ConfigMap of no project is refused.
+    let probe = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: probe\n  namespace: NS\ndata:\n  v: \"VALUE\"\n";
+    rig.env
+        .apply_yaml(&probe.replace("NS", &ns).replace("VALUE", "0"))
+        .unwrap();
+    support::wait_for(
+        "the admission policy to refuse updates",
+        std::time::Duration::from_secs(30),
+        || {
+            let refused = rig
+                .env
+                .apply_yaml(
+                    &probe
+                        .replace("NS", &ns)
+                        .replace("VALUE", &format!("{:?}", std::time::Instant::now())),
+                )
+                .is_err();
+            async move { refused.then_some(()) }
+        },
+    )
+    .await;
+    let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "main"]);
+    let _ = rig
+        .env
+        .kubectl()
+        .args([
+            "delete",
+            "validatingadmissionpolicybinding,validatingadmissionpolicy",
+            &policy,
+        ])
+        .output();
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.ends_with("✔ no changes\n"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_synced_ref_has_no_changes_and_a_bad_ref_agent_or_manifest_is_an_error() {
     let (rig, ns) = synced_rig("diffsame").await;
