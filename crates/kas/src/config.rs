@@ -49,6 +49,11 @@ pub struct Config {
     /// time load balancers (Kubernetes endpoints) take to stop sending it new connections.
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
+    /// After `shutdown_delay`, how long requests in flight on the agents' tunnels get to
+    /// finish (idle tunnels end at once, so agents reconnect to another replica) before they
+    /// are cut; kas then exits within a few seconds.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 /// Push webhooks from Git hosts. Without `listen`, they are served on the internal API's
@@ -741,6 +746,7 @@ impl Default for Config {
             redis: None,
             peers: None,
             shutdown_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -815,7 +821,12 @@ impl Config {
         }
         if self.shutdown_delay > Duration::from_secs(300) {
             return Err(
-                "shutdown_delay is over 5 minutes: Kubernetes would kill kas first (its termination grace period must exceed the delay plus 10 s)".into(),
+                "shutdown_delay is over 5 minutes: Kubernetes would kill kas first (its termination grace period must exceed the delay plus shutdown_timeout plus 5 s)".into(),
+            );
+        }
+        if self.shutdown_timeout > Duration::from_secs(3600) {
+            return Err(
+                "shutdown_timeout is over an hour: Kubernetes would kill kas first (its termination grace period must exceed shutdown_delay plus the timeout plus 5 s)".into(),
             );
         }
         self.rate_limits.validate()?;

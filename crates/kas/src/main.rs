@@ -6,8 +6,6 @@
 
 mod cli;
 
-use std::time::Duration;
-
 use anyhow::{Context, Result};
 use clap::Parser;
 use kas::config::Config;
@@ -120,7 +118,7 @@ async fn serve(cfg: Config, log_format: tether_observability::LogFormat) -> Resu
     let _log = tether_observability::init_logging_as(level, log_format);
     // One crypto provider for every TLS use in the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let shutdown_delay = cfg.shutdown_delay;
+    let (shutdown_delay, shutdown_timeout) = (cfg.shutdown_delay, cfg.shutdown_timeout);
     let running = kas::server::start(cfg).await.context("starting kas")?;
     tracing::info!(
         agent = %running.agent_addr,
@@ -136,7 +134,9 @@ async fn serve(cfg: Config, log_format: tether_observability::LogFormat) -> Resu
     }
     tracing::info!("kas is stopping");
     running.drain(shutdown_delay).await;
-    running.shutdown(Duration::from_secs(10)).await;
+    running
+        .shutdown(shutdown_timeout + kas::server::CLOSE_GRACE)
+        .await;
     Ok(())
 }
 

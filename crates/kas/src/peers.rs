@@ -733,17 +733,20 @@ impl Peers {
                 tracing::warn!(error = %e, "Cannot set keepalive on a peers connection");
             }
             let this = self.clone();
-            let (stop, refusals) = (stop.clone(), Arc::clone(&refusals));
+            let refusals = Arc::clone(&refusals);
             tokio::spawn(async move {
                 let _admission = admission;
+                let registry = Arc::clone(&this.registry);
                 let carried = async {
                     if let Some(stream) = this.accept(stream, from, &refusals).await {
                         this.carry(stream, from, &refusals).await;
                     }
                 };
+                // A request carried when kas starts stopping is served to its end, as one
+                // from this replica's own proxy: it ends with the tunnels, once drained.
                 tokio::select! {
                     () = carried => {}
-                    () = stop.cancelled() => {}
+                    () = registry.ended() => {}
                 }
             });
         }
@@ -803,6 +806,15 @@ impl Peers {
         };
         if request.service == ADMIN_SERVICE {
             return self.carry_admin(stream).await;
+        }
+        // Draining: the agent's tunnels here take no new request; the other replica waits
+        // for the agent to reconnect elsewhere rather than for this one's tunnel wait.
+        if self.registry.is_shutting_down() {
+            let _ = stream
+                .get_mut()
+                .write_all(b"ERR kas is shutting down\n")
+                .await;
+            return;
         }
         // A stream the agent closes without taking the request is replaced by another here:
         // nothing of the request was read from the other replica yet.

@@ -79,7 +79,8 @@ impl Running {
         }
     }
 
-    /// Stops the modules in reverse start order and waits (bounded) for them to finish.
+    /// Stops the modules in reverse start order and waits (bounded) for them to finish:
+    /// `grace` covers the tunnels' drain (`shutdown_timeout`) plus [`CLOSE_GRACE`].
     pub async fn shutdown(self, grace: Duration) {
         self.modules.shutdown(grace).await;
     }
@@ -89,6 +90,10 @@ impl Running {
         self.shutdown.cancelled().await;
     }
 }
+
+/// What kas's parts get, beyond `shutdown_timeout`, to close once the tunnels are drained
+/// (the store last).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -127,7 +132,11 @@ pub async fn start(cfg: Config) -> Result<Running> {
         store: Arc::clone(&store),
         guard: Arc::clone(&guards.agent),
     });
-    let (registry, h) = start_registry(&mut metrics, modules.handle("registry"));
+    let (registry, h) = start_registry(
+        &mut metrics,
+        cfg.shutdown_timeout,
+        modules.handle("registry"),
+    );
     modules.push(h);
     let (notifier, h) =
         start_notifications(&cfg, &store, &mut metrics, modules.handle("notifications"))?;
@@ -331,12 +340,35 @@ fn start_limits(cfg: &Config, metrics: &mut MetricsRegistry, handle: Handle) -> 
     (guards, handle.task(task))
 }
 
-/// The registry of agents' tunnels; stopping it ends every tunnel.
-fn start_registry(metrics: &mut MetricsRegistry, handle: Handle) -> (Arc<Registry>, Handle) {
+/// The registry of agents' tunnels. On stop it drains (idle tunnels end, so agents reconnect
+/// elsewhere, while requests in flight on busy ones finish) for at most `drain_timeout`, and
+/// only then ends what is left: ending every tunnel at once cut the request being served on
+/// them with a 502 at every rollout.
+fn start_registry(
+    metrics: &mut MetricsRegistry,
+    drain_timeout: Duration,
+    handle: Handle,
+) -> (Arc<Registry>, Handle) {
     let registry = Arc::new(Registry::new());
     registry.register_metrics(metrics);
+    let stop = Modules::shutdown_of(&handle);
+    let draining = Arc::clone(&registry);
+    let task = tokio::spawn(async move {
+        stop.cancelled().await;
+        let drained = tokio::time::timeout(drain_timeout, draining.drained()).await;
+        if drained.is_err() {
+            tracing::info!(
+                open_streams = draining.stats().open_streams,
+                "Requests still in flight on agent tunnels at the end of shutdown_timeout (watches, exec, port-forward): ending them"
+            );
+        }
+        draining.shutdown();
+    });
+    // Drained at the stop signal itself, not when the task gets to run: the streams the
+    // other parts end as they stop must see kas stopping (see `Registry::is_shutting_down`).
     let stopping = Arc::clone(&registry);
-    (registry, handle.on_stop(move || stopping.shutdown()))
+    let handle = handle.task(task).on_stop(move || stopping.drain());
+    (registry, handle)
 }
 
 /// Redis, when configured: kas does not start without it (it would miss other replicas'

@@ -1103,7 +1103,10 @@ fn the_kas_chart_scales_out_on_postgresql_redis_and_peers() {
         "kubernetes.io/hostname"
     );
     assert_eq!(cfg.shutdown_delay, std::time::Duration::from_secs(5));
-    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
+    assert_eq!(cfg.shutdown_timeout, std::time::Duration::from_secs(10));
+    // The delay, the tunnels' drain and the 5 s the rest takes to close, before the kill.
+    let stop = cfg.shutdown_delay + cfg.shutdown_timeout + kas::server::CLOSE_GRACE;
+    assert!(pod["terminationGracePeriodSeconds"].as_u64().unwrap() > stop.as_secs());
     env.apply_yaml(&yaml).unwrap();
     let applied = get_json(&env, &["get", "poddisruptionbudget", "kas", "-n", &ns]);
     assert_eq!(applied["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");

@@ -138,6 +138,8 @@ struct Inner {
     /// per agent of 10,000, under this lock).
     idle_streams: usize,
     shutting_down: bool,
+    /// kas is stopping but lets requests in flight finish (see [`Registry::drain`]).
+    draining: bool,
     /// Tokens looked up for a live stream, so the next stream of the token skips the store.
     known: KnownTokens,
 }
@@ -168,6 +170,10 @@ pub struct Registry {
     next_id: AtomicU64,
     metrics: Metrics,
     shutdown: CancellationToken,
+    /// Cancelled when kas starts stopping: idle streams end, busy ones finish their request.
+    draining: CancellationToken,
+    /// Signalled whenever a stream closes, for [`Registry::drained`].
+    closed: tokio::sync::Notify,
     /// Presence changes, for the replicas' shared directory of which kas holds which agent.
     presence: tokio::sync::broadcast::Sender<Presence>,
 }
@@ -193,6 +199,8 @@ impl Registry {
             next_id: AtomicU64::new(1),
             metrics: Metrics::default(),
             shutdown: CancellationToken::new(),
+            draining: CancellationToken::new(),
+            closed: tokio::sync::Notify::new(),
             presence: tokio::sync::broadcast::channel(1024).0,
         }
     }
@@ -203,9 +211,13 @@ impl Registry {
         self.presence.subscribe()
     }
 
-    /// The agents with at least one tunnel stream here.
+    /// The agents with at least one tunnel stream here; none once draining (the streams left
+    /// only finish their requests: no new request may count on them).
     pub fn connected_agents(&self) -> Vec<i64> {
         let inner = self.lock();
+        if inner.draining {
+            return Vec::new();
+        }
         let mut ids: Vec<i64> = inner
             .agents
             .iter()
@@ -216,12 +228,15 @@ impl Registry {
         ids
     }
 
-    /// Whether the agent has a tunnel stream here now.
+    /// Whether the agent has a tunnel stream here now that may take a request (none once
+    /// draining).
     pub fn has_agent(&self, agent_id: i64) -> bool {
-        self.lock()
-            .agents
-            .get(&agent_id)
-            .is_some_and(|a| !a.connections.is_empty())
+        let inner = self.lock();
+        !inner.draining
+            && inner
+                .agents
+                .get(&agent_id)
+                .is_some_and(|a| !a.connections.is_empty())
     }
 
     /// Registers the registry's metrics under `reg` (prefix `tunnel_`).
@@ -423,9 +438,55 @@ impl Registry {
         self.lock().known.insert(digest, identity, now);
     }
 
-    /// Whether kas is stopping: new streams are refused before they are answered.
+    /// Whether kas is stopping (draining or ended): new streams are refused before they are
+    /// answered.
     pub fn is_shutting_down(&self) -> bool {
-        self.shutdown.is_cancelled()
+        self.draining.is_cancelled() || self.shutdown.is_cancelled()
+    }
+
+    /// The first step of stopping: idle streams end at once with `UNAVAILABLE` (their agents
+    /// reconnect, to another replica once this one's listener is closed), new streams are
+    /// refused, every agent is announced gone (the replicas' directory stops routing here),
+    /// and a stream carrying a request keeps it until it ends: [`Registry::drained`] tells
+    /// when none is left, [`Registry::shutdown`] then cuts what remains.
+    pub fn drain(&self) {
+        let gone: Vec<i64> = {
+            let mut inner = self.lock();
+            if inner.draining || inner.shutting_down {
+                return;
+            }
+            inner.draining = true;
+            inner
+                .agents
+                .iter()
+                .filter(|(_, a)| !a.connections.is_empty())
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        self.draining.cancel();
+        for agent_id in gone {
+            let _ = self.presence.send(Presence {
+                agent_id,
+                connected: false,
+            });
+        }
+    }
+
+    /// Resolves once no stream is open here any more (after [`Registry::drain`]: the requests
+    /// in flight ended).
+    pub async fn drained(&self) {
+        loop {
+            let closed = self.closed.notified();
+            if self.lock().open_streams == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+
+    /// Resolves when every stream was ended ([`Registry::shutdown`]).
+    pub async fn ended(&self) {
+        self.shutdown.cancelled().await;
     }
 
     /// Ends every stream and refuses new ones (kas is stopping).
@@ -602,7 +663,7 @@ impl Registry {
         cancel: CancellationToken,
     ) -> bool {
         let mut inner = self.lock();
-        if inner.shutting_down {
+        if inner.shutting_down || inner.draining {
             return false;
         }
         inner.open_streams += 1;
@@ -659,13 +720,15 @@ impl Registry {
                 inner.known.forget(id.token_id);
             }
         }
+        let draining = inner.draining;
         if let Some(state) = inner.agents.get_mut(&id.agent_id) {
             let key = (info.remote_addr.clone(), info.pod_name.clone());
             if let Some(c) = state.connections.get_mut(&key) {
                 c.streams = c.streams.saturating_sub(1);
                 if c.streams == 0 {
                     state.connections.remove(&key);
-                    if state.connections.is_empty() {
+                    // A draining registry announced every agent gone already.
+                    if state.connections.is_empty() && !draining {
                         let _ = self.presence.send(Presence {
                             agent_id: id.agent_id,
                             connected: false,
@@ -682,6 +745,8 @@ impl Registry {
             inner.idle_streams -= removed;
         }
         self.refresh_gauges(&inner);
+        drop(inner);
+        self.closed.notify_waiters();
     }
 
     /// Runs one authenticated stream: parks it idle until a request claims it, the agent goes
@@ -759,6 +824,11 @@ impl Registry {
         inbound: &mut Streaming<AgentFrame>,
         tx: &mpsc::Sender<Outgoing>,
     ) -> Option<oneshot::Sender<Tunnel>> {
+        // Draining: a stream given back after its request is not offered again.
+        if self.draining.is_cancelled() {
+            let _ = tx.send(Box::new(Err(stopping()))).await;
+            return None;
+        }
         let (claim, claimed) = oneshot::channel();
         self.offer(agent_id, IdleHandle { stream_id, claim });
         tokio::select! {
@@ -776,11 +846,20 @@ impl Registry {
             () = cancel.cancelled() => {
                 let _ = tx.send(Box::new(Err(self.end_status()))).await;
             }
+            // Unclaimed at that moment: no request was sent on it, so ending it loses nothing.
+            () = self.draining.cancelled() => {
+                let _ = tx.send(Box::new(Err(stopping()))).await;
+            }
             () = tx.closed() => {}
         }
         self.remove_idle(agent_id, stream_id);
         None
     }
+}
+
+/// How a stream ends while kas stops: the agent reconnects, to another replica.
+fn stopping() -> Status {
+    Status::unavailable("kas is shutting down")
 }
 
 /// How long kas waits, after its side of a request ended, for the agent's `CloseSend` before

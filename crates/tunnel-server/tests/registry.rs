@@ -454,3 +454,41 @@ async fn the_recheck_ends_streams_of_revoked_tokens_only_and_none_when_the_store
     assert_eq!(server.registry.stats().idle_streams, 2);
     assert_eq!(server.registry.recheck_tokens(tokens.as_ref()).await, 2);
 }
+
+/// Draining (kas stopping): the idle stream ends at once as `UNAVAILABLE` and the agent's new
+/// ones are refused, so it reconnects elsewhere; the agent is no longer offered to requests,
+/// but the request in flight goes on to its end, and only then is the registry drained.
+#[tokio::test]
+async fn draining_ends_idle_streams_and_lets_the_request_in_flight_finish() {
+    let (server, agent, mut busy) = one_busy_one_idle().await;
+    let mut state = agent.pool.state();
+    let mut presence = server.registry.subscribe_presence();
+
+    server.registry.drain();
+    failed_with(&mut state, Code::Unavailable).await;
+    eventually("only the busy stream left", || {
+        server.registry.stats() == streams(1, 0)
+    })
+    .await;
+    assert!(!server.registry.has_agent(AGENT_ID));
+    assert!(server.registry.connected_agents().is_empty());
+    let gone = presence.recv().await.unwrap();
+    assert_eq!((gone.agent_id, gone.connected), (AGENT_ID, false));
+
+    let drained = server.registry.drained();
+    tokio::pin!(drained);
+    assert!(
+        futures_util::FutureExt::now_or_never(&mut drained).is_none(),
+        "a request is in flight"
+    );
+    busy.write_all(b"still served").await.unwrap();
+    busy.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    busy.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, b"still served");
+    drop(busy);
+    tokio::time::timeout(Duration::from_secs(10), drained)
+        .await
+        .expect("drained once the request ended");
+    assert_eq!(server.registry.stats().open_streams, 0);
+}

@@ -252,6 +252,13 @@ impl Kas {
         assert!(status.success());
     }
 
+    /// Whether the process is still running (it may have been told to stop).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -173,3 +173,71 @@ pub async fn upgrade_and_echo(
     tokio::join!(writer, reader);
     seen
 }
+
+/// A stand-in API server (point agentk at it with [`fake_kubeconfig`]) whose answer to a GET
+/// of a path ending in `/held` the test holds: it reports the request's arrival and answers
+/// only once released. Every other request is answered at once with an empty list.
+pub struct HeldUpstream {
+    pub port: u16,
+    arrived: tokio::sync::mpsc::Receiver<()>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+/// What [`HeldUpstream`] answers a held request with, once released.
+pub const HELD_BODY: &str = "{\"kind\":\"ConfigMapList\",\"items\":[],\"held\":true}";
+
+impl HeldUpstream {
+    pub async fn start() -> HeldUpstream {
+        use hyper::service::service_fn;
+        use hyper_util::rt::TokioIo;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (arrive, arrived) = tokio::sync::mpsc::channel(8);
+        let (release, released) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let (arrive, released) = (arrive.clone(), released.clone());
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (arrive, mut released) = (arrive.clone(), released.clone());
+                    async move {
+                        let held = req.uri().path().ends_with("/held");
+                        if held {
+                            let _ = arrive.send(()).await;
+                            let _ = released.wait_for(|r| *r).await;
+                        }
+                        let body = if held {
+                            HELD_BODY
+                        } else {
+                            "{\"kind\":\"ConfigMapList\",\"items\":[]}"
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(http_body_util::Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        HeldUpstream {
+            port,
+            arrived,
+            release,
+        }
+    }
+
+    /// Resolves when a held request reached the server.
+    pub async fn arrived(&mut self) {
+        self.arrived.recv().await.unwrap();
+    }
+
+    /// Answers the held requests, and any later one at once.
+    pub fn release(&self) {
+        self.release.send_replace(true);
+    }
+}

@@ -103,6 +103,8 @@ mounts of the StatefulSet (data on the volume, TLS and the admin token from Secr
 {{- $_ = set $cfg "gitops" (dict "render" $render) }}
 {{- /* On SIGTERM: not ready, still serving while the Service and proxies drop the Pod. */}}
 {{- $_ = set $cfg "shutdown_delay" .Values.shutdownDelay }}
+{{- /* Then: requests in flight on the agents' tunnels finish, agents move elsewhere. */}}
+{{- $_ = set $cfg "shutdown_timeout" .Values.shutdownTimeout }}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy $v.config)) }}
 {{- end }}
 
