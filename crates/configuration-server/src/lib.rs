@@ -712,20 +712,32 @@ impl ConfigStates {
     /// Writes again the states whose write failed (run every [`STORE_RETRY`]): nothing else
     /// would before the agent's configuration changes again, and meanwhile other kas replicas
     /// authorize with the stored one — a removed `ci_access` kept working through them. With
-    /// `several` replicas, only for agents with a configuration stream here: a replica serving
-    /// the agent now stores a newer state, which this one's would overwrite. Returns the agents
-    /// whose state is now stored (see [`ConfigService::store_again`]).
+    /// `several` replicas, an agent without a configuration stream here (the decision was
+    /// taken as its last one here ended) is written unless the stored record is a later
+    /// decision, another replica's, which this one's would overwrite: it was given up at once,
+    /// and when no other replica decided anything since, the decision was never stored. Returns
+    /// the agents whose state is now stored (see [`ConfigService::store_again`]).
     pub async fn store_again(&self, store: &dyn Store, several: bool) -> Vec<i64> {
         let agents: Vec<i64> = self.unstored().keys().copied().collect();
         let mut stored = Vec::new();
         for agent_id in agents {
             if several && !self.running().contains_key(&agent_id) {
-                self.mark_stored(agent_id);
-                tracing::warn!(
-                    agent_id,
-                    "Not storing the agent's configuration state again: its configuration stream is no longer on this replica, which stores its own"
-                );
-                continue;
+                match self.superseded(store, agent_id).await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        self.mark_stored(agent_id);
+                        tracing::warn!(
+                            agent_id,
+                            "Not storing the agent's configuration state again: another kas replica stored a later one"
+                        );
+                        continue;
+                    }
+                    // The retry's own write would fail as well: tried again at the next run.
+                    Err(e) => {
+                        let _ = self.mark_unstored(agent_id, &e.to_string());
+                        continue;
+                    }
+                }
             }
             if self.persist(store, agent_id).await {
                 stored.push(agent_id);
@@ -733,6 +745,24 @@ impl ConfigStates {
         }
         stored
     }
+
+    /// Whether the agent's stored record was decided after this replica's state of it.
+    async fn superseded(
+        &self,
+        store: &dyn Store,
+        agent_id: i64,
+    ) -> Result<bool, tether_store::Error> {
+        let stored = store.config_state(agent_id).await?;
+        let stored = stored.and_then(|b| serde_json::from_slice::<Persisted>(&b).ok());
+        let ours = self.get(agent_id).unwrap_or_default();
+        Ok(later_than(stored.as_ref().map(|p| &p.state), &ours))
+    }
+}
+
+/// Whether `stored` is a later decision than `ours` (by their times of change, in seconds: in
+/// the same second, ours is written — losing a decision costs more than redoing one).
+fn later_than(stored: Option<&ConfigState>, ours: &ConfigState) -> bool {
+    stored.is_some_and(|s| s.updated_at > ours.updated_at)
 }
 
 /// An agent's configuration record as stored.
@@ -1593,6 +1623,48 @@ mod tests {
             states.put_in_force(id, commit.into(), String::new(), Arc::default());
         }
         (dir, store, (a, b), states)
+    }
+
+    #[test]
+    fn only_a_record_changed_in_a_later_second_supersedes_ours() {
+        let at = |updated_at| ConfigState {
+            updated_at,
+            ..ConfigState::default()
+        };
+        assert!(!later_than(None, &at(5)), "nothing stored");
+        assert!(!later_than(Some(&at(4)), &at(5)));
+        assert!(!later_than(Some(&at(5)), &at(5)), "the same second: ours");
+        assert!(later_than(Some(&at(6)), &at(5)));
+    }
+
+    /// With several replicas, a decision taken here as the agent's last stream here ended is
+    /// stored by the retry (it was given up at once: no stream here), unless another replica
+    /// stored a later one meanwhile.
+    #[tokio::test]
+    async fn the_retry_stores_a_decision_left_without_streams_unless_a_later_one_was_stored() {
+        let (_dir, store, (a, b), states) = two_agents_in_force("decided").await;
+        for id in [a, b] {
+            states.mark_unstored(id, "disk full");
+        }
+        stored(&store, a, "former").await;
+        let later = Persisted {
+            state: ConfigState {
+                commit: "later".into(),
+                updated_at: u64::MAX,
+                ..ConfigState::default()
+            },
+            config: None,
+            previous: None,
+        };
+        let later = serde_json::to_vec(&later).unwrap();
+        store.put_config_state(b, &later).await.unwrap();
+
+        assert_eq!(states.store_again(&store, true).await, vec![a]);
+        let commit = |id| states.stored_commit(&store, id);
+        assert_eq!(commit(a).await.unwrap().as_deref(), Some("decided"));
+        assert_eq!(commit(b).await.unwrap().as_deref(), Some("later"));
+        assert_eq!(states.unstored_write(a), None);
+        assert_eq!(states.unstored_write(b), None, "given up");
     }
 
     #[tokio::test]

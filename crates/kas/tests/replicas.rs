@@ -2451,11 +2451,30 @@ async fn config_in_force_published(events: &mut redis::aio::PubSub, what: &str, 
 /// job with `c` until its 30 s re-read of the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configuration_stored_by_the_retry_is_published_to_the_other_replicas() {
+    a_refused_decision_is_stored_and_published_by_the_retry(true).await;
+}
+
+/// As above, but replica 2 is left with no stream of the agent when P2 goes (no P3): it puts
+/// `c0` — what P1 on replica 1 runs — in force, fails to store it and publishes it, and its
+/// retry stores and publishes it once the database takes writes. The retry gave the decision
+/// up at once, with no stream of the agent left on replica 2, and `c` stayed stored: replica 1
+/// authorized the job with it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_whose_write_failed_is_stored_by_the_retry_with_no_stream_of_the_agent_left() {
+    a_refused_decision_is_stored_and_published_by_the_retry(false).await;
+}
+
+/// The scenario of the two tests above; `p3`: whether P3 keeps a stream on replica 2.
+async fn a_refused_decision_is_stored_and_published_by_the_retry(p3: bool) {
     let r = PodsRig::start("1s").await;
     let _tunnel = r.tunnel(0).await;
     let (c, [p1, p2]) = r.old_pod_refusing_c().await;
     let why = "unknown field `new_feature`";
-    let p3 = r.pod(1, "agentk-old-2", (&r.c0, &c, why)).await;
+    let p3 = if p3 {
+        Some(r.pod(1, "agentk-old-2", (&r.c0, &c, why)).await)
+    } else {
+        None
+    };
     assert_eq!(r.in_force(0).await, c, "P2 runs c");
 
     let mut events = r.events().await;
