@@ -23,10 +23,28 @@ fn main() -> std::process::ExitCode {
     // `kas render-confine -- <renderer>`, how kas starts its renderers: before any thread or
     // runtime, so the seccomp filter is all the renderer inherits.
     tether_gitops_server::render::confine::dispatch();
-    run_kas()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kas: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run_kas());
+    // Everything that matters has stopped by now (the modules, the store last). What may be
+    // left is a blocking thread stuck in a read nothing can interrupt — a Git fetch over HTTP
+    // or SSH from a host that went silent — which dropping the runtime would wait for, holding
+    // the exit up to that read's own timeout (30 s, a minute) past the shutdown.
+    runtime.shutdown_timeout(BLOCKED_THREADS_GRACE);
+    code
 }
 
-#[tokio::main]
+/// How long kas's exit waits for blocking threads still running after its shutdown.
+const BLOCKED_THREADS_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn run_kas() -> std::process::ExitCode {
     let cli = Cli::parse();
     // `kas agent diff` exits 1 for "changes", so its errors need another code.

@@ -288,3 +288,39 @@ async fn the_cli_ends_quietly_when_its_reader_goes_away() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{}: {stderr}", out.status);
 }
+
+/// A project whose Git host (HTTP, SSH alike: gix's transports read from them without a way to
+/// interrupt the read) accepts the connection and then says nothing: on SIGTERM kas exits
+/// promptly, well within `git.fetch_timeout` (10 minutes here), its exit not waiting for the
+/// thread blocked in the fetch's read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kas_stops_promptly_while_a_fetch_waits_on_a_silent_remote() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = KasOptions {
+        git_extra: "  fetch_timeout: 10m\n",
+        ..KasOptions::default()
+    };
+    let mut kas = Kas::start(dir.path(), opts).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    kas.admin
+        .set_project(&kas::api::ProjectRequest {
+            path: "group/silent".into(),
+            remote: Some(format!("http://127.0.0.1:{port}/silent.git")),
+            ..kas::api::ProjectRequest::default()
+        })
+        .await
+        .unwrap();
+    // The fetch is under way, waiting for an answer that never comes.
+    let (_held, _) = tokio::time::timeout(Duration::from_secs(30), silent.accept())
+        .await
+        .expect("kas fetches the project")
+        .unwrap();
+
+    let stopping = Instant::now();
+    kas.stop();
+    let took = stopping.elapsed();
+    eprintln!("kas stopped {took:?} after SIGTERM");
+    // Nothing in flight on a tunnel: the modules stop within a second or two.
+    assert!(took < Duration::from_secs(10), "{took:?}:\n{}", kas.log());
+}
