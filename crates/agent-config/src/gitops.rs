@@ -12,6 +12,7 @@ use crate::check::{
 };
 use crate::depends::find_cycle;
 use crate::duration::{format_duration, serde_go};
+use crate::entry::{EntryRef, check_entry_name, entry_identity, entry_key};
 use crate::post_build::PostBuild;
 use crate::render::{Helm, Kustomize};
 use crate::{ConfigError, DEFAULT_NAMESPACE};
@@ -75,6 +76,14 @@ pub const DEFAULT_DRIFT_MANAGERS: &[&str] = &[
 pub struct ManifestProject {
     /// The project holding the manifests.
     pub id: ProjectRef,
+    /// Tells this entry from the project's other entries (one per folder of a monorepo):
+    /// required on every entry of a project listed more than once ([`ENTRY_NAME_RULE`]).
+    /// Its objects are then its own inventory's, and `depends_on` names it `project#name`.
+    ///
+    /// [`ENTRY_NAME_RULE`]: crate::ENTRY_NAME_RULE
+    // Left out when unset: an agentk older than the key refuses unknown keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Namespace for namespaced objects that do not name one.
     #[serde(default = "default_namespace")]
     pub default_namespace: String,
@@ -118,16 +127,16 @@ pub struct ManifestProject {
     /// Variables agentk substitutes into the objects before applying them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_build: Option<PostBuild>,
-    /// Other entries of this configuration (by `id`) whose last synchronization must have
-    /// succeeded, with all their objects Current, before this one applies a commit (Flux's
-    /// `dependsOn`).
+    /// Other entries of this configuration (by `id`, or `id#name` for a named entry) whose
+    /// last synchronization must have succeeded, with all their objects Current, before this
+    /// one applies a commit (Flux's `dependsOn`).
     // Left out when empty: an agentk older than the key refuses unknown keys.
     #[serde(
         default,
         skip_serializing_if = "Vec::is_empty",
         deserialize_with = "null_as_default"
     )]
-    pub depends_on: Vec<ProjectRef>,
+    pub depends_on: Vec<EntryRef>,
 }
 
 impl ManifestProject {
@@ -135,6 +144,7 @@ impl ManifestProject {
     pub fn new(id: ProjectRef) -> Self {
         ManifestProject {
             id,
+            name: None,
             default_namespace: default_namespace(),
             paths: default_paths(),
             reconcile_timeout: DEFAULT_TIMEOUT,
@@ -150,6 +160,18 @@ impl ManifestProject {
             post_build: None,
             depends_on: Vec::new(),
         }
+    }
+
+    /// The entry's key, which names its worker, inventory, reports and status rows: the id
+    /// as written for an unnamed entry (what it always was, so an upgrade keeps them all),
+    /// `id#name` for a named one.
+    pub fn entry_key(&self) -> String {
+        entry_key(&self.id, self.name.as_deref())
+    }
+
+    /// How `depends_on` matches the entry ([`EntryRef::identity`]).
+    pub fn entry_identity(&self) -> String {
+        entry_identity(&self.id, self.name.as_deref())
     }
 }
 
@@ -249,7 +271,7 @@ impl<'de> Deserialize<'de> for ProjectRef {
 }
 
 impl ProjectRef {
-    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self, path: &str) -> Result<(), ConfigError> {
         match self {
             ProjectRef::Numeric(id) if *id > 0 => Ok(()),
             ProjectRef::Numeric(id) => Err(ConfigError::invalid(
@@ -400,25 +422,73 @@ impl Gitops {
             check_drift_manager(&format!("gitops.drift_managers[{i}]"), m)?;
         }
         let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut by_project: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, project) in self.manifest_projects.iter().enumerate() {
             let base = format!("gitops.manifest_projects[{i}]");
             project.validate(&base)?;
-            if let Some(first) = seen.insert(project.id.identity(), i) {
-                return Err(ConfigError::invalid(
-                    format!("{base}.id"),
-                    format!(
-                        "duplicate project id {:?}, already used by gitops.manifest_projects[{first}]",
-                        project.id.to_string()
-                    ),
-                ));
-            }
+            let listed = by_project.entry(project.id.identity()).or_default();
+            self.check_listed_again(i, listed)?;
+            listed.push(i);
+            seen.insert(project.entry_identity(), i);
         }
-        self.validate_depends_on(&seen)
+        self.validate_depends_on(&seen, &by_project)
     }
 
-    /// `depends_on`: each id names another entry (as duplicate detection matches ids), once;
-    /// and the entries do not wait on each other in a cycle, which would stall them all.
-    fn validate_depends_on(&self, index: &HashMap<String, usize>) -> Result<(), ConfigError> {
+    /// Entry `i` may list a project the entries `earlier` list too only when all of them
+    /// have a name, each its own: the name is what keeps their inventories, reports and
+    /// `depends_on` apart.
+    fn check_listed_again(&self, i: usize, earlier: &[usize]) -> Result<(), ConfigError> {
+        let entries = &self.manifest_projects;
+        let (base, project) = (format!("gitops.manifest_projects[{i}]"), &entries[i]);
+        let Some(&first) = earlier.first() else {
+            return Ok(());
+        };
+        let unnamed = earlier.iter().find(|&&j| entries[j].name.is_none());
+        let id = project.id.to_string();
+        let needs_names = |at: usize, other: usize| {
+            ConfigError::invalid(
+                format!("gitops.manifest_projects[{at}].id"),
+                format!(
+                    "project {id:?} is also listed by gitops.manifest_projects[{other}]: every \
+                     entry of a project listed more than once needs a name (name: infra, \
+                     name: apps, ...)"
+                ),
+            )
+        };
+        match (&project.name, unnamed) {
+            (None, Some(&j)) => Err(ConfigError::invalid(
+                format!("{base}.id"),
+                format!(
+                    "duplicate project id {id:?}, already used by gitops.manifest_projects[{j}] \
+                     (to list a project more than once, give each of its entries a name)"
+                ),
+            )),
+            (None, None) => Err(needs_names(i, first)),
+            (Some(_), Some(&j)) => Err(needs_names(j, i)),
+            (Some(name), None) => match earlier
+                .iter()
+                .find(|&&j| entries[j].name.as_ref() == Some(name))
+            {
+                Some(j) => Err(ConfigError::invalid(
+                    format!("{base}.name"),
+                    format!(
+                        "duplicate name {name:?} for project {id:?}, already used by \
+                         gitops.manifest_projects[{j}]"
+                    ),
+                )),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// `depends_on`: each item names another entry (as duplicate detection matches ids, plus
+    /// `#name`), once; and the entries do not wait on each other in a cycle, which would stall
+    /// them all.
+    fn validate_depends_on(
+        &self,
+        index: &HashMap<String, usize>,
+        by_project: &HashMap<String, Vec<usize>>,
+    ) -> Result<(), ConfigError> {
         let mut edges: Vec<Vec<usize>> = Vec::with_capacity(self.manifest_projects.len());
         for (i, project) in self.manifest_projects.iter().enumerate() {
             let mut deps = Vec::with_capacity(project.depends_on.len());
@@ -426,15 +496,8 @@ impl Gitops {
                 let path = format!("gitops.manifest_projects[{i}].depends_on[{j}]");
                 dep.validate(&path)?;
                 let Some(&target) = index.get(&dep.identity()) else {
-                    return Err(ConfigError::invalid(
-                        path,
-                        format!(
-                            "{:?} is not the id of another gitops.manifest_projects entry \
-                             (write it as that entry's id is written: a path and a numeric id \
-                             are not matched)",
-                            dep.to_string()
-                        ),
-                    ));
+                    let named = by_project.get(&dep.project.identity());
+                    return Err(ConfigError::invalid(path, self.no_such_entry(dep, named)));
                 };
                 let message = if target == i {
                     Some("an entry cannot depend on itself".to_owned())
@@ -456,7 +519,7 @@ impl Gitops {
         let named: Vec<String> = cycle
             .iter()
             .chain(cycle.first())
-            .map(|&i| self.manifest_projects[i].id.to_string())
+            .map(|&i| self.manifest_projects[i].entry_key())
             .collect();
         Err(ConfigError::invalid(
             format!("gitops.manifest_projects[{}].depends_on", cycle[0]),
@@ -465,6 +528,35 @@ impl Gitops {
                 named.join(" -> ")
             ),
         ))
+    }
+}
+
+impl Gitops {
+    /// Why `dep` names no entry; `listed` are the entries of its project, if any.
+    fn no_such_entry(&self, dep: &EntryRef, listed: Option<&Vec<usize>>) -> String {
+        let Some(listed) = listed else {
+            return format!(
+                "{:?} is not the id of another gitops.manifest_projects entry (write it as \
+                 that entry's id is written: a path and a numeric id are not matched)",
+                dep.to_string()
+            );
+        };
+        let keys: Vec<String> = listed
+            .iter()
+            .map(|&j| format!("{:?}", self.manifest_projects[j].entry_key()))
+            .collect();
+        match &dep.name {
+            None => format!(
+                "{:?} is listed only as named entries: write one of {}",
+                dep.to_string(),
+                keys.join(", ")
+            ),
+            Some(name) => format!(
+                "no entry of project {:?} is named {name:?}: its entries are {}",
+                dep.project.to_string(),
+                keys.join(", ")
+            ),
+        }
     }
 }
 
@@ -509,6 +601,9 @@ fn check_timeout(path: &str, timeout: Duration) -> Result<(), ConfigError> {
 impl ManifestProject {
     fn validate(&self, base: &str) -> Result<(), ConfigError> {
         self.id.validate(&format!("{base}.id"))?;
+        if let Some(name) = &self.name {
+            check_entry_name(&format!("{base}.name"), name)?;
+        }
         check_namespace(
             &format!("{base}.default_namespace"),
             &self.default_namespace,

@@ -19,6 +19,7 @@ mod check;
 mod ci_access;
 mod depends;
 mod duration;
+mod entry;
 mod error;
 mod gitops;
 mod lines;
@@ -33,6 +34,10 @@ pub use ci_access::{
     AsAgent, AsCiJob, CiAccess, CiAccessAs, CiAccessEntry, ExtraKeyVal, Impersonate,
 };
 pub use duration::{format_duration, parse_duration};
+pub use entry::{
+    ENTRY_NAME_RULE, EntryRef, MAX_ENTRY_NAME, NAME_SEPARATOR, entry_identity, entry_key,
+    is_entry_name, split_entry_key,
+};
 pub use error::ConfigError;
 pub use gitops::{
     DEFAULT_DRIFT_MANAGERS, DEFAULT_GLOB, DEFAULT_TIMEOUT, DryRunStrategy, GitRef, Gitops,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tether_agent_config::{
     AgentConfig, AsAgent, AsCiJob, AsUser, CiAccessAs, CiAccessEntry, ConfigError,
-    DEFAULT_DRIFT_MANAGERS, DryRunStrategy, ExtraKeyVal, GitRef, Gitops, Impersonate,
+    DEFAULT_DRIFT_MANAGERS, DryRunStrategy, EntryRef, ExtraKeyVal, GitRef, Gitops, Impersonate,
     InventoryPolicy, LogLevel, MAX_CONFIG_SIZE, MAX_PATHS_PER_PROJECT, MAX_TIMEOUT,
     MAX_USER_ACCESS_ENTRIES, ManifestProject, PathGlob, ProjectRef, PrunePropagationPolicy,
     UserAccess, UserAccessAs, UserAccessEntry, parse, parse_bytes,
@@ -379,18 +379,21 @@ fn duplicate_ids_are_refused() {
         (
             "gitops:\n  manifest_projects:\n  - id: a/b\n  - id: c/d\n  - id: a/b\n",
             "gitops.manifest_projects[2].id: duplicate project id \"a/b\", \
-             already used by gitops.manifest_projects[0] (line 5)",
+             already used by gitops.manifest_projects[0] (to list a project more than once, \
+             give each of its entries a name) (line 5)",
         ),
         (
             // GitLab paths are case-insensitive.
             "gitops:\n  manifest_projects:\n  - id: Group/App\n  - id: group/app\n",
             "gitops.manifest_projects[1].id: duplicate project id \"group/app\", \
-             already used by gitops.manifest_projects[0] (line 4)",
+             already used by gitops.manifest_projects[0] (to list a project more than once, \
+             give each of its entries a name) (line 4)",
         ),
         (
             "gitops:\n  manifest_projects:\n  - id: 42\n  - id: '42'\n",
             "gitops.manifest_projects[1].id: duplicate project id \"42\", \
-             already used by gitops.manifest_projects[0] (line 4)",
+             already used by gitops.manifest_projects[0] (to list a project more than once, \
+             give each of its entries a name) (line 4)",
         ),
         (
             "ci_access:\n  projects:\n  - id: a/b\n  - id: a/b\n",
@@ -1220,8 +1223,8 @@ fn depends_on_names_other_entries_as_their_ids_are_matched() {
     assert_eq!(
         apps.depends_on,
         [
-            ProjectRef::Path("Group/Infra".to_owned()),
-            ProjectRef::Numeric(42)
+            EntryRef::project(ProjectRef::Path("Group/Infra".to_owned())),
+            EntryRef::project(ProjectRef::Numeric(42))
         ]
     );
     assert!(config.gitops.manifest_projects[0].depends_on.is_empty());
@@ -1283,4 +1286,104 @@ fn depends_on_stays_out_of_the_json_while_empty() {
     assert_eq!(json[1]["depends_on"], serde_json::json!(["a/b"]));
     let back: Vec<ManifestProject> = serde_json::from_value(json).expect("read back");
     assert_eq!(back, config.gitops.manifest_projects);
+}
+
+/// One monorepo, two folders: the project is listed twice, each entry named, and the apps
+/// entry depends on the infrastructure entry by `project#name`.
+#[test]
+fn a_project_listed_twice_with_names_is_two_entries() {
+    let config = ok("gitops:
+  manifest_projects:
+  - id: Group/Fleet
+    name: infra
+    paths: [{glob: 'infrastructure/**'}]
+  - id: group/fleet
+    name: apps
+    paths: [{glob: 'apps/**'}]
+    depends_on: ['Group/Fleet#infra']
+  - id: other/app
+    depends_on: [group/fleet#apps]
+");
+    let [infra, apps, other] = &config.gitops.manifest_projects[..] else {
+        panic!("three entries");
+    };
+    assert_eq!(infra.name.as_deref(), Some("infra"));
+    assert_eq!(infra.entry_key(), "Group/Fleet#infra");
+    assert_eq!(apps.entry_identity(), "group/fleet#apps");
+    assert_eq!(apps.depends_on[0].identity(), "group/fleet#infra");
+    // Unnamed: the key it always had, so an upgrade keeps its inventory and reports.
+    assert_eq!(other.entry_key(), "other/app");
+    assert_eq!(other.name, None);
+    let json = serde_json::to_value(&config.gitops.manifest_projects).expect("json");
+    assert!(json[2].get("name").is_none(), "left out when unset: {json}");
+    assert_eq!(
+        json[1]["depends_on"],
+        serde_json::json!(["Group/Fleet#infra"])
+    );
+    let back: Vec<ManifestProject> = serde_json::from_value(json).expect("read back");
+    assert_eq!(back, config.gitops.manifest_projects);
+}
+
+#[test]
+fn names_are_required_on_every_entry_of_a_project_listed_twice_and_unique() {
+    let cases = [
+        (
+            "gitops:\n  manifest_projects:\n  - id: a/b\n    name: Infra\n",
+            "gitops.manifest_projects[0].name: \"Infra\" is not a valid entry name: expected 1 \
+             to 40 lowercase letters, digits or '-', starting and ending with a letter or digit \
+             (a DNS label) (line 4)",
+        ),
+        (
+            "gitops:\n  manifest_projects:\n  - id: a/b\n    name: x\n  - id: a/b\n",
+            "gitops.manifest_projects[1].id: project \"a/b\" is also listed by \
+             gitops.manifest_projects[0]: every entry of a project listed more than once needs \
+             a name (name: infra, name: apps, ...) (line 5)",
+        ),
+        (
+            // The unnamed entry came first: it is the one said to need a name.
+            "gitops:\n  manifest_projects:\n  - id: a/b\n  - id: A/B\n    name: x\n",
+            "gitops.manifest_projects[0].id: project \"A/B\" is also listed by \
+             gitops.manifest_projects[1]: every entry of a project listed more than once needs \
+             a name (name: infra, name: apps, ...) (line 3)",
+        ),
+        (
+            "gitops:\n  manifest_projects:\n  - id: a/b\n    name: x\n  - id: c/d\n  - id: a/b\n    name: x\n",
+            "gitops.manifest_projects[2].name: duplicate name \"x\" for project \"a/b\", \
+             already used by gitops.manifest_projects[0] (line 7)",
+        ),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(err(yaml).to_string(), want, "{yaml}");
+    }
+}
+
+#[test]
+fn depends_on_names_a_named_entry_with_its_name() {
+    let two = "gitops:\n  manifest_projects:\n  - id: g/mono\n    name: infra\n  - id: g/mono\n    name: apps\n  - id: g/other\n";
+    let cases = [
+        (
+            format!("{two}    depends_on: [g/mono]\n"),
+            "gitops.manifest_projects[2].depends_on[0]: \"g/mono\" is listed only as named \
+             entries: write one of \"g/mono#infra\", \"g/mono#apps\" (line 8)",
+        ),
+        (
+            format!("{two}    depends_on: ['g/mono#web']\n"),
+            "gitops.manifest_projects[2].depends_on[0]: no entry of project \"g/mono\" is \
+             named \"web\": its entries are \"g/mono#infra\", \"g/mono#apps\" (line 8)",
+        ),
+        (
+            format!("{two}    depends_on: ['g/mono#Web']\n"),
+            "gitops.manifest_projects[2].depends_on[0]: \"Web\" is not a valid entry name: \
+             expected 1 to 40 lowercase letters, digits or '-', starting and ending with a \
+             letter or digit (a DNS label) (line 8)",
+        ),
+        (
+            "gitops:\n  manifest_projects:\n  - id: g/mono\n    name: a\n    depends_on: ['g/mono#b']\n  - id: g/mono\n    name: b\n    depends_on: ['g/mono#a']\n".to_owned(),
+            "gitops.manifest_projects[0].depends_on: dependency cycle: g/mono#a -> g/mono#b -> \
+             g/mono#a (no entry of it could ever apply) (line 5)",
+        ),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(err(&yaml).to_string(), want, "{yaml}");
+    }
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tether_agent_config::{GitRef, ManifestProject, ProjectRef};
+use tether_agent_config::{GitRef, ManifestProject};
 use tether_gitops_agent::Status;
 use tether_gitops_agent::inventory::inventory_name;
 use tether_gitops_agent::kube_events::{Happened, Recorder};
@@ -79,13 +79,6 @@ pub struct Engine {
     pub events: Recorder,
 }
 
-fn project_key(id: &ProjectRef) -> String {
-    match id {
-        ProjectRef::Path(p) => p.clone(),
-        ProjectRef::Numeric(n) => n.to_string(),
-    }
-}
-
 fn with_token<T>(meta: &AgentMeta, msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     // A token metadata cannot carry goes without: kas then answers UNAUTHENTICATED, which
@@ -139,9 +132,9 @@ pub async fn run(
 
 /// The running workers, and what new ones are made of.
 struct Workers {
-    /// project key → (its settings, the worker's stop token, its task)
+    /// entry key ([`ManifestProject::entry_key`]) → (its settings, the worker's stop token, its task)
     running: HashMap<String, (ManifestProject, CancellationToken, JoinHandle<()>)>,
-    /// project key → its default namespace before the configuration moved it (where its
+    /// entry key → its default namespace before the configuration moved it (where its
     /// inventory stays until the first sync in the new one).
     moved: HashMap<String, String>,
     /// `gitops.drift_managers` as the running workers have it: a change restarts them all.
@@ -165,7 +158,7 @@ impl Workers {
             .manifest_projects
             .iter()
             .filter(|_| lead)
-            .map(|p| (project_key(&p.id), p.clone()))
+            .map(|p| (p.entry_key(), p.clone()))
             .collect();
         let gone: Vec<String> = self
             .running
@@ -184,7 +177,7 @@ impl Workers {
         let mut unpublished = Vec::with_capacity(gone.len());
         for key in gone {
             if let Some((old, stop, task)) = self.running.remove(&key) {
-                unpublished.push(old.id.identity());
+                unpublished.push(old.entry_identity());
                 if let Some(new) = wanted.get(&key)
                     && new.default_namespace != old.default_namespace
                 {
@@ -227,7 +220,7 @@ impl Workers {
     ) -> JoinHandle<()> {
         tracing::info!(project_id = %key, "Starting synchronization worker");
         // Before the worker runs, so that a dependant started with it does not find it missing.
-        let identity = p.id.identity();
+        let identity = p.entry_identity();
         self.board.send_modify(|b| {
             b.insert(identity.clone(), depends::not_synchronized());
         });
@@ -281,7 +274,7 @@ struct Worker {
     timing: Timing,
     /// What the running sync publishes through `settings.progress`.
     progress: watch::Receiver<SyncProgress>,
-    /// The entry's id as `depends_on` entries match it ([`ProjectRef::identity`]).
+    /// The entry as `depends_on` items match it ([`ManifestProject::entry_identity`]).
     identity: String,
     /// Where the worker says how it stands ([`Worker::publish`]), and where it sees how its
     /// dependencies stand.

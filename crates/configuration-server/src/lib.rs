@@ -838,14 +838,17 @@ pub async fn load(
 }
 
 /// Finds a manifest project listed twice under different names — its path and its numeric id
-/// (`id: group/app` and `id: 42`). The file's own validation cannot see that; accepted, it gave
-/// two workers applying and pruning the same objects against each other. Projects unknown to
-/// kas are left for the GitOps stream to report.
+/// (`id: group/app` and `id: 42`) — without a name on each entry, or twice with one name. The
+/// file's own validation cannot see that; accepted, it gave two workers applying and pruning
+/// the same objects against each other. Entries of one project with names of their own (one
+/// per folder of a monorepo) are distinct entries, with inventories of their own. Projects
+/// unknown to kas are left for the GitOps stream to report.
 async fn resolved_duplicate(
     store: &dyn Store,
     config: &tether_agent_config::AgentConfig,
 ) -> Result<Option<String>, String> {
-    let mut seen: HashMap<i64, usize> = HashMap::new();
+    let mut seen: HashMap<(i64, Option<&str>), usize> = HashMap::new();
+    let mut unnamed: HashMap<i64, usize> = HashMap::new();
     for (i, p) in config.gitops.manifest_projects.iter().enumerate() {
         let found = match &p.id {
             tether_agent_config::ProjectRef::Numeric(n) => store.get_project(*n).await,
@@ -856,13 +859,29 @@ async fn resolved_duplicate(
             Ok(None) | Err(tether_store::Error::InvalidName { .. }) => continue,
             Err(e) => return Err(format!("reading kas's project records: {e}")),
         };
-        if let Some(first) = seen.insert(project.id, i) {
+        let name = p.name.as_deref();
+        // Unnamed, it may be listed once only; named, it may not share a project with an
+        // unnamed entry, nor a name with another entry of the project.
+        let first = match name {
+            None => seen
+                .iter()
+                .filter(|((id, _), _)| *id == project.id)
+                .map(|(_, &j)| j)
+                .min(),
+            Some(_) => unnamed.get(&project.id).copied(),
+        }
+        .or_else(|| seen.get(&(project.id, name)).copied());
+        if let Some(first) = first {
             return Ok(Some(format!(
-                "gitops.manifest_projects[{i}].id: {:?} is project {} ({}), already listed as gitops.manifest_projects[{first}]",
+                "gitops.manifest_projects[{i}].id: {:?} is project {} ({}), already listed as gitops.manifest_projects[{first}] (to list a project more than once, give each of its entries a name of its own)",
                 p.id.to_string(),
                 project.id,
                 project.path
             )));
+        }
+        seen.insert((project.id, name), i);
+        if name.is_none() {
+            unnamed.insert(project.id, i);
         }
     }
     Ok(None)
@@ -1703,6 +1722,47 @@ mod tests {
         stored_with(&store, b, "", None).await;
         states.reload(&store, b).await;
         assert!(states.config(b).is_none(), "re-read of one record");
+    }
+
+    /// A project listed by path and by numeric id is one project: refused unless each entry
+    /// has a name of its own (then they are a monorepo's entries, with inventories apart).
+    #[tokio::test]
+    async fn a_project_listed_under_two_spellings_needs_a_name_on_each_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tether_store::SqliteStore::open(&dir.path().join("kas.db"))
+            .await
+            .unwrap();
+        let source = tether_store::ProjectSource::default();
+        let id = store
+            .set_project_source("g/mono", &source)
+            .await
+            .unwrap()
+            .id;
+        let check = |yaml: String| {
+            let config = tether_agent_config::parse(&yaml).unwrap();
+            let store = &store;
+            async move { resolved_duplicate(store, &config).await.unwrap() }
+        };
+        let entries = |a: &str, b: &str| {
+            format!("gitops:\n  manifest_projects:\n  - id: g/mono\n{a}  - id: {id}\n{b}")
+        };
+        let (infra, apps) = ("    name: infra\n", "    name: apps\n");
+        assert_eq!(check(entries(infra, apps)).await, None);
+        let refused = [
+            entries("", ""),
+            entries(infra, ""),
+            entries("", apps),
+            entries(apps, apps),
+        ];
+        for yaml in refused {
+            let error = check(yaml.clone()).await;
+            let error = error.unwrap_or_else(|| panic!("accepted: {yaml}"));
+            assert!(
+                error.starts_with("gitops.manifest_projects[1].id: ")
+                    && error.contains("already listed as gitops.manifest_projects[0]"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -72,6 +72,10 @@ const HASH_LEN: usize = 12;
 /// `[a-z0-9-]` and suffixed with a hash of the key, so different paths never collide
 /// (`a/b-c` and `a-b/c`). The result is always a valid label value (≤ 53 characters,
 /// alphanumeric at both ends).
+///
+/// A named entry's key (`group/app#apps`, `42#apps`) is hashed the same way: `#` occurs in no
+/// project path, so its id differs from the unnamed entry's and from the project's other named
+/// entries', while an unnamed entry keeps the id it always had.
 pub fn inventory_id(agent_id: i64, project_key: &str) -> String {
     let key = project_key.to_ascii_lowercase();
     if agent_id >= 0 && !key.is_empty() && key.bytes().all(|b| b.is_ascii_digit()) {
@@ -435,6 +439,32 @@ mod tests {
         assert_eq!(id, inventory_id(5, "group/sub_group/app.name"));
         assert_ne!(inventory_id(5, "a/b-c"), inventory_id(5, "a-b/c"));
         assert_ne!(inventory_id(5, "a/b"), inventory_id(6, "a/b"));
+    }
+
+    /// An upgrade must find every existing inventory: an unnamed entry's key is the project
+    /// as written, exactly as before names existed, and its id is pinned here. Named entries
+    /// of the same project get ids of their own.
+    #[test]
+    fn named_entries_have_their_own_inventories_and_unnamed_ones_keep_theirs() {
+        assert_eq!(inventory_name(5, "42"), "inventory-5-42");
+        assert_eq!(
+            inventory_name(5, "group/app"),
+            "inventory-5-group-app-767491e9dacc"
+        );
+        let keys = [
+            "group/app",
+            "group/app#infra",
+            "group/app#apps",
+            "group/app-apps",
+        ];
+        let ids: BTreeSet<String> = keys.iter().map(|k| inventory_id(5, k)).collect();
+        assert_eq!(ids.len(), keys.len(), "{ids:?}");
+        assert!(inventory_id(5, "group/app#apps").starts_with("5-group-app-apps-"));
+        let numeric = inventory_id(5, "42#apps");
+        assert_ne!(numeric, "5-42");
+        assert!(numeric.starts_with("5-42-apps-"), "{numeric}");
+        let long = format!("{}#{}", "g/".repeat(40) + "p", "a".repeat(40));
+        assert!(inventory_name(5, &long).len() <= 63);
     }
 
     #[test]

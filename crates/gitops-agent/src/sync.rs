@@ -58,7 +58,8 @@ fn deadline_in(timeout: Duration) -> tokio::time::Instant {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub agent_id: i64,
-    /// The project as written in the configuration (path or numeric id).
+    /// The entry's key: the project as written in the configuration (path or numeric id),
+    /// followed by `#name` for a named entry.
     pub project_id: String,
     pub default_namespace: String,
     pub prune: bool,
@@ -142,11 +143,12 @@ impl PartialEq for ProgressSink {
 
 impl Settings {
     /// The settings of one `gitops.manifest_projects[]` entry; its key (`project_id`) is the
-    /// project as written (path or numeric id), which names its inventory.
+    /// entry's key ([`ManifestProject::entry_key`]: the project as written, plus `#name` for
+    /// a named entry), which names its inventory.
     pub fn for_project(agent_id: i64, p: &ManifestProject) -> Self {
         Settings {
             agent_id,
-            project_id: p.id.to_string(),
+            project_id: p.entry_key(),
             default_namespace: p.default_namespace.clone(),
             prune: p.prune,
             allow_empty: p.allow_empty,

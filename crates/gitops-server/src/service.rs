@@ -157,19 +157,27 @@ impl GitOpsService {
         found.ok_or_else(|| Status::not_found(format!("manifest project {id} is not known to kas")))
     }
 
-    /// The project `id` names, if the agent's configuration in force lists it.
+    /// The project of the entry `key` names (`project` or `project#name`, as agents send
+    /// it in `project_id`), if the agent's configuration in force lists that entry.
     async fn listed_project(
         &self,
         agent_id: i64,
-        id: &str,
+        key: &str,
     ) -> Result<tether_store::Project, Status> {
+        let (id, name) = tether_agent_config::split_entry_key(key);
+        if let Some(name) = name.filter(|n| !tether_agent_config::is_entry_name(n)) {
+            return Err(Status::invalid_argument(format!(
+                "{name:?} is not an entry name: {}",
+                tether_agent_config::ENTRY_NAME_RULE
+            )));
+        }
         let project = self.find_project(id).await?;
         let listed = self.deps.access.listed(agent_id).await;
         match listed {
-            Some(l) if crate::lists(&l, &project) => Ok(project),
+            Some(l) if crate::lists(&l, &project, name) => Ok(project),
             _ => {
-                tracing::warn!(agent_id, project = %project.path, "An agent asked for a manifest project its configuration in force does not list; refused");
-                Err(crate::access::denied(&project, listed.is_some()))
+                tracing::warn!(agent_id, project = %project.path, entry = name.unwrap_or_default(), "An agent asked for a manifest project entry its configuration in force does not list; refused");
+                Err(crate::access::denied(&project, name, listed.is_some()))
             }
         }
     }

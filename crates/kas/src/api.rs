@@ -857,7 +857,7 @@ async fn agent_gitops(
         c.gitops
             .manifest_projects
             .iter()
-            .map(|p| crate::operate::config_key(&p.id))
+            .map(tether_agent_config::ManifestProject::entry_key)
             .collect()
     });
     Ok(Json(

@@ -107,7 +107,7 @@ impl tether_gitops_server::ProjectAccess for AgentProjects {
         agent_id: i64,
     ) -> tether_tunnel_server::service_future::BoxFuture<
         '_,
-        Option<Vec<tether_agent_config::ProjectRef>>,
+        Option<Vec<tether_agent_config::EntryRef>>,
     > {
         Box::pin(async move {
             let in_force = InForce {
@@ -117,7 +117,15 @@ impl tether_gitops_server::ProjectAccess for AgentProjects {
                 several: self.several,
             };
             let config = in_force.wait(agent_id, CONFIG_WAIT).await?;
-            let ids = config.gitops.manifest_projects.iter().map(|p| p.id.clone());
+            let ids =
+                config
+                    .gitops
+                    .manifest_projects
+                    .iter()
+                    .map(|p| tether_agent_config::EntryRef {
+                        project: p.id.clone(),
+                        name: p.name.clone(),
+                    });
             Some(ids.collect())
         })
     }

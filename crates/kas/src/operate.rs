@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use tether_agent_config::{AgentConfig, ProjectRef};
+use tether_agent_config::AgentConfig;
 use tether_kas_api::{
     AgentDeleted, ProgressView, ReconcileRequest, ReconcileStarted, ReconcileTarget, Resumed,
     SupersedesRequest, SupersedesView, SuspendRequest, SuspensionView, UserTokenView,
@@ -140,18 +140,17 @@ fn err(code: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError(code, message.into())
 }
 
-/// The key the agent's configuration names a manifest project by (its reports use it).
-pub(crate) fn config_key(id: &ProjectRef) -> String {
-    match id {
-        ProjectRef::Path(p) => p.clone(),
-        ProjectRef::Numeric(n) => n.to_string(),
-    }
-}
-
-/// Whether `wanted` (a path or an id, as the user typed it) names `project`, known to the
-/// configuration as `key`.
+/// Whether `wanted` (a path or an id, as the user typed it, or an entry key `project#name`)
+/// names the entry known to the configuration as `key`, of `project`: a project names all its
+/// entries, an entry key only that one.
 fn names(wanted: &str, key: &str, project: Option<&Project>) -> bool {
-    wanted == key || project.is_some_and(|p| p.path == wanted || p.id.to_string() == wanted)
+    let (entry_project, entry_name) = tether_agent_config::split_entry_key(key);
+    let (wanted_project, wanted_name) = tether_agent_config::split_entry_key(wanted);
+    if wanted_name.is_some_and(|n| Some(n) != entry_name) {
+        return false;
+    }
+    wanted_project == entry_project
+        || project.is_some_and(|p| p.path == wanted_project || p.id.to_string() == wanted_project)
 }
 
 /// "admin", or "admin (NAME)" with the name the CLI reported, kept printable and short: it is
@@ -197,8 +196,8 @@ async fn manifest_projects(
 ) -> Result<Vec<(String, Option<Project>)>, ApiError> {
     let mut out = Vec::new();
     for p in &config.gitops.manifest_projects {
-        let key = config_key(&p.id);
-        let project = find_project(st, &key).await?;
+        let key = p.entry_key();
+        let project = find_project(st, &p.id.to_string()).await?;
         if wanted.is_none_or(|w| names(w, &key, project.as_ref())) {
             out.push((key, project));
         }
@@ -400,7 +399,7 @@ fn followed_commit(
         .gitops
         .manifest_projects
         .iter()
-        .find(|m| config_key(&m.id) == key);
+        .find(|m| m.entry_key() == key);
     let git_ref = match entry.and_then(|m| m.git_ref.as_ref()) {
         None => return head.map(|c| c.to_hex()),
         Some(ConfigRef::Branch(b)) => GitRef::Branch(b.clone()),
@@ -468,6 +467,9 @@ async fn scope_of(
     let Some(text) = project else {
         return Ok(SuspensionScope::Agent);
     };
+    // kas holds a project's commits, for all its entries alike: an entry key (`project#name`,
+    // as status rows show) suspends its whole project.
+    let (text, _) = tether_agent_config::split_entry_key(text);
     let p = find_project(st, text)
         .await?
         .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no project {text}")))?;
@@ -762,5 +764,26 @@ mod tests {
         assert!(names("group/manifests", "7", Some(&p)));
         assert!(names("group/manifests", "group/manifests", None));
         assert!(!names("group/other", "group/manifests", Some(&p)));
+    }
+
+    /// `kas agent reconcile --project group/manifests` reconciles every entry of the project;
+    /// `group/manifests#apps` only that entry.
+    #[test]
+    fn a_project_names_all_its_entries_and_an_entry_key_only_its_entry() {
+        let p = Project {
+            id: 7,
+            path: "group/manifests".into(),
+            ..Project::default()
+        };
+        assert!(names("group/manifests", "group/manifests#apps", Some(&p)));
+        assert!(names("7", "group/manifests#apps", Some(&p)));
+        assert!(names("group/manifests#apps", "group/manifests#apps", None));
+        assert!(names("7#apps", "group/manifests#apps", Some(&p)));
+        assert!(!names(
+            "group/manifests#infra",
+            "group/manifests#apps",
+            Some(&p)
+        ));
+        assert!(!names("group/manifests#apps", "group/manifests", Some(&p)));
     }
 }

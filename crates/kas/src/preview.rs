@@ -162,13 +162,14 @@ impl Previews {
     }
 }
 
-/// Which manifest project `--ref` is of: the one `named` (path, case-insensitive, or numeric
-/// id as in the configuration), or the only one.
+/// Which manifest project entry `--ref` is of: the one `named` (path, case-insensitive, or
+/// numeric id as in the configuration, followed by `#name` for a named entry), or the only
+/// one.
 pub fn target_project(projects: &[ManifestProject], named: Option<&str>) -> Result<usize, String> {
     let listed = || {
         projects
             .iter()
-            .map(|p| p.id.to_string())
+            .map(ManifestProject::entry_key)
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -176,7 +177,7 @@ pub fn target_project(projects: &[ManifestProject], named: Option<&str>) -> Resu
         (_, 0) => Err("the agent's configuration lists no manifest projects".to_owned()),
         (Some(n), _) => projects
             .iter()
-            .position(|p| p.id.to_string().eq_ignore_ascii_case(n.trim()))
+            .position(|p| p.entry_key().eq_ignore_ascii_case(n.trim()))
             .ok_or_else(|| {
                 format!(
                     "the agent's configuration has no manifest project {n} (it has {})",
@@ -217,7 +218,7 @@ async fn project_diff(
 ) -> ProjectDiffView {
     let p = at.project;
     let mut view = ProjectDiffView {
-        project: p.id.to_string(),
+        project: p.entry_key(),
         git_ref: at.shown,
         commit: None,
         error: None,
@@ -241,7 +242,7 @@ async fn project_diff(
     let files = match ManifestSource::from_project(p, &cluster) {
         Ok(manifests) => {
             source
-                .files_at(&view.project, at.candidates, &manifests)
+                .files_at(&p.id.to_string(), at.candidates, &manifests)
                 .await
         }
         Err(e) => {
@@ -420,6 +421,11 @@ mod tests {
             several.contains("--project") && several.contains("g/app, 42"),
             "{several}"
         );
+        let mut named = ManifestProject::new(ProjectRef::Path("g/app".into()));
+        named.name = Some("apps".into());
+        let three = [two[0].clone(), two[1].clone(), named];
+        assert_eq!(target_project(&three, Some("g/app#apps")), Ok(2));
+        assert_eq!(target_project(&three, Some("g/app")), Ok(0));
         let unknown = target_project(&two, Some("g/other")).unwrap_err();
         assert!(unknown.contains("no manifest project g/other"), "{unknown}");
         assert!(target_project(&[], None).is_err());

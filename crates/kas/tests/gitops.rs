@@ -2998,33 +2998,56 @@ async fn depends_rig(
     let entry = format!(
         "    paths:\n    - glob: '/infra/*.yaml'\n  - id: group/apps\n    default_namespace: {ns}\n    paths:\n    - glob: '/apps/*.yaml'\n    depends_on: [group/manifests]\n"
     );
-    let rbac = admin_rbac(&ns);
     let initial = [
         ("infra/infra.yaml", Some(&infra[..])),
         ("apps/app.yaml", Some(&apps[..])),
     ];
-    let args = RigArgs {
-        env,
-        agent_ns: ns.clone(),
-        rbac: &rbac,
-        project_extra: "",
-        initial: &initial,
-        agent_args: &[],
-    };
-    let opts = KasOptions {
-        git_poll: "300ms",
-        ..KasOptions::default()
-    };
-    let (rig, c1) = rig_entry(args, &entry, opts).await;
+    let (rig, c1) = two_folder_rig(env, &ns, &entry, &initial).await;
     rig.kas
         .set_projects(&[("group/apps", &rig.manifests)])
         .await;
     (rig, ns, c1)
 }
 
+/// A rig whose repository starts with `initial` (two folders), the agent's configuration
+/// listing `entry` after the first entry's `id` and `default_namespace` (kas polls every
+/// 300 ms). Returns the rig and the first commit.
+async fn two_folder_rig(
+    env: TestEnv,
+    ns: &str,
+    entry: &str,
+    initial: &[(&str, Option<&[u8]>)],
+) -> (Rig, String) {
+    let rbac = admin_rbac(ns);
+    let args = RigArgs {
+        env,
+        agent_ns: ns.to_owned(),
+        rbac: &rbac,
+        project_extra: "",
+        initial,
+        agent_args: &[],
+    };
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    rig_entry(args, entry, opts).await
+}
+
 /// Waits until kas shows a report of `group/apps` at `commit` for which `wanted` holds.
 async fn apps_report(
     rig: &Rig,
+    commit: &str,
+    what: &str,
+    wanted: impl Fn(&kas::api::SyncView) -> bool,
+) -> kas::api::SyncView {
+    entry_report(rig, "group/apps", commit, what, wanted).await
+}
+
+/// Waits until kas shows a report of the entry `key` at `commit` for which `wanted` holds.
+async fn entry_report(
+    rig: &Rig,
+    key: &str,
     commit: &str,
     what: &str,
     wanted: impl Fn(&kas::api::SyncView) -> bool,
@@ -3036,7 +3059,7 @@ async fn apps_report(
             .await
             .ok()?
             .into_iter()
-            .find(|s| s.project_id == "group/apps" && s.commit_id == commit && wanted(s))
+            .find(|s| s.project_id == key && s.commit_id == commit && wanted(s))
     })
     .await
 }
@@ -3165,13 +3188,7 @@ async fn an_entry_waiting_on_a_failing_dependency_says_so_in_agent_status() {
     );
     assert!(get_json(&rig.env, &["get", "configmap", "app", "-n", &ns]).is_none());
 
-    let out = rig
-        .kas
-        .cli()
-        .args(["agent", "status", "group/config:seed"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stdout = seed_status(&rig);
     let line = stdout
         .lines()
         .find(|l| l.starts_with("group/apps"))
@@ -3197,6 +3214,17 @@ fn reconcile_wait(kas: &Kas, timeout: &str) -> std::process::Command {
     c
 }
 
+/// What `kas agent status` prints for the rig's agent.
+fn seed_status(rig: &Rig) -> String {
+    let out = rig
+        .kas
+        .cli()
+        .args(["agent", "status", "group/config:seed"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The name of a node of the test cluster (kwok's).
 fn first_node(env: &TestEnv) -> String {
     let nodes = get_json(env, &["get", "nodes"]).unwrap();
@@ -3204,4 +3232,104 @@ fn first_node(env: &TestEnv) -> String {
         .as_str()
         .unwrap()
         .to_owned()
+}
+
+/// Flux's usual monorepo (fluxcd/flux2-kustomize-helm-example): one repository, its
+/// `infrastructure/` and `apps/` folders listed as two named entries of the same project, apps
+/// depending on `group/manifests#infra`. Both apply, each into its own inventory, and `kas agent
+/// status` shows both; the apps folder emptied prunes the apps' objects only; and the apps
+/// entry removed from the configuration leaves the infrastructure's entry as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_named_entries_of_one_repository_apply_and_prune_apart() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("mono").unwrap();
+    let infra_entry = "    name: infra\n    paths:\n    - glob: '/infrastructure/*.yaml'\n";
+    let apps_entry = format!(
+        "  - id: group/manifests\n    name: apps\n    default_namespace: {ns}\n    paths:\n    - glob: '/apps/*.yaml'\n    allow_empty: true\n    depends_on: ['group/manifests#infra']\n"
+    );
+    let (infra_cm, app_cm) = (configmap("infra", &ns, "v1"), configmap("app", &ns, "v1"));
+    let initial = [
+        ("infrastructure/infra.yaml", Some(&infra_cm[..])),
+        ("apps/app.yaml", Some(&app_cm[..])),
+    ];
+    let entries = format!("{infra_entry}{apps_entry}");
+    let (rig, c1) = two_folder_rig(env, &ns, &entries, &initial).await;
+    let (infra_key, apps_key) = ("group/manifests#infra", "group/manifests#apps");
+    let infra = applied_in(&rig, infra_key, &c1).await;
+    let apps = applied_in(&rig, apps_key, &c1).await;
+    assert_eq!(infra.outcome, ReportedOutcome::Succeeded, "{infra:?}");
+    assert_eq!(apps.outcome, ReportedOutcome::Succeeded, "{apps:?}");
+    assert!(apps.finished_at >= infra.finished_at, "{apps:?} {infra:?}");
+    let names =
+        |v: &kas::api::SyncView| v.objects.iter().map(|o| o.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&infra), ["infra"]);
+    assert_eq!(names(&apps), ["app"]);
+
+    // Each entry's objects are its own inventory's.
+    let inventory = |key: &str| tether_gitops_agent::inventory::inventory_name(rig.agent_id, key);
+    let owner = |name: &str| {
+        let cm = get_json(&rig.env, &["get", "configmap", name, "-n", &ns]).unwrap();
+        cm["metadata"]["annotations"]["config.k8s.io/owning-inventory"].clone()
+    };
+    assert_eq!(owner("infra"), Value::from(inventory(infra_key)));
+    assert_eq!(owner("app"), Value::from(inventory(apps_key)));
+    for key in [infra_key, apps_key] {
+        let name = inventory(key);
+        assert!(get_json(&rig.env, &["get", "configmap", &name, "-n", &ns]).is_some());
+    }
+
+    let stdout = seed_status(&rig);
+    for key in [infra_key, apps_key] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(key)),
+            "no line of {key}: {stdout}"
+        );
+    }
+
+    // The apps folder emptied: only the apps entry prunes.
+    let c2 = rig.manifests.commit(&[("apps/app.yaml", None)], "no apps");
+    let apps = applied_in(&rig, apps_key, &c2).await;
+    let infra = applied_in(&rig, infra_key, &c2).await;
+    assert_eq!(apps.outcome, ReportedOutcome::Succeeded, "{apps:?}");
+    assert_eq!(infra.outcome, ReportedOutcome::Succeeded, "{infra:?}");
+    assert!(get_json(&rig.env, &["get", "configmap", "app", "-n", &ns]).is_none());
+    assert_eq!(owner("infra"), Value::from(inventory(infra_key)));
+
+    // The apps entry removed: it leaves the status; the infrastructure's entry stays.
+    let only_infra = format!(
+        "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {ns}\n{infra_entry}"
+    );
+    let cfg = rig.config.commit(
+        &[(
+            ".gitlab/agents/seed/config.yaml",
+            Some(only_infra.as_bytes()),
+        )],
+        "apps removed",
+    );
+    rig.agent
+        .wait_log("Agent configuration applied", &cfg)
+        .await;
+    let left = wait_for(
+        "the apps entry to leave the status",
+        Duration::from_secs(10),
+        || async {
+            let syncs = rig.kas.admin.gitops_status(rig.agent_id).await.ok()?;
+            (syncs.len() == 1).then_some(syncs)
+        },
+    )
+    .await;
+    assert_eq!(left[0].project_id, infra_key);
+    assert_eq!(left[0].commit_id, c2);
+    assert_eq!(owner("infra"), Value::from(inventory(infra_key)));
+}
+
+/// Waits until kas shows a sync of `commit` by the entry `key` that did not wait for its
+/// dependencies (succeeded or failed).
+async fn applied_in(rig: &Rig, key: &str, commit: &str) -> kas::api::SyncView {
+    let what = format!("{key} to apply {commit}");
+    entry_report(rig, key, commit, &what, |s| {
+        s.outcome != ReportedOutcome::Waiting
+    })
+    .await
 }

@@ -153,8 +153,10 @@ impl Notifier {
     }
 
     /// The path of a manifest project named by path or numeric id (the id itself for a
-    /// project the store no longer has).
-    async fn project_path(s: &Shared, project: &str) -> Result<String, tether_store::Error> {
+    /// project the store no longer has), from a report's key: a named entry's (`project#name`)
+    /// is of the project's repository too.
+    async fn project_path(s: &Shared, key: &str) -> Result<String, tether_store::Error> {
+        let (project, _) = key.split_once('#').unwrap_or((key, ""));
         let Ok(id) = project.parse::<i64>() else {
             return Ok(project.to_owned());
         };
@@ -189,10 +191,15 @@ impl Notifier {
         let summary = Summary::of(report);
         let mut rows = Vec::new();
         if let Some(kind) = change.transition {
+            // People are told which entry of a project listed more than once failed.
+            let entry = match report.project_id.split_once('#') {
+                Some((_, name)) => format!("{project}#{name}"),
+                None => project.clone(),
+            };
             let transition = Message::Transition(Transition {
                 kind,
                 agent: Some(agent.clone()),
-                project: project.clone(),
+                project: entry,
                 commit: report.commit_id.clone(),
                 message: report.error.clone(),
                 summary: summary.clone(),
@@ -586,6 +593,37 @@ mod tests {
         let keys: Vec<&str> = queued.iter().map(|n| n.dedup_key.as_str()).collect();
         let c2 = format!("status:{}:group/manifests:c2:Pending", agent.id);
         assert_eq!(keys, [c2.as_str()]);
+    }
+
+    /// A named entry's report (`project#name`) posts its commit status to the project's
+    /// repository, and its failure names the entry.
+    #[tokio::test]
+    async fn a_named_entrys_report_is_of_its_projects_repository() {
+        let (_dir, _store, agent, mut notifier) = forge_setup().await;
+        if let Some(shared) = notifier.shared.as_mut().and_then(Arc::get_mut) {
+            shared.receivers.push(Receiver {
+                name: "chat".into(),
+                kind: Kind::Slack,
+                url: "https://chat.example.com/hook".into(),
+                secret: None,
+                token: None,
+                events: crate::event::TransitionKind::ALL.to_vec(),
+            });
+        }
+        let mut failed = succeeded("group/manifests#apps", "c1");
+        failed.set_sync_outcome(SyncOutcome::Failed);
+        let before = succeeded("group/manifests#apps", "c0");
+        let messages = notifier
+            .sync_messages(agent.id, Some(&before), &failed)
+            .await;
+        let keys: Vec<String> = messages.unwrap().into_iter().map(|m| m.dedup_key).collect();
+        let status = format!("status:{}:group/manifests:c1:Failed", agent.id);
+        assert!(keys.contains(&status), "{keys:?}");
+        let failure = format!(
+            "sync_failed:{}:group/manifests#apps:c1:1700000000",
+            agent.id
+        );
+        assert!(keys.contains(&failure), "{keys:?}");
     }
 
     /// A sync report whose agent's records cannot be read (the database failing while it is

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use tether_agent_config::ProjectRef;
+use tether_agent_config::EntryRef;
 use tether_gitops_agent::Status;
 use tether_gitops_agent::sync::{ObjectState, SyncOutcome};
 
@@ -22,7 +22,8 @@ pub(super) enum Readiness {
     NotReady(String),
 }
 
-/// Every running worker's readiness, by [`ProjectRef::identity`] of its entry's id.
+/// Every running worker's readiness, by [`EntryRef::identity`] of its entry (the project's
+/// identity, plus `#name` for a named entry).
 pub(super) type Board = HashMap<String, Readiness>;
 
 /// The readiness of a worker just started: nothing known yet.
@@ -144,7 +145,7 @@ pub(super) fn readiness(f: &Facts<'_>) -> Readiness {
 
 /// Why an entry depending on `depends_on` may not apply now (the first dependency not ready,
 /// named as the configuration writes it); `None` when all are ready.
-pub(super) fn blocker(depends_on: &[ProjectRef], board: &Board) -> Option<String> {
+pub(super) fn blocker(depends_on: &[EntryRef], board: &Board) -> Option<String> {
     depends_on.iter().find_map(|dep| {
         let why = match board.get(&dep.identity()) {
             Some(Readiness::Ready) => return None,
@@ -160,6 +161,8 @@ pub(super) fn blocker(depends_on: &[ProjectRef], board: &Board) -> Option<String
 mod tests {
     use tether_gitops_agent::object_ref::ObjRef;
     use tether_gitops_agent::sync::{ObjectOutcome, SyncError};
+
+    use tether_agent_config::ProjectRef;
 
     use super::*;
 
@@ -328,8 +331,8 @@ mod tests {
     #[test]
     fn the_first_dependency_not_ready_blocks_named_as_written() {
         let deps = [
-            ProjectRef::Path("Group/CRDs".to_owned()),
-            ProjectRef::Numeric(42),
+            EntryRef::project(ProjectRef::Path("Group/CRDs".to_owned())),
+            EntryRef::project(ProjectRef::Numeric(42)),
         ];
         let mut board = Board::new();
         board.insert("group/crds".to_owned(), Readiness::Ready);
@@ -349,5 +352,25 @@ mod tests {
             )
         );
         assert_eq!(blocker(&[], &board), None);
+    }
+
+    /// Two entries of one project are told apart by name: the named one's readiness is its
+    /// own, not the project's unnamed entry's.
+    #[test]
+    fn a_named_dependency_is_matched_by_project_and_name() {
+        let infra = EntryRef {
+            project: ProjectRef::Path("Group/Fleet".to_owned()),
+            name: Some("infra".to_owned()),
+        };
+        let mut board = Board::new();
+        board.insert("group/fleet".to_owned(), Readiness::Ready);
+        board.insert("group/fleet#apps".to_owned(), Readiness::Ready);
+        board.insert("group/fleet#infra".to_owned(), not_synchronized());
+        assert_eq!(
+            blocker(std::slice::from_ref(&infra), &board).as_deref(),
+            Some("waiting for dependency Group/Fleet#infra: it has not synchronized yet")
+        );
+        board.insert("group/fleet#infra".to_owned(), Readiness::Ready);
+        assert_eq!(blocker(&[infra], &board), None);
     }
 }

@@ -277,8 +277,15 @@ fn agent_actions(agent_id: i64, syncs: &[SyncView], csrf: &str) -> Html {
         Html::default(),
         "Reconcile now",
     ));
-    for s in syncs {
-        let project = hidden("project", &s.project_id);
+    // Suspensions are per project: one pair of buttons for all entries of a project listed
+    // more than once (`group/app#infra`, `group/app#apps`).
+    let mut projects: Vec<&str> = syncs
+        .iter()
+        .map(|s| tether_agent_config::split_entry_key(&s.project_id).0)
+        .collect();
+    projects.dedup();
+    for p in projects {
+        let project = hidden("project", p);
         let mut fields = project.clone();
         fields.push(Html::assembled(
             "<input type=\"hidden\" name=\"reason\" value=\"from the web UI\">".into(),
@@ -287,13 +294,13 @@ fn agent_actions(agent_id: i64, syncs: &[SyncView], csrf: &str) -> Html {
             &format!("{base}/suspend"),
             csrf,
             fields,
-            &format!("Suspend {}", s.project_id),
+            &format!("Suspend {p}"),
         ));
         out.push(post_form(
             &format!("{base}/resume"),
             csrf,
             project,
-            &format!("Resume {}", s.project_id),
+            &format!("Resume {p}"),
         ));
     }
     out.push(Html::raw("</div>"));
