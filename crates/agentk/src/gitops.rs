@@ -1166,7 +1166,7 @@ mod tests {
 
     #[test]
     fn a_commit_a_kas_older_than_the_entrys_rendering_sent_is_refused() {
-        let mut p = ManifestProject::new(ProjectRef::Path("g/m".into()));
+        let mut p = ManifestProject::new(tether_agent_config::ProjectRef::Path("g/m".into()));
         p.helm = Some(tether_agent_config::Helm {
             chart: "podinfo".into(),
             repository: Some("https://charts.example.com/stable".into()),
