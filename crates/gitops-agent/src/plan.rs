@@ -49,6 +49,15 @@ pub fn apply_stages(objects: &[Manifest]) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// The index of the Namespace named `namespace` among `objects`: a project whose
+/// `default_namespace` (where its inventory is kept) its own files create, as Flux's and Argo
+/// CD's examples do. That Namespace is applied before the inventory can be written.
+pub fn creates_namespace(objects: &[Manifest], namespace: &str) -> Option<usize> {
+    objects
+        .iter()
+        .position(|m| (m.group(), m.kind()) == ("", "Namespace") && m.name() == namespace)
+}
+
 /// Objects defined more than once (in two files, or twice in one), with every place they
 /// are defined (`path:line`), ordered by object. Applying both would make the result depend
 /// on order, so the caller reports these as an error and applies nothing.
@@ -122,6 +131,23 @@ pub fn helm_hooks(objects: &[Manifest]) -> Vec<(usize, String)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_namespace_of_the_inventory_is_found_among_the_objects_by_kind_and_name() {
+        let object = |api_version: &str, kind: &str, name: &str| {
+            let o = serde_json::json!({"apiVersion": api_version, "kind": kind,
+                "metadata": {"name": name}});
+            crate::decode::Manifest::new("ns.yaml", 0, 1, &o)
+        };
+        let objects = [
+            object("v1", "ConfigMap", "cert-manager"),
+            object("v1", "Namespace", "other"),
+            object("example.com/v1", "Namespace", "cert-manager"),
+            object("v1", "Namespace", "cert-manager"),
+        ];
+        assert_eq!(super::creates_namespace(&objects, "cert-manager"), Some(3));
+        assert_eq!(super::creates_namespace(&objects, "missing"), None);
+    }
+
     #[test]
     fn helm_hooks_are_the_objects_annotated_helm_sh_hook() {
         let object = |name: &str, annotations: serde_json::Value| {

@@ -253,15 +253,31 @@ enum PruneEnd {
 /// Kubernetes' answer to a failed request, as a readable reason
 /// ("deployments.apps is forbidden: … (403 Forbidden)").
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ApiError(String);
+#[error("{message}")]
+pub struct ApiError {
+    message: String,
+    /// The HTTP status, when the API server answered.
+    code: Option<u16>,
+}
+
+impl ApiError {
+    fn is_not_found(&self) -> bool {
+        self.code == Some(404)
+    }
+}
 
 impl From<kube::Error> for ApiError {
     fn from(e: kube::Error) -> Self {
-        ApiError(match e {
-            kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
-            other => other.to_string(),
-        })
+        match e {
+            kube::Error::Api(s) => ApiError {
+                message: format!("{} ({} {})", s.message, s.code, s.reason),
+                code: Some(s.code),
+            },
+            other => ApiError {
+                message: other.to_string(),
+                code: None,
+            },
+        }
     }
 }
 
@@ -323,6 +339,15 @@ pub enum SyncError {
         name: String,
         source: InventoryError,
     },
+    /// The inventory could not be written before applying: nothing was applied.
+    #[error(
+        "namespace {0} (the project's default_namespace, where its inventory is kept) does not exist and this commit does not create it: nothing was applied (create the namespace, or add a Namespace {0} to the project's files)"
+    )]
+    InventoryNamespaceMissing(String),
+    #[error(
+        "namespace {namespace} (the project's default_namespace, where its inventory is kept) could not be created: {reason}; nothing else was applied"
+    )]
+    InventoryNamespaceNotCreated { namespace: String, reason: String },
     #[error("writing inventory {namespace}/{name}: {source}")]
     WriteInventory {
         namespace: String,
@@ -684,7 +709,10 @@ impl Syncer {
         // 3. Apply in stages, after recording what the stages may create.
         let mut p = Progress::default();
         if !dry {
-            if let Some(intent) = self.record_intent(s, &previous, &manifests, &mut p).await? {
+            if let Some(intent) = self
+                .record_intent(s, &previous, &mut manifests, &disc, &mut p)
+                .await?
+            {
                 previous.stored = Some(intent);
             }
             p.watches = Some(Watches::new(self.client.clone(), p.seen.clone()));
@@ -995,11 +1023,15 @@ impl Syncer {
     /// or not ours is harmless: pruning deletes only objects that carry our owner mark, and
     /// the write after applying narrows the set again. An inventory too large for a
     /// ConfigMap fails here, before anything is applied.
+    ///
+    /// When the inventory's namespace does not exist yet and the commit creates it, that
+    /// Namespace is applied first ([`Syncer::create_inventory_namespace`]).
     async fn record_intent(
         &self,
         s: &Settings,
         previous: &PreviousInventory,
-        manifests: &[Manifest],
+        manifests: &mut [Manifest],
+        disc: &Apis,
         p: &mut Progress,
     ) -> Result<Option<BTreeSet<ObjRef>>, SyncError> {
         let Some(intent) = intent_set(previous, manifests) else {
@@ -1013,15 +1045,61 @@ impl Syncer {
                 source,
             });
         }
-        self.write_inventory(s, &previous.name, &intent)
-            .await
-            .map_err(|source| SyncError::WriteInventory {
-                namespace,
-                name,
-                source,
-            })?;
+        let written = match self.write_inventory(s, &name, &intent).await {
+            // 404: the namespace is missing (writing a ConfigMap creates it otherwise).
+            Err(e) if e.is_not_found() => {
+                self.create_inventory_namespace(s, &name, manifests, disc, p)
+                    .await?;
+                self.write_inventory(s, &name, &intent).await
+            }
+            other => other,
+        };
+        written.map_err(|source| SyncError::WriteInventory {
+            namespace,
+            name,
+            source,
+        })?;
         p.writes += 1;
         Ok(Some(intent))
+    }
+
+    /// Applies the commit's Namespace that the inventory is kept in, alone and before the
+    /// inventory is written: the Flux and Argo CD layout of a project creating its own
+    /// `default_namespace`. Crash-safe although applied before the intent is recorded: a sync
+    /// cut short right after it leaves only that Namespace unrecorded, and nothing else
+    /// applied; the next sync finds the Namespace in Git again, applies it (unchanged) and
+    /// records it. Without such a Namespace in the commit, the error says so.
+    async fn create_inventory_namespace(
+        &self,
+        s: &Settings,
+        inv_id: &str,
+        manifests: &mut [Manifest],
+        disc: &Apis,
+        p: &mut Progress,
+    ) -> Result<(), SyncError> {
+        let namespace = s.default_namespace.clone();
+        let Some(idx) = plan::creates_namespace(manifests, &namespace) else {
+            return Err(SyncError::InventoryNamespaceMissing(namespace));
+        };
+        let resolved = resolve_stage(s, manifests, &[idx], disc, p);
+        let outcomes = self
+            .apply_resolved(s, inv_id, manifests, resolved, None)
+            .await;
+        let failure = outcomes.iter().find_map(|(_, r)| r.as_ref().err());
+        if let Some(e) = failure.map(ToString::to_string) {
+            return Err(SyncError::InventoryNamespaceNotCreated {
+                namespace,
+                reason: e,
+            });
+        }
+        // Not resolved (no outcome): the cluster serves no Namespaces to us, said by the
+        // inventory write failing again.
+        p.record_applied(outcomes);
+        tracing::info!(
+            namespace,
+            "Applied the project's default namespace before writing its inventory there"
+        );
+        Ok(())
     }
 
     /// Prunes tier by tier (reverse dependency order); returns the objects that leave the

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use kas::api::ProjectRequest;
 use serde_json::Value;
 use support::gitops::{
-    Rig, RigArgs, admin_rbac, configmap, deployment, get_json, is_event, rig, rig_entry, rig_with,
+    Rig, RigArgs, admin_rbac, configmap, deployment, get_json, is_event, rig, rig_entry,
+    rig_entry_in, rig_with,
 };
 use support::{Agent, Kas, KasOptions, monitoring, wait_for};
 use tether_gitops_server::{ReportedOutcome, ReportedStatus};
@@ -1722,6 +1723,85 @@ async fn skipped_symlinks_are_reported_and_emptying_a_project_needs_allow_empty(
         "{pruned:?}"
     );
     assert!(!exists(), "pruned");
+}
+
+/// A rig whose project's `default_namespace` is `own-…`, a namespace that does not exist, with
+/// `files` as its first commit: (rig, that namespace, the commit).
+async fn own_namespace_rig(
+    files: impl Fn(&str) -> Vec<(&'static str, Vec<u8>)>,
+) -> (Rig, String, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let agent_ns = env.create_namespace("owner").unwrap();
+    let own = tether_testenv::unique_name("own");
+    let files = files(&own);
+    let initial: Vec<(&str, Option<&[u8]>)> = files
+        .iter()
+        .map(|(p, b)| (*p, Some(b.as_slice())))
+        .collect();
+    let args = RigArgs {
+        env,
+        rbac: &admin_rbac(&agent_ns),
+        agent_ns,
+        project_extra: "",
+        initial: &initial,
+        agent_args: &[],
+    };
+    let entry = "    paths:\n    - glob: '/manifests/*.yaml'\n";
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    let (rig, c1) = rig_entry_in(args, &own, entry, opts).await;
+    (rig, own, c1)
+}
+
+/// Flux's and Argo CD's layout: the project's `default_namespace` is a Namespace of its own
+/// files. The inventory is kept there, and used to be written before anything was applied, so
+/// every sync failed with `namespaces "…" not found`; the Namespace is applied first now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_creating_its_own_default_namespace_applies_on_the_first_sync() {
+    let (rig, own, c1) = own_namespace_rig(|own| {
+        vec![
+            (
+                "manifests/ns.yaml",
+                format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {own}\n").into_bytes(),
+            ),
+            ("manifests/cm.yaml", unnamespaced("inside")),
+        ]
+    })
+    .await;
+    let s = rig.synced(&c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    for (kind, name) in [("Namespace", own.as_str()), ("ConfigMap", "inside")] {
+        assert!(
+            s.objects
+                .iter()
+                .any(|o| o.kind == kind && o.name == name && o.status == ReportedStatus::Current),
+            "{kind} {name} Current: {s:?}"
+        );
+    }
+    let inventory = tether_gitops_agent::inventory::inventory_name(rig.agent_id, "group/manifests");
+    let cm = get_json(&rig.env, &["get", "configmap", &inventory, "-n", &own])
+        .expect("the inventory in the project's own namespace");
+    let listed = cm["data"].to_string();
+    assert!(listed.contains(&own) && listed.contains("inside"), "{cm}");
+}
+
+/// A `default_namespace` that does not exist and that the commit does not create: the sync
+/// fails before any write, saying so (not a bare 404 about writing the inventory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_default_namespace_the_commit_does_not_create_is_named() {
+    let (rig, own, c1) =
+        own_namespace_rig(|_| vec![("manifests/cm.yaml", unnamespaced("inside"))]).await;
+    let s = rig.synced(&c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Failed, "{s:?}");
+    assert!(
+        s.error.contains(&format!(
+            "namespace {own} (the project's default_namespace, where its inventory is kept) does not exist and this commit does not create it"
+        )),
+        "{s:?}"
+    );
 }
 
 /// A commit that fails before applying anything (a manifest that does not decode) still shows,

@@ -123,6 +123,18 @@ pub async fn rig_opts(args: RigArgs<'_>, opts: KasOptions) -> (Rig, String) {
 /// As [`rig_opts`], with the manifest project's entry after `id` and `default_namespace` given
 /// (lines indented by four spaces; `project_extra` follows it) instead of the seed's `paths`.
 pub async fn rig_entry(args: RigArgs<'_>, entry: &str, opts: KasOptions) -> (Rig, String) {
+    let default_namespace = args.agent_ns.clone();
+    rig_entry_in(args, &default_namespace, entry, opts).await
+}
+
+/// As [`rig_entry`], with the manifest project's `default_namespace` given rather than the
+/// agent's namespace (one that does not exist yet, say).
+pub async fn rig_entry_in(
+    args: RigArgs<'_>,
+    default_namespace: &str,
+    entry: &str,
+    opts: KasOptions,
+) -> (Rig, String) {
     let (env, agent_ns) = (args.env, args.agent_ns);
     env.apply_yaml(args.rbac).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -135,7 +147,7 @@ pub async fn rig_entry(args: RigArgs<'_>, entry: &str, opts: KasOptions) -> (Rig
             ".gitlab/agents/seed/config.yaml",
             Some(
                 format!(
-                    "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {agent_ns}\n{entry}{extra}",
+                    "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {default_namespace}\n{entry}{extra}",
                     extra = args.project_extra
                 )
                 .as_bytes(),
