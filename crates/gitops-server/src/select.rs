@@ -69,7 +69,8 @@ pub struct Selection {
     /// The selected files, sorted by path, each once.
     pub files: Vec<ManifestFile>,
     /// What the user should know although nothing failed: symlinks a glob matched (skipped),
-    /// or globs that matched nothing (so everything applied before is pruned).
+    /// or globs that matched nothing (agentk refuses the commit, or prunes everything the
+    /// project applied before when its entry sets `allow_empty`).
     pub warnings: Vec<String>,
 }
 
@@ -222,9 +223,7 @@ pub async fn manifests_at(
     let bytes = &rendered.bytes;
     let label = rendered.label(spec);
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        warnings.push(format!(
-            "{label} rendered nothing at this commit: every object this project applied before is pruned"
-        ));
+        warnings.push(selects_nothing(&format!("{label} rendered nothing")));
     }
     Ok(Selection {
         commit,
@@ -234,6 +233,15 @@ pub async fn manifests_at(
         }],
         warnings,
     })
+}
+
+/// The warning about a commit that selects no object, true whatever agentk then does: kas does
+/// not know the entry's `allow_empty`, and agentk refuses such a commit without it, so a
+/// warning that everything "is pruned" contradicted the refusal shown next to it.
+fn selects_nothing(what: &str) -> String {
+    format!(
+        "{what} at this commit: it selects no object, and agentk prunes every object this project applied before for it only if the entry sets allow_empty: true"
+    )
 }
 
 /// What a chart rendering differently at every rendering means for `spec`: refused
@@ -308,9 +316,7 @@ pub fn select_manifests<S: AsRef<str>>(
     } = matched;
     if files.is_empty() {
         let globs: Vec<&str> = compiled.iter().map(ManifestGlob::as_str).collect();
-        warnings.push(format!(
-            "no file matches {globs:?} at this commit: every object this project applied before is pruned"
-        ));
+        warnings.push(selects_nothing(&format!("no file matches {globs:?}")));
     }
     Ok(Selection {
         commit: *commit,

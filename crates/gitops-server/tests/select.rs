@@ -371,7 +371,7 @@ fn symlinks_are_skipped_with_a_warning_not_silently() {
 }
 
 #[test]
-fn globs_matching_nothing_warn_that_everything_is_pruned() {
+fn globs_matching_nothing_warn_that_allow_empty_would_prune_everything() {
     let (f, commit) = seed();
     let selection = f
         .select(&commit, &["/nothing-here/*.yaml"])
@@ -380,7 +380,8 @@ fn globs_matching_nothing_warn_that_everything_is_pruned() {
     assert_eq!(selection.warnings.len(), 1, "{:?}", selection.warnings);
     assert!(
         selection.warnings[0].contains("no file matches")
-            && selection.warnings[0].contains("pruned"),
+            && selection.warnings[0].contains("only if the entry sets allow_empty: true")
+            && !selection.warnings[0].contains("is pruned"),
         "{:?}",
         selection.warnings
     );
