@@ -151,18 +151,36 @@ pub fn other_commit_line(s: &SyncView, fetched: Option<&str>) -> Option<String> 
     ))
 }
 
-/// The progress line of one project's report.
+/// The commit a report's objects were applied at, when nothing was applied at its own (kas
+/// then shows the earlier commit's objects, with a warning naming it).
+fn objects_as_of(s: &SyncView) -> Option<&str> {
+    s.warnings.iter().find_map(|w| {
+        w.strip_prefix(tether_protocol::report::OBJECTS_AS_OF)
+            .map(str::trim)
+    })
+}
+
+/// The progress line of one project's report. Of a commit that applied nothing (refused,
+/// waiting), the objects are an earlier commit's: counting them as "applied" said the
+/// opposite of what happened.
 pub fn report_line(s: &SyncView, summary: &Summary) -> String {
-    let mut line = format!(
-        "{}: commit {} {}: {} applied, {} Current, {} not Current, {} pruned",
-        s.project_id,
-        short(&s.commit_id),
-        s.outcome,
-        summary.applied,
-        summary.current,
-        summary.not_current.len(),
-        summary.pruned
-    );
+    let (project, commit, outcome) = (&s.project_id, short(&s.commit_id), s.outcome);
+    let mut line = match objects_as_of(s) {
+        Some(earlier) => format!(
+            "{project}: commit {commit} {outcome}: nothing applied at this commit; {} object(s) from commit {} stay: {} Current, {} not Current",
+            summary.applied,
+            short(earlier),
+            summary.current,
+            summary.not_current.len()
+        ),
+        None => format!(
+            "{project}: commit {commit} {outcome}: {} applied, {} Current, {} not Current, {} pruned",
+            summary.applied,
+            summary.current,
+            summary.not_current.len(),
+            summary.pruned
+        ),
+    };
     if !summary.left_in_place.is_empty() {
         line.push_str(&format!(", {} left in place", summary.left_in_place.len()));
     }
@@ -558,6 +576,36 @@ mod tests {
         assert_eq!(
             report_line(&kept, &s),
             "group/manifests: commit 0123456789ab succeeded: 1 applied, 1 Current, 0 not Current, 0 pruned, 1 left in place"
+        );
+    }
+
+    /// A refused or waiting commit applied nothing: the objects kas shows are an earlier
+    /// commit's, and the line says so rather than "2 applied".
+    #[test]
+    fn a_commit_that_applied_nothing_is_not_said_to_have_applied_the_earlier_objects() {
+        let mut refused = report(
+            ReportedOutcome::Failed,
+            vec![
+                object("Deployment", "web", ReportedStatus::Current, ""),
+                object("Service", "web", ReportedStatus::Current, ""),
+            ],
+        );
+        refused.error = "refused".into();
+        refused.warnings.push(format!(
+            "{} fedcba9876543210",
+            tether_protocol::report::OBJECTS_AS_OF
+        ));
+        let line = report_line(&refused, &summarize(&refused));
+        assert_eq!(
+            line,
+            "group/manifests: commit 0123456789ab failed: nothing applied at this commit; 2 object(s) from commit fedcba987654 stay: 2 Current, 0 not Current; error: refused"
+        );
+        refused.outcome = ReportedOutcome::Waiting;
+        refused.error.clear();
+        let line = report_line(&refused, &summarize(&refused));
+        assert!(
+            line.contains("waiting: nothing applied at this commit") && !line.contains("applied,"),
+            "{line}"
         );
     }
 
