@@ -320,9 +320,15 @@ pub fn check_chart_dependencies(
 /// Longest renderer message kept (the rest is cut): enough for an error and its context.
 pub const MAX_MESSAGE: usize = 4096;
 
+/// Helm's advice after a chart renders invalid YAML: a flag of a command tether users do not
+/// run, so it is dropped.
+const HELM_DEBUG_HINT: &str = "Use --debug flag to render out invalid YAML";
+
 /// A renderer's stderr as the user reads it: paths relative to the repository (the checkout's
 /// temporary location means nothing to them), the inline values file named as the key it came
-/// from, Go's goroutine dumps dropped, and cut at [`MAX_MESSAGE`].
+/// from, Go's goroutine dumps and Helm's `--debug` hint dropped, on one line (`kas agent
+/// status` shows one line per project: lines are joined with "; "), and cut at
+/// [`MAX_MESSAGE`].
 pub fn renderer_message(stderr: &str, repo: &str, values_file: &str) -> String {
     let text = stderr
         .replace(values_file, "helm.values")
@@ -333,11 +339,12 @@ pub fn renderer_message(stderr: &str, repo: &str, values_file: &str) -> String {
         if line.starts_with("goroutine ") || line.starts_with("runtime stack:") {
             break;
         }
-        if !line.trim().is_empty() {
-            lines.push(line.trim_end());
+        let line = line.trim();
+        if !line.is_empty() && line != HELM_DEBUG_HINT {
+            lines.push(line);
         }
     }
-    let mut message = lines.join("\n");
+    let mut message = lines.join("; ");
     if message.len() > MAX_MESSAGE {
         let mut cut = MAX_MESSAGE;
         while !message.is_char_boundary(cut) {
@@ -358,7 +365,7 @@ pub fn with_restrictor_hint(message: String, files_fenced: bool) -> String {
         return message;
     }
     format!(
-        "{message}\n(kas runs Kustomize with LoadRestrictionsRootOnly because this kas's kernel has no Landlock to confine the renderer's files; with Landlock, files anywhere in the repository may be used)"
+        "{message} (kas runs Kustomize with LoadRestrictionsRootOnly because this kas's kernel has no Landlock to confine the renderer's files; with Landlock, files anywhere in the repository may be used)"
     )
 }
 
@@ -370,7 +377,7 @@ pub fn with_submodule_hint(message: String, submodules: &[String]) -> String {
         return message;
     }
     format!(
-        "{message}\n(the repository's submodules {} are empty where kas renders: kas does not fetch submodules; commit the files they hold into this repository, or make the submodule's repository a manifest project of its own)",
+        "{message} (the repository's submodules {} are empty where kas renders: kas does not fetch submodules; commit the files they hold into this repository, or make the submodule's repository a manifest project of its own)",
         submodules.join(", ")
     )
 }
@@ -637,12 +644,27 @@ mod tests {
         assert_eq!(with_restrictor_hint("other".into(), false), "other");
     }
 
+    /// Helm's own advice names a flag tether users cannot pass, and its line broke the one
+    /// line per project of `kas agent status`.
+    #[test]
+    fn helms_debug_hint_is_dropped_and_the_message_is_one_line() {
+        let stderr = "Error: YAML parse error on app/templates/cm.yaml: error converting YAML to JSON: yaml: line 4: did not find expected key\nUse --debug flag to render out invalid YAML\n";
+        let message = renderer_message(stderr, "/tmp/r1/repo", "/v");
+        assert_eq!(
+            message,
+            "Error: YAML parse error on app/templates/cm.yaml: error converting YAML to JSON: yaml: line 4: did not find expected key"
+        );
+        let refusal = "Error: x is not in or below y".to_owned();
+        let hinted = with_submodule_hint(with_restrictor_hint(refusal, false), &["sub".into()]);
+        assert!(!hinted.contains('\n'), "{hinted}");
+    }
+
     #[test]
     fn renderer_messages_name_repository_files() {
         let stderr = "Error: template: app/templates/cm.yaml:7:20: executing \"app/templates/cm.yaml\" at <.Values.x.y>: nil pointer\n\nError: trouble in /tmp/r1/repo/overlays/prod/patch.yaml and /tmp/r1/s/values.json\n";
         assert_eq!(
             renderer_message(stderr, "/tmp/r1/repo", "/tmp/r1/s/values.json"),
-            "Error: template: app/templates/cm.yaml:7:20: executing \"app/templates/cm.yaml\" at <.Values.x.y>: nil pointer\nError: trouble in overlays/prod/patch.yaml and helm.values"
+            "Error: template: app/templates/cm.yaml:7:20: executing \"app/templates/cm.yaml\" at <.Values.x.y>: nil pointer; Error: trouble in overlays/prod/patch.yaml and helm.values"
         );
         let dump = "fatal error: runtime: out of memory\n\nruntime stack:\nruntime.throw(...)\ngoroutine 1 [running]:\n";
         assert_eq!(
