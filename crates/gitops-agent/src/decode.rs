@@ -384,6 +384,11 @@ fn validate(obj: &Value) -> Result<(), String> {
         None | Some(Value::Null) => (field("metadata.name", None), None),
         Some(Value::Object(m)) => {
             let name = field("metadata.name", m.get("name"));
+            if name.is_none() && m.get("generateName").is_some_and(is_non_empty_string) {
+                // Named as the cause rather than "missing metadata.name".
+                missing.retain(|f| *f != "metadata.name");
+                problems.push(GENERATE_NAME.to_owned());
+            }
             let namespace = match m.get("namespace") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) => Some(s.clone()),
@@ -494,6 +499,16 @@ fn string_data_into_data(obj: &mut Value) {
         let encoded = base64::engine::general_purpose::STANDARD.encode(text);
         data.insert(key, Value::String(encoded));
     }
+}
+
+/// Why an object named by `metadata.generateName` (Argo CD's hook and sync-wave examples) is
+/// refused: the API server picks a new name at every create, so every sync would create
+/// another object and none could be found again to update or prune.
+const GENERATE_NAME: &str = "metadata.generateName is not supported: a GitOps object needs a \
+     fixed metadata.name (every sync would create another)";
+
+fn is_non_empty_string(v: &Value) -> bool {
+    v.as_str().is_some_and(|s| !s.is_empty())
 }
 
 /// Why a SOPS-encrypted object is refused. Applied as it is, the API server answered with
@@ -1072,6 +1087,21 @@ mod tests {
             "apiVersion: music.example.com/v1\nkind: PlayList\nmetadata: {name: a}\nspec: {}\n",
         );
         assert_eq!(m[0].kind(), "PlayList");
+    }
+
+    /// Argo CD's helm-hooks and sync-waves examples name their Jobs by `generateName`: the
+    /// error names that as the cause, not a missing `metadata.name`.
+    #[test]
+    fn an_object_named_by_generate_name_is_refused_naming_it() {
+        let text =
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  generateName: upgrade-sql-schema\n";
+        assert_eq!(
+            err("hook.yaml", text).to_string(),
+            "hook.yaml: document 1 (line 1): metadata.generateName is not supported: a GitOps object needs a fixed metadata.name (every sync would create another)"
+        );
+        let both =
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fixed\n  generateName: x-\n";
+        assert!(decode_file("both.yaml", both.as_bytes()).is_ok());
     }
 
     #[test]
