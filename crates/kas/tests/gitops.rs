@@ -988,49 +988,6 @@ async fn a_resync_writes_only_what_changed() {
     );
 }
 
-/// An object that fails at every sync (a ServiceMonitor whose CRD is not installed) no longer
-/// makes every retry write the inventory twice (added before applying, dropped after).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retrying_an_object_that_keeps_failing_writes_nothing() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let env = TestEnv::from_env().expect("a running control plane");
-    let ns = env.create_namespace("failing").unwrap();
-    let monitor = format!(
-        "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata:\n  name: web\n  namespace: {ns}\nspec: {{}}\n"
-    );
-    let (rig, c1) = rig(
-        env,
-        ns.clone(),
-        &admin_rbac(&ns),
-        "",
-        &[
-            ("manifests/cm.yaml", Some(&configmap("fine", &ns, "1"))),
-            ("manifests/monitor.yaml", Some(monitor.as_bytes())),
-        ],
-        &[],
-    )
-    .await;
-    let failures = wait_for("three failed syncs", Duration::from_secs(120), || async {
-        let w: Vec<u64> = rig
-            .agent
-            .log_lines()
-            .iter()
-            .filter(|l| l["msg"] == "Synchronization failed" && l["commit_id"] == c1.as_str())
-            .filter_map(|l| l["writes"].as_u64())
-            .collect();
-        (w.len() >= 3).then_some(w)
-    })
-    .await;
-    assert_eq!(
-        failures[0], 2,
-        "the ConfigMap and the inventory: {failures:?}"
-    );
-    assert!(
-        failures[1..].iter().all(|&w| w == 0),
-        "retries wrote: {failures:?}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resync_across_list_pages_writes_nothing() {
     // More ConfigMaps than one LIST page (500): the re-sync must see every page to find them
