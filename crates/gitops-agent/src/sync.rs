@@ -953,7 +953,8 @@ impl Syncer {
         p: &mut Progress,
     ) -> Result<(), SyncError> {
         let desired: BTreeSet<ObjRef> = manifests.iter().map(Manifest::obj_ref).collect();
-        let inventory_now = recorded_after_apply(&p.applied, previous, &desired);
+        let mut inventory_now: BTreeSet<ObjRef> = p.applied.clone();
+        inventory_now.extend(previous.objects.intersection(&desired).cloned());
         let prune_tiers = if s.prune {
             prune::to_prune_in_tiers(&previous.objects, &desired, &crd_kinds(manifests))
         } else {
@@ -1019,8 +1020,8 @@ impl Syncer {
     /// short — a newer commit cancelling it, agentk stopped, killed or losing its lease —
     /// has created objects its final inventory write never recorded; without this, a later
     /// commit that drops them would never prune them. Listing objects that end up not created
-    /// or not ours is harmless: pruning deletes only objects that carry our owner mark (they
-    /// stay listed while the commit has them, [`recorded_after_apply`]). An inventory too large for a
+    /// or not ours is harmless: pruning deletes only objects that carry our owner mark, and
+    /// the write after applying narrows the set again. An inventory too large for a
     /// ConfigMap fails here, before anything is applied.
     ///
     /// When the inventory's namespace does not exist yet and the commit creates it, that
@@ -1802,22 +1803,6 @@ fn intent_set(previous: &PreviousInventory, manifests: &[Manifest]) -> Option<BT
     Some(intent)
 }
 
-/// What the inventory keeps after applying, pruning aside: what was applied, and what it holds
-/// (from before, or added before applying) that the commit still has. An object that failed
-/// stays listed: dropping it made every retry write it back before applying and drop it again
-/// after (two writes per sync, for ever, of a ServiceMonitor whose CRD is missing). Listing
-/// it is harmless: pruning deletes only objects that carry our owner mark.
-fn recorded_after_apply(
-    applied: &BTreeSet<ObjRef>,
-    previous: &PreviousInventory,
-    desired: &BTreeSet<ObjRef>,
-) -> BTreeSet<ObjRef> {
-    let held = previous.stored().unwrap_or(&previous.objects);
-    let mut recorded = applied.clone();
-    recorded.extend(held.intersection(desired).cloned());
-    recorded
-}
-
 /// The inventory as the previous sync left it.
 pub(crate) struct PreviousInventory {
     /// The inventory ConfigMap's name, which is also the owner mark of our objects.
@@ -2237,28 +2222,6 @@ mod tests {
             intent_set(&previous(true, &["a", "b"]), &configmaps(&["a"])),
             None,
             "nothing new: no write before applying (a re-sync writes nothing)"
-        );
-    }
-
-    /// `b` fails at every sync (a ServiceMonitor whose CRD is missing): the first sync writes
-    /// the inventory once, before applying, and no retry writes it at all.
-    #[test]
-    fn an_object_that_keeps_failing_stays_in_the_inventory_so_retries_write_nothing() {
-        let desired: BTreeSet<ObjRef> = [obj("a"), obj("b")].into();
-        let applied: BTreeSet<ObjRef> = [obj("a")].into();
-        let mut first = previous(true, &["a"]);
-        first.stored = intent_set(&first, &configmaps(&["a", "b"]));
-        let after = recorded_after_apply(&applied, &first, &desired);
-        assert_eq!(first.stored(), Some(&after), "no write after applying");
-        let retry = previous(true, &["a", "b"]);
-        assert_eq!(intent_set(&retry, &configmaps(&["a", "b"])), None);
-        let after = recorded_after_apply(&applied, &retry, &desired);
-        assert_eq!(retry.stored(), Some(&after), "a retry writes nothing");
-        let dropped: BTreeSet<ObjRef> = [obj("a")].into();
-        assert_eq!(
-            recorded_after_apply(&applied, &retry, &dropped),
-            dropped,
-            "what left Git is no longer kept"
         );
     }
 
