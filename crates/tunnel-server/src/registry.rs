@@ -64,9 +64,11 @@ pub enum OpenError {
 }
 
 /// How many times a request the agent did not take is sent again on another stream: each
-/// time is an agent closing a stream at the moment kas chose it, so more than a few in a row
-/// means something else is wrong.
-pub const MAX_RESENDS: u32 = 3;
+/// time is an agent closing a stream at the moment kas chose it. A stopping agentk closes all
+/// its idle streams at once, and kas may choose several of them in a row before it hears of
+/// the others (3 gave a 502 now and then while one of two agentk replicas stopped under load);
+/// more than this means something else is wrong. `tunnel_wait_timeout` bounds them all.
+pub const MAX_RESENDS: u32 = 10;
 
 /// One agentk connection as kas sees it (a pod, over one transport connection).
 #[derive(Debug, Clone)]
