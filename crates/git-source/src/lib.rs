@@ -22,6 +22,7 @@
 //! `ssh-keygen` (SSH signatures) or `gpg` and `gpgconf` (OpenPGP). [`Sources`] warns when a
 //! project it is given needs one of them and `PATH` lacks it ([`needed_tools`]).
 
+mod activity;
 mod daemon;
 mod error;
 mod interrupt;
@@ -35,6 +36,7 @@ mod tools;
 mod verify;
 pub mod webhook;
 
+pub use activity::{CAP_FACTOR, GaveUp};
 pub use error::{Error, FetchError};
 pub use interrupt::FetchInterrupt;
 pub use maintenance::{MaintenanceError, MaintenanceStatus, RepackReport};

@@ -14,6 +14,7 @@ use gix::protocol::transport::client::blocking_io::Transport;
 use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
 use gix::remote::Direction;
 
+use crate::activity::{Activity, CAP_FACTOR, GaveUp, Stall};
 use crate::error::{BoxError, Error, FetchError, classify_fetch_error};
 use crate::interrupt::{FetchInterrupt, InterruptOnDrop};
 use crate::maintenance::{self, MaintenanceStatus, RepackReport};
@@ -153,6 +154,8 @@ struct Inner {
     /// must not see a half-written pack; queue them.
     fetch_lock: Mutex<()>,
     state: Mutex<State>,
+    /// What the running fetch has done so far: its deadline is one of inactivity.
+    activity: Activity,
 }
 
 /// What maintenance knows about the object directory.
@@ -239,6 +242,7 @@ impl Mirror {
                 remote,
                 repo: RwLock::new(repo),
                 fetch_lock: Mutex::new(()),
+                activity: Activity::default(),
                 state: Mutex::new(State {
                     status: MaintenanceStatus {
                         packs,
@@ -537,13 +541,17 @@ impl Mirror {
             extra_refspecs: vec![head_spec],
             ..Default::default()
         };
+        let mut progress = self.inner.activity.start();
         let outcome = connection
-            .prepare_fetch(gix::progress::Discard, options)
+            .prepare_fetch(
+                gix::NestedProgress::add_child(&mut progress, "refs"),
+                options,
+            )
             .map_err(classify)?
             .with_reflog_message(gix::remote::fetch::RefLogMessage::Prefixed {
                 action: "tether mirror fetch".into(),
             })
-            .receive(gix::progress::Discard, interrupt.flag())
+            .receive(progress, interrupt.flag())
             .map_err(|e| {
                 // What an interrupted fetch's transport says (a closed connection) is only a
                 // consequence of the interrupt.
@@ -601,32 +609,66 @@ impl Mirror {
     }
 
     /// The fetch of [`Mirror::fetch_async`] without its maintenance (see
-    /// [`Mirror::maintain_async`]), interrupted when it has not ended within `timeout` (time
-    /// spent waiting for a running fetch of this mirror counts). The interrupted fetch
-    /// releases the mirror's fetch lock soon after, so the next fetch is not stuck behind it.
+    /// [`Mirror::maintain_async`]), interrupted when nothing was received or indexed for
+    /// `timeout`, or once it has run [`CAP_FACTOR`](crate::activity::CAP_FACTOR) times
+    /// `timeout` (time spent queued behind a running fetch of this mirror counts, and that
+    /// fetch's progress counts as this one's). The interrupted fetch releases the mirror's
+    /// fetch lock soon after, so the next fetch is not stuck behind it.
     pub async fn fetch_async_within(&self, timeout: Duration) -> Result<FetchOutcome, Error> {
         let mirror = self.clone();
         let interrupt = FetchInterrupt::new();
-        // Dropped on the deadline: interrupts the fetch.
+        // Dropped when given up: interrupts the fetch.
         let _stop_when_dropped = InterruptOnDrop(interrupt.clone());
-        let fetch = async move {
-            tokio::task::spawn_blocking(move || {
-                let _guard = mirror.lock_fetches();
-                let result = mirror.fetch_only(&interrupt);
-                mirror.reopen_if_packs_changed(false);
-                result
-            })
-            .await
-            .map_err(|e| Error::Task(e.to_string()))?
+        let fetch = tokio::task::spawn_blocking(move || {
+            let _guard = mirror.lock_fetches();
+            let result = mirror.fetch_only(&interrupt);
+            mirror.reopen_if_packs_changed(false);
+            result
+        });
+        let cap = timeout.saturating_mul(CAP_FACTOR);
+        let gave_up = match self.while_progressing(timeout, cap, fetch).await {
+            Ok(joined) => return joined.map_err(|e| Error::Task(e.to_string()))?,
+            Err(gave_up) => gave_up,
         };
-        tokio::time::timeout(timeout, fetch)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::from(FetchError::Other {
-                    remote: self.inner.remote.to_string(),
-                    detail: format!("no answer within {timeout:?}"),
-                }))
-            })
+        let detail = match gave_up {
+            GaveUp::Silent(idle) => {
+                format!("no answer within {idle:?} (nothing received or indexed for that long)")
+            }
+            GaveUp::TooLong(cap) => format!(
+                "still running after {cap:?} ({CAP_FACTOR} times git.fetch_timeout), though progressing"
+            ),
+        };
+        Err(Error::from(FetchError::Other {
+            remote: self.inner.remote.to_string(),
+            detail,
+        }))
+    }
+
+    /// Runs `work` to its end, unless this mirror's fetches report no progress for `idle`
+    /// (nothing received or indexed) or `cap` passes first. What a fetch deadline is made
+    /// of, and what a caller waiting for a fetch it asked for can use, so that it does not give
+    /// up on a fetch that is slow but moving.
+    pub async fn while_progressing<F: std::future::Future>(
+        &self,
+        idle: Duration,
+        cap: Duration,
+        work: F,
+    ) -> Result<F::Output, GaveUp> {
+        let activity = &self.inner.activity;
+        let mut stall = Stall::new(idle, cap, Instant::now(), activity.fingerprint());
+        let mut check = tokio::time::interval(stall.check_every());
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                _ = check.tick() => {
+                    if let Some(gave_up) = stall.observe(Instant::now(), activity.fingerprint()) {
+                        return Err(gave_up);
+                    }
+                }
+            }
+        }
     }
 
     /// The remote's default branch as seen at the last fetch (its `HEAD` symref). Falls back to

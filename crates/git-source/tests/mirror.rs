@@ -1475,3 +1475,111 @@ async fn sources_remove_deletes_the_mirror() {
     assert!(sources.mirror(1).is_none());
     sources.shutdown();
 }
+
+/// Forwards connections to the daemon, passing the first `free` bytes of each answer at once
+/// and the rest in `chunk`-byte pieces `every` apart: a slow link, not a silent one.
+fn throttled(daemon_port: u16, free: usize, chunk: usize, every: Duration) -> u16 {
+    use std::io::{Read, Write};
+    let (listener, addr) = listener();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(client) = stream else { continue };
+            let Ok(upstream) = TcpStream::connect(("127.0.0.1", daemon_port)) else {
+                continue;
+            };
+            let (mut up_read, mut to_client) = (
+                upstream.try_clone().expect("clone"),
+                client.try_clone().expect("clone"),
+            );
+            let (mut from_client, mut to_up) = (client, upstream);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_client, &mut to_up);
+                let _ = to_up.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let (mut sent, mut buf) = (0, vec![0u8; chunk]);
+                loop {
+                    let n = match up_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if to_client.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n;
+                    if sent > free {
+                        // The pace of the link, not a wait for something to happen.
+                        std::thread::sleep(every);
+                    }
+                }
+                let _ = to_client.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr.port()
+}
+
+/// `len` bytes that do not compress, so the pack is as large as the file.
+fn incompressible(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// `git.fetch_timeout` is a deadline of inactivity: a fetch that keeps receiving over a slow
+/// link succeeds although it takes several times the timeout (it used to fail "no answer
+/// within" at the timeout, and a large repository never finished its first fetch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_keeps_receiving_is_not_cut_at_the_timeout() {
+    let f = Fixture::new("main");
+    let big = incompressible(400 * 1024);
+    let commit = f.commit(&[("big.bin", &big)], &[], "big");
+    let daemon = GitDaemon::start(&f.repos());
+    // 400 KiB at 4 KiB per 20 ms: about 2 s, four times the timeout.
+    let port = throttled(daemon.port, 8 * 1024, 4 * 1024, Duration::from_millis(20));
+    let remote = Remote::parse(&format!("git://127.0.0.1:{port}/project")).expect("remote");
+    let mirror = Mirror::open_or_init(f.cache("slow"), remote).expect("mirror");
+    let timeout = Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    mirror
+        .fetch_async_within(timeout)
+        .await
+        .expect("a fetch that keeps receiving succeeds");
+    let took = started.elapsed();
+    assert!(
+        took > timeout * 2,
+        "the link was meant to be slower than the timeout: {took:?}"
+    );
+    assert_eq!(
+        mirror.resolve(&GitRef::DefaultBranch).expect("resolve"),
+        commit
+    );
+}
+
+/// The inactivity deadline has a cap: a server that trickles data forever does not hold the
+/// project's fetches for good; it ends at 15 times the timeout, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_trickles_forever_ends_at_the_cap() {
+    let f = Fixture::new("main");
+    f.commit(&[("big.bin", &incompressible(4 * 1024 * 1024))], &[], "big");
+    let daemon = GitDaemon::start(&f.repos());
+    // 4 MiB at 4 KiB per 10 ms would take 10 s; the cap is 15 × 300 ms. (gix counts a
+    // side-band packet, up to 64 KiB, once it is whole: 160 ms apart here.)
+    let port = throttled(daemon.port, 8 * 1024, 4 * 1024, Duration::from_millis(10));
+    let remote = Remote::parse(&format!("git://127.0.0.1:{port}/project")).expect("remote");
+    let mirror = Mirror::open_or_init(f.cache("trickle"), remote).expect("mirror");
+    let err = mirror
+        .fetch_async_within(Duration::from_millis(300))
+        .await
+        .expect_err("the cap ends the fetch");
+    assert!(
+        err.to_string().contains("still running after 4.5s"),
+        "{err}"
+    );
+}

@@ -18,11 +18,11 @@ use tether_store::{Project, Suspension, SuspensionScope};
 
 use crate::api::{ApiError, ApiState, rfc3339};
 use crate::cluster::ClusterEvent;
+use tether_git_source::GaveUp;
 use tether_gitops_server::ResyncId;
 
-/// How long a reconcile waits past twice `git.fetch_timeout` for the fetch it asked for: a
-/// fetch already running must end first (within the timeout), then the asked one runs (within
-/// it too); the margin covers reporting it.
+/// How long a reconcile waits past a fetch's own deadline for the fetch it asked for: the
+/// margin covers publishing its result.
 const FETCH_WAIT_MARGIN: Duration = Duration::from_secs(5);
 
 /// Longest reason kept (a sentence or a ticket link, not a document).
@@ -234,24 +234,33 @@ async fn agent_config(
 /// why, for each project whose fetch did not end in time: its head is then the one from
 /// before, and saying nothing would pass the old commit off as fetched.
 async fn fetch_now(st: &ApiState, ids: &[i64]) -> HashMap<i64, String> {
-    let wait = st.sources.fetch_timeout() * 2 + FETCH_WAIT_MARGIN;
+    // A fetch already running must end first, then the asked one runs: each ends once it has
+    // made no progress for `git.fetch_timeout`, or at its cap. The wait follows the mirror's
+    // progress the same way, so a slow but moving fetch is waited for, not reported failed.
+    let timeout = st.sources.fetch_timeout();
+    let idle = timeout + FETCH_WAIT_MARGIN;
+    let cap = timeout.saturating_mul(tether_git_source::CAP_FACTOR) * 2 + FETCH_WAIT_MARGIN;
     let waits = ids.iter().map(|&id| {
-        let mirrored = st.sources.mirror(id).is_some();
+        let mirror = st.sources.mirror(id);
         let mut heads = st.sources.watch(id);
         // A fetch that started before this request may have read the remote before the push
         // being reconciled: only one that starts after it answers.
         let asked = st.sources.request_fetch(id);
         async move {
-            let Some(asked) = asked.filter(|_| mirrored) else {
+            let (Some(asked), Some(mirror)) = (asked, mirror) else {
                 return Some((id, "the project has no repository to fetch".to_owned()));
             };
             let done = heads.wait_for(|h| h.served >= asked);
-            match tokio::time::timeout(wait, done).await {
+            match mirror.while_progressing(idle, cap, done).await {
                 Ok(Ok(_)) => None,
                 Ok(Err(_)) => Some((id, "its mirror was removed while fetching".to_owned())),
-                Err(_) => Some((
+                Err(GaveUp::Silent(idle)) => Some((
                     id,
-                    format!("the fetch did not finish within {}s", wait.as_secs()),
+                    format!("the fetch made no progress for {}s", idle.as_secs()),
+                )),
+                Err(GaveUp::TooLong(cap)) => Some((
+                    id,
+                    format!("the fetch did not finish within {}s", cap.as_secs()),
                 )),
             }
         }
