@@ -397,7 +397,7 @@ impl GitOpsService {
                 if refusal.definitive {
                     let (notifier, hex) = (&self.deps.notifier, commit.to_hex());
                     notifier
-                        .commit_refused(agent_id, &project.path, &hex, &refusal.reason)
+                        .commit_refused(agent_id, at.entry(), &hex, &refusal.reason)
                         .await;
                 }
                 let message = format!("{refusal}; the last verified commit stays applied");
@@ -412,7 +412,7 @@ impl GitOpsService {
                     let notifier = &self.deps.notifier;
                     let replaces = Some(offered.last.as_str());
                     notifier
-                        .commit_offered(agent_id, &project.path, &hex, replaces)
+                        .commit_offered(agent_id, at.entry(), &hex, replaces)
                         .await;
                 }
                 // Resolved before the rendering: a version published meanwhile is sent at
@@ -673,6 +673,13 @@ struct Offer<'a> {
     mirror: &'a tether_git_source::Mirror,
     source: &'a ManifestSource,
     tx: &'a Tx,
+}
+
+impl Offer<'_> {
+    /// The entry this stream serves, as forge statuses tell entries apart.
+    fn entry(&self) -> tether_notifications::Entry<'_> {
+        tether_notifications::Entry::of(&self.project.path, self.project_key)
+    }
 }
 
 /// Where a stream sends: one agent's stream of one project at one ref.

@@ -147,8 +147,28 @@ pub struct CommitStatus {
     pub agent: AgentInfo,
     /// The manifest project's repository path on the forge.
     pub project: String,
+    /// The entry's `name` when the agent lists the project more than once: each entry gets a
+    /// status (context) of its own, or the last entry to report would hide another's failure.
+    /// Absent in messages queued before entries had names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<String>,
     pub commit: String,
     pub description: String,
+}
+
+impl CommitStatus {
+    /// The status's context on the forge: `tether/<agent>`, and `#<entry>` for a named entry.
+    pub fn context(&self) -> String {
+        match &self.entry {
+            Some(name) => format!("tether/{}#{name}", self.agent.display_name()),
+            None => format!("tether/{}", self.agent.display_name()),
+        }
+    }
+}
+
+/// The name of the entry a report's key (`project` or `project#name`) is of.
+pub fn entry_name(key: &str) -> Option<&str> {
+    key.split_once('#').map(|(_, name)| name)
 }
 
 /// Any message, as kept in the outbox.
@@ -211,10 +231,15 @@ fn status_key(status: &CommitStatus, state: State) -> String {
     format!("{}:{state:?}", status_order_key(status))
 }
 
-/// `status:<agent id>:<project>:<commit>`: one forge status (commit and context). The
-/// deduplication key adds the state; migration 0013 derives this from it for queued messages.
+/// `status:<agent id>:<project>:<commit>` (`<project>#<entry>` for a named entry): one forge
+/// status (commit and context). The deduplication key adds the state; migration 0013 derives
+/// this from it for queued messages.
 fn status_order_key(s: &CommitStatus) -> String {
-    format!("status:{}:{}:{}", s.agent.id, s.project, s.commit)
+    let project = match &s.entry {
+        Some(name) => format!("{}#{name}", s.project),
+        None => s.project.clone(),
+    };
+    format!("status:{}:{project}:{}", s.agent.id, s.commit)
 }
 
 /// What a new sync report changes, compared with the agent's previous report of the project.
@@ -400,6 +425,7 @@ mod tests {
                 state,
                 agent: agent.clone(),
                 project: "g/m".into(),
+                entry: None,
                 commit: "c1".into(),
                 description: String::new(),
             })
@@ -441,6 +467,7 @@ mod tests {
                     project: "g/c".into(),
                 },
                 project: "g/m".into(),
+                entry: None,
                 commit: commit.into(),
                 description: String::new(),
             })

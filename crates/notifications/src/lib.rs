@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 pub use config::{ConfigError, NotificationsConfig, ReceiverConfig};
 pub use dispatch::Dispatcher;
-pub use notifier::Notifier;
+pub use notifier::{Entry, Notifier};
 
 use crate::notifier::Shared;
 use crate::render::Receiver;

@@ -25,6 +25,51 @@ pub(crate) struct Shared {
     pub(crate) lost: prometheus_client::metrics::counter::Counter,
 }
 
+/// Which entry of an agent's configuration a forge status is about: the manifest project's
+/// path on the forge, and the entry's `name` when the project is listed more than once (each
+/// named entry has a status of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub project: &'a str,
+    pub name: Option<&'a str>,
+}
+
+impl<'a> Entry<'a> {
+    /// The entry of a stream: the project's path and the entry key the agent uses
+    /// (`project` or `project#name`).
+    pub fn of(project: &'a str, key: &'a str) -> Self {
+        Entry {
+            project,
+            name: crate::event::entry_name(key),
+        }
+    }
+
+    /// Where the last commit sent is recorded: the path, `#name` for a named entry.
+    fn key(&self) -> String {
+        match self.name {
+            Some(name) => format!("{}#{name}", self.project),
+            None => self.project.to_owned(),
+        }
+    }
+
+    fn status(
+        &self,
+        agent: AgentInfo,
+        commit: &str,
+        state: State,
+        description: String,
+    ) -> CommitStatus {
+        CommitStatus {
+            state,
+            agent,
+            project: self.project.to_owned(),
+            entry: self.name.map(str::to_owned),
+            commit: commit.to_owned(),
+            description,
+        }
+    }
+}
+
 /// Cheap to clone; does nothing when no receiver is configured.
 #[derive(Clone, Default)]
 pub struct Notifier {
@@ -219,6 +264,7 @@ impl Notifier {
                 state,
                 agent,
                 project,
+                entry: crate::event::entry_name(&report.project_id).map(str::to_owned),
                 commit: report.commit_id.clone(),
                 description,
             });
@@ -230,18 +276,17 @@ impl Notifier {
     async fn status(
         &self,
         agent: AgentInfo,
-        project: String,
+        at: Entry<'_>,
         commit: &str,
         state: State,
         description: String,
     ) {
-        self.send(Message::Status(CommitStatus {
-            state,
+        self.send(Message::Status(at.status(
             agent,
-            project,
-            commit: commit.to_owned(),
+            commit,
+            state,
             description,
-        }))
+        )))
         .await;
     }
 
@@ -252,18 +297,12 @@ impl Notifier {
     async fn status_unless_reported(
         &self,
         agent: AgentInfo,
-        project: String,
+        at: Entry<'_>,
         commit: &str,
         state: State,
         description: String,
     ) {
-        let status = CommitStatus {
-            state,
-            agent,
-            project,
-            commit: commit.to_owned(),
-            description,
-        };
+        let status = at.status(agent, commit, state, description);
         let outcomes = crate::event::outcome_keys(&status);
         let unless: Vec<&str> = outcomes.iter().map(String::as_str).collect();
         self.send_unless(Message::Status(status), &unless).await;
@@ -280,7 +319,7 @@ impl Notifier {
     pub async fn commit_offered(
         &self,
         agent_id: i64,
-        project: &str,
+        at: Entry<'_>,
         commit: &str,
         replaces: Option<&str>,
     ) {
@@ -290,46 +329,36 @@ impl Notifier {
         let Some(agent) = self.agent(&s, agent_id, "commit sent").await else {
             return;
         };
-        let recorded = match s
-            .store
-            .record_offered_commit(agent_id, project, commit)
-            .await
-        {
+        let key = at.key();
+        let recorded = match s.store.record_offered_commit(agent_id, &key, commit).await {
             Ok(before) => before,
             Err(e) => {
-                tracing::warn!(agent_id, project, commit_id = commit, error = %e, "Cannot record the commit sent to the agent; a commit it replaces may stay pending on forges");
+                tracing::warn!(agent_id, project = %key, commit_id = commit, error = %e, "Cannot record the commit sent to the agent; a commit it replaces may stay pending on forges");
                 None
             }
         };
         let older = recorded.as_deref().or(replaces);
         if let Some(older) = older.filter(|c| !c.is_empty() && *c != commit)
-            && !self.reported(&s, agent_id, project, older).await
+            && !self.reported(&s, agent_id, at, older).await
         {
             let description = crate::event::superseded_by(commit);
-            let (a, p) = (agent.clone(), project.to_owned());
-            self.status_unless_reported(a, p, older, State::Superseded, description)
+            self.status_unless_reported(agent.clone(), at, older, State::Superseded, description)
                 .await;
         }
-        if self.reported(&s, agent_id, project, commit).await {
+        if self.reported(&s, agent_id, at, commit).await {
             return;
         }
         let description = "sent to the agent; applying".to_owned();
-        self.status_unless_reported(
-            agent,
-            project.to_owned(),
-            commit,
-            State::Pending,
-            description,
-        )
-        .await;
+        self.status_unless_reported(agent, at, commit, State::Pending, description)
+            .await;
     }
 
-    /// Whether the agent's last report of `project` is about `commit`. Its outcome went to the
-    /// forges then; offered again (a stream reopened) once the outbox has deleted the first
-    /// `pending`, a second one would stay on the commit for good, since a report of the same
-    /// commit and outcome is no news. Unreadable reports count as none: within the retention
-    /// the outbox's key still keeps that `pending` out.
-    async fn reported(&self, s: &Shared, agent_id: i64, project: &str, commit: &str) -> bool {
+    /// Whether the agent's last report of the entry `at` is about `commit`. Its outcome went
+    /// to the forges then; offered again (a stream reopened) once the outbox has deleted the
+    /// first `pending`, a second one would stay on the commit for good, since a report of the
+    /// same commit and outcome is no news. Unreadable reports count as none: within the
+    /// retention the outbox's key still keeps that `pending` out.
+    async fn reported(&self, s: &Shared, agent_id: i64, at: Entry<'_>, commit: &str) -> bool {
         let Ok(reports) = s.store.sync_reports(agent_id).await else {
             return false;
         };
@@ -337,8 +366,11 @@ impl Notifier {
             let Ok(report) = SyncReport::decode(bytes.as_slice()) else {
                 continue;
             };
+            if report.commit_id != commit || crate::event::entry_name(&key) != at.name {
+                continue;
+            }
             let path = Self::project_path(s, &key).await.unwrap_or(key);
-            if report.commit_id == commit && path == project {
+            if path == at.project {
                 return true;
             }
         }
@@ -346,12 +378,12 @@ impl Notifier {
     }
 
     /// kas refused a manifest commit (its signature): nothing is applied.
-    pub async fn commit_refused(&self, agent_id: i64, project: &str, commit: &str, reason: &str) {
+    pub async fn commit_refused(&self, agent_id: i64, at: Entry<'_>, commit: &str, reason: &str) {
         let Some(s) = self.shared.clone() else { return };
         self.send(Message::Transition(Transition {
             kind: TransitionKind::CommitRefused,
             agent: None,
-            project: project.to_owned(),
+            project: at.project.to_owned(),
             commit: commit.to_owned(),
             message: reason.to_owned(),
             summary: Summary::default(),
@@ -363,14 +395,8 @@ impl Notifier {
             && let Some(agent) = self.agent(&s, agent_id, "commit refused").await
         {
             let description = format!("refused: {reason}");
-            self.status(
-                agent,
-                project.to_owned(),
-                commit,
-                State::Failed,
-                description,
-            )
-            .await;
+            self.status(agent, at, commit, State::Failed, description)
+                .await;
         }
     }
 
@@ -482,15 +508,15 @@ mod tests {
         let project = "group/manifests";
 
         notifier
-            .commit_offered(agent.id, project, "c1", Some(""))
+            .commit_offered(agent.id, Entry::of(project, project), "c1", Some(""))
             .await;
         // The next stream's agentk has nothing in force.
         notifier
-            .commit_offered(agent.id, project, "c2", Some(""))
+            .commit_offered(agent.id, Entry::of(project, project), "c2", Some(""))
             .await;
         report(&store, agent.id, project, "c2").await;
         notifier
-            .commit_offered(agent.id, project, "c3", Some(""))
+            .commit_offered(agent.id, Entry::of(project, project), "c3", Some(""))
             .await;
 
         let keys: Vec<String> = queued(dir.path())
@@ -517,18 +543,18 @@ mod tests {
         let project = "group/manifests";
 
         notifier
-            .commit_offered(agent.id, project, "c1", Some(""))
+            .commit_offered(agent.id, Entry::of(project, project), "c1", Some(""))
             .await;
         notifier
-            .commit_offered(agent.id, project, "c2", Some("c1"))
+            .commit_offered(agent.id, Entry::of(project, project), "c2", Some("c1"))
             .await;
         // Offered again on a reopened stream: nothing new.
         notifier
-            .commit_offered(agent.id, project, "c2", Some("c1"))
+            .commit_offered(agent.id, Entry::of(project, project), "c2", Some("c1"))
             .await;
         report(&store, agent.id, project, "c2").await;
         notifier
-            .commit_offered(agent.id, project, "c3", Some("c2"))
+            .commit_offered(agent.id, Entry::of(project, project), "c3", Some("c2"))
             .await;
 
         let queued = queued(dir.path()).await;
@@ -557,7 +583,7 @@ mod tests {
         let (_dir, store, agent, notifier) = forge_setup().await;
         let project = "group/manifests";
         notifier
-            .commit_offered(agent.id, project, "c1", Some(""))
+            .commit_offered(agent.id, Entry::of(project, project), "c1", Some(""))
             .await;
         let report = succeeded(project, "c1");
         let outcome = notifier.sync_messages(agent.id, None, &report).await;
@@ -568,7 +594,7 @@ mod tests {
         }
 
         notifier
-            .commit_offered(agent.id, project, "c2", Some("c1"))
+            .commit_offered(agent.id, Entry::of(project, project), "c2", Some("c1"))
             .await;
 
         let claimed = store.claim_notifications(10, 60).await.unwrap();
@@ -587,8 +613,12 @@ mod tests {
         let project = "group/manifests";
         report(&store, agent.id, project, "c1").await;
 
-        notifier.commit_offered(agent.id, project, "c1", None).await;
-        notifier.commit_offered(agent.id, project, "c2", None).await;
+        notifier
+            .commit_offered(agent.id, Entry::of(project, project), "c1", None)
+            .await;
+        notifier
+            .commit_offered(agent.id, Entry::of(project, project), "c2", None)
+            .await;
         let queued = store.claim_notifications(10, 60).await.unwrap();
         let keys: Vec<&str> = queued.iter().map(|n| n.dedup_key.as_str()).collect();
         let c2 = format!("status:{}:group/manifests:c2:Pending", agent.id);
@@ -617,13 +647,65 @@ mod tests {
             .sync_messages(agent.id, Some(&before), &failed)
             .await;
         let keys: Vec<String> = messages.unwrap().into_iter().map(|m| m.dedup_key).collect();
-        let status = format!("status:{}:group/manifests:c1:Failed", agent.id);
+        let status = format!("status:{}:group/manifests#apps:c1:Failed", agent.id);
         assert!(keys.contains(&status), "{keys:?}");
         let failure = format!(
             "sync_failed:{}:group/manifests#apps:c1:1700000000",
             agent.id
         );
         assert!(keys.contains(&failure), "{keys:?}");
+    }
+
+    /// Two named entries of one project sync the same commit: each gets a forge status (a
+    /// context) of its own, `pending` when sent and then its own outcome, so `infra`'s success
+    /// reported last does not hide `apps`' failure (they shared one context, the last report
+    /// replacing the other on the forge).
+    #[tokio::test]
+    async fn named_entries_of_one_project_each_get_their_own_forge_status() {
+        let (_dir, store, agent, notifier) = forge_setup().await;
+        let project = "group/fleet";
+        for key in ["group/fleet#apps", "group/fleet#infra"] {
+            notifier
+                .commit_offered(agent.id, Entry::of(project, key), "c1", Some(""))
+                .await;
+        }
+        let mut apps = succeeded("group/fleet#apps", "c1");
+        apps.set_sync_outcome(SyncOutcome::Failed);
+        let infra = succeeded("group/fleet#infra", "c1");
+        let mut outcomes = Vec::new();
+        for report in [apps, infra] {
+            outcomes.extend(
+                notifier
+                    .sync_messages(agent.id, None, &report)
+                    .await
+                    .unwrap(),
+            );
+        }
+        for m in outcomes {
+            let order = m.order_key.as_deref();
+            let queue = store.enqueue_notification(&m.receiver, &m.dedup_key, order, &m.payload);
+            queue.await.unwrap();
+        }
+
+        // The newest of each context is what is sent: both outcomes, neither replaced.
+        let claimed = store.claim_notifications(10, 60).await.unwrap();
+        let mut keys: Vec<&str> = claimed.iter().map(|n| n.dedup_key.as_str()).collect();
+        keys.sort_unstable();
+        let key = |e: &str, s: &str| format!("status:{}:group/fleet#{e}:c1:{s}", agent.id);
+        assert_eq!(keys, [key("apps", "Failed"), key("infra", "Success")]);
+        let contexts: Vec<String> = claimed
+            .iter()
+            .map(
+                |n| match serde_json::from_slice::<Message>(&n.payload).unwrap() {
+                    Message::Status(s) => s.context(),
+                    other => panic!("{other:?}"),
+                },
+            )
+            .collect();
+        for entry in ["apps", "infra"] {
+            let want = format!("tether/group/config:agent#{entry}");
+            assert!(contexts.contains(&want), "{contexts:?}");
+        }
     }
 
     /// A sync report whose agent's records cannot be read (the database failing while it is

@@ -144,7 +144,7 @@ fn slack(r: &Receiver, t: &Transition) -> Request {
 
 fn status(r: &Receiver, s: &CommitStatus) -> Request {
     let base = r.url.trim_end_matches('/');
-    let context = format!("tether/{}", s.agent.display_name());
+    let context = s.context();
     // GitHub limits descriptions to 140 characters.
     let description: String = s.description.chars().take(140).collect();
     let token = r.token.clone().unwrap_or_default();
@@ -267,6 +267,7 @@ mod tests {
             state,
             agent: agent(),
             project: "group/manifests".into(),
+            entry: None,
             commit: "abc".into(),
             description: "d".repeat(200),
         })
