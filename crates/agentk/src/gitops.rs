@@ -631,6 +631,9 @@ impl Worker {
         }
         if sync.waiting.take().is_some() {
             tracing::info!("The entries this one depends on are ready; synchronizing");
+            self.engine
+                .metrics
+                .set_waiting(&self.settings.project_id, false);
         }
         let Some((commit, resync_id)) = sync.schedule.take_due(Instant::now(), running) else {
             return;
@@ -685,6 +688,9 @@ impl Worker {
             ..SyncReport::default()
         };
         sync.waiting = Some(waiting);
+        self.engine
+            .metrics
+            .set_waiting(&self.settings.project_id, true);
         self.report(report, reports, stop).await;
     }
 

@@ -62,6 +62,8 @@ pub struct SyncMetrics {
     objects: Family<ObjectsLabel, Gauge>,
     /// Objects whose fields changed by hand were taken over ([`crate::takeover`]).
     taken_over: Family<ProjectLabel, Counter>,
+    /// 1 while an entry's due sync waits for its `depends_on` entries.
+    waiting: Family<ProjectLabel, Gauge>,
 }
 
 impl Default for SyncMetrics {
@@ -75,6 +77,7 @@ impl Default for SyncMetrics {
             last_success: Family::default(),
             objects: Family::default(),
             taken_over: Family::default(),
+            waiting: Family::default(),
         }
     }
 }
@@ -107,6 +110,21 @@ impl SyncMetrics {
             "Objects whose fields changed by hand (owned by drift managers) agentk took over so that its apply reverted them",
             self.taken_over.clone(),
         );
+        reg.register(
+            "gitops_waiting_for_dependencies",
+            "1 while a manifest project's due synchronization waits for the entries it depends on (depends_on), 0 otherwise",
+            self.waiting.clone(),
+        );
+    }
+
+    /// Whether `project`'s due sync waits for its dependencies: nothing is applied meanwhile,
+    /// which no sync counter shows (a wait is no sync, and no failure).
+    pub fn set_waiting(&self, project: &str, waiting: bool) {
+        self.waiting
+            .get_or_create(&ProjectLabel {
+                project: project.to_owned(),
+            })
+            .set(i64::from(waiting));
     }
 
     /// Records a finished synchronization of `project` that took `took`, ending at `now_unix`.
@@ -202,6 +220,9 @@ impl SyncMetrics {
             });
         }
         self.taken_over.remove(&ProjectLabel {
+            project: project.clone(),
+        });
+        self.waiting.remove(&ProjectLabel {
             project: project.clone(),
         });
         self.last_success.remove(&ProjectLabel { project });
@@ -380,5 +401,16 @@ mod tests {
                 r#"agentk_gitops_objects{project="p",status="Current"} 1"#,
             ],
         );
+    }
+    #[test]
+    fn a_wait_for_dependencies_shows_until_the_sync_starts_and_leaves_with_the_project() {
+        let m = SyncMetrics::default();
+        m.set_waiting("group/apps", true);
+        let series = r#"agentk_gitops_waiting_for_dependencies{project="group/apps"}"#;
+        assert!(text(&m).contains(&format!("{series} 1")), "{}", text(&m));
+        m.set_waiting("group/apps", false);
+        assert!(text(&m).contains(&format!("{series} 0")), "{}", text(&m));
+        m.forget("group/apps");
+        assert!(!text(&m).contains(series), "{}", text(&m));
     }
 }

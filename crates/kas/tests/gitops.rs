@@ -3177,6 +3177,8 @@ async fn an_entry_waits_for_its_dependency_to_be_current_then_applies() {
         get_json(&rig.env, &["get", "configmap", "app", "-n", &ns]).is_none(),
         "apps applied before its dependency was Current"
     );
+    let waiting_series = r#"agentk_gitops_waiting_for_dependencies{project="group/apps"}"#;
+    assert_eq!(rig.agent.metric(waiting_series).await, Some(1.0));
 
     // `reconcile --wait` follows the wait (it exited 1 at once on every monorepo commit):
     // it shows the wait, then the entry's synchronization once the dependency is ready.
@@ -3226,6 +3228,7 @@ async fn an_entry_waits_for_its_dependency_to_be_current_then_applies() {
         applied.objects.iter().any(|o| o.name == "app"),
         "{applied:?}"
     );
+    assert_eq!(rig.agent.metric(waiting_series).await, Some(0.0));
     let cm = get_json(&rig.env, &["get", "configmap", "app", "-n", &ns]).unwrap();
     let db = get_json(&rig.env, &["get", "deployment", "db", "-n", &ns]).unwrap();
     let available = db["status"]["conditions"]
