@@ -218,8 +218,10 @@ pub async fn manifests_at(
         }
         ManifestSource::Render(spec) => spec,
     };
-    let rendered = renderer.render(agent_id, mirror, commit, spec).await?;
-    let mut warnings = unstable_warnings(spec, &rendered)?;
+    let output = renderer.render(agent_id, mirror, commit, spec).await?;
+    let rendered = &output.rendered;
+    let mut warnings = unstable_warnings(spec, rendered)?;
+    warnings.extend(output.warnings.iter().cloned());
     let bytes = &rendered.bytes;
     let label = rendered.label(spec);
     if bytes.iter().all(u8::is_ascii_whitespace) {

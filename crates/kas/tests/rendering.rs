@@ -1091,6 +1091,22 @@ async fn repository_rig(
     started_rig(prefix, |_| entry.to_owned(), values, &extra, git_poll).await
 }
 
+/// Commits a new greeting and waits for its sync: succeeded, with greeter 1.1.0 saying it.
+async fn bonjour_with_greeter_1_1_0(rig: &Rig, ns: &str) -> kas::api::SyncView {
+    let c = rig.manifests.commit(
+        &[("env/greeter.yaml", Some(b"greeting: bonjour\n"))],
+        "bonjour",
+    );
+    let s = rig.synced_in("group/manifests", &c).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let cm = get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", ns]).unwrap();
+    assert_eq!(
+        (&cm["data"]["version"], &cm["data"]["greeting"]),
+        (&Value::from("1.1.0"), &Value::from("bonjour"))
+    );
+    s
+}
+
 /// Flux's HelmRelease of a HelmRepository: the chart is fetched from the allowed repository
 /// (the newest version in range), rendered with the values of Git and applied; the version
 /// rendered is named; once the repository is down, a commit renders from what kas keeps.
@@ -1128,17 +1144,7 @@ async fn a_chart_of_an_allowed_repository_is_applied_with_values_from_git_and_ke
     assert!(rig.kas.log().contains(&named), "kas names {named:?}");
 
     charts.stop();
-    let c2 = rig.manifests.commit(
-        &[("env/greeter.yaml", Some(b"greeting: bonjour\n"))],
-        "bonjour",
-    );
-    let s = rig.synced_in("group/manifests", &c2).await;
-    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
-    let cm = get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).unwrap();
-    assert_eq!(
-        (&cm["data"]["version"], &cm["data"]["greeting"]),
-        (&Value::from("1.1.0"), &Value::from("bonjour"))
-    );
+    bonjour_with_greeter_1_1_0(&rig, &ns).await;
     let fetches = |kind: &str, outcome: &str| {
         let series =
             format!("kas_gitops_chart_fetches_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}");
@@ -1148,6 +1154,35 @@ async fn a_chart_of_an_allowed_repository_is_applied_with_values_from_git_and_ke
     assert_eq!(fetches("archive", "fetched").await, 1.0);
     assert!(fetches("archive", "cached").await >= 1.0);
     assert!(fetches("index", "stale").await >= 1.0);
+}
+
+/// A kas restarted while the chart repository is down still renders the chart it resolved
+/// before (the resolution kept on disk, the archive in the cache), and says so in the
+/// project's status and its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kas_restarted_while_the_chart_repository_is_down_renders_what_it_resolved_before() {
+    let charts = ChartRepo::start().await;
+    let env = TestEnv::from_env().expect("a running control plane");
+    charts.publish(&env, "stable", "1.1.0");
+    let url = charts.url("stable");
+    let entry = repository_entry(&url, "~1.1");
+    let (mut rig, c1, ns) = repository_rig("repodown", &entry, &url, "300ms").await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert!(s.warnings.is_empty(), "{s:?}");
+
+    charts.stop();
+    rig.kas.restart().await;
+    let s = bonjour_with_greeter_1_1_0(&rig, &ns).await;
+    let said = format!("chart repository {url} unreachable: using index fetched at ");
+    assert!(
+        s.warnings.iter().any(|w| w.starts_with(&said)),
+        "{said:?} not in {:?}",
+        s.warnings
+    );
+    assert!(rig.kas.log().contains(&said), "kas logs {said:?}");
+    let recorded = "kas_gitops_chart_fetches_total{kind=\"index\",outcome=\"recorded\"}";
+    assert!(rig.kas.metric(recorded).await.unwrap_or(0.0) >= 1.0);
 }
 
 /// How many times kas sent the project's manifests to an agent.

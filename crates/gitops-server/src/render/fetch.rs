@@ -1,12 +1,14 @@
 //! Chart dependencies fetched by kas itself, outside the renderers' sandbox (which keeps no
 //! network): each repository's `index.yaml`, kept for `index_ttl`, and chart archives, checked
-//! against the index's SHA-256 and kept on disk by digest. Only URLs of the allow list are
-//! asked; redirects are not followed; every answer has a time and size limit; no credentials.
+//! against the index's SHA-256 and kept on disk by digest, beside each chart's last resolution
+//! (so a kas restarted while a repository is down still renders with the archive it keeps).
+//! Only URLs of the allow list are asked; redirects are not followed; every answer has a time
+//! and size limit; no credentials.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
@@ -23,6 +25,7 @@ use super::dependencies::{
     self, AllowList, ChartIndex, Dependency, Resolved, index_url, looks_gzipped, parse_index,
     sha256_hex,
 };
+use super::resolutions::{self, Record, Stale};
 
 /// Why a chart was not resolved: its caller names what asked for it (a dependency of a chart,
 /// or `helm.repository`).
@@ -79,7 +82,30 @@ type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Byte
 #[derive(Debug)]
 struct Fetched {
     at: Instant,
+    /// The same moment, as the warnings of a stale resolution name it.
+    wall: SystemTime,
     index: Arc<ChartIndex>,
+}
+
+/// A repository's index as [`ChartFetcher::index`] gives it.
+#[derive(Debug, Clone)]
+pub struct IndexAt {
+    /// The index's URL.
+    pub url: Url,
+    pub index: Arc<ChartIndex>,
+    /// When it was fetched.
+    pub fetched_at: SystemTime,
+    /// Why it could not be fetched again, when this is an earlier copy.
+    pub stale: Option<String>,
+}
+
+/// What a chart resolved to, and whether its index was not fresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    pub resolved: Resolved,
+    /// Set when the repository could not be read and an earlier index (in memory, or the
+    /// resolution kept on disk) was used.
+    pub stale: Option<Stale>,
 }
 
 /// Fetches indexes and archives for every rendering of this kas.
@@ -91,6 +117,8 @@ pub struct ChartFetcher {
     client: Result<HttpClient, String>,
     /// One slot per index URL: renderings wanting the same index wait for one fetch.
     indexes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Fetched>>>>>,
+    /// The resolutions last written to disk, by file name: unchanged ones are not rewritten.
+    recorded: Mutex<HashMap<String, Record>>,
     metrics: ChartFetchMetrics,
 }
 
@@ -111,7 +139,7 @@ impl ChartFetchMetrics {
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         reg.register(
             "gitops_chart_fetches",
-            "Chart repository requests and cache uses for chart dependencies and helm.repository charts, by kind (index, archive) and outcome (fetched, cached, stale, failed, digest_mismatch)",
+            "Chart repository requests and cache uses for chart dependencies and helm.repository charts, by kind (index, archive) and outcome (fetched, cached, stale, recorded, failed, digest_mismatch; recorded: the repository could not be read and the resolution kept on disk was used)",
             self.fetches.clone(),
         );
     }
@@ -152,6 +180,7 @@ impl ChartFetcher {
             allow,
             client,
             indexes: Mutex::default(),
+            recorded: Mutex::default(),
             metrics: ChartFetchMetrics::default(),
         })
     }
@@ -166,9 +195,9 @@ impl ChartFetcher {
         &self.metrics
     }
 
-    /// `repository`'s index and its URL: kept if fetched within `index_ttl`, else fetched; when
-    /// that fails, the last one fetched (its archives are likely cached), else the failure.
-    pub async fn index(&self, repository: &str) -> Result<(Url, Arc<ChartIndex>), RenderError> {
+    /// `repository`'s index: kept if fetched within `index_ttl`, else fetched; when that
+    /// fails, the last one fetched (its archives are likely cached), else the failure.
+    pub async fn index(&self, repository: &str) -> Result<IndexAt, RenderError> {
         let url = index_url(repository).map_err(|detail| RenderError::ChartRepository {
             url: repository.into(),
             detail,
@@ -178,12 +207,18 @@ impl ChartFetcher {
             Arc::clone(all.entry(url.to_string()).or_default())
         };
         let mut kept = slot.lock().await;
+        let at = |f: &Fetched, stale: Option<String>| IndexAt {
+            url: url.clone(),
+            index: Arc::clone(&f.index),
+            fetched_at: f.wall,
+            stale,
+        };
         if let Some(f) = kept
             .as_ref()
             .filter(|f| f.at.elapsed() < self.config.index_ttl)
         {
             self.metrics.count("index", "cached");
-            return Ok((url, Arc::clone(&f.index)));
+            return Ok(at(f, None));
         }
         let fetched = self
             .get(&url, self.config.max_index_size, "max_chart_index_size")
@@ -192,18 +227,17 @@ impl ChartFetcher {
         match fetched {
             Ok(index) => {
                 self.metrics.count("index", "fetched");
-                let index = Arc::new(index);
-                *kept = Some(Fetched {
+                let f = kept.insert(Fetched {
                     at: Instant::now(),
-                    index: Arc::clone(&index),
+                    wall: SystemTime::now(),
+                    index: Arc::new(index),
                 });
-                Ok((url, index))
+                Ok(at(f, None))
             }
             Err(detail) => match kept.as_ref() {
                 Some(f) => {
                     self.metrics.count("index", "stale");
-                    tracing::warn!(url = %url, error = %detail, "Chart repository index unavailable: resolving with the one fetched before");
-                    Ok((url, Arc::clone(&f.index)))
+                    Ok(at(f, Some(detail)))
                 }
                 None => {
                     self.metrics.count("index", "failed");
@@ -218,24 +252,96 @@ impl ChartFetcher {
 
     /// `chart`'s newest version matching its constraint in its repository's index (fetched
     /// or kept, see [`ChartFetcher::index`]); the repository and the archive's URL must both
-    /// be allowed. The one resolution of chart dependencies and of `helm.repository` charts.
-    pub async fn resolve(&self, chart: &Dependency) -> Result<Resolved, Unresolved> {
+    /// be allowed. When the repository cannot be read and no index is in memory (kas
+    /// restarted meanwhile), the resolution kept on disk. The one resolution of chart
+    /// dependencies and of `helm.repository` charts.
+    pub async fn resolve(&self, chart: &Dependency) -> Result<Resolution, Unresolved> {
         if !self.allow.allows(&chart.repository) {
             return Err(Unresolved::NotAllowed(chart.repository.clone()));
         }
-        let (index_url, index) = self
-            .index(&chart.repository)
-            .await
-            .map_err(Unresolved::Failed)?;
-        let resolved =
-            dependencies::resolve(chart, &index, &index_url).map_err(Unresolved::NoVersion)?;
-        if !self.allow.allows(&resolved.url) {
+        let resolution = match self.index(&chart.repository).await {
+            Ok(at) => {
+                let resolved = dependencies::resolve(chart, &at.index, &at.url)
+                    .map_err(Unresolved::NoVersion)?;
+                if at.stale.is_none() {
+                    self.record(chart, &resolved, at.fetched_at).await;
+                }
+                let stale = at.stale.map(|error| Stale {
+                    repository: chart.repository.clone(),
+                    fetched_at: at.fetched_at,
+                    error,
+                });
+                Resolution { resolved, stale }
+            }
+            Err(e) => {
+                let Some(record) = self.recorded(chart).await else {
+                    return Err(Unresolved::Failed(e));
+                };
+                self.metrics.count("index", "recorded");
+                let error = match e {
+                    RenderError::ChartRepository { detail, .. } => detail,
+                    other => other.to_string(),
+                };
+                Resolution {
+                    resolved: record.resolved(),
+                    stale: Some(Stale {
+                        repository: chart.repository.clone(),
+                        fetched_at: record.fetched_at(),
+                        error,
+                    }),
+                }
+            }
+        };
+        if let Some(stale) = &resolution.stale {
+            tracing::warn!(chart = %chart.name, version = %resolution.resolved.version, "{}", stale.warning());
+        }
+        if !self.allow.allows(&resolution.resolved.url) {
             return Err(Unresolved::NotAllowed(format!(
                 "{} (its archive's URL in the index of {})",
-                resolved.url, chart.repository
+                resolution.resolved.url, chart.repository
             )));
         }
-        Ok(resolved)
+        Ok(resolution)
+    }
+
+    /// Keeps on disk what `chart` resolved to in an index fetched at `fetched_at`, unless
+    /// that is what was last kept.
+    async fn record(&self, chart: &Dependency, resolved: &Resolved, fetched_at: SystemTime) {
+        let Some(dir) = self.config.cache_dir.clone() else {
+            return;
+        };
+        let (name, record) = (
+            resolutions::file_name(chart),
+            Record::new(chart, resolved, fetched_at),
+        );
+        {
+            let mut all = self.recorded.lock().unwrap_or_else(PoisonError::into_inner);
+            if all.get(&name) == Some(&record) {
+                return;
+            }
+            all.insert(name.clone(), record.clone());
+        }
+        let written =
+            tokio::task::spawn_blocking(move || write_file(&dir, &name, &record.encode())).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "Cannot keep a chart's resolution on disk"),
+            Err(e) => tracing::warn!(error = %e, "Cannot keep a chart's resolution on disk"),
+        }
+    }
+
+    /// The resolution of `chart` kept on disk, if any.
+    async fn recorded(&self, chart: &Dependency) -> Option<Record> {
+        let path = self
+            .config
+            .cache_dir
+            .as_ref()?
+            .join(resolutions::file_name(chart));
+        let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+            .await
+            .ok()?
+            .ok()?;
+        Record::decode(&bytes, chart)
     }
 
     /// The archive of `resolved`, from the cache or fetched, its SHA-256 checked against the
@@ -375,11 +481,15 @@ fn read_cached(dir: &Path, digest: &str) -> Option<Vec<u8>> {
     Some(bytes)
 }
 
-/// Written under a temporary name and renamed: a reader never sees half an archive.
 fn write_cached(dir: &Path, digest: &str, bytes: &[u8]) -> std::io::Result<()> {
+    write_file(dir, &format!("{digest}.tgz"), bytes)
+}
+
+/// Written under a temporary name and renamed: a reader never sees half a file.
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = tempfile::NamedTempFile::new_in(dir)?;
     std::io::Write::write_all(&mut file, bytes)?;
-    file.persist(cache_path(dir, digest))
+    file.persist(dir.join(name))
         .map(|_| ())
         .map_err(|e| e.error)
 }

@@ -9,7 +9,8 @@
 //! - [`checks`]: symlinks, kustomization references, chart dependencies, error text (pure).
 //! - [`dependencies`]: chart dependencies from allowed chart repositories: the allow list,
 //!   `index.yaml`, version constraints (pure); [`fetch`]: fetching them, outside the sandbox,
-//!   before the checkout (I/O).
+//!   before the checkout (I/O); [`resolutions`]: what each resolved to, kept on disk for a
+//!   restart while a repository is down (pure).
 //! - [`checkout`], [`run`]: the files and the process (I/O).
 //! - [`confine`]: the seccomp filter, installed by `kas render-confine` before the renderer,
 //!   and [`filesystem`]: the Landlock fence it puts up first (files the renderer may reach).
@@ -25,6 +26,7 @@ pub mod dependencies;
 pub mod fetch;
 pub mod filesystem;
 pub mod memory;
+pub mod resolutions;
 mod run;
 pub mod spec;
 mod turns;
@@ -40,7 +42,7 @@ use tether_git_source::{CommitId, Mirror};
 pub use cache::RenderCache;
 pub use checkout::{Checkout, CheckoutLimits};
 use fetch::Unresolved;
-pub use fetch::{ChartFetcher, ChartRepoConfig};
+pub use fetch::{ChartFetcher, ChartRepoConfig, Resolution};
 pub use spec::{HelmSpec, ManifestSource, Reach, RenderSpec, Sandbox, Tool};
 
 use run::{Ran, RunLimits};
@@ -398,6 +400,27 @@ impl Rendered {
     }
 }
 
+/// A rendering, and what its user should know of how it was made (a chart repository that
+/// could not be read, so an earlier index was used). Not part of the cached rendering: the
+/// same rendering is fresh again once the repository answers.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub rendered: Arc<Rendered>,
+    pub warnings: Vec<String>,
+}
+
+/// Reads as the rendering it carries: most callers want only that.
+impl std::ops::Deref for Output {
+    type Target = Rendered;
+
+    fn deref(&self) -> &Rendered {
+        &self.rendered
+    }
+}
+
+/// Charts fetched for a rendering, and the warnings of their resolution.
+type Fetched = (Vec<(dependencies::Resolved, Vec<u8>)>, Vec<String>);
+
 /// Renders manifest projects; one per kas, shared by every agent's stream.
 #[derive(Debug)]
 pub struct Renderer {
@@ -512,18 +535,19 @@ impl Renderer {
         mirror: &Mirror,
         commit: CommitId,
         spec: &RenderSpec,
-    ) -> Result<Arc<Rendered>, RenderError> {
-        let fetched = match (spec, &self.charts) {
+    ) -> Result<Output, RenderError> {
+        let (fetched, warnings) = match (spec, &self.charts) {
             // A packaged chart holds its dependencies.
-            (RenderSpec::Helm(h), _) if h.from_repository() => vec![self.fetch_chart(h).await?],
+            (RenderSpec::Helm(h), _) if h.from_repository() => self.fetch_chart(h).await?,
             (RenderSpec::Helm(h), Some(charts)) => {
                 self.fetch_dependencies(charts, mirror, commit, h).await?
             }
-            _ => Vec::new(),
+            _ => (Vec::new(), Vec::new()),
         };
         let resolved = fetched.iter().map(|(r, _)| r.clone()).collect();
         let key = (mirror.dir().to_path_buf(), commit, spec.clone(), resolved);
-        self.cache
+        let rendered = self
+            .cache
             .get_or_try_init(key, RenderError::is_user_error, || async {
                 // The agent's turn first: an agent waiting for its own renderings never holds
                 // one of kas's turns meanwhile.
@@ -538,7 +562,8 @@ impl Renderer {
                 tracing::info!(commit_id = %commit, renderer = %spec.tool(), source = out.label(spec), bytes = out.bytes.len(), unstable_objects = out.unstable.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Rendered manifests");
                 Ok(Arc::new(out))
             })
-            .await
+            .await?;
+        Ok(Output { rendered, warnings })
     }
 
     /// The chart's dependencies on allowed HTTP(S) repositories that `commit` does not vendor,
@@ -550,7 +575,7 @@ impl Renderer {
         mirror: &Mirror,
         commit: CommitId,
         h: &HelmSpec,
-    ) -> Result<Vec<(dependencies::Resolved, Vec<u8>)>, RenderError> {
+    ) -> Result<Fetched, RenderError> {
         let (m, chart, limits) = (
             mirror.clone(),
             h.chart.clone(),
@@ -562,15 +587,16 @@ impl Renderer {
                 .map_err(|e| RenderError::Io(format!("reading the chart: {e}")))??;
         // No Chart.yaml: the checkout's checks say so.
         let Some(chart_yaml) = chart_yaml else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         };
         let charts_dir = format!("{}/charts", h.chart);
         let mut out: Vec<(dependencies::Resolved, Vec<u8>)> = Vec::new();
+        let mut warnings = Vec::new();
         for dep in dependencies::http_dependencies(&h.chart, &chart_yaml)? {
             if dependencies::vendored_in(&listed, &charts_dir, &dep.name) {
                 continue;
             }
-            let resolved = charts.resolve(&dep).await.map_err(|why| match why {
+            let resolution = charts.resolve(&dep).await.map_err(|why| match why {
                 Unresolved::NotAllowed(repository) => RenderError::DependencyNotAllowed {
                     chart: h.chart.clone(),
                     name: dep.name.clone(),
@@ -584,6 +610,8 @@ impl Renderer {
                 },
                 Unresolved::Failed(e) => e,
             })?;
+            warnings.extend(resolution.stale.as_ref().map(resolutions::Stale::warning));
+            let resolved = resolution.resolved;
             // Two aliases of one chart and version need one archive.
             if out
                 .iter()
@@ -596,20 +624,21 @@ impl Renderer {
             out.push((resolved, bytes));
         }
         out.sort_by_key(|a| a.0.file_name());
-        Ok(out)
+        warnings.sort();
+        warnings.dedup();
+        Ok((out, warnings))
     }
 
     /// The chart of `helm.repository`, resolved (see [`Renderer::resolve_chart`]) and fetched
     /// (or taken from the archive cache). Before the rendering's cache key, which holds the
     /// version and digest it resolved to.
-    async fn fetch_chart(
-        &self,
-        h: &HelmSpec,
-    ) -> Result<(dependencies::Resolved, Vec<u8>), RenderError> {
-        let (charts, resolved) = self.resolve_repository_chart(h).await?;
+    async fn fetch_chart(&self, h: &HelmSpec) -> Result<Fetched, RenderError> {
+        let (charts, resolution) = self.resolve_repository_chart(h).await?;
+        let Resolution { resolved, stale } = resolution;
         let bytes = charts.archive(&resolved).await?;
         tracing::debug!(chart = %h.chart, repository = %h.repository, version = %resolved.version, digest = %resolved.digest, "Chart of helm.repository resolved");
-        Ok((resolved, bytes))
+        let warnings = stale.as_ref().map(resolutions::Stale::warning);
+        Ok((vec![(resolved, bytes)], warnings.into_iter().collect()))
     }
 
     /// The newest version of the chart of `helm.repository` matching `helm.version`, in the
@@ -617,7 +646,7 @@ impl Renderer {
     async fn resolve_repository_chart(
         &self,
         h: &HelmSpec,
-    ) -> Result<(&ChartFetcher, dependencies::Resolved), RenderError> {
+    ) -> Result<(&ChartFetcher, Resolution), RenderError> {
         let not_allowed = |url: String| RenderError::ChartNotAllowed {
             chart: h.chart.clone(),
             url,
@@ -648,7 +677,8 @@ impl Renderer {
     pub async fn resolve_chart(&self, spec: &RenderSpec) -> Option<dependencies::Resolved> {
         match spec {
             RenderSpec::Helm(h) if h.from_repository() => {
-                self.resolve_repository_chart(h).await.map(|(_, r)| r).ok()
+                let resolution = self.resolve_repository_chart(h).await.ok()?;
+                Some(resolution.1.resolved)
             }
             _ => None,
         }
