@@ -288,6 +288,9 @@ struct Commit {
     id: String,
     files: Vec<(String, Vec<u8>)>,
     warnings: Vec<String>,
+    /// The chart version kas rendered for a `helm.repository` entry ("" otherwise), reported
+    /// with the sync.
+    chart_version: String,
 }
 
 /// How long a cancelled sync may take to wind down before its task is aborted. Cancellation is
@@ -449,6 +452,8 @@ fn report_of(outcome: &SyncOutcome, settings: &Settings) -> SyncReport {
         in_progress: false,
         progress: None,
         inventory_namespace,
+        // Set from the commit's header by the caller, which has it.
+        chart_version: String::new(),
     }
 }
 
@@ -764,6 +769,7 @@ impl Worker {
                     id: h.commit_id,
                     files: Vec::new(),
                     warnings: Vec::new(),
+                    chart_version: h.chart_version,
                 });
             }
             Some(objects_response::Message::Object(o)) => {
@@ -865,6 +871,8 @@ impl Worker {
             in_progress: false,
             progress: None,
             inventory_namespace: String::new(),
+            // Nothing of the refused commit was applied.
+            chart_version: String::new(),
         };
         self.report(report, reports, stop).await;
     }
@@ -913,6 +921,7 @@ impl Worker {
         let current = sync.schedule.current();
         if let Some(c) = current.filter(|c| c.id == outcome.commit_id) {
             report.warnings.clone_from(&c.warnings);
+            report.chart_version.clone_from(&c.chart_version);
         }
         if let Some(refused) = &sync.refused {
             report = refusal::carry(report, refused);

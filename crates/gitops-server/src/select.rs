@@ -72,6 +72,8 @@ pub struct Selection {
     /// or globs that matched nothing (agentk refuses the commit, or prunes everything the
     /// project applied before when its entry sets `allow_empty`).
     pub warnings: Vec<String>,
+    /// The version of the chart of a `helm.repository` entry rendered; "" for other entries.
+    pub chart_version: String,
 }
 
 impl Selection {
@@ -234,6 +236,11 @@ pub async fn manifests_at(
             bytes: bytes.to_vec(),
         }],
         warnings,
+        chart_version: rendered
+            .chart
+            .as_ref()
+            .map(|c| c.version.clone())
+            .unwrap_or_default(),
     })
 }
 
@@ -324,6 +331,7 @@ pub fn select_manifests<S: AsRef<str>>(
         commit: *commit,
         files: read_files(mirror, commit, files.into_keys(), limits)?,
         warnings,
+        chart_version: String::new(),
     })
 }
 

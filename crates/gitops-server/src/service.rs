@@ -483,6 +483,7 @@ impl GitOpsService {
             project_path: project.path.clone(),
             rendered: matches!(source, ManifestSource::Render(_)),
             chart_repository: matches!(source, ManifestSource::Render(RenderSpec::Helm(h)) if h.from_repository()),
+            chart_version: selection.chart_version,
             inventory_namespace: self
                 .reports
                 .inventory_namespace(agent_id, at.project_key)

@@ -394,6 +394,10 @@ pub struct SyncView {
     /// The newest `kas agent reconcile` this synchronization answers (0: none).
     #[serde(default)]
     pub resync_id: u64,
+    /// The chart version a `helm.repository` entry's sync applied ("" for other entries, and
+    /// from agents or kas older than this field).
+    #[serde(default)]
+    pub chart_version: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]

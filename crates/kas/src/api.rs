@@ -877,6 +877,7 @@ async fn agent_gitops(
                 dry_run: r.dry_run,
                 warnings: r.warnings,
                 resync_id: r.resync_id,
+                chart_version: r.chart_version,
                 objects: r
                     .objects
                     .into_iter()

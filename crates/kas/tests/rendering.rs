@@ -1185,6 +1185,47 @@ async fn a_kas_restarted_while_the_chart_repository_is_down_renders_what_it_reso
     assert!(rig.kas.metric(recorded).await.unwrap_or(0.0) >= 1.0);
 }
 
+/// `kas agent status` (its table and JSON) shows the chart version of a `helm.repository`
+/// entry live in the cluster, as Flux shows a HelmRelease's, and the new one once a version
+/// published in range is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kas_agent_status_shows_the_chart_version_applied() {
+    let charts = ChartRepo::start().await;
+    let env = TestEnv::from_env().expect("a running control plane");
+    charts.publish(&env, "stable", "1.0.0");
+    let url = charts.url("stable");
+    let entry = repository_entry(&url, "~1.0");
+    let (rig, c1, ns) = repository_rig("repoversion", &entry, &url, "1h").await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(
+        (s.outcome, s.chart_version.as_str()),
+        (ReportedOutcome::Succeeded, "1.0.0"),
+        "{s:?}"
+    );
+    let status = |format: &str| {
+        let o = rig
+            .kas
+            .cli()
+            .args(["agent", "status", "group/config:seed", "-o", format])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let table = status("table");
+    assert!(table.contains("    chart version: 1.0.0\n"), "{table}");
+    let json: Value = serde_json::from_str(&status("json")).unwrap();
+    assert_eq!(json["syncs"][0]["chart_version"], "1.0.0", "{json}");
+
+    charts.publish(&env, "stable", "1.0.1");
+    let s = rig
+        .report("the sync of 1.0.1", |s| s.chart_version == "1.0.1")
+        .await;
+    assert_eq!((s.outcome, s.commit_id), (ReportedOutcome::Succeeded, c1));
+    assert_eq!(greeter_version(&rig.env, &ns), "1.0.1");
+    assert!(status("table").contains("    chart version: 1.0.1\n"));
+}
+
 /// How many times kas sent the project's manifests to an agent.
 fn sendings(rig: &Rig) -> usize {
     rig.kas.log().matches("Sending manifests").count()

@@ -388,6 +388,9 @@ fn print_syncs(agent_id: i64, syncs: &[SyncView]) -> Result<()> {
                 (false, _) => format!("  error: {}", s.error),
             }
         )?;
+        if !s.chart_version.is_empty() {
+            out!("    chart version: {}", s.chart_version)?;
+        }
         for w in &s.warnings {
             out!("    warning: {w}")?;
         }

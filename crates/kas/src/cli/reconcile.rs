@@ -498,6 +498,7 @@ mod tests {
             objects,
             warnings: Vec::new(),
             resync_id: 1,
+            chart_version: String::new(),
         }
     }
 

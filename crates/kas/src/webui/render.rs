@@ -169,6 +169,10 @@ fn sync(s: &SyncView, filter: &ObjectFilter) -> Html {
     if !s.error.is_empty() {
         body.push(Html::wrap("p", "class=\"error\"", Html::text(&s.error)));
     }
+    if !s.chart_version.is_empty() {
+        let version = format!("chart version {}", s.chart_version);
+        body.push(Html::wrap("p", "class=\"chart\"", Html::text(&version)));
+    }
     for w in &s.warnings {
         body.push(Html::wrap("p", "class=\"warning\"", Html::text(w)));
     }
@@ -512,6 +516,7 @@ mod tests {
             dry_run: false,
             warnings: vec![],
             resync_id: 0,
+            chart_version: String::new(),
             objects: vec![
                 object(
                     "dude",
