@@ -244,6 +244,9 @@ pub struct Render {
     pub chart_repositories: Vec<String>,
     /// CA certificates trusted for those repositories instead of the system's.
     pub chart_repositories_ca_file: Option<PathBuf>,
+    /// Credentials for private chart repositories (HTTP basic or a bearer token, read from
+    /// files, e.g. a mounted Secret), each sent only to URLs under its `url`.
+    pub chart_repository_credentials: Vec<tether_gitops_server::ChartCredential>,
     /// Longest one request to a chart repository may take.
     #[serde(with = "humantime_serde")]
     pub chart_fetch_timeout: Duration,
@@ -280,6 +283,7 @@ impl Default for Render {
             allow_network: d.allow_network,
             chart_repositories: d.charts.allowed,
             chart_repositories_ca_file: d.charts.ca_file,
+            chart_repository_credentials: d.charts.credentials,
             chart_fetch_timeout: d.charts.timeout,
             chart_index_ttl: d.charts.index_ttl,
             max_chart_index_size: d.charts.max_index_size,
@@ -330,6 +334,7 @@ impl Render {
                 ),
                 cache_size: self.chart_cache_size,
                 ca_file: self.chart_repositories_ca_file.clone(),
+                credentials: self.chart_repository_credentials.clone(),
             },
         }
     }
@@ -351,6 +356,10 @@ impl Render {
         }
         tether_gitops_server::render::dependencies::AllowList::new(&self.chart_repositories)
             .map_err(|e| format!("gitops.render.chart_repositories: {e}"))?;
+        for c in &self.chart_repository_credentials {
+            c.validate()
+                .map_err(|e| format!("gitops.render.chart_repository_credentials: {e}"))?;
+        }
         if self.chart_fetch_timeout.is_zero()
             || self.max_chart_index_size == 0
             || self.max_chart_size == 0
@@ -1027,6 +1036,32 @@ mod tests {
             .expect_err(bad)
             .to_string();
             assert!(e.contains("gitops.render.chart_repositories"), "{e}");
+        }
+    }
+
+    #[test]
+    fn chart_repository_credentials_are_basic_or_bearer_files_and_reach_the_renderer() {
+        let yaml = |entry: &str| {
+            format!("gitops:\n  render:\n    chart_repository_credentials:\n    - {entry}\n")
+        };
+        let c = parse(&yaml(
+            "{url: 'https://h/private', username: reader, password_file: /s/pw}",
+        ))
+        .expect("valid");
+        let creds = c.gitops.render.config(&c.data_dir).charts.credentials;
+        assert_eq!(creds.len(), 1);
+        assert_eq!(creds[0].password_file, Some(PathBuf::from("/s/pw")));
+        parse(&yaml("{url: 'https://h/private', token_file: /s/token}")).expect("valid");
+        for bad in [
+            "{url: 'https://h/private', username: reader, password_file: /s/pw, token_file: /s/t}",
+            "{url: 'https://h/private', username: reader}",
+            "{url: 'oci://h/private', token_file: /s/t}",
+        ] {
+            let e = parse(&yaml(bad)).expect_err(bad).to_string();
+            assert!(
+                e.contains("gitops.render.chart_repository_credentials"),
+                "{e}"
+            );
         }
     }
 

@@ -845,8 +845,19 @@ struct ChartRepo {
     server: tokio::task::JoinHandle<()>,
 }
 
+/// `authorization` or 401 (a private repository's answer to missing or wrong credentials).
+fn denies(wanted: Option<&str>, req: &http::Request<hyper::body::Incoming>) -> bool {
+    let given = req.headers().get(http::header::AUTHORIZATION);
+    wanted.is_some_and(|w| given.is_none_or(|g| g.as_bytes() != w.as_bytes()))
+}
+
 impl ChartRepo {
     async fn start() -> Self {
+        Self::requiring(None).await
+    }
+
+    /// A repository answering 401 to requests without the `Authorization` header `auth`.
+    async fn requiring(auth: Option<&'static str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -857,8 +868,14 @@ impl ChartRepo {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<_>| {
                         let file = root.join(req.uri().path().trim_start_matches('/'));
+                        let refused = denies(auth, &req);
                         async move {
                             let answer = match std::fs::read(&file) {
+                                Ok(_) if refused => http::Response::builder()
+                                    .status(401)
+                                    .header("www-authenticate", "Basic realm=\"charts\"")
+                                    .body(http_body_util::Full::default())
+                                    .unwrap(),
                                 Ok(bytes) => http::Response::new(http_body_util::Full::new(
                                     bytes::Bytes::from(bytes),
                                 )),
@@ -1224,6 +1241,60 @@ async fn kas_agent_status_shows_the_chart_version_applied() {
     assert_eq!((s.outcome, s.commit_id), (ReportedOutcome::Succeeded, c1));
     assert_eq!(greeter_version(&rig.env, &ns), "1.0.1");
     assert!(status("table").contains("    chart version: 1.0.1\n"));
+}
+
+/// A private chart repository (HTTP basic authentication) is read with the credentials of
+/// kas's configuration, read from a file at each request (a rotated Secret is used at once)
+/// and never logged; credentials it refuses fail closed, naming the repository, even though
+/// kas holds an index and the archive from before; fixed, the commit is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_chart_repository_is_read_with_kas_credentials_and_refusing_them_fails_closed() {
+    // base64("reader:s3cret")
+    let charts = ChartRepo::requiring(Some("Basic cmVhZGVyOnMzY3JldA==")).await;
+    let env = TestEnv::from_env().expect("a running control plane");
+    charts.publish(&env, "private", "1.1.0");
+    let url = charts.url("private");
+    let secrets = tempfile::tempdir().unwrap();
+    let password = secrets.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let extra = format!(
+        "{}    chart_repository_credentials:\n    - url: {url}\n      username: reader\n      password_file: {}\n",
+        allowing(&url),
+        password.display()
+    );
+    let entry = repository_entry(&url, "~1.1");
+    let values = |_: &str| greeter_values("hello");
+    let (rig, c1, ns) = started_rig("repoauth", |_| entry, values, &extra, "300ms").await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert_eq!(greeter_version(&rig.env, &ns), "1.1.0");
+
+    std::fs::write(&password, "n0tThePassw0rd\n").unwrap();
+    let c2 = rig.manifests.commit(
+        &[("env/greeter.yaml", Some(b"greeting: bonjour\n"))],
+        "bonjour",
+    );
+    rig.refused(
+        &c2,
+        &[&format!(
+            "chart repository {url} refused kas: answered 401 Unauthorized to the credentials of gitops.render.chart_repository_credentials for {url}"
+        )],
+    )
+    .await;
+    let cm = get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).unwrap();
+    assert_eq!(cm["data"]["greeting"], "hello", "nothing of c2 applied");
+
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let s = rig
+        .report("c2 applied", |s| {
+            s.commit_id == c2 && s.outcome == ReportedOutcome::Succeeded
+        })
+        .await;
+    assert!(s.warnings.is_empty(), "{s:?}");
+    let log = rig.kas.log();
+    for secret in ["s3cret", "cmVhZGVyOnMzY3JldA", "n0tThePassw0rd"] {
+        assert!(!log.contains(secret), "kas logged {secret:?}");
+    }
 }
 
 /// How many times kas sent the project's manifests to an agent.

@@ -3,7 +3,8 @@
 //! against the index's SHA-256 and kept on disk by digest, beside each chart's last resolution
 //! (so a kas restarted while a repository is down still renders with the archive it keeps).
 //! Only URLs of the allow list are asked; redirects are not followed; every answer has a time
-//! and size limit; no credentials.
+//! and size limit; credentials (see [`super::credentials`]) go only to URLs under their prefix,
+//! and a repository refusing them (401, 403) fails the rendering, nothing kept of it used.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use tether_transport::with_causes;
 use url::Url;
 
 use super::RenderError;
+use super::credentials::{ChartCredential, authorization, credential_for};
 use super::dependencies::{
     self, AllowList, ChartIndex, Dependency, Resolved, index_url, looks_gzipped, parse_index,
     sha256_hex,
@@ -59,6 +61,8 @@ pub struct ChartRepoConfig {
     pub cache_size: u64,
     /// CA certificates trusted for HTTPS repositories instead of the system's.
     pub ca_file: Option<PathBuf>,
+    /// Credentials sent to private repositories, each only to URLs under its prefix.
+    pub credentials: Vec<ChartCredential>,
 }
 
 impl Default for ChartRepoConfig {
@@ -72,7 +76,24 @@ impl Default for ChartRepoConfig {
             cache_dir: None,
             cache_size: 512 << 20,
             ca_file: None,
+            credentials: Vec::new(),
         }
+    }
+}
+
+/// Why a request to a chart repository failed.
+#[derive(Debug)]
+enum Failure {
+    /// It answered 401 or 403: kas's credentials (or their absence) are refused. Nothing kept
+    /// is used then: access was withdrawn, or the kas operator must fix the credentials.
+    Denied(String),
+    /// Anything else (unreachable, an HTTP error, too large, too slow).
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(detail: String) -> Self {
+        Failure::Other(detail)
     }
 }
 
@@ -220,10 +241,17 @@ impl ChartFetcher {
             self.metrics.count("index", "cached");
             return Ok(at(f, None));
         }
-        let fetched = self
+        let fetched = match self
             .get(&url, self.config.max_index_size, "max_chart_index_size")
             .await
-            .and_then(|bytes| parse_index(&bytes));
+        {
+            Ok(bytes) => parse_index(&bytes),
+            Err(Failure::Other(detail)) => Err(detail),
+            Err(Failure::Denied(detail)) => {
+                self.metrics.count("index", "denied");
+                return Err(denied(repository, detail));
+            }
+        };
         match fetched {
             Ok(index) => {
                 self.metrics.count("index", "fetched");
@@ -272,6 +300,10 @@ impl ChartFetcher {
                     error,
                 });
                 Resolution { resolved, stale }
+            }
+            // Fail closed: refused credentials are not worked around with what was kept.
+            Err(e @ RenderError::ChartRepositoryDenied { .. }) => {
+                return Err(Unresolved::Failed(e));
             }
             Err(e) => {
                 let Some(record) = self.recorded(chart).await else {
@@ -358,11 +390,14 @@ impl ChartFetcher {
         let bytes = self
             .get(&url, self.config.max_archive_size, "max_chart_size")
             .await
-            .map_err(|detail| {
+            .map_err(|failure| {
                 self.metrics.count("archive", "failed");
-                RenderError::ChartRepository {
-                    url: resolved.url.clone(),
-                    detail,
+                match failure {
+                    Failure::Denied(detail) => denied(&resolved.url, detail),
+                    Failure::Other(detail) => RenderError::ChartRepository {
+                        url: resolved.url.clone(),
+                        detail,
+                    },
                 }
             })?;
         let got = sha256_hex(&bytes);
@@ -382,15 +417,24 @@ impl ChartFetcher {
 
     /// The body of a `GET` of `url` (allowed, a 2xx answer, at most `max` bytes, within the
     /// timeout); why not, otherwise. `limit` names the setting bounding the size.
-    async fn get(&self, url: &Url, max: u64, limit: &str) -> Result<Vec<u8>, String> {
+    async fn get(&self, url: &Url, max: u64, limit: &str) -> Result<Vec<u8>, Failure> {
         if !self.allow.allows(url.as_str()) {
-            return Err("not under gitops.render.chart_repositories".into());
+            return Err(Failure::Other(
+                "not under gitops.render.chart_repositories".into(),
+            ));
         }
         let client = self.client.as_ref().map_err(Clone::clone)?;
-        let request = http::Request::get(url.as_str())
+        let credential = credential_for(&self.config.credentials, url.as_str());
+        let mut request = http::Request::get(url.as_str())
             .header(http::header::USER_AGENT, "tether-kas")
             .body(Empty::new())
             .map_err(|e| e.to_string())?;
+        if let Some(c) = credential {
+            let header = self.authorization(c).await?;
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, header);
+        }
         let exchange = async {
             let answer = client.request(request).await.map_err(|e| with_causes(&e))?;
             let status = answer.status();
@@ -400,12 +444,23 @@ impl ChartFetcher {
                     .get(http::header::LOCATION)
                     .and_then(|l| l.to_str().ok())
                     .unwrap_or_default();
-                return Err(format!(
+                return Err(Failure::Other(format!(
                     "answered {status}, a redirect to {to:?}: kas follows no redirect (name the final location in the chart, and allow it)"
-                ));
+                )));
+            }
+            if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
+                return Err(Failure::Denied(match credential {
+                    Some(c) => format!(
+                        "answered {status} to the credentials of gitops.render.chart_repository_credentials for {}",
+                        c.url
+                    ),
+                    None => format!(
+                        "answered {status}: it needs credentials, and gitops.render.chart_repository_credentials has none for it"
+                    ),
+                }));
             }
             if !status.is_success() {
-                return Err(format!("answered {status}"));
+                return Err(format!("answered {status}").into());
             }
             let max_usize = usize::try_from(max).unwrap_or(usize::MAX);
             let body = Limited::new(answer.into_body(), max_usize)
@@ -423,11 +478,39 @@ impl ChartFetcher {
         tokio::time::timeout(self.config.timeout, exchange)
             .await
             .map_err(|_| {
-                format!(
+                Failure::Other(format!(
                     "no complete answer within {:?} (gitops.render.chart_fetch_timeout)",
                     self.config.timeout
-                )
+                ))
             })?
+    }
+
+    /// The `Authorization` header of `credential`, its secret read now (a rotated Secret is
+    /// used at once). Errors name the credential's URL and file, never the secret.
+    async fn authorization(
+        &self,
+        credential: &ChartCredential,
+    ) -> Result<http::HeaderValue, Failure> {
+        let Some(file) = credential.secret_file().cloned() else {
+            return Err(Failure::Other(format!(
+                "the credentials for {} name no file",
+                credential.url
+            )));
+        };
+        let read = tokio::task::spawn_blocking({
+            let file = file.clone();
+            move || std::fs::read_to_string(file)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let secret = read.map_err(|e| {
+            format!(
+                "cannot read the credentials for {} from {}: {e}",
+                credential.url,
+                file.display()
+            )
+        })?;
+        Ok(authorization(credential, &secret)?)
     }
 
     /// The archive of `digest` from the cache, checked again (a disk may corrupt it).
@@ -456,6 +539,13 @@ impl ChartFetcher {
             Ok(Err(e)) => tracing::warn!(error = %e, "Cannot keep a chart archive in the cache"),
             Err(e) => tracing::warn!(error = %e, "Cannot keep a chart archive in the cache"),
         }
+    }
+}
+
+fn denied(repository: &str, detail: String) -> RenderError {
+    RenderError::ChartRepositoryDenied {
+        repository: repository.to_owned(),
+        detail,
     }
 }
 

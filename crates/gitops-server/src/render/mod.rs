@@ -22,6 +22,7 @@ mod cache;
 pub mod checkout;
 pub mod checks;
 pub mod confine;
+pub mod credentials;
 pub mod dependencies;
 pub mod fetch;
 pub mod filesystem;
@@ -41,6 +42,7 @@ use tether_git_source::{CommitId, Mirror};
 
 pub use cache::RenderCache;
 pub use checkout::{Checkout, CheckoutLimits};
+pub use credentials::ChartCredential;
 use fetch::Unresolved;
 pub use fetch::{ChartFetcher, ChartRepoConfig, Resolution};
 pub use spec::{HelmSpec, ManifestSource, Reach, RenderSpec, Sandbox, Tool};
@@ -177,6 +179,17 @@ pub enum RenderError {
         /// Why it failed (the HTTP status or the error).
         detail: String,
     },
+    /// A chart repository refused kas's credentials, or their absence (401, 403). Nothing
+    /// kept of it is used: kas fails closed.
+    #[error(
+        "chart repository {repository} refused kas: {detail}; nothing was applied, the last commit applied stays applied (the kas operator fixes gitops.render.chart_repository_credentials)"
+    )]
+    ChartRepositoryDenied {
+        /// The repository (or archive URL) asked.
+        repository: String,
+        /// The status and which credentials were sent.
+        detail: String,
+    },
     /// A chart archive is not the one its repository's index names.
     #[error(
         "the archive of {chart} at {url} has SHA-256 {got}, not {expected} as the repository's index says: refused, nothing was applied"
@@ -274,6 +287,7 @@ impl RenderError {
                 | RenderError::Io(_)
                 | RenderError::NoNetworkIsolation
                 | RenderError::ChartRepository { .. }
+                | RenderError::ChartRepositoryDenied { .. }
         )
     }
 }
