@@ -264,6 +264,17 @@ impl AdminClient {
         .await
     }
 
+    /// The entries of the agent's configuration in force with no synchronization report, and
+    /// why each has none.
+    pub async fn gitops_unreported(&self, agent_id: i64) -> Result<Vec<crate::UnreportedView>> {
+        self.json(
+            Method::GET,
+            &format!("/api/v1/agents/{agent_id}/gitops/unreported"),
+            None::<&()>,
+        )
+        .await
+    }
+
     /// What a synchronization of `req.git_ref` would change in the agent's cluster.
     pub async fn diff(&self, agent_id: i64, req: &crate::DiffRequest) -> Result<crate::DiffView> {
         self.json(

@@ -6,6 +6,7 @@ mod agent_ref;
 mod client;
 mod diff;
 mod reported;
+mod unreported;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,7 @@ pub use diff::{
     ProjectDiffView,
 };
 pub use reported::{ReportedOutcome, ReportedStatus};
+pub use unreported::{EntryState, UnreportedView};
 // A user's memberships are the proxy's type from the command line to the store.
 pub use tether_kubeproxy_server::{AccessLevel, Membership, MembershipKind, MembershipSpecError};
 

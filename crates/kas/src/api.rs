@@ -203,6 +203,17 @@ impl History {
 }
 
 impl ApiState {
+    /// Where the agents' configurations in force are read, as the proxy decides: the stored
+    /// one when another replica may hold the agent.
+    pub fn in_force(&self) -> crate::config_in_force::InForce<'_> {
+        crate::config_in_force::InForce {
+            configs: &self.config_states,
+            store: self.store.as_ref(),
+            registry: &self.registry,
+            several: self.peers.is_some(),
+        }
+    }
+
     /// Tells the other replicas about `event`: to end what a revoked token opened there (this
     /// one ended it already; without Redis, or when publishing fails, they notice at their next
     /// token re-check), or to fetch a pushed project (or at their next poll).
@@ -846,20 +857,14 @@ async fn agent_gitops(
 ) -> Result<Json<Vec<SyncView>>, ApiError> {
     // A project dropped from the configuration in force keeps its last report in the store
     // (it says where its inventory was), but it is no longer the agent's status.
-    // As the proxy decides: the stored configuration when another replica may hold the agent.
-    let in_force = crate::config_in_force::InForce {
-        configs: &st.config_states,
-        store: st.store.as_ref(),
-        registry: &st.registry,
-        several: st.peers.is_some(),
-    };
-    let listed: Option<std::collections::HashSet<String>> = in_force.now(agent_id).await.map(|c| {
-        c.gitops
-            .manifest_projects
-            .iter()
-            .map(tether_agent_config::ManifestProject::entry_key)
-            .collect()
-    });
+    let listed: Option<std::collections::HashSet<String>> =
+        st.in_force().now(agent_id).await.map(|c| {
+            c.gitops
+                .manifest_projects
+                .iter()
+                .map(tether_agent_config::ManifestProject::entry_key)
+                .collect()
+        });
     Ok(Json(
         st.sync_states
             .for_agent(agent_id)
@@ -972,6 +977,10 @@ fn admin_routes() -> Router<ApiState> {
         )
         .route("/api/v1/agents/{id}/echo", post(echo))
         .route("/api/v1/agents/{id}/gitops", get(agent_gitops))
+        .route(
+            "/api/v1/agents/{id}/gitops/unreported",
+            get(crate::unreported::agent_unreported),
+        )
         .route("/api/v1/agents/{id}/diff", post(crate::preview::diff))
         .route("/api/v1/tokens/{id}", delete(revoke_token))
         .route("/api/v1/agents/{id}/user-tokens", post(create_user_token))

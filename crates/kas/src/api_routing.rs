@@ -35,7 +35,14 @@ pub fn agent_of(path: &str) -> Option<i64> {
     let (id, sub) = rest.split_once('/')?;
     let needs_holder = matches!(
         sub,
-        "echo" | "gitops" | "gitops/progress" | "diff" | "reconcile" | "suspend" | "resume"
+        "echo"
+            | "gitops"
+            | "gitops/progress"
+            | "gitops/unreported"
+            | "diff"
+            | "reconcile"
+            | "suspend"
+            | "resume"
     );
     needs_holder.then(|| id.parse().ok()).flatten()
 }

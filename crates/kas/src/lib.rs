@@ -35,4 +35,5 @@ pub mod projects;
 pub mod revocation;
 pub mod server;
 pub mod store_metrics;
+pub mod unreported;
 pub mod webui;

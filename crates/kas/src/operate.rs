@@ -180,7 +180,7 @@ fn check_reason(reason: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn find_project(st: &ApiState, text: &str) -> Result<Option<Project>, ApiError> {
+pub(crate) async fn find_project(st: &ApiState, text: &str) -> Result<Option<Project>, ApiError> {
     Ok(match text.parse::<i64>() {
         Ok(id) => st.store.get_project(id).await?,
         Err(_) => st.store.get_project_by_path(text).await?,

@@ -3419,3 +3419,81 @@ async fn applied_in(rig: &Rig, key: &str, commit: &str) -> kas::api::SyncView {
     })
     .await
 }
+
+/// `kas agent status` shows every entry of the configuration in force, also those the agent
+/// has not reported on, and why: one naming a project kas does not have (`unknown project`,
+/// with the command that adds it) and one whose project kas cannot fetch (`fetch failing`,
+/// with kas's fetch error), beside the synchronized entry's report, in the table and in `-o
+/// json`, and it exits 8. Before, both entries were simply missing and it exited 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_status_shows_entries_without_a_report_and_why() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("unreported").unwrap();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &seed_agent_rbac(&ns, "gitlab-agent", &ns),
+        "  - id: group/ghost\n  - id: group/broken\n",
+        &[("manifests/cm.yaml", Some(&configmap("here", &ns, "v1")))],
+        &[],
+    )
+    .await;
+    rig.synced(&c1).await;
+    // A directory that is no repository: kas takes it (it exists), and every fetch fails.
+    let not_a_repository = rig._dir.path().join("not-a-repository");
+    std::fs::create_dir_all(&not_a_repository).unwrap();
+    let broken = ProjectRequest {
+        path: "group/broken".into(),
+        remote: Some(not_a_repository.display().to_string()),
+        ..ProjectRequest::default()
+    };
+    rig.kas.admin.set_project(&broken).await.unwrap();
+    let fetch_error = wait_for(
+        "kas's fetch of group/broken to fail",
+        Duration::from_secs(30),
+        || async {
+            let projects = rig.kas.admin.list_projects().await.ok()?;
+            projects
+                .into_iter()
+                .find(|p| p.path == "group/broken")?
+                .fetch_error
+        },
+    )
+    .await;
+    let status = |format: &str| {
+        let o = rig
+            .kas
+            .cli()
+            .args(["agent", "status", "group/config:seed", "-o", format])
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (o.status.code(), text(&o.stdout), text(&o.stderr))
+    };
+
+    let (code, stdout, stderr) = status("table");
+    assert_eq!(code, Some(8), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("group/manifests  commit {}", &c1[..12])),
+        "{stdout}"
+    );
+    let ghost = "group/ghost  unknown project: \"group/ghost\" is not registered in kas \
+                 (kas project add --path group/ghost --remote <repository>)";
+    let failing = format!("group/broken  fetch failing: {fetch_error}");
+    for line in [ghost, failing.as_str()] {
+        assert!(stdout.contains(line), "{line} not in {stdout}");
+        assert!(stderr.contains(line), "{line} not in {stderr}");
+    }
+
+    let (code, stdout, _) = status("json");
+    assert_eq!(code, Some(8));
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["syncs"][0]["project_id"], "group/manifests", "{json}");
+    let rows = json["unreported"].as_array().unwrap();
+    let row = |i: usize| (rows[i]["project_id"].clone(), rows[i]["state"].clone());
+    assert_eq!(rows.len(), 2, "{json}");
+    assert_eq!(row(0), ("group/ghost".into(), "unknown_project".into()));
+    assert_eq!(row(1), ("group/broken".into(), "fetch_failing".into()));
+    assert_eq!(rows[1]["reason"], fetch_error.as_str());
+}

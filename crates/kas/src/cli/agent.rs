@@ -6,7 +6,8 @@ use anyhow::Result;
 use kas::config::Config;
 use kas::install::{self, InstallTarget};
 use tether_kas_api::{
-    AdminClient, AgentView, ConfigView, ReportedOutcome, SuspendRequest, SuspensionView, SyncView,
+    AdminClient, AgentView, ClientError, ConfigView, ReportedOutcome, SuspendRequest,
+    SuspensionView, SyncView, UnreportedView,
 };
 
 use super::args::AgentCmd;
@@ -235,6 +236,11 @@ pub const EXIT_TOKEN_SHARED: u8 = 6;
 /// connected is unknown, and "offline" would be a guess.
 pub const EXIT_CONNECTION_UNKNOWN: u8 = 7;
 
+/// `kas agent status`'s exit code when an entry of the configuration in force cannot
+/// synchronize: its project is not registered in kas, or kas cannot fetch it. Like a refused
+/// configuration, what was pushed does not reach the cluster, and no report would say so.
+pub const EXIT_ENTRY_UNHEALTHY: u8 = 8;
+
 /// Fails with [`EXIT_CONNECTION_UNKNOWN`], saying so on stderr, when an agent's connection is
 /// unknown.
 fn unknown_exit(agents: &[AgentView]) -> Result<()> {
@@ -273,6 +279,8 @@ struct StatusView<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     clusters_sharing_token: Vec<&'a str>,
     syncs: &'a [SyncView],
+    /// The entries of the configuration in force with no report, and why.
+    unreported: &'a [UnreportedView],
 }
 
 /// `kas agent status`: connection, configuration (in force, refused), suspensions, syncs.
@@ -287,6 +295,7 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         anyhow::bail!("no agent {agent_id}");
     };
     let syncs = c.gitops_status(agent_id).await?;
+    let unreported = unreported(c, agent_id).await?;
     let view = StatusView {
         agent_id,
         connected: agent.connected,
@@ -296,13 +305,14 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         suspensions: &agent.suspensions,
         clusters_sharing_token: agent.clusters_sharing_token(),
         syncs: &syncs,
+        unreported: &unreported,
     };
     if !print_data(format, &view)? {
         print_state(&view)?;
         for s in view.suspensions {
             out!("{}", suspension_line(s))?;
         }
-        print_syncs(agent_id, &syncs)?;
+        print_syncs(agent_id, &syncs, &unreported)?;
     }
     unknown_exit(std::slice::from_ref(&agent))?;
     if let Some(warning) = shared_token(&agent) {
@@ -312,17 +322,50 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         }
         .into());
     }
-    match view.config.and_then(refusal) {
-        // Old successful syncs must not read as "all is well" to a script.
-        Some(why) => {
-            eprintln!("kas: agent {agent_id}: {why}");
-            Err(Reported {
-                code: EXIT_CONFIG_REFUSED,
-            }
-            .into())
+    // Old successful syncs must not read as "all is well" to a script.
+    if let Some(why) = view.config.and_then(refusal) {
+        eprintln!("kas: agent {agent_id}: {why}");
+        return Err(Reported {
+            code: EXIT_CONFIG_REFUSED,
         }
-        None => Ok(()),
+        .into());
     }
+    unhealthy_exit(agent_id, &unreported)
+}
+
+/// The entries of the configuration in force without a report. A kas older than the route
+/// answers 404: it knows none, which must not make the whole status fail.
+async fn unreported(c: &AdminClient, agent_id: i64) -> Result<Vec<UnreportedView>> {
+    match c.gitops_unreported(agent_id).await {
+        Err(ClientError::Status { status, .. }) if status == http::StatusCode::NOT_FOUND => {
+            Ok(Vec::new())
+        }
+        other => Ok(other?),
+    }
+}
+
+/// Fails with [`EXIT_ENTRY_UNHEALTHY`], naming each such entry on stderr, when an entry of the
+/// configuration in force cannot synchronize.
+fn unhealthy_exit(agent_id: i64, unreported: &[UnreportedView]) -> Result<()> {
+    let unhealthy: Vec<&UnreportedView> = unreported
+        .iter()
+        .filter(|u| u.state.is_unhealthy())
+        .collect();
+    if unhealthy.is_empty() {
+        return Ok(());
+    }
+    for u in unhealthy {
+        eprintln!("kas: agent {agent_id}: {}", unreported_line(u));
+    }
+    Err(Reported {
+        code: EXIT_ENTRY_UNHEALTHY,
+    }
+    .into())
+}
+
+/// `<entry>  <state>: <reason>`, as `kas agent status` shows an entry without a report.
+fn unreported_line(u: &UnreportedView) -> String {
+    format!("{}  {}: {}", u.project_id, u.state, u.reason)
 }
 
 /// "configuration refused at commit C: why", when the newest configuration was refused.
@@ -368,11 +411,13 @@ fn print_state(v: &StatusView<'_>) -> Result<()> {
     Ok(())
 }
 
-/// `kas agent status`: each manifest project's last synchronization and its objects.
-fn print_syncs(agent_id: i64, syncs: &[SyncView]) -> Result<()> {
+/// `kas agent status`: each manifest project's last synchronization and its objects, then
+/// each entry of the configuration in force without one, and why.
+fn print_syncs(agent_id: i64, syncs: &[SyncView], unreported: &[UnreportedView]) -> Result<()> {
     if syncs.is_empty() {
         out!("agent {agent_id} has reported no synchronization yet")?;
     }
+
     for s in syncs {
         out!(
             "{}  commit {}  {}{}  at {}{}",
@@ -409,6 +454,9 @@ fn print_syncs(agent_id: i64, syncs: &[SyncView]) -> Result<()> {
                 o.message
             )?;
         }
+    }
+    for u in unreported {
+        out!("{}", unreported_line(u))?;
     }
     Ok(())
 }

@@ -290,11 +290,15 @@ pub enum AgentCmd {
     },
     /// Show whether the agent is connected, its configuration in force (and a refused newer
     /// one, with why), its suspensions, and each manifest project's last synchronization:
-    /// commit, when, every object's status.
+    /// commit, when, every object's status; each entry not reported on yet says why (pending,
+    /// fetch failing, unknown project).
     #[command(
         after_help = "Examples:\n  kas agent status group/app:dude\n  kas agent status 3 -o yaml\n\n\
 Exit codes:\n  0  shown\n  1  kas refused the request (unknown agent, …)\n  \
-5  shown, and the agent's newest configuration was refused (an older one stays in force)"
+5  shown, and the agent's newest configuration was refused (an older one stays in force)\n  \
+6  shown, and the agent is connected from several clusters (one token, several clusters)\n  \
+7  shown, and whether the agent is connected is unknown (a kas replica did not answer)\n  \
+8  shown, and an entry cannot synchronize: its project is unknown to kas or its fetch fails"
     )]
     Status {
         /// The agent: its id or `<configuration project path>:<agent name>`.

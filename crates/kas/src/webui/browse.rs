@@ -280,7 +280,7 @@ where
 async fn managed_namespaces(st: &WebState, agent: i64) -> BTreeSet<String> {
     super::pages::sync_views(st, agent)
         .await
-        .map(|(syncs, _)| {
+        .map(|(syncs, _, _)| {
             syncs
                 .iter()
                 .flat_map(|s| s.objects.iter().map(|o| o.namespace.clone()))

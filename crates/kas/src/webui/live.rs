@@ -77,7 +77,9 @@ fn changes(
 /// The syncs section as the page shows it, or why it cannot be read.
 async fn syncs_section(st: &WebState, id: i64, filter: &ObjectFilter) -> String {
     match super::pages::sync_views(st, id).await {
-        Ok((syncs, progress)) => render::syncs(&syncs, &progress, filter).into_string(),
+        Ok((syncs, progress, unreported)) => {
+            render::syncs(&syncs, &progress, &unreported, filter).into_string()
+        }
         // Said in the page; the API's error type logs failures of kas itself.
         Err(e) => {
             tracing::warn!(agent_id = id, error = %e.1, "Web UI live view cannot read the syncs");

@@ -57,16 +57,10 @@ async fn agent_body(
         .into_iter()
         .find(|a| a.id == id)
         .ok_or_else(|| api::ApiError::new(StatusCode::NOT_FOUND, format!("no agent {id}")))?;
-    let (syncs, progress) = sync_views(st, id).await?;
+    let (syncs, progress, unreported) = sync_views(st, id).await?;
     let tokens = api::list_tokens(State(st.api.clone()), Path(id)).await?.0;
     // As the proxy decides: the stored configuration when another replica holds the agent.
-    let in_force = crate::config_in_force::InForce {
-        configs: &st.api.config_states,
-        store: st.api.store.as_ref(),
-        registry: &st.api.registry,
-        several: st.api.peers.is_some(),
-    };
-    let access = in_force.now(id).await.map(|c| {
+    let access = st.api.in_force().now(id).await.map(|c| {
         let rules = serde_json::json!({"ci_access": c.ci_access, "user_access": c.user_access});
         serde_json::to_string_pretty(&rules).unwrap_or_default()
     });
@@ -74,6 +68,7 @@ async fn agent_body(
         agent: &agent,
         syncs: &syncs,
         progress: &progress,
+        unreported: &unreported,
         access,
         tokens: &tokens,
         filter,
@@ -82,18 +77,24 @@ async fn agent_body(
     Ok((format!("Agent {} ({})", agent.name, agent.project), body))
 }
 
-/// The agent's last syncs and the ones under way, as `kas agent status` and
-/// `reconcile --wait` see them (from the replica holding the agent).
-pub async fn sync_views(
-    st: &WebState,
-    id: i64,
-) -> Result<(Vec<api::SyncView>, Vec<tether_kas_api::ProgressView>), api::ApiError> {
+/// The agent's last syncs, the ones under way and the entries without a report, as `kas
+/// agent status` and `reconcile --wait` see them (from the replica holding the agent).
+pub async fn sync_views(st: &WebState, id: i64) -> Result<SyncViews, api::ApiError> {
     let (router, base) = (&st.api_router, format!("/api/v1/agents/{id}/gitops"));
     let syncs = super::through::call(router, Method::GET, &base, None).await?;
     let progress = format!("{base}/progress");
     let progress = super::through::call(router, Method::GET, &progress, None).await?;
-    Ok((syncs, progress))
+    let unreported = format!("{base}/unreported");
+    let unreported = super::through::call(router, Method::GET, &unreported, None).await?;
+    Ok((syncs, progress, unreported))
 }
+
+/// [`sync_views`]' answer: last syncs, syncs under way, entries without a report.
+pub type SyncViews = (
+    Vec<api::SyncView>,
+    Vec<tether_kas_api::ProgressView>,
+    Vec<tether_kas_api::UnreportedView>,
+);
 
 /// The projects: mirror state, last fetch, errors, webhook deliveries.
 pub async fn projects(State(st): State<WebState>, Extension(who): Extension<LoggedIn>) -> Response {

@@ -3,7 +3,7 @@
 
 use tether_kas_api::{
     AgentView, ConfigView, ObjectView, ProgressView, ProjectView, ReportedStatus, SyncView,
-    TokenView,
+    TokenView, UnreportedView,
 };
 
 use super::html::{Html, Table, badge, esc, hidden, link, post_form, text_field, url_part};
@@ -121,8 +121,14 @@ pub fn agents(list: &[AgentView], replica: &str) -> Html {
     out
 }
 
-/// One manifest project's last sync and its objects (filtered), as the live stream sends it.
-pub fn syncs(syncs: &[SyncView], progress: &[ProgressView], filter: &ObjectFilter) -> Html {
+/// One manifest project's last sync and its objects (filtered), then each entry of the
+/// configuration in force without a report and why, as the live stream sends it.
+pub fn syncs(
+    syncs: &[SyncView],
+    progress: &[ProgressView],
+    unreported: &[UnreportedView],
+    filter: &ObjectFilter,
+) -> Html {
     let mut out = Html::default();
     for p in progress {
         out.push(Html::wrap(
@@ -143,6 +149,19 @@ pub fn syncs(syncs: &[SyncView], progress: &[ProgressView], filter: &ObjectFilte
     }
     for s in syncs {
         out.push(sync(s, filter));
+    }
+    for u in unreported {
+        // As the CLI: an entry that cannot synchronize is an error, a pending one is not.
+        let class = if u.state.is_unhealthy() {
+            "unreported error"
+        } else {
+            "unreported progress"
+        };
+        out.push(Html::wrap(
+            "p",
+            &format!("class=\"{class}\""),
+            Html::text(&format!("{} — {}: {}", u.project_id, u.state, u.reason)),
+        ));
     }
     out
 }
@@ -237,6 +256,8 @@ pub struct AgentPage<'a> {
     pub agent: &'a AgentView,
     pub syncs: &'a [SyncView],
     pub progress: &'a [ProgressView],
+    /// The entries of the configuration in force without a report.
+    pub unreported: &'a [UnreportedView],
     /// The agent's `ci_access` and `user_access` in force, as JSON (none: not known yet).
     pub access: Option<String>,
     pub tokens: &'a [TokenView],
@@ -259,7 +280,7 @@ pub fn agent(p: &AgentPage<'_>) -> Html {
         a.id,
         esc(&p.filter.query())
     )));
-    out.push(syncs(p.syncs, p.progress, p.filter));
+    out.push(syncs(p.syncs, p.progress, p.unreported, p.filter));
     out.push(Html::raw("</div><h2>Recent events</h2>"));
     out.push(events(a, p.syncs));
     out.push(Html::raw("<h2>Access rules in force</h2>"));
@@ -560,7 +581,7 @@ mod tests {
 
     #[test]
     fn a_sync_shows_outcome_objects_and_escaped_messages() {
-        let h = syncs(&[seed_sync()], &[], &ObjectFilter::default());
+        let h = syncs(&[seed_sync()], &[], &[], &ObjectFilter::default());
         let s = h.as_str();
         assert!(s.contains("data-commit=\"0123456789abcdef\""));
         assert!(s.contains("group/manifests — commit 0123456789ab applied"));
@@ -568,6 +589,41 @@ mod tests {
         assert!(s.contains("forbidden: &lt;User&gt;"), "{s}");
         assert!(s.contains("<span class=\"badge good\">Current</span>"));
         assert!(!s.contains("<User>"));
+    }
+
+    #[test]
+    fn entries_without_a_report_are_shown_with_state_and_escaped_reason() {
+        let u = |id: &str, state, reason: &str| UnreportedView {
+            project_id: id.into(),
+            state,
+            reason: reason.into(),
+        };
+        let rows = [
+            u(
+                "group/new",
+                tether_kas_api::EntryState::Pending,
+                "first sync not reported yet",
+            ),
+            u(
+                "group/ghost",
+                tether_kas_api::EntryState::UnknownProject,
+                "\"group/ghost\" <not registered>",
+            ),
+        ];
+        let h = syncs(&[], &[], &rows, &ObjectFilter::default());
+        let s = h.as_str();
+        assert!(
+            s.contains("<p class=\"unreported progress\">group/new — pending: first sync not reported yet</p>"),
+            "{s}"
+        );
+        assert!(
+            s.contains("<p class=\"unreported error\">group/ghost — unknown project: "),
+            "{s}"
+        );
+        assert!(
+            s.contains("&lt;not registered&gt;") && !s.contains("<not registered>"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -580,7 +636,7 @@ mod tests {
             current: 1,
             failed: 0,
         };
-        let h = syncs(&[], &[p], &ObjectFilter::default());
+        let h = syncs(&[], &[p], &[], &ObjectFilter::default());
         assert!(h.as_str().contains(
             "Sync of group/manifests at commit abc in progress: 3 objects, 1 current, 0 failed"
         ));
@@ -670,6 +726,7 @@ mod tests {
             agent: &a,
             syncs: &syncs,
             progress: &[],
+            unreported: &[],
             access: None,
             tokens: &tokens,
             filter: &filter,
