@@ -90,16 +90,34 @@ pub struct ObjectDiffView {
 impl DiffView {
     /// Whether any object would be created, changed or pruned.
     pub fn has_changes(&self) -> bool {
-        self.projects
-            .iter()
-            .flat_map(|p| &p.objects)
-            .any(|o| o.change.is_change())
+        self.projects.iter().any(ProjectDiffView::has_changes)
     }
 
     /// Whether a project or an object could not be previewed.
     pub fn has_errors(&self) -> bool {
+        self.projects.iter().any(ProjectDiffView::has_errors)
+    }
+
+    /// The projects whose preview answers the request: with `project` (`--project`) only that
+    /// one, named as kas matches it (the entry's key, case-insensitive); the others are
+    /// previewed at the ref they follow, as context, and are not what was asked about.
+    /// Without, every one (kas then previews a single project). Pure.
+    pub fn judged(&self, project: Option<&str>) -> Vec<&ProjectDiffView> {
         self.projects
             .iter()
-            .any(|p| p.error.is_some() || p.objects.iter().any(|o| o.change == DiffChange::Failed))
+            .filter(|p| project.is_none_or(|n| p.project.eq_ignore_ascii_case(n.trim())))
+            .collect()
+    }
+}
+
+impl ProjectDiffView {
+    /// Whether any object of the project would be created, changed or pruned.
+    pub fn has_changes(&self) -> bool {
+        self.objects.iter().any(|o| o.change.is_change())
+    }
+
+    /// Whether the project or one of its objects could not be previewed.
+    pub fn has_errors(&self) -> bool {
+        self.error.is_some() || self.objects.iter().any(|o| o.change == DiffChange::Failed)
     }
 }

@@ -25,7 +25,8 @@ pub struct DiffArgs {
     #[arg(long = "ref", value_name = "REF")]
     pub git_ref: String,
     /// The manifest project REF is of (path or id as in the agent's configuration); required
-    /// when the agent has several.
+    /// when the agent has several. The others are shown at the ref they follow, but only this
+    /// one decides the exit code.
     #[arg(long)]
     pub project: Option<String>,
     /// `text` (like `flux diff`) or `json`.
@@ -50,12 +51,16 @@ pub enum Output {
     Json,
 }
 
-/// The exit code for a preview: an error wins (an incomplete answer must not pass for "no
-/// changes" or be taken as a plain "changes"), then any change.
-pub fn exit_code(view: &DiffView) -> u8 {
-    if view.has_errors() {
+/// The exit code for a preview of `project` (`--project`; `None`: the agent's only one): an
+/// error wins (an incomplete answer must not pass for "no changes" or be taken as a plain
+/// "changes"), then any change. Only the project REF is of counts: the others are shown at the
+/// ref they follow, and their drift or failure is not the merge request's.
+pub fn exit_code(view: &DiffView, project: Option<&str>) -> u8 {
+    let judged = view.judged(project);
+    // An answer without the project asked about is incomplete.
+    if judged.is_empty() || judged.iter().any(|p| p.has_errors()) {
         EXIT_ERROR
-    } else if view.has_changes() {
+    } else if judged.iter().any(|p| p.has_changes()) {
         EXIT_CHANGES
     } else {
         EXIT_NO_CHANGES
@@ -67,7 +72,7 @@ pub fn exit_code(view: &DiffView) -> u8 {
 pub async fn run(c: &AdminClient, args: &DiffArgs, out: &mut impl Write) -> anyhow::Result<u8> {
     let agent_id = c.resolve_agent(&args.agent).await?;
     let view = c.diff(agent_id, &request(args)).await?;
-    print(&view, args.output, out)
+    print(&view, args, out)
 }
 
 /// Asks kas's Kubernetes API proxy (`--server`) for the preview as the CI job whose ID token
@@ -95,7 +100,7 @@ pub async fn run_as_ci_job(args: &DiffArgs, out: &mut impl Write) -> anyhow::Res
     };
     let proxy = AdminClient::new(server, &format!("ci:{agent_id}:{jwt}")).trusting(ca)?;
     let view = proxy.proxy_diff(&request(args)).await?;
-    print(&view, args.output, out)
+    print(&view, args, out)
 }
 
 /// The id of the agent named `name` (`<project>:<agent>`) in a CI job's kubeconfig: its user's
@@ -120,23 +125,33 @@ fn request(args: &DiffArgs) -> DiffRequest {
     }
 }
 
-fn print(view: &DiffView, output: Output, out: &mut impl Write) -> anyhow::Result<u8> {
-    match output {
+fn print(view: &DiffView, args: &DiffArgs, out: &mut impl Write) -> anyhow::Result<u8> {
+    let project = args.project.as_deref();
+    match args.output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(view)?)?,
-        Output::Text => out.write_all(render(view).as_bytes())?,
+        Output::Text => out.write_all(render(view, project).as_bytes())?,
     }
     out.flush()?;
-    Ok(exit_code(view))
+    Ok(exit_code(view, project))
 }
 
 /// The text output: per project a header, then each object that would change (`►`, with the
-/// diff of a changed one) or fail (`✗`), and `no changes` when nothing would.
-pub fn render(view: &DiffView) -> String {
+/// diff of a changed one) or fail (`✗`), and `no changes` when nothing would in the project
+/// the exit code is about (`project`, named when the agent's others are shown too).
+pub fn render(view: &DiffView, project: Option<&str>) -> String {
     let mut s = String::new();
     for p in &view.projects {
         render_project(p, &mut s);
     }
-    if !view.has_changes() && !view.has_errors() {
+    if exit_code(view, project) != EXIT_NO_CHANGES {
+        return s;
+    }
+    let judged = view.judged(project);
+    if judged.len() < view.projects.len() {
+        // The others may show changes or failures: say which project "no changes" is about.
+        let names: Vec<&str> = judged.iter().map(|p| p.project.as_str()).collect();
+        s.push_str(&format!("✔ no changes in {}\n", names.join(", ")));
+    } else {
         s.push_str("✔ no changes\n");
     }
     s
@@ -236,19 +251,42 @@ mod tests {
     #[test]
     fn exit_code_is_0_unchanged_1_changed_2_on_any_error() {
         let unchanged = object("Deployment", "app", "web", DiffChange::Unchanged);
-        assert_eq!(exit_code(&view(vec![unchanged.clone()], None)), 0);
-        assert_eq!(exit_code(&view(Vec::new(), None)), 0);
+        assert_eq!(exit_code(&view(vec![unchanged.clone()], None), None), 0);
+        assert_eq!(exit_code(&view(Vec::new(), None), None), 0);
         for change in [DiffChange::Created, DiffChange::Changed, DiffChange::Pruned] {
             let v = view(
                 vec![unchanged.clone(), object("ConfigMap", "app", "c", change)],
                 None,
             );
-            assert_eq!(exit_code(&v), 1, "{change:?}");
+            assert_eq!(exit_code(&v, None), 1, "{change:?}");
         }
         let failed = object("ConfigMap", "other", "x", DiffChange::Failed);
         let created = object("ConfigMap", "app", "c", DiffChange::Created);
-        assert_eq!(exit_code(&view(vec![created, failed], None)), 2);
-        assert_eq!(exit_code(&view(Vec::new(), Some("no branch nope"))), 2);
+        assert_eq!(exit_code(&view(vec![created, failed], None), None), 2);
+        assert_eq!(
+            exit_code(&view(Vec::new(), Some("no branch nope")), None),
+            2
+        );
+    }
+
+    #[test]
+    fn with_project_only_that_project_decides_the_exit_code_and_no_changes() {
+        let same = object("ConfigMap", "app", "same", DiffChange::Unchanged);
+        let mut v = view(vec![same], None);
+        v.projects.push(ProjectDiffView {
+            project: "g/other".into(),
+            git_ref: "default branch".into(),
+            error: Some("g/other is not a project known to kas".into()),
+            objects: vec![object("ConfigMap", "app", "c", DiffChange::Created)],
+            ..v.projects[0].clone()
+        });
+        assert_eq!(exit_code(&v, Some("G/Manifests ")), EXIT_NO_CHANGES);
+        assert!(render(&v, Some("g/manifests")).ends_with("✔ no changes in g/manifests\n"));
+        assert_eq!(exit_code(&v, Some("g/other")), EXIT_ERROR);
+        assert_eq!(exit_code(&v, None), EXIT_ERROR);
+        // An answer without the project asked about is incomplete, never "no changes".
+        assert_eq!(exit_code(&v, Some("g/missing")), EXIT_ERROR);
+        assert!(!render(&v, Some("g/missing")).contains("no changes"));
     }
 
     #[test]
@@ -264,7 +302,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            render(&v),
+            render(&v, None),
             "◎ g/manifests at feature 0123456789ab\n\
              ► ConfigMap/app/new created\n\
              ► Deployment/app/web drifted\n\
@@ -278,10 +316,13 @@ mod tests {
     fn text_output_says_no_changes_and_names_a_project_error() {
         let same = object("ConfigMap", "app", "same", DiffChange::Unchanged);
         assert_eq!(
-            render(&view(vec![same], None)),
+            render(&view(vec![same], None), None),
             "◎ g/manifests at feature 0123456789ab\n✔ no changes\n"
         );
-        let failed = render(&view(Vec::new(), Some("g/manifests has no branch nope")));
+        let failed = render(
+            &view(Vec::new(), Some("g/manifests has no branch nope")),
+            None,
+        );
         assert!(failed.contains("✗ g/manifests has no branch nope\n"));
         assert!(!failed.contains("no changes"));
     }

@@ -518,3 +518,27 @@ async fn a_preview_substitutes_post_build_variables() {
         created.diff
     );
 }
+
+/// With `--project`, only that project's preview decides the exit code: the agent's other
+/// entry (here one naming a project kas does not have, so its preview fails) is shown, at the
+/// ref it follows, but does not turn "no changes" into exit 2. Before, any project's failure
+/// made the diff of the project asked about exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_project_only_that_projects_preview_decides_the_exit_code() {
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    let ghost = |_: &str| "  - id: group/ghost\n".to_owned();
+    let (rig, _) = synced_rig_full("diffone", |_| Vec::new(), ghost, opts).await;
+    let args = [AGENT, "--ref", "main", "--project", "group/manifests"];
+    let (code, out, err) = kas_diff(&rig.kas, &args);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("◎ group/ghost at default branch"), "{out}");
+    assert!(out.ends_with("✔ no changes in group/manifests\n"), "{out}");
+    let (code, out, err) = kas_diff(
+        &rig.kas,
+        &[AGENT, "--ref", "main", "--project", "group/ghost"],
+    );
+    assert_eq!(code, Some(2), "{out}{err}");
+}
