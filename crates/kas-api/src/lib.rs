@@ -400,6 +400,10 @@ pub struct SyncView {
     /// from agents or kas older than this field).
     #[serde(default)]
     pub chart_version: String,
+    /// Why kas's last fetch of the entry's project failed ("" when it did not): the report
+    /// is then of the last commit kas had, and newer pushes do not reach the agent.
+    #[serde(default)]
+    pub fetch_error: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]

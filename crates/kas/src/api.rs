@@ -865,39 +865,58 @@ async fn agent_gitops(
                 .map(tether_agent_config::ManifestProject::entry_key)
                 .collect()
         });
-    Ok(Json(
-        st.sync_states
-            .for_agent(agent_id)
-            .await?
+    let mut views: Vec<SyncView> = st
+        .sync_states
+        .for_agent(agent_id)
+        .await?
+        .into_iter()
+        .filter(|r| listed.as_ref().is_none_or(|l| l.contains(&r.project_id)))
+        .map(sync_view)
+        .collect();
+    for v in &mut views {
+        v.fetch_error = fetch_error(&st, &v.project_id).await?;
+    }
+    Ok(Json(views))
+}
+
+/// Why kas's last fetch of the project of the entry `key` failed, "" when it did not (or kas
+/// does not know the project: its entry has no report then, see `unreported`). A report
+/// alone read as current while every push since stayed unfetched.
+async fn fetch_error(st: &ApiState, key: &str) -> Result<String, ApiError> {
+    let project = key.split_once('#').map_or(key, |(p, _)| p);
+    let Some(found) = crate::operate::find_project(st, project).await? else {
+        return Ok(String::new());
+    };
+    Ok(st.sources.head(found.id).error.unwrap_or_default())
+}
+
+fn sync_view(r: tether_protocol::gitops::SyncReport) -> SyncView {
+    SyncView {
+        outcome: r.sync_outcome().into(),
+        project_id: r.project_id,
+        commit_id: r.commit_id,
+        error: r.error,
+        finished_at: rfc3339(
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(r.finished_at).unwrap_or(0)),
+        ),
+        dry_run: r.dry_run,
+        warnings: r.warnings,
+        resync_id: r.resync_id,
+        chart_version: r.chart_version,
+        fetch_error: String::new(),
+        objects: r
+            .objects
             .into_iter()
-            .filter(|r| listed.as_ref().is_none_or(|l| l.contains(&r.project_id)))
-            .map(|r| SyncView {
-                outcome: r.sync_outcome().into(),
-                project_id: r.project_id,
-                commit_id: r.commit_id,
-                error: r.error,
-                finished_at: rfc3339(
-                    UNIX_EPOCH + Duration::from_secs(u64::try_from(r.finished_at).unwrap_or(0)),
-                ),
-                dry_run: r.dry_run,
-                warnings: r.warnings,
-                resync_id: r.resync_id,
-                chart_version: r.chart_version,
-                objects: r
-                    .objects
-                    .into_iter()
-                    .map(|o| ObjectView {
-                        status: o.state().into(),
-                        group: o.group,
-                        kind: o.kind,
-                        namespace: o.namespace,
-                        name: o.name,
-                        message: o.message,
-                    })
-                    .collect(),
+            .map(|o| ObjectView {
+                status: o.state().into(),
+                group: o.group,
+                kind: o.kind,
+                namespace: o.namespace,
+                name: o.name,
+                message: o.message,
             })
             .collect(),
-    ))
+    }
 }
 
 fn rss_bytes() -> u64 {

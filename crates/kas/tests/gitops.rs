@@ -3496,4 +3496,31 @@ async fn agent_status_shows_entries_without_a_report_and_why() {
     assert_eq!(row(0), ("group/ghost".into(), "unknown_project".into()));
     assert_eq!(row(1), ("group/broken".into(), "fetch_failing".into()));
     assert_eq!(rows[1]["reason"], fetch_error.as_str());
+
+    // A reported entry whose project kas can no longer fetch: its report is old news (it
+    // read as current, exit 0, while no push reached the agent).
+    let moved = ProjectRequest {
+        path: "group/manifests".into(),
+        remote: Some(not_a_repository.display().to_string()),
+        ..ProjectRequest::default()
+    };
+    rig.kas.admin.set_project(&moved).await.unwrap();
+    let stale = wait_for(
+        "the reported entry's fetch error in its status",
+        Duration::from_secs(30),
+        || async {
+            let syncs = rig.kas.admin.gitops_status(rig.agent_id).await.ok()?;
+            let s = syncs.into_iter().find(|s| s.project_id == "group/manifests")?;
+            (!s.fetch_error.is_empty()).then_some(s)
+        },
+    )
+    .await;
+    let (code, stdout, stderr) = status("table");
+    assert_eq!(code, Some(8), "{stdout}{stderr}");
+    let line = format!("fetch failing: {}", stale.fetch_error);
+    assert!(stdout.contains(&format!("    {line}")), "{stdout}");
+    assert!(
+        stderr.contains(&format!("group/manifests  {line}")),
+        "{stderr}"
+    );
 }

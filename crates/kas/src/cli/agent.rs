@@ -330,7 +330,7 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         }
         .into());
     }
-    unhealthy_exit(agent_id, &unreported)
+    unhealthy_exit(agent_id, &syncs, &unreported)
 }
 
 /// The entries of the configuration in force without a report. A kas older than the route
@@ -346,21 +346,37 @@ async fn unreported(c: &AdminClient, agent_id: i64) -> Result<Vec<UnreportedView
 
 /// Fails with [`EXIT_ENTRY_UNHEALTHY`], naming each such entry on stderr, when an entry of the
 /// configuration in force cannot synchronize.
-fn unhealthy_exit(agent_id: i64, unreported: &[UnreportedView]) -> Result<()> {
-    let unhealthy: Vec<&UnreportedView> = unreported
+fn unhealthy_exit(agent_id: i64, syncs: &[SyncView], unreported: &[UnreportedView]) -> Result<()> {
+    // A report of the last commit kas fetched is old news while the fetches fail.
+    let stale: Vec<String> = syncs
+        .iter()
+        .filter(|s| !s.fetch_error.is_empty())
+        .map(|s| format!("{}  {}", s.project_id, stale_line(s)))
+        .collect();
+    let unhealthy: Vec<String> = unreported
         .iter()
         .filter(|u| u.state.is_unhealthy())
+        .map(unreported_line)
+        .chain(stale)
         .collect();
     if unhealthy.is_empty() {
         return Ok(());
     }
-    for u in unhealthy {
-        eprintln!("kas: agent {agent_id}: {}", unreported_line(u));
+    for line in unhealthy {
+        eprintln!("kas: agent {agent_id}: {line}");
     }
     Err(Reported {
         code: EXIT_ENTRY_UNHEALTHY,
     }
     .into())
+}
+
+/// What `kas agent status` says under a report whose project kas cannot fetch.
+fn stale_line(s: &SyncView) -> String {
+    format!(
+        "fetch failing: {} (pushes since are not fetched; this is the last commit kas has)",
+        s.fetch_error
+    )
 }
 
 /// `<entry>  <state>: <reason>`, as `kas agent status` shows an entry without a report.
@@ -435,6 +451,9 @@ fn print_syncs(agent_id: i64, syncs: &[SyncView], unreported: &[UnreportedView])
         )?;
         if !s.chart_version.is_empty() {
             out!("    chart version: {}", s.chart_version)?;
+        }
+        if !s.fetch_error.is_empty() {
+            out!("    {}", stale_line(s))?;
         }
         for w in &s.warnings {
             out!("    warning: {w}")?;

@@ -499,6 +499,7 @@ mod tests {
             warnings: Vec::new(),
             resync_id: 1,
             chart_version: String::new(),
+            fetch_error: String::new(),
         }
     }
 

@@ -538,6 +538,7 @@ mod tests {
             warnings: vec![],
             resync_id: 0,
             chart_version: String::new(),
+            fetch_error: String::new(),
             objects: vec![
                 object(
                     "dude",
