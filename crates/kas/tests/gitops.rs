@@ -3510,7 +3510,9 @@ async fn agent_status_shows_entries_without_a_report_and_why() {
         Duration::from_secs(30),
         || async {
             let syncs = rig.kas.admin.gitops_status(rig.agent_id).await.ok()?;
-            let s = syncs.into_iter().find(|s| s.project_id == "group/manifests")?;
+            let s = syncs
+                .into_iter()
+                .find(|s| s.project_id == "group/manifests")?;
             (!s.fetch_error.is_empty()).then_some(s)
         },
     )

@@ -439,6 +439,58 @@ async fn reconcile_with_an_unreachable_remote_exits_5_naming_the_project() {
     assert!(!stdout.contains("fetched, commit"), "{stdout}");
 }
 
+/// A project kas never fetched (its remote replaced by one that fails): the agent has no
+/// commit to synchronize, so `reconcile --wait` says so and exits 5 at once (it waited out
+/// its whole `--timeout` for a report that could not come, then said it timed out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_wait_of_a_project_never_fetched_exits_5_without_waiting() {
+    let opts = KasOptions::default();
+    let (rig, _ns, _c1) = configmap_rig_with("recnever", "  - id: group/never\n", &[], opts).await;
+    let not_a_repository = rig.manifests.dir.with_extension("empty");
+    std::fs::create_dir_all(&not_a_repository).unwrap();
+    rig.kas
+        .admin
+        .set_project(&kas::api::ProjectRequest {
+            path: "group/never".into(),
+            remote: Some(not_a_repository.display().to_string()),
+            ..kas::api::ProjectRequest::default()
+        })
+        .await
+        .unwrap();
+    // Once the agent has the project's stream (what `--wait` waited on for nothing).
+    let asked = tether_kas_api::ReconcileRequest {
+        project: Some("group/never".into()),
+    };
+    wait_for(
+        "the agent's stream of group/never",
+        Duration::from_secs(60),
+        || async {
+            let started = rig.kas.admin.reconcile(rig.agent_id, &asked).await.ok()?;
+            (started.projects.first()?.streams > 0).then_some(())
+        },
+    )
+    .await;
+    let args = [
+        "agent",
+        "reconcile",
+        "group/config:seed",
+        "--project",
+        "group/never",
+        "--wait",
+        "--timeout",
+        "600s",
+    ];
+    let out = kas_cli(&rig.kas, &args);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    let all = text(&out);
+    assert!(
+        all.contains("group/never: fetch failed (")
+            && all.contains("no commit of it was ever fetched, so there is nothing to synchronize"),
+        "{all}"
+    );
+    assert!(!all.contains("timed out"), "{all}");
+}
+
 /// A Git host that accepts connections and never answers: `reconcile --wait` ends once the
 /// fetch times out (`git.fetch_timeout`), exit 5 naming the project and the timeout, and the
 /// last good commit stays in force.

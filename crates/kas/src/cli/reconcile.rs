@@ -265,6 +265,14 @@ pub async fn run(
     for t in &started.projects {
         let commit = t.commit.as_deref().map_or("(none)", short);
         let fetched = match &t.fetch_error {
+            // Nothing the agent could apply or answer with: following it would only wait out
+            // the timeout.
+            Some(e) if t.commit.is_none() => {
+                worst = worst.max(Outcome::FetchFailed);
+                format!(
+                    "fetch failed ({e}); no commit of it was ever fetched, so there is nothing to synchronize"
+                )
+            }
             Some(e) => {
                 // The agent still re-applies (drift correction), but whatever was pushed
                 // since is not in it: a CI "push, then reconcile --wait" step must fail.
@@ -276,7 +284,7 @@ pub async fn run(
             None => format!("fetched, commit {commit}"),
         };
         progress.line(&format!("{}: {fetched}", t.project))?;
-        if t.streams == 0 {
+        if t.streams == 0 && !never_fetched(t) {
             progress.line(&format!(
                 "{}: agent {agent_id} has no GitOps stream for it (offline, or no replica leads)",
                 t.project
@@ -294,6 +302,11 @@ pub async fn run(
     let outcome = follow(c, agent_id, &started, timeout, &progress).await?;
     progress.finish();
     finish(worst.max(outcome))
+}
+
+/// A project kas never fetched: the agent has no commit of it to synchronize or report on.
+fn never_fetched(t: &tether_kas_api::ReconcileTarget) -> bool {
+    t.fetch_error.is_some() && t.commit.is_none()
 }
 
 fn finish(outcome: Outcome) -> Result<()> {
@@ -316,7 +329,7 @@ async fn follow(
     let mut pending: Vec<&str> = started
         .projects
         .iter()
-        .filter(|t| t.streams > 0)
+        .filter(|t| t.streams > 0 && !never_fetched(t))
         .map(|t| t.project.as_str())
         .collect();
     let mut worst = Outcome::Synced;
