@@ -309,14 +309,36 @@ pub fn init_logging_as(level: LevelFilter, format: LogFormat) -> LogHandle {
     let (filter, handle) = reload::Layer::new(level);
     let _ = tracing_subscriber::registry()
         .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(|m| {
+            kept(m.target(), *m.level())
+        }))
         .with(JsonLayer::with_format(std::io::stderr(), format))
         .try_init();
     LogHandle { handle }
 }
 
+/// Whether an event of a dependency is written. kube-client logs every answer of 5xx at
+/// ERROR, without the URL or API group (`failed with status 503 Service Unavailable`): an
+/// aggregated API that is down made hundreds of such lines per sync, tripping log-based
+/// alerts, while the request's caller reports the same failure with its context (which
+/// group, which object) at the level it deserves. Its debug lines stay.
+fn kept(target: &str, level: tracing::Level) -> bool {
+    !(target.starts_with("kube_client::client::builder") && level <= tracing::Level::WARN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kube_clients_contextless_failure_lines_are_dropped_and_nothing_else() {
+        let builder = "kube_client::client::builder";
+        assert!(!kept(builder, tracing::Level::ERROR));
+        assert!(!kept(builder, tracing::Level::WARN));
+        assert!(kept(builder, tracing::Level::DEBUG));
+        assert!(kept("kube_client::client", tracing::Level::ERROR));
+        assert!(kept("tether_gitops_agent::sync", tracing::Level::ERROR));
+    }
     use std::sync::Arc;
 
     #[derive(Clone, Default)]
