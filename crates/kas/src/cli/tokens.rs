@@ -26,12 +26,32 @@ pub async fn ci_kubeconfig(
         server.trim_end_matches('/'),
         kas::kubeproxy::KUBECONFIG_PATH
     );
-    let body = fetcher.get_with_bearer(&url, token.trim()).await?;
+    let mut body = fetcher.get_with_bearer(&url, token.trim()).await?;
+    if let Some(pem) = &ca_pem {
+        body = trusting(&body, pem).context("reading the kubeconfig kas answered")?;
+    }
     match output {
         Some(p) => kas::auth::write_private(p, &body)?,
         None => std::io::Write::write_all(&mut super::output::Stdout, body.as_bytes())?,
     }
     Ok(())
+}
+
+/// The kubeconfig `body` (JSON, as kas answers) with `ca_pem` as the CA of each cluster kas
+/// named none for (kas has no `kubernetes_api.ca_file`). The job's `--ca-cert-file` is what it
+/// trusts the proxy by; kubectl had to trust it too, or failed with "certificate signed by
+/// unknown authority". A CA kas named stays. Pure.
+fn trusting(body: &str, ca_pem: &[u8]) -> Result<String> {
+    use base64::Engine as _;
+    let mut doc: serde_json::Value = serde_json::from_str(body)?;
+    let data = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let clusters = doc["clusters"].as_array_mut().into_iter().flatten();
+    for cluster in clusters.filter_map(|c| c["cluster"].as_object_mut()) {
+        cluster
+            .entry("certificate-authority-data")
+            .or_insert_with(|| serde_json::Value::from(data.clone()));
+    }
+    Ok(serde_json::to_string_pretty(&doc)?)
 }
 
 pub async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -> Result<()> {
@@ -215,4 +235,24 @@ fn print_user_tokens(tokens: Vec<tether_kas_api::UserTokenView>) -> Result<()> {
 fn membership_word(v: &serde_json::Value) -> String {
     let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
     format!("{}:{}:{}", s("kind"), s("path"), s("access_level"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_jobs_ca_is_written_for_clusters_kas_named_no_ca_for() {
+        let body = r#"{"clusters":[
+            {"name":"a","cluster":{"server":"https://kas:8154"}},
+            {"name":"b","cluster":{"server":"https://kas:8154","certificate-authority-data":"S0FT"}}
+        ]}"#;
+        let out: serde_json::Value =
+            serde_json::from_str(&trusting(body, b"-----BEGIN CERTIFICATE-----").unwrap()).unwrap();
+        let ca = |i: usize| out["clusters"][i]["cluster"]["certificate-authority-data"].clone();
+        assert_eq!(ca(0), "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0t");
+        assert_eq!(ca(1), "S0FT", "kas's CA stays");
+        assert_eq!(out["clusters"][0]["cluster"]["server"], "https://kas:8154");
+    }
 }
