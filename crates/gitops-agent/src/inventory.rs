@@ -8,6 +8,7 @@
 //! | `format`  | `tether.inventory/v1`                                |
 //! | `count`   | number of objects, to detect truncation               |
 //! | `objects` | the objects, grouped (see below)                      |
+//! | `attempted_count`, `attempted` | optional: objects of the commit a sync set out to create that are not known to exist (their creation failed), counted and listed the same way |
 //!
 //! `objects` lists each `(group, kind, namespace)` once as a header line
 //! `group/kind/namespace` (always two `/`), followed by the names in that group, one per
@@ -29,6 +30,14 @@
 //! ConfigMaps written by upstream's cli-utils (one data key per object, such as
 //! `dude_nginx_apps_Deployment`) are also read, so that a cluster migrated from GitLab's
 //! agent keeps pruning correctly; they are rewritten in the new format on the next sync.
+//!
+//! `objects` lists only objects known to exist: applied, or listed before and not known to
+//! be gone (plus, before applying, what the sync may create). An object whose creation
+//! failed (a namespace the agent may not write, a type the cluster does not serve) is listed
+//! under `attempted` instead while the commit has it: a retry then neither adds it before
+//! applying nor drops it after (no writes), and when it leaves Git it is deleted only if found
+//! carrying our owner mark, anything else (absent, forbidden, type not served) forgets it
+//! without a failure.
 //!
 //! A corrupted inventory is always an error and never an empty set: an empty "previous"
 //! set is harmless, but a wrong one makes the caller prune objects, or keep orphans.
@@ -54,6 +63,8 @@ pub const CONFIGMAP_MAX_BYTES: usize = 1024 * 1024;
 const FORMAT_KEY: &str = "format";
 const COUNT_KEY: &str = "count";
 const OBJECTS_KEY: &str = "objects";
+const ATTEMPTED_COUNT_KEY: &str = "attempted_count";
+const ATTEMPTED_KEY: &str = "attempted";
 const FORMAT_V1: &str = "tether.inventory/v1";
 
 /// Label values are at most 63 characters; the id is used as one, and so that the
@@ -148,6 +159,30 @@ pub fn configmap(
 /// Encodes a set of objects as ConfigMap data (see the module docs). Refs must have a
 /// non-empty kind and name, as every decoded manifest has.
 pub fn encode(refs: &BTreeSet<ObjRef>) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (FORMAT_KEY.to_owned(), FORMAT_V1.to_owned()),
+        (COUNT_KEY.to_owned(), refs.len().to_string()),
+        (OBJECTS_KEY.to_owned(), encode_list(refs)),
+    ])
+}
+
+/// [`encode`], plus the objects a sync set out to create that are not known to exist
+/// (`attempted`, see the module docs); the keys are left out when there are none, so an
+/// inventory without such objects reads the same to an agent that does not know them.
+pub fn encode_with_attempted(
+    objects: &BTreeSet<ObjRef>,
+    attempted: &BTreeSet<ObjRef>,
+) -> BTreeMap<String, String> {
+    let mut data = encode(objects);
+    if !attempted.is_empty() {
+        data.insert(ATTEMPTED_COUNT_KEY.to_owned(), attempted.len().to_string());
+        data.insert(ATTEMPTED_KEY.to_owned(), encode_list(attempted));
+    }
+    data
+}
+
+/// One list of objects: a `group/kind/namespace` header per group, then its names.
+fn encode_list(refs: &BTreeSet<ObjRef>) -> String {
     let mut text = String::new();
     let mut current: Option<(&str, &str, Option<&str>)> = None;
     for r in refs {
@@ -164,11 +199,7 @@ pub fn encode(refs: &BTreeSet<ObjRef>) -> BTreeMap<String, String> {
         text.push_str(&escape(&r.name));
         text.push('\n');
     }
-    BTreeMap::from([
-        (FORMAT_KEY.to_owned(), FORMAT_V1.to_owned()),
-        (COUNT_KEY.to_owned(), refs.len().to_string()),
-        (OBJECTS_KEY.to_owned(), text),
-    ])
+    text
 }
 
 /// How many bytes of the ConfigMap's size limit `data` uses.
@@ -220,20 +251,42 @@ pub fn decode(data: &BTreeMap<String, String>) -> Result<BTreeSet<ObjRef>, Inven
     if format != FORMAT_V1 {
         return Err(InventoryError::UnsupportedFormat(format.clone()));
     }
+    decode_list(data, COUNT_KEY, OBJECTS_KEY)?
+        .ok_or_else(|| InventoryError::Corrupted(format!("no {OBJECTS_KEY:?} key")))
+}
+
+/// The `attempted` objects of data written by [`encode_with_attempted`]: none when the
+/// inventory has no such key (written by [`encode`], an older agent, or cli-utils).
+pub fn decode_attempted(
+    data: &BTreeMap<String, String>,
+) -> Result<BTreeSet<ObjRef>, InventoryError> {
+    if data.get(FORMAT_KEY).is_none() {
+        return Ok(BTreeSet::new());
+    }
+    Ok(decode_list(data, ATTEMPTED_COUNT_KEY, ATTEMPTED_KEY)?.unwrap_or_default())
+}
+
+/// The list under `list_key`, checked against the number under `count_key`; `None` when
+/// there is no such list.
+fn decode_list(
+    data: &BTreeMap<String, String>,
+    count_key: &str,
+    list_key: &str,
+) -> Result<Option<BTreeSet<ObjRef>>, InventoryError> {
     let corrupted = |m: String| InventoryError::Corrupted(m);
+    let Some(text) = data.get(list_key) else {
+        return Ok(None);
+    };
     let count: usize = data
-        .get(COUNT_KEY)
-        .ok_or_else(|| corrupted(format!("no {COUNT_KEY:?} key")))?
+        .get(count_key)
+        .ok_or_else(|| corrupted(format!("no {count_key:?} key")))?
         .parse()
-        .map_err(|_| corrupted(format!("{COUNT_KEY:?} is not a number")))?;
-    let text = data
-        .get(OBJECTS_KEY)
-        .ok_or_else(|| corrupted(format!("no {OBJECTS_KEY:?} key")))?;
+        .map_err(|_| corrupted(format!("{count_key:?} is not a number")))?;
     let mut refs = BTreeSet::new();
     let mut lines = 0;
     let mut header: Option<(String, String, Option<String>)> = None;
     for (i, line) in text.split_terminator('\n').enumerate() {
-        let at = |m: &str| corrupted(format!("line {}: {m}", i + 1));
+        let at = |m: &str| corrupted(format!("{list_key} line {}: {m}", i + 1));
         let un = |s: &str| unescape(s).ok_or_else(|| at("invalid %-escape"));
         if line.contains('/') {
             let mut parts = line.split('/');
@@ -268,12 +321,12 @@ pub fn decode(data: &BTreeMap<String, String>) -> Result<BTreeSet<ObjRef>, Inven
     // A mismatch means truncation, duplicated lines or hand edits: not trustworthy.
     if lines != count || refs.len() != count {
         return Err(corrupted(format!(
-            "{COUNT_KEY:?} says {count} objects, found {} ({} distinct)",
+            "{count_key:?} says {count} objects, found {} ({} distinct)",
             lines,
             refs.len()
         )));
     }
-    Ok(refs)
+    Ok(Some(refs))
 }
 
 /// Upstream cli-utils' ConfigMap inventory: each data key is
@@ -586,6 +639,30 @@ mod tests {
             check_size(&data),
             Err(InventoryError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn attempted_objects_round_trip_and_are_left_out_when_none() {
+        let objects = BTreeSet::from([r("", "ConfigMap", Some("dude"), "a")]);
+        let attempted = BTreeSet::from([r("apps", "Deployment", Some("naww"), "nginx")]);
+        let data = encode_with_attempted(&objects, &attempted);
+        assert_eq!(decode(&data), Ok(objects.clone()));
+        assert_eq!(decode_attempted(&data), Ok(attempted));
+        let plain = encode_with_attempted(&objects, &BTreeSet::new());
+        assert_eq!(
+            plain,
+            encode(&objects),
+            "same bytes as before attempted existed"
+        );
+        assert_eq!(decode_attempted(&plain), Ok(BTreeSet::new()));
+        let mut truncated = data.clone();
+        truncated.insert("attempted_count".into(), "2".into());
+        assert!(matches!(
+            decode_attempted(&truncated),
+            Err(InventoryError::Corrupted(_))
+        ));
+        let cli_utils = BTreeMap::from([("dude_nginx_apps_Deployment".to_owned(), String::new())]);
+        assert_eq!(decode_attempted(&cli_utils), Ok(BTreeSet::new()));
     }
 
     #[test]

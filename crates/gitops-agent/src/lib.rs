@@ -33,6 +33,7 @@ pub mod object_ref;
 pub mod plan;
 pub mod preview;
 pub mod prune;
+pub mod record;
 pub mod status;
 mod status_watch;
 pub mod substitute;

@@ -346,7 +346,8 @@ impl Syncer {
         disc: &Apis,
     ) -> Vec<ObjectChange> {
         let desired: BTreeSet<ObjRef> = manifests.iter().map(Manifest::obj_ref).collect();
-        let candidates = prune::to_prune(&previous.objects, &desired, &crd_kinds(manifests));
+        let held = &previous.recorded;
+        let candidates = prune::to_prune(&held.all(), &desired, &crd_kinds(manifests));
         let inv_id = previous.name.as_str();
         let found = futures_util::stream::iter(candidates.into_iter().map(|obj| async move {
             let live = self.live_if_ours(&obj, inv_id, disc).await;
@@ -363,6 +364,8 @@ impl Syncer {
                         before: pruned_view(&before),
                     },
                     Ok(None) => return None,
+                    // Its creation failed: the sync forgets it when it cannot read it.
+                    Err(e) if held.only_attempted(&obj) && e.fits_never_created() => return None,
                     Err(e) => Change::Failed {
                         error: e.to_string(),
                     },

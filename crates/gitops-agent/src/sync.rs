@@ -28,6 +28,7 @@ use crate::inventory::{self, InventoryError, OwnershipConflict};
 use crate::object_ref::ObjRef;
 use crate::plan;
 use crate::prune::{self, Skip};
+use crate::record::{self, Recorded};
 use crate::status::{ResourceStatus, Status, StatusView, compute_status, sync_outcome};
 use crate::status_watch::{Seen, Watches, settled};
 use crate::substitute::Variables;
@@ -298,6 +299,37 @@ pub enum ObjectError {
     GroupUnavailable { group: String, reason: String },
     #[error("still present after prune_timeout ({0:?})")]
     StillPresent(Duration),
+}
+
+impl ObjectError {
+    /// Whether an apply failing so shows the object does not exist: its namespace or its type
+    /// is missing (404), or the cluster serves no such type. A refusal (403, invalid, a
+    /// webhook) shows nothing: a listed object it refused an update of still exists.
+    fn shows_absent(&self) -> bool {
+        match self {
+            ObjectError::Api(e) => e.is_not_found(),
+            ObjectError::NoResourceType { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether reading or deleting an object failed in a way that fits it never having been
+    /// created: forbidden (a namespace the agent may not read) or not found.
+    pub(crate) fn fits_never_created(&self) -> bool {
+        matches!(self, ObjectError::Api(e) if matches!(e.code, Some(403 | 404)))
+    }
+}
+
+/// Whether pruning an object listed only as attempted (its creation failed, [`record`]) ended
+/// so that it is forgotten without an outcome: it was not there, is not ours, or cannot be
+/// read (a namespace the agent may not read, where it was never created). Only when found
+/// ours and deleted (or kept by annotation) does it tell, as any pruned object does.
+fn forgets_attempted(end: &Result<PruneEnd, ObjectError>) -> bool {
+    match end {
+        Ok(PruneEnd::Gone { wrote }) => !wrote,
+        Ok(PruneEnd::Skipped(skip)) => !matches!(skip, Skip::Kept { .. }),
+        Err(e) => e.fits_never_created(),
+    }
 }
 
 /// Why a synchronization failed.
@@ -694,8 +726,8 @@ impl Syncer {
         }
         // 2. The previous inventory, and discovery.
         let mut previous = self.read_inventory(s).await?;
-        if plan::empties(manifests.len(), previous.objects.len(), s) {
-            return Err(SyncError::WouldEmpty(previous.objects.len()).into());
+        if plan::empties(manifests.len(), previous.recorded.objects.len(), s) {
+            return Err(SyncError::WouldEmpty(previous.recorded.objects.len()).into());
         }
         let disc = self.discover().await?;
         disc.warn_unavailable();
@@ -769,17 +801,17 @@ impl Syncer {
     ) -> Result<PreviousInventory, SyncError> {
         let name = inventory::inventory_name(s.agent_id, &s.project_id);
         let mut previous = PreviousInventory {
-            objects: BTreeSet::new(),
+            recorded: Recorded::default(),
             exists: false,
             stored: None,
             moved_from: None,
             name,
         };
-        if let Some(objects) = self
+        if let Some(recorded) = self
             .inventory_in(&s.default_namespace, &previous.name)
             .await?
         {
-            previous.objects = objects;
+            previous.recorded = recorded;
             previous.exists = true;
             return Ok(previous);
         }
@@ -787,20 +819,20 @@ impl Syncer {
             .previous_namespace
             .as_ref()
             .filter(|o| **o != s.default_namespace)
-            && let Some(objects) = self.inventory_in(old, &previous.name).await?
+            && let Some(recorded) = self.inventory_in(old, &previous.name).await?
         {
-            previous.objects = objects;
+            previous.recorded = recorded;
             previous.moved_from = Some(old.clone());
         }
         Ok(previous)
     }
 
-    /// The objects of inventory `name` in `namespace`, if it exists.
+    /// What inventory `name` in `namespace` records, if it exists.
     async fn inventory_in(
         &self,
         namespace: &str,
         name: &str,
-    ) -> Result<Option<BTreeSet<ObjRef>>, SyncError> {
+    ) -> Result<Option<Recorded>, SyncError> {
         let cms: Api<DynamicObject> = self.api(
             &ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
             Some(namespace),
@@ -822,7 +854,10 @@ impl Syncer {
             .and_then(|d| serde_json::from_value(d.clone()).ok())
             .unwrap_or_default();
         inventory::decode(&data)
-            .map(Some)
+            .and_then(|objects| {
+                let attempted = inventory::decode_attempted(&data)?;
+                Ok(Some(Recorded { objects, attempted }))
+            })
             .map_err(|source| SyncError::InventoryUnreadable {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
@@ -940,9 +975,10 @@ impl Syncer {
         .await
     }
 
-    /// Records the inventory — what we applied, plus what we applied before and still want but
-    /// could not apply this time (it stays ours, not orphaned) — and prunes what left Git.
-    /// Objects still to be pruned are in the inventory until they are gone.
+    /// Records the inventory — what is known to exist, and the commit's objects whose creation
+    /// failed ([`record::after_apply`]) — and prunes what left Git. Objects still to be pruned
+    /// are in the inventory until they are gone. An unchanged set is not written: a re-sync,
+    /// and a retry of an object that keeps failing, write nothing.
     async fn record_and_prune(
         &self,
         s: &Settings,
@@ -953,18 +989,15 @@ impl Syncer {
         p: &mut Progress,
     ) -> Result<(), SyncError> {
         let desired: BTreeSet<ObjRef> = manifests.iter().map(Manifest::obj_ref).collect();
-        let mut inventory_now: BTreeSet<ObjRef> = p.applied.clone();
-        inventory_now.extend(previous.objects.intersection(&desired).cloned());
+        let held = &previous.recorded;
+        let now = record::after_apply(held, &desired, &p.applied, &p.absent);
         let prune_tiers = if s.prune {
-            prune::to_prune_in_tiers(&previous.objects, &desired, &crd_kinds(manifests))
+            prune::to_prune_in_tiers(&held.all(), &desired, &crd_kinds(manifests))
         } else {
             Vec::new()
         };
         let prune_list: Vec<ObjRef> = prune_tiers.iter().flatten().cloned().collect();
-        let mut with_pending = inventory_now.clone();
-        with_pending.extend(prune_list.iter().cloned());
-        // An unchanged set needs no write (a re-sync of the same commit writes nothing, nor
-        // does a sync that applied all it recorded before applying).
+        let with_pending = record::with_pending(now.clone(), held, &prune_list);
         if previous.stored() != Some(&with_pending) {
             self.write_inventory(s, &previous.name, &with_pending)
                 .await
@@ -976,10 +1009,10 @@ impl Syncer {
             p.writes += 1;
         }
         let dropped = self
-            .prune_all(s, &previous.name, &prune_tiers, disc, cancel, p)
+            .prune_all(s, previous, &prune_tiers, disc, cancel, p)
             .await;
-        let mut final_inv = inventory_now;
-        final_inv.extend(prune_list.into_iter().filter(|o| !dropped.contains(o)));
+        let left = prune_list.iter().filter(|o| !dropped.contains(*o));
+        let final_inv = record::with_pending(now, held, left);
         if final_inv != with_pending {
             if let Err(e) = self.write_inventory(s, &previous.name, &final_inv).await {
                 tracing::warn!(error = %e, "Updating the inventory after pruning failed; the next sync retries");
@@ -1021,7 +1054,8 @@ impl Syncer {
     /// has created objects its final inventory write never recorded; without this, a later
     /// commit that drops them would never prune them. Listing objects that end up not created
     /// or not ours is harmless: pruning deletes only objects that carry our owner mark, and
-    /// the write after applying narrows the set again. An inventory too large for a
+    /// the write after applying moves those whose creation failed to `attempted`
+    /// ([`record`]), which a retry does not add again. An inventory too large for a
     /// ConfigMap fails here, before anything is applied.
     ///
     /// When the inventory's namespace does not exist yet and the commit creates it, that
@@ -1033,12 +1067,14 @@ impl Syncer {
         manifests: &mut [Manifest],
         disc: &Apis,
         p: &mut Progress,
-    ) -> Result<Option<BTreeSet<ObjRef>>, SyncError> {
-        let Some(intent) = intent_set(previous, manifests) else {
+    ) -> Result<Option<Recorded>, SyncError> {
+        let desired: BTreeSet<ObjRef> = manifests.iter().map(Manifest::obj_ref).collect();
+        let Some(intent) = record::intent(&previous.recorded, previous.exists, &desired) else {
             return Ok(None);
         };
         let (namespace, name) = (s.default_namespace.clone(), previous.name.clone());
-        if let Err(source) = inventory::check_size(&inventory::encode(&intent)) {
+        let data = inventory::encode_with_attempted(&intent.objects, &intent.attempted);
+        if let Err(source) = inventory::check_size(&data) {
             return Err(SyncError::InventoryTooLarge {
                 namespace,
                 name,
@@ -1107,7 +1143,7 @@ impl Syncer {
     async fn prune_all(
         &self,
         s: &Settings,
-        inv_id: &str,
+        held: &PreviousInventory,
         tiers: &[Vec<ObjRef>],
         disc: &Apis,
         cancel: &CancellationToken,
@@ -1118,8 +1154,13 @@ impl Syncer {
             if cancel.is_cancelled() {
                 break;
             }
-            for (obj, outcome) in self.prune_tier(s, inv_id, tier, disc).await {
-                let (state, message) = match outcome {
+            for (obj, end) in self.prune_tier(s, &held.name, tier, disc).await {
+                if held.recorded.only_attempted(&obj) && forgets_attempted(&end) {
+                    tracing::debug!(object = %obj, "Forgot an object that left Git and was never created");
+                    dropped.insert(obj);
+                    continue;
+                }
+                let (state, message) = match end {
                     Ok(PruneEnd::Gone { wrote }) => {
                         p.writes += usize::from(wrote);
                         event_pruned(&obj);
@@ -1458,9 +1499,9 @@ impl Syncer {
         &self,
         s: &Settings,
         name: &str,
-        set: &BTreeSet<ObjRef>,
+        set: &Recorded,
     ) -> Result<(), ApiError> {
-        let data = inventory::encode(set);
+        let data = inventory::encode_with_attempted(&set.objects, &set.attempted);
         let cm = json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -1787,30 +1828,14 @@ impl From<SyncError> for Aborted {
     }
 }
 
-/// The inventory to write before applying `manifests`: the previous one plus every object
-/// to apply; `None` when that adds nothing (a re-sync, a commit that only removes objects).
-fn intent_set(previous: &PreviousInventory, manifests: &[Manifest]) -> Option<BTreeSet<ObjRef>> {
-    let new: Vec<ObjRef> = manifests
-        .iter()
-        .map(Manifest::obj_ref)
-        .filter(|o| !previous.objects.contains(o))
-        .collect();
-    if new.is_empty() && previous.exists {
-        return None;
-    }
-    let mut intent = previous.objects.clone();
-    intent.extend(new);
-    Some(intent)
-}
-
 /// The inventory as the previous sync left it.
 pub(crate) struct PreviousInventory {
     /// The inventory ConfigMap's name, which is also the owner mark of our objects.
     pub(crate) name: String,
     exists: bool,
-    pub(crate) objects: BTreeSet<ObjRef>,
+    pub(crate) recorded: Recorded,
     /// What this sync wrote before applying, when it did ([`Syncer::record_intent`]).
-    stored: Option<BTreeSet<ObjRef>>,
+    stored: Option<Recorded>,
     /// The namespace the inventory was read from, when the default namespace moved away from
     /// it; deleted there once recorded in the new one.
     moved_from: Option<String>,
@@ -1818,10 +1843,10 @@ pub(crate) struct PreviousInventory {
 
 impl PreviousInventory {
     /// The set the ConfigMap holds now, if it exists.
-    fn stored(&self) -> Option<&BTreeSet<ObjRef>> {
+    fn stored(&self) -> Option<&Recorded> {
         self.stored
             .as_ref()
-            .or(self.exists.then_some(&self.objects))
+            .or(self.exists.then_some(&self.recorded))
     }
 }
 
@@ -1832,6 +1857,8 @@ struct Progress {
     results: HashMap<ObjRef, ObjectOutcome>,
     /// Objects applied (or, in a server dry run, accepted).
     applied: BTreeSet<ObjRef>,
+    /// Objects whose apply failed in a way showing they do not exist ([`ObjectError::shows_absent`]).
+    absent: BTreeSet<ObjRef>,
     /// Write requests sent.
     writes: usize,
     /// Objects whose drift managers' fields were taken over ([`takeover`]).
@@ -1858,12 +1885,20 @@ impl Progress {
                         ObjectOutcome::new(obj, Status::InProgress, "applied"),
                     );
                 }
-                Err(e) => self.failed_outcome(obj, e.to_string()),
+                Err(e) => {
+                    if e.shows_absent() {
+                        self.absent.insert(obj.clone());
+                    }
+                    self.failed_outcome(obj, e.to_string());
+                }
             }
         }
     }
 
     fn apply_failed(&mut self, obj: ObjRef, e: &ObjectError) {
+        if e.shows_absent() {
+            self.absent.insert(obj.clone());
+        }
         let message = e.to_string();
         event_failed(&obj, Phase::Apply, &message);
         self.failed_outcome(obj, message);
@@ -2180,49 +2215,52 @@ mod tests {
         assert!(hour <= tokio::time::Instant::now() + Duration::from_secs(3600));
     }
 
-    fn configmaps(names: &[&str]) -> Vec<Manifest> {
-        let files: Vec<(String, Vec<u8>)> = names
-            .iter()
-            .map(|n| {
-                let yaml = format!(
-                    "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {n}\n  namespace: dude\n"
-                );
-                (format!("{n}.yaml"), yaml.into_bytes())
-            })
-            .collect();
-        decode_all(&files, None).expect("decodes")
+    fn api_error(code: u16) -> ObjectError {
+        ObjectError::Api(ApiError {
+            message: String::new(),
+            code: Some(code),
+        })
     }
 
-    fn previous(exists: bool, names: &[&str]) -> PreviousInventory {
-        PreviousInventory {
-            name: "inv".into(),
-            exists,
-            objects: names.iter().map(|n| obj(n)).collect(),
-            stored: None,
-            moved_from: None,
+    /// A 404 (namespace or type gone) or an unserved type shows the object absent; a refusal
+    /// does not (a listed object whose update is refused still exists).
+    #[test]
+    fn only_a_missing_namespace_or_type_shows_an_object_absent() {
+        assert!(api_error(404).shows_absent());
+        let no_type = ObjectError::NoResourceType {
+            kind: "ServiceMonitor".into(),
+            api_version: "monitoring.coreos.com/v1".into(),
+        };
+        assert!(no_type.shows_absent());
+        for code in [403, 409, 422, 500] {
+            assert!(!api_error(code).shows_absent(), "{code}");
         }
     }
 
+    /// An attempted object that left Git is forgotten silently unless it was found ours.
     #[test]
-    fn the_inventory_lists_new_objects_before_they_are_applied() {
-        let want: BTreeSet<ObjRef> = ["a", "b", "c"].iter().map(|n| obj(n)).collect();
-        let grown = intent_set(&previous(true, &["a", "b"]), &configmaps(&["b", "c"]));
-        assert_eq!(
-            grown,
-            Some(want),
-            "old objects stay until pruned, new ones join"
-        );
-        let first = intent_set(&previous(false, &[]), &configmaps(&[]));
-        assert_eq!(
-            first,
-            Some(BTreeSet::new()),
-            "a first sync creates its inventory"
-        );
-        assert_eq!(
-            intent_set(&previous(true, &["a", "b"]), &configmaps(&["a"])),
-            None,
-            "nothing new: no write before applying (a re-sync writes nothing)"
-        );
+    fn an_attempted_object_is_forgotten_unless_found_ours() {
+        let forgotten = [
+            Ok(PruneEnd::Gone { wrote: false }),
+            Ok(PruneEnd::Skipped(Skip::TypeNotServed)),
+            Ok(PruneEnd::Skipped(Skip::NotOurs { owner: None })),
+            Err(api_error(403)),
+            Err(api_error(404)),
+        ];
+        for end in &forgotten {
+            assert!(forgets_attempted(end), "{end:?}");
+        }
+        let told = [
+            Ok(PruneEnd::Gone { wrote: true }),
+            Ok(PruneEnd::Skipped(Skip::Kept {
+                annotation: "helm.sh/resource-policy: keep".into(),
+            })),
+            Err(api_error(500)),
+            Err(ObjectError::StillPresent(Duration::from_secs(1))),
+        ];
+        for end in &told {
+            assert!(!forgets_attempted(end), "{end:?}");
+        }
     }
 
     #[test]

@@ -988,6 +988,66 @@ async fn a_resync_writes_only_what_changed() {
     );
 }
 
+/// Objects that fail to be created at every sync — a Deployment in a namespace the agent may
+/// not write, a ServiceMonitor whose CRD is not installed — no longer make every retry write
+/// the inventory twice (added before applying, dropped after): retries write nothing, the
+/// inventory's resourceVersion stays put, and removing them from Git succeeds (they were
+/// never created, so there is nothing to prune).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_objects_that_keep_failing_to_be_created_writes_nothing() {
+    let (rig, agent_ns, dude, naww) = Seed::synced_rig().await;
+    let inventory = tether_gitops_agent::inventory::inventory_name(rig.agent_id, "group/manifests");
+    let naww_yaml = deployment("nginx", &naww, 1);
+    let monitor = format!(
+        "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata:\n  name: web\n  namespace: {dude}\nspec: {{}}\n"
+    );
+    let c2 = rig.manifests.commit(
+        &[
+            ("manifests/naww.yaml", Some(&naww_yaml)),
+            ("manifests/monitor.yaml", Some(monitor.as_bytes())),
+        ],
+        "two objects that cannot be created",
+    );
+    let failures = |n: usize| {
+        let writes: Vec<u64> = rig
+            .agent
+            .log_lines()
+            .iter()
+            .filter(|l| l["msg"] == "Synchronization failed" && l["commit_id"] == c2.as_str())
+            .filter_map(|l| l["writes"].as_u64())
+            .collect();
+        async move { (writes.len() >= n).then_some(writes) }
+    };
+    let resource_version = || {
+        let cm = get_json(&rig.env, &["get", "configmap", &inventory, "-n", &agent_ns]).unwrap();
+        cm["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    wait_for("two failed syncs", Duration::from_secs(60), || failures(2)).await;
+    let before = resource_version();
+    let writes = wait_for("two more failed syncs", Duration::from_secs(60), || {
+        failures(4)
+    })
+    .await;
+    assert_eq!(resource_version(), before, "a retry rewrote the inventory");
+    assert!(
+        writes[1..].iter().all(|&w| w == 0),
+        "retries wrote: {writes:?}"
+    );
+
+    let c3 = rig.manifests.commit(
+        &[
+            ("manifests/naww.yaml", None),
+            ("manifests/monitor.yaml", None),
+        ],
+        "remove them",
+    );
+    let report = rig.synced(&c3).await;
+    assert_eq!(report.outcome, ReportedOutcome::Succeeded, "{report:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resync_across_list_pages_writes_nothing() {
     // More ConfigMaps than one LIST page (500): the re-sync must see every page to find them
@@ -1035,6 +1095,18 @@ impl Seed {
             naww,
             rbac,
         }
+    }
+
+    /// A rig whose manifests are the Deployment `nginx` in dude, synced; with the agent's
+    /// namespace and the namespaces dude and naww.
+    async fn synced_rig() -> (Rig, String, String, String) {
+        let seed = Seed::new();
+        let dude_yaml = deployment("nginx", &seed.dude, 1);
+        let initial = [("manifests/dude.yaml", Some(&dude_yaml[..]))];
+        let ns = seed.agent_ns.clone();
+        let (rig, c1) = rig(seed.env, ns, &seed.rbac, "", &initial, &[]).await;
+        assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
+        (rig, seed.agent_ns, seed.dude, seed.naww)
     }
 }
 
@@ -1845,17 +1917,7 @@ async fn a_failed_sync_still_shows_the_objects_in_the_cluster() {
 /// binaries' metrics pass `promtool check metrics` (Prometheus naming conventions).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitoring_assets_use_only_exported_metrics_and_pass_promtool() {
-    let Seed {
-        env,
-        agent_ns,
-        dude,
-        naww,
-        rbac,
-    } = Seed::new();
-    let dude_yaml = deployment("nginx", &dude, 1);
-    let initial = [("manifests/dude.yaml", Some(&dude_yaml[..]))];
-    let (rig, c1) = rig(env, agent_ns, &rbac, "", &initial, &[]).await;
-    assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
+    let (rig, _, _, naww) = Seed::synced_rig().await;
     let naww_yaml = deployment("nginx", &naww, 1);
     let c2 = rig
         .manifests
