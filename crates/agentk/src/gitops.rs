@@ -919,8 +919,11 @@ impl Worker {
             (&self.timing, rand::random::<f64>()),
         );
         let current = sync.schedule.current();
-        if let Some(c) = current.filter(|c| c.id == outcome.commit_id) {
-            report.warnings.clone_from(&c.warnings);
+        // kas's warnings about the commit first, then the sync's own (hooks).
+        let commit = current.filter(|c| c.id == outcome.commit_id);
+        let from_kas = commit.map_or(&[][..], |c| &c.warnings[..]);
+        report.warnings = [from_kas, &outcome.warnings[..]].concat();
+        if let Some(c) = commit {
             report.chart_version.clone_from(&c.chart_version);
         }
         if let Some(refused) = &sync.refused {

@@ -127,7 +127,7 @@ fn synced_note(last: Option<&Note>, o: &SyncOutcome) -> Option<Note> {
     })
 }
 
-fn qualified(o: &crate::ObjRef) -> String {
+pub(crate) fn qualified(o: &crate::ObjRef) -> String {
     match &o.namespace {
         Some(ns) => format!("{ns}/{}", o.name),
         None => o.name.clone(),
@@ -309,6 +309,7 @@ mod tests {
             dry_run: false,
             watched_statuses: 0,
             taken_over: 0,
+            warnings: Vec::new(),
         }
     }
 

@@ -274,6 +274,7 @@ mod tests {
             dry_run: false,
             watched_statuses: 0,
             taken_over: 0,
+            warnings: Vec::new(),
         }
     }
 

@@ -129,6 +129,61 @@ pub fn helm_hooks(objects: &[Manifest]) -> Vec<(usize, String)> {
         .collect()
 }
 
+/// The annotation that makes an object an Argo CD resource hook, its value the phases it runs
+/// at (`PreSync,PostSync`), or `Skip`: not to be applied at all.
+pub const ARGOCD_HOOK_ANNOTATION: &str = "argocd.argoproj.io/hook";
+
+/// What a sync does with the hooks of a commit: objects to leave out, and a warning for each.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// Indexes of objects not to apply (`argocd.argoproj.io/hook: Skip`).
+    pub skipped: Vec<usize>,
+    pub warnings: Vec<String>,
+}
+
+/// The Argo CD hooks of `objects`, and their Helm hooks unless a Helm entry rendered them
+/// (where `helm.hooks` decides, [`helm_hooks`]). tether has no sync phases to run a hook at, so
+/// a hook is applied as an ordinary object that stays — what it did before, so an upgrade
+/// prunes nothing — and said: a Job then runs once, not at every sync, and a changed one
+/// fails as immutable. `Skip` is honoured, as Argo CD does: the object is not applied (one
+/// applied before is pruned, having left the set).
+pub fn hooks(objects: &[Manifest], rendered_by_helm: bool) -> Hooks {
+    let mut out = Hooks::default();
+    for (i, m) in objects.iter().enumerate() {
+        let object = m.object();
+        let annotations = &object["metadata"]["annotations"];
+        let obj = m.obj_ref();
+        let what = format!(
+            "{}: {} {}",
+            m.source(),
+            obj.kind,
+            crate::kube_events::qualified(&obj)
+        );
+        if let Some(hook) = annotations.get(ARGOCD_HOOK_ANNOTATION) {
+            let hook = hook.as_str().unwrap_or_default();
+            if hook.split(',').any(|h| h.trim() == "Skip") {
+                out.skipped.push(i);
+                out.warnings.push(format!(
+                    "{what} is annotated {ARGOCD_HOOK_ANNOTATION}: {hook}: not applied, as Argo CD skips it"
+                ));
+                continue;
+            }
+            out.warnings.push(format!(
+                "{what} is annotated {ARGOCD_HOOK_ANNOTATION}: {hook}: applied as an ordinary object that stays (tether runs no hooks at sync phases: a Job runs once, not at every sync); remove the annotation once that is what you want"
+            ));
+        } else if let Some(hook) = annotations
+            .get(HELM_HOOK_ANNOTATION)
+            .filter(|_| !rendered_by_helm)
+        {
+            let hook = hook.as_str().unwrap_or_default();
+            out.warnings.push(format!(
+                "{what} is annotated {HELM_HOOK_ANNOTATION}: {hook} outside a Helm entry: applied as an ordinary object that stays (only a helm entry knows releases); remove the annotation once that is what you want"
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -369,5 +424,49 @@ mod tests {
         let mut o = json!({"kind": "X"});
         set_default_namespace(&mut o, "dflt", true);
         assert_eq!(o, json!({"kind": "X"}));
+    }
+
+    #[test]
+    fn hooks_in_plain_files_are_applied_and_said_and_argo_skip_is_left_out() {
+        let object = |name: &str, annotations: serde_json::Value| {
+            let o = serde_json::json!({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": name, "namespace": "dude", "annotations": annotations}});
+            crate::decode::Manifest::new("manifests/jobs.yaml", 0, 3, &o)
+        };
+        let objects = [
+            object("plain", serde_json::json!({"a": "b"})),
+            object(
+                "migrate",
+                serde_json::json!({"argocd.argoproj.io/hook": "PreSync"}),
+            ),
+            object(
+                "example",
+                serde_json::json!({"argocd.argoproj.io/hook": "PostSync, Skip"}),
+            ),
+            object("helm", serde_json::json!({"helm.sh/hook": "post-install"})),
+        ];
+        let found = super::hooks(&objects, false);
+        assert_eq!(found.skipped, [2]);
+        let [migrate, example, helm] = &found.warnings[..] else {
+            panic!("three warnings: {:?}", found.warnings);
+        };
+        assert!(
+            migrate.starts_with("manifests/jobs.yaml:3: Job dude/migrate is annotated argocd.argoproj.io/hook: PreSync: applied"),
+            "{migrate}"
+        );
+        assert!(
+            example.contains("Job dude/example") && example.contains("not applied"),
+            "{example}"
+        );
+        assert!(
+            helm.contains("Job dude/helm is annotated helm.sh/hook: post-install"),
+            "{helm}"
+        );
+        let rendered = super::hooks(&objects, true);
+        assert_eq!(
+            rendered.warnings.len(),
+            2,
+            "a Helm entry's helm.hooks decides: {rendered:?}"
+        );
     }
 }

@@ -196,6 +196,8 @@ pub async fn preview(
         .variables(s, crate::variables::Secrets::Refuse)
         .await?;
     let mut manifests = decode_all(files, vars.as_ref())?;
+    // As a sync would: what Argo CD skips is not applied (the warnings are the sync's to say).
+    crate::sync::set_hooks_aside(&mut manifests, s);
     let previous = syncer.read_inventory(s).await?;
     let disc = syncer.discover().await?;
     default_namespaces(&mut manifests, &disc, s);

@@ -69,6 +69,9 @@ pub struct Settings {
     /// Whether objects annotated `helm.sh/hook` refuse the sync (see [`plan::helm_hooks`]):
     /// a Helm entry without `helm.hooks: apply`.
     pub refuse_helm_hooks: bool,
+    /// Whether a Helm entry renders the files: its `helm.hooks` decides about Helm hooks, and
+    /// [`plan::hooks`] says nothing of them.
+    pub rendered_by_helm: bool,
     pub prune_timeout: Duration,
     pub prune_propagation_policy: PrunePropagationPolicy,
     pub inventory_policy: InventoryPolicy,
@@ -157,6 +160,7 @@ impl Settings {
                 .helm
                 .as_ref()
                 .is_some_and(|h| h.hooks == tether_agent_config::HelmHooks::Refuse),
+            rendered_by_helm: p.helm.is_some(),
             prune_timeout: p.prune_timeout,
             prune_propagation_policy: p.prune_propagation_policy,
             inventory_policy: p.inventory_policy,
@@ -421,6 +425,9 @@ pub struct SyncOutcome {
     /// Objects whose fields changed by hand (owned by drift managers) were taken over so the
     /// apply reverted them ([`takeover`]).
     pub taken_over: usize,
+    /// What the user should know although it is no failure (hooks in plain files), said in
+    /// the report next to kas's warnings about the commit.
+    pub warnings: Vec<String>,
 }
 
 impl SyncOutcome {
@@ -437,6 +444,7 @@ impl SyncOutcome {
             dry_run,
             watched_statuses: 0,
             taken_over: 0,
+            warnings: Vec::new(),
         }
     }
 }
@@ -696,7 +704,11 @@ impl Syncer {
         cancel: &CancellationToken,
     ) -> SyncOutcome {
         let dry = s.dry_run != DryRunStrategy::None;
-        match self.sync_phases(s, commit_id, files, cancel).await {
+        let mut warnings = Vec::new();
+        let mut out = match self
+            .sync_phases(s, commit_id, files, cancel, &mut warnings)
+            .await
+        {
             Ok(out) => out,
             Err(Aborted::BeforeWrites(e)) => SyncOutcome::failed_before_writes(commit_id, e, dry),
             Err(Aborted::AfterWrites(e, p)) => {
@@ -704,7 +716,9 @@ impl Syncer {
                 out.error = Some(e);
                 out
             }
-        }
+        };
+        out.warnings = warnings;
+        out
     }
 
     /// The phases of [`Syncer::sync`], in order; the first two read only.
@@ -714,11 +728,13 @@ impl Syncer {
         commit_id: &str,
         files: &[(String, Vec<u8>)],
         cancel: &CancellationToken,
+        warnings: &mut Vec<String>,
     ) -> Result<SyncOutcome, Aborted> {
         let dry = s.dry_run != DryRunStrategy::None;
         // 1. Decode everything (variables substituted) before writing to the cluster.
         let vars = self.variables(s, Secrets::Read).await?;
         let mut manifests = decode_all(files, vars.as_ref())?;
+        warnings.append(&mut set_hooks_aside(&mut manifests, s));
         if s.dry_run == DryRunStrategy::Client {
             // No discovery in this mode: a hook is named as written, as every object is.
             refuse_helm_hooks(&manifests, s)?;
@@ -1922,6 +1938,19 @@ impl Progress {
     }
 }
 
+/// Leaves out the objects Argo CD would skip and returns a warning for each hook of a plain
+/// file ([`plan::hooks`]), logged at warn.
+pub(crate) fn set_hooks_aside(manifests: &mut Vec<Manifest>, s: &Settings) -> Vec<String> {
+    let hooks = plan::hooks(manifests, s.rendered_by_helm);
+    for warning in &hooks.warnings {
+        tracing::warn!(warning, "A hook in the manifests");
+    }
+    for i in hooks.skipped.into_iter().rev() {
+        manifests.remove(i);
+    }
+    hooks.warnings
+}
+
 /// Decodes every file, substituting `vars`; any error stops the sync before it touches the
 /// cluster.
 pub(crate) fn decode_all(
@@ -1955,6 +1984,7 @@ fn client_dry_run(commit_id: &str, manifests: &[Manifest]) -> SyncOutcome {
         dry_run: true,
         watched_statuses: 0,
         taken_over: 0,
+        warnings: Vec::new(),
     }
 }
 
@@ -2138,6 +2168,7 @@ fn finish(
         dry_run: dry,
         watched_statuses: 0,
         taken_over: 0,
+        warnings: Vec::new(),
     }
 }
 

@@ -1048,6 +1048,39 @@ async fn retrying_objects_that_keep_failing_to_be_created_writes_nothing() {
     assert_eq!(report.outcome, ReportedOutcome::Succeeded, "{report:?}");
 }
 
+/// Argo CD hooks in plain files: a PreSync hook is applied as an ordinary object and said
+/// (naming file, object and annotation) in the report's warnings; a `Skip` one is not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argo_hooks_in_plain_files_are_warned_about_and_skip_is_not_applied() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("hooks").unwrap();
+    let hook = |name: &str, value: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations:\n    argocd.argoproj.io/hook: {value}\n"
+        )
+    };
+    let (pre, skip) = (hook("pre", "PreSync"), hook("skipped", "Skip"));
+    let files = [
+        ("manifests/pre.yaml", Some(pre.as_bytes())),
+        ("manifests/skip.yaml", Some(skip.as_bytes())),
+    ];
+    let (rig, c1) = rig(env, ns.clone(), &admin_rbac(&ns), "", &files, &[]).await;
+    let report = rig.synced(&c1).await;
+    assert_eq!(report.outcome, ReportedOutcome::Succeeded, "{report:?}");
+    let said = |what: &str| report.warnings.iter().any(|w| w.contains(what));
+    assert!(
+        said(&format!(
+            "manifests/pre.yaml:1: ConfigMap {ns}/pre is annotated argocd.argoproj.io/hook: PreSync: applied"
+        )),
+        "{:?}",
+        report.warnings
+    );
+    assert!(said("not applied"), "{:?}", report.warnings);
+    assert!(get_json(&rig.env, &["get", "configmap", "pre", "-n", &ns]).is_some());
+    assert!(get_json(&rig.env, &["get", "configmap", "skipped", "-n", &ns]).is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resync_across_list_pages_writes_nothing() {
     // More ConfigMaps than one LIST page (500): the re-sync must see every page to find them

@@ -314,6 +314,7 @@ mod tests {
             dry_run: false,
             watched_statuses: 0,
             taken_over: 0,
+            warnings: Vec::new(),
         };
         let last = LastSync::of(&outcome);
         assert_eq!(last.not_current.len(), 4);
