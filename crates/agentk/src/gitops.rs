@@ -919,7 +919,7 @@ impl Worker {
             (&self.timing, rand::random::<f64>()),
         );
         let current = sync.schedule.current();
-        // kas's warnings about the commit first, then the sync's own (hooks).
+        // kas's warnings about the commit first, then the sync's own (hooks, emptied variables).
         let commit = current.filter(|c| c.id == outcome.commit_id);
         let from_kas = commit.map_or(&[][..], |c| &c.warnings[..]);
         report.warnings = [from_kas, &outcome.warnings[..]].concat();

@@ -22,6 +22,8 @@
 //! to its own length, so aliases cannot make a document expand to much more than its text
 //! could spell out (see `yaml_options`).
 
+use std::collections::BTreeSet;
+
 use serde_json::Value;
 use thiserror::Error;
 
@@ -228,6 +230,17 @@ pub fn decode_file_with(
     bytes: &[u8],
     vars: Option<&Variables>,
 ) -> Result<Vec<Manifest>, DecodeError> {
+    decode_file_noting(path, bytes, vars, &mut BTreeSet::new())
+}
+
+/// [`decode_file_with`], adding to `emptied` the variables substituted as empty for want of a
+/// value ([`substitute::expand_noting`]).
+pub fn decode_file_noting(
+    path: &str,
+    bytes: &[u8],
+    vars: Option<&Variables>,
+    emptied: &mut BTreeSet<String>,
+) -> Result<Vec<Manifest>, DecodeError> {
     let vars = vars.filter(|v| !v.is_empty());
     let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::NotUtf8 {
         path: path.to_owned(),
@@ -241,7 +254,7 @@ pub fn decode_file_with(
     let documents = if is_json {
         json_documents(path, text)?
     } else {
-        yaml_documents(path, text, vars)?
+        yaml_documents(path, text, vars, emptied)?
     };
     let mut out = Vec::new();
     for doc in documents {
@@ -255,7 +268,8 @@ pub fn decode_file_with(
         flatten(doc.value, "", &mut objects).map_err(invalid)?;
         if let (true, Some(vars)) = (is_json, vars) {
             for object in objects.iter_mut().filter(|o| !substitute::is_disabled(o)) {
-                expand_strings(object, vars).map_err(|e| substitute_error(path, doc.line, &e))?;
+                expand_strings(object, vars, emptied)
+                    .map_err(|e| substitute_error(path, doc.line, &e))?;
             }
         }
         out.extend(objects.iter_mut().map(|object| {
@@ -735,6 +749,7 @@ fn yaml_documents(
     path: &str,
     text: &str,
     vars: Option<&Variables>,
+    emptied: &mut BTreeSet<String>,
 ) -> Result<Vec<Document>, DecodeError> {
     let mut docs = Vec::new();
     for chunk in split_documents(text) {
@@ -744,7 +759,7 @@ fn yaml_documents(
         };
         let parsed = match vars {
             Some(vars) if chunk.text.contains('$') => {
-                substituted_chunk(path, &chunk, content_line, vars)?
+                substituted_chunk(path, &chunk, content_line, vars, emptied)?
             }
             _ => parse_chunk(path, chunk.text, chunk.first_line, content_line)?,
         };
@@ -767,6 +782,7 @@ fn substituted_chunk(
     chunk: &Chunk<'_>,
     content_line: usize,
     vars: &Variables,
+    emptied: &mut BTreeSet<String>,
 ) -> Result<Option<Value>, DecodeError> {
     let original = parse_chunk(path, chunk.text, chunk.first_line, content_line);
     if let Ok(value) = &original {
@@ -787,7 +803,7 @@ fn substituted_chunk(
             });
         }
     }
-    let text = substitute::expand(chunk.text, vars)
+    let text = substitute::expand_noting(chunk.text, vars, emptied)
         .map_err(|e| substitute_error(path, chunk.first_line - 1 + e.line(), &e))?;
     parse_chunk(path, &text, chunk.first_line, content_line).map_err(|e| match e {
         DecodeError::Syntax {
@@ -837,24 +853,28 @@ fn substitute_error(path: &str, line: usize, e: &ExpandError) -> DecodeError {
 }
 
 /// Substitutes in every string (keys too) of a JSON object.
-fn expand_strings(value: &mut Value, vars: &Variables) -> Result<(), ExpandError> {
+fn expand_strings(
+    value: &mut Value,
+    vars: &Variables,
+    emptied: &mut BTreeSet<String>,
+) -> Result<(), ExpandError> {
     match value {
-        Value::String(s) if s.contains('$') => *s = substitute::expand(s, vars)?,
+        Value::String(s) if s.contains('$') => *s = substitute::expand_noting(s, vars, emptied)?,
         Value::Array(items) => {
             for item in items {
-                expand_strings(item, vars)?;
+                expand_strings(item, vars, emptied)?;
             }
         }
         Value::Object(map) if map.keys().any(|k| k.contains('$')) => {
             let old = std::mem::take(map);
             for (k, mut v) in old {
-                expand_strings(&mut v, vars)?;
-                map.insert(substitute::expand(&k, vars)?, v);
+                expand_strings(&mut v, vars, emptied)?;
+                map.insert(substitute::expand_noting(&k, vars, emptied)?, v);
             }
         }
         Value::Object(map) => {
             for v in map.values_mut() {
-                expand_strings(v, vars)?;
+                expand_strings(v, vars, emptied)?;
             }
         }
         _ => {}

@@ -195,7 +195,7 @@ pub async fn preview(
     let vars = syncer
         .variables(s, crate::variables::Secrets::Refuse)
         .await?;
-    let mut manifests = decode_all(files, vars.as_ref())?;
+    let mut manifests = decode_all(files, vars.as_ref(), &mut Vec::new())?;
     // As a sync would: what Argo CD skips is not applied (the warnings are the sync's to say).
     crate::sync::set_hooks_aside(&mut manifests, s);
     let previous = syncer.read_inventory(s).await?;

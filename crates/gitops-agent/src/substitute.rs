@@ -22,7 +22,7 @@
 //!
 //! Everything here is pure; reading ConfigMaps and Secrets is [`crate::sync`]'s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
@@ -119,11 +119,40 @@ pub fn is_disabled(object: &Value) -> bool {
 
 /// `text` with its variable expressions replaced.
 pub fn expand(text: &str, vars: &Variables) -> Result<String, ExpandError> {
-    expand_nested(text, vars, 0)
+    expand_noting(text, vars, &mut BTreeSet::new())
+}
+
+/// [`expand`], adding to `emptied` the variables that were not set and had no default, so
+/// were replaced by an empty string (as Flux does, silently): a typo or a missing key in a
+/// ConfigMap should not go unsaid. A default that is used does not count.
+pub fn expand_noting(
+    text: &str,
+    vars: &Variables,
+    emptied: &mut BTreeSet<String>,
+) -> Result<String, ExpandError> {
+    expand_nested(text, vars, 0, emptied)
+}
+
+/// The warning about the variables of file `path` that were `emptied` ([`expand_noting`]),
+/// if any.
+pub fn emptied_warning(path: &str, emptied: &BTreeSet<String>) -> Option<String> {
+    if emptied.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = emptied.iter().map(|n| format!("${{{n}}}")).collect();
+    Some(format!(
+        "{path}: post_build variables not set, substituted as empty: {} (set them, give a default with ${{name:=default}}, or turn on post_build.strict to refuse the commit instead)",
+        names.join(", ")
+    ))
 }
 
 /// [`expand`] of a default nested `depth` deep.
-fn expand_nested(text: &str, vars: &Variables, depth: usize) -> Result<String, ExpandError> {
+fn expand_nested(
+    text: &str,
+    vars: &Variables,
+    depth: usize,
+    emptied: &mut BTreeSet<String>,
+) -> Result<String, ExpandError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find('$') {
@@ -136,7 +165,7 @@ fn expand_nested(text: &str, vars: &Variables, depth: usize) -> Result<String, E
             let offset = text.len() - inner_start.len();
             let line = line_at(text, offset);
             let close = closing_brace(inner_start).ok_or(ExpandError::Unclosed { line })?;
-            let value = evaluate(&inner_start[..close], vars, line, depth)?;
+            let value = evaluate(&inner_start[..close], vars, line, depth, emptied)?;
             if out.len() + value.len() > MAX_EXPANDED {
                 let limit = MAX_EXPANDED;
                 return Err(ExpandError::TooLarge { limit, line });
@@ -193,6 +222,7 @@ fn evaluate(
     vars: &Variables,
     line: usize,
     depth: usize,
+    emptied: &mut BTreeSet<String>,
 ) -> Result<String, ExpandError> {
     let unsupported = |why| ExpandError::Unsupported {
         expression: format!("${{{inner}}}"),
@@ -208,16 +238,19 @@ fn evaluate(
             return Err(unsupported("defaults nested more than 16 deep"));
         }
         Operator::Default(text) => {
-            let expanded = expand_nested(text, vars, depth + 1);
+            let expanded = expand_nested(text, vars, depth + 1, emptied);
             Some(expanded.map_err(|e| shift(e, line - 1))?)
         }
         _ => None,
     };
-    if value.is_none() && default.is_none() && vars.strict {
-        return Err(ExpandError::Unset {
-            name: name.to_owned(),
-            line,
-        });
+    if value.is_none() && default.is_none() {
+        if vars.strict {
+            return Err(ExpandError::Unset {
+                name: name.to_owned(),
+                line,
+            });
+        }
+        emptied.insert(name.to_owned());
     }
     let value = value.unwrap_or("");
     Ok(match op {
@@ -507,5 +540,28 @@ mod tests {
         assert!(!is_disabled(
             &serde_json::json!({"metadata": {"name": "a"}})
         ));
+    }
+
+    #[test]
+    fn variables_emptied_for_want_of_a_value_are_noted_and_defaults_and_escapes_are_not() {
+        let v = vars(&[("set", "1")], false);
+        let mut emptied = BTreeSet::new();
+        let text = "a: ${set}\nb: ${missing}\nc: ${dflt:=x}\nd: $${escaped}\ne: ${#len}\nf: ${dflt2:-${inner}}\n";
+        let out = expand_noting(text, &v, &mut emptied).expect("expands");
+        assert_eq!(out, "a: 1\nb: \nc: x\nd: ${escaped}\ne: 0\nf: \n");
+        let names: Vec<&str> = emptied.iter().map(String::as_str).collect();
+        assert_eq!(names, ["inner", "len", "missing"]);
+        assert_eq!(expand(text, &v).expect("same"), out, "expand is unchanged");
+    }
+
+    #[test]
+    fn the_warning_names_the_file_and_each_emptied_variable() {
+        assert_eq!(emptied_warning("a.yaml", &BTreeSet::new()), None);
+        let names: BTreeSet<String> = ["TAG".to_owned(), "replicas".to_owned()].into();
+        let w = emptied_warning("apps/web.yaml", &names).expect("a warning");
+        assert!(
+            w.starts_with("apps/web.yaml: post_build variables not set, substituted as empty: ${TAG}, ${replicas} ("),
+            "{w}"
+        );
     }
 }

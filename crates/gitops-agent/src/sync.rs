@@ -21,7 +21,7 @@ use tether_agent_config::{
 use tokio_util::sync::CancellationToken;
 
 use crate::apis::Apis;
-use crate::decode::{DecodeError, Manifest, decode_file_with};
+use crate::decode::{DecodeError, Manifest, decode_file_noting};
 use crate::drift;
 use crate::events::{self, Phase};
 use crate::inventory::{self, InventoryError, OwnershipConflict};
@@ -425,7 +425,8 @@ pub struct SyncOutcome {
     /// Objects whose fields changed by hand (owned by drift managers) were taken over so the
     /// apply reverted them ([`takeover`]).
     pub taken_over: usize,
-    /// What the user should know although it is no failure (hooks in plain files), said in
+    /// What the user should know although it is no failure (hooks in plain files, variables
+    /// substituted as empty), said in
     /// the report next to kas's warnings about the commit.
     pub warnings: Vec<String>,
 }
@@ -733,7 +734,7 @@ impl Syncer {
         let dry = s.dry_run != DryRunStrategy::None;
         // 1. Decode everything (variables substituted) before writing to the cluster.
         let vars = self.variables(s, Secrets::Read).await?;
-        let mut manifests = decode_all(files, vars.as_ref())?;
+        let mut manifests = decode_all(files, vars.as_ref(), warnings)?;
         warnings.append(&mut set_hooks_aside(&mut manifests, s));
         if s.dry_run == DryRunStrategy::Client {
             // No discovery in this mode: a hook is named as written, as every object is.
@@ -1953,13 +1954,22 @@ pub(crate) fn set_hooks_aside(manifests: &mut Vec<Manifest>, s: &Settings) -> Ve
 
 /// Decodes every file, substituting `vars`; any error stops the sync before it touches the
 /// cluster.
+///
+/// Adds to `warnings` a warning per file naming the variables substituted as empty for want
+/// of a value ([`crate::substitute::emptied_warning`]), logged at warn.
 pub(crate) fn decode_all(
     files: &[(String, Vec<u8>)],
     vars: Option<&Variables>,
+    warnings: &mut Vec<String>,
 ) -> Result<Vec<Manifest>, SyncError> {
     let mut manifests = Vec::new();
     for (path, bytes) in files {
-        manifests.append(&mut decode_file_with(path, bytes, vars)?);
+        let mut emptied = BTreeSet::new();
+        manifests.append(&mut decode_file_noting(path, bytes, vars, &mut emptied)?);
+        if let Some(warning) = crate::substitute::emptied_warning(path, &emptied) {
+            tracing::warn!(warning, "Variables substituted as empty");
+            warnings.push(warning);
+        }
     }
     Ok(manifests)
 }
@@ -2292,6 +2302,36 @@ mod tests {
         for end in &told {
             assert!(!forgets_attempted(end), "{end:?}");
         }
+    }
+
+    /// Each file whose variables were emptied for want of a value gets one warning naming
+    /// them; a file whose variables all resolved, or used defaults, gets none.
+    #[test]
+    fn decoding_warns_per_file_of_variables_substituted_as_empty() {
+        let mut vars = Variables::new(false);
+        vars.set("set", "1");
+        let cm = |name: &str, value: &str| {
+            let yaml = format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  v: \"{value}\"\n"
+            );
+            (format!("{name}.yaml"), yaml.into_bytes())
+        };
+        let files = [
+            cm("fine", "${set}${other:=x}"),
+            cm("typo", "${sett}-${TAG}"),
+        ];
+        let mut warnings = Vec::new();
+        let manifests = decode_all(&files, Some(&vars), &mut warnings).expect("decodes");
+        assert_eq!(manifests.len(), 2);
+        let [warning] = &warnings[..] else {
+            panic!("one warning: {warnings:?}");
+        };
+        assert!(
+            warning.starts_with(
+                "typo.yaml: post_build variables not set, substituted as empty: ${TAG}, ${sett} ("
+            ),
+            "{warning}"
+        );
     }
 
     #[test]

@@ -3099,7 +3099,7 @@ async fn post_build_variables_come_from_the_configuration_and_a_configmap_read_a
         "    post_build:\n      substitute:\n        cluster_name: prod-eu\n      substitute_from:\n      - kind: ConfigMap\n        name: cluster-vars\n        namespace: {ns}\n"
     );
     let web = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web-${cluster_name}\n  labels:\n    region: ${region}\nspec:\n  replicas: ${replicas:=2}\n  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.27\n";
-    let settings = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  cluster: ${cluster_name}\n  escaped: $${literal}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: script\n  annotations:\n    kustomize.toolkit.fluxcd.io/substitute: disabled\ndata:\n  run.sh: echo ${cluster_name}\n";
+    let settings = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  cluster: ${cluster_name}\n  escaped: $${literal}\n  unset: \"${not_set}\"\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: script\n  annotations:\n    kustomize.toolkit.fluxcd.io/substitute: disabled\ndata:\n  run.sh: echo ${cluster_name}\n";
     let (rig, c1) = rig(
         env,
         ns.clone(),
@@ -3114,6 +3114,14 @@ async fn post_build_variables_come_from_the_configuration_and_a_configmap_read_a
     .await;
     let s = rig.synced(&c1).await;
     assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    // The variable that is not set is said, once, for its file; defaults and escapes are not.
+    let [emptied] = &s.warnings[..] else {
+        panic!("one warning: {:?}", s.warnings);
+    };
+    assert!(
+        emptied.starts_with("manifests/settings.yaml: post_build variables not set, substituted as empty: ${not_set} ("),
+        "{emptied}"
+    );
     let deployment = || get_json(&rig.env, &["get", "deployment", "web-prod-eu", "-n", &ns]);
     let d = deployment().expect("the Deployment named from substitute");
     assert_eq!(d["spec"]["replicas"], 2, "the default, as a number");
@@ -3121,6 +3129,7 @@ async fn post_build_variables_come_from_the_configuration_and_a_configmap_read_a
     let cm = get_json(&rig.env, &["get", "configmap", "settings", "-n", &ns]).expect("settings");
     assert_eq!(cm["data"]["cluster"], "prod-eu");
     assert_eq!(cm["data"]["escaped"], "${literal}");
+    assert_eq!(cm["data"]["unset"], "");
     let script = get_json(&rig.env, &["get", "configmap", "script", "-n", &ns]).expect("script");
     assert_eq!(script["data"]["run.sh"], "echo ${cluster_name}");
 
