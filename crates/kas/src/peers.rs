@@ -818,16 +818,19 @@ impl Peers {
         }
         // A stream the agent closes without taking the request is replaced by another here:
         // nothing of the request was read from the other replica yet.
-        let conn = self
-            .registry
-            .open_confirmed(
-                request.agent_id,
-                &request.service,
-                request.metadata.into_iter().collect(),
-                HOLDER_TUNNEL_WAIT,
-            )
-            .await
-            .map_err(|e| e.to_string());
+        let opened = self.registry.open_confirmed(
+            request.agent_id,
+            &request.service,
+            request.metadata.into_iter().collect(),
+            HOLDER_TUNNEL_WAIT,
+        );
+        let conn = tokio::select! {
+            c = opened => c.map_err(|e| e.to_string()),
+            // Stopping while it waits for a stream here: none will come, and the connection
+            // dropped at the end of the drain, unanswered, read as "maybe taken" to the other
+            // replica, which could not send the request elsewhere (a 502 in a rollout).
+            () = self.registry.stopping() => Err("kas is shutting down".to_owned()),
+        };
         let mut conn = match conn {
             Ok(c) => c,
             Err(e) => {

@@ -491,6 +491,15 @@ impl Registry {
         self.shutdown.cancelled().await;
     }
 
+    /// Resolves once stopping has begun ([`Registry::drain`] or [`Registry::shutdown`]): from
+    /// then on no new stream comes, so whoever waits for one here waits in vain.
+    pub async fn stopping(&self) {
+        tokio::select! {
+            () = self.draining.cancelled() => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+
     /// Ends every stream and refuses new ones (kas is stopping).
     pub fn shutdown(&self) {
         self.lock().shutting_down = true;

@@ -492,3 +492,21 @@ async fn draining_ends_idle_streams_and_lets_the_request_in_flight_finish() {
         .expect("drained once the request ended");
     assert_eq!(server.registry.stats().open_streams, 0);
 }
+
+/// `stopping` tells a waiter that no stream will come any more, from the first step of
+/// stopping (the drain), not only once the streams are cut: a replica waiting for the agent's
+/// stream on another's behalf answers it then, rather than dropping it unanswered.
+#[tokio::test]
+async fn stopping_resolves_when_the_drain_begins() {
+    let registry = tether_tunnel_server::Registry::new();
+    let stopping = registry.stopping();
+    tokio::pin!(stopping);
+    assert!(
+        futures_util::poll!(stopping.as_mut()).is_pending(),
+        "not stopping yet"
+    );
+    registry.drain();
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("stopping resolves once the drain began");
+}
