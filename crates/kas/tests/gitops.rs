@@ -3554,12 +3554,17 @@ async fn agent_status_shows_entries_without_a_report_and_why() {
     // A directory that is no repository: kas takes it (it exists), and every fetch fails.
     let not_a_repository = rig._dir.path().join("not-a-repository");
     std::fs::create_dir_all(&not_a_repository).unwrap();
-    let broken = ProjectRequest {
-        path: "group/broken".into(),
-        remote: Some(not_a_repository.display().to_string()),
-        ..ProjectRequest::default()
+    // Points a project at that directory.
+    let (admin, remote) = (&rig.kas.admin, not_a_repository.display().to_string());
+    let break_project = |path: &str| {
+        let req = ProjectRequest {
+            path: path.into(),
+            remote: Some(remote.clone()),
+            ..ProjectRequest::default()
+        };
+        async move { admin.set_project(&req).await.unwrap() }
     };
-    rig.kas.admin.set_project(&broken).await.unwrap();
+    break_project("group/broken").await;
     let fetch_error = wait_for(
         "kas's fetch of group/broken to fail",
         Duration::from_secs(30),
@@ -3610,12 +3615,7 @@ async fn agent_status_shows_entries_without_a_report_and_why() {
 
     // A reported entry whose project kas can no longer fetch: its report is old news (it
     // read as current, exit 0, while no push reached the agent).
-    let moved = ProjectRequest {
-        path: "group/manifests".into(),
-        remote: Some(not_a_repository.display().to_string()),
-        ..ProjectRequest::default()
-    };
-    rig.kas.admin.set_project(&moved).await.unwrap();
+    break_project("group/manifests").await;
     let stale = wait_for(
         "the reported entry's fetch error in its status",
         Duration::from_secs(30),
