@@ -1,7 +1,9 @@
 //! Agent half of GitOps as agentk runs it: one worker per manifest project of the configuration
 //! in force. A worker keeps the objects stream to kas open, collects each commit's files, and
-//! synchronizes them; a new commit cancels the sync in progress. Failed syncs are retried with
-//! backoff; successful ones are re-applied periodically to correct drift.
+//! synchronizes them. A new commit (or `kas agent reconcile`) supersedes the sync in progress:
+//! that one finishes applying and pruning, is reported without waiting for its objects to be
+//! Current, and the newer one starts. Failed syncs are retried with backoff; successful ones
+//! are re-applied periodically to correct drift.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use tether_gitops_agent::inventory::inventory_name;
 use tether_gitops_agent::kube_events::{Happened, Recorder};
 use tether_gitops_agent::metrics::SyncMetrics;
 use tether_gitops_agent::sync::{
-    ObjectState, ProgressSink, Settings, SyncOutcome, SyncProgress, Syncer,
+    ObjectState, ProgressSink, Settings, SyncOutcome, SyncProgress, SyncStop, Syncer,
 };
 use tether_gitops_agent::takeover::DriftManagers;
 use tether_protocol::gitops::git_ops_client::GitOpsClient;
@@ -327,7 +329,7 @@ struct SyncState {
     /// The commit (shared with the running sync, so a commit of thousands of files is held
     /// once) and when to synchronize it.
     schedule: Schedule<Arc<Commit>>,
-    running: Option<(CancellationToken, JoinHandle<SyncOutcome>)>,
+    running: Option<Running>,
     /// When the running sync started, for its duration metric.
     started: Instant,
     /// The newest commit offered could not be applied: the schedule's commit is an earlier
@@ -337,6 +339,14 @@ struct SyncState {
     last: Option<LastSync>,
     /// A sync is due but a dependency is not ready: what was reported about it.
     waiting: Option<Waiting>,
+}
+
+/// A sync under way.
+struct Running {
+    stop: SyncStop,
+    task: JoinHandle<SyncOutcome>,
+    /// What it synchronizes: once superseded, no longer the schedule's newest commit.
+    commit: Arc<Commit>,
 }
 
 /// The "waiting for dependency" report sent last: sent again only when one of these changes.
@@ -366,11 +376,11 @@ enum Event {
 }
 
 /// Cancels a running sync and waits for it, aborting it after [`SYNC_STOP_GRACE`].
-async fn stop_sync(running: Option<(CancellationToken, JoinHandle<SyncOutcome>)>) {
-    let Some((token, mut task)) = running else {
+async fn stop_sync(running: Option<Running>) {
+    let Some(Running { stop, mut task, .. }) = running else {
         return;
     };
-    token.cancel();
+    stop.now.cancel();
     if tokio::time::timeout(SYNC_STOP_GRACE, &mut task)
         .await
         .is_err()
@@ -378,6 +388,18 @@ async fn stop_sync(running: Option<(CancellationToken, JoinHandle<SyncOutcome>)>
         tracing::warn!("The synchronization did not stop in time; abandoning its requests");
         task.abort();
         let _ = task.await;
+    }
+}
+
+/// Cuts the running sync's wait for Current, so that the sync asked for by `why` (a new
+/// commit, `kas agent reconcile`) starts once the running one has applied and pruned.
+fn supersede(running: Option<&Running>, why: &str) {
+    let Some(r) = running else {
+        return;
+    };
+    if !r.stop.superseded() {
+        tracing::info!(commit_id = %r.commit.id, due = why, "A newer synchronization is due: the running one finishes applying and pruning, and is not waited for");
+        r.stop.supersede();
     }
 }
 
@@ -425,7 +447,9 @@ fn report_of(outcome: &SyncOutcome, settings: &Settings) -> SyncReport {
         .collect();
     // A successful sync leaves the inventory in the default namespace (moved there if it was
     // elsewhere); kas tells a restarted agent, should the namespace change while it is down.
-    let inventory_namespace = if outcome.succeeded() && !outcome.dry_run {
+    // A superseded sync wrote it too: only its wait for Current was cut.
+    let wrote_inventory = outcome.succeeded() || outcome.superseded();
+    let inventory_namespace = if wrote_inventory && !outcome.dry_run {
         settings.default_namespace.clone()
     } else {
         String::new()
@@ -435,6 +459,8 @@ fn report_of(outcome: &SyncOutcome, settings: &Settings) -> SyncReport {
         commit_id: outcome.commit_id.clone(),
         sync_outcome: if outcome.succeeded() {
             wire::SyncOutcome::Succeeded
+        } else if outcome.superseded() {
+            wire::SyncOutcome::Superseded
         } else {
             wire::SyncOutcome::Failed
         }
@@ -454,6 +480,8 @@ fn report_of(outcome: &SyncOutcome, settings: &Settings) -> SyncReport {
         inventory_namespace,
         // Set from the commit's header by the caller, which has it.
         chart_version: String::new(),
+        // kas's own.
+        decided_before: 0,
     }
 }
 
@@ -643,18 +671,22 @@ impl Worker {
         let Some((commit, resync_id)) = sync.schedule.take_due(Instant::now(), running) else {
             return;
         };
-        let token = stop.child_token();
-        let (syncer, settings, t) = (
+        let sync_stop = SyncStop::under(stop);
+        let (syncer, settings, s, c) = (
             Arc::clone(&self.engine.syncer),
             self.settings.clone(),
-            token.clone(),
+            sync_stop.clone(),
+            Arc::clone(&commit),
         );
         tracing::info!(agent_id = settings.agent_id, commit_id = %commit.id, resync_id, "Synchronizing objects");
         let task = tokio::spawn(
-            async move { syncer.sync(&settings, &commit.id, &commit.files, &t).await }
-                .in_current_span(),
+            async move { syncer.sync(&settings, &c.id, &c.files, &s).await }.in_current_span(),
         );
-        sync.running = Some((token, task));
+        sync.running = Some(Running {
+            stop: sync_stop,
+            task,
+            commit,
+        });
         sync.started = Instant::now();
     }
 
@@ -788,8 +820,8 @@ impl Worker {
                         tracing::warn!(commit_id = %b.id, warning, "kas warns about this commit's manifests");
                     }
                     b.warnings = t.warnings;
-                    // A new commit cancels the sync in progress, and replaces any refused one.
-                    stop_sync(sync.running.take()).await;
+                    // A new commit supersedes the sync in progress, and replaces any refused one.
+                    supersede(sync.running.as_ref(), &format!("commit {}", b.id));
                     sync.refused = None;
                     // Held while suspended (kas holds commits then; this is for safety).
                     sync.schedule.commit(Arc::new(b), Instant::now());
@@ -873,6 +905,8 @@ impl Worker {
             inventory_namespace: String::new(),
             // Nothing of the refused commit was applied.
             chart_version: String::new(),
+            // kas's own.
+            decided_before: 0,
         };
         self.report(report, reports, stop).await;
     }
@@ -884,8 +918,10 @@ impl Worker {
         reports: &mut Reports,
         stop: &CancellationToken,
     ) {
-        let cancelled = sync.running.as_ref().is_some_and(|(t, _)| t.is_cancelled());
-        sync.running = None;
+        let Some(running) = sync.running.take() else {
+            return;
+        };
+        let cancelled = running.stop.now.is_cancelled();
         let outcome = match done {
             Ok(outcome) if !cancelled => outcome,
             Ok(_) => return,
@@ -903,6 +939,7 @@ impl Worker {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
+        // A superseded sync is neither: the newer one counts.
         let counted_ok = outcome.succeeded() && sync.refused.is_none();
         self.engine.metrics.record_as(
             &self.settings.project_id,
@@ -918,14 +955,10 @@ impl Worker {
             Instant::now(),
             (&self.timing, rand::random::<f64>()),
         );
-        let current = sync.schedule.current();
         // kas's warnings about the commit first, then the sync's own (hooks, emptied variables).
-        let commit = current.filter(|c| c.id == outcome.commit_id);
-        let from_kas = commit.map_or(&[][..], |c| &c.warnings[..]);
-        report.warnings = [from_kas, &outcome.warnings[..]].concat();
-        if let Some(c) = commit {
-            report.chart_version.clone_from(&c.chart_version);
-        }
+        let commit = &running.commit;
+        report.warnings = [&commit.warnings[..], &outcome.warnings[..]].concat();
+        report.chart_version.clone_from(&commit.chart_version);
         if let Some(refused) = &sync.refused {
             report = refusal::carry(report, refused);
         }
@@ -945,7 +978,9 @@ impl Worker {
             ResyncStep::Seen | ResyncStep::Held => {}
             ResyncStep::SyncNow => {
                 tracing::info!(resync_id = id, "kas asked for a synchronization now");
-                stop_sync(sync.running.take()).await;
+                // The one that answers runs entirely after the request; the one under way
+                // finishes its writes first, and is reported (what it pruned included).
+                supersede(sync.running.as_ref(), "kas agent reconcile");
             }
             ResyncStep::NoCommit => self.answer_without_commit(id, sync, reports, stop).await,
         }
@@ -993,9 +1028,9 @@ impl Worker {
         let report = SyncReport {
             project_id: self.settings.project_id.clone(),
             commit_id: sync
-                .schedule
-                .current()
-                .map(|c| c.id.clone())
+                .running
+                .as_ref()
+                .map(|r| r.commit.id.clone())
                 .unwrap_or_default(),
             resync_id: sync.schedule.resync_running(),
             in_progress: true,
@@ -1021,6 +1056,9 @@ impl Worker {
             tracing::warn!(commit_id = %o.commit_id, refused_commit_id = %r.commit_id, refusal = %r.message, "Re-applied the last good commit; the newest commit cannot be applied and is reported failed");
         }
         match &o.error {
+            Some(e) if o.superseded() => {
+                tracing::info!(agent_id = self.settings.agent_id, commit_id = %o.commit_id, objects = o.objects.len(), writes = o.writes, reason = %e, "Synchronization superseded")
+            }
             None => {
                 tracing::info!(agent_id = self.settings.agent_id, commit_id = %o.commit_id, objects = o.objects.len(), writes = o.writes, dry_run = o.dry_run, watched_statuses = o.watched_statuses, taken_over = o.taken_over, "Synchronization done")
             }
@@ -1133,7 +1171,7 @@ async fn next_event(
     };
     let sync_done = async {
         match sync.running.as_mut() {
-            Some((_, task)) => task.await,
+            Some(r) => (&mut r.task).await,
             None => std::future::pending().await,
         }
     };

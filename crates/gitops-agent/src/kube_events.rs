@@ -88,7 +88,8 @@ pub fn plan(last: Option<&Note>, happened: Happened<'_>) -> Option<Note> {
 
 fn synced_note(last: Option<&Note>, o: &SyncOutcome) -> Option<Note> {
     let commit = short(&o.commit_id);
-    if let Some(error) = &o.error {
+    // Superseded is no failure (applied and pruned, not waited for): only what it pruned.
+    if let Some(error) = o.error.as_ref().filter(|_| !o.superseded()) {
         let failed: Vec<String> = o
             .objects
             .iter()
@@ -120,7 +121,7 @@ fn synced_note(last: Option<&Note>, o: &SyncOutcome) -> Option<Note> {
             ),
         });
     }
-    let recovering = last.is_some_and(|n| n.reason.is_warning());
+    let recovering = o.succeeded() && last.is_some_and(|n| n.reason.is_warning());
     recovering.then(|| Note {
         reason: Reason::SyncRecovered,
         message: format!("commit {commit}: synchronized, {} objects", o.objects.len()),

@@ -45,4 +45,4 @@ pub use decode::{DecodeError, Manifest, decode_file};
 pub use inventory::{InventoryError, OwnershipConflict};
 pub use object_ref::{ObjRef, ParseObjRefError};
 pub use status::{Outcome, ResourceStatus, Status, SyncState, compute_status, sync_outcome};
-pub use sync::{ObjectState, SyncError};
+pub use sync::{ObjectState, SyncError, SyncStop};

@@ -143,8 +143,14 @@ impl SyncMetrics {
         took: Duration,
         now_unix: f64,
     ) {
+        // A superseded sync applied and pruned everything but was not waited for: neither a
+        // success (its objects may never become Current) nor a failure worth an alert.
         let label = OutcomeLabel {
-            outcome: if succeeded { "succeeded" } else { "failed" },
+            outcome: match (succeeded, outcome.superseded()) {
+                (true, _) => "succeeded",
+                (false, true) => "superseded",
+                (false, false) => "failed",
+            },
         };
         self.syncs
             .get_or_create(&ProjectOutcomeLabel {
@@ -207,7 +213,7 @@ impl SyncMetrics {
     /// nobody syncs here any more, and its object counts would stay frozen.
     pub fn forget(&self, project: &str) {
         let project = project.to_owned();
-        for outcome in ["succeeded", "failed"] {
+        for outcome in ["succeeded", "failed", "superseded"] {
             self.syncs.remove(&ProjectOutcomeLabel {
                 project: project.clone(),
                 outcome,

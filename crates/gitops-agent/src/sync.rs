@@ -407,6 +407,74 @@ pub enum SyncError {
     /// users' log queries (no singular form).
     #[error("{0} resources failed")]
     ResourcesFailed(usize),
+    /// Everything was applied and pruned, but a newer synchronization became due before these
+    /// objects were Current, so their wait was cut ([`SyncStop::supersede`]). Not a failure.
+    #[error(
+        "superseded: {0} resources were not Current yet when a newer synchronization became due; everything was applied and pruned, and the next synchronization reports their status"
+    )]
+    Superseded(usize),
+}
+
+/// How a running sync is asked to end early.
+#[derive(Debug, Clone, Default)]
+pub struct SyncStop {
+    /// Stop between requests, whatever the phase: agentk stops, or the entry left the
+    /// configuration.
+    pub now: CancellationToken,
+    /// Cancelled by [`SyncStop::supersede`], and with `now`.
+    waiting: CancellationToken,
+}
+
+impl SyncStop {
+    /// A stop that `now` ends at once (a child: cancelling it ends this sync only).
+    pub fn under(now: &CancellationToken) -> Self {
+        let now = now.child_token();
+        let waiting = now.child_token();
+        Self { now, waiting }
+    }
+
+    /// A newer sync is due (a new commit, `kas agent reconcile`): finish applying and pruning,
+    /// but stop waiting for the objects to be Current. Cancelling the whole sync instead made
+    /// a steady stream of commits starve it: each new commit cut the apply of the one before,
+    /// and none finished. Writes end in seconds; a wait for Current may take minutes.
+    pub fn supersede(&self) {
+        self.waiting.cancel();
+    }
+
+    /// Whether the wait was cut by [`SyncStop::supersede`] rather than by a stop.
+    pub fn superseded(&self) -> bool {
+        self.waiting.is_cancelled() && !self.now.is_cancelled()
+    }
+}
+
+/// The outcome of a sync whose wait for Current was cut ([`SyncStop::supersede`]): objects
+/// still in progress did not fail, they were not waited for. Failed objects still fail it.
+fn not_waited_for(out: &mut SyncOutcome) {
+    let (mut failed, mut pending) = (0, 0);
+    for o in &mut out.objects {
+        match o.status {
+            ObjectState::Live(Status::Failed) => failed += 1,
+            ObjectState::Live(Status::Current)
+            | ObjectState::Pruned
+            | ObjectState::PruneSkipped => {}
+            ObjectState::Live(_) => {
+                pending += 1;
+                o.message = format!(
+                    "{} (not waited for: a newer synchronization was due)",
+                    o.message
+                )
+                .trim_start()
+                .to_owned();
+            }
+        }
+    }
+    out.error = if failed > 0 {
+        Some(SyncError::ResourcesFailed(failed))
+    } else if pending > 0 {
+        Some(SyncError::Superseded(pending))
+    } else {
+        None
+    };
 }
 
 /// The outcome of a synchronization.
@@ -434,6 +502,12 @@ pub struct SyncOutcome {
 impl SyncOutcome {
     pub fn succeeded(&self) -> bool {
         self.error.is_none()
+    }
+
+    /// Everything was applied and pruned, but the wait for Current was cut because a newer
+    /// synchronization became due ([`SyncStop::supersede`]).
+    pub fn superseded(&self) -> bool {
+        matches!(self.error, Some(SyncError::Superseded(_)))
     }
 
     fn failed_before_writes(commit_id: &str, error: SyncError, dry_run: bool) -> Self {
@@ -702,12 +776,12 @@ impl Syncer {
         s: &Settings,
         commit_id: &str,
         files: &[(String, Vec<u8>)],
-        cancel: &CancellationToken,
+        stop: &SyncStop,
     ) -> SyncOutcome {
         let dry = s.dry_run != DryRunStrategy::None;
         let mut warnings = Vec::new();
         let mut out = match self
-            .sync_phases(s, commit_id, files, cancel, &mut warnings)
+            .sync_phases(s, commit_id, files, stop, &mut warnings)
             .await
         {
             Ok(out) => out,
@@ -728,10 +802,11 @@ impl Syncer {
         s: &Settings,
         commit_id: &str,
         files: &[(String, Vec<u8>)],
-        cancel: &CancellationToken,
+        stop: &SyncStop,
         warnings: &mut Vec<String>,
     ) -> Result<SyncOutcome, Aborted> {
         let dry = s.dry_run != DryRunStrategy::None;
+        let cancel = &stop.now;
         // 1. Decode everything (variables substituted) before writing to the cluster.
         let vars = self.variables(s, Secrets::Read).await?;
         let mut manifests = decode_all(files, vars.as_ref(), warnings)?;
@@ -784,13 +859,17 @@ impl Syncer {
             drop(manifests);
             drop(previous);
             s.progress.publish(&p.results);
-            self.wait_status(&p.applied, &p.seen, &disc, s, cancel, &mut p.results)
+            let waiting = &stop.waiting;
+            self.wait_status(&p.applied, &p.seen, &disc, s, waiting, &mut p.results)
                 .await;
         }
         let (watched_statuses, taken_over) = (p.seen.watched(), p.taken_over);
         let mut out = finish(commit_id, p.results, p.writes, dry);
         out.watched_statuses = watched_statuses;
         out.taken_over = taken_over;
+        if !dry && stop.superseded() {
+            not_waited_for(&mut out);
+        }
         Ok(out)
     }
 
@@ -2394,6 +2473,71 @@ mod tests {
             out.error.map(|e| e.to_string()).as_deref(),
             Some("3 resources failed")
         );
+    }
+
+    #[test]
+    fn a_superseded_sync_fails_only_on_failed_objects_and_marks_the_rest_not_waited_for() {
+        let mut out = finish(
+            "c1",
+            results(&[
+                ("a", ObjectState::Live(Status::Current)),
+                ("b", ObjectState::Live(Status::InProgress)),
+                ("c", ObjectState::Live(Status::Unknown)),
+                ("d", ObjectState::Pruned),
+            ]),
+            4,
+            false,
+        );
+        not_waited_for(&mut out);
+        assert_eq!(out.error, Some(SyncError::Superseded(2)));
+        assert!(out.superseded() && !out.succeeded());
+        let b = out.objects.iter().find(|o| o.obj.name == "b").expect("b");
+        assert!(
+            b.message
+                .ends_with("(not waited for: a newer synchronization was due)"),
+            "{b:?}"
+        );
+        assert!(
+            out.error
+                .expect("an error")
+                .to_string()
+                .starts_with("superseded: 2 resources were not Current yet"),
+        );
+
+        let failing = [
+            ("a", ObjectState::Live(Status::Failed)),
+            ("b", ObjectState::Live(Status::InProgress)),
+        ];
+        let mut out = finish("c1", results(&failing), 0, false);
+        not_waited_for(&mut out);
+        assert_eq!(
+            out.error,
+            Some(SyncError::ResourcesFailed(1)),
+            "a failure stays one"
+        );
+    }
+
+    #[test]
+    fn a_superseded_sync_whose_objects_were_all_current_succeeded() {
+        let states = [
+            ("a", ObjectState::Live(Status::Current)),
+            ("b", ObjectState::PruneSkipped),
+        ];
+        let mut out = finish("c1", results(&states), 1, false);
+        not_waited_for(&mut out);
+        assert!(out.succeeded(), "{out:?}");
+    }
+
+    #[test]
+    fn supersede_cuts_only_the_wait_and_a_stop_cuts_both() {
+        let root = CancellationToken::new();
+        let s = SyncStop::under(&root);
+        s.supersede();
+        assert!(s.superseded() && s.waiting.is_cancelled() && !s.now.is_cancelled());
+        let t = SyncStop::under(&root);
+        root.cancel();
+        assert!(t.now.is_cancelled() && t.waiting.is_cancelled());
+        assert!(!t.superseded(), "stopped, not superseded");
     }
 
     #[test]

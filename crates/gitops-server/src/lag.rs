@@ -68,7 +68,8 @@ impl ReconcileLag {
         s.order.push_back(commit.to_owned());
     }
 
-    /// An agent applied `commit` (a successful report of a commit it had not reported before).
+    /// An agent applied `commit` (a successful or superseded report — applied and pruned,
+    /// not waited for — of a commit it had not reported before).
     pub(crate) fn applied(&self, commit: &str) -> Option<f64> {
         let at = *self.seen.lock().ok()?.at.get(commit)?;
         let lag = at.elapsed().as_secs_f64();

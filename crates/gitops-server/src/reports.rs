@@ -145,6 +145,14 @@ impl SyncStates {
 /// cluster, so they stay in the status, said to be from that commit.
 fn keep_applied_objects(previous: Option<&SyncReport>, report: &SyncReport) -> SyncReport {
     let mut report = report.clone();
+    // What the notifications of the next deciding report compare with (kas's own field: an
+    // agent's value is not kept).
+    let before = match previous.filter(|_| !tether_notifications::event::decides(&report)) {
+        Some(p) if tether_notifications::event::decides(p) => p.sync_outcome(),
+        Some(p) => p.decided_before(),
+        None => SyncOutcome::Unspecified,
+    };
+    report.set_decided_before(before);
     if report.inventory_namespace.is_empty()
         && let Some(p) = previous
     {

@@ -590,7 +590,12 @@ impl GitOps for GitOpsService {
         })?;
         // A report re-sent after a reconnect is not a new application of its commit.
         let new_commit = previous.is_none_or(|p| p.commit_id != report.commit_id);
-        if new_commit && report.sync_outcome() == SyncOutcome::Succeeded {
+        // Superseded: applied, only not waited for.
+        let applied = matches!(
+            report.sync_outcome(),
+            SyncOutcome::Succeeded | SyncOutcome::Superseded
+        );
+        if new_commit && applied {
             self.lag.applied(&report.commit_id);
         }
         Ok(Response::new(ReportAck {}))

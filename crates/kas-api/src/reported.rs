@@ -15,6 +15,10 @@ pub enum ReportedOutcome {
     /// Nothing applied yet: the entry waits for its `depends_on` to be ready (the report's
     /// error says which and why).
     Waiting,
+    /// Everything was applied and pruned, but a newer synchronization became due before every
+    /// object was Current (the report's error says how many were not); the next one reports
+    /// their status.
+    Superseded,
     /// Not said (a report from an older agent), or a word this build does not know.
     #[serde(other)]
     Unknown,
@@ -22,14 +26,21 @@ pub enum ReportedOutcome {
 
 impl ReportedOutcome {
     /// Every value, for reading the words back.
-    pub const ALL: [Self; 4] = [Self::Succeeded, Self::Failed, Self::Waiting, Self::Unknown];
+    pub const ALL: [Self; 5] = [
+        Self::Succeeded,
+        Self::Failed,
+        Self::Waiting,
+        Self::Superseded,
+        Self::Unknown,
+    ];
 
-    /// The word users see: `succeeded`, `failed`, `waiting` or `unknown`.
+    /// The word users see: `succeeded`, `failed`, `waiting`, `superseded` or `unknown`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Waiting => "waiting",
+            Self::Superseded => "superseded",
             Self::Unknown => "unknown",
         }
     }
@@ -121,6 +132,7 @@ impl From<SyncOutcome> for ReportedOutcome {
             SyncOutcome::Succeeded => Self::Succeeded,
             SyncOutcome::Failed => Self::Failed,
             SyncOutcome::Waiting => Self::Waiting,
+            SyncOutcome::Superseded => Self::Superseded,
             SyncOutcome::Unspecified => Self::Unknown,
         }
     }
@@ -132,6 +144,7 @@ impl From<ReportedOutcome> for SyncOutcome {
             ReportedOutcome::Succeeded => Self::Succeeded,
             ReportedOutcome::Failed => Self::Failed,
             ReportedOutcome::Waiting => Self::Waiting,
+            ReportedOutcome::Superseded => Self::Superseded,
             ReportedOutcome::Unknown => Self::Unspecified,
         }
     }

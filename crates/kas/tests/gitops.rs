@@ -2791,6 +2791,120 @@ async fn a_commit_superseded_before_its_sync_finished_does_not_stay_pending_on_f
     }
 }
 
+/// Commits pushed faster than their objects become Current (E2 saw a commit every few seconds
+/// starve a project for ten minutes: each new commit cancelled the sync under way, none was
+/// reported, and status showed a commit long gone). Each sync now finishes applying and
+/// pruning, is reported `superseded` when the next commit arrives (what it pruned included),
+/// and the forges keep `superseded` on it rather than a failure; the last commit, whose
+/// objects all become Current, succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_pushed_faster_than_their_objects_become_current_are_each_applied_and_reported() {
+    let (port, got) = receiver(0).await;
+    let (rig, ns, c0, _secrets) = forge_rig("stream", port).await;
+    let app = |v: &str| configmap("app", &ns, v);
+    let (stuck, extra) = (unschedulable("stuck", &ns), configmap("extra", &ns, "x"));
+    let c1 = rig.manifests.commit(
+        &[
+            ("manifests/stuck.yaml", Some(&stuck)),
+            ("manifests/extra.yaml", Some(&extra)),
+        ],
+        "a Deployment that never becomes available",
+    );
+    // c2 drops `extra`; c3 changes `app`; c4 drops the Deployment and succeeds.
+    let (v2, v3, v4) = (app("v2"), app("v3"), app("v4"));
+    type Files<'a> = &'a [(&'a str, Option<&'a [u8]>)];
+    let next: [(Files, &str); 3] = [
+        (
+            &[
+                ("manifests/extra.yaml", None),
+                ("manifests/cm.yaml", Some(&v2)),
+            ],
+            "drop extra",
+        ),
+        (&[("manifests/cm.yaml", Some(&v3))], "v3"),
+        (
+            &[
+                ("manifests/stuck.yaml", None),
+                ("manifests/cm.yaml", Some(&v4)),
+            ],
+            "drop the Deployment",
+        ),
+    ];
+    let mut commits = vec![c1];
+    for (files, message) in next {
+        // Pushed once the previous commit's sync has started (else it would replace that
+        // commit before any sync of it, which is right, but not what is tested here).
+        let previous = commits.last().cloned().unwrap();
+        rig.agent
+            .wait_line("the previous commit's sync to start", |l| {
+                l["msg"] == "Synchronizing objects" && l["commit_id"] == previous.as_str()
+            })
+            .await;
+        commits.push(rig.manifests.commit(files, message));
+        let s = rig.synced(&previous).await;
+        assert_eq!(s.outcome, ReportedOutcome::Superseded, "{s:?}");
+        assert!(
+            s.error
+                .starts_with("superseded: 1 resources were not Current yet"),
+            "{}",
+            s.error
+        );
+        let stuck_seen = s.objects.iter().find(|o| o.name == "stuck").unwrap();
+        assert_eq!(
+            stuck_seen.status,
+            ReportedStatus::InProgress,
+            "{stuck_seen:?}"
+        );
+        if message == "v3" {
+            // c2's sync pruned `extra` before c3 cut its wait: reported, not lost.
+            let extra = s.objects.iter().find(|o| o.name == "extra");
+            assert_eq!(
+                extra.map(|o| o.status),
+                Some(ReportedStatus::Pruned),
+                "{s:?}"
+            );
+        }
+    }
+    let last = commits.last().unwrap();
+    assert_eq!(rig.synced(last).await.outcome, ReportedOutcome::Succeeded);
+    let superseded = r#"agentk_gitops_syncs_total{project="group/manifests",outcome="superseded"}"#;
+    assert_eq!(
+        rig.agent.metric(superseded).await,
+        Some(3.0),
+        "{superseded}"
+    );
+    let failed = r#"agentk_gitops_syncs_total{project="group/manifests",outcome="failed"}"#;
+    assert_eq!(rig.agent.metric(failed).await, None, "{failed}");
+
+    // GitLab's statuses: the superseded commits stay `canceled` (the report of their
+    // application says nothing the forge should show), the last one succeeds.
+    let (forge, prefix, canceled) = FORGES[0];
+    let statuses = wait_for(
+        &format!("{forge} to get the last commit's success"),
+        Duration::from_secs(30),
+        || async {
+            let statuses = forge_statuses(&got, prefix);
+            statuses
+                .iter()
+                .any(|(c, s, _)| c == last && s == "success")
+                .then_some(statuses)
+        },
+    )
+    .await;
+    let mut want = vec![(c0.as_str(), "pending"), (c0.as_str(), "success")];
+    for c in &commits[..3] {
+        want.extend([(c.as_str(), "pending"), (c.as_str(), canceled)]);
+    }
+    want.extend([(last.as_str(), "pending"), (last.as_str(), "success")]);
+    let mut states: Vec<(&str, &str)> = statuses
+        .iter()
+        .map(|(c, s, _)| (c.as_str(), s.as_str()))
+        .collect();
+    // A commit's `canceled` and the next one's `pending` are queued together, in either order.
+    states.sort_by_key(|(c, _)| commits.iter().position(|x| x == c).map_or(0, |i| i + 1));
+    assert_eq!(states, want);
+}
+
 /// Each forge's name, the path its commit statuses are posted under (the commit follows), and
 /// what it calls a superseded commit.
 const FORGES: [(&str, &str, &str); 3] = [

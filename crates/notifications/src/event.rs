@@ -255,15 +255,28 @@ pub struct ReportChange {
 /// after a reconnect) changes nothing.
 pub fn report_change(previous: Option<&SyncReport>, report: &SyncReport) -> ReportChange {
     // Waiting for `depends_on` applies nothing: the commit stays pending on forges until its
-    // sync, and the sync after the wait is compared as if the wait had not been reported.
-    if report.sync_outcome() == SyncOutcome::Waiting {
+    // sync, and the sync after the wait is compared as if the wait had not been reported. A
+    // superseded sync (applied, not waited for) says neither: the forge keeps the
+    // `superseded` kas posted when it sent the newer commit, and the next sync decides.
+    if !decides(report) {
         return ReportChange {
             transition: None,
             status: None,
         };
     }
-    let previous = previous.filter(|p| p.sync_outcome() != SyncOutcome::Waiting);
     let ok = report.sync_outcome() != SyncOutcome::Failed;
+    // Failing or not before: the previous report's outcome, or what an undecided one carried.
+    let failing_before = previous
+        .map(|p| {
+            if decides(p) {
+                p.sync_outcome()
+            } else {
+                p.decided_before()
+            }
+        })
+        .filter(|o| *o != SyncOutcome::Unspecified)
+        .map(|o| o != SyncOutcome::Failed);
+    let previous = previous.filter(|p| decides(p));
     let was = previous.map(|p| {
         (
             p.commit_id.as_str(),
@@ -278,7 +291,7 @@ pub fn report_change(previous: Option<&SyncReport>, report: &SyncReport) -> Repo
             status: None,
         };
     }
-    let transition = match (was.map(|(_, ok)| ok), ok) {
+    let transition = match (failing_before, ok) {
         (None | Some(true), false) => Some(TransitionKind::SyncFailed),
         (Some(false), true) => Some(TransitionKind::SyncRecovered),
         _ => None,
@@ -289,6 +302,15 @@ pub fn report_change(previous: Option<&SyncReport>, report: &SyncReport) -> Repo
         State::Failed
     });
     ReportChange { transition, status }
+}
+
+/// Whether a report decides the commit's outcome: not one waiting for `depends_on` (nothing
+/// applied) nor a superseded one (applied, not waited for).
+pub fn decides(report: &SyncReport) -> bool {
+    !matches!(
+        report.sync_outcome(),
+        SyncOutcome::Waiting | SyncOutcome::Superseded
+    )
 }
 
 /// `Kind namespace/name: message` of a report's failed objects, at most 20.
@@ -342,6 +364,35 @@ mod tests {
         assert_eq!(after.status, Some(State::Success), "{after:?}");
         let failed = report_change(Some(&waiting), &report("a", false, 3));
         assert_eq!(failed.transition, Some(TransitionKind::SyncFailed));
+    }
+
+    #[test]
+    fn a_superseded_sync_changes_nothing_and_a_failure_before_it_is_not_forgotten() {
+        let mut superseded = report("b", false, 2);
+        superseded.set_sync_outcome(SyncOutcome::Superseded);
+        let none = ReportChange {
+            transition: None,
+            status: None,
+        };
+        assert_eq!(
+            report_change(Some(&report("a", true, 1)), &superseded),
+            none
+        );
+        assert_eq!(
+            report_change(Some(&report("a", false, 1)), &superseded),
+            none
+        );
+        let after = report_change(Some(&superseded), &report("c", true, 3));
+        assert_eq!(after.status, Some(State::Success), "{after:?}");
+        assert_eq!(after.transition, None, "nothing failed before");
+        // Stored after a failure, it carries it (kas sets `decided_before`): the success
+        // after it is a recovery, and a failure after it no news.
+        superseded.set_decided_before(SyncOutcome::Failed);
+        let after = report_change(Some(&superseded), &report("c", true, 3));
+        assert_eq!(after.transition, Some(TransitionKind::SyncRecovered));
+        let after = report_change(Some(&superseded), &report("c", false, 3));
+        assert_eq!(after.transition, None, "still failing");
+        assert_eq!(after.status, Some(State::Failed), "a new commit's status");
     }
 
     #[test]

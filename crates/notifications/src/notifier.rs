@@ -312,7 +312,8 @@ impl Notifier {
     /// commit it replaces is the last one sent to the agent, as the store records it for every
     /// stream and replica (`replaces`, the commit the agent had from this stream, when the
     /// store has none or cannot say). Unless the agent reported that one, its sync was under
-    /// way and agentk cancels it for the new one, never reporting it: it is marked superseded
+    /// way and agentk stops waiting for it once it has applied, reporting it superseded (or
+    /// failed, which then replaces this status): it is marked superseded
     /// first (once: the outbox's key), so it does not stay `pending` for good. Known only to a
     /// stream, a commit sent before the agent's stream reconnected (agentk or kas restarted,
     /// another replica) stayed `pending`.

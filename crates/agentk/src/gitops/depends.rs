@@ -64,7 +64,12 @@ impl LastSync {
             .collect();
         LastSync {
             commit: outcome.commit_id.clone(),
-            error: outcome.error.as_ref().map(ToString::to_string),
+            // Superseded is no failure: its objects not yet Current say why it is not ready.
+            error: outcome
+                .error
+                .as_ref()
+                .filter(|_| !outcome.superseded())
+                .map(ToString::to_string),
             not_current,
             dry_run: outcome.dry_run,
         }

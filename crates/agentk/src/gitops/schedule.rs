@@ -141,7 +141,8 @@ impl<C: Clone> Schedule<C> {
 
     /// The running sync finished: drift correction after a success, a retry with backoff after
     /// a failure, spread by `r` (uniform in [0, 1)) so agents failing together do not retry
-    /// in lockstep. The re-sync id its report answers.
+    /// in lockstep. A sync made due while it ran (a newer commit, a re-sync, which supersede
+    /// the running one) stays due now. The re-sync id its report answers.
     pub(super) fn finished(
         &mut self,
         succeeded: bool,
@@ -149,6 +150,9 @@ impl<C: Clone> Schedule<C> {
         (timing, r): (&Timing, f64),
     ) -> u64 {
         self.resync_answered = self.resync_answered.max(self.resync_running);
+        if self.next_run.is_some() {
+            return self.resync_running;
+        }
         let delay = if succeeded {
             self.failures = 0;
             timing.resync_interval
@@ -160,8 +164,12 @@ impl<C: Clone> Schedule<C> {
         self.resync_running
     }
 
-    /// The running sync panicked: retried like a failure (spread by `r`), answering nothing.
+    /// The running sync panicked: retried like a failure (spread by `r`), answering nothing;
+    /// a sync made due while it ran stays due now.
     pub(super) fn crashed(&mut self, now: Instant, timing: &Timing, r: f64) {
+        if self.next_run.is_some() {
+            return;
+        }
         self.failures = self.failures.saturating_add(1);
         self.next_run = Some(now + timing.retry.delay(self.failures, r));
     }
@@ -238,6 +246,34 @@ mod tests {
         assert_eq!(s.take_due(t1, false), Some(("c1", 5)));
         assert_eq!(s.finished(false, t1, (&timing, 0.5)), 5);
         assert_eq!(s.resync(5, t1), ResyncStep::Seen, "answered");
+    }
+
+    #[test]
+    fn what_became_due_while_a_sync_ran_runs_as_soon_as_it_ends() {
+        let t0 = Instant::now();
+        let timing = Timing::default();
+        let mut s = Schedule::new();
+        s.commit("c1", t0);
+        assert_eq!(s.take_due(t0, false), Some(("c1", 0)));
+        // A newer commit supersedes the running sync, which still ends (and fails here).
+        let t1 = later(t0, 1);
+        s.commit("c2", t1);
+        assert_eq!(s.take_due(t1, true), None, "one sync at a time");
+        assert_eq!(s.finished(false, later(t0, 2), (&timing, 0.5)), 0);
+        assert_eq!(s.wake_at(), Some(t1), "not after a retry delay");
+        assert_eq!(s.take_due(later(t0, 2), false), Some(("c2", 0)));
+        // A re-sync asked while c2's sync runs: answered by the sync after it, at once.
+        let t3 = later(t0, 3);
+        assert_eq!(s.resync(7, t3), ResyncStep::SyncNow);
+        assert_eq!(s.finished(true, later(t0, 4), (&timing, 0.5)), 0);
+        assert_eq!(s.wake_at(), Some(t3), "not after the resync interval");
+        assert_eq!(s.take_due(later(t0, 4), false), Some(("c2", 7)));
+        assert_eq!(s.finished(true, later(t0, 5), (&timing, 0.5)), 7);
+        s.commit("c3", later(t0, 6));
+        s.take_due(later(t0, 6), false);
+        s.commit("c4", later(t0, 7));
+        s.crashed(later(t0, 8), &timing, 0.5);
+        assert_eq!(s.wake_at(), Some(later(t0, 7)), "a crash does not delay c4");
     }
 
     #[test]

@@ -444,8 +444,10 @@ fn print_syncs(agent_id: i64, syncs: &[SyncView], unreported: &[UnreportedView])
             s.finished_at,
             match (s.error.is_empty(), s.outcome) {
                 (true, _) => String::new(),
-                // The reason it waits is no error of its own.
-                (false, ReportedOutcome::Waiting) => format!("  {}", s.error),
+                // The reason it waits, or that a newer sync cut its wait, is no error.
+                (false, ReportedOutcome::Waiting | ReportedOutcome::Superseded) => {
+                    format!("  {}", s.error)
+                }
                 (false, _) => format!("  error: {}", s.error),
             }
         )?;

@@ -342,7 +342,14 @@ async fn follow(
             if s.resync_id < started.resync_id || !pending.contains(&s.project_id.as_str()) {
                 continue;
             }
-            if s.outcome == ReportedOutcome::Waiting && !waiting_is_final(&s, &failed) {
+            // A superseded sync is followed by the one that answers (a new commit cut its
+            // wait after the request): not an answer either.
+            let not_yet = match s.outcome {
+                ReportedOutcome::Waiting => !waiting_is_final(&s, &failed),
+                ReportedOutcome::Superseded => true,
+                _ => false,
+            };
+            if not_yet {
                 if waits.get(&s.project_id) != Some(&s.error) {
                     progress.line(&format!(
                         "{}: commit {} {}",

@@ -171,6 +171,7 @@ fn sync(s: &SyncView, filter: &ObjectFilter) -> Html {
         tether_kas_api::ReportedOutcome::Succeeded => "Succeeded",
         tether_kas_api::ReportedOutcome::Failed => "Failed",
         tether_kas_api::ReportedOutcome::Waiting => "Waiting",
+        tether_kas_api::ReportedOutcome::Superseded => "Superseded",
         tether_kas_api::ReportedOutcome::Unknown => "Unknown",
     };
     let mut head = Html::text(&format!(
