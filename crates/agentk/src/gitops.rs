@@ -347,6 +347,18 @@ struct Running {
     task: JoinHandle<SyncOutcome>,
     /// What it synchronizes: once superseded, no longer the schedule's newest commit.
     commit: Arc<Commit>,
+    /// The refusal in force when it started: a newer commit ends the refusal while this sync
+    /// (of the last good commit) still runs, and its report must still carry it, not read as
+    /// that commit recovering ([`Running::refusal`]).
+    refused: Option<Refusal>,
+}
+
+impl Running {
+    /// The refusal its report carries: the newest one told (during the sync, or before it),
+    /// or, when a newer commit ended it meanwhile, the one in force when it started.
+    fn refusal<'a>(&'a self, now: Option<&'a Refusal>) -> Option<&'a Refusal> {
+        now.or(self.refused.as_ref())
+    }
 }
 
 /// The "waiting for dependency" report sent last: sent again only when one of these changes.
@@ -686,6 +698,7 @@ impl Worker {
             stop: sync_stop,
             task,
             commit,
+            refused: sync.refused.clone(),
         });
         sync.started = Instant::now();
     }
@@ -934,13 +947,14 @@ impl Worker {
             }
         };
         sync.last = Some(LastSync::of(&outcome));
-        self.log_outcome(&outcome, sync.refused.as_ref());
+        let refused = running.refusal(sync.refused.as_ref());
+        self.log_outcome(&outcome, refused);
         self.event(Happened::Synced(&outcome));
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         // A superseded sync is neither: the newer one counts.
-        let counted_ok = outcome.succeeded() && sync.refused.is_none();
+        let counted_ok = outcome.succeeded() && refused.is_none();
         self.engine.metrics.record_as(
             &self.settings.project_id,
             &outcome,
@@ -959,7 +973,7 @@ impl Worker {
         let commit = &running.commit;
         report.warnings = [&commit.warnings[..], &outcome.warnings[..]].concat();
         report.chart_version.clone_from(&commit.chart_version);
-        if let Some(refused) = &sync.refused {
+        if let Some(refused) = refused {
             report = refusal::carry(report, refused);
         }
         self.report(report, reports, stop).await;
