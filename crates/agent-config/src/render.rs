@@ -94,6 +94,12 @@ pub struct Helm {
     /// What kas does with objects the chart renders differently at every rendering.
     #[serde(default, skip_serializing_if = "HelmRandom::is_default")]
     pub random: HelmRandom,
+    /// Create the release's namespace (`namespace`) with the chart's objects, as `helm install
+    /// --create-namespace` and Flux's `install.createNamespace` do. It is applied first and
+    /// never pruned (annotated `helm.sh/resource-policy: keep`): removing the entry or the
+    /// key leaves it and whatever else lives in it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub create_namespace: bool,
 }
 
 /// `helm.hooks`: what agentk does with objects annotated `helm.sh/hook` (test hooks aside,
@@ -299,6 +305,7 @@ mod tests {
             api_versions: vec![],
             hooks: HelmHooks::Refuse,
             random: HelmRandom::Refuse,
+            create_namespace: false,
         }
     }
 

@@ -1249,6 +1249,7 @@ mod tests {
             api_versions: vec![],
             hooks: Default::default(),
             random: Default::default(),
+            create_namespace: false,
         });
         let header = |rendered, chart_repository| wire::Header {
             rendered,

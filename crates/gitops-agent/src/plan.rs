@@ -242,6 +242,7 @@ mod tests {
             api_versions: vec![],
             hooks: HelmHooks::Refuse,
             random: Default::default(),
+            create_namespace: false,
         };
         entry.helm = Some(helm.clone());
         assert!(crate::sync::Settings::for_project(1, &entry).refuse_helm_hooks);

@@ -229,18 +229,39 @@ pub async fn manifests_at(
     if bytes.iter().all(u8::is_ascii_whitespace) {
         warnings.push(selects_nothing(&format!("{label} rendered nothing")));
     }
+    let mut files = vec![ManifestFile {
+        path: label,
+        bytes: bytes.to_vec(),
+    }];
+    files.extend(created_namespace(spec, bytes));
     Ok(Selection {
         commit,
-        files: vec![ManifestFile {
-            path: label,
-            bytes: bytes.to_vec(),
-        }],
+        files,
         warnings,
         chart_version: rendered
             .chart
             .as_ref()
             .map(|c| c.version.clone())
             .unwrap_or_default(),
+    })
+}
+
+/// `helm.create_namespace`: the release's Namespace, as a file of its own after the chart's
+/// output (agentk applies Namespaces first, whatever their place).
+fn created_namespace(spec: &RenderSpec, rendered: &[u8]) -> Option<ManifestFile> {
+    let RenderSpec::Helm(h) = spec else {
+        return None;
+    };
+    if !h.create_namespace {
+        return None;
+    }
+    let yaml = crate::render::namespace::namespace_to_add(
+        &String::from_utf8_lossy(rendered),
+        &h.namespace,
+    )?;
+    Some(ManifestFile {
+        path: crate::render::namespace::SOURCE.to_owned(),
+        bytes: yaml.into_bytes(),
     })
 }
 
@@ -496,6 +517,7 @@ mod tests {
                 api_versions: vec![],
                 apply_random,
                 default_namespace: default_namespace.into(),
+                create_namespace: false,
             }))
         };
         let rendered = Rendered {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::gitops::{Rig, RigArgs, admin_rbac, get_json, rig_entry};
 use support::{KasOptions, wait_for};
-use tether_gitops_server::ReportedOutcome;
+use tether_gitops_server::{ReportedOutcome, ReportedStatus};
 use tether_testenv::TestEnv;
 
 /// kas's `gitops.render` section pointing at the pinned renderers, plus `extra` keys.
@@ -647,6 +647,78 @@ async fn a_charts_crds_folder_is_applied_and_its_test_hooks_are_not() {
         pods["items"],
         serde_json::json!([]),
         "the test hook was applied"
+    );
+}
+
+/// `helm.create_namespace`, as Flux's `install.createNamespace`: the release's namespace does
+/// not exist and the chart does not make it; kas adds it to the rendering (kept), the chart's
+/// objects land in it, and when the key and the namespace leave the entry, the chart's objects
+/// there are pruned but the Namespace stays (`PruneSkipped`), as `helm uninstall` leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_create_namespace_creates_the_releases_namespace_and_never_prunes_it() {
+    let entry =
+        |ns: &str| format!("{HELM_ENTRY}      namespace: {ns}-rel\n      create_namespace: true\n");
+    let (rig, c1, ns) = rendering_rig("createns", entry, |_| helm_repo(), "").await;
+    let release_ns = format!("{ns}-rel");
+    let namespace = get_json(&rig.env, &["get", "namespace", &release_ns]).expect("created");
+    assert_eq!(
+        namespace["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+        "{namespace}"
+    );
+    get_json(
+        &rig.env,
+        &["get", "configmap", "shop-config", "-n", &release_ns],
+    )
+    .expect("the chart's ConfigMap, in the release namespace");
+    let s = rig.synced_in("group/manifests", &c1).await;
+    let ns_seen = s.objects.iter().find(|o| o.kind == "Namespace");
+    assert_eq!(
+        ns_seen.map(|o| (o.name.as_str(), o.status)),
+        Some((release_ns.as_str(), ReportedStatus::Current)),
+        "{s:?}"
+    );
+
+    let config = |helm_extra: &str| {
+        format!(
+            "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {ns}\n{HELM_ENTRY}{helm_extra}"
+        )
+    };
+    let path = ".gitlab/agents/seed/config.yaml";
+    // Back to the default namespace: the ConfigMap leaves the release namespace, which stays.
+    rig.config
+        .commit(&[(path, Some(config("").as_bytes()))], "default namespace");
+    let s = rig
+        .report("the sync back in the default namespace", |r| {
+            r.objects
+                .iter()
+                .any(|o| o.kind == "Namespace" && o.status != ReportedStatus::Current)
+        })
+        .await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let pruned = (release_ns.as_str(), ReportedStatus::Pruned);
+    assert!(
+        s.objects
+            .iter()
+            .any(|o| o.name == "shop-config" && (o.namespace.as_str(), o.status) == pruned),
+        "{s:?}"
+    );
+    let left = s.objects.iter().find(|o| o.kind == "Namespace");
+    assert_eq!(
+        left.map(|o| o.status),
+        Some(ReportedStatus::PruneSkipped),
+        "{s:?}"
+    );
+    assert!(
+        get_json(&rig.env, &["get", "namespace", &release_ns]).is_some(),
+        "kept"
+    );
+    assert!(
+        get_json(
+            &rig.env,
+            &["get", "configmap", "shop-config", "-n", &release_ns]
+        )
+        .is_none(),
+        "the chart's object there is pruned"
     );
 }
 

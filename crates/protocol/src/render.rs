@@ -46,6 +46,7 @@ pub fn render_request(project: &ManifestProject, cluster: &Cluster) -> Option<gi
             api_versions: merged(&cluster.api_versions, &h.api_versions),
             apply_random: h.random == tether_agent_config::HelmRandom::Apply,
             default_namespace: project.default_namespace.clone(),
+            create_namespace: h.create_namespace,
         }),
         (None, None) => return None,
     };
@@ -82,6 +83,7 @@ mod tests {
             api_versions: vec![],
             hooks: Default::default(),
             random: Default::default(),
+            create_namespace: false,
         });
         let Some(Renderer::Helm(h)) =
             render_request(&p, &Cluster::default()).and_then(|r| r.renderer)
@@ -138,6 +140,7 @@ mod tests {
             api_versions: vec!["x.io/v1/Thing".into(), "apps/v1".into()],
             hooks: Default::default(),
             random: Default::default(),
+            create_namespace: false,
         };
         p.helm = Some(helm.clone());
         let cluster = Cluster {

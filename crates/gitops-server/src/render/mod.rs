@@ -17,6 +17,7 @@
 //! - [`memory`]: the renderers fitted into kas's own memory limit (pure, and reading the cgroup).
 //! - [`unstable`]: charts rendering differently at every rendering, found by rendering twice
 //!   (pure).
+//! - [`namespace`]: the release's Namespace `helm.create_namespace` adds (pure).
 
 mod cache;
 pub mod checkout;
@@ -27,6 +28,7 @@ pub mod dependencies;
 pub mod fetch;
 pub mod filesystem;
 pub mod memory;
+pub mod namespace;
 pub mod resolutions;
 mod run;
 pub mod spec;

@@ -97,6 +97,9 @@ pub struct HelmSpec {
     /// The project's `default_namespace`, where objects without a namespace land, for
     /// messages; empty when the agent did not say.
     pub default_namespace: String,
+    /// `helm.create_namespace`: the selection adds the Namespace `namespace`
+    /// ([`crate::select`]); the rendering itself does not change.
+    pub create_namespace: bool,
 }
 
 impl HelmSpec {
@@ -134,6 +137,7 @@ impl HelmSpec {
             // agentk's business: kas renders hooks either way.
             hooks: tether_agent_config::HelmHooks::default(),
             random: tether_agent_config::HelmRandom::default(),
+            create_namespace: h.create_namespace,
         };
         settings
             .validate("helm")
@@ -156,6 +160,7 @@ impl HelmSpec {
             api_versions: settings.api_versions,
             apply_random: h.apply_random,
             default_namespace: h.default_namespace.clone(),
+            create_namespace: h.create_namespace,
         })
     }
 }
@@ -449,6 +454,7 @@ mod tests {
             api_versions: vec![],
             apply_random: false,
             default_namespace: String::new(),
+            create_namespace: false,
         }))
     }
 

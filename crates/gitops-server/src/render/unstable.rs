@@ -170,7 +170,7 @@ fn by_source(out: &str) -> BTreeMap<&str, Vec<&str>> {
 }
 
 /// The YAML documents of `out`, split at `---` lines, empty ones left out.
-fn split_documents(out: &str) -> Vec<&str> {
+pub(crate) fn split_documents(out: &str) -> Vec<&str> {
     let mut docs = Vec::new();
     let mut start = 0;
     let mut at = 0;
