@@ -19,18 +19,23 @@ pub enum EntryState {
     FetchFailing,
     /// No project of that path or id is registered in kas: the entry never synchronizes.
     UnknownProject,
+    /// Suspended in kas (`kas agent suspend`) before its first sync: nothing is applied until
+    /// it is resumed. Deliberate, so not unhealthy.
+    Suspended,
     /// A word this build does not know (a newer kas).
     #[serde(other)]
     Unknown,
 }
 
 impl EntryState {
-    /// The words users see: `pending`, `fetch failing`, `unknown project`, `unknown`.
+    /// The words users see: `pending`, `fetch failing`, `unknown project`, `suspended`,
+    /// `unknown`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
             Self::FetchFailing => "fetch failing",
             Self::UnknownProject => "unknown project",
+            Self::Suspended => "suspended",
             Self::Unknown => "unknown",
         }
     }

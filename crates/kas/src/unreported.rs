@@ -9,6 +9,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use tether_kas_api::{EntryState, UnreportedView};
 
+use tether_store::SuspensionScope;
+
 use crate::api::{ApiError, ApiState};
 
 /// What kas knows of the project an entry names.
@@ -25,7 +27,18 @@ pub enum ProjectFacts {
         commit: Option<String>,
         /// Why its last fetch failed (`None` after a success, or before the first ended).
         fetch_error: Option<String>,
+        /// Suspended in kas (the whole agent, or this project): by whom and why.
+        suspended: Option<Suspended>,
     },
+}
+
+/// A suspension that holds an entry, as `kas agent suspend` recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspended {
+    pub by: String,
+    pub reason: String,
+    /// The whole agent rather than the project: resumed without `--project`.
+    pub whole_agent: bool,
 }
 
 /// One entry of the configuration in force, with what kas knows of its project.
@@ -69,6 +82,12 @@ fn state_of(project: &str, facts: ProjectFacts) -> (EntryState, String) {
             fetch_error: Some(e),
             ..
         } => (EntryState::FetchFailing, e),
+        // Deliberate, and why nothing comes: said before "pending", which it would look like.
+        ProjectFacts::Registered {
+            suspended: Some(s),
+            path,
+            ..
+        } => (EntryState::Suspended, suspended(&s, &path)),
         ProjectFacts::Registered { commit: None, .. } => (
             EntryState::Pending,
             "first fetch of the project not finished yet".to_owned(),
@@ -78,6 +97,24 @@ fn state_of(project: &str, facts: ProjectFacts) -> (EntryState, String) {
             "first sync not reported yet".to_owned(),
         ),
     }
+}
+
+/// Who suspended the entry, why, and the command that resumes it. Pure.
+fn suspended(s: &Suspended, path: &str) -> String {
+    let why = if s.reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", s.reason)
+    };
+    let resume = if s.whole_agent {
+        "kas agent resume <agent>".to_owned()
+    } else {
+        format!("kas agent resume <agent> --project {path}")
+    };
+    format!(
+        "suspended by {}{why}; nothing is applied until it is resumed ({resume})",
+        s.by
+    )
 }
 
 /// Why an entry naming `project` (as written) never synchronizes, and what fixes it: kas
@@ -110,6 +147,17 @@ pub async fn agent_unreported(
         .into_iter()
         .map(|r| r.project_id)
         .collect();
+    let suspensions = st.store.suspensions(Some(agent_id)).await?;
+    let held = |project_id: i64| {
+        let s = suspensions.iter().find(|s| {
+            s.scope == SuspensionScope::Agent || s.scope == SuspensionScope::Project(project_id)
+        })?;
+        Some(Suspended {
+            by: s.suspended_by.clone(),
+            reason: s.reason.clone(),
+            whole_agent: s.scope == SuspensionScope::Agent,
+        })
+    };
     let mut entries = Vec::new();
     for p in &config.gitops.manifest_projects {
         let key = p.entry_key();
@@ -126,6 +174,7 @@ pub async fn agent_unreported(
                     remote: found.remote.is_some(),
                     commit: head.commit.map(|c| c.to_hex()),
                     fetch_error: head.error,
+                    suspended: held(found.id),
                 }
             }
         };
@@ -156,6 +205,7 @@ mod tests {
             remote: true,
             commit: commit.map(str::to_owned),
             fetch_error: fetch_error.map(str::to_owned),
+            suspended: None,
         }
     }
 
@@ -235,11 +285,40 @@ mod tests {
             remote: false,
             commit: None,
             fetch_error: None,
+            suspended: None,
         };
         let rows = unreported(vec![entry("g/app", facts)], &HashSet::new());
         assert_eq!(states(&rows), [("g/app", EntryState::FetchFailing)]);
         assert!(
             rows[0].reason.contains("no repository"),
+            "{}",
+            rows[0].reason
+        );
+    }
+
+    #[test]
+    fn a_suspended_entry_says_who_why_and_how_to_resume_not_pending() {
+        let held = |whole_agent| ProjectFacts::Registered {
+            path: "g/app".into(),
+            remote: true,
+            commit: Some("c1".into()),
+            fetch_error: None,
+            suspended: Some(Suspended {
+                by: "admin".into(),
+                reason: "freeze".into(),
+                whole_agent,
+            }),
+        };
+        let rows = unreported(vec![entry("g/app", held(false))], &HashSet::new());
+        assert_eq!(states(&rows), [("g/app", EntryState::Suspended)]);
+        assert_eq!(
+            rows[0].reason,
+            "suspended by admin: freeze; nothing is applied until it is resumed (kas agent resume <agent> --project g/app)"
+        );
+        assert!(!rows[0].state.is_unhealthy(), "deliberate");
+        let rows = unreported(vec![entry("g/app", held(true))], &HashSet::new());
+        assert!(
+            rows[0].reason.ends_with("(kas agent resume <agent>)"),
             "{}",
             rows[0].reason
         );
