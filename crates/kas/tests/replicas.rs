@@ -1266,7 +1266,12 @@ async fn an_entry_whose_removal_failed_during_a_redis_outage_is_removed_once_red
     )
     .await;
     r.shared.redis.restart().unwrap();
-    assert_eq!(r.directory_fields().await, before, "the data came back");
+    // Replica 2 may write its own entry the moment Redis is back, before this reads.
+    let back = r.directory_fields().await;
+    assert!(
+        before.iter().all(|f| back.contains(f)),
+        "the data came back: {back:?}"
+    );
 
     let what = "replica 1's entry to be removed and replica 2's written";
     let mut statuses = r
