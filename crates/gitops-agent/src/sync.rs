@@ -63,6 +63,10 @@ pub struct Settings {
     /// followed by `#name` for a named entry.
     pub project_id: String,
     pub default_namespace: String,
+    /// Where namespaced objects that name no namespace land: a Helm entry's `helm.namespace`
+    /// (as `helm install --namespace` puts them, and Flux's `targetNamespace`), otherwise
+    /// `default_namespace`. The inventory stays in `default_namespace` either way.
+    pub objects_namespace: String,
     pub prune: bool,
     /// Whether a commit selecting no object may prune everything (see [`plan::empties`]).
     pub allow_empty: bool,
@@ -154,6 +158,11 @@ impl Settings {
             agent_id,
             project_id: p.entry_key(),
             default_namespace: p.default_namespace.clone(),
+            objects_namespace: p
+                .helm
+                .as_ref()
+                .and_then(|h| h.namespace.clone())
+                .unwrap_or_else(|| p.default_namespace.clone()),
             prune: p.prune,
             allow_empty: p.allow_empty,
             refuse_helm_hooks: p
@@ -2083,7 +2092,7 @@ fn client_dry_run(commit_id: &str, manifests: &[Manifest]) -> SyncOutcome {
 pub(crate) fn default_namespaces(manifests: &mut [Manifest], disc: &Apis, s: &Settings) {
     for m in manifests.iter_mut() {
         if let Some((_, caps)) = Syncer::resolve(disc, m) {
-            m.set_default_namespace(&s.default_namespace, caps.scope == Scope::Namespaced);
+            m.set_default_namespace(&s.objects_namespace, caps.scope == Scope::Namespaced);
         }
     }
 }
@@ -2103,7 +2112,7 @@ fn resolve_stage(
         match Syncer::resolve(disc, m) {
             Some((ar, caps)) => {
                 let namespaced = caps.scope == Scope::Namespaced;
-                m.set_default_namespace(&s.default_namespace, namespaced);
+                m.set_default_namespace(&s.objects_namespace, namespaced);
                 resolved.push(Resolved {
                     idx,
                     ar,

@@ -284,9 +284,16 @@ fn unstable_warnings(spec: &RenderSpec, rendered: &Rendered) -> Result<Vec<Strin
     if rendered.unstable.is_empty() {
         return Ok(unstable::lookup_warnings(&rendered.calls));
     }
+    // Agents send `default_namespace` since `helm.random`; this version's put objects without
+    // a namespace in `helm.namespace` (sent always: it defaults to `default_namespace`).
+    let lands_in = if h.default_namespace.is_empty() {
+        ""
+    } else {
+        h.namespace.as_str()
+    };
     let why = unstable::explain(
         &rendered.label(spec),
-        (&h.chart, &h.default_namespace),
+        (&h.chart, lands_in),
         &rendered.unstable,
         &rendered.calls,
     );

@@ -652,8 +652,10 @@ async fn a_charts_crds_folder_is_applied_and_its_test_hooks_are_not() {
 
 /// `helm.create_namespace`, as Flux's `install.createNamespace`: the release's namespace does
 /// not exist and the chart does not make it; kas adds it to the rendering (kept), the chart's
-/// objects land in it, and when the key and the namespace leave the entry, the chart's objects
-/// there are pruned but the Namespace stays (`PruneSkipped`), as `helm uninstall` leaves it.
+/// objects land in it — the Deployment its template leaves without a namespace too, as
+/// `helm install --namespace` puts it (it went to `default_namespace`, splitting the release) —
+/// and when the key and the namespace leave the entry, the chart's objects there are pruned
+/// but the Namespace stays (`PruneSkipped`), as `helm uninstall` leaves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_create_namespace_creates_the_releases_namespace_and_never_prunes_it() {
     let entry =
@@ -670,6 +672,12 @@ async fn helm_create_namespace_creates_the_releases_namespace_and_never_prunes_i
         &["get", "configmap", "shop-config", "-n", &release_ns],
     )
     .expect("the chart's ConfigMap, in the release namespace");
+    get_json(
+        &rig.env,
+        &["get", "deployment", "shop-web", "-n", &release_ns],
+    )
+    .expect("the Deployment its template leaves without a namespace, there too");
+    assert!(get_json(&rig.env, &["get", "deployment", "shop-web", "-n", &ns]).is_none());
     let s = rig.synced_in("group/manifests", &c1).await;
     let ns_seen = s.objects.iter().find(|o| o.kind == "Namespace");
     assert_eq!(
@@ -712,6 +720,8 @@ async fn helm_create_namespace_creates_the_releases_namespace_and_never_prunes_i
         get_json(&rig.env, &["get", "namespace", &release_ns]).is_some(),
         "kept"
     );
+    get_json(&rig.env, &["get", "deployment", "shop-web", "-n", &ns])
+        .expect("the Deployment, moved with the release to the default namespace");
     assert!(
         get_json(
             &rig.env,
