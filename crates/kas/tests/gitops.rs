@@ -2905,6 +2905,61 @@ async fn commits_pushed_faster_than_their_objects_become_current_are_each_applie
     assert_eq!(states, want);
 }
 
+/// `kas agent reconcile` while a sync waits for its objects supersedes that sync as a new
+/// commit does: it is reported with what it pruned, and the sync answering the request runs
+/// after it. E2 saw a reconcile cancel a sync that had pruned, and only the next one (which
+/// pruned nothing) was reported: the prune went unreported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_during_a_sync_reports_what_that_sync_pruned_then_answers() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("resyncprune").unwrap();
+    let (stuck, extra) = (unschedulable("stuck", &ns), configmap("extra", &ns, "x"));
+    let initial = [("manifests/extra.yaml", Some(&extra[..]))];
+    let (rig, c1) = rig(env, ns.clone(), &admin_rbac(&ns), "", &initial, &[]).await;
+    assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
+    // c2 prunes `extra` and then waits for a Deployment that never becomes available.
+    let c2 = rig.manifests.commit(
+        &[
+            ("manifests/extra.yaml", None),
+            ("manifests/stuck.yaml", Some(&stuck)),
+        ],
+        "prune extra, wait for stuck",
+    );
+    rig.agent
+        .wait_line("c2's prune", |l| {
+            l["msg"] == "resourcePruned" && l["name"] == "extra"
+        })
+        .await;
+    let out = rig
+        .kas
+        .cli()
+        .args(["agent", "reconcile", "group/config:seed"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = rig.synced(&c2).await;
+    assert_eq!(s.outcome, ReportedOutcome::Superseded, "{s:?}");
+    assert_eq!(s.resync_id, 0, "answers no reconcile: {s:?}");
+    let pruned = s.objects.iter().find(|o| o.name == "extra");
+    assert_eq!(
+        pruned.map(|o| o.status),
+        Some(ReportedStatus::Pruned),
+        "{s:?}"
+    );
+    rig.agent
+        .wait_line("the sync answering the reconcile", |l| {
+            l["msg"] == "Synchronizing objects"
+                && l["commit_id"] == c2.as_str()
+                && l["resync_id"].as_u64() > Some(0)
+        })
+        .await;
+}
+
 /// Each forge's name, the path its commit statuses are posted under (the commit follows), and
 /// what it calls a superseded commit.
 const FORGES: [(&str, &str, &str); 3] = [
