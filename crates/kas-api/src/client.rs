@@ -50,6 +50,25 @@ pub enum ClientError {
 
 type Result<T> = std::result::Result<T, ClientError>;
 
+impl ClientError {
+    /// Whether kas was not there to answer: no connection, one dropped mid-answer, or a proxy
+    /// or load balancer in front of kas with no replica behind it (502, 503, 504). That is a
+    /// restart or a rolling restart of replicas, worth waiting out; anything else is kas's
+    /// own answer.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Call { .. } | Self::Body(_) => true,
+            Self::Status { status, .. } => matches!(
+                *status,
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Talks to one kas's internal API with its admin token, over HTTP or HTTPS.
 #[derive(Clone)]
 pub struct AdminClient {
@@ -404,4 +423,30 @@ fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn status(status: StatusCode) -> ClientError {
+        ClientError::Status {
+            status,
+            message: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_kas_and_no_replica_behind_a_proxy_are_unreachable_but_refusals_are_not() {
+        // Nothing listens on port 1 of the loopback address: the connection is refused.
+        let refused = AdminClient::new("http://127.0.0.1:1", "t").stats().await;
+        assert!(refused.is_err_and(|e| e.is_unreachable()));
+        for code in [502, 503, 504] {
+            assert!(status(StatusCode::from_u16(code).unwrap()).is_unreachable());
+        }
+        for code in [400, 401, 404, 409, 500] {
+            assert!(!status(StatusCode::from_u16(code).unwrap()).is_unreachable());
+        }
+    }
 }

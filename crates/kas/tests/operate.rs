@@ -866,3 +866,99 @@ async fn a_commit_pushed_on_top_of_the_fetched_one_supersedes_it() {
     assert!(!ask(&c1, unknown).await.unwrap());
     assert!(ask(&c1, "not-a-commit").await.is_err());
 }
+
+/// The lines a child process writes to one of its pipes, gathered as they come.
+struct Gathered {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Gathered {
+    fn start(pipe: impl std::io::Read + Send + 'static) -> Gathered {
+        use std::io::BufRead as _;
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = std::sync::Arc::clone(&text);
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut t = sink.lock().unwrap();
+                t.push_str(&line);
+                t.push('\n');
+            }
+        });
+        Gathered { text, reader }
+    }
+
+    /// Everything, once the pipe is closed (the process exited).
+    fn all(self) -> String {
+        self.reader.join().unwrap();
+        self.text.lock().unwrap().clone()
+    }
+}
+
+/// Waits until `text` contains `what`.
+async fn until_said(text: &std::sync::Mutex<String>, what: &str) {
+    wait_for(what, Duration::from_secs(60), || async {
+        text.lock().unwrap().contains(what).then_some(())
+    })
+    .await;
+}
+
+/// kas killed and started again while `kas agent reconcile --wait` follows a synchronization
+/// (a restart, a rolling restart of replicas): the wait rides it out, says kas is unreachable
+/// and then back, and ends with the agent's report and exit 0 (it exited 1 at the first poll
+/// that found no kas, failing CI jobs that waited through an upgrade of kas).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_wait_rides_out_a_kas_restart_and_ends_with_the_report() {
+    let (mut rig, ns, _) = configmap_rig("recrestart").await;
+    // Available only once its pod has been Ready for a while: the synchronization answering
+    // the reconcile lasts that long (kwok's node makes the pod Ready at once).
+    let slow = String::from_utf8(support::gitops::deployment("slow", &ns, 1))
+        .unwrap()
+        .replace("  replicas: 1\n", "  replicas: 1\n  minReadySeconds: 8\n");
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/slow.yaml", Some(slow.as_bytes()))], "slow");
+    let mut child = rig
+        .kas
+        .cli()
+        .args([
+            "agent",
+            "reconcile",
+            "group/config:seed",
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = Gathered::start(child.stdout.take().unwrap());
+    let stderr = Gathered::start(child.stderr.take().unwrap());
+    until_said(
+        &stdout.text,
+        &format!("group/manifests: fetched, commit {}", &c2[..12]),
+    )
+    .await;
+    rig.kas.kill9();
+    until_said(&stderr.text, "kas: kas is unreachable (calling kas at").await;
+    rig.kas.start_again().await;
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let (stdout, stderr) = (stdout.all(), stderr.all());
+    let all = format!("exit {status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(status.code(), Some(0), "{all}");
+    assert!(
+        stdout.contains(&format!(
+            "group/manifests: commit {} succeeded: 2 applied, 2 Current, 0 not Current, 0 pruned",
+            &c2[..12]
+        )),
+        "{all}"
+    );
+    assert!(
+        stderr.contains("still waiting for the agent's report (until the --timeout of 2m)")
+            && stderr.contains("kas: kas answers again (unreachable for "),
+        "{all}"
+    );
+}

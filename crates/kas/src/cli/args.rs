@@ -24,7 +24,7 @@ Examples:
 Exit codes with --wait:
   0  every project synchronized and every object Current
   1  a synchronization failed or an object is not Current (or kas refused the request)
-  3  no report within --timeout
+  3  no report within --timeout (kas unreachable meanwhile is waited out until then)
   4  the agent has no GitOps stream for a project (offline, or no replica leads)
   5  a project's fetch failed or did not finish in 30 s: the newest commit was not fetched
      (the last good one is synchronized); also without --wait";

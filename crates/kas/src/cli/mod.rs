@@ -5,6 +5,7 @@ pub mod agent;
 pub mod args;
 pub mod local;
 pub mod man;
+pub mod outage;
 pub mod output;
 pub mod project;
 pub mod reconcile;

@@ -8,11 +8,12 @@ use std::time::Duration;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tether_kas_api::{
-    AdminClient, ProgressView, ReconcileRequest, ReconcileStarted, ReportedOutcome, ReportedStatus,
-    SupersedesRequest, SyncView,
+    AdminClient, ClientError, ProgressView, ReconcileRequest, ReconcileStarted, ReportedOutcome,
+    ReportedStatus, SupersedesRequest, SyncView,
 };
 use tokio::time::Instant;
 
+use super::outage::Outage;
 use super::output::{out, short};
 
 /// How often the agent's reports are read while waiting.
@@ -245,6 +246,14 @@ impl Progress {
         }
     }
 
+    /// A line on standard error (kas coming and going), above the bar on a terminal.
+    fn note(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("kas: {text}")),
+            None => eprintln!("kas: {text}"),
+        }
+    }
+
     fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
@@ -337,8 +346,9 @@ async fn follow(
     // Entries waiting for a dependency, with the wait last shown: not an answer yet.
     let mut waits: HashMap<String, String> = HashMap::new();
     let mut failed: Vec<String> = Vec::new();
+    let mut outage = Outage::new(timeout);
     while !pending.is_empty() {
-        for s in c.gitops_status(agent_id).await? {
+        for s in poll_reports(c, agent_id, &mut outage, progress).await? {
             if s.resync_id < started.resync_id || !pending.contains(&s.project_id.as_str()) {
                 continue;
             }
@@ -393,16 +403,24 @@ async fn follow(
         if pending.is_empty() {
             break;
         }
-        show_progress(
-            c,
-            agent_id,
-            started.resync_id,
-            &pending,
-            progress,
-            &mut shown,
-        )
-        .await?;
+        if outage.reask_due() {
+            reask(c, agent_id, &pending, &mut outage, progress).await?;
+        }
+        if !outage.is_down() {
+            show_progress(
+                c,
+                agent_id,
+                started.resync_id,
+                &pending,
+                progress,
+                &mut shown,
+            )
+            .await?;
+        }
         if Instant::now() >= deadline {
+            if let Some(down) = outage.down_for() {
+                progress.note(&format!("kas has been unreachable for {}s", down.as_secs()));
+            }
             return timed_out(progress, (agent_id, timeout), &pending, &waits)
                 .map(|o| worst.max(o));
         }
@@ -413,9 +431,90 @@ async fn follow(
                 t0.elapsed().as_secs()
             ));
         }
-        tokio::time::sleep(POLL.min(deadline - Instant::now())).await;
+        tokio::time::sleep(outage.delay(POLL).min(deadline - Instant::now())).await;
     }
     Ok(worst)
+}
+
+/// The agent's reports, or none while kas is unreachable (a restart, a rolling restart of
+/// replicas): that is waited out until `--timeout`, saying so when it starts and ends.
+async fn poll_reports(
+    c: &AdminClient,
+    agent_id: i64,
+    outage: &mut Outage,
+    progress: &Progress,
+) -> Result<Vec<SyncView>> {
+    match c.gitops_status(agent_id).await {
+        Ok(reports) => {
+            if let Some(line) = outage.answered() {
+                progress.note(&line);
+            }
+            Ok(reports)
+        }
+        Err(e) if e.is_unreachable() => {
+            if let Some(line) = outage.lost(&e) {
+                progress.note(&line);
+            }
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Asks again for the synchronization of the projects still pending, once kas answers after
+/// being unreachable. kas holds a reconcile request only in memory (the directive channels of
+/// `tether_gitops_server::control`); a restarted kas starts with none. A request the agent
+/// had heard is still answered — its sync goes on, and agentk re-sends its report when its
+/// stream reopens — but nothing tells whether it was heard before kas went away (kas killed
+/// between answering the request and writing it to the agent's stream, or the peer replica
+/// holding that stream stopping), and an unheard one would be waited for until `--timeout`.
+/// Asking again costs at most one more synchronization, and its id is higher, so its report
+/// answers this wait too (`resync_id >= started.resync_id`). Asked until every pending
+/// project's stream heard it: the agent's stream comes back to a new kas after a backoff.
+async fn reask(
+    c: &AdminClient,
+    agent_id: i64,
+    pending: &[&str],
+    outage: &mut Outage,
+    progress: &Progress,
+) -> Result<()> {
+    let mut heard = Vec::new();
+    for project in pending {
+        let req = ReconcileRequest {
+            project: Some((*project).to_owned()),
+        };
+        match c.reconcile(agent_id, &req).await {
+            Ok(started) => heard.push((started.resync_id, started.projects)),
+            Err(e) => return lost_again(e, outage, progress),
+        }
+    }
+    if heard.iter().flat_map(|(_, t)| t).all(|t| t.streams > 0) {
+        outage.reasked();
+        let ids: Vec<String> = heard.iter().map(|(id, _)| id.to_string()).collect();
+        progress.note(&format!(
+            "asked the agent again to synchronize {} (reconcile {}): kas may have lost the first request while unreachable",
+            pending.join(", "),
+            ids.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// Asking again found no kas: waited out like a poll. A conflict is asked again at the next
+/// poll too: a restarted kas has no configuration of the agent in force until the agent's
+/// configuration stream is back, and says 409 until then. Any other error ends the wait.
+fn lost_again(e: ClientError, outage: &mut Outage, progress: &Progress) -> Result<()> {
+    let line = match &e {
+        ClientError::Status { status, message } if *status == http::StatusCode::CONFLICT => {
+            outage.refused(message)
+        }
+        e if e.is_unreachable() => outage.lost(e),
+        _ => return Err(e.into()),
+    };
+    if let Some(line) = line {
+        progress.note(&line);
+    }
+    Ok(())
 }
 
 /// Whether a `waiting` report ends the wait: only when the dependency it waits for failed in
@@ -469,9 +568,12 @@ async fn show_progress(
     progress: &Progress,
     shown: &mut Vec<String>,
 ) -> Result<()> {
-    let lines: Vec<String> = c
-        .gitops_progress(agent_id)
-        .await?
+    let reported = match c.gitops_progress(agent_id).await {
+        // Progress is only shown: the next poll of the reports says kas went away.
+        Err(e) if e.is_unreachable() => return Ok(()),
+        reported => reported?,
+    };
+    let lines: Vec<String> = reported
         .iter()
         .filter(|p| p.resync_id >= resync_id && pending.contains(&p.project_id.as_str()))
         .map(progress_line)

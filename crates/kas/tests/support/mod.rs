@@ -242,6 +242,16 @@ impl Kas {
         }
     }
 
+    /// Starts kas again after [`Kas::kill9`] or [`Kas::stop`], on the same data and ports;
+    /// returns when its API answers.
+    pub async fn start_again(&mut self) {
+        assert!(
+            self.spawn().await,
+            "kas did not start again:\n{}",
+            self.log()
+        );
+    }
+
     /// SIGTERM, without waiting ([`Kas::stop`] then waits for the exit).
     pub fn sigterm(&self) {
         let pid = self.pid().expect("kas is running");
