@@ -1,6 +1,7 @@
 //! What `kas agent register` prints so the new agent can be installed at once, as GitLab's UI
-//! does after registration: the Helm command and the plain-manifests alternative with the token
-//! and kas's address filled in. Pure text building; the CLI writes it.
+//! does after registration: the Helm commands (the token through a file and a Secret, never on a
+//! command line) and the plain-manifests alternative, with kas's address filled in. Pure text
+//! building; the CLI writes it.
 
 /// agentk's plain manifests, rendered from `deploy/helm/agentk` by scripts/render-manifests
 /// (a test keeps the file current with the chart), for namespace `gitlab-agent`.
@@ -21,20 +22,35 @@ pub struct InstallTarget<'a> {
     pub release: &'a str,
 }
 
-/// The install commands, for a terminal. The token appears in them: they are as secret as it.
-pub fn instructions(t: &InstallTarget<'_>, token: &str, manifests_file: Option<&str>) -> String {
+/// The name of the Secret the Helm instructions make from the token file: not the chart's
+/// own `<fullname>-token`, which a later `helm upgrade` with `config.token` would manage (and
+/// delete when unset again).
+fn helm_secret_name(release: &str) -> String {
+    format!("{release}-agent-token")
+}
+
+/// The install commands, for a terminal. The token is not in them: a command line stays in the
+/// shell's history and shows in `ps` to every user of the machine, so the token goes through a
+/// file into a Secret the chart mounts (`config.secretName`); `--output-manifests` writes it
+/// into a file readable by its owner only.
+pub fn instructions(t: &InstallTarget<'_>, manifests_file: Option<&str>) -> String {
     let mut s = format!(
-        "\nInstall agentk with Helm (chart deploy/helm/agentk of the tether repository):\n\n  \
+        "\nInstall agentk with Helm (chart deploy/helm/agentk of the tether repository). Keep the\n\
+         token off command lines (shell history, ps): save it in a file, e.g. run\n\
+         `(umask 077; cat > agentk.token)`, paste it and press Ctrl-D; then:\n\n  \
+         kubectl create namespace {ns}   # unless it exists\n  \
+         kubectl -n {ns} create secret generic {secret} --from-file=token=agentk.token\n  \
          helm upgrade --install {release} deploy/helm/agentk \\\n    \
-         --namespace {ns} --create-namespace \\\n    \
+         --namespace {ns} \\\n    \
          --set config.kasAddress={addr} \\\n    \
-         --set config.token={token}\n\n\
+         --set config.secretName={secret}\n\n\
          Least privilege (recommended): add --set 'rbac.namespaces={{ns1,ns2}}' to grant the agent\n\
          only the namespaces it manages instead of cluster-admin.\n\n\
          Or without Helm:\n\n",
         release = t.release,
         ns = t.namespace,
         addr = t.kas_address,
+        secret = helm_secret_name(t.release),
     );
     match manifests_file {
         Some(f) => s.push_str(&format!("  kubectl apply --server-side -f {f}\n")),
@@ -82,14 +98,19 @@ mod tests {
     };
 
     #[test]
-    fn instructions_fill_in_the_address_the_namespace_and_the_token() {
-        let text = instructions(&T, "tether_abc", None);
+    fn instructions_fill_in_the_address_and_the_namespace_and_keep_the_token_in_a_file() {
+        let text = instructions(&T, None);
         assert!(text.contains("helm upgrade --install prod-agent deploy/helm/agentk"));
-        assert!(text.contains("--namespace agents --create-namespace"));
+        assert!(text.contains("kubectl create namespace agents"));
+        assert!(text.contains(
+            "kubectl -n agents create secret generic prod-agent-agent-token --from-file=token=agentk.token"
+        ));
+        assert!(text.contains("--namespace agents \\\n"));
         assert!(text.contains("--set config.kasAddress=wss://kas.corp:443/agent"));
-        assert!(text.contains("--set config.token=tether_abc"));
+        assert!(text.contains("--set config.secretName=prod-agent-agent-token"));
+        assert!(!text.contains("config.token"), "{text}");
         assert!(text.contains("--output-manifests agentk.yaml"));
-        let text = instructions(&T, "tether_abc", Some("out.yaml"));
+        let text = instructions(&T, Some("out.yaml"));
         assert!(text.contains("kubectl apply --server-side -f out.yaml"));
     }
 

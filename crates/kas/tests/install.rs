@@ -938,6 +938,44 @@ subjects:\n- kind: ServiceAccount\n  name: deployer\n  namespace: {agent_ns}\n"
     );
 }
 
+/// The `token` key of a Secret, decoded.
+fn secret_token(secret: &Value) -> String {
+    use base64::Engine as _;
+    let stored = secret["data"]["token"].as_str().unwrap();
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(stored)
+        .unwrap();
+    String::from_utf8(stored).unwrap()
+}
+
+/// Runs the Helm steps `kas agent register` printed (from `kubectl create namespace` to the
+/// end of the `helm` command) as a person would, in the repository (the chart's path is
+/// relative to it), with the token saved in `token_file`, the cluster's kubectl and the
+/// pinned helm.
+fn run_printed_helm_steps(env: &TestEnv, text: &str, token_file: &Path) {
+    let steps: Vec<String> = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("kubectl create namespace"))
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.replace("agentk.token", &token_file.display().to_string()))
+        .collect();
+    assert!(steps.len() >= 3, "no Helm steps in:\n{text}");
+    let path = format!(
+        "{}:{}",
+        env.bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut sh = Command::new("sh");
+    sh.args(["-ec", &steps.join("\n")])
+        .current_dir(repo_root())
+        .env("PATH", path)
+        .env("KUBECONFIG", &env.kubeconfig);
+    for (var, value) in helm(env).get_envs() {
+        sh.env(var, value.unwrap());
+    }
+    run_output(&mut sh).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registering_an_agent_prints_how_to_install_it_and_writes_manifests_that_run() {
     use std::os::unix::fs::PermissionsExt;
@@ -971,15 +1009,29 @@ async fn registering_an_agent_prints_how_to_install_it_and_writes_manifests_that
         .to_owned();
     for expected in [
         "helm upgrade --install reg deploy/helm/agentk".to_owned(),
-        format!("--namespace {ns} --create-namespace"),
+        format!(
+            "kubectl -n {ns} create secret generic reg-agent-token --from-file=token=agentk.token"
+        ),
         "--set config.kasAddress=grpcs://kas.corp.example:8150".to_owned(),
-        format!("--set config.token={token}"),
+        "--set config.secretName=reg-agent-token".to_owned(),
         format!("kubectl apply --server-side -f {}", file.display()),
     ] {
         assert!(text.contains(&expected), "{expected:?} missing in:\n{text}");
     }
+    // Shown once, and in no command to type (shell history, ps).
+    assert_eq!(text.matches(token.as_str()).count(), 1, "{text}");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the manifests hold the token");
+
+    // The Helm commands, run as printed, install an agent that reads the token from the file.
+    let token_file = dir.path().join("agentk.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    run_printed_helm_steps(&env, &text, &token_file);
+    wait_available(&env, &ns, "reg-agentk");
+    let d = get_json(&env, &["get", "deployment", "reg-agentk", "-n", &ns]);
+    assert_hardened_agentk(&d, "reg-agent-token");
+    let secret = get_json(&env, &["get", "secret", "reg-agent-token", "-n", &ns]);
+    assert_eq!(secret_token(&secret), format!("{token}\n"));
 
     // The written manifests are accepted as they are and agentk's Deployment runs.
     run_output(
@@ -990,12 +1042,7 @@ async fn registering_an_agent_prints_how_to_install_it_and_writes_manifests_that
     .unwrap();
     wait_available(&env, &ns, "agentk");
     let secret = get_json(&env, &["get", "secret", "agentk-token", "-n", &ns]);
-    let stored = secret["data"]["token"].as_str().unwrap();
-    use base64::Engine as _;
-    let stored = base64::engine::general_purpose::STANDARD
-        .decode(stored)
-        .unwrap();
-    assert_eq!(String::from_utf8(stored).unwrap(), token);
+    assert_eq!(secret_token(&secret), token);
     let d = get_json(&env, &["get", "deployment", "agentk", "-n", &ns]);
     let args = d["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(

@@ -265,7 +265,8 @@ impl Walk {
         assert!(token.len() >= 32, "{token}");
         let install = self.b.text("#install").await;
         assert!(
-            install.contains(&format!("--set config.token={token}")),
+            install.contains("--set config.secretName=agentk-agent-token")
+                && !install.contains(&token),
             "{install}"
         );
         self.b.screenshot("registered").await;

@@ -45,10 +45,7 @@ pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<
             print_registered(&t, *json)?;
             if !*json {
                 let file = output_manifests.as_ref().map(|f| f.display().to_string());
-                out!(
-                    "{}",
-                    install::instructions(&target, &t.token, file.as_deref())
-                )?;
+                out!("{}", install::instructions(&target, file.as_deref()))?;
             }
             Ok(())
         }

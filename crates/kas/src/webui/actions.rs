@@ -118,7 +118,7 @@ async fn registered(
         namespace: "gitlab-agent",
         release: "agentk",
     };
-    let install = crate::install::instructions(&target, &token, None);
+    let install = crate::install::instructions(&target, None);
     let body = render::registered(agent_id, &token, &install);
     html_response(
         StatusCode::OK,
