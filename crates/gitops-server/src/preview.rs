@@ -46,8 +46,21 @@ pub enum PreviewError {
     #[error("selecting the manifest files of {project}: {source}")]
     Select {
         project: String,
+        /// The commit the ref resolved to, whose files could not be selected.
+        commit: String,
         source: SelectError,
     },
+}
+
+impl PreviewError {
+    /// The commit the ref resolved to when the failure came after resolving it (its signature
+    /// refused, its files not selectable), so the preview can name what was tried.
+    pub fn commit(&self) -> Option<&str> {
+        match self {
+            Self::Refused { commit, .. } | Self::Select { commit, .. } => Some(commit),
+            _ => None,
+        }
+    }
 }
 
 /// The refs a `--ref` may name, in the order they are tried: 40 hexadecimal digits are a
@@ -135,6 +148,7 @@ impl PreviewSource<'_> {
         .await
         .map_err(|source| PreviewError::Select {
             project: project.path.clone(),
+            commit: commit.to_hex(),
             source,
         })?;
         Ok(PreviewFiles {

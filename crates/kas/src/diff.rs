@@ -158,7 +158,10 @@ pub fn render(view: &DiffView, project: Option<&str>) -> String {
 }
 
 fn render_project(p: &ProjectDiffView, s: &mut String) {
-    let commit = p.commit.as_deref().map_or("", |c| &c[..c.len().min(12)]);
+    let commit = p
+        .commit
+        .as_deref()
+        .map_or("(no commit resolved)", |c| &c[..c.len().min(12)]);
     s.push_str(&format!("◎ {} at {} {commit}\n", p.project, p.git_ref));
     if let Some(e) = &p.error {
         s.push_str(&format!("✗ {e}\n"));
@@ -325,5 +328,17 @@ mod tests {
         );
         assert!(failed.contains("✗ g/manifests has no branch nope\n"));
         assert!(!failed.contains("no changes"));
+    }
+
+    /// A ref that resolved to no commit says so rather than leaving the commit blank.
+    #[test]
+    fn a_preview_without_a_commit_says_none_was_resolved() {
+        let mut v = view(Vec::new(), Some("g/manifests has no branch nope"));
+        v.projects[0].commit = None;
+        assert!(
+            render(&v, None).starts_with("◎ g/manifests at feature (no commit resolved)\n✗ "),
+            "{}",
+            render(&v, None)
+        );
     }
 }

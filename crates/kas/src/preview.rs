@@ -253,6 +253,9 @@ async fn project_diff(
     let files = match files {
         Ok(f) => f,
         Err(e) => {
+            // A commit whose files could not be selected is still the one tried: named, so
+            // the user knows which commit to fix.
+            view.commit = e.commit().map(str::to_owned);
             view.error = Some(e.to_string());
             return view;
         }

@@ -542,3 +542,37 @@ async fn with_project_only_that_projects_preview_decides_the_exit_code() {
     );
     assert_eq!(code, Some(2), "{out}{err}");
 }
+
+/// A ref whose files cannot be selected (here one over the 5 MiB per-file limit) names the
+/// commit it resolved to, with why its files were refused; a ref that resolves to nothing says
+/// no commit was resolved. Both printed a blank where the commit goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_whose_selection_fails_names_the_commit_it_tried() {
+    let (rig, _) = synced_rig("diffsel").await;
+    // Comment lines: a YAML file over the limit whatever its contents.
+    let big = "# padding\n".repeat(550_000);
+    let tried = branch(
+        &rig,
+        "too-big",
+        &[("manifests/big.yaml", Some(big.as_bytes()))],
+    );
+    let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "too-big"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        out.contains(&format!("◎ group/manifests at too-big {}\n", &tried[..12])),
+        "{out}"
+    );
+    assert!(
+        out.contains("manifests/big.yaml is 5500000 bytes, over the limit"),
+        "{out}"
+    );
+    let (_, json, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "too-big", "-o", "json"]);
+    let view: DiffView = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}{err}"));
+    assert_eq!(view.projects[0].commit.as_deref(), Some(tried.as_str()));
+    let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "no-such-branch"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        out.contains("◎ group/manifests at no-such-branch (no commit resolved)\n"),
+        "{out}"
+    );
+}
