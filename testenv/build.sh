@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Builds the real control-plane programs (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, kwok), helm (install tests, kas's rendering), kustomize (kas's
-# rendering), promtool for the monitoring test, and the peers' GitOps engines the benchmark runs
-# (bench/engines), from Go modules at the versions pinned in versions.env (the engines: in their
-# go.mod), into a cache outside the repository. Each program lives in a folder keyed by its
-# version, so a build happens only when a binary is missing or a pin changed. Prints the bin
-# directory on stdout.
+# rendering), promtool for the monitoring test, the distribution registry (kas's oci:// charts)
+# and the peers' GitOps engines the benchmark runs (bench/engines), from Go modules at the
+# versions pinned in versions.env (the engines: in their go.mod), into a cache outside the
+# repository. Each program lives in a folder keyed by its version, so a build happens only
+# when a binary is missing or a pin changed. Prints the bin directory on stdout.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -123,6 +123,13 @@ build_kustomize() {
     sigs.k8s.io/kustomize/kustomize/v5
 }
 
+# registry: the CNCF distribution registry, a real OCI registry the rendering tests push charts to
+# (with the real helm) and kas reads `oci://` charts from, anonymously and behind htpasswd.
+build_registry() {
+  go_install registry "$DISTRIBUTION_VERSION" github.com/distribution/distribution/v3/version.version \
+    github.com/distribution/distribution/v3/cmd/registry
+}
+
 # promtool: the monitoring test checks deploy/monitoring's alert rules (syntax and unit tests)
 # and the metrics both binaries export (Prometheus naming conventions) with it.
 build_promtool() {
@@ -165,6 +172,7 @@ build_k8s
 build_helm
 build_kustomize
 build_promtool
+build_registry
 
 # A stable folder of links, so callers need one path whatever the versions are.
 cur="$bin/current"
@@ -177,6 +185,7 @@ ln -sfn "$bin/kwok-$KWOK_VERSION/stages.yaml" "$cur/kwok-stages.yaml"
 ln -sfn "$bin/helm-$HELM_VERSION/helm" "$cur/helm"
 ln -sfn "$bin/kustomize-$KUSTOMIZE_VERSION/kustomize" "$cur/kustomize"
 ln -sfn "$bin/promtool-$PROMETHEUS_VERSION/promtool" "$cur/promtool"
+ln -sfn "$bin/registry-$DISTRIBUTION_VERSION/registry" "$cur/registry"
 for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   ln -sfn "$bin/k8s-$K8S_VERSION/$c" "$cur/$c"
 done

@@ -1,6 +1,7 @@
-//! Chart repositories as Helm reads them: plain HTTP(S) URLs, chart names and version
-//! constraints (Masterminds semver). Shared by the `helm.repository` keys of `config.yaml` and
-//! kas's chart fetching, so both read a constraint or a URL the same way. Pure.
+//! Chart repositories as Helm reads them: plain HTTP(S) URLs and OCI registry locations
+//! (`oci://`), chart names and version constraints (Masterminds semver). Shared by the
+//! `helm.repository` keys of `config.yaml` and kas's chart fetching, so both read a constraint
+//! or a URL the same way. Pure.
 
 use url::Url;
 
@@ -15,6 +16,33 @@ pub fn plain_url(text: &str) -> Option<Url> {
         && url.query().is_none()
         && url.fragment().is_none();
     plain.then_some(url)
+}
+
+/// `text` parsed as an OCI registry location (`oci://registry[:port]/path`, as `helm pull
+/// oci://…` reads it) with a host and no credentials, query or fragment; the host lowercased,
+/// as a registry's host is compared (an `oci://` URL's host is otherwise kept as written).
+pub fn oci_url(text: &str) -> Option<Url> {
+    let mut url = Url::parse(text.trim()).ok()?;
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())?
+        .to_ascii_lowercase();
+    let plain = url.scheme() == "oci"
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.query().is_none()
+        && url.fragment().is_none();
+    if !plain {
+        return None;
+    }
+    url.set_host(Some(&host)).ok()?;
+    Some(url)
+}
+
+/// `text` as the URL of a chart repository kas reads: a plain HTTP(S) URL (see [`plain_url`])
+/// or a registry location (see [`oci_url`]).
+pub fn repository_url(text: &str) -> Option<Url> {
+    plain_url(text).or_else(|| oci_url(text))
 }
 
 /// Whether `name` is a chart's name, usable as a file name's start (`<name>-<version>.tgz`):
@@ -163,6 +191,19 @@ mod tests {
             "charts/x",
         ] {
             assert!(plain_url(bad).is_none(), "{bad}");
+        }
+        let oci = oci_url("oci://Registry.Example.com:5000/charts/").unwrap();
+        assert_eq!(oci.as_str(), "oci://registry.example.com:5000/charts/");
+        assert!(repository_url("oci://127.0.0.1/x").is_some());
+        assert!(repository_url("https://x/").is_some());
+        for bad in [
+            "oci://u:p@x/c",
+            "oci://x/c?tag=1",
+            "oci:///c",
+            "oci:x/c",
+            "docker://x/c",
+        ] {
+            assert!(repository_url(bad).is_none(), "{bad}");
         }
         for ok in ["podinfo", "ingress-nginx", "cert_manager.v1"] {
             assert!(is_chart_name(ok), "{ok}");

@@ -62,8 +62,9 @@ pub struct Helm {
     /// The chart's directory (holding `Chart.yaml`), relative to the repository root; with
     /// `repository`, the chart's name there.
     pub chart: String,
-    /// The chart repository (`https://charts.example.com/stable`, holding `index.yaml`) the
-    /// chart is fetched from, by kas, instead of the Git repository.
+    /// The chart repository (`https://charts.example.com/stable`, holding `index.yaml`, or an
+    /// OCI registry location, `oci://registry.example.com/charts`, holding the chart as
+    /// `<location>/<chart>`) the chart is fetched from, by kas, instead of the Git repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<String>,
     /// With `repository`: the chart's version constraint (`>=6.0.0 <7`, `6.1.x`, `6.1.0`);
@@ -233,12 +234,12 @@ impl Helm {
             }
             return check_repository_path(&format!("{base}.chart"), &self.chart);
         };
-        if chart_repository::plain_url(repository).is_none() {
+        if chart_repository::repository_url(repository).is_none() {
             return Err(ConfigError::invalid(
                 format!("{base}.repository"),
                 format!(
-                    "{repository:?} is not an http:// or https:// URL without user, query or \
-                     fragment"
+                    "{repository:?} is not an http://, https:// or oci:// URL without user, \
+                     query or fragment"
                 ),
             ));
         }
@@ -413,7 +414,7 @@ mod tests {
     }
 
     #[test]
-    fn a_repository_chart_is_a_name_at_a_plain_url_with_a_constraint() {
+    fn a_repository_chart_is_a_name_at_a_plain_or_oci_url_with_a_constraint() {
         let base = "gitops.manifest_projects[0].helm";
         let podinfo = Helm {
             chart: "podinfo".into(),
@@ -427,6 +428,11 @@ mod tests {
             ..podinfo.clone()
         };
         assert!(latest.validate(base).is_ok());
+        let oci = Helm {
+            repository: Some("oci://registry.example.com/charts".into()),
+            ..podinfo.clone()
+        };
+        assert!(oci.validate(base).is_ok());
         let cases = [
             (
                 Helm {
@@ -446,11 +452,19 @@ mod tests {
             ),
             (
                 Helm {
-                    repository: Some("oci://registry.example.com/charts".into()),
+                    repository: Some("ftp://charts.example.com/charts".into()),
                     ..podinfo.clone()
                 },
                 "repository",
-                "not an http:// or https:// URL",
+                "not an http://, https:// or oci:// URL",
+            ),
+            (
+                Helm {
+                    repository: Some("oci://u:p@registry.example.com/charts".into()),
+                    ..podinfo.clone()
+                },
+                "repository",
+                "without user, query or fragment",
             ),
             (
                 Helm {

@@ -239,9 +239,13 @@ pub struct Render {
     /// nor kas's seccomp filter works). Dangerous: repository content can then make kas fetch
     /// any URL it reaches (cloud metadata, cluster services) and show the response.
     pub allow_network: bool,
-    /// URL prefixes of the http(s) chart repositories kas fetches charts' dependencies from
-    /// (itself, before rendering); empty: none, dependencies must be vendored.
+    /// URL prefixes of the http(s) chart repositories and OCI registry locations (`oci://`)
+    /// kas fetches charts and charts' dependencies from (itself, before rendering); empty:
+    /// none, dependencies must be vendored.
     pub chart_repositories: Vec<String>,
+    /// Registries (`oci://host[:port]`) read over plain HTTP instead of HTTPS, as `helm
+    /// --plain-http` does: loopback hosts only (a registry on kas's own host).
+    pub plain_http_registries: Vec<String>,
     /// CA certificates trusted for those repositories instead of the system's.
     pub chart_repositories_ca_file: Option<PathBuf>,
     /// Credentials for private chart repositories (HTTP basic or a bearer token, read from
@@ -282,6 +286,7 @@ impl Default for Render {
             work_dir: d.work_dir,
             allow_network: d.allow_network,
             chart_repositories: d.charts.allowed,
+            plain_http_registries: d.charts.plain_http,
             chart_repositories_ca_file: d.charts.ca_file,
             chart_repository_credentials: d.charts.credentials,
             chart_fetch_timeout: d.charts.timeout,
@@ -335,6 +340,7 @@ impl Render {
                 cache_size: self.chart_cache_size,
                 ca_file: self.chart_repositories_ca_file.clone(),
                 credentials: self.chart_repository_credentials.clone(),
+                plain_http: self.plain_http_registries.clone(),
             },
         }
     }
@@ -356,6 +362,10 @@ impl Render {
         }
         tether_gitops_server::render::dependencies::AllowList::new(&self.chart_repositories)
             .map_err(|e| format!("gitops.render.chart_repositories: {e}"))?;
+        for r in &self.plain_http_registries {
+            tether_gitops_server::render::oci::plain_http_registry(r)
+                .map_err(|e| format!("gitops.render.plain_http_registries: {e}"))?;
+        }
         for c in &self.chart_repository_credentials {
             c.validate()
                 .map_err(|e| format!("gitops.render.chart_repository_credentials: {e}"))?;
@@ -1015,20 +1025,24 @@ mod tests {
     }
 
     #[test]
-    fn chart_repositories_must_be_plain_http_urls_and_default_to_none() {
+    fn chart_repositories_must_be_plain_http_or_oci_urls_and_default_to_none() {
         let c = parse("data_dir: /d\n").expect("valid");
         let charts = c.gitops.render.config(&c.data_dir).charts;
         assert!(charts.allowed.is_empty());
         assert_eq!(charts.cache_dir, Some(PathBuf::from("/d/charts")));
-        let c = parse("gitops:\n  render:\n    chart_repositories:\n    - https://charts.example.com/stable\n")
+        let c = parse("gitops:\n  render:\n    chart_repositories:\n    - https://charts.example.com/stable\n    - oci://registry.example.com/charts\n")
             .expect("valid");
         assert_eq!(
             c.gitops.render.chart_repositories,
-            ["https://charts.example.com/stable"]
+            [
+                "https://charts.example.com/stable",
+                "oci://registry.example.com/charts"
+            ]
         );
         for bad in [
-            "oci://registry.example.com/charts",
+            "ftp://registry.example.com/charts",
             "https://u:pw@charts.example.com/",
+            "oci://u:pw@registry.example.com/charts",
         ] {
             let e = parse(&format!(
                 "gitops:\n  render:\n    chart_repositories:\n    - {bad}\n"
@@ -1036,6 +1050,20 @@ mod tests {
             .expect_err(bad)
             .to_string();
             assert!(e.contains("gitops.render.chart_repositories"), "{e}");
+        }
+    }
+
+    #[test]
+    fn plain_http_registries_are_loopback_ones_only() {
+        let yaml = |entry: &str| {
+            format!("gitops:\n  render:\n    plain_http_registries:\n    - {entry}\n")
+        };
+        let c = parse(&yaml("oci://127.0.0.1:5000")).expect("valid");
+        let charts = c.gitops.render.config(&c.data_dir).charts;
+        assert_eq!(charts.plain_http, ["oci://127.0.0.1:5000"]);
+        for bad in ["oci://registry.example.com", "http://127.0.0.1:5000"] {
+            let e = parse(&yaml(bad)).expect_err(bad).to_string();
+            assert!(e.contains("gitops.render.plain_http_registries"), "{e}");
         }
     }
 
@@ -1055,7 +1083,7 @@ mod tests {
         for bad in [
             "{url: 'https://h/private', username: reader, password_file: /s/pw, token_file: /s/t}",
             "{url: 'https://h/private', username: reader}",
-            "{url: 'oci://h/private', token_file: /s/t}",
+            "{url: 'ftp://h/private', token_file: /s/t}",
         ] {
             let e = parse(&yaml(bad)).expect_err(bad).to_string();
             assert!(

@@ -919,6 +919,45 @@ async fn a_chart_sees_the_agents_kubernetes_version_and_apis() {
     assert_eq!(code, Some(0), "{err} {json}");
 }
 
+/// Runs the real helm with `home` as its HOME (its registry logins, caches); asserts success.
+fn helm(env: &TestEnv, home: &Path, args: &[&str]) {
+    let out = std::process::Command::new(env.bin_dir.join("helm"))
+        .args(args)
+        .env("HOME", home)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "helm {args:?}: {out:?}");
+}
+
+/// Packages the chart `greeter` at `version` (a ConfigMap saying its version) into `out`
+/// (`greeter-<version>.tgz`) with the real helm, its sources under `home`; the archive's path.
+fn package_greeter(env: &TestEnv, home: &Path, version: &str, out: &Path) -> std::path::PathBuf {
+    let src = home.join("src").join(version).join("greeter");
+    std::fs::create_dir_all(src.join("templates")).unwrap();
+    std::fs::write(
+        src.join("Chart.yaml"),
+        format!("apiVersion: v2\nname: greeter\nversion: {version}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("templates/configmap.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-greeter\n  namespace: {{ .Release.Namespace }}\ndata:\n  version: {{ .Chart.Version | quote }}\n  greeting: {{ .Values.greeting | default \"none\" | quote }}\n  size: {{ .Values.size | default \"none\" | quote }}\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(out).unwrap();
+    helm(
+        env,
+        home,
+        &[
+            "package",
+            src.to_str().unwrap(),
+            "-d",
+            out.to_str().unwrap(),
+        ],
+    );
+    out.join(format!("greeter-{version}.tgz"))
+}
+
 /// A chart repository on 127.0.0.1, serving the files of a folder (`index.yaml`, archives)
 /// one request per connection, until it is stopped.
 struct ChartRepo {
@@ -988,35 +1027,13 @@ impl ChartRepo {
     /// Packages the chart `greeter` at `version` (a ConfigMap saying its version) into the
     /// repository `name` and indexes it, with the real helm.
     fn publish(&self, env: &TestEnv, name: &str, version: &str) {
-        let src = self.dir.path().join("src").join(version).join("greeter");
-        std::fs::create_dir_all(src.join("templates")).unwrap();
-        std::fs::write(
-            src.join("Chart.yaml"),
-            format!("apiVersion: v2\nname: greeter\nversion: {version}\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            src.join("templates/configmap.yaml"),
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-greeter\n  namespace: {{ .Release.Namespace }}\ndata:\n  version: {{ .Chart.Version | quote }}\n  greeting: {{ .Values.greeting | default \"none\" | quote }}\n  size: {{ .Values.size | default \"none\" | quote }}\n",
-        )
-        .unwrap();
         let repo = self.dir.path().join(name);
-        std::fs::create_dir_all(&repo).unwrap();
-        let helm = |args: &[&str]| {
-            let out = std::process::Command::new(env.bin_dir.join("helm"))
-                .args(args)
-                .env("HOME", self.dir.path())
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "helm {args:?}: {out:?}");
-        };
-        helm(&[
-            "package",
-            src.to_str().unwrap(),
-            "-d",
-            repo.to_str().unwrap(),
-        ]);
-        helm(&["repo", "index", repo.to_str().unwrap()]);
+        package_greeter(env, self.dir.path(), version, &repo);
+        helm(
+            env,
+            self.dir.path(),
+            &["repo", "index", repo.to_str().unwrap()],
+        );
     }
 
     fn stop(&self) {
@@ -1031,6 +1048,12 @@ fn umbrella(repository: &str, version: &str) -> Vec<(String, String)> {
         "apiVersion: v2\nname: app\nversion: 0.1.0\ndependencies:\n- name: greeter\n  version: \"{version}\"\n  repository: {repository}\n"
     );
     repo
+}
+
+/// The version, greeting and size the `shop-greeter` ConfigMap of `ns` shows.
+fn greeter_shows(env: &TestEnv, ns: &str) -> [String; 3] {
+    let cm = get_json(env, &["get", "configmap", "shop-greeter", "-n", ns]).unwrap();
+    ["version", "greeting", "size"].map(|k| cm["data"][k].as_str().unwrap_or_default().to_owned())
 }
 
 fn greeter_version(env: &TestEnv, ns: &str) -> Value {
@@ -1226,19 +1249,7 @@ async fn a_chart_of_an_allowed_repository_is_applied_with_values_from_git_and_ke
     .await;
     let s = rig.synced_in("group/manifests", &c1).await;
     assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
-    let cm = get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).unwrap();
-    assert_eq!(
-        (
-            &cm["data"]["version"],
-            &cm["data"]["greeting"],
-            &cm["data"]["size"]
-        ),
-        (
-            &Value::from("1.1.0"),
-            &Value::from("hello"),
-            &Value::from("xl")
-        )
-    );
+    assert_eq!(greeter_shows(&rig.env, &ns), ["1.1.0", "hello", "xl"]);
     let named = format!("helm template greeter 1.1.0 from {url}");
     assert!(rig.kas.log().contains(&named), "kas names {named:?}");
 
@@ -1463,4 +1474,237 @@ async fn repository_charts_not_allowed_or_matching_no_version_are_refused() {
         .await;
     assert!(s.error.is_empty(), "{s:?}");
     assert_eq!(greeter_version(&rig.env, &ns), "5.0.0");
+}
+
+/// A real OCI registry: the CNCF distribution registry (testenv/build.sh builds it) on
+/// 127.0.0.1, storing in a temporary folder, behind htpasswd when it has a user; charts are
+/// pushed to it with the real `helm push`.
+struct OciRegistry {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<std::process::Child>,
+    user: Option<(&'static str, &'static str)>,
+}
+
+impl OciRegistry {
+    /// Starts it and waits until it accepts connections (another port if one was taken).
+    fn start(env: &TestEnv, user: Option<(&'static str, &'static str)>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = match user {
+            Some((name, password)) => {
+                // distribution reads bcrypt entries only; perl's crypt() is libxcrypt's, which
+                // makes them (no htpasswd program or bcrypt crate is at hand).
+                let out = std::process::Command::new("perl")
+                    .args([
+                        "-e",
+                        "print crypt($ARGV[0], '$2b$05$' . 'tetherregistrysaltsalt')",
+                    ])
+                    .arg(password)
+                    .output()
+                    .unwrap();
+                let hash = String::from_utf8(out.stdout).unwrap();
+                assert!(hash.starts_with("$2b$05$"), "perl crypt() made {hash:?}");
+                std::fs::write(dir.path().join("htpasswd"), format!("{name}:{hash}\n")).unwrap();
+                format!(
+                    "auth:\n  htpasswd:\n    realm: tether\n    path: {}\n",
+                    dir.path().join("htpasswd").display()
+                )
+            }
+            None => String::new(),
+        };
+        for _ in 0..3 {
+            // The registry takes a fixed address and reports none it chose.
+            let port = tether_test_support::net::unused_port();
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: tether-test\n{auth}",
+                    dir.path().join("data").display()
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+            let mut child = std::process::Command::new(env.bin_dir.join("registry"))
+                .arg("serve")
+                .arg(&config)
+                .env("OTEL_TRACES_EXPORTER", "none")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("the registry of testenv/build.sh");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    let child = Some(child);
+                    return Self {
+                        dir,
+                        port,
+                        child,
+                        user,
+                    };
+                }
+                if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let log = std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
+        panic!("the registry did not start:\n{log}");
+    }
+
+    /// The `oci://` location `path` of the registry.
+    fn location(&self, path: &str) -> String {
+        format!("oci://127.0.0.1:{}/{path}", self.port)
+    }
+
+    /// kas's settings allowing the location `path`, read over plain HTTP (loopback).
+    fn allowing(&self, path: &str) -> String {
+        format!(
+            "{}    plain_http_registries:\n    - oci://127.0.0.1:{}\n",
+            allowing(&self.location(path)),
+            self.port
+        )
+    }
+
+    /// Packages `greeter` `version` and pushes it under `path` with the real helm (logged in
+    /// first when the registry has a user), as `helm push … oci://registry/path` does.
+    fn push(&self, env: &TestEnv, path: &str, version: &str) {
+        let home = self.dir.path();
+        if let Some((name, password)) = self.user {
+            let host = format!("127.0.0.1:{}", self.port);
+            let login = [
+                "registry",
+                "login",
+                &host,
+                "--plain-http",
+                "-u",
+                name,
+                "-p",
+                password,
+            ];
+            helm(env, home, &login);
+        }
+        let archive = package_greeter(env, home, version, &home.join("packages"));
+        let to = self.location(path);
+        helm(
+            env,
+            home,
+            &["push", archive.to_str().unwrap(), &to, "--plain-http"],
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OciRegistry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `helm.repository: oci://…` (Flux's HelmRepository of type oci): the newest version in range
+/// among those pushed to a real registry is applied with the values of Git, and its version
+/// shown; a version pushed later in range is applied without a commit; a kas restarted while
+/// the registry is down renders what it resolved before, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chart_of_an_oci_registry_is_applied_upgraded_in_range_and_kept_across_a_restart() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let mut registry = OciRegistry::start(&env, None);
+    for v in ["1.0.0", "1.1.0", "2.0.0"] {
+        registry.push(&env, "charts", v);
+    }
+    let location = registry.location("charts");
+    let entry = repository_entry(&location, ">=1.0.0 <2");
+    let values = |_: &str| greeter_values("hello");
+    let extra = registry.allowing("charts");
+    let (mut rig, c1, ns) = started_rig("ocichart", |_| entry, values, &extra, "300ms").await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(
+        (s.outcome, s.chart_version.as_str()),
+        (ReportedOutcome::Succeeded, "1.1.0"),
+        "{s:?}"
+    );
+    assert_eq!(greeter_shows(&rig.env, &ns), ["1.1.0", "hello", "xl"]);
+
+    registry.push(&env, "charts", "1.2.0");
+    let s = rig
+        .report("the sync of 1.2.0", |s| s.chart_version == "1.2.0")
+        .await;
+    assert_eq!((s.outcome, s.commit_id), (ReportedOutcome::Succeeded, c1));
+    assert_eq!(greeter_version(&rig.env, &ns), "1.2.0");
+
+    registry.stop();
+    rig.kas.restart().await;
+    let c2 = rig.manifests.commit(
+        &[("env/greeter.yaml", Some(b"greeting: bonjour\n"))],
+        "bonjour",
+    );
+    let s = rig.synced_in("group/manifests", &c2).await;
+    assert_eq!(
+        (s.outcome, s.chart_version.as_str()),
+        (ReportedOutcome::Succeeded, "1.2.0"),
+        "{s:?}"
+    );
+    let cm = get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).unwrap();
+    assert_eq!(cm["data"]["greeting"], "bonjour");
+    let said = format!("chart repository {location} unreachable: using index fetched at ");
+    assert!(
+        s.warnings.iter().any(|w| w.starts_with(&said)),
+        "{said:?} not in {:?}",
+        s.warnings
+    );
+}
+
+/// A registry behind htpasswd: without credentials kas fails closed naming the repository and
+/// applies nothing; with `chart_repository_credentials` for its `oci://` location the chart is
+/// applied, the secret never logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_oci_registry_needs_kas_credentials_and_fails_closed_without_them() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let registry = OciRegistry::start(&env, Some(("reader", "s3cret")));
+    registry.push(&env, "private", "1.1.0");
+    let location = registry.location("private");
+    let entry = repository_entry(&location, "~1.1");
+    let values = |_: &str| greeter_values("hello");
+
+    let extra = registry.allowing("private");
+    let (rig, c1, ns) = started_rig("ocinoauth", |_| entry.clone(), values, &extra, "1h").await;
+    rig.refused(
+        &c1,
+        &[&format!(
+            "chart repository {location} refused kas: answered 401 Unauthorized: it needs credentials, and gitops.render.chart_repository_credentials has none for it"
+        )],
+    )
+    .await;
+    assert!(get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).is_none());
+    drop(rig);
+
+    let secrets = tempfile::tempdir().unwrap();
+    let password = secrets.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let extra = format!(
+        "{extra}    chart_repository_credentials:\n    - url: {location}\n      username: reader\n      password_file: {}\n",
+        password.display()
+    );
+    let (rig, c1, ns) = started_rig("ociauth", |_| entry, values, &extra, "1h").await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(
+        (s.outcome, s.chart_version.as_str()),
+        (ReportedOutcome::Succeeded, "1.1.0"),
+        "{s:?}"
+    );
+    assert_eq!(greeter_version(&rig.env, &ns), "1.1.0");
+    let log = rig.kas.log();
+    for secret in ["s3cret", "cmVhZGVyOnMzY3JldA"] {
+        assert!(!log.contains(secret), "kas logged {secret:?}");
+    }
 }

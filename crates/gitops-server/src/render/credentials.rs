@@ -2,8 +2,10 @@
 //! in kas's configuration, never in an agent's Git, and read from files (a mounted Secret) at
 //! each request, so a rotated Secret is used without a restart. A credential goes only to URLs
 //! under its own prefix (same scheme, host and port): an index naming archives on another host
-//! sends none there, and kas follows no redirect. Pure: which credential a URL gets and its
-//! `Authorization` header.
+//! sends none there, and kas follows no redirect of an HTTP(S) repository. A registry's
+//! (`oci://` prefix) goes to the registry and to the token realm it names (HTTPS), never to the
+//! storage its blobs are moved to. Pure: which credential a URL gets and its `Authorization`
+//! header.
 
 use std::path::PathBuf;
 
@@ -57,7 +59,7 @@ impl ChartCredential {
         self.password_file.as_ref().or(self.token_file.as_ref())
     }
 
-    /// Checks the URL (a plain http(s) prefix) and the fields.
+    /// Checks the URL (a plain http(s) prefix, or a registry location, `oci://`) and the fields.
     pub fn validate(&self) -> Result<(), String> {
         AllowList::new(std::slice::from_ref(&self.url)).map_err(|e| format!("url {e}"))?;
         self.scheme().map(|_| ())
@@ -166,7 +168,7 @@ mod tests {
     }
 
     #[test]
-    fn a_credential_is_basic_or_bearer_on_a_plain_url() {
+    fn a_credential_is_basic_or_bearer_on_a_plain_or_oci_url() {
         assert!(basic("https://h/x").validate().is_ok());
         assert!(bearer("https://h/x").validate().is_ok());
         let mut both = basic("https://h/x");
@@ -176,6 +178,7 @@ mod tests {
         no_password.password_file = None;
         assert!(no_password.validate().is_err());
         assert!(basic("https://user@h/x").validate().is_err());
-        assert!(basic("oci://h/x").validate().is_err());
+        assert!(basic("oci://h/x").validate().is_ok(), "a registry location");
+        assert!(basic("ftp://h/x").validate().is_err());
     }
 }

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 pub use tether_agent_config::chart_repository::Constraint;
-use tether_agent_config::chart_repository::{bare, is_chart_name, plain_url};
+use tether_agent_config::chart_repository::{bare, is_chart_name, plain_url, repository_url};
 
 use super::{RenderError, Tool};
 
@@ -102,14 +102,15 @@ pub struct AllowList {
 }
 
 impl AllowList {
-    /// The allow list of `prefixes`; an error names the first that is not a plain HTTP(S) URL.
+    /// The allow list of `prefixes`; an error names the first that is not a plain HTTP(S) URL
+    /// or registry location (`oci://`).
     pub fn new<S: AsRef<str>>(prefixes: &[S]) -> Result<Self, String> {
         let prefixes = prefixes
             .iter()
             .map(|p| {
-                plain_url(p.as_ref()).ok_or_else(|| {
+                repository_url(p.as_ref()).ok_or_else(|| {
                     format!(
-                        "{:?} is not an http:// or https:// URL without user, query or fragment",
+                        "{:?} is not an http://, https:// or oci:// URL without user, query or fragment",
                         p.as_ref()
                     )
                 })
@@ -128,7 +129,7 @@ impl AllowList {
     /// `https://h/charts-evil`; `https://h` never allows `https://h.evil.example`). Compared
     /// after parsing, so `..`, case and default ports cannot leave a prefix.
     pub fn allows(&self, url: &str) -> bool {
-        let Some(url) = plain_url(url) else {
+        let Some(url) = repository_url(url) else {
             return false;
         };
         self.prefixes.iter().any(|p| {
@@ -190,7 +191,7 @@ pub fn parse_index(text: &[u8]) -> Result<ChartIndex, String> {
 
 /// A version of the index read as Helm reads it: a `v` prefix and a missing patch or minor
 /// (`1.2`) are allowed.
-fn parse_version(text: &str) -> Option<semver::Version> {
+pub fn parse_version(text: &str) -> Option<semver::Version> {
     let text = bare(text.trim());
     if let Ok(v) = semver::Version::parse(text) {
         return Some(v);
@@ -214,28 +215,11 @@ pub fn resolve(dep: &Dependency, index: &ChartIndex, index_url: &Url) -> Result<
     if !is_chart_name(&dep.name) {
         return Err(format!("{:?} is not a chart name", dep.name));
     }
-    let constraint = Constraint::parse(&dep.version)?;
     let versions = index
         .entries
         .get(&dep.name)
         .ok_or_else(|| format!("the repository has no chart {}", dep.name))?;
-    let best = versions
-        .iter()
-        .filter_map(|e| parse_version(&e.version).map(|v| (v, e)))
-        .filter(|(v, _)| constraint.matches(v))
-        .max_by(|(a, _), (b, _)| a.cmp(b));
-    let Some((version, entry)) = best else {
-        let wanted = if dep.version.is_empty() {
-            "any version"
-        } else {
-            dep.version.as_str()
-        };
-        return Err(format!(
-            "no version of {} in the repository matches {wanted} (it has {})",
-            dep.name,
-            available(versions)
-        ));
-    };
+    let (version, entry) = newest(dep, versions.iter().map(|e| (parse_version(&e.version), e)))?;
     let version = version.to_string();
     let first = entry
         .urls
@@ -259,15 +243,41 @@ pub fn resolve(dep: &Dependency, index: &ChartIndex, index_url: &Url) -> Result<
     })
 }
 
+/// The newest of a chart's `published` versions (each read as a version, or not, with what
+/// came with it) satisfying `dep`'s constraint; why none, naming those there, otherwise.
+pub fn newest<T>(
+    dep: &Dependency,
+    published: impl IntoIterator<Item = (Option<semver::Version>, T)>,
+) -> Result<(semver::Version, T), String> {
+    let constraint = Constraint::parse(&dep.version)?;
+    let mut all = Vec::new();
+    let mut best: Option<(semver::Version, T)> = None;
+    for (version, item) in published {
+        let Some(version) = version else { continue };
+        all.push(version.clone());
+        if constraint.matches(&version) && best.as_ref().is_none_or(|(b, _)| version > *b) {
+            best = Some((version, item));
+        }
+    }
+    best.ok_or_else(|| {
+        let wanted = if dep.version.is_empty() {
+            "any version"
+        } else {
+            dep.version.as_str()
+        };
+        format!(
+            "no version of {} in the repository matches {wanted} (it has {})",
+            dep.name,
+            available(all)
+        )
+    })
+}
+
 /// Most versions an error lists.
 const LISTED_VERSIONS: usize = 10;
 
-/// The versions of a chart in an index, newest first, the [`LISTED_VERSIONS`] newest only.
-fn available(entries: &[IndexEntry]) -> String {
-    let mut versions: Vec<semver::Version> = entries
-        .iter()
-        .filter_map(|e| parse_version(&e.version))
-        .collect();
+/// `versions`, newest first, the [`LISTED_VERSIONS`] newest only.
+fn available(mut versions: Vec<semver::Version>) -> String {
     versions.sort_by(|a, b| b.cmp(a));
     versions.dedup();
     if versions.is_empty() {

@@ -5,6 +5,12 @@
 //! Only URLs of the allow list are asked; redirects are not followed; every answer has a time
 //! and size limit; credentials (see [`super::credentials`]) go only to URLs under their prefix,
 //! and a repository refusing them (401, 403) fails the rendering, nothing kept of it used.
+//! Charts of OCI registries (`oci://`) are read by [`registry`]: the tag list stands for the
+//! index, the manifest's chart layer for the archive.
+
+mod registry;
+
+use registry::Kept;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +33,7 @@ use super::dependencies::{
     self, AllowList, ChartIndex, Dependency, Resolved, index_url, looks_gzipped, parse_index,
     sha256_hex,
 };
+use super::oci;
 use super::resolutions::{self, Record, Stale};
 
 /// Why a chart was not resolved: its caller names what asked for it (a dependency of a chart,
@@ -63,6 +70,8 @@ pub struct ChartRepoConfig {
     pub ca_file: Option<PathBuf>,
     /// Credentials sent to private repositories, each only to URLs under its prefix.
     pub credentials: Vec<ChartCredential>,
+    /// Registries (`oci://host[:port]`, loopback only) read over plain HTTP instead of HTTPS.
+    pub plain_http: Vec<String>,
 }
 
 impl Default for ChartRepoConfig {
@@ -77,6 +86,7 @@ impl Default for ChartRepoConfig {
             cache_size: 512 << 20,
             ca_file: None,
             credentials: Vec::new(),
+            plain_http: Vec::new(),
         }
     }
 }
@@ -98,6 +108,13 @@ impl From<String> for Failure {
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// An answer, its body read (within its size limit).
+struct Answer {
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+}
 
 /// An index as last fetched.
 #[derive(Debug)]
@@ -140,6 +157,11 @@ pub struct ChartFetcher {
     indexes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Fetched>>>>>,
     /// The resolutions last written to disk, by file name: unchanged ones are not rewritten.
     recorded: Mutex<HashMap<String, Record>>,
+    /// The last resolution of each chart of a registry, by its record's file name: the tag
+    /// list and manifest are read again only past `index_ttl`.
+    oci: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Kept>>>>>,
+    /// The registries read over plain HTTP (loopback ones only).
+    plain_http: Vec<url::Url>,
     metrics: ChartFetchMetrics,
 }
 
@@ -196,12 +218,25 @@ impl ChartFetcher {
             tracing::error!(dir = %dir.display(), error = %e, "Cannot create the chart archive cache: archives are fetched at every rendering");
         }
         tracing::info!(repositories = ?config.allowed, "Chart dependencies are fetched from these repositories");
+        let plain_http = config
+            .plain_http
+            .iter()
+            .filter_map(|r| match oci::plain_http_registry(r) {
+                Ok(url) => Some(url),
+                Err(e) => {
+                    tracing::error!(error = %e, "gitops.render.plain_http_registries: ignored, read over HTTPS");
+                    None
+                }
+            })
+            .collect();
         Some(Self {
             config,
             allow,
             client,
             indexes: Mutex::default(),
             recorded: Mutex::default(),
+            oci: Mutex::default(),
+            plain_http,
             metrics: ChartFetchMetrics::default(),
         })
     }
@@ -279,50 +314,28 @@ impl ChartFetcher {
     }
 
     /// `chart`'s newest version matching its constraint in its repository's index (fetched
-    /// or kept, see [`ChartFetcher::index`]); the repository and the archive's URL must both
-    /// be allowed. When the repository cannot be read and no index is in memory (kas
-    /// restarted meanwhile), the resolution kept on disk. The one resolution of chart
-    /// dependencies and of `helm.repository` charts.
+    /// or kept, see [`ChartFetcher::index`]) or a registry's tag list (see
+    /// [`ChartFetcher::oci_resolve`]); the repository and the archive's URL must both be
+    /// allowed. When the repository cannot be read and nothing is in memory (kas restarted
+    /// meanwhile), the resolution kept on disk. The one resolution of chart dependencies and
+    /// of `helm.repository` charts.
     pub async fn resolve(&self, chart: &Dependency) -> Result<Resolution, Unresolved> {
         if !self.allow.allows(&chart.repository) {
             return Err(Unresolved::NotAllowed(chart.repository.clone()));
         }
-        let resolution = match self.index(&chart.repository).await {
-            Ok(at) => {
-                let resolved = dependencies::resolve(chart, &at.index, &at.url)
-                    .map_err(Unresolved::NoVersion)?;
-                if at.stale.is_none() {
-                    self.record(chart, &resolved, at.fetched_at).await;
-                }
-                let stale = at.stale.map(|error| Stale {
-                    repository: chart.repository.clone(),
-                    fetched_at: at.fetched_at,
-                    error,
-                });
-                Resolution { resolved, stale }
-            }
+        let fresh = if oci::is_oci(&chart.repository) {
+            self.oci_resolve(chart).await
+        } else {
+            self.index_resolve(chart).await
+        };
+        let resolution = match fresh {
             // Fail closed: refused credentials are not worked around with what was kept.
-            Err(e @ RenderError::ChartRepositoryDenied { .. }) => {
-                return Err(Unresolved::Failed(e));
+            Err(Unresolved::Failed(e))
+                if !matches!(e, RenderError::ChartRepositoryDenied { .. }) =>
+            {
+                self.recorded_instead(chart, e).await?
             }
-            Err(e) => {
-                let Some(record) = self.recorded(chart).await else {
-                    return Err(Unresolved::Failed(e));
-                };
-                self.metrics.count("index", "recorded");
-                let error = match e {
-                    RenderError::ChartRepository { detail, .. } => detail,
-                    other => other.to_string(),
-                };
-                Resolution {
-                    resolved: record.resolved(),
-                    stale: Some(Stale {
-                        repository: chart.repository.clone(),
-                        fetched_at: record.fetched_at(),
-                        error,
-                    }),
-                }
-            }
+            other => other?,
         };
         if let Some(stale) = &resolution.stale {
             tracing::warn!(chart = %chart.name, version = %resolution.resolved.version, "{}", stale.warning());
@@ -334,6 +347,51 @@ impl ChartFetcher {
             )));
         }
         Ok(resolution)
+    }
+
+    /// `chart` resolved in its repository's index (see [`ChartFetcher::index`]), kept on disk
+    /// when the index is fresh.
+    async fn index_resolve(&self, chart: &Dependency) -> Result<Resolution, Unresolved> {
+        let at = self
+            .index(&chart.repository)
+            .await
+            .map_err(Unresolved::Failed)?;
+        let resolved =
+            dependencies::resolve(chart, &at.index, &at.url).map_err(Unresolved::NoVersion)?;
+        if at.stale.is_none() {
+            self.record(chart, &resolved, at.fetched_at).await;
+        }
+        let stale = at.stale.map(|error| Stale {
+            repository: chart.repository.clone(),
+            fetched_at: at.fetched_at,
+            error,
+        });
+        Ok(Resolution { resolved, stale })
+    }
+
+    /// The resolution of `chart` kept on disk, as a stale one, its repository having failed
+    /// with `e`; `e` when none is kept.
+    async fn recorded_instead(
+        &self,
+        chart: &Dependency,
+        e: RenderError,
+    ) -> Result<Resolution, Unresolved> {
+        let Some(record) = self.recorded(chart).await else {
+            return Err(Unresolved::Failed(e));
+        };
+        self.metrics.count("index", "recorded");
+        let error = match e {
+            RenderError::ChartRepository { detail, .. } => detail,
+            other => other.to_string(),
+        };
+        Ok(Resolution {
+            resolved: record.resolved(),
+            stale: Some(Stale {
+                repository: chart.repository.clone(),
+                fetched_at: record.fetched_at(),
+                error,
+            }),
+        })
     }
 
     /// Keeps on disk what `chart` resolved to in an index fetched at `fetched_at`, unless
@@ -383,23 +441,27 @@ impl ChartFetcher {
             self.metrics.count("archive", "cached");
             return Ok(bytes);
         }
-        let url = Url::parse(&resolved.url).map_err(|e| RenderError::ChartRepository {
-            url: resolved.url.clone(),
-            detail: e.to_string(),
-        })?;
-        let bytes = self
-            .get(&url, self.config.max_archive_size, "max_chart_size")
-            .await
-            .map_err(|failure| {
-                self.metrics.count("archive", "failed");
-                match failure {
-                    Failure::Denied(detail) => denied(&resolved.url, detail),
-                    Failure::Other(detail) => RenderError::ChartRepository {
-                        url: resolved.url.clone(),
-                        detail,
-                    },
+        let fetched = if oci::is_oci(&resolved.url) {
+            self.blob(resolved).await
+        } else {
+            match Url::parse(&resolved.url) {
+                Ok(url) => {
+                    self.get(&url, self.config.max_archive_size, "max_chart_size")
+                        .await
                 }
-            })?;
+                Err(e) => Err(Failure::Other(e.to_string())),
+            }
+        };
+        let bytes = fetched.map_err(|failure| {
+            self.metrics.count("archive", "failed");
+            match failure {
+                Failure::Denied(detail) => denied(&resolved.url, detail),
+                Failure::Other(detail) => RenderError::ChartRepository {
+                    url: resolved.url.clone(),
+                    detail,
+                },
+            }
+        })?;
         let got = sha256_hex(&bytes);
         if got != resolved.digest || !looks_gzipped(&bytes) {
             self.metrics.count("archive", "digest_mismatch");
@@ -423,57 +485,70 @@ impl ChartFetcher {
                 "not under gitops.render.chart_repositories".into(),
             ));
         }
-        let client = self.client.as_ref().map_err(Clone::clone)?;
         let credential = credential_for(&self.config.credentials, url.as_str());
+        let authorization = match credential {
+            Some(c) => Some(self.authorization(c).await?),
+            None => None,
+        };
+        let answer = self.send(url, None, authorization, (max, limit)).await?;
+        let status = answer.status;
+        if status.is_redirection() {
+            let to = answer
+                .headers
+                .get(http::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .unwrap_or_default();
+            return Err(Failure::Other(format!(
+                "answered {status}, a redirect to {to:?}: kas follows no redirect (name the final location in the chart, and allow it)"
+            )));
+        }
+        if is_refusal(status) {
+            return Err(Failure::Denied(refusal(status, credential)));
+        }
+        if !status.is_success() {
+            return Err(format!("answered {status}").into());
+        }
+        Ok(answer.body)
+    }
+
+    /// The answer to a `GET` of `url` with `accept` and `authorization` (sensitive), whatever
+    /// its status, its body at most `max` bytes (`limit` names the setting), all within the
+    /// timeout. No redirect is followed.
+    async fn send(
+        &self,
+        url: &Url,
+        accept: Option<&str>,
+        authorization: Option<http::HeaderValue>,
+        (max, limit): (u64, &str),
+    ) -> Result<Answer, Failure> {
+        let client = self.client.as_ref().map_err(Clone::clone)?;
         let mut request = http::Request::get(url.as_str())
             .header(http::header::USER_AGENT, "tether-kas")
             .body(Empty::new())
             .map_err(|e| e.to_string())?;
-        if let Some(c) = credential {
-            let header = self.authorization(c).await?;
-            request
-                .headers_mut()
-                .insert(http::header::AUTHORIZATION, header);
+        let headers = request.headers_mut();
+        if let Some(accept) = accept.and_then(|a| http::HeaderValue::from_str(a).ok()) {
+            headers.insert(http::header::ACCEPT, accept);
+        }
+        if let Some(value) = authorization {
+            headers.insert(http::header::AUTHORIZATION, value);
         }
         let exchange = async {
             let answer = client.request(request).await.map_err(|e| with_causes(&e))?;
-            let status = answer.status();
-            if status.is_redirection() {
-                let to = answer
-                    .headers()
-                    .get(http::header::LOCATION)
-                    .and_then(|l| l.to_str().ok())
-                    .unwrap_or_default();
-                return Err(Failure::Other(format!(
-                    "answered {status}, a redirect to {to:?}: kas follows no redirect (name the final location in the chart, and allow it)"
-                )));
-            }
-            if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
-                return Err(Failure::Denied(match credential {
-                    Some(c) => format!(
-                        "answered {status} to the credentials of gitops.render.chart_repository_credentials for {}",
-                        c.url
-                    ),
-                    None => format!(
-                        "answered {status}: it needs credentials, and gitops.render.chart_repository_credentials has none for it"
-                    ),
-                }));
-            }
-            if !status.is_success() {
-                return Err(format!("answered {status}").into());
-            }
+            let (parts, body) = answer.into_parts();
             let max_usize = usize::try_from(max).unwrap_or(usize::MAX);
-            let body = Limited::new(answer.into_body(), max_usize)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        format!("larger than {max} bytes (gitops.render.{limit})")
-                    } else {
-                        with_causes(&*e)
-                    }
-                })?;
-            Ok(body.to_bytes().to_vec())
+            let body = Limited::new(body, max_usize).collect().await.map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    format!("larger than {max} bytes (gitops.render.{limit})")
+                } else {
+                    with_causes(&*e)
+                }
+            })?;
+            Ok(Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body: body.to_bytes().to_vec(),
+            })
         };
         tokio::time::timeout(self.config.timeout, exchange)
             .await
@@ -539,6 +614,24 @@ impl ChartFetcher {
             Ok(Err(e)) => tracing::warn!(error = %e, "Cannot keep a chart archive in the cache"),
             Err(e) => tracing::warn!(error = %e, "Cannot keep a chart archive in the cache"),
         }
+    }
+}
+
+/// Whether `status` refuses kas's credentials (or their absence).
+fn is_refusal(status: http::StatusCode) -> bool {
+    status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN
+}
+
+/// Why a repository refused kas with `status`, naming the credentials sent (never the secret).
+fn refusal(status: http::StatusCode, credential: Option<&ChartCredential>) -> String {
+    match credential {
+        Some(c) => format!(
+            "answered {status} to the credentials of gitops.render.chart_repository_credentials for {}",
+            c.url
+        ),
+        None => format!(
+            "answered {status}: it needs credentials, and gitops.render.chart_repository_credentials has none for it"
+        ),
     }
 }
 

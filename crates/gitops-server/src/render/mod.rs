@@ -9,8 +9,9 @@
 //! - [`checks`]: symlinks, kustomization references, chart dependencies, error text (pure).
 //! - [`dependencies`]: chart dependencies from allowed chart repositories: the allow list,
 //!   `index.yaml`, version constraints (pure); [`fetch`]: fetching them, outside the sandbox,
-//!   before the checkout (I/O); [`resolutions`]: what each resolved to, kept on disk for a
-//!   restart while a repository is down (pure).
+//!   before the checkout (I/O); [`oci`]: charts of OCI registries (`oci://`): tags, challenges,
+//!   manifests (pure); [`resolutions`]: what each resolved to, kept on disk for a restart while
+//!   a repository is down (pure).
 //! - [`checkout`], [`run`]: the files and the process (I/O).
 //! - [`confine`]: the seccomp filter, installed by `kas render-confine` before the renderer,
 //!   and [`filesystem`]: the Landlock fence it puts up first (files the renderer may reach).
@@ -29,6 +30,7 @@ pub mod fetch;
 pub mod filesystem;
 pub mod memory;
 pub mod namespace;
+pub mod oci;
 pub mod resolutions;
 mod run;
 pub mod spec;
