@@ -156,14 +156,20 @@ const UNREACHABLE_TEXT: &[&str] = &[
 /// Maps a gix fetch error to a [`FetchError`].
 ///
 /// gix reports transport failures through several layers (its classified errors, `std::io`
-/// errors, HTTP statuses as text, and stderr of a spawned `git-upload-pack` for local remotes),
-/// so this looks at all of them: first typed signals, then well-known messages.
+/// errors, HTTP statuses as text), so this looks at all of them: first typed signals, then
+/// well-known messages. `remote_said` is what a spawned `git upload-pack` wrote on stderr:
+/// gix's own words for a process that failed (its output ended early) do not say why, so it is
+/// added to the detail and classified with it ("does not appear to be a git repository").
 pub(crate) fn classify_fetch_error(
     remote: &str,
     has_credentials: bool,
     err: gix::Error,
+    remote_said: Option<&str>,
 ) -> FetchError {
     let mut detail = error_chain(&err);
+    if let Some(said) = remote_said {
+        detail.push_str(&format!(" (git upload-pack said: {said})"));
+    }
     let remote = remote.to_owned();
     let lower = detail.to_lowercase();
     let mentions = |texts: &[&str]| texts.iter().any(|t| lower.contains(t));

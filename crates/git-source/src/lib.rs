@@ -16,9 +16,11 @@
 //! - [`webhook`]: verification of GitLab, GitHub and Gitea push webhooks, as pure functions.
 //!
 //! gix (gitoxide) does all Git work but one: mirrors are repacked with the `git` CLI once
-//! fetches have piled up packs, so it must be installed. Local remotes are fetched through
-//! gix's file transport, which runs the `git-upload-pack` program; SSH remotes through gix's SSH
-//! transport, which runs the `ssh` program (OpenSSH) through `/bin/sh`. Signed commits need
+//! fetches have piled up packs, so it must be installed. Local remotes are fetched from a
+//! `git upload-pack` kas spawns itself (gix's file transport drops its stderr, which says why a
+//! fetch of a broken repository failed); SSH remotes through gix's SSH transport, which runs the
+//! `ssh` program (OpenSSH) through `/bin/sh`, its stderr (the remote upload-pack's) sent to a
+//! file for the same reason. Signed commits need
 //! `ssh-keygen` (SSH signatures) or `gpg` and `gpgconf` (OpenPGP). [`Sources`] warns when a
 //! project it is given needs one of them and `PATH` lacks it ([`needed_tools`]).
 
@@ -33,6 +35,7 @@ mod remote;
 mod sources;
 mod ssh;
 mod tools;
+mod upload_pack;
 mod verify;
 pub mod webhook;
 

@@ -19,7 +19,12 @@ use crate::error::{BoxError, Error, FetchError, classify_fetch_error};
 use crate::interrupt::{FetchInterrupt, InterruptOnDrop};
 use crate::maintenance::{self, MaintenanceStatus, RepackReport};
 use crate::remote::{Remote, RemoteKind};
+use crate::upload_pack::StderrTail;
 use crate::verify::{Refusal, Verified, VerifyPolicy};
+
+/// A transport set up here rather than by gix (`None`: gix connects), and the stderr of the
+/// process it spawned when that is kept.
+type OwnTransport = (Option<Box<dyn Transport + Send>>, Option<StderrTail>);
 
 /// Refspecs of a mirror: every branch and tag, force-updated (`+`) so rewritten history on the
 /// remote replaces ours, as `git clone --mirror` does.
@@ -475,8 +480,10 @@ impl Mirror {
     ) -> Result<Vec<gix::protocol::handshake::Ref>, Error> {
         let remote = &self.inner.remote;
         let has_credentials = remote.has_credentials();
-        let ssh_log =
-            (remote.kind() == RemoteKind::Ssh).then(|| crate::ssh::log_path(&self.inner.dir));
+        let ssh = remote.kind() == RemoteKind::Ssh;
+        let ssh_log = ssh.then(|| crate::ssh::log_path(&self.inner.dir));
+        let ssh_stderr = ssh.then(|| crate::ssh::stderr_path(&self.inner.dir));
+        let (transport, upload_pack_stderr) = self.own_transport(interrupt)?;
         let classify = |e: gix::Error| {
             // What ssh logged explains an SSH failure better than gix's view of a closed pipe.
             if let Some(fetch_error) = ssh_log
@@ -485,10 +492,19 @@ impl Mirror {
             {
                 return Error::from(fetch_error);
             }
+            let said = upload_pack_stderr
+                .as_ref()
+                .and_then(StderrTail::text)
+                .or_else(|| {
+                    ssh_stderr
+                        .as_deref()
+                        .and_then(crate::upload_pack::file_text)
+                });
             Error::from(classify_fetch_error(
                 &remote.to_string(),
                 has_credentials,
                 e,
+                said.as_deref(),
             ))
         };
         let git_remote = repo
@@ -514,7 +530,7 @@ impl Mirror {
                 oauth_refresh_token: None,
             }
         });
-        let connection = match self.own_transport(interrupt)? {
+        let connection = match transport {
             Some(transport) => git_remote.to_connection_with_transport(transport),
             None => git_remote.connect(Direction::Fetch).map_err(classify)?,
         };
@@ -565,28 +581,39 @@ impl Mirror {
     }
 
     /// The transport for remotes whose connection is set up here rather than by gix: `ssh`
-    /// with this project's command line, `git://` with a read timeout and interruptible. `None`
-    /// for the others (local, HTTP), which gix connects itself.
-    fn own_transport(
-        &self,
-        interrupt: &FetchInterrupt,
-    ) -> Result<Option<Box<dyn Transport + Send>>, Error> {
+    /// with this project's command line, `git://` with a read timeout and interruptible, local
+    /// ones with upload-pack's stderr kept (returned too). `None` for HTTP, which gix connects
+    /// itself.
+    fn own_transport(&self, interrupt: &FetchInterrupt) -> Result<OwnTransport, Error> {
         let remote = &self.inner.remote;
         match remote.kind() {
             RemoteKind::Ssh => {
                 let log = crate::ssh::log_path(&self.inner.dir);
+                let stderr = crate::ssh::stderr_path(&self.inner.dir);
                 // A fresh log per fetch, so an old failure is never reported again.
                 std::fs::write(&log, b"").map_err(git_err("creating the ssh log"))?;
-                let transport = crate::ssh::transport(remote, &log).map_err(|detail| {
+                std::fs::write(&stderr, b"").map_err(git_err("creating the ssh stderr file"))?;
+                let transport = crate::ssh::transport(remote, &log, &stderr).map_err(|detail| {
                     Error::from(FetchError::Other {
                         remote: remote.to_string(),
                         detail,
                     })
                 })?;
-                Ok(Some(transport))
+                Ok((Some(transport), None))
             }
-            RemoteKind::Git => Ok(Some(crate::daemon::transport(remote, interrupt)?)),
-            RemoteKind::Local | RemoteKind::Http | RemoteKind::Https => Ok(None),
+            RemoteKind::Git => Ok((Some(crate::daemon::transport(remote, interrupt)?), None)),
+            RemoteKind::Local => {
+                let path = remote.local_path().unwrap_or(Path::new(""));
+                let (transport, stderr) =
+                    crate::upload_pack::transport(path).map_err(|detail| {
+                        Error::from(FetchError::Other {
+                            remote: remote.to_string(),
+                            detail,
+                        })
+                    })?;
+                Ok((Some(transport), Some(stderr)))
+            }
+            RemoteKind::Http | RemoteKind::Https => Ok((None, None)),
         }
     }
 

@@ -34,6 +34,14 @@ pub(crate) fn log_path(mirror_dir: &Path) -> PathBuf {
     mirror_dir.join("tether-ssh.log")
 }
 
+/// Where `ssh`'s standard error goes, in the mirror directory. With `-E` its own messages go to
+/// the log, so what reaches its stderr is the remote `git-upload-pack`'s ("fatal: …"): gix
+/// would print it to kas's own stderr, where nobody would connect it to the project, and the
+/// fetch's error would only say the connection ended. Truncated before each fetch.
+pub(crate) fn stderr_path(mirror_dir: &Path) -> PathBuf {
+    mirror_dir.join("tether-upload-pack.stderr")
+}
+
 /// Checks that `path` can be handed to `ssh`: it expands `%` tokens and `~` in file options, and
 /// splits option values on whitespace and quotes.
 pub(crate) fn check_path(what: &'static str, path: &Path) -> Result<(), RemoteError> {
@@ -53,8 +61,9 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// The `ssh` command line (without host and remote command, which gix appends).
-pub(crate) fn command(ssh: &SshAuth, log: &Path) -> String {
+/// The `ssh` command line (without host and remote command, which gix appends after it, so
+/// the redirection of stderr to `stderr` stays a part of the one `sh` command).
+pub(crate) fn command(ssh: &SshAuth, log: &Path, stderr: &Path) -> String {
     let known_hosts = ssh.known_hosts_file.as_deref().map_or_else(
         || "/dev/null".to_owned(),
         |p| p.to_string_lossy().into_owned(),
@@ -87,6 +96,8 @@ pub(crate) fn command(ssh: &SshAuth, log: &Path) -> String {
         cmd.push_str(" -o ");
         cmd.push_str(&shell_quote(&option));
     }
+    cmd.push_str(" 2>");
+    cmd.push_str(&shell_quote(&stderr.to_string_lossy()));
     cmd
 }
 
@@ -94,12 +105,13 @@ pub(crate) fn command(ssh: &SshAuth, log: &Path) -> String {
 pub(crate) fn transport(
     remote: &Remote,
     log: &Path,
+    stderr: &Path,
 ) -> Result<Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>, String> {
     use gix::protocol::transport::client::blocking_io::ssh;
     let url = gix::url::parse(gix::bstr::BStr::new(remote.transport_url().as_bytes()))
         .map_err(|e| format!("invalid SSH remote: {e}"))?;
     let options = ssh::connect::Options {
-        command: Some(command(remote.ssh(), log).into()),
+        command: Some(command(remote.ssh(), log, stderr).into()),
         disallow_shell: false,
         // The command is a command line, not a program name gix could tell the variant from.
         kind: Some(ssh::ProgramKind::Ssh),
@@ -195,7 +207,11 @@ mod tests {
             key_file: Some("/keys/deploy".into()),
             known_hosts_file: Some("/keys/known_hosts".into()),
         };
-        let cmd = command(&ssh, Path::new("/cache/1-x.git/tether-ssh.log"));
+        let cmd = command(
+            &ssh,
+            Path::new("/cache/1-x.git/tether-ssh.log"),
+            Path::new("/cache/1-x.git/tether-upload-pack.stderr"),
+        );
         for part in [
             "ssh -F /dev/null -E '/cache/1-x.git/tether-ssh.log'",
             "'StrictHostKeyChecking=yes'",
@@ -207,10 +223,11 @@ mod tests {
             "'BatchMode=yes'",
             "'ServerAliveInterval=15'",
             "'ServerAliveCountMax=4'",
+            " 2>'/cache/1-x.git/tether-upload-pack.stderr'",
         ] {
             assert!(cmd.contains(part), "{part} missing in {cmd}");
         }
-        let none = command(&SshAuth::default(), Path::new("/l"));
+        let none = command(&SshAuth::default(), Path::new("/l"), Path::new("/e"));
         assert!(none.contains("'UserKnownHostsFile=/dev/null'"), "{none}");
         assert!(none.contains("'IdentityFile=none'"), "{none}");
         assert_eq!(shell_quote("a'b"), "'a'\\''b'");

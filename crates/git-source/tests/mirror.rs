@@ -1583,3 +1583,27 @@ async fn a_fetch_that_trickles_forever_ends_at_the_cap() {
         "{err}"
     );
 }
+
+/// A local repository missing an object: the fetch's error carries what `git upload-pack` said
+/// about it (gix's own file transport dropped upload-pack's stderr, leaving only its opaque
+/// protocol error).
+#[test]
+fn a_corrupt_local_remote_fails_with_what_upload_pack_said() {
+    let f = Fixture::new("main");
+    f.commit(&[("app.yaml", b"lost")], &[], "one");
+    let blob = f.repo.git(&["rev-parse", "HEAD:app.yaml"]);
+    let blob = blob.trim();
+    let object = f
+        .src()
+        .join(".git/objects")
+        .join(&blob[..2])
+        .join(&blob[2..]);
+    std::fs::remove_file(&object).expect("remove the blob's loose object");
+    let err = f.local_mirror().fetch().expect_err("an object is missing");
+    let text = err.to_string();
+    assert!(
+        text.contains("(git upload-pack said: ")
+            && text.contains("fatal: git upload-pack: aborting due to possible repository corruption on the remote side."),
+        "{text}"
+    );
+}

@@ -171,3 +171,27 @@ fn closed_port_is_unreachable() {
         other => panic!("expected unreachable, got {other:?}"),
     }
 }
+
+/// A repository missing an object on the far side: the fetch's error carries what the remote
+/// `git-upload-pack` said, which comes back as `ssh`'s stderr (gix printed it to the process's
+/// own stderr, and the error only said the pack ended early).
+#[test]
+fn a_corrupt_remote_repository_fails_with_what_upload_pack_said() {
+    let f = Fixture::new();
+    f.repo.commit_files(&[("app.yaml", b"lost")], &[], "one");
+    let blob = f.repo.git(&["rev-parse", "HEAD:app.yaml"]);
+    let blob = blob.trim();
+    let objects = f.repo.dir.join(".git/objects");
+    std::fs::remove_file(objects.join(&blob[..2]).join(&blob[2..])).expect("remove the blob");
+    let known_hosts = f.known_hosts();
+    let mirror = f.mirror("corrupt", f.auth(&f.deploy.private, Some(&known_hosts)));
+    let text = mirror
+        .fetch()
+        .expect_err("an object is missing")
+        .to_string();
+    assert!(
+        text.contains("(git upload-pack said: ")
+            && text.contains("aborting due to possible repository corruption on the remote side"),
+        "{text}"
+    );
+}

@@ -209,6 +209,51 @@ async fn project_add_of_a_missing_local_repository_fails_naming_it() {
     assert!(stored.iter().all(|p| p.path != "group/typo"), "{stored:?}");
 }
 
+/// A project whose remote is a local bare repository with an object missing: `kas project
+/// list` shows the fetch error with what `git upload-pack` said (gix's file transport dropped
+/// upload-pack's stderr, leaving "failed to fill whole buffer" as the only reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_local_repository_shows_what_upload_pack_said_in_project_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = GitRepo::init(&dir.path().join("work"));
+    work.commit(
+        &[(
+            "manifests/cm.yaml",
+            Some(
+                b"kind: ConfigMap
+",
+            ),
+        )],
+        "one",
+    );
+    let bare = dir.path().join("corrupt.git");
+    let target = bare.to_str().unwrap();
+    work.git(&["clone", "-q", "--bare", "--no-hardlinks", ".", target]);
+    let blob = work.git(&["rev-parse", "HEAD:manifests/cm.yaml"]);
+    let blob = blob.trim();
+    std::fs::remove_file(bare.join("objects").join(&blob[..2]).join(&blob[2..])).unwrap();
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    let kas = Kas::start(&dir.path().join("kas"), opts).await;
+    kas.set_projects(&[("group/corrupt", &GitRepo { dir: bare })])
+        .await;
+    wait_for("the fetch to fail", Duration::from_secs(30), || async {
+        let projects = kas.admin.list_projects().await.ok()?;
+        projects.into_iter().find_map(|p| p.fetch_error)
+    })
+    .await;
+    let o = kas.cli().args(["project", "list"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("group/corrupt: fetch error: ")
+            && stdout.contains("(git upload-pack said: error: git upload-pack: git-pack-objects died with error.; fatal: git upload-pack: aborting due to possible repository corruption on the remote side.)"),
+        "{stdout}"
+    );
+}
+
 /// After a broken config.yaml is pushed, `kas agent status` says the agent is connected, which
 /// commit is in force and that the newest was refused and why, in the table and in `-o json`,
 /// and exits 5. Before, it showed the old successful syncs only and exited 0.
