@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::gitops::{Rig, RigArgs, admin_rbac, get_json, rig_entry};
+use support::oidc::SigningKey;
 use support::{KasOptions, wait_for};
 use tether_gitops_server::{ReportedOutcome, ReportedStatus};
 use tether_testenv::TestEnv;
@@ -1487,11 +1488,18 @@ struct OciRegistry {
 }
 
 impl OciRegistry {
-    /// Starts it and waits until it accepts connections (another port if one was taken).
-    fn start(env: &TestEnv, user: Option<(&'static str, &'static str)>) -> Self {
+    /// Starts it and waits until it accepts connections (another port if one was taken):
+    /// behind htpasswd with `user`, or, with `issuer`, behind tokens of that issuer (`user`
+    /// then names who helm logs in as).
+    fn start(
+        env: &TestEnv,
+        user: Option<(&'static str, &'static str)>,
+        issuer: Option<&TokenIssuer>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let auth = match user {
-            Some((name, password)) => {
+        let auth = match (user, issuer) {
+            (_, Some(issuer)) => issuer.registry_auth(dir.path()),
+            (Some((name, password)), None) => {
                 // distribution reads bcrypt entries only; perl's crypt() is libxcrypt's, which
                 // makes them (no htpasswd program or bcrypt crate is at hand).
                 let out = std::process::Command::new("perl")
@@ -1510,7 +1518,7 @@ impl OciRegistry {
                     dir.path().join("htpasswd").display()
                 )
             }
-            None => String::new(),
+            (None, None) => String::new(),
         };
         for _ in 0..3 {
             // The registry takes a fixed address and reports none it chose.
@@ -1611,6 +1619,19 @@ impl Drop for OciRegistry {
     }
 }
 
+/// kas's settings `extra` with the credentials `reader:s3cret` for `url` (its password in a
+/// file of the folder returned).
+fn with_reader_credentials(extra: &str, url: &str) -> (String, tempfile::TempDir) {
+    let secrets = tempfile::tempdir().unwrap();
+    let password = secrets.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let extra = format!(
+        "{extra}    chart_repository_credentials:\n    - url: {url}\n      username: reader\n      password_file: {}\n",
+        password.display()
+    );
+    (extra, secrets)
+}
+
 /// `helm.repository: oci://…` (Flux's HelmRepository of type oci): the newest version in range
 /// among those pushed to a real registry is applied with the values of Git, and its version
 /// shown; a version pushed later in range is applied without a commit; a kas restarted while
@@ -1618,7 +1639,7 @@ impl Drop for OciRegistry {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chart_of_an_oci_registry_is_applied_upgraded_in_range_and_kept_across_a_restart() {
     let env = TestEnv::from_env().expect("a running control plane");
-    let mut registry = OciRegistry::start(&env, None);
+    let mut registry = OciRegistry::start(&env, None, None);
     for v in ["1.0.0", "1.1.0", "2.0.0"] {
         registry.push(&env, "charts", v);
     }
@@ -1664,38 +1685,30 @@ async fn a_chart_of_an_oci_registry_is_applied_upgraded_in_range_and_kept_across
     );
 }
 
-/// A registry behind htpasswd: without credentials kas fails closed naming the repository and
-/// applies nothing; with `chart_repository_credentials` for its `oci://` location the chart is
-/// applied, the secret never logged.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_private_oci_registry_needs_kas_credentials_and_fails_closed_without_them() {
-    let env = TestEnv::from_env().expect("a running control plane");
-    let registry = OciRegistry::start(&env, Some(("reader", "s3cret")));
-    registry.push(&env, "private", "1.1.0");
+/// Pushes greeter 1.1.0 to the location `private` of `registry`, which refuses anonymous
+/// reads: a rig of an entry for it (`~1.1`) without credentials is refused with the error
+/// `refusal(location)`, nothing applied; then `between` runs, and a new rig with the
+/// credentials `reader:s3cret` for the location syncs 1.1.0, which is returned.
+async fn refused_without_credentials_then_rendered(
+    env: &TestEnv,
+    registry: &OciRegistry,
+    refusal: impl FnOnce(&str) -> String,
+    between: impl FnOnce(),
+) -> Rig {
+    registry.push(env, "private", "1.1.0");
     let location = registry.location("private");
     let entry = repository_entry(&location, "~1.1");
     let values = |_: &str| greeter_values("hello");
 
     let extra = registry.allowing("private");
-    let (rig, c1, ns) = started_rig("ocinoauth", |_| entry.clone(), values, &extra, "1h").await;
-    rig.refused(
-        &c1,
-        &[&format!(
-            "chart repository {location} refused kas: answered 401 Unauthorized: it needs credentials, and gitops.render.chart_repository_credentials has none for it"
-        )],
-    )
-    .await;
+    let (rig, c1, ns) = started_rig("ocianon", |_| entry.clone(), values, &extra, "1h").await;
+    rig.refused(&c1, &[&refusal(&location)]).await;
     assert!(get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).is_none());
     drop(rig);
+    between();
 
-    let secrets = tempfile::tempdir().unwrap();
-    let password = secrets.path().join("password");
-    std::fs::write(&password, "s3cret\n").unwrap();
-    let extra = format!(
-        "{extra}    chart_repository_credentials:\n    - url: {location}\n      username: reader\n      password_file: {}\n",
-        password.display()
-    );
-    let (rig, c1, ns) = started_rig("ociauth", |_| entry, values, &extra, "1h").await;
+    let (extra, _secrets) = with_reader_credentials(&extra, &location);
+    let (rig, c1, ns) = started_rig("ocicreds", |_| entry, values, &extra, "1h").await;
     let s = rig.synced_in("group/manifests", &c1).await;
     assert_eq!(
         (s.outcome, s.chart_version.as_str()),
@@ -1703,8 +1716,148 @@ async fn a_private_oci_registry_needs_kas_credentials_and_fails_closed_without_t
         "{s:?}"
     );
     assert_eq!(greeter_version(&rig.env, &ns), "1.1.0");
+    rig
+}
+
+/// A registry behind htpasswd: without credentials kas fails closed naming the repository and
+/// applies nothing; with `chart_repository_credentials` for its `oci://` location the chart is
+/// applied, the secret never logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_oci_registry_needs_kas_credentials_and_fails_closed_without_them() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let registry = OciRegistry::start(&env, Some(("reader", "s3cret")), None);
+    let refusal = |location: &str| {
+        format!(
+            "chart repository {location} refused kas: answered 401 Unauthorized: it needs credentials, and gitops.render.chart_repository_credentials has none for it"
+        )
+    };
+    let rig = refused_without_credentials_then_rendered(&env, &registry, refusal, || {}).await;
     let log = rig.kas.log();
     for secret in ["s3cret", "cmVhZGVyOnMzY3JldA"] {
         assert!(!log.contains(secret), "kas logged {secret:?}");
     }
+}
+
+/// A registry's token issuer on 127.0.0.1, the realm of distribution's `auth: token`: it
+/// issues ES256 tokens granting what a request's `scope` asks to `reader:s3cret` (HTTP basic)
+/// and answers 401 to anyone else, counting the tokens issued to kas.
+struct TokenIssuer {
+    url: String,
+    key: std::sync::Arc<SigningKey>,
+    issued_to_kas: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct IssuerState {
+    key: std::sync::Arc<SigningKey>,
+    issued_to_kas: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+const TOKEN_ISSUER: &str = "tether-test-issuer";
+const TOKEN_SERVICE: &str = "tether-test-registry";
+
+impl TokenIssuer {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let state = IssuerState {
+            key: std::sync::Arc::new(SigningKey::new("registry-key")),
+            issued_to_kas: std::sync::Arc::default(),
+        };
+        let app = axum::Router::new()
+            .route("/token", axum::routing::get(issue_token))
+            .with_state(state.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            url,
+            key: state.key,
+            issued_to_kas: state.issued_to_kas,
+            _server: server,
+        }
+    }
+
+    /// The registry's `auth:` section trusting this issuer (its key in a JWKS file in `dir`).
+    fn registry_auth(&self, dir: &Path) -> String {
+        let jwks = dir.join("jwks.json");
+        let keys = serde_json::json!({"keys": [&self.key.jwk]});
+        std::fs::write(&jwks, keys.to_string()).unwrap();
+        format!(
+            "auth:\n  token:\n    realm: {}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    jwks: {}\n",
+            self.url,
+            jwks.display()
+        )
+    }
+}
+
+/// `GET /token?service=…&scope=repository:<name>:<actions>`: a token for `reader` granting
+/// each scope asked, or 401.
+async fn issue_token(
+    axum::extract::State(s): axum::extract::State<IssuerState>,
+    axum::extract::Query(query): axum::extract::Query<Vec<(String, String)>>,
+    headers: http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    // base64("reader:s3cret")
+    let basic = "Basic cmVhZGVyOnMzY3JldA==";
+    let authorized = headers
+        .get(http::header::AUTHORIZATION)
+        .is_some_and(|a| a.as_bytes() == basic.as_bytes());
+    if !authorized {
+        return (http::StatusCode::UNAUTHORIZED, "{}").into_response();
+    }
+    let access: Vec<Value> = query
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .filter_map(|(_, scope)| {
+            let mut parts = scope.splitn(3, ':');
+            let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+            let actions: Vec<&str> = actions.split(',').collect();
+            Some(serde_json::json!({"type": kind, "name": name, "actions": actions}))
+        })
+        .collect();
+    let now = support::oidc::now();
+    let claims = serde_json::json!({
+        "iss": TOKEN_ISSUER, "sub": "reader", "aud": TOKEN_SERVICE,
+        "iat": now, "nbf": now - 5, "exp": now + 300, "jti": format!("{now}-{}", access.len()),
+        "access": access,
+    });
+    let from_kas = headers
+        .get(http::header::USER_AGENT)
+        .is_some_and(|u| u.as_bytes() == b"tether-kas");
+    if from_kas {
+        s.issued_to_kas
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    axum::Json(serde_json::json!({"token": s.key.sign(&claims)})).into_response()
+}
+
+/// A registry of the token flow (Docker Hub's, GHCR's): it challenges with `Bearer realm=…`;
+/// kas asks the realm with no credentials, is refused, and fails closed naming the repository;
+/// with `chart_repository_credentials` for the `oci://` location it gets a token there with
+/// them and renders the chart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oci_registry_of_the_token_flow_is_read_with_a_token_its_realm_issues_to_kas() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let issuer = TokenIssuer::start().await;
+    let registry = OciRegistry::start(&env, Some(("reader", "s3cret")), Some(&issuer));
+    let issued = || {
+        issuer
+            .issued_to_kas
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let refusal = |location: &str| {
+        format!(
+            "chart repository {location} refused kas: its token issuer {}: answered 401 Unauthorized: it needs credentials",
+            issuer.url
+        )
+    };
+    let none = || assert_eq!(issued(), 0, "no token without credentials");
+    refused_without_credentials_then_rendered(&env, &registry, refusal, none).await;
+    assert!(
+        issued() >= 1,
+        "kas read the registry with a token of its realm"
+    );
 }
