@@ -965,6 +965,8 @@ struct ChartRepo {
     dir: tempfile::TempDir,
     port: u16,
     server: tokio::task::JoinHandle<()>,
+    /// Each request kas made (by its User-Agent): whether it carried an `Authorization`.
+    asked_by_kas: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
 }
 
 /// `authorization` or 401 (a private repository's answer to missing or wrong credentials).
@@ -984,13 +986,23 @@ impl ChartRepo {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let root = dir.path().to_path_buf();
+        let asked_by_kas = std::sync::Arc::<std::sync::Mutex<Vec<bool>>>::default();
+        let asked = asked_by_kas.clone();
         let server = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let root = root.clone();
+                let (root, asked) = (root.clone(), asked.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<_>| {
                         let file = root.join(req.uri().path().trim_start_matches('/'));
                         let refused = denies(auth, &req);
+                        let headers = req.headers();
+                        if headers
+                            .get(http::header::USER_AGENT)
+                            .is_some_and(|u| u == "tether-kas")
+                        {
+                            let authorized = headers.contains_key(http::header::AUTHORIZATION);
+                            asked.lock().unwrap().push(authorized);
+                        }
                         async move {
                             let answer = match std::fs::read(&file) {
                                 Ok(_) if refused => http::Response::builder()
@@ -1017,7 +1029,12 @@ impl ChartRepo {
                 });
             }
         });
-        Self { dir, port, server }
+        Self {
+            dir,
+            port,
+            server,
+            asked_by_kas,
+        }
     }
 
     /// The URL of the repository in the folder `name`.
@@ -1477,6 +1494,22 @@ async fn repository_charts_not_allowed_or_matching_no_version_are_refused() {
     assert_eq!(greeter_version(&rig.env, &ns), "5.0.0");
 }
 
+/// How an [`OciRegistry`] is set up; the default: anonymous, blobs served by itself.
+#[derive(Default)]
+struct RegistrySetup<'a> {
+    /// Behind htpasswd with this user (helm logs in as it); with `issuer`, the user helm
+    /// logs in as at the issuer.
+    user: Option<(&'static str, &'static str)>,
+    /// Behind tokens of this issuer.
+    issuer: Option<&'a TokenIssuer>,
+    /// Keeping blobs in this server's folder, and moving their reads there.
+    storage: Option<&'a ChartRepo>,
+}
+
+/// The most tags the test registries answer per page (kas asks for more): a tag list of more
+/// versions than that takes several pages, linked by `Link` headers.
+const TAGS_PER_PAGE: usize = 2;
+
 /// A real OCI registry: the CNCF distribution registry (testenv/build.sh builds it) on
 /// 127.0.0.1, storing in a temporary folder, behind htpasswd when it has a user; charts are
 /// pushed to it with the real `helm push`.
@@ -1488,15 +1521,27 @@ struct OciRegistry {
 }
 
 impl OciRegistry {
-    /// Starts it and waits until it accepts connections (another port if one was taken):
-    /// behind htpasswd with `user`, or, with `issuer`, behind tokens of that issuer (`user`
-    /// then names who helm logs in as).
-    fn start(
-        env: &TestEnv,
-        user: Option<(&'static str, &'static str)>,
-        issuer: Option<&TokenIssuer>,
-    ) -> Self {
+    /// Starts it as `setup` says and waits until it accepts connections (another port if one
+    /// was taken).
+    fn start(env: &TestEnv, setup: RegistrySetup) -> Self {
+        let RegistrySetup {
+            user,
+            issuer,
+            storage,
+        } = setup;
         let dir = tempfile::tempdir().unwrap();
+        // With a storage server, blobs are kept in its folder and their reads moved there,
+        // as a registry on S3 or behind a CDN moves them.
+        let (data, redirect) = match storage {
+            Some(s) => (
+                s.dir.path().to_path_buf(),
+                format!(
+                    "middleware:\n  storage:\n  - name: redirect\n    options:\n      baseurl: {}\n",
+                    s.url("")
+                ),
+            ),
+            None => (dir.path().join("data"), String::new()),
+        };
         let auth = match (user, issuer) {
             (_, Some(issuer)) => issuer.registry_auth(dir.path()),
             (Some((name, password)), None) => {
@@ -1527,8 +1572,8 @@ impl OciRegistry {
             std::fs::write(
                 &config,
                 format!(
-                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: tether-test\n{auth}",
-                    dir.path().join("data").display()
+                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\ntags:\n  maxtags: {TAGS_PER_PAGE}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: tether-test\n{auth}{redirect}",
+                    data.display()
                 ),
             )
             .unwrap();
@@ -1634,12 +1679,13 @@ fn with_reader_credentials(extra: &str, url: &str) -> (String, tempfile::TempDir
 
 /// `helm.repository: oci://…` (Flux's HelmRepository of type oci): the newest version in range
 /// among those pushed to a real registry is applied with the values of Git, and its version
-/// shown; a version pushed later in range is applied without a commit; a kas restarted while
-/// the registry is down renders what it resolved before, saying so.
+/// shown; a version pushed later in range (on the tag list's second page) is applied without a
+/// commit; a kas restarted while the registry is down renders what it resolved before, saying
+/// so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chart_of_an_oci_registry_is_applied_upgraded_in_range_and_kept_across_a_restart() {
     let env = TestEnv::from_env().expect("a running control plane");
-    let mut registry = OciRegistry::start(&env, None, None);
+    let mut registry = OciRegistry::start(&env, RegistrySetup::default());
     for v in ["1.0.0", "1.1.0", "2.0.0"] {
         registry.push(&env, "charts", v);
     }
@@ -1656,6 +1702,7 @@ async fn a_chart_of_an_oci_registry_is_applied_upgraded_in_range_and_kept_across
     );
     assert_eq!(greeter_shows(&rig.env, &ns), ["1.1.0", "hello", "xl"]);
 
+    // Tags listed in order, two a page: 1.2.0 is on the second page, beside 2.0.0.
     registry.push(&env, "charts", "1.2.0");
     let s = rig
         .report("the sync of 1.2.0", |s| s.chart_version == "1.2.0")
@@ -1721,17 +1768,30 @@ async fn refused_without_credentials_then_rendered(
 
 /// A registry behind htpasswd: without credentials kas fails closed naming the repository and
 /// applies nothing; with `chart_repository_credentials` for its `oci://` location the chart is
-/// applied, the secret never logged.
+/// applied, the secret never logged, and the chart's blob is read where the registry moves it
+/// (its storage, another host) without the registry's credentials.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_private_oci_registry_needs_kas_credentials_and_fails_closed_without_them() {
+async fn a_private_oci_registry_needs_kas_credentials_and_its_storage_gets_none() {
     let env = TestEnv::from_env().expect("a running control plane");
-    let registry = OciRegistry::start(&env, Some(("reader", "s3cret")), None);
+    let storage = ChartRepo::start().await;
+    let setup = RegistrySetup {
+        user: Some(("reader", "s3cret")),
+        issuer: None,
+        storage: Some(&storage),
+    };
+    let registry = OciRegistry::start(&env, setup);
     let refusal = |location: &str| {
         format!(
             "chart repository {location} refused kas: answered 401 Unauthorized: it needs credentials, and gitops.render.chart_repository_credentials has none for it"
         )
     };
     let rig = refused_without_credentials_then_rendered(&env, &registry, refusal, || {}).await;
+    let asked = storage.asked_by_kas.lock().unwrap().clone();
+    assert!(!asked.is_empty(), "kas read the blob from the storage");
+    assert!(
+        !asked.contains(&true),
+        "kas sent the storage an Authorization"
+    );
     let log = rig.kas.log();
     for secret in ["s3cret", "cmVhZGVyOnMzY3JldA"] {
         assert!(!log.contains(secret), "kas logged {secret:?}");
@@ -1842,7 +1902,12 @@ async fn issue_token(
 async fn an_oci_registry_of_the_token_flow_is_read_with_a_token_its_realm_issues_to_kas() {
     let env = TestEnv::from_env().expect("a running control plane");
     let issuer = TokenIssuer::start().await;
-    let registry = OciRegistry::start(&env, Some(("reader", "s3cret")), Some(&issuer));
+    let setup = RegistrySetup {
+        user: Some(("reader", "s3cret")),
+        issuer: Some(&issuer),
+        storage: None,
+    };
+    let registry = OciRegistry::start(&env, setup);
     let issued = || {
         issuer
             .issued_to_kas

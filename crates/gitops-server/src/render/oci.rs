@@ -21,6 +21,9 @@ pub const HELM_CONFIG_MEDIA_TYPE: &str = "application/vnd.cncf.helm.config.v1+js
 /// The media type of the layer holding the chart's archive.
 pub const HELM_CHART_MEDIA_TYPE: &str = "application/vnd.cncf.helm.chart.content.v1.tar+gzip";
 
+/// Tags asked for per page of a tag list: a size every registry accepts (some refuse more).
+pub const TAG_PAGE: usize = 100;
+
 /// Whether `repository` names an OCI registry location (`oci://…`).
 pub fn is_oci(repository: &str) -> bool {
     repository
@@ -78,9 +81,12 @@ impl OciChart {
         })
     }
 
-    /// The first page of its tag list.
+    /// The first page of its tag list, of [`TAG_PAGE`] tags (registries page only when asked
+    /// for a size, and may answer fewer with a `Link` to the next page).
     pub fn tags_url(&self) -> Url {
-        self.api("tags/list")
+        let mut url = self.api("tags/list");
+        url.set_query(Some(&format!("n={TAG_PAGE}")));
+        url
     }
 
     /// The manifest of `tag`.
@@ -405,7 +411,7 @@ mod tests {
         assert_eq!(c.location, "oci://registry.example.com:5000/charts/greeter");
         assert_eq!(
             c.tags_url().as_str(),
-            "https://registry.example.com:5000/v2/charts/greeter/tags/list"
+            "https://registry.example.com:5000/v2/charts/greeter/tags/list?n=100"
         );
         assert_eq!(
             c.manifest_url("1.0.0_build.1").as_str(),
@@ -421,7 +427,7 @@ mod tests {
         let plain = OciChart::new("oci://127.0.0.1:5000", "greeter", true).unwrap();
         assert_eq!(
             plain.tags_url().as_str(),
-            "http://127.0.0.1:5000/v2/greeter/tags/list"
+            "http://127.0.0.1:5000/v2/greeter/tags/list?n=100"
         );
         // Only the registry itself gets its credentials.
         assert!(c.same_origin(&Url::parse("https://registry.example.com:5000/v2/x").unwrap()));
