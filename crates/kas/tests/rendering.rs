@@ -1182,7 +1182,7 @@ async fn chart_dependencies_not_allowed_tampered_or_unreachable_are_refused() {
         &c3,
         &[
             &format!("the archive of greeter 1.0.0 at {allowed}/greeter-1.0.0.tgz has SHA-256"),
-            "as the repository's index says: refused",
+            "as the repository's index (or the registry's manifest) says: refused",
         ],
     )
     .await;
@@ -1625,7 +1625,8 @@ impl OciRegistry {
 
     /// Packages `greeter` `version` and pushes it under `path` with the real helm (logged in
     /// first when the registry has a user), as `helm push … oci://registry/path` does.
-    fn push(&self, env: &TestEnv, path: &str, version: &str) {
+    /// Returns the chart layer's SHA-256 (the archive's).
+    fn push(&self, env: &TestEnv, path: &str, version: &str) -> String {
         let home = self.dir.path();
         if let Some((name, password)) = self.user {
             let host = format!("127.0.0.1:{}", self.port);
@@ -1648,6 +1649,9 @@ impl OciRegistry {
             home,
             &["push", archive.to_str().unwrap(), &to, "--plain-http"],
         );
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            std::fs::read(&archive).unwrap(),
+        ))
     }
 
     fn stop(&mut self) {
@@ -1730,6 +1734,44 @@ async fn a_chart_of_an_oci_registry_is_applied_upgraded_in_range_and_kept_across
         "{said:?} not in {:?}",
         s.warnings
     );
+}
+
+/// A chart layer its registry serves changed (its storage tampered with) is refused naming
+/// the chart, where it was read and both digests, and nothing is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chart_layer_not_matching_its_manifests_digest_is_refused() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let storage = ChartRepo::start().await;
+    let setup = RegistrySetup {
+        storage: Some(&storage),
+        ..RegistrySetup::default()
+    };
+    let registry = OciRegistry::start(&env, setup);
+    let digest = registry.push(&env, "charts", "1.0.0");
+    let blob = storage.dir.path().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{digest}/data",
+        &digest[..2]
+    ));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes.extend_from_slice(b"tampered");
+    std::fs::write(&blob, bytes).unwrap();
+
+    let location = registry.location("charts");
+    let entry = repository_entry(&location, "1.0.0");
+    let values = |_: &str| greeter_values("hello");
+    let extra = registry.allowing("charts");
+    let (rig, c1, ns) = started_rig("ocitampered", |_| entry, values, &extra, "1h").await;
+    rig.refused(
+        &c1,
+        &[
+            &format!("the archive of greeter 1.0.0 at {location}/greeter:1.0.0 has SHA-256"),
+            &format!(
+                "not {digest} as the repository's index (or the registry's manifest) says: refused"
+            ),
+        ],
+    )
+    .await;
+    assert!(get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).is_none());
 }
 
 /// Pushes greeter 1.1.0 to the location `private` of `registry`, which refuses anonymous

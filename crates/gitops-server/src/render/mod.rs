@@ -196,7 +196,7 @@ pub enum RenderError {
     },
     /// A chart archive is not the one its repository's index names.
     #[error(
-        "the archive of {chart} at {url} has SHA-256 {got}, not {expected} as the repository's index says: refused, nothing was applied"
+        "the archive of {chart} at {url} has SHA-256 {got}, not {expected} as the repository's index (or the registry's manifest) says: refused, nothing was applied"
     )]
     DigestMismatch {
         /// The chart and its version.

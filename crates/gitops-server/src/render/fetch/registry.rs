@@ -148,15 +148,21 @@ impl ChartFetcher {
             }
             url = moved_to(&answer, &url)?;
             // The registry's credentials or token are for the registry alone: storage it
-            // sends blobs from authenticates the URL it signed.
-            let authorization = if target.same_origin(&url) {
-                session.authorization().await?
+            // sends blobs from authenticates the URL it signed. Its refusal (an expired
+            // signature) is no refusal of kas's credentials.
+            answer = if target.same_origin(&url) {
+                let authorization = session.authorization().await?;
+                session.checked(self.send(&url, None, authorization, limit).await?)?
             } else {
-                None
+                self.send(&url, None, None, limit).await?
             };
-            answer = session.checked(self.send(&url, None, authorization, limit).await?)?;
         }
-        Ok(success(answer)?.body)
+        success(answer).map(|a| a.body).map_err(|f| match f {
+            Failure::Other(d) if !target.same_origin(&url) => {
+                Failure::Other(format!("{d} (its storage, {})", without_query(&url)))
+            }
+            other => other,
+        })
     }
 
     /// Whether the registry of `location` (`oci://…`) is one of `plain_http_registries`.
@@ -175,16 +181,35 @@ fn moved_to(answer: &Answer, from: &Url) -> Result<Url, Failure> {
         .headers
         .get(http::header::LOCATION)
         .and_then(|l| l.to_str().ok())
-        .ok_or_else(|| format!("{from} answered {} without a Location", answer.status))?;
-    let to = from
-        .join(location)
-        .map_err(|e| format!("{from} moved to {location:?}: {e}"))?;
+        .ok_or_else(|| {
+            format!(
+                "{} answered {} without a Location",
+                without_query(from),
+                answer.status
+            )
+        })?;
+    let to = from.join(location).map_err(|e| {
+        format!(
+            "{} moved the blob to an invalid Location: {e}",
+            without_query(from)
+        )
+    })?;
     if !oci::secure_or_loopback(&to) {
         return Err(Failure::Other(format!(
-            "{from} moved to {to}: kas follows a blob to https:// only (plain http:// on loopback)"
+            "{} moved to {}: kas follows a blob to https:// only (plain http:// on loopback)",
+            without_query(from),
+            without_query(&to)
         )));
     }
     Ok(to)
+}
+
+/// `url` without its query: a storage URL's query holds the signature granting the read,
+/// which no error or log shows.
+fn without_query(url: &Url) -> String {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.to_string()
 }
 
 /// `answer` if it is a success; why not (its status), otherwise.
