@@ -8,8 +8,10 @@
 //! Charts of OCI registries (`oci://`) are read by [`registry`]: the tag list stands for the
 //! index, the manifest's chart layer for the archive.
 
+mod records;
 mod registry;
 
+use records::Recorded;
 use registry::Kept;
 
 use std::collections::HashMap;
@@ -34,7 +36,7 @@ use super::dependencies::{
     sha256_hex,
 };
 use super::oci;
-use super::resolutions::{self, Record, Stale};
+use super::resolutions::Stale;
 
 /// Why a chart was not resolved: its caller names what asked for it (a dependency of a chart,
 /// or `helm.repository`).
@@ -155,8 +157,9 @@ pub struct ChartFetcher {
     client: Result<HttpClient, String>,
     /// One slot per index URL: renderings wanting the same index wait for one fetch.
     indexes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Fetched>>>>>,
-    /// The resolutions last written to disk, by file name: unchanged ones are not rewritten.
-    recorded: Mutex<HashMap<String, Record>>,
+    /// The resolutions last written to disk, by file name: unchanged ones are not rewritten,
+    /// and records no chart used for long are deleted (see [`records`]).
+    recorded: Mutex<Recorded>,
     /// The last resolution of each chart of a registry, by its record's file name: the tag
     /// list and manifest are read again only past `index_ttl`.
     oci: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Kept>>>>>,
@@ -392,46 +395,6 @@ impl ChartFetcher {
                 error,
             }),
         })
-    }
-
-    /// Keeps on disk what `chart` resolved to in an index fetched at `fetched_at`, unless
-    /// that is what was last kept.
-    async fn record(&self, chart: &Dependency, resolved: &Resolved, fetched_at: SystemTime) {
-        let Some(dir) = self.config.cache_dir.clone() else {
-            return;
-        };
-        let (name, record) = (
-            resolutions::file_name(chart),
-            Record::new(chart, resolved, fetched_at),
-        );
-        {
-            let mut all = self.recorded.lock().unwrap_or_else(PoisonError::into_inner);
-            if all.get(&name) == Some(&record) {
-                return;
-            }
-            all.insert(name.clone(), record.clone());
-        }
-        let written =
-            tokio::task::spawn_blocking(move || write_file(&dir, &name, &record.encode())).await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "Cannot keep a chart's resolution on disk"),
-            Err(e) => tracing::warn!(error = %e, "Cannot keep a chart's resolution on disk"),
-        }
-    }
-
-    /// The resolution of `chart` kept on disk, if any.
-    async fn recorded(&self, chart: &Dependency) -> Option<Record> {
-        let path = self
-            .config
-            .cache_dir
-            .as_ref()?
-            .join(resolutions::file_name(chart));
-        let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
-            .await
-            .ok()?
-            .ok()?;
-        Record::decode(&bytes, chart)
     }
 
     /// The archive of `resolved`, from the cache or fetched, its SHA-256 checked against the
