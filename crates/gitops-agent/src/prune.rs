@@ -90,6 +90,34 @@ pub enum Skip {
     TypeNotServed,
     /// It carries an annotation asking to be kept (see [`kept_by`]), written as `key: value`.
     Kept { annotation: String },
+    /// It moved to another namespace in Git and its replacement there was not created (see
+    /// [`held_back`]): it stays in the inventory and is pruned once the replacement exists.
+    ReplacementMissing { replacement: ObjRef },
+}
+
+/// The objects of `to_prune` whose prune waits, each with its replacement: the object of the
+/// same group, kind and name that Git now puts in another namespace and that this sync did
+/// not create (in `not_created`: its apply failed, or never ran). Moving a release to a
+/// namespace that does not exist fails every new object; pruning the old ones in the same
+/// sync left nothing running. Flux and Argo CD do not prune when the apply fails; here other
+/// prunes still go ahead (one failing object must not block the rest), only those an object
+/// that failed was meant to replace wait.
+pub fn held_back(
+    to_prune: &[ObjRef],
+    not_created: &BTreeSet<ObjRef>,
+) -> std::collections::BTreeMap<ObjRef, ObjRef> {
+    let moved_to = |old: &ObjRef| {
+        not_created.iter().find(|new| {
+            new.namespace.is_some()
+                && new.namespace != old.namespace
+                && (&new.group, &new.kind, &new.name) == (&old.group, &old.kind, &old.name)
+        })
+    };
+    to_prune
+        .iter()
+        .filter(|old| old.namespace.is_some())
+        .filter_map(|old| Some((old.clone(), moved_to(old)?.clone())))
+        .collect()
 }
 
 /// The annotations with which an object asks to be left in place when it leaves Git, as the
@@ -130,7 +158,7 @@ impl Skip {
     /// Whether someone should look: a type vanishing is unexpected, while an object detached or
     /// adopted was someone's choice.
     pub fn is_unexpected(&self) -> bool {
-        matches!(self, Self::TypeNotServed)
+        matches!(self, Self::TypeNotServed | Self::ReplacementMissing { .. })
     }
 }
 
@@ -153,6 +181,11 @@ impl std::fmt::Display for Skip {
             Self::Kept { annotation } => write!(
                 f,
                 "left in place, not deleted: its annotation `{annotation}` asks to keep it"
+            ),
+            Self::ReplacementMissing { replacement } => write!(
+                f,
+                "left in place for now: it moved to namespace {} in Git, where its replacement was not created; it is pruned once the replacement exists",
+                replacement.namespace_or_empty()
             ),
         }
     }
@@ -184,6 +217,60 @@ mod tests {
 
     fn names(v: &[ObjRef]) -> Vec<String> {
         v.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn only_objects_whose_replacement_in_another_namespace_was_not_created_wait() {
+        let to_prune = [
+            r("apps/Deployment/old/web"),
+            r("/Service/old/web"),
+            r("/ConfigMap/old/settings"),
+            r("/ConfigMap/old/gone"),
+            r("rbac.authorization.k8s.io/ClusterRole//web"),
+        ];
+        // The Deployment and the ConfigMap failed in the new namespace; the Service there
+        // was created (not listed); a Deployment of another name failing holds nothing, nor
+        // does a cluster-scoped object of the same name.
+        let not_created = set(&[
+            "apps/Deployment/new/web",
+            "/ConfigMap/new/settings",
+            "apps/Deployment/new/other",
+            "rbac.authorization.k8s.io/ClusterRole//web",
+        ]);
+        let waiting = held_back(&to_prune, &not_created);
+        let pairs: Vec<(String, String)> = waiting
+            .iter()
+            .map(|(old, new)| (old.to_string(), new.to_string()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                (
+                    "/ConfigMap/old/settings".into(),
+                    "/ConfigMap/new/settings".into()
+                ),
+                (
+                    "apps/Deployment/old/web".into(),
+                    "apps/Deployment/new/web".into()
+                ),
+            ]
+        );
+        let why = Skip::ReplacementMissing {
+            replacement: r("apps/Deployment/new/web"),
+        };
+        assert!(why.is_unexpected());
+        let said = why.to_string();
+        assert!(
+            said.contains("namespace new") && said.contains("pruned once"),
+            "{said}"
+        );
+    }
+
+    #[test]
+    fn an_object_removed_from_git_and_not_moved_is_not_held_back() {
+        let to_prune = [r("apps/Deployment/ns/web")];
+        let failed_elsewhere = set(&["apps/Deployment/ns/api", "/Service/other/web"]);
+        assert!(held_back(&to_prune, &failed_elsewhere).is_empty());
     }
 
     #[test]

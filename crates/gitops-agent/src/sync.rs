@@ -1102,6 +1102,7 @@ impl Syncer {
             Vec::new()
         };
         let prune_list: Vec<ObjRef> = prune_tiers.iter().flatten().cloned().collect();
+        let prune_tiers = hold_back_moved(prune_tiers, held, &desired, p);
         let with_pending = record::with_pending(now.clone(), held, &prune_list);
         if previous.stored() != Some(&with_pending) {
             self.write_inventory(s, &previous.name, &with_pending)
@@ -2237,6 +2238,43 @@ pub(crate) fn crd_kinds(manifests: &[Manifest]) -> Vec<(String, String)> {
 /// The outcome of a sync from its objects' outcomes: failed unless every object is Current,
 /// Pruned or PruneSkipped (or, in a server dry run, Unknown: nothing was changed, so nothing
 /// became Current).
+/// `tiers` without the objects whose replacement in another namespace this sync did not
+/// create ([`prune::held_back`]): each gets its outcome, left in place, and stays in the
+/// inventory (it is not among the objects `prune_all` drops), so a later sync prunes it once
+/// the replacement exists. Objects only attempted never existed: nothing to hold.
+fn hold_back_moved(
+    tiers: Vec<Vec<ObjRef>>,
+    held: &Recorded,
+    desired: &BTreeSet<ObjRef>,
+    p: &mut Progress,
+) -> Vec<Vec<ObjRef>> {
+    let not_created: BTreeSet<ObjRef> = desired.difference(&p.applied).cloned().collect();
+    let candidates: Vec<ObjRef> = tiers
+        .iter()
+        .flatten()
+        .filter(|o| !held.only_attempted(o))
+        .cloned()
+        .collect();
+    let waiting = prune::held_back(&candidates, &not_created);
+    for (obj, replacement) in &waiting {
+        let skip = Skip::ReplacementMissing {
+            replacement: replacement.clone(),
+        };
+        event_prune_skipped(obj, &skip);
+        let outcome = ObjectOutcome {
+            obj: obj.clone(),
+            status: ObjectState::PruneSkipped,
+            message: skip.to_string(),
+        };
+        p.results.insert(obj.clone(), outcome);
+    }
+    tiers
+        .into_iter()
+        .map(|t| t.into_iter().filter(|o| !waiting.contains_key(o)).collect())
+        .filter(|t: &Vec<ObjRef>| !t.is_empty())
+        .collect()
+}
+
 fn finish(
     commit_id: &str,
     results: HashMap<ObjRef, ObjectOutcome>,

@@ -1052,6 +1052,61 @@ async fn retrying_objects_that_keep_failing_to_be_created_writes_nothing() {
     assert_eq!(report.outcome, ReportedOutcome::Succeeded, "{report:?}");
 }
 
+/// An object moved to another namespace whose copy there cannot be created (here a namespace
+/// the agent may not write; a release moved to a namespace that does not exist is the same)
+/// is not pruned where it runs: it is reported left in place until its replacement exists,
+/// then pruned. It was pruned in the same failed sync, leaving nothing running, and the
+/// report said nothing of it. Other objects leaving Git are still pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_moved_to_a_namespace_where_it_cannot_be_created_keeps_running_where_it_was() {
+    let (rig, agent_ns, dude, naww) = Seed::synced_rig().await;
+    let leaving = configmap("leaving", &dude, "v1");
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/leaving.yaml", Some(&leaving))], "a ConfigMap");
+    assert_eq!(rig.synced(&c2).await.outcome, ReportedOutcome::Succeeded);
+
+    let moved = deployment("nginx", &naww, 1);
+    let c3 = rig.manifests.commit(
+        &[
+            ("manifests/dude.yaml", Some(&moved)),
+            ("manifests/leaving.yaml", None),
+        ],
+        "move nginx where the agent may not write; the ConfigMap leaves",
+    );
+    let s = rig.synced(&c3).await;
+    assert_eq!(s.outcome, ReportedOutcome::Failed, "{s:?}");
+    let old = s
+        .objects
+        .iter()
+        .find(|o| o.name == "nginx" && o.namespace == dude)
+        .unwrap();
+    assert_eq!(old.status, ReportedStatus::PruneSkipped, "{old:?}");
+    assert!(
+        old.message.contains(&format!("moved to namespace {naww}"))
+            && old.message.contains("pruned once the replacement exists"),
+        "{old:?}"
+    );
+    assert!(get_json(&rig.env, &["get", "deployment", "nginx", "-n", &dude]).is_some());
+    assert!(get_json(&rig.env, &["get", "configmap", "leaving", "-n", &dude]).is_none());
+
+    let placed = deployment("nginx", &agent_ns, 1);
+    let c4 = rig.manifests.commit(
+        &[("manifests/dude.yaml", Some(&placed))],
+        "move nginx where it can be created",
+    );
+    let s = rig.synced(&c4).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let old = s
+        .objects
+        .iter()
+        .find(|o| o.name == "nginx" && o.namespace == dude)
+        .unwrap();
+    assert_eq!(old.status, ReportedStatus::Pruned, "{old:?}");
+    assert!(get_json(&rig.env, &["get", "deployment", "nginx", "-n", &dude]).is_none());
+    assert!(get_json(&rig.env, &["get", "deployment", "nginx", "-n", &agent_ns]).is_some());
+}
+
 /// Argo CD hooks in plain files: a PreSync hook is applied as an ordinary object and said
 /// (naming file, object and annotation) in the report's warnings; a `Skip` one is not applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
