@@ -626,8 +626,11 @@ impl Peers {
         let service = hyper_util::service::TowerToHyperService::new(router);
         let served = hyper::server::conn::http1::Builder::new()
             .keep_alive(false)
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-            .await;
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let served = tokio::select! {
+            r = served => r,
+            () = self.registry.ended() => return,
+        };
         if let Err(e) = served {
             tracing::debug!(error = %e, "A forwarded admin request ended early");
         }
@@ -736,17 +739,12 @@ impl Peers {
             let refusals = Arc::clone(&refusals);
             tokio::spawn(async move {
                 let _admission = admission;
-                let registry = Arc::clone(&this.registry);
-                let carried = async {
-                    if let Some(stream) = this.accept(stream, from, &refusals).await {
-                        this.carry(stream, from, &refusals).await;
-                    }
+                let accepted = tokio::select! {
+                    s = this.accept(stream, from, &refusals) => s,
+                    () = this.registry.ended() => None,
                 };
-                // A request carried when kas starts stopping is served to its end, as one
-                // from this replica's own proxy: it ends with the tunnels, once drained.
-                tokio::select! {
-                    () = carried => {}
-                    () = registry.ended() => {}
+                if let Some(stream) = accepted {
+                    this.carry(stream, from, &refusals).await;
                 }
             });
         }
@@ -776,13 +774,20 @@ impl Peers {
     }
 
     /// One forwarded request: check it, take one of the agent's tunnel streams here, pipe.
+    ///
+    /// Every connection that may carry a request is answered before it is closed: one dropped
+    /// unanswered reads as "maybe taken" to the other replica, which cannot send the request
+    /// elsewhere and fails it with a 502. So a connection still waiting for its request when
+    /// this replica starts stopping (a spare) is answered `ERR` at once (the other replica
+    /// then sees it closed, or sends its request elsewhere), and only a request answered `OK`
+    /// ends with the tunnels, once drained ([`Registry::ended`]).
     async fn carry(&self, stream: PeerStream, from: std::net::SocketAddr, refusals: &LogThrottle) {
-        let mut stream = BufReader::new(stream);
+        let Some(mut stream) = request_arrived(BufReader::new(stream), &self.registry).await else {
+            return;
+        };
         let read = tokio::time::timeout(PREAMBLE_TIMEOUT, read_preamble(&mut stream)).await;
         let checked = match read {
-            // A spare connection another replica opened and did not need: nothing to report.
             Ok(Ok((tag, _))) if tag.is_empty() => return,
-            Err(_) if stream.buffer().is_empty() => return,
             Ok(Ok((tag, body))) => {
                 let now = unix_now();
                 verify(&self.secret, &self.address, &tag, &body, now).and_then(|f| {
@@ -810,11 +815,7 @@ impl Peers {
         // Draining: the agent's tunnels here take no new request; the other replica waits
         // for the agent to reconnect elsewhere rather than for this one's tunnel wait.
         if self.registry.is_shutting_down() {
-            let _ = stream
-                .get_mut()
-                .write_all(b"ERR kas is shutting down\n")
-                .await;
-            return;
+            return refuse_stopping(stream).await;
         }
         // A stream the agent closes without taking the request is replaced by another here:
         // nothing of the request was read from the other replica yet.
@@ -844,8 +845,42 @@ impl Peers {
         if stream.get_mut().write_all(b"OK\n").await.is_err() {
             return;
         }
-        let _ = tokio::io::copy_bidirectional(&mut stream, &mut conn).await;
+        // A request carried when kas starts stopping is served to its end, as one from this
+        // replica's own proxy: it ends with the tunnels, once drained.
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut stream, &mut conn) => {}
+            () = self.registry.ended() => {}
+        }
     }
+}
+
+/// The connection once its first bytes arrived. `None` when it ended or timed out before any
+/// (a spare connection another replica did not need, closed or aged out: nothing to report;
+/// over TLS it ends without close_notify, an error), or when this replica started stopping
+/// first: then it was answered `ERR`, so the other replica sees it closed or sends its request
+/// elsewhere.
+async fn request_arrived(
+    mut stream: BufReader<PeerStream>,
+    registry: &Registry,
+) -> Option<BufReader<PeerStream>> {
+    let first = tokio::select! {
+        r = tokio::time::timeout(PREAMBLE_TIMEOUT, stream.fill_buf()) => {
+            r.map(|read| read.map(<[u8]>::is_empty))
+        }
+        () = registry.stopping() => {
+            refuse_stopping(stream).await;
+            return None;
+        }
+    };
+    matches!(first, Ok(Ok(false))).then_some(stream)
+}
+
+/// Tells the other replica this one is stopping: its request was not taken.
+async fn refuse_stopping(mut stream: BufReader<PeerStream>) {
+    let _ = stream
+        .get_mut()
+        .write_all(b"ERR kas is shutting down\n")
+        .await;
 }
 
 impl Peers {
@@ -1070,6 +1105,49 @@ mod tests {
                 socket.tcp_user_timeout().unwrap(),
                 Some(Duration::from_secs(30))
             );
+        }
+    }
+
+    /// A connection still waiting for its request (a spare) when the replica starts stopping
+    /// is answered `ERR` at once: the other replica then sees it closed, or reads the refusal
+    /// and sends its request elsewhere. It was dropped unanswered when the drain ended, and a
+    /// request written on it at that moment failed 502 ("closed before answering").
+    #[tokio::test]
+    async fn a_connection_waiting_for_its_request_is_refused_when_stopping_begins() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let mut spare = connect(None, &address).await.unwrap();
+        let (held, _) = listener.accept().await.unwrap();
+        let registry = Arc::new(Registry::new());
+        let waiting = {
+            let registry = Arc::clone(&registry);
+            let held: PeerStream = Box::new(held);
+            tokio::spawn(async move { request_arrived(BufReader::new(held), &registry).await })
+        };
+        registry.drain();
+        let mut answer = String::new();
+        BufReader::new(&mut spare)
+            .read_line(&mut answer)
+            .await
+            .unwrap();
+        assert_eq!(answer, "ERR kas is shutting down\n");
+        assert!(waiting.await.unwrap().is_none());
+    }
+
+    /// A connection whose request arrives is handed on; one closed before any byte is not.
+    #[tokio::test]
+    async fn a_request_is_handed_on_and_a_spare_closed_unused_is_dropped_silently() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let registry = Registry::new();
+        for (request, handed_on) in [(&b"tag\n"[..], true), (&b""[..], false)] {
+            let mut dialed = connect(None, &address).await.unwrap();
+            let (held, _) = listener.accept().await.unwrap();
+            dialed.write_all(request).await.unwrap();
+            drop(dialed);
+            let held: PeerStream = Box::new(held);
+            let arrived = request_arrived(BufReader::new(held), &registry).await;
+            assert_eq!(arrived.is_some(), handed_on, "{request:?}");
         }
     }
 
