@@ -2964,6 +2964,77 @@ async fn commits_pushed_faster_than_their_objects_become_current_are_each_applie
     assert_eq!(states, want);
 }
 
+/// Commits pushed while syncs wait for objects that never become Current, with agentk killed
+/// (kill -9) while one sync waits and kas killed while the next one does: the syncs cut by
+/// the kills are never finished, yet the last commit succeeds and the cluster and the
+/// inventory hold exactly its objects: what earlier commits dropped was pruned, nothing is
+/// orphaned (an evaluator checked this by hand only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_syncs_converge_across_kill9_of_agentk_and_kas() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("converge").unwrap();
+    let (stuck, extra) = (unschedulable("stuck", &ns), configmap("extra", &ns, "x"));
+    let v1 = configmap("app", &ns, "v1");
+    let initial = [
+        ("manifests/stuck.yaml", Some(&stuck[..])),
+        ("manifests/extra.yaml", Some(&extra[..])),
+        ("manifests/cm.yaml", Some(&v1[..])),
+    ];
+    let (mut rig, c1) = rig(env, ns.clone(), &admin_rbac(&ns), "", &initial, &[]).await;
+    let under_way = |agent: &Agent, commit: &str| {
+        let commit = commit.to_owned();
+        let lines = agent.log_lines();
+        lines
+            .iter()
+            .any(|l| l["msg"] == "Synchronizing objects" && l["commit_id"] == commit.as_str())
+    };
+    wait_for("c1's sync under way", Duration::from_secs(60), || async {
+        under_way(&rig.agent, &c1).then_some(())
+    })
+    .await;
+    rig.agent.kill9();
+    let v2 = configmap("app", &ns, "v2");
+    let c2 = rig.manifests.commit(
+        &[
+            ("manifests/extra.yaml", None),
+            ("manifests/cm.yaml", Some(&v2)),
+        ],
+        "drop extra",
+    );
+    rig.agent = rig.start_agent("seed-again");
+    wait_for("c2's sync under way", Duration::from_secs(60), || async {
+        under_way(&rig.agent, &c2).then_some(())
+    })
+    .await;
+    rig.kas.kill9_restart().await;
+    let v3 = configmap("app", &ns, "v3");
+    let c3 = rig.manifests.commit(
+        &[
+            ("manifests/stuck.yaml", None),
+            ("manifests/cm.yaml", Some(&v3)),
+        ],
+        "drop the Deployment",
+    );
+    let s = rig.synced(&c3).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+
+    assert!(get_json(&rig.env, &["get", "deployment", "stuck", "-n", &ns]).is_none());
+    assert!(get_json(&rig.env, &["get", "configmap", "extra", "-n", &ns]).is_none());
+    let app = get_json(&rig.env, &["get", "configmap", "app", "-n", &ns]).unwrap();
+    assert_eq!(app["data"]["value"], "v3");
+    let inv = tether_gitops_agent::inventory::inventory_name(rig.agent_id, "group/manifests");
+    let cm = get_json(&rig.env, &["get", "configmap", &inv, "-n", &ns]).unwrap();
+    let data: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(cm["data"].clone()).unwrap();
+    let recorded: Vec<String> = tether_gitops_agent::inventory::decode(&data)
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(recorded, [format!("/ConfigMap/{ns}/app")]);
+}
+
 /// `kas agent reconcile` while a sync waits for its objects supersedes that sync as a new
 /// commit does: it is reported with what it pruned, and the sync answering the request runs
 /// after it. E2 saw a reconcile cancel a sync that had pruned, and only the next one (which
