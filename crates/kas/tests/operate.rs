@@ -279,6 +279,60 @@ fn holds(kas: &Kas) -> usize {
         .count()
 }
 
+/// An entry added to the configuration while the agent is suspended gets no report:
+/// `kas agent status` says it is suspended, why, and the command that resumes it (it said
+/// "pending", as if a sync were on its way), and exits 0 (a deliberate state, not a failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_added_while_the_agent_is_suspended_shows_suspended_not_pending() {
+    let (rig, ns, _) = configmap_rig_with("held", "", &[], KasOptions::default()).await;
+    let suspend = [
+        "agent",
+        "suspend",
+        "group/config:seed",
+        "--reason",
+        "incident 7",
+    ];
+    let out = kas_cli(&rig.kas, &suspend);
+    assert!(out.status.success(), "{}", text(&out));
+    agent_logged(&rig.agent, "the suspension", "GitOps suspended by kas").await;
+    rig.kas
+        .set_projects(&[("group/second", &rig.manifests)])
+        .await;
+    let entries = format!(
+        "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {ns}\n  - id: group/second\n    default_namespace: {ns}\n"
+    );
+    let config = ".gitlab/agents/seed/config.yaml";
+    rig.config
+        .commit(&[(config, Some(entries.as_bytes()))], "a second entry");
+    let status = || {
+        kas_cli(
+            &rig.kas,
+            &["agent", "status", "group/config:seed", "-o", "json"],
+        )
+    };
+    let (out, row) = wait_for(
+        "the new entry among those without a report",
+        Duration::from_secs(30),
+        || async {
+            let out = status();
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let rows = json["unreported"].as_array()?.clone();
+            let row = rows
+                .into_iter()
+                .find(|r| r["project_id"] == "group/second")?;
+            Some((out, row))
+        },
+    )
+    .await;
+    assert_eq!(row["state"], "suspended", "{row}");
+    let reason = row["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("incident 7") && reason.contains("kas agent resume"),
+        "{reason}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_holds_through_a_commit_a_drift_and_restarts_and_resume_applies() {
     // Drift is corrected every second unless suspended.
