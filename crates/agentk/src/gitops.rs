@@ -293,6 +293,8 @@ struct Commit {
     /// The chart version kas rendered for a `helm.repository` entry ("" otherwise), reported
     /// with the sync.
     chart_version: String,
+    /// kas keeps progress reports apart from outcomes (`Header.progress_reports`).
+    progress_reports: bool,
 }
 
 /// How long a cancelled sync may take to wind down before its task is aborted. Cancellation is
@@ -815,6 +817,7 @@ impl Worker {
                     files: Vec::new(),
                     warnings: Vec::new(),
                     chart_version: h.chart_version,
+                    progress_reports: h.progress_reports,
                 });
             }
             Some(objects_response::Message::Object(o)) => {
@@ -1163,9 +1166,13 @@ async fn next_event(
     ),
     stop: &CancellationToken,
 ) -> Event {
-    // Only a sync kas asked for (`kas agent reconcile --wait`) is followed: a kas that does not
-    // know progress reports would store one as an outcome.
-    let followed = sync.running.is_some() && sync.schedule.resync_running() > 0;
+    // Every sync's progress is reported to a kas that says it keeps progress reports apart
+    // (`kas agent status` shows it); to an older one only a sync it asked for (`kas agent
+    // reconcile --wait`): it would store a progress report as an outcome.
+    let followed = sync
+        .running
+        .as_ref()
+        .is_some_and(|r| r.commit.progress_reports || sync.schedule.resync_running() > 0);
     // Waiting for dependencies, the sync stays due: its time must not wake the worker again
     // and again; the board does, when a dependency's readiness changes.
     let waiting = sync.waiting.is_some();

@@ -484,6 +484,7 @@ impl GitOpsService {
             rendered: matches!(source, ManifestSource::Render(_)),
             chart_repository: matches!(source, ManifestSource::Render(RenderSpec::Helm(h)) if h.from_repository()),
             chart_version: selection.chart_version,
+            progress_reports: true,
             inventory_namespace: self
                 .reports
                 .inventory_namespace(agent_id, at.project_key)

@@ -3830,6 +3830,39 @@ async fn applied_in(rig: &Rig, key: &str, commit: &str) -> kas::api::SyncView {
     .await
 }
 
+/// `kas agent status` shows a sync under way (here one waiting for a Deployment that never
+/// becomes available): its commit and how far it got, in the table and in `-o json`, above
+/// the project's last report. Only the web UI and `reconcile --wait` showed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_status_shows_a_sync_under_way() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("underway").unwrap();
+    let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
+    let (rig, c0) = rig(env, ns.clone(), &admin_rbac(&ns), "", &initial, &[]).await;
+    rig.synced(&c0).await;
+    let c1 = stuck_commit(&rig, &ns).await;
+    let status =
+        |format: &str| String::from_utf8_lossy(&rig.agent_status(format).stdout).into_owned();
+    let under_way = format!("group/manifests: synchronizing commit {}", &c1[..8]);
+    let table = wait_for(
+        "the sync under way in the status",
+        Duration::from_secs(30),
+        || {
+            let table = status("table");
+            let found = table.contains(&under_way);
+            async move { found.then_some(table) }
+        },
+    )
+    .await;
+    assert!(
+        table.contains("1 Current") && table.contains(&format!("commit {}", &c0[..12])),
+        "{table}"
+    );
+    let json: Value = serde_json::from_str(&status("json")).unwrap();
+    assert_eq!(json["under_way"][0]["commit_id"], c1.as_str(), "{json}");
+}
+
 /// `kas agent status` shows every entry of the configuration in force, also those the agent
 /// has not reported on, and why: one naming a project kas does not have (`unknown project`,
 /// with the command that adds it) and one whose project kas cannot fetch (`fetch failing`,

@@ -6,7 +6,7 @@ use anyhow::Result;
 use kas::config::Config;
 use kas::install::{self, InstallTarget};
 use tether_kas_api::{
-    AdminClient, AgentView, ClientError, ConfigView, ReportedOutcome, SuspendRequest,
+    AdminClient, AgentView, ClientError, ConfigView, ProgressView, ReportedOutcome, SuspendRequest,
     SuspensionView, SyncView, UnreportedView,
 };
 
@@ -278,6 +278,9 @@ struct StatusView<'a> {
     syncs: &'a [SyncView],
     /// The entries of the configuration in force with no report, and why.
     unreported: &'a [UnreportedView],
+    /// Syncs under way: how far each got (its last report is the one before it).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    under_way: &'a [ProgressView],
 }
 
 /// `kas agent status`: connection, configuration (in force, refused), suspensions, syncs.
@@ -293,6 +296,7 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
     };
     let syncs = c.gitops_status(agent_id).await?;
     let unreported = unreported(c, agent_id).await?;
+    let under_way = under_way(c, agent_id).await?;
     let view = StatusView {
         agent_id,
         connected: agent.connected,
@@ -303,13 +307,14 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         clusters_sharing_token: agent.clusters_sharing_token(),
         syncs: &syncs,
         unreported: &unreported,
+        under_way: &under_way,
     };
     if !print_data(format, &view)? {
         print_state(&view)?;
         for s in view.suspensions {
             out!("{}", suspension_line(s))?;
         }
-        print_syncs(agent_id, &syncs, &unreported)?;
+        print_syncs(agent_id, &syncs, &unreported, &under_way)?;
     }
     unknown_exit(std::slice::from_ref(&agent))?;
     if let Some(warning) = shared_token(&agent) {
@@ -330,10 +335,20 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
     unhealthy_exit(agent_id, &syncs, &unreported)
 }
 
-/// The entries of the configuration in force without a report. A kas older than the route
-/// answers 404: it knows none, which must not make the whole status fail.
+/// The entries of the configuration in force without a report.
 async fn unreported(c: &AdminClient, agent_id: i64) -> Result<Vec<UnreportedView>> {
-    match c.gitops_unreported(agent_id).await {
+    known_or_none(c.gitops_unreported(agent_id).await)
+}
+
+/// The agent's syncs under way.
+async fn under_way(c: &AdminClient, agent_id: i64) -> Result<Vec<ProgressView>> {
+    known_or_none(c.gitops_progress(agent_id).await)
+}
+
+/// A list kas answered. A kas older than its route answers 404: it knows none, which must not
+/// make the whole status fail.
+fn known_or_none<T>(answer: Result<Vec<T>, ClientError>) -> Result<Vec<T>> {
+    match answer {
         Err(ClientError::Status { status, .. }) if status == http::StatusCode::NOT_FOUND => {
             Ok(Vec::new())
         }
@@ -425,8 +440,17 @@ fn print_state(v: &StatusView<'_>) -> Result<()> {
 }
 
 /// `kas agent status`: each manifest project's last synchronization and its objects, then
-/// each entry of the configuration in force without one, and why.
-fn print_syncs(agent_id: i64, syncs: &[SyncView], unreported: &[UnreportedView]) -> Result<()> {
+/// each entry of the configuration in force without one, and why; a sync under way is said
+/// first (its project's last report is older than it).
+fn print_syncs(
+    agent_id: i64,
+    syncs: &[SyncView],
+    unreported: &[UnreportedView],
+    under_way: &[ProgressView],
+) -> Result<()> {
+    for p in under_way {
+        out!("{}", super::reconcile::progress_line(p))?;
+    }
     if syncs.is_empty() {
         out!("agent {agent_id} has reported no synchronization yet")?;
     }

@@ -232,6 +232,15 @@ impl Rig {
             .count()
     }
 
+    /// `kas agent status` of the rig's agent, in `format` (`table`, `json`, `yaml`).
+    pub fn agent_status(&self, format: &str) -> std::process::Output {
+        self.kas
+            .cli()
+            .args(["agent", "status", "group/config:seed", "-o", format])
+            .output()
+            .unwrap()
+    }
+
     /// Starts another agentk process as the first one was started (a restart, or a replica).
     pub fn start_agent(&self, name: &str) -> Agent {
         let args: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
