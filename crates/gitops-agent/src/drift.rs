@@ -25,6 +25,25 @@ const QUANTITY_PARENTS: &[&str] = &["limits", "requests", "hard", "capacity", "a
 /// Keys whose own value is a quantity.
 const QUANTITY_KEYS: &[&str] = &["sizeLimit"];
 
+/// Booleans of the built-in types that are plain `bool` with `omitempty` wherever a key of
+/// that name occurs, so the API server never returns `false`: `readOnly` of volume mounts and
+/// volume sources, a container's `stdin`/`stdinOnce`/`tty`, a Pod's `hostNetwork`/`hostPID`/
+/// `hostIPC`, a Deployment's `paused`, a Service's `publishNotReadyAddresses`. Only these:
+/// elsewhere an absent `false` may be a field removed by hand, and for pointer booleans such
+/// as `automountServiceAccountToken` or `allowPrivilegeEscalation` absence means `true`
+/// (treating those as equal would hide real drift; missing one here costs an extra apply).
+const FALSE_OMITTED: &[&str] = &[
+    "readOnly",
+    "stdin",
+    "stdinOnce",
+    "tty",
+    "hostNetwork",
+    "hostPID",
+    "hostIPC",
+    "paused",
+    "publishNotReadyAddresses",
+];
+
 /// SHA-256 (hex) of the object's canonical JSON (keys sorted), ignoring any digest annotation
 /// already in it.
 pub fn applied_digest(obj: &Value) -> String {
@@ -80,14 +99,16 @@ pub fn is_up_to_date(desired: &Value, live: &Value) -> bool {
 }
 
 /// Whether `desired` is found in `live`: objects key by key (extra live keys are fine), lists
-/// element by element (same length), scalars equal. `parent` and `key` locate the value (for
-/// list elements, the list's).
+/// element by element (same length), scalars equal. What the API server drops counts as
+/// found: `null`, an empty object or list, and `false` for [`FALSE_OMITTED`] keys. `parent`
+/// and `key` locate the value (for list elements, the list's).
 fn contained(desired: &Value, live: Option<&Value>, parent: &str, key: &str) -> bool {
     match (desired, live) {
         // `key: null`, `{}` and `[]` ask for nothing; the server omits them.
         (Value::Null, _) => true,
         (Value::Object(d), None) if d.is_empty() => true,
         (Value::Array(d), None) if d.is_empty() => true,
+        (Value::Bool(false), None) => FALSE_OMITTED.contains(&key),
         (_, None) => false,
         (Value::Object(d), Some(Value::Object(l))) => {
             d.iter().all(|(k, v)| contained(v, l.get(k), key, k))
@@ -270,6 +291,53 @@ mod tests {
         let mut stamped = a.clone();
         stamp_digest(&mut stamped);
         assert_eq!(applied_digest(&stamped), applied_digest(&a));
+    }
+
+    /// kube-prometheus's grafana: `env: []` and a volume mount's `readOnly: false`, both
+    /// dropped by the API server.
+    fn with_read_only_false(mut d: Value) -> Value {
+        d["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] =
+            json!([{"name": "data", "mountPath": "/data", "readOnly": false}]);
+        stamp_digest(&mut d);
+        d
+    }
+
+    #[test]
+    fn false_and_empty_values_the_server_drops_are_up_to_date() {
+        let d = with_read_only_false(desired());
+        let mut l = live_of(&d);
+        l["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] =
+            json!([{"name": "data", "mountPath": "/data"}]);
+        assert!(is_up_to_date(&d, &l));
+        // A `true` the server would have kept is drift when it is gone.
+        let mut t = d.clone();
+        t["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]["readOnly"] = json!(true);
+        stamp_digest(&mut t);
+        let mut l = live_of(&t);
+        l["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] =
+            json!([{"name": "data", "mountPath": "/data"}]);
+        assert!(!is_up_to_date(&t, &l));
+    }
+
+    #[test]
+    fn a_removed_false_the_server_would_have_kept_is_drift() {
+        // `automountServiceAccountToken` is a pointer: the server keeps `false`, and without
+        // it the token is mounted. Nor do `0` and `""` match an absent field.
+        for (key, value) in [
+            ("automountServiceAccountToken", json!(false)),
+            ("terminationGracePeriodSeconds", json!(0)),
+            ("hostname", json!("")),
+        ] {
+            let mut d = desired();
+            d["spec"]["template"]["spec"][key] = value;
+            stamp_digest(&mut d);
+            let mut l = live_of(&d);
+            l["spec"]["template"]["spec"]
+                .as_object_mut()
+                .expect("pod spec")
+                .remove(key);
+            assert!(!is_up_to_date(&d, &l), "{key}");
+        }
     }
 
     #[test]

@@ -992,6 +992,49 @@ async fn a_resync_writes_only_what_changed() {
     );
 }
 
+/// A Deployment as kube-prometheus writes its grafana and prometheus-adapter: `env: []`, a
+/// volume mount with `readOnly: false` and `emptyDir: {}`. The API server drops the empty list
+/// and the `false` (an omitempty boolean), so the live object lacks both.
+fn deployment_with_fields_the_server_drops(name: &str, ns: &str) -> Vec<u8> {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  replicas: 1\n  selector:\n    matchLabels:\n      app: {name}\n  template:\n    metadata:\n      labels:\n        app: {name}\n    spec:\n      containers:\n      - name: grafana\n        image: grafana/grafana:12.1.0\n        env: []\n        volumeMounts:\n        - mountPath: /var/lib/grafana\n          name: storage\n          readOnly: false\n      volumes:\n      - name: storage\n        emptyDir: {{}}\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_of_a_deployment_with_fields_the_server_drops_writes_nothing() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("dropped").unwrap();
+    let grafana = deployment_with_fields_the_server_drops("grafana", &ns);
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[("manifests/grafana.yaml", Some(&grafana))],
+        &["--gitops-resync-interval", "1s"],
+    )
+    .await;
+    rig.synced(&c1).await;
+    let live = get_json(&rig.env, &["get", "deployment", "grafana", "-n", &ns]).unwrap();
+    let container = &live["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container.get("env").is_none() && container["volumeMounts"][0].get("readOnly").is_none(),
+        "the API server dropped `env: []` and `readOnly: false`: {container}"
+    );
+    let writes = rig.writes(&c1, 3).await;
+    assert_eq!(
+        writes[0], 2,
+        "first sync: the Deployment + inventory ({writes:?})"
+    );
+    assert!(
+        writes[1..].iter().all(|&w| w == 0),
+        "re-syncs wrote: {writes:?}"
+    );
+}
+
 /// Objects that fail to be created at every sync — a Deployment in a namespace the agent may
 /// not write, a ServiceMonitor whose CRD is not installed — no longer make every retry write
 /// the inventory twice (added before applying, dropped after): retries write nothing, the
