@@ -204,7 +204,7 @@ impl Shared {
                     match failure_log(s, *code, cause, *lost_at) {
                         FailureLog::Silent => {}
                         FailureLog::Reconnecting => {
-                            tracing::info!(code = ?code, error = message, "The connection to kas ended (kas closes connections at their maximum age); reconnecting");
+                            tracing::info!(code = ?code, error = message, "{}", reconnecting_message(*code, message));
                             *lost_at = Some(attempts);
                         }
                         FailureLog::Failure => {
@@ -276,6 +276,21 @@ fn failure_log(old: &ConnState, code: Code, cause: Cause, lost_at: Option<u64>) 
         FailureLog::Silent
     } else {
         FailureLog::Failure
+    }
+}
+
+/// What kas says when it ends an agent's streams as it stops (the tunnel registry's status).
+const KAS_STOPPING: &str = "kas is shutting down";
+
+/// The info line for a working connection that ended (pure). Only kas stopping says so in its
+/// status: a connection kas rotates at its maximum age ends the streams left on it as any
+/// closed or broken connection does (`Unknown`, "h2 protocol error: error reading a body from
+/// connection"), so the line does not claim a cause it cannot know.
+fn reconnecting_message(code: Code, message: &str) -> &'static str {
+    if code == Code::Unavailable && message.contains(KAS_STOPPING) {
+        "kas is shutting down (a restart or a rollout); reconnecting"
+    } else {
+        "The connection to kas was closed or failed (kas also closes connections at their maximum age); reconnecting"
     }
 }
 
@@ -965,6 +980,27 @@ mod tests {
             let after_loss = failed(Code::Unknown);
             assert_eq!(failure_log(&after_loss, code, open(3), Some(5)), Failure);
             assert_eq!(failure_log(&failed(code), code, open(9), None), Silent);
+        }
+    }
+
+    #[test]
+    fn a_reconnect_says_kas_is_shutting_down_only_when_kas_said_so() {
+        let stopping = reconnecting_message(Code::Unavailable, "kas is shutting down");
+        assert!(stopping.starts_with("kas is shutting down"), "{stopping}");
+        for (code, message) in [
+            (
+                Code::Unknown,
+                "h2 protocol error: error reading a body from connection",
+            ),
+            (Code::Unavailable, "connection reset"),
+            (Code::Internal, "kas is shutting down"),
+        ] {
+            let line = reconnecting_message(code, message);
+            assert!(
+                line.contains("closed or failed"),
+                "{code:?} {message}: {line}"
+            );
+            assert!(!line.starts_with("kas is shutting down"), "{line}");
         }
     }
 
