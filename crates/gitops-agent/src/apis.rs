@@ -5,7 +5,7 @@
 //! objects of those groups fail on their own, and are neither pruned nor dropped from the
 //! inventory, since the cluster did not say their type is not served.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -50,14 +50,59 @@ impl Apis {
         }))
     }
 
-    /// Says which groups could not be discovered (once per sync: the caller's choice).
-    pub(crate) fn warn_unavailable(&self) {
-        for (group, reason) in &self.unavailable {
+    /// The groups that could not be discovered, and why.
+    pub(crate) fn unavailable_groups(&self) -> &BTreeMap<String, String> {
+        &self.unavailable
+    }
+}
+
+/// The groups whose outage was already said, so that an outage is logged once when it starts
+/// and once when it ends, not at every sync of every project (pure; one per agentk).
+#[derive(Debug, Default)]
+pub(crate) struct Outages {
+    said: BTreeSet<String>,
+}
+
+/// What one discovery changed in the outages said.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct OutageNews {
+    /// Groups newly unavailable, and why.
+    pub started: Vec<(String, String)>,
+    /// Groups said unavailable that answered this time.
+    pub ended: Vec<String>,
+}
+
+impl Outages {
+    /// Records the groups a complete discovery found `unavailable` (every other group answered
+    /// or is gone) and returns what changed.
+    pub(crate) fn update(&mut self, unavailable: &BTreeMap<String, String>) -> OutageNews {
+        let started = unavailable
+            .iter()
+            .filter(|(g, _)| !self.said.contains(*g))
+            .map(|(g, r)| (g.clone(), r.clone()))
+            .collect();
+        let ended = self
+            .said
+            .iter()
+            .filter(|g| !unavailable.contains_key(*g))
+            .cloned()
+            .collect();
+        self.said = unavailable.keys().cloned().collect();
+        OutageNews { started, ended }
+    }
+}
+
+impl OutageNews {
+    pub(crate) fn log(&self) {
+        for (group, reason) in &self.started {
             tracing::warn!(
                 group,
                 reason,
-                "API group unavailable: its discovery failed; its objects are neither applied nor pruned this time, and stay in the inventory"
+                "API group unavailable: its discovery failed; until it answers, its objects are neither applied nor pruned and stay in the inventory"
             );
+        }
+        for group in &self.ended {
+            tracing::info!(group, "API group available again");
         }
     }
 }
@@ -96,7 +141,9 @@ impl Probe {
         match res {
             Ok(_) => Self::Answered,
             Err(kube::Error::Api(s)) if s.code == 404 => Self::Gone,
-            Err(e) => Self::Failed(e.to_string()),
+            // As the API server said it ("… (503 ServiceUnavailable)"), not kube's error
+            // with its Debug dump of the status.
+            Err(e) => Self::Failed(crate::sync::ApiError::from(e).to_string()),
         }
     }
 }
@@ -182,6 +229,39 @@ async fn failing_groups(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use super::{OutageNews, Outages};
+
+    fn down(groups: &[&str]) -> BTreeMap<String, String> {
+        groups
+            .iter()
+            .map(|g| ((*g).to_owned(), "503".to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn an_outage_is_said_when_it_starts_and_when_it_ends_not_at_every_sync() {
+        let mut o = Outages::default();
+        let metrics = ("metrics.k8s.io".to_owned(), "503".to_owned());
+        let news = o.update(&down(&["metrics.k8s.io"]));
+        assert_eq!(news.started, vec![metrics.clone()]);
+        // The next syncs (of this project or another) find it down still: nothing to say.
+        assert_eq!(o.update(&down(&["metrics.k8s.io"])), OutageNews::default());
+        let news = o.update(&down(&["metrics.k8s.io", "custom.metrics.k8s.io"]));
+        assert_eq!(news.started.len(), 1);
+        assert_eq!(news.started[0].0, "custom.metrics.k8s.io");
+        let news = o.update(&down(&["custom.metrics.k8s.io"]));
+        assert_eq!(news.ended, vec!["metrics.k8s.io".to_owned()]);
+        assert!(news.started.is_empty());
+        // A new outage of the same group is said again.
+        assert_eq!(
+            o.update(&down(&["custom.metrics.k8s.io", "metrics.k8s.io"]))
+                .started,
+            vec![metrics]
+        );
+    }
+
     #[test]
     fn api_versions_are_group_versions_and_their_kinds() {
         let served = [

@@ -219,6 +219,7 @@ fn compute(obj: &Value) -> Check {
         ("policy", "PodDisruptionBudget") => current("AllowedDisruptions has been computed."),
         ("batch", "Job") => job(obj, &conditions),
         ("apiextensions.k8s.io", "CustomResourceDefinition") => crd(&conditions),
+        ("apiregistration.k8s.io", "APIService") => api_service(&conditions),
         _ => generic(&conditions),
     }
 }
@@ -645,6 +646,26 @@ fn crd(conditions: &[Condition<'_>]) -> Check {
         }
     }
     in_progress("Install in progress")
+}
+
+/// An aggregated API is served only while kube-aggregator finds it `Available`. `False` is
+/// InProgress, not Failed, as a Deployment not yet available is: its server is usually being
+/// started by the same sync (`MissingEndpoints`, `FailedDiscoveryCheck`), and one that never
+/// comes up fails the sync at `reconcile_timeout` with this message.
+fn api_service(conditions: &[Condition<'_>]) -> Check {
+    match find(conditions, "Available") {
+        Some(c) if c.status == "True" => current("APIService is available"),
+        Some(c) => {
+            let why = match (c.reason, c.message) {
+                ("", "") => String::new(),
+                ("", m) => format!(": {m}"),
+                (r, "") => format!(" ({r})"),
+                (r, m) => format!(" ({r}): {m}"),
+            };
+            in_progress(format!("APIService is not available{why}"))
+        }
+        None => in_progress("APIService availability not checked yet"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -793,6 +793,47 @@ fn pvc_namespace_and_crd_rules() {
     );
 }
 
+/// An aggregated API's APIService as kube-aggregator writes it: Current only while its
+/// `Available` condition is True (it used to be Current whatever the condition said).
+#[test]
+fn an_api_service_is_current_only_while_available() {
+    let svc = |conditions: Value| {
+        json!({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+               "metadata": {"name": "v1beta1.metrics.k8s.io"},
+               "spec": {"service": {"name": "metrics-server", "namespace": "kube-system"}},
+               "status": {"conditions": conditions}})
+    };
+    check(
+        "available",
+        svc(
+            json!([{"type": "Available", "status": "True", "reason": "Passed", "message": "all checks passed"}]),
+        ),
+        Status::Current,
+        "APIService is available",
+    );
+    check(
+        "discovery check failing",
+        svc(
+            json!([{"type": "Available", "status": "False", "reason": "FailedDiscoveryCheck",
+                    "message": "failing or missing response from https://10.96.0.12:443/apis/metrics.k8s.io/v1beta1"}]),
+        ),
+        Status::InProgress,
+        "APIService is not available (FailedDiscoveryCheck): failing or missing response from https://10.96.0.12:443/apis/metrics.k8s.io/v1beta1",
+    );
+    check(
+        "no endpoints yet, no message",
+        svc(json!([{"type": "Available", "status": "False", "reason": "MissingEndpoints"}])),
+        Status::InProgress,
+        "APIService is not available (MissingEndpoints)",
+    );
+    check(
+        "not checked yet",
+        svc(json!(null)),
+        Status::InProgress,
+        "APIService availability not checked yet",
+    );
+}
+
 fn r(name: &str) -> ObjRef {
     ObjRef::new("apps", "Deployment", Some("dude"), name)
 }

@@ -617,6 +617,8 @@ pub struct Syncer {
     client: Client,
     /// API discovery's client ([`Syncer::with_discovery`]).
     discovery: Client,
+    /// Unavailable API groups already logged: shared by the clones, one per project.
+    outages: Arc<std::sync::Mutex<crate::apis::Outages>>,
 }
 
 impl std::fmt::Debug for Syncer {
@@ -732,6 +734,7 @@ impl Syncer {
         Self {
             discovery: client.clone(),
             client,
+            outages: Arc::default(),
         }
     }
 
@@ -764,6 +767,16 @@ impl Syncer {
     }
 
     /// API discovery; groups whose query fails are left out and named, not fatal.
+    /// Logs the API groups whose outage started or ended since a sync last looked.
+    fn log_outages(&self, disc: &Apis) {
+        let news = self
+            .outages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .update(disc.unavailable_groups());
+        news.log();
+    }
+
     pub(crate) async fn discover(&self) -> Result<Apis, SyncError> {
         crate::apis::discover(&self.discovery)
             .await
@@ -831,7 +844,7 @@ impl Syncer {
             return Err(SyncError::WouldEmpty(previous.recorded.objects.len()).into());
         }
         let disc = self.discover().await?;
-        disc.warn_unavailable();
+        self.log_outages(&disc);
         default_namespaces(&mut manifests, &disc, s);
         // After the defaults, so a hook is named in the namespace it would land in; still
         // before any write.
