@@ -252,8 +252,8 @@ async fn kube_config(kubeconfig: Option<&Path>) -> Result<kube::Config> {
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Everything agentk does after SIGTERM must fit well inside Kubernetes' default 30 s grace
-/// period; modules get this long to stop, plus the tunnel's drain timeout (requests in flight
-/// finishing), before agentk exits regardless.
+/// period; the modules get this long to stop together, the tunnel its drain timeout (requests
+/// in flight finishing) on top, before agentk exits regardless.
 const STOP_DEADLINE: Duration = Duration::from_secs(4);
 
 fn main() -> std::process::ExitCode {
@@ -381,9 +381,8 @@ async fn run(cli: Cli) -> Result<()> {
 
     wait_for_termination().await?;
     tracing::info!("agentk is stopping");
-    modules
-        .stop(STOP_DEADLINE.saturating_add(cli.tunnel_drain_timeout))
-        .await;
+    modules.allow("tunnel", cli.tunnel_drain_timeout);
+    modules.stop(STOP_DEADLINE).await;
     tracing::info!("agentk stopped");
     Ok(())
 }

@@ -17,6 +17,8 @@ struct Module {
     name: &'static str,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// Time this module may take to stop on top of the shared deadline ([`Modules::allow`]).
+    allowance: Duration,
 }
 
 /// The started modules, in start order.
@@ -49,24 +51,42 @@ impl Modules {
 
     /// Adds a module whose task was spawned elsewhere and stops when `stop` is cancelled.
     pub fn adopt(&mut self, name: &'static str, stop: CancellationToken, task: JoinHandle<()>) {
-        self.0.push(Module { name, stop, task });
+        self.0.push(Module {
+            name,
+            stop,
+            task,
+            allowance: Duration::ZERO,
+        });
+    }
+
+    /// Gives module `name` `extra` time to stop beyond the shared deadline: the tunnel's drain,
+    /// requests in flight finishing, which the other modules' deadline must not eat into nor
+    /// be stretched by.
+    pub fn allow(&mut self, name: &str, extra: Duration) {
+        if let Some(m) = self.0.iter_mut().find(|m| m.name == name) {
+            m.allowance = extra;
+        }
     }
 
     /// Stops the modules one by one in reverse order of start, each after the later ones have
-    /// ended. Whatever still runs at `deadline` is left behind (agentk exits anyway).
+    /// ended. Together they get `deadline`, plus each one's allowance from its turn on; a
+    /// module still running when its time is up is left behind (agentk exits anyway) and the
+    /// next is stopped all the same, so a stuck module neither stretches the stop nor keeps
+    /// the tunnel from draining.
     pub async fn stop(self, deadline: Duration) {
-        let modules = self.0;
-        let stopped = tokio::time::timeout(deadline, async move {
-            for m in modules.into_iter().rev() {
-                m.stop.cancel();
-                if let Err(e) = m.task.await {
-                    tracing::warn!(module = m.name, error = %e, "Module task failed");
-                }
+        let mut end = tokio::time::Instant::now() + deadline;
+        for m in self.0.into_iter().rev() {
+            end += m.allowance;
+            m.stop.cancel();
+            match tokio::time::timeout_at(end, m.task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(module = m.name, error = %e, "Module task failed"),
+                Err(_) => tracing::warn!(
+                    module = m.name,
+                    deadline = ?deadline,
+                    "Module did not stop in time; left behind"
+                ),
             }
-        })
-        .await;
-        if stopped.is_err() {
-            tracing::warn!(deadline = ?deadline, "Some modules did not stop in time; exiting anyway");
         }
     }
 }
@@ -105,5 +125,48 @@ mod tests {
         )
         .await;
         assert!(done.is_ok(), "stop must return at its deadline");
+    }
+
+    /// A module stuck past the shared deadline is left behind, and the one stopped after it
+    /// (the tunnel) still gets its allowance to drain, however long the stuck one took.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_module_is_left_at_the_deadline_and_the_next_gets_its_allowance() {
+        let drained = Arc::new(Mutex::new(false));
+        let mut modules = Modules::default();
+        let d = Arc::clone(&drained);
+        modules.start("tunnel", tracing::Span::none(), move |stop| async move {
+            stop.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(8)).await; // requests finishing
+            *d.lock().expect("lock") = true;
+        });
+        modules.allow("tunnel", Duration::from_secs(10));
+        modules.start("gitops", tracing::Span::none(), |_stop| {
+            std::future::pending::<()>()
+        });
+        let t0 = tokio::time::Instant::now();
+        modules.stop(Duration::from_secs(4)).await;
+        assert!(*drained.lock().expect("lock"), "the tunnel drained");
+        // 4 s for the stuck module, then the tunnel's 8 s: not 4 s for everything, nor the
+        // deadline stretched by the allowance for the stuck module.
+        assert_eq!(t0.elapsed(), Duration::from_secs(12));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn modules_other_than_the_drain_share_the_deadline() {
+        let mut modules = Modules::default();
+        modules.start("tunnel", tracing::Span::none(), |stop| async move {
+            stop.cancelled().await;
+        });
+        modules.allow("tunnel", Duration::from_secs(10));
+        for name in ["leader_election", "gitops"] {
+            modules.start(name, tracing::Span::none(), |stop| async move {
+                stop.cancelled().await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            });
+        }
+        let t0 = tokio::time::Instant::now();
+        modules.stop(Duration::from_secs(4)).await;
+        // gitops 3 s, then leader election cut at 4 s; the tunnel ends at once.
+        assert_eq!(t0.elapsed(), Duration::from_secs(4));
     }
 }

@@ -179,6 +179,7 @@ users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: h\n  context:\n    
     let t0 = Instant::now();
     agent.stop();
     let took = t0.elapsed();
+    eprintln!("agentk stopped {took:?} after SIGTERM");
     assert!(
         took < Duration::from_secs(5),
         "agentk took {took:?} to exit:\n{}",
