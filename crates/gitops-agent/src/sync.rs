@@ -280,11 +280,20 @@ impl ApiError {
     }
 }
 
+/// The reason kube-client gives an error response whose body is not a `Status`.
+const KUBE_UNPARSED_REASON: &str = "Failed to parse error data";
+
 impl From<kube::Error> for ApiError {
     fn from(e: kube::Error) -> Self {
         match e {
             kube::Error::Api(s) => ApiError {
-                message: format!("{} ({} {})", s.message, s.code, s.reason),
+                message: match s.reason.as_str() {
+                    // kube's stand-in reason when the body was no Kubernetes Status (an
+                    // aggregated API server's or a proxy's plain "service unavailable"):
+                    // not the API server's word, so not shown as if it were.
+                    KUBE_UNPARSED_REASON => format!("{} ({})", s.message, s.code),
+                    reason => format!("{} ({} {reason})", s.message, s.code),
+                },
                 code: Some(s.code),
             },
             other => ApiError {
@@ -2340,6 +2349,22 @@ fn asks_to_be_recreated(obj: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_api_error_shows_the_api_servers_reason_and_not_kubes_stand_in() {
+        let err = |message: &str, reason: &str, code: u16| {
+            let status = kube::core::Status::failure(message, reason).with_code(code);
+            ApiError::from(kube::Error::Api(status.boxed())).to_string()
+        };
+        assert_eq!(
+            err("service unavailable", KUBE_UNPARSED_REASON, 503),
+            "service unavailable (503)"
+        );
+        assert_eq!(
+            err("deployments.apps is forbidden", "Forbidden", 403),
+            "deployments.apps is forbidden (403 Forbidden)"
+        );
+    }
 
     #[test]
     fn only_immutable_refusals_of_objects_asking_for_it_recreate() {
