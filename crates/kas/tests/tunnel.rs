@@ -711,6 +711,15 @@ async fn connection_rotations_at_max_age_are_not_warnings_but_losing_kas_is() {
             .collect()
     };
     assert_eq!(noisy(&agent), Vec::<String>::new(), "{}", agent.log());
+    // Each rotation is said as kas closing the connection, naming the maximum age.
+    let said = |prefix: &str| {
+        agent.log_lines().iter().any(|l| {
+            l["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(prefix) && m.contains("maximum age"))
+        })
+    };
+    assert!(said("kas closed the connection"), "{}", agent.log());
 
     kas.kill9();
     wait_for("agentk's warning", Duration::from_secs(20), || async {

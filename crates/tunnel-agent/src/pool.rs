@@ -204,7 +204,8 @@ impl Shared {
                     match failure_log(s, *code, cause, *lost_at) {
                         FailureLog::Silent => {}
                         FailureLog::Reconnecting => {
-                            tracing::info!(code = ?code, error = message, "{}", reconnecting_message(*code, message));
+                            let line = reconnecting_message(*code, message, cause == Cause::Closed);
+                            tracing::info!(code = ?code, error = message, "{line}");
                             *lost_at = Some(attempts);
                         }
                         FailureLog::Failure => {
@@ -229,10 +230,13 @@ impl Shared {
 enum Cause {
     /// Opening a stream of this attempt failed, or kas ended one right after opening it.
     OpenFailed { attempt: u64 },
-    /// A stream of a working connection ended: kas closed the connection at its maximum age
-    /// (GOAWAY, then the grace for what is in flight), or it restarted, or the network lost
-    /// it. Which one only the reconnect tells.
+    /// A stream of a working connection ended: the network lost it, or kas restarted. Which
+    /// one only the reconnect tells.
     Lost,
+    /// As `Lost`, the stream ended by kas closing its connection under it: at its maximum age
+    /// (GOAWAY, then the grace for what is in flight) or as kas exited, the two alike to
+    /// agentk ([`closed_under`]).
+    Closed,
 }
 
 /// What a failure is logged as.
@@ -264,7 +268,7 @@ fn failure_log(old: &ConnState, code: Code, cause: Cause, lost_at: Option<u64>) 
     }
     let part_of_the_loss = match (cause, lost_at) {
         (_, None) => false,
-        (Cause::Lost, Some(_)) => true,
+        (Cause::Lost | Cause::Closed, Some(_)) => true,
         (Cause::OpenFailed { attempt }, Some(lost_at)) => attempt <= lost_at.saturating_add(1),
     };
     if part_of_the_loss {
@@ -282,16 +286,37 @@ fn failure_log(old: &ConnState, code: Code, cause: Cause, lost_at: Option<u64>) 
 /// What kas says when it ends an agent's streams as it stops (the tunnel registry's status).
 const KAS_STOPPING: &str = "kas is shutting down";
 
-/// The info line for a working connection that ended (pure). Only kas stopping says so in its
-/// status: a connection kas rotates at its maximum age ends the streams left on it as any
-/// closed or broken connection does (`Unknown`, "h2 protocol error: error reading a body from
-/// connection"), so the line does not claim a cause it cannot know.
-fn reconnecting_message(code: Code, message: &str) -> &'static str {
+/// The info line for a working connection that ended (pure). kas stopping says so in its
+/// status; `closed` (kas closed the connection: [`closed_under`]) is a rotation at the maximum
+/// age or kas exiting without a word, which the streams cannot tell apart (both end as
+/// `Unknown` "h2 protocol error: error reading a body from connection", the connection closed
+/// under them); anything else is the connection failing (reset, keep-alive timeout).
+fn reconnecting_message(code: Code, message: &str, closed: bool) -> &'static str {
     if code == Code::Unavailable && message.contains(KAS_STOPPING) {
         "kas is shutting down (a restart or a rollout); reconnecting"
+    } else if closed {
+        "kas closed the connection (it does at the connection's maximum age, or it exited); reconnecting"
     } else {
-        "The connection to kas was closed or failed (kas also closes connections at their maximum age); reconnecting"
+        "The connection to kas failed; reconnecting"
     }
+}
+
+/// Whether `status` is its stream's connection closed under it: h2 ends the streams of a
+/// connection that reached its end of file with a broken pipe ("stream closed because of a
+/// broken pipe"), whereas a reset or a keep-alive timeout fails them otherwise.
+fn closed_under(status: &tonic::Status) -> bool {
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        let io = e
+            .downcast_ref::<h2::Error>()
+            .and_then(h2::Error::get_io)
+            .or_else(|| e.downcast_ref::<std::io::Error>());
+        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Whether kas ended a stream because it refuses the agent (a revoked or unknown token), as
@@ -762,6 +787,7 @@ fn idle_stream_failed(shared: &Shared, status: &tonic::Status, refused: Option<u
     if lost {
         let cause = match refused {
             Some(attempt) => Cause::OpenFailed { attempt },
+            None if closed_under(status) => Cause::Closed,
             None => Cause::Lost,
         };
         shared.set_state(
@@ -985,23 +1011,38 @@ mod tests {
 
     #[test]
     fn a_reconnect_says_kas_is_shutting_down_only_when_kas_said_so() {
-        let stopping = reconnecting_message(Code::Unavailable, "kas is shutting down");
-        assert!(stopping.starts_with("kas is shutting down"), "{stopping}");
+        for closed in [false, true] {
+            let stopping = reconnecting_message(Code::Unavailable, "kas is shutting down", closed);
+            assert!(stopping.starts_with("kas is shutting down"), "{stopping}");
+        }
+        let body = "h2 protocol error: error reading a body from connection";
+        let closed = reconnecting_message(Code::Unknown, body, true);
+        assert!(closed.starts_with("kas closed the connection"), "{closed}");
+        assert!(closed.contains("maximum age"), "{closed}");
         for (code, message) in [
-            (
-                Code::Unknown,
-                "h2 protocol error: error reading a body from connection",
-            ),
+            (Code::Unknown, body),
             (Code::Unavailable, "connection reset"),
             (Code::Internal, "kas is shutting down"),
         ] {
-            let line = reconnecting_message(code, message);
-            assert!(
-                line.contains("closed or failed"),
-                "{code:?} {message}: {line}"
+            let line = reconnecting_message(code, message, false);
+            assert_eq!(
+                line, "The connection to kas failed; reconnecting",
+                "{code:?}"
             );
-            assert!(!line.starts_with("kas is shutting down"), "{line}");
         }
+    }
+
+    /// A status whose error is a broken pipe (h2 wraps it in an `h2::Error`, which only h2
+    /// builds: tunnel.rs's rotation test sees that one) is a connection closed under it.
+    #[test]
+    fn a_connection_closed_under_the_stream_is_told_from_one_failing() {
+        let eof = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stream closed");
+        assert!(closed_under(&tonic::Status::from_error(Box::new(eof))));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!closed_under(&tonic::Status::from_error(Box::new(reset))));
+        assert!(!closed_under(&tonic::Status::unavailable(
+            "kas is shutting down"
+        )));
     }
 
     fn cfg() -> PoolConfig {
