@@ -1117,14 +1117,16 @@ impl Syncer {
     ) -> Result<(), SyncError> {
         let desired: BTreeSet<ObjRef> = manifests.iter().map(Manifest::obj_ref).collect();
         let held = &previous.recorded;
-        let now = record::after_apply(held, &desired, &p.applied, &p.absent);
+        let mut now = record::after_apply(held, &desired, &p.applied, &p.absent);
         let prune_tiers = if s.prune {
             prune::to_prune_in_tiers(&held.all(), &desired, &crd_kinds(manifests))
         } else {
             Vec::new()
         };
         let prune_list: Vec<ObjRef> = prune_tiers.iter().flatten().cloned().collect();
-        let prune_tiers = hold_back_moved(prune_tiers, held, &desired, p);
+        let (prune_tiers, replacements) = hold_back_moved(prune_tiers, held, &desired, p);
+        // Not listed as attempted, so the next sync sees them new again and keeps holding.
+        now.attempted.retain(|o| !replacements.contains(o));
         let with_pending = record::with_pending(now.clone(), held, &prune_list);
         if previous.stored() != Some(&with_pending) {
             self.write_inventory(s, &previous.name, &with_pending)
@@ -2261,16 +2263,25 @@ pub(crate) fn crd_kinds(manifests: &[Manifest]) -> Vec<(String, String)> {
 /// Pruned or PruneSkipped (or, in a server dry run, Unknown: nothing was changed, so nothing
 /// became Current).
 /// `tiers` without the objects whose replacement in another namespace this sync did not
-/// create ([`prune::held_back`]): each gets its outcome, left in place, and stays in the
-/// inventory (it is not among the objects `prune_all` drops), so a later sync prunes it once
-/// the replacement exists. Objects only attempted never existed: nothing to hold.
+/// create ([`prune::held_back`]), and those replacements. Each object held gets its outcome,
+/// left in place, and stays in the inventory (it is not among the objects `prune_all` drops),
+/// so a later sync prunes it once the replacement exists. Objects only attempted never
+/// existed: nothing to hold. A replacement is an object new to the inventory: one it lists
+/// already (attempted for several commits, say a Deployment in a namespace the agent may not
+/// write, beside the one being removed) replaces nothing, and the caller keeps replacements
+/// out of `attempted` so that they stay new while they fail.
 fn hold_back_moved(
     tiers: Vec<Vec<ObjRef>>,
     held: &Recorded,
     desired: &BTreeSet<ObjRef>,
     p: &mut Progress,
-) -> Vec<Vec<ObjRef>> {
-    let not_created: BTreeSet<ObjRef> = desired.difference(&p.applied).cloned().collect();
+) -> (Vec<Vec<ObjRef>>, BTreeSet<ObjRef>) {
+    let listed = held.all();
+    let not_created: BTreeSet<ObjRef> = desired
+        .difference(&p.applied)
+        .filter(|o| !listed.contains(*o))
+        .cloned()
+        .collect();
     let candidates: Vec<ObjRef> = tiers
         .iter()
         .flatten()
@@ -2290,11 +2301,12 @@ fn hold_back_moved(
         };
         p.results.insert(obj.clone(), outcome);
     }
-    tiers
+    let tiers = tiers
         .into_iter()
         .map(|t| t.into_iter().filter(|o| !waiting.contains_key(o)).collect())
         .filter(|t: &Vec<ObjRef>| !t.is_empty())
-        .collect()
+        .collect();
+    (tiers, waiting.into_values().collect())
 }
 
 fn finish(

@@ -1130,8 +1130,15 @@ async fn an_object_moved_to_a_namespace_where_it_cannot_be_created_keeps_running
             && old.message.contains("pruned once the replacement exists"),
         "{old:?}"
     );
-    assert!(get_json(&rig.env, &["get", "deployment", "nginx", "-n", &dude]).is_some());
     assert!(get_json(&rig.env, &["get", "configmap", "leaving", "-n", &dude]).is_none());
+    // Retries keep holding it (the replacement stays new to the inventory while it fails).
+    wait_for(
+        "two retries of the move",
+        Duration::from_secs(60),
+        || async { (rig.sync_failures(&c3) >= 3).then_some(()) },
+    )
+    .await;
+    assert!(get_json(&rig.env, &["get", "deployment", "nginx", "-n", &dude]).is_some());
 
     let placed = deployment("nginx", &agent_ns, 1);
     let c4 = rig.manifests.commit(
