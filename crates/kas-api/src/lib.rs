@@ -183,6 +183,12 @@ pub struct ReconcileRequest {
     /// A manifest project's path or id; `None`: every manifest project of the agent.
     #[serde(default)]
     pub project: Option<String>,
+    /// How long kas may wait, in milliseconds, for what a reconcile right after a change
+    /// needs: the agent's configuration in force to catch up with its configuration project's
+    /// newest commit (an entry just added or removed), and the agent's GitOps stream of each
+    /// project (agentk restarts a worker whose entry changed). `None` (an older CLI): no wait.
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
 }
 
 /// A reconcile under way: its id (reports answering it carry it) and each project asked.

@@ -10,11 +10,13 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tether_agent_config::AgentConfig;
+use tether_configuration_server::ConfigState;
 use tether_kas_api::{
     AgentDeleted, ProgressView, ReconcileRequest, ReconcileStarted, ReconcileTarget, Resumed,
     SupersedesRequest, SupersedesView, SuspendRequest, SuspensionView, UserTokenView,
 };
 use tether_store::{Project, Suspension, SuspensionScope};
+use tokio::time::Instant;
 
 use crate::api::{ApiError, ApiState, rfc3339};
 use crate::cluster::ClusterEvent;
@@ -294,31 +296,129 @@ fn refuse_suspended(
     Ok(())
 }
 
+/// Whether kas has read the configuration at `commit`: put it in force, or refused it.
+fn config_read(state: Option<&ConfigState>, commit: &str) -> bool {
+    state.is_some_and(|s| s.commit == commit || s.error_commit.as_deref() == Some(commit))
+}
+
+/// The agent's configuration in force once kas has read the configuration project's newest
+/// commit, waiting for that until `deadline`; with the newest commit when kas has not read it
+/// by then (the agent's configuration stream is down: only it reads the file). A reconcile
+/// right after a push of `config.yaml` named an entry just added as unknown, and waited for
+/// one just removed until its timeout.
+async fn config_caught_up(
+    st: &ApiState,
+    agent_id: i64,
+    config_project: i64,
+    deadline: Instant,
+) -> (Option<std::sync::Arc<AgentConfig>>, Option<String>) {
+    let newest = st.sources.head(config_project).commit.map(|c| c.to_hex());
+    loop {
+        // Another replica may serve the agent's configuration stream: the store then has it.
+        if st.peers.is_some() {
+            st.config_states.refresh(st.store.as_ref(), agent_id).await;
+        }
+        let config = st.config_states.config(agent_id);
+        let state = st.config_states.get(agent_id);
+        let read = newest
+            .as_deref()
+            .is_none_or(|c| config_read(state.as_ref(), c));
+        if (read && config.is_some()) || Instant::now() >= deadline {
+            return (config, newest.filter(|_| !read));
+        }
+        // Woken when a configuration is recorded here; the poll covers the store's.
+        let _ = tokio::time::timeout_at(
+            deadline.min(Instant::now() + WAIT_POLL),
+            st.config_states.changed(),
+        )
+        .await;
+    }
+}
+
+/// The sentence saying kas has not read the configuration at `commit`, if any.
+fn unread_note(unread: Option<&str>) -> String {
+    unread.map_or_else(String::new, |c| {
+        format!(
+            "; kas has not read commit {} of the agent's configuration project yet (is the agent's configuration stream connected?)",
+            &c[..c.len().min(12)]
+        )
+    })
+}
+
+fn no_config(agent_id: i64, unread: Option<&str>) -> ApiError {
+    err(
+        StatusCode::CONFLICT,
+        format!(
+            "agent {agent_id} has no configuration in force yet (has it connected?){}",
+            unread_note(unread)
+        ),
+    )
+}
+
+/// An entry not found in a configuration kas is behind on may be in the newest one: said.
+fn with_unread_config(e: ApiError, unread: Option<&str>) -> ApiError {
+    ApiError(e.0, format!("{}{}", e.1, unread_note(unread)))
+}
+
+/// Delivers the re-sync, then, until `deadline`, again to each project no stream heard: the
+/// agent restarts the worker of an entry whose settings changed (and starts one for a new
+/// entry), so its stream is briefly absent right after a configuration change. A stream
+/// opened later still gets the re-sync (it reads its project's directives when it starts).
+async fn deliver_waiting(
+    st: &ApiState,
+    agent_id: i64,
+    projects: Vec<i64>,
+    id: ResyncId,
+    deadline: Instant,
+) -> HashMap<i64, usize> {
+    let mut streams = deliver_resync(st, agent_id, projects, id).await;
+    loop {
+        let unheard: Vec<i64> = streams
+            .iter()
+            .filter(|(_, n)| **n == 0)
+            .map(|(p, _)| *p)
+            .collect();
+        if unheard.is_empty() || Instant::now() >= deadline {
+            return streams;
+        }
+        tokio::time::sleep_until(deadline.min(Instant::now() + WAIT_POLL)).await;
+        streams.extend(deliver_resync(st, agent_id, unheard, id).await);
+    }
+}
+
+/// How often a reconcile looks again at the configuration in force or the agent's streams
+/// while it waits for them (both are local reads, or one small store read).
+const WAIT_POLL: Duration = Duration::from_millis(200);
+
 async fn reconcile(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
     Json(req): Json<ReconcileRequest>,
 ) -> Result<Json<ReconcileStarted>, ApiError> {
-    let config = agent_config(&st, agent_id).await?;
-    let projects = manifest_projects(&st, &config, req.project.as_deref()).await?;
+    let deadline = Instant::now() + Duration::from_millis(req.wait_ms.unwrap_or(0));
+    let Some(agent) = st.store.get_agent(agent_id).await? else {
+        return Err(err(StatusCode::NOT_FOUND, format!("no agent {agent_id}")));
+    };
+    // The configuration project first: an entry just added or removed is only known once kas
+    // has read its newest commit, and the entries say which projects to fetch.
+    fetch_now(&st, &[agent.project_id]).await;
+    let (config, unread) = config_caught_up(&st, agent_id, agent.project_id, deadline).await;
+    let config = config.ok_or_else(|| no_config(agent_id, unread.as_deref()))?;
+    let projects = manifest_projects(&st, &config, req.project.as_deref())
+        .await
+        .map_err(|e| with_unread_config(e, unread.as_deref()))?;
     refuse_suspended(&st.store.suspensions(Some(agent_id)).await?, &projects)?;
-    let agent = st.store.get_agent(agent_id).await?;
-    let mut ids: Vec<i64> = projects
+    let ids: Vec<i64> = projects
         .iter()
         .filter_map(|(_, p)| p.as_ref())
         .map(|p| p.id)
         .collect();
-    ids.extend(agent.map(|a| a.project_id));
     let unfinished = fetch_now(&st, &ids).await;
     // Past every stored answer: the clock may have stepped back since (see the function).
     let answered = st.sync_states.for_agent(agent_id).await?;
     let answered = answered.iter().map(|r| r.resync_id).max().unwrap_or(0);
     let resync = st.gitops_controls.next_resync_id_after(ResyncId(answered));
-    let known = projects
-        .iter()
-        .filter_map(|(_, p)| p.as_ref())
-        .map(|p| p.id);
-    let streams = deliver_resync(&st, agent_id, known.collect(), resync).await;
+    let streams = deliver_waiting(&st, agent_id, ids, resync, deadline).await;
     let targets: Vec<ReconcileTarget> = projects
         .into_iter()
         .map(|(key, project)| match project {
@@ -716,6 +816,26 @@ fn changed_agents(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reconcile waits for kas to read the configuration project's newest commit; a refusal
+    /// of it counts as read (the one in force stays, and is what the entries are looked up in).
+    #[test]
+    fn a_configuration_commit_put_in_force_or_refused_is_read_and_another_is_not() {
+        let state = ConfigState {
+            commit: "aaa".into(),
+            error_commit: Some("bbb".into()),
+            ..ConfigState::default()
+        };
+        assert!(config_read(Some(&state), "aaa"));
+        assert!(config_read(Some(&state), "bbb"));
+        assert!(!config_read(Some(&state), "ccc"));
+        assert!(!config_read(None, "aaa"));
+        assert_eq!(
+            unread_note(Some("0123456789abcdef")),
+            "; kas has not read commit 0123456789ab of the agent's configuration project yet (is the agent's configuration stream connected?)"
+        );
+        assert_eq!(unread_note(None), "");
+    }
 
     fn suspension(agent_id: i64, reason: &str) -> Suspension {
         Suspension {

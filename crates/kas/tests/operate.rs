@@ -514,6 +514,7 @@ async fn reconcile_wait_of_a_project_never_fetched_exits_5_without_waiting() {
     // Once the agent has the project's stream (what `--wait` waited on for nothing).
     let asked = tether_kas_api::ReconcileRequest {
         project: Some("group/never".into()),
+        wait_ms: None,
     };
     wait_for(
         "the agent's stream of group/never",
@@ -949,6 +950,34 @@ impl Gathered {
     }
 }
 
+/// `kas agent reconcile AGENT --wait --timeout 120s` started, its output gathered as it comes.
+fn follow_reconcile(kas: &Kas, agent: &str) -> (std::process::Child, Gathered, Gathered) {
+    let mut child = kas
+        .cli()
+        .args(["agent", "reconcile", agent, "--wait", "--timeout", "120s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = Gathered::start(child.stdout.take().unwrap());
+    let stderr = Gathered::start(child.stderr.take().unwrap());
+    (child, stdout, stderr)
+}
+
+/// Waits for `child` to end: its status, standard output and error, and all three as text.
+async fn ended(
+    mut child: std::process::Child,
+    stdout: Gathered,
+    stderr: Gathered,
+) -> (std::process::ExitStatus, String, String, String) {
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let (stdout, stderr) = (stdout.all(), stderr.all());
+    let all = format!("exit {status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    (status, stdout, stderr, all)
+}
+
 /// Waits until `text` contains `what`.
 async fn until_said(text: &std::sync::Mutex<String>, what: &str) {
     wait_for(what, Duration::from_secs(60), || async {
@@ -972,23 +1001,7 @@ async fn reconcile_wait_rides_out_a_kas_restart_and_ends_with_the_report() {
     let c2 = rig
         .manifests
         .commit(&[("manifests/slow.yaml", Some(slow.as_bytes()))], "slow");
-    let mut child = rig
-        .kas
-        .cli()
-        .args([
-            "agent",
-            "reconcile",
-            "group/config:seed",
-            "--wait",
-            "--timeout",
-            "120s",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = Gathered::start(child.stdout.take().unwrap());
-    let stderr = Gathered::start(child.stderr.take().unwrap());
+    let (child, stdout, stderr) = follow_reconcile(&rig.kas, "group/config:seed");
     until_said(
         &stdout.text,
         &format!("group/manifests: fetched, commit {}", &c2[..12]),
@@ -997,11 +1010,7 @@ async fn reconcile_wait_rides_out_a_kas_restart_and_ends_with_the_report() {
     rig.kas.kill9();
     until_said(&stderr.text, "kas: kas is unreachable (calling kas at").await;
     rig.kas.start_again().await;
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    let (stdout, stderr) = (stdout.all(), stderr.all());
-    let all = format!("exit {status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    let (status, stdout, stderr, all) = ended(child, stdout, stderr).await;
     assert_eq!(status.code(), Some(0), "{all}");
     assert!(
         stdout.contains(&format!(
@@ -1015,4 +1024,104 @@ async fn reconcile_wait_rides_out_a_kas_restart_and_ends_with_the_report() {
             && stderr.contains("kas: kas answers again (unreachable for "),
         "{all}"
     );
+}
+
+/// The rig's `config.yaml` with the seed's entry and, with `other`, an entry of project
+/// `group/other` too.
+fn with_other(ns: &str, other: bool) -> Vec<u8> {
+    let mut yaml = format!(
+        "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {ns}\n    paths:\n    - glob: '/manifests/*.{{yaml,yml,json}}'\n"
+    );
+    if other {
+        yaml.push_str(&format!(
+            "  - id: group/other\n    default_namespace: {ns}\n    paths:\n    - glob: '/*.yaml'\n"
+        ));
+    }
+    yaml.into_bytes()
+}
+
+/// A project `group/other` known to kas, holding ConfigMap `other` of `ns`; its commit.
+async fn other_project(rig: &Rig, ns: &str) -> (support::GitRepo, String) {
+    let repo = support::GitRepo::init(&rig._dir.path().join("other"));
+    let c = repo.commit(&[("cm.yaml", Some(&configmap("other", ns, "v1")))], "other");
+    rig.kas.set_projects(&[("group/other", &repo)]).await;
+    (repo, c)
+}
+
+fn push_config(rig: &Rig, yaml: &[u8], message: &str) {
+    let path = ".gitlab/agents/seed/config.yaml";
+    rig.config.commit(&[(path, Some(yaml))], message);
+}
+
+/// `kas agent reconcile AGENT --project group/other MORE`.
+fn reconcile_other(rig: &Rig, more: &[&str]) -> Output {
+    let agent = agent_name(rig);
+    let mut args = vec!["agent", "reconcile", &agent, "--project", "group/other"];
+    args.extend_from_slice(more);
+    kas_cli(&rig.kas, &args)
+}
+
+/// `kas agent reconcile --project P --wait` right after a push of `config.yaml` adding P's
+/// entry: kas reads the new configuration before it looks P up, and the agent's new worker
+/// answers. It failed at once with "not a manifest project of the configuration in force".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_of_an_entry_just_added_to_the_configuration_waits_for_it_and_syncs_it() {
+    let (rig, ns, _) = configmap_rig("recadded").await;
+    let (_other, c) = other_project(&rig, &ns).await;
+    push_config(&rig, &with_other(&ns, true), "add an entry");
+    let out = reconcile_other(&rig, &["--wait", "--timeout", "90s"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "group/other: commit {} succeeded: 1 applied, 1 Current",
+            &c[..12]
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(value(&rig.env, &ns, "other"), "v1");
+}
+
+/// `kas agent reconcile --wait` of every entry right after a push of `config.yaml` removing
+/// one: the removed entry is not waited for (its worker stops and never reports; the wait
+/// lasted until `--timeout`, exit 3), and naming it is refused as naming an unknown one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_wait_right_after_an_entry_was_removed_does_not_wait_for_it() {
+    let (rig, ns, _) = configmap_rig("recremoved").await;
+    let (_other, c) = other_project(&rig, &ns).await;
+    push_config(&rig, &with_other(&ns, true), "add an entry");
+    rig.synced_in("group/other", &c).await;
+    push_config(&rig, &with_other(&ns, false), "remove the entry");
+    let out = reconcile_wait(&rig.kas, &agent_name(&rig), "30s");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("group/other"), "{}", text(&out));
+    let named = reconcile_other(&rig, &[]);
+    assert_eq!(named.status.code(), Some(1), "{}", text(&named));
+    assert!(
+        String::from_utf8_lossy(&named.stderr).contains(
+            "group/other is not a manifest project of the agent's configuration in force"
+        ),
+        "{}",
+        text(&named)
+    );
+}
+
+/// `kas agent reconcile --wait` started while kas is down (a restart under a CI job): the
+/// request is asked again until kas answers, then followed to the report (it failed at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_started_while_kas_is_down_asks_again_until_kas_answers() {
+    let (mut rig, _ns, c1) = configmap_rig("recdown").await;
+    rig.kas.kill9();
+    let (child, stdout, stderr) = follow_reconcile(&rig.kas, &agent_name(&rig));
+    until_said(&stderr.text, "kas: kas is unreachable (calling kas at").await;
+    rig.kas.start_again().await;
+    let (status, stdout, stderr, all) = ended(child, stdout, stderr).await;
+    assert_eq!(status.code(), Some(0), "{all}");
+    assert!(
+        stdout.contains(&format!("group/manifests: commit {} succeeded", &c1[..12])),
+        "{all}"
+    );
+    assert!(stderr.contains("asking again"), "{all}");
 }

@@ -319,7 +319,9 @@ Exit codes:\n  0  shown\n  1  kas refused the request (unknown agent, …)\n  \
         /// code tells the outcome.
         #[arg(long)]
         wait: bool,
-        /// How long --wait waits, like 90s or 10m.
+        /// How long the whole command may take with --wait, like 90s or 10m (without --wait,
+        /// at most 15 s to be heard: kas reading a config.yaml just pushed, the agent's
+        /// GitOps stream coming back, kas restarting).
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },

@@ -41,14 +41,24 @@ impl Outage {
 
     /// A poll found no kas. The line to print the first time (then it is kept quiet).
     pub fn lost(&mut self, e: &ClientError) -> Option<String> {
-        self.failures = self.failures.saturating_add(1);
         self.reask = true;
+        self.went(e, "still waiting for the agent's report")
+    }
+
+    /// The reconcile request found no kas: it is asked again. The line to print the first
+    /// time.
+    pub fn lost_asking(&mut self, e: &ClientError) -> Option<String> {
+        self.went(e, "asking again")
+    }
+
+    fn went(&mut self, e: &ClientError, doing: &str) -> Option<String> {
+        self.failures = self.failures.saturating_add(1);
         if self.since.is_some() {
             return None;
         }
         self.since = Some(Instant::now());
         Some(format!(
-            "kas is unreachable ({}); still waiting for the agent's report (until the --timeout of {})",
+            "kas is unreachable ({}); {doing} (until the --timeout of {})",
             chain(e),
             humantime::format_duration(self.timeout)
         ))

@@ -261,6 +261,11 @@ impl Progress {
     }
 }
 
+/// How long a reconcile without `--wait` may take to be heard (within `--timeout`): long
+/// enough for kas to read a `config.yaml` just pushed and for agentk to restart the GitOps
+/// worker of an entry it changed, or for a kas restart.
+const START_WITHOUT_WAIT: Duration = Duration::from_secs(15);
+
 pub async fn run(
     c: &AdminClient,
     agent_id: i64,
@@ -268,7 +273,14 @@ pub async fn run(
     wait: bool,
     timeout: Duration,
 ) -> Result<()> {
-    let started = c.reconcile(agent_id, &ReconcileRequest { project }).await?;
+    // The whole command, asking included, ends by `--timeout`.
+    let budget = if wait {
+        timeout
+    } else {
+        timeout.min(START_WITHOUT_WAIT)
+    };
+    let deadline = Instant::now() + budget;
+    let started = start(c, agent_id, project, (deadline, budget)).await?;
     let progress = Progress::new(if wait { started.projects.len() } else { 0 });
     let mut worst = Outcome::Synced;
     for t in &started.projects {
@@ -308,7 +320,7 @@ pub async fn run(
         ))?;
         return finish(worst);
     }
-    let outcome = follow(c, agent_id, &started, timeout, &progress).await?;
+    let outcome = follow(c, agent_id, &started, (deadline, timeout), &progress).await?;
     progress.finish();
     finish(worst.max(outcome))
 }
@@ -325,16 +337,62 @@ fn finish(outcome: Outcome) -> Result<()> {
     }
 }
 
+/// The request, letting kas wait for the configuration in force and the agent's streams
+/// until `deadline`.
+fn request(project: Option<String>, deadline: Instant) -> ReconcileRequest {
+    let left = deadline.saturating_duration_since(Instant::now());
+    ReconcileRequest {
+        project,
+        wait_ms: Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX)),
+    }
+}
+
+/// Asks kas for the reconcile, riding out kas being unreachable (a restart, a rolling restart
+/// of replicas) until `deadline`, as `--wait` rides it out later: a CI step must not fail
+/// because kas was briefly not there when it started.
+async fn start(
+    c: &AdminClient,
+    agent_id: i64,
+    project: Option<String>,
+    (deadline, budget): (Instant, Duration),
+) -> Result<ReconcileStarted> {
+    let mut outage = Outage::new(budget);
+    loop {
+        let req = request(project.clone(), deadline);
+        let asked = tokio::time::timeout_at(deadline, c.reconcile(agent_id, &req)).await;
+        let Ok(asked) = asked else {
+            anyhow::bail!(
+                "kas did not answer the reconcile request within {}",
+                humantime::format_duration(budget)
+            );
+        };
+        match asked {
+            Ok(started) => {
+                if let Some(line) = outage.answered() {
+                    eprintln!("kas: {line}");
+                }
+                return Ok(started);
+            }
+            Err(e) if e.is_unreachable() && Instant::now() < deadline => {
+                if let Some(line) = outage.lost_asking(&e) {
+                    eprintln!("kas: {line}");
+                }
+                tokio::time::sleep_until(deadline.min(Instant::now() + outage.delay(POLL))).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Reads the agent's reports until each project delivered to has answered, or the deadline.
 async fn follow(
     c: &AdminClient,
     agent_id: i64,
     started: &ReconcileStarted,
-    timeout: Duration,
+    (deadline, timeout): (Instant, Duration),
     progress: &Progress,
 ) -> Result<Outcome> {
     let t0 = Instant::now();
-    let deadline = t0 + timeout;
     let mut pending: Vec<&str> = started
         .projects
         .iter()
@@ -404,7 +462,7 @@ async fn follow(
             break;
         }
         if outage.reask_due() {
-            reask(c, agent_id, &pending, &mut outage, progress).await?;
+            reask(c, agent_id, &pending, (&mut outage, deadline), progress).await?;
         }
         if !outage.is_down() {
             show_progress(
@@ -475,15 +533,17 @@ async fn reask(
     c: &AdminClient,
     agent_id: i64,
     pending: &[&str],
-    outage: &mut Outage,
+    (outage, deadline): (&mut Outage, Instant),
     progress: &Progress,
 ) -> Result<()> {
     let mut heard = Vec::new();
     for project in pending {
-        let req = ReconcileRequest {
-            project: Some((*project).to_owned()),
+        let req = request(Some((*project).to_owned()), deadline);
+        // A restarted kas fetches before it answers: no later than `--timeout` all the same.
+        let Ok(asked) = tokio::time::timeout_at(deadline, c.reconcile(agent_id, &req)).await else {
+            return Ok(());
         };
-        match c.reconcile(agent_id, &req).await {
+        match asked {
             Ok(started) => heard.push((started.resync_id, started.projects)),
             Err(e) => return lost_again(e, outage, progress),
         }

@@ -136,6 +136,10 @@ fn project_of(f: &HashMap<String, String>) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// How long a reconcile clicked in the web UI may wait for the configuration in force or
+/// the agent's GitOps streams (a page waiting longer looks broken).
+const WEB_RECONCILE_WAIT_MS: u64 = 10_000;
+
 async fn reconcile(
     State(st): State<WebState>,
     Extension(who): Extension<LoggedIn>,
@@ -144,6 +148,8 @@ async fn reconcile(
 ) -> Response {
     let req = ReconcileRequest {
         project: project_of(&f),
+        // A click right after a configuration change: ride it out briefly, as the CLI does.
+        wait_ms: Some(WEB_RECONCILE_WAIT_MS),
     };
     let path = format!("/api/v1/agents/{id}/reconcile");
     let started: Result<ReconcileStarted, _> =
