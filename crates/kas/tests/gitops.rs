@@ -3141,15 +3141,30 @@ async fn a_reconcile_during_a_sync_reports_what_that_sync_pruned_then_answers() 
             l["msg"] == "resourcePruned" && l["name"] == "extra"
         })
         .await;
+    // Followed until the timeout (the answering sync waits for `stuck` too): it shows the
+    // superseded sync's prune, which the answering report ("0 pruned") does not repeat.
     let out = rig
         .kas
         .cli()
-        .args(["agent", "reconcile", "group/config:seed"])
+        .args([
+            "agent",
+            "reconcile",
+            "group/config:seed",
+            "--wait",
+            "--timeout",
+            "10s",
+        ])
         .output()
         .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let cut = format!(
+        "group/manifests: commit {} superseded: 1 applied, 0 Current, 1 not Current, 1 pruned;",
+        &c2[..12]
+    );
     assert!(
-        out.status.success(),
-        "{}",
+        stdout.lines().any(|l| l.starts_with(&cut)
+            && l.ends_with("(a synchronization during this reconcile, not its answer)")),
+        "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let s = rig.synced(&c2).await;

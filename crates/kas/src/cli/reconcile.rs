@@ -191,6 +191,34 @@ pub fn report_line(s: &SyncView, summary: &Summary) -> String {
     line
 }
 
+/// Whether report `s` is none of `seen` (the same sync's report is the same in each poll).
+pub fn ran_during(s: &SyncView, seen: &[SyncView]) -> bool {
+    !seen.iter().any(|b| {
+        (
+            &b.project_id,
+            &b.commit_id,
+            &b.finished_at,
+            b.resync_id,
+            b.outcome,
+        ) == (
+            &s.project_id,
+            &s.commit_id,
+            &s.finished_at,
+            s.resync_id,
+            s.outcome,
+        )
+    })
+}
+
+/// The line of a sync that ran during the reconcile without answering it: what it applied and
+/// pruned (the answering sync, finding those objects gone, says "0 pruned").
+pub fn during_line(s: &SyncView) -> String {
+    format!(
+        "{} (a synchronization during this reconcile, not its answer)",
+        report_line(s, &summarize(s))
+    )
+}
+
 /// The line of a sync under way: its objects so far.
 pub fn progress_line(p: &ProgressView) -> String {
     format!(
@@ -280,6 +308,14 @@ pub async fn run(
         timeout.min(START_WITHOUT_WAIT)
     };
     let deadline = Instant::now() + budget;
+    // The reports before the request: any other one shown while following is of a sync that
+    // ran during it (one the request or a configuration change cut, say), whose prunes the
+    // answering report does not repeat. None to compare with when kas does not answer.
+    let before = if wait {
+        c.gitops_status(agent_id).await.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let started = start(c, agent_id, project, (deadline, budget)).await?;
     let progress = Progress::new(if wait { started.projects.len() } else { 0 });
     let mut worst = Outcome::Synced;
@@ -320,7 +356,14 @@ pub async fn run(
         ))?;
         return finish(worst);
     }
-    let outcome = follow(c, agent_id, &started, (deadline, timeout), &progress).await?;
+    let outcome = follow(
+        c,
+        agent_id,
+        (&started, &before),
+        (deadline, timeout),
+        &progress,
+    )
+    .await?;
     progress.finish();
     finish(worst.max(outcome))
 }
@@ -388,7 +431,7 @@ async fn start(
 async fn follow(
     c: &AdminClient,
     agent_id: i64,
-    started: &ReconcileStarted,
+    (started, before): (&ReconcileStarted, &[SyncView]),
     (deadline, timeout): (Instant, Duration),
     progress: &Progress,
 ) -> Result<Outcome> {
@@ -405,18 +448,22 @@ async fn follow(
     let mut waits: HashMap<String, String> = HashMap::new();
     let mut failed: Vec<String> = Vec::new();
     let mut outage = Outage::new(timeout);
+    let mut during: Vec<SyncView> = Vec::new();
     while !pending.is_empty() {
         for s in poll_reports(c, agent_id, &mut outage, progress).await? {
-            if s.resync_id < started.resync_id || !pending.contains(&s.project_id.as_str()) {
+            if !pending.contains(&s.project_id.as_str()) {
                 continue;
             }
-            // A superseded sync is followed by the one that answers (a new commit cut its
-            // wait after the request): not an answer either.
-            let not_yet = match s.outcome {
-                ReportedOutcome::Waiting => !waiting_is_final(&s, &failed),
-                ReportedOutcome::Superseded => true,
-                _ => false,
-            };
+            if s.resync_id < started.resync_id || s.outcome == ReportedOutcome::Superseded {
+                if ran_during(&s, before) && ran_during(&s, &during) {
+                    progress.line(&during_line(&s))?;
+                    during.push(s);
+                }
+                continue;
+            }
+            // A superseded sync (shown above) is followed by the one that answers: a new
+            // commit cut its wait after the request.
+            let not_yet = s.outcome == ReportedOutcome::Waiting && !waiting_is_final(&s, &failed);
             if not_yet {
                 if waits.get(&s.project_id) != Some(&s.error) {
                     progress.line(&format!(
@@ -816,6 +863,24 @@ mod tests {
         assert_eq!(judge(&older, &s, same), Outcome::Synced);
         assert_eq!(other_commit_line(&older, same), None);
         assert_eq!(other_commit_line(&older, None), None);
+    }
+
+    /// A sync that pruned and was cut by the reconcile (or ran before its answer) is shown
+    /// with its prunes once, and a report already there before the request is not.
+    #[test]
+    fn a_sync_during_the_reconcile_is_shown_once_with_what_it_pruned() {
+        let mut cut = report(
+            ReportedOutcome::Superseded,
+            vec![object("ConfigMap", "extra", ReportedStatus::Pruned, "")],
+        );
+        cut.finished_at = "2026-11-28T10:00:00Z".into();
+        let older = report(ReportedOutcome::Succeeded, Vec::new());
+        assert!(ran_during(&cut, std::slice::from_ref(&older)));
+        assert!(!ran_during(&cut, std::slice::from_ref(&cut)));
+        assert_eq!(
+            during_line(&cut),
+            "group/manifests: commit 0123456789ab superseded: 0 applied, 0 Current, 0 not Current, 1 pruned (a synchronization during this reconcile, not its answer)"
+        );
     }
 
     #[test]
