@@ -3925,6 +3925,71 @@ async fn applied_in(rig: &Rig, key: &str, commit: &str) -> kas::api::SyncView {
     .await
 }
 
+/// A push webhook for a repository that two named entries read reaches both: each syncs the
+/// pushed commit. kas polls once an hour here, so only the webhook can have made it fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_webhook_reaches_every_named_entry_of_the_repository() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("hooked").unwrap();
+    let entries = format!(
+        "    name: infra\n    paths:\n    - glob: '/infrastructure/*.yaml'\n  - id: group/manifests\n    name: apps\n    default_namespace: {ns}\n    paths:\n    - glob: '/apps/*.yaml'\n"
+    );
+    let (infra_cm, app_cm) = (configmap("infra", &ns, "v1"), configmap("app", &ns, "v1"));
+    let initial = [
+        ("infrastructure/infra.yaml", Some(&infra_cm[..])),
+        ("apps/app.yaml", Some(&app_cm[..])),
+    ];
+    let rbac = admin_rbac(&ns);
+    let args = RigArgs {
+        env,
+        agent_ns: ns.clone(),
+        rbac: &rbac,
+        project_extra: "",
+        initial: &initial,
+        agent_args: &[],
+    };
+    let opts = KasOptions {
+        git_poll: "1h",
+        ..KasOptions::default()
+    };
+    let (rig, c1) = rig_entry(args, &entries, opts).await;
+    let keys = ["group/manifests#infra", "group/manifests#apps"];
+    for key in keys {
+        applied_in(&rig, key, &c1).await;
+    }
+    let secret = rig._dir.path().join("hook-secret");
+    std::fs::write(&secret, "s3cret-hook\n").unwrap();
+    let view = rig
+        .set_manifests_project(ProjectRequest {
+            webhook_secret_file: Some(secret.display().to_string()),
+            ..ProjectRequest::default()
+        })
+        .await;
+    let (infra_v2, app_v2) = (configmap("infra", &ns, "v2"), configmap("app", &ns, "v2"));
+    let c2 = rig.manifests.commit(
+        &[
+            ("infrastructure/infra.yaml", Some(&infra_v2)),
+            ("apps/app.yaml", Some(&app_v2)),
+        ],
+        "both folders change",
+    );
+    let headers = [
+        ("x-gitlab-token", "s3cret-hook".to_owned()),
+        ("x-gitlab-event", "Push Hook".to_owned()),
+    ];
+    let body = br#"{"ref":"refs/heads/main","after":"0"}"#;
+    assert_eq!(rig.kas.webhook(view.id, &headers, body).await, 200);
+    for key in keys {
+        let s = applied_in(&rig, key, &c2).await;
+        assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{key}: {s:?}");
+    }
+    for name in ["infra", "app"] {
+        let cm = get_json(&rig.env, &["get", "configmap", name, "-n", &ns]).unwrap();
+        assert_eq!(cm["data"]["value"], "v2", "{name}");
+    }
+}
+
 /// `kas agent status` shows a sync under way (here one waiting for a Deployment that never
 /// becomes available): its commit and how far it got, in the table and in `-o json`, above
 /// the project's last report. Only the web UI and `reconcile --wait` showed it.
