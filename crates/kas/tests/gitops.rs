@@ -3606,6 +3606,17 @@ async fn two_folder_rig(
     entry: &str,
     initial: &[(&str, Option<&[u8]>)],
 ) -> (Rig, String) {
+    two_folder_rig_polling(env, ns, entry, initial, "300ms").await
+}
+
+/// [`two_folder_rig`] with kas polling the repositories every `git_poll`.
+async fn two_folder_rig_polling(
+    env: TestEnv,
+    ns: &str,
+    entry: &str,
+    initial: &[(&str, Option<&[u8]>)],
+    git_poll: &'static str,
+) -> (Rig, String) {
     let rbac = admin_rbac(ns);
     let args = RigArgs {
         env,
@@ -3616,7 +3627,7 @@ async fn two_folder_rig(
         agent_args: &[],
     };
     let opts = KasOptions {
-        git_poll: "300ms",
+        git_poll,
         ..KasOptions::default()
     };
     rig_entry(args, entry, opts).await
@@ -3940,20 +3951,7 @@ async fn a_push_webhook_reaches_every_named_entry_of_the_repository() {
         ("infrastructure/infra.yaml", Some(&infra_cm[..])),
         ("apps/app.yaml", Some(&app_cm[..])),
     ];
-    let rbac = admin_rbac(&ns);
-    let args = RigArgs {
-        env,
-        agent_ns: ns.clone(),
-        rbac: &rbac,
-        project_extra: "",
-        initial: &initial,
-        agent_args: &[],
-    };
-    let opts = KasOptions {
-        git_poll: "1h",
-        ..KasOptions::default()
-    };
-    let (rig, c1) = rig_entry(args, &entries, opts).await;
+    let (rig, c1) = two_folder_rig_polling(env, &ns, &entries, &initial, "1h").await;
     let keys = ["group/manifests#infra", "group/manifests#apps"];
     for key in keys {
         applied_in(&rig, key, &c1).await;
