@@ -161,10 +161,19 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// Whatever is left of the connection (closing it after a complete answer, or ending it
-    /// after one cut short) runs on its own.
+    /// After a complete answer, what is left of the connection (its clean close, so that the
+    /// tunnel stream can carry another request) runs on its own. An answer cut short (its
+    /// caller went away, or its access ended) drops the connection here instead: closed
+    /// cleanly, kas's half-close would reach agentk mid-response, agentk could not answer
+    /// with its own close, and kas kept the stream (and agentk its busy slot) for the whole
+    /// wait for that close, 5 s after every cancelled watch or revoked token.
     fn drop(&mut self) {
+        let complete = self.sender.is_none() || self.inner.is_end_stream();
         self.sender = None;
+        if !complete {
+            self.conn = None;
+            return;
+        }
         if let (Some(conn), Ok(rt)) = (self.conn.take(), tokio::runtime::Handle::try_current()) {
             let conn = conn
                 .into_inner()

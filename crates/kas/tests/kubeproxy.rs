@@ -865,19 +865,14 @@ async fn one_ci_job_cannot_hold_more_than_its_share_of_an_agents_requests() {
 
 /// Revoking a personal access token ends its open watches at once (before, an event still
 /// arrived 3 s after revocation and the watch was open 37 s later); another token's watch
-/// goes on, and the agent's side of the revoked watch ends too.
+/// goes on, and the agent's side of the revoked watch ends at once too (it took 5 s: kas closed
+/// its side cleanly mid-response and waited for agentk's close, which never came).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_personal_access_token_ends_its_open_watches_within_a_second() {
     let s = setup().await;
     let (alice, (mut revoked_watch, _rx_a), (mut other_watch, rx_b)) =
         two_open_watches(&s, &user_token_request("alice"), "watched").await;
-    let busy = || async {
-        s._agent
-            .metric("agentk_tunnel_busy_streams")
-            .await
-            .unwrap_or(-1.0)
-    };
-    let busy_before = busy().await;
+    let busy_before = busy_streams(&s).await;
 
     let t0 = Instant::now();
     let r = s.kas.admin.revoke_user_token(alice.token_id).await.unwrap();
@@ -901,20 +896,53 @@ async fn revoking_a_personal_access_token_ends_its_open_watches_within_a_second(
     assert!(s.kas.log().contains("Personal access token revoked"));
 
     // The agent's end of the watch (its request to the API server) is gone too.
-    wait_for(
-        "the agent's stream of the revoked watch to end",
-        Duration::from_secs(5),
-        || async {
-            let now = busy().await;
-            (now >= 0.0 && now < busy_before).then_some(())
-        },
-    )
-    .await;
+    wait_busy_streams_below(&s, busy_before, "the revoked watch").await;
     // The other token's watch is untouched: it still sees changes.
     wait_watches_see(&s, "watched-again", &[&rx_b]).await;
     assert!(other_watch.try_wait().unwrap().is_none());
     let _ = other_watch.kill();
     let _ = other_watch.wait();
+}
+
+/// A watch whose client goes away (kubectl stopped) frees the agent's tunnel stream at once.
+/// It stayed busy 5 s after every cancelled watch or `logs -f`: kas closed its side cleanly
+/// mid-response and waited for agentk's close, which agentk, cut mid-response, never sends.
+/// With `--tunnel-max-streams` busy streams, that delayed every next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_its_client_ends_frees_the_agents_tunnel_stream_at_once() {
+    let s = setup().await;
+    let (_alice, (mut ended_watch, _rx_a), (mut other_watch, rx_b)) =
+        two_open_watches(&s, &user_token_request("alice"), "watched").await;
+    let busy_before = busy_streams(&s).await;
+    ended_watch.kill().unwrap();
+    ended_watch.wait().unwrap();
+    wait_busy_streams_below(&s, busy_before, "the watch its client ended").await;
+    wait_watches_see(&s, "watched-again", &[&rx_b]).await;
+    assert!(other_watch.try_wait().unwrap().is_none());
+    let _ = other_watch.kill();
+    let _ = other_watch.wait();
+}
+
+/// Tunnel streams agentk counts busy (requests it serves), `-1` when unreadable.
+async fn busy_streams(s: &Setup) -> f64 {
+    s._agent
+        .metric("agentk_tunnel_busy_streams")
+        .await
+        .unwrap_or(-1.0)
+}
+
+/// Waits (2 s at most: the end is at once, tens of milliseconds here) until agentk serves
+/// fewer requests than `before`: its stream of `what` ended.
+async fn wait_busy_streams_below(s: &Setup, before: f64, what: &str) {
+    wait_for(
+        &format!("the agent's stream of {what} to end"),
+        Duration::from_secs(2),
+        || async {
+            let now = busy_streams(s).await;
+            (now >= 0.0 && now < before).then_some(())
+        },
+    )
+    .await;
 }
 
 /// A revoked watch whose client stopped reading is cut too. hyper fails a revoked response
