@@ -1112,9 +1112,20 @@ async fn reconcile_wait_right_after_an_entry_was_removed_does_not_wait_for_it() 
 /// request is asked again until kas answers, then followed to the report (it failed at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_started_while_kas_is_down_asks_again_until_kas_answers() {
-    let (mut rig, _ns, c1) = configmap_rig("recdown").await;
+    reconcile_while_kas_is_down("recdown", agent_name).await;
+}
+
+/// The same with the agent named `project:name`, which kas must look up: the lookup rides out
+/// kas being down as the request does (it failed at once with "kas is unreachable").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_of_an_agent_named_by_project_while_kas_is_down_waits_for_kas() {
+    reconcile_while_kas_is_down("recdownn", |_| "group/config:seed".into()).await;
+}
+
+async fn reconcile_while_kas_is_down(prefix: &str, agent: fn(&Rig) -> String) {
+    let (mut rig, _ns, c1) = configmap_rig(prefix).await;
     rig.kas.kill9();
-    let (child, stdout, stderr) = follow_reconcile(&rig.kas, &agent_name(&rig));
+    let (child, stdout, stderr) = follow_reconcile(&rig.kas, &agent(&rig));
     until_said(&stderr.text, "kas: kas is unreachable (calling kas at").await;
     rig.kas.start_again().await;
     let (status, stdout, stderr, all) = ended(child, stdout, stderr).await;

@@ -71,10 +71,7 @@ pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<
             project,
             wait,
             timeout,
-        } => {
-            let id = c.resolve_agent(agent_id).await?;
-            super::reconcile::run(c, id, project.clone(), *wait, *timeout).await
-        }
+        } => super::reconcile::run(c, agent_id, project.clone(), *wait, *timeout).await,
         AgentCmd::Suspend {
             agent_id,
             project,

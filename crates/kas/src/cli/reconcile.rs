@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tether_kas_api::{
-    AdminClient, ClientError, ProgressView, ReconcileRequest, ReconcileStarted, ReportedOutcome,
-    ReportedStatus, SupersedesRequest, SyncView,
+    AdminClient, AgentRef, ClientError, ProgressView, ReconcileRequest, ReconcileStarted,
+    ReportedOutcome, ReportedStatus, SupersedesRequest, SyncView,
 };
 use tokio::time::Instant;
 
@@ -296,7 +296,7 @@ const START_WITHOUT_WAIT: Duration = Duration::from_secs(15);
 
 pub async fn run(
     c: &AdminClient,
-    agent_id: i64,
+    agent: &AgentRef,
     project: Option<String>,
     wait: bool,
     timeout: Duration,
@@ -308,6 +308,15 @@ pub async fn run(
         timeout.min(START_WITHOUT_WAIT)
     };
     let deadline = Instant::now() + budget;
+    let mut outage = Outage::new(budget);
+    // An agent named `project:name` is looked up in kas, which may be restarting as well.
+    let agent_id = ride_out(
+        (deadline, budget),
+        &mut outage,
+        "the agent's lookup",
+        || c.resolve_agent(agent),
+    )
+    .await?;
     // The reports before the request: any other one shown while following is of a sync that
     // ran during it (one the request or a configuration change cut, say), whose prunes the
     // answering report does not repeat. None to compare with when kas does not answer.
@@ -316,7 +325,7 @@ pub async fn run(
     } else {
         Vec::new()
     };
-    let started = start(c, agent_id, project, (deadline, budget)).await?;
+    let started = start(c, agent_id, project, (deadline, budget), &mut outage).await?;
     let progress = Progress::new(if wait { started.projects.len() } else { 0 });
     let mut worst = Outcome::Synced;
     for t in &started.projects {
@@ -397,24 +406,42 @@ async fn start(
     c: &AdminClient,
     agent_id: i64,
     project: Option<String>,
-    (deadline, budget): (Instant, Duration),
+    limits: (Instant, Duration),
+    outage: &mut Outage,
 ) -> Result<ReconcileStarted> {
-    let mut outage = Outage::new(budget);
-    loop {
+    let deadline = limits.0;
+    ride_out(limits, outage, "the reconcile request", || {
         let req = request(project.clone(), deadline);
-        let asked = tokio::time::timeout_at(deadline, c.reconcile(agent_id, &req)).await;
-        let Ok(asked) = asked else {
+        async move { c.reconcile(agent_id, &req).await }
+    })
+    .await
+}
+
+/// Makes `ask` until kas answers it or `deadline`, saying once that kas is unreachable and
+/// once that it is back. Any answer (a refusal included) ends it.
+async fn ride_out<T, F, Fut>(
+    (deadline, budget): (Instant, Duration),
+    outage: &mut Outage,
+    what: &str,
+    mut ask: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    loop {
+        let Ok(asked) = tokio::time::timeout_at(deadline, ask()).await else {
             anyhow::bail!(
-                "kas did not answer the reconcile request within {}",
+                "kas did not answer {what} within {}",
                 humantime::format_duration(budget)
             );
         };
         match asked {
-            Ok(started) => {
+            Ok(answer) => {
                 if let Some(line) = outage.answered() {
                     eprintln!("kas: {line}");
                 }
-                return Ok(started);
+                return Ok(answer);
             }
             Err(e) if e.is_unreachable() && Instant::now() < deadline => {
                 if let Some(line) = outage.lost_asking(&e) {
