@@ -1774,6 +1774,86 @@ async fn a_chart_layer_not_matching_its_manifests_digest_is_refused() {
     assert!(get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns]).is_none());
 }
 
+/// An umbrella chart (the chart of [`helm_repo`]) depending twice on `greeter` `>=1.0.0 <2` of
+/// the registry location `repository`, under two aliases: `hello` (its values saying `hola`)
+/// and `quiet`, which its condition turns off.
+fn oci_umbrella(repository: &str) -> Vec<(String, String)> {
+    let mut repo = helm_repo();
+    let dependency = |alias: &str| {
+        format!(
+            "- name: greeter\n  version: \">=1.0.0 <2\"\n  repository: {repository}\n  alias: {alias}\n  condition: {alias}.enabled\n"
+        )
+    };
+    repo[0].1 = format!(
+        "apiVersion: v2\nname: app\nversion: 0.1.0\ndependencies:\n{}{}",
+        dependency("hello"),
+        dependency("quiet")
+    );
+    repo[1].1 = "color: red\nsize: m\nreplicas: 1\nhello:\n  enabled: true\n  greeting: hola\nquiet:\n  enabled: false\n".into();
+    repo
+}
+
+/// A chart in Git depending on a chart of an OCI registry (`oci://`, as Bitnami's charts
+/// depend on `oci://registry-1.docker.io/bitnamicharts`): kas resolves the range in the
+/// registry's tag list and fetches the chart layer once for both aliases, and the agent
+/// applies the dependency's objects with the alias's values (the alias its condition turns off
+/// renders nothing). A dependency from a location kas does not allow is refused naming the
+/// key, the last good commit staying applied. Once the registry is down, a commit renders with
+/// the resolution and archive kas keeps, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charts_oci_dependency_is_fetched_from_an_allowed_registry_and_kept() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let mut registry = OciRegistry::start(&env, RegistrySetup::default());
+    for v in ["1.0.0", "1.1.0", "2.0.0"] {
+        registry.push(&env, "deps", v);
+    }
+    let location = registry.location("deps");
+    let repo = oci_umbrella(&location);
+    let chart_yaml = repo[0].clone();
+    let extra = registry.allowing("deps");
+    let (rig, _, ns) = rendering_rig("ocidep", |_| HELM_ENTRY.into(), |_| repo, &extra).await;
+    assert_eq!(greeter_shows(&rig.env, &ns), ["1.1.0", "hola", "none"]);
+    let cm = get_json(&rig.env, &["get", "configmap", "shop-config", "-n", &ns]).unwrap();
+    assert_eq!(cm["data"]["color"], "blue");
+    let before = versions(&rig.env, &ns);
+
+    let elsewhere = registry.location("elsewhere");
+    let other = oci_umbrella(&elsewhere).swap_remove(0);
+    let c2 = rig
+        .manifests
+        .commit(&[(&other.0, Some(other.1.as_bytes()))], "not allowed");
+    rig.refused(
+        &c2,
+        &[&format!(
+            "chart charts/app depends on greeter from {elsewhere}, which kas's gitops.render.chart_repositories does not allow"
+        )],
+    )
+    .await;
+    assert_eq!(versions(&rig.env, &ns), before);
+
+    registry.stop();
+    let c3 = rig.manifests.commit(
+        &[
+            (&chart_yaml.0, Some(chart_yaml.1.as_bytes())),
+            ("env/values-a.yaml", Some(b"color: green\nsize: s\n")),
+        ],
+        "green, registry down",
+    );
+    let s = rig.synced_in("group/manifests", &c3).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let cm = get_json(&rig.env, &["get", "configmap", "shop-config", "-n", &ns]).unwrap();
+    assert_eq!(cm["data"]["color"], "green");
+    assert_eq!(greeter_version(&rig.env, &ns), "1.1.0");
+    let said = format!("chart repository {location} unreachable: using index fetched at ");
+    assert!(
+        s.warnings.iter().any(|w| w.starts_with(&said)),
+        "{said:?} not in {:?}",
+        s.warnings
+    );
+    let series = "kas_gitops_chart_fetches_total{kind=\"archive\",outcome=\"fetched\"}";
+    assert_eq!(rig.kas.metric(series).await.unwrap_or(0.0), 1.0);
+}
+
 /// Pushes greeter 1.1.0 to the location `private` of `registry`, which refuses anonymous
 /// reads: a rig of an entry for it (`~1.1`) without credentials is refused with the error
 /// `refusal(location)`, nothing applied; then `between` runs, and a new rig with the

@@ -627,7 +627,7 @@ mod tests {
         let e = check_chart_dependencies("charts/app", chart, |_| false).expect_err("refused");
         assert_eq!(
             e.to_string(),
-            "chart charts/app depends on redis from https://charts.example.com, which is not vendored under charts/app/charts/: kas renders without network access and fetches dependencies only from http(s) chart repositories the kas operator allows (gitops.render.chart_repositories); run `helm dependency build` and commit the result, or have the repository allowed"
+            "chart charts/app depends on redis from https://charts.example.com, which is not vendored under charts/app/charts/: kas renders without network access and fetches dependencies only from the http(s) chart repositories and oci:// registries the kas operator allows (gitops.render.chart_repositories); run `helm dependency build` and commit the result, or have the repository allowed"
         );
         assert!(check_chart_dependencies("charts/app", chart, |n| n == "redis").is_ok());
         assert!(

@@ -1,7 +1,7 @@
 //! Chart dependencies kas fetches from chart repositories the kas operator allows
 //! (`gitops.render.chart_repositories`): which dependencies of a chart come from an HTTP(S)
-//! repository, whether a URL is allowed, the repository's `index.yaml`, and which of its
-//! versions satisfies a dependency's `version` (Helm's semver constraints). Pure.
+//! repository or an OCI registry, whether a URL is allowed, the repository's `index.yaml`, and
+//! which of its versions satisfies a dependency's `version` (Helm's semver constraints). Pure.
 
 use std::collections::HashMap;
 
@@ -15,14 +15,15 @@ use tether_agent_config::chart_repository::{bare, is_chart_name, plain_url, repo
 
 use super::{RenderError, Tool};
 
-/// A dependency of `Chart.yaml` on a chart of an HTTP(S) repository.
+/// A dependency of `Chart.yaml` on a chart of an HTTP(S) repository or an OCI registry (or the
+/// chart of a `helm.repository` entry, asked the same way).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dependency {
     /// The chart's name in the repository.
     pub name: String,
     /// Helm's version constraint (an exact version or a range); empty for the newest.
     pub version: String,
-    /// The repository's URL, as written.
+    /// The repository's URL (`http(s)://…`) or registry location (`oci://…`), as written.
     pub repository: String,
 }
 
@@ -48,15 +49,17 @@ impl Resolved {
     }
 }
 
-/// Whether a dependency's `repository` is one kas may fetch from (`http://`, `https://`):
-/// the others (`oci://`, `file://`, `@alias`, `alias:`) must be vendored.
-pub fn is_http_repository(repository: &str) -> bool {
+/// Whether a dependency's `repository` is one kas may fetch from (`http://`, `https://`, or an
+/// OCI registry's `oci://`, as `helm dependency build` fetches them): the others (`file://`,
+/// `@alias`, `alias:`) name no place kas could ask, so they must be vendored.
+pub fn is_fetched_repository(repository: &str) -> bool {
     let lower = repository.trim().to_ascii_lowercase();
-    lower.starts_with("https://") || lower.starts_with("http://")
+    lower.starts_with("https://") || lower.starts_with("http://") || lower.starts_with("oci://")
 }
 
-/// The dependencies of `chart_yaml` (the chart at `chart`) on HTTP(S) repositories.
-pub fn http_dependencies(chart: &str, chart_yaml: &str) -> Result<Vec<Dependency>, RenderError> {
+/// The dependencies of `chart_yaml` (the chart at `chart`) on HTTP(S) repositories and OCI
+/// registries.
+pub fn fetched_dependencies(chart: &str, chart_yaml: &str) -> Result<Vec<Dependency>, RenderError> {
     let doc: Value = serde_saphyr::from_str(chart_yaml).map_err(|e| RenderError::Failed {
         tool: Tool::Helm,
         message: format!("{chart}/Chart.yaml: {e}"),
@@ -77,7 +80,7 @@ pub fn http_dependencies(chart: &str, chart_yaml: &str) -> Result<Vec<Dependency
             version: text(d, "version"),
             repository: text(d, "repository"),
         })
-        .filter(|d| is_http_repository(&d.repository))
+        .filter(|d| is_fetched_repository(&d.repository))
         .collect())
 }
 
@@ -311,30 +314,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_http_dependencies_are_listed_with_their_versions_as_text() {
-        let chart = "apiVersion: v2\nname: app\nversion: 1.0.0\ndependencies:\n- name: redis\n  version: 17.x\n  repository: https://charts.example.com/stable\n- name: db\n  version: 1.2\n  repository: HTTP://charts.example.com\n- name: local\n  repository: file://../local\n- name: oci\n  version: 1.0.0\n  repository: oci://registry.example.com/charts\n- name: aliased\n  repository: '@stable'\n- name: vendored\n";
-        let deps = http_dependencies("charts/app", chart).unwrap();
+    fn http_and_oci_dependencies_are_listed_with_their_versions_as_text() {
+        let chart = "apiVersion: v2\nname: app\nversion: 1.0.0\ndependencies:\n- name: redis\n  version: 17.x\n  repository: https://charts.example.com/stable\n- name: db\n  version: 1.2\n  repository: HTTP://charts.example.com\n- name: local\n  repository: file://../local\n- name: oci\n  version: 1.0.0\n  repository: oci://registry.example.com/charts\n  alias: cache\n  condition: cache.enabled\n- name: aliased\n  repository: '@stable'\n- name: vendored\n";
+        let deps = fetched_dependencies("charts/app", chart).unwrap();
+        let dep = |name: &str, version: &str, repository: &str| Dependency {
+            name: name.into(),
+            version: version.into(),
+            repository: repository.into(),
+        };
         assert_eq!(
             deps,
             [
-                Dependency {
-                    name: "redis".into(),
-                    version: "17.x".into(),
-                    repository: "https://charts.example.com/stable".into()
-                },
-                Dependency {
-                    name: "db".into(),
-                    version: "1.2".into(),
-                    repository: "HTTP://charts.example.com".into()
-                },
+                dep("redis", "17.x", "https://charts.example.com/stable"),
+                dep("db", "1.2", "HTTP://charts.example.com"),
+                // The chart's name, not its alias: the registry knows it by that name.
+                dep("oci", "1.0.0", "oci://registry.example.com/charts"),
             ]
         );
         assert!(
-            http_dependencies("c", "apiVersion: v2\nname: a\n")
+            fetched_dependencies("c", "apiVersion: v2\nname: a\n")
                 .unwrap()
                 .is_empty()
         );
-        assert!(http_dependencies("c", "a: [").is_err());
+        assert!(fetched_dependencies("c", "a: [").is_err());
+        assert!(is_fetched_repository(" OCI://r.example.com/x"));
+        for vendored in ["file://../x", "@stable", "alias:stable", "", "ftp://x/"] {
+            assert!(!is_fetched_repository(vendored), "{vendored}");
+        }
     }
 
     #[test]

@@ -116,7 +116,7 @@ pub enum RenderError {
     },
     /// A chart dependency is not in the repository, and kas fetches none from there.
     #[error(
-        "chart {chart} depends on {name} from {repository}, which is not vendored under {chart}/charts/: kas renders without network access and fetches dependencies only from http(s) chart repositories the kas operator allows (gitops.render.chart_repositories); run `helm dependency build` and commit the result, or have the repository allowed"
+        "chart {chart} depends on {name} from {repository}, which is not vendored under {chart}/charts/: kas renders without network access and fetches dependencies only from the http(s) chart repositories and oci:// registries the kas operator allows (gitops.render.chart_repositories); run `helm dependency build` and commit the result, or have the repository allowed"
     )]
     DependencyNotVendored {
         /// The chart directory.
@@ -584,9 +584,11 @@ impl Renderer {
         Ok(Output { rendered, warnings })
     }
 
-    /// The chart's dependencies on allowed HTTP(S) repositories that `commit` does not vendor,
-    /// resolved in their repository's index and fetched (or taken from the cache). Before the
-    /// rendering's cache key, which holds what they resolved to.
+    /// The chart's dependencies on HTTP(S) repositories and OCI registries that `commit` does
+    /// not vendor, each allowed, resolved in its repository's index or registry's tag list (one
+    /// path for both, [`ChartFetcher::resolve`], as for `helm.repository` charts) and fetched (or
+    /// taken from the cache). Before the rendering's cache key, which holds what they resolved
+    /// to.
     async fn fetch_dependencies(
         &self,
         charts: &ChartFetcher,
@@ -610,7 +612,7 @@ impl Renderer {
         let charts_dir = format!("{}/charts", h.chart);
         let mut out: Vec<(dependencies::Resolved, Vec<u8>)> = Vec::new();
         let mut warnings = Vec::new();
-        for dep in dependencies::http_dependencies(&h.chart, &chart_yaml)? {
+        for dep in dependencies::fetched_dependencies(&h.chart, &chart_yaml)? {
             if dependencies::vendored_in(&listed, &charts_dir, &dep.name) {
                 continue;
             }
