@@ -1854,6 +1854,37 @@ async fn a_charts_oci_dependency_is_fetched_from_an_allowed_registry_and_kept() 
     assert_eq!(rig.kas.metric(series).await.unwrap_or(0.0), 1.0);
 }
 
+/// A chart's `oci://` dependency on a registry behind htpasswd is read as `helm.repository`
+/// charts are: without credentials kas fails closed naming the registry location and applies
+/// nothing; with `chart_repository_credentials` for the location, the dependency is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charts_oci_dependency_on_a_private_registry_needs_kas_credentials() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let setup = RegistrySetup {
+        user: Some(("reader", "s3cret")),
+        ..RegistrySetup::default()
+    };
+    let registry = OciRegistry::start(&env, setup);
+    registry.push(&env, "private", "1.1.0");
+    let location = registry.location("private");
+    let repo = |_: &str| oci_umbrella(&location);
+    let extra = registry.allowing("private");
+    let (rig, c1, ns) = started_rig("ocidepanon", |_| HELM_ENTRY.into(), repo, &extra, "1h").await;
+    rig.refused(
+        &c1,
+        &[&format!(
+            "chart repository {location} refused kas: answered 401 Unauthorized: it needs credentials, and gitops.render.chart_repository_credentials has none for it"
+        )],
+    )
+    .await;
+    assert!(get_json(&rig.env, &["get", "configmap", "shop-config", "-n", &ns]).is_none());
+    drop(rig);
+
+    let (extra, _secrets) = with_reader_credentials(&extra, &location);
+    let (rig, _, ns) = rendering_rig("ocidepcreds", |_| HELM_ENTRY.into(), repo, &extra).await;
+    assert_eq!(greeter_shows(&rig.env, &ns), ["1.1.0", "hola", "none"]);
+}
+
 /// Pushes greeter 1.1.0 to the location `private` of `registry`, which refuses anonymous
 /// reads: a rig of an entry for it (`~1.1`) without credentials is refused with the error
 /// `refusal(location)`, nothing applied; then `between` runs, and a new rig with the
