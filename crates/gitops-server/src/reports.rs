@@ -23,11 +23,61 @@ pub struct SyncStates(
     Arc<dyn Store>,
     Mutex<HashMap<(i64, String), SyncReport>>,
     tokio::sync::watch::Sender<u64>,
+    /// The GitOps streams open here, by (agent, entry): a sync's progress is dropped when the
+    /// last stream of its entry ends (see [`SyncStates::stream_opened`]).
+    Mutex<HashMap<(i64, String), usize>>,
 );
 
 impl SyncStates {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self(store, Mutex::default(), tokio::sync::watch::Sender::new(0))
+        Self(
+            store,
+            Mutex::default(),
+            tokio::sync::watch::Sender::new(0),
+            Mutex::default(),
+        )
+    }
+
+    /// Counts a stream of `entry` open for `agent_id` until the guard drops. When the last
+    /// one ends (agentk killed or disconnected, the entry removed from its configuration), a
+    /// sync it reported progress of is over without an outcome to clear it: otherwise `kas
+    /// agent status` said "synchronizing" for as long as kas ran. A reconnected agent opens
+    /// its new stream before or after the old one is found gone; either way the new sync's
+    /// progress is kept while any stream of the entry is open.
+    pub(crate) fn stream_opened(self: &Arc<Self>, agent_id: i64, entry: &str) -> OpenStream {
+        let key = (agent_id, entry.to_owned());
+        *self.streams().entry(key.clone()).or_default() += 1;
+        OpenStream {
+            states: Arc::clone(self),
+            key: Some(key),
+        }
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, String), usize>> {
+        self.3
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn stream_closed(&self, key: (i64, String)) {
+        let mut streams = self.streams();
+        let last = match streams.get_mut(&key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        };
+        if !last {
+            return;
+        }
+        streams.remove(&key);
+        // Taken while the stream count is held, so a stream opening now keeps what it reports.
+        let dropped = self.running().remove(&key).is_some();
+        drop(streams);
+        if dropped {
+            self.changed();
+        }
     }
 
     /// Changes when this kas receives a report or progress of any agent.
@@ -215,6 +265,21 @@ pub(crate) fn decode_report(bytes: &[u8]) -> Result<SyncReport, prost::DecodeErr
     Ok(report)
 }
 
+/// A GitOps stream counted open (see [`SyncStates::stream_opened`]).
+#[derive(Debug)]
+pub(crate) struct OpenStream {
+    states: Arc<SyncStates>,
+    key: Option<(i64, String)>,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.states.stream_closed(key);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +320,40 @@ mod tests {
         states.forget(1);
         assert_eq!(states.progress(1), []);
         assert_eq!(states.progress(2), [report], "another agent's");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn progress_goes_with_the_last_stream_of_its_entry()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store: Arc<dyn Store> =
+            Arc::new(tether_store::SqliteStore::open(&dir.path().join("kas.db")).await?);
+        let states = Arc::new(SyncStates::new(store));
+        let report = |entry: &str| SyncReport {
+            project_id: entry.into(),
+            ..SyncReport::default()
+        };
+        // A reconnect: the new stream opens before the old one is found gone.
+        let old = states.stream_opened(1, "group/a");
+        let new = states.stream_opened(1, "group/a");
+        let _other = states.stream_opened(1, "group/b");
+        states.put_progress(1, report("group/a"));
+        states.put_progress(1, report("group/b"));
+        drop(old);
+        assert_eq!(
+            states.progress(1).len(),
+            2,
+            "a stream of group/a is still open"
+        );
+        drop(new);
+        assert_eq!(states.progress(1), [report("group/b")]);
+        // Opened again later: counted from zero, and its own progress is kept.
+        let again = states.stream_opened(1, "group/a");
+        states.put_progress(1, report("group/a"));
+        assert_eq!(states.progress(1).len(), 2);
+        drop(again);
+        assert_eq!(states.progress(1), [report("group/b")]);
         Ok(())
     }
 

@@ -194,6 +194,8 @@ impl GitOpsService {
         tx: Tx,
     ) {
         let lease = self.deps.registry.lease(token_id);
+        // However this stream ends, a sync it leaves without an outcome is no longer shown.
+        let _open = self.reports.stream_opened(agent_id, &req.project_id);
         let git_ref = match req.r#ref.and_then(|r| r.r#ref) {
             None => GitRef::DefaultBranch,
             Some(git_ref::Ref::Branch(b)) => GitRef::Branch(b),

@@ -3997,17 +3997,18 @@ async fn agent_status_shows_a_sync_under_way() {
     let env = TestEnv::from_env().expect("a running control plane");
     let ns = env.create_namespace("underway").unwrap();
     let initial = [("manifests/cm.yaml", Some(&configmap("app", &ns, "v1")[..]))];
-    let (rig, c0) = rig(env, ns.clone(), &admin_rbac(&ns), "", &initial, &[]).await;
+    let (mut rig, c0) = rig(env, ns.clone(), &admin_rbac(&ns), "", &initial, &[]).await;
     rig.synced(&c0).await;
     let c1 = stuck_commit(&rig, &ns).await;
-    let status =
-        |format: &str| String::from_utf8_lossy(&rig.agent_status(format).stdout).into_owned();
+    let status = |rig: &Rig, format: &str| {
+        String::from_utf8_lossy(&rig.agent_status(format).stdout).into_owned()
+    };
     let under_way = format!("group/manifests: synchronizing commit {}", &c1[..8]);
     let table = wait_for(
         "the sync under way in the status",
         Duration::from_secs(30),
         || {
-            let table = status("table");
+            let table = status(&rig, "table");
             let found = table.contains(&under_way);
             async move { found.then_some(table) }
         },
@@ -4017,8 +4018,24 @@ async fn agent_status_shows_a_sync_under_way() {
         table.contains("1 Current") && table.contains(&format!("commit {}", &c0[..12])),
         "{table}"
     );
-    let json: Value = serde_json::from_str(&status("json")).unwrap();
+    let json: Value = serde_json::from_str(&status(&rig, "json")).unwrap();
     assert_eq!(json["under_way"][0]["commit_id"], c1.as_str(), "{json}");
+
+    // agentk dies mid-sync: the sync is no longer said to be under way (it was, for as long
+    // as kas ran, since no outcome came to clear it).
+    rig.agent.kill9();
+    wait_for(
+        "the killed sync to leave the status",
+        Duration::from_secs(10),
+        || {
+            let table = status(&rig, "table");
+            let gone = !table.contains("synchronizing commit");
+            async move { gone.then_some(()) }
+        },
+    )
+    .await;
+    let json: Value = serde_json::from_str(&status(&rig, "json")).unwrap();
+    assert!(json.get("under_way").is_none(), "{json}");
 }
 
 /// `kas agent status` shows every entry of the configuration in force, also those the agent
