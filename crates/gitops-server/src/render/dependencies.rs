@@ -135,16 +135,20 @@ impl AllowList {
         let Some(url) = repository_url(url) else {
             return false;
         };
-        self.prefixes.iter().any(|p| {
-            let (want, path) = (p.path(), url.path());
-            p.scheme() == url.scheme()
-                && p.host_str() == url.host_str()
-                && p.port_or_known_default() == url.port_or_known_default()
-                && (want.ends_with('/') && path.starts_with(want)
-                    || path == want
-                    || path.strip_prefix(want).is_some_and(|r| r.starts_with('/')))
-        })
+        self.prefixes.iter().any(|p| is_under(p, &url))
     }
+}
+
+/// Whether `url` is under `prefix`: same scheme, host and port, and a path continuing the
+/// prefix's at a `/` (see [`AllowList::allows`]).
+pub fn is_under(prefix: &Url, url: &Url) -> bool {
+    let (want, path) = (prefix.path(), url.path());
+    prefix.scheme() == url.scheme()
+        && prefix.host_str() == url.host_str()
+        && prefix.port_or_known_default() == url.port_or_known_default()
+        && (want.ends_with('/') && path.starts_with(want)
+            || path == want
+            || path.strip_prefix(want).is_some_and(|r| r.starts_with('/')))
 }
 
 /// The URL of `repository`'s index (`<repository>/index.yaml`, as Helm asks it).

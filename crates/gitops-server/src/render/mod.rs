@@ -31,6 +31,7 @@ pub mod filesystem;
 pub mod memory;
 pub mod namespace;
 pub mod oci;
+pub mod remote_bases;
 pub mod resolutions;
 mod run;
 pub mod spec;
