@@ -34,8 +34,8 @@ pub use glob::{InvalidGlob, ManifestGlob, literal_prefix};
 // The admin API's words for outcomes and statuses; they live with the API types.
 pub use preview::{PreviewError, PreviewFiles, PreviewSource, ref_candidates};
 pub use render::{
-    ChartCredential, ChartRepoConfig, ManifestSource, RenderConfig, RenderError, RenderSpec,
-    Renderer,
+    ChartCredential, ChartRepoConfig, ManifestSource, RemoteBaseConfig, RenderConfig, RenderError,
+    RenderSpec, Renderer,
 };
 pub use reports::SyncStates;
 pub use select::{Limits, ManifestFile, SelectError, Selection, manifests_at, select_manifests};

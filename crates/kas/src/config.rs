@@ -265,6 +265,10 @@ pub struct Render {
     pub chart_cache_dir: Option<PathBuf>,
     /// Most bytes of chart archives kept there.
     pub chart_cache_size: u64,
+    /// URL prefixes of the Git repositories (`https://`, `http://`, `git://`) kas fetches
+    /// remote Kustomize bases from (itself, before rendering, anonymously); empty: none, a
+    /// kustomization naming one is refused.
+    pub remote_bases: Vec<String>,
 }
 
 impl Default for Render {
@@ -295,6 +299,7 @@ impl Default for Render {
             max_chart_size: d.charts.max_archive_size,
             chart_cache_dir: d.charts.cache_dir,
             chart_cache_size: d.charts.cache_size,
+            remote_bases: d.remote_bases.allowed,
         }
     }
 }
@@ -342,6 +347,13 @@ impl Render {
                 credentials: self.chart_repository_credentials.clone(),
                 plain_http: self.plain_http_registries.clone(),
             },
+            remote_bases: tether_gitops_server::RemoteBaseConfig {
+                allowed: self.remote_bases.clone(),
+                // Beside the manifest projects' mirrors' default folder, never in it: kas
+                // sweeps that one of mirrors no project uses.
+                cache_dir: Some(data_dir.join("remote-bases")),
+                ..tether_gitops_server::RemoteBaseConfig::default()
+            },
         }
     }
 
@@ -362,6 +374,8 @@ impl Render {
         }
         tether_gitops_server::render::dependencies::AllowList::new(&self.chart_repositories)
             .map_err(|e| format!("gitops.render.chart_repositories: {e}"))?;
+        tether_gitops_server::render::remote_bases::AllowList::new(&self.remote_bases)
+            .map_err(|e| format!("gitops.render.remote_bases: {e}"))?;
         for r in &self.plain_http_registries {
             tether_gitops_server::render::oci::plain_http_registry(r)
                 .map_err(|e| format!("gitops.render.plain_http_registries: {e}"))?;
@@ -1050,6 +1064,33 @@ mod tests {
             .expect_err(bad)
             .to_string();
             assert!(e.contains("gitops.render.chart_repositories"), "{e}");
+        }
+    }
+
+    #[test]
+    fn remote_bases_are_git_url_prefixes_and_default_to_none() {
+        let c = parse("data_dir: /d\n").expect("valid");
+        let bases = c.gitops.render.config(&c.data_dir).remote_bases;
+        assert!(bases.allowed.is_empty());
+        assert_eq!(bases.cache_dir, Some(PathBuf::from("/d/remote-bases")));
+        let c = parse("gitops:\n  render:\n    remote_bases:\n    - https://github.com/org/\n    - git://git.internal/infra\n")
+            .expect("valid");
+        assert_eq!(
+            c.gitops.render.remote_bases,
+            ["https://github.com/org/", "git://git.internal/infra"]
+        );
+        for bad in [
+            "github.com/org",
+            "ssh://git@github.com/org",
+            "file:///srv/git",
+            "https://u:pw@github.com/org",
+        ] {
+            let e = parse(&format!(
+                "gitops:\n  render:\n    remote_bases:\n    - {bad}\n"
+            ))
+            .expect_err(bad)
+            .to_string();
+            assert!(e.contains("gitops.render.remote_bases"), "{e}");
         }
     }
 

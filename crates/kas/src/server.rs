@@ -786,6 +786,8 @@ async fn start_configuration(
 fn render_config(cfg: &Config) -> Result<tether_gitops_server::RenderConfig> {
     use tether_gitops_server::render::memory;
     let mut render = cfg.gitops.render.config(&cfg.data_dir);
+    // Remote bases are fetched as manifest projects are.
+    render.remote_bases.fetch_timeout = cfg.git.fetch_timeout;
     let reserve = cfg.gitops.render.memory_reserve;
     let cgroup_limit = memory::cgroup_memory_limit();
     let configured = memory::RenderMemory {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::gitops::{Rig, RigArgs, admin_rbac, get_json, rig_entry};
 use support::oidc::SigningKey;
-use support::{KasOptions, wait_for};
+use support::{GitDaemon, GitRepo, KasOptions, wait_for};
 use tether_gitops_server::{ReportedOutcome, ReportedStatus};
 use tether_testenv::TestEnv;
 
@@ -287,6 +287,7 @@ async fn kustomize_refusals_name_the_file_and_change_nothing() {
         &[
             "base/kustomization.yaml refers to the remote github.com/example/infra/base?ref=v1",
             "without network",
+            "gitops.render.remote_bases",
         ],
     )
     .await;
@@ -2077,5 +2078,98 @@ async fn an_oci_registry_of_the_token_flow_is_read_with_a_token_its_realm_issues
     assert!(
         issued() >= 1,
         "kas read the registry with a token of its realm"
+    );
+}
+
+/// A repository of a base served by `git daemon` (under `git/<name>` of `dir`): a Deployment
+/// of `image` and, from a folder beside the base, a ConfigMap.
+fn upstream_repo(dir: &Path, name: &str, image: &str) -> GitRepo {
+    let repo = GitRepo::init(&dir.join("git").join(name));
+    let base = "resources:\n- deployment.yaml\n- ../common/team.yaml\n";
+    let deployment = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      containers:\n      - name: nginx\n        image: {image}\n"
+    );
+    let team =
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: team\ndata:\n  owner: upstream\n";
+    repo.commit(
+        &[
+            ("base/kustomization.yaml", Some(base.as_bytes())),
+            ("base/deployment.yaml", Some(deployment.as_bytes())),
+            ("common/team.yaml", Some(team.as_bytes())),
+        ],
+        "a base",
+    );
+    repo
+}
+
+/// An overlay in `ns` on the remote base `base`, with 3 replicas.
+fn remote_overlay(ns: &str, base: &str) -> Vec<(String, String)> {
+    owned(&[
+        (
+            "overlays/prod/kustomization.yaml",
+            format!(
+                "namespace: {ns}\nresources:\n- namespace.yaml\n- {base}\npatches:\n- path: replicas.yaml\n"
+            ),
+        ),
+        (
+            "overlays/prod/namespace.yaml",
+            format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"),
+        ),
+        ("overlays/prod/replicas.yaml", replicas_patch(3)),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_base_of_an_allowed_repository_is_fetched_at_its_tag_and_others_are_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let upstream = upstream_repo(work.path(), "upstream", "nginx:1.27");
+    upstream.git(&["tag", "v1.0.0"]);
+    // The branch moves on after the tag: what is applied shows which was fetched.
+    let moved = "resources:\n- ../common/team.yaml\n";
+    upstream.commit(
+        &[("base/kustomization.yaml", Some(moved.as_bytes()))],
+        "main moves on",
+    );
+    upstream_repo(work.path(), "other", "nginx:1.26");
+    let daemon = GitDaemon::start(&work.path().join("git"));
+    let allowed = format!("    remote_bases:\n    - {}\n", daemon.url("upstream"));
+    let base = format!("{}//base?ref=v1.0.0", daemon.url("upstream"));
+    let entry = |_: &str| "    kustomize:\n      path: overlays/prod\n".to_owned();
+    let overlay = |ns: &str| remote_overlay(&format!("{ns}-prod"), &base);
+    let (rig, _, ns) = rendering_rig("rbase", entry, overlay, &allowed).await;
+    let ns = format!("{ns}-prod");
+
+    let d = get_json(&rig.env, &["get", "deployment", "web", "-n", &ns]).unwrap();
+    assert_eq!(d["spec"]["replicas"], 3, "the overlay's patch");
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"], "nginx:1.27",
+        "the base at its tag"
+    );
+    let team = get_json(&rig.env, &["get", "configmap", "team", "-n", &ns]).unwrap();
+    assert_eq!(
+        team["data"]["owner"], "upstream",
+        "a folder beside the base"
+    );
+    let before = versions(&rig.env, &ns);
+
+    let other = format!("{}//base?ref=main", daemon.url("other"));
+    let text = format!("namespace: {ns}\nresources:\n- namespace.yaml\n- {other}\n");
+    let c2 = rig.manifests.commit(
+        &[("overlays/prod/kustomization.yaml", Some(text.as_bytes()))],
+        "a base of a repository not allowed",
+    );
+    rig.refused(
+        &c2,
+        &[
+            &format!("overlays/prod/kustomization.yaml refers to the remote {other}"),
+            "gitops.render.remote_bases",
+            &format!("does not allow {}", daemon.url("other")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        versions(&rig.env, &ns),
+        before,
+        "the last good commit stays"
     );
 }

@@ -9,6 +9,11 @@ use tether_git_source::{CommitId, Error as GitError, FileEntry, Mirror};
 
 use super::RenderError;
 use super::checks::link_stays_inside;
+use super::remote_bases::MATERIALIZED_DIR;
+use super::remote_plan::Plan;
+
+/// A link to write: its tree's mirror, commit and checkout folder, and its path there.
+type Link = (Mirror, CommitId, String, String);
 
 /// Bounds on what one checkout may write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,14 +40,17 @@ pub struct Checkout {
 impl Checkout {
     /// Writes `commit` into a new directory under `parent` (the system's temporary directory
     /// when `None`), with the files of `added` (repository path, content: chart dependencies
-    /// kas fetched) beside the commit's. Blocking. Symbolic links whose target leaves the
-    /// checkout are refused.
+    /// kas fetched) beside the commit's, and the remote bases of `remote`: each repository's
+    /// commit in its folder, and the kustomizations `remote` rewrote in their new text.
+    /// Blocking. Symbolic links whose target leaves the checkout (or a remote base's
+    /// repository) are refused.
     pub fn write(
         mirror: &Mirror,
         commit: &CommitId,
         limits: &CheckoutLimits,
         parent: Option<&Path>,
         added: &[(String, &[u8])],
+        remote: &Plan,
     ) -> Result<Checkout, RenderError> {
         let mut builder = tempfile::Builder::new();
         builder.prefix(PREFIX);
@@ -56,50 +64,99 @@ impl Checkout {
         for d in [&repo, &scratch.join("home"), &scratch.join("tmp")] {
             fs::create_dir_all(d).map_err(io("creating", d))?;
         }
-        let entries = list(mirror, commit, limits)?;
-        let (submodules, entries): (Vec<_>, Vec<_>) =
-            entries.into_iter().partition(|e| e.submodule);
-        let checkout = Checkout {
+        let mut checkout = Checkout {
             dir,
             repo,
             scratch,
-            submodules: submodules.into_iter().map(|e| e.path).collect(),
+            submodules: Vec::new(),
         };
-        for path in &checkout.submodules {
-            let dest = inside(&checkout.repo, path)?;
-            fs::create_dir_all(&dest).map_err(io("creating", &dest))?;
+        let mut budget = limits.clone();
+        let mut links = checkout.write_tree(mirror, commit, "", &mut budget, remote)?;
+        if !remote.grafts.is_empty() && checkout.repo.join(MATERIALIZED_DIR).exists() {
+            return Err(RenderError::Failed {
+                tool: super::Tool::Kustomize,
+                message: format!(
+                    "the repository holds {MATERIALIZED_DIR}/, the folder kas writes remote bases to: rename it"
+                ),
+            });
         }
-        let (links, files): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.symlink);
-        for f in &files {
-            checkout.write_file(mirror, commit, f, limits.max_size)?;
+        for g in &remote.grafts {
+            links.extend(checkout.write_tree(
+                &g.mirror,
+                &g.commit,
+                &g.root,
+                &mut budget,
+                remote,
+            )?);
         }
         // Before the links too; never over a file of the commit (`create_new`).
         for (path, bytes) in added {
             checkout.add_file(path, bytes)?;
         }
         // Links last, so no file is ever written through one.
-        for l in &links {
-            checkout.write_link(mirror, commit, &l.path)?;
+        for (m, c, root, path) in &links {
+            checkout.write_link(m, c, root, path)?;
         }
-        checkout.check_links_resolved(&links)?;
+        checkout.check_links_resolved(links.iter().map(|l| join(&l.2, &l.3)))?;
         make_read_only(&checkout.repo)?;
         Ok(checkout)
+    }
+
+    /// Writes the files of `commit` under the checkout folder `root` (`""`: the repository's
+    /// own), within what is left of `budget`, with `remote`'s rewritten kustomizations; returns
+    /// its links, to be written last.
+    fn write_tree(
+        &mut self,
+        mirror: &Mirror,
+        commit: &CommitId,
+        root: &str,
+        budget: &mut CheckoutLimits,
+        remote: &Plan,
+    ) -> Result<Vec<Link>, RenderError> {
+        let entries = list(mirror, commit, budget)?;
+        budget.max_entries = budget.max_entries.saturating_sub(entries.len());
+        budget.max_size = budget
+            .max_size
+            .saturating_sub(entries.iter().map(|e| e.size).sum());
+        let (submodules, entries): (Vec<_>, Vec<_>) =
+            entries.into_iter().partition(|e| e.submodule);
+        for e in submodules {
+            let path = join(root, &e.path);
+            let dest = inside(&self.repo, &path)?;
+            fs::create_dir_all(&dest).map_err(io("creating", &dest))?;
+            self.submodules.push(path);
+        }
+        let (links, files): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.symlink);
+        for f in &files {
+            let path = join(root, &f.path);
+            match remote.rewritten.get(&path) {
+                Some(text) => self.put(&path, text.as_bytes())?,
+                None => self.write_file(mirror, commit, &f.path, &path, f.size)?,
+            }
+        }
+        Ok(links
+            .into_iter()
+            .map(|l| (mirror.clone(), *commit, root.to_owned(), l.path))
+            .collect())
     }
 
     fn write_file(
         &self,
         mirror: &Mirror,
         commit: &CommitId,
-        entry: &FileEntry,
+        from: &str,
+        to: &str,
         max_size: u64,
     ) -> Result<(), RenderError> {
         let bytes = mirror
-            .read_file(commit, &entry.path, max_size)
+            .read_file(commit, from, max_size)
             .map_err(git)?
-            .ok_or_else(|| {
-                RenderError::Io(format!("{} was listed but cannot be read", entry.path))
-            })?;
-        let dest = inside(&self.repo, &entry.path)?;
+            .ok_or_else(|| RenderError::Io(format!("{from} was listed but cannot be read")))?;
+        self.put(to, &bytes)
+    }
+
+    fn put(&self, path: &str, bytes: &[u8]) -> Result<(), RenderError> {
+        let dest = inside(&self.repo, path)?;
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(io("creating", parent))?;
         }
@@ -119,23 +176,25 @@ impl Checkout {
         std::io::Write::write_all(&mut file, bytes).map_err(io("writing", &dest))
     }
 
+    /// Writes the link `path` of the tree at `root`, refused when its target leaves that tree.
     fn write_link(
         &self,
         mirror: &Mirror,
         commit: &CommitId,
+        root: &str,
         path: &str,
     ) -> Result<(), RenderError> {
         let target = mirror
             .read_link(commit, path)
             .map_err(git)?
             .unwrap_or_default();
-        if !link_stays_inside(path, &target) {
-            return Err(RenderError::SymlinkEscapes {
-                path: path.into(),
-                target,
-            });
+        // Judged inside its own tree: a remote base's link never reaches the project's files.
+        let stays = link_stays_inside(path, &target);
+        let path = join(root, path);
+        if !stays {
+            return Err(RenderError::SymlinkEscapes { path, target });
         }
-        let dest = inside(&self.repo, path)?;
+        let dest = inside(&self.repo, &path)?;
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(io("creating", parent))?;
         }
@@ -144,21 +203,18 @@ impl Checkout {
 
     /// Names alone cannot see through chains (`a -> .`, `b -> a/..`): resolve every link as
     /// the renderer's system calls would, now that all of them exist.
-    fn check_links_resolved(&self, links: &[FileEntry]) -> Result<(), RenderError> {
+    fn check_links_resolved(&self, links: impl Iterator<Item = String>) -> Result<(), RenderError> {
         let root = fs::canonicalize(&self.repo).map_err(io("resolving", &self.repo))?;
-        for l in links {
-            let resolved = fs::canonicalize(self.repo.join(&l.path));
+        for path in links {
+            let resolved = fs::canonicalize(self.repo.join(&path));
             // A dangling link leads nowhere; its name was checked above.
             if let Ok(p) = resolved
                 && !p.starts_with(&root)
             {
-                let target = fs::read_link(self.repo.join(&l.path))
+                let target = fs::read_link(self.repo.join(&path))
                     .map(|t| t.display().to_string())
                     .unwrap_or_default();
-                return Err(RenderError::SymlinkEscapes {
-                    path: l.path.clone(),
-                    target,
-                });
+                return Err(RenderError::SymlinkEscapes { path, target });
             }
         }
         Ok(())
@@ -267,6 +323,15 @@ fn inside(repo: &Path, path: &str) -> Result<PathBuf, RenderError> {
         )));
     }
     Ok(repo.join(path))
+}
+
+/// `dir/path`, `dir` may be empty.
+fn join(dir: &str, path: &str) -> String {
+    if dir.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{dir}/{path}")
+    }
 }
 
 fn git(e: GitError) -> RenderError {

@@ -193,17 +193,32 @@ fn parse(file: &str, text: &str) -> Result<Vec<Value>, RenderError> {
     docs.into_iter().map(|d| lowercase_keys(d, file)).collect()
 }
 
+/// A remote base a kustomization names: the kustomization file and the reference as written.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteRef {
+    /// The kustomization file (a repository path).
+    pub file: String,
+    /// The entry of `resources`, `bases` or `components`.
+    pub reference: String,
+}
+
+/// What a kustomization names: local paths with how each is followed, and remote bases.
+pub type References = (Vec<(String, Followed)>, Vec<RemoteRef>);
+
 /// The local paths a kustomization (the file `file`, in the directory `dir`) or plugin
-/// configuration refers to, with how each is followed, after refusing what the sandbox
-/// cannot allow: remote references of any field Kustomize loads from (it fetches any
-/// `http(s)://` path whatever its load restrictor says), references that leave the
-/// repository, and `helmCharts` (which Kustomize inflates by downloading charts).
+/// configuration refers to, with how each is followed, and the remote bases it names (remote
+/// entries of `resources`, `bases` and `components`, for the caller to allow or refuse), after
+/// refusing what the sandbox cannot allow: remote references of any other field Kustomize
+/// loads from (it fetches any `http(s)://` path whatever its load restrictor says), references
+/// that leave the repository, and `helmCharts` (which Kustomize inflates by downloading
+/// charts).
 pub fn kustomization_references(
     dir: &str,
     file: &str,
     text: &str,
-) -> Result<Vec<(String, Followed)>, RenderError> {
+) -> Result<References, RenderError> {
     let mut local = Vec::new();
+    let mut remote = Vec::new();
     for doc in parse(file, text)? {
         let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
         if HELM_KEYS.iter().any(|k| doc.get(k).is_some())
@@ -214,14 +229,26 @@ pub fn kustomization_references(
         for (reference, followed) in loaded(&doc) {
             if is_inline(reference) {
                 if followed == Followed::Plugins {
-                    local.extend(kustomization_references(dir, file, reference)?);
+                    let (l, r) = kustomization_references(dir, file, reference)?;
+                    // A plugin configuration names no base: what it loads is files.
+                    if let Some(RemoteRef { file, reference }) = r.into_iter().next() {
+                        return Err(RenderError::RemoteReference { file, reference });
+                    }
+                    local.extend(l);
                 }
+                continue;
+            }
+            if followed == Followed::Resources && is_remote(reference) {
+                remote.push(RemoteRef {
+                    file: file.into(),
+                    reference: reference.into(),
+                });
                 continue;
             }
             local.push((local_path(dir, file, reference)?, followed));
         }
     }
-    Ok(local)
+    Ok((local, remote))
 }
 
 /// `reference` as a repository path, refused when remote or outside the repository.
@@ -240,12 +267,28 @@ fn local_path(dir: &str, file: &str, reference: &str) -> Result<String, RenderEr
 
 /// Checks the kustomization at `start` and every local kustomization and plugin
 /// configuration it reaches; `read` gives a repository file's text (`None` when there is no
-/// such file, or it is a directory).
+/// such file, or it is a directory). Every remote base is refused: kas rewrites those it
+/// fetched before this check, so one left is one it did not fetch.
 pub fn check_kustomizations(
     start: &str,
     read: impl Fn(&str) -> Option<String>,
 ) -> Result<(), RenderError> {
+    match remote_bases_named(start, read)?.into_iter().next() {
+        Some(RemoteRef { file, reference }) => {
+            Err(RenderError::RemoteReference { file, reference })
+        }
+        None => Ok(()),
+    }
+}
+
+/// Checks as [`check_kustomizations`] does, and returns the remote bases named by the
+/// kustomizations reached (each kustomization file and reference once, sorted).
+pub fn remote_bases_named(
+    start: &str,
+    read: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<RemoteRef>, RenderError> {
     let mut seen = BTreeSet::new();
+    let mut remote = BTreeSet::new();
     let start = start.trim_matches('/').to_owned();
     // (path, how it is followed, the directory of the kustomization that named it)
     let mut todo = vec![(start.clone(), Followed::Resources, start)];
@@ -261,7 +304,7 @@ pub fn check_kustomizations(
             };
             read(&file).map(|text| (file, text))
         });
-        let references = match (found, followed) {
+        let (references, bases) = match (found, followed) {
             (Some((file, text)), _) => kustomization_references(&path, &file, &text)?,
             // A plugin configuration file: its paths are loaded from the directory of the
             // kustomization that named it.
@@ -273,6 +316,16 @@ pub fn check_kustomizations(
             // wrong.
             (None, _) => continue,
         };
+        for base in bases {
+            // A plugin configuration names no base: what it loads is files.
+            if followed == Followed::Plugins {
+                return Err(RenderError::RemoteReference {
+                    file: base.file,
+                    reference: base.reference,
+                });
+            }
+            remote.insert(base);
+        }
         for (next, f) in references {
             // What a plugin directory lists is plugin configuration in turn.
             let f = match (followed, f) {
@@ -283,7 +336,7 @@ pub fn check_kustomizations(
             todo.push((next, f, path.clone()));
         }
     }
-    Ok(())
+    Ok(remote.into_iter().collect())
 }
 
 /// Checks that every dependency of the chart in `chart` (its `Chart.yaml` text) is vendored:
@@ -494,6 +547,43 @@ mod tests {
         files.insert("base/kustomization.yaml", "helmCharts:\n- name: x\n");
         let e = check_kustomizations("overlays/prod", |p| read(&files, p)).expect_err("refused");
         assert!(e.to_string().contains("helmCharts"), "{e}");
+    }
+
+    #[test]
+    fn remote_bases_are_returned_and_remote_plugin_configurations_refused() {
+        let mut files = HashMap::new();
+        files.insert(
+            "app/kustomization.yaml",
+            "resources:\n- ../base\n- github.com/org/repo/a?ref=v1\ncomponents:\n- https://h.example/org/repo//c?ref=v2\n",
+        );
+        files.insert(
+            "base/kustomization.yaml",
+            "Bases:\n- github.com/org/repo/a?ref=v1\n",
+        );
+        let read = |files: &HashMap<&str, &str>, p: &str| files.get(p).map(|t| (*t).to_owned());
+        let found = remote_bases_named("app", |p| read(&files, p)).expect("checked");
+        let found: Vec<(&str, &str)> = found
+            .iter()
+            .map(|r| (r.file.as_str(), r.reference.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("app/kustomization.yaml", "github.com/org/repo/a?ref=v1"),
+                (
+                    "app/kustomization.yaml",
+                    "https://h.example/org/repo//c?ref=v2"
+                ),
+                ("base/kustomization.yaml", "github.com/org/repo/a?ref=v1"),
+            ]
+        );
+        files.insert("app/kustomization.yaml", "generators:\n- gen\n");
+        files.insert(
+            "app/gen/kustomization.yaml",
+            "resources:\n- github.com/org/repo/g?ref=v1\n",
+        );
+        let e = remote_bases_named("app", |p| read(&files, p)).expect_err("refused");
+        assert!(matches!(e, RenderError::RemoteReference { .. }), "{e}");
     }
 
     /// The outcome of checking the kustomization `text` at `app/` with `others` beside it.

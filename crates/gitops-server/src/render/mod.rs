@@ -12,6 +12,9 @@
 //!   before the checkout (I/O); [`oci`]: charts of OCI registries (`oci://`): tags, challenges,
 //!   manifests (pure); [`resolutions`]: what each resolved to, kept on disk for a restart while
 //!   a repository is down (pure).
+//! - [`remote_bases`]: remote Kustomize bases, their forms and the allow list (pure);
+//!   [`remote_fetch`]: fetching their Git repositories (I/O); [`remote_plan`]: which a
+//!   rendering needs, and the kustomizations' copies naming them as local folders.
 //! - [`checkout`], [`run`]: the files and the process (I/O).
 //! - [`confine`]: the seccomp filter, installed by `kas render-confine` before the renderer,
 //!   and [`filesystem`]: the Landlock fence it puts up first (files the renderer may reach).
@@ -32,6 +35,8 @@ pub mod memory;
 pub mod namespace;
 pub mod oci;
 pub mod remote_bases;
+pub mod remote_fetch;
+pub mod remote_plan;
 pub mod resolutions;
 mod run;
 pub mod spec;
@@ -50,6 +55,7 @@ pub use checkout::{Checkout, CheckoutLimits};
 pub use credentials::ChartCredential;
 use fetch::Unresolved;
 pub use fetch::{ChartFetcher, ChartRepoConfig, Resolution};
+pub use remote_fetch::RemoteBaseConfig;
 pub use spec::{HelmSpec, ManifestSource, Reach, RenderSpec, Sandbox, Tool};
 
 use run::{Ran, RunLimits};
@@ -88,6 +94,45 @@ pub enum RenderError {
         file: String,
         /// The reference.
         reference: String,
+    },
+    /// A kustomization names a remote base whose repository kas's
+    /// `gitops.render.remote_bases` does not allow (none, by default).
+    #[error(
+        "{file} refers to the remote {reference}: kas renders without network access and fetches remote bases only from the Git repositories kas's gitops.render.remote_bases allows, which does not allow {repository}: refused, nothing was applied; vendor the base into the repository, or the kas operator adds the repository's URL (or a prefix of it) there"
+    )]
+    RemoteBaseNotAllowed {
+        /// The kustomization file.
+        file: String,
+        /// The reference, as written.
+        reference: String,
+        /// The repository it names, as kas would fetch it.
+        repository: String,
+    },
+    /// A kustomization names a remote resource kas does not fetch (a plain file URL, a path
+    /// leaving the repository, bases nested too deep).
+    #[error(
+        "{file} refers to the remote {reference}, which kas does not fetch: {detail}; refused, nothing was applied; vendor it into the repository"
+    )]
+    RemoteBaseRefused {
+        /// The kustomization file.
+        file: String,
+        /// The reference, as written.
+        reference: String,
+        /// Why.
+        detail: String,
+    },
+    /// An allowed remote base could not be fetched (its repository unreachable, its ref not
+    /// there); tried again at the manifest project's next fetch.
+    #[error(
+        "{file} refers to the remote base {reference}: {detail}; nothing was applied, the last commit applied stays applied"
+    )]
+    RemoteBaseFailed {
+        /// The kustomization file.
+        file: String,
+        /// The reference, as written.
+        reference: String,
+        /// Why.
+        detail: String,
     },
     /// A kustomization refers to a path outside the repository.
     #[error("{file} refers to {reference}, outside the repository: refused")]
@@ -293,6 +338,7 @@ impl RenderError {
                 | RenderError::NoNetworkIsolation
                 | RenderError::ChartRepository { .. }
                 | RenderError::ChartRepositoryDenied { .. }
+                | RenderError::RemoteBaseFailed { .. }
         )
     }
 }
@@ -340,6 +386,8 @@ pub struct RenderConfig {
     pub read_paths: Vec<PathBuf>,
     /// Chart repositories kas fetches chart dependencies from (none by default).
     pub charts: ChartRepoConfig,
+    /// Git repositories kas fetches remote Kustomize bases from (none by default).
+    pub remote_bases: RemoteBaseConfig,
 }
 
 /// Creates the checkouts' folder and deletes what a killed kas left there (blocking). Before
@@ -376,6 +424,7 @@ impl Default for RenderConfig {
             allow_network: false,
             read_paths: Vec::new(),
             charts: ChartRepoConfig::default(),
+            remote_bases: RemoteBaseConfig::default(),
         }
     }
 }
@@ -386,8 +435,15 @@ impl Default for RenderConfig {
 /// the repository: kas keeps one per project and remote, and renders only from it. The
 /// settings include the agent's cluster as a chart sees it (Kubernetes version, API versions):
 /// two clusters may render one commit differently. The chart dependencies fetched, as resolved
-/// (version, digest), too: a new version published in a dependency's range renders anew.
-type CacheKey = (PathBuf, CommitId, RenderSpec, Vec<dependencies::Resolved>);
+/// (version, digest), too: a new version published in a dependency's range renders anew; and
+/// the commits remote Kustomize bases resolved to: a branch moved upstream renders anew.
+type CacheKey = (
+    PathBuf,
+    CommitId,
+    RenderSpec,
+    Vec<dependencies::Resolved>,
+    Vec<(String, CommitId)>,
+);
 
 /// One rendering's output, and what a second rendering of a chart told of it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -454,6 +510,8 @@ pub struct Renderer {
     agent_turns: turns::AgentTurns,
     /// Fetches chart dependencies; `None` when no chart repository is allowed.
     charts: Option<ChartFetcher>,
+    /// Fetches remote Kustomize bases; `None` when no Git repository is allowed.
+    bases: Option<remote_fetch::BaseFetcher>,
 }
 
 impl Renderer {
@@ -522,8 +580,10 @@ impl Renderer {
         let turns = tokio::sync::Semaphore::new(config.max_concurrent.max(1));
         let agent_turns = turns::AgentTurns::new(config.max_concurrent_per_agent);
         let charts = ChartFetcher::new(config.charts.clone());
+        let bases = remote_fetch::BaseFetcher::new(&config.remote_bases);
         Self {
             charts,
+            bases,
             config,
             kustomize,
             helm,
@@ -563,8 +623,21 @@ impl Renderer {
             }
             _ => (Vec::new(), Vec::new()),
         };
+        let remote = match spec {
+            RenderSpec::Kustomize { path } => {
+                let max = self.config.checkout.max_size;
+                remote_plan::plan(self.bases.as_ref(), mirror, commit, path, max).await?
+            }
+            RenderSpec::Helm(_) => remote_plan::Plan::default(),
+        };
         let resolved = fetched.iter().map(|(r, _)| r.clone()).collect();
-        let key = (mirror.dir().to_path_buf(), commit, spec.clone(), resolved);
+        let key = (
+            mirror.dir().to_path_buf(),
+            commit,
+            spec.clone(),
+            resolved,
+            remote.key(),
+        );
         let rendered = self
             .cache
             .get_or_try_init(key, RenderError::is_user_error, || async {
@@ -577,7 +650,7 @@ impl Renderer {
                     .await
                     .map_err(|e| RenderError::Io(format!("waiting to render: {e}")))?;
                 let started = std::time::Instant::now();
-                let out = self.render_now(mirror, commit, spec, fetched).await?;
+                let out = self.render_now(mirror, commit, spec, fetched, remote).await?;
                 tracing::info!(commit_id = %commit, renderer = %spec.tool(), source = out.label(spec), bytes = out.bytes.len(), unstable_objects = out.unstable.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Rendered manifests");
                 Ok(Arc::new(out))
             })
@@ -723,6 +796,7 @@ impl Renderer {
         commit: CommitId,
         spec: &RenderSpec,
         fetched: Vec<(dependencies::Resolved, Vec<u8>)>,
+        remote: remote_plan::Plan,
     ) -> Result<Rendered, RenderError> {
         let tool = spec.tool();
         let program = match tool {
@@ -747,7 +821,14 @@ impl Renderer {
             self.config.work_dir.clone(),
         );
         let checkout = tokio::task::spawn_blocking(move || {
-            prepare(&m, &commit, &s, (&limits, dir.as_deref()), &fetched)
+            prepare(
+                &m,
+                &commit,
+                &s,
+                (&limits, dir.as_deref()),
+                &fetched,
+                &remote,
+            )
         })
         .await
         .map_err(|e| RenderError::Io(format!("preparing the checkout: {e}")))??;
@@ -873,6 +954,7 @@ fn prepare(
     spec: &RenderSpec,
     (limits, work_dir): (&CheckoutLimits, Option<&Path>),
     fetched: &[(dependencies::Resolved, Vec<u8>)],
+    remote: &remote_plan::Plan,
 ) -> Result<Checkout, RenderError> {
     if let RenderSpec::Helm(h) = spec
         && h.from_repository()
@@ -886,7 +968,7 @@ fn prepare(
             .collect(),
         RenderSpec::Kustomize { .. } => Vec::new(),
     };
-    let checkout = Checkout::write(mirror, commit, limits, work_dir, &added)?;
+    let checkout = Checkout::write(mirror, commit, limits, work_dir, &added, remote)?;
     let read = |rel: &str| std::fs::read_to_string(checkout.repo.join(rel)).ok();
     match spec {
         RenderSpec::Kustomize { path } => checks::check_kustomizations(path, read)?,
@@ -923,7 +1005,8 @@ fn prepare_repository_chart(
             h.chart, h.repository
         )));
     };
-    let checkout = Checkout::write(mirror, commit, limits, work_dir, &[])?;
+    let none = remote_plan::Plan::default();
+    let checkout = Checkout::write(mirror, commit, limits, work_dir, &[], &none)?;
     write_scratch(&checkout, spec::CHART_ARCHIVE, archive)?;
     write_values(&checkout, h)?;
     Ok(checkout)
