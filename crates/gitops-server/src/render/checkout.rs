@@ -97,7 +97,7 @@ impl Checkout {
         for (m, c, root, path) in &links {
             checkout.write_link(m, c, root, path)?;
         }
-        checkout.check_links_resolved(links.iter().map(|l| join(&l.2, &l.3)))?;
+        checkout.check_links_resolved(&links)?;
         make_read_only(&checkout.repo)?;
         Ok(checkout)
     }
@@ -202,14 +202,17 @@ impl Checkout {
     }
 
     /// Names alone cannot see through chains (`a -> .`, `b -> a/..`): resolve every link as
-    /// the renderer's system calls would, now that all of them exist.
-    fn check_links_resolved(&self, links: impl Iterator<Item = String>) -> Result<(), RenderError> {
-        let root = fs::canonicalize(&self.repo).map_err(io("resolving", &self.repo))?;
-        for path in links {
+    /// the renderer's system calls would, now that all of them exist. Each must stay in its own
+    /// tree: a remote base's links never reach the project's files.
+    fn check_links_resolved(&self, links: &[Link]) -> Result<(), RenderError> {
+        for (_, _, root, path) in links {
+            let tree = self.repo.join(root);
+            let tree = fs::canonicalize(&tree).map_err(io("resolving", &tree))?;
+            let path = join(root, path);
             let resolved = fs::canonicalize(self.repo.join(&path));
             // A dangling link leads nowhere; its name was checked above.
             if let Ok(p) = resolved
-                && !p.starts_with(&root)
+                && !p.starts_with(&tree)
             {
                 let target = fs::read_link(self.repo.join(&path))
                     .map(|t| t.display().to_string())
@@ -347,6 +350,73 @@ fn io(what: &'static str, path: &Path) -> impl Fn(std::io::Error) -> RenderError
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A local repository's mirror at its head, for the checkout to read.
+    fn mirrored(repo: &tether_test_support::GitRepo, dir: &Path) -> (Mirror, CommitId) {
+        let remote = tether_git_source::Remote::local(&repo.dir);
+        let mirror = Mirror::open_or_init(dir, remote).unwrap();
+        mirror.fetch().unwrap();
+        let commit = mirror
+            .resolve(&tether_git_source::GitRef::DefaultBranch)
+            .unwrap();
+        (mirror, commit)
+    }
+
+    #[test]
+    fn a_remote_bases_links_stay_in_its_own_tree_even_through_chains() {
+        let tmp = tempfile::tempdir().unwrap();
+        let project = tether_test_support::GitRepo::init(&tmp.path().join("project"));
+        project.commit(
+            &[("app/kustomization.yaml", Some(b"resources: []\n"))],
+            "app",
+        );
+        let base = tether_test_support::GitRepo::init(&tmp.path().join("base"));
+        base.commit(&[("base/cm.yaml", Some(b"kind: ConfigMap\n"))], "base");
+        // Each link stays by name (`b/b/../..` is the root); through `b -> .` the kernel
+        // reaches two folders up, the project's own files.
+        std::os::unix::fs::symlink(".", base.dir.join("b")).unwrap();
+        std::os::unix::fs::symlink("b/b/../..", base.dir.join("a")).unwrap();
+        base.commit(&[], "links");
+        let (pm, pc) = mirrored(&project, &tmp.path().join("pm"));
+        let (bm, bc) = mirrored(&base, &tmp.path().join("bm"));
+        let plan = Plan {
+            grafts: vec![super::super::remote_plan::Graft {
+                root: format!("{MATERIALIZED_DIR}/x"),
+                repository: "https://h.example/base".into(),
+                mirror: bm,
+                commit: bc,
+            }],
+            rewritten: Default::default(),
+        };
+        let limits = CheckoutLimits {
+            max_entries: 100,
+            max_size: 1 << 20,
+        };
+        let work = tmp.path().join("work");
+        fs::create_dir_all(&work).unwrap();
+        let e = Checkout::write(&pm, &pc, &limits, Some(&work), &[], &plan).expect_err("refused");
+        match e {
+            RenderError::SymlinkEscapes { path, .. } => {
+                assert_eq!(path, format!("{MATERIALIZED_DIR}/x/a"));
+            }
+            other => panic!("{other}"),
+        }
+        base.commit_files(&[], &["a"], "no chain");
+        let (bm, bc) = mirrored(&base, &tmp.path().join("bm"));
+        let plan = Plan {
+            grafts: vec![super::super::remote_plan::Graft {
+                mirror: bm,
+                commit: bc,
+                ..plan.grafts[0].clone()
+            }],
+            rewritten: Default::default(),
+        };
+        let checkout = Checkout::write(&pm, &pc, &limits, Some(&work), &[], &plan).unwrap();
+        let graft = checkout.repo.join(MATERIALIZED_DIR).join("x");
+        assert!(graft.join("base/cm.yaml").is_file());
+        assert!(graft.join("b").is_symlink());
+        assert!(checkout.repo.join("app/kustomization.yaml").is_file());
+    }
 
     #[test]
     fn only_real_checkout_directories_are_swept_even_read_only_ones() {
