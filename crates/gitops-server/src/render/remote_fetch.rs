@@ -97,6 +97,10 @@ impl BaseFetcher {
             .fetch_async_within(self.timeout)
             .await
             .map_err(|e| format!("fetching {} failed: {e}", base.repository))?;
+        // Repacks once fetches piled packs up, as after a manifest project's fetch; apart from
+        // the rendering, which need not wait for it.
+        let maintained = mirror.clone();
+        tokio::spawn(async move { maintained.maintain_async().await });
         let id = resolve_ref(&mirror, base.git_ref.as_deref())?;
         Ok((mirror, id))
     }
