@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::control::{Controls, Directives, ResyncId, suspension_for};
 use crate::lag::ReconcileLag;
-use crate::render::{ManifestSource, RenderSpec, Renderer};
+use crate::render::{ChartNow, ManifestSource, RenderSpec, Renderer};
 use crate::reports::SyncStates;
 use crate::select::{Limits, Selection, manifests_at};
 
@@ -331,7 +331,15 @@ impl GitOpsService {
         if now.is_none() || now == offered.chart || offered.kas_failed.is_some() {
             return true;
         }
-        tracing::info!(agent_id = at.agent_id, project = %at.project.path, commit_id = %commit, version = now.as_ref().map(|r| r.version.as_str()), was = offered.chart.as_ref().map(|r| r.version.as_str()), "A new version of the chart of helm.repository: sending the commit rendered with it");
+        let version = |c: &Option<ChartNow>| c.as_ref().map(|c| c.resolved.version.clone());
+        if version(&now) == version(&offered.chart) {
+            // Its repository went away or came back: the agent's status says so (or stops
+            // saying so) now, not at the next commit.
+            let unreachable = now.as_ref().is_some_and(|c| c.stale);
+            tracing::info!(agent_id = at.agent_id, project = %at.project.path, commit_id = %commit, unreachable, "The chart repository of helm.repository is unreachable or back: sending the commit rendered anew");
+        } else {
+            tracing::info!(agent_id = at.agent_id, project = %at.project.path, commit_id = %commit, version = version(&now), was = version(&offered.chart), "A new version of the chart of helm.repository: sending the commit rendered with it");
+        }
         match self.send_commit(&at.offer(&mirror), commit).await {
             Delivery::Sent => {
                 offered.chart = now;
@@ -619,7 +627,7 @@ struct Offered {
     /// What the chart of a `helm.repository` entry resolved to when `last` was sent; `None`
     /// before kas sent one on this stream (the agent's version is unknown after it
     /// reconnected: the first recheck sends its commit again, with the version resolved then).
-    chart: Option<crate::render::dependencies::Resolved>,
+    chart: Option<ChartNow>,
 }
 
 /// When a stream of a `helm.repository` entry next asks which version its chart resolves to:

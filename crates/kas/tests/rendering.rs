@@ -968,6 +968,8 @@ struct ChartRepo {
     server: tokio::task::JoinHandle<()>,
     /// Each request kas made (by its User-Agent): whether it carried an `Authorization`.
     asked_by_kas: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
+    /// While set, connections are closed unanswered (a repository down, for a while).
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `authorization` or 401 (a private repository's answer to missing or wrong credentials).
@@ -989,8 +991,13 @@ impl ChartRepo {
         let root = dir.path().to_path_buf();
         let asked_by_kas = std::sync::Arc::<std::sync::Mutex<Vec<bool>>>::default();
         let asked = asked_by_kas.clone();
+        let down = std::sync::Arc::<std::sync::atomic::AtomicBool>::default();
+        let is_down = down.clone();
         let server = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
+                if is_down.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
                 let (root, asked) = (root.clone(), asked.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<_>| {
@@ -1035,7 +1042,13 @@ impl ChartRepo {
             port,
             server,
             asked_by_kas,
+            down,
         }
+    }
+
+    /// Takes the repository down (`true`: connections are closed unanswered) or back up.
+    fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The URL of the repository in the folder `name`.
@@ -1283,6 +1296,37 @@ async fn a_chart_of_an_allowed_repository_is_applied_with_values_from_git_and_ke
     assert_eq!(fetches("archive", "fetched").await, 1.0);
     assert!(fetches("archive", "cached").await >= 1.0);
     assert!(fetches("index", "stale").await >= 1.0);
+}
+
+/// The "unreachable" warning of a `helm.repository` entry follows its repository without a
+/// commit: kas sends the commit rendered anew when the repository goes away (the agent's
+/// status says so within the index's time to live) and when it is back (the warning goes).
+/// Before, the warning came only with the next commit, and stayed until the one after the
+/// repository was back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unreachable_warning_of_a_chart_repository_follows_it_without_a_commit() {
+    let charts = ChartRepo::start().await;
+    let env = TestEnv::from_env().expect("a running control plane");
+    charts.publish(&env, "stable", "1.1.0");
+    let url = charts.url("stable");
+    let entry = repository_entry(&url, "~1.1");
+    let (rig, c1, ns) = repository_rig("repoflap", &entry, &url, "1h").await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert!(s.warnings.is_empty(), "{s:?}");
+
+    let said = format!("chart repository {url} unreachable: using index fetched at ");
+    let warned = |s: &kas::api::SyncView| s.warnings.iter().any(|w| w.starts_with(&said));
+    charts.set_down(true);
+    let s = rig
+        .report("a sync saying the repository is down", warned)
+        .await;
+    assert_eq!((s.outcome, &s.commit_id), (ReportedOutcome::Succeeded, &c1));
+    charts.set_down(false);
+    let s = rig
+        .report("a sync no longer saying so", |s| s.warnings.is_empty())
+        .await;
+    assert_eq!((s.outcome, &s.commit_id), (ReportedOutcome::Succeeded, &c1));
+    assert_eq!(greeter_version(&rig.env, &ns), "1.1.0");
 }
 
 /// A kas restarted while the chart repository is down still renders the chart it resolved

@@ -475,6 +475,15 @@ impl Rendered {
     }
 }
 
+/// The chart of a `helm.repository` entry as resolved now: its version, and whether it was
+/// resolved from what kas kept because the repository could not be reached (renderings then
+/// carry the "unreachable" warning, so a change either way is sent to the agent anew).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChartNow {
+    pub resolved: dependencies::Resolved,
+    pub stale: bool,
+}
+
 /// A rendering, and what its user should know of how it was made (a chart repository that
 /// could not be read, so an earlier index was used). Not part of the cached rendering: the
 /// same rendering is fresh again once the repository answers.
@@ -767,12 +776,16 @@ impl Renderer {
 
     /// What the chart of a `helm.repository` entry resolves to now (`None`: `spec` is no such
     /// entry, or it does not resolve). Fetches the index only past `chart_index_ttl`, so
-    /// streams may ask at that pace to learn of a version published in the entry's range.
-    pub async fn resolve_chart(&self, spec: &RenderSpec) -> Option<dependencies::Resolved> {
+    /// streams may ask at that pace to learn of a version published in the entry's range, or
+    /// that its repository went away or came back.
+    pub async fn resolve_chart(&self, spec: &RenderSpec) -> Option<ChartNow> {
         match spec {
             RenderSpec::Helm(h) if h.from_repository() => {
-                let resolution = self.resolve_repository_chart(h).await.ok()?;
-                Some(resolution.1.resolved)
+                let (_, resolution) = self.resolve_repository_chart(h).await.ok()?;
+                Some(ChartNow {
+                    stale: resolution.stale.is_some(),
+                    resolved: resolution.resolved,
+                })
             }
             _ => None,
         }
