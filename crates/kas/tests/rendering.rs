@@ -1551,6 +1551,17 @@ struct RegistrySetup<'a> {
     storage: Option<&'a ChartRepo>,
 }
 
+impl<'a> RegistrySetup<'a> {
+    /// Behind tokens of `issuer`, helm logging in as `reader:s3cret`.
+    fn token_flow(issuer: &'a TokenIssuer) -> Self {
+        Self {
+            user: Some(("reader", "s3cret")),
+            issuer: Some(issuer),
+            storage: None,
+        }
+    }
+}
+
 /// The most tags the test registries answer per page (kas asks for more): a tag list of more
 /// versions than that takes several pages, linked by `Link` headers.
 const TAGS_PER_PAGE: usize = 2;
@@ -1617,7 +1628,7 @@ impl OciRegistry {
             std::fs::write(
                 &config,
                 format!(
-                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\ntags:\n  maxtags: {TAGS_PER_PAGE}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: tether-test\n{auth}{redirect}",
+                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\ntags:\n  maxtags: {TAGS_PER_PAGE}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: tether-test\n{auth}{redirect}",
                     data.display()
                 ),
             )
@@ -1688,15 +1699,58 @@ impl OciRegistry {
             helm(env, home, &login);
         }
         let archive = package_greeter(env, home, version, &home.join("packages"));
-        let to = self.location(path);
-        helm(
-            env,
-            home,
-            &["push", archive.to_str().unwrap(), &to, "--plain-http"],
-        );
+        self.push_archive(env, &archive, path);
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
             std::fs::read(&archive).unwrap(),
         ))
+    }
+
+    /// Pushes greeter `version` under `path` again, its chart changed (its ConfigMap says
+    /// `moved: "yes"`): the tag now names another manifest, as a tag moved on a registry.
+    fn push_moved(&self, env: &TestEnv, path: &str, version: &str) {
+        let home = self.dir.path();
+        let out = home.join("moved");
+        package_greeter(env, home, version, &out);
+        let template = home
+            .join("src")
+            .join(version)
+            .join("greeter/templates/configmap.yaml");
+        let mut text = std::fs::read_to_string(&template).unwrap();
+        text.push_str("  moved: \"yes\"\n");
+        std::fs::write(&template, text).unwrap();
+        let src = home.join("src").join(version).join("greeter");
+        helm(
+            env,
+            home,
+            &[
+                "package",
+                src.to_str().unwrap(),
+                "-d",
+                out.to_str().unwrap(),
+            ],
+        );
+        self.push_archive(env, &out.join(format!("greeter-{version}.tgz")), path);
+    }
+
+    /// Pushes the chart `archive` under `path` with the real helm.
+    fn push_archive(&self, env: &TestEnv, archive: &Path, path: &str) {
+        let to = self.location(path);
+        let archive = archive.to_str().unwrap();
+        helm(
+            env,
+            self.dir.path(),
+            &["push", archive, &to, "--plain-http"],
+        );
+    }
+
+    /// How many `method` requests kas (its User-Agent) sent for `what` (`/v2/<what>`), as
+    /// the registry's access log shows them.
+    fn kas_requests(&self, method: &str, what: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap();
+        let request = format!("\"{method} /v2/{what} ");
+        log.lines()
+            .filter(|l| l.contains(&request) && l.ends_with("\"tether-kas\""))
+            .count()
     }
 
     fn stop(&mut self) {
@@ -2037,6 +2091,11 @@ impl TokenIssuer {
         }
     }
 
+    /// How many tokens it issued to kas.
+    fn issued(&self) -> usize {
+        self.issued_to_kas.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The registry's `auth:` section trusting this issuer (its key in a JWKS file in `dir`).
     fn registry_auth(&self, dir: &Path) -> String {
         let jwks = dir.join("jwks.json");
@@ -2100,17 +2159,8 @@ async fn issue_token(
 async fn an_oci_registry_of_the_token_flow_is_read_with_a_token_its_realm_issues_to_kas() {
     let env = TestEnv::from_env().expect("a running control plane");
     let issuer = TokenIssuer::start().await;
-    let setup = RegistrySetup {
-        user: Some(("reader", "s3cret")),
-        issuer: Some(&issuer),
-        storage: None,
-    };
-    let registry = OciRegistry::start(&env, setup);
-    let issued = || {
-        issuer
-            .issued_to_kas
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
+    let registry = OciRegistry::start(&env, RegistrySetup::token_flow(&issuer));
+    let issued = || issuer.issued();
     let refusal = |location: &str| {
         format!(
             "chart repository {location} refused kas: its token issuer {}: answered 401 Unauthorized: it needs credentials",
@@ -2215,5 +2265,77 @@ async fn a_remote_base_of_an_allowed_repository_is_fetched_at_its_tag_and_others
         versions(&rig.env, &ns),
         before,
         "the last good commit stays"
+    );
+}
+
+/// Polite to registries counting pulls and token requests (Docker Hub counts each manifest
+/// `GET` as a pull and throttles past its limit): a `helm.repository` chart of a token-flow
+/// registry re-resolved every second (`chart_index_ttl: 0s`) has its manifest read once, then
+/// only asks with `HEAD` whether its tag still names it, and reuses its token instead of
+/// asking the realm again; the chart stays applied. Pushed again under the same tag (a moved
+/// tag: another manifest), it is read and its new objects applied without a commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_resolved_registry_chart_reads_its_manifest_only_when_its_tag_moved() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let issuer = TokenIssuer::start().await;
+    let registry = OciRegistry::start(&env, RegistrySetup::token_flow(&issuer));
+    registry.push(&env, "polite", "1.0.0");
+    let location = registry.location("polite");
+    let entry = repository_entry(&location, "1.0.0");
+    let values = |_: &str| greeter_values("hello");
+    let (extra, _secrets) = with_reader_credentials(&registry.allowing("polite"), &location);
+    let (rig, c1, ns) = started_rig("ocipolite", |_| entry, values, &extra, "1h").await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert_eq!(greeter_shows(&rig.env, &ns), ["1.0.0", "hello", "xl"]);
+
+    let manifest = "polite/greeter/manifests/1.0.0";
+    let heads = wait_for(
+        "five re-resolutions asking with HEAD",
+        Duration::from_secs(60),
+        || async {
+            let heads = registry.kas_requests("HEAD", manifest);
+            (heads >= 5).then_some(heads)
+        },
+    )
+    .await;
+    assert_eq!(
+        registry.kas_requests("GET", manifest),
+        1,
+        "the manifest read once, then {heads} HEADs"
+    );
+    let resolutions = rig
+        .kas
+        .metric("kas_gitops_chart_fetches_total{kind=\"index\",outcome=\"fetched\"}")
+        .await
+        .unwrap_or(0.0);
+    let issued = issuer.issued();
+    // A token lives 60 s (its issuer says no expires_in): at most one more within the test.
+    assert!(
+        resolutions >= 5.0 && issued <= 2,
+        "{issued} tokens asked for {resolutions} resolutions"
+    );
+    let reused = rig
+        .kas
+        .metric("kas_gitops_chart_fetches_total{kind=\"token\",outcome=\"cached\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(reused >= 5.0, "tokens reused {reused} times");
+    assert_eq!(greeter_shows(&rig.env, &ns), ["1.0.0", "hello", "xl"]);
+
+    registry.push_moved(&env, "polite", "1.0.0");
+    wait_for(
+        "the moved tag's chart applied",
+        Duration::from_secs(60),
+        || async {
+            let cm = get_json(&rig.env, &["get", "configmap", "shop-greeter", "-n", &ns])?;
+            (cm["data"]["moved"] == "yes").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        registry.kas_requests("GET", manifest),
+        2,
+        "read again once moved"
     );
 }

@@ -12,7 +12,7 @@ mod records;
 mod registry;
 
 use records::Recorded;
-use registry::Kept;
+use registry::{Kept, Tokens};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -163,6 +163,8 @@ pub struct ChartFetcher {
     /// The last resolution of each chart of a registry, by its record's file name: the tag
     /// list and manifest are read again only past `index_ttl`.
     oci: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Kept>>>>>,
+    /// Registry tokens, reused within their life (see [`Tokens`]).
+    tokens: Tokens,
     /// The registries read over plain HTTP (loopback ones only).
     plain_http: Vec<url::Url>,
     metrics: ChartFetchMetrics,
@@ -185,7 +187,7 @@ impl ChartFetchMetrics {
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         reg.register(
             "gitops_chart_fetches",
-            "Chart repository requests and cache uses for chart dependencies and helm.repository charts, by kind (index, archive) and outcome (fetched, cached, stale, recorded, failed, digest_mismatch; recorded: the repository could not be read and the resolution kept on disk was used)",
+            "Chart repository requests and cache uses for chart dependencies and helm.repository charts, by kind (index, archive, manifest, token, registry) and outcome (fetched, cached, stale, recorded, failed, digest_mismatch, unchanged, throttled; recorded: the repository could not be read and the resolution kept on disk was used; manifest unchanged: a HEAD showed the registry manifest kept is still its tag's, no GET; token cached: a registry token reused within its life; registry throttled: a 429 answer)",
             self.fetches.clone(),
         );
     }
@@ -239,6 +241,7 @@ impl ChartFetcher {
             indexes: Mutex::default(),
             recorded: Mutex::default(),
             oci: Mutex::default(),
+            tokens: Tokens::default(),
             plain_http,
             metrics: ChartFetchMetrics::default(),
         })
@@ -362,7 +365,7 @@ impl ChartFetcher {
         let resolved =
             dependencies::resolve(chart, &at.index, &at.url).map_err(Unresolved::NoVersion)?;
         if at.stale.is_none() {
-            self.record(chart, &resolved, at.fetched_at).await;
+            self.record(chart, &resolved, None, at.fetched_at).await;
         }
         let stale = at.stale.map(|error| Stale {
             repository: chart.repository.clone(),
@@ -482,10 +485,25 @@ impl ChartFetcher {
         url: &Url,
         accept: Option<&str>,
         authorization: Option<http::HeaderValue>,
+        limit: (u64, &str),
+    ) -> Result<Answer, Failure> {
+        self.send_as(http::Method::GET, url, accept, authorization, limit)
+            .await
+    }
+
+    /// As [`ChartFetcher::send`], with `method` (a `HEAD` is answered without a body).
+    async fn send_as(
+        &self,
+        method: http::Method,
+        url: &Url,
+        accept: Option<&str>,
+        authorization: Option<http::HeaderValue>,
         (max, limit): (u64, &str),
     ) -> Result<Answer, Failure> {
         let client = self.client.as_ref().map_err(Clone::clone)?;
-        let mut request = http::Request::get(url.as_str())
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(url.as_str())
             .header(http::header::USER_AGENT, "tether-kas")
             .body(Empty::new())
             .map_err(|e| e.to_string())?;

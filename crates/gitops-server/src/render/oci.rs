@@ -6,13 +6,14 @@
 //! challenges, tokens, manifests) say. The requests themselves are in [`super::fetch`].
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use serde::Deserialize;
 use url::Url;
 
 use tether_agent_config::chart_repository::{is_chart_name, oci_url};
 
-use super::dependencies::parse_version;
+use super::dependencies::{parse_version, sha256_hex};
 
 /// The manifest media type asked for (Helm pushes charts as OCI image manifests).
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -20,6 +21,9 @@ pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+jso
 pub const HELM_CONFIG_MEDIA_TYPE: &str = "application/vnd.cncf.helm.config.v1+json";
 /// The media type of the layer holding the chart's archive.
 pub const HELM_CHART_MEDIA_TYPE: &str = "application/vnd.cncf.helm.chart.content.v1.tar+gzip";
+
+/// The header a registry names a manifest's digest in (lowercase, as `http` names headers).
+pub const DIGEST_HEADER: &str = "docker-content-digest";
 
 /// Tags asked for per page of a tag list: a size every registry accepts (some refuse more).
 pub const TAG_PAGE: usize = 100;
@@ -321,17 +325,82 @@ struct TokenAnswer {
     token: Option<String>,
     #[serde(default)]
     access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// A token as its issuer answered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    pub token: String,
+    /// Its life in seconds, if the issuer said.
+    pub expires_in: Option<u64>,
 }
 
 /// The token of a token issuer's answer.
-pub fn parse_token(body: &[u8]) -> Result<String, String> {
+pub fn parse_token(body: &[u8]) -> Result<IssuedToken, String> {
     let answer: TokenAnswer = serde_json::from_slice(body)
         .map_err(|e| format!("its token issuer's answer cannot be read: {e}"))?;
-    answer
+    let token = answer
         .token
         .filter(|t| !t.is_empty())
         .or(answer.access_token.filter(|t| !t.is_empty()))
-        .ok_or_else(|| "its token issuer answered no token".to_owned())
+        .ok_or_else(|| "its token issuer answered no token".to_owned())?;
+    Ok(IssuedToken {
+        token,
+        expires_in: answer.expires_in,
+    })
+}
+
+/// A token's life when its issuer says none (the distribution spec's default).
+const DEFAULT_TOKEN_LIFE: u64 = 60;
+/// How long before its end a token stops being reused: counted from its receipt (after its
+/// issue), it must still be valid when the registry reads the request that carries it.
+const TOKEN_MARGIN: Duration = Duration::from_secs(10);
+
+/// How long a token issued with `expires_in` is reused, from its receipt: its life less a
+/// margin; zero (not reused) for a life within the margin.
+pub fn token_reuse(expires_in: Option<u64>) -> Duration {
+    Duration::from_secs(expires_in.unwrap_or(DEFAULT_TOKEN_LIFE)).saturating_sub(TOKEN_MARGIN)
+}
+
+/// What a registry's token is kept under: the registry it is sent to, the scope it grants,
+/// and a digest of the credential it was asked with (`None`: anonymously), so a credential
+/// rotated in its file is not served a token of the old one, and no secret is kept as a key.
+pub fn token_key(origin: &Url, scope: &str, credential: Option<&[u8]>) -> String {
+    let asker = credential.map_or_else(|| "anonymous".to_owned(), sha256_hex);
+    format!("{origin} {scope} {asker}")
+}
+
+/// The digest of a manifest's bytes, as registries name it (`sha256:<hex>`).
+pub fn manifest_digest(manifest: &[u8]) -> String {
+    format!("sha256:{}", sha256_hex(manifest))
+}
+
+/// Whether a `HEAD` of a tag's manifest answering `Docker-Content-Digest: answered` shows the
+/// manifest kept (of digest `kept`) is still the tag's, so it need not be read again: only the
+/// same well-formed SHA-256 digest does. Another digest (the tag moved), none, or another
+/// algorithm: the manifest is read again.
+pub fn same_manifest(kept: &str, answered: Option<&str>) -> bool {
+    let well_formed = |d: &str| {
+        d.strip_prefix("sha256:")
+            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    answered.is_some_and(|a| well_formed(a.trim()) && a.trim().eq_ignore_ascii_case(kept))
+        && well_formed(kept)
+}
+
+/// Why `who` (a registry, a token issuer) answered 429 Too Many Requests, with its
+/// `Retry-After` if any: it throttled kas, which reads it again at the next `chart_index_ttl`.
+pub fn throttled(who: &str, retry_after: Option<&str>) -> String {
+    let after = retry_after
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(|r| format!(", Retry-After: {r}"))
+        .unwrap_or_default();
+    format!(
+        "answered 429 Too Many Requests{after}: {who} throttled kas (its rate limit for this client); kas asks again at the next gitops.render.chart_index_ttl"
+    )
 }
 
 /// A chart manifest's layer holding the archive.
@@ -556,12 +625,88 @@ mod tests {
             assert!(e.contains(refused), "{e}");
         }
         assert_eq!(
-            parse_token(br#"{"token":"t1","access_token":"t2"}"#).unwrap(),
-            "t1"
+            parse_token(br#"{"token":"t1","access_token":"t2","expires_in":300}"#).unwrap(),
+            IssuedToken {
+                token: "t1".into(),
+                expires_in: Some(300)
+            }
         );
-        assert_eq!(parse_token(br#"{"access_token":"t2"}"#).unwrap(), "t2");
+        let oauth = parse_token(br#"{"access_token":"t2"}"#).unwrap();
+        assert_eq!((oauth.token.as_str(), oauth.expires_in), ("t2", None));
         assert!(parse_token(br#"{"token":""}"#).is_err());
         assert!(parse_token(b"nope").is_err());
+    }
+
+    #[test]
+    fn a_token_is_reused_until_shortly_before_it_expires_and_60_s_when_unsaid() {
+        assert_eq!(token_reuse(Some(300)), Duration::from_secs(290));
+        assert_eq!(
+            token_reuse(None),
+            Duration::from_secs(50),
+            "the spec's 60 s"
+        );
+        assert_eq!(token_reuse(Some(10)), Duration::ZERO, "within the margin");
+        assert_eq!(token_reuse(Some(0)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_token_is_kept_per_registry_scope_and_credential_never_under_its_secret() {
+        let r = Url::parse("https://registry.example.com/").unwrap();
+        let key = |origin: &Url, scope: &str, c: Option<&[u8]>| token_key(origin, scope, c);
+        let basic = key(&r, "repository:a:pull", Some(b"Basic cmVhZGVyOnMzY3JldA=="));
+        assert_eq!(
+            basic,
+            key(&r, "repository:a:pull", Some(b"Basic cmVhZGVyOnMzY3JldA=="))
+        );
+        assert!(!basic.contains("cmVhZGVyOnMzY3JldA"), "{basic}");
+        let rotated = key(&r, "repository:a:pull", Some(b"Basic cmVhZGVyOm5ldw=="));
+        let anonymous = key(&r, "repository:a:pull", None);
+        let other_scope = key(&r, "repository:b:pull", Some(b"Basic cmVhZGVyOnMzY3JldA=="));
+        let other = Url::parse("https://other.example.com/").unwrap();
+        let other_registry = key(&other, "repository:a:pull", None);
+        let all = [&basic, &rotated, &anonymous, &other_scope, &other_registry];
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn a_kept_manifest_is_reused_only_when_head_answers_its_very_digest() {
+        let kept = manifest_digest(b"{}");
+        assert_eq!(kept, format!("sha256:{}", sha256_hex(b"{}")));
+        assert!(same_manifest(&kept, Some(&kept)));
+        assert!(same_manifest(
+            &kept,
+            Some(&format!(
+                " {} ",
+                kept.to_uppercase().replacen("SHA256", "sha256", 1)
+            ))
+        ));
+        let moved = manifest_digest(b"{ }");
+        assert!(!same_manifest(&kept, Some(&moved)), "the tag moved");
+        assert!(!same_manifest(&kept, None), "no Docker-Content-Digest");
+        assert!(!same_manifest(&kept, Some("")));
+        let sha512 = format!("sha512:{}", "ab".repeat(64));
+        assert!(!same_manifest(&sha512, Some(&sha512)), "not SHA-256");
+        assert!(!same_manifest("sha256:x", Some("sha256:x")));
+    }
+
+    #[test]
+    fn a_429_says_who_throttled_kas_and_when_to_retry() {
+        let e = throttled("the registry registry-1.docker.io", Some(" 3600 "));
+        assert!(
+            e.starts_with(
+                "answered 429 Too Many Requests, Retry-After: 3600: the registry registry-1.docker.io throttled kas"
+            ),
+            "{e}"
+        );
+        let e = throttled("its token issuer https://auth.docker.io/token", None);
+        assert!(
+            e.starts_with("answered 429 Too Many Requests: its token issuer https://auth.docker.io/token throttled kas"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -23,11 +23,23 @@ pub struct Record {
     pub version: String,
     pub url: String,
     pub digest: String,
+    /// The digest of a registry chart's manifest (`sha256:<hex>`): a re-resolution choosing
+    /// the same tag asks only whether the tag still names it (`HEAD`), which registries
+    /// counting pulls do not count. Absent in records of index charts and of earlier kas
+    /// versions (their manifest is read once again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
 }
 
 impl Record {
-    /// The record of `chart` resolving to `resolved` in an index fetched at `fetched_at`.
-    pub fn new(chart: &Dependency, resolved: &Resolved, fetched_at: SystemTime) -> Self {
+    /// The record of `chart` resolving to `resolved` (of the registry manifest of digest
+    /// `manifest`) in an index fetched at `fetched_at`.
+    pub fn new(
+        chart: &Dependency,
+        resolved: &Resolved,
+        manifest: Option<String>,
+        fetched_at: SystemTime,
+    ) -> Self {
         Self {
             repository: chart.repository.clone(),
             chart: chart.name.clone(),
@@ -38,6 +50,7 @@ impl Record {
             version: resolved.version.clone(),
             url: resolved.url.clone(),
             digest: resolved.digest.clone(),
+            manifest,
         }
     }
 
@@ -129,7 +142,7 @@ mod tests {
     #[test]
     fn a_record_reads_back_as_its_resolution_only_for_the_chart_and_constraint_it_was_made_for() {
         let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let record = Record::new(&chart(">=1 <2"), &resolved(), at);
+        let record = Record::new(&chart(">=1 <2"), &resolved(), None, at);
         let bytes = record.encode();
         let back = Record::decode(&bytes, &chart(">=1 <2")).unwrap();
         assert_eq!(back.resolved(), resolved());
@@ -142,6 +155,19 @@ mod tests {
         let mut bad = record;
         bad.digest = "../../etc".into();
         assert!(Record::decode(&bad.encode(), &chart(">=1 <2")).is_none());
+    }
+
+    #[test]
+    fn a_registry_charts_record_keeps_its_manifest_and_earlier_records_still_read() {
+        let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let manifest = Some(format!("sha256:{}", "cd".repeat(32)));
+        let record = Record::new(&chart("~1.1"), &resolved(), manifest.clone(), at);
+        let back = Record::decode(&record.encode(), &chart("~1.1")).unwrap();
+        assert_eq!(back.manifest, manifest);
+        // As the previous version wrote it: no manifest; read, its manifest to be read again.
+        let earlier = br#"{"repository":"https://charts.example.com/stable","chart":"greeter","constraint":"~1.1","fetched_at":1700000000,"version":"1.1.0","url":"https://charts.example.com/stable/greeter-1.1.0.tgz","digest":"abababababababababababababababababababababababababababababababab"}"#;
+        let old = Record::decode(earlier, &chart("~1.1")).unwrap();
+        assert_eq!((old.resolved(), old.manifest), (resolved(), None));
     }
 
     #[test]

@@ -65,15 +65,17 @@ impl Recorded {
 }
 
 impl ChartFetcher {
-    /// Keeps on disk what `chart` resolved to in an index fetched at `fetched_at` (unless
-    /// that is what was last kept: then its use is renewed), and trims unused records.
+    /// Keeps on disk what `chart` resolved to (of the registry manifest `manifest`) in an
+    /// index fetched at `fetched_at` (unless that is what was last kept: then its use is
+    /// renewed), and trims unused records.
     pub(super) async fn record(
         &self,
         chart: &Dependency,
         resolved: &Resolved,
+        manifest: Option<String>,
         fetched_at: SystemTime,
     ) {
-        let record = Record::new(chart, resolved, fetched_at);
+        let record = Record::new(chart, resolved, manifest, fetched_at);
         self.keep_record(resolutions::file_name(chart), record)
             .await;
     }
@@ -212,7 +214,7 @@ mod tests {
             url: "https://charts.example.com/greeter.tgz".into(),
             digest: "ab".repeat(32),
         };
-        Record::new(&chart, &resolved, SystemTime::UNIX_EPOCH)
+        Record::new(&chart, &resolved, None, SystemTime::UNIX_EPOCH)
     }
 
     #[test]

@@ -4,9 +4,15 @@
 //! `Authorization` never sent to another host). Authentication: anonymous, or the credentials
 //! of `chart_repository_credentials` covering the `oci://` location; when the registry
 //! answers with a Bearer challenge, a token from its realm (asked with those credentials).
+//!
+//! Polite to registries that count or limit requests (Docker Hub counts each manifest `GET`
+//! as a pull, and limits them; most limit token requests): a re-resolution choosing the tag
+//! kept asks with a `HEAD` whether it still names the manifest kept, reading it again only
+//! when it moved; a token is reused within its life; a 429 says which registry throttled kas.
 
-use std::sync::{Arc, PoisonError};
-use std::time::{Instant, SystemTime};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use url::Url;
 
@@ -28,7 +34,53 @@ const MAX_REDIRECTS: usize = 5;
 pub(super) struct Kept {
     at: Instant,
     wall: SystemTime,
+    known: Known,
+}
+
+/// What a registry chart resolved to, and the digest of the manifest it was read in.
+#[derive(Debug, Clone)]
+struct Known {
     resolved: Resolved,
+    manifest: String,
+}
+
+/// Registry tokens by [`oci::token_key`], each with the moment it stops being reused: a
+/// re-resolution within a token's life sends it at once instead of asking its realm again.
+#[derive(Default)]
+pub(super) struct Tokens(Mutex<HashMap<String, (http::HeaderValue, Instant)>>);
+
+impl std::fmt::Debug for Tokens {
+    /// Never the tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens")
+    }
+}
+
+impl Tokens {
+    /// The token kept under `key`, unless its reuse ended by `now`.
+    fn get(&self, key: &str, now: Instant) -> Option<http::HeaderValue> {
+        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        all.get(key)
+            .filter(|(_, until)| now < *until)
+            .map(|(token, _)| token.clone())
+    }
+
+    /// Keeps `token` under `key` for `reuse` from `now` (not at all for zero). Tokens past
+    /// their reuse go, so the map holds live ones only (a rotated credential's old key is
+    /// never asked again).
+    fn keep(&self, key: &str, token: http::HeaderValue, now: Instant, reuse: Duration) {
+        let mut all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        all.retain(|_, (_, until)| now < *until);
+        if let Some(until) = now.checked_add(reuse).filter(|_| !reuse.is_zero()) {
+            all.insert(key.to_owned(), (token, until));
+        }
+    }
+
+    /// Drops the token of `key` (refused by its registry: revoked, or ended early).
+    fn forget(&self, key: &str) {
+        let mut all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        all.remove(key);
+    }
 }
 
 impl ChartFetcher {
@@ -46,19 +98,27 @@ impl ChartFetcher {
             .filter(|k| k.at.elapsed() < self.config.index_ttl)
         {
             self.metrics.count("index", "cached");
-            let resolved = k.resolved.clone();
+            let resolved = k.known.resolved.clone();
             return Ok(Resolution {
                 resolved,
                 stale: None,
             });
         }
-        let fetched = self.oci_fetch(chart).await;
+        let previous = match kept.as_ref() {
+            Some(k) => Some(k.known.clone()),
+            None => self.recorded(chart).await.and_then(|r| {
+                let manifest = r.manifest.clone()?;
+                let resolved = r.resolved();
+                Some(Known { resolved, manifest })
+            }),
+        };
+        let fetched = self.oci_fetch(chart, previous).await;
         if let Err(Unresolved::Failed(RenderError::ChartRepository { detail, .. })) = &fetched
             && let Some(k) = kept.as_ref()
         {
             self.metrics.count("index", "stale");
             return Ok(Resolution {
-                resolved: k.resolved.clone(),
+                resolved: k.known.resolved.clone(),
                 stale: Some(Stale {
                     repository: chart.repository.clone(),
                     fetched_at: k.wall,
@@ -66,7 +126,7 @@ impl ChartFetcher {
                 }),
             });
         }
-        let resolved = fetched.inspect_err(|e| {
+        let known = fetched.inspect_err(|e| {
             let denied = matches!(
                 e,
                 Unresolved::Failed(RenderError::ChartRepositoryDenied { .. })
@@ -76,11 +136,13 @@ impl ChartFetcher {
         })?;
         self.metrics.count("index", "fetched");
         let wall = SystemTime::now();
-        self.record(chart, &resolved, wall).await;
+        let manifest = Some(known.manifest.clone());
+        self.record(chart, &known.resolved, manifest, wall).await;
+        let resolved = known.resolved.clone();
         *kept = Some(Kept {
             at: Instant::now(),
             wall,
-            resolved: resolved.clone(),
+            known,
         });
         Ok(Resolution {
             resolved,
@@ -89,8 +151,13 @@ impl ChartFetcher {
     }
 
     /// `chart` resolved now: the newest tag in range, its manifest checked to be a Helm
-    /// chart's with a chart layer within `max_chart_size`.
-    async fn oci_fetch(&self, chart: &Dependency) -> Result<Resolved, Unresolved> {
+    /// chart's with a chart layer within `max_chart_size`. When that is the tag of
+    /// `previous` and a `HEAD` shows it still names the manifest read then, `previous`.
+    async fn oci_fetch(
+        &self,
+        chart: &Dependency,
+        previous: Option<Known>,
+    ) -> Result<Known, Unresolved> {
         let location = format!(
             "{}/{}",
             chart.repository.trim().trim_end_matches('/'),
@@ -112,11 +179,18 @@ impl ChartFetcher {
                 .map_err(Unresolved::NoVersion)?;
         let index_limit = (self.config.max_index_size, "max_chart_index_size");
         let url = target.manifest_url(&tag);
+        if let Some(p) = previous.filter(|p| p.resolved.url == target.tagged(&tag))
+            && session.unchanged(&url, &p.manifest).await.map_err(failed)?
+        {
+            self.metrics.count("manifest", "unchanged");
+            return Ok(p);
+        }
         let manifest = session
             .get(&url, Some(oci::MANIFEST_MEDIA_TYPE), index_limit)
             .await
             .and_then(success)
             .map_err(failed)?;
+        self.metrics.count("manifest", "fetched");
         let layer = oci::chart_layer(&manifest.body)
             .map_err(|e| Unresolved::NoVersion(format!("{} {version} ({tag}): {e}", chart.name)))?;
         let max = self.config.max_archive_size;
@@ -126,11 +200,15 @@ impl ChartFetcher {
                 chart.name, layer.size
             )));
         }
-        Ok(Resolved {
+        let resolved = Resolved {
             name: chart.name.clone(),
             version: version.to_string(),
             url: target.tagged(&tag),
             digest: layer.digest,
+        };
+        Ok(Known {
+            resolved,
+            manifest: oci::manifest_digest(&manifest.body),
         })
     }
 
@@ -227,8 +305,17 @@ struct Session<'a> {
     target: &'a OciChart,
     /// The credential covering the chart's `oci://` location, if any.
     credential: Option<&'a ChartCredential>,
-    /// The registry's token once a Bearer challenge was answered, sent instead.
+    /// The registry's token (reused, or issued once a Bearer challenge was answered), sent
+    /// instead.
     token: Option<http::HeaderValue>,
+    /// Whether a token kept was looked for (at the first request).
+    looked_up: bool,
+    /// Where its token is kept (see [`oci::token_key`]); none for a `token_file` credential,
+    /// which is sent as it is.
+    key: Option<String>,
+    /// Whether the token was issued to this session: a refusal of it is final, where one of a
+    /// token reused asks for a new token once.
+    issued: bool,
 }
 
 impl<'a> Session<'a> {
@@ -238,6 +325,9 @@ impl<'a> Session<'a> {
             target,
             credential: credential_for(&fetcher.config.credentials, &target.location),
             token: None,
+            looked_up: false,
+            key: None,
+            issued: false,
         }
     }
 
@@ -269,20 +359,53 @@ impl<'a> Session<'a> {
         )))
     }
 
-    /// A `GET` of `url` on the registry: with the token, else the credential; answered by a
-    /// Bearer challenge, again with a token from its realm. Any answer but a refusal.
+    /// Whether the manifest at `url` (a tag's) is still the one of digest `kept`, asked with a
+    /// `HEAD`, which registries counting pulls do not count. Any answer but a success naming
+    /// that digest says no: the manifest is read again.
+    async fn unchanged(&mut self, url: &Url, kept: &str) -> Result<bool, Failure> {
+        let limit = (self.fetcher.config.max_index_size, "max_chart_index_size");
+        let accept = Some(oci::MANIFEST_MEDIA_TYPE);
+        let answer = self.request(http::Method::HEAD, url, accept, limit).await?;
+        let digest = answer
+            .headers
+            .get(oci::DIGEST_HEADER)
+            .and_then(|d| d.to_str().ok());
+        Ok(answer.status.is_success() && oci::same_manifest(kept, digest))
+    }
+
+    /// A `GET` of `url` on the registry (see [`Session::request`]).
     async fn get(
         &mut self,
         url: &Url,
         accept: Option<&str>,
         limit: (u64, &str),
     ) -> Result<Answer, Failure> {
+        self.request(http::Method::GET, url, accept, limit).await
+    }
+
+    /// A request of `url` on the registry: with the token, else the credential; answered by a
+    /// Bearer challenge, again with a token from its realm (a token reused and refused is
+    /// dropped for a new one). Any answer but a refusal or a throttling.
+    async fn request(
+        &mut self,
+        method: http::Method,
+        url: &Url,
+        accept: Option<&str>,
+        limit: (u64, &str),
+    ) -> Result<Answer, Failure> {
+        self.reuse_token().await?;
+        let authorization = self.authorization().await?;
         let answer = self
             .fetcher
-            .send(url, accept, self.authorization().await?, limit)
+            .send_as(method.clone(), url, accept, authorization, limit)
             .await?;
-        if answer.status != http::StatusCode::UNAUTHORIZED || self.token.is_some() {
+        if answer.status != http::StatusCode::UNAUTHORIZED || self.issued {
             return self.checked(answer);
+        }
+        if self.token.take().is_some()
+            && let Some(key) = &self.key
+        {
+            self.fetcher.tokens.forget(key);
         }
         let challenges = answer
             .headers
@@ -293,11 +416,41 @@ impl<'a> Session<'a> {
             return self.checked(answer);
         };
         self.token = Some(self.token(&challenge).await?);
+        self.issued = true;
         let again = self
             .fetcher
-            .send(url, accept, self.token.clone(), limit)
+            .send_as(method, url, accept, self.token.clone(), limit)
             .await?;
         self.checked(again)
+    }
+
+    /// The token kept for this registry, scope and credential (its file read now), if its
+    /// reuse has not ended: looked for once, at the session's first request.
+    async fn reuse_token(&mut self) -> Result<(), Failure> {
+        if std::mem::replace(&mut self.looked_up, true) {
+            return Ok(());
+        }
+        let credential = match self.credential {
+            Some(c) if c.scheme() == Ok(Scheme::Bearer) => return Ok(()),
+            Some(c) => Some(self.fetcher.authorization(c).await?),
+            None => None,
+        };
+        let key = oci::token_key(
+            &self.target.origin,
+            &self.scope(),
+            credential.as_ref().map(http::HeaderValue::as_bytes),
+        );
+        self.token = self.fetcher.tokens.get(&key, Instant::now());
+        if self.token.is_some() {
+            self.fetcher.metrics.count("token", "cached");
+        }
+        self.key = Some(key);
+        Ok(())
+    }
+
+    /// The scope of a token kas asks for: reading the chart.
+    fn scope(&self) -> String {
+        format!("repository:{}:pull", self.target.name)
     }
 
     /// What the registry is sent: its token, else the credential, else nothing.
@@ -311,12 +464,33 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// `answer` unless it refuses kas (401, 403): then why, naming the credentials sent.
+    /// `answer` unless it refuses kas (401, 403): then why, naming the credentials sent; or
+    /// throttles it (429): then which registry.
     fn checked(&self, answer: Answer) -> Result<Answer, Failure> {
         if is_refusal(answer.status) {
             return Err(Failure::Denied(refusal(answer.status, self.credential)));
         }
-        Ok(answer)
+        self.unthrottled(answer, || {
+            let origin = &self.target.origin;
+            let host = origin.host_str().unwrap_or_default();
+            match origin.port() {
+                Some(port) => format!("the registry {host}:{port}"),
+                None => format!("the registry {host}"),
+            }
+        })
+    }
+
+    /// `answer` unless it is a 429 Too Many Requests: then that `who` throttled kas.
+    fn unthrottled(&self, answer: Answer, who: impl FnOnce() -> String) -> Result<Answer, Failure> {
+        if answer.status != http::StatusCode::TOO_MANY_REQUESTS {
+            return Ok(answer);
+        }
+        self.fetcher.metrics.count("registry", "throttled");
+        let retry_after = answer
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|r| r.to_str().ok());
+        Err(Failure::Other(oci::throttled(&who(), retry_after)))
     }
 
     /// A token for the chart from the realm of `challenge`, asked with the credential's user
@@ -332,8 +506,7 @@ impl<'a> Session<'a> {
                 self.credential,
             )));
         }
-        let scope = format!("repository:{}:pull", self.target.name);
-        let url = oci::token_url(challenge, &scope)?;
+        let url = oci::token_url(challenge, &self.scope())?;
         let authorization = self.authorization().await?;
         let limit = (self.fetcher.config.max_index_size, "max_chart_index_size");
         let answer = self
@@ -347,20 +520,64 @@ impl<'a> Session<'a> {
                 challenge.realm
             )));
         }
+        let issuer = || format!("its token issuer {}", challenge.realm);
+        let answer = self.unthrottled(answer, issuer)?;
         let answer = success(answer).map_err(|f| match f {
             Failure::Other(d) => {
                 Failure::Other(format!("its token issuer {}: {d}", challenge.realm))
             }
             other => other,
         })?;
-        let token = oci::parse_token(&answer.body)?;
-        let mut header = http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+        let issued = oci::parse_token(&answer.body)?;
+        let bearer = format!("Bearer {}", issued.token);
+        let mut header = http::HeaderValue::from_str(&bearer).map_err(|_| {
             format!(
                 "its token issuer {} answered a token an HTTP header cannot carry",
                 challenge.realm
             )
         })?;
         header.set_sensitive(true);
+        self.fetcher.metrics.count("token", "fetched");
+        if let Some(key) = &self.key {
+            let reuse = oci::token_reuse(issued.expires_in);
+            let tokens = &self.fetcher.tokens;
+            tokens.keep(key, header.clone(), Instant::now(), reuse);
+        }
         Ok(header)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_token_is_reused_until_its_reuse_ends_and_not_once_forgotten() {
+        let tokens = Tokens::default();
+        let t0 = Instant::now();
+        let token = http::HeaderValue::from_static("Bearer t");
+        let reuse = Duration::from_secs(50);
+        tokens.keep("a", token.clone(), t0, reuse);
+        assert_eq!(
+            tokens.get("a", t0 + reuse - Duration::from_millis(1)),
+            Some(token.clone())
+        );
+        assert_eq!(tokens.get("a", t0 + reuse), None, "its reuse ended");
+        assert_eq!(tokens.get("b", t0), None);
+        tokens.keep("z", token.clone(), t0, Duration::ZERO);
+        assert_eq!(
+            tokens.get("z", t0),
+            None,
+            "a life within the margin is not kept"
+        );
+        tokens.keep("b", token.clone(), t0, reuse);
+        tokens.forget("b");
+        assert_eq!(tokens.get("b", t0), None);
+        // Keeping one drops those past their reuse.
+        tokens.keep("c", token, t0 + reuse, reuse);
+        let all = tokens.0.lock().unwrap();
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["c"]);
+        assert!(!format!("{tokens:?}").contains("Bearer"));
     }
 }
