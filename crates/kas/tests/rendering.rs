@@ -2057,6 +2057,8 @@ struct TokenIssuer {
     url: String,
     key: std::sync::Arc<SigningKey>,
     issued_to_kas: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Set: it answers 429 Too Many Requests (Retry-After: 120), as a rate-limited realm.
+    throttling: std::sync::Arc<std::sync::atomic::AtomicBool>,
     _server: tokio::task::JoinHandle<()>,
 }
 
@@ -2064,6 +2066,7 @@ struct TokenIssuer {
 struct IssuerState {
     key: std::sync::Arc<SigningKey>,
     issued_to_kas: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    throttling: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 const TOKEN_ISSUER: &str = "tether-test-issuer";
@@ -2076,6 +2079,7 @@ impl TokenIssuer {
         let state = IssuerState {
             key: std::sync::Arc::new(SigningKey::new("registry-key")),
             issued_to_kas: std::sync::Arc::default(),
+            throttling: std::sync::Arc::default(),
         };
         let app = axum::Router::new()
             .route("/token", axum::routing::get(issue_token))
@@ -2087,6 +2091,7 @@ impl TokenIssuer {
             url,
             key: state.key,
             issued_to_kas: state.issued_to_kas,
+            throttling: state.throttling,
             _server: server,
         }
     }
@@ -2117,6 +2122,10 @@ async fn issue_token(
     headers: http::HeaderMap,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    if s.throttling.load(std::sync::atomic::Ordering::SeqCst) {
+        let retry = [(http::header::RETRY_AFTER, "120")];
+        return (http::StatusCode::TOO_MANY_REQUESTS, retry, "{}").into_response();
+    }
     // base64("reader:s3cret")
     let basic = "Basic cmVhZGVyOnMzY3JldA==";
     let authorized = headers
@@ -2268,6 +2277,30 @@ async fn a_remote_base_of_an_allowed_repository_is_fetched_at_its_tag_and_others
     );
 }
 
+/// A registry behind `issuer`'s tokens with greeter 1.0.0 pushed under `path`, and a rig of a
+/// `helm.repository` entry for it (kas with the credentials `reader:s3cret` for it, its
+/// password in the folder returned, Git fetched every `git_poll`), synced: greeter 1.0.0
+/// applied, saying `hello`.
+async fn token_flow_chart_rig(
+    env: &TestEnv,
+    issuer: &TokenIssuer,
+    path: &str,
+    git_poll: &'static str,
+) -> (OciRegistry, Rig, String, tempfile::TempDir) {
+    let registry = OciRegistry::start(env, RegistrySetup::token_flow(issuer));
+    registry.push(env, path, "1.0.0");
+    let location = registry.location(path);
+    let entry = repository_entry(&location, "1.0.0");
+    let values = |_: &str| greeter_values("hello");
+    let (extra, secrets) = with_reader_credentials(&registry.allowing(path), &location);
+    let prefix = format!("oci{path}");
+    let (rig, c1, ns) = started_rig(&prefix, |_| entry, values, &extra, git_poll).await;
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert_eq!(greeter_shows(&rig.env, &ns), ["1.0.0", "hello", "xl"]);
+    (registry, rig, ns, secrets)
+}
+
 /// Polite to registries counting pulls and token requests (Docker Hub counts each manifest
 /// `GET` as a pull and throttles past its limit): a `helm.repository` chart of a token-flow
 /// registry re-resolved every second (`chart_index_ttl: 0s`) has its manifest read once, then
@@ -2278,16 +2311,7 @@ async fn a_remote_base_of_an_allowed_repository_is_fetched_at_its_tag_and_others
 async fn a_re_resolved_registry_chart_reads_its_manifest_only_when_its_tag_moved() {
     let env = TestEnv::from_env().expect("a running control plane");
     let issuer = TokenIssuer::start().await;
-    let registry = OciRegistry::start(&env, RegistrySetup::token_flow(&issuer));
-    registry.push(&env, "polite", "1.0.0");
-    let location = registry.location("polite");
-    let entry = repository_entry(&location, "1.0.0");
-    let values = |_: &str| greeter_values("hello");
-    let (extra, _secrets) = with_reader_credentials(&registry.allowing("polite"), &location);
-    let (rig, c1, ns) = started_rig("ocipolite", |_| entry, values, &extra, "1h").await;
-    let s = rig.synced_in("group/manifests", &c1).await;
-    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
-    assert_eq!(greeter_shows(&rig.env, &ns), ["1.0.0", "hello", "xl"]);
+    let (registry, rig, ns, _secrets) = token_flow_chart_rig(&env, &issuer, "polite", "1h").await;
 
     let manifest = "polite/greeter/manifests/1.0.0";
     let heads = wait_for(
@@ -2338,4 +2362,38 @@ async fn a_re_resolved_registry_chart_reads_its_manifest_only_when_its_tag_moved
         2,
         "read again once moved"
     );
+}
+
+/// A registry's realm throttling kas (429 Too Many Requests, as Docker Hub's past its pull
+/// limit) while kas restarted: the rendering uses the resolution kept on disk, warning that
+/// the realm throttled kas and when to retry; the chart stays applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_throttling_kas_is_named_and_the_resolution_kept_is_used() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let issuer = TokenIssuer::start().await;
+    let (_registry, mut rig, ns, _secrets) =
+        token_flow_chart_rig(&env, &issuer, "throttled", "300ms").await;
+
+    issuer
+        .throttling
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    rig.kas.restart().await;
+    let c2 = rig.manifests.commit(
+        &[("env/greeter.yaml", Some(b"greeting: bonjour\n"))],
+        "bonjour",
+    );
+    let s = rig.synced_in("group/manifests", &c2).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert_eq!(greeter_shows(&rig.env, &ns), ["1.0.0", "bonjour", "xl"]);
+    let said = format!(
+        "answered 429 Too Many Requests, Retry-After: 120: its token issuer {} throttled kas",
+        issuer.url
+    );
+    assert!(
+        s.warnings.iter().any(|w| w.contains(&said)),
+        "{said:?} not in {:?}",
+        s.warnings
+    );
+    let series = "kas_gitops_chart_fetches_total{kind=\"registry\",outcome=\"throttled\"}";
+    assert!(rig.kas.metric(series).await.unwrap_or(0.0) >= 1.0);
 }
