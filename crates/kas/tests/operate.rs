@@ -1122,6 +1122,38 @@ async fn reconcile_of_an_agent_named_by_project_while_kas_is_down_waits_for_kas(
     reconcile_while_kas_is_down("recdownn", |_| "group/config:seed".into()).await;
 }
 
+/// `kas agent reconcile --wait` of an agent that is offline ends by its `--timeout` with exit
+/// 4 naming the project no stream heard (it ended with exit 1, "kas did not answer the
+/// reconcile request": kas waited for the agent's stream exactly as long as the command).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_of_an_offline_agent_exits_4_naming_the_project_unheard() {
+    let (mut rig, _ns, _c1) = configmap_rig("recoff").await;
+    rig.agent.kill9();
+    let out = rig
+        .kas
+        .cli()
+        .args([
+            "agent",
+            "reconcile",
+            &agent_name(&rig),
+            "--wait",
+            "--timeout",
+            "5s",
+        ])
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(4), "{all}");
+    assert!(
+        all.contains("group/manifests: agent") && all.contains("has no GitOps stream for it"),
+        "{all}"
+    );
+}
+
 async fn reconcile_while_kas_is_down(prefix: &str, agent: fn(&Rig) -> String) {
     let (mut rig, _ns, c1) = configmap_rig(prefix).await;
     rig.kas.kill9();

@@ -390,12 +390,25 @@ fn finish(outcome: Outcome) -> Result<()> {
 }
 
 /// The request, letting kas wait for the configuration in force and the agent's streams
-/// until `deadline`.
+/// until shortly before `deadline`: kas must have time to answer before this side gives up,
+/// or an offline agent read "kas did not answer" (exit 1) instead of "no GitOps stream"
+/// (exit 4).
 fn request(project: Option<String>, deadline: Instant) -> ReconcileRequest {
     let left = deadline.saturating_duration_since(Instant::now());
     ReconcileRequest {
         project,
-        wait_ms: Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX)),
+        wait_ms: Some(u64::try_from(kas_wait(left).as_millis()).unwrap_or(u64::MAX)),
+    }
+}
+
+/// How long kas may wait of the `left` before the command's deadline (pure): all but the
+/// time its answer needs to arrive, a second, or half of what is left when that is short.
+fn kas_wait(left: Duration) -> Duration {
+    const ANSWER_TIME: Duration = Duration::from_secs(1);
+    if left >= ANSWER_TIME * 2 {
+        left - ANSWER_TIME
+    } else {
+        left / 2
     }
 }
 
@@ -924,6 +937,17 @@ mod tests {
             progress_line(&p),
             "group/manifests: synchronizing commit 0123456789ab: 3 object(s) so far, 1 Current, 1 failed"
         );
+    }
+
+    #[test]
+    fn kas_is_given_time_to_answer_before_the_deadline() {
+        assert_eq!(kas_wait(Duration::from_secs(20)), Duration::from_secs(19));
+        assert_eq!(kas_wait(Duration::from_secs(2)), Duration::from_secs(1));
+        assert_eq!(
+            kas_wait(Duration::from_millis(800)),
+            Duration::from_millis(400)
+        );
+        assert_eq!(kas_wait(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]
