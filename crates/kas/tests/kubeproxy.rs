@@ -923,6 +923,58 @@ async fn a_watch_its_client_ends_frees_the_agents_tunnel_stream_at_once() {
     let _ = other_watch.wait();
 }
 
+/// A watch through kas ends soon after the agent's connection to the API server breaks (the
+/// API server restarted or killed, the network between them cut), so its client watches again
+/// instead of missing events. It stayed open 30 s: agentk, cut mid-answer, waited for kas to
+/// end the tunnel stream, while kas waited for the rest of the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_through_kas_ends_soon_after_the_agents_connection_to_the_api_server_breaks() {
+    let mut s = setup().await;
+    // Another agentk, reaching the API server through a relay that can be cut; the first one
+    // stops, so the watch goes through the relay.
+    let api_port: u16 = s.env.server.rsplit(':').next().unwrap().parse().unwrap();
+    let relay = tether_test_support::net::SeveringRelay::start(api_port).await;
+    let relayed = s.dir.path().join("relayed.kubeconfig");
+    let kubeconfig = std::fs::read_to_string(&s.agent_kubeconfig).unwrap();
+    let through_relay = format!("https://127.0.0.1:{}", relay.port);
+    std::fs::write(&relayed, kubeconfig.replace(&s.env.server, &through_relay)).unwrap();
+    let args = ["--kubeconfig", relayed.to_str().unwrap()];
+    let url = s.kas.url("grpc");
+    let _relayed_agent = Agent::start_with(s.dir.path(), "proxy-r", &url, &s.token, None, &args);
+    s._agent.stop();
+    wait_for(
+        "only the relayed agentk connected",
+        Duration::from_secs(30),
+        || async {
+            let a = s.kas.agent(s.agent_id).await;
+            let pods: Vec<&str> = a.connections.iter().map(|c| c.pod_name.as_str()).collect();
+            (pods == ["proxy-r"]).then_some(())
+        },
+    )
+    .await;
+    let alice = s
+        .kas
+        .admin
+        .create_user_token(s.agent_id, &user_token_request("alice"))
+        .await
+        .unwrap();
+    let (mut watch, rx) = spawn_watch(
+        &s,
+        &format!("pat:{}:{}", s.agent_id, alice.token),
+        &s.allowed,
+    );
+    wait_watches_see(&s, "relayed", &[&rx]).await;
+
+    relay.sever();
+    let t0 = Instant::now();
+    wait_for("the watch to end", Duration::from_secs(10), || {
+        let ended = watch.try_wait().unwrap().is_some();
+        async move { ended.then_some(()) }
+    })
+    .await;
+    eprintln!("the watch ended {:?} after the cut", t0.elapsed());
+}
+
 /// Tunnel streams agentk counts busy (requests it serves), `-1` when unreadable.
 async fn busy_streams(s: &Setup) -> f64 {
     s._agent

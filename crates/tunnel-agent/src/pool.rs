@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
-use tether_protocol::frames::{FrameReader, FrameWriter, Pipe};
+use tether_protocol::frames::{FrameReader, FrameWriter, OutFrame, Pipe};
 use tether_protocol::metadata;
 use tether_protocol::returning::{Ended, Returning};
 use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
@@ -883,6 +883,16 @@ async fn reusable(
         }
     } else if clean {
         return Some((frames, ended.sender?));
+    }
+    if !ended.closed
+        && let Some(tx) = &ended.sender
+    {
+        // This side ended mid-answer (the API server's connection broke under a watch): kas
+        // still waits for the rest, and the drain below for kas, until its timeout (a watch
+        // through kas stayed open 30 s, its client missing every event). The close tells kas
+        // that the answer ends here, after every byte sent before it; kas then fails the
+        // answer (cut short) and ends the stream.
+        let _ = tx.try_send(<AgentFrame as OutFrame>::close_send());
     }
     drain(frames, service).await;
     None
