@@ -124,7 +124,12 @@ impl GitDaemon {
     /// Starts the daemon and waits (up to 10 s) until it accepts connections.
     pub fn start(base: &Path) -> GitDaemon {
         // git daemon cannot report a port it chose, hence the (documented) race.
-        let port = crate::net::unused_port();
+        Self::start_on(base, crate::net::unused_port())
+    }
+
+    /// [`GitDaemon::start`] on `port`: a daemon stopped and started again at the same URLs,
+    /// for a repository that goes down and comes back.
+    pub fn start_on(base: &Path, port: u16) -> GitDaemon {
         let child = Command::new("git")
             .args([
                 "daemon",
