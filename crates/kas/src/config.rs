@@ -269,6 +269,10 @@ pub struct Render {
     /// remote Kustomize bases from (itself, before rendering, anonymously); empty: none, a
     /// kustomization naming one is refused.
     pub remote_bases: Vec<String>,
+    /// A remote base's repository fetched less than this ago is not fetched again (concurrent
+    /// renderings share one fetch whatever it is).
+    #[serde(with = "humantime_serde")]
+    pub remote_base_fetch_interval: Duration,
 }
 
 impl Default for Render {
@@ -300,6 +304,7 @@ impl Default for Render {
             chart_cache_dir: d.charts.cache_dir,
             chart_cache_size: d.charts.cache_size,
             remote_bases: d.remote_bases.allowed,
+            remote_base_fetch_interval: d.remote_bases.fetch_interval,
         }
     }
 }
@@ -352,6 +357,7 @@ impl Render {
                 // Beside the manifest projects' mirrors' default folder, never in it: kas
                 // sweeps that one of mirrors no project uses.
                 cache_dir: Some(data_dir.join("remote-bases")),
+                fetch_interval: self.remote_base_fetch_interval,
                 ..tether_gitops_server::RemoteBaseConfig::default()
             },
         }
@@ -1092,6 +1098,16 @@ mod tests {
             .to_string();
             assert!(e.contains("gitops.render.remote_bases"), "{e}");
         }
+    }
+
+    #[test]
+    fn remote_bases_are_fetched_at_most_once_a_minute_unless_set_otherwise() {
+        let c = parse("data_dir: /d\n").expect("valid");
+        let bases = c.gitops.render.config(&c.data_dir).remote_bases;
+        assert_eq!(bases.fetch_interval, Duration::from_secs(60));
+        let c = parse("gitops:\n  render:\n    remote_base_fetch_interval: 0s\n").expect("valid");
+        let bases = c.gitops.render.config(&c.data_dir).remote_bases;
+        assert_eq!(bases.fetch_interval, Duration::ZERO);
     }
 
     #[test]

@@ -2184,6 +2184,67 @@ async fn an_oci_registry_of_the_token_flow_is_read_with_a_token_its_realm_issues
     );
 }
 
+/// While a remote base's repository cannot be reached, a new commit of the manifest project is
+/// still applied, the base rendered at the commit kas fetched before, with a warning naming the
+/// repository, the ref and that commit; the warning goes at the next rendering once the
+/// repository answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_base_whose_repository_is_down_is_rendered_at_the_commit_held_with_a_warning() {
+    let work = tempfile::tempdir().unwrap();
+    let upstream = upstream_repo(work.path(), "upstream", "nginx:1.27");
+    upstream.git(&["tag", "v1.0.0"]);
+    let tagged = upstream.head();
+    let served = work.path().join("git");
+    let daemon = GitDaemon::start(&served);
+    let (port, url) = (daemon.port, daemon.url("upstream"));
+    // Every rendering fetches: the one after the repository is back must not reuse the failure.
+    let render = format!("    remote_bases:\n    - {url}\n    remote_base_fetch_interval: 0s\n");
+    let base = format!("{url}//base?ref=v1.0.0");
+    let entry = |_: &str| "    kustomize:\n      path: overlays/prod\n".to_owned();
+    let overlay = |ns: &str| remote_overlay(&format!("{ns}-prod"), &base);
+    let (rig, c1, ns) = rendering_rig("rbasedown", entry, overlay, &render).await;
+    let ns = format!("{ns}-prod");
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert!(s.warnings.is_empty(), "{s:?}");
+
+    drop(daemon);
+    let replicas = |n: u32, why: &str| {
+        let patch = replicas_patch(n);
+        rig.manifests.commit(
+            &[("overlays/prod/replicas.yaml", Some(patch.as_bytes()))],
+            why,
+        )
+    };
+    let c2 = replicas(4, "4 replicas while the base's repository is down");
+    let s = rig.synced_in("group/manifests", &c2).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let said = format!("remote base repository {url} unreachable since ");
+    let warning = s.warnings.iter().find(|w| w.starts_with(&said));
+    let warning = warning.unwrap_or_else(|| panic!("{said:?} not in {:?}", s.warnings));
+    let used = format!("v1.0.0 rendered at commit {tagged} fetched earlier");
+    assert!(warning.contains(&used), "{used:?} not in {warning:?}");
+    assert!(rig.kas.log().contains(&said), "kas logs {said:?}");
+    let d = get_json(&rig.env, &["get", "deployment", "web", "-n", &ns]).unwrap();
+    assert_eq!(d["spec"]["replicas"], 4, "the new commit is applied");
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"], "nginx:1.27",
+        "the base at the commit held"
+    );
+
+    let _back = GitDaemon::start_on(&served, port);
+    let c3 = replicas(5, "5 replicas once the base's repository is back");
+    let s = rig.synced_in("group/manifests", &c3).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert!(s.warnings.is_empty(), "{s:?}");
+    let fetches = |outcome: &str| {
+        let series = format!("kas_gitops_remote_base_fetches_total{{outcome=\"{outcome}\"}}");
+        let kas = &rig.kas;
+        async move { kas.metric(&series).await.unwrap_or(0.0) }
+    };
+    assert!(fetches("stale").await >= 1.0);
+    assert!(fetches("fetched").await >= 2.0);
+}
+
 /// A repository of a base served by `git daemon` (under `git/<name>` of `dir`): a Deployment
 /// of `image` and, from a folder beside the base, a ConfigMap.
 fn upstream_repo(dir: &Path, name: &str, image: &str) -> GitRepo {

@@ -386,7 +386,7 @@ mod tests {
                 mirror: bm,
                 commit: bc,
             }],
-            rewritten: Default::default(),
+            ..Plan::default()
         };
         let limits = CheckoutLimits {
             max_entries: 100,
@@ -409,7 +409,7 @@ mod tests {
                 commit: bc,
                 ..plan.grafts[0].clone()
             }],
-            rewritten: Default::default(),
+            ..Plan::default()
         };
         let checkout = Checkout::write(&pm, &pc, &limits, Some(&work), &[], &plan).unwrap();
         let graft = checkout.repo.join(MATERIALIZED_DIR).join("x");

@@ -485,7 +485,8 @@ pub struct ChartNow {
 }
 
 /// A rendering, and what its user should know of how it was made (a chart repository that
-/// could not be read, so an earlier index was used). Not part of the cached rendering: the
+/// could not be read, so an earlier index was used; a remote base's repository that could not be
+/// fetched, so a commit held from an earlier fetch was used). Not part of the cached rendering: the
 /// same rendering is fresh again once the repository answers.
 #[derive(Debug, Clone)]
 pub struct Output {
@@ -608,10 +609,13 @@ impl Renderer {
         &self.config
     }
 
-    /// Registers the renderers' own metrics (chart dependency fetches).
+    /// Registers the renderers' own metrics (chart dependency and remote base fetches).
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         if let Some(charts) = &self.charts {
             charts.metrics().register(reg);
+        }
+        if let Some(bases) = &self.bases {
+            bases.metrics().register(reg);
         }
     }
 
@@ -632,13 +636,15 @@ impl Renderer {
             }
             _ => (Vec::new(), Vec::new()),
         };
-        let remote = match spec {
+        let mut remote = match spec {
             RenderSpec::Kustomize { path } => {
                 let max = self.config.checkout.max_size;
                 remote_plan::plan(self.bases.as_ref(), mirror, commit, path, max).await?
             }
             RenderSpec::Helm(_) => remote_plan::Plan::default(),
         };
+        let mut warnings = warnings;
+        warnings.append(&mut remote.warnings);
         let resolved = fetched.iter().map(|(r, _)| r.clone()).collect();
         let key = (
             mirror.dir().to_path_buf(),

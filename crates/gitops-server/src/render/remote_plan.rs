@@ -11,7 +11,7 @@ use tether_git_source::{CommitId, Mirror};
 use super::RenderError;
 use super::checks::{self, RemoteRef};
 use super::remote_bases::{self, NotABase, RemoteBase};
-use super::remote_fetch::BaseFetcher;
+use super::remote_fetch::{BaseFetcher, StaleBase};
 
 /// A remote base's repository at the commit resolved, and where it goes in the checkout.
 #[derive(Debug, Clone)]
@@ -34,6 +34,10 @@ pub struct Plan {
     /// Kustomizations whose copy names local folders instead of remote bases: checkout path,
     /// new text.
     pub rewritten: BTreeMap<String, String>,
+    /// Bases rendered at a commit held from an earlier fetch, their repository unreachable
+    /// (see [`StaleBase::warning`]); not part of the key: the same rendering is fresh again
+    /// once the repository answers.
+    pub warnings: Vec<String>,
 }
 
 impl Plan {
@@ -83,7 +87,7 @@ pub async fn plan(
         let mut replaced: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
         for r in found {
             let (base, fetcher) = allowed_base(fetcher, &site, &r, depth)?;
-            let (m, id) =
+            let resolved =
                 fetcher
                     .resolve(&base)
                     .await
@@ -92,6 +96,9 @@ pub async fn plan(
                         reference: r.reference.clone(),
                         detail,
                     })?;
+            let (m, id) = (resolved.mirror, resolved.commit);
+            plan.warnings
+                .extend(resolved.stale.as_ref().map(StaleBase::warning));
             let root = remote_bases::materialized_root(&base.repository, &id.to_hex());
             let file_dir = r.file.rsplit_once('/').map_or("", |(d, _)| d);
             let local =
@@ -132,6 +139,8 @@ pub async fn plan(
         }
     }
     plan.grafts.sort_by(|a, b| a.root.cmp(&b.root));
+    plan.warnings.sort();
+    plan.warnings.dedup();
     Ok(plan)
 }
 
