@@ -392,6 +392,86 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// A fetcher of the repositories `daemon` serves, fetching at most once per `interval`,
+    /// and the base at `git_ref` of its repository `upstream`.
+    fn fetcher(
+        root: &std::path::Path,
+        daemon: &tether_test_support::GitDaemon,
+        interval: Duration,
+        git_ref: &str,
+    ) -> (BaseFetcher, RemoteBase) {
+        let config = RemoteBaseConfig {
+            allowed: vec![daemon.url("upstream")],
+            cache_dir: Some(root.join("bases")),
+            fetch_interval: interval,
+            ..RemoteBaseConfig::default()
+        };
+        let base = RemoteBase {
+            repository: daemon.url("upstream"),
+            path: String::new(),
+            git_ref: Some(git_ref.into()),
+        };
+        (BaseFetcher::new(&config).unwrap(), base)
+    }
+
+    /// A repository under `root/git/upstream` with one commit tagged `v1`.
+    fn upstream(root: &std::path::Path) -> tether_test_support::GitRepo {
+        let repo = tether_test_support::GitRepo::init(&root.join("git").join("upstream"));
+        repo.commit(
+            &[("kustomization.yaml", Some(b"resources: []\n"))],
+            "a base",
+        );
+        repo.git(&["tag", "v1"]);
+        repo
+    }
+
+    fn counted(f: &BaseFetcher, outcome: &'static str) -> u64 {
+        f.metrics()
+            .fetches
+            .get_or_create(&OutcomeLabel { outcome })
+            .get()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_resolutions_of_one_repository_share_one_fetch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = upstream(tmp.path());
+        let daemon = tether_test_support::GitDaemon::start(&tmp.path().join("git"));
+        let (f, base) = fetcher(tmp.path(), &daemon, Duration::ZERO, "v1");
+        let (a, b) = tokio::join!(f.resolve(&base), f.resolve(&base));
+        let head = repo.head();
+        assert_eq!(a.unwrap().commit.to_hex(), head);
+        assert_eq!(b.unwrap().commit.to_hex(), head);
+        assert_eq!((counted(&f, "fetched"), counted(&f, "reused")), (1, 1));
+        // Asked after that fetch ended, with no interval: fetched again.
+        f.resolve(&base).await.unwrap();
+        assert_eq!(counted(&f, "fetched"), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repository_is_not_fetched_again_within_the_interval_unless_a_ref_is_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = upstream(tmp.path());
+        let daemon = tether_test_support::GitDaemon::start(&tmp.path().join("git"));
+        let (f, base) = fetcher(tmp.path(), &daemon, Duration::from_secs(3600), "v1");
+        f.resolve(&base).await.unwrap();
+        f.resolve(&base).await.unwrap();
+        assert_eq!((counted(&f, "fetched"), counted(&f, "reused")), (1, 1));
+        let v2 = repo.commit(&[("extra.yaml", Some(b"{}\n"))], "more");
+        repo.git(&["tag", "v2"]);
+        let newer = RemoteBase {
+            git_ref: Some("v2".into()),
+            ..base
+        };
+        let got = f.resolve(&newer).await.unwrap();
+        assert_eq!(
+            got.commit.to_hex(),
+            v2,
+            "a tag the mirror lacks is fetched at once"
+        );
+        assert_eq!(counted(&f, "fetched"), 2);
+    }
+
     #[test]
     fn a_fetch_is_reused_within_the_interval_or_when_it_ended_while_the_resolution_waited() {
         let t0 = Instant::now();
