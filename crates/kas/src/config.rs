@@ -595,8 +595,12 @@ const fn limits(max_connections: usize, max_connections_per_address: usize) -> L
 /// generous per-address cap. Agent connections are long-lived HTTP/2: no header or idle
 /// timeout (HTTP/2 pings find dead peers).
 pub const AGENT_LIMITS: ListenLimits = limits(4096, 512);
-/// CI runners run many jobs from one address.
-pub const KUBERNETES_API_LIMITS: ListenLimits = limits(2048, 256);
+/// CI runners run many jobs from one address. Per address well above
+/// `max_requests_per_caller` (256): one job holding its share over HTTP/1.1 (a connection per
+/// request) gets the 429 naming that key, and other jobs of the runner are still served (at
+/// 256 the job took every connection of its address first, and every new one from there was
+/// closed without a word: kubectl said `EOF`).
+pub const KUBERNETES_API_LIMITS: ListenLimits = limits(2048, 1024);
 /// Admin commands: few clients.
 pub const API_LIMITS: ListenLimits = limits(256, 64);
 /// Git hosts send a request per push.
@@ -791,6 +795,25 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Why one caller could be cut off before its 429 (pure): the Kubernetes API listener's
+    /// connections per address do not exceed `max_requests_per_caller`, so a client opening a
+    /// connection per request (HTTP/1.1) from one address reaches the address's cap first,
+    /// and its next connections, and those of every other job from that address, are closed
+    /// unanswered.
+    pub fn per_caller_unreachable(&self) -> Option<String> {
+        let per_address = self
+            .kubernetes_api
+            .listen
+            .limits(KUBERNETES_API_LIMITS)
+            .max_connections_per_address;
+        let per_caller = self.kubernetes_api.max_requests_per_caller;
+        (per_address <= per_caller).then(|| {
+            format!(
+                "kubernetes_api.listen.max_connections_per_address ({per_address}) is not above kubernetes_api.max_requests_per_caller ({per_caller}): a caller opening a connection per request takes every connection of its address before it gets its 429, and later connections from that address (other CI jobs of the runner) are closed unanswered"
+            )
+        })
+    }
+
     /// Parses YAML text; `path` is only for messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
@@ -1154,6 +1177,18 @@ mod tests {
     fn a_bad_log_level_is_an_error() {
         let e = parse("observability:\n  logging:\n    level: loud\n").expect_err("level");
         assert!(e.to_string().contains("observability.logging.level"), "{e}");
+    }
+
+    #[test]
+    fn by_default_one_caller_reaches_its_429_before_its_addresss_connection_cap() {
+        assert_eq!(Config::default().per_caller_unreachable(), None);
+        let mut c = Config::default();
+        c.kubernetes_api.max_requests_per_caller = 1024;
+        let said = c.per_caller_unreachable().expect("a warning");
+        assert!(
+            said.starts_with("kubernetes_api.listen.max_connections_per_address (1024) is not above kubernetes_api.max_requests_per_caller (1024)"),
+            "{said}"
+        );
     }
 
     #[test]

@@ -1264,6 +1264,9 @@ fn check_limits(cfg: &Config) {
         total = total.saturating_add(crate::config::peers_limits(pc).max_connections);
     }
     crate::listener::check_descriptor_budget(total);
+    if let Some(why) = cfg.per_caller_unreachable() {
+        tracing::warn!("{why}");
+    }
 }
 
 /// A CA file for kubeconfigs: PEM that kubectl can use.
