@@ -1129,27 +1129,44 @@ async fn reconcile_of_an_agent_named_by_project_while_kas_is_down_waits_for_kas(
 async fn reconcile_of_an_offline_agent_exits_4_naming_the_project_unheard() {
     let (mut rig, _ns, _c1) = configmap_rig("recoff").await;
     rig.agent.kill9();
-    let out = rig
-        .kas
-        .cli()
-        .args([
-            "agent",
-            "reconcile",
-            &agent_name(&rig),
-            "--wait",
-            "--timeout",
-            "5s",
-        ])
-        .output()
-        .unwrap();
-    let all = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let agent = agent_name(&rig);
+    let out = kas_cli(
+        &rig.kas,
+        &["agent", "reconcile", &agent, "--wait", "--timeout", "5s"],
     );
+    let all = text(&out);
     assert_eq!(out.status.code(), Some(4), "{all}");
     assert!(
         all.contains("group/manifests: agent") && all.contains("has no GitOps stream for it"),
+        "{all}"
+    );
+}
+
+/// `kas agent reconcile --wait` right after a push of a `config.yaml` kas refuses: the agent
+/// synchronizes with the configuration still in force, and the command says the newest one
+/// was refused and exits 5, as `kas agent status` does. It exited 0 without a word, so a CI
+/// step "push config.yaml, then reconcile --wait" passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_after_a_refused_configuration_says_so_and_exits_5() {
+    let (rig, ns, c1) = configmap_rig("recrefused").await;
+    let mut refused = with_other(&ns, false);
+    refused.extend_from_slice(b"no_such_key: 1\n");
+    push_config(&rig, &refused, "an unknown key");
+    let agent = agent_name(&rig);
+    let out = kas_cli(
+        &rig.kas,
+        &["agent", "reconcile", &agent, "--wait", "--timeout", "60s"],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(5), "{all}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("REFUSED: configuration refused at commit"),
+        "{all}"
+    );
+    assert!(stdout.contains("no_such_key"), "{all}");
+    assert!(
+        stdout.contains(&format!("group/manifests: commit {} succeeded", &c1[..12])),
         "{all}"
     );
 }

@@ -394,7 +394,7 @@ fn unreported_line(u: &UnreportedView) -> String {
 }
 
 /// "configuration refused at commit C: why", when the newest configuration was refused.
-fn refusal(cfg: &ConfigView) -> Option<String> {
+pub(super) fn refusal(cfg: &ConfigView) -> Option<String> {
     let (e, c) = (
         cfg.error.as_ref()?,
         cfg.error_commit.as_deref().unwrap_or("?"),

@@ -27,7 +27,8 @@ Exit codes with --wait:
   3  no report within --timeout (kas unreachable meanwhile is waited out until then)
   4  the agent has no GitOps stream for a project (offline, or no replica leads)
   5  a project's fetch failed or did not finish in 30 s: the newest commit was not fetched
-     (the last good one is synchronized); also without --wait";
+     (the last good one is synchronized), or kas refused the agent's newest config.yaml
+     (the one in force is used); also without --wait";
 
 const SUSPEND_EXAMPLES: &str = "\
 Examples:

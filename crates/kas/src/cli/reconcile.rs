@@ -328,6 +328,12 @@ pub async fn run(
     let started = start(c, agent_id, project, (deadline, budget), &mut outage).await?;
     let progress = Progress::new(if wait { started.projects.len() } else { 0 });
     let mut worst = Outcome::Synced;
+    // kas answered once it had read the newest `config.yaml`: a refused one is not what the
+    // agent runs, so a CI step "push config.yaml, then reconcile --wait" must not pass.
+    if let Some(why) = config_refusal(c, agent_id).await {
+        progress.line(&format!("REFUSED: {why}"))?;
+        worst = worst.max(Outcome::FetchFailed);
+    }
     for t in &started.projects {
         let commit = t.commit.as_deref().map_or("(none)", short);
         let fetched = match &t.fetch_error {
@@ -375,6 +381,24 @@ pub async fn run(
     .await?;
     progress.finish();
     finish(worst.max(outcome))
+}
+
+/// Why kas refused the agent's newest configuration, if it did. A failure to ask is said on
+/// standard error (the reconcile goes on: kas just answered it).
+async fn config_refusal(c: &AdminClient, agent_id: i64) -> Option<String> {
+    match c.list_agents().await {
+        Ok(agents) => agents
+            .iter()
+            .find(|a| a.id == agent_id)
+            .and_then(|a| a.config.as_ref())
+            .and_then(super::agent::refusal),
+        Err(e) => {
+            eprintln!(
+                "kas: could not check whether the agent's newest configuration was refused: {e}"
+            );
+            None
+        }
+    }
 }
 
 /// A project kas never fetched: the agent has no commit of it to synchronize or report on.
