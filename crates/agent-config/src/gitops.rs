@@ -619,6 +619,17 @@ impl ManifestProject {
         }
         for (j, p) in self.paths.iter().enumerate() {
             check_non_empty(&format!("{base}.paths[{j}].glob"), &p.glob)?;
+            // Matched against paths inside the repository, a `..` component matches nothing:
+            // the entry would select no file, and be refused as empty only at the sync.
+            if p.glob.split('/').any(|c| c == "..") {
+                return Err(ConfigError::invalid(
+                    format!("{base}.paths[{j}].glob"),
+                    format!(
+                        "{:?} has a '..' component: globs select files inside the manifest project, from its root",
+                        p.glob
+                    ),
+                ));
+            }
         }
         if let Some(git_ref) = &self.git_ref {
             git_ref.validate(&format!("{base}.ref"))?;

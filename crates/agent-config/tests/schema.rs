@@ -448,6 +448,12 @@ fn namespaces_must_be_rfc1123_labels() {
 
 #[test]
 fn paths_rules() {
+    let e = err(&project("    paths:\n    - glob: '../x/*.yaml'\n"));
+    assert_eq!(
+        e.to_string(),
+        "gitops.manifest_projects[0].paths[0].glob: \"../x/*.yaml\" has a '..' component: globs select files inside the manifest project, from its root (line 5)"
+    );
+    assert!(parse(&project("    paths:\n    - glob: '/a..b/*.yaml'\n")).is_ok());
     let e = err(&project("    paths:\n    - glob: ''\n"));
     assert_eq!(
         e.to_string(),

@@ -110,8 +110,16 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Cmd::Completions { shell }) => {
+            // Generated into memory, then written as any other output: clap_complete panics
+            // on a write error, and `kas completions bash | head` must end quietly (exit 0).
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut cmd, "kas", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "kas", &mut script);
+            use std::io::Write as _;
+            std::io::stdout()
+                .lock()
+                .write_all(&script)
+                .map_err(cli::output::on_stdout)?;
             Ok(())
         }
         Some(Cmd::Kubeconfig {

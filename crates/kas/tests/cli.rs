@@ -145,6 +145,22 @@ fn shell_completions_are_valid_scripts_that_know_the_commands() {
     );
 }
 
+/// `kas completions bash | head -1` ends quietly: it panicked with "failed to write
+/// completion file" (exit 101) when the reader went away.
+#[test]
+fn shell_completions_end_quietly_when_their_reader_goes_away() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+}
+
 /// A mistyped id is an error naming it, as for `kas token revoke`; before, it printed
 /// `{"was_active":false,…}` and exited 0, as if the token had been revoked already.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

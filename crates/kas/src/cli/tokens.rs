@@ -89,7 +89,7 @@ pub async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -
                 t.token_id,
                 t.agent_id,
                 t.token,
-                t.expires_at
+                when(t.expires_at)
             )?;
             if let Some((file, target)) = kc_target {
                 write_person_kubeconfig(c, &t, file, &target).await?;
