@@ -93,6 +93,18 @@ pub enum GitRef {
     Commit(String),
 }
 
+impl std::fmt::Display for GitRef {
+    /// As people name it in messages: `branch feat2`, `tag v1`, `commit 3f2c…`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GitRef::DefaultBranch => f.write_str("the default branch"),
+            GitRef::Branch(b) => write!(f, "branch {b}"),
+            GitRef::Tag(t) => write!(f, "tag {t}"),
+            GitRef::Commit(c) => write!(f, "commit {c}"),
+        }
+    }
+}
+
 /// A file found by [`Mirror::list_files`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileEntry {

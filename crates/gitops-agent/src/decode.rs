@@ -915,11 +915,43 @@ fn parse_chunk(
 /// The library appends ` at line X, column Y` (relative to the document, not the file);
 /// the location is reported separately, so it is cut off.
 fn yaml_message(err: &serde_saphyr::Error) -> String {
+    let mut inner = err;
+    while let serde_saphyr::Error::AliasError { error, .. }
+    | serde_saphyr::Error::WithSnippet { error, .. } = inner
+    {
+        inner = error;
+    }
+    if let serde_saphyr::Error::Budget { breach, .. } = inner {
+        return budget_message(breach);
+    }
     let message = err.without_snippet().to_string();
     match message.find(" at line ") {
         Some(at) => message[..at].to_owned(),
         None => message,
     }
+}
+
+/// Why a document over the parser's budget is refused, in words (the library's text was its
+/// Debug form: "budget breached: Nodes { nodes: 50414 }").
+fn budget_message(breach: &serde_saphyr::budget::BudgetBreach) -> String {
+    use serde_saphyr::budget::BudgetBreach as B;
+    if let B::Depth { depth } = breach {
+        return format!(
+            "the document nests {depth} levels deep, more than the agent reads (64): flatten it"
+        );
+    }
+    let over = match breach {
+        B::Nodes { nodes } => format!("{nodes} nodes"),
+        B::Events { events } => format!("{events} parser events"),
+        B::Aliases { aliases } => format!("{aliases} aliases"),
+        B::Anchors { anchors } => format!("{anchors} anchors"),
+        B::ScalarBytes { total_scalar_bytes } => format!("{total_scalar_bytes} bytes of values"),
+        B::MergeKeys { merge_keys } => format!("{merge_keys} merge keys"),
+        _ => "its limits".to_owned(),
+    };
+    format!(
+        "the document reaches {over} once its aliases are expanded, more than the agent reads from a file of this size (aliases of aliases, as in a \"billion laughs\" document?): write the repeated parts out, or split the file"
+    )
 }
 
 #[cfg(test)]
@@ -1259,7 +1291,12 @@ mod tests {
         }
         let e = err("lol.yaml", &text);
         assert!(matches!(e, DecodeError::Syntax { .. }), "{e}");
-        assert!(e.to_string().contains("budget"), "{e}");
+        let said = e.to_string();
+        assert!(
+            said.contains("once its aliases are expanded") && said.contains("billion laughs"),
+            "{said}"
+        );
+        assert!(!said.contains("{ nodes"), "no Debug form: {said}");
     }
 
     #[test]
@@ -1466,7 +1503,7 @@ mod scale_tests {
         for depth in [63, 200, 5000] {
             let e = decode_file("deep.yaml", nested(depth).as_bytes()).err();
             assert!(
-                matches!(&e, Some(DecodeError::Syntax { message, .. }) if message.contains("budget")),
+                matches!(&e, Some(DecodeError::Syntax { message, .. }) if message.contains("levels deep, more than the agent reads (64)")),
                 "{e:?}"
             );
         }

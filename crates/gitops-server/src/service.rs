@@ -299,7 +299,7 @@ impl GitOpsService {
             Ok(_) => true,
             Err(e) => {
                 offered.last = String::new();
-                let message = format!("ref {:?} of {}: {e}", at.git_ref, at.project.path);
+                let message = format!("{} of {}: {e}", at.git_ref, at.project.path);
                 // Said once while it stays so: a deleted branch is seen again at every fetch,
                 // and re-sending made the agent report a new failure (and a notification
                 // flip against its drift re-syncs) every poll, for as long as it was missing.

@@ -615,8 +615,8 @@ async fn a_deleted_branch_is_reported_once_not_at_every_fetch() {
     assert!(
         failed[0]["error"]
             .as_str()
-            .is_some_and(|e| e.contains("main")),
-        "{failed:?}"
+            .is_some_and(|e| e.contains("branch main of group/manifests: ")),
+        "named as people name it (it read `ref Branch(\"main\")`): {failed:?}"
     );
 }
 
