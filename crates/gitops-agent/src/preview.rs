@@ -12,6 +12,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use futures_util::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::Client;
 use kube::api::{Patch, PatchParams};
 use kube::discovery::{ApiResource, Scope};
@@ -27,8 +28,9 @@ use crate::prune;
 use crate::sync::{
     ApiError, CONCURRENCY, FIELD_MANAGER, GroupKey, ObjectError, PreviousInventory, Settings,
     SyncError, Syncer, crd_kinds, decode_all, default_namespaces, group_key, prepared,
-    refuse_helm_hooks,
+    refuse_helm_hooks, split_managed,
 };
+use crate::takeover;
 
 /// What a sync would do to one object. Objects are [`clean`]ed.
 #[derive(Debug, Clone, PartialEq)]
@@ -241,9 +243,12 @@ pub async fn preview(
     Ok(out)
 }
 
+/// A live object without its managed fields, and those fields (for [`takeover`]).
+type Live = (Value, Vec<ManagedFieldsEntry>);
+
 /// Live objects by type and namespace, where enough manifests share one to LIST it (as a sync
 /// looks them up); the objects of other types and namespaces are read one by one.
-type Listed = HashMap<GroupKey, HashMap<String, Value>>;
+type Listed = HashMap<GroupKey, HashMap<String, Live>>;
 
 /// What every object's preview shares.
 struct Ctx<'a> {
@@ -274,19 +279,20 @@ impl Syncer {
         let objects = wanted.iter().flat_map(|((.., ns), (ar, names))| {
             std::iter::repeat_n((ar.clone(), ns.as_deref()), names.len())
         });
-        self.list_groups(objects, |key, name, obj, _| {
+        self.list_groups(objects, |key, name, obj, managed| {
             let (ar, names) = wanted.get(key)?;
             names.contains(name).then(|| {
                 let mut obj = obj.clone();
                 obj["apiVersion"] = Value::from(ar.api_version.as_str());
                 obj["kind"] = Value::from(ar.kind.as_str());
-                obj
+                (obj, managed.to_vec())
             })
         })
         .await
     }
 
-    /// One object's change: its live state, the ownership rule, then a dry-run apply.
+    /// One object's change: its live state, the ownership rule, then a dry-run apply, and what
+    /// the sync's takeover of fields changed by hand removes besides ([`takeover::revert_in`]).
     async fn change_of(&self, ctx: &Ctx<'_>, m: &Manifest) -> Result<Change, ObjectError> {
         let Ctx {
             s,
@@ -312,19 +318,25 @@ impl Syncer {
                 .get_opt(m.name())
                 .await
                 .map_err(ApiError::from)?
-                .and_then(|o| serde_json::to_value(o).ok()),
+                .map(split_managed),
         };
+        // As in a sync: fields drift managers own are taken over, and the apply reverts them.
+        let took_over = live.as_ref().and_then(|(_, managed)| {
+            takeover::take_over(managed, &s.drift_managers, FIELD_MANAGER)
+        });
+        let live = live.map(|(v, _)| v);
         if let Some(live) = &live {
             inventory::may_take_over(s.inventory_policy, inventory::owner(live), inv_id)?;
             // As in a sync, an object already as the files say is not sent: a dry run of it
             // would ask for an update the sync never makes, which an admission policy may
-            // refuse (a CRD upgrade check), failing a preview of a sync that succeeds.
-            if crate::drift::is_up_to_date(&desired, live) {
+            // refuse (a CRD upgrade check), failing a preview of a sync that succeeds. With
+            // fields to take over, the sync applies anyway.
+            if took_over.is_none() && crate::drift::is_up_to_date(&desired, live) {
                 return Ok(Change::Unchanged);
             }
         }
         let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
-        let after = match api.patch(m.name(), &params, &Patch::Apply(&desired)).await {
+        let mut after = match api.patch(m.name(), &params, &Patch::Apply(&desired)).await {
             Ok(o) => serde_json::to_value(o).unwrap_or(Value::Null),
             // Its namespace does not exist yet: the same files create it.
             Err(kube::Error::Api(st))
@@ -332,10 +344,15 @@ impl Syncer {
                     && live.is_none()
                     && ns.is_some_and(|n| here.namespaces.contains(n)) =>
             {
-                desired
+                desired.clone()
             }
             Err(e) => return Err(ApiError::from(e).into()),
         };
+        // The dry run cannot see a takeover the preview does not write: what it would remove
+        // besides is removed here, by the same ownership.
+        if let Some(t) = &took_over {
+            takeover::revert_in(&mut after, &desired, t, FIELD_MANAGER);
+        }
         Ok(compare(live.as_ref(), &after))
     }
 

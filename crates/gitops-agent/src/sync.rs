@@ -706,7 +706,7 @@ pub(crate) fn lean_value(mut o: DynamicObject) -> Value {
 }
 
 /// [`lean_value`], and the managed fields it left out (for [`takeover`]).
-fn split_managed(mut o: DynamicObject) -> (Value, Vec<ManagedFieldsEntry>) {
+pub(crate) fn split_managed(mut o: DynamicObject) -> (Value, Vec<ManagedFieldsEntry>) {
     let managed = o.metadata.managed_fields.take().unwrap_or_default();
     (lean_value(o), managed)
 }

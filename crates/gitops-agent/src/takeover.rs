@@ -109,6 +109,122 @@ pub fn patch(t: &Takeover, resource_version: Option<&str>) -> Value {
     json!({ "metadata": meta })
 }
 
+/// Removes from `after` (the object as an apply of `desired` would leave it, ownership as it
+/// was) what the apply that follows the takeover `t` removes as well: the fields `to`'s entry
+/// owns after the takeover that `desired` does not set and no other manager owns. A preview
+/// computes the sync's outcome with it without writing the takeover.
+pub fn revert_in(after: &mut Value, desired: &Value, t: &Takeover, to: &str) {
+    fn fields(e: &ManagedFieldsEntry) -> Option<&Value> {
+        e.fields_v1.as_ref().map(|f| &f.0)
+    }
+    let Some(ours) = t
+        .managed_fields
+        .iter()
+        .find(|e| is_own_apply(e, to))
+        .and_then(fields)
+    else {
+        return;
+    };
+    let others: Vec<&Value> = t
+        .managed_fields
+        .iter()
+        .filter(|e| is_main_resource(e) && !is_own_apply(e, to))
+        .filter_map(fields)
+        .collect();
+    strip(after, Some(desired), ours, &others);
+}
+
+/// [`revert_in`] below one node: `owned` is our field set at `after`, `others` the other
+/// managers' sets there, `desired` the manifest's value there (if any).
+fn strip(after: &mut Value, desired: Option<&Value>, owned: &Value, others: &[&Value]) {
+    let Value::Object(owned) = owned else {
+        return;
+    };
+    let mut gone = Vec::new();
+    for (key, sub) in owned.iter().filter(|(k, _)| k.as_str() != ".") {
+        let Some(slot) = locate(after, key) else {
+            continue;
+        };
+        let theirs: Vec<&Value> = others.iter().filter_map(|o| o.get(key)).collect();
+        let wanted = desired.and_then(|d| locate_ref(d, key));
+        let owns_node = sub
+            .as_object()
+            .is_some_and(|m| m.is_empty() || m.contains_key("."));
+        if owns_node && wanted.is_none() && theirs.is_empty() {
+            gone.push(slot);
+        } else if let Some(child) = child_mut(after, slot) {
+            strip(child, wanted, sub, &theirs);
+        }
+    }
+    remove_all(after, gone);
+}
+
+/// Where a field-set key (`f:name`, `k:{…}`, `v:…`, `i:n`) points in `v`.
+#[derive(Debug, Clone, PartialEq)]
+enum Slot {
+    Field(String),
+    Item(usize),
+}
+
+fn locate(v: &Value, key: &str) -> Option<Slot> {
+    let (kind, rest) = key.split_at_checked(2)?;
+    match (kind, v) {
+        ("f:", Value::Object(m)) => m.contains_key(rest).then(|| Slot::Field(rest.to_owned())),
+        ("k:", Value::Array(items)) => {
+            let Value::Object(k) = serde_json::from_str::<Value>(rest).ok()? else {
+                return None;
+            };
+            items
+                .iter()
+                .position(|i| k.iter().all(|(f, kv)| i.get(f) == Some(kv)))
+                .map(Slot::Item)
+        }
+        ("v:", Value::Array(items)) => {
+            let want: Value = serde_json::from_str(rest).ok()?;
+            items.iter().position(|i| *i == want).map(Slot::Item)
+        }
+        ("i:", Value::Array(items)) => {
+            let i: usize = rest.parse().ok()?;
+            (i < items.len()).then_some(Slot::Item(i))
+        }
+        _ => None,
+    }
+}
+
+fn locate_ref<'v>(v: &'v Value, key: &str) -> Option<&'v Value> {
+    match locate(v, key)? {
+        Slot::Field(f) => v.get(f),
+        Slot::Item(i) => v.get(i),
+    }
+}
+
+fn child_mut(v: &mut Value, slot: Slot) -> Option<&mut Value> {
+    match slot {
+        Slot::Field(f) => v.get_mut(f),
+        Slot::Item(i) => v.get_mut(i),
+    }
+}
+
+/// Removes the `slots` of `v`; list items from the last, so the indices hold.
+fn remove_all(v: &mut Value, slots: Vec<Slot>) {
+    let mut items: Vec<usize> = Vec::new();
+    for s in slots {
+        match (s, &mut *v) {
+            (Slot::Field(f), Value::Object(m)) => {
+                m.remove(&f);
+            }
+            (Slot::Item(i), Value::Array(_)) => items.push(i),
+            _ => {}
+        }
+    }
+    items.sort_unstable_by(|a, b| b.cmp(a));
+    if let Value::Array(list) = v {
+        for i in items {
+            list.remove(i);
+        }
+    }
+}
+
 fn is_main_resource(e: &ManagedFieldsEntry) -> bool {
     e.subresource.as_deref().is_none_or(str::is_empty)
 }
@@ -347,6 +463,74 @@ mod tests {
         let all_a = DriftManagers::new(vec!["agent*".into()]);
         let update = entry("agentk", "Update", json!({"f:data": {}}));
         assert_eq!(take_over(&[ours(), update], &all_a, "agentk"), None);
+    }
+
+    #[test]
+    fn revert_in_removes_what_was_added_by_hand_and_keeps_what_git_or_others_set() {
+        let label = entry(
+            "kubectl-label",
+            "Update",
+            json!({"f:metadata": {"f:labels": {".": {}, "f:hand": {}}}}),
+        );
+        let patch = entry(
+            "kubectl-patch",
+            "Update",
+            json!({"f:data": {"f:extra": {}}}),
+        );
+        let operator = entry(
+            "operator",
+            "Update",
+            json!({"f:metadata": {"f:annotations": {"f:op": {}}}}),
+        );
+        let t = take_over(&[ours(), label, patch, operator], &defaults(), "agentk")
+            .expect("a takeover");
+        let desired = json!({"metadata": {"labels": {"app": "web"}}, "data": {"a": "1"}});
+        let mut after = json!({
+            "metadata": {"name": "c", "labels": {"app": "web", "hand": "made"},
+                         "annotations": {"op": "x"}},
+            "data": {"a": "1", "extra": "x"},
+        });
+        revert_in(&mut after, &desired, &t, "agentk");
+        assert_eq!(
+            after,
+            json!({"metadata": {"name": "c", "labels": {"app": "web"}, "annotations": {"op": "x"}},
+                   "data": {"a": "1"}})
+        );
+        // A labels map Git does not have at all goes whole.
+        let mut after = json!({"metadata": {"labels": {"hand": "made"}}, "data": {"a": "1"}});
+        revert_in(&mut after, &json!({"data": {"a": "1"}}), &t, "agentk");
+        assert_eq!(after, json!({"metadata": {}, "data": {"a": "1"}}));
+    }
+
+    #[test]
+    fn revert_in_finds_list_items_by_key_value_and_index() {
+        let edit = entry(
+            "kubectl-edit",
+            "Update",
+            json!({"f:spec": {
+                "f:ports": {"k:{\"port\":81}": {".": {}, "f:port": {}}},
+                "f:finalizers": {"v:\"hand\"": {}},
+                "f:args": {"i:1": {}},
+            }}),
+        );
+        let t = take_over(&[ours(), edit], &defaults(), "agentk").expect("a takeover");
+        let desired = json!({"spec": {"ports": [{"port": 80}], "finalizers": ["git"],
+                                      "args": ["a"]}});
+        let mut after = json!({"spec": {
+            "ports": [{"port": 80}, {"port": 81}],
+            "finalizers": ["git", "hand"],
+            "args": ["a", "b"],
+        }});
+        revert_in(&mut after, &desired, &t, "agentk");
+        assert_eq!(after, desired);
+        // Without a takeover entry of ours nothing is touched.
+        let none = Takeover {
+            managers: Vec::new(),
+            managed_fields: Vec::new(),
+        };
+        let mut same = json!({"data": {"x": "1"}});
+        revert_in(&mut same, &json!({}), &none, "agentk");
+        assert_eq!(same, json!({"data": {"x": "1"}}));
     }
 
     #[test]

@@ -576,3 +576,114 @@ async fn a_preview_whose_selection_fails_names_the_commit_it_tried() {
         "{out}"
     );
 }
+
+/// ConfigMap `keep` as the cluster has it: its data and labels.
+fn keep_state(rig: &Rig, ns: &str) -> Value {
+    let cm = get_json(&rig.env, &["get", "configmap", "keep", "-n", ns]).unwrap();
+    serde_json::json!({"data": cm["data"], "labels": cm["metadata"]["labels"]})
+}
+
+/// The lines of a text preview that differ (`-` before, `+` after the sync).
+fn diff_lines(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| l.starts_with(['-', '+']) && !l.starts_with("---") && !l.starts_with("+++"))
+        .collect()
+}
+
+/// Changes ConfigMap `keep` by hand with real kubectl (its own field managers, as a person's):
+/// adds the data key `extra` and the label `hand`, and sets `value` when given. Then the
+/// preview of the synced ref must show the sync reverting them all (the sync takes over the
+/// fields of these drift managers), exit with the changes code, and leave the object alone;
+/// after a reconcile, which reverts them, it says "no changes". It said "no changes" before
+/// the sync reverted them, or kept `extra` in "(after sync)" when `value` changed as well.
+async fn hand_edits_are_shown_reverted(prefix: &str, value: Option<&str>) -> Vec<String> {
+    let (rig, ns) = synced_rig(prefix).await;
+    let kubectl = |args: &[&str]| {
+        let o = rig
+            .env
+            .kubectl()
+            .args(args)
+            .args(["-n", &ns])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let data = match value {
+        Some(v) => format!(r#"{{"data":{{"extra":"x","value":"{v}"}}}}"#),
+        None => r#"{"data":{"extra":"x"}}"#.to_owned(),
+    };
+    kubectl(&["patch", "configmap", "keep", "--type", "merge", "-p", &data]);
+    kubectl(&["label", "configmap", "keep", "hand=made"]);
+    let edited = keep_state(&rig, &ns);
+    assert_eq!(edited["data"]["extra"], "x", "{edited}");
+
+    let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "main"]);
+    assert_eq!(code, Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    let line = format!("► ConfigMap/{ns}/keep drifted");
+    assert!(out.lines().any(|l| l == line), "{line:?} in:\n{out}");
+    let lines: Vec<String> = diff_lines(&out).into_iter().map(str::to_owned).collect();
+    for removed in ["extra: x", "hand: made"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with('-') && l.ends_with(removed)),
+            "{removed:?} removed in:\n{out}"
+        );
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.starts_with('+') && l.ends_with(removed)),
+            "{removed:?} not kept in:\n{out}"
+        );
+    }
+    let (code, json, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "main", "-o", "json"]);
+    assert_eq!(code, Some(1), "{err}");
+    let view: DiffView = serde_json::from_str(&json).unwrap();
+    let keep = changes(&view).into_iter().find(|(n, _)| n == "keep");
+    assert_eq!(
+        keep,
+        Some(("keep".to_owned(), DiffChange::Changed)),
+        "{json}"
+    );
+    assert_eq!(keep_state(&rig, &ns), edited, "the preview changed nothing");
+
+    let o = rig
+        .kas
+        .cli()
+        .args(["agent", "reconcile", AGENT, "--wait"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reverted = keep_state(&rig, &ns);
+    assert_eq!(
+        reverted["data"],
+        serde_json::json!({"value": "same"}),
+        "{reverted}"
+    );
+    assert!(reverted["labels"].get("hand").is_none(), "{reverted}");
+    let (code, out, err) = kas_diff(&rig.kas, &[AGENT, "--ref", "main"]);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.ends_with("✔ no changes\n"), "{out}");
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_and_a_label_added_by_hand_are_shown_removed_by_the_next_sync() {
+    let lines = hand_edits_are_shown_reverted("diffhand", None).await;
+    // Only the hand edits differ; the labels Git does not set go whole.
+    assert_eq!(lines, ["-  extra: x", "-  labels:", "-    hand: made"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_git_managed_key_also_changed_by_hand_the_added_key_is_still_shown_removed() {
+    let lines = hand_edits_are_shown_reverted("diffhandval", Some("hand")).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with('-') && l.ends_with("value: hand"))
+            && lines
+                .iter()
+                .any(|l| l.starts_with('+') && l.ends_with("value: same")),
+        "{lines:?}"
+    );
+}
