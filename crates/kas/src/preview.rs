@@ -17,6 +17,7 @@ use tether_git_source::{GitRef, Sources};
 use tether_gitops_agent::ObjRef;
 use tether_gitops_agent::preview::{Change, ObjectChange, preview};
 use tether_gitops_agent::sync::{Settings, Syncer};
+use tether_gitops_agent::takeover::DriftManagers;
 use tether_gitops_server::{Limits, ManifestSource, PreviewSource, ref_candidates};
 use tether_kas_api::{DiffChange, DiffRequest, DiffView, ObjectDiffView, ProjectDiffView};
 use tether_kubeproxy_agent::{AccessAs, RequestContext, RoutedRequest};
@@ -122,6 +123,7 @@ impl Previews {
             fetch_wait: self.fetch_timeout,
         };
         let agent_namespace = self.agent_namespace(agent_id);
+        let drift_managers = config.gitops.drift_managers();
         let mut views = Vec::with_capacity(projects.len());
         for (i, p) in projects.iter().enumerate() {
             let (candidates, shown) = if i == target {
@@ -132,6 +134,7 @@ impl Previews {
             let at = ProjectAt {
                 agent_id,
                 agent_namespace: agent_namespace.clone(),
+                drift_managers: &drift_managers,
                 project: p,
                 candidates: &candidates,
                 shown,
@@ -206,6 +209,8 @@ fn configured_ref(p: &ManifestProject) -> (Vec<GitRef>, String) {
 struct ProjectAt<'a> {
     agent_id: i64,
     agent_namespace: String,
+    /// The agent's `gitops.drift_managers`: the fields the sync takes over, and so reverts.
+    drift_managers: &'a [String],
     project: &'a ManifestProject,
     candidates: &'a [GitRef],
     shown: String,
@@ -266,6 +271,7 @@ async fn project_diff(
         files.files.into_iter().map(|f| (f.path, f.bytes)).collect();
     let settings = Settings {
         agent_namespace: at.agent_namespace,
+        drift_managers: DriftManagers::new(at.drift_managers.to_vec()),
         ..Settings::for_project(at.agent_id, p)
     };
     match preview(client, &settings, &files).await {
