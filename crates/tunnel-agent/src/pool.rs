@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
-use tether_protocol::frames::{FrameReader, FrameWriter, OutFrame, Pipe};
+use tether_protocol::frames::{FrameReader, FrameWriter, Pipe};
 use tether_protocol::metadata;
 use tether_protocol::returning::{Ended, Returning};
 use tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient;
@@ -889,13 +889,24 @@ async fn reusable(
     {
         // This side ended mid-answer (the API server's connection broke under a watch): kas
         // still waits for the rest, and the drain below for kas, until its timeout (a watch
-        // through kas stayed open 30 s, its client missing every event). The close tells kas
-        // that the answer ends here, after every byte sent before it; kas then fails the
-        // answer (cut short) and ends the stream.
-        let _ = tx.try_send(<AgentFrame as OutFrame>::close_send());
+        // through kas stayed open 30 s, its client missing every event). The error tells kas
+        // that the answer fails here, after every byte sent before it: kas fails it too (an
+        // error, not a clean end its caller could take for a complete answer) and ends the
+        // stream, which it never keeps for another request.
+        let _ = tx.try_send(cut_short_frame());
     }
     drain(frames, service).await;
     None
+}
+
+/// Tells kas that this side of a request failed before its end.
+fn cut_short_frame() -> AgentFrame {
+    AgentFrame {
+        frame: Some(agent_frame::Frame::Error(tether_protocol::tunnel::Error {
+            code: Code::Unavailable as i32,
+            message: "the agent's side of the request ended before its answer did (its connection to the Kubernetes API server broke, or it failed)".into(),
+        })),
+    }
 }
 
 /// Ends a stream the agent serves no request on (it stops, the stream idled out, or the
