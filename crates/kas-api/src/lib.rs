@@ -210,6 +210,10 @@ pub struct ReconcileTarget {
     pub fetch_error: Option<String>,
     /// How many of the agent's streams heard the request (0: offline or not leading).
     pub streams: usize,
+    /// Set when the project is suspended and a reconcile of the whole agent skipped it: who
+    /// suspended it and why, in words. (A reconcile naming the project is refused instead.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<String>,
 }
 
 /// `POST /api/v1/agents/{id}/reconcile/supersedes`: whether the commit an agent reported for a

@@ -271,29 +271,48 @@ async fn fetch_now(st: &ApiState, ids: &[i64]) -> HashMap<i64, String> {
     unfinished.into_iter().flatten().collect()
 }
 
-/// Refuses to reconcile a suspended project: the user must resume it, not be told it synced.
-fn refuse_suspended(
+/// Who suspended GitOps and why, in words.
+fn suspension_words(s: &Suspension) -> String {
+    let reason = if s.reason.is_empty() {
+        "none"
+    } else {
+        &s.reason
+    };
+    format!("suspended (by {}, reason: {reason})", s.suspended_by)
+}
+
+/// The suspended projects a reconcile skips, by project id, with who suspended them and why.
+/// A reconcile naming one project (`named`), or of an agent suspended as a whole, is refused
+/// instead: the user must resume, not be told it synced. A reconcile of the whole agent
+/// synchronizes the others: one project held during an incident must not block the rest.
+fn suspended_skipped(
     suspensions: &[Suspension],
     projects: &[(String, Option<Project>)],
-) -> Result<(), ApiError> {
+    named: bool,
+) -> Result<HashMap<i64, String>, ApiError> {
+    let refuse = |what: &str, s: &Suspension| {
+        Err(err(
+            StatusCode::CONFLICT,
+            format!("{what} is {}: resume it first", suspension_words(s)),
+        ))
+    };
+    if let Some(all) = suspensions
+        .iter()
+        .find(|s| s.scope == SuspensionScope::Agent)
+    {
+        return refuse("the whole agent", all);
+    }
+    let mut skipped = HashMap::new();
     for (key, project) in projects {
         let Some(p) = project else { continue };
         if let Some(s) = tether_gitops_server::control::suspension_for(suspensions, p.id) {
-            return Err(err(
-                StatusCode::CONFLICT,
-                format!(
-                    "{key} is suspended (by {}, reason: {}): resume it first",
-                    s.suspended_by,
-                    if s.reason.is_empty() {
-                        "none"
-                    } else {
-                        &s.reason
-                    }
-                ),
-            ));
+            if named {
+                return refuse(key, s);
+            }
+            skipped.insert(p.id, suspension_words(s));
         }
     }
-    Ok(())
+    Ok(skipped)
 }
 
 /// Whether kas has read the configuration at `commit`: put it in force, or refused it.
@@ -407,11 +426,16 @@ async fn reconcile(
     let projects = manifest_projects(&st, &config, req.project.as_deref())
         .await
         .map_err(|e| with_unread_config(e, unread.as_deref()))?;
-    refuse_suspended(&st.store.suspensions(Some(agent_id)).await?, &projects)?;
+    let skipped = suspended_skipped(
+        &st.store.suspensions(Some(agent_id)).await?,
+        &projects,
+        req.project.is_some(),
+    )?;
     let ids: Vec<i64> = projects
         .iter()
         .filter_map(|(_, p)| p.as_ref())
         .map(|p| p.id)
+        .filter(|id| !skipped.contains_key(id))
         .collect();
     let unfinished = fetch_now(&st, &ids).await;
     // Past every stored answer: the clock may have stepped back since (see the function).
@@ -427,6 +451,7 @@ async fn reconcile(
                 commit: None,
                 fetch_error: Some("not a project known to kas".into()),
                 streams: 0,
+                suspended: None,
             },
             Some(p) => {
                 let head = st.sources.head(p.id);
@@ -440,6 +465,7 @@ async fn reconcile(
                     // A fetch that did not end in time leaves an older error or none.
                     fetch_error: unfinished.get(&p.id).cloned().or(head.error),
                     streams: streams.get(&p.id).copied().unwrap_or_default(),
+                    suspended: skipped.get(&p.id).cloned(),
                 }
             }
         })
@@ -814,6 +840,7 @@ fn changed_agents(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -845,6 +872,41 @@ mod tests {
             suspended_by: "admin".into(),
             suspended_at: 1,
         }
+    }
+
+    /// A reconcile of the whole agent skips a suspended project; one naming it, or of an agent
+    /// suspended as a whole, is refused with who suspended it and why.
+    #[test]
+    fn a_suspended_project_is_skipped_by_a_whole_agent_reconcile_and_refused_when_named() {
+        let project = |id: i64, path: &str| {
+            let p = Project {
+                id,
+                path: path.into(),
+                ..Project::default()
+            };
+            (path.to_owned(), Some(p))
+        };
+        let projects = [project(7, "group/a"), project(8, "group/b")];
+        let held = Suspension {
+            scope: SuspensionScope::Project(8),
+            ..suspension(1, "incident 9")
+        };
+        let skipped = suspended_skipped(std::slice::from_ref(&held), &projects, false).unwrap();
+        assert_eq!(
+            skipped,
+            HashMap::from([(8, "suspended (by admin, reason: incident 9)".to_owned())])
+        );
+        let named = suspended_skipped(std::slice::from_ref(&held), &projects[1..], true);
+        assert_eq!(
+            named.expect_err("named").1,
+            "group/b is suspended (by admin, reason: incident 9): resume it first"
+        );
+        let all = suspended_skipped(&[suspension(1, "")], &projects, false);
+        assert_eq!(
+            all.expect_err("all").1,
+            "the whole agent is suspended (by admin, reason: none): resume it first"
+        );
+        assert!(suspended_skipped(&[], &projects, true).unwrap().is_empty());
     }
 
     #[test]

@@ -432,6 +432,91 @@ async fn suspend_holds_through_a_commit_a_drift_and_restarts_and_resume_applies(
     assert_eq!(listed[0]["suspensions"], serde_json::json!([]));
 }
 
+/// One project suspended during an incident does not block a reconcile of the whole agent: the
+/// others synchronize and `--wait` exits 0, the suspended one is named as skipped (with who
+/// and why) and keeps its old commit. Before, kas refused the whole reconcile (409, exit 1).
+/// A reconcile naming the suspended project is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_agent_reconcile_skips_a_suspended_project_and_syncs_the_others() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("skip").unwrap();
+    let other = format!(
+        "  - id: group/other\n    default_namespace: {ns}\n    paths:\n    - glob: '/other/*.yaml'\n"
+    );
+    let (main_v1, other_v1) = (configmap("app", &ns, "v1"), configmap("other", &ns, "v1"));
+    let args = RigArgs {
+        env,
+        agent_ns: ns.clone(),
+        rbac: &admin_rbac(&ns),
+        project_extra: &other,
+        initial: &[
+            ("manifests/cm.yaml", Some(&main_v1)),
+            ("other/cm.yaml", Some(&other_v1)),
+        ],
+        agent_args: &[],
+    };
+    let opts = KasOptions {
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    let (rig, c1) = rig_opts(args, opts).await;
+    rig.kas
+        .set_projects(&[("group/other", &rig.manifests)])
+        .await;
+    rig.synced_in("group/manifests", &c1).await;
+    rig.synced_in("group/other", &c1).await;
+    let suspend = [
+        "agent",
+        "suspend",
+        "group/config:seed",
+        "--project",
+        "group/other",
+        "--reason",
+        "incident 9",
+    ];
+    let out = kas_cli(&rig.kas, &suspend);
+    assert!(out.status.success(), "{}", text(&out));
+    agent_logged(&rig.agent, "the suspension", "GitOps suspended by kas").await;
+    let (main_v2, other_v2) = (configmap("app", &ns, "v2"), configmap("other", &ns, "v2"));
+    rig.manifests.commit(
+        &[
+            ("manifests/cm.yaml", Some(&main_v2)),
+            ("other/cm.yaml", Some(&other_v2)),
+        ],
+        "v2 of both",
+    );
+
+    let out = reconcile_wait(&rig.kas, "group/config:seed", "60s");
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("group/other: suspended (by admin, reason: incident 9): skipped"),
+        "{said}"
+    );
+    assert_eq!(value(&rig.env, &ns, "app"), "v2");
+    assert_eq!(
+        value(&rig.env, &ns, "other"),
+        "v1",
+        "a suspended project synced"
+    );
+
+    let named = [
+        "agent",
+        "reconcile",
+        "group/config:seed",
+        "--project",
+        "group/other",
+    ];
+    let out = kas_cli(&rig.kas, &named);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("group/other is suspended (by admin, reason: incident 9)"),
+        "{}",
+        text(&out)
+    );
+}
+
 /// An agentk restarted while kas refuses the head commit (unsigned, with only signed commits
 /// allowed) has no commit it may apply. `kas agent reconcile --wait` is answered at once with
 /// the refusal; before, the worker woke again and again on a sync it could not start (one core

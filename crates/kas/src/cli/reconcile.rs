@@ -326,7 +326,8 @@ pub async fn run(
         Vec::new()
     };
     let started = start(c, agent_id, project, (deadline, budget), &mut outage).await?;
-    let progress = Progress::new(if wait { started.projects.len() } else { 0 });
+    let followed = started.projects.iter().filter(|t| t.suspended.is_none());
+    let progress = Progress::new(if wait { followed.count() } else { 0 });
     let mut worst = Outcome::Synced;
     // kas answered once it had read the newest `config.yaml`: a refused one is not what the
     // agent runs, so a CI step "push config.yaml, then reconcile --wait" must not pass.
@@ -335,6 +336,14 @@ pub async fn run(
         worst = worst.max(Outcome::FetchFailed);
     }
     for t in &started.projects {
+        if let Some(why) = &t.suspended {
+            // Held on purpose by an operator: said, not waited for, not a failure.
+            progress.line(&format!(
+                "{}: {why}: skipped (`kas agent resume {agent} --project {}` resumes it)",
+                t.project, t.project
+            ))?;
+            continue;
+        }
         let commit = t.commit.as_deref().map_or("(none)", short);
         let fetched = match &t.fetch_error {
             // Nothing the agent could apply or answer with: following it would only wait out
@@ -503,7 +512,7 @@ async fn follow(
     let mut pending: Vec<&str> = started
         .projects
         .iter()
-        .filter(|t| t.streams > 0 && !never_fetched(t))
+        .filter(|t| t.streams > 0 && !never_fetched(t) && t.suspended.is_none())
         .map(|t| t.project.as_str())
         .collect();
     let mut worst = Outcome::Synced;

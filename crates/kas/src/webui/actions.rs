@@ -195,6 +195,10 @@ fn reconcile_problems(started: &ReconcileStarted) -> Vec<String> {
     }
     let mut out = Vec::new();
     for t in &started.projects {
+        if let Some(why) = &t.suspended {
+            out.push(format!("{}: {why}: skipped until it is resumed", t.project));
+            continue;
+        }
         if let Some(e) = &t.fetch_error {
             out.push(format!(
                 "{}: fetching the newest commit failed ({e}); the last good commit is synchronized instead",
@@ -282,6 +286,7 @@ mod tests {
                 commit: None,
                 fetch_error: fetch_error.map(str::to_owned),
                 streams,
+                suspended: None,
             };
         let fine = ReconcileStarted {
             resync_id: 1,
@@ -305,6 +310,17 @@ mod tests {
             projects: Vec::new(),
         };
         assert_eq!(reconcile_problems(&none).len(), 1);
+        let held = ReconcileStarted {
+            resync_id: 4,
+            projects: vec![tether_kas_api::ReconcileTarget {
+                suspended: Some("suspended (by admin, reason: none)".into()),
+                ..target("group/d", 0, None)
+            }],
+        };
+        assert_eq!(
+            reconcile_problems(&held),
+            ["group/d: suspended (by admin, reason: none): skipped until it is resumed"]
+        );
     }
 
     #[test]
