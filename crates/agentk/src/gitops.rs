@@ -496,6 +496,7 @@ fn report_of(outcome: &SyncOutcome, settings: &Settings) -> SyncReport {
         chart_version: String::new(),
         // kas's own.
         decided_before: 0,
+        earlier: Vec::new(),
     }
 }
 
@@ -923,6 +924,7 @@ impl Worker {
             chart_version: String::new(),
             // kas's own.
             decided_before: 0,
+            earlier: Vec::new(),
         };
         self.report(report, reports, stop).await;
     }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use prost::Message;
 use tether_notifications::Notifier;
-use tether_protocol::gitops::{ObjectState, SyncOutcome, SyncReport};
+use tether_protocol::gitops::{EarlierSync, ObjectState, SyncOutcome, SyncReport};
 use tether_store::Store;
 
 use tether_kas_api::{ReportedOutcome, ReportedStatus};
@@ -211,6 +211,7 @@ fn keep_applied_objects(previous: Option<&SyncReport>, report: &SyncReport) -> S
             .inventory_namespace
             .clone_from(&p.inventory_namespace);
     }
+    report.earlier = earlier_than(previous, &report);
     let applied_nothing = matches!(
         report.sync_outcome(),
         SyncOutcome::Failed | SyncOutcome::Waiting
@@ -230,6 +231,62 @@ fn keep_applied_objects(previous: Option<&SyncReport>, report: &SyncReport) -> S
         report.objects = previous.objects.clone();
     }
     report
+}
+
+/// How long a replaced report is kept in short with the reports after it, and how many are.
+const EARLIER_WINDOW_SECS: i64 = 600;
+const EARLIER_KEPT: usize = 4;
+
+/// The reports `report` replaces, in short, newest first: `previous` and those it kept, within
+/// [`EARLIER_WINDOW_SECS`] of `report`. A report sent again (agentk re-sends its last one when
+/// its stream reopens) replaces nothing new.
+fn earlier_than(previous: Option<&SyncReport>, report: &SyncReport) -> Vec<EarlierSync> {
+    let Some(previous) = previous else {
+        return Vec::new();
+    };
+    let resent = (
+        &previous.commit_id,
+        previous.finished_at,
+        previous.resync_id,
+        previous.sync_outcome,
+    ) == (
+        &report.commit_id,
+        report.finished_at,
+        report.resync_id,
+        report.sync_outcome,
+    );
+    let replaced = (!resent).then(|| in_short(previous));
+    replaced
+        .into_iter()
+        .chain(previous.earlier.iter().cloned())
+        .filter(|e| e.finished_at >= report.finished_at - EARLIER_WINDOW_SECS)
+        .take(EARLIER_KEPT)
+        .collect()
+}
+
+/// A report in short: its objects counted as `kas agent reconcile` counts them.
+fn in_short(r: &SyncReport) -> EarlierSync {
+    let mut e = EarlierSync {
+        commit_id: r.commit_id.clone(),
+        sync_outcome: r.sync_outcome,
+        error: r.error.clone(),
+        finished_at: r.finished_at,
+        resync_id: r.resync_id,
+        ..EarlierSync::default()
+    };
+    if r.warnings.iter().any(|w| w.starts_with(CARRIED)) {
+        // An earlier commit's objects: this sync applied and pruned nothing.
+        return e;
+    }
+    for o in &r.objects {
+        match o.state() {
+            ObjectState::Pruned => e.pruned += 1,
+            ObjectState::PruneSkipped => e.left_in_place += 1,
+            ObjectState::Current => e.current += 1,
+            _ => e.not_current += 1,
+        }
+    }
+    e
 }
 
 /// The fields of a report stored before its outcome and statuses were enums; their tags are
@@ -303,6 +360,57 @@ mod tests {
         states.put(agent, &report, &Notifier::disabled()).await?;
         assert!(changes.has_changed()?, "a report");
         Ok(())
+    }
+
+    /// A report keeps the ones it replaced in short (newest first, counted), within ten
+    /// minutes and at most four; one sent again replaces nothing new.
+    #[test]
+    fn a_report_keeps_those_it_replaced_in_short() {
+        let object = |state: ObjectState| {
+            let mut o = tether_protocol::gitops::ObjectStatus::default();
+            o.set_state(state);
+            o
+        };
+        let sync = |commit: &str, finished_at: i64, resync_id: u64| {
+            let mut r = SyncReport {
+                project_id: "group/manifests".into(),
+                commit_id: commit.into(),
+                finished_at,
+                resync_id,
+                ..SyncReport::default()
+            };
+            r.set_sync_outcome(SyncOutcome::Succeeded);
+            r
+        };
+        let mut pruning = sync("c2", 1_000, 0);
+        pruning.objects = vec![
+            object(ObjectState::Current),
+            object(ObjectState::InProgress),
+            object(ObjectState::Pruned),
+            object(ObjectState::Pruned),
+            object(ObjectState::PruneSkipped),
+        ];
+        let answer = keep_applied_objects(Some(&pruning), &sync("c2", 1_001, 7));
+        let short = &answer.earlier;
+        assert_eq!(short.len(), 1);
+        assert_eq!((short[0].commit_id.as_str(), short[0].resync_id), ("c2", 0));
+        assert_eq!(
+            (short[0].current, short[0].not_current, short[0].pruned),
+            (1, 1, 2)
+        );
+        assert_eq!(short[0].left_in_place, 1);
+        let resent = keep_applied_objects(Some(&answer), &answer);
+        assert_eq!(resent.earlier, answer.earlier, "a re-sent report");
+
+        let mut last = answer;
+        for t in 1_002..1_010 {
+            last = keep_applied_objects(Some(&last), &sync("c3", t, 0));
+        }
+        assert_eq!(last.earlier.len(), 4, "at most four");
+        assert_eq!(last.earlier[0].finished_at, 1_008, "newest first");
+        let later = keep_applied_objects(Some(&last), &sync("c4", 1_609, 0));
+        let kept: Vec<i64> = later.earlier.iter().map(|e| e.finished_at).collect();
+        assert_eq!(kept, [1_009], "only those of the ten minutes before");
     }
 
     #[tokio::test]

@@ -414,6 +414,26 @@ pub struct SyncView {
     /// is then of the last commit kas had, and newer pushes do not reach the agent.
     #[serde(default)]
     pub fetch_error: String,
+    /// The reports this one replaced in the ten minutes before it, newest first (at most
+    /// four), in short: a sync replaced before anyone read it is still told.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<EarlierView>,
+}
+
+/// A synchronization whose report a later one replaced, in short (see [`SyncView::earlier`]).
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct EarlierView {
+    pub commit_id: String,
+    pub outcome: ReportedOutcome,
+    pub error: String,
+    pub finished_at: String,
+    pub resync_id: u64,
+    /// Its objects applied and Current, applied and not Current, pruned, and left in place
+    /// instead of pruned.
+    pub current: u32,
+    pub not_current: u32,
+    pub pruned: u32,
+    pub left_in_place: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]

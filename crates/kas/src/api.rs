@@ -27,9 +27,10 @@ use tether_configuration_server::{ConfigState, ConfigStates};
 // The routes' request and response types live in their own crate, shared with the clients.
 use tether_git_source::{Delivery, Sources};
 pub use tether_kas_api::{
-    AgentView, ConfigView, ConnectionView, CreateTokenRequest, ObjectView, ProjectRequest,
-    ProjectView, RefusalView, RegisterRequest, ReportedOutcome, ReportedStatus, Revoked, Stats,
-    SupersedesRequest, SyncView, TokenCreated, TokenView, UserTokenCreated, UserTokenRequest,
+    AgentView, ConfigView, ConnectionView, CreateTokenRequest, EarlierView, ObjectView,
+    ProjectRequest, ProjectView, RefusalView, RegisterRequest, ReportedOutcome, ReportedStatus,
+    Revoked, Stats, SupersedesRequest, SyncView, TokenCreated, TokenView, UserTokenCreated,
+    UserTokenRequest,
 };
 
 #[derive(Clone, Debug)]
@@ -904,6 +905,7 @@ fn sync_view(r: tether_protocol::gitops::SyncReport) -> SyncView {
         resync_id: r.resync_id,
         chart_version: r.chart_version,
         fetch_error: String::new(),
+        earlier: r.earlier.into_iter().map(earlier_view).collect(),
         objects: r
             .objects
             .into_iter()
@@ -916,6 +918,22 @@ fn sync_view(r: tether_protocol::gitops::SyncReport) -> SyncView {
                 message: o.message,
             })
             .collect(),
+    }
+}
+
+fn earlier_view(e: tether_protocol::gitops::EarlierSync) -> EarlierView {
+    EarlierView {
+        outcome: e.sync_outcome().into(),
+        commit_id: e.commit_id,
+        error: e.error,
+        finished_at: rfc3339(
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(e.finished_at).unwrap_or(0)),
+        ),
+        resync_id: e.resync_id,
+        current: e.current,
+        not_current: e.not_current,
+        pruned: e.pruned,
+        left_in_place: e.left_in_place,
     }
 }
 

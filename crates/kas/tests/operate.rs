@@ -122,6 +122,49 @@ async fn reconcile_after_a_hand_made_drift_restores_the_object_and_wait_exits_0(
     assert_eq!(value(&rig.env, &ns, "app"), "v1", "the drift was corrected");
 }
 
+/// The report answering a reconcile keeps, in short, the sync it replaced: a commit's sync that
+/// pruned, replaced at once by the reconcile's re-sync (which finds nothing to prune), is still
+/// told with its prunes. Before, only the last report was kept, and `reconcile --wait` omitted
+/// the pruning sync when both ran between two of its polls (E4 M6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciles_answer_keeps_the_pruning_sync_it_replaced_in_short() {
+    let (rig, ns, _) = configmap_rig("earlier").await;
+    let extra = configmap("extra", &ns, "v1");
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/extra.yaml", Some(&extra))], "extra");
+    rig.synced(&c2).await;
+    let c3 = rig
+        .manifests
+        .commit(&[("manifests/extra.yaml", None)], "extra goes");
+    let pruning = rig.synced(&c3).await;
+    let pruned = |s: &kas::api::SyncView| {
+        s.objects
+            .iter()
+            .filter(|o| o.status == kas::api::ReportedStatus::Pruned)
+            .count()
+    };
+    assert_eq!(pruned(&pruning), 1, "{pruning:?}");
+
+    let out = reconcile_wait(&rig.kas, &agent_name(&rig), "60s");
+    assert!(out.status.success(), "{}", text(&out));
+    let reports = rig.kas.admin.gitops_status(rig.agent_id).await.unwrap();
+    let answer = &reports[0];
+    assert!(answer.resync_id > 0, "{answer:?}");
+    assert_eq!(pruned(answer), 0, "{answer:?}");
+    let replaced = &answer.earlier[0];
+    assert_eq!(
+        (
+            replaced.commit_id.as_str(),
+            replaced.pruned,
+            replaced.current
+        ),
+        (c3.as_str(), 1, 1),
+        "{answer:?}"
+    );
+    assert_eq!(replaced.finished_at, pruning.finished_at);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_wait_on_a_failing_project_exits_non_zero_naming_the_object() {
     let (rig, ns, _) = configmap_rig("recfail").await;

@@ -1,15 +1,15 @@
 //! `kas agent reconcile [--wait]`: ask kas to fetch and the agent to sync now, then follow the
 //! agent's reports until the one answering this request arrives for every project.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tether_kas_api::{
-    AdminClient, AgentRef, ClientError, ProgressView, ReconcileRequest, ReconcileStarted,
-    ReportedOutcome, ReportedStatus, SupersedesRequest, SyncView,
+    AdminClient, AgentRef, ClientError, EarlierView, ProgressView, ReconcileRequest,
+    ReconcileStarted, ReportedOutcome, ReportedStatus, SupersedesRequest, SyncView,
 };
 use tokio::time::Instant;
 
@@ -191,32 +191,103 @@ pub fn report_line(s: &SyncView, summary: &Summary) -> String {
     line
 }
 
-/// Whether report `s` is none of `seen` (the same sync's report is the same in each poll).
-pub fn ran_during(s: &SyncView, seen: &[SyncView]) -> bool {
-    !seen.iter().any(|b| {
-        (
-            &b.project_id,
-            &b.commit_id,
-            &b.finished_at,
-            b.resync_id,
-            b.outcome,
-        ) == (
-            &s.project_id,
-            &s.commit_id,
-            &s.finished_at,
-            s.resync_id,
-            s.outcome,
-        )
-    })
+/// A sync by identity: the same sync's report is the same in each poll, and kas keeps it in
+/// short among the earlier syncs of the reports that replace it.
+type SyncKey = (String, String, String, u64, ReportedOutcome);
+
+fn key_of(s: &SyncView) -> SyncKey {
+    (
+        s.project_id.clone(),
+        s.commit_id.clone(),
+        s.finished_at.clone(),
+        s.resync_id,
+        s.outcome,
+    )
+}
+
+fn earlier_key(project: &str, e: &EarlierView) -> SyncKey {
+    (
+        project.to_owned(),
+        e.commit_id.clone(),
+        e.finished_at.clone(),
+        e.resync_id,
+        e.outcome,
+    )
+}
+
+/// The syncs known before the request (the reports then and those they replaced) and those
+/// shown since: a sync that ran during the reconcile is shown once.
+#[derive(Debug, Default)]
+pub struct Seen(HashSet<SyncKey>);
+
+impl Seen {
+    pub fn before(reports: &[SyncView]) -> Self {
+        let mut seen = Self::default();
+        for s in reports {
+            seen.0.insert(key_of(s));
+            let earlier = s.earlier.iter().map(|e| earlier_key(&s.project_id, e));
+            seen.0.extend(earlier);
+        }
+        seen
+    }
+
+    /// Whether `key` was not seen yet; it is from now on.
+    fn first_time(&mut self, key: SyncKey) -> bool {
+        self.0.insert(key)
+    }
+}
+
+/// Whether a sync ran during the reconcile `resync_id` without answering it: an earlier one,
+/// or one a newer commit cut short (a superseded sync is followed by the one that answers).
+fn not_the_answer(sync_resync_id: u64, outcome: ReportedOutcome, resync_id: u64) -> bool {
+    sync_resync_id < resync_id || outcome == ReportedOutcome::Superseded
+}
+
+/// The lines of the syncs during the reconcile `resync_id` that report `s` and the syncs it
+/// replaced tell, oldest first, each once. A sync replaced before a poll read it (a commit's
+/// sync that pruned, then at once the reconcile's re-sync that found nothing to prune) is
+/// told from kas's short record of it.
+pub fn during_lines(s: &SyncView, resync_id: u64, seen: &mut Seen) -> Vec<String> {
+    let mut lines = Vec::new();
+    for e in s.earlier.iter().rev() {
+        if not_the_answer(e.resync_id, e.outcome, resync_id)
+            && seen.first_time(earlier_key(&s.project_id, e))
+        {
+            lines.push(earlier_line(&s.project_id, e));
+        }
+    }
+    if not_the_answer(s.resync_id, s.outcome, resync_id) && seen.first_time(key_of(s)) {
+        lines.push(during_line(s));
+    }
+    lines
 }
 
 /// The line of a sync that ran during the reconcile without answering it: what it applied and
 /// pruned (the answering sync, finding those objects gone, says "0 pruned").
 pub fn during_line(s: &SyncView) -> String {
-    format!(
-        "{} (a synchronization during this reconcile, not its answer)",
-        report_line(s, &summarize(s))
-    )
+    format!("{}{DURING}", report_line(s, &summarize(s)))
+}
+
+const DURING: &str = " (a synchronization during this reconcile, not its answer)";
+
+/// [`during_line`] of a sync kas keeps in short.
+fn earlier_line(project: &str, e: &EarlierView) -> String {
+    let mut line = format!(
+        "{project}: commit {} {}: {} applied, {} Current, {} not Current, {} pruned",
+        short(&e.commit_id),
+        e.outcome,
+        e.current + e.not_current,
+        e.current,
+        e.not_current,
+        e.pruned
+    );
+    if e.left_in_place > 0 {
+        line.push_str(&format!(", {} left in place", e.left_in_place));
+    }
+    if !e.error.is_empty() {
+        line.push_str(&format!("; error: {}", e.error));
+    }
+    line + DURING
 }
 
 /// The line of a sync under way: its objects so far.
@@ -521,17 +592,16 @@ async fn follow(
     let mut waits: HashMap<String, String> = HashMap::new();
     let mut failed: Vec<String> = Vec::new();
     let mut outage = Outage::new(timeout);
-    let mut during: Vec<SyncView> = Vec::new();
+    let mut seen = Seen::before(before);
     while !pending.is_empty() {
         for s in poll_reports(c, agent_id, &mut outage, progress).await? {
             if !pending.contains(&s.project_id.as_str()) {
                 continue;
             }
-            if s.resync_id < started.resync_id || s.outcome == ReportedOutcome::Superseded {
-                if ran_during(&s, before) && ran_during(&s, &during) {
-                    progress.line(&during_line(&s))?;
-                    during.push(s);
-                }
+            for line in during_lines(&s, started.resync_id, &mut seen) {
+                progress.line(&line)?;
+            }
+            if not_the_answer(s.resync_id, s.outcome, started.resync_id) {
                 continue;
             }
             // A superseded sync (shown above) is followed by the one that answers: a new
@@ -802,6 +872,7 @@ mod tests {
             resync_id: 1,
             chart_version: String::new(),
             fetch_error: String::new(),
+            earlier: Vec::new(),
         }
     }
 
@@ -948,12 +1019,54 @@ mod tests {
         );
         cut.finished_at = "2026-11-28T10:00:00Z".into();
         let older = report(ReportedOutcome::Succeeded, Vec::new());
-        assert!(ran_during(&cut, std::slice::from_ref(&older)));
-        assert!(!ran_during(&cut, std::slice::from_ref(&cut)));
+        let mut seen = Seen::before(std::slice::from_ref(&older));
         assert_eq!(
-            during_line(&cut),
-            "group/manifests: commit 0123456789ab superseded: 0 applied, 0 Current, 0 not Current, 1 pruned (a synchronization during this reconcile, not its answer)"
+            during_lines(&cut, 7, &mut seen),
+            [
+                "group/manifests: commit 0123456789ab superseded: 0 applied, 0 Current, 0 not Current, 1 pruned (a synchronization during this reconcile, not its answer)"
+            ]
         );
+        assert!(during_lines(&cut, 7, &mut seen).is_empty(), "shown twice");
+        let mut seen = Seen::before(std::slice::from_ref(&cut));
+        assert!(during_lines(&cut, 7, &mut seen).is_empty(), "there before");
+    }
+
+    /// The sync of a commit that pruned, replaced by the reconcile's answer before any poll
+    /// read it, is told from kas's short record of it (it was not shown at all), once; one
+    /// already known before the request is not.
+    #[test]
+    fn a_sync_replaced_before_a_poll_read_it_is_told_from_the_answers_earlier_syncs() {
+        let pruning = EarlierView {
+            commit_id: "fedcba9876543210".into(),
+            outcome: ReportedOutcome::Succeeded,
+            error: String::new(),
+            finished_at: "2026-11-28T10:00:01Z".into(),
+            resync_id: 6,
+            current: 1,
+            not_current: 0,
+            pruned: 2,
+            left_in_place: 1,
+        };
+        let known = EarlierView {
+            finished_at: "2026-11-28T09:00:00Z".into(),
+            resync_id: 5,
+            ..pruning.clone()
+        };
+        let mut answer = report(ReportedOutcome::Succeeded, Vec::new());
+        answer.resync_id = 7;
+        answer.earlier = vec![pruning, known.clone()];
+        let mut before = report(ReportedOutcome::Succeeded, Vec::new());
+        before.finished_at = known.finished_at.clone();
+        before.commit_id = known.commit_id.clone();
+        before.resync_id = known.resync_id;
+        let mut seen = Seen::before(&[before]);
+        assert_eq!(
+            during_lines(&answer, 7, &mut seen),
+            [
+                "group/manifests: commit fedcba987654 succeeded: 1 applied, 1 Current, 0 not Current, 2 pruned, 1 left in place (a synchronization during this reconcile, not its answer)"
+            ]
+        );
+        assert!(during_lines(&answer, 7, &mut seen).is_empty(), "told twice");
     }
 
     #[test]

@@ -540,6 +540,7 @@ mod tests {
             resync_id: 0,
             chart_version: String::new(),
             fetch_error: String::new(),
+            earlier: Vec::new(),
             objects: vec![
                 object(
                     "dude",
