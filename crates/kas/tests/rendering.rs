@@ -330,8 +330,14 @@ async fn a_helm_chart_with_two_values_files_is_applied_and_its_errors_change_not
         &[("charts/app/templates/broken.yaml", Some(broken.as_bytes()))],
         "a template error",
     );
-    rig.refused(&c2, &["helm failed", "app/templates/broken.yaml:6:"])
-        .await;
+    rig.refused(
+        &c2,
+        &[
+            "helm failed",
+            "template: charts/app/templates/broken.yaml:6:",
+        ],
+    )
+    .await;
     assert_eq!(versions(&rig.env, &ns), before);
 
     let with_dependency = "apiVersion: v2\nname: app\nversion: 0.1.0\ndependencies:\n- name: redis\n  version: 20.0.0\n  repository: https://charts.example.com\n";

@@ -370,6 +370,45 @@ pub fn check_chart_dependencies(
     Ok(())
 }
 
+/// The `name` a chart's `Chart.yaml` gives it ("" when it says none or does not parse).
+pub fn chart_name(chart_yaml: &str) -> String {
+    serde_saphyr::from_str::<Value>(chart_yaml)
+        .ok()
+        .and_then(|doc| doc.get("name").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Helm names a chart's files after the chart's `name` (`web/templates/cm.yaml`), which need
+/// not be its folder in the repository (`charts/web-app`): the message names the repository's
+/// files instead, so users find the file to fix. Only a path at the start of a word is
+/// changed (`web/` inside `my-web/` is not the chart).
+pub fn with_chart_folder(message: String, name: &str, folder: &str) -> String {
+    let folder = folder.trim_end_matches('/');
+    if name.is_empty() || name == folder {
+        return message;
+    }
+    let from = format!("{name}/");
+    let starts_word = |i: usize| {
+        message[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| c.is_whitespace() || "(\"'<:=,[".contains(c))
+    };
+    let mut out = String::with_capacity(message.len());
+    let mut last = 0;
+    for (i, _) in message.match_indices(&from) {
+        if i < last || !starts_word(i) {
+            continue;
+        }
+        out.push_str(&message[last..i]);
+        out.push_str(folder);
+        out.push('/');
+        last = i + from.len();
+    }
+    out.push_str(&message[last..]);
+    out
+}
+
 /// Longest renderer message kept (the rest is cut): enough for an error and its context.
 pub const MAX_MESSAGE: usize = 4096;
 
@@ -747,6 +786,22 @@ mod tests {
         let refusal = "Error: x is not in or below y".to_owned();
         let hinted = with_submodule_hint(with_restrictor_hint(refusal, false), &["sub".into()]);
         assert!(!hinted.contains('\n'), "{hinted}");
+    }
+
+    #[test]
+    fn helm_messages_name_the_charts_folder_not_its_name() {
+        let said = "Error: parse error at (web/templates/cm.yaml:5): unclosed action started at web/templates/cm.yaml:4; my-web/x and web/charts/db/templates/a.yaml";
+        assert_eq!(
+            with_chart_folder(said.into(), "web", "charts/web-app"),
+            "Error: parse error at (charts/web-app/templates/cm.yaml:5): unclosed action started at charts/web-app/templates/cm.yaml:4; my-web/x and charts/web-app/charts/db/templates/a.yaml"
+        );
+        assert_eq!(with_chart_folder(said.into(), "web", "web"), said);
+        assert_eq!(with_chart_folder(said.into(), "", "charts/x"), said);
+        assert_eq!(
+            chart_name("apiVersion: v2\nname: web\nversion: 1.0.0\n"),
+            "web"
+        );
+        assert_eq!(chart_name("{"), "");
     }
 
     #[test]

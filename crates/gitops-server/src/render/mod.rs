@@ -880,6 +880,7 @@ impl Renderer {
                     RenderError::Io(format!("starting {}: {e}", line.program.display()))
                 })?;
             self.outcome(tool, ran, &checkout)
+                .map_err(|e| named_by_folder(e, spec, &checkout))
         };
         let bytes = run_once().await?;
         let RenderSpec::Helm(h) = spec else {
@@ -962,6 +963,25 @@ impl Renderer {
                 limit: self.config.max_output_size,
             }),
         }
+    }
+}
+
+/// A Helm failure of a chart from Git naming the chart's files by its folder in the
+/// repository rather than by its `name` (see [`checks::with_chart_folder`]).
+fn named_by_folder(e: RenderError, spec: &RenderSpec, checkout: &Checkout) -> RenderError {
+    let (RenderSpec::Helm(h), RenderError::Failed { tool, message }) = (spec, &e) else {
+        return e;
+    };
+    if h.from_repository() {
+        return e;
+    }
+    let chart_yaml = checkout.repo.join(&h.chart).join("Chart.yaml");
+    let name = std::fs::read_to_string(chart_yaml)
+        .map(|text| checks::chart_name(&text))
+        .unwrap_or_default();
+    RenderError::Failed {
+        tool: *tool,
+        message: checks::with_chart_folder(message.clone(), &name, &h.chart),
     }
 }
 
