@@ -93,6 +93,19 @@ pub enum Skip {
     /// It moved to another namespace in Git and its replacement there was not created (see
     /// [`held_back`]): it stays in the inventory and is pruned once the replacement exists.
     ReplacementMissing { replacement: ObjRef },
+    /// It is the Namespace the project's inventory is kept in (its `default_namespace`):
+    /// deleting it deletes the inventory, and every later sync fails for want of the
+    /// namespace. It stays in the inventory and is pruned once the inventory moves (see
+    /// [`holds_inventory`]).
+    HoldsInventory,
+}
+
+/// Whether pruning `obj` would delete the inventory: it is the Namespace the inventory is
+/// kept in, `inventory_namespace`. A commit moving an overlay's objects to another namespace
+/// removes the old Namespace from Git while `default_namespace` still names it; cli-utils
+/// leaves its inventory's namespace in place for the same reason.
+pub fn holds_inventory(obj: &ObjRef, inventory_namespace: &str) -> bool {
+    obj.is_namespace() && obj.name == inventory_namespace
 }
 
 /// The objects of `to_prune` whose prune waits, each with its replacement: the object of the
@@ -158,7 +171,10 @@ impl Skip {
     /// Whether someone should look: a type vanishing is unexpected, while an object detached or
     /// adopted was someone's choice.
     pub fn is_unexpected(&self) -> bool {
-        matches!(self, Self::TypeNotServed | Self::ReplacementMissing { .. })
+        matches!(
+            self,
+            Self::TypeNotServed | Self::ReplacementMissing { .. } | Self::HoldsInventory
+        )
     }
 }
 
@@ -186,6 +202,10 @@ impl std::fmt::Display for Skip {
                 f,
                 "left in place for now: it moved to namespace {} in Git, where its replacement was not created; it is pruned once the replacement exists",
                 replacement.namespace_or_empty()
+            ),
+            Self::HoldsInventory => write!(
+                f,
+                "left in place, not deleted: the project's inventory is kept in this namespace (its default_namespace); it is pruned once default_namespace names another namespace, or delete it by hand"
             ),
         }
     }
@@ -264,6 +284,19 @@ mod tests {
             said.contains("namespace new") && said.contains("pruned once"),
             "{said}"
         );
+    }
+
+    #[test]
+    fn only_the_namespace_of_the_inventory_holds_it() {
+        assert!(holds_inventory(&r("/Namespace//shop"), "shop"));
+        assert!(!holds_inventory(&r("/Namespace//shop2"), "shop"));
+        assert!(!holds_inventory(&r("/ConfigMap/shop/shop"), "shop"));
+        let said = Skip::HoldsInventory.to_string();
+        assert!(
+            said.contains("inventory is kept in this namespace"),
+            "{said}"
+        );
+        assert!(Skip::HoldsInventory.is_unexpected());
     }
 
     #[test]

@@ -1125,6 +1125,7 @@ impl Syncer {
         };
         let prune_list: Vec<ObjRef> = prune_tiers.iter().flatten().cloned().collect();
         let (prune_tiers, replacements) = hold_back_moved(prune_tiers, held, &desired, p);
+        let prune_tiers = keep_inventory_namespace(prune_tiers, &s.default_namespace, p);
         // Not listed as attempted, so the next sync sees them new again and keeps holding.
         now.attempted.retain(|o| !replacements.contains(o));
         let with_pending = record::with_pending(now.clone(), held, &prune_list);
@@ -2307,6 +2308,38 @@ fn hold_back_moved(
         .filter(|t: &Vec<ObjRef>| !t.is_empty())
         .collect();
     (tiers, waiting.into_values().collect())
+}
+
+/// `tiers` without the Namespace the inventory is kept in ([`prune::holds_inventory`]): it
+/// gets its outcome, left in place, and stays in the inventory (`prune_all` does not drop it),
+/// so a sync after `default_namespace` moves prunes it.
+fn keep_inventory_namespace(
+    tiers: Vec<Vec<ObjRef>>,
+    inventory_namespace: &str,
+    p: &mut Progress,
+) -> Vec<Vec<ObjRef>> {
+    let mut kept = Vec::new();
+    let tiers = tiers
+        .into_iter()
+        .map(|t| {
+            let (held, rest): (Vec<ObjRef>, Vec<ObjRef>) = t
+                .into_iter()
+                .partition(|o| prune::holds_inventory(o, inventory_namespace));
+            kept.extend(held);
+            rest
+        })
+        .filter(|t| !t.is_empty())
+        .collect();
+    for obj in kept {
+        event_prune_skipped(&obj, &Skip::HoldsInventory);
+        let outcome = ObjectOutcome {
+            obj: obj.clone(),
+            status: ObjectState::PruneSkipped,
+            message: Skip::HoldsInventory.to_string(),
+        };
+        p.results.insert(obj, outcome);
+    }
+    tiers
 }
 
 fn finish(

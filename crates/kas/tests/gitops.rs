@@ -2005,6 +2005,62 @@ async fn a_project_creating_its_own_default_namespace_applies_on_the_first_sync(
     assert!(listed.contains(&own) && listed.contains("inside"), "{cm}");
 }
 
+/// A commit moving the objects to another namespace removes from Git the Namespace the
+/// inventory is kept in (the project's `default_namespace`, unchanged). That Namespace is left
+/// in place, said so, and stays in the inventory; the next commit syncs. Before, it was pruned
+/// with the inventory in it, and every later sync failed for want of the namespace until
+/// someone created it by hand (E5 H1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_namespace_holding_the_inventory_is_left_in_place_when_it_leaves_git() {
+    let namespace = |name: &str| {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n").into_bytes()
+    };
+    let (rig, own, c1) = own_namespace_rig(|own| {
+        vec![
+            ("manifests/ns.yaml", namespace(own)),
+            ("manifests/cm.yaml", unnamespaced("inside")),
+        ]
+    })
+    .await;
+    rig.synced(&c1).await;
+    let moved = format!("{own}-2");
+    let cm = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: inside\n  namespace: {moved}\n"
+    );
+    let c2 = rig.manifests.commit(
+        &[
+            ("manifests/ns.yaml", Some(&namespace(&moved))),
+            ("manifests/cm.yaml", Some(cm.as_bytes())),
+        ],
+        "move to another namespace",
+    );
+    let s = rig.synced(&c2).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let kept = s
+        .objects
+        .iter()
+        .find(|o| o.kind == "Namespace" && o.name == own)
+        .expect("the inventory's Namespace in the report");
+    assert_eq!(kept.status, ReportedStatus::PruneSkipped, "{s:?}");
+    assert!(
+        kept.message.contains("inventory is kept in this namespace"),
+        "{kept:?}"
+    );
+    let ns = get_json(&rig.env, &["get", "namespace", &own]).expect("the Namespace kept");
+    assert_eq!(ns["status"]["phase"], "Active", "{ns}");
+    let inventory = tether_gitops_agent::inventory::inventory_name(rig.agent_id, "group/manifests");
+    get_json(&rig.env, &["get", "configmap", &inventory, "-n", &own]).expect("the inventory");
+
+    let again = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: inside\n  namespace: {moved}\ndata:\n  v: \"2\"\n"
+    );
+    let c3 = rig
+        .manifests
+        .commit(&[("manifests/cm.yaml", Some(again.as_bytes()))], "v2");
+    let s = rig.synced(&c3).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+}
+
 /// A `default_namespace` that does not exist and that the commit does not create: the sync
 /// fails before any write, saying so (not a bare 404 about writing the inventory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
