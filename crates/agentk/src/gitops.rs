@@ -954,7 +954,11 @@ impl Worker {
         sync.last = Some(LastSync::of(&outcome));
         let refused = running.refusal(sync.refused.as_ref());
         self.log_outcome(&outcome, refused);
-        self.event(Happened::Synced(&outcome));
+        self.event(if refused.is_some() {
+            Happened::ReappliedWhileRefused(&outcome)
+        } else {
+            Happened::Synced(&outcome)
+        });
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());

@@ -33,6 +33,10 @@ pub enum Happened<'a> {
     /// kas refused to send this commit's manifests (unsigned commit, rendering or selection
     /// error): nothing was applied or pruned.
     Refused { commit: &'a str, message: &'a str },
+    /// The last good commit re-applied (drift correction) while kas refuses the newest one:
+    /// its failures and prunes are said as for [`Happened::Synced`], but its success is no
+    /// recovery — the newest commit still cannot be applied.
+    ReappliedWhileRefused(&'a SyncOutcome),
 }
 
 /// Why an event is written; its `reason` field.
@@ -75,7 +79,8 @@ pub fn plan(last: Option<&Note>, happened: Happened<'_>) -> Option<Note> {
             reason: Reason::ManifestsRefused,
             message: format!("commit {}: {message}", short(commit)),
         },
-        Happened::Synced(o) => synced_note(last, o)?,
+        Happened::Synced(o) => synced_note(last, o, true)?,
+        Happened::ReappliedWhileRefused(o) => synced_note(last, o, false)?,
     };
     if last == Some(&note) {
         return None;
@@ -86,7 +91,7 @@ pub fn plan(last: Option<&Note>, happened: Happened<'_>) -> Option<Note> {
     })
 }
 
-fn synced_note(last: Option<&Note>, o: &SyncOutcome) -> Option<Note> {
+fn synced_note(last: Option<&Note>, o: &SyncOutcome, may_recover: bool) -> Option<Note> {
     let commit = short(&o.commit_id);
     // Superseded is no failure (applied and pruned, not waited for): only what it pruned.
     if let Some(error) = o.error.as_ref().filter(|_| !o.superseded()) {
@@ -121,7 +126,7 @@ fn synced_note(last: Option<&Note>, o: &SyncOutcome) -> Option<Note> {
             ),
         });
     }
-    let recovering = o.succeeded() && last.is_some_and(|n| n.reason.is_warning());
+    let recovering = may_recover && o.succeeded() && last.is_some_and(|n| n.reason.is_warning());
     recovering.then(|| Note {
         reason: Reason::SyncRecovered,
         message: format!("commit {commit}: synchronized, {} objects", o.objects.len()),
@@ -359,6 +364,21 @@ mod tests {
         let recovered = plan(Some(&first), Happened::Synced(&ok)).unwrap();
         assert_eq!(recovered.reason, Reason::SyncRecovered);
         assert_eq!(plan(Some(&recovered), Happened::Synced(&ok)), None);
+        let refused = plan(
+            None,
+            Happened::Refused {
+                commit: "0ae7a100f556aaaa",
+                message: "kustomize failed",
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            plan(Some(&refused), Happened::ReappliedWhileRefused(&ok)),
+            None,
+            "re-applying the last good commit is no recovery"
+        );
+        let recovered = plan(Some(&refused), Happened::Synced(&ok)).unwrap();
+        assert_eq!(recovered.reason, Reason::SyncRecovered);
         assert_eq!(
             plan(None, Happened::Synced(&ok)),
             None,

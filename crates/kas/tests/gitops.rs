@@ -2231,7 +2231,9 @@ async fn failures_prunes_and_refused_commits_are_kubernetes_events() {
         ("manifests/dude.yaml", Some(&dude_yaml[..])),
         ("manifests/cm.yaml", Some(&cm[..])),
     ];
-    let (rig, c1) = rig(env, agent_ns.clone(), &rbac, "", &initial, &[]).await;
+    // Drift correction every second: the last good commit is re-applied while one is refused.
+    let resync = ["--gitops-resync-interval", "1s"];
+    let (rig, c1) = rig(env, agent_ns.clone(), &rbac, "", &initial, &resync).await;
     assert_eq!(rig.synced(&c1).await.outcome, ReportedOutcome::Succeeded);
     let inventory = tether_gitops_agent::inventory::inventory_name(rig.agent_id, "group/manifests");
     let event = |reason: &'static str| wait_event(&rig.env, &agent_ns, &inventory, reason);
@@ -2305,6 +2307,23 @@ async fn failures_prunes_and_refused_commits_are_kubernetes_events() {
         .filter(|e| e["reason"] == "SyncFailed")
         .count();
     assert_eq!(failures, 1, "one event for a failure retried several times");
+
+    // While c4 stands refused, agentk re-applies the last good commit: no recovery (it was
+    // said as one, naming c3, and the real recovery below then went unsaid).
+    wait_for(
+        "the last good commit re-applied while c4 is refused",
+        Duration::from_secs(30),
+        || async {
+            let log = rig.agent.log();
+            log.contains("Re-applied the last good commit").then_some(())
+        },
+    )
+    .await;
+    let c5 = signer.commit(&rig.manifests.dir, "signed").unwrap();
+    assert_eq!(rig.synced(&c5).await.outcome, ReportedOutcome::Succeeded);
+    let (kind, message) = event("SyncRecovered").await;
+    assert_eq!(kind, "Normal");
+    assert!(message.contains(&c5[..12]), "{message}");
 }
 
 /// Waits for an event with `reason` on the inventory ConfigMap; returns its type and message.
