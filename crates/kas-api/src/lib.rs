@@ -156,6 +156,11 @@ pub struct SuspensionView {
     pub suspended_by: String,
     /// RFC 3339.
     pub suspended_at: String,
+    /// In the answer to a suspension of a project: the entries of the agent's configuration in
+    /// force it holds — all of the project's, as suspensions hold a whole project, even when
+    /// the request named one entry (`project#name`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<String>,
 }
 
 /// `POST /api/v1/agents/{id}/suspend` (and `resume`, which ignores the reason).

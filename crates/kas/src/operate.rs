@@ -627,7 +627,13 @@ async fn suspend(
     suspensions_changed(&st, agent_id).await;
     tracing::info!(agent_id, scope = ?scope, reason = %req.reason, suspended_by = %who, "GitOps suspended");
     let paths = project_paths(&st).await?;
-    Ok(Json(view(&s, &paths)))
+    let mut answer = view(&s, &paths);
+    if let (SuspensionScope::Project(id), Some(config)) = (scope, st.config_states.config(agent_id))
+        && let Some(project) = st.store.get_project(id).await?
+    {
+        answer.entries = held_entries(&config, &project);
+    }
+    Ok(Json(answer))
 }
 
 async fn resume(
@@ -681,7 +687,24 @@ fn view(s: &Suspension, paths: &HashMap<i64, String>) -> SuspensionView {
         suspended_at: rfc3339(
             UNIX_EPOCH + Duration::from_secs(u64::try_from(s.suspended_at).unwrap_or(0)),
         ),
+        entries: Vec::new(),
     }
+}
+
+/// The entries of the agent's configuration in force that a suspension of `project` (by its
+/// path or id) holds: every entry of the project. Pure.
+fn held_entries(config: &AgentConfig, project: &Project) -> Vec<String> {
+    let id = project.id.to_string();
+    config
+        .gitops
+        .manifest_projects
+        .iter()
+        .map(tether_agent_config::ManifestProject::entry_key)
+        .filter(|key| {
+            let (of, _) = tether_agent_config::split_entry_key(key);
+            of == project.path || of == id
+        })
+        .collect()
 }
 
 /// The suspensions of one agent or all, by agent, for listings.

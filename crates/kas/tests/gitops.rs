@@ -2315,7 +2315,8 @@ async fn failures_prunes_and_refused_commits_are_kubernetes_events() {
         Duration::from_secs(30),
         || async {
             let log = rig.agent.log();
-            log.contains("Re-applied the last good commit").then_some(())
+            log.contains("Re-applied the last good commit")
+                .then_some(())
         },
     )
     .await;

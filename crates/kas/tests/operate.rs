@@ -560,6 +560,46 @@ async fn a_whole_agent_reconcile_skips_a_suspended_project_and_syncs_the_others(
     );
 }
 
+/// Suspensions hold a whole project: suspending one named entry of a project with two says
+/// that both are held (it said only "suspended for group/manifests", and the other entry's
+/// changes then stopped without a word).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspending_one_entry_says_every_entry_of_its_project_is_held() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("entries").unwrap();
+    let second = format!(
+        "  - id: group/manifests\n    name: b\n    default_namespace: {ns}\n    paths:\n    - glob: '/other/*.yaml'\n"
+    );
+    let (a, b) = (configmap("a", &ns, "v1"), configmap("b", &ns, "v1"));
+    let args = RigArgs {
+        env,
+        agent_ns: ns.clone(),
+        rbac: &admin_rbac(&ns),
+        project_extra: &second,
+        initial: &[("manifests/a.yaml", Some(&a)), ("other/b.yaml", Some(&b))],
+        agent_args: &[],
+    };
+    let entry = "    name: a\n    paths:\n    - glob: '/manifests/*.yaml'\n";
+    let (rig, c1) = rig_entry(args, entry, KasOptions::default()).await;
+    rig.synced_in("group/manifests#a", &c1).await;
+    rig.synced_in("group/manifests#b", &c1).await;
+    let suspend = [
+        "agent",
+        "suspend",
+        "group/config:seed",
+        "--project",
+        "group/manifests#a",
+    ];
+    let out = kas_cli(&rig.kas, &suspend);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("every entry of it is held (group/manifests#a, group/manifests#b)"),
+        "{}",
+        text(&out)
+    );
+}
+
 /// An agentk restarted while kas refuses the head commit (unsigned, with only signed commits
 /// allowed) has no commit it may apply. `kas agent reconcile --wait` is answered at once with
 /// the refusal; before, the worker woke again and again on a sync it could not start (one core

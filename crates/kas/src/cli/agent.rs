@@ -90,6 +90,9 @@ pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<
                 s.suspended_by,
                 s.suspended_at
             )?;
+            if let Some(note) = whole_project_note(project.as_deref(), &s.entries) {
+                out!("{note}")?;
+            }
             Ok(())
         }
         AgentCmd::Resume { agent_id, project } => {
@@ -117,6 +120,18 @@ pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<
             Ok(())
         }
     }
+}
+
+/// What a suspension of a project holds beyond what was named: suspensions hold a whole
+/// project, so naming one entry (`project#name`) holds its other entries too. Pure.
+fn whole_project_note(named: Option<&str>, entries: &[String]) -> Option<String> {
+    let named = named?;
+    entries.iter().any(|e| e != named).then(|| {
+        format!(
+            "note: suspensions hold a whole project: every entry of it is held ({})",
+            entries.join(", ")
+        )
+    })
 }
 
 /// `kas agent register`'s output: the token, shown once.
@@ -524,4 +539,26 @@ pub fn diff_exit(code: u8) -> Result<()> {
         std::process::exit(i32::from(code));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Naming one entry of a project with several holds them all: said. A project with one
+    /// entry, or the whole agent, needs no note.
+    #[test]
+    fn a_suspension_naming_one_entry_says_it_holds_the_whole_project() {
+        let entries = ["plat/apps#kust".to_owned(), "plat/apps#chart".to_owned()];
+        assert_eq!(
+            whole_project_note(Some("plat/apps#kust"), &entries).as_deref(),
+            Some(
+                "note: suspensions hold a whole project: every entry of it is held (plat/apps#kust, plat/apps#chart)"
+            )
+        );
+        assert!(whole_project_note(Some("plat/apps"), &entries).is_some());
+        let one = ["plat/web".to_owned()];
+        assert_eq!(whole_project_note(Some("plat/web"), &one), None);
+        assert_eq!(whole_project_note(None, &entries), None);
+    }
 }
