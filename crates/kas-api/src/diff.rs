@@ -40,6 +40,10 @@ pub struct ProjectDiffView {
     pub git_ref: String,
     /// The commit it resolved to; `None` when it did not.
     pub commit: Option<String>,
+    /// Why the ref was not resolved when the ref is not the cause (the preview failed before
+    /// resolving it: the agent's cluster could not be read); `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unresolved: Option<String>,
     /// Why the project could not be previewed (bad ref, unreadable file, inventory, …): no
     /// object of it is listed then.
     pub error: Option<String>,

@@ -158,10 +158,11 @@ pub fn render(view: &DiffView, project: Option<&str>) -> String {
 }
 
 fn render_project(p: &ProjectDiffView, s: &mut String) {
-    let commit = p
-        .commit
-        .as_deref()
-        .map_or("(no commit resolved)", |c| &c[..c.len().min(12)]);
+    let commit = match (&p.commit, &p.unresolved) {
+        (Some(c), _) => c[..c.len().min(12)].to_owned(),
+        (None, Some(why)) => format!("(ref not resolved: {why})"),
+        (None, None) => "(no commit resolved)".to_owned(),
+    };
     s.push_str(&format!("◎ {} at {} {commit}\n", p.project, p.git_ref));
     if let Some(e) = &p.error {
         s.push_str(&format!("✗ {e}\n"));
@@ -222,6 +223,7 @@ mod tests {
                 project: "g/manifests".into(),
                 git_ref: "feature".into(),
                 commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+                unresolved: None,
                 error: error.map(str::to_owned),
                 warnings: Vec::new(),
                 objects,
@@ -340,5 +342,23 @@ mod tests {
             "{}",
             render(&v, None)
         );
+    }
+
+    /// A preview that failed before looking the ref up (the agent's cluster unreadable, its
+    /// tunnel saturated) says so, not that the ref resolved to no commit.
+    #[test]
+    fn a_preview_that_failed_before_resolving_the_ref_says_why_not_that_none_resolved() {
+        let busy = "could not read the agent's cluster (…): all its tunnel streams are busy";
+        let mut v = view(Vec::new(), Some(busy));
+        v.projects[0].commit = None;
+        v.projects[0].unresolved = Some("the agent's cluster could not be read first".into());
+        let text = render(&v, None);
+        assert!(
+            text.starts_with(
+                "◎ g/manifests at feature (ref not resolved: the agent's cluster could not be read first)\n✗ could not read the agent's cluster"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("no commit resolved"), "{text}");
     }
 }

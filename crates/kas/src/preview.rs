@@ -216,6 +216,9 @@ struct ProjectAt<'a> {
     shown: String,
 }
 
+/// Why a Helm project's ref was not resolved when the agent's cluster could not be read.
+const CLUSTER_UNREAD: &str = "the agent's cluster could not be read first";
+
 async fn project_diff(
     source: &PreviewSource<'_>,
     client: kube::Client,
@@ -226,6 +229,7 @@ async fn project_diff(
         project: p.entry_key(),
         git_ref: at.shown,
         commit: None,
+        unresolved: None,
         error: None,
         warnings: Vec::new(),
         objects: Vec::new(),
@@ -239,7 +243,11 @@ async fn project_diff(
                 api_versions,
             },
             Err(e) => {
-                view.error = Some(e.to_string());
+                // The ref is fine as far as anyone knows: it was never looked up.
+                view.unresolved = Some(CLUSTER_UNREAD.to_owned());
+                view.error = Some(format!(
+                    "could not read the agent's cluster (its Kubernetes version and API groups, which the chart is rendered for): {e}"
+                ));
                 return view;
             }
         },
