@@ -174,20 +174,7 @@ impl AdminClient {
             .map_err(ClientError::Encode)?;
         let (status, bytes) = self.call(method, path, body).await?;
         if !status.is_success() {
-            let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                // The admin API's `{"error"}`, or the proxy's Kubernetes `Status`.
-                .and_then(|v| {
-                    v["error"]
-                        .as_str()
-                        .or(v["message"].as_str())
-                        .map(str::to_owned)
-                })
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Status {
-                status,
-                message: msg,
-            });
+            return Err(refusal(status, &bytes));
         }
         serde_json::from_slice(&bytes).map_err(ClientError::Decode)
     }
@@ -265,10 +252,7 @@ impl AdminClient {
             )
             .await?;
         if !status.is_success() {
-            return Err(ClientError::Status {
-                status,
-                message: String::from_utf8_lossy(&bytes).into_owned(),
-            });
+            return Err(refusal(status, &bytes));
         }
         Ok(())
     }
@@ -404,13 +388,42 @@ impl AdminClient {
             )
             .await?;
         if !status.is_success() {
-            return Err(ClientError::Status {
-                status,
-                message: String::from_utf8_lossy(&bytes).into_owned(),
-            });
+            return Err(refusal(status, &bytes));
         }
         Ok(bytes)
     }
+}
+
+/// kas's refusal in words, as every command prints it: the admin API's `{"error": …}`, or the
+/// proxy's Kubernetes `Status` message. Any other body (a proxy's page, plain text) is kept
+/// as text, on one line and cut short; a body without words gets the status's reason. A user
+/// never sees a raw JSON body.
+fn refusal(status: StatusCode, body: &[u8]) -> ClientError {
+    const MAX_CHARS: usize = 300;
+    let message = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v) => v["error"]
+            .as_str()
+            .or(v["message"].as_str())
+            .map(str::to_owned)
+            .unwrap_or_default(),
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            match line.char_indices().nth(MAX_CHARS) {
+                Some((cut, _)) => format!("{}…", &line[..cut]),
+                None => line,
+            }
+        }
+    };
+    let message = if message.is_empty() {
+        format!(
+            "no reason given ({})",
+            status.canonical_reason().unwrap_or("unknown status")
+        )
+    } else {
+        message
+    };
+    ClientError::Status { status, message }
 }
 
 /// Percent-encodes a query value (project paths contain `/`).
@@ -435,6 +448,31 @@ mod tests {
             status,
             message: String::new(),
         }
+    }
+
+    fn message(body: &[u8]) -> String {
+        match refusal(StatusCode::NOT_FOUND, body) {
+            ClientError::Status { message, .. } => message,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_said_in_words_never_as_raw_json() {
+        assert_eq!(
+            message(br#"{"error":"agent 7 is not connected"}"#),
+            "agent 7 is not connected"
+        );
+        let status = br#"{"kind":"Status","message":"forbidden: no","code":403}"#;
+        assert_eq!(message(status), "forbidden: no");
+        assert_eq!(message(br#"{"other":1}"#), "no reason given (Not Found)");
+        assert_eq!(message(b""), "no reason given (Not Found)");
+        assert_eq!(
+            message(b"<html>\n <h1>Bad   gateway</h1>\n</html>"),
+            "<html> <h1>Bad gateway</h1> </html>"
+        );
+        let long = message("é".repeat(400).as_bytes());
+        assert_eq!(long.chars().count(), 301, "{long}");
     }
 
     #[tokio::test]

@@ -461,6 +461,7 @@ async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
                 config: st.config_states.get(r.id).map(config_view),
                 suspensions: suspensions.remove(&r.id).unwrap_or_default(),
                 unreachable_replicas: Vec::new(),
+                last_seen: st.registry.last_seen(r.id).map(rfc3339),
             }
         })
         .collect();

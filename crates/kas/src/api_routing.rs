@@ -202,6 +202,8 @@ pub fn merge_agents(local: Vec<AgentView>, others: OtherLists) -> Vec<AgentView>
         mine.connections.extend(view.connections);
         mine.idle_tunnels += view.idle_tunnels;
         mine.connected |= view.connected;
+        // RFC 3339 UTC times of one format: the greater is the later.
+        mine.last_seen = mine.last_seen.take().max(view.last_seen);
     }
     let mut merged: Vec<AgentView> = by_id.into_values().collect();
     for a in &mut merged {

@@ -1310,6 +1310,58 @@ async fn reconcile_of_an_offline_agent_exits_4_naming_the_project_unheard() {
     );
 }
 
+/// `kas agent ping` and `kas agent diff` of an agent that went offline say within their short
+/// wait for a reconnect (5 s) that it is not connected, naming it and when its connection
+/// ended, and exit 4; one that never connected is said to be unseen. They waited out kas's
+/// wait for a tunnel (20 s by default) and printed the API's raw JSON error body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_and_diff_of_an_offline_agent_say_so_promptly_and_exit_4() {
+    let opts = KasOptions {
+        tunnel_wait: "20s",
+        ..KasOptions::default()
+    };
+    let (mut rig, _ns, _c1) = configmap_rig_with("pingoff", "", &[], opts).await;
+    rig.agent.kill9();
+    let id = rig.agent_id;
+    wait_for(
+        "kas to see the agent gone",
+        Duration::from_secs(10),
+        || async { (!rig.kas.agent(id).await.connected).then_some(()) },
+    )
+    .await;
+    let seen = rig.kas.agent(id).await;
+    let named = format!(
+        "agent {id} ({}:{}) is not connected",
+        seen.project, seen.name
+    );
+    let gone = format!("{named} (its last connection ended at ");
+    let never = rig.kas.admin.register_agent("group/other", "never").await;
+    let never = never.unwrap().agent_id.to_string();
+    let agent = agent_name(&rig);
+    let cases = [
+        (vec!["agent", "ping", &agent], gone.as_str()),
+        (vec!["agent", "diff", &agent, "--ref", "main"], &gone),
+        (
+            vec!["agent", "ping", &never],
+            "(group/other:never) is not connected (kas has not seen it connected since it started)",
+        ),
+    ];
+    for (args, said) in cases {
+        let t0 = std::time::Instant::now();
+        let out = kas_cli(&rig.kas, &args);
+        let took = t0.elapsed();
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {all}");
+        assert!(
+            took < Duration::from_secs(12),
+            "{args:?} took {took:?}: {all}"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(said), "{args:?}: {all}");
+        assert!(!stderr.contains('{'), "{args:?}: raw JSON: {all}");
+    }
+}
+
 /// `kas agent reconcile --wait` right after a push of a `config.yaml` kas refuses: the agent
 /// synchronizes with the configuration still in force, and the command says the newest one
 /// was refused and exits 5, as `kas agent status` does. It exited 0 without a word, so a CI

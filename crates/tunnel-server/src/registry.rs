@@ -144,6 +144,9 @@ struct Inner {
     draining: bool,
     /// Tokens looked up for a live stream, so the next stream of the token skips the store.
     known: KnownTokens,
+    /// When each agent's last connection to this kas ended, for telling a user who asks an
+    /// offline agent since when (one entry per agent seen since kas started).
+    last_seen: HashMap<i64, std::time::SystemTime>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -228,6 +231,12 @@ impl Registry {
             .collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// When the agent's last connection to this kas ended, if one did since kas started (it
+    /// may have connected again since).
+    pub fn last_seen(&self, agent_id: i64) -> Option<std::time::SystemTime> {
+        self.lock().last_seen.get(&agent_id).copied()
     }
 
     /// Whether the agent has a tunnel stream here now that may take a request (none once
@@ -732,12 +741,16 @@ impl Registry {
             }
         }
         let draining = inner.draining;
+        let mut last_one_gone = false;
         if let Some(state) = inner.agents.get_mut(&id.agent_id) {
             let key = (info.remote_addr.clone(), info.pod_name.clone());
             if let Some(c) = state.connections.get_mut(&key) {
                 c.streams = c.streams.saturating_sub(1);
                 if c.streams == 0 {
                     state.connections.remove(&key);
+                    if state.connections.is_empty() {
+                        last_one_gone = true;
+                    }
                     // A draining registry announced every agent gone already.
                     if state.connections.is_empty() && !draining {
                         let _ = self.presence.send(Presence {
@@ -754,6 +767,11 @@ impl Registry {
                 inner.agents.remove(&id.agent_id);
             }
             inner.idle_streams -= removed;
+        }
+        if last_one_gone {
+            inner
+                .last_seen
+                .insert(id.agent_id, std::time::SystemTime::now());
         }
         self.refresh_gauges(&inner);
         drop(inner);

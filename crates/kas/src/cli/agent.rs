@@ -1,6 +1,6 @@
 //! `kas agent …`.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use kas::config::Config;
@@ -61,10 +61,13 @@ pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<
             status(c, agent_id, format.format()).await
         }
         AgentCmd::Diff(args) => {
+            connected(c, c.resolve_agent(&args.agent).await?, "preview").await?;
             diff_exit(kas::diff::run(c, args, &mut super::output::Stdout).await?)
         }
         AgentCmd::Ping { agent_id, bytes } => {
-            ping(c, c.resolve_agent(agent_id).await?, *bytes).await
+            let agent_id = c.resolve_agent(agent_id).await?;
+            connected(c, agent_id, "ping").await?;
+            ping(c, agent_id, *bytes).await
         }
         AgentCmd::Reconcile {
             agent_id,
@@ -297,15 +300,7 @@ struct StatusView<'a> {
 
 /// `kas agent status`: connection, configuration (in force, refused), suspensions, syncs.
 async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<()> {
-    // An id kas does not have is an error, not an agent "offline" (a deleted one read so).
-    let Some(agent) = c
-        .list_agents()
-        .await?
-        .into_iter()
-        .find(|a| a.id == agent_id)
-    else {
-        anyhow::bail!("no agent {agent_id}");
-    };
+    let agent = agent_view(c, agent_id).await?;
     let syncs = c.gitops_status(agent_id).await?;
     let unreported = unreported(c, agent_id).await?;
     let under_way = under_way(c, agent_id).await?;
@@ -345,6 +340,65 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         .into());
     }
     unhealthy_exit(agent_id, &syncs, &unreported)
+}
+
+/// The agent as `kas agent list` shows it. An id kas does not have is an error, not an agent
+/// "offline" (a deleted one read so).
+async fn agent_view(c: &AdminClient, agent_id: i64) -> Result<AgentView> {
+    c.list_agents()
+        .await?
+        .into_iter()
+        .find(|a| a.id == agent_id)
+        .ok_or_else(|| anyhow::anyhow!("no agent {agent_id}"))
+}
+
+/// `kas agent ping`'s and `kas agent diff`'s exit code when the agent is not connected to kas
+/// (as `kas agent reconcile`'s when no stream of the agent heard it): nothing can carry the
+/// request.
+pub const EXIT_NOT_CONNECTED: u8 = 4;
+
+/// How long `kas agent ping` and `kas agent diff` wait for an offline agent to connect: one
+/// reconnecting (agentk or kas restarting) is back within seconds, and one that is not coming
+/// must be said promptly, not after kas's own wait for a tunnel (20 s).
+const RECONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// How often the agent's connection is looked at meanwhile (one agent listing).
+const RECONNECT_POLL: Duration = Duration::from_millis(250);
+
+/// Waits up to [`RECONNECT_WAIT`] for the agent to be connected, or fails with
+/// [`EXIT_NOT_CONNECTED`], saying why on stderr. An agent whose connection is unknown (a
+/// replica did not answer) is asked anyway: it may be connected there.
+async fn connected(c: &AdminClient, agent_id: i64, what: &str) -> Result<()> {
+    let deadline = Instant::now() + RECONNECT_WAIT;
+    loop {
+        let agent = agent_view(c, agent_id).await?;
+        if agent.connected || agent.connection_unknown() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return not_connected(&agent, what);
+        }
+        tokio::time::sleep(RECONNECT_POLL).await;
+    }
+}
+
+/// Fails with [`EXIT_NOT_CONNECTED`], naming the agent and when kas last saw it.
+fn not_connected(a: &AgentView, what: &str) -> Result<()> {
+    let seen = a.last_seen.as_deref().map_or_else(
+        || "kas has not seen it connected since it started".to_owned(),
+        |t| format!("its last connection ended at {t}"),
+    );
+    eprintln!(
+        "kas: agent {} ({}:{}) is not connected ({seen}): nothing can carry the {what}; waited {} for it to connect",
+        a.id,
+        a.project,
+        a.name,
+        humantime::format_duration(RECONNECT_WAIT)
+    );
+    Err(Reported {
+        code: EXIT_NOT_CONNECTED,
+    }
+    .into())
 }
 
 /// The entries of the configuration in force without a report.
@@ -519,7 +573,13 @@ fn print_syncs(
 async fn ping(c: &AdminClient, agent_id: i64, bytes: usize) -> Result<()> {
     let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
     let t0 = Instant::now();
-    let back = c.echo(agent_id, payload.clone()).await?;
+    let back = match c.echo(agent_id, payload.clone()).await {
+        // Gone since it was seen connected (kas answers so once its wait for a tunnel ends).
+        Err(ClientError::Status { status, .. }) if status == http::StatusCode::NOT_FOUND => {
+            return not_connected(&agent_view(c, agent_id).await?, "ping");
+        }
+        answer => answer?,
+    };
     let dt = t0.elapsed();
     anyhow::ensure!(
         back.as_ref() == payload.as_slice(),

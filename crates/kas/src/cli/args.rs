@@ -357,9 +357,11 @@ Exit codes:\n  0  shown\n  1  kas refused the request (unknown agent, …)\n  \
         agent_id: AgentRef,
     },
     /// Preview a ref: what a synchronization of it would change in the agent's cluster
-    /// (server-side dry run through the tunnel). Exit 0: no changes, 1: changes, 2: error.
+    /// (server-side dry run through the tunnel). Exit 0: no changes, 1: changes, 2: error,
+    /// 4: the agent is not connected (after up to 5 s for it to connect).
     Diff(kas::diff::DiffArgs),
-    /// Send bytes through an agent's tunnel and back; prints the round-trip time.
+    /// Send bytes through an agent's tunnel and back; prints the round-trip time. Exit 4: the
+    /// agent is not connected (after up to 5 s for it to connect).
     Ping {
         /// The agent: its id or `<configuration project path>:<agent name>`.
         agent_id: AgentRef,

@@ -663,6 +663,7 @@ mod tests {
             }),
             suspensions: vec![],
             unreachable_replicas: vec![],
+            last_seen: None,
         }
     }
 
