@@ -37,7 +37,7 @@ pub use render::{
     ChartCredential, ChartRepoConfig, ManifestSource, RemoteBaseConfig, RenderConfig, RenderError,
     RenderSpec, Renderer,
 };
-pub use reports::SyncStates;
+pub use reports::{SyncStates, Unrecorded};
 pub use select::{Limits, ManifestFile, SelectError, Selection, manifests_at, select_manifests};
 pub use service::{GitOpsDeps, GitOpsModule, GitOpsService};
 pub use tether_kas_api::{ReportedOutcome, ReportedStatus};

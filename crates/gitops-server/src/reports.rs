@@ -26,7 +26,20 @@ pub struct SyncStates(
     /// The GitOps streams open here, by (agent, entry): a sync's progress is dropped when the
     /// last stream of its entry ends (see [`SyncStates::stream_opened`]).
     Mutex<HashMap<(i64, String), usize>>,
+    /// The newest outcome of each (agent, entry) that kas could not record (the store refused
+    /// the write: read-only, disk full), until one is: agentk sends it again meanwhile, and
+    /// without this the reason was only in kas's log while `kas agent reconcile --wait` timed
+    /// out.
+    Mutex<HashMap<(i64, String), Unrecorded>>,
 );
+
+/// An outcome the agent reported that kas could not record, and why.
+#[derive(Debug, Clone)]
+pub struct Unrecorded {
+    pub report: SyncReport,
+    /// The store's error.
+    pub error: String,
+}
 
 impl SyncStates {
     pub fn new(store: Arc<dyn Store>) -> Self {
@@ -35,7 +48,26 @@ impl SyncStates {
             Mutex::default(),
             tokio::sync::watch::Sender::new(0),
             Mutex::default(),
+            Mutex::default(),
         )
+    }
+
+    fn unrecorded_map(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, String), Unrecorded>> {
+        self.4
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The agent's outcomes kas could not record (the newest of each entry), by entry.
+    pub fn unrecorded(&self, agent_id: i64) -> Vec<Unrecorded> {
+        let mut out: Vec<Unrecorded> = self
+            .unrecorded_map()
+            .iter()
+            .filter(|((agent, _), _)| *agent == agent_id)
+            .map(|(_, u)| u.clone())
+            .collect();
+        out.sort_by(|a, b| a.report.project_id.cmp(&b.report.project_id));
+        out
     }
 
     /// Counts a stream of `entry` open for `agent_id` until the guard drops. When the last
@@ -106,6 +138,8 @@ impl SyncStates {
     /// tokens, so no outcome will arrive to clear it).
     pub fn forget(&self, agent_id: i64) {
         self.running().retain(|(agent, _), _| *agent != agent_id);
+        self.unrecorded_map()
+            .retain(|(agent, _), _| *agent != agent_id);
         self.changed();
     }
 
@@ -162,7 +196,30 @@ impl SyncStates {
     /// failure loses neither: the report is refused, and agentk sends it again); returns the
     /// one it replaces (the agent's previous report of that project), so callers can tell a
     /// new sync from one re-sent after a reconnect.
+    /// A failure is kept for [`SyncStates::unrecorded`] until a report of the entry is stored.
     pub(crate) async fn put(
+        &self,
+        agent_id: i64,
+        report: &SyncReport,
+        notifier: &Notifier,
+    ) -> Result<Option<SyncReport>, tether_store::Error> {
+        let key = (agent_id, report.project_id.clone());
+        let put = self.put_in_store(agent_id, report, notifier).await;
+        match &put {
+            Ok(_) => self.unrecorded_map().remove(&key),
+            Err(e) => self.unrecorded_map().insert(
+                key,
+                Unrecorded {
+                    report: report.clone(),
+                    error: e.to_string(),
+                },
+            ),
+        };
+        self.changed();
+        put
+    }
+
+    async fn put_in_store(
         &self,
         agent_id: i64,
         report: &SyncReport,
@@ -184,7 +241,6 @@ impl SyncStates {
         notifier.queued(added);
         self.running()
             .remove(&(agent_id, report.project_id.clone()));
-        self.changed();
         Ok(previous)
     }
 }
@@ -505,7 +561,7 @@ mod tests {
     /// Now the report is refused with them; its retry, once the store works again, queues
     /// each once, and a further re-send (after a reconnect) queues nothing more.
     #[tokio::test]
-    async fn a_report_whose_notifications_cannot_be_queued_is_refused_and_its_retry_queues_them_once()
+    async fn a_report_whose_notifications_cannot_be_queued_is_refused_kept_as_unrecorded_and_its_retry_queues_them_once()
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let db = dir.path().join("kas.db");
@@ -524,9 +580,16 @@ mod tests {
         outbox_away(&db, true).await?;
         let refused = states.put(agent, &report, &notifier).await;
         let stored = store.sync_reports(agent).await?;
+        // Said to whoever asks (`kas agent reconcile --wait`, status), not only in the log.
+        let unrecorded = states.unrecorded(agent);
+        assert_eq!(unrecorded.len(), 1, "{unrecorded:?}");
+        assert_eq!(unrecorded[0].report.commit_id, "c0ffee");
+        let error = refused.as_ref().err().map(ToString::to_string);
+        assert_eq!(Some(&unrecorded[0].error), error.as_ref());
         outbox_away(&db, false).await?;
         // agentk sends the report again until kas takes it, and once more after a reconnect.
         states.put(agent, &report, &notifier).await?;
+        assert!(states.unrecorded(agent).is_empty(), "recorded since");
         states.put(agent, &report, &notifier).await?;
 
         let queued = store.claim_notifications(10, 60).await?;

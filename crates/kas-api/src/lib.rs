@@ -252,6 +252,22 @@ pub struct ProgressView {
     pub objects: u32,
     pub current: u32,
     pub failed: u32,
+    /// Set when the sync ended but kas could not record the agent's report of it: the store's
+    /// error (read-only, disk full). The agent sends the report again until kas records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrecorded: Option<String>,
+}
+
+impl ProgressView {
+    /// "the agent's sync of commit C ended, but kas could not record its report: …", when
+    /// [`ProgressView::unrecorded`] is set, for `kas agent reconcile`, status and the web UI.
+    pub fn unrecorded_note(&self) -> Option<String> {
+        let error = self.unrecorded.as_ref()?;
+        Some(format!(
+            "the agent's sync of commit {} ended, but kas could not record its report: {error} (the agent sends it again until kas can)",
+            self.commit_id.get(..12).unwrap_or(&self.commit_id)
+        ))
+    }
 }
 
 /// What deleting an agent ended.

@@ -550,18 +550,40 @@ async fn progress(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
 ) -> Json<Vec<ProgressView>> {
-    let views = st.sync_states.progress(agent_id).into_iter().map(|r| {
-        let p = r.progress.unwrap_or_default();
-        ProgressView {
-            project_id: r.project_id,
-            commit_id: r.commit_id,
-            resync_id: r.resync_id,
-            objects: p.objects,
-            current: p.current,
-            failed: p.failed,
-        }
-    });
-    Json(views.collect())
+    let unrecorded = st.sync_states.unrecorded(agent_id);
+    // An outcome kas could not record ends its sync's progress: shown instead of it.
+    let running = st
+        .sync_states
+        .progress(agent_id)
+        .into_iter()
+        .filter(|r| {
+            !unrecorded
+                .iter()
+                .any(|u| u.report.project_id == r.project_id)
+        })
+        .map(|r| progress_view(r, None))
+        .collect::<Vec<_>>();
+    let failed = unrecorded
+        .into_iter()
+        .map(|u| progress_view(u.report, Some(u.error)));
+    Json(running.into_iter().chain(failed).collect())
+}
+
+/// A progress report, or an outcome kas could not record (`unrecorded`: the store's error).
+fn progress_view(
+    r: tether_protocol::gitops::SyncReport,
+    unrecorded: Option<String>,
+) -> ProgressView {
+    let p = r.progress.unwrap_or_default();
+    ProgressView {
+        project_id: r.project_id,
+        commit_id: r.commit_id,
+        resync_id: r.resync_id,
+        objects: p.objects,
+        current: p.current,
+        failed: p.failed,
+        unrecorded,
+    }
 }
 
 /// Tells the agent's GitOps streams here and on every other replica (the leader's stream

@@ -1362,6 +1362,45 @@ async fn ping_and_diff_of_an_offline_agent_say_so_promptly_and_exit_4() {
     }
 }
 
+/// With kas's database disk full, `kas agent reconcile --wait` ends as soon as the agent's
+/// answering sync ends, saying kas could not record its report and why, and exits 6;
+/// `kas agent status` says the same until the report is recorded (agentk sends it again once
+/// the disk has room). The reconcile waited out its `--timeout` (exit 3), the reason only in
+/// kas's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_whose_report_kas_cannot_record_says_why_promptly_and_exits_6() {
+    let disk = tether_testenv::tmpfs::Tmpfs::mount(16 * 1024);
+    let db = disk.path().join("kas.sqlite");
+    let opts = KasOptions {
+        extra_yaml: format!("database:\n  sqlite_path: {}\n", db.display()),
+        ..KasOptions::default()
+    };
+    let (rig, _ns, c1) = configmap_rig_with("unrecorded", "", &[], opts).await;
+    let agent = agent_name(&rig);
+    let filler = disk.fill();
+    let t0 = std::time::Instant::now();
+    let out = reconcile_wait(&rig.kas, &agent, "90s");
+    let took = t0.elapsed();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(6), "{all}");
+    assert!(took < Duration::from_secs(45), "took {took:?}: {all}");
+    let said = format!(
+        "group/manifests: NOT RECORDED: the agent's sync of commit {} ended, but kas could not record its report: ",
+        &c1[..12]
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&said), "{all}");
+    let status = |kas: &Kas| text(&kas_cli(kas, &["agent", "status", &agent]));
+    let shown = status(&rig.kas);
+    assert!(shown.contains(&said), "{shown}");
+
+    std::fs::remove_file(filler).unwrap();
+    wait_for("the report recorded", Duration::from_secs(120), || async {
+        (!status(&rig.kas).contains("NOT RECORDED")).then_some(())
+    })
+    .await;
+}
+
 /// `kas agent reconcile --wait` right after a push of a `config.yaml` kas refuses: the agent
 /// synchronizes with the configuration still in force, and the command says the newest one
 /// was refused and exits 5, as `kas agent status` does. It exited 0 without a word, so a CI

@@ -28,7 +28,8 @@ Exit codes with --wait:
   4  the agent has no GitOps stream for a project (offline, or no replica leads)
   5  a project's fetch failed or did not finish in 30 s: the newest commit was not fetched
      (the last good one is synchronized), or kas refused the agent's newest config.yaml
-     (the one in force is used); also without --wait";
+     (the one in force is used); also without --wait
+  6  kas could not record the agent's report (its database refused the write)";
 
 const SUSPEND_EXAMPLES: &str = "\
 Examples:

@@ -33,6 +33,9 @@ pub enum Outcome {
     FetchFailed,
     /// The agent has no stream for a project: nobody heard the request.
     NotDelivered,
+    /// The agent's sync ended but kas could not record its report (its database refused the
+    /// write): what kas says of the agent cannot be trusted until it can.
+    NotRecorded,
 }
 
 impl Outcome {
@@ -43,6 +46,7 @@ impl Outcome {
             Self::TimedOut => 3,
             Self::NotDelivered => 4,
             Self::FetchFailed => 5,
+            Self::NotRecorded => 6,
         }
     }
 }
@@ -292,6 +296,9 @@ fn earlier_line(project: &str, e: &EarlierView) -> String {
 
 /// The line of a sync under way: its objects so far.
 pub fn progress_line(p: &ProgressView) -> String {
+    if let Some(note) = p.unrecorded_note() {
+        return format!("{}: NOT RECORDED: {note}", p.project_id);
+    }
     format!(
         "{}: synchronizing commit {}: {} object(s) so far, {} Current, {} failed",
         p.project_id,
@@ -655,7 +662,7 @@ async fn follow(
             reask(c, agent_id, &pending, (&mut outage, deadline), progress).await?;
         }
         if !outage.is_down() {
-            show_progress(
+            let unrecorded = show_progress(
                 c,
                 agent_id,
                 started.resync_id,
@@ -664,6 +671,11 @@ async fn follow(
                 &mut shown,
             )
             .await?;
+            // Its report will not show until kas can record it: waiting would time out.
+            if !unrecorded.is_empty() {
+                pending.retain(|p| !unrecorded.iter().any(|u| u == p));
+                worst = worst.max(Outcome::NotRecorded);
+            }
         }
         if Instant::now() >= deadline {
             if let Some(down) = outage.down_for() {
@@ -809,7 +821,8 @@ fn timed_out(
 }
 
 /// Shows the progress the agent reported for the pending projects of this reconcile: on a
-/// terminal in the bar's message, piped a line each time it changes.
+/// terminal in the bar's message, piped a line each time it changes. Returns the projects
+/// whose sync for it ended with a report kas could not record, said on a line of their own.
 async fn show_progress(
     c: &AdminClient,
     agent_id: i64,
@@ -817,19 +830,23 @@ async fn show_progress(
     pending: &[&str],
     progress: &Progress,
     shown: &mut Vec<String>,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let reported = match c.gitops_progress(agent_id).await {
         // Progress is only shown: the next poll of the reports says kas went away.
-        Err(e) if e.is_unreachable() => return Ok(()),
+        Err(e) if e.is_unreachable() => return Ok(Vec::new()),
         reported => reported?,
     };
-    let lines: Vec<String> = reported
+    let (ended, running): (Vec<&ProgressView>, Vec<&ProgressView>) = reported
         .iter()
         .filter(|p| p.resync_id >= resync_id && pending.contains(&p.project_id.as_str()))
-        .map(progress_line)
-        .collect();
+        .partition(|p| p.unrecorded.is_some());
+    for p in &ended {
+        progress.line(&progress_line(p))?;
+    }
+    let unrecorded = ended.iter().map(|p| p.project_id.clone()).collect();
+    let lines: Vec<String> = running.into_iter().map(progress_line).collect();
     if lines.is_empty() || lines == *shown {
-        return Ok(());
+        return Ok(unrecorded);
     }
     match &progress.bar {
         Some(_) => progress.waiting(lines.join("; ")),
@@ -840,7 +857,7 @@ async fn show_progress(
         }
     }
     *shown = lines;
-    Ok(())
+    Ok(unrecorded)
 }
 
 #[cfg(test)]
@@ -1078,6 +1095,7 @@ mod tests {
             objects: 3,
             current: 1,
             failed: 1,
+            unrecorded: None,
         };
         assert_eq!(
             progress_line(&p),
@@ -1104,10 +1122,11 @@ mod tests {
             Outcome::TimedOut,
             Outcome::FetchFailed,
             Outcome::NotDelivered,
+            Outcome::NotRecorded,
         ]
         .map(Outcome::code)
         .to_vec();
-        assert_eq!(codes, [0, 1, 3, 5, 4]);
+        assert_eq!(codes, [0, 1, 3, 5, 4, 6]);
         assert_eq!(Outcome::Synced.max(Outcome::Failed), Outcome::Failed);
         assert_eq!(Outcome::Failed.max(Outcome::TimedOut), Outcome::TimedOut);
         // A synchronization that went well does not hide that the newest commit is not in it.

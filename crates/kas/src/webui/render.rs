@@ -134,13 +134,18 @@ pub fn syncs(
         out.push(Html::wrap(
             "p",
             "class=\"progress\" role=\"status\"",
-            Html::text(&format!(
-                "Sync of {} at commit {} in progress: {} objects, {} current, {} failed",
-                p.project_id,
-                short(&p.commit_id),
-                p.objects,
-                p.current,
-                p.failed
+            Html::text(&p.unrecorded_note().map_or_else(
+                || {
+                    format!(
+                        "Sync of {} at commit {} in progress: {} objects, {} current, {} failed",
+                        p.project_id,
+                        short(&p.commit_id),
+                        p.objects,
+                        p.current,
+                        p.failed
+                    )
+                },
+                |note| format!("{}: {note}", p.project_id),
             )),
         ));
     }
@@ -638,6 +643,7 @@ mod tests {
             objects: 3,
             current: 1,
             failed: 0,
+            unrecorded: None,
         };
         let h = syncs(&[], &[p], &[], &ObjectFilter::default());
         assert!(h.as_str().contains(
