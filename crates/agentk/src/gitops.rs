@@ -405,15 +405,31 @@ async fn stop_sync(running: Option<Running>) {
     }
 }
 
-/// Cuts the running sync's wait for Current, so that the sync asked for by `why` (a new
-/// commit, `kas agent reconcile`) starts once the running one has applied and pruned.
-fn supersede(running: Option<&Running>, why: &str) {
+/// Cuts the running sync's wait for Current, so that the sync of commit `next` (asked for by
+/// `by`: `kas agent reconcile`, or none for a commit kas sent) starts once the running one
+/// has applied and pruned.
+fn supersede(running: Option<&Running>, next: &str, by: Option<&str>) {
     let Some(r) = running else {
         return;
     };
     if !r.stop.superseded() {
-        tracing::info!(commit_id = %r.commit.id, due = why, "A newer synchronization is due: the running one finishes applying and pruning, and is not waited for");
-        r.stop.supersede();
+        let due = due_wording(&r.commit.id, next, by);
+        tracing::info!(commit_id = %r.commit.id, due, "Another synchronization is due: the running one finishes applying and pruning, and is not waited for");
+        r.stop.supersede(&due);
+    }
+}
+
+/// What superseded a sync of commit `running`, as its report says (pure): a re-sync of the
+/// same commit must not read as a newer commit having arrived.
+fn due_wording(running: &str, next: &str, by: Option<&str>) -> String {
+    let what = if next == running {
+        "a re-sync of the same commit".to_owned()
+    } else {
+        format!("a sync of newer commit {}", next.get(..12).unwrap_or(next))
+    };
+    match by {
+        Some(by) => format!("{what} ({by})"),
+        None => what,
     }
 }
 
@@ -838,7 +854,7 @@ impl Worker {
                     }
                     b.warnings = t.warnings;
                     // A new commit supersedes the sync in progress, and replaces any refused one.
-                    supersede(sync.running.as_ref(), &format!("commit {}", b.id));
+                    supersede(sync.running.as_ref(), &b.id, None);
                     sync.refused = None;
                     // Held while suspended (kas holds commits then; this is for safety).
                     sync.schedule.commit(Arc::new(b), Instant::now());
@@ -1003,7 +1019,12 @@ impl Worker {
                 tracing::info!(resync_id = id, "kas asked for a synchronization now");
                 // The one that answers runs entirely after the request; the one under way
                 // finishes its writes first, and is reported (what it pruned included).
-                supersede(sync.running.as_ref(), "kas agent reconcile");
+                let next = sync.schedule.current().map(|c| c.id.clone());
+                supersede(
+                    sync.running.as_ref(),
+                    next.as_deref().unwrap_or_default(),
+                    Some("kas agent reconcile"),
+                );
             }
             ResyncStep::NoCommit => self.answer_without_commit(id, sync, reports, stop).await,
         }
@@ -1246,6 +1267,24 @@ fn older_kas(project: &ManifestProject, h: &wire::Header) -> Option<&'static str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sync_superseded_by_a_re_sync_of_its_commit_says_so_not_a_newer_commit() {
+        let c1 = "0123456789abcdef0123456789abcdef01234567";
+        let c2 = "fedcba9876543210fedcba9876543210fedcba98";
+        assert_eq!(
+            due_wording(c1, c1, Some("kas agent reconcile")),
+            "a re-sync of the same commit (kas agent reconcile)"
+        );
+        assert_eq!(
+            due_wording(c1, c2, Some("kas agent reconcile")),
+            "a sync of newer commit fedcba987654 (kas agent reconcile)"
+        );
+        assert_eq!(
+            due_wording(c1, c2, None),
+            "a sync of newer commit fedcba987654"
+        );
+    }
 
     #[test]
     fn a_commit_a_kas_older_than_the_entrys_rendering_sent_is_refused() {

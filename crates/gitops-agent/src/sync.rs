@@ -425,12 +425,13 @@ pub enum SyncError {
     /// users' log queries (no singular form).
     #[error("{0} resources failed")]
     ResourcesFailed(usize),
-    /// Everything was applied and pruned, but a newer synchronization became due before these
-    /// objects were Current, so their wait was cut ([`SyncStop::supersede`]). Not a failure.
+    /// Everything was applied and pruned, but another synchronization (`due`: of a newer
+    /// commit, or a re-sync of the same one) became due before these objects were Current, so
+    /// their wait was cut ([`SyncStop::supersede`]). Not a failure.
     #[error(
-        "superseded: {0} resources were not Current yet when a newer synchronization became due; everything was applied and pruned, and the next synchronization reports their status"
+        "superseded: {pending} resources were not Current yet when {due} became due; everything was applied and pruned, and the next synchronization reports their status"
     )]
-    Superseded(usize),
+    Superseded { pending: usize, due: String },
 }
 
 /// How a running sync is asked to end early.
@@ -441,6 +442,8 @@ pub struct SyncStop {
     pub now: CancellationToken,
     /// Cancelled by [`SyncStop::supersede`], and with `now`.
     waiting: CancellationToken,
+    /// What the sync that superseded this one is, as its report says it.
+    due: Arc<std::sync::OnceLock<String>>,
 }
 
 impl SyncStop {
@@ -448,15 +451,30 @@ impl SyncStop {
     pub fn under(now: &CancellationToken) -> Self {
         let now = now.child_token();
         let waiting = now.child_token();
-        Self { now, waiting }
+        Self {
+            now,
+            waiting,
+            due: Arc::default(),
+        }
     }
 
-    /// A newer sync is due (a new commit, `kas agent reconcile`): finish applying and pruning,
-    /// but stop waiting for the objects to be Current. Cancelling the whole sync instead made
-    /// a steady stream of commits starve it: each new commit cut the apply of the one before,
-    /// and none finished. Writes end in seconds; a wait for Current may take minutes.
-    pub fn supersede(&self) {
+    /// Another sync is due (`due`, as the report says it: "a sync of newer commit C", "a
+    /// re-sync of the same commit (kas agent reconcile)"): finish applying and pruning, but
+    /// stop waiting for the objects to be Current. Cancelling the whole sync instead made a
+    /// steady stream of commits starve it: each new commit cut the apply of the one before,
+    /// and none finished. Writes end in seconds; a wait for Current may take minutes. The
+    /// first cause is kept: it is the one that cut the wait.
+    pub fn supersede(&self, due: &str) {
+        let _ = self.due.set(due.to_owned());
         self.waiting.cancel();
+    }
+
+    /// What superseded the sync, as [`SyncStop::supersede`] was told.
+    fn due(&self) -> String {
+        self.due
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "another synchronization".to_owned())
     }
 
     /// Whether the wait was cut by [`SyncStop::supersede`] rather than by a stop.
@@ -467,7 +485,7 @@ impl SyncStop {
 
 /// The outcome of a sync whose wait for Current was cut ([`SyncStop::supersede`]): objects
 /// still in progress did not fail, they were not waited for. Failed objects still fail it.
-fn not_waited_for(out: &mut SyncOutcome) {
+fn not_waited_for(out: &mut SyncOutcome, due: &str) {
     let (mut failed, mut pending) = (0, 0);
     for o in &mut out.objects {
         match o.status {
@@ -477,19 +495,19 @@ fn not_waited_for(out: &mut SyncOutcome) {
             | ObjectState::PruneSkipped => {}
             ObjectState::Live(_) => {
                 pending += 1;
-                o.message = format!(
-                    "{} (not waited for: a newer synchronization was due)",
-                    o.message
-                )
-                .trim_start()
-                .to_owned();
+                o.message = format!("{} (not waited for: {due} was due)", o.message)
+                    .trim_start()
+                    .to_owned();
             }
         }
     }
     out.error = if failed > 0 {
         Some(SyncError::ResourcesFailed(failed))
     } else if pending > 0 {
-        Some(SyncError::Superseded(pending))
+        Some(SyncError::Superseded {
+            pending,
+            due: due.to_owned(),
+        })
     } else {
         None
     };
@@ -525,7 +543,7 @@ impl SyncOutcome {
     /// Everything was applied and pruned, but the wait for Current was cut because a newer
     /// synchronization became due ([`SyncStop::supersede`]).
     pub fn superseded(&self) -> bool {
-        matches!(self.error, Some(SyncError::Superseded(_)))
+        matches!(self.error, Some(SyncError::Superseded { .. }))
     }
 
     fn failed_before_writes(commit_id: &str, error: SyncError, dry_run: bool) -> Self {
@@ -899,7 +917,7 @@ impl Syncer {
         out.watched_statuses = watched_statuses;
         out.taken_over = taken_over;
         if !dry && stop.superseded() {
-            not_waited_for(&mut out);
+            not_waited_for(&mut out, &stop.due());
         }
         Ok(out)
     }
@@ -2618,20 +2636,25 @@ mod tests {
             4,
             false,
         );
-        not_waited_for(&mut out);
-        assert_eq!(out.error, Some(SyncError::Superseded(2)));
+        let due = "a re-sync of the same commit (kas agent reconcile)";
+        not_waited_for(&mut out, due);
+        let superseded = SyncError::Superseded {
+            pending: 2,
+            due: due.to_owned(),
+        };
+        assert_eq!(out.error, Some(superseded));
         assert!(out.superseded() && !out.succeeded());
         let b = out.objects.iter().find(|o| o.obj.name == "b").expect("b");
         assert!(
-            b.message
-                .ends_with("(not waited for: a newer synchronization was due)"),
+            b.message.ends_with(
+                "(not waited for: a re-sync of the same commit (kas agent reconcile) was due)"
+            ),
             "{b:?}"
         );
         assert!(
-            out.error
-                .expect("an error")
-                .to_string()
-                .starts_with("superseded: 2 resources were not Current yet"),
+            out.error.expect("an error").to_string().starts_with(
+                "superseded: 2 resources were not Current yet when a re-sync of the same commit (kas agent reconcile) became due"
+            ),
         );
 
         let failing = [
@@ -2639,7 +2662,7 @@ mod tests {
             ("b", ObjectState::Live(Status::InProgress)),
         ];
         let mut out = finish("c1", results(&failing), 0, false);
-        not_waited_for(&mut out);
+        not_waited_for(&mut out, "a sync of newer commit c2");
         assert_eq!(
             out.error,
             Some(SyncError::ResourcesFailed(1)),
@@ -2654,7 +2677,7 @@ mod tests {
             ("b", ObjectState::PruneSkipped),
         ];
         let mut out = finish("c1", results(&states), 1, false);
-        not_waited_for(&mut out);
+        not_waited_for(&mut out, "a sync of newer commit c2");
         assert!(out.succeeded(), "{out:?}");
     }
 
@@ -2662,8 +2685,14 @@ mod tests {
     fn supersede_cuts_only_the_wait_and_a_stop_cuts_both() {
         let root = CancellationToken::new();
         let s = SyncStop::under(&root);
-        s.supersede();
+        s.supersede("a sync of newer commit c2");
+        s.supersede("a re-sync of the same commit (kas agent reconcile)");
         assert!(s.superseded() && s.waiting.is_cancelled() && !s.now.is_cancelled());
+        assert_eq!(
+            s.due(),
+            "a sync of newer commit c2",
+            "the first cause cut the wait"
+        );
         let t = SyncStop::under(&root);
         root.cancel();
         assert!(t.now.is_cancelled() && t.waiting.is_cancelled());

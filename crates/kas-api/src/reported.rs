@@ -15,9 +15,9 @@ pub enum ReportedOutcome {
     /// Nothing applied yet: the entry waits for its `depends_on` to be ready (the report's
     /// error says which and why).
     Waiting,
-    /// Everything was applied and pruned, but a newer synchronization became due before every
-    /// object was Current (the report's error says how many were not); the next one reports
-    /// their status.
+    /// Everything was applied and pruned, but another synchronization (of a newer commit, or a
+    /// re-sync of the same one) became due before every object was Current (the report's
+    /// error says which, and how many were not); the next one reports their status.
     Superseded,
     /// Not said (a report from an older agent), or a word this build does not know.
     #[serde(other)]

@@ -3194,7 +3194,8 @@ async fn superseded_syncs_converge_across_kill9_of_agentk_and_kas() {
 /// `kas agent reconcile` while a sync waits for its objects supersedes that sync as a new
 /// commit does: it is reported with what it pruned, and the sync answering the request runs
 /// after it. E2 saw a reconcile cancel a sync that had pruned, and only the next one (which
-/// pruned nothing) was reported: the prune went unreported.
+/// pruned nothing) was reported: the prune went unreported. The superseded report says a
+/// re-sync of the same commit cut it (it said "a newer synchronization").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconcile_during_a_sync_reports_what_that_sync_pruned_then_answers() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -3246,6 +3247,12 @@ async fn a_reconcile_during_a_sync_reports_what_that_sync_pruned_then_answers() 
     let s = rig.synced(&c2).await;
     assert_eq!(s.outcome, ReportedOutcome::Superseded, "{s:?}");
     assert_eq!(s.resync_id, 0, "answers no reconcile: {s:?}");
+    // A re-sync of the commit it was syncing cut it, not a newer commit (E4 L6).
+    assert!(
+        s.error
+            .contains("when a re-sync of the same commit (kas agent reconcile) became due"),
+        "{s:?}"
+    );
     let pruned = s.objects.iter().find(|o| o.name == "extra");
     assert_eq!(
         pruned.map(|o| o.status),
