@@ -141,6 +141,9 @@ pub struct Cluster {
     /// connection is being opened (see [`Cluster::check`]).
     silent_checks: Arc<std::sync::atomic::AtomicU32>,
     replacing: Arc<std::sync::atomic::AtomicBool>,
+    /// The current subscription to [`CHANNEL`], numbered from 1; 0 while not subscribed (see
+    /// [`Cluster::subscription`]).
+    subscription: Arc<std::sync::atomic::AtomicU64>,
     metrics: ChannelMetrics,
 }
 
@@ -241,6 +244,7 @@ impl Cluster {
             replica: rand::random(),
             silent_checks: Arc::default(),
             replacing: Arc::default(),
+            subscription: Arc::default(),
             metrics: ChannelMetrics::default(),
         })
     }
@@ -420,6 +424,15 @@ impl Cluster {
             .store(false, std::sync::atomic::Ordering::Release);
     }
 
+    /// The number of the current subscription to [`CHANNEL`], `None` while not subscribed:
+    /// what this replica remembers of tokens is used only while it hears of every revocation,
+    /// and only under the subscription it was remembered under (a revocation published while
+    /// the channel was down never arrives).
+    pub fn subscription(&self) -> Option<u64> {
+        let n = self.subscription.load(std::sync::atomic::Ordering::Acquire);
+        (n > 0).then_some(n)
+    }
+
     /// Applies every revocation published on [`CHANNEL`] until `stop`, resubscribing after a
     /// lost connection (a revocation published meanwhile is caught by the token re-check).
     /// `subscribed` runs after every subscription, the first one too: what was published
@@ -433,11 +446,17 @@ impl Cluster {
     ) {
         let mut failures = 0u32;
         let handlers = (&apply, &subscribed);
+        let mut number = 0u64;
         loop {
             let followed = tokio::select! {
-                r = self.follow_once(handlers, &mut failures) => r,
-                () = stop.cancelled() => return,
+                r = self.follow_once(handlers, (&mut failures, &mut number)) => r,
+                () = stop.cancelled() => {
+                    self.subscription.store(0, std::sync::atomic::Ordering::Release);
+                    return;
+                }
             };
+            self.subscription
+                .store(0, std::sync::atomic::Ordering::Release);
             self.metrics.subscribed.set(0);
             if let Err(e) = followed {
                 self.metrics.losses.inc();
@@ -457,11 +476,14 @@ impl Cluster {
     async fn follow_once(
         &self,
         (apply, subscribed): (&(impl Fn(ClusterEvent) + Send), &(impl Fn() + Send)),
-        failures: &mut u32,
+        (failures, number): (&mut u32, &mut u64),
     ) -> Result<(), redis::RedisError> {
         let client = self.live().client.clone();
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(CHANNEL).await?;
+        *number += 1;
+        self.subscription
+            .store(*number, std::sync::atomic::Ordering::Release);
         self.metrics.subscribed.set(1);
         if *failures > 0 {
             tracing::info!("Following the Redis revocation channel again");

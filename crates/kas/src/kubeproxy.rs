@@ -374,8 +374,8 @@ struct Routed {
     /// Who, for re-authorizing a long request when the configuration changes (`None`: the
     /// web UI's short reads).
     caller: Option<Arc<Caller>>,
-    /// When the credential stops being accepted (a CI job's ID token's `exp`): a request still
-    /// running then ends, as one whose personal access token expired does.
+    /// When the credential stops being accepted (a CI job's ID token's `exp`, a personal
+    /// access token's expiry): a request still running then ends, at that moment.
     valid_until: Option<SystemTime>,
 }
 
@@ -431,7 +431,7 @@ fn watch_end(
         };
         tokio::select! {
             () = expiry => {
-                tracing::info!("A request outlived its CI job token; ended");
+                tracing::info!("A request outlived its token (CI job or personal access token); ended");
                 end.cancel();
             }
             () = end.cancelled() => {}
@@ -452,6 +452,8 @@ fn watch_end(
 /// The owner of a personal access token, and the token.
 struct TokenUser {
     token_id: i64,
+    /// When the token expires: its requests end then.
+    expires: SystemTime,
     identity: tether_kubeproxy_server::UserIdentity,
 }
 
@@ -596,6 +598,8 @@ impl Proxy {
             .authorize_identity(agent_id, user.identity, Some(user.token_id))
             .await?;
         routed.caller = Some(Arc::new(Caller::Person(identity)));
+        // A watch or an exec ends at the token's expiry exactly, not at the next re-check.
+        routed.valid_until = Some(user.expires);
         Ok(routed)
     }
 
@@ -624,7 +628,8 @@ impl Proxy {
             user_token_id: token_id,
             context: user_context(agent_id, project_id, identity.username, &ok),
             caller: None,
-            // Personal access tokens end their requests on expiry through the store check.
+            // A web UI person's session has no expiry here; a personal access token's caller
+            // sets its own.
             valid_until: None,
         })
     }
@@ -691,8 +696,9 @@ impl Proxy {
     /// The owner of a personal access token, if it is known, unrevoked and unexpired.
     async fn user_of(&self, agent_id: i64, token: &str) -> Result<TokenUser, Response<Body>> {
         let record = self
-            .store
-            .authenticate_user_token(token)
+            .live_user_requests
+            .validated
+            .authenticate(self.store.as_ref(), token)
             .await
             .map_err(|e| tokens_unreadable(agent_id, &e))?
             .ok_or_else(|| {
@@ -712,8 +718,9 @@ impl Proxy {
             });
         Ok(TokenUser {
             token_id: record.id,
+            expires: crate::validated_tokens::expiry(&record),
             identity: tether_kubeproxy_server::UserIdentity {
-                username: record.username,
+                username: record.username.clone(),
                 token_agent_id: record.agent_id,
                 memberships,
             },

@@ -36,4 +36,5 @@ pub mod revocation;
 pub mod server;
 pub mod store_metrics;
 pub mod unreported;
+pub mod validated_tokens;
 pub mod webui;

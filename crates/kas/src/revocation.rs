@@ -6,16 +6,23 @@
 //! (`Registry::revoke_token`). CI job ID tokens cannot be revoked by kas (their issuer owns
 //! them), so their requests are not tracked here: each ends when its token expires (the
 //! proxy's `watch_end`).
+//!
+//! Every revocation this replica hears of passes through [`LiveUserRequests::revoke`], so the
+//! tokens validated lately ([`ValidatedTokens`]) are kept here too and forgotten there.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_util::sync::CancellationToken;
 
-/// Live requests by personal access token id.
-#[derive(Debug, Default)]
+use crate::validated_tokens::{Trust, ValidatedTokens};
+
+/// Live requests by personal access token id, and the tokens validated lately.
+#[derive(Debug)]
 pub struct LiveUserRequests {
     inner: Mutex<Inner>,
+    /// Forgotten at every revocation, with the live requests.
+    pub validated: ValidatedTokens,
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +46,14 @@ pub struct LiveRequest {
 }
 
 impl LiveUserRequests {
+    /// None live yet; validated tokens are remembered as `trust` allows.
+    pub fn new(trust: Trust) -> Self {
+        Self {
+            inner: Mutex::default(),
+            validated: ValidatedTokens::new(trust),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // The map stays consistent across a panic (every update is one insert or remove).
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -67,8 +82,10 @@ impl LiveUserRequests {
         })
     }
 
-    /// Ends every live request of `token_id` and refuses its later ones; how many were ended.
+    /// Ends every live request of `token_id` and refuses its later ones (forgetting that it
+    /// was valid); how many were ended.
     pub fn revoke(&self, token_id: i64) -> usize {
+        self.validated.forget(token_id);
         let ended: Vec<CancellationToken> = {
             let mut inner = self.lock();
             inner.revoked.insert(token_id);
@@ -136,7 +153,7 @@ mod tests {
 
     #[test]
     fn revoking_ends_that_tokens_requests_only() {
-        let reqs = Arc::new(LiveUserRequests::default());
+        let reqs = Arc::new(LiveUserRequests::new(Trust::Always));
         let (a1, a2, b) = (reqs.track(1), reqs.track(1), reqs.track(2));
         let (Some(a1), Some(a2), Some(b)) = (a1, a2, b) else {
             panic!("nothing is revoked yet");
@@ -151,7 +168,7 @@ mod tests {
 
     #[test]
     fn tokens_the_store_no_longer_lists_are_ended() {
-        let reqs = Arc::new(LiveUserRequests::default());
+        let reqs = Arc::new(LiveUserRequests::new(Trust::Always));
         let (a, b) = (reqs.track(1).expect("live"), reqs.track(2).expect("live"));
         let mut ids = reqs.token_ids();
         ids.sort_unstable();
@@ -167,7 +184,7 @@ mod tests {
 
     #[test]
     fn a_revoked_token_cannot_start_a_request() {
-        let reqs = Arc::new(LiveUserRequests::default());
+        let reqs = Arc::new(LiveUserRequests::new(Trust::Always));
         assert_eq!(reqs.revoke(3), 0);
         assert!(reqs.track(3).is_none());
         assert!(reqs.track(4).is_some());
@@ -175,7 +192,7 @@ mod tests {
 
     #[test]
     fn finished_requests_are_forgotten() {
-        let reqs = Arc::new(LiveUserRequests::default());
+        let reqs = Arc::new(LiveUserRequests::new(Trust::Always));
         let r = reqs.track(5);
         assert_eq!(reqs.live(5), 1);
         drop(r);

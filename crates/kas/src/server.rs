@@ -201,7 +201,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
         start_agent_listener(&cfg, &sh, agent, modules.handle("tunnel")).await?;
     modules.push(h);
     // Shared by the proxy (tracks) and the internal API (revokes).
-    let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::default());
+    let trust = validated_tokens_trust(&cfg, sh.cluster.as_ref());
+    let live_user_requests = Arc::new(crate::revocation::LiveUserRequests::new(trust));
     let followed = (&sources, &live_user_requests, &memory);
     let h = follow_cluster_events(&sh, followed, modules.handle("cluster"));
     modules.push(h);
@@ -383,6 +384,21 @@ async fn connect_cluster(cfg: &Config, metrics: &mut MetricsRegistry) -> Result<
     cluster.register_metrics(metrics);
     tracing::info!(url = %redis.url, "Connected to Redis: revocations reach every replica");
     Ok(Some(cluster))
+}
+
+/// When the personal access tokens validated lately may be used without asking the database:
+/// only while this replica hears of every revocation (see [`crate::validated_tokens`]).
+fn validated_tokens_trust(
+    cfg: &Config,
+    cluster: Option<&Cluster>,
+) -> crate::validated_tokens::Trust {
+    use crate::validated_tokens::Trust;
+    match (cluster, cfg.database_location()) {
+        (Some(cluster), _) => Trust::WhileSubscribed(cluster.clone()),
+        // A database file of this process's own: no other replica revokes in it.
+        (None, crate::config::DatabaseLocation::Sqlite(_)) => Trust::Always,
+        (None, crate::config::DatabaseLocation::Postgres(_)) => Trust::Never,
+    }
 }
 
 /// Applies what replicas publish: revoked tokens' tunnels, streams and people's open requests

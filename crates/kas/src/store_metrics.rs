@@ -1,4 +1,5 @@
-//! Counting the store's failures: `kas_store_errors_total{operation, kind}`.
+//! Counting the store's operations and failures: `kas_store_operations_total{operation, kind}`
+//! and `kas_store_errors_total{operation, kind}`.
 //!
 //! A write that fails (disk full or read-only, PostgreSQL down or refusing) is logged by
 //! whoever asked and answered as an error, but without a counter an operator's alerting cannot
@@ -186,14 +187,22 @@ struct ErrorLabels {
     kind: &'static str,
 }
 
-/// The store's failure counter.
+/// The store's operation and failure counters.
 #[derive(Clone, Debug, Default)]
 pub struct StoreMetrics {
+    /// Every operation asked of the store, answered or not: what shows a caller asking the
+    /// database more than it should (a token looked up per request rather than once).
+    operations: Family<ErrorLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
 }
 
 impl StoreMetrics {
     pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "store_operations",
+            "Store operations asked of the database, by operation and kind (read or write)",
+            self.operations.clone(),
+        );
         reg.register(
             "store_errors",
             "Store operations that failed in the database (disk full or read-only, database down), by operation and kind (read or write)",
@@ -201,15 +210,16 @@ impl StoreMetrics {
         );
     }
 
-    /// Counts `result` if it is a failure, and hands it back.
+    /// Counts `operation`, and `result` if it is a failure; hands `result` back.
     fn seen<T>(&self, operation: Operation, result: Result<T>) -> Result<T> {
+        let labels = ErrorLabels {
+            operation: operation.name(),
+            kind: operation.kind().label(),
+        };
+        self.operations.get_or_create(&labels).inc();
         if let Err(e) = &result
             && is_failure(e)
         {
-            let labels = ErrorLabels {
-                operation: operation.name(),
-                kind: operation.kind().label(),
-            };
             self.errors.get_or_create(&labels).inc();
         }
         result
@@ -274,6 +284,11 @@ mod tests {
         metrics.errors.get_or_create(&labels).get()
     }
 
+    fn asked(metrics: &StoreMetrics, operation: &'static str, kind: &'static str) -> u64 {
+        let labels = ErrorLabels { operation, kind };
+        metrics.operations.get_or_create(&labels).get()
+    }
+
     /// A real store closed under kas fails every call with a database error: those count,
     /// under their operation and kind; a refusal ("already exists") does not.
     #[tokio::test]
@@ -299,5 +314,8 @@ mod tests {
         assert!(store.list_agents().await.is_err());
         assert_eq!(count(&metrics, "register_agent", "write"), 1);
         assert_eq!(count(&metrics, "list_agents", "read"), 2);
+        // Every operation is counted as asked, failed or not.
+        assert_eq!(asked(&metrics, "register_agent", "write"), 3);
+        assert_eq!(asked(&metrics, "list_agents", "read"), 2);
     }
 }

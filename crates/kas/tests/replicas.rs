@@ -1125,6 +1125,37 @@ async fn kubectl_through_another_replica_reaches_the_agent() {
     assert!(one.log().contains("Peers listener is up"), "{}", one.log());
 }
 
+/// A personal access token replica 2 remembers as valid (it looked it up once for two
+/// requests) is refused there as soon as replica 1's revocation reaches it through Redis,
+/// well before replica 2 would forget it (10 s): the revocation forgets it on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_remembered_by_another_replica_is_refused_there_once_revoked() {
+    let r = Routed::start().await;
+    let series = "kas_store_operations_total{operation=\"authenticate_user_token\",kind=\"read\"}";
+    let lookups = || async { r.kas[1].metric(series).await.unwrap_or(0.0) };
+    let before = lookups().await;
+    assert_eq!(r.get_status(1).await, 200);
+    assert_eq!(r.get_status(1).await, 200);
+    assert_eq!(
+        lookups().await - before,
+        1.0,
+        "remembered after one look-up"
+    );
+
+    r.kas[0].admin.revoke_user_token(r.token_id).await.unwrap();
+    let t0 = Instant::now();
+    wait_for(
+        "replica 2 to refuse the revoked token",
+        Duration::from_secs(1),
+        || async { (r.get_status(1).await == 401).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "replica 2 refused the token {:?} after the revocation",
+        t0.elapsed()
+    );
+}
+
 /// Revoking a personal access token while PostgreSQL refuses the write (a trigger): the
 /// revocation fails with 503 saying it was not stored, but the token's open watch through
 /// replica 1 ends at once, and replicas 1 and 2 refuse the token from then on; once the
