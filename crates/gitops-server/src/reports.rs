@@ -283,6 +283,8 @@ fn keep_applied_objects(previous: Option<&SyncReport>, report: &SyncReport) -> S
             .find(|w| w.starts_with(CARRIED))
             .cloned()
             .unwrap_or_else(|| format!("{CARRIED} {}", previous.commit_id));
+        // agentk says it itself of a refused commit's report: once is enough.
+        report.warnings.retain(|w| !w.starts_with(CARRIED));
         report.warnings.push(note);
         report.objects = previous.objects.clone();
     }
@@ -467,6 +469,29 @@ mod tests {
         let later = keep_applied_objects(Some(&last), &sync("c4", 1_609, 0));
         let kept: Vec<i64> = later.earlier.iter().map(|e| e.finished_at).collect();
         assert_eq!(kept, [1_009], "only those of the ten minutes before");
+    }
+
+    /// A failed report with no objects that already says whose objects it shows (agentk's
+    /// report of a refused commit) says it once, as of the objects kas keeps.
+    #[test]
+    fn the_commit_the_objects_are_of_is_said_once() {
+        let mut previous = SyncReport {
+            project_id: "group/manifests".into(),
+            commit_id: "c1".into(),
+            objects: vec![tether_protocol::gitops::ObjectStatus::default()],
+            ..SyncReport::default()
+        };
+        previous.set_sync_outcome(SyncOutcome::Succeeded);
+        let mut refused = SyncReport {
+            project_id: "group/manifests".into(),
+            commit_id: "c3".into(),
+            warnings: vec![format!("{CARRIED} c2")],
+            ..SyncReport::default()
+        };
+        refused.set_sync_outcome(SyncOutcome::Failed);
+        let stored = keep_applied_objects(Some(&previous), &refused);
+        assert_eq!(stored.warnings, [format!("{CARRIED} c1")]);
+        assert_eq!(stored.objects.len(), 1);
     }
 
     #[tokio::test]
