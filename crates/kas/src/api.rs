@@ -272,14 +272,19 @@ impl From<tether_store::Error> for ApiError {
     }
 }
 
-/// The status of a store error: the request's fault (4xx) or kas's, the database above all.
+/// The status of a store error: the request's fault (4xx), the database not answering or
+/// refusing writes (503: a dependency down, worth retrying — the CLI rides it out as it rides
+/// out kas restarting, and the proxy answers 503 for the same cause), or kas's own (500).
 fn store_error_code(e: &tether_store::Error) -> StatusCode {
     use tether_store::Error as E;
     match e {
         E::InvalidName { .. } => StatusCode::BAD_REQUEST,
         E::NotFound(_) => StatusCode::NOT_FOUND,
-        E::AlreadyExists(_) => StatusCode::CONFLICT,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+        E::AlreadyExists(_) | E::InUse(_) => StatusCode::CONFLICT,
+        E::Database(_) | E::TimedOut(_) | E::WriteTurnTimedOut(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        E::Migrate(_) | E::Backup(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -1051,6 +1056,24 @@ pub fn webhook_router(state: ApiState) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database down or refusing writes is a dependency outage (503, retried by the CLI),
+    /// not a failure of kas (500) and not the request's fault.
+    #[test]
+    fn a_database_outage_is_unavailable_not_an_internal_error() {
+        use tether_store::Error as E;
+        let code = |e: E| store_error_code(&e);
+        assert_eq!(
+            code(E::Database(sqlx::Error::PoolTimedOut)),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            code(E::TimedOut(Duration::from_secs(5))),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(code(E::NotFound("agent 1".into())), StatusCode::NOT_FOUND);
+        assert_eq!(code(E::InUse("project 1".into())), StatusCode::CONFLICT);
+    }
 
     #[test]
     fn the_last_deliveries_of_each_project_are_kept_newest_first() {
