@@ -2278,9 +2278,6 @@ pub(crate) fn crd_kinds(manifests: &[Manifest]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The outcome of a sync from its objects' outcomes: failed unless every object is Current,
-/// Pruned or PruneSkipped (or, in a server dry run, Unknown: nothing was changed, so nothing
-/// became Current).
 /// `tiers` without the objects whose replacement in another namespace this sync did not
 /// create ([`prune::held_back`]), and those replacements. Each object held gets its outcome,
 /// left in place, and stays in the inventory (it is not among the objects `prune_all` drops),
@@ -2312,20 +2309,31 @@ fn hold_back_moved(
         let skip = Skip::ReplacementMissing {
             replacement: replacement.clone(),
         };
-        event_prune_skipped(obj, &skip);
-        let outcome = ObjectOutcome {
-            obj: obj.clone(),
-            status: ObjectState::PruneSkipped,
-            message: skip.to_string(),
-        };
-        p.results.insert(obj.clone(), outcome);
+        left_in_place(obj, &skip, p);
     }
-    let tiers = tiers
-        .into_iter()
-        .map(|t| t.into_iter().filter(|o| !waiting.contains_key(o)).collect())
-        .filter(|t: &Vec<ObjRef>| !t.is_empty())
-        .collect();
+    let tiers = without(tiers, |o| waiting.contains_key(o));
     (tiers, waiting.into_values().collect())
+}
+
+/// An object that left Git but whose prune waits: said (event, log) and reported
+/// `PruneSkipped` with why. It stays in the inventory: `prune_all` never sees it.
+fn left_in_place(obj: &ObjRef, skip: &Skip, p: &mut Progress) {
+    event_prune_skipped(obj, skip);
+    let outcome = ObjectOutcome {
+        obj: obj.clone(),
+        status: ObjectState::PruneSkipped,
+        message: skip.to_string(),
+    };
+    p.results.insert(obj.clone(), outcome);
+}
+
+/// `tiers` without the objects `held` picks, empty tiers dropped.
+fn without(tiers: Vec<Vec<ObjRef>>, held: impl Fn(&ObjRef) -> bool) -> Vec<Vec<ObjRef>> {
+    tiers
+        .into_iter()
+        .map(|t| t.into_iter().filter(|o| !held(o)).collect())
+        .filter(|t: &Vec<ObjRef>| !t.is_empty())
+        .collect()
 }
 
 /// `tiers` without the Namespace the inventory is kept in ([`prune::holds_inventory`]): it
@@ -2336,30 +2344,16 @@ fn keep_inventory_namespace(
     inventory_namespace: &str,
     p: &mut Progress,
 ) -> Vec<Vec<ObjRef>> {
-    let mut kept = Vec::new();
-    let tiers = tiers
-        .into_iter()
-        .map(|t| {
-            let (held, rest): (Vec<ObjRef>, Vec<ObjRef>) = t
-                .into_iter()
-                .partition(|o| prune::holds_inventory(o, inventory_namespace));
-            kept.extend(held);
-            rest
-        })
-        .filter(|t| !t.is_empty())
-        .collect();
-    for obj in kept {
-        event_prune_skipped(&obj, &Skip::HoldsInventory);
-        let outcome = ObjectOutcome {
-            obj: obj.clone(),
-            status: ObjectState::PruneSkipped,
-            message: Skip::HoldsInventory.to_string(),
-        };
-        p.results.insert(obj, outcome);
+    let holds = |o: &ObjRef| prune::holds_inventory(o, inventory_namespace);
+    for obj in tiers.iter().flatten().filter(|o| holds(o)) {
+        left_in_place(obj, &Skip::HoldsInventory, p);
     }
-    tiers
+    without(tiers, holds)
 }
 
+/// The outcome of a sync from its objects' outcomes: failed unless every object is Current,
+/// Pruned or PruneSkipped (or, in a server dry run, Unknown: nothing was changed, so nothing
+/// became Current).
 fn finish(
     commit_id: &str,
     results: HashMap<ObjRef, ObjectOutcome>,
