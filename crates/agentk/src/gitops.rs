@@ -1067,7 +1067,7 @@ impl Worker {
     /// Tells kas how far the running sync got; best effort (the outcome is what counts and is
     /// retried), bounded so a slow kas does not hold the worker.
     async fn report_progress(&mut self, sync: &SyncState) {
-        let p = *self.progress.borrow_and_update();
+        let p = self.progress.borrow_and_update().clone();
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let report = SyncReport {
             project_id: self.settings.project_id.clone(),
@@ -1082,6 +1082,14 @@ impl Worker {
                 objects: count(p.objects),
                 current: count(p.current),
                 failed: count(p.failed),
+                pending: p.pending.map(|o| ObjectStatus {
+                    group: o.obj.group,
+                    kind: o.obj.kind,
+                    namespace: o.obj.namespace.unwrap_or_default(),
+                    name: o.obj.name,
+                    state: wire_state(ObjectState::Live(o.status)).into(),
+                    message: o.message,
+                }),
             }),
             finished_at: unix_now(),
             ..SyncReport::default()

@@ -97,27 +97,51 @@ pub struct Settings {
     pub drift_managers: DriftManagers,
 }
 
-/// How far a running sync got: its objects so far and how many are Current or Failed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How far a running sync got: its objects so far, how many are Current or Failed, and the
+/// first object (in object order) still neither, so that a wait that ends names what it waited
+/// for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncProgress {
     pub objects: usize,
     pub current: usize,
     pub failed: usize,
+    pub pending: Option<PendingObject>,
+}
+
+/// An object not Current yet, with the reason its status gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingObject {
+    pub obj: ObjRef,
+    pub status: Status,
+    pub message: String,
 }
 
 impl SyncProgress {
     /// Counts the outcomes recorded so far (pruned objects aside).
     pub fn of<'a>(outcomes: impl IntoIterator<Item = &'a ObjectOutcome>) -> Self {
         let mut p = Self::default();
+        let mut first: Option<&ObjectOutcome> = None;
         for o in outcomes {
             match o.status {
                 ObjectState::Pruned | ObjectState::PruneSkipped => continue,
                 ObjectState::Live(Status::Current) => p.current += 1,
                 ObjectState::Live(Status::Failed) => p.failed += 1,
-                ObjectState::Live(_) => {}
+                ObjectState::Live(_) => {
+                    if first.is_none_or(|f| o.obj < f.obj) {
+                        first = Some(o);
+                    }
+                }
             }
             p.objects += 1;
         }
+        p.pending = first.and_then(|o| match o.status {
+            ObjectState::Live(status) => Some(PendingObject {
+                obj: o.obj.clone(),
+                status,
+                message: o.message.clone(),
+            }),
+            ObjectState::Pruned | ObjectState::PruneSkipped => None,
+        });
         p
     }
 }
@@ -135,7 +159,9 @@ impl ProgressSink {
         if let Some(tx) = &self.0 {
             tx.send_if_modified(|p| {
                 let now = SyncProgress::of(outcomes.values());
-                std::mem::replace(p, now) != now
+                let changed = *p != now;
+                *p = now;
+                changed
             });
         }
     }
@@ -2556,18 +2582,28 @@ mod tests {
     }
 
     #[test]
-    fn progress_counts_objects_current_and_failed_and_is_published_once_per_change() {
-        let r = results(&[
+    fn progress_counts_objects_current_and_failed_names_the_first_pending_and_is_published_once_per_change()
+     {
+        let mut r = results(&[
             ("a", ObjectState::Live(Status::Current)),
             ("b", ObjectState::Live(Status::Failed)),
+            ("d", ObjectState::Live(Status::Unknown)),
             ("c", ObjectState::Live(Status::InProgress)),
-            ("d", ObjectState::Pruned),
-            ("e", ObjectState::PruneSkipped),
+            ("e", ObjectState::Pruned),
+            ("0", ObjectState::PruneSkipped),
         ]);
+        if let Some(c) = r.get_mut(&obj("c")) {
+            c.message = "0 of 1 replicas available".into();
+        }
         let want = SyncProgress {
-            objects: 3,
+            objects: 4,
             current: 1,
             failed: 1,
+            pending: Some(PendingObject {
+                obj: obj("c"),
+                status: Status::InProgress,
+                message: "0 of 1 replicas available".into(),
+            }),
         };
         assert_eq!(SyncProgress::of(r.values()), want);
         let (tx, mut rx) = tokio::sync::watch::channel(SyncProgress::default());

@@ -252,6 +252,10 @@ pub struct ProgressView {
     pub objects: u32,
     pub current: u32,
     pub failed: u32,
+    /// The first object (in object order) neither Current nor Failed yet, with its status's
+    /// reason: what a wait is waiting for. None from an agent older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<ObjectView>,
     /// Set when the sync ended but kas could not record the agent's report of it: the store's
     /// error (read-only, disk full). The agent sends the report again until kas records it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -261,6 +265,15 @@ pub struct ProgressView {
 impl ProgressView {
     /// "the agent's sync of commit C ended, but kas could not record its report: …", when
     /// [`ProgressView::unrecorded`] is set, for `kas agent reconcile`, status and the web UI.
+    /// "; not Current yet: Kind/namespace/name Status: message" of the object the sync waits
+    /// for, or nothing: appended to a line of progress.
+    pub fn pending_note(&self) -> String {
+        self.pending
+            .as_ref()
+            .map(|o| format!("; not Current yet: {}", o.line()))
+            .unwrap_or_default()
+    }
+
     pub fn unrecorded_note(&self) -> Option<String> {
         let error = self.unrecorded.as_ref()?;
         Some(format!(
@@ -469,6 +482,22 @@ pub struct ObjectView {
     pub name: String,
     pub status: ReportedStatus,
     pub message: String,
+}
+
+impl ObjectView {
+    /// `Kind/namespace/name Status: message` (`-` for no namespace): how the CLI and the web UI
+    /// name an object with its status.
+    pub fn line(&self) -> String {
+        let ns = if self.namespace.is_empty() {
+            "-"
+        } else {
+            &self.namespace
+        };
+        format!(
+            "{}/{ns}/{} {}: {}",
+            self.kind, self.name, self.status, self.message
+        )
+    }
 }
 
 #[cfg(test)]

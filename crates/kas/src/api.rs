@@ -912,18 +912,19 @@ fn sync_view(r: tether_protocol::gitops::SyncReport) -> SyncView {
         chart_version: r.chart_version,
         fetch_error: String::new(),
         earlier: r.earlier.into_iter().map(earlier_view).collect(),
-        objects: r
-            .objects
-            .into_iter()
-            .map(|o| ObjectView {
-                status: o.state().into(),
-                group: o.group,
-                kind: o.kind,
-                namespace: o.namespace,
-                name: o.name,
-                message: o.message,
-            })
-            .collect(),
+        objects: r.objects.into_iter().map(object_view).collect(),
+    }
+}
+
+/// An object's status as the agent reported it.
+pub(crate) fn object_view(o: tether_protocol::gitops::ObjectStatus) -> ObjectView {
+    ObjectView {
+        status: o.state().into(),
+        group: o.group,
+        kind: o.kind,
+        namespace: o.namespace,
+        name: o.name,
+        message: o.message,
     }
 }
 

@@ -582,6 +582,7 @@ fn progress_view(
         objects: p.objects,
         current: p.current,
         failed: p.failed,
+        pending: p.pending.map(crate::api::object_view),
         unrecorded,
     }
 }

@@ -4072,8 +4072,8 @@ async fn a_push_webhook_reaches_every_named_entry_of_the_repository() {
 }
 
 /// `kas agent status` shows a sync under way (here one waiting for a Deployment that never
-/// becomes available): its commit and how far it got, in the table and in `-o json`, above
-/// the project's last report. Only the web UI and `reconcile --wait` showed it.
+/// becomes available): its commit, how far it got and the object it waits for, in the table
+/// and in `-o json`, above the project's last report. Only the web UI and `reconcile --wait` showed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_status_shows_a_sync_under_way() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -4101,8 +4101,12 @@ async fn agent_status_shows_a_sync_under_way() {
         table.contains("1 Current") && table.contains(&format!("commit {}", &c0[..12])),
         "{table}"
     );
+    // What it waits for is named, with the reason from the object's status.
+    let waiting = format!("not Current yet: Deployment/{ns}/stuck InProgress: ");
+    assert!(table.contains(&waiting), "{table}");
     let json: Value = serde_json::from_str(&status(&rig, "json")).unwrap();
     assert_eq!(json["under_way"][0]["commit_id"], c1.as_str(), "{json}");
+    assert_eq!(json["under_way"][0]["pending"]["name"], "stuck", "{json}");
 
     // agentk dies mid-sync: the sync is no longer said to be under way (it was, for as long
     // as kas ran, since no outcome came to clear it).

@@ -197,15 +197,20 @@ async fn reconcile_wait_on_a_failing_project_exits_non_zero_naming_the_object() 
     );
 }
 
+/// A Deployment never Available: no node has the label it selects. It stays InProgress until
+/// `reconcile_timeout`.
+fn stuck_deployment(ns: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: stuck\n  namespace: {ns}\nspec:\n  replicas: 1\n  selector:\n    matchLabels:\n      app: stuck\n  template:\n    metadata:\n      labels:\n        app: stuck\n    spec:\n      nodeSelector:\n        tether.test/none: none\n      containers:\n      - name: c\n        image: nginx\n"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_wait_shows_progress_while_an_object_is_not_current_yet() {
     let timeout = "    reconcile_timeout: 4s\n";
     let opts = KasOptions::default();
     let (rig, ns, _) = configmap_rig_with("recprog", timeout, &[], opts).await;
-    // Never Available: no node has that label. It stays InProgress until reconcile_timeout.
-    let stuck = format!(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: stuck\n  namespace: {ns}\nspec:\n  replicas: 1\n  selector:\n    matchLabels:\n      app: stuck\n  template:\n    metadata:\n      labels:\n        app: stuck\n    spec:\n      nodeSelector:\n        tether.test/none: none\n      containers:\n      - name: c\n        image: nginx\n"
-    );
+    let stuck = stuck_deployment(&ns);
     let c2 = rig
         .manifests
         .commit(&[("manifests/stuck.yaml", Some(stuck.as_bytes()))], "stuck");
@@ -222,10 +227,47 @@ async fn reconcile_wait_shows_progress_while_an_object_is_not_current_yet() {
         stdout.contains(&during),
         "no progress while waiting: {stdout}"
     );
+    let waits = format!("; not Current yet: Deployment/{ns}/stuck InProgress: ");
+    assert!(stdout.contains(&waits), "{stdout}");
     assert!(
         stdout.contains(&format!("Deployment/{ns}/stuck InProgress")),
         "{stdout}"
     );
+}
+
+/// `reconcile --wait` that times out names the object the sync was still waiting for (it
+/// said only how many objects were Current): the user knows what to look at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_wait_that_times_out_names_the_object_not_current_yet() {
+    let timeout = "    reconcile_timeout: 10m\n";
+    let opts = KasOptions::default();
+    let (rig, ns, _) = configmap_rig_with("rectime", timeout, &[], opts).await;
+    let c2 = rig.manifests.commit(
+        &[(
+            "manifests/stuck.yaml",
+            Some(stuck_deployment(&ns).as_bytes()),
+        )],
+        "stuck",
+    );
+    wait_for(
+        "the stuck commit's sync under way",
+        Duration::from_secs(60),
+        || async {
+            let p = rig.kas.admin.gitops_progress(rig.agent_id).await.ok()?;
+            p.iter().any(|p| p.commit_id == c2).then_some(())
+        },
+    )
+    .await;
+    let out = reconcile_wait(&rig.kas, "group/config:seed", "6s");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    let last = stdout
+        .lines()
+        .find(|l| l.starts_with("    last heard: "))
+        .unwrap_or_else(|| panic!("no progress at the timeout: {stdout}"));
+    let commit = format!("group/manifests: synchronizing commit {}: ", &c2[..12]);
+    let waits = format!("; not Current yet: Deployment/{ns}/stuck InProgress: ");
+    assert!(last.contains(&commit) && last.contains(&waits), "{stdout}");
 }
 
 /// A tmux session of its own, killed (by its unique name) when the test ends.

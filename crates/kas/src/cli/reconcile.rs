@@ -76,12 +76,7 @@ pub struct Summary {
 pub fn summarize(s: &SyncView) -> Summary {
     let mut out = Summary::default();
     for o in &s.objects {
-        let ns = if o.namespace.is_empty() {
-            "-"
-        } else {
-            &o.namespace
-        };
-        let line = || format!("{}/{ns}/{} {}: {}", o.kind, o.name, o.status, o.message);
+        let line = || o.line();
         match o.status {
             ReportedStatus::Pruned => out.pruned += 1,
             ReportedStatus::PruneSkipped => out.left_in_place.push(line()),
@@ -300,12 +295,13 @@ pub fn progress_line(p: &ProgressView) -> String {
         return format!("{}: NOT RECORDED: {note}", p.project_id);
     }
     format!(
-        "{}: synchronizing commit {}: {} object(s) so far, {} Current, {} failed",
+        "{}: synchronizing commit {}: {} object(s) so far, {} Current, {} failed{}",
         p.project_id,
         short(&p.commit_id),
         p.objects,
         p.current,
-        p.failed
+        p.failed,
+        p.pending_note()
     )
 }
 
@@ -681,7 +677,7 @@ async fn follow(
             if let Some(down) = outage.down_for() {
                 progress.note(&format!("kas has been unreachable for {}s", down.as_secs()));
             }
-            return timed_out(progress, (agent_id, timeout), &pending, &waits)
+            return timed_out(progress, (agent_id, timeout), &pending, (&waits, &shown))
                 .map(|o| worst.max(o));
         }
         if shown.is_empty() {
@@ -792,12 +788,13 @@ fn waiting_is_final(s: &SyncView, failed: &[String]) -> bool {
 
 /// The end of `--wait` at `--timeout`: entries still waiting for a dependency did not apply
 /// this reconcile's commit (exit 1, naming the wait); entries that sent nothing time out
-/// (exit 3).
+/// (exit 3), each with the progress last heard of it — which names the object the sync was
+/// waiting for, so that the user knows what to look at.
 fn timed_out(
     progress: &Progress,
     (agent_id, timeout): (i64, Duration),
     pending: &[&str],
-    waits: &HashMap<String, String>,
+    (waits, shown): (&HashMap<String, String>, &[String]),
 ) -> Result<Outcome> {
     let silent: Vec<&str> = pending
         .iter()
@@ -817,7 +814,19 @@ fn timed_out(
         "timed out after {timeout:?} waiting for agent {agent_id}'s report of {}",
         silent.join(", ")
     ))?;
+    for line in last_heard(shown, &silent) {
+        progress.line(&format!("    last heard: {line}"))?;
+    }
     Ok(Outcome::TimedOut)
+}
+
+/// The progress lines shown last of these projects.
+fn last_heard<'a>(shown: &'a [String], projects: &[&str]) -> Vec<&'a str> {
+    shown
+        .iter()
+        .filter(|l| projects.iter().any(|p| l.starts_with(&format!("{p}: "))))
+        .map(String::as_str)
+        .collect()
 }
 
 /// Shows the progress the agent reported for the pending projects of this reconcile: on a
@@ -1087,20 +1096,41 @@ mod tests {
     }
 
     #[test]
-    fn progress_says_how_many_objects_so_far_and_how_they_are() {
-        let p = ProgressView {
+    fn progress_says_how_many_objects_so_far_how_they_are_and_what_it_waits_for() {
+        let mut p = ProgressView {
             project_id: "group/manifests".into(),
             commit_id: "0123456789abcdef".into(),
             resync_id: 7,
             objects: 3,
             current: 1,
             failed: 1,
+            pending: None,
             unrecorded: None,
         };
         assert_eq!(
             progress_line(&p),
             "group/manifests: synchronizing commit 0123456789ab: 3 object(s) so far, 1 Current, 1 failed"
         );
+        p.pending = Some(object(
+            "Deployment",
+            "web",
+            ReportedStatus::InProgress,
+            "Deployment rollout: 0 of 1 updated replicas are available",
+        ));
+        assert_eq!(
+            progress_line(&p),
+            "group/manifests: synchronizing commit 0123456789ab: 3 object(s) so far, 1 Current, 1 failed; not Current yet: Deployment/ns/web InProgress: Deployment rollout: 0 of 1 updated replicas are available"
+        );
+    }
+
+    #[test]
+    fn the_timeout_repeats_the_progress_last_heard_of_each_silent_project() {
+        let shown = [
+            "a/b: synchronizing commit 0123: 1 object(s) so far".to_string(),
+            "a/bc: synchronizing commit 4567: 2 object(s) so far".to_string(),
+        ];
+        assert_eq!(last_heard(&shown, &["a/b"]), [shown[0].as_str()]);
+        assert!(last_heard(&shown, &["a"]).is_empty());
     }
 
     #[test]

@@ -137,12 +137,13 @@ pub fn syncs(
             Html::text(&p.unrecorded_note().map_or_else(
                 || {
                     format!(
-                        "Sync of {} at commit {} in progress: {} objects, {} current, {} failed",
+                        "Sync of {} at commit {} in progress: {} objects, {} current, {} failed{}",
                         p.project_id,
                         short(&p.commit_id),
                         p.objects,
                         p.current,
-                        p.failed
+                        p.failed,
+                        p.pending_note()
                     )
                 },
                 |note| format!("{}: {note}", p.project_id),
@@ -643,6 +644,7 @@ mod tests {
             objects: 3,
             current: 1,
             failed: 0,
+            pending: None,
             unrecorded: None,
         };
         let h = syncs(&[], &[p], &[], &ObjectFilter::default());
