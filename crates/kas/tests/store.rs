@@ -520,3 +520,49 @@ async fn a_write_whose_database_vanished_fails_within_the_statement_timeout() {
     })
     .await;
 }
+
+/// `kas store migrate` on a database a newer kas migrated (a rollback) says so, naming the
+/// migrations it does not know; it said "schema up to date".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_migrate_on_a_schema_newer_than_kas_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("kas.sqlite");
+    let config = dir.path().join("kas.yaml");
+    std::fs::write(
+        &config,
+        format!("database:\n  sqlite_path: {}\n", db.display()),
+    )
+    .unwrap();
+    let migrate = || {
+        let config = config.to_str().unwrap();
+        kas_cli(&["--configuration-file", config, "store", "migrate"])
+    };
+    let first = migrate();
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("schema up to date"),
+        "{}",
+        text(&first)
+    );
+
+    // What a newer kas's migration leaves in sqlx's bookkeeping table.
+    let insert = "INSERT INTO _sqlx_migrations \
+                  (version, description, success, checksum, execution_time) \
+                  VALUES (99999, 'from a newer kas', 1, x'00', 1)";
+    let recorded = Command::new("sqlite3")
+        .arg(&db)
+        .arg(insert)
+        .output()
+        .unwrap();
+    assert!(recorded.status.success(), "{}", text(&recorded));
+    let again = migrate();
+    assert!(again.status.success(), "{}", text(&again));
+    let said = text(&again);
+    assert!(!said.contains("up to date"), "{said}");
+    assert!(
+        said.contains(
+            "the schema is newer than this kas: migration(s) 99999 were applied by a newer kas"
+        ),
+        "{said}"
+    );
+}

@@ -20,8 +20,12 @@ pub(crate) fn tolerant(mut migrator: Migrator) -> Migrator {
     migrator
 }
 
-/// Warns if the database has migrations `migrator` does not know; call it after migrating.
-pub(crate) async fn warn_of_unknown<C: Migrate>(migrator: &Migrator, conn: &mut C) -> Result<()> {
+/// Warns if the database has migrations `migrator` does not know, and returns their versions;
+/// call it after migrating.
+pub(crate) async fn warn_of_unknown<C: Migrate>(
+    migrator: &Migrator,
+    conn: &mut C,
+) -> Result<Vec<i64>> {
     let applied = conn.list_applied_migrations(MIGRATIONS_TABLE).await?;
     let unknown: Vec<i64> = applied
         .iter()
@@ -35,5 +39,5 @@ pub(crate) async fn warn_of_unknown<C: Migrate>(migrator: &Migrator, conn: &mut 
              them); carrying on, which works as long as they only added to the schema"
         );
     }
-    Ok(())
+    Ok(unknown)
 }

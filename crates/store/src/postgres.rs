@@ -50,6 +50,8 @@ pub struct PgStore {
     writer: Arc<tokio::sync::Mutex<()>>,
     /// The server's `statement_timeout` on every session.
     statement_timeout: Duration,
+    /// Versions of migrations the database has that this binary does not know.
+    newer_migrations: Vec<i64>,
 }
 
 impl PgStore {
@@ -80,12 +82,19 @@ impl PgStore {
             Err(e) => Err(e.into()),
         };
         let _ = sqlx::Connection::close(conn).await;
-        migrated?;
+        let newer_migrations = migrated?;
         Ok(Self {
             pool,
             writer: Arc::default(),
             statement_timeout,
+            newer_migrations,
         })
+    }
+
+    /// Versions of the migrations the database had at open that this binary does not know (a
+    /// newer kas applied them); empty when its schema is this binary's.
+    pub fn newer_migrations(&self) -> &[i64] {
+        &self.newer_migrations
     }
 
     /// How long a client should wait for one operation before giving up on the server: its

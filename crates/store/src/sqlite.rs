@@ -39,9 +39,17 @@ pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
     /// Writers of this process take turns here (see [`WriteTxn::begin`]).
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// Versions of migrations the database has that this binary does not know.
+    newer_migrations: Vec<i64>,
 }
 
 impl SqliteStore {
+    /// Versions of the migrations the database had at open that this binary does not know (a
+    /// newer kas applied them); empty when its schema is this binary's.
+    pub fn newer_migrations(&self) -> &[i64] {
+        &self.newer_migrations
+    }
+
     /// Opens (creating if missing) the database at `path` and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<Self> {
         let options = SqliteConnectOptions::new()
@@ -67,7 +75,7 @@ impl SqliteStore {
         let mut conn = sqlx::ConnectOptions::connect(&options).await?;
         let migrator = migrator();
         migrator.run(&mut conn).await?;
-        crate::migrate::warn_of_unknown(&migrator, &mut conn).await?;
+        let newer_migrations = crate::migrate::warn_of_unknown(&migrator, &mut conn).await?;
         sqlx::Connection::close(conn).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -76,6 +84,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             writer: Arc::default(),
+            newer_migrations,
         })
     }
 

@@ -26,13 +26,30 @@ pub fn validate_agent_config(file: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// What `kas store migrate` says of a database a newer kas migrated: this kas's migrations are
+/// there, but the schema is not this kas's (a rollback, or an old binary).
+fn newer_schema_note(location: &impl std::fmt::Display, newer: &[i64]) -> String {
+    let versions: Vec<String> = newer.iter().map(i64::to_string).collect();
+    format!(
+        "{location}: every migration of this kas is applied, but the schema is newer than this \
+         kas: migration(s) {} were applied by a newer kas; this kas works with them as long as \
+         they only added to the schema (see the upgrade notes), and a newer kas is the one to \
+         migrate this database",
+        versions.join(", ")
+    )
+}
+
 pub async fn store_cmd(cfg: &Config, cmd: &StoreCmd) -> Result<()> {
     use kas::config::DatabaseLocation;
     match cmd {
         StoreCmd::Migrate => {
             let location = cfg.database_location();
-            kas::database::migrate(&location).await?;
-            out!("{location}: schema up to date")?;
+            let newer = kas::database::migrate(&location).await?;
+            if newer.is_empty() {
+                out!("{location}: schema up to date")?;
+            } else {
+                out!("{}", newer_schema_note(&location, &newer))?;
+            }
         }
         StoreCmd::Copy { from, to } => {
             let from = DatabaseLocation::parse(from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
