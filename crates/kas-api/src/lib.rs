@@ -377,6 +377,10 @@ pub struct TokenView {
     pub description: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+    /// Unix seconds: when kas last saw a connection authenticated with it open (written every
+    /// few seconds, and at each token re-check while it stays open); `None` if never.
+    #[serde(default)]
+    pub last_used_at: Option<i64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]

@@ -523,6 +523,7 @@ pub(crate) async fn list_tokens(
                 description: t.description,
                 created_at: t.created_at,
                 revoked_at: t.revoked_at,
+                last_used_at: t.last_used_at,
             })
             .collect(),
     ))

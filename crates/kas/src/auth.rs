@@ -9,12 +9,15 @@ use tether_store::Store;
 use tether_tunnel_server::{AgentIdentity, AuthError, Authenticator};
 
 use crate::followed::Followed;
+use crate::token_use::TokenUse;
 
-/// Looks agent tokens up in the store, behind the agent listener's limits.
+/// Looks agent tokens up in the store, behind the agent listener's limits, noting the tokens
+/// in use (at connect and at each re-check of live streams) for `kas token list`.
 #[derive(Debug, Clone)]
 pub struct StoreAuthenticator {
     pub store: Arc<dyn Store>,
     pub guard: Arc<tether_guard::AuthGuard>,
+    pub used: Arc<TokenUse>,
 }
 
 impl Authenticator for StoreAuthenticator {
@@ -29,6 +32,9 @@ impl Authenticator for StoreAuthenticator {
                 .authenticate(token)
                 .await
                 .map_err(|e| AuthError(e.to_string()))?;
+            if let Some(a) = &found {
+                self.used.note([a.token_id]);
+            }
             Ok(found.map(|a| AgentIdentity {
                 agent_id: a.agent_id,
                 agent_name: a.agent_name,
@@ -43,10 +49,13 @@ impl Authenticator for StoreAuthenticator {
         token_ids: Vec<i64>,
     ) -> tether_tunnel_server::service_future::BoxFuture<'_, Result<Vec<i64>, AuthError>> {
         Box::pin(async move {
-            self.store
+            let active = self
+                .store
                 .active_tokens(&token_ids)
                 .await
-                .map_err(|e| AuthError(e.to_string()))
+                .map_err(|e| AuthError(e.to_string()))?;
+            self.used.note(active.iter().copied());
+            Ok(active)
         })
     }
 

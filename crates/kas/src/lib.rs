@@ -35,6 +35,7 @@ pub mod projects;
 pub mod revocation;
 pub mod server;
 pub mod store_metrics;
+pub mod token_use;
 pub mod unreported;
 pub mod validated_tokens;
 pub mod webui;

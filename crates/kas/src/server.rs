@@ -25,6 +25,7 @@ use crate::limits::Guards;
 use crate::listener::ListenerMetrics;
 use crate::modules::{Handle, Modules};
 use crate::projects::StoredProjects;
+use crate::token_use::TokenUse;
 use tether_configuration_server::{ConfigService, ConfigStates};
 use tether_git_source::Sources;
 use tether_gitops_server::{GitOpsDeps, GitOpsModule, GitOpsService};
@@ -128,9 +129,12 @@ pub async fn start(cfg: Config) -> Result<Running> {
     modules.push(h);
     let (guards, h) = start_limits(&cfg, &mut metrics, modules.handle("limits"));
     modules.push(h);
+    let (used, h) = start_token_use(&store, modules.handle("token-use"));
+    modules.push(h);
     let auth: Arc<dyn Authenticator> = Arc::new(StoreAuthenticator {
         store: Arc::clone(&store),
         guard: Arc::clone(&guards.agent),
+        used,
     });
     let (registry, h) = start_registry(
         &mut metrics,
@@ -332,6 +336,14 @@ async fn start_store(
     let closing = Arc::clone(&store);
     let handle = handle.on_close(async move { closing.close().await });
     Ok((store, admin, handle))
+}
+
+/// When agent tokens were last used, written in batches; stopped after the tunnels (it writes
+/// once more then) and before the store.
+fn start_token_use(store: &Arc<dyn Store>, handle: Handle) -> (Arc<TokenUse>, Handle) {
+    let used = Arc::new(TokenUse::new(Arc::clone(store)));
+    let task = tokio::spawn(Arc::clone(&used).run(Modules::shutdown_of(&handle)));
+    (used, handle.task(task))
 }
 
 /// The limits on failed authentication, and their periodic summary log.

@@ -57,6 +57,7 @@ pub enum Operation {
     RevokeToken,
     TokenActive,
     ActiveTokens,
+    MarkTokensUsed,
     ActiveUserTokens,
     Authenticate,
     CreateUserToken,
@@ -105,6 +106,7 @@ impl Operation {
             O::RevokeToken => "revoke_token",
             O::TokenActive => "token_active",
             O::ActiveTokens => "active_tokens",
+            O::MarkTokensUsed => "mark_tokens_used",
             O::ActiveUserTokens => "active_user_tokens",
             O::Authenticate => "authenticate",
             O::CreateUserToken => "create_user_token",
@@ -144,6 +146,7 @@ impl Operation {
             | O::RegisterAgent
             | O::CreateToken
             | O::RevokeToken
+            | O::MarkTokensUsed
             | O::CreateUserToken
             | O::RevokeUserToken
             | O::PutSyncReport

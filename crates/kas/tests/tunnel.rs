@@ -222,6 +222,77 @@ async fn a_rotated_token_file_is_used_after_the_old_token_is_revoked() {
     );
 }
 
+/// Rotating tokens, an operator checks the old one is no longer used before revoking it:
+/// `kas token list` says when kas last saw each token in use. The time is written soon after
+/// the agent connects, advances at each token re-check while the connection stays open, and
+/// outlives a kas restart; a token never used says `never`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tokens_last_use_is_recorded_and_outlives_a_kas_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = KasOptions {
+        token_recheck: "1s",
+        ..KasOptions::default()
+    };
+    let mut kas = Kas::start(dir.path(), opts).await;
+    let t = kas.admin.register_agent("group/app", "used").await.unwrap();
+    let spare = kas.admin.create_token(t.agent_id, "spare").await.unwrap();
+    let mut agent = Agent::start(dir.path(), "used", &kas.url("grpc"), &t.token, None);
+    kas.wait_connected(t.agent_id).await;
+    let last_used = |kas: &Kas| {
+        let admin = kas.admin.clone();
+        async move {
+            let tokens = admin.list_tokens(t.agent_id).await.unwrap();
+            let of = |id: i64| tokens.iter().find(|x| x.id == id).unwrap().last_used_at;
+            (of(t.token_id), of(spare.token_id))
+        }
+    };
+    let first = wait_for(
+        "the token's use recorded",
+        Duration::from_secs(20),
+        || async { last_used(&kas).await.0 },
+    )
+    .await;
+    let later = wait_for(
+        "its use recorded again",
+        Duration::from_secs(20),
+        || async { last_used(&kas).await.0.filter(|at| *at > first) },
+    )
+    .await;
+    assert_eq!(
+        last_used(&kas).await.1,
+        None,
+        "the spare token was never used"
+    );
+
+    agent.stop();
+    kas.wait_disconnected(t.agent_id).await;
+    kas.restart().await;
+    let (used, never) = last_used(&kas).await;
+    assert!(used >= Some(later), "{used:?} after {later}");
+    assert_eq!(never, None);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
+        .arg("--configuration-file")
+        .arg(&kas.config)
+        .args(["token", "list", "--agent-id", &t.agent_id.to_string()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    let row = |id: i64| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&id.to_string()))
+            .unwrap_or_else(|| panic!("no row {id}: {table}"))
+            .to_owned()
+    };
+    assert!(
+        table.starts_with("ID") && table.contains("LAST USED"),
+        "{table}"
+    );
+    assert!(row(spare.token_id).contains("never"), "{table}");
+    assert!(!row(t.token_id).contains("never"), "{table}");
+}
+
 /// CA rotation as cert-manager and trust-manager do it: agentk's CA file (a mounted Secret or
 /// ConfigMap) first gets the new CA beside the old one, then kas's certificate is renewed from
 /// the new CA. agentk used to trust only the CA file it read at start, so it could never

@@ -288,7 +288,7 @@ macro_rules! impl_store {
                     let info = sqlx::query_as::<_, TokenInfo>(
                         "INSERT INTO agent_tokens (agent_id, digest, description, created_at) \
                          VALUES ($1, $2, $3, $4) \
-                         RETURNING id, agent_id, description, created_at, revoked_at",
+                         RETURNING id, agent_id, description, created_at, revoked_at, last_used_at",
                     )
                     .bind(agent_id)
                     .bind(&digest)
@@ -307,7 +307,7 @@ macro_rules! impl_store {
                         return Err(Error::NotFound(format!("agent {agent_id}")));
                     }
                     let tokens = sqlx::query_as::<_, TokenInfo>(
-                        "SELECT id, agent_id, description, created_at, revoked_at \
+                        "SELECT id, agent_id, description, created_at, revoked_at, last_used_at \
                          FROM agent_tokens WHERE agent_id = $1 ORDER BY id",
                     )
                     .bind(agent_id)
@@ -371,6 +371,22 @@ macro_rules! impl_store {
                         active.extend(query.fetch_all(&self.pool).await?);
                     }
                     Ok(active)
+                }
+
+                async fn mark_tokens_used(&self, token_ids: &[i64], at: i64) -> Result<()> {
+                    for chunk in token_ids.chunks(crate::backend::ACTIVE_TOKENS_CHUNK) {
+                        // Only numbered placeholders are formatted in; the ids are bound.
+                        let sql = sqlx::AssertSqlSafe(crate::backend::mark_tokens_used_sql(chunk.len()));
+                        let mut query = sqlx::query(sql).bind(at);
+                        for id in chunk {
+                            query = query.bind(*id);
+                        }
+                        // A transaction per chunk: the write lock is held for one statement.
+                        let mut tx = self.write().await?;
+                        query.execute(tx.conn()).await?;
+                        tx.commit().await?;
+                    }
+                    Ok(())
                 }
 
                 async fn active_user_tokens(&self, token_ids: &[i64]) -> Result<Vec<i64>> {
@@ -968,6 +984,16 @@ pub(crate) fn active_tokens_sql(n: usize) -> String {
     format!(
         "SELECT id FROM agent_tokens WHERE revoked_at IS NULL AND id IN ({})",
         placeholders(1, n)
+    )
+}
+
+/// `UPDATE … SET last_used_at = $1 WHERE id IN ($2, …)` for `n` agent token ids, never moving
+/// a later time back (two replicas may write out of order).
+pub(crate) fn mark_tokens_used_sql(n: usize) -> String {
+    format!(
+        "UPDATE agent_tokens SET last_used_at = $1 \
+         WHERE (last_used_at IS NULL OR last_used_at < $1) AND id IN ({})",
+        placeholders(2, n)
     )
 }
 

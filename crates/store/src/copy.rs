@@ -60,6 +60,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = {
                 ("description", Text),
                 ("created_at", Int),
                 ("revoked_at", Int),
+                ("last_used_at", Int),
             ],
         ),
         (

@@ -97,6 +97,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// most of an idle kas's CPU with 10,000 agents.
     async fn active_tokens(&self, token_ids: &[i64]) -> Result<Vec<i64>>;
 
+    /// Records that the agent tokens `token_ids` were in use at `at` (Unix seconds), in a few
+    /// writes for any number of ids; a token's time never moves back, and unknown ids are
+    /// ignored.
+    async fn mark_tokens_used(&self, token_ids: &[i64], at: i64) -> Result<()>;
+
     /// Which of the personal access tokens `token_ids` are neither revoked nor expired now:
     /// kas re-checks those with requests open through its proxy, so a watch or an exec ends
     /// when its token expires, and a revocation another replica's message missed still ends

@@ -72,6 +72,9 @@ pub struct TokenInfo {
     pub created_at: i64,
     /// Unix seconds; `None` while the token is usable.
     pub revoked_at: Option<i64>,
+    /// Unix seconds: when kas last saw a connection authenticated with it open; `None` if
+    /// never.
+    pub last_used_at: Option<i64>,
 }
 
 impl TokenInfo {

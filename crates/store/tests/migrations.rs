@@ -99,17 +99,23 @@ async fn snapshot(conn: &mut SqliteConnection) -> Result<Vec<String>, sqlx::Erro
 
 /// A snapshot without what migrations after 0012 add (opening the store runs them all).
 fn without_later_additions(snapshot: Vec<String>) -> Vec<String> {
-    let added = ["notifications.order_key:", "index notifications_order "];
+    let added = [
+        "notifications.order_key:",
+        "index notifications_order ",
+        "agent_tokens.last_used_at:",
+    ];
     snapshot
         .into_iter()
         .filter(|l| !added.iter().any(|a| l.starts_with(a)) && !l.contains("offered_commits"))
-        // 0013's column, NULL for the row of ROWS, closes each of its lines.
-        .map(|l| match l.strip_prefix("notifications row ") {
-            Some(row) => format!(
-                "notifications row {}",
-                row.strip_suffix(", NULL").unwrap_or(row)
-            ),
-            None => l,
+        // 0013's and 0014's columns, NULL for the rows of ROWS, close each of their lines.
+        .map(|l| {
+            for table in ["notifications", "agent_tokens"] {
+                let prefix = format!("{table} row ");
+                if let Some(row) = l.strip_prefix(&prefix) {
+                    return format!("{prefix}{}", row.strip_suffix(", NULL").unwrap_or(row));
+                }
+            }
+            l
         })
         .collect()
 }

@@ -1425,7 +1425,25 @@ async fn a_database_migrated_by_a_newer_kas_still_opens(backend: Backend) -> Tes
     Ok(())
 }
 
+/// Two replicas record a token's use in any order: the later time stays; unknown ids are
+/// ignored; a token never marked has none.
+async fn a_tokens_last_use_never_moves_back(backend: Backend) -> TestResult {
+    let (_db, store) = open(backend).await?;
+    let agent = store.register_agent("group/project", "agent").await?;
+    let (used, _) = store.create_token(agent.id, "used").await?;
+    let (spare, _) = store.create_token(agent.id, "spare").await?;
+    assert_eq!(used.last_used_at, None);
+    store.mark_tokens_used(&[used.id, 999_999], 200).await?;
+    store.mark_tokens_used(&[used.id], 100).await?;
+    let tokens = store.list_tokens(agent.id).await?;
+    let of = |id: i64| tokens.iter().find(|t| t.id == id).map(|t| t.last_used_at);
+    assert_eq!(of(used.id), Some(Some(200)));
+    assert_eq!(of(spare.id), Some(None));
+    Ok(())
+}
+
 on_both_backends!(
+    a_tokens_last_use_never_moves_back,
     a_database_migrated_by_a_newer_kas_still_opens,
     finished_notifications_past_the_retention_are_deleted_in_batches,
     notifications_are_queued_once_claimed_retried_and_finished,

@@ -175,7 +175,7 @@ pub async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
             if print_data(format.format(), &tokens)? {
                 return Ok(());
             }
-            let mut t = Table::new(&["ID", "STATE", "CREATED", "DESCRIPTION"]);
+            let mut t = Table::new(&["ID", "STATE", "CREATED", "LAST USED", "DESCRIPTION"]);
             for tok in tokens {
                 let state = if tok.revoked_at.is_some() {
                     "revoked"
@@ -186,6 +186,7 @@ pub async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
                     tok.id.to_string(),
                     state.into(),
                     when(tok.created_at),
+                    tok.last_used_at.map_or_else(|| "never".to_owned(), when),
                     tok.description,
                 ]);
             }

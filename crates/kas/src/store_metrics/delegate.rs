@@ -97,6 +97,13 @@ impl Store for Metered {
         self.metrics.seen(Operation::ActiveTokens, result)
     }
 
+    async fn mark_tokens_used(&self, token_ids: &[i64], at: i64) -> Result<()> {
+        let result = self
+            .bounded(self.inner.mark_tokens_used(token_ids, at))
+            .await;
+        self.metrics.seen(Operation::MarkTokensUsed, result)
+    }
+
     async fn active_user_tokens(&self, token_ids: &[i64]) -> Result<Vec<i64>> {
         let result = self.bounded(self.inner.active_user_tokens(token_ids)).await;
         self.metrics.seen(Operation::ActiveUserTokens, result)

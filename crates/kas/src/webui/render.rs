@@ -398,6 +398,13 @@ fn events(a: &AgentView, syncs: &[SyncView]) -> Html {
     .render()
 }
 
+/// RFC 3339 of Unix seconds.
+fn unix_time(secs: i64) -> String {
+    crate::api::rfc3339(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0)),
+    )
+}
+
 fn tokens(list: &[TokenView], csrf: Option<&str>) -> Html {
     let rows = list
         .iter()
@@ -415,10 +422,8 @@ fn tokens(list: &[TokenView], csrf: Option<&str>) -> Html {
             vec![
                 Html::text(&t.id.to_string()),
                 Html::text(&t.description),
-                Html::text(&crate::api::rfc3339(
-                    std::time::UNIX_EPOCH
-                        + std::time::Duration::from_secs(u64::try_from(t.created_at).unwrap_or(0)),
-                )),
+                Html::text(&unix_time(t.created_at)),
+                Html::text(&t.last_used_at.map_or_else(|| "never".to_owned(), unix_time)),
                 state,
             ]
         })
@@ -426,7 +431,7 @@ fn tokens(list: &[TokenView], csrf: Option<&str>) -> Html {
     Table {
         id: "tokens",
         caption: "Tokens",
-        headers: &["Id", "Description", "Created", "State"],
+        headers: &["Id", "Description", "Created", "Last used", "State"],
         rows,
         empty: "none",
     }
@@ -732,6 +737,7 @@ mod tests {
             description: String::new(),
             created_at: 0,
             revoked_at: None,
+            last_used_at: None,
         }];
         let filter = ObjectFilter::default();
         let mut p = AgentPage {
