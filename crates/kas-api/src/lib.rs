@@ -84,8 +84,9 @@ pub struct AgentView {
     /// `connected: false` then means "unknown". Empty when every replica answered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreachable_replicas: Vec<String>,
-    /// When its last connection to a kas replica ended (RFC 3339), the newest any replica
-    /// knows; absent when none saw it go since it started.
+    /// When it was last seen connected (RFC 3339), the newest any replica knows: the end of
+    /// its last connection, or the last time a replica noted its token in use (stored, so it
+    /// outlives restarts); absent when never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
 }

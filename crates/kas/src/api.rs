@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -466,12 +466,21 @@ async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
                 config: st.config_states.get(r.id).map(config_view),
                 suspensions: suspensions.remove(&r.id).unwrap_or_default(),
                 unreachable_replicas: Vec::new(),
-                last_seen: st.registry.last_seen(r.id).map(rfc3339),
+                last_seen: last_seen(st.registry.last_seen(r.id), r.last_used_at),
             }
         })
         .collect();
     add_unstored(st, &mut out).await;
     Ok(out)
+}
+
+/// When the agent was last seen connected: the end of its last connection here, or the last
+/// time a replica noted one of its tokens in use (kept across restarts), whichever is later.
+fn last_seen(ended_here: Option<SystemTime>, token_used: Option<i64>) -> Option<String> {
+    let stored = token_used
+        .and_then(|s| u64::try_from(s).ok())
+        .map(|s| UNIX_EPOCH + Duration::from_secs(s));
+    ended_here.max(stored).map(rfc3339)
 }
 
 pub(crate) async fn register_agent(

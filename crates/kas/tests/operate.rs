@@ -1376,7 +1376,7 @@ async fn ping_and_diff_of_an_offline_agent_say_so_promptly_and_exit_4() {
         "agent {id} ({}:{}) is not connected",
         seen.project, seen.name
     );
-    let gone = format!("{named} (its last connection ended at ");
+    let gone = format!("{named} (last seen connected at ");
     let never = rig.kas.admin.register_agent("group/other", "never").await;
     let never = never.unwrap().agent_id.to_string();
     let agent = agent_name(&rig);
@@ -1385,7 +1385,7 @@ async fn ping_and_diff_of_an_offline_agent_say_so_promptly_and_exit_4() {
         (vec!["agent", "diff", &agent, "--ref", "main"], &gone),
         (
             vec!["agent", "ping", &never],
-            "(group/other:never) is not connected (kas has not seen it connected since it started)",
+            "(group/other:never) is not connected (kas has never seen it connected)",
         ),
     ];
     for (args, said) in cases {

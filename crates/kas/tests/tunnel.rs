@@ -225,7 +225,7 @@ async fn a_rotated_token_file_is_used_after_the_old_token_is_revoked() {
 /// Rotating tokens, an operator checks the old one is no longer used before revoking it:
 /// `kas token list` says when kas last saw each token in use. The time is written soon after
 /// the agent connects, advances at each token re-check while the connection stays open, and
-/// outlives a kas restart; a token never used says `never`.
+/// outlives a kas restart (so does the agent's `last_seen`); a token never used says `never`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_tokens_last_use_is_recorded_and_outlives_a_kas_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -270,6 +270,9 @@ async fn each_tokens_last_use_is_recorded_and_outlives_a_kas_restart() {
     let (used, never) = last_used(&kas).await;
     assert!(used >= Some(later), "{used:?} after {later}");
     assert_eq!(never, None);
+    // The restarted kas never saw the agent, yet knows when it was last seen connected.
+    let seen = kas.agent(t.agent_id).await.last_seen;
+    assert!(seen.is_some(), "no last_seen after the restart");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
         .arg("--configuration-file")
         .arg(&kas.config)

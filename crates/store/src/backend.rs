@@ -268,7 +268,9 @@ macro_rules! impl_store {
 
                 async fn list_agents(&self) -> Result<Vec<AgentRow>> {
                     let agents = sqlx::query_as::<_, AgentRow>(
-                        "SELECT a.id, a.name, a.project_id, p.path AS project_path, a.created_at \
+                        "SELECT a.id, a.name, a.project_id, p.path AS project_path, a.created_at, \
+                         (SELECT MAX(t.last_used_at) FROM agent_tokens t WHERE t.agent_id = a.id) \
+                         AS last_used_at \
                          FROM agents a JOIN projects p ON p.id = a.project_id \
                          ORDER BY p.path, a.name",
                     )

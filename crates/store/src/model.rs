@@ -59,6 +59,9 @@ pub struct AgentRow {
     pub project_path: String,
     /// Unix seconds.
     pub created_at: i64,
+    /// Unix seconds: the latest time kas saw one of its tokens in use (a connection open);
+    /// `None` if never.
+    pub last_used_at: Option<i64>,
 }
 
 /// Metadata about an agent token. Deliberately carries neither the token nor its digest: the

@@ -385,8 +385,8 @@ async fn connected(c: &AdminClient, agent_id: i64, what: &str) -> Result<()> {
 /// Fails with [`EXIT_NOT_CONNECTED`], naming the agent and when kas last saw it.
 fn not_connected(a: &AgentView, what: &str) -> Result<()> {
     let seen = a.last_seen.as_deref().map_or_else(
-        || "kas has not seen it connected since it started".to_owned(),
-        |t| format!("its last connection ended at {t}"),
+        || "kas has never seen it connected".to_owned(),
+        |t| format!("last seen connected at {t}"),
     );
     eprintln!(
         "kas: agent {} ({}:{}) is not connected ({seen}): nothing can carry the {what}; waited {} for it to connect",
