@@ -64,6 +64,10 @@ pub struct ConnectionView {
     pub cluster_id: String,
     pub remote_addr: String,
     pub streams: usize,
+    /// The kas replica holding the connection: its peers address (`peers.advertise_address`);
+    /// empty for a kas without peers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replica: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -204,6 +204,11 @@ impl History {
 }
 
 impl ApiState {
+    /// This replica's peers address, naming it to operators; empty without peers.
+    pub fn own_address(&self) -> &str {
+        self.peers.as_ref().map_or("", crate::peers::Peers::address)
+    }
+
     /// Where the agents' configurations in force are read, as the proxy decides: the stored
     /// one when another replica may hold the agent.
     pub fn in_force(&self) -> crate::config_in_force::InForce<'_> {
@@ -452,6 +457,7 @@ async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
                             cluster_id: x.cluster_id.clone(),
                             remote_addr: x.remote_addr.clone(),
                             streams: x.streams,
+                            replica: st.own_address().to_owned(),
                         })
                         .collect()
                 })

@@ -378,6 +378,12 @@ impl Peers {
         let _ = self.admin.set(router);
     }
 
+    /// This replica's advertised address: how the others reach it, and how it is named to
+    /// operators (which replica holds an agent's connection).
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
     /// Whether this replica holds tunnels of `agent_id`.
     pub fn holds(&self, agent_id: i64) -> bool {
         self.registry.connected_agents().contains(&agent_id)

@@ -273,6 +273,13 @@ async fn the_peers_listener_closes_connections_over_its_cap() {
     assert_eq!(kas.metric(series).await, Some(1.0));
 }
 
+/// The peers address of a replica [`with_peers`] configured, read from its configuration.
+fn peers_address(kas: &Kas) -> String {
+    let config = std::fs::read_to_string(&kas.config).unwrap();
+    let listen = config.split("peers:\n  listen: ").nth(1).unwrap();
+    listen.lines().next().unwrap().to_owned()
+}
+
 /// The port of the peers listener [`with_peers`] configured.
 fn peers_port(opts: &KasOptions) -> u16 {
     let listen = opts
@@ -1595,6 +1602,10 @@ async fn admin_commands_about_an_agent_work_through_any_replica() {
     assert!(agent.connected, "{agent:?}");
     assert_eq!(agent.connections.len(), 1, "{agent:?}");
     assert!(agent.config.is_some(), "{agent:?}");
+    // Named by the replica holding it (the web UI's Replica column), not the one answering.
+    let holder = peers_address(&rig.kas);
+    assert_eq!(agent.connections[0].replica, holder, "{agent:?}");
+    assert_ne!(holder, peers_address(&two));
     let status = two.admin.gitops_status(id).await.unwrap();
     assert!(status.iter().any(|s| s.commit_id == c1), "{status:?}");
 

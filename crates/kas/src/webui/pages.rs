@@ -17,20 +17,11 @@ pub async fn agents(State(st): State<WebState>, Extension(who): Extension<Logged
         Ok(l) => l.0,
         Err(e) => return api_error(e, &who),
     };
-    let replica = replica_name(&st);
-    let mut body = render::agents(&list, &replica);
+    let mut body = render::agents(&list, st.api.own_address());
     if let Some(csrf) = who.admin_csrf() {
         body.push(render::register_form(csrf));
     }
     html_response(StatusCode::OK, page("Agents", Some(&who.viewer()), body))
-}
-
-/// Which kas the connections are on: the replica's number with Redis, else this one.
-pub fn replica_name(st: &WebState) -> String {
-    st.api.cluster.as_ref().map_or_else(
-        || "this kas".to_owned(),
-        |c| format!("replica {}", c.replica()),
-    )
 }
 
 /// One agent: its syncs (filtered), recent events, access rules, tokens.
@@ -73,6 +64,7 @@ async fn agent_body(
         tokens: &tokens,
         filter,
         csrf: who.admin_csrf(),
+        own: st.api.own_address(),
     });
     Ok((format!("Agent {} ({})", agent.name, agent.project), body))
 }

@@ -43,8 +43,32 @@ fn agent_href(id: i64) -> String {
     format!("/agents/{id}")
 }
 
-/// The agents table.
-pub fn agents(list: &[AgentView], replica: &str) -> Html {
+/// Which replicas hold the agent's connections: "this kas" for the one serving the page
+/// (`own`, its peers address; every connection of a kas without peers), "replica ADDRESS" for
+/// another; "—" when not connected.
+fn holders(a: &AgentView, own: &str) -> String {
+    let mut names: Vec<String> = a
+        .connections
+        .iter()
+        .map(|c| {
+            if c.replica.is_empty() || c.replica == own {
+                "this kas".to_owned()
+            } else {
+                format!("replica {}", c.replica)
+            }
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        "—".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The agents table; `own` is the serving replica's peers address (empty without peers).
+pub fn agents(list: &[AgentView], own: &str) -> Html {
     let rows = list
         .iter()
         .map(|a| {
@@ -71,7 +95,7 @@ pub fn agents(list: &[AgentView], replica: &str) -> Html {
                 } else if a.connection_unknown() {
                     badge("unknown")
                 } else {
-                    badge("disconnected")
+                    badge("offline")
                 },
                 cell(|c| &c.connected_since),
                 cell(|c| &c.agent_version),
@@ -79,7 +103,7 @@ pub fn agents(list: &[AgentView], replica: &str) -> Html {
                     &c.map(|c| format!("{}/{}", c.pod_namespace, c.pod_name))
                         .unwrap_or_else(|| "—".into()),
                 ),
-                Html::text(if a.connected { replica } else { "—" }),
+                Html::text(&holders(a, own)),
                 commit,
                 refusal,
             ]
@@ -271,12 +295,14 @@ pub struct AgentPage<'a> {
     pub filter: &'a ObjectFilter,
     /// The session's CSRF token when the viewer may act (admin); `None` hides every button.
     pub csrf: Option<&'a str>,
+    /// The serving replica's peers address (empty without peers): who "this kas" is.
+    pub own: &'a str,
 }
 
 /// The whole agent page body.
 pub fn agent(p: &AgentPage<'_>) -> Html {
     let a = p.agent;
-    let mut out = agents(std::slice::from_ref(a), "this kas");
+    let mut out = agents(std::slice::from_ref(a), p.own);
     if let Some(csrf) = p.csrf {
         out.push(agent_actions(a.id, p.syncs, csrf));
     }
@@ -686,8 +712,43 @@ mod tests {
         let s = h.as_str();
         assert!(s.contains("<a href=\"/agents/7\">seed&lt;1&gt;</a>"));
         assert!(s.contains("badbad: bad &lt;yaml&gt;"));
-        assert!(s.contains("disconnected"));
+        assert!(s.contains(">offline<"), "the CLI's word: {s}");
         assert!(!s.contains("Incomplete"));
+    }
+
+    fn connection(replica: &str) -> tether_kas_api::ConnectionView {
+        tether_kas_api::ConnectionView {
+            connected_since: String::new(),
+            agent_version: String::new(),
+            pod_name: "agentk-0".into(),
+            pod_namespace: "agents".into(),
+            cluster_id: String::new(),
+            remote_addr: String::new(),
+            streams: 2,
+            replica: replica.into(),
+        }
+    }
+
+    /// An operator drains the replica the page names: it must be the one holding the
+    /// connection, not the one serving the page (both replicas showed their own id).
+    #[test]
+    fn the_replica_column_names_the_replica_holding_each_connection() {
+        let mut a = agent_view();
+        a.connected = true;
+        a.connections = vec![connection("10.0.0.2:8156")];
+        let cell = |a: &AgentView, own: &str| holders(a, own);
+        assert_eq!(cell(&a, "10.0.0.1:8156"), "replica 10.0.0.2:8156");
+        assert_eq!(cell(&a, "10.0.0.2:8156"), "this kas");
+        a.connections.push(connection("10.0.0.1:8156"));
+        assert_eq!(cell(&a, "10.0.0.1:8156"), "replica 10.0.0.2:8156, this kas");
+        // A kas without peers holds every connection it lists.
+        a.connections = vec![connection("")];
+        assert_eq!(cell(&a, ""), "this kas");
+        a.connections.clear();
+        a.connected = false;
+        assert_eq!(cell(&a, "10.0.0.1:8156"), "—");
+        let page = agents(&[agent_view()], "10.0.0.1:8156");
+        assert!(!page.as_str().contains("this kas"), "{}", page.as_str());
     }
 
     #[test]
@@ -724,7 +785,7 @@ mod tests {
             "{s}"
         );
         assert!(s.contains(">unknown<"), "{s}");
-        assert!(!s.contains("disconnected"), "{s}");
+        assert!(!s.contains(">offline<"), "{s}");
     }
 
     #[test]
@@ -741,6 +802,7 @@ mod tests {
         }];
         let filter = ObjectFilter::default();
         let mut p = AgentPage {
+            own: "",
             agent: &a,
             syncs: &syncs,
             progress: &[],
