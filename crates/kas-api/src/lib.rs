@@ -399,6 +399,10 @@ pub struct Revoked {
     pub token_id: i64,
     pub was_active: bool,
     pub streams_ended: usize,
+    /// Set when Redis did not take the message telling the other kas replicas: why, and when
+    /// they end the token's streams anyway. The revocation itself is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_not_told: Option<String>,
 }
 
 /// Numbers for leak checks and dashboards.

@@ -68,7 +68,8 @@ fn catch_up(event: &crate::cluster::ClusterEvent) -> &'static str {
     use crate::cluster::ClusterEvent as E;
     match event {
         E::AgentToken { .. } | E::UserToken { .. } => {
-            "at their next token re-check (agent.token_recheck_interval)"
+            "as soon as they are subscribed to Redis again (they re-check every live token \
+             then), or at their next token re-check (agent.token_recheck_interval)"
         }
         E::Pushed { .. } => "at their next poll (git.poll_interval)",
         E::Projects { .. } => "within 30 s (they re-read the projects)",
@@ -242,11 +243,19 @@ impl ApiState {
     }
 
     pub async fn publish_event(&self, event: crate::cluster::ClusterEvent) {
-        let Some(cluster) = &self.cluster else { return };
-        if let Err(e) = cluster.publish(event.clone()).await {
-            let catch_up = catch_up(&event);
-            tracing::warn!(event = ?event, error = %e, catch_up, "Cannot tell the other replicas");
-        }
+        let _ = self.tell_replicas(event).await;
+    }
+
+    /// Tells every replica about `event`; when Redis did not take it, says so (warn) and
+    /// returns when the other replicas learn it anyway, for an answer to say.
+    pub async fn tell_replicas(&self, event: crate::cluster::ClusterEvent) -> Option<String> {
+        let cluster = self.cluster.as_ref()?;
+        let e = cluster.publish(event.clone()).await.err()?;
+        let catch_up = catch_up(&event);
+        tracing::warn!(event = ?event, error = %e, catch_up, "Cannot tell the other replicas");
+        Some(format!(
+            "the other kas replicas could not be told now (Redis: {e}); they learn it {catch_up}"
+        ))
     }
 }
 
@@ -596,7 +605,8 @@ async fn revoke_user_token(
     // same: whoever revokes a token fears it is in the wrong hands, and its sessions must not
     // outlive the database's outage.
     let requests_ended = st.live_user_requests.revoke(id);
-    st.publish_event(crate::cluster::ClusterEvent::UserToken { id })
+    let not_told = st
+        .tell_replicas(crate::cluster::ClusterEvent::UserToken { id })
         .await;
     let was_active = stored.map_err(|e| revocation_not_stored(e, requests_ended, "requests"))?;
     tracing::info!(
@@ -604,9 +614,11 @@ async fn revoke_user_token(
         requests_ended,
         "Personal access token revoked"
     );
-    Ok(Json(
-        serde_json::json!({"token_id": id, "was_active": was_active, "requests_ended": requests_ended}),
-    ))
+    let mut answer = serde_json::json!({"token_id": id, "was_active": was_active, "requests_ended": requests_ended});
+    if let Some(note) = not_told {
+        answer["replicas_not_told"] = note.into();
+    }
+    Ok(Json(answer))
 }
 
 pub(crate) async fn revoke_token(
@@ -621,7 +633,8 @@ pub(crate) async fn revoke_token(
     // they notice at their next re-check) — even when the database refused the revocation,
     // as for personal access tokens.
     let streams_ended = st.registry.revoke_token(token_id);
-    st.publish_event(crate::cluster::ClusterEvent::AgentToken { id: token_id })
+    let replicas_not_told = st
+        .tell_replicas(crate::cluster::ClusterEvent::AgentToken { id: token_id })
         .await;
     let was_active =
         stored.map_err(|e| revocation_not_stored(e, streams_ended, "tunnel streams"))?;
@@ -630,6 +643,7 @@ pub(crate) async fn revoke_token(
         token_id,
         was_active,
         streams_ended,
+        replicas_not_told,
     }))
 }
 

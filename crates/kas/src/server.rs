@@ -118,6 +118,9 @@ struct Shared {
     peers: Option<crate::peers::Peers>,
     /// The stored projects as the mirrors last took them.
     projects: Arc<Mutex<StoredProjects>>,
+    /// Bumped at each (re)subscription to Redis: revocations published while this replica
+    /// was not subscribed never come, so both token re-checks run at once.
+    recheck_now: tokio::sync::watch::Sender<u64>,
 }
 
 /// Starts every module of kas, in order, and returns once all listeners are bound.
@@ -160,6 +163,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         cluster,
         peers: None,
         projects: Arc::default(),
+        recheck_now: tokio::sync::watch::Sender::new(0),
     };
     check_limits(&cfg);
     // Before anything starts: a kas whose renderers cannot fit its memory refuses to start.
@@ -507,7 +511,12 @@ fn follow_cluster_events(
         Arc::clone(&subscribed),
         stop.clone(),
     ));
-    let task = tokio::spawn(cluster.follow(apply, move || subscribed.happened(), stop));
+    let recheck_now = sh.recheck_now.clone();
+    let resubscribed = move || {
+        subscribed.happened();
+        recheck_now.send_modify(|n| *n = n.wrapping_add(1));
+    };
+    let task = tokio::spawn(cluster.follow(apply, resubscribed, stop));
     handle
         .task(task)
         .task(reread)
@@ -952,7 +961,7 @@ async fn start_agent_listener(
     let recheck = spawn_token_recheck(
         Arc::clone(&sh.registry),
         sh.auth.clone(),
-        cfg.agent.token_recheck_interval,
+        (cfg.agent.token_recheck_interval, sh.recheck_now.subscribe()),
         Modules::shutdown_of(&handle),
     );
     Ok((
@@ -962,29 +971,39 @@ async fn start_agent_listener(
     ))
 }
 
-/// Re-checks the tokens of live streams: bounds the life of streams of a token revoked
-/// elsewhere.
+/// Re-checks the tokens of live streams every `every`, and at once when `now` changes (a
+/// resubscription to Redis): bounds the life of streams of a token revoked elsewhere.
 fn spawn_token_recheck(
     reg: Arc<Registry>,
     auth: Arc<dyn Authenticator>,
-    every: Duration,
+    (every, mut now): (Duration, tokio::sync::watch::Receiver<u64>),
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    let ended = reg.recheck_tokens(auth.as_ref()).await;
-                    if ended > 0 {
-                        tracing::info!(streams = ended, "Ended streams of revoked tokens");
-                    }
-                }
-                () = stop.cancelled() => break,
+        while recheck_due(&mut tick, &mut now, &stop).await {
+            let ended = reg.recheck_tokens(auth.as_ref()).await;
+            if ended > 0 {
+                tracing::info!(streams = ended, "Ended streams of revoked tokens");
             }
         }
     })
+}
+
+/// Waits for the next token re-check: the interval's tick or a resubscription to Redis;
+/// `false` once kas stops.
+async fn recheck_due(
+    tick: &mut tokio::time::Interval,
+    now: &mut tokio::sync::watch::Receiver<u64>,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = tick.tick() => true,
+        // A sender gone (no Redis) never wakes this again.
+        Ok(()) = now.changed() => true,
+        () = stop.cancelled() => false,
+    }
 }
 
 /// The internal API for the admin commands (and the webhooks, unless they have their own
@@ -1128,7 +1147,7 @@ async fn start_kubeproxy(
     let recheck = tokio::spawn(recheck_user_tokens(
         Arc::clone(&sh.store),
         Arc::clone(&proxy.live_user_requests),
-        cfg.agent.token_recheck_interval,
+        (cfg.agent.token_recheck_interval, sh.recheck_now.subscribe()),
         Modules::shutdown_of(&handle),
     ));
     let access = tokio::spawn(crate::live_access::follow(
@@ -1146,22 +1165,19 @@ async fn start_kubeproxy(
     Ok((kubernetes_api_addr, proxy, handle))
 }
 
-/// Re-checks the personal access tokens of requests open through the proxy: a watch or an
-/// exec ends when its token expires, and a revocation whose Redis message this replica
-/// missed still ends it. A store that does not answer ends nothing (warn).
+/// Re-checks the personal access tokens of requests open through the proxy (every `every`,
+/// and at once at a resubscription to Redis): a watch or an exec ends when its token expires,
+/// and a revocation whose Redis message this replica missed still ends it. A store that does
+/// not answer ends nothing (warn).
 async fn recheck_user_tokens(
     store: Arc<dyn Store>,
     live: Arc<crate::revocation::LiveUserRequests>,
-    every: Duration,
+    (every, mut now): (Duration, tokio::sync::watch::Receiver<u64>),
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
+    while recheck_due(&mut tick, &mut now, &stop).await {
         let ids = live.token_ids();
         if ids.is_empty() {
             continue;

@@ -228,6 +228,81 @@ async fn revoked_on_two_ends_streams_on_one(shared: &Shared) {
     .await;
 }
 
+/// A token revoked on replica 2 while Redis is down: the revocation is stored, but replica 1
+/// cannot be told. The CLI says so and exits 2 (it printed success); and replica 1 re-checks
+/// every live token as soon as it is subscribed again, so the agent's streams there end
+/// seconds after Redis is back (they lived until the periodic re-check, an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_while_redis_is_down_ends_its_streams_on_another_replica_once_redis_is_back()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shared = Shared::start();
+    let one = shared.replica(&dir.path().join("kas-1")).await;
+    let two = shared.replica(&dir.path().join("kas-2")).await;
+    let t = one
+        .admin
+        .register_agent("group/app", "agent")
+        .await
+        .unwrap();
+    let _agent = Agent::start(dir.path(), "agentk", &one.url("grpc"), &t.token, None);
+    one.wait_connected(t.agent_id).await;
+    let subscribed = "kas_redis_channel_subscribed";
+    let one_subscribed = |value: f64| {
+        let one = &one;
+        move || async move { (one.metric(subscribed).await == Some(value)).then_some(()) }
+    };
+    wait_for(
+        "replica 1 subscribed",
+        Duration::from_secs(10),
+        one_subscribed(1.0),
+    )
+    .await;
+
+    shared.redis.stop();
+    wait_for(
+        "replica 1's loss",
+        Duration::from_secs(10),
+        one_subscribed(0.0),
+    )
+    .await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
+        .arg("--configuration-file")
+        .arg(&two.config)
+        .args(["token", "revoke", &t.token_id.to_string()])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains(&format!("token {} revoked", t.token_id)),
+        "{said}"
+    );
+    assert!(
+        said.contains("the other kas replicas could not be told now (Redis: ")
+            && said.contains("as soon as they are subscribed to Redis again"),
+        "{said}"
+    );
+    // Replica 1 has not heard: the agent is still connected there.
+    assert!(one.agent(t.agent_id).await.connected);
+
+    shared.redis.restart().unwrap();
+    let back = Instant::now();
+    wait_for(
+        "replica 1 subscribed again",
+        Duration::from_secs(30),
+        one_subscribed(1.0),
+    )
+    .await;
+    one.wait_disconnected(t.agent_id).await;
+    let took = back.elapsed();
+    eprintln!("streams on replica 1 ended {took:?} after Redis came back");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_is_ready_only_while_redis_answers() {
     let dir = tempfile::tempdir().unwrap();

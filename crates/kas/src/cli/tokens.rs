@@ -5,7 +5,7 @@ use kas::config::Config;
 use tether_kas_api::AdminClient;
 
 use super::args::{TokenCmd, UserTokenCmd};
-use super::output::{Table, out, print_data, when};
+use super::output::{Reported, Table, out, print_data, when};
 
 /// Fetches the CI job's kubeconfig from kas's proxy.
 pub async fn ci_kubeconfig(
@@ -108,6 +108,7 @@ pub async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -
         UserTokenCmd::Revoke { token_id } => {
             let r = c.revoke_user_token(*token_id).await?;
             out!("{r}")?;
+            not_told(r["replicas_not_told"].as_str())?;
         }
     }
     Ok(())
@@ -200,9 +201,24 @@ pub async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
                 r.was_active,
                 r.streams_ended
             )?;
+            not_told(r.replicas_not_told.as_deref())?;
         }
     }
     Ok(())
+}
+
+/// Exit code of a revocation stored but not told to the other replicas at once: their live
+/// streams of the token go on until they hear of it.
+const EXIT_REPLICAS_NOT_TOLD: u8 = 2;
+
+/// A revocation the other replicas were not told of is no plain success: said on stderr, exit 2.
+fn not_told(note: Option<&str>) -> Result<()> {
+    let Some(note) = note else { return Ok(()) };
+    eprintln!("kas: warning: the token is revoked, but {note}");
+    Err(Reported {
+        code: EXIT_REPLICAS_NOT_TOLD,
+    }
+    .into())
 }
 
 /// `kas user-token list`'s table: never the token, which kas does not have.
