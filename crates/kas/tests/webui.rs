@@ -723,3 +723,47 @@ async fn forged_oidc_callbacks_are_rate_limited_after_the_burst() {
     let retry: u64 = header(&headers, "retry-after").parse().unwrap();
     assert!(retry > 0, "{headers:?}");
 }
+
+/// A database outage must not look like being logged out: a logged-in page answers 503
+/// saying kas cannot read its database (it redirected to the login page, whose form then
+/// failed too), keeps the session cookie, and works again once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_answers_503_and_keeps_the_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = tether_testenv::postgres::Postgres::start().unwrap();
+    let url = pg.create_database("kas").unwrap();
+    let opts = KasOptions {
+        extra_yaml: format!(
+            "database:\n  url: {url}\nweb:\n  listen:\n    address: 127.0.0.1:{WEB_PORT}\n"
+        ),
+        ..KasOptions::default()
+    };
+    let kas = Kas::start(&dir.path().join("kas"), opts).await;
+    let web = format!("http://127.0.0.1:{}", kas.web_port);
+    let token = std::fs::read_to_string(kas.dir.join("data/admin-token")).unwrap();
+    let session = admin_token_login(&web, token.trim()).await;
+    let root = format!("{web}/");
+    let page = || http_get(&root, Some(&session));
+    assert_eq!(page().await.0, 200);
+
+    pg.stop().unwrap();
+    let (status, headers, body) = page().await;
+    assert_eq!(status, 503, "{headers:?}\n{body}");
+    assert!(
+        body.contains("kas cannot read its database right now")
+            && body.contains("you are still logged in"),
+        "{body}"
+    );
+    assert!(
+        !headers
+            .iter()
+            .any(|(k, _)| k == "set-cookie" || k == "location"),
+        "{headers:?}"
+    );
+
+    pg.restart().unwrap();
+    support::wait_for("the page again", Duration::from_secs(30), || async {
+        (page().await.0 == 200).then_some(())
+    })
+    .await;
+}

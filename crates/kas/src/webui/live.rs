@@ -49,10 +49,13 @@ fn changes(
                     // logout, the session's expiry or a rotation of the admin token it was
                     // opened with, an open page must get nothing more. Ending the stream is
                     // enough: the browser's reconnection is sent to the login page.
-                    if st.sessions.get(&session).await.is_none() {
+                    // A database that does not answer ends the stream too (fail closed: a
+                    // session revoked meanwhile cannot be told apart); the page's reload then
+                    // says kas cannot read its database, and works again once it can.
+                    if !matches!(st.sessions.get(&session).await, Ok(Some(_))) {
                         tracing::debug!(
                             agent_id = id,
-                            "Web UI live view ended: its session is over"
+                            "Web UI live view ended: its session is over or cannot be read"
                         );
                         return None;
                     }

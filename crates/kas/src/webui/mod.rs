@@ -159,11 +159,32 @@ fn asset(kind: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, kind)], body).into_response()
 }
 
-/// The live session with this id (from the request's cookie).
-async fn session_of(st: &WebState, id: Option<String>) -> Option<LoggedIn> {
-    let id = id?;
+/// The live session with this id (from the request's cookie); an error when the store cannot
+/// say.
+async fn session_of(
+    st: &WebState,
+    id: Option<String>,
+) -> Result<Option<LoggedIn>, tether_store::Error> {
+    let Some(id) = id else { return Ok(None) };
     let session = st.sessions.get(&id).await?;
-    Some(LoggedIn { id, session })
+    Ok(session.map(|session| LoggedIn { id, session }))
+}
+
+/// The answer while the sessions cannot be read: 503, the cookie kept (nothing is said about
+/// it), so the same page works again once the database answers.
+fn sessions_unreadable(e: &tether_store::Error) -> Response {
+    tracing::warn!(error = %e, "Cannot read web UI sessions: answering 503 (the session is kept)");
+    let mut page = error_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!(
+            "kas cannot read its database right now ({e}), so it cannot tell who you are; \
+             you are still logged in: reload this page in a moment"
+        ),
+        None,
+    );
+    page.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+    page
 }
 
 /// The session id in a request's cookie.
@@ -178,11 +199,11 @@ async fn require_session(State(st): State<WebState>, req: Request, next: Next) -
     // The id owned before awaiting: a request (its body) is not `Sync`, so the future may not
     // hold a reference to it.
     let id = session_id(&req, st.tls);
-    let Some(who) = session_of(&st, id).await else {
-        if req.method() == Method::GET {
-            return Redirect::to("/login").into_response();
-        }
-        return error_page(StatusCode::UNAUTHORIZED, "log in first", None);
+    let who = match session_of(&st, id).await {
+        Ok(Some(who)) => who,
+        Ok(None) if req.method() == Method::GET => return Redirect::to("/login").into_response(),
+        Ok(None) => return error_page(StatusCode::UNAUTHORIZED, "log in first", None),
+        Err(e) => return sessions_unreadable(&e),
     };
     let mut req = req;
     if req.method() == Method::POST {

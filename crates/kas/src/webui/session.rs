@@ -209,18 +209,12 @@ impl Sessions {
         Ok(id)
     }
 
-    /// The unexpired session with this id. A store that does not answer logs in no one (the
-    /// page then asks to log in, and the login says why it fails).
-    pub async fn get(&self, id: &str) -> Option<Session> {
-        match self.store.web_session(&id_digest(id)).await {
-            Ok(row) => {
-                row.and_then(|r| session_of(r, &self.admin.fingerprint(), self.roles.as_deref()))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot read web UI sessions: treating the request as logged out");
-                None
-            }
-        }
+    /// The unexpired session with this id, if any. A store that does not answer is an error,
+    /// never "no session": an outage must not look like being logged out (the login page
+    /// would then fail too, and the cookie would be dropped for nothing).
+    pub async fn get(&self, id: &str) -> Result<Option<Session>, tether_store::Error> {
+        let row = self.store.web_session(&id_digest(id)).await?;
+        Ok(row.and_then(|r| session_of(r, &self.admin.fingerprint(), self.roles.as_deref())))
     }
 
     /// Ends the session on every replica.
@@ -323,7 +317,7 @@ mod tests {
             None,
         );
         let id = s.create(Role::Admin, None).await.unwrap();
-        let got = s.get(&id).await.expect("session");
+        let got = s.get(&id).await.unwrap().expect("session");
         assert_eq!(got.role, Role::Admin);
         assert_eq!(got.display_name(), "admin token");
         assert!(csrf_matches(&got, &got.csrf));
@@ -340,12 +334,12 @@ mod tests {
             Duration::from_secs(60),
             None,
         );
-        assert_eq!(other.get(&id).await, Some(got));
+        assert_eq!(other.get(&id).await.unwrap(), Some(got));
         s.remove(&id).await.unwrap();
-        assert!(other.get(&id).await.is_none());
+        assert!(other.get(&id).await.unwrap().is_none());
         let short = Sessions::new(store, admin, Duration::ZERO, None);
         let id = short.create(Role::Viewer, None).await.unwrap();
-        assert!(short.get(&id).await.is_none(), "expired at once");
+        assert!(short.get(&id).await.unwrap().is_none(), "expired at once");
     }
 
     #[test]
