@@ -15,6 +15,9 @@ use tether_configuration_server::ConfigStates;
 use tether_store::Store;
 use tether_tunnel_server::Registry;
 
+/// How often a configuration not stored yet is read again while a request waits for it.
+const STORED_POLL: Duration = Duration::from_millis(250);
+
 /// Where an agent's configuration in force is known.
 #[derive(Debug, Clone, Copy)]
 pub struct InForce<'a> {
@@ -39,16 +42,30 @@ impl InForce<'_> {
     /// This replica's memory of it is stale then, and used to authorize CI jobs and people
     /// for a deleted agent until this replica heard of the deletion. Only a store that cannot
     /// answer falls back to memory (an outage is not a deletion).
+    ///
+    /// A configuration not stored yet is waited for (read again every [`STORED_POLL`], up to
+    /// `wait`): an agent that just connected to another replica has its configuration stored
+    /// there a moment later, and a request through this replica must not fail meanwhile.
     pub async fn wait(&self, agent_id: i64, wait: Duration) -> Option<Arc<AgentConfig>> {
-        if self.elsewhere(agent_id) {
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.elsewhere(agent_id) {
             match self.configs.load_agent(self.store, agent_id).await {
-                Ok(found) => return found,
+                Ok(Some(found)) => return Some(found),
+                Ok(None) if tokio::time::Instant::now() >= deadline => return None,
+                Ok(None) => {
+                    tokio::time::sleep_until(
+                        deadline.min(tokio::time::Instant::now() + STORED_POLL),
+                    )
+                    .await
+                }
                 Err(e) => {
                     tracing::warn!(agent_id, error = %e, "Cannot read the agent's stored configuration; using this replica's memory of it");
+                    break;
                 }
             }
         }
-        self.configs.wait_config(agent_id, wait).await
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.configs.wait_config(agent_id, left).await
     }
 
     /// As [`InForce::wait`], without waiting.

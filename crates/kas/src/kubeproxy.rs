@@ -449,6 +449,24 @@ fn watch_end(
     Some(done.drop_guard())
 }
 
+/// Why an agent's configuration in force is not known (pure). With several replicas the agent
+/// may be connected to another one that has not stored it yet: "has not connected" would be
+/// untrue then.
+fn config_unknown(agent_id: i64, several: bool) -> String {
+    if several {
+        format!(
+            "agent {agent_id} has no configuration in force known to the kas replicas yet: it \
+             has not connected since it was registered, or the replica it just connected to \
+             has not stored its configuration yet; retry in a few seconds"
+        )
+    } else {
+        format!(
+            "agent {agent_id} has not connected since kas started: its configuration is not \
+             known yet"
+        )
+    }
+}
+
 /// The owner of a personal access token, and the token.
 struct TokenUser {
     token_id: i64,
@@ -471,8 +489,7 @@ impl Proxy {
     }
 
     /// The agent's configuration in force, waiting for it as long as for a tunnel. Unknown
-    /// after that (the agent has not connected since kas started): 503, never an authorization
-    /// decision against an empty configuration.
+    /// after that: 503, never an authorization decision against an empty configuration.
     async fn agent_config(
         &self,
         agent_id: i64,
@@ -484,7 +501,7 @@ impl Proxy {
                 fail(
                     StatusCode::SERVICE_UNAVAILABLE,
                     Subject::agent(agent_id),
-                    &format!("agent {agent_id} has not connected since kas started: its configuration is not known yet"),
+                    &config_unknown(agent_id, self.peers.is_some()),
                 )
             })
     }

@@ -2182,6 +2182,41 @@ async fn a_ci_job_gets_503_not_403_while_the_database_is_down() {
     .await;
 }
 
+/// A job through replica 2 for an agent whose configuration replica 1 (holding it) has not
+/// stored yet waits for it, as for a tunnel, and is served once it is stored: it was refused
+/// at once with 503 "agent N has not connected since kas started" — untrue, the agent was
+/// connected (to replica 1). Unknown until the wait ends, the 503 says what may be going on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_through_another_replica_waits_for_a_configuration_not_stored_yet() {
+    let r = CiRig::start("notyet").await;
+    let mut opts = ci_options(&r.shared, r.dir.path(), &r.pki);
+    opts.tunnel_wait = "10s";
+    let two = Kas::start(&r.dir.path().join("kas-2"), opts).await;
+    let id = r.rig.agent_id;
+    // Replica 1 holds it in memory; the store has none, as right after the agent connected.
+    let forget = format!("DELETE FROM config_states WHERE agent_id = {id};");
+    r.shared.pg.sql_in("kas", &forget).unwrap();
+    let (code, body) = r.ci_get(&two, "/version").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains(&format!(
+            "agent {id} has no configuration in force known to the kas replicas yet"
+        )) && !body.contains("has not connected since kas started"),
+        "{body}"
+    );
+
+    // Replica 1 stores the configuration again when a new one is in force; the job, asked
+    // first, is still waiting for it then.
+    let (served, ()) = tokio::join!(
+        r.ci_get(&two, "/version"),
+        r.change_ci_access(
+            "  - id: group/app\n",
+            "  - id: group/app\n  - id: group/other\n"
+        )
+    );
+    assert_eq!(served.0, 200, "{}", served.1);
+}
+
 /// A Pod's configuration stream, as [`PodsRig::pod`] opens it.
 type ConfigStream = tonic::Streaming<tether_protocol::agent_configuration::ConfigurationResponse>;
 /// `ci_access` no longer lists `group/app`, but the database refused the write of that
