@@ -365,28 +365,38 @@ fn agent_actions(agent_id: i64, syncs: &[SyncView], csrf: &str) -> Html {
     out
 }
 
+/// "sync of P at C finished" or "… failed: why", of one of entry `s`'s syncs.
+fn sync_event(s: &SyncView, commit: &str, error: &str) -> String {
+    if error.is_empty() {
+        format!("sync of {} at {} finished", s.project_id, short(commit))
+    } else {
+        format!(
+            "sync of {} at {} failed: {error}",
+            s.project_id,
+            short(commit)
+        )
+    }
+}
+
 /// The newest things kas knows happened to the agent, newest first: its syncs' outcomes,
 /// a refused configuration, suspensions.
 fn events(a: &AgentView, syncs: &[SyncView]) -> Html {
+    // Each entry's last sync, and those it replaced shortly before (kept in short with it): a
+    // sync that pruned, replaced a moment later by a re-sync, is an event too.
     let mut list: Vec<(String, Html)> = syncs
         .iter()
-        .map(|s| {
-            let what = if s.error.is_empty() {
-                format!(
-                    "sync of {} at {} finished",
-                    s.project_id,
-                    short(&s.commit_id)
-                )
-            } else {
-                format!(
-                    "sync of {} at {} failed: {}",
-                    s.project_id,
-                    short(&s.commit_id),
-                    s.error
-                )
-            };
-            (s.finished_at.clone(), Html::text(&what))
+        .flat_map(|s| {
+            let last = (s.finished_at.clone(), sync_event(s, &s.commit_id, &s.error));
+            let earlier = s.earlier.iter().map(|e| {
+                let mut what = sync_event(s, &e.commit_id, &e.error);
+                if e.pruned > 0 {
+                    what.push_str(&format!(" ({} pruned)", e.pruned));
+                }
+                (e.finished_at.clone(), what)
+            });
+            std::iter::once(last).chain(earlier)
         })
+        .map(|(at, what)| (at, Html::text(&what)))
         .collect();
     for s in &a.suspensions {
         let what = format!(
@@ -704,6 +714,32 @@ mod tests {
             unreachable_replicas: vec![],
             last_seen: None,
         }
+    }
+
+    /// A sync that pruned, replaced a moment later by a re-sync, stays among the events (only
+    /// each entry's last sync was shown).
+    #[test]
+    fn recent_events_keep_the_syncs_an_entrys_last_one_replaced() {
+        let mut s = seed_sync();
+        s.earlier = vec![tether_kas_api::EarlierView {
+            commit_id: "fedcba9876543210".into(),
+            outcome: ReportedOutcome::Succeeded,
+            error: String::new(),
+            finished_at: "2026-11-26T10:59:58Z".into(),
+            resync_id: 0,
+            current: 1,
+            not_current: 0,
+            pruned: 3,
+            left_in_place: 0,
+        }];
+        let h = events(&agent_view(), &[s]);
+        let html = h.as_str();
+        let last = html.find("sync of group/manifests at 0123456789ab failed");
+        let replaced = html.find("sync of group/manifests at fedcba987654 finished (3 pruned)");
+        assert!(
+            matches!((last, replaced), (Some(l), Some(r)) if l < r),
+            "both, newest first: {html}"
+        );
     }
 
     #[test]
