@@ -1435,6 +1435,14 @@ async fn reconcile_whose_report_kas_cannot_record_says_why_promptly_and_exits_6(
     let status = |kas: &Kas| text(&kas_cli(kas, &["agent", "status", &agent]));
     let shown = status(&rig.kas);
     assert!(shown.contains(&said), "{shown}");
+    // A script reading the status must not take the older report shown for the truth.
+    let checked = kas_cli(&rig.kas, &["agent", "status", &agent]);
+    assert_eq!(checked.status.code(), Some(8), "{}", text(&checked));
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert!(
+        stderr.contains("group/manifests  NOT RECORDED: "),
+        "{stderr}"
+    );
 
     std::fs::remove_file(filler).unwrap();
     wait_for("the report recorded", Duration::from_secs(120), || async {

@@ -339,7 +339,7 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         }
         .into());
     }
-    unhealthy_exit(agent_id, &syncs, &unreported)
+    unhealthy_exit(agent_id, &syncs, &unreported, &under_way)
 }
 
 /// The agent as `kas agent list` shows it. An id kas does not have is an error, not an agent
@@ -423,8 +423,14 @@ fn known_or_none<T>(answer: Result<Vec<T>, ClientError>) -> Result<Vec<T>> {
 }
 
 /// Fails with [`EXIT_ENTRY_UNHEALTHY`], naming each such entry on stderr, when an entry of the
-/// configuration in force cannot synchronize.
-fn unhealthy_exit(agent_id: i64, syncs: &[SyncView], unreported: &[UnreportedView]) -> Result<()> {
+/// configuration in force cannot synchronize, or its synchronization cannot be recorded (the
+/// status shown is then older than what the agent did).
+fn unhealthy_exit(
+    agent_id: i64,
+    syncs: &[SyncView],
+    unreported: &[UnreportedView],
+    under_way: &[ProgressView],
+) -> Result<()> {
     // A report of the last commit kas fetched is old news while the fetches fail.
     let stale: Vec<String> = syncs
         .iter()
@@ -436,6 +442,13 @@ fn unhealthy_exit(agent_id: i64, syncs: &[SyncView], unreported: &[UnreportedVie
         .filter(|u| u.state.is_unhealthy())
         .map(unreported_line)
         .chain(stale)
+        .chain(under_way.iter().filter_map(|p| {
+            Some(format!(
+                "{}  NOT RECORDED: {}",
+                p.project_id,
+                p.unrecorded_note()?
+            ))
+        }))
         .collect();
     if unhealthy.is_empty() {
         return Ok(());
