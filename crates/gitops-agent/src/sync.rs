@@ -594,19 +594,27 @@ fn log_event(level: tracing::Level, event: &Value) {
     // `fields_json` is merged into the line by the JSON log layer.
     if level <= tracing::Level::WARN {
         tracing::warn!(fields_json = %fields, "{event_type}");
-    } else {
+    } else if level <= tracing::Level::INFO {
         tracing::info!(fields_json = %fields, "{event_type}");
+    } else {
+        tracing::debug!(fields_json = %fields, "{event_type}");
     }
 }
 
+/// An object applied (info) or found up to date and not written (`Unchanged`, debug: a
+/// re-sync of 5,000 unchanged objects every few minutes was most of agentk's log, and said
+/// nothing the sync's own lines do not — `Synchronization done` counts the writes).
 fn event_applied(obj: &ObjRef, wrote: bool) {
-    let op = if wrote {
-        events::ApplyOperation::ServersideApplied
+    let (op, level) = if wrote {
+        (
+            events::ApplyOperation::ServersideApplied,
+            tracing::Level::INFO,
+        )
     } else {
-        events::ApplyOperation::Unchanged
+        (events::ApplyOperation::Unchanged, tracing::Level::DEBUG)
     };
     log_event(
-        tracing::Level::INFO,
+        level,
         &events::resource_applied(obj, op, std::time::SystemTime::now()),
     );
 }
