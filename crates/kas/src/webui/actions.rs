@@ -265,8 +265,17 @@ async fn revoke(
     Path(id): Path<i64>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    let agent: Option<i64> = q.get("agent").and_then(|a| a.parse().ok());
     match api::revoke_token(State(st.api.clone()), Path(id)).await {
-        Ok(_) => match q.get("agent").and_then(|a| a.parse().ok()) {
+        // Stored, but the other replicas were not told: no plain success, as in the CLI.
+        Ok(Json(tether_kas_api::Revoked {
+            replicas_not_told: Some(note),
+            ..
+        })) => {
+            let body = revoked_not_told(id, &note, agent);
+            html_response(StatusCode::OK, page("Revoke", Some(&who.viewer()), body))
+        }
+        Ok(_) => match agent {
             Some(agent) => back_to(agent),
             None => Redirect::to("/").into_response(),
         },
@@ -274,9 +283,42 @@ async fn revoke(
     }
 }
 
+/// The page of a revocation stored but not told to the other replicas (pure).
+fn revoked_not_told(token_id: i64, note: &str, agent: Option<i64>) -> Html {
+    let mut body = Html::wrap(
+        "p",
+        "role=\"alert\" class=\"warning\"",
+        Html::text(&format!("Token {token_id} is revoked, but {note}.")),
+    );
+    let back = agent.map_or_else(|| "/".to_owned(), |a| format!("/agents/{a}"));
+    body.push(Html::assembled(format!(
+        "<p><a href=\"{}\">Back</a></p>",
+        super::html::esc(&back)
+    )));
+    body
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The web UI's revoke button said nothing when Redis did not carry the revocation to the
+    /// other replicas (it went back to the agent page as for a full success).
+    #[test]
+    fn a_revocation_the_other_replicas_were_not_told_of_is_said() {
+        let h = revoked_not_told(
+            5,
+            "the other kas replicas could not be told now <Redis>",
+            Some(3),
+        );
+        let s = h.as_str();
+        assert!(
+            s.contains("role=\"alert\"")
+                && s.contains("Token 5 is revoked, but the other kas replicas could not be told now &lt;Redis&gt;."),
+            "{s}"
+        );
+        assert!(s.contains("href=\"/agents/3\""), "{s}");
+    }
 
     #[test]
     fn a_reconcile_nobody_hears_or_without_a_fetch_is_named_per_project() {
