@@ -78,6 +78,26 @@ impl Shared {
     }
 }
 
+/// An agent registered on `one` and its agentk connected there (its files in `dir`).
+async fn agent_on(one: &Kas, dir: &std::path::Path) -> (tether_kas_api::TokenCreated, Agent) {
+    let t = one
+        .admin
+        .register_agent("group/app", "agent")
+        .await
+        .unwrap();
+    let agent = Agent::start(dir, "agentk", &one.url("grpc"), &t.token, None);
+    one.wait_connected(t.agent_id).await;
+    (t, agent)
+}
+
+/// Waits up to `secs` for kas's `kas_redis_channel_subscribed` to read `value`.
+async fn wait_subscribed(kas: &Kas, what: &str, value: f64, secs: u64) {
+    wait_for(what, Duration::from_secs(secs), || async {
+        (kas.metric("kas_redis_channel_subscribed").await == Some(value)).then_some(())
+    })
+    .await;
+}
+
 /// Waits up to `secs` for kas's `/readiness` to answer `code`.
 async fn wait_readiness(kas: &Kas, what: &str, code: u16, secs: u64) {
     wait_for(what, Duration::from_secs(secs), || async {
@@ -144,24 +164,17 @@ async fn a_replica_cut_from_redis_exports_its_lost_channel_until_it_resubscribes
     let redis = Redis::start().unwrap();
     let relay = tether_test_support::net::SeveringRelay::start(redis.port).await;
     let (_pg, _dir, kas) = replica_through(&redis, relay.port).await;
-    let (subscribed, losses) = (
-        "kas_redis_channel_subscribed",
-        "kas_redis_channel_losses_total",
-    );
-    let gauge_is = |value: f64| {
-        let kas = &kas;
-        move || async move { (kas.metric(subscribed).await == Some(value)).then_some(()) }
-    };
-    wait_for("subscribed", Duration::from_secs(10), gauge_is(1.0)).await;
+    let losses = "kas_redis_channel_losses_total";
+    wait_subscribed(&kas, "subscribed", 1.0, 10).await;
     assert_eq!(kas.metric(losses).await, Some(0.0));
 
     relay.sever();
-    wait_for("the loss exported", Duration::from_secs(10), gauge_is(0.0)).await;
+    wait_subscribed(&kas, "the loss exported", 0.0, 10).await;
     assert!(kas.metric(losses).await >= Some(1.0));
     support::monitoring::assert_area_exported("replicas.rs", &[&kas.metrics_text().await.unwrap()]);
 
     relay.restore();
-    wait_for("subscribed again", Duration::from_secs(15), gauge_is(1.0)).await;
+    wait_subscribed(&kas, "subscribed again", 1.0, 15).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,13 +201,7 @@ async fn revoked_on_two_ends_streams_on_one(shared: &Shared) {
     let dir = tempfile::tempdir().unwrap();
     let one = shared.replica(&dir.path().join("kas-1")).await;
     let two = shared.replica(&dir.path().join("kas-2")).await;
-    let t = one
-        .admin
-        .register_agent("group/app", "agent")
-        .await
-        .unwrap();
-    let agent = Agent::start(dir.path(), "agentk", &one.url("grpc"), &t.token, None);
-    one.wait_connected(t.agent_id).await;
+    let (t, agent) = agent_on(&one, dir.path()).await;
 
     let started = Instant::now();
     let revoked = two.admin.revoke_token(t.token_id).await.unwrap();
@@ -239,32 +246,11 @@ async fn a_token_revoked_while_redis_is_down_ends_its_streams_on_another_replica
     let mut shared = Shared::start();
     let one = shared.replica(&dir.path().join("kas-1")).await;
     let two = shared.replica(&dir.path().join("kas-2")).await;
-    let t = one
-        .admin
-        .register_agent("group/app", "agent")
-        .await
-        .unwrap();
-    let _agent = Agent::start(dir.path(), "agentk", &one.url("grpc"), &t.token, None);
-    one.wait_connected(t.agent_id).await;
-    let subscribed = "kas_redis_channel_subscribed";
-    let one_subscribed = |value: f64| {
-        let one = &one;
-        move || async move { (one.metric(subscribed).await == Some(value)).then_some(()) }
-    };
-    wait_for(
-        "replica 1 subscribed",
-        Duration::from_secs(10),
-        one_subscribed(1.0),
-    )
-    .await;
+    let (t, _agent) = agent_on(&one, dir.path()).await;
+    wait_subscribed(&one, "replica 1 subscribed", 1.0, 10).await;
 
     shared.redis.stop();
-    wait_for(
-        "replica 1's loss",
-        Duration::from_secs(10),
-        one_subscribed(0.0),
-    )
-    .await;
+    wait_subscribed(&one, "replica 1's loss", 0.0, 10).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
         .arg("--configuration-file")
         .arg(&two.config)
@@ -291,12 +277,7 @@ async fn a_token_revoked_while_redis_is_down_ends_its_streams_on_another_replica
 
     shared.redis.restart().unwrap();
     let back = Instant::now();
-    wait_for(
-        "replica 1 subscribed again",
-        Duration::from_secs(30),
-        one_subscribed(1.0),
-    )
-    .await;
+    wait_subscribed(&one, "replica 1 subscribed again", 1.0, 30).await;
     one.wait_disconnected(t.agent_id).await;
     let took = back.elapsed();
     eprintln!("streams on replica 1 ended {took:?} after Redis came back");
@@ -401,13 +382,7 @@ async fn a_rotated_redis_password_is_followed_without_restarting_kas() {
     )
     .await;
     let two = shared.replica(&dir.path().join("kas-2")).await;
-    let t = one
-        .admin
-        .register_agent("group/app", "agent")
-        .await
-        .unwrap();
-    let _agent = Agent::start(dir.path(), "agentk", &one.url("grpc"), &t.token, None);
-    one.wait_connected(t.agent_id).await;
+    let (t, _agent) = agent_on(&one, dir.path()).await;
     let revoked = two.admin.revoke_token(t.token_id).await.unwrap();
     assert_eq!(revoked.streams_ended, 0, "the streams are on replica 1");
     one.wait_disconnected(t.agent_id).await;
