@@ -857,6 +857,29 @@ impl Routed {
         .await
     }
 
+    /// Makes replica `i` remember the person's token as valid: two requests, one look-up.
+    async fn remember_token(&self, i: usize) {
+        let series =
+            "kas_store_operations_total{operation=\"authenticate_user_token\",kind=\"read\"}";
+        let lookups = || async { self.kas[i].metric(series).await.unwrap_or(0.0) };
+        let before = lookups().await;
+        assert_eq!(self.get_status(i).await, 200);
+        assert_eq!(self.get_status(i).await, 200);
+        let looked_up = lookups().await - before;
+        assert_eq!(looked_up, 1.0, "remembered after one look-up");
+    }
+
+    /// Waits up to `within` for replica `i` to refuse the person's (revoked) token.
+    async fn refused_by(&self, i: usize, within: Duration) {
+        let t0 = Instant::now();
+        let what = format!("replica {} to refuse the revoked token", i + 1);
+        wait_for(&what, within, || async {
+            (self.get_status(i).await == 401).then_some(())
+        })
+        .await;
+        eprintln!("{what}: {:?} after the revocation", t0.elapsed());
+    }
+
     /// The person's GETs through replica `via`, one every 50 ms from a task of its own, until
     /// the returned flag is set: the task answers their statuses, in order.
     fn requests_flowing(
@@ -1188,29 +1211,30 @@ async fn kubectl_through_another_replica_reaches_the_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_remembered_by_another_replica_is_refused_there_once_revoked() {
     let r = Routed::start().await;
-    let series = "kas_store_operations_total{operation=\"authenticate_user_token\",kind=\"read\"}";
-    let lookups = || async { r.kas[1].metric(series).await.unwrap_or(0.0) };
-    let before = lookups().await;
-    assert_eq!(r.get_status(1).await, 200);
-    assert_eq!(r.get_status(1).await, 200);
-    assert_eq!(
-        lookups().await - before,
-        1.0,
-        "remembered after one look-up"
-    );
+    r.remember_token(1).await;
 
     r.kas[0].admin.revoke_user_token(r.token_id).await.unwrap();
-    let t0 = Instant::now();
-    wait_for(
-        "replica 2 to refuse the revoked token",
-        Duration::from_secs(1),
-        || async { (r.get_status(1).await == 401).then_some(()) },
-    )
-    .await;
-    eprintln!(
-        "replica 2 refused the token {:?} after the revocation",
-        t0.elapsed()
+    r.refused_by(1, Duration::from_secs(1)).await;
+}
+
+/// A personal access token replica 2 remembers (looked up once for two requests) is refused
+/// there once Redis is down and the token is revoked through replica 1: replica 2 can no
+/// longer hear of revocations, so it stops serving what it remembers and asks the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_token_is_not_served_from_memory_while_redis_is_down() {
+    let mut r = Routed::start().await;
+    r.remember_token(1).await;
+
+    r.shared.redis.stop();
+    let answer = r.kas[0].admin.revoke_user_token(r.token_id).await.unwrap();
+    assert_eq!(answer["was_active"], true, "{answer}");
+    assert!(
+        answer["replicas_not_told"]
+            .as_str()
+            .is_some_and(|n| n.contains("Redis")),
+        "{answer}"
     );
+    r.refused_by(1, Duration::from_secs(5)).await;
 }
 
 /// Revoking a personal access token while PostgreSQL refuses the write (a trigger): the
