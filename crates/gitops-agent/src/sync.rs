@@ -306,6 +306,19 @@ impl ApiError {
     }
 }
 
+/// What to do when the API server refused agentk its inventory: least-privilege installs
+/// grant ConfigMaps only where asked, and the fix is in the install, not in Git.
+fn inventory_rbac_hint(e: &ApiError) -> &'static str {
+    match e.code {
+        Some(403) => {
+            " (agentk's ServiceAccount needs ConfigMaps in the project's default_namespace, \
+             where its inventory is kept: with the agentk chart, list that namespace in \
+             rbac.namespaces or rbac.inventoryNamespaces)"
+        }
+        _ => "",
+    }
+}
+
 /// The reason kube-client gives an error response whose body is not a `Status`.
 const KUBE_UNPARSED_REASON: &str = "Failed to parse error data";
 
@@ -404,7 +417,10 @@ pub enum SyncError {
         name: String,
         source: InventoryError,
     },
-    #[error("reading inventory {namespace}/{name}: {source}")]
+    #[error(
+        "reading inventory {namespace}/{name}: {source}{}",
+        inventory_rbac_hint(source)
+    )]
     ReadInventory {
         namespace: String,
         name: String,
@@ -428,7 +444,10 @@ pub enum SyncError {
         "namespace {namespace} (the project's default_namespace, where its inventory is kept) could not be created: {reason}; nothing else was applied"
     )]
     InventoryNamespaceNotCreated { namespace: String, reason: String },
-    #[error("writing inventory {namespace}/{name}: {source}")]
+    #[error(
+        "writing inventory {namespace}/{name}: {source}{}",
+        inventory_rbac_hint(source)
+    )]
     WriteInventory {
         namespace: String,
         name: String,
@@ -2516,6 +2535,27 @@ mod tests {
             message: String::new(),
             code: Some(code),
         })
+    }
+
+    /// A refused inventory says which rights agentk lacks and where the install grants them;
+    /// other failures are left as the API server worded them.
+    #[test]
+    fn a_forbidden_inventory_names_the_rights_to_grant() {
+        let refused = |code| SyncError::WriteInventory {
+            namespace: "apps".into(),
+            name: "inventory-1-2".into(),
+            source: ApiError {
+                message: "configmaps \"inventory-1-2\" is forbidden (403 Forbidden)".into(),
+                code: Some(code),
+            },
+        };
+        let forbidden = refused(403).to_string();
+        assert!(
+            forbidden.starts_with("writing inventory apps/inventory-1-2: configmaps")
+                && forbidden.contains("rbac.inventoryNamespaces"),
+            "{forbidden}"
+        );
+        assert!(!refused(500).to_string().contains("rbac."));
     }
 
     /// A 404 (namespace or type gone) or an unserved type shows the object absent; a refusal

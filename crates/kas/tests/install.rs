@@ -133,12 +133,23 @@ impl Rights<'_> {
 /// The agentk chart with a committed ci values file, released in `agent_ns` and managing
 /// `managed`: this run's unique namespaces stand in for the names the file uses.
 fn agentk_managing(env: &TestEnv, values_file: &str, agent_ns: &str, managed: &[&str]) -> String {
+    agentk_with_rbac(env, values_file, agent_ns, managed, &[])
+}
+
+/// As [`agentk_managing`], with ConfigMaps only (inventories) in `inventories`.
+fn agentk_with_rbac(
+    env: &TestEnv,
+    values_file: &str,
+    agent_ns: &str,
+    managed: &[&str],
+    inventories: &[&str],
+) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let names = write(
-        dir.path(),
-        "namespaces.yaml",
-        &format!("rbac:\n  namespaces: [{}]\n", managed.join(", ")),
-    );
+    let mut rbac = format!("rbac:\n  namespaces: [{}]\n", managed.join(", "));
+    if !inventories.is_empty() {
+        rbac += &format!("  inventoryNamespaces: [{}]\n", inventories.join(", "));
+    }
+    let names = write(dir.path(), "namespaces.yaml", &rbac);
     template(
         env,
         "agentk",
@@ -354,16 +365,18 @@ fn the_default_agentk_chart_runs_on_the_cluster_as_cluster_admin() {
 }
 
 #[test]
-fn the_least_privilege_agentk_chart_grants_exactly_the_seeds_rights() {
+fn the_least_privilege_agentk_chart_grants_nothing_beyond_its_namespaces() {
     let env = TestEnv::from_env().expect("a running control plane");
     let agent_ns = env.create_namespace("gitlab-k8s-agent").unwrap();
     let dude = env.create_namespace("dude").unwrap();
     let naww = env.create_namespace("naww").unwrap();
-    let yaml = agentk_managing(
+    let inventories = env.create_namespace("team-inventories").unwrap();
+    let yaml = agentk_with_rbac(
         &env,
         "least-privilege-values.yaml",
         &agent_ns,
         &[&agent_ns, &dude],
+        &[&inventories],
     );
     let objs = objects(&yaml);
     assert_hardened_agentk(
@@ -391,11 +404,18 @@ fn the_least_privilege_agentk_chart_grants_exactly_the_seeds_rights() {
     sa.yes(&["create", "deployments.apps", "-n", &dude]);
     sa.yes(&["delete", "secrets", "-n", &dude]);
     sa.yes(&["create", "deployments.apps", "-n", &agent_ns]);
-    // Nothing in naww but ConfigMaps, which it may use everywhere (inventories).
+    // Nothing in naww, ConfigMaps included, nor in kube-system: no cluster-wide ConfigMap
+    // writes (they would let the agent rewrite any ConfigMap of the cluster).
     sa.no(&["create", "deployments.apps", "-n", &naww]);
     sa.no(&["get", "secrets", "-n", &naww]);
-    sa.yes(&["create", "configmaps", "-n", &naww]);
-    sa.yes(&["get", "configmaps", "--all-namespaces"]);
+    sa.no(&["create", "configmaps", "-n", &naww]);
+    sa.no(&["update", "configmaps", "-n", "kube-system"]);
+    sa.no(&["get", "configmaps", "--all-namespaces"]);
+    // Inventories only where inventoryNamespaces says.
+    sa.yes(&["update", "configmaps", "-n", &inventories]);
+    sa.yes(&["create", "events", "-n", &inventories]);
+    sa.no(&["create", "deployments.apps", "-n", &inventories]);
+    sa.no(&["get", "secrets", "-n", &inventories]);
     // Leader election in its own namespace.
     sa.yes(&["create", "leases.coordination.k8s.io", "-n", &agent_ns]);
     sa.yes(&["update", "leases.coordination.k8s.io", "-n", &agent_ns]);
