@@ -324,6 +324,8 @@ struct Stream {
     /// report, so the next open re-sends it.
     lost: bool,
     building: Option<Commit>,
+    /// The agent token's changes: the stream reopens with a new token (between commits).
+    rotations: watch::Receiver<u64>,
 }
 
 /// The newest complete commit and the synchronization of it.
@@ -385,6 +387,8 @@ enum Event {
     SyncDone(Result<SyncOutcome, tokio::task::JoinError>),
     /// The running sync got further.
     Progress,
+    /// The agent token changed while no commit was being received.
+    NewToken,
     Timer,
     Stop,
 }
@@ -573,6 +577,7 @@ impl Worker {
             reconnect_at: now,
             lost: false,
             building: None,
+            rotations: self.meta.token.changes(),
         };
         let mut sync = SyncState {
             schedule: Schedule::new(),
@@ -605,6 +610,11 @@ impl Worker {
                         .await;
                 }
                 Event::Progress => self.report_progress(&sync).await,
+                Event::NewToken => {
+                    tracing::debug!("The manifests stream reopens with the new agent token");
+                    stream.open = None;
+                    stream.reconnect_at = Instant::now();
+                }
                 Event::Timer => {}
                 Event::Stop => {
                     stop_sync(sync.running.take()).await;
@@ -643,6 +653,7 @@ impl Worker {
         };
         let opened = match cluster {
             Ok(cluster) => {
+                stream.rotations.borrow_and_update();
                 let req = with_token(&self.meta, self.request(&last, &cluster));
                 tokio::select! {
                     r = self.client.get_objects_to_synchronize(req) => r,
@@ -1219,6 +1230,7 @@ async fn next_event(
     .into_iter()
     .flatten()
     .min();
+    let receiving_none = stream.open.is_some() && stream.building.is_none();
     let message = async {
         match stream.open.as_mut() {
             Some(s) => s.message().await,
@@ -1247,6 +1259,8 @@ async fn next_event(
         },
         // The worker holds a sender itself: the board cannot close under it.
         Ok(()) = board.changed(), if waiting => Event::Timer,
+        // Not while a commit arrives: it would be sent again.
+        Ok(()) = stream.rotations.changed(), if receiving_none => Event::NewToken,
         () = stop.cancelled() => Event::Stop,
     }
 }

@@ -251,6 +251,10 @@ async fn kube_config(kubeconfig: Option<&Path>) -> Result<kube::Config> {
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// How often the token file is looked at. A mounted Secret's update takes up to a minute
+/// to reach the Pod anyway; a look is one `stat`.
+const TOKEN_FILE_CHECK: Duration = Duration::from_secs(3);
+
 /// Everything agentk does after SIGTERM must fit well inside Kubernetes' default 30 s grace
 /// period; the modules get this long to stop together, the tunnel its drain timeout (requests
 /// in flight finishing) on top, before agentk exits regardless.
@@ -289,7 +293,8 @@ async fn run(cli: Cli) -> Result<()> {
     let agent_span = tracing::info_span!("agentk", agent_id = tracing::field::Empty);
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    // Read again whenever the file changes: a rotated token is used from the next stream on.
+    // Read again whenever the file changes (the "token" module looks every few seconds): a
+    // rotated token is used from the next stream on, and open streams reopen with it.
     let token = tether_tunnel_agent::AgentToken::from_file(&cli.token_file)?;
     let address = KasAddress::parse(&cli.kas_address)?;
     let opts = ClientOptions {
@@ -322,6 +327,12 @@ async fn run(cli: Cli) -> Result<()> {
         kas_address = %address,
         kubeconfig = cli.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         "agentk is starting"
+    );
+    let token = meta.token.clone();
+    modules.start(
+        "token",
+        tracing::info_span!(parent: &agent_span, "token", mod_name = "token_file"),
+        |stop| async move { token.follow_file(TOKEN_FILE_CHECK, stop).await },
     );
     let p = Arc::clone(&pool);
     modules.start(

@@ -49,7 +49,7 @@ pub trait StreamEvents {
 
 /// Keeps the configuration stream of the agent `meta` open over `channel` until `shutdown`. A
 /// message resets the backoff; a stream that ends cleanly is reopened at once. Each (re)open
-/// presents the token as it is now (a rotated token file is picked up).
+/// presents the token as it is now, and a changed token reopens the stream at once.
 pub async fn run(
     channel: Channel,
     meta: &tether_tunnel_agent::AgentMeta,
@@ -60,6 +60,7 @@ pub async fn run(
         .max_decoding_message_size(tether_protocol::MAX_MESSAGE_SIZE);
     let backoff = backoff();
     let mut failures = 0u32;
+    let mut rotations = meta.token.changes();
     loop {
         if failures > 0 {
             tokio::select! {
@@ -67,6 +68,7 @@ pub async fn run(
                 () = shutdown.cancelled() => return,
             }
         }
+        rotations.borrow_and_update();
         let req = request(meta, events.commit_in_force(), events.refusal());
         let opened = tokio::select! {
             r = client.get_configuration(req) => r,
@@ -84,6 +86,8 @@ pub async fn run(
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m,
+                // A new agent token: reopen with it, so the old one can be revoked.
+                Ok(()) = rotations.changed() => break,
                 () = shutdown.cancelled() => {
                     events.closed();
                     return;

@@ -386,6 +386,10 @@ pub struct TokenView {
     /// few seconds, and at each token re-check while it stays open); `None` if never.
     #[serde(default)]
     pub last_used_at: Option<i64>,
+    /// Streams to kas open with it on the replica that answered (each replica counts its
+    /// own): what revoking it ends there. 0 once agentk moved to a newer token.
+    #[serde(default)]
+    pub open_streams: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]

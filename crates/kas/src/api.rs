@@ -548,6 +548,7 @@ pub(crate) async fn list_tokens(
                 created_at: t.created_at,
                 revoked_at: t.revoked_at,
                 last_used_at: t.last_used_at,
+                open_streams: st.registry.streams_of(t.id),
             })
             .collect(),
     ))

@@ -4231,3 +4231,47 @@ async fn agent_status_shows_entries_without_a_report_and_why() {
         "{stderr}"
     );
 }
+
+/// A rotated token file moves the manifests stream to the new token too (between commits):
+/// once `kas token list` shows no stream open with the old token, revoking it ends nothing,
+/// and a commit pushed afterwards is applied without agentk ever hearing a refusal. Before,
+/// the manifests stream kept the old token for up to 2 h, and revoking it cut the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitops_goes_on_across_an_agent_token_rotation() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("rotation").unwrap();
+    let cm = |v: &str| configmap("rotated", &ns, v);
+    let v1 = cm("v1");
+    let initial = [("manifests/cm.yaml", Some(v1.as_slice()))];
+    let (rig, c1) = rig(env, ns.clone(), &admin_rbac(&ns), "", &initial, &[]).await;
+    rig.synced(&c1).await;
+    let admin = &rig.kas.admin;
+    let old = admin.list_tokens(rig.agent_id).await.unwrap()[0].id;
+    let streams = |id: i64| async move {
+        let tokens = admin.list_tokens(rig.agent_id).await.unwrap();
+        tokens.iter().find(|t| t.id == id).unwrap().open_streams
+    };
+
+    let new = admin.create_token(rig.agent_id, "rotated").await.unwrap();
+    let file = rig._dir.path().join("seed.token");
+    std::fs::write(&file, format!("{}\n", new.token)).unwrap();
+    wait_for(
+        "no stream left on the old token",
+        Duration::from_secs(20),
+        || async { (streams(old).await == 0).then_some(()) },
+    )
+    .await;
+    let r = admin.revoke_token(old).await.unwrap();
+    assert_eq!(r.streams_ended, 0, "{r:?}");
+
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/cm.yaml", Some(&cm("v2")))], "v2");
+    let s = rig.synced(&c2).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let applied = get_json(&rig.env, &["get", "configmap", "rotated", "-n", &ns]).unwrap();
+    assert_eq!(applied["data"]["value"], "v2");
+    let log = rig.agent.log();
+    assert!(!log.contains("kas refused the agent token"), "{log}");
+}

@@ -540,6 +540,10 @@ fn warn_at_capacity(c: &PoolStats, cfg: &PoolConfig, at_cap: &mut bool) {
 /// Opens one stream, waits idle for a request and serves it; again on the same stream while
 /// requests end cleanly on both sides (kas then reuses it), else ends.
 async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationToken) {
+    // Seen before the token is read: a change racing the open reopens the stream once more
+    // rather than leaving it on the old token.
+    let mut rotations = shared.meta.token.changes();
+    rotations.borrow_and_update();
     let Some((mut inbound, mut tx)) = open_stream(&shared, attempt, &shutdown).await else {
         return;
     };
@@ -559,7 +563,8 @@ async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationTo
     };
     let mut fresh = Some(opened);
     loop {
-        let (request, frames) = match wait_for_request(&shared, inbound, fresh, &shutdown).await {
+        let waited = wait_for_request(&shared, inbound, fresh, &mut rotations, &shutdown).await;
+        let (request, frames) = match waited {
             Idle::Request(request, frames) => (request, frames),
             Idle::Close(inbound) => {
                 close_unused(inbound, tx).await;
@@ -720,13 +725,19 @@ enum Idle {
 
 /// Keeps the stream idle until kas routes a request to it, or the stream ends or is to close
 /// first; the stream's `idle` count is then already taken back. `fresh` is set until the
-/// stream serves a request.
+/// stream serves a request. A stream opened before the token changed closes instead of
+/// waiting (the pool opens one with the new token), so the old token can be revoked without
+/// cutting anything but requests that were being served with it.
 async fn wait_for_request(
     shared: &Shared,
     mut inbound: Streaming<ServerFrame>,
     fresh: Option<Opened>,
+    rotations: &mut watch::Receiver<u64>,
     shutdown: &CancellationToken,
 ) -> Idle {
+    if rotations.has_changed().unwrap_or(false) {
+        return close_for_new_token(shared, inbound);
+    }
     loop {
         // Biased: a request kas already sent is served, not dropped by a stop arriving with
         // it (kas does not send a request again once a stream took it).
@@ -755,6 +766,7 @@ async fn wait_for_request(
                     return Idle::Close(inbound);
                 }
             }
+            Ok(()) = rotations.changed() => return close_for_new_token(shared, inbound),
             () = shutdown.cancelled() => {
                 shared.update(|c| {
                     c.idle -= 1;
@@ -764,6 +776,16 @@ async fn wait_for_request(
             }
         }
     }
+}
+
+/// An idle stream opened with the previous token closes (counted `closing`).
+fn close_for_new_token(shared: &Shared, inbound: Streaming<ServerFrame>) -> Idle {
+    shared.update(|c| {
+        c.idle -= 1;
+        c.closing += 1;
+    });
+    tracing::debug!("An idle tunnel stream opened with the previous agent token closes");
+    Idle::Close(inbound)
 }
 
 /// An idle stream ended with an error: unless we cancelled it, kas went away, so the pool

@@ -1,10 +1,16 @@
 //! The agent's token, read again from its file when the file changes: an operator rotating
 //! the token (a new Secret, the old token revoked) must not leave agentk retrying with the
-//! revoked one until someone restarts it.
+//! revoked one until someone restarts it. A change is also announced ([`AgentToken::changes`])
+//! so that long-lived streams opened with the old token reopen with the new one: otherwise
+//! they kept the old token until kas's connection age ended them (2 h), and revoking it then
+//! cut them.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// Why the token file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +29,13 @@ type Stamp = Option<(u64, SystemTime)>;
 
 /// The token every stream to kas presents; cheap to clone. Never printed.
 #[derive(Clone)]
-pub struct AgentToken(Arc<Source>);
+pub struct AgentToken(Arc<Inner>);
+
+struct Inner {
+    source: Source,
+    /// Counts the token's changes.
+    changes: watch::Sender<u64>,
+}
 
 enum Source {
     Fixed(String),
@@ -66,23 +78,49 @@ fn read(path: &Path) -> Result<String, TokenError> {
 impl AgentToken {
     /// A token that never changes (tests, load generators).
     pub fn fixed(token: impl Into<String>) -> Self {
-        AgentToken(Arc::new(Source::Fixed(token.into())))
+        Self::with(Source::Fixed(token.into()))
+    }
+
+    fn with(source: Source) -> Self {
+        let (changes, _) = watch::channel(0);
+        AgentToken(Arc::new(Inner { source, changes }))
+    }
+
+    /// Follows the token's changes: the value moves each time a read finds a new token.
+    /// Streams mark it seen before they read the token they open with.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.0.changes.subscribe()
+    }
+
+    /// Reads the token file every `every` until `stop`, so that a new token is announced
+    /// even while no stream opens (a token file never changes otherwise).
+    pub async fn follow_file(&self, every: Duration, stop: CancellationToken) {
+        if matches!(self.0.source, Source::Fixed(_)) {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = stop.cancelled() => return,
+            }
+            self.current();
+        }
     }
 
     /// The token in `path`; an unreadable or empty file is an error at start.
     pub fn from_file(path: &Path) -> Result<Self, TokenError> {
         let stamp = stamp(path);
         let token = read(path)?;
-        Ok(AgentToken(Arc::new(Source::File {
+        Ok(Self::with(Source::File {
             path: path.to_owned(),
             last: Mutex::new((stamp, token)),
-        })))
+        }))
     }
 
     /// The token to present now: the file's content when it changed since the last read and
     /// reads well, else the last good one (a file being rewritten is tried again next time).
     pub fn current(&self) -> String {
-        let (path, last) = match &*self.0 {
+        let (path, last) = match &self.0.source {
             Source::Fixed(t) => return t.clone(),
             Source::File { path, last } => (path, last),
         };
@@ -93,7 +131,8 @@ impl AgentToken {
             match read(path) {
                 Ok(t) if t != last.1 => {
                     last.1 = t;
-                    tracing::info!(file = %path.display(), "Agent token file changed: using the new token");
+                    self.0.changes.send_modify(|n| *n += 1);
+                    tracing::info!(file = %path.display(), "Agent token file changed: streams to kas reopen with the new token");
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -117,8 +156,12 @@ mod tests {
         std::fs::write(&file, "first-token\n").unwrap();
         let t = AgentToken::from_file(&file).unwrap();
         assert_eq!(t.current(), "first-token");
+        let changes = t.changes();
         std::fs::write(&file, "second-token-longer\n").unwrap();
+        assert!(!changes.has_changed().unwrap(), "announced once read");
         assert_eq!(t.clone().current(), "second-token-longer");
+        assert!(changes.has_changed().unwrap(), "a new token is announced");
+        assert_eq!(*changes.borrow(), 1);
         std::fs::write(&file, "").unwrap();
         assert_eq!(
             t.current(),
@@ -129,6 +172,7 @@ mod tests {
         assert_eq!(t.current(), "second-token-longer", "a missing file too");
         std::fs::write(&file, "third\n").unwrap();
         assert_eq!(t.current(), "third");
+        assert_eq!(*changes.borrow(), 2, "a broken file announced nothing");
         std::fs::write(&file, "fourth-with-crlf\r\n").unwrap();
         assert_eq!(
             t.current(),

@@ -353,6 +353,11 @@ impl Registry {
         out
     }
 
+    /// How many streams opened with `token_id` are open here: what revoking it would end.
+    pub fn streams_of(&self, token_id: i64) -> usize {
+        self.lock().by_token.get(&token_id).map_or(0, |m| m.len())
+    }
+
     /// Ends every stream opened with `token_id` (its token was revoked).
     pub fn revoke_token(&self, token_id: i64) -> usize {
         let cancelled: Vec<CancellationToken> = {

@@ -176,7 +176,15 @@ pub async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
             if print_data(format.format(), &tokens)? {
                 return Ok(());
             }
-            let mut t = Table::new(&["ID", "STATE", "CREATED", "LAST USED", "DESCRIPTION"]);
+            let header = [
+                "ID",
+                "STATE",
+                "CREATED",
+                "LAST USED",
+                "STREAMS",
+                "DESCRIPTION",
+            ];
+            let mut t = Table::new(&header);
             for tok in tokens {
                 let state = if tok.revoked_at.is_some() {
                     "revoked"
@@ -188,6 +196,7 @@ pub async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
                     state.into(),
                     when(tok.created_at),
                     tok.last_used_at.map_or_else(|| "never".to_owned(), when),
+                    tok.open_streams.to_string(),
                     tok.description,
                 ]);
             }

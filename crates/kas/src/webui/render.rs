@@ -460,6 +460,7 @@ fn tokens(list: &[TokenView], csrf: Option<&str>) -> Html {
                 Html::text(&t.description),
                 Html::text(&unix_time(t.created_at)),
                 Html::text(&t.last_used_at.map_or_else(|| "never".to_owned(), unix_time)),
+                Html::text(&t.open_streams.to_string()),
                 state,
             ]
         })
@@ -467,7 +468,14 @@ fn tokens(list: &[TokenView], csrf: Option<&str>) -> Html {
     Table {
         id: "tokens",
         caption: "Tokens",
-        headers: &["Id", "Description", "Created", "Last used", "State"],
+        headers: &[
+            "Id",
+            "Description",
+            "Created",
+            "Last used",
+            "Streams",
+            "State",
+        ],
         rows,
         empty: "none",
     }
@@ -835,6 +843,7 @@ mod tests {
             created_at: 0,
             revoked_at: None,
             last_used_at: None,
+            open_streams: 0,
         }];
         let filter = ObjectFilter::default();
         let mut p = AgentPage {
