@@ -443,6 +443,9 @@ pub struct UserTokenCreated {
     /// Shown once; kas keeps only its SHA-256.
     pub token: String,
     pub expires_at: i64,
+    /// What the token will not get that its issuer may expect (memberships without an id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One manifest project's last synchronization as an agent reported it.

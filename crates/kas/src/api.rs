@@ -588,6 +588,7 @@ async fn create_user_token(
             username: info.username,
             token: token.expose().to_string(),
             expires_at: info.expires_at,
+            warnings: tether_kubeproxy_server::membership_warnings(&req.memberships),
         }),
     ))
 }

@@ -37,7 +37,9 @@ pub use expiring::ExpiringMap;
 pub use gitlab::{environment_slug, roles_up_to};
 pub use issuers::{IssuerConfigError, issuer_speaks_for, validate_issuers};
 pub use kubeconfig::{CLUSTER_NAME, Kubeconfig, KubeconfigError, check_ca_pem};
-pub use membership::{MembershipSpecError, memberships_from_json, memberships_to_json};
+pub use membership::{
+    MembershipSpecError, membership_warnings, memberships_from_json, memberships_to_json,
+};
 pub use oidc::{
     CiIdentity, ClaimMapping, DEFAULT_LEEWAY, DEFAULT_MAX_KEY_AGE, DEFAULT_MIN_REFRESH_INTERVAL,
     DEFAULT_REFRESH_INTERVAL, FetchError, JwksCache, JwksFetcher, JwksSource, NoFetcher,

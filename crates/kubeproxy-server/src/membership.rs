@@ -62,6 +62,29 @@ impl FromStr for Membership {
     }
 }
 
+/// What a token with these memberships will not get, said when it is issued: with
+/// `access_as: user`, a project or group is named in the impersonated groups by its id
+/// (`gitlab:project_role:<id>:<role>`), so a membership without one authorizes requests but
+/// adds no such group, and RoleBindings on them do not match (a 403 from Kubernetes with
+/// nothing saying why). Roles below Developer grant nothing, so they are not mentioned.
+pub fn membership_warnings(memberships: &[Membership]) -> Vec<String> {
+    memberships
+        .iter()
+        .filter(|m| m.id.is_none() && m.access_level >= AccessLevel::Developer)
+        .map(|m| {
+            let (kind, prefix) = match m.kind {
+                MembershipKind::Project => ("project", "project_role"),
+                MembershipKind::Group => ("group", "group_role"),
+            };
+            let role = m.access_level.as_str();
+            format!(
+                "{kind}:{path}:{role} has no id: with access_as: user, requests are authorized but carry no gitlab:{prefix}:<id>:<role> groups for it, so RoleBindings on those groups do not match; give it as {kind}:{path}:<id>:{role}",
+                path = m.path,
+            )
+        })
+        .collect()
+}
+
 /// Memberships as the store keeps them.
 pub fn memberships_to_json(memberships: &[Membership]) -> String {
     // A Vec of plain structs and enums always serializes.
@@ -115,6 +138,32 @@ mod tests {
             "group:g:x1:owner: id must be a number"
         );
         assert!(e("group:g:boss").starts_with("group:g:boss: role must be one of guest"));
+    }
+
+    #[test]
+    fn a_membership_without_an_id_is_warned_of_unless_it_grants_nothing() {
+        let parse = |s: &str| s.parse::<Membership>().expect(s);
+        let m = [
+            parse("project:group/app:42:developer"),
+            parse("project:group/web:maintainer"),
+            parse("group:group:owner"),
+            parse("project:group/docs:reporter"),
+        ];
+        let w = membership_warnings(&m);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("project:group/web:maintainer has no id:")
+                && w[0].contains("gitlab:project_role:<id>:<role>")
+                && w[0].ends_with("give it as project:group/web:<id>:maintainer"),
+            "{}",
+            w[0]
+        );
+        assert!(
+            w[1].starts_with("group:group:owner has no id:")
+                && w[1].contains("gitlab:group_role:<id>:<role>"),
+            "{}",
+            w[1]
+        );
     }
 
     #[test]

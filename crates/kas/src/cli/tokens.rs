@@ -91,6 +91,9 @@ pub async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -
                 t.token,
                 when(t.expires_at)
             )?;
+            for w in &t.warnings {
+                eprintln!("warning: {w}");
+            }
             if let Some((file, target)) = kc_target {
                 write_person_kubeconfig(c, &t, file, &target).await?;
             }
