@@ -26,7 +26,9 @@ async fn render_with_reporter(
 ) -> (Result<String, RenderError>, Renderer, Mirror, CommitId) {
     let repo = GitRepo::init(&tmp.join("project"));
     for (name, target) in links {
-        std::os::unix::fs::symlink(target, repo.dir.join(name)).expect("symlink");
+        let link = repo.dir.join(name);
+        std::fs::create_dir_all(link.parent().expect("parent")).expect("folder");
+        std::os::unix::fs::symlink(target, link).expect("symlink");
     }
     repo.commit(
         &[("app/kustomization.yaml", Some(&b"resources: []\n"[..]))],
@@ -108,23 +110,68 @@ async fn the_renderer_gets_no_environment_of_kas_and_no_network() {
     assert_eq!(left, 0, "the checkout is removed after rendering");
 }
 
+/// Links leaving the repository refuse the rendering under the entry's folder (here `app`),
+/// also when they leave only once resolved through other links; elsewhere they are left out
+/// (the rendering goes on), and named when the renderer fails.
 #[tokio::test]
-async fn links_that_escape_only_when_resolved_are_refused() {
+async fn links_that_escape_are_refused_in_the_entrys_folder_and_left_out_elsewhere() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    // By name `b` stays inside (`a/..` is the root); resolved, `a` is the root and `..` its
-    // parent.
-    let (out, ..) = render_with_reporter(tmp.path(), &[("a", "."), ("b", "a/..")]).await;
+    // By name `app/c` stays inside (`app/a/../..` is the root); resolved, `app/a` is `app`,
+    // so `app/c` is the root's parent.
+    let links = [("app/a", "."), ("app/c", "a/../..")];
+    let (out, ..) = render_with_reporter(tmp.path(), &links).await;
     match out {
         Err(RenderError::SymlinkEscapes { path, target }) => {
-            assert_eq!((path.as_str(), target.as_str()), ("b", "a/.."));
+            assert_eq!((path.as_str(), target.as_str()), ("app/c", "a/../.."));
         }
-        other => panic!("expected the link b to be refused, got {other:?}"),
+        other => panic!("expected the link app/c to be refused, got {other:?}"),
     }
-    let (out, ..) = render_with_reporter(&tmp.path().join("2"), &[("up", "../../etc")]).await;
+    let (out, ..) = render_with_reporter(&tmp.path().join("2"), &[("app/up", "../../etc")]).await;
     let e = out.expect_err("refused");
     assert_eq!(
         e.to_string(),
-        "symbolic link up points to \"../../etc\", outside the repository: refused"
+        "symbolic link app/up points to \"../../etc\", outside the repository: refused"
+    );
+
+    // Outside `app`: left out, the rendering succeeds.
+    let stray = [("docs/share", "/usr/share"), ("up", "../../etc")];
+    let (out, ..) = render_with_reporter(&tmp.path().join("3"), &stray).await;
+    let text = out.expect("rendered");
+    assert!(text.contains("# dir: "), "{text}");
+}
+
+/// A renderer failing in a checkout that left links out names them after its error.
+#[tokio::test]
+async fn a_failed_rendering_names_the_links_left_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tmp = dir.path();
+    let repo = GitRepo::init(&tmp.join("project"));
+    std::fs::create_dir_all(repo.dir.join("shared")).expect("dir");
+    std::os::unix::fs::symlink("/etc/passwd", repo.dir.join("shared/base.yaml")).expect("link");
+    repo.commit(
+        &[(
+            "app/kustomization.yaml",
+            Some(&b"resources: [../shared/base.yaml]\n"[..]),
+        )],
+        "app",
+    );
+    let mirror =
+        Mirror::open_or_init(tmp.join("project.git"), Remote::local(&repo.dir)).expect("mirror");
+    mirror.fetch().expect("fetch");
+    let commit = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    let failing =
+        "#!/bin/sh\necho 'Error: ../shared/base.yaml: no such file or directory' >&2\nexit 1\n";
+    let renderer = kustomize_renderer(tmp, script(tmp, failing));
+    let spec = RenderSpec::Kustomize { path: "app".into() };
+    let e = renderer
+        .render(1, &mirror, commit, &spec)
+        .await
+        .expect_err("failed");
+    let text = e.to_string();
+    assert!(
+        text.contains("no such file or directory")
+            && text.contains("symbolic links pointing outside the repository are left out where kas renders: shared/base.yaml -> /etc/passwd"),
+        "{text}"
     );
 }
 

@@ -302,12 +302,21 @@ async fn kustomize_refusals_name_the_file_and_change_nothing() {
         &[("base/kustomization.yaml", Some(base.as_bytes()))],
         "local base",
     );
+    // A link out of the repository outside the entry's folder is left out: it fails nothing.
     std::os::unix::fs::symlink("../../../etc/passwd", rig.manifests.dir.join("base/passwd"))
         .unwrap();
-    let c4 = rig.manifests.commit(&[], "a link out of the repository");
+    let c4 = rig
+        .manifests
+        .commit(&[], "a stray link out of the repository");
+    let s = rig.synced_in("group/manifests", &c4).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    // In the entry's folder, it refuses the rendering.
+    let link = rig.manifests.dir.join("overlays/prod/passwd");
+    std::os::unix::fs::symlink("../../../etc/passwd", link).unwrap();
+    let c5 = rig.manifests.commit(&[], "a link out of the repository");
     rig.refused(
-        &c4,
-        &["symbolic link base/passwd points to \"../../../etc/passwd\", outside the repository"],
+        &c5,
+        &["symbolic link overlays/prod/passwd points to \"../../../etc/passwd\", outside the repository"],
     )
     .await;
     assert_eq!(versions(&rig.env, &prod), before);

@@ -35,6 +35,29 @@ pub struct Checkout {
     /// The repository's submodules (paths), left as empty folders as Git leaves a submodule
     /// it did not fetch: a rendering failing for want of their files says so.
     pub submodules: Vec<String>,
+    /// Symbolic links leaving their tree outside the folder the entry renders
+    /// (`path -> target`), not written: a rendering failing for want of them says so.
+    pub left_out: Vec<String>,
+}
+
+/// Where a symbolic link leaving its tree refuses the rendering: under `folder` (the entry's
+/// kustomization or chart, `""` for the whole repository). Elsewhere such a link is left out,
+/// so one stray link (a docs folder's link to `/usr/share`) does not fail every entry of the
+/// project; a renderer that needed it fails naming it.
+#[derive(Debug, Clone, Copy)]
+pub struct Strict<'a>(pub Option<&'a str>);
+
+impl Strict<'_> {
+    fn covers(self, path: &str) -> bool {
+        let Some(folder) = self.0 else { return false };
+        let folder = folder.trim_start_matches("./").trim_end_matches('/');
+        let folder = if folder == "." { "" } else { folder };
+        folder.is_empty()
+            || path == folder
+            || path
+                .strip_prefix(folder)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }
 }
 
 impl Checkout {
@@ -43,7 +66,7 @@ impl Checkout {
     /// kas fetched) beside the commit's, and the remote bases of `remote`: each repository's
     /// commit in its folder, and the kustomizations `remote` rewrote in their new text.
     /// Blocking. Symbolic links whose target leaves the checkout (or a remote base's
-    /// repository) are refused.
+    /// repository) are refused under `strict`'s folder, left out elsewhere.
     pub fn write(
         mirror: &Mirror,
         commit: &CommitId,
@@ -51,6 +74,7 @@ impl Checkout {
         parent: Option<&Path>,
         added: &[(String, &[u8])],
         remote: &Plan,
+        strict: Strict<'_>,
     ) -> Result<Checkout, RenderError> {
         let mut builder = tempfile::Builder::new();
         builder.prefix(PREFIX);
@@ -69,6 +93,7 @@ impl Checkout {
             repo,
             scratch,
             submodules: Vec::new(),
+            left_out: Vec::new(),
         };
         let mut budget = limits.clone();
         let mut links = checkout.write_tree(mirror, commit, "", &mut budget, remote)?;
@@ -95,9 +120,9 @@ impl Checkout {
         }
         // Links last, so no file is ever written through one.
         for (m, c, root, path) in &links {
-            checkout.write_link(m, c, root, path)?;
+            checkout.write_link(m, c, root, path, strict)?;
         }
-        checkout.check_links_resolved(&links)?;
+        checkout.check_links_resolved(&links, strict)?;
         make_read_only(&checkout.repo)?;
         Ok(checkout)
     }
@@ -176,13 +201,15 @@ impl Checkout {
         std::io::Write::write_all(&mut file, bytes).map_err(io("writing", &dest))
     }
 
-    /// Writes the link `path` of the tree at `root`, refused when its target leaves that tree.
+    /// Writes the link `path` of the tree at `root`; one whose target leaves that tree is
+    /// refused under `strict`'s folder and left out elsewhere.
     fn write_link(
-        &self,
+        &mut self,
         mirror: &Mirror,
         commit: &CommitId,
         root: &str,
         path: &str,
+        strict: Strict<'_>,
     ) -> Result<(), RenderError> {
         let target = mirror
             .read_link(commit, path)
@@ -192,7 +219,7 @@ impl Checkout {
         let stays = link_stays_inside(path, &target);
         let path = join(root, path);
         if !stays {
-            return Err(RenderError::SymlinkEscapes { path, target });
+            return self.escaping(path, target, strict);
         }
         let dest = inside(&self.repo, &path)?;
         if let Some(parent) = dest.parent() {
@@ -204,7 +231,11 @@ impl Checkout {
     /// Names alone cannot see through chains (`a -> .`, `b -> a/..`): resolve every link as
     /// the renderer's system calls would, now that all of them exist. Each must stay in its own
     /// tree: a remote base's links never reach the project's files.
-    fn check_links_resolved(&self, links: &[Link]) -> Result<(), RenderError> {
+    fn check_links_resolved(
+        &mut self,
+        links: &[Link],
+        strict: Strict<'_>,
+    ) -> Result<(), RenderError> {
         for (_, _, root, path) in links {
             let tree = self.repo.join(root);
             let tree = fs::canonicalize(&tree).map_err(io("resolving", &tree))?;
@@ -214,12 +245,29 @@ impl Checkout {
             if let Ok(p) = resolved
                 && !p.starts_with(&tree)
             {
-                let target = fs::read_link(self.repo.join(&path))
+                let link = self.repo.join(&path);
+                let target = fs::read_link(&link)
                     .map(|t| t.display().to_string())
                     .unwrap_or_default();
-                return Err(RenderError::SymlinkEscapes { path, target });
+                // Removing a link only takes paths away: no other link can escape through it.
+                fs::remove_file(&link).map_err(io("removing", &link))?;
+                self.escaping(path, target, strict)?;
             }
         }
+        Ok(())
+    }
+
+    /// A link leaving its tree: refused under `strict`'s folder, else noted as left out.
+    fn escaping(
+        &mut self,
+        path: String,
+        target: String,
+        strict: Strict<'_>,
+    ) -> Result<(), RenderError> {
+        if strict.covers(&path) {
+            return Err(RenderError::SymlinkEscapes { path, target });
+        }
+        self.left_out.push(format!("{path} -> {target}"));
         Ok(())
     }
 
@@ -363,6 +411,16 @@ mod tests {
     }
 
     #[test]
+    fn only_links_under_the_entrys_folder_refuse_the_rendering() {
+        let app = Strict(Some("./app/"));
+        assert!(app.covers("app") && app.covers("app/base/link"));
+        assert!(!app.covers("apps/link") && !app.covers("docs/link"));
+        assert!(Strict(Some(".")).covers("docs/link"));
+        assert!(Strict(Some("")).covers("docs/link"));
+        assert!(!Strict(None).covers("app/link"));
+    }
+
+    #[test]
     fn a_remote_bases_links_stay_in_its_own_tree_even_through_chains() {
         let tmp = tempfile::tempdir().unwrap();
         let project = tether_test_support::GitRepo::init(&tmp.path().join("project"));
@@ -394,13 +452,29 @@ mod tests {
         };
         let work = tmp.path().join("work");
         fs::create_dir_all(&work).unwrap();
-        let e = Checkout::write(&pm, &pc, &limits, Some(&work), &[], &plan).expect_err("refused");
+        let whole = Strict(Some(""));
+        let e = Checkout::write(&pm, &pc, &limits, Some(&work), &[], &plan, whole)
+            .expect_err("refused");
         match e {
             RenderError::SymlinkEscapes { path, .. } => {
                 assert_eq!(path, format!("{MATERIALIZED_DIR}/x/a"));
             }
             other => panic!("{other}"),
         }
+        // Outside the entry's folder, the link is left out instead, and named.
+        let app = Strict(Some("app"));
+        let checkout = Checkout::write(&pm, &pc, &limits, Some(&work), &[], &plan, app).unwrap();
+        assert_eq!(
+            checkout.left_out,
+            vec![format!("{MATERIALIZED_DIR}/x/a -> b/b/../..")]
+        );
+        let graft = checkout.repo.join(MATERIALIZED_DIR).join("x");
+        assert!(
+            fs::symlink_metadata(graft.join("a")).is_err(),
+            "not written"
+        );
+        assert!(graft.join("b").is_symlink(), "the link staying inside is");
+        drop(checkout);
         base.commit_files(&[], &["a"], "no chain");
         let (bm, bc) = mirrored(&base, &tmp.path().join("bm"));
         let plan = Plan {
@@ -411,7 +485,7 @@ mod tests {
             }],
             ..Plan::default()
         };
-        let checkout = Checkout::write(&pm, &pc, &limits, Some(&work), &[], &plan).unwrap();
+        let checkout = Checkout::write(&pm, &pc, &limits, Some(&work), &[], &plan, whole).unwrap();
         let graft = checkout.repo.join(MATERIALIZED_DIR).join("x");
         assert!(graft.join("base/cm.yaml").is_file());
         assert!(graft.join("b").is_symlink());

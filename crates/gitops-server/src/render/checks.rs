@@ -474,6 +474,18 @@ pub fn with_submodule_hint(message: String, submodules: &[String]) -> String {
     )
 }
 
+/// A renderer's failure in a checkout that left out links leaving the repository (outside
+/// the entry's folder): the files the renderer missed may be theirs.
+pub fn with_left_out_hint(message: String, left_out: &[String]) -> String {
+    if left_out.is_empty() {
+        return message;
+    }
+    format!(
+        "{message} (symbolic links pointing outside the repository are left out where kas renders: {})",
+        left_out.join(", ")
+    )
+}
+
 /// Whether a renderer that failed ran into its memory limit: Go's runtime says so in these
 /// words when an allocation or its startup reservation is refused by the address-space limit,
 /// and the kernel's or the cgroup's OOM killer ends it with SIGKILL (kas's own kills, for time

@@ -951,6 +951,7 @@ impl Renderer {
                     let message =
                         checks::with_restrictor_hint(message, self.sandbox.fences_files());
                     let message = checks::with_submodule_hint(message, &checkout.submodules);
+                    let message = checks::with_left_out_hint(message, &checkout.left_out);
                     Err(RenderError::Failed { tool, message })
                 }
             }
@@ -1007,7 +1008,12 @@ fn prepare(
             .collect(),
         RenderSpec::Kustomize { .. } => Vec::new(),
     };
-    let checkout = Checkout::write(mirror, commit, limits, work_dir, &added, remote)?;
+    let folder = match spec {
+        RenderSpec::Kustomize { path } => path.as_str(),
+        RenderSpec::Helm(h) => h.chart.as_str(),
+    };
+    let strict = checkout::Strict(Some(folder));
+    let checkout = Checkout::write(mirror, commit, limits, work_dir, &added, remote, strict)?;
     let read = |rel: &str| std::fs::read_to_string(checkout.repo.join(rel)).ok();
     match spec {
         RenderSpec::Kustomize { path } => checks::check_kustomizations(path, read)?,
@@ -1045,7 +1051,9 @@ fn prepare_repository_chart(
         )));
     };
     let none = remote_plan::Plan::default();
-    let checkout = Checkout::write(mirror, commit, limits, work_dir, &[], &none)?;
+    // The chart is the archive: the commit gives values files only.
+    let strict = checkout::Strict(None);
+    let checkout = Checkout::write(mirror, commit, limits, work_dir, &[], &none, strict)?;
     write_scratch(&checkout, spec::CHART_ARCHIVE, archive)?;
     write_values(&checkout, h)?;
     Ok(checkout)
