@@ -193,6 +193,12 @@ const fn default_true() -> bool {
     true
 }
 
+/// Said with the advice to name entries: a name is a new key, so an entry that already
+/// synced would start over with an empty inventory.
+const RENAMED: &str = "; an entry that already synced and gets a name starts with a new, \
+                       empty inventory: its objects are taken over only with \
+                       inventory_policy: adopt_all";
+
 /// Upstream treats an empty `paths` list like a missing one, so both get the default glob.
 fn paths_or_default<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathGlob>, D::Error> {
     let paths = Option::<Vec<PathGlob>>::deserialize(d)?.unwrap_or_default();
@@ -451,7 +457,7 @@ impl Gitops {
                 format!(
                     "project {id:?} is also listed by gitops.manifest_projects[{other}]: every \
                      entry of a project listed more than once needs a name (name: infra, \
-                     name: apps, ...)"
+                     name: apps, ...){RENAMED}"
                 ),
             )
         };
@@ -460,7 +466,7 @@ impl Gitops {
                 format!("{base}.id"),
                 format!(
                     "duplicate project id {id:?}, already used by gitops.manifest_projects[{j}] \
-                     (to list a project more than once, give each of its entries a name)"
+                     (to list a project more than once, give each of its entries a name){RENAMED}"
                 ),
             )),
             (None, None) => Err(needs_names(i, first)),

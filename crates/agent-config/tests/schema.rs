@@ -380,20 +380,26 @@ fn duplicate_ids_are_refused() {
             "gitops:\n  manifest_projects:\n  - id: a/b\n  - id: c/d\n  - id: a/b\n",
             "gitops.manifest_projects[2].id: duplicate project id \"a/b\", \
              already used by gitops.manifest_projects[0] (to list a project more than once, \
-             give each of its entries a name) (line 5)",
+             give each of its entries a name); an entry that already synced and gets a name \
+             starts with a new, empty inventory: its objects are taken over only with \
+             inventory_policy: adopt_all (line 5)",
         ),
         (
             // GitLab paths are case-insensitive.
             "gitops:\n  manifest_projects:\n  - id: Group/App\n  - id: group/app\n",
             "gitops.manifest_projects[1].id: duplicate project id \"group/app\", \
              already used by gitops.manifest_projects[0] (to list a project more than once, \
-             give each of its entries a name) (line 4)",
+             give each of its entries a name); an entry that already synced and gets a name \
+             starts with a new, empty inventory: its objects are taken over only with \
+             inventory_policy: adopt_all (line 4)",
         ),
         (
             "gitops:\n  manifest_projects:\n  - id: 42\n  - id: '42'\n",
             "gitops.manifest_projects[1].id: duplicate project id \"42\", \
              already used by gitops.manifest_projects[0] (to list a project more than once, \
-             give each of its entries a name) (line 4)",
+             give each of its entries a name); an entry that already synced and gets a name \
+             starts with a new, empty inventory: its objects are taken over only with \
+             inventory_policy: adopt_all (line 4)",
         ),
         (
             "ci_access:\n  projects:\n  - id: a/b\n  - id: a/b\n",
@@ -1343,14 +1349,18 @@ fn names_are_required_on_every_entry_of_a_project_listed_twice_and_unique() {
             "gitops:\n  manifest_projects:\n  - id: a/b\n    name: x\n  - id: a/b\n",
             "gitops.manifest_projects[1].id: project \"a/b\" is also listed by \
              gitops.manifest_projects[0]: every entry of a project listed more than once needs \
-             a name (name: infra, name: apps, ...) (line 5)",
+             a name (name: infra, name: apps, ...); an entry that already synced and gets a \
+             name starts with a new, empty inventory: its objects are taken over only with \
+             inventory_policy: adopt_all (line 5)",
         ),
         (
             // The unnamed entry came first: it is the one said to need a name.
             "gitops:\n  manifest_projects:\n  - id: a/b\n  - id: A/B\n    name: x\n",
             "gitops.manifest_projects[0].id: project \"A/B\" is also listed by \
              gitops.manifest_projects[1]: every entry of a project listed more than once needs \
-             a name (name: infra, name: apps, ...) (line 3)",
+             a name (name: infra, name: apps, ...); an entry that already synced and gets a \
+             name starts with a new, empty inventory: its objects are taken over only with \
+             inventory_policy: adopt_all (line 3)",
         ),
         (
             "gitops:\n  manifest_projects:\n  - id: a/b\n    name: x\n  - id: c/d\n  - id: a/b\n    name: x\n",

@@ -873,7 +873,7 @@ async fn resolved_duplicate(
         .or_else(|| seen.get(&(project.id, name)).copied());
         if let Some(first) = first {
             return Ok(Some(format!(
-                "gitops.manifest_projects[{i}].id: {:?} is project {} ({}), already listed as gitops.manifest_projects[{first}] (to list a project more than once, give each of its entries a name of its own)",
+                "gitops.manifest_projects[{i}].id: {:?} is project {} ({}), already listed as gitops.manifest_projects[{first}] (to list a project more than once, give each of its entries a name of its own; an entry that already synced and gets a name starts with a new, empty inventory: its objects are taken over only with inventory_policy: adopt_all)",
                 p.id.to_string(),
                 project.id,
                 project.path
