@@ -477,6 +477,7 @@ fn report_of(outcome: &SyncOutcome, settings: &Settings) -> SyncReport {
             name: o.obj.name.clone(),
             state: wire_state(o.status).into(),
             message: o.message.clone(),
+            not_applied: o.not_applied,
         })
         .collect();
     // A successful sync leaves the inventory in the default namespace (moved there if it was
@@ -1100,6 +1101,7 @@ impl Worker {
                     name: o.obj.name,
                     state: wire_state(ObjectState::Live(o.status)).into(),
                     message: o.message,
+                    not_applied: false,
                 }),
             }),
             finished_at: unix_now(),

@@ -303,6 +303,7 @@ mod tests {
             },
             status,
             message: message.into(),
+            not_applied: false,
         }
     }
 

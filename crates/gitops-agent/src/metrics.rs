@@ -268,6 +268,7 @@ mod tests {
             },
             status,
             message: String::new(),
+            not_applied: false,
         }
     }
 

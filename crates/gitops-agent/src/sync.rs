@@ -258,6 +258,9 @@ pub struct ObjectOutcome {
     pub obj: ObjRef,
     pub status: ObjectState,
     pub message: String,
+    /// This sync's write failed (apply refused, or delete of an object that left Git):
+    /// counted apart from what was applied.
+    pub not_applied: bool,
 }
 
 impl ObjectOutcome {
@@ -266,6 +269,15 @@ impl ObjectOutcome {
             obj,
             status: ObjectState::Live(status),
             message: message.into(),
+            not_applied: false,
+        }
+    }
+
+    /// An object this sync could not write, and why.
+    fn write_failed(obj: ObjRef, message: String) -> Self {
+        Self {
+            not_applied: true,
+            ..Self::new(obj, Status::Failed, message)
         }
     }
 }
@@ -1385,6 +1397,7 @@ impl Syncer {
                     obj: obj.clone(),
                     status: state,
                     message,
+                    not_applied: state == ObjectState::Live(Status::Failed),
                 };
                 p.results.insert(obj, outcome);
             }
@@ -2107,10 +2120,8 @@ impl Progress {
     }
 
     fn failed_outcome(&mut self, obj: ObjRef, message: String) {
-        self.results.insert(
-            obj.clone(),
-            ObjectOutcome::new(obj, Status::Failed, message),
-        );
+        self.results
+            .insert(obj.clone(), ObjectOutcome::write_failed(obj, message));
     }
 
     /// A server dry run changed nothing, so there is no status to wait for.
@@ -2376,6 +2387,7 @@ fn left_in_place(obj: &ObjRef, skip: &Skip, p: &mut Progress) {
         obj: obj.clone(),
         status: ObjectState::PruneSkipped,
         message: skip.to_string(),
+        not_applied: false,
     };
     p.results.insert(obj.clone(), outcome);
 }
@@ -2512,6 +2524,7 @@ mod tests {
                     obj: obj(name),
                     status: *status,
                     message: String::new(),
+                    not_applied: false,
                 };
                 (o.obj.clone(), o)
             })

@@ -341,7 +341,10 @@ fn in_short(r: &SyncReport) -> EarlierSync {
             ObjectState::Pruned => e.pruned += 1,
             ObjectState::PruneSkipped => e.left_in_place += 1,
             ObjectState::Current => e.current += 1,
-            _ => e.not_current += 1,
+            _ => {
+                e.not_current += 1;
+                e.not_applied += u32::from(o.not_applied);
+            }
         }
     }
     e

@@ -490,6 +490,9 @@ pub struct EarlierView {
     /// instead of pruned.
     pub current: u32,
     pub not_current: u32,
+    /// Of `not_current`, those whose write failed (not applied).
+    #[serde(default)]
+    pub not_applied: u32,
     pub pruned: u32,
     pub left_in_place: u32,
 }
@@ -502,6 +505,10 @@ pub struct ObjectView {
     pub name: String,
     pub status: ReportedStatus,
     pub message: String,
+    /// The sync's write of it failed (apply refused, or delete of an object that left Git):
+    /// not counted as applied. Absent (false) from an agent older than this field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_applied: bool,
 }
 
 impl ObjectView {

@@ -956,6 +956,7 @@ pub(crate) fn object_view(o: tether_protocol::gitops::ObjectStatus) -> ObjectVie
         kind: o.kind,
         namespace: o.namespace,
         name: o.name,
+        not_applied: o.not_applied,
         message: o.message,
     }
 }
@@ -971,6 +972,7 @@ fn earlier_view(e: tether_protocol::gitops::EarlierSync) -> EarlierView {
         resync_id: e.resync_id,
         current: e.current,
         not_current: e.not_current,
+        not_applied: e.not_applied,
         pruned: e.pruned,
         left_in_place: e.left_in_place,
     }

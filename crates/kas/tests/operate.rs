@@ -188,7 +188,7 @@ async fn reconcile_wait_on_a_failing_project_exits_non_zero_naming_the_object() 
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();
     assert!(
-        stdout.contains("failed: 2 applied, 1 Current, 1 not Current"),
+        stdout.contains("failed: 1 applied, 1 Current, 1 not Current, 0 pruned, 1 not applied"),
         "{stdout}"
     );
     assert!(

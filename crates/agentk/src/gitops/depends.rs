@@ -303,6 +303,7 @@ mod tests {
             },
             status,
             message: String::new(),
+            not_applied: false,
         };
         let outcome = SyncOutcome {
             commit_id: C1.to_owned(),

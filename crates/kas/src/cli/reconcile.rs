@@ -61,9 +61,12 @@ pub struct Unsuccessful {
 /// What one report says, counted for a line of progress.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Summary {
+    /// Objects of the commit written (or found as Git has them); not those refused.
     pub applied: usize,
     pub current: usize,
     pub pruned: usize,
+    /// Objects whose write failed (`ObjectView::not_applied`), counted in `not_current` too.
+    pub not_applied: usize,
     /// `kind/namespace/name status: message` of every object neither Current nor pruned (nor
     /// left in place).
     pub not_current: Vec<String>,
@@ -85,12 +88,24 @@ pub fn summarize(s: &SyncView) -> Summary {
                 out.current += 1;
             }
             _ => {
-                out.applied += 1;
+                if o.not_applied {
+                    out.not_applied += 1;
+                } else {
+                    out.applied += 1;
+                }
                 out.not_current.push(line());
             }
         }
     }
     out
+}
+
+/// How many objects the API server refused to write, after the counts (nothing when none).
+fn not_applied_note(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        n => format!(", {n} not applied"),
+    }
 }
 
 /// A report's outcome for the exit code: synced only if it is of the commit fetched (when kas
@@ -174,11 +189,12 @@ pub fn report_line(s: &SyncView, summary: &Summary) -> String {
             summary.not_current.len()
         ),
         None => format!(
-            "{project}: commit {commit} {outcome}: {} applied, {} Current, {} not Current, {} pruned",
+            "{project}: commit {commit} {outcome}: {} applied, {} Current, {} not Current, {} pruned{}",
             summary.applied,
             summary.current,
             summary.not_current.len(),
-            summary.pruned
+            summary.pruned,
+            not_applied_note(summary.not_applied),
         ),
     };
     if !summary.left_in_place.is_empty() {
@@ -275,11 +291,14 @@ fn earlier_line(project: &str, e: &EarlierView) -> String {
         "{project}: commit {} {}: {} applied, {} Current, {} not Current, {} pruned",
         short(&e.commit_id),
         e.outcome,
-        e.current + e.not_current,
+        (e.current + e.not_current).saturating_sub(e.not_applied),
         e.current,
         e.not_current,
         e.pruned
     );
+    line.push_str(&not_applied_note(
+        usize::try_from(e.not_applied).unwrap_or(0),
+    ));
     if e.left_in_place > 0 {
         line.push_str(&format!(", {} left in place", e.left_in_place));
     }
@@ -882,6 +901,7 @@ mod tests {
             name: name.into(),
             status,
             message: message.into(),
+            not_applied: false,
         }
     }
 
@@ -945,6 +965,17 @@ mod tests {
         let s = summarize(&bad);
         assert_eq!(s.not_current, ["Deployment/ns/web Failed: forbidden"]);
         assert_eq!(judge(&bad, &s, None), Outcome::Failed);
+        // A Deployment refused by the API server was not applied: not counted as such.
+        let mut refused = object("Deployment", "web", ReportedStatus::Failed, "forbidden");
+        refused.not_applied = true;
+        let ok = object("ConfigMap", "cm", ReportedStatus::Current, "");
+        let partly = report(ReportedOutcome::Failed, vec![refused, ok]);
+        let s = summarize(&partly);
+        assert_eq!((s.applied, s.current, s.not_applied), (1, 1, 1));
+        assert_eq!(
+            report_line(&partly, &s),
+            "group/manifests: commit 0123456789ab failed: 1 applied, 1 Current, 1 not Current, 0 pruned, 1 not applied"
+        );
         // Succeeded but still rolling out is not "synced" either.
         let slow = report(
             ReportedOutcome::Succeeded,
@@ -1070,6 +1101,7 @@ mod tests {
             resync_id: 6,
             current: 1,
             not_current: 0,
+            not_applied: 0,
             pruned: 2,
             left_in_place: 1,
         };

@@ -240,7 +240,12 @@ fn sync(s: &SyncView, filter: &ObjectFilter) -> Html {
                 Html::text(&o.namespace),
                 Html::text(&o.name),
                 badge(o.status.as_str()),
-                Html::text(&o.message),
+                // Its write failed: the message is the API server's refusal.
+                Html::text(&if o.not_applied {
+                    format!("not applied: {}", o.message)
+                } else {
+                    o.message.clone()
+                }),
             ]
         })
         .collect();
@@ -580,6 +585,7 @@ mod tests {
             namespace: ns.into(),
             name: "nginx".into(),
             message: message.into(),
+            not_applied: false,
         }
     }
 
@@ -737,6 +743,7 @@ mod tests {
             resync_id: 0,
             current: 1,
             not_current: 0,
+            not_applied: 0,
             pruned: 3,
             left_in_place: 0,
         }];
