@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-use tether_kas_api::{AdminClient, AgentRef, DiffChange, DiffRequest, DiffView, ProjectDiffView};
+use tether_kas_api::{
+    AdminClient, AgentRef, ClientError, DiffChange, DiffRequest, DiffView, ProjectDiffView,
+};
 
 /// Nothing would change.
 pub const EXIT_NO_CHANGES: u8 = 0;
@@ -15,6 +17,8 @@ pub const EXIT_NO_CHANGES: u8 = 0;
 pub const EXIT_CHANGES: u8 = 1;
 /// The preview failed, wholly or for some project or object: its answer is incomplete.
 pub const EXIT_ERROR: u8 = 2;
+/// The agent is not connected: nothing was previewed (as `kas agent ping`).
+pub const EXIT_NOT_CONNECTED: u8 = 4;
 
 /// The command line of `kas agent diff`.
 #[derive(clap::Args, Debug)]
@@ -99,8 +103,19 @@ pub async fn run_as_ci_job(args: &DiffArgs, out: &mut impl Write) -> anyhow::Res
         }
     };
     let proxy = AdminClient::new(server, &format!("ci:{agent_id}:{jwt}")).trusting(ca)?;
-    let view = proxy.proxy_diff(&request(args)).await?;
+    let view = match proxy.proxy_diff(&request(args)).await {
+        Err(ClientError::Status { status, message }) if not_connected(status, &message) => {
+            eprintln!("kas: {message}");
+            return Ok(EXIT_NOT_CONNECTED);
+        }
+        answer => answer?,
+    };
     print(&view, args, out)
+}
+
+/// kas's answer that the agent is not connected (see `preview::Previews::connected`).
+fn not_connected(status: http::StatusCode, message: &str) -> bool {
+    status == http::StatusCode::SERVICE_UNAVAILABLE && message.contains("is not connected")
 }
 
 /// The id of the agent named `name` (`<project>:<agent>`) in a CI job's kubeconfig: its user's

@@ -107,12 +107,9 @@ impl Previews {
         let projects = &config.gitops.manifest_projects;
         let target = target_project(projects, req.project.as_deref())
             .map_err(|e| refused(StatusCode::BAD_REQUEST, e))?;
-        let reach = crate::agent_kube::Reach {
-            registry: Arc::clone(&self.registry),
-            peers: self.peers.clone(),
-            wait: self.tunnel_wait,
-        };
-        let client = crate::agent_kube::client(reach, agent_id, &routed)
+        self.connected(agent_id, &routed).await?;
+        let client = self
+            .agent_client(agent_id, &routed, self.tunnel_wait)
             .map_err(|e| refused(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let source = PreviewSource {
             agent_id,
@@ -150,7 +147,49 @@ impl Previews {
     }
 }
 
+/// How long a preview waits for an agent that is not connected before it is refused: one
+/// reconnecting (agentk or kas restarting) is back within seconds, and one that is not coming
+/// must be said promptly — each project's first request waited for a tunnel (20 s) in turn
+/// before failing with a reason less plain than this.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
 impl Previews {
+    /// A client of the agent's cluster as `routed`, each request waiting up to `wait` for a
+    /// tunnel (here or on the replica holding the agent).
+    fn agent_client(
+        &self,
+        agent_id: i64,
+        routed: &RoutedRequest,
+        wait: Duration,
+    ) -> Result<kube::Client, tether_kubeproxy_agent::MetadataError> {
+        let reach = crate::agent_kube::Reach {
+            registry: Arc::clone(&self.registry),
+            peers: self.peers.clone(),
+            wait,
+        };
+        crate::agent_kube::client(reach, agent_id, routed)
+    }
+
+    /// Refuses the preview (503) when no tunnel of the agent comes within [`CONNECT_WAIT`],
+    /// here or on another replica, asking its API server's version (readable by anyone). Any
+    /// other failure is left to each project's preview to say.
+    async fn connected(&self, agent_id: i64, routed: &RoutedRequest) -> Result<(), Refused> {
+        let Ok(client) = self.agent_client(agent_id, routed, CONNECT_WAIT.min(self.tunnel_wait))
+        else {
+            return Ok(());
+        };
+        match client.apiserver_version().await {
+            Err(e) if no_tunnel(&e) => Err(Refused {
+                code: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!(
+                    "agent {agent_id} is not connected (waited {} for it): nothing can carry the preview",
+                    humantime::format_duration(CONNECT_WAIT.min(self.tunnel_wait))
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// agentk's namespace as its connection to this replica tells (empty when it is connected
     /// to another one): where `post_build.substitute_from` references without a namespace are.
     fn agent_namespace(&self, agent_id: i64) -> String {
@@ -163,6 +202,21 @@ impl Previews {
             .find(|ns| !ns.is_empty())
             .unwrap_or_default()
     }
+}
+
+/// Whether a request through the tunnel failed for want of one (the agent not connected).
+fn no_tunnel(e: &kube::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(crate::agent_kube::ReachError::NoTunnel(
+            tether_tunnel_server::RegistryError::AgentNotConnected(_),
+        )) = err.downcast_ref::<crate::agent_kube::ReachError>()
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Which manifest project entry `--ref` is of: the one `named` (path, case-insensitive, or

@@ -402,7 +402,8 @@ async fn ci_jobs_and_people_preview_through_the_proxy_without_the_admin_token() 
     // developers with a personal access token.
     let access = "ci_access:\n  projects:\n  - id: group/app\n\
                   user_access:\n  access_as:\n    agent: {}\n  projects:\n  - id: group/app\n";
-    let (rig, ns) = synced_rig_full("diffci", |_| Vec::new(), |_| access.to_owned(), opts).await;
+    let (mut rig, ns) =
+        synced_rig_full("diffci", |_| Vec::new(), |_| access.to_owned(), opts).await;
     branch(
         &rig,
         "scale",
@@ -471,6 +472,19 @@ async fn ci_jobs_and_people_preview_through_the_proxy_without_the_admin_token() 
     assert_eq!(
         get_json(&rig.env, &["get", "deployment", "web", "-n", &ns]).unwrap()["spec"]["replicas"],
         1
+    );
+
+    // The agent gone: the job is told so within seconds (exit 4, as `kas agent ping`), not
+    // after each project's wait for a tunnel with a plain failure (exit 2).
+    rig.agent.stop();
+    let (code, out, err) = job("group/app", AGENT);
+    assert_eq!(code, Some(4), "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "agent {} is not connected (waited 5s for it): nothing can carry the preview",
+            rig.agent_id
+        )),
+        "{err}"
     );
 }
 

@@ -355,7 +355,7 @@ async fn agent_view(c: &AdminClient, agent_id: i64) -> Result<AgentView> {
 /// `kas agent ping`'s and `kas agent diff`'s exit code when the agent is not connected to kas
 /// (as `kas agent reconcile`'s when no stream of the agent heard it): nothing can carry the
 /// request.
-pub const EXIT_NOT_CONNECTED: u8 = 4;
+pub const EXIT_NOT_CONNECTED: u8 = kas::diff::EXIT_NOT_CONNECTED;
 
 /// How long `kas agent ping` and `kas agent diff` wait for an offline agent to connect: one
 /// reconnecting (agentk or kas restarting) is back within seconds, and one that is not coming
