@@ -468,7 +468,7 @@ fn an_existing_role_and_cluster_read_only_grant_what_they_say() {
 }
 
 #[test]
-fn the_existing_secret_values_add_a_ca_a_pdb_and_a_service_monitor() {
+fn the_existing_secret_values_add_a_ca_a_pdb_a_service_monitor_and_a_network_policy() {
     let env = TestEnv::from_env().expect("a running control plane");
     let yaml = template(
         &env,
@@ -519,6 +519,32 @@ fn the_existing_secret_values_add_a_ca_a_pdb_and_a_service_monitor() {
     let sm = find(&objs, "ServiceMonitor", Some("agents"), fullname);
     assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "observability");
+
+    // Inbound: the metrics port only, from the monitoring namespace; outbound: DNS, kas and
+    // the API server only. Accepted by the API server as it stands.
+    let np = find(&objs, "NetworkPolicy", Some("agents"), fullname);
+    let spec = &np["spec"];
+    assert_eq!(spec["policyTypes"], json!(["Ingress", "Egress"]));
+    assert_eq!(
+        spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "agentk"
+    );
+    let ingress = spec["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 1, "{ingress:?}");
+    assert_eq!(
+        ingress[0]["ports"],
+        json!([{"port": "observability", "protocol": "TCP"}])
+    );
+    let from = &ingress[0]["from"][0]["namespaceSelector"]["matchLabels"];
+    assert_eq!(from["kubernetes.io/metadata.name"], "monitoring");
+    let egress = spec["egress"].as_array().unwrap();
+    let ports: Vec<&Value> = egress.iter().map(|r| &r["ports"][0]["port"]).collect();
+    assert_eq!(ports, [&json!(53), &json!(443), &json!(6443)]);
+    let ns = env.create_namespace("agents").unwrap();
+    let mut np = np.clone();
+    np["metadata"]["namespace"] = json!(ns);
+    env.apply_yaml(&np.to_string())
+        .unwrap_or_else(|e| panic!("the NetworkPolicy is refused: {e}"));
 }
 
 /// The kas configuration the chart generates, parsed by kas's own loader (unknown keys are
