@@ -684,6 +684,11 @@ pub struct AgentListener {
     /// streams live when it was revoked by another kas (the local admin API ends them at once).
     #[serde(with = "humantime_serde")]
     pub token_recheck_interval: Duration,
+    /// Most concurrent HTTP/2 streams on one agent connection (tunnel, configuration,
+    /// manifests streams): bounds what one connection can make kas hold.
+    pub max_streams_per_connection: u32,
+    /// Most tunnel streams one agent may have open on this kas, over all its connections.
+    pub max_streams_per_agent: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -740,6 +745,10 @@ impl Default for AgentListener {
             keepalive_interval: Duration::from_secs(50),
             authentication_timeout: Duration::from_secs(60),
             token_recheck_interval: Duration::from_secs(60),
+            // agentk's pool (500 at most by default) with its configuration and manifests
+            // streams fits with room to spare.
+            max_streams_per_connection: 1024,
+            max_streams_per_agent: tether_tunnel_server::DEFAULT_MAX_STREAMS_PER_AGENT,
         }
     }
 }
@@ -880,6 +889,12 @@ impl Config {
         }
         if self.agent.token_recheck_interval.is_zero() {
             return Err("agent.token_recheck_interval must be positive".into());
+        }
+        if self.agent.max_streams_per_connection == 0 || self.agent.max_streams_per_agent == 0 {
+            return Err(
+                "agent.max_streams_per_connection and agent.max_streams_per_agent must be at least 1"
+                    .into(),
+            );
         }
         if self.shutdown_delay > Duration::from_secs(300) {
             return Err(

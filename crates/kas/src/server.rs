@@ -139,7 +139,9 @@ pub async fn start(cfg: Config) -> Result<Running> {
         guard: Arc::clone(&guards.agent),
         used,
     });
+    let registry = Registry::new().with_max_streams_per_agent(cfg.agent.max_streams_per_agent);
     let (registry, h) = start_registry(
+        registry,
         &mut metrics,
         cfg.shutdown_timeout,
         modules.handle("registry"),
@@ -362,11 +364,12 @@ fn start_limits(cfg: &Config, metrics: &mut MetricsRegistry, handle: Handle) -> 
 /// only then ends what is left: ending every tunnel at once cut the request being served on
 /// them with a 502 at every rollout.
 fn start_registry(
+    registry: Registry,
     metrics: &mut MetricsRegistry,
     drain_timeout: Duration,
     handle: Handle,
 ) -> (Arc<Registry>, Handle) {
-    let registry = Arc::new(Registry::new());
+    let registry = Arc::new(registry);
     registry.register_metrics(metrics);
     let stop = Modules::shutdown_of(&handle);
     let draining = Arc::clone(&registry);
@@ -939,6 +942,7 @@ async fn start_agent_listener(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_connection_age(cfg.agent.max_connection_age)
         .max_connection_age_grace(cfg.agent.max_connection_age_grace)
+        .max_concurrent_streams(cfg.agent.max_streams_per_connection)
         .add_service(service)
         .add_service(services.configuration.into_server())
         .add_service(services.gitops);

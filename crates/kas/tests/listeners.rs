@@ -586,3 +586,70 @@ async fn the_admin_commands_and_webhooks_work_over_tls_trusting_a_ca_file() {
         String::from_utf8_lossy(&resp)
     );
 }
+
+/// What one agent connection and one agent may make kas hold: kas advertises at most
+/// `agent.max_streams_per_connection` concurrent streams per connection in its HTTP/2 SETTINGS
+/// (a client opening more had each one held until its descriptor timeout: 15,000 streams of a
+/// stolen token took 270 MB), and refuses tunnel streams over `agent.max_streams_per_agent`
+/// (counted), while the agent's streams within the cap keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_connections_and_agents_have_stream_caps() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            agent_extra: "  max_streams_per_connection: 16\n  max_streams_per_agent: 3\n",
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let mut raw = TcpStream::connect(("127.0.0.1", kas.agent_port))
+        .await
+        .unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    assert_eq!(max_concurrent_streams(&mut raw).await, Some(16));
+
+    let t = kas
+        .admin
+        .register_agent("group/app", "agent")
+        .await
+        .unwrap();
+    let url = kas.url("grpc");
+    let args = ["--tunnel-min-idle", "5"];
+    let _agent = support::Agent::start_with(dir.path(), "agentk", &url, &t.token, None, &args);
+    kas.wait_connected(t.agent_id).await;
+    let series = "kas_tunnel_streams_over_agent_cap_total";
+    wait_for(
+        "a stream refused over the cap",
+        Duration::from_secs(20),
+        || async { kas.metric(series).await.filter(|n| *n >= 1.0) },
+    )
+    .await;
+    let echoed = kas
+        .admin
+        .echo(t.agent_id, b"capped".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(echoed.as_ref(), b"capped");
+    assert!(
+        kas.log().contains("agent.max_streams_per_agent"),
+        "{}",
+        kas.log()
+    );
+}
+
+/// SETTINGS_MAX_CONCURRENT_STREAMS of the server's first SETTINGS frame, if it sets one.
+async fn max_concurrent_streams(s: &mut TcpStream) -> Option<u32> {
+    let mut header = [0u8; 9];
+    s.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[3], 0x4, "the server's first frame is SETTINGS");
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.unwrap();
+    payload.chunks_exact(6).find_map(|e| {
+        (u16::from_be_bytes([e[0], e[1]]) == 0x3)
+            .then(|| u32::from_be_bytes([e[2], e[3], e[4], e[5]]))
+    })
+}

@@ -16,8 +16,8 @@ mod service;
 pub use answer::{AnswerFirst, AnswerWatch, Answered};
 pub use auth::{AgentIdentity, AuthError, Authenticator};
 pub use registry::{
-    AgentConnections, ConnectionInfo, Lease, MAX_RESENDS, OpenError, Presence, Registry,
-    RegistryError, RegistryStats, Tunnel, TunnelConn, TunnelError,
+    AgentConnections, ConnectionInfo, DEFAULT_MAX_STREAMS_PER_AGENT, Lease, MAX_RESENDS, OpenError,
+    Presence, Registry, RegistryError, RegistryStats, Tunnel, TunnelConn, TunnelError,
 };
 pub use resend::{Io, RESEND_MAX_BYTES, Reopen, Reopened, Resending};
 pub use service::{TunnelService, authenticate_metadata, authenticate_request};

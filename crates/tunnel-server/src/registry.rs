@@ -127,7 +127,20 @@ struct AgentState {
     idle: VecDeque<IdleHandle>,
     waiters: VecDeque<oneshot::Sender<IdleHandle>>,
     connections: HashMap<(String, String), ConnectionInfo>,
+    /// A stream over the cap was refused and said (warn) since the agent was last under it.
+    over_cap_said: bool,
 }
+
+impl AgentState {
+    fn streams(&self) -> usize {
+        self.connections.values().map(|c| c.streams).sum()
+    }
+}
+
+/// Most tunnel streams one agent may have open on one kas by default: agentk opens at most
+/// 500 per replica (`--tunnel-max-streams`), so this admits several replicas, and bounds
+/// what a stolen token can make kas hold (a few KB per stream).
+pub const DEFAULT_MAX_STREAMS_PER_AGENT: usize = 4096;
 
 #[derive(Default)]
 struct Inner {
@@ -160,6 +173,7 @@ struct Metrics {
     revoked: Counter,
     shared_tokens: Counter,
     resent: Counter,
+    over_cap: Counter,
 }
 
 /// An agent's tunnels came to this kas (`connected`) or all left it.
@@ -174,6 +188,8 @@ pub struct Registry {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
     metrics: Metrics,
+    /// Most tunnel streams one agent may have open here.
+    max_streams_per_agent: usize,
     shutdown: CancellationToken,
     /// Cancelled when kas starts stopping: idle streams end, busy ones finish their request.
     draining: CancellationToken,
@@ -203,11 +219,18 @@ impl Registry {
             inner: Mutex::new(Inner::default()),
             next_id: AtomicU64::new(1),
             metrics: Metrics::default(),
+            max_streams_per_agent: DEFAULT_MAX_STREAMS_PER_AGENT,
             shutdown: CancellationToken::new(),
             draining: CancellationToken::new(),
             closed: tokio::sync::Notify::new(),
             presence: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// The same registry admitting at most `n` tunnel streams per agent.
+    pub fn with_max_streams_per_agent(mut self, n: usize) -> Self {
+        self.max_streams_per_agent = n.max(1);
+        self
     }
 
     /// Follows agents arriving and leaving. A receiver that lags behind gets
@@ -297,6 +320,11 @@ impl Registry {
             "tunnel_streams_revoked",
             "Streams ended because their token was revoked",
             m.revoked.clone(),
+        );
+        reg.register(
+            "tunnel_streams_over_agent_cap",
+            "Tunnel streams refused because their agent had agent.max_streams_per_agent open",
+            m.over_cap.clone(),
         );
     }
 
@@ -680,16 +708,26 @@ impl Registry {
         self.refresh_gauges(&inner);
     }
 
+    /// Counts a new stream of the agent in, or refuses it: kas is stopping, or the agent has
+    /// as many streams open here as it may.
     fn stream_opened(
         &self,
         id: &AgentIdentity,
         info: &ConnectionInfo,
         stream_id: u64,
         cancel: CancellationToken,
-    ) -> bool {
+    ) -> Result<(), Status> {
         let mut inner = self.lock();
         if inner.shutting_down || inner.draining {
-            return false;
+            return Err(Status::unavailable("kas is shutting down"));
+        }
+        let cap = self.max_streams_per_agent;
+        if let Some(state) = inner.agents.get_mut(&id.agent_id) {
+            let open = state.streams();
+            if open >= cap {
+                return Err(self.over_cap(id.agent_id, state, cap));
+            }
+            state.over_cap_said &= open >= cap / 2;
         }
         inner.open_streams += 1;
         inner
@@ -732,7 +770,23 @@ impl Registry {
                 connected: true,
             });
         }
-        true
+        Ok(())
+    }
+
+    /// The refusal of a stream over the agent's cap, counted, and said once until the agent
+    /// is back under half of it (a flood must not flood the log too).
+    fn over_cap(&self, agent_id: i64, state: &mut AgentState, cap: usize) -> Status {
+        self.metrics.over_cap.inc();
+        if !std::mem::replace(&mut state.over_cap_said, true) {
+            tracing::warn!(
+                agent_id,
+                max_streams_per_agent = cap,
+                "Refusing tunnel streams of an agent that has as many open as it may (agent.max_streams_per_agent): a misconfigured agentk (--tunnel-max-streams, many replicas) or a stolen token"
+            );
+        }
+        Status::resource_exhausted(format!(
+            "agent {agent_id} already has {cap} tunnel streams open on this kas (agent.max_streams_per_agent): stream refused"
+        ))
     }
 
     fn stream_closed(&self, id: &AgentIdentity, info: &ConnectionInfo, stream_id: u64) {
@@ -796,10 +850,8 @@ impl Registry {
     ) {
         let stream_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = self.shutdown.child_token();
-        if !self.stream_opened(&identity, &info, stream_id, cancel.clone()) {
-            let _ = tx
-                .send(Box::new(Err(Status::unavailable("kas is shutting down"))))
-                .await;
+        if let Err(refused) = self.stream_opened(&identity, &info, stream_id, cancel.clone()) {
+            let _ = tx.send(Box::new(Err(refused))).await;
             return;
         }
         // Keeps the accounting right however the stream ends: this task lives as long as it.

@@ -48,6 +48,30 @@ async fn an_agent_registers_its_idle_streams_and_unregisters_when_it_stops() {
     assert!(server.registry.connections().is_empty());
 }
 
+/// An agent may have `max_streams_per_agent` tunnel streams open, no more: the one over it is
+/// refused (RESOURCE_EXHAUSTED, counted), so a stolen token cannot make kas hold streams
+/// without bound; those open keep serving.
+#[tokio::test]
+async fn streams_over_the_agents_cap_are_refused_and_counted() {
+    let registry = tether_tunnel_server::Registry::new().with_max_streams_per_agent(2);
+    let server = Server::start_with(Arc::new(Tokens::default()), registry).await;
+    let mut metrics = prometheus_client::registry::Registry::default();
+    server.registry.register_metrics(&mut metrics);
+    let refused = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("tunnel_streams_over_agent_cap_total "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let agent = Agent::start(server.addr, pool_config(3));
+    eventually("a stream refused over the cap", || refused() >= 1.0).await;
+    assert_eq!(server.registry.stats().open_streams, 2);
+    assert_eq!(server.echo_round(b"still served").await, b"still served");
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn a_tunnel_carries_a_request_to_the_connected_agent() {
     let server = Server::start(Arc::new(Tokens::default())).await;

@@ -84,9 +84,23 @@ impl Server {
         Server::serve(listener, tokens)
     }
 
+    /// On a fresh `:0` port, with `registry`'s settings.
+    pub async fn start_with(tokens: Arc<Tokens>, registry: Registry) -> Server {
+        let (listener, _) = tether_test_support::tokio_listener().await;
+        Server::serve_with(listener, tokens, registry)
+    }
+
     fn serve(listener: tokio::net::TcpListener, tokens: Arc<Tokens>) -> Server {
+        Server::serve_with(listener, tokens, Registry::new())
+    }
+
+    fn serve_with(
+        listener: tokio::net::TcpListener,
+        tokens: Arc<Tokens>,
+        registry: Registry,
+    ) -> Server {
         let addr = listener.local_addr().unwrap();
-        let registry = Arc::new(Registry::new());
+        let registry = Arc::new(registry);
         let service = TunnelService::new(Arc::clone(&registry), tokens);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(
