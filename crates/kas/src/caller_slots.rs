@@ -1,10 +1,12 @@
-//! Live proxied requests per caller and agent, bounded.
+//! Live proxied requests per caller, per CI project and per agent, bounded.
 //!
 //! An agent's tunnels are shared by every CI job and person allowed to use it (agentk keeps
 //! 500 streams by default). Without a bound, one job or one personal access token opening
 //! hundreds of watches takes them all, and every other project's requests wait for a tunnel
 //! and fail with 503. Each caller may hold at most `kubernetes_api.max_requests_per_caller`
-//! live requests through one agent; over it, the request is refused with 429 at once.
+//! live requests through one agent, and the CI jobs of one project together at most
+//! `kubernetes_api.max_requests_per_project` (two jobs of a pipeline at their own cap took the
+//! whole pool); over either, the request is refused with 429 at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -12,57 +14,111 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 /// Who holds a request's slot.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CallerKey {
-    /// A CI job, by its issuer and job id (one job's token, whatever copies of it run).
-    CiJob { issuer: String, job_id: i64 },
+    /// A CI job, by its issuer and job id (one job's token, whatever copies of it run), and
+    /// its project's path (lowercase), which its jobs share.
+    CiJob {
+        issuer: String,
+        job_id: i64,
+        project: String,
+    },
     /// A personal access token, by its id.
     Token(i64),
 }
 
-/// The live requests of every caller, per agent.
+/// What a slot counts against, per agent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Held {
+    Caller(CallerKey),
+    /// Every job of a CI project (by issuer and project path).
+    Project {
+        issuer: String,
+        project: String,
+    },
+}
+
+impl CallerKey {
+    /// The caller and, for a CI job, its project.
+    fn held(&self) -> Vec<Held> {
+        let mut held = vec![Held::Caller(self.clone())];
+        if let CallerKey::CiJob {
+            issuer, project, ..
+        } = self
+        {
+            held.push(Held::Project {
+                issuer: issuer.clone(),
+                project: project.clone(),
+            });
+        }
+        held
+    }
+}
+
+/// Which cap a refused request hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    /// `max_requests_per_caller`, with its value.
+    Caller(usize),
+    /// `max_requests_per_project`, with its value.
+    Project(usize),
+}
+
+/// The live requests of every caller and CI project, per agent.
 #[derive(Debug)]
 pub struct CallerSlots {
-    max: usize,
-    live: Mutex<HashMap<(i64, CallerKey), usize>>,
+    per_caller: usize,
+    per_project: usize,
+    live: Mutex<HashMap<(i64, Held), usize>>,
 }
 
 /// One live request's slot, given back when dropped (the response and any upgrade are done).
 #[derive(Debug)]
 pub struct CallerSlot {
     owner: Arc<CallerSlots>,
-    key: (i64, CallerKey),
+    keys: Vec<(i64, Held)>,
 }
 
 impl CallerSlots {
-    /// At most `max` live requests per caller and agent.
-    pub fn new(max: usize) -> Self {
+    /// At most `per_caller` live requests per caller and agent, and `per_project` per CI
+    /// project and agent.
+    pub fn new(per_caller: usize, per_project: usize) -> Self {
         Self {
-            max,
+            per_caller,
+            per_project,
             live: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The most live requests one caller may hold through one agent.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<(i64, CallerKey), usize>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(i64, Held), usize>> {
         // Every update is one insert or remove: consistent across a panic.
         self.live.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A slot for `caller`'s request through `agent_id`; `None` when it holds `max` already.
-    pub fn take(self: &Arc<Self>, agent_id: i64, caller: CallerKey) -> Option<CallerSlot> {
-        let key = (agent_id, caller);
-        let mut live = self.lock();
-        let held = live.entry(key.clone()).or_default();
-        if *held >= self.max {
-            return None;
+    fn cap(&self, held: &Held) -> Over {
+        match held {
+            Held::Caller(_) => Over::Caller(self.per_caller),
+            Held::Project { .. } => Over::Project(self.per_project),
         }
-        *held += 1;
-        Some(CallerSlot {
+    }
+
+    /// A slot for `caller`'s request through `agent_id`, or the cap it would go over.
+    pub fn take(self: &Arc<Self>, agent_id: i64, caller: CallerKey) -> Result<CallerSlot, Over> {
+        let keys: Vec<(i64, Held)> = caller.held().into_iter().map(|h| (agent_id, h)).collect();
+        let mut live = self.lock();
+        for (_, held) in &keys {
+            let cap = self.cap(held);
+            let max = match cap {
+                Over::Caller(n) | Over::Project(n) => n,
+            };
+            if live.get(&(agent_id, held.clone())).copied().unwrap_or(0) >= max {
+                return Err(cap);
+            }
+        }
+        for key in &keys {
+            *live.entry(key.clone()).or_default() += 1;
+        }
+        Ok(CallerSlot {
             owner: Arc::clone(self),
-            key,
+            keys,
         })
     }
 }
@@ -70,10 +126,12 @@ impl CallerSlots {
 impl Drop for CallerSlot {
     fn drop(&mut self) {
         let mut live = self.owner.lock();
-        if let Some(held) = live.get_mut(&self.key) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                live.remove(&self.key);
+        for key in &self.keys {
+            if let Some(held) = live.get_mut(key) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    live.remove(key);
+                }
             }
         }
     }
@@ -84,27 +142,57 @@ impl Drop for CallerSlot {
 mod tests {
     use super::*;
 
+    fn job(id: i64, project: &str) -> CallerKey {
+        CallerKey::CiJob {
+            issuer: "https://gitlab.example".into(),
+            job_id: id,
+            project: project.into(),
+        }
+    }
+
     #[test]
     fn a_caller_holds_at_most_max_per_agent_and_gets_them_back() {
-        let slots = Arc::new(CallerSlots::new(2));
-        let job = || CallerKey::CiJob {
-            issuer: "https://gitlab.example".into(),
-            job_id: 7,
-        };
-        let a = slots.take(1, job()).unwrap();
-        let _b = slots.take(1, job()).unwrap();
-        assert!(slots.take(1, job()).is_none(), "a third request");
+        let slots = Arc::new(CallerSlots::new(2, 10));
+        let a = slots.take(1, job(7, "g/app")).unwrap();
+        let _b = slots.take(1, job(7, "g/app")).unwrap();
+        assert_eq!(
+            slots.take(1, job(7, "g/app")).unwrap_err(),
+            Over::Caller(2),
+            "a third request"
+        );
         // Another caller, or the same one through another agent, is not held back.
-        assert!(slots.take(1, CallerKey::Token(7)).is_some());
-        assert!(slots.take(2, job()).is_some());
+        assert!(slots.take(1, CallerKey::Token(7)).is_ok());
+        assert!(slots.take(2, job(7, "g/app")).is_ok());
         drop(a);
-        assert!(slots.take(1, job()).is_some(), "a slot given back");
+        assert!(slots.take(1, job(7, "g/app")).is_ok(), "a slot given back");
+    }
+
+    /// Two jobs of one project each within their own cap still share their project's: the
+    /// second gets 429 where their sum would take every tunnel of the agent.
+    #[test]
+    fn the_jobs_of_one_project_share_its_cap() {
+        let slots = Arc::new(CallerSlots::new(2, 3));
+        let _a1 = slots.take(1, job(1, "g/app")).unwrap();
+        let _a2 = slots.take(1, job(1, "g/app")).unwrap();
+        let b1 = slots.take(1, job(2, "g/app")).unwrap();
+        assert_eq!(
+            slots.take(1, job(2, "g/app")).unwrap_err(),
+            Over::Project(3)
+        );
+        // Another project is not held back; a refused request took nothing.
+        assert!(slots.take(1, job(3, "g/other")).is_ok());
+        drop(b1);
+        assert!(
+            slots.take(1, job(2, "g/app")).is_ok(),
+            "the project's slot back"
+        );
     }
 
     #[test]
     fn finished_requests_are_forgotten() {
-        let slots = Arc::new(CallerSlots::new(1));
+        let slots = Arc::new(CallerSlots::new(1, 1));
         drop(slots.take(1, CallerKey::Token(1)).unwrap());
+        drop(slots.take(1, job(1, "g/app")).unwrap());
         assert!(slots.lock().is_empty());
     }
 }

@@ -167,6 +167,9 @@ pub struct KubernetesApi {
     /// Most live requests one caller (a CI job, a personal access token) may hold through one
     /// agent; more get 429, so one caller cannot take all of the agent's tunnels.
     pub max_requests_per_caller: usize,
+    /// Most live requests the CI jobs of one project may hold together through one agent, so
+    /// one pipeline's jobs cannot take all of its tunnels either.
+    pub max_requests_per_project: usize,
 }
 
 impl Default for KubernetesApi {
@@ -179,7 +182,10 @@ impl Default for KubernetesApi {
             ca_file: None,
             jwks_ca_file: None,
             jwks_max_key_age: tether_kubeproxy_server::DEFAULT_MAX_KEY_AGE,
-            max_requests_per_caller: 256,
+            // Two projects at their cap leave agentk's default 500 streams a quarter for
+            // everyone else.
+            max_requests_per_caller: 128,
+            max_requests_per_project: 192,
         }
     }
 }
@@ -596,7 +602,7 @@ const fn limits(max_connections: usize, max_connections_per_address: usize) -> L
 /// timeout (HTTP/2 pings find dead peers).
 pub const AGENT_LIMITS: ListenLimits = limits(4096, 512);
 /// CI runners run many jobs from one address. Per address well above
-/// `max_requests_per_caller` (256): one job holding its share over HTTP/1.1 (a connection per
+/// `max_requests_per_caller` (128): one job holding its share over HTTP/1.1 (a connection per
 /// request) gets the 429 naming that key, and other jobs of the runner are still served (at
 /// 256 the job took every connection of its address first, and every new one from there was
 /// closed without a word: kubectl said `EOF`).
@@ -873,8 +879,13 @@ impl Config {
         }
         tether_kubeproxy_server::validate_issuers(&self.kubernetes_api.ci_issuers)
             .map_err(|e| format!("kubernetes_api.{e}"))?;
-        if self.kubernetes_api.max_requests_per_caller == 0 {
-            return Err("kubernetes_api.max_requests_per_caller must be at least 1".into());
+        if self.kubernetes_api.max_requests_per_caller == 0
+            || self.kubernetes_api.max_requests_per_project == 0
+        {
+            return Err(
+                "kubernetes_api.max_requests_per_caller and max_requests_per_project must be at least 1"
+                    .into(),
+            );
         }
         // Shorter than the hourly refresh, keys would be refused before a reload was tried.
         if self.kubernetes_api.jwks_max_key_age < tether_kubeproxy_server::DEFAULT_REFRESH_INTERVAL

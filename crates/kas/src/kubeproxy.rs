@@ -976,32 +976,34 @@ impl Proxy {
         &self,
         routed: &Routed,
     ) -> Result<Option<crate::caller_slots::CallerSlot>, Response<Body>> {
-        use crate::caller_slots::CallerKey;
+        use crate::caller_slots::{CallerKey, Over};
         let key = match (routed.user_token_id, routed.caller.as_deref()) {
             (Some(token_id), _) => CallerKey::Token(token_id),
             (None, Some(Caller::CiJob { job, .. })) => CallerKey::CiJob {
                 issuer: job.issuer.clone(),
                 job_id: job.job_id,
+                project: job.project_path.to_lowercase(),
             },
             _ => return Ok(None),
         };
-        match self.caller_slots.take(routed.agent_id, key) {
-            Some(slot) => Ok(Some(slot)),
-            None => {
-                let m = format!(
-                    "this caller already has {} requests open through agent {} \
-                     (kubernetes_api.max_requests_per_caller): end some first",
-                    self.caller_slots.max(),
-                    routed.agent_id
-                );
-                Err(deny(
-                    self,
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "TooManyRequests",
-                    &m,
-                ))
-            }
-        }
+        let agent = routed.agent_id;
+        let m = match self.caller_slots.take(agent, key) {
+            Ok(slot) => return Ok(Some(slot)),
+            Err(Over::Caller(n)) => format!(
+                "this caller already has {n} requests open through agent {agent} \
+                 (kubernetes_api.max_requests_per_caller): end some first"
+            ),
+            Err(Over::Project(n)) => format!(
+                "the CI jobs of this project already have {n} requests open through agent \
+                 {agent} (kubernetes_api.max_requests_per_project): end some first"
+            ),
+        };
+        Err(deny(
+            self,
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequests",
+            &m,
+        ))
     }
 
     // The error is the refusal response itself, built once on a rare path: boxing buys nothing.

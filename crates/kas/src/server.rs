@@ -1141,6 +1141,7 @@ async fn start_kubeproxy(
         agents_in_force: Arc::default(),
         caller_slots: Arc::new(crate::caller_slots::CallerSlots::new(
             k.max_requests_per_caller,
+            k.max_requests_per_project,
         )),
     };
     let task = tokio::spawn(crate::kubeproxy::serve(

@@ -832,12 +832,15 @@ async fn two_open_watches(
 
 /// One CI job holds at most `kubernetes_api.max_requests_per_caller` live requests through an
 /// agent (here 2): with two watches open, its third request gets 429 naming the setting, while
-/// another job of the same project is served; once a watch ends, the job is served again.
-/// (One job opening hundreds of watches took all of the agent's tunnels, and every other
-/// project's requests waited and failed with 503.)
+/// another job of the same project is served; the jobs of one project together hold at most
+/// `max_requests_per_project` (here 3): with a third watch of the other job, a third job of
+/// the project gets 429 naming it. Once a watch ends, the job is served again. (One job
+/// opening hundreds of watches took all of the agent's tunnels, and every other project's
+/// requests waited and failed with 503; two jobs of one project did so within their caps.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_ci_job_cannot_hold_more_than_its_share_of_an_agents_requests() {
-    let s = setup_full(None, false, "  max_requests_per_caller: 2\n").await;
+    let caps = "  max_requests_per_caller: 2\n  max_requests_per_project: 3\n";
+    let s = setup_full(None, false, caps).await;
     let jwt = s.key.sign(&claims("group/app"));
     let token = format!("ci:{}:{jwt}", s.agent_id);
     let (mut first, rx_1) = spawn_watch(&s, &token, &s.allowed);
@@ -852,10 +855,26 @@ async fn one_ci_job_cannot_hold_more_than_its_share_of_an_agents_requests() {
     let (ok, out, err) = get(&jwt);
     assert!(!ok, "a third request served: {out}");
     assert!(err.contains("max_requests_per_caller"), "{err}");
-    let mut other_job = claims("group/app");
-    other_job["job_id"] = json!("778");
-    let (ok, out, err) = get(&s.key.sign(&other_job));
-    assert!(ok, "another job held back: {out}{err}");
+    let job = |id: &str| {
+        let mut c = claims("group/app");
+        c["job_id"] = json!(id);
+        s.key.sign(&c)
+    };
+    // Another job of the project is served: its watch is the project's third request.
+    let (mut third, rx_3) =
+        spawn_watch(&s, &format!("ci:{}:{}", s.agent_id, job("778")), &s.allowed);
+    wait_watches_see(&s, "project-held", &[&rx_3]).await;
+    let (ok, out, err) = get(&job("779"));
+    assert!(!ok, "a fourth request of the project served: {out}");
+    assert!(err.contains("max_requests_per_project"), "{err}");
+    let _ = third.kill();
+    let _ = third.wait();
+    wait_for(
+        "the project's slot back",
+        Duration::from_secs(10),
+        || async { get(&job("779")).0.then_some(()) },
+    )
+    .await;
 
     let _ = first.kill();
     let _ = first.wait();
