@@ -50,14 +50,11 @@ enum Cmd {
         )]
         state_dir: PathBuf,
     },
-    /// Stop the control plane started by `up`.
+    /// Stop the control plane started by `up` (`--state-dir`, else `TETHER_TESTENV_STATE`,
+    /// else `TETHER_TESTENV_DIR` as `up` says to export, else the folder `up` uses).
     Down {
-        #[arg(
-            long,
-            env = "TETHER_TESTENV_STATE",
-            default_value = "/tmp/tether-testenv"
-        )]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        at: Running,
     },
     /// Start a fresh control plane, run a command against it, then stop it.
     Run {
@@ -105,21 +102,24 @@ enum Cmd {
 /// Which running control plane a `stop`/`start`/`restart`/`status` talks to.
 #[derive(clap::Args, Debug)]
 struct Running {
-    /// State folder of the control plane. Default: `TETHER_TESTENV_DIR` (set inside
-    /// `testenv run`), else `TETHER_TESTENV_STATE`, else the folder `up` uses.
+    /// State folder of the control plane. Default: `TETHER_TESTENV_STATE` (the variable `up`
+    /// and `down` read), else `TETHER_TESTENV_DIR` (what `up` says to export, and what
+    /// `testenv run` sets), else the folder `up` uses.
     #[arg(long)]
     state_dir: Option<PathBuf>,
 }
 
 impl Running {
-    fn env(&self) -> Result<TestEnv> {
-        let dir = self
-            .state_dir
+    fn dir(&self) -> PathBuf {
+        self.state_dir
             .clone()
-            .or_else(|| std::env::var_os(ENV_DIR).map(PathBuf::from))
             .or_else(|| std::env::var_os("TETHER_TESTENV_STATE").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("/tmp/tether-testenv"));
-        Ok(TestEnv::open(&dir)?)
+            .or_else(|| std::env::var_os(ENV_DIR).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/tmp/tether-testenv"))
+    }
+
+    fn env(&self) -> Result<TestEnv> {
+        Ok(TestEnv::open(&self.dir())?)
     }
 }
 
@@ -141,7 +141,7 @@ fn real_main(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Cmd::Up { state_dir } => up(&bin_dir(cli.bin_dir)?, &state_dir),
-        Cmd::Down { state_dir } => down(&state_dir),
+        Cmd::Down { at } => down(&at.dir()),
         Cmd::Run { keep, command } => run(&bin_dir(cli.bin_dir)?, keep, &command),
         Cmd::Supervise { state_dir } => supervise(&bin_dir(cli.bin_dir)?, &state_dir),
         Cmd::Stop { name, signal, at } => {

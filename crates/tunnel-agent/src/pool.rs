@@ -201,7 +201,7 @@ impl Shared {
                             "Feature status change"
                         );
                     }
-                    match failure_log(s, *code, cause, *lost_at) {
+                    match failure_log(s, (*code, message), cause, *lost_at) {
                         FailureLog::Silent => {}
                         FailureLog::Reconnecting => {
                             let line = reconnecting_message(*code, message, cause == Cause::Closed);
@@ -256,9 +256,17 @@ enum FailureLog {
 /// ended) are part of that loss, and so are those of the next one: the probe sent at once
 /// after the loss can still go to the connection that ended (the channel has not noticed yet)
 /// and fail with `Cancelled` or an h2 error. A later attempt (after a backoff step) that
-/// fails is a real failure to reach kas and warns, whatever its code.
-fn failure_log(old: &ConnState, code: Code, cause: Cause, lost_at: Option<u64>) -> FailureLog {
-    let same = matches!(old, ConnState::Failed { code: c, .. } if *c == code);
+/// fails is a real failure to reach kas and warns, whatever its code. The same failure again
+/// is quiet; one with another message is not (a certificate fixed for its name and now
+/// expired fails with `Unavailable` both times: the operator must see the second cause).
+fn failure_log(
+    old: &ConnState,
+    (code, message): (Code, &str),
+    cause: Cause,
+    lost_at: Option<u64>,
+) -> FailureLog {
+    let same =
+        matches!(old, ConnState::Failed { code: c, message: m } if *c == code && m == message);
     if is_refusal(code) {
         return if same {
             FailureLog::Silent
@@ -1015,41 +1023,84 @@ mod tests {
             Code::Unknown,
             Code::Cancelled,
         ] {
-            assert_eq!(failure_log(&up, code, Cause::Lost, None), Reconnecting);
+            assert_eq!(
+                failure_log(&up, (code, ""), Cause::Lost, None),
+                Reconnecting
+            );
             // A stream opening on the connection as it closed may fail first: the same loss.
-            assert_eq!(failure_log(&up, code, open(5), None), Reconnecting);
+            assert_eq!(failure_log(&up, (code, ""), open(5), None), Reconnecting);
             // Attempts 1..=5 had begun at the loss. The other streams of the connection, and
             // those opening on it, end the same way or otherwise: nothing more.
             let lost = Some(5);
-            assert_eq!(failure_log(&failed(code), code, Cause::Lost, lost), Silent);
-            assert_eq!(failure_log(&failed(code), code, open(5), lost), Silent);
-            let other = Code::Cancelled;
-            assert_eq!(failure_log(&failed(code), other, open(4), lost), Silent);
-            // The probe sent at once after the loss may still meet the ended connection.
-            assert_eq!(failure_log(&failed(code), other, open(6), lost), Silent);
-            // A reconnect after a backoff step fails: kas cannot be reached, whatever code.
-            assert_eq!(failure_log(&failed(code), code, open(7), lost), Failure);
             assert_eq!(
-                failure_log(&failed(code), Code::DeadlineExceeded, open(7), lost),
+                failure_log(&failed(code), (code, ""), Cause::Lost, lost),
+                Silent
+            );
+            assert_eq!(
+                failure_log(&failed(code), (code, ""), open(5), lost),
+                Silent
+            );
+            let other = Code::Cancelled;
+            assert_eq!(
+                failure_log(&failed(code), (other, ""), open(4), lost),
+                Silent
+            );
+            // The probe sent at once after the loss may still meet the ended connection.
+            assert_eq!(
+                failure_log(&failed(code), (other, ""), open(6), lost),
+                Silent
+            );
+            // A reconnect after a backoff step fails: kas cannot be reached, whatever code.
+            assert_eq!(
+                failure_log(&failed(code), (code, ""), open(7), lost),
+                Failure
+            );
+            assert_eq!(
+                failure_log(&failed(code), (Code::DeadlineExceeded, ""), open(7), lost),
                 Failure
             );
             // ... once: the next retries are quiet, as before.
-            assert_eq!(failure_log(&failed(code), code, open(8), None), Silent);
+            assert_eq!(
+                failure_log(&failed(code), (code, ""), open(8), None),
+                Silent
+            );
         }
         // kas unreachable from the start warns at once, as before.
         let connecting = ConnState::Connecting;
         assert_eq!(
-            failure_log(&connecting, Code::Unavailable, open(1), None),
+            failure_log(&connecting, (Code::Unavailable, ""), open(1), None),
             Failure
         );
         // A revoked token ending the streams of a working connection is an error at once,
         // also right after a loss.
         for code in [Code::Unauthenticated, Code::PermissionDenied] {
-            assert_eq!(failure_log(&up, code, Cause::Lost, None), Failure);
+            assert_eq!(failure_log(&up, (code, ""), Cause::Lost, None), Failure);
             let after_loss = failed(Code::Unknown);
-            assert_eq!(failure_log(&after_loss, code, open(3), Some(5)), Failure);
-            assert_eq!(failure_log(&failed(code), code, open(9), None), Silent);
+            assert_eq!(
+                failure_log(&after_loss, (code, ""), open(3), Some(5)),
+                Failure
+            );
+            assert_eq!(
+                failure_log(&failed(code), (code, ""), open(9), None),
+                Silent
+            );
         }
+    }
+
+    /// A retry failing for another reason with the same code is said (the first cause was
+    /// fixed, a second one shows); failing again alike is not.
+    #[test]
+    fn a_new_cause_with_the_same_code_is_said() {
+        let unavailable = |message: &str| ConnState::Failed {
+            code: Code::Unavailable,
+            message: message.into(),
+        };
+        let (name, expired) = ("certificate not valid for name", "certificate expired");
+        let open = Cause::OpenFailed { attempt: 9 };
+        let again = failure_log(&unavailable(name), (Code::Unavailable, name), open, None);
+        assert_eq!(again, FailureLog::Silent);
+        let other = failure_log(&unavailable(name), (Code::Unavailable, expired), open, None);
+        assert_eq!(other, FailureLog::Failure);
     }
 
     #[test]
