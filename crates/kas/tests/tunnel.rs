@@ -375,6 +375,45 @@ async fn a_ca_rotated_in_agentks_ca_file_is_trusted_when_kas_reconnects_with_a_n
     );
 }
 
+/// An agentk that does not trust kas's certificate (here signed by another CA of the same
+/// name, as after a bad rotation: the signature does not verify) is said on kas's side too: a warning naming the client's alert, and
+/// `kas_listener_connections_closed_total{reason="certificate_refused"}`. kas logged such
+/// handshakes at debug only, so a rotation that cut every agent showed nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kas_says_when_agents_refuse_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (served, other) = (Pki::temporary(), Pki::temporary());
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            tls: Some((served.cert.clone(), served.key.clone())),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "distrust")
+        .await
+        .unwrap();
+    let url = kas.url("grpcs");
+    let _agent = Agent::start(dir.path(), "distrust", &url, &t.token, Some(&other.ca));
+    let series =
+        r#"kas_listener_connections_closed_total{listener="agent",reason="certificate_refused"}"#;
+    wait_for(
+        "kas to count the refusal",
+        Duration::from_secs(30),
+        || async { kas.metric(series).await.filter(|n| *n >= 1.0) },
+    )
+    .await;
+    let log = kas.log();
+    assert!(
+        log.contains("the client refused kas's certificate")
+            && log.contains("received fatal alert"),
+        "{log}"
+    );
+}
+
 /// A kas whose requests wait at most a second for a tunnel.
 async fn kas_waiting_a_second(dir: &std::path::Path) -> Kas {
     let opts = KasOptions {

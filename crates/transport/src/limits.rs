@@ -53,6 +53,9 @@ pub enum CloseReason {
     /// configuration no longer allowing it) but its client had stopped reading, so the
     /// response could not carry the error: the connection was cut.
     AccessEnded,
+    /// The client ended the TLS handshake refusing kas's certificate (expired, not valid for
+    /// the name it dialled, signed by a CA it does not trust).
+    CertificateRefused,
 }
 
 impl CloseReason {
@@ -64,6 +67,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::NotAuthenticated => "not_authenticated",
             CloseReason::AccessEnded => "access_ended",
+            CloseReason::CertificateRefused => "certificate_refused",
         }
     }
 }
@@ -75,6 +79,12 @@ pub trait ListenerEvents: Send + Sync + 'static {
     fn refused(&self, reason: Refusal, peer: SocketAddr);
     /// A connection was closed because a timeout expired.
     fn closed(&self, reason: CloseReason, peer: SocketAddr);
+    /// A TLS handshake failed because the client refused kas's certificate; `error` is the
+    /// handshake's error (the client's alert).
+    fn certificate_refused(&self, peer: SocketAddr, error: &str) {
+        let _ = error;
+        self.closed(CloseReason::CertificateRefused, peer);
+    }
     /// A connection was admitted (it holds a slot until [`ListenerEvents::released`]).
     fn admitted(&self) {}
     /// An admitted connection ended, however it ended.

@@ -288,6 +288,9 @@ async fn accept_loop(
                     // Fails only when the server stopped; the connection is dropped with it.
                     let _ = tx.send(io).await;
                 }
+                Ok(Err(e)) if refused_certificate(&e) => {
+                    events.certificate_refused(remote_addr, &format!("{e:#}"));
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(remote_addr = %remote_addr, error = %e, "agent handshake failed");
                 }
@@ -295,6 +298,33 @@ async fn accept_loop(
             }
         });
     }
+}
+
+/// Whether a failed handshake is the client refusing kas's certificate (its fatal alert):
+/// unlike a scanner's or a health check's connection dropped before its hello, that is an
+/// operator's problem — after a bad certificate rotation every agent fails this way.
+fn refused_certificate(e: &Error) -> bool {
+    use rustls::AlertDescription as A;
+    let Error::TlsHandshake(io) = e else {
+        return false;
+    };
+    let alert = io
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    matches!(
+        alert,
+        Some(rustls::Error::AlertReceived(
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                // What rustls clients send for a certificate whose signature does not verify
+                // (a CA of the same name but another key).
+                | A::DecryptError
+        ))
+    )
 }
 
 async fn handshake(

@@ -108,6 +108,23 @@ impl ListenerEvents for Events {
         }
     }
 
+    fn certificate_refused(&self, peer: SocketAddr, error: &str) {
+        let reason = CloseReason::CertificateRefused;
+        self.metrics
+            .closed
+            .get_or_create(&self.labels(reason.as_str()))
+            .inc();
+        if let Some(suppressed) = self.throttle.admit(reason.as_str(), Instant::now()) {
+            tracing::warn!(
+                listener = self.listener,
+                remote_addr = %peer,
+                error,
+                suppressed,
+                "TLS handshake failed: the client refused kas's certificate (expired, not valid for the name it dialled, or signed by a CA it does not trust); check the listener's certificate_file"
+            );
+        }
+    }
+
     fn closed(&self, reason: CloseReason, peer: SocketAddr) {
         self.metrics
             .closed
