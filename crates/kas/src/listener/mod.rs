@@ -97,6 +97,11 @@ where
     }
 }
 
+/// Largest request head (request line and headers) read: more is answered 431 at once. hyper's
+/// default (about 400 KiB) let a head just under it wait for the header timeout and close
+/// without an answer; Kubernetes clients send a few KB (a CI job's ID token is the largest).
+const MAX_HEAD_BYTES: usize = 128 * 1024;
+
 /// One connection: hyper's HTTP/1.1 server raced against the connection's deadline.
 async fn serve_io<S, F, Fut, B, E>(
     io: S,
@@ -136,6 +141,7 @@ async fn serve_io<S, F, Fut, B, E>(
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::select! {
