@@ -855,6 +855,7 @@ impl Proxy {
             .headers
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
+        let query = req.uri().query().map(str::to_owned);
         let out = match self.outgoing(req, &f, mode) {
             Ok(r) => r,
             Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
@@ -887,6 +888,7 @@ impl Proxy {
         }
         let down = self.bytes(&f.routed, mode, "response");
         let (parts, body) = resp.into_parts();
+        let json_watch = is_json_watch(query.as_deref(), parts.headers.get(header::CONTENT_TYPE));
         let body = body
             .map_frame(move |frame| {
                 if let Some(d) = frame.data_ref() {
@@ -895,7 +897,7 @@ impl Proxy {
                 frame
             })
             .map_err(BoxError::from);
-        let body = Revocable::new(body, f.live).boxed();
+        let body = Revocable::new(body, f.live, json_watch).boxed();
         Response::from_parts(parts, body)
     }
 
@@ -1124,25 +1126,85 @@ where
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A response body that fails as soon as its request must end (its credential revoked, or
-/// the configuration no longer allowing it): hyper then closes the client's connection, which
-/// ends a watch or a log follow mid-stream. It holds the request's tracking handle, so
-/// tracking ends with the body.
+/// A response body that fails as soon as its request must end (its credential revoked or
+/// expired, or the configuration no longer allowing it): hyper then closes the client's
+/// connection, which ends a watch or a log follow mid-stream. A JSON watch between two events
+/// ends instead with a watch `ERROR` event carrying a `Status` (as the API server ends one),
+/// also when the agent's side of it fails: kubectl and client-go then say why, where a cut
+/// stream ended `kubectl get -w` with exit 0 and nothing said. It holds the request's
+/// tracking handle, so tracking ends with the body.
 struct Revocable<B> {
     inner: B,
     revoked: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     _live: Arc<Tracked>,
+    /// A JSON watch (events one per line) and whether the bytes so far end an event.
+    watch: Option<WatchEnd>,
+    /// The closing event was sent: the body is over.
+    ended: bool,
+}
+
+/// Where a JSON watch's stream stands.
+#[derive(Debug, Clone, Copy)]
+struct WatchEnd {
+    between_events: bool,
 }
 
 impl<B> Revocable<B> {
-    fn new(inner: B, live: Arc<Tracked>) -> Self {
+    fn new(inner: B, live: Arc<Tracked>, json_watch: bool) -> Self {
         Self {
             inner,
             revoked: Box::pin(live.end.clone().cancelled_owned()),
             _live: live,
+            watch: json_watch.then_some(WatchEnd {
+                between_events: true,
+            }),
+            ended: false,
         }
     }
+
+    /// The closing `ERROR` event, if the stream is a JSON watch between two events.
+    fn closing_event(&mut self, code: u16, reason: &str, message: &str) -> Option<Bytes> {
+        let at_boundary = self.watch.is_some_and(|w| w.between_events);
+        if !at_boundary {
+            return None;
+        }
+        self.ended = true;
+        Some(watch_error_event(code, reason, message))
+    }
 }
+
+/// Whether a request and its answer are a JSON watch (pure): `watch=true` (or `1`) asked for,
+/// answered as JSON (a protobuf watch's frames cannot take a JSON event).
+fn is_json_watch(query: Option<&str>, content_type: Option<&http::HeaderValue>) -> bool {
+    let asked = query.is_some_and(|q| {
+        q.split('&')
+            .any(|kv| matches!(kv, "watch=true" | "watch=1" | "watch=True"))
+    });
+    let json = content_type
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    asked && json
+}
+
+/// A watch `ERROR` event with a `Status`, one line, as the API server writes it (pure).
+fn watch_error_event(code: u16, reason: &str, message: &str) -> Bytes {
+    let event = serde_json::json!({
+        "type": "ERROR",
+        "object": {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }
+    });
+    Bytes::from(format!("{event}\n"))
+}
+
+/// What a watch's client is told when its access ends.
+const ACCESS_ENDED: &str = "access ended: the credential was revoked or expired, or the agent's configuration no longer allows it";
 
 impl<B> hyper::body::Body for Revocable<B>
 where
@@ -1155,16 +1217,40 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        if self.revoked.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err(
-                "access ended: the credential was revoked or the agent's configuration no longer allows it".into(),
-            )));
+        if self.ended {
+            return Poll::Ready(None);
         }
-        Pin::new(&mut self.inner).poll_frame(cx)
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            let event = self.closing_event(401, "Unauthorized", ACCESS_ENDED);
+            return Poll::Ready(Some(match event {
+                Some(e) => Ok(hyper::body::Frame::data(e)),
+                None => Err(ACCESS_ENDED.into()),
+            }));
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(w), Some(d)) = (self.watch.as_mut(), frame.data_ref())
+                    && let Some(last) = d.last()
+                {
+                    w.between_events = *last == b'\n';
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let message = format!("the watch through the agent's tunnel failed: {e}");
+                let event = self.closing_event(503, "ServiceUnavailable", &message);
+                Poll::Ready(Some(match event {
+                    Some(ev) => Ok(hyper::body::Frame::data(ev)),
+                    None => Err(e),
+                }))
+            }
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -1354,6 +1440,39 @@ fn _executor() -> TokioExecutor {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Only a JSON watch takes the closing event: a protobuf watch's frames, or a plain
+    /// answer, cannot.
+    #[test]
+    fn only_json_watches_end_with_an_error_event() {
+        let json = http::HeaderValue::from_static("application/json");
+        let proto =
+            http::HeaderValue::from_static("application/vnd.kubernetes.protobuf;stream=watch");
+        assert!(is_json_watch(
+            Some("watch=true&resourceVersion=5"),
+            Some(&json)
+        ));
+        assert!(is_json_watch(Some("labelSelector=a&watch=1"), Some(&json)));
+        assert!(!is_json_watch(Some("watch=true"), Some(&proto)));
+        assert!(!is_json_watch(Some("limit=500"), Some(&json)));
+        assert!(!is_json_watch(None, Some(&json)));
+        assert!(!is_json_watch(Some("watch=false"), Some(&json)));
+    }
+
+    #[test]
+    fn the_error_event_is_one_line_with_a_status() {
+        let e = watch_error_event(401, "Unauthorized", ACCESS_ENDED);
+        let text = std::str::from_utf8(&e).unwrap();
+        assert!(
+            text.ends_with('\n') && text.matches('\n').count() == 1,
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["type"], "ERROR");
+        assert_eq!(v["object"]["kind"], "Status");
+        assert_eq!(v["object"]["code"], 401);
+        assert_eq!(v["object"]["reason"], "Unauthorized");
+    }
 
     /// While the store is down, failed personal-access-token checks claiming any number of
     /// agent ids are counted in one series, agent 0 with `access_as="unknown"`, so an

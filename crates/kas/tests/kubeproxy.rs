@@ -1131,26 +1131,44 @@ async fn an_open_watch_ends_when_its_personal_access_token_expires() {
 /// A CI job's ID token that expires while its watch is open ends the watch at its `exp` plus
 /// kas's 30 s leeway for clock skew: only new requests were checked, and a watch or an exec
 /// outlived the token (kas cannot revoke it; expiry is its only end) for up to the connection's
-/// maximum age. Another job's watch goes on.
+/// maximum age. The watch ends with a watch `ERROR` event (a `Status` 401 saying why), as the
+/// API server ends one, and the stream ends cleanly: it was cut mid-stream with nothing said,
+/// and the job could not tell that its token expired. Another job's watch goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_watch_ends_when_its_ci_job_token_expires() {
+    use http_body_util::BodyExt;
     let s = setup().await;
     let mut short = claims("group/app");
     // Past its exp, within the leeway: accepted for about 12 s more.
     short["exp"] = json!(now() - 18);
     let ci = |jwt: &str| format!("ci:{}:{jwt}", s.agent_id);
-    let (mut expiring, rx_a) = spawn_watch(&s, &ci(&s.key.sign(&short)), &s.allowed);
-    let (mut other, rx_b) = spawn_watch(&s, &ci(&s.key.sign(&claims("group/app"))), &s.allowed);
-    wait_watches_see(&s, "ci-expiring", &[&rx_a, &rx_b]).await;
-    wait_for(
-        "the expired job token's watch to end",
-        Duration::from_secs(30),
-        || {
-            let ended = expiring.try_wait().unwrap().is_some();
-            async move { ended.then_some(()) }
-        },
+    let mut sender = s.connect().await;
+    let req = http::Request::get(format!(
+        "/api/v1/namespaces/{}/configmaps?watch=true",
+        s.allowed
+    ))
+    .header("host", "localhost")
+    .header(
+        "authorization",
+        format!("Bearer {}", ci(&s.key.sign(&short))),
     )
-    .await;
+    .body(http_body_util::Empty::new())
+    .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (mut other, rx_b) = spawn_watch(&s, &ci(&s.key.sign(&claims("group/app"))), &s.allowed);
+    wait_watches_see(&s, "ci-expiring", &[&rx_b]).await;
+
+    let body = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+        .await
+        .expect("the expired job token's watch to end");
+    let body = String::from_utf8(body.expect("a clean end").to_bytes().to_vec()).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(body.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(last["type"], "ERROR", "{body}");
+    assert_eq!(last["object"]["code"], 401, "{body}");
+    let message = last["object"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("revoked or expired"), "{message}");
     assert!(
         s.kas.log().contains("A request outlived its token"),
         "{}",
