@@ -882,6 +882,11 @@ fn numeric_date(claims: &Value, name: &str) -> Result<Option<f64>, AuthError> {
 fn identity(issuer: &TrustedIssuer, claims: &Value) -> Result<CiIdentity, AuthError> {
     let map = &issuer.claims;
     let project_path = required_string(claims, &map.project_path)?;
+    // Paths are matched against `ci_access` entries segment by segment: `grp/sub/../app` would
+    // pass for a project of `grp/sub`. No forge signs such a path; refused all the same.
+    if !plain_path(&project_path) {
+        return Err(AuthError::InvalidClaim(map.project_path.clone()));
+    }
     let namespace_path = match optional_string(claims, map.namespace_path.as_deref())? {
         Some(ns) => ns,
         None => match project_path.rsplit_once('/') {
@@ -900,6 +905,12 @@ fn identity(issuer: &TrustedIssuer, claims: &Value) -> Result<CiIdentity, AuthEr
         user: optional_string(claims, map.user.as_deref())?,
         project_path,
     })
+}
+
+/// Whether `path` is a forge's project path: non-empty segments, none `.` or `..`.
+fn plain_path(path: &str) -> bool {
+    path.split('/')
+        .all(|segment| !segment.is_empty() && segment != "." && segment != "..")
 }
 
 /// A string claim; `None` when unmapped, absent, null or empty (GitLab leaves `environment`

@@ -475,6 +475,20 @@ async fn rejections() {
             AuthError::InvalidClaim("project_path".into()),
         ),
         (
+            "a project path climbing out of its group",
+            gl.sign(&with(
+                gitlab_claims(),
+                "project_path",
+                json!("acme/platform/../app"),
+            )),
+            AuthError::InvalidClaim("project_path".into()),
+        ),
+        (
+            "a project path with an empty segment",
+            gl.sign(&with(gitlab_claims(), "project_path", json!("acme//app"))),
+            AuthError::InvalidClaim("project_path".into()),
+        ),
+        (
             "environment of the wrong type",
             gl.sign(&with(gitlab_claims(), "environment", json!(5))),
             AuthError::InvalidClaim("environment".into()),
