@@ -100,7 +100,8 @@ impl StreamEvents for Apply {
 
     fn open_failed(&mut self, status: &Status) {
         if self.last_error != Some(status.code()) {
-            tracing::warn!(code = ?status.code(), error = status.message(), "Cannot open the configuration stream; retrying");
+            let error = tether_tunnel_agent::status_text(status);
+            tracing::warn!(code = ?status.code(), error, "Cannot open the configuration stream; retrying");
             self.last_error = Some(status.code());
         }
     }

@@ -676,7 +676,8 @@ impl Worker {
                 stream.failures = stream.failures.saturating_add(1);
                 stream.lost = true;
                 if stream.failures == 1 {
-                    tracing::warn!(code = ?status.code(), error = status.message(), "Cannot get the manifests from kas; retrying");
+                    let error = tether_tunnel_agent::status_text(&status);
+                    tracing::warn!(code = ?status.code(), error, "Cannot get the manifests from kas; retrying");
                 }
                 stream.reconnect_at = Instant::now() + retry_delay(stream.failures);
             }

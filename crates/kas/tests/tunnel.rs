@@ -414,6 +414,41 @@ async fn kas_says_when_agents_refuse_its_certificate() {
     );
 }
 
+/// agentk dialling a TLS listener without TLS (`grpc://`, `ws://`) says to dial `grpcs://` or
+/// `wss://`: it said `h2 protocol error: http2 error` and `httparse error: invalid HTTP
+/// version`, which name no scheme.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentk_dialling_a_tls_listener_in_plaintext_says_which_scheme_to_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::temporary();
+    let kas = Kas::start(
+        &dir.path().join("kas"),
+        KasOptions {
+            tls: Some((pki.cert.clone(), pki.key.clone())),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "plain")
+        .await
+        .unwrap();
+    for scheme in ["grpc", "ws"] {
+        let name = format!("plain-{scheme}");
+        let agent = Agent::start(dir.path(), &name, &kas.url(scheme), &t.token, None);
+        wait_for(
+            &format!("agentk over {scheme}:// to say why"),
+            Duration::from_secs(20),
+            || {
+                let said = agent.log().contains("dial it with grpcs:// or wss://");
+                async move { said.then_some(()) }
+            },
+        )
+        .await;
+    }
+}
+
 /// A kas whose requests wait at most a second for a tunnel.
 async fn kas_waiting_a_second(dir: &std::path::Path) -> Kas {
     let opts = KasOptions {

@@ -165,7 +165,7 @@ impl Dialer {
         tcp.set_nodelay(true).map_err(Error::HandshakeIo)?;
 
         match &self.tls {
-            None => self.finish(tcp).await,
+            None => self.finish(crate::sniff::SniffTls::new(tcp)).await,
             Some((config, name)) => {
                 let tls = TlsConnector::from(config.current())
                     .connect(name.clone(), tcp)

@@ -21,6 +21,7 @@ mod gate;
 pub mod limits;
 mod proxy;
 mod server;
+mod sniff;
 mod tls;
 mod ws;
 

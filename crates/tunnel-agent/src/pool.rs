@@ -327,6 +327,25 @@ fn closed_under(status: &tonic::Status) -> bool {
     false
 }
 
+/// A failed call's message, with its root cause when tonic says only "transport error" (a
+/// connection that failed: the cause, such as a TLS listener dialled without TLS, is the
+/// operator's lead).
+pub fn status_text(status: &tonic::Status) -> String {
+    let message = status.message();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    let mut root = None;
+    while let Some(e) = cause {
+        root = Some(e);
+        cause = e.source();
+    }
+    match root.map(ToString::to_string) {
+        Some(r) if message == "transport error" && !r.is_empty() && r != message => {
+            format!("{message}: {r}")
+        }
+        _ => message.to_owned(),
+    }
+}
+
 /// Whether kas ended a stream because it refuses the agent (a revoked or unknown token), as
 /// opposed to the stream's connection ending (kas rotating it at its maximum age, restarting,
 /// the network): a refusal is logged as an error at once, an ended connection only when
@@ -714,7 +733,7 @@ fn open_failed(shared: &Shared, attempt: u64, status: &tonic::Status) {
     shared.set_state(
         ConnState::Failed {
             code: status.code(),
-            message: status.message().to_string(),
+            message: status_text(status),
         },
         Cause::OpenFailed { attempt },
     );
@@ -823,7 +842,7 @@ fn idle_stream_failed(shared: &Shared, status: &tonic::Status, refused: Option<u
         shared.set_state(
             ConnState::Failed {
                 code: status.code(),
-                message: status.message().to_string(),
+                message: status_text(status),
             },
             cause,
         );
