@@ -34,15 +34,21 @@ async fn render_with_reporter(
         &[("app/kustomization.yaml", Some(&b"resources: []\n"[..]))],
         "app",
     );
-    let mirror =
-        Mirror::open_or_init(tmp.join("project.git"), Remote::local(&repo.dir)).expect("mirror");
-    mirror.fetch().expect("fetch");
-    let commit = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    let (mirror, commit) = mirrored(tmp, &repo);
     let renderer = kustomize_renderer(tmp, script(tmp, REPORTER));
     let spec = RenderSpec::Kustomize { path: "app".into() };
     let out = renderer.render(1, &mirror, commit, &spec).await;
     let text = out.map(|bytes| String::from_utf8_lossy(&bytes.bytes).into_owned());
     (text, renderer, mirror, commit)
+}
+
+/// `repo` mirrored in `tmp/project.git`, and its head.
+fn mirrored(tmp: &Path, repo: &GitRepo) -> (Mirror, CommitId) {
+    let mirror =
+        Mirror::open_or_init(tmp.join("project.git"), Remote::local(&repo.dir)).expect("mirror");
+    mirror.fetch().expect("fetch");
+    let commit = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    (mirror, commit)
 }
 
 /// `tmp/kustomize`, an executable script of `text`.
@@ -155,10 +161,7 @@ async fn a_failed_rendering_names_the_links_left_out() {
         )],
         "app",
     );
-    let mirror =
-        Mirror::open_or_init(tmp.join("project.git"), Remote::local(&repo.dir)).expect("mirror");
-    mirror.fetch().expect("fetch");
-    let commit = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    let (mirror, commit) = mirrored(tmp, &repo);
     let failing =
         "#!/bin/sh\necho 'Error: ../shared/base.yaml: no such file or directory' >&2\nexit 1\n";
     let renderer = kustomize_renderer(tmp, script(tmp, failing));
@@ -249,10 +252,7 @@ async fn renderings_beyond_max_concurrent_wait_their_turn() {
     let repo = GitRepo::init(&tmp.path().join("project"));
     let app = |n: &str| format!("resources: []\n# {n}\n").into_bytes();
     repo.commit(&[("app/kustomization.yaml", Some(&app("1")[..]))], "one");
-    let mirror = Mirror::open_or_init(tmp.path().join("project.git"), Remote::local(&repo.dir))
-        .expect("mirror");
-    mirror.fetch().expect("fetch");
-    let first = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    let (mirror, first) = mirrored(tmp.path(), &repo);
     repo.commit(&[("app/kustomization.yaml", Some(&app("2")[..]))], "two");
     mirror.fetch().expect("fetch");
     let second = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
@@ -343,10 +343,7 @@ async fn a_hand_made_tree_entry_named_by_an_absolute_path_is_refused_and_nothing
     );
     git(&["update-ref", "HEAD", &commit], None);
 
-    let mirror = Mirror::open_or_init(tmp.path().join("project.git"), Remote::local(&repo.dir))
-        .expect("mirror");
-    mirror.fetch().expect("fetch");
-    let head = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    let (mirror, head) = mirrored(tmp.path(), &repo);
     assert_eq!(head.to_string(), commit);
     let renderer = kustomize_renderer(tmp.path(), "/bin/true".into());
     let spec = RenderSpec::Kustomize { path: "app".into() };
@@ -386,10 +383,7 @@ async fn one_agent_stuck_renderings_do_not_hold_up_another_agents() {
         ],
         "four",
     );
-    let mirror = Mirror::open_or_init(tmp.path().join("project.git"), Remote::local(&repo.dir))
-        .expect("mirror");
-    mirror.fetch().expect("fetch");
-    let commit = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    let (mirror, commit) = mirrored(tmp.path(), &repo);
     let script = tmp.path().join("kustomize");
     std::fs::write(&script, GATED).expect("script");
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -462,10 +456,7 @@ async fn a_submodule_is_an_empty_folder_and_a_failure_names_it() {
         "app",
     );
     repo.add_submodule(&lib.dir, "lib", "a submodule");
-    let mirror = Mirror::open_or_init(tmp.path().join("project.git"), Remote::local(&repo.dir))
-        .expect("mirror");
-    mirror.fetch().expect("fetch");
-    let commit = mirror.resolve(&GitRef::DefaultBranch).expect("commit");
+    let (mirror, commit) = mirrored(tmp.path(), &repo);
     // Says whether the submodule's folder is there and empty, then fails as kustomize would.
     let text = "#!/bin/sh\n[ -d \"$2/../lib\" ] && [ -z \"$(/usr/bin/ls -A \"$2/../lib\")\" ] && echo 'lib is an empty folder' >&2\necho \"error: '$2/../lib/crd.yaml' doesn't exist\" >&2\nexit 1\n";
     let renderer = kustomize_renderer(tmp.path(), script(tmp.path(), text));

@@ -1163,7 +1163,7 @@ impl<B> Revocable<B> {
     }
 
     /// The closing `ERROR` event, if the stream is a JSON watch between two events.
-    fn closing_event(&mut self, code: u16, reason: &str, message: &str) -> Option<Bytes> {
+    fn closing_event(&mut self, code: StatusCode, reason: &str, message: &str) -> Option<Bytes> {
         let at_boundary = self.watch.is_some_and(|w| w.between_events);
         if !at_boundary {
             return None;
@@ -1187,20 +1187,9 @@ fn is_json_watch(query: Option<&str>, content_type: Option<&http::HeaderValue>) 
 }
 
 /// A watch `ERROR` event with a `Status`, one line, as the API server writes it (pure).
-fn watch_error_event(code: u16, reason: &str, message: &str) -> Bytes {
-    let event = serde_json::json!({
-        "type": "ERROR",
-        "object": {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": message,
-            "reason": reason,
-            "code": code,
-        }
-    });
-    Bytes::from(format!("{event}\n"))
+fn watch_error_event(code: StatusCode, reason: &str, message: &str) -> Bytes {
+    let status = tether_kubeproxy_agent::status_json(code, reason, message);
+    Bytes::from(format!("{{\"type\":\"ERROR\",\"object\":{status}}}\n"))
 }
 
 /// What a watch's client is told when its access ends.
@@ -1221,7 +1210,7 @@ where
             return Poll::Ready(None);
         }
         if self.revoked.as_mut().poll(cx).is_ready() {
-            let event = self.closing_event(401, "Unauthorized", ACCESS_ENDED);
+            let event = self.closing_event(StatusCode::UNAUTHORIZED, "Unauthorized", ACCESS_ENDED);
             return Poll::Ready(Some(match event {
                 Some(e) => Ok(hyper::body::Frame::data(e)),
                 None => Err(ACCESS_ENDED.into()),
@@ -1239,7 +1228,11 @@ where
             }
             Poll::Ready(Some(Err(e))) => {
                 let message = format!("the watch through the agent's tunnel failed: {e}");
-                let event = self.closing_event(503, "ServiceUnavailable", &message);
+                let event = self.closing_event(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &message,
+                );
                 Poll::Ready(Some(match event {
                     Some(ev) => Ok(hyper::body::Frame::data(ev)),
                     None => Err(e),
@@ -1461,7 +1454,7 @@ mod tests {
 
     #[test]
     fn the_error_event_is_one_line_with_a_status() {
-        let e = watch_error_event(401, "Unauthorized", ACCESS_ENDED);
+        let e = watch_error_event(StatusCode::UNAUTHORIZED, "Unauthorized", ACCESS_ENDED);
         let text = std::str::from_utf8(&e).unwrap();
         assert!(
             text.ends_with('\n') && text.matches('\n').count() == 1,

@@ -383,19 +383,7 @@ async fn a_ca_rotated_in_agentks_ca_file_is_trusted_when_kas_reconnects_with_a_n
 async fn kas_says_when_agents_refuse_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (served, other) = (Pki::temporary(), Pki::temporary());
-    let kas = Kas::start(
-        &dir.path().join("kas"),
-        KasOptions {
-            tls: Some((served.cert.clone(), served.key.clone())),
-            ..KasOptions::default()
-        },
-    )
-    .await;
-    let t = kas
-        .admin
-        .register_agent("group/app", "distrust")
-        .await
-        .unwrap();
+    let (kas, t) = tls_kas_with_agent(dir.path(), &served, "distrust").await;
     let url = kas.url("grpcs");
     let _agent = Agent::start(dir.path(), "distrust", &url, &t.token, Some(&other.ca));
     let series =
@@ -421,19 +409,7 @@ async fn kas_says_when_agents_refuse_its_certificate() {
 async fn agentk_dialling_a_tls_listener_in_plaintext_says_which_scheme_to_use() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::temporary();
-    let kas = Kas::start(
-        &dir.path().join("kas"),
-        KasOptions {
-            tls: Some((pki.cert.clone(), pki.key.clone())),
-            ..KasOptions::default()
-        },
-    )
-    .await;
-    let t = kas
-        .admin
-        .register_agent("group/app", "plain")
-        .await
-        .unwrap();
+    let (kas, t) = tls_kas_with_agent(dir.path(), &pki, "plain").await;
     for scheme in ["grpc", "ws"] {
         let name = format!("plain-{scheme}");
         let agent = Agent::start(dir.path(), &name, &kas.url(scheme), &t.token, None);
@@ -447,6 +423,24 @@ async fn agentk_dialling_a_tls_listener_in_plaintext_says_which_scheme_to_use() 
         )
         .await;
     }
+}
+
+/// A kas whose agent listener serves `pki`'s certificate, and agent `name` registered there.
+async fn tls_kas_with_agent(
+    dir: &std::path::Path,
+    pki: &Pki,
+    name: &str,
+) -> (Kas, tether_kas_api::TokenCreated) {
+    let kas = Kas::start(
+        &dir.join("kas"),
+        KasOptions {
+            tls: Some((pki.cert.clone(), pki.key.clone())),
+            ..KasOptions::default()
+        },
+    )
+    .await;
+    let t = kas.admin.register_agent("group/app", name).await.unwrap();
+    (kas, t)
 }
 
 /// A kas whose requests wait at most a second for a tunnel.

@@ -465,25 +465,29 @@ pub fn with_restrictor_hint(message: String, files_fenced: bool) -> String {
 /// kas does not fetch submodules, so a kustomization or chart using their files fails for
 /// want of them.
 pub fn with_submodule_hint(message: String, submodules: &[String]) -> String {
-    if submodules.is_empty() {
-        return message;
-    }
-    format!(
-        "{message} (the repository's submodules {} are empty where kas renders: kas does not fetch submodules; commit the files they hold into this repository, or make the submodule's repository a manifest project of its own)",
-        submodules.join(", ")
-    )
+    with_listed(message, submodules, |list| {
+        format!(
+            "the repository's submodules {list} are empty where kas renders: kas does not fetch submodules; commit the files they hold into this repository, or make the submodule's repository a manifest project of its own"
+        )
+    })
 }
 
 /// A renderer's failure in a checkout that left out links leaving the repository (outside
 /// the entry's folder): the files the renderer missed may be theirs.
 pub fn with_left_out_hint(message: String, left_out: &[String]) -> String {
-    if left_out.is_empty() {
+    with_listed(message, left_out, |list| {
+        format!(
+            "symbolic links pointing outside the repository are left out where kas renders: {list}"
+        )
+    })
+}
+
+/// `message` followed by `(note)`, the note naming `items`; `message` alone without items.
+fn with_listed(message: String, items: &[String], note: impl Fn(&str) -> String) -> String {
+    if items.is_empty() {
         return message;
     }
-    format!(
-        "{message} (symbolic links pointing outside the repository are left out where kas renders: {})",
-        left_out.join(", ")
-    )
+    format!("{message} ({})", note(&items.join(", ")))
 }
 
 /// Whether a renderer that failed ran into its memory limit: Go's runtime says so in these

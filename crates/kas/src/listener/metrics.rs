@@ -90,6 +90,15 @@ impl Events {
     }
 }
 
+impl Events {
+    fn count_closed(&self, reason: CloseReason) {
+        self.metrics
+            .closed
+            .get_or_create(&self.labels(reason.as_str()))
+            .inc();
+    }
+}
+
 impl ListenerEvents for Events {
     fn refused(&self, reason: Refusal, peer: SocketAddr) {
         self.metrics
@@ -110,10 +119,7 @@ impl ListenerEvents for Events {
 
     fn certificate_refused(&self, peer: SocketAddr, error: &str) {
         let reason = CloseReason::CertificateRefused;
-        self.metrics
-            .closed
-            .get_or_create(&self.labels(reason.as_str()))
-            .inc();
+        self.count_closed(reason);
         if let Some(suppressed) = self.throttle.admit(reason.as_str(), Instant::now()) {
             tracing::warn!(
                 listener = self.listener,
@@ -126,10 +132,7 @@ impl ListenerEvents for Events {
     }
 
     fn closed(&self, reason: CloseReason, peer: SocketAddr) {
-        self.metrics
-            .closed
-            .get_or_create(&self.labels(reason.as_str()))
-            .inc();
+        self.count_closed(reason);
         if reason == CloseReason::IdleTimeout {
             // Ordinary life of keep-alive connections.
             tracing::debug!(listener = self.listener, remote_addr = %peer, "Idle connection closed");
