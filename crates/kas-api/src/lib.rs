@@ -386,10 +386,14 @@ pub struct TokenView {
     /// few seconds, and at each token re-check while it stays open); `None` if never.
     #[serde(default)]
     pub last_used_at: Option<i64>,
-    /// Streams to kas open with it on the replica that answered (each replica counts its
-    /// own): what revoking it ends there. 0 once agentk moved to a newer token.
+    /// Streams to kas open with it, on every replica (each counts its own and the one that
+    /// answered adds the others'): what revoking it ends. 0 once agentk moved to a newer token.
     #[serde(default)]
     pub open_streams: usize,
+    /// Replicas that did not say how many streams they hold with it: `open_streams` misses
+    /// theirs. Empty with one kas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams_unknown_on: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]

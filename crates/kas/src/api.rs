@@ -536,22 +536,34 @@ async fn create_token(
 pub(crate) async fn list_tokens(
     State(st): State<ApiState>,
     Path(agent_id): Path<i64>,
+    from_peer: Option<axum::Extension<crate::api_routing::FromPeer>>,
 ) -> Result<Json<Vec<TokenView>>, ApiError> {
+    let local = local_tokens(&st, agent_id).await?;
+    match (&st.peers, from_peer) {
+        (Some(peers), None) => {
+            let others = crate::api_routing::other_replicas_tokens(peers, agent_id).await;
+            Ok(Json(crate::api_routing::merge_tokens(local, others)))
+        }
+        _ => Ok(Json(local)),
+    }
+}
+
+/// The agent's tokens with the streams open with each on this replica.
+async fn local_tokens(st: &ApiState, agent_id: i64) -> Result<Vec<TokenView>, ApiError> {
     let tokens = st.store.list_tokens(agent_id).await?;
-    Ok(Json(
-        tokens
-            .into_iter()
-            .map(|t| TokenView {
-                id: t.id,
-                agent_id: t.agent_id,
-                description: t.description,
-                created_at: t.created_at,
-                revoked_at: t.revoked_at,
-                last_used_at: t.last_used_at,
-                open_streams: st.registry.streams_of(t.id),
-            })
-            .collect(),
-    ))
+    Ok(tokens
+        .into_iter()
+        .map(|t| TokenView {
+            id: t.id,
+            agent_id: t.agent_id,
+            description: t.description,
+            created_at: t.created_at,
+            revoked_at: t.revoked_at,
+            last_used_at: t.last_used_at,
+            open_streams: st.registry.streams_of(t.id),
+            streams_unknown_on: Vec::new(),
+        })
+        .collect())
 }
 
 async fn create_user_token(

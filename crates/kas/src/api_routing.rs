@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::Full;
 use std::collections::BTreeMap;
-use tether_kas_api::AgentView;
+use tether_kas_api::{AgentView, TokenView};
 
 use crate::api::{ApiError, ApiState};
 use crate::peers::Peers;
@@ -122,22 +122,47 @@ async fn forward(
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
-/// The other replicas' agent lists, and those that could not be asked.
-#[derive(Debug, Default)]
-pub struct OtherLists {
-    pub lists: Vec<Vec<AgentView>>,
+/// The other replicas' lists (of agents, of tokens), and those that could not be asked.
+#[derive(Debug)]
+pub struct OtherLists<T> {
+    pub lists: Vec<Vec<T>>,
     /// Replicas that did not answer (their address), or why none could be listed.
     pub unreachable: Vec<String>,
+}
+
+impl<T> Default for OtherLists<T> {
+    fn default() -> Self {
+        OtherLists {
+            lists: Vec::new(),
+            unreachable: Vec::new(),
+        }
+    }
 }
 
 /// Every other replica's agent list (its own connections), for `GET /api/v1/agents`. A replica
 /// that does not answer is named in `unreachable` (logged at warn): the list then misses its
 /// connections, and says so.
-pub async fn other_replicas_agents(peers: &Peers) -> OtherLists {
+pub async fn other_replicas_agents(peers: &Peers) -> OtherLists<AgentView> {
+    ask_the_others(peers, "/api/v1/agents").await
+}
+
+/// Every other replica's token list of `agent_id` (each with the streams open there), for
+/// `GET /api/v1/agents/{id}/tokens`: streams of a token live on whichever replica agentk's
+/// connections reached.
+pub async fn other_replicas_tokens(peers: &Peers, agent_id: i64) -> OtherLists<TokenView> {
+    ask_the_others(peers, &format!("/api/v1/agents/{agent_id}/tokens")).await
+}
+
+/// `GET path` of every other replica's admin API; a replica that does not answer is named in
+/// `unreachable` and logged at warn.
+async fn ask_the_others<T: serde::de::DeserializeOwned>(
+    peers: &Peers,
+    path: &str,
+) -> OtherLists<T> {
     let addresses = match peers.other_replicas().await {
         Ok(a) => a,
         Err(e) => {
-            tracing::warn!(error = %e, "Cannot list the other replicas; showing this replica's connections only");
+            tracing::warn!(error = %e, path, "Cannot list the other replicas; answering with this replica's connections only");
             return OtherLists {
                 lists: Vec::new(),
                 unreachable: vec![format!(
@@ -146,25 +171,21 @@ pub async fn other_replicas_agents(peers: &Peers) -> OtherLists {
             };
         }
     };
-    let (parts, _) = hyper::Request::get("/api/v1/agents")
+    let (parts, _) = hyper::Request::get(path)
         .body(())
         .unwrap_or_default()
         .into_parts();
     let mut others = OtherLists::default();
     for address in addresses {
-        match fetch_list(peers, &address, &parts).await {
+        match ask::<Vec<T>>(peers, &address, &parts, Bytes::new()).await {
             Ok(list) => others.lists.push(list),
             Err(e) => {
-                tracing::warn!(replica = %address, error = %e, "A replica did not list its agents");
+                tracing::warn!(replica = %address, error = %e, path, "A replica did not answer a listing");
                 others.unreachable.push(format!("replica {address}"));
             }
         }
     }
     others
-}
-
-async fn fetch_list(peers: &Peers, address: &str, parts: &Parts) -> Result<Vec<AgentView>, String> {
-    ask(peers, address, parts, Bytes::new()).await
 }
 
 /// One admin API exchange with the replica at `address` (the request `parts` with `body`),
@@ -188,7 +209,7 @@ pub async fn ask<T: serde::de::DeserializeOwned>(
 /// This replica's agent list with the others' (pure): an agent's connections are all of its
 /// connections on every replica; its configuration in force comes from a replica holding it.
 /// Each agent names the replicas that did not answer.
-pub fn merge_agents(local: Vec<AgentView>, others: OtherLists) -> Vec<AgentView> {
+pub fn merge_agents(local: Vec<AgentView>, others: OtherLists<AgentView>) -> Vec<AgentView> {
     let mut by_id: BTreeMap<i64, AgentView> = local.into_iter().map(|a| (a.id, a)).collect();
     for view in others.lists.into_iter().flatten() {
         let Some(mine) = by_id.get_mut(&view.id) else {
@@ -210,6 +231,36 @@ pub fn merge_agents(local: Vec<AgentView>, others: OtherLists) -> Vec<AgentView>
         a.unreachable_replicas.clone_from(&others.unreachable);
     }
     merged
+}
+
+/// This replica's token list with the others' (pure): a token's open streams are those of
+/// every replica; each token names the replicas that did not say theirs. The tokens are this
+/// replica's (all read the same database).
+pub fn merge_tokens(mut local: Vec<TokenView>, others: OtherLists<TokenView>) -> Vec<TokenView> {
+    let mut streams: BTreeMap<i64, usize> = BTreeMap::new();
+    for view in others.lists.into_iter().flatten() {
+        *streams.entry(view.id).or_default() += view.open_streams;
+    }
+    for t in &mut local {
+        t.open_streams += streams.get(&t.id).copied().unwrap_or(0);
+        t.streams_unknown_on.clone_from(&others.unreachable);
+    }
+    local
+}
+
+/// An active token of `agent_id` with `open_streams` (for tests).
+#[cfg(test)]
+pub(crate) fn token_view(id: i64, agent_id: i64, open_streams: usize) -> TokenView {
+    TokenView {
+        id,
+        agent_id,
+        description: String::new(),
+        created_at: 0,
+        revoked_at: None,
+        last_used_at: None,
+        open_streams,
+        streams_unknown_on: Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +286,34 @@ mod tests {
         assert_eq!(agent_of("/api/v1/agents"), None);
         assert_eq!(agent_of("/api/v1/agents/x/echo"), None);
         assert_eq!(agent_of("/api/v1/projects"), None);
+    }
+
+    fn token(id: i64, open_streams: usize) -> TokenView {
+        token_view(id, 1, open_streams)
+    }
+
+    #[test]
+    fn a_tokens_streams_are_summed_over_the_replicas_and_the_silent_ones_named() {
+        let others = OtherLists {
+            lists: vec![
+                vec![token(1, 3), token(2, 0)],
+                vec![token(1, 1), token(9, 5)],
+            ],
+            unreachable: Vec::new(),
+        };
+        let merged = merge_tokens(vec![token(1, 2), token(2, 0)], others);
+        let streams: Vec<(i64, usize)> = merged.iter().map(|t| (t.id, t.open_streams)).collect();
+        // A token another replica read after this one did is left to the next listing.
+        assert_eq!(streams, [(1, 6), (2, 0)]);
+        assert!(merged.iter().all(|t| t.streams_unknown_on.is_empty()));
+
+        let silent = OtherLists {
+            lists: Vec::new(),
+            unreachable: vec!["replica 10.0.0.6:8156".into()],
+        };
+        let merged = merge_tokens(vec![token(1, 0)], silent);
+        assert_eq!(merged[0].open_streams, 0);
+        assert_eq!(merged[0].streams_unknown_on, ["replica 10.0.0.6:8156"]);
     }
 
     fn view(id: i64, connected: bool) -> AgentView {

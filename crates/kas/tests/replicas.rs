@@ -1716,6 +1716,45 @@ async fn admin_commands_about_an_agent_work_through_any_replica() {
     assert!(two.log().contains("Peers listener is up"), "{}", two.log());
 }
 
+/// A token's streams live on whichever replica agentk's connection reached: `kas token list`
+/// through another replica counts them (STREAMS 0 there said nothing before), and when the
+/// replica holding them does not answer it names it and exits 7 rather than show a 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_streams_are_counted_on_every_replica_and_a_silent_one_is_named() {
+    let (_shared, _dir, (mut rig, _, _), two) = peered_pair("token-streams").await;
+    let id = rig.agent_id;
+    let streams = |list: &[tether_kas_api::TokenView]| -> Vec<(i64, usize)> {
+        list.iter().map(|t| (t.id, t.open_streams)).collect()
+    };
+    let on_holder = rig.kas.admin.list_tokens(id).await.unwrap();
+    assert!(on_holder[0].open_streams >= 1, "{on_holder:?}");
+    let through_two = two.admin.list_tokens(id).await.unwrap();
+    assert_eq!(streams(&through_two), streams(&on_holder));
+    assert!(
+        through_two[0].streams_unknown_on.is_empty(),
+        "{through_two:?}"
+    );
+
+    let holder = peers_address(&rig.kas);
+    rig.kas.kill9();
+    let listed = two.admin.list_tokens(id).await.unwrap();
+    assert_eq!(listed[0].streams_unknown_on, [format!("replica {holder}")]);
+    let out = two
+        .cli()
+        .args(["token", "list", "--agent-id", &id.to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "STREAMS misses the streams open on replica {holder}"
+        )),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("STREAMS"));
+}
+
 /// Redis losing its data (a restart without persistence, a failover to a replica that had not
 /// caught up; here FLUSHALL) loses which replica holds which agent. Each replica sees its own
 /// liveness key gone and writes its agents again within seconds; requests through another

@@ -176,8 +176,13 @@ pub async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
         }
         TokenCmd::List { agent_id, format } => {
             let tokens = c.list_tokens(c.resolve_agent(agent_id).await?).await?;
+            // Every token names the same replicas: those that did not answer this listing.
+            let tokens_unknown = tokens
+                .first()
+                .map(|t| t.streams_unknown_on.clone())
+                .unwrap_or_default();
             if print_data(format.format(), &tokens)? {
-                return Ok(());
+                return streams_unknown(&tokens_unknown);
             }
             let header = [
                 "ID",
@@ -204,6 +209,7 @@ pub async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
                 ]);
             }
             t.print()?;
+            streams_unknown(&tokens_unknown)?;
         }
         TokenCmd::Revoke { token_id } => {
             let r = c.revoke_token(*token_id).await?;
@@ -217,6 +223,23 @@ pub async fn token_cmd(c: &AdminClient, cmd: &TokenCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `kas token list` when a replica did not say its streams: STREAMS misses them, so a 0 does
+/// not mean the token can be revoked without ending streams. Said on stderr, exit
+/// [`crate::cli::agent::EXIT_CONNECTION_UNKNOWN`] (as the agent list with a silent replica).
+fn streams_unknown(replicas: &[String]) -> Result<()> {
+    if replicas.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "kas: STREAMS misses the streams open on {}, which did not answer",
+        replicas.join(", ")
+    );
+    Err(Reported {
+        code: crate::cli::agent::EXIT_CONNECTION_UNKNOWN,
+    }
+    .into())
 }
 
 /// Exit code of a revocation stored but not told to the other replicas at once: their live

@@ -49,7 +49,9 @@ async fn agent_body(
         .find(|a| a.id == id)
         .ok_or_else(|| api::ApiError::new(StatusCode::NOT_FOUND, format!("no agent {id}")))?;
     let (syncs, progress, unreported) = sync_views(st, id).await?;
-    let tokens = api::list_tokens(State(st.api.clone()), Path(id)).await?.0;
+    let tokens = api::list_tokens(State(st.api.clone()), Path(id), None)
+        .await?
+        .0;
     // As the proxy decides: the stored configuration when another replica holds the agent.
     let access = st.api.in_force().now(id).await.map(|c| {
         let rules = serde_json::json!({"ci_access": c.ci_access, "user_access": c.user_access});

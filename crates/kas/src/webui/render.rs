@@ -112,15 +112,10 @@ pub fn agents(list: &[AgentView], own: &str) -> Html {
     let mut out = Html::default();
     // Every agent names the same replicas: those that did not answer this listing.
     if let Some(missing) = list.iter().find(|a| !a.unreachable_replicas.is_empty()) {
-        let text = format!(
+        out.push(incomplete(&format!(
             "Incomplete: {} did not answer. An agent shown as unknown may be connected there.",
             missing.unreachable_replicas.join(", ")
-        );
-        out.push(Html::wrap(
-            "p",
-            "class=\"warning\" role=\"alert\"",
-            Html::text(&text),
-        ));
+        )));
     }
     out.push(
         Table {
@@ -446,7 +441,20 @@ fn unix_time(secs: i64) -> String {
     )
 }
 
+/// A listing's warning that some replicas did not answer.
+fn incomplete(text: &str) -> Html {
+    Html::wrap("p", "class=\"warning\" role=\"alert\"", Html::text(text))
+}
+
 fn tokens(list: &[TokenView], csrf: Option<&str>) -> Html {
+    let mut out = Html::default();
+    // Every token names the same replicas: those that did not answer this listing.
+    if let Some(missing) = list.iter().find(|t| !t.streams_unknown_on.is_empty()) {
+        out.push(incomplete(&format!(
+            "Streams incomplete: {} did not answer; streams open there are not counted.",
+            missing.streams_unknown_on.join(", ")
+        )));
+    }
     let rows = list
         .iter()
         .map(|t| {
@@ -470,7 +478,7 @@ fn tokens(list: &[TokenView], csrf: Option<&str>) -> Html {
             ]
         })
         .collect();
-    Table {
+    let table = Table {
         id: "tokens",
         caption: "Tokens",
         headers: &[
@@ -484,7 +492,9 @@ fn tokens(list: &[TokenView], csrf: Option<&str>) -> Html {
         rows,
         empty: "none",
     }
-    .render()
+    .render();
+    out.push(table);
+    out
 }
 
 /// The form registering an agent (admins only).
@@ -843,15 +853,7 @@ mod tests {
     fn viewers_get_no_buttons_and_admins_do() {
         let a = agent_view();
         let syncs = [seed_sync()];
-        let tokens = [TokenView {
-            id: 3,
-            agent_id: 7,
-            description: String::new(),
-            created_at: 0,
-            revoked_at: None,
-            last_used_at: None,
-            open_streams: 0,
-        }];
+        let tokens = [token_view(0)];
         let filter = ObjectFilter::default();
         let mut p = AgentPage {
             own: "",
@@ -880,5 +882,29 @@ mod tests {
         ] {
             assert!(admin.as_str().contains(b), "{b}");
         }
+    }
+
+    /// Active token 3 of agent 7 with `open_streams`.
+    fn token_view(open_streams: usize) -> TokenView {
+        crate::api_routing::token_view(3, 7, open_streams)
+    }
+
+    #[test]
+    fn token_streams_a_replica_did_not_say_are_flagged() {
+        let mut token = token_view(2);
+        assert!(
+            !tokens(std::slice::from_ref(&token), None)
+                .as_str()
+                .contains("alert")
+        );
+        token.streams_unknown_on = vec!["replica 10.0.0.6:8156".into()];
+        let s = tokens(&[token], None);
+        assert!(
+            s.as_str().contains(
+                "role=\"alert\">Streams incomplete: replica 10.0.0.6:8156 did not answer"
+            ),
+            "{}",
+            s.as_str()
+        );
     }
 }
