@@ -25,8 +25,9 @@ pub enum Error {
         /// The mirror directory.
         path: PathBuf,
     },
-    /// A branch, tag, or commit that the mirror does not have.
-    #[error("{0} not found in the mirror (has it been fetched?)")]
+    /// A branch, tag, or commit that the mirror does not have: the whole sentence, saying what
+    /// is missing and why it may be.
+    #[error("{0}")]
     NotFound(String),
     /// Not a full hex commit id.
     #[error("invalid commit id {0:?}: expected a full hex object id")]

@@ -734,14 +734,34 @@ impl Mirror {
         Ok(None)
     }
 
+    /// Whether anything was ever fetched into the mirror: a branch or tag, or a pack (left by
+    /// a branch since deleted on the remote). A repository nothing was pushed to has neither.
+    pub fn ever_fetched_anything(&self) -> Result<bool, Error> {
+        if !branch_and_tag_ids(&self.repo())?.is_empty() {
+            return Ok(true);
+        }
+        let packs = self.inner.dir.join("objects").join("pack");
+        Ok(std::fs::read_dir(&packs)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "pack"))
+            })
+            .unwrap_or(false))
+    }
+
     /// Resolves `git_ref` to a commit present in the mirror.
     pub fn resolve(&self, git_ref: &GitRef) -> Result<CommitId, Error> {
         let repo = self.repo();
         let full_name = match git_ref {
             GitRef::DefaultBranch => {
-                let branch = self
-                    .default_branch()?
-                    .ok_or_else(|| Error::NotFound("the default branch".to_owned()))?;
+                let branch = self.default_branch()?.ok_or_else(|| {
+                    Error::NotFound(
+                        "the remote had no default branch at the last fetch (its HEAD names \
+                         none of its branches, and it has no main or master)"
+                            .to_owned(),
+                    )
+                })?;
                 format!("refs/heads/{branch}")
             }
             GitRef::Branch(name) => format!("refs/heads/{}", check_ref_name(name)?),
@@ -750,16 +770,18 @@ impl Mirror {
                 let id = CommitId::from_hex(hex)?;
                 return match repo.try_find_object(id.0) {
                     Ok(Some(object)) if object.kind == gix::object::Kind::Commit => Ok(id),
-                    Ok(Some(_)) => Err(Error::NotFound(format!(
-                        "commit {id} (the object is not a commit)"
-                    ))),
-                    Ok(None) => Err(Error::NotFound(format!("commit {id}"))),
+                    Ok(Some(_)) => Err(not_a_commit(&id)),
+                    Ok(None) => Err(commit_not_found(&id)),
                     Err(e) => Err(git_err("looking up a commit")(e)),
                 };
             }
         };
-        let mut reference =
-            find_ref(&repo, &full_name)?.ok_or_else(|| Error::NotFound(full_name.clone()))?;
+        let mut reference = find_ref(&repo, &full_name)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "{full_name} was not on the remote at the last fetch (deleted, renamed, or not \
+                 pushed yet?)"
+            ))
+        })?;
         let commit = reference
             .peel_to_commit()
             .map_err(git_err("peeling a ref to its commit"))?;
@@ -1110,6 +1132,18 @@ fn branch_and_tag_ids(repo: &gix::Repository) -> Result<BTreeMap<String, gix::Ob
     Ok(out)
 }
 
+fn commit_not_found(id: &CommitId) -> Error {
+    Error::NotFound(format!(
+        "commit {id} not found in the mirror (is it on a branch or tag of the remote, and fetched?)"
+    ))
+}
+
+fn not_a_commit(id: &CommitId) -> Error {
+    Error::NotFound(format!(
+        "{id} not found in the mirror as a commit (the object is not one)"
+    ))
+}
+
 fn find_ref<'r>(
     repo: &'r gix::Repository,
     full_name: &str,
@@ -1137,10 +1171,8 @@ fn entry_at(
 
 fn commit_tree<'r>(repo: &'r gix::Repository, commit: &CommitId) -> Result<gix::Tree<'r>, Error> {
     let commit_obj = match repo.try_find_object(commit.0) {
-        Ok(Some(object)) => object.try_into_commit().map_err(|_| {
-            Error::NotFound(format!("commit {commit} (the object is not a commit)"))
-        })?,
-        Ok(None) => return Err(Error::NotFound(format!("commit {commit}"))),
+        Ok(Some(object)) => object.try_into_commit().map_err(|_| not_a_commit(commit))?,
+        Ok(None) => return Err(commit_not_found(commit)),
         Err(e) => return Err(git_err("looking up a commit")(e)),
     };
     commit_obj

@@ -486,8 +486,10 @@ fn publish(
             *failures = 0;
             entry.head.send_modify(|h| {
                 h.refusal = None;
-                if h.commit != commit {
-                    tracing::info!(project = %path, commit_id = commit.as_ref().map(CommitId::to_hex).unwrap_or_default(), "Project has a new commit");
+                match (&commit, h.commit != commit) {
+                    (Some(c), true) => tracing::info!(project = %path, commit_id = %c, "Project has a new commit"),
+                    (None, true) => tracing::info!(project = %path, "Project has no commit yet (nothing was pushed to it)"),
+                    (_, false) => {}
                 }
                 h.commit = commit;
                 h.error = None;
@@ -525,8 +527,18 @@ impl Sources {
     ) -> Result<Result<Option<CommitId>, Refusal>, crate::Error> {
         let commit = match mirror.resolve(&GitRef::DefaultBranch) {
             Ok(commit) => commit,
-            // An empty repository has no default branch yet: not an error.
-            Err(crate::Error::NotFound(_)) => return Ok(Ok(None)),
+            // A repository nothing was pushed to has no default branch yet: not an error. One
+            // whose branch was deleted (it had a commit, or the mirror has other refs or a pack)
+            // is: the last good commit stays in force, and the fetch is failing where people
+            // look.
+            Err(crate::Error::NotFound(why)) => {
+                if entry.head.borrow().commit.is_none() && !mirror.ever_fetched_anything()? {
+                    return Ok(Ok(None));
+                }
+                return Err(crate::Error::NotFound(format!(
+                    "{why}: was the branch deleted? The last good commit stays in force"
+                )));
+            }
             Err(e) => return Err(e),
         };
         let Some(policy) = lock(&entry.verify).clone() else {
@@ -587,9 +599,9 @@ async fn verdict(
 /// fetches is newer.
 fn publish_restored(entry: &Entry, mirror: &Mirror, path: &str, verified_only: bool) {
     let restored = if verified_only {
-        mirror
-            .last_verified()
-            .and_then(|c| c.ok_or_else(|| crate::Error::NotFound("a verified commit".into())))
+        mirror.last_verified().and_then(|c| {
+            c.ok_or_else(|| crate::Error::NotFound("the mirror has no verified commit".into()))
+        })
     } else {
         mirror.resolve(&GitRef::DefaultBranch)
     };

@@ -785,6 +785,76 @@ fn empty_remote_is_not_an_error() {
     );
 }
 
+/// The followed branch deleted on the remote is a failing fetch, not an empty repository: the
+/// last good commit stays published with an error that says what happened (it used to be a
+/// successful fetch of no commit), also for a kas restarted meanwhile, which knows no commit;
+/// the branch pushed again clears it. A repository nothing was pushed to is no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_default_branch_fails_the_fetch_and_keeps_the_last_good_commit() {
+    use tether_git_source::{ProjectHead, ProjectSpec, Sources};
+
+    let f = Fixture::new("main");
+    let c1 = f.commit(&[("a", b"1")], &[], "one");
+    let empty = GitRepo::init_on(&f.repos().join("empty"), "main");
+    let spec = |id: i64, dir: PathBuf| ProjectSpec {
+        id,
+        path: format!("group/p{id}"),
+        remote: Some(Remote::local(dir)),
+        verify: None,
+    };
+    let until = |sources: &std::sync::Arc<Sources>, id: i64, done: fn(&ProjectHead) -> bool| {
+        let mut head = sources.watch(id);
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), async {
+                loop {
+                    let h = head.borrow_and_update().clone();
+                    if done(&h) {
+                        return h;
+                    }
+                    head.changed().await.expect("head");
+                }
+            })
+            .await
+            .expect("the head should get there")
+        }
+    };
+    let start = || {
+        Sources::new(
+            f.cache("sources"),
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        )
+    };
+    let sources = start();
+    sources.upsert(spec(1, f.src())).expect("upsert");
+    sources.upsert(spec(2, empty.dir.clone())).expect("upsert");
+    until(&sources, 1, |h| h.commit.is_some()).await;
+    let nothing = until(&sources, 2, |h| h.fetches >= 1).await;
+    assert_eq!((nothing.commit, nothing.error), (None, None));
+
+    f.repo.git(&["checkout", "--detach"]);
+    f.repo.git(&["branch", "-D", "main"]);
+    let gone = until(&sources, 1, |h| h.error.is_some()).await;
+    assert_eq!(gone.commit, Some(c1));
+    let error = gone.error.unwrap_or_default();
+    assert!(
+        error.contains("no default branch") && error.contains("deleted?"),
+        "{error}"
+    );
+    sources.shutdown();
+
+    // A restarted kas: the mirror no longer has the branch, yet the fetch fails all the same.
+    let again = start();
+    again.upsert(spec(1, f.src())).expect("upsert");
+    let failing = until(&again, 1, |h| h.error.is_some() || h.fetches >= 1).await;
+    assert!(failing.error.is_some(), "{failing:?}");
+
+    f.repo.git(&["checkout", "-b", "main"]);
+    let back = until(&again, 1, |h| h.error.is_none() && h.commit.is_some()).await;
+    assert_eq!(back.commit, Some(c1));
+    again.shutdown();
+}
+
 /// A server that accepts connections and never answers must not stop updates: the fetch
 /// times out, the error is published, and the last good commit stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -489,7 +489,7 @@ fn read_files(
             // unless the object database is damaged.
             Ok(None) => {
                 return Err(SelectError::Git(GitError::NotFound(format!(
-                    "file {path} at commit {commit}"
+                    "file {path} at commit {commit} not found in the mirror"
                 ))));
             }
             Err(GitError::TooLarge { path, size, limit }) => {
