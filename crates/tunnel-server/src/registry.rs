@@ -137,6 +137,39 @@ impl AgentState {
     }
 }
 
+/// A request waiting for an idle stream of an agent. However it ends — served, timed out, or
+/// dropped because its client went away — its waiter leaves the agent's entry: a dropped one
+/// used to stay until the agent connected, and kept a disconnected agent counted as
+/// connected (`tunnel_connected_agents`).
+struct Waiting<'r> {
+    registry: &'r Registry,
+    agent_id: i64,
+    rx: Option<oneshot::Receiver<IdleHandle>>,
+}
+
+impl Waiting<'_> {
+    /// The stream given to this request, or `None` at `deadline` or when kas stops.
+    async fn until(mut self, deadline: tokio::time::Instant) -> Option<IdleHandle> {
+        let rx = self.rx.as_mut()?;
+        let handle = tokio::time::timeout_at(deadline, rx).await.ok()?.ok();
+        if handle.is_some() {
+            // Its waiter was taken off the queue to be answered: nothing to prune.
+            self.rx = None;
+        }
+        handle
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(rx) = self.rx.take() {
+            // Closed first, so the pruning sees this waiter as gone.
+            drop(rx);
+            self.registry.prune_waiters(self.agent_id);
+        }
+    }
+}
+
 /// Most tunnel streams one agent may have open on one kas by default: agentk opens at most
 /// 500 per replica (`--tunnel-max-streams`), so this admits several replicas, and bounds
 /// what a stolen token can make kas hold (a few KB per stream).
@@ -152,6 +185,9 @@ struct Inner {
     /// every stream event made connecting a fleet quadratic (19,000 agents took twice the CPU
     /// per agent of 10,000, under this lock).
     idle_streams: usize,
+    /// Agents with a connection here, kept as connections come and go: `agents` also holds
+    /// requests waiting for an agent that is not connected, which are no connection.
+    connected_agents: usize,
     shutting_down: bool,
     /// kas is stopping but lets requests in flight finish (see [`Registry::drain`]).
     draining: bool,
@@ -346,7 +382,7 @@ impl Registry {
             .set(i64::try_from(idle).unwrap_or(i64::MAX));
         self.metrics
             .connected_agents
-            .set(i64::try_from(inner.agents.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(inner.connected_agents).unwrap_or(i64::MAX));
     }
 
     pub fn stats(&self) -> RegistryStats {
@@ -356,8 +392,16 @@ impl Registry {
             inner.idle_streams,
             inner.agents.values().map(|a| a.idle.len()).sum::<usize>()
         );
+        debug_assert_eq!(
+            inner.connected_agents,
+            inner
+                .agents
+                .values()
+                .filter(|a| !a.connections.is_empty())
+                .count()
+        );
         RegistryStats {
-            agents: inner.agents.len(),
+            agents: inner.connected_agents,
             open_streams: inner.open_streams,
             idle_streams: inner.idle_streams,
             waiters: inner.agents.values().map(|a| a.waiters.len()).sum(),
@@ -589,14 +633,18 @@ impl Registry {
             };
             let handle = match waiter {
                 Ok(h) => h,
-                Err(rx) => match tokio::time::timeout_at(deadline, rx).await {
-                    Ok(Ok(h)) => h,
-                    // The sender side was dropped (shutdown) or the time is up.
-                    Ok(Err(_)) | Err(_) => {
-                        self.prune_waiters(agent_id);
-                        return Err(self.none_in_time(agent_id));
+                Err(rx) => {
+                    let waiting = Waiting {
+                        registry: self,
+                        agent_id,
+                        rx: Some(rx),
+                    };
+                    match waiting.until(deadline).await {
+                        Some(h) => h,
+                        // The sender side was dropped (shutdown) or the time is up.
+                        None => return Err(self.none_in_time(agent_id)),
                     }
-                },
+                }
             };
             let (reply_tx, reply_rx) = oneshot::channel();
             if handle.claim.send(reply_tx).is_err() {
@@ -669,6 +717,8 @@ impl Registry {
         }
     }
 
+    /// Drops the waiters whose requests went away, and the agent's entry if nothing else is
+    /// left in it.
     fn prune_waiters(&self, agent_id: i64) {
         let mut inner = self.lock();
         if let Some(state) = inner.agents.get_mut(&agent_id) {
@@ -751,6 +801,7 @@ impl Registry {
                 other_cluster(state.connections.values(), info)
             }
         };
+        inner.connected_agents += usize::from(arrived);
         self.refresh_gauges(&inner);
         drop(inner);
         if let Some(other) = other_cluster {
@@ -828,6 +879,7 @@ impl Registry {
             inner.idle_streams -= removed;
         }
         if last_one_gone {
+            inner.connected_agents -= 1;
             inner
                 .last_seen
                 .insert(id.agent_id, std::time::SystemTime::now());

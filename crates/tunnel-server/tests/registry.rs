@@ -107,6 +107,29 @@ async fn an_agent_that_is_not_connected_gets_no_tunnel() {
     assert_eq!(server.registry.stats(), RegistryStats::default());
 }
 
+/// A request for an agent that is not connected, abandoned by its client before its timeout
+/// (kubectl's --request-timeout, a CI job cancelled): nothing of it stays, and the agent is
+/// not counted connected. Its waiter used to stay until the agent connected, and with it the
+/// agent in `tunnel_connected_agents`.
+#[tokio::test]
+async fn an_abandoned_request_for_an_agent_not_connected_leaves_nothing_behind() {
+    let server = Server::start(Arc::new(Tokens::default())).await;
+    let mut metrics = prometheus_client::registry::Registry::default();
+    server.registry.register_metrics(&mut metrics);
+    let waiting = server
+        .registry
+        .get_tunnel(AGENT_ID, Duration::from_secs(60));
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), waiting).await;
+    assert!(gave_up.is_err(), "no tunnel can come");
+    assert_eq!(server.registry.stats(), RegistryStats::default());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+    assert!(
+        text.lines().any(|l| l == "tunnel_connected_agents 0"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn revoking_a_token_ends_its_idle_and_busy_streams() {
     let tokens = Arc::new(Tokens::default());
