@@ -11,7 +11,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tether_gitops_agent::metrics::SyncMetrics;
 use tether_transport::{ClientOptions, KasAddress, NoProxy, ProxySettings, ProxyUrl};
-use tether_tunnel_agent::{AgentMeta, ConnState, EchoHandler, Handler, Pool, PoolConfig};
+use tether_tunnel_agent::{
+    AgentMeta, ConnState, EchoHandler, Handler, Pool, PoolConfig, QuietWatch,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -81,9 +83,15 @@ struct Cli {
     /// First retry delay of a failed synchronization (doubling up to 1 minute).
     #[arg(long, default_value = "10s", value_parser = humantime_duration)]
     gitops_retry_interval: Duration,
-    /// Interval of HTTP/2 pings to kas (below typical 60 s load-balancer idle timeouts).
-    #[arg(long, default_value = "55s", value_parser = humantime_duration)]
+    /// HTTP/2 pings to kas after this long without a frame from it (well below typical 60 s
+    /// load-balancer idle timeouts). A connection dropped without a reset is found within this
+    /// plus --keepalive-timeout.
+    #[arg(long, default_value = "20s", value_parser = humantime_duration)]
     keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection counts as dead and agentk
+    /// reconnects.
+    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    keepalive_timeout: Duration,
     /// A tunnelled request whose TCP connection to the Kubernetes API server is not up within
     /// this long is answered 504.
     #[arg(long, default_value = "10s", value_parser = humantime_duration)]
@@ -301,11 +309,12 @@ async fn run(cli: Cli) -> Result<()> {
         ca_cert_file: cli.ca_cert_file.clone(),
         tls_server_name: cli.tls_server_name.clone(),
         keepalive_interval: cli.keepalive_interval,
+        keepalive_timeout: cli.keepalive_timeout,
         proxy: proxy_settings(cli.proxy_url.as_deref(), &address)?,
         ..ClientOptions::default()
     };
     // One lazily connecting channel (one transport connection) for every module.
-    let channel = tether_transport::connect_lazy(&address, &opts)?;
+    let (channel, activity) = tether_transport::connect_lazy_watched(&address, &opts)?;
     let kube_cfg = kube_config(cli.kubeconfig.as_deref()).await?;
     let meta = AgentMeta {
         token,
@@ -314,7 +323,7 @@ async fn run(cli: Cli) -> Result<()> {
         pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
         cluster_id: cluster::cluster_id(&kube_cfg),
     };
-    let pool = tunnel_pool(&cli, channel.clone(), meta.clone(), &kube_cfg)?;
+    let pool = tunnel_pool(&cli, (channel.clone(), activity), meta.clone(), &kube_cfg)?;
     let kube =
         kube::Client::try_from(kube_cfg.clone()).context("building the Kubernetes client")?;
 
@@ -401,7 +410,7 @@ async fn run(cli: Cli) -> Result<()> {
 /// The tunnel's stream pool, serving `echo` and the Kubernetes API.
 fn tunnel_pool(
     cli: &Cli,
-    channel: tonic::transport::Channel,
+    (channel, activity): (tonic::transport::Channel, tether_transport::ReadActivity),
     meta: AgentMeta,
     kube_cfg: &kube::Config,
 ) -> Result<Arc<Pool>> {
@@ -426,6 +435,10 @@ fn tunnel_pool(
         scale_up_step: cli.tunnel_scale_up_step,
         idle_timeout: cli.tunnel_idle_timeout,
         drain_timeout: cli.tunnel_drain_timeout,
+        quiet: Some(QuietWatch {
+            activity,
+            after: cli.keepalive_timeout,
+        }),
         ..PoolConfig::default()
     };
     Ok(Arc::new(Pool::new(cfg, channel, meta, handlers)))

@@ -678,9 +678,14 @@ pub struct AgentListener {
     /// Time given to requests in flight when a connection reaches its age.
     #[serde(with = "humantime_serde")]
     pub max_connection_age_grace: Duration,
-    /// Server-side HTTP/2 pings.
+    /// Server-side HTTP/2 pings, after this long without a frame from the agent: a connection
+    /// the network dropped without a reset is found within this plus `keepalive_timeout`, and
+    /// the agent then shows as not connected.
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
     /// Longest a connection may go from its accept to its first request with accepted
     /// credentials; then it is closed. agentk authenticates at once; generous for a kas busy
     /// with a reconnect storm.
@@ -748,7 +753,8 @@ impl Default for AgentListener {
             tunnel_wait_timeout: Duration::from_secs(20),
             max_connection_age: Duration::from_secs(2 * 3600),
             max_connection_age_grace: Duration::from_secs(5 * 60),
-            keepalive_interval: Duration::from_secs(50),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
             authentication_timeout: Duration::from_secs(60),
             token_recheck_interval: Duration::from_secs(60),
             // agentk's pool (500 at most by default) with its configuration and manifests
@@ -873,6 +879,11 @@ impl Config {
         }
         if self.agent.tunnel_wait_timeout.is_zero() {
             return Err("agent.tunnel_wait_timeout must be positive".into());
+        }
+        if self.agent.keepalive_interval.is_zero() || self.agent.keepalive_timeout.is_zero() {
+            return Err(
+                "agent.keepalive_interval and agent.keepalive_timeout must be positive".into(),
+            );
         }
         if !self.kubernetes_api.path_prefix.starts_with('/') {
             return Err("kubernetes_api.path_prefix must start with /".into());

@@ -939,7 +939,7 @@ async fn start_agent_listener(
         .initial_stream_window_size(tether_transport::STREAM_WINDOW)
         .initial_connection_window_size(tether_transport::CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(cfg.agent.keepalive_interval))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(cfg.agent.keepalive_timeout))
         .max_connection_age(cfg.agent.max_connection_age)
         .max_connection_age_grace(cfg.agent.max_connection_age_grace)
         .max_concurrent_streams(cfg.agent.max_streams_per_connection)

@@ -522,6 +522,69 @@ async fn all_streams_busy_is_told_apart_from_not_connected() {
     assert_eq!(echoed.as_ref(), b"free");
 }
 
+/// A connection the network drops without a reset (half-open: a load balancer forgot it, a
+/// partition) fails no read and no write. Both ends find it by their keep-alive pings (here 1 s
+/// + 1 s; 20 s + 10 s by default): kas closes it (the agent shows as not connected unless it is
+/// back already), agentk says at warn
+/// that the connection went silent — it used to say at info that kas closed it, as at a
+/// rotation — and reconnects, and the tunnel serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_without_a_reset_is_found_by_both_ends_and_agentk_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = KasOptions {
+        agent_extra: "  keepalive_interval: 1s\n  keepalive_timeout: 1s\n",
+        ..KasOptions::default()
+    };
+    let kas = Kas::start(dir.path(), opts).await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "dropped")
+        .await
+        .unwrap();
+    let relay = tether_test_support::net::SilencingRelay::start(kas.agent_port).await;
+    let agent = Agent::start_with(
+        dir.path(),
+        "dropped",
+        &format!("grpc://127.0.0.1:{}", relay.port),
+        &t.token,
+        None,
+        &["--keepalive-interval=1s", "--keepalive-timeout=1s"],
+    );
+    kas.wait_connected(t.agent_id).await;
+
+    let held = || kas.metric("kas_listener_connections{listener=\"agent\"}");
+    assert_eq!(held().await, Some(1.0));
+    relay.silence_open_connections();
+    let said = wait_for("agentk's warning", Duration::from_secs(30), || async {
+        agent
+            .log_lines()
+            .into_iter()
+            .find(|l| l["msg"].as_str().is_some_and(|m| m.contains("went silent")))
+    })
+    .await;
+    assert_eq!(said["level"], "warn", "{said}");
+    assert!(
+        !agent.log().contains("kas closed the connection"),
+        "{}",
+        agent.log()
+    );
+    // Connections opened after the drop are relayed: agentk is back on a new one, and kas
+    // closed the dropped one (it would otherwise hold two).
+    wait_for(
+        "kas to close the dropped connection",
+        Duration::from_secs(30),
+        || async {
+            (held().await == Some(1.0) && kas.agent(t.agent_id).await.connected).then_some(())
+        },
+    )
+    .await;
+    let echoed = wait_for("the tunnel again", Duration::from_secs(20), || async {
+        kas.admin.echo(t.agent_id, b"back".to_vec()).await.ok()
+    })
+    .await;
+    assert_eq!(echoed.as_ref(), b"back");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_revoked_behind_kas_is_noticed_within_the_recheck_interval() {
     let dir = tempfile::tempdir().unwrap();

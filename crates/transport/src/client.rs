@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proxy::{ProxySettings, ProxyUrl, connect_via};
 use crate::tls::{ALPN_H2, ALPN_HTTP11, ClientTls};
+use crate::watched::{ReadActivity, Watched};
 use crate::ws::{WS_SUBPROTOCOL, WsIo, ws_config};
 use crate::{BoxIo, Error, KasAddress, Result, Scheme};
 
@@ -27,12 +28,14 @@ pub struct ClientOptions {
     /// Name to verify kas's certificate against (and send as SNI) instead of the address's host,
     /// e.g. when dialing an IP address or through a tunnel.
     pub tls_server_name: Option<String>,
-    /// HTTP/2 PING interval, also while idle: keeps NAT and proxy state alive and detects dead
-    /// connections. Below typical 60 s idle timeouts of load balancers.
+    /// HTTP/2 PING interval after the last frame received, also while idle: keeps NAT and
+    /// proxy state alive and finds connections dropped without a reset, within this plus
+    /// `keepalive_timeout`. Well below typical 60 s idle timeouts of load balancers.
     pub keepalive_interval: Duration,
     /// How long to wait for a PING acknowledgement before dropping the connection.
     pub keepalive_timeout: Duration,
-    /// Limit for TCP connect plus TLS and WebSocket handshakes.
+    /// Limit for TCP connect plus TLS and WebSocket handshakes; also for kas's first bytes
+    /// (its HTTP/2 settings) on a new connection.
     pub connect_timeout: Duration,
     /// HTTP proxies to reach kas through (`CONNECT`); empty means direct.
     pub proxy: ProxySettings,
@@ -43,8 +46,8 @@ impl Default for ClientOptions {
         Self {
             ca_cert_file: None,
             tls_server_name: None,
-            keepalive_interval: Duration::from_secs(55),
-            keepalive_timeout: Duration::from_secs(20),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             proxy: ProxySettings::default(),
         }
@@ -69,13 +72,23 @@ pub async fn connect(addr: &KasAddress, opts: &ClientOptions) -> Result<Channel>
 /// Like [`connect`] but dials on first use; configuration errors (CA file, address) still
 /// surface here.
 pub fn connect_lazy(addr: &KasAddress, opts: &ClientOptions) -> Result<Channel> {
+    Ok(connect_lazy_watched(addr, opts)?.0)
+}
+
+/// [`connect_lazy`], with when its connection last received bytes: a connection that ended
+/// after a long silence was dropped by the network, not closed by kas.
+pub fn connect_lazy_watched(
+    addr: &KasAddress,
+    opts: &ClientOptions,
+) -> Result<(Channel, ReadActivity)> {
     let (endpoint, dialer) = prepare(addr, opts)?;
-    Ok(
+    let activity = dialer.activity.clone();
+    let channel =
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri: http::Uri| {
             let dialer = Arc::clone(&dialer);
             async move { dialer.dial().await }
-        })),
-    )
+        }));
+    Ok((channel, activity))
 }
 
 fn prepare(addr: &KasAddress, opts: &ClientOptions) -> Result<(Endpoint, Arc<Dialer>)> {
@@ -120,6 +133,7 @@ fn prepare(addr: &KasAddress, opts: &ClientOptions) -> Result<(Endpoint, Arc<Dia
                 .cloned(),
             tls,
             connect_timeout: opts.connect_timeout,
+            activity: ReadActivity::default(),
         }),
     ))
 }
@@ -129,6 +143,7 @@ struct Dialer {
     proxy: Option<ProxyUrl>,
     tls: Option<(ClientTls, ServerName<'static>)>,
     connect_timeout: Duration,
+    activity: ReadActivity,
 }
 
 impl std::fmt::Debug for Dialer {
@@ -144,10 +159,15 @@ impl Dialer {
     async fn dial(&self) -> Result<TokioIo<BoxIo>> {
         // tonic also applies connect_timeout; this covers the whole dial even if used
         // elsewhere and reports which limit struck.
-        tokio::time::timeout(self.connect_timeout, self.dial_inner())
+        let io = tokio::time::timeout(self.connect_timeout, self.dial_inner())
             .await
-            .map_err(|_| Error::Timeout(self.connect_timeout))?
-            .map(TokioIo::new)
+            .map_err(|_| Error::Timeout(self.connect_timeout))??;
+        let watched: BoxIo = Box::new(Watched::new(
+            io,
+            self.activity.clone(),
+            self.connect_timeout,
+        ));
+        Ok(TokioIo::new(watched))
     }
 
     async fn dial_inner(&self) -> Result<BoxIo> {

@@ -23,11 +23,12 @@ mod proxy;
 mod server;
 mod sniff;
 mod tls;
+mod watched;
 mod ws;
 
 pub use address::{KasAddress, Scheme};
 pub use auth_deadline::{AuthProof, mark_authenticated};
-pub use client::{ClientOptions, connect, connect_lazy};
+pub use client::{ClientOptions, connect, connect_lazy, connect_lazy_watched};
 pub use gate::{Admission, Gate};
 pub use limits::{
     CloseReason, ConnectionLimits, ListenerEvents, LogThrottle, Outage, OutageLog, Refusal,
@@ -41,6 +42,7 @@ pub use tls::{
     MutualConfigs, MutualTls, MutualTlsFiles, ServerTls, check_client_name, https_connector,
     load_client_tls, load_server_tls, peer_server_name,
 };
+pub use watched::ReadActivity;
 pub use ws::{WS_MAX_MESSAGE_SIZE, WS_SUBPROTOCOL, WsIo};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

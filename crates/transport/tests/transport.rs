@@ -275,6 +275,36 @@ async fn grpc_client_to_unused_port_fails_with_connect_error() {
     );
 }
 
+/// A path that accepts the connection and forwards nothing (a proxy or load balancer whose
+/// backend vanished): the call fails at the dial's timeout, saying kas sent nothing. agentk
+/// used to wait for its keep-alive round (75 s) on each reconnect.
+#[tokio::test]
+async fn a_connection_kas_sends_nothing_on_fails_at_the_connect_timeout() {
+    let (listener, port) = tether_test_support::tokio_listener().await;
+    let accepted = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let opts = ClientOptions {
+        connect_timeout: Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    let channel = connect_lazy(&addr(&format!("grpc://127.0.0.1:{}", port.port())), &opts).unwrap();
+    let mut client =
+        tether_protocol::tunnel::reverse_tunnel_client::ReverseTunnelClient::new(channel);
+    let (_tx, rx) = tokio::sync::mpsc::channel(1);
+    let call = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let status = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call should fail at the connect timeout, not hang")
+        .unwrap_err();
+    let text = tether_transport::with_causes(&status);
+    assert!(text.contains("kas sent nothing within 300ms"), "{text}");
+    accepted.abort();
+}
+
 /// Performs a WebSocket upgrade offering `protocol` (if any) and returns the HTTP status.
 async fn upgrade_status(port: u16, protocol: Option<&'static str>) -> u16 {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();

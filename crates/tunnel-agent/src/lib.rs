@@ -14,6 +14,6 @@ mod token;
 pub use backoff::Backoff;
 pub use pool::{
     AgentConn, AgentMeta, BoxFuture, ConnState, EchoHandler, Handler, Pool, PoolConfig, PoolStats,
-    is_refusal, status_text,
+    QuietWatch, is_refusal, status_text,
 };
 pub use token::{AgentToken, TokenError};

@@ -43,6 +43,18 @@ pub struct PoolConfig {
     /// during an agentk rollout) before they are cut.
     pub drain_timeout: Duration,
     pub backoff: Backoff,
+    /// When the channel's connection last received bytes: a connection that ended after
+    /// this long a silence was dropped by the network (said at warn), not closed by kas.
+    pub quiet: Option<QuietWatch>,
+}
+
+/// How the pool tells a connection the network dropped from one kas closed.
+#[derive(Debug, Clone)]
+pub struct QuietWatch {
+    pub activity: tether_transport::ReadActivity,
+    /// The keep-alive timeout: kas closing a connection is read (its GOAWAY, its end of file)
+    /// right before the streams end; a dropped one is silent at least this long by then.
+    pub after: Duration,
 }
 
 impl Default for PoolConfig {
@@ -59,6 +71,7 @@ impl Default for PoolConfig {
                 initial: Duration::from_millis(500),
                 ..Backoff::default()
             },
+            quiet: None,
         }
     }
 }
@@ -158,6 +171,16 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// How long the connection had been silent, when that is long enough to mean the network
+    /// dropped it ([`QuietWatch`]).
+    fn silent_for(&self) -> Option<Duration> {
+        let watch = self.cfg.quiet.as_ref()?;
+        watch
+            .activity
+            .quiet_for()
+            .filter(|quiet| *quiet >= watch.after)
+    }
+
     fn update(&self, f: impl FnOnce(&mut PoolStats)) {
         let snapshot = {
             let mut c = self.counts();
@@ -204,8 +227,7 @@ impl Shared {
                     match failure_log(s, (*code, message), cause, *lost_at) {
                         FailureLog::Silent => {}
                         FailureLog::Reconnecting => {
-                            let line = reconnecting_message(*code, message, cause == Cause::Closed);
-                            tracing::info!(code = ?code, error = message, "{line}");
+                            log_reconnecting((*code, message), cause);
                             *lost_at = Some(attempts);
                         }
                         FailureLog::Failure => {
@@ -237,6 +259,9 @@ enum Cause {
     /// (GOAWAY, then the grace for what is in flight) or as kas exited, the two alike to
     /// agentk ([`closed_under`]).
     Closed,
+    /// As `Lost`, after nothing came from kas for this long: the network or a load balancer
+    /// dropped the connection without a reset, and the keep-alive pings found it.
+    Silent(Duration),
 }
 
 /// What a failure is logged as.
@@ -276,7 +301,7 @@ fn failure_log(
     }
     let part_of_the_loss = match (cause, lost_at) {
         (_, None) => false,
-        (Cause::Lost | Cause::Closed, Some(_)) => true,
+        (Cause::Lost | Cause::Closed | Cause::Silent(_), Some(_)) => true,
         (Cause::OpenFailed { attempt }, Some(lost_at)) => attempt <= lost_at.saturating_add(1),
     };
     if part_of_the_loss {
@@ -306,6 +331,22 @@ fn reconnecting_message(code: Code, message: &str, closed: bool) -> &'static str
         "kas closed the connection (it does at the connection's maximum age, or it exited); reconnecting"
     } else {
         "The connection to kas failed; reconnecting"
+    }
+}
+
+/// The line of a working connection that ended: at info when kas ended it, at warn when the
+/// network dropped it (kas may never have seen the agent go).
+fn log_reconnecting((code, message): (Code, &str), cause: Cause) {
+    if let Cause::Silent(quiet) = cause {
+        tracing::warn!(
+            code = ?code,
+            error = message,
+            silent_for = ?quiet,
+            "The connection to kas went silent: nothing came back, not even answers to keep-alive pings (a load balancer or the network dropped it); reconnecting"
+        );
+    } else {
+        let line = reconnecting_message(code, message, cause == Cause::Closed);
+        tracing::info!(code = ?code, error = message, "{line}");
     }
 }
 
@@ -834,10 +875,11 @@ fn idle_stream_failed(shared: &Shared, status: &tonic::Status, refused: Option<u
         }
     });
     if lost {
-        let cause = match refused {
-            Some(attempt) => Cause::OpenFailed { attempt },
-            None if closed_under(status) => Cause::Closed,
-            None => Cause::Lost,
+        let cause = match (refused, shared.silent_for()) {
+            (Some(attempt), _) => Cause::OpenFailed { attempt },
+            (None, Some(quiet)) => Cause::Silent(quiet),
+            (None, None) if closed_under(status) => Cause::Closed,
+            (None, None) => Cause::Lost,
         };
         shared.set_state(
             ConnState::Failed {
