@@ -20,8 +20,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 mod metrics;
+mod reach;
 
 pub use metrics::ElectionMetrics;
+use reach::{Adjusted, Reach, ReachClock};
 
 /// Lease timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +140,23 @@ pub struct Elector {
     pub identity: String,
     pub timing: Timing,
     pub metrics: ElectionMetrics,
+    /// Whether this replica's tunnel to kas is connected (`None`: taken as always): a leader
+    /// cut from kas hands the lease to a connected replica that asks for it ([`reach`]).
+    pub kas: Option<watch::Receiver<bool>>,
+}
+
+/// How a round of the election ended.
+enum Round {
+    Leads,
+    Follows,
+    /// We must stop leading, then give up this lease (as read) to the replica asking for it.
+    HandOver(Box<Lease>),
+}
+
+/// How long a replica may be without kas before it counts as cut off: twice the lease, so a
+/// kas restart or rollout (agents back within a second or two) moves no lease.
+fn kas_grace(timing: Timing) -> Duration {
+    timing.lease_duration * 2
 }
 
 impl std::fmt::Debug for Elector {
@@ -187,14 +206,19 @@ impl Elector {
         let mut last_renewal: Option<Instant> = None;
         let mut last_error: Option<String> = None;
         let mut observed = Observed::default();
+        let mut clock = ReachClock::new(kas_grace(self.timing));
+        let mut said_cut_off = false;
         self.metrics.started(&self.name);
         loop {
+            let connected = self.kas.as_ref().is_none_or(|k| *k.borrow());
+            let reach = clock.observe(connected, Instant::now());
+            self.say_cut_off(&mut said_cut_off, reach, *leading.borrow());
             // The lease says it was renewed when the round started (`try_lead` reads the
             // time first), so the deadline counts from there, not from the answer.
             let started = Instant::now();
             let deadline = round_deadline(last_renewal, started, self.timing.renew_deadline);
             let round = tokio::select! {
-                r = tokio::time::timeout_at(deadline, self.try_lead(&mut observed)) => r.unwrap_or_else(|_| {
+                r = tokio::time::timeout_at(deadline, self.try_lead(&mut observed, reach)) => r.unwrap_or_else(|_| {
                     Err(anyhow::anyhow!(
                         "lease {}: no answer from the API server within the renew deadline ({:?})",
                         self.name,
@@ -204,13 +228,19 @@ impl Elector {
                 () = shutdown.cancelled() => break,
             };
             match round {
-                Ok(true) => {
+                Ok(Round::Leads) => {
                     last_renewal = Some(started);
                     last_error = None;
                 }
-                Ok(false) => {
+                Ok(Round::Follows) => {
                     last_renewal = None;
                     last_error = None;
+                }
+                Ok(Round::HandOver(lease)) => {
+                    // GitOps stops here before another replica can take the lease.
+                    last_renewal = None;
+                    self.publish(&leading, false);
+                    self.hand_over(*lease).await;
                 }
                 Err(e) => {
                     self.metrics.failed(&self.name);
@@ -231,6 +261,16 @@ impl Elector {
         }
     }
 
+    /// Says once, at warn, that the leader has been cut from kas past the grace: no commit
+    /// reaches the cluster through it until a connected replica asks for the lease.
+    fn say_cut_off(&self, said: &mut bool, reach: Reach, leading: bool) {
+        if reach != Reach::CutOff {
+            *said = false;
+        } else if leading && !std::mem::replace(said, true) {
+            tracing::warn!(lease = %self.name, "This replica leads GitOps but has not reached kas for {:?}: it keeps correcting drift and hands the lease to the first replica connected to kas that asks", kas_grace(self.timing));
+        }
+    }
+
     fn publish(&self, leading: &watch::Sender<bool>, lead: bool) {
         self.metrics.leading(&self.name, lead);
         leading.send_if_modified(|current| {
@@ -247,8 +287,9 @@ impl Elector {
         });
     }
 
-    /// One round: creates, renews or takes over the lease; whether we hold it now.
-    async fn try_lead(&self, observed: &mut Observed) -> anyhow::Result<bool> {
+    /// One round: creates, renews or takes over the lease, or asks for it or hands it over
+    /// as the kas link of each replica says (`reach`: ours).
+    async fn try_lead(&self, observed: &mut Observed, reach: Reach) -> anyhow::Result<Round> {
         let err = |source: kube::Error| {
             anyhow::Error::new(source).context(format!("lease {}", self.name))
         };
@@ -256,11 +297,25 @@ impl Elector {
         let current = self.api.get_opt(&self.name).await.map_err(err)?;
         let spec = current.as_ref().and_then(|l| l.spec.as_ref());
         let unchanged_for = observed.unchanged_for(spec, Instant::now());
+        let fresh = spec
+            .and_then(|s| s.lease_duration_seconds)
+            .is_some_and(|d| unchanged_for < Duration::from_secs(u64::try_from(d).unwrap_or(0)));
+        let annotations = current
+            .as_ref()
+            .and_then(|l| l.metadata.annotations.clone())
+            .unwrap_or_default();
         let step = decide(spec, &self.identity, unchanged_for);
-        let lease = match (step, current) {
+        let step = match reach::adjust(step, &annotations, &self.identity, reach, fresh) {
+            Adjusted::Step(step) => step,
+            Adjusted::HandOver => {
+                return Ok(current.map_or(Round::Follows, |l| Round::HandOver(Box::new(l))));
+            }
+            Adjusted::AskFor => return self.ask_for(current).await.map_err(err),
+        };
+        let mut lease = match (step, current) {
             (Step::Follow { holder }, _) => {
                 tracing::debug!(%holder, "Another replica leads");
-                return Ok(false);
+                return Ok(Round::Follows);
             }
             (Step::Create, _) | (_, None) => {
                 let lease = Lease {
@@ -271,8 +326,8 @@ impl Elector {
                     spec: Some(held_spec(&self.identity, self.timing, now, now, 0)),
                 };
                 return match self.api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => Ok(true),
-                    Err(e) if is_conflict(&e) => Ok(false),
+                    Ok(_) => Ok(Round::Leads),
+                    Err(e) if is_conflict(&e) => Ok(Round::Follows),
                     Err(e) => Err(err(e)),
                 };
             }
@@ -306,6 +361,7 @@ impl Elector {
                 lease
             }
         };
+        reach::mark_held(lease.metadata.annotations.get_or_insert_default(), reach);
         // The resourceVersion read above makes this a compare-and-swap: if another replica
         // wrote the lease meanwhile, the API server answers 409 and we do not lead.
         match self
@@ -313,9 +369,69 @@ impl Elector {
             .replace(&self.name, &PostParams::default(), &lease)
             .await
         {
-            Ok(_) => Ok(true),
-            Err(e) if is_conflict(&e) => Ok(false),
+            Ok(_) => Ok(Round::Leads),
+            Err(e) if is_conflict(&e) => Ok(Round::Follows),
             Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Writes our request for a lease whose holder cannot reach kas (a compare-and-swap: a
+    /// renewal in between wins, and we ask again next round).
+    async fn ask_for(&self, current: Option<Lease>) -> Result<Round, kube::Error> {
+        let Some(mut lease) = current else {
+            return Ok(Round::Follows);
+        };
+        let holder = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default();
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(reach::CANDIDATE.to_owned(), self.identity.clone());
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(lease = %self.name, %holder, "The GitOps leader cannot reach kas: asked it for the lease, as this replica can");
+                Ok(Round::Follows)
+            }
+            Err(e) if is_conflict(&e) => Ok(Round::Follows),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives the lease (as read when we decided) to the replica that asked for it: holder
+    /// cleared, its request kept so that only it takes the lease while it is fresh.
+    async fn hand_over(&self, mut lease: Lease) {
+        let candidate = lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(reach::CANDIDATE).cloned())
+            .unwrap_or_default();
+        if let Some(notes) = lease.metadata.annotations.as_mut() {
+            notes.remove(reach::CUT_OFF);
+        }
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = None;
+            spec.renew_time = Some(MicroTime(Timestamp::now()));
+        }
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(lease = %self.name, %candidate, "Handed the GitOps lease to a replica connected to kas: this one has not reached kas for {:?}", kas_grace(self.timing))
+            }
+            Err(e) => {
+                tracing::warn!(lease = %self.name, error = %e, "Handing the GitOps lease over failed; asked again next round")
+            }
         }
     }
 
@@ -440,6 +556,7 @@ mod tests {
             identity: "agentk-a".into(),
             timing: Timing::default(),
             metrics,
+            kas: None,
         }
     }
 

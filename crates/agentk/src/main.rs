@@ -158,7 +158,10 @@ fn lease_namespace(cli: &Cli) -> Option<String> {
 fn start_election(
     cli: &Cli,
     kube: kube::Client,
-    mut config: watch::Receiver<Option<Arc<configuration::Applied>>>,
+    (mut config, kas): (
+        watch::Receiver<Option<Arc<configuration::Applied>>>,
+        watch::Receiver<bool>,
+    ),
     identity: String,
     metrics: leader::ElectionMetrics,
     shutdown: CancellationToken,
@@ -202,6 +205,7 @@ fn start_election(
             identity,
             timing,
             metrics,
+            kas: Some(kas),
         };
         tracing::info!(lease = %elector.name, namespace, identity = %elector.identity, "Leader election started");
         elector.run(tx, shutdown).await;
@@ -331,7 +335,15 @@ async fn run(cli: Cli) -> Result<()> {
     let mut modules = Modules::default();
     let sync_metrics = SyncMetrics::default();
     let election_metrics = leader::ElectionMetrics::default();
-    start_observability(&mut modules, &cli, &pool, &sync_metrics, &election_metrics).await?;
+    let kas_up = kas_connected(&pool);
+    start_observability(
+        &mut modules,
+        &cli,
+        (&pool, kas_up.clone()),
+        &sync_metrics,
+        &election_metrics,
+    )
+    .await?;
     tracing::info!(
         kas_address = %address,
         kubeconfig = cli.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
@@ -356,7 +368,7 @@ async fn run(cli: Cli) -> Result<()> {
         &mut modules,
         &cli,
         kube.clone(),
-        config_rx.clone(),
+        (config_rx.clone(), kas_up),
         election_metrics,
     )?;
     let (gitops_channel, gitops_meta) = (channel.clone(), meta.clone());
@@ -444,11 +456,28 @@ fn tunnel_pool(
     Ok(Arc::new(Pool::new(cfg, channel, meta, handlers)))
 }
 
-/// Starts /metrics, /liveness and /readiness; ready only while the tunnel is connected to kas.
+/// Whether the tunnel is connected to kas, as it changes.
+fn kas_connected(pool: &Pool) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    let mut state = pool.state();
+    tokio::spawn(async move {
+        loop {
+            let connected = *state.borrow_and_update() == ConnState::Connected;
+            tx.send_replace(connected);
+            if state.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Starts /metrics, /liveness and /readiness; ready only while the tunnel is connected to kas
+/// (`ready`).
 async fn start_observability(
     modules: &mut Modules,
     cli: &Cli,
-    pool: &Pool,
+    (pool, ready): (&Pool, watch::Receiver<bool>),
     sync_metrics: &SyncMetrics,
     election_metrics: &leader::ElectionMetrics,
 ) -> Result<()> {
@@ -461,17 +490,6 @@ async fn start_observability(
         tether_build_info::VERSION,
         tether_build_info::COMMIT,
     );
-    let (ready_tx, ready) = watch::channel(false);
-    let mut state = pool.state();
-    tokio::spawn(async move {
-        loop {
-            let connected = *state.borrow_and_update() == ConnState::Connected;
-            ready_tx.send_replace(connected);
-            if state.changed().await.is_err() {
-                break;
-            }
-        }
-    });
     let listener = tokio::net::TcpListener::bind(cli.observability_listen_address)
         .await
         .with_context(|| format!("binding {}", cli.observability_listen_address))?;
@@ -495,7 +513,10 @@ fn start_leader_election(
     modules: &mut Modules,
     cli: &Cli,
     kube: kube::Client,
-    config: watch::Receiver<Option<Arc<configuration::Applied>>>,
+    (config, kas): (
+        watch::Receiver<Option<Arc<configuration::Applied>>>,
+        watch::Receiver<bool>,
+    ),
     metrics: leader::ElectionMetrics,
 ) -> Result<gitops::Leadership> {
     let identity = replica_identity(
@@ -504,7 +525,8 @@ fn start_leader_election(
         std::process::id(),
     );
     let stop = CancellationToken::new();
-    let (leading, election) = start_election(cli, kube, config, identity, metrics, stop.clone())?;
+    let (leading, election) =
+        start_election(cli, kube, (config, kas), identity, metrics, stop.clone())?;
     if let Some(task) = election {
         modules.adopt("leader_election", stop, task);
     }
@@ -613,8 +635,15 @@ mod tests {
         metrics.register(&mut reg);
         let (_, config) = watch::channel(None);
         let stop = CancellationToken::new();
-        let (_, task) =
-            start_election(&cli, kube, config, "agentk-a".into(), metrics, stop).unwrap();
+        let (_, task) = start_election(
+            &cli,
+            kube,
+            (config, watch::channel(true).1),
+            "agentk-a".into(),
+            metrics,
+            stop,
+        )
+        .unwrap();
         assert!(task.is_none(), "no election runs");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();

@@ -1675,15 +1675,13 @@ const FAST_LEASE: [&str; 6] = [
     "500ms",
 ];
 
-/// Two agentk replicas with one token (`replicas: 2`, or a rollout's surge pod): both serve
-/// tunnels, exactly one — the holder of the Lease — applies; when it is killed the other takes
-/// over within the lease duration. Before, both applied and both pruned every change.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn of_two_replicas_one_applies_and_the_other_takes_over() {
+/// A rig whose agentk leads with [`FAST_LEASE`] and has synced its first commit (a ConfigMap
+/// `one` = 1); the arguments another replica of it needs.
+async fn replicas_rig(prefix: &str) -> (Rig, String, Vec<String>) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::from_env().expect("a running control plane");
-    let ns = env.create_namespace("replicas").unwrap();
-    let (mut rig, c1) = rig(
+    let ns = env.create_namespace(prefix).unwrap();
+    let (rig, c1) = rig(
         env,
         ns.clone(),
         &admin_rbac(&ns),
@@ -1693,7 +1691,7 @@ async fn of_two_replicas_one_applies_and_the_other_takes_over() {
     )
     .await;
     rig.synced(&c1).await;
-    let args: Vec<&str> = [
+    let args = [
         "--kubeconfig",
         rig.kubeconfig.to_str().unwrap(),
         "--leader-election-namespace",
@@ -1701,7 +1699,18 @@ async fn of_two_replicas_one_applies_and_the_other_takes_over() {
     ]
     .into_iter()
     .chain(FAST_LEASE)
+    .map(str::to_owned)
     .collect();
+    (rig, ns, args)
+}
+
+/// Two agentk replicas with one token (`replicas: 2`, or a rollout's surge pod): both serve
+/// tunnels, exactly one — the holder of the Lease — applies; when it is killed the other takes
+/// over within the lease duration. Before, both applied and both pruned every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_replicas_one_applies_and_the_other_takes_over() {
+    let (mut rig, ns, args) = replicas_rig("replicas").await;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut second = Agent::start_with(
         rig._dir.path(),
         "replica-2",
@@ -1774,6 +1783,68 @@ async fn of_two_replicas_one_applies_and_the_other_takes_over() {
     let cm = get_json(&rig.env, &["get", "configmap", "one", "-n", &ns]).unwrap();
     assert_eq!(cm["data"]["value"], "3");
     second.stop();
+}
+
+/// A GitOps leader whose path to kas breaks (its node's egress, a half-open load balancer)
+/// while another replica stays connected: past the grace (two lease durations, here 8 s) the
+/// connected replica asks for the lease, the leader hands it over, and the next commit is
+/// applied by the connected one. The leader used to keep the lease for as long as the cut
+/// lasted, and nothing was applied meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_from_kas_hands_the_lease_to_a_replica_that_is_connected() {
+    let (mut rig, ns, args) = replicas_rig("cutleader").await;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let relay = tether_test_support::net::SeveringRelay::start(rig.kas.agent_port).await;
+    let replica = |name: &str, url: &str| {
+        Agent::start_with(rig._dir.path(), name, url, &rig.token, None, &args)
+    };
+    let mut cut = replica("replica-2", &format!("grpc://127.0.0.1:{}", relay.port));
+    let holder = || {
+        let lease = format!("agent-{}-lock", rig.agent_id);
+        get_json(&rig.env, &["get", "lease", &lease, "-n", &ns]).unwrap()["spec"]["holderIdentity"]
+            .clone()
+    };
+    let connections = |n: usize| {
+        let kas = &rig.kas;
+        let id = rig.agent_id;
+        move || async move { (kas.agent(id).await.connections.len() == n).then_some(()) }
+    };
+    wait_for(
+        "two replicas connected",
+        Duration::from_secs(30),
+        connections(2),
+    )
+    .await;
+    // replica-2, the one whose path will break, leads.
+    rig.agent.kill9();
+    wait_for("replica-2 to lead", Duration::from_secs(30), || async {
+        (holder() == "replica-2").then_some(())
+    })
+    .await;
+    let mut connected = replica("replica-3", &rig.kas.url("grpc"));
+    wait_for(
+        "replicas 2 and 3 connected",
+        Duration::from_secs(30),
+        connections(2),
+    )
+    .await;
+
+    relay.sever();
+    let c2 = rig.manifests.commit(
+        &[("manifests/cm.yaml", Some(&configmap("one", &ns, "2")))],
+        "two",
+    );
+    rig.synced(&c2).await;
+    assert!(synchronizing(&connected, &c2), "{}", connected.log());
+    assert_eq!(holder(), "replica-3");
+    assert!(
+        cut.log().contains("Handed the GitOps lease"),
+        "{}",
+        cut.log()
+    );
+    assert!(!synchronizing(&cut, &c2), "{}", cut.log());
+    cut.stop();
+    connected.stop();
 }
 
 /// RBAC for an agent that may do anything with core objects in its namespace, and only
