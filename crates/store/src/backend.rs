@@ -963,7 +963,12 @@ macro_rules! impl_store {
                 }
 
                 async fn check(&self) -> Result<()> {
-                    sqlx::query("SELECT 1").execute(&self.pool).await?;
+                    // A table read, not `SELECT 1`: SQLite takes its shared lock only for a
+                    // statement that reads the database, so a database another process holds
+                    // locked passed the check while every token check failed.
+                    sqlx::query("SELECT 1 FROM agents LIMIT 1")
+                        .execute(&self.pool)
+                        .await?;
                     Ok(())
                 }
 

@@ -953,6 +953,32 @@ async fn user_tokens_are_listed_without_their_secrets(backend: Backend) -> TestR
 
 /// Databases written by earlier versions are in WAL mode; opening one must switch it to the
 /// rollback journal (no memory-mapped index) and keep its records.
+/// The readiness check fails while another process holds the database locked, as every
+/// token check then does, and passes once it is released. It ran `SELECT 1`, which touches no
+/// table and took no lock: kas kept saying ready (now and then) while it could authenticate
+/// nothing.
+#[tokio::test]
+async fn the_check_fails_while_another_process_locks_the_database() -> TestResult {
+    let (_dir, path, store) = open_sqlite().await?;
+    store.check().await?;
+    let other = rusqlite::Connection::open(&path)?;
+    other.execute_batch("BEGIN EXCLUSIVE; SELECT 1;")?;
+    let locked = store.check().await;
+    assert!(
+        matches!(&locked, Err(e) if e.to_string().contains("locked")),
+        "{locked:?}"
+    );
+    // As kas's readiness asks: each check given 1.5 s, every 2 s. None may pass.
+    for _ in 0..6 {
+        let within = tokio::time::timeout(std::time::Duration::from_millis(1500), store.check());
+        assert!(!matches!(within.await, Ok(Ok(()))), "a check passed");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    other.execute_batch("COMMIT;")?;
+    store.check().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_wal_database_is_converted_on_open() -> TestResult {
     let (_dir, path, store) = open_sqlite().await?;
