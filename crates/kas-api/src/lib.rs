@@ -93,6 +93,10 @@ pub struct AgentView {
     /// outlives restarts); absent when never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
+    /// Why kas's last fetch of the agent's configuration project failed: a config.yaml pushed
+    /// since is not fetched, and the configuration in force is the last kas has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_fetch_error: Option<String>,
 }
 
 impl ConfigView {

@@ -444,6 +444,13 @@ pub(crate) async fn list_agents(
 async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
     let rows = st.store.list_agents().await?;
     let mut suspensions = crate::operate::suspension_views(st, None).await?;
+    let projects: HashMap<String, i64> = st
+        .store
+        .list_projects()
+        .await?
+        .into_iter()
+        .map(|p| (p.path, p.id))
+        .collect();
     let live: HashMap<i64, _> = st
         .registry
         .connections()
@@ -471,6 +478,9 @@ async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
                         .collect()
                 })
                 .unwrap_or_default();
+            let config_fetch_error = projects
+                .get(&r.project_path)
+                .and_then(|id| st.sources.head(*id).error);
             AgentView {
                 id: r.id,
                 project: r.project_path,
@@ -482,6 +492,7 @@ async fn local_agents(st: &ApiState) -> Result<Vec<AgentView>, ApiError> {
                 suspensions: suspensions.remove(&r.id).unwrap_or_default(),
                 unreachable_replicas: Vec::new(),
                 last_seen: last_seen(st.registry.last_seen(r.id), r.last_used_at),
+                config_fetch_error,
             }
         })
         .collect();

@@ -4200,7 +4200,8 @@ async fn agent_status_shows_a_sync_under_way() {
 /// has not reported on, and why: one naming a project kas does not have (`unknown project`,
 /// with the command that adds it) and one whose project kas cannot fetch (`fetch failing`,
 /// with kas's fetch error), beside the synchronized entry's report, in the table and in `-o
-/// json`, and it exits 8. Before, both entries were simply missing and it exited 0.
+/// json`, and it exits 8. Before, both entries were simply missing and it exited 0. So does a
+/// configuration project kas cannot fetch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_status_shows_entries_without_a_report_and_why() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -4301,6 +4302,24 @@ async fn agent_status_shows_entries_without_a_report_and_why() {
         stderr.contains(&format!("group/manifests  {line}")),
         "{stderr}"
     );
+
+    // The configuration project itself: a config.yaml pushed now would never be seen (it
+    // exited 0 while that lasted, E8).
+    break_project("group/config").await;
+    let config_error = wait_for(
+        "the configuration project's fetch error in the agent's view",
+        Duration::from_secs(30),
+        || async { rig.kas.agent(rig.agent_id).await.config_fetch_error },
+    )
+    .await;
+    let (code, stdout, stderr) = status("table");
+    assert_eq!(code, Some(8), "{stdout}{stderr}");
+    let line = format!("configuration project fetch failing: {config_error}");
+    assert!(stdout.contains(&line), "{stdout}");
+    assert!(stderr.contains(&line), "{stderr}");
+    let (_, stdout, _) = status("json");
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["config_fetch_error"], config_error.as_str(), "{json}");
 }
 
 /// A rotated token file moves the manifests stream to the new token too (between commits):

@@ -286,6 +286,9 @@ struct StatusView<'a> {
     state: String,
     /// The configuration in force and the newest refusal, as kas knows them.
     config: Option<&'a ConfigView>,
+    /// Why kas cannot fetch the configuration project: pushes since are not seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config_fetch_error: Option<&'a str>,
     suspensions: &'a [SuspensionView],
     /// The ServiceAccount UIDs of the clusters it is connected from, when more than one.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -310,6 +313,7 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         unreachable_replicas: &agent.unreachable_replicas,
         state: agent.connection_state(),
         config: agent.config.as_ref(),
+        config_fetch_error: agent.config_fetch_error.as_deref(),
         suspensions: &agent.suspensions,
         clusters_sharing_token: agent.clusters_sharing_token(),
         syncs: &syncs,
@@ -339,7 +343,12 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         }
         .into());
     }
-    unhealthy_exit(agent_id, &syncs, &unreported, &under_way)
+    unhealthy_exit(
+        agent_id,
+        (view.config_fetch_error, &syncs),
+        &unreported,
+        &under_way,
+    )
 }
 
 /// The agent as `kas agent list` shows it. An id kas does not have is an error, not an agent
@@ -427,7 +436,7 @@ fn known_or_none<T>(answer: Result<Vec<T>, ClientError>) -> Result<Vec<T>> {
 /// status shown is then older than what the agent did).
 fn unhealthy_exit(
     agent_id: i64,
-    syncs: &[SyncView],
+    (config_fetch, syncs): (Option<&str>, &[SyncView]),
     unreported: &[UnreportedView],
     under_way: &[ProgressView],
 ) -> Result<()> {
@@ -437,10 +446,15 @@ fn unhealthy_exit(
         .filter(|s| !s.fetch_error.is_empty())
         .map(|s| format!("{}  {}", s.project_id, stale_line(s)))
         .collect();
-    let unhealthy: Vec<String> = unreported
-        .iter()
-        .filter(|u| u.state.is_unhealthy())
-        .map(unreported_line)
+    let unhealthy: Vec<String> = config_fetch
+        .map(config_stale_line)
+        .into_iter()
+        .chain(
+            unreported
+                .iter()
+                .filter(|u| u.state.is_unhealthy())
+                .map(unreported_line),
+        )
         .chain(stale)
         .chain(under_way.iter().filter_map(|p| {
             Some(format!(
@@ -460,6 +474,13 @@ fn unhealthy_exit(
         code: EXIT_ENTRY_UNHEALTHY,
     }
     .into())
+}
+
+/// What `kas agent status` says when kas cannot fetch the agent's configuration project.
+fn config_stale_line(error: &str) -> String {
+    format!(
+        "configuration project fetch failing: {error} (a config.yaml pushed since is not fetched; the configuration in force is the last kas has)"
+    )
 }
 
 /// What `kas agent status` says under a report whose project kas cannot fetch.
@@ -514,6 +535,9 @@ fn print_state(v: &StatusView<'_>) -> Result<()> {
     }
     if let Some(note) = v.config.and_then(ConfigView::unstored_note) {
         out!("NOT STORED: {note}")?;
+    }
+    if let Some(e) = v.config_fetch_error {
+        out!("{}", config_stale_line(e))?;
     }
     Ok(())
 }

@@ -419,6 +419,12 @@ fn events(a: &AgentView, syncs: &[SyncView]) -> Html {
     if let Some(note) = a.config.as_ref().and_then(ConfigView::unstored_note) {
         list.push((String::new(), Html::text(&note)));
     }
+    if let Some(e) = &a.config_fetch_error {
+        let what = format!(
+            "configuration project fetch failing: {e} (a config.yaml pushed since is not fetched)"
+        );
+        list.push((String::new(), Html::text(&what)));
+    }
     list.sort_by(|x, y| y.0.cmp(&x.0));
     let rows = list
         .into_iter()
@@ -737,6 +743,7 @@ mod tests {
             suspensions: vec![],
             unreachable_replicas: vec![],
             last_seen: None,
+            config_fetch_error: None,
         }
     }
 
