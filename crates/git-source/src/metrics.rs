@@ -1,10 +1,11 @@
-//! Git metrics users alert on: how fetches end and how long they take, and how push webhooks
-//! were received. No per-project labels: kas may mirror thousands of projects; `kas project
-//! list` names the failing ones.
+//! Git metrics users alert on: how fetches end and how long they take, how many projects' last
+//! fetch failed, and how push webhooks were received. No per-project labels: kas may mirror
+//! thousands of projects; `kas project list` names the failing ones.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -61,6 +62,9 @@ pub struct FetchMetrics {
     fetches: Family<OutcomeLabel, Counter>,
     duration: Family<OutcomeLabel, Histogram>,
     webhooks: Family<OutcomeLabel, Counter>,
+    /// Projects whose last fetch failed: one project failing among many healthy ones barely
+    /// moves the share of failed fetches (it also backs off to minutes between tries).
+    failing: Gauge,
 }
 
 impl Default for FetchMetrics {
@@ -72,6 +76,7 @@ impl Default for FetchMetrics {
                 Histogram::new(exponential_buckets(0.01, 2.0, 16))
             }),
             webhooks: Family::default(),
+            failing: Gauge::default(),
         }
     }
 }
@@ -90,6 +95,11 @@ impl FetchMetrics {
             self.duration.clone(),
         );
         reg.register(
+            "git_projects_failing",
+            "Projects whose last fetch failed (kas project list names them)",
+            self.failing.clone(),
+        );
+        reg.register(
             "webhook_deliveries",
             "Push webhook deliveries received, by outcome (accepted, refused, failed)",
             self.webhooks.clone(),
@@ -102,6 +112,19 @@ impl FetchMetrics {
             outcome: outcome.word(),
         };
         self.webhooks.get_or_create(&label).inc();
+    }
+
+    /// A project's last fetch failed (`is`) where it did not (`was`), or the other way round.
+    pub(crate) fn failing(&self, was: bool, is: bool) {
+        match (was, is) {
+            (false, true) => {
+                self.failing.inc();
+            }
+            (true, false) => {
+                self.failing.dec();
+            }
+            _ => {}
+        }
     }
 
     pub(crate) fn record(&self, outcome: Ended, seconds: f64) {
@@ -125,6 +148,10 @@ mod tests {
         m.record(Ended::Failed, 2.0);
         m.record(Ended::Failed, 3.0);
         m.delivery(Delivery::Refused);
+        m.failing(false, true);
+        m.failing(false, true);
+        m.failing(true, true);
+        m.failing(true, false);
         let mut reg = Registry::with_prefix("kas");
         m.register(&mut reg);
         let mut text = String::new();
@@ -137,6 +164,7 @@ mod tests {
             text.contains(r#"kas_git_fetches_total{outcome="failed"} 2"#),
             "{text}"
         );
+        assert!(text.contains("kas_git_projects_failing 1\n"), "{text}");
         assert!(
             text.contains(r#"kas_git_fetch_duration_seconds_count{outcome="failed"} 2"#),
             "{text}"

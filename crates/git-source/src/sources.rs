@@ -68,6 +68,24 @@ struct Entry {
     /// Verdicts per commit under the current policy files (a commit's content never changes, so
     /// neither does its verdict until the trusted keys do); only definitive ones are kept.
     verdicts: Mutex<HashMap<(CommitId, PolicyStamp), Result<Verified, Refusal>>>,
+    /// Whether the project counts in the failing projects' gauge, and whether it was removed
+    /// (then it never counts again): one lock, so a fetch ending as the project is removed
+    /// cannot leave it counted.
+    failing: Mutex<(bool, bool)>,
+}
+
+impl Entry {
+    /// Counts the project in `metrics`' failing gauge as its head now says (`remove`: it
+    /// is gone, and counts no more).
+    fn count_failing(&self, metrics: &FetchMetrics, remove: bool) {
+        let is = !remove && self.head.borrow().error.is_some();
+        let mut mark = lock(&self.failing);
+        if mark.1 {
+            return;
+        }
+        metrics.failing(mark.0, is);
+        *mark = (is, remove);
+    }
 }
 
 /// A cache folder entry named as this kas names mirrors (`{id}-{hash}.git`) or mirrors being
@@ -171,6 +189,7 @@ impl Sources {
                 task: Mutex::new(None),
                 verify: Mutex::new(None),
                 verdicts: Mutex::new(HashMap::new()),
+                failing: Mutex::new((false, false)),
             })
         }))
     }
@@ -254,6 +273,8 @@ impl Sources {
         if let Some(t) = lock(&entry.task).take() {
             t.cancel();
         }
+        // A removed project fails no more.
+        entry.count_failing(&self.metrics, true);
         if let Some(mirror) = lock(&entry.mirror).take() {
             self.delete_mirror(id, mirror);
         }
@@ -431,6 +452,7 @@ impl Sources {
             };
             let ended = publish(&entry, (&path, serving), result, &mut failures);
             self.metrics.record(ended, started.elapsed().as_secs_f64());
+            entry.count_failing(&self.metrics, false);
             // After publishing: a long repack delays neither the new commit nor its fetch's
             // verdict (it used to count against the fetch's timeout).
             // Not while a fetch is asked for (a reconcile waits for it): it runs first.

@@ -826,6 +826,15 @@ async fn a_deleted_default_branch_fails_the_fetch_and_keeps_the_last_good_commit
         )
     };
     let sources = start();
+    let failing = |sources: &std::sync::Arc<Sources>| {
+        let mut reg = prometheus_client::registry::Registry::default();
+        sources.metrics().register(&mut reg);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).expect("encode");
+        text.lines()
+            .find_map(|l| l.strip_prefix("git_projects_failing "))
+            .map(str::to_owned)
+    };
     sources.upsert(spec(1, f.src())).expect("upsert");
     sources.upsert(spec(2, empty.dir.clone())).expect("upsert");
     until(&sources, 1, |h| h.commit.is_some()).await;
@@ -841,17 +850,22 @@ async fn a_deleted_default_branch_fails_the_fetch_and_keeps_the_last_good_commit
         error.contains("no default branch") && error.contains("deleted?"),
         "{error}"
     );
+    // The one failing project among healthy ones shows (alert TetherGitProjectFetchFailing).
+    assert_eq!(failing(&sources).as_deref(), Some("1"));
+    sources.remove(1);
+    assert_eq!(failing(&sources).as_deref(), Some("0"));
     sources.shutdown();
 
     // A restarted kas: the mirror no longer has the branch, yet the fetch fails all the same.
     let again = start();
     again.upsert(spec(1, f.src())).expect("upsert");
-    let failing = until(&again, 1, |h| h.error.is_some() || h.fetches >= 1).await;
-    assert!(failing.error.is_some(), "{failing:?}");
+    let first = until(&again, 1, |h| h.error.is_some() || h.fetches >= 1).await;
+    assert!(first.error.is_some(), "{first:?}");
 
     f.repo.git(&["checkout", "-b", "main"]);
     let back = until(&again, 1, |h| h.error.is_none() && h.commit.is_some()).await;
     assert_eq!(back.commit, Some(c1));
+    assert_eq!(failing(&again).as_deref(), Some("0"));
     again.shutdown();
 }
 
