@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tether_agent_config::{GitRef, ManifestProject};
 use tether_gitops_agent::Status;
-use tether_gitops_agent::inventory::inventory_name;
+use tether_gitops_agent::inventory::{LiveInventories, inventory_name};
 use tether_gitops_agent::kube_events::{Happened, Recorder};
 use tether_gitops_agent::metrics::SyncMetrics;
 use tether_gitops_agent::sync::{
@@ -106,6 +106,7 @@ pub async fn run(
         moved: HashMap::new(),
         drift_managers: Vec::new(),
         board: watch::Sender::new(Board::new()),
+        live: LiveInventories::default(),
         channel,
         meta,
         engine,
@@ -143,6 +144,8 @@ struct Workers {
     drift_managers: Vec<String>,
     /// How each running worker stands for the entries that `depends_on` it.
     board: watch::Sender<Board>,
+    /// The inventories of the entries in force, shared with every worker.
+    live: LiveInventories,
     channel: Channel,
     meta: AgentMeta,
     engine: Engine,
@@ -162,6 +165,14 @@ impl Workers {
             .filter(|_| lead)
             .map(|p| (p.entry_key(), p.clone()))
             .collect();
+        // Every entry in force, the stopped ones' successors included: their objects are no
+        // other entry's to take over.
+        self.live.set(
+            wanted
+                .keys()
+                .map(|key| (inventory_name(applied.agent_id, key), key.clone()))
+                .collect(),
+        );
         let gone: Vec<String> = self
             .running
             .iter()
@@ -231,6 +242,7 @@ impl Workers {
             previous_namespace: self.moved.get(key).cloned(),
             agent_namespace: self.meta.pod_namespace.clone(),
             drift_managers: DriftManagers::new(self.drift_managers.clone()),
+            live_inventories: self.live.clone(),
             ..Settings::for_project(agent_id, p)
         };
         let (channel, meta, engine) =

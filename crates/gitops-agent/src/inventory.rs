@@ -383,9 +383,57 @@ pub fn set_owner(obj: &mut Value, inventory_id: &str) {
     }
 }
 
+/// The inventories of the agent's entries in its configuration in force (inventory name, as
+/// objects' owning-inventory annotation has it, → entry key), shared by its workers and
+/// replaced when the configuration changes: an object owned by one of them is another entry's,
+/// whatever the policy.
+#[derive(Debug, Clone, Default)]
+pub struct LiveInventories(
+    std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<String, String>>>,
+);
+
+impl LiveInventories {
+    /// The entries now in force, by their inventory ids.
+    pub fn set(&self, live: std::collections::BTreeMap<String, String>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = live;
+    }
+
+    /// The entry in force whose inventory is `inventory`.
+    pub fn entry_of(&self, inventory: &str) -> Option<String> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(inventory)
+            .cloned()
+    }
+}
+
+/// Which entries are live is not part of what a sync does (as for progress).
+impl PartialEq for LiveInventories {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// Why an existing object may not be applied by this inventory.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum OwnershipConflict {
+    /// Another entry of this agent, in its configuration in force, owns the object: two
+    /// entries declare it. Taking it over (adopt_all did) made them take it from each other at
+    /// every sync, and the one whose files no longer had it pruned it while the other still
+    /// declared it.
+    #[error(
+        "object is owned by entry {entry} of this agent (inventory {owner:?}): two entries must not declare one object (remove it from one; an object moved here is created once {entry} has pruned it)"
+    )]
+    OwnedBySibling {
+        /// The other entry's key.
+        entry: String,
+        /// Its inventory id.
+        owner: String,
+    },
     /// Another inventory owns the object.
     #[error(
         "object is owned by inventory {owner:?}, not {ours:?}; inventory_policy {policy} does not take it over (adopt_all would)"
@@ -422,15 +470,22 @@ fn policy_name(policy: InventoryPolicy) -> &'static str {
 ///
 /// - `must_match`: only objects already owned by us.
 /// - `adopt_if_no_inventory`: also objects owned by no inventory.
-/// - `adopt_all`: anything, even objects owned by another inventory.
+/// - `adopt_all`: anything, even objects owned by another inventory — but not one of another
+///   entry of this agent in force (`live`): two entries must not declare one object.
 pub fn may_take_over(
     policy: InventoryPolicy,
     current_owner: Option<&str>,
-    our_id: &str,
+    (our_id, live): (&str, &LiveInventories),
 ) -> Result<(), OwnershipConflict> {
     let current_owner = current_owner.filter(|o| !o.is_empty());
     match (policy, current_owner) {
         (_, Some(owner)) if owner == our_id => Ok(()),
+        (_, Some(owner)) if let Some(entry) = live.entry_of(owner) => {
+            Err(OwnershipConflict::OwnedBySibling {
+                entry,
+                owner: owner.to_owned(),
+            })
+        }
         (InventoryPolicy::AdoptAll, _) => Ok(()),
         (InventoryPolicy::AdoptIfNoInventory, None) => Ok(()),
         (InventoryPolicy::MustMatch, None) => Err(OwnershipConflict::NotOwned {
@@ -785,27 +840,50 @@ mod tests {
             (AdoptAll, None, true),
             (AdoptAll, Some("5-43"), true),
         ];
+        let none = LiveInventories::default();
         for (policy, owner, allowed) in table {
             assert_eq!(
-                may_take_over(policy, owner, ours).is_ok(),
+                may_take_over(policy, owner, (ours, &none)).is_ok(),
                 allowed,
                 "{policy:?} {owner:?}"
             );
         }
-        let e = may_take_over(MustMatch, Some("7-1"), ours).err();
+        let e = may_take_over(MustMatch, Some("7-1"), (ours, &none)).err();
         assert_eq!(
             e.map(|e| e.to_string()),
             Some("object is owned by inventory \"7-1\", not \"5-42\"; inventory_policy must_match does not take it over (adopt_all would)".to_owned())
         );
-        let e = may_take_over(MustMatch, None, ours).err();
+        let e = may_take_over(MustMatch, None, (ours, &none)).err();
         assert_eq!(e, Some(OwnershipConflict::NotOwned { ours: ours.into() }));
         assert!(matches!(
-            may_take_over(AdoptIfNoInventory, Some("7-1"), ours),
+            may_take_over(AdoptIfNoInventory, Some("7-1"), (ours, &none)),
             Err(OwnershipConflict::OwnedByOther {
                 policy: "adopt_if_no_inventory",
                 ..
             })
         ));
+    }
+
+    /// Another entry of the agent in force owns the object: no policy takes it over (adopt_all
+    /// made two entries take it from each other at every sync); once that entry is no longer
+    /// in force, adopt_all adopts its objects as before.
+    #[test]
+    fn no_policy_takes_an_object_from_another_entry_in_force() {
+        use InventoryPolicy::*;
+        let live = LiveInventories::default();
+        live.set([("5-43".to_owned(), "group/other".to_owned())].into());
+        for policy in [MustMatch, AdoptIfNoInventory, AdoptAll] {
+            let e = may_take_over(policy, Some("5-43"), ("5-42", &live))
+                .expect_err("another entry owns it");
+            assert!(
+                e.to_string()
+                    .starts_with("object is owned by entry group/other of this agent"),
+                "{e}"
+            );
+        }
+        assert!(may_take_over(AdoptAll, Some("5-42"), ("5-42", &live)).is_ok());
+        live.set(Default::default());
+        assert!(may_take_over(AdoptAll, Some("5-43"), ("5-42", &live)).is_ok());
     }
 
     #[test]

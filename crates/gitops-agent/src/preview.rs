@@ -326,7 +326,11 @@ impl Syncer {
         });
         let live = live.map(|(v, _)| v);
         if let Some(live) = &live {
-            inventory::may_take_over(s.inventory_policy, inventory::owner(live), inv_id)?;
+            inventory::may_take_over(
+                s.inventory_policy,
+                inventory::owner(live),
+                (inv_id, &s.live_inventories),
+            )?;
             // As in a sync, an object already as the files say is not sent: a dry run of it
             // would ask for an update the sync never makes, which an admission policy may
             // refuse (a CRD upgrade check), failing a preview of a sync that succeeds. With

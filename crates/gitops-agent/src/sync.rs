@@ -95,6 +95,8 @@ pub struct Settings {
     /// Whose fields are taken over before applying, so that the apply reverts them
     /// ([`takeover`]; `gitops.drift_managers`).
     pub drift_managers: DriftManagers,
+    /// The inventories of the agent's entries in force: their objects are not taken over.
+    pub live_inventories: inventory::LiveInventories,
 }
 
 /// How far a running sync got: its objects so far, how many are Current or Failed, and the
@@ -211,6 +213,7 @@ impl Settings {
                     .map(|m| (*m).to_owned())
                     .collect(),
             ),
+            live_inventories: inventory::LiveInventories::default(),
         }
     }
 }
@@ -1504,9 +1507,11 @@ impl Syncer {
         let mut took_over = false;
         if let Some(current) = live {
             // Ownership: another inventory's object is not taken over unless the policy allows.
-            if let Err(conflict) =
-                inventory::may_take_over(s.inventory_policy, current.owner.as_deref(), inv_id)
-            {
+            if let Err(conflict) = inventory::may_take_over(
+                s.inventory_policy,
+                current.owner.as_deref(),
+                (inv_id, &s.live_inventories),
+            ) {
                 return (obj_ref, Err(conflict.into()));
             }
             if s.dry_run == DryRunStrategy::None {

@@ -796,6 +796,69 @@ async fn a_field_of_an_object_created_with_client_side_apply_leaves_with_git_aft
     );
 }
 
+/// Two entries of one agent declaring the same object, both `inventory_policy: adopt_all`
+/// (the policy the refusal of a second owner suggests): the second is refused, naming the
+/// entry that owns the object, and the owner keeps it across commits. adopt_all made them take
+/// it from each other at every sync (three writes each time), and the one whose files then
+/// lost it pruned it while the other still declared it (E8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_entries_of_one_agent_do_not_take_an_object_from_each_other() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("twoentries").unwrap();
+    let extra = format!(
+        "    name: first\n    inventory_policy: adopt_all\n  - id: group/manifests\n    name: second\n    default_namespace: {ns}\n    paths:\n    - glob: '/manifests/*.yaml'\n    inventory_policy: adopt_all\n"
+    );
+    let cm = |v: &str| configmap("shared", &ns, v);
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        &extra,
+        &[("manifests/cm.yaml", Some(&cm("1")))],
+        &[],
+    )
+    .await;
+    let owner_of = || {
+        let live = get_json(&rig.env, &["get", "configmap", "shared", "-n", &ns]).unwrap();
+        live["metadata"]["annotations"]["config.k8s.io/owning-inventory"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let both = |commit: String| {
+        let rig = &rig;
+        async move {
+            let first = rig.synced_in("group/manifests#first", &commit).await;
+            let second = rig.synced_in("group/manifests#second", &commit).await;
+            (first, second)
+        }
+    };
+    // Both may create it at first (neither saw it exist); from then on it has one owner.
+    both(c1).await;
+    let owner = owner_of();
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/cm.yaml", Some(&cm("2")))], "two");
+    let (first, second) = both(c2).await;
+    let first_owns = owner.contains("-first-");
+    let (won, lost) = if first_owns {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(won.outcome, ReportedOutcome::Succeeded, "{won:?}");
+    assert_ne!(lost.outcome, ReportedOutcome::Succeeded, "{lost:?}");
+    let refusal = format!("object is owned by entry {} of this agent", won.project_id);
+    assert!(
+        lost.objects.iter().any(|o| o.message.contains(&refusal)),
+        "{lost:?}"
+    );
+    assert_eq!(owner_of(), owner, "the object changed hands");
+    let live = get_json(&rig.env, &["get", "configmap", "shared", "-n", &ns]).unwrap();
+    assert_eq!(live["data"]["value"], "2", "{live}");
+}
+
 /// A Service of type LoadBalancer stays in progress until its address is set (no load balancer
 /// controller runs here, so the test sets it): agentk follows it with a watch when its
 /// ServiceAccount may watch, and by polling when it may not. Returns the sync's
