@@ -837,6 +837,25 @@ pub async fn load(
     .map_err(|e| e.to_string())?
 }
 
+/// A commit without the agent's configuration file, after a file was in force, is refused
+/// rather than taken as the empty default (pure): deleting or moving the file is far likelier a
+/// mistake (an agent folder renamed) than a wish to drop every `ci_access`, `user_access` and
+/// manifest project — which it silently did, with 403s for every CI job and person. An agent
+/// meant to run without a configuration commits an empty file.
+fn refuse_deleted(loaded: Loaded, in_force_file: &str) -> Loaded {
+    match loaded {
+        Loaded::Valid { file, .. } if file.is_empty() && !in_force_file.is_empty() => {
+            Loaded::Invalid {
+                error: format!(
+                    "{in_force_file}: the file is not in this commit (deleted or moved?); the configuration in force stays (to run the agent without a configuration, commit an empty {in_force_file})"
+                ),
+                file: in_force_file.to_owned(),
+            }
+        }
+        other => other,
+    }
+}
+
 /// Finds a manifest project listed twice under different names — its path and its numeric id
 /// (`id: group/app` and `id: 42`) — without a name on each entry, or twice with one name. The
 /// file's own validation cannot see that; accepted, it gave two workers applying and pruning
@@ -1391,7 +1410,8 @@ impl StreamState {
             Ok(loaded) => loaded,
             Err(e) => return self.unreadable(&hex, &e),
         };
-        match loaded {
+        let in_force = states.get(id.agent_id).map(|s| s.file).unwrap_or_default();
+        match refuse_deleted(loaded, &in_force) {
             Loaded::Valid { file, config } => match serde_json::to_string(&config) {
                 Ok(json) => {
                     let config = Arc::new(config);
@@ -1577,6 +1597,27 @@ impl AgentConfiguration for ConfigService {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deleted_file_is_refused_only_after_a_file_was_in_force() {
+        let absent = || Loaded::Valid {
+            file: String::new(),
+            config: tether_agent_config::AgentConfig::default(),
+        };
+        let file = ".gitlab/agents/a/config.yaml";
+        match refuse_deleted(absent(), file) {
+            Loaded::Invalid { file: f, error } => {
+                assert_eq!(f, file);
+                assert!(
+                    error.contains("not in this commit (deleted or moved?)"),
+                    "{error}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // An agent that never had a file: the empty default, as before.
+        assert!(matches!(refuse_deleted(absent(), ""), Loaded::Valid { .. }));
+    }
 
     #[test]
     fn a_change_or_a_write_under_way_since_a_count_is_seen() {

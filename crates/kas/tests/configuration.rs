@@ -340,6 +340,23 @@ async fn invalid_configurations_are_refused_and_the_last_good_one_stays() {
         assert!(kas.log().contains("Agent configuration refused"));
     }
 
+    // Deleting the file (an agent folder renamed by mistake) is refused too: it used to put
+    // the empty default in force, dropping every access rule and manifest project silently.
+    let deleted = repo.commit(&[(".gitlab/agents/gamma/config.yaml", None)], "deleted");
+    let line = agent.wait_log(REFUSED, &deleted).await;
+    let error = line["error"].as_str().unwrap();
+    assert!(
+        error.contains(".gitlab/agents/gamma/config.yaml: the file is not in this commit"),
+        "{error}"
+    );
+    let state = wait_for("kas to record it", Duration::from_secs(10), || async {
+        let s = kas.agent(t.agent_id).await.config?;
+        (s.error_commit.as_deref() == Some(deleted.as_str())).then_some(s)
+    })
+    .await;
+    assert_eq!(state.commit, good);
+    assert_eq!(state.file, ".gitlab/agents/gamma/config.yaml");
+
     // Fixing it in a later commit recovers.
     let fixed = repo.commit(
         &[(".gitlab/agents/gamma/config.yaml", Some(&config("info")))],
