@@ -246,6 +246,71 @@ fn create_partial(partial: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `kas store restore`: replaces the stopped kas's SQLite database with a copy of `from` whose
+/// id counters continue after the largest ids the replaced database ever gave; says what the
+/// restore undoes (revocations, suspensions). The replaced database stays whole until the
+/// copy is complete. `kas_running`: whether kas answers on its internal API (then nothing is
+/// touched: replacing a database under a running kas loses its writes).
+pub async fn restore(
+    location: &DatabaseLocation,
+    from: &Path,
+    kas_running: Option<std::net::SocketAddr>,
+) -> Result<tether_store::restore::RestoreReport> {
+    let DatabaseLocation::Sqlite(path) = location else {
+        bail!(
+            "kas store restore replaces the embedded SQLite database; this kas uses PostgreSQL \
+             ({location}): restore with pg_restore, then raise the id sequences past the largest \
+             ids given since the dump (see kas-configuration.md, Backup and restore)"
+        );
+    };
+    if let Some(api) = kas_running {
+        bail!("kas answers on its internal API ({api}): stop it before restoring its database");
+    }
+    if !from.is_file() {
+        bail!("{}: no such backup file", from.display());
+    }
+    let partial = partial_path(path)?;
+    create_partial(&partial)?;
+    let copied = restore_copy(from, path, &partial).await;
+    let placed = copied.and_then(|report| place(&partial, path, true).map(|()| report));
+    if placed.is_err() {
+        // Ours (created just above); what failed is the error to report, not this removal.
+        let _ = std::fs::remove_file(&partial);
+    }
+    let report = placed?;
+    // The replaced file's rollback journal belongs to it, not to the restored one.
+    let mut journal = path.as_os_str().to_owned();
+    journal.push("-journal");
+    match std::fs::remove_file(&journal) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", journal.to_string_lossy()));
+        }
+        _ => {}
+    }
+    Ok(report)
+}
+
+/// Copies the backup `from` into `partial` and adjusts it against the database at `db`.
+async fn restore_copy(
+    from: &Path,
+    db: &Path,
+    partial: &Path,
+) -> Result<tether_store::restore::RestoreReport> {
+    let (from, db, partial) = (from.to_owned(), db.to_owned(), partial.to_owned());
+    tokio::task::spawn_blocking(move || {
+        std::fs::copy(&from, &partial)
+            .with_context(|| format!("copying {} to {}", from.display(), partial.display()))?;
+        let current = db.is_file().then_some(db.as_path());
+        let report = tether_store::restore::adjust_restored_copy(&partial, current)
+            .with_context(|| format!("{}", from.display()))?;
+        std::fs::File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("flushing {}", partial.display()))?;
+        Ok(report)
+    })
+    .await?
+}
+
 /// Fills `partial` with the snapshot and flushes it to disk; returns how long the copy took.
 async fn write_snapshot(db: &Path, partial: &Path) -> Result<Duration> {
     let started = Instant::now();

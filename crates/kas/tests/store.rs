@@ -387,6 +387,90 @@ async fn a_backup_taken_while_kas_writes_restores_into_a_second_kas() {
     );
 }
 
+/// `kas store restore` puts a backup in place of a stopped kas's database: ids keep counting
+/// after the largest the replaced database gave (an agent registered after the backup, still
+/// running in a cluster, must not share its id with the next one), and it says what the
+/// restore undoes — a token revoked and an agent suspended after the backup. Restored with
+/// `cp` as before, ids 2 and 3 were given again (E8). It refuses while kas answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_keeps_ids_counting_and_says_what_it_undoes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kas = Kas::start(&dir.path().join("live"), KasOptions::default()).await;
+    let first = kas
+        .admin
+        .register_agent("group/app", "first")
+        .await
+        .unwrap();
+    let backup = dir.path().join("kas-backup.sqlite");
+    let out = kas
+        .cli()
+        .args(["store", "backup", "--to"])
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let since = kas
+        .admin
+        .register_agent("group/app", "since")
+        .await
+        .unwrap();
+    let extra = kas
+        .admin
+        .create_token(first.agent_id, "extra")
+        .await
+        .unwrap();
+    kas.admin.revoke_token(first.token_id).await.unwrap();
+    let suspend = tether_kas_api::SuspendRequest {
+        reason: "incident 7".into(),
+        ..Default::default()
+    };
+    kas.admin.suspend(first.agent_id, &suspend).await.unwrap();
+    let restore = |kas: &Kas| {
+        let mut c = kas.cli();
+        c.args(["store", "restore", "--from"]).arg(&backup);
+        c.output().unwrap()
+    };
+    let refused = restore(&kas);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("stop it before restoring"),
+        "{}",
+        text(&refused)
+    );
+
+    kas.stop();
+    let out = restore(&kas);
+    let (stdout, stderr) = (
+        text(&out),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("agents: ids continue after {}", since.agent_id)),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "agent tokens revoked after the backup are active again: {}",
+            first.token_id
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "the suspension of agent {} by admin",
+            first.agent_id
+        )),
+        "{stderr}"
+    );
+    kas.start_again().await;
+    let next = kas.admin.register_agent("group/app", "next").await.unwrap();
+    assert!(next.agent_id > since.agent_id, "{next:?} after {since:?}");
+    assert!(next.token_id > extra.token_id, "{next:?} after {extra:?}");
+    let names = listed_agents(&kas);
+    assert!(!names.contains(&"since".to_owned()), "{names:?}");
+}
+
 /// `kas store backup` of a kas on PostgreSQL says to use pg_dump (and why), never the URL's
 /// password, exits non-zero and writes nothing.
 #[test]

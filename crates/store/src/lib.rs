@@ -14,6 +14,7 @@ mod error;
 mod migrate;
 mod model;
 mod postgres;
+pub mod restore;
 mod sqlite;
 mod token;
 mod txn;

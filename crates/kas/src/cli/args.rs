@@ -158,6 +158,14 @@ pub enum StoreCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Replace a stopped kas's SQLite database with a backup; ids keep counting after the
+    /// largest the replaced database gave, and what the restore undoes (revocations,
+    /// suspensions made since the backup) is listed.
+    Restore {
+        /// The backup file (from `kas store backup`).
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]

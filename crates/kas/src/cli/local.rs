@@ -39,6 +39,49 @@ fn newer_schema_note(location: &impl std::fmt::Display, newer: &[i64]) -> String
     )
 }
 
+/// What a restore changed and undid: counters kept (stdout), revocations and suspensions
+/// undone (stderr: each must be done again).
+fn print_restore_report(r: &tether_store::restore::RestoreReport) -> Result<()> {
+    for (table, seq) in &r.counters_kept {
+        out!("{table}: ids continue after {seq}, the largest the replaced database gave")?;
+    }
+    let list = |ids: &[i64]| {
+        ids.iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !r.revived_tokens.is_empty() {
+        eprintln!(
+            "kas: warning: agent tokens revoked after the backup are active again: {} (revoke them again: kas token revoke ID)",
+            list(&r.revived_tokens)
+        );
+    }
+    if !r.revived_user_tokens.is_empty() {
+        eprintln!(
+            "kas: warning: personal access tokens revoked after the backup are active again: {} (kas user-token revoke ID)",
+            list(&r.revived_user_tokens)
+        );
+    }
+    for (agent, project, by, reason) in &r.lost_suspensions {
+        // Stored as project 0 when the whole agent is suspended.
+        let (what, again) = match project {
+            0 => (
+                format!("agent {agent}"),
+                format!("kas agent suspend {agent}"),
+            ),
+            p => (
+                format!("agent {agent}'s project {p}"),
+                format!("kas agent suspend {agent} --project {p}"),
+            ),
+        };
+        eprintln!(
+            "kas: warning: the suspension of {what} by {by} ({reason}) was made after the backup and is gone: GitOps applies there again ({again})"
+        );
+    }
+    Ok(())
+}
+
 pub async fn store_cmd(cfg: &Config, cmd: &StoreCmd) -> Result<()> {
     use kas::config::DatabaseLocation;
     match cmd {
@@ -60,6 +103,17 @@ pub async fn store_cmd(cfg: &Config, cmd: &StoreCmd) -> Result<()> {
             }
             let total: u64 = counts.iter().map(|c| c.rows).sum();
             out!("copied {total} records from {from} to {to}")?;
+        }
+        StoreCmd::Restore { from } => {
+            let location = cfg.database_location();
+            let api = cfg.api.listen.address;
+            let running =
+                std::net::TcpStream::connect_timeout(&api, std::time::Duration::from_secs(1))
+                    .is_ok()
+                    .then_some(api);
+            let report = kas::database::restore(&location, from, running).await?;
+            out!("restored {location} from {}", from.display())?;
+            print_restore_report(&report)?;
         }
         StoreCmd::Backup { to, force } => {
             let location = cfg.database_location();
