@@ -62,6 +62,10 @@ struct Entry {
     /// Fetches asked for by [`Sources::request_fetch`] so far.
     requested: std::sync::atomic::AtomicU64,
     mirror: Mutex<Option<Mirror>>,
+    /// The mirror of a new remote until its first fetch succeeds: `mirror` (the former remote's)
+    /// keeps serving the last good commit meanwhile. Without it, a project moved to a remote
+    /// that did not answer yet lost its last good commit's files, and drift correction stopped.
+    pending: Mutex<Option<Mirror>>,
     /// Stops the poll task of the current remote.
     task: Mutex<Option<CancellationToken>>,
     verify: Mutex<Option<VerifyPolicy>>,
@@ -186,6 +190,7 @@ impl Sources {
                 trigger: Arc::new(Notify::new()),
                 requested: std::sync::atomic::AtomicU64::new(0),
                 mirror: Mutex::new(None),
+                pending: Mutex::new(None),
                 task: Mutex::new(None),
                 verify: Mutex::new(None),
                 verdicts: Mutex::new(HashMap::new()),
@@ -197,7 +202,11 @@ impl Sources {
     /// Starts (or restarts, when the remote changed) mirroring a project.
     pub fn upsert(self: &Arc<Self>, spec: ProjectSpec) -> Result<(), crate::Error> {
         let entry = self.entry(spec.id);
-        let same_remote = lock(&entry.mirror)
+        // The remote being moved to, if a move is under way, else the one in use.
+        let target = lock(&entry.pending)
+            .clone()
+            .or_else(|| lock(&entry.mirror).clone());
+        let same_remote = target
             .as_ref()
             .map(|m| Some(m.remote()) == spec.remote.as_ref())
             .unwrap_or(spec.remote.is_none());
@@ -208,6 +217,11 @@ impl Sources {
         crate::tools::warn_if_missing(&spec);
         if let Some(old) = lock(&entry.task).take() {
             old.cancel();
+        }
+        // A move to a remote that never answered, superseded: its mirror goes.
+        let unfinished = lock(&entry.pending).take();
+        if let Some(p) = unfinished.filter(|_| !same_remote) {
+            self.delete_mirror(spec.id, p);
         }
         *lock(&entry.verify) = spec.verify.clone();
         lock(&entry.verdicts).clear();
@@ -242,24 +256,46 @@ impl Sources {
         ));
         // Only the policy changed: keep the mirror, since fetches are serialized per instance and
         // one of the old task may still be running.
-        let current = lock(&entry.mirror).clone().filter(|_| same_remote);
+        let current = target.filter(|_| same_remote);
         let mirror = match current {
             Some(mirror) => mirror,
             None => Mirror::open_or_init(dir, remote)?,
         };
         publish_restored(&entry, &mirror, &spec.path, spec.verify.is_some());
-        *lock(&entry.mirror) = Some(mirror.clone());
-        if let Some(old) = former.filter(|o| o.dir() != mirror.dir()) {
-            self.delete_mirror(spec.id, old);
+        let former = former.filter(|o| o.dir() != mirror.dir());
+        // The former remote's mirror serves the last good commit until the new one has a
+        // commit of its own (see `Entry::pending`).
+        if former.is_some() && entry.head.borrow().commit.is_some() {
+            *lock(&entry.pending) = Some(mirror.clone());
+        } else {
+            *lock(&entry.mirror) = Some(mirror.clone());
+            if let Some(old) = former {
+                self.delete_mirror(spec.id, old);
+            }
         }
         let cancel = self.shutdown.child_token();
         *lock(&entry.task) = Some(cancel.clone());
         let this = Arc::clone(self);
-        let path = spec.path;
+        let (id, path) = (spec.id, spec.path);
         tokio::spawn(async move {
-            this.poll(entry, mirror, path, cancel).await;
+            this.poll(entry, mirror, (id, path), cancel).await;
         });
         Ok(())
+    }
+
+    /// Once a new remote's mirror fetched: it serves from now on, and the former one goes.
+    fn finish_move(&self, id: i64, entry: &Entry, mirror: &Mirror) {
+        let Some(pending) = lock(&entry.pending).take() else {
+            return;
+        };
+        if pending.dir() != mirror.dir() {
+            *lock(&entry.pending) = Some(pending);
+            return;
+        }
+        let former = lock(&entry.mirror).replace(pending);
+        if let Some(old) = former.filter(|o| o.dir() != mirror.dir()) {
+            self.delete_mirror(id, old);
+        }
     }
 
     /// Stops mirroring a project and deletes its mirror from disk.
@@ -275,7 +311,8 @@ impl Sources {
         }
         // A removed project fails no more.
         entry.count_failing(&self.metrics, true);
-        if let Some(mirror) = lock(&entry.mirror).take() {
+        let pending = lock(&entry.pending).take();
+        for mirror in [lock(&entry.mirror).take(), pending].into_iter().flatten() {
             self.delete_mirror(id, mirror);
         }
     }
@@ -429,7 +466,7 @@ impl Sources {
         &self,
         entry: Arc<Entry>,
         mirror: Mirror,
-        path: String,
+        (id, path): (i64, String),
         cancel: CancellationToken,
     ) {
         let mut failures: u64 = 0;
@@ -450,6 +487,10 @@ impl Sources {
                 Ok(_) => self.verified_head(&entry, &mirror, &path).await,
                 Err(e) => Err(e),
             };
+            // Before the head names the new remote's commit: readers must find it.
+            if matches!(result, Ok(Ok(Some(_)))) {
+                self.finish_move(id, &entry, &mirror);
+            }
             let ended = publish(&entry, (&path, serving), result, &mut failures);
             self.metrics.record(ended, started.elapsed().as_secs_f64());
             entry.count_failing(&self.metrics, false);

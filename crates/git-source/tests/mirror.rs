@@ -785,6 +785,35 @@ fn empty_remote_is_not_an_error() {
     );
 }
 
+/// The first head `done` holds for (within 20 s).
+async fn head_until(
+    mut head: tokio::sync::watch::Receiver<tether_git_source::ProjectHead>,
+    done: fn(&tether_git_source::ProjectHead) -> bool,
+) -> tether_git_source::ProjectHead {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let h = head.borrow_and_update().clone();
+            if done(&h) {
+                return h;
+            }
+            head.changed().await.expect("head");
+        }
+    })
+    .await
+    .expect("the head should get there")
+}
+
+/// `git_projects_failing` as `sources` exports it.
+fn projects_failing(sources: &tether_git_source::Sources) -> Option<String> {
+    let mut reg = prometheus_client::registry::Registry::default();
+    sources.metrics().register(&mut reg);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &reg).expect("encode");
+    text.lines()
+        .find_map(|l| l.strip_prefix("git_projects_failing "))
+        .map(str::to_owned)
+}
+
 /// The followed branch deleted on the remote is a failing fetch, not an empty repository: the
 /// last good commit stays published with an error that says what happened (it used to be a
 /// successful fetch of no commit), also for a kas restarted meanwhile, which knows no commit;
@@ -803,20 +832,7 @@ async fn a_deleted_default_branch_fails_the_fetch_and_keeps_the_last_good_commit
         verify: None,
     };
     let until = |sources: &std::sync::Arc<Sources>, id: i64, done: fn(&ProjectHead) -> bool| {
-        let mut head = sources.watch(id);
-        async move {
-            tokio::time::timeout(Duration::from_secs(20), async {
-                loop {
-                    let h = head.borrow_and_update().clone();
-                    if done(&h) {
-                        return h;
-                    }
-                    head.changed().await.expect("head");
-                }
-            })
-            .await
-            .expect("the head should get there")
-        }
+        head_until(sources.watch(id), done)
     };
     let start = || {
         Sources::new(
@@ -826,14 +842,19 @@ async fn a_deleted_default_branch_fails_the_fetch_and_keeps_the_last_good_commit
         )
     };
     let sources = start();
-    let failing = |sources: &std::sync::Arc<Sources>| {
-        let mut reg = prometheus_client::registry::Registry::default();
-        sources.metrics().register(&mut reg);
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &reg).expect("encode");
-        text.lines()
-            .find_map(|l| l.strip_prefix("git_projects_failing "))
-            .map(str::to_owned)
+    let failing = |sources: &std::sync::Arc<Sources>| projects_failing(sources);
+    let gauge_becomes = |sources: &std::sync::Arc<Sources>, want: &'static str| {
+        let sources = std::sync::Arc::clone(sources);
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while projects_failing(&sources).as_deref() != Some(want) {
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the gauge should follow the head");
+        }
     };
     sources.upsert(spec(1, f.src())).expect("upsert");
     sources.upsert(spec(2, empty.dir.clone())).expect("upsert");
@@ -850,8 +871,9 @@ async fn a_deleted_default_branch_fails_the_fetch_and_keeps_the_last_good_commit
         error.contains("no default branch") && error.contains("deleted?"),
         "{error}"
     );
-    // The one failing project among healthy ones shows (alert TetherGitProjectFetchFailing).
-    assert_eq!(failing(&sources).as_deref(), Some("1"));
+    // The one failing project among healthy ones shows (alert TetherGitProjectFetchFailing),
+    // counted right after the head is published.
+    gauge_becomes(&sources, "1").await;
     sources.remove(1);
     assert_eq!(failing(&sources).as_deref(), Some("0"));
     sources.shutdown();
@@ -865,8 +887,68 @@ async fn a_deleted_default_branch_fails_the_fetch_and_keeps_the_last_good_commit
     f.repo.git(&["checkout", "-b", "main"]);
     let back = until(&again, 1, |h| h.error.is_none() && h.commit.is_some()).await;
     assert_eq!(back.commit, Some(c1));
-    assert_eq!(failing(&again).as_deref(), Some("0"));
+    gauge_becomes(&again, "0").await;
     again.shutdown();
+}
+
+/// A project moved to a remote that does not answer yet keeps serving its last good commit
+/// from the former remote's mirror (its files stay readable: drift correction and reconciles go
+/// on), with the new remote's error published; once a remote answers, its commit is served
+/// and the former mirror goes. The former mirror used to be deleted at once, so the last good
+/// commit's files were gone until the new remote answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_moved_to_a_silent_remote_keeps_serving_its_last_good_commit() {
+    use tether_git_source::{ProjectHead, ProjectSpec, Sources};
+
+    let f = Fixture::new("main");
+    let c1 = f.commit(&[("a", b"1")], &[], "one");
+    let (silent, addr) = listener();
+    let spec = |remote: Remote| ProjectSpec {
+        id: 4,
+        path: "group/moved".into(),
+        remote: Some(remote),
+        verify: None,
+    };
+    let sources = Sources::new(
+        f.cache("sources"),
+        Duration::from_millis(200),
+        Duration::from_millis(300),
+    );
+    let until = |done: fn(&ProjectHead) -> bool| head_until(sources.watch(4), done);
+    sources
+        .upsert(spec(Remote::local(f.src())))
+        .expect("upsert");
+    until(|h| h.commit.is_some()).await;
+
+    let port = addr.port();
+    sources
+        .upsert(spec(
+            Remote::parse(&format!("git://127.0.0.1:{port}/r")).expect("remote"),
+        ))
+        .expect("upsert");
+    let failing = until(|h| h.error.is_some()).await;
+    assert_eq!(failing.commit, Some(c1));
+    let mirror = sources.mirror(4).expect("a mirror");
+    assert_eq!(read(&mirror, &c1, "a").as_deref(), Some("1"));
+
+    let other = GitRepo::init_on(&f.repos().join("other"), "main");
+    let c2 = CommitId::from_hex(&other.commit_files(&[("a", b"2")], &[], "two")).expect("id");
+    sources
+        .upsert(spec(Remote::local(other.dir.clone())))
+        .expect("upsert");
+    let moved = until(|h| h.error.is_none() && h.fetches >= 2).await;
+    assert_eq!(moved.commit, Some(c2));
+    let mirror = sources.mirror(4).expect("a mirror");
+    assert_eq!(read(&mirror, &c2, "a").as_deref(), Some("2"));
+    let left: Vec<_> = std::fs::read_dir(f.cache("sources"))
+        .expect("cache")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("4-"))
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    sources.shutdown();
+    drop(silent);
 }
 
 /// A server that accepts connections and never answers must not stop updates: the fetch
