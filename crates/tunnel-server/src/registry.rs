@@ -816,6 +816,7 @@ impl Registry {
             );
         }
         if arrived {
+            tracing::info!(agent_id = id.agent_id, pod = format!("{}/{}", info.pod_namespace, info.pod_name), remote_addr = %info.remote_addr, "Agent connected");
             let _ = self.presence.send(Presence {
                 agent_id: id.agent_id,
                 connected: true,
@@ -863,6 +864,13 @@ impl Registry {
                     }
                     // A draining registry announced every agent gone already.
                     if state.connections.is_empty() && !draining {
+                        // Said where operators look when an agent drops off (a network cut, a
+                        // half-open connection found by the keep-alive): kas said nothing.
+                        tracing::info!(
+                            agent_id = id.agent_id,
+                            pod = format!("{}/{}", info.pod_namespace, info.pod_name),
+                            "Agent disconnected: its last connection to this kas ended"
+                        );
                         let _ = self.presence.send(Presence {
                             agent_id: id.agent_id,
                             connected: false,
