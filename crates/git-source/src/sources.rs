@@ -23,6 +23,9 @@ pub struct ProjectHead {
     pub commit: Option<CommitId>,
     /// When the last fetch attempt (successful or not) ended.
     pub fetched_at: Option<SystemTime>,
+    /// When a fetch of this process published `commit` (`None` for a commit restored from
+    /// the mirror on disk): how long an agent that has not applied it is behind.
+    pub commit_since: Option<SystemTime>,
     /// When the last successful fetch ended; `None` until one succeeded in this process.
     pub succeeded_at: Option<SystemTime>,
     /// `commit` was read from the mirror already on disk when it was opened (kas restarted), and
@@ -553,6 +556,9 @@ fn publish(
                     (Some(c), true) => tracing::info!(project = %path, commit_id = %c, "Project has a new commit"),
                     (None, true) => tracing::info!(project = %path, "Project has no commit yet (nothing was pushed to it)"),
                     (_, false) => {}
+                }
+                if h.commit != commit {
+                    h.commit_since = now;
                 }
                 h.commit = commit;
                 h.error = None;

@@ -480,6 +480,15 @@ pub struct SyncView {
     /// is then of the last commit kas had, and newer pushes do not reach the agent.
     #[serde(default)]
     pub fetch_error: String,
+    /// The commit kas has for the entry when it is not the one reported ("" otherwise): the
+    /// agent has not reported on it yet — a sync under way, or no replica leading and
+    /// connected to kas.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub newer_commit: String,
+    /// Since when kas has had `newer_commit` (RFC 3339; absent when kas does not know, e.g. for
+    /// an entry following a branch other than the default one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newer_since: Option<String>,
     /// The reports this one replaced in the ten minutes before it, newest first (at most
     /// four), in short: a sync replaced before anyone read it is still told.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -919,12 +919,12 @@ async fn agent_gitops(
 ) -> Result<Json<Vec<SyncView>>, ApiError> {
     // A project dropped from the configuration in force keeps its last report in the store
     // (it says where its inventory was), but it is no longer the agent's status.
-    let listed: Option<std::collections::HashSet<String>> =
+    let listed: Option<HashMap<String, tether_agent_config::ManifestProject>> =
         st.in_force().now(agent_id).await.map(|c| {
             c.gitops
                 .manifest_projects
                 .iter()
-                .map(tether_agent_config::ManifestProject::entry_key)
+                .map(|p| (p.entry_key(), p.clone()))
                 .collect()
         });
     let mut views: Vec<SyncView> = st
@@ -932,24 +932,59 @@ async fn agent_gitops(
         .for_agent(agent_id)
         .await?
         .into_iter()
-        .filter(|r| listed.as_ref().is_none_or(|l| l.contains(&r.project_id)))
+        .filter(|r| {
+            listed
+                .as_ref()
+                .is_none_or(|l| l.contains_key(&r.project_id))
+        })
         .map(sync_view)
         .collect();
     for v in &mut views {
-        v.fetch_error = fetch_error(&st, &v.project_id).await?;
+        let project = v
+            .project_id
+            .split_once('#')
+            .map_or(v.project_id.as_str(), |(p, _)| p);
+        // Kas does not know the project: its entry has no report then, see `unreported`.
+        let Some(found) = crate::operate::find_project(&st, project).await? else {
+            continue;
+        };
+        // A report alone read as current while every push since stayed unfetched.
+        v.fetch_error = st.sources.head(found.id).error.unwrap_or_default();
+        let entry = listed.as_ref().and_then(|l| l.get(&v.project_id));
+        if let Some((commit, since)) = newer(&st, found.id, entry, &v.commit_id) {
+            v.newer_commit = commit;
+            v.newer_since = since.map(rfc3339);
+        }
     }
     Ok(Json(views))
 }
 
-/// Why kas's last fetch of the project of the entry `key` failed, "" when it did not (or kas
-/// does not know the project: its entry has no report then, see `unreported`). A report
-/// alone read as current while every push since stayed unfetched.
-async fn fetch_error(st: &ApiState, key: &str) -> Result<String, ApiError> {
-    let project = key.split_once('#').map_or(key, |(p, _)| p);
-    let Some(found) = crate::operate::find_project(st, project).await? else {
-        return Ok(String::new());
+/// The commit kas has for `entry` (of project `project_id`) when it is not `reported`, and
+/// since when kas has had it (known for entries following the default branch).
+fn newer(
+    st: &ApiState,
+    project_id: i64,
+    entry: Option<&tether_agent_config::ManifestProject>,
+    reported: &str,
+) -> Option<(String, Option<SystemTime>)> {
+    use tether_agent_config::GitRef as Wanted;
+    use tether_git_source::GitRef;
+    let (commit, since) = match &entry?.git_ref {
+        None => {
+            let head = st.sources.head(project_id);
+            (head.commit?, head.commit_since)
+        }
+        Some(r) => {
+            let r = match r {
+                Wanted::Branch(b) => GitRef::Branch(b.clone()),
+                Wanted::Tag(t) => GitRef::Tag(t.clone()),
+                Wanted::Commit(c) => GitRef::Commit(c.clone()),
+            };
+            (st.sources.mirror(project_id)?.resolve(&r).ok()?, None)
+        }
     };
-    Ok(st.sources.head(found.id).error.unwrap_or_default())
+    let commit = commit.to_hex();
+    (commit != reported).then_some((commit, since))
 }
 
 fn sync_view(r: tether_protocol::gitops::SyncReport) -> SyncView {
@@ -966,6 +1001,8 @@ fn sync_view(r: tether_protocol::gitops::SyncReport) -> SyncView {
         resync_id: r.resync_id,
         chart_version: r.chart_version,
         fetch_error: String::new(),
+        newer_commit: String::new(),
+        newer_since: None,
         earlier: r.earlier.into_iter().map(earlier_view).collect(),
         objects: r.objects.into_iter().map(object_view).collect(),
     }

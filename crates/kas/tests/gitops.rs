@@ -1897,6 +1897,18 @@ async fn a_leader_cut_from_kas_hands_the_lease_to_a_replica_that_is_connected() 
         &[("manifests/cm.yaml", Some(&configmap("one", &ns, "2")))],
         "two",
     );
+    // Until the lease moves (the grace is 8 s here), the status says the newest commit is
+    // not reported on (it read "succeeded" of the older one, and nothing more).
+    let behind = wait_for(
+        "the status to say c2 is not applied yet",
+        Duration::from_secs(8),
+        || async {
+            let syncs = rig.kas.admin.gitops_status(rig.agent_id).await.ok()?;
+            syncs.into_iter().find(|s| s.newer_commit == c2)
+        },
+    )
+    .await;
+    assert!(behind.newer_since.is_some(), "{behind:?}");
     rig.synced(&c2).await;
     assert!(synchronizing(&connected, &c2), "{}", connected.log());
     assert_eq!(holder(), "replica-3");

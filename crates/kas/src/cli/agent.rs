@@ -446,9 +446,15 @@ fn unhealthy_exit(
         .filter(|s| !s.fetch_error.is_empty())
         .map(|s| format!("{}  {}", s.project_id, stale_line(s)))
         .collect();
+    let now = std::time::SystemTime::now();
+    let stalled = syncs.iter().filter_map(|s| {
+        let line = stalled(s, under_way, now)?;
+        Some(format!("{}  {line}", s.project_id))
+    });
     let unhealthy: Vec<String> = config_fetch
         .map(config_stale_line)
         .into_iter()
+        .chain(stalled)
         .chain(
             unreported
                 .iter()
@@ -474,6 +480,48 @@ fn unhealthy_exit(
         code: EXIT_ENTRY_UNHEALTHY,
     }
     .into())
+}
+
+/// How long a commit kas has may go without the agent reporting on it before `kas agent
+/// status` calls it stalled (exit 8): well past a sync's usual minutes to start.
+const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// "newer commit X, fetched at T (N ago): not reported on yet", under a report of an older
+/// commit (pure).
+fn behind_line(s: &SyncView, now: std::time::SystemTime) -> String {
+    let since = s.newer_since.as_deref().map_or_else(String::new, |t| {
+        let ago = humantime::parse_rfc3339_weak(t)
+            .ok()
+            .and_then(|at| now.duration_since(at).ok())
+            .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())));
+        match ago {
+            Some(ago) => format!(", fetched at {t} ({ago} ago)"),
+            None => format!(", fetched at {t}"),
+        }
+    });
+    format!(
+        "newer commit {}{since}: the agent has not reported on it yet",
+        short(&s.newer_commit)
+    )
+}
+
+/// Why an entry counts as stalled (pure): kas has had a newer commit for over
+/// [`STALLED_AFTER`] and no sync of it is under way — no replica of the agent leads while
+/// connected to kas, or the agent is offline. A report of the older commit read as "all is
+/// well" meanwhile.
+fn stalled(s: &SyncView, under_way: &[ProgressView], now: std::time::SystemTime) -> Option<String> {
+    let since = humantime::parse_rfc3339_weak(s.newer_since.as_deref()?).ok()?;
+    let waited = now.duration_since(since).ok()?;
+    let running = under_way
+        .iter()
+        .any(|p| p.project_id == s.project_id && p.commit_id == s.newer_commit);
+    (waited >= STALLED_AFTER && !running).then(|| {
+        format!(
+            "stalled: commit {} was fetched {} ago and the agent has not reported on it (is a replica leading and connected to kas? kas agent reconcile --wait says why)",
+            short(&s.newer_commit),
+            humantime::format_duration(std::time::Duration::from_secs(waited.as_secs()))
+        )
+    })
 }
 
 /// What `kas agent status` says when kas cannot fetch the agent's configuration project.
@@ -581,6 +629,9 @@ fn print_syncs(
         if !s.fetch_error.is_empty() {
             out!("    {}", stale_line(s))?;
         }
+        if !s.newer_commit.is_empty() {
+            out!("    {}", behind_line(s, std::time::SystemTime::now()))?;
+        }
         for w in &s.warnings {
             out!("    warning: {w}")?;
         }
@@ -639,6 +690,7 @@ pub fn diff_exit(code: u8) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -657,5 +709,36 @@ mod tests {
         let one = ["plat/web".to_owned()];
         assert_eq!(whole_project_note(Some("plat/web"), &one), None);
         assert_eq!(whole_project_note(None, &entries), None);
+    }
+
+    /// A commit kas has had for over two minutes without the agent reporting on it is
+    /// stalled (exit 8), unless its sync is under way; a newer one is only said before that.
+    #[test]
+    fn an_entry_behind_for_minutes_with_nothing_under_way_is_stalled() {
+        let s: SyncView = serde_json::from_value(serde_json::json!({
+            "project_id": "group/app", "commit_id": "old", "outcome": "succeeded",
+            "error": "", "finished_at": "2026-11-29T10:00:00Z", "dry_run": false,
+            "objects": [], "newer_commit": "973dd4292720abcd",
+            "newer_since": "2026-11-29T10:00:00Z",
+        }))
+        .unwrap();
+        let at = |t: &str| humantime::parse_rfc3339_weak(t).unwrap();
+        let stalled_at = |now: &str, under_way: &[ProgressView]| stalled(&s, under_way, at(now));
+        assert_eq!(stalled_at("2026-11-29T10:01:59Z", &[]), None);
+        let line = stalled_at("2026-11-29T10:02:30Z", &[]).unwrap();
+        assert!(
+            line.starts_with("stalled: commit 973dd4292720 was fetched 2m 30s ago"),
+            "{line}"
+        );
+        let running: ProgressView = serde_json::from_value(serde_json::json!({
+            "project_id": "group/app", "commit_id": "973dd4292720abcd", "resync_id": 0,
+            "objects": 1, "current": 0, "failed": 0, "started_at": "2026-11-29T10:02:00Z",
+        }))
+        .unwrap();
+        assert_eq!(stalled_at("2026-11-29T10:05:00Z", &[running]), None);
+        assert_eq!(
+            behind_line(&s, at("2026-11-29T10:00:05Z")),
+            "newer commit 973dd4292720, fetched at 2026-11-29T10:00:00Z (5s ago): the agent has not reported on it yet"
+        );
     }
 }

@@ -918,6 +918,8 @@ mod tests {
             resync_id: 1,
             chart_version: String::new(),
             fetch_error: String::new(),
+            newer_commit: String::new(),
+            newer_since: None,
             earlier: Vec::new(),
         }
     }
