@@ -343,9 +343,20 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         }
         .into());
     }
+    // A suspended entry is held on purpose: a newer commit waiting there is no stall.
+    let held = |s: &SyncView| {
+        let project = s
+            .project_id
+            .split_once('#')
+            .map_or(s.project_id.as_str(), |(p, _)| p);
+        view.suspensions
+            .iter()
+            .any(|h| h.project.as_deref().is_none_or(|p| p == project))
+    };
+    let running: Vec<&SyncView> = syncs.iter().filter(|s| !held(s)).collect();
     unhealthy_exit(
         agent_id,
-        (view.config_fetch_error, &syncs),
+        (view.config_fetch_error, &syncs, &running),
         &unreported,
         &under_way,
     )
@@ -436,7 +447,7 @@ fn known_or_none<T>(answer: Result<Vec<T>, ClientError>) -> Result<Vec<T>> {
 /// status shown is then older than what the agent did).
 fn unhealthy_exit(
     agent_id: i64,
-    (config_fetch, syncs): (Option<&str>, &[SyncView]),
+    (config_fetch, syncs, unsuspended): (Option<&str>, &[SyncView], &[&SyncView]),
     unreported: &[UnreportedView],
     under_way: &[ProgressView],
 ) -> Result<()> {
@@ -447,7 +458,7 @@ fn unhealthy_exit(
         .map(|s| format!("{}  {}", s.project_id, stale_line(s)))
         .collect();
     let now = std::time::SystemTime::now();
-    let stalled = syncs.iter().filter_map(|s| {
+    let stalled = unsuspended.iter().filter_map(|s| {
         let line = stalled(s, under_way, now)?;
         Some(format!("{}  {line}", s.project_id))
     });
