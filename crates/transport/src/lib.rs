@@ -150,6 +150,18 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 pub(crate) type BoxIo = Box<dyn Io>;
 
+/// Reads from `inner` into `buf`, for wrappers that look at what came: the outcome, and how
+/// many bytes this read added at the end of `buf.filled()`.
+pub(crate) fn poll_read_counting<S: AsyncRead + Unpin>(
+    inner: &mut S,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut tokio::io::ReadBuf<'_>,
+) -> (std::task::Poll<io::Result<()>>, usize) {
+    let before = buf.filled().len();
+    let polled = std::pin::Pin::new(inner).poll_read(cx, buf);
+    (polled, buf.filled().len() - before)
+}
+
 /// Implements `tokio::io::AsyncWrite` for a wrapper `$wrapper<S>` by forwarding every method to
 /// its field `$field`, the vectored ones too: a wrapper that drops them makes hyper write frame
 /// headers and bodies one small write (and one TLS record) at a time. For wrappers that only

@@ -41,14 +41,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for SniffTls<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let (polled, new) = crate::poll_read_counting(&mut self.inner, cx, buf);
         if self.checked || !matches!(polled, Poll::Ready(Ok(()))) {
             return polled;
         }
         // The first read decides (a TLS record's first two bytes arrive together).
         self.checked = true;
-        if looks_like_tls(&buf.filled()[before..]) {
+        let filled = buf.filled();
+        if looks_like_tls(&filled[filled.len() - new..]) {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, TLS_ANSWER)));
         }
         polled

@@ -94,10 +94,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let (polled, new) = crate::poll_read_counting(&mut self.inner, cx, buf);
         match &polled {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+            Poll::Ready(Ok(())) if new > 0 => {
                 self.activity.touch();
                 self.first = None;
             }
