@@ -967,19 +967,13 @@ fn newer(
     entry: Option<&tether_agent_config::ManifestProject>,
     reported: &str,
 ) -> Option<(String, Option<SystemTime>)> {
-    use tether_agent_config::GitRef as Wanted;
-    use tether_git_source::GitRef;
     let (commit, since) = match &entry?.git_ref {
         None => {
             let head = st.sources.head(project_id);
             (head.commit?, head.commit_since)
         }
         Some(r) => {
-            let r = match r {
-                Wanted::Branch(b) => GitRef::Branch(b.clone()),
-                Wanted::Tag(t) => GitRef::Tag(t.clone()),
-                Wanted::Commit(c) => GitRef::Commit(c.clone()),
-            };
+            let r = crate::operate::source_ref(r);
             (st.sources.mirror(project_id)?.resolve(&r).ok()?, None)
         }
     };

@@ -528,21 +528,30 @@ fn followed_commit(
     project: &Project,
     head: Option<tether_git_source::CommitId>,
 ) -> Option<String> {
-    use tether_agent_config::GitRef as ConfigRef;
-    use tether_git_source::GitRef;
     let entry = config
         .gitops
         .manifest_projects
         .iter()
         .find(|m| m.entry_key() == key);
-    let git_ref = match entry.and_then(|m| m.git_ref.as_ref()) {
-        None => return head.map(|c| c.to_hex()),
-        Some(ConfigRef::Branch(b)) => GitRef::Branch(b.clone()),
-        Some(ConfigRef::Tag(t)) => GitRef::Tag(t.clone()),
-        Some(ConfigRef::Commit(c)) => GitRef::Commit(c.clone()),
+    let Some(git_ref) = entry.and_then(|m| m.git_ref.as_ref()) else {
+        return head.map(|c| c.to_hex());
     };
     let mirror = st.sources.mirror(project.id)?;
-    mirror.resolve(&git_ref).ok().map(|c| c.to_hex())
+    mirror
+        .resolve(&source_ref(git_ref))
+        .ok()
+        .map(|c| c.to_hex())
+}
+
+/// The ref an entry's `ref:` names, as the mirror resolves it.
+pub(crate) fn source_ref(r: &tether_agent_config::GitRef) -> tether_git_source::GitRef {
+    use tether_agent_config::GitRef as ConfigRef;
+    use tether_git_source::GitRef;
+    match r {
+        ConfigRef::Branch(b) => GitRef::Branch(b.clone()),
+        ConfigRef::Tag(t) => GitRef::Tag(t.clone()),
+        ConfigRef::Commit(c) => GitRef::Commit(c.clone()),
+    }
 }
 
 /// How far the agent's syncs under way for a reconcile got (kept in memory by this kas).
