@@ -386,28 +386,91 @@ pub fn set_owner(obj: &mut Value, inventory_id: &str) {
 /// The inventories of the agent's entries in its configuration in force (inventory name, as
 /// objects' owning-inventory annotation has it, → entry key), shared by its workers and
 /// replaced when the configuration changes: an object owned by one of them is another entry's,
-/// whatever the policy.
+/// whatever the policy. It also holds what each of them created ([`LiveInventories::claim_creation`]),
+/// which the annotation cannot tell while two entries' first syncs run side by side.
 #[derive(Debug, Clone, Default)]
-pub struct LiveInventories(
-    std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<String, String>>>,
-);
+pub struct LiveInventories(std::sync::Arc<std::sync::RwLock<Live>>);
+
+#[derive(Debug, Default)]
+struct Live {
+    /// inventory name → entry key, for the entries in force.
+    entries: BTreeMap<String, String>,
+    /// inventory name → the objects its entry created and still declares, as hashes of their
+    /// references: a sync of thousands of objects keeps 8 bytes for each, not its reference
+    /// (a collision would refuse one object naming a sibling: about one chance in 10¹¹ with
+    /// 10,000 objects).
+    created: std::collections::HashMap<String, std::collections::HashSet<u64>>,
+}
+
+fn ref_hash(obj: &ObjRef) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Its keys are fixed: the same reference hashes the same in every worker of the process.
+    let mut h = std::hash::DefaultHasher::new();
+    obj.hash(&mut h);
+    h.finish()
+}
 
 impl LiveInventories {
-    /// The entries now in force, by their inventory ids.
-    pub fn set(&self, live: std::collections::BTreeMap<String, String>) {
-        *self
-            .0
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Live> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Live> {
+        self.0
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = live;
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The entries now in force, by their inventory ids. What those no longer in force created
+    /// is forgotten: an entry that left owns nothing.
+    pub fn set(&self, live: BTreeMap<String, String>) {
+        let mut g = self.write();
+        g.created
+            .retain(|inventory, _| live.contains_key(inventory));
+        g.entries = live;
     }
 
     /// The entry in force whose inventory is `inventory`.
     pub fn entry_of(&self, inventory: &str) -> Option<String> {
-        self.0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(inventory)
-            .cloned()
+        self.read().entries.get(inventory).cloned()
+    }
+
+    /// Keeps, of what `inventory` created, only the objects it still declares (at the start of
+    /// each of its syncs): an object it dropped may be created by another entry once pruned.
+    pub fn keep_created<'a>(
+        &self,
+        inventory: &str,
+        declared: impl IntoIterator<Item = &'a ObjRef>,
+    ) {
+        let declared: std::collections::HashSet<u64> = declared.into_iter().map(ref_hash).collect();
+        if let Some(created) = self.write().created.get_mut(inventory) {
+            created.retain(|h| declared.contains(h));
+        }
+    }
+
+    /// Records that `inventory` is about to create `obj`, which it found absent, unless another
+    /// entry in force created it first: two entries declaring one object both find it absent
+    /// on their first syncs, which run side by side, and the owning-inventory annotation
+    /// cannot tell them apart before either has written it.
+    pub fn claim_creation(&self, inventory: &str, obj: &ObjRef) -> Result<(), OwnershipConflict> {
+        let h = ref_hash(obj);
+        let mut g = self.write();
+        if !g.entries.contains_key(inventory) {
+            return Ok(());
+        }
+        let sibling = g
+            .created
+            .iter()
+            .find(|(other, created)| other.as_str() != inventory && created.contains(&h))
+            .map(|(other, _)| other.clone());
+        if let Some(owner) = sibling {
+            let entry = g.entries.get(&owner).cloned().unwrap_or_default();
+            return Err(OwnershipConflict::CreatedBySibling { entry, owner });
+        }
+        g.created.entry(inventory.to_owned()).or_default().insert(h);
+        Ok(())
     }
 }
 
@@ -429,6 +492,17 @@ pub enum OwnershipConflict {
         "object is owned by entry {entry} of this agent (inventory {owner:?}): two entries must not declare one object (remove it from one; an object moved here is created once {entry} has pruned it)"
     )]
     OwnedBySibling {
+        /// The other entry's key.
+        entry: String,
+        /// Its inventory id.
+        owner: String,
+    },
+    /// Another entry of this agent in force created the object while this one was finding it
+    /// absent: both declare it, and both would have created it.
+    #[error(
+        "object was created by entry {entry} of this agent (inventory {owner:?}), which declares it too: two entries must not declare one object (remove it from one)"
+    )]
+    CreatedBySibling {
         /// The other entry's key.
         entry: String,
         /// Its inventory id.
@@ -884,6 +958,44 @@ mod tests {
         assert!(may_take_over(AdoptAll, Some("5-42"), ("5-42", &live)).is_ok());
         live.set(Default::default());
         assert!(may_take_over(AdoptAll, Some("5-43"), ("5-42", &live)).is_ok());
+    }
+
+    #[test]
+    fn only_the_first_entry_in_force_to_create_an_object_may_create_it() {
+        let live = LiveInventories::default();
+        live.set(
+            [
+                ("5-42".to_owned(), "group/one".to_owned()),
+                ("5-43".to_owned(), "group/two".to_owned()),
+            ]
+            .into(),
+        );
+        let x = r("", "ConfigMap", Some("ns"), "x");
+        let y = r("", "ConfigMap", Some("ns"), "y");
+        live.claim_creation("5-42", &x)
+            .expect("the first to create it");
+        live.claim_creation("5-42", &x).expect("its own again");
+        let e = live
+            .claim_creation("5-43", &x)
+            .expect_err("created by the other");
+        assert!(
+            e.to_string()
+                .starts_with("object was created by entry group/one of this agent"),
+            "{e}"
+        );
+        live.claim_creation("5-43", &y).expect("another object");
+        // Dropped from the first entry's files: the second may create it once it is gone.
+        live.keep_created("5-42", [&y]);
+        live.claim_creation("5-43", &x)
+            .expect("no longer declared by the first");
+        // An entry that left the configuration created nothing any longer.
+        live.set([("5-42".to_owned(), "group/one".to_owned())].into());
+        live.claim_creation("5-42", &y)
+            .expect("its former sibling left");
+        // Outside an agent's workers (no entries in force), nothing is recorded.
+        let none = LiveInventories::default();
+        none.claim_creation("5-42", &x).expect("no siblings");
+        none.claim_creation("5-43", &x).expect("no siblings");
     }
 
     #[test]

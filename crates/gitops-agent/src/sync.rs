@@ -947,6 +947,10 @@ impl Syncer {
         if let Some((obj, sources)) = plan::duplicates(&manifests).into_iter().next() {
             return Err(SyncError::Duplicate { obj, sources }.into());
         }
+        if !dry {
+            let declared: Vec<ObjRef> = manifests.iter().map(Manifest::obj_ref).collect();
+            s.live_inventories.keep_created(&previous.name, &declared);
+        }
         // 3. Apply in stages, after recording what the stages may create.
         let mut p = Progress::default();
         if !dry {
@@ -1505,6 +1509,12 @@ impl Syncer {
             },
         };
         let mut took_over = false;
+        if live.is_none()
+            && s.dry_run == DryRunStrategy::None
+            && let Err(conflict) = s.live_inventories.claim_creation(inv_id, &obj_ref)
+        {
+            return (obj_ref, Err(conflict.into()));
+        }
         if let Some(current) = live {
             // Ownership: another inventory's object is not taken over unless the policy allows.
             if let Err(conflict) = inventory::may_take_over(

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -809,22 +810,44 @@ async fn two_entries_of_one_agent_do_not_take_an_object_from_each_other() {
     let extra = format!(
         "    name: first\n    inventory_policy: adopt_all\n  - id: group/manifests\n    name: second\n    default_namespace: {ns}\n    paths:\n    - glob: '/manifests/*.yaml'\n    inventory_policy: adopt_all\n"
     );
-    let cm = |v: &str| configmap("shared", &ns, v);
+    // Enough objects that the two first syncs, side by side, overlap: one entry looks its
+    // objects up while the other is creating them.
+    const N: usize = 60;
+    let cms = |v: &str| {
+        (0..N)
+            .flat_map(|i| [configmap(&format!("shared-{i}"), &ns, v), b"---\n".to_vec()])
+            .flatten()
+            .collect::<Vec<u8>>()
+    };
     let (rig, c1) = rig(
         env,
         ns.clone(),
         &admin_rbac(&ns),
         &extra,
-        &[("manifests/cm.yaml", Some(&cm("1")))],
+        &[("manifests/cm.yaml", Some(&cms("1")))],
         &[],
     )
     .await;
-    let owner_of = || {
-        let live = get_json(&rig.env, &["get", "configmap", "shared", "-n", &ns]).unwrap();
-        live["metadata"]["annotations"]["config.k8s.io/owning-inventory"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+    let owners = || -> BTreeMap<String, String> {
+        let live = get_json(&rig.env, &["get", "configmaps", "-n", &ns]).unwrap();
+        let items = live["items"].as_array().cloned().unwrap_or_default();
+        items
+            .iter()
+            .filter_map(|o| {
+                let name = o["metadata"]["name"].as_str()?.to_owned();
+                let owner =
+                    o["metadata"]["annotations"]["config.k8s.io/owning-inventory"].as_str()?;
+                Some((
+                    name,
+                    if owner.contains("-first-") {
+                        "first"
+                    } else {
+                        "second"
+                    }
+                    .to_owned(),
+                ))
+            })
+            .collect()
     };
     let both = |commit: String| {
         let rig = &rig;
@@ -834,28 +857,46 @@ async fn two_entries_of_one_agent_do_not_take_an_object_from_each_other() {
             (first, second)
         }
     };
-    // Both may create it at first (neither saw it exist); from then on it has one owner.
-    both(c1).await;
-    let owner = owner_of();
+    // Each object is applied by one entry, the one its annotation names, and the other is
+    // refused for it naming that one — at the first syncs too, which both found the objects
+    // absent (both used to create them and record them in their inventories).
+    let one_owner_each = |(first, second): (kas::api::SyncView, kas::api::SyncView)| {
+        let owners = owners();
+        for i in 0..N {
+            let name = format!("shared-{i}");
+            let owner = owners.get(&name).map(String::as_str);
+            let (won, lost) = match owner {
+                Some("first") => (&first, &second),
+                Some(_) => (&second, &first),
+                None => panic!("{name} has no owner: {owners:?}"),
+            };
+            let of = |v: &kas::api::SyncView| v.objects.iter().find(|o| o.name == name).cloned();
+            let applied = of(won).unwrap_or_else(|| panic!("{name} not in {won:?}"));
+            assert!(
+                !applied.not_applied,
+                "{name} not applied by its owner: {applied:?}"
+            );
+            let refused = of(lost).unwrap_or_else(|| panic!("{name} not in {lost:?}"));
+            // "was created by" when both found it absent, "is owned by" once it exists.
+            let sibling = format!("entry {} of this agent", won.project_id);
+            assert!(
+                refused.not_applied
+                    && refused.message.contains(&sibling)
+                    && refused
+                        .message
+                        .contains("two entries must not declare one object"),
+                "{name} owned by {owner:?}: {refused:?}"
+            );
+        }
+        owners
+    };
+    let owners_then = one_owner_each(both(c1).await);
     let c2 = rig
         .manifests
-        .commit(&[("manifests/cm.yaml", Some(&cm("2")))], "two");
-    let (first, second) = both(c2).await;
-    let first_owns = owner.contains("-first-");
-    let (won, lost) = if first_owns {
-        (first, second)
-    } else {
-        (second, first)
-    };
-    assert_eq!(won.outcome, ReportedOutcome::Succeeded, "{won:?}");
-    assert_ne!(lost.outcome, ReportedOutcome::Succeeded, "{lost:?}");
-    let refusal = format!("object is owned by entry {} of this agent", won.project_id);
-    assert!(
-        lost.objects.iter().any(|o| o.message.contains(&refusal)),
-        "{lost:?}"
-    );
-    assert_eq!(owner_of(), owner, "the object changed hands");
-    let live = get_json(&rig.env, &["get", "configmap", "shared", "-n", &ns]).unwrap();
+        .commit(&[("manifests/cm.yaml", Some(&cms("2")))], "two");
+    let owners_now = one_owner_each(both(c2).await);
+    assert_eq!(owners_now, owners_then, "objects changed hands");
+    let live = get_json(&rig.env, &["get", "configmap", "shared-0", "-n", &ns]).unwrap();
     assert_eq!(live["data"]["value"], "2", "{live}");
 }
 
