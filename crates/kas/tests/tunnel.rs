@@ -675,6 +675,63 @@ async fn agentk_reconnects_by_itself_after_a_kas_restart() {
     );
 }
 
+/// kas says at info when an agent arrives and when its last connection ends (a second
+/// replica coming and going is neither): operators had no line when an agent dropped off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kas_logs_when_an_agent_connects_and_when_its_last_connection_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let t = kas.admin.register_agent("group/app", "told").await.unwrap();
+    let said = |msg: &str| -> Vec<serde_json::Value> {
+        kas.log_lines()
+            .into_iter()
+            .filter(|l| {
+                l["msg"].as_str().is_some_and(|m| m.starts_with(msg)) && l["agent_id"] == t.agent_id
+            })
+            .collect()
+    };
+    let pods = |a: &kas::api::AgentView| {
+        let mut pods: Vec<String> = a.connections.iter().map(|c| c.pod_name.clone()).collect();
+        pods.sort();
+        pods
+    };
+    let mut one = Agent::start(dir.path(), "one", &kas.url("grpc"), &t.token, None);
+    kas.wait_connected(t.agent_id).await;
+    let connected = said("Agent connected");
+    assert_eq!(connected.len(), 1, "{}", kas.log());
+    assert_eq!(connected[0]["level"], "info", "{}", connected[0]);
+    assert_eq!(connected[0]["pod"], "gitlab-agent/one", "{}", connected[0]);
+
+    // A second replica, then the first one gone: the agent stays connected throughout.
+    let mut two = Agent::start(dir.path(), "two", &kas.url("grpc"), &t.token, None);
+    wait_for("both replicas", Duration::from_secs(30), || async {
+        (pods(&kas.agent(t.agent_id).await) == ["one", "two"]).then_some(())
+    })
+    .await;
+    one.kill9();
+    wait_for(
+        "the first replica gone",
+        Duration::from_secs(30),
+        || async { (pods(&kas.agent(t.agent_id).await) == ["two"]).then_some(()) },
+    )
+    .await;
+    two.kill9();
+    let gone = wait_for(
+        "the disconnection line",
+        Duration::from_secs(30),
+        || async {
+            let lines = said("Agent disconnected");
+            (!lines.is_empty()).then_some(lines)
+        },
+    )
+    .await;
+    assert_eq!(gone.len(), 1, "{}", kas.log());
+    assert_eq!(gone[0]["level"], "info", "{}", gone[0]);
+    assert_eq!(gone[0]["pod"], "gitlab-agent/two", "{}", gone[0]);
+    assert_eq!(said("Agent connected").len(), 1, "{}", kas.log());
+    assert!(!kas.agent(t.agent_id).await.connected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_requests_through_one_agent_all_complete() {
     let dir = tempfile::tempdir().unwrap();

@@ -354,6 +354,14 @@ impl Kas {
         std::fs::read_to_string(self.dir.join("kas.log")).unwrap_or_default()
     }
 
+    /// Log lines as JSON objects.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// POSTs a streaming body to the agent's echo service; the response streams back.
     pub async fn echo_streaming<B>(
         &self,
