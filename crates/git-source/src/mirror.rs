@@ -81,7 +81,7 @@ impl std::str::FromStr for CommitId {
 }
 
 /// What to read from: a branch, a tag, a commit, or the remote's default branch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum GitRef {
     /// The branch the remote's `HEAD` pointed at when last fetched.
     DefaultBranch,

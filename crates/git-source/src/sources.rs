@@ -23,8 +23,9 @@ pub struct ProjectHead {
     pub commit: Option<CommitId>,
     /// When the last fetch attempt (successful or not) ended.
     pub fetched_at: Option<SystemTime>,
-    /// When a fetch of this process published `commit` (`None` for a commit restored from
-    /// the mirror on disk): how long an agent that has not applied it is behind.
+    /// When a fetch of this process published `commit`, or, for a commit restored from the
+    /// mirror on disk, when this process opened the mirror (kas has had it at least since
+    /// then): how long an agent that has not applied it is behind.
     pub commit_since: Option<SystemTime>,
     /// When the last successful fetch ended; `None` until one succeeded in this process.
     pub succeeded_at: Option<SystemTime>,
@@ -79,7 +80,14 @@ struct Entry {
     /// (then it never counts again): one lock, so a fetch ending as the project is removed
     /// cannot leave it counted.
     failing: Mutex<(bool, bool)>,
+    /// Refs other than the default branch that entries follow → the commit this process last
+    /// found there and since when ([`Sources::ref_since`]); at most [`MAX_REFS_SEEN`].
+    refs_seen: Mutex<HashMap<GitRef, (CommitId, SystemTime)>>,
 }
+
+/// Refs of one project whose commits [`Entry::refs_seen`] keeps: as many as entries follow in
+/// practice; past it, the one seen moving longest ago is forgotten.
+const MAX_REFS_SEEN: usize = 64;
 
 impl Entry {
     /// Counts the project in `metrics`' failing gauge as its head now says (`remove`: it
@@ -137,6 +145,9 @@ pub struct Sources {
     fetch_timeout: Duration,
     max_backoff: Duration,
     entries: Mutex<HashMap<i64, Arc<Entry>>>,
+    /// The folders of the mirrors entries hold: a deletion waiting for a fetch to end leaves
+    /// alone a folder opened again meanwhile (a project moved back to its former remote).
+    in_use: Arc<Mutex<std::collections::HashSet<PathBuf>>>,
     shutdown: CancellationToken,
     metrics: FetchMetrics,
 }
@@ -170,6 +181,7 @@ impl Sources {
             fetch_timeout,
             max_backoff: Duration::from_secs(300),
             entries: Mutex::new(HashMap::new()),
+            in_use: Arc::default(),
             shutdown: CancellationToken::new(),
             metrics: FetchMetrics::default(),
         })
@@ -198,6 +210,7 @@ impl Sources {
                 verify: Mutex::new(None),
                 verdicts: Mutex::new(HashMap::new()),
                 failing: Mutex::new((false, false)),
+                refs_seen: Mutex::new(HashMap::new()),
             })
         }))
     }
@@ -262,7 +275,7 @@ impl Sources {
         let current = target.filter(|_| same_remote);
         let mirror = match current {
             Some(mirror) => mirror,
-            None => Mirror::open_or_init(dir, remote)?,
+            None => self.open_mirror(dir, remote)?,
         };
         publish_restored(&entry, &mirror, &spec.path, spec.verify.is_some());
         let former = former.filter(|o| o.dir() != mirror.dir());
@@ -301,10 +314,8 @@ impl Sources {
         }
     }
 
-    /// Stops mirroring a project and deletes its mirror from disk.
-    ///
-    /// The directory is renamed away at once (a project added again gets a fresh mirror) and
-    /// deleted in the background, after a fetch still running in it has ended.
+    /// Stops mirroring a project and deletes its mirror from disk, in the background once a
+    /// fetch still running in it has ended ([`Sources::delete_mirror`]).
     pub fn remove(&self, id: i64) {
         let Some(entry) = lock(&self.entries).remove(&id) else {
             return;
@@ -320,8 +331,21 @@ impl Sources {
         }
     }
 
+    /// Opens (or creates) the mirror in `dir`, counted in use.
+    fn open_mirror(&self, dir: PathBuf, remote: Remote) -> Result<Mirror, crate::Error> {
+        let mut in_use = lock(&self.in_use);
+        let mirror = Mirror::open_or_init(&dir, remote)?;
+        in_use.insert(dir);
+        Ok(mirror)
+    }
+
     /// Deletes `mirror`'s directory, but only if it is one this `Sources` made: directly in the
     /// cache directory, named after the project, and a real directory (not a symlink).
+    ///
+    /// In the background, once a fetch still running in it has ended: the fetch holds the
+    /// folder's path, and renamed away under it, its last ref writes made the folder again
+    /// with a lone `HEAD` — left on disk, and a folder kas could not open when the project
+    /// came back to that remote. A folder opened again meanwhile is kept.
     fn delete_mirror(&self, id: i64, mirror: Mirror) {
         let dir = mirror.dir().to_owned();
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -333,19 +357,26 @@ impl Sources {
             tracing::warn!(dir = %dir.display(), "Not deleting the mirror of a removed project: it is not a mirror directory of this kas");
             return;
         }
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let doomed = self.cache_dir.join(format!(".removed-{name}-{nanos}"));
-        if let Err(e) = std::fs::rename(&dir, &doomed) {
-            tracing::warn!(dir = %dir.display(), error = %e, "Deleting the mirror of a removed project failed");
-            return;
-        }
+        lock(&self.in_use).remove(&dir);
+        let doomed = self
+            .cache_dir
+            .join(format!(".removed-{name}-{}", nanos_now()));
+        let in_use = Arc::clone(&self.in_use);
         let delete = move || {
-            // A fetch that was running goes on in the renamed directory (and fails); wait for
-            // it, so nothing writes into the directory while it is deleted.
             let _fetch = mirror.lock_fetches();
+            {
+                let in_use = lock(&in_use);
+                if in_use.contains(&dir) {
+                    tracing::debug!(dir = %dir.display(), "Not deleting a mirror in use again");
+                    return;
+                }
+                // Renamed first: a deletion cut short (kill -9) leaves a name the cache sweep
+                // at the next start knows to delete.
+                if let Err(e) = std::fs::rename(&dir, &doomed) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "Deleting the mirror of a removed project failed");
+                    return;
+                }
+            }
             match std::fs::remove_dir_all(&doomed) {
                 Ok(()) => {
                     tracing::info!(dir = %dir.display(), "Deleted the mirror of a removed project")
@@ -433,6 +464,39 @@ impl Sources {
             .get(&id)
             .map(|e| e.head.borrow().clone())
             .unwrap_or_default()
+    }
+
+    /// Since when this process has known `git_ref` of project `id` at `commit` (`None` when
+    /// it does not): for the default branch, [`ProjectHead::commit_since`]; for another ref,
+    /// when it was first found there — each manifests stream following the ref resolves it
+    /// after every fetch and tells it here, so that is the fetch that moved it, or, after a
+    /// restart or with no stream open, the first time anyone asked (a lower bound).
+    pub fn ref_since(&self, id: i64, git_ref: &GitRef, commit: &CommitId) -> Option<SystemTime> {
+        let entry = lock(&self.entries).get(&id).cloned()?;
+        if *git_ref == GitRef::DefaultBranch {
+            let head = entry.head.borrow();
+            return (head.commit.as_ref() == Some(commit))
+                .then_some(head.commit_since)
+                .flatten();
+        }
+        let mut seen = lock(&entry.refs_seen);
+        if let Some((c, since)) = seen.get(git_ref)
+            && c == commit
+        {
+            return Some(*since);
+        }
+        if seen.len() >= MAX_REFS_SEEN && !seen.contains_key(git_ref) {
+            let oldest = seen
+                .iter()
+                .min_by_key(|(_, (_, since))| *since)
+                .map(|(r, _)| r.clone());
+            if let Some(r) = oldest {
+                seen.remove(&r);
+            }
+        }
+        let now = SystemTime::now();
+        seen.insert(git_ref.clone(), (*commit, now));
+        Some(now)
     }
 
     /// The project's mirror, for reading files at a commit.
@@ -689,9 +753,19 @@ fn publish_restored(entry: &Entry, mirror: &Mirror, path: &str, verified_only: b
         }
         tracing::info!(project = %path, commit_id = %commit, "Using the commit in the mirror on disk until the first fetch");
         h.commit = Some(commit);
+        // A lower bound: an agent behind it is called stalled no sooner than it truly is
+        // (with no time at all, an agent behind across a kas restart never was).
+        h.commit_since = Some(SystemTime::now());
         h.restored = true;
         true
     });
+}
+
+fn nanos_now() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
 }
 
 fn short_hash(s: &str) -> String {

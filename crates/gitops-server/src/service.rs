@@ -291,6 +291,12 @@ impl GitOpsService {
         if resolved.is_ok() {
             offered.unresolved = None;
         }
+        if let Ok(commit) = &resolved {
+            // Since when kas has had it, for the status of an agent behind it.
+            self.deps
+                .sources
+                .ref_since(at.project.id, at.git_ref, commit);
+        }
         match resolved {
             Ok(commit) if commit.to_hex() != offered.last || stale => {
                 self.lag.seen(&commit.to_hex());

@@ -485,8 +485,9 @@ pub struct SyncView {
     /// connected to kas.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub newer_commit: String,
-    /// Since when kas has had `newer_commit` (RFC 3339; absent when kas does not know, e.g. for
-    /// an entry following a branch other than the default one).
+    /// Since when kas has had `newer_commit` (RFC 3339): for an entry on another branch, a tag
+    /// or a commit, since a stream serving it first found it there; after a kas restart, at
+    /// least since kas started. Absent when kas does not know (from kas older than this).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub newer_since: Option<String>,
     /// The reports this one replaced in the ten minutes before it, newest first (at most

@@ -960,7 +960,7 @@ async fn agent_gitops(
 }
 
 /// The commit kas has for `entry` (of project `project_id`) when it is not `reported`, and
-/// since when kas has had it (known for entries following the default branch).
+/// since when kas has had it ([`tether_git_source::Sources::ref_since`]).
 fn newer(
     st: &ApiState,
     project_id: i64,
@@ -974,7 +974,9 @@ fn newer(
         }
         Some(r) => {
             let r = crate::operate::source_ref(r);
-            (st.sources.mirror(project_id)?.resolve(&r).ok()?, None)
+            let commit = st.sources.mirror(project_id)?.resolve(&r).ok()?;
+            let since = st.sources.ref_since(project_id, &r, &commit);
+            (commit, since)
         }
     };
     let commit = commit.to_hex();

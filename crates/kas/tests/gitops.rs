@@ -1889,6 +1889,72 @@ async fn of_two_replicas_one_applies_and_the_other_takes_over() {
     second.stop();
 }
 
+/// Since when kas has had the commit an agent is behind is known for an entry on another
+/// branch (its streams tell kas when they find the branch moved) and after a kas restart (at
+/// least since kas started): both read no time, so such an entry never counted as stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_says_since_when_an_entry_is_behind_on_a_branch_and_after_a_kas_restart() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("behind").unwrap();
+    let extra = format!(
+        "    name: main\n  - id: group/manifests\n    name: dev\n    ref:\n      branch: dev\n    default_namespace: {ns}\n    paths:\n    - glob: '/dev/*.yaml'\n"
+    );
+    let (mut rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        &extra,
+        &[
+            ("manifests/cm.yaml", Some(&configmap("main", &ns, "1"))),
+            ("dev/cm.yaml", Some(&configmap("dev", &ns, "1"))),
+        ],
+        &[],
+    )
+    .await;
+    rig.manifests.git(&["branch", "dev"]);
+    rig.synced_in("group/manifests#dev", &c1).await;
+    rig.synced_in("group/manifests#main", &c1).await;
+    rig.agent.kill9();
+    // A commit on dev without checking it out (the remote's HEAD, its default branch, stays).
+    let tree = rig.manifests.git(&["rev-parse", "dev^{tree}"]);
+    let c2 = rig
+        .manifests
+        .git(&["commit-tree", &tree, "-p", "dev", "-m", "dev two"]);
+    rig.manifests.git(&["update-ref", "refs/heads/dev", &c2]);
+    let c3 = rig.manifests.commit(
+        &[("manifests/cm.yaml", Some(&configmap("main", &ns, "3")))],
+        "main three",
+    );
+    let dev = behind(&rig.kas, rig.agent_id, "group/manifests#dev", &c2).await;
+    assert!(dev.newer_since.is_some(), "{dev:?}");
+    let main = behind(&rig.kas, rig.agent_id, "group/manifests#main", &c3).await;
+    let fetched_at = main.newer_since.clone().expect("known since the fetch");
+
+    rig.kas.restart().await;
+    let main = behind(&rig.kas, rig.agent_id, "group/manifests#main", &c3).await;
+    let since = main.newer_since.clone().expect("known since kas started");
+    assert!(since >= fetched_at, "{since} before {fetched_at}");
+    let dev = behind(&rig.kas, rig.agent_id, "group/manifests#dev", &c2).await;
+    assert!(dev.newer_since.is_some(), "{dev:?}");
+}
+
+/// The report of `entry` once the status says kas has `commit` for it and the agent has not
+/// reported on it.
+async fn behind(kas: &Kas, agent_id: i64, entry: &str, commit: &str) -> kas::api::SyncView {
+    wait_for(
+        &format!("{entry} behind {commit}"),
+        Duration::from_secs(30),
+        || async {
+            let syncs = kas.admin.gitops_status(agent_id).await.ok()?;
+            syncs
+                .into_iter()
+                .find(|s| s.project_id == entry && s.newer_commit == commit)
+        },
+    )
+    .await
+}
+
 /// A GitOps leader whose path to kas breaks (its node's egress, a half-open load balancer)
 /// while another replica stays connected: past the grace (two lease durations, here 8 s) the
 /// connected replica asks for the lease, the leader hands it over, and the next commit is
