@@ -473,6 +473,43 @@ async fn busy_echo(
     (tx, body)
 }
 
+/// Once a stopping kas closes its listeners (SIGTERM, after `shutdown_delay`), a new client is
+/// refused at once even while requests are still in flight on them (they have until
+/// `shutdown_timeout`): each connection held the whole listener, so its socket went on
+/// accepting into the backlog, answered nothing, and reset every client when kas exited (E9:
+/// CI calls hung ~10 s and failed with a bare reset at every rollout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_kas_refuses_new_connections_while_requests_in_flight_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kas = Kas::start(dir.path(), KasOptions::default()).await;
+    let t = kas
+        .admin
+        .register_agent("group/app", "stopping")
+        .await
+        .unwrap();
+    let _agent = Agent::start(dir.path(), "stopping", &kas.url("grpc"), &t.token, None);
+    kas.wait_connected(t.agent_id).await;
+    let (in_flight, _body) = busy_echo(&kas, t.agent_id).await;
+    kas.sigterm();
+    let api_port = kas.api_port;
+    wait_for(
+        "the internal API's listener to refuse connections",
+        Duration::from_secs(8),
+        || async move {
+            let refused = tokio::net::TcpStream::connect(("127.0.0.1", api_port)).await;
+            refused
+                .err()
+                .filter(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        },
+    )
+    .await;
+    assert!(
+        kas.running(),
+        "kas exited: the request in flight did not hold it"
+    );
+    drop(in_flight);
+}
+
 /// With every tunnel stream agentk may open busy (long watches, exec, port-forward), a new
 /// request fails saying so — not "agent N is not connected" while `kas agent list` shows it
 /// connected — and both sides say it where operators look (kas's metric, agentk's log).

@@ -61,9 +61,18 @@ pub fn http1_tls(tls: ServerTls) -> TlsAcceptor {
     TlsAcceptor::from(Arc::new(cfg))
 }
 
-/// Serves `handler` on `l` until `shutdown` (connections already open finish on their own).
-/// Every request carries the client's address as an `axum::extract::ConnectInfo<SocketAddr>`
-/// extension.
+/// What each connection of a listener needs of it: not the socket, which closes when
+/// [`serve_http`] returns.
+struct PerConnection {
+    tls: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+    timeouts: Timeouts,
+    events: Arc<dyn ListenerEvents>,
+}
+
+/// Serves `handler` on `l` until `shutdown`, then closes the listening socket (connections
+/// already open finish on their own). Every request carries the client's address as an
+/// `axum::extract::ConnectInfo<SocketAddr>` extension.
 pub async fn serve_http<F, Fut, B, E>(l: HttpListener, handler: F, shutdown: CancellationToken)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -72,22 +81,37 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    let l = Arc::new(l);
+    // Connections hold only what they need: one holding the whole listener (a watch open
+    // for minutes) kept the socket listening after shutdown, so new clients were accepted by
+    // the kernel, never answered, and reset when kas exited — instead of refused at once.
+    let HttpListener {
+        listener,
+        tls,
+        handshake_timeout,
+        timeouts,
+        gate,
+    } = l;
+    let each = Arc::new(PerConnection {
+        tls,
+        handshake_timeout,
+        timeouts,
+        events: Arc::clone(gate.events()),
+    });
     loop {
         let (tcp, peer, admission) = tokio::select! {
-            a = l.gate.accept(&l.listener) => a,
+            a = gate.accept(&listener) => a,
             () = shutdown.cancelled() => return,
         };
         // Small request/response exchanges; Nagle would delay them.
         let _ = tcp.set_nodelay(true);
-        let (l, handler) = (Arc::clone(&l), handler.clone());
+        let (l, handler) = (Arc::clone(&each), handler.clone());
         tokio::spawn(async move {
-            let events = Arc::clone(l.gate.events());
+            let events = &l.events;
             let Some(tls) = &l.tls else {
-                return serve_io(tcp, admission, peer, &l, &events, handler).await;
+                return serve_io(tcp, admission, peer, &l, events, handler).await;
             };
             match tokio::time::timeout(l.handshake_timeout, tls.accept(tcp)).await {
-                Ok(Ok(s)) => serve_io(s, admission, peer, &l, &events, handler).await,
+                Ok(Ok(s)) => serve_io(s, admission, peer, &l, events, handler).await,
                 Ok(Err(e)) => {
                     tracing::debug!(remote_addr = %peer, error = %e, "TLS handshake failed")
                 }
@@ -107,7 +131,7 @@ async fn serve_io<S, F, Fut, B, E>(
     io: S,
     admission: Admission,
     peer: SocketAddr,
-    l: &HttpListener,
+    l: &PerConnection,
     events: &Arc<dyn ListenerEvents>,
     handler: F,
 ) where
