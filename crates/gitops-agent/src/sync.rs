@@ -692,16 +692,16 @@ fn log_apply_answer(obj: &ObjRef, res: &Result<Applied, ObjectError>, seen: Opti
         Ok(a) => {
             event_applied(obj, a.wrote);
             if let (Some(st), Some(seen)) = (&a.status, seen) {
-                seen.record(obj, st.clone());
+                seen.record_answer(obj, st.clone(), a.wrote);
             }
         }
         Err(e) => event_failed(obj, Phase::Apply, &e.to_string()),
     }
 }
 
-pub(crate) fn event_status(obj: &ObjRef, st: &ResourceStatus) {
+pub(crate) fn event_status(obj: &ObjRef, st: &ResourceStatus, level: tracing::Level) {
     log_event(
-        tracing::Level::INFO,
+        level,
         &events::resource_status(obj, st, std::time::SystemTime::now()),
     );
 }

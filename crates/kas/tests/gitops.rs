@@ -1889,6 +1889,60 @@ async fn of_two_replicas_one_applies_and_the_other_takes_over() {
     second.stop();
 }
 
+/// A sync logs a status line at info for the objects it wrote and for statuses that change
+/// during it, not for objects already as the files say: each sync of a busy repository whose
+/// objects did not change logged a line per object (E9: ~64,000 lines an hour for a
+/// 300-object agent in a monorepo).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_logs_status_lines_only_for_the_objects_it_wrote() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("quietlog").unwrap();
+    let (a, b, c) = (
+        configmap("a", &ns, "1"),
+        configmap("b", &ns, "1"),
+        configmap("c", &ns, "1"),
+    );
+    let initial = [
+        ("manifests/a.yaml", Some(a.as_slice())),
+        ("manifests/b.yaml", Some(b.as_slice())),
+        ("manifests/c.yaml", Some(c.as_slice())),
+    ];
+    let (rig, c1) = rig(env, ns.clone(), &admin_rbac(&ns), "", &initial, &[]).await;
+    rig.synced(&c1).await;
+    // The status lines at info of the sync of `commit`, by object name.
+    let status_lines = |commit: &str| -> Vec<String> {
+        let lines = rig.agent.log_lines();
+        let start = lines
+            .iter()
+            .position(|l| l["msg"] == "Synchronizing objects" && l["commit_id"] == commit)
+            .expect("the sync started");
+        let mut names: Vec<String> = lines[start..]
+            .iter()
+            .take_while(|l| !(l["msg"] == "Synchronization done" && l["commit_id"] == commit))
+            .filter(|l| l["eventType"] == "resourceStatus" && l["level"] == "info")
+            .map(|l| l["name"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(status_lines(&c1), ["a", "b", "c"]);
+
+    // Another part of the repository changes: nothing of the entry's is written.
+    let c2 = rig
+        .manifests
+        .commit(&[("docs/readme.md", Some(b"hello"))], "docs");
+    rig.synced(&c2).await;
+    assert_eq!(status_lines(&c2), Vec::<String>::new());
+    // One object changes: its line alone.
+    let c3 = rig.manifests.commit(
+        &[("manifests/b.yaml", Some(&configmap("b", &ns, "2")))],
+        "b two",
+    );
+    rig.synced(&c3).await;
+    assert_eq!(status_lines(&c3), ["b"]);
+}
+
 /// Since when kas has had the commit an agent is behind is known for an entry on another
 /// branch (its streams tell kas when they find the branch moved) and after a kas restart (at
 /// least since kas started): both read no time, so such an entry never counted as stalled.
