@@ -897,7 +897,8 @@ impl Proxy {
                 frame
             })
             .map_err(BoxError::from);
-        let body = Revocable::new(body, f.live, json_watch).boxed();
+        let registry = Arc::clone(&self.registry);
+        let body = Revocable::new(body, f.live, json_watch, registry).boxed();
         Response::from_parts(parts, body)
     }
 
@@ -1137,6 +1138,8 @@ struct Revocable<B> {
     inner: B,
     revoked: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     _live: Arc<Tracked>,
+    /// Tells whether kas is stopping when the agent's side fails: what the client is told.
+    registry: Arc<Registry>,
     /// A JSON watch (events one per line) and whether the bytes so far end an event.
     watch: Option<WatchEnd>,
     /// The closing event was sent: the body is over.
@@ -1150,11 +1153,12 @@ struct WatchEnd {
 }
 
 impl<B> Revocable<B> {
-    fn new(inner: B, live: Arc<Tracked>, json_watch: bool) -> Self {
+    fn new(inner: B, live: Arc<Tracked>, json_watch: bool, registry: Arc<Registry>) -> Self {
         Self {
             inner,
             revoked: Box::pin(live.end.clone().cancelled_owned()),
             _live: live,
+            registry,
             watch: json_watch.then_some(WatchEnd {
                 between_events: true,
             }),
@@ -1192,6 +1196,19 @@ fn watch_error_event(code: StatusCode, reason: &str, message: &str) -> Bytes {
     Bytes::from(format!("{{\"type\":\"ERROR\",\"object\":{status}}}\n"))
 }
 
+/// What a watch's client is told when the agent's side of it fails (pure): why, as far as kas
+/// knows, and what to do — it said "the watch through the agent's tunnel failed" whatever
+/// ended it, a kas rollout included.
+fn cut_watch_message(kas_stopping: bool, e: &BoxError) -> String {
+    if kas_stopping {
+        "kas is shutting down (a rollout or a restart): watch again, another replica or this one once restarted answers".to_owned()
+    } else {
+        format!(
+            "the agent's side of the watch ended ({e}): agentk restarted or stopped, or its connection to kas was lost; watch again once the agent is connected"
+        )
+    }
+}
+
 /// What a watch's client is told when its access ends.
 const ACCESS_ENDED: &str = "access ended: the credential was revoked or expired, or the agent's configuration no longer allows it";
 
@@ -1227,7 +1244,7 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                let message = format!("the watch through the agent's tunnel failed: {e}");
+                let message = cut_watch_message(self.registry.is_shutting_down(), &e);
                 let event = self.closing_event(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "ServiceUnavailable",

@@ -1128,6 +1128,66 @@ async fn an_open_watch_ends_when_its_personal_access_token_expires() {
     let _ = other.wait();
 }
 
+/// A watch whose agent side ends says why, as far as kas knows: agentk stopped or lost its
+/// connection, or kas itself is shutting down (a rollout). Both read "the watch through the
+/// agent's tunnel failed: error reading a body from connection" (E9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_watch_says_whether_the_agent_or_kas_is_stopping() {
+    let mut s = setup().await;
+    let token = format!("ci:{}:{}", s.agent_id, s.key.sign(&claims("group/app")));
+    let path = format!("/api/v1/namespaces/{}/configmaps?watch=true", s.allowed);
+    let last_message = |resp: http::Response<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let body = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+            .await
+            .expect("the watch to end");
+        let body = String::from_utf8(body.expect("a clean end").to_bytes().to_vec()).unwrap();
+        let last: serde_json::Value =
+            serde_json::from_str(body.lines().last().unwrap_or_default()).unwrap();
+        assert_eq!(last["type"], "ERROR", "{body}");
+        assert_eq!(last["object"]["code"], 503, "{body}");
+        last["object"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    let watch = open_watch(&s, &token, &path)
+        .await
+        .expect("the watch opens");
+    s._agent.kill9();
+    let said = last_message(watch).await;
+    assert!(said.contains("agentk restarted or stopped"), "{said}");
+
+    let kubeconfig = s.agent_kubeconfig.to_str().unwrap().to_owned();
+    let args = ["--kubeconfig", kubeconfig.as_str()];
+    let url = s.kas.url("grpc");
+    let _again = Agent::start_with(s.dir.path(), "proxy-again", &url, &s.token, None, &args);
+    s.kas.wait_connected(s.agent_id).await;
+    let watch = wait_for("a watch again", Duration::from_secs(30), || {
+        open_watch(&s, &token, &path)
+    })
+    .await;
+    s.kas.sigterm();
+    let said = last_message(watch).await;
+    assert!(said.starts_with("kas is shutting down"), "{said}");
+}
+
+/// A watch of `path` with `token` through kas's proxy, once it is answered 200.
+async fn open_watch(
+    s: &Setup,
+    token: &str,
+    path: &str,
+) -> Option<http::Response<hyper::body::Incoming>> {
+    let req = http::Request::get(path)
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = s.connect().await.send_request(req).await.ok()?;
+    (resp.status() == 200).then_some(resp)
+}
+
 /// A CI job's ID token that expires while its watch is open ends the watch at its `exp` plus
 /// kas's 30 s leeway for clock skew: only new requests were checked, and a watch or an exec
 /// outlived the token (kas cannot revoke it; expiry is its only end) for up to the connection's
