@@ -167,6 +167,10 @@ async fn try_forward(
     let upgrade = headers.contains_key(header::UPGRADE);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut out = Request::builder()
         .method(parts.method)
         .uri(uri)
@@ -177,7 +181,7 @@ async fn try_forward(
     let out = out
         .body(body.boxed())
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "BadRequest", e))?;
-    let mut resp = send(h, out).await?;
+    let mut resp = send(h, out, declared).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
@@ -187,10 +191,20 @@ async fn try_forward(
     Ok(Response::from_parts(parts, body.boxed()))
 }
 
-/// Sends `out` to the API server and waits for its response headers, at most
-/// `timeouts.response_headers`; a timeout is answered 504 naming the API server (and logged at
-/// warn: a CI job sees it as its own failure otherwise), any other failure 502.
-async fn send(h: &Inner, out: Request<Body>) -> Result<Response<Incoming>, Refusal> {
+/// The API server's default limit on a request body (its `MaxRequestBodyBytes`, 3 MiB): a
+/// larger one is answered 413 and the connection closed while it is being sent.
+const API_SERVER_BODY_LIMIT: u64 = 3 * 1024 * 1024;
+
+/// Sends `out` (of `declared` body bytes, when said) to the API server and waits for its
+/// response headers, at most `timeouts.response_headers`; a timeout is answered 504 naming the
+/// API server (and logged at warn: a CI job sees it as its own failure otherwise); a body the
+/// API server cut ([`body_cut`]) 413 when it is over the API server's default limit; any other
+/// failure 502.
+async fn send(
+    h: &Inner,
+    out: Request<Body>,
+    declared: Option<u64>,
+) -> Result<Response<Incoming>, Refusal> {
     let timeouts = h.timeouts;
     let timed_out = |what: String| {
         tracing::warn!(api_server = %h.base, "{what}");
@@ -202,6 +216,28 @@ async fn send(h: &Inner, out: Request<Body>) -> Result<Response<Incoming>, Refus
             "the agent could not connect to the Kubernetes API server at {} within {:?}",
             h.base, timeouts.connect
         ))),
+        // The API server answers 413 and closes the connection when a body is over its
+        // limit; when the close comes before hyper has read that answer, the write fails. It
+        // was answered 502 "cannot reach the Kubernetes API" — an outage to an operator's
+        // alert, for a user's oversized request (E9).
+        Ok(Err(e)) if body_cut(&e) && declared.is_some_and(|n| n > API_SERVER_BODY_LIMIT) => {
+            Err(Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                format!(
+                    "the request body ({} bytes) is over the Kubernetes API server's limit (3 MiB by default): it closed the connection while the agent sent it",
+                    declared.unwrap_or_default()
+                ),
+            ))
+        }
+        Ok(Err(e)) if body_cut(&e) => Err(Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            "ServiceUnavailable",
+            format!(
+                "the Kubernetes API server closed the connection while the agent sent the request body: {}",
+                chain(&e)
+            ),
+        )),
         Ok(Err(e)) => Err(Refusal::new(
             StatusCode::BAD_GATEWAY,
             "ServiceUnavailable",
@@ -212,6 +248,40 @@ async fn send(h: &Inner, out: Request<Body>) -> Result<Response<Incoming>, Refus
             h.base, timeouts.response_headers
         ))),
     }
+}
+
+/// Whether the request failed because the API server closed the connection while its body was
+/// being sent: a broken pipe or reset on the write, or the connection closed before the
+/// answer was whole.
+fn body_cut(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        }) || c
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// An error with its causes, `: `-separated (hyper_util's says only "client error (SendRequest)").
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// Whether an error's cause is an I/O timeout (the connector's connect timeout).
