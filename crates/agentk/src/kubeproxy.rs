@@ -235,7 +235,7 @@ async fn send(
             "ServiceUnavailable",
             format!(
                 "the Kubernetes API server closed the connection while the agent sent the request body: {}",
-                chain(&e)
+                tether_transport::with_causes(&e)
             ),
         )),
         Ok(Err(e)) => Err(Refusal::new(
@@ -270,18 +270,6 @@ fn body_cut(e: &(dyn std::error::Error + 'static)) -> bool {
         cause = c.source();
     }
     false
-}
-
-/// An error with its causes, `: `-separated (hyper_util's says only "client error (SendRequest)").
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 /// Whether an error's cause is an I/O timeout (the connector's connect timeout).
