@@ -490,6 +490,10 @@ pub struct SyncView {
     /// least since kas started. Absent when kas does not know (from kas older than this).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub newer_since: Option<String>,
+    /// A suspension holds the entry's project (of the whole agent, or of the project however
+    /// the entry names it: path or numeric id): a newer commit waiting is no stall.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
     /// The reports this one replaced in the ten minutes before it, newest first (at most
     /// four), in short: a sync replaced before anyone read it is still told.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

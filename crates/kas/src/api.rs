@@ -939,6 +939,7 @@ async fn agent_gitops(
         })
         .map(sync_view)
         .collect();
+    let suspensions = st.store.suspensions(Some(agent_id)).await?;
     for v in &mut views {
         let project = v
             .project_id
@@ -950,6 +951,10 @@ async fn agent_gitops(
         };
         // A report alone read as current while every push since stayed unfetched.
         v.fetch_error = st.sources.head(found.id).error.unwrap_or_default();
+        v.suspended = suspensions.iter().any(|s| {
+            matches!(s.scope, tether_store::SuspensionScope::Agent)
+                || s.scope == tether_store::SuspensionScope::Project(found.id)
+        });
         let entry = listed.as_ref().and_then(|l| l.get(&v.project_id));
         if let Some((commit, since)) = newer(&st, found.id, entry, &v.commit_id) {
             v.newer_commit = commit;
@@ -999,6 +1004,7 @@ fn sync_view(r: tether_protocol::gitops::SyncReport) -> SyncView {
         fetch_error: String::new(),
         newer_commit: String::new(),
         newer_since: None,
+        suspended: false,
         earlier: r.earlier.into_iter().map(earlier_view).collect(),
         objects: r.objects.into_iter().map(object_view).collect(),
     }

@@ -497,20 +497,20 @@ async fn suspend_holds_through_a_commit_a_drift_and_restarts_and_resume_applies(
         "by hand",
         "drift corrected while suspended"
     );
-    let synced: Vec<String> = rig
-        .kas
-        .admin
-        .gitops_status(rig.agent_id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.commit_id)
-        .collect();
-    assert_eq!(synced, [c1], "a commit was applied while suspended");
+    let syncs = rig.kas.admin.gitops_status(rig.agent_id).await.unwrap();
+    let synced: Vec<&str> = syncs.iter().map(|s| s.commit_id.as_str()).collect();
+    assert_eq!(
+        synced,
+        [c1.as_str()],
+        "a commit was applied while suspended"
+    );
+    // kas says the entry is held (a newer commit waiting there is no stall).
+    assert!(syncs.iter().all(|s| s.suspended), "{syncs:?}");
 
     let out = kas_cli(&rig.kas, &["agent", "resume", "group/config:seed"]);
     assert!(out.status.success(), "{}", text(&out));
-    rig.synced(&c2).await;
+    let resumed = rig.synced(&c2).await;
+    assert!(!resumed.suspended, "{resumed:?}");
     assert_eq!(value(&rig.env, &ns, "app"), "v2");
     let listed = kas_cli(&rig.kas, &["agent", "list", "-o", "yaml"]);
     let listed: serde_json::Value = serde_saphyr::from_slice(&listed.stdout).unwrap();

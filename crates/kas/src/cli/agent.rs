@@ -343,23 +343,33 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         }
         .into());
     }
-    // A suspended entry is held on purpose: a newer commit waiting there is no stall.
-    let held = |s: &SyncView| {
-        let project = s
-            .project_id
-            .split_once('#')
-            .map_or(s.project_id.as_str(), |(p, _)| p);
-        view.suspensions
-            .iter()
-            .any(|h| h.project.as_deref().is_none_or(|p| p == project))
-    };
-    let running: Vec<&SyncView> = syncs.iter().filter(|s| !held(s)).collect();
+    let running: Vec<&SyncView> = syncs
+        .iter()
+        .filter(|s| !held(s, view.suspensions))
+        .collect();
     unhealthy_exit(
         agent_id,
         (view.config_fetch_error, &syncs, &running),
         &unreported,
         &under_way,
     )
+}
+
+/// Whether a suspension holds the entry of `s`, on purpose: a newer commit waiting there is no
+/// stall. kas says it (`suspended`: matched by project id, whatever form the entry's `id`
+/// has); for a kas older than that field, by the entry's path — an entry written as a numeric
+/// id read as stalled.
+fn held(s: &SyncView, suspensions: &[SuspensionView]) -> bool {
+    if s.suspended {
+        return true;
+    }
+    let project = s
+        .project_id
+        .split_once('#')
+        .map_or(s.project_id.as_str(), |(p, _)| p);
+    suspensions
+        .iter()
+        .any(|h| h.project.as_deref().is_none_or(|p| p == project))
 }
 
 /// The agent as `kas agent list` shows it. An id kas does not have is an error, not an agent
@@ -724,6 +734,30 @@ mod tests {
 
     /// A commit kas has had for over two minutes without the agent reporting on it is
     /// stalled (exit 8), unless its sync is under way; a newer one is only said before that.
+    #[test]
+    fn an_entry_is_held_by_a_suspension_kas_says_holds_it_whatever_its_id_form() {
+        let sync = |project_id: &str, suspended: bool| -> SyncView {
+            serde_json::from_value(serde_json::json!({
+                "project_id": project_id, "commit_id": "old", "outcome": "succeeded",
+                "error": "", "finished_at": "2026-11-29T10:00:00Z", "dry_run": false,
+                "objects": [], "suspended": suspended,
+            }))
+            .unwrap()
+        };
+        let by_path: SuspensionView = serde_json::from_value(serde_json::json!({
+            "project": "group/app", "reason": "", "suspended_by": "admin",
+            "suspended_at": "2026-11-29T10:00:00Z",
+        }))
+        .unwrap();
+        let suspensions = std::slice::from_ref(&by_path);
+        // An entry written as the project's numeric id: kas matched the suspension by id.
+        assert!(held(&sync("42", true), suspensions));
+        assert!(!held(&sync("42", false), suspensions));
+        // An older kas, without the field: by path.
+        assert!(held(&sync("group/app#one", false), suspensions));
+        assert!(!held(&sync("group/other", false), suspensions));
+    }
+
     #[test]
     fn an_entry_behind_for_minutes_with_nothing_under_way_is_stalled() {
         let s: SyncView = serde_json::from_value(serde_json::json!({

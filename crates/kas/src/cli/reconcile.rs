@@ -920,6 +920,7 @@ mod tests {
             fetch_error: String::new(),
             newer_commit: String::new(),
             newer_since: None,
+            suspended: false,
             earlier: Vec::new(),
         }
     }

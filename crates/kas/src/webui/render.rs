@@ -619,6 +619,7 @@ mod tests {
             fetch_error: String::new(),
             newer_commit: String::new(),
             newer_since: None,
+            suspended: false,
             earlier: Vec::new(),
             objects: vec![
                 object(
