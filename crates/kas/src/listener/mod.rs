@@ -5,6 +5,7 @@
 
 mod body_deadline;
 mod clock;
+mod linger;
 mod metrics;
 
 use std::convert::Infallible;
@@ -166,7 +167,7 @@ async fn serve_io<S, F, Fut, B, E>(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .max_buf_size(MAX_HEAD_BYTES)
-        .serve_connection(TokioIo::new(io), service)
+        .serve_connection(TokioIo::new(linger::Lingering::new(io)), service)
         .with_upgrades();
     tokio::select! {
         r = conn => if let Err(e) = r {
