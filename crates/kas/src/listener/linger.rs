@@ -46,7 +46,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Drop for Lingering<S> {
 async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
     let _ = tokio::time::timeout(LINGER_FOR, async {
         let _ = s.shutdown().await;
-        let mut buf = vec![0u8; 16 * 1024];
+        // Small: each connection a flood made kas close lingers with one (up to the caps).
+        let mut buf = vec![0u8; 4 * 1024];
         let mut read = 0;
         while read < LINGER_BYTES {
             match s.read(&mut buf).await {
