@@ -288,10 +288,8 @@ impl GitOpsService {
                     .is_some_and(|(c, _)| *c != commit.to_hex())
         };
         let stale = resolved.as_ref().is_ok_and(told_other);
-        if resolved.is_ok() {
-            offered.unresolved = None;
-        }
         if let Ok(commit) = &resolved {
+            offered.unresolved = None;
             // Since when kas has had it, for the status of an agent behind it.
             self.deps
                 .sources

@@ -951,10 +951,7 @@ async fn agent_gitops(
         };
         // A report alone read as current while every push since stayed unfetched.
         v.fetch_error = st.sources.head(found.id).error.unwrap_or_default();
-        v.suspended = suspensions.iter().any(|s| {
-            matches!(s.scope, tether_store::SuspensionScope::Agent)
-                || s.scope == tether_store::SuspensionScope::Project(found.id)
-        });
+        v.suspended = suspensions.iter().any(|s| s.scope.holds(found.id));
         let entry = listed.as_ref().and_then(|l| l.get(&v.project_id));
         if let Some((commit, since)) = newer(&st, found.id, entry, &v.commit_id) {
             v.newer_commit = commit;

@@ -149,9 +149,7 @@ pub async fn agent_unreported(
         .collect();
     let suspensions = st.store.suspensions(Some(agent_id)).await?;
     let held = |project_id: i64| {
-        let s = suspensions.iter().find(|s| {
-            s.scope == SuspensionScope::Agent || s.scope == SuspensionScope::Project(project_id)
-        })?;
+        let s = suspensions.iter().find(|s| s.scope.holds(project_id))?;
         Some(Suspended {
             by: s.suspended_by.clone(),
             reason: s.reason.clone(),

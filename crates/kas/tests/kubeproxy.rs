@@ -1191,14 +1191,7 @@ async fn a_cut_watch_says_whether_the_agent_or_kas_is_stopping() {
     let token = format!("ci:{}:{}", s.agent_id, s.key.sign(&claims("group/app")));
     let path = format!("/api/v1/namespaces/{}/configmaps?watch=true", s.allowed);
     let last_message = |resp: http::Response<hyper::body::Incoming>| async move {
-        use http_body_util::BodyExt;
-        let body = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
-            .await
-            .expect("the watch to end");
-        let body = String::from_utf8(body.expect("a clean end").to_bytes().to_vec()).unwrap();
-        let last: serde_json::Value =
-            serde_json::from_str(body.lines().last().unwrap_or_default()).unwrap();
-        assert_eq!(last["type"], "ERROR", "{body}");
+        let (last, body) = closing_event(resp).await;
         assert_eq!(last["object"]["code"], 503, "{body}");
         last["object"]["message"]
             .as_str()
@@ -1227,6 +1220,20 @@ async fn a_cut_watch_says_whether_the_agent_or_kas_is_stopping() {
     assert!(said.starts_with("kas is shutting down"), "{said}");
 }
 
+/// The last event of a JSON watch that ends within 30 s, cleanly, with a watch `ERROR` event;
+/// and the whole body.
+async fn closing_event(resp: http::Response<hyper::body::Incoming>) -> (serde_json::Value, String) {
+    use http_body_util::BodyExt;
+    let body = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+        .await
+        .expect("the watch to end");
+    let body = String::from_utf8(body.expect("a clean end").to_bytes().to_vec()).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(body.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(last["type"], "ERROR", "{body}");
+    (last, body)
+}
+
 /// A watch of `path` with `token` through kas's proxy, once it is answered 200.
 async fn open_watch(
     s: &Setup,
@@ -1250,7 +1257,6 @@ async fn open_watch(
 /// and the job could not tell that its token expired. Another job's watch goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_watch_ends_when_its_ci_job_token_expires() {
-    use http_body_util::BodyExt;
     let s = setup().await;
     let mut short = claims("group/app");
     // Past its exp, within the leeway: accepted for about 12 s more.
@@ -1273,13 +1279,7 @@ async fn an_open_watch_ends_when_its_ci_job_token_expires() {
     let (mut other, rx_b) = spawn_watch(&s, &ci(&s.key.sign(&claims("group/app"))), &s.allowed);
     wait_watches_see(&s, "ci-expiring", &[&rx_b]).await;
 
-    let body = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
-        .await
-        .expect("the expired job token's watch to end");
-    let body = String::from_utf8(body.expect("a clean end").to_bytes().to_vec()).unwrap();
-    let last: serde_json::Value =
-        serde_json::from_str(body.lines().last().unwrap_or_default()).unwrap();
-    assert_eq!(last["type"], "ERROR", "{body}");
+    let (last, body) = closing_event(resp).await;
     assert_eq!(last["object"]["code"], 401, "{body}");
     let message = last["object"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("revoked or expired"), "{message}");

@@ -187,6 +187,11 @@ pub enum SuspensionScope {
 }
 
 impl SuspensionScope {
+    /// Whether a suspension of this scope holds project `project_id`.
+    pub fn holds(self, project_id: i64) -> bool {
+        self == Self::Agent || self == Self::Project(project_id)
+    }
+
     /// The stored form: 0 for the whole agent (project ids start at 1).
     pub(crate) fn column(self) -> i64 {
         match self {
