@@ -517,6 +517,66 @@ async fn suspend_holds_through_a_commit_a_drift_and_restarts_and_resume_applies(
     assert_eq!(listed[0]["suspensions"], serde_json::json!([]));
 }
 
+/// A suspension names its project by path; the configuration may name the same project by its
+/// numeric id. kas matches them by the project: the entry is held (a commit there waits), kas
+/// says it is `suspended` (so a newer commit waiting is no stall), and resuming applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_by_path_holds_an_entry_written_as_a_numeric_id() {
+    let (rig, ns, _) = configmap_rig_with("numeric", "", &[], KasOptions::default()).await;
+    let projects = rig.kas.admin.list_projects().await.unwrap();
+    let id = projects
+        .iter()
+        .find(|p| p.path == "group/manifests")
+        .map(|p| p.id)
+        .unwrap();
+    let entries = format!(
+        "gitops:\n  manifest_projects:\n  - id: {id}\n    default_namespace: {ns}\n    paths:\n    - glob: '/numeric/*.yaml'\n"
+    );
+    // Objects of their own: the entry by path owns the others (inventories are per entry as
+    // written).
+    let m1 = rig.manifests.commit(
+        &[("numeric/cm.yaml", Some(&configmap("num", &ns, "v1")))],
+        "num",
+    );
+    let config = ".gitlab/agents/seed/config.yaml";
+    rig.config
+        .commit(&[(config, Some(entries.as_bytes()))], "the entry by its id");
+    let numeric = id.to_string();
+    assert!(!rig.synced_in(&numeric, &m1).await.suspended);
+
+    let before = holds(&rig.kas);
+    let suspend = [
+        "agent",
+        "suspend",
+        "group/config:seed",
+        "--project",
+        "group/manifests",
+    ];
+    let out = kas_cli(&rig.kas, &suspend);
+    assert!(out.status.success(), "{}", text(&out));
+    let c2 = rig.manifests.commit(
+        &[("numeric/cm.yaml", Some(&configmap("num", &ns, "v2")))],
+        "v2",
+    );
+    wait_for(
+        "kas to hold the entry's commits",
+        Duration::from_secs(30),
+        || async { (holds(&rig.kas) > before).then_some(()) },
+    )
+    .await;
+    let held = rig
+        .report("the entry held", |s| s.project_id == numeric && s.suspended)
+        .await;
+    assert_eq!(held.commit_id, m1, "{held:?}");
+    assert_eq!(value(&rig.env, &ns, "num"), "v1", "applied while suspended");
+
+    let out = kas_cli(&rig.kas, &["agent", "resume", "group/config:seed"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let resumed = rig.synced_in(&numeric, &c2).await;
+    assert!(!resumed.suspended, "{resumed:?}");
+    assert_eq!(value(&rig.env, &ns, "num"), "v2");
+}
+
 /// One project suspended during an incident does not block a reconcile of the whole agent: the
 /// others synchronize and `--wait` exits 0, the suspended one is named as skipped (with who
 /// and why) and keeps its old commit. Before, kas refused the whole reconcile (409, exit 1).
