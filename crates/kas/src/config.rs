@@ -175,7 +175,7 @@ pub struct KubernetesApi {
 impl Default for KubernetesApi {
     fn default() -> Self {
         Self {
-            listen: listen(8154),
+            listen: listen(KUBERNETES_API_PORT),
             path_prefix: "/".into(),
             ci_issuers: Vec::new(),
             public_url: None,
@@ -549,7 +549,10 @@ pub fn redact_url(url: &str) -> String {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Listen {
-    pub address: SocketAddr,
+    /// Where to listen; see [`Listen::address`]. Left out, a listener with a default address
+    /// keeps it (filled in at parse time), and one without (`webhooks`, `web`) is an error.
+    #[serde(default)]
+    address: Option<SocketAddr>,
     /// PEM certificate chain; with `key_file`, the listener speaks TLS.
     pub certificate_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
@@ -633,6 +636,13 @@ pub fn peers_limits(pc: &crate::peers::PeersConfig) -> tether_transport::Connect
 }
 
 impl Listen {
+    /// The address to bind. Always the written or the default one once the configuration is
+    /// parsed ([`Config::parse`] fills it in); a `Listen` built in code has one too.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
     /// This listener's limits: what is set here, the rest from `defaults`.
     pub fn limits(&self, defaults: ListenLimits) -> ListenLimits {
         ListenLimits {
@@ -727,9 +737,15 @@ pub struct Logging {
     pub level: String,
 }
 
+/// The listeners' default ports (all on 127.0.0.1).
+const AGENT_PORT: u16 = 8150;
+const OBSERVABILITY_PORT: u16 = 8151;
+const API_PORT: u16 = 8153;
+const KUBERNETES_API_PORT: u16 = 8154;
+
 fn listen(port: u16) -> Listen {
     Listen {
-        address: SocketAddr::from(([127, 0, 0, 1], port)),
+        address: Some(SocketAddr::from(([127, 0, 0, 1], port))),
         certificate_file: None,
         key_file: None,
         handshake_timeout: None,
@@ -749,7 +765,7 @@ impl Default for Listen {
 impl Default for AgentListener {
     fn default() -> Self {
         Self {
-            listen: listen(8150),
+            listen: listen(AGENT_PORT),
             tunnel_wait_timeout: Duration::from_secs(20),
             max_connection_age: Duration::from_secs(2 * 3600),
             max_connection_age_grace: Duration::from_secs(5 * 60),
@@ -768,7 +784,7 @@ impl Default for AgentListener {
 impl Default for Api {
     fn default() -> Self {
         Self {
-            listen: listen(8153),
+            listen: listen(API_PORT),
             admin_token_file: None,
             ca_file: None,
         }
@@ -778,7 +794,7 @@ impl Default for Api {
 impl Default for Observability {
     fn default() -> Self {
         Self {
-            listen: listen(8151),
+            listen: listen(OBSERVABILITY_PORT),
             logging: Logging::default(),
         }
     }
@@ -841,11 +857,12 @@ impl Config {
             path: path.to_path_buf(),
             message,
         };
-        let cfg: Config = if text.trim().is_empty() {
+        let mut cfg: Config = if text.trim().is_empty() {
             Config::default()
         } else {
             serde_saphyr::from_str(text).map_err(|e| invalid(e.to_string()))?
         };
+        cfg.fill_listen_addresses().map_err(invalid)?;
         cfg.validate().map_err(invalid)?;
         Ok(cfg)
     }
@@ -976,6 +993,36 @@ impl Config {
         }
     }
 
+    /// A `listen` section may set only some keys: the address left out stays the listener's
+    /// default (a section written to raise a cap moved its listener to a random port, so
+    /// agents and the admin commands could no longer reach kas). `webhooks` and `web` have
+    /// no default address: their section must name one.
+    fn fill_listen_addresses(&mut self) -> Result<(), String> {
+        let defaults = [
+            (&mut self.agent.listen, AGENT_PORT),
+            (&mut self.kubernetes_api.listen, KUBERNETES_API_PORT),
+            (&mut self.api.listen, API_PORT),
+            (&mut self.observability.listen, OBSERVABILITY_PORT),
+        ];
+        for (l, port) in defaults {
+            l.address
+                .get_or_insert(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+        let own = [
+            ("webhooks", &self.webhooks.listen),
+            ("web", &self.web.listen),
+        ];
+        match own
+            .iter()
+            .find(|(_, l)| l.as_ref().is_some_and(|l| l.address.is_none()))
+        {
+            Some((name, _)) => Err(format!(
+                "{name}.listen.address is required: this listener has no default address"
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn validate_listeners(&self) -> Result<(), String> {
         let mut all = vec![
             ("agent.listen", &self.agent.listen),
@@ -1049,7 +1096,7 @@ mod tests {
     fn empty_file_is_the_embedded_default() {
         let c = parse("").expect("valid");
         assert_eq!(c, Config::default());
-        assert_eq!(c.agent.listen.address.to_string(), "127.0.0.1:8150");
+        assert_eq!(c.agent.listen.address().to_string(), "127.0.0.1:8150");
         assert_eq!(c.agent.tunnel_wait_timeout, Duration::from_secs(20));
         assert_eq!(c.sqlite_path(), PathBuf::from("kas-data/kas.sqlite"));
     }
@@ -1086,7 +1133,7 @@ mod tests {
             "agent:\n  listen:\n    address: 127.0.0.1:9000\n  tunnel_wait_timeout: 3s\n  token_recheck_interval: 500ms\n",
         )
         .expect("valid");
-        assert_eq!(c.agent.listen.address.port(), 9000);
+        assert_eq!(c.agent.listen.address().port(), 9000);
         assert_eq!(c.agent.tunnel_wait_timeout, Duration::from_secs(3));
         assert_eq!(c.agent.token_recheck_interval, Duration::from_millis(500));
     }
@@ -1243,6 +1290,41 @@ mod tests {
         assert!(!c.separate_webhooks());
     }
 
+    /// A section setting only a limit keeps the listener's address (it moved the listener to
+    /// a random port); a listener without a default address needs one written.
+    #[test]
+    fn a_listen_section_without_an_address_keeps_the_listeners_default_address() {
+        let c = parse(
+            "agent: {listen: {max_connections: 100}}\napi: {listen: {max_connections: 10}}\n\
+             observability: {listen: {max_connections: 10}}\n\
+             kubernetes_api: {listen: {max_connections: 10}}\n",
+        )
+        .expect("valid");
+        let addresses = [
+            c.agent.listen.address(),
+            c.observability.listen.address(),
+            c.api.listen.address(),
+            c.kubernetes_api.listen.address(),
+        ];
+        let expected = [
+            "127.0.0.1:8150",
+            "127.0.0.1:8151",
+            "127.0.0.1:8153",
+            "127.0.0.1:8154",
+        ];
+        assert_eq!(addresses.map(|a| a.to_string()), expected);
+        assert_eq!(c.agent.listen.limits(AGENT_LIMITS).max_connections, 100);
+        for name in ["webhooks", "web"] {
+            let e = parse(&format!("{name}:\n  listen:\n    max_connections: 5\n"))
+                .expect_err("no address");
+            let said = e.to_string();
+            assert!(
+                said.contains(&format!("{name}.listen.address is required")),
+                "{said}"
+            );
+        }
+    }
+
     #[test]
     fn the_web_ui_is_off_by_default_and_its_oidc_keys_have_defaults() {
         let c = parse("").expect("valid");
@@ -1286,7 +1368,7 @@ mod tests {
         .expect("valid");
         assert!(c.separate_webhooks());
         let w = c.webhooks.listen.expect("listen");
-        assert_eq!(w.address.port(), 8155);
+        assert_eq!(w.address().port(), 8155);
         let e = parse("webhooks:\n  listen:\n    key_file: /k.pem\n").expect_err("half pair");
         assert!(e.to_string().contains("webhooks.listen"), "{e}");
     }

@@ -920,7 +920,7 @@ async fn start_agent_listener(
         }
         _ => None,
     };
-    let listener = bind("agent", l.address).await?;
+    let listener = bind("agent", l.address()).await?;
     let agent_addr = listener.local_addr()?;
     let (conns, conn_gauge) = services.connections;
     let limits = l.limits(crate::config::AGENT_LIMITS);

@@ -689,13 +689,13 @@ fn the_kas_chart_is_accepted_by_the_cluster() {
     let objs = objects(&yaml);
     let cfg = kas_configuration(&objs, &ns);
     assert_eq!(cfg.data_dir, Path::new("/var/lib/kas"));
-    assert_eq!(cfg.agent.listen.address.to_string(), "0.0.0.0:8150");
+    assert_eq!(cfg.agent.listen.address().to_string(), "0.0.0.0:8150");
     assert_eq!(
-        cfg.kubernetes_api.listen.address.to_string(),
+        cfg.kubernetes_api.listen.address().to_string(),
         "0.0.0.0:8154"
     );
     assert_eq!(
-        cfg.api.listen.address.to_string(),
+        cfg.api.listen.address().to_string(),
         "127.0.0.1:8153",
         "the admin API stays on loopback"
     );
@@ -757,7 +757,7 @@ fn the_kas_chart_is_accepted_by_the_cluster() {
     assert_eq!(cfg.agent.listen.certificate_file, tls_cert);
     assert_eq!(cfg.kubernetes_api.listen.certificate_file, tls_cert);
     let webhooks = cfg.webhooks.listen.as_ref().unwrap();
-    assert_eq!(webhooks.address.to_string(), "0.0.0.0:8155");
+    assert_eq!(webhooks.address().to_string(), "0.0.0.0:8155");
     assert_eq!(webhooks.certificate_file, tls_cert);
     assert_eq!(cfg.kubernetes_api.path_prefix, "/k8s-proxy");
     assert_eq!(

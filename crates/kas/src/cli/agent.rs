@@ -26,10 +26,10 @@ pub async fn agent_cmd(c: &AdminClient, cmd: &AgentCmd, cfg: &Config) -> Result<
         } => {
             let t = c.register_agent(project, name).await?;
             let address = kas_address.clone().unwrap_or_else(|| {
-                if !super::reachable_by_agents(cfg.agent.listen.address) {
+                if !super::reachable_by_agents(cfg.agent.listen.address()) {
                     eprintln!(
                         "warning: the commands below dial kas at its listen address {}, which agents in a cluster cannot reach; register with --kas-address set to the address they dial",
-                        cfg.agent.listen.address
+                        cfg.agent.listen.address()
                     );
                 }
                 default_agent_url(cfg)

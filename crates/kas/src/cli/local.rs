@@ -106,7 +106,7 @@ pub async fn store_cmd(cfg: &Config, cmd: &StoreCmd) -> Result<()> {
         }
         StoreCmd::Restore { from } => {
             let location = cfg.database_location();
-            let api = cfg.api.listen.address;
+            let api = cfg.api.listen.address();
             let running =
                 std::net::TcpStream::connect_timeout(&api, std::time::Duration::from_secs(1))
                     .is_ok()

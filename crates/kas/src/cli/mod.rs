@@ -40,7 +40,7 @@ pub fn admin_client(cli: &Cli, cfg: &Config) -> Result<AdminClient> {
 /// wildcard bind address (0.0.0.0, ::) reached on loopback.
 pub fn default_api_url(cfg: &Config) -> String {
     let l = &cfg.api.listen;
-    let mut a = l.address;
+    let mut a = l.address();
     if a.ip().is_unspecified() {
         a.set_ip(match a {
             std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
@@ -65,7 +65,7 @@ pub fn default_agent_url(cfg: &Config) -> String {
     } else {
         "grpc"
     };
-    format!("{scheme}://{}", l.address)
+    format!("{scheme}://{}", l.address())
 }
 
 /// Whether agents elsewhere could dial `listen` as it is: not a wildcard (the address to bind,

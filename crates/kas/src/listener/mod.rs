@@ -352,9 +352,9 @@ pub async fn bind_http(
         )),
         _ => None,
     };
-    let listener = TcpListener::bind(listen.address)
+    let listener = TcpListener::bind(listen.address())
         .await
-        .with_context(|| format!("binding the {name} listener to {}", listen.address))?;
+        .with_context(|| format!("binding the {name} listener to {}", listen.address()))?;
     Ok(HttpListener {
         listener,
         tls,
