@@ -322,7 +322,7 @@ async fn run(cli: Cli) -> Result<()> {
     let kube_cfg = kube_config(cli.kubeconfig.as_deref()).await?;
     let meta = AgentMeta {
         token,
-        version: env!("CARGO_PKG_VERSION").to_string(),
+        version: tether_build_info::BUILD_VERSION.to_string(),
         pod_name: std::env::var("POD_NAME").unwrap_or_default(),
         pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
         cluster_id: cluster::cluster_id(&kube_cfg),
@@ -347,6 +347,7 @@ async fn run(cli: Cli) -> Result<()> {
     tracing::info!(
         kas_address = %address,
         kubeconfig = cli.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        version = tether_build_info::LONG_VERSION,
         "agentk is starting"
     );
     let token = meta.token.clone();

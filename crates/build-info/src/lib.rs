@@ -14,6 +14,11 @@ pub const LONG_VERSION: &str = concat!(
     ")"
 );
 
+/// The version with the commit as SemVer build metadata, `0.1.0+0123456789ab`: what agentk
+/// tells kas (shown in `kas agent list`), so agents built from different commits of one
+/// version tell apart during a rollout.
+pub const BUILD_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("TETHER_COMMIT"));
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -21,5 +26,9 @@ mod tests {
         assert!(super::LONG_VERSION.starts_with(super::VERSION));
         assert!(super::LONG_VERSION.contains(super::COMMIT));
         assert!(!super::COMMIT.is_empty());
+        assert_eq!(
+            super::BUILD_VERSION,
+            format!("{}+{}", super::VERSION, super::COMMIT)
+        );
     }
 }

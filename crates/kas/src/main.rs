@@ -150,6 +150,7 @@ async fn serve(cfg: Config, log_format: tether_observability::LogFormat) -> Resu
         agent = %running.agent_addr,
         api = %running.api_addr,
         observability = %running.observability_addr,
+        version = tether_build_info::LONG_VERSION,
         "kas is up"
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

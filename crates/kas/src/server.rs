@@ -125,6 +125,11 @@ struct Shared {
 
 /// Starts every module of kas, in order, and returns once all listeners are bound.
 pub async fn start(cfg: Config) -> Result<Running> {
+    // Before anything starts, and before the database is opened and migrated: a kas that
+    // refuses to start (its renderers cannot fit its memory) must not leave behind a schema
+    // the version it replaced may not open, so that rolling back works.
+    check_limits(&cfg);
+    let render = render_config(&cfg)?;
     let shutdown = CancellationToken::new();
     let mut modules = Modules::new(shutdown.clone());
     let mut metrics = new_metrics();
@@ -167,9 +172,6 @@ pub async fn start(cfg: Config) -> Result<Running> {
         projects: Arc::default(),
         recheck_now: tokio::sync::watch::Sender::new(0),
     };
-    check_limits(&cfg);
-    // Before anything starts: a kas whose renderers cannot fit its memory refuses to start.
-    let render = render_config(&cfg)?;
     let (sources, h) = start_sources(&cfg, &mut sh, modules.handle("sources")).await?;
     modules.push(h);
     let several = cfg.peers.is_some() && sh.cluster.is_some();

@@ -650,3 +650,63 @@ async fn store_migrate_on_a_schema_newer_than_kas_says_so() {
         "{said}"
     );
 }
+
+/// kas says in its log which schema it runs on and, at an upgrade, which migrations it applied
+/// and from which version: the moment after which the version it replaced may not start on
+/// the database. It said nothing about migrating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kas_logs_the_schema_it_creates_migrates_or_finds_up_to_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kas = Kas::start(&dir.path().join("kas"), KasOptions::default()).await;
+    let said = |kas: &Kas, msg: &str| -> Vec<serde_json::Value> {
+        let lines = kas.log_lines().into_iter();
+        lines.filter(|l| l["msg"] == msg).collect()
+    };
+    let created = said(&kas, "Database schema created");
+    assert_eq!(created.len(), 1, "{}", kas.log());
+    let newest = created[0]["schema_version"].as_i64().unwrap();
+    let up = kas
+        .log_lines()
+        .into_iter()
+        .find(|l| l["msg"] == "kas is up")
+        .unwrap();
+    assert!(
+        up["version"].as_str().unwrap().contains(" (commit "),
+        "{up}"
+    );
+    kas.stop();
+
+    // The database as the kas before the newest migration left it.
+    assert_eq!(
+        newest, 14,
+        "undo the newest migration above instead of 0014"
+    );
+    let undo = format!(
+        "ALTER TABLE agent_tokens DROP COLUMN last_used_at; \
+         DELETE FROM _sqlx_migrations WHERE version = {newest};"
+    );
+    let db = kas.dir.join("data/kas.sqlite");
+    let undone = Command::new("sqlite3")
+        .arg(&db)
+        .arg(&undo)
+        .output()
+        .unwrap();
+    assert!(undone.status.success(), "{}", text(&undone));
+    kas.restart().await;
+    let migrated = said(
+        &kas,
+        "Database schema migrated: a kas that does not know these migrations may refuse to start on this database (roll back by restoring the backup taken before)",
+    );
+    assert_eq!(migrated.len(), 1, "{}", kas.log());
+    assert_eq!(migrated[0]["from_version"], newest - 1, "{}", migrated[0]);
+    assert_eq!(
+        migrated[0]["applied"], "14 token last used",
+        "{}",
+        migrated[0]
+    );
+
+    kas.restart().await;
+    let current = said(&kas, "Database schema is up to date");
+    assert_eq!(current.len(), 1, "{}", kas.log());
+    assert_eq!(current[0]["schema_version"], newest);
+}

@@ -57,7 +57,11 @@ async fn agentk_connects_over_grpc_grpcs_ws_and_wss() {
         let c = &view.connections[0];
         assert_eq!(c.pod_name, format!("agentk-{scheme}"));
         assert_eq!(c.pod_namespace, "gitlab-agent");
-        assert_eq!(c.agent_version, env!("CARGO_PKG_VERSION"));
+        // With its commit, so `kas agent list` tells agents built from two commits apart.
+        assert_eq!(
+            c.agent_version,
+            format!("{}+{}", env!("CARGO_PKG_VERSION"), tether_build_info::COMMIT)
+        );
         assert!(c.remote_addr.starts_with("127.0.0.1:"), "{c:?}");
         // A request really crosses the tunnel and comes back.
         let p = payload(1, 100_000);

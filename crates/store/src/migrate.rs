@@ -20,13 +20,62 @@ pub(crate) fn tolerant(mut migrator: Migrator) -> Migrator {
     migrator
 }
 
-/// Warns if the database has migrations `migrator` does not know, and returns their versions;
-/// call it after migrating.
-pub(crate) async fn warn_of_unknown<C: Migrate>(
+/// The versions of the migrations the database has (none for a new database); call it before
+/// migrating, for [`report`].
+pub(crate) async fn applied<C: Migrate>(conn: &mut C) -> Result<Vec<i64>> {
+    conn.ensure_migrations_table(MIGRATIONS_TABLE).await?;
+    let applied = conn.list_applied_migrations(MIGRATIONS_TABLE).await?;
+    Ok(applied.iter().map(|m| m.version).collect())
+}
+
+/// Says what migrating did, given the versions the database had `before`: an info line with the
+/// schema's version, and when migrations were applied, which (the point after which an older
+/// kas may not start on this database: an operator reads from the log when it was passed).
+/// Warns of migrations the database has that `migrator` does not know, and returns their
+/// versions.
+pub(crate) async fn report<C: Migrate>(
     migrator: &Migrator,
     conn: &mut C,
+    before: &[i64],
 ) -> Result<Vec<i64>> {
     let applied = conn.list_applied_migrations(MIGRATIONS_TABLE).await?;
+    let version = applied.iter().map(|m| m.version).max().unwrap_or(0);
+    let added = added_names(migrator, before, applied.iter().map(|m| m.version));
+    if added.is_empty() {
+        tracing::info!(schema_version = version, "Database schema is up to date");
+    } else if before.is_empty() {
+        tracing::info!(schema_version = version, "Database schema created");
+    } else {
+        let from = before.iter().copied().max().unwrap_or(0);
+        tracing::info!(
+            schema_version = version,
+            from_version = from,
+            applied = %added.join(", "),
+            "Database schema migrated: a kas that does not know these migrations may refuse to \
+             start on this database (roll back by restoring the backup taken before)"
+        );
+    }
+    warn_of_unknown(migrator, &applied)
+}
+
+/// "12 ids never reused" for each version applied since `before` (pure).
+fn added_names(migrator: &Migrator, before: &[i64], now: impl Iterator<Item = i64>) -> Vec<String> {
+    now.filter(|v| !before.contains(v))
+        .map(|v| {
+            let name = migrator
+                .iter()
+                .find(|m| m.version == v)
+                .map_or(String::new(), |m| format!(" {}", m.description));
+            format!("{v}{name}")
+        })
+        .collect()
+}
+
+/// Warns if the database has migrations `migrator` does not know, and returns their versions.
+fn warn_of_unknown(
+    migrator: &Migrator,
+    applied: &[sqlx::migrate::AppliedMigration],
+) -> Result<Vec<i64>> {
     let unknown: Vec<i64> = applied
         .iter()
         .map(|m| m.version)

@@ -17,6 +17,14 @@ fn migrator() -> sqlx::migrate::Migrator {
     crate::migrate::tolerant(sqlx::migrate!("./migrations/postgres"))
 }
 
+/// Brings the schema up to date on `conn`, saying what it did (see [`crate::migrate::report`]);
+/// returns the versions of newer migrations the database has.
+async fn migrate(migrator: &sqlx::migrate::Migrator, conn: &mut PgConnection) -> Result<Vec<i64>> {
+    let before = crate::migrate::applied(conn).await?;
+    migrator.run(&mut *conn).await?;
+    crate::migrate::report(migrator, conn, &before).await
+}
+
 /// Connections per kas process. Reads are many and short (token checks, listings); writes queue
 /// on one lock anyway (see [`WriteTxn::begin`]), so more would mostly sit idle on the server.
 const MAX_CONNECTIONS: u32 = 8;
@@ -77,10 +85,7 @@ impl PgStore {
         let unbounded = options.options([("lock_timeout", "0"), ("statement_timeout", "0")]);
         let mut conn = <PgConnection as sqlx::Connection>::connect_with(&unbounded).await?;
         let migrator = migrator();
-        let migrated = match migrator.run(&mut conn).await {
-            Ok(()) => crate::migrate::warn_of_unknown(&migrator, &mut conn).await,
-            Err(e) => Err(e.into()),
-        };
+        let migrated = migrate(&migrator, &mut conn).await;
         let _ = sqlx::Connection::close(conn).await;
         let newer_migrations = migrated?;
         Ok(Self {

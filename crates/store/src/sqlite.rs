@@ -74,8 +74,9 @@ impl SqliteStore {
         // without them behind, whatever it ends with.
         let mut conn = sqlx::ConnectOptions::connect(&options).await?;
         let migrator = migrator();
+        let before = crate::migrate::applied(&mut conn).await?;
         migrator.run(&mut conn).await?;
-        let newer_migrations = crate::migrate::warn_of_unknown(&migrator, &mut conn).await?;
+        let newer_migrations = crate::migrate::report(&migrator, &mut conn, &before).await?;
         sqlx::Connection::close(conn).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
