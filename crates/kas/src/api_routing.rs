@@ -125,7 +125,8 @@ async fn forward(
 /// The other replicas' lists (of agents, of tokens), and those that could not be asked.
 #[derive(Debug)]
 pub struct OtherLists<T> {
-    pub lists: Vec<Vec<T>>,
+    /// Each replica that answered (its address) with its list.
+    pub lists: Vec<(String, Vec<T>)>,
     /// Replicas that did not answer (their address), or why none could be listed.
     pub unreachable: Vec<String>,
 }
@@ -149,7 +150,7 @@ pub async fn other_replicas_agents(peers: &Peers) -> OtherLists<AgentView> {
 /// Every other replica's token list of `agent_id` (each with the streams open there), for
 /// `GET /api/v1/agents/{id}/tokens`: streams of a token live on whichever replica agentk's
 /// connections reached.
-pub async fn other_replicas_tokens(peers: &Peers, agent_id: i64) -> OtherLists<TokenView> {
+pub async fn other_replicas_tokens(peers: &Peers, agent_id: i64) -> OtherLists<PeerTokenStreams> {
     ask_the_others(peers, &format!("/api/v1/agents/{agent_id}/tokens")).await
 }
 
@@ -178,7 +179,7 @@ async fn ask_the_others<T: serde::de::DeserializeOwned>(
     let mut others = OtherLists::default();
     for address in addresses {
         match ask::<Vec<T>>(peers, &address, &parts, Bytes::new()).await {
-            Ok(list) => others.lists.push(list),
+            Ok(list) => others.lists.push((address, list)),
             Err(e) => {
                 tracing::warn!(replica = %address, error = %e, path, "A replica did not answer a listing");
                 others.unreachable.push(format!("replica {address}"));
@@ -211,7 +212,7 @@ pub async fn ask<T: serde::de::DeserializeOwned>(
 /// Each agent names the replicas that did not answer.
 pub fn merge_agents(local: Vec<AgentView>, others: OtherLists<AgentView>) -> Vec<AgentView> {
     let mut by_id: BTreeMap<i64, AgentView> = local.into_iter().map(|a| (a.id, a)).collect();
-    for view in others.lists.into_iter().flatten() {
+    for view in others.lists.into_iter().flat_map(|(_, list)| list) {
         let Some(mine) = by_id.get_mut(&view.id) else {
             // Registered since this replica read the database: shown as the holder sees it.
             by_id.insert(view.id, view);
@@ -233,17 +234,38 @@ pub fn merge_agents(local: Vec<AgentView>, others: OtherLists<AgentView>) -> Vec
     merged
 }
 
+/// A token as another replica lists it: the streams open with it there; `None` from a kas
+/// older than that field, which does not count them (unknown, not 0).
+#[derive(Debug, serde::Deserialize)]
+pub struct PeerTokenStreams {
+    pub id: i64,
+    pub open_streams: Option<usize>,
+}
+
 /// This replica's token list with the others' (pure): a token's open streams are those of
-/// every replica; each token names the replicas that did not say theirs. The tokens are this
-/// replica's (all read the same database).
-pub fn merge_tokens(mut local: Vec<TokenView>, others: OtherLists<TokenView>) -> Vec<TokenView> {
+/// every replica; each token names the replicas that did not say theirs — those that did not
+/// answer, and those too old to count them (during a rolling upgrade: read as 0, a token still
+/// in use there looked unused). The tokens are this replica's (all read the same database).
+pub fn merge_tokens(
+    mut local: Vec<TokenView>,
+    others: OtherLists<PeerTokenStreams>,
+) -> Vec<TokenView> {
     let mut streams: BTreeMap<i64, usize> = BTreeMap::new();
-    for view in others.lists.into_iter().flatten() {
-        *streams.entry(view.id).or_default() += view.open_streams;
+    let mut unknown = others.unreachable;
+    for (address, list) in others.lists {
+        if list.iter().any(|t| t.open_streams.is_none()) {
+            unknown.push(format!(
+                "replica {address} (a kas too old to count a token's streams)"
+            ));
+            continue;
+        }
+        for t in list {
+            *streams.entry(t.id).or_default() += t.open_streams.unwrap_or(0);
+        }
     }
     for t in &mut local {
         t.open_streams += streams.get(&t.id).copied().unwrap_or(0);
-        t.streams_unknown_on.clone_from(&others.unreachable);
+        t.streams_unknown_on.clone_from(&unknown);
     }
     local
 }
@@ -292,12 +314,19 @@ mod tests {
         token_view(id, 1, open_streams)
     }
 
+    fn there(id: i64, open_streams: usize) -> PeerTokenStreams {
+        PeerTokenStreams {
+            id,
+            open_streams: Some(open_streams),
+        }
+    }
+
     #[test]
     fn a_tokens_streams_are_summed_over_the_replicas_and_the_silent_ones_named() {
         let others = OtherLists {
             lists: vec![
-                vec![token(1, 3), token(2, 0)],
-                vec![token(1, 1), token(9, 5)],
+                ("10.0.0.4:8156".into(), vec![there(1, 3), there(2, 0)]),
+                ("10.0.0.5:8156".into(), vec![there(1, 1), there(9, 5)]),
             ],
             unreachable: Vec::new(),
         };
@@ -316,6 +345,30 @@ mod tests {
         assert_eq!(merged[0].streams_unknown_on, ["replica 10.0.0.6:8156"]);
     }
 
+    /// A replica of a kas older than the field (a rolling upgrade) lists tokens without
+    /// `open_streams`: unknown there, not 0 (a token in use through it read as unused, and
+    /// `kas token list` exited 0, so a rotation revoked it).
+    #[test]
+    fn a_replica_that_does_not_count_streams_is_named_not_read_as_zero() {
+        let older: Vec<PeerTokenStreams> = serde_json::from_value(serde_json::json!([
+            {"id": 1, "agent_id": 1, "description": "", "created_at": 0, "revoked_at": null}
+        ]))
+        .unwrap();
+        let others = OtherLists {
+            lists: vec![
+                ("10.0.0.4:8156".into(), older),
+                ("10.0.0.5:8156".into(), vec![there(1, 2)]),
+            ],
+            unreachable: Vec::new(),
+        };
+        let merged = merge_tokens(vec![token(1, 0)], others);
+        assert_eq!(merged[0].open_streams, 2);
+        assert_eq!(
+            merged[0].streams_unknown_on,
+            ["replica 10.0.0.4:8156 (a kas too old to count a token's streams)"]
+        );
+    }
+
     fn view(id: i64, connected: bool) -> AgentView {
         serde_json::from_value(serde_json::json!({
             "id": id, "project": "g/p", "name": format!("a{id}"), "connected": connected,
@@ -332,7 +385,10 @@ mod tests {
     #[test]
     fn an_agent_connected_to_another_replica_shows_as_connected() {
         let others = OtherLists {
-            lists: vec![vec![view(1, false), view(2, true), view(3, false)]],
+            lists: vec![(
+                "10.0.0.4:8156".into(),
+                vec![view(1, false), view(2, true), view(3, false)],
+            )],
             unreachable: Vec::new(),
         };
         let merged = merge_agents(vec![view(1, true), view(2, false)], others);

@@ -1393,7 +1393,7 @@ async fn reconcile_of_an_agent_named_by_project_while_kas_is_down_waits_for_kas(
 }
 
 /// `kas agent reconcile --wait` of an agent that is offline ends by its `--timeout` with exit
-/// 4 naming the project no stream heard (it ended with exit 1, "kas did not answer the
+/// 4 naming the project no stream heard (without `--wait` too) (it ended with exit 1, "kas did not answer the
 /// reconcile request": kas waited for the agent's stream exactly as long as the command).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_of_an_offline_agent_exits_4_naming_the_project_unheard() {
@@ -1410,6 +1410,13 @@ async fn reconcile_of_an_offline_agent_exits_4_naming_the_project_unheard() {
         all.contains("group/manifests: agent") && all.contains("has no GitOps stream for it"),
         "{all}"
     );
+    // Without --wait: the same exit, and no line saying the agent was asked (it said "agent 1
+    // asked to synchronize now" under the line saying nothing heard it).
+    let out = kas_cli(&rig.kas, &["agent", "reconcile", &agent]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(4), "{all}");
+    assert!(all.contains("has no GitOps stream for it"), "{all}");
+    assert!(!all.contains("asked to synchronize now"), "{all}");
 }
 
 /// `kas agent ping` and `kas agent diff` of an agent that went offline say within their short

@@ -16,6 +16,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 pub struct RestoreReport {
     /// Tables whose id counter was raised past the backup's (table, next id after).
     pub counters_kept: Vec<(String, i64)>,
+    /// Tables whose ids given since the backup will be given again (table, largest id in the
+    /// backup, largest the replaced database gave): the backup predates AUTOINCREMENT on them
+    /// (schema migration 12), so its tables give the largest row's id plus one, whatever
+    /// counter is stored.
+    pub counters_lost: Vec<(String, i64, i64)>,
     /// Agent tokens revoked since the backup, active again.
     pub revived_tokens: Vec<i64>,
     /// Personal access tokens revoked since the backup, active again.
@@ -67,6 +72,16 @@ pub fn adjust_restored_copy(
     let since = read_since(current)?;
     let mut report = RestoreReport::default();
     for (table, seq) in &since.counters {
+        match counting(&restored, table)? {
+            Counting::Counter => {}
+            Counting::Absent => continue,
+            Counting::LargestRow(largest) => {
+                if *seq > largest {
+                    report.counters_lost.push((table.clone(), largest, *seq));
+                }
+                continue;
+            }
+        }
         let restored_seq: i64 = restored
             .query_row(
                 "SELECT seq FROM sqlite_sequence WHERE name = ?1",
@@ -133,6 +148,39 @@ fn ids(db: &Connection, sql: &str) -> Result<Vec<i64>, rusqlite::Error> {
     q.query_map([], |r| r.get(0))?.collect()
 }
 
+/// How `table` of the restored copy gives new ids.
+#[derive(Debug, PartialEq, Eq)]
+enum Counting {
+    /// After its stored counter (AUTOINCREMENT): raising it keeps ids unique.
+    Counter,
+    /// After its largest row (no AUTOINCREMENT), which is this.
+    LargestRow(i64),
+    /// The table is not in the backup (a later migration adds it).
+    Absent,
+}
+
+fn counting(restored: &Connection, table: &str) -> Result<Counting, rusqlite::Error> {
+    let sql: Option<String> = restored
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(sql) = sql else {
+        return Ok(Counting::Absent);
+    };
+    if sql.to_ascii_uppercase().contains("AUTOINCREMENT") {
+        return Ok(Counting::Counter);
+    }
+    let largest = format!("SELECT COALESCE(MAX(id), 0) FROM \"{table}\"");
+    Ok(Counting::LargestRow(restored.query_row(
+        &largest,
+        [],
+        |r| r.get(0),
+    )?))
+}
+
 /// Those of `revoked` that `table` of the restored copy has, not revoked.
 fn still_active(
     restored: &Connection,
@@ -148,4 +196,58 @@ fn still_active(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const TOKENS_AND_SUSPENSIONS: &str = "\
+        CREATE TABLE user_tokens (id INTEGER PRIMARY KEY AUTOINCREMENT, revoked_at INTEGER);
+        CREATE TABLE gitops_suspensions (agent_id INTEGER, project_id INTEGER,
+                                         suspended_by TEXT, reason TEXT);";
+
+    fn database(path: &Path, schema: &str, rows: &str) {
+        let db = Connection::open(path).unwrap();
+        db.execute_batch(schema).unwrap();
+        db.execute_batch(TOKENS_AND_SUSPENSIONS).unwrap();
+        db.execute_batch(rows).unwrap();
+    }
+
+    /// A backup from before ids were never reused (its `agents` without AUTOINCREMENT) cannot
+    /// keep counting after the ids given since: the report says which ids come back, and no
+    /// counter row is written for such a table (one would sit beside the row migration 12
+    /// writes when it rebuilds the table). Tables that count keep counting.
+    #[test]
+    fn a_backup_whose_tables_give_the_largest_row_plus_one_says_which_ids_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (current, copy) = (dir.path().join("current"), dir.path().join("copy"));
+        database(
+            &current,
+            "CREATE TABLE agents (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT);
+             CREATE TABLE agent_tokens (id INTEGER PRIMARY KEY AUTOINCREMENT, revoked_at INTEGER);",
+            "INSERT INTO agents (id, name) VALUES (1, 'a'), (2, 'b'), (3, 'c'), (4, 'd');
+             INSERT INTO agent_tokens (id) VALUES (1), (2), (3);",
+        );
+        database(
+            &copy,
+            "CREATE TABLE agents (id INTEGER PRIMARY KEY, name TEXT);
+             CREATE TABLE agent_tokens (id INTEGER PRIMARY KEY AUTOINCREMENT, revoked_at INTEGER);",
+            "INSERT INTO agents (id, name) VALUES (1, 'a'), (2, 'b');
+             INSERT INTO agent_tokens (id) VALUES (1);",
+        );
+        let report = adjust_restored_copy(&copy, Some(&current)).unwrap();
+        assert_eq!(report.counters_lost, [("agents".to_owned(), 2, 4)]);
+        assert_eq!(report.counters_kept, [("agent_tokens".to_owned(), 3)]);
+        let db = Connection::open(&copy).unwrap();
+        let rows: i64 = db
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_sequence WHERE name = 'agents'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows, 0);
+    }
 }

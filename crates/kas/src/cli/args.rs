@@ -26,7 +26,8 @@ Exit codes with --wait:
   1  a synchronization failed or an object is not Current (or kas refused the request)
   3  no report within --timeout (kas unreachable meanwhile is waited out until then)
   4  the agent has no GitOps stream for a project (offline, or no replica leads)
-  5  a project's fetch failed or did not finish in 30 s: the newest commit was not fetched
+  5  a project's fetch failed or made no progress for git.fetch_timeout (2 min) plus 5 s:
+     the newest commit was not fetched
      (the last good one is synchronized), or kas refused the agent's newest config.yaml
      (the one in force is used); also without --wait
   6  kas could not record the agent's report (its database refused the write)";
@@ -146,8 +147,9 @@ pub enum StoreCmd {
         to: String,
     },
     /// Write a consistent copy of the configured SQLite database to a new file while kas runs
-    /// (restore: stop kas, put the file at `database.sqlite_path`, start kas). PostgreSQL is
-    /// backed up with pg_dump.
+    /// (restore it with `kas store restore --from FILE`, kas stopped: it keeps ids unique and
+    /// lists what the backup undoes; take one before every upgrade). PostgreSQL is backed up
+    /// with pg_dump.
     #[command(after_help = "Examples:\n  kas store backup --to /backups/kas-$(date +%F).sqlite")]
     Backup {
         /// The file to write (refused if it exists, unless --force).

@@ -45,6 +45,12 @@ fn print_restore_report(r: &tether_store::restore::RestoreReport) -> Result<()> 
     for (table, seq) in &r.counters_kept {
         out!("{table}: ids continue after {seq}, the largest the replaced database gave")?;
     }
+    for (table, largest, given) in &r.counters_lost {
+        eprintln!(
+            "kas: warning: {table}: ids {}–{given}, given after the backup, will be given again: the backup predates ids never being reused (schema migration 12), so its {table} give the largest id plus one; first remove what still uses them (an agent's inventory ConfigMaps and Lease in its cluster, ids in runbooks)",
+            largest + 1
+        );
+    }
     let list = |ids: &[i64]| {
         ids.iter()
             .map(i64::to_string)

@@ -467,10 +467,14 @@ pub async fn run(
         }
     }
     if !wait {
-        progress.line(&format!(
-            "agent {agent_id} asked to synchronize now (reconcile {}); `kas agent status` shows the result",
-            started.resync_id
-        ))?;
+        // Not "asked" when no stream of the agent heard it (exit 4): the lines above say so.
+        let heard = started.projects.iter().any(|t| t.streams > 0);
+        if heard || started.projects.is_empty() {
+            progress.line(&format!(
+                "agent {agent_id} asked to synchronize now (reconcile {}); `kas agent status` shows the result",
+                started.resync_id
+            ))?;
+        }
         return finish(worst);
     }
     let outcome = follow(
