@@ -54,12 +54,13 @@ pub fn check(resp_json: &str) -> Result<AgentConfig, String> {
     Ok(config)
 }
 
-/// Runs the configuration stream until `shutdown`.
+/// Runs the configuration stream until `shutdown`. `other_agent` is cancelled when kas
+/// answers as another agent than at first (the token file now holds another agent's token).
 pub async fn run(
     channel: Channel,
     meta: AgentMeta,
     log: LogHandle,
-    publish: watch::Sender<Option<Arc<Applied>>>,
+    (publish, other_agent): (watch::Sender<Option<Arc<Applied>>>, CancellationToken),
     agent_span: tracing::Span,
     shutdown: CancellationToken,
 ) {
@@ -69,6 +70,8 @@ pub async fn run(
         agent_span,
         last_error: None,
         refused: None,
+        agent_id: None,
+        other_agent,
     };
     tether_configuration_agent::run(channel, &meta, &mut events, shutdown).await;
 }
@@ -83,6 +86,14 @@ struct Apply {
     /// The newest configuration this agent refused (commit, why), until one is applied:
     /// told to kas, which would otherwise record that commit as in force.
     refused: Option<(String, String)>,
+    /// The agent kas first answered as: who this process is.
+    agent_id: Option<i64>,
+    other_agent: CancellationToken,
+}
+
+/// Whether kas now answers as another agent than the one this process runs as (pure).
+fn another_agent(was: Option<i64>, now: i64) -> Option<i64> {
+    was.filter(|&was| was != now)
 }
 
 impl StreamEvents for Apply {
@@ -122,6 +133,20 @@ impl StreamEvents for Apply {
 
     fn received(&mut self, resp: ConfigurationResponse) {
         self.last_error = None;
+        // A token of another agent put in the token file: this process's modules, Lease and
+        // inventories are the first agent's, and would go on under the other one's name (its
+        // reports shown as the other's, its objects failing at the next restart). Not taken:
+        // agentk stops, and starts again (its Pod restarted) as that agent.
+        if let Some(was) = another_agent(self.agent_id, resp.agent_id) {
+            tracing::error!(
+                agent_id = was,
+                new_agent_id = resp.agent_id,
+                "The agent token file now holds a token of another agent: agentk stops, to start again as that agent"
+            );
+            self.other_agent.cancel();
+            return;
+        }
+        self.agent_id = Some(resp.agent_id);
         self.agent_span.record("agent_id", resp.agent_id);
         if !resp.error.is_empty() {
             tracing::error!(commit_id = %resp.commit_id, error = %resp.error, "kas refused the agent configuration at this commit; the last good configuration stays in force");
@@ -136,6 +161,14 @@ impl StreamEvents for Apply {
             }
         };
         self.refused = None;
+        let same = self.publish.borrow().as_deref().is_some_and(|a| {
+            a.agent_id == resp.agent_id && a.commit_id == resp.commit_id && a.config == config
+        });
+        if same {
+            // Sent again after a token rotation (kas is asked afresh then): nothing changes.
+            tracing::debug!(commit_id = %resp.commit_id, "Agent configuration unchanged");
+            return;
+        }
         tracing::info!(
             commit_id = %resp.commit_id,
             project_path = %resp.project_path,
@@ -178,6 +211,13 @@ mod tests {
         ]);
         let e = check(&v.to_string()).expect_err("bad namespace");
         assert!(e.contains("default_namespace"), "{e}");
+    }
+
+    #[test]
+    fn only_an_answer_as_another_agent_than_the_first_is_another_agent() {
+        assert_eq!(another_agent(None, 7), None);
+        assert_eq!(another_agent(Some(7), 7), None);
+        assert_eq!(another_agent(Some(7), 8), Some(7));
     }
 
     #[test]

@@ -406,17 +406,27 @@ async fn run(cli: Cli) -> Result<()> {
         },
     );
     let span = agent_span.clone();
+    let other_agent = CancellationToken::new();
+    let to_stop = (config_tx, other_agent.clone());
     modules.start(
         "configuration",
         tracing::info_span!(parent: &agent_span, "configuration", mod_name = "agent_configuration"),
-        |stop| configuration::run(channel, meta, log, config_tx, span, stop),
+        |stop| configuration::run(channel, meta, log, to_stop, span, stop),
     );
 
-    wait_for_termination().await?;
+    let another = tokio::select! {
+        r = wait_for_termination() => { r?; false }
+        () = other_agent.cancelled() => true,
+    };
     tracing::info!("agentk is stopping");
     modules.allow("tunnel", cli.tunnel_drain_timeout);
     modules.stop(STOP_DEADLINE).await;
     tracing::info!("agentk stopped");
+    if another {
+        anyhow::bail!(
+            "the agent token file now holds a token of another agent: start agentk again to run as that agent"
+        );
+    }
     Ok(())
 }
 

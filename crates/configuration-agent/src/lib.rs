@@ -61,6 +61,10 @@ pub async fn run(
     let backoff = backoff();
     let mut failures = 0u32;
     let mut rotations = meta.token.changes();
+    // After a token change, the next opening asks for the configuration whatever commit is in
+    // force: the new token may be another agent's, whose configuration at that same commit
+    // kas would otherwise not send, and the owner would never learn who it now is.
+    let mut rotated = false;
     loop {
         if failures > 0 {
             tokio::select! {
@@ -69,7 +73,12 @@ pub async fn run(
             }
         }
         rotations.borrow_and_update();
-        let req = request(meta, events.commit_in_force(), events.refusal());
+        let in_force = if rotated {
+            String::new()
+        } else {
+            events.commit_in_force()
+        };
+        let req = request(meta, in_force, events.refusal());
         let opened = tokio::select! {
             r = client.get_configuration(req) => r,
             () = shutdown.cancelled() => return,
@@ -87,7 +96,10 @@ pub async fn run(
             let msg = tokio::select! {
                 m = stream.message() => m,
                 // A new agent token: reopen with it, so the old one can be revoked.
-                Ok(()) = rotations.changed() => break,
+                Ok(()) = rotations.changed() => {
+                    rotated = true;
+                    break;
+                }
                 () = shutdown.cancelled() => {
                     events.closed();
                     return;
@@ -96,6 +108,7 @@ pub async fn run(
             match msg {
                 Ok(Some(r)) => {
                     failures = 0;
+                    rotated = false;
                     let commit = r.commit_id.clone();
                     events.received(r);
                     if events

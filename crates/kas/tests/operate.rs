@@ -517,6 +517,48 @@ async fn suspend_holds_through_a_commit_a_drift_and_restarts_and_resume_applies(
     assert_eq!(listed[0]["suspensions"], serde_json::json!([]));
 }
 
+/// A token of another agent put in the token file (a Secret updated with the wrong agent's
+/// token, or an agent deleted and registered again without restarting agentk): agentk must not
+/// go on as the first agent under the other's name (its Lease and inventories are the first
+/// agent's; its reports were shown as the other's, whose objects then failed at the next
+/// restart). It says so and exits non-zero, so that its Pod starts again as the other agent;
+/// nothing of the first agent's is pruned meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_another_agent_in_the_token_file_makes_agentk_exit_to_start_again_as_it() {
+    let (mut rig, ns, _c1) = configmap_rig("otheragent").await;
+    let other = rig.kas.admin.register_agent("group/config", "other").await;
+    let other = other.unwrap();
+    let config = ".gitlab/agents/other/config.yaml";
+    rig.config
+        .commit(&[(config, Some(b"ci_access: {}\n".as_slice()))], "other");
+    let token_file = rig._dir.path().join("seed.token");
+    std::fs::write(&token_file, format!("{}\n", other.token)).unwrap();
+    let said = "The agent token file now holds a token of another agent";
+    agent_logged(&rig.agent, "agentk to see the other agent", said).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !rig.agent.exited() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agentk did not exit: {}",
+            rig.agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = rig.agent.log();
+    assert!(
+        log.contains("agentk: the agent token file now holds a token of another agent"),
+        "{log}"
+    );
+    // Nothing ran as the other agent (its id is only in the line saying why agentk stops).
+    let as_other = format!("\"agent_id\":{}", other.agent_id);
+    assert!(!log.contains(&as_other), "{log}");
+    assert_eq!(
+        value(&rig.env, &ns, "app"),
+        "v1",
+        "the first agent's object"
+    );
+}
+
 /// A suspension names its project by path; the configuration may name the same project by its
 /// numeric id. kas matches them by the project: the entry is held (a commit there waits), kas
 /// says it is `suspended` (so a newer commit waiting is no stall), and resuming applies it.
