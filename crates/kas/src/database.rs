@@ -162,18 +162,32 @@ pub async fn copy(from: &DatabaseLocation, to: &DatabaseLocation) -> Result<Vec<
     if !path.is_file() {
         bail!("{from}: no such database file");
     }
-    let source = SqliteStore::open(path)
+    // A snapshot of the file is brought up to date and read, never the file itself: `--from`
+    // is often a backup or the database of the kas being replaced, which must stay a way back
+    // (migrated in place, the older kas could no longer start on it).
+    let snapshot =
+        std::env::temp_dir().join(format!("kas-store-copy-{}.sqlite", std::process::id()));
+    let _ = std::fs::remove_file(&snapshot);
+    let copied = copy_snapshot(path, &snapshot, url).await;
+    for leftover in [snapshot.clone(), snapshot.with_extension("sqlite-journal")] {
+        let _ = std::fs::remove_file(leftover);
+    }
+    copied.with_context(|| format!("copying {from} to {to}"))
+}
+
+/// [`copy`] through `snapshot`, a copy of the SQLite file at `path` made first.
+async fn copy_snapshot(path: &Path, snapshot: &Path, url: &str) -> Result<Vec<TableCount>> {
+    tether_store::backup::sqlite_snapshot(path, snapshot)
         .await
-        .with_context(|| format!("opening {from}"))?;
-    let target = PgStore::connect(url)
+        .with_context(|| format!("taking a snapshot of {}", path.display()))?;
+    let source = SqliteStore::open(snapshot)
         .await
-        .with_context(|| format!("opening {to}"))?;
-    let copied = tether_store::copy::sqlite_to_postgres(&source, &target)
-        .await
-        .with_context(|| format!("copying {from} to {to}"));
+        .context("opening the snapshot")?;
+    let target = PgStore::connect(url).await.context("opening the target")?;
+    let copied = tether_store::copy::sqlite_to_postgres(&source, &target).await;
     source.close().await;
     target.close().await;
-    copied
+    Ok(copied?)
 }
 
 /// What `kas store backup` wrote.

@@ -122,8 +122,21 @@ async fn a_sqlite_kas_copied_to_postgres_keeps_its_agents_tokens() {
         text(&migrated)
     );
 
+    // The source as the kas before the newest migration left it: the copy must not migrate it
+    // (it is often the backup or the database to go back to).
+    let db = sqlite_kas.dir.join("data/kas.sqlite");
+    let undo = "ALTER TABLE agent_tokens DROP COLUMN last_used_at; \
+                DELETE FROM _sqlx_migrations WHERE version = 14;";
+    let undone = Command::new("sqlite3").arg(&db).arg(undo).output().unwrap();
+    assert!(undone.status.success(), "{}", text(&undone));
+    let before = std::fs::read(&db).unwrap();
+
     let copied = kas_cli(&["store", "copy", "--from", &sqlite, "--to", &url]);
     assert!(copied.status.success(), "{}", text(&copied));
+    assert!(
+        std::fs::read(&db).unwrap() == before,
+        "the source was changed"
+    );
     let out = text(&copied);
     let count = |table: &str| -> Option<u64> {
         out.lines().find_map(|l| {
