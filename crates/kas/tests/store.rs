@@ -414,6 +414,8 @@ async fn a_restore_keeps_ids_counting_and_says_what_it_undoes() {
         .register_agent("group/app", "first")
         .await
         .unwrap();
+    let gone = kas.admin.register_agent("group/app", "gone").await;
+    let gone = gone.unwrap();
     let backup = dir.path().join("kas-backup.sqlite");
     let out = kas
         .cli()
@@ -433,6 +435,7 @@ async fn a_restore_keeps_ids_counting_and_says_what_it_undoes() {
         .await
         .unwrap();
     kas.admin.revoke_token(first.token_id).await.unwrap();
+    kas.admin.delete_agent(gone.agent_id).await.unwrap();
     let suspend = tether_kas_api::SuspendRequest {
         reason: "incident 7".into(),
         ..Default::default()
@@ -466,6 +469,14 @@ async fn a_restore_keeps_ids_counting_and_says_what_it_undoes() {
         stderr.contains(&format!(
             "agent tokens revoked after the backup are active again: {}",
             first.token_id
+        )),
+        "{stderr}"
+    );
+    // A deleted agent comes back with its token, as a revoked token does.
+    assert!(
+        stderr.contains(&format!(
+            "agents deleted after the backup are back: {} (delete them again: kas agent delete ID), with their agent tokens {} ",
+            gone.agent_id, gone.token_id
         )),
         "{stderr}"
     );

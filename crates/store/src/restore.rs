@@ -27,6 +27,17 @@ pub struct RestoreReport {
     pub revived_user_tokens: Vec<i64>,
     /// Suspensions made since the backup, gone (agent id, project id, by, reason).
     pub lost_suspensions: Vec<(i64, i64, String, String)>,
+    /// Agents deleted since the backup, back with it: their ids, and the ids of their agent
+    /// tokens and personal access tokens active again.
+    pub revived_agents: RevivedAgents,
+}
+
+/// Agents the restore brings back: deleted since the backup (deleting revoked their tokens).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RevivedAgents {
+    pub agents: Vec<i64>,
+    pub tokens: Vec<i64>,
+    pub user_tokens: Vec<i64>,
 }
 
 /// Why a restore could not be prepared.
@@ -43,6 +54,8 @@ pub enum RestoreError {
 #[derive(Debug, Default)]
 struct Since {
     counters: Vec<(String, i64)>,
+    /// The agents the database has.
+    agents: Vec<i64>,
     revoked_tokens: Vec<i64>,
     revoked_user_tokens: Vec<i64>,
     suspensions: Vec<(i64, i64, String, String)>,
@@ -99,6 +112,7 @@ pub fn adjust_restored_copy(
             report.counters_kept.push((table.clone(), *seq));
         }
     }
+    report.revived_agents = revived_agents(&restored, &since)?;
     report.revived_tokens = still_active(&restored, "agent_tokens", &since.revoked_tokens)?;
     report.revived_user_tokens =
         still_active(&restored, "user_tokens", &since.revoked_user_tokens)?;
@@ -126,6 +140,7 @@ fn read_since(current: &Path) -> Result<Since, rusqlite::Error> {
     since.counters = q
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
+    since.agents = ids(&db, "SELECT id FROM agents")?;
     since.revoked_tokens = ids(
         &db,
         "SELECT id FROM agent_tokens WHERE revoked_at IS NOT NULL",
@@ -181,6 +196,38 @@ fn counting(restored: &Connection, table: &str) -> Result<Counting, rusqlite::Er
     )?))
 }
 
+/// The agents of the restored copy the database used since gave an id to and deleted (ids are
+/// never given twice): with the backup they come back, and their tokens work again.
+fn revived_agents(restored: &Connection, since: &Since) -> Result<RevivedAgents, rusqlite::Error> {
+    let given = since
+        .counters
+        .iter()
+        .find(|(t, _)| t == "agents")
+        .map_or(0, |(_, seq)| *seq);
+    let agents: Vec<i64> = ids(restored, "SELECT id FROM agents ORDER BY id")?
+        .into_iter()
+        .filter(|id| *id <= given && !since.agents.contains(id))
+        .collect();
+    let active = |table: &str| -> Result<Vec<i64>, rusqlite::Error> {
+        let sql = format!(
+            "SELECT id FROM {table} WHERE revoked_at IS NULL AND agent_id = ?1 ORDER BY id"
+        );
+        let mut q = restored.prepare(&sql)?;
+        let mut out = Vec::new();
+        for agent in &agents {
+            for id in q.query_map([agent], |r| r.get(0))? {
+                out.push(id?);
+            }
+        }
+        Ok(out)
+    };
+    Ok(RevivedAgents {
+        tokens: active("agent_tokens")?,
+        user_tokens: active("user_tokens")?,
+        agents,
+    })
+}
+
 /// Those of `revoked` that `table` of the restored copy has, not revoked.
 fn still_active(
     restored: &Connection,
@@ -204,7 +251,8 @@ mod tests {
     use super::*;
 
     const TOKENS_AND_SUSPENSIONS: &str = "\
-        CREATE TABLE user_tokens (id INTEGER PRIMARY KEY AUTOINCREMENT, revoked_at INTEGER);
+        CREATE TABLE user_tokens (id INTEGER PRIMARY KEY AUTOINCREMENT, agent_id INTEGER,
+                                  revoked_at INTEGER);
         CREATE TABLE gitops_suspensions (agent_id INTEGER, project_id INTEGER,
                                          suspended_by TEXT, reason TEXT);";
 
@@ -226,14 +274,14 @@ mod tests {
         database(
             &current,
             "CREATE TABLE agents (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT);
-             CREATE TABLE agent_tokens (id INTEGER PRIMARY KEY AUTOINCREMENT, revoked_at INTEGER);",
+             CREATE TABLE agent_tokens (id INTEGER PRIMARY KEY AUTOINCREMENT, agent_id INTEGER, revoked_at INTEGER);",
             "INSERT INTO agents (id, name) VALUES (1, 'a'), (2, 'b'), (3, 'c'), (4, 'd');
              INSERT INTO agent_tokens (id) VALUES (1), (2), (3);",
         );
         database(
             &copy,
             "CREATE TABLE agents (id INTEGER PRIMARY KEY, name TEXT);
-             CREATE TABLE agent_tokens (id INTEGER PRIMARY KEY AUTOINCREMENT, revoked_at INTEGER);",
+             CREATE TABLE agent_tokens (id INTEGER PRIMARY KEY AUTOINCREMENT, agent_id INTEGER, revoked_at INTEGER);",
             "INSERT INTO agents (id, name) VALUES (1, 'a'), (2, 'b');
              INSERT INTO agent_tokens (id) VALUES (1);",
         );
@@ -249,5 +297,47 @@ mod tests {
             )
             .unwrap();
         assert_eq!(rows, 0);
+    }
+
+    const COUNTING: &str = "\
+        CREATE TABLE agents (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT);
+        CREATE TABLE agent_tokens (id INTEGER PRIMARY KEY AUTOINCREMENT, agent_id INTEGER,
+                                   revoked_at INTEGER);";
+
+    /// An agent deleted since the backup (deleting revoked its tokens) comes back with it:
+    /// the report names it and its tokens active again, as it names revocations made since.
+    /// An agent the database used since never had (a backup of more agents restored into a
+    /// new installation) is not called deleted.
+    #[test]
+    fn agents_deleted_since_the_backup_are_named_with_their_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (current, copy) = (dir.path().join("current"), dir.path().join("copy"));
+        database(
+            &current,
+            COUNTING,
+            "INSERT INTO agents (id, name) VALUES (2, 'b'), (3, 'c');
+             INSERT INTO agent_tokens (id, agent_id) VALUES (1, 2), (2, 3);
+             DELETE FROM sqlite_sequence WHERE name = 'agents';
+             INSERT INTO sqlite_sequence (name, seq) VALUES ('agents', 3);",
+        );
+        database(
+            &copy,
+            COUNTING,
+            "INSERT INTO agents (id, name) VALUES (1, 'a'), (2, 'b');
+             INSERT INTO agent_tokens (id, agent_id) VALUES (1, 2), (3, 1);
+             INSERT INTO user_tokens (id, agent_id) VALUES (5, 1);",
+        );
+        let report = adjust_restored_copy(&copy, Some(&current)).unwrap();
+        let revived = RevivedAgents {
+            agents: vec![1],
+            tokens: vec![3],
+            user_tokens: vec![5],
+        };
+        assert_eq!(report.revived_agents, revived);
+
+        let new = dir.path().join("new");
+        database(&new, COUNTING, "");
+        let report = adjust_restored_copy(&copy, Some(&new)).unwrap();
+        assert_eq!(report.revived_agents, RevivedAgents::default());
     }
 }

@@ -41,6 +41,11 @@ fn newer_schema_note(location: &impl std::fmt::Display, newer: &[i64]) -> String
 
 /// What a restore changed and undid: counters kept (stdout), revocations and suspensions
 /// undone (stderr: each must be done again).
+/// "none" for an empty list.
+fn or_none(list: &str) -> &str {
+    if list.is_empty() { "none" } else { list }
+}
+
 fn print_restore_report(r: &tether_store::restore::RestoreReport) -> Result<()> {
     for (table, seq) in &r.counters_kept {
         out!("{table}: ids continue after {seq}, the largest the replaced database gave")?;
@@ -57,6 +62,15 @@ fn print_restore_report(r: &tether_store::restore::RestoreReport) -> Result<()> 
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let back = &r.revived_agents;
+    if !back.agents.is_empty() {
+        eprintln!(
+            "kas: warning: agents deleted after the backup are back: {} (delete them again: kas agent delete ID), with their agent tokens {} and personal access tokens {} active again",
+            list(&back.agents),
+            or_none(&list(&back.tokens)),
+            or_none(&list(&back.user_tokens))
+        );
+    }
     if !r.revived_tokens.is_empty() {
         eprintln!(
             "kas: warning: agent tokens revoked after the backup are active again: {} (revoke them again: kas token revoke ID)",
