@@ -196,6 +196,15 @@ async fn user_token_revoke_of_an_unknown_id_fails_naming_it() {
     assert!(stdout.is_empty(), "{stdout}");
     let o = revoke(pat.token_id);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // In words, as `kas token revoke` says it (it printed the API's JSON).
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        stdout.trim(),
+        format!(
+            "personal access token {} revoked (was active: true, requests ended: 0)",
+            pat.token_id
+        )
+    );
 }
 
 /// `kas project add` with a local remote that does not exist on kas's host (a typo) fails

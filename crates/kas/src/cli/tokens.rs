@@ -110,7 +110,13 @@ pub async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -
         }
         UserTokenCmd::Revoke { token_id } => {
             let r = c.revoke_user_token(*token_id).await?;
-            out!("{r}")?;
+            // In words, as `kas token revoke` (it printed the API's JSON answer).
+            out!(
+                "personal access token {} revoked (was active: {}, requests ended: {})",
+                r["token_id"].as_i64().unwrap_or(*token_id),
+                r["was_active"].as_bool().unwrap_or(false),
+                r["requests_ended"].as_u64().unwrap_or(0)
+            )?;
             not_told(r["replicas_not_told"].as_str())?;
         }
     }
