@@ -709,9 +709,12 @@ impl Worker {
         if stop.is_cancelled() || !sync.schedule.is_due(Instant::now(), running) {
             return;
         }
+        let source = self.source();
+        let due = sync.schedule.current().map(|c| c.id.clone());
         let blocker = depends::blocker(
             &self.project.depends_on,
             &self.board_seen.borrow_and_update(),
+            due.as_deref().map(|commit| (source.as_str(), commit)),
         );
         if let Some(reason) = blocker {
             self.wait_for_dependencies(reason, sync, reports, stop)
@@ -788,6 +791,12 @@ impl Worker {
         self.report(report, reports, stop).await;
     }
 
+    /// The project and ref this worker follows, as [`depends::Readiness::ReadyAt`] compares
+    /// them: entries with the same one get the same commits.
+    fn source(&self) -> String {
+        format!("{}@{:?}", self.project.id, self.project.git_ref)
+    }
+
     /// Tells the entries that depend on this one how it stands (a no-op when unchanged, so
     /// that they are woken only by news).
     fn publish(&self, sync: &SyncState) {
@@ -801,6 +810,7 @@ impl Worker {
             newest: sync.schedule.current().map(|c| c.id.as_str()),
             last: sync.last.as_ref(),
             running: sync.running.is_some(),
+            source: Some(&self.source()),
         });
         self.board.send_if_modified(|b| {
             if b.get(&self.identity) == Some(&now) {

@@ -4154,6 +4154,67 @@ async fn an_entry_waits_for_its_dependency_to_be_current_then_applies() {
     );
 }
 
+/// Two entries of one project (a monorepo), `apps` depending on `infra`: a commit changing
+/// both reaches the two entries' streams at slightly different moments. `apps` must not apply
+/// it before `infra` has synchronized it, and not at all when `infra` fails on it. It applied
+/// it first whenever its stream got the commit first (2 runs in 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monorepo_commit_reaching_the_dependant_first_waits_for_the_dependency() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("dep-mono").unwrap();
+    let entry = format!(
+        "    name: infra\n    paths:\n    - glob: '/infra/*.yaml'\n  - id: group/manifests\n    name: apps\n    default_namespace: {ns}\n    paths:\n    - glob: '/apps/*.yaml'\n    depends_on: ['group/manifests#infra']\n"
+    );
+    let (infra, apps) = (configmap("infra", &ns, "1"), configmap("app", &ns, "1"));
+    let initial = [
+        ("infra/infra.yaml", Some(&infra[..])),
+        ("apps/app.yaml", Some(&apps[..])),
+    ];
+    let (rig, c1) = two_folder_rig(env, &ns, &entry, &initial).await;
+    entry_report(&rig, "group/manifests#apps", &c1, "apps applied", |s| {
+        s.outcome == ReportedOutcome::Succeeded
+    })
+    .await;
+    // Infrastructure that cannot apply: a namespace that does not exist.
+    let broken = configmap("infra", &format!("{ns}-missing"), "x");
+    for round in 2..5 {
+        let value = round.to_string();
+        let app = configmap("app", &ns, &value);
+        let commit = rig.manifests.commit(
+            &[
+                ("infra/infra.yaml", Some(&broken[..])),
+                ("apps/app.yaml", Some(&app[..])),
+            ],
+            "infra and apps",
+        );
+        let failed = entry_report(
+            &rig,
+            "group/manifests#infra",
+            &commit,
+            "infra failing",
+            |s| s.outcome == ReportedOutcome::Failed,
+        )
+        .await;
+        assert!(!failed.error.is_empty(), "{failed:?}");
+        let cm = get_json(&rig.env, &["get", "configmap", "app", "-n", &ns]).unwrap();
+        assert_ne!(
+            cm["data"]["value"], value,
+            "round {round}: apps applied the commit its dependency failed on"
+        );
+        let fixed = configmap("infra", &ns, &value);
+        let commit = rig
+            .manifests
+            .commit(&[("infra/infra.yaml", Some(&fixed[..]))], "infra fixed");
+        entry_report(&rig, "group/manifests#apps", &commit, "apps applied", |s| {
+            s.outcome == ReportedOutcome::Succeeded
+        })
+        .await;
+        let cm = get_json(&rig.env, &["get", "configmap", "app", "-n", &ns]).unwrap();
+        assert_eq!(cm["data"]["value"], value, "round {round}");
+    }
+}
+
 /// A dependant of an entry whose sync fails applies nothing and says so, naming the
 /// dependency and its error, in `kas agent status`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,13 @@ use tether_gitops_agent::sync::{ObjectState, SyncOutcome};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Readiness {
     Ready,
+    /// Ready, at this commit of this source (the project and ref its worker follows): an
+    /// entry of the same source waits until its dependency is ready at the commit it is about
+    /// to apply (the streams of two entries get a new commit at slightly different moments).
+    ReadyAt {
+        source: String,
+        commit: String,
+    },
     /// Why not, as a clause following "waiting for dependency X: ".
     NotReady(String),
 }
@@ -89,6 +96,8 @@ pub(super) struct Facts<'a> {
     pub last: Option<&'a LastSync>,
     /// A synchronization is under way.
     pub running: bool,
+    /// The project and ref the worker follows (see [`Readiness::ReadyAt`]).
+    pub source: Option<&'a str>,
 }
 
 fn short(commit: &str) -> &str {
@@ -145,14 +154,39 @@ pub(super) fn readiness(f: &Facts<'_>) -> Readiness {
         }
         return not(format!("objects of commit {at} are not Current: {list}"));
     }
-    Readiness::Ready
+    match f.source {
+        Some(source) => Readiness::ReadyAt {
+            source: source.to_owned(),
+            commit: newest.to_owned(),
+        },
+        None => Readiness::Ready,
+    }
 }
 
 /// Why an entry depending on `depends_on` may not apply now (the first dependency not ready,
-/// named as the configuration writes it); `None` when all are ready.
-pub(super) fn blocker(depends_on: &[EntryRef], board: &Board) -> Option<String> {
+/// named as the configuration writes it); `None` when all are ready. `mine` is the source and
+/// commit the entry is about to apply: a dependency following the same source must be ready
+/// at that commit (a monorepo commit reaching the dependant's stream first was applied before
+/// the dependency had even seen it).
+pub(super) fn blocker(
+    depends_on: &[EntryRef],
+    board: &Board,
+    mine: Option<(&str, &str)>,
+) -> Option<String> {
     depends_on.iter().find_map(|dep| {
+        let behind;
         let why = match board.get(&dep.identity()) {
+            Some(Readiness::ReadyAt { source, commit }) => match mine {
+                Some((s, c)) if s == source && c != commit => {
+                    behind = format!(
+                        "it is ready at commit {}, not yet at commit {} (both follow the same ref)",
+                        short(commit),
+                        short(c)
+                    );
+                    behind.as_str()
+                }
+                _ => return None,
+            },
             Some(Readiness::Ready) => return None,
             Some(Readiness::NotReady(why)) => why.as_str(),
             // Validation refuses such an id; this covers a worker not (yet) running.
@@ -193,7 +227,7 @@ mod tests {
 
     fn why(r: Readiness) -> String {
         match r {
-            Readiness::Ready => "ready".to_owned(),
+            Readiness::Ready | Readiness::ReadyAt { .. } => "ready".to_owned(),
             Readiness::NotReady(why) => why,
         }
     }
@@ -345,20 +379,20 @@ mod tests {
         board.insert("group/crds".to_owned(), Readiness::Ready);
         board.insert("42".to_owned(), not_synchronized());
         assert_eq!(
-            blocker(&deps, &board).as_deref(),
+            blocker(&deps, &board, None).as_deref(),
             Some("waiting for dependency 42: it has not synchronized yet")
         );
         board.insert("42".to_owned(), Readiness::Ready);
-        assert_eq!(blocker(&deps, &board), None);
+        assert_eq!(blocker(&deps, &board, None), None);
         board.remove("group/crds");
         assert_eq!(
-            blocker(&deps, &board).as_deref(),
+            blocker(&deps, &board, None).as_deref(),
             Some(
                 "waiting for dependency Group/CRDs: it is not running (not an entry of the \
                  configuration in force)"
             )
         );
-        assert_eq!(blocker(&[], &board), None);
+        assert_eq!(blocker(&[], &board, None), None);
     }
 
     /// Two entries of one project are told apart by name: the named one's readiness is its
@@ -374,10 +408,55 @@ mod tests {
         board.insert("group/fleet#apps".to_owned(), Readiness::Ready);
         board.insert("group/fleet#infra".to_owned(), not_synchronized());
         assert_eq!(
-            blocker(std::slice::from_ref(&infra), &board).as_deref(),
+            blocker(std::slice::from_ref(&infra), &board, None).as_deref(),
             Some("waiting for dependency Group/Fleet#infra: it has not synchronized yet")
         );
         board.insert("group/fleet#infra".to_owned(), Readiness::Ready);
-        assert_eq!(blocker(&[infra], &board), None);
+        assert_eq!(blocker(&[infra], &board, None), None);
+    }
+
+    /// A commit of a project both entries follow reaches the dependant's stream first: the
+    /// dependency, ready at the commit before, is not ready for this one. One following
+    /// another source (another project, another ref) is ready at whatever commit.
+    #[test]
+    fn a_dependency_of_the_same_source_must_be_ready_at_the_commit_to_apply() {
+        let infra = EntryRef {
+            project: ProjectRef::Path("group/fleet".to_owned()),
+            name: Some("infra".to_owned()),
+        };
+        let ready_at = |source: &str, commit: &str| Readiness::ReadyAt {
+            source: source.to_owned(),
+            commit: commit.to_owned(),
+        };
+        let mut board = Board::new();
+        board.insert("group/fleet#infra".to_owned(), ready_at("fleet@main", C1));
+        let deps = std::slice::from_ref(&infra);
+        assert_eq!(
+            blocker(deps, &board, Some(("fleet@main", C2))).as_deref(),
+            Some(
+                "waiting for dependency group/fleet#infra: it is ready at commit 11111111, not yet \
+                 at commit 22222222 (both follow the same ref)"
+            )
+        );
+        assert_eq!(blocker(deps, &board, Some(("fleet@main", C1))), None);
+        assert_eq!(blocker(deps, &board, Some(("fleet@v1", C2))), None);
+        assert_eq!(blocker(deps, &board, None), None);
+
+        let facts = Facts {
+            newest: Some(C2),
+            source: Some("fleet@main"),
+            ..Facts::default()
+        };
+        let last = LastSync {
+            commit: C2.to_owned(),
+            error: None,
+            not_current: Vec::new(),
+            dry_run: false,
+        };
+        let facts = Facts {
+            last: Some(&last),
+            ..facts
+        };
+        assert_eq!(readiness(&facts), ready_at("fleet@main", C2));
     }
 }
