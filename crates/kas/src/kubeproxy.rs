@@ -460,9 +460,11 @@ fn config_unknown(agent_id: i64, several: bool) -> String {
              has not stored its configuration yet; retry in a few seconds"
         )
     } else {
+        // Connected with every configuration refused (an agentk newer than the file) reads the
+        // same: "has not connected" alone sent people looking at the network.
         format!(
-            "agent {agent_id} has not connected since kas started: its configuration is not \
-             known yet"
+            "agent {agent_id} has no configuration in force: it has not connected since kas \
+             started, or it refused the configuration kas sent (kas agent status says why)"
         )
     }
 }
@@ -1450,6 +1452,21 @@ fn _executor() -> TokioExecutor {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A connected agent that refused every configuration kas sent has none in force either:
+    /// the answer does not say only that it has not connected.
+    #[test]
+    fn an_unknown_configuration_names_a_refusal_as_a_cause() {
+        let one = config_unknown(7, false);
+        assert!(
+            one.starts_with("agent 7 has no configuration in force"),
+            "{one}"
+        );
+        assert!(
+            one.contains("or it refused the configuration kas sent"),
+            "{one}"
+        );
+    }
 
     /// Only a JSON watch takes the closing event: a protobuf watch's frames, or a plain
     /// answer, cannot.
