@@ -1110,7 +1110,7 @@ async fn a_deleted_agents_id_and_configuration_do_not_pass_to_the_next_agent() {
     let let_in = "let in by the deleted agent's user_access";
     assert!(!out.status.success(), "{let_in}: {}", text(&out));
     assert!(
-        text(&out).contains("configuration is not known"),
+        text(&out).contains("has no configuration in force"),
         "{}",
         text(&out)
     );
