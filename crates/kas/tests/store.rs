@@ -19,6 +19,21 @@ fn on_postgres(url: &str) -> KasOptions {
     }
 }
 
+/// The newest schema migration, which [`undo_the_newest_migration`] undoes.
+const NEWEST_MIGRATION: i64 = 14;
+
+/// Turns the SQLite database at `db` back into what the kas before the newest migration (0014,
+/// `agent_tokens.last_used_at`) left: an older installation. A newer migration needs its own
+/// undo here.
+fn undo_the_newest_migration(db: &std::path::Path) {
+    let undo = format!(
+        "ALTER TABLE agent_tokens DROP COLUMN last_used_at; \
+         DELETE FROM _sqlx_migrations WHERE version = {NEWEST_MIGRATION};"
+    );
+    let undone = Command::new("sqlite3").arg(db).arg(&undo).output().unwrap();
+    assert!(undone.status.success(), "{}", text(&undone));
+}
+
 /// Runs `kas` with these arguments to completion.
 fn kas_cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kas"))
@@ -125,10 +140,7 @@ async fn a_sqlite_kas_copied_to_postgres_keeps_its_agents_tokens() {
     // The source as the kas before the newest migration left it: the copy must not migrate it
     // (it is often the backup or the database to go back to).
     let db = sqlite_kas.dir.join("data/kas.sqlite");
-    let undo = "ALTER TABLE agent_tokens DROP COLUMN last_used_at; \
-                DELETE FROM _sqlx_migrations WHERE version = 14;";
-    let undone = Command::new("sqlite3").arg(&db).arg(undo).output().unwrap();
-    assert!(undone.status.success(), "{}", text(&undone));
+    undo_the_newest_migration(&db);
     let before = std::fs::read(&db).unwrap();
 
     let copied = kas_cli(&["store", "copy", "--from", &sqlite, "--to", &url]);
@@ -701,21 +713,8 @@ async fn kas_logs_the_schema_it_creates_migrates_or_finds_up_to_date() {
     kas.stop();
 
     // The database as the kas before the newest migration left it.
-    assert_eq!(
-        newest, 14,
-        "undo the newest migration above instead of 0014"
-    );
-    let undo = format!(
-        "ALTER TABLE agent_tokens DROP COLUMN last_used_at; \
-         DELETE FROM _sqlx_migrations WHERE version = {newest};"
-    );
-    let db = kas.dir.join("data/kas.sqlite");
-    let undone = Command::new("sqlite3")
-        .arg(&db)
-        .arg(&undo)
-        .output()
-        .unwrap();
-    assert!(undone.status.success(), "{}", text(&undone));
+    assert_eq!(newest, NEWEST_MIGRATION, "{}", kas.log());
+    undo_the_newest_migration(&kas.dir.join("data/kas.sqlite"));
     kas.restart().await;
     let migrated = said(
         &kas,
