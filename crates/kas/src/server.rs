@@ -931,6 +931,10 @@ async fn start_agent_listener(
         limits: limits.connections(),
         events: Arc::new(sh.listener_metrics.events("agent")),
         auth_timeout: Some(cfg.agent.authentication_timeout),
+        max_age: Some(tether_transport::max_age::MaxAge {
+            age: cfg.agent.max_connection_age,
+            grace: cfg.agent.max_connection_age_grace,
+        }),
     };
     let service = ReverseTunnelServer::new(TunnelService::new(
         Arc::clone(&sh.registry),
@@ -942,8 +946,9 @@ async fn start_agent_listener(
         .initial_connection_window_size(tether_transport::CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(cfg.agent.keepalive_interval))
         .http2_keepalive_timeout(Some(cfg.agent.keepalive_timeout))
+        // The age alone: tonic then sends GOAWAY at it; the grace is kept by the listener
+        // (tether_transport::max_age), as tonic given both sends no GOAWAY at all.
         .max_connection_age(cfg.agent.max_connection_age)
-        .max_connection_age_grace(cfg.agent.max_connection_age_grace)
         .max_concurrent_streams(cfg.agent.max_streams_per_connection)
         .add_service(service)
         .add_service(services.configuration.into_server())

@@ -19,6 +19,7 @@ mod auth_deadline;
 mod client;
 mod gate;
 pub mod limits;
+pub mod max_age;
 mod proxy;
 mod server;
 mod sniff;

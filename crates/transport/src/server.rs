@@ -17,11 +17,13 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::AbortHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
 use crate::auth_deadline::{AuthDeadline, AuthProof};
 use crate::gate::{Admission, Gate};
 use crate::limits::{CloseReason, ConnectionLimits, ListenerEvents, NoEvents};
+use crate::max_age::{MaxAge, Rotation};
 use crate::ws::{WS_SUBPROTOCOL, WsIo, ws_config};
 use crate::{BoxIo, Error, Result, Scheme, ServerTls};
 
@@ -42,6 +44,8 @@ pub struct AgentConnectInfo {
     remote_addr: SocketAddr,
     scheme: Scheme,
     proof: Arc<AuthProof>,
+    /// Cancelled when kas rotates the connection ([`crate::max_age`]).
+    moving: CancellationToken,
 }
 
 impl AgentConnectInfo {
@@ -50,7 +54,15 @@ impl AgentConnectInfo {
             remote_addr,
             scheme,
             proof: Arc::default(),
+            moving: CancellationToken::new(),
         }
+    }
+
+    /// Cancelled a moment after kas sent the connection's GOAWAY at its maximum age: its idle
+    /// tunnel streams end then, so the agent opens new ones on a new connection. Never
+    /// cancelled on a listener without a maximum age.
+    pub fn moving(&self) -> &CancellationToken {
+        &self.moving
     }
 
     /// Whether the connection authenticated; see [`crate::mark_authenticated`].
@@ -87,6 +99,7 @@ pub struct AgentIo {
     admission: Option<Admission>,
     /// Until the connection authenticated, when it must have.
     deadline: Option<AuthDeadline>,
+    rotation: Option<Rotation>,
 }
 
 impl std::fmt::Debug for AgentIo {
@@ -126,6 +139,11 @@ impl AsyncRead for AgentIo {
         {
             expired?;
             this.deadline = None;
+        }
+        if let Some(rotation) = &mut this.rotation
+            && let Poll::Ready(closed) = rotation.poll_closed(cx)
+        {
+            return Poll::Ready(Err(closed));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
     }
@@ -207,6 +225,8 @@ pub struct AcceptOptions {
     /// Longest a connection may go from its accept to its first authenticated request (see
     /// [`crate::mark_authenticated`]); `None`: no limit.
     pub auth_timeout: Option<Duration>,
+    /// When connections are rotated ([`crate::max_age`]); `None`: never.
+    pub max_age: Option<MaxAge>,
 }
 
 impl std::fmt::Debug for AcceptOptions {
@@ -215,6 +235,7 @@ impl std::fmt::Debug for AcceptOptions {
             .field("handshake_timeout", &self.handshake_timeout)
             .field("limits", &self.limits)
             .field("auth_timeout", &self.auth_timeout)
+            .field("max_age", &self.max_age)
             .finish_non_exhaustive()
     }
 }
@@ -230,6 +251,7 @@ impl Default for AcceptOptions {
             },
             events: Arc::new(NoEvents),
             auth_timeout: None,
+            max_age: None,
         }
     }
 }
@@ -275,7 +297,7 @@ async fn accept_loop(
         let tls = tls.clone();
         let events = Arc::clone(&options.events);
         let limit = options.handshake_timeout;
-        let auth_timeout = options.auth_timeout;
+        let (auth_timeout, max_age) = (options.auth_timeout, options.max_age);
         tokio::spawn(async move {
             let accepted = tokio::time::Instant::now();
             let result = tokio::time::timeout(limit, handshake(tcp, remote_addr, tls)).await;
@@ -285,6 +307,10 @@ async fn accept_loop(
                     io.admission = Some(admission);
                     io.deadline =
                         auth_timeout.map(|t| AuthDeadline::new(accepted, t, Arc::clone(&events)));
+                    io.rotation = max_age.map(|m| {
+                        let moving = io.info.moving.clone();
+                        Rotation::new(tokio::time::Instant::now(), m, moving)
+                    });
                     // Fails only when the server stopped; the connection is dropped with it.
                     let _ = tx.send(io).await;
                 }
@@ -376,6 +402,7 @@ where
             info: AgentConnectInfo::new(remote_addr, scheme),
             admission: None,
             deadline: None,
+            rotation: None,
         });
     }
 
@@ -392,6 +419,7 @@ where
         info: AgentConnectInfo::new(remote_addr, scheme),
         admission: None,
         deadline: None,
+        rotation: None,
     })
 }
 

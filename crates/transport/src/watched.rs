@@ -94,12 +94,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let room = buf.remaining() > 0;
         let (polled, new) = crate::poll_read_counting(&mut self.inner, cx, buf);
         match &polled {
             Poll::Ready(Ok(())) if new > 0 => {
                 self.activity.touch();
                 self.first = None;
             }
+            // The end of the connection came from its other end: an end of file (kas closing
+            // it at its maximum age, however long idle before) or a reset. A connection the
+            // network dropped gives neither; the kernel's own timeout is no word from kas.
+            Poll::Ready(Ok(())) if room => self.activity.touch(),
+            Poll::Ready(Err(e)) if e.kind() != io::ErrorKind::TimedOut => self.activity.touch(),
             Poll::Pending => {
                 if let Some((timer, within)) = self.first.as_mut()
                     && timer.as_mut().poll(cx).is_ready()
@@ -140,6 +146,22 @@ mod tests {
             e.to_string().contains("kas sent nothing within 20ms"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_end_of_file_after_a_long_quiet_is_heard_from_kas() {
+        // The last bytes came 60 s ago.
+        let activity = ReadActivity(Arc::new(Activity {
+            base: Instant::now() - Duration::from_secs(60),
+            last: AtomicU64::new(1),
+        }));
+        assert!(activity.quiet_for().unwrap() >= Duration::from_secs(59));
+        let (client, server) = tokio::io::duplex(64);
+        let mut watched = Watched::new(client, activity.clone(), Duration::from_secs(30));
+        let mut buf = [0u8; 4];
+        drop(server);
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 0, "end of file");
+        assert!(activity.quiet_for().unwrap() < Duration::from_secs(5));
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub struct PoolConfig {
 #[derive(Debug, Clone)]
 pub struct QuietWatch {
     pub activity: tether_transport::ReadActivity,
-    /// The keep-alive timeout: kas closing a connection is read (its GOAWAY, its end of file)
+    /// The keep-alive timeout: kas closing a connection is read (its end of file, its reset)
     /// right before the streams end; a dropped one is silent at least this long by then.
     pub after: Duration,
 }
@@ -255,8 +255,8 @@ enum Cause {
     /// A stream of a working connection ended: the network lost it, or kas restarted. Which
     /// one only the reconnect tells.
     Lost,
-    /// As `Lost`, the stream ended by kas closing its connection under it: at its maximum age
-    /// (GOAWAY, then the grace for what is in flight) or as kas exited, the two alike to
+    /// As `Lost`, the stream ended by kas closing its connection under it: at the end of the
+    /// grace after its maximum age (a request still in flight) or as kas exited, the two alike to
     /// agentk ([`closed_under`]).
     Closed,
     /// As `Lost`, after nothing came from kas for this long: the network or a load balancer
@@ -352,7 +352,8 @@ fn log_reconnecting((code, message): (Code, &str), cause: Cause) {
 
 /// Whether `status` is its stream's connection closed under it: h2 ends the streams of a
 /// connection that reached its end of file with a broken pipe ("stream closed because of a
-/// broken pipe"), whereas a reset or a keep-alive timeout fails them otherwise.
+/// broken pipe"); over TLS, kas's end of file (no TLS close_notify before it) reads as an
+/// unexpected end of file. A reset or a keep-alive timeout fails them otherwise.
 fn closed_under(status: &tonic::Status) -> bool {
     let mut next = std::error::Error::source(status);
     while let Some(e) = next {
@@ -360,7 +361,12 @@ fn closed_under(status: &tonic::Status) -> bool {
             .downcast_ref::<h2::Error>()
             .and_then(h2::Error::get_io)
             .or_else(|| e.downcast_ref::<std::io::Error>());
-        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+        if io.is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof
+            )
+        }) {
             return true;
         }
         next = e.source();
@@ -670,11 +676,50 @@ async fn stream_task(shared: Arc<Shared>, attempt: u64, shutdown: CancellationTo
 
 /// Sends the descriptor and opens the `Connect` stream: kas's frames and the sender of ours.
 /// `None` when it did not open; the stream's `opening` count is then already taken back.
+///
+/// Tried a second time, at once, when the first never left agentk (`Cancelled`: the channel's
+/// connection was going away, as after kas's GOAWAY at the connection's maximum age): the
+/// channel opens a new connection for the second. kas ends its idle streams a moment after
+/// that GOAWAY, and each opened again hit the old connection once, turning the tunnel off for
+/// a backoff step at every rotation.
 async fn open_stream(
     shared: &Shared,
     attempt: u64,
     shutdown: &CancellationToken,
 ) -> Option<(Streaming<ServerFrame>, mpsc::Sender<AgentFrame>)> {
+    let mut status = None;
+    for _ in 0..2 {
+        match try_open_stream(shared, shutdown).await {
+            Opening::Opened(stream) => return Some(*stream),
+            Opening::Stopped => {
+                shared.update(|c| c.opening -= 1);
+                return None;
+            }
+            Opening::Failed(s) if s.code() == Code::Cancelled && status.is_none() => {
+                tracing::debug!(error = %status_text(&s), "A tunnel stream did not leave on a closing connection; opening it again");
+                status = Some(s);
+            }
+            Opening::Failed(s) => {
+                status = Some(s);
+                break;
+            }
+        }
+    }
+    if let Some(status) = status {
+        open_failed(shared, attempt, &status);
+    }
+    None
+}
+
+/// How one try to open a stream ended.
+enum Opening {
+    Opened(Box<(Streaming<ServerFrame>, mpsc::Sender<AgentFrame>)>),
+    Failed(tonic::Status),
+    /// agentk is stopping.
+    Stopped,
+}
+
+async fn try_open_stream(shared: &Shared, shutdown: &CancellationToken) -> Opening {
     let (tx, rx) = mpsc::channel::<AgentFrame>(2);
     let descriptor = AgentFrame {
         frame: Some(agent_frame::Frame::Descriptor(Descriptor {
@@ -685,24 +730,16 @@ async fn open_stream(
         })),
     };
     if tx.send(descriptor).await.is_err() {
-        shared.update(|c| c.opening -= 1);
-        return None;
+        return Opening::Stopped;
     }
     let req = connect_request(&shared.meta, ReceiverStream::new(rx));
     let mut client = shared.client.clone();
-    let opened = tokio::select! {
-        r = client.connect(req) => r,
-        () = shutdown.cancelled() => {
-            shared.update(|c| c.opening -= 1);
-            return None;
-        }
-    };
-    match opened {
-        Ok(resp) => Some((resp.into_inner(), tx)),
-        Err(status) => {
-            open_failed(shared, attempt, &status);
-            None
-        }
+    tokio::select! {
+        r = client.connect(req) => match r {
+            Ok(resp) => Opening::Opened(Box::new((resp.into_inner(), tx))),
+            Err(status) => Opening::Failed(status),
+        },
+        () = shutdown.cancelled() => Opening::Stopped,
     }
 }
 
@@ -1193,6 +1230,8 @@ mod tests {
     fn a_connection_closed_under_the_stream_is_told_from_one_failing() {
         let eof = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stream closed");
         assert!(closed_under(&tonic::Status::from_error(Box::new(eof))));
+        let tls_eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no close_notify");
+        assert!(closed_under(&tonic::Status::from_error(Box::new(tls_eof))));
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         assert!(!closed_under(&tonic::Status::from_error(Box::new(reset))));
         assert!(!closed_under(&tonic::Status::unavailable(

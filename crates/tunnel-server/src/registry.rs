@@ -905,8 +905,8 @@ impl Registry {
         identity: AgentIdentity,
         info: ConnectionInfo,
         descriptor: Descriptor,
-        mut inbound: Streaming<AgentFrame>,
-        mut tx: mpsc::Sender<Outgoing>,
+        (mut inbound, mut tx): (Streaming<AgentFrame>, mpsc::Sender<Outgoing>),
+        moving: CancellationToken,
     ) {
         let stream_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = self.shutdown.child_token();
@@ -924,7 +924,7 @@ impl Registry {
         let agent_id = identity.agent_id;
         loop {
             let Some(reply) = self
-                .wait_idle(agent_id, stream_id, &cancel, &mut inbound, &tx)
+                .wait_idle(agent_id, stream_id, (&cancel, &moving), &mut inbound, &tx)
                 .await
             else {
                 return;
@@ -966,13 +966,17 @@ impl Registry {
         &self,
         agent_id: i64,
         stream_id: u64,
-        cancel: &CancellationToken,
+        (cancel, moving): (&CancellationToken, &CancellationToken),
         inbound: &mut Streaming<AgentFrame>,
         tx: &mpsc::Sender<Outgoing>,
     ) -> Option<oneshot::Sender<Tunnel>> {
-        // Draining: a stream given back after its request is not offered again.
+        // Draining, or the connection rotating: a stream given back after its request is not
+        // offered again.
         if self.draining.is_cancelled() {
             let _ = tx.send(Box::new(Err(stopping()))).await;
+            return None;
+        }
+        if moving.is_cancelled() {
             return None;
         }
         let (claim, claimed) = oneshot::channel();
@@ -996,6 +1000,9 @@ impl Registry {
             () = self.draining.cancelled() => {
                 let _ = tx.send(Box::new(Err(stopping()))).await;
             }
+            // The connection is rotating: the stream ends cleanly (agentk opens another in its
+            // place, on its next connection, as after any clean end; no failure to report).
+            () = moving.cancelled() => {}
             () = tx.closed() => {}
         }
         self.remove_idle(agent_id, stream_id);
@@ -1006,6 +1013,15 @@ impl Registry {
 /// How a stream ends while kas stops: the agent reconnects, to another replica.
 fn stopping() -> Status {
     Status::unavailable("kas is shutting down")
+}
+
+/// The refusal of a stream opened on a connection kas is rotating at its maximum age
+/// ([`tether_transport::max_age`]), which agentk should have left at the GOAWAY: it opens
+/// the stream again after a backoff step, on its next connection.
+pub(crate) fn rotated() -> Status {
+    Status::unavailable(
+        "kas is rotating this connection at its maximum age: open streams on a new one",
+    )
 }
 
 /// How long kas waits, after its side of a request ended, for the agent's `CloseSend` before

@@ -198,6 +198,16 @@ impl ReverseTunnel for TunnelService {
         }
         // Each request takes a stream and the agent opens the next: its token was most
         // likely looked up a moment ago.
+        // A connection kas is rotating takes no new idle streams: the agent opens them on its
+        // next connection (the GOAWAY has told it).
+        let moving = request
+            .extensions()
+            .get::<tether_transport::AgentConnectInfo>()
+            .map(|c| c.moving().clone())
+            .unwrap_or_default();
+        if moving.is_cancelled() {
+            return Err(crate::registry::rotated());
+        }
         let remote = tether_transport::remote_addr_of(&request);
         let md = request.metadata();
         let known = Some(self.registry.as_ref());
@@ -230,7 +240,10 @@ impl ReverseTunnel for TunnelService {
         let (tx, rx) = mpsc::channel(2);
         let registry = Arc::clone(&self.registry);
         tokio::spawn(async move {
-            registry.park(identity, info, descriptor, inbound, tx).await;
+            let streams = (inbound, tx);
+            registry
+                .park(identity, info, descriptor, streams, moving)
+                .await;
         });
         Ok(Response::new(Outbound(rx)))
     }
