@@ -132,24 +132,24 @@ fn read_url(file: &std::path::Path) -> Result<String, String> {
 }
 
 /// `kas store migrate`: applies the schema migrations the database lacks, then closes it.
-/// Returns the versions of migrations the database has that this kas does not know (a newer
-/// kas applied them), which the command must not call "up to date".
-pub async fn migrate(location: &DatabaseLocation) -> Result<Vec<i64>> {
+/// Returns what it did, and the versions of migrations the database has that this kas does
+/// not know (a newer kas applied them), which the command must not call "up to date".
+pub async fn migrate(location: &DatabaseLocation) -> Result<tether_store::Migrated> {
     let context = || format!("migrating the database {location}");
-    let (store, newer): (Arc<dyn Store>, Vec<i64>) = match location {
+    let (store, migrated): (Arc<dyn Store>, _) = match location {
         DatabaseLocation::Sqlite(path) => {
             let s = SqliteStore::open(path).await.with_context(context)?;
-            let newer = s.newer_migrations().to_vec();
-            (Arc::new(s), newer)
+            let migrated = s.migrated().clone();
+            (Arc::new(s), migrated)
         }
         DatabaseLocation::Postgres(url) => {
             let s = PgStore::connect(url).await.with_context(context)?;
-            let newer = s.newer_migrations().to_vec();
-            (Arc::new(s), newer)
+            let migrated = s.migrated().clone();
+            (Arc::new(s), migrated)
         }
     };
     store.close().await;
-    Ok(newer)
+    Ok(migrated)
 }
 
 /// `kas store copy`: every record of a SQLite database (of a stopped kas) into an empty

@@ -132,7 +132,7 @@ async fn a_sqlite_kas_copied_to_postgres_keeps_its_agents_tokens() {
     ]);
     assert!(migrated.status.success(), "{}", text(&migrated));
     assert!(
-        text(&migrated).contains("schema up to date"),
+        text(&migrated).contains(&format!("schema created (version {NEWEST_MIGRATION})")),
         "{}",
         text(&migrated)
     );
@@ -641,10 +641,12 @@ async fn a_write_whose_database_vanished_fails_within_the_statement_timeout() {
     .await;
 }
 
-/// `kas store migrate` on a database a newer kas migrated (a rollback) says so, naming the
-/// migrations it does not know; it said "schema up to date".
+/// `kas store migrate` says what it did: created the schema, migrated it (from which version,
+/// applying which migrations), or found it up to date (it said "schema up to date" each time);
+/// on a database a newer kas migrated (a rollback) it says so, naming the migrations it does
+/// not know, not "up to date".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn store_migrate_on_a_schema_newer_than_kas_says_so() {
+async fn store_migrate_says_what_it_did_and_a_schema_newer_than_kas() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("kas.sqlite");
     let config = dir.path().join("kas.yaml");
@@ -657,12 +659,29 @@ async fn store_migrate_on_a_schema_newer_than_kas_says_so() {
         let config = config.to_str().unwrap();
         kas_cli(&["--configuration-file", config, "store", "migrate"])
     };
-    let first = migrate();
-    assert!(first.status.success(), "{}", text(&first));
+    let said = |out: &std::process::Output| {
+        assert!(out.status.success(), "{}", text(out));
+        text(out)
+    };
+    let newest = NEWEST_MIGRATION;
+    let first = said(&migrate());
     assert!(
-        text(&first).contains("schema up to date"),
-        "{}",
-        text(&first)
+        first.contains(&format!("schema created (version {newest})")),
+        "{first}"
+    );
+    let second = said(&migrate());
+    assert!(
+        second.contains(&format!("schema up to date (version {newest})")),
+        "{second}"
+    );
+    undo_the_newest_migration(&db);
+    let third = said(&migrate());
+    assert!(
+        third.contains(&format!(
+            "schema migrated from version {} to {newest} (applied {newest} ",
+            newest - 1
+        )),
+        "{third}"
     );
 
     // What a newer kas's migration leaves in sqlx's bookkeeping table.

@@ -21,6 +21,7 @@ mod txn;
 mod validate;
 
 pub use error::{Error, Result};
+pub use migrate::Migrated;
 pub use model::{
     Agent, AgentRow, AuthenticatedAgent, NotificationResult, OutboxMessage, PendingNotification,
     Project, ProjectSource, Suspension, SuspensionScope, TokenInfo, UserTokenInfo, WebSession,

@@ -28,34 +28,52 @@ pub(crate) async fn applied<C: Migrate>(conn: &mut C) -> Result<Vec<i64>> {
     Ok(applied.iter().map(|m| m.version).collect())
 }
 
+/// What opening a database did to its schema.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Migrated {
+    /// The schema's version now (its newest migration).
+    pub schema_version: i64,
+    /// The version before; `None` for a database created now.
+    pub from_version: Option<i64>,
+    /// The migrations applied now, as "12 ids never reused".
+    pub applied: Vec<String>,
+    /// Versions of migrations the database has that this binary does not know (a newer kas
+    /// applied them).
+    pub newer: Vec<i64>,
+}
+
 /// Says what migrating did, given the versions the database had `before`: an info line with the
 /// schema's version, and when migrations were applied, which (the point after which an older
 /// kas may not start on this database: an operator reads from the log when it was passed).
-/// Warns of migrations the database has that `migrator` does not know, and returns their
-/// versions.
+/// Warns of migrations the database has that `migrator` does not know.
 pub(crate) async fn report<C: Migrate>(
     migrator: &Migrator,
     conn: &mut C,
     before: &[i64],
-) -> Result<Vec<i64>> {
+) -> Result<Migrated> {
     let applied = conn.list_applied_migrations(MIGRATIONS_TABLE).await?;
     let version = applied.iter().map(|m| m.version).max().unwrap_or(0);
     let added = added_names(migrator, before, applied.iter().map(|m| m.version));
+    let from = before.iter().copied().max();
     if added.is_empty() {
         tracing::info!(schema_version = version, "Database schema is up to date");
     } else if before.is_empty() {
         tracing::info!(schema_version = version, "Database schema created");
     } else {
-        let from = before.iter().copied().max().unwrap_or(0);
         tracing::info!(
             schema_version = version,
-            from_version = from,
+            from_version = from.unwrap_or(0),
             applied = %added.join(", "),
             "Database schema migrated: a kas that does not know these migrations may refuse to \
              start on this database (roll back by restoring the backup taken before)"
         );
     }
-    warn_of_unknown(migrator, &applied)
+    Ok(Migrated {
+        schema_version: version,
+        from_version: from,
+        applied: added,
+        newer: warn_of_unknown(migrator, &applied)?,
+    })
 }
 
 /// "12 ids never reused" for each version applied since `before` (pure).

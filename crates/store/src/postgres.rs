@@ -17,9 +17,11 @@ fn migrator() -> sqlx::migrate::Migrator {
     crate::migrate::tolerant(sqlx::migrate!("./migrations/postgres"))
 }
 
-/// Brings the schema up to date on `conn`, saying what it did (see [`crate::migrate::report`]);
-/// returns the versions of newer migrations the database has.
-async fn migrate(migrator: &sqlx::migrate::Migrator, conn: &mut PgConnection) -> Result<Vec<i64>> {
+/// Brings the schema up to date on `conn`, saying what it did (see [`crate::migrate::report`]).
+async fn migrate(
+    migrator: &sqlx::migrate::Migrator,
+    conn: &mut PgConnection,
+) -> Result<crate::migrate::Migrated> {
     let before = crate::migrate::applied(conn).await?;
     migrator.run(&mut *conn).await?;
     crate::migrate::report(migrator, conn, &before).await
@@ -58,8 +60,8 @@ pub struct PgStore {
     writer: Arc<tokio::sync::Mutex<()>>,
     /// The server's `statement_timeout` on every session.
     statement_timeout: Duration,
-    /// Versions of migrations the database has that this binary does not know.
-    newer_migrations: Vec<i64>,
+    /// What opening it did to the schema.
+    migrated: crate::migrate::Migrated,
 }
 
 impl PgStore {
@@ -87,19 +89,23 @@ impl PgStore {
         let migrator = migrator();
         let migrated = migrate(&migrator, &mut conn).await;
         let _ = sqlx::Connection::close(conn).await;
-        let newer_migrations = migrated?;
         Ok(Self {
             pool,
             writer: Arc::default(),
             statement_timeout,
-            newer_migrations,
+            migrated: migrated?,
         })
     }
 
     /// Versions of the migrations the database had at open that this binary does not know (a
     /// newer kas applied them); empty when its schema is this binary's.
     pub fn newer_migrations(&self) -> &[i64] {
-        &self.newer_migrations
+        &self.migrated.newer
+    }
+
+    /// What opening the database did to its schema (created, migrated, or found up to date).
+    pub fn migrated(&self) -> &crate::migrate::Migrated {
+        &self.migrated
     }
 
     /// How long a client should wait for one operation before giving up on the server: its

@@ -39,15 +39,20 @@ pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
     /// Writers of this process take turns here (see [`WriteTxn::begin`]).
     writer: Arc<tokio::sync::Mutex<()>>,
-    /// Versions of migrations the database has that this binary does not know.
-    newer_migrations: Vec<i64>,
+    /// What opening it did to the schema.
+    migrated: crate::migrate::Migrated,
 }
 
 impl SqliteStore {
     /// Versions of the migrations the database had at open that this binary does not know (a
     /// newer kas applied them); empty when its schema is this binary's.
     pub fn newer_migrations(&self) -> &[i64] {
-        &self.newer_migrations
+        &self.migrated.newer
+    }
+
+    /// What opening the database did to its schema (created, migrated, or found up to date).
+    pub fn migrated(&self) -> &crate::migrate::Migrated {
+        &self.migrated
     }
 
     /// Opens (creating if missing) the database at `path` and brings its schema up to date.
@@ -76,7 +81,7 @@ impl SqliteStore {
         let migrator = migrator();
         let before = crate::migrate::applied(&mut conn).await?;
         migrator.run(&mut conn).await?;
-        let newer_migrations = crate::migrate::report(&migrator, &mut conn, &before).await?;
+        let migrated = crate::migrate::report(&migrator, &mut conn, &before).await?;
         sqlx::Connection::close(conn).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -85,7 +90,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             writer: Arc::default(),
-            newer_migrations,
+            migrated,
         })
     }
 

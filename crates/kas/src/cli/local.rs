@@ -102,16 +102,32 @@ fn print_restore_report(r: &tether_store::restore::RestoreReport) -> Result<()> 
     Ok(())
 }
 
+/// What `kas store migrate` did to the schema, in one line (pure).
+fn migrated_line(location: &kas::config::DatabaseLocation, m: &tether_store::Migrated) -> String {
+    let version = m.schema_version;
+    match (m.from_version, m.applied.is_empty()) {
+        (_, true) => format!("{location}: schema up to date (version {version})"),
+        (None, false) => format!("{location}: schema created (version {version})"),
+        (Some(from), false) => format!(
+            "{location}: schema migrated from version {from} to {version} (applied {}); a kas \
+             older than these migrations may refuse to start on it: keep the backup taken before",
+            m.applied.join(", ")
+        ),
+    }
+}
+
 pub async fn store_cmd(cfg: &Config, cmd: &StoreCmd) -> Result<()> {
     use kas::config::DatabaseLocation;
     match cmd {
         StoreCmd::Migrate => {
             let location = cfg.database_location();
-            let newer = kas::database::migrate(&location).await?;
-            if newer.is_empty() {
-                out!("{location}: schema up to date")?;
-            } else {
-                out!("{}", newer_schema_note(&location, &newer))?;
+            let migrated = kas::database::migrate(&location).await?;
+            // A schema newer than this kas is not "up to date": the note says what it is.
+            if migrated.newer.is_empty() || !migrated.applied.is_empty() {
+                out!("{}", migrated_line(&location, &migrated))?;
+            }
+            if !migrated.newer.is_empty() {
+                out!("{}", newer_schema_note(&location, &migrated.newer))?;
             }
         }
         StoreCmd::Copy { from, to } => {
