@@ -250,6 +250,70 @@ fn the_agentk_chart_says_which_value_is_missing() {
     );
 }
 
+/// A copy of chart `name` as a chart version from before `valuesVersion` was: without the key
+/// and without the templates' check of it.
+fn chart_from_before_values_version(dir: &Path, name: &str) -> PathBuf {
+    let copy = dir.join(name);
+    let cp = Command::new("cp").arg("-r").arg(chart(name)).arg(&copy).status();
+    assert!(cp.unwrap().success());
+    let values = copy.join("values.yaml");
+    let text = std::fs::read_to_string(&values).unwrap();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("valuesVersion:"))
+        .collect();
+    std::fs::write(&values, kept.join("\n")).unwrap();
+    for entry in std::fs::read_dir(copy.join("templates")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let check = format!("{{{{- include \"{name}.valuesInForce\" . }}}}\n");
+        std::fs::write(&path, text.replace(&check, "")).unwrap();
+    }
+    copy
+}
+
+/// `helm upgrade --reuse-values` from a chart version without some of this one's values keeps
+/// the old version's values, new keys missing: templates failed on them ("nil pointer evaluating
+/// interface {}.enabled", E11). The chart now refuses, naming the way that works, and that way
+/// (`--reset-then-reuse-values`) upgrades the release keeping the values set at install.
+#[test]
+fn an_upgrade_reusing_an_older_charts_values_is_refused_naming_the_way_that_works() {
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("agentk-reuse").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let older = chart_from_before_values_version(dir.path(), "agentk");
+    let helm_in = |args: &[&str], chart_dir: &Path| {
+        helm(&env)
+            .args(args)
+            .args(["agentk"])
+            .arg(chart_dir)
+            .args(["--namespace", &ns])
+            .output()
+            .unwrap()
+    };
+    let kas = "config.kasAddress=grpcs://kas.example.com:8150";
+    let installed = helm_in(&["install", "--set", kas, "--set", "config.token=t"], &older);
+    assert!(installed.status.success(), "{installed:?}");
+
+    let reused = helm_in(&["upgrade", "--reuse-values"], &chart("agentk"));
+    assert!(!reused.status.success(), "{reused:?}");
+    let said = String::from_utf8_lossy(&reused.stderr);
+    assert!(
+        said.contains("the values of this chart version are missing (valuesVersion none")
+            && said.contains("--reset-then-reuse-values"),
+        "{said}"
+    );
+
+    let reset = helm_in(&["upgrade", "--reset-then-reuse-values"], &chart("agentk"));
+    assert!(reset.status.success(), "{reset:?}");
+    let values = helm(&env)
+        .args(["get", "values", "agentk", "--namespace", &ns, "--output", "json"])
+        .output()
+        .unwrap();
+    let values: Value = serde_json::from_slice(&values.stdout).unwrap();
+    assert_eq!(values["config"]["kasAddress"], "grpcs://kas.example.com:8150");
+}
+
 #[test]
 fn the_plain_manifests_are_up_to_date_with_the_chart() {
     let env = TestEnv::from_env().expect("a running control plane");

@@ -66,3 +66,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   name: {{ include "agentk.serviceAccountName" . }}
   namespace: {{ .Release.Namespace }}
 {{- end }}
+
+{{/*
+Refuses to render without this chart's own values (see valuesVersion in values.yaml). Included
+first in every template, so that it is the error helm reports rather than a template failing on
+a key the release's values lack.
+*/}}
+{{- define "agentk.valuesInForce" -}}
+{{- if ne (toString .Values.valuesVersion) "1" -}}
+{{- fail (printf "the values of this chart version are missing (valuesVersion %s, expected 1): helm upgrade --reuse-values keeps the values of the chart version the release was installed with, without the keys added since. Upgrade with --reset-then-reuse-values (Helm 3.14+), or with -f and your values file (docs/UPGRADING.md)" (.Values.valuesVersion | default "none" | toString)) -}}
+{{- end -}}
+{{- end -}}

@@ -117,3 +117,14 @@ mounts of the StatefulSet (data on the volume, TLS and the admin token from Secr
 {{- if and .Values.api.expose (not .Values.adminToken.secretName) }}{{ fail "replicas > 1 with api.expose needs adminToken.secretName: each replica would make its own admin token, and admin calls through the Service would fail at random" }}{{ end }}
 {{- end }}
 {{- end }}
+
+{{/*
+Refuses to render without this chart's own values (see valuesVersion in values.yaml). Included
+first in every template, so that it is the error helm reports rather than a template failing on
+a key the release's values lack.
+*/}}
+{{- define "kas.valuesInForce" -}}
+{{- if ne (toString .Values.valuesVersion) "1" -}}
+{{- fail (printf "the values of this chart version are missing (valuesVersion %s, expected 1): helm upgrade --reuse-values keeps the values of the chart version the release was installed with, without the keys added since. Upgrade with --reset-then-reuse-values (Helm 3.14+), or with -f and your values file (docs/UPGRADING.md)" (.Values.valuesVersion | default "none" | toString)) -}}
+{{- end -}}
+{{- end -}}
