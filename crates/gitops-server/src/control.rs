@@ -90,6 +90,15 @@ impl Controls {
         sender.receiver_count()
     }
 
+    /// How many streams of (agent, project) are open here (0: none, or never asked about).
+    pub fn streams(&self, agent_id: i64, project_id: i64) -> usize {
+        self.channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(agent_id, project_id))
+            .map_or(0, watch::Sender::receiver_count)
+    }
+
     /// Tells every stream of the agent that its suspensions changed.
     pub fn suspensions_changed(&self, agent_id: i64) {
         let channels = self

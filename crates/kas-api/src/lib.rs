@@ -494,6 +494,12 @@ pub struct SyncView {
     /// the entry names it: path or numeric id): a newer commit waiting is no stall.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspended: bool,
+    /// The agent's GitOps streams for the entry open on the kas that answered: only the
+    /// leading agentk replica opens them, so 0 while the agent is connected means no replica
+    /// leads (its Kubernetes API server does not answer, or its Lease cannot be renewed).
+    /// Absent when unknown: another replica may hold the stream, or kas is older than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<usize>,
     /// The reports this one replaced in the ten minutes before it, newest first (at most
     /// four), in short: a sync replaced before anyone read it is still told.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -952,6 +952,9 @@ async fn agent_gitops(
         // A report alone read as current while every push since stayed unfetched.
         v.fetch_error = st.sources.head(found.id).error.unwrap_or_default();
         v.suspended = suspensions.iter().any(|s| s.scope.holds(found.id));
+        // None here with peers: the leader's stream may be on another replica.
+        let here = st.gitops_controls.streams(agent_id, found.id);
+        v.streams = (here > 0 || st.peers.is_none()).then_some(here);
         let entry = listed.as_ref().and_then(|l| l.get(&v.project_id));
         if let Some((commit, since)) = newer(&st, found.id, entry, &v.commit_id) {
             v.newer_commit = commit;
@@ -1002,6 +1005,7 @@ fn sync_view(r: tether_protocol::gitops::SyncReport) -> SyncView {
         newer_commit: String::new(),
         newer_since: None,
         suspended: false,
+        streams: None,
         earlier: r.earlier.into_iter().map(earlier_view).collect(),
         objects: r.objects.into_iter().map(object_view).collect(),
     }

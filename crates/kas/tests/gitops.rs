@@ -2114,7 +2114,8 @@ subjects:\n- kind: ServiceAccount\n  name: gitlab-agent\n  namespace: {ns}\n"
 /// exports `agentk_leader` 0 and counts every failed round in
 /// `agentk_leader_election_failures_total`; given the rights it leads (1) and applies; when
 /// they are taken away it stops leading by the renew deadline (0), the failures counted
-/// again. Before, only a log line said so, once, while readiness looked fine.
+/// again, and its GitOps stream closes, which kas counts (`streams` 0, read by `kas agent
+/// status`). Before, only a log line said so, once, while readiness looked fine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_gauge_follows_the_lease_and_refused_lease_writes_are_counted() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -2154,6 +2155,12 @@ async fn the_leader_gauge_follows_the_lease_and_refused_lease_writes_are_counted
     })
     .await;
     rig.synced(&c1).await;
+    // kas counts the leader's GitOps stream for the entry, which `kas agent status` reads.
+    let streams = || async {
+        let syncs = rig.kas.admin.gitops_status(rig.agent_id).await.ok()?;
+        syncs.first().and_then(|s| s.streams)
+    };
+    assert_eq!(streams().await, Some(1));
 
     let before = metric(&failures).await.unwrap();
     assert!(before >= refused);
@@ -2167,6 +2174,12 @@ async fn the_leader_gauge_follows_the_lease_and_refused_lease_writes_are_counted
         after > before,
         "refused renewals counted: {before} -> {after}"
     );
+    // Its report still says "succeeded", but no stream of the agent serves the entry any more:
+    // after a minute connected, `kas agent status` says no replica leads (exit 8).
+    wait_for("the stream to close", Duration::from_secs(10), || async {
+        (streams().await == Some(0)).then_some(())
+    })
+    .await;
 }
 
 /// A symlink matched by a glob is said in `kas agent status`, not silently skipped; a commit

@@ -254,7 +254,11 @@ fn the_agentk_chart_says_which_value_is_missing() {
 /// and without the templates' check of it.
 fn chart_from_before_values_version(dir: &Path, name: &str) -> PathBuf {
     let copy = dir.join(name);
-    let cp = Command::new("cp").arg("-r").arg(chart(name)).arg(&copy).status();
+    let cp = Command::new("cp")
+        .arg("-r")
+        .arg(chart(name))
+        .arg(&copy)
+        .status();
     assert!(cp.unwrap().success());
     let values = copy.join("values.yaml");
     let text = std::fs::read_to_string(&values).unwrap();
@@ -292,7 +296,10 @@ fn an_upgrade_reusing_an_older_charts_values_is_refused_naming_the_way_that_work
             .unwrap()
     };
     let kas = "config.kasAddress=grpcs://kas.example.com:8150";
-    let installed = helm_in(&["install", "--set", kas, "--set", "config.token=t"], &older);
+    let installed = helm_in(
+        &["install", "--set", kas, "--set", "config.token=t"],
+        &older,
+    );
     assert!(installed.status.success(), "{installed:?}");
 
     let reused = helm_in(&["upgrade", "--reuse-values"], &chart("agentk"));
@@ -307,11 +314,22 @@ fn an_upgrade_reusing_an_older_charts_values_is_refused_naming_the_way_that_work
     let reset = helm_in(&["upgrade", "--reset-then-reuse-values"], &chart("agentk"));
     assert!(reset.status.success(), "{reset:?}");
     let values = helm(&env)
-        .args(["get", "values", "agentk", "--namespace", &ns, "--output", "json"])
+        .args([
+            "get",
+            "values",
+            "agentk",
+            "--namespace",
+            &ns,
+            "--output",
+            "json",
+        ])
         .output()
         .unwrap();
     let values: Value = serde_json::from_slice(&values.stdout).unwrap();
-    assert_eq!(values["config"]["kasAddress"], "grpcs://kas.example.com:8150");
+    assert_eq!(
+        values["config"]["kasAddress"],
+        "grpcs://kas.example.com:8150"
+    );
 }
 
 #[test]

@@ -347,12 +347,23 @@ async fn status(c: &AdminClient, agent_id: i64, format: OutputFormat) -> Result<
         .iter()
         .filter(|s| !held(s, view.suspensions))
         .collect();
+    let connected_for = connected_for(&agent, std::time::SystemTime::now());
     unhealthy_exit(
         agent_id,
-        (view.config_fetch_error, &syncs, &running),
+        (view.config_fetch_error, &syncs, &running, connected_for),
         &unreported,
         &under_way,
     )
+}
+
+/// How long the agent has been connected: since its oldest connection (pure; `None` offline).
+fn connected_for(agent: &AgentView, now: std::time::SystemTime) -> Option<std::time::Duration> {
+    agent
+        .connections
+        .iter()
+        .filter_map(|c| humantime::parse_rfc3339_weak(&c.connected_since).ok())
+        .min()
+        .and_then(|since| now.duration_since(since).ok())
 }
 
 /// Whether a suspension holds the entry of `s`, on purpose: a newer commit waiting there is no
@@ -457,7 +468,12 @@ fn known_or_none<T>(answer: Result<Vec<T>, ClientError>) -> Result<Vec<T>> {
 /// status shown is then older than what the agent did).
 fn unhealthy_exit(
     agent_id: i64,
-    (config_fetch, syncs, unsuspended): (Option<&str>, &[SyncView], &[&SyncView]),
+    (config_fetch, syncs, unsuspended, connected_for): (
+        Option<&str>,
+        &[SyncView],
+        &[&SyncView],
+        Option<std::time::Duration>,
+    ),
     unreported: &[UnreportedView],
     under_way: &[ProgressView],
 ) -> Result<()> {
@@ -472,10 +488,15 @@ fn unhealthy_exit(
         let line = stalled(s, under_way, now)?;
         Some(format!("{}  {line}", s.project_id))
     });
+    let leaderless = unsuspended.iter().filter_map(|s| {
+        let line = no_stream(s, connected_for)?;
+        Some(format!("{}  {line}", s.project_id))
+    });
     let unhealthy: Vec<String> = config_fetch
         .map(config_stale_line)
         .into_iter()
         .chain(stalled)
+        .chain(leaderless)
         .chain(
             unreported
                 .iter()
@@ -542,6 +563,21 @@ fn stalled(s: &SyncView, under_way: &[ProgressView], now: std::time::SystemTime)
             short(&s.newer_commit),
             humantime::format_duration(std::time::Duration::from_secs(waited.as_secs()))
         )
+    })
+}
+
+/// How long an agent may be connected with no GitOps stream for an entry before `kas agent
+/// status` says so (exit 8): agentk opens them within seconds of taking its Lease, and a
+/// replica taking over a crashed leader's Lease waits out its duration (15 s).
+const NO_STREAM_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Why an entry's report no longer tells what happens (pure): the agent has been connected for
+/// over [`NO_STREAM_AFTER`] and kas has no GitOps stream of it for the entry — no agentk replica
+/// leads, so nothing applies, prunes or corrects drift, whatever the last report says. A
+/// Kubernetes API server that does not answer does that (agentk cannot renew its Lease).
+fn no_stream(s: &SyncView, connected_for: Option<std::time::Duration>) -> Option<String> {
+    (s.streams == Some(0) && connected_for? >= NO_STREAM_AFTER).then(|| {
+        "no GitOps stream: the agent is connected, but no agentk replica leads (it cannot take or renew its Lease: its Kubernetes API server does not answer, or refuses; agentk logs `Leader election failed`): nothing is applied, pruned or corrected until one does".to_owned()
     })
 }
 
@@ -734,6 +770,41 @@ mod tests {
 
     /// A commit kas has had for over two minutes without the agent reporting on it is
     /// stalled (exit 8), unless its sync is under way; a newer one is only said before that.
+    /// A connected agent without a GitOps stream for an entry is said after a minute (no
+    /// replica leads); not while it may be taking its Lease, not when kas does not know.
+    #[test]
+    fn an_entry_without_a_stream_of_a_connected_agent_is_said_after_a_minute() {
+        let sync = |streams: Option<usize>| -> SyncView {
+            serde_json::from_value(serde_json::json!({
+                "project_id": "group/app", "commit_id": "c", "outcome": "succeeded",
+                "error": "", "finished_at": "2026-11-29T10:00:00Z", "dry_run": false,
+                "objects": [], "streams": streams,
+            }))
+            .unwrap()
+        };
+        let minute = Some(std::time::Duration::from_secs(61));
+        let said = no_stream(&sync(Some(0)), minute).unwrap();
+        assert!(
+            said.starts_with(
+                "no GitOps stream: the agent is connected, but no agentk replica leads"
+            ),
+            "{said}"
+        );
+        assert_eq!(no_stream(&sync(Some(1)), minute), None);
+        assert_eq!(
+            no_stream(&sync(None), minute),
+            None,
+            "unknown: another replica"
+        );
+        let moments = Some(std::time::Duration::from_secs(20));
+        assert_eq!(no_stream(&sync(Some(0)), moments), None, "taking its Lease");
+        assert_eq!(
+            no_stream(&sync(Some(0)), None),
+            None,
+            "offline: said otherwise"
+        );
+    }
+
     #[test]
     fn an_entry_is_held_by_a_suspension_kas_says_holds_it_whatever_its_id_form() {
         let sync = |project_id: &str, suspended: bool| -> SyncView {

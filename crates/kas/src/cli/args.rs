@@ -310,7 +310,7 @@ Exit codes:\n  0  shown\n  1  kas refused the request (unknown agent, …)\n  \
 5  shown, and the agent's newest configuration was refused (an older one stays in force)\n  \
 6  shown, and the agent is connected from several clusters (one token, several clusters)\n  \
 7  shown, and whether the agent is connected is unknown (a kas replica did not answer)\n  \
-8  shown, and an entry cannot synchronize: its project is unknown to kas or its fetch fails"
+8  shown, and an entry cannot synchronize: its project is unknown to kas or its fetch fails, it is stalled, or no agentk replica leads (no GitOps stream)"
     )]
     Status {
         /// The agent: its id or `<configuration project path>:<agent name>`.

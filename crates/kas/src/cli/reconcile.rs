@@ -925,6 +925,7 @@ mod tests {
             newer_commit: String::new(),
             newer_since: None,
             suspended: false,
+            streams: None,
             earlier: Vec::new(),
         }
     }

@@ -620,6 +620,7 @@ mod tests {
             newer_commit: String::new(),
             newer_since: None,
             suspended: false,
+            streams: None,
             earlier: Vec::new(),
             objects: vec![
                 object(
