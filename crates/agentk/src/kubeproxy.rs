@@ -38,6 +38,8 @@ struct Inner {
     timeouts: Timeouts,
     token: Option<String>,
     token_file: Option<String>,
+    /// One warning per minute about failing API server requests (an outage fails them all).
+    failures: tether_transport::LogThrottle,
 }
 
 /// How long a tunnelled request waits on the Kubernetes API server before agentk answers it
@@ -93,6 +95,7 @@ impl KubeApiHandler {
                 .as_ref()
                 .map(|t| t.expose_secret().to_string()),
             token_file: config.auth_info.token_file.clone(),
+            failures: tether_transport::LogThrottle::new(Duration::from_secs(60)),
         })))
     }
 }
@@ -206,49 +209,95 @@ async fn send(
     declared: Option<u64>,
 ) -> Result<Response<Incoming>, Refusal> {
     let timeouts = h.timeouts;
-    let timed_out = |what: String| {
-        tracing::warn!(api_server = %h.base, "{what}");
-        Refusal::new(StatusCode::GATEWAY_TIMEOUT, "Timeout", what)
-    };
-    match tokio::time::timeout(timeouts.response_headers, h.client.request(out)).await {
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) if e.is_connect() && is_timeout(&e) => Err(timed_out(format!(
-            "the agent could not connect to the Kubernetes API server at {} within {:?}",
-            h.base, timeouts.connect
-        ))),
-        // The API server answers 413 and closes the connection when a body is over its
-        // limit; when the close comes before hyper has read that answer, the write fails. It
-        // was answered 502 "cannot reach the Kubernetes API" — an outage to an operator's
-        // alert, for a user's oversized request (E9).
-        Ok(Err(e)) if body_cut(&e) && declared.is_some_and(|n| n > API_SERVER_BODY_LIMIT) => {
-            Err(Refusal::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RequestEntityTooLarge",
-                format!(
-                    "the request body ({} bytes) is over the Kubernetes API server's limit (3 MiB by default): it closed the connection while the agent sent it",
-                    declared.unwrap_or_default()
-                ),
-            ))
-        }
-        Ok(Err(e)) if body_cut(&e) => Err(Refusal::new(
-            StatusCode::BAD_GATEWAY,
-            "ServiceUnavailable",
+    // A GET has none: an API server closing its connection then did not cut a body.
+    let has_body = declared.map_or(!hyper::body::Body::is_end_stream(out.body()), |n| n > 0);
+    let started = tokio::time::Instant::now();
+    let refusal = match tokio::time::timeout(timeouts.response_headers, h.client.request(out)).await
+    {
+        Ok(Ok(resp)) => return Ok(resp),
+        Ok(Err(e)) if e.is_connect() && is_timeout(&e) => Refusal::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "Timeout",
             format!(
-                "the Kubernetes API server closed the connection while the agent sent the request body: {}",
-                tether_transport::with_causes(&e)
+                "the agent could not connect to the Kubernetes API server at {} within {:?}",
+                h.base, timeouts.connect
             ),
-        )),
-        Ok(Err(e)) => Err(Refusal::new(
-            StatusCode::BAD_GATEWAY,
-            "ServiceUnavailable",
-            format!("the agent cannot reach the Kubernetes API: {e}"),
-        )),
-        Err(_) => Err(timed_out(format!(
-            "the Kubernetes API server at {} sent no response headers within {:?}",
-            h.base, timeouts.response_headers
-        ))),
+        ),
+        Ok(Err(e)) => failed(&h.base, &e, (has_body, declared), started.elapsed()),
+        Err(_) => Refusal::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "Timeout",
+            format!(
+                "the Kubernetes API server at {} sent no response headers within {:?}",
+                h.base, timeouts.response_headers
+            ),
+        ),
+    };
+    // A user's oversized request is theirs to fix, not the operator's: said to them only.
+    if refusal.code != StatusCode::PAYLOAD_TOO_LARGE
+        && let Some(suppressed) = h.failures.admit("api_server", std::time::Instant::now())
+    {
+        tracing::warn!(api_server = %h.base, status = refusal.code.as_u16(), suppressed, "A request to the Kubernetes API server failed: {}", refusal.message);
     }
+    Err(refusal)
 }
+
+/// The answer to a request the API server did not answer (pure): 413 for a body over its
+/// limit that it cut; 502 for a body it cut otherwise, or a connection it closed at once; 504
+/// when it closed the connection without an answer after a while (it timed the request out:
+/// it may still complete it, as its own 504 says); 502 naming the cause chain otherwise (its
+/// address refusing connections: "Connection refused" was lost under "client error (Connect)").
+fn failed(
+    base: &Uri,
+    e: &(dyn std::error::Error + 'static),
+    (has_body, declared): (bool, Option<u64>),
+    elapsed: Duration,
+) -> Refusal {
+    let causes = tether_transport::with_causes(e);
+    let bad_gateway =
+        |what: String| Refusal::new(StatusCode::BAD_GATEWAY, "ServiceUnavailable", what);
+    if !body_cut(e) {
+        return bad_gateway(format!(
+            "the agent cannot reach the Kubernetes API server at {base}: {causes}"
+        ));
+    }
+    // The API server answers 413 and closes the connection when a body is over its limit;
+    // when the close comes before hyper has read that answer, the write fails. It was
+    // answered 502 "cannot reach the Kubernetes API" — an outage to an operator's alert, for
+    // a user's oversized request (E9).
+    if has_body && declared.is_some_and(|n| n > API_SERVER_BODY_LIMIT) {
+        return Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            format!(
+                "the request body ({} bytes) is over the Kubernetes API server's limit (3 MiB by default): it closed the connection while the agent sent it",
+                declared.unwrap_or_default()
+            ),
+        );
+    }
+    if has_body {
+        return bad_gateway(format!(
+            "the Kubernetes API server at {base} closed the connection while the agent sent the request body: {causes}"
+        ));
+    }
+    if elapsed >= TIMED_OUT_AFTER {
+        return Refusal::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "Timeout",
+            format!(
+                "the Kubernetes API server at {base} closed the connection after {}s without an answer: it timed the request out and may still be processing it (etcd not answering?): {causes}",
+                elapsed.as_secs()
+            ),
+        );
+    }
+    bad_gateway(format!(
+        "the Kubernetes API server at {base} closed the connection without an answer: {causes}"
+    ))
+}
+
+/// A connection the API server closes this long after a request without answering it was a
+/// request it timed out (its own timeout is 60 s), not one it refused.
+const TIMED_OUT_AFTER: Duration = Duration::from_secs(10);
 
 /// Whether the request failed because the API server closed the connection while its body was
 /// being sent: a broken pipe or reset on the write, or the connection closed before the
@@ -425,6 +474,50 @@ mod tests {
             }
         });
         (uri, seen)
+    }
+
+    /// What a request the API server did not answer gets depends on what was cut: a body
+    /// (413 over its limit, else 502), nothing after a while (504: it timed the request out,
+    /// as it says directly; it was a 502 blaming a request body a GET does not have), nothing
+    /// at once (502); a refused connection names the address and the cause (it read "client
+    /// error (Connect)").
+    #[test]
+    fn an_unanswered_request_is_told_by_what_the_api_server_cut() {
+        let base: Uri = "https://10.0.0.1:6443".parse().unwrap();
+        let cut = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        let at_once = Duration::from_millis(5);
+        let minute = Duration::from_secs(60);
+
+        let r = failed(&base, &refused, (false, None), at_once);
+        assert_eq!(r.code, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            r.message,
+            "the agent cannot reach the Kubernetes API server at https://10.0.0.1:6443/: Connection refused (os error 111)"
+        );
+        let r = failed(&base, &cut, (true, Some(4 * 1024 * 1024)), at_once);
+        assert_eq!(r.code, StatusCode::PAYLOAD_TOO_LARGE);
+        let r = failed(&base, &cut, (true, Some(100)), at_once);
+        assert_eq!(r.code, StatusCode::BAD_GATEWAY);
+        assert!(
+            r.message.contains("while the agent sent the request body"),
+            "{}",
+            r.message
+        );
+        let r = failed(&base, &cut, (false, None), minute);
+        assert_eq!((r.code, r.reason), (StatusCode::GATEWAY_TIMEOUT, "Timeout"));
+        assert!(r.message.contains("after 60s without an answer: it timed the request out and may still be processing it"), "{}", r.message);
+        let r = failed(&base, &cut, (false, None), at_once);
+        assert_eq!(r.code, StatusCode::BAD_GATEWAY);
+        assert!(
+            r.message
+                .contains("closed the connection without an answer"),
+            "{}",
+            r.message
+        );
     }
 
     fn valid_metadata() -> HashMap<String, String> {

@@ -279,10 +279,22 @@ impl Recorder {
             Ok(()) => *logged = false,
             Err(e) if !*logged => {
                 *logged = true;
-                tracing::warn!(namespace = %key.0, inventory = %key.1, error = %e, "Cannot write a Kubernetes Event about the synchronization (may its ServiceAccount create events there?); continuing without");
+                let line = event_failure_line(&e);
+                tracing::warn!(namespace = %key.0, inventory = %key.1, error = %crate::sync::error_text(&e), "{line}");
             }
             Err(_) => {}
         }
+    }
+}
+
+/// The warning for an Event that could not be written (pure): the RBAC hint only when the API
+/// server refused it (403); an API server that does not answer is not the ServiceAccount's fault.
+fn event_failure_line(e: &kube::Error) -> &'static str {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => {
+            "Cannot write a Kubernetes Event about the synchronization: forbidden (may its ServiceAccount create events there?); continuing without"
+        }
+        _ => "Cannot write a Kubernetes Event about the synchronization; continuing without",
     }
 }
 
@@ -292,6 +304,29 @@ mod tests {
     use super::*;
     use crate::sync::{ObjectOutcome, SyncError};
     use crate::{ObjRef, Status};
+
+    /// The RBAC hint only for a refusal (E12: it was given for an API server not answering).
+    #[test]
+    fn an_event_write_failure_hints_at_rbac_only_when_forbidden() {
+        let status = |code: u16| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                message: "m".into(),
+                reason: "r".into(),
+                ..kube::core::Status::default()
+            }))
+        };
+        assert!(event_failure_line(&status(403)).contains("may its ServiceAccount create events"));
+        assert!(!event_failure_line(&status(503)).contains("ServiceAccount"));
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let service = kube::Error::Service(Box::new(refused));
+        assert!(!event_failure_line(&service).contains("ServiceAccount"));
+        assert_eq!(
+            crate::sync::error_text(&service),
+            "ServiceError: Connection refused"
+        );
+    }
 
     fn object(name: &str, status: ObjectState, message: &str) -> ObjectOutcome {
         ObjectOutcome {

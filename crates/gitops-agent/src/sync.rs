@@ -351,11 +351,25 @@ impl From<kube::Error> for ApiError {
                 code: Some(s.code),
             },
             other => ApiError {
-                message: other.to_string(),
+                message: error_text(&other),
                 code: None,
             },
         }
     }
+}
+
+/// An error and its causes, each said once: kube's "ServiceError: client error (Connect)"
+/// alone hid why (the API server's address refusing connections, a TLS failure).
+pub(crate) fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    for cause in std::iter::successors(e.source(), |c| c.source()) {
+        let said = cause.to_string();
+        // kube's and hyper's errors repeat their source in their own text.
+        if !text.ends_with(&said) {
+            text = format!("{text}: {said}");
+        }
+    }
+    text
 }
 
 /// Why one object could not be applied or pruned (its outcome's message).

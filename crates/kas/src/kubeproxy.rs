@@ -1202,11 +1202,16 @@ fn watch_error_event(code: StatusCode, reason: &str, message: &str) -> Bytes {
 /// knows, and what to do — it said "the watch through the agent's tunnel failed" whatever
 /// ended it, a kas rollout included.
 fn cut_watch_message(kas_stopping: bool, e: &BoxError) -> String {
+    let causes = tether_transport::with_causes(e.as_ref());
     if kas_stopping {
         "kas is shutting down (a rollout or a restart): watch again, another replica or this one once restarted answers".to_owned()
+    } else if causes.contains(tether_protocol::CUT_SHORT) {
+        // agentk said so: the API server's side broke, agentk and its tunnel are fine (it was
+        // told as agentk stopping, sending the operator to the wrong component: E12).
+        "the Kubernetes API server ended the watch under the agent (its connection from agentk broke: an API server restart or outage); the agent and its tunnel are fine: watch again".to_owned()
     } else {
         format!(
-            "the agent's side of the watch ended ({e}): agentk restarted or stopped, or its connection to kas was lost; watch again once the agent is connected"
+            "the agent's side of the watch ended ({causes}): agentk restarted or stopped, or its connection to kas was lost; watch again once the agent is connected"
         )
     }
 }

@@ -983,12 +983,11 @@ async fn a_watch_through_kas_ends_soon_after_the_agents_connection_to_the_api_se
         .create_user_token(s.agent_id, &user_token_request("alice"))
         .await
         .unwrap();
-    let (mut watch, rx) = spawn_watch(
-        &s,
-        &format!("pat:{}:{}", s.agent_id, alice.token),
-        &s.allowed,
-    );
+    let pat = format!("pat:{}:{}", s.agent_id, alice.token);
+    let (mut watch, rx) = spawn_watch(&s, &pat, &s.allowed);
     wait_watches_see(&s, "relayed", &[&rx]).await;
+    let path = format!("/api/v1/namespaces/{}/configmaps?watch=true", s.allowed);
+    let json_watch = open_watch(&s, &pat, &path).await.expect("the watch opens");
 
     relay.sever();
     let t0 = Instant::now();
@@ -998,6 +997,14 @@ async fn a_watch_through_kas_ends_soon_after_the_agents_connection_to_the_api_se
     })
     .await;
     eprintln!("the watch ended {:?} after the cut", t0.elapsed());
+    // Its ERROR event names the API server's side, not agentk or the tunnel (E12: it said
+    // "agentk restarted or stopped, or its connection to kas was lost").
+    let (last, body) = closing_event(json_watch).await;
+    let said = last["object"]["message"].as_str().unwrap_or_default();
+    assert!(
+        said.starts_with("the Kubernetes API server ended the watch under the agent"),
+        "{body}"
+    );
 }
 
 /// Tunnel streams agentk counts busy (requests it serves), `-1` when unreadable.
@@ -1183,7 +1190,8 @@ async fn a_body_over_the_api_servers_limit_is_413_every_time() {
 }
 
 /// A watch whose agent side ends says why, as far as kas knows: agentk stopped or lost its
-/// connection, or kas itself is shutting down (a rollout). Both read "the watch through the
+/// connection, or kas itself is shutting down (a rollout); the API server's side breaking is
+/// said by `a_watch_through_kas_ends_soon_after_the_agents_connection_to_the_api_server_breaks`. Both read "the watch through the
 /// agent's tunnel failed: error reading a body from connection" (E9).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_watch_says_whether_the_agent_or_kas_is_stopping() {

@@ -79,6 +79,11 @@ pub mod services {
     pub const KUBERNETES_API: &str = "kubernetes_api";
 }
 
+/// How agentk's error frame starts when its side of a tunnelled request ended before the
+/// answer did (the Kubernetes API server broke the connection under a watch): kas tells its
+/// caller that, not that the agent or the tunnel went away.
+pub const CUT_SHORT: &str = "the agent's side of the request ended before its answer did";
+
 /// Largest gRPC message either side accepts (data frames are much smaller; this bounds abuse).
 pub const MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
 /// Size of the data frames the tunnel sends.

@@ -1032,7 +1032,10 @@ fn cut_short_frame() -> AgentFrame {
     AgentFrame {
         frame: Some(agent_frame::Frame::Error(tether_protocol::tunnel::Error {
             code: Code::Unavailable as i32,
-            message: "the agent's side of the request ended before its answer did (its connection to the Kubernetes API server broke, or it failed)".into(),
+            message: format!(
+                "{} (its connection to the Kubernetes API server broke, or it failed)",
+                tether_protocol::CUT_SHORT
+            ),
         })),
     }
 }
