@@ -1897,6 +1897,7 @@ impl Syncer {
         let mut pending = objs;
         let mut out = Vec::with_capacity(pending.len());
         let mut pause = Duration::from_millis(50);
+        let (started, mut said) = (tokio::time::Instant::now(), false);
         loop {
             let present = match present_names(&api, &pending).await {
                 Ok(names) => names,
@@ -1906,8 +1907,9 @@ impl Syncer {
                     return out;
                 }
             };
-            let (still, gone): (Vec<ObjRef>, Vec<ObjRef>) =
-                pending.into_iter().partition(|o| present.contains(&o.name));
+            let (still, gone): (Vec<ObjRef>, Vec<ObjRef>) = pending
+                .into_iter()
+                .partition(|o| present.contains_key(&o.name));
             out.extend(
                 gone.into_iter()
                     .map(|o| (o, Ok(PruneEnd::Gone { wrote: true }))),
@@ -1920,6 +1922,10 @@ impl Syncer {
                 let e = ObjectError::StillPresent(timeout);
                 out.extend(pending.into_iter().map(|o| (o, Err(e.clone()))));
                 return out;
+            }
+            if !said && started.elapsed() >= PRUNE_WAIT_SAID_AFTER {
+                said = true;
+                tracing::warn!("{}", still_deleting_line(&pending, &present, timeout));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
@@ -2027,35 +2033,66 @@ impl Syncer {
 
 /// Which of `objs` still exist: one LIST of names, or — where the agent may delete but not
 /// list — one GET each.
+/// The objects of `api` present now, by name, with their finalizers (what holds one being
+/// deleted).
 async fn present_names(
     api: &Api<DynamicObject>,
     objs: &[ObjRef],
-) -> Result<BTreeSet<String>, ApiError> {
+) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+    let named = |m: kube::api::ObjectMeta| Some((m.name?, m.finalizers.unwrap_or_default()));
     match api.list_metadata(&ListParams::default()).await {
         Ok(list) => Ok(list
             .items
             .into_iter()
-            .filter_map(|o| o.metadata.name)
+            .filter_map(|o| named(o.metadata))
             .collect()),
         Err(kube::Error::Api(st)) if st.code == 403 => {
             // Owned names: a closure over `&ObjRef` makes the future not provably `Send`.
             let wanted: Vec<String> = objs.iter().map(|o| o.name.clone()).collect();
-            let found = futures_util::stream::iter(wanted.into_iter().map(|name| async move {
-                api.get_metadata_opt(&name).await.map(|m| m.map(|_| name))
-            }))
+            let found = futures_util::stream::iter(
+                wanted
+                    .into_iter()
+                    .map(|name| async move { api.get_metadata_opt(&name).await }),
+            )
             .buffer_unordered(CONCURRENCY)
             .collect::<Vec<_>>()
             .await;
-            let mut names = BTreeSet::new();
+            let mut names = BTreeMap::new();
             for f in found {
-                if let Some(name) = f? {
-                    names.insert(name);
-                }
+                names.extend(f?.and_then(|m| named(m.metadata)));
             }
             Ok(names)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// How long pruning waits for deleted objects to go before it says which it waits for.
+const PRUNE_WAIT_SAID_AFTER: Duration = Duration::from_secs(30);
+
+/// The warning for objects still there [`PRUNE_WAIT_SAID_AFTER`] after their deletion (pure):
+/// which, and what holds them. A foreground deletion waits for kube-controller-manager's
+/// garbage collector; the sync waited up to `prune_timeout` (1 h) without a word (E12).
+fn still_deleting_line(
+    pending: &[ObjRef],
+    present: &BTreeMap<String, Vec<String>>,
+    timeout: Duration,
+) -> String {
+    let held: Vec<String> = pending
+        .iter()
+        .map(|o| {
+            let finalizers = present.get(&o.name).filter(|f| !f.is_empty());
+            match finalizers {
+                Some(f) => format!("{o} (finalizers: {})", f.join(", ")),
+                None => o.to_string(),
+            }
+        })
+        .collect();
+    format!(
+        "Pruning still waits for {} object(s) to be deleted: {}; a finalizer's controller must remove them (foregroundDeletion: kube-controller-manager's garbage collector); the sync waits up to prune_timeout ({timeout:?})",
+        held.len(),
+        held.join(", ")
+    )
 }
 
 /// Why the phases of a sync stopped early.
@@ -2543,6 +2580,25 @@ mod tests {
 
     fn obj(name: &str) -> ObjRef {
         ObjRef::new("", "ConfigMap", Some("dude"), name)
+    }
+
+    /// Objects a prune waits for are named with what holds them.
+    #[test]
+    fn a_long_prune_wait_names_the_objects_and_their_finalizers() {
+        let present = BTreeMap::from([
+            ("w3".to_owned(), vec!["foregroundDeletion".to_owned()]),
+            ("w4".to_owned(), Vec::new()),
+        ]);
+        let line =
+            still_deleting_line(&[obj("w3"), obj("w4")], &present, Duration::from_secs(3600));
+        assert_eq!(
+            line,
+            format!(
+                "Pruning still waits for 2 object(s) to be deleted: {} (finalizers: foregroundDeletion), {}; a finalizer's controller must remove them (foregroundDeletion: kube-controller-manager's garbage collector); the sync waits up to prune_timeout (3600s)",
+                obj("w3"),
+                obj("w4")
+            )
+        );
     }
 
     fn results(states: &[(&str, ObjectState)]) -> HashMap<ObjRef, ObjectOutcome> {

@@ -2083,6 +2083,57 @@ async fn a_leader_cut_from_kas_hands_the_lease_to_a_replica_that_is_connected() 
     connected.stop();
 }
 
+/// An object that left Git and is held by a finalizer after its deletion is named in a warning
+/// (with the finalizer) after 30 s of waiting, and the prune ends once the finalizer is gone:
+/// the sync waited up to `prune_timeout` (1 h) without a word (E12: a foreground deletion
+/// the garbage collector did not process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_held_by_a_finalizer_is_said_and_ends_when_it_is_removed() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("held").unwrap();
+    let held = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: held\n  namespace: {ns}\n  finalizers: [example.com/hold]\ndata:\n  value: \"1\"\n"
+    );
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "",
+        &[
+            ("manifests/held.yaml", Some(held.as_bytes())),
+            ("manifests/kept.yaml", Some(&configmap("kept", &ns, "1"))),
+        ],
+        &[],
+    )
+    .await;
+    rig.synced(&c1).await;
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/held.yaml", None)], "drop held");
+    let said = rig
+        .agent
+        .wait_line("the prune's warning", |l| {
+            l["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Pruning still waits for 1 object(s)"))
+        })
+        .await;
+    assert_eq!(said["level"], "warn", "{said}");
+    let msg = said["msg"].as_str().unwrap();
+    assert!(msg.contains("held (finalizers: example.com/hold)"), "{msg}");
+    let patched = rig
+        .env
+        .kubectl()
+        .args(["-n", &ns, "patch", "configmap", "held", "--type=merge"])
+        .args(["-p", r#"{"metadata":{"finalizers":null}}"#])
+        .output()
+        .unwrap();
+    assert!(patched.status.success(), "{patched:?}");
+    let s2 = rig.synced(&c2).await;
+    assert_eq!(s2.outcome, ReportedOutcome::Succeeded, "{s2:?}");
+}
+
 /// RBAC for an agent that may do anything with core objects in its namespace, and only
 /// `lease_verbs` on Leases there.
 fn lease_rbac(ns: &str, lease_verbs: &[&str]) -> String {
