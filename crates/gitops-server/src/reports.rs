@@ -175,6 +175,21 @@ impl SyncStates {
         Ok(out)
     }
 
+    /// The newest `kas agent reconcile` the agent's stored report of `project_id` answers (0:
+    /// none, or the store cannot say, so an unanswered one is still sent): a new stream does
+    /// not ask again for one the agent answered before (it re-synced at every new leadership).
+    pub(crate) async fn answered(&self, agent_id: i64, project_id: &str) -> u64 {
+        match self.for_agent(agent_id).await {
+            Ok(reports) => reports
+                .into_iter()
+                .filter(|r| r.project_id == project_id)
+                .map(|r| r.resync_id)
+                .max()
+                .unwrap_or_default(),
+            Err(_) => 0,
+        }
+    }
+
     /// Where the agent's last successful sync of `project_id` left its inventory (empty when
     /// no report says, or the store cannot answer: the agent then looks only in the project's
     /// default namespace, as before).

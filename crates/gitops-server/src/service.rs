@@ -219,7 +219,10 @@ impl GitOpsService {
         };
         let mut heads = self.deps.sources.watch(project.id);
         let mut directives = self.controls.subscribe(agent_id, project.id);
-        let mut control = StreamControl::default();
+        let mut control = StreamControl {
+            resynced: ResyncId(self.reports.answered(agent_id, &req.project_id).await),
+            ..StreamControl::default()
+        };
         let mut charts = ChartRecheck::new(&self.deps.renderer, &source);
         loop {
             let d = *directives.borrow_and_update();

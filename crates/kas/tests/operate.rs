@@ -122,6 +122,38 @@ async fn reconcile_after_a_hand_made_drift_restores_the_object_and_wait_exits_0(
     assert_eq!(value(&rig.env, &ns, "app"), "v1", "the drift was corrected");
 }
 
+/// A reconcile the agent answered is not asked again of the streams it opens later (a new
+/// leader, a restarted agentk): each new stream re-ran it (E12: once per leadership change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_reconcile_is_not_asked_again_of_a_restarted_agent() {
+    let (mut rig, _ns, _c1) = configmap_rig("answered").await;
+    let asked = |agent: &Agent| -> Vec<u64> {
+        agent
+            .log_lines()
+            .iter()
+            .filter(|l| l["msg"] == "kas asked for a synchronization now")
+            .filter_map(|l| l["resync_id"].as_u64())
+            .collect()
+    };
+    let out = reconcile_wait(&rig.kas, &agent_name(&rig), "90s");
+    assert!(out.status.success(), "{}", text(&out));
+    let first = asked(&rig.agent);
+    assert_eq!(first.len(), 1, "{}", rig.agent.log());
+
+    rig.agent.stop();
+    let again = rig.start_agent("answered-again");
+    again
+        .wait_line("its first sync", |l| l["msg"] == "Synchronization done")
+        .await;
+    // A new reconcile: directives come in order on a stream, so the old one, had it been
+    // sent, would be in the log before this one's.
+    let out = reconcile_wait(&rig.kas, &agent_name(&rig), "90s");
+    assert!(out.status.success(), "{}", text(&out));
+    let second = asked(&again);
+    assert_eq!(second.len(), 1, "{}", again.log());
+    assert!(second[0] > first[0], "{second:?} after {first:?}");
+}
+
 /// The report answering a reconcile keeps, in short, the sync it replaced: a commit's sync that
 /// pruned, replaced at once by the reconcile's re-sync (which finds nothing to prune), is still
 /// told with its prunes. Before, only the last report was kept, and `reconcile --wait` omitted
