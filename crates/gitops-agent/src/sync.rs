@@ -806,6 +806,16 @@ pub(crate) fn lean_value(mut o: DynamicObject) -> Value {
 }
 
 /// [`lean_value`], and the managed fields it left out (for [`takeover`]).
+/// Gives a listed item the type of the list it came in, when it lacks one.
+fn typed(o: &mut DynamicObject, ar: &ApiResource) {
+    if o.types.as_ref().is_none_or(|t| t.kind.is_empty()) {
+        o.types = Some(kube::api::TypeMeta {
+            api_version: ar.api_version.clone(),
+            kind: ar.kind.clone(),
+        });
+    }
+}
+
 pub(crate) fn split_managed(mut o: DynamicObject) -> (Value, Vec<ManagedFieldsEntry>) {
     let managed = o.metadata.managed_fields.take().unwrap_or_default();
     (lean_value(o), managed)
@@ -1459,10 +1469,14 @@ impl Syncer {
                             Ok(page) => page,
                             Err(e) => return (key, Err(e)),
                         };
-                        for o in page.items {
+                        for mut o in page.items {
                             let Some(name) = o.metadata.name.clone() else {
                                 continue;
                             };
+                            // A LIST's items of built-in kinds come without apiVersion and
+                            // kind, and a status without a kind was read by the generic rule:
+                            // Current, for Deployments that could not run (E12).
+                            typed(&mut o, &ar);
                             let (v, managed) = split_managed(o);
                             if let Some(t) = summarize(&key, &name, &v, &managed) {
                                 found.insert(name, t);

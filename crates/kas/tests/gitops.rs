@@ -2083,6 +2083,60 @@ async fn a_leader_cut_from_kas_hands_the_lease_to_a_replica_that_is_connected() 
     connected.stop();
 }
 
+/// Four or more objects of a kind in a namespace have their statuses read by one LIST, whose
+/// items of built-in kinds come without a kind: the status rules then read every one as
+/// Current, and Deployments that could not run were reported synced (E12, High). Here four
+/// Deployments whose Pods no node accepts stay not Current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_whose_status_is_listed_are_not_current_while_they_cannot_run() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("unschedulable").unwrap();
+    let stuck = |name: &str| {
+        let d = String::from_utf8(deployment(name, &ns, 1)).unwrap();
+        d.replace(
+            "    spec:\n      containers:",
+            "    spec:\n      nodeSelector:\n        tether.example.com/nowhere: \"true\"\n      containers:",
+        )
+        .into_bytes()
+    };
+    let files: Vec<(String, Vec<u8>)> = (1..=4)
+        .map(|i| {
+            (
+                format!("manifests/stuck-{i}.yaml"),
+                stuck(&format!("stuck-{i}")),
+            )
+        })
+        .collect();
+    let initial: Vec<(&str, Option<&[u8]>)> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), Some(b.as_slice())))
+        .collect();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "    reconcile_timeout: 8s\n",
+        &initial,
+        &[],
+    )
+    .await;
+    let report = rig.synced(&c1).await;
+    let deployments: Vec<_> = report
+        .objects
+        .iter()
+        .filter(|o| o.kind == "Deployment")
+        .collect();
+    assert_eq!(deployments.len(), 4, "{report:?}");
+    assert!(
+        deployments
+            .iter()
+            .all(|o| o.status != ReportedStatus::Current),
+        "{report:?}"
+    );
+    assert_ne!(report.outcome, ReportedOutcome::Succeeded, "{report:?}");
+}
+
 /// An object that left Git and is held by a finalizer after its deletion is named in a warning
 /// (with the finalizer) after 30 s of waiting, and the prune ends once the finalizer is gone:
 /// the sync waited up to `prune_timeout` (1 h) without a word (E12: a foreground deletion
