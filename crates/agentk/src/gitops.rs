@@ -157,6 +157,13 @@ impl Workers {
     /// workers whose project left the configuration or whose settings changed, then starts the
     /// missing ones.
     async fn reconcile(&mut self, applied: &Applied, lead: bool, shutdown: &CancellationToken) {
+        let in_force: std::collections::HashSet<String> = applied
+            .config
+            .gitops
+            .manifest_projects
+            .iter()
+            .map(ManifestProject::entry_key)
+            .collect();
         let wanted: HashMap<String, ManifestProject> = applied
             .config
             .gitops
@@ -208,9 +215,12 @@ impl Workers {
         // A stopped worker must be gone before its successor (or another replica) applies
         // the same objects: all are stopped together, within one sync's stop grace.
         for key in stop_all(stopping, WORKER_STOP_DEADLINE).await {
-            if !wanted.contains_key(&key) {
-                // Left the configuration, or this replica no longer leads (after the worker
-                // ended, so its last sync cannot record them again).
+            // After the worker ended, so its last sync cannot record them again.
+            if in_force.contains(&key) && !wanted.contains_key(&key) {
+                // This replica no longer leads: its counts stay (the failures of an outage
+                // that took the lease away among them), its state goes.
+                self.engine.metrics.forget_state(&key);
+            } else if !wanted.contains_key(&key) {
                 self.engine.metrics.forget(&key);
             }
         }

@@ -208,26 +208,33 @@ impl SyncMetrics {
             .inc();
     }
 
-    /// Drops `project`'s series: it left the configuration, or this replica stopped leading.
-    /// Kept, its last-success time would age until a staleness alert fired for a project
-    /// nobody syncs here any more, and its object counts would stay frozen.
+    /// Drops `project`'s series: it left the configuration.
     pub fn forget(&self, project: &str) {
-        let project = project.to_owned();
         for outcome in ["succeeded", "failed", "superseded"] {
             self.syncs.remove(&ProjectOutcomeLabel {
-                project: project.clone(),
+                project: project.to_owned(),
                 outcome,
             });
         }
+        self.taken_over.remove(&ProjectLabel {
+            project: project.to_owned(),
+        });
+        self.forget_state(project);
+    }
+
+    /// Drops `project`'s gauges, keeping its counters: this replica stopped leading. Kept, its
+    /// last-success time would age until a staleness alert fired for a project another
+    /// replica syncs, and its object counts would stay frozen. The counters stay: a sync that
+    /// failed as the API server went away (and with it the lease) was counted and dropped
+    /// seconds later, before any scrape, so no alert could see an outage (E12).
+    pub fn forget_state(&self, project: &str) {
+        let project = project.to_owned();
         for status in STATUSES {
             self.objects.remove(&ObjectsLabel {
                 project: project.clone(),
                 status,
             });
         }
-        self.taken_over.remove(&ProjectLabel {
-            project: project.clone(),
-        });
         self.waiting.remove(&ProjectLabel {
             project: project.clone(),
         });
@@ -363,6 +370,27 @@ mod tests {
             t.contains(
                 r#"agentk_gitops_last_successful_sync_timestamp_seconds{project="kept"} 100"#
             ),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn a_project_no_longer_led_here_keeps_its_sync_counts_only() {
+        let m = SyncMetrics::default();
+        let failed = outcome(
+            Some(SyncError::Discovery("API server gone".into())),
+            vec![object("a", ObjectState::Live(Status::Current))],
+        );
+        m.record("led", &failed, Duration::from_secs(1), 100.0);
+        m.forget_state("led");
+        let t = text(&m);
+        assert_samples(
+            &t,
+            &[r#"agentk_gitops_syncs_total{project="led",outcome="failed"} 1"#],
+        );
+        assert!(!t.contains(r#"agentk_gitops_objects{project="led""#), "{t}");
+        assert!(
+            !t.contains("last_successful_sync_timestamp_seconds{"),
             "{t}"
         );
     }
