@@ -185,6 +185,9 @@ async fn try_forward(
         .body(body.boxed())
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "BadRequest", e))?;
     let mut resp = send(h, out, declared).await?;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        return Err(own_credentials_refused(h));
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
@@ -240,6 +243,23 @@ async fn send(
         tracing::warn!(api_server = %h.base, status = refusal.code.as_u16(), suppressed, "A request to the Kubernetes API server failed: {}", refusal.message);
     }
     Err(refusal)
+}
+
+/// A 401 from the API server: every request goes with agentk's own credentials (the caller's
+/// identity is impersonated, which is refused with 403), so its token was refused — an expired
+/// or deleted ServiceAccount's. Passed through, it told people and CI jobs to log in (E12).
+fn own_credentials_refused(h: &Inner) -> Refusal {
+    let what = format!(
+        "the Kubernetes API server at {} refused the agent's own credentials (401): its ServiceAccount token is invalid or expired (was the ServiceAccount deleted?); your credentials are fine",
+        h.base
+    );
+    if let Some(suppressed) = h
+        .failures
+        .admit("own_credentials", std::time::Instant::now())
+    {
+        tracing::error!(api_server = %h.base, suppressed, "{what}");
+    }
+    Refusal::new(StatusCode::BAD_GATEWAY, "ServiceUnavailable", what)
 }
 
 /// The answer to a request the API server did not answer (pure): 413 for a body over its
@@ -446,6 +466,11 @@ mod tests {
 
     /// A stand-in API server that records the `Impersonate-User` of every request reaching it.
     async fn recording_api_server() -> (Uri, Arc<Mutex<Vec<String>>>) {
+        api_server_answering(StatusCode::OK).await
+    }
+
+    /// As [`recording_api_server`], answering every request with `code`.
+    async fn api_server_answering(code: StatusCode) -> (Uri, Arc<Mutex<Vec<String>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let uri = format!("http://{}", l.local_addr().unwrap())
@@ -463,8 +488,10 @@ mod tests {
                         .unwrap_or("<none>")
                         .to_owned();
                     record.lock().unwrap().push(user);
-                    async {
-                        Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+                    async move {
+                        let mut resp = Response::new(Empty::<Bytes>::new());
+                        *resp.status_mut() = code;
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
                 tokio::spawn(
@@ -517,6 +544,24 @@ mod tests {
                 .contains("closed the connection without an answer"),
             "{}",
             r.message
+        );
+    }
+
+    /// The API server refusing agentk's own token is said as that (502), not passed through
+    /// as a 401 that tells the caller to log in (E12).
+    #[tokio::test]
+    async fn the_api_server_refusing_the_agents_own_credentials_is_not_the_callers_401() {
+        let (base, seen) = api_server_answering(StatusCode::UNAUTHORIZED).await;
+        let (code, body) = get_through_agent(&base, &valid_metadata()).await;
+        assert_eq!(code, 502, "{body}");
+        assert!(
+            body.contains("refused the agent's own credentials (401)"),
+            "{body}"
+        );
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            1,
+            "the request reached the API server"
         );
     }
 
