@@ -9,6 +9,7 @@
 //! cannot outlast the deadline: a request to the API server may hang (a connection dropped
 //! silently, a slow etcd) and the kube client has no read timeout, so each round is bounded.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -195,6 +196,21 @@ fn round_deadline(
         .unwrap_or(now + renew_deadline)
 }
 
+/// Why a round got no answer in time (pure): the API server not answering at all, or answering
+/// the read and not the write — which other requests do not show (E12: a slow admission webhook
+/// on Leases kept agentk from leading while the log sent the operator to a dead API server).
+fn unanswered_round(lease: &str, renew_deadline: Duration, writing: bool) -> String {
+    if writing {
+        format!(
+            "lease {lease}: the API server answered its read but not its write within the renew deadline ({renew_deadline:?}): something delays writes of Leases (an admission webhook on leases? etcd?)"
+        )
+    } else {
+        format!(
+            "lease {lease}: no answer from the API server within the renew deadline ({renew_deadline:?})"
+        )
+    }
+}
+
 /// Whether we lead at `now`: only while the lease is provably ours, renewed (a round that
 /// started at `last_renewal` succeeded) within the renew deadline.
 fn leads(last_renewal: Option<Instant>, now: Instant, renew_deadline: Duration) -> bool {
@@ -217,13 +233,10 @@ impl Elector {
             // time first), so the deadline counts from there, not from the answer.
             let started = Instant::now();
             let deadline = round_deadline(last_renewal, started, self.timing.renew_deadline);
+            let writing = AtomicBool::new(false);
             let round = tokio::select! {
-                r = tokio::time::timeout_at(deadline, self.try_lead(&mut observed, reach)) => r.unwrap_or_else(|_| {
-                    Err(anyhow::anyhow!(
-                        "lease {}: no answer from the API server within the renew deadline ({:?})",
-                        self.name,
-                        self.timing.renew_deadline
-                    ))
+                r = tokio::time::timeout_at(deadline, self.try_lead(&mut observed, reach, &writing)) => r.unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!("{}", unanswered_round(&self.name, self.timing.renew_deadline, writing.load(Ordering::Relaxed))))
                 }),
                 () = shutdown.cancelled() => break,
             };
@@ -289,7 +302,13 @@ impl Elector {
 
     /// One round: creates, renews or takes over the lease, or asks for it or hands it over
     /// as the kas link of each replica says (`reach`: ours).
-    async fn try_lead(&self, observed: &mut Observed, reach: Reach) -> anyhow::Result<Round> {
+    /// One round; `writing` is set once the lease was read and its write is under way.
+    async fn try_lead(
+        &self,
+        observed: &mut Observed,
+        reach: Reach,
+        writing: &AtomicBool,
+    ) -> anyhow::Result<Round> {
         let err = |source: kube::Error| {
             anyhow::Error::new(source).context(format!("lease {}", self.name))
         };
@@ -325,6 +344,7 @@ impl Elector {
                     },
                     spec: Some(held_spec(&self.identity, self.timing, now, now, 0)),
                 };
+                writing.store(true, Ordering::Relaxed);
                 return match self.api.create(&PostParams::default(), &lease).await {
                     Ok(_) => Ok(Round::Leads),
                     Err(e) if is_conflict(&e) => Ok(Round::Follows),
@@ -364,6 +384,7 @@ impl Elector {
         reach::mark_held(lease.metadata.annotations.get_or_insert_default(), reach);
         // The resourceVersion read above makes this a compare-and-swap: if another replica
         // wrote the lease meanwhile, the API server answers 409 and we do not lead.
+        writing.store(true, Ordering::Relaxed);
         match self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
@@ -638,6 +659,19 @@ mod tests {
         );
         shutdown.cancel();
         task.await.expect("the elector stops");
+    }
+
+    #[test]
+    fn a_round_unanswered_at_its_write_names_the_write() {
+        let d = Duration::from_secs(10);
+        assert_eq!(
+            unanswered_round("agent-1-lock", d, false),
+            "lease agent-1-lock: no answer from the API server within the renew deadline (10s)"
+        );
+        assert!(
+            unanswered_round("agent-1-lock", d, true)
+                .contains("answered its read but not its write within the renew deadline (10s)")
+        );
     }
 
     #[test]
