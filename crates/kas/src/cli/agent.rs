@@ -607,6 +607,14 @@ pub(super) fn refusal(cfg: &ConfigView) -> Option<String> {
         cfg.error.as_ref()?,
         cfg.error_commit.as_deref().unwrap_or("?"),
     );
+    if c == cfg.commit {
+        // Accepted once (by an older kas, or an agentk that read it otherwise) and refused
+        // now: "commit X refused; commit X stays in force" read as a contradiction (E11).
+        return Some(format!(
+            "the configuration in force, commit {}, is refused now: {e}; it was accepted before (by an earlier kas or agentk) and stays in force here, but an agentk that refuses it runs no configuration at all: fix config.yaml",
+            short(c)
+        ));
+    }
     Some(format!(
         "configuration refused at commit {}: {e}; commit {} stays in force",
         short(c),
@@ -770,6 +778,32 @@ mod tests {
 
     /// A commit kas has had for over two minutes without the agent reporting on it is
     /// stalled (exit 8), unless its sync is under way; a newer one is only said before that.
+    /// A refusal of the commit in force itself (valid before, refused by newer rules) says
+    /// so, rather than "commit X refused; commit X stays in force".
+    #[test]
+    fn a_refusal_of_the_commit_in_force_says_it_was_accepted_before() {
+        let cfg = |commit: &str| ConfigView {
+            commit: commit.into(),
+            file: ".gitlab/agents/a/config.yaml".into(),
+            error: Some("reconcile_timeout: 240h is longer than the maximum of 168h".into()),
+            error_commit: Some("c0ffee0000001111".into()),
+            updated_at: 0,
+            unstored: None,
+        };
+        let same = refusal(&cfg("c0ffee0000001111")).unwrap();
+        assert!(
+            same.starts_with(
+                "the configuration in force, commit c0ffee000000, is refused now: reconcile_timeout"
+            ),
+            "{same}"
+        );
+        let older = refusal(&cfg("aaaabbbbccccdddd")).unwrap();
+        assert!(
+            older.ends_with("; commit aaaabbbbcccc stays in force"),
+            "{older}"
+        );
+    }
+
     /// A connected agent without a GitOps stream for an entry is said after a minute (no
     /// replica leads); not while it may be taking its Lease, not when kas does not know.
     #[test]
