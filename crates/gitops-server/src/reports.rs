@@ -179,27 +179,31 @@ impl SyncStates {
     /// none, or the store cannot say, so an unanswered one is still sent): a new stream does
     /// not ask again for one the agent answered before (it re-synced at every new leadership).
     pub(crate) async fn answered(&self, agent_id: i64, project_id: &str) -> u64 {
-        match self.for_agent(agent_id).await {
-            Ok(reports) => reports
-                .into_iter()
-                .filter(|r| r.project_id == project_id)
-                .map(|r| r.resync_id)
-                .max()
-                .unwrap_or_default(),
-            Err(_) => 0,
+        match self.stored(agent_id, project_id).await {
+            Ok(report) => report.map_or(0, |r| r.resync_id),
+            Err(e) => {
+                tracing::warn!(agent_id, project_id, error = %e, "Cannot read which reconcile the agent answered last; the newest one asked is sent again");
+                0
+            }
         }
+    }
+
+    /// The agent's stored report of `project_id`, if any.
+    async fn stored(
+        &self,
+        agent_id: i64,
+        project_id: &str,
+    ) -> Result<Option<SyncReport>, tether_store::Error> {
+        let reports = self.for_agent(agent_id).await?;
+        Ok(reports.into_iter().find(|r| r.project_id == project_id))
     }
 
     /// Where the agent's last successful sync of `project_id` left its inventory (empty when
     /// no report says, or the store cannot answer: the agent then looks only in the project's
     /// default namespace, as before).
     pub(crate) async fn inventory_namespace(&self, agent_id: i64, project_id: &str) -> String {
-        match self.for_agent(agent_id).await {
-            Ok(reports) => reports
-                .into_iter()
-                .find(|r| r.project_id == project_id)
-                .map(|r| r.inventory_namespace)
-                .unwrap_or_default(),
+        match self.stored(agent_id, project_id).await {
+            Ok(report) => report.map(|r| r.inventory_namespace).unwrap_or_default(),
             Err(e) => {
                 tracing::warn!(agent_id, project_id, error = %e, "Cannot read where the project's inventory is; the agent looks in its default namespace only");
                 String::new()
