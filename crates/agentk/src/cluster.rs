@@ -7,22 +7,38 @@
 //! The UID comes from the ServiceAccount token's own claims, so no API call or extra RBAC is
 //! needed; it is an identity hint for kas, not a credential, and is not verified here.
 
+use std::path::{Path, PathBuf};
+
 use base64::Engine;
 use secrecy::ExposeSecret;
+use tether_tunnel_agent::{AgentToken, ClusterId};
 
 /// Longest UID kept (Kubernetes UIDs are 36 characters).
 const MAX_UID_LEN: usize = 64;
 
 /// The ServiceAccount UID of the API token `cfg` uses; empty when it is not a ServiceAccount
-/// token (a client certificate, an exec plugin, a user's token outside a cluster).
-pub fn cluster_id(cfg: &kube::Config) -> String {
+/// token (a client certificate, an exec plugin, a user's token outside a cluster). A token
+/// file (a Pod's projected token, rotated by the kubelet) is followed: the ServiceAccount
+/// created again gives a new UID, which `streams` reopen to send.
+pub fn cluster_id(cfg: &kube::Config, streams: &AgentToken) -> ClusterId {
     let auth = &cfg.auth_info;
-    let token = match (&auth.token, &auth.token_file) {
-        (Some(t), _) => t.expose_secret().to_owned(),
-        (None, Some(file)) => std::fs::read_to_string(file).unwrap_or_default(),
-        (None, None) => String::new(),
-    };
-    service_account_uid(token.trim()).unwrap_or_default()
+    match (&auth.token, &auth.token_file) {
+        (Some(t), _) => {
+            ClusterId::fixed(service_account_uid(t.expose_secret().trim()).unwrap_or_default())
+        }
+        (None, Some(file)) => {
+            let file = PathBuf::from(file);
+            ClusterId::following(move || uid_in_file(&file), streams)
+        }
+        (None, None) => ClusterId::default(),
+    }
+}
+
+/// The UID in the token file; `None` while it cannot be read or holds no UID (being
+/// rewritten: the last one read stays).
+fn uid_in_file(file: &Path) -> Option<String> {
+    let token = std::fs::read_to_string(file).ok()?;
+    service_account_uid(token.trim())
 }
 
 /// The ServiceAccount UID in a ServiceAccount JWT: the bound token's
@@ -45,6 +61,7 @@ fn service_account_uid(jwt: &str) -> Option<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -71,6 +88,28 @@ mod tests {
             service_account_uid(&jwt(&legacy)).as_deref(),
             Some("abc-123")
         );
+    }
+
+    #[test]
+    fn a_token_file_is_followed_to_a_new_service_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        let token_of = |uid: &str| {
+            jwt(&serde_json::json!({"kubernetes.io": {"serviceaccount": {"uid": uid}}}))
+        };
+        std::fs::write(&file, token_of("uid-old")).unwrap();
+        let mut cfg = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+        cfg.auth_info.token_file = Some(file.display().to_string());
+        let streams = AgentToken::fixed("agent-token");
+        let id = cluster_id(&cfg, &streams);
+        assert_eq!(id.current(), "uid-old");
+        std::fs::write(&file, "").unwrap();
+        assert!(!id.refresh(), "a file being rewritten keeps the UID");
+        std::fs::write(&file, token_of("uid-new")).unwrap();
+        let changes = streams.changes();
+        assert!(id.refresh());
+        assert_eq!(id.current(), "uid-new");
+        assert!(changes.has_changed().unwrap(), "streams reopen to send it");
     }
 
     #[test]

@@ -320,12 +320,13 @@ async fn run(cli: Cli) -> Result<()> {
     // One lazily connecting channel (one transport connection) for every module.
     let (channel, activity) = tether_transport::connect_lazy_watched(&address, &opts)?;
     let kube_cfg = kube_config(cli.kubeconfig.as_deref()).await?;
+    let cluster_id = cluster::cluster_id(&kube_cfg, &token);
     let meta = AgentMeta {
         token,
         version: tether_build_info::BUILD_VERSION.to_string(),
         pod_name: std::env::var("POD_NAME").unwrap_or_default(),
         pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
-        cluster_id: cluster::cluster_id(&kube_cfg),
+        cluster_id,
     };
     let pool = tunnel_pool(&cli, (channel.clone(), activity), meta.clone(), &kube_cfg)?;
     let kube =
@@ -350,11 +351,18 @@ async fn run(cli: Cli) -> Result<()> {
         version = tether_build_info::LONG_VERSION,
         "agentk is starting"
     );
-    let token = meta.token.clone();
+    let (token, cluster) = (meta.token.clone(), meta.cluster_id.clone());
     modules.start(
         "token",
         tracing::info_span!(parent: &agent_span, "token", mod_name = "token_file"),
-        |stop| async move { token.follow_file(TOKEN_FILE_CHECK, stop).await },
+        // The agent token and the Kubernetes API token (which names the ServiceAccount, so
+        // the cluster) are both files rewritten while agentk runs.
+        |stop| async move {
+            tokio::join!(
+                token.follow_file(TOKEN_FILE_CHECK, stop.clone()),
+                cluster.follow(TOKEN_FILE_CHECK, stop)
+            );
+        },
     );
     let p = Arc::clone(&pool);
     modules.start(

@@ -141,11 +141,22 @@ impl AgentView {
     }
 
     /// The clusters the agent is connected from, when more than one: its token is installed
-    /// in several clusters (kas routes CI jobs to either, and each applies its GitOps).
+    /// in several clusters (kas routes CI jobs to either, and each applies its GitOps). A Pod
+    /// is in the cluster its newest connection tells: an older one may still carry the UID of
+    /// a ServiceAccount since created again.
     pub fn clusters_sharing_token(&self) -> Vec<&str> {
+        let newer_of_its_pod = |c: &ConnectionView| {
+            !c.pod_name.is_empty()
+                && self.connections.iter().any(|o| {
+                    o.pod_name == c.pod_name
+                        && o.pod_namespace == c.pod_namespace
+                        && o.connected_since > c.connected_since
+                })
+        };
         let mut ids: Vec<&str> = self
             .connections
             .iter()
+            .filter(|c| !newer_of_its_pod(c))
             .map(|c| c.cluster_id.as_str())
             .filter(|id| !id.is_empty())
             .collect();
@@ -578,5 +589,41 @@ mod tests {
         assert!(note(Some("")).contains("still use no configuration"));
         assert!(note(None).contains("still use the stored one (unknown"));
         assert_eq!(ConfigView::default().unstored_note(), None, "stored");
+    }
+
+    #[test]
+    fn a_pod_is_in_the_cluster_its_newest_connection_tells() {
+        let conn = |pod: &str, since: &str, cluster: &str| {
+            serde_json::json!({"connected_since": since, "agent_version": "v", "pod_name": pod,
+                "pod_namespace": "ns", "cluster_id": cluster, "remote_addr": "a", "streams": 1})
+        };
+        let agent = |conns: Vec<serde_json::Value>| -> AgentView {
+            serde_json::from_value(serde_json::json!({"id": 1, "project": "p", "name": "n",
+                "connected": true, "idle_tunnels": 1, "connections": conns, "config": null}))
+            .expect("an agent view")
+        };
+        let recreated = agent(vec![
+            conn("a", "2026-11-29T12:00:00Z", "uid-old"),
+            conn("a", "2026-11-29T12:30:00Z", "uid-new"),
+            conn("b", "2026-11-29T12:31:00Z", "uid-new"),
+        ]);
+        assert!(
+            recreated.clusters_sharing_token().is_empty(),
+            "one cluster whose ServiceAccount was created again"
+        );
+        let shared = agent(vec![
+            conn("a", "2026-11-29T12:00:00Z", "uid-1"),
+            conn("b", "2026-11-29T12:30:00Z", "uid-2"),
+        ]);
+        assert_eq!(shared.clusters_sharing_token(), ["uid-1", "uid-2"]);
+        let unnamed = agent(vec![
+            conn("", "2026-11-29T12:00:00Z", "uid-1"),
+            conn("", "2026-11-29T12:30:00Z", "uid-2"),
+        ]);
+        assert_eq!(
+            unnamed.clusters_sharing_token().len(),
+            2,
+            "agentk outside a cluster is never known to be one Pod"
+        );
     }
 }

@@ -456,3 +456,142 @@ apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: cluster-b\n  namespace:
     .await;
     assert_eq!(status().status.code(), Some(0));
 }
+
+/// The agent's ServiceAccount deleted and created again (a Helm reinstall, a namespace restored)
+/// has a new UID, and the kubelet rewrites the running Pods' token files with tokens of the new
+/// one. A running agentk reads its cluster id from that file again and tells kas, so a replica
+/// started afterwards is one cluster with it, not the critical "token in two clusters" (it
+/// kept the UID read at start: `kas agent status` exited 6 until the old Pods were gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_created_again_is_still_one_cluster() {
+    let env = tether_testenv::TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("sa-again").unwrap();
+    let sa = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: agentk\n  namespace: {ns}\n"
+    );
+    env.apply_yaml(&sa).unwrap();
+    let uid = || {
+        let out = tether_testenv::run_output(env.kubectl().args([
+            "get",
+            "sa",
+            "agentk",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ]))
+        .unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("kube.token");
+    // Replaced atomically, as the kubelet does.
+    let write_token = || {
+        let out = tether_testenv::run_output(env.kubectl().args([
+            "create",
+            "token",
+            "agentk",
+            "-n",
+            &ns,
+            "--duration=1h",
+        ]))
+        .unwrap();
+        let tmp = dir.path().join("kube.token.tmp");
+        std::fs::write(&tmp, out).unwrap();
+        std::fs::rename(&tmp, &token_file).unwrap();
+    };
+    write_token();
+    let kubeconfig = dir.path().join("agentk.kubeconfig");
+    let with_file = env.token_kubeconfig("unused").replace(
+        "token: unused",
+        &format!("tokenFile: {}", token_file.display()),
+    );
+    std::fs::write(&kubeconfig, with_file).unwrap();
+    let kubeconfig = kubeconfig.display().to_string();
+
+    let repo = GitRepo::init(&dir.path().join("repo"));
+    repo.commit(&[(".gitlab/agents/again/config.yaml", Some(b""))], "empty");
+    let kas = Kas::start(&dir.path().join("kas"), KasOptions::default()).await;
+    kas.set_projects(&[("group/again", &repo)]).await;
+    let t = kas
+        .admin
+        .register_agent("group/again", "again")
+        .await
+        .unwrap();
+    let start = |name: &str| {
+        let args = [
+            "--kubeconfig",
+            kubeconfig.as_str(),
+            "--leader-election=false",
+        ];
+        Agent::start_with(dir.path(), name, &kas.url("grpc"), &t.token, None, &args)
+    };
+    let clusters_of = |n: usize, id: String| {
+        let kas = &kas;
+        async move {
+            let agent = kas.agent(t.agent_id).await;
+            let told = agent
+                .connections
+                .iter()
+                .filter(|c| c.cluster_id == id)
+                .count();
+            (agent.connections.len() == n && told == n).then_some(agent)
+        }
+    };
+    let r1 = start("r1");
+    let first = uid();
+    wait_for(
+        "r1 connected from the first ServiceAccount",
+        Duration::from_secs(30),
+        || clusters_of(1, first.clone()),
+    )
+    .await;
+
+    run_kubectl(&env, &["delete", "sa", "agentk", "-n", &ns, "--wait"]);
+    env.apply_yaml(&sa).unwrap();
+    let second = uid();
+    assert_ne!(first, second, "a new ServiceAccount");
+    write_token();
+    wait_for(
+        "r1 telling the new ServiceAccount",
+        Duration::from_secs(30),
+        || clusters_of(1, second.clone()),
+    )
+    .await;
+    assert!(r1.log().contains("has a new UID"), "{}", r1.log());
+
+    let _r2 = start("r2");
+    let agent = wait_for(
+        "both replicas in one cluster",
+        Duration::from_secs(30),
+        || clusters_of(2, second.clone()),
+    )
+    .await;
+    assert!(
+        agent.clusters_sharing_token().is_empty(),
+        "{:?}",
+        agent.connections
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .arg("--configuration-file")
+        .arg(&kas.config)
+        .args(["agent", "status", "group/again:again"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    assert!(
+        !kas.log().contains("connected from two clusters"),
+        "{}",
+        kas.log()
+    );
+    let shared = kas
+        .metric("kas_tunnel_agent_token_shared_by_clusters_total")
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(shared, 0.0);
+}
+
+fn run_kubectl(env: &tether_testenv::TestEnv, args: &[&str]) {
+    tether_testenv::run_output(env.kubectl().args(args)).unwrap();
+}

@@ -88,7 +88,7 @@ impl Fleet {
                 version: concat!("loadgen/", env!("CARGO_PKG_VERSION")).to_string(),
                 pod_name: format!("loadgen-{i}"),
                 pod_namespace: "loadgen".to_string(),
-                cluster_id: String::new(),
+                cluster_id: Default::default(),
             };
             let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
             handlers.insert(

@@ -8,10 +8,12 @@
 //! backs off exponentially with jitter while kas is unreachable or refuses the token.
 
 mod backoff;
+mod cluster_id;
 mod pool;
 mod token;
 
 pub use backoff::Backoff;
+pub use cluster_id::ClusterId;
 pub use pool::{
     AgentConn, AgentMeta, BoxFuture, ConnState, EchoHandler, Handler, Pool, PoolConfig, PoolStats,
     QuietWatch, is_refusal, status_text,

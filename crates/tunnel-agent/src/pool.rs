@@ -84,7 +84,7 @@ pub struct AgentMeta {
     pub pod_name: String,
     pub pod_namespace: String,
     /// Which cluster the agent runs in (see `metadata::CLUSTER_ID`); empty when unknown.
-    pub cluster_id: String,
+    pub cluster_id: crate::ClusterId,
 }
 
 impl std::fmt::Debug for AgentMeta {
@@ -785,11 +785,12 @@ impl AgentMeta {
         if let Ok(v) = metadata::bearer(&self.token.current()) {
             md.insert(metadata::AUTHORIZATION, v);
         }
+        let cluster_id = self.cluster_id.current();
         for (k, v) in [
             (metadata::AGENT_VERSION, &self.version),
             (metadata::POD_NAME, &self.pod_name),
             (metadata::POD_NAMESPACE, &self.pod_namespace),
-            (metadata::CLUSTER_ID, &self.cluster_id),
+            (metadata::CLUSTER_ID, &cluster_id),
         ] {
             if let Ok(v) = AsciiMetadataValue::try_from(v.as_str()) {
                 md.insert(k, v);

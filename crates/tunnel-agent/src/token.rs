@@ -24,6 +24,17 @@ pub enum TokenError {
     Empty(PathBuf),
 }
 
+/// Calls `f` every `every` until `stop`: how the files agentk presents from are followed.
+pub(crate) async fn repeat(every: Duration, stop: &CancellationToken, mut f: impl FnMut()) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        f();
+    }
+}
+
 /// Size and modification time of the token file.
 type Stamp = Option<(u64, SystemTime)>;
 
@@ -86,10 +97,17 @@ impl AgentToken {
         AgentToken(Arc::new(Inner { source, changes }))
     }
 
-    /// Follows the token's changes: the value moves each time a read finds a new token.
+    /// Follows the token's changes: the value moves each time a read finds a new token (or
+    /// the cluster id streams carry changes, see [`crate::ClusterId`]).
     /// Streams mark it seen before they read the token they open with.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.0.changes.subscribe()
+    }
+
+    /// Makes every stream that follows [`AgentToken::changes`] reopen, as a new token does:
+    /// something else the streams present changed (the cluster id).
+    pub(crate) fn announce_change(&self) {
+        self.0.changes.send_modify(|n| *n += 1);
     }
 
     /// Reads the token file every `every` until `stop`, so that a new token is announced
@@ -98,13 +116,10 @@ impl AgentToken {
         if matches!(self.0.source, Source::Fixed(_)) {
             return;
         }
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(every) => {}
-                () = stop.cancelled() => return,
-            }
+        repeat(every, &stop, || {
             self.current();
-        }
+        })
+        .await;
     }
 
     /// The token in `path`; an unreadable or empty file is an error at start.

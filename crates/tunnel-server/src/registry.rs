@@ -85,7 +85,9 @@ pub struct ConnectionInfo {
 }
 
 /// Another connection of the agent from a cluster other than `new`'s, when both clusters are
-/// known: the agent's token is installed in two clusters.
+/// known: the agent's token is installed in two clusters. The same Pod telling another id is
+/// not another cluster: its ServiceAccount was created again (a new UID), and the Pod's older
+/// connection still carries the old one.
 fn other_cluster<'a>(
     connections: impl IntoIterator<Item = &'a ConnectionInfo>,
     new: &ConnectionInfo,
@@ -95,8 +97,30 @@ fn other_cluster<'a>(
     }
     connections
         .into_iter()
-        .find(|c| !c.cluster_id.is_empty() && c.cluster_id != new.cluster_id)
+        .find(|c| !c.cluster_id.is_empty() && c.cluster_id != new.cluster_id && !same_pod(c, new))
         .cloned()
+}
+
+/// Two connections of one Pod (agentk out of a cluster, without a Pod name, is never known
+/// to be the same).
+fn same_pod(a: &ConnectionInfo, b: &ConnectionInfo) -> bool {
+    !a.pod_name.is_empty() && a.pod_name == b.pod_name && a.pod_namespace == b.pod_namespace
+}
+
+/// A stream of a connection already known: counted, and a new cluster id it tells (its
+/// ServiceAccount created again) replaces the connection's, so that the agent's clusters are
+/// its live ones.
+fn join_connection(known: &mut ConnectionInfo, new: &ConnectionInfo) {
+    known.streams += 1;
+    if !new.cluster_id.is_empty() && known.cluster_id != new.cluster_id {
+        tracing::info!(
+            pod = format!("{}/{}", new.pod_namespace, new.pod_name),
+            old_cluster_id = %known.cluster_id,
+            cluster_id = %new.cluster_id,
+            "An agent's Pod tells a new cluster id (its ServiceAccount was created again)"
+        );
+        known.cluster_id.clone_from(&new.cluster_id);
+    }
 }
 
 /// What the admin commands show for an agent.
@@ -790,7 +814,7 @@ impl Registry {
         let key = (info.remote_addr.clone(), info.pod_name.clone());
         let other_cluster = match state.connections.entry(key) {
             Entry::Occupied(mut c) => {
-                c.get_mut().streams += 1;
+                join_connection(c.get_mut(), info);
                 None
             }
             Entry::Vacant(v) => {
@@ -1275,5 +1299,31 @@ mod tests {
         );
         let other = other_cluster(&live, &conn("e", "uid-2")).expect("another cluster");
         assert_eq!(other.pod_name, "a");
+    }
+
+    #[test]
+    fn a_pod_telling_a_new_cluster_id_is_not_a_second_cluster() {
+        let live = [conn("a", "uid-old")];
+        assert!(
+            other_cluster(&live, &conn("a", "uid-new")).is_none(),
+            "the same Pod, its ServiceAccount created again"
+        );
+        let mut out_of_cluster = conn("", "uid-old");
+        let other = other_cluster([&out_of_cluster], &conn("", "uid-new"));
+        assert!(
+            other.is_some(),
+            "without Pod names, two ids are two clusters"
+        );
+        join_connection(&mut out_of_cluster, &conn("", "uid-new"));
+        assert_eq!(
+            (out_of_cluster.cluster_id.as_str(), out_of_cluster.streams),
+            ("uid-new", 2),
+            "a connection's new stream tells its id from then on"
+        );
+        join_connection(&mut out_of_cluster, &conn("", ""));
+        assert_eq!(
+            out_of_cluster.cluster_id, "uid-new",
+            "an unknown id changes nothing"
+        );
     }
 }

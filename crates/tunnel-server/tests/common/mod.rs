@@ -192,7 +192,7 @@ impl Agent {
             version: "test".into(),
             pod_name: "pod-a".into(),
             pod_namespace: "ns".into(),
-            cluster_id: String::new(),
+            cluster_id: Default::default(),
         };
         let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
         handlers.insert(services::ECHO.into(), Arc::new(EchoHandler));
