@@ -85,19 +85,22 @@ impl WriteTxn<Sqlite> {
     async fn begin_on_writable_connection(pool: &SqlitePool, attempts: u32) -> Result<Self> {
         let mut attempt = 1;
         loop {
-            let mut conn = pool.acquire().await?;
-            match begin_on(&mut conn).await {
-                Ok(()) => {
-                    return Ok(Self {
-                        conn,
-                        committed: false,
-                        _turn: None,
-                    });
-                }
+            // Owned by the transaction before BEGIN is sent: a caller giving up while BEGIN
+            // waits for the write lock (an RPC cancelled at its deadline) drops it, and the
+            // connection is closed. Left a bare pool connection, it went back to the pool
+            // with BEGIN still to run, so later writes on it failed "cannot start a
+            // transaction within a transaction" and it held the write lock meanwhile.
+            let mut txn = Self {
+                conn: pool.acquire().await?,
+                committed: false,
+                _turn: None,
+            };
+            match begin_on(txn.conn()).await {
+                Ok(()) => return Ok(txn),
                 Err(e) => {
-                    // Closing only fails for a connection that is broken anyway; the caller
-                    // needs BEGIN's error, not that one.
-                    let _ = conn.close().await;
+                    // Dropping it closes the connection (never returned to the pool inside a
+                    // transaction); the caller needs BEGIN's error.
+                    drop(txn);
                     if !is_read_only(&e) || attempt >= attempts {
                         return Err(e.into());
                     }
@@ -160,4 +163,59 @@ fn is_read_only(error: &sqlx::Error) -> bool {
     db.code()
         .and_then(|code| code.parse::<i32>().ok())
         .is_some_and(|code| code & 0xff == SQLITE_READONLY)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+    use sqlx::{ConnectOptions, Connection};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_write_given_up_while_waiting_for_the_lock_leaves_no_transaction_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("t.db"))
+            .create_if_missing(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE projects (id INTEGER)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        // Another process holds the write lock.
+        let mut other = options.connect().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let given_up = tokio::time::timeout(
+            Duration::from_millis(300),
+            WriteTxn::begin_on_writable_connection(&pool, 1),
+        )
+        .await;
+        assert!(given_up.is_err(), "BEGIN waited for the lock");
+        sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+        other.close().await.unwrap();
+
+        let mut txn = WriteTxn::begin_on_writable_connection(&pool, 1)
+            .await
+            .expect("the next write begins on a connection outside any transaction");
+        sqlx::query("INSERT INTO projects VALUES (1)")
+            .execute(txn.conn())
+            .await
+            .unwrap();
+        txn.commit().await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM projects")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "committed");
+    }
 }
