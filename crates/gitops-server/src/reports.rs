@@ -188,14 +188,23 @@ impl SyncStates {
         }
     }
 
-    /// The agent's stored report of `project_id`, if any.
+    /// The agent's stored report of `project_id`, if any (one that no longer decodes is none,
+    /// with a warning: the next sync replaces it).
     async fn stored(
         &self,
         agent_id: i64,
         project_id: &str,
     ) -> Result<Option<SyncReport>, tether_store::Error> {
-        let reports = self.for_agent(agent_id).await?;
-        Ok(reports.into_iter().find(|r| r.project_id == project_id))
+        let Some(bytes) = self.0.sync_report(agent_id, project_id).await? else {
+            return Ok(None);
+        };
+        match decode_report(&bytes) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => {
+                tracing::warn!(agent_id, project = project_id, error = %e, "Skipping an undecodable stored sync report");
+                Ok(None)
+            }
+        }
     }
 
     /// Where the agent's last successful sync of `project_id` left its inventory (empty when
@@ -244,10 +253,7 @@ impl SyncStates {
         report: &SyncReport,
         notifier: &Notifier,
     ) -> Result<Option<SyncReport>, tether_store::Error> {
-        let stored = self.for_agent(agent_id).await?;
-        let previous = stored
-            .into_iter()
-            .find(|r| r.project_id == report.project_id);
+        let previous = self.stored(agent_id, &report.project_id).await?;
         let messages = notifier
             .sync_messages(agent_id, previous.as_ref(), report)
             .await?;

@@ -4780,3 +4780,84 @@ async fn gitops_goes_on_across_an_agent_token_rotation() {
     let log = rig.agent.log();
     assert!(!log.contains("kas refused the agent token"), "{log}");
 }
+
+/// A commit of an agent with many entries reads each entry's stored report by itself: reading
+/// all of the agent's reports for each of them made a commit cost entries² rows (E13: 301
+/// entries of one tenant kept the database from answering the other tenants for 90 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_to_many_entries_reads_each_stored_report_alone() {
+    const N: usize = 12;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("many-entries").unwrap();
+    let entry = |i: usize| format!("    name: e{i}\n    paths:\n    - glob: '/e/{i}/*.yaml'\n");
+    let mut entries = entry(0);
+    for i in 1..N {
+        entries += &format!(
+            "  - id: group/manifests\n    default_namespace: {ns}\n{}",
+            entry(i)
+        );
+    }
+    let files = |value: &str| -> Vec<(String, Vec<u8>)> {
+        (0..N)
+            .map(|i| {
+                (
+                    format!("e/{i}/cm.yaml"),
+                    configmap(&format!("cm-{i}"), &ns, value),
+                )
+            })
+            .collect()
+    };
+    let as_change = |files: &[(String, Vec<u8>)]| -> Vec<(String, Option<Vec<u8>>)> {
+        files
+            .iter()
+            .map(|(p, b)| (p.clone(), Some(b.clone())))
+            .collect()
+    };
+    let first = as_change(&files("v1"));
+    let initial: Vec<(&str, Option<&[u8]>)> = first
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_deref()))
+        .collect();
+    let (rig, c1) = two_folder_rig(env, &ns, &entries, &initial).await;
+    for i in 0..N {
+        applied_in(&rig, &format!("group/manifests#e{i}"), &c1).await;
+    }
+
+    let series = |op: &str, kind: &str| {
+        format!("kas_store_operations_total{{operation=\"{op}\",kind=\"{kind}\"}}")
+    };
+    let count = |s: String| {
+        let kas = &rig.kas;
+        async move { kas.metric(&s).await.unwrap_or(0.0) }
+    };
+    let all_before = count(series("sync_reports", "read")).await;
+    let one_before = count(series("sync_report", "read")).await;
+    let puts_before = count(series("put_sync_report", "write")).await;
+    let second = as_change(&files("v2"));
+    let change: Vec<(&str, Option<&[u8]>)> = second
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_deref()))
+        .collect();
+    let c2 = rig.manifests.commit(&change, "v2 everywhere");
+    // Waited for on kas's metrics: asking kas for the status reads every report.
+    wait_for(
+        "a report of each entry stored",
+        Duration::from_secs(90),
+        || async {
+            let puts = count(series("put_sync_report", "write")).await;
+            (puts >= puts_before + N as f64).then_some(())
+        },
+    )
+    .await;
+    let all = count(series("sync_reports", "read")).await - all_before;
+    let one = count(series("sync_report", "read")).await - one_before;
+    assert_eq!(all, 0.0, "no reading of every report on a commit's way");
+    assert!(
+        one <= 3.0 * N as f64,
+        "{one} single reads for {N} entries: one to send each, one to store each"
+    );
+    for i in 0..N {
+        applied_in(&rig, &format!("group/manifests#e{i}"), &c2).await;
+    }
+}

@@ -584,6 +584,17 @@ macro_rules! impl_store {
                     Ok(reports)
                 }
 
+                async fn sync_report(&self, agent_id: i64, project: &str) -> Result<Option<Vec<u8>>> {
+                    let report = sqlx::query_scalar::<_, Vec<u8>>(
+                        "SELECT report FROM sync_reports WHERE agent_id = $1 AND project = $2",
+                    )
+                    .bind(agent_id)
+                    .bind(project)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    Ok(report)
+                }
+
                 async fn put_config_state(&self, agent_id: i64, state: &[u8]) -> Result<()> {
                     let mut tx = self.write().await?;
                     sqlx::query(

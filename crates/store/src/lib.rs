@@ -153,6 +153,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Empty if there are none, including for an unknown agent.
     async fn sync_reports(&self, agent_id: i64) -> Result<Vec<(String, Vec<u8>)>>;
 
+    /// The agent's last sync report of `project`, if any: one row, where the hot paths need
+    /// one (each stored report, each commit sent). Reading all of an agent's reports there
+    /// made a commit of an agent with hundreds of entries read hundreds of rows per entry.
+    async fn sync_report(&self, agent_id: i64, project: &str) -> Result<Option<Vec<u8>>>;
+
     /// Records the agent's configuration state (an opaque encoded record, kept byte for byte),
     /// replacing the one before. Fails with [`Error::NotFound`] if the agent does not exist.
     /// The state goes away with its agent.

@@ -813,6 +813,16 @@ async fn sync_reports_and_config_state_survive_reopening(backend: Backend) -> Te
     ];
     assert_eq!(store.sync_reports(agent.id).await?, expected);
     assert_eq!(
+        store.sync_report(agent.id, "a/manifests").await?,
+        Some(b"second".to_vec())
+    );
+    assert_eq!(store.sync_report(agent.id, "c/manifests").await?, None);
+    assert_eq!(
+        store.sync_report(other.id, "a/manifests").await?,
+        Some(b"other's".to_vec()),
+        "each agent's own"
+    );
+    assert_eq!(
         store.sync_reports(other.id).await?,
         [("a/manifests".to_owned(), b"other's".to_vec())]
     );

@@ -161,6 +161,13 @@ impl Store for Metered {
         self.metrics.seen(Operation::SyncReports, result)
     }
 
+    async fn sync_report(&self, agent_id: i64, project: &str) -> Result<Option<Vec<u8>>> {
+        let result = self
+            .bounded(self.inner.sync_report(agent_id, project))
+            .await;
+        self.metrics.seen(Operation::SyncReport, result)
+    }
+
     async fn put_config_state(&self, agent_id: i64, state: &[u8]) -> Result<()> {
         let result = self
             .bounded(self.inner.put_config_state(agent_id, state))
