@@ -6,7 +6,9 @@
 //! and fail with 503. Each caller may hold at most `kubernetes_api.max_requests_per_caller`
 //! live requests through one agent, and the CI jobs of one project together at most
 //! `kubernetes_api.max_requests_per_project` (two jobs of a pipeline at their own cap took the
-//! whole pool); over either, the request is refused with 429 at once.
+//! whole pool). A person is one caller whatever number of personal access tokens they use, and
+//! the people of an agent together count as one project (four people at their own cap took
+//! the whole pool); over any cap, the request is refused with 429 at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -21,8 +23,8 @@ pub enum CallerKey {
         job_id: i64,
         project: String,
     },
-    /// A personal access token, by its id.
-    Token(i64),
+    /// A person (personal access tokens), by username: their tokens share one cap.
+    Person(String),
 }
 
 /// What a slot counts against, per agent.
@@ -34,22 +36,35 @@ enum Held {
         issuer: String,
         project: String,
     },
+    /// Every person using the agent with a personal access token.
+    People,
 }
 
 impl CallerKey {
     /// The caller and, for a CI job, its project.
     fn held(&self) -> Vec<Held> {
-        let mut held = vec![Held::Caller(self.clone())];
-        if let CallerKey::CiJob {
-            issuer, project, ..
-        } = self
-        {
-            held.push(Held::Project {
+        let group = match self {
+            CallerKey::CiJob {
+                issuer, project, ..
+            } => Held::Project {
                 issuer: issuer.clone(),
                 project: project.clone(),
-            });
+            },
+            CallerKey::Person(_) => Held::People,
+        };
+        vec![Held::Caller(self.clone()), group]
+    }
+}
+
+impl std::fmt::Display for CallerKey {
+    /// Who, for the log (never a credential).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallerKey::CiJob {
+                job_id, project, ..
+            } => write!(f, "CI job {job_id} of {project}"),
+            CallerKey::Person(user) => write!(f, "{user} (personal access tokens)"),
         }
-        held
     }
 }
 
@@ -60,6 +75,26 @@ pub enum Over {
     Caller(usize),
     /// `max_requests_per_project`, with its value.
     Project(usize),
+    /// `max_requests_per_project` for the people of the agent together, with its value.
+    People(usize),
+}
+
+impl Over {
+    /// The cap's value.
+    pub fn max(self) -> usize {
+        match self {
+            Over::Caller(n) | Over::Project(n) | Over::People(n) => n,
+        }
+    }
+
+    /// Which cap, as a metric label and a log key.
+    pub fn name(self) -> &'static str {
+        match self {
+            Over::Caller(_) => "caller",
+            Over::Project(_) => "project",
+            Over::People(_) => "people",
+        }
+    }
 }
 
 /// The live requests of every caller and CI project, per agent.
@@ -68,6 +103,9 @@ pub struct CallerSlots {
     per_caller: usize,
     per_project: usize,
     live: Mutex<HashMap<(i64, Held), usize>>,
+    /// One log line per cap and interval: a caller retrying in a loop refused thousands of
+    /// requests a second, each logged.
+    refusals: tether_transport::LogThrottle,
 }
 
 /// One live request's slot, given back when dropped (the response and any upgrade are done).
@@ -85,7 +123,14 @@ impl CallerSlots {
             per_caller,
             per_project,
             live: Mutex::new(HashMap::new()),
+            refusals: tether_transport::LogThrottle::new(crate::listener::LOG_INTERVAL),
         }
+    }
+
+    /// Whether a refusal over `over` is logged now: `Some(n)` with the refusals not logged
+    /// since the last line of that cap.
+    pub fn log_refusal(&self, over: Over) -> Option<u64> {
+        self.refusals.admit(over.name(), std::time::Instant::now())
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<(i64, Held), usize>> {
@@ -97,6 +142,7 @@ impl CallerSlots {
         match held {
             Held::Caller(_) => Over::Caller(self.per_caller),
             Held::Project { .. } => Over::Project(self.per_project),
+            Held::People => Over::People(self.per_project),
         }
     }
 
@@ -106,10 +152,7 @@ impl CallerSlots {
         let mut live = self.lock();
         for (_, held) in &keys {
             let cap = self.cap(held);
-            let max = match cap {
-                Over::Caller(n) | Over::Project(n) => n,
-            };
-            if live.get(&(agent_id, held.clone())).copied().unwrap_or(0) >= max {
+            if live.get(&(agent_id, held.clone())).copied().unwrap_or(0) >= cap.max() {
                 return Err(cap);
             }
         }
@@ -161,7 +204,7 @@ mod tests {
             "a third request"
         );
         // Another caller, or the same one through another agent, is not held back.
-        assert!(slots.take(1, CallerKey::Token(7)).is_ok());
+        assert!(slots.take(1, person("alice")).is_ok());
         assert!(slots.take(2, job(7, "g/app")).is_ok());
         drop(a);
         assert!(slots.take(1, job(7, "g/app")).is_ok(), "a slot given back");
@@ -188,10 +231,42 @@ mod tests {
         );
     }
 
+    fn person(user: &str) -> CallerKey {
+        CallerKey::Person(user.into())
+    }
+
+    /// A person is one caller whatever tokens they use, and the people of an agent together
+    /// share one project's cap: four people at their own cap took every tunnel of the agent.
+    #[test]
+    fn people_share_one_cap_per_person_and_one_for_all_of_them() {
+        let slots = Arc::new(CallerSlots::new(2, 3));
+        let _a1 = slots.take(1, person("alice")).unwrap();
+        let _a2 = slots.take(1, person("alice")).unwrap();
+        assert_eq!(
+            slots.take(1, person("alice")).unwrap_err(),
+            Over::Caller(2),
+            "another token of alice's is still alice"
+        );
+        let b1 = slots.take(1, person("bob")).unwrap();
+        assert_eq!(slots.take(1, person("carol")).unwrap_err(), Over::People(3));
+        assert!(
+            slots.take(1, job(1, "g/app")).is_ok(),
+            "CI jobs are not people"
+        );
+        assert!(slots.take(2, person("carol")).is_ok(), "another agent");
+        drop(b1);
+        assert!(slots.take(1, person("carol")).is_ok());
+        assert_eq!(
+            format!("{}", person("carol")),
+            "carol (personal access tokens)"
+        );
+        assert_eq!(format!("{}", job(9, "g/app")), "CI job 9 of g/app");
+    }
+
     #[test]
     fn finished_requests_are_forgotten() {
         let slots = Arc::new(CallerSlots::new(1, 1));
-        drop(slots.take(1, CallerKey::Token(1)).unwrap());
+        drop(slots.take(1, person("alice")).unwrap());
         drop(slots.take(1, job(1, "g/app")).unwrap());
         assert!(slots.lock().is_empty());
     }

@@ -981,34 +981,67 @@ impl Proxy {
         &self,
         routed: &Routed,
     ) -> Result<Option<crate::caller_slots::CallerSlot>, Response<Body>> {
-        use crate::caller_slots::{CallerKey, Over};
-        let key = match (routed.user_token_id, routed.caller.as_deref()) {
-            (Some(token_id), _) => CallerKey::Token(token_id),
-            (None, Some(Caller::CiJob { job, .. })) => CallerKey::CiJob {
+        use crate::caller_slots::CallerKey;
+        let key = match routed.caller.as_deref() {
+            Some(Caller::Person(identity)) => CallerKey::Person(identity.username.clone()),
+            Some(Caller::CiJob { job, .. }) => CallerKey::CiJob {
                 issuer: job.issuer.clone(),
                 job_id: job.job_id,
                 project: job.project_path.to_lowercase(),
             },
-            _ => return Ok(None),
+            None => return Ok(None),
         };
-        let agent = routed.agent_id;
-        let m = match self.caller_slots.take(agent, key) {
+        let over = match self.caller_slots.take(routed.agent_id, key.clone()) {
             Ok(slot) => return Ok(Some(slot)),
-            Err(Over::Caller(n)) => format!(
+            Err(over) => over,
+        };
+        Err(self.over_cap(routed, &key, over))
+    }
+
+    /// The 429 of a caller over a cap: with `Retry-After` (client-go retries only such 429s),
+    /// counted by agent like every answer, logged once per cap and minute naming the agent and
+    /// the caller (a caller retrying in a loop was thousands of lines a second, none naming
+    /// either).
+    fn over_cap(
+        &self,
+        routed: &Routed,
+        key: &crate::caller_slots::CallerKey,
+        over: crate::caller_slots::Over,
+    ) -> Response<Body> {
+        use crate::caller_slots::Over;
+        let (agent, n) = (routed.agent_id, over.max());
+        let m = match over {
+            Over::Caller(_) => format!(
                 "this caller already has {n} requests open through agent {agent} \
                  (kubernetes_api.max_requests_per_caller): end some first"
             ),
-            Err(Over::Project(n)) => format!(
+            Over::Project(_) => format!(
                 "the CI jobs of this project already have {n} requests open through agent \
                  {agent} (kubernetes_api.max_requests_per_project): end some first"
             ),
+            Over::People(_) => format!(
+                "the people using agent {agent} with personal access tokens already have {n} \
+                 requests open through it together (kubernetes_api.max_requests_per_project, \
+                 which they share as one project does): end some first"
+            ),
         };
-        Err(deny(
-            self,
-            StatusCode::TOO_MANY_REQUESTS,
-            "TooManyRequests",
-            &m,
-        ))
+        if let Some(unlogged) = self.caller_slots.log_refusal(over) {
+            tracing::info!(
+                agent_id = agent,
+                caller = %key,
+                cap = over.name(),
+                refused_without_a_line = unlogged,
+                "{m}"
+            );
+        }
+        let mut r = deny(self, StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", &m);
+        // Logged above, sampled; not once per request as other refusals.
+        r.extensions_mut().remove::<Denial>();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        let mode = mode_name(&routed.access_as);
+        self.record(routed, mode, std::time::Instant::now(), r.status());
+        r
     }
 
     // The error is the refusal response itself, built once on a rare path: boxing buys nothing.

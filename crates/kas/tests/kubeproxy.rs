@@ -888,6 +888,110 @@ async fn one_ci_job_cannot_hold_more_than_its_share_of_an_agents_requests() {
     let _ = second.wait();
 }
 
+/// People share caps as CI jobs do: a person's personal access tokens are one caller (two
+/// tokens of alice's hold her 2), and the people of an agent together hold at most
+/// `max_requests_per_project` (3). Four people each at their own cap took all 500 tunnels of
+/// an agent, and everyone else's requests waited 20 s for a 503 (E13). The 429 carries
+/// `Retry-After` (client-go retries only such 429s), is counted by agent, and is logged
+/// once per cap and interval naming the agent and the person, not once per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn people_hold_one_share_each_and_one_share_together() {
+    let caps = "  max_requests_per_caller: 2\n  max_requests_per_project: 3\n";
+    let s = setup_full(None, false, caps).await;
+    let (_alice, (mut a1, _), (mut a2, _)) =
+        two_open_watches(&s, &user_token_request("alice"), "people").await;
+    let admin = &s.kas.admin;
+    let token_of = |user: &'static str| async move {
+        admin
+            .create_user_token(s.agent_id, &user_token_request(user))
+            .await
+            .unwrap()
+            .token
+    };
+    let url = format!(
+        "https://localhost:{}/api/v1/namespaces/{}/configmaps",
+        s.kas.k8s_port, s.allowed
+    );
+    // curl, not kubectl: kubectl retries a 429 with Retry-After for 10 s.
+    let get = |token: &str| {
+        let auth = format!("Authorization: Bearer pat:{}:{token}", s.agent_id);
+        let o = Command::new("curl")
+            .args(["-ksS", "-D", "-", "-H", &auth, &url])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let third_of_alice = get(&token_of("alice").await);
+    assert!(
+        third_of_alice.starts_with("HTTP/1.1 429") || third_of_alice.starts_with("HTTP/2 429"),
+        "{third_of_alice}"
+    );
+    assert!(
+        third_of_alice.to_lowercase().contains("retry-after: 1"),
+        "{third_of_alice}"
+    );
+    assert!(
+        third_of_alice.contains("max_requests_per_caller"),
+        "{third_of_alice}"
+    );
+
+    s.env
+        .apply_yaml(&format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: people\n  namespace: {}\n\
+roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: view\n\
+subjects:\n- kind: User\n  name: gitlab:user:bob\n  apiGroup: rbac.authorization.k8s.io\n",
+            s.allowed
+        ))
+        .unwrap();
+    let bob = token_of("bob").await;
+    let (mut b1, rx_b) = spawn_watch(&s, &format!("pat:{}:{bob}", s.agent_id), &s.allowed);
+    wait_watches_see(&s, "people-bob", &[&rx_b]).await;
+    let carol = token_of("carol").await;
+    for _ in 0..3 {
+        let refused = get(&carol);
+        assert!(refused.contains(" 429"), "{refused}");
+        assert!(
+            refused.contains("with personal access tokens already have 3"),
+            "{refused}"
+        );
+    }
+    let jwt = s.key.sign(&claims("group/app"));
+    let (ok, out, err) = output({
+        let mut c = s.kubectl(&jwt);
+        c.args(["get", "configmaps", "-n", &s.allowed, "-o", "name"]);
+        c
+    });
+    assert!(ok, "a CI job is not one of the people: {out} {err}");
+
+    let refused_429 = format!(
+        "kas_k8s_proxy_requests_total{{agent_id=\"{}\",access_as=\"user\",code=\"429\"}}",
+        s.agent_id
+    );
+    assert_eq!(
+        s.kas.metric(&refused_429).await,
+        Some(4.0),
+        "counted by agent"
+    );
+    let log = s.kas.log();
+    let said = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(said("with personal access tokens already have"), 1, "{log}");
+    assert!(log.contains("carol (personal access tokens)"), "{log}");
+    assert_eq!(said("this caller already has 2 requests"), 1, "{log}");
+
+    let _ = b1.kill();
+    let _ = b1.wait();
+    wait_for(
+        "bob's share back to the people",
+        Duration::from_secs(10),
+        || async { (!get(&carol).contains(" 429")).then_some(()) },
+    )
+    .await;
+    for w in [&mut a1, &mut a2] {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+}
+
 /// Revoking a personal access token ends its open watches at once (before, an event still
 /// arrived 3 s after revocation and the watch was open 37 s later); another token's watch
 /// goes on, and the agent's side of the revoked watch ends at once too (it took 5 s: kas closed
@@ -1919,7 +2023,9 @@ async fn load(s: &Setup, workers: usize, (path, bearer): (&str, &str), until: In
 /// connections with all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_requests_with_one_personal_access_token_keeps_kas_ready() {
-    let s = setup_full(None, false, "  max_requests_per_caller: 1000\n").await;
+    // Caps above the burst: one person, and the people of the agent together.
+    let caps = "  max_requests_per_caller: 1000\n  max_requests_per_project: 1000\n";
+    let s = setup_full(None, false, caps).await;
     let (_, bearer, path) = alice_pat(&s, &user_token_request("alice")).await;
     let lookups_before = user_token_lookups(&s).await;
     // Readiness checks the database every 2 s: 5 s of load spans two checks at least.
