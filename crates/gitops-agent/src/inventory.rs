@@ -57,6 +57,42 @@ pub const INVENTORY_LABEL: &str = "cli-utils.sigs.k8s.io/inventory-id";
 /// Annotation on every applied object naming the inventory that owns it (cli-utils name).
 pub const OWNING_INVENTORY_ANNOTATION: &str = "config.k8s.io/owning-inventory";
 
+/// The inventory an object was adopted from (`inventory_policy: adopt_all`), kept while the
+/// adopting inventory owns it: the inventory it was taken from then knows, and does not take it
+/// back. Two agents (or entries of different agents) declaring one object with adopt_all took
+/// it from each other at every resync, both green, and the one whose files dropped it pruned
+/// the other's live object.
+pub const ADOPTED_FROM_ANNOTATION: &str = "agentk.tether.dev/adopted-from";
+
+/// The inventory an object was adopted from ([`ADOPTED_FROM_ANNOTATION`]), if any.
+pub fn adopted_from(obj: &Value) -> Option<&str> {
+    annotation(obj, ADOPTED_FROM_ANNOTATION)
+}
+
+/// Notes on `obj` (as it will be sent) that it was adopted from `inventory_id`.
+pub fn set_adopted_from(obj: &mut Value, inventory_id: &str) {
+    set_annotation(obj, ADOPTED_FROM_ANNOTATION, inventory_id);
+}
+
+/// Whether this inventory may take back an object another inventory owns now: not when that
+/// one adopted it from this one (its `adopted_from` is ours) — both declare it, and taking it
+/// back started a fight of adoptions at every resync. Pure.
+pub fn not_taken_from_us(
+    current_owner: Option<&str>,
+    adopted_from: Option<&str>,
+    our_id: &str,
+) -> Result<(), OwnershipConflict> {
+    match (current_owner.filter(|o| !o.is_empty()), adopted_from) {
+        (Some(owner), Some(from)) if owner != our_id && from == our_id => {
+            Err(OwnershipConflict::AdoptedFromUs {
+                owner: owner.to_owned(),
+                ours: our_id.to_owned(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The most a ConfigMap's data may hold (keys plus values), enforced by the API server.
 pub const CONFIGMAP_MAX_BYTES: usize = 1024 * 1024;
 
@@ -356,9 +392,14 @@ fn parse_cli_utils_key(key: &str) -> Option<ObjRef> {
 /// The inventory that owns an object (its [`OWNING_INVENTORY_ANNOTATION`]), if any; an
 /// empty annotation counts as none.
 pub fn owner(obj: &Value) -> Option<&str> {
+    annotation(obj, OWNING_INVENTORY_ANNOTATION)
+}
+
+/// Annotation `key` of `obj`, when set and not empty.
+fn annotation<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
     obj.get("metadata")?
         .get("annotations")?
-        .get(OWNING_INVENTORY_ANNOTATION)?
+        .get(key)?
         .as_str()
         .filter(|s| !s.is_empty())
 }
@@ -366,6 +407,11 @@ pub fn owner(obj: &Value) -> Option<&str> {
 /// Marks an object as owned by `inventory_id` before it is applied. Objects without a
 /// `metadata` mapping are left alone (decoding rejects them anyway).
 pub fn set_owner(obj: &mut Value, inventory_id: &str) {
+    set_annotation(obj, OWNING_INVENTORY_ANNOTATION, inventory_id);
+}
+
+/// Sets annotation `key` of `obj` (no `metadata` mapping: left alone).
+fn set_annotation(obj: &mut Value, key: &str, value: &str) {
     let Some(metadata) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
         return;
     };
@@ -376,10 +422,7 @@ pub fn set_owner(obj: &mut Value, inventory_id: &str) {
         *annotations = Value::Object(serde_json::Map::new());
     }
     if let Some(map) = annotations.as_object_mut() {
-        map.insert(
-            OWNING_INVENTORY_ANNOTATION.to_owned(),
-            Value::String(inventory_id.to_owned()),
-        );
+        map.insert(key.to_owned(), Value::String(value.to_owned()));
     }
 }
 
@@ -519,6 +562,16 @@ pub enum OwnershipConflict {
         ours: String,
         /// The policy in force, as written in the configuration.
         policy: &'static str,
+    },
+    /// Another inventory adopted the object from this one: both declare it.
+    #[error(
+        "object was adopted from this inventory ({ours:?}) by inventory {owner:?} (inventory_policy adopt_all there): both declare it, and taking it back would make them take it from each other at every sync — remove it from the files of one"
+    )]
+    AdoptedFromUs {
+        /// The adopting inventory's id.
+        owner: String,
+        /// Our inventory id.
+        ours: String,
     },
     /// The object exists but belongs to no inventory, and the policy is `must_match`.
     #[error(
@@ -895,6 +948,25 @@ mod tests {
         empty["metadata"]["annotations"] = json!(null);
         set_owner(&mut empty, "x");
         assert_eq!(owner(&empty), Some("x"));
+    }
+
+    #[test]
+    fn an_object_adopted_from_us_is_not_taken_back() {
+        let e = not_taken_from_us(Some("inv-b"), Some("inv-a"), "inv-a").expect_err("taken back");
+        assert!(
+            e.to_string()
+                .contains("adopted from this inventory (\"inv-a\") by inventory \"inv-b\""),
+            "{e}"
+        );
+        let ok = |owner, from| not_taken_from_us(owner, from, "inv-a").is_ok();
+        assert!(ok(Some("inv-b"), Some("inv-c")), "adopted from a third");
+        assert!(ok(Some("inv-a"), Some("inv-a")), "ours");
+        assert!(ok(Some("inv-b"), None), "never adopted");
+        assert!(ok(None, Some("inv-a")), "owned by none");
+        let mut obj = json!({"metadata": {"name": "x"}});
+        assert_eq!(adopted_from(&obj), None);
+        set_adopted_from(&mut obj, "inv-b");
+        assert_eq!(adopted_from(&obj), Some("inv-b"));
     }
 
     #[test]

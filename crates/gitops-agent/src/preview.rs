@@ -331,6 +331,11 @@ impl Syncer {
                 inventory::owner(live),
                 (inv_id, &s.live_inventories),
             )?;
+            inventory::not_taken_from_us(
+                inventory::owner(live),
+                inventory::adopted_from(live),
+                inv_id,
+            )?;
             // As in a sync, an object already as the files say is not sent: a dry run of it
             // would ask for an update the sync never makes, which an admission policy may
             // refuse (a CRD upgrade check), failing a preview of a sync that succeeds. With

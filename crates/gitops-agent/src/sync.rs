@@ -759,6 +759,8 @@ struct Applied {
     resource_version: Option<String>,
     /// Whether fields of drift managers were taken over before the apply ([`takeover`]).
     took_over: bool,
+    /// The inventory the object was adopted from by this apply (`adopt_all`), if any.
+    adopted_from: Option<String>,
 }
 
 /// What is known of an object before applying it.
@@ -774,6 +776,8 @@ enum Known {
 /// held while the stage runs.
 struct LiveSummary {
     owner: Option<String>,
+    /// The inventory the owner adopted it from ([`inventory::ADOPTED_FROM_ANNOTATION`]).
+    adopted_from: Option<String>,
     up_to_date: bool,
     status: ResourceStatus,
     resource_version: Option<String>,
@@ -787,6 +791,7 @@ impl LiveSummary {
     fn of(desired: &Value, live: &Value, managed: &[ManagedFieldsEntry], s: &Settings) -> Self {
         LiveSummary {
             owner: inventory::owner(live).map(str::to_owned),
+            adopted_from: inventory::adopted_from(live).map(str::to_owned),
             up_to_date: drift::is_up_to_date(desired, live),
             status: compute_status(live),
             resource_version: live["metadata"]["resourceVersion"]
@@ -794,6 +799,52 @@ impl LiveSummary {
                 .map(str::to_owned),
             takeover: takeover::take_over(managed, &s.drift_managers, FIELD_MANAGER),
         }
+    }
+}
+
+/// What a sync says of the objects it adopted from other inventories (also logged at warn): an
+/// adoption is a change of hands the other inventory's owner must know of.
+fn adoption_warnings(adopted: &[(ObjRef, String)], dry: bool) -> Vec<String> {
+    let verb = if dry { "would adopt" } else { "adopted" };
+    adopted
+        .iter()
+        .map(|(obj, from)| {
+            let line = format!(
+                "{verb} {} {}/{} from inventory {from:?} (inventory_policy adopt_all): it is this entry's now, and that inventory fails it, not taking it back, while its files still declare it",
+                obj.kind,
+                obj.namespace_or_empty(),
+                obj.name
+            );
+            if !dry {
+                tracing::warn!(object = %obj, from_inventory = %from, "{line}");
+            }
+            line
+        })
+        .collect()
+}
+
+/// Marks `obj` (as it will be sent) with the inventory it is adopted from: the live object's
+/// owner when another inventory than ours (`inv_id`), returned; or, for an object adopted
+/// before and ours since, the inventory it was adopted from, kept so that a later apply does not
+/// drop the note (that inventory then knows not to take it back).
+fn note_adoption(
+    obj: &mut Value,
+    inv_id: &str,
+    owner: Option<&str>,
+    adopted_from: Option<&str>,
+) -> Option<String> {
+    match owner {
+        Some(other) if other != inv_id => {
+            inventory::set_adopted_from(obj, other);
+            Some(other.to_owned())
+        }
+        Some(_) => {
+            if let Some(from) = adopted_from {
+                inventory::set_adopted_from(obj, from);
+            }
+            None
+        }
+        None => None,
     }
 }
 
@@ -1012,6 +1063,7 @@ impl Syncer {
         let mut out = finish(commit_id, p.results, p.writes, dry);
         out.watched_statuses = watched_statuses;
         out.taken_over = taken_over;
+        warnings.extend(adoption_warnings(&p.adopted, dry));
         if !dry && stop.superseded() {
             not_waited_for(&mut out, &stop.due());
         }
@@ -1517,7 +1569,7 @@ impl Syncer {
         s: &Settings,
         inv_id: &str,
         m: &Manifest,
-        obj: Value,
+        mut obj: Value,
         ar: ApiResource,
         namespaced: bool,
         known: Known,
@@ -1536,7 +1588,7 @@ impl Syncer {
                 Err(e) => return (obj_ref, Err(ApiError::from(e).into())),
             },
         };
-        let mut took_over = false;
+        let (mut took_over, mut adopted_from) = (false, None);
         if live.is_none()
             && s.dry_run == DryRunStrategy::None
             && let Err(conflict) = s.live_inventories.claim_creation(inv_id, &obj_ref)
@@ -1552,6 +1604,11 @@ impl Syncer {
             ) {
                 return (obj_ref, Err(conflict.into()));
             }
+            let (owner, from) = (current.owner.as_deref(), current.adopted_from.as_deref());
+            if let Err(conflict) = inventory::not_taken_from_us(owner, from, inv_id) {
+                return (obj_ref, Err(conflict.into()));
+            }
+            adopted_from = note_adoption(&mut obj, inv_id, owner, from);
             if s.dry_run == DryRunStrategy::None {
                 let rv = current.resource_version.as_deref();
                 match &current.takeover {
@@ -1566,6 +1623,7 @@ impl Syncer {
                                 status: Some(current.status),
                                 resource_version: current.resource_version,
                                 took_over: false,
+                                adopted_from: None,
                             }),
                         );
                     }
@@ -1594,6 +1652,7 @@ impl Syncer {
                     status: wrote.then(|| view.status()),
                     resource_version,
                     took_over,
+                    adopted_from,
                 };
                 (obj_ref, Ok(applied))
             }
@@ -2158,6 +2217,8 @@ struct Progress {
     writes: usize,
     /// Objects whose drift managers' fields were taken over ([`takeover`]).
     taken_over: usize,
+    /// Objects adopted from another inventory (`adopt_all`), with that inventory.
+    adopted: Vec<(ObjRef, String)>,
     /// Every status seen so far (apply answers, watches, polls).
     seen: Seen,
     /// The status watches of objects the apply left in progress (none in a dry run).
@@ -2172,6 +2233,9 @@ impl Progress {
                 Ok(a) => {
                     self.writes += usize::from(a.wrote) + usize::from(a.took_over);
                     self.taken_over += usize::from(a.took_over);
+                    if let Some(from) = a.adopted_from {
+                        self.adopted.push((obj.clone(), from));
+                    }
                     // The answer's status is in `seen` already (a ConfigMap is Current at
                     // once); the rest are watched or polled.
                     self.applied.insert(obj.clone());

@@ -4861,3 +4861,96 @@ async fn a_commit_to_many_entries_reads_each_stored_report_alone() {
         applied_in(&rig, &format!("group/manifests#e{i}"), &c2).await;
     }
 }
+
+/// Two agents declaring one object, both with `inventory_policy: adopt_all`, took it from each
+/// other at every resync, both green, and the one whose files dropped it pruned the other's
+/// live object (E13). An adoption is said (a warning of the sync, at warn in the log) and noted
+/// on the object; the inventory it was taken from then fails the object, naming the adopter,
+/// instead of taking it back, and does not prune it once it leaves its files. The other agent
+/// is played here by `kubectl`, writing the annotations an agentk writes when it adopts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_adopted_by_another_inventory_is_not_taken_back_nor_pruned() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::from_env().expect("a running control plane");
+    let ns = env.create_namespace("adopted").unwrap();
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: theirs\n  namespace: {ns}\n  annotations:\n    config.k8s.io/owning-inventory: someone-else\ndata:\n  value: original\n"
+    ))
+    .unwrap();
+    let (rig, c1) = rig(
+        env,
+        ns.clone(),
+        &admin_rbac(&ns),
+        "    inventory_policy: adopt_all\n",
+        &[(
+            "manifests/theirs.yaml",
+            Some(&configmap("theirs", &ns, "ours")),
+        )],
+        &[],
+    )
+    .await;
+    let s = rig.synced(&c1).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    let said = format!("adopted ConfigMap {ns}/theirs from inventory \"someone-else\"");
+    assert!(
+        s.warnings.iter().any(|w| w.contains(&said)),
+        "{:?}",
+        s.warnings
+    );
+    let cm = get_json(&rig.env, &["get", "configmap", "theirs", "-n", &ns]).unwrap();
+    let annotations = &cm["metadata"]["annotations"];
+    assert_eq!(
+        annotations["agentk.tether.dev/adopted-from"], "someone-else",
+        "{cm}"
+    );
+    assert_eq!(cm["data"]["value"], "ours");
+    let ours = annotations["config.k8s.io/owning-inventory"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let logged = rig.agent.log();
+    assert!(
+        logged.lines().any(|l| l.contains("\"level\":\"warn\"")
+            && l.contains(&format!("adopted ConfigMap {ns}/theirs from inventory"))),
+        "logged at warn: {logged}"
+    );
+
+    // The other agent takes it back, as an agentk adopting it writes.
+    run_output(rig.env.kubectl().args([
+        "annotate",
+        "--overwrite",
+        "configmap",
+        "theirs",
+        "-n",
+        &ns,
+        "config.k8s.io/owning-inventory=someone-else",
+        &format!("agentk.tether.dev/adopted-from={ours}"),
+    ]))
+    .unwrap();
+    let c2 = rig.manifests.commit(
+        &[("manifests/mine.yaml", Some(&configmap("mine", &ns, "ours")))],
+        "another object",
+    );
+    let s = rig.synced(&c2).await;
+    let theirs = s.objects.iter().find(|o| o.name == "theirs").unwrap();
+    assert_eq!(theirs.status, ReportedStatus::Failed, "{s:?}");
+    assert!(
+        theirs.message.contains("by inventory \"someone-else\""),
+        "{theirs:?}"
+    );
+    let cm = get_json(&rig.env, &["get", "configmap", "theirs", "-n", &ns]).unwrap();
+    assert_eq!(
+        cm["metadata"]["annotations"]["config.k8s.io/owning-inventory"], "someone-else",
+        "not taken back: {cm}"
+    );
+
+    let c3 = rig
+        .manifests
+        .commit(&[("manifests/theirs.yaml", None)], "theirs leaves");
+    let s = rig.synced(&c3).await;
+    assert_eq!(s.outcome, ReportedOutcome::Succeeded, "{s:?}");
+    assert!(
+        get_json(&rig.env, &["get", "configmap", "theirs", "-n", &ns]).is_some(),
+        "the other inventory's object is not pruned"
+    );
+}
