@@ -396,7 +396,14 @@ pub fn spawn_readiness(
             }
             let was = ready.send_replace(answered);
             if answered && !was {
-                tracing::info!("Database and Redis answer again: ready");
+                // Named as configured: "and Redis" on a kas without Redis sent operators to
+                // look for one.
+                let what = if redis.is_some() {
+                    "Database and Redis answer"
+                } else {
+                    "Database answers"
+                };
+                tracing::info!("{what} again: ready");
             }
         }
     })
