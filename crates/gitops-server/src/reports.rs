@@ -4,6 +4,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prost::Message;
 use tether_notifications::Notifier;
 use tether_protocol::gitops::{EarlierSync, ObjectState, SyncOutcome, SyncReport};
@@ -31,7 +34,23 @@ pub struct SyncStates(
     /// without this the reason was only in kas's log while `kas agent reconcile --wait` timed
     /// out.
     Mutex<HashMap<(i64, String), Unrecorded>>,
+    /// The GitOps work each agent makes this kas do, for telling which one loads it.
+    AgentLoad,
 );
+
+/// Per agent: manifest selections sent (one per entry per commit or re-sync) and reports
+/// stored. An agent with hundreds of entries committing every few seconds slowed the database
+/// for every agent, and nothing said which one it was (E13).
+#[derive(Debug, Default)]
+struct AgentLoad {
+    sent: Family<AgentLabel, Counter>,
+    stored: Family<AgentLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabel {
+    agent_id: i64,
+}
 
 /// An outcome the agent reported that kas could not record, and why.
 #[derive(Debug, Clone)]
@@ -49,7 +68,27 @@ impl SyncStates {
             tokio::sync::watch::Sender::new(0),
             Mutex::default(),
             Mutex::default(),
+            AgentLoad::default(),
         )
+    }
+
+    /// Registers the per-agent load counters.
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register(
+            "gitops_selections_sent",
+            "Manifest selections sent to an agent (one per entry per commit or re-sync)",
+            self.5.sent.clone(),
+        );
+        reg.register(
+            "gitops_reports_stored",
+            "Sync reports of an agent stored",
+            self.5.stored.clone(),
+        );
+    }
+
+    /// Counts a manifest selection sent to the agent.
+    pub(crate) fn selection_sent(&self, agent_id: i64) {
+        self.5.sent.get_or_create(&AgentLabel { agent_id }).inc();
     }
 
     fn unrecorded_map(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, String), Unrecorded>> {
@@ -137,6 +176,9 @@ impl SyncStates {
     /// Forgets the progress of a deleted agent's syncs (its streams were ended with its
     /// tokens, so no outcome will arrive to clear it).
     pub fn forget(&self, agent_id: i64) {
+        let label = AgentLabel { agent_id };
+        self.5.sent.remove(&label);
+        self.5.stored.remove(&label);
         self.running().retain(|(agent, _), _| *agent != agent_id);
         self.unrecorded_map()
             .retain(|(agent, _), _| *agent != agent_id);
@@ -234,7 +276,10 @@ impl SyncStates {
         let key = (agent_id, report.project_id.clone());
         let put = self.put_in_store(agent_id, report, notifier).await;
         match &put {
-            Ok(_) => self.unrecorded_map().remove(&key),
+            Ok(_) => {
+                self.5.stored.get_or_create(&AgentLabel { agent_id }).inc();
+                self.unrecorded_map().remove(&key)
+            }
             Err(e) => self.unrecorded_map().insert(
                 key,
                 Unrecorded {

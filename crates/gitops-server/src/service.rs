@@ -82,6 +82,7 @@ impl GitOpsModule {
     /// its own memory limit).
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         self.service.lag.register(reg);
+        self.service.reports.register(reg);
         self.service.deps.renderer.register(reg);
         let render = self.service.deps.renderer.config();
         let gauge = |value: u64| {
@@ -494,6 +495,7 @@ impl GitOpsService {
             tracing::warn!(agent_id, project = %project.path, commit_id = %commit, warning, "Manifest selection warning");
         }
         let warnings = selection.warnings;
+        self.reports.selection_sent(agent_id);
         let header = Header {
             commit_id: commit.to_hex(),
             project_numeric_id: project.id,

@@ -4860,6 +4860,13 @@ async fn a_commit_to_many_entries_reads_each_stored_report_alone() {
     for i in 0..N {
         applied_in(&rig, &format!("group/manifests#e{i}"), &c2).await;
     }
+    // Which agent makes kas do this work, for an operator looking for a noisy one.
+    let per_agent =
+        |name: &str| format!("kas_gitops_{name}_total{{agent_id=\"{}\"}}", rig.agent_id);
+    let sent = count(per_agent("selections_sent")).await;
+    let stored = count(per_agent("reports_stored")).await;
+    assert!(sent >= 2.0 * N as f64, "{sent} selections sent");
+    assert!(stored >= 2.0 * N as f64, "{stored} reports stored");
 }
 
 /// Two agents declaring one object, both with `inventory_policy: adopt_all`, took it from each
