@@ -23,6 +23,7 @@ mod entry;
 mod error;
 mod gitops;
 mod lines;
+mod manifest_access;
 mod observability;
 mod post_build;
 mod render;
@@ -44,6 +45,7 @@ pub use gitops::{
     InventoryPolicy, MAX_PATHS_PER_PROJECT, MAX_TIMEOUT, ManifestProject, PathGlob, ProjectRef,
     PrunePropagationPolicy,
 };
+pub use manifest_access::ManifestAccess;
 pub use observability::{LogLevel, Logging, Observability};
 pub use post_build::{
     MAX_SUBSTITUTE_FROM, PostBuild, SubstituteFrom, SubstituteKind, VARIABLE_NAME_RULE,

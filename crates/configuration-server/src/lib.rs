@@ -922,6 +922,8 @@ pub struct ConfigService {
     /// With several kas replicas: what the agent replicas connected to the others run (see
     /// [`shared`]); `None` for one kas (no I/O).
     pub directory: Option<Arc<dyn RunningDirectory>>,
+    /// Which manifest projects a configuration may list.
+    pub manifest_access: tether_agent_config::ManifestAccess,
 }
 
 impl ConfigService {
@@ -1188,15 +1190,49 @@ async fn load_checked(
     let Loaded::Valid { file, config } = loaded else {
         return Ok(loaded);
     };
-    Ok(
-        match resolved_duplicate(svc.store.as_ref(), &config).await? {
-            Some(error) => Loaded::Invalid {
-                error: format!("{file}: {error}"),
-                file,
-            },
-            None => Loaded::Valid { file, config },
+    let refused = match resolved_duplicate(svc.store.as_ref(), &config).await? {
+        Some(error) => Some(error),
+        None => outside_its_group(svc, project_id, &config).await?,
+    };
+    Ok(match refused {
+        Some(error) => Loaded::Invalid {
+            error: format!("{file}: {error}"),
+            file,
         },
-    )
+        None => Loaded::Valid { file, config },
+    })
+}
+
+/// The first manifest project entry naming a project outside the agent's group that kas does
+/// not share with every agent ([`tether_agent_config::ManifestAccess`]). Projects unknown to
+/// kas are left for the GitOps stream to report.
+async fn outside_its_group(
+    svc: &ConfigService,
+    project_id: i64,
+    config: &tether_agent_config::AgentConfig,
+) -> Result<Option<String>, String> {
+    let read = |e: tether_store::Error| format!("reading kas's project records: {e}");
+    let Some(own) = svc.store.get_project(project_id).await.map_err(read)? else {
+        return Err(format!("project {project_id} is not registered"));
+    };
+    for (i, p) in config.gitops.manifest_projects.iter().enumerate() {
+        let found = match &p.id {
+            tether_agent_config::ProjectRef::Numeric(n) => svc.store.get_project(*n).await,
+            tether_agent_config::ProjectRef::Path(path) => {
+                svc.store.get_project_by_path(path).await
+            }
+        };
+        let project = match found {
+            Ok(Some(project)) => project,
+            Ok(None) | Err(tether_store::Error::InvalidName { .. }) => continue,
+            Err(e) => return Err(read(e)),
+        };
+        if !svc.manifest_access.allows(&own.path, &project.path) {
+            let why = tether_agent_config::ManifestAccess::refusal(&own.path, &project.path);
+            return Ok(Some(format!("gitops.manifest_projects[{i}].id: {why}")));
+        }
+    }
+    Ok(None)
 }
 
 /// Numbers the configuration streams.

@@ -13,6 +13,11 @@ pub trait ProjectAccess: Send + Sync + 'static {
     /// force, or `None` when kas knows no configuration of the agent (then it may read
     /// nothing).
     fn listed(&self, agent_id: i64) -> BoxFuture<'_, Option<Vec<EntryRef>>>;
+
+    /// Why the agent may not read manifest project `project_path` although its configuration
+    /// lists it (a project of another tenant's group, see [`tether_agent_config::ManifestAccess`]:
+    /// a configuration in force from before that rule may list one), or `None`.
+    fn outside(&self, agent_id: i64, project_path: &str) -> BoxFuture<'_, Option<String>>;
 }
 
 /// Whether one of `listed` is the entry of `project` (by path or by numeric id) named `name`

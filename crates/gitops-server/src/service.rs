@@ -175,7 +175,15 @@ impl GitOpsService {
         let project = self.find_project(id).await?;
         let listed = self.deps.access.listed(agent_id).await;
         match listed {
-            Some(l) if crate::lists(&l, &project, name) => Ok(project),
+            Some(l) if crate::lists(&l, &project, name) => {
+                match self.deps.access.outside(agent_id, &project.path).await {
+                    None => Ok(project),
+                    Some(why) => {
+                        tracing::warn!(agent_id, project = %project.path, "An agent's configuration in force lists a manifest project outside its group; refused: {why}");
+                        Err(Status::permission_denied(why))
+                    }
+                }
+            }
             _ => {
                 tracing::warn!(agent_id, project = %project.path, entry = name.unwrap_or_default(), "An agent asked for a manifest project entry its configuration in force does not list; refused");
                 Err(crate::access::denied(&project, name, listed.is_some()))

@@ -204,6 +204,10 @@ pub struct GitOps {
     pub max_files_visited: usize,
     /// Most files one manifest project may select.
     pub max_files: usize,
+    /// Manifest projects any agent's configuration may list, besides those of its own
+    /// top-level group (see [`tether_agent_config::ManifestAccess`]): paths, `group/*`,
+    /// `group/**`, or `**` for every project.
+    pub shared_manifest_projects: Vec<String>,
     /// Kustomize and Helm rendering.
     pub render: Render,
 }
@@ -418,12 +422,18 @@ impl Default for GitOps {
             max_paths: l.max_paths,
             max_files_visited: l.max_visited_entries,
             max_files: l.max_files,
+            shared_manifest_projects: Vec::new(),
             render: Render::default(),
         }
     }
 }
 
 impl GitOps {
+    /// Which manifest projects an agent's configuration may list.
+    pub fn manifest_access(&self) -> tether_agent_config::ManifestAccess {
+        tether_agent_config::ManifestAccess::new(self.shared_manifest_projects.clone())
+    }
+
     pub fn limits(&self) -> tether_gitops_server::Limits {
         tether_gitops_server::Limits {
             max_file_size: self.max_file_size,
@@ -947,6 +957,13 @@ impl Config {
         }
         self.rate_limits.validate()?;
         self.gitops.render.validate()?;
+        if let Some(p) = tether_agent_config::ManifestAccess::invalid_pattern(
+            &self.gitops.shared_manifest_projects,
+        ) {
+            return Err(format!(
+                "gitops.shared_manifest_projects: {p:?} is not a project path, group/*, group/** or **"
+            ));
+        }
         self.notifications.validate().map_err(|e| e.to_string())?;
         if let Some(redis) = &self.redis {
             redis.validate()?;

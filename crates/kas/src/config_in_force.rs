@@ -104,6 +104,8 @@ pub struct AgentProjects {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
     pub several: bool,
+    /// Which manifest projects an agent's configuration may list.
+    pub manifest_access: tether_agent_config::ManifestAccess,
 }
 
 impl std::fmt::Debug for AgentProjects {
@@ -144,6 +146,35 @@ impl tether_gitops_server::ProjectAccess for AgentProjects {
                         name: p.name.clone(),
                     });
             Some(ids.collect())
+        })
+    }
+
+    fn outside(
+        &self,
+        agent_id: i64,
+        project_path: &str,
+    ) -> tether_tunnel_server::service_future::BoxFuture<'_, Option<String>> {
+        let project_path = project_path.to_owned();
+        Box::pin(async move {
+            // Fails closed: an agent or project kas cannot read now is refused, and agentk
+            // asks again.
+            let config_project = match self.store.get_agent(agent_id).await {
+                Ok(Some(agent)) => self.store.get_project(agent.project_id).await,
+                Ok(None) => return Some(format!("agent {agent_id} is not registered")),
+                Err(e) => Err(e),
+            };
+            let config_project = match config_project {
+                Ok(Some(p)) => p.path,
+                Ok(None) => return Some(format!("agent {agent_id} has no configuration project")),
+                Err(e) => {
+                    return Some(format!(
+                        "cannot read the agent's configuration project: {e}"
+                    ));
+                }
+            };
+            (!self.manifest_access.allows(&config_project, &project_path)).then(|| {
+                tether_agent_config::ManifestAccess::refusal(&config_project, &project_path)
+            })
         })
     }
 }

@@ -177,7 +177,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let several = cfg.peers.is_some() && sh.cluster.is_some();
     let (config_states, configuration, h) = start_configuration(
         &mut sh,
-        (&sources, several),
+        (&sources, several, cfg.gitops.manifest_access()),
         modules.handle("configuration"),
     )
     .await?;
@@ -187,6 +187,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         store: Arc::clone(&sh.store),
         registry: Arc::clone(&sh.registry),
         several,
+        manifest_access: cfg.gitops.manifest_access(),
     });
     let (gitops, h) = start_gitops(
         &cfg,
@@ -766,7 +767,7 @@ const DECIDE_AGAIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// kas authorizes requests right after a restart, and the gRPC service.
 async fn start_configuration(
     sh: &mut Shared,
-    (sources, several): (&Arc<Sources>, bool),
+    (sources, several, manifest_access): (&Arc<Sources>, bool, tether_agent_config::ManifestAccess),
     handle: Handle,
 ) -> Result<(Arc<ConfigStates>, ConfigService, Handle)> {
     let config_states = Arc::new(ConfigStates::default());
@@ -798,6 +799,7 @@ async fn start_configuration(
         notifier: sh.notifier.clone(),
         several,
         directory: shared.map(|s| s as Arc<dyn tether_configuration_server::RunningDirectory>),
+        manifest_access,
     };
     // Configuration states whose write failed are written again until they are stored.
     let retrying = configuration.clone();

@@ -893,3 +893,105 @@ async fn a_commit_kas_cannot_read_in_a_database_outage_reaches_the_agent_once_it
     agent.wait_log(APPLIED, &c2).await;
     assert!(!agent.log().contains(REFUSED), "{}", agent.log());
 }
+
+/// On a kas shared by teams, a configuration may list only manifest projects of its own
+/// top-level group, or ones kas shares with every agent (`gitops.shared_manifest_projects`):
+/// any configuration could list any project, and a tenant read another's private manifests
+/// (E13). Listing another group's project is refused naming the entry; shared, it is read. A
+/// configuration in force from before (here: kas restarted without sharing the project)
+/// reads nothing of it either: the stream is refused naming the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_lists_only_its_groups_manifest_projects_or_shared_ones() {
+    use tether_protocol::gitops::ObjectsRequest;
+    use tether_protocol::gitops::git_ops_client::GitOpsClient;
+    let dir = tempfile::tempdir().unwrap();
+    let config_repo = GitRepo::init(&dir.path().join("config"));
+    let file = ".gitlab/agents/tenant/config.yaml";
+    let listing = |project: &str| {
+        format!("gitops:\n  manifest_projects:\n  - id: {project}\n    paths:\n    - glob: '/**'\n")
+    };
+    let own = config_repo.commit(&[(file, Some(listing("t1/manifests").as_bytes()))], "own");
+    let manifests = GitRepo::init(&dir.path().join("manifests"));
+    manifests.commit(&[("a.yaml", Some(b"kind: ConfigMap\n"))], "m");
+    let shared = "gitops:\n  shared_manifest_projects: ['t2/*']\n";
+    let opts = KasOptions {
+        extra_yaml: shared.to_owned(),
+        git_poll: "300ms",
+        ..KasOptions::default()
+    };
+    let mut kas = Kas::start(&dir.path().join("kas"), opts).await;
+    for (path, repo) in [
+        ("t1/config", &config_repo),
+        ("t1/manifests", &manifests),
+        ("t2/manifests", &manifests),
+        ("t3/secret", &manifests),
+    ] {
+        project(&kas, path, &repo.dir.display().to_string(), None).await;
+    }
+    let t = kas
+        .admin
+        .register_agent("t1/config", "tenant")
+        .await
+        .unwrap();
+    let mut stream = config_stream(&kas, &t.token, ("", "", "")).await;
+    assert_eq!(stream.message().await.unwrap().unwrap().commit_id, own);
+
+    let other = config_repo.commit(&[(file, Some(listing("t3/secret").as_bytes()))], "other");
+    let status = wait_for("the refusal", Duration::from_secs(20), || async {
+        let a = kas.agent(t.agent_id).await;
+        let c = a.config?;
+        (c.error_commit.as_deref() == Some(other.as_str())).then_some(c)
+    })
+    .await;
+    let error = status.error.unwrap_or_default();
+    assert!(
+        error.contains("gitops.manifest_projects[0].id: project \"t3/secret\" is outside this agent's group \"t1\""),
+        "{error}"
+    );
+    assert_eq!(status.commit, own, "the last good configuration stays");
+
+    let sharing = config_repo.commit(
+        &[(file, Some(listing("t2/manifests").as_bytes()))],
+        "shared",
+    );
+    wait_for(
+        "the shared project accepted",
+        Duration::from_secs(20),
+        || async {
+            let c = kas.agent(t.agent_id).await.config?;
+            (c.commit == sharing).then_some(())
+        },
+    )
+    .await;
+    let token = t.token.as_str();
+    let read = |kas_url: String| async move {
+        let address = tether_transport::KasAddress::parse(&kas_url).unwrap();
+        let channel = tether_transport::connect_lazy(&address, &Default::default()).unwrap();
+        let request = ObjectsRequest {
+            project_id: "t2/manifests".into(),
+            globs: vec!["**".into()],
+            ..ObjectsRequest::default()
+        };
+        GitOpsClient::new(channel)
+            .get_objects_to_synchronize(as_agent(token, request))
+            .await
+    };
+    assert!(
+        read(kas.url("grpc")).await.is_ok(),
+        "a shared project is read"
+    );
+
+    // kas no longer shares it: the configuration in force (stored) still lists it.
+    drop(stream);
+    let conf = std::fs::read_to_string(&kas.config).unwrap();
+    std::fs::write(&kas.config, conf.replace("['t2/*']", "[]")).unwrap();
+    kas.restart().await;
+    let refused = read(kas.url("grpc")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("outside this agent's group \"t1\""),
+        "{refused:?}"
+    );
+}
