@@ -168,6 +168,12 @@ pub(crate) fn classify_fetch_error(
     remote_said: Option<&str>,
 ) -> FetchError {
     let mut detail = error_chain(&err);
+    if read_timed_out(&err) {
+        // EAGAIN from a socket read timeout reads like a local resource problem.
+        detail = format!(
+            "the server accepted the connection but sent nothing before the socket read timeout: {detail}"
+        );
+    }
     if let Some(said) = remote_said {
         detail.push_str(&format!(" (git upload-pack said: {said})"));
     }
@@ -205,6 +211,15 @@ fn error_chain(err: &gix::Error) -> String {
     detail
 }
 
+/// Whether a socket read of the transport timed out (`WouldBlock`, EAGAIN, is how a read
+/// timeout surfaces on Linux): a server that accepted the connection and stays silent.
+fn read_timed_out(err: &gix::Error) -> bool {
+    err.iter_errors().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::WouldBlock)
+    })
+}
+
 /// Whether an `std::io` error in the chain says the remote could not be reached.
 fn unreachable_io(err: &gix::Error) -> bool {
     use std::io::ErrorKind as K;
@@ -223,4 +238,23 @@ fn unreachable_io(err: &gix::Error) -> bool {
                 | K::AddrNotAvailable
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_timeout_says_the_server_stayed_silent() {
+        let io = std::io::Error::from(std::io::ErrorKind::WouldBlock);
+        let err = gix::Error::from_error(io);
+        let FetchError::Other { detail, .. } = classify_fetch_error("git://h/r", false, err, None)
+        else {
+            panic!("not an other error");
+        };
+        assert!(
+            detail.starts_with("the server accepted the connection but sent nothing before"),
+            "{detail}"
+        );
+    }
 }
