@@ -22,6 +22,9 @@ pub enum EntryState {
     /// Suspended in kas (`kas agent suspend`) before its first sync: nothing is applied until
     /// it is resumed. Deliberate, so not unhealthy.
     Suspended,
+    /// Its project is outside the agent's group and kas does not share it
+    /// (`gitops.shared_manifest_projects`): the agent may not read it.
+    NotShared,
     /// A word this build does not know (a newer kas).
     #[serde(other)]
     Unknown,
@@ -36,6 +39,7 @@ impl EntryState {
             Self::FetchFailing => "fetch failing",
             Self::UnknownProject => "unknown project",
             Self::Suspended => "suspended",
+            Self::NotShared => "not shared",
             Self::Unknown => "unknown",
         }
     }
@@ -43,7 +47,10 @@ impl EntryState {
     /// Whether the entry cannot synchronize until someone acts (registers the project, fixes
     /// its remote or credentials); a pending one only needs time.
     pub fn is_unhealthy(self) -> bool {
-        matches!(self, Self::FetchFailing | Self::UnknownProject)
+        matches!(
+            self,
+            Self::FetchFailing | Self::UnknownProject | Self::NotShared
+        )
     }
 }
 

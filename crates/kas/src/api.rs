@@ -60,6 +60,8 @@ pub struct ApiState {
     pub peers: Option<crate::peers::Peers>,
     /// The last push webhook deliveries of each project (shown by the web UI).
     pub deliveries: Arc<Deliveries>,
+    /// Which manifest projects an agent's configuration may list.
+    pub manifest_access: tether_agent_config::ManifestAccess,
 }
 
 /// When the other replicas learn what an event would have told them, had it reached them

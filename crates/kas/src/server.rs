@@ -240,6 +240,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         peers: sh.peers.clone(),
         previews: previews.clone(),
         deliveries: Arc::clone(&deliveries),
+        manifest_access: cfg.gitops.manifest_access(),
     };
     if let Some(peers) = &sh.peers {
         peers.serve_admin(api::peer_admin_router(state.clone()));

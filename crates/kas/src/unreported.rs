@@ -29,6 +29,9 @@ pub enum ProjectFacts {
         fetch_error: Option<String>,
         /// Suspended in kas (the whole agent, or this project): by whom and why.
         suspended: Option<Suspended>,
+        /// Why the agent may not read it: outside its group, not shared (see
+        /// [`tether_agent_config::ManifestAccess`]).
+        outside: Option<String>,
     },
 }
 
@@ -72,6 +75,9 @@ pub fn unreported(entries: Vec<EntryFacts>, reported: &HashSet<String>) -> Vec<U
 fn state_of(project: &str, facts: ProjectFacts) -> (EntryState, String) {
     match facts {
         ProjectFacts::Unregistered => (EntryState::UnknownProject, unregistered(project)),
+        ProjectFacts::Registered {
+            outside: Some(why), ..
+        } => (EntryState::NotShared, why),
         ProjectFacts::Registered { path, remote, .. } if !remote => (
             EntryState::FetchFailing,
             format!(
@@ -156,6 +162,15 @@ pub async fn agent_unreported(
             whole_agent: s.scope == SuspensionScope::Agent,
         })
     };
+    // The agent's configuration project, whose group its entries may read.
+    let own_project = match st.store.get_agent(agent_id).await? {
+        Some(agent) => st
+            .store
+            .get_project(agent.project_id)
+            .await?
+            .map(|p| p.path),
+        None => None,
+    };
     let mut entries = Vec::new();
     for p in &config.gitops.manifest_projects {
         let key = p.entry_key();
@@ -167,7 +182,12 @@ pub async fn agent_unreported(
             None => ProjectFacts::Unregistered,
             Some(found) => {
                 let head = st.sources.head(found.id);
+                let outside = own_project
+                    .as_deref()
+                    .filter(|own| !st.manifest_access.allows(own, &found.path))
+                    .map(|own| tether_agent_config::ManifestAccess::refusal(own, &found.path));
                 ProjectFacts::Registered {
+                    outside,
                     path: found.path,
                     remote: found.remote.is_some(),
                     commit: head.commit.map(|c| c.to_hex()),
@@ -204,6 +224,7 @@ mod tests {
             commit: commit.map(str::to_owned),
             fetch_error: fetch_error.map(str::to_owned),
             suspended: None,
+            outside: None,
         }
     }
 
@@ -276,6 +297,25 @@ mod tests {
         }
     }
 
+    /// A configuration in force from before the group rule lists another group's project: its
+    /// stream is refused, and the entry says so rather than "pending" for good.
+    #[test]
+    fn a_project_outside_the_agents_group_is_not_shared_and_unhealthy() {
+        let why = tether_agent_config::ManifestAccess::refusal("t1/config", "t2/app");
+        let facts = ProjectFacts::Registered {
+            path: "t2/app".into(),
+            remote: true,
+            commit: Some("c1".into()),
+            fetch_error: None,
+            suspended: None,
+            outside: Some(why.clone()),
+        };
+        let rows = unreported(vec![entry("t2/app", facts)], &HashSet::new());
+        assert_eq!(states(&rows), [("t2/app", EntryState::NotShared)]);
+        assert_eq!(rows[0].reason, why);
+        assert!(rows[0].state.is_unhealthy());
+    }
+
     #[test]
     fn a_project_without_repository_is_fetch_failing() {
         let facts = ProjectFacts::Registered {
@@ -284,6 +324,7 @@ mod tests {
             commit: None,
             fetch_error: None,
             suspended: None,
+            outside: None,
         };
         let rows = unreported(vec![entry("g/app", facts)], &HashSet::new());
         assert_eq!(states(&rows), [("g/app", EntryState::FetchFailing)]);
@@ -306,6 +347,7 @@ mod tests {
                 reason: "freeze".into(),
                 whole_agent,
             }),
+            outside: None,
         };
         let rows = unreported(vec![entry("g/app", held(false))], &HashSet::new());
         assert_eq!(states(&rows), [("g/app", EntryState::Suspended)]);

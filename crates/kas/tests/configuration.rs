@@ -994,4 +994,9 @@ async fn a_configuration_lists_only_its_groups_manifest_projects_or_shared_ones(
             .contains("outside this agent's group \"t1\""),
         "{refused:?}"
     );
+    // And `kas agent status` says why the entry never synchronizes, not "pending".
+    let unreported = kas.admin.gitops_unreported(t.agent_id).await.unwrap();
+    assert_eq!(unreported.len(), 1, "{unreported:?}");
+    assert_eq!(unreported[0].state, tether_kas_api::EntryState::NotShared);
+    assert!(unreported[0].state.is_unhealthy());
 }
