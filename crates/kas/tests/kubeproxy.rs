@@ -898,7 +898,9 @@ async fn one_ci_job_cannot_hold_more_than_its_share_of_an_agents_requests() {
 async fn people_hold_one_share_each_and_one_share_together() {
     let caps = "  max_requests_per_caller: 2\n  max_requests_per_project: 3\n";
     let s = setup_full(None, false, caps).await;
-    let (_alice, (mut a1, _), (mut a2, _)) =
+    // The receivers are kept: a watch whose output nobody reads any more dies of SIGPIPE at
+    // its next event, and gives its slot back.
+    let (_alice, (mut a1, _rx_a1), (mut a2, _rx_a2)) =
         two_open_watches(&s, &user_token_request("alice"), "people").await;
     let admin = &s.kas.admin;
     let token_of = |user: &'static str| async move {
