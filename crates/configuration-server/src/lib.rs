@@ -869,14 +869,8 @@ async fn resolved_duplicate(
     let mut seen: HashMap<(i64, Option<&str>), usize> = HashMap::new();
     let mut unnamed: HashMap<i64, usize> = HashMap::new();
     for (i, p) in config.gitops.manifest_projects.iter().enumerate() {
-        let found = match &p.id {
-            tether_agent_config::ProjectRef::Numeric(n) => store.get_project(*n).await,
-            tether_agent_config::ProjectRef::Path(path) => store.get_project_by_path(path).await,
-        };
-        let project = match found {
-            Ok(Some(project)) => project,
-            Ok(None) | Err(tether_store::Error::InvalidName { .. }) => continue,
-            Err(e) => return Err(format!("reading kas's project records: {e}")),
+        let Some(project) = registered(store, &p.id).await? else {
+            continue;
         };
         let name = p.name.as_deref();
         // Unnamed, it may be listed once only; named, it may not share a project with an
@@ -904,6 +898,23 @@ async fn resolved_duplicate(
         }
     }
     Ok(None)
+}
+
+/// The project an entry's `id` names, when kas has it (`None` for an unknown project or a path
+/// no project could have: the GitOps stream reports those); an error when the store cannot say.
+async fn registered(
+    store: &dyn Store,
+    id: &tether_agent_config::ProjectRef,
+) -> Result<Option<tether_store::Project>, String> {
+    let found = match id {
+        tether_agent_config::ProjectRef::Numeric(n) => store.get_project(*n).await,
+        tether_agent_config::ProjectRef::Path(path) => store.get_project_by_path(path).await,
+    };
+    match found {
+        Ok(found) => Ok(found),
+        Err(tether_store::Error::InvalidName { .. }) => Ok(None),
+        Err(e) => Err(format!("reading kas's project records: {e}")),
+    }
 }
 
 /// The gRPC service.
@@ -1216,16 +1227,8 @@ async fn outside_its_group(
         return Err(format!("project {project_id} is not registered"));
     };
     for (i, p) in config.gitops.manifest_projects.iter().enumerate() {
-        let found = match &p.id {
-            tether_agent_config::ProjectRef::Numeric(n) => svc.store.get_project(*n).await,
-            tether_agent_config::ProjectRef::Path(path) => {
-                svc.store.get_project_by_path(path).await
-            }
-        };
-        let project = match found {
-            Ok(Some(project)) => project,
-            Ok(None) | Err(tether_store::Error::InvalidName { .. }) => continue,
-            Err(e) => return Err(read(e)),
+        let Some(project) = registered(svc.store.as_ref(), &p.id).await? else {
+            continue;
         };
         if !svc.manifest_access.allows(&own.path, &project.path) {
             let why = tether_agent_config::ManifestAccess::refusal(&own.path, &project.path);
