@@ -404,6 +404,27 @@ struct Tracked {
 /// before its connection is cut: only a client that stopped reading takes longer.
 const CUT_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a request's end at its token's expiry sleeps at most before reading the wall
+/// clock again.
+const EXPIRY_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Returns once the wall clock (`now`) reaches `until`. Timers run on the monotonic clock, so
+/// one sleep of `until - now` computed at the start would miss a step of the wall clock (NTP
+/// correcting a kas that lagged, a VM resumed): kas would refuse the token at once while its
+/// open watch or exec ran on to the old deadline, hours later (E14). Sleeping at most
+/// [`EXPIRY_RECHECK`] at a time ends it within a second of the step.
+async fn wall_clock_reaches(until: SystemTime, now: impl Fn() -> SystemTime) {
+    loop {
+        let Ok(left) = until.duration_since(now()) else {
+            return;
+        };
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(EXPIRY_RECHECK)).await;
+    }
+}
+
 /// Ends the request (`end`) at `until`, if any, and, once it must end for whatever reason,
 /// cuts its connection if it has not ended `CUT_AFTER` later — unless the request ended first
 /// (the guard dropped). `None` when there is nothing to watch.
@@ -420,12 +441,7 @@ fn watch_end(
     tokio::spawn(async move {
         let expiry = async {
             match until {
-                Some(until) => {
-                    let left = until
-                        .duration_since(SystemTime::now())
-                        .unwrap_or(std::time::Duration::ZERO);
-                    tokio::time::sleep(left).await;
-                }
+                Some(until) => wall_clock_reaches(until, SystemTime::now).await,
                 None => std::future::pending().await,
             }
         };
@@ -1490,6 +1506,44 @@ fn _executor() -> TokioExecutor {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A request's end at its token's expiry follows the wall clock: stepped forward a day past
+    /// the expiry, the end comes within a second, not at the old deadline hours later.
+    #[tokio::test(start_paused = true)]
+    async fn an_expiry_ends_within_a_second_of_a_wall_clock_step_past_it() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let start = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let stepped = Arc::new(AtomicU64::new(0));
+        let clock = {
+            let stepped = Arc::clone(&stepped);
+            let begun = tokio::time::Instant::now();
+            move || {
+                start
+                    + begun.elapsed()
+                    + std::time::Duration::from_secs(stepped.load(Ordering::SeqCst))
+            }
+        };
+        let until = start + std::time::Duration::from_secs(2 * 3600);
+        let ended = tokio::spawn(wall_clock_reaches(until, clock));
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        assert!(!ended.is_finished(), "two hours left: still open");
+        stepped.store(86_400, Ordering::SeqCst);
+        let began = tokio::time::Instant::now();
+        ended.await.unwrap();
+        let after = began.elapsed();
+        assert!(after <= EXPIRY_RECHECK, "ended {after:?} after the step");
+    }
+
+    /// Without a step, it ends at the expiry itself, not a recheck later or earlier.
+    #[tokio::test(start_paused = true)]
+    async fn an_expiry_ends_at_its_moment_when_the_clock_is_steady() {
+        let begun = tokio::time::Instant::now();
+        let start = SystemTime::now();
+        let clock = move || start + begun.elapsed();
+        let until = start + std::time::Duration::from_millis(3_500);
+        wall_clock_reaches(until, clock).await;
+        assert_eq!(begun.elapsed(), std::time::Duration::from_millis(3_500));
+    }
 
     /// A connected agent that refused every configuration kas sent has none in force either:
     /// the answer does not say only that it has not connected.
