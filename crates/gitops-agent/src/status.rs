@@ -123,6 +123,15 @@ pub struct ViewMeta {
 }
 
 impl StatusView {
+    /// Gives a view without a type (an item of a LIST of a built-in kind) the type of its list.
+    pub fn type_as(&mut self, api_version: &str, kind: &str) {
+        let empty = |v: &Value| v.as_str().is_none_or(str::is_empty);
+        if empty(&self.kind) {
+            self.api_version = Value::String(api_version.to_owned());
+            self.kind = Value::String(kind.to_owned());
+        }
+    }
+
     /// The object's status, by the same rules as [`compute_status`].
     pub fn status(self) -> ResourceStatus {
         let mut meta = serde_json::Map::new();

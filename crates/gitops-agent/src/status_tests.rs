@@ -912,3 +912,28 @@ fn a_status_view_gives_what_the_whole_object_gives() {
         );
     }
 }
+
+/// A LIST's items of built-in kinds come without a type: a view given its list's type reads a
+/// Deployment that cannot run as not Current, where the kindless view read it by the generic
+/// rule; a view that has a type keeps it.
+#[test]
+fn a_listed_view_given_its_lists_type_is_read_by_its_kinds_rule() {
+    let mut item = deployment(json!({"replicas": 3}), json!({"observedGeneration": 2}));
+    let obj = item.as_object_mut().expect("an object");
+    obj.remove("apiVersion");
+    obj.remove("kind");
+    let kindless: StatusView = serde_json::from_value(item).expect("a view");
+    assert_eq!(
+        kindless.clone().status().status,
+        Status::Current,
+        "the generic rule"
+    );
+    let mut typed = kindless;
+    typed.type_as("apps/v1", "Deployment");
+    assert_eq!(typed.status().status, Status::InProgress);
+
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}});
+    let mut view: StatusView = serde_json::from_value(cm.clone()).expect("a view");
+    view.type_as("apps/v1", "Deployment");
+    assert_eq!(view.status(), compute_status(&cm), "its own type is kept");
+}

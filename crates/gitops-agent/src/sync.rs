@@ -11,7 +11,7 @@ use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::Client;
 use kube::api::{
-    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
+    Api, DeleteParams, DynamicObject, ListParams, ObjectList, Patch, PatchParams, PropagationPolicy,
 };
 use kube::discovery::{ApiCapabilities, ApiResource, Scope};
 use serde_json::{Value, json};
@@ -1490,8 +1490,9 @@ impl Syncer {
 
     /// LISTs (in pages) each resource type and namespace that holds at least
     /// [`LIST_THRESHOLD`] of the given objects, keeping `summarize(group, name, object,
-    /// managed fields)` of each listed object it returns `Some` for ([`split_managed`]). A group whose LIST fails (e.g. RBAC allows GET but
-    /// not LIST) is left out, so its objects are looked up one by one.
+    /// managed fields)` of each listed object it returns `Some` for ([`split_managed`]). A
+    /// group whose LIST fails (e.g. RBAC allows GET but not LIST) is left out, so its objects
+    /// are looked up one by one.
     pub(crate) async fn list_groups<T, F>(
         &self,
         objects: impl Iterator<Item = (ApiResource, Option<&str>)>,
@@ -1500,6 +1501,30 @@ impl Syncer {
     where
         F: Fn(&GroupKey, &str, &Value, &[ManagedFieldsEntry]) -> Option<T>,
     {
+        self.list_groups_as(objects, |key, ar, mut o: DynamicObject| {
+            let name = o.metadata.name.clone()?;
+            // A LIST's items of built-in kinds come without apiVersion and kind, and a status
+            // without a kind was read by the generic rule: Current, for Deployments that
+            // could not run (E12).
+            typed(&mut o, ar);
+            let (v, managed) = split_managed(o);
+            summarize(key, &name, &v, &managed).map(|t| (name, t))
+        })
+        .await
+    }
+
+    /// [`Self::list_groups`] with each listed item read as `I` (an [`ObjectList`] of it) and
+    /// kept as `keep(group, its type, item)` says: a caller that needs a few fields of each
+    /// object reads only those, never building the rest.
+    async fn list_groups_as<I, T, F>(
+        &self,
+        objects: impl Iterator<Item = (ApiResource, Option<&str>)>,
+        keep: F,
+    ) -> HashMap<GroupKey, HashMap<String, T>>
+    where
+        I: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        F: Fn(&GroupKey, &ApiResource, I) -> Option<(String, T)>,
+    {
         let mut counts: HashMap<GroupKey, (ApiResource, usize)> = HashMap::new();
         for (ar, ns) in objects {
             counts
@@ -1507,40 +1532,19 @@ impl Syncer {
                 .or_insert_with(|| (ar.clone(), 0))
                 .1 += 1;
         }
-        let summarize = &summarize;
+        let keep = &keep;
         let lists = futures_util::stream::iter(
             counts
                 .into_iter()
                 .filter(|(_, (_, n))| *n >= LIST_THRESHOLD)
                 .map(|(key, (ar, _))| async move {
-                    let api = self.api(&ar, key.3.as_deref());
                     let mut found = HashMap::new();
-                    let mut params = ListParams::default().limit(LIST_PAGE);
-                    loop {
-                        let page = match api.list(&params).await {
-                            Ok(page) => page,
-                            Err(e) => return (key, Err(e)),
-                        };
-                        for mut o in page.items {
-                            let Some(name) = o.metadata.name.clone() else {
-                                continue;
-                            };
-                            // A LIST's items of built-in kinds come without apiVersion and
-                            // kind, and a status without a kind was read by the generic rule:
-                            // Current, for Deployments that could not run (E12).
-                            typed(&mut o, &ar);
-                            let (v, managed) = split_managed(o);
-                            if let Some(t) = summarize(&key, &name, &v, &managed) {
-                                found.insert(name, t);
-                            }
-                        }
-                        match page.metadata.continue_ {
-                            Some(token) if !token.is_empty() => {
-                                params = params.continue_token(&token);
-                            }
-                            _ => return (key, Ok(found)),
-                        }
-                    }
+                    let listed = self
+                        .list_pages(&ar, key.3.as_deref(), |item: I| {
+                            found.extend(keep(&key, &ar, item));
+                        })
+                        .await;
+                    (key, listed.map(|()| found))
                 }),
         )
         .buffer_unordered(CONCURRENCY)
@@ -1558,6 +1562,32 @@ impl Syncer {
             }
         }
         out
+    }
+
+    /// Every object of type `ar` in `ns`, in pages of [`LIST_PAGE`], each item read as `I`
+    /// and handed to `each` before the next page is asked for.
+    async fn list_pages<I>(
+        &self,
+        ar: &ApiResource,
+        ns: Option<&str>,
+        mut each: impl FnMut(I),
+    ) -> Result<(), kube::Error>
+    where
+        I: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let url = self.api(ar, ns).resource_url().to_owned();
+        let mut params = ListParams::default().limit(LIST_PAGE);
+        loop {
+            let req = kube::core::Request::new(&url)
+                .list(&params)
+                .map_err(kube::Error::BuildRequest)?;
+            let page = self.client.request::<ObjectList<I>>(req).await?;
+            page.items.into_iter().for_each(&mut each);
+            match page.metadata.continue_ {
+                Some(token) if !token.is_empty() => params = params.continue_token(&token),
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Applies one object with server-side apply, after checking who owns it, unless the live
@@ -2062,15 +2092,23 @@ impl Syncer {
                 .or_default()
                 .insert(o.name.as_str());
         }
+        // Listed as status views: a poll reads each pending object's status, and building
+        // whole objects (a Deployment's template, its managed fields) was the largest part of
+        // agentk's memory while Deployments became available.
         let mut live = self
-            .list_groups(
+            .list_groups_as(
                 pending.iter().map(|(_, g)| (g.0.clone(), g.1.as_deref())),
-                |key, name, obj, _| {
+                |key, ar, mut view: StatusView| {
+                    let name = view.metadata.name.take()?;
                     // Only the pending objects' statuses are kept.
-                    wanted
+                    if !wanted
                         .get(key)
-                        .is_some_and(|names| names.contains(name))
-                        .then(|| compute_status(obj))
+                        .is_some_and(|names| names.contains(name.as_str()))
+                    {
+                        return None;
+                    }
+                    view.type_as(&ar.api_version, &ar.kind);
+                    Some((name, view.status()))
                 },
             )
             .await;
