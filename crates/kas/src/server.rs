@@ -159,6 +159,14 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let (connections, conn_gauge) = connection_count(&mut metrics);
     let listener_metrics = ListenerMetrics::default();
     listener_metrics.register(&mut metrics);
+    let h = modules.handle("certificates");
+    let task = tokio::spawn(
+        listener_metrics
+            .certificates
+            .clone()
+            .run(Modules::shutdown_of(&h)),
+    );
+    modules.push(h.task(task));
     let mut sh = Shared {
         store,
         registry,
@@ -919,9 +927,11 @@ async fn start_agent_listener(
     let l = &cfg.agent.listen;
     let tls = match (&l.certificate_file, &l.key_file) {
         (Some(c), Some(k)) => {
-            Some(tether_transport::load_server_tls(c, k).with_context(|| {
+            let (tls, served) = tether_transport::load_served_tls(c, k).with_context(|| {
                 format!("loading the agent listener's TLS files {}", c.display())
-            })?)
+            })?;
+            sh.listener_metrics.certificates.follow("agent", served);
+            Some(tls)
         }
         _ => None,
     };

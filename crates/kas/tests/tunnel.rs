@@ -411,6 +411,77 @@ async fn kas_says_when_agents_refuse_its_certificate() {
     );
 }
 
+/// kas says ahead of time when a certificate it serves expires — a gauge of each listener's
+/// `notAfter`, a warning while it is within its warning period, an error once it has expired —
+/// and a client refusing the expired certificate of the Kubernetes API listener is counted and
+/// said as on the agent listener. (Nothing was said before every client was refused, and
+/// refusals were counted on the agent listener only: E14 F2.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kas_says_ahead_when_its_certificates_expire_and_when_clients_refuse_an_expired_one() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let dir = tempfile::tempdir().unwrap();
+    let (day, now) = (Duration::from_secs(86_400), SystemTime::now());
+    let soon = Pki::temporary_valid(now - 30 * day, now + 2 * day);
+    let expired = Pki::temporary_valid(now - 60 * day, now - day);
+    let opts = KasOptions {
+        tls: Some((soon.cert.clone(), soon.key.clone())),
+        k8s_tls: Some((expired.cert.clone(), expired.key.clone())),
+        ..KasOptions::default()
+    };
+    let kas = Kas::start(&dir.path().join("kas"), opts).await;
+    let gauge = |listener: &str| {
+        format!(r#"kas_tls_certificate_expiry_timestamp_seconds{{listener="{listener}"}}"#)
+    };
+    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs() as f64;
+    assert_eq!(kas.metric(&gauge("agent")).await, Some(secs(now + 2 * day)));
+    assert_eq!(
+        kas.metric(&gauge("kubernetes_api")).await,
+        Some(secs(now - day))
+    );
+    let text = kas.metrics_text().await.unwrap();
+    support::monitoring::assert_area_exported("tunnel.rs", &[&text]);
+    let log = kas.log();
+    let line = |says: &str| log.lines().find(|l| l.contains(says)).unwrap_or_default();
+    let warned = line("The TLS certificate kas serves expires soon");
+    assert!(
+        warned.contains(r#""level":"warn""#) && warned.contains(r#""listener":"agent""#),
+        "{log}"
+    );
+    let failed = line("The TLS certificate kas serves has expired");
+    assert!(
+        failed.contains(r#""level":"error""#) && failed.contains(r#""listener":"kubernetes_api""#),
+        "{log}"
+    );
+
+    let ca = std::fs::read(&expired.ca).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let ring = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(ring)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", kas.k8s_port))
+        .await
+        .unwrap();
+    let refused = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await;
+    let error = refused.expect_err("the client refuses the expired certificate");
+    assert!(error.to_string().contains("expired"), "{error}");
+    let series = r#"kas_listener_connections_closed_total{listener="kubernetes_api",reason="certificate_refused"}"#;
+    wait_for(
+        "kas to count the refusal",
+        Duration::from_secs(30),
+        || async { kas.metric(series).await.filter(|n| *n >= 1.0) },
+    )
+    .await;
+    assert!(kas.log().contains("the client refused kas's certificate"));
+}
+
 /// agentk dialling a TLS listener without TLS (`grpc://`, `ws://`) says to dial `grpcs://` or
 /// `wss://`: it said `h2 protocol error: http2 error` and `httparse error: invalid HTTP
 /// version`, which name no scheme.

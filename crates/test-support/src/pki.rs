@@ -1,6 +1,7 @@
 //! A throwaway certificate authority and a server certificate for `localhost` and 127.0.0.1.
 
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
@@ -17,6 +18,19 @@ pub struct Pki {
 impl Pki {
     /// Writes `ca.pem`, `server.pem` and `server-key.pem` into `dir`.
     pub fn generate(dir: &Path) -> Pki {
+        Self::generate_valid(dir, None)
+    }
+
+    /// Like [`Pki::temporary`], with a server certificate valid from `not_before` to
+    /// `not_after` (e.g. already expired, or expiring in an hour).
+    pub fn temporary_valid(not_before: SystemTime, not_after: SystemTime) -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut pki = Pki::generate_valid(dir.path(), Some((not_before, not_after)));
+        pki._dir = Some(dir);
+        pki
+    }
+
+    fn generate_valid(dir: &Path, validity: Option<(SystemTime, SystemTime)>) -> Pki {
         let ca_key = KeyPair::generate().expect("CA key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -25,8 +39,13 @@ impl Pki {
         let issuer = Issuer::new(ca_params, ca_key);
 
         let key = KeyPair::generate().expect("server key");
-        let params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .expect("server params");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("server params");
+        if let Some((not_before, not_after)) = validity {
+            params.not_before = not_before.into();
+            params.not_after = not_after.into();
+        }
         let cert = params.signed_by(&key, &issuer).expect("server certificate");
 
         let pki = Pki {

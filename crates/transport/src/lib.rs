@@ -36,12 +36,13 @@ pub use limits::{
 };
 pub use proxy::{NoProxy, ProxyError, ProxySettings, ProxyUrl};
 pub use server::{
-    AcceptOptions, AgentConnectInfo, AgentIo, DEFAULT_HANDSHAKE_TIMEOUT, Incoming, incoming,
-    incoming_with, remote_addr_of,
+    AcceptOptions, AgentConnectInfo, AgentIo, DEFAULT_HANDSHAKE_TIMEOUT, Incoming,
+    client_refused_certificate, incoming, incoming_with, remote_addr_of,
 };
 pub use tls::{
-    MutualConfigs, MutualTls, MutualTlsFiles, ServerTls, check_client_name, https_connector,
-    load_client_tls, load_server_tls, peer_server_name,
+    MutualConfigs, MutualTls, MutualTlsFiles, ServedCertificate, ServerTls, Standing, Validity,
+    check_client_name, https_connector, load_client_tls, load_served_tls, load_server_tls,
+    peer_server_name, validity,
 };
 pub use watched::ReadActivity;
 pub use ws::{WS_MAX_MESSAGE_SIZE, WS_SUBPROTOCOL, WsIo};

@@ -330,10 +330,16 @@ async fn accept_loop(
 /// unlike a scanner's or a health check's connection dropped before its hello, that is an
 /// operator's problem — after a bad certificate rotation every agent fails this way.
 fn refused_certificate(e: &Error) -> bool {
-    use rustls::AlertDescription as A;
     let Error::TlsHandshake(io) = e else {
         return false;
     };
+    client_refused_certificate(io)
+}
+
+/// Whether a TLS handshake's failure `io` (as tokio-rustls returns it) is the client refusing
+/// kas's certificate, for every TLS listener of kas.
+pub fn client_refused_certificate(io: &io::Error) -> bool {
+    use rustls::AlertDescription as A;
     let alert = io
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());

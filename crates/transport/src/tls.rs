@@ -14,7 +14,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::{Error, Result};
 
 mod mutual;
+mod validity;
 pub use mutual::{MutualConfigs, MutualTls, MutualTlsFiles, check_client_name, peer_server_name};
+pub use validity::{Standing, Validity, validity};
 
 /// The TLS configuration kas serves with (see [`load_server_tls`]).
 pub type ServerTls = Arc<ServerConfig>;
@@ -62,13 +64,38 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
 /// are read again when they change (see [`ReloadingCert`]), so a certificate renewed on disk
 /// (cert-manager, a rotated Secret) is served without a restart.
 pub fn load_server_tls(cert_file: &Path, key_file: &Path) -> Result<ServerTls> {
-    let resolver = ReloadingCert::load(cert_file, key_file)?;
+    Ok(load_served_tls(cert_file, key_file)?.0)
+}
+
+/// [`load_server_tls`], and the certificate it serves, to follow its validity.
+pub fn load_served_tls(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<(ServerTls, ServedCertificate)> {
+    let resolver = Arc::new(ReloadingCert::load(cert_file, key_file)?);
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>);
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), ServedCertificate(resolver)))
+}
+
+/// The certificate a listener serves, as reloaded from its files.
+#[derive(Debug, Clone)]
+pub struct ServedCertificate(Arc<ReloadingCert>);
+
+impl ServedCertificate {
+    /// The certificate file.
+    pub fn file(&self) -> &Path {
+        &self.0.cert_file
+    }
+
+    /// The validity of the certificate served now (its files read again first if they
+    /// changed, as a handshake would); `None` when its DER could not be read as X.509.
+    pub fn validity(&self) -> Option<Validity> {
+        validity(self.0.current().end_entity_cert().ok()?)
+    }
 }
 
 /// Checks of the files' stamps at most this often (a handshake storm stats them no more).

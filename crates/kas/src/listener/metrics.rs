@@ -33,6 +33,8 @@ pub struct ListenerMetrics {
     pub refused: Family<ReasonLabels, Counter>,
     pub closed: Family<ReasonLabels, Counter>,
     pub open: Family<ListenerLabels, Gauge>,
+    /// The certificates the TLS listeners serve, and when they expire.
+    pub certificates: super::certificates::Certificates,
 }
 
 impl ListenerMetrics {
@@ -52,6 +54,7 @@ impl ListenerMetrics {
             "Open connections admitted by each listener",
             self.open.clone(),
         );
+        self.certificates.register(reg);
     }
 
     /// The event sink of one listener.
@@ -126,7 +129,7 @@ impl ListenerEvents for Events {
                 remote_addr = %peer,
                 error,
                 suppressed,
-                "TLS handshake failed: the client refused kas's certificate (expired, not valid for the name it dialled, or signed by a CA it does not trust); check the listener's certificate_file"
+                "TLS handshake failed: the client refused kas's certificate (expired — or not valid yet by the client's clock, which sends the same alert when it is behind the certificate's notBefore —, not valid for the name it dialled, or signed by a CA it does not trust); check the listener's certificate_file and the client's clock"
             );
         }
     }

@@ -4,6 +4,7 @@
 //! its caps and handshake timeout from [`tether_transport::incoming_with`].
 
 mod body_deadline;
+pub mod certificates;
 mod clock;
 mod linger;
 mod metrics;
@@ -113,6 +114,9 @@ where
             };
             match tokio::time::timeout(l.handshake_timeout, tls.accept(tcp)).await {
                 Ok(Ok(s)) => serve_io(s, admission, peer, &l, events, handler).await,
+                Ok(Err(e)) if tether_transport::client_refused_certificate(&e) => {
+                    events.certificate_refused(peer, &e.to_string());
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(remote_addr = %peer, error = %e, "TLS handshake failed")
                 }
@@ -346,10 +350,12 @@ pub async fn bind_http(
     use anyhow::Context as _;
     let limits = listen.limits(defaults);
     let tls = match (&listen.certificate_file, &listen.key_file) {
-        (Some(c), Some(k)) => Some(http1_tls(
-            tether_transport::load_server_tls(c, k)
-                .with_context(|| format!("loading the {name} listener's TLS files"))?,
-        )),
+        (Some(c), Some(k)) => {
+            let (tls, served) = tether_transport::load_served_tls(c, k)
+                .with_context(|| format!("loading the {name} listener's TLS files"))?;
+            metrics.certificates.follow(name, served);
+            Some(http1_tls(tls))
+        }
         _ => None,
     };
     let listener = TcpListener::bind(listen.address())

@@ -22,6 +22,7 @@ pub const AREAS: &[(&str, &str)] = &[
     ("kas_notifications_", "gitops.rs notifications"),
     ("kas_store_", "store.rs"),
     ("kas_redis_", "replicas.rs"),
+    ("kas_tls_", "tunnel.rs"),
 ];
 
 pub fn folder() -> PathBuf {
