@@ -690,7 +690,7 @@ mod tests {
         assert!(states.unrecorded(agent).is_empty(), "recorded since");
         states.put(agent, &report, &notifier).await?;
 
-        let queued = store.claim_notifications(10, 60).await?;
+        let queued = store.claim_notifications(10, 60, 600).await?;
         let mut got: Vec<(&str, &str)> = queued
             .iter()
             .map(|n| (n.receiver.as_str(), n.dedup_key.as_str()))

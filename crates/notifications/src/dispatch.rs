@@ -30,6 +30,15 @@ pub(crate) type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>,
 const BATCH: i64 = 4;
 /// Longest wait between two sends of one message.
 const MAX_BACKOFF: i64 = 300;
+
+/// How far ahead of now the outbox ever stores a retry time or a claim (`lease`), with a
+/// minute's margin: a time further ahead was written by a clock that has since stepped back,
+/// and the store takes it as passed. A `sync_failed` queued while kas's clock ran a day ahead
+/// waited that day after NTP stepped it back, then reached its receiver after the
+/// `sync_recovered` queued since (E14).
+fn horizon(lease: i64) -> i64 {
+    lease.max(MAX_BACKOFF) + 60
+}
 /// Finished messages deleted per statement: each delete is one short write, so sends and
 /// other writers (which take turns with it) wait little behind a large backlog.
 const CLEANUP_BATCH: i64 = 1000;
@@ -133,8 +142,14 @@ impl Dispatcher {
 
     /// Sends one batch of due messages; true when the batch was full (more may be due).
     async fn send_due(&mut self, lease: i64) -> bool {
-        let dropped = self.drop_replaced().await;
-        let claimed = match self.shared.store.claim_notifications(BATCH, lease).await {
+        let dropped = self.drop_replaced(horizon(lease)).await;
+        let horizon = horizon(lease);
+        let claimed = match self
+            .shared
+            .store
+            .claim_notifications(BATCH, lease, horizon)
+            .await
+        {
             Ok(c) => {
                 if dropped {
                     self.outbox
@@ -159,8 +174,8 @@ impl Dispatcher {
     /// waiting for a retry when its `success` is queued): sent later, they would be the
     /// commit's last status on the forge. The claim never takes them anyway; a failure only
     /// leaves them in the outbox until the next round. Whether the store answered.
-    async fn drop_replaced(&mut self) -> bool {
-        match self.shared.store.drop_replaced_notifications().await {
+    async fn drop_replaced(&mut self, horizon: i64) -> bool {
+        match self.shared.store.drop_replaced_notifications(horizon).await {
             Ok(0) => true,
             Ok(n) => {
                 tracing::info!(
@@ -375,11 +390,11 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let claimed = store.claim_notifications(10, 60).await.unwrap();
+        let claimed = store.claim_notifications(10, 60, 600).await.unwrap();
         let (delivered, retry) = (
             NotificationResult::Delivered,
             NotificationResult::Retry {
-                at: i64::MAX,
+                at: unix_now() + 300,
                 error: "503".into(),
             },
         );

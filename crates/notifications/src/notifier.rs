@@ -598,7 +598,7 @@ mod tests {
             .commit_offered(agent.id, Entry::of(project, project), "c2", Some("c1"))
             .await;
 
-        let claimed = store.claim_notifications(10, 60).await.unwrap();
+        let claimed = store.claim_notifications(10, 60, 600).await.unwrap();
         let keys: Vec<&str> = claimed.iter().map(|n| n.dedup_key.as_str()).collect();
         let key = |c: &str, s: &str| format!("status:{}:{project}:{c}:{s}", agent.id);
         assert_eq!(keys, [key("c1", "Success"), key("c2", "Pending")]);
@@ -620,7 +620,7 @@ mod tests {
         notifier
             .commit_offered(agent.id, Entry::of(project, project), "c2", None)
             .await;
-        let queued = store.claim_notifications(10, 60).await.unwrap();
+        let queued = store.claim_notifications(10, 60, 600).await.unwrap();
         let keys: Vec<&str> = queued.iter().map(|n| n.dedup_key.as_str()).collect();
         let c2 = format!("status:{}:group/manifests:c2:Pending", agent.id);
         assert_eq!(keys, [c2.as_str()]);
@@ -689,7 +689,7 @@ mod tests {
         }
 
         // The newest of each context is what is sent: both outcomes, neither replaced.
-        let claimed = store.claim_notifications(10, 60).await.unwrap();
+        let claimed = store.claim_notifications(10, 60, 600).await.unwrap();
         let mut keys: Vec<&str> = claimed.iter().map(|n| n.dedup_key.as_str()).collect();
         keys.sort_unstable();
         let key = |e: &str, s: &str| format!("status:{}:group/fleet#{e}:c1:{s}", agent.id);

@@ -688,22 +688,28 @@ macro_rules! impl_store {
                     &self,
                     limit: i64,
                     lease_secs: i64,
+                    horizon_secs: i64,
                 ) -> Result<Vec<PendingNotification>> {
                     let mut tx = self.write().await?;
                     let t = now();
                     // Ordered messages: only the newest of its key (ids grow in the order
                     // messages were queued), and not while another of its key is being sent,
-                    // which could reach the receiver after it.
+                    // which could reach the receiver after it. Times past the horizon ($3)
+                    // are from a clock that stepped back since: passed.
                     let due = sqlx::query_as::<_, PendingNotification>(
                         "SELECT id, receiver, dedup_key, payload, attempts FROM notifications n \
-                         WHERE done_at IS NULL AND next_attempt_at <= $1 AND claimed_until <= $1 \
+                         WHERE done_at IS NULL \
+                         AND (next_attempt_at <= $1 OR next_attempt_at > $3) \
+                         AND (claimed_until <= $1 OR claimed_until > $3) \
                          AND (order_key IS NULL OR NOT EXISTS (SELECT 1 FROM notifications o \
                            WHERE o.receiver = n.receiver AND o.order_key = n.order_key \
-                           AND (o.id > n.id OR (o.done_at IS NULL AND o.claimed_until > $1)))) \
+                           AND (o.id > n.id OR (o.done_at IS NULL \
+                             AND o.claimed_until > $1 AND o.claimed_until <= $3)))) \
                          ORDER BY id LIMIT $2",
                     )
                     .bind(t)
                     .bind(limit)
+                    .bind(t.saturating_add(horizon_secs))
                     .fetch_all(tx.conn())
                     .await?;
                     for n in &due {
@@ -747,7 +753,7 @@ macro_rules! impl_store {
                     Ok(())
                 }
 
-                async fn drop_replaced_notifications(&self) -> Result<u64> {
+                async fn drop_replaced_notifications(&self, horizon_secs: i64) -> Result<u64> {
                     let mut tx = self.write().await?;
                     let t = now();
                     // One being sent is left to finish: its sender records how it went, then
@@ -755,11 +761,13 @@ macro_rules! impl_store {
                     let dropped = sqlx::query(
                         "UPDATE notifications SET done_at = $1, outcome = 'dropped', claimed_until = 0, \
                          last_error = 'a newer message of its ordering key was queued' \
-                         WHERE done_at IS NULL AND claimed_until <= $1 AND order_key IS NOT NULL \
+                         WHERE done_at IS NULL AND (claimed_until <= $1 OR claimed_until > $2) \
+                         AND order_key IS NOT NULL \
                          AND EXISTS (SELECT 1 FROM notifications o WHERE o.receiver = notifications.receiver \
                            AND o.order_key = notifications.order_key AND o.id > notifications.id)",
                     )
                     .bind(t)
+                    .bind(t.saturating_add(horizon_secs))
                     .execute(tx.conn())
                     .await?
                     .rows_affected();

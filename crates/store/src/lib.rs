@@ -209,17 +209,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// meanwhile), oldest first. A message with an ordering key is claimed only while it is
     /// the newest of its key and no other of its key is claimed (being sent): so none is ever
     /// delivered after a newer one of its key, and two are never in flight at once, on any
-    /// replica.
+    /// replica. A retry time or claim stored more than `horizon_secs` ahead of now was
+    /// written by a clock that has since stepped back (NTP correcting a kas that ran ahead):
+    /// it is taken as passed, or the message would wait for as long as the clock was off.
     async fn claim_notifications(
         &self,
         limit: i64,
         lease_secs: i64,
+        horizon_secs: i64,
     ) -> Result<Vec<PendingNotification>>;
 
     /// Finishes, with the outcome `dropped`, the messages still to send (and not being sent)
     /// that a newer message of the same ordering key replaces; how many. They are never
-    /// claimed; this ends them, so they leave the outbox with the retention.
-    async fn drop_replaced_notifications(&self) -> Result<u64>;
+    /// claimed; this ends them, so they leave the outbox with the retention. A claim stored
+    /// more than `horizon_secs` ahead is taken as passed (see [`Store::claim_notifications`]).
+    async fn drop_replaced_notifications(&self, horizon_secs: i64) -> Result<u64>;
 
     /// Records `commit` as the last commit of the manifest project `project` (its path) sent to
     /// the agent, whichever stream or replica sends it; returns the one recorded before, if

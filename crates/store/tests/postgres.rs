@@ -147,7 +147,7 @@ async fn copy_moves_every_record_and_refuses_a_non_empty_target() -> TestResult 
     // Ordering keys and the last commit offered come along.
     pg.enqueue_notification("forge", "c1:success", c1, b"{}")
         .await?;
-    let due = pg.claim_notifications(10, 60).await?;
+    let due = pg.claim_notifications(10, 60, 600).await?;
     let due: Vec<&str> = due.iter().map(|n| n.dedup_key.as_str()).collect();
     assert_eq!(due, ["sync:1", "sync:2", "c1:success"]);
     let before = pg

@@ -1044,14 +1044,14 @@ async fn notifications_are_queued_once_claimed_retried_and_finished(
             .enqueue_notification("chat", "sync:1:a:failed", None, b"two")
             .await?
     );
-    let claimed = store.claim_notifications(10, 60).await?;
+    let claimed = store.claim_notifications(10, 60, 600).await?;
     assert_eq!(claimed.len(), 2);
     assert_eq!(
         (claimed[0].receiver.as_str(), &claimed[0].payload[..]),
         ("ops", &b"one"[..])
     );
     assert!(
-        store.claim_notifications(10, 60).await?.is_empty(),
+        store.claim_notifications(10, 60, 600).await?.is_empty(),
         "claimed ones are held"
     );
 
@@ -1067,16 +1067,16 @@ async fn notifications_are_queued_once_claimed_retried_and_finished(
     store.close().await;
 
     let store = db.reopen().await?;
-    let again = store.claim_notifications(10, 60).await?;
+    let again = store.claim_notifications(10, 60, 600).await?;
     assert_eq!(again.len(), 1, "only the one to retry: {again:?}");
     assert_eq!((again[0].id, again[0].attempts), (chat, 1));
     let later = NotificationResult::Retry {
-        at: i64::MAX,
+        at: unix_now() + 300,
         error: "503".into(),
     };
     store.finish_notification(chat, &later).await?;
     assert!(
-        store.claim_notifications(10, 60).await?.is_empty(),
+        store.claim_notifications(10, 60, 600).await?.is_empty(),
         "not due yet"
     );
     assert!(
@@ -1108,7 +1108,7 @@ async fn finished_notifications_past_the_retention_are_deleted_in_batches(
     for key in keys {
         store.enqueue_notification("ops", key, None, b"m").await?;
     }
-    let claimed = store.claim_notifications(10, 60).await?;
+    let claimed = store.claim_notifications(10, 60, 600).await?;
     let id = |key: &str| claimed.iter().find(|n| n.dedup_key == key).map(|n| n.id);
     let id = |key: &str| id(key).ok_or(format!("{key} was not claimed"));
     for key in ["old-1", "old-2", "old-3", "recent"] {
@@ -1120,7 +1120,7 @@ async fn finished_notifications_past_the_retention_are_deleted_in_batches(
     };
     store.finish_notification(id("given-up")?, &gave_up).await?;
     let retry = NotificationResult::Retry {
-        at: i64::MAX,
+        at: unix_now() + 300,
         error: "503".into(),
     };
     store.finish_notification(id("retrying")?, &retry).await?;
@@ -1164,7 +1164,7 @@ async fn finished_notifications_past_the_retention_are_deleted_in_batches(
             .enqueue_notification("ops", "old-1", None, b"m")
             .await?
     );
-    let due = store.claim_notifications(10, 60).await?;
+    let due = store.claim_notifications(10, 60, 600).await?;
     let due: Vec<&str> = due.iter().map(|n| n.dedup_key.as_str()).collect();
     assert_eq!(due, ["waiting", "old-1"], "the claimed one is still held");
     Ok(())
@@ -1183,7 +1183,7 @@ async fn ordered_notifications_are_sent_newest_only_and_never_after_a_newer_one(
     store
         .enqueue_notification("forge", "c1:pending", c1, b"p")
         .await?;
-    let first = store.claim_notifications(10, 60).await?;
+    let first = store.claim_notifications(10, 60, 600).await?;
     assert_eq!(first.len(), 1);
     // Queued while `pending` is being sent: it waits for it.
     store
@@ -1198,10 +1198,10 @@ async fn ordered_notifications_are_sent_newest_only_and_never_after_a_newer_one(
     let claimable = |n: &[tether_store::PendingNotification]| {
         n.iter().map(|n| n.dedup_key.clone()).collect::<Vec<_>>()
     };
-    let second = store.claim_notifications(10, 60).await?;
+    let second = store.claim_notifications(10, 60, 600).await?;
     assert_eq!(claimable(&second), ["c2:pending", "c1:recovered"]);
     assert_eq!(
-        store.drop_replaced_notifications().await?,
+        store.drop_replaced_notifications(600).await?,
         0,
         "the one being sent is left to finish"
     );
@@ -1213,17 +1213,75 @@ async fn ordered_notifications_are_sent_newest_only_and_never_after_a_newer_one(
     store.finish_notification(first[0].id, &retry).await?;
     store.close().await;
     let store = db.reopen().await?;
-    let third = store.claim_notifications(10, 60).await?;
+    let third = store.claim_notifications(10, 60, 600).await?;
     assert_eq!(claimable(&third), ["c1:success"], "not the stale pending");
     store
         .finish_notification(third[0].id, &NotificationResult::Delivered)
         .await?;
     assert!(
-        store.claim_notifications(10, 60).await?.is_empty(),
+        store.claim_notifications(10, 60, 600).await?.is_empty(),
         "never after the newer one was delivered"
     );
-    assert_eq!(store.drop_replaced_notifications().await?, 1);
-    assert_eq!(store.drop_replaced_notifications().await?, 0);
+    assert_eq!(store.drop_replaced_notifications(600).await?, 1);
+    assert_eq!(store.drop_replaced_notifications(600).await?, 0);
+    Ok(())
+}
+
+/// A retry time or a claim stored further ahead than the horizon was written by a clock that
+/// has since stepped back (kas's clock a day ahead, then corrected by NTP): the message is due
+/// now, not a day later; one within the horizon still waits (E14 F9).
+async fn a_retry_or_claim_written_by_a_clock_ahead_is_due_once_it_stepped_back(
+    backend: Backend,
+) -> TestResult {
+    let (_db, store) = open(backend).await?;
+    let day = 86_400;
+    store
+        .enqueue_notification("ops", "sync_failed:1:a", None, b"f")
+        .await?;
+    let claimed = store.claim_notifications(10, 60, 600).await?;
+    let ahead = NotificationResult::Retry {
+        at: unix_now() + day,
+        error: "503".into(),
+    };
+    store.finish_notification(claimed[0].id, &ahead).await?;
+    let again = store.claim_notifications(10, 60, 600).await?;
+    assert_eq!(again.len(), 1, "a retry a day ahead is due now");
+
+    let near = NotificationResult::Retry {
+        at: unix_now() + 300,
+        error: "503".into(),
+    };
+    store.finish_notification(again[0].id, &near).await?;
+    assert!(
+        store.claim_notifications(10, 60, 600).await?.is_empty(),
+        "a retry within the horizon waits"
+    );
+
+    // A claim a day long, as a replica whose clock ran a day ahead stored one.
+    store
+        .enqueue_notification("forge", "c1:pending", Some("status:1:g/m:c1"), b"p")
+        .await?;
+    let held = store.claim_notifications(10, day, 2 * day).await?;
+    assert_eq!(held.len(), 1);
+    let taken = store.claim_notifications(10, 60, 600).await?;
+    assert_eq!(
+        taken.iter().map(|n| n.id).collect::<Vec<_>>(),
+        [held[0].id],
+        "a claim past the horizon has lapsed"
+    );
+    let c2 = Some("status:1:g/m:c2");
+    store
+        .enqueue_notification("forge", "c2:pending", c2, b"p")
+        .await?;
+    assert_eq!(store.claim_notifications(10, day, 2 * day).await?.len(), 1);
+    store
+        .enqueue_notification("forge", "c2:success", c2, b"s")
+        .await?;
+    assert_eq!(
+        store.drop_replaced_notifications(600).await?,
+        1,
+        "the pending its success replaces, claimed past the horizon, is dropped"
+    );
     Ok(())
 }
 
@@ -1241,7 +1299,7 @@ async fn a_message_is_not_queued_after_one_it_must_not_replace(backend: Backend)
             .enqueue_notification_unless("forge", "c1:superseded", c1, b"x", &outcomes)
             .await?
     );
-    let claimed = store.claim_notifications(10, 60).await?;
+    let claimed = store.claim_notifications(10, 60, 600).await?;
     let keys: Vec<&str> = claimed.iter().map(|n| n.dedup_key.as_str()).collect();
     assert_eq!(keys, ["c1:success"], "the outcome stays the newest");
     store
@@ -1301,7 +1359,7 @@ async fn a_sync_report_and_its_notifications_are_stored_together_or_not_at_all(
     assert!(!put(b"second").await?, "once");
     let stored = store.sync_reports(agent.id).await?;
     assert_eq!(stored, [("a/manifests".to_owned(), b"second".to_vec())]);
-    let claimed = store.claim_notifications(10, 60).await?;
+    let claimed = store.claim_notifications(10, 60, 600).await?;
     let got: Vec<(&str, &str)> = claimed
         .iter()
         .map(|n| (n.receiver.as_str(), n.dedup_key.as_str()))
@@ -1484,6 +1542,7 @@ on_both_backends!(
     finished_notifications_past_the_retention_are_deleted_in_batches,
     notifications_are_queued_once_claimed_retried_and_finished,
     ordered_notifications_are_sent_newest_only_and_never_after_a_newer_one,
+    a_retry_or_claim_written_by_a_clock_ahead_is_due_once_it_stepped_back,
     a_message_is_not_queued_after_one_it_must_not_replace,
     a_sync_report_and_its_notifications_are_stored_together_or_not_at_all,
     the_commit_last_offered_is_recorded_per_agent_and_project,

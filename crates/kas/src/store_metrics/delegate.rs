@@ -226,9 +226,13 @@ impl Store for Metered {
         &self,
         limit: i64,
         lease_secs: i64,
+        horizon_secs: i64,
     ) -> Result<Vec<PendingNotification>> {
         let result = self
-            .bounded(self.inner.claim_notifications(limit, lease_secs))
+            .bounded(
+                self.inner
+                    .claim_notifications(limit, lease_secs, horizon_secs),
+            )
             .await;
         self.metrics.seen(Operation::ClaimNotifications, result)
     }
@@ -240,8 +244,10 @@ impl Store for Metered {
         self.metrics.seen(Operation::FinishNotification, result)
     }
 
-    async fn drop_replaced_notifications(&self) -> Result<u64> {
-        let result = self.bounded(self.inner.drop_replaced_notifications()).await;
+    async fn drop_replaced_notifications(&self, horizon_secs: i64) -> Result<u64> {
+        let result = self
+            .bounded(self.inner.drop_replaced_notifications(horizon_secs))
+            .await;
         self.metrics
             .seen(Operation::DropReplacedNotifications, result)
     }
