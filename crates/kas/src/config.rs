@@ -980,7 +980,7 @@ impl Config {
         }
         tether_observability::parse_level(&self.observability.logging.level)
             .map_err(|e| format!("observability.logging.level: {e}"))?;
-        Ok(())
+        crate::config_durations::check(&crate::config_durations::bounds(self))
     }
 
     fn validate_database(&self) -> Result<(), String> {

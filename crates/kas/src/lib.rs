@@ -12,6 +12,7 @@ pub mod auth;
 pub mod caller_slots;
 pub mod cluster;
 pub mod config;
+pub mod config_durations;
 pub mod config_in_force;
 pub mod config_replicas;
 pub mod connections;

@@ -1336,6 +1336,9 @@ fn check_limits(cfg: &Config) {
     if let Some(why) = cfg.per_caller_unreachable() {
         tracing::warn!("{why}");
     }
+    for why in crate::config_durations::warnings(&crate::config_durations::bounds(cfg)) {
+        tracing::warn!("{why}");
+    }
 }
 
 /// A CA file for kubeconfigs: PEM that kubectl can use.

@@ -264,6 +264,47 @@ async fn a_full_disk_fails_writes_loudly_and_kas_recovers_by_itself() {
     assert_eq!(states, [(t.token_id, true), (t.token_id + 1, false)]);
 }
 
+/// A duration out of its range in kas's configuration is refused at start, naming the key and
+/// the range, and kas exits non-zero; one legal but costly starts with a warning naming the
+/// cost. (`agent.max_connection_age: 0s` started silently and broke every agent's connection
+/// every few seconds: E14 F6.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kas_refuses_an_absurd_duration_and_warns_of_a_costly_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kas.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir: {}\nagent:\n  max_connection_age: 0s\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .arg("--configuration-file")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("agent.max_connection_age is 0s: it must be between 1s and 30days"),
+        "{stderr}"
+    );
+
+    let opts = KasOptions {
+        agent_extra: "  max_connection_age: 3s\n",
+        ..KasOptions::default()
+    };
+    let kas = Kas::start(&dir.path().join("costly"), opts).await;
+    let log = kas.log();
+    let said = log
+        .lines()
+        .find(|l| l.contains("agent.max_connection_age is 3s (under 1m): every agent reconnects"))
+        .unwrap_or_default();
+    assert!(said.contains(r#""level":"warn""#), "{log}");
+}
+
 /// `kas agent list | head` must not panic when the reader goes away: the CLI ends quietly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_ends_quietly_when_its_reader_goes_away() {
