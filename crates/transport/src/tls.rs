@@ -131,6 +131,8 @@ struct Served {
     key: Arc<CertifiedKey>,
     stamp: Stamp,
     checked: Instant,
+    /// Files whose pair loaded but was kept out of service for its validity (said once).
+    held: Option<Stamp>,
 }
 
 impl ReloadingCert {
@@ -144,6 +146,7 @@ impl ReloadingCert {
                 key,
                 stamp,
                 checked: Instant::now(),
+                held: None,
             }),
         })
     }
@@ -157,13 +160,22 @@ impl ReloadingCert {
         s.checked = Instant::now();
         let now = stamp(&self.cert_file, &self.key_file);
         if now != s.stamp {
-            s.stamp = now;
             match certified_key(&self.cert_file, &self.key_file) {
-                Ok(k) => {
-                    s.key = Arc::new(k);
-                    tracing::info!(certificate_file = %self.cert_file.display(), "TLS certificate reloaded");
-                }
+                Ok(k) => match held_back(&s.key, &k, SystemTime::now()) {
+                    None => {
+                        (s.stamp, s.key, s.held) = (now, Arc::new(k), None);
+                        tracing::info!(certificate_file = %self.cert_file.display(), "TLS certificate reloaded");
+                    }
+                    // The stamp is left as it was: the pair is read again at each check, and
+                    // served once it becomes valid (a notBefore a little ahead of kas's clock).
+                    Some(why) => {
+                        if s.held.replace(now) != Some(now) {
+                            tracing::warn!(certificate_file = %self.cert_file.display(), why, "The TLS certificate files changed to a certificate that is not valid now; still serving the previous one (tried again every second)");
+                        }
+                    }
+                },
                 Err(e) => {
+                    s.stamp = now;
                     tracing::warn!(certificate_file = %self.cert_file.display(), error = %e, "The TLS certificate files changed but do not load; still serving the previous certificate");
                 }
             }
@@ -176,6 +188,25 @@ impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current())
     }
+}
+
+/// Why the loaded pair `new` is kept out of service at `now` in favour of `served`: it is not
+/// valid now while the one served is (kas swapped a good certificate for one already expired
+/// or not yet valid, and every client refused kas from the next handshake: E14). `None`: put
+/// it in service (it is valid, or the one served is no better, or either cannot be read).
+fn held_back(served: &CertifiedKey, new: &CertifiedKey, now: SystemTime) -> Option<String> {
+    let of = |k: &CertifiedKey| validity(k.end_entity_cert().ok()?);
+    let (served, new) = (of(served)?, of(new)?);
+    let valid = |v: &Validity| v.not_before <= now && now < v.not_after;
+    if valid(&new) || !valid(&served) {
+        return None;
+    }
+    let at = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    Some(if now < new.not_before {
+        format!("not valid before {}", at(new.not_before))
+    } else {
+        format!("expired at {}", at(new.not_after))
+    })
 }
 
 /// A certificate chain and its private key, checked to belong together.
@@ -345,6 +376,43 @@ mod tests {
         // The new key arrives: the new pair is served.
         std::fs::copy(&b.key, &key).unwrap();
         assert_eq!(served(&r), pem_der(&b));
+    }
+
+    /// A renewed pair that is not valid now (issued for later, or already expired) is not put
+    /// in service while the one served is valid; a pair that becomes valid is served without
+    /// its files changing again.
+    #[test]
+    fn a_pair_not_valid_now_does_not_replace_a_valid_one() {
+        let day = Duration::from_secs(86_400);
+        let now = SystemTime::now();
+        let good = Pki::temporary();
+        let later = Pki::temporary_valid(now + day, now + 30 * day);
+        let expired = Pki::temporary_valid(now - 30 * day, now - day);
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let put = |pki: &Pki| {
+            std::fs::copy(&pki.cert, &cert).unwrap();
+            std::fs::copy(&pki.key, &key).unwrap();
+        };
+        put(&good);
+        let r = ReloadingCert::load(&cert, &key).unwrap();
+        put(&later);
+        assert_eq!(served(&r), pem_der(&good), "not valid yet");
+        put(&expired);
+        assert_eq!(served(&r), pem_der(&good), "expired");
+        put(&Pki::temporary());
+        let renewed = served(&r);
+        assert_ne!(renewed, pem_der(&good), "a valid renewal is served");
+
+        let (old, new) = (r.current(), certified_key(&later.cert, &later.key).unwrap());
+        assert!(held_back(&old, &new, now).is_some_and(|why| why.starts_with("not valid before")));
+        assert_eq!(held_back(&old, &new, now + 2 * day), None, "valid by then");
+        let gone = certified_key(&expired.cert, &expired.key).unwrap();
+        assert_eq!(
+            held_back(&gone, &new, now),
+            None,
+            "no better than an expired one"
+        );
     }
 
     #[test]
