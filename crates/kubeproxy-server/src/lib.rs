@@ -61,9 +61,21 @@ pub enum AuthError {
     /// The token's `exp` is past (beyond the leeway).
     #[error("token expired")]
     Expired,
-    /// The token's `nbf` is in the future (beyond the leeway).
-    #[error("token not yet valid")]
-    NotYetValid,
+    /// The token's `nbf` or `iat` is in the future (beyond the leeway): the issuer's clock or
+    /// kas's is off, which the message says with both times.
+    #[error(
+        "token not yet valid: its {claim} is {}, kas's clock reads {} (leeway {leeway_secs} s): \
+         check the issuer's and kas's clocks", rfc3339(*.at), rfc3339(*.now)
+    )]
+    NotYetValid {
+        /// `nbf` or `iat`.
+        claim: &'static str,
+        /// The claim's time, Unix seconds.
+        at: u64,
+        /// kas's time, Unix seconds.
+        now: u64,
+        leeway_secs: u64,
+    },
     /// The token's `aud` does not contain the issuer's configured audience.
     #[error("token audience does not match")]
     WrongAudience,
@@ -137,4 +149,10 @@ impl AuthError {
             _ => http::StatusCode::UNAUTHORIZED,
         }
     }
+}
+
+/// Unix seconds as an RFC 3339 time, for messages.
+fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
 }

@@ -378,9 +378,13 @@ enum Plan {
 }
 
 impl IssuerKeys {
-    /// Whether the keys were last loaded `max_age` or longer before `now`.
+    /// Whether the keys were last loaded `max_age` or longer before `now`. A load "after" now
+    /// (the clock stepped back since) is young, not infinitely old: a 10 s step back during a
+    /// JWKS outage refused every CI job at once, saying the keys could not be reloaded for a
+    /// day (E14). (For reloading, such a load counts as long ago: see [`elapsed`].)
     fn too_old(&self, now: SystemTime, max_age: Duration) -> bool {
-        self.loaded_at.is_some_and(|at| elapsed(at, now) >= max_age)
+        self.loaded_at
+            .is_some_and(|at| now.duration_since(at).unwrap_or_default() >= max_age)
     }
 
     /// Loads when the set is stale or lacks `kid` (rate-limited by `min_refresh`); while a load
@@ -644,7 +648,7 @@ const VERIFIED_TOKEN_MAX: usize = 4096;
 struct Verified {
     identity: CiIdentity,
     claims_exp: f64,
-    claims_nbf: Option<f64>,
+    claims_nbf: Option<NotBefore>,
 }
 
 impl OidcVerifier {
@@ -726,7 +730,7 @@ impl OidcVerifier {
         &self,
         token: &str,
         now: SystemTime,
-    ) -> Result<(CiIdentity, f64, Option<f64>), AuthError> {
+    ) -> Result<(CiIdentity, f64, Option<NotBefore>), AuthError> {
         let (issuer, claims, exp, nbf) = self.checked_claims(token, now).await?;
         let identity = identity(issuer, &claims)?;
         // The signature proves only that this issuer vouches for the path; whether the path is
@@ -753,7 +757,7 @@ impl OidcVerifier {
         &self,
         token: &str,
         now: SystemTime,
-    ) -> Result<(&TrustedIssuer, Value, f64, Option<f64>), AuthError> {
+    ) -> Result<(&TrustedIssuer, Value, f64, Option<NotBefore>), AuthError> {
         const NOT_A_JWT: AuthError = AuthError::Malformed("token is not a JWT");
         let header = jsonwebtoken::decode_header(token).map_err(|_| NOT_A_JWT)?;
         let alg = header.alg;
@@ -828,7 +832,6 @@ fn map_jwt_error(err: jsonwebtoken::errors::Error) -> AuthError {
         ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim),
         ErrorKind::InvalidClaimFormat(claim) => AuthError::InvalidClaim(claim),
         ErrorKind::ExpiredSignature => AuthError::Expired,
-        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
         ErrorKind::InvalidAlgorithm => AuthError::UnsupportedAlgorithm("for this key".into()),
         ErrorKind::InvalidToken
         | ErrorKind::Base64(_)
@@ -839,15 +842,29 @@ fn map_jwt_error(err: jsonwebtoken::errors::Error) -> AuthError {
     }
 }
 
-/// The token's `exp` (required) and `nbf`.
-fn lifetime(claims: &Value) -> Result<(f64, Option<f64>), AuthError> {
+/// The token's `exp` (required) and the later of `nbf` and `iat` (named), before which it is not
+/// valid: a token issued in the future comes from an issuer (or a kas) whose clock is off.
+fn lifetime(claims: &Value) -> Result<(f64, Option<NotBefore>), AuthError> {
     let exp = numeric_date(claims, "exp")?.ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
-    Ok((exp, numeric_date(claims, "nbf")?))
+    let nbf = numeric_date(claims, "nbf")?.map(|at| NotBefore { claim: "nbf", at });
+    let iat = numeric_date(claims, "iat")?.map(|at| NotBefore { claim: "iat", at });
+    let later = match (nbf, iat) {
+        (Some(n), Some(i)) => Some(if i.at > n.at { i } else { n }),
+        (n, i) => n.or(i),
+    };
+    Ok((exp, later))
+}
+
+/// The time a token is valid from, and the claim that says it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct NotBefore {
+    claim: &'static str,
+    at: f64,
 }
 
 fn check_times(
     exp: f64,
-    nbf: Option<f64>,
+    nbf: Option<NotBefore>,
     now: SystemTime,
     leeway: Duration,
 ) -> Result<(), AuthError> {
@@ -855,15 +872,24 @@ fn check_times(
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs_f64();
+    let leeway_secs = leeway.as_secs();
     let leeway = leeway.as_secs_f64();
     // RFC 7519 §4.1.4: the token must not be accepted "on or after" exp.
     if now >= exp + leeway {
         return Err(AuthError::Expired);
     }
     if let Some(nbf) = nbf
-        && now + leeway < nbf
+        && now + leeway < nbf.at
     {
-        return Err(AuthError::NotYetValid);
+        // Whole seconds for the message; the comparison above is exact.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let secs = |t: f64| t.max(0.0) as u64;
+        return Err(AuthError::NotYetValid {
+            claim: nbf.claim,
+            at: secs(nbf.at),
+            now: secs(now),
+            leeway_secs,
+        });
     }
     Ok(())
 }
@@ -1002,6 +1028,16 @@ mod tests {
         assert!(
             !IssuerKeys::default().too_old(t(86_400), day),
             "never loaded: no keys at all"
+        );
+        let stepped_back = UNIX_EPOCH + Duration::from_secs(1_700_000_000 - 10);
+        assert!(
+            !keys.too_old(stepped_back, day),
+            "the clock stepped back 10 s"
+        );
+        assert_eq!(
+            plan(&keys, Some("k"), stepped_back),
+            Plan::Load,
+            "reloaded early instead"
         );
     }
 

@@ -375,7 +375,22 @@ async fn rejections() {
         (
             "not yet valid",
             gl.sign(&with(gitlab_claims(), "nbf", json!(t + 31))),
-            AuthError::NotYetValid,
+            AuthError::NotYetValid {
+                claim: "nbf",
+                at: t + 31,
+                now: t,
+                leeway_secs: 30,
+            },
+        ),
+        (
+            "issued in the future (the issuer's clock or kas's is off)",
+            gl.sign(&with(gitlab_claims(), "iat", json!(t + 3600))),
+            AuthError::NotYetValid {
+                claim: "iat",
+                at: t + 3600,
+                now: t,
+                leeway_secs: 30,
+            },
         ),
         (
             "no exp",
