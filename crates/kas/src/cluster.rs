@@ -18,7 +18,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -145,6 +145,10 @@ pub struct Cluster {
     /// [`Cluster::subscription`]).
     subscription: Arc<std::sync::atomic::AtomicU64>,
     metrics: ChannelMetrics,
+    /// Redis's clock minus this replica's, in milliseconds (see [`Cluster::now_secs`]).
+    clock_offset_ms: Arc<std::sync::atomic::AtomicI64>,
+    /// Whether the offset was last said to be too large (said once per crossing).
+    clock_off: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The revocation channel's health, as exported (see [`Cluster::register_metrics`]).
@@ -156,6 +160,8 @@ struct ChannelMetrics {
     losses: prometheus_client::metrics::counter::Counter,
     /// Messages that could not be published: the other replicas never hear of them.
     publish_failures: prometheus_client::metrics::counter::Counter,
+    /// Redis's clock minus this replica's, in seconds.
+    clock_offset: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 /// The client and connection made from the credential files as they were when read.
@@ -246,7 +252,53 @@ impl Cluster {
             replacing: Arc::default(),
             subscription: Arc::default(),
             metrics: ChannelMetrics::default(),
+            clock_offset_ms: Arc::default(),
+            clock_off: Arc::default(),
         })
+    }
+
+    /// The time the replicas agree on, Unix seconds: this replica's clock corrected by its
+    /// last measured offset from Redis's ([`Cluster::measure_clock`]). The directory's
+    /// expiries and the forwarded requests' timestamps are compared between replicas: on
+    /// their own clocks, replicas 40 s apart refused each other's requests and one 5 minutes
+    /// ahead saw no holder of any agent (E14).
+    pub fn now_secs(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        let offset = self.clock_offset_ms.load(Ordering::Relaxed);
+        let local = i64::try_from(unix_millis(SystemTime::now())).unwrap_or(i64::MAX);
+        u64::try_from(local.saturating_add(offset) / 1000).unwrap_or(0)
+    }
+
+    /// Measures this replica's clock against Redis's (`TIME`, read between two readings of
+    /// this clock): kept for [`Cluster::now_secs`], exported, and warned of past
+    /// [`CLOCK_WARN_SECS`].
+    pub async fn measure_clock(&self) -> Result<(), redis::RedisError> {
+        use std::sync::atomic::Ordering;
+        let before = unix_millis(SystemTime::now());
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut self.connection())
+            .await?;
+        let after = unix_millis(SystemTime::now());
+        let offset = clock_offset_ms((secs, micros), before, after);
+        self.clock_offset_ms.store(offset, Ordering::Relaxed);
+        #[allow(clippy::cast_precision_loss)]
+        let seconds = offset as f64 / 1000.0;
+        self.metrics.clock_offset.set(seconds);
+        let off = offset.unsigned_abs() > CLOCK_WARN_SECS * 1000;
+        if self.clock_off.swap(off, Ordering::Relaxed) != off {
+            if off {
+                tracing::warn!(
+                    offset_seconds = seconds,
+                    "This replica's clock is off Redis's: replicas route by Redis's time, but tokens, certificates and sync times are judged by this clock; check NTP on this node"
+                );
+            } else {
+                tracing::info!(
+                    offset_seconds = seconds,
+                    "This replica's clock agrees with Redis's again"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Registers the revocation channel's series (`redis_channel_subscribed`,
@@ -267,6 +319,11 @@ impl Cluster {
             "redis_publish_failures",
             "Messages this replica could not publish on the Redis channel (the other replicas catch up from the store)",
             m.publish_failures.clone(),
+        );
+        reg.register(
+            "redis_clock_offset_seconds",
+            "Redis's clock minus this replica's, measured every 3 s with peers: the replicas route by Redis's time; a large offset means this node's clock is wrong",
+            m.clock_offset.clone(),
         );
     }
 
@@ -523,10 +580,44 @@ impl Cluster {
     }
 }
 
+/// Past this offset from Redis's clock a replica warns that its clock is wrong.
+pub const CLOCK_WARN_SECS: u64 = 10;
+
+fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Redis's clock minus ours, in ms: Redis's `TIME` (seconds, microseconds) against the middle
+/// of our readings before and after it (pure).
+fn clock_offset_ms(redis: (u64, u64), before_ms: u64, after_ms: u64) -> i64 {
+    let theirs = redis.0.saturating_mul(1000).saturating_add(redis.1 / 1000);
+    let ours = before_ms / 2 + after_ms / 2;
+    let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    signed(theirs).saturating_sub(signed(ours))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Redis's time against the middle of the two readings: ahead, behind, and the same.
+    #[test]
+    fn the_clock_offset_is_redis_time_minus_the_middle_of_our_readings() {
+        let at = 1_800_000_000_u64;
+        assert_eq!(clock_offset_ms((at, 0), at * 1000 - 10, at * 1000 + 10), 0);
+        assert_eq!(
+            clock_offset_ms((at + 40, 500_000), at * 1000, at * 1000 + 2),
+            40_499,
+            "this replica 40.5 s behind"
+        );
+        assert_eq!(
+            clock_offset_ms((at, 0), (at + 360) * 1000, (at + 360) * 1000),
+            -360_000,
+            "this replica 6 minutes ahead"
+        );
+    }
 
     #[test]
     fn a_change_to_any_credential_file_changes_the_stamp() {

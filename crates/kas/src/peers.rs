@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -187,11 +187,8 @@ impl Replays {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+/// Why a preamble too far from this replica's time is refused (see [`MAX_SKEW`]).
+const STALE: &str = "stale request: more than 30 s from this replica's time (the replicas' clocks, corrected by Redis's, disagree)";
 
 fn mac(secret: &[u8], line: &[u8]) -> Option<hmac::Hmac<sha2::Sha256>> {
     let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).ok()?;
@@ -222,7 +219,7 @@ fn verify(
     m.verify_slice(&tag).map_err(|_| "bad signature")?;
     let f: Forwarded = serde_json::from_str(body.trim_end()).map_err(|_| "malformed request")?;
     if f.at.abs_diff(now) > MAX_SKEW {
-        return Err("stale request");
+        return Err(STALE);
     }
     if f.to.as_deref().is_some_and(|to| to != me) {
         return Err("request signed for another replica");
@@ -447,6 +444,8 @@ impl Peers {
             .arg(REPLICA_TTL)
             .ignore();
         let (was_there,): (bool,) = pipe.query_async(&mut self.cluster.connection()).await?;
+        // Every liveness tick: the shared time follows this node's clock being corrected.
+        self.cluster.measure_clock().await?;
         if *stale || !was_there {
             self.refresh_all().await?;
             *stale = false;
@@ -462,7 +461,8 @@ impl Peers {
         if agents.is_empty() {
             return Ok(());
         }
-        let until = unix_now() + AGENT_TTL;
+        // In the replicas' shared time: a reader whose clock is minutes off still sees it.
+        let until = self.cluster.now_secs() + AGENT_TTL;
         let mut pipe = redis::pipe();
         for id in agents {
             pipe.hset(agent_key(*id), self.me(), until).ignore();
@@ -552,7 +552,7 @@ impl Peers {
             .arg(agent_key(agent_id))
             .query_async(&mut conn)
             .await?;
-        let now = unix_now();
+        let now = self.cluster.now_secs();
         let replicas: Vec<u64> = entries
             .into_iter()
             .filter(|(replica, until)| *replica != self.me() && *until > now)
@@ -606,7 +606,7 @@ impl Peers {
             agent_id: 0,
             service: ADMIN_SERVICE.to_owned(),
             metadata: BTreeMap::new(),
-            at: unix_now(),
+            at: self.cluster.now_secs(),
             nonce: Some(rand::random()),
             to: Some(address.to_owned()),
         };
@@ -682,7 +682,7 @@ impl Peers {
             agent_id,
             service: service.to_owned(),
             metadata: metadata.clone().into_iter().collect(),
-            at: unix_now(),
+            at: self.cluster.now_secs(),
             nonce: Some(rand::random()),
             to: None,
         };
@@ -696,7 +696,7 @@ impl Peers {
         // A new nonce: a holder that took the first preamble would refuse it again.
         let request = Forwarded {
             nonce: Some(rand::random()),
-            at: unix_now(),
+            at: self.cluster.now_secs(),
             ..request
         };
         if !fresh.is_empty()
@@ -795,7 +795,7 @@ impl Peers {
         let checked = match read {
             Ok(Ok((tag, _))) if tag.is_empty() => return,
             Ok(Ok((tag, body))) => {
-                let now = unix_now();
+                let now = self.cluster.now_secs();
                 verify(&self.secret, &self.address, &tag, &body, now).and_then(|f| {
                     let mut replays = self.replays.lock().unwrap_or_else(PoisonError::into_inner);
                     replays.admit(&f, now)?;
@@ -811,7 +811,10 @@ impl Peers {
                 if let Some(suppressed) = refusals.admit("refused", std::time::Instant::now()) {
                     tracing::warn!(peer = %from, why, suppressed, "Refused a request on the peers listener");
                 }
-                let _ = stream.get_mut().write_all(b"ERR refused\n").await;
+                // The reason goes back: a forwarder told only "refused" cannot tell a clock
+                // off by a minute from a wrong secret.
+                let answer = format!("ERR refused: {why}\n");
+                let _ = stream.get_mut().write_all(answer.as_bytes()).await;
                 return;
             }
         };
@@ -1367,10 +1370,7 @@ mod tests {
             verify(b"shared", ME, &tag, &changed, 1000),
             Err("bad signature")
         );
-        assert_eq!(
-            verify(b"shared", ME, &tag, &body, 1100),
-            Err("stale request")
-        );
+        assert_eq!(verify(b"shared", ME, &tag, &body, 1100), Err(STALE));
         assert_eq!(
             verify(b"shared", ME, "zz", &body, 1000),
             Err("malformed signature")

@@ -1205,6 +1205,57 @@ async fn kubectl_through_another_replica_reaches_the_agent() {
     assert!(one.log().contains("Peers listener is up"), "{}", one.log());
 }
 
+/// A replica whose clock is 6 minutes ahead (a node without NTP) still routes to the agent's
+/// replica and is routed to: the replicas compare the directory's expiries and the forwarded
+/// requests' times in Redis's time, and the skewed replica exports its offset and warns. On
+/// their own clocks, replicas 40 s apart refused each other's requests ("ERR refused") and one
+/// 5 minutes ahead saw no holder: "agent 1 is not connected" after 20 s (E14 F14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_whose_clocks_differ_by_minutes_still_route_to_each_other() {
+    let mut r = Routed::start_with(None, &|i, mut o| {
+        if i == 1 {
+            o.env = support::faketime("+6m");
+        }
+        o
+    })
+    .await;
+    r.move_agent(0);
+    r.kas[0].wait_connected(r.agent_id).await;
+    assert_eq!(r.holder().await, 0);
+    for i in [1, 2] {
+        wait_for(
+            &format!("a request through replica {i}"),
+            Duration::from_secs(30),
+            || async { (r.get_status(i).await == 200).then_some(()) },
+        )
+        .await;
+    }
+    // From the skewed replica to the agent's and back: the agent moves to it.
+    r.move_agent(1);
+    r.kas[1].wait_connected(r.agent_id).await;
+    wait_for(
+        "a request through replica 0 to the skewed one",
+        Duration::from_secs(30),
+        || async { (r.get_status(0).await == 200).then_some(()) },
+    )
+    .await;
+
+    let offset = |i: usize| {
+        let kas = &r.kas[i];
+        async move { kas.metric("kas_redis_clock_offset_seconds").await.unwrap() }
+    };
+    let skewed = offset(1).await;
+    assert!((-370.0..-350.0).contains(&skewed), "{skewed}");
+    assert!(offset(0).await.abs() < 5.0);
+    let log = r.kas[1].log();
+    assert!(log.contains("This replica's clock is off Redis's"), "{log}");
+    assert!(
+        !r.kas[0]
+            .log()
+            .contains("This replica's clock is off Redis's")
+    );
+}
+
 /// A personal access token replica 2 remembers as valid (it looked it up once for two
 /// requests) is refused there as soon as replica 1's revocation reaches it through Redis,
 /// well before replica 2 would forget it (10 s): the revocation forgets it on every replica.

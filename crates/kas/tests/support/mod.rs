@@ -87,6 +87,29 @@ pub struct KasOptions {
     /// Top-level YAML appended to the configuration (e.g. a `rate_limits:` section).
     /// [`WEB_PORT`] in it becomes a fresh port at each start attempt ([`Kas::web_port`]).
     pub extra_yaml: String,
+    /// Environment variables of the process (e.g. [`faketime`]'s, to run it on another clock).
+    pub env: Vec<(String, String)>,
+}
+
+/// The environment that runs a process with its wall clock `offset` away (libfaketime, e.g.
+/// `+6m`; its monotonic clock untouched, as after an NTP step). scripts/setup installs it.
+pub fn faketime(offset: &str) -> Vec<(String, String)> {
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| PathBuf::from(d).join("faketime/libfaketime.so.1"))
+    .find(|p| p.exists())
+    .expect("libfaketime (the faketime package; scripts/setup installs it)");
+    [
+        ("LD_PRELOAD", lib.display().to_string()),
+        ("FAKETIME", offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v))
+    .to_vec()
 }
 
 /// Stands for the web UI's port in [`KasOptions::extra_yaml`].
@@ -112,6 +135,7 @@ impl Default for KasOptions {
             webhooks_tls: None,
             api_tls: None,
             extra_yaml: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -134,6 +158,7 @@ pub struct Kas {
     pub api_ca: Option<PathBuf>,
     pub admin: AdminClient,
     child: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl Kas {
@@ -187,6 +212,7 @@ impl Kas {
             api_url,
             api_ca: opts.api_tls.as_ref().map(|(_, _, ca)| ca.clone()),
             child: None,
+            env: opts.env.clone(),
         };
         kas.spawn().await.then_some(kas)
     }
@@ -201,6 +227,7 @@ impl Kas {
         let child = Command::new(env!("CARGO_BIN_EXE_kas"))
             .arg("--configuration-file")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
