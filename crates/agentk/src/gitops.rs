@@ -111,6 +111,7 @@ pub async fn run(
         meta,
         engine,
         timing,
+        lease: leadership.lease(),
     };
     loop {
         let applied = config.borrow_and_update().clone();
@@ -150,6 +151,8 @@ struct Workers {
     meta: AgentMeta,
     engine: Engine,
     timing: Timing,
+    /// Whether the election's last renewal still holds, for the syncs to check as they write.
+    lease: tether_gitops_agent::lease::LeaseCheck,
 }
 
 impl Workers {
@@ -253,6 +256,7 @@ impl Workers {
             agent_namespace: self.meta.pod_namespace.clone(),
             drift_managers: DriftManagers::new(self.drift_managers.clone()),
             live_inventories: self.live.clone(),
+            lease: self.lease.clone(),
             ..Settings::for_project(agent_id, p)
         };
         let (channel, meta, engine) =
@@ -737,6 +741,18 @@ impl Worker {
                 .metrics
                 .set_waiting(&self.settings.project_id, false);
         }
+        if !self.settings.lease.fresh() {
+            // Woken from a pause longer than the renew deadline: the election has not run
+            // yet, and another replica may lead by now with a newer commit applied.
+            tracing::info!(
+                "This replica's Lease was not renewed within the renew deadline (was the process paused?): waiting for the election before synchronizing"
+            );
+            tokio::select! {
+                () = self.settings.lease.renewed() => {}
+                () = stop.cancelled() => {}
+            }
+            return;
+        }
         let Some((commit, resync_id)) = sync.schedule.take_due(Instant::now(), running) else {
             return;
         };
@@ -1003,6 +1019,13 @@ impl Worker {
         let cancelled = running.stop.now.is_cancelled();
         let outcome = match done {
             Ok(outcome) if !cancelled => outcome,
+            // Stopped by the sync itself, the Lease having lapsed (the worker is not
+            // stopping): tried again, once the election renewed, as after a crash.
+            Ok(_) if !stop.is_cancelled() => {
+                sync.schedule
+                    .crashed(Instant::now(), &self.timing, rand::random::<f64>());
+                return;
+            }
             Ok(_) => return,
             Err(e) => {
                 // A panic in the sync: say so, and retry like any failure.

@@ -144,6 +144,10 @@ pub struct Elector {
     /// Whether this replica's tunnel to kas is connected (`None`: taken as always): a leader
     /// cut from kas hands the lease to a connected replica that asks for it ([`reach`]).
     pub kas: Option<watch::Receiver<bool>>,
+    /// Until when the last renewal holds (`None`: not leading), for the syncs to check as they
+    /// write (`tether_gitops_agent::lease`): a replica woken from a pause must not write before
+    /// this loop's next round demotes it.
+    pub until: watch::Sender<Option<Instant>>,
 }
 
 /// How a round of the election ended.
@@ -252,6 +256,7 @@ impl Elector {
                 Ok(Round::HandOver(lease)) => {
                     // GitOps stops here before another replica can take the lease.
                     last_renewal = None;
+                    self.until.send_replace(None);
                     self.publish(&leading, false);
                     self.hand_over(*lease).await;
                 }
@@ -261,12 +266,18 @@ impl Elector {
                 }
             }
             let lead = leads(last_renewal, Instant::now(), self.timing.renew_deadline);
+            let until = last_renewal
+                .filter(|_| lead)
+                .map(|t| t + self.timing.renew_deadline);
+            self.until
+                .send_if_modified(|u| std::mem::replace(u, until) != until);
             self.publish(&leading, lead);
             tokio::select! {
                 () = tokio::time::sleep(self.timing.retry_period) => {}
                 () = shutdown.cancelled() => break,
             }
         }
+        self.until.send_replace(None);
         if *leading.borrow() {
             leading.send_replace(false);
             self.metrics.leading(&self.name, false);
@@ -578,6 +589,7 @@ mod tests {
             timing: Timing::default(),
             metrics,
             kas: None,
+            until: watch::Sender::new(None),
         }
     }
 
@@ -587,10 +599,14 @@ mod tests {
         let (client, stub) = freezing_api(4);
         let timing = Timing::default();
         let elector = elector(client, ElectionMetrics::default());
+        let until = elector.until.subscribe();
         let (tx, mut leading) = watch::channel(false);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(elector.run(tx, shutdown.clone()));
         leading.wait_for(|l| *l).await.expect("the elector runs");
+        // The syncs' check: the renewal holds until the renew deadline after it.
+        let held = (*until.borrow()).expect("leading: until when its renewal holds");
+        assert!(held > Instant::now() && held <= Instant::now() + timing.renew_deadline);
         // Time is paused: it moves only when every task waits, so this is exact, not a race.
         let lost = tokio::time::timeout(timing.lease_duration, async {
             leading.wait_for(|l| !*l).await.map(|_| ())
@@ -601,6 +617,7 @@ mod tests {
             "still leading {:?} after the API server went silent",
             timing.lease_duration
         );
+        assert_eq!(*until.borrow(), None, "no renewal holds once not leading");
         let renewed = stub.lock().expect("stub").renewed_at;
         let renewed = renewed.expect("one renewal before the silence");
         let after = Instant::now() - renewed;

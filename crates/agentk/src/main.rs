@@ -186,6 +186,7 @@ fn start_election(
         "--leader-election-renew-deadline must be shorter than --leader-election-lease-duration"
     );
     let (tx, rx) = watch::channel(false);
+    let (until, until_rx) = watch::channel(None);
     let task = tokio::spawn(async move {
         let agent_id = loop {
             // Only agents with something to apply need a leader (and rights on Leases).
@@ -206,11 +207,12 @@ fn start_election(
             timing,
             metrics,
             kas: Some(kas),
+            until,
         };
         tracing::info!(lease = %elector.name, namespace, identity = %elector.identity, "Leader election started");
         elector.run(tx, shutdown).await;
     });
-    Ok((gitops::Leadership::elected(rx), Some(task)))
+    Ok((gitops::Leadership::elected(rx, until_rx), Some(task)))
 }
 
 /// Without an election this replica always applies, and its leader gauge says so.

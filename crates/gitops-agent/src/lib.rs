@@ -28,6 +28,7 @@ pub mod drift;
 pub mod events;
 pub mod inventory;
 pub mod kube_events;
+pub mod lease;
 pub mod metrics;
 pub mod object_ref;
 pub mod plan;

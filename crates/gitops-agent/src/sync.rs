@@ -25,6 +25,7 @@ use crate::decode::{DecodeError, Manifest, decode_file_noting};
 use crate::drift;
 use crate::events::{self, Phase};
 use crate::inventory::{self, InventoryError, OwnershipConflict};
+use crate::lease::LeaseCheck;
 use crate::object_ref::ObjRef;
 use crate::plan;
 use crate::prune::{self, Skip};
@@ -58,6 +59,8 @@ fn deadline_in(timeout: Duration) -> tokio::time::Instant {
 /// What to do for one manifest project.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
+    /// Whether this replica still leads when it writes ([`LeaseCheck`]).
+    pub lease: LeaseCheck,
     pub agent_id: i64,
     /// The entry's key: the project as written in the configuration (path or numeric id),
     /// followed by `#name` for a named entry.
@@ -214,6 +217,7 @@ impl Settings {
                     .collect(),
             ),
             live_inventories: inventory::LiveInventories::default(),
+            lease: LeaseCheck::always(),
         }
     }
 }
@@ -848,6 +852,19 @@ fn note_adoption(
     }
 }
 
+/// Whether the sync must stop before its next writes: asked to (`cancel`), or this replica's
+/// leadership lapsed ([`LeaseCheck`]), which stops it as a stop would (`cancel` is this sync's
+/// own token): the worker starts it again once the election renewed, or is stopped.
+fn stopped_or_lapsed(s: &Settings, cancel: &CancellationToken) -> bool {
+    if !cancel.is_cancelled() && !s.lease.fresh() {
+        tracing::warn!(
+            "This replica's Lease was not renewed within the renew deadline (was the process paused?): the sync stops before its next writes"
+        );
+        cancel.cancel();
+    }
+    cancel.is_cancelled()
+}
+
 /// An object as JSON without its managed fields: neither status nor drift reads them, and they
 /// are often the largest part of what the API server returns (converting them cost agentk most
 /// of its CPU per applied object).
@@ -1172,7 +1189,7 @@ impl Syncer {
         let dry = s.dry_run != DryRunStrategy::None;
         let stages = plan::apply_stages(manifests);
         for (n, stage) in stages.iter().enumerate() {
-            if cancel.is_cancelled() {
+            if stopped_or_lapsed(s, cancel) {
                 break;
             }
             // Only a new CRD changes what discovery says (Namespaces and ClusterRoles do not).
@@ -1448,7 +1465,7 @@ impl Syncer {
     ) -> BTreeSet<ObjRef> {
         let mut dropped = BTreeSet::new();
         for tier in tiers {
-            if cancel.is_cancelled() {
+            if stopped_or_lapsed(s, cancel) {
                 break;
             }
             for (obj, end) in self.prune_tier(s, &held.name, tier, disc).await {

@@ -7,6 +7,7 @@
 //! leading. "No election at all" (turned off, or no namespace for the Lease) is a case of its
 //! own, not a channel whose sender is simply gone.
 
+use tether_gitops_agent::lease::LeaseCheck;
 use tokio::sync::watch;
 
 #[derive(Debug)]
@@ -15,6 +16,8 @@ pub struct Leadership {
     election: Option<watch::Receiver<bool>>,
     /// The election's sender was seen gone.
     ended: bool,
+    /// Until when the last renewal holds, checked by the syncs as they write.
+    lease: LeaseCheck,
 }
 
 impl Leadership {
@@ -23,15 +26,26 @@ impl Leadership {
         Self {
             election: None,
             ended: false,
+            lease: LeaseCheck::always(),
         }
     }
 
-    /// Follows the election publishing on `leading`.
-    pub fn elected(leading: watch::Receiver<bool>) -> Self {
+    /// Follows the election publishing on `leading`, and until when its last renewal holds
+    /// on `until`.
+    pub fn elected(
+        leading: watch::Receiver<bool>,
+        until: watch::Receiver<Option<tokio::time::Instant>>,
+    ) -> Self {
         Self {
             election: Some(leading),
             ended: false,
+            lease: LeaseCheck::until(until),
         }
+    }
+
+    /// What the syncs check before they write.
+    pub(super) fn lease(&self) -> LeaseCheck {
+        self.lease.clone()
     }
 
     /// Whether this replica leads now; marks the current value seen.
@@ -80,7 +94,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_election_is_followed_both_ways() {
         let (tx, rx) = watch::channel(false);
-        let mut l = Leadership::elected(rx);
+        let mut l = Leadership::elected(rx, watch::channel(None).1);
         assert!(!l.leads());
         tx.send_replace(true);
         assert!(changes(&mut l).await);
@@ -93,7 +107,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_election_that_ends_while_leading_means_not_leading() {
         let (tx, rx) = watch::channel(false);
-        let mut l = Leadership::elected(rx);
+        let mut l = Leadership::elected(rx, watch::channel(None).1);
         tx.send_replace(true);
         assert!(l.leads());
         // The election task ends without saying so first (a panic drops its sender).
@@ -108,7 +122,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_election_that_ended_unseen_is_noticed_at_the_next_look() {
         let (tx, rx) = watch::channel(true);
-        let mut l = Leadership::elected(rx);
+        let mut l = Leadership::elected(rx, watch::channel(None).1);
         drop(tx);
         assert!(!l.leads());
     }
