@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use crate::CommitId;
 
+mod signers;
+
 /// How long one tool may run before the check is abandoned.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -76,10 +78,9 @@ pub(crate) fn verify_commit(
         definitive: false,
     };
     let env = Isolated::new(policy).map_err(tool_failure)?;
-    let allowed = policy
-        .allowed_signers_file
-        .as_deref()
-        .unwrap_or(Path::new("/dev/null"));
+    let (allowed, out_of_date) = env
+        .allowed_signers_now(policy.allowed_signers_file.as_deref())
+        .map_err(tool_failure)?;
     let git = |args: &[&str]| {
         let mut cmd = env.command("git");
         cmd.arg("--git-dir")
@@ -129,7 +130,11 @@ pub(crate) fn verify_commit(
         "Y" => "signed by an expired key".to_owned(),
         "R" => "signed by a revoked key".to_owned(),
         // "G" or "U": a valid signature, but by a key below full trust, that is, one the
-        // project's files do not list.
+        // project's files do not list (or list only for another time).
+        _ if !out_of_date.is_empty() => format!(
+            "signed by a key that is not trusted now (not in the project's allowed signers or keyring, or listed there only for another time: {})",
+            out_of_date.join(", ")
+        ),
         _ => "signed by a key that is not trusted (not in the project's allowed signers or keyring)"
             .to_owned(),
     };
@@ -190,6 +195,21 @@ impl Isolated {
             env.import_keyring(keyring)?;
         }
         Ok(env)
+    }
+
+    /// The project's allowed-signers file judged at kas's clock ([`signers::judge`]), written
+    /// into this home (`/dev/null` without one), and the lines left out as not valid now.
+    fn allowed_signers_now(&self, file: Option<&Path>) -> Result<(PathBuf, Vec<String>), String> {
+        let Some(file) = file else {
+            return Ok((PathBuf::from("/dev/null"), Vec::new()));
+        };
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read the trusted keys file {}: {e}", file.display()))?;
+        let judged = signers::judge(&text, std::time::SystemTime::now());
+        let now = self.dir.path().join("allowed_signers");
+        std::fs::write(&now, judged.text)
+            .map_err(|e| format!("writing the allowed signers judged now: {e}"))?;
+        Ok((now, judged.out_of_date))
     }
 
     fn gnupg_home(&self) -> PathBuf {

@@ -96,6 +96,60 @@ fn ssh_signed_commits_pass_and_others_are_refused() {
     refused(mirror.verify_commit(&good, &gpg_only));
 }
 
+/// A key retired with `valid-before` in the allowed signers is not trusted once that time has
+/// passed, even for a commit backdated to before it (git judges the validity at the committer
+/// date, which the signer chooses: E14 F17); a key valid from a time still ahead is not trusted
+/// yet; the refusal names the line and its validity.
+#[test]
+fn a_key_past_its_valid_before_is_refused_even_for_a_backdated_commit() {
+    let f = Fixture::new();
+    let old = Signer::ssh(&f.keys(), "old", "old@example.com").expect("old");
+    let new = Signer::ssh(&f.keys(), "new", "new@example.com").expect("new");
+    let public = |s: &Signer| {
+        let line = std::fs::read_to_string(s.write_trust(&f.keys(), "one").expect("w")).expect("r");
+        line.split_once(' ')
+            .expect("principal key")
+            .1
+            .trim()
+            .to_owned()
+    };
+    let allowed = f.keys().join("allowed_signers");
+    std::fs::write(
+        &allowed,
+        format!(
+            "old@example.com valid-before=\"20261101000000Z\" {}\nnew@example.com {}\nlater@example.com valid-after=\"29990101\" {}\n",
+            public(&old),
+            public(&new),
+            public(&new),
+        ),
+    )
+    .expect("write allowed signers");
+    let policy = VerifyPolicy {
+        allowed_signers_file: Some(allowed),
+        gpg_keyring_file: None,
+    };
+    let current = f.signed(&new, "a", "signed by the current key");
+    std::fs::write(f.repo.dir.join("b"), "backdated").expect("write");
+    let backdated = id(&old
+        .commit_dated(&f.repo.dir, "backdated", Some("2026-10-15T12:00:00Z"))
+        .expect("backdated commit"));
+    let mirror = f.mirror();
+    assert_eq!(
+        mirror
+            .verify_commit(&current, &policy)
+            .expect("new is trusted")
+            .signer,
+        "new@example.com"
+    );
+    let r = refused(mirror.verify_commit(&backdated, &policy));
+    assert!(
+        r.reason.contains("not trusted now")
+            && r.reason
+                .contains("old@example.com (valid before 2026-11-01T00:00:00Z)"),
+        "{r}"
+    );
+}
+
 #[test]
 fn gpg_signed_commits_pass_and_others_are_refused() {
     let f = Fixture::new();

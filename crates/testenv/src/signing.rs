@@ -103,7 +103,17 @@ impl Signer {
     /// Commits everything in the work tree `repo` (allowing an empty commit), signed with
     /// `git commit -S`; returns the commit id.
     pub fn commit(&self, repo: &Path, message: &str) -> Result<String> {
+        self.commit_dated(repo, message, None)
+    }
+
+    /// [`Signer::commit`] with the author and committer date `date` (e.g.
+    /// `2026-10-15T12:00:00Z`), as whoever signs may choose it.
+    pub fn commit_dated(&self, repo: &Path, message: &str, date: Option<&str>) -> Result<String> {
         let mut cmd = Command::new("git");
+        if let Some(date) = date {
+            cmd.env("GIT_COMMITTER_DATE", date)
+                .env("GIT_AUTHOR_DATE", date);
+        }
         cmd.current_dir(repo)
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_CONFIG_NOSYSTEM", "1")

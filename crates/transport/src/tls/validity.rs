@@ -6,7 +6,7 @@
 //! validity is read, by walking the few DER elements before it (X.509, RFC 5280 §4.1), so no
 //! ASN.1 library is needed for two dates.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 /// A certificate's validity period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,44 +100,34 @@ fn time(der: &[u8]) -> Option<(SystemTime, &[u8])> {
         GENERALIZED_TIME => (element(der, GENERALIZED_TIME)?, 4),
         _ => return None,
     };
-    let (text, rest) = text;
+    let (text, after) = text;
     let s = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
     if s.len() != digits_of_year + 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let num = |range: std::ops::Range<usize>| s[range].parse::<i64>().ok();
-    let mut year = num(0..digits_of_year)?;
-    if digits_of_year == 2 {
-        year += if year < 50 { 2000 } else { 1900 };
-    }
-    let at = |i: usize| num(digits_of_year + i..digits_of_year + i + 2);
-    let (month, day, hour, minute, second) = (at(0)?, at(2)?, at(4)?, at(6)?, at(8)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
-        return None;
-    }
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
-    let at = match u64::try_from(secs) {
-        Ok(after) => UNIX_EPOCH + Duration::from_secs(after),
-        Err(_) => UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()),
+    let (year, fields) = s.split_at(digits_of_year);
+    let year = match year.parse::<u32>().ok()? {
+        y if digits_of_year == 2 && y < 50 => 2000 + y,
+        y if digits_of_year == 2 => 1900 + y,
+        y => y,
     };
-    Some((at, rest))
-}
-
-/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar (Howard Hinnant's
-/// algorithm, public domain).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let at = |i: usize| fields.get(i..i + 2).unwrap_or("00");
+    let rfc3339 = format!(
+        "{year:04}-{}-{}T{}:{}:{}Z",
+        at(0),
+        at(2),
+        at(4),
+        at(6),
+        at(8)
+    );
+    Some((humantime::parse_rfc3339(&rfc3339).ok()?, after))
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
 
     fn at(secs: u64) -> SystemTime {
