@@ -71,36 +71,36 @@ struct Cli {
     #[arg(long, default_value_t = 10)]
     tunnel_scale_up_step: usize,
     /// Idle streams above the minimum close after this long.
-    #[arg(long, default_value = "1m", value_parser = humantime_duration)]
+    #[arg(long, default_value = "1m", value_parser = at_least(MS_100))]
     tunnel_idle_timeout: Duration,
     /// On SIGTERM, how long requests being served through the tunnel get to finish. agentk's
     /// stop takes up to this plus 4 s: keep it well inside the Pod's termination grace period.
     #[arg(long, default_value = "10s", value_parser = humantime_duration)]
     tunnel_drain_timeout: Duration,
     /// Re-apply each manifest project's last commit this often, to correct drift.
-    #[arg(long, default_value = "5m", value_parser = humantime_duration)]
+    #[arg(long, default_value = "5m", value_parser = at_least(SEC))]
     gitops_resync_interval: Duration,
     /// First retry delay of a failed synchronization (doubling up to 1 minute).
-    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "10s", value_parser = at_least(SEC))]
     gitops_retry_interval: Duration,
     /// HTTP/2 pings to kas after this long without a frame from it (well below typical 60 s
     /// load-balancer idle timeouts). A connection dropped without a reset is found within this
     /// plus --keepalive-timeout.
-    #[arg(long, default_value = "20s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "20s", value_parser = at_least(SEC))]
     keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection counts as dead and agentk
     /// reconnects.
-    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "10s", value_parser = at_least(SEC))]
     keepalive_timeout: Duration,
     /// A tunnelled request whose TCP connection to the Kubernetes API server is not up within
     /// this long is answered 504.
-    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "10s", value_parser = at_least(MS_100))]
     kube_api_connect_timeout: Duration,
     /// A tunnelled request whose response headers the Kubernetes API server has not sent within
     /// this long is answered 504. Above the API server's own 60 s request timeout, so only a
     /// server that does not answer at all hits it; a watch or exec stream is not limited once
     /// its headers came.
-    #[arg(long, default_value = "2m", value_parser = humantime_duration)]
+    #[arg(long, default_value = "2m", value_parser = at_least(SEC))]
     kube_api_response_header_timeout: Duration,
     /// Elect one replica (a Lease `agent-<id>-lock`) to apply GitOps; all replicas serve tunnels.
     /// Turn off only when exactly one replica can ever run.
@@ -110,13 +110,13 @@ struct Cli {
     #[arg(long, env = "AGENTK_LEADER_ELECTION_NAMESPACE")]
     leader_election_namespace: Option<String>,
     /// How long the leader's lease holds without renewal.
-    #[arg(long, default_value = "15s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "15s", value_parser = at_least(SEC))]
     leader_election_lease_duration: Duration,
     /// A leader that could not renew for this long stops applying (below the lease duration).
-    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "10s", value_parser = at_least(SEC))]
     leader_election_renew_deadline: Duration,
     /// How often replicas try to acquire or renew the lease.
-    #[arg(long, default_value = "2s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "2s", value_parser = at_least(MS_100))]
     leader_election_retry_period: Duration,
 }
 
@@ -226,6 +226,27 @@ fn no_election(
 /// The longest duration a flag takes: a year is beyond any sensible interval or deadline, and
 /// keeps agentk's `Instant + flag` (schedules, leader deadlines) from overflowing, which panics.
 const MAX_FLAG_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+const MS_100: Duration = Duration::from_millis(100);
+const SEC: Duration = Duration::from_secs(1);
+
+/// [`humantime_duration`] refusing values under `min`: a resync interval of `0s` re-applied
+/// every object about 15 times a second, each sync stored by kas; a keep-alive of `1ms` pings
+/// kas without pause (E14).
+fn at_least(min: Duration) -> impl Fn(&str) -> Result<Duration, String> + Clone {
+    move |s| {
+        let d = humantime_duration(s)?;
+        if d < min {
+            let min = if min < SEC {
+                format!("{}ms", min.as_millis())
+            } else {
+                format!("{}s", min.as_secs())
+            };
+            return Err(format!("{s} is shorter than the minimum of {min}"));
+        }
+        Ok(d)
+    }
+}
 
 /// Durations on the command line read like those in the agent configuration (`30s`, `1m30s`),
 /// with the same parser, up to [`MAX_FLAG_DURATION`] (clap names the flag in the error).
@@ -621,6 +642,36 @@ mod tests {
         assert!(e.contains("--gitops-resync-interval"), "{e}");
         assert!(e.contains("longer than the maximum of a year"), "{e}");
         assert!(parse("18446744073709551615s").is_err());
+    }
+
+    /// Intervals and timeouts have a floor, refused naming the flag (E14: `0s` and `1ms`
+    /// resyncs were accepted and ran ~15 syncs a second).
+    #[test]
+    fn duration_flags_under_their_floor_are_refused_naming_the_flag() {
+        for (flag, value) in [
+            ("--gitops-resync-interval", "0s"),
+            ("--gitops-resync-interval", "1ms"),
+            ("--gitops-retry-interval", "0s"),
+            ("--keepalive-interval", "1ms"),
+            ("--keepalive-timeout", "0s"),
+        ] {
+            let e = parse_cli(&[flag, value])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                e.contains(flag) && e.contains("shorter than the minimum of 1s"),
+                "{flag} {value}: {e}"
+            );
+        }
+        let c = parse_cli(&[
+            "--gitops-resync-interval",
+            "1s",
+            "--tunnel-drain-timeout",
+            "0s",
+        ])
+        .expect("at the floor, and a drain of 0 s");
+        assert_eq!(c.gitops_resync_interval, SEC);
     }
 
     #[test]
