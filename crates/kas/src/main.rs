@@ -260,4 +260,34 @@ mod tests {
         let ok = Cli::try_parse_from(args.map(|a| a.replace("boss", "maintainer")));
         assert!(ok.is_ok(), "{:?}", ok.err());
     }
+
+    /// `--timeout` and `--expires-in` take 1 s to a year, refused naming the flag otherwise:
+    /// `--timeout 18446744073709551615s` panicked, `--expires-in 1ms` was rounded to 0 and
+    /// refused by kas naming its API field (E14).
+    #[test]
+    fn duration_flags_out_of_range_are_refused_naming_the_flag() {
+        let reconcile = |t: &str| {
+            Cli::try_parse_from(["kas", "agent", "reconcile", "1", "--wait", "--timeout", t])
+        };
+        let token = |t: &str| {
+            let args = [
+                "kas",
+                "user-token",
+                "create",
+                "--agent-id=1",
+                "--username=a",
+            ];
+            Cli::try_parse_from(args.into_iter().chain(["--expires-in", t]))
+        };
+        for bad in ["0s", "1ms", "18446744073709551615s", "2y"] {
+            let e = reconcile(bad).expect_err(bad).to_string();
+            assert!(
+                e.contains("--timeout") && e.contains("is not between 1s and"),
+                "{e}"
+            );
+            let e = token(bad).expect_err(bad).to_string();
+            assert!(e.contains("--expires-in"), "{e}");
+        }
+        assert!(reconcile("10m").is_ok() && token("30d").is_ok());
+    }
 }

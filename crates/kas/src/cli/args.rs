@@ -7,6 +7,30 @@ use tether_kas_api::AgentRef;
 
 use super::output::FormatArgs;
 
+const SEC: std::time::Duration = std::time::Duration::from_secs(1);
+const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+/// A duration (`8h`, `30d`) from `min` to `max`, refused naming the flag otherwise: `--timeout
+/// 18446744073709551615s` overflowed the clock and panicked, `0s` and `1ms` were taken
+/// literally or rounded to nothing (E14).
+fn between(
+    min: std::time::Duration,
+    max: std::time::Duration,
+) -> impl Fn(&str) -> Result<std::time::Duration, String> + Clone {
+    move |s| {
+        let d = humantime::parse_duration(s)
+            .map_err(|e| format!("{s} is not a duration like 30s, 8h or 30d: {e}"))?;
+        if d < min || d > max {
+            return Err(format!(
+                "{s} is not between {} and {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ));
+        }
+        Ok(d)
+    }
+}
+
 const MAIN_EXAMPLES: &str = "\
 Examples:
   kas                                              # serve (embedded default: ./kas-data)
@@ -188,9 +212,9 @@ pub enum UserTokenCmd {
         /// (role: guest, reporter, developer, maintainer, owner); repeatable.
         #[arg(long = "member")]
         members: Vec<tether_kas_api::Membership>,
-        /// Lifetime, like 8h or 30d (default 30 days).
-        #[arg(long, default_value = "30d")]
-        expires_in: String,
+        /// Lifetime, like 8h or 30d (default 30 days; 1 s to a year).
+        #[arg(long, default_value = "30d", value_parser = between(SEC, YEAR))]
+        expires_in: std::time::Duration,
         /// Also write a kubeconfig using the token to this file…
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
@@ -331,10 +355,10 @@ Exit codes:\n  0  shown\n  1  kas refused the request (unknown agent, …)\n  \
         /// code tells the outcome.
         #[arg(long)]
         wait: bool,
-        /// How long the whole command may take with --wait, like 90s or 10m (without --wait,
+        /// How long the whole command may take with --wait, like 90s or 10m (1 s to a year; without --wait,
         /// at most 15 s to be heard: kas reading a config.yaml just pushed, the agent's
         /// GitOps stream coming back, kas restarting).
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "5m", value_parser = between(SEC, YEAR))]
         timeout: std::time::Duration,
     },
     /// Suspend GitOps: nothing is applied, pruned or drift-corrected (new commits are held)

@@ -74,12 +74,10 @@ pub async fn user_token_cmd(c: &AdminClient, cfg: &Config, cmd: &UserTokenCmd) -
                         .map(|t| (file, t))
                 })
                 .transpose()?;
-            let ttl = humantime::parse_duration(expires_in)
-                .with_context(|| format!("{expires_in} is not a duration like 8h or 30d"))?;
             let req = kas::api::UserTokenRequest {
                 username: username.clone(),
                 memberships: members.clone(),
-                expires_in_seconds: Some(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+                expires_in_seconds: Some(i64::try_from(expires_in.as_secs()).unwrap_or(i64::MAX)),
             };
             let t = c
                 .create_user_token(c.resolve_agent(agent_id).await?, &req)
