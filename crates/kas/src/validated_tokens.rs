@@ -104,9 +104,22 @@ impl Remembered {
 }
 
 /// Whether the token of `info` is valid at `now`: as the store decides, until the second of
-/// its `expires_at`, exactly.
+/// its `expires_at`, exactly — and only while `now` is not before the token was made (see
+/// [`clock_behind`]).
 pub fn unexpired(info: &UserTokenInfo, now: SystemTime) -> bool {
-    now < expiry(info)
+    now < expiry(info) && !clock_behind(info, now)
+}
+
+/// How far kas's clock may read before a token's creation (clocks of replicas that made it).
+const CREATION_LEEWAY: Duration = Duration::from_secs(300);
+
+/// Whether `now` is more than [`CREATION_LEEWAY`] before `info` was created: kas's clock is
+/// behind (an RTC reset at boot before NTP, a step back), and every token expired since then
+/// would look valid again — a kas at 2000-01-01 accepted a token that had expired (E14). Such
+/// a clock cannot judge expiry: the token is refused (fail closed), and said.
+pub fn clock_behind(info: &UserTokenInfo, now: SystemTime) -> bool {
+    let created = UNIX_EPOCH + Duration::from_secs(u64::try_from(info.created_at).unwrap_or(0));
+    now + CREATION_LEEWAY < created
 }
 
 /// When the token of `info` expires.
@@ -198,8 +211,29 @@ impl Inner {
 
 async fn look_up(store: &dyn Store, token: &str) -> Lookup {
     match store.authenticate_user_token(token).await {
+        Ok(Some(info)) if clock_behind(&info, SystemTime::now()) => {
+            say_clock_behind(&info);
+            Ok(None)
+        }
         Ok(found) => Ok(found.map(Arc::new)),
         Err(e) => Err(Arc::new(e)),
+    }
+}
+
+/// Logs, at most once a minute, that a token was refused because kas's clock is behind it.
+fn say_clock_behind(info: &UserTokenInfo) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if now.saturating_sub(LAST.load(Ordering::Relaxed)) >= 60 {
+        LAST.store(now, Ordering::Relaxed);
+        tracing::error!(
+            token_id = info.id,
+            created_at = info.created_at,
+            "kas's clock reads a time before a personal access token was created: it cannot judge expiry, so the token is refused; check this node's clock (NTP)"
+        );
     }
 }
 
@@ -302,5 +336,42 @@ mod tests {
         assert!(unexpired(&info, at(999, 999)));
         assert!(!unexpired(&info, at(1_000, 0)));
         assert_eq!(expiry(&info), at(1_000, 0));
+    }
+
+    /// A clock reading more than five minutes before a token's creation cannot judge its
+    /// expiry: the token is refused, at the look-up (a kas started at 2000-01-01 accepted a
+    /// token that had expired: E14) and when remembered.
+    #[tokio::test]
+    async fn a_token_is_refused_while_the_clock_reads_before_its_creation() {
+        let info = UserTokenInfo {
+            id: 1,
+            agent_id: 1,
+            username: "alice".into(),
+            memberships: "[]".into(),
+            created_at: 10_000,
+            expires_at: 20_000,
+            revoked_at: None,
+        };
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        assert!(unexpired(&info, at(9_800)), "within the leeway");
+        assert!(!unexpired(&info, at(9_000)));
+        assert!(!unexpired(&info, at(1)));
+
+        let (dir, store, _, token) = store_with_token().await;
+        let validated = ValidatedTokens::new(Trust::Always);
+        let db =
+            sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("kas.db").display()))
+                .await
+                .unwrap();
+        sqlx::query("UPDATE user_tokens SET created_at = created_at + 86400")
+            .execute(&db)
+            .await
+            .unwrap();
+        db.close().await;
+        let found = validated
+            .authenticate(store.as_ref(), &token)
+            .await
+            .unwrap();
+        assert!(found.is_none(), "made a day after kas's now: {found:?}");
     }
 }
