@@ -284,14 +284,31 @@ enum FailureLog {
 /// fails is a real failure to reach kas and warns, whatever its code. The same failure again
 /// is quiet; one with another message is not (a certificate fixed for its name and now
 /// expired fails with `Unavailable` both times: the operator must see the second cause).
+/// Whether two messages differ only in their numbers: an expired certificate's error carries
+/// the time of the check and "N seconds ago", new at every retry, and was warned of at each
+/// one — about 180 lines an hour for as long as the certificate stayed expired (E14).
+fn same_but_numbers(a: &str, b: &str) -> bool {
+    let shape = |s: &str| {
+        let mut out = String::with_capacity(s.len());
+        for c in s.chars() {
+            if !c.is_ascii_digit() {
+                out.push(c);
+            } else if !out.ends_with('#') {
+                out.push('#');
+            }
+        }
+        out
+    };
+    a == b || shape(a) == shape(b)
+}
+
 fn failure_log(
     old: &ConnState,
     (code, message): (Code, &str),
     cause: Cause,
     lost_at: Option<u64>,
 ) -> FailureLog {
-    let same =
-        matches!(old, ConnState::Failed { code: c, message: m } if *c == code && m == message);
+    let same = matches!(old, ConnState::Failed { code: c, message: m } if *c == code && same_but_numbers(m, message));
     if is_refusal(code) {
         return if same {
             FailureLog::Silent
@@ -1203,6 +1220,27 @@ mod tests {
         assert_eq!(again, FailureLog::Silent);
         let other = failure_log(&unavailable(name), (Code::Unavailable, expired), open, None);
         assert_eq!(other, FailureLog::Failure);
+        // The same cause with the numbers of this attempt: not new.
+        let at = |t: u64, ago: u64| {
+            format!(
+                "certificate expired: verification time {t} (UNIX), but certificate is not valid after 1795978341 ({ago} seconds ago)"
+            )
+        };
+        let later = failure_log(
+            &unavailable(&at(1_795_978_362, 21)),
+            (Code::Unavailable, &at(1_795_978_390, 49)),
+            open,
+            None,
+        );
+        assert_eq!(later, FailureLog::Silent);
+        let not_yet = "certificate not valid yet: verification time 1795977511 (UNIX), but certificate is not valid before 1795977806 (295 seconds in future)";
+        let changed = failure_log(
+            &unavailable(&at(1_795_978_362, 21)),
+            (Code::Unavailable, not_yet),
+            open,
+            None,
+        );
+        assert_eq!(changed, FailureLog::Failure, "another cause");
     }
 
     #[test]
