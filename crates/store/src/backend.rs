@@ -1014,14 +1014,20 @@ pub(crate) fn active_tokens_sql(n: usize) -> String {
 }
 
 /// `UPDATE … SET last_used_at = $1 WHERE id IN ($2, …)` for `n` agent token ids, never moving
-/// a later time back (two replicas may write out of order).
+/// a later time back (two replicas may write out of order) — unless it is more than
+/// [`LAST_USE_AHEAD_SECS`] later: written by a clock that has since stepped back, it stayed in
+/// the future, "last used" tomorrow, until real time caught up (E14).
 pub(crate) fn mark_tokens_used_sql(n: usize) -> String {
     format!(
         "UPDATE agent_tokens SET last_used_at = $1 \
-         WHERE (last_used_at IS NULL OR last_used_at < $1) AND id IN ({})",
+         WHERE (last_used_at IS NULL OR last_used_at < $1 OR last_used_at > $1 + {LAST_USE_AHEAD_SECS}) \
+         AND id IN ({})",
         placeholders(2, n)
     )
 }
+
+/// How far ahead of a new last use a recorded one may be and still be kept.
+pub(crate) const LAST_USE_AHEAD_SECS: i64 = 600;
 
 /// `SELECT … WHERE expires_at > $1 AND id IN ($2, …)` for `n` personal access token ids.
 pub(crate) fn active_user_tokens_sql(n: usize) -> String {

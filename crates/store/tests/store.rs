@@ -1520,7 +1520,8 @@ async fn a_database_migrated_by_a_newer_kas_still_opens(backend: Backend) -> Tes
 }
 
 /// Two replicas record a token's use in any order: the later time stays; unknown ids are
-/// ignored; a token never marked has none.
+/// ignored; a token never marked has none. A recorded time more than 10 minutes ahead of a new
+/// one came from a clock since stepped back: the new one replaces it.
 async fn a_tokens_last_use_never_moves_back(backend: Backend) -> TestResult {
     let (_db, store) = open(backend).await?;
     let agent = store.register_agent("group/project", "agent").await?;
@@ -1533,6 +1534,18 @@ async fn a_tokens_last_use_never_moves_back(backend: Backend) -> TestResult {
     let of = |id: i64| tokens.iter().find(|t| t.id == id).map(|t| t.last_used_at);
     assert_eq!(of(used.id), Some(Some(200)));
     assert_eq!(of(spare.id), Some(None));
+    store.mark_tokens_used(&[spare.id], 100 + 86_400).await?;
+    store.mark_tokens_used(&[spare.id], 100).await?;
+    let tokens = store.list_tokens(agent.id).await?;
+    let last = tokens
+        .iter()
+        .find(|t| t.id == spare.id)
+        .map(|t| t.last_used_at);
+    assert_eq!(
+        last,
+        Some(Some(100)),
+        "a day ahead: from a clock stepped back since"
+    );
     Ok(())
 }
 
