@@ -589,8 +589,25 @@ fn check_drift_manager(path: &str, manager: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Refuses a timeout over [`MAX_TIMEOUT`].
+/// The shortest `reconcile_timeout` or `prune_timeout` accepted: `0s` passed validation and
+/// failed every prune that worked ("still present after prune_timeout (0ns)": E14).
+pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Refuses a timeout under [`MIN_TIMEOUT`] or over [`MAX_TIMEOUT`].
 fn check_timeout(path: &str, timeout: Duration) -> Result<(), ConfigError> {
+    if timeout < MIN_TIMEOUT {
+        return Err(ConfigError::invalid(
+            path,
+            format!(
+                "{} is shorter than the minimum of 1s",
+                if timeout.is_zero() {
+                    "0s".to_owned()
+                } else {
+                    format_duration(timeout).to_string()
+                }
+            ),
+        ));
+    }
     if timeout <= MAX_TIMEOUT {
         return Ok(());
     }

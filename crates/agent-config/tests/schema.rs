@@ -498,7 +498,7 @@ fn durations() {
         ("90s", 90),
         ("'1h 30m'", 5400),
         ("2hours", 7200),
-        ("0s", 0),
+        ("1s", 1),
     ] {
         let p = only_project(&project(&format!(
             "    reconcile_timeout: {text}\n    prune_timeout: {text}\n"
@@ -550,6 +550,32 @@ fn timeouts_over_a_week_are_refused() {
             "{text}: {e}"
         );
     }
+}
+
+/// Timeouts under a second are refused with their key: `prune_timeout: 0s` passed and failed
+/// every prune that worked (E14).
+#[test]
+fn timeouts_under_a_second_are_refused() {
+    for (key, text) in [
+        ("reconcile_timeout", "0s"),
+        ("prune_timeout", "0s"),
+        ("prune_timeout", "500ms"),
+    ] {
+        let e = err(&project(&format!("    {key}: {text}\n")));
+        assert_eq!(
+            e.path(),
+            Some(format!("gitops.manifest_projects[0].{key}").as_str()),
+            "{text}: {e}"
+        );
+        assert!(
+            e.to_string().contains("shorter than the minimum of 1s"),
+            "{text}: {e}"
+        );
+    }
+    assert_eq!(
+        only_project(&project("    prune_timeout: 1s\n")).prune_timeout,
+        std::time::Duration::from_secs(1)
+    );
 }
 
 #[test]
