@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tether_agent_config::{GitRef, ManifestProject};
 use tether_gitops_agent::Status;
@@ -18,6 +18,8 @@ use tether_gitops_agent::sync::{
     ObjectState, ProgressSink, Settings, SyncOutcome, SyncProgress, SyncStop, Syncer,
 };
 use tether_gitops_agent::takeover::DriftManagers;
+
+pub use kas_clock::KasClock;
 use tether_protocol::gitops::git_ops_client::GitOpsClient;
 use tether_protocol::gitops::{
     self as wire, ObjectStatus, ObjectsRequest, ObjectsResponse, SyncReport, git_ref,
@@ -36,6 +38,7 @@ use tracing::Instrument;
 use crate::configuration::Applied;
 
 mod depends;
+mod kas_clock;
 mod leadership;
 mod refusal;
 mod schedule;
@@ -79,6 +82,8 @@ pub struct Engine {
     pub syncer: Arc<Syncer>,
     pub metrics: SyncMetrics,
     pub events: Recorder,
+    /// kas's clock, heard with each commit: the times agentk reports are in kas's time.
+    pub kas_clock: Arc<KasClock>,
 }
 
 fn with_token<T>(meta: &AgentMeta, msg: T) -> tonic::Request<T> {
@@ -492,7 +497,7 @@ fn wire_state(state: ObjectState) -> wire::ObjectState {
     }
 }
 
-fn report_of(outcome: &SyncOutcome, settings: &Settings) -> SyncReport {
+fn report_of(outcome: &SyncOutcome, settings: &Settings, finished_at: i64) -> SyncReport {
     let objects = outcome
         .objects
         .iter()
@@ -532,7 +537,7 @@ fn report_of(outcome: &SyncOutcome, settings: &Settings) -> SyncReport {
             .map(ToString::to_string)
             .unwrap_or_default(),
         objects,
-        finished_at: unix_now(),
+        finished_at,
         dry_run: outcome.dry_run,
         warnings: Vec::new(),
         resync_id: 0,
@@ -545,13 +550,6 @@ fn report_of(outcome: &SyncOutcome, settings: &Settings) -> SyncReport {
         decided_before: 0,
         earlier: Vec::new(),
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
-        .unwrap_or(0)
 }
 
 impl Worker {
@@ -805,7 +803,7 @@ impl Worker {
             commit_id: waiting.commit_id.clone(),
             sync_outcome: wire::SyncOutcome::Waiting.into(),
             error: waiting.reason.clone(),
-            finished_at: unix_now(),
+            finished_at: self.engine.kas_clock.now_secs(),
             dry_run: self.settings.dry_run != tether_agent_config::DryRunStrategy::None,
             resync_id: waiting.resync_id,
             ..SyncReport::default()
@@ -889,6 +887,7 @@ impl Worker {
                     .await;
             }
             Some(objects_response::Message::Header(h)) => {
+                self.engine.kas_clock.heard(h.kas_time_ms);
                 self.inventory_seen_in(&h.inventory_namespace);
                 stream.building = Some(Commit {
                     id: h.commit_id,
@@ -990,7 +989,7 @@ impl Worker {
             sync_outcome: wire::SyncOutcome::Failed.into(),
             error: message,
             objects: Vec::new(),
-            finished_at: unix_now(),
+            finished_at: self.engine.kas_clock.now_secs(),
             dry_run: false,
             warnings: Vec::new(),
             resync_id: sync.schedule.answer_asked(),
@@ -1043,19 +1042,19 @@ impl Worker {
         } else {
             Happened::Synced(&outcome)
         });
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
+        // In kas's time, as the report: alerts compare it with Prometheus's clock.
+        let finished_at = self.engine.kas_clock.now_secs();
         // A superseded sync is neither: the newer one counts.
         let counted_ok = outcome.succeeded() && refused.is_none();
+        #[allow(clippy::cast_precision_loss)]
         self.engine.metrics.record_as(
             &self.settings.project_id,
             &outcome,
             counted_ok,
             sync.started.elapsed(),
-            now,
+            finished_at as f64,
         );
-        let mut report = report_of(&outcome, &self.settings);
+        let mut report = report_of(&outcome, &self.settings, finished_at);
         // Scheduled by how the sync itself went: drift correction goes on while refused.
         report.resync_id = sync.schedule.finished(
             outcome.succeeded(),
@@ -1119,7 +1118,7 @@ impl Worker {
         };
         tracing::warn!(resync_id = id, commit_id = %report.commit_id, error = %report.error, "kas asked for a synchronization, but there is no commit that can be applied");
         report.resync_id = sync.schedule.answer_asked();
-        report.finished_at = unix_now();
+        report.finished_at = self.engine.kas_clock.now_secs();
         self.report(report, reports, stop).await;
     }
 
@@ -1160,7 +1159,7 @@ impl Worker {
                     not_applied: false,
                 }),
             }),
-            finished_at: unix_now(),
+            finished_at: self.engine.kas_clock.now_secs(),
             ..SyncReport::default()
         };
         let call = self.client.report_sync(with_token(&self.meta, report));

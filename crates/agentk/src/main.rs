@@ -418,6 +418,7 @@ async fn run(cli: Cli) -> Result<()> {
     let engine = gitops::Engine {
         events: tether_gitops_agent::kube_events::Recorder::new(kube, instance),
         syncer: Arc::new(syncer),
+        kas_clock: Arc::new(gitops::KasClock::new(sync_metrics.kas_clock_offset.clone())),
         metrics: sync_metrics,
     };
     let timing = gitops_timing(&cli);

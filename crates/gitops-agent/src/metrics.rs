@@ -64,6 +64,8 @@ pub struct SyncMetrics {
     taken_over: Family<ProjectLabel, Counter>,
     /// 1 while an entry's due sync waits for its `depends_on` entries.
     waiting: Family<ProjectLabel, Gauge>,
+    /// kas's clock minus this node's, as last heard with a commit (seconds).
+    pub kas_clock_offset: Gauge<f64, AtomicU64>,
 }
 
 impl Default for SyncMetrics {
@@ -78,6 +80,7 @@ impl Default for SyncMetrics {
             objects: Family::default(),
             taken_over: Family::default(),
             waiting: Family::default(),
+            kas_clock_offset: Gauge::default(),
         }
     }
 }
@@ -85,6 +88,11 @@ impl Default for SyncMetrics {
 impl SyncMetrics {
     /// Registers the series (names get the registry's prefix, e.g. `agentk_`).
     pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "kas_clock_offset_seconds",
+            "kas's clock minus this node's, as last heard with a commit: sync times are reported in kas's time; past a minute agentk warns (check NTP)",
+            self.kas_clock_offset.clone(),
+        );
         reg.register(
             "gitops_syncs",
             "Synchronizations of manifest projects, by outcome",

@@ -512,6 +512,9 @@ impl GitOpsService {
             chart_repository: matches!(source, ManifestSource::Render(RenderSpec::Helm(h)) if h.from_repository()),
             chart_version: selection.chart_version,
             progress_reports: true,
+            kas_time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
             inventory_namespace: self
                 .reports
                 .inventory_namespace(agent_id, at.project_key)

@@ -1356,6 +1356,49 @@ impl Seed {
     }
 }
 
+/// An agentk whose node clock is two hours ahead reports its syncs in kas's time: `kas agent
+/// status` shows a sync just done as just done, not two hours in the future; agentk warns of
+/// the offset and exports it. (finished_at was agentk's clock, shown as is: E14 F4. Ahead, not
+/// behind: the test API server's certificate is minutes old, and a clock behind it refuses it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_clock_is_ahead_reports_its_syncs_in_kas_time() {
+    let (mut rig, _, dude, _) = Seed::synced_rig().await;
+    rig.agent.stop();
+    let args: Vec<&str> = rig.agent_args.iter().map(String::as_str).collect();
+    let agent = Agent::start_env(
+        rig._dir.path(),
+        "ahead",
+        &rig.kas.url("grpc"),
+        &rig.token,
+        (None, &args),
+        &support::faketime("+2h"),
+    );
+    let cm = support::gitops::configmap("clock", &dude, "1");
+    let c2 = rig
+        .manifests
+        .commit(&[("manifests/clock.yaml", Some(&cm))], "a ConfigMap");
+    let synced = rig.synced(&c2).await;
+    let now = std::time::SystemTime::now();
+    let at = humantime::parse_rfc3339(&synced.finished_at).unwrap();
+    let off = now.duration_since(at).unwrap_or_else(|e| e.duration());
+    assert!(
+        off < Duration::from_secs(60),
+        "finished at {} (now {:?})",
+        synced.finished_at,
+        now
+    );
+    let offset = agent
+        .metric("agentk_kas_clock_offset_seconds")
+        .await
+        .unwrap();
+    assert!((-7_250.0..-7_150.0).contains(&offset), "{offset}");
+    assert!(
+        agent.log().contains("This node's clock differs from kas's"),
+        "{}",
+        agent.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_walkthrough() {
     let Seed {

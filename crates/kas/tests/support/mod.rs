@@ -539,6 +539,18 @@ impl Agent {
         ca: Option<&Path>,
         extra: &[&str],
     ) -> Agent {
+        Self::start_env(dir, name, kas_url, token, (ca, extra), &[])
+    }
+
+    /// [`Agent::start_with`] with environment variables (e.g. [`faketime`]'s).
+    pub fn start_env(
+        dir: &Path,
+        name: &str,
+        kas_url: &str,
+        token: &str,
+        (ca, extra): (Option<&Path>, &[&str]),
+        env: &[(String, String)],
+    ) -> Agent {
         let token_file = dir.join(format!("{name}.token"));
         std::fs::write(&token_file, format!("{token}\n")).unwrap();
         let log_path = dir.join(format!("{name}.log"));
@@ -554,6 +566,7 @@ impl Agent {
             .args(extra)
             .env("POD_NAME", name)
             .env("POD_NAMESPACE", "gitlab-agent")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
