@@ -942,6 +942,7 @@ async fn agent_gitops(
         .map(sync_view)
         .collect();
     let suspensions = st.store.suspensions(Some(agent_id)).await?;
+    let sole = sole_holder(&st, agent_id).await;
     for v in &mut views {
         let project = v
             .project_id
@@ -954,9 +955,10 @@ async fn agent_gitops(
         // A report alone read as current while every push since stayed unfetched.
         v.fetch_error = st.sources.head(found.id).error.unwrap_or_default();
         v.suspended = suspensions.iter().any(|s| s.scope.holds(found.id));
-        // None here with peers: the leader's stream may be on another replica.
+        // None here with peers, unless this replica holds every connection of the agent: the
+        // leader's stream may be on another replica.
         let here = st.gitops_controls.streams(agent_id, found.id);
-        v.streams = (here > 0 || st.peers.is_none()).then_some(here);
+        v.streams = (here > 0 || sole).then_some(here);
         let entry = listed.as_ref().and_then(|l| l.get(&v.project_id));
         if let Some((commit, since)) = newer(&st, found.id, entry, &v.commit_id) {
             v.newer_commit = commit;
@@ -966,6 +968,16 @@ async fn agent_gitops(
     Ok(Json(views))
 }
 
+/// Whether this replica's count of the agent's GitOps streams is the whole count: it is the
+/// only replica, or the agent is connected here and the directory names no other replica
+/// holding it. With replicas the count was never given, so an agent with no GitOps stream
+/// (its ServiceAccount token expired: no replica leads) read `succeeded`, exit 0 (E14 F23).
+async fn sole_holder(st: &ApiState, agent_id: i64) -> bool {
+    let Some(peers) = &st.peers else {
+        return true;
+    };
+    st.registry.has_agent(agent_id) && peers.holders(agent_id).await.is_ok_and(|h| h.is_empty())
+}
 /// The commit kas has for `entry` (of project `project_id`) when it is not `reported`, and
 /// since when kas has had it ([`tether_git_source::Sources::ref_since`]).
 fn newer(

@@ -545,6 +545,66 @@ async fn a_reconcile_through_a_replica_with_only_a_follower_reaches_the_leader()
     );
 }
 
+/// The replica holding every connection of an agent that no agentk replica leads (its Lease
+/// out of reach) counts its GitOps streams — none — so `kas agent status` can say so (exit 8),
+/// through it or through another replica (which asks it). With replicas the count was never
+/// given: an agent whose ServiceAccount token expired read `succeeded`, exit 0 (E14 F23).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_holding_an_agent_without_a_leader_counts_its_streams() {
+    let (_shared, dir, (mut rig, _, _), two) = peered_pair("leaderless").await;
+    let one = &rig.kas;
+    let streams = |kas: &Kas| {
+        let admin = kas.admin.clone();
+        let id = rig.agent_id;
+        async move {
+            let syncs = admin.gitops_status(id).await.ok()?;
+            syncs.first().map(|s| s.streams)
+        }
+    };
+    assert_eq!(
+        streams(one).await,
+        Some(Some(1)),
+        "the leader's stream, here"
+    );
+    assert_eq!(streams(&two).await, Some(Some(1)), "asked of the holder");
+    rig.agent.stop();
+    // A Lease in a namespace that does not exist: connected, never leading.
+    let mut args = rig.agent_args.clone();
+    let at = args
+        .iter()
+        .position(|a| a == "--leader-election-namespace")
+        .unwrap();
+    args[at + 1] = "no-such-namespace".to_owned();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    rig.agent = Agent::start_with(
+        dir.path(),
+        "leaderless",
+        &one.url("grpc"),
+        &rig.token,
+        None,
+        &args,
+    );
+    wait_for(
+        "the agent to fail its election",
+        Duration::from_secs(30),
+        || async {
+            rig.agent
+                .log()
+                .contains("Leader election failed")
+                .then_some(())
+        },
+    )
+    .await;
+    let one = &rig.kas;
+    wait_for(
+        "no stream counted by the holder",
+        Duration::from_secs(30),
+        || async { (streams(one).await == Some(Some(0))).then_some(()) },
+    )
+    .await;
+    assert_eq!(streams(&two).await, Some(Some(0)));
+}
+
 /// With Redis unreachable, a replica not holding the agent cannot ask the others whether they
 /// hold it: `kas agent status` through it says the connection is unknown, naming what did not
 /// answer, and exits 7. It said "offline" and exited 0 (the list was the replica's own).
