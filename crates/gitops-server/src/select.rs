@@ -282,7 +282,9 @@ fn unstable_warnings(spec: &RenderSpec, rendered: &Rendered) -> Result<Vec<Strin
         return Ok(Vec::new());
     };
     if rendered.unstable.is_empty() {
-        return Ok(unstable::lookup_warnings(&rendered.calls));
+        let mut warnings = unstable::lookup_warnings(&rendered.calls);
+        warnings.extend(unstable::clock_warnings(&rendered.calls));
+        return Ok(warnings);
     }
     // Agents send `default_namespace` since `helm.random`; this version's put objects without
     // a namespace in `helm.namespace` (sent always: it defaults to `default_namespace`).

@@ -323,6 +323,10 @@ pub struct UserTokenView {
     pub created_at: i64,
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
+    /// `active`, `expired` or `revoked`, as kas judges it by its own clock (the one it
+    /// authenticates with); absent from older kas, for which the CLI judges by its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]

@@ -821,6 +821,15 @@ async fn list_user_tokens(
                         format!("personal access token {}: stored memberships: {e}", t.id),
                     )
                 })?;
+            // By kas's clock, as a request with the token is judged: a CLI run elsewhere
+            // judged by its own and listed active a token kas refused (E14).
+            let state = match t.revoked_at {
+                Some(_) => "revoked",
+                None if !crate::validated_tokens::unexpired(&t, std::time::SystemTime::now()) => {
+                    "expired"
+                }
+                None => "active",
+            };
             Ok(UserTokenView {
                 id: t.id,
                 agent_id: t.agent_id,
@@ -829,6 +838,7 @@ async fn list_user_tokens(
                 created_at: t.created_at,
                 expires_at: t.expires_at,
                 revoked_at: t.revoked_at,
+                state: Some(state.to_owned()),
             })
         })
         .collect::<Result<_, ApiError>>()?;

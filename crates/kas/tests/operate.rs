@@ -1032,6 +1032,20 @@ async fn delete_ends_the_agents_tunnel_at_once_and_removes_it_and_its_tokens() {
     let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 2);
     assert!(json[0].get("token").is_none(), "{json}");
+    // The state is kas's judgement, not the CLI's clock's: a CLI two days ahead (the token
+    // lasts an hour) still lists it active, as kas accepts it (E14 F5).
+    let ahead = Command::new(env!("CARGO_BIN_EXE_kas"))
+        .arg("--configuration-file")
+        .arg(&kas.config)
+        .args(["user-token", "list", "--agent", "group/config:seed"])
+        .envs(support::faketime("+2d"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8(ahead.stdout).unwrap();
+    assert!(
+        table.contains(" active ") && !table.contains("expired"),
+        "{table}"
+    );
 
     let get = ["get", "configmap", "app", "-n", &ns];
     let before = kubectl_via_kas(&rig, &pki, &pat.token, &get);

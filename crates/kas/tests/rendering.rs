@@ -864,6 +864,31 @@ async fn helm_random_apply_applies_a_generating_chart_with_a_warning() {
     );
 }
 
+/// A chart formatting the clock coarsely (`now | date "2006"`) renders alike twice, so it is
+/// applied — with a warning naming the file: a rendering at another time (a new year, day or
+/// minute, at the next commit or kas restart) changes the object without a commit (E14 F22).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chart_reading_the_clock_coarsely_is_applied_with_a_warning() {
+    let clock = |_: &str| {
+        let mut repo = helm_repo();
+        repo.extend(owned(&[(
+            "charts/app/templates/year.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-year\ndata:\n  year: {{ now | date \"2006\" | quote }}\n".into(),
+        )]));
+        repo
+    };
+    let (rig, c1, ns) = rendering_rig("clock", |_| HELM_ENTRY.into(), clock, "").await;
+    get_json(&rig.env, &["get", "configmap", "shop-year", "-n", &ns]).expect("the ConfigMap");
+    let s = rig.synced_in("group/manifests", &c1).await;
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.starts_with("charts/app/templates/year.yaml reads the clock (now)")),
+        "{:?}",
+        s.warnings
+    );
+}
+
 /// A CRD of kind Widget in the group `<ns>.example.com`, installed and Established.
 fn install_widget_crd(env: &TestEnv, ns: &str) {
     let group = format!("{ns}.example.com");

@@ -319,9 +319,50 @@ pub fn lookup_warnings(calls: &[(String, Vec<&str>)]) -> Vec<String> {
         .collect()
 }
 
+/// Warnings for the files of `calls` that read the clock (`now`, `unixEpoch`) when the two
+/// renderings agreed: they did only because the template formats the clock coarsely (`now |
+/// date "2006-01-02"`), so a rendering at another time — a new day, at the next commit or kas
+/// restart — changes the objects without a commit (E14: a ConfigMap read `19:24`, then `19:25`
+/// after a restart). A warning, not a refusal: the value may be harmless (a year in a comment).
+pub fn clock_warnings(calls: &[(String, Vec<&str>)]) -> Vec<String> {
+    calls
+        .iter()
+        .filter_map(|(file, functions)| {
+            let clock: Vec<&str> = functions
+                .iter()
+                .copied()
+                .filter(|f| matches!(*f, "now" | "unixEpoch"))
+                .collect();
+            (!clock.is_empty()).then(|| {
+                format!(
+                    "{file} reads the clock ({}): two renderings a moment apart agreed, but one at another time (the next commit, a kas restart) may not, changing the objects it renders without a commit; set the value in helm.values if it must stay",
+                    clock.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_reading_the_clock_are_warned_of() {
+        let calls = vec![
+            ("charts/clock/templates/cm.yaml".to_owned(), vec!["now"]),
+            (
+                "charts/clock/templates/secret.yaml".to_owned(),
+                vec!["randAlphaNum"],
+            ),
+        ];
+        let said = clock_warnings(&calls);
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].starts_with("charts/clock/templates/cm.yaml reads the clock (now)"),
+            "{said:?}"
+        );
+    }
 
     #[test]
     fn functions_are_found_as_whole_words_only() {

@@ -265,10 +265,12 @@ fn print_user_tokens(tokens: Vec<tether_kas_api::UserTokenView>) -> Result<()> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut t = Table::new(&["ID", "AGENT", "USERNAME", "STATE", "EXPIRES", "MEMBERSHIPS"]);
     for tok in tokens {
-        let state = match tok.revoked_at {
-            Some(_) => "revoked",
-            None if tok.expires_at <= now => "expired",
-            None => "active",
+        // kas's judgement when it gives one (its clock is the one requests are judged by).
+        let state = match (&tok.state, tok.revoked_at) {
+            (Some(s), _) => s.clone(),
+            (None, Some(_)) => "revoked".to_owned(),
+            (None, None) if tok.expires_at <= now => "expired".to_owned(),
+            (None, None) => "active".to_owned(),
         };
         let members: Vec<String> = tok
             .memberships
@@ -279,7 +281,7 @@ fn print_user_tokens(tokens: Vec<tether_kas_api::UserTokenView>) -> Result<()> {
             tok.id.to_string(),
             tok.agent_id.to_string(),
             tok.username,
-            state.into(),
+            state,
             when(tok.expires_at),
             members.join(","),
         ]);
