@@ -961,10 +961,18 @@ async fn load_balancer_followed(prefix: &str, rbac: fn(&str) -> String) -> u64 {
     done["watched_statuses"].as_u64().expect("watched_statuses")
 }
 
+/// The Service's address reaches agentk by its status watch. The watch starts with the sync's
+/// wait; on a loaded machine (a fresh-clone CI once) the API server may start it after the
+/// address was set, and the 2-second poll then sees the address first, which the watch only
+/// confirms: up to three syncs are tried, each in its own namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_in_progress_is_followed_by_a_watch() {
-    let watched = load_balancer_followed("watch", admin_rbac).await;
-    assert!(watched >= 1, "the Service's address came from a watch");
+    for attempt in 1..=3 {
+        if load_balancer_followed(&format!("watch{attempt}"), admin_rbac).await >= 1 {
+            return;
+        }
+    }
+    panic!("the Service's address never came from a watch in three syncs");
 }
 
 /// Every verb but `watch`: status still arrives, by polling.
